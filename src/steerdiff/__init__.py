@@ -1,0 +1,32 @@
+"""steerdiff: fast and steerable sampling of pretrained diffusion and flow models.
+
+>>> import steerdiff as sd
+>>> proc = sd.VP.discrete(betas=betas)
+>>> den = sd.Denoiser(net, proc, prediction="eps")
+>>> x0 = sd.sample(den, x_T, steps=10, solver="dpmpp_2m", schedule="karras")
+"""
+
+from . import processes, schedules, solvers, toy
+from .denoiser import Denoiser, Prediction
+from .processes import EDM, VE, VP, Process, RectifiedFlow
+from .sampling import SampleInfo, sample
+from .solvers.base import NonFiniteError
+
+__all__ = [
+    "EDM",
+    "VE",
+    "VP",
+    "Denoiser",
+    "NonFiniteError",
+    "Prediction",
+    "Process",
+    "RectifiedFlow",
+    "SampleInfo",
+    "processes",
+    "sample",
+    "schedules",
+    "solvers",
+    "toy",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,348 @@
+r"""Forward noising processes ``x_t = alpha(t) x_0 + sigma(t) eps``.
+
+A :class:`Process` knows the signal scale ``alpha(t)``, the noise scale ``sigma(t)``, the half
+log-SNR ``lam(t) = log(alpha / sigma)`` and its inverse ``t_of_lam``, the derivatives of
+``alpha`` and ``sigma`` (for flow-matching parameterizations) and the time range over which one
+samples. All schedule arithmetic is done in float64; every method accepts a Python float or a
+tensor and returns a float64 tensor.
+
+Kinds:
+
+* :meth:`VP.discrete` -- a model trained on ``N`` integer timesteps from ``betas`` or
+  ``alphas_cumprod`` (DDPM, Ho et al. 2020). Process time *is* the timestep index, a float in
+  ``[0, N-1]`` passed to the net unchanged (diffusers' convention). Between integers
+  ``log(sigma/alpha)`` is linear in ``t``, which is what diffusers' Karras-sigma mapping means by
+  a fractional timestep.
+* :meth:`VP.linear` -- continuous linear-beta VP SDE (Song et al. 2021), ``t in (0, 1]``.
+* :meth:`VP.cosine` -- the cosine schedule of Improved DDPM (Nichol & Dhariwal 2021).
+* :class:`VE` -- ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` (Song et al. 2021).
+* :class:`EDM` -- ``alpha = 1``, ``sigma = t`` (Karras et al. 2022).
+* :class:`RectifiedFlow` -- ``alpha = 1 - t``, ``sigma = t`` (Liu et al. 2022; Lipman et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["EDM", "VE", "VP", "Process", "RectifiedFlow", "rescale_zero_terminal_snr"]
+
+F64 = torch.float64
+TimeLike = float | Sequence[float] | Tensor
+
+
+def _f64(t: TimeLike) -> Tensor:
+    return torch.as_tensor(t, dtype=F64)
+
+
+class Process:
+    """Base class: subclasses define ``alpha``, ``sigma``, ``t_of_lam`` and the derivatives.
+
+    Attributes:
+        t_min: smallest sampling time (the clean end).
+        t_max: largest sampling time (the noise end); ``lam(t_max)`` is finite.
+    """
+
+    t_min: float
+    t_max: float
+
+    def alpha(self, t: TimeLike) -> Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: TimeLike) -> Tensor:
+        raise NotImplementedError
+
+    def lam(self, t: TimeLike) -> Tensor:
+        """Half log signal-to-noise ratio ``log(alpha / sigma)``."""
+        return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        """Inverse of :meth:`lam`."""
+        raise NotImplementedError
+
+    def d_alpha(self, t: TimeLike) -> Tensor:
+        """``d alpha / dt``."""
+        raise NotImplementedError
+
+    def d_sigma(self, t: TimeLike) -> Tensor:
+        """``d sigma / dt``."""
+        raise NotImplementedError
+
+    def model_time(self, t: TimeLike) -> Tensor:
+        """The time input the network was trained with (identity unless overridden)."""
+        return _f64(t)
+
+    def t_of_sigma_ratio(self, s: TimeLike) -> Tensor:
+        """Time at which ``sigma / alpha`` equals ``s`` (k-diffusion's sigma)."""
+        return self.t_of_lam(-torch.log(_f64(s)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(t_min={self.t_min:g}, t_max={self.t_max:g})"
+
+
+class VP(Process):
+    r"""Variance-preserving process: ``alpha^2 + sigma^2 = 1``.
+
+    ``alpha = sqrt(sigmoid(2 lam))``, ``sigma = sqrt(sigmoid(-2 lam))``; subclasses define
+    ``lam(t)``, ``t_of_lam`` and ``d log alpha / dt``. Build one with :meth:`discrete`,
+    :meth:`linear` or :meth:`cosine`.
+    """
+
+    def alpha(self, t: TimeLike) -> Tensor:
+        return torch.sigmoid(2 * self.lam(t)).sqrt()
+
+    def sigma(self, t: TimeLike) -> Tensor:
+        return torch.sigmoid(-2 * self.lam(t)).sqrt()
+
+    def _dlog_alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def d_alpha(self, t: TimeLike) -> Tensor:
+        t = _f64(t)
+        return self.alpha(t) * self._dlog_alpha(t)
+
+    def d_sigma(self, t: TimeLike) -> Tensor:
+        t = _f64(t)
+        a, s = self.alpha(t), self.sigma(t)
+        return -a * self.d_alpha(t) / s
+
+    @staticmethod
+    def discrete(
+        betas: TimeLike | None = None,
+        alphas_cumprod: TimeLike | None = None,
+        rescale_zero_snr: bool = False,
+    ) -> VPDiscrete:
+        """A model trained on ``N`` integer timesteps (give exactly one of the two arrays)."""
+        return VPDiscrete(betas=betas, alphas_cumprod=alphas_cumprod, rescale_zero_snr=rescale_zero_snr)
+
+    @staticmethod
+    def linear(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> VPLinear:
+        """Continuous linear-beta VP SDE (Song et al. 2021; DPM-Solver's ``linear``)."""
+        return VPLinear(beta_min, beta_max, t_min)
+
+    @staticmethod
+    def cosine(s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946) -> VPCosine:
+        """Cosine schedule (Nichol & Dhariwal 2021); ``t_max < 1`` keeps ``lam`` finite."""
+        return VPCosine(s, t_min, t_max)
+
+    @staticmethod
+    def scaled_linear(
+        beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000
+    ) -> VPDiscrete:
+        """Stable Diffusion's ``scaled_linear`` betas: ``linspace(sqrt(b0), sqrt(b1), N)^2``."""
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=F64) ** 2
+        return VPDiscrete(betas=betas)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """Shift and scale ``sqrt(alphas_cumprod)`` so that the last is 0 and the first unchanged.
+
+    Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1.
+    """
+    ab = alphas_cumprod.sqrt()
+    first, last = ab[0].clone(), ab[-1].clone()
+    ab = (ab - last) * first / (first - last)
+    return ab**2
+
+
+class VPDiscrete(VP):
+    """VP process of a model trained on ``N`` integer timesteps; ``t in [0, N-1]``.
+
+    With ``rescale_zero_snr`` the betas are rescaled to zero terminal SNR (Lin et al. 2024); the
+    last ``alphas_cumprod`` is then set to ``2**-24`` (as diffusers does) so that ``lam`` stays
+    finite.
+    """
+
+    def __init__(
+        self,
+        betas: TimeLike | None = None,
+        alphas_cumprod: TimeLike | None = None,
+        rescale_zero_snr: bool = False,
+    ) -> None:
+        if (betas is None) == (alphas_cumprod is None):
+            raise ValueError("VP.discrete: give exactly one of `betas` or `alphas_cumprod`")
+        if betas is not None:
+            b = _f64(betas).flatten()
+            if b.numel() < 2 or not bool(((b > 0) & (b < 1)).all()):
+                raise ValueError("VP.discrete: `betas` must be a 1-D array of values in (0, 1)")
+            ac = torch.cumprod(1 - b, 0)
+        else:
+            ac = _f64(alphas_cumprod).flatten()
+            if ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()):
+                raise ValueError("VP.discrete: `alphas_cumprod` must be a 1-D array in (0, 1)")
+            if not bool((ac[1:] < ac[:-1]).all()):
+                raise ValueError("VP.discrete: `alphas_cumprod` must be strictly decreasing")
+        if rescale_zero_snr:
+            ac = rescale_zero_terminal_snr(ac)
+            ac[-1] = 2.0**-24
+        self.alphas_cumprod = ac
+        self.num_train_timesteps = ac.numel()
+        self._lams = 0.5 * (torch.log(ac) - torch.log1p(-ac))
+        self.t_min = 0.0
+        self.t_max = float(self.num_train_timesteps - 1)
+
+    def lam(self, t: TimeLike) -> Tensor:
+        t = _f64(t).clamp(self.t_min, self.t_max)
+        lo = t.floor().clamp(max=self.t_max - 1).long()
+        w = t - lo
+        return (1 - w) * self._lams[lo] + w * self._lams[lo + 1]
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        lam = _f64(lam)
+        rev = self._lams.flip(0)  # increasing
+        lam_c = lam.clamp(rev[0], rev[-1])
+        j = torch.searchsorted(rev, lam_c, right=False).clamp(1, rev.numel() - 1)
+        lo, hi = rev[j - 1], rev[j]
+        w = (lam_c - lo) / (hi - lo)
+        idx = (rev.numel() - 1 - (j - 1)).to(F64)  # index of `lo` in the original order
+        return idx - w
+
+    def _dlog_alpha(self, t: Tensor) -> Tensor:
+        lo = t.clamp(self.t_min, self.t_max).floor().clamp(max=self.t_max - 1).long()
+        slope = self._lams[lo + 1] - self._lams[lo]
+        return self.sigma(t) ** 2 * slope
+
+    def __repr__(self) -> str:
+        return f"VP.discrete(N={self.num_train_timesteps})"
+
+
+class VPLinear(VP):
+    """``log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2`` (Song et al. 2021)."""
+
+    def __init__(self, beta_min: float, beta_max: float, t_min: float) -> None:
+        if not 0 < beta_min < beta_max:
+            raise ValueError("VP.linear: need 0 < beta_min < beta_max")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.t_min, self.t_max = float(t_min), 1.0
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def lam(self, t: TimeLike) -> Tensor:
+        la = self._log_alpha(_f64(t))
+        return la - 0.5 * torch.log(-torch.expm1(2 * la))
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        # Lu et al. 2022 (DPM-Solver), App. D: closed-form inverse of lam(t).
+        lam = _f64(lam)
+        d = self.beta_max - self.beta_min
+        tmp = 2 * d * torch.logaddexp(-2 * lam, torch.zeros_like(lam))
+        delta = self.beta_min**2 + tmp
+        return tmp / (delta.sqrt() + self.beta_min) / d
+
+    def _dlog_alpha(self, t: Tensor) -> Tensor:
+        return -0.5 * t * (self.beta_max - self.beta_min) - 0.5 * self.beta_min
+
+    def __repr__(self) -> str:
+        return f"VP.linear(beta_min={self.beta_min:g}, beta_max={self.beta_max:g})"
+
+
+class VPCosine(VP):
+    """``alpha(t) = cos((t + s) / (1 + s) pi / 2) / cos(s / (1 + s) pi / 2)`` (Improved DDPM)."""
+
+    def __init__(self, s: float, t_min: float, t_max: float) -> None:
+        if not 0 < t_min < t_max < 1:
+            raise ValueError("VP.cosine: need 0 < t_min < t_max < 1")
+        self.s = float(s)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self._log_alpha_0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return torch.log(torch.cos((t + self.s) / (1 + self.s) * math.pi / 2)) - self._log_alpha_0
+
+    def lam(self, t: TimeLike) -> Tensor:
+        la = self._log_alpha(_f64(t))
+        return la - 0.5 * torch.log(-torch.expm1(2 * la))
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        lam = _f64(lam)
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2 * lam)
+        return 2 * (1 + self.s) / math.pi * torch.arccos(torch.exp(log_alpha + self._log_alpha_0)) - self.s
+
+    def _dlog_alpha(self, t: Tensor) -> Tensor:
+        c = math.pi / (2 * (1 + self.s))
+        return -c * torch.tan((t + self.s) * c)
+
+    def __repr__(self) -> str:
+        return f"VP.cosine(s={self.s:g})"
+
+
+class VE(Process):
+    """Variance-exploding: ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``, t in [0, 1]."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError("VE: need 0 < sigma_min < sigma_max")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+        self.t_min, self.t_max = 0.0, 1.0
+
+    def alpha(self, t: TimeLike) -> Tensor:
+        return torch.ones_like(_f64(t))
+
+    def sigma(self, t: TimeLike) -> Tensor:
+        return self.sigma_min * torch.exp(_f64(t) * self._log_ratio)
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        return (-_f64(lam) - math.log(self.sigma_min)) / self._log_ratio
+
+    def d_alpha(self, t: TimeLike) -> Tensor:
+        return torch.zeros_like(_f64(t))
+
+    def d_sigma(self, t: TimeLike) -> Tensor:
+        return self.sigma(t) * self._log_ratio
+
+
+class EDM(Process):
+    """Karras et al. 2022: ``alpha = 1``, ``sigma = t``, ``t in [sigma_min, sigma_max]``."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError("EDM: need 0 < sigma_min < sigma_max")
+        self.t_min, self.t_max = float(sigma_min), float(sigma_max)
+
+    def alpha(self, t: TimeLike) -> Tensor:
+        return torch.ones_like(_f64(t))
+
+    def sigma(self, t: TimeLike) -> Tensor:
+        return _f64(t).clone()
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        return torch.exp(-_f64(lam))
+
+    def d_alpha(self, t: TimeLike) -> Tensor:
+        return torch.zeros_like(_f64(t))
+
+    def d_sigma(self, t: TimeLike) -> Tensor:
+        return torch.ones_like(_f64(t))
+
+
+class RectifiedFlow(Process):
+    """Rectified flow / flow matching: ``alpha = 1 - t``, ``sigma = t``.
+
+    The default range ``[1e-3, 0.999]`` keeps ``lam`` finite at both ends, as diffusers' flow
+    DPM-Solver does (its first sigma is ``1 - 1/N``).
+    """
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 0.999) -> None:
+        if not 0 < t_min < t_max < 1:
+            raise ValueError("RectifiedFlow: need 0 < t_min < t_max < 1")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    def alpha(self, t: TimeLike) -> Tensor:
+        return 1 - _f64(t)
+
+    def sigma(self, t: TimeLike) -> Tensor:
+        return _f64(t).clone()
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        return torch.sigmoid(-_f64(lam))
+
+    def d_alpha(self, t: TimeLike) -> Tensor:
+        return -torch.ones_like(_f64(t))
+
+    def d_sigma(self, t: TimeLike) -> Tensor:
+        return torch.ones_like(_f64(t))

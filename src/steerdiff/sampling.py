@@ -1,0 +1,111 @@
+"""The one entry point: :func:`sample` assembles a denoiser, a schedule and a solver."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import schedules as _schedules
+from . import solvers as _solvers
+from .denoiser import Denoiser
+from .schedules import Schedule
+from .solvers.base import Grid, Model, Solver, Transition, make_grid
+
+__all__ = ["SampleInfo", "sample"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOLVER = "dpmpp_2m"
+DEFAULT_SCHEDULE = "logsnr_uniform"
+
+
+@dataclass
+class SampleInfo:
+    """What a run cost and where it went: exact network evaluations and the grid used."""
+
+    nfe: int
+    grid: Grid
+    solver: Solver
+    schedule: Schedule
+
+
+def _check_x(den: Denoiser, x_T: Tensor) -> None:
+    if not isinstance(x_T, Tensor):
+        raise ValueError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
+    if not x_T.is_floating_point():
+        raise ValueError(f"x_T must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}")
+    if x_T.ndim < 2:
+        raise ValueError(f"x_T must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
+    if den.shape is not None and tuple(x_T.shape[1:]) != den.shape:
+        raise ValueError(
+            f"x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}"
+        )
+
+
+def sample(
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int = 10,
+    solver: str | Solver = DEFAULT_SOLVER,
+    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    *,
+    final: str = "zero",
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+    return_info: bool = False,
+    **cond: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]:
+    """Sample ``den`` from the initial noise ``x_T`` in ``steps`` steps.
+
+    Args:
+        den: the :class:`~steerdiff.denoiser.Denoiser` (guided denoisers included).
+        x_T: initial noise at the schedule's first time, as a diffusers pipeline draws it
+            (standard normal for VP; ``sigma_max``-scaled for VE/EDM), shape ``(batch, ...)``.
+        steps: number of steps ``N`` (grid intervals). NFE is ``solver.nfe(N)``.
+        solver: a name from :func:`steerdiff.solvers.available` or a Solver instance.
+        schedule: a name from :func:`steerdiff.schedules.available` or a Schedule instance.
+        final: ``"zero"`` (default): the last step goes from the last schedule node (``t_min``)
+            to the clean state ``sigma = 0`` and returns the denoised estimate there;
+            ``"none"``: ``steps + 1`` nodes, the result is the noisy state at the last one.
+        generator: the only source of randomness (for stochastic solvers).
+        callback: called after every step with ``{"i", "t", "sigma", "x", "nfe"}``.
+        progress: show a tqdm bar.
+        return_info: also return a :class:`SampleInfo`.
+        **cond: passed to the network on every call (e.g. class labels).
+
+    Raises:
+        ValueError: bad arguments (the message names the argument and the accepted values).
+        NonFiniteError: the network returned NaN/inf (the message names the step and time).
+    """
+    if not isinstance(den, Denoiser):
+        raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
+    _check_x(den, x_T)
+    sched = _schedules.get(schedule)
+    slv = _solvers.get(solver)
+    grid = make_grid(den.process, sched, steps, final)
+    model = Model(den, cond)
+    state = slv.init_state(grid)
+    x = x_T
+    for i in tqdm(range(grid.steps), disable=not progress, desc=slv.name, leave=False):
+        out = slv.step(model, x, i, grid, state)
+        if isinstance(out, Transition):
+            x = out.mean
+            if not isinstance(out.std, float) or out.std != 0.0:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + out.std * noise
+        else:
+            x = out
+        if callback is not None:
+            callback({"i": i, "t": grid.t[i + 1], "sigma": grid.sigma[i + 1], "x": x, "nfe": model.nfe})
+    model.check_finite()
+    log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
+    if return_info:
+        return x, SampleInfo(model.nfe, grid, slv, sched)
+    return x

@@ -1,0 +1,274 @@
+r"""Time grids: the nodes ``t_0 > t_1 > ... > t_{n-1}`` at which a solver evaluates the net.
+
+A schedule is an object, ``schedule(process, n) -> Tensor`` of ``n`` float64 process times from
+the process's noise end ``t_max`` to its clean end ``t_min`` (both included, except for spacings
+that by definition stop short, like ``trailing`` and ``ays``). :func:`steerdiff.sample` with
+``steps=N`` asks for ``N`` nodes and appends the clean state ``sigma = 0``: the last step returns
+the denoised estimate at ``t_min``, as k-diffusion (``sigmas`` ending in 0) and diffusers'
+Euler/DDIM schedulers do. ``N`` steps of a first-order solver cost ``N`` network calls.
+
+Every schedule is also reachable by name (``schedule="karras"``); :func:`available` lists them.
+
+* ``time_uniform`` -- uniform in process time (DDPM/DDIM, Song et al. 2021).
+* ``logsnr_uniform`` -- uniform in ``lam = log(alpha/sigma)`` (Lu et al. 2022, DPM-Solver).
+  ``exponential`` is the same grid under k-diffusion's name (uniform in ``log(sigma/alpha)``).
+* ``karras`` -- ``s_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho`` in
+  ``s = sigma/alpha`` (Karras et al. 2022, Eq. 5).
+* ``ays`` -- Align Your Steps (Sabour et al. 2024): the published 10-step lists, log-linearly
+  interpolated to other step counts.
+* ``linspace`` / ``leading`` / ``trailing`` -- the integer timestep spacings of diffusers'
+  multistep schedulers (Lin et al. 2024, Table 2), for ``VP.discrete``.
+* :class:`Custom` -- an explicit grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .processes import Process, VPDiscrete
+
+__all__ = [
+    "AYS",
+    "Custom",
+    "Karras",
+    "Leading",
+    "Linspace",
+    "LogSNRUniform",
+    "Schedule",
+    "TimeUniform",
+    "Trailing",
+    "available",
+    "get",
+]
+
+F64 = torch.float64
+
+
+def _check_n(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {n!r}")
+    return n
+
+
+class Schedule:
+    """Base class. Subclasses implement :meth:`nodes`; ``__call__`` validates the result."""
+
+    name: str = ""
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, process: Process, n: int) -> Tensor:
+        n = _check_n(n)
+        t = self.nodes(process, n).to(F64)
+        if t.ndim != 1 or t.numel() != n:
+            raise ValueError(f"schedule {self!r} returned {t.numel()} nodes, {n} were asked")
+        if not bool((t[1:] < t[:-1]).all()):
+            raise ValueError(
+                f"schedule {self!r} gave non-decreasing times for {n} nodes "
+                f"(too many steps for this spacing?): {t.tolist()}"
+            )
+        lo, hi = process.t_min, process.t_max
+        if float(t.max()) > hi + 1e-9 or float(t.min()) < lo - 1e-9:
+            raise ValueError(f"schedule {self!r}: times must lie in the process range [{lo:g}, {hi:g}]")
+        return t
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class TimeUniform(Schedule):
+    """Uniform in process time from ``t_max`` to ``t_min``."""
+
+    name = "time_uniform"
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        return torch.linspace(process.t_max, process.t_min, n, dtype=F64)
+
+
+class LogSNRUniform(Schedule):
+    """Uniform in half log-SNR ``lam`` between ``lam(t_max)`` and ``lam(t_min)`` (DPM-Solver)."""
+
+    name = "logsnr_uniform"
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        lo, hi = process.lam(process.t_max), process.lam(process.t_min)
+        t = process.t_of_lam(torch.linspace(float(lo), float(hi), n, dtype=F64))
+        t[0], t[-1] = process.t_max, process.t_min
+        return t[:n]
+
+
+class Karras(Schedule):
+    """Karras et al. 2022 (EDM), Eq. 5, in ``s = sigma/alpha``; ``rho = 7`` by default.
+
+    ``sigma_min``/``sigma_max`` default to the process's range (in ``sigma/alpha`` units).
+    """
+
+    name = "karras"
+
+    def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None):
+        if rho <= 0:
+            raise ValueError(f"Karras: rho must be > 0, got {rho}")
+        self.rho, self.sigma_min, self.sigma_max = float(rho), sigma_min, sigma_max
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        smin = self.sigma_min or math.exp(-float(process.lam(process.t_min)))
+        smax = self.sigma_max or math.exp(-float(process.lam(process.t_max)))
+        ramp = torch.linspace(0, 1, n, dtype=F64)
+        a, b = smax ** (1 / self.rho), smin ** (1 / self.rho)
+        t = process.t_of_sigma_ratio((a + ramp * (b - a)) ** self.rho)
+        t = t.clamp(process.t_min, process.t_max)
+        if self.sigma_max is None:
+            t[0] = process.t_max
+        if self.sigma_min is None and n > 1:
+            t[-1] = process.t_min
+        return t
+
+    def __repr__(self) -> str:
+        return f"Karras(rho={self.rho:g})"
+
+
+# Published Align-Your-Steps 10-step lists (Sabour et al. 2024) for 1000-step VP models: ten
+# timesteps, then the clean state; the sigma lists (in sigma/alpha) end at sigma_min.
+AYS_TIMESTEPS = {
+    "sd15": [999, 850, 736, 645, 545, 455, 343, 233, 124, 24],
+    "sdxl": [999, 845, 730, 587, 443, 310, 193, 116, 53, 13],
+}
+AYS_SIGMAS = {
+    "sd15": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+    "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
+}
+
+
+class AYS(Schedule):
+    """Align Your Steps (Sabour et al. 2024): published 10-step grids.
+
+    For a 1000-step ``VP.discrete`` process the published timesteps are used (with ``t_min``
+    closing the list); elsewhere the published ``sigma/alpha`` list, clamped to the process's
+    range. Other node counts ``n`` use the paper's log-linear interpolation (linear in
+    ``log sigma``, i.e. in ``lam``, over a uniform index) of the 11-point list to ``n + 1``
+    points, the last (``t_min``) dropped: at ``n = 10`` that is the published list.
+    """
+
+    name = "ays"
+
+    def __init__(self, model: str = "sd15") -> None:
+        if model not in AYS_TIMESTEPS:
+            raise ValueError(f"AYS: unknown model={model!r}; accepted: {sorted(AYS_TIMESTEPS)}")
+        self.model = model
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        if isinstance(process, VPDiscrete) and process.num_train_timesteps == 1000:
+            base = torch.tensor(AYS_TIMESTEPS[self.model], dtype=F64)
+            if n == 10:
+                return base
+            lam = process.lam(torch.cat([base, torch.zeros(1, dtype=F64)]))
+        else:
+            lo, hi = float(process.lam(process.t_max)), float(process.lam(process.t_min))
+            lam = (-torch.log(torch.tensor(AYS_SIGMAS[self.model], dtype=F64))).clamp(lo, hi)
+        xs = torch.linspace(0, 1, lam.numel(), dtype=F64)
+        new = _interp(torch.linspace(0, 1, n + 1, dtype=F64), xs, lam)
+        return process.t_of_lam(new[:-1]).clamp(process.t_min, process.t_max)
+
+    def __repr__(self) -> str:
+        return f"AYS(model={self.model!r})"
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation (``numpy.interp``) for increasing ``xp``."""
+    j = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
+    w = (x - xp[j - 1]) / (xp[j] - xp[j - 1])
+    return fp[j - 1] + w * (fp[j] - fp[j - 1])
+
+
+class _Discrete(Schedule):
+    """Integer timesteps of a ``VP.discrete`` process, spaced as in diffusers' DDIM/Euler schedulers."""
+
+    def __init__(self, steps_offset: int = 0) -> None:
+        self.steps_offset = int(steps_offset)
+
+    def _train_steps(self, process: Process) -> int:
+        if not isinstance(process, VPDiscrete):
+            raise ValueError(f"schedule {self.name!r} needs a VP.discrete process, got {process!r}")
+        return process.num_train_timesteps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps_offset={self.steps_offset})"
+
+
+class Linspace(_Discrete):
+    """``round(linspace(N_train - 1, 0, n))``: ends at ``t = 0``."""
+
+    name = "linspace"
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        return torch.linspace(self._train_steps(process) - 1, 0, n, dtype=F64).round() + self.steps_offset
+
+
+class Leading(_Discrete):
+    """``k * (N_train // n) + steps_offset`` for ``k = n-1, ..., 0``."""
+
+    name = "leading"
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        ratio = self._train_steps(process) // n
+        return torch.arange(n - 1, -1, -1, dtype=F64) * ratio + self.steps_offset
+
+
+class Trailing(_Discrete):
+    """``round(arange(N_train, 0, -N_train / n)) - 1``: starts at ``N_train - 1``."""
+
+    name = "trailing"
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        m = self._train_steps(process)
+        return torch.tensor([round(m - k * m / n) - 1 for k in range(n)], dtype=F64)
+
+
+class Custom(Schedule):
+    """An explicit, strictly decreasing list of nodes (process times)."""
+
+    name = "custom"
+
+    def __init__(self, times: Sequence[float] | Tensor) -> None:
+        self.grid = torch.as_tensor(times, dtype=F64).flatten()
+        if self.grid.numel() < 1:
+            raise ValueError("Custom: `times` needs at least one node")
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        if n != self.grid.numel():
+            raise ValueError(f"Custom: the grid has {self.grid.numel()} nodes but {n} were asked")
+        return self.grid.clone()
+
+    def __repr__(self) -> str:
+        return f"Custom({self.grid.numel()} nodes)"
+
+
+class Exponential(LogSNRUniform):
+    """k-diffusion's ``exponential``: uniform in ``log(sigma/alpha) = -lam`` (= ``logsnr_uniform``)."""
+
+    name = "exponential"
+
+
+_REGISTRY: dict[str, type[Schedule]] = {
+    cls.name: cls
+    for cls in (TimeUniform, LogSNRUniform, Exponential, Karras, AYS, Linspace, Leading, Trailing)
+}
+
+
+def available() -> list[str]:
+    """Names accepted by ``schedule=``."""
+    return sorted(_REGISTRY)
+
+
+def get(schedule: str | Schedule) -> Schedule:
+    """Resolve a name (see :func:`available`) or pass a :class:`Schedule` through."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, str) and schedule in _REGISTRY:
+        return _REGISTRY[schedule]()
+    raise ValueError(f"unknown schedule={schedule!r}; accepted: {available()} or a Schedule object")

@@ -1,0 +1,51 @@
+r"""Exponential-integrator weights, shared by every solver in the log-SNR variable.
+
+With ``h = lam_t - lam_s`` the data-prediction ODE (Lu et al. 2022b, Eq. 9) integrates as
+
+    x_t = (sigma_t / sigma_s) x_s + alpha_t * int_0^h e^{-(h-u)} x0(lam_s + u) du,
+
+and the noise-prediction ODE (Lu et al. 2022, Eq. 3.4) as
+
+    x_t = (alpha_t / alpha_s) x_s - sigma_t * int_0^h e^{h-u} eps(lam_s + u) du.
+
+A polynomial ``x0(lam_s + u) = sum_k c_k u^k / k!`` integrates exactly with
+``int_0^h e^{-(h-u)} u^{k-1}/(k-1)! du = h^k phi_k(-h)``, where ``phi_k`` are the phi
+functions of exponential integrators (Hochbruck & Ostermann 2010):
+``phi_0(z) = e^z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["hphi", "phi"]
+
+
+def phi(k: int, z: float) -> float:
+    """``phi_k(z) = sum_j z^j / (j + k)!``, stable for small ``|z|`` and for ``z = -inf``."""
+    if k == 0:
+        return math.exp(z)
+    if abs(z) < 0.5:  # Taylor series: the recursion cancels catastrophically near 0
+        term, total = 1.0 / math.factorial(k), 0.0
+        for j in range(30):
+            total += term
+            term *= z / (j + k + 1)
+        return total
+    if math.isinf(z):
+        return 0.0 if z < 0 else math.inf
+    value = math.expm1(z) / z  # phi_1
+    for j in range(1, k):
+        value = (value - 1.0 / math.factorial(j)) / z
+    return value
+
+
+def hphi(k: int, h: float) -> float:
+    """``h^k phi_k(-h) = int_0^h e^{-(h-u)} u^{k-1}/(k-1)! du`` (data-prediction weight).
+
+    ``hphi(1, inf) = 1``: the step into a clean end returns the denoised estimate.
+    """
+    if math.isinf(h):
+        if k == 1:
+            return 1.0
+        raise ValueError("higher-order exponential weights diverge at h = inf (clean end)")
+    return h**k * phi(k, -h)

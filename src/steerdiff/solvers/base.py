@@ -1,0 +1,192 @@
+"""The solver contract: a grid, a counted model, and one step at a time.
+
+A solver moves ``x`` from grid node ``i`` to node ``i + 1`` in :meth:`Solver.step`, calling the
+model as often as its algorithm needs. The model is a :class:`Model`: it counts network calls
+exactly and records non-finite outputs so that :func:`steerdiff.sample` can name the step at
+which a net returned NaN/inf. Node data (``t``, ``alpha``, ``sigma``, ``lam``) lives in a
+:class:`Grid` as CPU floats, so no step syncs with the device.
+
+A grid whose last node is *clean* (``sigma = 0``, ``lam = +inf``) ends with a step that returns
+the denoised estimate of the last evaluation: an exponential integrator's higher-order terms
+diverge as ``h -> inf``, so that step is always first order (:func:`step_order`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser, Prediction
+from ..processes import Process
+from ..schedules import Schedule
+
+__all__ = ["Grid", "Model", "NonFiniteError", "Solver", "Transition", "make_grid", "step_order"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The network returned NaN or inf."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Grid nodes ``0..N`` as float64 Python floats; ``clean_end`` marks ``sigma_N = 0``."""
+
+    process: Process
+    t: list[float]
+    alpha: list[float]
+    sigma: list[float]
+    lam: list[float]
+    clean_end: bool
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+    def h(self, i: int) -> float:
+        """``lam_{i+1} - lam_i`` (``inf`` for the step into a clean end)."""
+        return self.lam[i + 1] - self.lam[i]
+
+    def exp_neg_h(self, i: int) -> float:
+        """``exp(-(lam_{i+1} - lam_i)) = sigma_{i+1} alpha_i / (alpha_{i+1} sigma_i)``, 0 at a clean end."""
+        return self.sigma[i + 1] * self.alpha[i] / (self.alpha[i + 1] * self.sigma[i])
+
+    def is_final_clean(self, i: int) -> bool:
+        """Whether step ``i`` goes into the clean terminal node."""
+        return self.clean_end and i == self.steps - 1
+
+    def at(self, t: float) -> tuple[float, float, float]:
+        """``(alpha, sigma, lam)`` at an off-grid time ``t``."""
+        p = self.process
+        return float(p.alpha(t)), float(p.sigma(t)), float(p.lam(t))
+
+    def t_of_lam(self, lam: float) -> float:
+        return float(self.process.t_of_lam(lam))
+
+
+FINALS = ("zero", "none")
+
+
+def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "zero") -> Grid:
+    """The grid of ``steps`` steps.
+
+    ``final="zero"``: ``steps`` schedule nodes, then the clean state (``sigma = 0``, ``alpha = 1``,
+    ``lam = inf``) into which the last step returns the denoised estimate. ``final="none"``:
+    ``steps + 1`` schedule nodes, ending at the last one (``t_min`` for most schedules).
+    """
+    if final not in FINALS:
+        raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
+    clean = final == "zero"
+    t = schedule(process, steps if clean else steps + 1)
+    alpha, sigma, lam = process.alpha(t).tolist(), process.sigma(t).tolist(), process.lam(t).tolist()
+    if not all(math.isfinite(v) for v in lam):
+        raise ValueError(f"schedule {schedule!r} reaches an infinite log-SNR; lam = {lam}")
+    times = t.tolist()
+    if clean:
+        times.append(process.t_min)
+        alpha.append(1.0)
+        sigma.append(0.0)
+        lam.append(math.inf)
+    return Grid(process, times, alpha, sigma, lam, clean)
+
+
+@dataclass
+class Transition:
+    """A stochastic step's Gaussian transition ``N(mean, std^2)``, before noise is drawn."""
+
+    mean: Tensor
+    std: float | Tensor
+
+
+def step_order(i: int, grid: Grid, order: int, history: int, lower_order_final: bool) -> int:
+    """Order a multistep method uses at step ``i``.
+
+    At most ``order`` and at most the number of evaluations available (``history``, warm-up at
+    the first steps). With ``lower_order_final`` and fewer than 15 steps the last steps count
+    down (order <= steps - i), as diffusers' multistep schedulers do; the step into a clean end
+    is always first order.
+    """
+    n = grid.steps
+    k = min(order, history)
+    if lower_order_final and n < 15:
+        k = min(k, n - i)
+    if grid.is_final_clean(i):
+        k = 1
+    return max(k, 1)
+
+
+class Model:
+    """Evaluates a :class:`Denoiser` for a solver: counts calls and records non-finite output.
+
+    ``model(x, t, step)`` returns the :class:`Prediction` at process time ``t``; ``step`` is the
+    solver step it belongs to, reported if the output is not finite.
+    """
+
+    def __init__(self, denoiser: Denoiser, cond: dict[str, Any] | None = None) -> None:
+        self.denoiser = denoiser
+        self.cond = cond or {}
+        self.nfe = 0
+        self._finite: list[Tensor] = []
+        self._where: list[tuple[int, float]] = []
+
+    def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
+        pred = self.denoiser(x, t, **self.cond)
+        self.nfe += 1
+        self._finite.append(torch.isfinite(pred.x0).all() & torch.isfinite(pred.eps).all())
+        self._where.append((step, t))
+        return pred
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` naming the first step whose evaluation was not finite.
+
+        One device sync for the whole run (the flags are stacked and read once).
+        """
+        if not self._finite:
+            return
+        ok = torch.stack(self._finite).cpu()
+        if bool(ok.all()):
+            return
+        k = int((~ok).nonzero()[0])
+        step, t = self._where[k]
+        raise NonFiniteError(
+            f"the model returned NaN/inf at step {step} (evaluation {k + 1}, process time t={t:.6g})"
+        )
+
+
+@dataclass
+class Solver:
+    """Base class of all solvers.
+
+    Subclasses set ``name`` (the registry key), ``order`` (the nominal convergence order) and
+    implement :meth:`step`; multistep solvers keep their history in the ``state`` dict that
+    :meth:`init_state` creates once per run.
+    """
+
+    name: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = False
+    max_order: ClassVar[int] = 1
+
+    order: int = field(default=1)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or not (
+            1 <= self.order <= self.max_order
+        ):
+            raise ValueError(
+                f"{self.name}: order={self.order!r} is not supported; accepted: 1..{self.max_order}"
+            )
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        return {}
+
+    def step(
+        self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]
+    ) -> Tensor | Transition:
+        raise NotImplementedError
+
+    def nfe(self, steps: int, clean_end: bool = True) -> int:
+        """Network evaluations for ``steps`` steps (one per step unless overridden)."""
+        return steps

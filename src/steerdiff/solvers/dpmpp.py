@@ -1,0 +1,76 @@
+r"""Multistep DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models"), data prediction.
+
+With ``h = lam_{i+1} - lam_i``, the exponential integrator of the data-prediction ODE
+(:mod:`steerdiff.solvers._exp`) and the last denoised estimates ``m_0, m_1, m_2`` at
+``lam_i, lam_{i-1}, lam_{i-2}`` (``h_0 = lam_i - lam_{i-1}``, ``h_1 = lam_{i-1} - lam_{i-2}``):
+
+    1st order (DDIM):  x_{i+1} = (sigma_{i+1}/sigma_i) x_i + alpha_{i+1} (1 - e^{-h}) m_0
+    2M (Alg. 2):       the same with  D = (1 + 1/(2r)) m_0 - 1/(2r) m_1,  r = h_0 / h
+    3M:                x_{i+1} = (sigma_{i+1}/sigma_i) x_i
+                                 + alpha_{i+1} [h phi_1 m_0 + h^2 phi_2 d_1 + (2 h^3 phi_3 + h_0 h^2 phi_2) d_2]
+
+where ``d_1 = (m_0 - m_1)/h_0`` and ``d_2 = (d_1 - (m_1 - m_2)/h_1) / (h_0 + h_1)`` are Newton
+divided differences in ``lam`` and ``phi_k = phi_k(-h)``: the 3M step integrates the quadratic
+through the three estimates exactly. The DPM-Solver reference code (and diffusers) weights
+``d_2`` by ``h^3 phi_3 + h_0 h^2 phi_2`` instead, which loses the third order (measured slope
+about 2.3 against 2.9 on the Gaussian-mixture oracle); ``third_order="dpmsolver"`` reproduces it.
+One NFE per step; warm-up at the first steps and lower order at the last (``lower_order_final``,
+see :func:`~steerdiff.solvers.base.step_order`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ._exp import hphi
+from .base import Grid, Model, Solver, step_order
+
+__all__ = ["DPMSolverPPMultistep"]
+
+# weight of h^3 phi_3(-h) on the second divided difference
+_THIRD_ORDER = {"exact": 2.0, "dpmsolver": 1.0}
+
+
+@dataclass
+class DPMSolverPPMultistep(Solver):
+    """DPM-Solver++ multistep of order 1-3 (``dpmpp_2m``: order 2, ``dpmpp_3m``: order 3)."""
+
+    name: ClassVar[str] = "dpmpp_2m"
+    max_order: ClassVar[int] = 3
+    order: int = 2
+    lower_order_final: bool = True
+    third_order: str = "exact"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.third_order not in _THIRD_ORDER:
+            raise ValueError(f"third_order={self.third_order!r}; accepted: {sorted(_THIRD_ORDER)}")
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        return {"m": [], "lam": []}
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
+        m, lams = state["m"], state["lam"]
+        m.insert(0, model(x, grid.t[i], i).x0)
+        lams.insert(0, grid.lam[i])
+        del m[self.order :], lams[self.order :]
+        k = step_order(i, grid, self.order, len(m), self.lower_order_final)
+        h = grid.h(i)
+        x_next = (grid.sigma[i + 1] / grid.sigma[i]) * x
+        a = grid.alpha[i + 1]
+        if k == 1:
+            return x_next + (a * hphi(1, h)) * m[0]
+        h0 = lams[0] - lams[1]
+        if k == 2:
+            c = h / (2 * h0)
+            return x_next + (a * hphi(1, h)) * ((1 + c) * m[0] - c * m[1])
+        h1 = lams[1] - lams[2]
+        d1 = (m[0] - m[1]) / h0
+        d2 = (d1 - (m[1] - m[2]) / h1) / (h0 + h1)
+        return x_next + a * (
+            hphi(1, h) * m[0] + hphi(2, h) * d1 + (_THIRD_ORDER[self.third_order] * hphi(3, h) + h0 * hphi(2, h)) * d2
+        )

@@ -1,0 +1,5 @@
+"""Exact oracles and embedded default models."""
+
+from .gmm import GaussianMixture, default_benchmark_mixture
+
+__all__ = ["GaussianMixture", "default_benchmark_mixture"]
