@@ -39,13 +39,13 @@ def _check_x(den: Denoiser, x_T: Tensor) -> None:
     if not isinstance(x_T, Tensor):
         raise ValueError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
     if not x_T.is_floating_point():
-        raise ValueError(f"x_T must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}")
+        raise ValueError(
+            f"x_T must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}"
+        )
     if x_T.ndim < 2:
         raise ValueError(f"x_T must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
     if den.shape is not None and tuple(x_T.shape[1:]) != den.shape:
-        raise ValueError(
-            f"x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}"
-        )
+        raise ValueError(f"x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
 
 
 def sample(

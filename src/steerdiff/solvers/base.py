@@ -172,8 +172,10 @@ class Solver:
     order: int = field(default=1)
 
     def __post_init__(self) -> None:
-        if isinstance(self.order, bool) or not isinstance(self.order, int) or not (
-            1 <= self.order <= self.max_order
+        if (
+            isinstance(self.order, bool)
+            or not isinstance(self.order, int)
+            or not (1 <= self.order <= self.max_order)
         ):
             raise ValueError(
                 f"{self.name}: order={self.order!r} is not supported; accepted: 1..{self.max_order}"
@@ -182,9 +184,7 @@ class Solver:
     def init_state(self, grid: Grid) -> dict[str, Any]:
         return {}
 
-    def step(
-        self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]
-    ) -> Tensor | Transition:
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         raise NotImplementedError
 
     def nfe(self, steps: int, clean_end: bool = True) -> int:

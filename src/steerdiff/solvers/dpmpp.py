@@ -7,8 +7,8 @@ With ``h = lam_{i+1} - lam_i``, the exponential integrator of the data-predictio
 
     1st order (DDIM):  x_{i+1} = (sigma_{i+1}/sigma_i) x_i + alpha_{i+1} (1 - e^{-h}) m_0
     2M (Alg. 2):       the same with  D = (1 + 1/(2r)) m_0 - 1/(2r) m_1,  r = h_0 / h
-    3M:                x_{i+1} = (sigma_{i+1}/sigma_i) x_i
-                                 + alpha_{i+1} [h phi_1 m_0 + h^2 phi_2 d_1 + (2 h^3 phi_3 + h_0 h^2 phi_2) d_2]
+    3M:                x_{i+1} = (sigma_{i+1}/sigma_i) x_i + alpha_{i+1} [h phi_1 m_0
+                                 + h^2 phi_2 d_1 + (2 h^3 phi_3 + h_0 h^2 phi_2) d_2]
 
 where ``d_1 = (m_0 - m_1)/h_0`` and ``d_2 = (d_1 - (m_1 - m_2)/h_1) / (h_0 + h_1)`` are Newton
 divided differences in ``lam`` and ``phi_k = phi_k(-h)``: the 3M step integrates the quadratic
@@ -72,5 +72,7 @@ class DPMSolverPPMultistep(Solver):
         d1 = (m[0] - m[1]) / h0
         d2 = (d1 - (m[1] - m[2]) / h1) / (h0 + h1)
         return x_next + a * (
-            hphi(1, h) * m[0] + hphi(2, h) * d1 + (_THIRD_ORDER[self.third_order] * hphi(3, h) + h0 * hphi(2, h)) * d2
+            hphi(1, h) * m[0]
+            + hphi(2, h) * d1
+            + (_THIRD_ORDER[self.third_order] * hphi(3, h) + h0 * hphi(2, h)) * d2
         )

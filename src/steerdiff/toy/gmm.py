@@ -69,7 +69,9 @@ class GaussianMixture:
     def _log_resp(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """``log w_k + log N(x; mean_k, var_k)``, shape ``(n, k)``."""
         diff = x[:, None, :] - mean[None]
-        ll = -0.5 * ((diff**2 / var[None]).sum(-1) + var.log().sum(-1)[None] + self.dim * math.log(2 * math.pi))
+        ll = -0.5 * (
+            (diff**2 / var[None]).sum(-1) + var.log().sum(-1)[None] + self.dim * math.log(2 * math.pi)
+        )
         return ll + self.weights.log()[None]
 
     def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
@@ -140,11 +142,14 @@ class GaussianMixture:
 def default_benchmark_mixture(dim: int = 64, components: int = 10, seed: int = 0) -> GaussianMixture:
     """The embedded default: a ``dim``-dimensional, ``components``-component diagonal mixture.
 
-    Means ~ N(0, I), per-coordinate standard deviations log-uniform in [0.05, 0.5], Dirichlet(2) weights; fixed by ``seed``.
+    Means ~ N(0, I), per-coordinate standard deviations log-uniform in [0.05, 0.5], Dirichlet(2)
+    weights; fixed by ``seed``.
     """
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(components, dim, generator=g, dtype=F64)
-    log_std = math.log(0.05) + (math.log(0.5) - math.log(0.05)) * torch.rand(components, dim, generator=g, dtype=F64)
+    log_std = math.log(0.05) + (math.log(0.5) - math.log(0.05)) * torch.rand(
+        components, dim, generator=g, dtype=F64
+    )
     w = -torch.log(torch.rand(components, generator=g, dtype=F64)) - torch.log(
         torch.rand(components, generator=g, dtype=F64)
     )  # Gamma(2, 1) as a sum of two exponentials: Dirichlet(2) after normalization
