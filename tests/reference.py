@@ -45,7 +45,7 @@ def slope(steps: list[int], errors: list[float]) -> float:
     xs = [math.log(s) for s in steps]
     ys = [-math.log(e) for e in errors]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def sd_betas_config(**overrides: object) -> dict:
