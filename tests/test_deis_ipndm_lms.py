@@ -1,0 +1,262 @@
+"""DEIS, iPNDM and LMS against diffusers, the exact Gaussian-mixture ODE solution and closed forms.
+
+Parity notes (diffusers 0.42):
+
+* ``DEISMultistepScheduler`` ends at ``t = 0`` (``sigma ~ 0.029``), not at a clean node, so it is
+  compared with ``final="none"`` on its nodes plus ``t = 0``.
+* ``LMSDiscreteScheduler`` and ``IPNDMScheduler`` take a full-order Adams-Bashforth step into
+  ``sigma = 0``; steerdiff's step into a clean end returns the denoised estimate. They are compared
+  on every step before that one, and the clean end against the exact denoiser of diffusers'
+  state there. LMS's coefficients come from ``scipy.integrate.quad``, exact for polynomials, so
+  parity is at float32 precision of its sigma table. LMS with ``timestep_spacing="linspace"``
+  starts from ``x_T * sigma_max`` (``init_noise_sigma``) instead of ``x_T * sqrt(1 + sigma_max^2)``,
+  a 0.2% offset; the driver below starts it from the exact ``x_T / alpha_max``.
+* ``IPNDMScheduler`` has its own grid starting at ``alpha = 0`` and expects v-prediction; it is
+  driven through ``trained_betas`` (which it reads as the node sigmas) on a steerdiff grid, with
+  the exact v. It is order 4 only.
+
+Convergence: every method here starts with a first-order step (warm-up), so asymptotically the
+global order of each is at most 2; the warm-up error is small (the noise end has ``alpha ~ 0.07``)
+and the nominal orders show over 10-80 steps for DEIS and LMS 1-3. LMS 4 reaches ~3.4 there.
+iPNDM's fixed coefficients are exact only on steps of equal length in ``sigma/alpha``: on graded
+grids its local error is O(h^3) and its global order 2 for every order >= 2. The nominal orders
+of all formulas are checked on one step with exact history (local error O(h^(k+1))).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import integrate
+
+import steerdiff as sd
+from steerdiff.solvers import DEIS, IPNDM, LMS, Model, make_grid
+from steerdiff.solvers._poly import adams_bashforth, exp_adams_bashforth
+
+from .reference import (
+    diffusers_sample,
+    eps_net,
+    exact_sample,
+    nodes_of,
+    noise,
+    rel_rmse,
+    sd_betas_config,
+    slope,
+)
+
+F64 = torch.float64
+STEPS = [10, 20, 40, 80]
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+
+def test_adams_bashforth_weights_are_the_classical_ones():
+    published = [[1], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59 / 24, 37 / 24, -9 / 24]]
+    for k, ref in enumerate(published, start=1):
+        assert adams_bashforth([-j for j in range(k)]) == pytest.approx(ref, abs=1e-14)
+
+
+@pytest.mark.parametrize("h", [1e-3, 0.3, 2.0])
+def test_exponential_weights_match_quadrature(h):
+    nodes = [0.0, -0.7, -1.9, -2.6]
+    for k in range(1, 5):
+        ours = exp_adams_bashforth(nodes[:k], h)
+        for j in range(k):
+
+            def basis(th: float, j: int = j, k: int = k) -> float:
+                return math.prod((th - nodes[m]) / (nodes[j] - nodes[m]) for m in range(k) if m != j)
+
+            ref = integrate.quad(lambda th: math.exp(h * (1 - th)) * basis(th), 0, 1, epsabs=0, epsrel=1e-13)[
+                0
+            ]
+            assert ours[j] == pytest.approx(ref, rel=1e-11, abs=1e-13)
+    assert h * exp_adams_bashforth([0.0], h)[0] == pytest.approx(math.expm1(h), rel=1e-14)
+
+
+# ---------------------------------------------------------------------------------------- parity
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_deis_matches_diffusers(diffusers, gmm, sd_process, x_T, order, steps):
+    sched = diffusers.DEISMultistepScheduler(**sd_betas_config(), solver_order=order)
+    ref, nfe = diffusers_sample(sched, gmm, sd_process, x_T, steps)
+    nodes = sd.schedules.Custom([*nodes_of(sched).grid.tolist(), 0.0])  # diffusers ends at t = 0
+    ours, info = sd.sample(
+        gmm.denoiser(sd_process), x_T, steps, DEIS(order=order), nodes, final="none", return_info=True
+    )
+    assert info.nfe == nfe == steps
+    assert rel_rmse(ours, ref) < 1e-4
+
+
+def _diffusers_lms(diffusers, gmm, process, x_T, steps, order):
+    """diffusers' LMS on its ``steps`` nodes, stopped before its step into ``sigma = 0``.
+
+    Returns the state at the last node in ``x`` units and the nodes.
+    """
+    sched = diffusers.LMSDiscreteScheduler(**sd_betas_config())
+    sched.set_timesteps(steps)
+    net = eps_net(gmm, process)
+    sig = sched.sigmas.to(F64)
+    x = x_T * (1 + sig[0] ** 2).sqrt()
+    for t in sched.timesteps[:-1]:
+        x = sched.step(net(sched.scale_model_input(x, t), t), t, x, order=order).prev_sample
+    return x / (1 + sig[steps - 1] ** 2).sqrt(), sched.timesteps.tolist()
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_lms_matches_diffusers(diffusers, gmm, sd_process, x_T, order):
+    steps = 10  # linspace timesteps are integers: 999, 888, ..., 0
+    ref, ts = _diffusers_lms(diffusers, gmm, sd_process, x_T, steps, order)
+    den = gmm.denoiser(sd_process)
+    nodes = sd.schedules.Custom(ts)
+    before_end = sd.sample(den, x_T, steps - 1, LMS(order=order), nodes, final="none")
+    assert rel_rmse(before_end, ref) < 1e-4
+    ours, info = sd.sample(den, x_T, steps, LMS(order=order), nodes, return_info=True)
+    a, s = float(sd_process.alpha(ts[-1])), float(sd_process.sigma(ts[-1]))
+    assert info.nfe == steps
+    assert rel_rmse(ours, gmm.denoise(ref, a, s)) < 1e-4
+
+
+@pytest.mark.parametrize("schedule", ["logsnr_uniform", "karras"])
+def test_ipndm_matches_diffusers(diffusers, gmm, sd_process, x_T, schedule):
+    steps = 10
+    grid = make_grid(sd_process, sd.schedules.get(schedule), steps, final="none")
+    sched = diffusers.IPNDMScheduler(trained_betas=grid.sigma)  # read as the node sigmas
+    sched.set_timesteps(steps)
+    x = x_T
+    for i, t in enumerate(sched.timesteps):
+        a, s = grid.alpha[i], grid.sigma[i]
+        x0 = gmm.denoise(x, a, s)
+        v = a * (x - a * x0) / s - s * x0  # the v-prediction IPNDMScheduler expects
+        x = sched.step(v, t, x).prev_sample
+    ours, info = sd.sample(
+        gmm.denoiser(sd_process), x_T, steps, IPNDM(order=4), schedule, final="none", return_info=True
+    )
+    assert info.nfe == steps
+    assert rel_rmse(ours, x) < 1e-4
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_ipndm_is_lms_on_steps_uniform_in_sigma_ratio(gmm, sd_process, x_T, order):
+    den, uniform = gmm.denoiser(sd_process), sd.schedules.Karras(rho=1.0)  # uniform in sigma/alpha
+    ipndm = sd.sample(den, x_T, 20, IPNDM(order=order), uniform)
+    lms = sd.sample(den, x_T, 20, LMS(order=order), uniform)
+    assert rel_rmse(ipndm, lms) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------- orders
+
+
+@pytest.fixture(scope="module")
+def exact(gmm, sd_process, x_T):
+    return exact_sample(gmm, sd_process, x_T)
+
+
+CONVERGENCE = [
+    *[(DEIS(order=k, lower_order_final=False), "logsnr_uniform", k - 0.35, k + 0.35) for k in (1, 2, 3)],
+    *[(LMS(order=k), "karras", k - 0.35, k + 0.35) for k in (1, 2, 3)],
+    (LMS(order=4), "karras", 3.0, 4.35),  # ~3.4: pre-asymptotic, the warm-up caps it at 2 eventually
+    *[(IPNDM(order=k), "karras", min(k, 2) - 0.35, min(k, 2) + 0.35) for k in (1, 2, 3, 4)],
+    (IPNDM(order=4), "logsnr_uniform", 1.65, 2.35),
+]
+
+
+@pytest.mark.parametrize(("solver", "schedule", "lo", "hi"), CONVERGENCE, ids=lambda v: repr(v))
+def test_global_convergence_order(gmm, sd_process, x_T, exact, solver, schedule, lo, hi):
+    den = gmm.denoiser(sd_process)
+    errors = [rel_rmse(sd.sample(den, x_T, n, solver, schedule), exact) for n in STEPS]
+    assert min(errors) > 1e-7  # well above the reference ODE's tolerance
+    assert lo < slope(STEPS, errors) < hi
+
+
+LAM_C = 0.0  # mid-trajectory; the step goes from lam_c to lam_c + h
+HS = [0.025, 0.0125, 0.00625]
+
+
+@pytest.fixture(scope="module")
+def trajectories(gmm, sd_process):
+    """Exact states at ``lam_c + m h`` (m = -3..1) on one ODE trajectory, for each ``h``."""
+    x_T = noise(4, 8)
+    t_c = float(sd_process.t_of_lam(LAM_C))
+    x_c = gmm.reference_ode(x_T, sd_process, sd_process.t_max, t_c)
+    out = {}
+    for h in HS:
+        ts = sd_process.t_of_lam(torch.tensor([LAM_C + m * h for m in range(-3, 2)], dtype=F64)).tolist()
+        xs = [gmm.reference_ode(x_c, sd_process, t_c, t, rtol=1e-13, atol=1e-13) for t in ts]
+        out[h] = (ts, xs)
+    return out
+
+
+LOCAL = [
+    *[(DEIS(order=k, lower_order_final=False), k + 1) for k in (1, 2, 3)],
+    *[(LMS(order=k), k + 1) for k in (1, 2, 3, 4)],
+    *[(IPNDM(order=k), min(k, 2) + 1) for k in (1, 2, 3, 4)],  # fixed coefficients, graded steps
+]
+
+
+@pytest.mark.parametrize(("solver", "local_order"), LOCAL, ids=lambda v: repr(v))
+def test_local_error_order_with_exact_history(gmm, sd_process, trajectories, solver, local_order):
+    """One step from exact states at the ``k`` previous nodes (uniform in ``lam``): error O(h^(k+1))."""
+    k = solver.order
+    errors = []
+    for h in HS:
+        ts, xs = (v[-k - 1 :] for v in trajectories[h])
+        grid = make_grid(sd_process, sd.schedules.Custom(ts), k, final="none")
+        model, state = Model(gmm.denoiser(sd_process)), solver.init_state(grid)
+        for j in range(k):
+            out = solver.step(model, xs[j], j, grid, state)
+        errors.append(rel_rmse(out, xs[k]))
+    assert abs(slope([1 / h for h in HS], errors) - local_order) < 0.35
+
+
+# ---------------------------------------------------------------------------------------- contract
+
+ALL = [DEIS(order=3), LMS(order=4), IPNDM(order=4)]
+
+
+@pytest.mark.parametrize("solver", ALL, ids=lambda s: s.name)
+def test_clean_end_returns_denoised_estimate(gmm, sd_process, x_T, solver):
+    states = []
+    den = gmm.denoiser(sd_process)
+    out, info = sd.sample(
+        den, x_T, 8, solver, "karras", callback=lambda d: states.append(d["x"]), return_info=True
+    )
+    g = info.grid
+    assert info.nfe == 8 and g.sigma[-1] == 0.0
+    assert rel_rmse(out, gmm.denoise(states[-2], g.alpha[-2], g.sigma[-2])) < 1e-12
+
+
+@pytest.mark.parametrize("solver", ALL, ids=lambda s: s.name)
+def test_too_few_steps_lower_the_order(gmm, sd_process, x_T, solver):
+    den = gmm.denoiser(sd_process)
+    one, info = sd.sample(den, x_T, 1, solver, "karras", return_info=True)
+    t = sd_process.t_max
+    assert info.nfe == 1
+    assert rel_rmse(one, gmm.denoise(x_T, float(sd_process.alpha(t)), float(sd_process.sigma(t)))) < 1e-12
+    two = sd.sample(den, x_T, 2, solver, "karras")
+    assert rel_rmse(two, sd.sample(den, x_T, 2, "ddim", "karras")) < 1e-12  # both steps first order
+
+
+@pytest.mark.parametrize(
+    ("cls", "bad", "accepted"), [(DEIS, 4, "1..3"), (LMS, 5, "1..4"), (IPNDM, 0, "1..4")]
+)
+def test_unsupported_order_raises(cls, bad, accepted):
+    with pytest.raises(ValueError, match=rf"order={bad}.*accepted: {accepted}"):
+        cls(order=bad)
+    with pytest.raises(ValueError, match=accepted):
+        cls(order=True)
+
+
+def test_registry_names():
+    for name, cls in [("deis", DEIS), ("ipndm", IPNDM), ("lms", LMS)]:
+        assert name in sd.solvers.available()
+        assert type(sd.solvers.get(name)) is cls and cls.name == name
