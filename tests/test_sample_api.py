@@ -1,0 +1,266 @@
+"""The contract of ``sd.sample``: exact NFE, callbacks, dtypes, ``final``, bad input, NaN reporting.
+
+Parametrized over ``sd.solvers.available()`` where the contract is generic, so that every newly
+registered solver is checked. Accuracy is measured against the exact probability-flow ODE
+solution of the smooth mixture (``exact_sample``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import steerdiff as sd
+
+from .reference import exact_sample, noise, rel_rmse
+
+ALL = sd.solvers.available()
+
+
+@pytest.fixture(scope="module")
+def problem(gmm, sd_process):
+    """4 samples and their exact answer."""
+    x_T = noise(4, 8)
+    return x_T, exact_sample(gmm, sd_process, x_T)
+
+
+def counting_denoiser(gmm, process, bad_call: int | None = None, bad_value: float = float("nan")):
+    """The exact x0 denoiser; records the net's time on every call and can spoil call ``bad_call``."""
+    calls: list[float] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = float(t.reshape(-1)[0])
+        calls.append(tt)
+        x0 = gmm.denoise(x, float(process.alpha(tt)), float(process.sigma(tt)))
+        return torch.full_like(x0, bad_value) if len(calls) - 1 == bad_call else x0
+
+    return sd.Denoiser(net, process, prediction="x0", shape=(gmm.dim,)), calls
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+# --- NFE, callback, dtype, accuracy: every registered solver -------------------------------------
+
+
+@pytest.mark.parametrize("final", ["zero", "none"])
+@pytest.mark.parametrize("steps", [1, 2, 5, 16])
+@pytest.mark.parametrize("name", ALL)
+def test_nfe_is_exact(gmm, sd_process, name, steps, final):
+    den, calls = counting_denoiser(gmm, sd_process)
+    x, info = sd.sample(
+        den, noise(2, 8), steps=steps, solver=name, final=final, generator=_gen(), return_info=True
+    )
+    assert info.grid.steps == steps and info.grid.clean_end == (final == "zero")
+    assert info.nfe == len(calls) == info.solver.nfe(steps, clean_end=final == "zero")
+    assert bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_accuracy_at_40_steps(gmm, sd_process, problem, name):
+    solver = sd.solvers.get(name)
+    if solver.stochastic:
+        pytest.skip("stochastic: not a path to the ODE solution (its distribution is tested elsewhere)")
+    x_T, exact = problem
+    x = sd.sample(gmm.denoiser(sd_process), x_T, steps=40, solver=solver)
+    # measured: ddim/euler 3.5e-2 (first order: 1e-2 needs ~140 steps), heun 2.6e-3,
+    # dpmpp_2m 1.3e-3, dpmpp_3m 1.8e-4
+    assert rel_rmse(x, exact) < (5e-2 if solver.order == 1 else 1e-2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_callback_once_per_step(gmm, sd_process, name):
+    seen: list[dict] = []
+    x, info = sd.sample(
+        gmm.denoiser(sd_process),
+        noise(2, 8),
+        steps=6,
+        solver=name,
+        generator=_gen(),
+        callback=seen.append,
+        return_info=True,
+    )
+    assert [s["i"] for s in seen] == list(range(6))
+    assert [s["t"] for s in seen] == info.grid.t[1:]
+    assert [s["sigma"] for s in seen] == info.grid.sigma[1:]
+    nfe = [s["nfe"] for s in seen]
+    assert all(a < b for a, b in itertools.pairwise(nfe)) and nfe[-1] == info.nfe
+    assert torch.equal(seen[-1]["x"], x)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_dtype_is_kept(gmm, sd_process, problem, name):
+    x_T, _ = problem
+    den = gmm.denoiser(sd_process)
+    x64 = sd.sample(den, x_T, steps=8, solver=name, generator=_gen())
+    x32 = sd.sample(den, x_T.float(), steps=8, solver=name, generator=_gen())
+    assert x64.dtype == torch.float64 and x32.dtype == torch.float32
+    if not sd.solvers.get(name).stochastic:
+        assert rel_rmse(x32, x64) < 1e-5  # measured <= 4e-7
+
+
+def test_final_none_returns_the_noisy_state(gmm, sd_process, problem):
+    x_T, exact = problem
+    den = gmm.denoiser(sd_process)
+    noisy = gmm.reference_ode(x_T, sd_process, sd_process.t_max, sd_process.t_min)  # no denoising
+    x, info = sd.sample(den, x_T, steps=40, solver="dpmpp_3m", final="none", return_info=True)
+    g = info.grid
+    assert len(g.t) == 41 and not g.clean_end
+    assert g.t[-1] == sd_process.t_min and g.sigma[-1] == pytest.approx(
+        float(sd_process.sigma(sd_process.t_min))
+    )
+    assert info.nfe == 40
+    # at t_min (sigma = 0.029) state and denoised estimate differ by only 9.6e-4: measured 1.7e-4
+    assert rel_rmse(x, noisy) < 3e-4 < rel_rmse(x, exact)
+
+    # ending half-way, where the two differ by 40%
+    nodes = sd.schedules.Custom(torch.linspace(sd_process.t_max, 300.0, 21, dtype=torch.float64))
+    mid = gmm.reference_ode(x_T, sd_process, sd_process.t_max, 300.0)
+    x, info = sd.sample(den, x_T, steps=20, solver="heun", schedule=nodes, final="none", return_info=True)
+    assert info.nfe == 40 and info.grid.t[-1] == 300.0
+    assert rel_rmse(x, mid) < 3e-3  # measured 1.8e-3
+
+
+# --- few steps for the order ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("final", ["zero", "none"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_dpmpp_3m_with_fewer_steps_than_its_order(gmm, sd_process, problem, steps, final):
+    # warm-up and the first-order step into the end (or lower_order_final) leave only DDIM steps
+    x_T, _ = problem
+    den = gmm.denoiser(sd_process)
+    x, info = sd.sample(den, x_T, steps=steps, solver="dpmpp_3m", final=final, return_info=True)
+    assert info.nfe == steps
+    assert torch.allclose(x, sd.sample(den, x_T, steps=steps, solver="ddim", final=final), rtol=0, atol=1e-12)
+    if steps == 1 and final == "zero":  # one step: the denoised estimate at t_max
+        t = sd_process.t_max
+        x0 = gmm.denoise(x_T, float(sd_process.alpha(t)), float(sd_process.sigma(t)))
+        assert torch.allclose(x, x0, rtol=0, atol=1e-12)
+
+
+def test_dpmpp_3m_two_steps_without_lower_order_final_is_2m(gmm, sd_process, problem):
+    x_T, _ = problem
+    den = gmm.denoiser(sd_process)
+    s3 = sd.solvers.DPMSolverPPMultistep(order=3, lower_order_final=False)
+    s2 = sd.solvers.DPMSolverPPMultistep(order=2, lower_order_final=False)
+    x3 = sd.sample(den, x_T, steps=2, solver=s3, final="none")
+    x2 = sd.sample(den, x_T, steps=2, solver=s2, final="none")
+    x1 = sd.sample(den, x_T, steps=2, solver="ddim", final="none")
+    assert torch.allclose(x3, x2, rtol=0, atol=1e-12) and rel_rmse(x3, x1) > 1e-3
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def _raises(match_all: list[str], fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as err:
+        fn(*args, **kwargs)
+    msg = str(err.value)
+    missing = [m for m in match_all if m not in msg]
+    assert not missing, f"{missing} not in {msg!r}"
+    return msg
+
+
+def test_unknown_solver_lists_the_names(gmm, sd_process, problem):
+    _raises(["solver", "'dpm++'", *ALL], sd.sample, gmm.denoiser(sd_process), problem[0], solver="dpm++")
+
+
+def test_unknown_schedule_lists_the_names(gmm, sd_process, problem):
+    names = sd.schedules.available()
+    _raises(
+        ["schedule", "'karas'", *names], sd.sample, gmm.denoiser(sd_process), problem[0], schedule="karas"
+    )
+
+
+@pytest.mark.parametrize("final", ["zero", "none"])
+@pytest.mark.parametrize("steps", [0, -3, 2.5, 10.0, "10", True, None, np.int64(4) + 0.5])
+def test_bad_steps(gmm, sd_process, problem, steps, final):
+    _raises(
+        ["steps", ">= 1", repr(steps)],
+        sd.sample,
+        gmm.denoiser(sd_process),
+        problem[0],
+        steps=steps,
+        final=final,
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "accepted"),
+    [
+        (lambda: sd.solvers.DPMSolverPPMultistep(order=4), "1..3"),
+        (lambda: sd.solvers.DPMSolverPPMultistep(order=0), "1..3"),
+        (lambda: sd.solvers.DPMSolverPPMultistep(order=2.0), "1..3"),
+        (lambda: sd.solvers.Heun(order=3), "1..2"),
+        (lambda: sd.solvers.DDIM(order=2), "1..1"),
+        (lambda: sd.solvers.Euler(order=2), "1..1"),
+    ],
+)
+def test_unsupported_order(make, accepted):
+    _raises(["order=", accepted], make)
+
+
+def test_bad_third_order():
+    _raises(
+        ["third_order", "'exact'", "'dpmsolver'"], sd.solvers.DPMSolverPPMultistep, order=3, third_order="x"
+    )
+
+
+@pytest.mark.parametrize(
+    ("x_T", "words"),
+    [
+        (torch.zeros(4, 8, dtype=torch.int64), ["x_T", "floating", "torch.int64"]),
+        (torch.zeros(8, dtype=torch.float64), ["x_T", "batch", "(8,)"]),
+        (torch.zeros(4, 7, dtype=torch.float64), ["x_T", "(7,)", "(8,)"]),
+        (torch.zeros(4, 2, 4, dtype=torch.float64), ["x_T", "(2, 4)", "(8,)"]),
+        (np.zeros((4, 8)), ["x_T", "torch.Tensor"]),
+    ],
+    ids=["int", "unbatched", "wrong-shape", "wrong-rank", "numpy"],
+)
+def test_bad_x_T(gmm, sd_process, x_T, words):
+    _raises(words, sd.sample, gmm.denoiser(sd_process), x_T)
+
+
+def test_den_must_be_a_denoiser(gmm, sd_process, problem):
+    net = gmm.denoiser(sd_process).net
+    _raises(["den", "Denoiser", "function"], sd.sample, net, problem[0])
+
+
+def test_bad_final(gmm, sd_process, problem):
+    _raises(
+        ["final", "'clean'", "'zero'", "'none'"],
+        sd.sample,
+        gmm.denoiser(sd_process),
+        problem[0],
+        final="clean",
+    )
+
+
+# --- non-finite network output ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "bad_call", "step", "node", "value"),
+    [
+        ("ddim", 4, 4, 4, float("nan")),
+        ("dpmpp_3m", 0, 0, 0, float("nan")),
+        ("dpmpp_3m", 7, 7, 7, float("inf")),
+        ("heun", 4, 2, 2, float("nan")),  # step 2's first evaluation, at t_2
+        ("heun", 5, 2, 3, float("nan")),  # step 2's second evaluation, at t_3
+    ],
+)
+def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, bad_call, step, node, value):
+    den, calls = counting_denoiser(gmm, sd_process, bad_call=bad_call, bad_value=value)
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.sample(den, problem[0], steps=8, solver=name)
+    msg = str(err.value)
+    t = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), 8).t[node]
+    assert calls[bad_call] == pytest.approx(t)
+    assert re.search(rf"\bstep {step}\b", msg), msg  # steps count from 0, as the callback's "i"
+    assert f"t={t:.6g}" in msg, msg
