@@ -11,14 +11,20 @@ and the noise-prediction ODE (Lu et al. 2022, Eq. 3.4) as
 A polynomial ``x0(lam_s + u) = sum_k c_k u^k / k!`` integrates exactly with
 ``int_0^h e^{-(h-u)} u^{k-1}/(k-1)! du = h^k phi_k(-h)``, where ``phi_k`` are the phi
 functions of exponential integrators (Hochbruck & Ostermann 2010):
-``phi_0(z) = e^z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``.
+``phi_0(z) = e^z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``. For noise prediction,
+``int_0^h e^{h-u} u^{k-1}/(k-1)! du = h^k phi_k(h)`` and ``sigma_t e^h = alpha_t sigma_s / alpha_s``
+give the bounded form
+
+    x_t = (alpha_t / alpha_s) * (x_s - sigma_s * sum_k e^{-h} h^k phi_k(h) c_k),
+
+whose weights (:func:`hphi_eps`) tend to 1 as ``h -> inf`` (the step into a clean end).
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["hphi", "phi"]
+__all__ = ["hphi", "hphi_eps", "phi"]
 
 
 def phi(k: int, z: float) -> float:
@@ -49,3 +55,15 @@ def hphi(k: int, h: float) -> float:
             return 1.0
         raise ValueError("higher-order exponential weights diverge at h = inf (clean end)")
     return h**k * phi(k, -h)
+
+
+def hphi_eps(k: int, h: float) -> float:
+    """``e^{-h} h^k phi_k(h) = int_0^h e^{-u} u^{k-1}/(k-1)! du`` (noise-prediction weight).
+
+    ``sigma_t h^k phi_k(h) = (alpha_t sigma_s / alpha_s) hphi_eps(k, h)``; bounded, 1 at ``h = inf``.
+    """
+    if h > 30.0:  # 1 - e^{-h} sum_{j<k} h^j/j!: no cancellation, no overflow
+        if math.isinf(h):
+            return 1.0
+        return 1.0 - math.exp(-h) * sum(h**j / math.factorial(j) for j in range(k))
+    return math.exp(-h) * h**k * phi(k, h)

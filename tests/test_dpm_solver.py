@@ -1,0 +1,199 @@
+"""Singlestep DPM-Solver(++): parity with diffusers, convergence order, NFE and the order split.
+
+Grids. diffusers' ``DPMSolverSinglestepScheduler.set_timesteps(N)`` evaluates at the ``N`` integer
+timesteps ``round(linspace(0, 999, N + 1))[::-1][:-1]`` and steps into a last sigma that is
+``0`` (``final_sigmas_type="zero"``) or the sigma of timestep 0 (``"sigma_min"``). The first is
+``Custom(nodes_of(sched))`` with our clean end (``final="zero"``); the second, which diffusers
+requires for ``algorithm_type="dpmsolver"``, is the ``N + 1`` nodes ``nodes_of(sched) + [0]``
+with ``final="none"``. The intermediate points of a macro-step are grid nodes in both libraries,
+and diffusers' per-step ``order_list`` (``[1, 2, 3]`` per order-3 macro-step) gives the same
+macro-step orders as :meth:`DPMSolver.macro_orders` (checked below). diffusers computes the
+order-3 intermediate point ``u_2`` with the order-2 midpoint update, so parity uses
+``second_stage="midpoint"``; the default (Lu et al. 2022, Alg. 2) is checked against the exact
+solution.
+"""
+
+import math
+
+import pytest
+
+import steerdiff as sd
+from steerdiff.solvers import DPMSolver
+from steerdiff.solvers._exp import hphi_eps
+
+from .reference import (
+    diffusers_sample,
+    exact_sample,
+    nodes_of,
+    rel_rmse,
+    sd_betas_config,
+    slope,
+)
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def exact(gmm, sd_process, x_T):
+    return exact_sample(gmm, sd_process, x_T)
+
+
+def macro_of(order_list: list[int]) -> list[int]:
+    """diffusers' per-step orders (``[1, 2, 3, 1, 2, 1]``) as macro-step orders (``[3, 2, 1]``)."""
+    out: list[int] = []
+    for k in order_list:
+        if k == 1:
+            out.append(1)
+        else:
+            out[-1] = k
+    return out
+
+
+@pytest.mark.parametrize("steps", [4, 5, 10, 15])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_dpmsolverpp_matches_diffusers(diffusers, gmm, sd_process, x_T, exact, order, steps):
+    sched = diffusers.DPMSolverSinglestepScheduler(**sd_betas_config(solver_order=order))
+    ref, nfe = diffusers_sample(sched, gmm, sd_process, x_T, steps)
+    solver = DPMSolver(order=order, algorithm="dpmsolver++", second_stage="midpoint")
+    assert macro_of(sched.order_list) == solver.macro_orders(steps, clean_end=True)
+    ours, info = sd.sample(
+        gmm.denoiser(sd_process), x_T, steps=steps, solver=solver, schedule=nodes_of(sched), return_info=True
+    )
+    assert info.nfe == nfe == steps
+    assert rel_rmse(ours, ref) < 1e-4
+    assert rel_rmse(ours, exact) < 0.25
+
+
+@pytest.mark.parametrize("steps", [4, 5, 10, 15])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_dpmsolver_matches_diffusers(diffusers, gmm, sd_process, x_T, order, steps):
+    # lower_order_final=False keeps order 2 at [2, ..., 2] for even N (odd N force it to True);
+    # for order 3 with N % 3 == 0 the fast split [3, ..., 3, 2, 1] needs it True.
+    cfg = sd_betas_config(
+        solver_order=order,
+        algorithm_type="dpmsolver",
+        final_sigmas_type="sigma_min",
+        lower_order_final=order == 3,
+    )
+    sched = diffusers.DPMSolverSinglestepScheduler(**cfg)
+    ref, nfe = diffusers_sample(sched, gmm, sd_process, x_T, steps)
+    solver = DPMSolver(order=order, algorithm="dpmsolver", second_stage="midpoint")
+    assert macro_of(sched.order_list) == solver.macro_orders(steps, clean_end=False)
+    grid = sd.schedules.Custom([*nodes_of(sched).grid.tolist(), 0.0])
+    ours, info = sd.sample(
+        gmm.denoiser(sd_process),
+        x_T,
+        steps=steps,
+        solver=solver,
+        schedule=grid,
+        final="none",
+        return_info=True,
+    )
+    assert info.nfe == nfe == steps
+    assert rel_rmse(ours, ref) < 1e-4
+
+
+# Errors from 2.4e-3 down to 1.9e-6 (order 3), far above the reference ODE's 1e-10 tolerance.
+# Below ~24 steps the large early steps are pre-asymptotic (noise prediction converges faster
+# than h^3 there, data prediction slower). final="zero" keeps the order: the last step only
+# applies the exact denoiser, and the macro-step before it is of order >= 2 on the noisy part.
+ORDER_STEPS = [24, 48, 96, 192]
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "order", "second_stage"),
+    [
+        ("dpmsolver++", 1, "paper"),
+        ("dpmsolver++", 2, "paper"),
+        ("dpmsolver++", 3, "paper"),
+        ("dpmsolver++", 3, "midpoint"),
+        ("dpmsolver", 1, "paper"),
+        ("dpmsolver", 2, "paper"),
+        ("dpmsolver", 3, "paper"),
+    ],
+)
+def test_convergence_order(gmm, sd_process, x_T, exact, algorithm, order, second_stage):
+    den = gmm.denoiser(sd_process)
+    solver = DPMSolver(order=order, algorithm=algorithm, second_stage=second_stage)
+    errors = [
+        rel_rmse(sd.sample(den, x_T, steps=n, solver=solver, schedule="logsnr_uniform"), exact)
+        for n in ORDER_STEPS
+    ]
+    assert errors[-1] > 1e-7
+    assert abs(slope(ORDER_STEPS, errors) - order) < 0.35
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_too_few_steps_lower_the_order(gmm, sd_process, x_T, algorithm, steps):
+    # order 3 with 1 or 2 steps into a clean end: macro-steps [1] and [1, 1], i.e. DDIM.
+    den = gmm.denoiser(sd_process)
+    solver = DPMSolver(order=3, algorithm=algorithm)
+    assert solver.macro_orders(steps) == [1] * steps
+    ours, info = sd.sample(den, x_T, steps=steps, solver=solver, return_info=True)
+    assert info.nfe == solver.nfe(steps) == steps
+    assert rel_rmse(ours, sd.sample(den, x_T, steps=steps, solver="ddim")) < 1e-12
+    if steps == 1:  # the denoised estimate at t_max
+        t = sd_process.t_max
+        x0 = gmm.denoise(x_T, float(sd_process.alpha(t)), float(sd_process.sigma(t)))
+        assert rel_rmse(ours, x0) < 1e-12
+
+
+def test_too_few_steps_without_clean_end(gmm, sd_process, x_T):
+    # one order-2 macro-step over 2 steps (no clean end): 2 NFE, more accurate than DDIM.
+    den = gmm.denoiser(sd_process)
+    ref = gmm.reference_ode(x_T, sd_process, sd_process.t_max, sd_process.t_min)
+    ours, info = sd.sample(den, x_T, steps=2, solver=DPMSolver(order=3), final="none", return_info=True)
+    ddim = sd.sample(den, x_T, steps=2, solver="ddim", final="none")
+    assert info.nfe == 2
+    assert rel_rmse(ours, ref) < rel_rmse(ddim, ref)
+
+
+@pytest.mark.parametrize(
+    ("order", "steps", "clean_end", "expected"),
+    [
+        (3, 9, False, [3, 3, 2, 1]),  # DPM-Solver-fast, M % 3 == 0
+        (3, 10, False, [3, 3, 3, 1]),
+        (3, 11, False, [3, 3, 3, 2]),
+        (3, 3, False, [2, 1]),
+        (3, 2, False, [2]),
+        (2, 10, False, [2, 2, 2, 2, 2]),
+        (2, 11, False, [2, 2, 2, 2, 2, 1]),
+        (1, 3, False, [1, 1, 1]),
+        (3, 9, True, [3, 3, 2, 1]),
+        (3, 11, True, [3, 3, 3, 1, 1]),  # the order-2 macro-step into the clean end splits
+        (2, 10, True, [2, 2, 2, 2, 1, 1]),
+        (3, 2, True, [1, 1]),
+    ],
+)
+def test_macro_orders(order, steps, clean_end, expected):
+    assert DPMSolver(order=order).macro_orders(steps, clean_end) == expected
+    assert sum(expected) == steps
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"order=4.*accepted: 1\.\.3"):
+        DPMSolver(order=4)
+    with pytest.raises(ValueError, match=r"algorithm=.ddim.*dpmsolver"):
+        DPMSolver(algorithm="ddim")
+    with pytest.raises(ValueError, match="second_stage"):
+        DPMSolver(second_stage="heun")
+
+
+def test_registered():
+    assert "dpm_solver" in sd.solvers.available()
+    solver = sd.solvers.get("dpm_solver")
+    assert isinstance(solver, DPMSolver)
+    assert (solver.order, solver.algorithm) == (3, "dpmsolver++")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_noise_weights_are_incomplete_gamma(k):
+    # e^{-h} h^k phi_k(h) = int_0^h e^{-u} u^{k-1}/(k-1)! du = P(k, h), the regularized gamma
+    special = pytest.importorskip("scipy.special")
+    for h in [1e-4, 0.3, 0.7, 2.0, 10.0, 29.0, 31.0, 60.0]:
+        assert hphi_eps(k, h) == pytest.approx(float(special.gammainc(k, h)), rel=1e-13)
+    assert hphi_eps(k, math.inf) == 1.0
