@@ -24,3 +24,12 @@ def x_T():
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
+    """Tiny tensors: torch's thread pool only adds overhead (4-20x on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

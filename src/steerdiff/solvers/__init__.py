@@ -10,11 +10,20 @@ from collections.abc import Callable
 
 from .base import Grid, Model, NonFiniteError, Solver, Transition, make_grid, step_order
 from .ddim import DDIM
+from .deis import DEIS
+from .dpm_solver import DPMSolver
 from .dpmpp import DPMSolverPPMultistep
 from .euler import Euler, Heun
+from .ipndm import IPNDM
+from .lms import LMS
+from .unipc import UniPC
 
 __all__ = [
     "DDIM",
+    "DEIS",
+    "IPNDM",
+    "LMS",
+    "DPMSolver",
     "DPMSolverPPMultistep",
     "Euler",
     "Grid",
@@ -23,6 +32,7 @@ __all__ = [
     "NonFiniteError",
     "Solver",
     "Transition",
+    "UniPC",
     "available",
     "get",
     "make_grid",
@@ -35,6 +45,11 @@ _REGISTRY: dict[str, Callable[[], Solver]] = {
     "heun": Heun,
     "dpmpp_2m": lambda: DPMSolverPPMultistep(order=2),
     "dpmpp_3m": lambda: DPMSolverPPMultistep(order=3),
+    "unipc": UniPC,
+    "deis": DEIS,
+    "ipndm": IPNDM,
+    "lms": LMS,
+    "dpm_solver": DPMSolver,
 }
 
 
