@@ -98,8 +98,10 @@ class LogSNRUniform(Schedule):
     def nodes(self, process: Process, n: int) -> Tensor:
         lo, hi = process.lam(process.t_max), process.lam(process.t_min)
         t = process.t_of_lam(torch.linspace(float(lo), float(hi), n, dtype=F64))
-        t[0], t[-1] = process.t_max, process.t_min
-        return t[:n]
+        t[0] = process.t_max
+        if n > 1:
+            t[-1] = process.t_min
+        return t
 
 
 class Karras(Schedule):
@@ -201,12 +203,16 @@ class _Discrete(Schedule):
 
 
 class Linspace(_Discrete):
-    """``round(linspace(N_train - 1, 0, n))``: ends at ``t = 0``."""
+    """``round(linspace(N_train - 1, 0, n))``: ends at ``t = 0``; ``steps_offset`` is ignored.
+
+    DDIM/DDPM/PNDM's ``linspace``. (Euler/Heun leave these times unrounded; DPM-Solver/UniPC/DEIS
+    take the first ``n`` of ``n + 1`` points instead.)
+    """
 
     name = "linspace"
 
     def nodes(self, process: Process, n: int) -> Tensor:
-        return torch.linspace(self._train_steps(process) - 1, 0, n, dtype=F64).round() + self.steps_offset
+        return torch.linspace(self._train_steps(process) - 1, 0, n, dtype=F64).round()
 
 
 class Leading(_Discrete):
@@ -220,13 +226,18 @@ class Leading(_Discrete):
 
 
 class Trailing(_Discrete):
-    """``round(arange(N_train, 0, -N_train / n)) - 1``: starts at ``N_train - 1``."""
+    """``round(arange(N_train, 0, -N_train / n)) - 1``: starts at ``N_train - 1``.
+
+    ``steps_offset`` is ignored, as in diffusers. The step is rounded as numpy's ``arange`` rounds
+    it (``(N - N/n) - N``), so that ties at ``.5`` round exactly as in diffusers.
+    """
 
     name = "trailing"
 
     def nodes(self, process: Process, n: int) -> Tensor:
         m = self._train_steps(process)
-        return torch.tensor([round(m - k * m / n) - 1 for k in range(n)], dtype=F64)
+        step = (m - m / n) - m
+        return torch.tensor([round(m + k * step) - 1 for k in range(n)], dtype=F64)
 
 
 class Custom(Schedule):

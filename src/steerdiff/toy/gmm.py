@@ -57,8 +57,19 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
+    def _flat(self, x: Tensor, name: str = "x") -> Tensor:
+        """``x`` of shape ``(n, *sample_shape)``, ``prod(sample_shape) = d``, as float64 ``(n, d)`` on CPU."""
+        x = torch.as_tensor(x)
+        if x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
+            raise ValueError(
+                f"{name} must be (batch, ...) with {self.dim} values per sample, got {tuple(x.shape)}"
+            )
+        return x.to(device="cpu", dtype=F64).reshape(x.shape[0], self.dim)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact draws, float64 ``(n, d)``."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, dtype=F64, generator=generator)
         return self.means[k] + self.variances[k].sqrt() * z
@@ -76,18 +87,21 @@ class GaussianMixture:
 
     def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
         """Log density of ``x`` under the noised marginal at ``(alpha, sigma)`` (clean by default)."""
-        x = torch.as_tensor(x, dtype=F64)
+        x = self._flat(x)
         mean, var = self._marginal(alpha, sigma)
         return torch.logsumexp(self._log_resp(x, mean, var), dim=-1)
 
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
-        """Exact ``E[x0 | x_t = x]``; computed in float64, returned in ``x``'s dtype."""
-        xd = x.to(F64).reshape(x.shape[0], self.dim)
+        """Exact ``E[x0 | x_t = x]``; computed in float64 on CPU, returned in ``x``'s dtype and device."""
+        xd = self._flat(x)
         mean, var = self._marginal(alpha, sigma)
-        r = torch.softmax(self._log_resp(xd, mean, var), dim=-1)  # (n, k)
+        lr = self._log_resp(xd, mean, var)
+        # responsibilities (n, k); not torch.softmax, whose CPU kernel always goes parallel and stalls
+        # for milliseconds per call on a busy machine
+        r = torch.exp(lr - torch.logsumexp(lr, dim=-1, keepdim=True))
         gain = alpha * self.variances / var  # (k, d)
         comp = self.means[None] + gain[None] * (xd[:, None, :] - mean[None])
-        return (r[..., None] * comp).sum(1).to(x.dtype).reshape(x.shape)
+        return (r[..., None] * comp).sum(1).to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
     def denoiser(self, process: Process) -> Denoiser:
         """The exact ``x0``-predicting :class:`Denoiser` under ``process`` (net time = process time)."""
@@ -121,7 +135,7 @@ class GaussianMixture:
         else:
             a1, s1 = float(process.alpha(t_end)), float(process.sigma(t_end))
         shape = x_T.shape
-        y0 = (x_T.to(F64).reshape(-1) / a0).numpy()
+        y0 = (self._flat(x_T, "x_T").reshape(-1) / a0).numpy()
         n = shape[0]
 
         def rhs(s: float, y: np.ndarray) -> np.ndarray:

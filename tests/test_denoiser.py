@@ -1,0 +1,129 @@
+"""Denoiser: every parameterization recovers the (x0, eps) pair it was built from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import steerdiff as sd
+
+F64 = torch.float64
+
+PROCESSES = {
+    "vp_discrete": (sd.VP.scaled_linear(), [999.0, 500.0, 123.4, 0.0]),
+    "vp_linear": (sd.VP.linear(), [1.0, 0.5, 0.01]),
+    "ve": (sd.VE(), [1.0, 0.3, 0.0]),
+    "edm": (sd.EDM(), [80.0, 1.0, 0.002]),
+    "rectified_flow": (sd.RectifiedFlow(), [0.999, 0.5, 0.001]),
+}
+
+
+def _target(prediction: str, p: sd.Process, t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor):
+    """The quantity a net of this parameterization is trained to output (from the definitions)."""
+    shape = (-1, *([1] * (x0.ndim - 1)))
+    a, s = p.alpha(t).reshape(shape), p.sigma(t).reshape(shape)
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":  # Salimans & Ho 2022
+        return a * eps - s * x0
+    if prediction == "score":  # grad log p(x_t | x0) = -(x_t - a x0) / s^2 = -eps / s
+        return -eps / s
+    if isinstance(p, sd.RectifiedFlow):  # d/dt ((1 - t) x0 + t eps)
+        return eps - x0
+    return p.d_alpha(t).reshape(shape) * x0 + p.d_sigma(t).reshape(shape) * eps
+
+
+class _Net:
+    """A net that outputs the exact target for a fixed ``(x0, eps)``, recording its inputs."""
+
+    def __init__(self, prediction, process, x0, eps):
+        self.prediction, self.process, self.x0, self.eps = prediction, process, x0, eps
+        self.calls: list[tuple[torch.Tensor, dict]] = []
+
+    def __call__(self, x, t, **cond):
+        self.calls.append((t, cond))
+        return _target(self.prediction, self.process, t.to(F64), self.x0, self.eps)
+
+
+@pytest.mark.parametrize("prediction", sd.denoiser.PREDICTIONS)
+@pytest.mark.parametrize("kind", list(PROCESSES))
+def test_round_trip(prediction, kind):
+    p, times = PROCESSES[kind]
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 2, 3, generator=g, dtype=F64)
+    eps = torch.randn(4, 2, 3, generator=g, dtype=F64)
+    for t in times:
+        tt = torch.full((4,), t, dtype=F64)
+        x = p.alpha(t) * x0 + p.sigma(t) * eps
+        net = _Net(prediction, p, x0, eps)
+        out = sd.Denoiser(net, p, prediction=prediction)(x, t)
+        assert isinstance(out, sd.Prediction)
+        assert len(net.calls) == 1  # one net call for both estimates
+        assert torch.equal(net.calls[0][0], tt)  # net time = process time, one per sample
+        scale = 1.0 + float(x.abs().max())
+        assert float((out.x0 - x0).abs().max()) < 1e-10 * scale, (kind, prediction, t)
+        assert float((out.eps - eps).abs().max()) < 1e-10 * scale, (kind, prediction, t)
+
+
+@pytest.mark.parametrize("prediction", sd.denoiser.PREDICTIONS)
+def test_round_trip_per_sample_times(prediction):
+    """A ``(batch,)`` tensor of times: each sample converted at its own ``(alpha, sigma)``."""
+    p = sd.VP.scaled_linear()
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(4, 5, generator=g, dtype=F64)
+    eps = torch.randn(4, 5, generator=g, dtype=F64)
+    t = torch.tensor([999.0, 600.5, 50.0, 1.0], dtype=F64)
+    x = p.alpha(t)[:, None] * x0 + p.sigma(t)[:, None] * eps
+    net = _Net(prediction, p, x0, eps)
+    out = sd.Denoiser(net, p, prediction=prediction)(x, t)
+    assert torch.equal(net.calls[0][0], t)
+    assert torch.allclose(out.x0, x0, rtol=0, atol=1e-10)
+    assert torch.allclose(out.eps, eps, rtol=0, atol=1e-10)
+
+
+def test_cond_kwargs_and_time_map_reach_the_net():
+    p = sd.VP.scaled_linear()
+    x = torch.randn(3, 2, dtype=F64)
+    seen = {}
+
+    def net(x, t, *, context, scale):
+        seen.update(t=t, context=context, scale=scale)
+        return torch.zeros_like(x)
+
+    ctx = torch.arange(3.0)
+    den = sd.Denoiser(net, p, prediction="eps", time_map=lambda t: t / 1000)
+    out = den(x, 250.0, context=ctx, scale=7.5)
+    assert seen["context"] is ctx and seen["scale"] == 7.5
+    assert torch.equal(seen["t"], torch.full((3,), 0.25, dtype=F64))
+    # eps = 0 -> x0 = x / alpha
+    assert torch.allclose(out.x0, x / p.alpha(250.0), rtol=1e-15, atol=0)
+
+
+def test_half_precision_input_gets_float32_time():
+    p = sd.EDM()
+    seen = {}
+
+    def net(x, t):
+        seen["t"] = t
+        return torch.zeros_like(x)
+
+    sd.Denoiser(net, p, prediction="eps")(torch.zeros(2, 3, dtype=torch.float16), 2.5)
+    assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == [2.5, 2.5]
+
+
+def test_unknown_prediction_lists_accepted():
+    with pytest.raises(ValueError) as err:
+        sd.Denoiser(lambda x, t: x, sd.EDM(), prediction="epsilon")
+    for name in ("eps", "x0", "v", "score", "flow"):
+        assert repr(name) in str(err.value)
+    assert "epsilon" in str(err.value)
+
+
+def test_bad_process_and_output_shape_raise():
+    with pytest.raises(ValueError, match="process"):
+        sd.Denoiser(lambda x, t: x, "edm", prediction="eps")
+    den = sd.Denoiser(lambda x, t: x[:, :1], sd.EDM(), prediction="eps")
+    with pytest.raises(ValueError, match="shape"):
+        den(torch.zeros(2, 3), 1.0)

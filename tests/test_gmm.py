@@ -1,0 +1,220 @@
+"""The Gaussian-mixture oracle against Monte Carlo, scipy and the closed-form single-Gaussian flow."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+import steerdiff as sd
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def mix():
+    """Three well-separated, anisotropic components in 2-D with unequal weights."""
+    means = torch.tensor([[-2.0, 0.5], [1.5, 1.0], [0.5, -2.0]], dtype=F64)
+    variances = torch.tensor([[0.3, 0.1], [0.05, 0.4], [0.2, 0.2]], dtype=F64)
+    return sd.toy.GaussianMixture(means, variances, torch.tensor([0.5, 0.3, 0.2], dtype=F64))
+
+
+def _moments(gmm: sd.toy.GaussianMixture) -> tuple[torch.Tensor, torch.Tensor]:
+    w, mu, v = gmm.weights, gmm.means, gmm.variances
+    mean = (w[:, None] * mu).sum(0)
+    second = (w[:, None, None] * (torch.diag_embed(v) + mu[:, :, None] * mu[:, None, :])).sum(0)
+    return mean, second - mean[:, None] * mean[None, :]
+
+
+@pytest.mark.parametrize(("alpha", "sigma"), [(0.95, 0.3), (0.8, 0.6), (0.5, 0.866), (1.0, 1.5)])
+def test_denoiser_matches_importance_sampling(mix, alpha, sigma):
+    """E[x0 | x_t] by self-normalized importance sampling with the prior as proposal.
+
+    w_i = N(x_t; alpha x0_i, sigma^2), estimate sum w_i x0_i / sum w_i, standard error by the delta
+    method sqrt(sum w_i^2 (x0_i - est)^2) / sum w_i. Each coordinate within 4 standard errors.
+    """
+    g = torch.Generator().manual_seed(11)
+    x0 = mix.sample(100_000, generator=g)
+    # query points drawn from the noised marginal, plus one between modes
+    q = alpha * mix.sample(5, generator=g) + sigma * torch.randn(5, 2, generator=g, dtype=F64)
+    q = torch.cat([q, torch.tensor([[0.0, 0.0]], dtype=F64)])
+    exact = mix.denoise(q, alpha, sigma)
+    for x, ref in zip(q, exact, strict=True):
+        logw = -((x - alpha * x0) ** 2).sum(-1) / (2 * sigma**2)
+        w = torch.exp(logw - logw.max())
+        est = (w[:, None] * x0).sum(0) / w.sum()
+        se = ((w[:, None] ** 2 * (x0 - est) ** 2).sum(0)).sqrt() / w.sum()
+        ess = float(w.sum() ** 2 / (w**2).sum())
+        assert ess > 250  # the delta-method standard error is reliable
+        assert float(se.max()) < 0.015  # and the check is sharp
+        z = ((est - ref) / se).abs()
+        assert float(z.max()) < 4.0, (x.tolist(), est.tolist(), ref.tolist(), z.tolist())
+
+
+def test_log_prob_matches_scipy(mix):
+    g = torch.Generator().manual_seed(5)
+    x = 2 * torch.randn(50, 2, generator=g, dtype=F64)
+    for alpha, sigma in [(1.0, 0.0), (0.8, 0.6), (1.0, 3.0)]:
+        comp = [
+            math.log(float(w))
+            + multivariate_normal(alpha * m.numpy(), np.diag(alpha**2 * v.numpy() + sigma**2)).logpdf(x)
+            for w, m, v in zip(mix.weights, mix.means, mix.variances, strict=True)
+        ]
+        ref = logsumexp(np.stack(comp), axis=0)
+        assert np.allclose(mix.log_prob(x, alpha, sigma).numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_moments(mix):
+    n = 200_000
+    x = mix.sample(n, generator=torch.Generator().manual_seed(2))
+    mean, cov = _moments(mix)
+    se_mean = (torch.diagonal(cov) / n).sqrt()
+    assert float(((x.mean(0) - mean) / se_mean).abs().max()) < 4.0
+    xc = x - x.mean(0)
+    prods = xc[:, :, None] * xc[:, None, :]
+    se_cov = prods.std(0) / math.sqrt(n)
+    assert float(((prods.mean(0) - cov) / se_cov).abs().max()) < 4.0
+    # reproducible per generator
+    a = mix.sample(7, generator=torch.Generator().manual_seed(9))
+    b = mix.sample(7, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+
+
+def test_exact_denoiser_wraps_denoise(mix):
+    p = sd.VP.scaled_linear()
+    den = mix.denoiser(p)
+    x = torch.randn(6, 2, dtype=F64)
+    for t in (999.0, 400.5, 3.0):
+        out = den(x, t)
+        assert torch.allclose(
+            out.x0, mix.denoise(x, float(p.alpha(t)), float(p.sigma(t))), rtol=0, atol=1e-14
+        )
+        assert torch.allclose(p.alpha(t) * out.x0 + p.sigma(t) * out.eps, x, rtol=0, atol=1e-12)
+
+
+def test_denoise_is_differentiable(mix):
+    """Guidance differentiates through the exact denoiser: autograd equals central differences."""
+    x = torch.tensor([[0.3, -0.4], [-1.0, 1.2]], dtype=F64, requires_grad=True)
+    u = torch.tensor([[0.7, -1.1], [0.2, 0.5]], dtype=F64)
+    (grad,) = torch.autograd.grad((mix.denoise(x, 0.8, 0.6) * u).sum(), x)
+    h = 1e-6
+    fd = torch.zeros_like(grad)
+    with torch.no_grad():
+        for i in range(2):
+            for j in range(2):
+                e = torch.zeros_like(x)
+                e[i, j] = h
+                fd[i, j] = ((mix.denoise(x + e, 0.8, 0.6) - mix.denoise(x - e, 0.8, 0.6)) * u).sum() / (2 * h)
+    assert torch.allclose(grad, fd, rtol=1e-7, atol=1e-9)
+
+
+# -- the probability-flow ODE -----------------------------------------------------------------
+
+
+def _single_gaussian_flow(mu, v, x_T, p, t0, t1):
+    """Closed-form PF-ODE of one Gaussian in y = x/alpha, s = sigma/alpha, per coordinate:
+
+    y(s) = mu + (y_T - mu) sqrt((v + s^2) / (v + s_T^2)).
+    """
+    a0, s0 = float(p.alpha(t0)), float(p.sigma(t0)) / float(p.alpha(t0))
+    if t1 is None:
+        a1, s1 = 1.0, 0.0
+    else:
+        a1, s1 = float(p.alpha(t1)), float(p.sigma(t1)) / float(p.alpha(t1))
+    y = mu + (x_T / a0 - mu) * ((v + s1**2) / (v + s0**2)).sqrt()
+    return a1 * y, mu + v / (v + s1**2) * (y - mu)  # x(t1), and E[x0 | x(t1)]
+
+
+@pytest.mark.parametrize(
+    ("process", "t0", "t1"),
+    [
+        (sd.VP.scaled_linear(), 999.0, None),
+        (sd.VP.scaled_linear(), 999.0, 0.0),
+        (sd.VP.scaled_linear(), 700.0, 250.5),
+        (sd.EDM(), 80.0, 0.002),
+        (sd.RectifiedFlow(), 0.999, 0.2),
+        (sd.VP.linear(), 1.0, None),
+    ],
+)
+def test_reference_ode_single_gaussian_closed_form(process, t0, t1):
+    mu = torch.tensor([0.3, -1.0, 2.0], dtype=F64)
+    v = torch.tensor([0.04, 0.5, 1.7], dtype=F64)
+    gmm = sd.toy.GaussianMixture(mu[None], v[None], torch.ones(1, dtype=F64))
+    x_T = float(process.sigma(t0)) * torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x_ref, d_ref = _single_gaussian_flow(mu, v, x_T, process, t0, t1)
+    x = gmm.reference_ode(x_T, process, t0, t1)
+    assert float((x - x_ref).abs().max()) < 1e-8
+    if t1 is not None:
+        d = gmm.reference_ode(x_T, process, t0, t1, denoise=True)
+        assert float((d - d_ref).abs().max()) < 1e-8
+
+
+def test_reference_ode_tolerance_and_composition(mix):
+    p = sd.VP.scaled_linear()
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    tight = mix.reference_ode(x_T, p, p.t_max, p.t_min)
+    tighter = mix.reference_ode(x_T, p, p.t_max, p.t_min, rtol=1e-12, atol=1e-12)
+    assert float((tight - tighter).abs().max()) < 1e-8
+    # two legs through t = 300 equal one leg
+    mid = mix.reference_ode(x_T, p, p.t_max, 300.0)
+    assert float((mix.reference_ode(mid, p, 300.0, p.t_min) - tight).abs().max()) < 1e-8
+    # and the flow is invertible: integrating back recovers x_T
+    back = mix.reference_ode(tight, p, p.t_min, p.t_max)
+    assert float((back - x_T).abs().max()) < 1e-7
+
+
+def test_reference_ode_transports_the_marginal(mix):
+    """Exact samples of the noised marginal at t_max, pushed through the PF-ODE, have the data's moments."""
+    p = sd.EDM(0.002, 10.0)
+    n = 2000
+    g = torch.Generator().manual_seed(4)
+    x_T = mix.sample(n, generator=g) + 10.0 * torch.randn(n, 2, generator=g, dtype=F64)
+    x0 = mix.reference_ode(x_T, p, p.t_max, None, rtol=1e-6, atol=1e-6)
+    mean, cov = _moments(mix)
+    se = (torch.diagonal(cov) / n).sqrt()
+    assert float(((x0.mean(0) - mean) / se).abs().max()) < 4.0
+    var_se = torch.diagonal(cov) * math.sqrt(2 / n) * 2  # generous: the mixture is not Gaussian
+    assert float(((x0.var(0) - torch.diagonal(cov)) / var_se).abs().max()) < 4.0
+
+
+def test_bad_arguments_raise(mix):
+    m, v, w = mix.means, mix.variances, mix.weights
+    with pytest.raises(ValueError, match="means"):
+        sd.toy.GaussianMixture(m[0], v, w)
+    with pytest.raises(ValueError, match="variances"):
+        sd.toy.GaussianMixture(m, v[:, :1], w)
+    with pytest.raises(ValueError, match="variances"):
+        sd.toy.GaussianMixture(m, -v, w)
+    with pytest.raises(ValueError, match="weights"):
+        sd.toy.GaussianMixture(m, v, w[:2])
+    with pytest.raises(ValueError, match="weights"):
+        sd.toy.GaussianMixture(m, v, torch.tensor([1.0, 0.0, 1.0]))
+    for n in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="n must"):
+            mix.sample(n)
+    with pytest.raises(ValueError, match="2 values per sample"):
+        mix.denoise(torch.zeros(4, 3), 1.0, 0.5)
+    with pytest.raises(ValueError, match="2 values per sample"):
+        mix.log_prob(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="x_T"):
+        mix.reference_ode(torch.zeros(2), sd.EDM(), 80.0)
+
+
+def test_default_benchmark_mixture_is_reproducible_and_pure():
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    a = sd.toy.default_benchmark_mixture()
+    b = sd.toy.default_benchmark_mixture(seed=0)
+    c = sd.toy.default_benchmark_mixture(seed=1)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(x, y) for x, y in zip(np.random.get_state(), np_state, strict=True))
+    for attr in ("means", "variances", "weights"):
+        assert torch.equal(getattr(a, attr), getattr(b, attr))
+        assert not torch.equal(getattr(a, attr), getattr(c, attr))
+    assert a.means.shape == (10, 64) and a.dim == 64
+    std = a.variances.sqrt()
+    assert float(std.min()) >= 0.05 and float(std.max()) <= 0.5
+    assert math.isclose(float(a.weights.sum()), 1.0, rel_tol=1e-15) and bool((a.weights > 0).all())

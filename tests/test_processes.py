@@ -1,0 +1,243 @@
+"""Processes against their definitions, finite differences and diffusers' noise schedules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import steerdiff as sd
+
+F64 = torch.float64
+N = 1000
+
+
+def _scaled_linear_betas(b0: float = 0.00085, b1: float = 0.012, n: int = N) -> np.ndarray:
+    """diffusers' ``scaled_linear`` betas, in float64."""
+    return np.linspace(b0**0.5, b1**0.5, n) ** 2
+
+
+def _cosine_betas(n: int = N, max_beta: float = 0.999) -> np.ndarray:
+    """diffusers' ``squaredcos_cap_v2`` betas (Nichol & Dhariwal 2021), in float64."""
+
+    def ab(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array([min(1 - ab((i + 1) / n) / ab(i / n), max_beta) for i in range(n)])
+
+
+PROCESSES = {
+    "discrete_betas": lambda: sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, N, dtype=F64)),
+    "discrete_alphas_cumprod": lambda: sd.VP.discrete(
+        alphas_cumprod=torch.from_numpy(np.cumprod(1 - _scaled_linear_betas()))
+    ),
+    "discrete_zero_snr": lambda: sd.VP.discrete(
+        betas=torch.from_numpy(_scaled_linear_betas()), rescale_zero_snr=True
+    ),
+    "scaled_linear": lambda: sd.VP.scaled_linear(),
+    "vp_linear": lambda: sd.VP.linear(),
+    "vp_cosine": lambda: sd.VP.cosine(),
+    "ve": lambda: sd.VE(),
+    "edm": lambda: sd.EDM(),
+    "rectified_flow": lambda: sd.RectifiedFlow(),
+}
+VP_KINDS = [k for k in PROCESSES if k.startswith(("discrete", "scaled", "vp_"))]
+
+
+@pytest.fixture(params=list(PROCESSES), scope="module")
+def process(request):
+    return PROCESSES[request.param]()
+
+
+def _grid(p: sd.Process, n: int = 2001) -> torch.Tensor:
+    """``n`` times over ``[t_min, t_max]`` plus, for discrete processes, fractional ones."""
+    t = torch.linspace(p.t_min, p.t_max, n, dtype=F64)
+    if isinstance(p, sd.processes.VPDiscrete):
+        t = torch.cat([t, torch.arange(p.t_max, dtype=F64) + 0.37, torch.arange(p.t_max + 1, dtype=F64)])
+    return t
+
+
+def test_lam_round_trip(process):
+    t = _grid(process)
+    lam = process.lam(t)
+    assert bool(torch.isfinite(lam).all())
+    assert float((process.t_of_lam(lam) - t).abs().max()) < 1e-10
+    # and the other way: lam -> t -> lam over the whole lam range
+    lo, hi = float(process.lam(process.t_max)), float(process.lam(process.t_min))
+    lams = torch.linspace(lo, hi, 3001, dtype=F64)
+    assert float((process.lam(process.t_of_lam(lams)) - lams).abs().max()) < 1e-10
+
+
+def test_lam_is_log_alpha_over_sigma_and_decreasing(process):
+    t = _grid(process, 501)[:501]
+    ref = torch.log(process.alpha(t) / process.sigma(t))
+    assert torch.allclose(process.lam(t), ref, rtol=0, atol=1e-12)
+    assert bool((process.lam(t)[1:] < process.lam(t)[:-1]).all())
+
+
+def test_sigma_ratio_inverse(process):
+    t = _grid(process, 301)[:301]
+    s = process.sigma(t) / process.alpha(t)
+    assert float((process.t_of_sigma_ratio(s) - t).abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("kind", VP_KINDS)
+def test_vp_is_variance_preserving(kind):
+    p = PROCESSES[kind]()
+    t = _grid(p)
+    assert float((p.alpha(t) ** 2 + p.sigma(t) ** 2 - 1).abs().max()) < 1e-14
+
+
+def test_closed_forms():
+    t = torch.linspace(0.01, 0.99, 99, dtype=F64)
+    rf, edm, ve = sd.RectifiedFlow(), sd.EDM(), sd.VE(0.01, 50.0)
+    assert torch.equal(rf.alpha(t), 1 - t) and torch.equal(rf.sigma(t), t)
+    assert torch.equal(edm.alpha(t), torch.ones_like(t)) and torch.equal(edm.sigma(t), t)
+    assert torch.allclose(ve.sigma(t), 0.01 * (50.0 / 0.01) ** t, rtol=1e-14, atol=0)
+    # Song et al. 2021: log alpha = -(b1 - b0) t^2 / 4 - b0 t / 2
+    lin = sd.VP.linear(0.1, 20.0)
+    assert torch.allclose(lin.alpha(t).log(), -(19.9) * t**2 / 4 - 0.1 * t / 2, rtol=1e-13, atol=0)
+    # Nichol & Dhariwal 2021: alpha^2 = f(t) / f(0), f(t) = cos((t + s) / (1 + s) pi / 2)^2
+    cos = sd.VP.cosine()
+    tc = torch.linspace(cos.t_min, cos.t_max, 99, dtype=F64)
+    f = torch.cos((tc + 0.008) / 1.008 * math.pi / 2) ** 2
+    assert torch.allclose(cos.alpha(tc) ** 2, f / math.cos(0.008 / 1.008 * math.pi / 2) ** 2, rtol=1e-12)
+
+
+def test_derivatives_match_finite_differences(process):
+    span = process.t_max - process.t_min
+    # interior points, off the integer knots of discrete processes
+    t = process.t_min + span * (torch.arange(1, 60, dtype=F64) / 60 + 0.0037)
+    h = 1e-6 * span
+    for fn, dfn in ((process.alpha, process.d_alpha), (process.sigma, process.d_sigma)):
+        fd = (fn(t + h) - fn(t - h)) / (2 * h)
+        exact = dfn(t)
+        scale = float(exact.abs().max()) + 1e-300
+        assert float((fd - exact).abs().max()) / scale < 1e-6, fn.__name__
+
+
+def test_discrete_lam_linear_between_integers():
+    """Between timesteps ``log(sigma/alpha)`` is linear in ``t`` (diffusers' fractional timestep)."""
+    p = sd.VP.scaled_linear()
+    k = torch.arange(N - 1, dtype=F64)
+    for w in (0.25, 0.5, 0.9):
+        assert torch.allclose(p.lam(k + w), (1 - w) * p.lam(k) + w * p.lam(k + 1), rtol=0, atol=1e-13)
+
+
+# -- diffusers' noise schedules ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "betas64", "tol32"),
+    [
+        (
+            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+            _scaled_linear_betas,
+            5e-6,
+        ),
+        ({"beta_schedule": "linear"}, lambda: np.linspace(1e-4, 0.02, N), 5e-6),
+        ({"beta_schedule": "squaredcos_cap_v2"}, _cosine_betas, 5e-5),
+    ],
+)
+def test_discrete_alphas_cumprod_match_diffusers(config, betas64, tol32):
+    """``alpha(t)^2`` at integer ``t`` is diffusers' ``alphas_cumprod``.
+
+    Against the float64 formula: 1e-10 relative. Against diffusers' own tensor, which is float32:
+    ``tol32`` relative (measured 9.3e-7 scaled_linear, 3.6e-7 linear, 1.3e-5 squaredcos_cap_v2:
+    float32 roundoff accumulated through the cumulative product).
+    """
+    diffusers = pytest.importorskip("diffusers")
+    b64 = betas64()
+    p = sd.VP.scaled_linear() if config["beta_schedule"] == "scaled_linear" else sd.VP.discrete(betas=b64)
+    t = torch.arange(N, dtype=F64)
+    ours = p.alpha(t) ** 2
+    ref64 = torch.from_numpy(np.cumprod(1 - b64))
+    assert float(((ours - ref64) / ref64).abs().max()) < 1e-10
+    assert float(((p.alphas_cumprod - ref64) / ref64).abs().max()) < 1e-10
+    sched = diffusers.DDPMScheduler(num_train_timesteps=N, **config)
+    ref32 = sched.alphas_cumprod.to(F64)
+    assert float(((ours - ref32) / ref32).abs().max()) < tol32
+    # same process from alphas_cumprod
+    q = sd.VP.discrete(alphas_cumprod=ref64)
+    assert float(((q.alpha(t) ** 2 - ref64) / ref64).abs().max()) < 1e-10
+
+
+def test_fractional_timesteps_match_diffusers_sigma_to_t():
+    """``t_of_sigma_ratio`` is diffusers' Euler ``_sigma_to_t`` (log-sigma interpolation)."""
+    diffusers = pytest.importorskip("diffusers")
+    p = sd.VP.scaled_linear()
+    sched = diffusers.EulerDiscreteScheduler(
+        num_train_timesteps=N, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    ac = p.alphas_cumprod.numpy()
+    log_sigmas = np.log(((1 - ac) / ac) ** 0.5)  # float64, so the comparison is exact arithmetic
+    sigmas = np.exp(np.linspace(log_sigmas[0], log_sigmas[-1], 997))
+    sigmas = np.concatenate([sigmas, np.exp(log_sigmas[[0, 1, 7, 500, 998, 999]])])
+    ref = np.array([sched._sigma_to_t(s, log_sigmas) for s in sigmas]).ravel()
+    ours = p.t_of_sigma_ratio(torch.from_numpy(sigmas)).numpy()
+    assert np.abs(ours - ref).max() < 1e-10
+    # and the forward map: sigma/alpha at diffusers' fractional timesteps
+    assert np.allclose((p.sigma(ours) / p.alpha(ours)).numpy(), sigmas, rtol=1e-12, atol=0)
+
+
+def test_zero_terminal_snr_matches_diffusers():
+    """Lin et al. 2024 rescaling equals diffusers' ``rescale_zero_terminal_snr``, last value 2**-24."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    b = torch.from_numpy(_scaled_linear_betas())
+    ref = torch.cumprod(1 - rescale_zero_terminal_snr(b.clone()), 0)  # float64 through diffusers
+    assert float(ref[-1]) == 0.0
+    # the library function itself (no clamp)
+    ours = sd.processes.rescale_zero_terminal_snr(torch.cumprod(1 - b, 0))
+    assert float(ours[-1]) == 0.0
+    assert float(((ours[:-1] - ref[:-1]) / ref[:-1]).abs().max()) < 1e-12
+    # the process: diffusers' Euler sets the last alphas_cumprod to 2**-24
+    p = sd.VP.discrete(betas=b, rescale_zero_snr=True)
+    assert float(p.alphas_cumprod[-1]) == 2.0**-24
+    assert float(((p.alphas_cumprod[:-1] - ref[:-1]) / ref[:-1]).abs().max()) < 1e-12
+    assert math.isclose(float(p.lam(p.t_max)), 0.5 * math.log(2.0**-24 / (1 - 2.0**-24)), rel_tol=1e-14)
+    sched = diffusers.EulerDiscreteScheduler(
+        num_train_timesteps=N,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=True,
+    )
+    ref32 = sched.alphas_cumprod.to(F64)
+    assert float(ref32[-1]) == 2.0**-24
+    assert float(((p.alphas_cumprod - ref32) / ref32).abs().max()) < 1e-4  # float32 (measured 3.8e-5)
+    # the same from alphas_cumprod
+    q = sd.VP.discrete(alphas_cumprod=torch.cumprod(1 - b, 0), rescale_zero_snr=True)
+    assert torch.equal(q.alphas_cumprod, p.alphas_cumprod)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: sd.VP.discrete(),
+        lambda: sd.VP.discrete(betas=[0.1, 0.2], alphas_cumprod=[0.9, 0.8]),
+        lambda: sd.VP.discrete(betas=[0.1]),
+        lambda: sd.VP.discrete(betas=[0.1, 1.0]),
+        lambda: sd.VP.discrete(betas=[0.0, 0.1]),
+        lambda: sd.VP.discrete(alphas_cumprod=[0.9, 0.95]),
+        lambda: sd.VP.discrete(alphas_cumprod=[1.0, 0.5]),
+        lambda: sd.VP.discrete(alphas_cumprod=[0.9, 0.0]),
+        lambda: sd.VP.linear(beta_min=20.0, beta_max=0.1),
+        lambda: sd.VP.linear(beta_min=0.0),
+        lambda: sd.VP.cosine(t_min=0.0),
+        lambda: sd.VP.cosine(t_max=1.0),
+        lambda: sd.VE(sigma_min=50.0, sigma_max=0.01),
+        lambda: sd.VE(sigma_min=0.0),
+        lambda: sd.EDM(sigma_min=-1.0),
+        lambda: sd.EDM(sigma_min=80.0, sigma_max=0.002),
+        lambda: sd.RectifiedFlow(t_min=0.0),
+        lambda: sd.RectifiedFlow(t_max=1.0),
+        lambda: sd.RectifiedFlow(t_min=0.5, t_max=0.4),
+    ],
+)
+def test_bad_arguments_raise(make):
+    with pytest.raises(ValueError):
+        make()

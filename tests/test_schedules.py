@@ -1,0 +1,244 @@
+"""Schedules against their formulas, the published AYS lists and diffusers' timestep spacings."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.schedules import AYS, Custom, Karras, Leading, Linspace, Trailing
+
+F64 = torch.float64
+N = 1000
+
+PROCESSES = {
+    "sd": sd.VP.scaled_linear(),
+    "vp_zero_snr": sd.VP.discrete(
+        betas=torch.linspace(0.00085**0.5, 0.012**0.5, N, dtype=F64) ** 2, rescale_zero_snr=True
+    ),
+    "vp_linear": sd.VP.linear(),
+    "vp_cosine": sd.VP.cosine(),
+    "ve": sd.VE(),
+    "edm": sd.EDM(),
+    "rectified_flow": sd.RectifiedFlow(),
+}
+DISCRETE_ONLY = {"linspace", "leading", "trailing"}
+# schedules whose last node is t_min by definition
+ENDS_AT_T_MIN = {"time_uniform", "logsnr_uniform", "exponential", "karras", "linspace"}
+
+SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Sabour et al. 2024
+SDXL = [999, 845, 730, 587, 443, 310, 193, 116, 53, 13]
+SD_CONFIG = {
+    "num_train_timesteps": N,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+
+def _ratio(p: sd.Process, t: torch.Tensor) -> torch.Tensor:
+    return p.sigma(t) / p.alpha(t)
+
+
+@pytest.mark.parametrize("kind", list(PROCESSES))
+@pytest.mark.parametrize("name", sd.schedules.available())
+def test_contract(name, kind):
+    """n nodes, strictly decreasing, inside the range; t_max first; t_min last where defined."""
+    p = PROCESSES[kind]
+    sched = sd.schedules.get(name)
+    discrete = isinstance(p, sd.processes.VPDiscrete)
+    if name in DISCRETE_ONLY and not discrete:
+        with pytest.raises(ValueError, match=r"VP\.discrete"):
+            sched(p, 5)
+        return
+    for n in (1, 2, 3, 7, 10, 25):
+        t = sched(p, n)
+        assert t.dtype == F64 and t.shape == (n,)
+        assert bool((t[1:] < t[:-1]).all())
+        assert p.t_min - 1e-12 <= float(t.min()) and float(t.max()) <= p.t_max + 1e-12
+        if name == "leading":  # by definition: k * (N // n) + offset
+            assert float(t[-1]) == 0.0
+            continue
+        if name == "ays" and not discrete:  # the published sigma list: starts at sigma/alpha = 14.615
+            assert math.isclose(float(_ratio(p, t[:1])), 14.615, rel_tol=1e-9)
+            continue
+        assert abs(float(t[0]) - p.t_max) < 1e-9 * max(1, p.t_max), (name, n, t[0])
+        if name in ENDS_AT_T_MIN and n > 1:
+            assert abs(float(t[-1]) - p.t_min) < 1e-9 * max(1, p.t_max), (name, n, t[-1])
+
+
+@pytest.mark.parametrize("kind", list(PROCESSES))
+def test_uniform_grids(kind):
+    p = PROCESSES[kind]
+    n = 12
+    t = sd.schedules.get("time_uniform")(p, n)
+    assert torch.allclose(t, torch.linspace(p.t_max, p.t_min, n, dtype=F64), rtol=0, atol=1e-12)
+    for name in ("logsnr_uniform", "exponential"):
+        lam = p.lam(sd.schedules.get(name)(p, n))
+        ref = torch.linspace(float(p.lam(p.t_max)), float(p.lam(p.t_min)), n, dtype=F64)
+        assert float((lam - ref).abs().max()) < 1e-9, name
+
+
+def _karras(smin: float, smax: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """k-diffusion's ``get_sigmas_karras`` (Karras et al. 2022, Eq. 5), without the final zero."""
+    ramp = np.linspace(0, 1, n)
+    return (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+
+
+@pytest.mark.parametrize("kind", list(PROCESSES))
+@pytest.mark.parametrize("rho", [7.0, 3.0])
+def test_karras_is_kdiffusion_formula(kind, rho):
+    p = PROCESSES[kind]
+    smin, smax = float(_ratio(p, p.t_min)), float(_ratio(p, p.t_max))
+    for n in (2, 10, 33):
+        ours = _ratio(p, Karras(rho=rho)(p, n)).numpy()
+        assert np.allclose(ours, _karras(smin, smax, n, rho), rtol=1e-10, atol=0)
+
+
+def test_karras_explicit_range_on_edm():
+    t = Karras(sigma_min=0.002, sigma_max=80.0)(sd.EDM(), 18)
+    assert np.allclose(t.numpy(), _karras(0.002, 80.0, 18), rtol=1e-12, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 / torch __array__ inside diffusers
+def test_karras_matches_diffusers_euler():
+    """Euler's ``use_karras_sigmas`` timesteps: float64 through its own methods, and float32 as shipped."""
+    diffusers = pytest.importorskip("diffusers")
+    p = PROCESSES["sd"]
+    sched = diffusers.EulerDiscreteScheduler(**SD_CONFIG, use_karras_sigmas=True)
+    ac = p.alphas_cumprod.numpy()
+    sigmas = ((1 - ac) / ac) ** 0.5
+    for n in (5, 10, 25):
+        ours = Karras()(p, n).numpy()
+        k = sched._convert_to_karras(in_sigmas=torch.from_numpy(sigmas[::-1].copy()), num_inference_steps=n)
+        ref64 = np.array([sched._sigma_to_t(s, np.log(sigmas)) for s in np.asarray(k)]).ravel()
+        assert np.abs(ours - ref64).max() < 1e-9
+        sched.set_timesteps(n)
+        assert np.abs(ours - sched.timesteps.double().numpy()).max() < 2e-3  # float32 (measured 1.3e-3)
+
+
+@pytest.mark.parametrize(("model", "published"), [("sd15", SD15), ("sdxl", SDXL)])
+def test_ays_published_lists(model, published):
+    p = PROCESSES["sd"]
+    assert AYS(model)(p, 10).tolist() == [float(v) for v in published]
+    diffusers = pytest.importorskip("diffusers")
+    key = {"sd15": "StableDiffusionTimesteps", "sdxl": "StableDiffusionXLTimesteps"}[model]
+    assert diffusers.schedulers.AysSchedules[key] == published
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_ays_interpolation(model):
+    """Log-linear in sigma over a uniform index: monotone, starts at 999, and at n = 20 the published
+    nodes sit at the even positions with the odd ones at the midpoints in lam."""
+    p = PROCESSES["sd"]
+    published = torch.tensor(SD15 if model == "sd15" else SDXL, dtype=F64)
+    for n in (4, 7, 15, 20, 32):
+        t = AYS(model)(p, n)
+        assert t.shape == (n,) and bool((t[1:] < t[:-1]).all())
+        assert abs(float(t[0]) - 999) < 1e-9
+    t20 = AYS(model)(p, 20)
+    assert float((t20[::2] - published).abs().max()) < 1e-9
+    lam = p.lam(torch.cat([published, torch.zeros(1, dtype=F64)]))
+    mid = 0.5 * (lam[:-1] + lam[1:])
+    assert float((p.lam(t20[1::2]) - mid).abs().max()) < 1e-10
+
+
+def test_ays_other_processes_use_sigma_list():
+    p = sd.EDM()
+    t = AYS("sd15")(p, 10)
+    ref = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152]
+    assert np.allclose(t.numpy(), ref, rtol=1e-12, atol=0)
+
+
+def _diffusers_timesteps(cls, spacing: str, offset: int, n: int) -> np.ndarray:
+    sched = cls(**SD_CONFIG, timestep_spacing=spacing, steps_offset=offset)
+    sched.set_timesteps(n)
+    return sched.timesteps.double().numpy()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    ("spacing", "schedule"), [("linspace", Linspace), ("leading", Leading), ("trailing", Trailing)]
+)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_discrete_spacings_match_diffusers(spacing, schedule, offset):
+    """DDIM/DDPM (and Euler for leading/trailing) evaluate the net at exactly these timesteps.
+
+    Conventions checked: only ``leading`` adds ``steps_offset``. Euler's ``linspace`` is not
+    rounded (fractional timesteps, with sigma interpolated linearly in sigma) and is not compared.
+    diffusers' ``trailing`` returns ``n + 1`` timesteps for some ``n`` (61, 103, ... for 1000
+    training steps: ``np.arange`` overshoots) with a spurious last timestep ``-1``; we return
+    ``n`` and match the first ``n``. At ``n = 1`` diffusers' ``linspace`` gives ``[0]`` (a lone
+    evaluation at the clean end); ours gives ``[999]``.
+    """
+    diffusers = pytest.importorskip("diffusers")
+    p = PROCESSES["sd"]
+    classes = [diffusers.DDIMScheduler, diffusers.DDPMScheduler]
+    if spacing != "linspace":
+        classes.append(diffusers.EulerDiscreteScheduler)
+    extra = 0
+    for n in range(2 if spacing == "linspace" else 1, 101):
+        ours = schedule(steps_offset=offset)(p, n).numpy()
+        for cls in classes:
+            ref = _diffusers_timesteps(cls, spacing, offset, n)
+            if spacing == "trailing" and ref.size == n + 1:
+                assert ref[-1] == -1
+                ref, extra = ref[:n], extra + 1
+            assert np.array_equal(ours, ref), (cls.__name__, n, ours[:5], ref[:5])
+    if spacing == "trailing":
+        assert extra == 3  # n = 61 (within 1..100), for DDIM, DDPM and Euler
+
+
+def test_trailing_ties_round_as_diffusers():
+    """n = 48: 1000 - 3 * 1000/48 = 937.5 in exact arithmetic; numpy's arange gives 937.4999..."""
+    t = Trailing()(PROCESSES["sd"], 48)
+    assert t[:4].tolist() == [999.0, 978.0, 957.0, 936.0]
+
+
+def test_linspace_n1_and_leading_formula():
+    p = PROCESSES["sd"]
+    assert Linspace()(p, 1).tolist() == [999.0]
+    assert Leading(steps_offset=1)(p, 10).tolist() == [901.0 - 100 * k for k in range(10)]
+
+
+def test_custom_validates():
+    p = PROCESSES["sd"]
+    assert Custom([999.0, 500.5, 0.0])(p, 3).tolist() == [999.0, 500.5, 0.0]
+    with pytest.raises(ValueError, match="nodes"):
+        Custom([999.0, 500.0])(p, 3)
+    with pytest.raises(ValueError, match="decreasing"):
+        Custom([999.0, 999.0, 10.0])(p, 3)
+    with pytest.raises(ValueError, match="decreasing"):
+        Custom([10.0, 500.0])(p, 2)
+    with pytest.raises(ValueError, match="range"):
+        Custom([1000.0, 10.0])(p, 2)
+    with pytest.raises(ValueError, match="range"):
+        Custom([80.0, 0.001])(sd.EDM(), 2)
+    with pytest.raises(ValueError):
+        Custom([])
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError) as err:
+        sd.schedules.get("karas")
+    names = sd.schedules.available()
+    assert set(names) >= {"time_uniform", "logsnr_uniform", "exponential", "karras", "ays"} | DISCRETE_ONLY
+    for name in names:
+        assert name in str(err.value)
+    assert sd.schedules.get(Karras(rho=5)).rho == 5.0
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.5, True, "10"])
+def test_bad_steps_raise(steps):
+    with pytest.raises(ValueError, match="steps"):
+        sd.schedules.get("karras")(sd.EDM(), steps)
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="rho"):
+        Karras(rho=0)
+    with pytest.raises(ValueError, match="sd15"):
+        AYS("sd3")
