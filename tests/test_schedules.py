@@ -242,3 +242,16 @@ def test_bad_options_raise():
         Karras(rho=0)
     with pytest.raises(ValueError, match="sd15"):
         AYS("sd3")
+
+
+def test_ays_rejects_a_process_that_does_not_cover_its_sigmas():
+    p = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 50, dtype=F64))  # sigma/alpha_max ~ 0.8
+    with pytest.raises(ValueError, match=r"AYS\('sd15'\) spans sigma/alpha"):
+        AYS("sd15")(p, 10)
+
+
+def test_steps_accepts_numpy_integers():
+    p = sd.VP.scaled_linear()
+    assert Karras()(p, np.int64(7)).shape == (7,)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        Karras()(p, 7.0)

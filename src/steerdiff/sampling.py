@@ -93,7 +93,7 @@ def sample(
     model = Model(den, cond)
     state = slv.init_state(grid)
     x = x_T
-    for i in tqdm(range(grid.steps), disable=not progress, desc=slv.name, leave=False):
+    for i in tqdm(range(grid.steps), disable=not progress, desc=type(slv).__name__, leave=False):
         out = slv.step(model, x, i, grid, state)
         if isinstance(out, Transition):
             x = out.mean

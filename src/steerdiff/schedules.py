@@ -24,6 +24,7 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -42,16 +43,18 @@ __all__ = [
     "TimeUniform",
     "Trailing",
     "available",
+    "check_steps",
     "get",
 ]
 
 F64 = torch.float64
 
 
-def _check_n(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+def check_steps(n: int) -> int:
+    """``n`` as a Python int, or a ValueError naming ``steps``."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {n!r}")
-    return n
+    return int(n)
 
 
 class Schedule:
@@ -63,7 +66,7 @@ class Schedule:
         raise NotImplementedError
 
     def __call__(self, process: Process, n: int) -> Tensor:
-        n = _check_n(n)
+        n = check_steps(n)
         t = self.nodes(process, n).to(F64)
         if t.ndim != 1 or t.numel() != n:
             raise ValueError(f"schedule {self!r} returned {t.numel()} nodes, {n} were asked")
@@ -150,8 +153,8 @@ class AYS(Schedule):
     """Align Your Steps (Sabour et al. 2024): published 10-step grids.
 
     For a 1000-step ``VP.discrete`` process the published timesteps are used (with ``t_min``
-    closing the list); elsewhere the published ``sigma/alpha`` list, clamped to the process's
-    range. Other node counts ``n`` use the paper's log-linear interpolation (linear in
+    closing the list); elsewhere the published ``sigma/alpha`` list, which the process's range
+    must cover. Other node counts ``n`` use the paper's log-linear interpolation (linear in
     ``log sigma``, i.e. in ``lam``, over a uniform index) of the 11-point list to ``n + 1``
     points, the last (``t_min``) dropped: at ``n = 10`` that is the published list.
     """
@@ -171,7 +174,12 @@ class AYS(Schedule):
             lam = process.lam(torch.cat([base, torch.zeros(1, dtype=F64)]))
         else:
             lo, hi = float(process.lam(process.t_max)), float(process.lam(process.t_min))
-            lam = (-torch.log(torch.tensor(AYS_SIGMAS[self.model], dtype=F64))).clamp(lo, hi)
+            lam = -torch.log(torch.tensor(AYS_SIGMAS[self.model], dtype=F64))
+            if float(lam[0]) < lo - 1e-9 or float(lam[-1]) > hi + 1e-9:
+                raise ValueError(
+                    f"AYS({self.model!r}) spans sigma/alpha in [{AYS_SIGMAS[self.model][-1]}, "
+                    f"{AYS_SIGMAS[self.model][0]}], outside the range of {process!r}; use another schedule"
+                )
         xs = torch.linspace(0, 1, lam.numel(), dtype=F64)
         new = _interp(torch.linspace(0, 1, n + 1, dtype=F64), xs, lam)
         return process.t_of_lam(new[:-1]).clamp(process.t_min, process.t_max)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
 from ..processes import Process
-from ..schedules import Schedule, _check_n
+from ..schedules import Schedule, check_steps
 
 __all__ = ["Grid", "Model", "NonFiniteError", "Solver", "Transition", "make_grid", "step_order"]
 
@@ -79,7 +79,7 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
     """
     if final not in FINALS:
         raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
-    steps = _check_n(steps)  # before ``steps + 1``: final="none" would accept steps=0 or 1.0
+    steps = check_steps(steps)  # before ``steps + 1``: final="none" would accept steps=0 or 1.0
     clean = final == "zero"
     t = schedule(process, steps if clean else steps + 1)
     alpha, sigma, lam = process.alpha(t).tolist(), process.sigma(t).tolist(), process.lam(t).tolist()
