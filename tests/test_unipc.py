@@ -170,7 +170,7 @@ def test_options_are_validated():
 
 def test_registry_default():
     assert "unipc" in sd.solvers.available()
-    assert sd.solvers.get("unipc") == sd.solvers.UniPC(order=2, variant="bh2", corrector=True)
+    assert sd.solvers.get("unipc") == sd.solvers.UniPC(order=3, variant="bh2", corrector=True)
 
 
 @pytest.mark.parametrize("steps", [1, 2])

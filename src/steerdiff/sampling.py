@@ -21,8 +21,8 @@ __all__ = ["SampleInfo", "sample"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOLVER = "dpmpp_2m"
-DEFAULT_SCHEDULE = "logsnr_uniform"
+DEFAULT_SOLVER = "unipc"
+DEFAULT_SCHEDULE = "karras"
 
 
 @dataclass

@@ -69,7 +69,7 @@ class UniPC(Solver):
 
     name: ClassVar[str] = "unipc"
     max_order: ClassVar[int] = 3
-    order: int = 2
+    order: int = 3
     variant: str = "bh2"
     corrector: bool = True
     lower_order_final: bool = True
