@@ -108,7 +108,9 @@ def test_final_none_returns_the_noisy_state(gmm, sd_process, problem):
     x_T, exact = problem
     den = gmm.denoiser(sd_process)
     noisy = gmm.reference_ode(x_T, sd_process, sd_process.t_max, sd_process.t_min)  # no denoising
-    x, info = sd.sample(den, x_T, steps=40, solver="dpmpp_3m", final="none", return_info=True)
+    x, info = sd.sample(
+        den, x_T, steps=40, solver="dpmpp_3m", schedule="logsnr_uniform", final="none", return_info=True
+    )
     g = info.grid
     assert len(g.t) == 41 and not g.clean_end
     assert g.t[-1] == sd_process.t_min and g.sigma[-1] == pytest.approx(
@@ -258,7 +260,7 @@ def test_bad_final(gmm, sd_process, problem):
 def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, bad_call, step, node, value):
     den, calls = counting_denoiser(gmm, sd_process, bad_call=bad_call, bad_value=value)
     with pytest.raises(sd.NonFiniteError) as err:
-        sd.sample(den, problem[0], steps=8, solver=name)
+        sd.sample(den, problem[0], steps=8, solver=name, schedule="logsnr_uniform")
     msg = str(err.value)
     t = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), 8).t[node]
     assert calls[bad_call] == pytest.approx(t)
