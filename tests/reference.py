@@ -3,7 +3,8 @@
 ``diffusers_sample`` drives a diffusers scheduler with the *exact* Gaussian-mixture model, the
 way a pipeline does (``init_noise_sigma``, ``scale_model_input``, ``step``); ``nodes_of`` reads
 the timesteps it used, so that ``sd.schedules.Custom(nodes_of(sched))`` runs steerdiff on the
-same grid. diffusers is a test extra: import this module only under ``pytest.importorskip``.
+same grid. Those two, ``eps_net`` and ``sd_betas_config`` live in
+:mod:`steerdiff.integrations.diffusers_ref` (shared with the benchmark) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import torch
 from torch import Tensor
 
 import steerdiff as sd
+from steerdiff.integrations.diffusers_ref import diffusers_sample as diffusers_sample
+from steerdiff.integrations.diffusers_ref import eps_net as eps_net
+from steerdiff.integrations.diffusers_ref import nodes_of as nodes_of
+from steerdiff.integrations.diffusers_ref import sd_betas_config as sd_betas_config
 
 F64 = torch.float64
 
@@ -46,57 +51,3 @@ def slope(steps: list[int], errors: list[float]) -> float:
     ys = [-math.log(e) for e in errors]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
-
-
-def sd_betas_config(**overrides: object) -> dict:
-    """Stable Diffusion's scheduler config (scaled_linear 0.00085-0.012, 1000 steps)."""
-    cfg = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
-    }
-    cfg.update(overrides)
-    return cfg
-
-
-def eps_net(gmm: sd.toy.GaussianMixture, process: sd.Process):
-    """The exact eps-prediction net of ``gmm`` under ``process``, at (possibly fractional) timesteps."""
-
-    def net(x: Tensor, t: Tensor | float) -> Tensor:
-        tt = float(torch.as_tensor(t, dtype=F64).reshape(-1)[0])
-        a, s = float(process.alpha(tt)), float(process.sigma(tt))
-        x0 = gmm.denoise(x, a, s)
-        return (x - a * x0) / s
-
-    return net
-
-
-def diffusers_sample(scheduler, gmm: sd.toy.GaussianMixture, process: sd.Process, x_T: Tensor, steps: int):
-    """Run a diffusers scheduler as a pipeline would, with the exact eps model.
-
-    Returns ``(x0, nfe)``. ``x_T`` is standard normal; it is scaled by ``init_noise_sigma``.
-    """
-    net = eps_net(gmm, process)
-    scheduler.set_timesteps(steps)
-    x = x_T * scheduler.init_noise_sigma
-    nfe = 0
-    for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t)
-        out = net(inp, t)
-        nfe += 1
-        x = scheduler.step(out, t, x).prev_sample
-    return x, nfe
-
-
-def nodes_of(scheduler) -> sd.schedules.Custom:
-    """The distinct timesteps a diffusers scheduler evaluated, as a steerdiff schedule.
-
-    For schedulers that evaluate a node twice (Heun), duplicates are dropped.
-    """
-    ts: list[float] = []
-    for t in scheduler.timesteps.tolist():
-        if not ts or t != ts[-1]:
-            ts.append(float(t))
-    return sd.schedules.Custom(ts)

@@ -1,0 +1,616 @@
+r"""``steerdiff bench solvers``: solver accuracy at fixed NFE on an exact model, beside diffusers.
+
+Model: :func:`steerdiff.toy.default_benchmark_mixture` (64 dimensions, 10 components) under Stable
+Diffusion's betas (:meth:`steerdiff.VP.scaled_linear`), used through its exact denoiser. Initial
+noise ``x_T = randn(batch, 64)`` in float64 from ``torch.Generator().manual_seed(seed)``.
+Reference: the exact sample that :func:`steerdiff.sample` approximates,
+``gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)`` (the probability-flow ODE
+to ``t_min`` by DOP853 at ``rtol = 1e-10``, then the exact denoiser there). Error: the relative
+RMSE ``||x - x_ref|| / ||x_ref||`` over the batch.
+
+* Every deterministic solver of :func:`steerdiff.solvers.available` runs with every schedule of
+  :func:`steerdiff.schedules.available` at each NFE of :data:`NFES`, with the step count ``N``
+  for which ``solver.nfe(N) == NFE`` (NFE values that no ``N`` reaches are left out; schedules
+  that give the same grid as an earlier one, like ``exponential`` and ``logsnr_uniform``, reuse
+  its numbers).
+* Where diffusers is installed its schedulers (:func:`diffusers_configs`) run on the same model and
+  ``x_T``, driven as a pipeline drives them (:mod:`steerdiff.integrations.diffusers_ref`).
+* Sampler overhead (:func:`sampler_overhead`): wall time per step outside the network, with a net
+  that returns a precomputed tensor, ours against diffusers' ``scheduler.step`` loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import sampling, schedules, solvers
+from ..denoiser import Denoiser
+from ..integrations.diffusers_ref import diffusers_sample, nodes_of, run_scheduler, sd_betas_config
+from ..processes import VP, Process
+from ..toy.gmm import GaussianMixture, default_benchmark_mixture
+
+__all__ = [
+    "NFES",
+    "QUICK_NFES",
+    "DiffusersConfig",
+    "Overhead",
+    "Problem",
+    "Row",
+    "SolverBench",
+    "best_at",
+    "best_per_method",
+    "default_model",
+    "default_vs_diffusers",
+    "diffusers_configs",
+    "format_report",
+    "initial_noise",
+    "make_problem",
+    "plot",
+    "rel_rmse",
+    "run",
+    "sampler_overhead",
+    "steps_for_nfe",
+    "sweep_diffusers",
+    "sweep_steerdiff",
+    "write_csv",
+]
+
+log = logging.getLogger(__name__)
+
+F64 = torch.float64
+NFES = (3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
+QUICK_NFES = (5, 10)
+DEFAULT_VS_DIFFUSERS_NFES = (10, 20)  # (a): sd.sample's defaults vs diffusers' default DPM-Solver++
+BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
+# (c): (steerdiff solver, diffusers scheduler class) pairs timed with a free network
+OVERHEAD_PAIRS = (
+    ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    ("unipc", "UniPCMultistepScheduler"),
+    ("ddim", "DDIMScheduler"),
+    ("euler", "EulerDiscreteScheduler"),
+)
+
+
+def default_model() -> tuple[GaussianMixture, Process]:
+    """The embedded default model: :func:`default_benchmark_mixture` under ``VP.scaled_linear()``."""
+    return default_benchmark_mixture(), VP.scaled_linear()
+
+
+def initial_noise(batch: int, dim: int, seed: int, dtype: torch.dtype = F64) -> Tensor:
+    """``randn(batch, dim)`` from ``torch.Generator().manual_seed(seed)``, drawn in float64."""
+    return torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+
+
+def rel_rmse(x: Tensor, ref: Tensor) -> float:
+    """Relative RMSE ``||x - ref|| / ||ref||`` over all entries, in float64."""
+    x, ref = x.to(F64), ref.to(F64)
+    return float(((x - ref) ** 2).mean().sqrt() / (ref**2).mean().sqrt())
+
+
+def steps_for_nfe(nfe_of: Callable[[int], int], nfe: int) -> int | None:
+    """The smallest step count ``N`` with ``nfe_of(N) == nfe``, or ``None`` if there is none."""
+    return next((n for n in range(1, nfe + 1) if nfe_of(n) == nfe), None)
+
+
+@dataclass
+class Problem:
+    """The benchmark's model, initial noise and exact reference sample."""
+
+    gmm: GaussianMixture
+    process: Process
+    x_T: Tensor
+    ref: Tensor
+
+
+def make_problem(batch: int = 256, seed: int = 0) -> Problem:
+    """Build the default model, ``x_T`` (:func:`initial_noise`) and the exact reference sample."""
+    gmm, proc = default_model()
+    x_T = initial_noise(batch, gmm.dim, seed)
+    t0 = time.perf_counter()
+    ref = gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)
+    log.info("reference ODE for batch %d: %.1f s", batch, time.perf_counter() - t0)
+    return Problem(gmm, proc, x_T, ref)
+
+
+@dataclass
+class Row:
+    """One solver configuration's relative RMSE at each NFE it reaches (``nan``: the run failed)."""
+
+    source: str
+    method: str
+    schedule: str
+    errors: dict[int, float] = field(default_factory=dict)
+    same_as: str | None = None  # the schedule whose identical grid gave these numbers
+
+    def score(self) -> tuple[int, float]:
+        """Sort key, smaller is better: (failed runs, mean log error over the NFE values reached)."""
+        vals = list(self.errors.values())
+        logs = [math.log(max(v, 1e-300)) for v in vals if math.isfinite(v)]
+        failed = len(vals) - len(logs)
+        return failed, (sum(logs) / len(logs) if logs else math.inf)
+
+    @property
+    def label(self) -> str:
+        """``method (schedule)``."""
+        return f"{self.method} ({self.schedule})"
+
+
+def best_per_method(rows: Iterable[Row]) -> list[Row]:
+    """The best-scoring row (:meth:`Row.score`) of each method, in order of first appearance
+    (rows that repeat another schedule's grid, ``same_as``, are not candidates)."""
+    best: dict[str, Row] = {}
+    for row in rows:
+        if row.same_as is not None:
+            continue
+        if row.method not in best or row.score() < best[row.method].score():
+            best[row.method] = row
+    return list(best.values())
+
+
+def best_at(rows: Iterable[Row], nfe: int) -> Row | None:
+    """The row with the smallest finite error at ``nfe`` (``None`` if no row has one)."""
+    ok = [r for r in rows if math.isfinite(r.errors.get(nfe, math.nan))]
+    return min(ok, key=lambda r: r.errors[nfe], default=None)
+
+
+def _schedule_aliases(process: Process, names: Sequence[str], steps: Iterable[int]) -> dict[str, str]:
+    """Map each schedule name to the first name whose nodes are identical at every step count."""
+
+    def nodes(name: str, n: int) -> tuple[float, ...] | None:
+        try:
+            return tuple(schedules.get(name)(process, n).tolist())
+        except ValueError:
+            return None
+
+    steps = list(steps)
+    first: dict[tuple[tuple[float, ...] | None, ...], str] = {}
+    alias: dict[str, str] = {}
+    for name in names:
+        key = tuple(nodes(name, n) for n in steps)
+        alias[name] = first.setdefault(key, name) if any(k is not None for k in key) else name
+    return alias
+
+
+def _ours(den: Denoiser, problem: Problem, solver: str, schedule: str, steps: int, nfe: int) -> float:
+    try:
+        x, info = sampling.sample(
+            den, problem.x_T, steps=steps, solver=solver, schedule=schedule, return_info=True
+        )
+    except (ValueError, FloatingPointError) as err:
+        log.warning("%s/%s at %d steps failed: %s", solver, schedule, steps, err)
+        return math.nan
+    if info.nfe != nfe:
+        log.warning("%s: nfe(%d) = %d but the run made %d network calls", solver, steps, nfe, info.nfe)
+        return math.nan
+    return rel_rmse(x, problem.ref)
+
+
+def sweep_steerdiff(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
+    """Every deterministic solver x every schedule at every reachable NFE in ``nfes``."""
+    den = problem.gmm.denoiser(problem.process)
+    names = sorted(schedules.available(), key=lambda name: name != sampling.DEFAULT_SCHEDULE)
+    alias = _schedule_aliases(problem.process, names, range(1, max(nfes) + 1))
+    rows: list[Row] = []
+    for name in tqdm(solvers.available(), desc="steerdiff", disable=not progress):
+        solver = solvers.get(name)
+        if solver.stochastic:
+            log.info("skipping %s: stochastic (the reference is the ODE solution)", name)
+            continue
+        steps = {nfe: steps_for_nfe(solver.nfe, nfe) for nfe in nfes}
+        done: dict[str, Row] = {}
+        for sched in names:
+            row = Row("steerdiff", name, sched)
+            if alias[sched] in done:
+                row.errors, row.same_as = dict(done[alias[sched]].errors), alias[sched]
+            else:
+                row.errors = {
+                    nfe: _ours(den, problem, name, sched, n, nfe) for nfe, n in steps.items() if n is not None
+                }
+                done[sched] = row
+            rows.append(row)
+    return rows
+
+
+Overrides = tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class DiffusersConfig:
+    """A diffusers scheduler class and config overrides on top of :func:`sd_betas_config`."""
+
+    method: str
+    cls: str
+    overrides: Overrides = ()
+
+    def make(self) -> Any:
+        """A fresh scheduler (imports diffusers)."""
+        import diffusers
+
+        return getattr(diffusers, self.cls)(**sd_betas_config(**dict(self.overrides)))
+
+    def schedule(self) -> str:
+        """The timestep/sigma spacing the scheduler uses: ``karras``, ``lu_lambdas`` or its spacing."""
+        cfg = self.make().config
+        if cfg.get("use_karras_sigmas"):
+            return "karras"
+        if cfg.get("use_lu_lambdas"):
+            return "lu_lambdas"
+        return str(cfg.get("timestep_spacing", "linspace"))  # DPMSolverSinglestep: always linspace
+
+
+DIFFUSERS_DEFAULT = DiffusersConfig("DPMSolverMultistep(order=2)", "DPMSolverMultistepScheduler")
+
+
+def diffusers_configs() -> list[DiffusersConfig]:
+    """The diffusers configurations compared against, each its own row (SD betas throughout).
+
+    DDIM (its default ``leading`` spacing); DPMSolverMultistep of order 2 and 3 with the
+    ``linspace``/``leading``/``trailing`` spacings, Karras sigmas and Lu lambdas; Euler, Heun,
+    DPMSolverSinglestep of order 2 and 3, UniPC ``bh1``/``bh2`` and DEIS (order 3), each with its
+    default spacing and with Karras sigmas.
+    """
+    karras: Overrides = (("use_karras_sigmas", True),)
+    spacings: tuple[Overrides, ...] = (
+        (),
+        (("timestep_spacing", "leading"),),
+        (("timestep_spacing", "trailing"),),
+        karras,
+        (("use_lu_lambdas", True),),
+    )
+    multistep = [
+        DiffusersConfig(
+            f"DPMSolverMultistep(order={k})", "DPMSolverMultistepScheduler", (("solver_order", k), *s)
+        )
+        for k in (2, 3)
+        for s in spacings
+    ]
+    others = [
+        DiffusersConfig("EulerDiscrete", "EulerDiscreteScheduler"),
+        DiffusersConfig("HeunDiscrete", "HeunDiscreteScheduler"),
+        DiffusersConfig(
+            "DPMSolverSinglestep(order=2)", "DPMSolverSinglestepScheduler", (("solver_order", 2),)
+        ),
+        DiffusersConfig(
+            "DPMSolverSinglestep(order=3)", "DPMSolverSinglestepScheduler", (("solver_order", 3),)
+        ),
+        DiffusersConfig("UniPCMultistep(bh1)", "UniPCMultistepScheduler", (("solver_type", "bh1"),)),
+        DiffusersConfig("UniPCMultistep(bh2)", "UniPCMultistepScheduler", (("solver_type", "bh2"),)),
+        DiffusersConfig("DEISMultistep(order=3)", "DEISMultistepScheduler", (("solver_order", 3),)),
+    ]
+    return [
+        DiffusersConfig("DDIM", "DDIMScheduler"),
+        *multistep,
+        *(DiffusersConfig(c.method, c.cls, c.overrides + s) for c in others for s in ((), karras)),
+    ]
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' config-change warnings for the duration (restoring its verbosity)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _diffusers_nfe(config: DiffusersConfig) -> Callable[[int], int]:
+    sched = config.make()
+
+    def nfe(steps: int) -> int:
+        sched.set_timesteps(steps)
+        return len(sched.timesteps)
+
+    return nfe
+
+
+def _theirs(config: DiffusersConfig, problem: Problem, steps: int, nfe: int) -> float:
+    try:
+        x, used = diffusers_sample(config.make(), problem.gmm, problem.process, problem.x_T, steps)
+    except Exception as err:  # a failing reference run is reported in the table, not fatal
+        log.warning("diffusers %s at %d steps failed: %r", config.method, steps, err)
+        return math.nan
+    if used != nfe:
+        log.warning("diffusers %s: %d steps made %d network calls, not %d", config.method, steps, used, nfe)
+        return math.nan
+    return rel_rmse(x, problem.ref)
+
+
+def sweep_diffusers(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
+    """Every configuration of :func:`diffusers_configs` at every reachable NFE in ``nfes``."""
+    rows: list[Row] = []
+    with _quiet_diffusers():
+        for config in tqdm(diffusers_configs(), desc="diffusers", disable=not progress):
+            nfe_of = _diffusers_nfe(config)
+            row = Row("diffusers", config.method, config.schedule())
+            for nfe in nfes:
+                n = steps_for_nfe(nfe_of, nfe)
+                if n is not None:
+                    row.errors[nfe] = _theirs(config, problem, n, nfe)
+            bad = [nfe for nfe, e in row.errors.items() if not math.isfinite(e)]
+            if bad:
+                log.warning("diffusers %s returned non-finite samples at NFE %s", row.label, bad)
+            rows.append(row)
+    return rows
+
+
+def default_vs_diffusers(problem: Problem, nfes: Sequence[int]) -> list[tuple[int, float, float]]:
+    """(a): ``(nfe, ours, diffusers)`` errors of ``sd.sample(den, x_T, steps)`` with its default
+    solver and schedule, and of diffusers' ``DPMSolverMultistepScheduler`` with its default config
+    (SD betas), at the step counts that cost ``nfe``."""
+    den = problem.gmm.denoiser(problem.process)
+    nfe_ours = solvers.get(sampling.DEFAULT_SOLVER).nfe
+    out = []
+    with _quiet_diffusers():
+        nfe_theirs = _diffusers_nfe(DIFFUSERS_DEFAULT)
+        for nfe in nfes:
+            n_ours, n_theirs = steps_for_nfe(nfe_ours, nfe), steps_for_nfe(nfe_theirs, nfe)
+            if n_ours is None or n_theirs is None:
+                continue
+            x = sampling.sample(den, problem.x_T, steps=n_ours)
+            out.append((nfe, rel_rmse(x, problem.ref), _theirs(DIFFUSERS_DEFAULT, problem, n_theirs, nfe)))
+    return out
+
+
+@dataclass
+class Overhead:
+    """(c): median wall time per step outside the network, ours and diffusers', in seconds."""
+
+    solver: str
+    scheduler: str
+    ours: float
+    diffusers: float
+
+    @property
+    def ratio(self) -> float:
+        """Ours over diffusers' (below 1: ours is faster)."""
+        return self.ours / self.diffusers
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def sampler_overhead(
+    steps: int = 20, repeats: int = 30, batch: int = 256, dim: int = 64, progress: bool = False
+) -> list[Overhead]:
+    """Per-step time of ``sd.sample`` and of diffusers' ``scheduler.step`` loop with a free network.
+
+    The net returns a precomputed float32 ``(batch, dim)`` tensor; both run on the scheduler's own
+    timesteps (``nodes_of``), include the grid set-up (``make_grid`` / ``set_timesteps``), and are
+    timed in alternation ``repeats`` times after two warm-up runs; the median is reported.
+    """
+    import diffusers
+
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(batch, dim, generator=g)
+    eps = torch.randn(batch, dim, generator=g)
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        return eps
+
+    den = Denoiser(net, VP.scaled_linear(), prediction="eps")
+    out = []
+    with _quiet_diffusers():
+        for solver, cls in tqdm(OVERHEAD_PAIRS, desc="overhead", disable=not progress):
+            if solver not in solvers.available():
+                log.warning("overhead: solver %r is not registered; skipped", solver)
+                continue
+            sched = getattr(diffusers, cls)(**sd_betas_config())
+            sched.set_timesteps(steps)
+            grid = nodes_of(sched)
+
+            def ours(solver: str = solver, grid: schedules.Schedule = grid) -> object:
+                return sampling.sample(den, x_T, steps=steps, solver=solver, schedule=grid)
+
+            def theirs(sched: Any = sched) -> object:
+                return run_scheduler(sched, net, x_T, steps)
+
+            times: tuple[list[float], list[float]] = ([], [])
+            for r in range(repeats + 2):
+                a, b = _seconds(ours), _seconds(theirs)
+                if r >= 2:
+                    times[0].append(a)
+                    times[1].append(b)
+            out.append(
+                Overhead(
+                    solver, cls, statistics.median(times[0]) / steps, statistics.median(times[1]) / steps
+                )
+            )
+    return out
+
+
+@dataclass
+class SolverBench:
+    """Everything ``steerdiff bench solvers`` measured."""
+
+    nfes: tuple[int, ...]
+    batch: int
+    seed: int
+    rows: list[Row]
+    default_vs_diffusers: list[tuple[int, float, float]]
+    overhead: list[Overhead]
+    seconds: dict[str, float]
+
+    def of(self, source: str) -> list[Row]:
+        """The rows of ``"steerdiff"`` or of ``"diffusers"``."""
+        return [r for r in self.rows if r.source == source]
+
+
+def run(
+    batch: int = 256,
+    seed: int = 0,
+    quick: bool = False,
+    with_diffusers: bool = True,
+    progress: bool = False,
+) -> SolverBench:
+    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES` and a short overhead timing.
+
+    ``with_diffusers=False`` (or diffusers not installed) skips the diffusers rows, (a), (b)'s
+    diffusers side and (c).
+    """
+    if with_diffusers:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            log.warning("diffusers is not installed: running steerdiff's solvers only")
+            with_diffusers = False
+    nfes = QUICK_NFES if quick else NFES
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    problem = make_problem(batch, seed)
+    seconds["reference"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = sweep_steerdiff(problem, nfes, progress)
+    seconds["steerdiff"] = time.perf_counter() - t0
+    ratio_a: list[tuple[int, float, float]] = []
+    overhead: list[Overhead] = []
+    if with_diffusers:
+        t0 = time.perf_counter()
+        rows += sweep_diffusers(problem, nfes, progress)
+        ratio_a = default_vs_diffusers(problem, [n for n in DEFAULT_VS_DIFFUSERS_NFES if n in nfes])
+        seconds["diffusers"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        overhead = sampler_overhead(steps=5 if quick else 20, repeats=3 if quick else 30, progress=progress)
+        seconds["overhead"] = time.perf_counter() - t0
+    log.info("bench solvers: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return SolverBench(tuple(nfes), batch, seed, rows, ratio_a, overhead, seconds)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2e}" if math.isfinite(v) else "nan"
+
+
+def _table(rows: Sequence[Row], nfes: Sequence[int], head: str) -> list[str]:
+    w1 = max([len(head)] + [len(r.method) for r in rows])
+    w2 = max([len("schedule")] + [len(r.schedule) for r in rows])
+    lines = [f"{head:<{w1}}  {'schedule':<{w2}}" + "".join(f"{n:>9}" for n in nfes)]
+    for r in rows:
+        lines.append(
+            f"{r.method:<{w1}}  {r.schedule:<{w2}}" + "".join(f"{_fmt(r.errors.get(n)):>9}" for n in nfes)
+        )
+    return lines
+
+
+def format_report(result: SolverBench) -> str:
+    """The printed summary: best schedule per solver, best configuration per diffusers scheduler,
+    and the ratios (a), (b), (c)."""
+    nfes = result.nfes
+    ours, theirs = result.of("steerdiff"), result.of("diffusers")
+    lines = [
+        f"Relative RMSE vs the exact sample (default 64-d mixture, SD betas, batch {result.batch}, "
+        f"seed {result.seed}); '-': NFE not reachable. All solver x schedule rows are in the CSV.",
+        "",
+        "steerdiff, best schedule per solver (columns: NFE):",
+        *_table(best_per_method(ours), nfes, "solver"),
+    ]
+    if theirs:
+        lines += [
+            "",
+            "diffusers, best configuration per scheduler (columns: NFE):",
+            *_table(best_per_method(theirs), nfes, "scheduler"),
+        ]
+    if result.default_vs_diffusers:
+        lines += [
+            "",
+            f"(a) sd.sample defaults ({sampling.DEFAULT_SOLVER}, {sampling.DEFAULT_SCHEDULE}) vs diffusers "
+            "DPMSolverMultistepScheduler default config:",
+        ]
+        lines += [
+            f"    NFE {n:>2}: {_fmt(a)} vs {_fmt(b)}  ratio {a / b:.3g}"
+            for n, a, b in result.default_vs_diffusers
+        ]
+    if theirs:
+        lines += ["", "(b) best steerdiff solver+schedule vs best diffusers configuration at equal NFE:"]
+        for n in (n for n in BEST_VS_DIFFUSERS_NFES if n in nfes):
+            a, b = best_at(ours, n), best_at(theirs, n)
+            if a is None or b is None:
+                continue
+            ea, eb = a.errors[n], b.errors[n]
+            lines.append(f"    NFE {n:>2}: {a.label} {_fmt(ea)} vs {b.label} {_fmt(eb)}  ratio {ea / eb:.3g}")
+    if result.overhead:
+        lines += [
+            "",
+            "(c) sampler overhead per step outside the net (batch 256x64 float32, free net, median):",
+        ]
+        lines += [
+            f"    {o.solver} vs {o.scheduler}: {o.ours * 1e6:.0f} us vs {o.diffusers * 1e6:.0f} us"
+            f"  ratio {o.ratio:.3g}"
+            for o in result.overhead
+        ]
+    lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]
+    return "\n".join(lines)
+
+
+def write_csv(result: SolverBench, path: str | Path) -> None:
+    """All rows: ``source, method, schedule, same_as, nfe_<n>...``; errors as exact float reprs
+    (``nan``: the run failed), empty where the NFE is not reachable; ``same_as`` names the schedule
+    with the identical grid whose numbers the row repeats."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["source", "method", "schedule", "same_as", *(f"nfe_{n}" for n in result.nfes)])
+        for r in result.rows:
+            w.writerow(
+                [
+                    r.source,
+                    r.method,
+                    r.schedule,
+                    r.same_as or "",
+                    *(repr(r.errors[n]) if n in r.errors else "" for n in result.nfes),
+                ]
+            )
+
+
+def plot(result: SolverBench, path: str | Path) -> bool:
+    """Error vs NFE, log-log: best schedule per solver (solid), best configuration per diffusers
+    scheduler (dashed). Returns ``False`` (and logs) if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot written")
+        return False
+    groups = [(best_per_method(result.of("steerdiff")), "-"), (best_per_method(result.of("diffusers")), "--")]
+    colors = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    k = 0
+    for rows, style in groups:
+        for r in rows:
+            pts = sorted((n, e) for n, e in r.errors.items() if math.isfinite(e))
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.loglog(xs, ys, style, marker="o", ms=3, color=colors[k % len(colors)], label=r.label)
+                k += 1
+    ax.set_xticks(list(result.nfes), [str(n) for n in result.nfes])
+    ax.minorticks_off()
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("relative RMSE vs exact sample")
+    ax.set_title("Solvers on the exact 64-d Gaussian mixture (SD betas): steerdiff solid, diffusers dashed")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,99 @@
+r"""diffusers' schedulers driven by an exact model, as a reference to measure steerdiff against.
+
+:func:`diffusers_sample` runs a diffusers scheduler the way a pipeline does
+(``x = x_T * init_noise_sigma``; per timestep ``eps = net(scale_model_input(x, t), t)`` and
+``x = step(eps, t, x).prev_sample``) with the exact noise-prediction network of a Gaussian
+mixture (:func:`eps_net`: ``eps = (x - alpha_t E[x0 | x]) / sigma_t`` at the, possibly
+fractional, timestep ``t``). :func:`nodes_of` reads the timesteps a scheduler evaluated, so that
+``sd.sample(..., schedule=nodes_of(sched))`` runs steerdiff on the same grid.
+
+This module never imports diffusers: the scheduler objects are made by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..processes import Process
+from ..schedules import Custom
+from ..toy.gmm import GaussianMixture
+
+__all__ = ["diffusers_sample", "eps_net", "nodes_of", "run_scheduler", "sd_betas_config"]
+
+F64 = torch.float64
+
+
+def sd_betas_config(**overrides: Any) -> dict[str, Any]:
+    """Stable Diffusion's scheduler config (``scaled_linear`` betas 0.00085-0.012, 1000 steps, eps).
+
+    The same process as :meth:`steerdiff.VP.scaled_linear`; ``overrides`` update the dict.
+    """
+    cfg: dict[str, Any] = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def eps_net(gmm: GaussianMixture, process: Process) -> Callable[[Tensor, Tensor | float], Tensor]:
+    """The exact eps-prediction net of ``gmm`` under ``process`` at (possibly fractional) timesteps.
+
+    ``net(x, t) = (x - alpha_t D(x; alpha_t, sigma_t)) / sigma_t`` with ``D`` the exact denoiser.
+    """
+
+    def net(x: Tensor, t: Tensor | float) -> Tensor:
+        tt = float(torch.as_tensor(t, dtype=F64).reshape(-1)[0])
+        a, s = float(process.alpha(tt)), float(process.sigma(tt))
+        return (x - a * gmm.denoise(x, a, s)) / s
+
+    return net
+
+
+def run_scheduler(
+    scheduler: Any, net: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, steps: int
+) -> tuple[Tensor, int]:
+    """A diffusers pipeline's denoising loop around ``net(x, t) -> eps``; returns ``(x0, nfe)``.
+
+    ``x = x_T * init_noise_sigma``; for each ``t`` in ``scheduler.timesteps``:
+    ``x = step(net(scale_model_input(x, t), t), t, x).prev_sample``.
+    """
+    scheduler.set_timesteps(steps)
+    x = x_T * scheduler.init_noise_sigma
+    nfe = 0
+    for t in scheduler.timesteps:
+        out = net(scheduler.scale_model_input(x, t), t)
+        nfe += 1
+        x = scheduler.step(out, t, x).prev_sample
+    return x, nfe
+
+
+def diffusers_sample(
+    scheduler: Any, gmm: GaussianMixture, process: Process, x_T: Tensor, steps: int
+) -> tuple[Tensor, int]:
+    """Run a diffusers ``scheduler`` for ``steps`` inference steps with the exact eps model.
+
+    Returns ``(x0, nfe)``, ``nfe`` being the number of network calls (``len(scheduler.timesteps)``:
+    ``2 steps - 1`` for Heun). ``x_T`` is standard normal; it is scaled by ``init_noise_sigma``.
+    """
+    return run_scheduler(scheduler, eps_net(gmm, process), x_T, steps)
+
+
+def nodes_of(scheduler: Any) -> Custom:
+    """The distinct timesteps a diffusers scheduler evaluates, as a steerdiff schedule.
+
+    Call after ``scheduler.set_timesteps``; for schedulers that evaluate a node twice (Heun),
+    duplicates are dropped.
+    """
+    ts: list[float] = []
+    for t in scheduler.timesteps.tolist():
+        if not ts or t != ts[-1]:
+            ts.append(float(t))
+    return Custom(ts)

@@ -1,0 +1,203 @@
+"""The ``steerdiff`` command line: the numbers it writes are the numbers the library gives.
+
+``bench solvers`` runs with tiny settings (``--quick --batch 8``: NFE 5 and 10); every checked
+entry is recomputed here from the public API and the test oracles (``exact_sample``,
+``rel_rmse``, ``diffusers_sample``), not from the benchmark module.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.cli import main
+
+from .reference import diffusers_sample, exact_sample, rel_rmse, sd_betas_config
+
+F64 = torch.float64
+BATCH, SEED = 8, 3
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """The benchmark's model and noise as documented: default mixture, SD betas, randn(B, 64)."""
+    gmm, proc = sd.toy.default_benchmark_mixture(), sd.VP.scaled_linear()
+    x_T = torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(SEED), dtype=F64)
+    return gmm, proc, x_T, exact_sample(gmm, proc, x_T)
+
+
+def _read(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    with open(path, newline="") as f:
+        return {(r["source"], r["method"], r["schedule"]): r for r in csv.DictReader(f)}
+
+
+def _ours(problem, solver: str, schedule: str, steps: int) -> float:
+    gmm, proc, x_T, ref = problem
+    return rel_rmse(sd.sample(gmm.denoiser(proc), x_T, steps=steps, solver=solver, schedule=schedule), ref)
+
+
+def _bench(tmp_path: Path, capsys, *extra: str) -> tuple[dict, str]:
+    argv = ["bench", "solvers", "--quick", "--batch", str(BATCH), "--seed", str(SEED), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path), *extra]) == 0
+    return _read(tmp_path / "solvers.csv"), capsys.readouterr().out
+
+
+def _mean_log(row: dict[str, str]) -> float:
+    return sum(math.log(float(row[k])) for k in ("nfe_5", "nfe_10") if row[k]) / sum(
+        1 for k in ("nfe_5", "nfe_10") if row[k]
+    )
+
+
+def test_bench_solvers_table_is_sd_sample(tmp_path, capsys, problem):
+    rows, out = _bench(tmp_path, capsys, "--no-diffusers")
+    deterministic = [n for n in sd.solvers.available() if not sd.solvers.get(n).stochastic]
+    assert set(rows) == {
+        ("steerdiff", s, k) for s, k in itertools.product(deterministic, sd.schedules.available())
+    }
+    # NFE, not steps: 10 steps of dpmpp_2m, 3 of Heun (2 * 3 - 1 = 5 NFE); Heun never costs 10
+    for solver, schedule, nfe, steps in [
+        ("dpmpp_2m", "karras", 10, 10),
+        ("ddim", "time_uniform", 5, 5),
+        ("heun", "logsnr_uniform", 5, 3),
+    ]:
+        assert float(rows["steerdiff", solver, schedule][f"nfe_{nfe}"]) == pytest.approx(
+            _ours(problem, solver, schedule, steps), rel=1e-12
+        )
+    assert rows["steerdiff", "heun", "karras"]["nfe_10"] == ""
+    # a schedule with the same grid as another repeats its numbers and says so
+    expo, lsnr = rows["steerdiff", "euler", "exponential"], rows["steerdiff", "euler", "logsnr_uniform"]
+    assert (expo["same_as"], lsnr["same_as"]) in {("logsnr_uniform", ""), ("", "exponential")}
+    assert expo["nfe_10"] == lsnr["nfe_10"]
+    # the printed line of a solver shows its best schedule (mean log error) and its errors
+    cands = [r for r in rows.values() if r["method"] == "dpmpp_2m" and not r["same_as"]]
+    best = min(cands, key=_mean_log)
+    line = next(ln for ln in out.splitlines() if ln.startswith("dpmpp_2m "))
+    assert line.split() == [
+        "dpmpp_2m",
+        best["schedule"],
+        *(f"{float(best[k]):.2e}" for k in ("nfe_5", "nfe_10")),
+    ]
+    assert "(a)" not in out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "solvers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
+    diffusers = pytest.importorskip("diffusers")
+    gmm, proc, x_T, ref = problem
+    rows, out = _bench(tmp_path, capsys)
+
+    def theirs(cls: str, steps: int, **cfg: object) -> float:
+        sched = getattr(diffusers, cls)(**sd_betas_config(**cfg))
+        return rel_rmse(diffusers_sample(sched, gmm, proc, x_T, steps)[0], ref)
+
+    dpm = theirs("DPMSolverMultistepScheduler", 10)
+    assert float(rows["diffusers", "DPMSolverMultistep(order=2)", "linspace"]["nfe_10"]) == pytest.approx(
+        dpm, rel=1e-12
+    )
+    # Heun: 3 steps are 5 network calls
+    heun = rows["diffusers", "HeunDiscrete", "karras"]
+    assert float(heun["nfe_5"]) == pytest.approx(
+        theirs("HeunDiscreteScheduler", 3, use_karras_sigmas=True), rel=1e-12
+    )
+    assert heun["nfe_10"] == ""
+
+    # (a): sd.sample with its defaults over diffusers' default DPM-Solver++ at NFE 10
+    ours = rel_rmse(sd.sample(gmm.denoiser(proc), x_T, steps=10), ref)
+    m = re.search(r"NFE 10: (\S+) vs (\S+)  ratio (\S+)", out.split("(a)")[1].split("(b)")[0])
+    assert m is not None
+    assert m.groups() == (f"{ours:.2e}", f"{dpm:.2e}", f"{ours / dpm:.3g}")
+
+    # (b): best of all our rows over best of all diffusers rows, at each NFE
+    for nfe in (5, 10):
+        best = {
+            src: min(
+                float(r[f"nfe_{nfe}"])
+                for k, r in rows.items()
+                if k[0] == src and r[f"nfe_{nfe}"] not in ("", "nan")
+            )
+            for src in ("steerdiff", "diffusers")
+        }
+        m = re.search(rf"NFE +{nfe}: .* (\S+) vs .* (\S+)  ratio (\S+)", out.split("(b)")[1])
+        assert m is not None
+        assert m.groups() == (
+            f"{best['steerdiff']:.2e}",
+            f"{best['diffusers']:.2e}",
+            f"{best['steerdiff'] / best['diffusers']:.3g}",
+        )
+
+    # (c): one timing line per pair whose solver is registered
+    pairs = [
+        ("dpmpp_2m", "DPMSolverMultistep"),
+        ("unipc", "UniPCMultistep"),
+        ("ddim", "DDIM"),
+        ("euler", "EulerDiscrete"),
+    ]
+    timed = re.findall(r"^    (\w+) vs (\w+)Scheduler: (\d+) us vs (\d+) us", out.split("(c)")[1], re.M)
+    assert [(a, b) for a, b, _, _ in timed] == [p for p in pairs if p[0] in sd.solvers.available()]
+    assert all(int(a) > 0 and int(b) > 0 for _, _, a, b in timed)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt"])
+def test_sample_writes_what_sd_sample_gives(tmp_path, capsys, suffix):
+    path = tmp_path / "sub" / f"x{suffix}"
+    argv = ["sample", "--out", str(path), "--n", "4", "--steps", "6", "--solver", "heun"]
+    assert main([*argv, "--schedule", "karras", "--seed", "2", "--no-progress"]) == 0
+    x = torch.from_numpy(np.load(path)) if suffix == ".npy" else torch.load(path)
+    gmm, proc = sd.toy.default_benchmark_mixture(), sd.VP.scaled_linear()
+    x_T = torch.randn(4, 64, generator=torch.Generator().manual_seed(2), dtype=F64)
+    expected = sd.sample(gmm.denoiser(proc), x_T, steps=6, solver="heun", schedule="karras")
+    assert torch.equal(x, expected)
+    out = capsys.readouterr().out
+    assert str(path) in out and "NFE 11" in out  # Heun: 2 * 6 - 1 network calls
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sample", "--out", "x.txt"], ".pt, .npy"),
+        (["sample", "--out", "x.pt", "--solver", "nope"], "dpmpp_2m"),
+        (["sample", "--out", "x.pt", "--n", "0"], ">= 1"),
+        (["bench"], "BENCHMARK"),
+    ],
+)
+def test_bad_arguments_exit_2_and_say_why(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], ["bench", "sample", "--verbose"]),
+        (["bench"], ["solvers"]),
+        (["bench", "solvers"], ["--out", "--batch", "--seed", "--quick", "--no-diffusers", "--no-progress"]),
+        (["sample"], ["--out", "--n", "--steps", "--solver", "--schedule", "--seed"]),
+    ],
+)
+def test_help(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(opt in out for opt in expected)
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("steerdiff")
+    if not exe.exists():
+        pytest.skip("the steerdiff console script is not installed in this environment")
+    res = subprocess.run([str(exe), "sample", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--schedule" in res.stdout
