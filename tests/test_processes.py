@@ -77,6 +77,13 @@ def test_lam_is_log_alpha_over_sigma_and_decreasing(process):
     assert bool((process.lam(t)[1:] < process.lam(t)[:-1]).all())
 
 
+def test_coefficients_equal_the_separate_functions(process):
+    t = _grid(process, 301)
+    a, s, lam = process.coefficients(t)
+    for got, want in ((a, process.alpha(t)), (s, process.sigma(t)), (lam, process.lam(t))):
+        assert torch.allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
 def test_sigma_ratio_inverse(process):
     t = _grid(process, 301)[:301]
     s = process.sigma(t) / process.alpha(t)

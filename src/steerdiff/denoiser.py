@@ -22,25 +22,65 @@ prediction     meaning of ``f``                conversion
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._ops import axpby
 from .processes import Process
 
 __all__ = ["PREDICTIONS", "Denoiser", "Prediction"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+_CACHE_SIZE = 4096
 
 
-@dataclass
 class Prediction:
-    """The two estimates a denoiser returns at ``(x, t)``."""
+    """What a denoiser says at ``(x, t)``: ``x0`` and ``eps``, with ``x = alpha x0 + sigma eps``.
 
-    x0: Tensor
-    eps: Tensor
+    Built from one of the two (``given``); the other is derived on first access, so a solver that
+    reads only ``eps`` (Euler, Heun) never pays for ``x0``.
+    """
+
+    __slots__ = ("_eps", "_x0", "alpha", "sigma", "x")
+
+    def __init__(
+        self,
+        x: Tensor,
+        alpha: float | Tensor,
+        sigma: float | Tensor,
+        *,
+        x0: Tensor | None = None,
+        eps: Tensor | None = None,
+    ) -> None:
+        if (x0 is None) == (eps is None):
+            raise ValueError("Prediction: give exactly one of `x0` or `eps`")
+        self.x, self.alpha, self.sigma, self._x0, self._eps = x, alpha, sigma, x0, eps
+
+    @property
+    def given(self) -> Tensor:
+        """The estimate the prediction was built from."""
+        return self._x0 if self._x0 is not None else self._eps
+
+    @property
+    def x0(self) -> Tensor:
+        if self._x0 is None:
+            self._x0 = axpby(1 / self.alpha, self.x, -self.sigma / self.alpha, self._eps)
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        if self._eps is None:
+            self._eps = axpby(1 / self.sigma, self.x, -self.alpha / self.sigma, self._x0)
+        return self._eps
+
+    def renoise(self, alpha: float, sigma: float) -> Tensor:
+        """``alpha x0 + sigma eps``: the point at ``(alpha, sigma)`` with the same estimates (the DDIM
+        step), from ``x`` and the given estimate in two fused kernels."""
+        if self._eps is not None:
+            return axpby(alpha / self.alpha, self.x, sigma - alpha * self.sigma / self.alpha, self._eps)
+        return axpby(sigma / self.sigma, self.x, alpha - sigma * self.alpha / self.sigma, self._x0)
 
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor | float:
@@ -82,12 +122,41 @@ class Denoiser:
         self.prediction = prediction
         self.time_map = time_map if time_map is not None else process.model_time
         self.shape = tuple(shape) if shape is not None else None
+        # per-time caches: a solver asks for the same few times over and over (schedule arithmetic is
+        # float64 tensor work that would otherwise dominate the per-step overhead)
+        self._coefs: dict[float, tuple[float, float, float, float]] = {}
+        self._times: dict[tuple[float, torch.device, torch.dtype, int], Tensor] = {}
 
     def net_time(self, t: float | Tensor, x: Tensor) -> Tensor:
         """The ``(batch,)`` time tensor handed to the net."""
-        tm = self.time_map(torch.as_tensor(t, dtype=torch.float64))
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        return tm.to(device=x.device, dtype=dtype).expand(x.shape[0])
+        if isinstance(t, Tensor) and t.ndim > 0:
+            return self.time_map(t.to(torch.float64)).to(device=x.device, dtype=dtype).expand(x.shape[0])
+        key = (float(t), x.device, dtype, x.shape[0])
+        tm = self._times.get(key)
+        if tm is None:
+            if len(self._times) > _CACHE_SIZE:
+                self._times.clear()
+            tm = self.time_map(torch.tensor(key[0], dtype=torch.float64)).to(x.device, dtype)
+            tm = self._times[key] = tm.expand(x.shape[0])
+        return tm
+
+    def coefficients(self, t: float | Tensor, x: Tensor) -> tuple[Tensor | float, ...]:
+        """``(alpha, sigma, d_alpha, d_sigma)`` at ``t``: floats for a scalar time, else per-sample tensors
+        broadcasting against ``x`` (the derivatives only for ``prediction="flow"``, 0 otherwise)."""
+        p, flow = self.process, self.prediction == "flow"
+        if isinstance(t, Tensor) and t.ndim > 0:
+            tt = t.to(torch.float64)
+            derivs = (p.d_alpha(tt), p.d_sigma(tt)) if flow else (torch.zeros_like(tt),) * 2
+            return tuple(_per_sample(c, x) for c in (p.alpha(tt), p.sigma(tt), *derivs))
+        key = float(t)
+        c = self._coefs.get(key)
+        if c is None:
+            if len(self._coefs) > _CACHE_SIZE:
+                self._coefs.clear()
+            derivs = (float(p.d_alpha(key)), float(p.d_sigma(key))) if flow else (0.0, 0.0)
+            c = self._coefs[key] = (float(p.alpha(key)), float(p.sigma(key)), *derivs)
+        return c
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         f = self.net(x, self.net_time(t, x), **cond)
@@ -97,22 +166,18 @@ class Denoiser:
 
     def convert(self, f: Tensor, x: Tensor, t: float | Tensor) -> Prediction:
         """Turn a raw net output ``f`` at ``(x, t)`` into ``(x0, eps)``."""
-        p = self.process
-        tt = torch.as_tensor(t, dtype=torch.float64)
-        a, s = _per_sample(p.alpha(tt), x), _per_sample(p.sigma(tt), x)
+        a, s, da, ds = self.coefficients(t, x)
         if self.prediction == "eps":
-            return Prediction((x - s * f) / a, f)
+            return Prediction(x, a, s, eps=f)
         if self.prediction == "x0":
-            return Prediction(f, (x - a * f) / s)
+            return Prediction(x, a, s, x0=f)
+        if self.prediction == "score":
+            return Prediction(x, a, s, eps=f * -s)
         if self.prediction == "v":
             n = a * a + s * s
-            return Prediction((a * x - s * f) / n, (s * x + a * f) / n)
-        if self.prediction == "score":
-            eps = -s * f
-            return Prediction((x - s * eps) / a, eps)
-        da, ds = _per_sample(p.d_alpha(tt), x), _per_sample(p.d_sigma(tt), x)
+            return Prediction(x, a, s, x0=axpby(a / n, x, -s / n, f))
         det = a * ds - s * da
-        return Prediction((ds * x - s * f) / det, (a * f - da * x) / det)
+        return Prediction(x, a, s, x0=axpby(ds / det, x, -s / det, f))
 
     def __repr__(self) -> str:
         return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"

@@ -63,6 +63,11 @@ class Process:
         """Inverse of :meth:`lam`."""
         raise NotImplementedError
 
+    def coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
+        """``(alpha, sigma, lam)`` at ``t`` in one pass."""
+        a, s = self.alpha(t), self.sigma(t)
+        return a, s, torch.log(a) - torch.log(s)
+
     def d_alpha(self, t: TimeLike) -> Tensor:
         """``d alpha / dt``."""
         raise NotImplementedError
@@ -96,6 +101,10 @@ class VP(Process):
 
     def sigma(self, t: TimeLike) -> Tensor:
         return torch.sigmoid(-2 * self.lam(t)).sqrt()
+
+    def coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
+        lam = self.lam(t)
+        return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt(), lam
 
     def _dlog_alpha(self, t: Tensor) -> Tensor:
         raise NotImplementedError

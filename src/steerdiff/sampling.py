@@ -44,6 +44,8 @@ def _check_x(den: Denoiser, x_T: Tensor) -> None:
         )
     if x_T.ndim < 2:
         raise ValueError(f"x_T must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T contains NaN or inf")
     if den.shape is not None and tuple(x_T.shape[1:]) != den.shape:
         raise ValueError(f"x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
 
@@ -93,7 +95,8 @@ def sample(
     model = Model(den, cond)
     state = slv.init_state(grid)
     x = x_T
-    for i in tqdm(range(grid.steps), disable=not progress, desc=type(slv).__name__, leave=False):
+    indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
+    for i in indices:
         out = slv.step(model, x, i, grid, state)
         if isinstance(out, Transition):
             x = out.mean

@@ -27,6 +27,9 @@ from ..schedules import Schedule, check_steps
 __all__ = ["Grid", "Model", "NonFiniteError", "Solver", "Transition", "make_grid", "step_order"]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class NonFiniteError(FloatingPointError):
     """The network returned NaN or inf."""
 
@@ -82,7 +85,7 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
     steps = check_steps(steps)  # before ``steps + 1``: final="none" would accept steps=0 or 1.0
     clean = final == "zero"
     t = schedule(process, steps if clean else steps + 1)
-    alpha, sigma, lam = process.alpha(t).tolist(), process.sigma(t).tolist(), process.lam(t).tolist()
+    alpha, sigma, lam = (c.tolist() for c in process.coefficients(t))
     if not all(math.isfinite(v) for v in lam):
         raise ValueError(f"schedule {schedule!r} reaches an infinite log-SNR; lam = {lam}")
     times = t.tolist()
@@ -130,13 +133,16 @@ class Model:
         self.denoiser = denoiser
         self.cond = cond or {}
         self.nfe = 0
-        self._finite: list[Tensor] = []
+        self._sums: list[Tensor] = []
         self._where: list[tuple[int, float]] = []
 
     def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
         pred = self.denoiser(x, t, **self.cond)
         self.nfe += 1
-        self._finite.append(torch.isfinite(pred.x0).all() & torch.isfinite(pred.eps).all())
+        # one reduction per call: a NaN/inf anywhere makes the sum non-finite (the other estimate
+        # follows from this one and x); the sums are tested together at the end
+        given = pred.given
+        self._sums.append(given.sum(dtype=torch.float32 if given.dtype in _HALF else None))
         self._where.append((step, t))
         return pred
 
@@ -145,9 +151,9 @@ class Model:
 
         One device sync for the whole run (the flags are stacked and read once).
         """
-        if not self._finite:
+        if not self._sums:
             return
-        ok = torch.stack(self._finite).cpu()
+        ok = torch.isfinite(torch.stack(self._sums)).cpu()
         if bool(ok.all()):
             return
         k = int((~ok).nonzero()[0])

@@ -28,5 +28,4 @@ class DDIM(Solver):
     name: ClassVar[str] = "ddim"
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        pred = model(x, grid.t[i], i)
-        return grid.alpha[i + 1] * pred.x0 + grid.sigma[i + 1] * pred.eps
+        return model(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])

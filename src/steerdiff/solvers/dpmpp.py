@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._ops import axpby
 from ._exp import hphi
 from .base import Grid, Model, Solver, step_order
 
@@ -60,18 +61,17 @@ class DPMSolverPPMultistep(Solver):
         del m[self.order :], lams[self.order :]
         k = step_order(i, grid, self.order, len(m), self.lower_order_final)
         h = grid.h(i)
-        x_next = (grid.sigma[i + 1] / grid.sigma[i]) * x
-        a = grid.alpha[i + 1]
+        r, a = grid.sigma[i + 1] / grid.sigma[i], grid.alpha[i + 1]
         if k == 1:
-            return x_next + (a * hphi(1, h)) * m[0]
+            return axpby(r, x, a * hphi(1, h), m[0])
         h0 = lams[0] - lams[1]
         if k == 2:
             c = h / (2 * h0)
-            return x_next + (a * hphi(1, h)) * ((1 + c) * m[0] - c * m[1])
+            return axpby(r, x, a * hphi(1, h), axpby(1 + c, m[0], -c, m[1]))
         h1 = lams[1] - lams[2]
         d1 = (m[0] - m[1]) / h0
         d2 = (d1 - (m[1] - m[2]) / h1) / (h0 + h1)
-        return x_next + a * (
+        return r * x + a * (
             hphi(1, h) * m[0]
             + hphi(2, h) * d1
             + (_THIRD_ORDER[self.third_order] * hphi(3, h) + h0 * hphi(2, h)) * d2

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._ops import axpby
 from .base import Grid, Model, Solver
 
 __all__ = ["Euler", "Heun"]
@@ -36,8 +37,8 @@ class Euler(Solver):
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         d = model(x, grid.t[i], i).eps
-        y = x / grid.alpha[i] + (_ratio(grid, i + 1) - _ratio(grid, i)) * d
-        return grid.alpha[i + 1] * y
+        a, a_next = grid.alpha[i], grid.alpha[i + 1]
+        return axpby(a_next / a, x, a_next * (_ratio(grid, i + 1) - _ratio(grid, i)), d)
 
 
 @dataclass
@@ -49,14 +50,14 @@ class Heun(Solver):
     order: int = 2
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        ds = _ratio(grid, i + 1) - _ratio(grid, i)
-        y = x / grid.alpha[i]
+        a, a_next = grid.alpha[i], grid.alpha[i + 1]
+        c = a_next * (_ratio(grid, i + 1) - _ratio(grid, i))  # x-space weight of a slope
         d = model(x, grid.t[i], i).eps
-        y_euler = y + ds * d
+        x_euler = axpby(a_next / a, x, c, d)
         if self.order == 1 or grid.sigma[i + 1] == 0:
-            return grid.alpha[i + 1] * y_euler
-        d2 = model(grid.alpha[i + 1] * y_euler, grid.t[i + 1], i).eps
-        return grid.alpha[i + 1] * (y + ds * 0.5 * (d + d2))
+            return x_euler
+        d2 = model(x_euler, grid.t[i + 1], i).eps
+        return axpby(a_next / a, x, 0.5 * c, d + d2)
 
     def nfe(self, steps: int, clean_end: bool = True) -> int:
         if self.order == 1:
