@@ -127,3 +127,26 @@ def test_bad_process_and_output_shape_raise():
     den = sd.Denoiser(lambda x, t: x[:, :1], sd.EDM(), prediction="eps")
     with pytest.raises(ValueError, match="shape"):
         den(torch.zeros(2, 3), 1.0)
+
+
+@pytest.mark.parametrize("given", ["x0", "eps"])
+def test_prediction_derives_the_other_estimate_and_renoises(given):
+    g = torch.Generator().manual_seed(3)
+    x0, eps = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    a, s = 0.6, 0.8
+    x = a * x0 + s * eps
+    pred = sd.Prediction(x, a, s, **{given: x0 if given == "x0" else eps})
+    assert pred.given is (pred.x0 if given == "x0" else pred.eps)
+    assert torch.allclose(pred.x0, x0, atol=1e-13) and torch.allclose(pred.eps, eps, atol=1e-13)
+    for a2, s2 in ((0.9, 0.3), (1.0, 0.0)):  # including the clean end
+        assert torch.allclose(pred.renoise(a2, s2), a2 * x0 + s2 * eps, atol=1e-13)
+    with pytest.raises(ValueError, match="exactly one of `x0` or `eps`"):
+        sd.Prediction(x, a, s)
+
+
+def test_sample_rejects_non_finite_x_T():
+    gmm = sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))
+    x_T = torch.zeros(3, 2)
+    x_T[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="x_T contains NaN or inf"):
+        sd.sample(gmm.denoiser(sd.VP.scaled_linear()), x_T, steps=2)
