@@ -16,7 +16,6 @@ with the exact solution, and the bh1 result end to end with ``final_sigmas_type=
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import Tensor
 
 import steerdiff as sd
@@ -28,15 +27,6 @@ diffusers = pytest.importorskip("diffusers")
 STEPS = 10
 ORDERS = [1, 2, 3]
 VARIANTS = ["bh1", "bh2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: torch's intra-op threads only contend (4-20x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

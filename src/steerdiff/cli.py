@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     bs.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
-    bs.add_argument("--batch", type=_positive, default=256, help="samples in x_T (default: 256)")
+    bs.add_argument("--batch", type=_positive, default=1024, help="samples in x_T (default: 1024)")
     bs.add_argument("--seed", type=int, default=0, help="seed of x_T (default: 0)")
     bs.add_argument("--quick", action="store_true", help="NFE 5 and 10 only, short overhead timing")
     bs.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")

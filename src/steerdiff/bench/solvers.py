@@ -115,7 +115,7 @@ class Problem:
     ref: Tensor
 
 
-def make_problem(batch: int = 256, seed: int = 0) -> Problem:
+def make_problem(batch: int = 1024, seed: int = 0) -> Problem:
     """Build the default model, ``x_T`` (:func:`initial_noise`) and the exact reference sample."""
     gmm, proc = default_model()
     x_T = initial_noise(batch, gmm.dim, seed)
@@ -291,7 +291,11 @@ def diffusers_configs() -> list[DiffusersConfig]:
         DiffusersConfig("DEISMultistep(order=3)", "DEISMultistepScheduler", (("solver_order", 3),)),
     ]
     return [
-        DiffusersConfig("DDIM", "DDIMScheduler"),
+        # DDIM clips x0 to [-1, 1] by default (an image-range assumption): off, as for the others
+        *(
+            DiffusersConfig("DDIM", "DDIMScheduler", (("clip_sample", False), ("timestep_spacing", sp)))
+            for sp in ("leading", "trailing")
+        ),
         *multistep,
         *(DiffusersConfig(c.method, c.cls, c.overrides + s) for c in others for s in ((), karras)),
     ]
@@ -456,7 +460,7 @@ class SolverBench:
 
 
 def run(
-    batch: int = 256,
+    batch: int = 1024,
     seed: int = 0,
     quick: bool = False,
     with_diffusers: bool = True,

@@ -24,7 +24,7 @@ from ..denoiser import Denoiser, Prediction
 from ..processes import Process
 from ..schedules import Schedule, check_steps
 
-__all__ = ["Grid", "Model", "NonFiniteError", "Solver", "Transition", "make_grid", "step_order"]
+__all__ = ["Grid", "History", "Model", "NonFiniteError", "Solver", "Transition", "make_grid", "step_order"]
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -95,6 +95,23 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
         sigma.append(0.0)
         lam.append(math.inf)
     return Grid(process, times, alpha, sigma, lam, clean)
+
+
+class History:
+    """The last ``size`` estimates of a multistep method and where they were taken, newest first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: list[Tensor] = []
+        self.at: list[float] = []
+
+    def push(self, value: Tensor, at: float) -> None:
+        self.values.insert(0, value)
+        self.at.insert(0, at)
+        del self.values[self.size :], self.at[self.size :]
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 @dataclass

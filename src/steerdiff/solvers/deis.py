@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ._poly import exp_adams_bashforth
-from .base import Grid, Model, Solver, step_order
+from .base import Grid, History, Model, Solver, step_order
 
 __all__ = ["DEIS"]
 
@@ -45,17 +45,16 @@ class DEIS(Solver):
     lower_order_final: bool = True
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        return {"eps": [], "lam": []}
+        return {"eps": History(self.order)}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         pred = model(x, grid.t[i], i)
-        eps, lams = state["eps"], state["lam"]
-        eps.insert(0, pred.eps)
-        lams.insert(0, grid.lam[i])
-        del eps[self.order :], lams[self.order :]
+        hist = state["eps"]
+        hist.push(pred.eps, grid.lam[i])
+        eps, lams = hist.values, hist.at
         k = step_order(i, grid, self.order, len(eps), self.lower_order_final)
         if k == 1:
-            return grid.alpha[i + 1] * pred.x0 + grid.sigma[i + 1] * pred.eps
+            return pred.renoise(grid.alpha[i + 1], grid.sigma[i + 1])
         h = grid.h(i)
         w = exp_adams_bashforth([(lam - lams[0]) / h for lam in lams[:k]], h)
         c = grid.sigma[i + 1] * h

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._ops import axpby
 from ._exp import hphi
-from .base import Grid, Model, Solver, step_order
+from .base import Grid, History, Model, Solver, step_order
 
 __all__ = ["DPMSolverPPMultistep"]
 
@@ -52,13 +52,12 @@ class DPMSolverPPMultistep(Solver):
             raise ValueError(f"third_order={self.third_order!r}; accepted: {sorted(_THIRD_ORDER)}")
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        return {"m": [], "lam": []}
+        return {"x0": History(self.order)}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        m, lams = state["m"], state["lam"]
-        m.insert(0, model(x, grid.t[i], i).x0)
-        lams.insert(0, grid.lam[i])
-        del m[self.order :], lams[self.order :]
+        hist = state["x0"]
+        hist.push(model(x, grid.t[i], i).x0, grid.lam[i])
+        m, lams = hist.values, hist.at
         k = step_order(i, grid, self.order, len(m), self.lower_order_final)
         h = grid.h(i)
         r, a = grid.sigma[i + 1] / grid.sigma[i], grid.alpha[i + 1]

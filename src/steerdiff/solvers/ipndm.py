@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ._poly import adams_bashforth
-from .base import Grid, Model, Solver, step_order
+from .base import Grid, History, Model, Solver, step_order
 
 __all__ = ["IPNDM"]
 
@@ -45,12 +45,12 @@ class IPNDM(Solver):
     order: int = 4
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        return {"d": []}
+        return {"eps": History(self.order)}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        d = state["d"]
-        d.insert(0, model(x, grid.t[i], i).eps)
-        del d[self.order :]
+        hist = state["eps"]
+        hist.push(model(x, grid.t[i], i).eps, grid.t[i])
+        d = hist.values
         k = step_order(i, grid, self.order, len(d), False)
         delta = grid.sigma[i + 1] / grid.alpha[i + 1] - grid.sigma[i] / grid.alpha[i]
         y = x / grid.alpha[i] + sum(delta * b * dj for b, dj in zip(_COEFFS[k - 1], d, strict=False))

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ._poly import adams_bashforth
-from .base import Grid, Model, Solver, step_order
+from .base import Grid, History, Model, Solver, step_order
 
 __all__ = ["LMS"]
 
@@ -38,13 +38,12 @@ class LMS(Solver):
     order: int = 4
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        return {"d": [], "s": []}
+        return {"eps": History(self.order)}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        d, s = state["d"], state["s"]
-        d.insert(0, model(x, grid.t[i], i).eps)
-        s.insert(0, grid.sigma[i] / grid.alpha[i])
-        del d[self.order :], s[self.order :]
+        hist = state["eps"]
+        hist.push(model(x, grid.t[i], i).eps, grid.sigma[i] / grid.alpha[i])
+        d, s = hist.values, hist.at
         k = step_order(i, grid, self.order, len(d), False)
         delta = grid.sigma[i + 1] / grid.alpha[i + 1] - s[0]
         w = adams_bashforth([(sj - s[0]) / delta for sj in s[:k]])

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ._exp import phi
 from ._poly import exp_adams_bashforth
-from .base import Grid, Model, Solver, step_order
+from .base import Grid, History, Model, Solver, step_order
 
 __all__ = ["UniPC"]
 
@@ -83,8 +83,8 @@ class UniPC(Solver):
             raise ValueError(f"prediction={self.prediction!r} is not supported; accepted: {PREDICTIONS}")
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        # m/lam: estimates and their log-SNRs, newest first; x/k: start and order of the last prediction
-        return {"m": [], "lam": [], "x": None, "k": 0}
+        # m: estimates at their log-SNRs, newest first; x/k: start and order of the last prediction
+        return {"m": History(self.order), "x": None, "k": 0}
 
     def _update(
         self, grid: Grid, x: Tensor, src: int, dst: int, m: list[Tensor], lam: list[float], new: Tensor | None
@@ -113,14 +113,13 @@ class UniPC(Solver):
         pred = model(x, grid.t[i], i)
         if grid.is_final_clean(i):
             return pred.x0
-        m, lam = state["m"], state["lam"]
+        hist = state["m"]
         new = pred.x0 if self.prediction == "data" else pred.eps
         if self.corrector and state["x"] is not None:
             k = state["k"]
-            x = self._update(grid, state["x"], i - 1, i, m[:k], lam[:k], new)
-        m.insert(0, new)
-        lam.insert(0, grid.lam[i])
-        del m[self.order :], lam[self.order :]
+            x = self._update(grid, state["x"], i - 1, i, hist.values[:k], hist.at[:k], new)
+        hist.push(new, grid.lam[i])
+        m, lam = hist.values, hist.at
         k = step_order(i, grid, self.order, len(m), self.lower_order_final)
         state["x"], state["k"] = x, k
         return self._update(grid, x, i, i + 1, m[:k], lam[:k], None)

@@ -79,11 +79,10 @@ class GaussianMixture:
 
     def _log_resp(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """``log w_k + log N(x; mean_k, var_k)``, shape ``(n, k)``."""
-        diff = x[:, None, :] - mean[None]
-        ll = -0.5 * (
-            (diff**2 / var[None]).sum(-1) + var.log().sum(-1)[None] + self.dim * math.log(2 * math.pi)
-        )
-        return ll + self.weights.log()[None]
+        prec = 1 / var  # (k, d); the quadratic form expanded into matrix products
+        quad = (x * x) @ prec.T - 2 * x @ (mean * prec).T + (mean * mean * prec).sum(-1)
+        ll = -0.5 * (quad + var.log().sum(-1) + self.dim * math.log(2 * math.pi))
+        return ll + self.weights.log()
 
     def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
         """Log density of ``x`` under the noised marginal at ``(alpha, sigma)`` (clean by default)."""
@@ -99,9 +98,9 @@ class GaussianMixture:
         # responsibilities (n, k); not torch.softmax, whose CPU kernel always goes parallel and stalls
         # for milliseconds per call on a busy machine
         r = torch.exp(lr - torch.logsumexp(lr, dim=-1, keepdim=True))
-        gain = alpha * self.variances / var  # (k, d)
-        comp = self.means[None] + gain[None] * (xd[:, None, :] - mean[None])
-        return (r[..., None] * comp).sum(1).to(device=x.device, dtype=x.dtype).reshape(x.shape)
+        gain = alpha * self.variances / var  # (k, d): E[x0 | x, k] = means_k + gain_k (x - mean_k)
+        out = r @ (self.means - gain * mean) + xd * (r @ gain)
+        return out.to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
     def denoiser(self, process: Process) -> Denoiser:
         """The exact ``x0``-predicting :class:`Denoiser` under ``process`` (net time = process time)."""
