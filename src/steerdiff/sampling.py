@@ -22,7 +22,7 @@ __all__ = ["SampleInfo", "sample"]
 log = logging.getLogger(__name__)
 
 DEFAULT_SOLVER = "unipc"
-DEFAULT_SCHEDULE = "karras"
+DEFAULT_SCHEDULE = "karras_jump"
 
 
 @dataclass

@@ -14,6 +14,8 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
   ``exponential`` is the same grid under k-diffusion's name (uniform in ``log(sigma/alpha)``).
 * ``karras`` -- ``s_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho`` in
   ``s = sigma/alpha`` (Karras et al. 2022, Eq. 5).
+* ``karras_jump`` -- below 15 nodes, the first ``n`` points of the ``n + 1``-point Karras grid:
+  the jump to the clean state replaces the node at ``s_min`` (as in the AYS lists).
 * ``ays`` -- Align Your Steps (Sabour et al. 2024): the published 10-step lists, log-linearly
   interpolated to other step counts.
 * ``linspace`` / ``leading`` / ``trailing`` -- the integer timestep spacings of diffusers'
@@ -36,6 +38,7 @@ __all__ = [
     "AYS",
     "Custom",
     "Karras",
+    "KarrasJump",
     "Leading",
     "Linspace",
     "LogSNRUniform",
@@ -135,6 +138,44 @@ class Karras(Schedule):
 
     def __repr__(self) -> str:
         return f"Karras(rho={self.rho:g})"
+
+
+class KarrasJump(Karras):
+    r"""Karras nodes whose last point, ``s_min``, is replaced by the final jump to ``sigma = 0``.
+
+    For ``n < max_nodes`` nodes: the first ``n`` points of the ``n + 1``-point Karras grid,
+    ``s_i = (s_max^(1/rho) + i/n (s_min^(1/rho) - s_max^(1/rho)))^rho``, ``i = 0..n-1``; for
+    ``n >= max_nodes``: :class:`Karras` itself. With :func:`steerdiff.sample`'s clean end the last
+    step returns the denoised estimate at ``s_{n-1} > s_min`` instead of spending an evaluation at
+    ``s_min``, the convention of the Align-Your-Steps lists (Sabour et al. 2024) and of diffusers'
+    multistep ``linspace`` spacing: with few steps the nodes move to higher noise, where the
+    trajectory chooses its mixture component. The price is a bias of order ``s_{n-1} - s_min``
+    (the result is the denoised estimate at ``s_{n-1}``, not at ``s_min``), which dominates the
+    solver error from about 15 steps on; hence ``max_nodes = 15`` (diffusers' threshold for
+    ``lower_order_final``). Meant for ``final="zero"``.
+    """
+
+    name = "karras_jump"
+
+    def __init__(
+        self,
+        rho: float = 7.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        max_nodes: int = 15,
+    ) -> None:
+        super().__init__(rho, sigma_min, sigma_max)
+        if isinstance(max_nodes, bool) or not isinstance(max_nodes, numbers.Integral) or max_nodes < 1:
+            raise ValueError(f"KarrasJump: max_nodes must be an integer >= 1, got {max_nodes!r}")
+        self.max_nodes = int(max_nodes)
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        if n >= self.max_nodes:
+            return super().nodes(process, n)
+        return super().nodes(process, n + 1)[:n]
+
+    def __repr__(self) -> str:
+        return f"KarrasJump(rho={self.rho:g}, max_nodes={self.max_nodes})"
 
 
 # Published Align-Your-Steps 10-step lists (Sabour et al. 2024) for 1000-step VP models: ten
@@ -275,7 +316,7 @@ class Exponential(LogSNRUniform):
 
 _REGISTRY: dict[str, type[Schedule]] = {
     cls.name: cls
-    for cls in (TimeUniform, LogSNRUniform, Exponential, Karras, AYS, Linspace, Leading, Trailing)
+    for cls in (TimeUniform, LogSNRUniform, Exponential, Karras, KarrasJump, AYS, Linspace, Leading, Trailing)
 }
 
 
