@@ -71,10 +71,13 @@ def sample(
         x_T: initial noise at the schedule's first time, as a diffusers pipeline draws it
             (standard normal for VP; ``sigma_max``-scaled for VE/EDM), shape ``(batch, ...)``.
         steps: number of steps ``N`` (grid intervals). NFE is ``solver.nfe(N)``.
-        solver: a name from :func:`steerdiff.solvers.available` or a Solver instance.
-        schedule: a name from :func:`steerdiff.schedules.available` or a Schedule instance.
-        final: ``"zero"`` (default): the last step goes from the last schedule node (``t_min``)
-            to the clean state ``sigma = 0`` and returns the denoised estimate there;
+        solver: a name from :func:`steerdiff.solvers.available` or a Solver instance; default
+            ``"unipc"`` (UniPC-3, bh2, with corrector), the most accurate on the exact benchmark.
+        schedule: a name from :func:`steerdiff.schedules.available` or a Schedule instance;
+            default ``"karras_jump"`` (Karras nodes; below 15 steps the last node gives way to
+            the final jump, see :class:`~steerdiff.schedules.KarrasJump`).
+        final: ``"zero"`` (default): ``steps`` schedule nodes, then the step to the clean state
+            ``sigma = 0``, which returns the denoised estimate at the last node;
             ``"none"``: ``steps + 1`` nodes, the result is the noisy state at the last one.
         generator: the only source of randomness (for stochastic solvers).
         callback: called after every step with ``{"i", "t", "sigma", "x", "nfe"}``.
