@@ -12,8 +12,9 @@ Adams-Bashforth with the *fixed* (uniform-step) coefficients on ``dy/ds = eps`` 
     order 4:  y_{i+1} = y_i + Delta (55 d_i - 59 d_{i-1} + 37 d_{i-2} - 9 d_{i-3}) / 24
 
 (:func:`~steerdiff.solvers._poly.adams_bashforth` on the nodes ``0, -1, -2, -3``) and
-``x_{i+1} = alpha_{i+1} y_{i+1}``. Order ``min(order, i + 1)``; one NFE per step. The step into a
-clean end is first order and returns ``x0`` (the references take a full-order step there).
+``x_{i+1} = alpha_{i+1} y_{i+1}``: :class:`~steerdiff.solvers.lms.LMS` with these weights.
+Order ``min(order, i + 1)``; one NFE per step. The step into a clean end is first order and
+returns ``x0`` (the references take a full-order step there).
 
 The fixed coefficients are exact only for steps of equal length in ``s``; on the usual graded
 grids, and with the first-order first step, the global error is second order whatever ``order``
@@ -23,13 +24,12 @@ variable-step method.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-from torch import Tensor
+from typing import ClassVar
 
 from ._poly import adams_bashforth
-from .base import Grid, History, Model, Solver, step_order
+from .lms import LMS
 
 __all__ = ["IPNDM"]
 
@@ -37,21 +37,10 @@ _COEFFS = tuple(tuple(adams_bashforth([-j for j in range(k)])) for k in range(1,
 
 
 @dataclass
-class IPNDM(Solver):
-    """iPNDM: fixed-coefficient Adams-Bashforth in ``(x/alpha, sigma/alpha)``, order 1-4; 1 NFE per step."""
+class IPNDM(LMS):
+    """iPNDM: :class:`~steerdiff.solvers.lms.LMS` with the fixed uniform-step weights; order 1-4."""
 
     name: ClassVar[str] = "ipndm"
-    max_order: ClassVar[int] = 4
-    order: int = 4
 
-    def init_state(self, grid: Grid) -> dict[str, Any]:
-        return {"eps": History(self.order)}
-
-    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        hist = state["eps"]
-        hist.push(model(x, grid.t[i], i).eps, grid.t[i])
-        d = hist.values
-        k = step_order(i, grid, self.order, len(d), False)
-        delta = grid.sigma[i + 1] / grid.alpha[i + 1] - grid.sigma[i] / grid.alpha[i]
-        y = x / grid.alpha[i] + sum(delta * b * dj for b, dj in zip(_COEFFS[k - 1], d, strict=False))
-        return grid.alpha[i + 1] * y
+    def weights(self, nodes: list[float]) -> Sequence[float]:
+        return _COEFFS[len(nodes) - 1]

@@ -18,6 +18,7 @@ there instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,6 +47,10 @@ class LMS(Solver):
         d, s = hist.values, hist.at
         k = step_order(i, grid, self.order, len(d), False)
         delta = grid.sigma[i + 1] / grid.alpha[i + 1] - s[0]
-        w = adams_bashforth([(sj - s[0]) / delta for sj in s[:k]])
+        w = self.weights([(sj - s[0]) / delta for sj in s[:k]])
         y = x / grid.alpha[i] + sum(delta * wj * dj for wj, dj in zip(w, d, strict=False))
         return grid.alpha[i + 1] * y
+
+    def weights(self, nodes: list[float]) -> Sequence[float]:
+        """Quadrature weights of the past derivatives at ``nodes`` (in units of the step)."""
+        return adams_bashforth(nodes)
