@@ -15,12 +15,15 @@ import torch
 from torch import Tensor
 
 import steerdiff as sd
+from steerdiff.bench.solvers import initial_noise
 from steerdiff.integrations.diffusers_ref import diffusers_sample as diffusers_sample
 from steerdiff.integrations.diffusers_ref import eps_net as eps_net
 from steerdiff.integrations.diffusers_ref import nodes_of as nodes_of
 from steerdiff.integrations.diffusers_ref import sd_betas_config as sd_betas_config
+from steerdiff.metrics import relative_rmse
 
 F64 = torch.float64
+rel_rmse = relative_rmse
 
 
 def smooth_mixture(dim: int = 8, components: int = 4, seed: int = 0) -> sd.toy.GaussianMixture:
@@ -32,17 +35,12 @@ def smooth_mixture(dim: int = 8, components: int = 4, seed: int = 0) -> sd.toy.G
 
 
 def noise(batch: int, dim: int, seed: int = 1, dtype: torch.dtype = F64) -> Tensor:
-    return torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+    return initial_noise(batch, dim, seed, dtype)
 
 
 def exact_sample(gmm: sd.toy.GaussianMixture, process: sd.Process, x_T: Tensor) -> Tensor:
     """What ``sd.sample`` approximates by default: ODE from ``t_max`` to ``t_min``, then denoise."""
     return gmm.reference_ode(x_T, process, process.t_max, process.t_min, denoise=True)
-
-
-def rel_rmse(x: Tensor, ref: Tensor) -> float:
-    x, ref = x.to(F64), ref.to(F64)
-    return float(((x - ref) ** 2).mean().sqrt() / (ref**2).mean().sqrt())
 
 
 def slope(steps: list[int], errors: list[float]) -> float:

@@ -6,7 +6,7 @@
 >>> x0 = sd.sample(den, x_T, steps=10, solver="dpmpp_2m", schedule="karras")
 """
 
-from . import processes, schedules, solvers, toy
+from . import metrics, processes, schedules, solvers, toy
 from .denoiser import Denoiser, Prediction
 from .processes import EDM, VE, VP, Process, RectifiedFlow
 from .sampling import SampleInfo, sample
@@ -22,6 +22,7 @@ __all__ = [
     "Process",
     "RectifiedFlow",
     "SampleInfo",
+    "metrics",
     "processes",
     "sample",
     "schedules",

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .. import sampling, schedules, solvers
 from ..denoiser import Denoiser
 from ..integrations.diffusers_ref import diffusers_sample, nodes_of, run_scheduler, sd_betas_config
+from ..metrics import relative_rmse
 from ..processes import VP, Process
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
 
@@ -59,7 +60,6 @@ __all__ = [
     "initial_noise",
     "make_problem",
     "plot",
-    "rel_rmse",
     "run",
     "sampler_overhead",
     "steps_for_nfe",
@@ -92,12 +92,6 @@ def default_model() -> tuple[GaussianMixture, Process]:
 def initial_noise(batch: int, dim: int, seed: int, dtype: torch.dtype = F64) -> Tensor:
     """``randn(batch, dim)`` from ``torch.Generator().manual_seed(seed)``, drawn in float64."""
     return torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
-
-
-def rel_rmse(x: Tensor, ref: Tensor) -> float:
-    """Relative RMSE ``||x - ref|| / ||ref||`` over all entries, in float64."""
-    x, ref = x.to(F64), ref.to(F64)
-    return float(((x - ref) ** 2).mean().sqrt() / (ref**2).mean().sqrt())
 
 
 def steps_for_nfe(nfe_of: Callable[[int], int], nfe: int) -> int | None:
@@ -195,7 +189,7 @@ def _ours(den: Denoiser, problem: Problem, solver: str, schedule: str, steps: in
     if info.nfe != nfe:
         log.warning("%s: nfe(%d) = %d but the run made %d network calls", solver, steps, nfe, info.nfe)
         return math.nan
-    return rel_rmse(x, problem.ref)
+    return relative_rmse(x, problem.ref)
 
 
 def sweep_steerdiff(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
@@ -333,7 +327,7 @@ def _theirs(config: DiffusersConfig, problem: Problem, steps: int, nfe: int) -> 
     if used != nfe:
         log.warning("diffusers %s: %d steps made %d network calls, not %d", config.method, steps, used, nfe)
         return math.nan
-    return rel_rmse(x, problem.ref)
+    return relative_rmse(x, problem.ref)
 
 
 def sweep_diffusers(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
@@ -368,7 +362,9 @@ def default_vs_diffusers(problem: Problem, nfes: Sequence[int]) -> list[tuple[in
             if n_ours is None or n_theirs is None:
                 continue
             x = sampling.sample(den, problem.x_T, steps=n_ours)
-            out.append((nfe, rel_rmse(x, problem.ref), _theirs(DIFFUSERS_DEFAULT, problem, n_theirs, nfe)))
+            out.append(
+                (nfe, relative_rmse(x, problem.ref), _theirs(DIFFUSERS_DEFAULT, problem, n_theirs, nfe))
+            )
     return out
 
 
