@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import schedules as _schedules
 from . import solvers as _solvers
 from .denoiser import Denoiser
+from .noise import NoiseSource, make_noise
 from .schedules import Schedule
 from .solvers.base import Grid, Model, Solver, Transition, make_grid
 
@@ -58,7 +59,7 @@ def sample(
     schedule: str | Schedule = DEFAULT_SCHEDULE,
     *,
     final: str = "zero",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
     return_info: bool = False,
@@ -79,7 +80,10 @@ def sample(
         final: ``"zero"`` (default): ``steps`` schedule nodes, then the step to the clean state
             ``sigma = 0``, which returns the denoised estimate at the last node;
             ``"none"``: ``steps + 1`` nodes, the result is the noisy state at the last one.
-        generator: the only source of randomness (for stochastic solvers).
+        generator: the only source of randomness (for stochastic solvers): a
+            ``torch.Generator``, a list of them (one per sample: a sample is then the same
+            whatever the batch), or a :class:`~steerdiff.noise.NoiseSource` such as
+            :class:`~steerdiff.noise.BrownianTreeNoise`.
         callback: called after every step with ``{"i", "t", "sigma", "x", "nfe"}``.
         progress: show a tqdm bar.
         return_info: also return a :class:`SampleInfo`.
@@ -95,7 +99,7 @@ def sample(
     sched = _schedules.get(schedule)
     slv = _solvers.get(solver)
     grid = make_grid(den.process, sched, steps, final)
-    model = Model(den, cond)
+    model = Model(den, cond, make_noise(generator))
     state = slv.init_state(grid)
     x = x_T
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
@@ -104,8 +108,7 @@ def sample(
         if isinstance(out, Transition):
             x = out.mean
             if not isinstance(out.std, float) or out.std != 0.0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = x + out.std * noise
+                x = x + out.std * model.noise(grid.t[i], grid.t[i + 1], x)
         else:
             x = out
         if callback is not None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
+from ..noise import GeneratorNoise, NoiseSource
 from ..processes import Process
 from ..schedules import Schedule, check_steps
 
@@ -140,15 +141,19 @@ def step_order(i: int, grid: Grid, order: int, history: int, lower_order_final: 
 
 
 class Model:
-    """Evaluates a :class:`Denoiser` for a solver: counts calls and records non-finite output.
+    """What a solver may call: the denoiser (counted, non-finite output recorded) and the noise.
 
     ``model(x, t, step)`` returns the :class:`Prediction` at process time ``t``; ``step`` is the
-    solver step it belongs to, reported if the output is not finite.
+    solver step it belongs to, reported if the output is not finite. ``model.noise(t_from, t_to,
+    like)`` is the run's noise source (:mod:`steerdiff.noise`), for stochastic sub-steps.
     """
 
-    def __init__(self, denoiser: Denoiser, cond: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, denoiser: Denoiser, cond: dict[str, Any] | None = None, noise: NoiseSource | None = None
+    ) -> None:
         self.denoiser = denoiser
         self.cond = cond or {}
+        self.noise: NoiseSource = noise if noise is not None else GeneratorNoise()
         self.nfe = 0
         self._sums: list[Tensor] = []
         self._where: list[tuple[int, float]] = []

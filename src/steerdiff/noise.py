@@ -1,0 +1,117 @@
+r"""Noise sources for stochastic solvers: where the ``z`` of ``x = mean + std * z`` comes from.
+
+A source is called as ``noise(t_from, t_to, like)`` and returns standard normal noise shaped like
+``like`` for the step from process time ``t_from`` to ``t_to``. :func:`steerdiff.sample` draws
+every stochastic step's noise from one source (:func:`make_noise` builds it from the
+``generator`` argument); solvers with stochastic sub-steps draw theirs from the same source
+through ``model.noise``.
+
+* :class:`GeneratorNoise` -- ``torch.randn`` from one generator (the default).
+* :class:`PerSampleNoise` -- one generator per batch row: sample ``b``'s noise depends only on its
+  own generator, so a sample is the same whatever the batch it is drawn in.
+* :class:`BrownianTreeNoise` -- increments of one Brownian path per sample,
+  ``(W(t_to) - W(t_from)) / sqrt(|t_to - t_from|)``, queried on a Brownian tree (Li et al. 2020,
+  ``torchsde.BrownianInterval``; k-diffusion's ``BrownianTreeNoiseSampler`` idea): runs with
+  different step counts see the same path, so their samples are coupled and converge to the
+  same SDE solution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["BrownianTreeNoise", "GeneratorNoise", "NoiseSource", "PerSampleNoise", "make_noise"]
+
+
+class NoiseSource(Protocol):
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor: ...
+
+
+class GeneratorNoise:
+    """``randn`` from one ``torch.Generator`` (``None``: torch's default generator)."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+
+class PerSampleNoise:
+    """One generator per batch row; row ``b`` draws ``randn(like.shape[1:])`` from ``generators[b]``."""
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        if not generators or not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError("generator: a list must hold one torch.Generator per sample")
+        self.generators = list(generators)
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        if like.shape[0] != len(self.generators):
+            raise ValueError(
+                f"generator: {len(self.generators)} generators for a batch of {like.shape[0]} samples"
+            )
+        return torch.stack(
+            [
+                torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype)
+                for g in self.generators
+            ]
+        )
+
+
+class BrownianTreeNoise:
+    """Normalized increments of one Brownian motion per sample over process time.
+
+    Args:
+        like: a tensor of the batch's shape, device and dtype.
+        t_min, t_max: the time interval the path is defined on (a process's range).
+        seed: one integer (sample ``b`` uses ``seed + b``) or one per sample.
+    """
+
+    def __init__(self, like: Tensor, t_min: float, t_max: float, seed: int | Sequence[int] = 0) -> None:
+        import torchsde
+
+        seeds = [seed + b for b in range(like.shape[0])] if isinstance(seed, int) else list(seed)
+        if len(seeds) != like.shape[0]:
+            raise ValueError(f"seed: {len(seeds)} seeds for a batch of {like.shape[0]} samples")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.trees = [
+            torchsde.BrownianInterval(
+                t0=self.t_min,
+                t1=self.t_max,
+                size=(1, *like.shape[1:]),
+                dtype=like.dtype,
+                device=like.device,
+                entropy=s,
+                tol=1e-6,
+                halfway_tree=True,
+            )
+            for s in seeds
+        ]
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        lo, hi = sorted(min(max(t, self.t_min), self.t_max) for t in (t_from, t_to))
+        if hi - lo <= 0:
+            return torch.zeros_like(like)
+        sign = 1.0 if t_to >= t_from else -1.0
+        w = torch.cat([tree(lo, hi) for tree in self.trees])
+        return (sign / math.sqrt(hi - lo)) * w.reshape(like.shape)
+
+
+def make_noise(generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None) -> NoiseSource:
+    """The source behind ``sample(..., generator=...)``: a generator, a list of per-sample
+    generators, or any :class:`NoiseSource` (e.g. a :class:`BrownianTreeNoise`)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return GeneratorNoise(generator)
+    if isinstance(generator, Sequence):
+        return PerSampleNoise(generator)
+    if callable(generator):
+        return generator
+    raise ValueError(
+        "generator must be a torch.Generator, a list of them (one per sample) or a noise source, "
+        f"got {type(generator).__name__}"
+    )
