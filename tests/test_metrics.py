@@ -19,14 +19,18 @@ def test_sliced_wasserstein_of_a_shift():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 4, generator=g, dtype=torch.float64)
     v = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    sw = sd.metrics.sliced_wasserstein(x, x + v, 20000, torch.Generator().manual_seed(1))
-    assert sw == pytest.approx(0.5, rel=0.02)
+    sw = sd.metrics.sliced_wasserstein(x, x + v, 4000, torch.Generator().manual_seed(1))
+    assert sw == pytest.approx(0.5, rel=0.03)
     same = sd.metrics.sliced_wasserstein(x, x.clone(), 64, torch.Generator().manual_seed(1))
     assert same == pytest.approx(0.0, abs=1e-12)
     # the same generator state gives the same projections
     a = sd.metrics.sliced_wasserstein(x, x + v, 8, torch.Generator().manual_seed(5))
     b = sd.metrics.sliced_wasserstein(x, x + v, 8, torch.Generator().manual_seed(5))
     assert a == b
+    # unequal sizes go through POT: the same value for a set against its own duplicate
+    pot = sd.metrics.sliced_wasserstein(x, torch.cat([x, x]) + v, 64, torch.Generator().manual_seed(5))
+    sorted_ = sd.metrics.sliced_wasserstein(x, x + v, 64, torch.Generator().manual_seed(5))
+    assert pot == pytest.approx(sorted_, rel=1e-9)
     with pytest.raises(ValueError, match="dimensions differ"):
         sd.metrics.sliced_wasserstein(x, x[:, :3])
 
@@ -42,5 +46,5 @@ def test_mmd_is_unbiased_and_detects_a_shift():
 def test_floor_is_the_metric_between_exact_sets():
     gmm = sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))
     small = sd.metrics.floor(gmm.sample, 200, repeats=4)
-    large = sd.metrics.floor(gmm.sample, 3200, repeats=4)
+    large = sd.metrics.floor(gmm.sample, 1600, repeats=4)
     assert 0 < large < small  # the floor shrinks with the sample size
