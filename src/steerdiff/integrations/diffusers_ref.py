@@ -58,32 +58,44 @@ def eps_net(gmm: GaussianMixture, process: Process) -> Callable[[Tensor, Tensor 
 
 
 def run_scheduler(
-    scheduler: Any, net: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, steps: int
+    scheduler: Any,
+    net: Callable[[Tensor, Tensor], Tensor],
+    x_T: Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, int]:
     """A diffusers pipeline's denoising loop around ``net(x, t) -> eps``; returns ``(x0, nfe)``.
 
     ``x = x_T * init_noise_sigma``; for each ``t`` in ``scheduler.timesteps``:
-    ``x = step(net(scale_model_input(x, t), t), t, x).prev_sample``.
+    ``x = step(net(scale_model_input(x, t), t), t, x).prev_sample``; stochastic schedulers draw
+    their noise from ``generator``.
     """
     scheduler.set_timesteps(steps)
     x = x_T * scheduler.init_noise_sigma
+    kwargs = {} if generator is None else {"generator": generator}
     nfe = 0
     for t in scheduler.timesteps:
         out = net(scheduler.scale_model_input(x, t), t)
         nfe += 1
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
     return x, nfe
 
 
 def diffusers_sample(
-    scheduler: Any, gmm: GaussianMixture, process: Process, x_T: Tensor, steps: int
+    scheduler: Any,
+    gmm: GaussianMixture,
+    process: Process,
+    x_T: Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, int]:
     """Run a diffusers ``scheduler`` for ``steps`` inference steps with the exact eps model.
 
     Returns ``(x0, nfe)``, ``nfe`` being the number of network calls (``len(scheduler.timesteps)``:
     ``2 steps - 1`` for Heun). ``x_T`` is standard normal; it is scaled by ``init_noise_sigma``.
+    Stochastic schedulers draw their noise from ``generator``.
     """
-    return run_scheduler(scheduler, eps_net(gmm, process), x_T, steps)
+    return run_scheduler(scheduler, eps_net(gmm, process), x_T, steps, generator)
 
 
 def nodes_of(scheduler: Any) -> Custom:
