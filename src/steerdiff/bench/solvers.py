@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -49,6 +49,7 @@ __all__ = [
     "DiffusersConfig",
     "Overhead",
     "Problem",
+    "Results",
     "Row",
     "SolverBench",
     "best_at",
@@ -57,9 +58,11 @@ __all__ = [
     "default_vs_diffusers",
     "diffusers_configs",
     "format_report",
+    "format_table",
     "initial_noise",
     "make_problem",
     "plot",
+    "quiet_diffusers",
     "run",
     "sampler_overhead",
     "steps_for_nfe",
@@ -296,7 +299,7 @@ def diffusers_configs() -> list[DiffusersConfig]:
 
 
 @contextmanager
-def _quiet_diffusers() -> Iterator[None]:
+def quiet_diffusers() -> Iterator[None]:
     """Silence diffusers' config-change warnings for the duration (restoring its verbosity)."""
     from diffusers.utils import logging as dlog
 
@@ -333,7 +336,7 @@ def _theirs(config: DiffusersConfig, problem: Problem, steps: int, nfe: int) -> 
 def sweep_diffusers(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
     """Every configuration of :func:`diffusers_configs` at every reachable NFE in ``nfes``."""
     rows: list[Row] = []
-    with _quiet_diffusers():
+    with quiet_diffusers():
         for config in tqdm(diffusers_configs(), desc="diffusers", disable=not progress):
             nfe_of = _diffusers_nfe(config)
             row = Row("diffusers", config.method, config.schedule())
@@ -355,7 +358,7 @@ def default_vs_diffusers(problem: Problem, nfes: Sequence[int]) -> list[tuple[in
     den = problem.gmm.denoiser(problem.process)
     nfe_ours = solvers.get(sampling.DEFAULT_SOLVER).nfe
     out = []
-    with _quiet_diffusers():
+    with quiet_diffusers():
         nfe_theirs = _diffusers_nfe(DIFFUSERS_DEFAULT)
         for nfe in nfes:
             n_ours, n_theirs = steps_for_nfe(nfe_ours, nfe), steps_for_nfe(nfe_theirs, nfe)
@@ -409,7 +412,7 @@ def sampler_overhead(
 
     den = Denoiser(net, VP.scaled_linear(), prediction="eps")
     out = []
-    with _quiet_diffusers():
+    with quiet_diffusers():
         for solver, cls in tqdm(OVERHEAD_PAIRS, desc="overhead", disable=not progress):
             if solver not in solvers.available():
                 log.warning("overhead: solver %r is not registered; skipped", solver)
@@ -436,6 +439,13 @@ def sampler_overhead(
                 )
             )
     return out
+
+
+class Results(Protocol):
+    """What :func:`write_csv` and :func:`plot` read: the NFE columns and the rows."""
+
+    nfes: tuple[int, ...]
+    rows: list[Row]
 
 
 @dataclass
@@ -501,7 +511,7 @@ def _fmt(v: float | None) -> str:
     return f"{v:.2e}" if math.isfinite(v) else "nan"
 
 
-def _table(rows: Sequence[Row], nfes: Sequence[int], head: str) -> list[str]:
+def format_table(rows: Sequence[Row], nfes: Sequence[int], head: str) -> list[str]:
     w1 = max([len(head)] + [len(r.method) for r in rows])
     w2 = max([len("schedule")] + [len(r.schedule) for r in rows])
     lines = [f"{head:<{w1}}  {'schedule':<{w2}}" + "".join(f"{n:>9}" for n in nfes)]
@@ -522,13 +532,13 @@ def format_report(result: SolverBench) -> str:
         f"seed {result.seed}); '-': NFE not reachable. All solver x schedule rows are in the CSV.",
         "",
         "steerdiff, best schedule per solver (columns: NFE):",
-        *_table(best_per_method(ours), nfes, "solver"),
+        *format_table(best_per_method(ours), nfes, "solver"),
     ]
     if theirs:
         lines += [
             "",
             "diffusers, best configuration per scheduler (columns: NFE):",
-            *_table(best_per_method(theirs), nfes, "scheduler"),
+            *format_table(best_per_method(theirs), nfes, "scheduler"),
         ]
     if result.default_vs_diffusers:
         lines += [
@@ -562,7 +572,7 @@ def format_report(result: SolverBench) -> str:
     return "\n".join(lines)
 
 
-def write_csv(result: SolverBench, path: str | Path) -> None:
+def write_csv(result: Results, path: str | Path) -> None:
     """All rows: ``source, method, schedule, same_as, nfe_<n>...``; errors as exact float reprs
     (``nan``: the run failed), empty where the NFE is not reachable; ``same_as`` names the schedule
     with the identical grid whose numbers the row repeats."""
@@ -581,9 +591,16 @@ def write_csv(result: SolverBench, path: str | Path) -> None:
             )
 
 
-def plot(result: SolverBench, path: str | Path) -> bool:
+def plot(
+    result: Results,
+    path: str | Path,
+    ylabel: str = "relative RMSE vs exact sample",
+    title: str = "Solvers on the exact 64-d Gaussian mixture (SD betas): steerdiff solid, diffusers dashed",
+    floor: float | None = None,
+) -> bool:
     """Error vs NFE, log-log: best schedule per solver (solid), best configuration per diffusers
-    scheduler (dashed). Returns ``False`` (and logs) if matplotlib is not installed."""
+    scheduler (dashed), and a ``floor`` line if given. Returns ``False`` (and logs) if matplotlib
+    is not installed. Any result with ``nfes`` and ``rows`` (:class:`Row`) can be plotted."""
     try:
         import matplotlib
 
@@ -603,11 +620,13 @@ def plot(result: SolverBench, path: str | Path) -> bool:
                 xs, ys = zip(*pts, strict=True)
                 ax.loglog(xs, ys, style, marker="o", ms=3, color=colors[k % len(colors)], label=r.label)
                 k += 1
+    if floor is not None:
+        ax.axhline(floor, color="black", lw=1, ls=":", label="floor (exact vs exact)")
     ax.set_xticks(list(result.nfes), [str(n) for n in result.nfes])
     ax.minorticks_off()
     ax.set_xlabel("NFE")
-    ax.set_ylabel("relative RMSE vs exact sample")
-    ax.set_title("Solvers on the exact 64-d Gaussian mixture (SD betas): steerdiff solid, diffusers dashed")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     fig.tight_layout()

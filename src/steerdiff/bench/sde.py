@@ -1,0 +1,179 @@
+r"""``steerdiff bench sde``: stochastic samplers' distance to the exact distribution, beside diffusers.
+
+Model: the embedded default (:func:`steerdiff.bench.solvers.default_model`: the 64-d, 10-component
+Gaussian mixture under Stable Diffusion's betas, exact denoiser). ``n`` samples from standard
+normal ``x_T`` (seed ``seed``), noise from ``torch.Generator().manual_seed(seed + 1)``; distance:
+sliced Wasserstein-2 (:func:`steerdiff.metrics.sliced_wasserstein`, 256 fixed projections) to
+``n`` exact samples of the mixture, quoted beside the floor (:func:`steerdiff.metrics.floor`: the
+same distance between two independent exact sets of size ``n``).
+
+* every stochastic solver of :func:`steerdiff.solvers.available` with the ``time_uniform`` and
+  ``karras`` schedules at each NFE of :data:`NFES` it reaches;
+* diffusers' stochastic schedulers (:func:`diffusers_configs`) on the same model, ``x_T`` and
+  seeds, when diffusers is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import metrics, sampling, solvers
+from ..integrations.diffusers_ref import diffusers_sample
+from .solvers import (
+    DiffusersConfig,
+    Row,
+    best_at,
+    best_per_method,
+    default_model,
+    format_table,
+    initial_noise,
+    quiet_diffusers,
+    steps_for_nfe,
+)
+
+__all__ = ["NFES", "QUICK_NFES", "SdeBench", "diffusers_configs", "format_report", "run"]
+
+log = logging.getLogger(__name__)
+
+NFES = (10, 20, 50, 100, 200)
+QUICK_NFES = (20, 100)
+SCHEDULES = ("time_uniform", "karras")
+PROJECTIONS = 256
+
+
+def diffusers_configs() -> list[DiffusersConfig]:
+    """DDPM, Euler ancestral, SDE-DPM-Solver++ (orders 2, 3) and SA-Solver, SD betas."""
+    return [
+        DiffusersConfig("DDPM", "DDPMScheduler", (("clip_sample", False),)),
+        DiffusersConfig("EulerAncestral", "EulerAncestralDiscreteScheduler"),
+        *(
+            DiffusersConfig(
+                f"DPMSolverMultistep(sde-dpmsolver++, order={k})",
+                "DPMSolverMultistepScheduler",
+                (("algorithm_type", "sde-dpmsolver++"), ("solver_order", k)),
+            )
+            for k in (2, 3)
+        ),
+        DiffusersConfig("SASolver", "SASolverScheduler"),
+    ]
+
+
+@dataclass
+class SdeBench:
+    """Everything ``steerdiff bench sde`` measured (``rows[i].errors``: sliced W2 per NFE)."""
+
+    nfes: tuple[int, ...]
+    n: int
+    seed: int
+    floor: float
+    prior: float
+    rows: list[Row]
+    seconds: dict[str, float]
+
+    def of(self, source: str) -> list[Row]:
+        return [r for r in self.rows if r.source == source]
+
+
+def run(
+    n: int = 2048, seed: int = 0, quick: bool = False, with_diffusers: bool = True, progress: bool = False
+) -> SdeBench:
+    """Run the benchmark (``quick``: NFE in :data:`QUICK_NFES`)."""
+    nfes = QUICK_NFES if quick else NFES
+    gmm, proc = default_model()
+    den = gmm.denoiser(proc)
+    x_T = initial_noise(n, gmm.dim, seed)
+    exact = gmm.sample(n, torch.Generator().manual_seed(seed + 3))
+
+    def sw2(x: torch.Tensor, y: torch.Tensor) -> float:
+        return metrics.sliced_wasserstein(x, y, PROJECTIONS, torch.Generator().manual_seed(seed + 4))
+
+    def distance(x: torch.Tensor) -> float:
+        return sw2(x, exact)
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    floor = metrics.floor(gmm.sample, n, sw2, repeats=3, generator=torch.Generator().manual_seed(seed + 5))
+    prior = distance(x_T)
+    rows: list[Row] = []
+    for name in tqdm(solvers.available(), desc="steerdiff", disable=not progress):
+        solver = solvers.get(name)
+        if not solver.stochastic:
+            continue
+        for sched in SCHEDULES:
+            row = Row("steerdiff", name, sched)
+            for nfe in nfes:
+                steps = steps_for_nfe(solver.nfe, nfe)
+                if steps is None:
+                    continue
+                try:
+                    x, info = sampling.sample(
+                        den,
+                        x_T,
+                        steps=steps,
+                        solver=name,
+                        schedule=sched,
+                        generator=torch.Generator().manual_seed(seed + 1),
+                        return_info=True,
+                    )
+                    row.errors[nfe] = distance(x) if info.nfe == nfe else math.nan
+                except (ValueError, FloatingPointError) as err:
+                    log.warning("%s/%s at %d steps failed: %s", name, sched, steps, err)
+                    row.errors[nfe] = math.nan
+            rows.append(row)
+    seconds["steerdiff"] = time.perf_counter() - t0
+    if with_diffusers:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            log.warning("diffusers is not installed: running steerdiff's samplers only")
+            with_diffusers = False
+    if with_diffusers:
+        t0 = time.perf_counter()
+        with quiet_diffusers():
+            for config in tqdm(diffusers_configs(), desc="diffusers", disable=not progress):
+                row = Row("diffusers", config.method, config.schedule())
+                for nfe in nfes:
+                    try:
+                        x, used = diffusers_sample(
+                            config.make(), gmm, proc, x_T, nfe, torch.Generator().manual_seed(seed + 1)
+                        )
+                        row.errors[nfe] = distance(x) if used == nfe else math.nan
+                    except Exception as err:  # a failing reference run is reported, not fatal
+                        log.warning("diffusers %s at %d steps failed: %r", config.method, nfe, err)
+                        row.errors[nfe] = math.nan
+                rows.append(row)
+        seconds["diffusers"] = time.perf_counter() - t0
+    return SdeBench(tuple(nfes), n, seed, floor, prior, rows, seconds)
+
+
+def format_report(result: SdeBench) -> str:
+    """Best schedule per sampler, best configuration per diffusers scheduler, and at each NFE the
+    best of ours against the best of diffusers, in units of the floor."""
+    ours, theirs = result.of("steerdiff"), result.of("diffusers")
+    lines = [
+        f"Sliced W2 to {result.n} exact samples (default 64-d mixture, SD betas, seed {result.seed}); "
+        f"floor (exact vs exact) {result.floor:.4f}, x_T vs exact {result.prior:.4f}.",
+        "",
+        "steerdiff, best schedule per sampler (columns: NFE):",
+        *format_table(best_per_method(ours), result.nfes, "sampler"),
+    ]
+    if theirs:
+        lines += [
+            "",
+            "diffusers (columns: NFE):",
+            *format_table(best_per_method(theirs), result.nfes, "scheduler"),
+        ]
+    lines += ["", "best at each NFE, as a multiple of the floor:"]
+    for nfe in result.nfes:
+        a, b = best_at(ours, nfe), best_at(theirs, nfe)
+        parts = [f"{r.label} {r.errors[nfe] / result.floor:.2f}x" for r in (a, b) if r is not None]
+        ratio = f"  ratio {a.errors[nfe] / b.errors[nfe]:.3g}" if a is not None and b is not None else ""
+        lines.append(f"    NFE {nfe:>3}: " + " vs ".join(parts) + ratio)
+    lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]
+    return "\n".join(lines)
