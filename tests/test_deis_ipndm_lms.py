@@ -15,6 +15,10 @@ Parity notes (diffusers 0.42):
   driven through ``trained_betas`` (which it reads as the node sigmas) on a steerdiff grid, with
   the exact v. It is order 4 only.
 
+DEIS ``variant="tab"`` (the paper's tAB-DEIS, polynomial in process time) has no diffusers
+counterpart; its quadrature weights are checked against ``scipy.integrate.quad`` in ``t`` (split at
+VP.discrete's integer timesteps, where ``d rho / dt`` jumps).
+
 Convergence: every method here starts with a first-order step (warm-up), so asymptotically the
 global order of each is at most 2; the warm-up error is small (the noise end has ``alpha ~ 0.07``)
 and the nominal orders show over 10-80 steps for DEIS and LMS 1-3. LMS 4 reaches ~3.4 there.
@@ -25,7 +29,9 @@ of all formulas are checked on one step with exact history (local error O(h^(k+1
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -34,6 +40,7 @@ from scipy import integrate
 import steerdiff as sd
 from steerdiff.solvers import DEIS, IPNDM, LMS, Model, make_grid
 from steerdiff.solvers._poly import adams_bashforth, exp_adams_bashforth
+from steerdiff.solvers.deis import tab_weights
 
 from .reference import (
     diffusers_sample,
@@ -76,6 +83,62 @@ def test_exponential_weights_match_quadrature(h):
     assert h * exp_adams_bashforth([0.0], h)[0] == pytest.approx(math.expm1(h), rel=1e-14)
 
 
+def _drho(process: sd.Process, a: float, b: float) -> Callable[[float], float]:
+    """``rho'(t)`` on ``[a, b]``: for VP.discrete, ``lam`` is linear between integer timesteps
+    ``n <= a < b <= n + 1`` and ``rho = e^{-lam}``; otherwise from ``alpha``, ``sigma`` and their
+    derivatives."""
+    if isinstance(process, sd.processes.VPDiscrete):
+        n = math.floor(a)
+        l0, l1 = (float(process.lam(float(m))) for m in (n, n + 1))
+        return lambda t: -(l1 - l0) * math.exp(-(l0 + (t - n) * (l1 - l0)))
+
+    def drho(t: float) -> float:
+        al, s = float(process.alpha(t)), float(process.sigma(t))
+        return (float(process.d_sigma(t)) * al - s * float(process.d_alpha(t))) / al**2
+
+    return drho
+
+
+def _tab_reference(process: sd.Process, nodes: list[float], t_next: float) -> list[float]:
+    """``int_{t_0}^{t_next} l_j(t) rho'(t) dt`` by adaptive quadrature in ``t``, piece by piece
+    between VP.discrete's integer timesteps (``rho'`` jumps there)."""
+    lo, hi = sorted((nodes[0], t_next))
+    inner = range(math.floor(lo) + 1, math.ceil(hi)) if isinstance(process, sd.processes.VPDiscrete) else []
+    edges = [lo, *inner, hi]
+    drhos = [_drho(process, a, b) for a, b in itertools.pairwise(edges)]
+    sign = 1.0 if t_next > nodes[0] else -1.0
+    out = []
+    for j, tj in enumerate(nodes):
+
+        def basis(t: float, j: int = j, tj: float = tj) -> float:
+            return math.prod((t - tm) / (tj - tm) for m, tm in enumerate(nodes) if m != j)
+
+        pieces = (
+            integrate.quad(lambda t, d=d: basis(t) * d(t), a, b, epsabs=0, epsrel=1e-13)[0]
+            for (a, b), d in zip(itertools.pairwise(edges), drhos, strict=True)
+        )
+        out.append(sign * math.fsum(pieces))
+    return out
+
+
+@pytest.mark.parametrize("process", [sd.VP.scaled_linear(), sd.VP.cosine()], ids=repr)
+@pytest.mark.parametrize("k", [2, 3])
+def test_tab_weights_match_quadrature(process, k):
+    grid = make_grid(process, sd.schedules.get("karras"), 6, final="none")
+    for i in range(k - 1, grid.steps):
+        nodes = grid.t[i - k + 1 : i + 1][::-1]
+        ref = _tab_reference(process, nodes, grid.t[i + 1])
+        assert tab_weights(process, nodes, grid.t[i + 1]) == pytest.approx(ref, rel=1e-10, abs=0)
+
+
+def test_tab_weight_of_one_node_is_the_rho_increment(sd_process):
+    """``int d rho = rho_{i+1} - rho_i``: the order-1 tAB step is DDIM."""
+    grid = make_grid(sd_process, sd.schedules.get("time_uniform"), 7, final="none")
+    for i in range(grid.steps):
+        drho = grid.sigma[i + 1] / grid.alpha[i + 1] - grid.sigma[i] / grid.alpha[i]
+        assert tab_weights(sd_process, [grid.t[i]], grid.t[i + 1])[0] == pytest.approx(drho, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------- parity
 
 
@@ -91,7 +154,13 @@ def test_deis_matches_diffusers(diffusers, gmm, sd_process, x_T, order, steps):
     ref, nfe = diffusers_sample(sched, gmm, sd_process, x_T, steps)
     nodes = sd.schedules.Custom([*nodes_of(sched).grid.tolist(), 0.0])  # diffusers ends at t = 0
     ours, info = sd.sample(
-        gmm.denoiser(sd_process), x_T, steps, DEIS(order=order), nodes, final="none", return_info=True
+        gmm.denoiser(sd_process),
+        x_T,
+        steps,
+        DEIS(order=order, variant="log_rho"),
+        nodes,
+        final="none",
+        return_info=True,
     )
     assert info.nfe == nfe == steps
     assert rel_rmse(ours, ref) < 1e-4
@@ -162,7 +231,11 @@ def exact(gmm, sd_process, x_T):
 
 
 CONVERGENCE = [
-    *[(DEIS(order=k, lower_order_final=False), "logsnr_uniform", k - 0.35, k + 0.35) for k in (1, 2, 3)],
+    *[
+        (DEIS(order=k, variant=v, lower_order_final=False), "logsnr_uniform", k - 0.35, k + 0.35)
+        for v in ("log_rho", "tab")
+        for k in (1, 2, 3)
+    ],
     *[(LMS(order=k), "karras", k - 0.35, k + 0.35) for k in (1, 2, 3)],
     (LMS(order=4), "karras", 3.0, 4.35),  # ~3.4: pre-asymptotic, the warm-up caps it at 2 eventually
     *[(IPNDM(order=k), "karras", min(k, 2) - 0.35, min(k, 2) + 0.35) for k in (1, 2, 3, 4)],
@@ -197,7 +270,11 @@ def trajectories(gmm, sd_process):
 
 
 LOCAL = [
-    *[(DEIS(order=k, lower_order_final=False), k + 1) for k in (1, 2, 3)],
+    *[
+        (DEIS(order=k, variant=v, lower_order_final=False), k + 1)
+        for v in ("log_rho", "tab")
+        for k in (1, 2, 3)
+    ],
     *[(LMS(order=k), k + 1) for k in (1, 2, 3, 4)],
     *[(IPNDM(order=k), min(k, 2) + 1) for k in (1, 2, 3, 4)],  # fixed coefficients, graded steps
 ]
@@ -220,10 +297,14 @@ def test_local_error_order_with_exact_history(gmm, sd_process, trajectories, sol
 
 # ---------------------------------------------------------------------------------------- contract
 
-ALL = [DEIS(order=3), LMS(order=4), IPNDM(order=4)]
+ALL = [DEIS(order=3, variant="log_rho"), DEIS(order=3, variant="tab"), LMS(order=4), IPNDM(order=4)]
 
 
-@pytest.mark.parametrize("solver", ALL, ids=lambda s: s.name)
+def _name(solver: sd.solvers.Solver) -> str:
+    return f"{solver.name}-{solver.variant}" if isinstance(solver, DEIS) else solver.name
+
+
+@pytest.mark.parametrize("solver", ALL, ids=_name)
 def test_clean_end_returns_denoised_estimate(gmm, sd_process, x_T, solver):
     states = []
     den = gmm.denoiser(sd_process)
@@ -235,7 +316,7 @@ def test_clean_end_returns_denoised_estimate(gmm, sd_process, x_T, solver):
     assert rel_rmse(out, gmm.denoise(states[-2], g.alpha[-2], g.sigma[-2])) < 1e-12
 
 
-@pytest.mark.parametrize("solver", ALL, ids=lambda s: s.name)
+@pytest.mark.parametrize("solver", ALL, ids=_name)
 def test_too_few_steps_lower_the_order(gmm, sd_process, x_T, solver):
     den = gmm.denoiser(sd_process)
     one, info = sd.sample(den, x_T, 1, solver, "karras", return_info=True)
@@ -254,6 +335,28 @@ def test_unsupported_order_raises(cls, bad, accepted):
         cls(order=bad)
     with pytest.raises(ValueError, match=accepted):
         cls(order=True)
+
+
+@pytest.mark.parametrize("schedule", ["karras", "time_uniform"])
+def test_tab_order_one_is_ddim(gmm, sd_process, x_T, schedule):
+    den = gmm.denoiser(sd_process)
+    for final in ("zero", "none"):
+        tab, info = sd.sample(
+            den, x_T, 12, DEIS(order=1, variant="tab"), schedule, final=final, return_info=True
+        )
+        assert info.nfe == 12
+        assert rel_rmse(tab, sd.sample(den, x_T, 12, "ddim", schedule, final=final)) < 1e-12
+
+
+@pytest.mark.parametrize("steps", [3, 7, 20])
+def test_tab_nfe_is_steps(gmm, sd_process, x_T, steps):
+    _, info = sd.sample(gmm.denoiser(sd_process), x_T, steps, DEIS(variant="tab"), "karras", return_info=True)
+    assert info.nfe == DEIS(variant="tab").nfe(steps) == steps
+
+
+def test_unsupported_deis_variant_raises():
+    with pytest.raises(ValueError, match=r"variant='rho'.*accepted: \('log_rho', 'tab'\)"):
+        DEIS(variant="rho")
 
 
 def test_registry_names():

@@ -10,7 +10,9 @@ the weight:
 
 * ``w = 1`` (Adams-Bashforth, LMS, iPNDM): ``M_m = 1 / (m + 1)``;
 * ``w = e^{h (1 - theta)}`` (exponential integrator of the noise-prediction ODE, DEIS):
-  ``M_m = m! phi_{m+1}(h)`` with the phi functions of :mod:`steerdiff.solvers._exp`.
+  ``M_m = m! phi_{m+1}(h)`` with the phi functions of :mod:`steerdiff.solvers._exp`;
+* ``d rho`` with ``rho = sigma / alpha`` and the nodes in process time (tAB-DEIS): moments by
+  quadrature, :func:`steerdiff.solvers.deis.tab_weights`.
 
 At most four nodes are used, so the monomial form is well conditioned on the unit interval.
 """
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 
 from ._exp import phi
 
-__all__ = ["adams_bashforth", "exp_adams_bashforth", "lagrange_basis"]
+__all__ = ["adams_bashforth", "exp_adams_bashforth", "lagrange_basis", "lagrange_weights"]
 
 
 def lagrange_basis(nodes: Sequence[float]) -> list[list[float]]:
@@ -40,7 +42,8 @@ def lagrange_basis(nodes: Sequence[float]) -> list[list[float]]:
     return basis
 
 
-def _weights(nodes: Sequence[float], moments: Sequence[float]) -> list[float]:
+def lagrange_weights(nodes: Sequence[float], moments: Sequence[float]) -> list[float]:
+    """``w_j = sum_m c[j][m] M_m``: the weights of ``l_j`` from the moments ``M_m`` of the weight."""
     return [sum(c * mm for c, mm in zip(coef, moments, strict=True)) for coef in lagrange_basis(nodes)]
 
 
@@ -49,7 +52,7 @@ def adams_bashforth(nodes: Sequence[float]) -> list[float]:
 
     ``adams_bashforth([0, -1, -2])`` gives the classical AB3 weights ``(23, -16, 5) / 12``.
     """
-    return _weights(nodes, [1.0 / (m + 1) for m in range(len(nodes))])
+    return lagrange_weights(nodes, [1.0 / (m + 1) for m in range(len(nodes))])
 
 
 def exp_adams_bashforth(nodes: Sequence[float], h: float) -> list[float]:
@@ -58,4 +61,4 @@ def exp_adams_bashforth(nodes: Sequence[float], h: float) -> list[float]:
     ``h * exp_adams_bashforth([0], h) = e^h - 1``; these are the exponential Adams-Bashforth
     weights of DEIS (Zhang & Chen 2023) in the variable ``lam``.
     """
-    return _weights(nodes, [math.factorial(m) * phi(m + 1, h) for m in range(len(nodes))])
+    return lagrange_weights(nodes, [math.factorial(m) * phi(m + 1, h) for m in range(len(nodes))])

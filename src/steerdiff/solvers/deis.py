@@ -1,60 +1,158 @@
 r"""DEIS multistep (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential
-Integrator"), the Adams-Bashforth exponential integrator (AB-DEIS) on noise prediction.
+Integrator"), the Adams-Bashforth exponential integrators AB-DEIS on noise prediction.
 
-The noise-prediction ODE has an exact linear part (:mod:`steerdiff.solvers._exp`); with
-``h = lam_{i+1} - lam_i``,
+With ``rho = sigma / alpha`` the noise-prediction ODE is ``d(x / alpha) = eps d rho``, so
 
-    x_{i+1} = (alpha_{i+1} / alpha_i) x_i - sigma_{i+1} int_0^h e^{h-u} eps(lam_i + u) du.
+    x_{i+1} / alpha_{i+1} = x_i / alpha_i + int_{t_i}^{t_{i+1}} eps(tau) d rho(tau).
 
-DEIS replaces ``eps`` by the Lagrange polynomial through the last ``k`` evaluations
-``eps_i, ..., eps_{i-k+1}`` and integrates it exactly against the exponential weight:
+AB-DEIS replaces ``eps`` by the Lagrange polynomial through the last ``k`` evaluations
+``eps_i, ..., eps_{i-k+1}`` in some variable and integrates it exactly against ``d rho``:
 
-    x_{i+1} = (alpha_{i+1} / alpha_i) x_i - sigma_{i+1} h sum_j w_j eps_{i-j},
-    w_j = int_0^1 e^{h (1 - theta)} l_j(theta) dtheta,   theta_j = (lam_{i-j} - lam_i) / h
+    x_{i+1} / alpha_{i+1} = x_i / alpha_i + sum_j w_j eps_{i-j},   w_j = int l_j d rho.
 
-(:func:`~steerdiff.solvers._poly.exp_adams_bashforth`). The polynomial is in
-``lam = -log rho``, ``rho = sigma / alpha``: the "log-rho" variant of the DEIS reference code and
-of diffusers' ``DEISMultistepScheduler`` (which writes the same step as
-``x_{i+1}/alpha_{i+1} = x_i/alpha_i + sum_j eps_{i-j} int l_j(log rho) drho``); the paper's
-tAB-DEIS interpolates in ``t``, rhoAB-DEIS in ``rho``. Order 1 is DDIM,
-``x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i``, which is also the step into a clean end
-(it returns ``x0``). One NFE per step; warm-up at the first steps and lower order at the last
+The variable is the ``variant``:
+
+* ``"log_rho"``: polynomial in ``lam = -log rho`` (the DEIS reference code's ``log-rho`` and
+  diffusers' ``DEISMultistepScheduler``). Then ``d rho = -rho d lam`` and the weights are the
+  exponential Adams-Bashforth weights in closed form, with ``h = lam_{i+1} - lam_i``:
+
+      x_{i+1} = (alpha_{i+1} / alpha_i) x_i - sigma_{i+1} h sum_j w_j eps_{i-j},
+      w_j = int_0^1 e^{h (1 - theta)} l_j(theta) dtheta,   theta_j = (lam_{i-j} - lam_i) / h
+
+  (:func:`~steerdiff.solvers._poly.exp_adams_bashforth`).
+* ``"tab"``: the paper's tAB-DEIS, polynomial in process time ``t``; the weights
+  ``w_j = int_{t_i}^{t_{i+1}} l_j(tau) rho'(tau) dtau`` have no closed form for a general process
+  and are computed by Gauss-Legendre quadrature in ``u = log rho`` (:func:`tab_weights`), once
+  per grid in :meth:`DEIS.init_state`.
+
+The paper's rhoAB-DEIS (polynomial in ``rho``) is exactly steerdiff's ``lms``
+(:class:`~steerdiff.solvers.lms.LMS`). Order 1 of every variant is DDIM,
+``x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i``, which is also the step into a clean end (it
+returns ``x0``). One NFE per step; warm-up at the first steps and lower order at the last
 (``lower_order_final``, see :func:`~steerdiff.solvers.base.step_order`).
+
+Default ``"log_rho"``, by measurement (order 3, NFE 5-50, karras_jump / karras / logsnr_uniform /
+time_uniform on ``VP.scaled_linear``): its error is 1.1-4.8x below tAB's on a smooth mixture in 15
+of 16 cases, and its median per-sample error 1.5-9x below on the benchmark problem at NFE >= 10,
+where tAB's lower relative RMSE (mostly by <= 18%) comes from the few samples that change mode.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
 from torch import Tensor
 
-from ._poly import exp_adams_bashforth
+from ..processes import Process, VPDiscrete
+from ._poly import exp_adams_bashforth, lagrange_weights
 from .base import Grid, History, Model, Solver, step_order
 
-__all__ = ["DEIS"]
+__all__ = ["DEIS", "tab_weights"]
+
+VARIANTS = ("log_rho", "tab")
+GL_NODES = 8  # Gauss-Legendre nodes per piece
+MAX_PIECE = 1.0  # longest piece in u = log rho
+
+
+@functools.cache
+def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return torch.from_numpy(nodes), torch.from_numpy(weights)
+
+
+def _kinks(process: Process, t_a: float, t_b: float) -> Tensor:
+    """Times strictly between ``t_a`` and ``t_b`` at which ``t(lam)`` is not smooth.
+
+    :meth:`~steerdiff.processes.VP.discrete`'s integer timesteps (``lam`` is linear between them);
+    none for the continuous processes.
+    """
+    if not isinstance(process, VPDiscrete):
+        return torch.zeros(0, dtype=torch.float64)
+    lo, hi = min(t_a, t_b), max(t_a, t_b)
+    return torch.arange(math.floor(lo) + 1, math.ceil(hi), dtype=torch.float64)
+
+
+def tab_weights(process: Process, nodes: Sequence[float], t_next: float) -> list[float]:
+    r"""tAB-DEIS weights ``w_j = int_{t_0}^{t_next} l_j(tau) d rho(tau)``, ``rho = sigma / alpha``.
+
+    ``l_j`` is the Lagrange basis in process time through ``nodes`` (``nodes[0] = t_0`` the current
+    node). With ``theta = (t - t_0) / (t_next - t_0)``, ``w_j = sum_m c_{jm} M_m``
+    (:func:`~steerdiff.solvers._poly.lagrange_weights`) with the moments
+    ``M_m = int theta^m d rho = int_{u_0}^{u_next} theta(t(u))^m e^u du`` in ``u = log rho = -lam``,
+    by Gauss-Legendre quadrature (:data:`GL_NODES` nodes) on pieces of length at most
+    :data:`MAX_PIECE` in ``u``, split where ``t(lam)`` has a kink (:meth:`VP.discrete`'s integer
+    timesteps), so the integrand is analytic on each piece (for ``VP.discrete``, ``t`` is linear
+    in ``u`` there and the integrand a polynomial times ``e^u``). ``M_0 = rho_next - rho_0``.
+    """
+    t0 = nodes[0]
+    u_a, u_b = (-float(process.lam(t)) for t in (t0, t_next))
+    pieces = max(1, math.ceil(abs(u_b - u_a) / MAX_PIECE))
+    knots = -process.lam(_kinks(process, t0, t_next))
+    edges = torch.cat([torch.linspace(u_a, u_b, pieces + 1, dtype=torch.float64), knots])
+    edges = edges.sort(descending=u_b < u_a).values
+    x, w = _gauss_legendre(GL_NODES)
+    mid, half = (edges[1:] + edges[:-1]) / 2, (edges[1:] - edges[:-1]) / 2
+    u = (mid[:, None] + half[:, None] * x).flatten()
+    dw = (half[:, None] * w).flatten() * u.exp()
+    theta = (process.t_of_lam(-u) - t0) / (t_next - t0)
+    moments = [float((dw * theta**m).sum()) for m in range(len(nodes))]
+    return lagrange_weights([(t - t0) / (t_next - t0) for t in nodes], moments)
 
 
 @dataclass
 class DEIS(Solver):
-    """DEIS (AB-DEIS, log-rho) multistep of order 1-3; one network evaluation per step."""
+    """AB-DEIS multistep of order 1-3; one network evaluation per step.
+
+    Args:
+        order: the number of past evaluations interpolated (diffusers' ``solver_order``).
+        variant: ``"log_rho"`` (polynomial in ``lam``, diffusers' DEIS) or ``"tab"`` (polynomial in
+            process time ``t``, the paper's tAB-DEIS).
+        lower_order_final: lower the order at the last steps of short runs (< 15 steps).
+    """
 
     name: ClassVar[str] = "deis"
     max_order: ClassVar[int] = 3
     order: int = 3
+    variant: str = "log_rho"
     lower_order_final: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant={self.variant!r} is not supported; accepted: {VARIANTS}")
+
+    def _order(self, i: int, grid: Grid) -> int:
+        # one evaluation is pushed per step, so min(i + 1, order) are available at step i
+        return step_order(i, grid, self.order, min(i + 1, self.order), self.lower_order_final)
+
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        return {"eps": History(self.order)}
+        state: dict[str, Any] = {"eps": History(self.order)}
+        if self.variant == "tab":
+            state["w"] = [
+                tab_weights(grid.process, grid.t[i - k + 1 : i + 1][::-1], grid.t[i + 1])
+                if (k := self._order(i, grid)) > 1
+                else None
+                for i in range(grid.steps)
+            ]
+        return state
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         pred = model(x, grid.t[i], i)
         hist = state["eps"]
         hist.push(pred.eps, grid.lam[i])
         eps, lams = hist.values, hist.at
-        k = step_order(i, grid, self.order, len(eps), self.lower_order_final)
+        k = self._order(i, grid)
         if k == 1:
             return pred.renoise(grid.alpha[i + 1], grid.sigma[i + 1])
+        if self.variant == "tab":
+            y = x / grid.alpha[i] + sum(wj * e for wj, e in zip(state["w"][i], eps, strict=False))
+            return grid.alpha[i + 1] * y
         h = grid.h(i)
         w = exp_adams_bashforth([(lam - lams[0]) / h for lam in lams[:k]], h)
         c = grid.sigma[i + 1] * h
