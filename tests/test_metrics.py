@@ -48,3 +48,11 @@ def test_floor_is_the_metric_between_exact_sets():
     small = sd.metrics.floor(gmm.sample, 200, repeats=4)
     large = sd.metrics.floor(gmm.sample, 1600, repeats=4)
     assert 0 < large < small  # the floor shrinks with the sample size
+
+
+def test_floor_against_a_fixed_reference():
+    gmm = sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))
+    ref = gmm.sample(4000, torch.Generator().manual_seed(9))
+    seen = []
+    value = sd.metrics.floor(gmm.sample, 100, lambda a, b: seen.append(b) or 1.0, repeats=3, reference=ref)
+    assert value == 1.0 and len(seen) == 3 and all(b is ref for b in seen)

@@ -6,9 +6,9 @@
 >>> x0 = sd.sample(den, x_T, steps=10, solver="dpmpp_2m", schedule="karras")
 """
 
-from . import metrics, noise, processes, schedules, solvers, toy
+from . import mcmc, metrics, noise, processes, schedules, solvers, toy
 from .denoiser import Denoiser, Prediction
-from .processes import EDM, VE, VP, Process, RectifiedFlow
+from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
 from .sampling import SampleInfo, sample
 from .solvers.base import NonFiniteError
 
@@ -17,11 +17,13 @@ __all__ = [
     "VE",
     "VP",
     "Denoiser",
+    "MeanReverting",
     "NonFiniteError",
     "Prediction",
     "Process",
     "RectifiedFlow",
     "SampleInfo",
+    "mcmc",
     "metrics",
     "noise",
     "processes",

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     bd.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
-    bd.add_argument("--n", type=_positive, default=2048, help="samples (default: 2048)")
+    bd.add_argument("--n", type=_positive, default=4096, help="samples (default: 4096)")
     bd.add_argument("--seed", type=int, default=0, help="seed of x_T; the noise uses seed + 1 (default: 0)")
     bd.add_argument("--quick", action="store_true", help="NFE 20 and 100 only")
     bd.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")

@@ -40,10 +40,11 @@ class Prediction:
     """What a denoiser says at ``(x, t)``: ``x0`` and ``eps``, with ``x = alpha x0 + sigma eps``.
 
     Built from one of the two (``given``); the other is derived on first access, so a solver that
-    reads only ``eps`` (Euler, Heun) never pays for ``x0``.
+    reads only ``eps`` (Euler, Heun) never pays for ``x0``. ``var_interp`` is the learned-variance
+    interpolation ``v`` of a ``learned_variance`` denoiser (else ``None``).
     """
 
-    __slots__ = ("_eps", "_x0", "alpha", "sigma", "x")
+    __slots__ = ("_eps", "_x0", "alpha", "sigma", "var_interp", "x")
 
     def __init__(
         self,
@@ -57,6 +58,7 @@ class Prediction:
         if (x0 is None) == (eps is None):
             raise ValueError("Prediction: give exactly one of `x0` or `eps`")
         self.x, self.alpha, self.sigma, self._x0, self._eps = x, alpha, sigma, x0, eps
+        self.var_interp: Tensor | None = None
 
     @property
     def given(self) -> Tensor:
@@ -100,6 +102,11 @@ class Denoiser:
         time_map: maps process time (float64) to the net's time input; defaults to
             ``process.model_time`` (the identity: for ``VP.discrete`` the timestep index).
         shape: the shape of one sample, if known; :func:`steerdiff.sample` then checks ``x_T``.
+        learned_variance: the net returns ``2C`` channels (dim 1): the prediction, then ``r`` in
+            ``[-1, 1]`` giving the interpolation ``v = (r + 1) / 2`` of the log variance between the
+            posterior variance and ``beta`` (Improved DDPM, Nichol & Dhariwal 2021, Eq. 15; the
+            ``learned_range`` of their code and of diffusers), stored as ``Prediction.var_interp``
+            and used by the DDPM sampler.
 
     Calling ``den(x, t, **cond)`` with a float ``t`` (or a ``(batch,)`` tensor of times) returns a
     :class:`Prediction`; it costs exactly one net call.
@@ -112,6 +119,7 @@ class Denoiser:
         prediction: str = "eps",
         time_map: Callable[[Tensor], Tensor] | None = None,
         shape: tuple[int, ...] | None = None,
+        learned_variance: bool = False,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"Denoiser: unknown prediction={prediction!r}; accepted: {PREDICTIONS}")
@@ -122,6 +130,7 @@ class Denoiser:
         self.prediction = prediction
         self.time_map = time_map if time_map is not None else process.model_time
         self.shape = tuple(shape) if shape is not None else None
+        self.learned_variance = learned_variance
         # per-time caches: a solver asks for the same few times over and over (schedule arithmetic is
         # float64 tensor work that would otherwise dominate the per-step overhead)
         self._coefs: dict[float, tuple[float, float, float, float]] = {}
@@ -160,9 +169,15 @@ class Denoiser:
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         f = self.net(x, self.net_time(t, x), **cond)
-        if f.shape != x.shape:
-            raise ValueError(f"Denoiser: net returned shape {tuple(f.shape)}, expected {tuple(x.shape)}")
-        return self.convert(f, x, t)
+        expected = (x.shape[0], 2 * x.shape[1], *x.shape[2:]) if self.learned_variance else x.shape
+        if f.shape != expected:
+            raise ValueError(f"Denoiser: net returned shape {tuple(f.shape)}, expected {tuple(expected)}")
+        if not self.learned_variance:
+            return self.convert(f, x, t)
+        f, r = f.chunk(2, dim=1)
+        pred = self.convert(f, x, t)
+        pred.var_interp = (r + 1) / 2
+        return pred
 
     def convert(self, f: Tensor, x: Tensor, t: float | Tensor) -> Prediction:
         """Turn a raw net output ``f`` at ``(x, t)`` into ``(x0, eps)``."""

@@ -88,10 +88,13 @@ def floor(
     metric: Callable[[Tensor, Tensor], float] = sliced_wasserstein,
     repeats: int = 5,
     generator: torch.Generator | None = None,
+    reference: Tensor | None = None,
 ) -> float:
     """Mean of ``metric(a, b)`` over ``repeats`` pairs of independent exact sample sets of size ``n``
-    (``sample(n, generator)``, e.g. ``GaussianMixture.sample``): the value a perfect sampler reads."""
+    (``sample(n, generator)``, e.g. ``GaussianMixture.sample``): the value a perfect sampler reads.
+    With a fixed ``reference`` set (what the sampler is compared to), ``b = reference``."""
     if repeats < 1 or n < 2:
         raise ValueError(f"floor: need n >= 2 and repeats >= 1, got n={n}, repeats={repeats}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    return sum(metric(sample(n, g), sample(n, g)) for _ in range(repeats)) / repeats
+    pairs = ((sample(n, g), sample(n, g) if reference is None else reference) for _ in range(repeats))
+    return sum(metric(a, b) for a, b in pairs) / repeats

@@ -18,17 +18,23 @@ Kinds:
 * :class:`VE` -- ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` (Song et al. 2021).
 * :class:`EDM` -- ``alpha = 1``, ``sigma = t`` (Karras et al. 2022).
 * :class:`RectifiedFlow` -- ``alpha = 1 - t``, ``sigma = t`` (Liu et al. 2022; Lipman et al. 2022).
+* :class:`MeanReverting` -- IR-SDE (Luo et al. 2023): ``y = x - mu`` with ``alpha = e^{-thetabar}``,
+  ``sigma = lambda sqrt(1 - e^{-2 thetabar})``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["EDM", "VE", "VP", "Process", "RectifiedFlow", "rescale_zero_terminal_snr"]
+if TYPE_CHECKING:
+    from .denoiser import Denoiser
+
+__all__ = ["EDM", "VE", "VP", "MeanReverting", "Process", "RectifiedFlow", "rescale_zero_terminal_snr"]
 
 F64 = torch.float64
 TimeLike = float | Sequence[float] | Tensor
@@ -355,3 +361,134 @@ class RectifiedFlow(Process):
 
     def d_sigma(self, t: TimeLike) -> Tensor:
         return torch.ones_like(_f64(t))
+
+
+class MeanReverting(Process):
+    r"""Mean-reverting diffusion (IR-SDE; Luo et al. 2023, "Image Restoration with Mean-Reverting
+    Stochastic Differential Equations"): ``dx = theta_t (mu - x) dt + sigma_t dW`` towards the
+    condition ``mu`` (the degraded input), with ``sigma_t^2 = 2 lambda^2 theta_t`` (their choice,
+    which makes the stationary law ``N(mu, lambda^2 I)``).
+
+    Its solution is ``x_t - mu = e^{-thetabar_t} (x_0 - mu) + lambda sqrt(1 - e^{-2 thetabar_t}) eps``,
+    ``thetabar_t = int_0^t theta_s ds``: the process of ``y = x - mu`` is VP-like with
+
+        alpha(t) = e^{-thetabar_t},   sigma(t) = lambda sqrt(1 - e^{-2 thetabar_t})
+
+    (``alpha^2 + sigma^2 / lambda^2 = 1``), and this class *is* that process, so every solver
+    samples ``y``; ``mu`` is added back by the user. ``theta_t = theta_min + (theta_max -
+    theta_min) t`` on ``t in [t_min, 1]`` (constant for ``theta_min = theta_max``); with
+    ``lambda = 1``, ``theta = beta / 2`` it is :meth:`VP.linear`. Usage::
+
+        proc = sd.MeanReverting(theta_min=0.05, theta_max=10.0, stationary_std=0.2)
+        den = proc.denoiser(net, mu, prediction="eps")     # net(x, t, mu=mu, **cond)
+        y_T = proc.sigma(proc.t_max) * torch.randn_like(mu)  # x_T = mu + y_T
+        x = mu + sd.sample(den, y_T, steps=20, solver="mrs")
+
+    Args:
+        theta_min, theta_max: the mean-reversion rate at ``t = 0`` and ``t = 1``.
+        stationary_std: ``lambda``, the stationary standard deviation.
+        t_min: the clean end of sampling.
+    """
+
+    def __init__(
+        self,
+        theta_min: float = 0.05,
+        theta_max: float = 10.0,
+        stationary_std: float = 1.0,
+        t_min: float = 1e-3,
+    ) -> None:
+        if not 0 <= theta_min <= theta_max or theta_max <= 0:
+            raise ValueError("MeanReverting: need 0 <= theta_min <= theta_max, theta_max > 0")
+        if not 0 < stationary_std < math.inf:
+            raise ValueError("MeanReverting: stationary_std must be a finite number > 0")
+        if not 0 < t_min < 1:
+            raise ValueError("MeanReverting: need 0 < t_min < 1")
+        self.theta_min, self.theta_max = float(theta_min), float(theta_max)
+        self.stationary_std = float(stationary_std)
+        self.t_min, self.t_max = float(t_min), 1.0
+
+    def theta(self, t: TimeLike) -> Tensor:
+        """The mean-reversion rate ``theta_t``."""
+        return self.theta_min + (self.theta_max - self.theta_min) * _f64(t)
+
+    def theta_bar(self, t: TimeLike) -> Tensor:
+        """``int_0^t theta_s ds``."""
+        t = _f64(t)
+        return self.theta_min * t + 0.5 * (self.theta_max - self.theta_min) * t**2
+
+    def diffusion(self, t: TimeLike) -> Tensor:
+        """The SDE's noise coefficient ``sigma_t = lambda sqrt(2 theta_t)`` (not :meth:`sigma`)."""
+        return self.stationary_std * (2 * self.theta(t)).sqrt()
+
+    def alpha(self, t: TimeLike) -> Tensor:
+        return torch.exp(-self.theta_bar(t))
+
+    def sigma(self, t: TimeLike) -> Tensor:
+        return self.stationary_std * (-torch.expm1(-2 * self.theta_bar(t))).sqrt()
+
+    def lam(self, t: TimeLike) -> Tensor:
+        tb = self.theta_bar(t)
+        return -tb - math.log(self.stationary_std) - 0.5 * torch.log(-torch.expm1(-2 * tb))
+
+    def coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
+        return self.alpha(t), self.sigma(t), self.lam(t)
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        # e^{-2 lam} = lambda^2 (e^{2 thetabar} - 1), then the quadratic thetabar(t) in stable form
+        u = _f64(lam) + math.log(self.stationary_std)
+        tb = 0.5 * torch.logaddexp(torch.zeros_like(u), -2 * u)
+        a = self.theta_min
+        return 2 * tb / (a + (a * a + 2 * (self.theta_max - a) * tb).sqrt())
+
+    def d_alpha(self, t: TimeLike) -> Tensor:
+        return -self.theta(t) * self.alpha(t)
+
+    def d_sigma(self, t: TimeLike) -> Tensor:
+        # sigma^2 = lambda^2 (1 - alpha^2): sigma' = -lambda^2 alpha alpha' / sigma
+        a = self.alpha(t)
+        return self.stationary_std**2 * self.theta(t) * a * a / self.sigma(t)
+
+    def denoiser(
+        self,
+        net: Callable[..., Tensor],
+        mu: Tensor,
+        prediction: str = "eps",
+        shape: tuple[int, ...] | None = None,
+    ) -> Denoiser:
+        """The :class:`~steerdiff.denoiser.Denoiser` of ``y = x - mu`` for a net trained on ``x``.
+
+        The net is called as ``net(x, t, mu=mu, **cond)`` with ``x = y + mu`` (it sees the state
+        and the condition). ``prediction``: ``"eps"`` (the noise, the same for ``x`` and ``y``),
+        ``"x0"`` (the clean ``x_0``; ``y_0 = x_0 - mu``), ``"v"`` (MRS's velocity
+        ``v = lambda alpha eps - (sigma / lambda) (x_0 - mu)``, i.e. the usual ``v`` of ``y / lambda``),
+        or ``"score"`` (``grad_x log p_t``).
+        """
+        from .denoiser import Denoiser
+
+        if prediction not in ("eps", "x0", "v", "score"):
+            raise ValueError(
+                f"MeanReverting.denoiser: prediction={prediction!r}; accepted: eps, x0, v, score"
+            )
+        mu = torch.as_tensor(mu)
+        lam = self.stationary_std
+
+        def y_net(y: Tensor, t: Tensor, **cond: Any) -> Tensor:
+            m = mu.to(device=y.device, dtype=y.dtype)
+            f = net(y + m, t, mu=m, **cond)
+            if prediction == "x0":
+                return f - m
+            if prediction == "v":  # y_0 = alpha y - (sigma / lambda) v
+                tt = t.to(torch.float64)
+                a, s = (
+                    c.to(y.dtype).reshape(-1, *([1] * (y.ndim - 1))) for c in (self.alpha(tt), self.sigma(tt))
+                )
+                return a * y - (s / lam) * f
+            return f
+
+        return Denoiser(y_net, self, prediction="x0" if prediction == "v" else prediction, shape=shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"MeanReverting(theta_min={self.theta_min:g}, theta_max={self.theta_max:g}, "
+            f"stationary_std={self.stationary_std:g})"
+        )

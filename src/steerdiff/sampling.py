@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
 from .denoiser import Denoiser
@@ -28,12 +29,14 @@ DEFAULT_SCHEDULE = "karras_jump"
 
 @dataclass
 class SampleInfo:
-    """What a run cost and where it went: exact network evaluations and the grid used."""
+    """What a run cost and where it went: exact network evaluations (corrector moves included), the
+    grid used, and one :class:`~steerdiff.mcmc.ChainInfo` per corrected node (acceptance rates)."""
 
     nfe: int
     grid: Grid
     solver: Solver
     schedule: Schedule
+    corrector: list[_mcmc.ChainInfo] = field(default_factory=list)
 
 
 def _check_x(den: Denoiser, x_T: Tensor) -> None:
@@ -61,6 +64,9 @@ def sample(
     final: str = "zero",
     generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    corrector: str | _mcmc.Kernel | None = None,
+    corrector_steps: int = 1,
+    snr: float = 0.16,
     progress: bool = False,
     return_info: bool = False,
     **cond: Any,
@@ -85,6 +91,13 @@ def sample(
             whatever the batch), or a :class:`~steerdiff.noise.NoiseSource` such as
             :class:`~steerdiff.noise.BrownianTreeNoise`.
         callback: called after every step with ``{"i", "t", "sigma", "x", "nfe"}``.
+        corrector: predictor-corrector sampling (Song et al. 2021): ``"ula"``, ``"mala"``,
+            ``"hmc"`` or a :class:`~steerdiff.mcmc.Kernel`; after every predictor step into a
+            noisy node, ``corrector_steps`` moves targeting ``p_t`` there (see
+            :mod:`steerdiff.mcmc.corrector`; MALA/HMC need the kernel's ``log_prob``). Their
+            evaluations count in the NFE; acceptance rates are in ``SampleInfo.corrector``.
+        corrector_steps: corrector moves per node.
+        snr: signal-to-noise ratio giving the Langevin step where the kernel has no ``step_size``.
         progress: show a tqdm bar.
         return_info: also return a :class:`SampleInfo`.
         **cond: passed to the network on every call (e.g. class labels).
@@ -100,6 +113,10 @@ def sample(
     slv = _solvers.get(solver)
     grid = make_grid(den.process, sched, steps, final)
     model = Model(den, cond, make_noise(generator))
+    kernel = None if corrector is None else _mcmc.get(corrector)
+    if kernel is not None:
+        _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr)
+    chains: list[_mcmc.ChainInfo] = []
     state = slv.init_state(grid)
     x = x_T
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
@@ -111,10 +128,15 @@ def sample(
                 x = x + out.std * model.noise(grid.t[i], grid.t[i + 1], x)
         else:
             x = out
+        if kernel is not None and not grid.is_final_clean(i):
+            x, chain = _mcmc.correct(
+                kernel, model, x, grid.t[i + 1], grid.sigma[i + 1], i, corrector_steps, snr
+            )
+            chains.append(chain)
         if callback is not None:
             callback({"i": i, "t": grid.t[i + 1], "sigma": grid.sigma[i + 1], "x": x, "nfe": model.nfe})
     model.check_finite()
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
     if return_info:
-        return x, SampleInfo(model.nfe, grid, slv, sched)
+        return x, SampleInfo(model.nfe, grid, slv, sched, chains)
     return x

@@ -10,26 +10,44 @@ from collections.abc import Callable
 
 from .base import Grid, Model, NonFiniteError, Solver, Transition, make_grid, step_order
 from .ddim import DDIM
+from .ddpm import DDPM
 from .deis import DEIS
 from .dpm_solver import DPMSolver
 from .dpmpp import DPMSolverPPMultistep
-from .euler import Euler, Heun
+from .dpmpp_sde import DPMSolverSDE, DPMSolverSDEMultistep
+from .edm import EDMStochasticHeun
+from .er_sde import ERSDE
+from .euler import Euler, EulerAncestral, Heun
+from .euler_maruyama import EulerMaruyama
 from .ipndm import IPNDM
 from .lms import LMS
+from .mrs import MRSampler
+from .restart import Restart
+from .sa_solver import SASolver
 from .unipc import UniPC
 
 __all__ = [
     "DDIM",
+    "DDPM",
     "DEIS",
+    "ERSDE",
     "IPNDM",
     "LMS",
     "DPMSolver",
     "DPMSolverPPMultistep",
+    "DPMSolverSDE",
+    "DPMSolverSDEMultistep",
+    "EDMStochasticHeun",
     "Euler",
+    "EulerAncestral",
+    "EulerMaruyama",
     "Grid",
     "Heun",
+    "MRSampler",
     "Model",
     "NonFiniteError",
+    "Restart",
+    "SASolver",
     "Solver",
     "Transition",
     "UniPC",
@@ -41,14 +59,25 @@ __all__ = [
 
 _REGISTRY: dict[str, Callable[[], Solver]] = {
     "ddim": DDIM,
+    "ddpm": DDPM,
+    "euler_ancestral": EulerAncestral,
+    "euler_maruyama": EulerMaruyama,
     "euler": Euler,
     "heun": Heun,
+    "edm_sde": EDMStochasticHeun,
+    "restart": Restart,
+    "sa_solver": SASolver,
     "dpmpp_2m": lambda: DPMSolverPPMultistep(order=2),
     "dpmpp_3m": lambda: DPMSolverPPMultistep(order=3),
+    "dpmpp_2m_sde": lambda: DPMSolverSDEMultistep(order=2),
+    "dpmpp_3m_sde": lambda: DPMSolverSDEMultistep(order=3),
+    "dpmpp_sde": DPMSolverSDE,
+    "er_sde": ERSDE,
     "unipc": UniPC,
     "deis": DEIS,
     "ipndm": IPNDM,
     "lms": LMS,
+    "mrs": MRSampler,
     "dpm_solver": DPMSolver,
 }
 

@@ -18,13 +18,21 @@ give the bounded form
     x_t = (alpha_t / alpha_s) * (x_s - sigma_s * sum_k e^{-h} h^k phi_k(h) c_k),
 
 whose weights (:func:`hphi_eps`) tend to 1 as ``h -> inf`` (the step into a clean end).
+
+The stochastic data-prediction integrators (SDE-DPM-Solver++ in the appendix of Lu et al. 2022b; with noise
+scale ``eta``) damp ``x0`` with rate ``c = 1 + eta`` instead of 1,
+
+    x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t * c int_0^h e^{-c(h-u)} x0(lam_s + u) du + noise,
+
+whose polynomial weights are ``c int_0^h e^{-c(h-u)} u^{k-1}/(k-1)! du = hphi(k, c h) / c^{k-1}``
+(:func:`hphi_scaled`; ``c = 1`` is the ODE).
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["hphi", "hphi_eps", "phi"]
+__all__ = ["hphi", "hphi_eps", "hphi_scaled", "phi"]
 
 
 def phi(k: int, z: float) -> float:
@@ -67,3 +75,12 @@ def hphi_eps(k: int, h: float) -> float:
             return 1.0
         return 1.0 - math.exp(-h) * sum(h**j / math.factorial(j) for j in range(k))
     return math.exp(-h) * h**k * phi(k, h)
+
+
+def hphi_scaled(k: int, h: float, c: float) -> float:
+    """``c int_0^h e^{-c(h-u)} u^{k-1}/(k-1)! du = hphi(k, c h) / c^{k-1}`` (``c >= 1``).
+
+    The weight of the ``k``-th Taylor term of ``x0`` in the SDE-DPM-Solver++ family with noise scale
+    ``eta = c - 1``; ``hphi_scaled(k, h, 1) = hphi(k, h)``, ``hphi_scaled(1, inf, c) = 1``.
+    """
+    return hphi(k, c * h) / c ** (k - 1)

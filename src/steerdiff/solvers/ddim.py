@@ -1,31 +1,71 @@
-r"""DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models"), deterministic (eta = 0).
+r"""DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models"), with ``eta >= 0``.
 
-With ``(x0, eps) = D(x_i, t_i)``, Eq. 12 of the paper with ``sigma_t = 0``:
+With ``(x0, eps) = D(x_i, t_i)`` and ``h = lam_{i+1} - lam_i``, Eq. 12 of the paper:
 
-    x_{i+1} = alpha_{i+1} x0 + sigma_{i+1} eps.
+    x_{i+1} = alpha_{i+1} x0 + sqrt(sigma_{i+1}^2 - c^2) eps + c z,    z ~ N(0, I),
 
-It is the Euler step of the probability-flow ODE in ``x / alpha`` against ``sigma / alpha``
-(Karras et al. 2022, Sec. 4) and the first-order DPM-Solver (Lu et al. 2022). One NFE per step;
-into a clean end it returns ``x0``.
+with Eq. 16's ``c = eta sqrt((1 - a_{i+1}) / (1 - a_i)) sqrt(1 - a_i / a_{i+1})`` in
+``a = alphas_cumprod = alpha^2`` terms, i.e. for any process
+
+    c = eta sigma_{i+1} sqrt(1 - exp(-2h))      (capped at sigma_{i+1}).
+
+``eta = 0`` is deterministic: the Euler step of the probability-flow ODE in ``x / alpha`` against
+``sigma / alpha`` (Karras et al. 2022, Sec. 4) and the first-order DPM-Solver (Lu et al. 2022).
+``eta = 1`` is ancestral sampling with DDPM's posterior ``q(x_{i+1} | x_i, x0)`` (Ho et al. 2020).
+One NFE per step; into a clean end it returns ``x0``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .base import Grid, Model, Solver
+from .base import Grid, Model, Solver, Transition
 
-__all__ = ["DDIM"]
+__all__ = ["DDIM", "ancestral_split"]
+
+
+def ancestral_split(grid: Grid, i: int, eta: float) -> tuple[float, float]:
+    """``(sqrt(sigma_{i+1}^2 - c^2), c)``: the noise level of step ``i`` split into its deterministic
+    and fresh-noise parts, ``c = min(sigma_{i+1}, eta sigma_{i+1} sqrt(1 - exp(-2h)))``.
+
+    DDIM's Eq. 16 (Song et al. 2021) in alpha/sigma terms; ``eta = 1`` gives the DDPM posterior
+    standard deviation (Ho et al. 2020, ``beta~``), and in k-diffusion's variables
+    ``(sigma_down, sigma_up) * alpha_{i+1}`` of the ancestral step. Both are 0 into a clean end.
+    """
+    sigma_next = grid.sigma[i + 1]
+    c = min(sigma_next, eta * sigma_next * math.sqrt(-math.expm1(-2 * grid.h(i))))
+    return math.sqrt(max(sigma_next**2 - c**2, 0.0)), c
+
+
+def check_eta(solver: str, eta: float) -> None:
+    """``eta`` must be a finite real ``>= 0``."""
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"{solver}: eta={eta!r} is not accepted; eta must be a finite number >= 0")
 
 
 @dataclass
 class DDIM(Solver):
-    """Deterministic DDIM; first order, one network evaluation per step."""
+    """DDIM with ``eta >= 0`` (default 0: deterministic); first order, one network evaluation per step."""
 
     name: ClassVar[str] = "ddim"
 
-    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        return model(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eta("DDIM", self.eta)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return self.eta > 0
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
+        pred = model(x, grid.t[i], i)
+        if self.eta == 0 or grid.sigma[i + 1] == 0:
+            return pred.renoise(grid.alpha[i + 1], grid.sigma[i + 1])
+        sigma_det, c = ancestral_split(grid, i, self.eta)
+        return Transition(pred.renoise(grid.alpha[i + 1], sigma_det), c)

@@ -10,6 +10,14 @@ In k-diffusion's variables ``s = sigma / alpha`` and ``y = x / alpha`` the ODE i
 
 and ``x = alpha y``. Heun takes an Euler step into a clean end (``s = 0``), so ``N`` Heun steps
 cost ``2N - 1`` evaluations with a clean end and ``2N`` without.
+
+Euler ancestral (k-diffusion's ``sample_euler_ancestral``; Ho et al. 2020's ancestral sampling in
+these variables) steps down to ``s_down`` and adds fresh noise of std ``s_up``:
+
+    s_up = min(s_{i+1}, eta s_{i+1} sqrt(1 - s_{i+1}^2 / s_i^2)),  s_down = sqrt(s_{i+1}^2 - s_up^2),
+    y_{i+1} = y_i + (s_down - s_i) d_i + s_up z,                                      (1 NFE)
+
+which is DDIM with the same ``eta`` (Song et al. 2021) in exact arithmetic.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._ops import axpby
-from .base import Grid, Model, Solver
+from .base import Grid, Model, Solver, Transition
+from .ddim import ancestral_split, check_eta
 
-__all__ = ["Euler", "Heun"]
+__all__ = ["Euler", "EulerAncestral", "Heun"]
 
 
 def _ratio(grid: Grid, i: int) -> float:
@@ -63,3 +72,24 @@ class Heun(Solver):
         if self.order == 1:
             return steps
         return 2 * steps - 1 if clean_end else 2 * steps
+
+
+@dataclass
+class EulerAncestral(Solver):
+    """Euler ancestral with ``eta`` (default 1); first order, 1 NFE per step."""
+
+    name: ClassVar[str] = "euler_ancestral"
+    stochastic: ClassVar[bool] = True
+
+    eta: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eta("EulerAncestral", self.eta)
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
+        d = model(x, grid.t[i], i).eps
+        a, a_next = grid.alpha[i], grid.alpha[i + 1]
+        down, up = ancestral_split(grid, i, self.eta)  # alpha_{i+1} (s_down, s_up)
+        mean = axpby(a_next / a, x, down - a_next * _ratio(grid, i), d)
+        return mean if up == 0 else Transition(mean, up)

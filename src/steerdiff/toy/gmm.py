@@ -21,7 +21,7 @@ from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from ..denoiser import Denoiser
-from ..processes import Process
+from ..processes import MeanReverting, Process
 
 __all__ = ["GaussianMixture", "default_benchmark_mixture"]
 
@@ -110,6 +110,35 @@ class GaussianMixture:
             return self.denoise(x, float(process.alpha(tt)), float(process.sigma(tt)))
 
         return Denoiser(net, process, prediction="x0", shape=(self.dim,))
+
+    def shifted(self, shift: Tensor) -> GaussianMixture:
+        """The law of ``x0 + shift`` (``shift``: ``(d,)``): means moved, variances and weights kept."""
+        shift = torch.as_tensor(shift, dtype=F64).reshape(-1)
+        if shift.shape != (self.dim,):
+            raise ValueError(f"shift must have {self.dim} values, got {tuple(shift.shape)}")
+        return GaussianMixture(self.means + shift, self.variances, self.weights)
+
+    def mean_reverting_marginal(self, process: MeanReverting, mu: Tensor, t: float) -> GaussianMixture:
+        """Exact ``p(x_t | mu)`` of mean-reverting diffusion (IR-SDE) from ``x0`` of this law: the
+        mixture with means ``alpha m_k + (1 - alpha) mu`` and variances ``alpha^2 v_k + sigma^2``
+        (``alpha = e^{-thetabar_t}``, ``sigma^2 = lambda^2 (1 - alpha^2)``)."""
+        a, s = float(process.alpha(t)), float(process.sigma(t))
+        mu = torch.as_tensor(mu, dtype=F64).reshape(-1)
+        return GaussianMixture(a * self.means + (1 - a) * mu, a * a * self.variances + s * s, self.weights)
+
+    def mean_reverting_denoiser(self, process: MeanReverting, mu: Tensor) -> Denoiser:
+        """The exact denoiser of mean-reverting diffusion towards ``mu`` (``(d,)``), built the way a
+        user builds one, :meth:`MeanReverting.denoiser` around an ``x0``-predicting net that sees
+        ``x`` and ``mu``: ``E[x0 | x_t, mu] = mu + E[y0 | y_t]`` with ``y0 ~`` :meth:`shifted` ``(-mu)``."""
+        mu = torch.as_tensor(mu, dtype=F64).reshape(-1)
+        ys = self.shifted(-mu)
+
+        def net(x: Tensor, t: Tensor, mu: Tensor) -> Tensor:
+            tt = float(t.reshape(-1)[0])
+            y0 = ys.denoise(x - mu.to(x), float(process.alpha(tt)), float(process.sigma(tt)))
+            return y0 + mu.to(x)
+
+        return process.denoiser(net, mu, prediction="x0", shape=(self.dim,))
 
     def reference_ode(
         self,

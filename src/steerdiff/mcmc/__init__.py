@@ -1,0 +1,31 @@
+"""Langevin/MALA/HMC correctors at a fixed noise level, on any differentiable log-density.
+
+>>> x, info = sd.mcmc.MALA(step_size=0.05).run(x, log_prob, steps=100, generator=g)
+>>> info.acceptance_rate
+>>> sd.sample(den, x_T, steps=10, solver="ddim", corrector="ula", corrector_steps=1, snr=0.16)
+
+:mod:`~steerdiff.mcmc.langevin` (ULA, MALA), :mod:`~steerdiff.mcmc.hmc` (HMC), the shared state
+and loop in :mod:`~steerdiff.mcmc.base`, the predictor-corrector hook of :func:`steerdiff.sample`
+in :mod:`~steerdiff.mcmc.corrector`.
+"""
+
+from .base import ChainInfo, Kernel, Point, Target, chain, snr_step_size
+from .corrector import available, check_corrector, correct, get
+from .hmc import HMC
+from .langevin import MALA, ULA
+
+__all__ = [
+    "HMC",
+    "MALA",
+    "ULA",
+    "ChainInfo",
+    "Kernel",
+    "Point",
+    "Target",
+    "available",
+    "chain",
+    "check_corrector",
+    "correct",
+    "get",
+    "snr_step_size",
+]

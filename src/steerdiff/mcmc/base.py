@@ -1,0 +1,250 @@
+r"""What every corrector shares: the target density, the chain state, the step size and the loop.
+
+A :class:`Target` is ``log p`` known through its gradient (the score) and, where a method needs
+it, its value: either a differentiable ``log_prob(x) -> (n,)`` (value and gradient by autograd)
+or a ``score(x)`` alone (e.g. a denoiser's ``-eps / sigma``, Song et al. 2021). A
+:class:`Point` caches the value and gradient at ``x`` so that a chain evaluates each state once.
+A :class:`Kernel` (ULA, MALA, HMC) makes one move; :func:`chain` runs several and collects the
+per-sample acceptance rates in a :class:`ChainInfo`.
+
+Randomness: a move draws standard normals from ``normal(like)`` (a noise source of
+:mod:`steerdiff.noise`); Metropolis uniforms are ``u = Phi(z)`` of such a draw (``Phi`` the normal
+CDF), so per-sample generators keep a sample independent of its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..noise import make_noise
+
+__all__ = ["ChainInfo", "Kernel", "Normal", "Point", "Target", "chain", "snr_step_size"]
+
+Normal = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Point:
+    """A chain state ``x`` with ``log p(x)`` (``(n,)``) and ``grad log p(x)`` once evaluated."""
+
+    x: Tensor
+    log_prob: Tensor | None = None
+    grad: Tensor | None = None
+
+
+def _value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    if torch.is_inference_mode_enabled():
+        raise ValueError("log_prob: its gradient is needed, which torch.inference_mode() forbids")
+    with torch.enable_grad():
+        xr = x.detach().clone().requires_grad_(True)
+        lp = log_prob(xr)
+        if not isinstance(lp, Tensor) or tuple(lp.shape) != (x.shape[0],):
+            shape = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
+            raise ValueError(f"log_prob(x) must return a ({x.shape[0]},) tensor, got {shape}")
+        if not lp.requires_grad:
+            raise ValueError(
+                "log_prob(x) is not differentiable in x (computed under torch.no_grad() or detached?); "
+                "the corrector needs its gradient"
+            )
+        (g,) = torch.autograd.grad(lp.sum(), xr)
+    return lp.detach(), g.detach()
+
+
+class Target:
+    """``log p`` by value and gradient (``log_prob``, gradient by autograd) or by gradient only (``score``).
+
+    ``evaluations`` counts the evaluations (one value-and-gradient or one score each).
+    """
+
+    def __init__(
+        self,
+        log_prob: Callable[[Tensor], Tensor] | None = None,
+        score: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        if (log_prob is None) == (score is None):
+            raise ValueError("Target: give exactly one of `log_prob` or `score`")
+        self._log_prob, self._score = log_prob, score
+        self.evaluations = 0
+
+    @property
+    def has_log_prob(self) -> bool:
+        return self._log_prob is not None
+
+    def evaluate(self, p: Point, value: bool = False) -> Point:
+        """``p`` with its gradient (and value if ``value``), evaluated only if not cached."""
+        if p.grad is not None and (p.log_prob is not None or not value):
+            return p
+        if value and self._log_prob is None:
+            raise ValueError("this corrector needs log p(x): give a `log_prob`, a score alone is not enough")
+        self.evaluations += 1
+        if self._log_prob is None:
+            return Point(p.x, None, self._score(p.x))
+        lp, g = _value_and_grad(self._log_prob, p.x)
+        return Point(p.x, lp, g)
+
+
+@dataclass
+class ChainInfo:
+    """What a run of corrector moves did.
+
+    Attributes:
+        t: the process time it ran at (``None`` off a diffusion).
+        step_size: the step size used (Langevin ``eps``; HMC's leapfrog step).
+        acceptance: per-sample fraction of accepted moves, ``(n,)`` float64; ``None`` for ULA
+            (no Metropolis test).
+        evaluations: target evaluations (score or log-density with gradient).
+    """
+
+    t: float | None
+    step_size: float
+    acceptance: Tensor | None
+    evaluations: int
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Mean acceptance over samples and moves (``None`` for ULA)."""
+        return None if self.acceptance is None else float(self.acceptance.mean())
+
+
+def check_snr(snr: float) -> float:
+    """``snr`` as a float; a clear ``ValueError`` unless it is a finite number > 0."""
+    if not (isinstance(snr, (int, float)) and not isinstance(snr, bool) and 0 < snr < math.inf):
+        raise ValueError(f"snr must be a finite number > 0, got {snr!r}")
+    return float(snr)
+
+
+def snr_step_size(grad: Tensor, snr: float) -> float:
+    """Langevin step from a signal-to-noise ratio (Song et al. 2021, Alg. 4-5, the PC sampler):
+
+        eps = 2 a (snr ||z|| / ||grad||)^2,
+
+    with batch means of the per-sample norms, ``a = 1`` (their ``alpha_i = 1 - beta_i`` of a
+    1000-step discretization) and ``||z||`` its large-``d`` value ``sqrt(d)``. The batch means
+    make the step depend on the batch: give an explicit step size for batch-invariant samples.
+    """
+    check_snr(snr)
+    n = grad.shape[0]
+    gnorm = float(grad.reshape(n, -1).to(torch.float64).norm(dim=-1).mean())
+    d = grad[0].numel()
+    if gnorm == 0 or not math.isfinite(gnorm):
+        raise ValueError(f"snr step size: the score norm is {gnorm}; give an explicit step_size")
+    return 2.0 * (snr * math.sqrt(d) / gnorm) ** 2
+
+
+def sq_norm(v: Tensor) -> Tensor:
+    """Per-sample squared norm, float64 ``(n,)``."""
+    return v.reshape(v.shape[0], -1).to(torch.float64).pow(2).sum(-1)
+
+
+def metropolis(log_ratio: Tensor, normal: Normal) -> Tensor:
+    """Per-sample accept flags ``log u < log_ratio`` with ``u = Phi(z)``, ``z`` from ``normal``."""
+    z = normal(torch.empty(log_ratio.shape[0], dtype=torch.float64, device=log_ratio.device))
+    return torch.special.log_ndtr(z) < log_ratio
+
+
+def select(accept: Tensor, new: Point, old: Point) -> Point:
+    """Per sample: ``new`` where accepted, else ``old`` (values and gradients follow)."""
+    m = accept.reshape(-1, *([1] * (new.x.ndim - 1)))
+    lp = None if new.log_prob is None else torch.where(accept, new.log_prob, old.log_prob)
+    return Point(torch.where(m, new.x, old.x), lp, torch.where(m, new.grad, old.grad))
+
+
+@dataclass
+class Kernel:
+    """Base class of the corrector moves.
+
+    Args:
+        step_size: a fixed step size; ``None``: from ``snr`` (:func:`snr_step_size`) when used as a
+            predictor-corrector in :func:`steerdiff.sample`.
+        log_prob: for :func:`steerdiff.sample`: the noised log-density ``log p_t(x)`` as
+            ``log_prob(x, t) -> (n,)`` at process time ``t``, differentiable in ``x``. Without
+            it the score is the denoiser's ``-eps / sigma`` (ULA only).
+        generator: for :func:`steerdiff.sample`: a generator (or one per sample) for the
+            corrector's own draws; default the run's noise source (required with a Brownian tree,
+            which has no noise at a fixed time).
+    """
+
+    name: ClassVar[str] = ""
+    needs_log_prob: ClassVar[bool] = False
+
+    step_size: float | None = None
+    log_prob: Callable[[Tensor, float], Tensor] | None = None
+    generator: torch.Generator | Sequence[torch.Generator] | None = None
+
+    def __post_init__(self) -> None:
+        if self.step_size is not None:
+            check_step_size(self.step_size, type(self).__name__)
+        if self.log_prob is not None and not callable(self.log_prob):
+            raise ValueError(f"{type(self).__name__}: log_prob must be callable (x, t) -> (n,)")
+
+    def step_from_langevin(self, eps: float) -> float:
+        """This kernel's step size for the Langevin step ``eps`` (the identity but for HMC)."""
+        return eps
+
+    def move(self, p: Point, target: Target, step_size: float, normal: Normal) -> tuple[Point, Tensor | None]:
+        """One move from ``p``; returns the new point and the per-sample accept flags (``None``: no test)."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        x: Tensor,
+        log_prob: Callable[[Tensor], Tensor],
+        steps: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        step_size: float | None = None,
+    ) -> tuple[Tensor, ChainInfo]:
+        """``steps`` moves targeting the differentiable density ``log_prob(x) -> (n,)`` from ``x``.
+
+        ``step_size`` defaults to the kernel's; one of the two must be given.
+        """
+        eps = step_size if step_size is not None else self.step_size
+        if eps is None:
+            raise ValueError(f"{type(self).__name__}.run: give a step_size")
+        check_step_size(eps, type(self).__name__)
+        return chain(self, Point(x), Target(log_prob=log_prob), steps, eps, _normal(make_noise(generator)))
+
+
+def _normal(source: Callable[[float, float, Tensor], Tensor]) -> Normal:
+    return lambda like: source(0.0, 0.0, like)
+
+
+def check_step_size(step_size: float, owner: str) -> float:
+    """``step_size`` as a float; a ``ValueError`` naming ``owner`` unless it is finite and > 0."""
+    if not (
+        isinstance(step_size, (int, float)) and not isinstance(step_size, bool) and 0 < step_size < math.inf
+    ):
+        raise ValueError(f"{owner}: step_size must be a finite number > 0, got {step_size!r}")
+    return float(step_size)
+
+
+def check_steps(steps: int, name: str = "steps") -> int:
+    """``steps`` unless it is not an integer >= 1 (``ValueError`` naming ``name``)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def chain(
+    kernel: Kernel,
+    p: Point,
+    target: Target,
+    steps: int,
+    step_size: float,
+    normal: Normal,
+    t: float | None = None,
+) -> tuple[Tensor, ChainInfo]:
+    """``steps`` moves of ``kernel`` from ``p``; the final state and a :class:`ChainInfo`."""
+    check_steps(steps)
+    flags: list[Tensor] = []
+    for _ in range(steps):
+        p, accepted = kernel.move(p, target, step_size, normal)
+        if accepted is not None:
+            flags.append(accepted)
+    acceptance = torch.stack(flags).to(torch.float64).mean(0) if flags else None
+    return p.x, ChainInfo(t, step_size, acceptance, target.evaluations)

@@ -1,0 +1,83 @@
+r"""Predictor-corrector sampling (Song et al. 2021, "Score-Based Generative Modeling through
+Stochastic Differential Equations", Sec. 4.2, Alg. 4-5).
+
+After each predictor step into a noisy node ``t``, :func:`correct` runs ``steps`` moves of a
+kernel that targets the noised marginal ``p_t``:
+
+* with the kernel's ``log_prob(x, t)``: value and gradient by autograd (ULA, MALA, HMC; exact
+  Metropolis corrections); each evaluation counts as one NFE;
+* without it: the denoiser's score ``grad log p_t(x) = -eps(x, t) / sigma_t`` (ULA only); each
+  evaluation is one counted network call.
+
+The step size is the kernel's ``step_size`` or, if ``None``, the Langevin step from ``snr`` at the
+node (:func:`~steerdiff.mcmc.base.snr_step_size`, from the score at the corrector's starting point;
+HMC's leapfrog step is ``sqrt(2 eps)``), fixed for the node's moves.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..noise import BrownianTreeNoise, NoiseSource, make_noise
+from ..solvers.base import Model
+from .base import ChainInfo, Kernel, Point, Target, chain, check_snr, check_steps, snr_step_size
+from .hmc import HMC
+from .langevin import MALA, ULA
+
+__all__ = ["available", "check_corrector", "correct", "get"]
+
+_REGISTRY: dict[str, type[Kernel]] = {"ula": ULA, "mala": MALA, "hmc": HMC}
+
+
+def available() -> list[str]:
+    """Names accepted by ``corrector=``."""
+    return sorted(_REGISTRY)
+
+
+def get(corrector: str | Kernel) -> Kernel:
+    """Resolve a name (see :func:`available`) or pass a :class:`~steerdiff.mcmc.base.Kernel` through."""
+    if isinstance(corrector, Kernel):
+        return corrector
+    if isinstance(corrector, str) and corrector in _REGISTRY:
+        return _REGISTRY[corrector]()
+    raise ValueError(f"unknown corrector={corrector!r}; accepted: None, {available()} or a Kernel instance")
+
+
+def check_corrector(kernel: Kernel, noise: NoiseSource, steps: int, snr: float) -> None:
+    """Reject what cannot run, before sampling starts."""
+    check_steps(steps, "corrector_steps")
+    if kernel.step_size is None:
+        check_snr(snr)
+    if kernel.needs_log_prob and kernel.log_prob is None:
+        raise ValueError(
+            f"corrector {kernel.name!r} needs the noised log-density: pass "
+            f"sd.mcmc.{type(kernel).__name__}(log_prob=lambda x, t: ...); a denoiser gives only the score "
+            "(use 'ula')"
+        )
+    if kernel.generator is None and isinstance(noise, BrownianTreeNoise):
+        raise ValueError(
+            "corrector: a Brownian tree has no noise at a fixed time; give the kernel a generator"
+        )
+
+
+def correct(
+    kernel: Kernel, model: Model, x: Tensor, t: float, sigma: float, step: int, steps: int, snr: float
+) -> tuple[Tensor, ChainInfo]:
+    """``steps`` moves of ``kernel`` on ``p_t`` from ``x`` (NFE counted on ``model``)."""
+    if kernel.log_prob is not None:
+        log_prob = kernel.log_prob
+        target = Target(log_prob=lambda y: log_prob(y, t))
+    else:
+        target = Target(score=lambda y: model(y, t, step).eps * (-1.0 / sigma))
+    source = make_noise(kernel.generator) if kernel.generator is not None else model.noise
+    normal = lambda like: source(t, t, like)  # noqa: E731
+    p = Point(x)
+    if kernel.step_size is not None:
+        size = kernel.step_size
+    else:
+        p = target.evaluate(p, value=kernel.needs_log_prob)
+        size = kernel.step_from_langevin(snr_step_size(p.grad, snr))
+    x, info = chain(kernel, p, target, steps, size, normal, t)
+    if target.has_log_prob:
+        model.nfe += info.evaluations
+    return x, info

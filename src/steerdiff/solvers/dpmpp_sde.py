@@ -1,0 +1,173 @@
+r"""Stochastic DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models", appendix: SDE-DPM-Solver++), multistep and singlestep.
+
+The reverse SDE in data prediction, integrated exactly in its linear part over ``h = lam_t - lam_s``
+(:mod:`steerdiff.solvers._exp`), with noise scale ``eta`` (k-diffusion's and the paper's SDE at
+``eta = 1``; the probability-flow ODE, i.e. DPM-Solver++, at ``eta = 0``) and ``c = 1 + eta``:
+
+    x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t c int_0^h e^{-c(h-u)} x0(lam_s + u) du
+          + sigma_t sqrt(1 - e^{-2 eta h}) z.
+
+For every ``eta >= 0`` the step is exact when ``x0`` is known: given ``x_s ~ N(alpha_s x0, sigma_s^2)``
+it gives ``x_t ~ N(alpha_t x0, sigma_t^2)``. With ``W_k = hphi_scaled(k, h, c)`` and the last
+denoised estimates ``m_0, m_1, m_2`` at ``lam_i, lam_{i-1}, lam_{i-2}`` (``h_0``, ``h_1`` the
+previous steps, ``d_1``, ``d_2`` the Newton divided differences in ``lam``), the mean is
+``(sigma_{i+1}/sigma_i) e^{-eta h} x_i + alpha_{i+1} S``:
+
+    1st order:            S = W_1 m_0
+    2M, "midpoint":       S = W_1 [m_0 + h/(2 h_0) (m_0 - m_1)]   (diffusers' and k-diffusion's default)
+    2M, "heun":           S = W_1 m_0 + W_2 d_1
+    3M:                   S = W_1 m_0 + W_2 d_1 + (theta W_3 + h_0 W_2) d_2
+
+``theta = 2`` integrates the quadratic through the three estimates (``third_order="exact"``);
+``theta = 1`` is the DPM-Solver reference code's and k-diffusion's ``sample_dpmpp_3m_sde``
+(``"dpmsolver"``). diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``
+weights ``d_2`` by ``W_3 - h^2`` (``"diffusers"``): the ``- 0.5`` in its ``D2`` coefficient has the
+sign of the ODE branch's, so its third-order step carries an ``O(h^2)`` local error.
+At ``eta = 0`` the multistep solver is :class:`~steerdiff.solvers.dpmpp.DPMSolverPPMultistep`
+(midpoint 2M; 3M with the same ``third_order``).
+
+Singlestep (k-diffusion's ``sample_dpmpp_sde``, diffusers' ``DPMSolverSDEScheduler``): an SDE step
+of the first order to ``lam_s + r h`` (``r = 1/2``) with its own noise (drawn in the step with
+``model.noise``), a second estimate ``m'`` there, then the step from ``x_i`` with
+``S = W_1 [(1 - 1/(2r)) m_0 + 1/(2r) m']``. Two NFE per step. For ``0 < eta < 1`` k-diffusion
+splits the noise as an ancestral step instead (``sigma_up = eta s_t sqrt(1 - s_t^2 / s_s^2)`` with
+``s = sigma / alpha``); both agree at ``eta = 0`` and ``eta = 1``.
+
+Every step returns its last Gaussian draw as a :class:`~steerdiff.solvers.base.Transition` with
+``std = sigma_{i+1} sqrt(1 - e^{-2 eta h})``; the step into a clean end returns the denoised
+estimate ``m_0`` (one NFE).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from .._ops import axpby
+from ._exp import hphi_scaled
+from .base import Grid, History, Model, Solver, Transition, step_order
+from .ddim import check_eta
+
+__all__ = ["DPMSolverSDE", "DPMSolverSDEMultistep"]
+
+_SOLVER_TYPES = ("midpoint", "heun")
+_THIRD_ORDER = ("exact", "dpmsolver", "diffusers")
+
+
+def _sde_step(grid: Grid, i: int, x: Tensor, s: Tensor, eta: float) -> Transition:
+    """``N((sigma_{i+1}/sigma_i) e^{-eta h} x + alpha_{i+1} s, sigma_{i+1}^2 (1 - e^{-2 eta h}))``."""
+    h = grid.h(i)
+    decay = grid.sigma[i + 1] / grid.sigma[i] * math.exp(-eta * h)
+    std = grid.sigma[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h))
+    return Transition(axpby(decay, x, grid.alpha[i + 1], s), std)
+
+
+@dataclass
+class DPMSolverSDEMultistep(Solver):
+    """SDE-DPM-Solver++ multistep of order 1-3 (``dpmpp_2m_sde``: order 2, ``dpmpp_3m_sde``: order 3).
+
+    Args:
+        order: 1-3.
+        eta: noise scale ``>= 0`` (1: the paper's reverse SDE; 0: DPM-Solver++).
+        solver_type: ``"midpoint"`` or ``"heun"``, the second-order weight (see the module docstring).
+        third_order: ``"exact"``, ``"dpmsolver"`` (k-diffusion) or ``"diffusers"``.
+        lower_order_final: diffusers' lower orders at the last steps below 15 steps.
+    """
+
+    name: ClassVar[str] = "dpmpp_2m_sde"
+    stochastic: ClassVar[bool] = True
+    max_order: ClassVar[int] = 3
+    order: int = 2
+    eta: float = 1.0
+    solver_type: str = "midpoint"
+    third_order: str = "exact"
+    lower_order_final: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eta(type(self).__name__, self.eta)
+        if self.solver_type not in _SOLVER_TYPES:
+            raise ValueError(f"solver_type={self.solver_type!r}; accepted: {list(_SOLVER_TYPES)}")
+        if self.third_order not in _THIRD_ORDER:
+            raise ValueError(f"third_order={self.third_order!r}; accepted: {list(_THIRD_ORDER)}")
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        return {"x0": History(self.order)}
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
+        hist = state["x0"]
+        hist.push(model(x, grid.t[i], i).x0, grid.lam[i])
+        m, lams = hist.values, hist.at
+        if grid.is_final_clean(i):
+            return m[0]
+        k = step_order(i, grid, self.order, len(m), self.lower_order_final)
+        h, c = grid.h(i), 1.0 + self.eta
+        w1 = hphi_scaled(1, h, c)
+        if k == 1:
+            return _sde_step(grid, i, x, w1 * m[0], self.eta)
+        h0 = lams[0] - lams[1]
+        if k == 2 and self.solver_type == "midpoint":
+            r = h / (2 * h0)
+            return _sde_step(grid, i, x, w1 * axpby(1 + r, m[0], -r, m[1]), self.eta)
+        d1 = (m[0] - m[1]) / h0
+        w2 = hphi_scaled(2, h, c)
+        if k == 2:
+            return _sde_step(grid, i, x, axpby(w1, m[0], w2, d1), self.eta)
+        h1 = lams[1] - lams[2]
+        d2 = (d1 - (m[1] - m[2]) / h1) / (h0 + h1)
+        w3 = hphi_scaled(3, h, c)
+        theta_w3 = {"exact": 2 * w3, "dpmsolver": w3, "diffusers": w3 - h * h}[self.third_order]
+        return _sde_step(grid, i, x, w1 * m[0] + w2 * d1 + (theta_w3 + h0 * w2) * d2, self.eta)
+
+
+@dataclass
+class DPMSolverSDE(Solver):
+    """Singlestep SDE-DPM-Solver++(2S) with the intermediate point at ``lam_i + r h`` (``dpmpp_sde``).
+
+    Args:
+        eta: noise scale ``>= 0`` (1: k-diffusion's and diffusers' default).
+        r: where the intermediate estimate is taken, ``0 < r <= 1`` (default 1/2).
+
+    NFE: 2 per step, 1 for the step into a clean end (``2 N - 1`` with ``final="zero"``); ``order=1``
+    is the first-order step alone (one NFE per step).
+    """
+
+    name: ClassVar[str] = "dpmpp_sde"
+    stochastic: ClassVar[bool] = True
+    max_order: ClassVar[int] = 2
+    order: int = 2
+    eta: float = 1.0
+    r: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eta(type(self).__name__, self.eta)
+        if isinstance(self.r, bool) or not isinstance(self.r, int | float) or not 0 < self.r <= 1:
+            raise ValueError(f"DPMSolverSDE: r={self.r!r} is not accepted; r must be in (0, 1]")
+
+    def nfe(self, steps: int, clean_end: bool = True) -> int:
+        if self.order == 1:
+            return steps
+        return 2 * steps - 1 if clean_end else 2 * steps
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
+        m0 = model(x, grid.t[i], i).x0
+        if grid.is_final_clean(i):
+            return m0
+        h, c = grid.h(i), 1.0 + self.eta
+        if self.order == 2:
+            t_mid = grid.t_of_lam(grid.lam[i] + self.r * h)
+            a_mid, s_mid, lam_mid = grid.at(t_mid)
+            h_mid = lam_mid - grid.lam[i]
+            decay = s_mid / grid.sigma[i] * math.exp(-self.eta * h_mid)
+            u = axpby(decay, x, a_mid * hphi_scaled(1, h_mid, c), m0)
+            if self.eta > 0:
+                std_mid = s_mid * math.sqrt(-math.expm1(-2.0 * self.eta * h_mid))
+                u = u + std_mid * model.noise(grid.t[i], t_mid, u)
+            f = h / (2.0 * h_mid)  # 1 / (2 r)
+            m0 = axpby(1.0 - f, m0, f, model(u, t_mid, i).x0)
+        return _sde_step(grid, i, x, hphi_scaled(1, h, c) * m0, self.eta)

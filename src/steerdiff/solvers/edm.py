@@ -1,0 +1,116 @@
+r"""EDM's stochastic sampler (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models", Alg. 2): Heun steps with "churn", noise added at the start of each step.
+
+In k-diffusion's variables ``s = sigma / alpha`` and ``y = x / alpha`` (EDM's ``sigma`` and ``x``
+for ``alpha = 1``), step ``i`` of ``N`` from ``s_i`` to ``s_{i+1}`` reads
+
+    gamma_i = min(S_churn / N, sqrt(2) - 1)  if S_tmin <= s_i <= S_tmax,  else 0
+    s^ = (1 + gamma_i) s_i,    y^ = y_i + sqrt(s^2 - s_i^2) S_noise z,    z ~ N(0, I)
+    d = eps(y^, s^),  y~ = y^ + (s_{i+1} - s^) d,
+    y_{i+1} = y^ + (s_{i+1} - s^) (d + eps(y~, s_{i+1})) / 2                           (2 NFE)
+
+with an Euler step into a clean end (``s_{i+1} = 0``); ``x = alpha y``, the net is evaluated at
+the process time ``t^`` with ``sigma(t^) / alpha(t^) = s^``. ``N`` is the grid's number of steps,
+the step into the clean end included (k-diffusion's ``len(sigmas) - 1``). ``S_tmin``/``S_tmax``
+are in ``s`` units; churn never raises ``s^`` above the process's ``s(t_max)`` (the net has no
+time beyond it), so a step starting at ``t_max`` has none. ``S_churn = 0`` is :class:`Heun`.
+
+The churn noise is drawn inside the step with ``model.noise(t_i, t^, x)``, *before* the two
+deterministic evaluations, so the step is not Gaussian given ``x_i``: it returns the state (a
+Tensor), not a :class:`~steerdiff.solvers.base.Transition`. NFE as :class:`Heun`: ``2N - 1``
+with a clean end, ``2N`` without.
+
+:func:`heun_update` -- one Heun step between two arbitrary noise levels -- is shared with
+:mod:`steerdiff.solvers.restart`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from .._ops import axpby
+from .base import Grid, Model, Solver
+
+__all__ = ["EDMStochasticHeun", "Level", "heun_update"]
+
+Level = tuple[float, float, float]  # (t, alpha, sigma) of a noise level
+
+
+def heun_update(model: Model, x: Tensor, step: int, frm: Level, to: Level, second: bool = True) -> Tensor:
+    """One Heun step (EDM Alg. 1) in ``(x / alpha, sigma / alpha)`` from level ``frm`` to ``to``.
+
+    ``frm`` and ``to`` are ``(t, alpha, sigma)``; an Euler step (1 NFE) when ``second`` is false
+    or ``to`` is clean (``sigma = 0``), else 2 NFE. ``step`` is reported with non-finite outputs.
+    """
+    (t, a, s), (t_next, a_next, s_next) = frm, to
+    c = a_next * (s_next / a_next - s / a)  # x-space weight of a slope d = eps
+    d = model(x, t, step).eps
+    x_euler = axpby(a_next / a, x, c, d)
+    if not second or s_next == 0:
+        return x_euler
+    d2 = model(x_euler, t_next, step).eps
+    return axpby(a_next / a, x, 0.5 * c, d + d2)
+
+
+def _check(name: str, value: float, lo: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= lo:
+        raise ValueError(f"EDMStochasticHeun: {name}={value!r} must be a number >= {lo:g}")
+    return float(value)
+
+
+@dataclass
+class EDMStochasticHeun(Solver):
+    """EDM's stochastic Heun sampler (Alg. 2); ``edm_sde``.
+
+    Args:
+        s_churn: total churn ``S_churn >= 0`` (``gamma = min(S_churn / N, sqrt(2) - 1)``).
+        s_tmin, s_tmax: churn only where ``S_tmin <= sigma/alpha <= S_tmax``.
+        s_noise: noise inflation ``S_noise`` (1.003 in EDM for real nets; 1 is exact).
+        order: 2 (Heun) or 1 (Euler with churn).
+
+    The defaults are EDM's ImageNet-64 setting (Table 5: ``S_churn = 40``, ``S_tmin = 0.05``,
+    ``S_tmax = 50``) with ``S_noise = 1``.
+    """
+
+    name: ClassVar[str] = "edm_sde"
+    stochastic: ClassVar[bool] = True
+    max_order: ClassVar[int] = 2
+    order: int = 2
+    s_churn: float = 40.0
+    s_tmin: float = 0.05
+    s_tmax: float = 50.0
+    s_noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.s_churn = _check("s_churn", self.s_churn, 0.0)
+        self.s_tmin = _check("s_tmin", self.s_tmin, 0.0)
+        self.s_tmax = _check("s_tmax", self.s_tmax, self.s_tmin)
+        self.s_noise = _check("s_noise", self.s_noise, 0.0)
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        p = grid.process
+        return {"s_max": float(p.sigma(p.t_max) / p.alpha(p.t_max))}
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
+        t, a, s = grid.t[i], grid.alpha[i], grid.sigma[i]
+        to = (grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1])
+        r = s / a
+        gamma = min(self.s_churn / grid.steps, math.sqrt(2) - 1) if self.s_tmin <= r <= self.s_tmax else 0.0
+        r_hat = min((1 + gamma) * r, state["s_max"])
+        if r_hat > r:
+            t_hat = float(grid.process.t_of_sigma_ratio(r_hat))
+            a_hat, s_hat, _ = grid.at(t_hat)
+            std = a_hat * math.sqrt(max((s_hat / a_hat) ** 2 - r**2, 0.0)) * self.s_noise
+            x = axpby(a_hat / a, x, std, model.noise(t, t_hat, x))
+            t, a, s = t_hat, a_hat, s_hat
+        return heun_update(model, x, i, (t, a, s), to, second=self.order == 2)
+
+    def nfe(self, steps: int, clean_end: bool = True) -> int:
+        if self.order == 1:
+            return steps
+        return 2 * steps - 1 if clean_end else 2 * steps

@@ -1,0 +1,140 @@
+r"""Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes", Alg. 1).
+
+The probability-flow ODE is solved along the grid with Heun's method (EDM Alg. 1,
+:func:`~steerdiff.solvers.edm.heun_update`). A restart interval ``[s_min, s_max]`` (in
+k-diffusion's ``s = sigma / alpha``, the paper's ``sigma`` for EDM) is entered where the main
+solve reaches ``s_min``; there, ``K`` times,
+
+    forward:   y <- y + sqrt(s_max^2 - s_min^2) z,       z ~ N(0, I)     (y = x / alpha)
+    backward:  N Heun steps from s_max to s_min on Karras' rho = 7 grid (EDM Eq. 5),
+
+i.e. the exact forward transition of the process from ``t_min`` to ``t_max``,
+``x <- (alpha_max / alpha_min) x + alpha_max sqrt(s_max^2 - s_min^2) z``, followed by the ODE back.
+As in the authors' code, ``s_min`` is moved to the nearest grid node that a step arrives at
+(nodes ``1..`` the last noisy one); ``s_max`` is used as given.
+
+``restart_info``: a sequence of ``(s_min, s_max, K, N)`` -- or a mapping ``{s_min: (s_max, K, N)}``
+-- with ``0 < s_min < s_max``, ``K, N >= 1``. Intervals outside the grid's range (``s_min`` below
+its last noisy node, ``s_max`` above its first) are a ``ValueError``. ``None`` (default): the
+automatic choice of the authors' sampler for ComfyUI: no restart below 20 steps; from 20 steps
+``(0.1, 2, K=1, N=9)``; from 36 steps ``(0.1, 2, K=2, N=steps // 4)`` (the grid is not shortened
+to compensate, unlike there).
+
+Noise: restart ``k`` of ``K`` draws ``model.noise(u_k, u_{k+1}, x)`` on the ``k``-th of ``K``
+equal parts of ``[t_min, t_max]``, so that a Brownian-tree source gives independent draws. The
+restart noise is followed by the deterministic ODE solve inside the same step, so no step is
+Gaussian given its start: every step returns the state (a Tensor), never a
+:class:`~steerdiff.solvers.base.Transition`; the noise is drawn inside :meth:`Restart.step`.
+
+NFE: those of :class:`~steerdiff.solvers.euler.Heun` (``2 steps - 1`` with a clean end) plus
+``2 K N`` per interval (``K N`` with ``order=1``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..schedules import Karras
+from .base import Grid, Model, Solver
+from .edm import Level, heun_update
+
+__all__ = ["Restart"]
+
+Interval = tuple[float, float, int, int]  # (s_min, s_max, K, N)
+
+
+def _intervals(restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence[float]]) -> list[Interval]:
+    if isinstance(restart_info, Mapping):
+        items = [(k, *v) if isinstance(v, Sequence) else (k, v) for k, v in restart_info.items()]
+    else:
+        items = list(restart_info)
+    out = []
+    for item in items:
+        bad = ValueError(
+            f"restart_info: {item!r} is not (s_min, s_max, K, N) with 0 < s_min < s_max, integers K, N >= 1"
+        )
+        if not isinstance(item, Sequence) or len(item) != 4:
+            raise bad
+        lo, hi, k, n = item
+        ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (k, n))
+        if not (ints and isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo < hi):
+            raise bad
+        out.append((float(lo), float(hi), k, n))
+    return out
+
+
+@dataclass
+class Restart(Solver):
+    """Restart sampling with Heun's method (``order=2``) or Euler's (``order=1``) as ODE solver.
+
+    Args:
+        restart_info: the restart intervals ``(s_min, s_max, K, N)`` in ``sigma / alpha`` (see the
+            module docstring); ``None``: the automatic choice by step count.
+    """
+
+    name: ClassVar[str] = "restart"
+    stochastic: ClassVar[bool] = True
+    max_order: ClassVar[int] = 2
+    order: int = 2
+    restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence[float]] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.restart_info is not None:
+            _intervals(self.restart_info)
+
+    def _plan(self, steps: int) -> list[Interval]:
+        if self.restart_info is not None:
+            return _intervals(self.restart_info)
+        if steps < 20:
+            return []
+        return [(0.1, 2.0, 1, 9)] if steps < 36 else [(0.1, 2.0, 2, steps // 4)]
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        """Place the intervals on the grid: ``{node j: (K, inner levels from s_max to s_j)}``."""
+        ratios = [s / a for s, a in zip(grid.sigma, grid.alpha, strict=True)]
+        last = grid.steps - 1 if grid.clean_end else grid.steps  # last noisy node
+        plan: dict[int, tuple[int, list[Level]]] = {}
+        for lo, hi, k, n in self._plan(grid.steps):
+            if last < 1 or lo < ratios[last] * (1 - 1e-9) or hi > ratios[0] * (1 + 1e-9):
+                raise ValueError(
+                    f"restart_info: interval [{lo:g}, {hi:g}] (sigma/alpha) lies outside the grid's range "
+                    f"[{ratios[last]:g}, {ratios[0]:g}] (reached by steps 1..{last})"
+                )
+            j = min(range(1, last + 1), key=lambda m: abs(ratios[m] - lo))
+            if ratios[j] >= hi or j in plan:
+                raise ValueError(
+                    f"restart_info: interval [{lo:g}, {hi:g}] starts at grid node {j} (sigma/alpha "
+                    f"{ratios[j]:g}), which is not below s_max or already restarts; use a finer grid"
+                )
+            t = Karras(7.0, sigma_min=ratios[j], sigma_max=hi).nodes(grid.process, n + 1).tolist()
+            levels = [(ti, *grid.at(ti)[:2]) for ti in t[:-1]]
+            plan[j] = (k, [*levels, (grid.t[j], grid.alpha[j], grid.sigma[j])])
+        return {"plan": plan}
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
+        second = self.order == 2
+        frm = (grid.t[i], grid.alpha[i], grid.sigma[i])
+        x = heun_update(model, x, i, frm, (grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1]), second)
+        if i + 1 not in state["plan"]:
+            return x
+        k, levels = state["plan"][i + 1]
+        (t_hi, a_hi, s_hi), (t_lo, a_lo, s_lo) = levels[0], levels[-1]
+        std = a_hi * math.sqrt((s_hi / a_hi) ** 2 - (s_lo / a_lo) ** 2)
+        for r in range(k):
+            u0, u1 = t_lo + r * (t_hi - t_lo) / k, t_lo + (r + 1) * (t_hi - t_lo) / k
+            x = (a_hi / a_lo) * x + std * model.noise(u0, u1, x)
+            for frm, to in itertools.pairwise(levels):
+                x = heun_update(model, x, i, frm, to, second)
+        return x
+
+    def nfe(self, steps: int, clean_end: bool = True) -> int:
+        per = 2 if self.order == 2 else 1
+        main = steps if self.order == 1 else (2 * steps - 1 if clean_end else 2 * steps)
+        return main + sum(per * k * n for _, _, k, n in self._plan(steps))

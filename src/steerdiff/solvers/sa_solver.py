@@ -1,0 +1,139 @@
+r"""SA-Solver (Xue et al. 2023, "SA-Solver: Stochastic Adams Solver for Fast Sampling of Diffusion
+Models"): stochastic Adams predictor and corrector on the variance-controlled diffusion SDE,
+data prediction.
+
+The SDE family ``dx = [f x - (1 + tau^2) g^2 / 2 grad log p] dt + tau g dw`` has the marginals of
+the data for every ``tau(t) >= 0`` (``tau = 0``: the probability-flow ODE, ``tau = 1``: the
+reverse SDE). In ``lam = log(alpha / sigma)``, with ``h = lam_t - lam_s`` and ``c = 1 + tau^2``
+(``tau`` taken at the step's start ``s``), its exact solution in data prediction is
+
+    x_t = e^{-tau^2 h} (sigma_t / sigma_s) x_s + alpha_t c int_0^h e^{-c (h - u)} x0(lam_s + u) du
+          + sigma_t sqrt(1 - e^{-2 tau^2 h}) z.
+
+The integral of the Lagrange polynomial through the estimates ``m_j`` at ``theta_j`` (the nodes
+in units of the step, ``theta = u / h``) is exact: ``alpha_t H sum_j w_j m_j``, ``H = c h``,
+``w_j = int_0^1 e^{-H (1 - theta)} l_j(theta) dtheta``
+(:func:`~steerdiff.solvers._poly.exp_adams_bashforth` at ``-H``).
+
+* SA-Predictor of order ``p`` (step ``i -> i+1``): nodes ``lam_i, ..., lam_{i-p+1}``.
+* SA-Corrector of order ``q``: redoes step ``i-1 -> i`` with the nodes ``lam_i, ..., lam_{i-q+1}``,
+  ``m_i`` evaluated at the *predicted* ``x_i``, and the *same* noise ``z``. Hence the corrected
+  state is ``x_i + alpha_i H (sum w^C m - sum w^P m)``: the predictor's noise need not be known.
+  The evaluation is re-used by the next prediction (the corrected state is never evaluated), so
+  the corrector is free: **NFE = steps**, as in UniPC.
+
+``second_order="sasolver"`` reproduces the authors' code (and diffusers' ``SASolverScheduler``):
+with two nodes, the moment ``int_0^1 e^{-H (1 - theta)} theta dtheta = phi_2(-H)`` is replaced by
+its ``H -> 0`` limit 1/2 (an ``O(h^3)`` change, like UniPC's ``B(h) = h``); then ``tau = 0`` with
+``corrector_order = order + 1`` is exactly :class:`~steerdiff.solvers.unipc.UniPC` with
+``variant="bh1"``. ``"exact"`` (default) keeps the exact weight.
+
+The predictor's transition is exposed: ``mean = e^{-tau^2 h} (sigma_t / sigma_s) x_s + alpha_t H sum
+w^P m``, ``std = sigma_t sqrt(1 - e^{-2 tau^2 h})`` (a Tensor is returned where ``std = 0``: ``tau =
+0`` and the step into a clean end, which returns the denoised estimate). Orders: warm-up, and lower
+orders at the last steps of runs shorter than 15 steps
+(:func:`~steerdiff.solvers.base.step_order`; diffusers lowers them at any step count); the
+corrector of ``x_i`` has order at most ``i + 1``, and at most one more than the predictor order the
+last steps allow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ._exp import phi
+from ._poly import exp_adams_bashforth, lagrange_weights
+from .base import Grid, History, Model, Solver, Transition, step_order
+
+__all__ = ["SASolver"]
+
+SECOND_ORDER = ("exact", "sasolver")
+
+
+@dataclass
+class SASolver(Solver):
+    """SA-Solver: SA-Predictor of order ``order`` (1-4) and SA-Corrector of order ``corrector_order``.
+
+    Args:
+        order: the predictor's order ``p`` (diffusers' ``predictor_order``).
+        corrector_order: the corrector's order ``q`` (1-4), 0 for the predictor alone.
+        tau: the noise level ``tau(t) >= 0``: a number, or a function of process time (evaluated at
+            each step's start). Diffusers' default for 1000-step models is
+            ``lambda t: 1.0 if 200 <= t <= 800 else 0.0``.
+        second_order: ``"exact"`` or ``"sasolver"`` (the two-node weight of the authors' code).
+        lower_order_final: lower the orders at the last steps of short runs.
+    """
+
+    name: ClassVar[str] = "sa_solver"
+    stochastic: ClassVar[bool] = True
+    max_order: ClassVar[int] = 4
+    order: int = 2
+    corrector_order: int = 2
+    tau: float | Callable[[float], float] = 1.0
+    second_order: str = "exact"
+    lower_order_final: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        q = self.corrector_order
+        if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= 4:
+            raise ValueError(f"SASolver: corrector_order={q!r} is not supported; accepted: 0..4")
+        if self.second_order not in SECOND_ORDER:
+            raise ValueError(f"SASolver: second_order={self.second_order!r}; accepted: {SECOND_ORDER}")
+        if not callable(self.tau):
+            self._tau(0.0)
+
+    def _tau(self, t: float) -> float:
+        tau = self.tau(t) if callable(self.tau) else self.tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
+            raise ValueError(f"SASolver: tau must be a number >= 0 (or a function giving one), got {tau!r}")
+        return float(tau)
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        # m: estimates, newest first; prev: (corrector order, tau, predictor's gradient term) of the
+        # last stochastic prediction
+        return {"m": History(max(self.order, self.corrector_order)), "prev": None}
+
+    def _gradient(self, grid: Grid, src: int, tau: float, m: list[Tensor], lam: list[float]) -> Tensor:
+        """``alpha_t H sum_j w_j m_j`` for the step ``src -> src + 1``, estimates ``m`` at ``lam``."""
+        h = grid.h(src)
+        big_h = (1 + tau**2) * h
+        theta = [(lj - grid.lam[src]) / h for lj in lam]
+        if len(theta) == 2 and self.second_order == "sasolver":
+            w = lagrange_weights(theta, [phi(1, -big_h), 0.5])
+        else:
+            w = exp_adams_bashforth(theta, -big_h)
+        return (grid.alpha[src + 1] * big_h) * sum(wj * mj for wj, mj in zip(w, m, strict=True))
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
+        x0 = model(x, grid.t[i], i).x0
+        hist = state["m"]
+        hist.push(x0, grid.lam[i])
+        m, lam = hist.values, hist.at
+        if state["prev"] is not None:  # SA-Corrector of x_i: same noise, so only the gradient changes
+            q, tau, pred = state["prev"]
+            x = x + (self._gradient(grid, i - 1, tau, m[:q], lam[:q]) - pred)
+        if grid.is_final_clean(i):
+            return x0
+        k = step_order(i, grid, self.order, len(m), self.lower_order_final)
+        tau = self._tau(grid.t[i])
+        h = grid.h(i)
+        pred = self._gradient(grid, i, tau, m[:k], lam[:k])
+        mean = math.exp(-(tau**2) * h) * (grid.sigma[i + 1] / grid.sigma[i]) * x + pred
+        if self.corrector_order > 0 and not grid.is_final_clean(i + 1) and i + 1 < grid.steps:
+            # at most one order above what step_order allows the predictor (it counts the new estimate)
+            q = (
+                1
+                if self.corrector_order == 1
+                else 1 + step_order(i, grid, self.corrector_order - 1, len(m), self.lower_order_final)
+            )
+            state["prev"] = (q, tau, pred)
+        else:
+            state["prev"] = None
+        std = grid.sigma[i + 1] * math.sqrt(-math.expm1(-2 * tau**2 * h))
+        return mean if std == 0 else Transition(mean, std)

@@ -1,0 +1,161 @@
+"""ER-SDE-Solver (``er_sde``, Cui et al. 2023): its ODE and SDE ends, convergence of the weights,
+exact transitions, and distribution on the Gaussian-mixture oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+import steerdiff as sd
+from steerdiff.solvers import DDIM, ERSDE, DPMSolverSDEMultistep
+
+from .reference import exact_sample, noise, rel_rmse, slope
+
+F64 = torch.float64
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- the ends of the family -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_ode_noise_scale_order_1_is_ddim(gmm, sd_process, x_T, steps):
+    den = gmm.denoiser(sd_process)
+    x = sd.sample(den, x_T, steps, ERSDE(order=1, noise_scale="ode"), "logsnr_uniform", generator=_gen())
+    y = sd.sample(den, x_T, steps, DDIM(), "logsnr_uniform")
+    assert rel_rmse(x, y) < 1e-12
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_sde_noise_scale_order_1_is_sde_dpmpp_1(gmm, sd_process, x_T, steps):
+    # phi(rho) = rho^2: the reverse diffusion SDE; its first-order step is SDE-DPM-Solver++-1
+    den = gmm.denoiser(sd_process)
+    x = sd.sample(den, x_T, steps, ERSDE(order=1, noise_scale="sde"), "logsnr_uniform", generator=_gen(3))
+    y = sd.sample(den, x_T, steps, DPMSolverSDEMultistep(order=1), "logsnr_uniform", generator=_gen(3))
+    assert rel_rmse(x, y) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("solver", "lo", "hi"),
+    [
+        (ERSDE(order=1, noise_scale="ode"), 0.9, 1.2),
+        (ERSDE(order=2, noise_scale="ode"), 1.9, 2.4),
+        (ERSDE(order=3, noise_scale="ode"), 2.7, 3.3),
+        (ERSDE(order=3, noise_scale="ode", third_order="paper"), 2.0, 2.5),
+    ],
+    ids=["1", "2", "3", "3-paper"],
+)
+def test_ode_limit_converges_at_its_order(gmm, sd_process, solver, lo, hi):
+    # with phi(rho) = rho the weights W_1, W_2 are those of the data-prediction ODE in rho; measured
+    # slopes 1.04, 2.12, 2.90 and 2.30 for the paper's third order (it drops (rho_i - rho_{i-1}) W_1 d_2)
+    x_T = noise(4, 8)
+    exact, steps = exact_sample(gmm, sd_process, x_T), [10, 14, 20, 28, 40]
+    den = gmm.denoiser(sd_process)
+    errors = [rel_rmse(sd.sample(den, x_T, n, solver, "logsnr_uniform"), exact) for n in steps]
+    assert lo < slope(steps, errors) < hi
+
+
+def test_quadrature_is_converged(gmm, sd_process, x_T):
+    den = gmm.denoiser(sd_process)
+    x = sd.sample(den, x_T, 12, ERSDE(), "karras", generator=_gen(1))
+    y = sd.sample(den, x_T, 12, ERSDE(quadrature=1024), "karras", generator=_gen(1))
+    assert rel_rmse(x, y) < 1e-10
+
+
+# --- transitions ----------------------------------------------------------------------------------
+
+
+class Replay:
+    def __init__(self, draws: list[Tensor]) -> None:
+        self.draws, self.calls = draws, 0
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        self.calls += 1
+        return self.draws[self.calls - 1]
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_transition_reproduces_the_step(gmm, sd_process, order):
+    x_T, steps, solver = noise(6, 8), 8, ERSDE(order=order)
+    g = _gen(7)
+    draws = [torch.randn(x_T.shape, generator=g, dtype=F64) for _ in range(steps)]
+    den = gmm.denoiser(sd_process)
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), steps)
+    model = sd.solvers.Model(den, noise=Replay(draws))
+    state, x = solver.init_state(grid), x_T
+    for i in range(steps):
+        out = solver.step(model, x, i, grid, state)
+        if i < steps - 1:
+            assert isinstance(out, sd.solvers.Transition) and out.std > 0
+            x = out.mean + out.std * draws[i]
+        else:
+            x = out  # into the clean end: the denoised estimate
+    y = sd.sample(den, x_T, steps, solver, "logsnr_uniform", generator=Replay(draws))
+    assert (x - y).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("noise_scale", ["default", "ode", "sde", lambda r: r**1.5])
+def test_transition_keeps_the_marginal(sd_process, noise_scale):
+    # data = a point mu: N(alpha_i mu, sigma_i^2) -> N(alpha_{i+1} mu, sigma_{i+1}^2) for every phi
+    mu = torch.tensor([[0.7, -1.3]], dtype=F64)
+    den = sd.Denoiser(lambda x, t: mu.expand_as(x), sd_process, prediction="x0")
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("karras"), 6)
+    model = sd.solvers.Model(den)
+    solver = ERSDE(noise_scale=noise_scale)
+    state = solver.init_state(grid)
+    for i in range(grid.steps - 1):
+        x = torch.cat([grid.alpha[i] * mu, grid.alpha[i] * mu + grid.sigma[i]])
+        tr = solver.step(model, x, i, grid, state)
+        gain = float((tr.mean[1] - tr.mean[0]).mean()) / grid.sigma[i]
+        assert torch.allclose(tr.mean[0], grid.alpha[i + 1] * mu[0], rtol=1e-12, atol=1e-12)
+        assert math.isclose(gain**2 * grid.sigma[i] ** 2 + tr.std**2, grid.sigma[i + 1] ** 2, rel_tol=1e-10)
+
+
+# --- distribution ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_distribution_at_100_nfe(gmm, sd_process, order):
+    n = 2000
+
+    def sw(a: Tensor, b: Tensor) -> float:
+        return sd.metrics.sliced_wasserstein(a, b, projections=256, generator=_gen(0))
+
+    floor = sd.metrics.floor(gmm.sample, n, sw, repeats=3, generator=_gen(1))
+    x = sd.sample(
+        gmm.denoiser(sd_process),
+        noise(n, 8, seed=5),
+        100,
+        ERSDE(order=order),
+        "logsnr_uniform",
+        generator=_gen(2),
+    )
+    assert sw(x, gmm.sample(n, _gen(9))) < 1.5 * floor  # measured 1.20, 1.17, 1.17 x floor
+
+
+# --- bad options ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "arg"),
+    [
+        (lambda: ERSDE(order=0), "order"),
+        (lambda: ERSDE(noise_scale="vp"), "noise_scale"),
+        (lambda: ERSDE(third_order="taylor"), "third_order"),
+        (lambda: ERSDE(quadrature=7), "quadrature"),
+    ],
+)
+def test_bad_options(make, arg):
+    with pytest.raises(ValueError, match=arg):
+        make()
+
+
+def test_noise_scale_must_grow_faster_than_rho(gmm, sd_process, x_T):
+    with pytest.raises(ValueError, match="noise_scale"):
+        sd.sample(gmm.denoiser(sd_process), x_T, 5, ERSDE(noise_scale=math.sqrt), "karras", generator=_gen())

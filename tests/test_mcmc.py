@@ -1,0 +1,215 @@
+"""Correctors (ULA, MALA, HMC) against the exact noised marginal of a Gaussian mixture.
+
+Chains start from exact draws of ``p_t`` (``gmm.sample``, then noise): an invariant kernel keeps
+every chain's law exactly ``p_t``, so the moments of the final states are compared with the
+exact ones within Monte Carlo error (z-scores from the empirical spread), and the sliced W2 to
+fresh exact draws with the floor of two exact sets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import steerdiff as sd
+
+from .reference import noise, smooth_mixture
+
+F64 = torch.float64
+T = 0.3  # VP.linear time: alpha = 0.80, sigma = 0.60
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Two-dimensional, three components, its noised marginal at T and exact draws of it."""
+    gmm = smooth_mixture(dim=2, components=3)
+    proc = sd.VP.linear()
+    a, s = float(proc.alpha(T)), float(proc.sigma(T))
+
+    def exact(n: int, g: torch.Generator) -> torch.Tensor:
+        return a * gmm.sample(n, g) + s * torch.randn(n, gmm.dim, generator=g, dtype=F64)
+
+    w = gmm.weights[:, None]
+    mean = a * (w * gmm.means).sum(0)
+    second = (w * (a**2 * gmm.variances + s**2 + a**2 * gmm.means**2)).sum(0)
+    return gmm, exact, mean, second, (lambda x: gmm.log_prob(x, a, s))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _z_moments(x: torch.Tensor, mean: torch.Tensor, second: torch.Tensor) -> float:
+    """Largest |z| of the first and second moments of ``x`` against the exact ones."""
+    n = x.shape[0]
+    z1 = (x.mean(0) - mean) / (x.std(0) / math.sqrt(n))
+    z2 = ((x**2).mean(0) - second) / ((x**2).std(0) / math.sqrt(n))
+    return float(torch.cat([z1, z2]).abs().max())
+
+
+@pytest.mark.parametrize(
+    "kernel", [sd.mcmc.MALA(step_size=0.1), sd.mcmc.HMC(step_size=0.3, leapfrog_steps=5)], ids=["mala", "hmc"]
+)
+def test_exact_kernels_leave_the_noised_marginal_invariant(small, kernel):
+    _, exact, mean, second, log_prob = small
+    n = 4000
+    x0 = exact(n, _gen(0))
+    x, info = kernel.run(x0, log_prob, steps=40, generator=_gen(1))
+    # measured: max |z| 1.2 (mala), 1.4 (hmc); acceptance 0.99
+    assert _z_moments(x, mean, second) < 4
+    assert (x - x0).abs().mean() > 0.5  # the chains moved (1.3 measured)
+    floor = sd.metrics.floor(exact, n, repeats=3, generator=_gen(2))
+    sw = sd.metrics.sliced_wasserstein(x, exact(n, _gen(3)), generator=_gen(4))
+    assert sw < 1.5 * floor  # measured 0.74x (mala), 0.98x (hmc) of floor 0.040
+    assert info.acceptance.shape == (n,) and 0.5 < info.acceptance_rate < 1
+
+
+def test_the_invariance_check_has_power(small):
+    _, exact, mean, second, log_prob = small
+    x, _ = sd.mcmc.ULA(step_size=0.4).run(exact(4000, _gen(0)), log_prob, steps=40, generator=_gen(1))
+    assert _z_moments(x, mean, second) > 6  # measured 8.1: ULA's O(eps) bias is detected
+
+
+def test_ula_is_biased_by_its_step_and_the_bias_shrinks(small):
+    _, exact, mean, second, log_prob = small
+    n = 20000
+    x0 = exact(n, _gen(0))
+    var = second - mean**2
+
+    def bias(eps: float) -> float:
+        x, info = sd.mcmc.ULA(step_size=eps).run(x0, log_prob, steps=60, generator=_gen(1))
+        assert info.acceptance is None and info.evaluations == 60
+        return float(x.var(0).sum() / var.sum() - 1)
+
+    big, mid, small_ = bias(0.4), bias(0.1), bias(0.025)
+    # O(eps) bias of the variance (eps / (2 v) for a Gaussian): measured 0.20, 0.046, 0.012
+    assert big > 0.1 and 0 < mid < big / 3 and small_ < mid / 2
+    assert small_ < 0.03
+
+
+def test_hmc_with_one_leapfrog_step_is_mala(small):
+    _, exact, _, _, log_prob = small
+    x0 = exact(200, _gen(0))
+    eps = 0.3
+    xm, im = sd.mcmc.MALA(step_size=eps).run(x0, log_prob, steps=5, generator=_gen(1))
+    xh, ih = sd.mcmc.HMC(step_size=math.sqrt(2 * eps), leapfrog_steps=1).run(
+        x0, log_prob, steps=5, generator=_gen(1)
+    )
+    assert torch.allclose(xm, xh, rtol=0, atol=1e-12)
+    assert torch.equal(im.acceptance, ih.acceptance) and 0.5 < im.acceptance_rate < 0.95
+
+
+def test_mala_acceptance_falls_with_the_step(small):
+    _, exact, _, _, log_prob = small
+    x0 = exact(1000, _gen(0))
+    rates = [
+        sd.mcmc.MALA(step_size=e).run(x0, log_prob, 3, _gen(1))[1].acceptance_rate for e in (0.05, 0.5, 3.0)
+    ]
+    # measured 0.998, 0.88, 0.27
+    assert 1 > rates[0] > rates[1] > rates[2] > 0
+
+
+# --- predictor-corrector in sd.sample --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pc():
+    gmm = smooth_mixture()
+    proc = sd.VP.scaled_linear()
+
+    def log_prob(x: torch.Tensor, t: float) -> torch.Tensor:
+        return gmm.log_prob(x, float(proc.alpha(t)), float(proc.sigma(t)))
+
+    n = 1000
+    ref = gmm.sample(n, _gen(9))
+    return gmm, proc, log_prob, noise(n, 8, seed=3), ref
+
+
+def _sw(x, ref) -> float:
+    return sd.metrics.sliced_wasserstein(x, ref, generator=_gen(5))
+
+
+def test_predictor_corrector_improves_on_the_predictor(pc):
+    gmm, proc, log_prob, x_T, ref = pc
+    den = gmm.denoiser(proc)
+    kw = {"steps": 5, "solver": "ddim", "schedule": "time_uniform", "return_info": True}
+    base = _sw(sd.sample(den, x_T, **kw)[0], ref)
+    ula, iu = sd.sample(den, x_T, corrector="ula", corrector_steps=3, generator=_gen(4), **kw)
+    mala = sd.mcmc.MALA(log_prob=log_prob)
+    xm, im = sd.sample(den, x_T, corrector=mala, corrector_steps=3, generator=_gen(4), **kw)
+    hmc = sd.mcmc.HMC(log_prob=log_prob, leapfrog_steps=3)
+    xh, ih = sd.sample(den, x_T, corrector=hmc, generator=_gen(4), **kw)
+    # floor 0.090; measured: ddim 0.259, +ULA 0.181, +MALA 0.174, +HMC 0.113
+    assert _sw(ula, ref) < 0.8 * base and _sw(xm, ref) < 0.8 * base and _sw(xh, ref) < 0.6 * base
+    # exact NFE: 5 predictor calls, 4 corrected nodes (none at the clean end)
+    assert iu.nfe == 5 + 4 * 3 and im.nfe == 5 + 4 * (1 + 3) and ih.nfe == 5 + 4 * (1 + 3)
+    assert len(im.corrector) == 4 and [c.t for c in im.corrector] == im.grid.t[1:-1]
+    assert all(0.9 < c.acceptance_rate < 1 for c in im.corrector)  # measured 0.98-0.99
+
+
+def test_ula_on_the_denoiser_score_is_ula_on_the_log_density(pc):
+    gmm, proc, log_prob, x_T, _ = pc
+    calls: list[float] = []
+
+    def net(x, t):
+        calls.append(float(t[0]))
+        return gmm.denoise(x, float(proc.alpha(float(t[0]))), float(proc.sigma(float(t[0]))))
+
+    den = sd.Denoiser(net, proc, prediction="x0")
+    kw = {"steps": 4, "solver": "dpmpp_2m", "schedule": "logsnr_uniform", "return_info": True}
+    x1, i1 = sd.sample(den, x_T[:50], corrector="ula", corrector_steps=2, generator=_gen(1), **kw)
+    x2, i2 = sd.sample(
+        den, x_T[:50], corrector=sd.mcmc.ULA(log_prob=log_prob), corrector_steps=2, generator=_gen(1), **kw
+    )
+    assert torch.allclose(x1, x2, rtol=0, atol=1e-9)
+    assert i1.nfe == i2.nfe == 4 + 3 * 2 and len(calls) == i1.nfe + 4  # the score calls count as NFE
+
+
+def test_corrector_is_batch_invariant_with_per_sample_generators(pc):
+    gmm, proc, log_prob, x_T, _ = pc
+    den = gmm.denoiser(proc)
+    # an explicit step: the snr rule uses batch-mean norms, so it depends on the batch
+    mala = sd.mcmc.MALA(log_prob=log_prob, step_size=0.01)
+    kw = {"steps": 4, "solver": "ddim", "schedule": "time_uniform", "corrector": mala, "corrector_steps": 2}
+    xs = sd.sample(den, x_T[:3], generator=[_gen(10 + b) for b in range(3)], **kw)
+    x1 = sd.sample(den, x_T[1:2], generator=[_gen(11)], **kw)
+    assert torch.allclose(xs[1:2], x1, rtol=0, atol=1e-12)
+
+
+def test_bad_corrector_input(pc):
+    gmm, proc, log_prob, x_T, _ = pc
+    den = gmm.denoiser(proc)
+    x = x_T[:4]
+    with pytest.raises(ValueError, match="needs the noised log-density"):
+        sd.sample(den, x, steps=3, solver="ddim", corrector="mala")
+    with pytest.raises(ValueError, match="needs the noised log-density"):
+        sd.sample(den, x, steps=3, solver="ddim", corrector="hmc")
+    with pytest.raises(ValueError, match="unknown corrector"):
+        sd.sample(den, x, steps=3, solver="ddim", corrector="langevin")
+    with pytest.raises(ValueError, match="corrector_steps"):
+        sd.sample(den, x, steps=3, solver="ddim", corrector="ula", corrector_steps=0)
+    with pytest.raises(ValueError, match="snr"):
+        sd.sample(den, x, steps=3, solver="ddim", corrector="ula", snr=-0.1)
+    with pytest.raises(ValueError, match="step_size"):
+        sd.mcmc.MALA(step_size=0.0)
+    with pytest.raises(ValueError, match="leapfrog_steps"):
+        sd.mcmc.HMC(leapfrog_steps=0)
+    tree = sd.noise.BrownianTreeNoise(x, proc.t_min, proc.t_max)
+    with pytest.raises(ValueError, match="Brownian"):
+        sd.sample(den, x, steps=3, solver="ddim", corrector="ula", generator=tree)
+
+    def detached(y: torch.Tensor, t: float) -> torch.Tensor:
+        with torch.no_grad():
+            return log_prob(y, t)
+
+    with pytest.raises(ValueError, match="not differentiable"):
+        sd.sample(den, x, steps=3, solver="ddim", corrector=sd.mcmc.MALA(log_prob=detached))
+    with pytest.raises(ValueError, match=r"must return a \(4,\) tensor"):
+        sd.mcmc.MALA(step_size=0.1).run(x, lambda y: y.sum(), steps=1)
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        sd.mcmc.MALA(step_size=0.1).run(x, lambda y: -(y**2).sum(-1), steps=1)
+    # under torch.no_grad the corrector still differentiates a differentiable log_prob
+    with torch.no_grad():
+        sd.sample(den, x, steps=3, solver="ddim", corrector=sd.mcmc.MALA(log_prob=log_prob))

@@ -1,0 +1,250 @@
+"""Mean-reverting diffusion (IR-SDE) and the MR Sampler against the exact mixture oracle.
+
+``y = x - mu`` is a VP-like process: ``gmm.shifted(-mu)`` is the exact law of ``y_0`` and its
+``reference_ode`` the exact PF-ODE solution; ``gmm.mean_reverting_marginal`` the exact
+``p(x_t | mu)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import steerdiff as sd
+
+from .reference import nodes_of, noise, rel_rmse, sd_betas_config, slope, smooth_mixture
+
+F64 = torch.float64
+MRS = sd.solvers.MRSampler
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def mr():
+    gmm = smooth_mixture()
+    proc = sd.MeanReverting(theta_min=0.3, theta_max=8.0, stationary_std=0.5)
+    mu = torch.randn(8, generator=_gen(7), dtype=F64)
+    return gmm, proc, mu, gmm.mean_reverting_denoiser(proc, mu)
+
+
+# --- the process -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("tmin", "tmax", "lam"), [(0.3, 8.0, 0.5), (2.0, 2.0, 0.2), (0.0, 12.0, 1.5)])
+def test_process_round_trips(tmin, tmax, lam):
+    p = sd.MeanReverting(theta_min=tmin, theta_max=tmax, stationary_std=lam)
+    t = torch.linspace(p.t_min, p.t_max, 101, dtype=F64)
+    a, s, lm = p.coefficients(t)
+    assert torch.allclose(a, torch.exp(-p.theta_bar(t)), rtol=1e-12, atol=0)
+    assert torch.allclose(a**2 + s**2 / lam**2, torch.ones_like(t), rtol=0, atol=1e-12)
+    assert torch.allclose(lm, torch.log(a / s), rtol=0, atol=1e-10)
+    assert torch.allclose(p.t_of_lam(lm), t, rtol=0, atol=1e-10)
+    # derivatives, and the variance obeys the OU moment ODE  var' = -2 theta var + diffusion^2
+    d = 1e-6
+    fd = lambda f: (f(t + d) - f(t - d)) / (2 * d)  # noqa: E731
+    assert torch.allclose(p.d_alpha(t), fd(p.alpha), rtol=1e-7, atol=1e-9)
+    assert torch.allclose(p.d_sigma(t), fd(p.sigma), rtol=1e-6, atol=1e-8)
+    var = lambda u: p.sigma(u) ** 2  # noqa: E731
+    assert torch.allclose(fd(var), -2 * p.theta(t) * var(t) + p.diffusion(t) ** 2, rtol=1e-6, atol=1e-8)
+
+
+def test_unit_stationary_std_is_vp_linear():
+    p, v = sd.MeanReverting(theta_min=0.05, theta_max=10.0, stationary_std=1.0), sd.VP.linear(0.1, 20.0)
+    t = torch.linspace(1e-3, 1, 50, dtype=F64)
+    for f in ("alpha", "sigma", "lam", "d_alpha", "d_sigma"):
+        assert torch.allclose(getattr(p, f)(t), getattr(v, f)(t), rtol=1e-12, atol=1e-14), f
+
+
+def test_bad_process_input():
+    for kw in (
+        {"theta_min": -1.0},
+        {"theta_min": 3.0, "theta_max": 2.0},
+        {"stationary_std": 0.0},
+        {"t_min": 0.0},
+    ):
+        with pytest.raises(ValueError, match="MeanReverting"):
+            sd.MeanReverting(**kw)
+    with pytest.raises(ValueError, match="prediction"):
+        sd.MeanReverting().denoiser(lambda x, t, mu: x, torch.zeros(2), prediction="flow")
+    with pytest.raises(ValueError, match="prediction"):
+        MRS(prediction="velocity")
+    with pytest.raises(ValueError, match="order"):
+        MRS(order=3)
+
+
+# --- the oracle ------------------------------------------------------------------------------
+
+
+def test_marginal_and_denoiser_against_monte_carlo(mr):
+    _, proc, _, _ = mr
+    gmm = smooth_mixture(dim=2, components=3)  # two dimensions: importance sampling stays efficient
+    mu = torch.tensor([0.7, -1.2], dtype=F64)
+    den = gmm.mean_reverting_denoiser(proc, mu)
+    t = 0.15
+    a, s = float(proc.alpha(t)), float(proc.sigma(t))
+    n = 200_000
+    x0 = gmm.sample(n, _gen(1))
+    xt = mu + a * (x0 - mu) + s * torch.randn(n, 2, generator=_gen(2), dtype=F64)  # the SDE's solution
+    marg = gmm.mean_reverting_marginal(proc, mu, t)
+    w = marg.weights[:, None]
+    mean = (w * marg.means).sum(0)
+    var = (w * (marg.variances + marg.means**2)).sum(0) - mean**2
+    assert float(((xt.mean(0) - mean) / (var / n).sqrt()).abs().max()) < 4  # measured 0.66
+    assert float((xt.var(0) / var - 1).abs().max()) < 0.015  # measured 3e-3
+    # E[x0 | x_t] by self-normalized importance sampling over the prior draws
+    queries = xt[:4]
+    logw = -((queries[:, None, :] - (mu + a * (x0 - mu))[None]) ** 2).sum(-1) / (2 * s * s)
+    wts = torch.softmax(logw, dim=1)
+    mc = wts @ x0
+    ess = 1 / (wts**2).sum(1)
+    exact = den(queries - mu, t).x0 + mu
+    # measured: max abs error 3.6e-3 with ESS >= 13000 (the query itself is 0.12 away)
+    assert float(ess.min()) > 5000
+    assert float((mc - exact).abs().max()) < 0.015
+    assert float((mc - exact).abs().max()) < 0.1 * float((mc - queries).abs().max())
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "score"])
+def test_denoiser_wrapper_parameterizations(mr, prediction):
+    _, proc, mu, exact = mr
+    lam = proc.stationary_std
+
+    def net(x: torch.Tensor, t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        tt = float(t[0])
+        a, s = float(proc.alpha(tt)), float(proc.sigma(tt))
+        x0 = exact(x - mu, tt).x0 + mu
+        eps = (x - mu - a * (x0 - mu)) / s
+        return {"eps": eps, "x0": x0, "v": lam * a * eps - (s / lam) * (x0 - mu), "score": -eps / s}[
+            prediction
+        ]
+
+    den = proc.denoiser(net, mu, prediction=prediction)
+    y = noise(5, 8) * 0.4
+    for t in (0.01, 0.2, 0.9):
+        assert torch.allclose(den(y, t).x0, exact(y, t).x0, rtol=0, atol=1e-10)
+        assert torch.allclose(den(y, t).eps, exact(y, t).eps, rtol=0, atol=1e-8)
+
+
+# --- deterministic sampling: the exact PF-ODE solution ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ode(mr):
+    gmm, proc, mu, _ = mr
+    y_T = float(proc.sigma(proc.t_max)) * noise(16, 8)
+    return y_T, gmm.shifted(-mu).reference_ode(y_T, proc, proc.t_max, proc.t_min, denoise=True)
+
+
+@pytest.mark.parametrize(
+    ("solver", "order"),
+    [("dpmpp_2m", 2), ("mrs", 2), (MRS(prediction="noise"), 2), (MRS(order=1), 1), ("unipc", 3)],
+    ids=["dpmpp_2m", "mrs_data", "mrs_noise", "mrs_1", "unipc"],
+)
+def test_ode_solvers_converge_on_the_mr_process(mr, ode, solver, order):
+    _, _, mu, den = mr
+    y_T, exact = ode
+    steps = [5, 10, 20, 40]
+    errs = [rel_rmse(sd.sample(den, y_T, s, solver, "logsnr_uniform") + mu, exact + mu) for s in steps]
+    # measured at 40 steps: dpmpp_2m 2.2e-3, mrs 3.4e-3 (noise 3.9e-3), mrs-1 4.0e-2, unipc 9.8e-5;
+    # slopes 1.89, 1.93, 1.92, 1.04, 3.78
+    assert errs[-1] < {1: 5e-2, 2: 5e-3, 3: 3e-4}[order]
+    assert slope(steps, errs) > order - 0.2
+
+
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_mrs_first_order_is_ddim(mr, ode, prediction):
+    _, _, _, den = mr
+    y_T, _ = ode
+    ddim = sd.sample(den, y_T, 7, "ddim", "logsnr_uniform")
+    ours = sd.sample(den, y_T, 7, MRS(order=1, prediction=prediction), "logsnr_uniform")
+    assert torch.allclose(ours, ddim, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_mrs_matches_diffusers_heun_multistep(gmm, sd_process, x_T, algorithm, steps):
+    # MRS-2 integrates the line through the last two estimates exactly: DPM-Solver 2M with
+    # diffusers' solver_type="heun" (on a VP process: MRS's update holds for any alpha, sigma)
+    diffusers = pytest.importorskip("diffusers")
+    from .reference import diffusers_sample
+
+    # diffusers' noise form cannot end at sigma = 0: it ends at sigma_min, the process's t = 0
+    final = "zero" if algorithm == "dpmsolver++" else "none"
+    sched = diffusers.DPMSolverMultistepScheduler(
+        **sd_betas_config(
+            solver_type="heun",
+            algorithm_type=algorithm,
+            final_sigmas_type="zero" if final == "zero" else "sigma_min",
+        )
+    )
+    ref, nfe = diffusers_sample(sched, gmm, sd_process, x_T, steps)
+    prediction = "data" if algorithm == "dpmsolver++" else "noise"
+    nodes = nodes_of(sched) if final == "zero" else sd.schedules.Custom([*nodes_of(sched).grid.tolist(), 0.0])
+    x, info = sd.sample(
+        gmm.denoiser(sd_process), x_T, steps, MRS(prediction=prediction), nodes, final=final, return_info=True
+    )
+    assert info.nfe == nfe == steps
+    assert rel_rmse(x, ref) < 1e-4
+
+
+# --- stochastic sampling: distance to exact samples -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dist(mr):
+    gmm, proc, _, _ = mr
+    n = 1000
+    floor = sd.metrics.floor(gmm.sample, n, repeats=3, generator=_gen(2))
+    return float(proc.sigma(proc.t_max)) * noise(n, 8, seed=3), gmm.sample(n, _gen(9)), floor
+
+
+@pytest.mark.parametrize(
+    "solver",
+    ["ddpm", MRS(sde=True), MRS(sde=True, prediction="noise"), MRS(sde=True, order=1)],
+    ids=["ddpm", "mrs_sde_data", "mrs_sde_noise", "mrs_sde_1"],
+)
+def test_sde_samplers_reach_the_floor_on_the_mr_process(mr, dist, solver):
+    _, _, mu, den = mr
+    y_T, ref, floor = dist
+    y = sd.sample(den, y_T, 100, solver, "logsnr_uniform", generator=_gen(4))
+    sw = sd.metrics.sliced_wasserstein(y + mu, ref, generator=_gen(5))
+    # floor 0.090; measured 1.23x (ddpm, mrs-1), 1.13x (data), 1.14x (noise)
+    assert sw < 1.5 * floor
+
+
+def test_mrs_sde_first_order_data_is_ddpm(mr, ode):
+    # the first-order SDE-DPM-Solver++ step is the ancestral DDPM step (Lu et al. 2022b)
+    _, _, _, den = mr
+    y_T, _ = ode
+    a = sd.sample(den, y_T, 12, MRS(sde=True, order=1), "logsnr_uniform", generator=_gen(1))
+    b = sd.sample(den, y_T, 12, "ddpm", "logsnr_uniform", generator=_gen(1))
+    assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_mrs_sde_transition_is_the_step(mr, ode, prediction):
+    # the returned (mean, std): the mean is the ODE-free drift part, std the exact noise scale
+    _, proc, _, den = mr
+    y_T, _ = ode
+    solver = MRS(sde=True, prediction=prediction)
+    grid = sd.solvers.make_grid(proc, sd.schedules.get("logsnr_uniform"), 6)
+    model = sd.solvers.Model(den)
+    state = solver.init_state(grid)
+    out = solver.step(model, y_T, 0, grid, state)
+    h = grid.h(0)
+    scale = grid.sigma[1] if prediction == "data" else grid.alpha[1] * grid.sigma[0] / grid.alpha[0]
+    assert isinstance(out, sd.solvers.Transition) and solver.stochastic
+    assert out.std == pytest.approx(scale * math.sqrt(1 - math.exp(-2 * h)), rel=1e-12)
+    x0 = den(y_T, grid.t[0]).x0
+    if prediction == "data":  # first step: e^{-h} sigma'/sigma y + alpha' (1 - e^{-2h}) x0
+        want = (
+            grid.sigma[1] / grid.sigma[0] * math.exp(-h) * y_T + grid.alpha[1] * (1 - math.exp(-2 * h)) * x0
+        )
+        assert torch.allclose(out.mean, want, rtol=0, atol=1e-12)
+    last = solver.step(model, out.mean, 5, grid, state)
+    assert torch.is_tensor(last)  # into the clean end: the denoised estimate, std 0

@@ -1,0 +1,237 @@
+"""EDM stochastic Heun (``edm_sde``) and Restart sampling: reductions to Heun, k-diffusion's
+formulas on replayed noise (written here), exact NFE, the sampled law at >= 100 NFE, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import steerdiff as sd
+
+from .reference import F64, noise
+
+EDM = sd.EDM()
+
+
+class Record:
+    """Draws from a generator and records the draws in order."""
+
+    def __init__(self, seed: int) -> None:
+        self.g, self.draws = torch.Generator().manual_seed(seed), []
+
+    def __call__(self, t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
+        z = torch.randn(like.shape, generator=self.g, dtype=like.dtype)
+        self.draws.append(z)
+        return z
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _sw_ratio(gmm, process, solver, steps: int, schedule: str) -> tuple[float, float, int]:
+    n = 2000
+    x_T = torch.randn(n, 8, generator=torch.Generator().manual_seed(11), dtype=F64)
+    x_T = x_T * float(process.sigma(process.t_max) / process.alpha(process.t_max)) if process is EDM else x_T
+    x, info = sd.sample(
+        gmm.denoiser(process),
+        x_T,
+        steps=steps,
+        solver=solver,
+        schedule=schedule,
+        generator=torch.Generator().manual_seed(12),
+        return_info=True,
+    )
+    ref = gmm.sample(n, torch.Generator().manual_seed(13))
+    sw = sd.metrics.sliced_wasserstein(x, ref, 256, torch.Generator().manual_seed(0))
+    floor = sd.metrics.floor(
+        lambda k, g: gmm.sample(k, g),
+        n,
+        lambda a, b: sd.metrics.sliced_wasserstein(a, b, 256, torch.Generator().manual_seed(0)),
+        repeats=3,
+    )
+    return sw, floor, info.nfe
+
+
+def _kdiff_denoise(gmm, x: torch.Tensor, s: float) -> torch.Tensor:
+    return gmm.denoise(x, 1.0, s)
+
+
+# --- EDM stochastic Heun ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("final", ["zero", "none"])
+@pytest.mark.parametrize("schedule", ["karras", "logsnr_uniform"])
+def test_edm_without_churn_is_heun(gmm, sd_process, schedule, final):
+    x_T, den = noise(4, 8), gmm.denoiser(sd_process)
+    for solver in (
+        sd.solvers.EDMStochasticHeun(s_churn=0.0),
+        sd.solvers.EDMStochasticHeun(s_tmin=100.0, s_tmax=200.0),
+    ):
+        x, info = sd.sample(den, x_T, 12, solver, schedule, final=final, generator=_gen(), return_info=True)
+        y = sd.sample(den, x_T, 12, "heun", schedule, final=final)
+        assert torch.allclose(x, y, rtol=0, atol=1e-12)
+        assert info.nfe == sd.solvers.Heun().nfe(12, final == "zero")
+
+
+def test_edm_matches_karras_algorithm_2(gmm):
+    """k-diffusion's ``sample_heun`` with churn (EDM Alg. 2) on the EDM process, same draws."""
+    steps, churn, tmin, tmax = 10, 30.0, 0.3, 20.0
+    rec = Record(4)
+    solver = sd.solvers.EDMStochasticHeun(s_churn=churn, s_tmin=tmin, s_tmax=tmax)
+    x_T = noise(6, 8) * 80.0
+    x, info = sd.sample(gmm.denoiser(EDM), x_T, steps, solver, "karras", generator=rec, return_info=True)
+    sigmas, draws, y = info.grid.sigma, list(rec.draws), x_T
+    for i in range(len(sigmas) - 1):
+        gamma = min(churn / (len(sigmas) - 1), 2**0.5 - 1) if tmin <= sigmas[i] <= tmax else 0.0
+        s_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            y = y + draws.pop(0) * (s_hat**2 - sigmas[i] ** 2) ** 0.5
+        d = (y - _kdiff_denoise(gmm, y, s_hat)) / s_hat
+        dt = sigmas[i + 1] - s_hat
+        if sigmas[i + 1] == 0:
+            y = y + d * dt
+        else:
+            y2 = y + d * dt
+            d2 = (y2 - _kdiff_denoise(gmm, y2, sigmas[i + 1])) / sigmas[i + 1]
+            y = y + (d + d2) / 2 * dt
+    assert not draws and len(rec.draws) == sum(tmin <= s <= tmax for s in sigmas[:-1]) > 0
+    assert torch.allclose(x, y, rtol=0, atol=1e-12 * 80)
+    assert info.nfe == 2 * steps - 1
+
+
+def test_edm_sw2_at_100_nfe_is_near_the_floor(gmm, sd_process):
+    sw, floor, nfe = _sw_ratio(gmm, sd_process, "edm_sde", 60, "karras")
+    assert nfe == 119
+    assert sw < 1.5 * floor, (sw, floor)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"s_churn": -1.0}, "s_churn=-1.0"),
+        ({"s_tmin": -0.1}, "s_tmin=-0.1"),
+        ({"s_tmin": 2.0, "s_tmax": 1.0}, "s_tmax=1.0"),
+        ({"s_noise": -1.0}, "s_noise=-1.0"),
+        ({"s_churn": "40"}, "s_churn='40'"),
+        ({"order": 3}, "order=3"),
+    ],
+)
+def test_edm_bad_options(kwargs, word):
+    with pytest.raises(ValueError, match=None) as err:
+        sd.solvers.EDMStochasticHeun(**kwargs)
+    assert word in str(err.value), str(err.value)
+
+
+# --- Restart ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("final", ["zero", "none"])
+def test_restart_without_intervals_is_heun(gmm, sd_process, final):
+    x_T, den = noise(4, 8), gmm.denoiser(sd_process)
+    for solver, steps in ((sd.solvers.Restart(restart_info=[]), 25), (sd.solvers.Restart(), 19)):
+        x = sd.sample(den, x_T, steps, solver, "karras", final=final, generator=_gen())
+        y = sd.sample(den, x_T, steps, "heun", "karras", final=final)
+        assert torch.allclose(x, y, rtol=0, atol=1e-12)
+
+
+def _karras(n: int, s_min: float, s_max: float, rho: float = 7.0) -> list[float]:
+    ramp = [k / (n - 1) for k in range(n)]
+    return [(s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho for r in ramp]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_restart_matches_the_paper_loop(gmm, order):
+    """Restart (Xu et al. 2023, Alg. 1 as in the authors' k-diffusion sampler) on the EDM process:
+    ``t_min`` moved to the nearest node, K x (noise to ``s_max``, N Heun steps back)."""
+    info_ = [(0.5, 3.0, 2, 4), (5.0, 20.0, 1, 3)]
+    steps = 12
+    rec = Record(7)
+    solver = sd.solvers.Restart(order=order, restart_info=info_)
+    x_T = noise(6, 8) * 80.0
+    x, info = sd.sample(gmm.denoiser(EDM), x_T, steps, solver, "karras", generator=rec, return_info=True)
+    sig = info.grid.sigma
+    nfe = 0
+
+    def heun(y, s, s_next):
+        nonlocal nfe
+        d = (y - _kdiff_denoise(gmm, y, s)) / s
+        nfe += 1
+        if s_next == 0 or order == 1:
+            return y + d * (s_next - s)
+        y2 = y + d * (s_next - s)
+        nfe += 1
+        return y + (d + (y2 - _kdiff_denoise(gmm, y2, s_next)) / s_next) / 2 * (s_next - s)
+
+    at = {min(range(1, steps), key=lambda j: abs(sig[j] - lo)): (hi, k, n) for lo, hi, k, n in info_}
+    draws, y = list(rec.draws), x_T
+    for i in range(steps):
+        y = heun(y, sig[i], sig[i + 1])
+        if i + 1 in at:
+            hi, k, n = at[i + 1]
+            inner = [*_karras(n + 1, sig[i + 1], hi)[:-1], sig[i + 1]]
+            for _ in range(k):
+                y = y + draws.pop(0) * math.sqrt(hi**2 - sig[i + 1] ** 2)
+                for a, b in itertools.pairwise(inner):
+                    y = heun(y, a, b)
+    assert not draws and len(rec.draws) == 3
+    assert torch.allclose(x, y, rtol=0, atol=1e-11 * 80)
+    assert info.nfe == nfe == solver.nfe(steps) == (2 * steps - 1 if order == 2 else steps) + order * (8 + 3)
+
+
+def test_restart_default_plan_and_mapping_form(gmm, sd_process):
+    den, x_T = gmm.denoiser(sd_process), noise(3, 8)
+    assert sd.solvers.Restart().nfe(19) == 37
+    assert sd.solvers.Restart().nfe(20) == 39 + 18
+    assert sd.solvers.Restart().nfe(40) == 79 + 2 * 2 * 10
+    for steps in (20, 40):
+        _, info = sd.sample(den, x_T, steps, "restart", "karras", generator=_gen(), return_info=True)
+        assert info.nfe == info.solver.nfe(steps)
+    a = sd.sample(
+        den, x_T, 20, sd.solvers.Restart(restart_info={0.2: (1.0, 2, 3)}), "karras", generator=_gen()
+    )
+    b = sd.sample(
+        den, x_T, 20, sd.solvers.Restart(restart_info=[(0.2, 1.0, 2, 3)]), "karras", generator=_gen()
+    )
+    assert torch.equal(a, b)
+
+
+def test_restart_sw2_at_100_nfe_is_near_the_floor(gmm, sd_process):
+    solver = sd.solvers.Restart(restart_info=[(0.1, 2.0, 2, 10)])
+    sw, floor, nfe = _sw_ratio(gmm, sd_process, solver, 30, "karras")
+    assert nfe == 59 + 40
+    assert sw < 1.5 * floor, (sw, floor)
+
+
+@pytest.mark.parametrize(
+    "restart_info",
+    [
+        [(0.01, 2.0, 1, 4)],  # below the last noisy node (s = 0.029)
+        [(0.1, 20.0, 1, 4)],  # above the first node (s = 14.6)
+        [(0.19, 0.2, 1, 4)],  # starts at the node s = 0.2014 >= s_max
+        [(0.3, 2.0, 1, 4), (0.31, 3.0, 1, 4)],  # two intervals at one node
+    ],
+)
+def test_restart_outside_the_schedule(gmm, sd_process, restart_info):
+    solver = sd.solvers.Restart(restart_info=restart_info)
+    with pytest.raises(ValueError, match="restart_info"):
+        sd.sample(gmm.denoiser(sd_process), noise(2, 8), 10, solver, "karras", generator=_gen())
+
+
+@pytest.mark.parametrize(
+    "restart_info",
+    [
+        [(2.0, 1.0, 1, 4)],
+        [(0.0, 1.0, 1, 4)],
+        [(0.1, 1.0, 0, 4)],
+        [(0.1, 1.0, 1, 2.5)],
+        [(0.1, 1.0, 1)],
+        {0.1: 2.0},
+    ],
+)
+def test_restart_malformed(restart_info):
+    with pytest.raises(ValueError, match="restart_info"):
+        sd.solvers.Restart(restart_info=restart_info)
