@@ -49,3 +49,33 @@ def slope(steps: list[int], errors: list[float]) -> float:
     ys = [-math.log(e) for e in errors]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
+
+
+class Replay:
+    """A noise source that returns recorded standard normal draws in order; ``calls`` counts them."""
+
+    def __init__(self, draws: list[Tensor]) -> None:
+        self.draws, self.calls = list(draws), 0
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        z = self.draws[self.calls]
+        self.calls += 1
+        assert z.shape == like.shape
+        return z.to(like.dtype)
+
+
+class Record:
+    """A noise source drawing from a seeded generator; ``log`` keeps every ``(t_from, z)``."""
+
+    def __init__(self, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.log: list[tuple[float, Tensor]] = []
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        z = torch.randn(like.shape, generator=self.g, dtype=like.dtype)
+        self.log.append((t_from, z))
+        return z
+
+    @property
+    def drawn(self) -> list[Tensor]:
+        return [z for _, z in self.log]

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import steerdiff as sd
+from steerdiff.bench.solvers import default_model, initial_noise
 from steerdiff.cli import main
 
 from .reference import diffusers_sample, exact_sample, rel_rmse, sd_betas_config
@@ -201,3 +202,42 @@ def test_console_script_is_installed():
         pytest.skip("the steerdiff console script is not installed in this environment")
     res = subprocess.run([str(exe), "sample", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--schedule" in res.stdout
+
+
+def test_bench_sde_table_is_the_sliced_w2_of_sd_sample(tmp_path, capsys):
+    from steerdiff.bench.sde import PROJECTIONS, REFERENCE_FACTOR
+
+    n, seed = 256, 0
+    assert (
+        main(
+            [
+                "bench",
+                "sde",
+                "--quick",
+                "--n",
+                str(n),
+                "--no-diffusers",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    with open(tmp_path / "sde.csv") as f:
+        rows = {(r["method"], r["schedule"]): r for r in csv.DictReader(f)}
+    assert (tmp_path / "sde.png").exists() and "floor (exact vs exact)" in capsys.readouterr().out
+    gmm, proc = default_model()
+    x = sd.sample(
+        gmm.denoiser(proc),
+        initial_noise(n, gmm.dim, seed),
+        steps=20,
+        solver="ddpm",
+        schedule="time_uniform",
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+    exact = gmm.sample(REFERENCE_FACTOR * n, torch.Generator().manual_seed(seed + 3))
+    want = sd.metrics.sliced_wasserstein(x, exact, PROJECTIONS, torch.Generator().manual_seed(seed + 4))
+    assert float(rows["ddpm", "time_uniform"]["nfe_20"]) == pytest.approx(want, rel=1e-12)
+    stochastic = {name for name in sd.solvers.available() if sd.solvers.get(name).stochastic}
+    assert {m for m, _ in rows} == stochastic  # every stochastic sampler, nothing else

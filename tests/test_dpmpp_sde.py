@@ -19,6 +19,7 @@ import steerdiff as sd
 from steerdiff.solvers import DPMSolverPPMultistep, DPMSolverSDE, DPMSolverSDEMultistep
 
 from .reference import (
+    Replay,
     diffusers_sample,
     eps_net,
     exact_sample,
@@ -32,19 +33,6 @@ from .reference import (
 PARITY = 1e-4
 STEPS = (10, 25)
 F64 = torch.float64
-
-
-class Replay:
-    """A noise source that returns recorded draws in order (and counts the calls)."""
-
-    def __init__(self, draws: list[Tensor]) -> None:
-        self.draws, self.calls = draws, 0
-
-    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        z = self.draws[self.calls]
-        self.calls += 1
-        assert z.shape == like.shape
-        return z.to(like.dtype)
 
 
 @pytest.fixture

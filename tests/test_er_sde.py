@@ -12,7 +12,7 @@ from torch import Tensor
 import steerdiff as sd
 from steerdiff.solvers import DDIM, ERSDE, DPMSolverSDEMultistep
 
-from .reference import exact_sample, noise, rel_rmse, slope
+from .reference import Replay, exact_sample, noise, rel_rmse, slope
 
 F64 = torch.float64
 
@@ -69,15 +69,6 @@ def test_quadrature_is_converged(gmm, sd_process, x_T):
 
 
 # --- transitions ----------------------------------------------------------------------------------
-
-
-class Replay:
-    def __init__(self, draws: list[Tensor]) -> None:
-        self.draws, self.calls = draws, 0
-
-    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        self.calls += 1
-        return self.draws[self.calls - 1]
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])

@@ -10,32 +10,9 @@ import torch
 
 import steerdiff as sd
 
-from .reference import F64, diffusers_sample, nodes_of, noise, rel_rmse, sd_betas_config
+from .reference import F64, Record, Replay, diffusers_sample, nodes_of, noise, rel_rmse, sd_betas_config
 
 DIFFUSERS_TAU = lambda t: 1.0 if 200 <= t <= 800 else 0.0  # noqa: E731  (diffusers' default tau_func)
-
-
-class Replay:
-    """Replays a list of standard normal draws, one per call, in order."""
-
-    def __init__(self, draws: list[torch.Tensor]) -> None:
-        self.draws, self.calls = list(draws), 0
-
-    def __call__(self, t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.draws.pop(0)
-
-
-class Record:
-    """Draws from a generator and records ``(t_from, z)``."""
-
-    def __init__(self, seed: int) -> None:
-        self.g, self.log = torch.Generator().manual_seed(seed), []
-
-    def __call__(self, t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
-        z = torch.randn(like.shape, generator=self.g, dtype=like.dtype)
-        self.log.append((t_from, z))
-        return z
 
 
 def _sasolver64(diffusers, process: sd.Process):

@@ -22,7 +22,7 @@ from steerdiff.integrations.diffusers_ref import run_scheduler
 from steerdiff.metrics import floor, sliced_wasserstein
 from steerdiff.solvers import Model, Transition, make_grid
 
-from .reference import diffusers_sample, eps_net, nodes_of, noise, rel_rmse, sd_betas_config, slope
+from .reference import Record, diffusers_sample, eps_net, nodes_of, noise, rel_rmse, sd_betas_config, slope
 from .test_solvers_basic import _vp_scale
 
 F64 = torch.float64
@@ -157,19 +157,6 @@ def test_mixture_metric_has_teeth(gmm, sd_process):
 # --- transitions and identities -----------------------------------------------------------------
 
 
-class Replay:
-    """A noise source that draws from a generator and records what it gave out."""
-
-    def __init__(self, seed: int) -> None:
-        self.g = torch.Generator().manual_seed(seed)
-        self.drawn: list[torch.Tensor] = []
-
-    def __call__(self, t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
-        z = torch.randn(like.shape, generator=self.g, dtype=like.dtype)
-        self.drawn.append(z)
-        return z
-
-
 def _learned_variance_denoiser(gmm, process) -> sd.Denoiser:
     """The exact eps model with a learned-variance channel ``r = tanh(x)``."""
     net = eps_net(gmm, process)
@@ -191,7 +178,7 @@ def test_transition_reproduces_the_step(gmm, sd_process, solver):
         "ddim_eta1.5": sd.solvers.DDIM(eta=1.5),
     }.get(solver, solver)
     slv = sd.solvers.get(slv)
-    x_T, replay, xs = noise(3, 8), Replay(4), []
+    x_T, replay, xs = noise(3, 8), Record(4), []
     _, info = sd.sample(
         den,
         x_T,
@@ -223,18 +210,18 @@ def test_euler_ancestral_is_ddim_eta(gmm, sd_process, eta):
     # the same algorithm in k-diffusion's variables (with eta > 1 both cap the noise at sigma_{i+1})
     den, x_T = gmm.denoiser(sd_process), noise(4, 8)
     kw = {"steps": 20, "schedule": "karras_jump"}
-    ea = sd.sample(den, x_T, solver=sd.solvers.EulerAncestral(eta=eta), generator=Replay(1), **kw)
-    ddim = sd.sample(den, x_T, solver=sd.solvers.DDIM(eta=eta), generator=Replay(1), **kw)
+    ea = sd.sample(den, x_T, solver=sd.solvers.EulerAncestral(eta=eta), generator=Record(1), **kw)
+    ddim = sd.sample(den, x_T, solver=sd.solvers.DDIM(eta=eta), generator=Record(1), **kw)
     assert torch.allclose(ea, ddim, rtol=0, atol=1e-10)
     if eta == 1.0:  # ... and DDPM's posterior
-        ddpm = sd.sample(den, x_T, solver="ddpm", generator=Replay(1), **kw)
+        ddpm = sd.sample(den, x_T, solver="ddpm", generator=Record(1), **kw)
         assert torch.allclose(ddpm, ddim, rtol=0, atol=1e-12)
 
 
 def test_ddim_eta0_is_deterministic_ddim(gmm, sd_process):
     den, x_T = gmm.denoiser(sd_process), noise(4, 8)
     assert not sd.solvers.DDIM().stochastic and sd.solvers.DDIM(eta=0.3).stochastic
-    a = sd.sample(den, x_T, steps=10, solver=sd.solvers.DDIM(eta=0.0), generator=Replay(0))
+    a = sd.sample(den, x_T, steps=10, solver=sd.solvers.DDIM(eta=0.0), generator=Record(0))
     assert torch.equal(a, sd.sample(den, x_T, steps=10, solver="ddim"))
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -127,59 +128,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+T = TypeVar("T")
+
+
+def _with_threads(n: int, run: Callable[[], T]) -> T:
+    """``run()`` with ``n`` torch intra-op threads, restoring the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write(result: Any, out: Path, stem: str, report: str, **plot: Any) -> int:
+    """Write ``OUT/stem.csv`` and ``OUT/stem.png`` and print ``report``."""
+    from .bench import solvers as bench
+
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
+    bench.write_csv(result, csv_path)
+    wrote_png = bench.plot(result, png_path, **plot)
+    echo(report)
+    echo(f"\nwrote {csv_path}" + (f" and {png_path}" if wrote_png else ""))
+    return 0
+
+
 def _bench_solvers(args: argparse.Namespace) -> int:
     from .bench import solvers as bench
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        result = bench.run(
+    result = _with_threads(
+        args.threads,
+        lambda: bench.run(
             batch=args.batch,
             seed=args.seed,
             quick=args.quick,
             with_diffusers=not args.no_diffusers,
             progress=not args.no_progress,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = args.out / "solvers.csv", args.out / "solvers.png"
-    bench.write_csv(result, csv_path)
-    wrote_png = bench.plot(result, png_path)
-    echo(bench.format_report(result))
-    echo(f"\nwrote {csv_path}" + (f" and {png_path}" if wrote_png else ""))
-    return 0
+        ),
+    )
+    return _write(result, args.out, "solvers", bench.format_report(result))
 
 
 def _bench_sde(args: argparse.Namespace) -> int:
     from .bench import sde
-    from .bench import solvers as bench
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = sde.run(
+    result = _with_threads(
+        1,
+        lambda: sde.run(
             n=args.n,
             seed=args.seed,
             quick=args.quick,
             with_diffusers=not args.no_diffusers,
             progress=not args.no_progress,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = args.out / "sde.csv", args.out / "sde.png"
-    bench.write_csv(result, csv_path)
-    wrote_png = bench.plot(
+        ),
+    )
+    return _write(
         result,
-        png_path,
+        args.out,
+        "sde",
+        sde.format_report(result),
         ylabel="sliced W2 to exact samples",
         title="Stochastic samplers on the exact 64-d Gaussian mixture: steerdiff solid, diffusers dashed",
         floor=result.floor,
     )
-    echo(sde.format_report(result))
-    echo(f"\nwrote {csv_path}" + (f" and {png_path}" if wrote_png else ""))
-    return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
