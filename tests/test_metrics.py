@@ -27,10 +27,17 @@ def test_sliced_wasserstein_of_a_shift():
     a = sd.metrics.sliced_wasserstein(x, x + v, 8, torch.Generator().manual_seed(5))
     b = sd.metrics.sliced_wasserstein(x, x + v, 8, torch.Generator().manual_seed(5))
     assert a == b
-    # unequal sizes go through POT: the same value for a set against its own duplicate
-    pot = sd.metrics.sliced_wasserstein(x, torch.cat([x, x]) + v, 64, torch.Generator().manual_seed(5))
+    # a set against its own duplicate (sizes n and 2n) is the same law as against itself
     sorted_ = sd.metrics.sliced_wasserstein(x, x + v, 64, torch.Generator().manual_seed(5))
-    assert pot == pytest.approx(sorted_, rel=1e-9)
+    doubled = sd.metrics.sliced_wasserstein(x, torch.cat([x, x]) + v, 64, torch.Generator().manual_seed(5))
+    assert doubled == pytest.approx(sorted_, rel=1e-12)
+    # the block matching (sizes 500 and 1000) against POT's general 1-D solver on the same projections
+    ot = pytest.importorskip("ot")
+    y = torch.randn(1000, 4, generator=g, dtype=torch.float64)
+    theta = torch.randn(4, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0, keepdim=True)
+    block = sd.metrics.sliced_wasserstein(x, y, 32, torch.Generator().manual_seed(2))
+    assert block == pytest.approx(float(ot.sliced_wasserstein_distance(x, y, projections=theta)), rel=1e-9)
     with pytest.raises(ValueError, match="dimensions differ"):
         sd.metrics.sliced_wasserstein(x, x[:, :3])
 

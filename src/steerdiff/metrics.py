@@ -4,8 +4,8 @@ r"""Distances between a sampler's output and an exact answer.
   solvers).
 * :func:`sliced_wasserstein` -- sliced Wasserstein-2 between two sample sets (Rabin et al. 2011;
   Bonneel et al. 2015): ``SW_2^2 = E_theta W_2^2(theta^T X, theta^T Y)`` over uniform directions
-  ``theta``, estimated with seeded projections; the 1-D transport is the sorted matching for
-  sets of equal size and POT's (``ot.sliced_wasserstein_distance``) otherwise.
+  ``theta``, estimated with seeded projections; the 1-D transport is the sorted matching when one
+  set's size is a multiple of the other's and POT's (``ot.sliced_wasserstein_distance``) otherwise.
 * :func:`mmd` -- maximum mean discrepancy with the RBF kernel, bandwidth by the median heuristic
   (Gretton et al. 2012), unbiased estimate.
 * :func:`floor` -- what a metric reads between two independent exact sample sets of the same size:
@@ -53,8 +53,15 @@ def sliced_wasserstein(
         raise ValueError(f"sliced_wasserstein: projections must be >= 1, got {projections}")
     theta = torch.randn(x.shape[1], projections, generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
-    if len(x) == len(y):  # equal uniform weights: the 1-D optimal plan matches sorted values
+    n, m = len(x), len(y)
+    if max(n, m) % min(n, m) == 0:
+        # uniform weights, one size a multiple k of the other: the 1-D optimal plan sends the i-th
+        # smallest of the smaller set to the i-th block of k smallest of the larger one
         px, py = (x @ theta).sort(dim=0).values, (y @ theta).sort(dim=0).values
+        if n < m:
+            px = px.repeat_interleave(m // n, dim=0)
+        elif m < n:
+            py = py.repeat_interleave(n // m, dim=0)
         return float((px - py).pow(2).mean().sqrt())
     import ot
 

@@ -169,8 +169,9 @@ def format_report(result: SdeBench) -> str:
     best of ours against the best of diffusers, in units of the floor."""
     ours, theirs = result.of("steerdiff"), result.of("diffusers")
     lines = [
-        f"Sliced W2 to {result.n} exact samples (default 64-d mixture, SD betas, seed {result.seed}); "
-        f"floor (exact vs exact) {result.floor:.4f}, x_T vs exact {result.prior:.4f}.",
+        f"Sliced W2 of {result.n} samples to {REFERENCE_FACTOR * result.n} exact ones (default 64-d "
+        f"mixture, SD betas, seed {result.seed}); floor ({result.n} exact samples) {result.floor:.4f}, "
+        f"x_T {result.prior:.4f}. Columns: NFE budgets.",
         "",
         "steerdiff, best schedule per sampler (columns: NFE):",
         *format_table(best_per_method(ours), result.nfes, "sampler"),
