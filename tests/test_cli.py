@@ -226,7 +226,7 @@ def test_bench_sde_table_is_the_sliced_w2_of_sd_sample(tmp_path, capsys):
     )
     with open(tmp_path / "sde.csv") as f:
         rows = {(r["method"], r["schedule"]): r for r in csv.DictReader(f)}
-    assert (tmp_path / "sde.png").exists() and "floor (exact vs exact)" in capsys.readouterr().out
+    assert (tmp_path / "sde.png").exists() and "floor (256 exact samples)" in capsys.readouterr().out
     gmm, proc = default_model()
     x = sd.sample(
         gmm.denoiser(proc),
