@@ -79,3 +79,36 @@ class Record:
     @property
     def drawn(self) -> list[Tensor]:
         return [z for _, z in self.log]
+
+
+def drive(
+    solver: sd.solvers.Solver, den: sd.Denoiser, x_T: Tensor, grid: sd.solvers.Grid, draws: list[Tensor]
+) -> tuple[Tensor, list[Tensor | sd.solvers.Transition]]:
+    """Run ``solver`` step by hand, drawing ``x = mean + std * z`` from ``draws`` (in order) for every
+    :class:`~steerdiff.solvers.Transition`; returns the result and the steps' outputs."""
+    outs: list[Tensor | sd.solvers.Transition] = []
+    model, state, x = sd.solvers.Model(den, noise=Replay(draws)), solver.init_state(grid), x_T
+    for i in range(grid.steps):
+        out = solver.step(model, x, i, grid, state)
+        outs.append(out)
+        if isinstance(out, sd.solvers.Transition):
+            x = out.mean + out.std * model.noise(grid.t[i], grid.t[i + 1], out.mean)
+        else:
+            x = out
+    return x, outs
+
+
+def assert_keeps_point_marginal(solver: sd.solvers.Solver, process: sd.Process, schedule: str) -> None:
+    """Data = a point ``mu``: the denoiser is exact and every higher-order term vanishes, so each
+    transition must map ``N(alpha_i mu, sigma_i^2)`` onto ``N(alpha_{i+1} mu, sigma_{i+1}^2)``."""
+    mu = torch.tensor([[0.7, -1.3]], dtype=F64)
+    den = sd.Denoiser(lambda x, t: mu.expand_as(x), process, prediction="x0")
+    grid = sd.solvers.make_grid(process, sd.schedules.get(schedule), 6)
+    model = sd.solvers.Model(den, noise=lambda a, b, like: torch.zeros_like(like))
+    state = solver.init_state(grid)
+    for i in range(grid.steps - 1):
+        x = torch.cat([grid.alpha[i] * mu, grid.alpha[i] * mu + grid.sigma[i]])  # mean, mean + 1 sd
+        tr = solver.step(model, x, i, grid, state)
+        gain = float((tr.mean[1] - tr.mean[0]).mean()) / grid.sigma[i]
+        assert torch.allclose(tr.mean[0], grid.alpha[i + 1] * mu[0], rtol=1e-12, atol=1e-12)
+        assert math.isclose(gain**2 * grid.sigma[i] ** 2 + tr.std**2, grid.sigma[i + 1] ** 2, rel_tol=1e-10)

@@ -20,7 +20,9 @@ from steerdiff.solvers import DPMSolverPPMultistep, DPMSolverSDE, DPMSolverSDEMu
 
 from .reference import (
     Replay,
+    assert_keeps_point_marginal,
     diffusers_sample,
+    drive,
     eps_net,
     exact_sample,
     nodes_of,
@@ -146,16 +148,10 @@ def test_transition_reproduces_the_step(gmm, sd_process, solver):
     draws = _randn(2 * steps, x_T.shape, seed=7, dtype=F64)
     den = gmm.denoiser(sd_process)
     grid = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), steps)
-    model = sd.solvers.Model(den, noise=Replay(draws))
-    state, x = solver.init_state(grid), x_T
-    for i in range(steps):
-        out = solver.step(model, x, i, grid, state)
-        if isinstance(out, sd.solvers.Transition):
-            assert isinstance(out.std, float) and out.std > 0
-            x = out.mean + out.std * model.noise(grid.t[i], grid.t[i + 1], out.mean)
-        else:
-            assert i == steps - 1  # only the step into the clean end is deterministic
-            x = out
+    x, outs = drive(solver, den, x_T, grid, draws)
+    for out in outs[:-1]:  # only the step into the clean end is deterministic
+        assert isinstance(out, sd.solvers.Transition) and isinstance(out.std, float) and out.std > 0
+    assert not isinstance(outs[-1], sd.solvers.Transition)
     y = sd.sample(den, x_T, steps, solver, "logsnr_uniform", generator=Replay(draws))
     assert (x - y).abs().max() < 1e-12
 
@@ -163,20 +159,7 @@ def test_transition_reproduces_the_step(gmm, sd_process, solver):
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0, 2.0])
 @pytest.mark.parametrize("solver_cls", [DPMSolverSDEMultistep, DPMSolverSDE])
 def test_transition_keeps_the_marginal(sd_process, solver_cls, eta):
-    # data = a point mu: the denoiser is exact, every higher-order term vanishes, and the step maps
-    # N(alpha_i mu, sigma_i^2) onto N(alpha_{i+1} mu, sigma_{i+1}^2) for every eta
-    mu = torch.tensor([[0.7, -1.3]], dtype=F64)
-    den = sd.Denoiser(lambda x, t: mu.expand_as(x), sd_process, prediction="x0")
-    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), 6)
-    model = sd.solvers.Model(den, noise=lambda a, b, like: torch.zeros_like(like))
-    solver = solver_cls(eta=eta)
-    state = solver.init_state(grid)
-    for i in range(grid.steps - 1):
-        x = torch.cat([grid.alpha[i] * mu, grid.alpha[i] * mu + grid.sigma[i]])  # mean, mean + 1 sd
-        tr = solver.step(model, x, i, grid, state)
-        slope_ = float((tr.mean[1] - tr.mean[0]).mean()) / grid.sigma[i]
-        assert torch.allclose(tr.mean[0], grid.alpha[i + 1] * mu[0], rtol=1e-12, atol=1e-12)
-        assert math.isclose(slope_**2 * grid.sigma[i] ** 2 + tr.std**2, grid.sigma[i + 1] ** 2, rel_tol=1e-10)
+    assert_keeps_point_marginal(solver_cls(eta=eta), sd_process, "logsnr_uniform")
 
 
 # --- distribution ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from torch import Tensor
 import steerdiff as sd
 from steerdiff.solvers import DDIM, ERSDE, DPMSolverSDEMultistep
 
-from .reference import Replay, exact_sample, noise, rel_rmse, slope
+from .reference import Replay, assert_keeps_point_marginal, drive, exact_sample, noise, rel_rmse, slope
 
 F64 = torch.float64
 
@@ -78,34 +78,16 @@ def test_transition_reproduces_the_step(gmm, sd_process, order):
     draws = [torch.randn(x_T.shape, generator=g, dtype=F64) for _ in range(steps)]
     den = gmm.denoiser(sd_process)
     grid = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), steps)
-    model = sd.solvers.Model(den, noise=Replay(draws))
-    state, x = solver.init_state(grid), x_T
-    for i in range(steps):
-        out = solver.step(model, x, i, grid, state)
-        if i < steps - 1:
-            assert isinstance(out, sd.solvers.Transition) and out.std > 0
-            x = out.mean + out.std * draws[i]
-        else:
-            x = out  # into the clean end: the denoised estimate
+    x, outs = drive(solver, den, x_T, grid, draws)
+    assert all(isinstance(out, sd.solvers.Transition) and out.std > 0 for out in outs[:-1])
+    assert not isinstance(outs[-1], sd.solvers.Transition)  # into the clean end: the estimate
     y = sd.sample(den, x_T, steps, solver, "logsnr_uniform", generator=Replay(draws))
     assert (x - y).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("noise_scale", ["default", "ode", "sde", lambda r: r**1.5])
 def test_transition_keeps_the_marginal(sd_process, noise_scale):
-    # data = a point mu: N(alpha_i mu, sigma_i^2) -> N(alpha_{i+1} mu, sigma_{i+1}^2) for every phi
-    mu = torch.tensor([[0.7, -1.3]], dtype=F64)
-    den = sd.Denoiser(lambda x, t: mu.expand_as(x), sd_process, prediction="x0")
-    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("karras"), 6)
-    model = sd.solvers.Model(den)
-    solver = ERSDE(noise_scale=noise_scale)
-    state = solver.init_state(grid)
-    for i in range(grid.steps - 1):
-        x = torch.cat([grid.alpha[i] * mu, grid.alpha[i] * mu + grid.sigma[i]])
-        tr = solver.step(model, x, i, grid, state)
-        gain = float((tr.mean[1] - tr.mean[0]).mean()) / grid.sigma[i]
-        assert torch.allclose(tr.mean[0], grid.alpha[i + 1] * mu[0], rtol=1e-12, atol=1e-12)
-        assert math.isclose(gain**2 * grid.sigma[i] ** 2 + tr.std**2, grid.sigma[i + 1] ** 2, rel_tol=1e-10)
+    assert_keeps_point_marginal(ERSDE(noise_scale=noise_scale), sd_process, "karras")
 
 
 # --- distribution ---------------------------------------------------------------------------------
