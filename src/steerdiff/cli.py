@@ -51,6 +51,15 @@ def _sample_path(value: str) -> Path:
     return path
 
 
+def _bench_arguments(p: argparse.ArgumentParser, quick: str, seed: str) -> None:
+    """The options every benchmark takes."""
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    p.add_argument("--seed", type=int, default=0, help=f"{seed} (default: 0)")
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steerdiff`` and its sub-commands."""
     parser = argparse.ArgumentParser(
@@ -71,12 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
             "sampler overhead per step. Writes OUT/solvers.csv and OUT/solvers.png."
         ),
     )
-    bs.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    _bench_arguments(bs, "NFE 5 and 10 only, short overhead timing", "seed of x_T")
     bs.add_argument("--batch", type=_positive, default=1024, help="samples in x_T (default: 1024)")
-    bs.add_argument("--seed", type=int, default=0, help="seed of x_T (default: 0)")
-    bs.add_argument("--quick", action="store_true", help="NFE 5 and 10 only, short overhead timing")
-    bs.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
-    bs.add_argument("--no-progress", action="store_true", help="no progress bars")
     bs.add_argument(
         "--threads",
         type=_positive,
@@ -94,12 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
             "OUT/sde.csv and OUT/sde.png."
         ),
     )
-    bd.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    _bench_arguments(bd, "NFE 20 and 100 only", "seed of x_T; the noise uses seed + 1")
     bd.add_argument("--n", type=_positive, default=4096, help="samples (default: 4096)")
-    bd.add_argument("--seed", type=int, default=0, help="seed of x_T; the noise uses seed + 1 (default: 0)")
-    bd.add_argument("--quick", action="store_true", help="NFE 20 and 100 only")
-    bd.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
-    bd.add_argument("--no-progress", action="store_true", help="no progress bars")
     bd.set_defaults(func=_bench_sde)
 
     sp = sub.add_parser(
