@@ -20,6 +20,10 @@ automatic choice of the authors' sampler for ComfyUI: no restart below 20 steps;
 ``(0.1, 2, K=1, N=9)``; from 36 steps ``(0.1, 2, K=2, N=steps // 4)`` (the grid is not shortened
 to compensate, unlike there).
 
+Restarts contract only the errors made below ``s_max``: the output depends on ``x_T`` as the ODE's
+does above it, so a prior ``x_T ~ N(0, I)`` that differs from the marginal at ``t_max`` (VP
+``scaled_linear``: ``alpha_T = 0.068``) keeps the exact ODE's bias with the default ``s_max = 2``.
+
 Noise: restart ``k`` of ``K`` draws ``model.noise(u_k, u_{k+1}, x)`` on the ``k``-th of ``K``
 equal parts of ``[t_min, t_max]``, so that a Brownian-tree source gives independent draws. The
 restart noise is followed by the deterministic ODE solve inside the same step, so no step is
