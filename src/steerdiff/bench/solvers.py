@@ -596,10 +596,10 @@ def plot(
     path: str | Path,
     ylabel: str = "relative RMSE vs exact sample",
     title: str = "Solvers on the exact 64-d Gaussian mixture (SD betas): steerdiff solid, diffusers dashed",
-    floor: float | None = None,
+    references: Sequence[tuple[str, float]] = (),
 ) -> bool:
     """Error vs NFE, log-log: best schedule per solver (solid), best configuration per diffusers
-    scheduler (dashed), and a ``floor`` line if given. Returns ``False`` (and logs) if matplotlib
+    scheduler (dashed), and a horizontal line per ``(label, value)`` in ``references``. Returns ``False`` (and logs) if matplotlib
     is not installed. Any result with ``nfes`` and ``rows`` (:class:`Row`) can be plotted."""
     try:
         import matplotlib
@@ -620,8 +620,8 @@ def plot(
                 xs, ys = zip(*pts, strict=True)
                 ax.loglog(xs, ys, style, marker="o", ms=3, color=colors[k % len(colors)], label=r.label)
                 k += 1
-    if floor is not None:
-        ax.axhline(floor, color="black", lw=1, ls=":", label="floor (exact vs exact)")
+    for (label, value), style in zip(references, (":", "-."), strict=False):
+        ax.axhline(value, color="black", lw=1, ls=style, label=label)
     ax.set_xticks(list(result.nfes), [str(n) for n in result.nfes])
     ax.minorticks_off()
     ax.set_xlabel("NFE")
