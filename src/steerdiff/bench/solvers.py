@@ -599,8 +599,9 @@ def plot(
     references: Sequence[tuple[str, float]] = (),
 ) -> bool:
     """Error vs NFE, log-log: best schedule per solver (solid), best configuration per diffusers
-    scheduler (dashed), and a horizontal line per ``(label, value)`` in ``references``. Returns ``False`` (and logs) if matplotlib
-    is not installed. Any result with ``nfes`` and ``rows`` (:class:`Row`) can be plotted."""
+    scheduler (dashed), and a horizontal line per ``(label, value)`` in ``references``. Returns
+    ``False`` (and logs) if matplotlib is not installed. Any result with ``nfes`` and ``rows``
+    (:class:`Row`) can be plotted."""
     try:
         import matplotlib
 
