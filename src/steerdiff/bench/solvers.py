@@ -612,7 +612,7 @@ def plot(
         return False
     groups = [(best_per_method(result.of("steerdiff")), "-"), (best_per_method(result.of("diffusers")), "--")]
     colors = plt.get_cmap("tab20").colors
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+    fig, ax = plt.subplots(figsize=(13, 6.5))
     k = 0
     for rows, style in groups:
         for r in rows:
@@ -629,7 +629,7 @@ def plot(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
