@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=sampling.DEFAULT_SCHEDULE,
         help="default: %(default)s",
     )
-    sp.add_argument("--seed", type=int, default=0, help="seed of x_T (default: 0)")
+    sp.add_argument(
+        "--seed", type=int, default=0, help="seed of x_T; stochastic samplers use seed + 1 (default: 0)"
+    )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_sample)
     return parser
@@ -206,6 +208,7 @@ def _sample(args: argparse.Namespace) -> int:
         steps=args.steps,
         solver=args.solver,
         schedule=args.schedule,
+        generator=torch.Generator().manual_seed(args.seed + 1),  # stochastic samplers' noise
         progress=not args.no_progress,
         return_info=True,
     )
