@@ -1,0 +1,300 @@
+r"""Linear measurement operators ``y = A x + noise_std * n`` for inverse problems.
+
+An operator acts on a batch ``x`` of shape ``(n, *shape_in)`` and returns ``(n, *shape_out)``;
+``A`` is the linear map on one flattened sample. Every operator gives
+
+- ``forward(x)`` = ``A x`` and ``adjoint(y)`` = ``A^T y`` (differentiable, any float dtype/device);
+- ``pinv(y)`` = ``A^+ y``, the Moore-Penrose pseudo-inverse, with singular values at or below
+  ``RCOND * s_max`` treated as zero (numpy's ``rcond`` convention);
+- ``aat_solve(y, shift)`` = ``(A A^T + shift I)^{-1} y``, the one solve that PiGDM (Song et al.
+  2023, "Pseudoinverse-guided diffusion models for inverse problems") needs:
+  ``(r^2 A A^T + s_y^2 I)^{-1} v = aat_solve(v, s_y^2 / r^2) / r^2``;
+- ``to_dense()``, the ``(m, d)`` matrix of ``A`` built column by column;
+- ``noise_std >= 0``, the standard deviation of the Gaussian observation noise.
+
+Each operator uses its structure for ``pinv`` and ``aat_solve``: an SVD computed once
+(:class:`Matrix`), ``A A^T = I`` (:class:`Inpaint`), ``A A^T = I / f^2`` (:class:`Downsample`), or
+the FFT diagonalisation of a circular convolution (:class:`Blur`; none for zero padding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
+
+RCOND = 1e-12
+"""Relative cutoff: singular values ``<= RCOND * s_max`` count as zero in ``pinv`` and ``aat_solve``."""
+
+
+def _shape(shape: Sequence[int], name: str, min_dims: int = 1) -> tuple[int, ...]:
+    out = tuple(int(s) for s in shape)
+    if len(out) < min_dims or any(s < 1 for s in out):
+        raise ValueError(f"{name} must be a tuple of >= {min_dims} positive ints, got {tuple(shape)}")
+    return out
+
+
+class LinearOperator:
+    r"""A linear map ``A: R^d -> R^m`` on per-sample shapes ``shape_in -> shape_out``, batched over dim 0.
+
+    Subclasses implement ``_forward`` and ``_adjoint`` on validated batches, and ``_pinv`` and
+    ``_aat_solve`` where they are cheap. ``noise_std`` is the observation noise ``y = A x + noise_std n``.
+    """
+
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+
+    def __init__(self, noise_std: float = 0.0) -> None:
+        noise_std = float(noise_std)
+        if not (math.isfinite(noise_std) and noise_std >= 0.0):
+            raise ValueError(f"{type(self).__name__}: noise_std must be a finite float >= 0, got {noise_std}")
+        self.noise_std = noise_std
+
+    def _check(self, t: Tensor, shape: tuple[int, ...], arg: str) -> None:
+        if not isinstance(t, Tensor) or t.ndim < 1 or tuple(t.shape[1:]) != shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{type(self).__name__}: {arg} must have shape (n, *{shape}), got {got}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``A x`` for ``x`` of shape ``(n, *shape_in)``, returning ``(n, *shape_out)``."""
+        self._check(x, self.shape_in, "x")
+        return self._forward(x)
+
+    __call__ = forward
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """``A^T y`` for ``y`` of shape ``(n, *shape_out)``, returning ``(n, *shape_in)``."""
+        self._check(y, self.shape_out, "y")
+        return self._adjoint(y)
+
+    def pinv(self, y: Tensor) -> Tensor:
+        """``A^+ y`` (Moore-Penrose, cutoff ``RCOND * s_max``), returning ``(n, *shape_in)``."""
+        self._check(y, self.shape_out, "y")
+        return self._pinv(y)
+
+    def aat_solve(self, y: Tensor, shift: float = 0.0) -> Tensor:
+        """``(A A^T + shift I)^{-1} y``; ``shift = 0`` requires ``A`` of full row rank."""
+        self._check(y, self.shape_out, "y")
+        shift = float(shift)
+        if not (math.isfinite(shift) and shift >= 0.0):
+            raise ValueError(
+                f"{type(self).__name__}.aat_solve: shift must be a finite float >= 0, got {shift}"
+            )
+        return self._aat_solve(y, shift)
+
+    def to_dense(
+        self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> Tensor:
+        """The ``(m, d)`` matrix of ``A`` on flattened samples: column ``j`` is ``A e_j``."""
+        d = math.prod(self.shape_in)
+        basis = torch.eye(d, dtype=dtype, device=device).reshape(d, *self.shape_in)
+        return self.forward(basis).reshape(d, -1).T.contiguous()
+
+    def _forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no cheap pseudo-inverse")
+
+    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no cheap (A A^T + shift I) solve")
+
+
+class Matrix(LinearOperator):
+    r"""A dense ``(m, d)`` matrix on flattened samples of shape ``shape_in`` (default ``(d,)``).
+
+    ``pinv`` and ``aat_solve`` use the thin SVD ``A = U diag(s) V^T``, computed once in float64 on
+    first use (:meth:`svd`): ``A^+ y = V diag(1/s) U^T y`` over ``s > RCOND s_max``, and
+    ``(A A^T + c I)^{-1} y = U diag(1/(s^2 + c)) U^T y + (y - U U^T y) / c``.
+    """
+
+    def __init__(self, A: Tensor, noise_std: float = 0.0, shape_in: Sequence[int] | None = None) -> None:
+        super().__init__(noise_std)
+        A = torch.as_tensor(A)
+        if A.ndim != 2 or not A.is_floating_point():
+            raise ValueError(f"Matrix: A must be a 2-D float tensor (m, d), got {tuple(A.shape)} {A.dtype}")
+        m, d = A.shape
+        self.A = A
+        self.shape_in = (d,) if shape_in is None else _shape(shape_in, "Matrix: shape_in")
+        if math.prod(self.shape_in) != d:
+            raise ValueError(f"Matrix: shape_in {self.shape_in} does not hold d = {d} entries")
+        self.shape_out = (m,)
+        self._svd: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Thin SVD ``(U (m, k), s (k,), Vh (k, d))`` of ``A`` in float64, ``k = min(m, d)``, cached."""
+        if self._svd is None:
+            U, s, Vh = torch.linalg.svd(self.A.detach().to(torch.float64), full_matrices=False)
+            self._svd = (U, s, Vh)
+        return self._svd
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1) @ self.A.to(x).T
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return (y @ self.A.to(y)).reshape(-1, *self.shape_in)
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        U, s, Vh = (t.to(y) for t in self.svd())
+        keep = s > RCOND * s.max()
+        inv = torch.where(keep, 1.0 / torch.where(keep, s, 1.0), 0.0)
+        return ((y @ U) * inv @ Vh).reshape(-1, *self.shape_in)
+
+    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
+        U, s, _ = (t.to(y) for t in self.svd())
+        rank_full = self.A.shape[0] <= self.A.shape[1] and bool((s > RCOND * s.max()).all())
+        if shift == 0.0 and not rank_full:
+            raise ValueError("Matrix.aat_solve: A A^T is singular (A lacks full row rank); pass shift > 0")
+        coef = y @ U
+        out = (coef / (s**2 + shift)) @ U.T
+        if shift > 0.0:
+            out = out + (y - coef @ U.T) / shift
+        return out
+
+
+class Inpaint(LinearOperator):
+    r"""Observe the entries where ``mask == 1``: ``A`` selects them, so ``A x`` is the vector ``x[mask]``.
+
+    ``shape_in = mask.shape``, ``shape_out = (number of observed entries,)`` in row-major order.
+    The adjoint scatters ``y`` into zeros at the observed entries. The rows of ``A`` are orthonormal
+    (``A A^T = I``), so ``A^+ = A^T`` and ``(A A^T + c I)^{-1} y = y / (1 + c)``.
+    """
+
+    def __init__(self, mask: Tensor, noise_std: float = 0.0) -> None:
+        super().__init__(noise_std)
+        mask = torch.as_tensor(mask)
+        if mask.ndim < 1 or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("Inpaint: mask must be a tensor of the sample shape holding only 0 and 1")
+        self.mask = mask.to(torch.bool)
+        self.shape_in = tuple(mask.shape)
+        self._index = self.mask.flatten().nonzero().squeeze(1)
+        self.shape_out = (int(self._index.numel()),)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)[:, self._index.to(x.device)]
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        out = y.new_zeros(y.shape[0], math.prod(self.shape_in))
+        out = out.index_copy(1, self._index.to(y.device), y)
+        return out.reshape(-1, *self.shape_in)
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        return self._adjoint(y)
+
+    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
+        return y / (1.0 + shift)
+
+
+class Downsample(LinearOperator):
+    r"""Average pooling over ``factor x factor`` blocks of the last two dims of samples of ``shape``.
+
+    ``(A x)[.., i, j] = mean of x[.., f i : f (i+1), f j : f (j+1)]`` (e.g. ``shape = (C, H, W)``,
+    ``H`` and ``W`` divisible by ``f``). The adjoint copies each value to its block divided by
+    ``f^2``; ``A A^T = I / f^2``, so ``A^+ y`` is nearest-neighbour upsampling and
+    ``(A A^T + c I)^{-1} y = y / (1 / f^2 + c)``.
+    """
+
+    def __init__(self, factor: int, shape: Sequence[int], noise_std: float = 0.0) -> None:
+        super().__init__(noise_std)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"Downsample: factor must be an int >= 1, got {factor!r}")
+        self.shape_in = _shape(shape, "Downsample: shape", min_dims=2)
+        *lead, H, W = self.shape_in
+        if H % factor or W % factor:
+            raise ValueError(f"Downsample: H, W = {H}, {W} of shape must be divisible by factor {factor}")
+        self.factor = factor
+        self.shape_out = (*lead, H // factor, W // factor)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        H, W = self.shape_in[-2:]
+        out = F.avg_pool2d(x.reshape(-1, 1, H, W), self.factor)
+        return out.reshape(-1, *self.shape_out)
+
+    def _upsample(self, y: Tensor) -> Tensor:
+        return y.repeat_interleave(self.factor, dim=-2).repeat_interleave(self.factor, dim=-1)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return self._upsample(y) / self.factor**2
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        return self._upsample(y)
+
+    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
+        return y / (1.0 / self.factor**2 + shift)
+
+
+class Blur(LinearOperator):
+    r"""2-D convolution of the last two dims of samples of ``shape`` with ``kernel`` ``(kh, kw)``.
+
+    ``(A x)[.., i, j] = sum_{a, b} k[a, b] x[.., i + c_h - a, j + c_w - b]`` with centre
+    ``c = ((kh - 1) // 2, (kw - 1) // 2)``: a true convolution with the output the size of the
+    input, as ``scipy.signal.convolve2d(x, k, mode="same")``. Indices out of range wrap around
+    (``padding="circular"``, scipy's ``boundary="wrap"``) or read zero (``padding="zero"``,
+    ``boundary="fill"``). The adjoint is the correlation with ``k`` (convolution with the flipped
+    kernel) under the same padding. For circular padding ``A = F^{-1} diag(K) F`` with ``K`` the
+    2-D DFT of the centred kernel, so ``A^+ y = F^{-1} (conj(K) / |K|^2) F y`` over
+    ``|K| > RCOND max |K|`` and ``(A A^T + c I)^{-1} y = F^{-1} F y / (|K|^2 + c)``; zero padding
+    has no cheap ``pinv`` / ``aat_solve``. The FFT paths need float32 or float64.
+    """
+
+    def __init__(
+        self, kernel: Tensor, shape: Sequence[int], padding: str = "circular", noise_std: float = 0.0
+    ) -> None:
+        super().__init__(noise_std)
+        kernel = torch.as_tensor(kernel)
+        if kernel.ndim != 2 or not kernel.is_floating_point() or not bool(kernel.isfinite().all()):
+            raise ValueError(f"Blur: kernel must be a finite 2-D float tensor, got {tuple(kernel.shape)}")
+        if padding not in ("circular", "zero"):
+            raise ValueError(f"Blur: padding must be 'circular' or 'zero', got {padding!r}")
+        self.shape_in = self.shape_out = _shape(shape, "Blur: shape", min_dims=2)
+        H, W = self.shape_in[-2:]
+        kh, kw = kernel.shape
+        if kh > H or kw > W:
+            raise ValueError(f"Blur: kernel {tuple(kernel.shape)} larger than the image ({H}, {W})")
+        self.kernel = kernel
+        self.padding = padding
+        ch, cw = (kh - 1) // 2, (kw - 1) // 2
+        # F.pad order (left, right, top, bottom); forward reads x[i + c - a], adjoint y[j - c + b].
+        self._pad_fwd = (kw - 1 - cw, cw, kh - 1 - ch, ch)
+        self._pad_adj = (cw, kw - 1 - cw, ch, kh - 1 - ch)
+        self._mode = "circular" if padding == "circular" else "constant"
+        centred = torch.zeros(H, W, dtype=torch.float64)
+        centred[:kh, :kw] = kernel.detach().cpu().to(torch.float64)
+        self._K = torch.fft.fft2(centred.roll((-ch, -cw), dims=(0, 1))) if padding == "circular" else None
+
+    def _correlate(self, x: Tensor, weight: Tensor, pad: tuple[int, int, int, int]) -> Tensor:
+        H, W = self.shape_in[-2:]
+        xp = F.pad(x.reshape(-1, 1, H, W), pad, mode=self._mode)
+        return F.conv2d(xp, weight.to(x)[None, None]).reshape(x.shape)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self._correlate(x, self.kernel.flip(0, 1), self._pad_fwd)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return self._correlate(y, self.kernel, self._pad_adj)
+
+    def _spectral(self, y: Tensor, gain: Tensor) -> Tensor:
+        return torch.fft.ifft2(torch.fft.fft2(y) * gain.to(y.device)).real.to(y.dtype)
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        if self._K is None:
+            raise NotImplementedError("Blur: pinv needs padding='circular'")
+        mag2 = self._K.abs() ** 2
+        keep = mag2.sqrt() > RCOND * mag2.sqrt().max()
+        return self._spectral(y, torch.where(keep, self._K.conj() / torch.where(keep, mag2, 1.0), 0.0))
+
+    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
+        if self._K is None:
+            raise NotImplementedError("Blur: aat_solve needs padding='circular'")
+        mag2 = self._K.abs() ** 2
+        if shift == 0.0 and not bool((mag2.sqrt() > RCOND * mag2.sqrt().max()).all()):
+            raise ValueError("Blur.aat_solve: A A^T is singular (kernel DFT has zeros); pass shift > 0")
+        return self._spectral(y, 1.0 / (mag2 + shift))

@@ -1,0 +1,208 @@
+"""Linear operators of ``sd.inverse`` against explicit dense matrices, scipy and numpy.linalg.pinv."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy.signal import convolve2d
+
+import steerdiff as sd
+from steerdiff.inverse import Blur, Downsample, Inpaint, LinearOperator, Matrix
+
+g = torch.Generator().manual_seed(0)
+MASK = (torch.rand(2, 4, 5, generator=g) < 0.6).to(torch.float64)
+KERNEL_ODD = torch.rand(3, 3, generator=g, dtype=torch.float64)
+KERNEL_EVEN = torch.rand(2, 4, generator=g, dtype=torch.float64)
+A_WIDE = torch.randn(3, 7, generator=g, dtype=torch.float64)
+A_TALL_LOWRANK = torch.randn(6, 2, generator=g, dtype=torch.float64) @ torch.randn(
+    2, 5, generator=g, dtype=torch.float64
+)
+
+OPERATORS: dict[str, LinearOperator] = {
+    "matrix_wide": Matrix(A_WIDE),
+    "matrix_lowrank_shaped": Matrix(A_TALL_LOWRANK, shape_in=(1, 5)),
+    "inpaint": Inpaint(MASK),
+    "downsample": Downsample(2, (2, 4, 6)),
+    "blur_circ_odd": Blur(KERNEL_ODD, (2, 5, 6), padding="circular"),
+    "blur_circ_even": Blur(KERNEL_EVEN, (1, 6, 5), padding="circular"),
+    "blur_box_circ": Blur(torch.full((2, 2), 0.25, dtype=torch.float64), (1, 4, 6)),
+    "blur_zero_odd": Blur(KERNEL_ODD, (2, 5, 6), padding="zero"),
+    "blur_zero_even": Blur(KERNEL_EVEN, (1, 6, 5), padding="zero"),
+}
+HAS_PINV = [k for k, op in OPERATORS.items() if not (isinstance(op, Blur) and op.padding == "zero")]
+
+
+def _scipy_blur(op: Blur, x: np.ndarray) -> np.ndarray:
+    boundary = "wrap" if op.padding == "circular" else "fill"
+    k = op.kernel.numpy()
+    flat = x.reshape(-1, *op.shape_in[-2:])
+    out = np.stack([convolve2d(img, k, mode="same", boundary=boundary) for img in flat])
+    return out.reshape(x.shape)
+
+
+def _explicit(op: LinearOperator) -> np.ndarray:
+    """The matrix of ``op`` built independently of its forward."""
+    d = math.prod(op.shape_in)
+    if isinstance(op, Matrix):
+        return op.A.numpy()
+    if isinstance(op, Inpaint):
+        return np.eye(d)[op.mask.flatten().numpy()]
+    if isinstance(op, Downsample):
+        f = op.factor
+        grid_in = np.arange(d).reshape(op.shape_in)
+        rows = []
+        for c in range(op.shape_out[0]):
+            for i in range(op.shape_out[1]):
+                for j in range(op.shape_out[2]):
+                    row = np.zeros(d)
+                    row[grid_in[c, f * i : f * (i + 1), f * j : f * (j + 1)].ravel()] = 1.0 / f**2
+                    rows.append(row)
+        return np.array(rows)
+    assert isinstance(op, Blur)
+    return _scipy_blur(op, np.eye(d).reshape(d, *op.shape_in)).reshape(d, -1).T
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_adjoint_identity(name: str) -> None:
+    op = OPERATORS[name]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, *op.shape_in, generator=gen, dtype=torch.float64)
+    y = torch.randn(3, *op.shape_out, generator=gen, dtype=torch.float64)
+    lhs = (op.forward(x) * y).flatten(1).sum(1)
+    rhs = (x * op.adjoint(y)).flatten(1).sum(1)
+    assert torch.allclose(lhs, rhs, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_forward_equals_explicit_matrix(name: str) -> None:
+    op = OPERATORS[name]
+    dense = op.to_dense().numpy()
+    expected = _explicit(op)
+    assert dense.shape == (math.prod(op.shape_out), math.prod(op.shape_in))
+    np.testing.assert_allclose(dense, expected, rtol=0, atol=1e-13)
+    # The adjoint applied to basis vectors gives the transpose.
+    m = math.prod(op.shape_out)
+    basis = torch.eye(m, dtype=torch.float64).reshape(m, *op.shape_out)
+    np.testing.assert_allclose(op.adjoint(basis).reshape(m, -1).numpy(), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", [k for k in OPERATORS if k.startswith("blur")])
+def test_blur_matches_scipy_on_random_images(name: str) -> None:
+    op = OPERATORS[name]
+    x = torch.randn(4, *op.shape_in, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    np.testing.assert_allclose(op.forward(x).numpy(), _scipy_blur(op, x.numpy()), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", HAS_PINV)
+def test_pinv_is_moore_penrose(name: str) -> None:
+    op = OPERATORS[name]
+    A = op.to_dense().numpy()
+    m = A.shape[0]
+    basis = torch.eye(m, dtype=torch.float64).reshape(m, *op.shape_out)
+    P = op.pinv(basis).reshape(m, -1).numpy().T  # column i = A^+ e_i
+    np.testing.assert_allclose(A @ P @ A, A, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(P @ A @ P, P, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(P, np.linalg.pinv(A, rcond=1e-10), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", HAS_PINV)
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_aat_solve_matches_dense_solve(name: str, shift: float) -> None:
+    op = OPERATORS[name]
+    A = op.to_dense().numpy()
+    M = A @ A.T + shift * np.eye(A.shape[0])
+    y = torch.randn(2, *op.shape_out, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    if np.linalg.matrix_rank(M) < M.shape[0]:
+        with pytest.raises(ValueError, match="singular"):
+            op.aat_solve(y, shift)
+        return
+    z = op.aat_solve(y, shift).reshape(2, -1).numpy()
+    np.testing.assert_allclose(z, np.linalg.solve(M, y.reshape(2, -1).numpy().T).T, rtol=0, atol=1e-10)
+
+
+def test_singular_cases_are_exercised() -> None:
+    # The low-rank matrix and the 2x2 box kernel (DFT zeros at Nyquist) are rank deficient.
+    for name in ("matrix_lowrank_shaped", "blur_box_circ"):
+        A = OPERATORS[name].to_dense().numpy()
+        assert np.linalg.matrix_rank(A) < min(A.shape)
+
+
+def test_matrix_pinv_equals_numpy_and_svd_cached() -> None:
+    op = Matrix(A_WIDE)
+    y = torch.randn(5, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    np.testing.assert_allclose(op.pinv(y).numpy(), y.numpy() @ np.linalg.pinv(A_WIDE.numpy()).T, atol=1e-12)
+    assert op.svd() is op.svd()
+
+
+@pytest.mark.parametrize("name", ["matrix_wide", "inpaint", "downsample", "blur_circ_even", "blur_zero_odd"])
+def test_differentiable_and_dtype_preserving(name: str) -> None:
+    op = OPERATORS[name]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, *op.shape_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, *op.shape_out, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(op.forward, (x,))
+    assert torch.autograd.gradcheck(op.adjoint, (y,))
+    # grad of 0.5 |A x - y|^2 is A^T (A x - y).
+    (grad,) = torch.autograd.grad(0.5 * (op(x) - y).square().sum(), x)
+    torch.testing.assert_close(grad, op.adjoint(op(x) - y).detach())
+    x32 = x.detach().float()
+    out = op.forward(x32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), op.forward(x.detach()), rtol=1e-5, atol=1e-5)
+    if name in HAS_PINV:
+        assert op.pinv(out).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_shape_mismatch_names_operator_and_shape(name: str) -> None:
+    op = OPERATORS[name]
+    bad = torch.zeros(2, *op.shape_in, 1, dtype=torch.float64)
+    cls = type(op).__name__
+    with pytest.raises(ValueError, match=re.escape(f"{cls}: x must have shape (n, *{op.shape_in})")):
+        op.forward(bad)
+    with pytest.raises(ValueError, match=re.escape(f"{cls}: y must have shape (n, *{op.shape_out})")):
+        op.adjoint(torch.zeros(2, *op.shape_out, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: Matrix(A_WIDE, noise_std=s),
+        lambda s: Inpaint(MASK, noise_std=s),
+        lambda s: Downsample(2, (2, 4, 6), noise_std=s),
+        lambda s: Blur(KERNEL_ODD, (1, 5, 5), noise_std=s),
+    ],
+)
+def test_noise_std_field(make) -> None:
+    assert make(0.1).noise_std == 0.1
+    assert make(0).noise_std == 0.0
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise_std"):
+            make(bad)
+
+
+def test_bad_construction_and_no_pinv_for_zero_padding() -> None:
+    with pytest.raises(ValueError, match="factor"):
+        Downsample(0, (1, 4, 4))
+    with pytest.raises(ValueError, match="divisible"):
+        Downsample(3, (1, 4, 4))
+    with pytest.raises(ValueError, match="padding"):
+        Blur(KERNEL_ODD, (1, 5, 5), padding="reflect")
+    with pytest.raises(ValueError, match="larger"):
+        Blur(KERNEL_ODD, (1, 2, 5))
+    with pytest.raises(ValueError, match="0 and 1"):
+        Inpaint(torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="shape_in"):
+        Matrix(A_WIDE, shape_in=(2, 3))
+    with pytest.raises(ValueError, match="shift"):
+        OPERATORS["inpaint"].aat_solve(torch.zeros(1, *OPERATORS["inpaint"].shape_out), -1.0)
+    with pytest.raises(NotImplementedError, match="circular"):
+        OPERATORS["blur_zero_odd"].pinv(torch.zeros(1, 2, 5, 6, dtype=torch.float64))
+
+
+def test_exported() -> None:
+    assert sd.inverse.Matrix is Matrix and "inverse" in sd.__all__
