@@ -1,10 +1,18 @@
 r"""Gaussian mixtures: data whose denoiser, density and probability-flow ODE are known exactly.
 
-For ``x0 ~ sum_k w_k N(mu_k, diag(v_k))`` and ``x_t = alpha x0 + sigma eps`` the noised marginal
-is ``sum_k w_k N(alpha mu_k, diag(alpha^2 v_k + sigma^2))`` and, with responsibilities
-``r_k(x_t)`` under it, Tweedie's formula gives the exact denoiser
+For ``x0 ~ sum_k w_k N(mu_k, S_k)`` and ``x_t = alpha x0 + sigma eps`` the noised marginal is
+``sum_k w_k N(alpha mu_k, alpha^2 S_k + sigma^2 I)`` and, with responsibilities ``r_k(x_t)``
+under it, Tweedie's formula gives the exact denoiser
 
-    E[x0 | x_t] = sum_k r_k(x_t) (mu_k + alpha v_k / (alpha^2 v_k + sigma^2) (x_t - alpha mu_k)).
+    E[x0 | x_t] = sum_k r_k(x_t) (mu_k + alpha S_k (alpha^2 S_k + sigma^2 I)^{-1} (x_t - alpha mu_k)).
+
+``S_k`` is diagonal (``(k, d)`` variances; elementwise arithmetic and matrix products) or full
+(``(k, d, d)``; each ``S_k = U_k diag(lam_k) U_k^T`` is eigendecomposed once, so every noise level
+is diagonal in the basis ``U_k``: ``alpha^2 S_k + sigma^2 I = U_k diag(alpha^2 lam_k + sigma^2) U_k^T``).
+
+Closed-form operations that stay in the family (Bishop, *Pattern Recognition and Machine
+Learning*, 2006, sec. 2.3.3): :meth:`GaussianMixture.posterior` conditions on a linear-Gaussian
+observation ``y = A x0 + s n``, :meth:`GaussianMixture.tilt` multiplies by ``exp(b^T x - x^T Q x / 2)``.
 
 The reference solution of the probability-flow ODE is integrated with scipy's DOP853 in
 k-diffusion's variables ``y = x/alpha``, ``s = sigma/alpha``, where ``dy/ds = eps(y, s)`` is
@@ -29,33 +37,73 @@ F64 = torch.float64
 
 
 class GaussianMixture:
-    """A mixture of diagonal Gaussians in ``d`` dimensions.
+    """A mixture of Gaussians in ``d`` dimensions, diagonal or full covariances.
 
     Args:
         means: ``(k, d)``.
-        variances: ``(k, d)`` per-coordinate variances (diagonal covariances), all > 0.
+        covariances: ``(k, d)`` per-coordinate variances (diagonal covariances, all > 0) or
+            ``(k, d, d)`` symmetric positive definite matrices.
         weights: ``(k,)`` positive, normalized here.
+        allow_singular: accept positive *semi*-definite full covariances (eigenvalues down to
+            ``-1e-10 lam_max``; those below ``1e-12 lam_max`` set to 0), as :meth:`posterior` with
+            ``noise_std = 0`` returns; such a mixture has no density at ``sigma = 0``
+            (``log_prob`` and ``denoise`` raise there).
+
+    Attributes: ``means``, ``covariances`` (as given, float64, symmetrized), ``variances``
+    (``(k, d)`` per-coordinate variances, the diagonals), ``weights``, ``full`` (bool).
     """
 
-    def __init__(self, means: Tensor, variances: Tensor, weights: Tensor) -> None:
+    def __init__(
+        self, means: Tensor, covariances: Tensor, weights: Tensor, *, allow_singular: bool = False
+    ) -> None:
         self.means = torch.as_tensor(means, dtype=F64)
-        self.variances = torch.as_tensor(variances, dtype=F64)
+        cov = torch.as_tensor(covariances, dtype=F64)
         w = torch.as_tensor(weights, dtype=F64)
         if self.means.ndim != 2:
             raise ValueError(f"means must be (k, d), got {tuple(self.means.shape)}")
-        if self.variances.shape != self.means.shape:
+        k, d = self.means.shape
+        if cov.shape not in ((k, d), (k, d, d)):
             raise ValueError(
-                f"variances must be (k, d) = {tuple(self.means.shape)}, got {tuple(self.variances.shape)}"
+                f"covariances must be (k, d) = {(k, d)} variances or (k, d, d) = {(k, d, d)} matrices, "
+                f"got {tuple(cov.shape)}"
             )
-        if w.shape != (self.means.shape[0],) or not bool((w > 0).all()):
-            raise ValueError(f"weights must be ({self.means.shape[0]},) and positive")
-        if not bool((self.variances > 0).all()):
-            raise ValueError("variances must be > 0")
+        if w.shape != (k,) or not bool((w > 0).all()):
+            raise ValueError(f"weights must be ({k},) and positive")
+        self.full = cov.ndim == 3
+        self._singular = allow_singular and self.full
+        if self.full:
+            scale = cov.abs().amax(dim=(-2, -1)).clamp_min(1e-300)
+            asym = (cov - cov.mT).abs().amax(dim=(-2, -1)) / scale
+            if not bool(torch.isfinite(cov).all()) or float(asym.max()) > 1e-10:
+                raise ValueError("covariances must be finite and symmetric")
+            cov = 0.5 * (cov + cov.mT)
+            lam, self._basis = torch.linalg.eigh(cov)  # S_k = U_k diag(lam_k) U_k^T
+            ok = (lam >= -1e-10 * lam[:, -1:].clamp_min(0)) if allow_singular else (lam > 0)
+            if not bool(ok.all()):
+                raise ValueError(
+                    "covariances must be positive definite (pass allow_singular=True for semi-definite), "
+                    f"smallest eigenvalue {float(lam.min()):.3g}"
+                )
+            if allow_singular:  # round-off eigenvalues of a semi-definite matrix are exact zeros
+                lam = torch.where(lam > 1e-12 * lam[:, -1:], lam, torch.zeros_like(lam))
+            self._eig = lam
+            self._root = (self._basis * lam.sqrt()[:, None, :]) @ self._basis.mT  # symmetric S_k^{1/2}
+            self.variances = torch.diagonal(cov, dim1=-2, dim2=-1).clone()
+        else:
+            if not bool((cov > 0).all()):
+                raise ValueError("covariances (variances) must be > 0")
+            self.variances = cov
+        self.covariances = cov
         self.weights = w / w.sum()
 
     @property
     def dim(self) -> int:
         return self.means.shape[1]
+
+    @property
+    def covariance_matrices(self) -> Tensor:
+        """``(k, d, d)`` covariance matrices (``diag(variances)`` for a diagonal mixture)."""
+        return self.covariances if self.full else torch.diag_embed(self.variances)
 
     def _flat(self, x: Tensor, name: str = "x") -> Tensor:
         """``x`` of shape ``(n, *sample_shape)``, ``prod(sample_shape) = d``, as float64 ``(n, d)`` on CPU."""
@@ -67,18 +115,34 @@ class GaussianMixture:
         return x.to(device="cpu", dtype=F64).reshape(x.shape[0], self.dim)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` exact draws, float64 ``(n, d)``."""
+        """``n`` exact draws, float64 ``(n, d)``: ``mu_k + S_k^{1/2} z`` (symmetric square root)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, dtype=F64, generator=generator)
+        if self.full:
+            return self.means[k] + torch.einsum("nde,ne->nd", self._root[k], z)
         return self.means[k] + self.variances[k].sqrt() * z
+
+    def _noised(self, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Full path at one noise level: ``log w_k + log N(x; alpha mu_k, alpha^2 S_k + sigma^2 I)``
+        ``(n, k)``, the eigenbasis coordinates ``z = U_k^T (x - alpha mu_k)`` ``(n, k, d)`` and the
+        eigenvalues ``alpha^2 lam_k + sigma^2`` ``(k, d)``."""
+        var = alpha**2 * self._eig + sigma**2
+        if not bool((var > 0).all()):
+            raise ValueError("singular covariances have no density at sigma = 0; use sigma > 0")
+        z = torch.einsum("nd,kde->nke", x, self._basis) - alpha * torch.einsum(
+            "kd,kde->ke", self.means, self._basis
+        )
+        quad = (z * z / var).sum(-1)
+        ll = -0.5 * (quad + var.log().sum(-1) + self.dim * math.log(2 * math.pi))
+        return ll + self.weights.log(), z, var
 
     def _marginal(self, alpha: Tensor | float, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
         return alpha * self.means, alpha**2 * self.variances + sigma**2
 
     def _log_resp(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """``log w_k + log N(x; mean_k, var_k)``, shape ``(n, k)``."""
+        """Diagonal path: ``log w_k + log N(x; mean_k, var_k)``, shape ``(n, k)``."""
         prec = 1 / var  # (k, d); the quadratic form expanded into matrix products
         quad = (x * x) @ prec.T - 2 * x @ (mean * prec).T + (mean * mean * prec).sum(-1)
         ll = -0.5 * (quad + var.log().sum(-1) + self.dim * math.log(2 * math.pi))
@@ -87,19 +151,28 @@ class GaussianMixture:
     def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
         """Log density of ``x`` under the noised marginal at ``(alpha, sigma)`` (clean by default)."""
         x = self._flat(x)
+        if self.full:
+            return torch.logsumexp(self._noised(x, alpha, sigma)[0], dim=-1)
         mean, var = self._marginal(alpha, sigma)
         return torch.logsumexp(self._log_resp(x, mean, var), dim=-1)
 
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
         """Exact ``E[x0 | x_t = x]``; computed in float64 on CPU, returned in ``x``'s dtype and device."""
         xd = self._flat(x)
-        mean, var = self._marginal(alpha, sigma)
-        lr = self._log_resp(xd, mean, var)
+        if self.full:
+            lr, z, var = self._noised(xd, alpha, sigma)
+        else:
+            mean, var = self._marginal(alpha, sigma)
+            lr = self._log_resp(xd, mean, var)
         # responsibilities (n, k); not torch.softmax, whose CPU kernel always goes parallel and stalls
         # for milliseconds per call on a busy machine
         r = torch.exp(lr - torch.logsumexp(lr, dim=-1, keepdim=True))
-        gain = alpha * self.variances / var  # (k, d): E[x0 | x, k] = means_k + gain_k (x - mean_k)
-        out = r @ (self.means - gain * mean) + xd * (r @ gain)
+        if self.full:  # E[x0 | x, k] = mu_k + U_k diag(alpha lam_k / var_k) z_k
+            corr = torch.einsum("nke,kde->nkd", r[:, :, None] * (alpha * self._eig / var) * z, self._basis)
+            out = r @ self.means + corr.sum(1)
+        else:
+            gain = alpha * self.variances / var  # (k, d): E[x0 | x, k] = means_k + gain_k (x - mean_k)
+            out = r @ (self.means - gain * mean) + xd * (r @ gain)
         return out.to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
     def denoiser(self, process: Process) -> Denoiser:
@@ -111,20 +184,123 @@ class GaussianMixture:
 
         return Denoiser(net, process, prediction="x0", shape=(self.dim,))
 
+    def _vector(self, v: Tensor, size: int, name: str) -> Tensor:
+        v = torch.as_tensor(v, dtype=F64)
+        if v.shape != (size,) or not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be a finite ({size},) vector, got shape {tuple(v.shape)}")
+        return v
+
+    def _matrix(self, m: Tensor, shape: tuple[int, int], name: str) -> Tensor:
+        m = torch.as_tensor(m, dtype=F64)
+        if m.shape != shape or not bool(torch.isfinite(m).all()):
+            raise ValueError(f"{name} must be a finite {shape} matrix, got shape {tuple(m.shape)}")
+        return m
+
+    def posterior(self, A: Tensor, y: Tensor, noise_std: float) -> GaussianMixture:
+        """The exact law of ``x0`` given one observation ``y = A x0 + noise_std n``, ``n ~ N(0, I_m)``.
+
+        ``A``: ``(m, d)``; ``y``: ``(m,)`` (a single observation, not a batch); ``noise_std >= 0``
+        (0 needs every ``A S_k A^T`` nonsingular). Per component (Bishop 2006, eq. 2.81-2.82, 2.115),
+        with ``C_k = A S_k A^T + s^2 I`` and gain ``K_k = S_k A^T C_k^{-1}``:
+        ``mu_k' = mu_k + K_k (y - A mu_k)``, ``S_k' = S_k - K_k C_k K_k^T`` and weights
+        ``w_k' ∝ w_k N(y; A mu_k, C_k)``. Returns a full-covariance mixture (semi-definite when
+        ``noise_std = 0``: the posterior then lives on ``{A x = y}``).
+        """
+        A = torch.as_tensor(A, dtype=F64)
+        if A.ndim != 2 or A.shape[1] != self.dim or not bool(torch.isfinite(A).all()):
+            raise ValueError(f"A must be a finite (m, {self.dim}) matrix, got shape {tuple(A.shape)}")
+        m = A.shape[0]
+        y = self._vector(y, m, "y")
+        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not noise_std >= 0:
+            raise ValueError(f"noise_std must be a float >= 0, got {noise_std!r}")
+        s_ax = self.covariance_matrices @ A.T  # (k, d, m) = S_k A^T
+        c = A @ s_ax + noise_std**2 * torch.eye(m, dtype=F64)  # (k, m, m)
+        chol, info = torch.linalg.cholesky_ex(0.5 * (c + c.mT))
+        if bool((info > 0).any()):
+            raise ValueError("A S_k A^T + noise_std^2 I is singular: use noise_std > 0 or a full-rank A")
+        resid = y - self.means @ A.T  # (k, m)
+        sol = torch.cholesky_solve(resid[:, :, None], chol)[:, :, 0]  # C_k^{-1} (y - A mu_k)
+        logdet = 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
+        log_lik = -0.5 * ((resid * sol).sum(-1) + logdet + m * math.log(2 * math.pi))
+        means = self.means + (s_ax @ sol[:, :, None])[:, :, 0]
+        half = torch.linalg.solve_triangular(chol, s_ax.mT, upper=False)  # L_k^{-1} A S_k, (k, m, d)
+        cov = self.covariance_matrices - half.mT @ half
+        log_w = self.weights.log() + log_lik
+        return GaussianMixture(
+            means, 0.5 * (cov + cov.mT), torch.exp(log_w - log_w.max()), allow_singular=True
+        )
+
+    def _tilt_parts(self, linear: Tensor | None, quadratic: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Tilted means, covariances (``(k, d)`` when staying diagonal) and ``log Z_k`` with
+        ``Z_k = E_{N(mu_k, S_k)}[exp(b^T x - x^T Q x / 2)]``."""
+        d = self.dim
+        b = torch.zeros(d, dtype=F64) if linear is None else self._vector(linear, d, "linear")
+        if quadratic is None and not self.full:  # mu + S b, S kept; log Z = b^T mu + b^T S b / 2
+            return (
+                self.means + self.variances * b,
+                self.variances,
+                self.means @ b + 0.5 * (self.variances * b * b).sum(-1),
+            )
+        s = self.covariance_matrices
+        eye = torch.eye(d, dtype=F64)
+        if quadratic is None:
+            q = torch.zeros(d, d, dtype=F64)
+        else:
+            q = self._matrix(quadratic, (d, d), "quadratic")
+            if float((q - q.T).abs().max()) > 1e-10 * max(float(q.abs().max()), 1e-300):
+                raise ValueError("quadratic must be symmetric")
+            q = 0.5 * (q + q.T)
+        # S' = (S^{-1} + Q)^{-1} = (I + S Q)^{-1} S, without inverting S
+        m = eye + s @ q  # (k, d, d); S^{-1} + Q = S^{-1} M
+        lu, piv, info = torch.linalg.lu_factor_ex(m)
+        if bool((info > 0).any()):
+            raise ValueError("quadratic makes S_k^{-1} + Q singular: the tilt is not normalizable")
+        cov = torch.linalg.lu_solve(lu, piv, s)
+        cov = 0.5 * (cov + cov.mT)
+        if not self._singular and not bool((torch.linalg.eigvalsh(cov) > 0).all()):
+            raise ValueError("quadratic must keep S_k^{-1} + Q positive definite (normalizable tilt)")
+        # x = mu + u, u ~ N(0, S): r = r(mu) + c^T u - u^T Q u / 2 with c = b - Q mu, so
+        # mu' = mu + S' c and log Z_k = r(mu_k) + c^T S' c / 2 - log det(I + S Q) / 2
+        c = b - self.means @ q
+        means = self.means + (cov @ c[:, :, None])[:, :, 0]
+        r_mu = self.means @ b - 0.5 * ((self.means @ q) * self.means).sum(-1)
+        _, logdet = torch.linalg.slogdet(m)
+        return means, cov, r_mu + 0.5 * (c * (cov @ c[:, :, None])[:, :, 0]).sum(-1) - 0.5 * logdet
+
+    def tilt(self, linear: Tensor | None = None, quadratic: Tensor | None = None) -> GaussianMixture:
+        """The exact reward-tilted law ``p(x) exp(r(x)) / Z`` for ``r(x) = b^T x - x^T Q x / 2``.
+
+        ``linear``: ``b``, ``(d,)``; ``quadratic``: ``Q``, ``(d, d)`` symmetric with every
+        ``S_k^{-1} + Q`` positive definite (``Q`` may be indefinite). Per component (completing the
+        square): ``S_k' = (S_k^{-1} + Q)^{-1}``, ``mu_k' = S_k' (S_k^{-1} mu_k + b)``, weights
+        ``w_k' ∝ w_k Z_k``, ``Z_k = E_{N(mu_k, S_k)}[exp r]``; ``log Z`` is :meth:`tilt_log_normalizer`.
+        A diagonal mixture tilted by a linear reward stays diagonal.
+        """
+        means, cov, log_z = self._tilt_parts(linear, quadratic)
+        log_w = self.weights.log() + log_z
+        return GaussianMixture(means, cov, torch.exp(log_w - log_w.max()), allow_singular=self._singular)
+
+    def tilt_log_normalizer(self, linear: Tensor | None = None, quadratic: Tensor | None = None) -> float:
+        """``log Z = log E_p[exp(b^T x - x^T Q x / 2)] = logsumexp_k(log w_k + log Z_k)`` of :meth:`tilt`."""
+        return float(torch.logsumexp(self.weights.log() + self._tilt_parts(linear, quadratic)[2], dim=0))
+
     def shifted(self, shift: Tensor) -> GaussianMixture:
-        """The law of ``x0 + shift`` (``shift``: ``(d,)``): means moved, variances and weights kept."""
+        """The law of ``x0 + shift`` (``shift``: ``(d,)``): means moved, covariances and weights kept."""
         shift = torch.as_tensor(shift, dtype=F64).reshape(-1)
         if shift.shape != (self.dim,):
             raise ValueError(f"shift must have {self.dim} values, got {tuple(shift.shape)}")
-        return GaussianMixture(self.means + shift, self.variances, self.weights)
+        return GaussianMixture(self.means + shift, self.covariances, self.weights, allow_singular=True)
 
     def mean_reverting_marginal(self, process: MeanReverting, mu: Tensor, t: float) -> GaussianMixture:
         """Exact ``p(x_t | mu)`` of mean-reverting diffusion (IR-SDE) from ``x0`` of this law: the
-        mixture with means ``alpha m_k + (1 - alpha) mu`` and variances ``alpha^2 v_k + sigma^2``
+        mixture with means ``alpha m_k + (1 - alpha) mu`` and covariances ``alpha^2 S_k + sigma^2 I``
         (``alpha = e^{-thetabar_t}``, ``sigma^2 = lambda^2 (1 - alpha^2)``)."""
         a, s = float(process.alpha(t)), float(process.sigma(t))
         mu = torch.as_tensor(mu, dtype=F64).reshape(-1)
-        return GaussianMixture(a * self.means + (1 - a) * mu, a * a * self.variances + s * s, self.weights)
+        noise = s * s * (torch.eye(self.dim, dtype=F64) if self.full else 1.0)
+        return GaussianMixture(
+            a * self.means + (1 - a) * mu, a * a * self.covariances + noise, self.weights, allow_singular=True
+        )
 
     def mean_reverting_denoiser(self, process: MeanReverting, mu: Tensor) -> Denoiser:
         """The exact denoiser of mean-reverting diffusion towards ``mu`` (``(d,)``), built the way a
@@ -169,10 +345,9 @@ class GaussianMixture:
         def rhs(s: float, y: np.ndarray) -> np.ndarray:
             yt = torch.from_numpy(y).reshape(n, self.dim)
             # in (y, s): alpha = 1/sqrt(1+s^2) is irrelevant -- use the equivalent EDM pair (1, s)
-            d = self.denoise(yt, 1.0, s)
             if s == 0:  # eps = (y - D(y, s)) / s -> 0 as s -> 0 for positive variances
                 return np.zeros_like(y)
-            return ((yt - d) / s).reshape(-1).numpy()
+            return ((yt - self.denoise(yt, 1.0, s)) / s).reshape(-1).numpy()
 
         sol = solve_ivp(rhs, (s0 / a0, s1 / a1), y0, method="DOP853", rtol=rtol, atol=atol)
         if not sol.success:

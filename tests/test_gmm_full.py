@@ -1,0 +1,268 @@
+"""Full-covariance Gaussian mixtures, the exact posterior and the exact reward tilt, against
+scipy, the diagonal path, the closed-form single-Gaussian flow and importance sampling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import sqrtm
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+import steerdiff as sd
+
+F64 = torch.float64
+
+
+def _spd(d: int, g: torch.Generator, lo: float = 0.1, hi: float = 0.6) -> torch.Tensor:
+    """A random rotation of a diagonal with eigenvalues in [lo, hi]."""
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    lam = lo + (hi - lo) * torch.rand(d, generator=g, dtype=F64)
+    return q @ torch.diag(lam) @ q.T
+
+
+@pytest.fixture(scope="module")
+def mix():
+    """Two correlated components in 3-D with unequal weights."""
+    g = torch.Generator().manual_seed(3)
+    means = torch.tensor([[-1.0, 0.5, 0.0], [1.0, -0.5, 0.8]], dtype=F64)
+    cov = torch.stack([_spd(3, g), _spd(3, g)])
+    return sd.toy.GaussianMixture(means, cov, torch.tensor([0.6, 0.4], dtype=F64))
+
+
+def _moments(gmm: sd.toy.GaussianMixture) -> tuple[torch.Tensor, torch.Tensor]:
+    w, mu, s = gmm.weights, gmm.means, gmm.covariance_matrices
+    mean = (w[:, None] * mu).sum(0)
+    second = (w[:, None, None] * (s + mu[:, :, None] * mu[:, None, :])).sum(0)
+    return mean, second - mean[:, None] * mean[None, :]
+
+
+def _weighted_moments_z(x0: torch.Tensor, logw: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> float:
+    """Largest |z| of the self-normalized importance estimates of E[x] and E[x x^T] against the
+    exact ``mean`` and ``cov``; standard errors by the delta method."""
+    w = torch.exp(logw - logw.max())
+    w = w / w.sum()
+    assert float(1 / (w**2).sum()) > 500  # effective sample size: the delta method is reliable
+    second = mean[:, None] * mean[None, :] + cov
+    feats = torch.cat([x0, (x0[:, :, None] * x0[:, None, :]).reshape(len(x0), -1)], dim=1)
+    exact = torch.cat([mean, second.reshape(-1)])
+    est = (w[:, None] * feats).sum(0)
+    se = ((w[:, None] ** 2 * (feats - est) ** 2).sum(0)).sqrt()
+    return float(((est - exact) / se).abs().max())
+
+
+def test_full_covariance_validation(mix):
+    m, c, w = mix.means, mix.covariances, mix.weights
+    bad = c.clone()
+    bad[0, 0, 1] += 0.1
+    with pytest.raises(ValueError, match="covariances must be finite and symmetric"):
+        sd.toy.GaussianMixture(m, bad, w)
+    with pytest.raises(ValueError, match="covariances must be positive definite"):
+        sd.toy.GaussianMixture(m, -c, w)
+    with pytest.raises(ValueError, match="covariances must be"):
+        sd.toy.GaussianMixture(m, c[:, :2, :2], w)
+    singular = torch.zeros(2, 3, 3, dtype=F64)
+    singular[:, 0, 0] = 1.0
+    with pytest.raises(ValueError, match="positive definite"):
+        sd.toy.GaussianMixture(m, singular, w)
+    semi = sd.toy.GaussianMixture(m, singular, w, allow_singular=True)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        semi.log_prob(torch.zeros(1, 3))
+    assert torch.isfinite(semi.denoise(torch.zeros(2, 3), 0.9, 0.3)).all()
+    assert mix.full and torch.equal(mix.variances, torch.diagonal(c, dim1=-2, dim2=-1))
+
+
+def test_diagonal_and_full_paths_agree():
+    """A full mixture whose covariances are diagonal equals the diagonal one to 1e-12."""
+    base = sd.toy.default_benchmark_mixture(dim=5, components=4, seed=2)
+    full = sd.toy.GaussianMixture(base.means, torch.diag_embed(base.variances), base.weights)
+    g = torch.Generator().manual_seed(0)
+    x = base.sample(64, generator=torch.Generator().manual_seed(1))
+    for alpha, sigma in [(1.0, 0.0), (0.9, 0.2), (0.5, 0.8), (0.01, 1.0)]:
+        xt = alpha * x + sigma * torch.randn(64, 5, generator=g, dtype=F64)
+        torch.testing.assert_close(
+            full.denoise(xt, alpha, sigma), base.denoise(xt, alpha, sigma), rtol=0, atol=1e-12
+        )
+        torch.testing.assert_close(
+            full.log_prob(xt, alpha, sigma), base.log_prob(xt, alpha, sigma), rtol=1e-12, atol=1e-12
+        )
+    torch.testing.assert_close(
+        full.sample(50, generator=torch.Generator().manual_seed(4)),
+        base.sample(50, generator=torch.Generator().manual_seed(4)),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize(("alpha", "sigma"), [(1.0, 0.0), (0.8, 0.6), (1.0, 1.5)])
+def test_log_prob_matches_scipy(mix, alpha, sigma):
+    g = torch.Generator().manual_seed(5)
+    x = 2 * torch.randn(40, 3, generator=g, dtype=F64)
+    ref = logsumexp(
+        [
+            math.log(w)
+            + multivariate_normal(alpha * m.numpy(), alpha**2 * s.numpy() + sigma**2 * np.eye(3)).logpdf(
+                x.numpy()
+            )
+            for w, m, s in zip(mix.weights.tolist(), mix.means, mix.covariances, strict=True)
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(mix.log_prob(x, alpha, sigma).numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("alpha", "sigma"), [(0.95, 0.3), (0.6, 0.8)])
+def test_full_denoiser_matches_importance_sampling(mix, alpha, sigma):
+    """E[x0 | x_t] by self-normalized importance sampling from the prior; within 4 standard errors."""
+    g = torch.Generator().manual_seed(11)
+    x0 = mix.sample(100_000, generator=g)
+    q = alpha * mix.sample(4, generator=g) + sigma * torch.randn(4, 3, generator=g, dtype=F64)
+    exact = mix.denoise(q, alpha, sigma)
+    for x, ref in zip(q, exact, strict=True):
+        logw = -((x - alpha * x0) ** 2).sum(-1) / (2 * sigma**2)
+        w = torch.exp(logw - logw.max())
+        est = (w[:, None] * x0).sum(0) / w.sum()
+        se = ((w[:, None] ** 2 * (x0 - est) ** 2).sum(0)).sqrt() / w.sum()
+        assert float(w.sum() ** 2 / (w**2).sum()) > 250
+        assert float(((est - ref) / se).abs().max()) < 4.0, (est.tolist(), ref.tolist())
+
+
+def test_reference_ode_single_full_gaussian_closed_form():
+    """PF-ODE of N(mu, S) in y = x/alpha, s = sigma/alpha (S and I commute):
+    y(s) = mu + (S + s^2)^{1/2} (S + s_T^2)^{-1/2} (y_T - mu)."""
+    g = torch.Generator().manual_seed(7)
+    mu = torch.tensor([0.3, -0.7, 1.1], dtype=F64)
+    s_mat = _spd(3, g, 0.05, 1.5)
+    gauss = sd.toy.GaussianMixture(mu[None], s_mat[None], torch.ones(1, dtype=F64))
+    p = sd.VP.linear()
+    t0, t1 = 0.9, 0.05
+    x_T = torch.randn(4, 3, generator=g, dtype=F64)
+    a0, s0 = float(p.alpha(t0)), float(p.sigma(t0))
+    a1, s1 = float(p.alpha(t1)), float(p.sigma(t1))
+    eye = np.eye(3)
+    for t_end, (a, s) in [(t1, (a1, s1)), (None, (1.0, 0.0))]:
+        got = gauss.reference_ode(x_T, p, t0, t_end)
+        m = np.real(sqrtm(s_mat.numpy() + (s / a) ** 2 * eye)) @ np.linalg.inv(
+            np.real(sqrtm(s_mat.numpy() + (s0 / a0) ** 2 * eye))
+        )
+        y = mu.numpy() + (x_T.numpy() / a0 - mu.numpy()) @ m.T
+        np.testing.assert_allclose(got.numpy(), a * y, rtol=0, atol=1e-8)
+
+
+def _obs(m: int, seed: int) -> tuple[torch.Tensor, float]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, 3, generator=g, dtype=F64), 0.5
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_posterior_matches_importance_sampling(mix, m):
+    """Posterior moments vs the prior reweighted by the likelihood N(y; A x0, s^2 I)."""
+    A, s = _obs(m, 20 + m)
+    y = A @ torch.tensor([0.2, 0.1, 0.3], dtype=F64) + 0.1
+    post = mix.posterior(A, y, s)
+    assert post.full and post.means.shape == (2, 3)
+    x0 = mix.sample(200_000, generator=torch.Generator().manual_seed(2))
+    logw = -((x0 @ A.T - y) ** 2).sum(-1) / (2 * s**2)
+    mean, cov = _moments(post)
+    assert _weighted_moments_z(x0, logw, mean, cov) < 4.0
+    # and its samples satisfy the same moments (the mixture object is self-consistent)
+    xs = post.sample(200_000, generator=torch.Generator().manual_seed(3))
+    assert _weighted_moments_z(xs, torch.zeros(len(xs), dtype=F64), mean, cov) < 4.0
+
+
+def test_posterior_single_gaussian_closed_form():
+    """k = 1: Bishop (2.116)-(2.117) in information form, and the evidence as the weight-free case."""
+    g = torch.Generator().manual_seed(9)
+    mu, s_mat = torch.randn(3, generator=g, dtype=F64), _spd(3, g)
+    A, noise = torch.randn(2, 3, generator=g, dtype=F64), 0.3
+    y = torch.randn(2, generator=g, dtype=F64)
+    post = sd.toy.GaussianMixture(mu[None], s_mat[None], torch.ones(1, dtype=F64)).posterior(A, y, noise)
+    prec = torch.linalg.inv(s_mat) + A.T @ A / noise**2
+    cov = torch.linalg.inv(prec)
+    mean = cov @ (torch.linalg.solve(s_mat, mu) + A.T @ y / noise**2)
+    torch.testing.assert_close(post.covariances[0], cov, rtol=0, atol=1e-12)
+    torch.testing.assert_close(post.means[0], mean, rtol=0, atol=1e-12)
+
+
+def test_posterior_noiseless_lives_on_the_constraint(mix):
+    A, _ = _obs(2, 5)
+    y = torch.tensor([0.4, -0.2], dtype=F64)
+    post = mix.posterior(A, y, 0.0)
+    xs = post.sample(1000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(xs @ A.T, y.expand(1000, 2), rtol=0, atol=1e-10)
+    # the noiseless limit of the noisy posterior
+    near = mix.posterior(A, y, 1e-7)
+    torch.testing.assert_close(near.means, post.means, rtol=0, atol=1e-8)
+    torch.testing.assert_close(near.weights, post.weights, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["linear", "quadratic", "both", "indefinite"])
+def test_tilt_matches_importance_reweighting(mix, kind):
+    """Tilted moments and log Z = log E_p[exp r] vs the prior reweighted by exp r(x)."""
+    b = torch.tensor([0.8, -0.5, 0.3], dtype=F64)
+    q = {
+        "quadratic": 0.7 * torch.eye(3, dtype=F64),
+        "both": torch.tensor([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 0.8]], dtype=F64),
+    }
+    q["indefinite"] = torch.diag(torch.tensor([-0.3, 0.5, 0.2], dtype=F64))
+    lin = None if kind == "quadratic" else b
+    quad = q.get(kind)
+    tilted = mix.tilt(linear=lin, quadratic=quad)
+    x0 = mix.sample(200_000, generator=torch.Generator().manual_seed(4))
+    r = torch.zeros(len(x0), dtype=F64)
+    if lin is not None:
+        r = r + x0 @ lin
+    if quad is not None:
+        r = r - 0.5 * ((x0 @ quad) * x0).sum(-1)
+    mean, cov = _moments(tilted)
+    assert _weighted_moments_z(x0, r, mean, cov) < 4.0
+    w = torch.exp(r - r.max())
+    log_z = float(torch.log(w.mean()) + r.max())
+    se = float(w.std() / w.mean()) / math.sqrt(len(w))
+    assert abs(mix.tilt_log_normalizer(lin, quad) - log_z) < 4 * se
+
+
+def test_tilt_closed_form_and_diagonal():
+    """Single Gaussian: S' = (S^{-1} + Q)^{-1}, mu' = S' (S^{-1} mu + b); a linear tilt keeps a
+    diagonal mixture diagonal."""
+    g = torch.Generator().manual_seed(12)
+    mu, s_mat = torch.randn(3, generator=g, dtype=F64), _spd(3, g)
+    b, q = torch.randn(3, generator=g, dtype=F64), 0.4 * torch.eye(3, dtype=F64)
+    tilted = sd.toy.GaussianMixture(mu[None], s_mat[None], torch.ones(1, dtype=F64)).tilt(b, q)
+    cov = torch.linalg.inv(torch.linalg.inv(s_mat) + q)
+    torch.testing.assert_close(tilted.covariances[0], cov, rtol=0, atol=1e-12)
+    torch.testing.assert_close(tilted.means[0], cov @ (torch.linalg.solve(s_mat, mu) + b), rtol=0, atol=1e-12)
+    base = sd.toy.default_benchmark_mixture(dim=4, components=3, seed=1)
+    full = sd.toy.GaussianMixture(base.means, torch.diag_embed(base.variances), base.weights)
+    b4 = torch.tensor([0.5, -1.0, 0.2, 0.0], dtype=F64)
+    diag_t, full_t = base.tilt(b4), full.tilt(b4)
+    assert not diag_t.full
+    torch.testing.assert_close(diag_t.covariance_matrices, full_t.covariances, rtol=0, atol=1e-12)
+    torch.testing.assert_close(diag_t.means, full_t.means, rtol=0, atol=1e-12)
+    torch.testing.assert_close(diag_t.weights, full_t.weights, rtol=0, atol=1e-12)
+    assert math.isclose(base.tilt_log_normalizer(b4), full.tilt_log_normalizer(b4), rel_tol=1e-12)
+
+
+def test_posterior_and_tilt_bad_arguments(mix):
+    A, y = torch.ones(2, 3, dtype=F64), torch.zeros(2, dtype=F64)
+    with pytest.raises(ValueError, match="A must"):
+        mix.posterior(torch.ones(2, 4), y, 0.1)
+    with pytest.raises(ValueError, match="y must"):
+        mix.posterior(A, torch.zeros(3), 0.1)
+    with pytest.raises(ValueError, match="y must"):
+        mix.posterior(A, torch.zeros(5, 2), 0.1)
+    with pytest.raises(ValueError, match="noise_std"):
+        mix.posterior(A, y, -0.1)
+    with pytest.raises(ValueError, match="noise_std"):
+        mix.posterior(A, y, 0.0)  # rank-1 A with m = 2: A S A^T singular
+    with pytest.raises(ValueError, match="linear"):
+        mix.tilt(linear=torch.zeros(2))
+    with pytest.raises(ValueError, match="quadratic"):
+        mix.tilt(quadratic=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="quadratic"):
+        mix.tilt(quadratic=torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=F64))
+    with pytest.raises(ValueError, match="quadratic"):
+        mix.tilt(quadratic=-100 * torch.eye(3, dtype=F64))
