@@ -248,3 +248,8 @@ def test_zero_terminal_snr_matches_diffusers():
 def test_bad_arguments_raise(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_bare_vp_says_how_to_build_one():
+    with pytest.raises(NotImplementedError, match="VP.discrete, VP.linear"):
+        sd.VP().alpha(0.5)

@@ -102,6 +102,9 @@ class VP(Process):
     :meth:`linear` or :meth:`cosine`.
     """
 
+    def lam(self, t: TimeLike) -> Tensor:
+        raise NotImplementedError("VP is built with VP.discrete, VP.linear, VP.cosine or VP.scaled_linear")
+
     def alpha(self, t: TimeLike) -> Tensor:
         return torch.sigmoid(2 * self.lam(t)).sqrt()
 
