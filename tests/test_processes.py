@@ -251,5 +251,5 @@ def test_bad_arguments_raise(make):
 
 
 def test_bare_vp_says_how_to_build_one():
-    with pytest.raises(NotImplementedError, match="VP.discrete, VP.linear"):
+    with pytest.raises(NotImplementedError, match=r"VP\.discrete, VP\.linear"):
         sd.VP().alpha(0.5)
