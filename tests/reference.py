@@ -112,3 +112,15 @@ def assert_keeps_point_marginal(solver: sd.solvers.Solver, process: sd.Process, 
         gain = float((tr.mean[1] - tr.mean[0]).mean()) / grid.sigma[i]
         assert torch.allclose(tr.mean[0], grid.alpha[i + 1] * mu[0], rtol=1e-12, atol=1e-12)
         assert math.isclose(gain**2 * grid.sigma[i] ** 2 + tr.std**2, grid.sigma[i + 1] ** 2, rel_tol=1e-10)
+
+
+def importance_posterior_mean(
+    x: Tensor, x0: Tensor, alpha: float, sigma: float
+) -> tuple[Tensor, Tensor, float]:
+    """Self-normalized importance estimate of ``E[x0 | x_t = x]`` from prior draws ``x0``: the
+    estimate, its delta-method standard error per coordinate, and the effective sample size."""
+    logw = -((x - alpha * x0) ** 2).sum(-1) / (2 * sigma**2)
+    w = torch.exp(logw - logw.max())
+    est = (w[:, None] * x0).sum(0) / w.sum()
+    se = ((w[:, None] ** 2 * (x0 - est) ** 2).sum(0)).sqrt() / w.sum()
+    return est, se, float(w.sum() ** 2 / (w**2).sum())
