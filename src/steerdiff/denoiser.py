@@ -109,8 +109,11 @@ class Denoiser:
             and used by the DDPM sampler.
 
     Calling ``den(x, t, **cond)`` with a float ``t`` (or a ``(batch,)`` tensor of times) returns a
-    :class:`Prediction`; it costs exactly one net call.
+    :class:`Prediction`; it costs exactly ``cost`` net calls (one here; a guided denoiser of
+    :mod:`steerdiff.guidance` that calls its nets more often says how many).
     """
+
+    cost: int = 1
 
     def __init__(
         self,

@@ -143,6 +143,8 @@ def step_order(i: int, grid: Grid, order: int, history: int, lower_order_final: 
 class Model:
     """What a solver may call: the denoiser (counted, non-finite output recorded) and the noise.
 
+    Each call counts ``denoiser.cost`` network evaluations (1, or more for a guided denoiser).
+
     ``model(x, t, step)`` returns the :class:`Prediction` at process time ``t``; ``step`` is the
     solver step it belongs to, reported if the output is not finite. ``model.noise(t_from, t_to,
     like)`` is the run's noise source (:mod:`steerdiff.noise`), for stochastic sub-steps.
@@ -160,7 +162,7 @@ class Model:
 
     def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
         pred = self.denoiser(x, t, **self.cond)
-        self.nfe += 1
+        self.nfe += self.denoiser.cost
         # one reduction per call: a NaN/inf anywhere makes the sum non-finite (the other estimate
         # follows from this one and x); the sums are tested together at the end
         given = pred.given

@@ -1,0 +1,85 @@
+r"""What every guidance method shares: a guided denoiser *is* a :class:`~steerdiff.denoiser.Denoiser`.
+
+A guidance method wraps a base denoiser (same process, time map and sample shape) and returns,
+at ``(x, t)``, a :class:`~steerdiff.denoiser.Prediction` whose ``x0``/``eps`` are steered. Every
+solver therefore works with every guidance, and the sampler's NaN check and NFE count apply
+(``cost`` network evaluations per call).
+
+Most methods steer through the score. With ``x_t = alpha x0 + sigma eps`` and Tweedie's formula
+``E[x0 | x_t] = (x_t + sigma^2 grad log p_t(x_t)) / alpha``, adding a log-likelihood gradient
+``g = grad_x log p(y | x_t)`` to the score gives
+
+    eps' = eps - sigma g,        x0' = x0 + (sigma^2 / alpha) g,
+
+which :func:`add_score` applies. Gradients through the network come from :func:`denoise_with_grad`,
+which fails clearly when autograd is off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser, Prediction
+
+__all__ = ["Guided", "add_score", "denoise_with_grad", "require_grad"]
+
+
+class Guided(Denoiser):
+    """Base class of guided denoisers: a denoiser built on ``base``.
+
+    It shares ``base``'s net, process, prediction, time map and shape (so the sampler checks
+    ``x_T`` as for ``base``); subclasses override ``__call__`` and set ``cost``, the network
+    evaluations one call spends.
+    """
+
+    def __init__(self, base: Denoiser) -> None:
+        if not isinstance(base, Denoiser):
+            raise ValueError(f"{type(self).__name__}: base must be a steerdiff Denoiser, got {type(base)}")
+        super().__init__(
+            base.net, base.process, base.prediction, base.time_map, base.shape, base.learned_variance
+        )
+        self.base = base
+        self.cost = base.cost
+
+    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base!r})"
+
+
+def require_grad(who: str) -> None:
+    """Raise a clear error when autograd is off (``torch.no_grad`` / ``torch.inference_mode``)."""
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{who} needs gradients with respect to x, but autograd is disabled (the sampler runs under "
+            "torch.no_grad() or torch.inference_mode()); call steerdiff.sample outside those contexts"
+        )
+
+
+def denoise_with_grad(
+    who: str, den: Denoiser, x: Tensor, t: float | Tensor, **cond: Any
+) -> tuple[Tensor, Prediction]:
+    """``(x_leaf, pred)``: the prediction at a differentiable copy ``x_leaf`` of ``x``.
+
+    ``pred.x0`` and ``pred.eps`` carry the graph back to ``x_leaf``; differentiate a function of them
+    with ``torch.autograd.grad(..., x_leaf)``. Raises if autograd is off or the net's output does not
+    depend on ``x`` differentiably.
+    """
+    require_grad(who)
+    xr = x.detach().requires_grad_(True)
+    pred = den(xr, t, **cond)
+    if not pred.given.requires_grad:
+        raise RuntimeError(
+            f"{who} needs gradients through the network, but its output is detached from x "
+            "(is the net run under torch.no_grad() or does it call .detach()?)"
+        )
+    return xr, pred
+
+
+def add_score(pred: Prediction, grad: Tensor) -> Prediction:
+    """The prediction whose score is ``pred``'s plus ``grad``: ``eps' = eps - sigma grad``."""
+    return Prediction(pred.x, pred.alpha, pred.sigma, eps=pred.eps - pred.sigma * grad)
