@@ -1,0 +1,654 @@
+r"""steerdiff inside diffusers: a :class:`~steerdiff.denoiser.Denoiser` from a diffusers model and
+its scheduler config, and a diffusers scheduler that runs steerdiff's solvers in any pipeline.
+
+Usage::
+
+    from steerdiff.integrations.diffusers import SteerdiffScheduler, denoiser_from_diffusers
+
+    pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config, solver="unipc", schedule="karras")
+    images = pipe(prompt, num_inference_steps=10).images
+
+    den = denoiser_from_diffusers(pipe.unet, pipe.scheduler.config)   # the same net, for sd.sample
+    x0 = sd.sample(den, x_T, steps=10, solver="unipc", schedule="karras", encoder_hidden_states=emb)
+
+**The model.** The config says how the net was trained: a discrete VP process (DDPM, Ho et al.
+2020) from ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2`` -- the cosine
+schedule of Nichol & Dhariwal 2021, Eq. 17 -- or ``sigmoid``) or ``trained_betas``, over
+``num_train_timesteps``, optionally rescaled to zero terminal SNR (``rescale_betas_zero_snr``,
+Lin et al. 2024) or SNR-shifted (``snr_shift_scale``: ``SNR / s``); ``prediction_type``
+``epsilon``/``sample``/``v_prediction``; ``variance_type="learned_range"`` (Improved DDPM: the net
+returns twice the channels). The betas and ``alphas_cumprod`` are computed in float32 as diffusers
+computes them for training, then held in float64. Flow-matching configs (``FlowMatch*`` schedulers,
+``use_flow_sigmas`` / ``prediction_type="flow_prediction"``) give the rectified flow
+``x = (1 - t) x0 + t eps`` with the velocity ``eps - x0`` as output and the net time ``1000 t``
+(``num_train_timesteps * t``). Settings that only choose diffusers' sampling grid (spacing,
+``shift``, Karras sigmas, ...) do not change the model and are ignored.
+
+**The scheduler.** :meth:`SteerdiffScheduler.set_timesteps` builds the grid of ``schedule`` and
+runs the solver once on a zero network to learn where it evaluates the net (the times depend on
+the grid only): ``timesteps`` lists them in call order, so a multistage solver lists more entries
+than steps (Heun: ``2N - 1``, as diffusers' Heun). A steerdiff solver calls the model itself; a
+pipeline calls the net and hands the output to :meth:`~SteerdiffScheduler.step`. ``step`` bridges
+the two by replay: it re-runs the current solver step from its start (a checkpoint of ``x`` and
+the solver state, kept at every completed step) with a model that returns the outputs received
+so far and halts at the first evaluation not made yet; the point it asks for is ``prev_sample``.
+Each step is thus run twice or so (the solver arithmetic, never the net), and the result is that
+of :func:`steerdiff.sample` with the same net, ``x_T`` and noise, to the bit on CPU.
+
+Noise for stochastic solvers is drawn, in :func:`steerdiff.sample`'s order, from the scheduler's
+``noise`` (a ``torch.Generator``, a list of them, or a :mod:`steerdiff.noise` source) if one was
+given, else from the ``generator`` the pipeline passes to ``step``, else from torch's global RNG;
+draws inside a step are recorded and replayed. Half-precision pipelines: the solver runs in
+float32 and ``prev_sample`` is cast back, as diffusers' schedulers do.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers import ConfigMixin, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerOutput
+from torch import Tensor
+
+from .. import schedules as _schedules
+from .. import solvers as _solvers
+from ..denoiser import Denoiser, Prediction
+from ..noise import NoiseSource
+from ..processes import VP, Process, RectifiedFlow
+from ..sampling import DEFAULT_SCHEDULE, DEFAULT_SOLVER
+from ..schedules import Schedule
+from ..solvers.base import FINALS, Grid, Model, Solver, Transition, make_grid
+
+__all__ = ["SteerdiffScheduler", "SteerdiffSchedulerOutput", "denoiser_from_diffusers", "process_from_config"]
+
+F64 = torch.float64
+_HALF = (torch.float16, torch.bfloat16)
+_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+_FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+_UNSUPPORTED = {
+    "EDMEulerScheduler": "an EDM-preconditioned (sigma_data) model",
+    "EDMDPMSolverMultistepScheduler": "an EDM-preconditioned (sigma_data) model",
+    "CosineDPMSolverMultistepScheduler": "an EDM-preconditioned (sigma_data) model",
+    "CMStochasticIterativeScheduler": "a consistency model",
+    "SCMScheduler": "a consistency model",
+    "LCMScheduler": "a consistency-distilled model",
+    "TCDScheduler": "a consistency-distilled model",
+    "FlowMatchLCMScheduler": "a consistency-distilled model",
+    "ScoreSdeVeScheduler": "a variance-exploding score model",
+    "KarrasVeScheduler": "a variance-exploding model",
+    "IPNDMScheduler": "a model without a beta schedule",
+    "DDPMWuerstchenScheduler": "a Wuerstchen model",
+    "VQDiffusionScheduler": "a discrete-token model",
+    "AmusedScheduler": "a discrete-token model",
+}
+# configs of schedulers made in code carry no _class_name: these keys tell the same models apart
+_UNSUPPORTED_KEYS = {
+    "sigma_data": "an EDM-preconditioned or consistency model",
+    "timestep_scaling": "a consistency-distilled model",
+    "sampling_eps": "a variance-exploding score model",
+    "num_vec_classes": "a discrete-token model",
+    "mask_token_id": "a discrete-token model",
+}
+_SUPPORTED = (
+    "VP configs (beta_schedule/trained_betas: DDPM, DDIM, PNDM, Euler, Heun, LMS, DPM-Solver, UniPC, "
+    "DEIS, ... schedulers) and flow-matching configs (FlowMatchEuler/FlowMatchHeun, use_flow_sigmas)"
+)
+
+
+# --- the model: process, prediction and time input from a scheduler config ------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    process: Process
+    prediction: str
+    learned_variance: bool
+    time_map: Callable[[Tensor], Tensor] | None
+
+
+def _config_of(scheduler_or_config: Any) -> dict[str, Any]:
+    if isinstance(scheduler_or_config, dict):
+        return dict(scheduler_or_config)
+    config = getattr(scheduler_or_config, "config", None)
+    if isinstance(config, dict):
+        return dict(config)
+    raise ValueError(
+        "scheduler_or_config must be a diffusers scheduler or its config dict, "
+        f"got {type(scheduler_or_config).__name__}"
+    )
+
+
+def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Nichol & Dhariwal 2021, Eq. 17: ``beta_i = min(1 - f((i+1)/n) / f(i/n), 0.999)``,
+    ``f(u) = cos((u + s) / (1 + s) pi / 2)^2``."""
+
+    def f(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], dtype=torch.float32)
+
+
+def _betas(cfg: dict[str, Any]) -> Tensor:
+    """The float32 betas of a VP config, as diffusers computes them for training."""
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("trained_betas") is not None:
+        return torch.tensor(cfg["trained_betas"], dtype=torch.float32).flatten()
+    kind = cfg.get("beta_schedule", "linear")
+    b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+    if kind == "linear":
+        return torch.linspace(b0, b1, n, dtype=torch.float32)
+    if kind == "scaled_linear":
+        return torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float32) ** 2
+    if kind == "squaredcos_cap_v2":
+        return _cosine_betas(n)
+    if kind == "sigmoid":  # GeoDiff (Xu et al. 2022)
+        return torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float32)) * (b1 - b0) + b0
+    raise ValueError(f"beta_schedule={kind!r} is not supported; accepted: {_BETA_SCHEDULES} or trained_betas")
+
+
+def _is_flow(cfg: dict[str, Any]) -> bool:
+    """Whether a config describes a flow-matching model (class name, or keys when it has none)."""
+    origin = cfg.get("origin") or cfg.get("_class_name")
+    has_betas = "beta_schedule" in cfg or cfg.get("trained_betas") is not None
+    return (
+        origin in _FLOW_CLASSES
+        or bool(cfg.get("use_flow_sigmas"))
+        or cfg.get("prediction_type") == "flow_prediction"
+        or (origin is None and "use_dynamic_shifting" in cfg and not has_betas)
+    )
+
+
+def _spec(cfg: dict[str, Any]) -> _Spec:
+    origin = cfg.get("origin") or cfg.get("_class_name")
+    reason = _UNSUPPORTED.get(origin) or next((r for k, r in _UNSUPPORTED_KEYS.items() if k in cfg), None)
+    if reason is not None:
+        raise ValueError(
+            f"the scheduler config of {origin or 'this scheduler'} ({reason}) is not supported; "
+            f"supported: {_SUPPORTED}"
+        )
+    n = int(cfg.get("num_train_timesteps", 1000))
+    pred_type = cfg.get("prediction_type", "epsilon")
+    if _is_flow(cfg):
+        if cfg.get("invert_sigmas"):
+            raise ValueError("flow-matching config with invert_sigmas=True is not supported")
+        return _Spec(RectifiedFlow(1 / n, 1 - 1 / n), "flow", False, lambda t: t * n)
+    if pred_type not in _PREDICTIONS:
+        raise ValueError(f"prediction_type={pred_type!r} is not supported; accepted: {sorted(_PREDICTIONS)}")
+    variance = cfg.get("variance_type")
+    if variance == "learned":
+        raise ValueError(
+            "variance_type='learned' (a raw log-variance output) is not supported; accepted: "
+            "'learned_range' or a fixed variance type"
+        )
+    ac = torch.cumprod(1 - _betas(cfg), 0)
+    shift = float(cfg.get("snr_shift_scale") or 1.0)
+    if shift != 1.0:  # CogVideoX: SNR / s
+        ac = ac / (shift + (1 - shift) * ac)
+    process = VP.discrete(alphas_cumprod=ac.to(F64), rescale_zero_snr=bool(cfg.get("rescale_betas_zero_snr")))
+    time_map = None
+    if cfg.get("timestep_type") == "continuous" and pred_type == "v_prediction":
+        # Euler's continuous timesteps: the net sees 0.25 log(sigma / alpha)
+        time_map = lambda t: -0.25 * process.lam(t)  # noqa: E731
+    return _Spec(process, _PREDICTIONS[pred_type], variance == "learned_range", time_map)
+
+
+def process_from_config(scheduler_or_config: Any) -> Process:
+    """The noise process a diffusers scheduler config describes (see the module docstring).
+
+    Raises:
+        ValueError: an unknown ``beta_schedule``/``prediction_type`` or an unsupported scheduler.
+    """
+    return _spec(_config_of(scheduler_or_config)).process
+
+
+class _ModelNet:
+    """``model(x, t, **cond)`` as a tensor: the ``.sample`` of diffusers' model outputs."""
+
+    def __init__(self, model: Callable[..., Any]) -> None:
+        self.model = model
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        out = self.model(x, t, **cond)
+        if hasattr(out, "sample"):
+            return out.sample
+        if isinstance(out, (tuple, list)):
+            return out[0]
+        return out
+
+
+def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
+    opts: dict[str, Any] = {"prediction": spec.prediction, "learned_variance": spec.learned_variance}
+    if spec.time_map is not None:
+        opts["time_map"] = spec.time_map
+    return Denoiser(net, spec.process, **{**opts, **kw})
+
+
+def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any, **kw: Any) -> Denoiser:
+    """A :class:`~steerdiff.denoiser.Denoiser` of a diffusers model (``UNet2DModel``,
+    ``UNet2DConditionModel``, a transformer, ...) trained as ``scheduler_or_config`` says.
+
+    The net is called as ``model(x, t, **cond).sample`` (a tuple's first entry, or the tensor
+    itself), with ``t`` the timestep diffusers would pass (``(batch,)``); ``cond`` are the
+    keyword arguments given to :func:`steerdiff.sample` (``encoder_hidden_states``,
+    ``class_labels``, ...). ``kw`` go to :class:`~steerdiff.denoiser.Denoiser` and override what
+    the config says (``prediction``, ``time_map``, ``learned_variance``, ``shape``).
+
+    Raises:
+        ValueError: an unknown ``beta_schedule``/``prediction_type``, ``variance_type="learned"``,
+            or a config of an unsupported scheduler (EDM, consistency, VE, discrete-token models).
+    """
+    return _denoiser(_ModelNet(model), _spec(_config_of(scheduler_or_config)), **kw)
+
+
+# --- the scheduler: a solver run driven by the pipeline's net calls -------------------------------
+
+
+@dataclass
+class SteerdiffSchedulerOutput(SchedulerOutput):
+    """``prev_sample``: where the pipeline evaluates the net next (after the last call: the result);
+    ``pred_original_sample``: the denoised estimate of the evaluation just received."""
+
+    pred_original_sample: Tensor | None = None
+
+
+class _Halt(Exception):
+    """The solver asked for an evaluation the pipeline has not made yet, at ``x``."""
+
+    def __init__(self, x: Tensor) -> None:
+        super().__init__()
+        self.x = x
+
+
+class _Recorded:
+    """A 'network' that returns the output it was handed (the pipeline's)."""
+
+    output: Tensor
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        return self.output
+
+
+def _zero_noise(t_from: float, t_to: float, like: Tensor) -> Tensor:
+    return torch.zeros_like(like)
+
+
+class _PipelineNoise:
+    """Standard normal noise from a generator (or one per sample) on the generator's device, then
+    moved to the sample's (as diffusers' ``randn_tensor``); on one device the draws of
+    :class:`steerdiff.noise.GeneratorNoise` / :class:`~steerdiff.noise.PerSampleNoise`."""
+
+    def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None) -> None:
+        self.generator = generator
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        g = self.generator
+        if isinstance(g, torch.Generator) or g is None:
+            device = like.device if g is None else g.device
+            return torch.randn(like.shape, generator=g, device=device, dtype=like.dtype).to(like.device)
+        if len(g) != like.shape[0]:
+            raise ValueError(f"generator: {len(g)} generators for a batch of {like.shape[0]} samples")
+        rows = [torch.randn(like.shape[1:], generator=gb, device=gb.device, dtype=like.dtype) for gb in g]
+        return torch.stack(rows).to(like.device)
+
+
+class _StepNoise:
+    """The noise drawn inside the current solver step: replayed when the step is re-run."""
+
+    def __init__(self) -> None:
+        self.draws: list[Tensor] = []
+        self.used = 0
+        self.source: NoiseSource = _PipelineNoise(None)
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        if self.used == len(self.draws):
+            self.draws.append(self.source(t_from, t_to, like))
+        self.used += 1
+        return self.draws[self.used - 1]
+
+
+class _Tape(Model):
+    """The model the solver sees in :meth:`SteerdiffScheduler.step`: the current step's earlier
+    evaluations are replayed, the pipeline's new output is used once, and the next evaluation
+    halts the run. Counts and checks the new evaluations as :class:`Model` does."""
+
+    def __init__(self, den: Denoiser, times: list[float]) -> None:
+        super().__init__(den, None, _StepNoise())
+        self.times = times
+        self.preds: list[Prediction] = []
+        self.used = 0
+        self.pending: Tensor | None = None
+        self.last: Prediction | None = None
+
+    def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
+        if self.used == len(self.preds):
+            if self.pending is None:
+                raise _Halt(x)
+            if self.nfe >= len(self.times) or t != self.times[self.nfe]:
+                raise RuntimeError(
+                    f"the solver evaluates at t={t:.6g} where set_timesteps planned "
+                    f"{self.times[self.nfe] if self.nfe < len(self.times) else 'no evaluation'}: its "
+                    "evaluation times depend on the sample, which SteerdiffScheduler does not support"
+                )
+            self.denoiser.net.output, self.pending = self.pending, None
+            self.last = super().__call__(x, t, step)
+            self.preds.append(self.last)
+        self.used += 1
+        return self.preds[self.used - 1]
+
+
+class _Probe(Model):
+    """A zero network and zero noise; records each evaluation's ``(t, step, at the step's input)``."""
+
+    def __init__(self, den: Denoiser) -> None:
+        super().__init__(den, None, _zero_noise)
+        self.evals: list[tuple[float, int, bool]] = []
+        self.x_in: Tensor | None = None
+
+    def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
+        self.evals.append((t, step, x is self.x_in))
+        return super().__call__(x, t, step)
+
+
+def _plan(den: Denoiser, solver: Solver, grid: Grid) -> list[tuple[float, int, bool]]:
+    """Where ``solver`` evaluates the net on ``grid``, in call order (a dry run)."""
+    width = 2 if den.learned_variance else 1
+
+    def zero_net(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        return x.new_zeros(x.shape[0], width * x.shape[1], *x.shape[2:])
+
+    spec = _Spec(den.process, den.prediction, den.learned_variance, den.time_map)
+    probe = _Probe(_denoiser(zero_net, spec))
+    x, state = torch.zeros(1, 1, dtype=F64), solver.init_state(grid)
+    for i in range(grid.steps):
+        probe.x_in = x
+        out = solver.step(probe, x, i, grid, state)
+        x = out.mean if isinstance(out, Transition) else out
+    return probe.evals
+
+
+@dataclass
+class _Run:
+    """One pipeline run: the grid (from the begin index on), the plan, the tape and the checkpoint
+    (``x`` and the solver state at the start of step ``i``)."""
+
+    grid: Grid
+    evals: list[tuple[float, int, bool]]
+    tape: _Tape
+    state: dict[str, Any]
+    x: Tensor | None = None
+    i: int = 0
+    started: bool = False
+    done: bool = False
+    at_input: bool = False  # the last halt asked for the net at the step's input x
+    returned: Tensor | None = None
+
+
+def _tail(grid: Grid, j: int) -> Grid:
+    """The grid from node ``j`` on."""
+    return Grid(grid.process, grid.t[j:], grid.alpha[j:], grid.sigma[j:], grid.lam[j:], grid.clean_end)
+
+
+def _describe(obj: str | Solver | Schedule) -> str:
+    return obj if isinstance(obj, str) else repr(obj)
+
+
+class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
+    r"""A diffusers scheduler that samples with a steerdiff solver and schedule.
+
+    ``pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config, solver="unipc",
+    schedule="karras")`` keeps the model description of any supported diffusers scheduler config
+    (see :func:`denoiser_from_diffusers`); ``num_inference_steps`` is :func:`steerdiff.sample`'s
+    ``steps``. With the same net, initial noise and noise generator the pipeline returns what
+    ``sd.sample(denoiser_from_diffusers(net, config), x_T, steps, solver, schedule, final=final,
+    generator=g)`` returns (the module docstring explains how).
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
+            variance_type, rescale_betas_zero_snr, timestep_type, snr_shift_scale, use_flow_sigmas,
+            invert_sigmas: the model, as in diffusers' configs.
+        origin: the diffusers scheduler class the config came from (set by :meth:`from_config`;
+            flow-matching and unsupported classes are told apart by it).
+        solver: a name of :func:`steerdiff.solvers.available` or a Solver instance.
+        schedule: a name of :func:`steerdiff.schedules.available` or a Schedule instance.
+        final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
+        noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
+            ``torch.Generator``, a list of them (one per sample) or a noise source; not saved in
+            the config.
+
+    Only solver and schedule *names* round-trip through the config (an instance is stored as its
+    ``repr``). ``step`` follows its own counter, as diffusers' multistep schedulers do; the
+    ``timestep`` argument is not read. Where a pipeline changes the sample between calls
+    (inpainting), the change is taken where the solver evaluates at a step's input (the first
+    evaluation of every usual solver step), and ignored at intermediate stages (Heun's second).
+    """
+
+    order = 1
+    ignore_for_config: ClassVar[list[str]] = ["noise"]
+    # diffusers drops these schedulers' config keys silently (they are kept as hidden config)
+    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers] + list(_FLOW_CLASSES)
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
+        variance_type: str | None = None,
+        rescale_betas_zero_snr: bool = False,
+        timestep_type: str = "discrete",
+        snr_shift_scale: float = 1.0,
+        use_flow_sigmas: bool = False,
+        invert_sigmas: bool = False,
+        origin: str | None = None,
+        solver: str | Solver = DEFAULT_SOLVER,
+        schedule: str | Schedule = DEFAULT_SCHEDULE,
+        final: str = "zero",
+        noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
+    ) -> None:
+        if final not in FINALS:
+            raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
+        self._solver = _solvers.get(solver)
+        self._schedule = _schedules.get(schedule)
+        self.register_to_config(solver=_describe(solver), schedule=_describe(schedule))
+        self._den = _denoiser(_Recorded(), _spec(dict(self.config)))
+        self.noise = noise
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.empty(0)
+        self._times: list[float] = []  # process times of ``timesteps``
+        self._run: _Run | None = None
+        self._begin_index: int | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
+        """Build from any diffusers scheduler config; ``kwargs`` (``solver``, ``schedule``,
+        ``final``, ``noise``, ...) override it. Keys other schedulers use are kept in the config
+        and ignored; the config's defaults are its class's (``_use_default_values`` is resolved)."""
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"from_config: config must be a scheduler config dict, got {type(config).__name__}"
+            )
+        cfg = {k: v for k, v in config.items() if k != "_use_default_values"}
+        _spec(cfg)  # a clear error for an unsupported model before diffusers drops keys
+        name = cfg.get("_class_name")
+        if name != cls.__name__ and "origin" not in cfg:
+            cfg["origin"] = name if isinstance(name, str) else _FLOW_CLASSES[0] if _is_flow(cfg) else None
+        noise = kwargs.pop("noise", None)
+        out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        (out[0] if return_unused_kwargs else out).noise = noise
+        return out
+
+    @property
+    def noise(self) -> torch.Generator | Sequence[torch.Generator] | NoiseSource | None:
+        """The scheduler's own noise for stochastic solvers (``None``: the pipeline's ``generator``)."""
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: torch.Generator | Sequence[torch.Generator] | NoiseSource | None) -> None:
+        ok = value is None or isinstance(value, torch.Generator) or callable(value)
+        if isinstance(value, (list, tuple)):
+            ok = bool(value) and all(isinstance(g, torch.Generator) for g in value)
+        if not ok:
+            raise ValueError(
+                "noise must be a torch.Generator, a list of them (one per sample) or a noise source, "
+                f"got {type(value).__name__}"
+            )
+        self._noise = value
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The model (``.process``, ``.prediction``, ``.time_map``), over the pipeline's outputs."""
+        return self._den
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    @property
+    def step_index(self) -> int | None:
+        """Index in ``timesteps`` of the next evaluation (``None`` before the first ``step``)."""
+        run = self._run
+        if run is None or not run.started:
+            return None
+        return len(self._times) - len(run.evals) + run.tape.nfe
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at ``timesteps[begin_index]`` (img2img; call after :meth:`set_timesteps`). It must
+        be the first evaluation of a solver step, at the step's input: the run is then
+        ``sd.sample`` on the grid's nodes from that step on."""
+        self._begin_index = int(begin_index)
+
+    def set_timesteps(
+        self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None
+    ) -> None:
+        """Grid of ``num_inference_steps`` steps; ``timesteps`` are the net's times in call order.
+
+        ``mu`` (diffusers' resolution-dependent flow shift) is accepted and ignored: the grid is
+        the ``schedule``'s.
+        """
+        grid = make_grid(self._den.process, self._schedule, num_inference_steps, self.config.final)
+        evals = _plan(self._den, self._solver, grid)
+        self._times = [t for t, _, _ in evals]
+        self._run = _Run(grid, evals, _Tape(self._den, self._times), self._solver.init_state(grid))
+        self._begin_index = None
+        self.num_inference_steps = grid.steps
+        self.order = sum(1 for _, i, _ in evals if i == 0)
+        self.timesteps = self._den.time_map(torch.tensor(self._times, dtype=F64)).to(device, torch.float32)
+
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        """The identity: the net takes the sample as it is."""
+        return sample
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """``alpha(t) x0 + sigma(t) noise`` (the forward process the net was trained on) at the process
+        times of ``timesteps``, which must be entries of ``self.timesteps`` (one, or one per sample)."""
+        if self._run is None:
+            raise ValueError("add_noise: call set_timesteps first")
+        ts = torch.as_tensor(timesteps).reshape(-1).to(self.timesteps.device, torch.float32)
+        match = ts[:, None] == self.timesteps[None, :]
+        if not bool(match.any(1).all()):
+            raise ValueError(f"add_noise: timesteps {ts.tolist()} are not all entries of scheduler.timesteps")
+        t = torch.tensor([self._times[j] for j in match.int().argmax(1).tolist()], dtype=F64)
+        a, s, _ = self._den.process.coefficients(t)
+        shape = (-1, *[1] * (original_samples.ndim - 1))
+        like = {"device": original_samples.device, "dtype": original_samples.dtype}
+        return a.to(**like).reshape(shape) * original_samples + s.to(**like).reshape(shape) * noise
+
+    def scale_noise(self, sample: Tensor, timestep: Tensor, noise: Tensor) -> Tensor:
+        """Flow-matching pipelines' name for :meth:`add_noise` (``sample`` is the clean one)."""
+        return self.add_noise(sample, noise, timestep)
+
+    def _start(self, run: _Run) -> None:
+        """Apply the begin index: run the solver on the grid from the step that starts there."""
+        k = self._begin_index or 0
+        if k == 0:
+            return
+        firsts = {i: n for n, (_, i, _) in reversed(list(enumerate(run.evals)))}  # step -> first eval
+        j = next((i for i, n in firsts.items() if n == k and run.evals[n][2]), None)
+        tail = None if j is None else _tail(run.grid, j)
+        evals = None if tail is None else _plan(self._den, self._solver, tail)
+        if evals is None or [t for t, _, _ in evals] != self._times[k:]:
+            raise ValueError(
+                f"set_begin_index({k}): timesteps[{k}] is not where a step of {self._solver!r} starts "
+                "(at its input sample); pick an index of a step start"
+            )
+        run.grid, run.evals, run.state = tail, evals, self._solver.init_state(tail)
+        run.tape.times = [t for t, _, _ in evals]
+
+    def _advance(self, run: _Run) -> Tensor:
+        """Re-run the solver from the checkpoint until it asks for an evaluation not made yet (return
+        that point) or the run ends (return the result); completed steps move the checkpoint."""
+        tape, noise = run.tape, run.tape.noise
+        while run.i < run.grid.steps:
+            state = copy.deepcopy(run.state)
+            tape.used = noise.used = 0
+            try:
+                out = self._solver.step(tape, run.x, run.i, run.grid, state)
+            except _Halt as halt:
+                run.at_input = halt.x is run.x
+                return halt.x
+            if isinstance(out, Transition):  # as steerdiff.sample adds the noise
+                x = out.mean
+                if not isinstance(out.std, float) or out.std != 0.0:
+                    x = x + out.std * noise(run.grid.t[run.i], run.grid.t[run.i + 1], x)
+            else:
+                x = out
+            run.x, run.state, run.i = x, state, run.i + 1
+            tape.preds.clear()
+            noise.draws.clear()
+        run.done = True
+        tape.check_finite()
+        return run.x
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: Any,
+        sample: Tensor,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        return_dict: bool = True,
+    ) -> SteerdiffSchedulerOutput | tuple[Tensor, Tensor]:
+        """Take the net's output at the current evaluation and return where it is needed next.
+
+        ``model_output`` is the net's output at ``sample`` and ``timesteps[step_index]`` (the
+        pipeline's guidance applied). After the last call ``prev_sample`` is the result.
+        ``generator`` feeds stochastic solvers unless the scheduler has its own ``noise``.
+        """
+        run = self._run
+        if run is None:
+            raise ValueError("step: call set_timesteps first")
+        if run.done:
+            raise ValueError(
+                f"step: called more than the {len(self._times)} times of scheduler.timesteps; "
+                "call set_timesteps to start a new run"
+            )
+        work = torch.float32 if sample.dtype in _HALF else sample.dtype
+        if not run.started:
+            self._start(run)
+            run.x, run.started = sample.to(work), True
+        elif run.at_input and sample is not run.returned:  # the pipeline changed it (inpainting)
+            run.x = sample.to(work)
+        src = self._noise if self._noise is not None else generator
+        run.tape.noise.source = src if callable(src) else _PipelineNoise(src)
+        run.tape.pending = model_output.to(work)
+        x = self._advance(run)
+        run.returned = x.to(sample.dtype)
+        x0 = run.tape.last.x0.to(sample.dtype)
+        if not return_dict:
+            return run.returned, x0
+        return SteerdiffSchedulerOutput(prev_sample=run.returned, pred_original_sample=x0)
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)

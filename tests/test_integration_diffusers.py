@@ -1,0 +1,443 @@
+"""diffusers integration: ``SteerdiffScheduler`` inside ``DDPMPipeline`` and ``denoiser_from_diffusers``.
+
+A small randomly initialized ``UNet2DModel`` (nothing from a hub) plays the pretrained net. The
+pipeline draws ``x_T`` from its generator with ``randn_tensor``; the reference reproduces it from the
+same seed and runs ``sd.sample`` on ``denoiser_from_diffusers(unet, config)`` with that generator.
+The pipeline's last ``prev_sample`` (before its ``(x / 2 + 0.5).clamp(0, 1)``) is read by a spy on
+``scheduler.step``. Parity: diffusers' own schedulers in the same pipeline, for the same algorithm
+on the same timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import steerdiff as sd
+
+from .reference import nodes_of, rel_rmse
+
+diffusers = pytest.importorskip("diffusers")
+randn_tensor = pytest.importorskip("diffusers.utils.torch_utils").randn_tensor
+
+from steerdiff.integrations.diffusers import (  # noqa: E402
+    SteerdiffScheduler,
+    denoiser_from_diffusers,
+    process_from_config,
+)
+
+SHAPE = (2, 3, 8, 8)
+STEPS = 6
+PARITY = 1e-4
+
+
+def _unet(out_channels: int = 3, seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=out_channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def unet() -> Any:
+    return _unet()
+
+
+@pytest.fixture(scope="module")
+def unet_lv() -> Any:
+    """Learned variance: 2C output channels."""
+    return _unet(out_channels=6, seed=1)
+
+
+def _pipeline(
+    unet: Any, scheduler: Any, steps: int, seed: int | list[int]
+) -> tuple[Tensor, Tensor, list[Any]]:
+    """Run ``DDPMPipeline``; return (last prev_sample, the pipeline's images, the timesteps passed)."""
+    outs: list[Tensor] = []
+    passed: list[Any] = []
+    step = scheduler.step
+
+    def spy(model_output: Tensor, t: Any, sample: Tensor, **kw: Any) -> Any:
+        passed.append(t)
+        out = step(model_output, t, sample, **kw)
+        outs.append(out.prev_sample)
+        return out
+
+    scheduler.step = spy
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    gen = _generators(seed)
+    with torch.no_grad():
+        images = pipe(batch_size=SHAPE[0], generator=gen, num_inference_steps=steps, output_type="pt").images
+    return outs[-1], images, passed
+
+
+def _generators(seed: int | list[int]) -> torch.Generator | list[torch.Generator]:
+    if isinstance(seed, list):
+        return [torch.Generator().manual_seed(s) for s in seed]
+    return torch.Generator().manual_seed(seed)
+
+
+def _reference(den: sd.Denoiser, steps: int, seed: int | list[int], **kw: Any) -> tuple[Tensor, int]:
+    """``sd.sample`` from the pipeline's x_T (same seed, same draw), with the same generator after it."""
+    gen = _generators(seed)
+    x_T = randn_tensor(SHAPE, generator=gen, dtype=torch.float32)
+    with torch.no_grad():
+        x, info = sd.sample(den, x_T, steps, generator=gen, return_info=True, **kw)
+    return x, info.nfe
+
+
+def _images(x: Tensor) -> Tensor:
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+# --- the pipeline with our scheduler is sd.sample -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "solver", ["unipc", "dpmpp_2m", "heun", "ddim", "ddpm", "dpmpp_2m_sde", "edm_sde", "dpmpp_sde"]
+)
+def test_pipeline_is_sd_sample(unet, solver):
+    config = diffusers.DDPMScheduler().config
+    sched = SteerdiffScheduler.from_config(config, solver=solver, schedule="karras")
+    raw, images, passed = _pipeline(unet, sched, STEPS, seed=5)
+    ref, nfe = _reference(denoiser_from_diffusers(unet, config), STEPS, 5, solver=solver, schedule="karras")
+    # one net call per entry of timesteps: heun, edm_sde, dpmpp_sde evaluate twice per step but once
+    # into the clean end (2N - 1), as diffusers' Heun
+    assert len(passed) == len(sched.timesteps) == nfe == sd.solvers.get(solver).nfe(STEPS)
+    assert sched.order == (2 if nfe > STEPS else 1)
+    assert torch.equal(raw, ref)  # measured: bit-identical on CPU for all eight
+    assert torch.equal(images, _images(ref))
+
+
+def test_pipeline_per_sample_generators(unet):
+    # a list of generators (one per image): the pipeline's x_T rows and the per-step noise of each
+    # row come from that row's generator, as sd.sample(generator=[...]) draws them
+    config = diffusers.DDPMScheduler().config
+    sched = SteerdiffScheduler.from_config(config, solver="dpmpp_2m_sde", schedule="karras")
+    raw, _, _ = _pipeline(unet, sched, STEPS, seed=[3, 4])
+    den = denoiser_from_diffusers(unet, config)
+    ref, _ = _reference(den, STEPS, [3, 4], solver="dpmpp_2m_sde", schedule="karras")
+    assert torch.equal(raw, ref)
+
+
+def test_scheduler_noise_wins_over_the_pipeline_generator(unet):
+    config = diffusers.DDPMScheduler().config
+    sched = SteerdiffScheduler.from_config(
+        config, solver="ddpm", schedule="karras", noise=torch.Generator().manual_seed(9)
+    )
+    raw, _, _ = _pipeline(unet, sched, STEPS, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    x_T = randn_tensor(SHAPE, generator=gen, dtype=torch.float32)
+    with torch.no_grad():
+        ref = sd.sample(
+            denoiser_from_diffusers(unet, config),
+            x_T,
+            STEPS,
+            "ddpm",
+            "karras",
+            generator=torch.Generator().manual_seed(9),
+        )
+    assert torch.equal(raw, ref)
+
+
+# --- parity with diffusers' schedulers in the same pipeline ---------------------------------------
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_dpmpp_2m_matches_dpm_solver_multistep(unet, steps, spacing):
+    # DPMSolverMultistepScheduler defaults: dpmsolver++, order 2, lower_order_final, final sigma 0.
+    # Its linspace spacing (the first N of N + 1 points) is read with nodes_of; its trailing spacing
+    # is steerdiff's "trailing" schedule.
+    theirs = diffusers.DPMSolverMultistepScheduler(
+        solver_order=2, algorithm_type="dpmsolver++", timestep_spacing=spacing, final_sigmas_type="zero"
+    )
+    ref, _, _ = _pipeline(unet, theirs, steps, seed=7)
+    schedule = nodes_of(theirs) if spacing == "linspace" else "trailing"
+    if spacing == "trailing":
+        trailing = sd.schedules.get("trailing")(process_from_config(theirs), steps)
+        assert torch.equal(nodes_of(theirs).grid, trailing)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="dpmpp_2m", schedule=schedule)
+    raw, _, _ = _pipeline(unet, ours, steps, seed=7)
+    assert ours.timesteps.tolist() == theirs.timesteps.float().tolist()
+    # measured: 2.2e-7 / 2.9e-7 (linspace, 8 / 20 steps), 2.8e-7 / 3.4e-7 (trailing)
+    assert rel_rmse(raw, ref) < PARITY
+
+
+def test_ddpm_learned_variance_matches_ddpm_scheduler(unet_lv):
+    # DDPMScheduler with a learned-range variance (Improved DDPM) and diffusers' default "leading"
+    # spacing, no clipping; its noise is randn_tensor(x.shape) from the pipeline's generator at every
+    # step but the last, which is what sd.sample's DDPM draws.
+    theirs = diffusers.DDPMScheduler(variance_type="learned_range", clip_sample=False)
+    ref, _, _ = _pipeline(unet_lv, theirs, 10, seed=11)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="ddpm", schedule="leading")
+    raw, _, _ = _pipeline(unet_lv, ours, 10, seed=11)
+    assert ours.denoiser.learned_variance
+    assert ours.timesteps.tolist() == theirs.timesteps.float().tolist()
+    assert rel_rmse(raw, ref) < PARITY  # measured 2.7e-7
+    den = denoiser_from_diffusers(unet_lv, theirs.config)
+    x, _ = _reference(den, 10, 11, solver="ddpm", schedule="leading")
+    assert torch.equal(raw, x)
+
+
+def test_pipeline_edits_between_steps_match_dpm_solver(unet):
+    # An inpainting-style loop: after every step the known region is replaced by the image noised to
+    # the next timestep with add_noise. Our scheduler takes the edited sample where the solver
+    # evaluates at a step's input, as diffusers' multistep schedulers do.
+    theirs = diffusers.DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="dpmpp_2m", schedule="trailing")
+    g = torch.Generator().manual_seed(2)
+    known, noise, x_T = (torch.randn(SHAPE, generator=g) for _ in range(3))
+    mask = (torch.arange(8) < 4).float().expand(SHAPE)
+    results = []
+    for sched in (theirs, ours):
+        sched.set_timesteps(8)
+        x, ts = x_T.clone(), sched.timesteps
+        with torch.no_grad():
+            for k, t in enumerate(ts):
+                x = sched.step(unet(x, t).sample, t, x).prev_sample
+                if k < len(ts) - 1:
+                    x = mask * x + (1 - mask) * sched.add_noise(known, noise, ts[k + 1 : k + 2])
+        results.append(x)
+    # measured 2.8e-7 (0.95 if the edits were ignored)
+    assert rel_rmse(results[1], results[0]) < PARITY
+
+
+# --- img2img: add_noise and set_begin_index --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("solver", "start"), [("unipc", 3), ("heun", 2)])
+def test_img2img_begins_at_a_step(unet, solver, start):
+    config = diffusers.DDPMScheduler().config
+    sched = SteerdiffScheduler.from_config(config, solver=solver, schedule="karras")
+    sched.set_timesteps(STEPS)
+    k = start * sched.order  # as StableDiffusionImg2ImgPipeline.get_timesteps
+    g = torch.Generator().manual_seed(4)
+    image, noise = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    x = sched.add_noise(image, noise, sched.timesteps[k : k + 1])
+    den = denoiser_from_diffusers(unet, config)
+    nodes = sd.schedules.get("karras")(den.process, STEPS)
+    a, s = (float(c) for c in den.process.coefficients(nodes[start])[:2])
+    assert torch.allclose(x, a * image + s * noise)
+    sched.set_begin_index(k)
+    x_k = x
+    with torch.no_grad():
+        for t in sched.timesteps[k:]:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+        ref = sd.sample(den, x_k, STEPS - start, solver, sd.schedules.Custom(nodes[start:]))
+    assert torch.equal(x, ref)
+
+
+def test_img2img_begin_inside_a_step_is_refused(unet):
+    sched = SteerdiffScheduler.from_config(diffusers.DDPMScheduler().config, solver="heun", schedule="karras")
+    sched.set_timesteps(STEPS)
+    sched.set_begin_index(3)  # Heun's second evaluation of step 1
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="set_begin_index"):
+        sched.step(torch.zeros(SHAPE), sched.timesteps[3], x)
+
+
+# --- the scheduler's contract ----------------------------------------------------------------------
+
+
+def test_step_out_of_order_is_refused():
+    sched = SteerdiffScheduler(solver="ddim", schedule="karras")
+    x = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.step(x, 0, x)
+    sched.set_timesteps(2)
+    for t in sched.timesteps:
+        sched.step(torch.zeros_like(x), t, x)
+    with pytest.raises(ValueError, match="more than"):
+        sched.step(x, 0, x)
+    with pytest.raises(ValueError, match="final"):
+        SteerdiffScheduler(final="clean")
+    with pytest.raises(ValueError, match="solver"):
+        SteerdiffScheduler(solver="rk45")
+    with pytest.raises(ValueError, match="noise"):
+        SteerdiffScheduler.from_config(diffusers.DDPMScheduler().config, noise=5)
+
+
+def test_half_precision_runs_in_float32():
+    # fp16 pipelines: the solver state is float32 (as diffusers' schedulers upcast), prev_sample fp16
+    sched = SteerdiffScheduler(solver="unipc", schedule="karras")
+    sched.set_timesteps(8)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    results = []
+    for dtype in (torch.float16, torch.float32):
+        x = x_T.to(dtype)
+        for t in sched.timesteps:
+            out = sched.step(0.5 * x, t, x)
+            assert out.prev_sample.dtype == out.pred_original_sample.dtype == dtype
+            x = out.prev_sample
+        results.append(x.float())
+        sched.set_timesteps(8)
+    assert rel_rmse(results[0], results[1]) < 2e-3  # measured 7e-4: fp16 rounding of sample and outputs
+
+
+def test_nan_output_is_reported():
+    sched = SteerdiffScheduler(solver="dpmpp_2m", schedule="karras")
+    sched.set_timesteps(3)
+    x = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(sd.NonFiniteError, match="step 1"):
+        for k, t in enumerate(sched.timesteps):
+            out = torch.full_like(x, math.nan if k == 1 else 0.0)
+            x = sched.step(out, t, x).prev_sample
+
+
+def test_config_round_trip(tmp_path):
+    # a saved config (as a pipeline loads it) names its class; ours keeps it as `origin`
+    unipc = diffusers.UniPCMultistepScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+    unipc.save_pretrained(tmp_path / "unipc")
+    config = diffusers.UniPCMultistepScheduler.load_config(tmp_path / "unipc")
+    sched = SteerdiffScheduler.from_config(config, solver="dpmpp_3m", schedule="logsnr_uniform")
+    sched.save_pretrained(tmp_path)
+    again = SteerdiffScheduler.from_pretrained(tmp_path)
+    assert again.config.origin == "UniPCMultistepScheduler"
+    assert (again.config.solver, again.config.schedule) == ("dpmpp_3m", "logsnr_uniform")
+    assert again.config.solver_order == 2  # UniPC's own keys are kept, not used
+    sched.set_timesteps(7)
+    again.set_timesteps(7)
+    assert torch.equal(sched.timesteps, again.timesteps)
+    assert torch.equal(sched.denoiser.process.alphas_cumprod, again.denoiser.process.alphas_cumprod)
+
+
+# --- denoiser_from_diffusers: the model a config describes ---------------------------------------
+
+BETAS = [
+    {},
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"beta_schedule": "squaredcos_cap_v2"},
+    {"beta_schedule": "sigmoid"},
+    {"trained_betas": torch.linspace(1e-4, 0.03, 500).tolist(), "num_train_timesteps": 500},
+    {"beta_schedule": "scaled_linear", "rescale_betas_zero_snr": True},
+]
+
+
+@pytest.mark.parametrize("cfg", BETAS, ids=["linear", "scaled", "cosine", "sigmoid", "trained", "zero_snr"])
+def test_process_is_the_training_process(cfg):
+    theirs = diffusers.DDPMScheduler(**cfg)
+    ac = process_from_config(theirs).alphas_cumprod
+    # diffusers keeps alphas_cumprod[-1] = 0 for zero terminal SNR; steerdiff 2^-24 (lam finite)
+    n = len(ac) - 1 if cfg.get("rescale_betas_zero_snr") else len(ac)
+    # float32 rounding: diffusers rescales the float32 betas, steerdiff the float64 alphas_cumprod
+    assert torch.allclose(ac[:n], theirs.alphas_cumprod[:n].double(), rtol=1e-5, atol=0)  # measured 2.3e-6
+    assert len(ac) == theirs.config.num_train_timesteps
+
+
+def test_snr_shift_is_the_cogvideox_process():
+    theirs = diffusers.CogVideoXDDIMScheduler(snr_shift_scale=3.0)
+    ac = process_from_config(theirs.config).alphas_cumprod
+    assert torch.allclose(ac, theirs.alphas_cumprod.double(), rtol=1e-5, atol=0)  # measured 1.3e-6
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_predictions_match_ddim(unet, prediction_type):
+    # DDIM's pred_original_sample at an integer timestep is the config's conversion of the net output
+    theirs = diffusers.DDIMScheduler(
+        prediction_type=prediction_type, beta_schedule="scaled_linear", clip_sample=False
+    )
+    theirs.set_timesteps(10)
+    den = denoiser_from_diffusers(unet, theirs.config)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    t = theirs.timesteps[3]
+    with torch.no_grad():
+        f = unet(x, t).sample
+        ref = theirs.step(f, t, x).pred_original_sample
+        pred = den(x, float(t))
+    assert den.prediction == {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[prediction_type]
+    assert rel_rmse(pred.x0, ref) < 1e-5
+
+
+def test_learned_variance_and_condition_pass_through():
+    seen: dict[str, Any] = {}
+
+    def model(x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> tuple[Tensor]:
+        seen["t"], seen["labels"] = t, class_labels
+        return (torch.cat([torch.zeros_like(x), torch.full_like(x, 0.5)], 1),)
+
+    den = denoiser_from_diffusers(model, {"variance_type": "learned_range"})
+    labels = torch.tensor([1, 2])
+    pred = den(torch.ones(2, 3, 4, 4), 500.0, class_labels=labels)
+    assert den.learned_variance
+    assert torch.equal(seen["labels"], labels) and seen["t"].tolist() == [500.0, 500.0]
+    assert torch.equal(pred.var_interp, torch.full((2, 3, 4, 4), 0.75))  # (r + 1) / 2
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["in_code", "saved"])
+def test_flow_matching_config(unet, saved):
+    # FlowMatchEuler: x = (1 - t) x0 + t eps, the net predicts eps - x0 at timestep 1000 t. A config
+    # of a scheduler made in code has no _class_name; its keys say flow.
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    config = dict(theirs.config)
+    if saved:
+        config["_class_name"] = "FlowMatchEulerDiscreteScheduler"
+    calls: list[Tensor] = []
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        calls.append(t)
+        return torch.full_like(x, 2.0)
+
+    den = denoiser_from_diffusers(model, config)
+    assert isinstance(den.process, sd.RectifiedFlow) and den.prediction == "flow"
+    x = torch.ones(1, 3, 2, 2, dtype=torch.float64)
+    pred = den(x, 0.25)
+    assert calls[0].tolist() == [250.0]
+    assert torch.allclose(pred.x0, x - 0.25 * 2.0)  # x0 = x - t v (diffusers' flow convention)
+
+    sched = SteerdiffScheduler.from_config(config, solver="dpmpp_2m", schedule="time_uniform")
+    raw, _, _ = _pipeline(unet, sched, STEPS, seed=6)
+    ref, _ = _reference(
+        denoiser_from_diffusers(unet, config), STEPS, 6, solver="dpmpp_2m", schedule="time_uniform"
+    )
+    assert sched.timesteps[0] == pytest.approx(999.0)
+    assert torch.equal(raw, ref)
+
+
+def test_continuous_timesteps_of_euler_v():
+    # EulerDiscrete with timestep_type="continuous" and v-prediction hands the net 0.25 log(sigma)
+    theirs = diffusers.EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous")
+    theirs.set_timesteps(5)
+    den = denoiser_from_diffusers(lambda x, t: x, theirs.config)
+    sigma = theirs.sigmas[1].double()
+    t = float(den.process.t_of_sigma_ratio(sigma))
+    assert float(den.time_map(torch.tensor(t, dtype=torch.float64))) == pytest.approx(
+        float(theirs.timesteps[1]), rel=1e-5
+    )
+
+
+BAD: list[tuple[Callable[[], Any], str]] = [
+    (lambda: {"beta_schedule": "cubic"}, "beta_schedule='cubic'"),
+    (lambda: {"prediction_type": "score"}, "prediction_type='score'"),
+    (lambda: {"variance_type": "learned"}, "variance_type='learned'"),
+    (lambda: diffusers.EDMEulerScheduler().config, "EDM"),
+    (lambda: {**diffusers.LCMScheduler().config, "_class_name": "LCMScheduler"}, "LCMScheduler"),
+    (lambda: diffusers.LCMScheduler().config, "consistency"),
+    (lambda: diffusers.ScoreSdeVeScheduler().config, "variance-exploding"),
+    (lambda: {**diffusers.FlowMatchEulerDiscreteScheduler().config, "invert_sigmas": True}, "invert_sigmas"),
+]
+
+
+@pytest.mark.parametrize(("config", "match"), BAD)
+def test_bad_configs_are_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        denoiser_from_diffusers(lambda x, t: x, config())
+    with pytest.raises(ValueError, match=match):
+        SteerdiffScheduler.from_config(config())
+    with pytest.raises(ValueError, match="scheduler_or_config"):
+        denoiser_from_diffusers(lambda x, t: x, "DDPMScheduler")
