@@ -6,7 +6,7 @@
 >>> x0 = sd.sample(den, x_T, steps=10, solver="dpmpp_2m", schedule="karras")
 """
 
-from . import guidance, inverse, mcmc, metrics, noise, processes, schedules, solvers, toy
+from . import guidance, inverse, mcmc, metrics, noise, processes, schedules, smc, solvers, toy
 from .denoiser import Denoiser, Prediction
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
 from .sampling import SampleInfo, sample
@@ -31,6 +31,7 @@ __all__ = [
     "processes",
     "sample",
     "schedules",
+    "smc",
     "solvers",
     "toy",
 ]

@@ -1,0 +1,147 @@
+r"""Best-of-N and blockwise best-of-N (CoDe: Singh, Mukherjee, Beirami & Jamali-Rad 2025, "CoDe:
+Blockwise Control for Denoising Diffusion Models").
+
+Best-of-N draws ``N`` independent samples per batch row with the base sampler and keeps the one of
+highest reward, ``x* = argmax_j r(x^j)``. Any solver works (with a deterministic one the samples
+differ by their initial noise).
+
+CoDe (Alg. 1 of the paper, greedy selection) works in blocks of ``B`` steps: from the current state
+``x_i`` of a batch row, ``N`` branches run the next ``B`` steps of the stochastic sampler
+independently, and the branch whose denoised estimate scores best, ``argmax_j r(x0_hat(x_{i+B}^j))``
+(Tweedie's estimate, the value approximation ``V(x_t) ≈ r(x0_hat(x_t))`` of the paper), becomes the
+state all ``N`` branches continue from. All branches start from one ``x_T``; the last block ends at
+the final sample and is scored by ``r(x_S)``. ``B >= steps`` is best-of-N over samples sharing
+``x_T``; ``B = 1`` selects greedily at every step.
+
+Both return all ``N`` final particles with a point mass on the best (``log_w = 0`` there, ``-inf``
+elsewhere), so ``out.sample()`` returns it; ``out.reward`` holds the final rewards. NFE per batch
+row is ``N`` times the solver's (``steps * N`` for DDPM).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser
+from ..schedules import Schedule
+from ..solvers.base import Solver
+from .particles import (
+    DEFAULT_SCHEDULE,
+    DEFAULT_SOLVER,
+    Particles,
+    Reward,
+    SMCAlgorithm,
+    StepContext,
+    _check_int,
+    _check_reward,
+    run_smc,
+)
+
+__all__ = ["BestOfN", "CoDe", "best_of_n", "code"]
+
+
+def _keep_best(ctx: StepContext) -> Tensor:
+    """Final node: score the samples, store the rewards, and a point mass on each row's best."""
+    r = ctx.reward(ctx.x0)
+    ctx.state["reward"] = r
+    best = r.argmax(-1, keepdim=True)
+    return torch.full_like(r, -math.inf).scatter_(1, best, 0.0)
+
+
+class BestOfN(SMCAlgorithm):
+    """Best-of-N as engine hooks: no weights until the final node, then the best sample."""
+
+    name = "best_of_n"
+    stochastic = False
+
+    def log_weight(self, ctx: StepContext) -> Tensor | None:
+        return _keep_best(ctx) if ctx.final else None
+
+
+class CoDe(SMCAlgorithm):
+    """CoDe as engine hooks: a forced selection of each row's best branch every ``block`` nodes
+    (and of one common ``x_T`` at node 0), the best final sample at the end."""
+
+    name = "code"
+
+    def __init__(self, block: int) -> None:
+        self.block = _check_int("block", block, 1)
+
+    def log_weight(self, ctx: StepContext) -> Tensor | None:
+        return _keep_best(ctx) if ctx.final else None
+
+    def resample(self, ctx: StepContext, log_w: Tensor, generator: torch.Generator | None) -> Tensor | None:
+        if ctx.i == 0:
+            return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
+        if ctx.i % self.block:
+            return None
+        return ctx.reward(ctx.x0).argmax(-1, keepdim=True).expand(log_w.shape)
+
+
+def best_of_n(
+    den: Denoiser,
+    reward: Reward,
+    *,
+    shape: tuple[int, ...],
+    particles: int = 16,
+    steps: int = 100,
+    solver: str | Solver = DEFAULT_SOLVER,
+    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    max_batch: int | None = None,
+    x_T: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """Best of ``particles`` independent samples per batch row by ``reward`` (see the module docstring).
+
+    ``reward`` maps ``(n, *shape)`` to ``(n,)`` (gradient-free); the other arguments are those of
+    :func:`~steerdiff.smc.run_smc` (any solver, deterministic ones included). Returns
+    :class:`~steerdiff.smc.Particles` with a point mass on each row's best sample.
+    """
+    _check_reward(reward)
+    return run_smc(
+        den, BestOfN(), shape, particles=particles, steps=steps, reward=reward, solver=solver,
+        schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, x_T=x_T, dtype=dtype,
+        device=device, generator=generator, progress=progress, **cond,
+    )  # fmt: skip
+
+
+def code(
+    den: Denoiser,
+    reward: Reward,
+    *,
+    shape: tuple[int, ...],
+    particles: int = 16,
+    block: int = 5,
+    steps: int = 100,
+    solver: str | Solver = DEFAULT_SOLVER,
+    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    max_batch: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """CoDe, blockwise best-of-N: ``particles`` branches per block of ``block`` steps, the best kept.
+
+    ``reward`` maps ``(n, *shape)`` to ``(n,)`` (gradient-free); it scores the denoised estimate at
+    each block's end and the final sample. The solver must be stochastic (branches must differ);
+    the other arguments are those of :func:`~steerdiff.smc.run_smc`. Returns
+    :class:`~steerdiff.smc.Particles` with a point mass on each row's best final sample.
+    """
+    _check_reward(reward)
+    return run_smc(
+        den, CoDe(block), shape, particles=particles, steps=steps, reward=reward, solver=solver,
+        schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, dtype=dtype,
+        device=device, generator=generator, progress=progress, **cond,
+    )  # fmt: skip

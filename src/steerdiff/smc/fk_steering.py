@@ -1,0 +1,180 @@
+r"""Feynman-Kac steering (Singhal, Horvitz, Teehan, Ren, Yu, McKeown & Ranganath 2025, "A General
+Framework for Inference-time Scaling and Steering of Diffusion Models").
+
+Target: the base sampler's output law tilted by a reward, ``p_target(x) ∝ p(x) exp(lam r(x))``.
+Particles follow the base (stochastic) sampler unchanged, so ``r`` need not be differentiable. At
+the potential nodes ``i_1 < i_2 < ...`` (every ``interval`` steps inside ``window``) each particle
+is scored with the intermediate reward ``r_k = r(x0_hat(x_{i_k}))`` on its denoised estimate
+(Tweedie's ``E[x_0 | x_i]``, the step's own network call) and weighted by a potential ``G_k``:
+
+    difference:  G_k = exp(lam (r_k - r_{k-1})),   r_0 := 0
+    max:         G_k = exp(lam max_{j <= k} r_j)
+    sum:         G_k = exp(lam sum_{j <= k} r_j)
+    immediate:   G_k = exp(lam r_k)
+
+then resampled (per batch row, when its ESS drops below ``ess_threshold * N``; the default 1.0
+resamples at every potential node, as the paper's sampler does). At the last node the final
+correction ``G_final = exp(lam r(x_S)) / prod_k G_k`` (the product over the particle's ancestry)
+makes every path's product of potentials exactly ``exp(lam r(x_S))``: the weighted particles
+target ``p_S(x) exp(lam r(x)) / Z`` for the base sampler's output law ``p_S``, and the engine's
+``log Z`` estimates ``log E_{p_S}[exp(lam r)]`` (for ``difference`` the product telescopes and the
+correction is one more difference). ``lam = 0`` is the base sampler: no weights, no resampling.
+
+``sum`` and ``immediate`` compound the reward over the potential nodes, and the final correction
+divides that back out, so with potentials at every node the final weights degenerate (2-D
+nine-mode mixture, ``lam = 1``, 25 steps: final ESS 8-29 of 512 at ``interval = 1``, 60-175 at
+``interval = 5``); use them with a larger ``interval``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser
+from ..schedules import Schedule
+from ..solvers.base import Solver
+from . import resample as _resample
+from .particles import (
+    DEFAULT_SCHEDULE,
+    DEFAULT_SOLVER,
+    Particles,
+    Reward,
+    SMCAlgorithm,
+    StepContext,
+    _check_int,
+    _check_reward,
+    run_smc,
+)
+
+__all__ = ["POTENTIALS", "FKSteering", "fk_steering", "potential_nodes"]
+
+POTENTIALS = ("difference", "max", "sum", "immediate")
+
+
+class FKSteering(SMCAlgorithm):
+    """The FK-steering potentials as engine hooks (see the module docstring).
+
+    Args:
+        lam: the tilt ``lambda`` (finite; 0 gives the base sampler).
+        potential: ``"difference"``, ``"max"``, ``"sum"`` or ``"immediate"``.
+        nodes: the grid nodes at which potentials are applied (the final correction always is).
+    """
+
+    name = "fk_steering"
+
+    def __init__(self, lam: float, potential: str, nodes: set[int]) -> None:
+        if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam):
+            raise ValueError(f"lam must be a finite number, got {lam!r}")
+        if potential not in POTENTIALS:
+            raise ValueError(f"unknown potential={potential!r}; accepted: {POTENTIALS}")
+        self.lam, self.potential, self.nodes = float(lam), potential, nodes
+
+    def init_state(self, x: Tensor) -> dict[str, Tensor]:
+        """``log_g``: the log of the product of potentials so far; ``prev``/``best``/``total``: the last,
+        largest and summed intermediate rewards (per particle, along its ancestry)."""
+        zeros = torch.zeros(x.shape[:2], dtype=torch.float64, device=x.device)
+        return {"log_g": zeros, "prev": zeros, "best": torch.full_like(zeros, -math.inf), "total": zeros}
+
+    def log_weight(self, ctx: StepContext) -> Tensor | None:
+        if ctx.final:
+            r = ctx.reward(ctx.x0)
+            ctx.state["reward"] = r
+            return None if self.lam == 0 else self.lam * r - ctx.state["log_g"]
+        if self.lam == 0 or ctx.i not in self.nodes:
+            return None
+        r, s = ctx.reward(ctx.x0), ctx.state
+        if self.potential == "difference":
+            g = self.lam * (r - s["prev"])
+            s["prev"] = r
+        elif self.potential == "max":
+            s["best"] = torch.maximum(s["best"], r)
+            g = self.lam * s["best"]
+        elif self.potential == "sum":
+            s["total"] = s["total"] + r
+            g = self.lam * s["total"]
+        else:
+            g = self.lam * r
+        s["log_g"] = s["log_g"] + g
+        return g
+
+
+def potential_nodes(steps: int, interval: int, window: tuple[int, int] | None) -> set[int]:
+    """``{start, start + interval, ...} ∩ [start, stop)`` for ``window = (start, stop)`` (grid nodes,
+    default ``(0, steps)``)."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+    if window is None:
+        window = (0, steps)
+    ok = (
+        isinstance(window, tuple | list)
+        and len(window) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+    )
+    if not ok or not 0 <= window[0] < window[1] <= steps:
+        raise ValueError(
+            f"window must be (start, stop) grid nodes, 0 <= start < stop <= steps = {steps}; got {window!r}"
+        )
+    return set(range(window[0], window[1], interval))
+
+
+def fk_steering(
+    den: Denoiser,
+    reward: Reward,
+    lam: float = 10.0,
+    potential: str = "difference",
+    *,
+    shape: tuple[int, ...],
+    particles: int = 16,
+    steps: int = 100,
+    interval: int = 1,
+    window: tuple[int, int] | None = None,
+    ess_threshold: float = 1.0,
+    resampler: str | _resample.Resampler = "systematic",
+    solver: str | Solver = DEFAULT_SOLVER,
+    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    max_batch: int | None = None,
+    x_T: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """Feynman-Kac steering towards ``p(x) exp(lam r(x))`` with ``particles`` per batch row.
+
+    Args:
+        den: the denoiser (any guidance included: FK steering composes with it).
+        reward: ``r``, mapping a batch ``(n, *shape)`` to ``(n,)``; gradient-free (need not be
+            differentiable); must be finite.
+        lam: tilt ``lambda`` (0: the base sampler).
+        potential: ``"difference"`` (default), ``"max"``, ``"sum"`` or ``"immediate"``.
+        shape: ``(batch, *sample_shape)``.
+        particles: ``N >= 1`` per batch row. ``steps``: solver steps.
+        interval: apply potentials (and resample) every ``interval`` grid nodes ...
+        window: ... inside ``(start, stop)`` (grid nodes, default the whole run).
+        ess_threshold: resample a row when ``ESS < ess_threshold * N`` (default 1: always).
+        resampler, solver, schedule, final, max_batch, x_T, dtype, device, generator, progress, cond:
+            see :func:`~steerdiff.smc.run_smc`; the solver must be stochastic.
+
+    Returns:
+        :class:`~steerdiff.smc.Particles`: ``x`` ``(batch, particles, *shape)``, normalized ``log_w``,
+        ``nfe`` (``steps * particles`` for DDPM), ``reward`` of the final particles, the ``trace``
+        with ``log_z`` estimating ``log E[exp(lam r(x))]`` under the base sampler.
+
+    Example:
+        >>> out = sd.smc.fk_steering(den, reward, lam=10.0, shape=(4, 2), particles=16, steps=100)
+        >>> x = out.sample(generator=g)   # (4, 2), one draw per batch row
+    """
+    _check_reward(reward)
+    algorithm = FKSteering(lam, potential, potential_nodes(_check_int("steps", steps, 1), interval, window))
+    return run_smc(
+        den, algorithm, shape, particles=particles, steps=steps, reward=reward, solver=solver,
+        schedule=schedule, final=final, ess_threshold=ess_threshold, resampler=resampler,
+        max_batch=max_batch, x_T=x_T, dtype=dtype, device=device, generator=generator,
+        progress=progress, **cond,
+    )  # fmt: skip

@@ -1,0 +1,700 @@
+r"""Weighted particle systems over a stochastic solver: the one sequential Monte Carlo engine.
+
+Layout: ``x`` is ``(batch, particles, *shape)``; every batch row is an independent particle system
+of ``N = particles`` particles with log-weights ``(batch, particles)``. The solver sees the
+``batch * particles`` rows flattened (row ``b`` owns rows ``b N .. b N + N - 1``), and the denoiser
+is evaluated on at most ``max_batch`` of them at a time.
+
+The loop (Del Moral, Doucet & Jasra 2006, "Sequential Monte Carlo samplers"; Naesseth, Lindsten &
+Schön 2019, "Elements of Sequential Monte Carlo", Alg. 2 with adaptive resampling), over the
+solver's grid nodes ``i = 0..S`` (``S = steps``), per batch row::
+
+    x_0 ~ N(0, (alpha_0^2 + sigma_0^2) I),  log W = -log N,  log Z = 0
+    for i = 0..S-1:
+        B_i = solver.step(model, x_i, i, grid, state)        # base transition N(mean, std^2)
+        g = algorithm.log_weight(ctx_i)                      # hook (b); None: weights unchanged
+        if g is not None:
+            log Z += logsumexp(log W + g);  log W = normalize(log W + g)
+        a = algorithm.resample(ctx_i, log W, generator)      # hook (c); None: the engine's rule
+        if a is None and g is not None and ESS(W) < ess_threshold * N:
+            a = resampler(log W, generator)                  # per row; rows above threshold keep a = id
+        if a: x_i, B_i, solver state, ctx.state <- their rows a;  log W = -log N
+        P_i = algorithm.propose(ctx_i, B_i)                  # hook (a); default P_i = B_i
+        x_{i+1} = P_i.mean + P_i.std z,  z ~ N(0, I)
+    g = algorithm.log_weight(ctx_S); log Z += ...; log W = ...    # the final node; no resampling
+
+``B_i`` is a deterministic function of ``x_i`` and the solver state, so it is computed once (the
+step's network call also gives ``x0(x_i)``, the denoised estimate the hooks see) and resampled
+with ``x_i``; fresh noise is drawn after resampling, so copies of a particle diverge at once.
+Solvers that draw noise *inside* their step (``edm_sde``, ``restart``, ``dpmpp_sde``) return
+``x_{i+1}`` already: resampling then moves the pair ``(x_i, x_{i+1})`` jointly (a valid SMC move,
+but copies share that step's noise); those are refused by algorithms that need the transition
+density (``needs_transition``). The running estimate ``log Z`` is the standard unbiased SMC
+estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z``).
+
+**Hooks** (subclass :class:`SMCAlgorithm`; every hook gets a :class:`StepContext` ``ctx``):
+
+* ``init_state(x) -> dict[str, Tensor]``: the algorithm's per-particle state, tensors
+  ``(batch, particles, ...)``; the engine resamples them with the particles (ancestry is kept).
+* (b) ``log_weight(ctx) -> Tensor | None``: the incremental log-weight ``(batch, particles)`` of the
+  particles ``ctx.x`` at node ``ctx.i`` (``None``: weights unchanged). It may read ``ctx.x0``
+  (denoised estimate, free at ``i < S``), ``ctx.reward(z)`` (the user's reward, chunked),
+  ``ctx.x_prev``, ``ctx.base_prev`` / ``ctx.proposal_prev`` (the transitions that produced
+  ``ctx.x`` from ``ctx.x_prev``; :func:`transition_log_prob` gives their exact log-densities, so a
+  twisted proposal adds ``log N(x; base) - log N(x; proposal)``) and read/write ``ctx.state``.
+  At ``ctx.final`` (``i = S``) it returns the final correction (nothing is resampled after it).
+* (c) ``resample(ctx, log_w, generator) -> Tensor | None``: ancestor indices ``(batch, particles)``
+  to force a selection at this node (greedy methods: CoDe, SVDD); weights are reset to uniform
+  (``log Z`` is then no longer an estimator of anything).
+* (a) ``propose(ctx, base) -> Transition``: the Gaussian the next state is drawn from, given the
+  (resampled) base transition ``base`` (mean ``(batch, particles, *shape)``, ``std`` a float or a
+  tensor of that shape); default ``base``. Its ``ctx`` is the resampled one: ``x``, ``x0``,
+  ``state`` and the ``*_prev`` fields all follow the ancestor indices.
+* Class flags: ``stochastic`` (a stochastic solver is required; default True), ``grad`` (the step is
+  run with ``ctx.x`` a leaf requiring grad, so in ``log_weight`` ``ctx.x0`` is differentiable
+  w.r.t. ``ctx.x``: take gradients there and keep what ``propose`` needs in ``ctx.state``; the
+  engine detaches everything afterwards), ``needs_transition`` (refuse solvers that draw noise
+  inside their step, whose ``x_{i+1}`` has no Gaussian density given ``x_i``).
+
+Per-particle solver state (multistep histories, SA-Solver's corrector term) is resampled with the
+particles: every tensor in the solver's state dict (nested in lists, tuples, dicts,
+:class:`~steerdiff.solvers.base.History` and :class:`~steerdiff.denoiser.Prediction`) whose first
+dimension is ``batch * particles`` is permuted; Python numbers are schedule constants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import schedules as _schedules
+from .. import solvers as _solvers
+from ..denoiser import Denoiser, Prediction
+from ..guidance.base import Guided
+from ..noise import GeneratorNoise
+from ..solvers.base import Grid, History, Model, Solver, Transition, make_grid
+from . import resample as _resample
+
+__all__ = [
+    "DEFAULT_SCHEDULE",
+    "DEFAULT_SOLVER",
+    "Particles",
+    "SMCAlgorithm",
+    "StepContext",
+    "Trace",
+    "run_smc",
+    "stochastic_solvers",
+    "transition_log_prob",
+]
+
+DEFAULT_SOLVER = "ddpm"
+DEFAULT_SCHEDULE = "karras_jump"
+Reward = Callable[[Tensor], Tensor]
+
+
+# --- results --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """Diagnostics per grid node ``i = 0..S``, each ``(S + 1, batch)``: ``ess`` after the node's
+    reweighting (before resampling), ``resampled`` (a resampling or forced selection happened) and
+    ``log_z``, the running log-normalizer estimate."""
+
+    ess: Tensor
+    resampled: Tensor
+    log_z: Tensor
+
+    @property
+    def events(self) -> list[list[int]]:
+        """The nodes at which each batch row was resampled."""
+        return [row.nonzero().flatten().tolist() for row in self.resampled.T.cpu()]
+
+
+@dataclass
+class Particles:
+    """A weighted particle system: ``x`` ``(batch, particles, *shape)`` and normalized log-weights
+    ``log_w`` ``(batch, particles)`` (``logsumexp = 0`` per row, float64).
+
+    ``nfe``: network evaluations spent per batch row (every particle's evaluations counted: ``steps *
+    particles`` for a one-evaluation-per-step solver); ``trace``: the run's :class:`Trace`;
+    ``reward``: the particles' rewards ``(batch, particles)`` where the algorithm computed them.
+    """
+
+    x: Tensor
+    log_w: Tensor
+    nfe: int = 0
+    trace: Trace | None = None
+    reward: Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def particles(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def weights(self) -> Tensor:
+        """``W = exp(log_w)``, ``(batch, particles)``."""
+        return torch.exp(self.log_w)
+
+    def ess(self) -> Tensor:
+        """Effective sample size ``1 / sum W^2`` per batch row, ``(batch,)``."""
+        return _resample.ess(self.log_w)
+
+    @property
+    def log_z(self) -> Tensor:
+        """The run's final log-normalizer estimate per row, ``(batch,)``."""
+        if self.trace is None:
+            raise ValueError("these particles carry no trace (no log Z estimate)")
+        return self.trace.log_z[-1]
+
+    def mean(self, values: Tensor | None = None) -> Tensor:
+        """Self-normalized estimate ``sum_j W_j f_j`` per row of ``values`` ``(batch, particles, ...)``
+        (default ``x``): the weighted estimate of ``E_target[f]``."""
+        v = self.x if values is None else values
+        if v.shape[:2] != self.log_w.shape:
+            raise ValueError(
+                f"values must be (batch, particles, ...) = {tuple(self.log_w.shape)}, got {v.shape}"
+            )
+        w = self.weights.to(v.dtype).reshape(*self.log_w.shape, *([1] * (v.ndim - 2)))
+        return (w * v).sum(1)
+
+    def resample(self, indices: Tensor) -> Particles:
+        """The particles at ancestor ``indices`` ``(batch, n)``, equally weighted."""
+        x = torch.take_along_dim(self.x, indices.reshape(*indices.shape, *([1] * (self.x.ndim - 2))), dim=1)
+        log_w = torch.full(
+            indices.shape, -math.log(indices.shape[1]), dtype=self.log_w.dtype, device=x.device
+        )
+        reward = None if self.reward is None else torch.take_along_dim(self.reward, indices, dim=1)
+        return Particles(x, log_w, self.nfe, self.trace, reward)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """One draw per batch row from the weighted particles (multinomial): ``(batch, *shape)``."""
+        u = torch.rand(self.batch, 1, generator=generator, dtype=torch.float64, device=self.log_w.device)
+        idx = _resample._inverse_cdf(self.log_w, u)
+        return self.resample(idx).x[:, 0]
+
+
+def transition_log_prob(x: Tensor, tr: Transition) -> Tensor:
+    """``log N(x; tr.mean, tr.std^2 I)`` summed over each particle's values: ``(batch, particles)``
+    for ``x`` ``(batch, particles, *shape)``. Exact for the Gaussian steps of stochastic solvers;
+    a twisted proposal's weight is ``transition_log_prob(x, base) - transition_log_prob(x, proposal)``."""
+    std = tr.std
+    if not isinstance(std, Tensor):
+        if not std > 0:
+            raise ValueError(f"transition_log_prob: a transition with std = {std} has no density")
+        std = torch.tensor(float(std), dtype=x.dtype, device=x.device)
+    z = (x - tr.mean) / std
+    lp = -0.5 * z * z - torch.log(std) - 0.5 * math.log(2 * math.pi)  # x's shape (std broadcasts)
+    return lp.sum(tuple(range(2, x.ndim)))
+
+
+# --- the algorithm contract -----------------------------------------------------------------------
+
+
+class StepContext:
+    """What the hooks see at grid node ``i`` (see the module docstring).
+
+    ``x`` ``(batch, particles, *shape)`` are the particles at node ``i``; ``x_prev``, ``base_prev``
+    and ``proposal_prev`` the parents at node ``i - 1`` and the transitions ``x`` was drawn from
+    (``None`` at node 0); ``state`` the algorithm's per-particle state (read and write).
+    """
+
+    def __init__(
+        self,
+        run: _Run,
+        i: int,
+        x: Tensor,
+        pred: Prediction | None,
+        prev: tuple[Tensor, Transition, Transition] | None,
+        state: dict[str, Tensor],
+        rows: Tensor | None = None,
+    ) -> None:
+        self._run, self.i, self._x, self._pred, self._prev, self.state = run, i, x, pred, prev, state
+        self._rows = rows
+
+    @property
+    def grid(self) -> Grid:
+        return self._run.grid
+
+    @property
+    def final(self) -> bool:
+        """Whether this is the last node (``i = steps``): the algorithm's final correction."""
+        return self.i == self._run.grid.steps
+
+    @property
+    def t(self) -> float:
+        return self._run.grid.t[self.i]
+
+    @property
+    def x(self) -> Tensor:
+        """The particles ``(batch, particles, *shape)`` (with ``grad``: the leaf ``x0`` depends on)."""
+        if self._rows is None:
+            self._rows = self._run.rows(self._x)
+        return self._rows
+
+    @property
+    def x_prev(self) -> Tensor | None:
+        return None if self._prev is None else self._run.rows(self._prev[0])
+
+    @property
+    def base_prev(self) -> Transition | None:
+        return None if self._prev is None else _view(self._prev[1], self._run)
+
+    @property
+    def proposal_prev(self) -> Transition | None:
+        return None if self._prev is None else _view(self._prev[2], self._run)
+
+    def prediction(self) -> Prediction:
+        """The denoiser's prediction at ``(x_i, t_i)`` on the flattened rows ``(batch * particles, *shape)``:
+        the one the solver's step computed, or one extra (counted) evaluation if it computed none there."""
+        if self._pred is None:
+            if self.grid.sigma[self.i] == 0:
+                raise ValueError("the clean node has no prediction; use ctx.x0 (= ctx.x there)")
+            self._pred = self._run.model(self._x, self.t, self.i)
+        return self._pred
+
+    @property
+    def x0(self) -> Tensor:
+        """The denoised estimate ``E[x_0 | x_i]``, ``(batch, particles, *shape)`` (``x`` at a clean node)."""
+        if self.grid.sigma[self.i] == 0:
+            return self.x
+        return self._run.rows(self.prediction().x0)
+
+    def reward(self, z: Tensor) -> Tensor:
+        """The user's reward on ``z`` ``(batch, particles, *shape)`` in chunks: ``(batch, particles)``."""
+        return self._run.reward(z, self.i)
+
+    def take(self, idx: Tensor) -> StepContext:
+        """The context with particles (and everything per-particle) at flat ancestor rows ``idx``."""
+        n = self._x.shape[0]
+        state = {k: self._run.rows(self._run.flat(v).index_select(0, idx)) for k, v in self.state.items()}
+        return StepContext(
+            self._run, self.i, self._x.index_select(0, idx), _take(self._pred, idx, n),
+            _take(self._prev, idx, n), state,
+        )  # fmt: skip
+
+
+class SMCAlgorithm:
+    """Base class of particle algorithms: the hooks of the engine (see the module docstring).
+
+    The defaults are the base sampler with no weights: ``log_weight`` and ``resample`` return
+    ``None``, ``propose`` returns the base transition.
+    """
+
+    name: ClassVar[str] = "smc"
+    stochastic: ClassVar[bool] = True
+    grad: ClassVar[bool] = False
+    needs_transition: ClassVar[bool] = False
+
+    def init_state(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-particle state ``(batch, particles, ...)`` at node 0 (``x``: the initial particles)."""
+        return {}
+
+    def log_weight(self, ctx: StepContext) -> Tensor | None:
+        """Incremental log-weight ``(batch, particles)`` of ``ctx.x`` at node ``ctx.i``, or ``None``."""
+        return None
+
+    def resample(self, ctx: StepContext, log_w: Tensor, generator: torch.Generator | None) -> Tensor | None:
+        """Forced ancestor indices ``(batch, particles)`` at this node, or ``None`` (engine's rule)."""
+        return None
+
+    def propose(self, ctx: StepContext, base: Transition) -> Transition:
+        """The transition ``x_{i+1}`` is drawn from (default: the solver's ``base``)."""
+        return base
+
+
+# --- the engine -----------------------------------------------------------------------------------
+
+
+def stochastic_solvers() -> list[str]:
+    """Registered solver names whose default instance is stochastic (``Solver.stochastic``)."""
+    return [n for n in _solvers.available() if _solvers.get(n).stochastic]
+
+
+class _Evaluator(Guided):
+    """The base denoiser evaluated on at most ``max_batch`` rows at a time; also remembers the first
+    prediction a step computes at the step's own input (the particles' denoised estimate)."""
+
+    def __init__(self, base: Denoiser, max_batch: int | None) -> None:
+        super().__init__(base)
+        self.max_batch = max_batch
+        self.watch: tuple[Tensor, float] | None = None
+        self.seen: Prediction | None = None
+
+    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        n = x.shape[0]
+        if self.max_batch is None or n <= self.max_batch:
+            pred = self.base(x, t, **cond)
+        else:
+            parts = []
+            for lo in range(0, n, self.max_batch):
+                sl = slice(lo, lo + self.max_batch)
+                tt = t[sl] if isinstance(t, Tensor) and t.ndim > 0 else t
+                cc = {
+                    k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v
+                    for k, v in cond.items()
+                }
+                parts.append(self.base(x[sl], tt, **cc))
+            pred = _cat_predictions(parts, x)
+        if (
+            self.seen is None
+            and self.watch is not None
+            and x is self.watch[0]
+            and not isinstance(t, Tensor)
+            and t == self.watch[1]
+        ):
+            self.seen = pred
+        return pred
+
+
+def _cat_predictions(parts: list[Prediction], x: Tensor) -> Prediction:
+    """One prediction from per-chunk predictions (same ``t``), keeping the estimate that was given."""
+    p0 = parts[0]
+    alpha, sigma = p0.alpha, p0.sigma
+    if isinstance(alpha, Tensor) and alpha.ndim > 0:  # per-sample coefficients
+        alpha = torch.cat([p.alpha for p in parts])
+        sigma = torch.cat([p.sigma for p in parts])
+    if p0._x0 is not None:
+        pred = Prediction(x, alpha, sigma, x0=torch.cat([p.x0 for p in parts]))
+    else:
+        pred = Prediction(x, alpha, sigma, eps=torch.cat([p.eps for p in parts]))
+    if p0.var_interp is not None:
+        pred.var_interp = torch.cat([p.var_interp for p in parts])
+    return pred
+
+
+def _map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (dicts, lists, tuples, :class:`History`,
+    :class:`Transition` and :class:`Prediction` are rebuilt; anything else is kept)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_map(v, fn) for v in obj)
+    if isinstance(obj, History):
+        h = History(obj.size)
+        h.values, h.at = [_map(v, fn) for v in obj.values], list(obj.at)
+        return h
+    if isinstance(obj, Transition):
+        return Transition(_map(obj.mean, fn), _map(obj.std, fn))
+    if isinstance(obj, Prediction):
+        given = {"x0": obj._x0} if obj._x0 is not None else {"eps": obj._eps}
+        p = Prediction(
+            fn(obj.x), _map(obj.alpha, fn), _map(obj.sigma, fn), **{k: fn(v) for k, v in given.items()}
+        )
+        p.var_interp = _map(obj.var_interp, fn)
+        return p
+    return obj
+
+
+def _take(obj: Any, idx: Tensor, n: int) -> Any:
+    """``obj`` with every tensor whose first dimension is ``n`` indexed by ``idx`` along it."""
+    return _map(obj, lambda v: v.index_select(0, idx) if v.ndim > 0 and v.shape[0] == n else v)
+
+
+def _detach(obj: Any) -> Any:
+    return _map(obj, Tensor.detach)
+
+
+class _Run:
+    """One run's shared pieces: grid, counted model, reward evaluation and the flat/row views."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        model: Model,
+        reward: Reward | None,
+        batch: int,
+        particles: int,
+        shape: tuple[int, ...],
+        max_batch: int | None,
+    ) -> None:
+        self.grid, self.model, self._reward = grid, model, reward
+        self.batch, self.particles, self.shape, self.max_batch = batch, particles, shape, max_batch
+        self.reward_ok: list[Tensor] = []
+        self.reward_at: list[int] = []
+
+    def flat(self, x: Tensor) -> Tensor:
+        return x.reshape(self.batch * self.particles, *x.shape[2:])
+
+    def rows(self, x: Tensor) -> Tensor:
+        return x.reshape(self.batch, self.particles, *x.shape[1:])
+
+    def reward(self, z: Tensor, i: int) -> Tensor:
+        if self._reward is None:
+            raise ValueError("this run has no reward")
+        flat = self.flat(z)
+        n = flat.shape[0]
+        step = n if self.max_batch is None else self.max_batch
+        out = []
+        for lo in range(0, n, step):
+            chunk = flat[lo : lo + step]
+            r = self._reward(chunk)
+            if not isinstance(r, Tensor) or tuple(r.shape) != (chunk.shape[0],):
+                got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+                raise ValueError(
+                    f"reward must map a batch (n, *shape) to rewards of shape (n,); for n = {chunk.shape[0]} "
+                    f"it returned {got}"
+                )
+            out.append(r.to(torch.float64))
+        r = torch.cat(out)
+        self.reward_ok.append(torch.isfinite(r).all())
+        self.reward_at.append(i)
+        return self.rows(r)
+
+    def check_reward(self) -> None:
+        """Raise ``ValueError`` naming the first node at which the reward was NaN/inf (one sync)."""
+        if not self.reward_ok:
+            return
+        ok = torch.stack(self.reward_ok).cpu()
+        if not bool(ok.all()):
+            k = int((~ok).nonzero()[0])
+            raise ValueError(
+                f"reward returned NaN or inf at node {self.reward_at[k]} (rewards must be finite)"
+            )
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_reward(reward: Any) -> Reward:
+    if not callable(reward):
+        raise ValueError(f"reward must be a callable (n, *shape) -> (n,), got {type(reward).__name__}")
+    return reward
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    if (
+        not isinstance(shape, tuple | list)
+        or len(shape) < 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    ):
+        raise ValueError(f"shape must be (batch, *sample_shape) of positive integers, got {shape!r}")
+    return tuple(shape)
+
+
+def _view(tr: Transition, run: _Run) -> Transition:
+    std = run.rows(tr.std) if isinstance(tr.std, Tensor) and tr.std.ndim > 0 else tr.std
+    return Transition(run.rows(tr.mean), std)
+
+
+def _flat_tr(tr: Transition, run: _Run) -> Transition:
+    std = run.flat(tr.std) if isinstance(tr.std, Tensor) and tr.std.ndim > 1 else tr.std
+    return Transition(run.flat(tr.mean), std)
+
+
+def run_smc(
+    den: Denoiser,
+    algorithm: SMCAlgorithm,
+    shape: tuple[int, ...],
+    *,
+    particles: int,
+    steps: int,
+    reward: Reward | None = None,
+    solver: str | Solver = DEFAULT_SOLVER,
+    schedule: str | _schedules.Schedule = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    ess_threshold: float = 0.5,
+    resampler: str | _resample.Resampler = "systematic",
+    max_batch: int | None = None,
+    x_T: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """Run ``particles`` weighted copies of a stochastic sampler per batch row (see the module docstring).
+
+    Args:
+        den: the :class:`~steerdiff.denoiser.Denoiser` (guided denoisers included).
+        algorithm: the :class:`SMCAlgorithm` whose hooks weight, select and propose.
+        shape: ``(batch, *sample_shape)``; particles are ``(batch, particles, *sample_shape)``.
+        particles: ``N >= 1`` per batch row.
+        steps: solver steps ``S`` (grid nodes ``0..S``).
+        reward: ``reward(z)`` maps ``(n, *sample_shape)`` to ``(n,)``, for ``ctx.reward``.
+        solver, schedule, final: as in :func:`steerdiff.sample`; the solver must be stochastic when
+            ``algorithm.stochastic`` (:func:`stochastic_solvers`).
+        ess_threshold: resample a row when its ESS falls below ``ess_threshold * N``, in ``[0, 1]``
+            (0: never; 1: whenever its weights are not uniform).
+        resampler: ``"systematic"`` (default), ``"stratified"``, ``"residual"``, ``"multinomial"`` or a
+            callable ``(log_w, generator) -> indices``.
+        max_batch: evaluate the denoiser and the reward on at most this many rows at a time.
+        x_T: initial particles ``(batch, particles, *sample_shape)``; default
+            ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal (standard normal for VP).
+        dtype, device: of the default ``x_T`` (torch's default dtype, CPU).
+        generator: the only source of randomness (initial noise, step noise, resampling).
+        progress: show a tqdm bar.
+        **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles.
+
+    Returns:
+        :class:`Particles` with the final particles, normalized log-weights, the NFE and the trace.
+    """
+    if not isinstance(den, Denoiser):
+        raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
+    if not isinstance(algorithm, SMCAlgorithm):
+        raise ValueError(f"algorithm must be an SMCAlgorithm, got {type(algorithm).__name__}")
+    shape = _check_shape(shape)
+    batch, sample_shape = shape[0], shape[1:]
+    if den.shape is not None and sample_shape != den.shape:
+        raise ValueError(f"shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
+    n_part = _check_int("particles", particles, 1)
+    steps = _check_int("steps", steps, 1)
+    if (
+        isinstance(ess_threshold, bool)
+        or not isinstance(ess_threshold, int | float)
+        or not 0 <= ess_threshold <= 1
+    ):
+        raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
+    if max_batch is not None:
+        _check_int("max_batch", max_batch, 1)
+    if reward is not None:
+        _check_reward(reward)
+    resample_fn = _resample.get(resampler)
+    slv = _solvers.get(solver)
+    if algorithm.stochastic and not slv.stochastic:
+        raise ValueError(
+            f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
+            f"{slv.name!r} is deterministic. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0)"
+        )
+    grid = make_grid(den.process, _schedules.get(schedule), steps, final)
+    rows = batch * n_part
+
+    if x_T is None:
+        scale = math.hypot(grid.alpha[0], grid.sigma[0])
+        x = torch.randn(rows, *sample_shape, generator=generator, dtype=dtype, device=device)
+        if not math.isclose(scale, 1.0, rel_tol=1e-9):
+            x = x * scale
+    else:
+        if not isinstance(x_T, Tensor) or tuple(x_T.shape) != (batch, n_part, *sample_shape):
+            got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
+            raise ValueError(
+                f"x_T must be (batch, particles, *shape) = {(batch, n_part, *sample_shape)}, got {got}"
+            )
+        x = x_T.reshape(rows, *sample_shape)
+
+    cond = {
+        k: v.repeat_interleave(n_part, dim=0)
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch
+        else v
+        for k, v in cond.items()
+    }
+    evaluator = _Evaluator(den, max_batch)
+    noise = GeneratorNoise(generator)
+    inner = _InnerNoise(noise)
+    model = Model(evaluator, cond, inner)
+    run = _Run(grid, model, reward, batch, n_part, sample_shape, max_batch)
+    solver_state = slv.init_state(grid)
+    alg_state = algorithm.init_state(run.rows(x))
+
+    wdev = x.device
+    log_w = torch.full((batch, n_part), -math.log(n_part), dtype=torch.float64, device=wdev)
+    log_z = torch.zeros(batch, dtype=torch.float64, device=wdev)
+    arange = torch.arange(n_part, device=wdev).expand(batch, n_part)
+    offsets = (torch.arange(batch, device=wdev) * n_part)[:, None]
+    ess_log: list[Tensor] = []
+    res_log: list[Tensor] = []
+    z_log: list[Tensor] = []
+    no_resample = torch.zeros(batch, dtype=torch.bool, device=wdev)
+    prev: tuple[Tensor, Transition, Transition] | None = None
+    grad_ctx = torch.enable_grad if algorithm.grad else nullcontext
+
+    def reweight(inc: Tensor | None) -> None:
+        nonlocal log_w, log_z
+        if inc is None:
+            return
+        if not isinstance(inc, Tensor) or tuple(inc.shape) != (batch, n_part):
+            got = tuple(inc.shape) if isinstance(inc, Tensor) else type(inc).__name__
+            raise ValueError(
+                f"{algorithm.name}: log_weight must return (batch, particles) = {(batch, n_part)}, got {got}"
+            )
+        lw = log_w + inc.detach().to(torch.float64)
+        total = torch.logsumexp(lw, dim=-1)
+        log_z = log_z + total
+        log_w = lw - total[:, None]
+
+    indices = tqdm(range(steps), desc=algorithm.name, leave=False) if progress else range(steps)
+    for i in indices:
+        leaf = None
+        if algorithm.grad:
+            leaf = run.rows(x).detach().requires_grad_(True)
+            x = run.flat(leaf)
+        with grad_ctx():
+            evaluator.watch, evaluator.seen = (x, grid.t[i]), None
+            inner.calls = 0
+            out = slv.step(model, x, i, grid, solver_state)
+            evaluator.watch = None
+            if algorithm.needs_transition and inner.calls:
+                raise ValueError(
+                    f"{algorithm.name} needs Gaussian transitions, but solver {slv.name!r} draws noise "
+                    "inside its step; use one that returns a Transition (ddpm, euler_ancestral, "
+                    "euler_maruyama, dpmpp_2m_sde, er_sde, sa_solver, DDIM(eta > 0))"
+                )
+            base = out if isinstance(out, Transition) else Transition(out, 0.0)
+            ctx = StepContext(run, i, x, evaluator.seen, prev, alg_state, leaf)
+            inc = algorithm.log_weight(ctx)
+            reweight(inc)
+            ess_log.append(_resample.ess(log_w))
+            forced = algorithm.resample(ctx, log_w, generator)
+            anc, mask = None, no_resample
+            if forced is not None:
+                if not isinstance(forced, Tensor) or tuple(forced.shape) != (batch, n_part):
+                    raise ValueError(f"{algorithm.name}: resample must return (batch, particles) indices")
+                anc, mask = forced.to(wdev), torch.ones(batch, dtype=torch.bool, device=wdev)
+            elif inc is not None and ess_threshold > 0:
+                mask = ess_log[-1] < ess_threshold * n_part
+                anc = torch.where(mask[:, None], resample_fn(log_w, generator).to(wdev), arange)
+            if anc is not None:
+                flat_idx = (anc + offsets).reshape(-1)
+                ctx = ctx.take(flat_idx)
+                base = _take(base, flat_idx, rows)
+                solver_state = _take(solver_state, flat_idx, rows)
+                log_w = torch.where(mask[:, None], torch.full_like(log_w, -math.log(n_part)), log_w)
+            res_log.append(mask)
+            z_log.append(log_z)
+            prop = _flat_tr(algorithm.propose(ctx, _view(base, run)), run)
+            x, alg_state = ctx._x, ctx.state
+        if algorithm.grad:
+            x, base, prop = x.detach(), _detach(base), _detach(prop)
+            solver_state, alg_state = _detach(solver_state), _detach(alg_state)
+        x_next = prop.mean
+        if not isinstance(prop.std, float) or prop.std != 0.0:
+            x_next = x_next + prop.std * noise(grid.t[i], grid.t[i + 1], x_next)
+        prev = (x, base, prop)
+        x = x_next
+
+    ctx = StepContext(run, steps, x, None, prev, alg_state)
+    reweight(algorithm.log_weight(ctx))
+    ess_log.append(_resample.ess(log_w))
+    res_log.append(no_resample)
+    z_log.append(log_z)
+    model.check_finite()
+    run.check_reward()
+    trace = Trace(torch.stack(ess_log), torch.stack(res_log), torch.stack(z_log))
+    return Particles(run.rows(x), log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
+
+
+class _InnerNoise:
+    """The model's noise source: the run's generator, counting draws made inside a solver step."""
+
+    def __init__(self, noise: GeneratorNoise) -> None:
+        self.noise, self.calls = noise, 0
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        self.calls += 1
+        return self.noise(t_from, t_to, like)

@@ -1,0 +1,164 @@
+r"""Resampling for particle systems: pure functions ``(log_w, generator) -> indices``.
+
+Each batch row holds ``N`` particles with log-weights ``log_w`` (any normalization; ``-inf`` is a
+zero weight). A resampler draws ``N`` ancestor indices ``a_1..a_N`` per row such that the offspring
+count ``O_i = #{j : a_j = i}`` is unbiased, ``E[O_i] = N W_i`` with ``W = softmax(log_w)``. All four
+below are inverse-CDF draws ``a_j = F^{-1}(u_j)`` on the row's cumulative weights and differ only
+in the uniforms ``u_j`` (Douc, Cappé & Moulines 2005, "Comparison of resampling schemes for
+particle filtering"; Hol, Schön & Gustafsson 2006):
+
+* multinomial:  ``u_j ~ U(0, 1)`` i.i.d.;
+* stratified:   ``u_j = (j + U_j) / N``, ``U_j ~ U(0, 1)`` i.i.d.;
+* systematic:   ``u_j = (j + U) / N``, one ``U ~ U(0, 1)`` per row;
+* residual:     ``floor(N W_i)`` copies of particle ``i`` kept deterministically, the remaining
+  ``R = N - sum_i floor(N W_i)`` drawn multinomially with weights ``N W_i - floor(N W_i)``.
+
+Stratified and residual resampling have lower offspring variance than multinomial
+(``Var O_i <= N W_i (1 - W_i)``); systematic is usually lowest in practice. The effective sample
+size of a row is ``ESS = 1 / sum_i W_i^2 = exp(2 logsumexp(log_w) - logsumexp(2 log_w))``, between 1
+and ``N`` (Kong, Liu & Wong 1994).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RESAMPLERS",
+    "Resampler",
+    "ess",
+    "get",
+    "indices_from_counts",
+    "multinomial",
+    "normalize",
+    "offspring",
+    "residual",
+    "stratified",
+    "systematic",
+]
+
+Resampler = Callable[[Tensor, "torch.Generator | None"], Tensor]
+
+
+def _check(log_w: Tensor) -> Tensor:
+    if (
+        not isinstance(log_w, Tensor)
+        or log_w.ndim != 2
+        or log_w.shape[1] < 1
+        or not log_w.is_floating_point()
+    ):
+        shape = tuple(log_w.shape) if isinstance(log_w, Tensor) else type(log_w).__name__
+        raise ValueError(
+            f"log_w must be a floating (batch, particles) tensor with particles >= 1, got {shape}"
+        )
+    return log_w
+
+
+def normalize(log_w: Tensor) -> Tensor:
+    """``log W = log_w - logsumexp(log_w)`` along the last (particle) dimension."""
+    return log_w - torch.logsumexp(log_w, dim=-1, keepdim=True)
+
+
+def ess(log_w: Tensor) -> Tensor:
+    """Effective sample size per row, ``1 / sum_i W_i^2``, shape ``log_w.shape[:-1]``."""
+    return torch.exp(2 * torch.logsumexp(log_w, dim=-1) - torch.logsumexp(2 * log_w, dim=-1))
+
+
+def _inverse_cdf(log_w: Tensor, u: Tensor) -> Tensor:
+    """``a_j = min{i : W_1 + ... + W_i > u_j}`` per row (``u`` in ``[0, 1)``), computed in float64.
+
+    A zero weight adds nothing to the cumulative sum, so it is never selected.
+    """
+    w = torch.exp(normalize(log_w.to(torch.float64)))
+    cum = w.cumsum(-1)
+    idx = torch.searchsorted(cum, (u * cum[:, -1:]).contiguous(), right=True)
+    return idx.clamp_(max=log_w.shape[1] - 1)
+
+
+def _uniform(log_w: Tensor, generator: torch.Generator | None, cols: int | None = None) -> Tensor:
+    rows, n = log_w.shape
+    return torch.rand(
+        rows, n if cols is None else cols, generator=generator, dtype=torch.float64, device=log_w.device
+    )
+
+
+def _strata(log_w: Tensor) -> Tensor:
+    n = log_w.shape[1]
+    return torch.arange(n, dtype=torch.float64, device=log_w.device)
+
+
+def multinomial(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``N`` i.i.d. draws from ``W`` per row: ``(batch, N)`` ancestor indices."""
+    _check(log_w)
+    return _inverse_cdf(log_w, _uniform(log_w, generator))
+
+
+def stratified(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per stratum ``[j/N, (j+1)/N)``: ``u_j = (j + U_j) / N`` (Kitagawa 1996)."""
+    _check(log_w)
+    n = log_w.shape[1]
+    return _inverse_cdf(log_w, (_strata(log_w) + _uniform(log_w, generator)) / n)
+
+
+def systematic(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One shared uniform per row: ``u_j = (j + U) / N`` (Carpenter, Clifford & Fearnhead 1999)."""
+    _check(log_w)
+    n = log_w.shape[1]
+    return _inverse_cdf(log_w, (_strata(log_w) + _uniform(log_w, generator, cols=1)) / n)
+
+
+def indices_from_counts(counts: Tensor) -> Tensor:
+    """Ancestor indices ``(batch, N)`` (sorted) from offspring counts ``(batch, N)`` summing to ``N``."""
+    cum = counts.cumsum(-1)
+    slots = torch.arange(counts.shape[1], device=counts.device).expand_as(cum).contiguous()
+    return torch.searchsorted(cum, slots, right=True)
+
+
+def residual(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``floor(N W_i)`` copies of each particle, the ``R`` left drawn multinomially from the
+    residual weights ``N W_i - floor(N W_i)`` (Liu & Chen 1998)."""
+    _check(log_w)
+    n = log_w.shape[1]
+    nw = n * torch.exp(normalize(log_w.to(torch.float64)))
+    kept = nw.floor()
+    left = n - kept.sum(-1, keepdim=True)  # R per row, (rows, 1)
+    frac = (nw - kept).clamp_min(0)
+    # rows with R = 0 have (up to round-off) no residual mass; a uniform placeholder keeps the draw
+    # defined, and its draws are masked out below
+    frac = torch.where(frac.sum(-1, keepdim=True) > 0, frac, torch.ones_like(frac))
+    drawn = _inverse_cdf(frac.log(), _uniform(log_w, generator))
+    use = torch.arange(n, device=log_w.device) < left  # the first R draws of each row
+    counts = kept.to(torch.long).scatter_add(1, drawn, use.to(torch.long))
+    return indices_from_counts(counts)
+
+
+def offspring(indices: Tensor, n: int | None = None) -> Tensor:
+    """Offspring counts ``O_i = #{j : a_j = i}``, ``(batch, n)`` (``n`` defaults to ``indices.shape[1]``)."""
+    n = indices.shape[1] if n is None else n
+    return torch.zeros(indices.shape[0], n, dtype=torch.long, device=indices.device).scatter_add_(
+        1, indices, torch.ones_like(indices)
+    )
+
+
+RESAMPLERS: dict[str, Resampler] = {
+    "multinomial": multinomial,
+    "residual": residual,
+    "stratified": stratified,
+    "systematic": systematic,
+}
+
+
+def get(resampler: str | Resampler) -> Resampler:
+    """Resolve a name (``multinomial``, ``residual``, ``stratified``, ``systematic``) or pass a
+    callable ``(log_w, generator) -> indices`` through."""
+    if isinstance(resampler, str) and resampler in RESAMPLERS:
+        return RESAMPLERS[resampler]
+    if callable(resampler) and not isinstance(resampler, str):
+        return resampler
+    raise ValueError(
+        f"unknown resampler={resampler!r}; accepted: {sorted(RESAMPLERS)} "
+        "or a callable (log_w, generator) -> indices"
+    )

@@ -1,0 +1,117 @@
+"""Resamplers and ESS: unbiased offspring counts, variance ordering, exact structural properties.
+
+Each resampler is run on many independent copies of one weight vector at once (one batch row per
+copy), so the offspring counts ``O_i`` are i.i.d. draws whose mean must be ``N W_i`` (z-test at a
+fixed seed) and whose variances order as the theory says: multinomial has ``Var O_i =
+N W_i (1 - W_i)`` exactly, stratified/residual/systematic have less.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.smc import resample as rs
+
+F64 = torch.float64
+N = 8
+REPS = 20_000
+# non-uniform weights with a zero weight, a dominant particle and values straddling integers of N W
+W = torch.tensor([0.31, 0.0, 0.05, 0.12, 0.2, 0.07, 0.1, 0.15], dtype=F64)
+LOG_W = W.log()  # log 0 = -inf: a zero weight
+
+
+def counts(name: str, seed: int = 0, log_w: torch.Tensor = LOG_W) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    idx = rs.get(name)(log_w.expand(REPS, -1).contiguous(), g)
+    assert idx.shape == (REPS, log_w.shape[0]) and idx.dtype == torch.long
+    return rs.offspring(idx).to(F64)
+
+
+@pytest.mark.parametrize("name", sorted(rs.RESAMPLERS))
+def test_offspring_unbiased(name):
+    o = counts(name)
+    assert bool((o.sum(-1) == N).all())
+    assert float(o[:, 1].max()) == 0  # a zero weight is never drawn
+    mean, sd = o.mean(0), o.std(0)
+    expected = N * W
+    z = (mean - expected) / (sd / math.sqrt(REPS)).clamp_min(1e-12)
+    # deterministic parts (sd = 0) must match exactly; the rest within 4.5 standard errors
+    assert torch.allclose(mean[sd == 0], expected[sd == 0], atol=1e-12)
+    assert float(z[sd > 0].abs().max()) < 4.5, (name, z)
+
+
+def test_variance_ordering():
+    var = {name: counts(name, seed=1).var(0) for name in rs.RESAMPLERS}
+    exact_multinomial = N * W * (1 - W)
+    # multinomial matches its exact variance (within 5% where it is not 0)
+    nz = exact_multinomial > 0
+    assert torch.allclose(var["multinomial"][nz], exact_multinomial[nz], rtol=0.05)
+    # residual: the R left are multinomial on the fractional parts f_i: Var O_i = f_i (1 - f_i / R)
+    frac = N * W - (N * W).floor()
+    exact_residual = frac * (1 - frac / frac.sum())
+    nz = exact_residual > 0
+    assert torch.allclose(var["residual"][nz], exact_residual[nz], rtol=0.05)
+    total = {k: float(v.sum()) for k, v in var.items()}
+    # measured (seed 1): multinomial 6.44, residual 3.33, stratified 1.67, systematic 1.33
+    assert total["residual"] < 0.6 * total["multinomial"], total
+    for name in ("stratified", "systematic"):
+        assert total[name] < 0.3 * total["multinomial"], total
+    for name in ("stratified", "systematic", "residual"):
+        assert bool((var[name] <= exact_multinomial * 1.05 + 1e-12).all()), name
+    assert total["systematic"] < total["stratified"] < total["residual"], total
+
+
+def test_structural_properties():
+    """Systematic: each count is floor(N W_i) or ceil(N W_i); residual keeps floor(N W_i) copies;
+    stratified: counts differ from N W_i by less than 2."""
+    nw = N * W
+    o = counts("systematic", seed=2)
+    assert bool(((o >= nw.floor()) & (o <= nw.ceil())).all())
+    o = counts("residual", seed=2)
+    assert bool((o >= nw.floor()).all())
+    o = counts("stratified", seed=2)
+    assert bool(((o - nw).abs() < 2).all())
+
+
+def test_uniform_weights_systematic_is_identity():
+    g = torch.Generator().manual_seed(0)
+    idx = rs.systematic(torch.zeros(5, 16, dtype=F64), g)
+    assert torch.equal(idx, torch.arange(16).expand(5, 16))
+
+
+def test_reproducible_per_seed():
+    log_w = torch.randn(4, 32, generator=torch.Generator().manual_seed(5), dtype=F64)
+    for name, fn in rs.RESAMPLERS.items():
+        a = fn(log_w, torch.Generator().manual_seed(7))
+        b = fn(log_w, torch.Generator().manual_seed(7))
+        assert torch.equal(a, b), name
+
+
+def test_ess():
+    assert torch.allclose(rs.ess(torch.zeros(3, 10, dtype=F64)), torch.full((3,), 10.0, dtype=F64))
+    one_hot = torch.full((1, 10), -math.inf, dtype=F64)
+    one_hot[0, 3] = 0.0
+    assert float(rs.ess(one_hot)) == pytest.approx(1.0)
+    log_w = torch.randn(2, 50, generator=torch.Generator().manual_seed(0), dtype=F64)
+    w = torch.softmax(log_w, -1)
+    assert torch.allclose(rs.ess(log_w), 1 / (w * w).sum(-1), rtol=1e-12)
+    assert torch.allclose(rs.ess(log_w + 123.0), rs.ess(log_w), rtol=1e-12)  # scale-free
+    assert sd.smc.ess is rs.ess
+
+
+def test_indices_from_counts():
+    c = torch.tensor([[2, 0, 1, 1], [0, 0, 0, 4]])
+    assert rs.indices_from_counts(c).tolist() == [[0, 0, 2, 3], [3, 3, 3, 3]]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="log_w"):
+        rs.systematic(torch.zeros(8, dtype=F64))
+    with pytest.raises(ValueError, match="log_w"):
+        rs.multinomial(torch.zeros(2, 0, dtype=F64))
+    with pytest.raises(ValueError, match="resampler"):
+        rs.get("bootstrap")
