@@ -216,3 +216,23 @@ def test_default_benchmark_mixture_is_reproducible_and_pure():
     std = a.variances.sqrt()
     assert float(std.min()) >= 0.05 and float(std.max()) <= 0.5
     assert math.isclose(float(a.weights.sum()), 1.0, rel_tol=1e-15) and bool((a.weights > 0).all())
+
+
+def test_denoiser_per_sample_times_match_scalar_calls() -> None:
+    gmm = sd.toy.default_benchmark_mixture(dim=8, components=3)
+    den = gmm.denoiser(sd.VP.scaled_linear())
+    x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100.0, 500.0, 100.0, 900.0], dtype=torch.float64)
+    batched = den(x, t).x0
+    for i in range(4):
+        assert torch.equal(batched[i], den(x[i : i + 1], float(t[i])).x0[0])
+
+
+def test_posterior_drops_components_whose_weight_underflows() -> None:
+    # the far component's posterior weight is exp(-1e5 / 2) = 0 in float64: it must vanish, not raise
+    gmm = sd.toy.GaussianMixture(
+        torch.tensor([[0.0, 0.0], [100.0, 0.0]]), torch.full((2, 2), 0.01), torch.ones(2)
+    )
+    post = gmm.posterior(torch.eye(2), torch.zeros(2), 0.01)
+    assert post.means.shape == (1, 2) and float(post.means.abs().max()) == 0.0
+    assert float(post.weights[0]) == 1.0

@@ -1,5 +1,30 @@
 """Guidance: denoisers that wrap a denoiser and steer it (every solver works with every guidance)."""
 
 from .base import Guided, add_score, denoise_with_grad, require_grad
+from .cfg import CADS, CFG, pcg
+from .classifier import ClassifierGuidance, RewardGuidance, SelfRecurrence
+from .dps import DPS
+from .mcg import MCG
+from .pigdm import PiGDM
+from .repaint import RePaint, repaint_nfe, repaint_sample
+from .threshold import DynamicThreshold
 
-__all__ = ["Guided", "add_score", "denoise_with_grad", "require_grad"]
+__all__ = [
+    "CADS",
+    "CFG",
+    "DPS",
+    "MCG",
+    "ClassifierGuidance",
+    "DynamicThreshold",
+    "Guided",
+    "PiGDM",
+    "RePaint",
+    "RewardGuidance",
+    "SelfRecurrence",
+    "add_score",
+    "denoise_with_grad",
+    "pcg",
+    "repaint_nfe",
+    "repaint_sample",
+    "require_grad",
+]

@@ -179,8 +179,15 @@ class GaussianMixture:
         """The exact ``x0``-predicting :class:`Denoiser` under ``process`` (net time = process time)."""
 
         def net(x: Tensor, t: Tensor) -> Tensor:
-            tt = float(t.reshape(-1)[0])
-            return self.denoise(x, float(process.alpha(tt)), float(process.sigma(tt)))
+            tt = t.reshape(-1).to(F64)
+            if tt.numel() == 1 or bool((tt == tt[0]).all()):
+                t0 = float(tt[0])
+                return self.denoise(x, float(process.alpha(t0)), float(process.sigma(t0)))
+            out = torch.empty_like(x)  # per-sample times: one exact denoise per distinct time
+            for u in torch.unique(tt).tolist():
+                rows = tt == u
+                out[rows] = self.denoise(x[rows], float(process.alpha(u)), float(process.sigma(u)))
+            return out
 
         return Denoiser(net, process, prediction="x0", shape=(self.dim,))
 
@@ -225,10 +232,7 @@ class GaussianMixture:
         means = self.means + (s_ax @ sol[:, :, None])[:, :, 0]
         half = torch.linalg.solve_triangular(chol, s_ax.mT, upper=False)  # L_k^{-1} A S_k, (k, m, d)
         cov = self.covariance_matrices - half.mT @ half
-        log_w = self.weights.log() + log_lik
-        return GaussianMixture(
-            means, 0.5 * (cov + cov.mT), torch.exp(log_w - log_w.max()), allow_singular=True
-        )
+        return _from_log_weights(means, 0.5 * (cov + cov.mT), self.weights.log() + log_lik, True)
 
     def _tilt_parts(self, linear: Tensor | None, quadratic: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Tilted means, covariances (``(k, d)`` when staying diagonal) and ``log Z_k`` with
@@ -277,8 +281,7 @@ class GaussianMixture:
         A diagonal mixture tilted by a linear reward stays diagonal.
         """
         means, cov, log_z = self._tilt_parts(linear, quadratic)
-        log_w = self.weights.log() + log_z
-        return GaussianMixture(means, cov, torch.exp(log_w - log_w.max()), allow_singular=self._singular)
+        return _from_log_weights(means, cov, self.weights.log() + log_z, self._singular)
 
     def tilt_log_normalizer(self, linear: Tensor | None = None, quadratic: Tensor | None = None) -> float:
         """``log Z = log E_p[exp(b^T x - x^T Q x / 2)] = logsumexp_k(log w_k + log Z_k)`` of :meth:`tilt`."""
@@ -354,6 +357,14 @@ class GaussianMixture:
             raise RuntimeError(f"reference ODE failed: {sol.message}")
         x = (torch.from_numpy(sol.y[:, -1]).reshape(shape) * a1).to(F64)
         return self.denoise(x, a1, s1) if denoise and s1 > 0 else x
+
+
+def _from_log_weights(means: Tensor, cov: Tensor, log_w: Tensor, allow_singular: bool) -> GaussianMixture:
+    """The mixture with unnormalized log-weights ``log_w``; components whose weight underflows in float64
+    (below ``1e-300`` of the largest) carry no mass and are dropped."""
+    keep = log_w - log_w.max() > math.log(1e-300)
+    w = torch.exp(log_w[keep] - log_w.max())
+    return GaussianMixture(means[keep], cov[keep], w, allow_singular=allow_singular)
 
 
 def default_benchmark_mixture(dim: int = 64, components: int = 10, seed: int = 0) -> GaussianMixture:

@@ -1,0 +1,115 @@
+r"""What the inverse-problem guidance methods share: the measurement ``y = A x0 + s n`` and its checks.
+
+:class:`MeasurementGuided` holds a linear operator ``A`` (:mod:`steerdiff.inverse`), the observation
+``y`` (one observation of shape ``A.shape_out``, broadcast over the batch, or one per sample) and
+the noise level ``s``, and checks them against the sample shape. :meth:`MeasurementGuided.vjp_score`
+is the one gradient DPS and PiGDM need: for a measurement-space weight ``w(r)`` of the residual
+``r = y - A x0_hat(x_t)``, held fixed,
+
+    g = grad_x <A x0_hat(x), w> = (d x0_hat / d x_t)^T A^T w,
+
+one vector-Jacobian product through the denoiser (DPS: ``w = r / ||r||`` or ``r / s^2``; PiGDM:
+``w = (r_t^2 A A^T + s^2 I)^{-1} r``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser, Prediction
+from ..inverse.operators import LinearOperator
+from .base import Guided, denoise_with_grad
+
+__all__ = ["MeasurementGuided", "check_scale"]
+
+
+def check_scale(who: str, scale: float) -> float:
+    """``scale`` as a finite float ``>= 0``."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"{who}: scale must be a finite number >= 0, got {scale!r}")
+    return float(scale)
+
+
+class MeasurementGuided(Guided):
+    """A guided denoiser that conditions on ``y = A x0 + noise_std n`` (base class).
+
+    Args:
+        base: the denoiser of the prior.
+        operator: a :class:`~steerdiff.inverse.LinearOperator` whose ``shape_in`` is the sample shape.
+        y: ``operator.shape_out`` (one observation for the whole batch) or ``(batch, *shape_out)``.
+        noise_std: the observation noise ``s >= 0``; ``None`` takes ``operator.noise_std``.
+    """
+
+    def __init__(
+        self, base: Denoiser, operator: LinearOperator, y: Tensor, noise_std: float | None = None
+    ) -> None:
+        super().__init__(base)
+        who = type(self).__name__
+        if not isinstance(operator, LinearOperator):
+            raise ValueError(
+                f"{who}: operator must be a steerdiff.inverse.LinearOperator, got {type(operator)}"
+            )
+        if base.shape is not None and tuple(base.shape) != tuple(operator.shape_in):
+            raise ValueError(
+                f"{who}: operator acts on samples of shape {operator.shape_in}, the denoiser's samples have "
+                f"shape {base.shape}"
+            )
+        if not isinstance(y, Tensor) or not y.is_floating_point():
+            raise ValueError(f"{who}: y must be a floating-point torch.Tensor, got {type(y).__name__}")
+        out = tuple(operator.shape_out)
+        if tuple(y.shape) != out and tuple(y.shape[1:]) != out:
+            raise ValueError(
+                f"{who}: y must have shape {out} (one observation) or (batch, *{out}), got {tuple(y.shape)}"
+            )
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"{who}: y contains NaN or inf")
+        s = operator.noise_std if noise_std is None else noise_std
+        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or s < 0:
+            raise ValueError(f"{who}: noise_std must be a finite number >= 0, got {noise_std!r}")
+        self.operator = operator
+        self.y = y.detach()
+        self.noise_std = float(s)
+
+    def observation(self, x: Tensor) -> Tensor:
+        """``y`` as a ``(batch, *shape_out)`` tensor on ``x``'s device and dtype; checks ``x``'s shape."""
+        who, op = type(self).__name__, self.operator
+        if tuple(x.shape[1:]) != tuple(op.shape_in):
+            raise ValueError(
+                f"{who}: x has sample shape {tuple(x.shape[1:])}, the operator acts on {op.shape_in}"
+            )
+        y = self.y.to(device=x.device, dtype=x.dtype)
+        if y.shape == op.shape_out:
+            return y.expand(x.shape[0], *op.shape_out)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{who}: y holds {y.shape[0]} observations for a batch of {x.shape[0]} samples")
+        return y
+
+    def residual(self, x0: Tensor) -> Tensor:
+        """``y - A x0``, ``(batch, *shape_out)``."""
+        return self.observation(x0) - self.operator.forward(x0)
+
+    def project(self, x0: Tensor) -> Tensor:
+        """``x0 + A^+ (y - A x0)``: the point of ``{A x = y}`` nearest to ``x0`` (least squares if ``y`` is
+        not in the range of ``A``)."""
+        return x0 + self.operator.pinv(self.residual(x0))
+
+    def vjp_score(
+        self,
+        x: Tensor,
+        t: float | Tensor,
+        weight: Callable[[Tensor, Prediction], Tensor],
+        **cond: Any,
+    ) -> tuple[Prediction, Tensor]:
+        """``(pred, g)``: the base prediction at ``x`` (detached) and ``g = J^T A^T w``, with
+        ``J = d x0_hat / d x_t`` and ``w = weight(r, pred)`` (held fixed) for ``r = y - A x0_hat``."""
+        y = self.observation(x)
+        xr, pred = denoise_with_grad(type(self).__name__, self.base, x, t, **cond)
+        ax0 = self.operator.forward(pred.x0)
+        w = weight(y - ax0.detach(), pred).detach()
+        (g,) = torch.autograd.grad((ax0 * w).sum(), xr)
+        return Prediction(x, pred.alpha, pred.sigma, x0=pred.x0.detach()), g

@@ -1,0 +1,366 @@
+r"""Classifier-free guidance and its refinements, as a denoiser.
+
+:class:`CFG` combines a conditional and an unconditional denoiser (Ho & Salimans 2022,
+"Classifier-Free Diffusion Guidance", Eq. 6) with the guidance scale ``w`` (diffusers'
+``guidance_scale``; the paper's ``w`` is ``scale - 1``):
+
+    eps = eps_u + w (eps_c - eps_u),      i.e.   grad log p_t(x|c)^w p_t(x)^{1-w},
+
+the score of the *gamma-powered* density at every noise level (``w = 1``: the conditional
+denoiser, ``w = 0``: the unconditional one). Options, each from its paper:
+
+* ``rescale = phi`` -- CFG-rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+  Steps are Flawed", Sec. 3.4, Eq. 15-16): the guided prediction is rescaled to the per-sample
+  standard deviation of the conditional one, ``x_r = x_cfg std(x_c) / std(x_cfg)``, and mixed,
+  ``phi x_r + (1 - phi) x_cfg``. It is applied to ``x0`` by default (``rescale_space="x0"``): the
+  over-exposure it corrects is in the image the sampler converges to, and the paper's v-prediction
+  output is ``-x0`` at the zero-SNR start where guidance acts first; ``"eps"`` and ``"v"`` apply
+  it to those outputs (diffusers' ``guidance_rescale`` acts on the raw net output, eps or v).
+* ``interval = (lo, hi)`` -- guidance in a limited interval (Kynkäänniemi et al. 2024, "Applying
+  Guidance in a Limited Interval Improves Sample and Distribution Quality"): guided where
+  the EDM noise level ``sigma / alpha`` lies in ``(lo, hi]``, the conditional prediction elsewhere
+  (EDM2-S's best: ``(0.28, 2.9]``).
+* ``cads = CADS(...)`` -- condition-annealed sampling (Sadat et al. 2024, "CADS: Unleashing the
+  Diversity of Diffusion Models through Condition-Annealed Sampling", the annealing schedule,
+  noising and re-standardization of the condition): the conditional
+  net sees a noised, re-standardized condition early in sampling.
+
+:func:`pcg` is the predictor-corrector reading of CFG (Bradley & Nakkiran 2024, "Classifier-Free
+Guidance is a Predictor-Corrector"): a DDIM step on ``p(x|c)`` followed by Langevin moves on
+``p_t(x|c)^gamma p_t(x)^{1-gamma}``; with ``gamma = 2w - 1`` it is CFG-DDPM at scale ``w`` in the
+SDE limit.
+
+NFE: ``CFG.cost`` is the number of network evaluations of the latest call (the sampler reads it
+after every call, so :attr:`SampleInfo.nfe` is exact): 2 where guidance is applied, 1 outside the
+guidance interval or where one estimate suffices (``w = 1``: conditional only; ``w = 0`` without
+rescale: unconditional only). Before the first call it is what a call inside the interval costs.
+Two calls of a batch ``n`` count 2 per sample whether or not a net batches them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser, Prediction
+from ..mcmc.base import Point, Target, chain, check_steps
+from ..mcmc.langevin import ULA
+from ..noise import NoiseSource, make_noise
+from ..sampling import DEFAULT_SCHEDULE, SampleInfo, _check_x
+from ..schedules import Schedule
+from ..schedules import get as get_schedule
+from ..solvers.base import Model, make_grid
+from ..solvers.ddim import DDIM
+from .base import Guided
+
+__all__ = ["CADS", "CFG", "pcg"]
+
+RESCALE_SPACES = ("x0", "eps", "v")
+
+
+def _real(value: Any, name: str, lo: float = 0.0, hi: float = math.inf) -> float:
+    """``value`` as a float in ``[lo, hi]``; a ``ValueError`` naming ``name`` otherwise (NaN included)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+    if not ok or math.isnan(value):
+        raise ValueError(f"{name} must be a real number in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def _per_sample_std(v: Tensor) -> Tensor:
+    """Per-sample standard deviation over all but the batch dimension, shaped to broadcast."""
+    return v.reshape(v.shape[0], -1).std(dim=1).reshape(-1, *([1] * (v.ndim - 1)))
+
+
+def _same_process(a: Denoiser, b: Denoiser) -> bool:
+    if a.process is b.process:
+        return True
+    p, q = a.process, b.process
+    ts = torch.tensor([p.t_min, 0.5 * (p.t_min + p.t_max), p.t_max], dtype=torch.float64)
+    return type(p) is type(q) and all(
+        torch.allclose(f(ts), g(ts), rtol=1e-12, atol=0) for f, g in ((p.alpha, q.alpha), (p.sigma, q.sigma))
+    )
+
+
+@dataclass
+class CADS:
+    r"""Condition annealing of the tensor condition ``cond[key]`` (Sadat et al. 2024, CADS: the
+    annealing schedule, the noising and the rescaling of the condition).
+
+    With ``u`` the process time normalized to ``[0, 1]`` (``(t - t_min) / (t_max - t_min)``; 1 is
+    pure noise) and the piecewise-linear schedule ``gamma(u) = clip((tau2 - u) / (tau2 - tau1), 0, 1)``
+    (1 below ``tau1``, 0 above ``tau2``):
+
+        y^   = sqrt(gamma) y + s sqrt(1 - gamma) n,                n ~ N(0, I)       (noising)
+        y^_r = (y^ - mean(y^)) / std(y^) * std(y) + mean(y)                        (rescaling)
+        y'   = psi y^_r + (1 - psi) y^                                             (mixing)
+
+    with per-sample means and standard deviations over the condition's entries. Fresh noise is
+    drawn from ``generator`` at every call where ``gamma < 1``; where ``gamma = 1`` (and for
+    ``noise_scale = 0``, which turns the annealing off) ``y`` is passed unchanged. ``cond[key]``
+    must be a floating tensor with one row per sample (an embedding, not an integer label).
+    """
+
+    key: str
+    noise_scale: float
+    tau1: float = 0.6
+    tau2: float = 0.9
+    psi: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str):
+            raise ValueError(f"CADS: key must be the name of the net's condition argument, got {self.key!r}")
+        self.noise_scale = _real(self.noise_scale, "CADS: noise_scale")
+        self.tau1 = _real(self.tau1, "CADS: tau1", 0.0, 1.0)
+        self.tau2 = _real(self.tau2, "CADS: tau2", 0.0, 1.0)
+        if not self.tau1 < self.tau2:
+            raise ValueError(f"CADS: need tau1 < tau2, got tau1={self.tau1}, tau2={self.tau2}")
+        self.psi = _real(self.psi, "CADS: psi", 0.0, 1.0)
+
+    def gamma(self, u: float | Tensor) -> float | Tensor:
+        """The annealing schedule at normalized time ``u`` (a float, or a tensor of them)."""
+        g = (self.tau2 - u) / (self.tau2 - self.tau1)
+        return g.clamp(0.0, 1.0) if isinstance(g, Tensor) else min(max(g, 0.0), 1.0)
+
+    def anneal(self, y: Tensor, u: float | Tensor) -> Tensor:
+        """The annealed condition ``y'`` at normalized time ``u``."""
+        if not isinstance(y, Tensor) or not y.is_floating_point() or y.ndim < 1:
+            raise ValueError(
+                f"CADS: the condition {self.key!r} must be a floating tensor (an embedding), got "
+                f"{type(y).__name__ if not isinstance(y, Tensor) else y.dtype}"
+            )
+        g = self.gamma(u)
+        if self.noise_scale == 0 or (not isinstance(g, Tensor) and g == 1.0):
+            return y
+        if isinstance(g, Tensor):
+            g = g.to(device=y.device, dtype=y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
+            a, b = g.sqrt(), self.noise_scale * (1 - g).sqrt()
+        else:
+            a, b = math.sqrt(g), self.noise_scale * math.sqrt(1 - g)
+        n = torch.randn(y.shape, generator=self.generator, dtype=y.dtype, device=y.device)
+        y_hat = a * y + b * n
+        if self.psi == 0:
+            return y_hat
+        if y.ndim < 2 or y[0].numel() < 2:
+            raise ValueError(
+                f"CADS: rescaling (psi > 0) needs a condition with several entries per sample, got shape "
+                f"{tuple(y.shape)}"
+            )
+        dims = tuple(range(1, y.ndim))
+        mean_y, mean_h = y.mean(dims, keepdim=True), y_hat.mean(dims, keepdim=True)
+        rescaled = (y_hat - mean_h) / _per_sample_std(y_hat) * _per_sample_std(y) + mean_y
+        return self.psi * rescaled + (1 - self.psi) * y_hat
+
+
+class CFG(Guided):
+    """Classifier-free guidance ``eps_u + scale (eps_c - eps_u)`` (Ho & Salimans 2022, Eq. 6).
+
+    Args:
+        cond: the conditional denoiser, called with the sampler's ``**cond`` keyword arguments.
+        uncond: the unconditional denoiser (same process); may be ``cond`` itself.
+        scale: ``w >= 0``: 1 is the conditional denoiser, 0 the unconditional one, > 1 guidance.
+        uncond_kwargs: keyword arguments that override ``**cond`` for the unconditional call: one
+            net with a null label is ``CFG(den, den, 5.0, uncond_kwargs={"y": null})``, sampled as
+            ``sd.sample(guided, x_T, y=labels)``.
+        rescale: ``phi`` in ``[0, 1]`` of CFG-rescale (Lin et al. 2024, Eq. 15-16; diffusers'
+            ``guidance_rescale``); 0 is off.
+        rescale_space: ``"x0"`` (default), ``"eps"`` or ``"v"``: where the standard deviations are
+            matched (see the module docstring).
+        interval: ``(lo, hi)``: guidance only where ``lo < sigma/alpha <= hi`` (Kynkäänniemi et al.
+            2024); the conditional prediction elsewhere. ``None``: everywhere.
+        cads: a :class:`CADS` annealing the conditional call's ``cond[cads.key]``.
+
+    ``cost`` is 2, or 1 for a call that evaluates one net only (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        cond: Denoiser,
+        uncond: Denoiser,
+        scale: float,
+        *,
+        uncond_kwargs: dict[str, Any] | None = None,
+        rescale: float = 0.0,
+        rescale_space: str = "x0",
+        interval: tuple[float, float] | None = None,
+        cads: CADS | None = None,
+    ) -> None:
+        super().__init__(cond)
+        if not isinstance(uncond, Denoiser):
+            raise ValueError(f"CFG: uncond must be a steerdiff Denoiser, got {type(uncond).__name__}")
+        if not _same_process(cond, uncond):
+            raise ValueError(
+                f"CFG: cond and uncond must share a process, got {cond.process} and {uncond.process}"
+            )
+        self.uncond = uncond
+        self.scale = _real(scale, "CFG: scale")
+        if uncond_kwargs is not None and not isinstance(uncond_kwargs, dict):
+            raise ValueError(f"CFG: uncond_kwargs must be a dict, got {type(uncond_kwargs).__name__}")
+        self.uncond_kwargs = dict(uncond_kwargs or {})
+        self.rescale = _real(rescale, "CFG: rescale", 0.0, 1.0)
+        if rescale_space not in RESCALE_SPACES:
+            raise ValueError(f"CFG: rescale_space={rescale_space!r}; accepted: {RESCALE_SPACES}")
+        self.rescale_space = rescale_space
+        if interval is not None:
+            if not isinstance(interval, Sequence) or len(interval) != 2:
+                raise ValueError(f"CFG: interval must be a pair (lo, hi) of noise levels, got {interval!r}")
+            lo = _real(interval[0], "CFG: interval[0] (lo)")
+            hi = _real(interval[1], "CFG: interval[1] (hi)")
+            if not lo < hi:
+                raise ValueError(f"CFG: interval needs lo < hi, got {interval!r}")
+            interval = (lo, hi)
+        self.interval = interval
+        if cads is not None and not isinstance(cads, CADS):
+            raise ValueError(f"CFG: cads must be a steerdiff.guidance.CADS, got {type(cads).__name__}")
+        self.cads = cads
+        self.cost = 1 if self.scale == 1 or (self.scale == 0 and self.rescale == 0) else 2
+
+    def _inside(self, t: float | Tensor, x: Tensor) -> bool | Tensor:
+        """Whether ``t`` is in the guidance interval: a bool, or per sample for a tensor ``t``."""
+        if self.interval is None:
+            return True
+        lo, hi = self.interval
+        a, s = self.coefficients(t, x)[:2]
+        if isinstance(a, Tensor):
+            r = torch.where(a > 0, s / a.clamp_min(torch.finfo(a.dtype).tiny), math.inf).reshape(-1)
+            inside = (r > lo) & (r <= hi)
+            return True if bool(inside.all()) else (False if not bool(inside.any()) else inside)
+        r = s / a if a > 0 else math.inf
+        return lo < r <= hi
+
+    def _cond_kwargs(self, t: float | Tensor, cond: dict[str, Any]) -> dict[str, Any]:
+        if self.cads is None:
+            return cond
+        key = self.cads.key
+        if key not in cond:
+            raise ValueError(f"CADS: the sampler passed no condition {key!r}; got {sorted(cond)}")
+        p = self.process
+        u = (t.to(torch.float64) if isinstance(t, Tensor) else float(t)) - p.t_min
+        return {**cond, key: self.cads.anneal(cond[key], u / (p.t_max - p.t_min))}
+
+    def _space(self, p: Prediction) -> Tensor:
+        if self.rescale_space == "x0":
+            return p.x0
+        if self.rescale_space == "eps":
+            return p.eps
+        return p.alpha * p.eps - p.sigma * p.x0
+
+    def _from_space(self, p: Prediction, v: Tensor) -> Prediction:
+        if self.rescale_space == "x0":
+            return Prediction(p.x, p.alpha, p.sigma, x0=v)
+        if self.rescale_space == "eps":
+            return Prediction(p.x, p.alpha, p.sigma, eps=v)
+        a, s = p.alpha, p.sigma  # x = a x0 + s eps, v = a eps - s x0  =>  x0 = (a x - s v) / (a^2 + s^2)
+        return Prediction(p.x, a, s, x0=(a * p.x - s * v) / (a * a + s * s))
+
+    def guide(self, pc: Prediction, pu: Prediction) -> Prediction:
+        """The guided prediction from the conditional ``pc`` and unconditional ``pu`` ones at the same
+        ``(x, t)``: the CFG combination (in ``x0`` when the conditional net gives ``x0``, else in
+        ``eps``; the same by linearity), then CFG-rescale if ``rescale > 0``."""
+        w = self.scale
+        if pc._x0 is not None:
+            out = Prediction(pc.x, pc.alpha, pc.sigma, x0=pu.x0 + w * (pc.x0 - pu.x0))
+        else:
+            out = Prediction(pc.x, pc.alpha, pc.sigma, eps=pu.eps + w * (pc.eps - pu.eps))
+        if self.rescale == 0:
+            return out
+        ref, guided = self._space(pc), self._space(out)
+        factor = self.rescale * _per_sample_std(ref) / _per_sample_std(guided) + (1 - self.rescale)
+        return self._from_space(out, guided * factor)
+
+    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        inside = self._inside(t, x)
+        if inside is False or self.scale == 1:  # the conditional prediction (rescale is then the identity)
+            self.cost = 1
+            return self.base(x, t, **self._cond_kwargs(t, cond))
+        ukw = {**cond, **self.uncond_kwargs}
+        if inside is True and self.scale == 0 and self.rescale == 0:  # the unconditional prediction
+            self.cost = 1
+            return self.uncond(x, t, **ukw)
+        self.cost = 2
+        pc = self.base(x, t, **self._cond_kwargs(t, cond))
+        out = self.guide(pc, self.uncond(x, t, **ukw))
+        if isinstance(inside, Tensor):  # per-sample times, some outside the interval
+            m = inside.reshape(-1, *([1] * (x.ndim - 1)))
+            return Prediction(x, pc.alpha, pc.sigma, eps=torch.where(m, out.eps, pc.eps))
+        return out
+
+    def __repr__(self) -> str:
+        return f"CFG({self.base!r}, scale={self.scale})"
+
+
+def _corrector_score(model: Model, t: float, sigma: float, step: int) -> Callable[[Tensor], Tensor]:
+    """The score ``-eps / sigma`` of ``model``'s denoiser at ``t`` (one counted call per evaluation)."""
+    return lambda y: model(y, t, step).eps * (-1.0 / sigma)
+
+
+def pcg(
+    cond: Denoiser,
+    uncond: Denoiser,
+    x_T: Tensor,
+    steps: int,
+    gamma: float,
+    *,
+    langevin_steps: int = 1,
+    step_scale: float = 1.0,
+    uncond_kwargs: dict[str, Any] | None = None,
+    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
+    return_info: bool = False,
+    **kwargs: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]:
+    r"""Predictor-corrector guidance (PCG; Bradley & Nakkiran 2024, "Classifier-Free Guidance is a
+    Predictor-Corrector", Alg. 1-2).
+
+    Each step is a DDIM step on the *conditional* denoiser (the predictor) from node ``i`` to
+    ``i + 1``, then ``langevin_steps`` unadjusted Langevin moves (:class:`~steerdiff.mcmc.ULA`)
+    targeting the gamma-powered density ``p_t(x|c)^gamma p_t(x)^{1-gamma}``, whose score is
+    :class:`CFG` at scale ``gamma`` (``-eps_gamma / sigma``):
+
+        x <- x + eta grad log p^{c,gamma}_t(x) + sqrt(2 eta) z,
+        eta = step_scale * sigma_{i+1}^2 (1 - exp(-2 h)) / 2,       h = lam_{i+1} - lam_i,
+
+    i.e. (``step_scale = 1``) half the variance of the DDPM step between the nodes. The reverse SDE
+    is the probability-flow ODE plus a Langevin move of step ``g^2 dt / 2 = sigma^2 h``, so in the
+    SDE limit one move with ``gamma = 2 w - 1`` is CFG-DDPM at scale ``w``: a score
+    ``(s_c + s_{2w-1}) / 2 = s_w`` (their Sec. 4 equivalence, ``gamma' = 2 gamma - 1``). Into a
+    clean end the step returns the conditional ``x0``, without correction.
+
+    ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and ``**kwargs`` (the condition) are as
+    for :class:`CFG` and :func:`steerdiff.sample`. NFE: one per step for the predictor, plus
+    ``CFG.cost`` (2; 1 for ``gamma = 1``) per Langevin move; ``SampleInfo.corrector`` has one
+    :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
+    """
+    gamma = _real(gamma, "pcg: gamma")
+    check_steps(langevin_steps, "langevin_steps")
+    step_scale = _real(step_scale, "pcg: step_scale")
+    if step_scale == 0 or math.isinf(step_scale):
+        raise ValueError(f"pcg: step_scale must be a finite number > 0, got {step_scale!r}")
+    _check_x(cond, x_T)
+    sharpened = CFG(cond, uncond, gamma, uncond_kwargs=uncond_kwargs)
+    sched = get_schedule(schedule)
+    grid = make_grid(cond.process, sched, steps, final)
+    source = make_noise(generator)
+    predictor, corrector = Model(cond, kwargs, source), Model(sharpened, kwargs, source)
+    chains = []
+    x = x_T
+    for i in range(grid.steps):
+        x = predictor(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
+        if grid.is_final_clean(i):
+            break
+        t, sigma = grid.t[i + 1], grid.sigma[i + 1]
+        eta = step_scale * 0.5 * sigma**2 * -math.expm1(-2 * grid.h(i))
+        target = Target(score=_corrector_score(corrector, t, sigma, i))
+        x, info = chain(ULA(), Point(x), target, langevin_steps, eta, lambda like, t=t: source(t, t, like), t)
+        chains.append(info)
+    predictor.check_finite()
+    corrector.check_finite()
+    if return_info:
+        return x, SampleInfo(predictor.nfe + corrector.nfe, grid, DDIM(), sched, chains)
+    return x

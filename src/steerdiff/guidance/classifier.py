@@ -1,0 +1,201 @@
+r"""Gradient guidance without an inverse problem: a noisy classifier, or a reward of the denoised
+estimate.
+
+* :class:`ClassifierGuidance` (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image
+  Synthesis", Sec. 4, Eq. 14 / Alg. 2): with a classifier ``log p(y | x_t, t)`` trained on noisy
+  inputs, the conditional score is ``grad log p_t(x) + grad log p(y | x_t)``; with a scale ``s``,
+
+      eps' = eps - s sigma grad_x log p(y | x_t, t).
+
+  With the exact noisy classifier and ``s = 1`` this is the exact score of ``p_t(x | y)``.
+* :class:`RewardGuidance` (Bansal et al. 2023, "Universal Guidance for Diffusion Models", forward
+  guidance, Eq. 6): the classifier is replaced by a reward ``r`` of the denoised estimate,
+
+      eps' = eps - s sigma grad_x r(x0_hat(x_t)),
+
+  the gradient taken through the denoiser (their ``s(t)`` is ``s sigma_t``); an approximation of
+  the tilted score ``grad log E[exp r(x0) | x_t]`` (exact when ``x0 | x_t`` is a point mass).
+* :class:`SelfRecurrence` (Bansal et al. 2023, Alg. 1, "per-step self-recurrence"): a solver that
+  takes every step ``k`` times, re-noising the result back to the step's start with the forward
+  process in between.
+
+Guided predictions are returned detached from the graph; these wrappers therefore need autograd
+on (not under ``torch.no_grad()``) and do not stack under another gradient-guided wrapper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser, Prediction
+from ..noise import BrownianTreeNoise
+from ..solvers import get as get_solver
+from ..solvers.base import Grid, Model, Solver, Transition
+from .base import Guided, add_score, denoise_with_grad, require_grad
+
+__all__ = ["ClassifierGuidance", "RewardGuidance", "SelfRecurrence"]
+
+
+def _check_scale(scale: Any, who: str) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
+        raise ValueError(f"{who}: scale must be a finite number >= 0, got {scale!r}")
+    return float(scale)
+
+
+def _detached(pred: Prediction) -> Prediction:
+    return Prediction(pred.x.detach(), pred.alpha, pred.sigma, eps=pred.eps.detach())
+
+
+def _gradient(who: str, name: str, value: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
+    """``grad_x value.sum()``, after checking that ``value`` is a finite, differentiable ``(n,)`` tensor."""
+    n = x.shape[0]
+    if not isinstance(value, Tensor) or tuple(value.shape) != (n,):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{who}: {name} must return a ({n},) tensor (one value per sample), got {shape}")
+    if not value.requires_grad:
+        raise RuntimeError(
+            f"{who}: {name}'s output does not depend differentiably on x (computed under torch.no_grad() "
+            "or detached?); guidance needs its gradient"
+        )
+    (g,) = torch.autograd.grad(value.sum(), x)
+    if not (bool(torch.isfinite(value).all()) and bool(torch.isfinite(g).all())):
+        where = float(t) if not isinstance(t, Tensor) or t.ndim == 0 else "per-sample times"
+        raise ValueError(f"{who}: {name} or its gradient is NaN/inf at t={where}")
+    return g
+
+
+class ClassifierGuidance(Guided):
+    """Classifier guidance: score ``+ scale * grad_x log p(y | x_t, t)`` (Dhariwal & Nichol 2021, Eq. 14).
+
+    Args:
+        den: the (unconditional or conditional) denoiser.
+        log_prob_y: ``log_prob_y(x_t, t, **cond) -> (n,)``, the noise-conditional classifier's
+            log-probability of the wanted labels (``t`` the process time; the labels in ``**cond``
+            or in a closure), differentiable in ``x_t``.
+        scale: ``s >= 0`` (Dhariwal & Nichol's classifier scale; 1 is the exact conditional score
+            with an exact classifier).
+
+    ``**cond`` goes to both the denoiser and the classifier. ``cost`` is ``den``'s (the classifier
+    and its backward pass are not network evaluations of the diffusion model).
+    """
+
+    def __init__(self, den: Denoiser, log_prob_y: Callable[..., Tensor], scale: float = 1.0) -> None:
+        super().__init__(den)
+        if not callable(log_prob_y):
+            raise ValueError("ClassifierGuidance: log_prob_y must be callable (x_t, t, **cond) -> (n,)")
+        self.log_prob_y = log_prob_y
+        self.scale = _check_scale(scale, "ClassifierGuidance")
+
+    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        pred = self.base(x, t, **cond)
+        if self.scale == 0:
+            return pred
+        require_grad("ClassifierGuidance")
+        xr = x.detach().requires_grad_(True)
+        g = _gradient("ClassifierGuidance", "log_prob_y", self.log_prob_y(xr, t, **cond), xr, t)
+        return add_score(_detached(pred), self.scale * g)
+
+    def __repr__(self) -> str:
+        return f"ClassifierGuidance({self.base!r}, scale={self.scale})"
+
+
+class RewardGuidance(Guided):
+    """Forward universal guidance: score ``+ scale * grad_x r(x0_hat(x_t))`` (Bansal et al. 2023, Eq. 6).
+
+    Args:
+        den: the denoiser; its net must be differentiable in ``x``.
+        reward: ``reward(x0) -> (n,)``, differentiable (e.g. ``-loss(c, f(x0))`` of Bansal et al.).
+        scale: ``s >= 0``.
+
+    ``cost`` is ``den``'s: one forward evaluation per call (plus one backward pass through the net).
+    For Bansal et al.'s self-recurrence sample with ``solver=SelfRecurrence("ddim", repeats=k)``.
+    """
+
+    def __init__(self, den: Denoiser, reward: Callable[[Tensor], Tensor], scale: float = 1.0) -> None:
+        super().__init__(den)
+        if not callable(reward):
+            raise ValueError("RewardGuidance: reward must be callable x0 -> (n,)")
+        self.reward = reward
+        self.scale = _check_scale(scale, "RewardGuidance")
+
+    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        if self.scale == 0:
+            return self.base(x, t, **cond)
+        xr, pred = denoise_with_grad("RewardGuidance", self.base, x, t, **cond)
+        g = _gradient("RewardGuidance", "reward", self.reward(pred.x0), xr, t)
+        return add_score(_detached(pred), self.scale * g)
+
+    def __repr__(self) -> str:
+        return f"RewardGuidance({self.base!r}, scale={self.scale})"
+
+
+@dataclass(init=False)
+class SelfRecurrence(Solver):
+    r"""Per-step self-recurrence (Bansal et al. 2023, "Universal Guidance", Alg. 1) around a
+    single-step solver.
+
+    Step ``i`` is taken ``repeats = k`` times; after each of the first ``k - 1`` the result ``y``
+    at node ``i + 1`` is re-noised back to node ``i`` with the forward process,
+
+        x_i <- (alpha_i / alpha_{i+1}) y + sqrt(sigma_i^2 - (alpha_i sigma_{i+1} / alpha_{i+1})^2) z,
+
+    which leaves ``p_{t_i}`` invariant when the step is exact (for an exact DDIM step of a point
+    mass, exactly). ``inner``: a name or a solver without history (``ddim``, ``ddpm``, ``euler``,
+    ``heun``, ``euler_ancestral``, ...). NFE: ``k`` times the inner solver's. The re-noising draws
+    from the run's generator (a Brownian tree has no fresh noise backwards: refused).
+    """
+
+    name: ClassVar[str] = "self_recurrence"
+    stochastic: ClassVar[bool] = True
+
+    inner: str | Solver = "ddim"
+    repeats: int = 1
+
+    def __init__(self, inner: str | Solver = "ddim", repeats: int = 1) -> None:
+        self.order, self.inner, self.repeats = 1, inner, repeats
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.inner = get_solver(self.inner)
+        if isinstance(self.inner, SelfRecurrence):
+            raise ValueError("SelfRecurrence: inner must not itself be a SelfRecurrence")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"SelfRecurrence: repeats must be an integer >= 1, got {self.repeats!r}")
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        state = self.inner.init_state(grid)
+        if state:
+            raise ValueError(
+                f"SelfRecurrence: inner solver {self.inner.name!r} keeps a history between steps; use a "
+                "single-step solver (ddim, ddpm, euler, heun, euler_ancestral)"
+            )
+        return state
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
+        if self.repeats > 1 and isinstance(model.noise, BrownianTreeNoise):
+            raise ValueError(
+                "SelfRecurrence: the re-noising needs fresh noise; pass a generator, not a Brownian tree"
+            )
+        back = grid.alpha[i] / grid.alpha[i + 1]
+        std = math.sqrt(max(grid.sigma[i] ** 2 - (back * grid.sigma[i + 1]) ** 2, 0.0))
+        for _ in range(self.repeats - 1):
+            out = self.inner.step(model, x, i, grid, state)
+            if isinstance(out, Transition):  # drawn as steerdiff.sample draws it
+                noiseless = isinstance(out.std, float) and out.std == 0.0
+                out = (
+                    out.mean
+                    if noiseless
+                    else out.mean + out.std * model.noise(grid.t[i], grid.t[i + 1], out.mean)
+                )
+            x = back * out + std * model.noise(grid.t[i + 1], grid.t[i], out)
+        return self.inner.step(model, x, i, grid, state)
+
+    def nfe(self, steps: int, clean_end: bool = True) -> int:
+        return self.repeats * self.inner.nfe(steps, clean_end)

@@ -1,0 +1,156 @@
+r"""RePaint (Lugmayr, Danelljan, Romero, Yu, Timofte & Van Gool 2022, "RePaint: Inpainting using
+Denoising Diffusion Probabilistic Models", CVPR): replacement of the known region, with resampling.
+
+Their Alg. 1 at step ``t``: the known pixels of ``x_{t-1}`` are a forward sample of the observation,
+``alpha_{t-1} y + sigma_{t-1} n``; the unknown ones come from the DDPM step from ``x_t``; the two are
+merged; and ``U - 1`` times the merged ``x_{t-1}`` is noised back to ``t`` (``q(x_t | x_{t-1})``) and
+the step redone ("resampling", which harmonizes the unknown region with the known one). Their
+schedule jumps back ``j`` steps at a time (``j = 10``, ``U = 10`` on 250 steps) instead of one.
+
+Two pieces here:
+
+* :class:`RePaint`, a denoiser wrapper (every solver): at ``(x_t, t)`` the measured component of
+  ``x_t`` is replaced by a fresh forward sample, ``x_t <- x_t + A^+ (alpha y + sigma A z - A x_t)``,
+  the base denoiser runs there, and its ``x0`` is made consistent, ``x0 <- x0 + A^+ (y - A x0)``.
+  For :class:`~steerdiff.inverse.Inpaint` (``A^+ = A^T``) these are the paper's "known pixels from
+  ``alpha y + sigma z``" and "known pixels of the final image = ``y``"; any operator with a
+  pseudo-inverse works the same way on its row space. With ``solver="ddpm"`` this is Alg. 1 with
+  ``U = 1``: the unknown region follows the DDPM step (the null-space part of ``x_t`` is untouched by
+  the replacement), and the known region of the state is redrawn at every evaluation -- in Alg. 1
+  it is drawn once per step and used at the next evaluation, which has the same law (independent
+  of the unknown region either way).
+* :func:`repaint_sample`, Alg. 1 with resampling jumps: DDPM steps with :class:`RePaint` over a grid
+  of ``steps`` nodes; each time it reaches a noisy node ``k`` that is a multiple of ``jump``, it
+  noises the state back to node ``k - jump`` with the forward transition ``q(x_{k-j} | x_k)`` and
+  descends again, ``resample - 1`` times per such node. NFE is :func:`repaint_nfe`.
+
+RePaint takes ``y`` as exact (noiseless inpainting); with a noisy observation the samples' measured
+component is ``y`` itself, a bias of order the noise level. No gradients are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import schedules as _schedules
+from ..denoiser import Denoiser, Prediction
+from ..inverse.operators import LinearOperator
+from ..noise import GeneratorNoise
+from ..sampling import SampleInfo
+from ..schedules import Schedule
+from ..solvers.base import Model, Transition, make_grid
+from ..solvers.ddpm import DDPM
+from ._measurement import MeasurementGuided
+
+__all__ = ["RePaint", "repaint_nfe", "repaint_sample"]
+
+
+class RePaint(MeasurementGuided):
+    """Replace the measured component of ``x_t`` by a forward sample of ``y``; make ``x0`` consistent.
+
+    Args:
+        base: the prior's denoiser.
+        operator: the measurement operator (an :class:`~steerdiff.inverse.Inpaint` mask for the paper's
+            setting; any operator with ``pinv``).
+        y: the observation, ``operator.shape_out`` (broadcast over the batch) or one per sample,
+            taken as exact.
+        generator: draws the forward samples ``z`` of the replacement.
+    """
+
+    def __init__(
+        self, base: Denoiser, operator: LinearOperator, y: Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__(base, operator, y)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"RePaint: generator must be a torch.Generator or None, got {type(generator)}")
+        try:
+            operator.pinv(self.y.reshape(-1, *operator.shape_out)[:1])
+        except NotImplementedError as err:
+            raise ValueError(f"RePaint: the operator has no pseudo-inverse ({err})") from err
+        self.generator = generator
+
+    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        op, y = self.operator, self.observation(x)
+        alpha, sigma = self.coefficients(t, x)[:2]
+        z = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        # x + A^+ (alpha y + sigma A z - A x), with A^+ (sigma A z - A x) = A^+ A (sigma z - x)
+        known = x + op.pinv(op.forward(sigma * z - x)) + alpha * op.pinv(y)
+        pred = self.base(known, t, **cond)
+        return Prediction(x, alpha, sigma, x0=self.project(pred.x0))
+
+    def __repr__(self) -> str:
+        return f"RePaint({self.base!r})"
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"repaint_sample: {name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def repaint_nfe(steps: int, resample: int = 1, jump: int = 1) -> int:
+    """Network evaluations of :func:`repaint_sample`:
+    ``steps + (resample - 1) jump floor((steps - 1) / jump)`` (``jump = 1``: ``(steps - 1) resample + 1``,
+    Alg. 1's ``U`` evaluations per step)."""
+    return steps + (resample - 1) * jump * ((steps - 1) // jump)
+
+
+def repaint_sample(
+    den: Denoiser,
+    operator: LinearOperator,
+    y: Tensor,
+    x_T: Tensor,
+    steps: int,
+    *,
+    resample: int = 1,
+    jump: int = 1,
+    schedule: str | Schedule = "time_uniform",
+    generator: torch.Generator | None = None,
+    return_info: bool = False,
+    **cond: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]:
+    """RePaint's Alg. 1 with resampling jumps (see the module): a sample of ``den`` given ``y = A x0``.
+
+    Args:
+        den: the prior's denoiser (wrapped here in :class:`RePaint`).
+        operator, y: the measurement (``y`` exact).
+        x_T: initial noise, ``(batch, *operator.shape_in)``.
+        steps: grid nodes (``final="zero"``: the last step returns the denoised estimate).
+        resample: ``U``, the passes over each jump interval (1: no resampling).
+        jump: ``j``, the jump length in grid steps.
+        schedule: the grid's schedule (default ``"time_uniform"``, as DDPM).
+        generator: all randomness (DDPM noise, forward jumps, replacement samples).
+        return_info: also return a :class:`~steerdiff.SampleInfo` (NFE = :func:`repaint_nfe`).
+    """
+    resample, jump = _positive_int("resample", resample), _positive_int("jump", jump)
+    if not isinstance(x_T, Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
+        raise ValueError("repaint_sample: x_T must be a floating (batch, *sample_shape) tensor")
+    guided = RePaint(den, operator, y, generator)
+    sched = _schedules.get(schedule)
+    grid = make_grid(den.process, sched, steps)
+    solver = DDPM()
+    model = Model(guided, cond, GeneratorNoise(generator))
+    state = solver.init_state(grid)
+    passes = [0] * (grid.steps + 1)
+    x, i = x_T, 0
+    while i < grid.steps:
+        out = solver.step(model, x, i, grid, state)
+        if isinstance(out, Transition):
+            out = out.mean + out.std * model.noise(grid.t[i], grid.t[i + 1], x)
+        x = out
+        i += 1
+        if i < grid.steps and i >= jump and i % jump == 0 and passes[i] < resample - 1:
+            passes[i] += 1
+            back = i - jump  # forward transition q(x_back | x_i): mean ratio x_i, variance the rest
+            ratio = grid.alpha[back] / grid.alpha[i]
+            std = math.sqrt(max(grid.sigma[back] ** 2 - (ratio * grid.sigma[i]) ** 2, 0.0))
+            x = ratio * x + std * model.noise(grid.t[i], grid.t[back], x)
+            i = back
+    model.check_finite()
+    if return_info:
+        return x, SampleInfo(model.nfe, grid, solver, sched)
+    return x

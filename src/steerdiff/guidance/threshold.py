@@ -1,0 +1,81 @@
+r"""Thresholding of the denoised estimate, as a denoiser (Saharia et al. 2022, "Photorealistic
+Text-to-Image Diffusion Models with Deep Language Understanding" (Imagen), Sec. 2.3).
+
+Dynamic thresholding: per sample, ``s`` is the ``p``-quantile of ``|x0|`` over the sample's
+entries, floored at 1 (and capped at ``max_value`` if given), and
+
+    x0' = clip(x0, -s, s) / s,        eps' = (x - alpha x0') / sigma,
+
+so the solver sees a consistent ``(x0', eps')`` pair. With ``s = 1`` (every entry already in
+``[-1, 1]``) it is the identity on ``x0``. Static clipping (``percentile=None``) is
+``x0' = clip(x0, -max_value, max_value)``. diffusers' ``thresholding=True`` with
+``dynamic_thresholding_ratio=p, sample_max_value=m`` is ``DynamicThreshold(den, p, m)``, its
+``clip_sample=True, clip_sample_range=m`` is ``DynamicThreshold(den, None, m)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser, Prediction
+from .base import Guided
+
+__all__ = ["DynamicThreshold"]
+
+
+class DynamicThreshold(Guided):
+    """Imagen's dynamic thresholding of ``x0`` (or static clipping with ``percentile=None``).
+
+    Args:
+        den: the denoiser whose ``x0`` is thresholded.
+        percentile: the quantile ``p`` in ``(0, 1]`` of ``|x0|`` per sample (Imagen: 0.995, a
+            fraction, not a percent); ``None``: static clipping at ``max_value``.
+        max_value: the largest threshold ``s`` (diffusers' ``sample_max_value``); ``None``: no cap
+            (Imagen). Required for static clipping.
+
+    ``cost`` is ``den``'s: the threshold needs no further network evaluation.
+    """
+
+    def __init__(
+        self, den: Denoiser, percentile: float | None = 0.995, max_value: float | None = None
+    ) -> None:
+        super().__init__(den)
+        if percentile is not None and not (
+            isinstance(percentile, (int, float)) and not isinstance(percentile, bool) and 0 < percentile <= 1
+        ):
+            raise ValueError(f"DynamicThreshold: percentile must be in (0, 1] or None, got {percentile!r}")
+        if max_value is not None:
+            real = isinstance(max_value, (int, float)) and not isinstance(max_value, bool)
+            if not (
+                real
+                and math.isfinite(max_value)
+                and (max_value >= 1 if percentile is not None else max_value > 0)
+            ):
+                raise ValueError(
+                    "DynamicThreshold: max_value must be a finite number (>= 1 with a percentile, > 0 for "
+                    f"static clipping) or None, got {max_value!r}"
+                )
+        if percentile is None and max_value is None:
+            raise ValueError("DynamicThreshold: give a percentile (dynamic) or a max_value (static clipping)")
+        self.percentile, self.max_value = percentile, max_value
+
+    def threshold(self, x0: Tensor) -> Tensor:
+        """The thresholded ``x0`` (per sample; the quantile is computed in float32 at least)."""
+        if self.percentile is None:
+            return x0.clamp(-self.max_value, self.max_value)
+        flat = x0.reshape(x0.shape[0], -1)
+        work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+        s = torch.quantile(work.abs(), self.percentile, dim=1).clamp(min=1.0, max=self.max_value)
+        s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) / s
+
+    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        pred = self.base(x, t, **cond)
+        return Prediction(x, pred.alpha, pred.sigma, x0=self.threshold(pred.x0))
+
+    def __repr__(self) -> str:
+        return f"DynamicThreshold({self.base!r}, percentile={self.percentile}, max_value={self.max_value})"

@@ -1,0 +1,410 @@
+"""Classifier-free guidance, its refinements (rescale, interval, CADS), PCG and thresholding.
+
+Oracle: a two-class mixture ``p(x) = (p(x|0) + p(x|1)) / 2`` whose classes are sub-mixtures, with
+the exact denoisers of ``p(x|c)`` and ``p(x)`` behind one net that takes a label (``-1``: null). The
+guided score must be that of ``p_t(x|c)^w p_t(x)^{1-w}`` at every noise level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import steerdiff as sd
+from steerdiff.guidance import CADS, CFG, DynamicThreshold, pcg
+
+F64 = torch.float64
+NULL = -1
+
+
+def two_class() -> tuple[sd.toy.GaussianMixture, sd.toy.GaussianMixture, sd.toy.GaussianMixture]:
+    """Classes 0 and 1 (two components each, in 2-D) and their equal-weight mixture."""
+    m0 = torch.tensor([[-2.0, 0.5], [-1.0, -1.5]], dtype=F64)
+    m1 = torch.tensor([[2.0, 0.0], [1.5, 2.0]], dtype=F64)
+    var = torch.tensor([[0.3, 0.2], [0.25, 0.4]], dtype=F64)
+    ones = torch.ones(2, dtype=F64)
+    c0, c1 = sd.toy.GaussianMixture(m0, var, ones), sd.toy.GaussianMixture(m1, var, ones)
+    return (
+        c0,
+        c1,
+        sd.toy.GaussianMixture(torch.cat([m0, m1]), torch.cat([var, var]), torch.ones(4, dtype=F64)),
+    )
+
+
+def labelled(process: sd.Process) -> sd.Denoiser:
+    """One exact x0-net ``net(x, t, y)``: ``y`` = 0 or 1 a class, ``NULL`` the unconditional law."""
+    c0, c1, full = two_class()
+
+    def net(x: torch.Tensor, t: torch.Tensor, y: int) -> torch.Tensor:
+        law = full if y == NULL else (c0, c1)[y]
+        if bool((t == t[0]).all()):
+            return law.denoise(x, float(process.alpha(t[0])), float(process.sigma(t[0])))
+        rows = [
+            law.denoise(x[k : k + 1], float(process.alpha(tk)), float(process.sigma(tk)))
+            for k, tk in enumerate(t)
+        ]
+        return torch.cat(rows)  # per-sample times
+
+    return sd.Denoiser(net, process, prediction="x0", shape=(2,))
+
+
+class Impulse:
+    """A noise source returning, at its ``k``-th call, a unit impulse in batch row ``k + 2`` (zeros
+    elsewhere): row 0 then carries a sampler's affine offset, row 1 its response to ``x_T`` and row
+    ``k + 2`` its response to the ``k``-th draw."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros_like(like)
+        z[self.calls + 2] = 1.0
+        self.calls += 1
+        return z
+
+
+def affine_law(run, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact output mean and variance of a sampler that is affine in ``(x_T, noise)`` (Gaussian data),
+    for ``x_T ~ N(0, I)``: ``run(x_T, noise_source)`` makes ``draws`` noise draws."""
+    x = torch.zeros(draws + 2, 1, dtype=F64)
+    x[1] = 1.0
+    source = Impulse()
+    out = run(x, source)
+    assert source.calls == draws
+    return out[0, 0], ((out[1:, 0] - out[0, 0]) ** 2).sum()
+
+
+@pytest.fixture(scope="module")
+def den(sd_process):
+    return labelled(sd_process)
+
+
+def _grad_log(law: sd.toy.GaussianMixture, x: torch.Tensor, a: float, s: float) -> torch.Tensor:
+    xr = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(law.log_prob(xr, a, s).sum(), xr)
+    return g
+
+
+# --- the CFG score is the score of the gamma-powered density -------------------------------------
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 1.0, 3.0, 7.5])
+def test_cfg_is_the_powered_score(sd_process, den, w):
+    _, c1, full = two_class()
+    guided = CFG(den, den, w, uncond_kwargs={"y": NULL})
+    x = 2 * torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    for t in (999.0, 700.0, 300.0, 40.0, 5.0):
+        a, s = float(sd_process.alpha(t)), float(sd_process.sigma(t))
+        score = w * _grad_log(c1, x, a, s) + (1 - w) * _grad_log(full, x, a, s)
+        pred = guided(x, t, y=1)
+        assert guided.cost == (1 if w in (0.0, 1.0) else 2)
+        # measured <= 2.0e-13 (relative)
+        assert float((pred.eps + s * score).abs().max() / (s * score).abs().max()) < 1e-11
+
+
+def test_scale_one_and_zero_are_the_conditional_and_unconditional_denoisers(den):
+    x_T = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    kw = {"steps": 12, "solver": "dpmpp_2m", "return_info": True}
+    cond, info_c = sd.sample(den, x_T, y=1, **kw)
+    uncond, _ = sd.sample(den, x_T, y=NULL, **kw)
+    one, info_1 = sd.sample(CFG(den, den, 1.0, uncond_kwargs={"y": NULL}), x_T, y=1, **kw)
+    zero, info_0 = sd.sample(CFG(den, den, 0.0, uncond_kwargs={"y": NULL}), x_T, y=1, **kw)
+    assert float((one - cond).abs().max()) <= 1e-12 and float((zero - uncond).abs().max()) <= 1e-12
+    assert info_1.nfe == info_0.nfe == info_c.nfe == 12  # one net where one estimate suffices
+
+
+@pytest.mark.parametrize("name", sd.solvers.available())
+def test_cfg_composes_with_every_solver(den, name):
+    x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+
+    def run(d: sd.Denoiser, **cond):
+        return sd.sample(
+            d, x_T, steps=6, solver=name, generator=torch.Generator().manual_seed(7), return_info=True, **cond
+        )
+
+    plain, info = run(den, y=1)
+    guided, info_g = run(CFG(den, den, 3.0, uncond_kwargs={"y": NULL}), y=1)
+    one, info_1 = run(CFG(den, den, 1.0, uncond_kwargs={"y": NULL}), y=1)
+    assert bool(torch.isfinite(guided).all())
+    assert info_g.nfe == 2 * info.nfe == 2 * info.solver.nfe(6)
+    assert info_1.nfe == info.nfe and torch.equal(one, plain)
+    assert float((guided - plain).abs().max()) > 1e-3  # guidance did something
+
+
+# --- CFG-rescale ----------------------------------------------------------------------------------
+
+
+def _std(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape[0], -1).std(dim=1)
+
+
+@pytest.mark.parametrize("space", ["x0", "eps", "v"])
+def test_rescale_matches_the_conditional_std(den, space):
+    x = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    plain = CFG(den, den, 6.0, uncond_kwargs={"y": NULL})
+    full = CFG(den, den, 6.0, uncond_kwargs={"y": NULL}, rescale=1.0, rescale_space=space)
+    mixed = CFG(den, den, 6.0, uncond_kwargs={"y": NULL}, rescale=0.7, rescale_space=space)
+    for t in (900.0, 400.0, 50.0):
+        pc, pg = den(x, t, y=1), plain(x, t, y=1)
+        a, s = pc.alpha, pc.sigma
+
+        def get(p: sd.Prediction, a: float = a, s: float = s) -> torch.Tensor:
+            return {"x0": p.x0, "eps": p.eps, "v": a * p.eps - s * p.x0}[space]
+
+        ratio = (_std(get(pc)) / _std(get(pg)))[:, None]
+        assert torch.allclose(_std(get(full(x, t, y=1))), _std(get(pc)), rtol=1e-12)  # Lin et al. Eq. 15
+        assert torch.allclose(get(full(x, t, y=1)), get(pg) * ratio, rtol=1e-12, atol=1e-13)
+        assert torch.allclose(get(mixed(x, t, y=1)), get(pg) * (0.7 * ratio + 0.3), rtol=1e-12, atol=1e-13)
+
+
+# --- guidance interval ----------------------------------------------------------------------------
+
+
+def test_interval_guides_inside_only(sd_process, den):
+    lo, hi = 0.5, 3.0
+    guided = CFG(den, den, 4.0, uncond_kwargs={"y": NULL}, interval=(lo, hi))
+    plain = CFG(den, den, 4.0, uncond_kwargs={"y": NULL})
+    x = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(5))
+    seen = set()
+    for t in (999.0, 800.0, 600.0, 400.0, 200.0, 100.0, 20.0):
+        r = float(sd_process.sigma(t) / sd_process.alpha(t))
+        inside = lo < r <= hi
+        seen.add(inside)
+        ref = plain(x, t, y=1) if inside else den(x, t, y=1)
+        assert torch.equal(guided(x, t, y=1).eps, ref.eps) and guided.cost == (2 if inside else 1)
+    assert seen == {True, False}
+    # per-sample times: row by row as above
+    ts = torch.tensor([999.0, 400.0, 100.0, 400.0, 20.0, 800.0, 600.0, 200.0], dtype=F64)
+    for g in (guided, CFG(den, den, 0.0, uncond_kwargs={"y": NULL}, interval=(lo, hi))):
+        rows = torch.cat([g(x[k : k + 1], float(ts[k]), y=1).eps for k in range(8)])
+        assert torch.allclose(g(x, ts, y=1).eps, rows, rtol=1e-12, atol=1e-14) and g.cost == 2
+    # the NFE counts 2 at the nodes inside, 1 outside
+    _, info = sd.sample(guided, x, steps=20, solver="ddim", return_info=True, y=1)
+    ratios = [s / a for s, a in zip(info.grid.sigma[:-1], info.grid.alpha[:-1], strict=True)]
+    assert info.nfe == sum(2 if lo < r <= hi else 1 for r in ratios) and 20 < info.nfe < 40
+
+
+# --- CADS -----------------------------------------------------------------------------------------
+
+
+def test_cads_schedule_and_rescaling():
+    cads = CADS("emb", noise_scale=0.25, tau1=0.6, tau2=0.9, generator=torch.Generator().manual_seed(0))
+    assert [cads.gamma(u) for u in (0.0, 0.6, 0.75, 0.84, 0.9, 1.0)] == pytest.approx([1, 1, 0.5, 0.2, 0, 0])
+    y = torch.randn(5, 16, dtype=F64, generator=torch.Generator().manual_seed(1))
+    assert cads.anneal(y, 0.3) is y  # gamma = 1: the condition as given
+    for u in (0.75, 0.95):
+        out = cads.anneal(y, u)
+        assert not torch.allclose(out, y)
+        assert torch.allclose(out.mean(1), y.mean(1), atol=1e-14) and torch.allclose(_std(out), _std(y))
+    # psi = 0: sqrt(gamma) y + s sqrt(1 - gamma) n, with n the generator's next draw
+    raw = CADS("emb", 0.25, psi=0.0, generator=torch.Generator().manual_seed(9)).anneal(y, 0.84)
+    n = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
+    assert torch.allclose(raw, math.sqrt(0.2) * y + 0.25 * math.sqrt(0.8) * n, rtol=1e-14)
+
+
+def test_cads_in_cfg(sd_process):
+    _, c1, full = two_class()
+    seen: list[tuple[float, torch.Tensor]] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        tt = float(t.reshape(-1)[0])
+        seen.append((tt, emb))
+        law = full if bool((emb == 0).all()) else c1
+        return law.denoise(x, float(sd_process.alpha(tt)), float(sd_process.sigma(tt))) + 0.1 * emb[:, :2]
+
+    den = sd.Denoiser(net, sd_process, prediction="x0")
+    emb = torch.randn(6, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    x_T = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    null = {"emb": torch.zeros_like(emb)}
+    plain = sd.sample(CFG(den, den, 3.0, uncond_kwargs=null), x_T, steps=10, solver="ddim", emb=emb)
+    off = sd.sample(
+        CFG(den, den, 3.0, uncond_kwargs=null, cads=CADS("emb", 0.0)), x_T, steps=10, solver="ddim", emb=emb
+    )
+    assert torch.equal(off, plain)  # noise scale 0: plain CFG
+    seen.clear()
+    cads = CADS("emb", 0.5, generator=torch.Generator().manual_seed(4))
+    annealed = sd.sample(
+        CFG(den, den, 3.0, uncond_kwargs=null, cads=cads), x_T, steps=10, solver="ddim", emb=emb
+    )
+    assert float((annealed - plain).abs().max()) > 1e-3
+    span = sd_process.t_max - sd_process.t_min
+    conditional = [(t, e) for t, e in seen if not bool((e == 0).all())]
+    assert len(conditional) == 10
+    for t, e in conditional:
+        if (t - sd_process.t_min) / span <= 0.6:
+            assert e is emb
+        else:
+            assert not torch.equal(e, emb) and torch.allclose(_std(e), _std(emb))
+
+
+# --- predictor-corrector guidance (Bradley & Nakkiran 2024) --------------------------------------
+
+MC, VC, MU, VU = 1.0, 0.25, -0.5, 1.5  # conditional N(1, 0.25), unconditional N(-0.5, 1.5)
+
+
+def _sde_limit(process: sd.Process, w: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Mean and variance at ``t_min`` of the reverse SDE with the CFG score at scale ``w`` from
+    ``N(0, 1)`` at ``t_max`` (Gaussian scores: ``dm/dt = f m + g^2 (A m - Ab)``,
+    ``dv/dt = 2 f v + 2 g^2 A v - g^2``), and those of the powered law ``p^{c,w}`` at ``t_min``."""
+
+    def coef(t: float) -> tuple[float, float, float, float]:
+        a, s = float(process.alpha(t)), float(process.sigma(t))
+        f = float(process.d_alpha(t)) / a
+        g2 = 2 * s * float(process.d_sigma(t)) - 2 * f * s * s
+        vc, vu = a * a * VC + s * s, a * a * VU + s * s
+        return f, g2, w / vc + (1 - w) / vu, w * a * MC / vc + (1 - w) * a * MU / vu
+
+    def rhs(t: float, y: list[float]) -> list[float]:
+        f, g2, prec, shift = coef(t)
+        return [f * y[0] + g2 * (prec * y[0] - shift), 2 * f * y[1] + 2 * g2 * prec * y[1] - g2]
+
+    sol = solve_ivp(rhs, (process.t_max, process.t_min), [0.0, 1.0], method="DOP853", rtol=1e-11, atol=1e-12)
+    _, _, prec, shift = coef(process.t_min)
+    return (float(sol.y[0, -1]), float(sol.y[1, -1])), (shift / prec, 1 / prec)
+
+
+@pytest.mark.parametrize("w", [2.0, 4.0])
+def test_pcg_and_cfg_ddpm_share_the_sde_limit(w):
+    """CFG-DDPM at scale ``w`` and PCG (DDIM on ``p(x|c)`` + one Langevin move on ``p^{c, 2w-1}``)
+    both converge, at first order, to the reverse SDE with the CFG score, which is not the powered law.
+    Exact output moments (Gaussian data: both samplers are affine in their noise)."""
+    proc = sd.VP.linear()
+    cond = sd.toy.GaussianMixture([[MC]], [[VC]], [1.0]).denoiser(proc)
+    uncond = sd.toy.GaussianMixture([[MU]], [[VU]], [1.0]).denoiser(proc)
+    limit, powered = _sde_limit(proc, w)
+    kw = {"schedule": "logsnr_uniform", "final": "none"}
+    errors = {}
+    for n in (50, 200):
+        ddpm = affine_law(
+            lambda x, z, n=n: sd.sample(CFG(cond, uncond, w), x, n, "ddpm", generator=z, **kw), n
+        )
+        pc = affine_law(lambda x, z, n=n: pcg(cond, uncond, x, n, 2 * w - 1, generator=z, **kw), n)
+        for name, (m, v) in (("ddpm", ddpm), ("pcg", pc)):
+            errors[name, n] = max(abs(float(m) - limit[0]), abs(float(v) - limit[1]))
+    # measured (w=2): ddpm 2.1e-2 -> 5.8e-3, pcg 4.4e-3 -> 1.2e-3; (w=4): 1.0e-2 -> 2.8e-3, 3.1e-3 -> 7.6e-4
+    for name in ("ddpm", "pcg"):
+        assert errors[name, 50] / errors[name, 200] > 3.0 and errors[name, 200] < 6e-3
+    gap = max(abs(powered[0] - limit[0]), abs(powered[1] - limit[1]))
+    assert gap > 5 * max(errors["ddpm", 200], errors["pcg", 200])  # measured: 0.11 (w=2), 0.084 (w=4)
+
+
+def test_pcg_nfe_and_gamma_one(den):
+    x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    _, info = pcg(
+        den,
+        den,
+        x_T,
+        10,
+        3.0,
+        langevin_steps=2,
+        uncond_kwargs={"y": NULL},
+        generator=torch.Generator(),
+        return_info=True,
+        y=1,
+    )
+    assert info.nfe == 10 + 9 * 2 * 2 and len(info.corrector) == 9  # no correction at the clean end
+    _, info = pcg(
+        den, den, x_T, 10, 1.0, uncond_kwargs={"y": NULL}, generator=torch.Generator(), return_info=True, y=1
+    )
+    assert info.nfe == 10 + 9
+
+
+# --- dynamic thresholding -------------------------------------------------------------------------
+
+
+def _fixed(x0: torch.Tensor, process: sd.Process) -> sd.Denoiser:
+    return sd.Denoiser(lambda x, t: x0, process, prediction="x0")
+
+
+def test_dynamic_threshold_values(sd_process):
+    x0 = torch.tensor(
+        [[0.5, -1.0, 2.0, -4.0, 3.0], [0.2, -0.4, 0.9, 0.1, -0.3], [5.0, -6.0, 7.0, 8.0, 9.0]], dtype=F64
+    )
+    x, t = torch.randn(3, 5, dtype=F64), 500.0
+    # p = 0.75 of 5 sorted |values|: position 3 -> 3.0, (s < 1 -> 1), 8.0
+    pred = DynamicThreshold(_fixed(x0, sd_process), 0.75)(x, t)
+    expected = torch.stack([x0[0].clamp(-3, 3) / 3, x0[1], x0[2].clamp(-8, 8) / 8])
+    assert torch.allclose(pred.x0, expected, rtol=1e-15)
+    assert torch.allclose(pred.eps, (x - pred.alpha * expected) / pred.sigma, rtol=1e-13)
+    # p = 0.6: position 2.4 -> 2 + 0.4 (3 - 2) = 2.4 in row 0, 7.4 in row 2, there capped at max_value 5
+    pred = DynamicThreshold(_fixed(x0, sd_process), 0.6, max_value=5.0)(x, t)
+    assert torch.allclose(pred.x0[0], x0[0].clamp(-2.4, 2.4) / 2.4, rtol=1e-14)
+    assert torch.equal(pred.x0[2], torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0], dtype=F64))
+    # static clipping
+    pred = DynamicThreshold(_fixed(x0, sd_process), None, max_value=1.5)(x, t)
+    assert torch.equal(pred.x0, x0.clamp(-1.5, 1.5))
+
+
+def test_dynamic_threshold_matches_diffusers(sd_process):
+    diffusers = pytest.importorskip("diffusers")
+    x0 = 2.5 * torch.randn(4, 3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(8))
+    sched = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0)
+    ours = DynamicThreshold(_fixed(x0, sd_process), 0.9, max_value=3.0)(torch.randn_like(x0), 300.0).x0
+    assert torch.allclose(ours, sched._threshold_sample(x0), rtol=1e-14)
+
+
+def test_thresholded_sampling_stays_in_range(den):
+    x_T = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(9))
+    x, info = sd.sample(
+        DynamicThreshold(CFG(den, den, 5.0, uncond_kwargs={"y": NULL})),
+        x_T,
+        10,
+        "dpmpp_2m",
+        return_info=True,
+        y=1,
+    )
+    assert float(x.abs().max()) <= 1.0 and info.nfe == 20  # the last step returns the thresholded x0
+    unclipped = sd.sample(CFG(den, den, 5.0, uncond_kwargs={"y": NULL}), x_T, 10, "dpmpp_2m", y=1)
+    assert float(unclipped.abs().max()) > 1.5
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"scale": -1.0}, ["scale", "-1.0"]),
+        ({"scale": float("nan")}, ["scale", "nan"]),
+        ({"scale": "3"}, ["scale", "'3'"]),
+        ({"rescale": 1.5}, ["rescale", "1.5"]),
+        ({"rescale_space": "latent"}, ["rescale_space", "'latent'", "x0"]),
+        ({"interval": (3.0, 1.0)}, ["interval", "lo < hi"]),
+        ({"interval": 2.0}, ["interval", "pair"]),
+        ({"uncond_kwargs": [1]}, ["uncond_kwargs", "dict"]),
+        ({"cads": 0.1}, ["cads", "CADS"]),
+    ],
+)
+def test_bad_cfg_arguments(den, kwargs, words):
+    args = {"scale": 2.0, **kwargs}
+    scale = args.pop("scale")
+    with pytest.raises(ValueError) as e:
+        CFG(den, den, scale, **args)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_bad_cfg_pairs_and_conditions(sd_process, den):
+    c0, _, _ = two_class()
+    with pytest.raises(ValueError, match="uncond must be a steerdiff Denoiser"):
+        CFG(den, lambda x, t: x, 2.0)
+    with pytest.raises(ValueError, match="share a process"):
+        CFG(den, c0.denoiser(sd.VP.linear()), 2.0)
+    x = torch.randn(2, 2, dtype=F64)
+    with pytest.raises(ValueError, match="no condition 'emb'"):
+        CFG(den, den, 2.0, uncond_kwargs={"y": NULL}, cads=CADS("emb", 0.1))(x, 999.0, y=1)
+    with pytest.raises(ValueError, match="floating tensor"):
+        CFG(den, den, 2.0, uncond_kwargs={"y": NULL}, cads=CADS("y", 0.1))(x, 999.0, y=1)
+    for bad in ({"noise_scale": -0.1}, {"tau1": 0.9, "tau2": 0.5}, {"psi": 2.0}):
+        with pytest.raises(ValueError, match="CADS"):
+            CADS("emb", **{"noise_scale": 0.1, **bad})
+    for bad in ({"percentile": 1.5}, {"percentile": 0.9, "max_value": 0.5}, {"percentile": None}):
+        with pytest.raises(ValueError, match="DynamicThreshold"):
+            DynamicThreshold(den, **bad)
+    x_T = torch.randn(2, 2, dtype=F64)
+    with pytest.raises(ValueError, match="gamma"):
+        pcg(den, den, x_T, 5, -1.0, y=1)
+    with pytest.raises(ValueError, match="langevin_steps"):
+        pcg(den, den, x_T, 5, 2.0, langevin_steps=0, y=1)
