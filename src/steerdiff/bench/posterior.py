@@ -12,8 +12,7 @@ MCGdiff papers):
 
 Observation (as Cardoso et al.): ``A`` is a ``(d_y, d)`` standard normal matrix whose singular values
 are replaced by sorted ``U(0, 1)`` draws; ``y = A x* + s n`` with ``x*`` a prior draw. The exact
-posterior is :meth:`~steerdiff.toy.GaussianMixture.posterior` (components whose posterior weight
-underflows dropped first, :func:`exact_posterior`).
+posterior is :meth:`~steerdiff.toy.GaussianMixture.posterior`.
 
 Metric: sliced W2 (256 fixed projections) of ``n`` samples to ``4 n`` exact posterior samples,
 beside the floor (``n`` exact samples, :func:`steerdiff.metrics.floor`) and the prior's distance
@@ -75,7 +74,6 @@ __all__ = [
     "PosteriorBench",
     "ddpm_process",
     "dps_alg1",
-    "exact_posterior",
     "format_report",
     "grid_prior",
     "make_case",
@@ -137,22 +135,6 @@ def mcgdiff_operator(dim: int, dim_y: int, generator: torch.Generator) -> Tensor
     return u @ torch.diag(s) @ vh
 
 
-def exact_posterior(gmm: GaussianMixture, A: Tensor, y: Tensor, noise_std: float) -> GaussianMixture:
-    """:meth:`GaussianMixture.posterior`, after dropping the components whose posterior weight is below
-    ``1e-300`` of the largest (their weight would underflow to an invalid 0)."""
-    cov = gmm.covariance_matrices
-    c = A @ cov @ A.T + noise_std**2 * torch.eye(A.shape[0], dtype=F64)
-    resid = y - gmm.means @ A.T
-    chol = torch.linalg.cholesky(c)
-    sol = torch.cholesky_solve(resid[:, :, None], chol)[:, :, 0]
-    log_w = (
-        gmm.weights.log() - 0.5 * (resid * sol).sum(-1) - torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
-    )
-    keep = log_w - log_w.max() > math.log(1e-300)
-    sub = GaussianMixture(gmm.means[keep], gmm.covariances[keep], gmm.weights[keep])
-    return sub.posterior(A, y, noise_std)
-
-
 @dataclass
 class Case:
     """One inverse problem: prior, observation, exact posterior, reference samples and baselines."""
@@ -198,7 +180,7 @@ def make_case(prior: str, dim_y: int, noise_std: float, n: int, seed: int = 0) -
     g = torch.Generator().manual_seed(key)
     A = mcgdiff_operator(gmm.dim, dim_y, g)
     y = A @ gmm.sample(1, g)[0] + noise_std * torch.randn(dim_y, generator=g, dtype=F64)
-    post = exact_posterior(gmm, A, y, noise_std)
+    post = gmm.posterior(A, y, noise_std)
     reference = post.sample(REFERENCE_FACTOR * n, torch.Generator().manual_seed(seed + 3))
     floor = metrics.floor(
         post.sample,
