@@ -4,11 +4,16 @@
 * :mod:`~steerdiff.smc.particles` -- :class:`Particles`, :class:`Trace` and the engine
   :func:`run_smc` with its hooks (:class:`SMCAlgorithm`, :class:`StepContext`).
 * :func:`fk_steering` -- Feynman-Kac steering (Singhal et al. 2025).
+* :func:`fkc_anneal`, :func:`fkc_product`, :func:`fkc_cfg`, :func:`fkc` -- Feynman-Kac correctors
+  (Skreta et al. 2025).
 * :func:`best_of_n`, :func:`code` -- best-of-N and blockwise best-of-N (CoDe, Singh et al. 2025).
+* :func:`tds` -- the twisted diffusion sampler (Wu et al. 2023).
+* :func:`svdd` -- soft value-based decoding (Li et al. 2024).
 """
 
 from . import resample
 from .best_of_n import BestOfN, CoDe, best_of_n, code
+from .fk_correctors import Composition, FKCorrector, fkc, fkc_anneal, fkc_cfg, fkc_product
 from .fk_steering import POTENTIALS, FKSteering, fk_steering
 from .particles import (
     Particles,
@@ -20,26 +25,39 @@ from .particles import (
     transition_log_prob,
 )
 from .resample import ess, multinomial, residual, stratified, systematic
+from .svdd import SVDD, svdd
+from .tds import TDS, Twist, tds
 
 __all__ = [
     "POTENTIALS",
+    "SVDD",
+    "TDS",
     "BestOfN",
     "CoDe",
+    "Composition",
+    "FKCorrector",
     "FKSteering",
     "Particles",
     "SMCAlgorithm",
     "StepContext",
     "Trace",
+    "Twist",
     "best_of_n",
     "code",
     "ess",
     "fk_steering",
+    "fkc",
+    "fkc_anneal",
+    "fkc_cfg",
+    "fkc_product",
     "multinomial",
     "resample",
     "residual",
     "run_smc",
     "stochastic_solvers",
     "stratified",
+    "svdd",
     "systematic",
+    "tds",
     "transition_log_prob",
 ]

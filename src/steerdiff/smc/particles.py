@@ -237,6 +237,11 @@ class StepContext:
         return self._run.grid.t[self.i]
 
     @property
+    def cond(self) -> dict[str, Any]:
+        """The ``**cond`` keyword arguments of the run (per flat row where they are tensors)."""
+        return self._run.model.cond
+
+    @property
     def x(self) -> Tensor:
         """The particles ``(batch, particles, *shape)`` (with ``grad``: the leaf ``x0`` depends on)."""
         if self._rows is None:

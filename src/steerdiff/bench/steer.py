@@ -1,0 +1,565 @@
+r"""``steerdiff bench steer``: inference-time steering against exact targets, at matched NFE.
+
+Every target is ``pi(x) ∝ p(x) exp(lam r(x))`` for a Gaussian-mixture prior ``p`` (used through its
+exact denoiser under DDPM's linear betas, :func:`steerdiff.bench.posterior.ddpm_process`), and is
+itself a Gaussian mixture (:data:`CASES`):
+
+* ``nine_quadratic``: the 2-D nine-mode mixture (means ``{-4, 0, 4}^2``, variance 0.3), ``r(x) =
+  -x1^2/100 - x2^2``, ``lam = 1`` (:meth:`~steerdiff.toy.GaussianMixture.tilt`; ``E_pi[r] = -0.2907``);
+* ``gmm16_linear``: the 16-d, 8-component prior of ``steerdiff bench posterior`` (``gmm16``),
+  ``r(x) = c^T x`` for a fixed random unit ``c``, ``lam = 2``;
+* ``nine_class``: the nine-mode mixture conditioned on its class "top row" (``x2 = 4``):
+  ``r(x) = log p(c | x)`` (the exact classifier), ``lam = 1``, so ``pi = p(x | c)``;
+* ``gmm16_posterior``: the guidance issue's 16-d posterior case (``bench posterior``'s ``gmm16``,
+  ``d_y = 2``, ``s = 0.1``, :func:`~steerdiff.bench.posterior.make_case`): ``r(x) = log N(y; A x, s^2 I)``,
+  ``lam = 1``, ``pi = p(x | y)``.
+
+Budget: NFE per returned sample ``B`` in :data:`NFES`. The particle methods run ``steps = 100``
+DDPM steps (``time_uniform``) with ``N = B / 100`` particles per returned sample (FK correctors, two
+networks per step: ``N = B / 200``), and return one sample per batch row (``out.sample()``); DPS runs
+``B`` DDPM steps. Methods (:data:`METHODS`):
+
+* ``fk_difference``, ``fk_max``: :func:`~steerdiff.smc.fk_steering` with ``lam`` and that potential
+  (resampling at every step);
+* ``tds``: :func:`~steerdiff.smc.tds` with the likelihood ``exp(lam r)`` (the linear-Gaussian twist
+  on the posterior case, ``log_likelihood = lam r`` elsewhere);
+* ``svdd``: :func:`~steerdiff.smc.svdd` with ``alpha = 1 / lam`` and ``M = N``;
+* ``best_of_n``, ``code`` (block 5): :func:`~steerdiff.smc.best_of_n`, :func:`~steerdiff.smc.code`
+  (they maximize ``r``; baselines, not samplers of ``pi``);
+* ``fkc``: Feynman-Kac correctors (:mod:`steerdiff.smc.fk_correctors`) for the product of ``p`` with
+  the Gaussian expert ``N(0, Q^{-1})`` -- the quadratic tilt only (other tilts are no product of
+  densities);
+* ``dps``: gradient guidance through ``x0_hat``: :class:`~steerdiff.guidance.DPS` (normalized) on the
+  posterior case, :class:`~steerdiff.guidance.RewardGuidance` with the reward ``lam r`` elsewhere;
+  per case and NFE the best scale of :data:`DPS_SCALES` (descending from the previous NFE's best).
+
+Metrics, per returned sample set of ``n``: the sliced W2 (256 projections) to ``4 n`` exact target
+samples in units of the floor (the mean over 8 sets of ``n`` exact samples, as
+:func:`steerdiff.metrics.floor`; the report gives their range, wide in 2-D where the sampling noise of
+the mode weights dominates), and the error ``mean r(x) - E_pi[r]`` (``E_pi[r]`` in closed form, by
+Monte Carlo with ``2^18`` exact samples for the classifier), beside its noise level ``sd_pi(r) / sqrt(n)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import metrics, sampling, smc
+from ..denoiser import Denoiser
+from ..guidance import DPS, RewardGuidance
+from ..inverse import Matrix
+from ..processes import Process
+from ..solvers.base import NonFiniteError
+from ..toy.gmm import GaussianMixture
+from . import posterior
+from .solvers import Row, write_csv
+
+__all__ = [
+    "CASES",
+    "DPS_SCALES",
+    "METHODS",
+    "NFES",
+    "SteerBench",
+    "Target",
+    "format_report",
+    "make_target",
+    "markdown_table",
+    "nine_modes",
+    "plot",
+    "run",
+    "write_results",
+]
+
+log = logging.getLogger(__name__)
+
+F64 = torch.float64
+NFES = (100, 400, 1600)
+QUICK_NFES = (400,)
+STEPS = 100
+CASES = ("nine_quadratic", "gmm16_linear", "nine_class", "gmm16_posterior")
+METHODS = ("fk_difference", "fk_max", "tds", "svdd", "best_of_n", "code", "fkc", "dps")
+DPS_SCALES = tuple(m * 10.0**e for e in range(-2, 5) for m in (1, 3))[:-1]  # 0.01 .. 1e4
+PROJECTIONS = 256
+REFERENCE_FACTOR = 4
+FLOOR_REPEATS = 8
+HEADLINE = ("gmm16_posterior", 1600)
+SOLVER, SCHEDULE = "ddpm", "time_uniform"
+
+Reward = Callable[[Tensor], Tensor]
+
+
+def nine_modes() -> GaussianMixture:
+    """The 2-D nine-mode mixture: means ``{-4, 0, 4}^2``, per-coordinate variance 0.3, equal weights."""
+    means = torch.tensor(list(itertools.product([-4.0, 0.0, 4.0], repeat=2)), dtype=F64)
+    return GaussianMixture(means, torch.full((9, 2), 0.3, dtype=F64), torch.ones(9, dtype=F64))
+
+
+@dataclass
+class Target:
+    """One steering problem ``pi ∝ p exp(lam r)`` with its exact answer and baselines.
+
+    ``tds``: the likelihood arguments of :func:`~steerdiff.smc.tds`; ``guided(scale)``: the DPS-type
+    guided denoiser; ``expert``: the Gaussian expert whose product with ``p`` is ``pi`` (or ``None``).
+    """
+
+    name: str
+    prior: GaussianMixture
+    process: Process
+    reward: Reward
+    lam: float
+    target: GaussianMixture
+    expected_reward: float
+    reward_noise: float
+    reference: Tensor
+    floor: float
+    floor_range: tuple[float, float]
+    prior_distance: float
+    tds: dict[str, object]
+    guided: Callable[[float], Denoiser]
+    expert: GaussianMixture | None
+    seed: int
+
+    @property
+    def den(self) -> Denoiser:
+        return self.prior.denoiser(self.process)
+
+    def distance(self, x: Tensor) -> float:
+        """Sliced W2 of ``x`` to the reference set (``inf`` if ``x`` is not finite)."""
+        if not bool(torch.isfinite(x).all()):
+            return math.inf
+        g = torch.Generator().manual_seed(self.seed + 4)
+        return metrics.sliced_wasserstein(x, self.reference, PROJECTIONS, g)
+
+    def reward_error(self, x: Tensor) -> float:
+        """``mean r(x) - E_pi[r]``."""
+        r = self.reward(x)
+        return float(r.mean()) - self.expected_reward if bool(torch.isfinite(r).all()) else math.nan
+
+
+def _second_moments(gmm: GaussianMixture) -> Tensor:
+    """``E[x x^T]`` of a mixture, ``(d, d)``."""
+    mm = gmm.means[:, :, None] * gmm.means[:, None, :]
+    return (gmm.weights[:, None, None] * (gmm.covariance_matrices + mm)).sum(0)
+
+
+def _quadratic_mean(gmm: GaussianMixture, q: Tensor) -> float:
+    """``E[-x^T Q x / 2]`` under ``gmm``."""
+    return float(-0.5 * (q * _second_moments(gmm)).sum())
+
+
+def _class_log_prob(gmm: GaussianMixture, members: list[int]) -> Reward:
+    """The exact classifier ``log p(c | x) = log sum_{k in c} w_k N(x; mu_k, S_k) - log p(x)``."""
+    sub = GaussianMixture(gmm.means[members], gmm.covariances[members], gmm.weights[members])
+    log_wc = math.log(float(gmm.weights[members].sum()))
+
+    def log_prob(x: Tensor) -> Tensor:
+        return log_wc + sub.log_prob(x) - gmm.log_prob(x)
+
+    return log_prob
+
+
+def make_target(name: str, n: int, seed: int = 0) -> Target:
+    """The case ``name`` (:data:`CASES`) with a reference set of ``4 n`` exact target samples."""
+    proc = posterior.ddpm_process()
+    expert = None
+    tds: dict[str, object]
+    if name in ("nine_quadratic", "nine_class"):
+        prior = nine_modes()
+        lam = 1.0
+        if name == "nine_quadratic":
+            q = torch.diag(torch.tensor([2 / 100, 2.0], dtype=F64))  # r = -x^T Q x / 2
+
+            def reward(x: Tensor) -> Tensor:
+                return -(x[:, 0] ** 2) / 100 - x[:, 1] ** 2
+
+            target = prior.tilt(quadratic=q)
+            expected = _quadratic_mean(target, q)
+            expert = GaussianMixture(torch.zeros(1, 2, dtype=F64), 1 / torch.diag(q)[None], torch.ones(1))
+        else:
+            members = [k for k in range(9) if float(prior.means[k, 1]) == 4.0]
+            reward = _class_log_prob(prior, members)
+            target = GaussianMixture(prior.means[members], prior.covariances[members], prior.weights[members])
+            mc = target.sample(2**18, torch.Generator().manual_seed(seed + 11))
+            expected = float(reward(mc).mean())
+        tds = {"log_likelihood": lambda x: lam * reward(x)}
+        den = prior.denoiser(proc)
+
+        def guided(scale: float) -> Denoiser:
+            return RewardGuidance(den, lambda x: lam * reward(x), scale)
+
+    elif name == "gmm16_linear":
+        prior = posterior.make_prior("gmm16", seed)
+        lam = 2.0
+        c = torch.randn(prior.dim, generator=torch.Generator().manual_seed(seed + 12), dtype=F64)
+        c = c / c.norm()
+
+        def reward(x: Tensor) -> Tensor:
+            return x @ c
+
+        target = prior.tilt(linear=lam * c)
+        expected = float((target.weights[:, None] * target.means).sum(0) @ c)
+        tds = {"log_likelihood": lambda x: lam * reward(x)}
+        den = prior.denoiser(proc)
+
+        def guided(scale: float) -> Denoiser:
+            return RewardGuidance(den, lambda x: lam * reward(x), scale)
+
+    elif name == "gmm16_posterior":
+        case = posterior.make_case("gmm16", 2, 0.1, n, seed)
+        prior, A, y, s = case.gmm, case.A, case.y, case.noise_std
+        lam = 1.0
+        const = -0.5 * A.shape[0] * math.log(2 * math.pi * s * s)
+
+        def reward(x: Tensor) -> Tensor:
+            return const - 0.5 * ((x @ A.T - y) ** 2).sum(-1) / (s * s)
+
+        target = case.posterior
+        resid = y - target.means @ A.T
+        trace = torch.einsum("ij,kjl,il->k", A, target.covariance_matrices, A)
+        expected = const - 0.5 * float((target.weights * ((resid**2).sum(-1) + trace)).sum()) / (s * s)
+        tds = {"operator": Matrix(A), "y": y, "noise_std": s}
+        den = prior.denoiser(proc)
+
+        def guided(scale: float) -> Denoiser:
+            return DPS(den, Matrix(A), y, s, scale=scale)
+
+    else:
+        raise ValueError(f"unknown case {name!r}; accepted: {CASES}")
+    reference = target.sample(REFERENCE_FACTOR * n, torch.Generator().manual_seed(seed + 3))
+
+    def sw2(a: Tensor, b: Tensor) -> float:
+        return metrics.sliced_wasserstein(a, b, PROJECTIONS, torch.Generator().manual_seed(seed + 4))
+
+    g = torch.Generator().manual_seed(seed + 5)
+    exact = [sw2(target.sample(n, g), reference) for _ in range(FLOOR_REPEATS)]  # metrics.floor's draws
+    floor = sum(exact) / len(exact)
+    prior_distance = sw2(prior.sample(n, torch.Generator().manual_seed(seed + 6)), reference)
+    noise = float(reward(reference).std()) / math.sqrt(n)
+    return Target(
+        name, prior, proc, reward, lam, target, expected, noise, reference, floor,
+        (min(exact) / floor, max(exact) / floor), prior_distance, tds, guided, expert, seed,
+    )  # fmt: skip
+
+
+# --- the methods at a budget -------------------------------------------------------------------------
+
+
+def _smc_options(t: Target, n: int, particles: int) -> dict[str, object]:
+    return {
+        "shape": (n, t.prior.dim),
+        "particles": particles,
+        "steps": STEPS,
+        "solver": SOLVER,
+        "schedule": SCHEDULE,
+        "dtype": F64,
+        "generator": torch.Generator().manual_seed(t.seed + 1),
+    }
+
+
+def _run_method(t: Target, method: str, budget: int, n: int) -> tuple[Tensor, int] | None:
+    """``(samples (n, d), NFE per returned sample)`` of ``method`` at ``budget``, or ``None`` where the
+    method does not apply or does not fit."""
+    per = 2 * STEPS if method == "fkc" else STEPS
+    if budget % per or (method == "fkc" and t.expert is None):
+        return None
+    opts = _smc_options(t, n, budget // per)
+    if method in ("fk_difference", "fk_max"):
+        out = smc.fk_steering(t.den, t.reward, t.lam, method[3:], **opts)
+    elif method == "tds":
+        out = smc.tds(t.den, **t.tds, **opts)
+    elif method == "svdd":
+        out = smc.svdd(t.den, t.reward, 1 / t.lam, **opts)
+    elif method == "best_of_n":
+        out = smc.best_of_n(t.den, t.reward, **opts)
+    elif method == "code":
+        out = smc.code(t.den, t.reward, block=5, **opts)
+    elif method == "fkc":
+        assert t.expert is not None
+        out = smc.fkc_product(t.den, t.expert.denoiser(t.process), **opts)
+    else:
+        raise ValueError(f"unknown method {method!r}; accepted: {METHODS}")
+    x = out.sample(torch.Generator().manual_seed(t.seed + 2))
+    return x, out.nfe
+
+
+def _run_dps(t: Target, scale: float, budget: int, n: int) -> tuple[Tensor, int]:
+    x_T = torch.randn(n, t.prior.dim, generator=torch.Generator().manual_seed(t.seed), dtype=F64)
+    x, info = sampling.sample(
+        t.guided(scale),
+        x_T,
+        steps=budget,
+        solver=SOLVER,
+        schedule=SCHEDULE,
+        generator=torch.Generator().manual_seed(t.seed + 1),
+        return_info=True,
+    )
+    return x, info.nfe
+
+
+# --- the benchmark -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SteerBench:
+    """Everything ``steerdiff bench steer`` measured. ``rows``: per case (``source``) and method, the
+    sliced W2 to the target in units of the floor (``schedule = "sw2/floor"``) and the error of
+    ``E[r]`` (``schedule = "E[r] error"``) per NFE per returned sample; DPS also has one row per scale
+    (``"sw2/floor scale=..."``)."""
+
+    nfes: tuple[int, ...]
+    n: int
+    seed: int
+    cases: list[str]
+    rows: list[Row]
+    floors: dict[str, float] = field(default_factory=dict)
+    floor_range: dict[str, tuple[float, float]] = field(default_factory=dict)
+    expected: dict[str, float] = field(default_factory=dict)
+    noise: dict[str, float] = field(default_factory=dict)
+    prior: dict[str, float] = field(default_factory=dict)
+    dps_scale: dict[tuple[str, int], float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def value(self, case: str, method: str, nfe: int, metric: str = "sw2/floor") -> float:
+        """A table entry (``nan`` where the method did not run)."""
+        for r in self.rows:
+            if r.source == case and r.method == method and r.schedule == metric:
+                return r.errors.get(nfe, math.nan)
+        return math.nan
+
+
+def _tune_dps(t: Target, nfes: Sequence[int], n: int) -> dict[float, dict[int, tuple[float, float]]]:
+    """``{scale: {nfe: (sw2, E[r] error)}}``: per NFE a descent along :data:`DPS_SCALES` from the
+    previous NFE's best (from scale 1 at the first) to a local minimum of the sliced W2."""
+    runs: dict[float, dict[int, tuple[float, float]]] = {}
+    start = DPS_SCALES.index(1.0)
+    for nfe in nfes:
+
+        def err(i: int, nfe: int = nfe) -> float:
+            scale = DPS_SCALES[i]
+            if nfe not in runs.setdefault(scale, {}):
+                try:
+                    x, used = _run_dps(t, scale, nfe, n)
+                    assert used == nfe
+                    runs[scale][nfe] = (t.distance(x), t.reward_error(x))
+                except NonFiniteError:
+                    runs[scale][nfe] = (math.inf, math.nan)
+            return runs[scale][nfe][0]
+
+        i = start
+        while True:
+            nbrs = [j for j in (i - 1, i + 1) if 0 <= j < len(DPS_SCALES)]
+            j = min(nbrs, key=err)
+            if err(j) >= err(i):
+                break
+            i = j
+        start = i
+    return runs
+
+
+def run(
+    n: int = 1024,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = False,
+    cases: Sequence[str] | None = None,
+) -> SteerBench:
+    """Run the benchmark on :data:`CASES` at :data:`NFES` (``quick``: NFE 400 only, ``n <= 256``)."""
+    nfes = QUICK_NFES if quick else NFES
+    if quick:
+        n = min(n, 256)
+    names = list(CASES if cases is None else cases)
+    result = SteerBench(tuple(nfes), n, seed, names, [])
+    for name in tqdm(names, desc="cases", disable=not progress):
+        t0 = time.perf_counter()
+        t = make_target(name, n, seed)
+        fl = t.floor
+        result.floors[name], result.floor_range[name], result.expected[name] = (
+            fl,
+            t.floor_range,
+            t.expected_reward,
+        )
+        result.noise[name], result.prior[name] = t.reward_noise, t.prior_distance / fl
+        for method in METHODS:
+            sw2, err = Row(name, method, "sw2/floor"), Row(name, method, "E[r] error")
+            if method == "dps":
+                runs = _tune_dps(t, nfes, n)
+                for scale, by_nfe in runs.items():
+                    result.rows.append(
+                        Row(
+                            name,
+                            "dps",
+                            f"sw2/floor scale={scale:g}",
+                            {k: v[0] / fl for k, v in by_nfe.items()},
+                        )
+                    )
+                for nfe in nfes:
+                    scale = min((s for s in runs if nfe in runs[s]), key=lambda s: runs[s][nfe][0])
+                    result.dps_scale[name, nfe] = scale
+                    sw2.errors[nfe], err.errors[nfe] = runs[scale][nfe][0] / fl, runs[scale][nfe][1]
+            else:
+                for nfe in nfes:
+                    got = _run_method(t, method, nfe, n)
+                    if got is None:
+                        continue
+                    x, used = got
+                    if used != nfe:
+                        raise RuntimeError(f"{method} spent {used} NFE per sample, not {nfe}")
+                    sw2.errors[nfe], err.errors[nfe] = t.distance(x) / fl, t.reward_error(x)
+            if sw2.errors:
+                result.rows += [sw2, err]
+        result.seconds[name] = time.perf_counter() - t0
+        log.info("%s: %.1f s", name, result.seconds[name])
+    return result
+
+
+# --- reports -------------------------------------------------------------------------------------------
+
+
+def _cell(v: float) -> str:
+    return "—" if math.isnan(v) else f"{v:.2f}"
+
+
+def _headline(result: SteerBench) -> str | None:
+    case, nfe = HEADLINE
+    if case not in result.cases or nfe not in result.nfes:
+        return None
+    a, b = result.value(case, "tds", nfe), result.value(case, "dps", nfe)
+    scale = result.dps_scale.get((case, nfe), math.nan)
+    return (
+        f"{case} at NFE {nfe} per sample: TDS ({nfe // STEPS} particles, {STEPS} steps) sliced W2 "
+        f"{a:.2f}x floor vs DPS ({nfe} steps, best scale {scale:g}) {b:.2f}x floor: TDS lower by "
+        f"{(1 - a / b) * 100:.0f}% (ratio {a / b:.2f})"
+    )
+
+
+def format_report(result: SteerBench) -> str:
+    """Per case and NFE, every method's sliced W2 (x floor) and error of ``E[r]``; the headline."""
+    lines = [
+        f"Steering to exact targets pi ∝ p exp(lam r): sliced W2 of {result.n} returned samples to "
+        f"{REFERENCE_FACTOR * result.n} exact ones (x floor: {result.n} exact samples) and the error of "
+        f"E[r]; DDPM linear betas, {SOLVER} ({SCHEDULE}), particle methods {STEPS} steps x NFE/{STEPS} "
+        f"particles (fkc: NFE/{2 * STEPS}), DPS NFE steps (best scale); seed {result.seed}.",
+    ]
+    methods = list(dict.fromkeys(r.method for r in result.rows))
+    for case in result.cases:
+        lo, hi = result.floor_range[case]
+        lines += [
+            "",
+            f"{case}: floor {result.floors[case]:.4g} (exact sets read {lo:.2f}-{hi:.2f}x), prior "
+            f"{result.prior[case]:.1f}x floor, "
+            f"E_pi[r] = {result.expected[case]:.4f} (noise level {result.noise[case]:.3f})",
+            f"{'method':<15}" + "".join(f"{'sw2@' + str(k):>10}" for k in result.nfes)
+            + "".join(f"{'dE[r]@' + str(k):>12}" for k in result.nfes),
+        ]  # fmt: skip
+        for m in methods:
+            sw = [result.value(case, m, k) for k in result.nfes]
+            er = [result.value(case, m, k, "E[r] error") for k in result.nfes]
+            if all(math.isnan(v) for v in sw):
+                continue
+            lines.append(
+                f"{m:<15}" + "".join(f"{_cell(v):>10}" for v in sw) + "".join(f"{_cell(v):>12}" for v in er)
+            )
+        scales = ", ".join(
+            f"{k}: {result.dps_scale[case, k]:g}" for k in result.nfes if (case, k) in result.dps_scale
+        )
+        lines.append(f"dps best scales: {scales}")
+    head = _headline(result)
+    if head:
+        lines += ["", head]
+    lines += ["", "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())]
+    return "\n".join(lines)
+
+
+def markdown_table(result: SteerBench) -> str:
+    """The README table: per case and method, sliced W2 (x floor) at each NFE and the error of ``E[r]``
+    at the largest."""
+    top = result.nfes[-1]
+    methods = list(dict.fromkeys(r.method for r in result.rows))
+    head = (
+        "| method | "
+        + " | ".join(
+            f"{c} (sw2 ×floor @ {'/'.join(map(str, result.nfes))}; ΔE[r] @ {top})" for c in result.cases
+        )
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (len(result.cases) + 1)]
+    for m in methods:
+        cells = []
+        for c in result.cases:
+            sw = [result.value(c, m, k) for k in result.nfes]
+            if all(math.isnan(v) for v in sw):
+                cells.append("—")
+                continue
+            er = result.value(c, m, top, "E[r] error")
+            cells.append(
+                " / ".join(_cell(v) for v in sw) + f"; {_cell(er) if math.isnan(er) else f'{er:+.3f}'}"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    floors = " | ".join(
+        f"floor {result.floors[c]:.3g} (exact sets {lo:.2f}–{hi:.2f}×), prior {result.prior[c]:.0f}×"
+        for c, (lo, hi) in ((c, result.floor_range[c]) for c in result.cases)
+    )
+    lines.append(f"| (exact samples) | {floors} |")
+    return "\n".join(lines)
+
+
+def plot(result: SteerBench, path: str | Path) -> bool:
+    """One panel per case: each method's sliced W2 (x floor) against NFE per returned sample, with the
+    floor and the range of the exact sample sets. Returns ``False`` (and logs) if matplotlib is not
+    installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot written")
+        return False
+    k = len(result.cases)
+    cols = min(k, 2)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    methods = list(dict.fromkeys(r.method for r in result.rows))
+    for ax, case in zip(axes.flat, result.cases, strict=False):
+        for c, m in enumerate(methods):
+            pts = [(k, result.value(case, m, k)) for k in result.nfes]
+            pts = [(k, v) for k, v in pts if math.isfinite(v)]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.loglog(xs, ys, "-o", ms=3, color=colors[c % len(colors)], label=m)
+        ax.axhline(1.0, color="black", lw=1, ls=":", label="floor")
+        ax.axhspan(*result.floor_range[case], color="grey", alpha=0.15, lw=0, label="exact samples' range")
+        ax.set_title(case, fontsize=9)
+        ax.set_xticks(list(result.nfes), [str(v) for v in result.nfes])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel("NFE per returned sample")
+    for ax in axes.flat[k:]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("sliced W2 / floor")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Steering to exact tilted / conditional Gaussian-mixture targets (DDPM, 100 steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(result: SteerBench, out: Path) -> tuple[Path, Path | None]:
+    """``OUT/steer.csv`` (the shared :func:`~steerdiff.bench.solvers.write_csv` layout: ``source`` is the
+    case, ``schedule`` the metric) and ``OUT/steer.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / "steer.csv", out / "steer.png"
+    write_csv(result, csv_path)
+    return csv_path, png_path if plot(result, png_path) else None

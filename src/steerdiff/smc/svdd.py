@@ -1,0 +1,133 @@
+r"""Soft value-based decoding (SVDD; Li, Zhao, Uehara et al. 2024, "Derivative-Free Guidance in
+Continuous and Discrete Diffusion Models with Soft Value-Based Decoding").
+
+Target: the reward-tilted law ``p(x) exp(r(x) / alpha)``, approached step by step through the soft
+value ``v(x_i) = alpha log E[exp(r(x_0) / alpha) | x_i]``. At
+every step each sample proposes ``M`` candidates from the base (stochastic) transition,
+``x_{i+1}^j ~ p(x_{i+1} | x_i)``, scores them with the soft value ``v(x_{i+1}^j)`` and keeps one,
+
+    x_{i+1} = x_{i+1}^k,   k ~ Categorical(softmax_j(v(x_{i+1}^j) / alpha))     (their Alg. 1),
+
+``k = argmax_j v(x_{i+1}^j)`` for ``alpha = 0``; ``alpha = inf`` picks uniformly, which is the base
+sampler. The value is SVDD-PM's posterior-mean approximation ``v(x_i) = r(x0_hat(x_i))``
+(Tweedie's estimate: the reward need not be differentiable). On the engine: the ``M`` candidates
+are the ``M`` particles of a batch row; the step at node ``i + 1`` evaluates the denoiser on each
+candidate, which gives both its value and (for the one kept) its next base transition, and the
+selection is a forced resampling of all ``M`` particles onto candidate ``k``
+(:meth:`~steerdiff.smc.SMCAlgorithm.resample`, as CoDe). All candidates start from one ``x_T``. At
+the last node the weights are ``r(x_S) / alpha`` (a point mass on the best for ``alpha = 0``), so
+``out.sample()`` makes the last selection (with ``final="zero"`` the ``M`` candidates of the
+deterministic last step coincide).
+
+NFE per batch row: ``steps * M`` (the ``M`` value evaluations of each step; at node 0 they are spent
+on the ``M`` draws of ``x_T`` before one is kept), plus ``M`` for the values of the last candidates
+with ``final="none"``. ``alpha = 0`` is CoDe with ``block = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser
+from ..schedules import Schedule
+from ..solvers.base import Solver
+from . import resample as _resample
+from .particles import (
+    DEFAULT_SCHEDULE,
+    DEFAULT_SOLVER,
+    Particles,
+    Reward,
+    SMCAlgorithm,
+    StepContext,
+    _check_reward,
+    run_smc,
+)
+
+__all__ = ["SVDD", "svdd"]
+
+
+class SVDD(SMCAlgorithm):
+    """SVDD-PM as engine hooks: a forced selection by ``softmax(r(x0_hat) / alpha)`` at every node.
+
+    Args:
+        alpha: the temperature ``alpha >= 0`` (0: argmax; ``math.inf``: uniform, the base sampler).
+    """
+
+    name = "svdd"
+
+    def __init__(self, alpha: float) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
+            raise ValueError(f"alpha must be a number >= 0 (0: argmax, inf: the base sampler), got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def _log_select(self, r: Tensor) -> Tensor:
+        """Selection log-probabilities (unnormalized) from the values ``r`` ``(batch, M)``."""
+        if self.alpha == 0:
+            best = r.argmax(-1, keepdim=True)
+            return torch.full_like(r, -math.inf).scatter_(1, best, 0.0)
+        if math.isinf(self.alpha):
+            return torch.zeros_like(r)
+        return r / self.alpha
+
+    def log_weight(self, ctx: StepContext) -> Tensor | None:
+        if not ctx.final:
+            return None
+        r = ctx.reward(ctx.x0)
+        ctx.state["reward"] = r
+        return self._log_select(r)
+
+    def resample(self, ctx: StepContext, log_w: Tensor, generator: torch.Generator | None) -> Tensor:
+        if ctx.i == 0:  # one x_T per batch row
+            return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
+        r = ctx.reward(ctx.x0)
+        if self.alpha == 0:  # no draw: the same run as CoDe with block = 1
+            return r.argmax(-1, keepdim=True).expand(log_w.shape)
+        logits = self._log_select(r)
+        u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
+        return _resample._inverse_cdf(logits, u).expand(log_w.shape)
+
+
+def svdd(
+    den: Denoiser,
+    reward: Reward,
+    alpha: float = 0.0,
+    *,
+    shape: tuple[int, ...],
+    particles: int = 16,
+    steps: int = 100,
+    solver: str | Solver = DEFAULT_SOLVER,
+    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    max_batch: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """SVDD-PM: ``particles = M`` candidates per step and batch row, one kept by ``softmax(v / alpha)``.
+
+    Args:
+        den: the denoiser (any guidance included).
+        reward: ``r``, mapping ``(n, *shape)`` to ``(n,)``; gradient-free; scores ``x0_hat`` of every
+            candidate and the final samples.
+        alpha: temperature ``>= 0`` (default 0: greedy argmax, as the paper's main experiments;
+            ``math.inf``: the base sampler).
+        shape: ``(batch, *sample_shape)``. ``particles``: ``M >= 1`` candidates. ``steps``: solver steps.
+        solver, schedule, final, max_batch, dtype, device, generator, progress, cond: see
+            :func:`~steerdiff.smc.run_smc`; the solver must be stochastic (candidates must differ).
+
+    Returns:
+        :class:`~steerdiff.smc.Particles`: the final candidates with log-weights ``r / alpha``
+        (``out.sample()`` draws the returned sample), ``reward`` their values, ``nfe = steps * M``.
+    """
+    _check_reward(reward)
+    return run_smc(
+        den, SVDD(alpha), shape, particles=particles, steps=steps, reward=reward, solver=solver,
+        schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, dtype=dtype,
+        device=device, generator=generator, progress=progress, **cond,
+    )  # fmt: skip

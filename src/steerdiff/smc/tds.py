@@ -1,0 +1,369 @@
+r"""Twisted Diffusion Sampler (TDS; Wu, Trippe, Naesseth, Blei & Cunningham 2023, "Practical and
+asymptotically exact conditional sampling in diffusion models", NeurIPS).
+
+Target: the base sampler's output law conditioned on ``y``, ``p_S(x | y) ∝ p_S(x) p(y | x)``. TDS
+is sequential Monte Carlo with *twisting functions* ``p~_i(y | x_i) ≈ p(y | x_i)`` at the grid
+nodes ``i = 0..S-1`` (their Sec. 3: the likelihood through the denoised estimate ``x0_hat(x_i)``),
+raised to the twist scale ``gamma`` (1 in the paper's Alg. 1):
+
+* ``log_likelihood`` (e.g. a classifier's ``log p(y | x)`` of a clean sample):
+  ``log p~_i = gamma log p(y | x0_hat(x_i))``;
+* ``classifier`` (a noise-conditional classifier ``log p(y | x_t, t)``): ``log p~_i = gamma
+  log p(y | x_i, t_i)``, the classifier itself;
+* a linear-Gaussian observation ``y = A x + s n`` (``operator``, ``y``, ``noise_std``):
+  ``p~_i = N(y; A x0_hat(x_i), s^2 I + r_i^2 A A^T)^gamma`` with ``r_i^2 = v sigma_i^2 / (alpha_i^2 v +
+  sigma_i^2)``, the variance of ``x0 | x_i`` under a ``N(m, v I)`` prior (``v = prior_var``; their
+  inpainting twist with ``x0 | x_t ~ N(x0_hat, r_t^2 I)``, PiGDM's ``r_t^2`` at ``v = 1``; ``v = 0`` is
+  the plain ``p(y | x0_hat) = N(y; A x0_hat, s^2 I)``). The twist is evaluated up to its normalizing constant,
+  which depends on the node only and cancels in the product of the weights (``log Z`` stays exact).
+
+Proposal (their Sec. 3 and Alg. 1): the base transition ``N(m_i, std_i^2)`` with its mean moved along
+the twist's gradient, ``q(x_{i+1} | x_i) = N(m_i + std_i^2 grad_x log p~_i(y | x_i), std_i^2)`` (one
+backward pass through the denoiser per step). Weights (their Alg. 1, in our node order):
+
+    w_0 = p~_0(y | x_0),
+    w_i = p(x_i | x_{i-1}) p~_i(y | x_i) / (q(x_i | x_{i-1}) p~_{i-1}(y | x_{i-1})),     0 < i < S,
+    w_S = p(x_S | x_{S-1}) p(y | x_S) / (q(x_S | x_{S-1}) p~_{S-1}(y | x_{S-1})),
+
+so every path's product of weights is ``p(y | x_S)`` times the base-over-proposal path density
+ratio: the weighted particles target ``p_S(x | y)`` and the engine's ``log Z`` estimates
+``log p_S(y) = log E_{p_S}[p(y | x)]`` (the evidence), for any twist and any ``gamma >= 0`` -- the
+twist only decides the variance. With ``final="zero"`` the last step is the deterministic jump
+``x_S = x0_hat(x_{S-1})`` (not twisted; its transition ratio is 1). A noise-conditional classifier is
+called at the clean end with ``t = t_min`` (the target is then ``p_S(x) p(y | x, t_min)``).
+
+Differences from the paper's code: their twist scale tempers the classifier's logits in the final
+weight too (``softmax(gamma logits)``: a different target for ``gamma != 1``); here the final weight
+is always the untempered ``p(y | x_S)``. Their proposal shifts ``x0_hat`` by ``(sigma^2 / alpha)
+grad`` inside the DDPM posterior mean; Alg. 1's ``std^2 grad`` (used here) works for every solver
+that returns a Gaussian transition and agrees with it as the step size goes to 0. For a solver that
+adds less noise than the reverse SDE (ER-SDE's default noise scale) ``std^2`` is smaller than the
+step's score coefficient, the proposal under-uses the twist and the weights do more of the work
+(16-d posterior of ``bench steer``, 4 particles, 100 steps: 2.6x the floor with ``ddpm``, 7.1x with
+``er_sde``).
+
+NFE per batch row: ``steps * particles`` (one evaluation per particle and step, with a backward
+pass); needs autograd and a denoiser differentiable in ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Denoiser
+from ..guidance._measurement import MeasurementGuided
+from ..inverse.operators import LinearOperator
+from ..schedules import Schedule
+from ..solvers.base import Solver, Transition
+from . import resample as _resample
+from .particles import (
+    DEFAULT_SCHEDULE,
+    DEFAULT_SOLVER,
+    Particles,
+    SMCAlgorithm,
+    StepContext,
+    _check_int,
+    run_smc,
+    transition_log_prob,
+)
+
+__all__ = ["TDS", "Twist", "tds"]
+
+
+class Twist:
+    """A likelihood ``p(y | x)`` and its twisting functions ``p~_i(y | x_i)`` (see the module docstring).
+
+    ``at_node(ctx)``: ``(log p~_i, grad_x log p~_i)`` at the particles ``ctx.x`` (``(batch, particles)``
+    and ``ctx.x``'s shape; ``ctx.x0`` is differentiable w.r.t. ``ctx.x``); ``final(ctx)``: the exact
+    ``log p(y | x_S)`` at the last node.
+    """
+
+    def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def final(self, ctx: StepContext) -> Tensor:
+        raise NotImplementedError
+
+
+def _values(who: str, value: Any, n: int) -> Tensor:
+    if not isinstance(value, Tensor) or tuple(value.shape) != (n,):
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"tds: {who} must map a batch of n samples to ({n},) log-probabilities, got {got}")
+    return value
+
+
+def _grad(who: str, value: Tensor, x: Tensor) -> Tensor:
+    if not value.requires_grad:
+        raise RuntimeError(
+            f"tds: {who} does not depend differentiably on x (computed under torch.no_grad(), detached, "
+            "or a denoiser whose output is detached); TDS needs its gradient"
+        )
+    (g,) = torch.autograd.grad(value.sum(), x)
+    return g
+
+
+class _CleanLikelihood(Twist):
+    """``log p~_i = log_likelihood(x0_hat(x_i))``; the final weight ``log_likelihood(x_S)``."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+
+    def _eval(self, ctx: StepContext, z: Tensor) -> Tensor:
+        flat = z.reshape(-1, *z.shape[2:])
+        lp = _values("log_likelihood", self.fn(flat, **ctx.cond), flat.shape[0])
+        return lp.reshape(z.shape[:2])
+
+    def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        lp = self._eval(ctx, ctx.x0)
+        return lp, _grad("log_likelihood(x0_hat(x))", lp, ctx.x)
+
+    def final(self, ctx: StepContext) -> Tensor:
+        return self._eval(ctx, ctx.x)
+
+
+class _NoisyClassifier(Twist):
+    """``log p~_i = classifier(x_i, t_i)``; the final weight ``classifier(x_S, t_S)``."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+
+    def _eval(self, ctx: StepContext) -> Tensor:
+        x = ctx.x
+        flat = x.reshape(-1, *x.shape[2:])
+        lp = _values("classifier", self.fn(flat, ctx.t, **ctx.cond), flat.shape[0])
+        return lp.reshape(x.shape[:2])
+
+    def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        lp = self._eval(ctx)
+        return lp, _grad("classifier", lp, ctx.x)
+
+    def final(self, ctx: StepContext) -> Tensor:
+        return self._eval(ctx)
+
+
+class _LinearGaussian(Twist):
+    """``y = A x + s n``: ``log p~_i = -|y - A x0_hat|^2_{C_i^{-1}} / 2`` with ``C_i = s^2 I + r_i^2 A A^T``
+    (held fixed in ``x``: ``grad = J^T A^T C_i^{-1} r``); the final weight ``log N(y; A x_S, s^2 I)``."""
+
+    def __init__(self, measurement: MeasurementGuided, prior_var: float) -> None:
+        self.m, self.prior_var = measurement, prior_var
+
+    def _residual(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A z, r = y - A z)`` on the flat rows ``(batch * particles, *shape_out)``."""
+        flat = z.reshape(-1, *z.shape[2:])
+        az = self.m.operator.forward(flat)
+        return az, self.m.observation(flat) - az
+
+    def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        a, s = ctx.grid.alpha[ctx.i], ctx.grid.sigma[ctx.i]
+        v, s2 = self.prior_var, self.m.noise_std**2
+        r2 = v * s * s / (a * a * v + s * s)
+        ax0, r = self._residual(ctx.x0)
+        rd = r.detach()
+        w = rd / s2 if r2 == 0 else self.m.operator.aat_solve(rd, s2 / r2) / r2  # C^{-1} r
+        lp = -0.5 * (rd * w).flatten(1).sum(1)
+        g = _grad("the denoised estimate", (ax0 * w).flatten(1).sum(1), ctx.x)
+        return lp.reshape(ctx.x.shape[:2]), g
+
+    def final(self, ctx: StepContext) -> Tensor:
+        _, r = self._residual(ctx.x)
+        s2 = self.m.noise_std**2
+        m = r[0].numel()
+        lp = -0.5 * (r * r).flatten(1).sum(1) / s2 - 0.5 * m * math.log(2 * math.pi * s2)
+        return lp.reshape(ctx.x.shape[:2])
+
+
+class TDS(SMCAlgorithm):
+    """The twisted diffusion sampler as engine hooks (see the module docstring).
+
+    Args:
+        twist: the likelihood and its twisting functions (:class:`Twist`).
+        twist_scale: ``gamma >= 0``: the twists are ``p~_i^gamma`` (the final weight stays ``p(y | x_S)``,
+            so the target does not depend on it; 0: no twist, importance sampling with the base proposal).
+    """
+
+    name = "tds"
+    grad = True
+    needs_transition = True
+
+    def __init__(self, twist: Twist, twist_scale: float = 1.0) -> None:
+        if (
+            isinstance(twist_scale, bool)
+            or not isinstance(twist_scale, int | float)
+            or not math.isfinite(twist_scale)
+            or twist_scale < 0
+        ):
+            raise ValueError(f"twist_scale must be a finite number >= 0, got {twist_scale!r}")
+        if not isinstance(twist, Twist):
+            raise ValueError(f"twist must be a Twist, got {type(twist).__name__}")
+        self.twist, self.scale = twist, float(twist_scale)
+
+    def init_state(self, x: Tensor) -> dict[str, Tensor]:
+        """``log_twist``: ``gamma log p~`` at the particle's node; ``grad``: its gradient there."""
+        return {
+            "log_twist": torch.zeros(x.shape[:2], dtype=torch.float64, device=x.device),
+            "grad": torch.zeros_like(x),
+        }
+
+    def log_weight(self, ctx: StepContext) -> Tensor:
+        s = ctx.state
+        inc = -s["log_twist"]
+        base, prop = ctx.base_prev, ctx.proposal_prev
+        if base is not None and prop is not None and not _deterministic(base):
+            inc = inc + transition_log_prob(ctx.x, base) - transition_log_prob(ctx.x, prop)
+        if ctx.final:
+            return inc + self.twist.final(ctx).detach().to(torch.float64)
+        if self.scale == 0:
+            return inc
+        lp, g = self.twist.at_node(ctx)
+        lp = self.scale * lp.detach().to(torch.float64)
+        s["log_twist"], s["grad"] = lp, self.scale * g.detach()
+        return inc + lp
+
+    def propose(self, ctx: StepContext, base: Transition) -> Transition:
+        if self.scale == 0 or _deterministic(base):
+            return base
+        return Transition(base.mean + base.std**2 * ctx.state["grad"].to(base.mean.dtype), base.std)
+
+
+def _deterministic(tr: Transition) -> bool:
+    return isinstance(tr.std, float | int) and tr.std == 0
+
+
+def _check_noise(noise_std: Any) -> None:
+    if noise_std is not None and (
+        isinstance(noise_std, bool)
+        or not isinstance(noise_std, int | float)
+        or not math.isfinite(noise_std)
+        or noise_std <= 0
+    ):
+        raise ValueError(
+            f"noise_std must be a finite number > 0 (TDS weights by the likelihood N(y; A x, s^2 I)), "
+            f"got {noise_std!r}"
+        )
+
+
+def _linear_twist(
+    den: Denoiser,
+    operator: Any,
+    y: Any,
+    noise_std: float | None,
+    batch: int,
+    particles: int,
+    prior_var: Any,
+) -> _LinearGaussian:
+    _check_noise(noise_std)
+    if not isinstance(operator, LinearOperator):
+        raise ValueError(
+            f"operator must be a steerdiff.inverse.LinearOperator, got {type(operator).__name__}"
+        )
+    try:  # checks A against the sample shape, and y against A
+        measurement = MeasurementGuided(den, operator, y, noise_std)
+    except ValueError as err:
+        raise ValueError(f"tds: {str(err).partition(': ')[2]}") from None
+    _check_noise(measurement.noise_std)
+    if tuple(y.shape) != tuple(operator.shape_out):
+        if y.shape[0] != batch:
+            raise ValueError(f"y holds {y.shape[0]} observations for shape[0] = {batch} batch rows")
+        measurement.y = measurement.y.repeat_interleave(particles, dim=0)
+    if (
+        isinstance(prior_var, bool)
+        or not isinstance(prior_var, int | float)
+        or not math.isfinite(prior_var)
+        or prior_var < 0
+    ):
+        raise ValueError(f"prior_var must be a finite number >= 0, got {prior_var!r}")
+    return _LinearGaussian(measurement, float(prior_var))
+
+
+def tds(
+    den: Denoiser,
+    operator: LinearOperator | None = None,
+    y: Tensor | None = None,
+    *,
+    noise_std: float | None = None,
+    log_likelihood: Callable[..., Tensor] | None = None,
+    classifier: Callable[..., Tensor] | None = None,
+    shape: tuple[int, ...],
+    particles: int = 16,
+    steps: int = 100,
+    twist_scale: float = 1.0,
+    prior_var: float = 1.0,
+    ess_threshold: float = 0.5,
+    resampler: str | _resample.Resampler = "systematic",
+    solver: str | Solver = DEFAULT_SOLVER,
+    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    max_batch: int | None = None,
+    x_T: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """Twisted diffusion sampler: ``particles`` weighted samples per batch row of ``p_S(x | y)``.
+
+    The likelihood is exactly one of:
+
+    * ``operator``, ``y`` (and ``noise_std``): ``y = A x + s n``; ``operator`` a
+      :class:`~steerdiff.inverse.LinearOperator` on the sample shape, ``y`` one observation
+      (``operator.shape_out``, shared by all rows) or one per batch row (``(batch, *shape_out)``),
+      ``noise_std = s > 0`` (``None``: ``operator.noise_std``); twists with ``prior_var`` (see the module);
+    * ``log_likelihood(x, **cond) -> (n,)``: ``log p(y | x)`` of clean samples (e.g. a classifier's
+      log-probability of the wanted label), differentiable; twists at ``x0_hat(x_i)``;
+    * ``classifier(x_t, t, **cond) -> (n,)``: a noise-conditional ``log p(y | x_t, t)`` (``t`` the
+      process time), differentiable; it is its own twist.
+
+    Args:
+        den: the prior's denoiser, differentiable in ``x``.
+        shape: ``(batch, *sample_shape)``. ``particles``: ``N >= 1`` per row. ``steps``: solver steps.
+        twist_scale: ``gamma >= 0``, the twists' exponent (the target does not depend on it).
+        prior_var: ``v >= 0`` of the linear-Gaussian twist's ``r_i^2`` (1: PiGDM's; 0: the plain
+            ``N(y; A x0_hat, s^2 I)``).
+        ess_threshold: resample a row when ``ESS < ess_threshold * N`` (default 0.5, the paper's).
+        resampler, solver, schedule, final, max_batch, x_T, dtype, device, generator, progress, cond:
+            see :func:`~steerdiff.smc.run_smc`; the solver must return Gaussian transitions
+            (``ddpm``, ``er_sde``, ``euler_ancestral``, ``dpmpp_2m_sde``, ``sa_solver``, ...).
+
+    Returns:
+        :class:`~steerdiff.smc.Particles` with normalized ``log_w``, ``nfe = steps * particles`` and the
+        ``trace``, whose final ``log_z`` estimates the evidence ``log p_S(y)``.
+
+    Example:
+        >>> out = sd.smc.tds(den, sd.inverse.Matrix(A), y, noise_std=0.1, shape=(4, 16), generator=g)
+        >>> x = out.sample(generator=g)   # (4, 16), one posterior draw per batch row
+    """
+    given = [operator is not None or y is not None, log_likelihood is not None, classifier is not None]
+    if sum(given) != 1:
+        raise ValueError(
+            "tds: give exactly one likelihood: operator and y (y = A x + noise), log_likelihood (of a clean "
+            "sample) or classifier (noise-conditional)"
+        )
+    n_part = _check_int("particles", particles, 1)
+    twist: Twist
+    if given[0]:
+        if operator is None or y is None:
+            raise ValueError("tds: a linear-Gaussian observation needs both operator and y")
+        if not isinstance(shape, tuple | list) or not shape:
+            raise ValueError(f"shape must be (batch, *sample_shape) of positive integers, got {shape!r}")
+        twist = _linear_twist(den, operator, y, noise_std, shape[0], n_part, prior_var)
+    elif log_likelihood is not None:
+        if not callable(log_likelihood):
+            raise ValueError("log_likelihood must be callable: (n, *shape) -> (n,)")
+        twist = _CleanLikelihood(log_likelihood)
+    else:
+        if not callable(classifier):
+            raise ValueError("classifier must be callable: (x_t (n, *shape), t) -> (n,)")
+        twist = _NoisyClassifier(classifier)
+    return run_smc(
+        den, TDS(twist, twist_scale), shape, particles=n_part, steps=steps, solver=solver,
+        schedule=schedule, final=final, ess_threshold=ess_threshold, resampler=resampler,
+        max_batch=max_batch, x_T=x_T, dtype=dtype, device=device, generator=generator,
+        progress=progress, **cond,
+    )  # fmt: skip
