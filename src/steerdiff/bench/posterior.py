@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,6 +59,7 @@ from ..schedules import get as get_schedule
 from ..solvers.base import NonFiniteError, make_grid
 from ..solvers.ddim import ancestral_split
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
+from ._figure import panel_figure
 from .sde import steps_within
 from .solvers import Row, write_csv
 
@@ -494,46 +496,25 @@ def markdown_table(result: PosteriorBench) -> str:
 def plot(result: PosteriorBench, path: str | Path) -> bool:
     """One panel per case: each method's best sliced W2 (x floor) against NFE, with the prior's level.
     Returns ``False`` (and logs) if matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot written")
-        return False
-    k = len(result.cases)
-    cols = min(k, 3)
-    rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
-    for ax, case in zip(axes.flat, result.cases, strict=False):
+    def draw(ax: Any, case: str, colors: Sequence[Any]) -> None:
         for c, m in enumerate(m.name for m in METHODS):
             ys = [_ratio(result, case, m, nfe) for nfe in result.nfes]
             ax.loglog(result.nfes, ys, "-o", ms=3, color=colors[c], label=m)
         ax.axhline(1.0, color="black", lw=1, ls=":", label="floor")
-        ax.axhline(
-            result.baseline(case, "prior") / result.baseline(case, "floor"),
-            color="grey",
-            lw=1,
-            ls="-.",
-            label="prior",
-        )
-        ax.set_title(case, fontsize=9)
-        ax.set_xticks(list(result.nfes), [str(v) for v in result.nfes])
-        ax.minorticks_off()
-        ax.grid(True, alpha=0.3)
-    for ax in axes.flat[k:]:
-        ax.axis("off")
-    axes.flat[0].set_ylabel("sliced W2 / floor")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(
-        "Inverse problems on exact Gaussian-mixture priors: best step per method (DDPM, NFE = steps)"
+        prior = result.baseline(case, "prior") / result.baseline(case, "floor")
+        ax.axhline(prior, color="grey", lw=1, ls="-.", label="prior")
+
+    return panel_figure(
+        path,
+        result.cases,
+        draw,
+        cols=3,
+        panel_size=(4.2, 3.2),
+        suptitle="Inverse problems on exact Gaussian-mixture priors: best step per method (DDPM, NFE=steps)",
+        ylabel="sliced W2 / floor",
+        xticks=result.nfes,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def write_results(result: PosteriorBench, out: Path) -> tuple[Path, Path | None]:

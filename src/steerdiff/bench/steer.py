@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,6 +63,7 @@ from ..processes import Process
 from ..solvers.base import NonFiniteError
 from ..toy.gmm import GaussianMixture
 from . import posterior
+from ._figure import panel_figure
 from .solvers import Row, write_csv
 
 __all__ = [
@@ -517,21 +519,9 @@ def plot(result: SteerBench, path: str | Path) -> bool:
     """One panel per case: each method's sliced W2 (x floor) against NFE per returned sample, with the
     floor and the range of the exact sample sets. Returns ``False`` (and logs) if matplotlib is not
     installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot written")
-        return False
-    k = len(result.cases)
-    cols = min(k, 2)
-    rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
     methods = list(dict.fromkeys(r.method for r in result.rows))
-    for ax, case in zip(axes.flat, result.cases, strict=False):
+
+    def draw(ax: Any, case: str, colors: Sequence[Any]) -> None:
         for c, m in enumerate(methods):
             pts = [(k, result.value(case, m, k)) for k in result.nfes]
             pts = [(k, v) for k, v in pts if math.isfinite(v)]
@@ -540,20 +530,18 @@ def plot(result: SteerBench, path: str | Path) -> bool:
                 ax.loglog(xs, ys, "-o", ms=3, color=colors[c % len(colors)], label=m)
         ax.axhline(1.0, color="black", lw=1, ls=":", label="floor")
         ax.axhspan(*result.floor_range[case], color="grey", alpha=0.15, lw=0, label="exact samples' range")
-        ax.set_title(case, fontsize=9)
-        ax.set_xticks(list(result.nfes), [str(v) for v in result.nfes])
-        ax.minorticks_off()
-        ax.grid(True, alpha=0.3)
-        ax.set_xlabel("NFE per returned sample")
-    for ax in axes.flat[k:]:
-        ax.axis("off")
-    axes.flat[0].set_ylabel("sliced W2 / floor")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Steering to exact tilted / conditional Gaussian-mixture targets (DDPM, 100 steps)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+
+    return panel_figure(
+        path,
+        result.cases,
+        draw,
+        cols=2,
+        panel_size=(5.5, 3.8),
+        suptitle="Steering to exact tilted / conditional Gaussian-mixture targets (DDPM, 100 steps)",
+        ylabel="sliced W2 / floor",
+        xticks=result.nfes,
+        xlabel="NFE per returned sample",
+    )
 
 
 def write_results(result: SteerBench, out: Path) -> tuple[Path, Path | None]:

@@ -1,0 +1,62 @@
+"""The one figure layout of the case-by-case benchmarks: a grid of log-log panels, one per case."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["panel_figure"]
+
+
+def panel_figure(
+    path: str | Path,
+    titles: Sequence[str],
+    draw: Callable[[Any, str, Sequence[Any]], None],
+    *,
+    cols: int,
+    panel_size: tuple[float, float],
+    suptitle: str,
+    ylabel: str,
+    xticks: Sequence[int],
+    xlabel: str | None = None,
+) -> bool:
+    """Draw ``draw(ax, title, colors)`` in one panel per title and save the PNG at ``path``.
+
+    Every panel gets its title, the integer ``xticks``, a light grid and ``xlabel``; the first gets
+    ``ylabel`` and the legend. Returns ``False`` (and logs) if matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot written")
+        return False
+    k = len(titles)
+    cols = min(k, cols)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, title in zip(axes.flat, titles, strict=False):
+        draw(ax, title, colors)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(list(xticks), [str(v) for v in xticks])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+        if xlabel is not None:
+            ax.set_xlabel(xlabel)
+    for ax in axes.flat[k:]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel(ylabel)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
