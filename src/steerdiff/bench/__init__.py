@@ -2,4 +2,7 @@
 
 * :mod:`steerdiff.bench.solvers` -- solver accuracy at fixed NFE on the exact Gaussian-mixture
   model, beside diffusers' schedulers, and per-step sampler overhead.
+* :mod:`steerdiff.bench.sde` -- stochastic samplers' sliced W2 to the exact distribution.
+* :mod:`steerdiff.bench.posterior` -- inverse-problem guidance against exact posteriors.
+* :mod:`steerdiff.bench.steer` -- particle steering against exact tilted targets and posteriors.
 """
