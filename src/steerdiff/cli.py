@@ -1,15 +1,20 @@
 """The ``steerdiff`` command line.
 
-    steerdiff bench solvers [--out DIR] [--batch B] [--seed S] [--quick] [--no-diffusers]
+    steerdiff demo [--out DIR] [--digit D] [--n N] [--seed S] [--no-progress] [--weights DIR]
+    steerdiff bench solvers [--model {gmm,digits}] [--out DIR] [--batch B] [--seed S] [--quick]
+        [--no-diffusers]
     steerdiff bench sde [--out DIR] [--n N] [--seed S] [--quick] [--no-diffusers]
     steerdiff bench posterior [--out DIR] [--n N] [--seed S] [--quick] [--all]
     steerdiff bench steer [--out DIR] [--n N] [--seed S] [--quick]
-    steerdiff sample --out FILE.{pt,npy} [--n N] [--steps K] [--solver NAME] [--schedule NAME]
+    steerdiff sample --out FILE.{pt,npy,png} [--model {gmm,digits}] [--n N] [--steps K] [--solver NAME]
+        [--schedule NAME] [--guidance {none,cfg,classifier}] [--label D] [--scale W] [--weights DIR]
     steerdiff train digits [--out DIR] [--seed S] [--quick] [--threads T]
 
 ``bench solvers`` runs :mod:`steerdiff.bench.solvers` and writes ``solvers.csv`` and
-``solvers.png`` to ``--out``; ``sample`` draws from the embedded default model (the benchmark's
-64-dimensional Gaussian mixture under Stable Diffusion's betas, through its exact denoiser).
+``solvers.png`` to ``--out`` (``--model digits``: :mod:`steerdiff.bench.digits`); ``sample`` draws from
+the embedded default model (the benchmark's 64-dimensional Gaussian mixture under Stable Diffusion's
+betas, through its exact denoiser) or, with ``--model digits``, the 8x8 digits model;
+``demo`` runs :mod:`steerdiff.demo`.
 Tables go to stdout; diagnostics go through :mod:`logging` (``-v`` for progress messages).
 """
 
@@ -29,7 +34,7 @@ from . import sampling, schedules, solvers
 
 __all__ = ["build_parser", "main"]
 
-SAMPLE_FORMATS = (".pt", ".npy")
+SAMPLE_FORMATS = (".pt", ".npy", ".png")
 
 
 def echo(text: str) -> None:
@@ -43,6 +48,16 @@ def _positive(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return n
+
+
+def _digit(value: str) -> int:
+    try:
+        d = int(value)
+    except ValueError:
+        d = -1
+    if not 0 <= d <= 9:
+        raise argparse.ArgumentTypeError(f"must be a digit 0-9 (a class of the digits model), got {value}")
+    return d
 
 
 def _sample_path(value: str) -> Path:
@@ -85,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _bench_arguments(bs, "NFE 5 and 10 only, short overhead timing", "seed of x_T")
     bs.add_argument("--batch", type=_positive, default=1024, help="samples in x_T (default: 1024)")
+    bs.add_argument(
+        "--model",
+        choices=("gmm", "digits"),
+        default="gmm",
+        help="gmm: the exact 64-d mixture (default); digits: the learned 8x8 digits model, scored by "
+        "Frechet distance and by distance to a 1,000-step ODE solution (OUT/digits_solvers.{csv,png})",
+    )
+    bs.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
     bs.add_argument(
         "--threads",
         type=_positive,
@@ -146,7 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
             "from standard normal x_T and write the samples to a .pt or .npy file."
         ),
     )
-    sp.add_argument("--out", type=_sample_path, required=True, help="output file, .pt or .npy")
+    sp.add_argument(
+        "--out", type=_sample_path, required=True, help="output file, .pt or .npy (.png: a grid, digits)"
+    )
+    sp.add_argument(
+        "--model",
+        choices=("gmm", "digits"),
+        default="gmm",
+        help="gmm: the exact 64-d mixture (default); digits: the embedded 8x8 digits model",
+    )
+    sp.add_argument(
+        "--guidance",
+        choices=("none", "cfg", "classifier"),
+        default="none",
+        help="digits only (default: none)",
+    )
+    sp.add_argument(
+        "--label", type=_digit, default=None, help="digits: the class 0-9 (default: unconditional)"
+    )
+    sp.add_argument("--scale", type=float, default=None, help="guidance scale (default: the demo's)")
+    sp.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
     sp.add_argument("--n", type=_positive, default=16, help="number of samples (default: 16)")
     sp.add_argument("--steps", type=_positive, default=10, help="solver steps (default: 10)")
     sp.add_argument(
@@ -164,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_sample)
 
+    dm = sub.add_parser(
+        "demo",
+        help="sample and steer the embedded 8x8 digits model: table + OUT/demo.png",
+        description=(
+            "Unconditional digits at NFE 10 (UniPC, DDIM) against 1,000-step DDPM; CFG, classifier guidance, "
+            "FK steering and TDS toward a digit; inpainting of the lower half with DPS and TDS. Prints "
+            "classifier accuracy on the digit, Frechet distance to held-out digits and wall time; writes "
+            "OUT/demo.png and OUT/demo.csv."
+        ),
+    )
+    dm.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    dm.add_argument("--digit", type=_digit, default=3, help="target digit 0-9 (default: 3)")
+    dm.add_argument("--n", type=_positive, default=512, help="samples per row (default: 512)")
+    dm.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    dm.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dm.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
+    dm.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default: 1)")
+    dm.set_defaults(func=_demo)
+
     train = sub.add_parser("train", help="train the embedded models", description="Train embedded models.")
     train_sub = train.add_subparsers(dest="model", required=True, metavar="MODEL")
     td = train_sub.add_parser(
@@ -177,7 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--out", type=Path, default=None, help="output folder (default: the package's weights)")
     td.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     td.add_argument("--quick", action="store_true", help="a few steps per net (smoke test)")
-    td.add_argument("--threads", type=_positive, default=2, help="torch threads (default: 2)")
+    td.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        help="torch intra-op threads (default: 1, as for the committed weights; the bits depend on it)",
+    )
     td.set_defaults(func=_train_digits)
     return parser
 
@@ -208,9 +274,58 @@ def _write(result: Any, out: Path, stem: str, report: str, **plot: Any) -> int:
     return 0
 
 
+def _digits_models(weights: Path | None) -> Any:
+    """The digits models (:func:`steerdiff.bench.digits.load_models`); a missing weights file exits with
+    the loader's message (which says how to train them)."""
+    from .bench.digits import load_models
+
+    try:
+        return load_models(weights)
+    except FileNotFoundError as err:
+        raise SystemExit(f"steerdiff: {err}") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    if args.n < 2:
+        raise SystemExit("steerdiff demo: --n must be >= 2 (a Frechet distance needs a covariance)")
+    models = _digits_models(args.weights)
+    result = _with_threads(
+        args.threads,
+        lambda: demo.run_demo(
+            args.out, n=args.n, digit=args.digit, seed=args.seed, progress=not args.no_progress,
+            models=models,
+        ),
+    )  # fmt: skip
+    echo(demo.format_table(result))
+    return 0
+
+
+def _bench_digits(args: argparse.Namespace) -> int:
+    from .bench import digits
+
+    if args.batch < 2:
+        raise SystemExit(
+            "steerdiff bench solvers: --batch must be >= 2 (a Frechet distance needs a covariance)"
+        )
+    models = _digits_models(args.weights)
+    n, nfes = (min(args.batch, 256), digits.QUICK_NFES) if args.quick else (args.batch, digits.NFES)
+    result = _with_threads(
+        args.threads,
+        lambda: digits.run(n=n, seed=args.seed, nfes=nfes, models=models, progress=not args.no_progress),
+    )
+    csv_path, png_path = digits.write_results(result, args.out)
+    echo(digits.format_report(result))
+    echo(f"\nwrote {csv_path}" + (f" and {png_path}" if png_path is not None else ""))
+    return 0
+
+
 def _bench_solvers(args: argparse.Namespace) -> int:
     from .bench import solvers as bench
 
+    if args.model == "digits":
+        return _bench_digits(args)
     result = _with_threads(
         args.threads,
         lambda: bench.run(
@@ -275,9 +390,57 @@ def _bench_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_digits(args: argparse.Namespace) -> int:
+    from . import guidance
+    from .bench.digits import save_grid
+    from .demo import CFG_SCALE, CLASSIFIER_SCALE
+    from .toy.digits import DIGITS_SHAPE, NULL_LABEL
+
+    if args.guidance != "none" and args.label is None:
+        raise SystemExit(f"steerdiff sample: --guidance {args.guidance} needs --label 0-9")
+    m = _digits_models(args.weights)
+    den, label = m.den, NULL_LABEL if args.label is None else args.label
+    if args.guidance == "cfg":
+        scale = CFG_SCALE if args.scale is None else args.scale
+        den = guidance.CFG(m.den, m.den, scale, uncond_kwargs={"label": NULL_LABEL})
+    elif args.guidance == "classifier":
+        scale, nc, d = CLASSIFIER_SCALE if args.scale is None else args.scale, m.noisy_classifier, label
+        den = guidance.ClassifierGuidance(m.den, lambda x, t, **_: nc.log_prob(x, t, d), scale)
+        label = NULL_LABEL  # classifier guidance steers the unconditional model
+    x_T = torch.randn(args.n, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(args.seed))
+    with torch.set_grad_enabled(args.guidance == "classifier"):
+        x, info = sampling.sample(
+            den, x_T, args.steps, args.solver, args.schedule, progress=not args.no_progress,
+            generator=torch.Generator().manual_seed(args.seed + 1), return_info=True, label=label,
+        )  # fmt: skip
+    x = x.detach()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    what = f"{args.solver}, {args.schedule}, {args.steps} steps, NFE {info.nfe}"
+    if args.guidance != "none":
+        what += f", {args.guidance} scale {scale:g} toward {args.label}"
+    elif args.label is not None:
+        what += f", label {args.label}"
+    if args.out.suffix == ".png":
+        rows = [("", x[i : i + 16]) for i in range(0, len(x), 16)]
+        if not save_grid(rows, args.out, f"digits: {what}"):
+            raise SystemExit(
+                "steerdiff sample: a .png needs matplotlib (pip install matplotlib); use .pt or .npy"
+            )
+    elif args.out.suffix == ".pt":
+        torch.save(x, args.out)
+    else:
+        np.save(args.out, x.numpy())
+    echo(f"wrote {args.n} digits to {args.out} ({what})")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from .bench.solvers import default_model, initial_noise
 
+    if args.model == "digits":
+        return _sample_digits(args)
+    if args.out.suffix == ".png" or args.guidance != "none" or args.label is not None:
+        raise SystemExit("steerdiff sample: .png output, --guidance and --label need --model digits")
     gmm, proc = default_model()
     x_T = initial_noise(args.n, gmm.dim, args.seed)
     x, info = sampling.sample(
