@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/steerdiff bench solvers --out out
+	$(VENV)/bin/steerdiff demo --out out
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _bench_arguments(bs, "NFE 5 and 10 only, short overhead timing", "seed of x_T")
-    bs.add_argument("--batch", type=_positive, default=1024, help="samples in x_T (default: 1024)")
+    bs.add_argument(
+        "--batch", type=_positive, default=None, help="samples in x_T (default: 1024; --model digits: 4096)"
+    )
     bs.add_argument(
         "--model",
         choices=("gmm", "digits"),
@@ -305,12 +307,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench_digits(args: argparse.Namespace) -> int:
     from .bench import digits
 
-    if args.batch < 2:
+    batch = args.batch or 4096
+    if batch < 2:
         raise SystemExit(
             "steerdiff bench solvers: --batch must be >= 2 (a Frechet distance needs a covariance)"
         )
     models = _digits_models(args.weights)
-    n, nfes = (min(args.batch, 256), digits.QUICK_NFES) if args.quick else (args.batch, digits.NFES)
+    n, nfes = (min(batch, 256), digits.QUICK_NFES) if args.quick else (batch, digits.NFES)
     result = _with_threads(
         args.threads,
         lambda: digits.run(n=n, seed=args.seed, nfes=nfes, models=models, progress=not args.no_progress),
@@ -329,7 +332,7 @@ def _bench_solvers(args: argparse.Namespace) -> int:
     result = _with_threads(
         args.threads,
         lambda: bench.run(
-            batch=args.batch,
+            batch=args.batch or 1024,
             seed=args.seed,
             quick=args.quick,
             with_diffusers=not args.no_diffusers,
