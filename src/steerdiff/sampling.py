@@ -17,7 +17,7 @@ from . import solvers as _solvers
 from .denoiser import Denoiser
 from .noise import NoiseSource, make_noise
 from .schedules import Schedule
-from .solvers.base import Grid, Model, Solver, Transition, make_grid
+from .solvers.base import Grid, Model, Solver, advance, make_grid
 
 __all__ = ["SampleInfo", "sample"]
 
@@ -121,13 +121,7 @@ def sample(
     x = x_T
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
     for i in indices:
-        out = slv.step(model, x, i, grid, state)
-        if isinstance(out, Transition):
-            x = out.mean
-            if not isinstance(out.std, float) or out.std != 0.0:
-                x = x + out.std * model.noise(grid.t[i], grid.t[i + 1], x)
-        else:
-            x = out
+        x = advance(slv.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
         if kernel is not None and not grid.is_final_clean(i):
             x, chain = _mcmc.correct(
                 kernel, model, x, grid.t[i + 1], grid.sigma[i + 1], i, corrector_steps, snr

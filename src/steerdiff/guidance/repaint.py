@@ -42,7 +42,7 @@ from ..inverse.operators import LinearOperator
 from ..noise import GeneratorNoise
 from ..sampling import SampleInfo
 from ..schedules import Schedule
-from ..solvers.base import Model, Transition, make_grid
+from ..solvers.base import Model, advance, make_grid
 from ..solvers.ddpm import DDPM
 from ._measurement import MeasurementGuided
 
@@ -138,10 +138,7 @@ def repaint_sample(
     passes = [0] * (grid.steps + 1)
     x, i = x_T, 0
     while i < grid.steps:
-        out = solver.step(model, x, i, grid, state)
-        if isinstance(out, Transition):
-            out = out.mean + out.std * model.noise(grid.t[i], grid.t[i + 1], x)
-        x = out
+        x = advance(solver.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
         i += 1
         if i < grid.steps and i >= jump and i % jump == 0 and passes[i] < resample - 1:
             passes[i] += 1

@@ -63,7 +63,7 @@ from ..noise import NoiseSource
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, DEFAULT_SOLVER
 from ..schedules import Schedule
-from ..solvers.base import FINALS, Grid, Model, Solver, Transition, make_grid
+from ..solvers.base import FINALS, Grid, Model, Solver, Transition, advance, make_grid
 
 __all__ = ["SteerdiffScheduler", "SteerdiffSchedulerOutput", "denoiser_from_diffusers", "process_from_config"]
 
@@ -599,12 +599,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             except _Halt as halt:
                 run.at_input = halt.x is run.x
                 return halt.x
-            if isinstance(out, Transition):  # as steerdiff.sample adds the noise
-                x = out.mean
-                if not isinstance(out.std, float) or out.std != 0.0:
-                    x = x + out.std * noise(run.grid.t[run.i], run.grid.t[run.i + 1], x)
-            else:
-                x = out
+            x = advance(out, noise, run.grid.t[run.i], run.grid.t[run.i + 1])  # as steerdiff.sample does
             run.x, run.state, run.i = x, state, run.i + 1
             tape.preds.clear()
             noise.draws.clear()

@@ -677,9 +677,7 @@ def run_smc(
         if algorithm.grad:
             x, base, prop = x.detach(), _detach(base), _detach(prop)
             solver_state, alg_state = _detach(solver_state), _detach(alg_state)
-        x_next = prop.mean
-        if not isinstance(prop.std, float) or prop.std != 0.0:
-            x_next = x_next + prop.std * noise(grid.t[i], grid.t[i + 1], x_next)
+        x_next = prop.draw(noise, grid.t[i], grid.t[i + 1])
         prev = (x, base, prop)
         x = x_next
 

@@ -25,7 +25,17 @@ from ..noise import GeneratorNoise, NoiseSource
 from ..processes import Process
 from ..schedules import Schedule, check_steps
 
-__all__ = ["Grid", "History", "Model", "NonFiniteError", "Solver", "Transition", "make_grid", "step_order"]
+__all__ = [
+    "Grid",
+    "History",
+    "Model",
+    "NonFiniteError",
+    "Solver",
+    "Transition",
+    "advance",
+    "make_grid",
+    "step_order",
+]
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -121,6 +131,18 @@ class Transition:
 
     mean: Tensor
     std: float | Tensor
+
+    def draw(self, noise: NoiseSource, t_from: float, t_to: float) -> Tensor:
+        """``mean + std z`` with ``z = noise(t_from, t_to, mean)``; no draw when ``std`` is exactly 0."""
+        if isinstance(self.std, float) and self.std == 0.0:
+            return self.mean
+        return self.mean + self.std * noise(t_from, t_to, self.mean)
+
+
+def advance(out: Tensor | Transition, noise: NoiseSource, t_from: float, t_to: float) -> Tensor:
+    """The state after a solver step that returned ``out``: ``out`` itself, or a draw from its
+    :class:`Transition` (:meth:`Transition.draw`)."""
+    return out.draw(noise, t_from, t_to) if isinstance(out, Transition) else out
 
 
 def step_order(i: int, grid: Grid, order: int, history: int, lower_order_final: bool) -> int:
