@@ -19,7 +19,7 @@ from .noise import NoiseSource, make_noise
 from .schedules import Schedule
 from .solvers.base import Grid, Model, Solver, advance, make_grid
 
-__all__ = ["SampleInfo", "sample"]
+__all__ = ["SampleInfo", "check_x_T", "sample"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ class SampleInfo:
     corrector: list[_mcmc.ChainInfo] = field(default_factory=list)
 
 
-def _check_x(den: Denoiser, x_T: Tensor) -> None:
+def check_x_T(den: Denoiser, x_T: Tensor) -> None:
+    """Raise a ``ValueError`` naming ``x_T`` unless it is a finite, batched float tensor of den's shape."""
     if not isinstance(x_T, Tensor):
         raise ValueError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
     if not x_T.is_floating_point():
@@ -108,7 +109,7 @@ def sample(
     """
     if not isinstance(den, Denoiser):
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
-    _check_x(den, x_T)
+    check_x_T(den, x_T)
     sched = _schedules.get(schedule)
     slv = _solvers.get(solver)
     grid = make_grid(den.process, sched, steps, final)

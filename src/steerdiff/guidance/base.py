@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
 
-__all__ = ["Guided", "add_score", "denoise_with_grad", "require_grad"]
+__all__ = ["Guided", "add_score", "denoise_with_grad", "require_grad", "same_process"]
 
 
 class Guided(Denoiser):
@@ -83,3 +83,16 @@ def denoise_with_grad(
 def add_score(pred: Prediction, grad: Tensor) -> Prediction:
     """The prediction whose score is ``pred``'s plus ``grad``: ``eps' = eps - sigma grad``."""
     return Prediction(pred.x, pred.alpha, pred.sigma, eps=pred.eps - pred.sigma * grad)
+
+
+def same_process(a: Denoiser, b: Denoiser) -> bool:
+    """Whether two denoisers share a noise process: the same object, or the same kind with equal
+    ``alpha`` and ``sigma`` (to 1e-12) at ``t_min``, the midpoint and ``t_max``. Methods that combine
+    several denoisers' estimates at one ``x_t`` (CFG, Feynman-Kac correctors) need it."""
+    if a.process is b.process:
+        return True
+    p, q = a.process, b.process
+    ts = torch.tensor([p.t_min, 0.5 * (p.t_min + p.t_max), p.t_max], dtype=torch.float64)
+    return type(p) is type(q) and all(
+        torch.allclose(f(ts), g(ts), rtol=1e-12, atol=0) for f, g in ((p.alpha, q.alpha), (p.sigma, q.sigma))
+    )

@@ -51,12 +51,12 @@ from ..denoiser import Denoiser, Prediction
 from ..mcmc.base import Point, Target, chain, check_steps
 from ..mcmc.langevin import ULA
 from ..noise import NoiseSource, make_noise
-from ..sampling import DEFAULT_SCHEDULE, SampleInfo, _check_x
+from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T
 from ..schedules import Schedule
 from ..schedules import get as get_schedule
 from ..solvers.base import Model, make_grid
 from ..solvers.ddim import DDIM
-from .base import Guided
+from .base import Guided, same_process
 
 __all__ = ["CADS", "CFG", "pcg"]
 
@@ -74,16 +74,6 @@ def _real(value: Any, name: str, lo: float = 0.0, hi: float = math.inf) -> float
 def _per_sample_std(v: Tensor) -> Tensor:
     """Per-sample standard deviation over all but the batch dimension, shaped to broadcast."""
     return v.reshape(v.shape[0], -1).std(dim=1).reshape(-1, *([1] * (v.ndim - 1)))
-
-
-def _same_process(a: Denoiser, b: Denoiser) -> bool:
-    if a.process is b.process:
-        return True
-    p, q = a.process, b.process
-    ts = torch.tensor([p.t_min, 0.5 * (p.t_min + p.t_max), p.t_max], dtype=torch.float64)
-    return type(p) is type(q) and all(
-        torch.allclose(f(ts), g(ts), rtol=1e-12, atol=0) for f, g in ((p.alpha, q.alpha), (p.sigma, q.sigma))
-    )
 
 
 @dataclass
@@ -193,7 +183,7 @@ class CFG(Guided):
         super().__init__(cond)
         if not isinstance(uncond, Denoiser):
             raise ValueError(f"CFG: uncond must be a steerdiff Denoiser, got {type(uncond).__name__}")
-        if not _same_process(cond, uncond):
+        if not same_process(cond, uncond):
             raise ValueError(
                 f"CFG: cond and uncond must share a process, got {cond.process} and {uncond.process}"
             )
@@ -342,7 +332,7 @@ def pcg(
     step_scale = _real(step_scale, "pcg: step_scale")
     if step_scale == 0 or math.isinf(step_scale):
         raise ValueError(f"pcg: step_scale must be a finite number > 0, got {step_scale!r}")
-    _check_x(cond, x_T)
+    check_x_T(cond, x_T)
     sharpened = CFG(cond, uncond, gamma, uncond_kwargs=uncond_kwargs)
     sched = get_schedule(schedule)
     grid = make_grid(cond.process, sched, steps, final)

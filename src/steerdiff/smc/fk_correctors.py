@@ -75,8 +75,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from ..denoiser import Denoiser, Prediction
-from ..guidance.base import Guided
-from ..guidance.cfg import _same_process
+from ..guidance.base import Guided, same_process
 from ..schedules import Schedule
 from ..solvers.base import Solver, make_grid
 from . import resample as _resample
@@ -158,7 +157,7 @@ class Composition(Guided):
                 raise ValueError(
                     f"Composition: dens[{k}] must be a steerdiff Denoiser, got {type(d).__name__}"
                 )
-            if not _same_process(dens[0], d):
+            if not same_process(dens[0], d):
                 raise ValueError(
                     f"Composition: all denoisers must share a process, got {dens[0].process} and {d.process}"
                 )
