@@ -305,3 +305,14 @@ def test_bench_posterior_quick_writes_the_library_numbers(tmp_path: Path) -> Non
         generator=torch.Generator().manual_seed(1),
     )
     assert float(rows[("dps_squared", "scale=1")]["nfe_50"]) == pytest.approx(case.distance(x), rel=1e-12)
+
+
+def test_bench_inpaint_case_observes_the_first_coordinates():
+    case = make_case("gmm16", 8, 0.01, 64, operator="inpaint")
+    assert isinstance(case.operator, sd.inverse.Inpaint) and case.label == "gmm16 inpaint d_y=8 s=0.01"
+    assert torch.equal(case.A, torch.eye(16, dtype=torch.float64)[:8])
+    # s = 0.01: every posterior sample reproduces the observed coordinates to within a few s
+    post = case.posterior.sample(256, torch.Generator().manual_seed(0))
+    assert float((post[:, :8] - case.y).abs().max()) < 0.06
+    with pytest.raises(ValueError, match="operator"):
+        make_case("gmm16", 8, 0.01, 64, operator="blur")

@@ -4,7 +4,7 @@
     steerdiff bench solvers [--model {gmm,digits}] [--out DIR] [--batch B] [--seed S] [--quick]
         [--no-diffusers]
     steerdiff bench sde [--out DIR] [--n N] [--seed S] [--quick] [--no-diffusers]
-    steerdiff bench posterior [--out DIR] [--n N] [--seed S] [--quick] [--all]
+    steerdiff bench posterior [--out DIR] [--n N] [--seed S] [--quick] [--all | --inpaint]
     steerdiff bench steer [--out DIR] [--n N] [--seed S] [--quick]
     steerdiff sample --out FILE.{pt,npy,png} [--model {gmm,digits}] [--n N] [--steps K] [--solver NAME]
         [--schedule NAME] [--guidance {none,cfg,classifier}] [--label D] [--scale W] [--weights DIR]
@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--n", type=_positive, default=1024, help="samples per run (default: 1024)")
     bp.add_argument("--quick", action="store_true", help="one 16-d case at NFE 50, n <= 512")
     bp.add_argument("--all", action="store_true", help="all 36 (prior, d_y, noise) cases (slow)")
+    bp.add_argument(
+        "--inpaint",
+        action="store_true",
+        help="the inpainting cases instead (Inpaint operators); writes OUT/posterior_inpaint.{csv,png}",
+    )
     bp.add_argument("--no-progress", action="store_true", help="no progress bars")
     bp.set_defaults(func=_bench_posterior)
     bst = bench_sub.add_parser(
@@ -372,10 +377,16 @@ def _bench_posterior(args: argparse.Namespace) -> int:
     result = _with_threads(
         1,
         lambda: posterior.run(
-            n=args.n, seed=args.seed, quick=args.quick, full_grid=args.all, progress=not args.no_progress
+            n=args.n,
+            seed=args.seed,
+            quick=args.quick,
+            full_grid=args.all,
+            inpaint=args.inpaint,
+            progress=not args.no_progress,
         ),
     )
-    csv_path, png_path = posterior.write_results(result, args.out)
+    stem = "posterior_inpaint" if args.inpaint and not args.quick else "posterior"
+    csv_path, png_path = posterior.write_results(result, args.out, stem)
     echo(posterior.format_report(result) + "\n\n" + posterior.markdown_table(result))
     echo(f"\nwrote {csv_path}" + (f" and {png_path}" if png_path is not None else ""))
     return 0

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from .. import metrics, sampling
 from ..denoiser import Denoiser
 from ..guidance import DPS, MCG, PiGDM, repaint_nfe, repaint_sample
-from ..inverse import Matrix
+from ..inverse import Inpaint, LinearOperator, Matrix
 from ..processes import VP, Process
 from ..schedules import get as get_schedule
 from ..solvers.base import NonFiniteError, make_grid
@@ -67,9 +67,11 @@ __all__ = [
     "CASES",
     "DIMS_Y",
     "FULL_CASES",
+    "INPAINT_CASES",
     "METHODS",
     "NFES",
     "NOISES",
+    "OPERATORS",
     "PRIORS",
     "Case",
     "Method",
@@ -99,6 +101,8 @@ NOISES = (0.01, 0.1, 1.0)
 CASES = tuple((p, dy, s) for p in PRIORS for dy, s in ((1, 1.0), (2, 0.1), (4, 0.01)))
 FULL_CASES = tuple((p, dy, s) for p in PRIORS for dy in DIMS_Y for s in NOISES)
 QUICK_CASES = (("gmm16", 2, 0.1),)
+INPAINT_CASES = (("gmm16", 8, 0.01, "inpaint"), ("gmm64", 32, 0.01, "inpaint"), ("grid8", 4, 0.01, "inpaint"))
+OPERATORS = ("random", "inpaint")
 PROJECTIONS = 256
 REFERENCE_FACTOR = 4
 HEADLINE = "gmm16"
@@ -146,6 +150,7 @@ class Case:
     noise_std: float
     gmm: GaussianMixture
     process: Process
+    operator: LinearOperator
     A: Tensor
     y: Tensor
     posterior: GaussianMixture
@@ -157,7 +162,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.prior_name} d_y={self.dim_y} s={self.noise_std:g}"
+        kind = " inpaint" if isinstance(self.operator, Inpaint) else ""
+        return f"{self.prior_name}{kind} d_y={self.dim_y} s={self.noise_std:g}"
 
     @property
     def den(self) -> Denoiser:
@@ -175,12 +181,24 @@ def sliced_w2(x: Tensor, y: Tensor, seed: int) -> float:
     return metrics.sliced_wasserstein(x, y, PROJECTIONS, torch.Generator().manual_seed(seed + 4))
 
 
-def make_case(prior: str, dim_y: int, noise_std: float, n: int, seed: int = 0) -> Case:
-    """Build a case; its observation is seeded by ``(seed, prior, dim_y, noise_std)`` only."""
+def make_case(
+    prior: str, dim_y: int, noise_std: float, n: int, seed: int = 0, operator: str = "random"
+) -> Case:
+    """Build a case; its observation is seeded by ``(seed, prior, dim_y, noise_std, operator)`` only.
+
+    ``operator="random"``: Cardoso et al.'s random ``A`` (:func:`mcgdiff_operator`); ``"inpaint"``:
+    :class:`~steerdiff.inverse.Inpaint` observing the first ``dim_y`` coordinates.
+    """
+    if operator not in OPERATORS:
+        raise ValueError(f"unknown operator {operator!r}; accepted: {OPERATORS}")
     gmm = make_prior(prior, seed)
-    key = seed + 1000 * PRIORS.index(prior) + 100 * DIMS_Y.index(dim_y) + 10 * NOISES.index(noise_std)
-    g = torch.Generator().manual_seed(key)
-    A = mcgdiff_operator(gmm.dim, dim_y, g)
+    kind = 100 * DIMS_Y.index(dim_y) if operator == "random" else 500 + dim_y
+    g = torch.Generator().manual_seed(seed + 1000 * PRIORS.index(prior) + kind + 10 * NOISES.index(noise_std))
+    if operator == "random":
+        op: LinearOperator = Matrix(mcgdiff_operator(gmm.dim, dim_y, g))
+    else:
+        op = Inpaint(torch.arange(gmm.dim) < dim_y)
+    A = op.to_dense(dtype=F64)
     y = A @ gmm.sample(1, g)[0] + noise_std * torch.randn(dim_y, generator=g, dtype=F64)
     post = gmm.posterior(A, y, noise_std)
     reference = post.sample(REFERENCE_FACTOR * n, torch.Generator().manual_seed(seed + 3))
@@ -192,10 +210,10 @@ def make_case(prior: str, dim_y: int, noise_std: float, n: int, seed: int = 0) -
         generator=torch.Generator().manual_seed(seed + 5),
         reference=reference,
     )
-    prior_distance = sliced_w2(gmm.sample(n, torch.Generator().manual_seed(seed + 6)), reference, seed)
+    prior_dist = sliced_w2(gmm.sample(n, torch.Generator().manual_seed(seed + 6)), reference, seed)
     x_T = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
     return Case(
-        prior, dim_y, noise_std, gmm, ddpm_process(), A, y, post, x_T, reference, floor, prior_distance, seed
+        prior, dim_y, noise_std, gmm, ddpm_process(), op, A, y, post, x_T, reference, floor, prior_dist, seed
     )
 
 
@@ -240,7 +258,7 @@ def _repaint(case: Case, config: object, budget: int) -> tuple[Tensor, int]:
     steps = steps_within(lambda k: repaint_nfe(k, resample, jump), budget)
     x, info = repaint_sample(
         case.den,
-        Matrix(case.A),
+        case.operator,
         case.y,
         case.x_T,
         steps,
@@ -278,13 +296,13 @@ METHODS: tuple[Method, ...] = (
         "dps",
         _log_grid(-2, 4),
         6,
-        lambda c, v, n: _ddpm(c, DPS(c.den, Matrix(c.A), c.y, c.noise_std, scale=v), n),
+        lambda c, v, n: _ddpm(c, DPS(c.den, c.operator, c.y, c.noise_std, scale=v), n),
     ),
     Method(
         "dps_squared",
         _log_grid(-5, 1),
         10,
-        lambda c, v, n: _ddpm(c, DPS(c.den, Matrix(c.A), c.y, c.noise_std, scale=v, variant="squared"), n),
+        lambda c, v, n: _ddpm(c, DPS(c.den, c.operator, c.y, c.noise_std, scale=v, variant="squared"), n),
     ),
     Method(
         "dps_alg1",
@@ -299,13 +317,13 @@ METHODS: tuple[Method, ...] = (
         "mcg",
         (0.0, *_log_grid(-1, 4)),
         3,
-        lambda c, v, n: _ddpm(c, MCG(c.den, Matrix(c.A), c.y, c.noise_std, scale=v), n),
+        lambda c, v, n: _ddpm(c, MCG(c.den, c.operator, c.y, c.noise_std, scale=v), n),
     ),
     Method(
         "pigdm",
         _log_grid(-1, 2),
         2,
-        lambda c, v, n: _ddpm(c, PiGDM(c.den, Matrix(c.A), c.y, c.noise_std, scale=v), n),
+        lambda c, v, n: _ddpm(c, PiGDM(c.den, c.operator, c.y, c.noise_std, scale=v), n),
     ),
     Method("repaint", ((1, 1), (2, 1), (4, 10), (10, 10)), 0, _repaint, walk=False),
 )
@@ -384,21 +402,22 @@ def run(
     quick: bool = False,
     full_grid: bool = False,
     progress: bool = False,
-    cases: Sequence[tuple[str, int, float]] | None = None,
+    cases: Sequence[tuple[str, int, float] | tuple[str, int, float, str]] | None = None,
+    inpaint: bool = False,
 ) -> PosteriorBench:
     """Run the benchmark on :data:`CASES` (``full_grid``: :data:`FULL_CASES`; ``quick``: one 16-d case,
     NFE 50, ``n`` capped at 512)."""
     nfes = QUICK_NFES if quick else NFES
     if cases is None:
-        cases = QUICK_CASES if quick else FULL_CASES if full_grid else CASES
+        cases = QUICK_CASES if quick else INPAINT_CASES if inpaint else FULL_CASES if full_grid else CASES
     if quick:
         n = min(n, 512)
     rows: list[Row] = []
     labels: list[str] = []
     seconds: dict[str, float] = {}
-    for prior, dim_y, noise in tqdm(cases, desc="cases", disable=not progress):
+    for prior, dim_y, noise, *operator in tqdm(cases, desc="cases", disable=not progress):
         t0 = time.perf_counter()
-        case = make_case(prior, dim_y, noise, n, seed)
+        case = make_case(prior, dim_y, noise, n, seed, *operator)
         labels.append(case.label)
         rows.append(Row(case.label, "floor", "", dict.fromkeys(nfes, case.floor)))
         rows.append(Row(case.label, "prior", "", dict.fromkeys(nfes, case.prior_distance)))
@@ -517,10 +536,10 @@ def plot(result: PosteriorBench, path: str | Path) -> bool:
     )
 
 
-def write_results(result: PosteriorBench, out: Path) -> tuple[Path, Path | None]:
-    """``OUT/posterior.csv`` (the shared :func:`~steerdiff.bench.solvers.write_csv` layout: ``source`` is the
-    case, ``schedule`` the setting) and ``OUT/posterior.png``."""
+def write_results(result: PosteriorBench, out: Path, stem: str = "posterior") -> tuple[Path, Path | None]:
+    """``OUT/{stem}.csv`` (the shared :func:`~steerdiff.bench.solvers.write_csv` layout: ``source`` is the
+    case, ``schedule`` the setting) and ``OUT/{stem}.png``."""
     out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / "posterior.csv", out / "posterior.png"
+    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
     write_csv(result, csv_path)
     return csv_path, png_path if plot(result, png_path) else None
