@@ -69,12 +69,13 @@ def _sample_path(value: str) -> Path:
     return path
 
 
-def _bench_arguments(p: argparse.ArgumentParser, quick: str, seed: str) -> None:
-    """The options every benchmark takes."""
+def _bench_arguments(p: argparse.ArgumentParser, quick: str, seed: str, diffusers: bool = True) -> None:
+    """The options every benchmark takes (``--no-diffusers`` where it compares with diffusers)."""
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--seed", type=int, default=0, help=f"{seed} (default: 0)")
     p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
+    if diffusers:
+        p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -140,17 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
             "and OUT/posterior.png."
         ),
     )
-    bp.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
-    bp.add_argument("--seed", type=int, default=0, help="seed of the problems, x_T and noise (default: 0)")
+    _bench_arguments(bp, "one 16-d case at NFE 50, n <= 512", "seed of the problems, x_T and noise", False)
     bp.add_argument("--n", type=_positive, default=1024, help="samples per run (default: 1024)")
-    bp.add_argument("--quick", action="store_true", help="one 16-d case at NFE 50, n <= 512")
     bp.add_argument("--all", action="store_true", help="all 36 (prior, d_y, noise) cases (slow)")
     bp.add_argument(
         "--inpaint",
         action="store_true",
         help="the inpainting cases instead (Inpaint operators); writes OUT/posterior_inpaint.{csv,png}",
     )
-    bp.add_argument("--no-progress", action="store_true", help="no progress bars")
     bp.set_defaults(func=_bench_posterior)
     bst = bench_sub.add_parser(
         "steer",
@@ -161,11 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
             "SVDD, best-of-N, CoDe, FK correctors and tuned DPS. Writes OUT/steer.csv and OUT/steer.png."
         ),
     )
-    bst.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
-    bst.add_argument("--seed", type=int, default=0, help="seed of the problems and the noise (default: 0)")
+    _bench_arguments(bst, "NFE 400 only, n <= 256", "seed of the problems and the noise", False)
     bst.add_argument("--n", type=_positive, default=1024, help="returned samples per run (default: 1024)")
-    bst.add_argument("--quick", action="store_true", help="NFE 400 only, n <= 256")
-    bst.add_argument("--no-progress", action="store_true", help="no progress bars")
     bst.set_defaults(func=_bench_steer)
 
     sp = sub.add_parser(

@@ -10,7 +10,21 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["panel_figure"]
+__all__ = ["panel_figure", "pyplot"]
+
+
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or ``None`` (logged) if matplotlib
+    is not installed: the benchmarks then write their tables without a figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no figure written")
+        return None
+    return plt
 
 
 def panel_figure(
@@ -30,13 +44,8 @@ def panel_figure(
     Every panel gets its title, the integer ``xticks``, a light grid and ``xlabel``; the first gets
     ``ylabel`` and the legend. Returns ``False`` (and logs) if matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot written")
+    plt = pyplot()
+    if plt is None:
         return False
     k = len(titles)
     cols = min(k, cols)

@@ -26,7 +26,6 @@ trained for; Ho et al. 2020), the ODE reference, and real training images.
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import time
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from .. import sampling, solvers
 from ..denoiser import Denoiser
 from ..metrics import frechet_distance, relative_rmse
 from ..toy import digits as D
+from ._figure import pyplot
 from .solvers import steps_for_nfe
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "write_results",
 ]
 
-log = logging.getLogger(__name__)
 
 F64 = torch.float64
 SOLVERS = ("unipc", "dpmpp_2m", "dpmpp_3m", "ddim", "euler", "heun", "deis", "ipndm")
@@ -138,13 +137,8 @@ def save_grid(rows: Sequence[tuple[str, Tensor]], path: str | Path, title: str |
         if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != D.DIGITS_SHAPE:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"save_grid: row {label!r} must be images of shape (k, 1, 8, 8), got {shape}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no image written")
+    plt = pyplot()
+    if plt is None:
         return False
     cols, cell = max(x.shape[0] for _, x in rows), 9  # 8 pixels and a 1-pixel gap
     canvas = torch.tensor([0.25, 0.35, 0.5]).expand(len(rows) * cell + 1, cols * cell + 1, 3).clone()
@@ -361,13 +355,8 @@ def write_results(result: DigitsSolverBench, out: str | Path) -> tuple[Path, Pat
 def plot(result: DigitsSolverBench, path: str | Path) -> bool:
     """Two panels against NFE: Frechet distance (with DDPM 1000, the ODE reference and real images as
     lines) and relative RMSE to the ODE reference (log-log). ``False`` if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot written")
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax_fd, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.get_cmap("tab10").colors

@@ -42,6 +42,7 @@ from ..integrations.diffusers_ref import diffusers_sample, nodes_of, run_schedul
 from ..metrics import relative_rmse
 from ..processes import VP, Process
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
+from ._figure import pyplot
 
 __all__ = [
     "NFES",
@@ -602,13 +603,8 @@ def plot(
     scheduler (dashed), and a horizontal line per ``(label, value)`` in ``references``. Returns
     ``False`` (and logs) if matplotlib is not installed. Any result with ``nfes`` and ``rows``
     (:class:`Row`) can be plotted."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot written")
+    plt = pyplot()
+    if plt is None:
         return False
     groups = [(best_per_method(result.of("steerdiff")), "-"), (best_per_method(result.of("diffusers")), "--")]
     colors = plt.get_cmap("tab20").colors
