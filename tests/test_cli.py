@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import steerdiff as sd
-from steerdiff.bench.solvers import default_model, initial_noise
+from steerdiff.bench.solvers import Problem, default_model, ill_conditioned, initial_noise, switched
 from steerdiff.cli import main
 
 from .reference import diffusers_sample, exact_sample, rel_rmse, sd_betas_config
@@ -93,16 +93,43 @@ def test_bench_solvers_table_is_sd_sample(tmp_path, capsys, problem):
     assert (tmp_path / "solvers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_switched_flags_samples_in_another_component(problem):
+    gmm, proc, x_T, ref = problem
+    comp = gmm.log_responsibilities(ref).argmax(-1)
+    x = ref.clone()
+    x[2] = gmm.means[(comp[2] + 1) % gmm.weights.numel()]  # moved to the next component's mean
+    x[5] = ref[5] + 1e-3  # a small error in the same component
+    flags = switched(Problem(gmm, proc, x_T, ref), x)
+    assert flags.tolist() == [i == 2 for i in range(BATCH)]
+
+
+def test_ill_conditioned_flags_x_T_near_a_basin_boundary():
+    """Two isotropic components at (+-2, 0): by symmetry the exact flow keeps the sign of x_1, so
+    x_T = (1e-3, 1) changes component under 1% perturbations and (1, 0.5), (-1, -0.3) do not."""
+    gmm = sd.toy.GaussianMixture(
+        torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=F64), torch.full((2, 2), 0.1, dtype=F64), torch.ones(2)
+    )
+    proc = sd.VP.scaled_linear()
+    x_T = torch.tensor([[1e-3, 1.0], [1.0, 0.5], [-1.0, -0.3]], dtype=F64)
+    problem = Problem(gmm, proc, x_T, exact_sample(gmm, proc, x_T))
+    assert gmm.log_responsibilities(problem.ref).argmax(-1).tolist() == [1, 1, 0]
+    assert ill_conditioned(problem).tolist() == [True, False, False]
+    assert ill_conditioned(problem, eps=1e-4).tolist() == [False, False, False]
+
+
 def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     diffusers = pytest.importorskip("diffusers")
     gmm, proc, x_T, ref = problem
     rows, out = _bench(tmp_path, capsys)
 
-    def theirs(cls: str, steps: int, **cfg: object) -> float:
-        sched = getattr(diffusers, cls)(**sd_betas_config(**cfg))
-        return rel_rmse(diffusers_sample(sched, gmm, proc, x_T, steps)[0], ref)
+    def theirs_sample(cls: str, steps: int, **cfg: object) -> torch.Tensor:
+        return diffusers_sample(getattr(diffusers, cls)(**sd_betas_config(**cfg)), gmm, proc, x_T, steps)[0]
 
-    dpm = theirs("DPMSolverMultistepScheduler", 10)
+    def theirs(cls: str, steps: int, **cfg: object) -> float:
+        return rel_rmse(theirs_sample(cls, steps, **cfg), ref)
+
+    x_dpm = theirs_sample("DPMSolverMultistepScheduler", 10)
+    dpm = rel_rmse(x_dpm, ref)
     assert float(rows["diffusers", "DPMSolverMultistep(order=2)", "linspace"]["nfe_10"]) == pytest.approx(
         dpm, rel=1e-12
     )
@@ -113,11 +140,62 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     )
     assert heun["nfe_10"] == ""
 
-    # (a): sd.sample with its defaults over diffusers' default DPM-Solver++ at NFE 10
-    ours = rel_rmse(sd.sample(gmm.denoiser(proc), x_T, steps=10), ref)
-    m = re.search(r"NFE 10: (\S+) vs (\S+)  ratio (\S+)", out.split("(a)")[1].split("(b)")[0])
+    # (a): sd.sample with its defaults over diffusers' default DPM-Solver++ at NFE 10, then the
+    # samples each sent to another mixture component and the errors over the rest
+    x_ours = sd.sample(gmm.denoiser(proc), x_T, steps=10)
+    ours = rel_rmse(x_ours, ref)
+    part_a = out.split("(a)")[1].split("(b)")[0]
+    # pooled with 7 more independent draws of x_T (seeds SEED + 1, ...)
+    sums = [(float(((x_ours - ref) ** 2).sum()), float(((x_dpm - ref) ** 2).sum()))]
+    for seed in range(SEED + 1, SEED + 8):
+        xs = torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        exact = exact_sample(gmm, proc, xs)
+        a = sd.sample(gmm.denoiser(proc), xs, steps=10)
+        b = diffusers_sample(diffusers.DPMSolverMultistepScheduler(**sd_betas_config()), gmm, proc, xs, 10)[0]
+        sums.append((float(((a - exact) ** 2).sum()), float(((b - exact) ** 2).sum())))
+    per_draw = [math.sqrt(a / b) for a, b in sums]
+    pooled = math.sqrt(sum(a for a, _ in sums) / sum(b for _, b in sums))
+    m = re.search(
+        r"NFE 10: (\S+) vs (\S+)  ratio (\S+); over 8 draws of (\d+): "
+        r"pooled ratio (\S+), per draw (\S+) to (\S+)",
+        part_a,
+    )
     assert m is not None
-    assert m.groups() == (f"{ours:.2e}", f"{dpm:.2e}", f"{ours / dpm:.3g}")
+    assert m.groups() == (
+        f"{ours:.2e}",
+        f"{dpm:.2e}",
+        f"{ours / dpm:.3g}",
+        str(BATCH),
+        f"{pooled:.3g}",
+        f"{min(per_draw):.3g}",
+        f"{max(per_draw):.3g}",
+    )
+
+    def component(x: torch.Tensor) -> torch.Tensor:
+        normal = torch.distributions.Normal(gmm.means, gmm.variances.sqrt())
+        return (normal.log_prob(x[:, None, :]).sum(-1) + gmm.weights.log()).argmax(-1)
+
+    sw_ours, sw_dpm = component(x_ours) != component(ref), component(x_dpm) != component(ref)
+    keep = ~ill_conditioned(Problem(gmm, proc, x_T, ref))
+    rest = rel_rmse(x_ours[keep], ref[keep]), rel_rmse(x_dpm[keep], ref[keep])
+    m = re.search(
+        r"component: (\d+) vs (\d+) of (\d+) \((\d+) vs (\d+) of them among the (\d+) ill-conditioned\)\s+"
+        r"on the (\d+) others: (\S+) vs (\S+)  ratio (\S+)",
+        part_a,
+    )
+    assert m is not None
+    assert m.groups() == (
+        str(int(sw_ours.sum())),
+        str(int(sw_dpm.sum())),
+        str(BATCH),
+        str(int((sw_ours & ~keep).sum())),
+        str(int((sw_dpm & ~keep).sum())),
+        str(int((~keep).sum())),
+        str(int(keep.sum())),
+        f"{rest[0]:.2e}",
+        f"{rest[1]:.2e}",
+        f"{rest[0] / rest[1]:.3g}",
+    )
 
     # (b): best of all our rows over best of all diffusers rows, at each NFE
     for nfe in (5, 10):

@@ -66,6 +66,26 @@ def test_log_prob_matches_scipy(mix):
         assert np.allclose(mix.log_prob(x, alpha, sigma).numpy(), ref, rtol=1e-12, atol=1e-12)
 
 
+def test_log_responsibilities_match_scipy(mix):
+    """log p(k | x_t) = log w_k + log N(x; alpha mu_k, alpha^2 v_k + sigma^2) - log p_t(x)."""
+    g = torch.Generator().manual_seed(6)
+    x = 2 * torch.randn(50, 2, generator=g, dtype=F64)
+    for alpha, sigma in [(1.0, 0.0), (0.8, 0.6)]:
+        comp = np.stack(
+            [
+                math.log(float(w))
+                + multivariate_normal(alpha * m.numpy(), np.diag(alpha**2 * v.numpy() + sigma**2)).logpdf(x)
+                for w, m, v in zip(mix.weights, mix.means, mix.variances, strict=True)
+            ],
+            axis=1,
+        )
+        ref = comp - logsumexp(comp, axis=1, keepdims=True)
+        assert np.allclose(mix.log_responsibilities(x, alpha, sigma).numpy(), ref, rtol=1e-12, atol=1e-12)
+    # a point half a standard deviation from a mean belongs to that component
+    near = mix.means + 0.5 * mix.variances.sqrt() * torch.tensor([1.0, -1.0], dtype=F64)
+    assert mix.log_responsibilities(near).argmax(-1).tolist() == [0, 1, 2]
+
+
 def test_sample_moments(mix):
     n = 200_000
     x = mix.sample(n, generator=torch.Generator().manual_seed(2))

@@ -88,9 +88,13 @@ def test_diagonal_and_full_paths_agree():
         torch.testing.assert_close(
             full.denoise(xt, alpha, sigma), base.denoise(xt, alpha, sigma), rtol=0, atol=1e-12
         )
-        torch.testing.assert_close(
-            full.log_prob(xt, alpha, sigma), base.log_prob(xt, alpha, sigma), rtol=1e-12, atol=1e-12
-        )
+        for method in ("log_prob", "log_responsibilities"):
+            torch.testing.assert_close(
+                getattr(full, method)(xt, alpha, sigma),
+                getattr(base, method)(xt, alpha, sigma),
+                rtol=1e-12,
+                atol=1e-12,
+            )
     torch.testing.assert_close(
         full.sample(50, generator=torch.Generator().manual_seed(4)),
         base.sample(50, generator=torch.Generator().manual_seed(4)),

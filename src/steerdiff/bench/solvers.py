@@ -47,6 +47,7 @@ from ._figure import pyplot
 __all__ = [
     "NFES",
     "QUICK_NFES",
+    "DefaultVsDiffusers",
     "DiffusersConfig",
     "Overhead",
     "Problem",
@@ -60,6 +61,7 @@ __all__ = [
     "diffusers_configs",
     "format_report",
     "format_table",
+    "ill_conditioned",
     "initial_noise",
     "make_problem",
     "plot",
@@ -69,6 +71,7 @@ __all__ = [
     "steps_for_nfe",
     "sweep_diffusers",
     "sweep_steerdiff",
+    "switched",
     "write_csv",
 ]
 
@@ -78,7 +81,9 @@ F64 = torch.float64
 NFES = (3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 QUICK_NFES = (5, 10)
 DEFAULT_VS_DIFFUSERS_NFES = (10, 20)  # (a): sd.sample's defaults vs diffusers' default DPM-Solver++
+DEFAULT_VS_DIFFUSERS_DRAWS = 8  # (a) pooled over this many independent x_T draws (seeds seed, seed + 1, ...)
 BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
+ILL_EPS, ILL_DIRECTIONS = 1e-2, 16  # (a): the perturbation that marks an x_T as ill-conditioned
 # (c): (steerdiff solver, diffusers scheduler class) pairs timed with a free network
 OVERHEAD_PAIRS = (
     ("dpmpp_2m", "DPMSolverMultistepScheduler"),
@@ -322,16 +327,21 @@ def _diffusers_nfe(config: DiffusersConfig) -> Callable[[int], int]:
     return nfe
 
 
-def _theirs(config: DiffusersConfig, problem: Problem, steps: int, nfe: int) -> float:
+def _theirs_sample(config: DiffusersConfig, problem: Problem, steps: int, nfe: int) -> Tensor | None:
     try:
         x, used = diffusers_sample(config.make(), problem.gmm, problem.process, problem.x_T, steps)
     except Exception as err:  # a failing reference run is reported in the table, not fatal
         log.warning("diffusers %s at %d steps failed: %r", config.method, steps, err)
-        return math.nan
+        return None
     if used != nfe:
         log.warning("diffusers %s: %d steps made %d network calls, not %d", config.method, steps, used, nfe)
-        return math.nan
-    return relative_rmse(x, problem.ref)
+        return None
+    return x
+
+
+def _theirs(config: DiffusersConfig, problem: Problem, steps: int, nfe: int) -> float:
+    x = _theirs_sample(config, problem, steps, nfe)
+    return math.nan if x is None else relative_rmse(x, problem.ref)
 
 
 def sweep_diffusers(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
@@ -352,22 +362,121 @@ def sweep_diffusers(problem: Problem, nfes: Sequence[int], progress: bool = Fals
     return rows
 
 
-def default_vs_diffusers(problem: Problem, nfes: Sequence[int]) -> list[tuple[int, float, float]]:
-    """(a): ``(nfe, ours, diffusers)`` errors of ``sd.sample(den, x_T, steps)`` with its default
-    solver and schedule, and of diffusers' ``DPMSolverMultistepScheduler`` with its default config
-    (SD betas), at the step counts that cost ``nfe``."""
-    den = problem.gmm.denoiser(problem.process)
-    nfe_ours = solvers.get(sampling.DEFAULT_SOLVER).nfe
+def switched(problem: Problem, x: Tensor) -> Tensor:
+    """``(batch,)`` bool: the samples of ``x`` whose most probable mixture component differs from the
+    exact solution's -- the trajectories a solver sent to another mode."""
+    comp = problem.gmm.log_responsibilities
+    return comp(x).argmax(-1) != comp(problem.ref).argmax(-1)
+
+
+def ill_conditioned(
+    problem: Problem, eps: float = ILL_EPS, directions: int = ILL_DIRECTIONS, seed: int = 0
+) -> Tensor:
+    """``(batch,)`` bool: the samples whose exact answer changes mixture component when ``x_T`` moves
+    by ``eps * ||x_T||`` along one of ``directions`` random directions (exact ODE solutions).
+
+    Independent of any solver: these ``x_T`` lie within ``eps`` of the boundary between the basins of
+    two components, so a sampler whose error at the decision noise level is ``eps`` may switch them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x_T = problem.x_T.repeat_interleave(directions, 0)
+    d = torch.randn(x_T.shape, generator=g, dtype=x_T.dtype)
+    d = d * (eps * x_T.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).view(-1, *[1] * (d.ndim - 1))
+    p = problem.process
+    moved = problem.gmm.reference_ode(x_T + d, p, p.t_max, p.t_min, denoise=True)
+    ref = problem.ref.repeat_interleave(directions, 0)
+    return switched(Problem(problem.gmm, p, x_T, ref), moved).view(-1, directions).any(-1)
+
+
+@dataclass
+class DefaultVsDiffusers:
+    """(a) at one NFE: relative RMSE of ``sd.sample``'s defaults and of diffusers' default
+    DPM-Solver++ on the benchmark's draw; the samples each sent to another mixture component than
+    the exact solution (:func:`switched`), in all and among the :func:`ill_conditioned`; both errors
+    over the well-conditioned samples; and the ratio on every further independent draw of ``x_T``."""
+
+    nfe: int
+    ours: float
+    diffusers: float
+    switches: tuple[int, int]
+    switches_ill: tuple[int, int]
+    well_conditioned: int
+    rest: tuple[float, float]
+    draws: tuple[tuple[float, float], ...] = ()  # (ours, diffusers) squared error summed per draw
+
+    @property
+    def ratio(self) -> float:
+        """Ours over diffusers' on the benchmark's draw (the goal: at most 1/5)."""
+        return self.ours / self.diffusers
+
+    @property
+    def rest_ratio(self) -> float:
+        """The same ratio over the well-conditioned samples."""
+        return self.rest[0] / self.rest[1]
+
+    @property
+    def draw_ratios(self) -> list[float]:
+        """The ratio on each independent draw (the benchmark's first)."""
+        return [math.sqrt(a / b) for a, b in self.draws]
+
+    @property
+    def pooled_ratio(self) -> float:
+        """The ratio over all draws together: ``sqrt(sum ||x - ref||^2 / sum ||y - ref||^2)``."""
+        return math.sqrt(sum(a for a, _ in self.draws) / sum(b for _, b in self.draws))
+
+
+def _defaults_pair(problem: Problem, nfe: int) -> tuple[Tensor, Tensor] | None:
+    """``sd.sample``'s and diffusers' default samples from ``problem.x_T`` at ``nfe``, if both reach it."""
+    n_ours = steps_for_nfe(solvers.get(sampling.DEFAULT_SOLVER).nfe, nfe)
+    n_theirs = steps_for_nfe(_diffusers_nfe(DIFFUSERS_DEFAULT), nfe)
+    if n_ours is None or n_theirs is None:
+        return None
+    y = _theirs_sample(DIFFUSERS_DEFAULT, problem, n_theirs, nfe)
+    if y is None:
+        return None
+    return sampling.sample(problem.gmm.denoiser(problem.process), problem.x_T, steps=n_ours), y
+
+
+def _squared_errors(problem: Problem, x: Tensor, y: Tensor) -> tuple[float, float]:
+    return float(((x - problem.ref) ** 2).sum()), float(((y - problem.ref) ** 2).sum())
+
+
+def default_vs_diffusers(
+    problem: Problem, nfes: Sequence[int], draws: Sequence[Problem] = ()
+) -> list[DefaultVsDiffusers]:
+    """(a): ``sd.sample(den, x_T, steps)`` with its default solver and schedule against diffusers'
+    ``DPMSolverMultistepScheduler`` with its default config (SD betas), at the step counts that
+    cost each ``nfe``; on ``problem`` in detail, and pooled with the independent ``draws``.
+
+    The error at few steps is dominated by the few samples a sampler sends to another mixture
+    component (a Poisson count of a handful per 1024), so one draw's ratio is noisy: the pooled
+    ratio is the estimate, the per-draw ratios its spread.
+    """
+    keep = ~ill_conditioned(problem)
     out = []
     with quiet_diffusers():
-        nfe_theirs = _diffusers_nfe(DIFFUSERS_DEFAULT)
         for nfe in nfes:
-            n_ours, n_theirs = steps_for_nfe(nfe_ours, nfe), steps_for_nfe(nfe_theirs, nfe)
-            if n_ours is None or n_theirs is None:
+            pair = _defaults_pair(problem, nfe)
+            if pair is None:
                 continue
-            x = sampling.sample(den, problem.x_T, steps=n_ours)
+            x, y = pair
+            sx, sy = switched(problem, x), switched(problem, y)
+            sums = [_squared_errors(problem, x, y)]
+            for other in draws:
+                pair = _defaults_pair(other, nfe)
+                if pair is not None:
+                    sums.append(_squared_errors(other, *pair))
             out.append(
-                (nfe, relative_rmse(x, problem.ref), _theirs(DIFFUSERS_DEFAULT, problem, n_theirs, nfe))
+                DefaultVsDiffusers(
+                    nfe,
+                    relative_rmse(x, problem.ref),
+                    relative_rmse(y, problem.ref),
+                    (int(sx.sum()), int(sy.sum())),
+                    (int((sx & ~keep).sum()), int((sy & ~keep).sum())),
+                    int(keep.sum()),
+                    (relative_rmse(x[keep], problem.ref[keep]), relative_rmse(y[keep], problem.ref[keep])),
+                    tuple(sums),
+                )
             )
     return out
 
@@ -457,7 +566,7 @@ class SolverBench:
     batch: int
     seed: int
     rows: list[Row]
-    default_vs_diffusers: list[tuple[int, float, float]]
+    default_vs_diffusers: list[DefaultVsDiffusers]
     overhead: list[Overhead]
     seconds: dict[str, float]
 
@@ -492,12 +601,13 @@ def run(
     t0 = time.perf_counter()
     rows = sweep_steerdiff(problem, nfes, progress)
     seconds["steerdiff"] = time.perf_counter() - t0
-    ratio_a: list[tuple[int, float, float]] = []
+    ratio_a: list[DefaultVsDiffusers] = []
     overhead: list[Overhead] = []
     if with_diffusers:
         t0 = time.perf_counter()
         rows += sweep_diffusers(problem, nfes, progress)
-        ratio_a = default_vs_diffusers(problem, [n for n in DEFAULT_VS_DIFFUSERS_NFES if n in nfes])
+        draws = [make_problem(batch, seed + i) for i in range(1, DEFAULT_VS_DIFFUSERS_DRAWS)]
+        ratio_a = default_vs_diffusers(problem, [n for n in DEFAULT_VS_DIFFUSERS_NFES if n in nfes], draws)
         seconds["diffusers"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         overhead = sampler_overhead(steps=5 if quick else 20, repeats=3 if quick else 30, progress=progress)
@@ -545,12 +655,21 @@ def format_report(result: SolverBench) -> str:
         lines += [
             "",
             f"(a) sd.sample defaults ({sampling.DEFAULT_SOLVER}, {sampling.DEFAULT_SCHEDULE}) vs diffusers "
-            "DPMSolverMultistepScheduler default config:",
+            "DPMSolverMultistepScheduler default config",
+            "    (ill-conditioned x_T: the exact answer changes mixture component when x_T moves by"
+            f" {ILL_EPS:g} of its norm along one of {ILL_DIRECTIONS} random directions):",
         ]
-        lines += [
-            f"    NFE {n:>2}: {_fmt(a)} vs {_fmt(b)}  ratio {a / b:.3g}"
-            for n, a, b in result.default_vs_diffusers
-        ]
+        for r in result.default_vs_diffusers:
+            lines += [
+                f"    NFE {r.nfe:>2}: {_fmt(r.ours)} vs {_fmt(r.diffusers)}  ratio {r.ratio:.3g}; over"
+                f" {len(r.draws)} draws of {result.batch}: pooled ratio {r.pooled_ratio:.3g}, per draw"
+                f" {min(r.draw_ratios):.3g} to {max(r.draw_ratios):.3g}",
+                f"            sent to another mixture component: {r.switches[0]} vs {r.switches[1]} of"
+                f" {result.batch} ({r.switches_ill[0]} vs {r.switches_ill[1]} of them among the"
+                f" {result.batch - r.well_conditioned} ill-conditioned)",
+                f"            on the {r.well_conditioned} others: {_fmt(r.rest[0])} vs {_fmt(r.rest[1])}"
+                f"  ratio {r.rest_ratio:.3g}",
+            ]
     if theirs:
         lines += ["", "(b) best steerdiff solver+schedule vs best diffusers configuration at equal NFE:"]
         for n in (n for n in BEST_VS_DIFFUSERS_NFES if n in nfes):

@@ -148,13 +148,22 @@ class GaussianMixture:
         ll = -0.5 * (quad + var.log().sum(-1) + self.dim * math.log(2 * math.pi))
         return ll + self.weights.log()
 
+    def _log_joint(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+        """``log w_k + log N(x; alpha mu_k, alpha^2 S_k + sigma^2 I)``, ``(n, k)``, for flat ``x``."""
+        if self.full:
+            return self._noised(x, alpha, sigma)[0]
+        mean, var = self._marginal(alpha, sigma)
+        return self._log_resp(x, mean, var)
+
     def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
         """Log density of ``x`` under the noised marginal at ``(alpha, sigma)`` (clean by default)."""
-        x = self._flat(x)
-        if self.full:
-            return torch.logsumexp(self._noised(x, alpha, sigma)[0], dim=-1)
-        mean, var = self._marginal(alpha, sigma)
-        return torch.logsumexp(self._log_resp(x, mean, var), dim=-1)
+        return torch.logsumexp(self._log_joint(self._flat(x), alpha, sigma), dim=-1)
+
+    def log_responsibilities(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
+        """``log p(k | x_t = x)`` ``(n, k)``, float64: the posterior over components of the noised
+        marginal at ``(alpha, sigma)`` (clean by default); its argmax is the component ``x`` belongs to."""
+        lj = self._log_joint(self._flat(x), alpha, sigma)
+        return lj - torch.logsumexp(lj, dim=-1, keepdim=True)
 
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
         """Exact ``E[x0 | x_t = x]``; computed in float64 on CPU, returned in ``x``'s dtype and device."""
