@@ -20,7 +20,14 @@ import pytest
 import torch
 
 import steerdiff as sd
-from steerdiff.bench.solvers import Problem, default_model, ill_conditioned, initial_noise, switched
+from steerdiff.bench.solvers import (
+    Problem,
+    default_model,
+    diffusers_configs,
+    ill_conditioned,
+    initial_noise,
+    switched,
+)
 from steerdiff.cli import main
 
 from .reference import diffusers_sample, exact_sample, rel_rmse, sd_betas_config
@@ -146,15 +153,26 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     ours = rel_rmse(x_ours, ref)
     part_a = out.split("(a)")[1].split("(b)")[0]
     # pooled with 7 more independent draws of x_T (seeds SEED + 1, ...)
-    sums = [(float(((x_ours - ref) ** 2).sum()), float(((x_dpm - ref) ** 2).sum()))]
+    draws = [(x_T, ref)]
     for seed in range(SEED + 1, SEED + 8):
         xs = torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(seed), dtype=F64)
-        exact = exact_sample(gmm, proc, xs)
-        a = sd.sample(gmm.denoiser(proc), xs, steps=10)
-        b = diffusers_sample(diffusers.DPMSolverMultistepScheduler(**sd_betas_config()), gmm, proc, xs, 10)[0]
-        sums.append((float(((a - exact) ** 2).sum()), float(((b - exact) ** 2).sum())))
-    per_draw = [math.sqrt(a / b) for a, b in sums]
-    pooled = math.sqrt(sum(a for a, _ in sums) / sum(b for _, b in sums))
+        draws.append((xs, exact_sample(gmm, proc, xs)))
+
+    def pooled_and_spread(ours_of, theirs_of) -> tuple[float, float, float]:
+        """Pooled ratio of relative RMSEs over the draws, and its smallest and largest per draw."""
+        sums = [
+            (float(((ours_of(xs) - exact) ** 2).sum()), float(((theirs_of(xs) - exact) ** 2).sum()))
+            for xs, exact in draws
+        ]
+        per_draw = [math.sqrt(a / b) for a, b in sums]
+        return math.sqrt(sum(a for a, _ in sums) / sum(b for _, b in sums)), min(per_draw), max(per_draw)
+
+    pooled, lo, hi = pooled_and_spread(
+        lambda xs: sd.sample(gmm.denoiser(proc), xs, steps=10),
+        lambda xs: diffusers_sample(
+            diffusers.DPMSolverMultistepScheduler(**sd_betas_config()), gmm, proc, xs, 10
+        )[0],
+    )
     m = re.search(
         r"NFE 10: (\S+) vs (\S+)  ratio (\S+); over 8 draws of (\d+): "
         r"pooled ratio (\S+), per draw (\S+) to (\S+)",
@@ -167,8 +185,8 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         f"{ours / dpm:.3g}",
         str(BATCH),
         f"{pooled:.3g}",
-        f"{min(per_draw):.3g}",
-        f"{max(per_draw):.3g}",
+        f"{lo:.3g}",
+        f"{hi:.3g}",
     )
 
     def component(x: torch.Tensor) -> torch.Tensor:
@@ -197,22 +215,45 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         f"{rest[0] / rest[1]:.3g}",
     )
 
-    # (b): best of all our rows over best of all diffusers rows, at each NFE
+    # (b): best of all our rows over best of all diffusers rows, at each NFE, then both
+    # configurations pooled over the same 8 draws
+    configs = {(c.method, c.schedule()): c for c in diffusers_configs()}
     for nfe in (5, 10):
-        best = {
+        key = {
             src: min(
-                float(r[f"nfe_{nfe}"])
-                for k, r in rows.items()
-                if k[0] == src and r[f"nfe_{nfe}"] not in ("", "nan")
+                (k for k, r in rows.items() if k[0] == src and r[f"nfe_{nfe}"] not in ("", "nan")),
+                key=lambda k: float(rows[k][f"nfe_{nfe}"]),
             )
             for src in ("steerdiff", "diffusers")
         }
-        m = re.search(rf"NFE +{nfe}: .* (\S+) vs .* (\S+)  ratio (\S+)", out.split("(b)")[1])
+        best = {src: float(rows[k][f"nfe_{nfe}"]) for src, k in key.items()}
+        m = re.search(
+            rf"NFE +{nfe}: .* (\S+) vs .* (\S+)  ratio (\S+)\s+over 8 draws of {BATCH}: "
+            r"pooled ratio (\S+), per draw (\S+) to (\S+)",
+            out.split("(b)")[1],
+        )
         assert m is not None
+        _, solver, schedule = key["steerdiff"]
+        steps = next(n for n in range(1, nfe + 1) if sd.solvers.get(solver).nfe(n) == nfe)
+        config = configs[key["diffusers"][1:]]
+        steps_theirs = next(
+            n for n in range(1, nfe + 1) if diffusers_sample(config.make(), gmm, proc, x_T[:1], n)[1] == nfe
+        )
+        pooled, lo, hi = pooled_and_spread(
+            lambda xs, solver=solver, schedule=schedule, steps=steps: sd.sample(
+                gmm.denoiser(proc), xs, steps=steps, solver=solver, schedule=schedule
+            ),
+            lambda xs, config=config, steps=steps_theirs: diffusers_sample(
+                config.make(), gmm, proc, xs, steps
+            )[0],
+        )
         assert m.groups() == (
             f"{best['steerdiff']:.2e}",
             f"{best['diffusers']:.2e}",
             f"{best['steerdiff'] / best['diffusers']:.3g}",
+            f"{pooled:.3g}",
+            f"{lo:.3g}",
+            f"{hi:.3g}",
         )
 
     # (c): one timing line per pair whose solver is registered

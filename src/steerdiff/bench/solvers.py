@@ -47,8 +47,10 @@ from ._figure import pyplot
 __all__ = [
     "NFES",
     "QUICK_NFES",
+    "BestVsBest",
     "DefaultVsDiffusers",
     "DiffusersConfig",
+    "Draws",
     "Overhead",
     "Problem",
     "Results",
@@ -56,6 +58,7 @@ __all__ = [
     "SolverBench",
     "best_at",
     "best_per_method",
+    "best_vs_best",
     "default_model",
     "default_vs_diffusers",
     "diffusers_configs",
@@ -81,7 +84,7 @@ F64 = torch.float64
 NFES = (3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 QUICK_NFES = (5, 10)
 DEFAULT_VS_DIFFUSERS_NFES = (10, 20)  # (a): sd.sample's defaults vs diffusers' default DPM-Solver++
-DEFAULT_VS_DIFFUSERS_DRAWS = 8  # (a) pooled over this many independent x_T draws (seeds seed, seed + 1, ...)
+DRAWS = 8  # (a) and (b) pooled over this many independent x_T draws (seeds seed, seed + 1, ...)
 BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
 ILL_EPS, ILL_DIRECTIONS = 1e-2, 16  # (a): the perturbation that marks an x_T as ill-conditioned
 # (c): (steerdiff solver, diffusers scheduler class) pairs timed with a free network
@@ -388,12 +391,46 @@ def ill_conditioned(
     return switched(Problem(problem.gmm, p, x_T, ref), moved).view(-1, directions).any(-1)
 
 
+@dataclass(frozen=True)
+class Draws:
+    """``(ours, theirs)`` squared errors summed over each independent draw of ``x_T``, the
+    benchmark's draw first.
+
+    At few steps the error is dominated by the few samples a sampler sends to another mixture
+    component (:func:`switched`, a Poisson count of a handful per 1024), so one draw's ratio is
+    noisy: the pooled ratio is the estimate, the per-draw ratios its spread.
+    """
+
+    sums: tuple[tuple[float, float], ...]
+
+    @property
+    def ratios(self) -> list[float]:
+        """The ratio of relative RMSEs on each draw."""
+        return [math.sqrt(a / b) for a, b in self.sums]
+
+    @property
+    def pooled(self) -> float:
+        """The ratio over all draws together: ``sqrt(sum ||x - ref||^2 / sum ||y - ref||^2)``."""
+        return math.sqrt(sum(a for a, _ in self.sums) / sum(b for _, b in self.sums))
+
+    def describe(self, batch: int) -> str:
+        """``over N draws of B: pooled ratio P, per draw LO to HI``."""
+        r = self.ratios
+        spread = f"per draw {min(r):.3g} to {max(r):.3g}"
+        return f"over {len(r)} draws of {batch}: pooled ratio {self.pooled:.3g}, {spread}"
+
+
+def _squared(problem: Problem, rel: float) -> float:
+    """``||x - ref||^2`` summed over ``problem``'s batch, from the relative RMSE ``rel``."""
+    return rel**2 * float((problem.ref**2).sum())
+
+
 @dataclass
 class DefaultVsDiffusers:
     """(a) at one NFE: relative RMSE of ``sd.sample``'s defaults and of diffusers' default
     DPM-Solver++ on the benchmark's draw; the samples each sent to another mixture component than
     the exact solution (:func:`switched`), in all and among the :func:`ill_conditioned`; both errors
-    over the well-conditioned samples; and the ratio on every further independent draw of ``x_T``."""
+    over the well-conditioned samples; and the errors on every further independent draw of ``x_T``."""
 
     nfe: int
     ours: float
@@ -402,7 +439,7 @@ class DefaultVsDiffusers:
     switches_ill: tuple[int, int]
     well_conditioned: int
     rest: tuple[float, float]
-    draws: tuple[tuple[float, float], ...] = ()  # (ours, diffusers) squared error summed per draw
+    draws: Draws
 
     @property
     def ratio(self) -> float:
@@ -413,16 +450,6 @@ class DefaultVsDiffusers:
     def rest_ratio(self) -> float:
         """The same ratio over the well-conditioned samples."""
         return self.rest[0] / self.rest[1]
-
-    @property
-    def draw_ratios(self) -> list[float]:
-        """The ratio on each independent draw (the benchmark's first)."""
-        return [math.sqrt(a / b) for a, b in self.draws]
-
-    @property
-    def pooled_ratio(self) -> float:
-        """The ratio over all draws together: ``sqrt(sum ||x - ref||^2 / sum ||y - ref||^2)``."""
-        return math.sqrt(sum(a for a, _ in self.draws) / sum(b for _, b in self.draws))
 
 
 def _defaults_pair(problem: Problem, nfe: int) -> tuple[Tensor, Tensor] | None:
@@ -435,10 +462,6 @@ def _defaults_pair(problem: Problem, nfe: int) -> tuple[Tensor, Tensor] | None:
     if y is None:
         return None
     return sampling.sample(problem.gmm.denoiser(problem.process), problem.x_T, steps=n_ours), y
-
-
-def _squared_errors(problem: Problem, x: Tensor, y: Tensor) -> tuple[float, float]:
-    return float(((x - problem.ref) ** 2).sum()), float(((y - problem.ref) ** 2).sum())
 
 
 def default_vs_diffusers(
@@ -460,24 +483,68 @@ def default_vs_diffusers(
             if pair is None:
                 continue
             x, y = pair
+            ours, theirs = relative_rmse(x, problem.ref), relative_rmse(y, problem.ref)
             sx, sy = switched(problem, x), switched(problem, y)
-            sums = [_squared_errors(problem, x, y)]
+            sums = [(_squared(problem, ours), _squared(problem, theirs))]
             for other in draws:
                 pair = _defaults_pair(other, nfe)
                 if pair is not None:
-                    sums.append(_squared_errors(other, *pair))
+                    sums.append(tuple(_squared(other, relative_rmse(z, other.ref)) for z in pair))
             out.append(
                 DefaultVsDiffusers(
                     nfe,
-                    relative_rmse(x, problem.ref),
-                    relative_rmse(y, problem.ref),
+                    ours,
+                    theirs,
                     (int(sx.sum()), int(sy.sum())),
                     (int((sx & ~keep).sum()), int((sy & ~keep).sum())),
                     int(keep.sum()),
                     (relative_rmse(x[keep], problem.ref[keep]), relative_rmse(y[keep], problem.ref[keep])),
-                    tuple(sums),
+                    Draws(tuple(sums)),
                 )
             )
+    return out
+
+
+@dataclass
+class BestVsBest:
+    """(b) at one NFE: the best steerdiff row and the best diffusers row on the benchmark's draw
+    (:func:`best_at`), and both configurations run again on every further draw of ``x_T``."""
+
+    nfe: int
+    ours: Row
+    theirs: Row
+    draws: Draws
+
+    @property
+    def ratio(self) -> float:
+        """Ours over diffusers' on the benchmark's draw (the goal: at most 1/3)."""
+        return self.ours.errors[self.nfe] / self.theirs.errors[self.nfe]
+
+
+def best_vs_best(
+    problem: Problem, rows: Sequence[Row], nfes: Sequence[int], draws: Sequence[Problem] = ()
+) -> list[BestVsBest]:
+    """(b): the best steerdiff configuration against the best diffusers configuration at each NFE
+    (chosen on ``problem``), pooled with the independent ``draws``."""
+    ours = [r for r in rows if r.source == "steerdiff"]
+    theirs = [r for r in rows if r.source == "diffusers"]
+    out = []
+    with quiet_diffusers():
+        configs = {(c.method, c.schedule()): c for c in diffusers_configs()}
+        for nfe in nfes:
+            a, b = best_at(ours, nfe), best_at(theirs, nfe)
+            if a is None or b is None:
+                continue
+            config = configs[b.method, b.schedule]
+            steps_a = steps_for_nfe(solvers.get(a.method).nfe, nfe)
+            steps_b = steps_for_nfe(_diffusers_nfe(config), nfe)
+            if steps_a is None or steps_b is None:  # not reached: both rows have an error at nfe
+                continue
+            sums = [(_squared(problem, a.errors[nfe]), _squared(problem, b.errors[nfe]))]
+            for d in draws:
+                ea = _ours(d.gmm.denoiser(d.process), d, a.method, a.schedule, steps_a, nfe)
+                sums.append((_squared(d, ea), _squared(d, _theirs(config, d, steps_b, nfe))))
+            out.append(BestVsBest(nfe, a, b, Draws(tuple(sums))))
     return out
 
 
@@ -567,6 +634,7 @@ class SolverBench:
     seed: int
     rows: list[Row]
     default_vs_diffusers: list[DefaultVsDiffusers]
+    best_vs_best: list[BestVsBest]
     overhead: list[Overhead]
     seconds: dict[str, float]
 
@@ -602,18 +670,20 @@ def run(
     rows = sweep_steerdiff(problem, nfes, progress)
     seconds["steerdiff"] = time.perf_counter() - t0
     ratio_a: list[DefaultVsDiffusers] = []
+    ratio_b: list[BestVsBest] = []
     overhead: list[Overhead] = []
     if with_diffusers:
         t0 = time.perf_counter()
         rows += sweep_diffusers(problem, nfes, progress)
-        draws = [make_problem(batch, seed + i) for i in range(1, DEFAULT_VS_DIFFUSERS_DRAWS)]
+        draws = [make_problem(batch, seed + i) for i in range(1, DRAWS)]
         ratio_a = default_vs_diffusers(problem, [n for n in DEFAULT_VS_DIFFUSERS_NFES if n in nfes], draws)
+        ratio_b = best_vs_best(problem, rows, [n for n in BEST_VS_DIFFUSERS_NFES if n in nfes], draws)
         seconds["diffusers"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         overhead = sampler_overhead(steps=5 if quick else 20, repeats=3 if quick else 30, progress=progress)
         seconds["overhead"] = time.perf_counter() - t0
     log.info("bench solvers: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return SolverBench(tuple(nfes), batch, seed, rows, ratio_a, overhead, seconds)
+    return SolverBench(tuple(nfes), batch, seed, rows, ratio_a, ratio_b, overhead, seconds)
 
 
 def _fmt(v: float | None) -> str:
@@ -661,23 +731,27 @@ def format_report(result: SolverBench) -> str:
         ]
         for r in result.default_vs_diffusers:
             lines += [
-                f"    NFE {r.nfe:>2}: {_fmt(r.ours)} vs {_fmt(r.diffusers)}  ratio {r.ratio:.3g}; over"
-                f" {len(r.draws)} draws of {result.batch}: pooled ratio {r.pooled_ratio:.3g}, per draw"
-                f" {min(r.draw_ratios):.3g} to {max(r.draw_ratios):.3g}",
+                f"    NFE {r.nfe:>2}: {_fmt(r.ours)} vs {_fmt(r.diffusers)}  ratio {r.ratio:.3g}; "
+                + r.draws.describe(result.batch),
                 f"            sent to another mixture component: {r.switches[0]} vs {r.switches[1]} of"
                 f" {result.batch} ({r.switches_ill[0]} vs {r.switches_ill[1]} of them among the"
                 f" {result.batch - r.well_conditioned} ill-conditioned)",
                 f"            on the {r.well_conditioned} others: {_fmt(r.rest[0])} vs {_fmt(r.rest[1])}"
                 f"  ratio {r.rest_ratio:.3g}",
             ]
-    if theirs:
-        lines += ["", "(b) best steerdiff solver+schedule vs best diffusers configuration at equal NFE:"]
-        for n in (n for n in BEST_VS_DIFFUSERS_NFES if n in nfes):
-            a, b = best_at(ours, n), best_at(theirs, n)
-            if a is None or b is None:
-                continue
-            ea, eb = a.errors[n], b.errors[n]
-            lines.append(f"    NFE {n:>2}: {a.label} {_fmt(ea)} vs {b.label} {_fmt(eb)}  ratio {ea / eb:.3g}")
+    if result.best_vs_best:
+        lines += [
+            "",
+            "(b) best steerdiff solver+schedule vs best diffusers configuration at equal NFE (chosen on the"
+            " benchmark's draw):",
+        ]
+        for r in result.best_vs_best:
+            ea, eb = r.ours.errors[r.nfe], r.theirs.errors[r.nfe]
+            lines += [
+                f"    NFE {r.nfe:>2}: {r.ours.label} {_fmt(ea)} vs {r.theirs.label} {_fmt(eb)}"
+                f"  ratio {r.ratio:.3g}",
+                "            " + r.draws.describe(result.batch),
+            ]
     if result.overhead:
         lines += [
             "",
