@@ -218,13 +218,91 @@ def test_repaint_known_entries_exact_and_unknown_as_the_paper() -> None:
     assert mean_error(x4) < 0.3 and mean_error(x4) < 0.5 * mean_error(one)
 
 
+def test_repaint_call_is_the_paper_replacement_exactly() -> None:
+    """Lugmayr et al. Alg. 1 (lines 5-8) written out with ``torch.where``: the net sees ``x_t`` with its known
+    entries replaced by ``alpha_t y + sigma_t z`` (``z`` the next ``randn(x.shape)`` of the module's
+    generator) and the unknown ones untouched; ``x0`` is the net's with the known entries set to ``y``;
+    ``eps`` is relative to the caller's ``x``. All to 1e-12, for scalar and per-sample times, with a
+    fresh ``z`` at every call."""
+    gmm, op, y = _gaussian_inpainting()
+    seen: list[torch.Tensor] = []
+
+    def net(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(v.clone())
+        return gmm.denoiser(PROC).net(v, t)
+
+    known = torch.tensor([True, False, True, False])
+    y_full = torch.tensor([y[0], 0.0, y[1], 0.0], dtype=F64)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    guided = RePaint(
+        sd.Denoiser(net, PROC, "x0", shape=(4,)), op, y, generator=torch.Generator().manual_seed(11)
+    )
+    g = torch.Generator().manual_seed(11)
+    per_sample = torch.tensor([900.0, 700.0, 500.0, 300.0, 100.0, 10.0], dtype=F64)
+    for t in (700.0, 250.0, per_sample):
+        tt = torch.as_tensor(t, dtype=F64).expand(6)
+        a, s = PROC.alpha(tt)[:, None], PROC.sigma(tt)[:, None]
+        z = torch.randn(x.shape, generator=g, dtype=F64)
+        x_in = torch.where(known, a * y_full + s * z, x)  # Alg. 1: x_known = alpha y + sigma z
+        x0_net = torch.cat([gmm.denoise(x_in[k : k + 1], float(a[k]), float(s[k])) for k in range(6)])
+        x0 = torch.where(known, y_full, x0_net)
+        pred = guided(x, t)
+        torch.testing.assert_close(seen[-1], x_in, rtol=0, atol=1e-12)
+        torch.testing.assert_close(pred.x0, x0, rtol=0, atol=1e-12)
+        torch.testing.assert_close(pred.eps, (x - a * x0) / s, rtol=1e-12, atol=1e-12)
+    assert len(seen) == 3
+
+
+def _alg1_with_resampling(
+    gmm: sd.toy.GaussianMixture,
+    y: torch.Tensor,
+    x_T: torch.Tensor,
+    steps: int,
+    resample: int,
+    jump: int,
+    seed: int,
+) -> torch.Tensor:
+    """Lugmayr et al. Alg. 1 with the jumps of their Sec. 4.2, written out for the VP process on the nodes
+    ``linspace(999, 0, steps)``, drawing from one generator in the order the library does: per evaluation
+    the known-region sample ``z``, then the DDPM noise; a jump back ``j`` nodes is the forward transition
+    ``x_b ~ N(a_b / a_k x_k, (1 - a_b^2 / a_k^2) I)``, ``U - 1`` times per node that is a multiple of ``j``.
+    """
+    ts = torch.linspace(999, 0, steps, dtype=F64).tolist()
+    known = torch.tensor([True, False, True, False])
+    y_full = torch.tensor([y[0], 0.0, y[1], 0.0], dtype=F64)
+    g = torch.Generator().manual_seed(seed)
+    passes = [0] * steps
+    x, k = x_T, 0
+    while True:
+        a, s = float(PROC.alpha(ts[k])), float(PROC.sigma(ts[k]))
+        x_in = torch.where(known, a * y_full + s * torch.randn(x.shape, generator=g, dtype=F64), x)
+        x0 = torch.where(known, y_full, gmm.denoise(x_in, a, s))
+        if k == steps - 1:
+            return x0
+        a1, s1 = float(PROC.alpha(ts[k + 1])), float(PROC.sigma(ts[k + 1]))
+        e = (s1 * a / (a1 * s)) ** 2
+        noise = torch.randn(x.shape, generator=g, dtype=F64)
+        x = e * a1 / a * x + a1 * (1 - e) * x0 + s1 * math.sqrt(1 - e) * noise
+        k += 1
+        if k < steps and k >= jump and k % jump == 0 and passes[k] < resample - 1:
+            passes[k] += 1
+            r = float(PROC.alpha(ts[k - jump])) / float(PROC.alpha(ts[k]))
+            x = r * x + math.sqrt(1 - r * r) * torch.randn(x.shape, generator=g, dtype=F64)
+            k -= jump
+
+
 def test_repaint_sample_nfe_and_single_pass_equals_sample() -> None:
     gmm, op, y = _gaussian_inpainting()
     den = gmm.denoiser(PROC)
     x_T = torch.randn(8, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
     for steps, resample, jump in [(20, 1, 1), (20, 3, 1), (23, 4, 5), (10, 2, 10)]:
-        _, info = repaint_sample(den, op, y, x_T, steps, resample=resample, jump=jump, return_info=True)
+        gen = torch.Generator().manual_seed(5)
+        x, info = repaint_sample(
+            den, op, y, x_T, steps, resample=resample, jump=jump, generator=gen, return_info=True
+        )
         assert info.nfe == repaint_nfe(steps, resample, jump)
+        ref = _alg1_with_resampling(gmm, y, x_T, steps, resample, jump, seed=5)
+        torch.testing.assert_close(x, ref, rtol=0, atol=1e-10)
     assert repaint_nfe(20, 3, 1) == 19 * 3 + 1
     a = repaint_sample(den, op, y, x_T, 15, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
@@ -232,6 +310,7 @@ def test_repaint_sample_nfe_and_single_pass_equals_sample() -> None:
         RePaint(den, op, y, generator=g), x_T, steps=15, solver="ddpm", schedule="time_uniform", generator=g
     )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, _alg1_with_resampling(gmm, y, x_T, 15, 1, 1, seed=5), rtol=0, atol=1e-10)
 
 
 def test_bad_input() -> None:

@@ -21,6 +21,7 @@ import torch
 
 import steerdiff as sd
 from steerdiff.smc import SMCAlgorithm, StepContext, transition_log_prob
+from steerdiff.smc.fk_steering import potential_nodes
 from steerdiff.solvers import Transition
 
 from .reference import slope, smooth_mixture
@@ -162,6 +163,112 @@ def test_nine_modes_quadratic_reward():
         assert float(out.log_z.mean()) == pytest.approx(log_z, abs=0.1), potential
 
 
+def recording_den(out: list[torch.Tensor], inputs: list[torch.Tensor] | None = None) -> sd.Denoiser:
+    """``DEN`` (an x0-prediction net) that appends each call's output, the denoised estimate, to ``out``
+    (and its input ``x`` to ``inputs``)."""
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = DEN.net(x, t)
+        out.append(x0.clone())
+        if inputs is not None:
+            inputs.append(x.clone())
+        return x0
+
+    return sd.Denoiser(net, PROC, prediction="x0", shape=(2,))
+
+
+def wavy(x: torch.Tensor) -> torch.Tensor:
+    """A reward whose value along a denoising path goes up and down (so max, sum and last differ)."""
+    return torch.sin(3 * x[:, 0]) + x[:, 1]
+
+
+def expected_log_potentials(potential: str, lam: float, r: torch.Tensor) -> torch.Tensor:
+    """``log G_k`` per particle from the intermediate rewards ``r`` ``(K, batch, particles)`` (Singhal et
+    al. 2025, Sec. 3; the module docstring): the incremental log-weight at the k-th potential node."""
+    if potential == "difference":
+        return lam * torch.diff(r, dim=0, prepend=torch.zeros_like(r[:1]))  # r_0 := 0
+    if potential == "max":
+        return lam * torch.cummax(r, dim=0).values
+    if potential == "sum":
+        return lam * torch.cumsum(r, dim=0)
+    return lam * r
+
+
+class RecordIncrements(sd.smc.FKSteering):
+    """FK steering that keeps every incremental log-weight it returns, by node."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.inc: dict[int, torch.Tensor] = {}
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        g = super().log_weight(ctx)
+        if g is not None:
+            self.inc[ctx.i] = g.clone()
+        return g
+
+
+@pytest.mark.parametrize("potential", sd.smc.POTENTIALS)
+def test_potential_increments_are_exact(potential):
+    """Each potential's per-step log-weight, recomputed from the rewards the run evaluated.
+
+    With ``ess_threshold = 0`` nothing is resampled, so every particle is its own ancestry. The reward
+    is evaluated on the step's denoised estimate at the potential nodes ``{1, 4, 7, 10}``
+    (``interval = 3`` in ``window = (1, 11)``, 12 steps) and on the final sample; from those ``r_k``:
+    the per-particle increments ``log G_k`` and the final correction ``lam r_S - sum_k log G_k``, and
+    the running ``log Z = log mean_j exp(sum_{m <= k} log G_m^j)`` of the trace, to 1e-10. (The final
+    weights alone cannot tell the potentials apart: every path's product is ``exp(lam r_S)``.)
+    """
+    lam, batch, n, steps = 0.7, 2, 6, 12
+    nodes = sorted(potential_nodes(steps, 3, (1, 11)))
+    assert nodes == [1, 4, 7, 10]
+    x0s: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
+
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return wavy(x)
+
+    kw = dict(shape=(batch, 2), particles=n, steps=steps, solver=SOLVER, dtype=F64)
+    out = sd.smc.fk_steering(
+        recording_den(x0s), reward, lam=lam, potential=potential, interval=3, window=(1, 11),
+        ess_threshold=0.0, generator=gen(4), **kw,
+    )  # fmt: skip
+    assert not bool(out.trace.resampled.any())
+    # the reward saw the denoised estimates at the potential nodes (in order), then the final sample
+    assert len(x0s) == steps and len(seen) == len(nodes) + 1
+    for k, i in enumerate(nodes):
+        assert torch.equal(seen[k], x0s[i]), i
+    assert torch.equal(seen[-1], out.x.reshape(-1, 2))
+    r = torch.stack([wavy(z) for z in seen]).reshape(len(nodes) + 1, batch, n)
+    r_s = r[-1]
+
+    def log_z_trace(pot: str) -> torch.Tensor:
+        cum = torch.cumsum(expected_log_potentials(pot, lam, r[:-1]), dim=0)
+        z = torch.zeros(steps + 1, batch, dtype=F64)
+        for k, i in enumerate(nodes):
+            z[i:] = torch.logsumexp(cum[k], -1) - math.log(n)
+        z[steps] = torch.logsumexp(lam * r_s, -1) - math.log(n)
+        return z
+
+    expected = log_z_trace(potential)
+    assert torch.allclose(out.trace.log_z, expected, rtol=0, atol=1e-10)
+    assert torch.allclose(out.log_w, lam * r_s - torch.logsumexp(lam * r_s, -1, keepdim=True), atol=1e-12)
+    for other in sd.smc.POTENTIALS:  # the check has power: every other potential's trace is far off
+        if other != potential:
+            assert float((log_z_trace(other) - expected).abs().max()) > 0.05, other
+
+    # per particle: the increments the hook returns, on the same paths (same generator, no resampling)
+    alg = RecordIncrements(lam, potential, set(nodes))
+    again = sd.smc.run_smc(DEN, alg, reward=wavy, ess_threshold=0.0, generator=gen(4), **kw)
+    assert torch.equal(again.x, out.x) and torch.equal(again.trace.log_z, out.trace.log_z)
+    log_g = expected_log_potentials(potential, lam, r[:-1])
+    assert sorted(alg.inc) == [*nodes, steps]
+    for k, i in enumerate(nodes):
+        assert torch.allclose(alg.inc[i], log_g[k], rtol=0, atol=1e-12), i
+    assert torch.allclose(alg.inc[steps], lam * r_s - log_g.sum(0), rtol=0, atol=1e-12)
+
+
 # --- the hooks: a twisted proposal with its exact weight ----------------------------------------------
 
 
@@ -295,6 +402,60 @@ def test_code_steers_towards_reward():
         assert bool(out.trace.resampled[0].all()) and bool(out.trace.resampled[5].all())
         assert not bool(out.trace.resampled[1].any())
     assert base + 0.3 < means[2] < means[8], (base, means)
+
+
+def test_code_selects_the_best_denoised_branch():
+    """CoDe reproduced by hand: DDPM (Ho et al. Eq. 6-7) from one common ``x_T``; at each block node
+    ``i = 2, 4, 6`` every branch of a row continues from the branch whose *denoised estimate*
+    ``x0_hat(x_i)`` (the step's own prediction, not the noisy ``x_i``) has the largest reward.
+
+    Same generator, same draws (``x_T``, then one ``randn`` per stochastic step; the forced selection
+    draws nothing), so the hand-made run must match to rounding. Node 6 is the last step, which
+    returns ``x0_hat`` itself: every final particle of a row is exactly the best candidate there.
+    """
+    batch, n, steps, block = 3, 5, 7, 2
+    xs: list[torch.Tensor] = []
+    x0s: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
+
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return wavy(x)
+
+    out = sd.smc.code(
+        recording_den(x0s, xs), reward, shape=(batch, 2), particles=n, block=block, steps=steps,
+        solver="ddpm", generator=gen(5), dtype=F64,
+    )  # fmt: skip
+    grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), steps)
+    g = gen(5)
+    x = torch.randn(batch, n, 2, generator=g, dtype=F64)
+    picks = []
+    for i in range(steps):
+        assert torch.allclose(xs[i].reshape(batch, n, 2), x, rtol=0, atol=1e-12), i
+        x0 = DEN(x.reshape(-1, 2), grid.t[i]).x0.reshape(batch, n, 2)
+        if i % block == 0:  # select: the common x_T at node 0, else each row's best denoised branch
+            best = torch.zeros(batch, dtype=torch.long)
+            if i > 0:
+                assert torch.equal(seen[len(picks)], x0s[i])  # the reward scored the denoised estimates
+                best = wavy(x0.reshape(-1, 2)).reshape(batch, n).argmax(-1)
+                picks.append(best)
+            x = x[torch.arange(batch), best][:, None].expand(batch, n, 2)
+            x0 = x0[torch.arange(batch), best][:, None].expand(batch, n, 2)
+        if i == steps - 1:
+            x = x0
+            break
+        a0, a1, s1 = grid.alpha[i], grid.alpha[i + 1], grid.sigma[i + 1]
+        e = math.exp(-2 * (grid.lam[i + 1] - grid.lam[i]))  # posterior q(x_{i+1} | x_i, x0_hat)
+        mean = e * a1 / a0 * x + a1 * (1 - e) * x0
+        x = mean + s1 * math.sqrt(1 - e) * torch.randn(batch * n, 2, generator=g, dtype=F64).reshape(x.shape)
+    assert len(picks) == 3 and len(seen) == 4  # block nodes 2, 4, 6, then the final samples
+    assert torch.allclose(out.x, x, rtol=0, atol=1e-10)
+    last = x0s[steps - 1].reshape(batch, n, 2)[torch.arange(batch), picks[-1]]
+    assert torch.equal(out.x, last[:, None].expand(batch, n, 2))
+    assert torch.equal(seen[-1], out.x.reshape(-1, 2))
+    # the check has power: scoring the noisy x_i would have picked other branches
+    noisy = [wavy(xs[i]).reshape(batch, n).argmax(-1) for i in (2, 4, 6)]
+    assert any(not torch.equal(p, q) for p, q in zip(picks, noisy, strict=True))
 
 
 # --- chunking, memory, conditioning, reproducibility --------------------------------------------------
