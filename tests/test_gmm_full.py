@@ -177,7 +177,8 @@ def test_posterior_matches_importance_sampling(mix, m):
 
 
 def test_posterior_single_gaussian_closed_form():
-    """k = 1: Bishop (2.116)-(2.117) in information form, and the evidence as the weight-free case."""
+    """k = 1: Bishop (2.116)-(2.117) in information form (one component: its weight is always 1; the
+    weights are checked in test_posterior_component_weights_are_the_evidence)."""
     g = torch.Generator().manual_seed(9)
     mu, s_mat = torch.randn(3, generator=g, dtype=F64), _spd(3, g)
     A, noise = torch.randn(2, 3, generator=g, dtype=F64), 0.3
@@ -188,6 +189,35 @@ def test_posterior_single_gaussian_closed_form():
     mean = cov @ (torch.linalg.solve(s_mat, mu) + A.T @ y / noise**2)
     torch.testing.assert_close(post.covariances[0], cov, rtol=0, atol=1e-12)
     torch.testing.assert_close(post.means[0], mean, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_posterior_component_weights_are_the_evidence(mix, m):
+    """w_k' ∝ w_k N(y; A mu_k, A S_k A^T + s^2 I), the evidence by scipy; each component's mean and
+    covariance is the single-Gaussian posterior (Bishop 2.116-2.117)."""
+    A, s = _obs(m, 30 + m)
+    # an observation between the two components' predictions: weights 0.645 / 0.355 (m = 1) and
+    # 0.758 / 0.242 (m = 2), neither the prior's 0.6 / 0.4 nor uniform
+    y = (0.6 * mix.means[0] + 0.4 * mix.means[1]) @ A.T
+    post = mix.posterior(A, y, s)
+    log_ev = np.array(
+        [
+            math.log(float(w))
+            + multivariate_normal(
+                mean=(A @ mu).numpy(), cov=(A @ S @ A.T + s**2 * torch.eye(m)).numpy()
+            ).logpdf(y.numpy())
+            for w, mu, S in zip(mix.weights, mix.means, mix.covariance_matrices, strict=True)
+        ]
+    )
+    want = np.exp(log_ev - logsumexp(log_ev))
+    np.testing.assert_allclose(post.weights.numpy(), want, rtol=1e-10, atol=0)
+    assert want.min() > 0.2 and abs(want[0] - 0.6) > 0.04
+    for k in range(2):
+        S = mix.covariance_matrices[k]
+        cov = torch.linalg.inv(torch.linalg.inv(S) + A.T @ A / s**2)
+        mean = cov @ (torch.linalg.solve(S, mix.means[k]) + A.T @ y / s**2)
+        torch.testing.assert_close(post.covariance_matrices[k], cov, rtol=0, atol=1e-12)
+        torch.testing.assert_close(post.means[k], mean, rtol=0, atol=1e-12)
 
 
 def test_posterior_noiseless_lives_on_the_constraint(mix):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -42,16 +44,88 @@ def test_sliced_wasserstein_of_a_shift():
         sd.metrics.sliced_wasserstein(x, x[:, :3])
 
 
-def test_mmd_is_unbiased_and_detects_a_shift():
+def _mmd_by_hand(x: list[list[float]], y: list[list[float]], h: float) -> float:
+    """The unbiased MMD^2 (Gretton et al. 2012, Lemma 6) pair by pair, k(a, b) = exp(-|a - b|^2 / (2 h^2))."""
+
+    def k(a: list[float], b: list[float]) -> float:
+        return math.exp(-sum((u - v) ** 2 for u, v in zip(a, b, strict=True)) / (2 * h * h))
+
+    n, m = len(x), len(y)
+    kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kxy = sum(k(a, b) for a in x for b in y) / (n * m)
+    return kxx + kyy - 2 * kxy
+
+
+def test_mmd_is_the_u_statistic_on_hand_computed_points():
+    # x = {0, 2}, y = {0, 4}, h = 2: k(0, 2) = e^-1/2, k(0, 4) = e^-2, k(2, 4) = e^-1/2, so
+    # U = e^-1/2 + e^-2 - (1 + e^-2 + 2 e^-1/2) / 2 = (e^-2 - 1) / 2 = -0.432 (negative: unbiased),
+    # while the V-statistic (diagonals kept) is (1 - e^-1/2) / 2 = +0.197
+    x = torch.tensor([[0.0], [2.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0], [4.0]], dtype=torch.float64)
+    assert sd.metrics.mmd(x, y, bandwidth=2.0) == pytest.approx((math.exp(-2) - 1) / 2, rel=1e-14)
+    # median heuristic: pooled squared distances {0 x2, 4 x6, 16 x4} (ordered pairs), median 4, so h = 2
+    assert sd.metrics.mmd(x, y) == pytest.approx((math.exp(-2) - 1) / 2, rel=1e-14)
+    # unequal sizes in 2-D (n(n-1) and m(m-1) differ), against the pair-by-pair sum
+    xs = [[0.0, 0.0], [1.0, 0.5], [-0.5, 2.0]]
+    ys = [[0.3, -1.0], [2.0, 1.0]]
+    got = sd.metrics.mmd(torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64), 1.5)
+    assert got == pytest.approx(_mmd_by_hand(xs, ys, 1.5), rel=1e-13)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0])
+def test_mmd_expectation_is_the_closed_form(delta):
+    """E[MMD^2] for N(0, I) against N(delta e_1, I) in d dims with the kernel exp(-|a-b|^2 / (2 h^2)).
+
+    For a ~ N(p, I), b ~ N(q, I): E k(a, b) = c exp(-|p - q|^2 / (2 (h^2 + 2))), c = (h^2 / (h^2 + 2))^{d/2},
+    so the unbiased estimate has mean 2 c (1 - exp(-delta^2 / (2 (h^2 + 2)))). The biased V-statistic
+    is off by about (1 - c) (1/n + 1/m): measured 29 (delta 0) and 8.2 (delta 1) standard errors.
+    """
+    d, h, n, m, repeats = 3, 1.5, 40, 60, 200
+    c = (h * h / (h * h + 2)) ** (d / 2)
+    exact = 2 * c * (1 - math.exp(-(delta**2) / (2 * (h * h + 2))))
     g = torch.Generator().manual_seed(0)
-    draws = [torch.randn(400, 3, generator=g, dtype=torch.float64) for _ in range(10)]
-    same = [sd.metrics.mmd(draws[i], draws[i + 1]) for i in range(0, 10, 2)]
-    assert abs(sum(same) / len(same)) < 2e-3  # unbiased: centred on 0
-    assert sd.metrics.mmd(draws[0], draws[1] + 1.0) > 0.1
+    shift = torch.tensor([delta, 0.0, 0.0], dtype=torch.float64)
+    values = torch.tensor(
+        [
+            sd.metrics.mmd(
+                torch.randn(n, d, generator=g, dtype=torch.float64),
+                torch.randn(m, d, generator=g, dtype=torch.float64) + shift,
+                bandwidth=h,
+            )
+            for _ in range(repeats)
+        ]
+    )
+    se = float(values.std()) / math.sqrt(repeats)
+    assert abs(float(values.mean()) - exact) < 3.5 * se  # measured z 0.37 and -0.77 (delta 0, 1)
+
+
+def test_mmd_detects_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(400, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    assert abs(sd.metrics.mmd(a, b)) < 0.01 and sd.metrics.mmd(a, b + 1.0) > 0.1
 
 
 def test_floor_is_the_metric_between_exact_sets():
     gmm = sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))
+    # the mean of the metric over independent pairs, drawn here from the same generator stream
+    g = torch.Generator().manual_seed(4)
+    pairs = [(gmm.sample(200, g), gmm.sample(200, g)) for _ in range(4)]
+    metric = lambda a, b: sd.metrics.sliced_wasserstein(a, b, 64, torch.Generator().manual_seed(1))  # noqa: E731
+    explicit = sum(metric(a, b) for a, b in pairs) / 4
+    got = sd.metrics.floor(gmm.sample, 200, metric, repeats=4, generator=torch.Generator().manual_seed(4))
+    assert got == pytest.approx(explicit, rel=1e-12)
+    # every set is a fresh draw: no set compared with itself or reused
+    seen: list[torch.Tensor] = []
+    sd.metrics.floor(gmm.sample, 50, lambda a, b: seen.extend([a, b]) or 0.0, repeats=3)
+    assert len(seen) == 6 and all(s.shape == (50, 2) for s in seen)
+    assert all(not torch.equal(seen[i], seen[j]) for i in range(6) for j in range(i))
+    # ... so it is the metric's mean over independent exact pairs (another stream: within its spread)
+    values = [metric(gmm.sample(200, g), gmm.sample(200, g)) for _ in range(40)]
+    mean = sum(values) / 40
+    se = (sum((v - mean) ** 2 for v in values) / 39 / 40) ** 0.5
+    spread = (sum((v - mean) ** 2 for v in values) / 39 / 4) ** 0.5  # the floor's own std (4 repeats)
+    assert abs(got - mean) < 3.5 * math.hypot(se, spread)  # measured z 1.08
     small = sd.metrics.floor(gmm.sample, 200, repeats=4)
     large = sd.metrics.floor(gmm.sample, 1600, repeats=4)
     assert 0 < large < small  # the floor shrinks with the sample size

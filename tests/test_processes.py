@@ -77,6 +77,60 @@ def test_lam_is_log_alpha_over_sigma_and_decreasing(process):
     assert bool((process.lam(t)[1:] < process.lam(t)[:-1]).all())
 
 
+def _half_log_snr(ac: np.ndarray) -> np.ndarray:
+    """``0.5 log(ac / (1 - ac))`` for a VP ``alphas_cumprod`` (``alpha^2``)."""
+    return 0.5 * (np.log(ac) - np.log1p(-ac))
+
+
+def _zero_snr_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024, Alg. 1 in numpy (sqrt(ac) shifted to end at 0, first kept), last set to 2**-24."""
+    ab = np.sqrt(np.cumprod(1 - betas))
+    ab = (ab - ab[-1]) * ab[0] / (ab[0] - ab[-1])
+    ac = ab**2
+    ac[-1] = 2.0**-24
+    return ac
+
+
+def _vp_linear_ac(t: np.ndarray, b0: float = 0.1, b1: float = 20.0) -> np.ndarray:
+    """Song et al. 2021 (VP SDE perturbation kernel, App. B): alpha^2 = exp(-b0 t - (b1 - b0) t^2 / 2)."""
+    return np.exp(-b0 * t - 0.5 * (b1 - b0) * t**2)
+
+
+def _vp_cosine_ac(t: np.ndarray, s: float = 0.008) -> np.ndarray:
+    """Nichol & Dhariwal 2021, eq. 17: alpha^2 = f(t) / f(0), f(t) = cos((t + s) / (1 + s) pi / 2)^2."""
+    f = np.cos((t + s) / (1 + s) * np.pi / 2) ** 2
+    return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
+
+
+# lam(t) from each kind's own definition, in numpy (integer t for the discrete kinds)
+LAM_CLOSED_FORMS = {
+    "discrete_betas": lambda t: _half_log_snr(np.cumprod(1 - np.linspace(1e-4, 0.02, N)))[t.astype(int)],
+    "discrete_alphas_cumprod": lambda t: _half_log_snr(np.cumprod(1 - _scaled_linear_betas()))[t.astype(int)],
+    "discrete_zero_snr": lambda t: _half_log_snr(_zero_snr_alphas_cumprod(_scaled_linear_betas()))[
+        t.astype(int)
+    ],
+    "scaled_linear": lambda t: _half_log_snr(np.cumprod(1 - _scaled_linear_betas()))[t.astype(int)],
+    "vp_linear": lambda t: _half_log_snr(_vp_linear_ac(t)),
+    "vp_cosine": lambda t: _half_log_snr(_vp_cosine_ac(t)),
+    "ve": lambda t: -np.log(0.01 * (50.0 / 0.01) ** t),  # sigma = sigma_min (sigma_max / sigma_min)^t
+    "edm": lambda t: -np.log(t),  # alpha = 1, sigma = t
+    "rectified_flow": lambda t: np.log((1 - t) / t),  # alpha = 1 - t, sigma = t
+}
+
+
+@pytest.mark.parametrize("kind", list(PROCESSES))
+def test_lam_matches_the_closed_form(kind):
+    """``lam(t)`` against each process's published definition, computed independently in numpy."""
+    p = PROCESSES[kind]()
+    if isinstance(p, sd.processes.VPDiscrete):
+        t = np.arange(N, dtype=np.float64)
+    else:
+        t = np.linspace(p.t_min, p.t_max, 501)
+    want = LAM_CLOSED_FORMS[kind](t)
+    got = p.lam(torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+
+
 def test_coefficients_equal_the_separate_functions(process):
     t = _grid(process, 301)
     a, s, lam = process.coefficients(t)

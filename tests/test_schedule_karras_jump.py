@@ -41,12 +41,17 @@ def test_from_max_nodes_on_it_is_karras() -> None:
         KarrasJump(max_nodes=0)
 
 
-def test_fewer_component_errors_than_karras_at_six_steps() -> None:
-    """Measured on 16-dim, 10-component mixtures: about half Karras' error at 5-6 steps."""
+@pytest.mark.parametrize("steps", [5, 6])
+def test_about_half_karras_error_at_five_and_six_steps(steps: int) -> None:
+    """On a 16-dim, 10-component mixture (default solver): karras_jump has under half Karras' error.
+
+    Measured ratios 0.40 (5 steps) and 0.41 (6 steps) here; 0.40-0.48 over mixture seeds 0-2.
+    """
     gmm = sd.toy.default_benchmark_mixture(dim=16, components=10, seed=0)
     p = sd.VP.scaled_linear()
     x_T = noise(256, 16, seed=3)
     ref = exact_sample(gmm, p, x_T)
     den = gmm.denoiser(p)
-    err = {s: rel_rmse(sd.sample(den, x_T, steps=6, schedule=s), ref) for s in ("karras", "karras_jump")}
-    assert err["karras_jump"] < 0.75 * err["karras"]
+    err = {s: rel_rmse(sd.sample(den, x_T, steps=steps, schedule=s), ref) for s in ("karras", "karras_jump")}
+    # measured errors: karras 0.415 / 0.308, karras_jump 0.165 / 0.127 (5 / 6 steps)
+    assert err["karras_jump"] < 0.5 * err["karras"]

@@ -6,7 +6,8 @@ solutions and Wasserstein errors"): for ``x0 ~ N(mu, diag(v))`` the exact denois
 every step maps ``x -> A x + b + s z`` coordinate-wise and the sampler's output law is the
 Gaussian obtained by propagating mean and variance through the steps. ``A, b, s`` are read off the
 solver's own transition at ``x = 0`` and ``x = 1``; the propagated law is checked against the
-samples (Monte Carlo) and against the truth (its error must shrink at first order with the steps).
+truth (its error must shrink at first order with the steps), and the samples of ``sd.sample``
+against the truth at many steps (Monte Carlo).
 """
 
 from __future__ import annotations
@@ -88,24 +89,28 @@ def test_gaussian_law_converges_to_the_truth(sd_process, name):
     assert slope(steps, errors) > 0.75  # first order: measured 0.81 (ddpm) .. 0.99 (euler_maruyama)
 
 
-@pytest.mark.parametrize("steps", [10, 50, 200])
 @pytest.mark.parametrize("name", SOLVERS)
-def test_gaussian_samples_follow_the_propagated_law(sd_process, name, steps):
-    # x_T ~ N(0, I) as a pipeline draws it; 20000 samples in 4-d: mean and variance within 4.5
-    # standard errors of the exact law of the sampler (measured at most 2.8)
-    n, solver = 20000, SOLVERS[name]()
-    g = torch.Generator().manual_seed(steps)
-    x_T = torch.randn(n, 4, generator=g, dtype=F64)
+def test_gaussian_samples_reach_the_exact_marginal(sd_process, name):
+    # end to end through sd.sample and a torch.Generator, against the truth: 4000 samples in 4-d
+    # started from the exact marginal at t_max; after 500 steps mean and variance are the exact
+    # marginal N(alpha mu, alpha^2 v + sigma^2) at t_min within 4.5 standard errors. The
+    # discretisation bias is at most 1.3 standard errors here (DDPM's variance). Measured max |z|
+    # 2.6 (mean) and 2.2 (variance), at most 3.1 over 8 seeds; dropping the noise, scaling its std
+    # by sqrt(2) or 2, using the variance as std or reusing one draw for every step gives z > 34.
+    p, n = sd_process, 4000
+    a_T, s_T, a_0, s_0 = (float(c) for c in (p.alpha(p.t_max), p.sigma(p.t_max), p.alpha(0), p.sigma(0)))
+    g = torch.Generator().manual_seed(0)
+    x_T = a_T * MU + (a_T**2 * VAR + s_T**2).sqrt() * torch.randn(n, 4, generator=g, dtype=F64)
     x = sd.sample(
-        GAUSS.denoiser(sd_process),
+        GAUSS.denoiser(p),
         x_T,
-        steps=steps,
-        solver=solver,
+        steps=500,
+        solver=SOLVERS[name](),
         schedule="time_uniform",
         final="none",
         generator=g,
     )
-    mean, var = propagate(solver, sd_process, steps, torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64))
+    mean, var = a_0 * MU, a_0**2 * VAR + s_0**2
     assert ((x.mean(0) - mean).abs() / (var / n).sqrt()).max() < 4.5
     assert ((x.var(0) - var).abs() / (var * math.sqrt(2 / n))).max() < 4.5
 

@@ -22,11 +22,15 @@ import steerdiff as sd
 
 from .reference import eps_net, exact_sample, nodes_of, rel_rmse, sd_betas_config, slope
 
-diffusers = pytest.importorskip("diffusers")
-
 STEPS = 10
 ORDERS = [1, 2, 3]
 VARIANTS = ["bh1", "bh2"]
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    """diffusers, only for the parity tests: the others run without it."""
+    return pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def exact(gmm, sd_process, x_T) -> Tensor:
     return exact_sample(gmm, sd_process, x_T)
 
 
-def _unipc_scheduler(order: int, variant: str, **config: object):
+def _unipc_scheduler(diffusers, order: int, variant: str, **config: object):
     cfg = sd_betas_config(solver_order=order, solver_type=variant, **config)
     return diffusers.UniPCMultistepScheduler(**cfg)
 
@@ -54,8 +58,9 @@ def _diffusers_states(scheduler, gmm, process, x_T: Tensor, steps: int) -> list[
 @pytest.mark.parametrize("corrector", [True, False])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_diffusers(gmm, sd_process, x_T, exact, variant, order, corrector, prediction):
+def test_matches_diffusers(diffusers, gmm, sd_process, x_T, exact, variant, order, corrector, prediction):
     sched = _unipc_scheduler(
+        diffusers,
         order,
         variant,
         final_sigmas_type="zero",
@@ -88,9 +93,9 @@ def test_matches_diffusers(gmm, sd_process, x_T, exact, variant, order, correcto
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_diffusers_noisy_end(gmm, sd_process, x_T, variant, order):
+def test_matches_diffusers_noisy_end(diffusers, gmm, sd_process, x_T, variant, order):
     """End to end, bh1 included: diffusers' ``sigma_min`` end is our ``final="none"`` at t = 0."""
-    sched = _unipc_scheduler(order, variant, final_sigmas_type="sigma_min")
+    sched = _unipc_scheduler(diffusers, order, variant, final_sigmas_type="sigma_min")
     ref = _diffusers_states(sched, gmm, sd_process, x_T, STEPS)[-1]
     nodes = sd.schedules.Custom([*sched.timesteps.tolist(), 0.0])
     x, info = sd.sample(
