@@ -96,6 +96,9 @@ def test_bench_solvers_table_is_sd_sample(tmp_path, capsys, problem):
         *(f"{float(best[k]):.2e}" for k in ("nfe_5", "nfe_10")),
     ]
     assert "(a)" not in out
+    # the printed report is kept beside the CSV (the numbers the README quotes)
+    report = (tmp_path / "solvers.txt").read_text()
+    assert report.startswith("Relative RMSE vs the exact sample") and report in out
     pytest.importorskip("matplotlib")
     assert (tmp_path / "solvers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -263,17 +263,24 @@ def _with_threads(n: int, run: Callable[[], T]) -> T:
         torch.set_num_threads(threads)
 
 
+def _report(report: str, out: Path, stem: str, csv_path: Path, png_path: Path | None) -> int:
+    """Print ``report``, keep it as ``OUT/stem.txt`` (the numbers the README quotes) and list the files."""
+    txt = out / f"{stem}.txt"
+    txt.write_text(report + "\n")
+    echo(report)
+    echo(f"\nwrote {csv_path}, {txt}" + (f" and {png_path}" if png_path is not None else ""))
+    return 0
+
+
 def _write(result: Any, out: Path, stem: str, report: str, **plot: Any) -> int:
-    """Write ``OUT/stem.csv`` and ``OUT/stem.png`` and print ``report``."""
+    """Write ``OUT/stem.csv``, ``OUT/stem.png`` and ``OUT/stem.txt`` and print ``report``."""
     from .bench import solvers as bench
 
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
     bench.write_csv(result, csv_path)
     wrote_png = bench.plot(result, png_path, **plot)
-    echo(report)
-    echo(f"\nwrote {csv_path}" + (f" and {png_path}" if wrote_png else ""))
-    return 0
+    return _report(report, out, stem, csv_path, png_path if wrote_png else None)
 
 
 def _digits_models(weights: Path | None) -> Any:
@@ -319,9 +326,7 @@ def _bench_digits(args: argparse.Namespace) -> int:
         lambda: digits.run(n=n, seed=args.seed, nfes=nfes, models=models, progress=not args.no_progress),
     )
     csv_path, png_path = digits.write_results(result, args.out)
-    echo(digits.format_report(result))
-    echo(f"\nwrote {csv_path}" + (f" and {png_path}" if png_path is not None else ""))
-    return 0
+    return _report(digits.format_report(result), args.out, "digits_solvers", csv_path, png_path)
 
 
 def _bench_solvers(args: argparse.Namespace) -> int:
@@ -382,9 +387,8 @@ def _bench_posterior(args: argparse.Namespace) -> int:
     )
     stem = "posterior_inpaint" if args.inpaint and not args.quick else "posterior"
     csv_path, png_path = posterior.write_results(result, args.out, stem)
-    echo(posterior.format_report(result) + "\n\n" + posterior.markdown_table(result))
-    echo(f"\nwrote {csv_path}" + (f" and {png_path}" if png_path is not None else ""))
-    return 0
+    report = posterior.format_report(result) + "\n\n" + posterior.markdown_table(result)
+    return _report(report, args.out, stem, csv_path, png_path)
 
 
 def _bench_steer(args: argparse.Namespace) -> int:
@@ -394,9 +398,8 @@ def _bench_steer(args: argparse.Namespace) -> int:
         1, lambda: steer.run(n=args.n, seed=args.seed, quick=args.quick, progress=not args.no_progress)
     )
     csv_path, png_path = steer.write_results(result, args.out)
-    echo(steer.format_report(result) + "\n\n" + steer.markdown_table(result))
-    echo(f"\nwrote {csv_path}" + (f" and {png_path}" if png_path is not None else ""))
-    return 0
+    report = steer.format_report(result) + "\n\n" + steer.markdown_table(result)
+    return _report(report, args.out, "steer", csv_path, png_path)
 
 
 def _sample_digits(args: argparse.Namespace) -> int:
