@@ -160,6 +160,27 @@ def test_rescale_matches_the_conditional_std(den, space):
         assert torch.allclose(get(mixed(x, t, y=1)), get(pg) * (0.7 * ratio + 0.3), rtol=1e-12, atol=1e-13)
 
 
+def test_rescale_one_entry_and_zero_spread(sd_process):
+    """Lin et al.'s std is over all entries (population std): with one entry per sample both stds are 0,
+    and a sample whose guided prediction has no spread is left unrescaled -- finite, not 0/0."""
+    c = torch.tensor([[1.0, 1.0], [1.0, -1.0], [0.0, 2.0]], dtype=F64)
+    u = torch.tensor([[1.0, 1.0], [0.5, 0.0], [0.5, 0.5]], dtype=F64)
+    w, phi = 3.0, 0.7
+    x = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    for cols in ([0], [0, 1]):  # (B, 1): one entry per row; (B, 2): row 0 has a constant guided x0
+        cc, uu = c[:, cols], u[:, cols]
+        guided = CFG(_fixed(cc, sd_process), _fixed(uu, sd_process), w, rescale=phi)(x[:, cols], 500.0).x0
+        plain = uu + w * (cc - uu)
+        if len(cols) == 1:  # both stds are 0: the plain CFG estimate
+            torch.testing.assert_close(guided, plain, rtol=0, atol=1e-15)
+            continue
+        # row 0: guided [1, 1] (std 0), unrescaled; rows 1, 2 by hand: population stds 1 / 2.5 and 1 / 3
+        ratio = torch.tensor([1.0, 1.0 / 2.5, 1.0 / 3.0], dtype=F64)[:, None]
+        expected = torch.cat([plain[:1], plain[1:] * (phi * ratio[1:] + 1 - phi)])
+        assert plain[1].tolist() == [2.0, -3.0] and plain[2].tolist() == [-1.0, 5.0]
+        torch.testing.assert_close(guided, expected, rtol=1e-14, atol=1e-15)
+
+
 # --- guidance interval ----------------------------------------------------------------------------
 
 
@@ -359,6 +380,92 @@ def test_thresholded_sampling_stays_in_range(den):
     assert float(x.abs().max()) <= 1.0 and info.nfe == 20  # the last step returns the thresholded x0
     unclipped = sd.sample(CFG(den, den, 5.0, uncond_kwargs={"y": NULL}), x_T, 10, "dpmpp_2m", y=1)
     assert float(unclipped.abs().max()) > 1.5
+
+
+# --- learned variance and NFE through wrappers ------------------------------------------------------
+
+
+def learned_variance(process: sd.Process, dim: int = 2, seen: list | None = None) -> sd.Denoiser:
+    """A smooth eps-net with Improved DDPM's learned variance (``2C`` outputs, the second half ``r`` in
+    ``(-1, 1)``), depending on ``x``, ``t`` and a label ``y``; ``seen`` records the net's inputs."""
+
+    def net(x: torch.Tensor, t: torch.Tensor, y: int = 0) -> torch.Tensor:
+        if seen is not None:
+            seen.append(x.detach().clone())
+        u = t[:, None] / 1000
+        eps = torch.tanh(0.8 * x + 0.3 * y) * (1 - 0.5 * u)
+        r = 0.9 * torch.tanh(0.7 * x.flip(1) + u - 0.5 + 0.4 * y)
+        return torch.cat([eps, r], 1)
+
+    return sd.Denoiser(net, process, "eps", shape=(dim,), learned_variance=True)
+
+
+def test_cfg_keeps_the_learned_variance(sd_process):
+    """CFG of a learned-variance net with itself is the net: DDPM must use its learned variance, not
+    fall back to fixed_small (before: up to 0.6 apart). With distinct branches the guided prediction
+    carries the conditional branch's ``var_interp`` (diffusers' DiT convention)."""
+    lv = learned_variance(sd_process)
+    x_T = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+
+    def run(d: sd.Denoiser) -> torch.Tensor:
+        return sd.sample(d, x_T, 20, "ddpm", generator=torch.Generator().manual_seed(5))
+
+    plain = run(lv)
+    fixed_small = sd.Denoiser(lambda x, t: lv.net(x, t)[:, :2], sd_process, "eps")
+    assert float((plain - run(fixed_small)).abs().max()) > 0.1  # the variance matters here
+    for guided in (
+        CFG(lv, lv, 1.0),
+        CFG(lv, lv, 3.0),
+        CFG(lv, lv, 3.0, rescale=0.7),
+        CFG(lv, lv, 3.0, interval=(0.5, 3.0)),
+        CFG(lv, lv, 0.0, rescale=0.5),
+    ):
+        # measured 0 (1.6e-14 with rescale: the round trip through x0 at alpha ~ 0.07)
+        assert float((run(guided) - plain).abs().max()) < 1e-12, guided
+    x = torch.randn(5, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    ts = torch.tensor([999.0, 400.0, 100.0, 400.0, 20.0], dtype=F64)  # per-sample, some outside
+    for t in (900.0, 400.0, 50.0, ts):
+        pc, pu = lv(x, t, y=1), lv(x, t, y=0)
+        assert not torch.equal(pc.var_interp, pu.var_interp)
+        for g in (
+            CFG(lv, lv, 3.0, uncond_kwargs={"y": 0}),
+            CFG(lv, lv, 3.0, uncond_kwargs={"y": 0}, rescale=0.7, rescale_space="v"),
+            CFG(lv, lv, 3.0, uncond_kwargs={"y": 0}, interval=(0.5, 3.0)),
+            DynamicThreshold(CFG(lv, lv, 3.0, uncond_kwargs={"y": 0}), 0.9),
+        ):
+            assert torch.equal(g(x, t, y=1).var_interp, pc.var_interp), (g, t)
+        assert torch.equal(CFG(lv, lv, 0.0, uncond_kwargs={"y": 0})(x, t, y=1).var_interp, pu.var_interp)
+
+
+def counting(process: sd.Process) -> tuple[sd.Denoiser, list[int]]:
+    """An eps-net with a label, recording the rows of every call."""
+    rows: list[int] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, y: int = 0) -> torch.Tensor:
+        rows.append(x.shape[0])
+        return torch.tanh(0.8 * x + 0.3 * y)
+
+    return sd.Denoiser(net, process, "eps", shape=(2,)), rows
+
+
+def test_nested_wrappers_report_the_net_calls(sd_process):
+    """A wrapper's cost is its base's at every call: around CFG with an interval (1 net call outside,
+    2 inside) the reported NFE is the calls made (before: 2 per step)."""
+    den, rows = counting(sd_process)
+    inner = CFG(den, den, 3.0, uncond_kwargs={"y": 1}, interval=(0.5, 3.0))
+    x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(7))
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("karras"), 10)
+    inside = sum(0.5 < s / a <= 3.0 for s, a in zip(grid.sigma[:-1], grid.alpha[:-1], strict=True))
+    assert 0 < inside < 10
+    cases = [
+        (DynamicThreshold(inner), 10 + inside),
+        (CFG(DynamicThreshold(inner), den, 2.0), 2 * 10 + inside),  # + one uncond call per step
+        (DynamicThreshold(DynamicThreshold(inner, 0.9)), 10 + inside),
+    ]
+    for guided, expected in cases:
+        rows.clear()
+        _, info = sd.sample(guided, x_T, 10, "euler", schedule="karras", return_info=True)
+        assert len(rows) == expected and info.nfe == expected, (guided, len(rows), info.nfe)
 
 
 # --- bad input ------------------------------------------------------------------------------------

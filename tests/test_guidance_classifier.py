@@ -8,14 +8,16 @@ is the exact conditional score, so a sampler must reach ``p(x|y)``.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 import steerdiff as sd
 from steerdiff.guidance import ClassifierGuidance, RewardGuidance, SelfRecurrence
+from steerdiff.solvers.base import advance
 
-from .test_guidance_cfg import affine_law, two_class
+from .test_guidance_cfg import affine_law, learned_variance, two_class
 
 F64 = torch.float64
 
@@ -185,7 +187,6 @@ def test_bad_classifier_and_reward(oracle):
             ValueError,
             r"log_prob_y must return a \(3,\) tensor.*\(3, 1\)",
         ),
-        (lambda x, t: log_prob_y(x, t) * float("nan"), ValueError, "log_prob_y or its gradient is NaN/inf"),
         (lambda x, t: log_prob_y(x, t).detach(), RuntimeError, "log_prob_y's output does not depend"),
         (lambda x, t: 1.0, ValueError, "log_prob_y must return"),
     ]
@@ -209,3 +210,79 @@ def test_guidance_needs_autograd(oracle):
     detached = sd.Denoiser(lambda x, t: den.net(x, t).detach(), den.process, prediction="x0")
     with pytest.raises(RuntimeError, match="detached"):
         RewardGuidance(detached, _linear)(x, 500.0)
+
+
+# --- non-finite values, device syncs, learned variance ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["classifier", "reward"])
+def test_non_finite_guidance_names_step_and_time(sd_process, oracle, kind):
+    """A classifier (or reward) that turns NaN from node 3 on is reported once, by the sampler, as
+    NonFiniteError naming step 3 and its time (the NaN flows into eps); no per-call check."""
+    _, _, den, log_prob_y = oracle
+    steps, bad = 8, 3
+    t_bad = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), steps).t[bad]
+
+    def spoil(t: float) -> float:
+        return float("nan") if t <= t_bad else 1.0
+
+    calls: list[int] = []
+
+    def reward(x0: torch.Tensor) -> torch.Tensor:  # DDIM: call k is step k
+        calls.append(len(calls))
+        return _linear(x0) * (float("nan") if calls[-1] >= bad else 1.0)
+
+    if kind == "classifier":
+        guided = ClassifierGuidance(den, lambda x, t: log_prob_y(x, t) * spoil(t))
+    else:
+        guided = RewardGuidance(den, reward, scale=0.5)
+    x_T = torch.randn(4, 2, dtype=F64, generator=_gen(8))
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.sample(guided, x_T, steps, "ddim", schedule="logsnr_uniform")
+    msg = str(err.value)
+    assert re.search(rf"\bstep {bad}\b", msg) and f"t={t_bad:.6g}" in msg, msg
+
+
+def test_guidance_runs_on_the_meta_device(sd_process):
+    """No device sync per evaluation: on ``meta`` (no values at all) the guided call and every
+    registered solver's steps run (``sd.sample`` itself checks ``x_T``'s values, so the steps are
+    driven here as it drives them)."""
+    A = torch.tensor([[0.5, 0.1], [0.0, 0.7]], device="meta")
+    den = sd.Denoiser(lambda x, t: x @ A, sd_process, "eps", shape=(2,))
+    x = torch.randn(4, 2, device="meta")
+    guided = [
+        ClassifierGuidance(den, lambda x, t: -(x**2).sum(1), 2.0),
+        RewardGuidance(den, lambda x0: -(x0**2).sum(1), 2.0),
+    ]
+    for g in guided:
+        pred = g(x, 500.0)
+        assert pred.eps.device.type == "meta" and pred.eps.shape == (4, 2)
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("karras"), 3)
+    for name in sd.solvers.available():
+        solver, model = sd.solvers.get(name), sd.solvers.Model(guided[0])
+        state, y = solver.init_state(grid), x
+        for i in range(grid.steps):
+            y = advance(solver.step(model, y, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
+        assert y.device.type == "meta" and y.shape == (4, 2) and model.nfe == solver.nfe(3), name
+
+
+def test_gradient_guidance_keeps_the_learned_variance(sd_process):
+    """The guided prediction carries the base net's ``var_interp`` (detached, as the estimates)."""
+    lv = learned_variance(sd_process)
+    x = torch.randn(5, 2, dtype=F64, generator=_gen(9))
+    for t in (900.0, 300.0, torch.tensor([900.0, 700.0, 500.0, 300.0, 10.0], dtype=F64)):
+        ref = lv(x, t).var_interp
+        for g in (ClassifierGuidance(lv, lambda x, t: -(x**2).sum(1), 2.0), RewardGuidance(lv, _linear, 0.5)):
+            v = g(x, t).var_interp
+            assert v is not None and torch.equal(v, ref) and not v.requires_grad, g
+    # so DDPM with zero guidance is the unguided run (measured 0; fixed_small instead: 0.66 apart)
+    x_T = torch.randn(8, 2, dtype=F64, generator=_gen(10))
+    runs = [
+        sd.sample(d, x_T, 10, "ddpm", generator=_gen(11))
+        for d in (
+            lv,
+            ClassifierGuidance(lv, lambda x, t: 0 * x.sum(1)),
+            RewardGuidance(lv, lambda x0: 0 * _linear(x0)),
+        )
+    ]
+    assert all(float((r - runs[0]).abs().max()) < 1e-12 for r in runs[1:])

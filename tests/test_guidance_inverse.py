@@ -15,6 +15,8 @@ from steerdiff.bench.posterior import make_case
 from steerdiff.guidance import DPS, MCG, PiGDM, RePaint, repaint_nfe, repaint_sample
 from steerdiff.inverse import Blur, Inpaint, Matrix
 
+from .test_guidance_cfg import learned_variance
+
 F64 = torch.float64
 PROC = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64))
 
@@ -311,6 +313,38 @@ def test_repaint_sample_nfe_and_single_pass_equals_sample() -> None:
     )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a, _alg1_with_resampling(gmm, y, x_T, 15, 1, 1, seed=5), rtol=0, atol=1e-10)
+
+
+def test_inverse_guidance_keeps_the_learned_variance() -> None:
+    """DPS, PiGDM, MCG and RePaint carry the base net's ``var_interp`` (at the input the net saw;
+    detached where a gradient was taken), so DDPM keeps a learned variance: DPS at scale 0 is the
+    unguided DDPM run (with fixed_small instead of the learned variance it is 1.0 away)."""
+    seen: list[torch.Tensor] = []
+    lv = learned_variance(PROC, dim=4, seen=seen)
+    g = torch.Generator().manual_seed(6)
+    op, y = Matrix(torch.randn(2, 4, generator=g, dtype=F64)), torch.randn(2, generator=g, dtype=F64)
+    x = torch.randn(5, 4, generator=g, dtype=F64)
+    guided = [
+        DPS(lv, op, y, scale=0.5),
+        DPS(lv, op, y, noise_std=0.3, scale=1.0, variant="squared"),
+        PiGDM(lv, op, y, noise_std=0.2),
+        MCG(lv, op, y, scale=0.5),
+        MCG(lv, op, y, scale=0.0),
+        RePaint(lv, op, y, generator=torch.Generator().manual_seed(7)),
+    ]
+    for t in (800.0, 200.0, torch.tensor([900.0, 600.0, 400.0, 100.0, 5.0], dtype=F64)):
+        for den in guided:
+            v = den(x, t).var_interp
+            assert v is not None and not v.requires_grad, den
+            torch.testing.assert_close(v, lv(seen[-1], t).var_interp, rtol=0, atol=0)
+    assert not torch.equal(seen[-1], x)  # RePaint's net saw the replaced x_t
+    x_T = torch.randn(8, 4, generator=g, dtype=F64)
+    runs = [
+        sd.sample(d, x_T, 10, "ddpm", generator=torch.Generator().manual_seed(8))
+        for d in (lv, DPS(lv, op, y, scale=0.0), sd.Denoiser(lambda v, t: lv.net(v, t)[:, :4], PROC, "eps"))
+    ]
+    assert float((runs[1] - runs[0]).abs().max()) < 1e-12  # measured 1.1e-13 (x0 round trip)
+    assert float((runs[2] - runs[0]).abs().max()) > 0.1
 
 
 def test_bad_input() -> None:

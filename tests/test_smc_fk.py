@@ -20,11 +20,13 @@ import pytest
 import torch
 
 import steerdiff as sd
+from steerdiff.guidance import CFG, DynamicThreshold
 from steerdiff.smc import SMCAlgorithm, StepContext, transition_log_prob
 from steerdiff.smc.fk_steering import potential_nodes
 from steerdiff.solvers import Transition
 
 from .reference import slope, smooth_mixture
+from .test_guidance_cfg import counting
 
 F64 = torch.float64
 PROC = sd.VP.cosine()
@@ -494,6 +496,28 @@ def test_reproducible_per_seed():
     assert (
         torch.equal(a.x, b.x) and torch.equal(a.log_w, b.log_w) and torch.equal(a.trace.log_z, b.trace.log_z)
     )
+
+
+def test_nfe_counts_the_net_calls_of_a_guided_denoiser():
+    """Around CFG with a guidance interval (1 net call per evaluation outside, 2 inside) the engine's
+    NFE per batch row is the rows the net evaluated divided by the batch (before: 2 per step)."""
+    den, rows = counting(PROC)
+    guided = CFG(den, den, 3.0, uncond_kwargs={"y": 1}, interval=(0.5, 3.0))
+    batch, n, steps = 2, 3, 10
+    grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), steps)
+    inside = sum(0.5 < s / a <= 3.0 for s, a in zip(grid.sigma[:-1], grid.alpha[:-1], strict=True))
+    assert 0 < inside < steps
+    kw = dict(shape=(batch, 2), particles=n, steps=steps, solver="ddpm", dtype=F64)
+    runs = [
+        lambda mb: sd.smc.run_smc(guided, SMCAlgorithm(), generator=gen(0), max_batch=mb, **kw),
+        lambda mb: sd.smc.fk_steering(guided, linear, lam=1.0, generator=gen(0), max_batch=mb, **kw),
+        lambda mb: sd.smc.fk_steering(DynamicThreshold(guided), linear, generator=gen(0), max_batch=mb, **kw),
+    ]
+    for run in runs:
+        for max_batch in (None, 4):
+            rows.clear()
+            out = run(max_batch)
+            assert sum(rows) == batch * out.nfe == batch * n * (steps + inside), (out.nfe, sum(rows))
 
 
 def _rss_kib(field: str) -> int:

@@ -436,3 +436,21 @@ def test_bad_inputs():
         sd.smc.fkc_product(den, lambda x, t: x, **opts)
     with pytest.raises(ValueError, match="share a process"):
         sd.smc.fkc_product(den, g.denoiser(sd.VP.linear()), **opts)
+
+
+def test_composition_counts_what_its_components_spend():
+    """A composed denoiser's cost is its components' in each call: a CFG component with a guidance
+    interval spends 1 net call outside it and 2 inside, and the sampler's NFE is the calls made."""
+    calls: list[int] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, y: int = 0) -> torch.Tensor:
+        calls.append(1)
+        return torch.tanh(0.8 * x + 0.3 * y)
+
+    den = sd.Denoiser(net, PROC, "eps", shape=(2,))
+    cfg = sd.guidance.CFG(den, den, 3.0, uncond_kwargs={"y": 1}, interval=(0.5, 3.0))
+    comp = sd.smc.fk_correctors.Composition([cfg, den], [1.0, 0.5])
+    x = torch.randn(4, 2, generator=gen(), dtype=torch.float64)
+    _, info = sd.sample(comp, x, steps=10, solver="euler", return_info=True)
+    assert info.nfe == len(calls)
+    assert 20 < info.nfe < 30  # 1 (den) + 1 or 2 (cfg) per step: some steps inside the interval

@@ -1,6 +1,6 @@
 """Guidance: denoisers that wrap a denoiser and steer it (every solver works with every guidance)."""
 
-from .base import Guided, add_score, denoise_with_grad, require_grad
+from .base import Guided, add_score, denoise_with_grad, require_grad, with_estimate
 from .cfg import CADS, CFG, pcg
 from .classifier import ClassifierGuidance, RewardGuidance, SelfRecurrence
 from .dps import DPS
@@ -27,4 +27,5 @@ __all__ = [
     "repaint_nfe",
     "repaint_sample",
     "require_grad",
+    "with_estimate",
 ]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
-from .base import Guided, denoise_with_grad
+from .base import Guided, denoise_with_grad, with_estimate
 
 __all__ = ["MeasurementGuided", "check_scale"]
 
@@ -112,4 +112,4 @@ class MeasurementGuided(Guided):
         ax0 = self.operator.forward(pred.x0)
         w = weight(y - ax0.detach(), pred).detach()
         (g,) = torch.autograd.grad((ax0 * w).sum(), xr)
-        return Prediction(x, pred.alpha, pred.sigma, x0=pred.x0.detach()), g
+        return with_estimate(pred, x=x, x0=pred.x0.detach(), detach=True), g

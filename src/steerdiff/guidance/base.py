@@ -13,6 +13,12 @@ Most methods steer through the score. With ``x_t = alpha x0 + sigma eps`` and Tw
 
 which :func:`add_score` applies. Gradients through the network come from :func:`denoise_with_grad`,
 which fails clearly when autograd is off.
+
+A steered prediction is rebuilt with :func:`with_estimate`, which keeps the base prediction's
+learned-variance interpolation ``var_interp`` (Improved DDPM; what the DDPM sampler uses), so a
+guided ``learned_variance`` denoiser keeps its variance. A wrapper's ``cost`` is its base's, read
+after every call (a nested :class:`~steerdiff.guidance.CFG` costs 1 or 2 per call), unless it
+assigns its own.
 """
 
 from __future__ import annotations
@@ -24,16 +30,20 @@ from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
 
-__all__ = ["Guided", "add_score", "denoise_with_grad", "require_grad", "same_process"]
+__all__ = ["Guided", "add_score", "denoise_with_grad", "require_grad", "same_process", "with_estimate"]
 
 
 class Guided(Denoiser):
     """Base class of guided denoisers: a denoiser built on ``base``.
 
     It shares ``base``'s net, process, prediction, time map and shape (so the sampler checks
-    ``x_T`` as for ``base``); subclasses override ``__call__`` and set ``cost``, the network
-    evaluations one call spends.
+    ``x_T`` as for ``base``); subclasses override ``__call__``. ``cost``, the network evaluations
+    of the latest call (the sampler reads it after each call), is ``base.cost`` read at that
+    moment -- exact when ``base``'s cost varies from call to call -- unless the subclass assigns
+    its own (``self.cost = ...``, e.g. :class:`~steerdiff.guidance.CFG`, which sums its branches').
     """
+
+    _cost: int | None = None
 
     def __init__(self, base: Denoiser) -> None:
         if not isinstance(base, Denoiser):
@@ -42,7 +52,15 @@ class Guided(Denoiser):
             base.net, base.process, base.prediction, base.time_map, base.shape, base.learned_variance
         )
         self.base = base
-        self.cost = base.cost
+
+    @property
+    def cost(self) -> int:  # type: ignore[override]
+        """Network evaluations of the latest call: ``base.cost`` unless the subclass assigned one."""
+        return self.base.cost if self._cost is None else self._cost
+
+    @cost.setter
+    def cost(self, value: int) -> None:
+        self._cost = value
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         raise NotImplementedError
@@ -80,9 +98,28 @@ def denoise_with_grad(
     return xr, pred
 
 
+def with_estimate(
+    pred: Prediction,
+    *,
+    x0: Tensor | None = None,
+    eps: Tensor | None = None,
+    x: Tensor | None = None,
+    detach: bool = False,
+) -> Prediction:
+    """A steered copy of ``pred``: the prediction at ``pred``'s ``(alpha, sigma)`` (and ``x``, unless
+    given) built from the new ``x0`` or ``eps`` (exactly one), carrying ``pred.var_interp`` over --
+    guidance moves the mean, not the learned variance (for CFG the conditional branch's, as
+    diffusers' DiT pipeline keeps). ``detach``: detach the carried ``var_interp`` too (for
+    predictions returned from a gradient computation)."""
+    out = Prediction(pred.x if x is None else x, pred.alpha, pred.sigma, x0=x0, eps=eps)
+    v = pred.var_interp
+    out.var_interp = v.detach() if detach and v is not None else v
+    return out
+
+
 def add_score(pred: Prediction, grad: Tensor) -> Prediction:
     """The prediction whose score is ``pred``'s plus ``grad``: ``eps' = eps - sigma grad``."""
-    return Prediction(pred.x, pred.alpha, pred.sigma, eps=pred.eps - pred.sigma * grad)
+    return with_estimate(pred, eps=pred.eps - pred.sigma * grad)
 
 
 def same_process(a: Denoiser, b: Denoiser) -> bool:

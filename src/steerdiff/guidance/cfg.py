@@ -12,7 +12,9 @@ denoiser, ``w = 0``: the unconditional one). Options, each from its paper:
 * ``rescale = phi`` -- CFG-rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
   Steps are Flawed", Sec. 3.4, Eq. 15-16): the guided prediction is rescaled to the per-sample
   standard deviation of the conditional one, ``x_r = x_cfg std(x_c) / std(x_cfg)``, and mixed,
-  ``phi x_r + (1 - phi) x_cfg``. It is applied to ``x0`` by default (``rescale_space="x0"``): the
+  ``phi x_r + (1 - phi) x_cfg``, with population standard deviations over all entries of a
+  sample. A sample whose guided ``std(x_cfg)`` is 0 (e.g. one entry per sample) has no spread to
+  match and is left unrescaled. It is applied to ``x0`` by default (``rescale_space="x0"``): the
   over-exposure it corrects is in the image the sampler converges to, and the paper's v-prediction
   output is ``-x0`` at the zero-SNR start where guidance acts first; ``"eps"`` and ``"v"`` apply
   it to those outputs (diffusers' ``guidance_rescale`` acts on the raw net output, eps or v).
@@ -31,10 +33,15 @@ Guidance is a Predictor-Corrector"): a DDIM step on ``p(x|c)`` followed by Lange
 SDE limit.
 
 NFE: ``CFG.cost`` is the number of network evaluations of the latest call (the sampler reads it
-after every call, so :attr:`SampleInfo.nfe` is exact): 2 where guidance is applied, 1 outside the
-guidance interval or where one estimate suffices (``w = 1``: conditional only; ``w = 0`` without
-rescale: unconditional only). Before the first call it is what a call inside the interval costs.
-Two calls of a batch ``n`` count 2 per sample whether or not a net batches them.
+after every call, so :attr:`SampleInfo.nfe` is exact, and a wrapper around ``CFG`` reads it in
+turn): the sum of the costs of the branches it called -- 2 where guidance is applied, 1 outside
+the guidance interval or where one estimate suffices (``w = 1``: conditional only; ``w = 0``
+without rescale: unconditional only). Before the first call it is what a call inside the interval
+costs. Two calls of a batch ``n`` count 2 per sample whether or not a net batches them.
+
+Learned variance: the guided prediction carries the conditional branch's ``var_interp``
+(the unconditional one's where only that branch is evaluated), the convention of diffusers' DiT
+pipeline, whose kept half of the batch is the conditional one.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from ..schedules import Schedule
 from ..schedules import get as get_schedule
 from ..solvers.base import Model, make_grid
 from ..solvers.ddim import DDIM
-from .base import Guided, same_process
+from .base import Guided, same_process, with_estimate
 
 __all__ = ["CADS", "CFG", "pcg"]
 
@@ -72,8 +79,9 @@ def _real(value: Any, name: str, lo: float = 0.0, hi: float = math.inf) -> float
 
 
 def _per_sample_std(v: Tensor) -> Tensor:
-    """Per-sample standard deviation over all but the batch dimension, shaped to broadcast."""
-    return v.reshape(v.shape[0], -1).std(dim=1).reshape(-1, *([1] * (v.ndim - 1)))
+    """Per-sample population standard deviation (``correction=0``, Lin et al.'s ``std`` over all
+    entries; 0, not NaN, for one entry) over all but the batch dimension, shaped to broadcast."""
+    return v.reshape(v.shape[0], -1).std(dim=1, correction=0).reshape(-1, *([1] * (v.ndim - 1)))
 
 
 @dataclass
@@ -165,7 +173,8 @@ class CFG(Guided):
             2024); the conditional prediction elsewhere. ``None``: everywhere.
         cads: a :class:`CADS` annealing the conditional call's ``cond[cads.key]``.
 
-    ``cost`` is 2, or 1 for a call that evaluates one net only (see the module docstring).
+    ``cost`` is the sum of the called branches' costs: 2, or 1 for a call that evaluates one net
+    only (see the module docstring).
     """
 
     def __init__(
@@ -208,7 +217,12 @@ class CFG(Guided):
         if cads is not None and not isinstance(cads, CADS):
             raise ValueError(f"CFG: cads must be a steerdiff.guidance.CADS, got {type(cads).__name__}")
         self.cads = cads
-        self.cost = 1 if self.scale == 1 or (self.scale == 0 and self.rescale == 0) else 2
+        if self.scale == 1:
+            self.cost = cond.cost
+        elif self.scale == 0 and self.rescale == 0:
+            self.cost = uncond.cost
+        else:
+            self.cost = cond.cost + uncond.cost
 
     def _inside(self, t: float | Tensor, x: Tensor) -> bool | Tensor:
         """Whether ``t`` is in the guidance interval: a bool, or per sample for a tensor ``t``."""
@@ -242,11 +256,11 @@ class CFG(Guided):
 
     def _from_space(self, p: Prediction, v: Tensor) -> Prediction:
         if self.rescale_space == "x0":
-            return Prediction(p.x, p.alpha, p.sigma, x0=v)
+            return with_estimate(p, x0=v)
         if self.rescale_space == "eps":
-            return Prediction(p.x, p.alpha, p.sigma, eps=v)
+            return with_estimate(p, eps=v)
         a, s = p.alpha, p.sigma  # x = a x0 + s eps, v = a eps - s x0  =>  x0 = (a x - s v) / (a^2 + s^2)
-        return Prediction(p.x, a, s, x0=(a * p.x - s * v) / (a * a + s * s))
+        return with_estimate(p, x0=(a * p.x - s * v) / (a * a + s * s))
 
     def guide(self, pc: Prediction, pu: Prediction) -> Prediction:
         """The guided prediction from the conditional ``pc`` and unconditional ``pu`` ones at the same
@@ -254,30 +268,35 @@ class CFG(Guided):
         ``eps``; the same by linearity), then CFG-rescale if ``rescale > 0``."""
         w = self.scale
         if pc._x0 is not None:
-            out = Prediction(pc.x, pc.alpha, pc.sigma, x0=pu.x0 + w * (pc.x0 - pu.x0))
+            out = with_estimate(pc, x0=pu.x0 + w * (pc.x0 - pu.x0))
         else:
-            out = Prediction(pc.x, pc.alpha, pc.sigma, eps=pu.eps + w * (pc.eps - pu.eps))
+            out = with_estimate(pc, eps=pu.eps + w * (pc.eps - pu.eps))
         if self.rescale == 0:
             return out
         ref, guided = self._space(pc), self._space(out)
-        factor = self.rescale * _per_sample_std(ref) / _per_sample_std(guided) + (1 - self.rescale)
+        sd_ref, sd_guided = _per_sample_std(ref), _per_sample_std(guided)
+        ratio = sd_ref / torch.where(sd_guided > 0, sd_guided, 1.0)  # no spread: left unrescaled
+        factor = torch.where(sd_guided > 0, self.rescale * ratio + (1 - self.rescale), 1.0)
         return self._from_space(out, guided * factor)
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         inside = self._inside(t, x)
         if inside is False or self.scale == 1:  # the conditional prediction (rescale is then the identity)
-            self.cost = 1
-            return self.base(x, t, **self._cond_kwargs(t, cond))
+            pred = self.base(x, t, **self._cond_kwargs(t, cond))
+            self.cost = self.base.cost
+            return pred
         ukw = {**cond, **self.uncond_kwargs}
         if inside is True and self.scale == 0 and self.rescale == 0:  # the unconditional prediction
-            self.cost = 1
-            return self.uncond(x, t, **ukw)
-        self.cost = 2
+            pred = self.uncond(x, t, **ukw)
+            self.cost = self.uncond.cost
+            return pred
         pc = self.base(x, t, **self._cond_kwargs(t, cond))
+        cost = self.base.cost  # read now: cond and uncond may be one wrapper whose cost varies
         out = self.guide(pc, self.uncond(x, t, **ukw))
+        self.cost = cost + self.uncond.cost
         if isinstance(inside, Tensor):  # per-sample times, some outside the interval
             m = inside.reshape(-1, *([1] * (x.ndim - 1)))
-            return Prediction(x, pc.alpha, pc.sigma, eps=torch.where(m, out.eps, pc.eps))
+            return with_estimate(pc, eps=torch.where(m, out.eps, pc.eps))
         return out
 
     def __repr__(self) -> str:

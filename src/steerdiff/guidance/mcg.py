@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
+from .base import with_estimate
 from .dps import DPS
 
 __all__ = ["MCG"]
@@ -64,7 +65,7 @@ class MCG(DPS):
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         pred = self.base(x, t, **cond) if self.scale == 0 else super().__call__(x, t, **cond)
-        return Prediction(x, pred.alpha, pred.sigma, x0=self.project(pred.x0.detach()))
+        return with_estimate(pred, x0=self.project(pred.x0.detach()))
 
     def __repr__(self) -> str:
         return f"MCG({self.base!r}, scale={self.scale}, variant={self.variant!r})"

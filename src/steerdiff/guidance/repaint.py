@@ -45,6 +45,7 @@ from ..schedules import Schedule
 from ..solvers.base import Model, advance, make_grid
 from ..solvers.ddpm import DDPM
 from ._measurement import MeasurementGuided
+from .base import with_estimate
 
 __all__ = ["RePaint", "repaint_nfe", "repaint_sample"]
 
@@ -80,7 +81,7 @@ class RePaint(MeasurementGuided):
         # x + A^+ (alpha y + sigma A z - A x), with A^+ (sigma A z - A x) = A^+ A (sigma z - x)
         known = x + op.pinv(op.forward(sigma * z - x)) + alpha * op.pinv(y)
         pred = self.base(known, t, **cond)
-        return Prediction(x, alpha, sigma, x0=self.project(pred.x0))
+        return with_estimate(pred, x=x, x0=self.project(pred.x0))
 
     def __repr__(self) -> str:
         return f"RePaint({self.base!r})"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
-from .base import Guided
+from .base import Guided, with_estimate
 
 __all__ = ["DynamicThreshold"]
 
@@ -75,7 +75,7 @@ class DynamicThreshold(Guided):
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         pred = self.base(x, t, **cond)
-        return Prediction(x, pred.alpha, pred.sigma, x0=self.threshold(pred.x0))
+        return with_estimate(pred, x0=self.threshold(pred.x0))
 
     def __repr__(self) -> str:
         return f"DynamicThreshold({self.base!r}, percentile={self.percentile}, max_value={self.max_value})"

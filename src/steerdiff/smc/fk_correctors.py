@@ -134,8 +134,9 @@ class Composition(Guided):
             (e.g. a null label for the unconditional one); ``None``: none.
         max_batch: evaluate every component on at most this many rows at a time.
 
-    A call returns a :class:`ComposedPrediction` (the components' ``eps`` in ``parts``) and costs one
-    network evaluation per component with ``beta_k != 0``.
+    A call returns a :class:`ComposedPrediction` (the components' ``eps`` in ``parts``) and costs the
+    sum of its components' costs in that call (one network evaluation per component with
+    ``beta_k != 0``, or what a guided component spent).
     """
 
     def __init__(
@@ -192,12 +193,16 @@ class Composition(Guided):
         return torch.cat(out)
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> ComposedPrediction:
-        parts = tuple(self._eps(k, x, t, cond) for k in range(len(self.dens)))
+        parts, cost = [], 0
+        for k, den in enumerate(self.dens):
+            parts.append(self._eps(k, x, t, cond))
+            cost += den.cost  # read after the call: a component's cost may vary (a CFG interval)
+        self.cost = cost
         eps = self.betas[0] * parts[0]
         for beta, e in zip(self.betas[1:], parts[1:], strict=True):
             eps = eps + beta * e
         alpha, sigma = self.coefficients(t, x)[:2]
-        return ComposedPrediction(x, alpha, sigma, eps, parts)
+        return ComposedPrediction(x, alpha, sigma, eps, tuple(parts))
 
     def rate(self, pred: ComposedPrediction) -> Tensor:
         """``E = B (B - 1) |eps_bar|^2 - sum_k beta_k |eps_k - eps_bar|^2`` per sample, ``(n,)`` float64:
