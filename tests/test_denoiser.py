@@ -150,3 +150,84 @@ def test_sample_rejects_non_finite_x_T():
     x_T[1, 0] = float("nan")
     with pytest.raises(ValueError, match="x_T contains NaN or inf"):
         sd.sample(gmm.denoiser(sd.VP.scaled_linear()), x_T, steps=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prediction", sd.denoiser.PREDICTIONS)
+def test_evaluate_runs_only_the_net_in_half_precision(prediction, dtype):
+    """``evaluate(x, t, dtype)``: the net sees ``x`` in ``dtype``; its output is upcast and converted at
+    the float32 ``x`` itself (as diffusers' ``step`` does with ``model_output.float()``)."""
+    p, t = sd.VP.scaled_linear(), 250.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g)
+    f = torch.randn(4, 3, generator=g).to(dtype)
+    seen = {}
+
+    def net(xin, tm):
+        seen["x"], seen["t"] = xin, tm
+        return f
+
+    den = sd.Denoiser(net, p, prediction=prediction)
+    pred = den.evaluate(x, t, dtype)
+    assert (
+        seen["x"].dtype == dtype and torch.equal(seen["x"], x.to(dtype)) and seen["t"].dtype == torch.float32
+    )
+    ref = sd.Denoiser(lambda xin, tm: f.float(), p, prediction=prediction)(x, t)  # float32 throughout
+    assert pred.x is x and pred.x0.dtype == pred.eps.dtype == torch.float32
+    assert torch.equal(pred.x0, ref.x0) and torch.equal(pred.eps, ref.eps)
+    # float32 in, float32 net: the plain call
+    same = den.evaluate(x, t, torch.float32)
+    assert torch.equal(
+        same.given, sd.Denoiser(lambda xin, tm: f.float(), p, prediction=prediction)(x, t).given
+    )
+
+
+def test_evaluate_learned_variance_and_wrappers():
+    p, t = sd.VP.scaled_linear(), 600.0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 2, 5, generator=g)
+    out = torch.randn(2, 4, 5, generator=g).to(torch.bfloat16)
+    den = sd.Denoiser(lambda xin, tm: out, p, prediction="eps", learned_variance=True)
+    pred = den.evaluate(x, t, torch.bfloat16)
+    eps, r = out.float().chunk(2, dim=1)
+    assert torch.equal(pred.eps, eps) and torch.equal(pred.var_interp, (r + 1) / 2)
+    assert pred.var_interp.dtype == torch.float32
+
+    class Shift(sd.Denoiser):
+        """A wrapper (overrides ``__call__``): it is called in the net's dtype, as guidance is."""
+
+        def __init__(self, base):
+            super().__init__(base.net, base.process, base.prediction, learned_variance=True)
+            self.base, self.seen = base, None
+
+        def __call__(self, x, t, **cond):
+            self.seen = x.dtype
+            q = self.base(x, t, **cond)
+            s = sd.Prediction(q.x, q.alpha, q.sigma, eps=q.eps + 1)
+            s.var_interp = q.var_interp
+            return s
+
+    w = Shift(den)
+    pred = w.evaluate(x, t, torch.bfloat16)
+    assert w.seen == torch.bfloat16 and pred.x is x
+    assert pred.given.dtype == pred.var_interp.dtype == torch.float32
+    assert torch.equal(pred.eps, (out.chunk(2, dim=1)[0] + 1).float())  # eps + 1 computed in bfloat16
+    assert torch.equal(pred.var_interp, ((r + 1) / 2).to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("given", ["x0", "eps"])
+def test_prediction_to_keeps_the_given_estimate_at_the_new_point(given):
+    g = torch.Generator().manual_seed(2)
+    x, est = (torch.randn(3, 4, generator=g).to(torch.bfloat16) for _ in range(2))
+    a, s = torch.tensor([[0.6], [0.8], [0.28]]), torch.tensor([[0.8], [0.6], [0.96]])  # per-sample
+    pred = sd.Prediction(x, a.to(torch.bfloat16), s.to(torch.bfloat16), **{given: est})
+    pred.var_interp = est * 0.5
+    assert pred.x0_given == (given == "x0")
+    x32 = x.float() + 1e-3  # the full-precision point the net saw rounded
+    out = pred.to(torch.float32, x32)
+    assert out.x is x32 and out.x0_given == (given == "x0") and out.alpha.dtype == torch.float32
+    assert torch.equal(out.given, est.float()) and torch.equal(out.var_interp, (est * 0.5).float())
+    # the other estimate is derived at the new point: x = alpha x0 + sigma eps there
+    assert torch.allclose(out.alpha * out.x0 + out.sigma * out.eps, x32, rtol=0, atol=1e-5)
+    assert pred.x.dtype == torch.bfloat16 and pred.given is est  # the original is untouched
+    assert sd.Prediction(x, 0.6, 0.8, eps=est).to(torch.float32).x.dtype == torch.float32

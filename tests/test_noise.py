@@ -81,3 +81,21 @@ def test_generator_list_of_wrong_length(gmm, sd_process):
         sd.sample(gmm.denoiser(sd_process), noise(5, 8), steps=4, solver="ddpm", generator=_gens([0, 1, 2]))
     with pytest.raises(ValueError, match="generator"):
         sd.sample(gmm.denoiser(sd_process), noise(2, 8), steps=4, solver="ddpm", generator=[0, 1])
+
+
+@pytest.mark.parametrize(
+    ("generator", "words"),
+    [
+        ("abc", ["generator must be", "torch.Generator", "a list of them", "noise source", "str", "'abc'"]),
+        (b"ab", ["generator must be", "bytes"]),
+        (5, ["generator must be", "int"]),
+        ([], ["generator: a list must hold one torch.Generator per sample", "empty list"]),
+        ([torch.Generator(), 1.5], ["generator: a list must hold one torch.Generator", "float"]),
+    ],
+)
+def test_bad_generator_names_the_accepted_types(gmm, sd_process, generator, words):
+    # before: a str counted as a list and was reported as "a list must hold one torch.Generator"
+    with pytest.raises(ValueError) as err:
+        sd.sample(gmm.denoiser(sd_process), noise(2, 8), steps=2, solver="ddpm", generator=generator)
+    msg = str(err.value)
+    assert all(w in msg for w in words), msg

@@ -307,3 +307,51 @@ def test_bad_arguments_raise(make):
 def test_bare_vp_says_how_to_build_one():
     with pytest.raises(NotImplementedError, match=r"VP\.discrete, VP\.linear"):
         sd.VP().alpha(0.5)
+
+
+def test_zero_terminal_snr_keeps_lam_monotone_for_ddpm_linear_betas():
+    """DDPM's linear betas rescale to alphas_cumprod[998] = 4.2e-9 < 2**-24: the last value is then
+    alphas_cumprod[998] / 4 (2**-24 would give lam[995:] = -8.24, -8.53, -8.94, -9.64, -8.32)."""
+    betas = torch.linspace(1e-4, 0.02, N, dtype=F64)
+    p = sd.VP.discrete(betas=betas, rescale_zero_snr=True)
+    ac = sd.processes.rescale_zero_terminal_snr(torch.cumprod(1 - betas, 0))
+    assert math.isclose(float(ac[-2]), 4.2133e-9, rel_tol=1e-4)
+    assert float(p.alphas_cumprod[-1]) == float(ac[-2]) / 4
+    lam = p.lam(torch.arange(N, dtype=F64))
+    assert bool((lam[1:] < lam[:-1]).all())
+    assert lam[-5:].tolist() == pytest.approx([-8.2425, -8.5348, -8.9448, -9.6425, -10.3357], abs=1e-4)
+    assert float(lam[-2] - lam[-1]) == pytest.approx(math.log(2), rel=1e-8)  # sqrt(ac) halved
+    # t_of_lam inverts lam on the whole range (before: t_of_lam(-9.0) = 995.26, where lam = -8.32)
+    targets = torch.linspace(float(lam[-1]), float(lam[0]), 999, dtype=F64)
+    assert float((p.lam(p.t_of_lam(targets)) - targets).abs().max()) < 1e-12
+    assert 997 < float(p.t_of_lam(-9.0)) < 998
+    # the 500-step trailing grid is monotone in lam, and an SDE step there stays finite (before:
+    # h < 0 at the first step, sqrt of a negative variance, reported as "the model returned NaN")
+    gmm = sd.toy.GaussianMixture(
+        torch.tensor([[1.0, -1.0]], dtype=F64), torch.ones(1, 2, dtype=F64), torch.ones(1)
+    )
+    grid = sd.solvers.make_grid(p, sd.schedules.get("trailing"), 500)
+    assert all(b > a for a, b in zip(grid.lam, grid.lam[1:], strict=False))
+    x = sd.sample(
+        gmm.denoiser(p),
+        torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=F64),
+        steps=500,
+        solver="euler_maruyama",
+        schedule="trailing",
+        generator=torch.Generator().manual_seed(1),
+    )
+    # the data is N((1, -1), I): 64 samples, mean within 4 standard errors
+    assert bool(torch.isfinite(x).all())
+    assert float((x.mean(0) - torch.tensor([1.0, -1.0], dtype=F64)).abs().max()) < 4 / 8
+
+
+def test_zero_terminal_snr_keeps_diffusers_value_where_it_is_monotone():
+    # scaled_linear: the rescaled alphas_cumprod[998] = 2.0e-7 > 2**-24, diffusers' value is kept
+    p = sd.VP.discrete(betas=torch.from_numpy(_scaled_linear_betas()), rescale_zero_snr=True)
+    assert float(p.alphas_cumprod[-1]) == 2.0**-24 < float(p.alphas_cumprod[-2])
+
+
+def test_discrete_rejects_alphas_cumprod_that_underflow():
+    # cumprod(1 - 0.999) underflows to 0 in float64 after ~108 steps: lam would be -inf
+    with pytest.raises(ValueError, match=r"positive and strictly decreasing .*index 10[0-9]"):
+        sd.VP.discrete(betas=torch.full((200,), 0.999, dtype=F64))

@@ -266,3 +266,127 @@ def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, b
     assert calls[bad_call] == pytest.approx(t)
     assert re.search(rf"\bstep {step}\b", msg), msg  # steps count from 0, as the callback's "i"
     assert f"t={t:.6g}" in msg, msg
+
+
+# --- half precision: the net in float16/bfloat16, the solver in float32 ---------------------------
+
+
+class _Noise64:
+    """Standard normal draws made in float64 from one seed, then cast: the same noise in every dtype."""
+
+    def __init__(self, seed: int = 3) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __call__(self, t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.g, dtype=torch.float64).to(like.dtype)
+
+
+def _half_net(gmm, process, prediction: str = "eps", round_input: torch.dtype | None = None):
+    """A net with half-precision input/output: the exact mixture's estimate, returned in the dtype of
+    the input it got (or, with ``round_input``, computed at ``x`` rounded to that dtype and returned
+    in ``x``'s dtype: a half-precision net seen from a float32 caller)."""
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        xin = x if round_input is None else x.to(round_input)
+        tt = float(t.reshape(-1)[0])
+        a, s = float(process.alpha(tt)), float(process.sigma(tt))
+        x0 = gmm.denoise(xin.double(), a, s)
+        eps = (xin.double() - a * x0) / s
+        f = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[prediction]
+        return f.to(xin.dtype).to(x.dtype)
+
+    return net
+
+
+HALF_RUNS = [("unipc", 25), ("ddim", 50), ("heun", 25), ("dpmpp_2m_sde", 50)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("name", "steps"), HALF_RUNS, ids=[n for n, _ in HALF_RUNS])
+def test_half_precision_input_runs_the_solver_in_float32(gmm, sd_process, name, steps, dtype):
+    x_T = noise(16, 8)
+    den = sd.Denoiser(_half_net(gmm, sd_process), sd_process, prediction="eps")
+    ref = sd.sample(den, x_T, steps=steps, solver=name, schedule="karras", generator=_Noise64())
+    half = x_T.to(dtype)
+    x = sd.sample(den, half, steps=steps, solver=name, schedule="karras", generator=_Noise64())
+    assert x.dtype == dtype
+    # exactly a float32 run whose net rounds its input and output to `dtype`, cast at the end
+    rounding = sd.Denoiser(_half_net(gmm, sd_process, round_input=dtype), sd_process, prediction="eps")
+    x32 = sd.sample(rounding, half.float(), steps=steps, solver=name, schedule="karras", generator=_Noise64())
+    assert torch.equal(x, x32.to(dtype))
+    # against float64, measured: bf16 1.8e-3 (unipc) .. 2.5e-3 (heun), fp16 2.3e-4 .. 3.2e-4; with the
+    # state rounded to `dtype` at every step (before): bf16 9.2e-3 .. 1.7e-2, fp16 1.2e-3 .. 1.9e-3
+    assert rel_rmse(x.double(), ref) < (4e-3 if dtype == torch.bfloat16 else 5e-4)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("name", ["unipc", "heun", "dpmpp_2m_sde"])
+def test_half_precision_sample_equals_the_diffusers_scheduler(gmm, name, prediction):
+    """``SteerdiffScheduler`` upcasts in ``step`` as diffusers' schedulers do; ``sd.sample`` with the same
+    bfloat16 net, x_T and noise must return the same tensor, to the bit."""
+    pytest.importorskip("diffusers")
+    from steerdiff.integrations.diffusers import SteerdiffScheduler
+
+    kind = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[prediction]
+    sched = SteerdiffScheduler(solver=name, schedule="karras", prediction_type=kind)
+    process = sched.denoiser.process
+    net = _half_net(gmm, process, prediction)
+    x_T = noise(4, 8).to(torch.bfloat16)
+    sched.set_timesteps(8)
+    x, g = x_T, torch.Generator().manual_seed(5)
+    for t in sched.timesteps:  # as a pipeline: the net in bfloat16 on prev_sample
+        x = sched.step(net(x, t.reshape(1)), t, x, generator=g).prev_sample
+    den = sd.Denoiser(net, process, prediction=prediction)
+    y = sd.sample(
+        den, x_T, steps=8, solver=name, schedule="karras", generator=torch.Generator().manual_seed(5)
+    )
+    assert y.dtype == x.dtype == torch.bfloat16
+    assert torch.equal(y, x)  # before: 3e-3 .. 5e-2 relative apart
+
+
+# --- zero terminal SNR: updates that read the estimate the net gave --------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["time_uniform", "trailing"])
+def test_euler_heun_keep_float32_accuracy_at_zero_terminal_snr(gmm, schedule):
+    # alpha(t_max) = 2**-12: the (x / alpha) form derived eps from the exact x0 and cancelled it
+    # against x again (before, float32 vs float64: euler 9e-6 .. 1.3e-5, heun 9e-4 .. 1.2e-3)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    p = sd.VP.discrete(betas=betas, rescale_zero_snr=True)
+    den, x_T = gmm.denoiser(p), noise(16, 8)
+    for name, bound in (("ddim", 1e-6), ("euler", 1e-6), ("heun", 2e-6)):  # measured <= 1.2e-7, 3.8e-7
+        x64 = sd.sample(den, x_T, steps=10, solver=name, schedule=schedule)
+        x32 = sd.sample(den, x_T.float(), steps=10, solver=name, schedule=schedule)
+        assert rel_rmse(x32.double(), x64) < bound, name
+    # Euler in (x / alpha, sigma / alpha) is the DDIM step
+    euler, ddim = (sd.sample(den, x_T, steps=10, solver=n, schedule=schedule) for n in ("euler", "ddim"))
+    assert torch.allclose(euler, ddim, rtol=0, atol=1e-12)
+
+
+# --- a grid needs lam strictly increasing ----------------------------------------------------------
+
+
+class _Bumpy(sd.Process):
+    """alpha = 1, sigma = 1 + (t - 0.4)^2 on [0, 1]: lam = -log(sigma) is not monotone in t."""
+
+    t_min, t_max = 0.0, 1.0
+
+    def alpha(self, t):
+        return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
+    def sigma(self, t):
+        return 1 + (torch.as_tensor(t, dtype=torch.float64) - 0.4) ** 2
+
+
+@pytest.mark.parametrize(
+    ("final", "where"),
+    [("zero", "node 2 to node 3 (t = 0.333333 -> 0,"), ("none", "node 2 to node 3 (t = 0.5 -> 0.25,")],
+)
+def test_grid_rejects_a_non_increasing_log_snr(final, where):
+    # nodes t = 1, 2/3, 1/3, 0 (final="zero") or 1, 0.75, 0.5, 0.25, 0: lam rises, then falls
+    den = sd.Denoiser(lambda x, t: torch.zeros_like(x), _Bumpy(), prediction="x0")
+    args = (den, noise(2, 8))
+    kw = {"steps": 4, "solver": "ddim", "schedule": "time_uniform", "final": final}
+    _raises(
+        ["schedule TimeUniform() with steps=4", "lam", "does not increase", where], sd.sample, *args, **kw
+    )

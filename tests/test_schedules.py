@@ -255,3 +255,42 @@ def test_steps_accepts_numpy_integers():
     assert Karras()(p, np.int64(7)).shape == (7,)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         Karras()(p, 7.0)
+
+
+@pytest.mark.parametrize("cls", [Karras, sd.schedules.KarrasJump])
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"sigma_min": 0.0}, ["sigma_min", "> 0", "0.0", "infinite log-SNR", "final='zero'"]),
+        ({"sigma_min": -1.0}, ["sigma_min", "> 0", "-1.0"]),
+        ({"sigma_max": math.inf}, ["sigma_max", "finite", "inf"]),
+        ({"sigma_max": math.nan}, ["sigma_max", "finite", "nan"]),
+        ({"rho": math.nan}, ["rho", "finite number > 0", "nan"]),
+        ({"rho": 0}, ["rho", "> 0", "got 0"]),
+        ({"rho": -7.0}, ["rho", "> 0", "-7.0"]),
+        ({"rho": None}, ["rho", "> 0", "None"]),
+        ({"rho": True}, ["rho", "True"]),
+        ({"rho": "7"}, ["rho", "'7'"]),
+        ({"sigma_min": 2.0, "sigma_max": 1.0}, ["sigma_max > sigma_min", "sigma_min=2.0", "sigma_max=1.0"]),
+        ({"sigma_min": 1.0, "sigma_max": 1.0}, ["sigma_max > sigma_min"]),
+    ],
+)
+def test_karras_rejects_bad_arguments(cls, kwargs, words):
+    # before: sigma_min=0 was silently replaced by the process minimum, -1 gave a complex-cast
+    # warning and "non-decreasing times", rho=nan was accepted
+    with pytest.raises(ValueError) as err:
+        cls(**kwargs)
+    msg = str(err.value)
+    assert cls.__name__ in msg and all(w in msg for w in words), msg
+
+
+def test_karras_checks_a_one_sided_range_against_the_process():
+    p = sd.VP.scaled_linear()  # sigma/alpha in [0.0292, 14.6]
+    with pytest.raises(ValueError, match=r"sigma_max > sigma_min.*sigma_min=0.0291.*sigma_max=0.01"):
+        Karras(sigma_max=0.01)(p, 5)
+    with pytest.raises(ValueError, match=r"sigma_max > sigma_min.*sigma_min=20.*sigma_max=14.6"):
+        Karras(sigma_min=20.0)(p, 5)
+    # an explicit sigma_min is honoured, the default range fills the other end
+    t = Karras(sigma_min=0.1)(p, 6)
+    assert np.allclose(_ratio(p, t).numpy(), _karras(0.1, float(_ratio(p, p.t_max)), 6), rtol=1e-10, atol=0)
+    assert float(_ratio(p, t[-1])) == pytest.approx(0.1, rel=1e-12)

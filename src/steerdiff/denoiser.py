@@ -21,6 +21,7 @@ prediction     meaning of ``f``                conversion
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +41,8 @@ class Prediction:
     """What a denoiser says at ``(x, t)``: ``x0`` and ``eps``, with ``x = alpha x0 + sigma eps``.
 
     Built from one of the two (``given``); the other is derived on first access, so a solver that
-    reads only ``eps`` (Euler, Heun) never pays for ``x0``. ``var_interp`` is the learned-variance
-    interpolation ``v`` of a ``learned_variance`` denoiser (else ``None``).
+    renoises (DDIM, Euler) never pays for it. ``var_interp`` is the learned-variance interpolation
+    ``v`` of a ``learned_variance`` denoiser (else ``None``).
     """
 
     __slots__ = ("_eps", "_x0", "alpha", "sigma", "var_interp", "x")
@@ -66,6 +67,16 @@ class Prediction:
         return self._x0 if self._x0 is not None else self._eps
 
     @property
+    def x0_given(self) -> bool:
+        """Whether ``x0`` is held rather than derived on access (it was given, or derived already).
+
+        Solvers use it to pick, between two algebraically equal updates, the one that reads the
+        held estimate: deriving ``eps = (x - alpha x0) / sigma`` and then recombining with ``x``
+        cancels catastrophically where ``alpha`` is tiny (zero terminal SNR, Lin et al. 2024).
+        """
+        return self._x0 is not None
+
+    @property
     def x0(self) -> Tensor:
         if self._x0 is None:
             self._x0 = axpby(1 / self.alpha, self.x, -self.sigma / self.alpha, self._eps)
@@ -83,6 +94,24 @@ class Prediction:
         if self._eps is not None:
             return axpby(alpha / self.alpha, self.x, sigma - alpha * self.sigma / self.alpha, self._eps)
         return axpby(sigma / self.sigma, self.x, alpha - sigma * self.alpha / self.sigma, self._x0)
+
+    def to(self, dtype: torch.dtype, x: Tensor | None = None) -> Prediction:
+        """This prediction in ``dtype`` at the point ``x`` (default: ``self.x`` cast to ``dtype``).
+
+        The given estimate, ``var_interp`` and tensor ``alpha``/``sigma`` are cast; the other estimate
+        is derived again on access, from ``x``. With ``x`` the full-precision state a half-precision
+        net was evaluated at (cast down), the result is what a scheduler that upcasts the net output
+        computes (diffusers' ``step``): ``x = alpha x0 + sigma eps`` holds for that ``x``. A
+        subclass's extra fields are carried over as they are.
+        """
+        out = copy.copy(self)  # keeps the subclass and its extra slots
+        out.x = self.x.to(dtype) if x is None else x
+        if isinstance(self.alpha, Tensor):
+            out.alpha, out.sigma = self.alpha.to(dtype), self.sigma.to(dtype)
+        given = self.given.to(dtype)
+        out._x0, out._eps = (given, None) if self._x0 is not None else (None, given)
+        out.var_interp = None if self.var_interp is None else self.var_interp.to(dtype)
+        return out
 
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor | float:
@@ -171,10 +200,32 @@ class Denoiser:
         return c
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        f = self.net(x, self.net_time(t, x), **cond)
+        return self._evaluate(x, t, x.dtype, cond)
+
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        """The prediction at ``x`` with the network run in ``net_dtype`` (a half-precision net under a
+        float32 solver state, see :func:`steerdiff.solvers.base.work_dtype`).
+
+        The net gets ``x`` cast to ``net_dtype``; its output is cast back to ``x``'s dtype and
+        converted to ``(x0, eps)`` there, at ``x`` itself: what diffusers' schedulers compute from
+        an upcast ``model_output`` and the float32 ``sample``. A wrapper that overrides ``__call__``
+        (guidance) is called in ``net_dtype`` -- it may call nets of its own -- and its prediction is
+        cast back at ``x`` (:meth:`Prediction.to`).
+        """
+        if x.dtype == net_dtype:
+            return self(x, t, **cond)
+        if type(self).__call__ is not Denoiser.__call__:
+            return self(x.to(net_dtype), t, **cond).to(x.dtype, x)
+        return self._evaluate(x, t, net_dtype, cond)
+
+    def _evaluate(
+        self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any]
+    ) -> Prediction:
+        f = self.net(x.to(net_dtype), self.net_time(t, x), **cond)
         expected = (x.shape[0], 2 * x.shape[1], *x.shape[2:]) if self.learned_variance else x.shape
         if f.shape != expected:
             raise ValueError(f"Denoiser: net returned shape {tuple(f.shape)}, expected {tuple(expected)}")
+        f = f.to(x.dtype)
         if not self.learned_variance:
             return self.convert(f, x, t)
         f, r = f.chunk(2, dim=1)

@@ -46,8 +46,16 @@ class PerSampleNoise:
     """One generator per batch row; row ``b`` draws ``randn(like.shape[1:])`` from ``generators[b]``."""
 
     def __init__(self, generators: Sequence[torch.Generator]) -> None:
-        if not generators or not all(isinstance(g, torch.Generator) for g in generators):
-            raise ValueError("generator: a list must hold one torch.Generator per sample")
+        if isinstance(generators, str | bytes) or not isinstance(generators, Sequence):
+            raise ValueError(
+                f"generator: expected a list of torch.Generator, got {type(generators).__name__}"
+            )
+        bad = sorted({type(g).__name__ for g in generators if not isinstance(g, torch.Generator)})
+        if not generators or bad:
+            raise ValueError(
+                "generator: a list must hold one torch.Generator per sample, got "
+                + (f"items of type {', '.join(bad)}" if bad else "an empty list")
+            )
         self.generators = list(generators)
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
@@ -107,11 +115,11 @@ def make_noise(generator: torch.Generator | Sequence[torch.Generator] | NoiseSou
     generators, or any :class:`NoiseSource` (e.g. a :class:`BrownianTreeNoise`)."""
     if generator is None or isinstance(generator, torch.Generator):
         return GeneratorNoise(generator)
-    if isinstance(generator, Sequence):
+    if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):
         return PerSampleNoise(generator)
     if callable(generator):
         return generator
     raise ValueError(
-        "generator must be a torch.Generator, a list of them (one per sample) or a noise source, "
-        f"got {type(generator).__name__}"
+        "generator must be None, a torch.Generator, a list of them (one per sample) or a noise source "
+        f"(a callable noise(t_from, t_to, like)), got {type(generator).__name__} {generator!r:.40}"
     )

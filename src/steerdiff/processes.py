@@ -169,9 +169,18 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
 class VPDiscrete(VP):
     """VP process of a model trained on ``N`` integer timesteps; ``t in [0, N-1]``.
 
-    With ``rescale_zero_snr`` the betas are rescaled to zero terminal SNR (Lin et al. 2024); the
-    last ``alphas_cumprod`` is then set to ``2**-24`` (as diffusers does) so that ``lam`` stays
-    finite.
+    With ``rescale_zero_snr`` the betas are rescaled to zero terminal SNR (Lin et al. 2024), which
+    makes the last ``alphas_cumprod`` 0 (``lam = -inf``). To keep ``lam`` finite it is then set to
+    ``2**-24``, as diffusers' Euler, DPM-Solver and UniPC schedulers do (its DDIM/DDPM keep 0),
+    when that is below the rescaled ``alphas_cumprod[N-2]`` (Stable Diffusion's ``scaled_linear``
+    betas: 2.0e-7), else to ``alphas_cumprod[N-2] / 4``. The second case is DDPM's ``linear``
+    betas (1e-4 to 0.02), rescaled to ``alphas_cumprod[N-2] = 4.2e-9 < 2**-24 = 6.0e-8``, where
+    ``2**-24`` (diffusers) would put the last ``lam`` *above* the one before it (``lam[995:]`` =
+    -8.24, -8.53, -8.94, -9.64, then -8.32): a non-monotone ``lam`` that ``t_of_lam`` cannot
+    invert and on which a grid has steps with ``h < 0``. ``/ 4`` halves ``sqrt(alphas_cumprod)``,
+    the midpoint of the last interval ``[0, sqrt(alphas_cumprod[N-2])]`` of the rescaled
+    (linear-to-zero) ``sqrt(alphas_cumprod)``: ``lam`` drops by ``log 2`` there (to -10.34).
+    ``alphas_cumprod`` is checked to be positive and strictly decreasing after all of this.
     """
 
     def __init__(
@@ -195,7 +204,13 @@ class VPDiscrete(VP):
                 raise ValueError("VP.discrete: `alphas_cumprod` must be strictly decreasing")
         if rescale_zero_snr:
             ac = rescale_zero_terminal_snr(ac)
-            ac[-1] = 2.0**-24
+            ac[-1] = 2.0**-24 if float(ac[-2]) > 2.0**-24 else float(ac[-2]) / 4
+        if not bool((ac > 0).all() & (ac[1:] < ac[:-1]).all()):
+            raise ValueError(
+                "VP.discrete: alphas_cumprod must be positive and strictly decreasing"
+                f"{' after the zero-SNR rescaling' if rescale_zero_snr else ''} (float64 underflow?): "
+                f"it is not at index {int(((ac <= 0)[1:] | (ac[1:] >= ac[:-1])).nonzero()[0]) + 1}"
+            )
         self.alphas_cumprod = ac
         self.num_train_timesteps = ac.numel()
         self._lams = 0.5 * (torch.log(ac) - torch.log1p(-ac))

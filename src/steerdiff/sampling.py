@@ -17,7 +17,7 @@ from . import solvers as _solvers
 from .denoiser import Denoiser
 from .noise import NoiseSource, make_noise
 from .schedules import Schedule
-from .solvers.base import Grid, Model, Solver, advance, make_grid
+from .solvers.base import Grid, Model, Solver, advance, make_grid, work_dtype
 
 __all__ = ["SampleInfo", "check_x_T", "sample"]
 
@@ -78,6 +78,9 @@ def sample(
         den: the :class:`~steerdiff.denoiser.Denoiser` (guided denoisers included).
         x_T: initial noise at the schedule's first time, as a diffusers pipeline draws it
             (standard normal for VP; ``sigma_max``-scaled for VE/EDM), shape ``(batch, ...)``.
+            The result has its dtype. For float16/bfloat16 the solver state and arithmetic are
+            float32 and only the net runs in ``x_T``'s dtype (as diffusers' schedulers upcast in
+            ``step``; see :func:`~steerdiff.solvers.base.work_dtype`).
         steps: number of steps ``N`` (grid intervals). NFE is ``solver.nfe(N)``.
         solver: a name from :func:`steerdiff.solvers.available` or a Solver instance; default
             ``"unipc"`` (UniPC-3, bh2, with corrector), the most accurate on the exact benchmark.
@@ -91,7 +94,8 @@ def sample(
             ``torch.Generator``, a list of them (one per sample: a sample is then the same
             whatever the batch), or a :class:`~steerdiff.noise.NoiseSource` such as
             :class:`~steerdiff.noise.BrownianTreeNoise`.
-        callback: called after every step with ``{"i", "t", "sigma", "x", "nfe"}``.
+        callback: called after every step with ``{"i", "t", "sigma", "x", "nfe"}`` (``x``: the
+            solver state, float32 for a half-precision ``x_T``).
         corrector: predictor-corrector sampling (Song et al. 2021): ``"ula"``, ``"mala"``,
             ``"hmc"`` or a :class:`~steerdiff.mcmc.Kernel`; after every predictor step into a
             noisy node, ``corrector_steps`` moves targeting ``p_t`` there (see
@@ -113,13 +117,14 @@ def sample(
     sched = _schedules.get(schedule)
     slv = _solvers.get(solver)
     grid = make_grid(den.process, sched, steps, final)
-    model = Model(den, cond, make_noise(generator))
+    work = work_dtype(x_T.dtype)
+    model = Model(den, cond, make_noise(generator), net_dtype=x_T.dtype if work != x_T.dtype else None)
     kernel = None if corrector is None else _mcmc.get(corrector)
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr)
     chains: list[_mcmc.ChainInfo] = []
     state = slv.init_state(grid)
-    x = x_T
+    x = x_T.to(work)
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
     for i in indices:
         x = advance(slv.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
@@ -132,6 +137,7 @@ def sample(
             callback({"i": i, "t": grid.t[i + 1], "sigma": grid.sigma[i + 1], "x": x, "nfe": model.nfe})
     model.check_finite()
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
+    x = x.to(x_T.dtype)
     if return_info:
         return x, SampleInfo(model.nfe, grid, slv, sched, chains)
     return x

@@ -110,22 +110,54 @@ class LogSNRUniform(Schedule):
         return t
 
 
+def _positive(who: str, name: str, value: float | None, optional: bool = True) -> float | None:
+    """``value`` as a float if it is a finite real number > 0 (or ``None`` where ``optional``), else a
+    ValueError naming ``name`` and the accepted range."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        accepted = "a finite number > 0" + (" or None" if optional else "")
+        hint = (
+            " (a node at sigma/alpha = 0 has an infinite log-SNR; the step to the clean state is "
+            "sample's final='zero')"
+            if name == "sigma_min" and value == 0
+            else ""
+        )
+        raise ValueError(f"{who}: {name} must be {accepted}, got {value!r}{hint}")
+    return float(value)
+
+
 class Karras(Schedule):
     """Karras et al. 2022 (EDM), Eq. 5, in ``s = sigma/alpha``; ``rho = 7`` by default.
 
-    ``sigma_min``/``sigma_max`` default to the process's range (in ``sigma/alpha`` units).
+    ``sigma_min``/``sigma_max`` default to the process's range (in ``sigma/alpha`` units). Accepted:
+    ``rho`` finite > 0, ``sigma_min`` and ``sigma_max`` finite > 0 or ``None``, with
+    ``sigma_max > sigma_min`` (checked against the process's range where one is ``None``).
+    ``sigma_min = 0``, Eq. 5's ramp to 0, is refused: a node at ``s = 0`` has an infinite log-SNR,
+    which no process time has (the step to the clean state ``s = 0`` is
+    :func:`steerdiff.sample`'s ``final="zero"``).
     """
 
     name = "karras"
 
     def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None):
-        if rho <= 0:
-            raise ValueError(f"Karras: rho must be > 0, got {rho}")
-        self.rho, self.sigma_min, self.sigma_max = float(rho), sigma_min, sigma_max
+        who = type(self).__name__
+        self.rho: float = _positive(who, "rho", rho, optional=False)  # type: ignore[assignment]
+        self.sigma_min = _positive(who, "sigma_min", sigma_min)
+        self.sigma_max = _positive(who, "sigma_max", sigma_max)
+        if self.sigma_min is not None and self.sigma_max is not None and not self.sigma_max > self.sigma_min:
+            raise ValueError(
+                f"{who}: need sigma_max > sigma_min, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}"
+            )
 
     def nodes(self, process: Process, n: int) -> Tensor:
-        smin = self.sigma_min or math.exp(-float(process.lam(process.t_min)))
-        smax = self.sigma_max or math.exp(-float(process.lam(process.t_max)))
+        smin = math.exp(-float(process.lam(process.t_min))) if self.sigma_min is None else self.sigma_min
+        smax = math.exp(-float(process.lam(process.t_max))) if self.sigma_max is None else self.sigma_max
+        if not smax > smin:
+            raise ValueError(
+                f"{type(self).__name__}: need sigma_max > sigma_min, got sigma_min={smin:.6g}, "
+                f"sigma_max={smax:.6g} (a None is the range of {process!r} in sigma/alpha)"
+            )
         ramp = torch.linspace(0, 1, n, dtype=F64)
         a, b = smax ** (1 / self.rho), smin ** (1 / self.rho)
         t = process.t_of_sigma_ratio((a + ramp * (b - a)) ** self.rho)

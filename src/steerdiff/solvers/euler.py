@@ -11,13 +11,19 @@ In k-diffusion's variables ``s = sigma / alpha`` and ``y = x / alpha`` the ODE i
 and ``x = alpha y``. Heun takes an Euler step into a clean end (``s = 0``), so ``N`` Heun steps
 cost ``2N - 1`` evaluations with a clean end and ``2N`` without.
 
+In ``x`` the Euler step is the DDIM step ``x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i``, and
+Heun's correction is written in the estimate the net gave
+(:func:`~steerdiff.solvers.edm.heun_update`), which keeps float32 accuracy where ``alpha`` is
+tiny (zero terminal SNR).
+
 Euler ancestral (k-diffusion's ``sample_euler_ancestral``; Ho et al. 2020's ancestral sampling in
 these variables) steps down to ``s_down`` and adds fresh noise of std ``s_up``:
 
     s_up = min(s_{i+1}, eta s_{i+1} sqrt(1 - s_{i+1}^2 / s_i^2)),  s_down = sqrt(s_{i+1}^2 - s_up^2),
     y_{i+1} = y_i + (s_down - s_i) d_i + s_up z,                                      (1 NFE)
 
-which is DDIM with the same ``eta`` (Song et al. 2021) in exact arithmetic.
+which is DDIM with the same ``eta`` (Song et al. 2021) in exact arithmetic: its mean is
+``alpha_{i+1} x0_i + alpha_{i+1} s_down eps_i``.
 """
 
 from __future__ import annotations
@@ -27,15 +33,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .._ops import axpby
 from .base import Grid, Model, Solver, Transition
 from .ddim import ancestral_split, check_eta
+from .edm import heun_update
 
 __all__ = ["Euler", "EulerAncestral", "Heun"]
-
-
-def _ratio(grid: Grid, i: int) -> float:
-    return grid.sigma[i] / grid.alpha[i]
 
 
 @dataclass
@@ -45,9 +47,7 @@ class Euler(Solver):
     name: ClassVar[str] = "euler"
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        d = model(x, grid.t[i], i).eps
-        a, a_next = grid.alpha[i], grid.alpha[i + 1]
-        return axpby(a_next / a, x, a_next * (_ratio(grid, i + 1) - _ratio(grid, i)), d)
+        return model(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
 
 
 @dataclass
@@ -59,14 +59,8 @@ class Heun(Solver):
     order: int = 2
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        a, a_next = grid.alpha[i], grid.alpha[i + 1]
-        c = a_next * (_ratio(grid, i + 1) - _ratio(grid, i))  # x-space weight of a slope
-        d = model(x, grid.t[i], i).eps
-        x_euler = axpby(a_next / a, x, c, d)
-        if self.order == 1 or grid.sigma[i + 1] == 0:
-            return x_euler
-        d2 = model(x_euler, grid.t[i + 1], i).eps
-        return axpby(a_next / a, x, 0.5 * c, d + d2)
+        frm, to = ((grid.t[j], grid.alpha[j], grid.sigma[j]) for j in (i, i + 1))
+        return heun_update(model, x, i, frm, to, second=self.order == 2)
 
     def nfe(self, steps: int, clean_end: bool = True) -> int:
         if self.order == 1:
@@ -88,8 +82,6 @@ class EulerAncestral(Solver):
         check_eta("EulerAncestral", self.eta)
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
-        d = model(x, grid.t[i], i).eps
-        a, a_next = grid.alpha[i], grid.alpha[i + 1]
         down, up = ancestral_split(grid, i, self.eta)  # alpha_{i+1} (s_down, s_up)
-        mean = axpby(a_next / a, x, down - a_next * _ratio(grid, i), d)
+        mean = model(x, grid.t[i], i).renoise(grid.alpha[i + 1], down)  # alpha_{i+1} x0 + down eps
         return mean if up == 0 else Transition(mean, up)
