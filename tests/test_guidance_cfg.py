@@ -245,6 +245,12 @@ def test_cads_in_cfg(sd_process):
         CFG(den, den, 3.0, uncond_kwargs=null, cads=CADS("emb", 0.0)), x_T, steps=10, solver="ddim", emb=emb
     )
     assert torch.equal(off, plain)  # noise scale 0: plain CFG
+    # a seeded run with a CADS drawing from torch's global RNG is refused (not reproducible by its seed)
+    with pytest.raises(ValueError, match=r"generator: CADS .* global RNG"):
+        sd.sample(
+            CFG(den, den, 3.0, uncond_kwargs=null, cads=CADS("emb", 0.5)), x_T, steps=10, solver="ddim",
+            generator=torch.Generator(), emb=emb,
+        )  # fmt: skip
     seen.clear()
     cads = CADS("emb", 0.5, generator=torch.Generator().manual_seed(4))
     annealed = sd.sample(

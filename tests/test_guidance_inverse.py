@@ -315,6 +315,36 @@ def test_repaint_sample_nfe_and_single_pass_equals_sample() -> None:
     torch.testing.assert_close(a, _alg1_with_resampling(gmm, y, x_T, 15, 1, 1, seed=5), rtol=0, atol=1e-10)
 
 
+def test_a_seeded_run_refuses_noise_from_the_global_rng() -> None:
+    """RePaint draws its replacement noise itself: under ``sd.sample(..., generator=g)`` (or an SMC
+    run) without a generator of its own it would use torch's global RNG and the seed would not
+    reproduce the run, so that is refused, naming ``generator``; with its own generator, or with no
+    seed at all, it runs, and the seeded run reproduces exactly."""
+    gmm, op, y = _gaussian_inpainting()
+    den = gmm.denoiser(PROC)
+    x_T = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    kw = dict(steps=6, solver="ddpm", schedule="time_uniform")
+    for wrapped in (RePaint(den, op, y), sd.guidance.DynamicThreshold(RePaint(den, op, y), 0.99)):
+        with pytest.raises(ValueError, match=r"generator: RePaint .* global RNG"):
+            sd.sample(wrapped, x_T, generator=torch.Generator().manual_seed(0), **kw)
+    with pytest.raises(ValueError, match=r"generator: RePaint"):
+        sd.smc.fk_steering(
+            RePaint(den, op, y), lambda x: x[:, 0], lam=1.0, shape=(2, 4), particles=2, steps=4,
+            generator=torch.Generator().manual_seed(0), dtype=F64,
+        )  # fmt: skip
+
+    def seeded() -> torch.Tensor:
+        return sd.sample(
+            RePaint(den, op, y, generator=torch.Generator().manual_seed(3)),
+            x_T,
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        )
+
+    assert torch.equal(seeded(), seeded())
+    assert bool(torch.isfinite(sd.sample(RePaint(den, op, y), x_T, **kw)).all())  # unseeded: allowed
+
+
 def test_inverse_guidance_keeps_the_learned_variance() -> None:
     """DPS, PiGDM, MCG and RePaint carry the base net's ``var_interp`` (at the input the net saw;
     detached where a gradient was taken), so DDPM keeps a learned variance: DPS at scale 0 is the

@@ -99,3 +99,30 @@ def test_bad_generator_names_the_accepted_types(gmm, sd_process, generator, word
         sd.sample(gmm.denoiser(sd_process), noise(2, 8), steps=2, solver="ddpm", generator=generator)
     msg = str(err.value)
     assert all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize("fn", ["randn", "rand"])
+def test_draws_on_the_generators_device_then_moves(monkeypatch, fn):
+    """A CPU generator with a sample on another device (torch refuses such a generator): the numbers
+    are drawn on the generator's device and moved, so they equal the CPU draws (diffusers'
+    ``randn_tensor`` convention). ``meta`` stands in for an accelerator here."""
+    seen: list[object] = []
+    real = getattr(torch, fn)
+
+    def spy(*args: object, **kw: object) -> torch.Tensor:
+        seen.append(kw.get("device"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, fn, spy)
+    draw = getattr(sd.noise, fn)
+    out = draw((3, 2), torch.Generator().manual_seed(0), torch.float32, "meta")
+    assert out.device.type == "meta" and out.shape == (3, 2) and seen == [torch.device("cpu")]
+    cpu = draw((3, 2), torch.Generator().manual_seed(0), torch.float32, "cpu")
+    assert torch.equal(cpu, real((3, 2), generator=torch.Generator().manual_seed(0)))
+    # the sources of sd.sample use it: a CPU generator with a meta-device sample
+    like = torch.empty(2, 3, device="meta")
+    seen.clear()
+    if fn == "randn":
+        assert sd.noise.GeneratorNoise(torch.Generator())(0.0, 1.0, like).device.type == "meta"
+        assert sd.noise.PerSampleNoise([torch.Generator(), torch.Generator()])(0.0, 1.0, like).shape == (2, 3)
+        assert seen == [torch.device("cpu")] * 3

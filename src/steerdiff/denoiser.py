@@ -202,6 +202,11 @@ class Denoiser:
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         return self._evaluate(x, t, x.dtype, cond)
 
+    def unseeded(self) -> list[str]:
+        """The parts of this denoiser that draw noise from torch's global RNG, out of reach of a
+        sampler's ``generator`` (a guided wrapper without a generator of its own); ``[]`` here."""
+        return []
+
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The prediction at ``x`` with the network run in ``net_dtype`` (a half-precision net under a
         float32 solver state, see :func:`steerdiff.solvers.base.work_dtype`).

@@ -25,7 +25,33 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["BrownianTreeNoise", "GeneratorNoise", "NoiseSource", "PerSampleNoise", "make_noise"]
+__all__ = [
+    "BrownianTreeNoise",
+    "GeneratorNoise",
+    "NoiseSource",
+    "PerSampleNoise",
+    "make_noise",
+    "rand",
+    "randn",
+]
+
+
+def randn(
+    shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    """``torch.randn(shape)`` drawn on ``generator``'s device, then moved to ``device`` (diffusers'
+    ``randn_tensor`` convention): a CPU generator then gives the same numbers whatever the device
+    of the sample, where torch itself refuses a generator of another device."""
+    on = device if generator is None else generator.device
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=on).to(device)
+
+
+def rand(
+    shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    """``torch.rand(shape)`` (uniform on [0, 1)) drawn on ``generator``'s device, as :func:`randn`."""
+    on = device if generator is None else generator.device
+    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=on).to(device)
 
 
 class NoiseSource(Protocol):
@@ -39,7 +65,7 @@ class GeneratorNoise:
         self.generator = generator
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+        return randn(like.shape, self.generator, like.dtype, like.device)
 
 
 class PerSampleNoise:
@@ -63,12 +89,7 @@ class PerSampleNoise:
             raise ValueError(
                 f"generator: {len(self.generators)} generators for a batch of {like.shape[0]} samples"
             )
-        return torch.stack(
-            [
-                torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype)
-                for g in self.generators
-            ]
-        )
+        return torch.stack([randn(like.shape[1:], g, like.dtype, like.device) for g in self.generators])
 
 
 class BrownianTreeNoise:

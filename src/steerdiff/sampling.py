@@ -19,7 +19,7 @@ from .noise import NoiseSource, make_noise
 from .schedules import Schedule
 from .solvers.base import Grid, Model, Solver, advance, make_grid, work_dtype
 
-__all__ = ["SampleInfo", "check_x_T", "sample"]
+__all__ = ["SampleInfo", "check_seeded", "check_x_T", "sample"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,20 @@ class SampleInfo:
     solver: Solver
     schedule: Schedule
     corrector: list[_mcmc.ChainInfo] = field(default_factory=list)
+
+
+def check_seeded(den: Denoiser, generator: object) -> None:
+    """Raise a ``ValueError`` naming ``generator`` when a seeded run (``generator`` given) would
+    draw some of its noise from torch's global RNG (:meth:`~steerdiff.denoiser.Denoiser.unseeded`:
+    a guided wrapper without a generator of its own) and so not be reproducible by its seed."""
+    parts = den.unseeded() if generator is not None else []
+    if parts:
+        raise ValueError(
+            f"generator: {', '.join(dict.fromkeys(parts))} in the denoiser draws noise from torch's "
+            "global RNG, which generator= does not reach, so the run would not be reproducible by its "
+            "seed; give it a generator of its own (e.g. RePaint(..., generator=g2), CADS(..., "
+            "generator=g2)) or pass generator=None"
+        )
 
 
 def check_x_T(den: Denoiser, x_T: Tensor) -> None:
@@ -114,6 +128,7 @@ def sample(
     if not isinstance(den, Denoiser):
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
     check_x_T(den, x_T)
+    check_seeded(den, generator)
     sched = _schedules.get(schedule)
     slv = _solvers.get(solver)
     grid = make_grid(den.process, sched, steps, final)

@@ -65,6 +65,10 @@ class Guided(Denoiser):
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         raise NotImplementedError
 
+    def unseeded(self) -> list[str]:
+        """``base``'s (a wrapper that draws noise adds itself where it has no generator)."""
+        return self.base.unseeded()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base!r})"
 

@@ -57,7 +57,7 @@ from torch import Tensor
 from ..denoiser import Denoiser, Prediction
 from ..mcmc.base import Point, Target, chain, check_steps
 from ..mcmc.langevin import ULA
-from ..noise import NoiseSource, make_noise
+from ..noise import NoiseSource, make_noise, randn
 from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T
 from ..schedules import Schedule
 from ..schedules import get as get_schedule
@@ -140,7 +140,7 @@ class CADS:
             a, b = g.sqrt(), self.noise_scale * (1 - g).sqrt()
         else:
             a, b = math.sqrt(g), self.noise_scale * math.sqrt(1 - g)
-        n = torch.randn(y.shape, generator=self.generator, dtype=y.dtype, device=y.device)
+        n = randn(y.shape, self.generator, y.dtype, y.device)
         y_hat = a * y + b * n
         if self.psi == 0:
             return y_hat
@@ -298,6 +298,12 @@ class CFG(Guided):
             m = inside.reshape(-1, *([1] * (x.ndim - 1)))
             return with_estimate(pc, eps=torch.where(m, out.eps, pc.eps))
         return out
+
+    def unseeded(self) -> list[str]:
+        """The branches', and ``CADS`` if it draws from torch's global RNG."""
+        own = ["CADS"] if self.cads is not None and self.cads.generator is None else []
+        other = self.uncond.unseeded() if self.uncond is not self.base else []
+        return [*self.base.unseeded(), *other, *own]
 
     def __repr__(self) -> str:
         return f"CFG({self.base!r}, scale={self.scale})"

@@ -39,7 +39,7 @@ from torch import Tensor
 from .. import schedules as _schedules
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
-from ..noise import GeneratorNoise
+from ..noise import GeneratorNoise, randn
 from ..sampling import SampleInfo
 from ..schedules import Schedule
 from ..solvers.base import Model, advance, make_grid
@@ -77,11 +77,15 @@ class RePaint(MeasurementGuided):
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         op, y = self.operator, self.observation(x)
         alpha, sigma = self.coefficients(t, x)[:2]
-        z = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        z = randn(x.shape, self.generator, x.dtype, x.device)
         # x + A^+ (alpha y + sigma A z - A x), with A^+ (sigma A z - A x) = A^+ A (sigma z - x)
         known = x + op.pinv(op.forward(sigma * z - x)) + alpha * op.pinv(y)
         pred = self.base(known, t, **cond)
         return with_estimate(pred, x=x, x0=self.project(pred.x0))
+
+    def unseeded(self) -> list[str]:
+        """``base``'s, and ``RePaint`` if its replacement noise comes from torch's global RNG."""
+        return [*self.base.unseeded(), *(["RePaint"] if self.generator is None else [])]
 
     def __repr__(self) -> str:
         return f"RePaint({self.base!r})"

@@ -59,7 +59,7 @@ from torch import Tensor
 from .. import schedules as _schedules
 from .. import solvers as _solvers
 from ..denoiser import Denoiser, Prediction
-from ..noise import NoiseSource
+from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, DEFAULT_SOLVER
 from ..schedules import Schedule
@@ -279,32 +279,13 @@ def _zero_noise(t_from: float, t_to: float, like: Tensor) -> Tensor:
     return torch.zeros_like(like)
 
 
-class _PipelineNoise:
-    """Standard normal noise from a generator (or one per sample) on the generator's device, then
-    moved to the sample's (as diffusers' ``randn_tensor``); on one device the draws of
-    :class:`steerdiff.noise.GeneratorNoise` / :class:`~steerdiff.noise.PerSampleNoise`."""
-
-    def __init__(self, generator: torch.Generator | Sequence[torch.Generator] | None) -> None:
-        self.generator = generator
-
-    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        g = self.generator
-        if isinstance(g, torch.Generator) or g is None:
-            device = like.device if g is None else g.device
-            return torch.randn(like.shape, generator=g, device=device, dtype=like.dtype).to(like.device)
-        if len(g) != like.shape[0]:
-            raise ValueError(f"generator: {len(g)} generators for a batch of {like.shape[0]} samples")
-        rows = [torch.randn(like.shape[1:], generator=gb, device=gb.device, dtype=like.dtype) for gb in g]
-        return torch.stack(rows).to(like.device)
-
-
 class _StepNoise:
     """The noise drawn inside the current solver step: replayed when the step is re-run."""
 
     def __init__(self) -> None:
         self.draws: list[Tensor] = []
         self.used = 0
-        self.source: NoiseSource = _PipelineNoise(None)
+        self.source: NoiseSource = make_noise(None)
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
         if self.used == len(self.draws):
@@ -636,7 +617,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         elif run.at_input and sample is not run.returned:  # the pipeline changed it (inpainting)
             run.x = sample.to(work)
         src = self._noise if self._noise is not None else generator
-        run.tape.noise.source = src if callable(src) else _PipelineNoise(src)
+        run.tape.noise.source = make_noise(src)
         run.tape.pending = model_output.to(work)
         x = self._advance(run)
         run.returned = x.to(sample.dtype)

@@ -76,6 +76,7 @@ from torch import Tensor
 from .. import schedules as _schedules
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided, same_process
+from ..noise import randn
 from ..schedules import Schedule
 from ..solvers.base import Solver, make_grid
 from . import resample as _resample
@@ -215,6 +216,10 @@ class Composition(Guided):
             rate = rate - beta * (p - bar).pow(2).sum(1)
         return rate
 
+    def unseeded(self) -> list[str]:
+        """Its components'."""
+        return [name for den in self.dens for name in den.unseeded()]
+
     def __repr__(self) -> str:
         return f"Composition({list(self.dens)!r}, betas={self.betas})"
 
@@ -325,7 +330,7 @@ def fkc(
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
         grid = make_grid(comp.process, _schedules.get(schedule), _check_int("steps", steps, 1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
-        x_T = torch.randn(shape[0] * n, *shape[1:], generator=generator, dtype=dtype, device=device)
+        x_T = randn((shape[0] * n, *shape[1:]), generator, dtype, device)
         x_T = (scale * x_T).reshape(shape[0], n, *shape[1:])
     return run_smc(
         comp, algorithm, shape, particles=particles, steps=steps, solver=solver, schedule=schedule,

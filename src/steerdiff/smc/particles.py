@@ -78,7 +78,8 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
-from ..noise import GeneratorNoise
+from ..noise import GeneratorNoise, rand, randn
+from ..sampling import check_seeded
 from ..solvers.base import Grid, History, Model, Solver, Transition, make_grid
 from . import resample as _resample
 
@@ -180,7 +181,7 @@ class Particles:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """One draw per batch row from the weighted particles (multinomial): ``(batch, *shape)``."""
-        u = torch.rand(self.batch, 1, generator=generator, dtype=torch.float64, device=self.log_w.device)
+        u = rand((self.batch, 1), generator, torch.float64, self.log_w.device)
         idx = _resample._inverse_cdf(self.log_w, u)
         return self.resample(idx).x[:, 0]
 
@@ -582,7 +583,7 @@ def run_smc(
 
     if x_T is None:
         scale = math.hypot(grid.alpha[0], grid.sigma[0])
-        x = torch.randn(rows, *sample_shape, generator=generator, dtype=dtype, device=device)
+        x = randn((rows, *sample_shape), generator, dtype, device)
         if not math.isclose(scale, 1.0, rel_tol=1e-9):
             x = x * scale
     else:
@@ -599,6 +600,7 @@ def run_smc(
         else v
         for k, v in cond.items()
     }
+    check_seeded(den, generator)
     evaluator = _Evaluator(den, max_batch)
     noise = GeneratorNoise(generator)
     inner = _InnerNoise(noise)

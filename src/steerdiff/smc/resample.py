@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..noise import rand
+
 __all__ = [
     "RESAMPLERS",
     "Resampler",
@@ -80,9 +82,7 @@ def _inverse_cdf(log_w: Tensor, u: Tensor) -> Tensor:
 
 def _uniform(log_w: Tensor, generator: torch.Generator | None, cols: int | None = None) -> Tensor:
     rows, n = log_w.shape
-    return torch.rand(
-        rows, n if cols is None else cols, generator=generator, dtype=torch.float64, device=log_w.device
-    )
+    return rand((rows, n if cols is None else cols), generator, torch.float64, log_w.device)
 
 
 def _strata(log_w: Tensor) -> Tensor:

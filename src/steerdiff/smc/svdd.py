@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser
+from ..noise import rand
 from ..schedules import Schedule
 from ..solvers.base import Solver
 from . import resample as _resample
@@ -87,7 +88,7 @@ class SVDD(SMCAlgorithm):
         if self.alpha == 0:  # no draw: the same run as CoDe with block = 1
             return r.argmax(-1, keepdim=True).expand(log_w.shape)
         logits = self._log_select(r)
-        u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
+        u = rand((logits.shape[0], 1), generator, torch.float64, logits.device)
         return _resample._inverse_cdf(logits, u).expand(log_w.shape)
 
 
