@@ -51,6 +51,38 @@ def slope(steps: list[int], errors: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
+class Noise64:
+    """Standard normal draws made in float64 from one seed, then cast: the same noise in every dtype."""
+
+    def __init__(self, seed: int = 3) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        return torch.randn(like.shape, generator=self.g, dtype=torch.float64).to(like.dtype)
+
+
+def half_net(
+    gmm: sd.toy.GaussianMixture,
+    process: sd.Process,
+    prediction: str = "eps",
+    round_input: torch.dtype | None = None,
+):
+    """A net with half-precision input/output: the exact mixture's estimate, returned in the dtype of
+    the input it got (or, with ``round_input``, computed at ``x`` rounded to that dtype and returned
+    in ``x``'s dtype: a half-precision net seen from a float32 caller)."""
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        xin = x if round_input is None else x.to(round_input)
+        tt = float(t.reshape(-1)[0])
+        a, s = float(process.alpha(tt)), float(process.sigma(tt))
+        x0 = gmm.denoise(xin.double(), a, s)
+        eps = (xin.double() - a * x0) / s
+        f = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[prediction]
+        return f.to(xin.dtype).to(x.dtype)
+
+    return net
+
+
 class Replay:
     """A noise source that returns recorded standard normal draws in order; ``calls`` counts them."""
 

@@ -16,6 +16,8 @@ from scipy.integrate import solve_ivp
 import steerdiff as sd
 from steerdiff.guidance import CADS, CFG, DynamicThreshold, pcg
 
+from .reference import half_net
+
 F64 = torch.float64
 NULL = -1
 
@@ -337,6 +339,24 @@ def test_pcg_nfe_and_gamma_one(den):
         den, den, x_T, 10, 1.0, uncond_kwargs={"y": NULL}, generator=torch.Generator(), return_info=True, y=1
     )
     assert info.nfe == 10 + 9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_pcg_half_precision_runs_only_the_nets_in_half(sd_process, dtype):
+    """A half-precision ``x_T``: exactly a float32 run (steps, Langevin moves and the CFG combination in
+    float32) whose nets round their input and output to ``dtype``, returned in ``dtype``."""
+    c0, _, full = two_class()
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(6)).to(dtype)
+    runs = []
+    for rounding, x in ((None, x_T), (dtype, x_T.float())):
+        cond, uncond = (
+            sd.Denoiser(half_net(law, sd_process, round_input=rounding), sd_process) for law in (c0, full)
+        )
+        runs.append(
+            pcg(cond, uncond, x, 8, 3.0, langevin_steps=2, generator=torch.Generator().manual_seed(2))
+        )
+    assert runs[0].dtype == dtype and runs[1].dtype == torch.float32
+    assert torch.equal(runs[0], runs[1].to(dtype))
 
 
 # --- dynamic thresholding -------------------------------------------------------------------------

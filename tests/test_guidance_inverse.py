@@ -15,6 +15,7 @@ from steerdiff.bench.posterior import make_case
 from steerdiff.guidance import DPS, MCG, PiGDM, RePaint, repaint_nfe, repaint_sample
 from steerdiff.inverse import Blur, Inpaint, Matrix
 
+from .reference import half_net
 from .test_guidance_cfg import learned_variance
 
 F64 = torch.float64
@@ -313,6 +314,22 @@ def test_repaint_sample_nfe_and_single_pass_equals_sample() -> None:
     )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a, _alg1_with_resampling(gmm, y, x_T, 15, 1, 1, seed=5), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_repaint_sample_half_precision_runs_only_the_net_in_half(dtype: torch.dtype) -> None:
+    """A half-precision ``x_T``: exactly a float32 run (DDPM steps, jumps and the replacement in float32)
+    whose net rounds its input and output to ``dtype``, returned in ``dtype``."""
+    gmm, op, y = _gaussian_inpainting()
+    x_T = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)).to(dtype)
+    runs = []
+    for net, x in ((half_net(gmm, PROC), x_T), (half_net(gmm, PROC, round_input=dtype), x_T.float())):
+        den = sd.Denoiser(net, PROC, prediction="eps")
+        runs.append(
+            repaint_sample(den, op, y, x, 12, resample=2, jump=3, generator=torch.Generator().manual_seed(5))
+        )
+    assert runs[0].dtype == dtype and runs[1].dtype == torch.float32
+    assert torch.equal(runs[0], runs[1].to(dtype))
 
 
 def test_a_seeded_run_refuses_noise_from_the_global_rng() -> None:

@@ -16,7 +16,7 @@ import torch
 
 import steerdiff as sd
 
-from .reference import exact_sample, noise, rel_rmse
+from .reference import Noise64, exact_sample, half_net, noise, rel_rmse
 
 ALL = sd.solvers.available()
 
@@ -271,33 +271,6 @@ def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, b
 # --- half precision: the net in float16/bfloat16, the solver in float32 ---------------------------
 
 
-class _Noise64:
-    """Standard normal draws made in float64 from one seed, then cast: the same noise in every dtype."""
-
-    def __init__(self, seed: int = 3) -> None:
-        self.g = torch.Generator().manual_seed(seed)
-
-    def __call__(self, t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.g, dtype=torch.float64).to(like.dtype)
-
-
-def _half_net(gmm, process, prediction: str = "eps", round_input: torch.dtype | None = None):
-    """A net with half-precision input/output: the exact mixture's estimate, returned in the dtype of
-    the input it got (or, with ``round_input``, computed at ``x`` rounded to that dtype and returned
-    in ``x``'s dtype: a half-precision net seen from a float32 caller)."""
-
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        xin = x if round_input is None else x.to(round_input)
-        tt = float(t.reshape(-1)[0])
-        a, s = float(process.alpha(tt)), float(process.sigma(tt))
-        x0 = gmm.denoise(xin.double(), a, s)
-        eps = (xin.double() - a * x0) / s
-        f = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[prediction]
-        return f.to(xin.dtype).to(x.dtype)
-
-    return net
-
-
 HALF_RUNS = [("unipc", 25), ("ddim", 50), ("heun", 25), ("dpmpp_2m_sde", 50)]
 
 
@@ -305,14 +278,14 @@ HALF_RUNS = [("unipc", 25), ("ddim", 50), ("heun", 25), ("dpmpp_2m_sde", 50)]
 @pytest.mark.parametrize(("name", "steps"), HALF_RUNS, ids=[n for n, _ in HALF_RUNS])
 def test_half_precision_input_runs_the_solver_in_float32(gmm, sd_process, name, steps, dtype):
     x_T = noise(16, 8)
-    den = sd.Denoiser(_half_net(gmm, sd_process), sd_process, prediction="eps")
-    ref = sd.sample(den, x_T, steps=steps, solver=name, schedule="karras", generator=_Noise64())
+    den = sd.Denoiser(half_net(gmm, sd_process), sd_process, prediction="eps")
+    ref = sd.sample(den, x_T, steps=steps, solver=name, schedule="karras", generator=Noise64())
     half = x_T.to(dtype)
-    x = sd.sample(den, half, steps=steps, solver=name, schedule="karras", generator=_Noise64())
+    x = sd.sample(den, half, steps=steps, solver=name, schedule="karras", generator=Noise64())
     assert x.dtype == dtype
     # exactly a float32 run whose net rounds its input and output to `dtype`, cast at the end
-    rounding = sd.Denoiser(_half_net(gmm, sd_process, round_input=dtype), sd_process, prediction="eps")
-    x32 = sd.sample(rounding, half.float(), steps=steps, solver=name, schedule="karras", generator=_Noise64())
+    rounding = sd.Denoiser(half_net(gmm, sd_process, round_input=dtype), sd_process, prediction="eps")
+    x32 = sd.sample(rounding, half.float(), steps=steps, solver=name, schedule="karras", generator=Noise64())
     assert torch.equal(x, x32.to(dtype))
     # against float64, measured: bf16 1.8e-3 (unipc) .. 2.5e-3 (heun), fp16 2.3e-4 .. 3.2e-4; with the
     # state rounded to `dtype` at every step (before): bf16 9.2e-3 .. 1.7e-2, fp16 1.2e-3 .. 1.9e-3
@@ -330,7 +303,7 @@ def test_half_precision_sample_equals_the_diffusers_scheduler(gmm, name, predict
     kind = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[prediction]
     sched = SteerdiffScheduler(solver=name, schedule="karras", prediction_type=kind)
     process = sched.denoiser.process
-    net = _half_net(gmm, process, prediction)
+    net = half_net(gmm, process, prediction)
     x_T = noise(4, 8).to(torch.bfloat16)
     sched.set_timesteps(8)
     x, g = x_T, torch.Generator().manual_seed(5)

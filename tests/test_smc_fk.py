@@ -25,7 +25,7 @@ from steerdiff.smc import SMCAlgorithm, StepContext, transition_log_prob
 from steerdiff.smc.fk_steering import potential_nodes
 from steerdiff.solvers import Transition
 
-from .reference import slope, smooth_mixture
+from .reference import half_net, slope, smooth_mixture
 from .test_guidance_cfg import counting
 
 F64 = torch.float64
@@ -518,6 +518,41 @@ def test_nfe_counts_the_net_calls_of_a_guided_denoiser():
             rows.clear()
             out = run(max_batch)
             assert sum(rows) == batch * out.nfe == batch * n * (steps + inside), (out.nfe, sum(rows))
+
+
+# --- half precision: the net in float16/bfloat16, the particles in float32 -----------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method", ["fk_steering", "tds"])
+def test_half_precision_runs_the_particles_in_float32(method, dtype):
+    """A half-precision ``x_T``: the same particles, weights and log Z, to the bit, as a float32 run whose
+    net rounds its input and output to ``dtype`` (chunked, resampled, with TDS's gradients through the
+    net); the rewards see float32 particles, ``Particles.x`` has ``x_T``'s dtype."""
+    seen: list[torch.dtype] = []
+
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.dtype)
+        return x.double() @ C
+
+    op = sd.inverse.Matrix(torch.tensor([[1.0, 0.5]]))
+    y = torch.tensor([1.0])
+
+    def run(net, x_T: torch.Tensor) -> sd.smc.Particles:
+        den = sd.Denoiser(net, PROC, prediction="eps", shape=(2,))
+        kw = dict(shape=(3, 2), particles=8, steps=10, solver=SOLVER, max_batch=5, x_T=x_T, generator=gen(4))
+        if method == "tds":
+            return sd.smc.tds(den, op, y, noise_std=0.5, **kw)
+        return sd.smc.fk_steering(den, reward, lam=2.0, **kw)
+
+    x_T = torch.randn(3, 8, 2, generator=gen(2)).to(dtype)
+    half = run(half_net(GMM, PROC), x_T)
+    ref = run(half_net(GMM, PROC, round_input=dtype), x_T.float())
+    assert half.x.dtype == dtype
+    assert torch.equal(half.x, ref.x.to(dtype))
+    assert torch.equal(half.log_w, ref.log_w) and torch.equal(half.trace.log_z, ref.trace.log_z)
+    assert bool(half.trace.resampled.any())
+    assert method == "tds" or set(seen) == {torch.float32}
 
 
 def _rss_kib(field: str) -> int:

@@ -215,7 +215,8 @@ class Denoiser:
         converted to ``(x0, eps)`` there, at ``x`` itself: what diffusers' schedulers compute from
         an upcast ``model_output`` and the float32 ``sample``. A wrapper that overrides ``__call__``
         (guidance) is called in ``net_dtype`` -- it may call nets of its own -- and its prediction is
-        cast back at ``x`` (:meth:`Prediction.to`).
+        cast back at ``x`` (:meth:`Prediction.to`), unless it overrides ``evaluate`` too, to keep its
+        own arithmetic in ``x``'s dtype and pass ``net_dtype`` on to its nets (CFG, RePaint, SMC).
         """
         if x.dtype == net_dtype:
             return self(x, t, **cond)

@@ -61,7 +61,7 @@ from ..noise import NoiseSource, make_noise, randn
 from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T
 from ..schedules import Schedule
 from ..schedules import get as get_schedule
-from ..solvers.base import Model, make_grid
+from ..solvers.base import Model, make_grid, work_dtype
 from ..solvers.ddim import DDIM
 from .base import Guided, same_process, with_estimate
 
@@ -174,7 +174,8 @@ class CFG(Guided):
         cads: a :class:`CADS` annealing the conditional call's ``cond[cads.key]``.
 
     ``cost`` is the sum of the called branches' costs: 2, or 1 for a call that evaluates one net
-    only (see the module docstring).
+    only (see the module docstring). A half-precision run (:meth:`evaluate`) runs only the branches'
+    nets in half precision; the combination and the rescale are in the solver state's dtype.
     """
 
     def __init__(
@@ -280,19 +281,24 @@ class CFG(Guided):
         return self._from_space(out, guided * factor)
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        return self.evaluate(x, t, x.dtype, **cond)
+
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        """The branches' nets in ``net_dtype`` (:meth:`~steerdiff.denoiser.Denoiser.evaluate`), the
+        combination and the rescale in ``x``'s dtype."""
         inside = self._inside(t, x)
         if inside is False or self.scale == 1:  # the conditional prediction (rescale is then the identity)
-            pred = self.base(x, t, **self._cond_kwargs(t, cond))
+            pred = self.base.evaluate(x, t, net_dtype, **self._cond_kwargs(t, cond))
             self.cost = self.base.cost
             return pred
         ukw = {**cond, **self.uncond_kwargs}
         if inside is True and self.scale == 0 and self.rescale == 0:  # the unconditional prediction
-            pred = self.uncond(x, t, **ukw)
+            pred = self.uncond.evaluate(x, t, net_dtype, **ukw)
             self.cost = self.uncond.cost
             return pred
-        pc = self.base(x, t, **self._cond_kwargs(t, cond))
+        pc = self.base.evaluate(x, t, net_dtype, **self._cond_kwargs(t, cond))
         cost = self.base.cost  # read now: cond and uncond may be one wrapper whose cost varies
-        out = self.guide(pc, self.uncond(x, t, **ukw))
+        out = self.guide(pc, self.uncond.evaluate(x, t, net_dtype, **ukw))
         self.cost = cost + self.uncond.cost
         if isinstance(inside, Tensor):  # per-sample times, some outside the interval
             m = inside.reshape(-1, *([1] * (x.ndim - 1)))
@@ -348,7 +354,9 @@ def pcg(
     clean end the step returns the conditional ``x0``, without correction.
 
     ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and ``**kwargs`` (the condition) are as
-    for :class:`CFG` and :func:`steerdiff.sample`. NFE: one per step for the predictor, plus
+    for :class:`CFG` and :func:`steerdiff.sample`; as there, a float16/bfloat16 ``x_T`` runs only the
+    nets in its dtype (the state, the steps, the moves and the CFG combination in float32) and the
+    result has its dtype. NFE: one per step for the predictor, plus
     ``CFG.cost`` (2; 1 for ``gamma = 1``) per Langevin move; ``SampleInfo.corrector`` has one
     :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
     """
@@ -362,9 +370,11 @@ def pcg(
     sched = get_schedule(schedule)
     grid = make_grid(cond.process, sched, steps, final)
     source = make_noise(generator)
-    predictor, corrector = Model(cond, kwargs, source), Model(sharpened, kwargs, source)
+    work = work_dtype(x_T.dtype)
+    net_dtype = x_T.dtype if work != x_T.dtype else None
+    predictor, corrector = Model(cond, kwargs, source, net_dtype), Model(sharpened, kwargs, source, net_dtype)
     chains = []
-    x = x_T
+    x = x_T.to(work)
     for i in range(grid.steps):
         x = predictor(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
         if grid.is_final_clean(i):
@@ -376,6 +386,7 @@ def pcg(
         chains.append(info)
     predictor.check_finite()
     corrector.check_finite()
+    x = x.to(x_T.dtype)
     if return_info:
         return x, SampleInfo(predictor.nfe + corrector.nfe, grid, DDIM(), sched, chains)
     return x

@@ -42,7 +42,7 @@ from ..inverse.operators import LinearOperator
 from ..noise import GeneratorNoise, randn
 from ..sampling import SampleInfo
 from ..schedules import Schedule
-from ..solvers.base import Model, advance, make_grid
+from ..solvers.base import Model, advance, make_grid, work_dtype
 from ..solvers.ddpm import DDPM
 from ._measurement import MeasurementGuided
 from .base import with_estimate
@@ -75,12 +75,17 @@ class RePaint(MeasurementGuided):
         self.generator = generator
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        return self.evaluate(x, t, x.dtype, **cond)
+
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        """The replacement and the projection in ``x``'s dtype, the base's net in ``net_dtype``
+        (:meth:`~steerdiff.denoiser.Denoiser.evaluate`)."""
         op, y = self.operator, self.observation(x)
         alpha, sigma = self.coefficients(t, x)[:2]
         z = randn(x.shape, self.generator, x.dtype, x.device)
         # x + A^+ (alpha y + sigma A z - A x), with A^+ (sigma A z - A x) = A^+ A (sigma z - x)
         known = x + op.pinv(op.forward(sigma * z - x)) + alpha * op.pinv(y)
-        pred = self.base(known, t, **cond)
+        pred = self.base.evaluate(known, t, net_dtype, **cond)
         return with_estimate(pred, x=x, x0=self.project(pred.x0))
 
     def unseeded(self) -> list[str]:
@@ -123,7 +128,9 @@ def repaint_sample(
     Args:
         den: the prior's denoiser (wrapped here in :class:`RePaint`).
         operator, y: the measurement (``y`` exact).
-        x_T: initial noise, ``(batch, *operator.shape_in)``.
+        x_T: initial noise, ``(batch, *operator.shape_in)``. The result has its dtype; for
+            float16/bfloat16 the state, the DDPM steps and the replacement are float32 and only the
+            net runs in ``x_T``'s dtype, as in :func:`steerdiff.sample`.
         steps: grid nodes (``final="zero"``: the last step returns the denoised estimate).
         resample: ``U``, the passes over each jump interval (1: no resampling).
         jump: ``j``, the jump length in grid steps.
@@ -138,10 +145,11 @@ def repaint_sample(
     sched = _schedules.get(schedule)
     grid = make_grid(den.process, sched, steps)
     solver = DDPM()
-    model = Model(guided, cond, GeneratorNoise(generator))
+    work = work_dtype(x_T.dtype)
+    model = Model(guided, cond, GeneratorNoise(generator), net_dtype=x_T.dtype if work != x_T.dtype else None)
     state = solver.init_state(grid)
     passes = [0] * (grid.steps + 1)
-    x, i = x_T, 0
+    x, i = x_T.to(work), 0
     while i < grid.steps:
         x = advance(solver.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
         i += 1
@@ -153,6 +161,7 @@ def repaint_sample(
             x = ratio * x + std * model.noise(grid.t[i], grid.t[back], x)
             i = back
     model.check_finite()
+    x = x.to(x_T.dtype)
     if return_info:
         return x, SampleInfo(model.nfe, grid, solver, sched)
     return x

@@ -63,12 +63,11 @@ from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, DEFAULT_SOLVER
 from ..schedules import Schedule
-from ..solvers.base import FINALS, Grid, Model, Solver, Transition, advance, make_grid
+from ..solvers.base import FINALS, Grid, Model, Solver, Transition, advance, make_grid, work_dtype
 
 __all__ = ["SteerdiffScheduler", "SteerdiffSchedulerOutput", "denoiser_from_diffusers", "process_from_config"]
 
 F64 = torch.float64
-_HALF = (torch.float16, torch.bfloat16)
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -610,7 +609,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 f"step: called more than the {len(self._times)} times of scheduler.timesteps; "
                 "call set_timesteps to start a new run"
             )
-        work = torch.float32 if sample.dtype in _HALF else sample.dtype
+        work = work_dtype(sample.dtype)
         if not run.started:
             self._start(run)
             run.x, run.started = sample.to(work), True

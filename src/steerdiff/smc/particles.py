@@ -80,7 +80,7 @@ from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
 from ..noise import GeneratorNoise, rand, randn
 from ..sampling import check_seeded
-from ..solvers.base import Grid, History, Model, Solver, Transition, make_grid
+from ..solvers.base import Grid, History, Model, Solver, Transition, make_grid, work_dtype
 from . import resample as _resample
 
 __all__ = [
@@ -339,9 +339,14 @@ class _Evaluator(Guided):
         self.seen: Prediction | None = None
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        return self.evaluate(x, t, x.dtype, **cond)
+
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        """The base's :meth:`~steerdiff.denoiser.Denoiser.evaluate` per chunk: the net in ``net_dtype``,
+        the prediction in ``x``'s dtype at ``x`` itself (so the step's own input is recognized)."""
         n = x.shape[0]
         if self.max_batch is None or n <= self.max_batch:
-            pred = self.base(x, t, **cond)
+            pred = self.base.evaluate(x, t, net_dtype, **cond)
         else:
             parts = []
             for lo in range(0, n, self.max_batch):
@@ -351,7 +356,7 @@ class _Evaluator(Guided):
                     k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v
                     for k, v in cond.items()
                 }
-                parts.append(self.base(x[sl], tt, **cc))
+                parts.append(self.base.evaluate(x[sl], tt, net_dtype, **cc))
             pred = _cat_predictions(parts, x)
         if (
             self.seen is None
@@ -543,6 +548,10 @@ def run_smc(
         max_batch: evaluate the denoiser and the reward on at most this many rows at a time.
         x_T: initial particles ``(batch, particles, *sample_shape)``; default
             ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal (standard normal for VP).
+            ``Particles.x`` has its dtype. For float16/bfloat16 the particles, the solver and the
+            hooks work in float32 and only the net runs in ``x_T``'s dtype, as in
+            :func:`steerdiff.sample` (:func:`~steerdiff.solvers.base.work_dtype`): ``reward`` and
+            the hooks see float32 particles and estimates.
         dtype, device: of the default ``x_T`` (torch's default dtype, CPU).
         generator: the only source of randomness (initial noise, step noise, resampling).
         progress: show a tqdm bar.
@@ -593,6 +602,8 @@ def run_smc(
                 f"x_T must be (batch, particles, *shape) = {(batch, n_part, *sample_shape)}, got {got}"
             )
         x = x_T.reshape(rows, *sample_shape)
+    in_dtype, work = x.dtype, work_dtype(x.dtype)
+    x = x.to(work)
 
     cond = {
         k: v.repeat_interleave(n_part, dim=0)
@@ -604,7 +615,7 @@ def run_smc(
     evaluator = _Evaluator(den, max_batch)
     noise = GeneratorNoise(generator)
     inner = _InnerNoise(noise)
-    model = Model(evaluator, cond, inner)
+    model = Model(evaluator, cond, inner, net_dtype=in_dtype if work != in_dtype else None)
     run = _Run(grid, model, reward, batch, n_part, sample_shape, max_batch)
     solver_state = slv.init_state(grid)
     alg_state = algorithm.init_state(run.rows(x))
@@ -691,7 +702,7 @@ def run_smc(
     model.check_finite()
     run.check_reward()
     trace = Trace(torch.stack(ess_log), torch.stack(res_log), torch.stack(z_log))
-    return Particles(run.rows(x), log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
+    return Particles(run.rows(x).to(in_dtype), log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
 
 
 class _InnerNoise:
