@@ -637,3 +637,15 @@ def test_bad_input():
             needs_transition = True
 
         sd.smc.run_smc(DEN, Needs(), **{**kw, "solver": "edm_sde"})
+
+
+@pytest.mark.parametrize("particles", [5, 7, 16])
+def test_uniform_weights_are_not_resampled_at_threshold_one(particles):
+    """``ess_threshold = 1`` resamples where the ESS is below N; equal weights (a constant reward) have
+    ESS = N up to rounding (4.999.. for N = 5) and are never resampled."""
+    out = sd.smc.fk_steering(
+        DEN, lambda x: torch.zeros(x.shape[0], dtype=x.dtype), lam=1.0, shape=(3, 2), particles=particles,
+        steps=8, ess_threshold=1.0, solver=SOLVER, generator=gen(1), dtype=F64,
+    )  # fmt: skip
+    assert not bool(out.trace.resampled.any())
+    torch.testing.assert_close(out.trace.ess, torch.full_like(out.trace.ess, float(particles)))

@@ -675,7 +675,8 @@ def run_smc(
                     raise ValueError(f"{algorithm.name}: resample must return (batch, particles) indices")
                 anc, mask = forced.to(wdev), torch.ones(batch, dtype=torch.bool, device=wdev)
             elif inc is not None and ess_threshold > 0:
-                mask = ess_log[-1] < ess_threshold * n_part
+                # below the threshold by more than rounding: uniform weights read ESS = N (1 - 1e-16)
+                mask = ess_log[-1] < ess_threshold * n_part * (1 - 1e-9)
                 anc = torch.where(mask[:, None], resample_fn(log_w, generator).to(wdev), arange)
             if anc is not None:
                 flat_idx = (anc + offsets).reshape(-1)
