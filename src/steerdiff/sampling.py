@@ -132,14 +132,13 @@ def sample(
     sched = _schedules.get(schedule)
     slv = _solvers.get(solver)
     grid = make_grid(den.process, sched, steps, final)
-    work = work_dtype(x_T.dtype)
-    model = Model(den, cond, make_noise(generator), net_dtype=x_T.dtype if work != x_T.dtype else None)
+    model = Model(den, cond, make_noise(generator), net_dtype=x_T.dtype)
     kernel = None if corrector is None else _mcmc.get(corrector)
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr)
     chains: list[_mcmc.ChainInfo] = []
     state = slv.init_state(grid)
-    x = x_T.to(work)
+    x = x_T.to(work_dtype(x_T.dtype))
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
     for i in indices:
         x = advance(slv.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])

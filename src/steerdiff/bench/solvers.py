@@ -452,12 +452,9 @@ class DefaultVsDiffusers:
         return self.rest[0] / self.rest[1]
 
 
-def _defaults_pair(problem: Problem, nfe: int) -> tuple[Tensor, Tensor] | None:
-    """``sd.sample``'s and diffusers' default samples from ``problem.x_T`` at ``nfe``, if both reach it."""
-    n_ours = steps_for_nfe(solvers.get(sampling.DEFAULT_SOLVER).nfe, nfe)
-    n_theirs = steps_for_nfe(_diffusers_nfe(DIFFUSERS_DEFAULT), nfe)
-    if n_ours is None or n_theirs is None:
-        return None
+def _defaults_pair(problem: Problem, n_ours: int, n_theirs: int, nfe: int) -> tuple[Tensor, Tensor] | None:
+    """``sd.sample``'s and diffusers' default samples from ``problem.x_T`` at ``n_ours`` and
+    ``n_theirs`` steps (both ``nfe`` network calls), or ``None`` if diffusers' run fails."""
     y = _theirs_sample(DIFFUSERS_DEFAULT, problem, n_theirs, nfe)
     if y is None:
         return None
@@ -476,10 +473,15 @@ def default_vs_diffusers(
     ratio is the estimate, the per-draw ratios its spread.
     """
     keep = ~ill_conditioned(problem)
+    nfe_ours = solvers.get(sampling.DEFAULT_SOLVER).nfe
     out = []
     with quiet_diffusers():
+        nfe_theirs = _diffusers_nfe(DIFFUSERS_DEFAULT)
         for nfe in nfes:
-            pair = _defaults_pair(problem, nfe)
+            n_ours, n_theirs = steps_for_nfe(nfe_ours, nfe), steps_for_nfe(nfe_theirs, nfe)
+            if n_ours is None or n_theirs is None:
+                continue
+            pair = _defaults_pair(problem, n_ours, n_theirs, nfe)
             if pair is None:
                 continue
             x, y = pair
@@ -487,7 +489,7 @@ def default_vs_diffusers(
             sx, sy = switched(problem, x), switched(problem, y)
             sums = [(_squared(problem, ours), _squared(problem, theirs))]
             for other in draws:
-                pair = _defaults_pair(other, nfe)
+                pair = _defaults_pair(other, n_ours, n_theirs, nfe)
                 if pair is not None:
                     sums.append(tuple(_squared(other, relative_rmse(z, other.ref)) for z in pair))
             out.append(

@@ -370,11 +370,9 @@ def pcg(
     sched = get_schedule(schedule)
     grid = make_grid(cond.process, sched, steps, final)
     source = make_noise(generator)
-    work = work_dtype(x_T.dtype)
-    net_dtype = x_T.dtype if work != x_T.dtype else None
-    predictor, corrector = Model(cond, kwargs, source, net_dtype), Model(sharpened, kwargs, source, net_dtype)
+    predictor, corrector = Model(cond, kwargs, source, x_T.dtype), Model(sharpened, kwargs, source, x_T.dtype)
     chains = []
-    x = x_T.to(work)
+    x = x_T.to(work_dtype(x_T.dtype))
     for i in range(grid.steps):
         x = predictor(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
         if grid.is_final_clean(i):

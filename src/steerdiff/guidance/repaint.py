@@ -145,11 +145,10 @@ def repaint_sample(
     sched = _schedules.get(schedule)
     grid = make_grid(den.process, sched, steps)
     solver = DDPM()
-    work = work_dtype(x_T.dtype)
-    model = Model(guided, cond, GeneratorNoise(generator), net_dtype=x_T.dtype if work != x_T.dtype else None)
+    model = Model(guided, cond, GeneratorNoise(generator), net_dtype=x_T.dtype)
     state = solver.init_state(grid)
     passes = [0] * (grid.steps + 1)
-    x, i = x_T.to(work), 0
+    x, i = x_T.to(work_dtype(x_T.dtype)), 0
     while i < grid.steps:
         x = advance(solver.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
         i += 1

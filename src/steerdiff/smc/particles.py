@@ -602,8 +602,8 @@ def run_smc(
                 f"x_T must be (batch, particles, *shape) = {(batch, n_part, *sample_shape)}, got {got}"
             )
         x = x_T.reshape(rows, *sample_shape)
-    in_dtype, work = x.dtype, work_dtype(x.dtype)
-    x = x.to(work)
+    in_dtype = x.dtype
+    x = x.to(work_dtype(in_dtype))
 
     cond = {
         k: v.repeat_interleave(n_part, dim=0)
@@ -615,7 +615,7 @@ def run_smc(
     evaluator = _Evaluator(den, max_batch)
     noise = GeneratorNoise(generator)
     inner = _InnerNoise(noise)
-    model = Model(evaluator, cond, inner, net_dtype=in_dtype if work != in_dtype else None)
+    model = Model(evaluator, cond, inner, net_dtype=in_dtype)
     run = _Run(grid, model, reward, batch, n_part, sample_shape, max_batch)
     solver_state = slv.init_state(grid)
     alg_state = algorithm.init_state(run.rows(x))

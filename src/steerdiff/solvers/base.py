@@ -198,10 +198,10 @@ class Model:
     solver step it belongs to, reported if the output is not finite. ``model.noise(t_from, t_to,
     like)`` is the run's noise source (:mod:`steerdiff.noise`), for stochastic sub-steps.
 
-    ``net_dtype``: the dtype the denoiser is called in, when it differs from the solver state's
-    (a half-precision net driven by a float32 state, see :func:`work_dtype`): only the net's input is
-    cast to it, the prediction is in ``x``'s dtype (:meth:`~steerdiff.denoiser.Denoiser.evaluate`);
-    ``None`` calls the denoiser in ``x``'s dtype.
+    ``net_dtype``: the dtype of the run's input, the one the net runs in. Where it is half precision
+    (so :func:`work_dtype` keeps the solver state in float32) only the net's input is cast to it and
+    the prediction is in ``x``'s dtype (:meth:`~steerdiff.denoiser.Denoiser.evaluate`); otherwise,
+    and for ``None``, the denoiser is called in ``x``'s dtype.
     """
 
     def __init__(
@@ -214,7 +214,7 @@ class Model:
         self.denoiser = denoiser
         self.cond = cond or {}
         self.noise: NoiseSource = noise if noise is not None else GeneratorNoise()
-        self.net_dtype = net_dtype
+        self.net_dtype = net_dtype if net_dtype is not None and work_dtype(net_dtype) != net_dtype else None
         self.nfe = 0
         self._sums: list[Tensor] = []
         self._where: list[tuple[int, float]] = []
