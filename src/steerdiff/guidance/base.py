@@ -30,7 +30,15 @@ from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
 
-__all__ = ["Guided", "add_score", "denoise_with_grad", "require_grad", "same_process", "with_estimate"]
+__all__ = [
+    "Guided",
+    "add_score",
+    "denoise_with_grad",
+    "require_grad",
+    "same_process",
+    "value_grad",
+    "with_estimate",
+]
 
 
 class Guided(Denoiser):
@@ -80,6 +88,18 @@ def require_grad(who: str) -> None:
             f"{who} needs gradients with respect to x, but autograd is disabled (the sampler runs under "
             "torch.no_grad() or torch.inference_mode()); call steerdiff.sample outside those contexts"
         )
+
+
+def value_grad(who: str, what: str, value: Tensor, x: Tensor) -> Tensor:
+    """``grad_x value.sum()`` for per-sample values computed from ``x``; a clear RuntimeError naming
+    ``who`` and ``what`` when ``value`` does not depend on ``x`` differentiably."""
+    if not value.requires_grad:
+        raise RuntimeError(
+            f"{who}: {what} does not depend differentiably on x (computed under torch.no_grad(), "
+            f"detached, or a denoiser whose output is detached); {who} needs its gradient"
+        )
+    (g,) = torch.autograd.grad(value.sum(), x)
+    return g
 
 
 def denoise_with_grad(

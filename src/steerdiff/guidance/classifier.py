@@ -30,14 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
 from ..noise import BrownianTreeNoise
 from ..solvers import get as get_solver
 from ..solvers.base import Grid, Model, Solver, Transition
-from .base import Guided, add_score, denoise_with_grad, require_grad, with_estimate
+from .base import Guided, add_score, denoise_with_grad, require_grad, value_grad, with_estimate
 
 __all__ = ["ClassifierGuidance", "RewardGuidance", "SelfRecurrence"]
 
@@ -62,13 +61,7 @@ def _gradient(who: str, name: str, value: Tensor, x: Tensor) -> Tensor:
     if not isinstance(value, Tensor) or tuple(value.shape) != (n,):
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"{who}: {name} must return a ({n},) tensor (one value per sample), got {shape}")
-    if not value.requires_grad:
-        raise RuntimeError(
-            f"{who}: {name}'s output does not depend differentiably on x (computed under torch.no_grad() "
-            "or detached?); guidance needs its gradient"
-        )
-    (g,) = torch.autograd.grad(value.sum(), x)
-    return g
+    return value_grad(who, f"{name}'s output", value, x)
 
 
 class ClassifierGuidance(Guided):

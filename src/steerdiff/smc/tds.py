@@ -57,6 +57,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..guidance._measurement import MeasurementGuided
+from ..guidance.base import value_grad
 from ..inverse.operators import LinearOperator
 from ..schedules import Schedule
 from ..solvers.base import Solver, Transition
@@ -97,16 +98,6 @@ def _values(who: str, value: Any, n: int) -> Tensor:
     return value
 
 
-def _grad(who: str, value: Tensor, x: Tensor) -> Tensor:
-    if not value.requires_grad:
-        raise RuntimeError(
-            f"tds: {who} does not depend differentiably on x (computed under torch.no_grad(), detached, "
-            "or a denoiser whose output is detached); TDS needs its gradient"
-        )
-    (g,) = torch.autograd.grad(value.sum(), x)
-    return g
-
-
 class _CleanLikelihood(Twist):
     """``log p~_i = log_likelihood(x0_hat(x_i))``; the final weight ``log_likelihood(x_S)``."""
 
@@ -120,7 +111,7 @@ class _CleanLikelihood(Twist):
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         lp = self._eval(ctx, ctx.x0)
-        return lp, _grad("log_likelihood(x0_hat(x))", lp, ctx.x)
+        return lp, value_grad("tds", "log_likelihood(x0_hat(x))", lp, ctx.x)
 
     def final(self, ctx: StepContext) -> Tensor:
         return self._eval(ctx, ctx.x)
@@ -140,7 +131,7 @@ class _NoisyClassifier(Twist):
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         lp = self._eval(ctx)
-        return lp, _grad("classifier", lp, ctx.x)
+        return lp, value_grad("tds", "classifier", lp, ctx.x)
 
     def final(self, ctx: StepContext) -> Tensor:
         return self._eval(ctx)
@@ -167,7 +158,7 @@ class _LinearGaussian(Twist):
         rd = r.detach()
         w = rd / s2 if r2 == 0 else self.m.operator.aat_solve(rd, s2 / r2) / r2  # C^{-1} r
         lp = -0.5 * (rd * w).flatten(1).sum(1)
-        g = _grad("the denoised estimate", (ax0 * w).flatten(1).sum(1), ctx.x)
+        g = value_grad("tds", "the denoised estimate", (ax0 * w).flatten(1).sum(1), ctx.x)
         return lp.reshape(ctx.x.shape[:2]), g
 
     def final(self, ctx: StepContext) -> Tensor:
