@@ -22,6 +22,7 @@ import torch
 import steerdiff as sd
 from steerdiff.bench.solvers import (
     Problem,
+    decided_at,
     default_model,
     diffusers_configs,
     ill_conditioned,
@@ -127,6 +128,34 @@ def test_ill_conditioned_flags_x_T_near_a_basin_boundary():
     assert ill_conditioned(problem, eps=1e-4).tolist() == [False, False, False]
 
 
+def test_decided_at_finds_the_step_after_which_the_exact_flow_ends_in_the_wrong_component():
+    """The two-component mixture above keeps the sign of x_1 along the exact flow, so the exact ODE
+    from a state ends in the component its sign names: a sample is sent away by the first step after
+    which every state has the final (wrong) sign."""
+    gmm = sd.toy.GaussianMixture(
+        torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=F64), torch.full((2, 2), 0.1, dtype=F64), torch.ones(2)
+    )
+    proc = sd.VP.scaled_linear()
+    # signs of x_1 after steps 1, 2, 3; the final sample; the exact answer
+    signs = torch.tensor(
+        [
+            [1, -1, -1, -1, 1],  # wrong from step 2 on
+            [-1, 1, -1, -1, 1],  # wrong after step 1, right after step 2: sent away by step 3
+            [-1, -1, -1, -1, -1],  # right all along: not switched
+            [1, 1, 1, -1, 1],  # only the last step
+            [-1, -1, -1, -1, 1],  # from step 1 on
+            [-1, -1, -1, -1, -1],  # not switched
+        ],
+        dtype=F64,
+    )
+    point = lambda s: torch.stack([s * 0.7, torch.full_like(s, 0.4)], -1)  # noqa: E731
+    states = [(t, point(signs[:, k])) for k, t in enumerate((800.0, 500.0, 200.0))]
+    ref, x = 2 * point(signs[:, 4]), 2 * point(signs[:, 3])
+    problem = Problem(gmm, proc, torch.zeros_like(ref), ref)
+    assert decided_at(problem, states, x) == [2, 3, 4, 1]
+    assert decided_at(problem, states, ref) == []
+
+
 def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     diffusers = pytest.importorskip("diffusers")
     gmm, proc, x_T, ref = problem
@@ -217,6 +246,30 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         f"{rest[1]:.2e}",
         f"{rest[0] / rest[1]:.3g}",
     )
+    # where the switched samples of all 8 draws were sent away: totals, and sigma/alpha after steps
+    # 1-3 of each grid (the per-step attribution is decided_at's, tested on its own)
+    totals = [0, 0]
+    for xs, exact in draws:
+        dpm_xs = diffusers_sample(
+            diffusers.DPMSolverMultistepScheduler(**sd_betas_config()), gmm, proc, xs, 10
+        )[0]
+        for side, z in enumerate((sd.sample(gmm.denoiser(proc), xs, steps=10), dpm_xs)):
+            totals[side] += int((component(z) != component(exact)).sum())
+    ours_t = sd.schedules.get("karras_jump").nodes(proc, 10)[1:4].tolist()
+    sched = diffusers.DPMSolverMultistepScheduler(**sd_betas_config())
+    sched.set_timesteps(10)
+    theirs_t = sched.timesteps[1:4].tolist()
+    m = re.search(r"over the 8 draws (\d+) vs (\d+) switched;.*\n\s+(.*)", part_a)
+    assert m is not None and m.groups()[:2] == (str(totals[0]), str(totals[1]))
+    steps = re.findall(r"step (\d) \(sigma/alpha (\S+) \| (\S+)\): (\d+) vs (\d+)", m.group(3))
+    ratio = lambda t: f"{math.exp(-float(proc.lam(torch.tensor(float(t), dtype=F64)))):.3g}"  # noqa: E731
+    assert [g[:3] for g in steps] == [
+        (str(k), ratio(a), ratio(b)) for k, a, b in zip((1, 2, 3), ours_t, theirs_t, strict=True)
+    ]
+    later = re.search(r"later: (\d+) vs (\d+)$", m.group(3))
+    assert later is not None
+    for side in (0, 1):
+        assert sum(int(g[3 + side]) for g in steps) + int(later.group(1 + side)) == totals[side]
 
     # (b): best of all our rows over best of all diffusers rows, at each NFE, then both
     # configurations pooled over the same 8 draws

@@ -48,6 +48,7 @@ __all__ = [
     "NFES",
     "QUICK_NFES",
     "BestVsBest",
+    "Decisions",
     "DefaultVsDiffusers",
     "DiffusersConfig",
     "Draws",
@@ -59,6 +60,7 @@ __all__ = [
     "best_at",
     "best_per_method",
     "best_vs_best",
+    "decided_at",
     "default_model",
     "default_vs_diffusers",
     "diffusers_configs",
@@ -81,6 +83,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 F64 = torch.float64
+State = tuple[float, Tensor]  # (t, x): a sampler's state after a step
 NFES = (3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 QUICK_NFES = (5, 10)
 DEFAULT_VS_DIFFUSERS_NFES = (10, 20)  # (a): sd.sample's defaults vs diffusers' default DPM-Solver++
@@ -330,9 +333,19 @@ def _diffusers_nfe(config: DiffusersConfig) -> Callable[[int], int]:
     return nfe
 
 
-def _theirs_sample(config: DiffusersConfig, problem: Problem, steps: int, nfe: int) -> Tensor | None:
+def _theirs_sample(
+    config: DiffusersConfig, problem: Problem, steps: int, nfe: int, states: list[State] | None = None
+) -> Tensor | None:
+    """diffusers' sample (``None`` if the run fails); ``states`` (for schedulers that evaluate each
+    timestep once) receives ``(t, x)`` after every step but the last, ``t`` the next timestep."""
+    sched = config.make()
+
+    def record(i: int, x: Tensor) -> None:
+        if states is not None and i + 1 < len(sched.timesteps):
+            states.append((float(sched.timesteps[i + 1]), x))
+
     try:
-        x, used = diffusers_sample(config.make(), problem.gmm, problem.process, problem.x_T, steps)
+        x, used = diffusers_sample(sched, problem.gmm, problem.process, problem.x_T, steps, callback=record)
     except Exception as err:  # a failing reference run is reported in the table, not fatal
         log.warning("diffusers %s at %d steps failed: %r", config.method, steps, err)
         return None
@@ -391,6 +404,30 @@ def ill_conditioned(
     return switched(Problem(problem.gmm, p, x_T, ref), moved).view(-1, directions).any(-1)
 
 
+def decided_at(problem: Problem, states: Sequence[State], x: Tensor) -> list[int]:
+    """For each sample of ``x`` that :func:`switched` (in batch order), the step whose error sent it
+    to another mixture component: the first ``k`` such that the exact ODE started from the solver's
+    state after step ``k``, and from its state after every later step, ends in the component ``x``
+    ends in (``states[k - 1] = (t_k, x_k)``: the noisy states after steps ``1 .. len(states)``;
+    ``len(states) + 1``: only the last step did). Only the switched rows are integrated.
+    """
+    rows = switched(problem, x).nonzero().flatten()
+    if len(rows) == 0:
+        return []
+    comp = problem.gmm.log_responsibilities
+    wrong = comp(x[rows]).argmax(-1)
+    decided = torch.full((len(rows),), len(states) + 1)
+    still = torch.ones(len(rows), dtype=torch.bool)
+    p = problem.process
+    for k in range(len(states), 0, -1):
+        t, xs = states[k - 1]
+        still &= comp(problem.gmm.reference_ode(xs[rows], p, t, p.t_min, denoise=True)).argmax(-1) == wrong
+        if not still.any():
+            break
+        decided[still] = k
+    return decided.tolist()
+
+
 @dataclass(frozen=True)
 class Draws:
     """``(ours, theirs)`` squared errors summed over each independent draw of ``x_T``, the
@@ -425,12 +462,26 @@ def _squared(problem: Problem, rel: float) -> float:
     return rel**2 * float((problem.ref**2).sum())
 
 
+@dataclass(frozen=True)
+class Decisions:
+    """Where a sampler sent the samples it switched, pooled over the draws: for each, the step
+    :func:`decided_at` finds, and ``sigma/alpha`` after steps ``1, 2, ...`` of the sampler's grid."""
+
+    steps: tuple[int, ...]
+    sigmas: tuple[float, ...]
+
+    def at(self, k: int) -> int:
+        """How many were sent away by step ``k``."""
+        return self.steps.count(k)
+
+
 @dataclass
 class DefaultVsDiffusers:
     """(a) at one NFE: relative RMSE of ``sd.sample``'s defaults and of diffusers' default
     DPM-Solver++ on the benchmark's draw; the samples each sent to another mixture component than
     the exact solution (:func:`switched`), in all and among the :func:`ill_conditioned`; both errors
-    over the well-conditioned samples; and the errors on every further independent draw of ``x_T``."""
+    over the well-conditioned samples; the errors on every further independent draw of ``x_T``;
+    and, over all draws, the step that sent each switched sample away (:func:`decided_at`)."""
 
     nfe: int
     ours: float
@@ -440,6 +491,7 @@ class DefaultVsDiffusers:
     well_conditioned: int
     rest: tuple[float, float]
     draws: Draws
+    decided: tuple[Decisions, Decisions]
 
     @property
     def ratio(self) -> float:
@@ -452,13 +504,40 @@ class DefaultVsDiffusers:
         return self.rest[0] / self.rest[1]
 
 
-def _defaults_pair(problem: Problem, n_ours: int, n_theirs: int, nfe: int) -> tuple[Tensor, Tensor] | None:
-    """``sd.sample``'s and diffusers' default samples from ``problem.x_T`` at ``n_ours`` and
+Run = tuple[Tensor, list[State]]  # a sample and the sampler's noisy states after each step
+
+
+def _defaults_pair(problem: Problem, n_ours: int, n_theirs: int, nfe: int) -> tuple[Run, Run] | None:
+    """``sd.sample``'s and diffusers' default runs from ``problem.x_T`` at ``n_ours`` and
     ``n_theirs`` steps (both ``nfe`` network calls), or ``None`` if diffusers' run fails."""
-    y = _theirs_sample(DIFFUSERS_DEFAULT, problem, n_theirs, nfe)
+    theirs: list[State] = []
+    y = _theirs_sample(DIFFUSERS_DEFAULT, problem, n_theirs, nfe, theirs)
     if y is None:
         return None
-    return sampling.sample(problem.gmm.denoiser(problem.process), problem.x_T, steps=n_ours), y
+    ours: list[State] = []
+
+    def record(d: dict[str, Any]) -> None:
+        if d["sigma"] > 0:
+            ours.append((d["t"], d["x"]))
+
+    x = sampling.sample(problem.gmm.denoiser(problem.process), problem.x_T, steps=n_ours, callback=record)
+    return (x, ours), (y, theirs)
+
+
+def _decisions(runs: Sequence[tuple[Problem, Run]]) -> Decisions:
+    """:func:`decided_at` over the switched samples of all ``runs`` (one sampler, one grid)."""
+    rows = [(d, switched(d, x), x, states) for d, (x, states) in runs]
+    first = runs[0][0]
+    both = Problem(
+        first.gmm,
+        first.process,
+        torch.cat([d.x_T[sw] for d, sw, _, _ in rows]),
+        torch.cat([d.ref[sw] for d, sw, _, _ in rows]),
+    )
+    times = [t for t, _ in runs[0][1][1]]
+    states = [(t, torch.cat([st[k][1][sw] for _, sw, _, st in rows])) for k, t in enumerate(times)]
+    steps = decided_at(both, states, torch.cat([x[sw] for _, sw, x, _ in rows]))
+    return Decisions(tuple(steps), tuple(math.exp(-float(first.process.lam(t))) for t in times))
 
 
 def default_vs_diffusers(
@@ -470,7 +549,8 @@ def default_vs_diffusers(
 
     The error at few steps is dominated by the few samples a sampler sends to another mixture
     component (a Poisson count of a handful per 1024), so one draw's ratio is noisy: the pooled
-    ratio is the estimate, the per-draw ratios its spread.
+    ratio is the estimate, the per-draw ratios its spread; :func:`decided_at` finds, on all
+    draws, the step whose error sent each of them away.
     """
     keep = ~ill_conditioned(problem)
     nfe_ours = solvers.get(sampling.DEFAULT_SOLVER).nfe
@@ -484,14 +564,18 @@ def default_vs_diffusers(
             pair = _defaults_pair(problem, n_ours, n_theirs, nfe)
             if pair is None:
                 continue
-            x, y = pair
-            ours, theirs = relative_rmse(x, problem.ref), relative_rmse(y, problem.ref)
-            sx, sy = switched(problem, x), switched(problem, y)
-            sums = [(_squared(problem, ours), _squared(problem, theirs))]
+            runs = [(problem, pair)]
             for other in draws:
                 pair = _defaults_pair(other, n_ours, n_theirs, nfe)
                 if pair is not None:
-                    sums.append(tuple(_squared(other, relative_rmse(z, other.ref)) for z in pair))
+                    runs.append((other, pair))
+            (x, _), (y, _) = runs[0][1]
+            ours, theirs = relative_rmse(x, problem.ref), relative_rmse(y, problem.ref)
+            sx, sy = switched(problem, x), switched(problem, y)
+            sums = tuple(
+                (_squared(d, relative_rmse(a, d.ref)), _squared(d, relative_rmse(b, d.ref)))
+                for d, ((a, _), (b, _)) in runs
+            )
             out.append(
                 DefaultVsDiffusers(
                     nfe,
@@ -501,7 +585,11 @@ def default_vs_diffusers(
                     (int((sx & ~keep).sum()), int((sy & ~keep).sum())),
                     int(keep.sum()),
                     (relative_rmse(x[keep], problem.ref[keep]), relative_rmse(y[keep], problem.ref[keep])),
-                    Draws(tuple(sums)),
+                    Draws(sums),
+                    (
+                        _decisions([(d, pair[0]) for d, pair in runs]),
+                        _decisions([(d, pair[1]) for d, pair in runs]),
+                    ),
                 )
             )
     return out
@@ -705,6 +793,22 @@ def format_table(rows: Sequence[Row], nfes: Sequence[int], head: str) -> list[st
     return lines
 
 
+def _format_decisions(decided: tuple[Decisions, Decisions], draws: int, first: int = 3) -> list[str]:
+    """(a)'s lines on where the switched samples of all draws were sent away (:func:`decided_at`)."""
+    a, b = decided
+    ks = range(1, min(first, len(a.sigmas), len(b.sigmas)) + 1)
+    parts = [
+        f"step {k} (sigma/alpha {a.sigmas[k - 1]:.3g} | {b.sigmas[k - 1]:.3g}): {a.at(k)} vs {b.at(k)}"
+        for k in ks
+    ]
+    rest = [len(d.steps) - sum(d.at(k) for k in ks) for d in decided]
+    return [
+        f"            over the {draws} draws {len(a.steps)} vs {len(b.steps)} switched; the step whose error"
+        " sent each away (the exact ODE from the state after it ends in the wrong component):",
+        "              " + "; ".join([*parts, f"later: {rest[0]} vs {rest[1]}"]),
+    ]
+
+
 def format_report(result: SolverBench) -> str:
     """The printed summary: best schedule per solver, best configuration per diffusers scheduler,
     and the ratios (a), (b), (c)."""
@@ -740,6 +844,7 @@ def format_report(result: SolverBench) -> str:
                 f" {result.batch - r.well_conditioned} ill-conditioned)",
                 f"            on the {r.well_conditioned} others: {_fmt(r.rest[0])} vs {_fmt(r.rest[1])}"
                 f"  ratio {r.rest_ratio:.3g}",
+                *_format_decisions(r.decided, len(r.draws.sums)),
             ]
     if result.best_vs_best:
         lines += [

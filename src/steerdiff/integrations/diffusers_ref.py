@@ -63,12 +63,14 @@ def run_scheduler(
     x_T: Tensor,
     steps: int,
     generator: torch.Generator | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, int]:
     """A diffusers pipeline's denoising loop around ``net(x, t) -> eps``; returns ``(x0, nfe)``.
 
     ``x = x_T * init_noise_sigma``; for each ``t`` in ``scheduler.timesteps``:
     ``x = step(net(scale_model_input(x, t), t), t, x).prev_sample``; stochastic schedulers draw
-    their noise from ``generator``.
+    their noise from ``generator``. ``callback(i, x)`` is called after the ``i``-th step with its
+    ``prev_sample`` (as a pipeline's ``callback_on_step_end``).
     """
     scheduler.set_timesteps(steps)
     x = x_T * scheduler.init_noise_sigma
@@ -78,6 +80,8 @@ def run_scheduler(
         out = net(scheduler.scale_model_input(x, t), t)
         nfe += 1
         x = scheduler.step(out, t, x, **kwargs).prev_sample
+        if callback is not None:
+            callback(nfe - 1, x)
     return x, nfe
 
 
@@ -88,14 +92,16 @@ def diffusers_sample(
     x_T: Tensor,
     steps: int,
     generator: torch.Generator | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, int]:
     """Run a diffusers ``scheduler`` for ``steps`` inference steps with the exact eps model.
 
     Returns ``(x0, nfe)``, ``nfe`` being the number of network calls (``len(scheduler.timesteps)``:
     ``2 steps - 1`` for Heun). ``x_T`` is standard normal; it is scaled by ``init_noise_sigma``.
-    Stochastic schedulers draw their noise from ``generator``.
+    Stochastic schedulers draw their noise from ``generator``; ``callback`` as in
+    :func:`run_scheduler`.
     """
-    return run_scheduler(scheduler, eps_net(gmm, process), x_T, steps, generator)
+    return run_scheduler(scheduler, eps_net(gmm, process), x_T, steps, generator, callback)
 
 
 def nodes_of(scheduler: Any) -> Custom:
