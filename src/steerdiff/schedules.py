@@ -150,9 +150,13 @@ class Karras(Schedule):
                 f"{who}: need sigma_max > sigma_min, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}"
             )
 
+    def ramp_top(self, process: Process, smin: float) -> float:
+        """Where the ramp starts when ``sigma_max`` is ``None``: the process's ``s_max``."""
+        return math.exp(-float(process.lam(process.t_max)))
+
     def nodes(self, process: Process, n: int) -> Tensor:
         smin = math.exp(-float(process.lam(process.t_min))) if self.sigma_min is None else self.sigma_min
-        smax = math.exp(-float(process.lam(process.t_max))) if self.sigma_max is None else self.sigma_max
+        smax = self.ramp_top(process, smin) if self.sigma_max is None else self.sigma_max
         if not smax > smin:
             raise ValueError(
                 f"{type(self).__name__}: need sigma_max > sigma_min, got sigma_min={smin:.6g}, "
@@ -173,15 +177,29 @@ class Karras(Schedule):
 
 
 class KarrasJump(Karras):
-    r"""Karras nodes whose last point, ``s_min``, is replaced by the final jump to ``sigma = 0``.
+    r"""Karras nodes with a jump at either end: from the pure-noise start into a ramp that begins at
+    ``sigma_top``, and from the last node to ``sigma = 0``.
 
-    For ``n < max_nodes`` nodes: the first ``n`` points of the ``n + 1``-point Karras grid,
-    ``s_i = (s_max^(1/rho) + i/n (s_min^(1/rho) - s_max^(1/rho)))^rho``, ``i = 0..n-1``; for
-    ``n >= max_nodes``: :class:`Karras` itself. With :func:`steerdiff.sample`'s clean end the last
-    step returns the denoised estimate at ``s_{n-1} > s_min`` instead of spending an evaluation at
-    ``s_min``, the convention of the Align-Your-Steps lists (Sabour et al. 2024) and of diffusers'
-    multistep ``linspace`` spacing: with few steps the nodes move to higher noise, where the
-    trajectory chooses its mixture component. The price is a bias of order ``s_{n-1} - s_min``
+    *Top.* Where the process's ``s_max`` exceeds ``sigma_top`` (default 30; ``sigma_max`` not given)
+    the ramp runs from ``sigma_top`` and its first node stays at ``t_max``: one step from the start
+    into the ramp. Eq. 5 from ``s_max`` spends its nodes where the flow is still nearly linear when
+    ``s_max`` is large: zero terminal SNR (``rescale_zero_snr``, ``s_max`` = 4e3-3e4) puts 7 of 10
+    nodes above ``s = 30``, rectified flow (``s_max`` = 999) 6. With the jump the default solver's
+    relative RMSE on the benchmark's mixtures (3 of them, unit-scale data) at 10 / 20 / 50 steps
+    drops from 0.30 / 0.64 / 1.0e-2 to 0.069 / 3.7e-3 / 3.1e-4 (zero-SNR DDPM betas), 0.20 / 0.19 /
+    3.1e-3 to 0.042 / 3.2e-3 / 2.5e-4 (zero-SNR SD betas), 0.36 / 0.087 / 1.8e-3 to 0.14 / 5.4e-3 /
+    4.3e-4 (rectified flow) and by 1.1-2x for DDPM betas, VP linear/cosine, VE and EDM
+    (``s_max`` 50-157); processes with ``s_max <= 30`` (Stable Diffusion's 14.6) keep Eq. 5's
+    nodes. The jump's own error, ``O(sigma_data^2 / sigma_top^2)``, is a floor near 4e-5 that more
+    steps do not lower (reached at about 200 steps); ``sigma_top=None`` removes the top jump.
+
+    *Bottom.* For ``n < max_nodes`` nodes: the first ``n`` points of the ``n + 1``-point ramp,
+    ``s_i = (s_top^(1/rho) + i/n (s_min^(1/rho) - s_top^(1/rho)))^rho``, ``i = 0..n-1``; for
+    ``n >= max_nodes`` the whole ramp, as :class:`Karras`. With :func:`steerdiff.sample`'s clean end
+    the last step returns the denoised estimate at ``s_{n-1} > s_min`` instead of spending an
+    evaluation at ``s_min``, the convention of the Align-Your-Steps lists (Sabour et al. 2024) and of
+    diffusers' multistep ``linspace`` spacing: with few steps the nodes move to higher noise, where
+    the trajectory chooses its mixture component. The price is a bias of order ``s_{n-1} - s_min``
     (the result is the denoised estimate at ``s_{n-1}``, not at ``s_min``), which dominates the
     solver error from about 15 steps on; hence ``max_nodes = 15`` (diffusers' threshold for
     ``lower_order_final``). Meant for ``final="zero"``.
@@ -195,11 +213,18 @@ class KarrasJump(Karras):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         max_nodes: int = 15,
+        sigma_top: float | None = 30.0,
     ) -> None:
         super().__init__(rho, sigma_min, sigma_max)
         if isinstance(max_nodes, bool) or not isinstance(max_nodes, numbers.Integral) or max_nodes < 1:
             raise ValueError(f"KarrasJump: max_nodes must be an integer >= 1, got {max_nodes!r}")
         self.max_nodes = int(max_nodes)
+        self.sigma_top = _positive("KarrasJump", "sigma_top", sigma_top)
+
+    def ramp_top(self, process: Process, smin: float) -> float:
+        """The process's ``s_max``, at most ``sigma_top`` (where that is above ``s_min``)."""
+        smax = super().ramp_top(process, smin)
+        return smax if self.sigma_top is None or self.sigma_top <= smin else min(smax, self.sigma_top)
 
     def nodes(self, process: Process, n: int) -> Tensor:
         if n >= self.max_nodes:
@@ -207,7 +232,7 @@ class KarrasJump(Karras):
         return super().nodes(process, n + 1)[:n]
 
     def __repr__(self) -> str:
-        return f"KarrasJump(rho={self.rho:g}, max_nodes={self.max_nodes})"
+        return f"KarrasJump(rho={self.rho:g}, max_nodes={self.max_nodes}, sigma_top={self.sigma_top})"
 
 
 # Published Align-Your-Steps 10-step lists (Sabour et al. 2024) for 1000-step VP models: ten
