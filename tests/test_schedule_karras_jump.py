@@ -66,14 +66,14 @@ def test_above_sigma_top_the_ramp_starts_at_sigma_top_after_the_start(process) -
     s_min = math.exp(-float(process.lam(process.t_min)))
     a, b = 30.0 ** (1 / 7), s_min ** (1 / 7)
     for n in (2, 5, 10, 14, 20):
-        t = KarrasJump()(process, n)
+        t = KarrasJump(sigma_top=30)(process, n)
         s = (process.sigma(t) / process.alpha(t)).numpy()
         m = n if n < 15 else n - 1  # ramp intervals: the last node is the jump's below 15 nodes
         want = [(a + i / m * (b - a)) ** 7 for i in range(1, n)]
         assert float(t[0]) == process.t_max and s[1:] == pytest.approx(want, rel=1e-9)
-        # without the top jump: Eq. 5 from the process's s_max
-        assert torch.equal(KarrasJump(sigma_top=None)(process, n), KarrasJump(sigma_top=1e9)(process, n))
-    assert torch.equal(KarrasJump(sigma_top=None)(process, 20), Karras()(process, 20))
+        # without the top jump (the default): Eq. 5 from the process's s_max
+        assert torch.equal(KarrasJump()(process, n), KarrasJump(sigma_top=1e9)(process, n))
+    assert torch.equal(KarrasJump()(process, 20), Karras()(process, 20))
     for bad in (0, -1.0, math.nan, math.inf, "30"):
         with pytest.raises(ValueError, match="sigma_top"):
             KarrasJump(sigma_top=bad)

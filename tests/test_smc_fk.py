@@ -30,7 +30,6 @@ from .test_guidance_cfg import counting
 
 F64 = torch.float64
 PROC = sd.VP.cosine()
-SMC_SCHEDULE = sd.smc.particles.DEFAULT_SCHEDULE  # karras_jump without its top jump
 GMM = smooth_mixture(dim=2, components=3, seed=0)
 DEN = GMM.denoiser(PROC)
 C = torch.tensor([1.0, -0.5], dtype=F64)
@@ -64,7 +63,7 @@ def test_lam0_is_the_base_sampler(solver):
     )  # fmt: skip
     g = gen(3)
     x_T = torch.randn(batch * n, 2, generator=g, dtype=F64)
-    ref = sd.sample(DEN, x_T, steps=steps, solver=solver, schedule=SMC_SCHEDULE, generator=g)
+    ref = sd.sample(DEN, x_T, steps=steps, solver=solver, schedule="karras_jump", generator=g)
     assert out.x.shape == (batch, n, 2)
     assert torch.equal(out.x.reshape(-1, 2), ref)
     assert out.nfe == steps * n
@@ -335,7 +334,7 @@ def test_grad_hook_gives_the_exact_jacobian():
     out = sd.smc.run_smc(
         gauss.denoiser(PROC), probe, (2, 2), particles=3, steps=6, solver=SOLVER, generator=gen(0), dtype=F64
     )
-    grid = sd.solvers.make_grid(PROC, SMC_SCHEDULE, 6)
+    grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), 6)
     assert [i for i, _ in probe.seen] == list(range(6))
     for i, g in probe.seen:
         a, s = grid.alpha[i], grid.sigma[i]
@@ -379,7 +378,7 @@ def test_code_one_branch_is_the_base_sampler():
     )
     g = gen(2)
     x_T = torch.randn(4, 2, generator=g, dtype=F64)
-    ref = sd.sample(DEN, x_T, steps=10, solver=SOLVER, schedule=SMC_SCHEDULE, generator=g)
+    ref = sd.sample(DEN, x_T, steps=10, solver=SOLVER, schedule="karras_jump", generator=g)
     assert torch.equal(out.x[:, 0], ref)
 
 
@@ -429,7 +428,7 @@ def test_code_selects_the_best_denoised_branch():
         recording_den(x0s, xs), reward, shape=(batch, 2), particles=n, block=block, steps=steps,
         solver="ddpm", generator=gen(5), dtype=F64,
     )  # fmt: skip
-    grid = sd.solvers.make_grid(PROC, SMC_SCHEDULE, steps)
+    grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), steps)
     g = gen(5)
     x = torch.randn(batch, n, 2, generator=g, dtype=F64)
     picks = []
@@ -505,7 +504,7 @@ def test_nfe_counts_the_net_calls_of_a_guided_denoiser():
     den, rows = counting(PROC)
     guided = CFG(den, den, 3.0, uncond_kwargs={"y": 1}, interval=(0.5, 3.0))
     batch, n, steps = 2, 3, 10
-    grid = sd.solvers.make_grid(PROC, SMC_SCHEDULE, steps)
+    grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), steps)
     inside = sum(0.5 < s / a <= 3.0 for s, a in zip(grid.sigma[:-1], grid.alpha[:-1], strict=True))
     assert 0 < inside < steps
     kw = dict(shape=(batch, 2), particles=n, steps=steps, solver="ddpm", dtype=F64)

@@ -3,13 +3,12 @@
 Exact targets: for a Gaussian ``N(m, S)``, ``p^beta = N(m, S / beta)``; a product of Gaussian
 mixtures is a Gaussian mixture (closed form below); a 1-D annealed mixture and the CFG target
 ``p(x|c)^w p(x)^{1-w}`` of a two-class mixture are normalized by quadrature on a fine grid. Each test
-runs the corrected sampler (default solver, SDE-DPM-Solver++(2M), 100 steps of the default schedule,
-``karras_jump`` without its top jump, 1024 particles) and the same sampler without weights
-(``correct=False``: the heuristic composed-score SDE) on 32 independent rows and checks ``E[x]`` and
-``E[x^2]``: the corrected estimate within 4 standard errors plus an allowance of 0.03 (the
-discretization error: with 4096 particles these problems show errors up to 0.16 at 50 steps and none
-beyond 1.5 standard errors at 100), the uncorrected one off by more than 10 standard errors and by more
-than twice the corrected error.
+runs the corrected sampler (default solver, SDE-DPM-Solver++(2M), 100 ``karras_jump`` steps, 1024
+particles) and the same sampler without weights (``correct=False``: the heuristic composed-score
+SDE) on 32 independent rows and checks ``E[x]`` and ``E[x^2]``: the corrected estimate within 4
+standard errors plus an allowance of 0.03 (the discretization error: with 4096 particles these
+problems show errors up to 0.16 at 50 steps and none beyond 1.5 standard errors at 100), the
+uncorrected one off by more than 10 standard errors and by more than twice the corrected error.
 ``log Z`` is checked where it has a closed form (allowance 0.15: SMC's ``log Z`` estimate is biased
 low by about half its variance, 0.08 here). The numbers in the docstrings are from these seeds
 (mean error over the rows +- its standard error); eight other seeds pass as well.
@@ -36,7 +35,6 @@ from steerdiff.solvers.base import make_grid
 
 F64 = torch.float64
 PROC = sd.VP.cosine()
-SMC_SCHEDULE = sd.smc.particles.DEFAULT_SCHEDULE  # karras_jump without its top jump
 ROWS = 32
 
 
@@ -111,7 +109,7 @@ def check_log_z(
     out: sd.smc.Particles, log_z: Callable[[float, float], float], steps: int, allowance: float
 ) -> None:
     """``out.log_z`` against ``log Z_t = log_z(alpha, sigma)`` from the first to the last noisy node."""
-    g = make_grid(PROC, SMC_SCHEDULE, steps, "zero")
+    g = make_grid(PROC, sd.schedules.get("karras_jump"), steps, "zero")
     exact = log_z(g.alpha[-2], g.sigma[-2]) - log_z(g.alpha[0], g.sigma[0])
     bias, se = z_scores((out.log_z - exact)[:, None])
     assert abs(float(bias)) <= 4 * float(se) + allowance, (float(bias), float(se), exact)
@@ -216,7 +214,7 @@ def ddpm_limit(v: float, beta: float, steps: int, correct: bool) -> float:
     (``c = (h_{i-1} + h_i) / 2``) maps it to ``N(0, 1 / (1/P - 2 a))``,
     ``a = c beta (beta - 1) sigma^2 / V^2``.
     """
-    g = make_grid(PROC, SMC_SCHEDULE, steps, "zero")
+    g = make_grid(PROC, sd.schedules.get("karras_jump"), steps, "zero")
     p = (g.alpha[0] ** 2 + g.sigma[0] ** 2) / beta  # the default composed prior
     for i in range(steps):
         a_i, s_i, var = g.alpha[i], g.sigma[i], g.alpha[i] ** 2 * v + g.sigma[i] ** 2
@@ -339,7 +337,7 @@ def test_uncorrected_is_cfg():
     cd, ud, batch, n, steps = cond.denoiser(PROC), uncond.denoiser(PROC), 2, 3, 12
     g = gen(5)
     x_T = torch.randn(batch, n, 2, generator=g, dtype=F64)
-    opts = {"steps": steps, "schedule": SMC_SCHEDULE, "generator": g}
+    opts = {"steps": steps, "schedule": "karras_jump", "generator": g}
     out = sd.smc.fkc_cfg(cd, ud, 2.5, shape=(batch, 2), particles=n, correct=False, x_T=x_T, **opts)
     g = gen(5)
     x_ref = torch.randn(batch * n, 2, generator=g, dtype=F64)

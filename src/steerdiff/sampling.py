@@ -99,9 +99,8 @@ def sample(
         solver: a name from :func:`steerdiff.solvers.available` or a Solver instance; default
             ``"unipc"`` (UniPC-3, bh2, with corrector), the most accurate on the exact benchmark.
         schedule: a name from :func:`steerdiff.schedules.available` or a Schedule instance;
-            default ``"karras_jump"`` (Karras nodes from at most ``sigma/alpha = 30``, entered by
-            one step from the start; below 15 steps the last node gives way to the final jump,
-            see :class:`~steerdiff.schedules.KarrasJump`).
+            default ``"karras_jump"`` (Karras nodes; below 15 steps the last node gives way to
+            the final jump, see :class:`~steerdiff.schedules.KarrasJump`).
         final: ``"zero"`` (default): ``steps`` schedule nodes, then the step to the clean state
             ``sigma = 0``, which returns the denoised estimate at the last node;
             ``"none"``: ``steps + 1`` nodes, the result is the noisy state at the last one.

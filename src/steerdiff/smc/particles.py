@@ -96,10 +96,7 @@ __all__ = [
 ]
 
 DEFAULT_SOLVER = "ddpm"
-# karras_jump without its top jump: a particle method weights every step, and one long first step at
-# high noise degenerates the weights (FKC's are not integrable once h >~ 1/(2|B - 1|)), so the ramp
-# starts at the process's s_max as Karras' Eq. 5 does.
-DEFAULT_SCHEDULE = _schedules.KarrasJump(sigma_top=None)
+DEFAULT_SCHEDULE = "karras_jump"
 Reward = Callable[[Tensor], Tensor]
 
 
