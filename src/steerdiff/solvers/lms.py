@@ -10,7 +10,13 @@ actual step ``Delta = s_{i+1} - s_i``:
     theta_j = (s_{i-j} - s_i) / Delta
 
 (:func:`~steerdiff.solvers._poly.adams_bashforth`; the references integrate the same polynomial
-by quadrature), and ``x_{i+1} = alpha_{i+1} y_{i+1}``. One NFE per step; order
+by quadrature), and ``x_{i+1} = alpha_{i+1} y_{i+1}``. Computed, with ``y_i = x0_i + s_i d_i`` (the
+net's own pair) and ``sum_j w_j = 1``, as the DDIM step plus the history's correction,
+
+    x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} d_i + alpha_{i+1} Delta sum_{j>=1} w_j (d_{i-j} - d_i),
+
+which never forms ``x / alpha``: near zero terminal SNR (``alpha_0`` ~ 1e-5) that quotient cancels
+against ``Delta d_i`` and cost float32 runs 1e-4-5e-4 of relative error (now <= 7e-6). One NFE per step; order
 ``min(order, i + 1)`` (warm-up). The step into a clean end (``s = 0``) is first order and returns
 the denoised estimate ``y_i - s_i d_i = x0``; k-diffusion and diffusers take a full-order step
 there instead.
@@ -43,13 +49,16 @@ class LMS(Solver):
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         hist = state["eps"]
-        hist.push(model(x, grid.t[i], i).eps, grid.sigma[i] / grid.alpha[i])
+        pred = model(x, grid.t[i], i)
+        hist.push(pred.eps, grid.sigma[i] / grid.alpha[i])
         d, s = hist.values, hist.at
         k = step_order(i, grid, self.order, len(d), False)
         delta = grid.sigma[i + 1] / grid.alpha[i + 1] - s[0]
         w = self.weights([(sj - s[0]) / delta for sj in s[:k]])
-        y = x / grid.alpha[i] + sum(delta * wj * dj for wj, dj in zip(w, d, strict=False))
-        return grid.alpha[i + 1] * y
+        x = grid.alpha[i + 1] * pred.x0 + grid.sigma[i + 1] * d[0]
+        for wj, dj in zip(w[1:], d[1:k], strict=True):
+            x = x + (grid.alpha[i + 1] * delta * wj) * (dj - d[0])
+        return x
 
     def weights(self, nodes: list[float]) -> Sequence[float]:
         """Quadrature weights of the past derivatives at ``nodes`` (in units of the step)."""
