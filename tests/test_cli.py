@@ -25,6 +25,7 @@ from steerdiff.bench.solvers import (
     decided_at,
     default_model,
     diffusers_configs,
+    fifth_at,
     ill_conditioned,
     initial_noise,
     switched,
@@ -34,7 +35,7 @@ from steerdiff.cli import main
 from .reference import diffusers_sample, exact_sample, rel_rmse, sd_betas_config
 
 F64 = torch.float64
-BATCH, SEED = 8, 3
+BATCH, SEED, DRAWS = 8, 3, 8
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def _ours(problem, solver: str, schedule: str, steps: int) -> float:
 
 
 def _bench(tmp_path: Path, capsys, *extra: str) -> tuple[dict, str]:
-    argv = ["bench", "solvers", "--quick", "--batch", str(BATCH), "--seed", str(SEED), "--no-progress"]
+    argv = ["bench", "solvers", "--quick", "--batch", str(BATCH), "--seed", str(SEED), "--draws", str(DRAWS)]
+    argv.append("--no-progress")
     assert main([*argv, "--out", str(tmp_path), *extra]) == 0
     return _read(tmp_path / "solvers.csv"), capsys.readouterr().out
 
@@ -156,6 +158,27 @@ def test_decided_at_finds_the_step_after_which_the_exact_flow_ends_in_the_wrong_
     assert decided_at(problem, states, ref) == []
 
 
+def test_fifth_at_walks_the_ladder_to_the_first_nfe_with_a_fifth_of_the_error(problem):
+    """Against sd.sample's own squared error at 10 steps (ratio 1 there), the defaults need several
+    rungs to cut the pooled error five-fold; each rung's ratio is recomputed from sd.sample."""
+    gmm, proc, x_T, ref = problem
+    draws = [Problem(gmm, proc, x_T, ref), Problem(gmm, proc, x_T[:4], ref[:4])]
+
+    def squared(steps: int) -> float:
+        den = gmm.denoiser(proc)
+        return sum(float(((sd.sample(den, d.x_T, steps=steps) - d.ref) ** 2).sum()) for d in draws)
+
+    base = squared(10)
+    out = fifth_at(draws, base, 10)
+    assert len(out) >= 2 and [n for n, _ in out] == [12, 15, 20, 25, 30, 40, 50, 60, 80][: len(out)]
+    for n, r in out:
+        assert r == pytest.approx(math.sqrt(squared(n) / base), rel=1e-9)
+    assert out[-1][1] <= 0.2 < min(r for _, r in out[:-1])
+    # a target already met two rungs up stops there; one never met runs the whole ladder
+    assert [n for n, _ in fifth_at(draws, squared(15) * 25.1, 10)] == [12, 15]
+    assert [n for n, _ in fifth_at(draws, base * 1e-6, 10, (12, 15))] == [12, 15]
+
+
 def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     diffusers = pytest.importorskip("diffusers")
     gmm, proc, x_T, ref = problem
@@ -184,9 +207,9 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     x_ours = sd.sample(gmm.denoiser(proc), x_T, steps=10)
     ours = rel_rmse(x_ours, ref)
     part_a = out.split("(a)")[1].split("(b)")[0]
-    # pooled with 7 more independent draws of x_T (seeds SEED + 1, ...)
+    # pooled with DRAWS - 1 more independent draws of x_T (seeds SEED + 1, ...)
     draws = [(x_T, ref)]
-    for seed in range(SEED + 1, SEED + 8):
+    for seed in range(SEED + 1, SEED + DRAWS):
         xs = torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(seed), dtype=F64)
         draws.append((xs, exact_sample(gmm, proc, xs)))
 
@@ -206,7 +229,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         )[0],
     )
     m = re.search(
-        r"NFE 10: (\S+) vs (\S+)  ratio (\S+); over 8 draws of (\d+): "
+        rf"NFE 10: (\S+) vs (\S+)  ratio (\S+); over {DRAWS} draws of (\d+): "
         r"pooled ratio (\S+), per draw (\S+) to (\S+)",
         part_a,
     )
@@ -246,20 +269,21 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         f"{rest[1]:.2e}",
         f"{rest[0] / rest[1]:.3g}",
     )
-    # where the switched samples of all 8 draws were sent away: totals, and sigma/alpha after steps
+    # where the switched samples of all the draws were sent away: totals, and sigma/alpha after steps
     # 1-3 of each grid (the per-step attribution is decided_at's, tested on its own)
-    totals = [0, 0]
+    totals, dpm_squared = [0, 0], 0.0
     for xs, exact in draws:
         dpm_xs = diffusers_sample(
             diffusers.DPMSolverMultistepScheduler(**sd_betas_config()), gmm, proc, xs, 10
         )[0]
+        dpm_squared += float(((dpm_xs - exact) ** 2).sum())
         for side, z in enumerate((sd.sample(gmm.denoiser(proc), xs, steps=10), dpm_xs)):
             totals[side] += int((component(z) != component(exact)).sum())
     ours_t = sd.schedules.get("karras_jump").nodes(proc, 10)[1:4].tolist()
     sched = diffusers.DPMSolverMultistepScheduler(**sd_betas_config())
     sched.set_timesteps(10)
     theirs_t = sched.timesteps[1:4].tolist()
-    m = re.search(r"over the 8 draws (\d+) vs (\d+) switched;.*\n\s+(.*)", part_a)
+    m = re.search(rf"over the {DRAWS} draws (\d+) vs (\d+) switched;.*\n\s+(.*)", part_a)
     assert m is not None and m.groups()[:2] == (str(totals[0]), str(totals[1]))
     steps = re.findall(r"step (\d) \(sigma/alpha (\S+) \| (\S+)\): (\d+) vs (\d+)", m.group(3))
     ratio = lambda t: f"{math.exp(-float(proc.lam(torch.tensor(float(t), dtype=F64)))):.3g}"  # noqa: E731
@@ -270,9 +294,22 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     assert later is not None
     for side in (0, 1):
         assert sum(int(g[3 + side]) for g in steps) + int(later.group(1 + side)) == totals[side]
+    # the NFE at which sd.sample's defaults reach 1/5 of diffusers' error at NFE 10 over the draws:
+    # pooled ratios on the ladder 12, 15, ..., 80 up to the first at most 0.2
+    ladder: list[tuple[int, float]] = []
+    for n in (12, 15, 20, 25, 30, 40, 50, 60, 80):
+        ours_squared = sum(
+            float(((sd.sample(gmm.denoiser(proc), xs, steps=n) - exact) ** 2).sum()) for xs, exact in draws
+        )
+        ladder.append((n, math.sqrt(ours_squared / dpm_squared)))
+        if ladder[-1][1] <= 0.2:
+            break
+    head = f"takes sd.sample NFE {ladder[-1][0]}" if ladder[-1][1] <= 0.2 else "not reached by NFE 80"
+    listed = ", ".join(f"{n}: {r:.3g}" for n, r in ladder)
+    assert f"1/5 of diffusers' pooled error {head} (pooled ratio at NFE {listed})" in part_a
 
     # (b): best of all our rows over best of all diffusers rows, at each NFE, then both
-    # configurations pooled over the same 8 draws
+    # configurations pooled over the same draws
     configs = {(c.method, c.schedule()): c for c in diffusers_configs()}
     for nfe in (5, 10):
         key = {
@@ -284,7 +321,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         }
         best = {src: float(rows[k][f"nfe_{nfe}"]) for src, k in key.items()}
         m = re.search(
-            rf"NFE +{nfe}: .* (\S+) vs .* (\S+)  ratio (\S+)\s+over 8 draws of {BATCH}: "
+            rf"NFE +{nfe}: .* (\S+) vs .* (\S+)  ratio (\S+)\s+over {DRAWS} draws of {BATCH}: "
             r"pooled ratio (\S+), per draw (\S+) to (\S+)",
             out.split("(b)")[1],
         )
@@ -359,7 +396,10 @@ def test_bad_arguments_exit_2_and_say_why(capsys, argv, message):
     [
         ([], ["bench", "sample", "--verbose"]),
         (["bench"], ["solvers"]),
-        (["bench", "solvers"], ["--out", "--batch", "--seed", "--quick", "--no-diffusers", "--no-progress"]),
+        (
+            ["bench", "solvers"],
+            ["--out", "--batch", "--seed", "--quick", "--no-diffusers", "--no-progress", "--draws"],
+        ),
         (["sample"], ["--out", "--n", "--steps", "--solver", "--schedule", "--seed"]),
     ],
 )

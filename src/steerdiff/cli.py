@@ -2,7 +2,7 @@
 
     steerdiff demo [--out DIR] [--digit D] [--n N] [--seed S] [--no-progress] [--weights DIR]
     steerdiff bench solvers [--model {gmm,digits}] [--out DIR] [--batch B] [--seed S] [--quick]
-        [--no-diffusers]
+        [--no-diffusers] [--draws D]
     steerdiff bench sde [--out DIR] [--n N] [--seed S] [--quick] [--no-diffusers]
     steerdiff bench posterior [--out DIR] [--n N] [--seed S] [--quick] [--all | --inpaint]
     steerdiff bench steer [--out DIR] [--n N] [--seed S] [--quick]
@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=1,
         help="torch intra-op threads during the run (default: 1; small tensors: more threads only contend)",
+    )
+    bs.add_argument(
+        "--draws",
+        type=_positive,
+        default=None,
+        help="independent draws of x_T (seeds SEED, SEED + 1, ...) that (a) and (b) pool (default: 16)",
     )
     bs.set_defaults(func=_bench_solvers)
     bd = bench_sub.add_parser(
@@ -342,6 +348,7 @@ def _bench_solvers(args: argparse.Namespace) -> int:
             quick=args.quick,
             with_diffusers=not args.no_diffusers,
             progress=not args.no_progress,
+            draws=args.draws or bench.DRAWS,
         ),
     )
     return _write(result, args.out, "solvers", bench.format_report(result))

@@ -64,6 +64,7 @@ __all__ = [
     "default_model",
     "default_vs_diffusers",
     "diffusers_configs",
+    "fifth_at",
     "format_report",
     "format_table",
     "ill_conditioned",
@@ -87,7 +88,9 @@ State = tuple[float, Tensor]  # (t, x): a sampler's state after a step
 NFES = (3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 QUICK_NFES = (5, 10)
 DEFAULT_VS_DIFFUSERS_NFES = (10, 20)  # (a): sd.sample's defaults vs diffusers' default DPM-Solver++
-DRAWS = 8  # (a) and (b) pooled over this many independent x_T draws (seeds seed, seed + 1, ...)
+DRAWS = 16  # (a) and (b) pooled over this many independent x_T draws (seeds seed, seed + 1, ...)
+# (a): the NFE ladder on which sd.sample looks for 1/5 of diffusers' pooled error
+FIFTH_NFES = (10, 12, 15, 20, 25, 30, 40, 50, 60, 80)
 BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
 ILL_EPS, ILL_DIRECTIONS = 1e-2, 16  # (a): the perturbation that marks an x_T as ill-conditioned
 # (c): (steerdiff solver, diffusers scheduler class) pairs timed with a free network
@@ -481,7 +484,9 @@ class DefaultVsDiffusers:
     DPM-Solver++ on the benchmark's draw; the samples each sent to another mixture component than
     the exact solution (:func:`switched`), in all and among the :func:`ill_conditioned`; both errors
     over the well-conditioned samples; the errors on every further independent draw of ``x_T``;
-    and, over all draws, the step that sent each switched sample away (:func:`decided_at`)."""
+    over all draws, the step that sent each switched sample away (:func:`decided_at`); and
+    ``fifth``: ``(NFE, pooled ratio)`` of ``sd.sample`` at more steps against diffusers at ``nfe``
+    (:func:`fifth_at`), up to the first at most 1/5."""
 
     nfe: int
     ours: float
@@ -492,6 +497,7 @@ class DefaultVsDiffusers:
     rest: tuple[float, float]
     draws: Draws
     decided: tuple[Decisions, Decisions]
+    fifth: tuple[tuple[int, float], ...]
 
     @property
     def ratio(self) -> float:
@@ -524,20 +530,48 @@ def _defaults_pair(problem: Problem, n_ours: int, n_theirs: int, nfe: int) -> tu
     return (x, ours), (y, theirs)
 
 
+def _only_switched(problem: Problem, run: Run) -> tuple[Problem, Run]:
+    """``problem`` and ``run`` cut to the samples the run :func:`switched`: all that
+    :func:`decided_at` needs of a draw, kept instead of every draw's whole trajectories."""
+    x, states = run
+    sw = switched(problem, x)
+    part = Problem(problem.gmm, problem.process, problem.x_T[sw], problem.ref[sw])
+    return part, (x[sw], [(t, xs[sw]) for t, xs in states])
+
+
 def _decisions(runs: Sequence[tuple[Problem, Run]]) -> Decisions:
-    """:func:`decided_at` over the switched samples of all ``runs`` (one sampler, one grid)."""
-    rows = [(d, switched(d, x), x, states) for d, (x, states) in runs]
+    """:func:`decided_at` over ``runs`` (one sampler, one grid, each cut by :func:`_only_switched`)."""
     first = runs[0][0]
     both = Problem(
-        first.gmm,
-        first.process,
-        torch.cat([d.x_T[sw] for d, sw, _, _ in rows]),
-        torch.cat([d.ref[sw] for d, sw, _, _ in rows]),
+        first.gmm, first.process, torch.cat([d.x_T for d, _ in runs]), torch.cat([d.ref for d, _ in runs])
     )
     times = [t for t, _ in runs[0][1][1]]
-    states = [(t, torch.cat([st[k][1][sw] for _, sw, _, st in rows])) for k, t in enumerate(times)]
-    steps = decided_at(both, states, torch.cat([x[sw] for _, sw, x, _ in rows]))
+    states = [(t, torch.cat([st[k][1] for _, (_, st) in runs])) for k, t in enumerate(times)]
+    steps = decided_at(both, states, torch.cat([x for _, (x, _) in runs]))
     return Decisions(tuple(steps), tuple(math.exp(-float(first.process.lam(t))) for t in times))
+
+
+def fifth_at(
+    draws: Sequence[Problem], theirs: float, nfe: int, ladder: Sequence[int] = FIFTH_NFES
+) -> tuple[tuple[int, float], ...]:
+    """``(NFE, pooled ratio)`` of ``sd.sample``'s defaults over ``draws`` against ``theirs``
+    (diffusers' squared error at ``nfe``, summed over the same draws) at each NFE of ``ladder``
+    above ``nfe``, up to the first whose ratio is at most 1/5: how many network calls the defaults
+    need to meet (a)'s goal."""
+    nfe_of = solvers.get(sampling.DEFAULT_SOLVER).nfe
+    out: list[tuple[int, float]] = []
+    for n in ladder:
+        steps = steps_for_nfe(nfe_of, n)
+        if n <= nfe or steps is None:
+            continue
+        ours = sum(
+            _squared(d, relative_rmse(sampling.sample(d.gmm.denoiser(d.process), d.x_T, steps=steps), d.ref))
+            for d in draws
+        )
+        out.append((n, math.sqrt(ours / theirs)))
+        if out[-1][1] <= 0.2:
+            break
+    return tuple(out)
 
 
 def default_vs_diffusers(
@@ -550,7 +584,8 @@ def default_vs_diffusers(
     The error at few steps is dominated by the few samples a sampler sends to another mixture
     component (a Poisson count of a handful per 1024), so one draw's ratio is noisy: the pooled
     ratio is the estimate, the per-draw ratios its spread; :func:`decided_at` finds, on all
-    draws, the step whose error sent each of them away.
+    draws, the step whose error sent each of them away, and :func:`fifth_at` the NFE at which
+    ``sd.sample`` reaches 1/5 of diffusers' pooled error.
     """
     keep = ~ill_conditioned(problem)
     nfe_ours = solvers.get(sampling.DEFAULT_SOLVER).nfe
@@ -561,21 +596,21 @@ def default_vs_diffusers(
             n_ours, n_theirs = steps_for_nfe(nfe_ours, nfe), steps_for_nfe(nfe_theirs, nfe)
             if n_ours is None or n_theirs is None:
                 continue
-            pair = _defaults_pair(problem, n_ours, n_theirs, nfe)
-            if pair is None:
+            first = _defaults_pair(problem, n_ours, n_theirs, nfe)
+            if first is None:
                 continue
-            runs = [(problem, pair)]
-            for other in draws:
-                pair = _defaults_pair(other, n_ours, n_theirs, nfe)
-                if pair is not None:
-                    runs.append((other, pair))
-            (x, _), (y, _) = runs[0][1]
+            (x, _), (y, _) = first
+            used, sums, cut = [], [], []
+            for d in (problem, *draws):
+                pair = first if d is problem else _defaults_pair(d, n_ours, n_theirs, nfe)
+                if pair is None:
+                    continue
+                used.append(d)
+                (a, _), (b, _) = pair
+                sums.append((_squared(d, relative_rmse(a, d.ref)), _squared(d, relative_rmse(b, d.ref))))
+                cut.append(tuple(_only_switched(d, run) for run in pair))
             ours, theirs = relative_rmse(x, problem.ref), relative_rmse(y, problem.ref)
             sx, sy = switched(problem, x), switched(problem, y)
-            sums = tuple(
-                (_squared(d, relative_rmse(a, d.ref)), _squared(d, relative_rmse(b, d.ref)))
-                for d, ((a, _), (b, _)) in runs
-            )
             out.append(
                 DefaultVsDiffusers(
                     nfe,
@@ -585,11 +620,9 @@ def default_vs_diffusers(
                     (int((sx & ~keep).sum()), int((sy & ~keep).sum())),
                     int(keep.sum()),
                     (relative_rmse(x[keep], problem.ref[keep]), relative_rmse(y[keep], problem.ref[keep])),
-                    Draws(sums),
-                    (
-                        _decisions([(d, pair[0]) for d, pair in runs]),
-                        _decisions([(d, pair[1]) for d, pair in runs]),
-                    ),
+                    Draws(tuple(sums)),
+                    (_decisions([c[0] for c in cut]), _decisions([c[1] for c in cut])),
+                    fifth_at(used, sum(b for _, b in sums), nfe),
                 )
             )
     return out
@@ -739,8 +772,10 @@ def run(
     quick: bool = False,
     with_diffusers: bool = True,
     progress: bool = False,
+    draws: int = DRAWS,
 ) -> SolverBench:
-    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES` and a short overhead timing.
+    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES` and a short overhead timing;
+    ``draws``: independent draws of ``x_T`` (seeds ``seed, seed + 1, ...``) that (a) and (b) pool.
 
     ``with_diffusers=False`` (or diffusers not installed) skips the diffusers rows, (a), (b)'s
     diffusers side and (c).
@@ -765,9 +800,9 @@ def run(
     if with_diffusers:
         t0 = time.perf_counter()
         rows += sweep_diffusers(problem, nfes, progress)
-        draws = [make_problem(batch, seed + i) for i in range(1, DRAWS)]
-        ratio_a = default_vs_diffusers(problem, [n for n in DEFAULT_VS_DIFFUSERS_NFES if n in nfes], draws)
-        ratio_b = best_vs_best(problem, rows, [n for n in BEST_VS_DIFFUSERS_NFES if n in nfes], draws)
+        more = [make_problem(batch, seed + i) for i in range(1, draws)]
+        ratio_a = default_vs_diffusers(problem, [n for n in DEFAULT_VS_DIFFUSERS_NFES if n in nfes], more)
+        ratio_b = best_vs_best(problem, rows, [n for n in BEST_VS_DIFFUSERS_NFES if n in nfes], more)
         seconds["diffusers"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         overhead = sampler_overhead(steps=5 if quick else 20, repeats=3 if quick else 30, progress=progress)
@@ -809,6 +844,16 @@ def _format_decisions(decided: tuple[Decisions, Decisions], draws: int, first: i
     ]
 
 
+def _format_fifth(fifth: Sequence[tuple[int, float]]) -> str:
+    """(a)'s line on the NFE at which ``sd.sample`` reaches 1/5 of diffusers' pooled error."""
+    ladder = ", ".join(f"{n}: {r:.3g}" for n, r in fifth)
+    if fifth and fifth[-1][1] <= 0.2:
+        head = f"takes sd.sample NFE {fifth[-1][0]}"
+    else:
+        head = f"not reached by NFE {FIFTH_NFES[-1]}"
+    return f"            1/5 of diffusers' pooled error {head} (pooled ratio at NFE {ladder})"
+
+
 def format_report(result: SolverBench) -> str:
     """The printed summary: best schedule per solver, best configuration per diffusers scheduler,
     and the ratios (a), (b), (c)."""
@@ -845,6 +890,7 @@ def format_report(result: SolverBench) -> str:
                 f"            on the {r.well_conditioned} others: {_fmt(r.rest[0])} vs {_fmt(r.rest[1])}"
                 f"  ratio {r.rest_ratio:.3g}",
                 *_format_decisions(r.decided, len(r.draws.sums)),
+                _format_fifth(r.fifth),
             ]
     if result.best_vs_best:
         lines += [
