@@ -360,6 +360,32 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     assert [(a, b) for a, b, _, _ in timed] == [p for p in pairs if p[0] in sd.solvers.available()]
     assert all(int(a) > 0 and int(b) > 0 for _, _, a, b in timed)
 
+    # (d), --quick: classifier-free guidance at scale 7.5 toward the mixture's first two components,
+    # 10 steps; each sampler against the guided ODE solved in 800 DPM-Solver++(2M) steps; diffusers'
+    # default DPM-Solver++ driven by a pipeline's guidance loop on the same exact nets
+    part = sd.toy.GaussianMixture(gmm.means[:2], gmm.variances[:2], gmm.weights[:2])
+    cond, uncond = part.denoiser(proc), gmm.denoiser(proc)
+    cfg = sd.guidance.CFG(cond, uncond, 7.5)
+    exact = sd.sample(cfg, x_T, 800, "dpmpp_2m", "logsnr_uniform")
+    sched = diffusers.DPMSolverMultistepScheduler(**sd_betas_config())
+    sched.set_timesteps(10)
+    y = x_T.clone()
+    for t in sched.timesteps:
+        e_u, e_c = uncond(y, float(t)).eps, cond(y, float(t)).eps
+        y = sched.step(e_u + 7.5 * (e_c - e_u), t, y).prev_sample
+    row = re.search(r"^\s+7\.5\s+10\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out.split("(d)")[1], re.M)
+    assert row is not None
+    assert row.groups() == tuple(
+        f"{rel_rmse(z, exact):.2e}"
+        for z in (
+            sd.sample(cfg, x_T, 10, "dpmpp_2m", "karras_jump"),
+            sd.sample(cfg, x_T, 10, "unipc", "karras_jump"),
+            sd.sample(cfg, x_T, 10, "ddim", "karras_jump"),
+            y,
+        )
+    )
+    assert "sd.sample (dpmpp_2m)" in out.split("(d)")[1]
+
 
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])
 def test_sample_writes_what_sd_sample_gives(tmp_path, capsys, suffix):

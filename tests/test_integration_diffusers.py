@@ -309,6 +309,10 @@ def test_config_round_trip(tmp_path):
     assert again.config.origin == "UniPCMultistepScheduler"
     assert (again.config.solver, again.config.schedule) == ("dpmpp_3m", "logsnr_uniform")
     assert again.config.solver_order == 2  # UniPC's own keys are kept, not used
+    # without solver/schedule: sd.sample's choice for a guided denoiser (pipelines guide outside
+    # the scheduler) and its default schedule
+    plain = SteerdiffScheduler.from_config(config)
+    assert (plain.config.solver, plain.config.schedule) == ("dpmpp_2m", "karras_jump")
     sched.set_timesteps(7)
     again.set_timesteps(7)
     assert torch.equal(sched.timesteps, again.timesteps)

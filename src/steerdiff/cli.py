@@ -200,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=_positive, default=16, help="number of samples (default: 16)")
     sp.add_argument("--steps", type=_positive, default=10, help="solver steps (default: 10)")
     sp.add_argument(
-        "--solver", choices=solvers.available(), default=sampling.DEFAULT_SOLVER, help="default: %(default)s"
+        "--solver",
+        choices=solvers.available(),
+        default=None,
+        help=f"default: {sampling.DEFAULT_SOLVER}; {sampling.GUIDED_SOLVER} with --guidance",
     )
     sp.add_argument(
         "--schedule",
@@ -434,7 +437,7 @@ def _sample_digits(args: argparse.Namespace) -> int:
         )  # fmt: skip
     x = x.detach()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    what = f"{args.solver}, {args.schedule}, {args.steps} steps, NFE {info.nfe}"
+    what = f"{info.solver.name}, {args.schedule}, {args.steps} steps, NFE {info.nfe}"
     if args.guidance != "none":
         what += f", {args.guidance} scale {scale:g} toward {args.label}"
     elif args.label is not None:
@@ -479,7 +482,7 @@ def _sample(args: argparse.Namespace) -> int:
         np.save(args.out, x.numpy())
     echo(
         f"wrote {args.n} samples of shape {tuple(x.shape[1:])} to {args.out} "
-        f"({args.solver}, {args.schedule}, {args.steps} steps, NFE {info.nfe})"
+        f"({info.solver.name}, {args.schedule}, {args.steps} steps, NFE {info.nfe})"
     )
     return 0
 

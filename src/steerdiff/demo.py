@@ -143,7 +143,9 @@ class _Context:
     def generator(self, k: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + k)
 
-    def sample(self, den: Denoiser, steps: int, solver: str, k: int = 1, **kw: object) -> tuple[Tensor, int]:
+    def sample(
+        self, den: Denoiser, steps: int, solver: str | None, k: int = 1, **kw: object
+    ) -> tuple[Tensor, int]:
         x, info = sampling.sample(
             den, self.x_T, steps, solver, generator=self.generator(k), return_info=True,
             progress=self.progress, **kw,
@@ -173,7 +175,7 @@ def _ddpm(c: _Context) -> tuple[Tensor, int]:
 def _cfg(c: _Context) -> tuple[Tensor, int]:
     cfg = guidance.CFG(c.m.den, c.m.den, CFG_SCALE, uncond_kwargs={"label": D.NULL_LABEL})
     with torch.no_grad():
-        return c.sample(cfg, 10, sampling.DEFAULT_SOLVER, label=c.digit)
+        return c.sample(cfg, 10, None, label=c.digit)  # sample's default for a guided denoiser
 
 
 def _classifier(c: _Context) -> tuple[Tensor, int]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -143,6 +143,7 @@ class Denoiser:
     """
 
     cost: int = 1
+    guided: ClassVar[bool] = False  # True for the guided wrappers (steerdiff.guidance.Guided)
 
     def __init__(
         self,

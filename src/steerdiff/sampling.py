@@ -19,11 +19,12 @@ from .noise import NoiseSource, make_noise
 from .schedules import Schedule
 from .solvers.base import Grid, Model, Solver, advance, make_grid, work_dtype
 
-__all__ = ["SampleInfo", "check_seeded", "check_x_T", "sample"]
+__all__ = ["SampleInfo", "check_seeded", "check_x_T", "default_solver", "sample"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SOLVER = "unipc"
+GUIDED_SOLVER = "dpmpp_2m"
 DEFAULT_SCHEDULE = "karras_jump"
 
 
@@ -37,6 +38,22 @@ class SampleInfo:
     solver: Solver
     schedule: Schedule
     corrector: list[_mcmc.ChainInfo] = field(default_factory=list)
+
+
+def default_solver(den: Denoiser) -> str:
+    """The solver :func:`sample` takes when none is given: :data:`DEFAULT_SOLVER` (UniPC-3, bh2,
+    with corrector), or :data:`GUIDED_SOLVER` (DPM-Solver++(2M)) where ``den.guided`` (the wrappers
+    of :mod:`steerdiff.guidance`).
+
+    High-order multistep solvers are unstable under large guidance scales; Lu et al. 2022b
+    ("DPM-Solver++", Sec. 5) recommend the second-order multistep solver for guided sampling, and
+    diffusers' multistep schedulers default to order 2 for it. Measured against the 800-step
+    solution of the guided ODE (``steerdiff bench solvers``, (d): classifier-free guidance toward two
+    components of the 64-d mixture, SD betas): at scale 7.5 the relative RMSE at 10 and 20 steps
+    is 30.6 and 0.11 for UniPC-3, 0.10 and 5.9e-3 for DPM-Solver++(2M) (diffusers' default
+    DPM-Solver++: 0.18 and 0.086); at scale 2, 0.089 and 4.3e-3 against 0.015 and 4.0e-3.
+    """
+    return GUIDED_SOLVER if den.guided else DEFAULT_SOLVER
 
 
 def check_seeded(den: Denoiser, generator: object) -> None:
@@ -73,7 +90,7 @@ def sample(
     den: Denoiser,
     x_T: Tensor,
     steps: int = 10,
-    solver: str | Solver = DEFAULT_SOLVER,
+    solver: str | Solver | None = None,
     schedule: str | Schedule = DEFAULT_SCHEDULE,
     *,
     final: str = "zero",
@@ -97,7 +114,8 @@ def sample(
             ``step``; see :func:`~steerdiff.solvers.base.work_dtype`).
         steps: number of steps ``N`` (grid intervals). NFE is ``solver.nfe(N)``.
         solver: a name from :func:`steerdiff.solvers.available` or a Solver instance; default
-            ``"unipc"`` (UniPC-3, bh2, with corrector), the most accurate on the exact benchmark.
+            (``None``) :func:`default_solver`: ``"unipc"`` (UniPC-3, bh2, with corrector), the most
+            accurate on the exact benchmark, or ``"dpmpp_2m"`` for a guided ``den``.
         schedule: a name from :func:`steerdiff.schedules.available` or a Schedule instance;
             default ``"karras_jump"`` (Karras nodes; below 15 steps the last node gives way to
             the final jump, see :class:`~steerdiff.schedules.KarrasJump`).
@@ -130,7 +148,7 @@ def sample(
     check_x_T(den, x_T)
     check_seeded(den, generator)
     sched = _schedules.get(schedule)
-    slv = _solvers.get(solver)
+    slv = _solvers.get(default_solver(den) if solver is None else solver)
     grid = make_grid(den.process, sched, steps, final)
     model = Model(den, cond, make_noise(generator), net_dtype=x_T.dtype)
     kernel = None if corrector is None else _mcmc.get(corrector)

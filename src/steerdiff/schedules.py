@@ -189,10 +189,10 @@ class KarrasJump(Karras):
     (``tests/test_schedule_karras_jump.py``) goes from 0.52 to 0.11 at 10 steps and from 0.53 to
     9.2e-3 at 20 (zero-SNR DDPM betas), from 0.39 to 0.24 and from 0.24 to 0.014 (rectified flow),
     at the price of a floor that more steps do not lower (the jump's own error, ``O(sigma_data^2 /
-    sigma_top^2)``). It is not the default because guidance breaks the premise: the demo's
-    classifier-free guidance row (scale 2, 10 steps, digits model with DDPM betas, ``s_max`` = 157,
-    n = 512, seed 0) went from FD 78.5 to 217.9 with ``sigma_top=30`` (136.1 with 80) while the
-    unguided FD stayed at 42.
+    sigma_top^2)``). It is not the default for that floor and because the Feynman-Kac correctors'
+    weights (:mod:`steerdiff.smc`) degrade under one long step at high noise. (The digits demo's CFG
+    FD rose from 78.5 to 217.9 with it under UniPC-3; FD is no measure of a guided solver's error,
+    see :func:`steerdiff.sampling.default_solver`.)
 
     *Bottom.* For ``n < max_nodes`` nodes: the first ``n`` points of the ``n + 1``-point ramp,
     ``s_i = (s_top^(1/rho) + i/n (s_min^(1/rho) - s_top^(1/rho)))^rho``, ``i = 0..n-1``; for

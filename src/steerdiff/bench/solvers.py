@@ -38,9 +38,11 @@ from tqdm.auto import tqdm
 
 from .. import sampling, schedules, solvers
 from ..denoiser import Denoiser
+from ..guidance import CFG
 from ..integrations.diffusers_ref import diffusers_sample, nodes_of, run_scheduler, sd_betas_config
 from ..metrics import relative_rmse
 from ..processes import VP, Process
+from ..sampling import DEFAULT_SCHEDULE
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
 from ._figure import pyplot
 
@@ -52,6 +54,8 @@ __all__ = [
     "DefaultVsDiffusers",
     "DiffusersConfig",
     "Draws",
+    "GuidedBench",
+    "GuidedRow",
     "Overhead",
     "Problem",
     "Results",
@@ -60,6 +64,7 @@ __all__ = [
     "best_at",
     "best_per_method",
     "best_vs_best",
+    "cfg_denoiser",
     "decided_at",
     "default_model",
     "default_vs_diffusers",
@@ -67,6 +72,7 @@ __all__ = [
     "fifth_at",
     "format_report",
     "format_table",
+    "guided_vs_diffusers",
     "ill_conditioned",
     "initial_noise",
     "make_problem",
@@ -92,6 +98,9 @@ DRAWS = 16  # (a) and (b) pooled over this many independent x_T draws (seeds see
 # (a): the NFE ladder on which sd.sample looks for 1/5 of diffusers' pooled error
 FIFTH_NFES = (10, 12, 15, 20, 25, 30, 40, 50, 60, 80)
 BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
+# (d): classifier-free guidance toward CFG_COMPONENTS of the mixture, on the first CFG_BATCH samples
+CFG_SCALES, CFG_STEPS, CFG_COMPONENTS, CFG_BATCH = (2.0, 4.0, 7.5), (10, 20), 2, 256
+CFG_REFERENCE_STEPS = 800  # the guided ODE's solution: DPM-Solver++(2M), checked against UniPC-3
 ILL_EPS, ILL_DIRECTIONS = 1e-2, 16  # (a): the perturbation that marks an x_T as ill-conditioned
 # (c): (steerdiff solver, diffusers scheduler class) pairs timed with a free network
 OVERHEAD_PAIRS = (
@@ -741,6 +750,77 @@ def sampler_overhead(
     return out
 
 
+@dataclass(frozen=True)
+class GuidedRow:
+    """(d) at one guidance scale and step count: relative RMSE of each sampler against the guided
+    ODE's solution (``None``: diffusers not run)."""
+
+    scale: float
+    steps: int
+    default: float
+    unipc: float
+    ddim: float
+    diffusers: float | None
+
+
+@dataclass(frozen=True)
+class GuidedBench:
+    """(d): ``rows``, and per scale the distance between the two reference solutions."""
+
+    solver: str
+    batch: int
+    reference_gap: tuple[float, ...]
+    rows: tuple[GuidedRow, ...]
+
+
+def cfg_denoiser(problem: Problem, scale: float) -> CFG:
+    """Classifier-free guidance at ``scale`` with the exact denoisers of the mixture's first
+    :data:`CFG_COMPONENTS` components (conditional, weights renormalized) and of the whole mixture
+    (unconditional)."""
+    g = problem.gmm
+    k = CFG_COMPONENTS
+    cond = GaussianMixture(g.means[:k], g.variances[:k], g.weights[:k] / g.weights[:k].sum())
+    return CFG(cond.denoiser(problem.process), g.denoiser(problem.process), scale)
+
+
+def guided_vs_diffusers(
+    problem: Problem,
+    scales: Sequence[float] = CFG_SCALES,
+    steps: Sequence[int] = CFG_STEPS,
+    batch: int = CFG_BATCH,
+    with_diffusers: bool = True,
+) -> GuidedBench:
+    """(d): classifier-free guidance (:func:`cfg_denoiser`) from the first ``batch`` samples of
+    ``problem.x_T``: ``sd.sample``'s default for a guided denoiser, UniPC-3 (the unguided
+    default), DDIM (all on ``karras_jump``) and diffusers' default ``DPMSolverMultistepScheduler``
+    driven as a pipeline drives it with guidance (``eps_u + w (eps_c - eps_u)``), each against the
+    guided probability-flow ODE solved by :data:`CFG_REFERENCE_STEPS` DPM-Solver++(2M) steps on the
+    log-SNR-uniform grid; ``reference_gap``: that solution against UniPC-3's on the time-uniform grid
+    of as many steps."""
+    x_T = problem.x_T[:batch]
+    guided = sampling.default_solver(cfg_denoiser(problem, 1.0))
+    gaps, rows = [], []
+    with quiet_diffusers():
+        for w in scales:
+            den = cfg_denoiser(problem, w)
+            ref = sampling.sample(den, x_T, CFG_REFERENCE_STEPS, "dpmpp_2m", "logsnr_uniform")
+
+            def error(
+                n: int, solver: str, schedule: str = DEFAULT_SCHEDULE, den: CFG = den, ref: Tensor = ref
+            ) -> float:
+                return relative_rmse(sampling.sample(den, x_T, n, solver, schedule), ref)
+
+            def eps(x: Tensor, t: Tensor, den: CFG = den) -> Tensor:
+                return den(x, float(t)).eps
+
+            gaps.append(error(CFG_REFERENCE_STEPS, "unipc", "time_uniform"))
+            for n in steps:
+                y = run_scheduler(DIFFUSERS_DEFAULT.make(), eps, x_T, n)[0] if with_diffusers else None
+                theirs = None if y is None else relative_rmse(y, ref)
+                rows.append(GuidedRow(w, n, error(n, guided), error(n, "unipc"), error(n, "ddim"), theirs))
+    return GuidedBench(guided, len(x_T), tuple(gaps), tuple(rows))
+
+
 class Results(Protocol):
     """What :func:`write_csv` and :func:`plot` read: the NFE columns and the rows."""
 
@@ -759,6 +839,7 @@ class SolverBench:
     default_vs_diffusers: list[DefaultVsDiffusers]
     best_vs_best: list[BestVsBest]
     overhead: list[Overhead]
+    guided: GuidedBench
     seconds: dict[str, float]
 
     def of(self, source: str) -> list[Row]:
@@ -774,7 +855,8 @@ def run(
     progress: bool = False,
     draws: int = DRAWS,
 ) -> SolverBench:
-    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES` and a short overhead timing;
+    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES`, a short overhead timing and
+    (d) at the largest scale and fewest steps only;
     ``draws``: independent draws of ``x_T`` (seeds ``seed, seed + 1, ...``) that (a) and (b) pool.
 
     ``with_diffusers=False`` (or diffusers not installed) skips the diffusers rows, (a), (b)'s
@@ -807,8 +889,12 @@ def run(
         t0 = time.perf_counter()
         overhead = sampler_overhead(steps=5 if quick else 20, repeats=3 if quick else 30, progress=progress)
         seconds["overhead"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scales, steps = ((CFG_SCALES[-1],), CFG_STEPS[:1]) if quick else (CFG_SCALES, CFG_STEPS)
+    guided = guided_vs_diffusers(problem, scales, steps, with_diffusers=with_diffusers)
+    seconds["guided"] = time.perf_counter() - t0
     log.info("bench solvers: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return SolverBench(tuple(nfes), batch, seed, rows, ratio_a, ratio_b, overhead, seconds)
+    return SolverBench(tuple(nfes), batch, seed, rows, ratio_a, ratio_b, overhead, guided, seconds)
 
 
 def _fmt(v: float | None) -> str:
@@ -852,6 +938,26 @@ def _format_fifth(fifth: Sequence[tuple[int, float]]) -> str:
     else:
         head = f"not reached by NFE {FIFTH_NFES[-1]}"
     return f"            1/5 of diffusers' pooled error {head} (pooled ratio at NFE {ladder})"
+
+
+def _format_guided(g: GuidedBench) -> list[str]:
+    """(d)'s table: one row per scale and step count (each step costs 2 NFE)."""
+    head = ("scale", "steps", f"sd.sample ({g.solver})", "unipc", "ddim", "diffusers DPMSolverMultistep")
+
+    def line(cells: Sequence[str]) -> str:
+        return "    " + "  ".join(f"{c:>{max(len(h), 8)}}" for c, h in zip(cells, head, strict=True))
+
+    return [
+        f"(d) classifier-free guidance toward components 0-{CFG_COMPONENTS - 1} of the mixture"
+        f" ({g.batch} samples of x_T; 2 NFE per step): relative RMSE vs the guided ODE solved in"
+        f" {CFG_REFERENCE_STEPS} steps (dpmpp_2m, logsnr_uniform; unipc, time_uniform agrees within"
+        f" {max(g.reference_gap):.1e}); all ours on {DEFAULT_SCHEDULE}:",
+        line(head),
+        *(
+            line([f"{r.scale:g}", str(r.steps), *map(_fmt, (r.default, r.unipc, r.ddim, r.diffusers))])
+            for r in g.rows
+        ),
+    ]
 
 
 def format_report(result: SolverBench) -> str:
@@ -915,6 +1021,7 @@ def format_report(result: SolverBench) -> str:
             f"  ratio {o.ratio:.3g}"
             for o in result.overhead
         ]
+    lines += ["", *_format_guided(result.guided)]
     lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]
     return "\n".join(lines)
 

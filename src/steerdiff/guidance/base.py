@@ -23,7 +23,7 @@ assigns its own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -52,6 +52,7 @@ class Guided(Denoiser):
     """
 
     _cost: int | None = None
+    guided: ClassVar[bool] = True  # sample's default solver is then GUIDED_SOLVER
 
     def __init__(self, base: Denoiser) -> None:
         if not isinstance(base, Denoiser):

@@ -5,11 +5,11 @@ Usage::
 
     from steerdiff.integrations.diffusers import SteerdiffScheduler, denoiser_from_diffusers
 
-    pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config, solver="unipc", schedule="karras")
+    pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config)  # dpmpp_2m, karras_jump
     images = pipe(prompt, num_inference_steps=10).images
 
     den = denoiser_from_diffusers(pipe.unet, pipe.scheduler.config)   # the same net, for sd.sample
-    x0 = sd.sample(den, x_T, steps=10, solver="unipc", schedule="karras", encoder_hidden_states=emb)
+    x0 = sd.sample(den, x_T, steps=10, schedule="karras", encoder_hidden_states=emb)
 
 **The model.** The config says how the net was trained: a discrete VP process (DDPM, Ho et al.
 2020) from ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2`` -- the cosine
@@ -61,7 +61,7 @@ from .. import solvers as _solvers
 from ..denoiser import Denoiser, Prediction
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
-from ..sampling import DEFAULT_SCHEDULE, DEFAULT_SOLVER
+from ..sampling import DEFAULT_SCHEDULE, GUIDED_SOLVER
 from ..schedules import Schedule
 from ..solvers.base import FINALS, Grid, Model, Solver, Transition, advance, make_grid, work_dtype
 
@@ -382,7 +382,7 @@ def _describe(obj: str | Solver | Schedule) -> str:
 class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     r"""A diffusers scheduler that samples with a steerdiff solver and schedule.
 
-    ``pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config, solver="unipc",
+    ``pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m",
     schedule="karras")`` keeps the model description of any supported diffusers scheduler config
     (see :func:`denoiser_from_diffusers`); ``num_inference_steps`` is :func:`steerdiff.sample`'s
     ``steps``. With the same net, initial noise and noise generator the pipeline returns what
@@ -395,7 +395,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             invert_sigmas: the model, as in diffusers' configs.
         origin: the diffusers scheduler class the config came from (set by :meth:`from_config`;
             flow-matching and unsupported classes are told apart by it).
-        solver: a name of :func:`steerdiff.solvers.available` or a Solver instance.
+        solver: a name of :func:`steerdiff.solvers.available` or a Solver instance; default
+            ``"dpmpp_2m"``, :func:`steerdiff.sample`'s default for guided denoisers: pipelines apply
+            classifier-free guidance outside the scheduler (:func:`steerdiff.sampling.default_solver`).
         schedule: a name of :func:`steerdiff.schedules.available` or a Schedule instance.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
@@ -430,7 +432,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         use_flow_sigmas: bool = False,
         invert_sigmas: bool = False,
         origin: str | None = None,
-        solver: str | Solver = DEFAULT_SOLVER,
+        solver: str | Solver = GUIDED_SOLVER,
         schedule: str | Schedule = DEFAULT_SCHEDULE,
         final: str = "zero",
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
