@@ -279,7 +279,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         dpm_squared += float(((dpm_xs - exact) ** 2).sum())
         for side, z in enumerate((sd.sample(gmm.denoiser(proc), xs, steps=10), dpm_xs)):
             totals[side] += int((component(z) != component(exact)).sum())
-    ours_t = sd.schedules.get("karras_jump").nodes(proc, 10)[1:4].tolist()
+    ours_t = sd.schedules.get(sd.sampling.DEFAULT_SCHEDULE).nodes(proc, 10)[1:4].tolist()
     sched = diffusers.DPMSolverMultistepScheduler(**sd_betas_config())
     sched.set_timesteps(10)
     theirs_t = sched.timesteps[1:4].tolist()
@@ -378,13 +378,28 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     assert row.groups() == tuple(
         f"{rel_rmse(z, exact):.2e}"
         for z in (
-            sd.sample(cfg, x_T, 10, "dpmpp_2m", "karras_jump"),
-            sd.sample(cfg, x_T, 10, "unipc", "karras_jump"),
-            sd.sample(cfg, x_T, 10, "ddim", "karras_jump"),
+            sd.sample(cfg, x_T, 10, "dpmpp_2m", "karras_capped"),
+            sd.sample(cfg, x_T, 10, "unipc", "karras_capped"),
+            sd.sample(cfg, x_T, 10, "ddim", "karras_capped"),
             y,
         )
     )
     assert "sd.sample (dpmpp_2m)" in out.split("(d)")[1]
+
+    # (e), --quick: one draw at 10 steps under rectified flow; diffusers' FlowMatchEuler loop written
+    # here with the exact velocity (x - E[x0 | x]) / s, each against the exact flow from its start
+    flow = sd.RectifiedFlow()
+    ours_flow = rel_rmse(sd.sample(gmm.denoiser(flow), x_T, 10), exact_sample(gmm, flow, x_T))
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(10)
+    y = x_T.clone()
+    for t in sched.timesteps:
+        s = float(t) / 1000
+        y = sched.step((y - gmm.denoise(y, 1 - s, s)) / s, t, y).prev_sample
+    theirs_flow = rel_rmse(y, gmm.reference_ode(x_T, flow, 1 - 1e-12, flow.t_min, denoise=True))
+    m = re.search(r"pooled over 1 draws:\n    NFE 10: (\S+) vs (\S+)  ratio (\S+)", out.split("(e)")[1])
+    assert m is not None
+    assert m.groups() == (f"{ours_flow:.2e}", f"{theirs_flow:.2e}", f"{ours_flow / theirs_flow:.3g}")
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])

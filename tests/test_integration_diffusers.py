@@ -312,7 +312,7 @@ def test_config_round_trip(tmp_path):
     # without solver/schedule: sd.sample's choice for a guided denoiser (pipelines guide outside
     # the scheduler) and its default schedule
     plain = SteerdiffScheduler.from_config(config)
-    assert (plain.config.solver, plain.config.schedule) == ("dpmpp_2m", "karras_jump")
+    assert (plain.config.solver, plain.config.schedule) == ("dpmpp_2m", "karras_capped")
     sched.set_timesteps(7)
     again.set_timesteps(7)
     assert torch.equal(sched.timesteps, again.timesteps)

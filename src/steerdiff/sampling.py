@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOLVER = "unipc"
 GUIDED_SOLVER = "dpmpp_2m"
-DEFAULT_SCHEDULE = "karras_jump"
+DEFAULT_SCHEDULE = "karras_capped"
 
 
 @dataclass
@@ -117,8 +117,9 @@ def sample(
             (``None``) :func:`default_solver`: ``"unipc"`` (UniPC-3, bh2, with corrector), the most
             accurate on the exact benchmark, or ``"dpmpp_2m"`` for a guided ``den``.
         schedule: a name from :func:`steerdiff.schedules.available` or a Schedule instance;
-            default ``"karras_jump"`` (Karras nodes; below 15 steps the last node gives way to
-            the final jump, see :class:`~steerdiff.schedules.KarrasJump`).
+            default ``"karras_capped"`` (Karras nodes from at most ``sigma/alpha = 30``, entered
+            from ``t_max`` in ``1 + steps // 50`` steps; below 15 steps the last node gives way to
+            the final jump; :class:`~steerdiff.schedules.KarrasCapped`).
         final: ``"zero"`` (default): ``steps`` schedule nodes, then the step to the clean state
             ``sigma = 0``, which returns the denoised estimate at the last node;
             ``"none"``: ``steps + 1`` nodes, the result is the noisy state at the last one.

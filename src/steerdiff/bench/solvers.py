@@ -41,7 +41,7 @@ from ..denoiser import Denoiser
 from ..guidance import CFG
 from ..integrations.diffusers_ref import diffusers_sample, nodes_of, run_scheduler, sd_betas_config
 from ..metrics import relative_rmse
-from ..processes import VP, Process
+from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
 from ._figure import pyplot
@@ -54,6 +54,7 @@ __all__ = [
     "DefaultVsDiffusers",
     "DiffusersConfig",
     "Draws",
+    "FlowRow",
     "GuidedBench",
     "GuidedRow",
     "Overhead",
@@ -70,6 +71,8 @@ __all__ = [
     "default_vs_diffusers",
     "diffusers_configs",
     "fifth_at",
+    "flow_match_euler",
+    "flow_vs_diffusers",
     "format_report",
     "format_table",
     "guided_vs_diffusers",
@@ -101,6 +104,8 @@ BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
 # (d): classifier-free guidance toward CFG_COMPONENTS of the mixture, on the first CFG_BATCH samples
 CFG_SCALES, CFG_STEPS, CFG_COMPONENTS, CFG_BATCH = (2.0, 4.0, 7.5), (10, 20), 2, 256
 CFG_REFERENCE_STEPS = 800  # the guided ODE's solution: DPM-Solver++(2M), checked against UniPC-3
+# (e): the mixture under rectified flow, pooled over FLOW_DRAWS draws of x_T
+FLOW_STEPS, FLOW_DRAWS = (10, 20), 4
 ILL_EPS, ILL_DIRECTIONS = 1e-2, 16  # (a): the perturbation that marks an x_T as ill-conditioned
 # (c): (steerdiff solver, diffusers scheduler class) pairs timed with a free network
 OVERHEAD_PAIRS = (
@@ -792,7 +797,7 @@ def guided_vs_diffusers(
 ) -> GuidedBench:
     """(d): classifier-free guidance (:func:`cfg_denoiser`) from the first ``batch`` samples of
     ``problem.x_T``: ``sd.sample``'s default for a guided denoiser, UniPC-3 (the unguided
-    default), DDIM (all on ``karras_jump``) and diffusers' default ``DPMSolverMultistepScheduler``
+    default), DDIM (all on the default schedule) and diffusers' default ``DPMSolverMultistepScheduler``
     driven as a pipeline drives it with guidance (``eps_u + w (eps_c - eps_u)``), each against the
     guided probability-flow ODE solved by :data:`CFG_REFERENCE_STEPS` DPM-Solver++(2M) steps on the
     log-SNR-uniform grid; ``reference_gap``: that solution against UniPC-3's on the time-uniform grid
@@ -821,6 +826,67 @@ def guided_vs_diffusers(
     return GuidedBench(guided, len(x_T), tuple(gaps), tuple(rows))
 
 
+@dataclass(frozen=True)
+class FlowRow:
+    """(e) at one step count (= NFE): relative RMSE of ``sd.sample``'s defaults and of diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` (``None``: diffusers not run), pooled over ``draws``."""
+
+    steps: int
+    draws: int
+    ours: float
+    diffusers: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.diffusers is None else self.ours / self.diffusers
+
+
+def flow_match_euler(gmm: GaussianMixture, x_T: Tensor, steps: int) -> Tensor:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (default config: Euler, ``shift = 1``) driven as
+    a flow-matching pipeline drives it, with the mixture's exact velocity ``(x - E[x0 | x]) / s`` at
+    ``x = (1 - s) x0 + s eps``; it starts at ``s = 1``."""
+    import diffusers
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(steps)
+    x = x_T
+    for t in sched.timesteps:
+        s = float(t) / sched.config.num_train_timesteps
+        x = sched.step((x - gmm.denoise(x, 1.0 - s, s)) / s, t, x).prev_sample
+    return x
+
+
+def flow_vs_diffusers(
+    batch: int,
+    seed: int,
+    draws: int = FLOW_DRAWS,
+    steps: Sequence[int] = FLOW_STEPS,
+    with_diffusers: bool = True,
+) -> list[FlowRow]:
+    """(e): the default mixture under :class:`~steerdiff.processes.RectifiedFlow`, ``x_T`` of seeds
+    ``seed, ..., seed + draws - 1``: ``sd.sample``'s defaults (from ``t_max = 0.999``) against
+    :func:`flow_match_euler` (from ``t = 1``), each against the exact ODE solution from its own start
+    (``reference_ode`` from ``t_max``, and from ``1 - 1e-12`` for diffusers'), pooled over the draws."""
+    gmm, proc = default_benchmark_mixture(), RectifiedFlow()
+    den = gmm.denoiser(proc)
+    errors = {n: [0.0, 0.0] for n in steps}  # squared errors: ours, diffusers'
+    norms = [0.0, 0.0]  # squared norms of the two exact solutions
+    for k in range(draws):
+        x_T = initial_noise(batch, gmm.dim, seed + k)
+        ref = gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)
+        ref_1 = gmm.reference_ode(x_T, proc, 1.0 - 1e-12, proc.t_min, denoise=True) if with_diffusers else ref
+        norms[0] += float(ref.square().sum())
+        norms[1] += float(ref_1.square().sum())
+        for n in steps:
+            errors[n][0] += float((sampling.sample(den, x_T, n) - ref).square().sum())
+            if with_diffusers:
+                errors[n][1] += float((flow_match_euler(gmm, x_T, n) - ref_1).square().sum())
+    return [
+        FlowRow(n, draws, math.sqrt(a / norms[0]), math.sqrt(b / norms[1]) if with_diffusers else None)
+        for n, (a, b) in errors.items()
+    ]
+
+
 class Results(Protocol):
     """What :func:`write_csv` and :func:`plot` read: the NFE columns and the rows."""
 
@@ -840,6 +906,7 @@ class SolverBench:
     best_vs_best: list[BestVsBest]
     overhead: list[Overhead]
     guided: GuidedBench
+    flow: list[FlowRow]
     seconds: dict[str, float]
 
     def of(self, source: str) -> list[Row]:
@@ -893,8 +960,13 @@ def run(
     scales, steps = ((CFG_SCALES[-1],), CFG_STEPS[:1]) if quick else (CFG_SCALES, CFG_STEPS)
     guided = guided_vs_diffusers(problem, scales, steps, with_diffusers=with_diffusers)
     seconds["guided"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    flow = flow_vs_diffusers(
+        batch, seed, 1 if quick else FLOW_DRAWS, FLOW_STEPS[:1] if quick else FLOW_STEPS, with_diffusers
+    )
+    seconds["flow"] = time.perf_counter() - t0
     log.info("bench solvers: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return SolverBench(tuple(nfes), batch, seed, rows, ratio_a, ratio_b, overhead, guided, seconds)
+    return SolverBench(tuple(nfes), batch, seed, rows, ratio_a, ratio_b, overhead, guided, flow, seconds)
 
 
 def _fmt(v: float | None) -> str:
@@ -960,6 +1032,21 @@ def _format_guided(g: GuidedBench) -> list[str]:
     ]
 
 
+def _format_flow(rows: Sequence[FlowRow], batch: int) -> list[str]:
+    """(e)'s lines: pooled errors and their ratio at each step count."""
+    return [
+        f"(e) rectified flow (the mixture under x = (1 - t) x0 + t eps; {batch} samples per draw): sd.sample"
+        f" defaults ({sampling.DEFAULT_SOLVER}, {sampling.DEFAULT_SCHEDULE}) vs diffusers"
+        " FlowMatchEulerDiscreteScheduler default config (Euler, shift 1), each against the exact ODE"
+        f" solution from its own start (t = 0.999 | 1), pooled over {rows[0].draws if rows else 0} draws:",
+        *(
+            f"    NFE {r.steps:>2}: {_fmt(r.ours)} vs {_fmt(r.diffusers)}"
+            + ("" if r.ratio is None else f"  ratio {r.ratio:.3g}")
+            for r in rows
+        ),
+    ]
+
+
 def format_report(result: SolverBench) -> str:
     """The printed summary: best schedule per solver, best configuration per diffusers scheduler,
     and the ratios (a), (b), (c)."""
@@ -1021,7 +1108,7 @@ def format_report(result: SolverBench) -> str:
             f"  ratio {o.ratio:.3g}"
             for o in result.overhead
         ]
-    lines += ["", *_format_guided(result.guided)]
+    lines += ["", *_format_guided(result.guided), "", *_format_flow(result.flow, result.batch)]
     lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ Usage::
 
     from steerdiff.integrations.diffusers import SteerdiffScheduler, denoiser_from_diffusers
 
-    pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config)  # dpmpp_2m, karras_jump
+    pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config)  # dpmpp_2m, karras_capped
     images = pipe(prompt, num_inference_steps=10).images
 
     den = denoiser_from_diffusers(pipe.unet, pipe.scheduler.config)   # the same net, for sd.sample
