@@ -246,7 +246,8 @@ class KarrasJump(Karras):
         ramp = super().nodes(process, k) if k >= self.max_nodes else super().nodes(process, k + 1)[:k]
         if m == 1:
             return ramp
-        smax, top = math.exp(-float(process.lam(process.t_max))), float(self.sigma_top or 0.0)
+        top, smax = self.sigma_top, math.exp(-float(process.lam(process.t_max)))
+        assert top is not None  # m > 1 only below a top
         between = torch.tensor([smax * (top / smax) ** (j / m) for j in range(1, m)], dtype=F64)
         return torch.cat([ramp[:1], process.t_of_sigma_ratio(between), ramp[1:]])
 

@@ -17,6 +17,8 @@ RMSE ``||x - x_ref|| / ||x_ref||`` over the batch.
   ``x_T``, driven as a pipeline drives them (:mod:`steerdiff.integrations.diffusers_ref`).
 * Sampler overhead (:func:`sampler_overhead`): wall time per step outside the network, with a net
   that returns a precomputed tensor, ours against diffusers' ``scheduler.step`` loop.
+* Guided sampling (:func:`guided_vs_diffusers`) and flow models (:func:`flow_vs_diffusers`): the
+  defaults under classifier-free guidance and under rectified flow, against diffusers' defaults.
 """
 
 from __future__ import annotations
@@ -922,12 +924,12 @@ def run(
     progress: bool = False,
     draws: int = DRAWS,
 ) -> SolverBench:
-    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES`, a short overhead timing and
-    (d) at the largest scale and fewest steps only;
+    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES`, a short overhead timing, (d) at
+    the largest scale and fewest steps only and (e) on one draw at 10 steps;
     ``draws``: independent draws of ``x_T`` (seeds ``seed, seed + 1, ...``) that (a) and (b) pool.
 
     ``with_diffusers=False`` (or diffusers not installed) skips the diffusers rows, (a), (b)'s
-    diffusers side and (c).
+    diffusers side, (c), and the diffusers columns of (d) and (e).
     """
     if with_diffusers:
         try:
