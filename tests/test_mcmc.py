@@ -254,3 +254,26 @@ def test_bad_corrector_input(pc):
     # under torch.no_grad the corrector still differentiates a differentiable log_prob
     with torch.no_grad():
         sd.sample(den, x, steps=3, solver="ddim", corrector=sd.mcmc.MALA(log_prob=log_prob))
+
+
+def test_snr_step_needs_no_host_read_and_a_zero_score_is_reported_after_the_run(pc):
+    """The snr step is a device tensor: on ``meta`` (no values at all) a corrected node runs for
+    ULA on the denoiser's score and for HMC on a log-density. A zero score gives an infinite step,
+    reported by sd.sample after the run with the node's time (not as a NaN from the network)."""
+    _, proc, _, x_T, _ = pc
+    A = torch.eye(8, device="meta")
+    den = sd.Denoiser(lambda x, t: x @ A, proc, "eps", shape=(8,))
+    x = torch.randn(4, 8, device="meta")
+    source = sd.noise.make_noise(torch.Generator())
+    for kernel in (sd.mcmc.ULA(), sd.mcmc.HMC(log_prob=lambda y, t: -(y**2).sum(1), leapfrog_steps=2)):
+        model = sd.solvers.Model(den, {}, source)
+        y, info = sd.mcmc.correct(kernel, model, x, 500.0, 0.5, 0, 2, 0.16)
+        assert y.device.type == "meta" and y.shape == (4, 8) and info.step_size.device.type == "meta"
+
+    # eps = 0: the score -eps / sigma is zero at every node
+    zero = sd.Denoiser(lambda x, t: torch.zeros_like(x), proc, "eps")
+    with pytest.raises(ValueError, match=r"corrector at t=.*snr step size is inf.*explicit step_size"):
+        sd.sample(zero, x_T[:4], steps=3, solver="ddim", corrector="ula", generator=_gen(2))
+    # the rule: 2 (snr sqrt(d) / mean_i ||grad_i||)^2; rows of norm 3 and 5 in d = 4, snr 0.2: 0.02
+    grad = torch.tensor([[3.0, 0, 0, 0], [0, 0, 4.0, 3.0]])
+    assert float(sd.mcmc.snr_step_size(grad, 0.2)) == pytest.approx(0.02, rel=1e-12)

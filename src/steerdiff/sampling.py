@@ -15,6 +15,7 @@ from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
 from .denoiser import Denoiser
+from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, make_noise
 from .schedules import Schedule
 from .solvers.base import Grid, Model, Solver, advance, make_grid, work_dtype
@@ -168,6 +169,7 @@ def sample(
             chains.append(chain)
         if callback is not None:
             callback({"i": i, "t": grid.t[i + 1], "sigma": grid.sigma[i + 1], "x": x, "nfe": model.nfe})
+    check_step_sizes(chains)
     model.check_finite()
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
     x = x.to(x_T.dtype)

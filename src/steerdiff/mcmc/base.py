@@ -24,9 +24,10 @@ from torch import Tensor
 
 from ..noise import make_noise
 
-__all__ = ["ChainInfo", "Kernel", "Normal", "Point", "Target", "chain", "snr_step_size"]
+__all__ = ["ChainInfo", "Kernel", "Normal", "Point", "StepSize", "Target", "chain", "snr_step_size"]
 
 Normal = Callable[[Tensor], Tensor]
+StepSize = float | Tensor  # a float, or a 0-d tensor on the samples' device (snr_step_size)
 
 
 @dataclass
@@ -95,14 +96,15 @@ class ChainInfo:
 
     Attributes:
         t: the process time it ran at (``None`` off a diffusion).
-        step_size: the step size used (Langevin ``eps``; HMC's leapfrog step).
+        step_size: the step size used (Langevin ``eps``; HMC's leapfrog step): a float, or a 0-d
+            tensor where :func:`snr_step_size` chose it (read it with ``float``).
         acceptance: per-sample fraction of accepted moves, ``(n,)`` float64; ``None`` for ULA
             (no Metropolis test).
         evaluations: target evaluations (score or log-density with gradient).
     """
 
     t: float | None
-    step_size: float
+    step_size: StepSize
     acceptance: Tensor | None
     evaluations: int
 
@@ -119,7 +121,7 @@ def check_snr(snr: float) -> float:
     return float(snr)
 
 
-def snr_step_size(grad: Tensor, snr: float) -> float:
+def snr_step_size(grad: Tensor, snr: float) -> Tensor:
     """Langevin step from a signal-to-noise ratio (Song et al. 2021, Alg. 4-5, the PC sampler):
 
         eps = 2 a (snr ||z|| / ||grad||)^2,
@@ -127,14 +129,31 @@ def snr_step_size(grad: Tensor, snr: float) -> float:
     with batch means of the per-sample norms, ``a = 1`` (their ``alpha_i = 1 - beta_i`` of a
     1000-step discretization) and ``||z||`` its large-``d`` value ``sqrt(d)``. The batch means
     make the step depend on the batch: give an explicit step size for batch-invariant samples.
+
+    A 0-d float64 tensor on ``grad``'s device, never read on the host (no device sync per node): a
+    zero or non-finite score norm makes it non-finite, which :func:`check_step_sizes` reports.
     """
     check_snr(snr)
     n = grad.shape[0]
-    gnorm = float(grad.reshape(n, -1).to(torch.float64).norm(dim=-1).mean())
-    d = grad[0].numel()
-    if gnorm == 0 or not math.isfinite(gnorm):
-        raise ValueError(f"snr step size: the score norm is {gnorm}; give an explicit step_size")
-    return 2.0 * (snr * math.sqrt(d) / gnorm) ** 2
+    gnorm = grad.reshape(n, -1).to(torch.float64).norm(dim=-1).mean()
+    return 2.0 * (snr * math.sqrt(grad[0].numel()) / gnorm) ** 2
+
+
+def check_step_sizes(chains: Sequence[ChainInfo]) -> None:
+    """Raise a ``ValueError`` at the first run whose step size is not finite (from a zero or
+    non-finite score norm in :func:`snr_step_size`); one host read for all of them."""
+    sizes = [(c, s) for c in chains if isinstance(s := c.step_size, Tensor)]
+    if not sizes:
+        return
+    ok = torch.isfinite(torch.stack([s for _, s in sizes])).cpu()
+    if bool(ok.all()):
+        return
+    c, s = sizes[int((~ok).nonzero()[0])]
+    where = "" if c.t is None else f" at t={c.t:.6g}"
+    raise ValueError(
+        f"corrector{where}: the snr step size is {float(s)} (the score norm is 0 or not finite); "
+        "give the kernel an explicit step_size"
+    )
 
 
 def sq_norm(v: Tensor) -> Tensor:
@@ -183,11 +202,13 @@ class Kernel:
         if self.log_prob is not None and not callable(self.log_prob):
             raise ValueError(f"{type(self).__name__}: log_prob must be callable (x, t) -> (n,)")
 
-    def step_from_langevin(self, eps: float) -> float:
+    def step_from_langevin(self, eps: StepSize) -> StepSize:
         """This kernel's step size for the Langevin step ``eps`` (the identity but for HMC)."""
         return eps
 
-    def move(self, p: Point, target: Target, step_size: float, normal: Normal) -> tuple[Point, Tensor | None]:
+    def move(
+        self, p: Point, target: Target, step_size: StepSize, normal: Normal
+    ) -> tuple[Point, Tensor | None]:
         """One move from ``p``; returns the new point and the per-sample accept flags (``None``: no test)."""
         raise NotImplementedError
 
@@ -235,7 +256,7 @@ def chain(
     p: Point,
     target: Target,
     steps: int,
-    step_size: float,
+    step_size: StepSize,
     normal: Normal,
     t: float | None = None,
 ) -> tuple[Tensor, ChainInfo]:

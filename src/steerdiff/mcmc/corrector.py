@@ -11,7 +11,9 @@ kernel that targets the noised marginal ``p_t``:
 
 The step size is the kernel's ``step_size`` or, if ``None``, the Langevin step from ``snr`` at the
 node (:func:`~steerdiff.mcmc.base.snr_step_size`, from the score at the corrector's starting point;
-HMC's leapfrog step is ``sqrt(2 eps)``), fixed for the node's moves.
+HMC's leapfrog step is ``sqrt(2 eps)``), fixed for the node's moves. That step stays a tensor on the
+samples' device, so no node reads a value on the host; :func:`steerdiff.sample` checks all of them
+once, after the run (:func:`~steerdiff.mcmc.base.check_step_sizes`).
 """
 
 from __future__ import annotations

@@ -13,14 +13,13 @@ step ``eps`` (same proposal, same acceptance), which is how a Langevin step size
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .base import Kernel, Normal, Point, Target, metropolis, select, sq_norm
+from .base import Kernel, Normal, Point, StepSize, Target, metropolis, select, sq_norm
 
 __all__ = ["HMC"]
 
@@ -42,11 +41,13 @@ class HMC(Kernel):
         ):
             raise ValueError(f"HMC: leapfrog_steps must be an integer >= 1, got {self.leapfrog_steps!r}")
 
-    def step_from_langevin(self, eps: float) -> float:
+    def step_from_langevin(self, eps: StepSize) -> StepSize:
         """``h = sqrt(2 eps)``: one leapfrog step is then the MALA move of step ``eps``."""
-        return math.sqrt(2 * eps)
+        return (2 * eps) ** 0.5
 
-    def move(self, p: Point, target: Target, step_size: float, normal: Normal) -> tuple[Point, Tensor | None]:
+    def move(
+        self, p: Point, target: Target, step_size: StepSize, normal: Normal
+    ) -> tuple[Point, Tensor | None]:
         h = step_size
         p = target.evaluate(p, value=True)
         m0 = normal(p.x)

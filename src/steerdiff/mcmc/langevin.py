@@ -17,14 +17,13 @@ starting point.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .base import Kernel, Normal, Point, Target, metropolis, select, sq_norm
+from .base import Kernel, Normal, Point, StepSize, Target, metropolis, select, sq_norm
 
 __all__ = ["MALA", "ULA"]
 
@@ -35,10 +34,12 @@ class ULA(Kernel):
 
     name: ClassVar[str] = "ula"
 
-    def move(self, p: Point, target: Target, step_size: float, normal: Normal) -> tuple[Point, Tensor | None]:
+    def move(
+        self, p: Point, target: Target, step_size: StepSize, normal: Normal
+    ) -> tuple[Point, Tensor | None]:
         p = target.evaluate(p)
         z = normal(p.x)
-        return Point(p.x + step_size * p.grad + math.sqrt(2 * step_size) * z), None
+        return Point(p.x + step_size * p.grad + (2 * step_size) ** 0.5 * z), None
 
 
 @dataclass
@@ -48,10 +49,12 @@ class MALA(Kernel):
     name: ClassVar[str] = "mala"
     needs_log_prob: ClassVar[bool] = True
 
-    def move(self, p: Point, target: Target, step_size: float, normal: Normal) -> tuple[Point, Tensor | None]:
+    def move(
+        self, p: Point, target: Target, step_size: StepSize, normal: Normal
+    ) -> tuple[Point, Tensor | None]:
         p = target.evaluate(p, value=True)
         z = normal(p.x)
-        q = target.evaluate(Point(p.x + step_size * p.grad + math.sqrt(2 * step_size) * z), value=True)
+        q = target.evaluate(Point(p.x + step_size * p.grad + (2 * step_size) ** 0.5 * z), value=True)
         log_fwd = -0.5 * sq_norm(z)  # x' - x - eps g(x) = sqrt(2 eps) z
         log_bwd = -sq_norm(p.x - q.x - step_size * q.grad) / (4 * step_size)
         log_ratio = q.log_prob.to(torch.float64) - p.log_prob.to(torch.float64) + log_bwd - log_fwd
