@@ -8,13 +8,13 @@ unconditional rows, of class ``d`` for the targeted ones. Deterministic rows sta
 ``x_T = randn(n, 1, 8, 8)`` (seed ``seed``); stochastic ones draw from ``seed + k``.
 
 * ``unipc``: unconditional, the default solver (UniPC-3 bh2, Zhao et al. 2023; schedule
-  ``karras_jump``), 10 steps: NFE 10;
+  ``karras_capped``), 10 steps: NFE 10;
 * ``ddim``: unconditional, DDIM (Song et al. 2021), same schedule, 10 steps: NFE 10;
 * ``ddpm``: unconditional, DDPM ancestral sampling over all 1,000 training timesteps (Ho et al.
   2020): NFE 1000, the baseline of the Frechet-distance ratio;
 * ``real``: ``n`` training images, the Frechet distance's floor at that count;
 * ``cfg``: classifier-free guidance to label ``d`` at scale :data:`CFG_SCALE` (Ho & Salimans 2022),
-  UniPC, 10 steps: NFE 20;
+  the sampler's default for guided denoisers (DPM-Solver++(2M)), 10 steps: NFE 20;
 * ``classifier``: classifier guidance with the noise-conditional classifier at scale
   :data:`CLASSIFIER_SCALE` (Dhariwal & Nichol 2021) on the unconditional model, DDPM,
   :data:`CLASSIFIER_STEPS` steps;

@@ -96,7 +96,7 @@ __all__ = [
 ]
 
 DEFAULT_SOLVER = "ddpm"
-DEFAULT_SCHEDULE = "karras_jump"
+DEFAULT_SCHEDULE = "karras_jump"  # not sd.sample's karras_capped: FK weights fail over its long top step
 Reward = Callable[[Tensor], Tensor]
 
 
