@@ -387,19 +387,32 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     assert "sd.sample (dpmpp_2m)" in out.split("(d)")[1]
 
     # (e), --quick: one draw at 10 steps under rectified flow; diffusers' FlowMatchEuler loop written
-    # here with the exact velocity (x - E[x0 | x]) / s, each against the exact flow from its start
+    # here (shift 1 and 3) with the exact velocity (x - E[x0 | x]) / s, each against the exact flow
+    # from its own start
     flow = sd.RectifiedFlow()
     ours_flow = rel_rmse(sd.sample(gmm.denoiser(flow), x_T, 10), exact_sample(gmm, flow, x_T))
-    sched = diffusers.FlowMatchEulerDiscreteScheduler()
-    sched.set_timesteps(10)
-    y = x_T.clone()
-    for t in sched.timesteps:
-        s = float(t) / 1000
-        y = sched.step((y - gmm.denoise(y, 1 - s, s)) / s, t, y).prev_sample
-    theirs_flow = rel_rmse(y, gmm.reference_ode(x_T, flow, 1 - 1e-12, flow.t_min, denoise=True))
-    m = re.search(r"pooled over 1 draws:\n    NFE 10: (\S+) vs (\S+)  ratio (\S+)", out.split("(e)")[1])
+    exact_1 = gmm.reference_ode(x_T, flow, 1 - 1e-12, flow.t_min, denoise=True)
+    theirs_flow = []
+    for shift in (1.0, 3.0):
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+        sched.set_timesteps(10)
+        y = x_T.clone()
+        for t in sched.timesteps:
+            s = float(t) / 1000
+            y = sched.step((y - gmm.denoise(y, 1 - s, s)) / s, t, y).prev_sample
+        theirs_flow.append(rel_rmse(y, exact_1))
+    m = re.search(
+        r"pooled over 1 draws:\n    NFE 10: (\S+) vs (\S+) \(shift 1\), (\S+) \(shift 3\)"
+        r"  ratios (\S+), (\S+)$",
+        out.split("(e)")[1],
+        re.M,
+    )
     assert m is not None
-    assert m.groups() == (f"{ours_flow:.2e}", f"{theirs_flow:.2e}", f"{ours_flow / theirs_flow:.3g}")
+    assert m.groups() == (
+        f"{ours_flow:.2e}",
+        *(f"{d:.2e}" for d in theirs_flow),
+        *(f"{ours_flow / d:.3g}" for d in theirs_flow),
+    )
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])

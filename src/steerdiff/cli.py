@@ -322,6 +322,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench_digits(args: argparse.Namespace) -> int:
     from .bench import digits
+    from .bench.solvers import CFG_SCALES, CFG_STEPS, QUICK_CFG_SCALES, QUICK_CFG_STEPS
 
     batch = args.batch or 4096
     if batch < 2:
@@ -330,9 +331,18 @@ def _bench_digits(args: argparse.Namespace) -> int:
         )
     models = _digits_models(args.weights)
     n, nfes = (min(batch, 256), digits.QUICK_NFES) if args.quick else (batch, digits.NFES)
+    scales, steps = (QUICK_CFG_SCALES, QUICK_CFG_STEPS) if args.quick else (CFG_SCALES, CFG_STEPS)
     result = _with_threads(
         args.threads,
-        lambda: digits.run(n=n, seed=args.seed, nfes=nfes, models=models, progress=not args.no_progress),
+        lambda: digits.run(
+            n=n,
+            seed=args.seed,
+            nfes=nfes,
+            models=models,
+            progress=not args.no_progress,
+            guided_scales=scales,
+            guided_steps=steps,
+        ),
     )
     csv_path, png_path = digits.write_results(result, args.out)
     return _report(digits.format_report(result), args.out, "digits_solvers", csv_path, png_path)

@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 
 from .. import sampling, solvers
 from ..denoiser import Denoiser
+from ..guidance import CFG
 from ..metrics import frechet_distance, relative_rmse
 from ..toy import digits as D
 from ._figure import pyplot
-from .solvers import steps_for_nfe
+from .solvers import CFG_SCALES, CFG_STEPS, GuidedBench, format_guided, guided_errors, steps_for_nfe
 
 __all__ = [
     "DDPM_BASELINE",
@@ -67,6 +68,8 @@ QUICK_NFES = (10,)
 REFERENCE = ("dpmpp_3m", "karras", 1000)  # (solver, schedule, steps): the ODE reference
 REFERENCE_CHECK = ("ddim", "karras", 1000)
 DDPM_BASELINE = ("ddpm", "leading", 1000)  # every one of the 1,000 training timesteps
+# guided: CFG toward GUIDED_DIGIT on the first GUIDED_BATCH samples, against GUIDED_REFERENCE_STEPS steps
+GUIDED_DIGIT, GUIDED_BATCH, GUIDED_REFERENCE_STEPS = 3, 256, 400
 
 
 @dataclass
@@ -191,6 +194,7 @@ class DigitsSolverBench:
     rows: list[SolverRow] = field(default_factory=list)
     baselines: list[SolverRow] = field(default_factory=list)
     reference_gap: float = math.nan
+    guided: GuidedBench | None = None
 
     def row(self, solver: str, nfe: int) -> SolverRow | None:
         """The run of ``solver`` at the NFE column ``nfe`` (Heun: the largest NFE it reaches up to it)."""
@@ -226,6 +230,24 @@ def _timed_sample(
     return x, info.nfe, time.perf_counter() - start
 
 
+def _guided(
+    m: DigitsModels, x_T: Tensor, scales: Sequence[float], steps: Sequence[int]
+) -> GuidedBench | None:
+    """:func:`~steerdiff.bench.solvers.guided_errors` for CFG toward :data:`GUIDED_DIGIT`."""
+    if not scales or not steps:
+        return None
+    try:
+        from diffusers import DPMSolverMultistepScheduler as scheduler
+    except ImportError:
+        scheduler = None
+
+    def make(w: float) -> Denoiser:
+        return CFG(m.den, m.den, w, uncond_kwargs={"label": D.NULL_LABEL})
+
+    with torch.no_grad():
+        return guided_errors(make, x_T, scales, steps, scheduler, GUIDED_REFERENCE_STEPS, label=GUIDED_DIGIT)
+
+
 def run(
     n: int = 4096,
     seed: int = 0,
@@ -235,8 +257,15 @@ def run(
     weights: str | Path | None = None,
     models: DigitsModels | None = None,
     progress: bool = False,
+    guided_scales: Sequence[float] = CFG_SCALES,
+    guided_steps: Sequence[int] = CFG_STEPS,
 ) -> DigitsSolverBench:
     """Run the digits solver benchmark (see the module docstring) on ``n`` samples.
+
+    Guided: classifier-free guidance toward :data:`GUIDED_DIGIT` at ``guided_scales`` and
+    ``guided_steps`` on the first :data:`GUIDED_BATCH` samples
+    (:func:`~steerdiff.bench.solvers.guided_errors`; diffusers' default
+    ``DPMSolverMultistepScheduler``, whose betas are this model's, where diffusers is installed).
 
     The Frechet distances use all ``n`` samples (at ``n = 1024`` the distance of one sampler still
     moves by +-20% from seed to seed, mostly with the share of each class in the draw; at 4,096 the
@@ -268,6 +297,7 @@ def run(
                     SolverRow(name, schedule, steps, used, m.frechet(x), relative_rmse(x[:k], ref), secs)
                 )
             bar.update()
+    result.guided = _guided(m, x_T[:GUIDED_BATCH], guided_scales, guided_steps)
     ddpm, ddpm_nfe, ddpm_s = _timed_sample(m.den, x_T, *DDPM_BASELINE, seed + 1, progress=progress)
     bar.update()
     bar.close()
@@ -335,6 +365,8 @@ def format_report(result: DigitsSolverBench) -> str:
         )
     if short:
         lines.append("(k): the solver's NFE where it cannot reach the column's (Heun: 2N - 1)")
+    if result.guided is not None:
+        lines += ["", *format_guided(result.guided, f"digit {GUIDED_DIGIT}")]
     return "\n".join(lines)
 
 

@@ -75,8 +75,10 @@ __all__ = [
     "fifth_at",
     "flow_match_euler",
     "flow_vs_diffusers",
+    "format_guided",
     "format_report",
     "format_table",
+    "guided_errors",
     "guided_vs_diffusers",
     "ill_conditioned",
     "initial_noise",
@@ -106,8 +108,9 @@ BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
 # (d): classifier-free guidance toward CFG_COMPONENTS of the mixture, on the first CFG_BATCH samples
 CFG_SCALES, CFG_STEPS, CFG_COMPONENTS, CFG_BATCH = (2.0, 4.0, 7.5), (10, 20), 2, 256
 CFG_REFERENCE_STEPS = 800  # the guided ODE's solution: DPM-Solver++(2M), checked against UniPC-3
+QUICK_CFG_SCALES, QUICK_CFG_STEPS = CFG_SCALES[-1:], CFG_STEPS[:1]  # --quick: the hardest scale, 10 steps
 # (e): the mixture under rectified flow, pooled over FLOW_DRAWS draws of x_T
-FLOW_STEPS, FLOW_DRAWS = (10, 20), 4
+FLOW_STEPS, FLOW_DRAWS, FLOW_SHIFTS = (10, 20), 4, (1.0, 3.0)
 ILL_EPS, ILL_DIRECTIONS = 1e-2, 16  # (a): the perturbation that marks an x_T as ill-conditioned
 # (c): (steerdiff solver, diffusers scheduler class) pairs timed with a free network
 OVERHEAD_PAIRS = (
@@ -772,10 +775,12 @@ class GuidedRow:
 
 @dataclass(frozen=True)
 class GuidedBench:
-    """(d): ``rows``, and per scale the distance between the two reference solutions."""
+    """(d): ``rows``, the guided default ``solver``, the samples, the reference's step count, and per
+    scale the distance between the two reference solutions."""
 
     solver: str
     batch: int
+    reference_steps: int
     reference_gap: tuple[float, ...]
     rows: tuple[GuidedRow, ...]
 
@@ -790,6 +795,48 @@ def cfg_denoiser(problem: Problem, scale: float) -> CFG:
     return CFG(cond.denoiser(problem.process), g.denoiser(problem.process), scale)
 
 
+def guided_errors(
+    make: Callable[[float], Denoiser],
+    x_T: Tensor,
+    scales: Sequence[float],
+    steps: Sequence[int],
+    scheduler: Callable[[], Any] | None,
+    reference_steps: int = CFG_REFERENCE_STEPS,
+    **cond: Any,
+) -> GuidedBench:
+    """(d)'s table for the guided denoisers ``make(scale)`` from ``x_T`` (``cond`` goes to the net):
+    ``sd.sample``'s default for a guided denoiser, UniPC-3 (the unguided default), DDIM (all on the
+    default schedule) and the diffusers scheduler ``scheduler()`` (``None``: not run) driven as a
+    pipeline drives it with guidance (``eps_u + w (eps_c - eps_u)``), each against the guided
+    probability-flow ODE solved by ``reference_steps`` DPM-Solver++(2M) steps on the log-SNR-uniform
+    grid; ``reference_gap``: that solution against UniPC-3's on the time-uniform grid of as many
+    steps."""
+    guided = sampling.default_solver(make(1.0))
+    gaps, rows = [], []
+    with quiet_diffusers():
+        for w in scales:
+            den = make(w)
+            ref = sampling.sample(den, x_T, reference_steps, "dpmpp_2m", "logsnr_uniform", **cond)
+
+            def error(
+                n: int, solver: str, schedule: str = DEFAULT_SCHEDULE, den: Denoiser = den, ref: Tensor = ref
+            ) -> float:
+                return relative_rmse(sampling.sample(den, x_T, n, solver, schedule, **cond), ref)
+
+            def eps(x: Tensor, t: Tensor, den: Denoiser = den) -> Tensor:
+                return den(x, float(t), **cond).eps
+
+            gaps.append(error(reference_steps, "unipc", "time_uniform"))
+            for n in steps:
+                theirs = (
+                    None
+                    if scheduler is None
+                    else relative_rmse(run_scheduler(scheduler(), eps, x_T, n)[0], ref)
+                )
+                rows.append(GuidedRow(w, n, error(n, guided), error(n, "unipc"), error(n, "ddim"), theirs))
+    return GuidedBench(guided, len(x_T), reference_steps, tuple(gaps), tuple(rows))
+
+
 def guided_vs_diffusers(
     problem: Problem,
     scales: Sequence[float] = CFG_SCALES,
@@ -797,59 +844,41 @@ def guided_vs_diffusers(
     batch: int = CFG_BATCH,
     with_diffusers: bool = True,
 ) -> GuidedBench:
-    """(d): classifier-free guidance (:func:`cfg_denoiser`) from the first ``batch`` samples of
-    ``problem.x_T``: ``sd.sample``'s default for a guided denoiser, UniPC-3 (the unguided
-    default), DDIM (all on the default schedule) and diffusers' default ``DPMSolverMultistepScheduler``
-    driven as a pipeline drives it with guidance (``eps_u + w (eps_c - eps_u)``), each against the
-    guided probability-flow ODE solved by :data:`CFG_REFERENCE_STEPS` DPM-Solver++(2M) steps on the
-    log-SNR-uniform grid; ``reference_gap``: that solution against UniPC-3's on the time-uniform grid
-    of as many steps."""
-    x_T = problem.x_T[:batch]
-    guided = sampling.default_solver(cfg_denoiser(problem, 1.0))
-    gaps, rows = [], []
-    with quiet_diffusers():
-        for w in scales:
-            den = cfg_denoiser(problem, w)
-            ref = sampling.sample(den, x_T, CFG_REFERENCE_STEPS, "dpmpp_2m", "logsnr_uniform")
-
-            def error(
-                n: int, solver: str, schedule: str = DEFAULT_SCHEDULE, den: CFG = den, ref: Tensor = ref
-            ) -> float:
-                return relative_rmse(sampling.sample(den, x_T, n, solver, schedule), ref)
-
-            def eps(x: Tensor, t: Tensor, den: CFG = den) -> Tensor:
-                return den(x, float(t)).eps
-
-            gaps.append(error(CFG_REFERENCE_STEPS, "unipc", "time_uniform"))
-            for n in steps:
-                y = run_scheduler(DIFFUSERS_DEFAULT.make(), eps, x_T, n)[0] if with_diffusers else None
-                theirs = None if y is None else relative_rmse(y, ref)
-                rows.append(GuidedRow(w, n, error(n, guided), error(n, "unipc"), error(n, "ddim"), theirs))
-    return GuidedBench(guided, len(x_T), tuple(gaps), tuple(rows))
+    """(d): :func:`guided_errors` for :func:`cfg_denoiser` from the first ``batch`` samples of
+    ``problem.x_T``, against diffusers' default ``DPMSolverMultistepScheduler`` (SD betas)."""
+    return guided_errors(
+        lambda w: cfg_denoiser(problem, w),
+        problem.x_T[:batch],
+        scales,
+        steps,
+        DIFFUSERS_DEFAULT.make if with_diffusers else None,
+    )
 
 
 @dataclass(frozen=True)
 class FlowRow:
     """(e) at one step count (= NFE): relative RMSE of ``sd.sample``'s defaults and of diffusers'
-    ``FlowMatchEulerDiscreteScheduler`` (``None``: diffusers not run), pooled over ``draws``."""
+    ``FlowMatchEulerDiscreteScheduler`` at each shift of :data:`FLOW_SHIFTS` (empty: diffusers not
+    run), pooled over ``draws``."""
 
     steps: int
     draws: int
     ours: float
-    diffusers: float | None
+    diffusers: tuple[float, ...]
 
     @property
-    def ratio(self) -> float | None:
-        return None if self.diffusers is None else self.ours / self.diffusers
+    def ratios(self) -> tuple[float, ...]:
+        return tuple(self.ours / d for d in self.diffusers)
 
 
-def flow_match_euler(gmm: GaussianMixture, x_T: Tensor, steps: int) -> Tensor:
-    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (default config: Euler, ``shift = 1``) driven as
-    a flow-matching pipeline drives it, with the mixture's exact velocity ``(x - E[x0 | x]) / s`` at
-    ``x = (1 - s) x0 + s eps``; it starts at ``s = 1``."""
+def flow_match_euler(gmm: GaussianMixture, x_T: Tensor, steps: int, shift: float = 1.0) -> Tensor:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift)`` (Euler; ``shift = 1`` is its
+    default config, 3 that of Stable Diffusion 3) driven as a flow-matching pipeline drives it, with
+    the mixture's exact velocity ``(x - E[x0 | x]) / s`` at ``x = (1 - s) x0 + s eps``; it starts at
+    ``s = 1``."""
     import diffusers
 
-    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(steps)
     x = x_T
     for t in sched.timesteps:
@@ -867,25 +896,27 @@ def flow_vs_diffusers(
 ) -> list[FlowRow]:
     """(e): the default mixture under :class:`~steerdiff.processes.RectifiedFlow`, ``x_T`` of seeds
     ``seed, ..., seed + draws - 1``: ``sd.sample``'s defaults (from ``t_max = 0.999``) against
-    :func:`flow_match_euler` (from ``t = 1``), each against the exact ODE solution from its own start
-    (``reference_ode`` from ``t_max``, and from ``1 - 1e-12`` for diffusers'), pooled over the draws."""
+    :func:`flow_match_euler` at each shift of :data:`FLOW_SHIFTS` (from ``t = 1``), each against the
+    exact ODE solution from its own start (``reference_ode`` from ``t_max``, and from ``1 - 1e-12``
+    for diffusers'), pooled over the draws."""
     gmm, proc = default_benchmark_mixture(), RectifiedFlow()
     den = gmm.denoiser(proc)
-    errors = {n: [0.0, 0.0] for n in steps}  # squared errors: ours, diffusers'
+    shifts = FLOW_SHIFTS if with_diffusers else ()
+    errors = {n: [0.0] * (1 + len(shifts)) for n in steps}  # squared errors: ours, then diffusers' by shift
     norms = [0.0, 0.0]  # squared norms of the two exact solutions
     for k in range(draws):
         x_T = initial_noise(batch, gmm.dim, seed + k)
         ref = gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)
-        ref_1 = gmm.reference_ode(x_T, proc, 1.0 - 1e-12, proc.t_min, denoise=True) if with_diffusers else ref
+        ref_1 = gmm.reference_ode(x_T, proc, 1.0 - 1e-12, proc.t_min, denoise=True) if shifts else ref
         norms[0] += float(ref.square().sum())
         norms[1] += float(ref_1.square().sum())
         for n in steps:
             errors[n][0] += float((sampling.sample(den, x_T, n) - ref).square().sum())
-            if with_diffusers:
-                errors[n][1] += float((flow_match_euler(gmm, x_T, n) - ref_1).square().sum())
+            for j, shift in enumerate(shifts, 1):
+                errors[n][j] += float((flow_match_euler(gmm, x_T, n, shift) - ref_1).square().sum())
     return [
-        FlowRow(n, draws, math.sqrt(a / norms[0]), math.sqrt(b / norms[1]) if with_diffusers else None)
-        for n, (a, b) in errors.items()
+        FlowRow(n, draws, math.sqrt(e[0] / norms[0]), tuple(math.sqrt(d / norms[1]) for d in e[1:]))
+        for n, e in errors.items()
     ]
 
 
@@ -959,7 +990,7 @@ def run(
         overhead = sampler_overhead(steps=5 if quick else 20, repeats=3 if quick else 30, progress=progress)
         seconds["overhead"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scales, steps = ((CFG_SCALES[-1],), CFG_STEPS[:1]) if quick else (CFG_SCALES, CFG_STEPS)
+    scales, steps = (QUICK_CFG_SCALES, QUICK_CFG_STEPS) if quick else (CFG_SCALES, CFG_STEPS)
     guided = guided_vs_diffusers(problem, scales, steps, with_diffusers=with_diffusers)
     seconds["guided"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -1014,18 +1045,18 @@ def _format_fifth(fifth: Sequence[tuple[int, float]]) -> str:
     return f"            1/5 of diffusers' pooled error {head} (pooled ratio at NFE {ladder})"
 
 
-def _format_guided(g: GuidedBench) -> list[str]:
-    """(d)'s table: one row per scale and step count (each step costs 2 NFE)."""
+def format_guided(g: GuidedBench, what: str) -> list[str]:
+    """(d)'s table, headed by ``what`` was guided toward: one row per scale and step count (each
+    step costs 2 NFE)."""
     head = ("scale", "steps", f"sd.sample ({g.solver})", "unipc", "ddim", "diffusers DPMSolverMultistep")
 
     def line(cells: Sequence[str]) -> str:
         return "    " + "  ".join(f"{c:>{max(len(h), 8)}}" for c, h in zip(cells, head, strict=True))
 
     return [
-        f"(d) classifier-free guidance toward components 0-{CFG_COMPONENTS - 1} of the mixture"
-        f" ({g.batch} samples of x_T; 2 NFE per step): relative RMSE vs the guided ODE solved in"
-        f" {CFG_REFERENCE_STEPS} steps (dpmpp_2m, logsnr_uniform; unipc, time_uniform agrees within"
-        f" {max(g.reference_gap):.1e}); all ours on {DEFAULT_SCHEDULE}:",
+        f"classifier-free guidance toward {what} ({g.batch} samples of x_T; 2 NFE per step): relative"
+        f" RMSE vs the guided ODE solved in {g.reference_steps} steps (dpmpp_2m, logsnr_uniform; unipc,"
+        f" time_uniform agrees within {max(g.reference_gap):.1e}); all ours on {DEFAULT_SCHEDULE}:",
         line(head),
         *(
             line([f"{r.scale:g}", str(r.steps), *map(_fmt, (r.default, r.unipc, r.ddim, r.diffusers))])
@@ -1035,17 +1066,22 @@ def _format_guided(g: GuidedBench) -> list[str]:
 
 
 def _format_flow(rows: Sequence[FlowRow], batch: int) -> list[str]:
-    """(e)'s lines: pooled errors and their ratio at each step count."""
+    """(e)'s lines: pooled errors and their ratios at each step count."""
+
+    def line(r: FlowRow) -> str:
+        if not r.diffusers:
+            return f"    NFE {r.steps:>2}: {_fmt(r.ours)}"
+        theirs = ", ".join(f"{_fmt(d)} (shift {k:g})" for d, k in zip(r.diffusers, FLOW_SHIFTS, strict=True))
+        ratios = ", ".join(f"{q:.3g}" for q in r.ratios)
+        return f"    NFE {r.steps:>2}: {_fmt(r.ours)} vs {theirs}  ratios {ratios}"
+
     return [
         f"(e) rectified flow (the mixture under x = (1 - t) x0 + t eps; {batch} samples per draw): sd.sample"
         f" defaults ({sampling.DEFAULT_SOLVER}, {sampling.DEFAULT_SCHEDULE}) vs diffusers"
-        " FlowMatchEulerDiscreteScheduler default config (Euler, shift 1), each against the exact ODE"
-        f" solution from its own start (t = 0.999 | 1), pooled over {rows[0].draws if rows else 0} draws:",
-        *(
-            f"    NFE {r.steps:>2}: {_fmt(r.ours)} vs {_fmt(r.diffusers)}"
-            + ("" if r.ratio is None else f"  ratio {r.ratio:.3g}")
-            for r in rows
-        ),
+        " FlowMatchEulerDiscreteScheduler (Euler; shift 1: its default config, 3: Stable Diffusion 3's), each"
+        " against the exact ODE solution from its own start (t = 0.999 | 1), pooled over"
+        f" {rows[0].draws if rows else 0} draws:",
+        *map(line, rows),
     ]
 
 
@@ -1110,7 +1146,9 @@ def format_report(result: SolverBench) -> str:
             f"  ratio {o.ratio:.3g}"
             for o in result.overhead
         ]
-    lines += ["", *_format_guided(result.guided), "", *_format_flow(result.flow, result.batch)]
+    guided = format_guided(result.guided, f"components 0-{CFG_COMPONENTS - 1} of the mixture")
+    lines += ["", "(d) " + guided[0], *guided[1:]]
+    lines += ["", *_format_flow(result.flow, result.batch)]
     lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]
     return "\n".join(lines)
 
