@@ -118,16 +118,62 @@ def test_from_fifty_steps_more_steps_lead_into_the_ramp(process) -> None:
         assert s[1:] == pytest.approx(top + ramp, rel=1e-9)
 
 
-def test_karras_capped_is_the_default_and_karras_jump_with_a_top_at_30() -> None:
+def test_karras_capped_is_the_default_and_karras_jump_with_a_top_at_30_and_a_floor_at_003() -> None:
     assert sd.sampling.DEFAULT_SCHEDULE == "karras_capped"
     capped = sd.schedules.get("karras_capped")
-    assert capped.sigma_top == 30.0 and capped.max_nodes == 15 and capped.rho == 7.0
+    assert capped.sigma_top == 30.0 and capped.sigma_floor == 0.03 and capped.max_nodes == 15
+    assert capped.rho == 7.0
     for process in (ZERO_SNR, sd.RectifiedFlow(), sd.VP.scaled_linear()):
         for n in (3, 10, 20, 60):
-            assert torch.equal(capped(process, n), KarrasJump(sigma_top=30)(process, n))
-    # s_max = 14.6 under SD betas: no top, karras_jump itself
-    for n in (3, 10, 20, 60):
-        assert torch.equal(capped(sd.VP.scaled_linear(), n), KarrasJump()(sd.VP.scaled_linear(), n))
+            assert torch.equal(capped(process, n), KarrasJump(sigma_top=30, sigma_floor=0.03)(process, n))
+    # s_max = 14.6 under SD betas: no top; s_min = 0.029: the floor moves the nodes by under 3%
+    sdp = sd.VP.scaled_linear()
+    for n in (3, 10, 14):
+        s, s_jump = ((sdp.sigma(t) / sdp.alpha(t)).numpy() for t in (capped(sdp, n), KarrasJump()(sdp, n)))
+        assert s == pytest.approx(s_jump, rel=3e-2)
+    for n in (15, 20, 60):
+        assert torch.equal(capped(sdp, n), KarrasJump()(sdp, n))
+
+
+@pytest.mark.parametrize("process", [ZERO_SNR, sd.RectifiedFlow(), sd.EDM()], ids=["zero_snr", "flow", "edm"])
+def test_below_max_nodes_the_ramp_ends_at_the_floor(process) -> None:
+    """s_min = 1e-2 / 1e-3 / 2e-3 < 0.03: below 15 nodes the ramp of n + 1 points ends at 0.03 (its
+    last point is the jump's); from 15 on it runs to s_min, as without the floor."""
+    s_max = math.exp(-float(process.lam(process.t_max)))
+    a, b = 30.0 ** (1 / 7), 0.03 ** (1 / 7)
+    floor = KarrasJump(sigma_top=30, sigma_floor=0.03)
+    for n in (2, 5, 10, 14):
+        t = floor(process, n)
+        s = (process.sigma(t) / process.alpha(t)).numpy()
+        assert float(t[0]) == process.t_max
+        assert s[1:] == pytest.approx([(a + i / n * (b - a)) ** 7 for i in range(1, n)], rel=1e-9)
+    for n in (15, 20, 60):
+        assert torch.equal(floor(process, n), KarrasJump(sigma_top=30)(process, n))
+    # the floor is no bound where it would not lie inside the ramp, nor with an explicit sigma_min
+    assert torch.equal(KarrasJump(sigma_floor=2 * s_max)(process, 10), KarrasJump()(process, 10))
+    explicit = KarrasJump(sigma_min=0.01, sigma_floor=0.03)(process, 10)
+    assert torch.equal(explicit, KarrasJump(sigma_min=0.01)(process, 10))
+    for bad in (0, -1.0, math.nan, math.inf, "0.03"):
+        with pytest.raises(ValueError, match="sigma_floor"):
+            KarrasJump(sigma_floor=bad)
+
+
+FLOOR_CASES = [(sd.RectifiedFlow(), 1.0), (sd.EDM(), 80.0)]
+
+
+@pytest.mark.parametrize(("process", "scale"), FLOOR_CASES, ids=["flow", "edm"])
+def test_the_floor_cuts_the_default_error_of_short_runs(process, scale) -> None:
+    """Default solver, 16-dim mixture, 10 steps: the floor takes the error below 0.6 of that without.
+    Measured: rectified flow 0.42 (0.100 vs 0.241), EDM 0.45 (0.083 vs 0.185)."""
+    gmm = sd.toy.default_benchmark_mixture(dim=16, components=10, seed=0)
+    x_T = noise(512, 16, seed=3) * scale
+    ref = exact_sample(gmm, process, x_T)
+    den = gmm.denoiser(process)
+    with_floor, without = (
+        rel_rmse(sd.sample(den, x_T, steps=10, schedule=KarrasJump(sigma_top=30, sigma_floor=f)), ref)
+        for f in (0.03, None)
+    )
+    assert with_floor < 0.6 * without
 
 
 def test_the_split_top_leaves_no_error_floor(monkeypatch) -> None:

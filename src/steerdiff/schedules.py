@@ -156,8 +156,15 @@ class Karras(Schedule):
         """Where the ramp starts when ``sigma_max`` is ``None``: the process's ``s_max``."""
         return math.exp(-float(process.lam(process.t_max)))
 
+    def ramp_bottom(self, process: Process) -> float:
+        """Where the ramp ends: ``sigma_min``, or the process's ``s_min`` when that is ``None``."""
+        return math.exp(-float(process.lam(process.t_min))) if self.sigma_min is None else self.sigma_min
+
     def nodes(self, process: Process, n: int) -> Tensor:
-        smin = math.exp(-float(process.lam(process.t_min))) if self.sigma_min is None else self.sigma_min
+        return self.ramp(process, n, self.ramp_bottom(process))
+
+    def ramp(self, process: Process, n: int, smin: float) -> Tensor:
+        """Eq. 5's ``n`` points from the top (``sigma_max`` or :meth:`ramp_top`) down to ``smin``."""
         smax = self.ramp_top(process, smin) if self.sigma_max is None else self.sigma_max
         if not smax > smin:
             raise ValueError(
@@ -170,7 +177,7 @@ class Karras(Schedule):
         t = t.clamp(process.t_min, process.t_max)
         if self.sigma_max is None:
             t[0] = process.t_max
-        if self.sigma_min is None and n > 1:
+        if self.sigma_min is None and n > 1 and smin == math.exp(-float(process.lam(process.t_min))):
             t[-1] = process.t_min
         return t
 
@@ -208,6 +215,14 @@ class KarrasJump(Karras):
     (the result is the denoised estimate at ``s_{n-1}``, not at ``s_min``), which dominates the
     solver error from about 15 steps on; hence ``max_nodes = 15`` (diffusers' threshold for
     ``lower_order_final``). Meant for ``final="zero"``.
+
+    *Floor* (``sigma_floor``: ``None`` here, 0.03 in :class:`KarrasCapped`). Below ``max_nodes``
+    nodes, where the result is already a denoised estimate at ``s_{n-1} > s_min``, the ramp ends at
+    ``max(s_min, sigma_floor)`` instead of ``s_min`` (``sigma_min`` not given): Eq. 5 crowds its last
+    nodes near ``s_min``, and from a process that goes down to ``s = 1e-3`` (rectified flow; EDM
+    2e-3, DDPM's betas 1e-2) the few nodes of a short run are better spent above 0.03, about
+    Stable Diffusion's own ``s_min`` (0.029). From ``max_nodes`` nodes on the ramp runs to ``s_min``,
+    so the floor leaves no bias in the limit.
     """
 
     name = "karras_jump"
@@ -219,12 +234,14 @@ class KarrasJump(Karras):
         sigma_max: float | None = None,
         max_nodes: int = 15,
         sigma_top: float | None = None,
+        sigma_floor: float | None = None,
     ) -> None:
         super().__init__(rho, sigma_min, sigma_max)
         if isinstance(max_nodes, bool) or not isinstance(max_nodes, numbers.Integral) or max_nodes < 1:
             raise ValueError(f"KarrasJump: max_nodes must be an integer >= 1, got {max_nodes!r}")
         self.max_nodes = int(max_nodes)
         self.sigma_top = _positive(type(self).__name__, "sigma_top", sigma_top)
+        self.sigma_floor = _positive(type(self).__name__, "sigma_floor", sigma_floor)
 
     def ramp_top(self, process: Process, smin: float) -> float:
         """The process's ``s_max``, at most ``sigma_top`` (where that is above ``s_min``)."""
@@ -236,14 +253,25 @@ class KarrasJump(Karras):
         (``s_min < sigma_top < s_max``, ``sigma_max`` not given), else 1."""
         if self.sigma_max is not None or self.sigma_top is None:
             return 1
-        smin = math.exp(-float(process.lam(process.t_min))) if self.sigma_min is None else self.sigma_min
         smax = math.exp(-float(process.lam(process.t_max)))
-        return 1 + n // TOP_EVERY if smin < self.sigma_top < smax else 1
+        return 1 + n // TOP_EVERY if self.ramp_bottom(process) < self.sigma_top < smax else 1
+
+    def jump_bottom(self, process: Process) -> float:
+        """The ramp's end below ``max_nodes`` nodes: ``s_min``, raised to ``sigma_floor`` where that is
+        higher and below the ramp's top (``sigma_min`` not given)."""
+        smin = self.ramp_bottom(process)
+        if self.sigma_floor is None or self.sigma_min is not None or self.sigma_floor <= smin:
+            return smin
+        top = self.ramp_top(process, smin) if self.sigma_max is None else self.sigma_max
+        return self.sigma_floor if self.sigma_floor < top else smin
 
     def nodes(self, process: Process, n: int) -> Tensor:
         m = self.top_steps(process, n)
         k = n - m + 1  # ramp nodes, the first of them t_max
-        ramp = super().nodes(process, k) if k >= self.max_nodes else super().nodes(process, k + 1)[:k]
+        if k >= self.max_nodes:
+            ramp = self.ramp(process, k, self.ramp_bottom(process))
+        else:
+            ramp = self.ramp(process, k + 1, self.jump_bottom(process))[:k]
         if m == 1:
             return ramp
         top, smax = self.sigma_top, math.exp(-float(process.lam(process.t_max)))
@@ -253,12 +281,14 @@ class KarrasJump(Karras):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(rho={self.rho:g}, max_nodes={self.max_nodes}, sigma_top={self.sigma_top})"
+            f"{type(self).__name__}(rho={self.rho:g}, max_nodes={self.max_nodes}, "
+            f"sigma_top={self.sigma_top}, sigma_floor={self.sigma_floor})"
         )
 
 
 class KarrasCapped(KarrasJump):
-    """:class:`KarrasJump` with ``sigma_top=30`` by default: :func:`steerdiff.sample`'s default schedule.
+    """:class:`KarrasJump` with ``sigma_top=30`` and ``sigma_floor=0.03`` by default:
+    :func:`steerdiff.sample`'s default schedule.
 
     Where the process's ``s_max`` is at most 30 (Stable Diffusion's betas: 14.6) it is
     ``karras_jump``; above (DDPM's betas 157, EDM 80, rectified flow 999, zero terminal SNR 3e4)
@@ -267,12 +297,20 @@ class KarrasCapped(KarrasJump):
     the relative RMSE against ``karras_jump``'s is 0.11 against 0.52 at 10 steps and 9.2e-3 against
     0.53 at 20 (zero SNR), 0.24 against 0.39 and 0.014 against 0.24 (rectified flow); at 800 steps
     5.0e-8 (rectified flow), where a single top step would stall at 1.2e-5.
+
+    Below 15 nodes the ramp ends at ``s = 0.03`` where the process goes lower (Stable Diffusion's
+    betas, ``s_min = 0.029``: no change). Default solver, 64-d benchmark mixture, 2 x 1024 samples,
+    relative RMSE without / with the floor at 10 steps: rectified flow 0.149 / 0.071, EDM 0.135 /
+    0.071, DDPM's betas 0.086 / 0.073, zero terminal SNR 0.086 / 0.077 (at 5 steps 0.36 / 0.18,
+    0.32 / 0.15, 0.22 / 0.17, 0.24 / 0.18); from 15 steps on the nodes are unchanged.
     """
 
     name = "karras_capped"
 
-    def __init__(self, *args: Any, sigma_top: float | None = 30.0, **kwargs: Any) -> None:
-        super().__init__(*args, sigma_top=sigma_top, **kwargs)  # KarrasJump's arguments
+    def __init__(
+        self, *args: Any, sigma_top: float | None = 30.0, sigma_floor: float | None = 0.03, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, sigma_top=sigma_top, sigma_floor=sigma_floor, **kwargs)  # KarrasJump's
 
 
 # Published Align-Your-Steps 10-step lists (Sabour et al. 2024) for 1000-step VP models: ten
