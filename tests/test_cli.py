@@ -384,7 +384,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
             y,
         )
     )
-    assert "sd.sample (dpmpp_2m)" in out.split("(d)")[1]
+    assert "sd.sample (dpmpp_2m; UniPC-2 from 15 steps)" in out.split("(d)")[1]
 
     # (e), --quick: one draw at 10 steps under rectified flow; diffusers' FlowMatchEuler loop written
     # here (shift 1 and 3) with the exact velocity (x - E[x0 | x]) / s, each against the exact flow
@@ -413,6 +413,34 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         *(f"{d:.2e}" for d in theirs_flow),
         *(f"{ours_flow / d:.3g}" for d in theirs_flow),
     )
+
+    # (f), --quick: (d) under rectified flow against diffusers' FlowMatchEuler with shift 3, whose
+    # reference starts from its x_T = x(s = 1) carried to t_max = 0.999 (100 Heun steps in s)
+    cfg = sd.guidance.CFG(part.denoiser(flow), gmm.denoiser(flow), 7.5)
+    exact = sd.sample(cfg, x_T, 800, "dpmpp_2m", "logsnr_uniform")
+    lifted, ds = x_T.clone(), (flow.t_max - 1.0) / 100
+    for k in range(100):
+        s = 1.0 + k * ds
+        v = (lifted - cfg(lifted, s).x0) / s
+        y = lifted + ds * v
+        lifted = lifted + 0.5 * ds * (v + (y - cfg(y, s + ds).x0) / (s + ds))
+    exact_lifted = sd.sample(cfg, lifted, 800, "dpmpp_2m", "logsnr_uniform")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    y = x_T.clone()
+    for t in sched.timesteps:
+        s = float(t) / 1000
+        y = sched.step((y - cfg(y, s).x0) / s, t, y).prev_sample
+    row = re.search(r"^\s+7\.5\s+10\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out.split("(f)")[1], re.M)
+    assert row is not None
+    assert row.groups() == (
+        *(
+            f"{rel_rmse(sd.sample(cfg, x_T, 10, s, 'karras_capped'), exact):.2e}"
+            for s in ("dpmpp_2m", "unipc", "ddim")
+        ),
+        f"{rel_rmse(y, exact_lifted):.2e}",
+    )
+    assert "diffusers FlowMatchEuler (shift 3)" in out.split("(f)")[1]
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])

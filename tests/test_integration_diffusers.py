@@ -312,7 +312,12 @@ def test_config_round_trip(tmp_path):
     # without solver/schedule: sd.sample's choice for a guided denoiser (pipelines guide outside
     # the scheduler) and its default schedule
     plain = SteerdiffScheduler.from_config(config)
-    assert (plain.config.solver, plain.config.schedule) == ("dpmpp_2m", "karras_capped")
+    assert (plain.config.solver, plain.config.schedule) == (None, "karras_capped")
+    for steps, solver in [(14, sd.solvers.get("dpmpp_2m")), (15, sd.solvers.UniPC(order=2))]:
+        plain.set_timesteps(steps)
+        assert plain._solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps))
+    plain.save_pretrained(tmp_path / "plain")
+    assert SteerdiffScheduler.from_pretrained(tmp_path / "plain").config.solver is None
     sched.set_timesteps(7)
     again.set_timesteps(7)
     assert torch.equal(sched.timesteps, again.timesteps)

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--solver",
         choices=solvers.available(),
         default=None,
-        help=f"default: {sampling.DEFAULT_SOLVER}; {sampling.GUIDED_SOLVER} with --guidance",
+        help=f"default: {sampling.DEFAULT_SOLVER}; with --guidance {sampling.GUIDED_SOLVER}, from "
+        f"{sampling.GUIDED_CORRECTOR_FROM} steps UniPC-2",
     )
     sp.add_argument(
         "--schedule",

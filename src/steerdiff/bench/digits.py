@@ -20,7 +20,9 @@ Frechet distance above and by the relative RMSE to the probability-flow ODE solu
 ``x_T`` (on its first ``n_ref`` samples): :data:`REFERENCE` (DPM-Solver++ 3M, 1,000 Karras steps to
 ``t_min``, then the denoised estimate; its own error is bounded by its distance to 1,000 DDIM steps,
 reported as ``reference_gap``). Baselines: DDPM with all 1,000 timesteps (the stochastic sampler the model was
-trained for; Ho et al. 2020), the ODE reference, and real training images.
+trained for; Ho et al. 2020), the ODE reference, and real training images. Where diffusers is installed,
+its ``DPMSolverMultistepScheduler`` in its default configuration (whose betas are this model's) runs
+beside the solvers as the row :data:`DIFFUSERS_ROW`: issue 2's goal (a) on a learned model.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from __future__ import annotations
 import csv
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,13 +42,24 @@ from tqdm.auto import tqdm
 from .. import sampling, solvers
 from ..denoiser import Denoiser
 from ..guidance import CFG
+from ..integrations.diffusers_ref import run_scheduler
 from ..metrics import frechet_distance, relative_rmse
 from ..toy import digits as D
 from ._figure import pyplot
-from .solvers import CFG_SCALES, CFG_STEPS, GuidedBench, format_guided, guided_errors, steps_for_nfe
+from .solvers import (
+    CFG_SCALES,
+    CFG_STEPS,
+    GuidedBench,
+    format_guided,
+    guided_errors,
+    pipeline_sampler,
+    quiet_diffusers,
+    steps_for_nfe,
+)
 
 __all__ = [
     "DDPM_BASELINE",
+    "DIFFUSERS_ROW",
     "NFES",
     "REFERENCE",
     "SOLVERS",
@@ -68,6 +82,7 @@ QUICK_NFES = (10,)
 REFERENCE = ("dpmpp_3m", "karras", 1000)  # (solver, schedule, steps): the ODE reference
 REFERENCE_CHECK = ("ddim", "karras", 1000)
 DDPM_BASELINE = ("ddpm", "leading", 1000)  # every one of the 1,000 training timesteps
+DIFFUSERS_ROW = "diffusers DPMSolverMultistep"  # its default config: this model's betas, 2M, linspace
 # guided: CFG toward GUIDED_DIGIT on the first GUIDED_BATCH samples, against GUIDED_REFERENCE_STEPS steps
 GUIDED_DIGIT, GUIDED_BATCH, GUIDED_REFERENCE_STEPS = 3, 256, 400
 
@@ -210,6 +225,15 @@ class DigitsSolverBench:
         row = self.row(solver, nfe)
         return math.nan if row is None else row.fd / self.baseline("ddpm").fd
 
+    def default_vs_diffusers(self) -> dict[int, float]:
+        """Per NFE, the default solver's relative RMSE over :data:`DIFFUSERS_ROW`'s (where both ran)."""
+        out = {}
+        for k in self.nfes:
+            ours, theirs = self.row(sampling.DEFAULT_SOLVER, k), self.row(DIFFUSERS_ROW, k)
+            if ours is not None and theirs is not None and ours.nfe == theirs.nfe == k:
+                out[k] = ours.rmse / theirs.rmse
+        return out
+
 
 def _timed_sample(
     den: Denoiser, x_T: Tensor, solver: str, schedule: str, steps: int, seed: int, progress: bool = False
@@ -230,22 +254,51 @@ def _timed_sample(
     return x, info.nfe, time.perf_counter() - start
 
 
+def _diffusers_scheduler() -> Callable[[], Any] | None:
+    """diffusers' ``DPMSolverMultistepScheduler`` class (its default config), ``None`` without diffusers."""
+    try:
+        from diffusers import DPMSolverMultistepScheduler
+    except ImportError:
+        return None
+    return DPMSolverMultistepScheduler
+
+
+def _diffusers_row(
+    m: DigitsModels, scheduler: Callable[[], Any], x_T: Tensor, nfe: int, ref: Tensor
+) -> SolverRow:
+    """:data:`DIFFUSERS_ROW` at ``nfe`` steps, driven as a pipeline drives it."""
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        return m.den(x, float(t), label=D.NULL_LABEL).eps
+
+    start = time.perf_counter()
+    with torch.no_grad(), quiet_diffusers():
+        x, used = run_scheduler(scheduler(), eps, x_T, nfe)
+    secs = time.perf_counter() - start
+    return SolverRow(
+        DIFFUSERS_ROW, "linspace", nfe, used, m.frechet(x), relative_rmse(x[: len(ref)], ref), secs
+    )
+
+
 def _guided(
-    m: DigitsModels, x_T: Tensor, scales: Sequence[float], steps: Sequence[int]
+    m: DigitsModels,
+    x_T: Tensor,
+    scales: Sequence[float],
+    steps: Sequence[int],
+    scheduler: Callable[[], Any] | None,
 ) -> GuidedBench | None:
     """:func:`~steerdiff.bench.solvers.guided_errors` for CFG toward :data:`GUIDED_DIGIT`."""
     if not scales or not steps:
         return None
-    try:
-        from diffusers import DPMSolverMultistepScheduler as scheduler
-    except ImportError:
-        scheduler = None
 
     def make(w: float) -> Denoiser:
         return CFG(m.den, m.den, w, uncond_kwargs={"label": D.NULL_LABEL})
 
     with torch.no_grad():
-        return guided_errors(make, x_T, scales, steps, scheduler, GUIDED_REFERENCE_STEPS, label=GUIDED_DIGIT)
+        theirs = (
+            None if scheduler is None else pipeline_sampler(DIFFUSERS_ROW, scheduler, x_T, label=GUIDED_DIGIT)
+        )
+        return guided_errors(make, x_T, scales, steps, theirs, GUIDED_REFERENCE_STEPS, label=GUIDED_DIGIT)
 
 
 def run(
@@ -262,6 +315,7 @@ def run(
 ) -> DigitsSolverBench:
     """Run the digits solver benchmark (see the module docstring) on ``n`` samples.
 
+    With diffusers installed, :data:`DIFFUSERS_ROW` runs at each NFE of ``nfes`` on the same ``x_T``.
     Guided: classifier-free guidance toward :data:`GUIDED_DIGIT` at ``guided_scales`` and
     ``guided_steps`` on the first :data:`GUIDED_BATCH` samples
     (:func:`~steerdiff.bench.solvers.guided_errors`; diffusers' default
@@ -279,7 +333,9 @@ def run(
     x_T = torch.randn(n, *D.DIGITS_SHAPE, generator=torch.Generator().manual_seed(seed), dtype=F64)
     k = min(n_ref, n)
     result = DigitsSolverBench(n, seed, tuple(nfes), n_ref=k)
-    bar = tqdm(total=2 + len(solver_names) * len(nfes) + 1, desc="bench digits", disable=not progress)
+    scheduler = _diffusers_scheduler()
+    runs = (len(solver_names) + (scheduler is not None)) * len(nfes)
+    bar = tqdm(total=2 + runs + 1, desc="bench digits", disable=not progress)
     ref, ref_nfe, ref_s = _timed_sample(m.den, x_T[:k], *REFERENCE, seed)
     bar.update()
     check, _, _ = _timed_sample(m.den, x_T[:k], *REFERENCE_CHECK, seed)
@@ -297,7 +353,11 @@ def run(
                     SolverRow(name, schedule, steps, used, m.frechet(x), relative_rmse(x[:k], ref), secs)
                 )
             bar.update()
-    result.guided = _guided(m, x_T[:GUIDED_BATCH], guided_scales, guided_steps)
+    if scheduler is not None:
+        for nfe in nfes:
+            result.rows.append(_diffusers_row(m, scheduler, x_T, nfe, ref))
+            bar.update()
+    result.guided = _guided(m, x_T[:GUIDED_BATCH], guided_scales, guided_steps, scheduler)
     ddpm, ddpm_nfe, ddpm_s = _timed_sample(m.den, x_T, *DDPM_BASELINE, seed + 1, progress=progress)
     bar.update()
     bar.close()
@@ -362,6 +422,14 @@ def format_report(result: DigitsSolverBench) -> str:
         lines.append(
             f"FD ratio {sampling.DEFAULT_SOLVER} NFE 10 / DDPM 1000: {result.fd_ratio():.2f} "
             "(issue 6: <= 1.5)"
+        )
+    ratios = result.default_vs_diffusers()
+    if ratios:
+        lines.append(
+            f"relative RMSE sd.sample's default ({sampling.DEFAULT_SOLVER}) / {DIFFUSERS_ROW} (its default "
+            "config): "
+            + ", ".join(f"NFE {k}: {v:.3f}" for k, v in ratios.items())
+            + " (issue 2 (a), set on the mixture: <= 0.2 at NFE 10 and 20)"
         )
     if short:
         lines.append("(k): the solver's NFE where it cannot reach the column's (Heun: 2N - 1)")

@@ -17,8 +17,9 @@ RMSE ``||x - x_ref|| / ||x_ref||`` over the batch.
   ``x_T``, driven as a pipeline drives them (:mod:`steerdiff.integrations.diffusers_ref`).
 * Sampler overhead (:func:`sampler_overhead`): wall time per step outside the network, with a net
   that returns a precomputed tensor, ours against diffusers' ``scheduler.step`` loop.
-* Guided sampling (:func:`guided_vs_diffusers`) and flow models (:func:`flow_vs_diffusers`): the
-  defaults under classifier-free guidance and under rectified flow, against diffusers' defaults.
+* Guided sampling (:func:`guided_vs_diffusers`), flow models (:func:`flow_vs_diffusers`) and both
+  (:func:`guided_flow_vs_diffusers`): the defaults under classifier-free guidance, under rectified
+  flow, and under both, against diffusers' samplers for them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ..integrations.diffusers_ref import diffusers_sample, nodes_of, run_schedul
 from ..metrics import relative_rmse
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE
+from ..solvers.base import Solver
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
 from ._figure import pyplot
 
@@ -64,6 +66,7 @@ __all__ = [
     "Results",
     "Row",
     "SolverBench",
+    "Theirs",
     "best_at",
     "best_per_method",
     "best_vs_best",
@@ -79,10 +82,13 @@ __all__ = [
     "format_report",
     "format_table",
     "guided_errors",
+    "guided_flow_vs_diffusers",
     "guided_vs_diffusers",
+    "heun_in_s",
     "ill_conditioned",
     "initial_noise",
     "make_problem",
+    "pipeline_sampler",
     "plot",
     "quiet_diffusers",
     "run",
@@ -109,6 +115,7 @@ BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
 CFG_SCALES, CFG_STEPS, CFG_COMPONENTS, CFG_BATCH = (2.0, 4.0, 7.5), (10, 20), 2, 256
 CFG_REFERENCE_STEPS = 800  # the guided ODE's solution: DPM-Solver++(2M), checked against UniPC-3
 QUICK_CFG_SCALES, QUICK_CFG_STEPS = CFG_SCALES[-1:], CFG_STEPS[:1]  # --quick: the hardest scale, 10 steps
+LIFT_STEPS = 100  # (f): Heun steps that carry diffusers' flow start (s = 1) to t_max = 0.999
 # (e): the mixture under rectified flow, pooled over FLOW_DRAWS draws of x_T
 FLOW_STEPS, FLOW_DRAWS, FLOW_SHIFTS = (10, 20), 4, (1.0, 3.0)
 ILL_EPS, ILL_DIRECTIONS = 1e-2, 16  # (a): the perturbation that marks an x_T as ill-conditioned
@@ -775,24 +782,50 @@ class GuidedRow:
 
 @dataclass(frozen=True)
 class GuidedBench:
-    """(d): ``rows``, the guided default ``solver``, the samples, the reference's step count, and per
+    """(d): ``rows``, the guided default ``solver`` (a description: it depends on the step count),
+    the diffusers sampler beside it (``theirs``), the samples, the reference's step count, and per
     scale the distance between the two reference solutions."""
 
     solver: str
+    theirs: str
     batch: int
     reference_steps: int
     reference_gap: tuple[float, ...]
     rows: tuple[GuidedRow, ...]
 
 
-def cfg_denoiser(problem: Problem, scale: float) -> CFG:
-    """Classifier-free guidance at ``scale`` with the exact denoisers of the mixture's first
-    :data:`CFG_COMPONENTS` components (conditional, weights renormalized) and of the whole mixture
-    (unconditional)."""
-    g = problem.gmm
+def cfg_denoiser(gmm: GaussianMixture, process: Process, scale: float) -> CFG:
+    """Classifier-free guidance at ``scale`` with the exact denoisers (under ``process``) of the
+    mixture's first :data:`CFG_COMPONENTS` components (conditional, weights renormalized) and of the
+    whole mixture (unconditional)."""
     k = CFG_COMPONENTS
-    cond = GaussianMixture(g.means[:k], g.variances[:k], g.weights[:k] / g.weights[:k].sum())
-    return CFG(cond.denoiser(problem.process), g.denoiser(problem.process), scale)
+    cond = GaussianMixture(gmm.means[:k], gmm.variances[:k], gmm.weights[:k] / gmm.weights[:k].sum())
+    return CFG(cond.denoiser(process), gmm.denoiser(process), scale)
+
+
+@dataclass(frozen=True)
+class Theirs:
+    """A diffusers sampler of guided denoisers from a fixed ``x_T``: its ``label``, ``run(den, steps)
+    -> samples``, and, for one that starts above ``t_max`` (flow matching: ``s = 1``), ``lift(den)``:
+    its ``x_T`` carried by the guided flow to ``t_max``, where its reference then starts."""
+
+    label: str
+    run: Callable[[Denoiser, int], Tensor]
+    lift: Callable[[Denoiser], Tensor] | None = None
+
+
+def pipeline_sampler(name: str, scheduler: Callable[[], Any], x_T: Tensor, **cond: Any) -> Theirs:
+    """``name``: the diffusers scheduler ``scheduler()`` in a pipeline's loop (:func:`run_scheduler`)
+    from ``x_T``, around the guided denoiser's noise estimate (``eps_u + w (eps_c - eps_u)`` for CFG);
+    ``cond`` goes to the net."""
+
+    def run(den: Denoiser, n: int) -> Tensor:
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            return den(x, float(t), **cond).eps
+
+        return run_scheduler(scheduler(), eps, x_T, n)[0]
+
+    return Theirs(name, run)
 
 
 def guided_errors(
@@ -800,18 +833,17 @@ def guided_errors(
     x_T: Tensor,
     scales: Sequence[float],
     steps: Sequence[int],
-    scheduler: Callable[[], Any] | None,
+    theirs: Theirs | None,
     reference_steps: int = CFG_REFERENCE_STEPS,
     **cond: Any,
 ) -> GuidedBench:
     """(d)'s table for the guided denoisers ``make(scale)`` from ``x_T`` (``cond`` goes to the net):
     ``sd.sample``'s default for a guided denoiser, UniPC-3 (the unguided default), DDIM (all on the
-    default schedule) and the diffusers scheduler ``scheduler()`` (``None``: not run) driven as a
-    pipeline drives it with guidance (``eps_u + w (eps_c - eps_u)``), each against the guided
-    probability-flow ODE solved by ``reference_steps`` DPM-Solver++(2M) steps on the log-SNR-uniform
-    grid; ``reference_gap``: that solution against UniPC-3's on the time-uniform grid of as many
-    steps."""
-    guided = sampling.default_solver(make(1.0))
+    default schedule) and a diffusers sampler (``None``: not run), each against the guided
+    probability-flow ODE from its own start solved by ``reference_steps`` DPM-Solver++(2M) steps on
+    the log-SNR-uniform grid; ``reference_gap``: that solution against UniPC-3's on the time-uniform
+    grid of as many steps."""
+    guided = f"{sampling.GUIDED_SOLVER}; UniPC-2 from {sampling.GUIDED_CORRECTOR_FROM} steps"
     gaps, rows = [], []
     with quiet_diffusers():
         for w in scales:
@@ -819,22 +851,27 @@ def guided_errors(
             ref = sampling.sample(den, x_T, reference_steps, "dpmpp_2m", "logsnr_uniform", **cond)
 
             def error(
-                n: int, solver: str, schedule: str = DEFAULT_SCHEDULE, den: Denoiser = den, ref: Tensor = ref
+                n: int,
+                solver: str | Solver,
+                schedule: str = DEFAULT_SCHEDULE,
+                den: Denoiser = den,
+                ref: Tensor = ref,
             ) -> float:
                 return relative_rmse(sampling.sample(den, x_T, n, solver, schedule, **cond), ref)
 
-            def eps(x: Tensor, t: Tensor, den: Denoiser = den) -> Tensor:
-                return den(x, float(t), **cond).eps
-
             gaps.append(error(reference_steps, "unipc", "time_uniform"))
-            for n in steps:
-                theirs = (
-                    None
-                    if scheduler is None
-                    else relative_rmse(run_scheduler(scheduler(), eps, x_T, n)[0], ref)
+            ref_theirs = ref
+            if theirs is not None and theirs.lift is not None:
+                lifted = theirs.lift(den)
+                ref_theirs = sampling.sample(
+                    den, lifted, reference_steps, "dpmpp_2m", "logsnr_uniform", **cond
                 )
-                rows.append(GuidedRow(w, n, error(n, guided), error(n, "unipc"), error(n, "ddim"), theirs))
-    return GuidedBench(guided, len(x_T), reference_steps, tuple(gaps), tuple(rows))
+            for n in steps:
+                diff = None if theirs is None else relative_rmse(theirs.run(den, n), ref_theirs)
+                default = error(n, sampling.default_solver(den, n))
+                rows.append(GuidedRow(w, n, default, error(n, "unipc"), error(n, "ddim"), diff))
+    label = "-" if theirs is None else theirs.label
+    return GuidedBench(guided, label, len(x_T), reference_steps, tuple(gaps), tuple(rows))
 
 
 def guided_vs_diffusers(
@@ -846,13 +883,59 @@ def guided_vs_diffusers(
 ) -> GuidedBench:
     """(d): :func:`guided_errors` for :func:`cfg_denoiser` from the first ``batch`` samples of
     ``problem.x_T``, against diffusers' default ``DPMSolverMultistepScheduler`` (SD betas)."""
+    x_T = problem.x_T[:batch]
+    theirs = pipeline_sampler("diffusers DPMSolverMultistep", DIFFUSERS_DEFAULT.make, x_T)
     return guided_errors(
-        lambda w: cfg_denoiser(problem, w),
-        problem.x_T[:batch],
+        lambda w: cfg_denoiser(problem.gmm, problem.process, w),
+        x_T,
         scales,
         steps,
-        DIFFUSERS_DEFAULT.make if with_diffusers else None,
+        theirs if with_diffusers else None,
     )
+
+
+def guided_flow_vs_diffusers(
+    problem: Problem,
+    scales: Sequence[float] = CFG_SCALES,
+    steps: Sequence[int] = CFG_STEPS,
+    batch: int = CFG_BATCH,
+    with_diffusers: bool = True,
+) -> GuidedBench:
+    """(f): (d) with the mixture under :class:`~steerdiff.processes.RectifiedFlow`, against
+    :func:`flow_match_euler` with Stable Diffusion 3's shift (3) and the guided ``x0``. It starts at
+    ``s = 1``, ours at ``t_max = 0.999``; its reference starts from its ``x_T`` carried to
+    ``t_max`` by :data:`LIFT_STEPS` Heun steps of the guided flow (the guided ODE is ill-conditioned:
+    that move of 0.16-0.45% of x_T's norm changes the answer by up to 10% at scales 4-7.5)."""
+    x_T = problem.x_T[:batch]
+    t_max = RectifiedFlow().t_max
+
+    def euler(den: Denoiser, n: int) -> Tensor:
+        return flow_match_euler(lambda x, s: den(x, s).x0, x_T, n, shift=FLOW_SHIFTS[-1])
+
+    def lift(den: Denoiser) -> Tensor:
+        return heun_in_s(lambda x, s: den(x, s).x0, x_T, 1.0, t_max, LIFT_STEPS)
+
+    theirs = Theirs(f"diffusers FlowMatchEuler (shift {FLOW_SHIFTS[-1]:g})", euler, lift)
+    return guided_errors(
+        lambda w: cfg_denoiser(problem.gmm, RectifiedFlow(), w),
+        x_T,
+        scales,
+        steps,
+        theirs if with_diffusers else None,
+    )
+
+
+def heun_in_s(
+    x0: Callable[[Tensor, float], Tensor], x: Tensor, s_from: float, s_to: float, steps: int
+) -> Tensor:
+    """Heun's method for the flow ``dx/ds = (x - x0(x, s)) / s`` from ``s_from`` to ``s_to``."""
+    ds = (s_to - s_from) / steps
+    for k in range(steps):
+        s = s_from + k * ds
+        v = (x - x0(x, s)) / s
+        y = x + ds * v
+        x = x + 0.5 * ds * (v + (y - x0(y, s + ds)) / (s + ds))
+    return x
 
 
 @dataclass(frozen=True)
@@ -871,11 +954,13 @@ class FlowRow:
         return tuple(self.ours / d for d in self.diffusers)
 
 
-def flow_match_euler(gmm: GaussianMixture, x_T: Tensor, steps: int, shift: float = 1.0) -> Tensor:
+def flow_match_euler(
+    x0: Callable[[Tensor, float], Tensor], x_T: Tensor, steps: int, shift: float = 1.0
+) -> Tensor:
     """diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift)`` (Euler; ``shift = 1`` is its
     default config, 3 that of Stable Diffusion 3) driven as a flow-matching pipeline drives it, with
-    the mixture's exact velocity ``(x - E[x0 | x]) / s`` at ``x = (1 - s) x0 + s eps``; it starts at
-    ``s = 1``."""
+    the velocity ``(x - x0(x, s)) / s`` at ``x = (1 - s) x_0 + s eps`` (``x0``: the denoised
+    estimate, e.g. the mixture's exact ``E[x_0 | x]``); it starts at ``s = 1``."""
     import diffusers
 
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -883,7 +968,7 @@ def flow_match_euler(gmm: GaussianMixture, x_T: Tensor, steps: int, shift: float
     x = x_T
     for t in sched.timesteps:
         s = float(t) / sched.config.num_train_timesteps
-        x = sched.step((x - gmm.denoise(x, 1.0 - s, s)) / s, t, x).prev_sample
+        x = sched.step((x - x0(x, s)) / s, t, x).prev_sample
     return x
 
 
@@ -913,7 +998,8 @@ def flow_vs_diffusers(
         for n in steps:
             errors[n][0] += float((sampling.sample(den, x_T, n) - ref).square().sum())
             for j, shift in enumerate(shifts, 1):
-                errors[n][j] += float((flow_match_euler(gmm, x_T, n, shift) - ref_1).square().sum())
+                euler = flow_match_euler(lambda x, s: gmm.denoise(x, 1.0 - s, s), x_T, n, shift)
+                errors[n][j] += float((euler - ref_1).square().sum())
     return [
         FlowRow(n, draws, math.sqrt(e[0] / norms[0]), tuple(math.sqrt(d / norms[1]) for d in e[1:]))
         for n, e in errors.items()
@@ -940,6 +1026,7 @@ class SolverBench:
     overhead: list[Overhead]
     guided: GuidedBench
     flow: list[FlowRow]
+    guided_flow: GuidedBench
     seconds: dict[str, float]
 
     def of(self, source: str) -> list[Row]:
@@ -998,8 +1085,13 @@ def run(
         batch, seed, 1 if quick else FLOW_DRAWS, FLOW_STEPS[:1] if quick else FLOW_STEPS, with_diffusers
     )
     seconds["flow"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    guided_flow = guided_flow_vs_diffusers(problem, scales, steps, with_diffusers=with_diffusers)
+    seconds["guided flow"] = time.perf_counter() - t0
     log.info("bench solvers: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return SolverBench(tuple(nfes), batch, seed, rows, ratio_a, ratio_b, overhead, guided, flow, seconds)
+    return SolverBench(
+        tuple(nfes), batch, seed, rows, ratio_a, ratio_b, overhead, guided, flow, guided_flow, seconds
+    )
 
 
 def _fmt(v: float | None) -> str:
@@ -1048,7 +1140,7 @@ def _format_fifth(fifth: Sequence[tuple[int, float]]) -> str:
 def format_guided(g: GuidedBench, what: str) -> list[str]:
     """(d)'s table, headed by ``what`` was guided toward: one row per scale and step count (each
     step costs 2 NFE)."""
-    head = ("scale", "steps", f"sd.sample ({g.solver})", "unipc", "ddim", "diffusers DPMSolverMultistep")
+    head = ("scale", "steps", f"sd.sample ({g.solver})", "unipc", "ddim", g.theirs)
 
     def line(cells: Sequence[str]) -> str:
         return "    " + "  ".join(f"{c:>{max(len(h), 8)}}" for c, h in zip(cells, head, strict=True))
@@ -1149,6 +1241,10 @@ def format_report(result: SolverBench) -> str:
     guided = format_guided(result.guided, f"components 0-{CFG_COMPONENTS - 1} of the mixture")
     lines += ["", "(d) " + guided[0], *guided[1:]]
     lines += ["", *_format_flow(result.flow, result.batch)]
+    guided = format_guided(
+        result.guided_flow, f"components 0-{CFG_COMPONENTS - 1} of the mixture under rectified flow"
+    )
+    lines += ["", "(f) " + guided[0], *guided[1:]]
     lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]
     return "\n".join(lines)
 

@@ -52,7 +52,7 @@ class Guided(Denoiser):
     """
 
     _cost: int | None = None
-    guided: ClassVar[bool] = True  # sample's default solver is then GUIDED_SOLVER
+    guided: ClassVar[bool] = True  # sample's default solver is then sampling.guided_solver(steps)
 
     def __init__(self, base: Denoiser) -> None:
         if not isinstance(base, Denoiser):

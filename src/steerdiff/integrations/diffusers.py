@@ -61,7 +61,7 @@ from .. import solvers as _solvers
 from ..denoiser import Denoiser, Prediction
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
-from ..sampling import DEFAULT_SCHEDULE, GUIDED_SOLVER
+from ..sampling import DEFAULT_SCHEDULE, guided_solver
 from ..schedules import Schedule
 from ..solvers.base import FINALS, Grid, Model, Solver, Transition, advance, make_grid, work_dtype
 
@@ -375,8 +375,8 @@ def _tail(grid: Grid, j: int) -> Grid:
     return Grid(grid.process, grid.t[j:], grid.alpha[j:], grid.sigma[j:], grid.lam[j:], grid.clean_end)
 
 
-def _describe(obj: str | Solver | Schedule) -> str:
-    return obj if isinstance(obj, str) else repr(obj)
+def _describe(obj: str | Solver | Schedule | None) -> str | None:
+    return obj if obj is None or isinstance(obj, str) else repr(obj)
 
 
 class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
@@ -387,7 +387,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     (see :func:`denoiser_from_diffusers`); ``num_inference_steps`` is :func:`steerdiff.sample`'s
     ``steps``. With the same net, initial noise and noise generator the pipeline returns what
     ``sd.sample(denoiser_from_diffusers(net, config), x_T, steps, solver, schedule, final=final,
-    generator=g)`` returns (the module docstring explains how).
+    generator=g)`` returns (the module docstring explains how; with ``solver=None``, ``solver`` is
+    ``steerdiff.sampling.guided_solver(steps)``).
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
@@ -396,8 +397,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         origin: the diffusers scheduler class the config came from (set by :meth:`from_config`;
             flow-matching and unsupported classes are told apart by it).
         solver: a name of :func:`steerdiff.solvers.available` or a Solver instance; default
-            ``"dpmpp_2m"``, :func:`steerdiff.sample`'s default for guided denoisers: pipelines apply
-            classifier-free guidance outside the scheduler (:func:`steerdiff.sampling.default_solver`).
+            (``None``) :func:`steerdiff.sample`'s default for guided denoisers at the step count
+            :meth:`set_timesteps` gets (DPM-Solver++(2M) below 15, UniPC-2 from 15;
+            :func:`steerdiff.sampling.guided_solver`): pipelines apply classifier-free guidance
+            outside the scheduler.
         schedule: a name of :func:`steerdiff.schedules.available` or a Schedule instance.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
@@ -432,14 +435,15 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         use_flow_sigmas: bool = False,
         invert_sigmas: bool = False,
         origin: str | None = None,
-        solver: str | Solver = GUIDED_SOLVER,
+        solver: str | Solver | None = None,
         schedule: str | Schedule = DEFAULT_SCHEDULE,
         final: str = "zero",
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     ) -> None:
         if final not in FINALS:
             raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
-        self._solver = _solvers.get(solver)
+        self._choice = None if solver is None else _solvers.get(solver)
+        self._solver: Solver = self._choice or _solvers.get(guided_solver(1))  # set per run by set_timesteps
         self._schedule = _schedules.get(schedule)
         self.register_to_config(solver=_describe(solver), schedule=_describe(schedule))
         self._den = _denoiser(_Recorded(), _spec(dict(self.config)))
@@ -521,6 +525,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         the ``schedule``'s.
         """
         grid = make_grid(self._den.process, self._schedule, num_inference_steps, self.config.final)
+        self._solver = self._choice or _solvers.get(guided_solver(grid.steps))
         evals = _plan(self._den, self._solver, grid)
         self._times = [t for t, _, _ in evals]
         self._run = _Run(grid, evals, _Tape(self._den, self._times), self._solver.init_state(grid))
