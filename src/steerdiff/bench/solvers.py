@@ -18,8 +18,8 @@ RMSE ``||x - x_ref|| / ||x_ref||`` over the batch.
 * Sampler overhead (:func:`sampler_overhead`): wall time per step outside the network, with a net
   that returns a precomputed tensor, ours against diffusers' ``scheduler.step`` loop.
 * Guided sampling (:func:`guided_vs_diffusers`), flow models (:func:`flow_vs_diffusers`) and both
-  (:func:`guided_flow_vs_diffusers`): the defaults under classifier-free guidance, under rectified
-  flow, and under both, against diffusers' samplers for them.
+  (:func:`guided_vs_diffusers` with ``flow``): the defaults under classifier-free guidance, under
+  rectified flow, and under both, against diffusers' samplers for them.
 """
 
 from __future__ import annotations
@@ -76,13 +76,13 @@ __all__ = [
     "default_vs_diffusers",
     "diffusers_configs",
     "fifth_at",
+    "flow_euler_sampler",
     "flow_match_euler",
     "flow_vs_diffusers",
     "format_guided",
     "format_report",
     "format_table",
     "guided_errors",
-    "guided_flow_vs_diffusers",
     "guided_vs_diffusers",
     "heun_in_s",
     "ill_conditioned",
@@ -880,13 +880,20 @@ def guided_vs_diffusers(
     steps: Sequence[int] = CFG_STEPS,
     batch: int = CFG_BATCH,
     with_diffusers: bool = True,
+    flow: bool = False,
 ) -> GuidedBench:
     """(d): :func:`guided_errors` for :func:`cfg_denoiser` from the first ``batch`` samples of
-    ``problem.x_T``, against diffusers' default ``DPMSolverMultistepScheduler`` (SD betas)."""
+    ``problem.x_T``, against diffusers' default ``DPMSolverMultistepScheduler`` (SD betas); with
+    ``flow``, (f): the mixture under :class:`~steerdiff.processes.RectifiedFlow`, against
+    :func:`flow_euler_sampler`."""
     x_T = problem.x_T[:batch]
-    theirs = pipeline_sampler("diffusers DPMSolverMultistep", DIFFUSERS_DEFAULT.make, x_T)
+    process = RectifiedFlow() if flow else problem.process
+    if flow:
+        theirs = flow_euler_sampler(x_T)
+    else:
+        theirs = pipeline_sampler("diffusers DPMSolverMultistep", DIFFUSERS_DEFAULT.make, x_T)
     return guided_errors(
-        lambda w: cfg_denoiser(problem.gmm, problem.process, w),
+        lambda w: cfg_denoiser(problem.gmm, process, w),
         x_T,
         scales,
         steps,
@@ -894,35 +901,21 @@ def guided_vs_diffusers(
     )
 
 
-def guided_flow_vs_diffusers(
-    problem: Problem,
-    scales: Sequence[float] = CFG_SCALES,
-    steps: Sequence[int] = CFG_STEPS,
-    batch: int = CFG_BATCH,
-    with_diffusers: bool = True,
-) -> GuidedBench:
-    """(f): (d) with the mixture under :class:`~steerdiff.processes.RectifiedFlow`, against
-    :func:`flow_match_euler` with Stable Diffusion 3's shift (3) and the guided ``x0``. It starts at
-    ``s = 1``, ours at ``t_max = 0.999``; its reference starts from its ``x_T`` carried to
-    ``t_max`` by :data:`LIFT_STEPS` Heun steps of the guided flow (the guided ODE is ill-conditioned:
-    that move of 0.16-0.45% of x_T's norm changes the answer by up to 10% at scales 4-7.5)."""
-    x_T = problem.x_T[:batch]
+def flow_euler_sampler(x_T: Tensor, shift: float = FLOW_SHIFTS[-1]) -> Theirs:
+    """:func:`flow_match_euler` (Stable Diffusion 3's shift 3 by default) with a guided denoiser's
+    ``x0``. It starts at ``s = 1``, :func:`steerdiff.sample` at ``t_max = 0.999``; its reference
+    starts from its ``x_T`` carried to ``t_max`` by :data:`LIFT_STEPS` Heun steps of the guided flow
+    (the guided ODE is ill-conditioned: on (f)'s problem that move of 0.16-0.45% of x_T's norm changes
+    the answer by up to 10% at scales 4-7.5)."""
     t_max = RectifiedFlow().t_max
 
     def euler(den: Denoiser, n: int) -> Tensor:
-        return flow_match_euler(lambda x, s: den(x, s).x0, x_T, n, shift=FLOW_SHIFTS[-1])
+        return flow_match_euler(lambda x, s: den(x, s).x0, x_T, n, shift=shift)
 
     def lift(den: Denoiser) -> Tensor:
         return heun_in_s(lambda x, s: den(x, s).x0, x_T, 1.0, t_max, LIFT_STEPS)
 
-    theirs = Theirs(f"diffusers FlowMatchEuler (shift {FLOW_SHIFTS[-1]:g})", euler, lift)
-    return guided_errors(
-        lambda w: cfg_denoiser(problem.gmm, RectifiedFlow(), w),
-        x_T,
-        scales,
-        steps,
-        theirs if with_diffusers else None,
-    )
+    return Theirs(f"diffusers FlowMatchEuler (shift {shift:g})", euler, lift)
 
 
 def heun_in_s(
@@ -1086,7 +1079,7 @@ def run(
     )
     seconds["flow"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    guided_flow = guided_flow_vs_diffusers(problem, scales, steps, with_diffusers=with_diffusers)
+    guided_flow = guided_vs_diffusers(problem, scales, steps, with_diffusers=with_diffusers, flow=True)
     seconds["guided flow"] = time.perf_counter() - t0
     log.info("bench solvers: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return SolverBench(
