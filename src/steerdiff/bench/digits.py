@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from .. import sampling, solvers
 from ..denoiser import Denoiser
 from ..guidance import CFG
-from ..integrations.diffusers_ref import run_scheduler
 from ..metrics import frechet_distance, relative_rmse
 from ..toy import digits as D
 from ._figure import pyplot
@@ -266,17 +265,14 @@ def _diffusers_scheduler() -> Callable[[], Any] | None:
 def _diffusers_row(
     m: DigitsModels, scheduler: Callable[[], Any], x_T: Tensor, nfe: int, ref: Tensor
 ) -> SolverRow:
-    """:data:`DIFFUSERS_ROW` at ``nfe`` steps, driven as a pipeline drives it."""
-
-    def eps(x: Tensor, t: Tensor) -> Tensor:
-        return m.den(x, float(t), label=D.NULL_LABEL).eps
-
+    """:data:`DIFFUSERS_ROW` at ``nfe`` steps (one net call each), driven as a pipeline drives it."""
+    run = pipeline_sampler(DIFFUSERS_ROW, scheduler, x_T, label=D.NULL_LABEL).run
     start = time.perf_counter()
     with torch.no_grad(), quiet_diffusers():
-        x, used = run_scheduler(scheduler(), eps, x_T, nfe)
+        x = run(m.den, nfe)
     secs = time.perf_counter() - start
     return SolverRow(
-        DIFFUSERS_ROW, "linspace", nfe, used, m.frechet(x), relative_rmse(x[: len(ref)], ref), secs
+        DIFFUSERS_ROW, "linspace", nfe, nfe, m.frechet(x), relative_rmse(x[: len(ref)], ref), secs
     )
 
 
