@@ -315,7 +315,7 @@ def test_config_round_trip(tmp_path):
     assert (plain.config.solver, plain.config.schedule) == (None, "karras_capped")
     for steps, solver in [(14, sd.solvers.get("dpmpp_2m")), (15, sd.solvers.UniPC(order=2))]:
         plain.set_timesteps(steps)
-        assert plain._solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps))
+        assert plain._run.solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps))
     plain.save_pretrained(tmp_path / "plain")
     assert SteerdiffScheduler.from_pretrained(tmp_path / "plain").config.solver is None
     sched.set_timesteps(7)

@@ -5,7 +5,7 @@ Usage::
 
     from steerdiff.integrations.diffusers import SteerdiffScheduler, denoiser_from_diffusers
 
-    pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config)  # dpmpp_2m, karras_capped
+    pipe.scheduler = SteerdiffScheduler.from_config(pipe.scheduler.config)  # guided default, karras_capped
     images = pipe(prompt, num_inference_steps=10).images
 
     den = denoiser_from_diffusers(pipe.unet, pipe.scheduler.config)   # the same net, for sd.sample
@@ -355,9 +355,10 @@ def _plan(den: Denoiser, solver: Solver, grid: Grid) -> list[tuple[float, int, b
 
 @dataclass
 class _Run:
-    """One pipeline run: the grid (from the begin index on), the plan, the tape and the checkpoint
-    (``x`` and the solver state at the start of step ``i``)."""
+    """One pipeline run: its solver, the grid (from the begin index on), the plan, the tape and the
+    checkpoint (``x`` and the solver state at the start of step ``i``)."""
 
+    solver: Solver
     grid: Grid
     evals: list[tuple[float, int, bool]]
     tape: _Tape
@@ -442,8 +443,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     ) -> None:
         if final not in FINALS:
             raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
-        self._choice = None if solver is None else _solvers.get(solver)
-        self._solver: Solver = self._choice or _solvers.get(guided_solver(1))  # set per run by set_timesteps
+        self._solver = None if solver is None else _solvers.get(solver)  # None: per step count
         self._schedule = _schedules.get(schedule)
         self.register_to_config(solver=_describe(solver), schedule=_describe(schedule))
         self._den = _denoiser(_Recorded(), _spec(dict(self.config)))
@@ -525,10 +525,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         the ``schedule``'s.
         """
         grid = make_grid(self._den.process, self._schedule, num_inference_steps, self.config.final)
-        self._solver = self._choice or _solvers.get(guided_solver(grid.steps))
-        evals = _plan(self._den, self._solver, grid)
+        solver = self._solver or _solvers.get(guided_solver(grid.steps))
+        evals = _plan(self._den, solver, grid)
         self._times = [t for t, _, _ in evals]
-        self._run = _Run(grid, evals, _Tape(self._den, self._times), self._solver.init_state(grid))
+        self._run = _Run(solver, grid, evals, _Tape(self._den, self._times), solver.init_state(grid))
         self._begin_index = None
         self.num_inference_steps = grid.steps
         self.order = sum(1 for _, i, _ in evals if i == 0)
@@ -565,13 +565,13 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         firsts = {i: n for n, (_, i, _) in reversed(list(enumerate(run.evals)))}  # step -> first eval
         j = next((i for i, n in firsts.items() if n == k and run.evals[n][2]), None)
         tail = None if j is None else _tail(run.grid, j)
-        evals = None if tail is None else _plan(self._den, self._solver, tail)
+        evals = None if tail is None else _plan(self._den, run.solver, tail)
         if evals is None or [t for t, _, _ in evals] != self._times[k:]:
             raise ValueError(
-                f"set_begin_index({k}): timesteps[{k}] is not where a step of {self._solver!r} starts "
+                f"set_begin_index({k}): timesteps[{k}] is not where a step of {run.solver!r} starts "
                 "(at its input sample); pick an index of a step start"
             )
-        run.grid, run.evals, run.state = tail, evals, self._solver.init_state(tail)
+        run.grid, run.evals, run.state = tail, evals, run.solver.init_state(tail)
         run.tape.times = [t for t, _, _ in evals]
 
     def _advance(self, run: _Run) -> Tensor:
@@ -582,7 +582,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             state = copy.deepcopy(run.state)
             tape.used = noise.used = 0
             try:
-                out = self._solver.step(tape, run.x, run.i, run.grid, state)
+                out = run.solver.step(tape, run.x, run.i, run.grid, state)
             except _Halt as halt:
                 run.at_input = halt.x is run.x
                 return halt.x
