@@ -55,6 +55,11 @@ __all__ = [
 F64 = torch.float64
 
 
+def _s(process: Process, t: float) -> float:
+    """``sigma/alpha`` of ``process`` at time ``t``, as a float."""
+    return math.exp(-float(process.lam(t)))
+
+
 def check_steps(n: int) -> int:
     """``n`` as a Python int, or a ValueError naming ``steps``."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
@@ -153,19 +158,19 @@ class Karras(Schedule):
             )
 
     def ramp_top(self, process: Process, smin: float) -> float:
-        """Where the ramp starts when ``sigma_max`` is ``None``: the process's ``s_max``."""
-        return math.exp(-float(process.lam(process.t_max)))
+        """Where the ramp starts: ``sigma_max``, or the process's ``s_max`` when that is ``None``."""
+        return _s(process, process.t_max) if self.sigma_max is None else self.sigma_max
 
     def ramp_bottom(self, process: Process) -> float:
         """Where the ramp ends: ``sigma_min``, or the process's ``s_min`` when that is ``None``."""
-        return math.exp(-float(process.lam(process.t_min))) if self.sigma_min is None else self.sigma_min
+        return _s(process, process.t_min) if self.sigma_min is None else self.sigma_min
 
     def nodes(self, process: Process, n: int) -> Tensor:
         return self.ramp(process, n, self.ramp_bottom(process))
 
     def ramp(self, process: Process, n: int, smin: float) -> Tensor:
-        """Eq. 5's ``n`` points from the top (``sigma_max`` or :meth:`ramp_top`) down to ``smin``."""
-        smax = self.ramp_top(process, smin) if self.sigma_max is None else self.sigma_max
+        """Eq. 5's ``n`` points from :meth:`ramp_top` down to ``smin``."""
+        smax = self.ramp_top(process, smin)
         if not smax > smin:
             raise ValueError(
                 f"{type(self).__name__}: need sigma_max > sigma_min, got sigma_min={smin:.6g}, "
@@ -177,7 +182,7 @@ class Karras(Schedule):
         t = t.clamp(process.t_min, process.t_max)
         if self.sigma_max is None:
             t[0] = process.t_max
-        if self.sigma_min is None and n > 1 and smin == math.exp(-float(process.lam(process.t_min))):
+        if self.sigma_min is None and n > 1 and smin == _s(process, process.t_min):
             t[-1] = process.t_min
         return t
 
@@ -244,17 +249,22 @@ class KarrasJump(Karras):
         self.sigma_floor = _positive(type(self).__name__, "sigma_floor", sigma_floor)
 
     def ramp_top(self, process: Process, smin: float) -> float:
-        """The process's ``s_max``, at most ``sigma_top`` (where that is above ``s_min``)."""
+        """``sigma_max``, or the process's ``s_max`` at most ``sigma_top`` (where that is above ``s_min``)."""
         smax = super().ramp_top(process, smin)
-        return smax if self.sigma_top is None or self.sigma_top <= smin else min(smax, self.sigma_top)
+        if self.sigma_max is not None or self.sigma_top is None or self.sigma_top <= smin:
+            return smax
+        return min(smax, self.sigma_top)
 
     def top_steps(self, process: Process, n: int) -> int:
         """Steps from ``t_max`` into the ramp: ``1 + n // TOP_EVERY`` where the top applies
         (``s_min < sigma_top < s_max``, ``sigma_max`` not given), else 1."""
         if self.sigma_max is not None or self.sigma_top is None:
             return 1
-        smax = math.exp(-float(process.lam(process.t_max)))
-        return 1 + n // TOP_EVERY if self.ramp_bottom(process) < self.sigma_top < smax else 1
+        return (
+            1 + n // TOP_EVERY
+            if self.ramp_bottom(process) < self.sigma_top < _s(process, process.t_max)
+            else 1
+        )
 
     def jump_bottom(self, process: Process) -> float:
         """The ramp's end below ``max_nodes`` nodes: ``s_min``, raised to ``sigma_floor`` where that is
@@ -262,8 +272,7 @@ class KarrasJump(Karras):
         smin = self.ramp_bottom(process)
         if self.sigma_floor is None or self.sigma_min is not None or self.sigma_floor <= smin:
             return smin
-        top = self.ramp_top(process, smin) if self.sigma_max is None else self.sigma_max
-        return self.sigma_floor if self.sigma_floor < top else smin
+        return self.sigma_floor if self.sigma_floor < self.ramp_top(process, smin) else smin
 
     def nodes(self, process: Process, n: int) -> Tensor:
         m = self.top_steps(process, n)
@@ -274,7 +283,7 @@ class KarrasJump(Karras):
             ramp = self.ramp(process, k + 1, self.jump_bottom(process))[:k]
         if m == 1:
             return ramp
-        top, smax = self.sigma_top, math.exp(-float(process.lam(process.t_max)))
+        top, smax = self.sigma_top, _s(process, process.t_max)
         assert top is not None  # m > 1 only below a top
         between = torch.tensor([smax * (top / smax) ** (j / m) for j in range(1, m)], dtype=F64)
         return torch.cat([ramp[:1], process.t_of_sigma_ratio(between), ramp[1:]])
