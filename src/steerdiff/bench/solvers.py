@@ -1035,12 +1035,12 @@ def run(
     progress: bool = False,
     draws: int = DRAWS,
 ) -> SolverBench:
-    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES`, a short overhead timing, (d) at
-    the largest scale and fewest steps only and (e) on one draw at 10 steps;
+    """Run the whole benchmark. ``quick``: NFE in :data:`QUICK_NFES`, a short overhead timing, (d)
+    and (f) at the largest scale and fewest steps only and (e) on one draw at 10 steps;
     ``draws``: independent draws of ``x_T`` (seeds ``seed, seed + 1, ...``) that (a) and (b) pool.
 
     ``with_diffusers=False`` (or diffusers not installed) skips the diffusers rows, (a), (b)'s
-    diffusers side, (c), and the diffusers columns of (d) and (e).
+    diffusers side, (c), and the diffusers columns of (d), (e) and (f).
     """
     if with_diffusers:
         try:
@@ -1172,7 +1172,7 @@ def _format_flow(rows: Sequence[FlowRow], batch: int) -> list[str]:
 
 def format_report(result: SolverBench) -> str:
     """The printed summary: best schedule per solver, best configuration per diffusers scheduler,
-    and the ratios (a), (b), (c)."""
+    and the sections (a)-(f)."""
     nfes = result.nfes
     ours, theirs = result.of("steerdiff"), result.of("diffusers")
     lines = [
@@ -1231,13 +1231,21 @@ def format_report(result: SolverBench) -> str:
             f"  ratio {o.ratio:.3g}"
             for o in result.overhead
         ]
-    guided = format_guided(result.guided, f"components 0-{CFG_COMPONENTS - 1} of the mixture")
-    lines += ["", "(d) " + guided[0], *guided[1:]]
-    lines += ["", *_format_flow(result.flow, result.batch)]
-    guided = format_guided(
-        result.guided_flow, f"components 0-{CFG_COMPONENTS - 1} of the mixture under rectified flow"
+    what = f"components 0-{CFG_COMPONENTS - 1} of the mixture"
+    d, f = (
+        format_guided(result.guided, what),
+        format_guided(result.guided_flow, f"{what} under rectified flow"),
     )
-    lines += ["", "(f) " + guided[0], *guided[1:]]
+    lines += [
+        "",
+        "(d) " + d[0],
+        *d[1:],
+        "",
+        *_format_flow(result.flow, result.batch),
+        "",
+        "(f) " + f[0],
+        *f[1:],
+    ]
     lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]
     return "\n".join(lines)
 
