@@ -13,6 +13,7 @@ import math
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -394,12 +395,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     exact_1 = gmm.reference_ode(x_T, flow, 1 - 1e-12, flow.t_min, denoise=True)
     theirs_flow = []
     for shift in (1.0, 3.0):
-        sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
-        sched.set_timesteps(10)
-        y = x_T.clone()
-        for t in sched.timesteps:
-            s = float(t) / 1000
-            y = sched.step((y - gmm.denoise(y, 1 - s, s)) / s, t, y).prev_sample
+        y = _flow_match_euler(lambda y, s: gmm.denoise(y, 1 - s, s), x_T, 10, shift)
         theirs_flow.append(rel_rmse(y, exact_1))
     m = re.search(
         r"pooled over 1 draws:\n    NFE 10: (\S+) vs (\S+) \(shift 1\), (\S+) \(shift 3\)"
@@ -425,12 +421,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         y = lifted + ds * v
         lifted = lifted + 0.5 * ds * (v + (y - cfg(y, s + ds).x0) / (s + ds))
     exact_lifted = sd.sample(cfg, lifted, 800, "dpmpp_2m", "logsnr_uniform")
-    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    sched.set_timesteps(10)
-    y = x_T.clone()
-    for t in sched.timesteps:
-        s = float(t) / 1000
-        y = sched.step((y - cfg(y, s).x0) / s, t, y).prev_sample
+    y = _flow_match_euler(lambda y, s: cfg(y, s).x0, x_T, 10, 3.0)
     row = re.search(r"^\s+7\.5\s+10\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out.split("(f)")[1], re.M)
     assert row is not None
     assert row.groups() == (
@@ -441,6 +432,21 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
         f"{rel_rmse(y, exact_lifted):.2e}",
     )
     assert "diffusers FlowMatchEuler (shift 3)" in out.split("(f)")[1]
+
+
+def _flow_match_euler(
+    x0: Callable[[torch.Tensor, float], torch.Tensor], x_T: torch.Tensor, steps: int, shift: float
+) -> torch.Tensor:
+    """diffusers' FlowMatchEuler loop, as a flow-matching pipeline runs it, with velocity (x - x0) / s."""
+    import diffusers
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(steps)
+    y = x_T.clone()
+    for t in sched.timesteps:
+        s = float(t) / 1000
+        y = sched.step((y - x0(y, s)) / s, t, y).prev_sample
+    return y
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])
