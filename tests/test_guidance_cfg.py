@@ -543,6 +543,17 @@ def test_bad_cfg_pairs_and_conditions(sd_process, den):
         pcg(den, den, x_T, 5, 2.0, langevin_steps=0, y=1)
 
 
+def _cfg_toward_two(process: sd.Process, scale: float) -> tuple[CFG, torch.Tensor, torch.Tensor]:
+    """CFG at ``scale`` toward the first two components of the 16-d default mixture (the whole mixture
+    unconditional) under ``process``, 256 x_T (seed 0), and the guided ODE solved from them in 800
+    steps (DPM-Solver++(2M), log-SNR-uniform grid)."""
+    full = sd.toy.default_benchmark_mixture(dim=16)
+    part = sd.toy.GaussianMixture(full.means[:2], full.variances[:2], full.weights[:2])
+    x_T = torch.randn(256, 16, generator=torch.Generator().manual_seed(0), dtype=F64)
+    cfg = CFG(part.denoiser(process), full.denoiser(process), scale)
+    return cfg, x_T, sd.sample(cfg, x_T, 800, "dpmpp_2m", "logsnr_uniform")
+
+
 def test_guided_denoisers_get_a_second_order_default(sd_process):
     """``sd.sample`` without ``solver``: UniPC-3 for a plain denoiser; for a guided one (any
     ``Guided``, e.g. CFG, classifier guidance) DPM-Solver++(2M) below 15 steps and UniPC-2 (the same
@@ -552,11 +563,8 @@ def test_guided_denoisers_get_a_second_order_default(sd_process):
     UniPC-3 on the time-uniform one), relative error measured at 10 / 15 / 20 steps: the default
     0.11 / 8.5e-3 / 4.4e-3, 2M alone 0.11 / 2.2e-2 / 1.2e-2, UniPC-3 1.3e2 / 1.9e2 / 43 (third-order
     extrapolation of the guided estimate is unstable at such scales, Lu et al. 2022b)."""
-    full = sd.toy.default_benchmark_mixture(dim=16)
-    part = sd.toy.GaussianMixture(full.means[:2], full.variances[:2], full.weights[:2])
-    x_T = torch.randn(256, 16, generator=torch.Generator().manual_seed(0), dtype=F64)
-    plain = full.denoiser(sd_process)
-    cfg = CFG(part.denoiser(sd_process), plain, 7.5)
+    cfg, x_T, ref = _cfg_toward_two(sd_process, 7.5)
+    plain = cfg.uncond
     grad = sd.guidance.RewardGuidance(plain, lambda x0: -(x0**2).sum(1), 0.5)
     two_m, unipc_2 = sd.solvers.get("dpmpp_2m"), sd.solvers.UniPC(order=2)
     for steps in (5, 14, 15, 20):
@@ -569,7 +577,6 @@ def test_guided_denoisers_get_a_second_order_default(sd_process):
     with pytest.raises(ValueError, match="steps"):
         sd.sampling.default_solver(cfg, 0)
 
-    ref = sd.sample(cfg, x_T, 800, "dpmpp_2m", "logsnr_uniform")
     assert rel_rmse(sd.sample(cfg, x_T, 800, "unipc", "time_uniform"), ref) < 3e-4
     assert rel_rmse(sd.sample(cfg, x_T, 10), ref) < 0.2
     for steps, bound in [(15, 0.02), (20, 0.01)]:
@@ -583,12 +590,7 @@ def test_the_guided_default_corrects_from_15_steps_under_rectified_flow():
     takes the default below half of DPM-Solver++(2M)'s error (measured 0.10 against 0.27 at 15
     steps, 0.095 against 0.20 at 20), where below 15 steps the corrected run is less stable (0.69
     against 0.27 at 10 steps), so the default is 2M there."""
-    flow = sd.RectifiedFlow()
-    full = sd.toy.default_benchmark_mixture(dim=16)
-    part = sd.toy.GaussianMixture(full.means[:2], full.variances[:2], full.weights[:2])
-    x_T = torch.randn(256, 16, generator=torch.Generator().manual_seed(0), dtype=F64)
-    cfg = CFG(part.denoiser(flow), full.denoiser(flow), 4.0)
-    ref = sd.sample(cfg, x_T, 800, "dpmpp_2m", "logsnr_uniform")
+    cfg, x_T, ref = _cfg_toward_two(sd.RectifiedFlow(), 4.0)
     for steps in (15, 20):
         assert rel_rmse(sd.sample(cfg, x_T, steps), ref) < 0.5 * rel_rmse(
             sd.sample(cfg, x_T, steps, "dpmpp_2m"), ref
