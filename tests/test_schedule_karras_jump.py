@@ -1,5 +1,6 @@
 """``karras_jump`` (Karras nodes whose last point is replaced by the jump to the clean state, and
-its optional top) and ``karras_capped``, the sampler's default (the top at 30)."""
+its optional top and floor) and ``karras_capped``, the sampler's default (the top at 30, the floor
+at 0.03)."""
 
 from __future__ import annotations
 
