@@ -188,6 +188,44 @@ def test_dpmpp_3m_default_integrates_the_quadratic(diffusers, gmm, sd_process, o
     assert rel_rmse(ours, exact) < 0.9 * rel_rmse(theirs, exact)
 
 
+def _linear_run(gain: float, solver: sd.solvers.Solver, h: float = 0.5, steps: int = 20) -> torch.Tensor:
+    """EDM (alpha = 1, lam = -log sigma) with the denoiser ``x0 = -gain x`` from sigma = 80, ``steps``
+    steps of length ``h`` in lam, no clean end: the test equation of the step's stability."""
+    den = sd.Denoiser(lambda x, t: -gain * x, sd.EDM(), prediction="x0")
+    sigmas = [80.0 * math.exp(-h * k) for k in range(steps + 1)]
+    return sd.sample(
+        den, torch.ones(1, 1, dtype=torch.float64), steps, solver, sd.schedules.Custom(sigmas), final="none"
+    )
+
+
+def test_dpmpp_max_h_takes_long_steps_at_first_order():
+    """In ``u = x / alpha`` a step reads ``u' = e^{-h} u + (1 - e^{-h}) D``; with ``D = -G u`` and
+    ``a = (1 - e^{-h}) G`` DDIM multiplies by ``e^{-h} - a`` (stable for ``a < 1 + e^{-h}``) and 2M
+    with equal steps has the roots of ``z^2 - (e^{-h} - 1.5 a) z - 0.5 a``, stable for
+    ``a < (1 + e^{-h}) / 2``. At h = 0.5: G = 1.5 (a = 0.59) both decay; G = 3 (a = 1.18) DDIM decays
+    (factor -0.574) and 2M grows like 1.546^n; ``max_h`` below h makes the 2M run the DDIM run (to
+    rounding), above h changes nothing."""
+    b = math.exp(-0.5)
+    ddim, two_m = sd.solvers.DDIM(), sd.solvers.DPMSolverPPMultistep(order=2, lower_order_final=False)
+    for gain in (1.5, 3.0):
+        a = (1 - b) * gain
+        x_ddim = float(_linear_run(gain, ddim))
+        assert x_ddim == pytest.approx((b - a) ** 20, rel=1e-9)
+        p = b - 1.5 * a  # real roots (p +- sqrt(p^2 + 2a)) / 2
+        root = (abs(p) + math.sqrt(p * p + 2 * a)) / 2
+        x_2m = abs(float(_linear_run(gain, two_m)))
+        assert (root < 1) == (gain == 1.5) and (x_2m < 1) == (gain == 1.5)
+        if gain == 3.0:
+            assert root == pytest.approx(1.546, abs=1e-3) and x_2m > root**15
+        guarded = sd.solvers.DPMSolverPPMultistep(order=2, lower_order_final=False, max_h=0.49)
+        assert float(_linear_run(gain, guarded)) == pytest.approx(x_ddim, rel=1e-12)
+        loose = sd.solvers.DPMSolverPPMultistep(order=2, lower_order_final=False, max_h=0.51)
+        assert float(_linear_run(gain, loose)) == float(_linear_run(gain, two_m))
+    for bad in (0.0, -1.0, "0.8", True, math.nan):
+        with pytest.raises(ValueError, match="max_h"):
+            sd.solvers.DPMSolverPPMultistep(max_h=bad)
+
+
 # --- convergence order ------------------------------------------------------------------------
 
 STEPS_ORDER = [10, 14, 20, 28, 40]

@@ -33,6 +33,7 @@ __all__ = [
     "Solver",
     "Transition",
     "advance",
+    "check_max_h",
     "make_grid",
     "step_order",
     "work_dtype",
@@ -158,21 +159,32 @@ def advance(out: Tensor | Transition, noise: NoiseSource, t_from: float, t_to: f
     return out.draw(noise, t_from, t_to) if isinstance(out, Transition) else out
 
 
-def step_order(i: int, grid: Grid, order: int, history: int, lower_order_final: bool) -> int:
+def step_order(
+    i: int, grid: Grid, order: int, history: int, lower_order_final: bool, max_h: float = math.inf
+) -> int:
     """Order a multistep method uses at step ``i``.
 
     At most ``order`` and at most the number of evaluations available (``history``, warm-up at
     the first steps). With ``lower_order_final`` and fewer than 15 steps the last steps count
-    down (order <= steps - i), as diffusers' multistep schedulers do; the step into a clean end
-    is always first order.
+    down (order <= steps - i), as diffusers' multistep schedulers do; the step into a clean end,
+    and any step longer than ``max_h`` in log-SNR (``h = lam_{i+1} - lam_i``), is first order.
     """
     n = grid.steps
     k = min(order, history)
     if lower_order_final and n < 15:
         k = min(k, n - i)
-    if grid.is_final_clean(i):
+    if grid.is_final_clean(i) or grid.h(i) > max_h:
         k = 1
     return max(k, 1)
+
+
+def check_max_h(solver: Solver, max_h: float) -> None:
+    """A ``ValueError`` naming ``max_h`` unless it is a positive number (``inf``: no limit)."""
+    if isinstance(max_h, bool) or not isinstance(max_h, (int, float)) or not max_h > 0:
+        raise ValueError(
+            f"{type(solver).__name__}: max_h={max_h!r} is not accepted; accepted: a positive number "
+            "(the longest step in log-SNR taken above first order; inf: no limit)"
+        )
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
