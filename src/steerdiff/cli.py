@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--solver",
         choices=solvers.available(),
         default=None,
-        help=f"default: {sampling.DEFAULT_SOLVER}; with --guidance dpmpp_2m (first order on steps "
-        f"longer than {sampling.GUIDED_MAX_H} in log-SNR), from {sampling.GUIDED_CORRECTOR_FROM} "
-        "steps UniPC-2",
+        help=f"default: {sampling.DEFAULT_SOLVER}; with --guidance dpmpp_2m (below "
+        f"{sampling.GUIDED_MAX_H_BELOW} steps first order on steps longer than {sampling.GUIDED_MAX_H} in "
+        f"log-SNR), from {sampling.GUIDED_CORRECTOR_FROM} steps UniPC-2",
     )
     sp.add_argument(
         "--schedule",

@@ -112,9 +112,9 @@ DRAWS = 16  # (a) and (b) pooled over this many independent x_T draws (seeds see
 FIFTH_NFES = (10, 12, 15, 20, 25, 30, 40, 50, 60, 80)
 BEST_VS_DIFFUSERS_NFES = (5, 10, 20)  # (b): best of ours vs best of diffusers
 # (d): classifier-free guidance toward CFG_COMPONENTS of the mixture, on the first CFG_BATCH samples
-CFG_SCALES, CFG_STEPS, CFG_COMPONENTS, CFG_BATCH = (2.0, 4.0, 7.5), (10, 20), 2, 256
+CFG_SCALES, CFG_STEPS, CFG_COMPONENTS, CFG_BATCH = (2.0, 4.0, 7.5), (5, 10, 20), 2, 256
 CFG_REFERENCE_STEPS = 800  # the guided ODE's solution: DPM-Solver++(2M), checked against UniPC-3
-QUICK_CFG_SCALES, QUICK_CFG_STEPS = CFG_SCALES[-1:], CFG_STEPS[:1]  # --quick: the hardest scale, 10 steps
+QUICK_CFG_SCALES, QUICK_CFG_STEPS = CFG_SCALES[-1:], (10,)  # --quick: the hardest scale, 10 steps
 LIFT_STEPS = 100  # (f): Heun steps that carry diffusers' flow start (s = 1) to t_max = 0.999
 # (e): the mixture under rectified flow, pooled over FLOW_DRAWS draws of x_T
 FLOW_STEPS, FLOW_DRAWS, FLOW_SHIFTS = (10, 20), 4, (1.0, 3.0)
@@ -844,8 +844,8 @@ def guided_errors(
     the log-SNR-uniform grid; ``reference_gap``: that solution against UniPC-3's on the time-uniform
     grid of as many steps."""
     guided = (
-        f"dpmpp_2m, first order above h = {sampling.GUIDED_MAX_H}; "
-        f"UniPC-2 from {sampling.GUIDED_CORRECTOR_FROM} steps"
+        f"dpmpp_2m, below {sampling.GUIDED_MAX_H_BELOW} steps first order above h = "
+        f"{sampling.GUIDED_MAX_H}; UniPC-2 from {sampling.GUIDED_CORRECTOR_FROM} steps"
     )
     gaps, rows = [], []
     with quiet_diffusers():
