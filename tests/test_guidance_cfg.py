@@ -571,7 +571,7 @@ def test_guided_denoisers_get_a_second_order_default(sd_process):
     two_m, unipc_2 = sd.solvers.get("dpmpp_2m"), sd.solvers.UniPC(order=2)
     for steps in (5, 9, 10, 14, 15, 20):
         guided = guarded if steps < 10 else two_m if steps < 15 else unipc_2
-        assert sd.solvers.get(sd.sampling.default_solver(plain, steps)) == sd.solvers.get("unipc")
+        assert sd.sampling.default_solver(plain, steps) == sd.solvers.UniPC(max_h=2.0, max_h_ratio=2.0)
         for den in (cfg, grad):
             assert sd.solvers.get(sd.sampling.default_solver(den, steps)) == guided
             assert sd.sample(den, x_T[:4], steps, return_info=True)[1].solver == guided

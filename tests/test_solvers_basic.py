@@ -224,6 +224,27 @@ def test_dpmpp_max_h_takes_long_steps_at_first_order():
     for bad in (0.0, -1.0, "0.8", True, math.nan):
         with pytest.raises(ValueError, match="max_h"):
             sd.solvers.DPMSolverPPMultistep(max_h=bad)
+    for bad in (-0.5, math.inf, math.nan, "2"):
+        for cls in (sd.solvers.DPMSolverPPMultistep, sd.solvers.UniPC):
+            with pytest.raises(ValueError, match="max_h_ratio"):
+                cls(max_h_ratio=bad)
+
+
+def test_step_order_long_step_needs_both_conditions():
+    """A step is *long* (first order) when ``h > max_h`` and ``h > max_h_ratio`` times the step before:
+    on nodes with h = 0.5, 0.5, 2.5, 2.5, 0.5 (EDM, no clean end), order 3 becomes 1 at step 2 only
+    (2.5 > 2 and > 2 x 0.5), at steps 2 and 3 with ``max_h_ratio = 0`` and nowhere with ``max_h = 3``."""
+    lams = [-4.0, -3.5, -3.0, -0.5, 2.0, 2.5]
+    grid = sd.solvers.base.make_grid(sd.EDM(), sd.schedules.Custom([math.exp(-v) for v in lams]), 5, "none")
+    assert [round(grid.h(i), 9) for i in range(5)] == [0.5, 0.5, 2.5, 2.5, 0.5]
+
+    def orders(**kw: float) -> list[int]:
+        return [sd.solvers.base.step_order(i, grid, 3, 3, False, **kw) for i in range(5)]
+
+    assert orders() == [3, 3, 3, 3, 3]
+    assert orders(max_h=2.0, max_h_ratio=2.0) == [3, 3, 1, 3, 3]
+    assert orders(max_h=2.0) == [3, 3, 1, 1, 3]
+    assert orders(max_h=3.0, max_h_ratio=0.0) == [3, 3, 3, 3, 3]
 
 
 # --- convergence order ------------------------------------------------------------------------

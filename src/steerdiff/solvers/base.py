@@ -33,7 +33,7 @@ __all__ = [
     "Solver",
     "Transition",
     "advance",
-    "check_max_h",
+    "check_long_step",
     "make_grid",
     "step_order",
     "work_dtype",
@@ -160,31 +160,46 @@ def advance(out: Tensor | Transition, noise: NoiseSource, t_from: float, t_to: f
 
 
 def step_order(
-    i: int, grid: Grid, order: int, history: int, lower_order_final: bool, max_h: float = math.inf
+    i: int,
+    grid: Grid,
+    order: int,
+    history: int,
+    lower_order_final: bool,
+    max_h: float = math.inf,
+    max_h_ratio: float = 0.0,
 ) -> int:
     """Order a multistep method uses at step ``i``.
 
     At most ``order`` and at most the number of evaluations available (``history``, warm-up at
     the first steps). With ``lower_order_final`` and fewer than 15 steps the last steps count
-    down (order <= steps - i), as diffusers' multistep schedulers do; the step into a clean end,
-    and any step longer than ``max_h`` in log-SNR (``h = lam_{i+1} - lam_i``), is first order.
+    down (order <= steps - i), as diffusers' multistep schedulers do. The step into a clean end is
+    first order, and so is a *long* step: longer than ``max_h`` in log-SNR
+    (``h = lam_{i+1} - lam_i``) and than ``max_h_ratio`` times the step before.
     """
     n = grid.steps
     k = min(order, history)
     if lower_order_final and n < 15:
         k = min(k, n - i)
-    if grid.is_final_clean(i) or grid.h(i) > max_h:
+    h = grid.h(i)
+    if grid.is_final_clean(i) or (h > max_h and i > 0 and h > max_h_ratio * grid.h(i - 1)):
         k = 1
     return max(k, 1)
 
 
-def check_max_h(solver: Solver, max_h: float) -> None:
-    """A ``ValueError`` naming ``max_h`` unless it is a positive number (``inf``: no limit)."""
-    if isinstance(max_h, bool) or not isinstance(max_h, (int, float)) or not max_h > 0:
-        raise ValueError(
-            f"{type(solver).__name__}: max_h={max_h!r} is not accepted; accepted: a positive number "
-            "(the longest step in log-SNR taken above first order; inf: no limit)"
-        )
+def check_long_step(solver: Solver, max_h: float, max_h_ratio: float) -> None:
+    """``ValueError`` naming the argument unless ``max_h`` is positive (``inf``: no limit) and
+    ``max_h_ratio`` a finite number >= 0 (:func:`step_order`)."""
+    for name, value, ok in (
+        ("max_h", max_h, lambda v: v > 0),
+        ("max_h_ratio", max_h_ratio, lambda v: 0 <= v < math.inf),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ValueError(
+                f"{type(solver).__name__}: {name}={value!r} is not accepted; accepted: "
+                + ("a positive number (inf: no limit)" if name == "max_h" else "a finite number >= 0")
+                + "; a step longer than max_h in log-SNR and than max_h_ratio times the step before "
+                "is first order"
+            )
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -18,12 +18,14 @@ about 2.3 against 2.9 on the Gaussian-mixture oracle); ``third_order="dpmsolver"
 One NFE per step; warm-up at the first steps and lower order at the last (``lower_order_final``,
 see :func:`~steerdiff.solvers.base.step_order`).
 
-``max_h``: steps longer than this in ``lam`` are first order (DDIM). In ``u = x / alpha`` the step
-reads ``u_{i+1} = e^{-h} u_i + (1 - e^{-h}) D``; on a mode where the denoised estimate responds to
-``u`` with gain ``-G`` (classifier-free guidance, ``(1 - w) D_u + w D_c``, makes ``G`` grow with the
-scale ``w``) the DDIM step is stable for ``(1 - e^{-h}) G < 1 + e^{-h}`` and the 2M step with equal
-steps for half that ``G``, so long steps under strong guidance diverge with 2M where DDIM does not.
-The guided default (:func:`steerdiff.sampling.guided_solver`) sets it.
+``max_h``, ``max_h_ratio``: steps longer than ``max_h`` in ``lam`` (and than ``max_h_ratio`` times
+the step before) are first order (DDIM; :func:`~steerdiff.solvers.base.step_order`). In
+``u = x / alpha`` the step reads ``u_{i+1} = e^{-h} u_i + (1 - e^{-h}) D``; on a mode where the
+denoised estimate responds to ``u`` with gain ``-G`` (classifier-free guidance,
+``(1 - w) D_u + w D_c``, makes ``G`` grow with the scale ``w``) the DDIM step is stable for
+``(1 - e^{-h}) G < 1 + e^{-h}`` and the 2M step with equal steps for half that ``G``, so long steps
+under strong guidance diverge with 2M where DDIM does not. The guided default
+(:func:`steerdiff.sampling.guided_solver`) sets ``max_h``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from .._ops import axpby
 from ._exp import hphi
-from .base import Grid, History, Model, Solver, check_max_h, step_order
+from .base import Grid, History, Model, Solver, check_long_step, step_order
 
 __all__ = ["DPMSolverPPMultistep"]
 
@@ -54,10 +56,11 @@ class DPMSolverPPMultistep(Solver):
     lower_order_final: bool = True
     third_order: str = "exact"
     max_h: float = math.inf
+    max_h_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_max_h(self, self.max_h)
+        check_long_step(self, self.max_h, self.max_h_ratio)
         if self.third_order not in _THIRD_ORDER:
             raise ValueError(f"third_order={self.third_order!r}; accepted: {sorted(_THIRD_ORDER)}")
 
@@ -68,7 +71,7 @@ class DPMSolverPPMultistep(Solver):
         hist = state["x0"]
         hist.push(model(x, grid.t[i], i).x0, grid.lam[i])
         m, lams = hist.values, hist.at
-        k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h)
+        k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
         h = grid.h(i)
         r, a = grid.sigma[i + 1] / grid.sigma[i], grid.alpha[i + 1]
         if k == 1:

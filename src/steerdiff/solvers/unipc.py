@@ -39,6 +39,7 @@ correction of ``x_{N-1}`` that diffusers computes there is multiplied by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from ._exp import phi
 from ._poly import exp_adams_bashforth
-from .base import Grid, History, Model, Solver, step_order
+from .base import Grid, History, Model, Solver, check_long_step, step_order
 
 __all__ = ["UniPC"]
 
@@ -65,6 +66,11 @@ class UniPC(Solver):
             ``False`` is the pure UniP-p predictor.
         lower_order_final: lower the order at the last steps of short runs (< 15 steps).
         prediction: integrate the data-prediction (``"data"``) or noise-prediction ODE.
+        max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times
+            the step before is predicted at first order (its correction then uses two estimates):
+            extrapolating the polynomial through estimates spaced by the short steps before over
+            such a step amplifies their errors (:func:`~steerdiff.solvers.base.step_order`). Off by
+            default, as in the paper and diffusers; :func:`steerdiff.sample`'s default sets them.
     """
 
     name: ClassVar[str] = "unipc"
@@ -74,9 +80,12 @@ class UniPC(Solver):
     corrector: bool = True
     lower_order_final: bool = True
     prediction: str = "data"
+    max_h: float = math.inf
+    max_h_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_long_step(self, self.max_h, self.max_h_ratio)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r} is not supported; accepted: {VARIANTS}")
         if self.prediction not in PREDICTIONS:
@@ -120,6 +129,6 @@ class UniPC(Solver):
             x = self._update(grid, state["x"], i - 1, i, hist.values[:k], hist.at[:k], new)
         hist.push(new, grid.lam[i])
         m, lam = hist.values, hist.at
-        k = step_order(i, grid, self.order, len(m), self.lower_order_final)
+        k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
         state["x"], state["k"] = x, k
         return self._update(grid, x, i, i + 1, m[:k], lam[:k], None)
