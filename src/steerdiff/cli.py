@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--solver",
         choices=solvers.available(),
         default=None,
-        help=f"default: {sampling.DEFAULT_SOLVER}; with --guidance dpmpp_2m (below "
+        help=f"default: {sampling.DEFAULT_SOLVER} (first order on a step longer than "
+        f"{sampling.DEFAULT_MAX_H} in log-SNR and {sampling.DEFAULT_MAX_H_RATIO:g}x the one before); "
+        "with --guidance dpmpp_2m (below "
         f"{sampling.GUIDED_MAX_H_BELOW} steps first order on steps longer than {sampling.GUIDED_MAX_H} in "
         f"log-SNR), from {sampling.GUIDED_CORRECTOR_FROM} steps UniPC-2",
     )
