@@ -188,18 +188,20 @@ def step_order(
 
 def check_long_step(solver: Solver, max_h: float, max_h_ratio: float) -> None:
     """``ValueError`` naming the argument unless ``max_h`` is positive (``inf``: no limit) and
-    ``max_h_ratio`` a finite number >= 0 (:func:`step_order`)."""
-    for name, value, ok in (
-        ("max_h", max_h, lambda v: v > 0),
-        ("max_h_ratio", max_h_ratio, lambda v: 0 <= v < math.inf),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-            raise ValueError(
-                f"{type(solver).__name__}: {name}={value!r} is not accepted; accepted: "
-                + ("a positive number (inf: no limit)" if name == "max_h" else "a finite number >= 0")
-                + "; a step longer than max_h in log-SNR and than max_h_ratio times the step before "
-                "is first order"
-            )
+    ``max_h_ratio`` a finite number >= 0 (the long-step rule of :func:`step_order`)."""
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    who = type(solver).__name__
+    if not (number(max_h) and max_h > 0):
+        raise ValueError(
+            f"{who}: max_h={max_h!r} is not accepted; accepted: a positive number (inf: no limit)"
+        )
+    if not (number(max_h_ratio) and 0 <= max_h_ratio < math.inf):
+        raise ValueError(
+            f"{who}: max_h_ratio={max_h_ratio!r} is not accepted; accepted: a finite number >= 0"
+        )
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
