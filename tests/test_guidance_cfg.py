@@ -555,11 +555,11 @@ def _cfg_toward_two(process: sd.Process, scale: float) -> tuple[CFG, torch.Tenso
 
 
 def test_guided_denoisers_get_a_second_order_default(sd_process):
-    """``sd.sample`` without ``solver``: UniPC-3 for a plain denoiser; for a guided one (any
-    ``Guided``, e.g. CFG, classifier guidance) DPM-Solver++(2M) below 15 steps (below 10 with steps
-    longer than ``GUIDED_MAX_H`` first order) and UniPC-2 (the same predictor with UniPC's corrector)
-    from 15; an explicit solver always wins. The reason, on the
-    16-d default mixture under SD betas with CFG at scale 7.5 toward two of its components, against
+    """``sd.sample`` without ``solver``: UniPC-3 (with its long-step guard) for a plain denoiser; for
+    a guided one (any ``Guided``, e.g. CFG, classifier guidance) DPM-Solver++(2M) below 15 steps
+    (below 10 with steps longer than ``GUIDED_MAX_H`` first order) and UniPC-2 (the same predictor
+    with UniPC's corrector) from 15; an explicit solver always wins. The reason, on the 16-d default
+    mixture under SD betas with CFG at scale 7.5 toward two of its components, against
     the guided ODE solved in 800 steps (DPM-Solver++(2M) on the log-SNR-uniform grid, 1e-4 from
     UniPC-3 on the time-uniform one), relative error measured at 10 / 15 / 20 steps: the default
     0.11 / 8.5e-3 / 4.4e-3, 2M alone 0.11 / 2.2e-2 / 1.2e-2, UniPC-3 1.3e2 / 1.9e2 / 43 (third-order
