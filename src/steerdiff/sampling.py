@@ -103,7 +103,9 @@ def default_solver(den: Denoiser, steps: int) -> Solver:
     betas at 15 steps: linspace 1.05 -> 0.059, leading 0.82 -> 0.054; Stable Diffusion's leading
     0.16 -> 0.12); worse in 13, by at most 1.38x (EDM on time_uniform at 3-12 steps, karras at
     3-5 steps, SD betas' leading at 12 by 1.06x). Without the ratio condition (``max_h`` alone):
-    174 better but 52 worse, among them the default schedule at 3 steps.
+    174 better but 52 worse, among them the default schedule at 3 steps. diffusers' UniPC escapes
+    these grids another way, lowering the order of the last steps at every step count (ours, like
+    DPM-Solver++, only below 15 steps; :func:`~steerdiff.solvers.base.step_order`).
     """
     if den.guided:
         return guided_solver(steps)
