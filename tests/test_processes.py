@@ -141,6 +141,7 @@ def test_coefficients_equal_the_separate_functions(process):
 def test_sigma_ratio_inverse(process):
     t = _grid(process, 301)[:301]
     s = process.sigma(t) / process.alpha(t)
+    torch.testing.assert_close(process.sigma_ratio(t), s, rtol=1e-12, atol=0)
     assert float((process.t_of_sigma_ratio(s) - t).abs().max()) < 1e-10
 
 

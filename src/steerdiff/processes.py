@@ -86,8 +86,13 @@ class Process:
         """The time input the network was trained with (identity unless overridden)."""
         return _f64(t)
 
+    def sigma_ratio(self, t: TimeLike) -> Tensor:
+        """``sigma / alpha = exp(-lam)`` at ``t`` (k-diffusion's sigma)."""
+        return torch.exp(-self.lam(t))
+
     def t_of_sigma_ratio(self, s: TimeLike) -> Tensor:
-        """Time at which ``sigma / alpha`` equals ``s`` (k-diffusion's sigma)."""
+        """Time at which ``sigma / alpha`` equals ``s`` (k-diffusion's sigma): the inverse of
+        :meth:`sigma_ratio`."""
         return self.t_of_lam(-torch.log(_f64(s)))
 
     def __repr__(self) -> str:

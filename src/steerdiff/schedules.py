@@ -57,7 +57,7 @@ F64 = torch.float64
 
 def _s(process: Process, t: float) -> float:
     """``sigma/alpha`` of ``process`` at time ``t``, as a float."""
-    return math.exp(-float(process.lam(t)))
+    return float(process.sigma_ratio(t))
 
 
 def check_steps(n: int) -> int:

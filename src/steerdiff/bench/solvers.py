@@ -574,7 +574,7 @@ def _decisions(runs: Sequence[tuple[Problem, Run]]) -> Decisions:
     times = [t for t, _ in runs[0][1][1]]
     states = [(t, torch.cat([st[k][1] for _, (_, st) in runs])) for k, t in enumerate(times)]
     steps = decided_at(both, states, torch.cat([x for _, (x, _) in runs]))
-    return Decisions(tuple(steps), tuple(math.exp(-float(first.process.lam(t))) for t in times))
+    return Decisions(tuple(steps), tuple(float(first.process.sigma_ratio(t)) for t in times))
 
 
 def fifth_at(
