@@ -73,11 +73,11 @@ def guided_solver(steps: int) -> Solver:
     and zero-terminal-SNR betas, EDM and rectified flow; the 64-d one under SD, DDPM and
     zero-terminal-SNR betas and rectified flow; 2 x 256 samples) at 3-8 steps, plain 2M ends more
     than 1 (relative) from the guided ODE in 36 of 54 cases, up to 20; with first-order steps above
-    h = 0.8 the worst is 3.0, at 3 steps, where DDIM is 3.0 too. At scale 4 the guard's worst is 0.87
-    (plain 2M 1.6). From 10 steps on plain 2M stays below 0.5 in all 18 cases at 7.5, and the guard,
-    which there only changes the last steps, costs mild guidance accuracy (scale 2, 10
-    steps, 64-d under SD betas: 2.3e-2 against 1.5e-2; digits demo, scale 2: Frechet distance 177
-    against 147), so it stops at :data:`GUIDED_MAX_H_BELOW` steps.
+    h = 0.8 the worst is 3.0, at 3 steps, where DDIM is 3.0 too. At scale 4 the guard's worst is
+    0.87 (plain 2M 1.6). From 10 steps on plain 2M stays below 0.5 in all 18 cases at 7.5, and the
+    guard, which there only changes the last steps, costs mild guidance accuracy (scale 2, 10 steps,
+    64-d under SD betas: 2.3e-2 against 1.5e-2; digits demo, scale 2: Frechet distance 177 against
+    147), so it stops at :data:`GUIDED_MAX_H_BELOW` steps.
     """
     steps = check_steps(steps)
     if steps >= GUIDED_CORRECTOR_FROM:
