@@ -206,14 +206,10 @@ def test_bench_digits_solvers(models, tmp_path):
     report = bench.format_report(result)
     assert "| heun | " in report and "(9)" in report and "FD ratio unipc NFE 10 / DDPM 1000" in report
     # CFG toward 3 at scale 7.5, 10 steps, against 400 steps of DPM-Solver++(2M): the guided default
-    # (2M) stays nearer the guided ODE than UniPC-3 and diffusers' default (measured on these 32 samples:
-    # 0.144 against 0.269 and 0.223)
+    # (2M, its long steps at first order) stays nearer the guided ODE than UniPC-3 and diffusers' default
+    # (measured on these 32 samples: 0.145 against 0.269 and 0.223)
     g = result.guided
-    assert (
-        g is not None
-        and g.solver.startswith("dpmpp_2m, below 10 steps first order above h = 0.8;")
-        and g.batch == 32
-    )
+    assert g is not None and g.solver.startswith("dpmpp_2m, long steps first order;") and g.batch == 32
     assert max(g.reference_gap) < 1e-2
     (row,) = g.rows
     assert row.diffusers is not None and math.isfinite(row.diffusers)

@@ -557,8 +557,9 @@ def _cfg_toward_two(process: sd.Process, scale: float) -> tuple[CFG, torch.Tenso
 def test_guided_denoisers_get_a_second_order_default(sd_process):
     """``sd.sample`` without ``solver``: UniPC-3 (with its long-step guard) for a plain denoiser; for
     a guided one (any ``Guided``, e.g. CFG, classifier guidance) DPM-Solver++(2M) below 15 steps
-    (below 10 with steps longer than ``GUIDED_MAX_H`` first order) and UniPC-2 (the same predictor
-    with UniPC's corrector) from 15; an explicit solver always wins. The reason, on the 16-d default
+    (steps longer than ``guided_max_h(scale)`` first order: 0.8 at CFG scale 7.5 and for a guided
+    denoiser without a CFG scale) and UniPC-2 (the same predictor with UniPC's corrector) from 15;
+    an explicit solver always wins. The reason, on the 16-d default
     mixture under SD betas with CFG at scale 7.5 toward two of its components, against
     the guided ODE solved in 800 steps (DPM-Solver++(2M) on the log-SNR-uniform grid, 1e-4 from
     UniPC-3 on the time-uniform one), relative error measured at 10 / 15 / 20 steps: the default
@@ -567,10 +568,9 @@ def test_guided_denoisers_get_a_second_order_default(sd_process):
     cfg, x_T, ref = _cfg_toward_two(sd_process, 7.5)
     plain = cfg.uncond
     grad = sd.guidance.RewardGuidance(plain, lambda x0: -(x0**2).sum(1), 0.5)
-    guarded = sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.GUIDED_MAX_H)
-    two_m, unipc_2 = sd.solvers.get("dpmpp_2m"), sd.solvers.UniPC(order=2)
+    guarded, unipc_2 = sd.solvers.DPMSolverPPMultistep(order=2, max_h=0.8), sd.solvers.UniPC(order=2)
     for steps in (5, 9, 10, 14, 15, 20):
-        guided = guarded if steps < 10 else two_m if steps < 15 else unipc_2
+        guided = guarded if steps < 15 else unipc_2
         assert sd.sampling.default_solver(plain, steps) == sd.solvers.UniPC(max_h=2.0, max_h_ratio=2.0)
         for den in (cfg, grad):
             assert sd.solvers.get(sd.sampling.default_solver(den, steps)) == guided
@@ -614,3 +614,28 @@ def test_the_guided_default_takes_long_steps_at_first_order():
             default = rel_rmse(sd.sample(cfg, x_T, n), ref)
             assert default <= 1.0001 * rel_rmse(sd.sample(cfg, x_T, n, "ddim"), ref)
             assert 3 * default < rel_rmse(sd.sample(cfg, x_T, n, "dpmpp_2m"), ref)
+
+
+def test_the_guided_guard_loosens_as_the_cfg_scale_falls():
+    """``guided_max_h``: 0.8 from CFG scale 7.5 up and for a guided denoiser without a CFG scale,
+    ``0.8 sqrt(6.5 / (scale - 1))`` below (1.18 at 4, 2.04 at 2), no limit from 1 down; the default
+    solver of a CFG denoiser carries it. At scale 2 that keeps plain 2M, which the flat 0.8 guard
+    would replace by DDIM on every step of a 5-step run: on the 16-d mixture under SD betas
+    (256 samples, against the 800-step guided ODE) at 5 / 6 steps, measured 0.236 / 0.157 (plain 2M,
+    the default) against 0.249 / 0.243 (flat 0.8, which is DDIM there)."""
+    max_h = sd.sampling.guided_max_h
+    assert max_h(None) == max_h(7.5) == max_h(12.0) == 0.8
+    assert max_h(4.0) == pytest.approx(0.8 * math.sqrt(6.5 / 3)) and max_h(2.0) == pytest.approx(
+        0.8 * math.sqrt(6.5)
+    )
+    assert max_h(1.0) == max_h(0.0) == math.inf
+    cfg, x_T, ref = _cfg_toward_two(sd.VP.scaled_linear(), 2.0)
+    reward = sd.guidance.RewardGuidance(cfg.uncond, lambda x0: -(x0**2).sum(1), 0.5)
+    assert cfg.guidance_scale == 2.0 and reward.guidance_scale is None
+    assert sd.sampling.default_solver(cfg, 5) == sd.solvers.DPMSolverPPMultistep(max_h=max_h(2.0))
+    flat = sd.solvers.DPMSolverPPMultistep(max_h=0.8)
+    for n in (5, 6):
+        default = rel_rmse(sd.sample(cfg, x_T, n), ref)
+        assert default == rel_rmse(sd.sample(cfg, x_T, n, "dpmpp_2m"), ref)
+        assert default <= rel_rmse(sd.sample(cfg, x_T, n, flat), ref)
+    assert rel_rmse(sd.sample(cfg, x_T, 6), ref) < 0.7 * rel_rmse(sd.sample(cfg, x_T, 6, flat), ref)

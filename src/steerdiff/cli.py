@@ -205,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"default: {sampling.DEFAULT_SOLVER} (first order on a step longer than "
         f"{sampling.DEFAULT_MAX_H} in log-SNR and {sampling.DEFAULT_MAX_H_RATIO:g}x the one before); "
-        "with --guidance dpmpp_2m (below "
-        f"{sampling.GUIDED_MAX_H_BELOW} steps first order on steps longer than {sampling.GUIDED_MAX_H} in "
-        f"log-SNR), from {sampling.GUIDED_CORRECTOR_FROM} steps UniPC-2",
+        "with --guidance dpmpp_2m (first order on steps longer than "
+        f"{sampling.GUIDED_MAX_H} in log-SNR at scale {sampling.GUIDED_MAX_H_SCALE:g}, longer ones at lower "
+        f"scales), from {sampling.GUIDED_CORRECTOR_FROM} steps UniPC-2",
     )
     sp.add_argument(
         "--schedule",

@@ -280,6 +280,11 @@ class CFG(Guided):
         factor = torch.where(sd_guided > 0, self.rescale * ratio + (1 - self.rescale), 1.0)
         return self._from_space(out, guided * factor)
 
+    @property
+    def guidance_scale(self) -> float:
+        """``scale``: what :func:`steerdiff.sampling.guided_max_h` reads."""
+        return self.scale
+
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         return self.evaluate(x, t, x.dtype, **cond)
 

@@ -399,9 +399,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             flow-matching and unsupported classes are told apart by it).
         solver: a name of :func:`steerdiff.solvers.available` or a Solver instance; default
             (``None``) :func:`steerdiff.sample`'s default for guided denoisers at the step count
-            :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), below 10 with steps longer than
-            h = 0.8 first order; UniPC-2 from 15; :func:`steerdiff.sampling.guided_solver`):
-            pipelines apply classifier-free guidance outside the scheduler.
+            :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M) with steps longer than h = 0.8
+            first order, the guard for an unknown guidance scale; UniPC-2 from 15;
+            :func:`steerdiff.sampling.guided_solver`): pipelines apply classifier-free guidance
+            outside the scheduler, which does not see its scale.
         schedule: a name of :func:`steerdiff.schedules.available` or a Schedule instance.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
