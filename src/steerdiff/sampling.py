@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SOLVER = "unipc"  # UniPC-3 (bh2, corrector); sample's default adds the long-step guard below
 DEFAULT_MAX_H, DEFAULT_MAX_H_RATIO = 2.0, 2.0  # first order on a step longer than both (UniPC's max_h*)
 GUIDED_CORRECTOR_FROM = 15  # from here on guided denoisers get UniPC-2: the same predictor, corrected
-GUIDED_MAX_H = 0.8  # guided 2M takes longer steps at first order: at CFG scales from
-GUIDED_MAX_H_SCALE = 7.5  # this one up and at an unknown scale; longer ones below (guided_max_h)
+# guided 2M: first order on steps longer than 0.8 in log-SNR from CFG scale 7.5 up (guided_max_h)
+GUIDED_MAX_H, GUIDED_MAX_H_SCALE = 0.8, 7.5
 DEFAULT_SCHEDULE = "karras_capped"
 
 
@@ -57,10 +57,10 @@ class SampleInfo:
 
 def guided_max_h(scale: float | None) -> float:
     """The longest step (in log-SNR) the guided default's DPM-Solver++(2M) takes at second order,
-    for classifier-free guidance at ``scale`` (``None``: unknown,
-    or a guided denoiser that is not CFG): :data:`GUIDED_MAX_H` from :data:`GUIDED_MAX_H_SCALE` up
-    and for ``None``, ``GUIDED_MAX_H sqrt((GUIDED_MAX_H_SCALE - 1) / (scale - 1))`` below (no limit
-    from scale 1 down, where nothing is guided): 0.8 at 7.5, 1.18 at 4, 2.04 at 2.
+    for classifier-free guidance at ``scale`` (``None``: unknown, or a guided denoiser that is not
+    CFG): :data:`GUIDED_MAX_H` from :data:`GUIDED_MAX_H_SCALE` up and for ``None``,
+    ``GUIDED_MAX_H sqrt((GUIDED_MAX_H_SCALE - 1) / (scale - 1))`` below, no limit from scale 1 down
+    (nothing is guided there): 0.8 at 7.5, 1.18 at 4, 2.04 at 2.
 
     The stiffness the guidance adds grows with ``scale - 1`` (:mod:`steerdiff.solvers.dpmpp`), so the
     step 2M tolerates shrinks with it; the square root is measured, not derived: on the learned
@@ -120,7 +120,8 @@ def default_solver(den: Denoiser, steps: int) -> Solver:
     """The solver :func:`sample` takes when none is given: :data:`DEFAULT_SOLVER` (UniPC-3, bh2,
     with corrector) predicting at first order on any step longer than :data:`DEFAULT_MAX_H` in
     log-SNR and than :data:`DEFAULT_MAX_H_RATIO` times the step before; or where ``den.guided``
-    (the wrappers of :mod:`steerdiff.guidance`) :func:`guided_solver` at ``steps``.
+    (the wrappers of :mod:`steerdiff.guidance`) :func:`guided_solver` at ``steps`` and
+    ``den.guidance_scale``.
 
     The guard never acts on the default schedule (``karras_capped``: after the first step each
     step is at most 1.26 times the one before) and leaves UniPC-3 as the paper and diffusers have
