@@ -319,6 +319,15 @@ def test_config_round_trip(tmp_path):
         assert plain._run.solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps))
     plain.save_pretrained(tmp_path / "plain")
     assert SteerdiffScheduler.from_pretrained(tmp_path / "plain").config.solver is None
+    # the pipeline's CFG scale, which the scheduler cannot see, sets the guided default's long-step limit
+    mild = SteerdiffScheduler.from_config(config, guidance_scale=2.0)
+    mild.set_timesteps(5)
+    assert mild._run.solver == sd.solvers.DPMSolverPPMultistep(max_h=sd.sampling.guided_max_h(2.0))
+    mild.save_pretrained(tmp_path / "mild")
+    assert SteerdiffScheduler.from_pretrained(tmp_path / "mild").config.guidance_scale == 2.0
+    for bad in ("7.5", math.inf, True):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            SteerdiffScheduler.from_config(config, guidance_scale=bad)
     sched.set_timesteps(7)
     again.set_timesteps(7)
     assert torch.equal(sched.timesteps, again.timesteps)

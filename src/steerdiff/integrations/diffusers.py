@@ -399,10 +399,13 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             flow-matching and unsupported classes are told apart by it).
         solver: a name of :func:`steerdiff.solvers.available` or a Solver instance; default
             (``None``) :func:`steerdiff.sample`'s default for guided denoisers at the step count
-            :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M) with steps longer than h = 0.8
-            first order, the guard for an unknown guidance scale; UniPC-2 from 15;
-            :func:`steerdiff.sampling.guided_solver`): pipelines apply classifier-free guidance
-            outside the scheduler, which does not see its scale.
+            :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), its long steps at first order;
+            UniPC-2 from 15; :func:`steerdiff.sampling.guided_solver`): pipelines apply
+            classifier-free guidance outside the scheduler.
+        guidance_scale: the pipeline's classifier-free guidance scale, which the scheduler does not
+            see otherwise: the default solver's long-step limit grows as it falls
+            (:func:`steerdiff.sampling.guided_max_h`; 2M keeps second order at scale 2); ``None``
+            (default): unknown, the limit of scale 7.5 (0.8 in log-SNR).
         schedule: a name of :func:`steerdiff.schedules.available` or a Schedule instance.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
@@ -440,10 +443,19 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         solver: str | Solver | None = None,
         schedule: str | Schedule = DEFAULT_SCHEDULE,
         final: str = "zero",
+        guidance_scale: float | None = None,
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     ) -> None:
         if final not in FINALS:
             raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
+        if guidance_scale is not None and (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale)
+        ):
+            raise ValueError(
+                f"guidance_scale={guidance_scale!r} is not accepted; accepted: a finite number or None"
+            )
         self._solver = None if solver is None else _solvers.get(solver)  # None: per step count
         self._schedule = _schedules.get(schedule)
         self.register_to_config(solver=_describe(solver), schedule=_describe(schedule))
@@ -526,7 +538,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         the ``schedule``'s.
         """
         grid = make_grid(self._den.process, self._schedule, num_inference_steps, self.config.final)
-        solver = self._solver or _solvers.get(guided_solver(grid.steps))
+        solver = self._solver or guided_solver(grid.steps, self.config.guidance_scale)
         evals = _plan(self._den, solver, grid)
         self._times = [t for t, _, _ in evals]
         self._run = _Run(solver, grid, evals, _Tape(self._den, self._times), solver.init_state(grid))
