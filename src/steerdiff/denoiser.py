@@ -145,6 +145,13 @@ class Denoiser:
     cost: int = 1
     guided: ClassVar[bool] = False  # True for the guided wrappers (steerdiff.guidance.Guided)
 
+    @property
+    def guidance_scale(self) -> float | None:
+        """The classifier-free guidance scale ``w`` of ``eps_u + w (eps_c - eps_u)`` this denoiser
+        applies, where it is one (:class:`~steerdiff.guidance.CFG`); ``None`` otherwise. The guided
+        default solver's long-step limit grows as ``w`` falls (:func:`steerdiff.sampling.guided_max_h`)."""
+        return None
+
     def __init__(
         self,
         net: Callable[..., Tensor],

@@ -204,7 +204,8 @@ def sample(
         solver: a name from :func:`steerdiff.solvers.available` or a Solver instance; default
             (``None``) :func:`default_solver`: UniPC-3 (bh2, with corrector), the most accurate on
             the exact benchmark, at first order on a long step after short ones; or for a guided
-            ``den`` :func:`guided_solver`: DPM-Solver++(2M) below 15 steps, UniPC-2 from 15 on.
+            ``den`` :func:`guided_solver`: DPM-Solver++(2M) below 15 steps (its long steps at first
+            order, by ``den.guidance_scale``), UniPC-2 from 15 on.
         schedule: a name from :func:`steerdiff.schedules.available` or a Schedule instance;
             default ``"karras_capped"`` (Karras nodes from at most ``sigma/alpha = 30``, entered
             from ``t_max`` in ``1 + steps // 50`` steps; below 15 steps the last node gives way to

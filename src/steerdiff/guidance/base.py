@@ -54,13 +54,6 @@ class Guided(Denoiser):
     _cost: int | None = None
     guided: ClassVar[bool] = True  # sample's default solver is then sampling.guided_solver(steps, ...)
 
-    @property
-    def guidance_scale(self) -> float | None:
-        """The classifier-free guidance scale ``w`` of ``eps_u + w (eps_c - eps_u)`` this denoiser
-        applies, where it is one (:class:`~steerdiff.guidance.CFG`); ``None`` here. The guided
-        default solver's long-step guard loosens as ``w`` falls (:func:`steerdiff.sampling.guided_max_h`)."""
-        return None
-
     def __init__(self, base: Denoiser) -> None:
         if not isinstance(base, Denoiser):
             raise ValueError(f"{type(self).__name__}: base must be a steerdiff Denoiser, got {type(base)}")
