@@ -234,7 +234,8 @@ class CFG(Guided):
         if isinstance(a, Tensor):
             r = torch.where(a > 0, s / a.clamp_min(torch.finfo(a.dtype).tiny), math.inf).reshape(-1)
             inside = (r > lo) & (r <= hi)
-            return True if bool(inside.all()) else (False if not bool(inside.any()) else inside)
+            n = int(inside.sum())  # one host read: all, none or some samples guided
+            return True if n == inside.numel() else (False if n == 0 else inside)
         r = s / a if a > 0 else math.inf
         return lo < r <= hi
 
