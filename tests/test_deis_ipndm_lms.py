@@ -328,10 +328,10 @@ def test_too_few_steps_lower_the_order(gmm, sd_process, x_T, solver):
 
 
 @pytest.mark.parametrize(
-    ("cls", "bad", "accepted"), [(DEIS, 4, "1..3"), (LMS, 5, "1..4"), (IPNDM, 0, "1..4")]
+    ("cls", "bad", "accepted"), [(DEIS, 4, r"\[1, 3\]"), (LMS, 5, r"\[1, 4\]"), (IPNDM, 0, r"\[1, 4\]")]
 )
 def test_unsupported_order_raises(cls, bad, accepted):
-    with pytest.raises(ValueError, match=rf"order={bad}.*accepted: {accepted}"):
+    with pytest.raises(ValueError, match=rf"order must be an integer in {accepted}, got {bad}"):
         cls(order=bad)
     with pytest.raises(ValueError, match=accepted):
         cls(order=True)

@@ -104,7 +104,7 @@ def test_demo_inpainting_agrees_with_the_observation(small):
 
 def test_demo_bad_input(models, tmp_path):
     for digit in (10, -1, 3.0):
-        with pytest.raises(ValueError, match="digit must be an integer in 0-9"):
+        with pytest.raises(ValueError, match=r"digit must be an integer in \[0, 9\]"):
             demo.run_demo(None, n=8, digit=digit, models=models)
     with pytest.raises(ValueError, match="n must be an integer >= 2"):
         demo.run_demo(None, n=1, models=models)

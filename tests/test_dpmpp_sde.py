@@ -217,8 +217,8 @@ def test_diffusers_third_order_weight_is_worse(gmm, sd_process, dist_problem):
         (lambda: DPMSolverSDEMultistep(solver_type="rk"), "solver_type"),
         (lambda: DPMSolverSDEMultistep(third_order="none"), "third_order"),
         (lambda: DPMSolverSDE(eta=-1.0), "eta"),
-        (lambda: DPMSolverSDE(r=0.0), "r="),
-        (lambda: DPMSolverSDE(r=1.5), "r="),
+        (lambda: DPMSolverSDE(r=0.0), "r must be"),
+        (lambda: DPMSolverSDE(r=1.5), "r must be"),
         (lambda: DPMSolverSDE(order=3), "order"),
     ],
 )

@@ -54,6 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import guidance, inverse, sampling, smc
+from ._checks import integer
 from .bench.digits import DDPM_BASELINE, DigitsModels, load_models, save_grid
 from .denoiser import Denoiser
 from .toy import digits as D
@@ -279,10 +280,8 @@ def run_demo(
         ValueError: ``digit`` not in 0-9, ``n < 2``, or an unknown method.
         FileNotFoundError: missing weights (the message says how to train them).
     """
-    if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit < D.NUM_CLASSES:
-        raise ValueError(f"digit must be an integer in 0-9, got {digit!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2 (a Frechet distance needs a covariance), got {n!r}")
+    digit = integer("run_demo", "digit", digit, lo=0, hi=D.NUM_CLASSES - 1)
+    n = integer("run_demo", "n", n, lo=2)  # a Frechet distance needs a covariance
     names = list(METHODS) if methods is None else list(methods)
     unknown = [k for k in names if k not in METHODS]
     if unknown:

@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
+from ._checks import integer
 from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, make_noise
-from .schedules import Schedule, check_steps
+from .schedules import Schedule
 from .solvers.base import Grid, Model, Solver, advance, make_grid, work_dtype
 from .solvers.dpmpp import DPMSolverPPMultistep
 from .solvers.unipc import UniPC
@@ -110,7 +111,7 @@ def guided_solver(steps: int, scale: float | None = None) -> Solver:
     against 1.5e-2; the digits demo's CFG row, scale 2: Frechet distance 177 against 147), hence
     :func:`guided_max_h`, under which scale 2 keeps plain 2M.
     """
-    steps = check_steps(steps)
+    steps = integer("guided_solver", "steps", steps, lo=1)
     if steps >= GUIDED_CORRECTOR_FROM:
         return UniPC(order=2)
     return DPMSolverPPMultistep(order=2, max_h=guided_max_h(scale))

@@ -25,14 +25,13 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._checks import integer, real
 from .processes import Process, VPDiscrete
 
 __all__ = [
@@ -48,7 +47,6 @@ __all__ = [
     "TimeUniform",
     "Trailing",
     "available",
-    "check_steps",
     "get",
 ]
 
@@ -60,13 +58,6 @@ def _s(process: Process, t: float) -> float:
     return float(process.sigma_ratio(t))
 
 
-def check_steps(n: int) -> int:
-    """``n`` as a Python int, or a ValueError naming ``steps``."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {n!r}")
-    return int(n)
-
-
 class Schedule:
     """Base class. Subclasses implement :meth:`nodes`; ``__call__`` validates the result."""
 
@@ -76,7 +67,7 @@ class Schedule:
         raise NotImplementedError
 
     def __call__(self, process: Process, n: int) -> Tensor:
-        n = check_steps(n)
+        n = integer(type(self).__name__, "steps", n, lo=1)
         t = self.nodes(process, n).to(F64)
         if t.ndim != 1 or t.numel() != n:
             raise ValueError(f"schedule {self!r} returned {t.numel()} nodes, {n} were asked")
@@ -117,21 +108,19 @@ class LogSNRUniform(Schedule):
         return t
 
 
-def _positive(who: str, name: str, value: float | None, optional: bool = True) -> float | None:
-    """``value`` as a float if it is a finite real number > 0 (or ``None`` where ``optional``), else a
-    ValueError naming ``name`` and the accepted range."""
-    if value is None and optional:
+def _positive(who: str, name: str, value: float | None) -> float | None:
+    """``None``, or ``value`` as a finite float > 0; the message for ``sigma_min = 0`` says why not."""
+    if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        accepted = "a finite number > 0" + (" or None" if optional else "")
-        hint = (
-            " (a node at sigma/alpha = 0 has an infinite log-SNR; the step to the clean state is "
-            "sample's final='zero')"
-            if name == "sigma_min" and value == 0
-            else ""
-        )
-        raise ValueError(f"{who}: {name} must be {accepted}, got {value!r}{hint}")
-    return float(value)
+    try:
+        return real(who, name, value, lo=0, lo_open=True)
+    except ValueError as err:
+        if name == "sigma_min" and value == 0:
+            raise ValueError(
+                f"{err} (a node at sigma/alpha = 0 has an infinite log-SNR; the step to the clean state is "
+                "sample's final='zero')"
+            ) from None
+        raise
 
 
 class Karras(Schedule):
@@ -149,7 +138,7 @@ class Karras(Schedule):
 
     def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None):
         who = type(self).__name__
-        self.rho: float = _positive(who, "rho", rho, optional=False)  # type: ignore[assignment]
+        self.rho = real(who, "rho", rho, lo=0, lo_open=True)
         self.sigma_min = _positive(who, "sigma_min", sigma_min)
         self.sigma_max = _positive(who, "sigma_max", sigma_max)
         if self.sigma_min is not None and self.sigma_max is not None and not self.sigma_max > self.sigma_min:
@@ -242,9 +231,7 @@ class KarrasJump(Karras):
         sigma_floor: float | None = None,
     ) -> None:
         super().__init__(rho, sigma_min, sigma_max)
-        if isinstance(max_nodes, bool) or not isinstance(max_nodes, numbers.Integral) or max_nodes < 1:
-            raise ValueError(f"KarrasJump: max_nodes must be an integer >= 1, got {max_nodes!r}")
-        self.max_nodes = int(max_nodes)
+        self.max_nodes = integer("KarrasJump", "max_nodes", max_nodes, lo=1)
         self.sigma_top = _positive(type(self).__name__, "sigma_top", sigma_top)
         self.sigma_floor = _positive(type(self).__name__, "sigma_floor", sigma_floor)
 

@@ -14,25 +14,18 @@ one vector-Jacobian product through the denoiser (DPS: ``w = r / ||r||`` or ``r 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._checks import real
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
 from .base import Guided, denoise_with_grad, with_estimate
 
-__all__ = ["MeasurementGuided", "check_scale"]
-
-
-def check_scale(who: str, scale: float) -> float:
-    """``scale`` as a finite float ``>= 0``."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"{who}: scale must be a finite number >= 0, got {scale!r}")
-    return float(scale)
+__all__ = ["MeasurementGuided"]
 
 
 class MeasurementGuided(Guided):
@@ -69,11 +62,9 @@ class MeasurementGuided(Guided):
         if not bool(torch.isfinite(y).all()):
             raise ValueError(f"{who}: y contains NaN or inf")
         s = operator.noise_std if noise_std is None else noise_std
-        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or s < 0:
-            raise ValueError(f"{who}: noise_std must be a finite number >= 0, got {noise_std!r}")
         self.operator = operator
         self.y = y.detach()
-        self.noise_std = float(s)
+        self.noise_std = real(who, "noise_std", s, lo=0)
 
     def observation(self, x: Tensor) -> Tensor:
         """``y`` as a ``(batch, *shape_out)`` tensor on ``x``'s device and dtype; checks ``x``'s shape."""

@@ -54,8 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import integer, real
 from ..denoiser import Denoiser, Prediction
-from ..mcmc.base import Point, Target, chain, check_steps
+from ..mcmc.base import Point, Target, chain
 from ..mcmc.langevin import ULA
 from ..noise import NoiseSource, make_noise, randn
 from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T
@@ -68,14 +69,6 @@ from .base import Guided, same_process, with_estimate
 __all__ = ["CADS", "CFG", "pcg"]
 
 RESCALE_SPACES = ("x0", "eps", "v")
-
-
-def _real(value: Any, name: str, lo: float = 0.0, hi: float = math.inf) -> float:
-    """``value`` as a float in ``[lo, hi]``; a ``ValueError`` naming ``name`` otherwise (NaN included)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
-    if not ok or math.isnan(value):
-        raise ValueError(f"{name} must be a real number in [{lo:g}, {hi:g}], got {value!r}")
-    return float(value)
 
 
 def _per_sample_std(v: Tensor) -> Tensor:
@@ -113,12 +106,12 @@ class CADS:
     def __post_init__(self) -> None:
         if not isinstance(self.key, str):
             raise ValueError(f"CADS: key must be the name of the net's condition argument, got {self.key!r}")
-        self.noise_scale = _real(self.noise_scale, "CADS: noise_scale")
-        self.tau1 = _real(self.tau1, "CADS: tau1", 0.0, 1.0)
-        self.tau2 = _real(self.tau2, "CADS: tau2", 0.0, 1.0)
+        self.noise_scale = real("CADS", "noise_scale", self.noise_scale, lo=0)
+        self.tau1 = real("CADS", "tau1", self.tau1, lo=0, hi=1)
+        self.tau2 = real("CADS", "tau2", self.tau2, lo=0, hi=1)
         if not self.tau1 < self.tau2:
             raise ValueError(f"CADS: need tau1 < tau2, got tau1={self.tau1}, tau2={self.tau2}")
-        self.psi = _real(self.psi, "CADS: psi", 0.0, 1.0)
+        self.psi = real("CADS", "psi", self.psi, lo=0, hi=1)
 
     def gamma(self, u: float | Tensor) -> float | Tensor:
         """The annealing schedule at normalized time ``u`` (a float, or a tensor of them)."""
@@ -198,19 +191,19 @@ class CFG(Guided):
                 f"CFG: cond and uncond must share a process, got {cond.process} and {uncond.process}"
             )
         self.uncond = uncond
-        self.scale = _real(scale, "CFG: scale")
+        self.scale = real("CFG", "scale", scale, lo=0)
         if uncond_kwargs is not None and not isinstance(uncond_kwargs, dict):
             raise ValueError(f"CFG: uncond_kwargs must be a dict, got {type(uncond_kwargs).__name__}")
         self.uncond_kwargs = dict(uncond_kwargs or {})
-        self.rescale = _real(rescale, "CFG: rescale", 0.0, 1.0)
+        self.rescale = real("CFG", "rescale", rescale, lo=0, hi=1)
         if rescale_space not in RESCALE_SPACES:
             raise ValueError(f"CFG: rescale_space={rescale_space!r}; accepted: {RESCALE_SPACES}")
         self.rescale_space = rescale_space
         if interval is not None:
             if not isinstance(interval, Sequence) or len(interval) != 2:
                 raise ValueError(f"CFG: interval must be a pair (lo, hi) of noise levels, got {interval!r}")
-            lo = _real(interval[0], "CFG: interval[0] (lo)")
-            hi = _real(interval[1], "CFG: interval[1] (hi)")
+            lo = real("CFG", "interval[0] (lo)", interval[0], lo=0)
+            hi = real("CFG", "interval[1] (hi)", interval[1], lo=0, finite=False)
             if not lo < hi:
                 raise ValueError(f"CFG: interval needs lo < hi, got {interval!r}")
             interval = (lo, hi)
@@ -366,11 +359,9 @@ def pcg(
     ``CFG.cost`` (2; 1 for ``gamma = 1``) per Langevin move; ``SampleInfo.corrector`` has one
     :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
     """
-    gamma = _real(gamma, "pcg: gamma")
-    check_steps(langevin_steps, "langevin_steps")
-    step_scale = _real(step_scale, "pcg: step_scale")
-    if step_scale == 0 or math.isinf(step_scale):
-        raise ValueError(f"pcg: step_scale must be a finite number > 0, got {step_scale!r}")
+    gamma = real("pcg", "gamma", gamma, lo=0)
+    langevin_steps = integer("pcg", "langevin_steps", langevin_steps, lo=1)
+    step_scale = real("pcg", "step_scale", step_scale, lo=0, lo_open=True)
     check_x_T(cond, x_T)
     sharpened = CFG(cond, uncond, gamma, uncond_kwargs=uncond_kwargs)
     sched = get_schedule(schedule)

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import integer, real
 from ..denoiser import Denoiser, Prediction
 from ..noise import BrownianTreeNoise
 from ..solvers import get as get_solver
@@ -39,12 +40,6 @@ from ..solvers.base import Grid, Model, Solver, Transition
 from .base import Guided, add_score, denoise_with_grad, require_grad, value_grad, with_estimate
 
 __all__ = ["ClassifierGuidance", "RewardGuidance", "SelfRecurrence"]
-
-
-def _check_scale(scale: Any, who: str) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < math.inf:
-        raise ValueError(f"{who}: scale must be a finite number >= 0, got {scale!r}")
-    return float(scale)
 
 
 def _detached(pred: Prediction) -> Prediction:
@@ -84,7 +79,7 @@ class ClassifierGuidance(Guided):
         if not callable(log_prob_y):
             raise ValueError("ClassifierGuidance: log_prob_y must be callable (x_t, t, **cond) -> (n,)")
         self.log_prob_y = log_prob_y
-        self.scale = _check_scale(scale, "ClassifierGuidance")
+        self.scale = real("ClassifierGuidance", "scale", scale, lo=0)
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         pred = self.base(x, t, **cond)
@@ -116,7 +111,7 @@ class RewardGuidance(Guided):
         if not callable(reward):
             raise ValueError("RewardGuidance: reward must be callable x0 -> (n,)")
         self.reward = reward
-        self.scale = _check_scale(scale, "RewardGuidance")
+        self.scale = real("RewardGuidance", "scale", scale, lo=0)
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         if self.scale == 0:
@@ -160,8 +155,7 @@ class SelfRecurrence(Solver):
         self.inner = get_solver(self.inner)
         if isinstance(self.inner, SelfRecurrence):
             raise ValueError("SelfRecurrence: inner must not itself be a SelfRecurrence")
-        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
-            raise ValueError(f"SelfRecurrence: repeats must be an integer >= 1, got {self.repeats!r}")
+        self.repeats = integer("SelfRecurrence", "repeats", self.repeats, lo=1)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         state = self.inner.init_state(grid)

@@ -42,9 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import real
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
-from ._measurement import MeasurementGuided, check_scale
+from ._measurement import MeasurementGuided
 from .base import add_score
 
 __all__ = ["DPS", "VARIANTS"]
@@ -79,7 +80,7 @@ class DPS(MeasurementGuided):
             raise ValueError(f"{who}: variant={variant!r} is not accepted; accepted: {VARIANTS}")
         if variant == "squared" and self.noise_std == 0:
             raise ValueError(f"{who}: variant='squared' divides by noise_std^2 and needs noise_std > 0")
-        self.scale = check_scale(who, scale)
+        self.scale = real(who, "scale", scale, lo=0)
         self.variant = variant
 
     def _weight(self, r: Tensor, pred: Prediction) -> Tensor:

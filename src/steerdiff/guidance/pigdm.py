@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import real
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
-from ._measurement import MeasurementGuided, check_scale
+from ._measurement import MeasurementGuided
 from .base import add_score
 
 __all__ = ["PiGDM"]
@@ -55,7 +56,7 @@ class PiGDM(MeasurementGuided):
         scale: float = 1.0,
     ) -> None:
         super().__init__(base, operator, y, noise_std)
-        self.scale = check_scale("PiGDM", scale)
+        self.scale = real("PiGDM", "scale", scale, lo=0)
         try:
             operator.aat_solve(self.y.reshape(-1, *operator.shape_out)[:1], self.noise_std**2 + 1.0)
         except NotImplementedError as err:

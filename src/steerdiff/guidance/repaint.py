@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
+from .._checks import integer
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
 from ..noise import GeneratorNoise, randn
@@ -96,12 +97,6 @@ class RePaint(MeasurementGuided):
         return f"RePaint({self.base!r})"
 
 
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"repaint_sample: {name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def repaint_nfe(steps: int, resample: int = 1, jump: int = 1) -> int:
     """Network evaluations of :func:`repaint_sample`:
     ``steps + (resample - 1) jump floor((steps - 1) / jump)`` (``jump = 1``: ``(steps - 1) resample + 1``,
@@ -138,7 +133,8 @@ def repaint_sample(
         generator: all randomness (DDPM noise, forward jumps, replacement samples).
         return_info: also return a :class:`~steerdiff.SampleInfo` (NFE = :func:`repaint_nfe`).
     """
-    resample, jump = _positive_int("resample", resample), _positive_int("jump", jump)
+    resample = integer("repaint_sample", "resample", resample, lo=1)
+    jump = integer("repaint_sample", "jump", jump, lo=1)
     if not isinstance(x_T, Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
         raise ValueError("repaint_sample: x_T must be a floating (batch, *sample_shape) tensor")
     guided = RePaint(den, operator, y, generator)

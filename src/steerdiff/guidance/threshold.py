@@ -15,12 +15,12 @@ so the solver sees a consistent ``(x0', eps')`` pair. With ``s = 1`` (every entr
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._checks import real
 from ..denoiser import Denoiser, Prediction
 from .base import Guided, with_estimate
 
@@ -44,21 +44,12 @@ class DynamicThreshold(Guided):
         self, den: Denoiser, percentile: float | None = 0.995, max_value: float | None = None
     ) -> None:
         super().__init__(den)
-        if percentile is not None and not (
-            isinstance(percentile, (int, float)) and not isinstance(percentile, bool) and 0 < percentile <= 1
-        ):
-            raise ValueError(f"DynamicThreshold: percentile must be in (0, 1] or None, got {percentile!r}")
-        if max_value is not None:
-            real = isinstance(max_value, (int, float)) and not isinstance(max_value, bool)
-            if not (
-                real
-                and math.isfinite(max_value)
-                and (max_value >= 1 if percentile is not None else max_value > 0)
-            ):
-                raise ValueError(
-                    "DynamicThreshold: max_value must be a finite number (>= 1 with a percentile, > 0 for "
-                    f"static clipping) or None, got {max_value!r}"
-                )
+        dynamic = percentile is not None
+        if dynamic:
+            percentile = real("DynamicThreshold", "percentile", percentile, lo=0, hi=1, lo_open=True)
+        if max_value is not None:  # >= 1 with a percentile, > 0 for static clipping
+            lo, lo_open = (1.0, False) if dynamic else (0.0, True)
+            max_value = real("DynamicThreshold", "max_value", max_value, lo=lo, lo_open=lo_open)
         if percentile is None and max_value is None:
             raise ValueError("DynamicThreshold: give a percentile (dynamic) or a max_value (static clipping)")
         self.percentile, self.max_value = percentile, max_value

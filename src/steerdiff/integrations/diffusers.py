@@ -58,6 +58,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
+from .._checks import real
 from ..denoiser import Denoiser, Prediction
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
@@ -448,14 +449,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     ) -> None:
         if final not in FINALS:
             raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
-        if guidance_scale is not None and (
-            isinstance(guidance_scale, bool)
-            or not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-        ):
-            raise ValueError(
-                f"guidance_scale={guidance_scale!r} is not accepted; accepted: a finite number or None"
-            )
+        if guidance_scale is not None:  # saved as a plain float
+            guidance_scale = real("SteerdiffScheduler", "guidance_scale", guidance_scale)
+            self.register_to_config(guidance_scale=guidance_scale)
         self._solver = None if solver is None else _solvers.get(solver)  # None: per step count
         self._schedule = _schedules.get(schedule)
         self.register_to_config(solver=_describe(solver), schedule=_describe(schedule))

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import integer, real
+
 __all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
 
 RCOND = 1e-12
@@ -50,10 +52,7 @@ class LinearOperator:
     shape_out: tuple[int, ...]
 
     def __init__(self, noise_std: float = 0.0) -> None:
-        noise_std = float(noise_std)
-        if not (math.isfinite(noise_std) and noise_std >= 0.0):
-            raise ValueError(f"{type(self).__name__}: noise_std must be a finite float >= 0, got {noise_std}")
-        self.noise_std = noise_std
+        self.noise_std = real(type(self).__name__, "noise_std", noise_std, lo=0)
 
     def _check(self, t: Tensor, shape: tuple[int, ...], arg: str) -> None:
         if not isinstance(t, Tensor) or t.ndim < 1 or tuple(t.shape[1:]) != shape:
@@ -80,12 +79,7 @@ class LinearOperator:
     def aat_solve(self, y: Tensor, shift: float = 0.0) -> Tensor:
         """``(A A^T + shift I)^{-1} y``; ``shift = 0`` requires ``A`` of full row rank."""
         self._check(y, self.shape_out, "y")
-        shift = float(shift)
-        if not (math.isfinite(shift) and shift >= 0.0):
-            raise ValueError(
-                f"{type(self).__name__}.aat_solve: shift must be a finite float >= 0, got {shift}"
-            )
-        return self._aat_solve(y, shift)
+        return self._aat_solve(y, real(f"{type(self).__name__}.aat_solve", "shift", shift, lo=0))
 
     def to_dense(
         self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
@@ -204,8 +198,7 @@ class Downsample(LinearOperator):
 
     def __init__(self, factor: int, shape: Sequence[int], noise_std: float = 0.0) -> None:
         super().__init__(noise_std)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"Downsample: factor must be an int >= 1, got {factor!r}")
+        factor = integer("Downsample", "factor", factor, lo=1)
         self.shape_in = _shape(shape, "Downsample: shape", min_dims=2)
         *lead, H, W = self.shape_in
         if H % factor or W % factor:

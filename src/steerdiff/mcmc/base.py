@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import integer, real
 from ..noise import make_noise
 
 __all__ = ["ChainInfo", "Kernel", "Normal", "Point", "StepSize", "Target", "chain", "snr_step_size"]
@@ -114,13 +115,6 @@ class ChainInfo:
         return None if self.acceptance is None else float(self.acceptance.mean())
 
 
-def check_snr(snr: float) -> float:
-    """``snr`` as a float; a clear ``ValueError`` unless it is a finite number > 0."""
-    if not (isinstance(snr, (int, float)) and not isinstance(snr, bool) and 0 < snr < math.inf):
-        raise ValueError(f"snr must be a finite number > 0, got {snr!r}")
-    return float(snr)
-
-
 def snr_step_size(grad: Tensor, snr: float) -> Tensor:
     """Langevin step from a signal-to-noise ratio (Song et al. 2021, Alg. 4-5, the PC sampler):
 
@@ -133,7 +127,7 @@ def snr_step_size(grad: Tensor, snr: float) -> Tensor:
     A 0-d float64 tensor on ``grad``'s device, never read on the host (no device sync per node): a
     zero or non-finite score norm makes it non-finite, which :func:`check_step_sizes` reports.
     """
-    check_snr(snr)
+    snr = real("snr_step_size", "snr", snr, lo=0, lo_open=True)
     n = grad.shape[0]
     gnorm = grad.reshape(n, -1).to(torch.float64).norm(dim=-1).mean()
     return 2.0 * (snr * math.sqrt(grad[0].numel()) / gnorm) ** 2
@@ -198,7 +192,7 @@ class Kernel:
 
     def __post_init__(self) -> None:
         if self.step_size is not None:
-            check_step_size(self.step_size, type(self).__name__)
+            self.step_size = real(type(self).__name__, "step_size", self.step_size, lo=0, lo_open=True)
         if self.log_prob is not None and not callable(self.log_prob):
             raise ValueError(f"{type(self).__name__}: log_prob must be callable (x, t) -> (n,)")
 
@@ -227,28 +221,12 @@ class Kernel:
         eps = step_size if step_size is not None else self.step_size
         if eps is None:
             raise ValueError(f"{type(self).__name__}.run: give a step_size")
-        check_step_size(eps, type(self).__name__)
+        eps = real(type(self).__name__, "step_size", eps, lo=0, lo_open=True)
         return chain(self, Point(x), Target(log_prob=log_prob), steps, eps, _normal(make_noise(generator)))
 
 
 def _normal(source: Callable[[float, float, Tensor], Tensor]) -> Normal:
     return lambda like: source(0.0, 0.0, like)
-
-
-def check_step_size(step_size: float, owner: str) -> float:
-    """``step_size`` as a float; a ``ValueError`` naming ``owner`` unless it is finite and > 0."""
-    if not (
-        isinstance(step_size, (int, float)) and not isinstance(step_size, bool) and 0 < step_size < math.inf
-    ):
-        raise ValueError(f"{owner}: step_size must be a finite number > 0, got {step_size!r}")
-    return float(step_size)
-
-
-def check_steps(steps: int, name: str = "steps") -> int:
-    """``steps`` unless it is not an integer >= 1 (``ValueError`` naming ``name``)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
-    return steps
 
 
 def chain(
@@ -261,7 +239,7 @@ def chain(
     t: float | None = None,
 ) -> tuple[Tensor, ChainInfo]:
     """``steps`` moves of ``kernel`` from ``p``; the final state and a :class:`ChainInfo`."""
-    check_steps(steps)
+    steps = integer("chain", "steps", steps, lo=1)
     flags: list[Tensor] = []
     for _ in range(steps):
         p, accepted = kernel.move(p, target, step_size, normal)

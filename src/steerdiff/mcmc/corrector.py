@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .._checks import integer, real
 from ..noise import BrownianTreeNoise, NoiseSource, make_noise
 from ..solvers.base import Model
-from .base import ChainInfo, Kernel, Point, Target, chain, check_snr, check_steps, snr_step_size
+from .base import ChainInfo, Kernel, Point, Target, chain, snr_step_size
 from .hmc import HMC
 from .langevin import MALA, ULA
 
@@ -47,9 +48,9 @@ def get(corrector: str | Kernel) -> Kernel:
 
 def check_corrector(kernel: Kernel, noise: NoiseSource, steps: int, snr: float) -> None:
     """Reject what cannot run, before sampling starts."""
-    check_steps(steps, "corrector_steps")
+    integer("sample", "corrector_steps", steps, lo=1)
     if kernel.step_size is None:
-        check_snr(snr)
+        real("sample", "snr", snr, lo=0, lo_open=True)
     if kernel.needs_log_prob and kernel.log_prob is None:
         raise ValueError(
             f"corrector {kernel.name!r} needs the noised log-density: pass "

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import integer
 from .base import Kernel, Normal, Point, StepSize, Target, metropolis, select, sq_norm
 
 __all__ = ["HMC"]
@@ -34,12 +35,7 @@ class HMC(Kernel):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (
-            isinstance(self.leapfrog_steps, bool)
-            or not isinstance(self.leapfrog_steps, int)
-            or self.leapfrog_steps < 1
-        ):
-            raise ValueError(f"HMC: leapfrog_steps must be an integer >= 1, got {self.leapfrog_steps!r}")
+        self.leapfrog_steps = integer("HMC", "leapfrog_steps", self.leapfrog_steps, lo=1)
 
     def step_from_langevin(self, eps: StepSize) -> StepSize:
         """``h = sqrt(2 eps)``: one leapfrog step is then the MALA move of step ``eps``."""

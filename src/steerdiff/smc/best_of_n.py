@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import integer
 from ..denoiser import Denoiser
 from ..schedules import Schedule
 from ..solvers.base import Solver
@@ -36,7 +37,6 @@ from .particles import (
     Reward,
     SMCAlgorithm,
     StepContext,
-    _check_int,
     _check_reward,
     run_smc,
 )
@@ -69,7 +69,7 @@ class CoDe(SMCAlgorithm):
     name = "code"
 
     def __init__(self, block: int) -> None:
-        self.block = _check_int("block", block, 1)
+        self.block = integer("code", "block", block, lo=1)
 
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         return _keep_best(ctx) if ctx.final else None

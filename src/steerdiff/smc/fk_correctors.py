@@ -74,6 +74,7 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
+from .._checks import integer, real
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided, same_process
 from ..noise import randn
@@ -85,7 +86,6 @@ from .particles import (
     Particles,
     SMCAlgorithm,
     StepContext,
-    _check_int,
     _check_shape,
     run_smc,
 )
@@ -115,12 +115,6 @@ class ComposedPrediction(Prediction):
         self.parts = parts
 
 
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)
-
-
 class Composition(Guided):
     """The denoiser of the composed density ``prod_k q^k_t(x)^{beta_k}``: ``eps = sum_k beta_k eps_k``,
     i.e. the score ``sum_k beta_k s_k`` (Skreta et al. 2025, Eq. 16), combined in ``eps`` (not in
@@ -147,7 +141,7 @@ class Composition(Guided):
         kwargs: Sequence[dict[str, Any] | None] | None = None,
         max_batch: int | None = None,
     ) -> None:
-        dens, betas = list(dens), [_real(b, f"betas[{k}]") for k, b in enumerate(betas)]
+        dens, betas = list(dens), [real("Composition", f"betas[{k}]", b) for k, b in enumerate(betas)]
         kwargs = [None] * len(dens) if kwargs is None else list(kwargs)
         if not dens or len(betas) != len(dens) or len(kwargs) != len(dens):
             raise ValueError(
@@ -168,7 +162,7 @@ class Composition(Guided):
         if not sum(betas) > 0:
             raise ValueError(f"Composition: sum(betas) must be > 0, got {sum(betas)} for betas {betas}")
         if max_batch is not None:
-            _check_int("max_batch", max_batch, 1)
+            max_batch = integer("Composition", "max_batch", max_batch, lo=1)
         keep = [k for k, b in enumerate(betas) if b != 0]
         super().__init__(dens[keep[0]])
         self.dens = tuple(dens[k] for k in keep)
@@ -322,13 +316,13 @@ def fkc(
         particles`` more with ``final="none"``), ``trace`` (``log_z`` as in the module docstring).
     """
     shape = _check_shape(shape)
-    n = _check_int("particles", particles, 1)
+    n = integer("fkc", "particles", particles, lo=1)
     if kwargs is not None:  # per-row tensors (``batch`` rows) follow the particles, as ``**cond`` does
         kwargs = [_repeat(kw, shape[0], n) for kw in kwargs]
     comp = Composition(dens, betas, kwargs, max_batch)
     algorithm = FKCorrector(comp, correct)
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
-        grid = make_grid(comp.process, _schedules.get(schedule), _check_int("steps", steps, 1), final)
+        grid = make_grid(comp.process, _schedules.get(schedule), integer("fkc", "steps", steps, lo=1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
         x_T = randn((shape[0] * n, *shape[1:]), generator, dtype, device)
         x_T = (scale * x_T).reshape(shape[0], n, *shape[1:])
@@ -349,10 +343,7 @@ def fkc_anneal(den: Denoiser, beta: float, **options: Any) -> Particles:
         >>> out = sd.smc.fkc_anneal(den, 2.0, shape=(4, 2), particles=256, steps=100, generator=g)
         >>> out.mean()   # E[x] under p^2 / Z, per batch row
     """
-    beta = _real(beta, "beta")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta!r}")
-    return fkc([den], [beta], **options)
+    return fkc([den], [real("fkc_anneal", "beta", beta, lo=0, lo_open=True)], **options)
 
 
 def fkc_product(
@@ -386,5 +377,5 @@ def fkc_cfg(
     (for ``w > 1``, ``p(x)`` may not decay faster than ``p(x|c)``). NFE: 2 per particle per step (1 for
     ``w`` = 0 or 1).
     """
-    w = _real(scale, "scale")
+    w = real("fkc_cfg", "scale", scale)
     return fkc([uncond, cond], [1.0 - w, w], kwargs=[uncond_kwargs, None], **options)

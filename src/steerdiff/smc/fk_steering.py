@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import integer, real
 from ..denoiser import Denoiser
 from ..schedules import Schedule
 from ..solvers.base import Solver
@@ -45,7 +46,6 @@ from .particles import (
     Reward,
     SMCAlgorithm,
     StepContext,
-    _check_int,
     _check_reward,
     run_smc,
 )
@@ -67,11 +67,10 @@ class FKSteering(SMCAlgorithm):
     name = "fk_steering"
 
     def __init__(self, lam: float, potential: str, nodes: set[int]) -> None:
-        if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam):
-            raise ValueError(f"lam must be a finite number, got {lam!r}")
+        lam = real("fk_steering", "lam", lam)
         if potential not in POTENTIALS:
             raise ValueError(f"unknown potential={potential!r}; accepted: {POTENTIALS}")
-        self.lam, self.potential, self.nodes = float(lam), potential, nodes
+        self.lam, self.potential, self.nodes = lam, potential, nodes
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
         """``log_g``: the log of the product of potentials so far; ``prev``/``best``/``total``: the last,
@@ -105,8 +104,7 @@ class FKSteering(SMCAlgorithm):
 def potential_nodes(steps: int, interval: int, window: tuple[int, int] | None) -> set[int]:
     """``{start, start + interval, ...} ∩ [start, stop)`` for ``window = (start, stop)`` (grid nodes,
     default ``(0, steps)``)."""
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+    interval = integer("fk_steering", "interval", interval, lo=1)
     if window is None:
         window = (0, steps)
     ok = (
@@ -171,7 +169,8 @@ def fk_steering(
         >>> x = out.sample(generator=g)   # (4, 2), one draw per batch row
     """
     _check_reward(reward)
-    algorithm = FKSteering(lam, potential, potential_nodes(_check_int("steps", steps, 1), interval, window))
+    nodes = potential_nodes(integer("fk_steering", "steps", steps, lo=1), interval, window)
+    algorithm = FKSteering(lam, potential, nodes)
     return run_smc(
         den, algorithm, shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=ess_threshold, resampler=resampler,

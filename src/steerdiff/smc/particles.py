@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
+from .._checks import integer, real
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
 from ..noise import GeneratorNoise, rand, randn
@@ -477,12 +478,6 @@ class _Run:
             )
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def _check_reward(reward: Any) -> Reward:
     if not callable(reward):
         raise ValueError(f"reward must be a callable (n, *shape) -> (n,), got {type(reward).__name__}")
@@ -568,16 +563,11 @@ def run_smc(
     batch, sample_shape = shape[0], shape[1:]
     if den.shape is not None and sample_shape != den.shape:
         raise ValueError(f"shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
-    n_part = _check_int("particles", particles, 1)
-    steps = _check_int("steps", steps, 1)
-    if (
-        isinstance(ess_threshold, bool)
-        or not isinstance(ess_threshold, int | float)
-        or not 0 <= ess_threshold <= 1
-    ):
-        raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
+    n_part = integer("run_smc", "particles", particles, lo=1)
+    steps = integer("run_smc", "steps", steps, lo=1)
+    ess_threshold = real("run_smc", "ess_threshold", ess_threshold, lo=0, hi=1)
     if max_batch is not None:
-        _check_int("max_batch", max_batch, 1)
+        max_batch = integer("run_smc", "max_batch", max_batch, lo=1)
     if reward is not None:
         _check_reward(reward)
     resample_fn = _resample.get(resampler)

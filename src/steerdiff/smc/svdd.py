@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import real
 from ..denoiser import Denoiser
 from ..noise import rand
 from ..schedules import Schedule
@@ -61,9 +62,7 @@ class SVDD(SMCAlgorithm):
     name = "svdd"
 
     def __init__(self, alpha: float) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
-            raise ValueError(f"alpha must be a number >= 0 (0: argmax, inf: the base sampler), got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = real("svdd", "alpha", alpha, lo=0, finite=False)  # 0: argmax, inf: the base sampler
 
     def _log_select(self, r: Tensor) -> Tensor:
         """Selection log-probabilities (unnormalized) from the values ``r`` ``(batch, M)``."""

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import integer, real
 from ..denoiser import Denoiser
 from ..guidance._measurement import MeasurementGuided
 from ..guidance.base import value_grad
@@ -68,7 +69,6 @@ from .particles import (
     Particles,
     SMCAlgorithm,
     StepContext,
-    _check_int,
     run_smc,
     transition_log_prob,
 )
@@ -183,16 +183,10 @@ class TDS(SMCAlgorithm):
     needs_transition = True
 
     def __init__(self, twist: Twist, twist_scale: float = 1.0) -> None:
-        if (
-            isinstance(twist_scale, bool)
-            or not isinstance(twist_scale, int | float)
-            or not math.isfinite(twist_scale)
-            or twist_scale < 0
-        ):
-            raise ValueError(f"twist_scale must be a finite number >= 0, got {twist_scale!r}")
+        twist_scale = real("tds", "twist_scale", twist_scale, lo=0)
         if not isinstance(twist, Twist):
             raise ValueError(f"twist must be a Twist, got {type(twist).__name__}")
-        self.twist, self.scale = twist, float(twist_scale)
+        self.twist, self.scale = twist, twist_scale
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
         """``log_twist``: ``gamma log p~`` at the particle's node; ``grad``: its gradient there."""
@@ -226,19 +220,6 @@ def _deterministic(tr: Transition) -> bool:
     return isinstance(tr.std, float | int) and tr.std == 0
 
 
-def _check_noise(noise_std: Any) -> None:
-    if noise_std is not None and (
-        isinstance(noise_std, bool)
-        or not isinstance(noise_std, int | float)
-        or not math.isfinite(noise_std)
-        or noise_std <= 0
-    ):
-        raise ValueError(
-            f"noise_std must be a finite number > 0 (TDS weights by the likelihood N(y; A x, s^2 I)), "
-            f"got {noise_std!r}"
-        )
-
-
 def _linear_twist(
     den: Denoiser,
     operator: Any,
@@ -248,28 +229,21 @@ def _linear_twist(
     particles: int,
     prior_var: Any,
 ) -> _LinearGaussian:
-    _check_noise(noise_std)
     if not isinstance(operator, LinearOperator):
         raise ValueError(
             f"operator must be a steerdiff.inverse.LinearOperator, got {type(operator).__name__}"
         )
+    s = operator.noise_std if noise_std is None else noise_std
+    s = real("tds", "noise_std", s, lo=0, lo_open=True)  # > 0: TDS weights by N(y; A x, s^2 I)
     try:  # checks A against the sample shape, and y against A
-        measurement = MeasurementGuided(den, operator, y, noise_std)
+        measurement = MeasurementGuided(den, operator, y, s)
     except ValueError as err:
         raise ValueError(f"tds: {str(err).partition(': ')[2]}") from None
-    _check_noise(measurement.noise_std)
     if tuple(y.shape) != tuple(operator.shape_out):
         if y.shape[0] != batch:
             raise ValueError(f"y holds {y.shape[0]} observations for shape[0] = {batch} batch rows")
         measurement.y = measurement.y.repeat_interleave(particles, dim=0)
-    if (
-        isinstance(prior_var, bool)
-        or not isinstance(prior_var, int | float)
-        or not math.isfinite(prior_var)
-        or prior_var < 0
-    ):
-        raise ValueError(f"prior_var must be a finite number >= 0, got {prior_var!r}")
-    return _LinearGaussian(measurement, float(prior_var))
+    return _LinearGaussian(measurement, real("tds", "prior_var", prior_var, lo=0))
 
 
 def tds(
@@ -336,7 +310,7 @@ def tds(
             "tds: give exactly one likelihood: operator and y (y = A x + noise), log_likelihood (of a clean "
             "sample) or classifier (noise-conditional)"
         )
-    n_part = _check_int("particles", particles, 1)
+    n_part = integer("tds", "particles", particles, lo=1)
     twist: Twist
     if given[0]:
         if operator is None or y is None:

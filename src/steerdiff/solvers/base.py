@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import integer, real
 from ..denoiser import Denoiser, Prediction
 from ..noise import GeneratorNoise, NoiseSource
 from ..processes import Process
-from ..schedules import Schedule, check_steps
+from ..schedules import Schedule
 
 __all__ = [
     "Grid",
@@ -99,7 +100,8 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
     """
     if final not in FINALS:
         raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
-    steps = check_steps(steps)  # before ``steps + 1``: final="none" would accept steps=0 or 1.0
+    # before ``steps + 1``: final="none" would accept steps=0 or 1.0
+    steps = integer("make_grid", "steps", steps, lo=1)
     clean = final == "zero"
     t = schedule(process, steps if clean else steps + 1)
     alpha, sigma, lam = (c.tolist() for c in process.coefficients(t))
@@ -190,18 +192,9 @@ def check_long_step(solver: Solver, max_h: float, max_h_ratio: float) -> None:
     """``ValueError`` naming the argument unless ``max_h`` is positive (``inf``: no limit) and
     ``max_h_ratio`` a finite number >= 0 (the long-step rule of :func:`step_order`)."""
 
-    def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
     who = type(solver).__name__
-    if not (number(max_h) and max_h > 0):
-        raise ValueError(
-            f"{who}: max_h={max_h!r} is not accepted; accepted: a positive number (inf: no limit)"
-        )
-    if not (number(max_h_ratio) and 0 <= max_h_ratio < math.inf):
-        raise ValueError(
-            f"{who}: max_h_ratio={max_h_ratio!r} is not accepted; accepted: a finite number >= 0"
-        )
+    real(who, "max_h", max_h, lo=0, lo_open=True, finite=False)
+    real(who, "max_h_ratio", max_h_ratio, lo=0)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -294,14 +287,7 @@ class Solver:
     order: int = field(default=1)
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.order, bool)
-            or not isinstance(self.order, int)
-            or not (1 <= self.order <= self.max_order)
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: order={self.order!r} is not supported; accepted: 1..{self.max_order}"
-            )
+        self.order = integer(type(self).__name__, "order", self.order, lo=1, hi=self.max_order)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         return {}

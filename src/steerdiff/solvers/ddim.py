@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import real
 from .base import Grid, Model, Solver, Transition
 
 __all__ = ["DDIM", "ancestral_split"]
@@ -41,12 +42,6 @@ def ancestral_split(grid: Grid, i: int, eta: float) -> tuple[float, float]:
     return math.sqrt(max(sigma_next**2 - c**2, 0.0)), c
 
 
-def check_eta(solver: str, eta: float) -> None:
-    """``eta`` must be a finite real ``>= 0``."""
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"{solver}: eta={eta!r} is not accepted; eta must be a finite number >= 0")
-
-
 @dataclass
 class DDIM(Solver):
     """DDIM with ``eta >= 0`` (default 0: deterministic); first order, one network evaluation per step."""
@@ -57,7 +52,7 @@ class DDIM(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_eta("DDIM", self.eta)
+        self.eta = real("DDIM", "eta", self.eta, lo=0)
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]

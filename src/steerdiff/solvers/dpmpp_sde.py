@@ -47,10 +47,10 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import real
 from .._ops import axpby
 from ._exp import hphi_scaled
 from .base import Grid, History, Model, Solver, Transition, step_order
-from .ddim import check_eta
 
 __all__ = ["DPMSolverSDE", "DPMSolverSDEMultistep"]
 
@@ -89,7 +89,7 @@ class DPMSolverSDEMultistep(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_eta(type(self).__name__, self.eta)
+        self.eta = real(type(self).__name__, "eta", self.eta, lo=0)
         if self.solver_type not in _SOLVER_TYPES:
             raise ValueError(f"solver_type={self.solver_type!r}; accepted: {list(_SOLVER_TYPES)}")
         if self.third_order not in _THIRD_ORDER:
@@ -145,9 +145,8 @@ class DPMSolverSDE(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_eta(type(self).__name__, self.eta)
-        if isinstance(self.r, bool) or not isinstance(self.r, int | float) or not 0 < self.r <= 1:
-            raise ValueError(f"DPMSolverSDE: r={self.r!r} is not accepted; r must be in (0, 1]")
+        self.eta = real(type(self).__name__, "eta", self.eta, lo=0)
+        self.r = real("DPMSolverSDE", "r", self.r, lo=0, hi=1, lo_open=True)
 
     def nfe(self, steps: int, clean_end: bool = True) -> int:
         if self.order == 1:

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import real
 from .._ops import axpby
 from .base import Grid, Model, Solver
 
@@ -70,12 +71,6 @@ def heun_update(model: Model, x: Tensor, step: int, frm: Level, to: Level, secon
     return axpby(1.0, x_euler, 0.5 * c, pred2.eps - pred.eps)
 
 
-def _check(name: str, value: float, lo: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= lo:
-        raise ValueError(f"EDMStochasticHeun: {name}={value!r} must be a number >= {lo:g}")
-    return float(value)
-
-
 @dataclass
 class EDMStochasticHeun(Solver):
     """EDM's stochastic Heun sampler (Alg. 2); ``edm_sde``.
@@ -101,10 +96,11 @@ class EDMStochasticHeun(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.s_churn = _check("s_churn", self.s_churn, 0.0)
-        self.s_tmin = _check("s_tmin", self.s_tmin, 0.0)
-        self.s_tmax = _check("s_tmax", self.s_tmax, self.s_tmin)
-        self.s_noise = _check("s_noise", self.s_noise, 0.0)
+        who = "EDMStochasticHeun"
+        self.s_churn = real(who, "s_churn", self.s_churn, lo=0, finite=False)
+        self.s_tmin = real(who, "s_tmin", self.s_tmin, lo=0, finite=False)
+        self.s_tmax = real(who, "s_tmax", self.s_tmax, lo=self.s_tmin, finite=False)
+        self.s_noise = real(who, "s_noise", self.s_noise, lo=0)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         p = grid.process

@@ -56,6 +56,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import integer
 from .._ops import axpby
 from .base import Grid, History, Model, Solver, Transition, step_order
 
@@ -117,9 +118,9 @@ class ERSDE(Solver):
             )
         if self.third_order not in _THIRD_ORDER:
             raise ValueError(f"third_order={self.third_order!r}; accepted: {list(_THIRD_ORDER)}")
-        q = self.quadrature
-        if isinstance(q, bool) or not isinstance(q, int) or q < 2 or q % 2:
-            raise ValueError(f"quadrature={q!r}; accepted: an even integer >= 2")
+        self.quadrature = integer(type(self).__name__, "quadrature", self.quadrature, lo=2)
+        if self.quadrature % 2:
+            raise ValueError(f"{type(self).__name__}: quadrature must be even, got {self.quadrature}")
 
     @property
     def phi(self) -> Callable[[float], float]:

@@ -33,8 +33,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import real
 from .base import Grid, Model, Solver, Transition
-from .ddim import ancestral_split, check_eta
+from .ddim import ancestral_split
 from .edm import heun_update
 
 __all__ = ["Euler", "EulerAncestral", "Heun"]
@@ -79,7 +80,7 @@ class EulerAncestral(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_eta("EulerAncestral", self.eta)
+        self.eta = real("EulerAncestral", "eta", self.eta, lo=0)
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         down, up = ancestral_split(grid, i, self.eta)  # alpha_{i+1} (s_down, s_up)

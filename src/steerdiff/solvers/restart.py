@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import integer, real
 from ..schedules import Karras
 from .base import Grid, Model, Solver
 from .edm import Level, heun_update
@@ -60,16 +61,16 @@ def _intervals(restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence
         items = list(restart_info)
     out = []
     for item in items:
-        bad = ValueError(
-            f"restart_info: {item!r} is not (s_min, s_max, K, N) with 0 < s_min < s_max, integers K, N >= 1"
-        )
         if not isinstance(item, Sequence) or len(item) != 4:
-            raise bad
-        lo, hi, k, n = item
-        ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (k, n))
-        if not (ints and isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo < hi):
-            raise bad
-        out.append((float(lo), float(hi), k, n))
+            raise ValueError(
+                f"restart_info: {item!r} is not (s_min, s_max, K, N) with 0 < s_min < s_max, "
+                "integers K, N >= 1"
+            )
+        lo = real("Restart", "s_min in restart_info", item[0], lo=0, lo_open=True)
+        hi = real("Restart", "s_max in restart_info", item[1], lo=lo, lo_open=True)
+        k = integer("Restart", "K in restart_info", item[2], lo=1)
+        n = integer("Restart", "N in restart_info", item[3], lo=1)
+        out.append((lo, hi, k, n))
     return out
 
 

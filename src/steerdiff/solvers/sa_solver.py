@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import integer, real
 from ._exp import phi
 from ._poly import exp_adams_bashforth, lagrange_weights
 from .base import Grid, History, Model, Solver, Transition, step_order
@@ -80,19 +81,14 @@ class SASolver(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        q = self.corrector_order
-        if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= 4:
-            raise ValueError(f"SASolver: corrector_order={q!r} is not supported; accepted: 0..4")
+        self.corrector_order = integer("SASolver", "corrector_order", self.corrector_order, lo=0, hi=4)
         if self.second_order not in SECOND_ORDER:
             raise ValueError(f"SASolver: second_order={self.second_order!r}; accepted: {SECOND_ORDER}")
         if not callable(self.tau):
             self._tau(0.0)
 
     def _tau(self, t: float) -> float:
-        tau = self.tau(t) if callable(self.tau) else self.tau
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
-            raise ValueError(f"SASolver: tau must be a number >= 0 (or a function giving one), got {tau!r}")
-        return float(tau)
+        return real("SASolver", "tau", self.tau(t) if callable(self.tau) else self.tau, lo=0)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         # m: estimates, newest first; prev: (corrector order, tau, predictor's gradient term) of the

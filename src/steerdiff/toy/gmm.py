@@ -28,6 +28,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
+from .._checks import integer, real
 from ..denoiser import Denoiser
 from ..processes import MeanReverting, Process
 
@@ -116,8 +117,7 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact draws, float64 ``(n, d)``: ``mu_k + S_k^{1/2} z`` (symmetric square root)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        n = integer(f"{type(self).__name__}.sample", "n", n, lo=1)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, dtype=F64, generator=generator)
         if self.full:
@@ -227,8 +227,7 @@ class GaussianMixture:
             raise ValueError(f"A must be a finite (m, {self.dim}) matrix, got shape {tuple(A.shape)}")
         m = A.shape[0]
         y = self._vector(y, m, "y")
-        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or not noise_std >= 0:
-            raise ValueError(f"noise_std must be a float >= 0, got {noise_std!r}")
+        noise_std = real(f"{type(self).__name__}.posterior", "noise_std", noise_std, lo=0)
         s_ax = self.covariance_matrices @ A.T  # (k, d, m) = S_k A^T
         c = A @ s_ax + noise_std**2 * torch.eye(m, dtype=F64)  # (k, m, m)
         chol, info = torch.linalg.cholesky_ex(0.5 * (c + c.mT))

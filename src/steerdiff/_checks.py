@@ -1,0 +1,78 @@
+"""Argument validation: the one check of a scalar argument, and its message.
+
+:func:`real` and :func:`integer` accept any :class:`numbers.Real` / :class:`numbers.Integral` (numpy
+scalars included) except ``bool``, check it against a range and return it as a plain ``float`` /
+``int``. Anything else is a ``ValueError`` naming the owner, the argument and what is accepted::
+
+    DDIM: eta must be a finite number >= 0, got -1.0
+    DPMSolverSDE: r must be a finite number in (0, 1], got 0
+    svdd: alpha must be a number >= 0 or inf, got nan
+    HMC: leapfrog_steps must be an integer >= 1, got 1.5
+
+NaN is never accepted; ``inf`` only with ``finite=False``, and then where the bounds admit it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["integer", "real"]
+
+
+def _bound(v: float) -> str:
+    """A bound as the message writes it: an ``int`` as is, a ``float`` in ``%g``."""
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _range(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
+    """The message's range: ``" >= lo"``, ``" < hi"``, ``" in (lo, hi]"``, ...; empty without bounds."""
+    if lo == -math.inf and hi == math.inf:
+        return ""
+    if hi == math.inf:
+        return f" {'>' if lo_open else '>='} {_bound(lo)}"
+    if lo == -math.inf:
+        return f" {'<' if hi_open else '<='} {_bound(hi)}"
+    return f" in {'(' if lo_open else '['}{_bound(lo)}, {_bound(hi)}{')' if hi_open else ']'}"
+
+
+def real(
+    who: str,
+    name: str,
+    value: object,
+    *,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """``value`` as a ``float`` if it is a real number (not a ``bool``, not NaN) in the range from
+    ``lo`` to ``hi`` (each bound excluded where ``lo_open`` / ``hi_open``), else a ``ValueError``
+    ``"{who}: {name} must be a finite number in (lo, hi], got {value!r}"``.
+
+    ``finite=False`` also accepts ``inf`` (``-inf``) where ``hi`` (``lo``) is an infinite closed
+    bound: ``real(who, "alpha", a, lo=0, finite=False)`` accepts ``[0, inf]``.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        v = float(value)
+        inside = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        if inside and (math.isfinite(v) or not finite):
+            return v
+    accepted = ("a finite number" if finite else "a number") + _range(lo, hi, lo_open, hi_open)
+    if not finite:  # name the infinite ends that the bounds admit
+        accepted += " or -inf" * (lo == -math.inf and not lo_open)
+        accepted += " or inf" * (hi == math.inf and not hi_open)
+    raise ValueError(f"{who}: {name} must be {accepted}, got {value!r}")
+
+
+def integer(who: str, name: str, value: object, *, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer (not a ``bool``) with ``lo <= value <= hi``
+    (``None``: no bound), else a ``ValueError`` ``"{who}: {name} must be an integer >= lo, got
+    {value!r}"``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        v = int(value)
+        if (lo is None or v >= lo) and (hi is None or v <= hi):
+            return v
+    bounds = _range(-math.inf if lo is None else lo, math.inf if hi is None else hi, False, False)
+    raise ValueError(f"{who}: {name} must be an integer{bounds}, got {value!r}")

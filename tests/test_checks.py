@@ -1,0 +1,191 @@
+"""The scalar argument checks of ``steerdiff._checks`` and the sites that use them."""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff._checks import integer, real
+
+# --- real ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(np.float32(0.5), 0.5), (np.float64(0.25), 0.25), (np.int64(3), 3.0), (2, 2.0), (Fraction(1, 4), 0.25)],
+)
+def test_real_returns_a_plain_float(value, expected):
+    out = real("W", "x", value)
+    assert type(out) is float and out == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        (True, {}, "W: x must be a finite number, got True"),
+        (False, {"lo": 0}, "W: x must be a finite number >= 0, got False"),
+        (math.nan, {}, "W: x must be a finite number, got nan"),
+        (math.nan, {"lo": 0, "finite": False}, "W: x must be a number >= 0 or inf, got nan"),
+        (math.inf, {}, "W: x must be a finite number, got inf"),
+        (-math.inf, {}, "W: x must be a finite number, got -inf"),
+        (math.inf, {"lo": 0, "hi": 1}, "W: x must be a finite number in [0, 1], got inf"),
+        ("1.0", {"lo": 0}, "W: x must be a finite number >= 0, got '1.0'"),
+        (None, {"lo": 0, "lo_open": True}, "W: x must be a finite number > 0, got None"),
+        (torch.tensor(0.5), {}, "W: x must be a finite number, got tensor(0.5000)"),
+        (-1.0, {"lo": 0}, "W: x must be a finite number >= 0, got -1.0"),
+        (2, {"hi": 1}, "W: x must be a finite number <= 1, got 2"),
+        (1.0, {"hi": 1, "hi_open": True}, "W: x must be a finite number < 1, got 1.0"),
+        (0.0, {"lo": 0, "hi": 1, "lo_open": True}, "W: x must be a finite number in (0, 1], got 0.0"),
+        (1.0, {"lo": 0, "hi": 1, "hi_open": True}, "W: x must be a finite number in [0, 1), got 1.0"),
+        (0.05, {"lo": 0.1, "hi": 2.5}, "W: x must be a finite number in [0.1, 2.5], got 0.05"),
+        (np.float32(-1), {"lo": 0}, "W: x must be a finite number >= 0, got np.float32(-1.0)"),
+        (0.0, {"lo": 0, "lo_open": True, "finite": False}, "W: x must be a number > 0 or inf, got 0.0"),
+        (math.inf, {"lo": 0, "hi_open": True, "finite": False}, "W: x must be a number >= 0, got inf"),
+        (math.nan, {"finite": False}, "W: x must be a number or -inf or inf, got nan"),
+    ],
+)
+def test_real_rejects(value, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        real("W", "x", value, **kwargs)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs"),
+    [
+        (0, {"lo": 0}),  # closed bounds include the boundary value
+        (1, {"lo": 0, "hi": 1}),
+        (0.5, {"lo": 0, "hi": 1, "lo_open": True, "hi_open": True}),
+        (1e-300, {"lo": 0, "lo_open": True}),
+        (math.inf, {"lo": 0, "finite": False}),
+        (-math.inf, {"hi": 0, "finite": False}),
+        (-1e300, {}),
+    ],
+)
+def test_real_accepts(value, kwargs):
+    assert real("W", "x", value, **kwargs) == value
+
+
+def test_real_bounds_at_the_boundary():
+    for open_ in (False, True):
+        ok = not open_
+        for kwargs in ({"lo": 2.0, "lo_open": open_}, {"hi": 2.0, "hi_open": open_}):
+            if ok:
+                assert real("W", "x", 2.0, **kwargs) == 2.0
+            else:
+                with pytest.raises(ValueError, match=r"W: x must be a finite number [<>] 2, got 2\.0"):
+                    real("W", "x", 2.0, **kwargs)
+
+
+# --- integer ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [np.int64(3), np.int32(3), np.uint8(3), 3])
+def test_integer_returns_a_plain_int(value):
+    out = integer("W", "n", value, lo=1)
+    assert type(out) is int and out == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        (True, {}, "W: n must be an integer, got True"),
+        (True, {"lo": 0}, "W: n must be an integer >= 0, got True"),
+        (2.0, {"lo": 1}, "W: n must be an integer >= 1, got 2.0"),
+        (np.float64(2.0), {"lo": 1}, "W: n must be an integer >= 1, got np.float64(2.0)"),
+        ("3", {"lo": 1}, "W: n must be an integer >= 1, got '3'"),
+        (0, {"lo": 1}, "W: n must be an integer >= 1, got 0"),
+        (5, {"hi": 4}, "W: n must be an integer <= 4, got 5"),
+        (5, {"lo": 0, "hi": 4}, "W: n must be an integer in [0, 4], got 5"),
+        (-1, {"lo": 0, "hi": 4}, "W: n must be an integer in [0, 4], got -1"),
+        (10**8, {"hi": 10**7}, "W: n must be an integer <= 10000000, got 100000000"),
+    ],
+)
+def test_integer_rejects(value, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        integer("W", "n", value, **kwargs)
+    assert str(err.value) == message
+
+
+def test_integer_bounds_are_closed():
+    assert integer("W", "n", 0, lo=0, hi=4) == 0
+    assert integer("W", "n", 4, lo=0, hi=4) == 4
+    assert integer("W", "n", -(10**30)) == -(10**30)
+
+
+# --- the sites agree -------------------------------------------------------------------------------
+
+
+def _den(gmm, sd_process):
+    return gmm.denoiser(sd_process)
+
+
+# before: these sites took only ``int``/``float`` and refused numpy scalars (the schedules took them)
+@pytest.mark.parametrize(
+    ("make", "attr", "expected"),
+    [
+        (lambda d: sd.solvers.DDIM(eta=np.float32(0.5)), "eta", 0.5),
+        (lambda d: sd.solvers.DPMSolverSDE(r=np.float32(0.5)), "r", 0.5),
+        (lambda d: sd.solvers.DPMSolverPPMultistep(order=np.int64(2)), "order", 2),
+        (lambda d: sd.solvers.SASolver(corrector_order=np.int64(1)), "corrector_order", 1),
+        (lambda d: sd.mcmc.HMC(leapfrog_steps=np.int64(3)), "leapfrog_steps", 3),
+        (lambda d: sd.mcmc.ULA(step_size=np.float32(0.25)), "step_size", 0.25),
+        (lambda d: sd.guidance.CFG(d, d, np.float32(2.0)), "scale", 2.0),
+        (lambda d: sd.inverse.Downsample(np.int64(2), (1, 4, 4)), "factor", 2),
+        (lambda d: sd.schedules.Karras(rho=np.float32(7.0)), "rho", 7.0),
+    ],
+)
+def test_numpy_scalars_are_accepted_as_plain_numbers(gmm, sd_process, make, attr, expected):
+    value = getattr(make(_den(gmm, sd_process)), attr)
+    assert value == expected and type(value) is type(expected)
+
+
+# before: these accepted inf (a bound ``value <= inf`` or ``not value >= lo``); an infinite scale,
+# noise or restart level gives non-finite samples
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda d: sd.guidance.CFG(d, d, math.inf), "CFG: scale must be a finite number >= 0"),
+        (lambda d: sd.guidance.CADS("y", math.inf), "CADS: noise_scale must be a finite number >= 0"),
+        (lambda d: sd.solvers.EDMStochasticHeun(s_noise=math.inf), "s_noise must be a finite number >= 0"),
+        (lambda d: sd.solvers.SASolver(tau=math.inf), "SASolver: tau must be a finite number >= 0"),
+        (
+            lambda d: sd.solvers.Restart(restart_info=[(0.1, math.inf, 1, 1)]),
+            "Restart: s_max in restart_info must be a finite number > 0.1",
+        ),
+        (
+            lambda d: sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1)).posterior(
+                torch.eye(2), torch.zeros(2), math.inf
+            ),
+            "GaussianMixture.posterior: noise_std must be a finite number >= 0",
+        ),
+    ],
+)
+def test_inf_is_rejected_where_it_was_accepted(gmm, sd_process, make, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        make(_den(gmm, sd_process))
+
+
+# before: ``float(noise_std)`` let a bool, a numeric string or a tensor through
+@pytest.mark.parametrize("bad", [True, "0.1", torch.tensor(0.1)])
+def test_operator_noise_std_must_be_a_number(bad):
+    with pytest.raises(ValueError, match="Matrix: noise_std must be a finite number >= 0"):
+        sd.inverse.Matrix(torch.eye(2), noise_std=bad)
+    with pytest.raises(ValueError, match=r"Matrix\.aat_solve: shift must be a finite number >= 0"):
+        sd.inverse.Matrix(torch.eye(2)).aat_solve(torch.zeros(1, 2), bad)
+
+
+# unchanged: where inf means something, it is still accepted
+def test_inf_is_kept_where_it_means_something(gmm, sd_process):
+    den = _den(gmm, sd_process)
+    assert sd.solvers.EDMStochasticHeun(s_tmax=math.inf).s_tmax == math.inf  # churn at every level
+    assert sd.solvers.DPMSolverPPMultistep(max_h=math.inf).max_h == math.inf  # no long-step limit
+    assert sd.guidance.CFG(den, den, 2.0, interval=(0.5, math.inf)).interval == (0.5, math.inf)
+    with pytest.raises(ValueError, match=r"svdd: alpha must be a number >= 0 or inf, got -1\.0"):
+        sd.smc.svdd(den, lambda x: x[:, 0], -1.0, shape=(1, 2), particles=2, steps=2)
