@@ -184,7 +184,7 @@ def test_unknown_schedule_lists_the_names(gmm, sd_process, problem):
 @pytest.mark.parametrize("steps", [0, -3, 2.5, 10.0, "10", True, None, np.int64(4) + 0.5])
 def test_bad_steps(gmm, sd_process, problem, steps, final):
     _raises(
-        ["steps", ">= 1", repr(steps)],
+        ["sample: steps", ">= 1", repr(steps)],
         sd.sample,
         gmm.denoiser(sd_process),
         problem[0],

@@ -240,6 +240,7 @@ def sample(
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
     check_x_T(den, x_T)
     check_seeded(den, generator)
+    steps = integer("sample", "steps", steps, lo=1)
     sched = _schedules.get(schedule)
     slv = _solvers.get(default_solver(den, steps) if solver is None else solver)
     grid = make_grid(den.process, sched, steps, final)
