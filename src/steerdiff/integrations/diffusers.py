@@ -62,7 +62,7 @@ from .._checks import real
 from ..denoiser import Denoiser, Prediction
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
-from ..sampling import DEFAULT_SCHEDULE, guided_solver
+from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
 from ..schedules import Schedule
 from ..solvers.base import FINALS, Grid, Model, Solver, Transition, advance, make_grid, work_dtype
 
@@ -377,6 +377,73 @@ def _tail(grid: Grid, j: int) -> Grid:
     return Grid(grid.process, grid.t[j:], grid.alpha[j:], grid.sigma[j:], grid.lam[j:], grid.clean_end)
 
 
+def _flow_shift(cfg: dict[str, Any], s: Tensor, mu: float | None) -> Tensor:
+    """FlowMatchEulerDiscreteScheduler's shift of flow times ``s``: ``shift s / (1 + (shift - 1) s)``,
+    or with ``use_dynamic_shifting`` ``e^mu / (e^mu + 1/s - 1)`` (``time_shift_type="linear"``:
+    ``mu / (mu + 1/s - 1)``); then ``shift_terminal`` stretches ``1 - s`` to end at it."""
+    respaced = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)]
+    if respaced:
+        raise ValueError(
+            f"set_timesteps: custom sigmas with {respaced[0]}=True are not supported (pass the final "
+            "sigmas, or num_inference_steps and a steerdiff schedule)"
+        )
+    if cfg.get("use_dynamic_shifting"):
+        if mu is None:
+            raise ValueError("set_timesteps: mu is required with use_dynamic_shifting=True (as in diffusers)")
+        mu = real("set_timesteps", "mu", mu)
+        m = math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
+        s = m / (m + (1 / s - 1))
+    else:
+        shift = float(cfg.get("shift", 1.0))
+        s = shift * s / (1 + (shift - 1) * s)
+    terminal = cfg.get("shift_terminal")
+    if terminal:
+        one_minus = 1 - s
+        s = 1 - one_minus * (1 - terminal) / one_minus[-1]
+    return s
+
+
+def _custom_times(
+    spec: _Spec,
+    cfg: dict[str, Any],
+    timesteps: Sequence[float] | None,
+    sigmas: Sequence[float] | None,
+    mu: float | None,
+) -> Tensor:
+    """The process times of a pipeline's custom grid: ``timesteps`` are the net's times of the nodes;
+    ``sigmas`` are noise levels in the convention of the config's diffusers schedulers -- flow times
+    (before the shift, which is applied as :func:`_flow_shift` says) for flow configs, ``sigma /
+    alpha`` (Karras') for VP ones, a trailing 0 (diffusers' terminal) dropped: the end is the
+    scheduler's ``final``. Times beyond the model's range are clipped to it."""
+    name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    try:
+        v = torch.as_tensor(values, dtype=F64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"set_timesteps: {name} must be a list of numbers, got {values!r}") from None
+    if name == "sigmas" and len(v) > 1 and v[-1] == 0:
+        v = v[:-1]
+    low = v >= 0 if name == "timesteps" else v > 0
+    if v.numel() < 1 or not bool(torch.isfinite(v).all() & low.all()):
+        accepted = ">= 0" if name == "timesteps" else "> 0 (a trailing 0 aside)"
+        raise ValueError(f"set_timesteps: {name} must be finite numbers {accepted}, got {values!r}")
+    flow, p = isinstance(spec.process, RectifiedFlow), spec.process
+    if name == "timesteps":
+        if spec.time_map is not None and not flow:
+            raise ValueError(
+                "set_timesteps: custom timesteps need discrete timesteps (timestep_type='continuous')"
+            )
+        t = v / int(cfg.get("num_train_timesteps", 1000)) if flow else v
+    else:
+        t = _flow_shift(cfg, v, mu) if flow else p.t_of_sigma_ratio(v)
+    t = t.clamp(p.t_min, p.t_max)
+    if not bool((t[1:] < t[:-1]).all()):
+        raise ValueError(
+            f"set_timesteps: {name} must be strictly decreasing within the model's range (process times "
+            f"[{p.t_min:g}, {p.t_max:g}] after clipping), got {values!r}"
+        )
+    return t
+
+
 def _describe(obj: str | Solver | Schedule | None) -> str | None:
     return obj if obj is None or isinstance(obj, str) else repr(obj)
 
@@ -390,7 +457,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     ``steps``. With the same net, initial noise and noise generator the pipeline returns what
     ``sd.sample(denoiser_from_diffusers(net, config), x_T, steps, solver, schedule, final=final,
     generator=g)`` returns (the module docstring explains how; with ``solver=None``, ``solver`` is
-    ``steerdiff.sampling.guided_solver(steps)``).
+    ``steerdiff.sampling.guided_solver(steps, guidance_scale)``, unguided from scale 1 down).
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
@@ -402,11 +469,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             (``None``) :func:`steerdiff.sample`'s default for guided denoisers at the step count
             :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), its long steps at first order;
             UniPC-2 from 15; :func:`steerdiff.sampling.guided_solver`): pipelines apply
-            classifier-free guidance outside the scheduler.
+            classifier-free guidance outside the scheduler. With ``guidance_scale <= 1`` (the
+            pipeline does not guide) it is the unguided default (UniPC-3,
+            :func:`steerdiff.sampling.default_solver`).
         guidance_scale: the pipeline's classifier-free guidance scale, which the scheduler does not
-            see otherwise: the default solver's long-step limit grows as it falls
-            (:func:`steerdiff.sampling.guided_max_h`; 2M keeps second order at scale 2); ``None``
-            (default): unknown, the limit of scale 7.5 (0.8 in log-SNR).
+            see otherwise: the guided default's long-step limit grows as it falls
+            (:func:`steerdiff.sampling.guided_max_h`; 2M keeps second order at scale 2), and from 1
+            down the default is the unguided one; ``None`` (default): unknown, guided, with the
+            limit of scale 7.5 (0.8 in log-SNR). Pass 1 for unguided pipelines (``DDPMPipeline``).
         schedule: a name of :func:`steerdiff.schedules.available` or a Schedule instance.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
@@ -526,15 +596,47 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = int(begin_index)
 
     def set_timesteps(
-        self, num_inference_steps: int, device: str | torch.device | None = None, mu: float | None = None
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> None:
-        """Grid of ``num_inference_steps`` steps; ``timesteps`` are the net's times in call order.
+        """The grid of a run; ``timesteps`` are then the net's times in call order.
 
-        ``mu`` (diffusers' resolution-dependent flow shift) is accepted and ignored: the grid is
-        the ``schedule``'s.
+        Pass one of: ``num_inference_steps`` (the ``schedule``'s grid of that many steps; ``mu`` is
+        ignored), or a custom grid as diffusers' schedulers take it, its nodes followed by the step
+        ``final`` says: ``timesteps``, the net's times of the nodes, or ``sigmas``, their noise levels
+        as the config's own scheduler reads them -- for flow-matching configs flow times, shifted as
+        ``FlowMatchEulerDiscreteScheduler`` shifts them (``shift``, or ``use_dynamic_shifting`` with
+        ``mu``, then ``shift_terminal``), so pipelines that always pass sigmas (Flux and its kin) run
+        on the grid their own scheduler would use; for VP configs ``sigma / alpha`` (Karras'). A
+        trailing 0 is dropped; nodes beyond the model's range are clipped to it.
         """
-        grid = make_grid(self._den.process, self._schedule, num_inference_steps, self.config.final)
-        solver = self._solver or guided_solver(grid.steps, self.config.guidance_scale)
+        given = [
+            k
+            for k, v in (
+                ("num_inference_steps", num_inference_steps),
+                ("timesteps", timesteps),
+                ("sigmas", sigmas),
+            )
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                f"set_timesteps: pass one of num_inference_steps, timesteps or sigmas; got {given or 'none'}"
+            )
+        schedule, steps = self._schedule, num_inference_steps
+        if num_inference_steps is None:
+            nodes = _custom_times(_spec(dict(self.config)), dict(self.config), timesteps, sigmas, mu)
+            schedule, steps = _schedules.Custom(nodes), len(nodes) - (self.config.final == "none")
+        grid = make_grid(self._den.process, schedule, steps, self.config.final)
+        scale = self.config.guidance_scale
+        unguided = scale is not None and scale <= 1  # pipelines guide only above 1
+        solver = self._solver or (
+            default_solver(self._den, grid.steps) if unguided else guided_solver(grid.steps, scale)
+        )
         evals = _plan(self._den, solver, grid)
         self._times = [t for t, _, _ in evals]
         self._run = _Run(solver, grid, evals, _Tape(self._den, self._times), solver.init_state(grid))

@@ -61,23 +61,26 @@ def run_scheduler(
     scheduler: Any,
     net: Callable[[Tensor, Tensor], Tensor],
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     generator: torch.Generator | None = None,
     callback: Callable[[int, Tensor], None] | None = None,
+    **grid: Any,
 ) -> tuple[Tensor, int]:
     """A diffusers pipeline's denoising loop around ``net(x, t) -> eps``; returns ``(x0, nfe)``.
 
-    ``x = x_T * init_noise_sigma``; for each ``t`` in ``scheduler.timesteps``:
+    ``scheduler.set_timesteps(steps, **grid)`` (``grid``: a custom ``timesteps=`` / ``sigmas=``,
+    ``mu=``, with ``steps=None``); ``x = x_T * init_noise_sigma``; for each ``t`` in ``scheduler.timesteps``:
     ``x = step(net(scale_model_input(x, t), t), t, x).prev_sample``; stochastic schedulers draw
     their noise from ``generator``. ``callback(i, x)`` is called after the ``i``-th step with its
     ``prev_sample`` (as a pipeline's ``callback_on_step_end``).
     """
-    scheduler.set_timesteps(steps)
-    x = x_T * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps, **grid)
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers have neither
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     kwargs = {} if generator is None else {"generator": generator}
     nfe = 0
     for t in scheduler.timesteps:
-        out = net(scheduler.scale_model_input(x, t), t)
+        out = net(scale(x, t), t)
         nfe += 1
         x = scheduler.step(out, t, x, **kwargs).prev_sample
         if callback is not None:
