@@ -127,6 +127,20 @@ def test_bad_process_and_output_shape_raise():
     den = sd.Denoiser(lambda x, t: x[:, :1], sd.EDM(), prediction="eps")
     with pytest.raises(ValueError, match="shape"):
         den(torch.zeros(2, 3), 1.0)
+    with pytest.raises(ValueError, match="`net` must be callable"):
+        sd.Denoiser(None, sd.EDM())
+
+
+class _ModelOutput:  # what a diffusers model returns: the tensor is its .sample
+    def __init__(self, sample: torch.Tensor) -> None:
+        self.sample = sample
+
+
+@pytest.mark.parametrize("wrap", [_ModelOutput, lambda f: (f,), lambda f: f.numpy()])
+def test_a_net_that_returns_no_tensor_is_named(wrap):
+    den = sd.Denoiser(lambda x, t: wrap(torch.zeros_like(x)), sd.EDM())
+    with pytest.raises(ValueError, match=r"net returned a .*not a Tensor.*denoiser_from_diffusers"):
+        sd.sample(den, torch.zeros(2, 3), steps=2)
 
 
 @pytest.mark.parametrize("given", ["x0", "eps"])

@@ -165,6 +165,8 @@ class Denoiser:
             raise ValueError(f"Denoiser: unknown prediction={prediction!r}; accepted: {PREDICTIONS}")
         if not isinstance(process, Process):
             raise ValueError(f"Denoiser: `process` must be a steerdiff Process, got {type(process)}")
+        if not callable(net):
+            raise ValueError(f"Denoiser: `net` must be callable as net(x, t, **cond), got {type(net)}")
         self.net = net
         self.process = process
         self.prediction = prediction
@@ -236,6 +238,12 @@ class Denoiser:
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any]
     ) -> Prediction:
         f = self.net(x.to(net_dtype), self.net_time(t, x), **cond)
+        if not isinstance(f, Tensor):
+            raise ValueError(
+                f"Denoiser: net returned a {type(f).__name__}, not a Tensor (a diffusers model returns an "
+                "output object: steerdiff.integrations.diffusers.denoiser_from_diffusers(model, "
+                "scheduler.config) unwraps it, as does net=lambda x, t, **c: model(x, t, **c).sample)"
+            )
         expected = (x.shape[0], 2 * x.shape[1], *x.shape[2:]) if self.learned_variance else x.shape
         if f.shape != expected:
             raise ValueError(f"Denoiser: net returned shape {tuple(f.shape)}, expected {tuple(expected)}")
