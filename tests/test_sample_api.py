@@ -91,6 +91,21 @@ def test_callback_once_per_step(gmm, sd_process, name):
     nfe = [s["nfe"] for s in seen]
     assert all(a < b for a, b in itertools.pairwise(nfe)) and nfe[-1] == info.nfe
     assert torch.equal(seen[-1]["x"], x)
+    assert all(s["denoised"].shape == x.shape for s in seen)
+    if name in ("ddim", "dpmpp_2m", "unipc", "euler", "heun"):  # the step to the clean end returns it
+        assert torch.equal(seen[-1]["denoised"], x)
+
+
+def test_callback_denoised_is_the_step_s_x0_estimate(gmm, sd_process):
+    """``denoised`` (k-diffusion's name) is the x0 estimate of the step's last evaluation: for DDIM
+    the exact denoiser at the step's input (to 1e-12)."""
+    den = gmm.denoiser(sd_process)
+    seen: list[dict] = []
+    x_T = noise(4, 8)
+    _, info = sd.sample(den, x_T, steps=5, solver="ddim", callback=seen.append, return_info=True)
+    xs = [x_T] + [s["x"] for s in seen]
+    for i, s in enumerate(seen):
+        assert torch.allclose(s["denoised"], den(xs[i], info.grid.t[i]).x0, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -263,6 +278,7 @@ def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, b
         sd.sample(den, problem[0], steps=8, solver=name, schedule="logsnr_uniform")
     msg = str(err.value)
     t = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), 8).t[node]
+    assert len(calls) == bad_call + 1  # on the CPU the run stops at the bad evaluation
     assert calls[bad_call] == pytest.approx(t)
     assert re.search(rf"\bstep {step}\b", msg), msg  # steps count from 0, as the callback's "i"
     assert f"t={t:.6g}" in msg, msg

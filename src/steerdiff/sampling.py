@@ -219,8 +219,10 @@ def sample(
             ``torch.Generator``, a list of them (one per sample: a sample is then the same
             whatever the batch), or a :class:`~steerdiff.noise.NoiseSource` such as
             :class:`~steerdiff.noise.BrownianTreeNoise`.
-        callback: called after every step with ``{"i", "t", "sigma", "x", "nfe"}`` (``x``: the
-            solver state, float32 for a half-precision ``x_T``).
+        callback: called after every step with ``{"i", "t", "sigma", "x", "denoised", "nfe"}``
+            (``x``: the solver state, float32 for a half-precision ``x_T``; ``denoised``: the x0
+            estimate of the step's last evaluation, as k-diffusion's callback has it; ``sigma``:
+            the process's ``sigma(t)``, k-diffusion's ``sigma / alpha`` being ``exp(-lam(t))``).
         corrector: predictor-corrector sampling (Song et al. 2021): ``"ula"``, ``"mala"``,
             ``"hmc"`` or a :class:`~steerdiff.mcmc.Kernel`; after every predictor step into a
             noisy node, ``corrector_steps`` moves targeting ``p_t`` there (see
@@ -260,7 +262,16 @@ def sample(
             )
             chains.append(chain)
         if callback is not None:
-            callback({"i": i, "t": grid.t[i + 1], "sigma": grid.sigma[i + 1], "x": x, "nfe": model.nfe})
+            callback(
+                {
+                    "i": i,
+                    "t": grid.t[i + 1],
+                    "sigma": grid.sigma[i + 1],
+                    "x": x,
+                    "denoised": model.last.x0,
+                    "nfe": model.nfe,
+                }
+            )
     check_step_sizes(chains)
     model.check_finite()
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)

@@ -305,7 +305,6 @@ class _Tape(Model):
         self.preds: list[Prediction] = []
         self.used = 0
         self.pending: Tensor | None = None
-        self.last: Prediction | None = None
 
     def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
         if self.used == len(self.preds):
@@ -318,8 +317,7 @@ class _Tape(Model):
                     "evaluation times depend on the sample, which SteerdiffScheduler does not support"
                 )
             self.denoiser.net.output, self.pending = self.pending, None
-            self.last = super().__call__(x, t, step)
-            self.preds.append(self.last)
+            self.preds.append(super().__call__(x, t, step))
         self.used += 1
         return self.preds[self.used - 1]
 

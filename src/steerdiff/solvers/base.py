@@ -216,9 +216,11 @@ class Model:
 
     Each call counts ``denoiser.cost`` network evaluations (1, or more for a guided denoiser).
 
-    ``model(x, t, step)`` returns the :class:`Prediction` at process time ``t``; ``step`` is the
-    solver step it belongs to, reported if the output is not finite. ``model.noise(t_from, t_to,
-    like)`` is the run's noise source (:mod:`steerdiff.noise`), for stochastic sub-steps.
+    ``model(x, t, step)`` returns the :class:`Prediction` at process time ``t`` (kept as ``last``);
+    ``step`` is the solver step it belongs to, reported if the output is not finite: at once for
+    CPU tensors, by :meth:`check_finite` at the end of the run otherwise (no device sync per call).
+    ``model.noise(t_from, t_to, like)`` is the run's noise source (:mod:`steerdiff.noise`), for
+    stochastic sub-steps.
 
     ``net_dtype``: the dtype of the run's input, the one the net runs in. Where it is half precision
     (so :func:`work_dtype` keeps the solver state in float32) only the net's input is cast to it and
@@ -238,6 +240,7 @@ class Model:
         self.noise: NoiseSource = noise if noise is not None else GeneratorNoise()
         self.net_dtype = net_dtype if net_dtype is not None and work_dtype(net_dtype) != net_dtype else None
         self.nfe = 0
+        self.last: Prediction | None = None
         self._sums: list[Tensor] = []
         self._where: list[tuple[int, float]] = []
 
@@ -252,6 +255,9 @@ class Model:
         given = pred.given
         self._sums.append(given.sum(dtype=torch.float32 if given.dtype in _HALF else None))
         self._where.append((step, t))
+        if given.device.type == "cpu" and not bool(torch.isfinite(self._sums[-1])):
+            self.check_finite()  # no sync to save on the CPU: stop at the first bad evaluation
+        self.last = pred
         return pred
 
     def check_finite(self) -> None:
