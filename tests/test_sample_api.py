@@ -8,6 +8,7 @@ solution of the smooth mixture (``exact_sample``).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 import numpy as np
@@ -408,3 +409,44 @@ def test_the_default_takes_a_long_step_after_short_ones_at_first_order():
         for n in (10, 20, 25):
             ours = rel_rmse(sd.sample(den, x_T, n, schedule=schedule), ref)
             assert ours < 0.5 * rel_rmse(sd.sample(den, x_T, n, "unipc", schedule), ref)
+
+
+# --- from k-diffusion: a model(x, sigma) -> denoised and a sigmas list ------------------------------
+
+
+def test_a_k_diffusion_model_and_sigmas_list(gmm):
+    """A k-diffusion denoiser ``model(x, sigma) -> x0`` (x = x0 + sigma eps) is
+    ``sd.Denoiser(model, sd.EDM(), prediction="x0")`` and its ``sigmas`` (ending in 0) the custom grid
+    ``sigmas[:-1]``: ``euler`` and ``dpmpp_2m`` then equal k-diffusion's ``sample_euler``
+    (``x += (x - D) / sigma * (sigma' - sigma)``) and ``sample_dpmpp_2m`` (Lu et al. 2022b, Alg. 2 in
+    ``t = -log sigma``), written out here, to 1e-12."""
+    proc = sd.EDM()
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return gmm.denoise(x, 1.0, float(sigma[0]))
+
+    sigmas = torch.tensor([80.0, 20.0, 5.0, 1.5, 0.4, 0.1, 0.0], dtype=torch.float64)
+    x_T = noise(16, 8) * sigmas[0]
+    den = sd.Denoiser(model, proc, prediction="x0")
+    grid = sd.schedules.Custom(sigmas[:-1])
+
+    x = x_T.clone()
+    for s, s_next in itertools.pairwise(sigmas.tolist()):
+        d = model(x, torch.tensor([s], dtype=torch.float64))
+        x = x + (x - d) / s * (s_next - s)
+    assert torch.allclose(sd.sample(den, x_T, 6, "euler", grid), x, rtol=0, atol=1e-12)
+
+    x, old = x_T.clone(), None
+    for i, (s, s_next) in enumerate(itertools.pairwise(sigmas.tolist())):
+        d = model(x, torch.tensor([s], dtype=torch.float64))
+        if s_next == 0:
+            x = d
+            continue
+        h = math.log(s / s_next)
+        if old is None:
+            x = (s_next / s) * x - math.expm1(-h) * d
+        else:
+            r = math.log(sigmas[i - 1] / s) / h
+            x = (s_next / s) * x - math.expm1(-h) * ((1 + 1 / (2 * r)) * d - old / (2 * r))
+        old = d
+    assert torch.allclose(sd.sample(den, x_T, 6, "dpmpp_2m", grid), x, rtol=0, atol=1e-12)
