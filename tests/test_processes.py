@@ -356,3 +356,62 @@ def test_discrete_rejects_alphas_cumprod_that_underflow():
     # cumprod(1 - 0.999) underflows to 0 in float64 after ~108 steps: lam would be -inf
     with pytest.raises(ValueError, match=r"positive and strictly decreasing .*index 10[0-9]"):
         sd.VP.discrete(betas=torch.full((200,), 0.999, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        # before: a complex-linspace RuntimeError, a linspace TypeError, a message that blamed `betas`
+        (lambda: sd.VP.scaled_linear(beta_start=-1), ["VP.scaled_linear", "beta_start", "(0, 1)", "-1"]),
+        (lambda: sd.VP.scaled_linear(beta_end=1.5), ["beta_end", "(0, 1)", "1.5"]),
+        (lambda: sd.VP.scaled_linear(beta_start=0.02, beta_end=0.01), ["beta_start < beta_end", "0.02"]),
+        (
+            lambda: sd.VP.scaled_linear(num_train_timesteps=2.5),
+            ["num_train_timesteps", "integer >= 2", "2.5"],
+        ),
+        (
+            lambda: sd.VP.scaled_linear(num_train_timesteps=0),
+            ["num_train_timesteps", "integer >= 2", "got 0"],
+        ),
+        (lambda: sd.VP.scaled_linear(num_train_timesteps=1), ["num_train_timesteps", "integer >= 2"]),
+        (lambda: sd.VP.scaled_linear(beta_start=math.nan), ["beta_start", "nan"]),
+        (lambda: sd.VP.discrete(betas="abc"), ["VP.discrete", "betas", "1-d array of real numbers", "'abc'"]),
+        (lambda: sd.VP.discrete(betas=[[0.1, 0.2]]), ["betas", "1-d", "(1, 2)"]),
+        (lambda: sd.VP.discrete(alphas_cumprod=[0.9j, 0.8]), ["alphas_cumprod", "real numbers"]),
+        (
+            lambda: sd.VP.discrete(betas=[0.1, 0.2], rescale_zero_snr="yes"),
+            ["rescale_zero_snr", "True or False"],
+        ),
+        (lambda: sd.VP.linear(beta_min="0.1"), ["VP.linear", "beta_min", "> 0", "'0.1'"]),
+        (lambda: sd.VP.linear(beta_max=math.inf), ["beta_max", "finite", "inf"]),
+        (lambda: sd.VP.linear(beta_min=20.0, beta_max=0.1), ["beta_min < beta_max"]),
+        (lambda: sd.VP.linear(t_min=0.0), ["VP.linear", "t_min", "(0, 1)"]),
+        (lambda: sd.VP.cosine(s=-0.1), ["VP.cosine", "s must be", ">= 0"]),
+        (lambda: sd.VP.cosine(t_min=0.5, t_max=0.4), ["t_min < t_max"]),
+        (lambda: sd.VP.cosine(t_max=1.0), ["t_max", "(0, 1)"]),
+        (lambda: sd.VE(sigma_min="x"), ["VE", "sigma_min", "> 0", "'x'"]),
+        (lambda: sd.VE(sigma_max=math.nan), ["VE", "sigma_max", "nan"]),
+        (lambda: sd.VE(sigma_min=50.0, sigma_max=0.01), ["VE", "sigma_min < sigma_max"]),
+        (lambda: sd.EDM(sigma_min=0.0), ["EDM", "sigma_min", "> 0"]),
+        (lambda: sd.EDM(sigma_max=math.inf), ["EDM", "sigma_max", "finite"]),
+        (lambda: sd.EDM(sigma_min=80.0, sigma_max=0.002), ["EDM", "sigma_min < sigma_max"]),
+        (lambda: sd.RectifiedFlow(t_min=None), ["RectifiedFlow", "t_min", "(0, 1)", "None"]),
+        (lambda: sd.RectifiedFlow(t_max=1.0), ["RectifiedFlow", "t_max", "(0, 1)"]),
+        (lambda: sd.RectifiedFlow(t_min=0.5, t_max=0.4), ["RectifiedFlow", "t_min < t_max"]),
+        (lambda: sd.MeanReverting(theta_max="10"), ["MeanReverting", "theta_max", "> 0"]),
+        (lambda: sd.MeanReverting(theta_min=3.0, theta_max=2.0), ["theta_min <= theta_max"]),
+        (lambda: sd.MeanReverting(stationary_std=math.inf), ["stationary_std", "finite"]),
+        (lambda: sd.MeanReverting(t_min=1.0), ["MeanReverting", "t_min", "(0, 1)"]),
+    ],
+)
+def test_bad_arguments_name_the_argument(make, words):
+    with pytest.raises(ValueError) as err:
+        make()
+    msg = str(err.value)
+    assert all(w in msg for w in words), msg
+
+
+def test_scaled_linear_accepts_numpy_scalars_and_keeps_its_betas():
+    p = sd.VP.scaled_linear(np.float64(0.00085), 0.012, np.int64(1000))
+    assert p.num_train_timesteps == 1000
+    assert np.allclose(p.alphas_cumprod.numpy(), np.cumprod(1 - _scaled_linear_betas()), rtol=1e-14, atol=0)

@@ -294,3 +294,82 @@ def test_karras_checks_a_one_sided_range_against_the_process():
     t = Karras(sigma_min=0.1)(p, 6)
     assert np.allclose(_ratio(p, t).numpy(), _karras(0.1, float(_ratio(p, p.t_max)), 6), rtol=1e-10, atol=0)
     assert float(_ratio(p, t[-1])) == pytest.approx(0.1, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("times", "words"),
+    [
+        # before: a torch TypeError, or "gave non-decreasing times ... (too many steps for this spacing?)"
+        ("abc", ["Custom", "times", "1-d array of real numbers", "'abc'"]),
+        ([[999.0, 0.0]], ["times", "1-d", "(1, 2)"]),
+        (999.0, ["times", "1-d", "999.0"]),
+        ([999.0, None], ["times", "real numbers"]),
+        ([True, False], ["times", "real numbers", "bool"]),
+        ([999.0, math.nan, 0.0], ["times", "finite", "nan"]),
+        ([1, 2, 3], ["times", "strictly decreasing", "times[0] = 1 <= times[1] = 2"]),
+        ([999, 999, 0], ["times", "strictly decreasing", "times[0] = 999 <= times[1] = 999"]),
+    ],
+)
+def test_custom_names_bad_times_at_construction(times, words):
+    with pytest.raises(ValueError) as err:
+        Custom(times)
+    msg = str(err.value)
+    assert all(w in msg for w in words), msg
+
+
+def test_custom_says_which_steps_its_grid_takes():
+    gmm = sd.toy.GaussianMixture(torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), torch.ones(1))
+    den, x_T = gmm.denoiser(PROCESSES["sd"]), torch.randn(2, 2, dtype=F64)
+    custom = Custom([999.0, 600.0, 300.0, 0.0])
+    for final, steps in (("zero", 10), ("none", 9)):
+        with pytest.raises(ValueError) as err:
+            sd.sample(den, x_T, steps=steps, schedule=custom, final=final)
+        msg = str(err.value)
+        assert "steps must equal len(times) = 4 with final='zero'" in msg, msg
+        assert "len(times) - 1 = 3 with final='none'" in msg, msg
+    # the counts it names run
+    assert sd.sample(den, x_T, steps=4, schedule=custom).shape == (2, 2)
+    assert sd.sample(den, x_T, steps=3, schedule=custom, final="none").shape == (2, 2)
+
+
+@pytest.mark.parametrize("cls", [Karras, sd.schedules.KarrasJump])
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"sigma_max": 1e6}, ["sigma_max=1e+06", "outside the range", "[0.0291", "14.61"]),
+        ({"sigma_min": 1e-9}, ["sigma_min=1e-09", "outside the range", "[0.0291", "14.61"]),
+        ({"sigma_min": 1e-9, "sigma_max": 1.0}, ["sigma_min=1e-09", "outside the range"]),
+    ],
+)
+def test_karras_names_a_sigma_outside_the_process_range(cls, kwargs, words):
+    # before: "gave non-decreasing times ... (too many steps for this spacing?)" (times clamped to the range)
+    with pytest.raises(ValueError) as err:
+        cls(**kwargs)(PROCESSES["sd"], 5)
+    msg = str(err.value)
+    assert cls.__name__ in msg and all(w in msg for w in words), msg
+
+
+def test_karras_takes_a_sigma_at_the_range_end_typed_to_a_few_digits():
+    p = PROCESSES["sd"]  # sigma/alpha in [0.029167..., 14.6146...]
+    s_min, s_max = float(_ratio(p, p.t_min)), float(_ratio(p, p.t_max))
+    t = Karras(sigma_min=0.02916, sigma_max=14.615)(p, 8)  # 2.5e-4 and 2.5e-5 outside: round-off
+    assert float(t[0]) == p.t_max and float(t[-1]) == p.t_min
+    inside = _ratio(p, t[1:-1]).numpy()
+    assert np.allclose(inside, _karras(0.02916, 14.615, 8)[1:-1], rtol=1e-9, atol=0)
+    assert s_min > 0.02916 and s_max < 14.615  # both just outside the range
+
+
+@pytest.mark.parametrize("cls", [Leading, Linspace, Trailing])
+@pytest.mark.parametrize("offset", [math.nan, 2.5, -1, "1", True, None])
+def test_steps_offset_must_be_an_integer_at_least_zero(cls, offset):
+    # before: "cannot convert float NaN to integer"; 2.5 was truncated to 2
+    with pytest.raises(ValueError) as err:
+        cls(steps_offset=offset)
+    msg = str(err.value)
+    assert f"{cls.__name__}: steps_offset must be an integer >= 0, got {offset!r}" in msg, msg
+
+
+def test_steps_offset_accepts_numpy_integers():
+    p = PROCESSES["sd"]
+    assert Leading(steps_offset=np.int64(1))(p, 10).tolist() == Leading(steps_offset=1)(p, 10).tolist()
+    assert Leading(steps_offset=np.int64(1)).steps_offset == 1

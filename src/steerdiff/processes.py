@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ._checks import integer, real
+
 if TYPE_CHECKING:
     from .denoiser import Denoiser
 
@@ -42,6 +44,37 @@ TimeLike = float | Sequence[float] | Tensor
 
 def _f64(t: TimeLike) -> Tensor:
     return torch.as_tensor(t, dtype=F64)
+
+
+def real_array(who: str, name: str, value: object) -> Tensor:
+    """``value`` -- a non-empty 1-d tensor, numpy array or sequence of real numbers -- as a float64 tensor,
+    else a ``ValueError`` naming ``who`` and ``name`` (booleans and complex numbers are refused)."""
+    try:
+        kind = torch.as_tensor(value)  # for its dtype and shape; converted to float64 once accepted
+    except (TypeError, ValueError, RuntimeError):
+        kind = None
+    if kind is None or kind.ndim == 0:
+        got = f"{value!r:.60}"
+    elif kind.dtype == torch.bool or kind.is_complex():
+        got = f"{kind.dtype} values"
+    elif kind.ndim != 1 or kind.numel() == 0:
+        got = f"shape {tuple(kind.shape)}"
+    else:
+        return torch.as_tensor(value, dtype=F64)
+    raise ValueError(f"{who}: {name} must be a non-empty 1-d array of real numbers, got {got}")
+
+
+def ordered(who: str, first: str, a: object, second: str, b: object, /, **bounds: Any) -> tuple[float, float]:
+    """``(a, b)``, the arguments named ``first`` and ``second``, as floats, each checked by
+    :func:`~steerdiff._checks.real` with ``bounds``, and ``a < b``; else a ``ValueError`` naming them."""
+    lo, hi = real(who, first, a, **bounds), real(who, second, b, **bounds)
+    if not lo < hi:
+        raise ValueError(f"{who}: need {first} < {second}, got {first}={a!r}, {second}={b!r}")
+    return lo, hi
+
+
+_UNIT = {"lo": 0, "hi": 1, "lo_open": True, "hi_open": True}  # the bounds of (0, 1)
+_POSITIVE = {"lo": 0, "lo_open": True}  # finite > 0
 
 
 class Process:
@@ -138,25 +171,34 @@ class VP(Process):
         alphas_cumprod: TimeLike | None = None,
         rescale_zero_snr: bool = False,
     ) -> VPDiscrete:
-        """A model trained on ``N`` integer timesteps (give exactly one of the two arrays)."""
+        """A model trained on ``N >= 2`` integer timesteps: give exactly one of ``betas`` (1-d, in
+        ``(0, 1)``) or ``alphas_cumprod`` (1-d, in ``(0, 1)``, strictly decreasing)."""
         return VPDiscrete(betas=betas, alphas_cumprod=alphas_cumprod, rescale_zero_snr=rescale_zero_snr)
 
     @staticmethod
     def linear(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> VPLinear:
-        """Continuous linear-beta VP SDE (Song et al. 2021; DPM-Solver's ``linear``)."""
+        """Continuous linear-beta VP SDE (Song et al. 2021; DPM-Solver's ``linear``) on ``[t_min, 1]``.
+
+        Accepted: finite ``0 < beta_min < beta_max``, ``0 < t_min < 1``."""
         return VPLinear(beta_min, beta_max, t_min)
 
     @staticmethod
     def cosine(s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946) -> VPCosine:
-        """Cosine schedule (Nichol & Dhariwal 2021); ``t_max < 1`` keeps ``lam`` finite."""
+        """Cosine schedule (Nichol & Dhariwal 2021) on ``[t_min, t_max]``: finite ``s >= 0``,
+        ``0 < t_min < t_max < 1`` (``t_max < 1`` keeps ``lam`` finite)."""
         return VPCosine(s, t_min, t_max)
 
     @staticmethod
     def scaled_linear(
         beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000
     ) -> VPDiscrete:
-        """Stable Diffusion's ``scaled_linear`` betas: ``linspace(sqrt(b0), sqrt(b1), N)^2``."""
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=F64) ** 2
+        """Stable Diffusion's ``scaled_linear`` betas: ``linspace(sqrt(b0), sqrt(b1), N)^2``.
+
+        Accepted: ``0 < beta_start < beta_end < 1``, ``num_train_timesteps`` an integer ``N >= 2``."""
+        who = "VP.scaled_linear"
+        b0, b1 = ordered(who, "beta_start", beta_start, "beta_end", beta_end, **_UNIT)
+        n = integer(who, "num_train_timesteps", num_train_timesteps, lo=2)
+        betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=F64) ** 2
         return VPDiscrete(betas=betas)
 
 
@@ -196,15 +238,19 @@ class VPDiscrete(VP):
     ) -> None:
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("VP.discrete: give exactly one of `betas` or `alphas_cumprod`")
+        if not isinstance(rescale_zero_snr, bool):
+            raise ValueError(f"VP.discrete: rescale_zero_snr must be True or False, got {rescale_zero_snr!r}")
         if betas is not None:
-            b = _f64(betas).flatten()
+            b = real_array("VP.discrete", "betas", betas)
             if b.numel() < 2 or not bool(((b > 0) & (b < 1)).all()):
-                raise ValueError("VP.discrete: `betas` must be a 1-D array of values in (0, 1)")
+                raise ValueError("VP.discrete: `betas` must be a 1-D array of at least 2 values in (0, 1)")
             ac = torch.cumprod(1 - b, 0)
         else:
-            ac = _f64(alphas_cumprod).flatten()
+            ac = real_array("VP.discrete", "alphas_cumprod", alphas_cumprod)
             if ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()):
-                raise ValueError("VP.discrete: `alphas_cumprod` must be a 1-D array in (0, 1)")
+                raise ValueError(
+                    "VP.discrete: `alphas_cumprod` must be a 1-D array of at least 2 values in (0, 1)"
+                )
             if not bool((ac[1:] < ac[:-1]).all()):
                 raise ValueError("VP.discrete: `alphas_cumprod` must be strictly decreasing")
         if rescale_zero_snr:
@@ -251,10 +297,9 @@ class VPLinear(VP):
     """``log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2`` (Song et al. 2021)."""
 
     def __init__(self, beta_min: float, beta_max: float, t_min: float) -> None:
-        if not 0 < beta_min < beta_max:
-            raise ValueError("VP.linear: need 0 < beta_min < beta_max")
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-        self.t_min, self.t_max = float(t_min), 1.0
+        who = "VP.linear"
+        self.beta_min, self.beta_max = ordered(who, "beta_min", beta_min, "beta_max", beta_max, **_POSITIVE)
+        self.t_min, self.t_max = real(who, "t_min", t_min, **_UNIT), 1.0
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -282,10 +327,9 @@ class VPCosine(VP):
     """``alpha(t) = cos((t + s) / (1 + s) pi / 2) / cos(s / (1 + s) pi / 2)`` (Improved DDPM)."""
 
     def __init__(self, s: float, t_min: float, t_max: float) -> None:
-        if not 0 < t_min < t_max < 1:
-            raise ValueError("VP.cosine: need 0 < t_min < t_max < 1")
-        self.s = float(s)
-        self.t_min, self.t_max = float(t_min), float(t_max)
+        who = "VP.cosine"
+        self.s = real(who, "s", s, lo=0)
+        self.t_min, self.t_max = ordered(who, "t_min", t_min, "t_max", t_max, **_UNIT)
         self._log_alpha_0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
 
     def _log_alpha(self, t: Tensor) -> Tensor:
@@ -312,9 +356,9 @@ class VE(Process):
     """Variance-exploding: ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``, t in [0, 1]."""
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError("VE: need 0 < sigma_min < sigma_max")
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_min, self.sigma_max = ordered(
+            "VE", "sigma_min", sigma_min, "sigma_max", sigma_max, **_POSITIVE
+        )
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
         self.t_min, self.t_max = 0.0, 1.0
 
@@ -338,9 +382,7 @@ class EDM(Process):
     """Karras et al. 2022: ``alpha = 1``, ``sigma = t``, ``t in [sigma_min, sigma_max]``."""
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0) -> None:
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError("EDM: need 0 < sigma_min < sigma_max")
-        self.t_min, self.t_max = float(sigma_min), float(sigma_max)
+        self.t_min, self.t_max = ordered("EDM", "sigma_min", sigma_min, "sigma_max", sigma_max, **_POSITIVE)
 
     def alpha(self, t: TimeLike) -> Tensor:
         return torch.ones_like(_f64(t))
@@ -366,9 +408,7 @@ class RectifiedFlow(Process):
     """
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 0.999) -> None:
-        if not 0 < t_min < t_max < 1:
-            raise ValueError("RectifiedFlow: need 0 < t_min < t_max < 1")
-        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.t_min, self.t_max = ordered("RectifiedFlow", "t_min", t_min, "t_max", t_max, **_UNIT)
 
     def alpha(self, t: TimeLike) -> Tensor:
         return 1 - _f64(t)
@@ -420,15 +460,15 @@ class MeanReverting(Process):
         stationary_std: float = 1.0,
         t_min: float = 1e-3,
     ) -> None:
-        if not 0 <= theta_min <= theta_max or theta_max <= 0:
-            raise ValueError("MeanReverting: need 0 <= theta_min <= theta_max, theta_max > 0")
-        if not 0 < stationary_std < math.inf:
-            raise ValueError("MeanReverting: stationary_std must be a finite number > 0")
-        if not 0 < t_min < 1:
-            raise ValueError("MeanReverting: need 0 < t_min < 1")
-        self.theta_min, self.theta_max = float(theta_min), float(theta_max)
-        self.stationary_std = float(stationary_std)
-        self.t_min, self.t_max = float(t_min), 1.0
+        who = "MeanReverting"
+        self.theta_min = real(who, "theta_min", theta_min, lo=0)
+        self.theta_max = real(who, "theta_max", theta_max, **_POSITIVE)
+        if not self.theta_min <= self.theta_max:
+            raise ValueError(
+                f"{who}: need theta_min <= theta_max, got theta_min={theta_min!r}, theta_max={theta_max!r}"
+            )
+        self.stationary_std = real(who, "stationary_std", stationary_std, **_POSITIVE)
+        self.t_min, self.t_max = real(who, "t_min", t_min, **_UNIT), 1.0
 
     def theta(self, t: TimeLike) -> Tensor:
         """The mean-reversion rate ``theta_t``."""

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ._checks import integer, real
-from .processes import Process, VPDiscrete
+from .processes import Process, VPDiscrete, real_array
 
 __all__ = [
     "AYS",
@@ -123,12 +123,19 @@ def _positive(who: str, name: str, value: float | None) -> float | None:
         raise
 
 
+# Karras: a given sigma_min / sigma_max this close outside the process's range is taken as its end (a
+# value typed to a few digits: DDPM's s_min is 0.0100005); further out, clamped times would repeat nodes
+RANGE_RTOL = 1e-3
+
+
 class Karras(Schedule):
     """Karras et al. 2022 (EDM), Eq. 5, in ``s = sigma/alpha``; ``rho = 7`` by default.
 
     ``sigma_min``/``sigma_max`` default to the process's range (in ``sigma/alpha`` units). Accepted:
     ``rho`` finite > 0, ``sigma_min`` and ``sigma_max`` finite > 0 or ``None``, with
-    ``sigma_max > sigma_min`` (checked against the process's range where one is ``None``).
+    ``sigma_max > sigma_min`` (checked against the process's range where one is ``None``), each given
+    one inside the process's range ``[s_min, s_max]`` (to a relative ``RANGE_RTOL = 1e-3``, within which
+    the times are clamped to the range; beyond it the clamped times would repeat nodes).
     ``sigma_min = 0``, Eq. 5's ramp to 0, is refused: a node at ``s = 0`` has an infinite log-SNR,
     which no process time has (the step to the clean state ``s = 0`` is
     :func:`steerdiff.sample`'s ``final="zero"``).
@@ -165,6 +172,7 @@ class Karras(Schedule):
                 f"{type(self).__name__}: need sigma_max > sigma_min, got sigma_min={smin:.6g}, "
                 f"sigma_max={smax:.6g} (a None is the range of {process!r} in sigma/alpha)"
             )
+        self._check_range(process)
         ramp = torch.linspace(0, 1, n, dtype=F64)
         a, b = smax ** (1 / self.rho), smin ** (1 / self.rho)
         t = process.t_of_sigma_ratio((a + ramp * (b - a)) ** self.rho)
@@ -174,6 +182,17 @@ class Karras(Schedule):
         if self.sigma_min is None and n > 1 and smin == _s(process, process.t_min):
             t[-1] = process.t_min
         return t
+
+    def _check_range(self, process: Process) -> None:
+        """``ValueError`` naming ``sigma_min`` / ``sigma_max`` where a given one lies outside the
+        process's range in ``sigma/alpha`` (beyond a relative ``RANGE_RTOL``)."""
+        lo, hi = _s(process, process.t_min), _s(process, process.t_max)
+        for name, v in (("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max)):
+            if v is not None and not lo * (1 - RANGE_RTOL) <= v <= hi * (1 + RANGE_RTOL):
+                raise ValueError(
+                    f"{type(self).__name__}: {name}={v:g} is outside the range of {process!r} in "
+                    f"sigma/alpha, [{lo:.6g}, {hi:.6g}]; give one inside it or None (the range's end)"
+                )
 
     def __repr__(self) -> str:
         return f"Karras(rho={self.rho:g})"
@@ -368,10 +387,12 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
 
 
 class _Discrete(Schedule):
-    """Integer timesteps of a ``VP.discrete`` process, spaced as in diffusers' DDIM/Euler schedulers."""
+    """Integer timesteps of a ``VP.discrete`` process, spaced as in diffusers' DDIM/Euler schedulers.
+
+    ``steps_offset``: an integer >= 0, as diffusers' config holds it (only ``leading`` adds it)."""
 
     def __init__(self, steps_offset: int = 0) -> None:
-        self.steps_offset = int(steps_offset)
+        self.steps_offset = integer(type(self).__name__, "steps_offset", steps_offset, lo=0)
 
     def _train_steps(self, process: Process) -> int:
         if not isinstance(process, VPDiscrete):
@@ -421,18 +442,36 @@ class Trailing(_Discrete):
 
 
 class Custom(Schedule):
-    """An explicit, strictly decreasing list of nodes (process times)."""
+    """An explicit grid: ``times``, a non-empty 1-d sequence of finite, strictly decreasing process
+    times, checked here; that they lie in the process's range is checked when it is used.
+
+    It fixes the step count: with :func:`steerdiff.sample`'s ``final="zero"`` (the default) ``steps``
+    must be ``len(times)`` (the nodes, then the clean state), with ``final="none"`` ``len(times) - 1``
+    (the steps between the nodes).
+    """
 
     name = "custom"
 
     def __init__(self, times: Sequence[float] | Tensor) -> None:
-        self.grid = torch.as_tensor(times, dtype=F64).flatten()
-        if self.grid.numel() < 1:
-            raise ValueError("Custom: `times` needs at least one node")
+        self.grid = real_array("Custom", "times", times)
+        if not bool(torch.isfinite(self.grid).all()):
+            raise ValueError(f"Custom: times must be finite, got {self.grid.tolist()}")
+        up = (self.grid[1:] >= self.grid[:-1]).nonzero()
+        if up.numel():
+            i = int(up[0])
+            raise ValueError(
+                f"Custom: times must be strictly decreasing, got times[{i}] = {float(self.grid[i]):g} <= "
+                f"times[{i + 1}] = {float(self.grid[i + 1]):g}"
+            )
 
     def nodes(self, process: Process, n: int) -> Tensor:
-        if n != self.grid.numel():
-            raise ValueError(f"Custom: the grid has {self.grid.numel()} nodes but {n} were asked")
+        m = self.grid.numel()
+        if n != m:
+            raise ValueError(
+                f"Custom: steps must equal len(times) = {m} with final='zero' (the default), or "
+                f"len(times) - 1 = {m - 1} with final='none'; the {m} times cannot give the {n} nodes asked "
+                f"(steps={n} with final='zero', steps={n - 1} with final='none')"
+            )
         return self.grid.clone()
 
     def __repr__(self) -> str:
