@@ -137,3 +137,34 @@ def test_floor_against_a_fixed_reference():
     seen = []
     value = sd.metrics.floor(gmm.sample, 100, lambda a, b: seen.append(b) or 1.0, repeats=3, reference=ref)
     assert value == 1.0 and len(seen) == 3 and all(b is ref for b in seen)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        # before: a torch TypeError from randn for projections=2.5
+        (
+            lambda x: sd.metrics.sliced_wasserstein(x, x, projections=2.5),
+            ["projections", "integer >= 1", "2.5"],
+        ),
+        (lambda x: sd.metrics.sliced_wasserstein(x, x, projections=0), ["projections", "integer >= 1", "0"]),
+        (lambda x: sd.metrics.sliced_wasserstein(x, x, projections="8"), ["projections", "'8'"]),
+        (lambda x: sd.metrics.mmd(x, x, bandwidth=math.nan), ["mmd", "bandwidth", "> 0", "nan"]),
+        (lambda x: sd.metrics.mmd(x, x, bandwidth="1"), ["mmd", "bandwidth", "'1'"]),
+        (lambda x: sd.metrics.mmd(x, x, bandwidth=0.0), ["mmd", "bandwidth", "> 0"]),
+        (lambda x: sd.metrics.floor(lambda n, g: x, 2.5), ["floor", "n must be an integer >= 2", "2.5"]),
+        (lambda x: sd.metrics.floor(lambda n, g: x, 8, repeats=0.5), ["floor", "repeats", "integer >= 1"]),
+    ],
+)
+def test_bad_options_name_the_argument(call, words):
+    with pytest.raises(ValueError) as err:
+        call(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)))
+    msg = str(err.value)
+    assert all(w in msg for w in words), msg
+
+
+def test_mmd_median_heuristic_of_coinciding_samples_says_to_pass_a_bandwidth():
+    x = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=r"median heuristic gives bandwidth 0.*pass a bandwidth > 0"):
+        sd.metrics.mmd(x, x)
+    assert sd.metrics.mmd(x, x, bandwidth=1.0) == pytest.approx(0.0, abs=1e-15)

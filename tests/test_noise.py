@@ -126,3 +126,32 @@ def test_draws_on_the_generators_device_then_moves(monkeypatch, fn):
         assert sd.noise.GeneratorNoise(torch.Generator())(0.0, 1.0, like).device.type == "meta"
         assert sd.noise.PerSampleNoise([torch.Generator(), torch.Generator()])(0.0, 1.0, like).shape == (2, 3)
         assert seen == [torch.device("cpu")] * 3
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        # before: torchsde's "Initial time 5.0 should be less than terminal time 1.0."
+        ((5.0, 1.0), ["BrownianTreeNoise", "need t_min < t_max", "t_min=5.0", "t_max=1.0"]),
+        ((1.0, 1.0), ["need t_min < t_max"]),
+        ((0.0, math.inf), ["t_max", "finite", "inf"]),
+        (("0", 1.0), ["t_min", "'0'"]),
+        ((0.0, 1.0, 2.5), ["seed must be an integer", "2.5"]),
+        ((0.0, 1.0, [1, 2]), ["seed has 2 seeds for a batch of 3"]),
+        ((0.0, 1.0, [1, 2, 3.5]), ["seed[2] must be an integer", "3.5"]),
+    ],
+)
+def test_brownian_tree_names_bad_arguments(args, words):
+    with pytest.raises(ValueError) as err:
+        sd.noise.BrownianTreeNoise(torch.zeros(3, 2), *args)
+    msg = str(err.value)
+    assert all(w in msg for w in words), msg
+    with pytest.raises(ValueError, match=r"like must be a batched floating tensor.*got str"):
+        sd.noise.BrownianTreeNoise("x", 0.0, 1.0)
+
+
+@pytest.mark.parametrize("fn", ["randn", "rand"])
+def test_draw_refuses_a_list_of_generators(fn):
+    # before: AttributeError: 'list' object has no attribute 'device'
+    with pytest.raises(ValueError, match=r"generator must be None or a torch\.Generator here, got list"):
+        getattr(sd.noise, fn)((2, 3), [torch.Generator()] * 2, torch.float32, "cpu")

@@ -649,3 +649,24 @@ def test_uniform_weights_are_not_resampled_at_threshold_one(particles):
     )  # fmt: skip
     assert not bool(out.trace.resampled.any())
     torch.testing.assert_close(out.trace.ess, torch.full_like(out.trace.ess, float(particles)))
+
+
+@pytest.mark.parametrize("generator", [[gen(0), gen(1)], sd.noise.GeneratorNoise(gen(0)), 3])
+def test_particle_methods_refuse_anything_but_one_generator(generator):
+    """``sd.sample`` takes one generator per sample; the particle methods draw resampling and step
+    noise for all rows from one generator, and say so (before: AttributeError 'list' ... 'device')."""
+    kw = dict(shape=(2, 2), particles=4, steps=3, solver=SOLVER, dtype=F64, generator=generator)
+    calls = {
+        "fk_steering": lambda: sd.smc.fk_steering(DEN, linear, **kw),
+        "best_of_n": lambda: sd.smc.best_of_n(DEN, linear, **kw),
+        "svdd": lambda: sd.smc.svdd(DEN, linear, **kw),
+        "fkc": lambda: sd.smc.fkc_anneal(DEN, 2.0, **kw),
+    }
+    for who, call in calls.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        msg = str(err.value)
+        assert f"{who}: generator must be None or one torch.Generator" in msg, msg
+        assert "list of per-sample generators" in msg, msg
+    with pytest.raises(ValueError, match=r"generator must be None or a torch\.Generator"):
+        sd.smc.fk_steering(DEN, linear, **{**kw, "generator": gen(0)}).sample(generator=[gen(0)])

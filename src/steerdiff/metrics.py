@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._checks import integer, real
+
 __all__ = ["floor", "frechet_distance", "mmd", "relative_rmse", "sliced_wasserstein"]
 
 
@@ -47,12 +49,11 @@ def sliced_wasserstein(
 ) -> float:
     """Sliced Wasserstein-2 distance between the empirical laws of ``x`` and ``y`` (``(n, ...)``).
 
-    ``projections`` directions uniform on the sphere, drawn from ``generator`` (the same generator
-    state gives the same directions, so distances of several samplers are comparable).
+    ``projections`` (an integer >= 1) directions uniform on the sphere, drawn from ``generator`` (the
+    same generator state gives the same directions, so distances of several samplers are comparable).
     """
     x, y = _pair(x, y, "sliced_wasserstein")
-    if projections < 1:
-        raise ValueError(f"sliced_wasserstein: projections must be >= 1, got {projections}")
+    projections = integer("sliced_wasserstein", "projections", projections, lo=1)
     theta = torch.randn(x.shape[1], projections, generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
     n, m = len(x), len(y)
@@ -73,16 +74,20 @@ def sliced_wasserstein(
 
 
 def mmd(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
-    """Unbiased MMD^2 with ``k(a, b) = exp(-|a - b|^2 / (2 h^2))``; ``h`` defaults to the median
-    pairwise distance of the pooled samples (median heuristic)."""
+    """Unbiased MMD^2 with ``k(a, b) = exp(-|a - b|^2 / (2 h^2))``; ``h = bandwidth`` (a finite number
+    > 0) defaults to the median pairwise distance of the pooled samples (median heuristic)."""
     x, y = _pair(x, y, "mmd")
+    if bandwidth is not None:
+        bandwidth = real("mmd", "bandwidth", bandwidth, lo=0, lo_open=True)
     z = torch.cat([x, y])
     d2 = torch.cdist(z, z).pow(2)
     if bandwidth is None:
         off = d2[~torch.eye(len(z), dtype=torch.bool)]
         bandwidth = float(off.median().sqrt())
-    if bandwidth <= 0:
-        raise ValueError(f"mmd: bandwidth must be > 0, got {bandwidth}")
+        if not bandwidth > 0:
+            raise ValueError(
+                "mmd: the median heuristic gives bandwidth 0 (most samples coincide); pass a bandwidth > 0"
+            )
     k = torch.exp(-d2 / (2 * bandwidth**2))
     n, m = len(x), len(y)
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
@@ -131,9 +136,10 @@ def floor(
 ) -> float:
     """Mean of ``metric(a, b)`` over ``repeats`` pairs of independent exact sample sets of size ``n``
     (``sample(n, generator)``, e.g. ``GaussianMixture.sample``): the value a perfect sampler reads.
-    With a fixed ``reference`` set (what the sampler is compared to), ``b = reference``."""
-    if repeats < 1 or n < 2:
-        raise ValueError(f"floor: need n >= 2 and repeats >= 1, got n={n}, repeats={repeats}")
+    With a fixed ``reference`` set (what the sampler is compared to), ``b = reference``. ``n``: an
+    integer >= 2; ``repeats``: an integer >= 1."""
+    n = integer("floor", "n", n, lo=2)
+    repeats = integer("floor", "repeats", repeats, lo=1)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     pairs = ((sample(n, g), sample(n, g) if reference is None else reference) for _ in range(repeats))
     return sum(metric(a, b) for a, b in pairs) / repeats

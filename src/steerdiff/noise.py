@@ -25,6 +25,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ._checks import integer
+from .processes import ordered
+
 __all__ = [
     "BrownianTreeNoise",
     "GeneratorNoise",
@@ -36,22 +39,36 @@ __all__ = [
 ]
 
 
+def _draw_on(
+    generator: torch.Generator | None, device: torch.device | str | None
+) -> torch.device | str | None:
+    """The device to draw on: ``generator``'s (``device`` without one); a ``ValueError`` naming
+    ``generator`` unless it is ``None`` or one ``torch.Generator``."""
+    if generator is None:
+        return device
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be None or a torch.Generator here, got {type(generator).__name__}")
+    return generator.device
+
+
 def randn(
     shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
     """``torch.randn(shape)`` drawn on ``generator``'s device, then moved to ``device`` (diffusers'
     ``randn_tensor`` convention): a CPU generator then gives the same numbers whatever the device
     of the sample, where torch itself refuses a generator of another device."""
-    on = device if generator is None else generator.device
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=on).to(device)
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=_draw_on(generator, device)).to(
+        device
+    )
 
 
 def rand(
     shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
     """``torch.rand(shape)`` (uniform on [0, 1)) drawn on ``generator``'s device, as :func:`randn`."""
-    on = device if generator is None else generator.device
-    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=on).to(device)
+    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=_draw_on(generator, device)).to(
+        device
+    )
 
 
 class NoiseSource(Protocol):
@@ -96,18 +113,32 @@ class BrownianTreeNoise:
     """Normalized increments of one Brownian motion per sample over process time.
 
     Args:
-        like: a tensor of the batch's shape, device and dtype.
-        t_min, t_max: the time interval the path is defined on (a process's range).
-        seed: one integer (sample ``b`` uses ``seed + b``) or one per sample.
+        like: a batched tensor of the batch's shape, device and dtype.
+        t_min, t_max: the time interval the path is defined on, finite with ``t_min < t_max`` (a
+            process's range: ``process.t_min, process.t_max``).
+        seed: one integer (sample ``b`` uses ``seed + b``) or one integer per sample.
     """
 
     def __init__(self, like: Tensor, t_min: float, t_max: float, seed: int | Sequence[int] = 0) -> None:
         import torchsde
 
-        seeds = [seed + b for b in range(like.shape[0])] if isinstance(seed, int) else list(seed)
+        who = "BrownianTreeNoise"
+        if not isinstance(like, Tensor) or like.ndim < 1 or not like.is_floating_point():
+            got = (
+                f"{like.dtype} of shape {tuple(like.shape)}"
+                if isinstance(like, Tensor)
+                else type(like).__name__
+            )
+            raise ValueError(
+                f"{who}: like must be a batched floating tensor (batch, *sample_shape), got {got}"
+            )
+        self.t_min, self.t_max = ordered(who, "t_min", t_min, "t_max", t_max)
+        if isinstance(seed, Sequence) and not isinstance(seed, str | bytes):
+            seeds = [integer(who, f"seed[{b}]", s) for b, s in enumerate(seed)]
+        else:
+            seeds = [integer(who, "seed", seed) + b for b in range(like.shape[0])]
         if len(seeds) != like.shape[0]:
-            raise ValueError(f"seed: {len(seeds)} seeds for a batch of {like.shape[0]} samples")
-        self.t_min, self.t_max = float(t_min), float(t_max)
+            raise ValueError(f"{who}: seed has {len(seeds)} seeds for a batch of {like.shape[0]} samples")
         self.trees = [
             torchsde.BrownianInterval(
                 t0=self.t_min,

@@ -86,6 +86,7 @@ from .particles import (
     Particles,
     SMCAlgorithm,
     StepContext,
+    _check_generator,
     _check_shape,
     run_smc,
 )
@@ -316,6 +317,7 @@ def fkc(
         particles`` more with ``final="none"``), ``trace`` (``log_z`` as in the module docstring).
     """
     shape = _check_shape(shape)
+    _check_generator("fkc", generator)
     n = integer("fkc", "particles", particles, lo=1)
     if kwargs is not None:  # per-row tensors (``batch`` rows) follow the particles, as ``**cond`` does
         kwargs = [_repeat(kw, shape[0], n) for kw in kwargs]

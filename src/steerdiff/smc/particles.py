@@ -504,6 +504,18 @@ def _flat_tr(tr: Transition, run: _Run) -> Transition:
     return Transition(run.flat(tr.mean), std)
 
 
+def _check_generator(who: str, generator: object) -> None:
+    """A ``ValueError`` naming ``generator`` unless it is ``None`` or one ``torch.Generator``: the
+    particle methods draw all their randomness from one generator (see :func:`run_smc`)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"{who}: generator must be None or one torch.Generator, got {type(generator).__name__}; "
+            "particle methods draw all their randomness (initial noise, step noise, resampling) from one "
+            "generator: a list of per-sample generators or a noise source, as steerdiff.sample takes, "
+            "is not supported"
+        )
+
+
 def run_smc(
     den: Denoiser,
     algorithm: SMCAlgorithm,
@@ -548,7 +560,11 @@ def run_smc(
             :func:`steerdiff.sample` (:func:`~steerdiff.solvers.base.work_dtype`): ``reward`` and
             the hooks see float32 particles and estimates.
         dtype, device: of the default ``x_T`` (torch's default dtype, CPU).
-        generator: the only source of randomness (initial noise, step noise, resampling).
+        generator: the only source of randomness (initial noise, step noise, resampling): ``None``
+            or one ``torch.Generator``. A list of per-sample generators or a noise source, which
+            :func:`steerdiff.sample` accepts, is refused (``ValueError``): the resamplers and the
+            algorithms' ``resample`` hooks take one generator for all batch rows
+            (``(log_w, generator) -> indices``), and the steps draw one batch of noise for all rows.
         progress: show a tqdm bar.
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles.
 
@@ -559,6 +575,7 @@ def run_smc(
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
     if not isinstance(algorithm, SMCAlgorithm):
         raise ValueError(f"algorithm must be an SMCAlgorithm, got {type(algorithm).__name__}")
+    _check_generator(algorithm.name, generator)
     shape = _check_shape(shape)
     batch, sample_shape = shape[0], shape[1:]
     if den.shape is not None and sample_shape != den.shape:
