@@ -393,7 +393,8 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     # from its own start
     flow = sd.RectifiedFlow()
     ours_flow = rel_rmse(sd.sample(gmm.denoiser(flow), x_T, 10), exact_sample(gmm, flow, x_T))
-    exact_1 = gmm.reference_ode(x_T, flow, 1 - 1e-12, flow.t_min, denoise=True)
+    from_1 = sd.RectifiedFlow(flow.t_min, 1 - 1e-12)  # the same flow, on a range that reaches s = 1
+    exact_1 = gmm.reference_ode(x_T, from_1, from_1.t_max, flow.t_min, denoise=True)
     theirs_flow = []
     for shift in (1.0, 3.0):
         y = _flow_match_euler(lambda y, s: gmm.denoise(y, 1 - s, s), x_T, 10, shift)

@@ -256,3 +256,50 @@ def test_posterior_drops_components_whose_weight_underflows() -> None:
     post = gmm.posterior(torch.eye(2), torch.zeros(2), 0.01)
     assert post.means.shape == (1, 2) and float(post.means.abs().max()) == 0.0
     assert float(post.weights[0]) == 1.0
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "ddpm"])
+def test_an_empty_batch_samples_to_an_empty_tensor(full, solver):
+    # before: IndexError in the oracle's net (tt[0] of no times)
+    gmm = sd.toy.default_benchmark_mixture(dim=4, components=3)
+    if full:
+        gmm = sd.toy.GaussianMixture(gmm.means, gmm.covariance_matrices, gmm.weights)
+    proc = sd.VP.scaled_linear()
+    x = sd.sample(gmm.denoiser(proc), torch.randn(0, 4, dtype=torch.float64), steps=3, solver=solver)
+    assert x.shape == (0, 4) and x.dtype == torch.float64
+    mr = sd.MeanReverting()
+    y = sd.sample(
+        gmm.mean_reverting_denoiser(mr, torch.ones(4)), torch.zeros(0, 4, dtype=torch.float64), steps=3
+    )
+    assert y.shape == (0, 4)
+
+
+def test_mean_reverting_denoiser_takes_per_sample_times():
+    """Rows at different times are each denoised at their own time (before: all at the first row's)."""
+    gmm, mr, mu = sd.toy.default_benchmark_mixture(dim=4, components=3), sd.MeanReverting(), torch.ones(4)
+    den = gmm.mean_reverting_denoiser(mr, mu)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 0.2], dtype=torch.float64)
+    rows = torch.cat([den(x[i : i + 1], float(t[i])).x0 for i in range(3)])
+    assert torch.allclose(den(x, t).x0, rows, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(rows[1], den(x[1:2], 0.2).x0[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        # before: 5000 was silently clamped to t_max = 999
+        ({"t_start": 5000.0}, ["reference_ode", "t_start", "in [0, 999]", "5000.0"]),
+        ({"t_start": -1.0}, ["t_start", "in [0, 999]"]),
+        ({"t_start": 999.0, "t_end": 1000.0}, ["t_end", "in [0, 999]", "1000.0"]),
+        ({"t_start": math.nan}, ["t_start", "nan"]),
+        ({"t_start": 999.0, "rtol": 0.0}, ["rtol", "> 0"]),
+    ],
+)
+def test_reference_ode_refuses_times_outside_the_process_range(kwargs, words):
+    gmm, proc = sd.toy.default_benchmark_mixture(dim=4, components=3), sd.VP.scaled_linear()
+    with pytest.raises(ValueError) as err:
+        gmm.reference_ode(torch.zeros(2, 4, dtype=torch.float64), proc, **kwargs)
+    msg = str(err.value)
+    assert all(w in msg for w in words), msg

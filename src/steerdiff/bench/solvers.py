@@ -976,8 +976,9 @@ def flow_vs_diffusers(
     ``seed, ..., seed + draws - 1``: ``sd.sample``'s defaults (from ``t_max = 0.999``) against
     :func:`flow_match_euler` at each shift of :data:`FLOW_SHIFTS` (from ``t = 1``), each against the
     exact ODE solution from its own start (``reference_ode`` from ``t_max``, and from ``1 - 1e-12``
-    for diffusers'), pooled over the draws."""
+    for diffusers', under the same flow on the range that reaches it), pooled over the draws."""
     gmm, proc = default_benchmark_mixture(), RectifiedFlow()
+    from_1 = RectifiedFlow(proc.t_min, 1.0 - 1e-12)  # diffusers' start, s = 1, as near as lam is finite
     den = gmm.denoiser(proc)
     shifts = FLOW_SHIFTS if with_diffusers else ()
     errors = {n: [0.0] * (1 + len(shifts)) for n in steps}  # squared errors: ours, then diffusers' by shift
@@ -985,7 +986,7 @@ def flow_vs_diffusers(
     for k in range(draws):
         x_T = initial_noise(batch, gmm.dim, seed + k)
         ref = gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)
-        ref_1 = gmm.reference_ode(x_T, proc, 1.0 - 1e-12, proc.t_min, denoise=True) if shifts else ref
+        ref_1 = gmm.reference_ode(x_T, from_1, from_1.t_max, proc.t_min, denoise=True) if shifts else ref
         norms[0] += float(ref.square().sum())
         norms[1] += float(ref_1.square().sum())
         for n in steps:

@@ -22,6 +22,7 @@ smooth down to ``s = 0``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -188,15 +189,9 @@ class GaussianMixture:
         """The exact ``x0``-predicting :class:`Denoiser` under ``process`` (net time = process time)."""
 
         def net(x: Tensor, t: Tensor) -> Tensor:
-            tt = t.reshape(-1).to(F64)
-            if tt.numel() == 1 or bool((tt == tt[0]).all()):
-                t0 = float(tt[0])
-                return self.denoise(x, float(process.alpha(t0)), float(process.sigma(t0)))
-            out = torch.empty_like(x)  # per-sample times: one exact denoise per distinct time
-            for u in torch.unique(tt).tolist():
-                rows = tt == u
-                out[rows] = self.denoise(x[rows], float(process.alpha(u)), float(process.sigma(u)))
-            return out
+            return _at_times(
+                x, t, lambda xs, u: self.denoise(xs, float(process.alpha(u)), float(process.sigma(u)))
+            )
 
         return Denoiser(net, process, prediction="x0", shape=(self.dim,))
 
@@ -321,9 +316,10 @@ class GaussianMixture:
         ys = self.shifted(-mu)
 
         def net(x: Tensor, t: Tensor, mu: Tensor) -> Tensor:
-            tt = float(t.reshape(-1)[0])
-            y0 = ys.denoise(x - mu.to(x), float(process.alpha(tt)), float(process.sigma(tt)))
-            return y0 + mu.to(x)
+            m = mu.to(x)
+            return _at_times(
+                x, t, lambda xs, u: ys.denoise(xs - m, float(process.alpha(u)), float(process.sigma(u))) + m
+            )
 
         return process.denoiser(net, mu, prediction="x0", shape=(self.dim,))
 
@@ -339,11 +335,19 @@ class GaussianMixture:
     ) -> Tensor:
         """Probability-flow ODE solution from ``x_T`` at ``t_start`` to ``t_end``.
 
-        ``t_end=None`` integrates to the clean state ``sigma = 0``. With ``denoise=True`` the exact
-        denoiser is applied at ``t_end``: ``reference_ode(x_T, p, p.t_max, p.t_min, denoise=True)``
-        is the exact answer :func:`steerdiff.sample` approximates by default (solve to ``t_min``,
-        return the denoised estimate there). DOP853 at ``rtol=1e-10``; float64, ``x_T``'s shape.
+        ``t_start`` and ``t_end`` are process times in ``[process.t_min, process.t_max]`` (a
+        ``ValueError`` outside); ``t_end=None`` integrates to the clean state ``sigma = 0``. With
+        ``denoise=True`` the exact denoiser is applied at ``t_end``:
+        ``reference_ode(x_T, p, p.t_max, p.t_min, denoise=True)`` is the exact answer
+        :func:`steerdiff.sample` approximates by default (solve to ``t_min``, return the denoised
+        estimate there). DOP853 at ``rtol=1e-10``; float64, ``x_T``'s shape.
         """
+        who, span = f"{type(self).__name__}.reference_ode", {"lo": process.t_min, "hi": process.t_max}
+        t_start = real(who, "t_start", t_start, **span)
+        if t_end is not None:
+            t_end = real(who, "t_end", t_end, **span)
+        rtol = real(who, "rtol", rtol, lo=0, lo_open=True)
+        atol = real(who, "atol", atol, lo=0, lo_open=True)
         a0, s0 = float(process.alpha(t_start)), float(process.sigma(t_start))
         if t_end is None:
             a1, s1 = 1.0, 0.0
@@ -365,6 +369,19 @@ class GaussianMixture:
             raise RuntimeError(f"reference ODE failed: {sol.message}")
         x = (torch.from_numpy(sol.y[:, -1]).reshape(shape) * a1).to(F64)
         return self.denoise(x, a1, s1) if denoise and s1 > 0 else x
+
+
+def _at_times(x: Tensor, t: Tensor, denoise: Callable[[Tensor, float], Tensor]) -> Tensor:
+    """``denoise(rows, u)`` of the rows of ``x`` at each distinct time ``u`` of ``t`` (one time, or one
+    per sample): a single call when all times are equal; an empty batch gives an empty result."""
+    tt = t.reshape(-1).to(F64)
+    if tt.numel() > 0 and bool((tt == tt[0]).all()):
+        return denoise(x, float(tt[0]))
+    out = torch.empty_like(x)
+    for u in torch.unique(tt).tolist():
+        rows = tt == u
+        out[rows] = denoise(x[rows], u)
+    return out
 
 
 def _from_log_weights(means: Tensor, cov: Tensor, log_w: Tensor, allow_singular: bool) -> GaussianMixture:
