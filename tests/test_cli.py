@@ -472,6 +472,45 @@ def test_sample_writes_what_sd_sample_gives(tmp_path, capsys, suffix):
         (["sample", "--out", "x.pt", "--solver", "nope"], "dpmpp_2m"),
         (["sample", "--out", "x.pt", "--n", "0"], ">= 1"),
         (["bench"], "BENCHMARK"),
+        # before: "invalid _positive value: '1.5'"
+        (
+            ["sample", "--out", "x.pt", "--steps", "1.5"],
+            "argument --steps: must be an integer >= 1, got '1.5'",
+        ),
+        (["sample", "--out", "x.pt", "--n", "x"], "argument --n: must be an integer >= 1, got 'x'"),
+        (["bench", "solvers", "--batch", "2.0"], "argument --batch: must be an integer >= 1, got '2.0'"),
+        # before: a Python traceback from CFG's check
+        *(
+            (
+                [
+                    "sample",
+                    "--model",
+                    "digits",
+                    "--guidance",
+                    "cfg",
+                    "--label",
+                    "3",
+                    "--scale",
+                    w,
+                    "--out",
+                    "x.pt",
+                ],
+                f"argument --scale: must be a finite number >= 0, got '{w}'",
+            )
+            for w in ("nan", "-1", "inf", "x")
+        ),
+        # before: --scale without --guidance was ignored
+        (
+            ["sample", "--model", "digits", "--scale", "5", "--out", "x.pt"],
+            "--scale needs --guidance cfg or --guidance classifier",
+        ),
+        (
+            ["sample", "--scale", "5", "--out", "x.pt"],
+            ".png output, --guidance, --label and --scale need --model digits",
+        ),
+        # before: passed argparse's >= 1, then "--n must be >= 2"
+        (["demo", "--n", "1"], "argument --n: must be an integer >= 2, got '1'"),
+        (["bench", "solvers", "--model", "digits", "--batch", "1"], "--model digits needs --batch >= 2"),
     ],
 )
 def test_bad_arguments_exit_2_and_say_why(capsys, argv, message):
@@ -546,3 +585,17 @@ def test_bench_sde_table_is_the_sliced_w2_of_sd_sample(tmp_path, capsys):
     assert float(rows["ddpm", "time_uniform"]["nfe_20"]) == pytest.approx(want, rel=1e-12)
     stochastic = {name for name in sd.solvers.available() if sd.solvers.get(name).stochastic}
     assert {m for m, _ in rows} == stochastic  # every stochastic sampler, nothing else
+
+
+def test_bench_no_diffusers_runs_without_diffusers(tmp_path, capsys, monkeypatch):
+    """``--no-diffusers`` needs no diffusers (before: (d) imported ``diffusers.utils`` to silence it)."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    argv = ["bench", "solvers", "--quick", "--batch", "4", "--draws", "1", "--no-diffusers", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "solvers")]) == 0
+    rows = _read(tmp_path / "solvers" / "solvers.csv")
+    assert rows and {source for source, _, _ in rows} == {"steerdiff"}
+    argv = ["bench", "sde", "--quick", "--n", "16", "--no-diffusers", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "sde")]) == 0
+    with open(tmp_path / "sde" / "sde.csv") as f:
+        assert {r["source"] for r in csv.DictReader(f)} == {"steerdiff"}
+    assert "diffusers (columns: NFE)" not in capsys.readouterr().out

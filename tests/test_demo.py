@@ -149,12 +149,18 @@ def test_cli_missing_weights_say_how_to_train(argv, tmp_path):
     assert "not found" in str(err.value.code) and "steerdiff train digits" in str(err.value.code)
 
 
-def test_cli_sample_gmm_rejects_digits_options(tmp_path):
-    for extra in (["--out", str(tmp_path / "x.png")], ["--out", str(tmp_path / "x.pt"), "--label", "3"]):
-        with pytest.raises(SystemExit, match="need --model digits"):
+def test_cli_sample_gmm_rejects_digits_options(tmp_path, capsys):
+    """argparse errors: exit status 2, the usage and the reason on stderr."""
+    cases = [
+        (["--out", str(tmp_path / "x.png")], "need --model digits"),
+        (["--out", str(tmp_path / "x.pt"), "--label", "3"], "need --model digits"),
+        (["--model", "digits", "--guidance", "classifier", "--out", str(tmp_path / "x.pt")], "needs --label"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as err:
             main(["sample", *extra])
-    with pytest.raises(SystemExit, match="needs --label"):
-        main(["sample", "--model", "digits", "--guidance", "classifier", "--out", str(tmp_path / "x.pt")])
+        assert err.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("guidance", ["cfg", "classifier"])
@@ -232,3 +238,32 @@ def test_issue6_claims_at_full_size(models, tmp_path):
     assert result.fd_ratio() <= 1.5
     solvers = bench.run(n=4096, n_ref=64, nfes=(10,), solver_names=("unipc",), models=models)
     assert solvers.fd_ratio() <= 1.5
+
+
+def test_bench_digits_no_diffusers_runs_no_diffusers_row(models, monkeypatch):
+    """``bench solvers --model digits --no-diffusers`` skips diffusers (before: the flag was ignored and
+    diffusers' row ran wherever diffusers was installed)."""
+
+    def no_diffusers() -> None:
+        raise AssertionError("diffusers was asked for")
+
+    monkeypatch.setattr(bench, "_diffusers_scheduler", no_diffusers)
+    result = bench.run(
+        n=4, n_ref=2, nfes=(5,), solver_names=("ddim",), guided_scales=(), guided_steps=(), models=models,
+        with_diffusers=False,
+    )  # fmt: skip
+    assert [(r.solver, r.nfe) for r in result.rows] == [("ddim", 5)]
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        """Raised by the stand-in run: the CLI's wiring is what is checked."""
+
+    def run(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(bench, "run", run)
+    for flag, expected in (([], True), (["--no-diffusers"], False)):
+        with pytest.raises(Stop):
+            main(["bench", "solvers", "--model", "digits", "--quick", "--no-progress", *flag])
+        assert seen["with_diffusers"] is expected

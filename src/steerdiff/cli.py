@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,11 +44,33 @@ def echo(text: str) -> None:
     sys.stdout.flush()
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return n
+def _integer(lo: int) -> Callable[[str], int]:
+    """The argparse type of an integer option ``>= lo``: its message says so for ``1.5`` or ``x`` too."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = lo - 1
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {value!r}")
+        return n
+
+    return parse
+
+
+_positive, _at_least_two = _integer(1), _integer(2)
+
+
+def _scale(value: str) -> float:
+    """The argparse type of ``--scale``: a finite number >= 0."""
+    try:
+        w = float(value)
+    except ValueError:
+        w = math.nan
+    if not (math.isfinite(w) and w >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return w
 
 
 def _digit(value: str) -> int:
@@ -123,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="independent draws of x_T (seeds SEED, SEED + 1, ...) that (a) and (b) pool (default: 16)",
     )
-    bs.set_defaults(func=_bench_solvers)
+    bs.set_defaults(func=_bench_solvers, parser=bs)
     bd = bench_sub.add_parser(
         "sde",
         help="stochastic samplers' sliced W2 to the exact distribution, beside diffusers",
@@ -195,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--label", type=_digit, default=None, help="digits: the class 0-9 (default: unconditional)"
     )
-    sp.add_argument("--scale", type=float, default=None, help="guidance scale (default: the demo's)")
+    sp.add_argument(
+        "--scale",
+        type=_scale,
+        default=None,
+        help="guidance scale >= 0, with --guidance (default: the demo's)",
+    )
     sp.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
     sp.add_argument("--n", type=_positive, default=16, help="number of samples (default: 16)")
     sp.add_argument("--steps", type=_positive, default=10, help="solver steps (default: 10)")
@@ -219,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of x_T; stochastic samplers use seed + 1 (default: 0)"
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp.set_defaults(func=_sample)
+    sp.set_defaults(func=_sample, parser=sp)
 
     dm = sub.add_parser(
         "demo",
@@ -233,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
     dm.add_argument("--digit", type=_digit, default=3, help="target digit 0-9 (default: 3)")
-    dm.add_argument("--n", type=_positive, default=512, help="samples per row (default: 512)")
+    dm.add_argument("--n", type=_at_least_two, default=512, help="samples per row, >= 2 (default: 512)")
     dm.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     dm.add_argument("--no-progress", action="store_true", help="no progress bars")
     dm.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
@@ -310,8 +338,6 @@ def _digits_models(weights: Path | None) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    if args.n < 2:
-        raise SystemExit("steerdiff demo: --n must be >= 2 (a Frechet distance needs a covariance)")
     models = _digits_models(args.weights)
     result = _with_threads(
         args.threads,
@@ -330,9 +356,7 @@ def _bench_digits(args: argparse.Namespace) -> int:
 
     batch = args.batch or 4096
     if batch < 2:
-        raise SystemExit(
-            "steerdiff bench solvers: --batch must be >= 2 (a Frechet distance needs a covariance)"
-        )
+        args.parser.error("--model digits needs --batch >= 2 (a Frechet distance needs a covariance)")
     models = _digits_models(args.weights)
     n, nfes = (min(batch, 256), digits.QUICK_NFES) if args.quick else (batch, digits.NFES)
     scales, steps = (QUICK_CFG_SCALES, QUICK_CFG_STEPS) if args.quick else (CFG_SCALES, CFG_STEPS)
@@ -346,6 +370,7 @@ def _bench_digits(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             guided_scales=scales,
             guided_steps=steps,
+            with_diffusers=not args.no_diffusers,
         ),
     )
     csv_path, png_path = digits.write_results(result, args.out)
@@ -433,7 +458,9 @@ def _sample_digits(args: argparse.Namespace) -> int:
     from .toy.digits import DIGITS_SHAPE, NULL_LABEL
 
     if args.guidance != "none" and args.label is None:
-        raise SystemExit(f"steerdiff sample: --guidance {args.guidance} needs --label 0-9")
+        args.parser.error(f"--guidance {args.guidance} needs --label 0-9")
+    if args.guidance == "none" and args.scale is not None:
+        args.parser.error("--scale needs --guidance cfg or --guidance classifier")
     m = _digits_models(args.weights)
     den, label = m.den, NULL_LABEL if args.label is None else args.label
     if args.guidance == "cfg":
@@ -475,8 +502,13 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.model == "digits":
         return _sample_digits(args)
-    if args.out.suffix == ".png" or args.guidance != "none" or args.label is not None:
-        raise SystemExit("steerdiff sample: .png output, --guidance and --label need --model digits")
+    if (
+        args.out.suffix == ".png"
+        or args.guidance != "none"
+        or args.label is not None
+        or args.scale is not None
+    ):
+        args.parser.error(".png output, --guidance, --label and --scale need --model digits")
     gmm, proc = default_model()
     x_T = initial_noise(args.n, gmm.dim, args.seed)
     x, info = sampling.sample(

@@ -308,10 +308,12 @@ def run(
     progress: bool = False,
     guided_scales: Sequence[float] = CFG_SCALES,
     guided_steps: Sequence[int] = CFG_STEPS,
+    with_diffusers: bool = True,
 ) -> DigitsSolverBench:
     """Run the digits solver benchmark (see the module docstring) on ``n`` samples.
 
-    With diffusers installed, :data:`DIFFUSERS_ROW` runs at each NFE of ``nfes`` on the same ``x_T``.
+    With diffusers installed (and ``with_diffusers``), :data:`DIFFUSERS_ROW` runs at each NFE of
+    ``nfes`` on the same ``x_T``.
     Guided: classifier-free guidance toward :data:`GUIDED_DIGIT` at ``guided_scales`` and
     ``guided_steps`` on the first :data:`GUIDED_BATCH` samples
     (:func:`~steerdiff.bench.solvers.guided_errors`; diffusers' default
@@ -329,7 +331,7 @@ def run(
     x_T = torch.randn(n, *D.DIGITS_SHAPE, generator=torch.Generator().manual_seed(seed), dtype=F64)
     k = min(n_ref, n)
     result = DigitsSolverBench(n, seed, tuple(nfes), n_ref=k)
-    scheduler = _diffusers_scheduler()
+    scheduler = _diffusers_scheduler() if with_diffusers else None
     runs = (len(solver_names) + (scheduler is not None)) * len(nfes)
     bar = tqdm(total=2 + runs + 1, desc="bench digits", disable=not progress)
     ref, ref_nfe, ref_s = _timed_sample(m.den, x_T[:k], *REFERENCE, seed)

@@ -341,9 +341,13 @@ def diffusers_configs() -> list[DiffusersConfig]:
 
 @contextmanager
 def quiet_diffusers() -> Iterator[None]:
-    """Silence diffusers' config-change warnings for the duration (restoring its verbosity)."""
-    from diffusers.utils import logging as dlog
-
+    """Silence diffusers' config-change warnings for the duration (restoring its verbosity); nothing
+    to silence where diffusers is not installed (the ``--no-diffusers`` runs)."""
+    try:
+        from diffusers.utils import logging as dlog
+    except ImportError:
+        yield
+        return
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()
     try:
