@@ -1,4 +1,5 @@
-"""Argument validation: the one check of a scalar argument, and its message.
+"""Argument validation: the one check of a scalar argument (and of an ordered pair of them, or a
+1-d array of reals), and its message.
 
 :func:`real` and :func:`integer` accept any :class:`numbers.Real` / :class:`numbers.Integral` (numpy
 scalars included) except ``bool``, check it against a range and return it as a plain ``float`` /
@@ -16,8 +17,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
-__all__ = ["integer", "real"]
+import torch
+from torch import Tensor
+
+__all__ = ["integer", "ordered", "real", "real_array"]
 
 
 def _bound(v: float) -> str:
@@ -76,3 +81,30 @@ def integer(who: str, name: str, value: object, *, lo: int | None = None, hi: in
             return v
     bounds = _range(-math.inf if lo is None else lo, math.inf if hi is None else hi, False, False)
     raise ValueError(f"{who}: {name} must be an integer{bounds}, got {value!r}")
+
+
+def real_array(who: str, name: str, value: object) -> Tensor:
+    """``value`` -- a non-empty 1-d tensor, numpy array or sequence of real numbers -- as a float64 tensor,
+    else a ``ValueError`` naming ``who`` and ``name`` (booleans and complex numbers are refused)."""
+    try:
+        kind = torch.as_tensor(value)  # for its dtype and shape; converted to float64 once accepted
+    except (TypeError, ValueError, RuntimeError):
+        kind = None
+    if kind is None or kind.ndim == 0:
+        got = f"{value!r:.60}"
+    elif kind.dtype == torch.bool or kind.is_complex():
+        got = f"{kind.dtype} values"
+    elif kind.ndim != 1 or kind.numel() == 0:
+        got = f"shape {tuple(kind.shape)}"
+    else:
+        return torch.as_tensor(value, dtype=torch.float64)
+    raise ValueError(f"{who}: {name} must be a non-empty 1-d array of real numbers, got {got}")
+
+
+def ordered(who: str, first: str, a: object, second: str, b: object, /, **bounds: Any) -> tuple[float, float]:
+    """``(a, b)``, the arguments named ``first`` and ``second``, as floats, each checked by
+    :func:`~steerdiff._checks.real` with ``bounds``, and ``a < b``; else a ``ValueError`` naming them."""
+    lo, hi = real(who, first, a, **bounds), real(who, second, b, **bounds)
+    if not lo < hi:
+        raise ValueError(f"{who}: need {first} < {second}, got {first}={a!r}, {second}={b!r}")
+    return lo, hi

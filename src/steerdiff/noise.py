@@ -25,8 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ._checks import integer
-from .processes import ordered
+from ._checks import integer, ordered
 
 __all__ = [
     "BrownianTreeNoise",

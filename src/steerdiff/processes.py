@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._checks import integer, real
+from ._checks import integer, ordered, real, real_array
 
 if TYPE_CHECKING:
     from .denoiser import Denoiser
@@ -44,33 +44,6 @@ TimeLike = float | Sequence[float] | Tensor
 
 def _f64(t: TimeLike) -> Tensor:
     return torch.as_tensor(t, dtype=F64)
-
-
-def real_array(who: str, name: str, value: object) -> Tensor:
-    """``value`` -- a non-empty 1-d tensor, numpy array or sequence of real numbers -- as a float64 tensor,
-    else a ``ValueError`` naming ``who`` and ``name`` (booleans and complex numbers are refused)."""
-    try:
-        kind = torch.as_tensor(value)  # for its dtype and shape; converted to float64 once accepted
-    except (TypeError, ValueError, RuntimeError):
-        kind = None
-    if kind is None or kind.ndim == 0:
-        got = f"{value!r:.60}"
-    elif kind.dtype == torch.bool or kind.is_complex():
-        got = f"{kind.dtype} values"
-    elif kind.ndim != 1 or kind.numel() == 0:
-        got = f"shape {tuple(kind.shape)}"
-    else:
-        return torch.as_tensor(value, dtype=F64)
-    raise ValueError(f"{who}: {name} must be a non-empty 1-d array of real numbers, got {got}")
-
-
-def ordered(who: str, first: str, a: object, second: str, b: object, /, **bounds: Any) -> tuple[float, float]:
-    """``(a, b)``, the arguments named ``first`` and ``second``, as floats, each checked by
-    :func:`~steerdiff._checks.real` with ``bounds``, and ``a < b``; else a ``ValueError`` naming them."""
-    lo, hi = real(who, first, a, **bounds), real(who, second, b, **bounds)
-    if not lo < hi:
-        raise ValueError(f"{who}: need {first} < {second}, got {first}={a!r}, {second}={b!r}")
-    return lo, hi
 
 
 _UNIT = {"lo": 0, "hi": 1, "lo_open": True, "hi_open": True}  # the bounds of (0, 1)

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import integer, real
-from .processes import Process, VPDiscrete, real_array
+from ._checks import integer, real, real_array
+from .processes import Process, VPDiscrete
 
 __all__ = [
     "AYS",

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import real
+from .._checks import real, real_array
 from ..denoiser import Denoiser, Prediction
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
@@ -414,10 +414,7 @@ def _custom_times(
     alpha`` (Karras') for VP ones, a trailing 0 (diffusers' terminal) dropped: the end is the
     scheduler's ``final``. Times beyond the model's range are clipped to it."""
     name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
-    try:
-        v = torch.as_tensor(values, dtype=F64).flatten()
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"set_timesteps: {name} must be a list of numbers, got {values!r}") from None
+    v = real_array("set_timesteps", name, values)
     if name == "sigmas" and len(v) > 1 and v[-1] == 0:
         v = v[:-1]
     low = v >= 0 if name == "timesteps" else v > 0
