@@ -255,7 +255,7 @@ class Model:
         given = pred.given
         self._sums.append(given.sum(dtype=torch.float32 if given.dtype in _HALF else None))
         self._where.append((step, t))
-        if given.device.type == "cpu" and not bool(torch.isfinite(self._sums[-1])):
+        if given.is_cpu and not math.isfinite(self._sums[-1].item()):
             self.check_finite()  # no sync to save on the CPU: stop at the first bad evaluation
         self.last = pred
         return pred
