@@ -194,6 +194,9 @@ def test_unknown_schedule_lists_the_names(gmm, sd_process, problem):
     _raises(
         ["schedule", "'karas'", *names], sd.sample, gmm.denoiser(sd_process), problem[0], schedule="karas"
     )
+    _raises(
+        ["schedule=5", "list of process times"], sd.sample, gmm.denoiser(sd_process), problem[0], 4, None, 5
+    )
 
 
 @pytest.mark.parametrize("final", ["zero", "none"])
@@ -417,9 +420,9 @@ def test_the_default_takes_a_long_step_after_short_ones_at_first_order():
 def test_a_k_diffusion_model_and_sigmas_list(gmm):
     """A k-diffusion denoiser ``model(x, sigma) -> x0`` (x = x0 + sigma eps) is
     ``sd.Denoiser(model, sd.EDM(), prediction="x0")`` and its ``sigmas`` (ending in 0) the custom grid
-    ``sigmas[:-1]``: ``euler`` and ``dpmpp_2m`` then equal k-diffusion's ``sample_euler``
-    (``x += (x - D) / sigma * (sigma' - sigma)``) and ``sample_dpmpp_2m`` (Lu et al. 2022b, Alg. 2 in
-    ``t = -log sigma``), written out here, to 1e-12."""
+    ``sigmas[:-1]`` (a list, or a ``Custom`` schedule): ``euler`` and ``dpmpp_2m`` then equal
+    k-diffusion's ``sample_euler`` (``x += (x - D) / sigma * (sigma' - sigma)``) and
+    ``sample_dpmpp_2m`` (Lu et al. 2022b, Alg. 2 in ``t = -log sigma``), written out here, to 1e-12."""
     proc = sd.EDM()
 
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -434,7 +437,7 @@ def test_a_k_diffusion_model_and_sigmas_list(gmm):
     for s, s_next in itertools.pairwise(sigmas.tolist()):
         d = model(x, torch.tensor([s], dtype=torch.float64))
         x = x + (x - d) / s * (s_next - s)
-    assert torch.allclose(sd.sample(den, x_T, 6, "euler", grid), x, rtol=0, atol=1e-12)
+    assert torch.allclose(sd.sample(den, x_T, 6, "euler", sigmas[:-1].tolist()), x, rtol=0, atol=1e-12)
 
     x, old = x_T.clone(), None
     for i, (s, s_next) in enumerate(itertools.pairwise(sigmas.tolist())):

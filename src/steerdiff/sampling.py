@@ -19,7 +19,7 @@ from ._checks import integer
 from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, make_noise
-from .schedules import Schedule
+from .schedules import Schedule, ScheduleLike
 from .solvers.base import Grid, Model, Solver, advance, make_grid, work_dtype
 from .solvers.dpmpp import DPMSolverPPMultistep
 from .solvers.unipc import UniPC
@@ -180,7 +180,7 @@ def sample(
     x_T: Tensor,
     steps: int = 10,
     solver: str | Solver | None = None,
-    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
     final: str = "zero",
     generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
@@ -207,7 +207,8 @@ def sample(
             the exact benchmark, at first order on a long step after short ones; or for a guided
             ``den`` :func:`guided_solver`: DPM-Solver++(2M) below 15 steps (its long steps at first
             order, by ``den.guidance_scale``), UniPC-2 from 15 on.
-        schedule: a name from :func:`steerdiff.schedules.available` or a Schedule instance;
+        schedule: a name from :func:`steerdiff.schedules.available`, a Schedule instance or the
+            nodes' process times (a list, array or tensor: :class:`~steerdiff.schedules.Custom`);
             default ``"karras_capped"`` (Karras nodes from at most ``sigma/alpha = 30``, entered
             from ``t_max`` in ``1 + steps // 50`` steps; below 15 steps the last node gives way to
             the final jump and the nodes end at ``sigma/alpha = 0.03`` at the lowest;

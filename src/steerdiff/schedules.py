@@ -44,6 +44,7 @@ __all__ = [
     "Linspace",
     "LogSNRUniform",
     "Schedule",
+    "ScheduleLike",
     "TimeUniform",
     "Trailing",
     "available",
@@ -506,10 +507,22 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(schedule: str | Schedule) -> Schedule:
-    """Resolve a name (see :func:`available`) or pass a :class:`Schedule` through."""
+ScheduleLike = str | Schedule | Sequence[float] | Tensor
+"""What ``schedule=`` takes: a name, a :class:`Schedule`, or the process times of the nodes (a
+:class:`Custom` grid; with ``final="zero"`` ``steps`` is their number)."""
+
+
+def get(schedule: ScheduleLike) -> Schedule:
+    """Resolve a name (see :func:`available`), pass a :class:`Schedule` through, or make a list,
+    array or tensor of process times a :class:`Custom` grid."""
     if isinstance(schedule, Schedule):
         return schedule
-    if isinstance(schedule, str) and schedule in _REGISTRY:
-        return _REGISTRY[schedule]()
-    raise ValueError(f"unknown schedule={schedule!r}; accepted: {available()} or a Schedule object")
+    if isinstance(schedule, str):
+        if schedule in _REGISTRY:
+            return _REGISTRY[schedule]()
+    elif isinstance(schedule, Sequence) or hasattr(schedule, "__array__"):
+        return Custom(schedule)
+    raise ValueError(
+        f"unknown schedule={schedule!r}; accepted: {available()}, a Schedule object or a list of "
+        "process times"
+    )

@@ -60,7 +60,7 @@ from ..mcmc.base import Point, Target, chain
 from ..mcmc.langevin import ULA
 from ..noise import NoiseSource, make_noise, randn
 from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T
-from ..schedules import Schedule
+from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ..solvers.base import Model, make_grid, work_dtype
 from ..solvers.ddim import DDIM
@@ -329,7 +329,7 @@ def pcg(
     langevin_steps: int = 1,
     step_scale: float = 1.0,
     uncond_kwargs: dict[str, Any] | None = None,
-    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     return_info: bool = False,

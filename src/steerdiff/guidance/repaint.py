@@ -42,7 +42,7 @@ from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
 from ..noise import GeneratorNoise, randn
 from ..sampling import SampleInfo
-from ..schedules import Schedule
+from ..schedules import ScheduleLike
 from ..solvers.base import Model, advance, make_grid, work_dtype
 from ..solvers.ddpm import DDPM
 from ._measurement import MeasurementGuided
@@ -113,7 +113,7 @@ def repaint_sample(
     *,
     resample: int = 1,
     jump: int = 1,
-    schedule: str | Schedule = "time_uniform",
+    schedule: ScheduleLike = "time_uniform",
     generator: torch.Generator | None = None,
     return_info: bool = False,
     **cond: Any,

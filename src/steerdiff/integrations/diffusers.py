@@ -63,7 +63,7 @@ from ..denoiser import Denoiser, Prediction
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
-from ..schedules import Schedule
+from ..schedules import Schedule, ScheduleLike
 from ..solvers.base import FINALS, Grid, Model, Solver, Transition, advance, make_grid, work_dtype
 
 __all__ = ["SteerdiffScheduler", "SteerdiffSchedulerOutput", "denoiser_from_diffusers", "process_from_config"]
@@ -507,7 +507,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         invert_sigmas: bool = False,
         origin: str | None = None,
         solver: str | Solver | None = None,
-        schedule: str | Schedule = DEFAULT_SCHEDULE,
+        schedule: ScheduleLike = DEFAULT_SCHEDULE,
         final: str = "zero",
         guidance_scale: float | None = None,
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._checks import integer
 from ..denoiser import Denoiser
-from ..schedules import Schedule
+from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from .particles import (
     DEFAULT_SCHEDULE,
@@ -90,7 +90,7 @@ def best_of_n(
     particles: int = 16,
     steps: int = 100,
     solver: str | Solver = DEFAULT_SOLVER,
-    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
     x_T: Tensor | None = None,
@@ -123,7 +123,7 @@ def code(
     block: int = 5,
     steps: int = 100,
     solver: str | Solver = DEFAULT_SOLVER,
-    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
     dtype: torch.dtype | None = None,

@@ -78,7 +78,7 @@ from .._checks import integer, real
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided, same_process
 from ..noise import randn
-from ..schedules import Schedule
+from ..schedules import ScheduleLike
 from ..solvers.base import Solver, make_grid
 from . import resample as _resample
 from .particles import (
@@ -278,7 +278,7 @@ def fkc(
     ess_threshold: float = 0.5,
     resampler: str | _resample.Resampler = "systematic",
     solver: str | Solver = DEFAULT_FKC_SOLVER,
-    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
     x_T: Tensor | None = None,

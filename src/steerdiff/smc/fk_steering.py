@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .._checks import integer, real
 from ..denoiser import Denoiser
-from ..schedules import Schedule
+from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from . import resample as _resample
 from .particles import (
@@ -133,7 +133,7 @@ def fk_steering(
     ess_threshold: float = 1.0,
     resampler: str | _resample.Resampler = "systematic",
     solver: str | Solver = DEFAULT_SOLVER,
-    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
     x_T: Tensor | None = None,

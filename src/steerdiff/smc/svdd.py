@@ -35,7 +35,7 @@ from torch import Tensor
 from .._checks import real
 from ..denoiser import Denoiser
 from ..noise import rand
-from ..schedules import Schedule
+from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from . import resample as _resample
 from .particles import (
@@ -100,7 +100,7 @@ def svdd(
     particles: int = 16,
     steps: int = 100,
     solver: str | Solver = DEFAULT_SOLVER,
-    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
     dtype: torch.dtype | None = None,

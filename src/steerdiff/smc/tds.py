@@ -60,7 +60,7 @@ from ..denoiser import Denoiser
 from ..guidance._measurement import MeasurementGuided
 from ..guidance.base import value_grad
 from ..inverse.operators import LinearOperator
-from ..schedules import Schedule
+from ..schedules import ScheduleLike
 from ..solvers.base import Solver, Transition
 from . import resample as _resample
 from .particles import (
@@ -262,7 +262,7 @@ def tds(
     ess_threshold: float = 0.5,
     resampler: str | _resample.Resampler = "systematic",
     solver: str | Solver = DEFAULT_SOLVER,
-    schedule: str | Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
     x_T: Tensor | None = None,
