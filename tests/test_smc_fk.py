@@ -372,6 +372,22 @@ def test_best_of_n_expected_max(solver, steps):
     assert out.nfe == steps * n
 
 
+@pytest.mark.parametrize("method", ["best_of_n", "fk_steering", "code"])
+def test_final_none_scores_the_samples_returned(method):
+    """With ``final="none"`` the last node is noisy: the final rewards are those of the samples
+    returned, ``r(x_S)`` (not of their denoised estimates, which would cost ``particles`` more
+    evaluations), and FK steering's final weight is ``lam r(x_S)`` over the ancestry's potentials."""
+    kw = dict(shape=(8, 2), particles=4, steps=10, solver=SOLVER, generator=gen(0), dtype=F64, final="none")
+    run = {
+        "best_of_n": lambda: sd.smc.best_of_n(DEN, linear, **kw),
+        "fk_steering": lambda: sd.smc.fk_steering(DEN, linear, lam=2.0, potential="difference", **kw),
+        "code": lambda: sd.smc.code(DEN, linear, block=3, **kw),
+    }
+    out = run[method]()
+    assert torch.allclose(out.reward, linear(out.x.flatten(0, 1)).reshape(8, 4), rtol=0, atol=1e-12)
+    assert out.nfe == 10 * 4
+
+
 def test_code_one_branch_is_the_base_sampler():
     out = sd.smc.code(
         DEN, linear, shape=(4, 2), particles=1, block=3, steps=10, solver=SOLVER, generator=gen(2), dtype=F64

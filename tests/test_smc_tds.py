@@ -330,8 +330,8 @@ def test_svdd_greedy_raises_the_reward():
 
 def test_svdd_weights_and_nfe_accounting():
     """Every candidate is one network evaluation per step; the final log-weights are softmax(r / alpha)
-    of the candidates' values (with ``final="none"`` the last candidates differ and their values
-    ``r(x0_hat(x_S))`` cost one more evaluation each)."""
+    of the candidates' rewards (with ``final="none"`` the last candidates differ and are scored as
+    they are returned, ``r(x_S)``, with no further evaluation)."""
     seen: list[int] = []
 
     def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -345,7 +345,8 @@ def test_svdd_weights_and_nfe_accounting():
     assert out.nfe == steps * m and sum(seen) == steps * m * 3
     seen.clear()
     out = sd.smc.svdd(den, linear, alpha, final="none", **kw)
-    assert out.nfe == (steps + 1) * m and sum(seen) == (steps + 1) * m * 3
+    assert out.nfe == steps * m and sum(seen) == steps * m * 3
+    assert torch.allclose(out.reward, linear(out.x.flatten(0, 1)).reshape(3, m), rtol=0, atol=1e-12)
     assert torch.allclose(out.log_w, torch.log_softmax(out.reward / alpha, dim=-1))
     assert out.x[0].unique(dim=0).shape[0] == m
 

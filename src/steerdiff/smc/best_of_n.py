@@ -45,8 +45,9 @@ __all__ = ["BestOfN", "CoDe", "best_of_n", "code"]
 
 
 def _keep_best(ctx: StepContext) -> Tensor:
-    """Final node: score the samples, store the rewards, and a point mass on each row's best."""
-    r = ctx.reward(ctx.x0)
+    """Final node: score the samples returned (``x``, not an estimate: with ``final="none"`` the last
+    node is noisy), store the rewards, and a point mass on each row's best."""
+    r = ctx.reward(ctx.x)
     ctx.state["reward"] = r
     best = r.argmax(-1, keepdim=True)
     return torch.full_like(r, -math.inf).scatter_(1, best, 0.0)

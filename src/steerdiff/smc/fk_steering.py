@@ -80,7 +80,7 @@ class FKSteering(SMCAlgorithm):
 
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         if ctx.final:
-            r = ctx.reward(ctx.x0)
+            r = ctx.reward(ctx.x)  # the target's r(x) on the samples returned, noisy with final="none"
             ctx.state["reward"] = r
             return None if self.lam == 0 else self.lam * r - ctx.state["log_g"]
         if self.lam == 0 or ctx.i not in self.nodes:

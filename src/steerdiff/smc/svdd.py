@@ -20,8 +20,7 @@ the last node the weights are ``r(x_S) / alpha`` (a point mass on the best for `
 deterministic last step coincide).
 
 NFE per batch row: ``steps * M`` (the ``M`` value evaluations of each step; at node 0 they are spent
-on the ``M`` draws of ``x_T`` before one is kept), plus ``M`` for the values of the last candidates
-with ``final="none"``. ``alpha = 0`` is CoDe with ``block = 1``.
+on the ``M`` draws of ``x_T`` before one is kept). ``alpha = 0`` is CoDe with ``block = 1``.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ class SVDD(SMCAlgorithm):
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         if not ctx.final:
             return None
-        r = ctx.reward(ctx.x0)
+        r = ctx.reward(ctx.x)  # the samples returned (noisy ones with final="none")
         ctx.state["reward"] = r
         return self._log_select(r)
 
@@ -114,7 +113,7 @@ def svdd(
     Args:
         den: the denoiser (any guidance included).
         reward: ``r``, mapping ``(n, *shape)`` to ``(n,)``; gradient-free; scores ``x0_hat`` of every
-            candidate and the final samples.
+            candidate and the final samples themselves.
         alpha: temperature ``>= 0`` (default 0: greedy argmax, as the paper's main experiments;
             ``math.inf``: the base sampler).
         shape: ``(batch, *sample_shape)``. ``particles``: ``M >= 1`` candidates. ``steps``: solver steps.
