@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import steerdiff as sd
-from steerdiff._checks import integer, real
+from steerdiff._checks import boolean, choice, integer, real
 
 # --- real ------------------------------------------------------------------------------------------
 
@@ -189,3 +189,15 @@ def test_inf_is_kept_where_it_means_something(gmm, sd_process):
     assert sd.guidance.CFG(den, den, 2.0, interval=(0.5, math.inf)).interval == (0.5, math.inf)
     with pytest.raises(ValueError, match=r"svdd: alpha must be a number >= 0 or inf, got -1\.0"):
         sd.smc.svdd(den, lambda x: x[:, 0], -1.0, shape=(1, 2), particles=2, steps=2)
+
+
+def test_choice_and_boolean():
+    assert choice("UniPC", "variant", "bh2", ("bh1", "bh2")) == "bh2"
+    for bad in ("bh3", None, 2):
+        with pytest.raises(ValueError, match=r"^UniPC: variant must be one of \['bh1', 'bh2'\], got "):
+            choice("UniPC", "variant", bad, ("bh1", "bh2"))
+    assert boolean("UniPC", "corrector", False) is False
+    assert boolean("UniPC", "corrector", np.bool_(True)) is True
+    for bad in ("no", 0, 1, None):
+        with pytest.raises(ValueError, match=r"^UniPC: corrector must be True or False, got "):
+            boolean("UniPC", "corrector", bad)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["integer", "ordered", "real", "real_array"]
+__all__ = ["boolean", "choice", "integer", "ordered", "real", "real_array"]
 
 
 def _bound(v: float) -> str:
@@ -108,3 +110,19 @@ def ordered(who: str, first: str, a: object, second: str, b: object, /, **bounds
     if not lo < hi:
         raise ValueError(f"{who}: need {first} < {second}, got {first}={a!r}, {second}={b!r}")
     return lo, hi
+
+
+def choice(who: str, name: str, value: object, accepted: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``accepted``, else a ``ValueError``
+    ``"{who}: {name} must be one of [...], got {value!r}"``."""
+    if isinstance(value, str) and value in accepted:
+        return value
+    raise ValueError(f"{who}: {name} must be one of {list(accepted)}, got {value!r}")
+
+
+def boolean(who: str, name: str, value: object) -> bool:
+    """``value`` if it is a ``bool`` (numpy's included), else a ``ValueError`` naming it: a string such
+    as ``"no"`` is truthy and would silently mean ``True``."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise ValueError(f"{who}: {name} must be True or False, got {value!r}")
