@@ -373,3 +373,9 @@ def test_steps_offset_accepts_numpy_integers():
     p = PROCESSES["sd"]
     assert Leading(steps_offset=np.int64(1))(p, 10).tolist() == Leading(steps_offset=1)(p, 10).tolist()
     assert Leading(steps_offset=np.int64(1)).steps_offset == 1
+
+
+def test_repr_names_what_was_given():
+    # the repr appears in make_grid's errors and SteerdiffScheduler's saved config
+    assert repr(Karras()) == "Karras(rho=7)"
+    assert repr(Karras(rho=5, sigma_min=0.1, sigma_max=10.0)) == "Karras(rho=5, sigma_min=0.1, sigma_max=10)"

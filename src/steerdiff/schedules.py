@@ -196,7 +196,12 @@ class Karras(Schedule):
                 )
 
     def __repr__(self) -> str:
-        return f"Karras(rho={self.rho:g})"
+        given = "".join(
+            f", {k}={v:g}"
+            for k, v in (("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max))
+            if v is not None
+        )
+        return f"Karras(rho={self.rho:g}{given})"
 
 
 TOP_EVERY = 50  # KarrasJump with sigma_top: one more step into the ramp per this many steps
