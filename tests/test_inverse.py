@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.signal import convolve2d
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import steerdiff as sd
 from steerdiff.inverse import Blur, Downsample, Inpaint, LinearOperator, Matrix
@@ -206,3 +207,94 @@ def test_bad_construction_and_no_pinv_for_zero_padding() -> None:
 
 def test_exported() -> None:
     assert sd.inverse.Matrix is Matrix and "inverse" in sd.__all__
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the aten ops run and the dtypes of their tensor outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func.overloadpacket.__name__)
+        for o in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.dtypes.add(o.dtype)
+        return out
+
+
+@pytest.mark.parametrize("name", HAS_PINV)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_warm_calls_copy_nothing_recompute_nothing_and_never_sync(name: str, dtype: torch.dtype) -> None:
+    """After a first call, ``pinv`` and ``aat_solve`` (float and per-sample shift) run no copy (``_to_copy``,
+    a host->device move on a GPU), no ``|K|^2`` / rank recomputation and no host sync, and the FFT
+    product stays in the input's complex dtype (was: complex128 for float32, ``abs``/``sqrt``/``all`` and a
+    ``bool()`` per ``aat_solve`` call)."""
+    op = OPERATORS[name]
+    y = torch.randn(2, *op.shape_out, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    shift = torch.tensor([0.3, 1.7], dtype=dtype)
+    full = name not in ("matrix_lowrank_shaped", "blur_box_circ")
+
+    def calls() -> None:
+        op.pinv(y)
+        op.aat_solve(y, 0.3)
+        op.aat_solve(y, shift)
+        if full:
+            op.aat_solve(y, 0.0)
+
+    calls()
+    with _OpLog() as log:
+        calls()
+    banned = {"_to_copy", "abs", "sqrt", "all", "is_nonzero", "_local_scalar_dense", "item", "linalg_svd"}
+    assert banned.isdisjoint(log.ops), sorted(banned.intersection(log.ops))
+    assert log.dtypes <= {dtype, dtype.to_complex(), torch.bool}, log.dtypes
+
+
+@pytest.mark.parametrize("name", HAS_PINV)
+def test_aat_solve_with_a_shift_per_sample_is_the_dense_solve_per_row(name: str) -> None:
+    op = OPERATORS[name]
+    A = op.to_dense().numpy()
+    y = torch.randn(3, *op.shape_out, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    shifts = [0.3, 1.7, 1e-3]
+    z = op.aat_solve(y, torch.tensor(shifts, dtype=torch.float64)).reshape(3, -1).numpy()
+    for row, c in enumerate(shifts):
+        want = np.linalg.solve(A @ A.T + c * np.eye(A.shape[0]), y[row].reshape(-1).numpy())
+        np.testing.assert_allclose(z[row], want, rtol=1e-10, atol=1e-10)
+        # the same numbers as the float shift, row by row
+        np.testing.assert_allclose(z[row], op.aat_solve(y[row : row + 1], c).reshape(-1).numpy(), rtol=1e-12)
+
+
+def test_aat_solve_per_sample_shift_of_the_wrong_shape() -> None:
+    op = OPERATORS["downsample"]
+    y = torch.zeros(2, *op.shape_out)
+    with pytest.raises(ValueError) as e:
+        op.aat_solve(y, torch.ones(3))
+    assert str(e.value) == (
+        "Downsample.aat_solve: shift must be a float or a floating tensor of shape (2,) (one per sample), "
+        "got torch.float32 (3,)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Downsample(2, shape=(1, 8.9, 8)), "Downsample: shape[1] must be an integer >= 1, got 8.9"),
+        (lambda: Blur(KERNEL_ODD, (True, 5, 5)), "Blur: shape[0] must be an integer >= 1, got True"),
+        (lambda: Matrix(A_WIDE, shape_in=(7.0,)), "Matrix: shape_in[0] must be an integer >= 1, got 7.0"),
+        (
+            lambda: Downsample(2, shape=(4,)),
+            "Downsample: shape must be a tuple of >= 2 positive integers, got (4,)",
+        ),
+        (
+            lambda: Blur(KERNEL_ODD, (1, 5, 5), padding="reflect"),
+            "Blur: padding must be one of ['circular', 'zero'], got 'reflect'",
+        ),
+    ],
+)
+def test_shapes_are_integers_and_padding_a_choice(make, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        make()
+    assert str(e.value) == message

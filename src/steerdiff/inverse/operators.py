@@ -6,27 +6,30 @@ An operator acts on a batch ``x`` of shape ``(n, *shape_in)`` and returns ``(n, 
 - ``forward(x)`` = ``A x`` and ``adjoint(y)`` = ``A^T y`` (differentiable, any float dtype/device);
 - ``pinv(y)`` = ``A^+ y``, the Moore-Penrose pseudo-inverse, with singular values at or below
   ``RCOND * s_max`` treated as zero (numpy's ``rcond`` convention);
-- ``aat_solve(y, shift)`` = ``(A A^T + shift I)^{-1} y``, the one solve that PiGDM (Song et al.
-  2023, "Pseudoinverse-guided diffusion models for inverse problems") needs:
-  ``(r^2 A A^T + s_y^2 I)^{-1} v = aat_solve(v, s_y^2 / r^2) / r^2``;
+- ``aat_solve(y, shift)`` = ``(A A^T + shift I)^{-1} y`` (``shift`` a float, or one per sample), the
+  one solve that PiGDM (Song et al. 2023, "Pseudoinverse-guided diffusion models for inverse
+  problems") needs: ``(r^2 A A^T + s_y^2 I)^{-1} v = aat_solve(v, s_y^2 / r^2) / r^2``;
 - ``to_dense()``, the ``(m, d)`` matrix of ``A`` built column by column;
 - ``noise_std >= 0``, the standard deviation of the Gaussian observation noise.
 
 Each operator uses its structure for ``pinv`` and ``aat_solve``: an SVD computed once
 (:class:`Matrix`), ``A A^T = I`` (:class:`Inpaint`), ``A A^T = I / f^2`` (:class:`Downsample`), or
-the FFT diagonalisation of a circular convolution (:class:`Blur`; none for zero padding).
+the FFT diagonalisation of a circular convolution (:class:`Blur`; none for zero padding). What
+they need on the input's device (factors, spectral gains, indices) is moved there once per device
+and dtype, and the rank is decided once, so no call copies from the host or syncs with the device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import integer, real
+from .._checks import choice, integer, real
 
 __all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
 
@@ -34,11 +37,11 @@ RCOND = 1e-12
 """Relative cutoff: singular values ``<= RCOND * s_max`` count as zero in ``pinv`` and ``aat_solve``."""
 
 
-def _shape(shape: Sequence[int], name: str, min_dims: int = 1) -> tuple[int, ...]:
-    out = tuple(int(s) for s in shape)
-    if len(out) < min_dims or any(s < 1 for s in out):
-        raise ValueError(f"{name} must be a tuple of >= {min_dims} positive ints, got {tuple(shape)}")
-    return out
+def _shape(who: str, name: str, shape: Sequence[int], min_dims: int = 1) -> tuple[int, ...]:
+    """``shape`` as a tuple of ``>= min_dims`` integers ``>= 1`` (each checked by ``integer``)."""
+    if not isinstance(shape, Sequence) or isinstance(shape, str) or len(shape) < min_dims:
+        raise ValueError(f"{who}: {name} must be a tuple of >= {min_dims} positive integers, got {shape!r}")
+    return tuple(integer(who, f"{name}[{i}]", s, lo=1) for i, s in enumerate(shape))
 
 
 class LinearOperator:
@@ -53,6 +56,14 @@ class LinearOperator:
 
     def __init__(self, noise_std: float = 0.0) -> None:
         self.noise_std = real(type(self).__name__, "noise_std", noise_std, lo=0)
+        self._cache: dict[tuple[str, torch.device, torch.dtype], Any] = {}
+
+    def _on(self, key: str, like: Tensor, make: Callable[[torch.device, torch.dtype], Any]) -> Any:
+        """``make(like.device, like.dtype)``, built once per ``(key, device, dtype)`` and kept."""
+        k = (key, like.device, like.dtype)
+        if k not in self._cache:
+            self._cache[k] = make(like.device, like.dtype)
+        return self._cache[k]
 
     def _check(self, t: Tensor, shape: tuple[int, ...], arg: str) -> None:
         if not isinstance(t, Tensor) or t.ndim < 1 or tuple(t.shape[1:]) != shape:
@@ -76,10 +87,22 @@ class LinearOperator:
         self._check(y, self.shape_out, "y")
         return self._pinv(y)
 
-    def aat_solve(self, y: Tensor, shift: float = 0.0) -> Tensor:
-        """``(A A^T + shift I)^{-1} y``; ``shift = 0`` requires ``A`` of full row rank."""
+    def aat_solve(self, y: Tensor, shift: float | Tensor = 0.0) -> Tensor:
+        """``(A A^T + shift I)^{-1} y``; ``shift = 0`` requires ``A`` of full row rank.
+
+        ``shift`` is a float ``>= 0`` or a tensor ``(n,)``, one shift per sample of ``y``: entries
+        ``>= 0``, not checked (that would sync with the device), a zero one needing full row rank.
+        """
+        who = f"{type(self).__name__}.aat_solve"
         self._check(y, self.shape_out, "y")
-        return self._aat_solve(y, real(f"{type(self).__name__}.aat_solve", "shift", shift, lo=0))
+        if not isinstance(shift, Tensor) or shift.ndim == 0:  # a 0-d tensor is no float: refused
+            return self._aat_solve(y, real(who, "shift", shift, lo=0))
+        if not shift.is_floating_point() or tuple(shift.shape) != (y.shape[0],):
+            raise ValueError(
+                f"{who}: shift must be a float or a floating tensor of shape ({y.shape[0]},) (one per "
+                f"sample), got {shift.dtype} {tuple(shift.shape)}"
+            )
+        return self._aat_solve(y, shift.to(y).reshape(-1, *([1] * len(self.shape_out))))
 
     def to_dense(
         self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
@@ -98,7 +121,8 @@ class LinearOperator:
     def _pinv(self, y: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no cheap pseudo-inverse")
 
-    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
+    def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
+        """``(A A^T + shift I)^{-1} y`` for a float ``shift`` or one ``(n, 1, ..., 1)`` per sample."""
         raise NotImplementedError(f"{type(self).__name__} has no cheap (A A^T + shift I) solve")
 
 
@@ -107,7 +131,8 @@ class Matrix(LinearOperator):
 
     ``pinv`` and ``aat_solve`` use the thin SVD ``A = U diag(s) V^T``, computed once in float64 on
     first use (:meth:`svd`): ``A^+ y = V diag(1/s) U^T y`` over ``s > RCOND s_max``, and
-    ``(A A^T + c I)^{-1} y = U diag(1/(s^2 + c)) U^T y + (y - U U^T y) / c``.
+    ``(A A^T + c I)^{-1} y = U diag(1/(s^2 + c)) U^T y + (y - U U^T y) / c`` (the last term 0 where
+    ``c = 0``, which needs full row rank).
     """
 
     def __init__(self, A: Tensor, noise_std: float = 0.0, shape_in: Sequence[int] | None = None) -> None:
@@ -117,18 +142,31 @@ class Matrix(LinearOperator):
             raise ValueError(f"Matrix: A must be a 2-D float tensor (m, d), got {tuple(A.shape)} {A.dtype}")
         m, d = A.shape
         self.A = A
-        self.shape_in = (d,) if shape_in is None else _shape(shape_in, "Matrix: shape_in")
+        self.shape_in = (d,) if shape_in is None else _shape("Matrix", "shape_in", shape_in)
         if math.prod(self.shape_in) != d:
             raise ValueError(f"Matrix: shape_in {self.shape_in} does not hold d = {d} entries")
         self.shape_out = (m,)
         self._svd: tuple[Tensor, Tensor, Tensor] | None = None
+        self._full_rank: bool | None = None
 
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD ``(U (m, k), s (k,), Vh (k, d))`` of ``A`` in float64, ``k = min(m, d)``, cached."""
         if self._svd is None:
             U, s, Vh = torch.linalg.svd(self.A.detach().to(torch.float64), full_matrices=False)
             self._svd = (U, s, Vh)
+            self._full_rank = U.shape[0] <= Vh.shape[1] and bool((s > RCOND * s.max()).all())
         return self._svd
+
+    def _factors(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(U, s, 1/s over s > RCOND s_max else 0, Vh)`` on ``like``'s device and dtype."""
+
+        def make(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+            U, s, Vh = self.svd()
+            keep = s > RCOND * s.max()
+            inv = torch.where(keep, 1.0 / torch.where(keep, s, 1.0), 0.0)
+            return tuple(v.to(device=device, dtype=dtype) for v in (U, s, inv, Vh))
+
+        return self._on("svd", like, make)
 
     def _forward(self, x: Tensor) -> Tensor:
         return x.flatten(1) @ self.A.to(x).T
@@ -137,18 +175,17 @@ class Matrix(LinearOperator):
         return (y @ self.A.to(y)).reshape(-1, *self.shape_in)
 
     def _pinv(self, y: Tensor) -> Tensor:
-        U, s, Vh = (t.to(y) for t in self.svd())
-        keep = s > RCOND * s.max()
-        inv = torch.where(keep, 1.0 / torch.where(keep, s, 1.0), 0.0)
+        U, _, inv, Vh = self._factors(y)
         return ((y @ U) * inv @ Vh).reshape(-1, *self.shape_in)
 
-    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
-        U, s, _ = (t.to(y) for t in self.svd())
-        rank_full = self.A.shape[0] <= self.A.shape[1] and bool((s > RCOND * s.max()).all())
-        if shift == 0.0 and not rank_full:
+    def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
+        U, s, _, _ = self._factors(y)
+        if isinstance(shift, float) and shift == 0.0 and not self._full_rank:
             raise ValueError("Matrix.aat_solve: A A^T is singular (A lacks full row rank); pass shift > 0")
         coef = y @ U
         out = (coef / (s**2 + shift)) @ U.T
+        if isinstance(shift, Tensor):  # the range's complement, where the shift is > 0
+            return out + (y - coef @ U.T) / torch.where(shift > 0, shift, math.inf)
         if shift > 0.0:
             out = out + (y - coef @ U.T) / shift
         return out
@@ -172,18 +209,21 @@ class Inpaint(LinearOperator):
         self._index = self.mask.flatten().nonzero().squeeze(1)
         self.shape_out = (int(self._index.numel()),)
 
+    def _index_on(self, like: Tensor) -> Tensor:
+        return self._on("index", like, lambda device, _: self._index.to(device))
+
     def _forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1)[:, self._index.to(x.device)]
+        return x.flatten(1)[:, self._index_on(x)]
 
     def _adjoint(self, y: Tensor) -> Tensor:
         out = y.new_zeros(y.shape[0], math.prod(self.shape_in))
-        out = out.index_copy(1, self._index.to(y.device), y)
+        out = out.index_copy(1, self._index_on(y), y)
         return out.reshape(-1, *self.shape_in)
 
     def _pinv(self, y: Tensor) -> Tensor:
         return self._adjoint(y)
 
-    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
+    def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
         return y / (1.0 + shift)
 
 
@@ -199,7 +239,7 @@ class Downsample(LinearOperator):
     def __init__(self, factor: int, shape: Sequence[int], noise_std: float = 0.0) -> None:
         super().__init__(noise_std)
         factor = integer("Downsample", "factor", factor, lo=1)
-        self.shape_in = _shape(shape, "Downsample: shape", min_dims=2)
+        self.shape_in = _shape("Downsample", "shape", shape, min_dims=2)
         *lead, H, W = self.shape_in
         if H % factor or W % factor:
             raise ValueError(f"Downsample: H, W = {H}, {W} of shape must be divisible by factor {factor}")
@@ -220,7 +260,7 @@ class Downsample(LinearOperator):
     def _pinv(self, y: Tensor) -> Tensor:
         return self._upsample(y)
 
-    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
+    def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
         return y / (1.0 / self.factor**2 + shift)
 
 
@@ -235,7 +275,8 @@ class Blur(LinearOperator):
     kernel) under the same padding. For circular padding ``A = F^{-1} diag(K) F`` with ``K`` the
     2-D DFT of the centred kernel, so ``A^+ y = F^{-1} (conj(K) / |K|^2) F y`` over
     ``|K| > RCOND max |K|`` and ``(A A^T + c I)^{-1} y = F^{-1} F y / (|K|^2 + c)``; zero padding
-    has no cheap ``pinv`` / ``aat_solve``. The FFT paths need float32 or float64.
+    has no cheap ``pinv`` / ``aat_solve``. The FFT paths need float32 or float64 and compute in the
+    matching complex dtype; the gains are built once per device and dtype.
     """
 
     def __init__(
@@ -245,9 +286,8 @@ class Blur(LinearOperator):
         kernel = torch.as_tensor(kernel)
         if kernel.ndim != 2 or not kernel.is_floating_point() or not bool(kernel.isfinite().all()):
             raise ValueError(f"Blur: kernel must be a finite 2-D float tensor, got {tuple(kernel.shape)}")
-        if padding not in ("circular", "zero"):
-            raise ValueError(f"Blur: padding must be 'circular' or 'zero', got {padding!r}")
-        self.shape_in = self.shape_out = _shape(shape, "Blur: shape", min_dims=2)
+        padding = choice("Blur", "padding", padding, ("circular", "zero"))
+        self.shape_in = self.shape_out = _shape("Blur", "shape", shape, min_dims=2)
         H, W = self.shape_in[-2:]
         kh, kw = kernel.shape
         if kh > H or kw > W:
@@ -259,9 +299,19 @@ class Blur(LinearOperator):
         self._pad_fwd = (kw - 1 - cw, cw, kh - 1 - ch, ch)
         self._pad_adj = (cw, kw - 1 - cw, ch, kh - 1 - ch)
         self._mode = "circular" if padding == "circular" else "constant"
-        centred = torch.zeros(H, W, dtype=torch.float64)
-        centred[:kh, :kw] = kernel.detach().cpu().to(torch.float64)
-        self._K = torch.fft.fft2(centred.roll((-ch, -cw), dims=(0, 1))) if padding == "circular" else None
+        self._K: Tensor | None = None  # the DFT of the centred kernel, complex128 on the CPU
+        self._mag2 = self._pinv_gain = None
+        self._full_rank = False
+        if padding == "circular":
+            centred = torch.zeros(H, W, dtype=torch.float64)
+            centred[:kh, :kw] = kernel.detach().cpu().to(torch.float64)
+            self._K = torch.fft.fft2(centred.roll((-ch, -cw), dims=(0, 1)))
+            mag2 = self._K.abs() ** 2
+            keep = mag2.sqrt() > RCOND * mag2.sqrt().max()
+            pinv_gain = torch.where(keep, self._K.conj() / torch.where(keep, mag2, 1.0), 0.0)
+            self._full_rank = bool(keep.all())
+            # a real kernel's gains are Hermitian: the real FFT's half spectrum carries them
+            self._mag2, self._pinv_gain = mag2[:, : W // 2 + 1], pinv_gain[:, : W // 2 + 1]
 
     def _correlate(self, x: Tensor, weight: Tensor, pad: tuple[int, int, int, int]) -> Tensor:
         H, W = self.shape_in[-2:]
@@ -274,20 +324,23 @@ class Blur(LinearOperator):
     def _adjoint(self, y: Tensor) -> Tensor:
         return self._correlate(y, self.kernel, self._pad_adj)
 
+    def _gain(self, method: str, y: Tensor) -> Tensor:
+        """``method``'s spectral gain on ``y``'s device (``"pinv"``: ``conj(K) / |K|^2`` over the kept
+        frequencies, in ``y``'s complex dtype; ``"aat_solve"``: ``|K|^2`` in ``y``'s dtype), half spectrum."""
+        gain = self._pinv_gain if method == "pinv" else self._mag2
+        if gain is None:
+            raise NotImplementedError(f"Blur: {method} needs padding='circular'")
+        dtype = y.dtype.to_complex() if gain.is_complex() else y.dtype
+        return self._on(method, y, lambda device, _: gain.to(device=device, dtype=dtype))
+
     def _spectral(self, y: Tensor, gain: Tensor) -> Tensor:
-        return torch.fft.ifft2(torch.fft.fft2(y) * gain.to(y.device)).real.to(y.dtype)
+        return torch.fft.irfft2(torch.fft.rfft2(y) * gain, s=self.shape_in[-2:])
 
     def _pinv(self, y: Tensor) -> Tensor:
-        if self._K is None:
-            raise NotImplementedError("Blur: pinv needs padding='circular'")
-        mag2 = self._K.abs() ** 2
-        keep = mag2.sqrt() > RCOND * mag2.sqrt().max()
-        return self._spectral(y, torch.where(keep, self._K.conj() / torch.where(keep, mag2, 1.0), 0.0))
+        return self._spectral(y, self._gain("pinv", y))
 
-    def _aat_solve(self, y: Tensor, shift: float) -> Tensor:
-        if self._K is None:
-            raise NotImplementedError("Blur: aat_solve needs padding='circular'")
-        mag2 = self._K.abs() ** 2
-        if shift == 0.0 and not bool((mag2.sqrt() > RCOND * mag2.sqrt().max()).all()):
+    def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
+        mag2 = self._gain("aat_solve", y)
+        if isinstance(shift, float) and shift == 0.0 and not self._full_rank:
             raise ValueError("Blur.aat_solve: A A^T is singular (kernel DFT has zeros); pass shift > 0")
         return self._spectral(y, 1.0 / (mag2 + shift))
