@@ -639,3 +639,13 @@ def test_the_guided_guard_loosens_as_the_cfg_scale_falls():
         assert default == rel_rmse(sd.sample(cfg, x_T, n, "dpmpp_2m"), ref)
         assert default <= rel_rmse(sd.sample(cfg, x_T, n, flat), ref)
     assert rel_rmse(sd.sample(cfg, x_T, 6), ref) < 0.7 * rel_rmse(sd.sample(cfg, x_T, 6, flat), ref)
+
+
+def test_option_messages_name_the_owner(den):
+    x_T = torch.zeros(2, 2, dtype=F64)
+    with pytest.raises(ValueError) as e:
+        CFG(den, den, 2.0, rescale_space="latent")
+    assert str(e.value) == "CFG: rescale_space must be one of ['x0', 'eps', 'v'], got 'latent'"
+    with pytest.raises(ValueError) as e:
+        pcg(den, den, x_T, 4, 2.0, uncond_kwargs={"y": NULL}, return_info="yes", y=1)
+    assert str(e.value) == "pcg: return_info must be True or False, got 'yes'"

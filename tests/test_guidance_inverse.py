@@ -13,6 +13,7 @@ import torch
 import steerdiff as sd
 from steerdiff.bench.posterior import make_case
 from steerdiff.guidance import DPS, MCG, PiGDM, RePaint, repaint_nfe, repaint_sample
+from steerdiff.guidance._measurement import MeasurementGuided
 from steerdiff.inverse import Blur, Inpaint, Matrix
 
 from .reference import half_net
@@ -476,3 +477,79 @@ def test_bench_inpaint_case_observes_the_first_coordinates():
     assert float((post[:, :8] - case.y).abs().max()) < 0.06
     with pytest.raises(ValueError, match="operator"):
         make_case("gmm16", 8, 0.01, 64, operator="blur")
+
+
+@pytest.mark.parametrize("op_name", ["matrix", "blur"])
+def test_pigdm_per_sample_t_is_one_solve_with_a_shift_per_sample(op_name: str) -> None:
+    """A per-sample ``t`` makes one ``aat_solve`` call with the shifts ``s^2 / r_t^2`` (was: one call per
+    sample with ``float(r_t^2)``, a host sync each), and the same numbers as the scalar-``t`` calls."""
+    gmm = _diag_mixture(d=16)
+    den = sd.Denoiser(lambda v, t: gmm.denoiser(PROC).net(v.reshape(-1, 16), t).reshape(v.shape), PROC, "x0")
+    g = torch.Generator().manual_seed(7)
+    if op_name == "matrix":
+        op, shape = Matrix(torch.randn(6, 16, generator=g, dtype=F64)), (16,)
+    else:
+        op, shape = Blur(torch.rand(3, 3, generator=g, dtype=F64), (1, 4, 4)), (1, 4, 4)
+    den = sd.Denoiser(den.net, PROC, "x0", shape=shape)
+    y = op(torch.randn(1, *shape, generator=g, dtype=F64))[0]
+    x = torch.randn(4, *shape, generator=g, dtype=F64)
+    t = torch.tensor([50.0, 300.0, 550.0, 900.0], dtype=F64)
+    shifts = []
+    solve = op.aat_solve
+    op.aat_solve = lambda v, shift=0.0: shifts.append(shift) or solve(v, shift)  # type: ignore[method-assign]
+    guided = PiGDM(den, op, y, noise_std=0.2)
+    shifts.clear()
+    out = guided(x, t).x0
+    assert len(shifts) == 1 and isinstance(shifts[0], torch.Tensor)
+    a, s = PROC.alpha(t), PROC.sigma(t)
+    torch.testing.assert_close(shifts[0], 0.04 / (s * s / (a * a + s * s)), rtol=1e-14, atol=0)
+    for i in range(4):
+        one = guided(x[i : i + 1], float(t[i])).x0
+        assert float((out[i : i + 1] - one).abs().max() / one.abs().max()) < 1e-12
+
+
+def test_gaussian_weight_is_the_dense_precision_times_the_residual() -> None:
+    """``C^{-1} res``, ``C = r^2 A A^T + s^2 I`` with ``r^2 = v sigma^2 / (alpha^2 v + sigma^2)``: floats,
+    per-sample tensors, ``v = 0`` (``res / s^2``) -- PiGDM's weight and TDS's linear-Gaussian twist."""
+    gmm = _diag_mixture()
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(3, 4, generator=g, dtype=F64)
+    m = MeasurementGuided(gmm.denoiser(PROC), Matrix(A), torch.zeros(3, dtype=F64), noise_std=0.3)
+    res = torch.randn(2, 3, generator=g, dtype=F64)
+    alpha, sigma = torch.tensor([0.9, 0.4], dtype=F64), torch.tensor([0.3, 0.8], dtype=F64)
+    for v in (1.0, 2.5, 0.0):
+        per_sample = m.gaussian_weight(res, alpha[:, None], sigma[:, None], v)
+        for i in range(2):
+            a, s = float(alpha[i]), float(sigma[i])
+            r2 = v * s * s / (a * a * v + s * s)
+            C = r2 * A @ A.T + 0.09 * torch.eye(3, dtype=F64)
+            want = torch.linalg.solve(C, res[i])
+            torch.testing.assert_close(per_sample[i], want, rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                m.gaussian_weight(res[i : i + 1], a, s, v)[0], want, rtol=1e-12, atol=0
+            )
+
+
+def test_option_messages_name_the_owner() -> None:
+    gmm = _diag_mixture()
+    den = gmm.denoiser(PROC)
+    A, y = torch.randn(2, 4, dtype=F64), torch.zeros(2, dtype=F64)
+    x = torch.randn(3, 4, dtype=F64)
+    cases = [
+        (
+            lambda: DPS(den, Matrix(A), y, variant="l1"),
+            "DPS: variant must be one of ['normalized', 'squared'], got 'l1'",
+        ),
+        (
+            lambda: MCG(den, Matrix(A), y, variant=1),
+            "MCG: variant must be one of ['normalized', 'squared'], got 1",
+        ),
+        (
+            lambda: repaint_sample(den, Inpaint(torch.tensor([1.0, 0, 1, 0])), y, x, 5, return_info="no"),
+            "repaint_sample: return_info must be True or False, got 'no'",
+        ),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError) as e:
+            make()
+        assert str(e.value) == message

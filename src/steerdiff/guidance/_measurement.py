@@ -9,7 +9,8 @@ is the one gradient DPS and PiGDM need: for a measurement-space weight ``w(r)`` 
     g = grad_x <A x0_hat(x), w> = (d x0_hat / d x_t)^T A^T w,
 
 one vector-Jacobian product through the denoiser (DPS: ``w = r / ||r||`` or ``r / s^2``; PiGDM:
-``w = (r_t^2 A A^T + s^2 I)^{-1} r``).
+``w = (r_t^2 A A^T + s^2 I)^{-1} r``, :meth:`MeasurementGuided.gaussian_weight`, which TDS's
+linear-Gaussian twist uses too).
 """
 
 from __future__ import annotations
@@ -88,6 +89,25 @@ class MeasurementGuided(Guided):
         """``x0 + A^+ (y - A x0)``: the point of ``{A x = y}`` nearest to ``x0`` (least squares if ``y`` is
         not in the range of ``A``)."""
         return x0 + self.operator.pinv(self.residual(x0))
+
+    def gaussian_weight(
+        self, res: Tensor, alpha: float | Tensor, sigma: float | Tensor, prior_var: float = 1.0
+    ) -> Tensor:
+        """``C^{-1} res`` for ``C = r^2 A A^T + s^2 I``: the precision of ``y | x_t`` when ``x0 | x_t ~
+        N(x0_hat, r^2 I)``, with ``r^2 = v sigma^2 / (alpha^2 v + sigma^2)`` the variance of ``x0 | x_t``
+        under a ``N(m, v I)`` prior (``v = prior_var``; PiGDM's ``r_t^2`` at ``v = 1``).
+
+        ``alpha``, ``sigma``: floats, or per-sample tensors (``n`` entries, one per row of ``res``)
+        for one ``aat_solve`` with a shift per sample. ``C^{-1} res = aat_solve(res, s^2 / r^2) / r^2``,
+        and ``res / s^2`` where ``r^2 = 0``.
+        """
+        s2 = self.noise_std**2
+        r2 = prior_var * sigma * sigma / (alpha * alpha * prior_var + sigma * sigma)
+        if not isinstance(r2, Tensor):
+            return res / s2 if r2 == 0 else self.operator.aat_solve(res, s2 / r2) / r2
+        r2 = r2.reshape(-1).expand(res.shape[0])
+        col = r2.reshape(-1, *([1] * (res.ndim - 1)))
+        return torch.where(col > 0, self.operator.aat_solve(res, s2 / r2) / col, res / s2)
 
     def vjp_score(
         self,

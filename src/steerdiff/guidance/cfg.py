@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import integer, real
+from .._checks import boolean, choice, integer, real
 from ..denoiser import Denoiser, Prediction
 from ..mcmc.base import Point, Target, chain
 from ..mcmc.langevin import ULA
@@ -196,9 +196,7 @@ class CFG(Guided):
             raise ValueError(f"CFG: uncond_kwargs must be a dict, got {type(uncond_kwargs).__name__}")
         self.uncond_kwargs = dict(uncond_kwargs or {})
         self.rescale = real("CFG", "rescale", rescale, lo=0, hi=1)
-        if rescale_space not in RESCALE_SPACES:
-            raise ValueError(f"CFG: rescale_space={rescale_space!r}; accepted: {RESCALE_SPACES}")
-        self.rescale_space = rescale_space
+        self.rescale_space = choice("CFG", "rescale_space", rescale_space, RESCALE_SPACES)
         if interval is not None:
             if not isinstance(interval, Sequence) or len(interval) != 2:
                 raise ValueError(f"CFG: interval must be a pair (lo, hi) of noise levels, got {interval!r}")
@@ -360,6 +358,7 @@ def pcg(
     :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
     """
     gamma = real("pcg", "gamma", gamma, lo=0)
+    return_info = boolean("pcg", "return_info", return_info)
     langevin_steps = integer("pcg", "langevin_steps", langevin_steps, lo=1)
     step_scale = real("pcg", "step_scale", step_scale, lo=0, lo_open=True)
     check_x_T(cond, x_T)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import real
+from .._checks import choice, real
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
 from ._measurement import MeasurementGuided
@@ -76,8 +76,7 @@ class DPS(MeasurementGuided):
     ) -> None:
         super().__init__(base, operator, y, noise_std)
         who = type(self).__name__
-        if variant not in VARIANTS:
-            raise ValueError(f"{who}: variant={variant!r} is not accepted; accepted: {VARIANTS}")
+        variant = choice(who, "variant", variant, VARIANTS)
         if variant == "squared" and self.noise_std == 0:
             raise ValueError(f"{who}: variant='squared' divides by noise_std^2 and needs noise_std > 0")
         self.scale = real(who, "scale", scale, lo=0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .._checks import real
@@ -63,14 +62,8 @@ class PiGDM(MeasurementGuided):
             raise ValueError(f"PiGDM: the operator has no (A A^T + c I) solve ({err})") from err
 
     def _weight(self, r: Tensor, pred: Prediction) -> Tensor:
-        """``(r_t^2 A A^T + s^2 I)^{-1} r = aat_solve(r, s^2 / r_t^2) / r_t^2``, per sample if ``t`` is."""
-        a, s = pred.alpha, pred.sigma
-        s2 = self.noise_std**2
-        if not isinstance(s, Tensor):
-            r2 = s * s / (a * a + s * s)
-            return self.operator.aat_solve(r, s2 / r2) / r2
-        r2 = (s * s / (a * a + s * s)).reshape(-1)
-        return torch.cat([self.operator.aat_solve(r[i : i + 1], s2 / float(v)) / v for i, v in enumerate(r2)])
+        """``(r_t^2 A A^T + s^2 I)^{-1} r`` (one solve, with one shift per sample if ``t`` is per sample)."""
+        return self.gaussian_weight(r, pred.alpha, pred.sigma)
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         pred, g = self.vjp_score(x, t, self._weight, **cond)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
-from .._checks import integer
+from .._checks import boolean, integer
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
 from ..noise import GeneratorNoise, randn
@@ -135,6 +135,7 @@ def repaint_sample(
     """
     resample = integer("repaint_sample", "resample", resample, lo=1)
     jump = integer("repaint_sample", "jump", jump, lo=1)
+    return_info = boolean("repaint_sample", "return_info", return_info)
     if not isinstance(x_T, Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
         raise ValueError("repaint_sample: x_T must be a floating (batch, *sample_shape) tensor")
     guided = RePaint(den, operator, y, generator)

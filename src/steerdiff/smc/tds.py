@@ -151,12 +151,9 @@ class _LinearGaussian(Twist):
         return az, self.m.observation(flat) - az
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        a, s = ctx.grid.alpha[ctx.i], ctx.grid.sigma[ctx.i]
-        v, s2 = self.prior_var, self.m.noise_std**2
-        r2 = v * s * s / (a * a * v + s * s)
         ax0, r = self._residual(ctx.x0)
         rd = r.detach()
-        w = rd / s2 if r2 == 0 else self.m.operator.aat_solve(rd, s2 / r2) / r2  # C^{-1} r
+        w = self.m.gaussian_weight(rd, ctx.grid.alpha[ctx.i], ctx.grid.sigma[ctx.i], self.prior_var)
         lp = -0.5 * (rd * w).flatten(1).sum(1)
         g = value_grad("tds", "the denoised estimate", (ax0 * w).flatten(1).sum(1), ctx.x)
         return lp.reshape(ctx.x.shape[:2]), g
