@@ -415,3 +415,17 @@ def test_scaled_linear_accepts_numpy_scalars_and_keeps_its_betas():
     p = sd.VP.scaled_linear(np.float64(0.00085), 0.012, np.int64(1000))
     assert p.num_train_timesteps == 1000
     assert np.allclose(p.alphas_cumprod.numpy(), np.cumprod(1 - _scaled_linear_betas()), rtol=1e-14, atol=0)
+
+
+def test_option_messages_name_the_owner():
+    with pytest.raises(ValueError) as e:
+        sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 10, dtype=F64), rescale_zero_snr="yes")
+    assert str(e.value) == "VP.discrete: rescale_zero_snr must be True or False, got 'yes'"
+    with pytest.raises(ValueError) as e:
+        sd.MeanReverting(theta_min=0.3, theta_max=8.0, stationary_std=0.5).denoiser(
+            lambda x, t: x, 0.0, "flow"
+        )
+    assert (
+        str(e.value)
+        == "MeanReverting.denoiser: prediction must be one of ['eps', 'x0', 'v', 'score'], got 'flow'"
+    )

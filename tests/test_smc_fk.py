@@ -686,3 +686,56 @@ def test_particle_methods_refuse_anything_but_one_generator(generator):
         assert "list of per-sample generators" in msg, msg
     with pytest.raises(ValueError, match=r"generator must be None or a torch\.Generator"):
         sd.smc.fk_steering(DEN, linear, **{**kw, "generator": gen(0)}).sample(generator=[gen(0)])
+
+
+class _KnownEvents(SMCAlgorithm):
+    """Weights that collapse row 0 at nodes 1 and 3 (ESS 1.0002 < N / 2), keep row 1 uniform, and a forced
+    selection of every row at node 4: the resampling events are known in advance."""
+
+    name = "known_events"
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        if ctx.final:
+            return None
+        inc = torch.zeros(ctx.x.shape[:2], dtype=F64)
+        if ctx.i in (1, 3):
+            inc[0, 1:] = -10.0
+        return inc
+
+    def resample(self, ctx: StepContext, log_w: torch.Tensor, generator: torch.Generator | None):
+        if ctx.i == 4:
+            return torch.arange(log_w.shape[1]).expand(log_w.shape).flip(1)
+        return None
+
+
+def test_trace_events_lists_the_resampled_nodes_per_row():
+    out = sd.smc.run_smc(
+        DEN, _KnownEvents(), (2, 2), particles=4, steps=6, solver=SOLVER, dtype=F64,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert out.trace.events == [[1, 3, 4], [4]]
+    assert out.trace.resampled.shape == (7, 2)
+    assert out.trace.ess[1, 0] < 1.001 and out.trace.ess[1, 1] == pytest.approx(4.0, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda kw: sd.smc.fk_steering(DEN, linear, potential="mean", **kw),
+            "fk_steering: potential must be one of ['difference', 'max', 'sum', 'immediate'], got 'mean'",
+        ),
+        (
+            lambda kw: sd.smc.fk_steering(DEN, linear, progress="no", **kw),
+            "fk_steering: progress must be True or False, got 'no'",
+        ),
+        (
+            lambda kw: sd.smc.fkc_anneal(DEN, 2.0, correct="no", **kw),
+            "FKCorrector: correct must be True or False, got 'no'",
+        ),
+    ],
+)
+def test_option_messages_name_the_owner(call, message):
+    with pytest.raises(ValueError) as e:
+        call(dict(shape=(2, 2), particles=4, steps=5, dtype=F64))
+    assert str(e.value) == message

@@ -71,6 +71,12 @@ def rand(
 
 
 class NoiseSource(Protocol):
+    """Where a sampler's Gaussian noise comes from: ``source(t_from, t_to, like)`` is called once per
+    draw by a step going from process time ``t_from`` to ``t_to`` and returns standard normal noise
+    of ``like``'s shape, dtype and device (independent across calls for :class:`GeneratorNoise` and
+    :class:`PerSampleNoise`; the Brownian increment over ``[t_to, t_from]``, normalized, for
+    :class:`BrownianTreeNoise`)."""
+
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor: ...
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._checks import integer, ordered, real, real_array
+from ._checks import boolean, choice, integer, ordered, real, real_array
 
 if TYPE_CHECKING:
     from .denoiser import Denoiser
@@ -109,12 +109,17 @@ class VP(Process):
     r"""Variance-preserving process: ``alpha^2 + sigma^2 = 1``.
 
     ``alpha = sqrt(sigmoid(2 lam))``, ``sigma = sqrt(sigmoid(-2 lam))``; subclasses define
-    ``lam(t)``, ``t_of_lam`` and ``d log alpha / dt``. Build one with :meth:`discrete`,
-    :meth:`linear` or :meth:`cosine`.
+    ``log alpha(t)`` (or ``lam(t)`` itself), ``t_of_lam`` and ``d log alpha / dt``. Build one with
+    :meth:`discrete`, :meth:`linear` or :meth:`cosine`.
     """
 
-    def lam(self, t: TimeLike) -> Tensor:
+    def _log_alpha(self, t: Tensor) -> Tensor:
         raise NotImplementedError("VP is built with VP.discrete, VP.linear, VP.cosine or VP.scaled_linear")
+
+    def lam(self, t: TimeLike) -> Tensor:
+        """``lam = log alpha - log sigma = log alpha - log(1 - alpha^2) / 2`` from ``log alpha(t)``."""
+        la = self._log_alpha(_f64(t))
+        return la - 0.5 * torch.log(-torch.expm1(2 * la))
 
     def alpha(self, t: TimeLike) -> Tensor:
         return torch.sigmoid(2 * self.lam(t)).sqrt()
@@ -211,8 +216,7 @@ class VPDiscrete(VP):
     ) -> None:
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("VP.discrete: give exactly one of `betas` or `alphas_cumprod`")
-        if not isinstance(rescale_zero_snr, bool):
-            raise ValueError(f"VP.discrete: rescale_zero_snr must be True or False, got {rescale_zero_snr!r}")
+        rescale_zero_snr = boolean("VP.discrete", "rescale_zero_snr", rescale_zero_snr)
         if betas is not None:
             b = real_array("VP.discrete", "betas", betas)
             if b.numel() < 2 or not bool(((b > 0) & (b < 1)).all()):
@@ -277,10 +281,6 @@ class VPLinear(VP):
     def _log_alpha(self, t: Tensor) -> Tensor:
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
-    def lam(self, t: TimeLike) -> Tensor:
-        la = self._log_alpha(_f64(t))
-        return la - 0.5 * torch.log(-torch.expm1(2 * la))
-
     def t_of_lam(self, lam: TimeLike) -> Tensor:
         # Lu et al. 2022 (DPM-Solver), App. D: closed-form inverse of lam(t).
         lam = _f64(lam)
@@ -307,10 +307,6 @@ class VPCosine(VP):
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         return torch.log(torch.cos((t + self.s) / (1 + self.s) * math.pi / 2)) - self._log_alpha_0
-
-    def lam(self, t: TimeLike) -> Tensor:
-        la = self._log_alpha(_f64(t))
-        return la - 0.5 * torch.log(-torch.expm1(2 * la))
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
         lam = _f64(lam)
@@ -501,10 +497,7 @@ class MeanReverting(Process):
         """
         from .denoiser import Denoiser
 
-        if prediction not in ("eps", "x0", "v", "score"):
-            raise ValueError(
-                f"MeanReverting.denoiser: prediction={prediction!r}; accepted: eps, x0, v, score"
-            )
+        prediction = choice("MeanReverting.denoiser", "prediction", prediction, ("eps", "x0", "v", "score"))
         mu = torch.as_tensor(mu)
         lam = self.stationary_std
 

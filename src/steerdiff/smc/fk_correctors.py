@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
-from .._checks import integer, real
+from .._checks import boolean, integer, real
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided, same_process
 from ..noise import randn
@@ -88,6 +88,8 @@ from .particles import (
     StepContext,
     _check_generator,
     _check_shape,
+    _repeat_rows,
+    _row_chunks,
     run_smc,
 )
 
@@ -174,19 +176,8 @@ class Composition(Guided):
 
     def _eps(self, k: int, x: Tensor, t: float | Tensor, cond: dict[str, Any]) -> Tensor:
         den, kw = self.dens[k], {**cond, **self.kwargs[k]}
-        n = x.shape[0]
-        if self.max_batch is None or n <= self.max_batch:
-            return den(x, t, **kw).eps
-        out = []
-        for lo in range(0, n, self.max_batch):
-            sl = slice(lo, lo + self.max_batch)
-            tt = t[sl] if isinstance(t, Tensor) and t.ndim > 0 else t
-            cc = {
-                k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v
-                for k, v in kw.items()
-            }
-            out.append(den(x[sl], tt, **cc).eps)
-        return torch.cat(out)
+        out = [den(xs, ts, **cs).eps for xs, ts, cs in _row_chunks(self.max_batch, x, t, kw)]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> ComposedPrediction:
         parts, cost = [], 0
@@ -236,7 +227,7 @@ class FKCorrector(SMCAlgorithm):
             raise ValueError(
                 f"FKCorrector: composition must be a Composition, got {type(composition).__name__}"
             )
-        self.composition, self.correct = composition, bool(correct)
+        self.composition, self.correct = composition, boolean("FKCorrector", "correct", correct)
 
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         g, i = ctx.grid, ctx.i
@@ -252,18 +243,6 @@ class FKCorrector(SMCAlgorithm):
         if right > 0 and div != 0:
             log_g = log_g + math.prod(ctx.x.shape[2:]) * div * math.log(g.alpha[i] / g.alpha[i + 1])
         return log_g
-
-
-def _repeat(kw: Any, batch: int, n: int) -> Any:
-    """``kw`` with every tensor of ``batch`` rows repeated for the ``n`` particles of each row."""
-    if not isinstance(kw, dict):
-        return kw
-    return {
-        k: v.repeat_interleave(n, dim=0)
-        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch
-        else v
-        for k, v in kw.items()
-    }
 
 
 def fkc(
@@ -320,7 +299,7 @@ def fkc(
     _check_generator("fkc", generator)
     n = integer("fkc", "particles", particles, lo=1)
     if kwargs is not None:  # per-row tensors (``batch`` rows) follow the particles, as ``**cond`` does
-        kwargs = [_repeat(kw, shape[0], n) for kw in kwargs]
+        kwargs = [_repeat_rows(kw, shape[0], n) if isinstance(kw, dict) else kw for kw in kwargs]
     comp = Composition(dens, betas, kwargs, max_batch)
     algorithm = FKCorrector(comp, correct)
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own

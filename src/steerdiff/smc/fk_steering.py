@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import integer, real
+from .._checks import choice, integer, real
 from ..denoiser import Denoiser
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
@@ -68,8 +68,7 @@ class FKSteering(SMCAlgorithm):
 
     def __init__(self, lam: float, potential: str, nodes: set[int]) -> None:
         lam = real("fk_steering", "lam", lam)
-        if potential not in POTENTIALS:
-            raise ValueError(f"unknown potential={potential!r}; accepted: {POTENTIALS}")
+        potential = choice("fk_steering", "potential", potential, POTENTIALS)
         self.lam, self.potential, self.nodes = lam, potential, nodes
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:

@@ -65,7 +65,7 @@ dimension is ``batch * particles`` is permuted; Python numbers are schedule cons
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import integer, real
+from .._checks import boolean, integer, real
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
 from ..noise import GeneratorNoise, rand, randn
@@ -345,20 +345,11 @@ class _Evaluator(Guided):
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The base's :meth:`~steerdiff.denoiser.Denoiser.evaluate` per chunk: the net in ``net_dtype``,
         the prediction in ``x``'s dtype at ``x`` itself (so the step's own input is recognized)."""
-        n = x.shape[0]
-        if self.max_batch is None or n <= self.max_batch:
-            pred = self.base.evaluate(x, t, net_dtype, **cond)
-        else:
-            parts = []
-            for lo in range(0, n, self.max_batch):
-                sl = slice(lo, lo + self.max_batch)
-                tt = t[sl] if isinstance(t, Tensor) and t.ndim > 0 else t
-                cc = {
-                    k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v
-                    for k, v in cond.items()
-                }
-                parts.append(self.base.evaluate(x[sl], tt, net_dtype, **cc))
-            pred = _cat_predictions(parts, x)
+        parts = [
+            self.base.evaluate(xs, ts, net_dtype, **cs)
+            for xs, ts, cs in _row_chunks(self.max_batch, x, t, cond)
+        ]
+        pred = parts[0] if len(parts) == 1 else _cat_predictions(parts, x)
         if (
             self.seen is None
             and self.watch is not None
@@ -368,6 +359,37 @@ class _Evaluator(Guided):
         ):
             self.seen = pred
         return pred
+
+
+def _row_chunks(
+    max_batch: int | None, x: Tensor, t: float | Tensor, cond: dict[str, Any]
+) -> Iterator[tuple[Tensor, float | Tensor, dict[str, Any]]]:
+    """``(x, t, cond)`` in slices of at most ``max_batch`` rows (one piece for ``None``): a per-sample
+    ``t`` and the tensors in ``cond`` with ``x``'s number of rows are sliced with ``x``."""
+    n = x.shape[0]
+    if max_batch is None or n <= max_batch:
+        yield x, t, cond
+        return
+    for lo in range(0, n, max_batch):
+        sl = slice(lo, lo + max_batch)
+        yield (
+            x[sl],
+            t[sl] if isinstance(t, Tensor) and t.ndim > 0 else t,
+            {
+                k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v
+                for k, v in cond.items()
+            },
+        )
+
+
+def _repeat_rows(cond: dict[str, Any], batch: int, n: int) -> dict[str, Any]:
+    """``cond`` with every tensor of ``batch`` rows repeated for the ``n`` particles of each row."""
+    return {
+        k: v.repeat_interleave(n, dim=0)
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch
+        else v
+        for k, v in cond.items()
+    }
 
 
 def _cat_predictions(parts: list[Prediction], x: Tensor) -> Prediction:
@@ -447,12 +469,8 @@ class _Run:
     def reward(self, z: Tensor, i: int) -> Tensor:
         if self._reward is None:
             raise ValueError("this run has no reward")
-        flat = self.flat(z)
-        n = flat.shape[0]
-        step = n if self.max_batch is None else self.max_batch
         out = []
-        for lo in range(0, n, step):
-            chunk = flat[lo : lo + step]
+        for chunk, _, _ in _row_chunks(self.max_batch, self.flat(z), 0.0, {}):
             r = self._reward(chunk)
             if not isinstance(r, Tensor) or tuple(r.shape) != (chunk.shape[0],):
                 got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
@@ -576,6 +594,7 @@ def run_smc(
     if not isinstance(algorithm, SMCAlgorithm):
         raise ValueError(f"algorithm must be an SMCAlgorithm, got {type(algorithm).__name__}")
     _check_generator(algorithm.name, generator)
+    progress = boolean(algorithm.name, "progress", progress)
     shape = _check_shape(shape)
     batch, sample_shape = shape[0], shape[1:]
     if den.shape is not None and sample_shape != den.shape:
@@ -612,12 +631,7 @@ def run_smc(
     in_dtype = x.dtype
     x = x.to(work_dtype(in_dtype))
 
-    cond = {
-        k: v.repeat_interleave(n_part, dim=0)
-        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch
-        else v
-        for k, v in cond.items()
-    }
+    cond = _repeat_rows(cond, batch, n_part)
     check_seeded(den, generator)
     evaluator = _Evaluator(den, max_batch)
     noise = GeneratorNoise(generator)
