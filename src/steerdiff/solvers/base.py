@@ -67,10 +67,6 @@ class Grid:
         """``lam_{i+1} - lam_i`` (``inf`` for the step into a clean end)."""
         return self.lam[i + 1] - self.lam[i]
 
-    def exp_neg_h(self, i: int) -> float:
-        """``exp(-(lam_{i+1} - lam_i)) = sigma_{i+1} alpha_i / (alpha_{i+1} sigma_i)``, 0 at a clean end."""
-        return self.sigma[i + 1] * self.alpha[i] / (self.alpha[i + 1] * self.sigma[i])
-
     def is_final_clean(self, i: int) -> bool:
         """Whether step ``i`` goes into the clean terminal node."""
         return self.clean_end and i == self.steps - 1
@@ -136,9 +132,6 @@ class History:
         self.values.insert(0, value)
         self.at.insert(0, at)
         del self.values[self.size :], self.at[self.size :]
-
-    def __len__(self) -> int:
-        return len(self.values)
 
 
 @dataclass
@@ -281,13 +274,17 @@ class Model:
 class Solver:
     """Base class of all solvers.
 
-    Subclasses set ``name`` (the registry key), ``order`` (the nominal convergence order) and
+    Subclasses set ``name`` (the registry key; a property where the options choose it, as the
+    order does for ``dpmpp_2m`` / ``dpmpp_3m``), ``order`` (the nominal convergence order) and
     implement :meth:`step`; multistep solvers keep their history in the ``state`` dict that
-    :meth:`init_state` creates once per run.
+    :meth:`init_state` creates once per run. ``staged``: a step of order ``k`` evaluates the
+    network ``k`` times (Runge-Kutta stages: Heun, EDM, Restart, singlestep SDE-DPM-Solver++), the
+    step into a clean end once; otherwise once per step.
     """
 
     name: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
+    staged: ClassVar[bool] = False
     max_order: ClassVar[int] = 1
 
     order: int = field(default=1)
@@ -301,6 +298,14 @@ class Solver:
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         raise NotImplementedError
 
+    @property
+    def evals_per_step(self) -> int:
+        """Network evaluations of a step into a noisy node: ``order`` if ``staged``, else 1."""
+        return self.order if self.staged else 1
+
     def nfe(self, steps: int, clean_end: bool = True) -> int:
-        """Network evaluations for ``steps`` steps (one per step unless overridden)."""
-        return steps
+        """Network evaluations for ``steps`` steps: ``E = evals_per_step`` per step, one for the step
+        into a clean end (it returns the denoised estimate of its first evaluation): ``E N - E + 1``
+        with ``clean_end``, ``E N`` without."""
+        per = self.evals_per_step
+        return per * steps - (per - 1 if clean_end else 0)

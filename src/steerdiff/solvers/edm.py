@@ -87,6 +87,7 @@ class EDMStochasticHeun(Solver):
 
     name: ClassVar[str] = "edm_sde"
     stochastic: ClassVar[bool] = True
+    staged: ClassVar[bool] = True
     max_order: ClassVar[int] = 2
     order: int = 2
     s_churn: float = 40.0
@@ -119,8 +120,3 @@ class EDMStochasticHeun(Solver):
             x = axpby(a_hat / a, x, std, model.noise(t, t_hat, x))
             t, a, s = t_hat, a_hat, s_hat
         return heun_update(model, x, i, (t, a, s), to, second=self.order == 2)
-
-    def nfe(self, steps: int, clean_end: bool = True) -> int:
-        if self.order == 1:
-            return steps
-        return 2 * steps - 1 if clean_end else 2 * steps

@@ -56,17 +56,13 @@ class Heun(Solver):
     """Heun's second-order method (EDM Alg. 1, deterministic); 2 NFE per step."""
 
     name: ClassVar[str] = "heun"
+    staged: ClassVar[bool] = True
     max_order: ClassVar[int] = 2
     order: int = 2
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         frm, to = ((grid.t[j], grid.alpha[j], grid.sigma[j]) for j in (i, i + 1))
         return heun_update(model, x, i, frm, to, second=self.order == 2)
-
-    def nfe(self, steps: int, clean_end: bool = True) -> int:
-        if self.order == 1:
-            return steps
-        return 2 * steps - 1 if clean_end else 2 * steps
 
 
 @dataclass

@@ -85,6 +85,7 @@ class Restart(Solver):
 
     name: ClassVar[str] = "restart"
     stochastic: ClassVar[bool] = True
+    staged: ClassVar[bool] = True
     max_order: ClassVar[int] = 2
     order: int = 2
     restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence[float]] | None = None
@@ -140,6 +141,5 @@ class Restart(Solver):
         return x
 
     def nfe(self, steps: int, clean_end: bool = True) -> int:
-        per = 2 if self.order == 2 else 1
-        main = steps if self.order == 1 else (2 * steps - 1 if clean_end else 2 * steps)
-        return main + sum(per * k * n for _, _, k, n in self._plan(steps))
+        restarts = sum(k * n for _, _, k, n in self._plan(steps))
+        return super().nfe(steps, clean_end) + self.evals_per_step * restarts
