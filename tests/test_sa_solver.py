@@ -170,7 +170,7 @@ def test_sliced_w2_at_100_nfe_is_near_the_floor(gmm, sd_process, solver):
         ({"corrector_order": 5}, ["corrector_order", "[0, 4]", "got 5"]),
         ({"corrector_order": 1.0}, ["corrector_order", "got 1.0"]),
         ({"tau": -0.5}, ["tau", "-0.5"]),
-        ({"second_order": "taylor"}, ["second_order='taylor'", "'exact'", "'sasolver'"]),
+        ({"second_order": "taylor"}, ["SASolver: second_order", "got 'taylor'", "'exact'", "'sasolver'"]),
     ],
 )
 def test_bad_options(kwargs, words):

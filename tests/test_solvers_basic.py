@@ -8,7 +8,9 @@ Order: the least-squares slope of log error against log steps on the smooth mixt
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -277,3 +279,64 @@ def test_convergence_order(order_problem, solver, order):
     # measured slopes over 10..40 steps: ddim/euler 1.04, heun 2.21, dpmpp_2m 2.06, dpmpp_3m 3.2
     # (over 10..80: 1.03, 2.15, 2.07, 3.0)
     assert abs(slope(STEPS_ORDER, errors) - order) < 0.35, errors
+
+
+# --- names, options and shared arithmetic ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sd.solvers.available())
+def test_preset_name_is_its_registry_name(name):
+    assert sd.solvers.get(name).name == name
+
+
+def _solver_options() -> list[tuple[type, str, object]]:
+    """``(class, option, bad value)`` for every string and bool option of every solver class."""
+    cases = []
+    for cls_name in sd.solvers.__all__:
+        cls = getattr(sd.solvers, cls_name)
+        if not (isinstance(cls, type) and issubclass(cls, sd.solvers.Solver)) or cls is sd.solvers.Solver:
+            continue
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default, bool):
+                cases += [(cls, f.name, bad) for bad in ("no", 1, None)]
+            elif isinstance(f.default, str):
+                cases += [(cls, f.name, bad) for bad in ("bogus", 1)]
+    return cases
+
+
+@pytest.mark.parametrize(("cls", "option", "bad"), _solver_options())
+def test_string_and_bool_options_are_checked(cls, option, bad):
+    message = rf"^{cls.__name__}: {option} must be .*, got {re.escape(repr(bad))}$"
+    with pytest.raises(ValueError, match=message):
+        cls(**{option: bad})
+
+
+def test_option_checks_cover_the_known_options():
+    covered = {(cls.__name__, option) for cls, option, _ in _solver_options()}
+    expected = {("UniPC", "corrector"), ("DPMSolverPPMultistep", "lower_order_final"), ("MRSampler", "sde")}
+    assert expected <= covered
+    assert {("ERSDE", "noise_scale"), ("DDPM", "variance"), ("DPMSolver", "second_stage")} <= covered
+
+
+def test_divided_differences_of_a_quadratic():
+    # f(u) = 3 u^2 - 2 u + 1: f[u0, u1] = 3 (u0 + u1) - 2, f[u0, u1, u2] = 3
+    nodes = [0.7, -0.4, -1.9]
+    values = [torch.tensor([3 * u * u - 2 * u + 1], dtype=torch.float64) for u in nodes]
+    f0, d1, d2 = sd.solvers._poly.divided_differences(values, nodes)
+    assert f0.item() == values[0].item()
+    assert d1.item() == pytest.approx(3 * (0.7 - 0.4) - 2, rel=1e-14)
+    assert d2.item() == pytest.approx(3.0, rel=1e-14)
+
+
+def test_sde_decay_and_std_keep_the_marginal():
+    # with a known x0 the SDE-DPM-Solver++ step maps N(alpha_s x0, sigma_s^2) to N(alpha_t x0, sigma_t^2):
+    # decay alpha_s + alpha_t hphi_scaled(1, h, 1 + eta) = alpha_t, (decay sigma_s)^2 + std^2 = sigma_t^2
+    from steerdiff.solvers._exp import hphi_scaled, sde_decay, sde_std
+
+    a_s, s_s, a_t, s_t = 0.6, 0.8, 0.9, math.sqrt(1 - 0.81)
+    h = math.log(a_t / s_t) - math.log(a_s / s_s)
+    for eta in (0.0, 0.3, 1.0, 2.5):
+        decay, std = sde_decay(s_s, s_t, h, eta), sde_std(s_t, h, eta)
+        assert decay * a_s + a_t * hphi_scaled(1, h, 1 + eta) == pytest.approx(a_t, rel=1e-14)
+        assert (decay * s_s) ** 2 + std**2 == pytest.approx(s_t**2, rel=1e-14)
+    assert sde_std(s_t, h, 0.0) == 0.0

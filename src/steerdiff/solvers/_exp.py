@@ -25,14 +25,16 @@ scale ``eta``) damp ``x0`` with rate ``c = 1 + eta`` instead of 1,
     x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t * c int_0^h e^{-c(h-u)} x0(lam_s + u) du + noise,
 
 whose polynomial weights are ``c int_0^h e^{-c(h-u)} u^{k-1}/(k-1)! du = hphi(k, c h) / c^{k-1}``
-(:func:`hphi_scaled`; ``c = 1`` is the ODE).
+(:func:`hphi_scaled`; ``c = 1`` is the ODE), whose decay of ``x_s`` is :func:`sde_decay` and whose
+noise std :func:`sde_std`. The same step with the variance-controlled SDE's ``tau`` is SA-Solver's
+(Xue et al. 2023) at ``eta = tau^2``.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["hphi", "hphi_eps", "hphi_scaled", "phi"]
+__all__ = ["hphi", "hphi_eps", "hphi_scaled", "phi", "sde_decay", "sde_std"]
 
 
 def phi(k: int, z: float) -> float:
@@ -84,3 +86,17 @@ def hphi_scaled(k: int, h: float, c: float) -> float:
     ``eta = c - 1``; ``hphi_scaled(k, h, 1) = hphi(k, h)``, ``hphi_scaled(1, inf, c) = 1``.
     """
     return hphi(k, c * h) / c ** (k - 1)
+
+
+def sde_decay(sigma_s: float, sigma_t: float, h: float, eta: float) -> float:
+    """``(sigma_t / sigma_s) e^{-eta h}``: the factor of ``x_s`` in the SDE-DPM-Solver++ step of noise
+    scale ``eta`` (``eta = 0``: the ODE's ``sigma_t / sigma_s``)."""
+    return sigma_t / sigma_s * math.exp(-eta * h)
+
+
+def sde_std(scale: float, h: float, eta: float) -> float:
+    """``scale sqrt(1 - e^{-2 eta h})``: the noise std of the exponential-integrator SDE step of noise
+    scale ``eta``; ``scale = sigma_t`` in data prediction, ``scale = sigma_t e^h`` (``= alpha_t sigma_s /
+    alpha_s``) for the noise-prediction SDE-DPM-Solver, whose std is ``sigma_t sqrt(e^{2h} - 1)`` at
+    ``eta = 1``. 0 at ``eta = 0`` (the ODE)."""
+    return scale * math.sqrt(-math.expm1(-2.0 * eta * h))

@@ -15,6 +15,10 @@ the weight:
   quadrature, :func:`steerdiff.solvers.deis.tab_weights`.
 
 At most four nodes are used, so the monomial form is well conditioned on the unit interval.
+
+UniPC (Zhao et al. 2023) with two nodes replaces the moment ``M_1 = phi_2(-g)`` by ``beta / 2``
+(``B(h) = g beta``; :func:`unipc_moments`), and the multistep solvers that expand the estimates
+around the newest node use Newton's divided differences (:func:`divided_differences`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from torch import Tensor
+
 from ._exp import phi
 
-__all__ = ["adams_bashforth", "exp_adams_bashforth", "lagrange_basis", "lagrange_weights"]
+__all__ = [
+    "adams_bashforth",
+    "divided_differences",
+    "exp_adams_bashforth",
+    "lagrange_basis",
+    "lagrange_weights",
+    "unipc_moments",
+]
 
 
 def lagrange_basis(nodes: Sequence[float]) -> list[list[float]]:
@@ -62,3 +75,34 @@ def exp_adams_bashforth(nodes: Sequence[float], h: float) -> list[float]:
     weights of DEIS (Zhang & Chen 2023) in the variable ``lam``.
     """
     return lagrange_weights(nodes, [math.factorial(m) * phi(m + 1, h) for m in range(len(nodes))])
+
+
+def unipc_moments(g: float, beta: float) -> list[float]:
+    """``[M_0, M_1] = [phi_1(-g), beta / 2]``: the moments of UniPC's update with two nodes (Zhao et al.
+    2023), for :func:`lagrange_weights`.
+
+    The exact moments of the weight ``e^{-g (1 - theta)}`` are ``[phi_1(-g), phi_2(-g)]``
+    (:func:`exp_adams_bashforth` at ``-g``). With one difference UniPC takes ``a_1 = 1/2``, the
+    ``g -> 0`` limit of ``b_1 = phi_2(-g) / beta`` where ``B(h) = g beta``, i.e. ``M_1 = beta / 2``;
+    for the nodes ``0, r_1`` the update's sum is ``M_0 m_0 + (M_1 / r_1) (m_1 - m_0)``. ``beta = 1``:
+    ``B(h) = h`` ("bh1", and SA-Solver's authors' code with ``g = (1 + tau^2) h``); ``beta =
+    phi_1(-g)``: ``B(h) = e^h - 1`` ("bh2").
+    """
+    return [phi(1, -g), 0.5 * beta]
+
+
+def divided_differences(values: Sequence[Tensor], nodes: Sequence[float]) -> list[Tensor]:
+    r"""Newton's divided differences ``[f[u_0], f[u_0, u_1], ..., f[u_0, ..., u_{n-1}]]`` of ``values``
+    ``f(u_j)`` at ``nodes`` ``u_j``:
+
+        f[u_j, ..., u_{j+k}] = (f[u_j, ..., u_{j+k-1}] - f[u_{j+1}, ..., u_{j+k}]) / (u_j - u_{j+k}),
+
+    the coefficients of the interpolating polynomial ``sum_k f[u_0, ..., u_k] prod_{m<k} (u - u_m)``
+    (``d_1 = (m_0 - m_1) / h_0``, ``d_2 = (d_1 - (m_1 - m_2) / h_1) / (h_0 + h_1)`` of DPM-Solver++(3M),
+    Lu et al. 2022b, with the nodes in ``lam``).
+    """
+    column, top = list(values), [values[0]]
+    for k in range(1, len(column)):
+        column = [(column[j] - column[j + 1]) / (nodes[j] - nodes[j + k]) for j in range(len(column) - 1)]
+        top.append(column[0])
+    return top

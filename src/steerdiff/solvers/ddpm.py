@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import choice
 from .base import Grid, Model, Solver, Transition
 from .ddim import ancestral_split
 
@@ -45,8 +46,7 @@ class DDPM(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.variance not in VARIANCES:
-            raise ValueError(f"DDPM: variance={self.variance!r} is not accepted; accepted: {VARIANCES}")
+        self.variance = choice(type(self).__name__, "variance", self.variance, VARIANCES)
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         pred = model(x, grid.t[i], i)

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import boolean, choice
 from ..processes import Process, VPDiscrete
 from ._poly import exp_adams_bashforth, lagrange_weights
 from .base import Grid, History, Model, Solver, step_order
@@ -124,8 +125,9 @@ class DEIS(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant={self.variant!r} is not supported; accepted: {VARIANTS}")
+        who = type(self).__name__
+        self.variant = choice(who, "variant", self.variant, VARIANTS)
+        self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
 
     def _order(self, i: int, grid: Grid) -> int:
         # one evaluation is pushed per step, so min(i + 1, order) are available at step i

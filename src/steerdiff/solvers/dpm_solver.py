@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import choice
 from ._exp import hphi, hphi_eps
 from .base import Grid, Model, Solver
 
@@ -66,10 +67,9 @@ class DPMSolver(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm={self.algorithm!r} is not accepted; accepted: {ALGORITHMS}")
-        if self.second_stage not in SECOND_STAGES:
-            raise ValueError(f"second_stage={self.second_stage!r} is not accepted; accepted: {SECOND_STAGES}")
+        who = type(self).__name__
+        self.algorithm = choice(who, "algorithm", self.algorithm, ALGORITHMS)
+        self.second_stage = choice(who, "second_stage", self.second_stage, SECOND_STAGES)
 
     def macro_orders(self, steps: int, clean_end: bool = True) -> list[int]:
         """Orders of the macro-steps over ``steps`` grid intervals (DPM-Solver-fast split).

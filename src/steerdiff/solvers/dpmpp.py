@@ -36,8 +36,10 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import boolean, choice
 from .._ops import axpby
 from ._exp import hphi
+from ._poly import divided_differences
 from .base import Grid, History, Model, Solver, check_long_step, step_order
 
 __all__ = ["DPMSolverPPMultistep"]
@@ -50,7 +52,6 @@ _THIRD_ORDER = {"exact": 2.0, "dpmsolver": 1.0}
 class DPMSolverPPMultistep(Solver):
     """DPM-Solver++ multistep of order 1-3 (``dpmpp_2m``: order 2, ``dpmpp_3m``: order 3)."""
 
-    name: ClassVar[str] = "dpmpp_2m"
     max_order: ClassVar[int] = 3
     order: int = 2
     lower_order_final: bool = True
@@ -60,9 +61,15 @@ class DPMSolverPPMultistep(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        who = type(self).__name__
         check_long_step(self, self.max_h, self.max_h_ratio)
-        if self.third_order not in _THIRD_ORDER:
-            raise ValueError(f"third_order={self.third_order!r}; accepted: {sorted(_THIRD_ORDER)}")
+        self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
+        self.third_order = choice(who, "third_order", self.third_order, list(_THIRD_ORDER))
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``dpmpp_{order}m``: the registry name of the order (``dpmpp_2m``, ``dpmpp_3m``)."""
+        return f"dpmpp_{self.order}m"
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         return {"x0": History(self.order)}
@@ -80,9 +87,7 @@ class DPMSolverPPMultistep(Solver):
         if k == 2:
             c = h / (2 * h0)
             return axpby(r, x, a * hphi(1, h), axpby(1 + c, m[0], -c, m[1]))
-        h1 = lams[1] - lams[2]
-        d1 = (m[0] - m[1]) / h0
-        d2 = (d1 - (m[1] - m[2]) / h1) / (h0 + h1)
+        _, d1, d2 = divided_differences(m, lams)
         return r * x + a * (
             hphi(1, h) * m[0]
             + hphi(2, h) * d1

@@ -41,15 +41,15 @@ estimate ``m_0`` (one NFE).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .._checks import real
+from .._checks import boolean, choice, real
 from .._ops import axpby
-from ._exp import hphi_scaled
+from ._exp import hphi_scaled, sde_decay, sde_std
+from ._poly import divided_differences
 from .base import Grid, History, Model, Solver, Transition, step_order
 
 __all__ = ["DPMSolverSDE", "DPMSolverSDEMultistep"]
@@ -60,10 +60,9 @@ _THIRD_ORDER = ("exact", "dpmsolver", "diffusers")
 
 def _sde_step(grid: Grid, i: int, x: Tensor, s: Tensor, eta: float) -> Transition:
     """``N((sigma_{i+1}/sigma_i) e^{-eta h} x + alpha_{i+1} s, sigma_{i+1}^2 (1 - e^{-2 eta h}))``."""
-    h = grid.h(i)
-    decay = grid.sigma[i + 1] / grid.sigma[i] * math.exp(-eta * h)
-    std = grid.sigma[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h))
-    return Transition(axpby(decay, x, grid.alpha[i + 1], s), std)
+    h, sigma_t = grid.h(i), grid.sigma[i + 1]
+    decay = sde_decay(grid.sigma[i], sigma_t, h, eta)
+    return Transition(axpby(decay, x, grid.alpha[i + 1], s), sde_std(sigma_t, h, eta))
 
 
 @dataclass
@@ -78,7 +77,6 @@ class DPMSolverSDEMultistep(Solver):
         lower_order_final: diffusers' lower orders at the last steps below 15 steps.
     """
 
-    name: ClassVar[str] = "dpmpp_2m_sde"
     stochastic: ClassVar[bool] = True
     max_order: ClassVar[int] = 3
     order: int = 2
@@ -89,11 +87,16 @@ class DPMSolverSDEMultistep(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.eta = real(type(self).__name__, "eta", self.eta, lo=0)
-        if self.solver_type not in _SOLVER_TYPES:
-            raise ValueError(f"solver_type={self.solver_type!r}; accepted: {list(_SOLVER_TYPES)}")
-        if self.third_order not in _THIRD_ORDER:
-            raise ValueError(f"third_order={self.third_order!r}; accepted: {list(_THIRD_ORDER)}")
+        who = type(self).__name__
+        self.eta = real(who, "eta", self.eta, lo=0)
+        self.solver_type = choice(who, "solver_type", self.solver_type, _SOLVER_TYPES)
+        self.third_order = choice(who, "third_order", self.third_order, _THIRD_ORDER)
+        self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``dpmpp_{order}m_sde``: the registry name of the order (``dpmpp_2m_sde``, ``dpmpp_3m_sde``)."""
+        return f"dpmpp_{self.order}m_sde"
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         return {"x0": History(self.order)}
@@ -113,15 +116,13 @@ class DPMSolverSDEMultistep(Solver):
         if k == 2 and self.solver_type == "midpoint":
             r = h / (2 * h0)
             return _sde_step(grid, i, x, w1 * axpby(1 + r, m[0], -r, m[1]), self.eta)
-        d1 = (m[0] - m[1]) / h0
+        d = divided_differences(m[:k], lams[:k])  # m_0, d_1 (, d_2)
         w2 = hphi_scaled(2, h, c)
         if k == 2:
-            return _sde_step(grid, i, x, axpby(w1, m[0], w2, d1), self.eta)
-        h1 = lams[1] - lams[2]
-        d2 = (d1 - (m[1] - m[2]) / h1) / (h0 + h1)
+            return _sde_step(grid, i, x, axpby(w1, m[0], w2, d[1]), self.eta)
         w3 = hphi_scaled(3, h, c)
         theta_w3 = {"exact": 2 * w3, "dpmsolver": w3, "diffusers": w3 - h * h}[self.third_order]
-        return _sde_step(grid, i, x, w1 * m[0] + w2 * d1 + (theta_w3 + h0 * w2) * d2, self.eta)
+        return _sde_step(grid, i, x, w1 * m[0] + w2 * d[1] + (theta_w3 + h0 * w2) * d[2], self.eta)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class DPMSolverSDE(Solver):
 
     name: ClassVar[str] = "dpmpp_sde"
     stochastic: ClassVar[bool] = True
+    staged: ClassVar[bool] = True
     max_order: ClassVar[int] = 2
     order: int = 2
     eta: float = 1.0
@@ -148,11 +150,6 @@ class DPMSolverSDE(Solver):
         self.eta = real(type(self).__name__, "eta", self.eta, lo=0)
         self.r = real("DPMSolverSDE", "r", self.r, lo=0, hi=1, lo_open=True)
 
-    def nfe(self, steps: int, clean_end: bool = True) -> int:
-        if self.order == 1:
-            return steps
-        return 2 * steps - 1 if clean_end else 2 * steps
-
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         m0 = model(x, grid.t[i], i).x0
         if grid.is_final_clean(i):
@@ -162,11 +159,10 @@ class DPMSolverSDE(Solver):
             t_mid = grid.t_of_lam(grid.lam[i] + self.r * h)
             a_mid, s_mid, lam_mid = grid.at(t_mid)
             h_mid = lam_mid - grid.lam[i]
-            decay = s_mid / grid.sigma[i] * math.exp(-self.eta * h_mid)
+            decay = sde_decay(grid.sigma[i], s_mid, h_mid, self.eta)
             u = axpby(decay, x, a_mid * hphi_scaled(1, h_mid, c), m0)
             if self.eta > 0:
-                std_mid = s_mid * math.sqrt(-math.expm1(-2.0 * self.eta * h_mid))
-                u = u + std_mid * model.noise(grid.t[i], t_mid, u)
+                u = u + sde_std(s_mid, h_mid, self.eta) * model.noise(grid.t[i], t_mid, u)
             f = h / (2.0 * h_mid)  # 1 / (2 r)
             m0 = axpby(1.0 - f, m0, f, model(u, t_mid, i).x0)
         return _sde_step(grid, i, x, hphi_scaled(1, h, c) * m0, self.eta)

@@ -56,8 +56,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .._checks import integer
+from .._checks import boolean, choice, integer
 from .._ops import axpby
+from ._poly import divided_differences
 from .base import Grid, History, Model, Solver, Transition, step_order
 
 __all__ = ["ERSDE", "NOISE_SCALES"]
@@ -112,15 +113,14 @@ class ERSDE(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not callable(self.noise_scale) and self.noise_scale not in NOISE_SCALES:
-            raise ValueError(
-                f"noise_scale={self.noise_scale!r}; accepted: {sorted(NOISE_SCALES)} or a function of rho"
-            )
-        if self.third_order not in _THIRD_ORDER:
-            raise ValueError(f"third_order={self.third_order!r}; accepted: {list(_THIRD_ORDER)}")
-        self.quadrature = integer(type(self).__name__, "quadrature", self.quadrature, lo=2)
+        who = type(self).__name__
+        if not callable(self.noise_scale):  # else a function of rho
+            self.noise_scale = choice(who, "noise_scale", self.noise_scale, list(NOISE_SCALES))
+        self.third_order = choice(who, "third_order", self.third_order, _THIRD_ORDER)
+        self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
+        self.quadrature = integer(who, "quadrature", self.quadrature, lo=2)
         if self.quadrature % 2:
-            raise ValueError(f"{type(self).__name__}: quadrature must be even, got {self.quadrature}")
+            raise ValueError(f"{who}: quadrature must be even, got {self.quadrature}")
 
     @property
     def phi(self) -> Callable[[float], float]:
@@ -152,12 +152,11 @@ class ERSDE(Solver):
         s = (1.0 - phi_t / phi_s) * m[0]
         if k >= 2:
             n, dr = self.quadrature, rho_t - rho
+            d = divided_differences(m[:k], rhos[:k])  # m_0, d_1 (, d_2)
             w1 = dr + phi_t * _simpson_log(lambda r: 1.0 / phi(r), rho_t, rho, n)
-            r0 = rho - rhos[1]
-            d1 = (m[0] - m[1]) / r0
-            s = s + w1 * d1
+            s = s + w1 * d[1]
             if k == 3:
                 w2 = dr * dr / 2 + phi_t * _simpson_log(lambda r: (r - rho) / phi(r), rho_t, rho, n)
-                d2 = (d1 - (m[1] - m[2]) / (rhos[1] - rhos[2])) / (rho - rhos[2])
-                s = s + (2 * w2 + (r0 * w1 if self.third_order == "exact" else 0.0)) * d2
+                r0 = rho - rhos[1]
+                s = s + (2 * w2 + (r0 * w1 if self.third_order == "exact" else 0.0)) * d[2]
         return Transition(axpby(decay, x, grid.alpha[i + 1], s), std)

@@ -28,14 +28,15 @@ estimate (std 0). SDE steps return their :class:`~steerdiff.solvers.base.Transit
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import boolean, choice
 from .._ops import axpby
-from ._exp import hphi_eps, hphi_scaled
+from ._exp import hphi_eps, hphi_scaled, sde_decay, sde_std
+from ._poly import divided_differences
 from .base import Grid, History, Model, Solver, Transition, step_order
 
 __all__ = ["MRSampler"]
@@ -57,10 +58,10 @@ class MRSampler(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"MRSampler: prediction={self.prediction!r}; accepted: {PREDICTIONS}")
-        if not isinstance(self.sde, bool):
-            raise ValueError(f"MRSampler: sde must be a bool, got {self.sde!r}")
+        who = type(self).__name__
+        self.prediction = choice(who, "prediction", self.prediction, PREDICTIONS)
+        self.sde = boolean(who, "sde", self.sde)
+        self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
         self.stochastic = self.sde
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
@@ -77,17 +78,16 @@ class MRSampler(Solver):
         k = step_order(i, grid, self.order, len(m), self.lower_order_final)
         h = grid.h(i)
         a0, s0, a1, s1 = grid.alpha[i], grid.sigma[i], grid.alpha[i + 1], grid.sigma[i + 1]
-        d1 = (m[0] - m[1]) / (lams[0] - lams[1]) if k == 2 else None
+        d1 = divided_differences(m[:2], lams[:2])[1] if k == 2 else None
+        eta = 1.0 if self.sde else 0.0  # the SDE damps x0 with rate c = 1 + eta
+        c = 1.0 + eta
         if data:
-            c = 2.0 if self.sde else 1.0
-            decay = s1 / s0 * (math.exp(-h) if self.sde else 1.0)
             est = m[0] if d1 is None else axpby(1.0, m[0], hphi_scaled(2, h, c) / hphi_scaled(1, h, c), d1)
-            mean = axpby(decay, x, a1 * hphi_scaled(1, h, c), est)
-            std = s1 * math.sqrt(-math.expm1(-2 * h))
+            mean = axpby(sde_decay(s0, s1, h, eta), x, a1 * hphi_scaled(1, h, c), est)
+            std = sde_std(s1, h, eta)
         else:
             w = a1 * s0 / a0  # sigma' e^h
-            c = 2.0 if self.sde else 1.0
             est = m[0] if d1 is None else axpby(1.0, m[0], hphi_eps(2, h) / hphi_eps(1, h), d1)
             mean = axpby(a1 / a0, x, -c * w * hphi_eps(1, h), est)
-            std = w * math.sqrt(-math.expm1(-2 * h))
+            std = sde_std(w, h, eta)
         return Transition(mean, std) if self.sde else mean

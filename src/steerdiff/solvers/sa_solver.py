@@ -26,7 +26,8 @@ in units of the step, ``theta = u / h``) is exact: ``alpha_t H sum_j w_j m_j``, 
 with two nodes, the moment ``int_0^1 e^{-H (1 - theta)} theta dtheta = phi_2(-H)`` is replaced by
 its ``H -> 0`` limit 1/2 (an ``O(h^3)`` change, like UniPC's ``B(h) = h``); then ``tau = 0`` with
 ``corrector_order = order + 1`` is exactly :class:`~steerdiff.solvers.unipc.UniPC` with
-``variant="bh1"``. ``"exact"`` (default) keeps the exact weight.
+``variant="bh1"`` (:func:`~steerdiff.solvers._poly.unipc_moments`). ``"exact"`` (default) keeps the
+exact weight.
 
 The predictor's transition is exposed: ``mean = e^{-tau^2 h} (sigma_t / sigma_s) x_s + alpha_t H sum
 w^P m``, ``std = sigma_t sqrt(1 - e^{-2 tau^2 h})`` (a Tensor is returned where ``std = 0``: ``tau =
@@ -39,16 +40,15 @@ last steps allow.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .._checks import integer, real
-from ._exp import phi
-from ._poly import exp_adams_bashforth, lagrange_weights
+from .._checks import boolean, choice, integer, real
+from ._exp import sde_decay, sde_std
+from ._poly import exp_adams_bashforth, lagrange_weights, unipc_moments
 from .base import Grid, History, Model, Solver, Transition, step_order
 
 __all__ = ["SASolver"]
@@ -81,9 +81,10 @@ class SASolver(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.corrector_order = integer("SASolver", "corrector_order", self.corrector_order, lo=0, hi=4)
-        if self.second_order not in SECOND_ORDER:
-            raise ValueError(f"SASolver: second_order={self.second_order!r}; accepted: {SECOND_ORDER}")
+        who = type(self).__name__
+        self.corrector_order = integer(who, "corrector_order", self.corrector_order, lo=0, hi=4)
+        self.second_order = choice(who, "second_order", self.second_order, SECOND_ORDER)
+        self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
         if not callable(self.tau):
             self._tau(0.0)
 
@@ -100,8 +101,8 @@ class SASolver(Solver):
         h = grid.h(src)
         big_h = (1 + tau**2) * h
         theta = [(lj - grid.lam[src]) / h for lj in lam]
-        if len(theta) == 2 and self.second_order == "sasolver":
-            w = lagrange_weights(theta, [phi(1, -big_h), 0.5])
+        if len(theta) == 2 and self.second_order == "sasolver":  # UniPC's bh1 moments
+            w = lagrange_weights(theta, unipc_moments(big_h, 1.0))
         else:
             w = exp_adams_bashforth(theta, -big_h)
         return (grid.alpha[src + 1] * big_h) * sum(wj * mj for wj, mj in zip(w, m, strict=True))
@@ -120,7 +121,7 @@ class SASolver(Solver):
         tau = self._tau(grid.t[i])
         h = grid.h(i)
         pred = self._gradient(grid, i, tau, m[:k], lam[:k])
-        mean = math.exp(-(tau**2) * h) * (grid.sigma[i + 1] / grid.sigma[i]) * x + pred
+        mean = sde_decay(grid.sigma[i], grid.sigma[i + 1], h, tau**2) * x + pred
         if self.corrector_order > 0 and not grid.is_final_clean(i + 1) and i + 1 < grid.steps:
             # at most one order above what step_order allows the predictor (it counts the new estimate)
             q = (
@@ -131,5 +132,5 @@ class SASolver(Solver):
             state["prev"] = (q, tau, pred)
         else:
             state["prev"] = None
-        std = grid.sigma[i + 1] * math.sqrt(-math.expm1(-2 * tau**2 * h))
+        std = sde_std(grid.sigma[i + 1], h, tau**2)
         return mean if std == 0 else Transition(mean, std)

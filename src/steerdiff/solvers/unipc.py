@@ -17,8 +17,8 @@ prediction). Solved exactly, the system makes the update the exponential integra
 polynomial through ``(r_j, m_{s-j})`` (``r_0 = 0``), whatever ``B``: it is computed as such
 (:func:`steerdiff.solvers._poly.exp_adams_bashforth`). With a single difference UniPC takes
 ``a_1 = 1/2``, the limit of ``b_1`` as ``h -> 0`` (the paper's order theorem needs ``R a = b``
-only up to ``O(h^p)``; diffusers does the same), so ``B(h)`` matters only there:
-in UniP-2 and UniC-1. With bh2 and data prediction, UniP-2 is DPM-Solver++(2M) and UniP-3 is
+only up to ``O(h^p)``; diffusers does the same; :func:`steerdiff.solvers._poly.unipc_moments`), so
+``B(h)`` matters only there: in UniP-2 and UniC-1. With bh2 and data prediction, UniP-2 is DPM-Solver++(2M) and UniP-3 is
 :class:`~steerdiff.solvers.dpmpp.DPMSolverPPMultistep` of order 3 (exact third-order weight).
 
 UniP-p (predictor ``x_i -> x_{i+1}``): differences to ``m_{i-1}, ..., m_{i-p+1}``.
@@ -45,8 +45,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._checks import boolean, choice
 from ._exp import phi
-from ._poly import exp_adams_bashforth
+from ._poly import exp_adams_bashforth, unipc_moments
 from .base import Grid, History, Model, Solver, check_long_step, step_order
 
 __all__ = ["UniPC"]
@@ -85,11 +86,12 @@ class UniPC(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        who = type(self).__name__
         check_long_step(self, self.max_h, self.max_h_ratio)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant={self.variant!r} is not supported; accepted: {VARIANTS}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction={self.prediction!r} is not supported; accepted: {PREDICTIONS}")
+        self.variant = choice(who, "variant", self.variant, VARIANTS)
+        self.corrector = boolean(who, "corrector", self.corrector)
+        self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
+        self.prediction = choice(who, "prediction", self.prediction, PREDICTIONS)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         # m: estimates at their log-SNRs, newest first; x/k: start and order of the last prediction
@@ -112,8 +114,8 @@ class UniPC(Solver):
         if new is not None:
             r.append(1.0)
         if len(r) == 2:  # one difference: a_1 = 1/2
-            beta = 1.0 if self.variant == "bh1" else phi(1, -g)
-            combo = phi(1, -g) * values[0] + (0.5 * beta / r[1]) * (values[1] - values[0])
+            m0, m1 = unipc_moments(g, 1.0 if self.variant == "bh1" else phi(1, -g))
+            combo = m0 * values[0] + (m1 / r[1]) * (values[1] - values[0])
         else:  # R a = b solved exactly: the exponential integral of the interpolating polynomial
             combo = sum(w * v for w, v in zip(exp_adams_bashforth(r, -g), values, strict=True))
         return c * x + (d * g) * combo
