@@ -18,8 +18,9 @@ polynomial through ``(r_j, m_{s-j})`` (``r_0 = 0``), whatever ``B``: it is compu
 (:func:`steerdiff.solvers._poly.exp_adams_bashforth`). With a single difference UniPC takes
 ``a_1 = 1/2``, the limit of ``b_1`` as ``h -> 0`` (the paper's order theorem needs ``R a = b``
 only up to ``O(h^p)``; diffusers does the same; :func:`steerdiff.solvers._poly.unipc_moments`), so
-``B(h)`` matters only there: in UniP-2 and UniC-1. With bh2 and data prediction, UniP-2 is DPM-Solver++(2M) and UniP-3 is
-:class:`~steerdiff.solvers.dpmpp.DPMSolverPPMultistep` of order 3 (exact third-order weight).
+``B(h)`` matters only there: in UniP-2 and UniC-1. With bh2 and data prediction, UniP-2 is
+DPM-Solver++(2M) and UniP-3 is :class:`~steerdiff.solvers.dpmpp.DPMSolverPPMultistep` of order 3
+(exact third-order weight).
 
 UniP-p (predictor ``x_i -> x_{i+1}``): differences to ``m_{i-1}, ..., m_{i-p+1}``.
 UniC-p (corrector of ``x_i``, the step ``i-1 -> i`` redone): the same differences from node
