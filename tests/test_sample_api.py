@@ -255,7 +255,7 @@ def test_den_must_be_a_denoiser(gmm, sd_process, problem):
 
 def test_bad_final(gmm, sd_process, problem):
     _raises(
-        ["final", "'clean'", "'zero'", "'none'"],
+        ["sample: final", "'clean'", "'zero'", "'none'"],
         sd.sample,
         gmm.denoiser(sd_process),
         problem[0],

@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
-from ._checks import integer
+from ._checks import choice, integer
 from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, make_noise
 from .schedules import Schedule, ScheduleLike
-from .solvers.base import Grid, Model, Solver, advance, make_grid, work_dtype
+from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, work_dtype
 from .solvers.dpmpp import DPMSolverPPMultistep
 from .solvers.unipc import UniPC
 
@@ -244,6 +244,7 @@ def sample(
     check_x_T(den, x_T)
     check_seeded(den, generator)
     steps = integer("sample", "steps", steps, lo=1)
+    choice("sample", "final", final, FINALS)
     sched = _schedules.get(schedule)
     slv = _solvers.get(default_solver(den, steps) if solver is None else solver)
     grid = make_grid(den.process, sched, steps, final)

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import real, real_array
+from .._checks import choice, real, real_array
 from ..denoiser import Denoiser, Prediction
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
@@ -512,8 +512,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         guidance_scale: float | None = None,
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     ) -> None:
-        if final not in FINALS:
-            raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
+        choice("SteerdiffScheduler", "final", final, FINALS)
         if guidance_scale is not None:  # saved as a plain float
             guidance_scale = real("SteerdiffScheduler", "guidance_scale", guidance_scale)
             self.register_to_config(guidance_scale=guidance_scale)

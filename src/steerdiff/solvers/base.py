@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._checks import integer, real
+from .._checks import choice, integer, real
 from ..denoiser import Denoiser, Prediction
 from ..noise import GeneratorNoise, NoiseSource
 from ..processes import Process
@@ -94,8 +94,7 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
     or does not strictly increase between consecutive nodes (a process whose ``lam(t)`` is not
     decreasing in ``t``): every step needs ``h = lam_{i+1} - lam_i > 0``.
     """
-    if final not in FINALS:
-        raise ValueError(f"final={final!r} is not accepted; accepted: {FINALS}")
+    choice("make_grid", "final", final, FINALS)
     # before ``steps + 1``: final="none" would accept steps=0 or 1.0
     steps = integer("make_grid", "steps", steps, lo=1)
     clean = final == "zero"
