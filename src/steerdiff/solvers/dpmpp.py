@@ -38,14 +38,48 @@ from torch import Tensor
 
 from .._checks import boolean, choice
 from .._ops import axpby
-from ._exp import hphi
+from ._exp import hphi_scaled
 from ._poly import divided_differences
 from .base import Grid, History, Model, Solver, check_long_step, step_order
 
-__all__ = ["DPMSolverPPMultistep"]
+__all__ = ["DPMSolverPPMultistep", "multistep_estimate"]
 
-# weight of h^3 phi_3(-h) on the second divided difference
-_THIRD_ORDER = {"exact": 2.0, "dpmsolver": 1.0}
+THIRD_ORDERS = ("exact", "dpmsolver", "diffusers")  # the weight of d_2, see multistep_estimate
+SECOND_ORDERS = ("midpoint", "heun")
+
+
+def multistep_estimate(
+    m: list[Tensor], lams: list[float], k: int, h: float, c: float, second: str, third_order: str
+) -> Tensor:
+    """``S``, the order-``k`` combination of the denoised estimates ``m`` (newest first, at ``lams``) in
+    the step ``x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h} x_i + alpha_{i+1} S`` of multistep
+    DPM-Solver++ (``c = 1``) and of its SDE (``c = 1 + eta``; :mod:`steerdiff.solvers.dpmpp_sde`),
+    with ``W_j = hphi_scaled(j, h, c)``, ``h_0 = lam_i - lam_{i-1}`` and the divided differences
+    ``d_1``, ``d_2`` in ``lam``:
+
+        k = 1:               S = W_1 m_0
+        k = 2, "midpoint":   S = W_1 [m_0 + h/(2 h_0) (m_0 - m_1)]   (Lu et al. 2022b, Alg. 2)
+        k = 2, "heun":       S = W_1 m_0 + W_2 d_1
+        k = 3:               S = W_1 m_0 + W_2 d_1 + (theta W_3 + h_0 W_2) d_2
+
+    ``theta W_3`` is ``2 W_3`` (``"exact"``: the quadratic through the three estimates integrated
+    exactly), ``W_3`` (``"dpmsolver"``: the reference code's, k-diffusion's) or ``W_3 - h^2``
+    (``"diffusers"``: its SDE branch's).
+    """
+    w1 = hphi_scaled(1, h, c)
+    if k == 1:
+        return w1 * m[0]
+    h0 = lams[0] - lams[1]
+    if k == 2 and second == "midpoint":
+        r = h / (2 * h0)
+        return w1 * axpby(1 + r, m[0], -r, m[1])
+    d = divided_differences(m[:k], lams[:k])  # m_0, d_1 (, d_2)
+    w2 = hphi_scaled(2, h, c)
+    if k == 2:
+        return axpby(w1, m[0], w2, d[1])
+    w3 = hphi_scaled(3, h, c)
+    theta_w3 = {"exact": 2 * w3, "dpmsolver": w3, "diffusers": w3 - h * h}[third_order]
+    return w1 * m[0] + w2 * d[1] + (theta_w3 + h0 * w2) * d[2]
 
 
 @dataclass
@@ -64,7 +98,7 @@ class DPMSolverPPMultistep(Solver):
         who = type(self).__name__
         check_long_step(self, self.max_h, self.max_h_ratio)
         self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
-        self.third_order = choice(who, "third_order", self.third_order, list(_THIRD_ORDER))
+        self.third_order = choice(who, "third_order", self.third_order, THIRD_ORDERS[:2])
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -79,17 +113,5 @@ class DPMSolverPPMultistep(Solver):
         hist.push(model(x, grid.t[i], i).x0, grid.lam[i])
         m, lams = hist.values, hist.at
         k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
-        h = grid.h(i)
-        r, a = grid.sigma[i + 1] / grid.sigma[i], grid.alpha[i + 1]
-        if k == 1:
-            return axpby(r, x, a * hphi(1, h), m[0])
-        h0 = lams[0] - lams[1]
-        if k == 2:
-            c = h / (2 * h0)
-            return axpby(r, x, a * hphi(1, h), axpby(1 + c, m[0], -c, m[1]))
-        _, d1, d2 = divided_differences(m, lams)
-        return r * x + a * (
-            hphi(1, h) * m[0]
-            + hphi(2, h) * d1
-            + (_THIRD_ORDER[self.third_order] * hphi(3, h) + h0 * hphi(2, h)) * d2
-        )
+        est = multistep_estimate(m, lams, k, grid.h(i), 1.0, "midpoint", self.third_order)
+        return axpby(grid.sigma[i + 1] / grid.sigma[i], x, grid.alpha[i + 1], est)

@@ -49,13 +49,10 @@ from torch import Tensor
 from .._checks import boolean, choice, real
 from .._ops import axpby
 from ._exp import hphi_scaled, sde_decay, sde_std
-from ._poly import divided_differences
 from .base import Grid, History, Model, Solver, Transition, step_order
+from .dpmpp import SECOND_ORDERS, THIRD_ORDERS, multistep_estimate
 
 __all__ = ["DPMSolverSDE", "DPMSolverSDEMultistep"]
-
-_SOLVER_TYPES = ("midpoint", "heun")
-_THIRD_ORDER = ("exact", "dpmsolver", "diffusers")
 
 
 def _sde_step(grid: Grid, i: int, x: Tensor, s: Tensor, eta: float) -> Transition:
@@ -89,8 +86,8 @@ class DPMSolverSDEMultistep(Solver):
         super().__post_init__()
         who = type(self).__name__
         self.eta = real(who, "eta", self.eta, lo=0)
-        self.solver_type = choice(who, "solver_type", self.solver_type, _SOLVER_TYPES)
-        self.third_order = choice(who, "third_order", self.third_order, _THIRD_ORDER)
+        self.solver_type = choice(who, "solver_type", self.solver_type, SECOND_ORDERS)
+        self.third_order = choice(who, "third_order", self.third_order, THIRD_ORDERS)
         self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
 
     @property
@@ -108,21 +105,8 @@ class DPMSolverSDEMultistep(Solver):
         if grid.is_final_clean(i):
             return m[0]
         k = step_order(i, grid, self.order, len(m), self.lower_order_final)
-        h, c = grid.h(i), 1.0 + self.eta
-        w1 = hphi_scaled(1, h, c)
-        if k == 1:
-            return _sde_step(grid, i, x, w1 * m[0], self.eta)
-        h0 = lams[0] - lams[1]
-        if k == 2 and self.solver_type == "midpoint":
-            r = h / (2 * h0)
-            return _sde_step(grid, i, x, w1 * axpby(1 + r, m[0], -r, m[1]), self.eta)
-        d = divided_differences(m[:k], lams[:k])  # m_0, d_1 (, d_2)
-        w2 = hphi_scaled(2, h, c)
-        if k == 2:
-            return _sde_step(grid, i, x, axpby(w1, m[0], w2, d[1]), self.eta)
-        w3 = hphi_scaled(3, h, c)
-        theta_w3 = {"exact": 2 * w3, "dpmsolver": w3, "diffusers": w3 - h * h}[self.third_order]
-        return _sde_step(grid, i, x, w1 * m[0] + w2 * d[1] + (theta_w3 + h0 * w2) * d[2], self.eta)
+        est = multistep_estimate(m, lams, k, grid.h(i), 1.0 + self.eta, self.solver_type, self.third_order)
+        return _sde_step(grid, i, x, est, self.eta)
 
 
 @dataclass
