@@ -12,6 +12,7 @@ import torch
 
 import steerdiff as sd
 from steerdiff._checks import boolean, choice, integer, real
+from steerdiff._ops import first_false
 
 # --- real ------------------------------------------------------------------------------------------
 
@@ -201,3 +202,8 @@ def test_choice_and_boolean():
     for bad in ("no", 0, 1, None):
         with pytest.raises(ValueError, match=r"^UniPC: corrector must be True or False, got "):
             boolean("UniPC", "corrector", bad)
+
+
+def test_first_false_reads_the_flags_once():
+    assert first_false(torch.tensor([True, True])) is None
+    assert first_false(torch.tensor([True, False, True, False])) == 1

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .._checks import integer, real
+from .._ops import first_false
 from ..noise import make_noise
 
 __all__ = ["ChainInfo", "Kernel", "Normal", "Point", "StepSize", "Target", "chain", "snr_step_size"]
@@ -137,12 +138,10 @@ def check_step_sizes(chains: Sequence[ChainInfo]) -> None:
     """Raise a ``ValueError`` at the first run whose step size is not finite (from a zero or
     non-finite score norm in :func:`snr_step_size`); one host read for all of them."""
     sizes = [(c, s) for c in chains if isinstance(s := c.step_size, Tensor)]
-    if not sizes:
+    k = first_false(torch.isfinite(torch.stack([s for _, s in sizes]))) if sizes else None
+    if k is None:
         return
-    ok = torch.isfinite(torch.stack([s for _, s in sizes])).cpu()
-    if bool(ok.all()):
-        return
-    c, s = sizes[int((~ok).nonzero()[0])]
+    c, s = sizes[k]
     where = "" if c.t is None else f" at t={c.t:.6g}"
     raise ValueError(
         f"corrector{where}: the snr step size is {float(s)} (the score norm is 0 or not finite); "

@@ -77,6 +77,7 @@ from tqdm.auto import tqdm
 from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, integer, real
+from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
 from ..noise import GeneratorNoise, rand, randn
@@ -486,11 +487,8 @@ class _Run:
 
     def check_reward(self) -> None:
         """Raise ``ValueError`` naming the first node at which the reward was NaN/inf (one sync)."""
-        if not self.reward_ok:
-            return
-        ok = torch.stack(self.reward_ok).cpu()
-        if not bool(ok.all()):
-            k = int((~ok).nonzero()[0])
+        k = first_false(torch.stack(self.reward_ok)) if self.reward_ok else None
+        if k is not None:
             raise ValueError(
                 f"reward returned NaN or inf at node {self.reward_at[k]} (rewards must be finite)"
             )

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, integer, real
+from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..noise import GeneratorNoise, NoiseSource
 from ..processes import Process
@@ -257,12 +258,9 @@ class Model:
 
         One device sync for the whole run (the flags are stacked and read once).
         """
-        if not self._sums:
+        k = first_false(torch.isfinite(torch.stack(self._sums))) if self._sums else None
+        if k is None:
             return
-        ok = torch.isfinite(torch.stack(self._sums)).cpu()
-        if bool(ok.all()):
-            return
-        k = int((~ok).nonzero()[0])
         step, t = self._where[k]
         raise NonFiniteError(
             f"the model returned NaN/inf at step {step} (evaluation {k + 1}, process time t={t:.6g})"
