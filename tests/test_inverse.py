@@ -199,6 +199,10 @@ def test_bad_construction_and_no_pinv_for_zero_padding() -> None:
         Inpaint(torch.full((3,), 0.5))
     with pytest.raises(ValueError, match="shape_in"):
         Matrix(A_WIDE, shape_in=(2, 3))
+    with pytest.raises(ValueError, match=r"^Matrix: A must be a 2-D float tensor \(m, d\), got str$"):
+        Matrix("abc")
+    with pytest.raises(ValueError, match=r"^Matrix: A must be finite"):  # was a LinAlgError at first use
+        Matrix(torch.full((2, 4), math.nan, dtype=torch.float64))
     with pytest.raises(ValueError, match="shift"):
         OPERATORS["inpaint"].aat_solve(torch.zeros(1, *OPERATORS["inpaint"].shape_out), -1.0)
     with pytest.raises(NotImplementedError, match="circular"):

@@ -128,7 +128,9 @@ def repaint_sample(
             net runs in ``x_T``'s dtype, as in :func:`steerdiff.sample`.
         steps: grid nodes (``final="zero"``: the last step returns the denoised estimate).
         resample: ``U``, the passes over each jump interval (1: no resampling).
-        jump: ``j``, the jump length in grid steps.
+        jump: ``j``, the jump length in grid steps; from ``j >= steps`` on no noisy node is a
+            multiple of ``j`` past the first, so nothing is resampled (as Alg. 1 reads; the NFE,
+            :func:`repaint_nfe`, is then ``steps``).
         schedule: the grid's schedule (default ``"time_uniform"``, as DDPM).
         generator: all randomness (DDPM noise, forward jumps, replacement samples).
         return_info: also return a :class:`~steerdiff.SampleInfo` (NFE = :func:`repaint_nfe`).

@@ -137,9 +137,14 @@ class Matrix(LinearOperator):
 
     def __init__(self, A: Tensor, noise_std: float = 0.0, shape_in: Sequence[int] | None = None) -> None:
         super().__init__(noise_std)
-        A = torch.as_tensor(A)
+        try:
+            A = torch.as_tensor(A)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"Matrix: A must be a 2-D float tensor (m, d), got {type(A).__name__}") from None
         if A.ndim != 2 or not A.is_floating_point():
             raise ValueError(f"Matrix: A must be a 2-D float tensor (m, d), got {tuple(A.shape)} {A.dtype}")
+        if not bool(torch.isfinite(A).all()):
+            raise ValueError("Matrix: A must be finite (it has NaN or inf entries)")
         m, d = A.shape
         self.A = A
         self.shape_in = (d,) if shape_in is None else _shape("Matrix", "shape_in", shape_in)

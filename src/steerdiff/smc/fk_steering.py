@@ -23,7 +23,11 @@ correction is one more difference). ``lam = 0`` is the base sampler: no weights,
 ``sum`` and ``immediate`` compound the reward over the potential nodes, and the final correction
 divides that back out, so with potentials at every node the final weights degenerate (2-D
 nine-mode mixture, ``lam = 1``, 25 steps: final ESS 8-29 of 512 at ``interval = 1``, 60-175 at
-``interval = 5``); use them with a larger ``interval``.
+``interval = 5``); use them with a larger ``interval``. ``max`` too: its final correction divides
+out the product of the running maxima (3-component 2-D mixture, linear reward, ``lam = 1``, 100
+steps, 256 particles: at ``interval = 1`` final ESS 1.4-12 and a weighted-mean error of 2.8, at
+``interval = 25`` ESS ~180 and 0.18, ``difference`` at 1: 256 and 0.16). ``difference`` is the
+one for potentials at every node.
 """
 
 from __future__ import annotations
