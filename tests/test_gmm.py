@@ -303,3 +303,18 @@ def test_reference_ode_refuses_times_outside_the_process_range(kwargs, words):
         gmm.reference_ode(torch.zeros(2, 4, dtype=torch.float64), proc, **kwargs)
     msg = str(err.value)
     assert all(w in msg for w in words), msg
+
+
+def test_denoiser_on_image_shaped_samples():
+    """``denoiser(process, shape=(1, 4, 4))``: the same mixture on samples seen as 4x4 images (for the
+    image operators of ``sd.inverse``); a run equals the flat one exactly."""
+    gmm = sd.toy.default_benchmark_mixture(dim=16)
+    proc = sd.VP.scaled_linear()
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    flat = sd.sample(gmm.denoiser(proc), x, 6)
+    image = sd.sample(gmm.denoiser(proc, shape=(1, 4, 4)), x.reshape(8, 1, 4, 4), 6)
+    assert image.shape == (8, 1, 4, 4) and torch.equal(image.reshape(8, 16), flat)
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 5\) does not hold the mixture's dim = 16"):
+        gmm.denoiser(proc, shape=(1, 4, 5))
+    with pytest.raises(ValueError, match=r"shape\[1\] must be an integer >= 1, got 4.5"):
+        gmm.denoiser(proc, shape=(1, 4.5, 4))

@@ -22,7 +22,7 @@ smooth down to ``s = 0``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -185,15 +185,26 @@ class GaussianMixture:
             out = r @ (self.means - gain * mean) + xd * (r @ gain)
         return out.to(device=x.device, dtype=x.dtype).reshape(x.shape)
 
-    def denoiser(self, process: Process) -> Denoiser:
-        """The exact ``x0``-predicting :class:`Denoiser` under ``process`` (net time = process time)."""
+    def denoiser(self, process: Process, shape: Sequence[int] | None = None) -> Denoiser:
+        """The exact ``x0``-predicting :class:`Denoiser` under ``process`` (net time = process time), on
+        samples of ``shape`` (default ``(dim,)``; e.g. ``(1, 4, 4)`` for a 16-d mixture seen as images,
+        for the image operators of :mod:`steerdiff.inverse`): the mixture lives on the flattened sample."""
+        shape = (
+            (self.dim,)
+            if shape is None
+            else tuple(integer("denoiser", f"shape[{i}]", s, lo=1) for i, s in enumerate(shape))
+        )
+        if math.prod(shape) != self.dim:
+            raise ValueError(f"denoiser: shape {shape} does not hold the mixture's dim = {self.dim} entries")
 
         def net(x: Tensor, t: Tensor) -> Tensor:
-            return _at_times(
-                x, t, lambda xs, u: self.denoise(xs, float(process.alpha(u)), float(process.sigma(u)))
+            flat = x.reshape(x.shape[0], self.dim)
+            x0 = _at_times(
+                flat, t, lambda xs, u: self.denoise(xs, float(process.alpha(u)), float(process.sigma(u)))
             )
+            return x0.reshape(x.shape)
 
-        return Denoiser(net, process, prediction="x0", shape=(self.dim,))
+        return Denoiser(net, process, prediction="x0", shape=shape)
 
     def _vector(self, v: Tensor, size: int, name: str) -> Tensor:
         v = torch.as_tensor(v, dtype=F64)
