@@ -151,7 +151,14 @@ def test_brownian_tree_names_bad_arguments(args, words):
 
 
 @pytest.mark.parametrize("fn", ["randn", "rand"])
-def test_draw_refuses_a_list_of_generators(fn):
-    # before: AttributeError: 'list' object has no attribute 'device'
-    with pytest.raises(ValueError, match=r"generator must be None or a torch\.Generator here, got list"):
-        getattr(sd.noise, fn)((2, 3), [torch.Generator()] * 2, torch.float32, "cpu")
+def test_draw_takes_one_generator_per_row(fn):
+    # row b from generator[b], whatever the other rows (before: AttributeError on a list)
+    draw = getattr(sd.noise, fn)
+    rows = draw((3, 2, 4), [torch.Generator().manual_seed(s) for s in (5, 6, 7)], torch.float64, "cpu")
+    alone = draw((1, 2, 4), [torch.Generator().manual_seed(6)], torch.float64, "cpu")
+    assert torch.equal(rows[1:2], alone)
+    assert torch.equal(rows[0], draw((2, 4), torch.Generator().manual_seed(5), torch.float64, "cpu"))
+    with pytest.raises(ValueError, match=r"generator: 2 generators for a batch of 3 rows"):
+        draw((3, 2), [torch.Generator()] * 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"generator must be None, a torch\.Generator or a list of them"):
+        draw((2, 3), [torch.Generator(), 5], torch.float32, "cpu")

@@ -19,7 +19,7 @@ through ``model.noise``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -30,6 +30,7 @@ from ._checks import integer, ordered
 __all__ = [
     "BrownianTreeNoise",
     "GeneratorNoise",
+    "Generators",
     "NoiseSource",
     "PerSampleNoise",
     "make_noise",
@@ -42,32 +43,52 @@ def _draw_on(
     generator: torch.Generator | None, device: torch.device | str | None
 ) -> torch.device | str | None:
     """The device to draw on: ``generator``'s (``device`` without one); a ``ValueError`` naming
-    ``generator`` unless it is ``None`` or one ``torch.Generator``."""
+    ``generator`` unless it is ``None`` or one ``torch.Generator`` (a list's entries included)."""
     if generator is None:
         return device
     if not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be None or a torch.Generator here, got {type(generator).__name__}")
+        raise ValueError(
+            f"generator must be None, a torch.Generator or a list of them (one per row), got "
+            f"{type(generator).__name__}"
+        )
     return generator.device
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _draw(
+    fn: Callable[..., Tensor],
+    shape: Sequence[int],
+    generator: Generators,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Tensor:
+    """``fn(shape)`` on ``generator``'s device, moved to ``device``; a list of generators draws row
+    ``b`` (of ``shape[0]``) from ``generator[b]``."""
+    if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator: {len(generator)} generators for a batch of {shape[0]} rows")
+        return torch.stack([_draw(fn, shape[1:], g, dtype, device) for g in generator])
+    return fn(tuple(shape), generator=generator, dtype=dtype, device=_draw_on(generator, device)).to(device)
+
+
 def randn(
-    shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str
+    shape: Sequence[int], generator: Generators, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
     """``torch.randn(shape)`` drawn on ``generator``'s device, then moved to ``device`` (diffusers'
     ``randn_tensor`` convention): a CPU generator then gives the same numbers whatever the device
-    of the sample, where torch itself refuses a generator of another device."""
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=_draw_on(generator, device)).to(
-        device
-    )
+    of the sample, where torch itself refuses a generator of another device. A list of generators,
+    one per row of ``shape[0]``: row ``b`` from ``generator[b]`` (the same numbers whatever the other
+    rows)."""
+    return _draw(torch.randn, shape, generator, dtype, device)
 
 
 def rand(
-    shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | str
+    shape: Sequence[int], generator: Generators, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
-    """``torch.rand(shape)`` (uniform on [0, 1)) drawn on ``generator``'s device, as :func:`randn`."""
-    return torch.rand(tuple(shape), generator=generator, dtype=dtype, device=_draw_on(generator, device)).to(
-        device
-    )
+    """``torch.rand(shape)`` (uniform on [0, 1)) drawn as :func:`randn` draws."""
+    return _draw(torch.rand, shape, generator, dtype, device)
 
 
 class NoiseSource(Protocol):
@@ -107,11 +128,7 @@ class PerSampleNoise:
         self.generators = list(generators)
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        if like.shape[0] != len(self.generators):
-            raise ValueError(
-                f"generator: {len(self.generators)} generators for a batch of {like.shape[0]} samples"
-            )
-        return torch.stack([randn(like.shape[1:], g, like.dtype, like.device) for g in self.generators])
+        return randn(like.shape, self.generators, like.dtype, like.device)
 
 
 class BrownianTreeNoise:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .._checks import integer
 from ..denoiser import Denoiser
+from ..noise import Generators
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from .particles import (
@@ -75,7 +76,7 @@ class CoDe(SMCAlgorithm):
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         return _keep_best(ctx) if ctx.final else None
 
-    def resample(self, ctx: StepContext, log_w: Tensor, generator: torch.Generator | None) -> Tensor | None:
+    def resample(self, ctx: StepContext, log_w: Tensor, generator: Generators) -> Tensor | None:
         if ctx.i == 0:
             return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
         if ctx.i % self.block:
@@ -97,7 +98,7 @@ def best_of_n(
     x_T: Tensor | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **cond: Any,
 ) -> Particles:
@@ -129,7 +130,7 @@ def code(
     max_batch: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **cond: Any,
 ) -> Particles:

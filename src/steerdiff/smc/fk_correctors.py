@@ -77,7 +77,7 @@ from .. import schedules as _schedules
 from .._checks import boolean, integer, real
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided, same_process
-from ..noise import randn
+from ..noise import Generators, randn
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver, make_grid
 from . import resample as _resample
@@ -263,7 +263,7 @@ def fkc(
     x_T: Tensor | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **cond: Any,
 ) -> Particles:
@@ -296,7 +296,7 @@ def fkc(
         particles`` more with ``final="none"``), ``trace`` (``log_z`` as in the module docstring).
     """
     shape = _check_shape(shape)
-    _check_generator("fkc", generator)
+    _check_generator("fkc", generator, shape[0])
     n = integer("fkc", "particles", particles, lo=1)
     if kwargs is not None:  # per-row tensors (``batch`` rows) follow the particles, as ``**cond`` does
         kwargs = [_repeat_rows(kw, shape[0], n) if isinstance(kw, dict) else kw for kw in kwargs]
@@ -305,8 +305,7 @@ def fkc(
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
         grid = make_grid(comp.process, _schedules.get(schedule), integer("fkc", "steps", steps, lo=1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
-        x_T = randn((shape[0] * n, *shape[1:]), generator, dtype, device)
-        x_T = (scale * x_T).reshape(shape[0], n, *shape[1:])
+        x_T = scale * randn((shape[0], n, *shape[1:]), generator, dtype, device)
     return run_smc(
         comp, algorithm, shape, particles=particles, steps=steps, solver=solver, schedule=schedule,
         final=final, ess_threshold=ess_threshold, resampler=resampler, x_T=x_T, dtype=dtype,

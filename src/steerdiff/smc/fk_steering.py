@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .._checks import choice, integer, real
 from ..denoiser import Denoiser
+from ..noise import Generators
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from . import resample as _resample
@@ -142,7 +143,7 @@ def fk_steering(
     x_T: Tensor | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **cond: Any,
 ) -> Particles:

@@ -65,7 +65,7 @@ dimension is ``batch * particles`` is permuted; Python numbers are schedule cons
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -80,7 +80,7 @@ from .._checks import boolean, integer, real
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
-from ..noise import GeneratorNoise, rand, randn
+from ..noise import GeneratorNoise, Generators, PerSampleNoise, rand, randn
 from ..sampling import check_seeded
 from ..solvers.base import Grid, History, Model, Solver, Transition, make_grid, work_dtype
 from . import resample as _resample
@@ -181,7 +181,7 @@ class Particles:
         reward = None if self.reward is None else torch.take_along_dim(self.reward, indices, dim=1)
         return Particles(x, log_w, self.nfe, self.trace, reward)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, generator: Generators = None) -> Tensor:
         """One draw per batch row from the weighted particles (multinomial): ``(batch, *shape)``."""
         u = rand((self.batch, 1), generator, torch.float64, self.log_w.device)
         idx = _resample._inverse_cdf(self.log_w, u)
@@ -313,7 +313,7 @@ class SMCAlgorithm:
         """Incremental log-weight ``(batch, particles)`` of ``ctx.x`` at node ``ctx.i``, or ``None``."""
         return None
 
-    def resample(self, ctx: StepContext, log_w: Tensor, generator: torch.Generator | None) -> Tensor | None:
+    def resample(self, ctx: StepContext, log_w: Tensor, generator: Generators) -> Tensor | None:
         """Forced ancestor indices ``(batch, particles)`` at this node, or ``None`` (engine's rule)."""
         return None
 
@@ -520,16 +520,22 @@ def _flat_tr(tr: Transition, run: _Run) -> Transition:
     return Transition(run.flat(tr.mean), std)
 
 
-def _check_generator(who: str, generator: object) -> None:
-    """A ``ValueError`` naming ``generator`` unless it is ``None`` or one ``torch.Generator``: the
-    particle methods draw all their randomness from one generator (see :func:`run_smc`)."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(
-            f"{who}: generator must be None or one torch.Generator, got {type(generator).__name__}; "
-            "particle methods draw all their randomness (initial noise, step noise, resampling) from one "
-            "generator: a list of per-sample generators or a noise source, as steerdiff.sample takes, "
-            "is not supported"
-        )
+def _check_generator(who: str, generator: object, batch: int) -> None:
+    """A ``ValueError`` naming ``generator`` unless it is ``None``, one ``torch.Generator`` or a list
+    of ``batch`` of them (one per batch row; see :func:`run_smc`)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if (
+        isinstance(generator, Sequence)
+        and len(generator) == batch
+        and all(isinstance(g, torch.Generator) for g in generator)
+    ):
+        return
+    got = f"a list of {len(generator)}" if isinstance(generator, Sequence) else type(generator).__name__
+    raise ValueError(
+        f"{who}: generator must be None, one torch.Generator or a list of batch = {batch} of them (one "
+        f"per batch row), got {got}"
+    )
 
 
 def run_smc(
@@ -549,7 +555,7 @@ def run_smc(
     x_T: Tensor | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **cond: Any,
 ) -> Particles:
@@ -576,11 +582,12 @@ def run_smc(
             :func:`steerdiff.sample` (:func:`~steerdiff.solvers.base.work_dtype`): ``reward`` and
             the hooks see float32 particles and estimates.
         dtype, device: of the default ``x_T`` (torch's default dtype, CPU).
-        generator: the only source of randomness (initial noise, step noise, resampling): ``None``
-            or one ``torch.Generator``. A list of per-sample generators or a noise source, which
-            :func:`steerdiff.sample` accepts, is refused (``ValueError``): the resamplers and the
-            algorithms' ``resample`` hooks take one generator for all batch rows
-            (``(log_w, generator) -> indices``), and the steps draw one batch of noise for all rows.
+        generator: the only source of randomness (initial noise, step noise, resampling): ``None``,
+            one ``torch.Generator``, or a list of ``batch`` of them, one per batch row: row ``b``'s
+            particles, noise and resampling then come from ``generator[b]`` alone, so a row's result
+            is the same whatever the batch it runs in (as :func:`steerdiff.sample`'s per-sample
+            generators; :func:`steerdiff.noise.rand` / ``randn`` draw a list's rows so, and the
+            resamplers and ``resample`` hooks receive it as given).
         progress: show a tqdm bar.
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles.
 
@@ -591,10 +598,10 @@ def run_smc(
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
     if not isinstance(algorithm, SMCAlgorithm):
         raise ValueError(f"algorithm must be an SMCAlgorithm, got {type(algorithm).__name__}")
-    _check_generator(algorithm.name, generator)
     progress = boolean(algorithm.name, "progress", progress)
     shape = _check_shape(shape)
     batch, sample_shape = shape[0], shape[1:]
+    _check_generator(algorithm.name, generator, batch)
     if den.shape is not None and sample_shape != den.shape:
         raise ValueError(f"shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
     n_part = integer("run_smc", "particles", particles, lo=1)
@@ -616,7 +623,7 @@ def run_smc(
 
     if x_T is None:
         scale = math.hypot(grid.alpha[0], grid.sigma[0])
-        x = randn((rows, *sample_shape), generator, dtype, device)
+        x = randn((batch, n_part, *sample_shape), generator, dtype, device).reshape(rows, *sample_shape)
         if not math.isclose(scale, 1.0, rel_tol=1e-9):
             x = x * scale
     else:
@@ -632,7 +639,12 @@ def run_smc(
     cond = _repeat_rows(cond, batch, n_part)
     check_seeded(den, generator)
     evaluator = _Evaluator(den, max_batch)
-    noise = GeneratorNoise(generator)
+    per_row = None if generator is None or isinstance(generator, torch.Generator) else generator
+    noise = (
+        GeneratorNoise(generator)
+        if per_row is None
+        else PerSampleNoise([g for g in per_row for _ in range(n_part)])
+    )
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)
     run = _Run(grid, model, reward, batch, n_part, sample_shape, max_batch)

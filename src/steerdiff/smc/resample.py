@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..noise import rand
+from ..noise import Generators, rand
 
 __all__ = [
     "RESAMPLERS",
@@ -80,7 +80,7 @@ def _inverse_cdf(log_w: Tensor, u: Tensor) -> Tensor:
     return idx.clamp_(max=log_w.shape[1] - 1)
 
 
-def _uniform(log_w: Tensor, generator: torch.Generator | None, cols: int | None = None) -> Tensor:
+def _uniform(log_w: Tensor, generator: Generators, cols: int | None = None) -> Tensor:
     rows, n = log_w.shape
     return rand((rows, n if cols is None else cols), generator, torch.float64, log_w.device)
 
@@ -90,20 +90,20 @@ def _strata(log_w: Tensor) -> Tensor:
     return torch.arange(n, dtype=torch.float64, device=log_w.device)
 
 
-def multinomial(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def multinomial(log_w: Tensor, generator: Generators = None) -> Tensor:
     """``N`` i.i.d. draws from ``W`` per row: ``(batch, N)`` ancestor indices."""
     _check(log_w)
     return _inverse_cdf(log_w, _uniform(log_w, generator))
 
 
-def stratified(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def stratified(log_w: Tensor, generator: Generators = None) -> Tensor:
     """One draw per stratum ``[j/N, (j+1)/N)``: ``u_j = (j + U_j) / N`` (Kitagawa 1996)."""
     _check(log_w)
     n = log_w.shape[1]
     return _inverse_cdf(log_w, (_strata(log_w) + _uniform(log_w, generator)) / n)
 
 
-def systematic(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def systematic(log_w: Tensor, generator: Generators = None) -> Tensor:
     """One shared uniform per row: ``u_j = (j + U) / N`` (Carpenter, Clifford & Fearnhead 1999)."""
     _check(log_w)
     n = log_w.shape[1]
@@ -117,7 +117,7 @@ def indices_from_counts(counts: Tensor) -> Tensor:
     return torch.searchsorted(cum, slots, right=True)
 
 
-def residual(log_w: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def residual(log_w: Tensor, generator: Generators = None) -> Tensor:
     """``floor(N W_i)`` copies of each particle, the ``R`` left drawn multinomially from the
     residual weights ``N W_i - floor(N W_i)`` (Liu & Chen 1998)."""
     _check(log_w)

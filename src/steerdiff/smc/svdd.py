@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._checks import real
 from ..denoiser import Denoiser
-from ..noise import rand
+from ..noise import Generators, rand
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from . import resample as _resample
@@ -79,7 +79,7 @@ class SVDD(SMCAlgorithm):
         ctx.state["reward"] = r
         return self._log_select(r)
 
-    def resample(self, ctx: StepContext, log_w: Tensor, generator: torch.Generator | None) -> Tensor:
+    def resample(self, ctx: StepContext, log_w: Tensor, generator: Generators) -> Tensor:
         if ctx.i == 0:  # one x_T per batch row
             return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
         r = ctx.reward(ctx.x0)
@@ -104,7 +104,7 @@ def svdd(
     max_batch: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **cond: Any,
 ) -> Particles:

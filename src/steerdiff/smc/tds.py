@@ -60,6 +60,7 @@ from ..denoiser import Denoiser
 from ..guidance._measurement import MeasurementGuided
 from ..guidance.base import value_grad
 from ..inverse.operators import LinearOperator
+from ..noise import Generators
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver, Transition
 from . import resample as _resample
@@ -265,7 +266,7 @@ def tds(
     x_T: Tensor | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **cond: Any,
 ) -> Particles:
