@@ -182,7 +182,8 @@ class Particles:
         return Particles(x, log_w, self.nfe, self.trace, reward)
 
     def sample(self, generator: Generators = None) -> Tensor:
-        """One draw per batch row from the weighted particles (multinomial): ``(batch, *shape)``."""
+        """One draw per batch row from the weighted particles (multinomial): ``(batch, *shape)``;
+        ``generator``: one, or one per batch row."""
         u = rand((self.batch, 1), generator, torch.float64, self.log_w.device)
         idx = _resample._inverse_cdf(self.log_w, u)
         return self.resample(idx).x[:, 0]
