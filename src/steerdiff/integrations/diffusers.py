@@ -519,7 +519,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._solver = None if solver is None else _solvers.get(solver)  # None: per step count
         self._schedule = _schedules.get(schedule)
         self.register_to_config(solver=_describe(solver), schedule=_describe(schedule))
-        self._den = _denoiser(_Recorded(), _spec(dict(self.config)))
+        self._model = _spec(dict(self.config))  # the model the config describes (read once)
+        self._den = _denoiser(_Recorded(), self._model)
         self.noise = noise
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -623,7 +624,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             )
         schedule, steps = self._schedule, num_inference_steps
         if num_inference_steps is None:
-            nodes = _custom_times(_spec(dict(self.config)), dict(self.config), timesteps, sigmas, mu)
+            nodes = _custom_times(self._model, dict(self.config), timesteps, sigmas, mu)
             schedule, steps = _schedules.Custom(nodes), len(nodes) - (self.config.final == "none")
         grid = make_grid(self._den.process, schedule, steps, self.config.final)
         scale = self.config.guidance_scale

@@ -640,11 +640,9 @@ def run_smc(
     cond = _repeat_rows(cond, batch, n_part)
     check_seeded(den, generator)
     evaluator = _Evaluator(den, max_batch)
-    per_row = None if generator is None or isinstance(generator, torch.Generator) else generator
+    one = generator is None or isinstance(generator, torch.Generator)
     noise = (
-        GeneratorNoise(generator)
-        if per_row is None
-        else PerSampleNoise([g for g in per_row for _ in range(n_part)])
+        GeneratorNoise(generator) if one else PerSampleNoise([g for g in generator for _ in range(n_part)])
     )
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)
