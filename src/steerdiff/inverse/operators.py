@@ -318,16 +318,22 @@ class Blur(LinearOperator):
             # a real kernel's gains are Hermitian: the real FFT's half spectrum carries them
             self._mag2, self._pinv_gain = mag2[:, : W // 2 + 1], pinv_gain[:, : W // 2 + 1]
 
-    def _correlate(self, x: Tensor, weight: Tensor, pad: tuple[int, int, int, int]) -> Tensor:
+    def _correlate(self, x: Tensor, flip: bool, pad: tuple[int, int, int, int]) -> Tensor:
+        """Correlation of ``x`` with the kernel (flipped: convolution), its weight cached on ``x``'s device."""
         H, W = self.shape_in[-2:]
+        weight = self._on(
+            "flipped" if flip else "kernel",
+            x,
+            lambda device, dtype: (self.kernel.flip(0, 1) if flip else self.kernel).to(device, dtype)[None, None],
+        )
         xp = F.pad(x.reshape(-1, 1, H, W), pad, mode=self._mode)
-        return F.conv2d(xp, weight.to(x)[None, None]).reshape(x.shape)
+        return F.conv2d(xp, weight).reshape(x.shape)
 
     def _forward(self, x: Tensor) -> Tensor:
-        return self._correlate(x, self.kernel.flip(0, 1), self._pad_fwd)
+        return self._correlate(x, True, self._pad_fwd)
 
     def _adjoint(self, y: Tensor) -> Tensor:
-        return self._correlate(y, self.kernel, self._pad_adj)
+        return self._correlate(y, False, self._pad_adj)
 
     def _gain(self, method: str, y: Tensor) -> Tensor:
         """``method``'s spectral gain on ``y``'s device (``"pinv"``: ``conj(K) / |K|^2`` over the kept
