@@ -1,12 +1,17 @@
-"""Tensor helpers for the per-step hot path: fused arithmetic, and the one host read of a run's
-deferred checks."""
+"""Tensor helpers for the per-step hot path: fused arithmetic, tensors kept per device, and the one
+host read of a run's deferred checks."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["axpby", "first_false"]
+__all__ = ["axpby", "first_false", "kept"]
+
+T = TypeVar("T")
 
 
 def axpby(a: float | Tensor, x: Tensor, b: float | Tensor, y: Tensor) -> Tensor:
@@ -17,6 +22,17 @@ def axpby(a: float | Tensor, x: Tensor, b: float | Tensor, y: Tensor) -> Tensor:
     if isinstance(a, float) and isinstance(b, float):
         return torch.mul(x, a).add_(y, alpha=b)
     return a * x + b * y
+
+
+def kept(cache: dict[Hashable, T], key: Hashable, make: Callable[[], T]) -> T:
+    """``cache[key]``, made by ``make()`` on first use (a table or a constant copied to a device once,
+    not at every step, where a host-to-device copy is a sync). Made outside inference mode: a tensor
+    made under ``torch.inference_mode`` and kept could not be saved for backward by a later run."""
+    value = cache.get(key)
+    if value is None:
+        with torch.inference_mode(False):
+            value = cache[key] = make()
+    return value
 
 
 def first_false(ok: Tensor) -> int | None:

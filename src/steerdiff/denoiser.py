@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._ops import axpby
+from ._ops import axpby, kept
 from .processes import Process
 
 __all__ = ["PREDICTIONS", "Denoiser", "Prediction"]
@@ -183,14 +183,14 @@ class Denoiser:
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         if isinstance(t, Tensor) and t.ndim > 0:
             return self.time_map(t.to(torch.float64)).to(device=x.device, dtype=dtype).expand(x.shape[0])
-        key = (float(t), x.device, dtype, x.shape[0])
-        tm = self._times.get(key)
-        if tm is None:
-            if len(self._times) > _CACHE_SIZE:
-                self._times.clear()
-            tm = self.time_map(torch.tensor(key[0], dtype=torch.float64)).to(x.device, dtype)
-            tm = self._times[key] = tm.expand(x.shape[0])
-        return tm
+        if len(self._times) > _CACHE_SIZE:
+            self._times.clear()
+
+        def make() -> Tensor:  # a fill on the device: no host-to-device copy
+            value = float(self.time_map(torch.tensor(float(t), dtype=torch.float64)))
+            return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
+
+        return kept(self._times, (float(t), x.device, dtype, x.shape[0]), make)
 
     def coefficients(self, t: float | Tensor, x: Tensor) -> tuple[Tensor | float, ...]:
         """``(alpha, sigma, d_alpha, d_sigma)`` at ``t``: floats for a scalar time, else per-sample tensors

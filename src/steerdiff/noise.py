@@ -65,11 +65,15 @@ def _draw(
     device: torch.device | str,
 ) -> Tensor:
     """``fn(shape)`` on ``generator``'s device, moved to ``device``; a list of generators draws row
-    ``b`` (of ``shape[0]``) from ``generator[b]``."""
+    ``b`` (of ``shape[0]``) from ``generator[b]``, the rows stacked on the generators' device and
+    moved once."""
     if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):
         if len(generator) != shape[0]:
             raise ValueError(f"generator: {len(generator)} generators for a batch of {shape[0]} rows")
-        return torch.stack([_draw(fn, shape[1:], g, dtype, device) for g in generator])
+        rows = [fn(tuple(shape[1:]), generator=g, dtype=dtype, device=_draw_on(g, device)) for g in generator]
+        if len({r.device for r in rows}) > 1:
+            rows = [r.to(device) for r in rows]
+        return torch.stack(rows).to(device)
     return fn(tuple(shape), generator=generator, dtype=dtype, device=_draw_on(generator, device)).to(device)
 
 

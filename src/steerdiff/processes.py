@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._checks import boolean, choice, integer, ordered, real, real_array
+from ._ops import kept
 
 if TYPE_CHECKING:
     from .denoiser import Denoiser
@@ -242,18 +243,25 @@ class VPDiscrete(VP):
         self.alphas_cumprod = ac
         self.num_train_timesteps = ac.numel()
         self._lams = 0.5 * (torch.log(ac) - torch.log1p(-ac))
+        self._lams_on: dict[torch.device, Tensor] = {self._lams.device: self._lams}
         self.t_min = 0.0
         self.t_max = float(self.num_train_timesteps - 1)
+
+    def _table(self, like: Tensor) -> Tensor:
+        """``lam`` at the integer timesteps on ``like``'s device (per-sample times on an accelerator),
+        copied once per device."""
+        return kept(self._lams_on, like.device, lambda: self._lams.to(like.device))
 
     def lam(self, t: TimeLike) -> Tensor:
         t = _f64(t).clamp(self.t_min, self.t_max)
         lo = t.floor().clamp(max=self.t_max - 1).long()
         w = t - lo
-        return (1 - w) * self._lams[lo] + w * self._lams[lo + 1]
+        lams = self._table(t)
+        return (1 - w) * lams[lo] + w * lams[lo + 1]
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
         lam = _f64(lam)
-        rev = self._lams.flip(0)  # increasing
+        rev = self._table(lam).flip(0)  # increasing
         lam_c = lam.clamp(rev[0], rev[-1])
         j = torch.searchsorted(rev, lam_c, right=False).clamp(1, rev.numel() - 1)
         lo, hi = rev[j - 1], rev[j]
@@ -263,7 +271,8 @@ class VPDiscrete(VP):
 
     def _dlog_alpha(self, t: Tensor) -> Tensor:
         lo = t.clamp(self.t_min, self.t_max).floor().clamp(max=self.t_max - 1).long()
-        slope = self._lams[lo + 1] - self._lams[lo]
+        lams = self._table(lo)
+        slope = lams[lo + 1] - lams[lo]
         return self.sigma(t) ** 2 * slope
 
     def __repr__(self) -> str:
@@ -501,8 +510,10 @@ class MeanReverting(Process):
         mu = torch.as_tensor(mu)
         lam = self.stationary_std
 
+        mu_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # mu copied once per device and dtype
+
         def y_net(y: Tensor, t: Tensor, **cond: Any) -> Tensor:
-            m = mu.to(device=y.device, dtype=y.dtype)
+            m = kept(mu_on, (y.device, y.dtype), lambda: mu.to(device=y.device, dtype=y.dtype))
             f = net(y + m, t, mu=m, **cond)
             if prediction == "x0":
                 return f - m

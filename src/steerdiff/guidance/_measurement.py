@@ -65,6 +65,8 @@ class MeasurementGuided(Guided):
         s = operator.noise_std if noise_std is None else noise_std
         self.operator = operator
         self.y = y.detach()
+        # (the y it was made from, y on a device and dtype) per device and dtype asked for
+        self._y: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.noise_std = real(who, "noise_std", s, lo=0)
 
     def observation(self, x: Tensor) -> Tensor:
@@ -74,7 +76,11 @@ class MeasurementGuided(Guided):
             raise ValueError(
                 f"{who}: x has sample shape {tuple(x.shape[1:])}, the operator acts on {op.shape_in}"
             )
-        y = self.y.to(device=x.device, dtype=x.dtype)
+        source, y = self._y.get((x.device, x.dtype), (None, None))
+        if source is not self.y:  # first use on this device and dtype, or y was replaced
+            with torch.inference_mode(False):  # kept for later runs, which may need autograd
+                y = self.y.to(device=x.device, dtype=x.dtype)
+            self._y[x.device, x.dtype] = (self.y, y)
         if y.shape == op.shape_out:
             return y.expand(x.shape[0], *op.shape_out)
         if y.shape[0] != x.shape[0]:

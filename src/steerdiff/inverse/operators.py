@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import choice, integer, real
+from .._ops import kept
 
 __all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
 
@@ -59,11 +60,9 @@ class LinearOperator:
         self._cache: dict[tuple[str, torch.device, torch.dtype], Any] = {}
 
     def _on(self, key: str, like: Tensor, make: Callable[[torch.device, torch.dtype], Any]) -> Any:
-        """``make(like.device, like.dtype)``, built once per ``(key, device, dtype)`` and kept."""
-        k = (key, like.device, like.dtype)
-        if k not in self._cache:
-            self._cache[k] = make(like.device, like.dtype)
-        return self._cache[k]
+        """``make(like.device, like.dtype)``, built once per ``(key, device, dtype)`` and kept
+        (:func:`~steerdiff._ops.kept`)."""
+        return kept(self._cache, (key, like.device, like.dtype), lambda: make(like.device, like.dtype))
 
     def _check(self, t: Tensor, shape: tuple[int, ...], arg: str) -> None:
         if not isinstance(t, Tensor) or t.ndim < 1 or tuple(t.shape[1:]) != shape:
@@ -173,11 +172,14 @@ class Matrix(LinearOperator):
 
         return self._on("svd", like, make)
 
+    def _matrix(self, like: Tensor) -> Tensor:
+        return self._on("A", like, lambda device, dtype: self.A.to(device=device, dtype=dtype))
+
     def _forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1) @ self.A.to(x).T
+        return x.flatten(1) @ self._matrix(x).T
 
     def _adjoint(self, y: Tensor) -> Tensor:
-        return (y @ self.A.to(y)).reshape(-1, *self.shape_in)
+        return (y @ self._matrix(y)).reshape(-1, *self.shape_in)
 
     def _pinv(self, y: Tensor) -> Tensor:
         U, _, inv, Vh = self._factors(y)
@@ -319,13 +321,10 @@ class Blur(LinearOperator):
             self._mag2, self._pinv_gain = mag2[:, : W // 2 + 1], pinv_gain[:, : W // 2 + 1]
 
     def _correlate(self, x: Tensor, flip: bool, pad: tuple[int, int, int, int]) -> Tensor:
-        """Correlation of ``x`` with the kernel (flipped: convolution), its weight cached on ``x``'s device."""
+        """Correlation of ``x`` with the kernel (flipped: convolution), the weight cached per device."""
         H, W = self.shape_in[-2:]
-        weight = self._on(
-            "flipped" if flip else "kernel",
-            x,
-            lambda device, dtype: (self.kernel.flip(0, 1) if flip else self.kernel).to(device, dtype)[None, None],
-        )
+        kernel = self.kernel.flip(0, 1) if flip else self.kernel
+        weight = self._on("flipped" if flip else "kernel", x, lambda d, dt: kernel.to(d, dt)[None, None])
         xp = F.pad(x.reshape(-1, 1, H, W), pad, mode=self._mode)
         return F.conv2d(xp, weight).reshape(x.shape)
 
