@@ -202,6 +202,30 @@ def test_tds_per_row_observations_and_any_operator():
         assert float(out.log_z[row]) == pytest.approx(log_z, abs=0.12)
 
 
+@pytest.mark.parametrize("twist", ["operator", "log_likelihood"])
+def test_tds_under_no_grad_equals_the_run_with_grad(twist):
+    """Pipelines sample under ``no_grad``: the x0-based twists differentiate inside the run all the same
+    (the leaf used to be made outside the grad context: a RuntimeError); ``inference_mode`` is refused
+    by name."""
+    if twist == "operator":
+        kw = {"operator": sd.inverse.Matrix(A), "y": Y, "noise_std": S}
+    else:
+        kw = {"log_likelihood": lambda x0: -((x0 @ A.T - Y) ** 2).sum(1) / (2 * S * S)}
+
+    def run() -> sd.smc.Particles:
+        return sd.smc.tds(
+            DEN, **kw, shape=(3, 2), particles=4, steps=STEPS, solver=SOLVER, generator=gen(), dtype=F64
+        )
+
+    with torch.no_grad():
+        quiet = run()
+    loud = run()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        run()
+    torch.testing.assert_close(quiet.x, loud.x, rtol=0, atol=0)
+    torch.testing.assert_close(quiet.log_w, loud.log_w, rtol=0, atol=0)
+
+
 # --- TDS: classifiers ----------------------------------------------------------------------------------
 
 MEANS = torch.tensor([[-2.0, 0.0], [-1.0, 1.5], [1.5, -1.0], [2.0, 1.0]], dtype=F64)

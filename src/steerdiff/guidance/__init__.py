@@ -1,6 +1,6 @@
 """Guidance: denoisers that wrap a denoiser and steer it (every solver works with every guidance)."""
 
-from .base import Guided, add_score, denoise_with_grad, require_grad, with_estimate
+from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
 from .cfg import CADS, CFG, pcg
 from .classifier import ClassifierGuidance, RewardGuidance, SelfRecurrence
 from .dps import DPS
@@ -23,9 +23,9 @@ __all__ = [
     "SelfRecurrence",
     "add_score",
     "denoise_with_grad",
+    "grad_on",
     "pcg",
     "repaint_nfe",
     "repaint_sample",
-    "require_grad",
     "with_estimate",
 ]

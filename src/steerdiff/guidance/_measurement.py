@@ -24,7 +24,7 @@ from torch import Tensor
 from .._checks import real
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
-from .base import Guided, denoise_with_grad, with_estimate
+from .base import Guided, denoise_with_grad, grad_on, with_estimate
 
 __all__ = ["MeasurementGuided"]
 
@@ -120,13 +120,18 @@ class MeasurementGuided(Guided):
         x: Tensor,
         t: float | Tensor,
         weight: Callable[[Tensor, Prediction], Tensor],
+        net_dtype: torch.dtype | None = None,
+        /,
         **cond: Any,
     ) -> tuple[Prediction, Tensor]:
-        """``(pred, g)``: the base prediction at ``x`` (detached) and ``g = J^T A^T w``, with
-        ``J = d x0_hat / d x_t`` and ``w = weight(r, pred)`` (held fixed) for ``r = y - A x0_hat``."""
+        """``(pred, g)``: the base prediction at ``x`` (detached; its net in ``net_dtype``, default
+        ``x``'s) and ``g = J^T A^T w``, with ``J = d x0_hat / d x_t`` and ``w = weight(r, pred)`` (held
+        fixed) for ``r = y - A x0_hat``, in ``x``'s dtype."""
         y = self.observation(x)
-        xr, pred = denoise_with_grad(type(self).__name__, self.base, x, t, **cond)
-        ax0 = self.operator.forward(pred.x0)
-        w = weight(y - ax0.detach(), pred).detach()
-        (g,) = torch.autograd.grad((ax0 * w).sum(), xr)
+        who = type(self).__name__
+        with grad_on(who, x):
+            xr, pred = denoise_with_grad(who, self.base, x, t, net_dtype, **cond)
+            ax0 = self.operator.forward(pred.x0)
+            w = weight(y - ax0.detach(), pred).detach()
+            (g,) = torch.autograd.grad((ax0 * w).sum(), xr)
         return with_estimate(pred, x=x, x0=pred.x0.detach(), detach=True), g

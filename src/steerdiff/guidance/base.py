@@ -12,7 +12,12 @@ Most methods steer through the score. With ``x_t = alpha x0 + sigma eps`` and Tw
     eps' = eps - sigma g,        x0' = x0 + (sigma^2 / alpha) g,
 
 which :func:`add_score` applies. Gradients through the network come from :func:`denoise_with_grad`,
-which fails clearly when autograd is off.
+taken under :func:`grad_on`: autograd is switched on for them also under an outer ``torch.no_grad()``
+(pipelines sample under it), and refused clearly under ``torch.inference_mode()`` and where ``x``
+itself is being differentiated through (the guidance gradient would need a second-order graph).
+
+A wrapper implements :meth:`Guided.evaluate`: its base's nets run in ``net_dtype`` (half precision
+under a float32 solver state), its own arithmetic in ``x``'s dtype.
 
 A steered prediction is rebuilt with :func:`with_estimate`, which keeps the base prediction's
 learned-variance interpolation ``var_interp`` (Improved DDPM; what the DDPM sampler uses), so a
@@ -23,6 +28,8 @@ assigns its own.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -34,7 +41,7 @@ __all__ = [
     "Guided",
     "add_score",
     "denoise_with_grad",
-    "require_grad",
+    "grad_on",
     "same_process",
     "value_grad",
     "with_estimate",
@@ -72,6 +79,11 @@ class Guided(Denoiser):
         self._cost = value
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        return self.evaluate(x, t, x.dtype, **cond)
+
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        """The guided prediction at ``x``, ``base``'s nets run in ``net_dtype`` (``base.evaluate``), the
+        guidance's own arithmetic in ``x``'s dtype. Subclasses implement it."""
         raise NotImplementedError
 
     def unseeded(self) -> list[str]:
@@ -82,13 +94,27 @@ class Guided(Denoiser):
         return f"{type(self).__name__}({self.base!r})"
 
 
-def require_grad(who: str) -> None:
-    """Raise a clear error when autograd is off (``torch.no_grad`` / ``torch.inference_mode``)."""
-    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+@contextmanager
+def grad_on(who: str, x: Tensor) -> Iterator[None]:
+    """Autograd on for a guidance gradient at ``x``, also under an outer ``torch.no_grad()``.
+
+    Refused with a clear error under ``torch.inference_mode()`` (no tensor made there can be
+    differentiated) and when ``x`` is itself being differentiated through (grad mode on and ``x``
+    requiring grad: the gradient of the guided output would need the guidance gradient's own graph,
+    which is not built, and would silently be wrong)."""
+    if torch.is_inference_mode_enabled():
         raise RuntimeError(
-            f"{who} needs gradients with respect to x, but autograd is disabled (the sampler runs under "
-            "torch.no_grad() or torch.inference_mode()); call steerdiff.sample outside those contexts"
+            f"{who} needs gradients with respect to x, but the sampler runs under torch.inference_mode(); "
+            "call steerdiff.sample outside it (torch.no_grad() is fine)"
         )
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            f"{who}: x requires grad (a backward pass through the sampler, or a method that differentiates "
+            f"the denoised estimate); differentiating through {who}'s own gradient is not supported: sample "
+            "from a detached x_T or under torch.no_grad()"
+        )
+    with torch.enable_grad():
+        yield
 
 
 def value_grad(who: str, what: str, value: Tensor, x: Tensor) -> Tensor:
@@ -104,17 +130,23 @@ def value_grad(who: str, what: str, value: Tensor, x: Tensor) -> Tensor:
 
 
 def denoise_with_grad(
-    who: str, den: Denoiser, x: Tensor, t: float | Tensor, **cond: Any
+    who: str,
+    den: Denoiser,
+    x: Tensor,
+    t: float | Tensor,
+    net_dtype: torch.dtype | None = None,
+    /,
+    **cond: Any,
 ) -> tuple[Tensor, Prediction]:
-    """``(x_leaf, pred)``: the prediction at a differentiable copy ``x_leaf`` of ``x``.
+    """``(x_leaf, pred)``: the prediction at a differentiable copy ``x_leaf`` of ``x``, the net run in
+    ``net_dtype`` (default ``x``'s). Call it under :func:`grad_on`.
 
     ``pred.x0`` and ``pred.eps`` carry the graph back to ``x_leaf``; differentiate a function of them
-    with ``torch.autograd.grad(..., x_leaf)``. Raises if autograd is off or the net's output does not
-    depend on ``x`` differentiably.
+    with ``torch.autograd.grad(..., x_leaf)``. Raises if the net's output does not depend on ``x``
+    differentiably.
     """
-    require_grad(who)
     xr = x.detach().requires_grad_(True)
-    pred = den(xr, t, **cond)
+    pred = den.evaluate(xr, t, x.dtype if net_dtype is None else net_dtype, **cond)
     if not pred.given.requires_grad:
         raise RuntimeError(
             f"{who} needs gradients through the network, but its output is detached from x "

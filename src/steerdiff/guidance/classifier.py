@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .._checks import integer, real
@@ -37,7 +38,7 @@ from ..denoiser import Denoiser, Prediction
 from ..noise import BrownianTreeNoise
 from ..solvers import get as get_solver
 from ..solvers.base import Grid, Model, Solver, Transition
-from .base import Guided, add_score, denoise_with_grad, require_grad, value_grad, with_estimate
+from .base import Guided, add_score, denoise_with_grad, grad_on, value_grad, with_estimate
 
 __all__ = ["ClassifierGuidance", "RewardGuidance", "SelfRecurrence"]
 
@@ -81,13 +82,15 @@ class ClassifierGuidance(Guided):
         self.log_prob_y = log_prob_y
         self.scale = real("ClassifierGuidance", "scale", scale, lo=0)
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        pred = self.base(x, t, **cond)
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        """The classifier, a network, sees ``x`` in ``net_dtype`` as the denoiser's net does."""
+        pred = self.base.evaluate(x, t, net_dtype, **cond)
         if self.scale == 0:
             return pred
-        require_grad("ClassifierGuidance")
-        xr = x.detach().requires_grad_(True)
-        g = _gradient("ClassifierGuidance", "log_prob_y", self.log_prob_y(xr, t, **cond), xr)
+        with grad_on("ClassifierGuidance", x):
+            xr = x.detach().requires_grad_(True)
+            value = self.log_prob_y(xr.to(net_dtype), t, **cond)
+            g = _gradient("ClassifierGuidance", "log_prob_y", value, xr)
         return add_score(_detached(pred), self.scale * g)
 
     def __repr__(self) -> str:
@@ -113,11 +116,13 @@ class RewardGuidance(Guided):
         self.reward = reward
         self.scale = real("RewardGuidance", "scale", scale, lo=0)
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        """The reward, a network, sees ``x0`` in ``net_dtype`` as the denoiser's net does."""
         if self.scale == 0:
-            return self.base(x, t, **cond)
-        xr, pred = denoise_with_grad("RewardGuidance", self.base, x, t, **cond)
-        g = _gradient("RewardGuidance", "reward", self.reward(pred.x0), xr)
+            return self.base.evaluate(x, t, net_dtype, **cond)
+        with grad_on("RewardGuidance", x):
+            xr, pred = denoise_with_grad("RewardGuidance", self.base, x, t, net_dtype, **cond)
+            g = _gradient("RewardGuidance", "reward", self.reward(pred.x0.to(net_dtype)), xr)
         return add_score(_detached(pred), self.scale * g)
 
     def __repr__(self) -> str:

@@ -88,13 +88,16 @@ class DPS(MeasurementGuided):
         norm = r.flatten(1).norm(dim=1).reshape(-1, *([1] * (r.ndim - 1)))
         return torch.where(norm > 0, r / norm.clamp_min(torch.finfo(r.dtype).tiny), 0.0)
 
-    def likelihood_score(self, x: Tensor, t: float | Tensor, **cond: Any) -> tuple[Prediction, Tensor]:
-        """``(pred, g)``: the base prediction (detached) and the guidance ``g`` (``scale`` included)."""
-        pred, g = self.vjp_score(x, t, self._weight, **cond)
+    def likelihood_score(
+        self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype | None = None, /, **cond: Any
+    ) -> tuple[Prediction, Tensor]:
+        """``(pred, g)``: the base prediction (detached; its net in ``net_dtype``, default ``x``'s) and
+        the guidance ``g`` (``scale`` included)."""
+        pred, g = self.vjp_score(x, t, self._weight, net_dtype, **cond)
         return pred, self.scale * g
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        return add_score(*self.likelihood_score(x, t, **cond))
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        return add_score(*self.likelihood_score(x, t, net_dtype, **cond))
 
     def __repr__(self) -> str:
         return f"DPS({self.base!r}, scale={self.scale}, variant={self.variant!r})"

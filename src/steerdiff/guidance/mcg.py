@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
@@ -63,8 +64,11 @@ class MCG(DPS):
         except NotImplementedError as err:
             raise ValueError(f"MCG: the operator has no pseudo-inverse ({err})") from err
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        pred = self.base(x, t, **cond) if self.scale == 0 else super().__call__(x, t, **cond)
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        if self.scale == 0:
+            pred = self.base.evaluate(x, t, net_dtype, **cond)
+        else:
+            pred = super().evaluate(x, t, net_dtype, **cond)
         return with_estimate(pred, x0=self.project(pred.x0.detach()))
 
     def __repr__(self) -> str:

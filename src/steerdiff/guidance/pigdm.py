@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .._checks import real
@@ -65,8 +66,8 @@ class PiGDM(MeasurementGuided):
         """``(r_t^2 A A^T + s^2 I)^{-1} r`` (one solve, with one shift per sample if ``t`` is per sample)."""
         return self.gaussian_weight(r, pred.alpha, pred.sigma)
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        pred, g = self.vjp_score(x, t, self._weight, **cond)
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        pred, g = self.vjp_score(x, t, self._weight, net_dtype, **cond)
         return add_score(pred, self.scale * g)
 
     def __repr__(self) -> str:

@@ -64,8 +64,8 @@ class DynamicThreshold(Guided):
         s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         return torch.maximum(torch.minimum(x0, s), -s) / s
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        pred = self.base(x, t, **cond)
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        pred = self.base.evaluate(x, t, net_dtype, **cond)
         return with_estimate(pred, x0=self.threshold(pred.x0))
 
     def __repr__(self) -> str:

@@ -174,15 +174,18 @@ class Composition(Guided):
         self.max_batch = max_batch
         self.cost = sum(d.cost for d in self.dens)
 
-    def _eps(self, k: int, x: Tensor, t: float | Tensor, cond: dict[str, Any]) -> Tensor:
+    def _eps(self, k: int, x: Tensor, t: float | Tensor, dtype: torch.dtype, cond: dict[str, Any]) -> Tensor:
         den, kw = self.dens[k], {**cond, **self.kwargs[k]}
-        out = [den(xs, ts, **cs).eps for xs, ts, cs in _row_chunks(self.max_batch, x, t, kw)]
+        out = [den.evaluate(xs, ts, dtype, **cs).eps for xs, ts, cs in _row_chunks(self.max_batch, x, t, kw)]
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> ComposedPrediction:
+    def evaluate(
+        self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any
+    ) -> ComposedPrediction:
+        """The components' nets in ``net_dtype``, their combination in ``x``'s dtype."""
         parts, cost = [], 0
         for k, den in enumerate(self.dens):
-            parts.append(self._eps(k, x, t, cond))
+            parts.append(self._eps(k, x, t, net_dtype, cond))
             cost += den.cost  # read after the call: a component's cost may vary (a CFG interval)
         self.cost = cost
         eps = self.betas[0] * parts[0]

@@ -614,6 +614,11 @@ def run_smc(
         _check_reward(reward)
     resample_fn = _resample.get(resampler)
     slv = _solvers.get(solver)
+    if algorithm.grad and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{algorithm.name} differentiates the denoised estimate, which torch.inference_mode() forbids; "
+            "run it outside (torch.no_grad() is fine)"
+        )
     if algorithm.stochastic and not slv.stochastic:
         raise ValueError(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
@@ -679,10 +684,10 @@ def run_smc(
     indices = tqdm(range(steps), desc=algorithm.name, leave=False) if progress else range(steps)
     for i in indices:
         leaf = None
-        if algorithm.grad:
-            leaf = run.rows(x).detach().requires_grad_(True)
-            x = run.flat(leaf)
-        with grad_ctx():
+        with grad_ctx():  # the leaf and x from it too: under an outer no_grad x would be cut off
+            if algorithm.grad:
+                leaf = run.rows(x).detach().requires_grad_(True)
+                x = run.flat(leaf)
             evaluator.watch, evaluator.seen = (x, grid.t[i]), None
             inner.calls = 0
             out = slv.step(model, x, i, grid, solver_state)
