@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._checks import integer, real
+from .noise import randn
 
 __all__ = ["floor", "frechet_distance", "mmd", "relative_rmse", "sliced_wasserstein"]
 
@@ -54,7 +55,7 @@ def sliced_wasserstein(
     """
     x, y = _pair(x, y, "sliced_wasserstein")
     projections = integer("sliced_wasserstein", "projections", projections, lo=1)
-    theta = torch.randn(x.shape[1], projections, generator=generator, dtype=torch.float64)
+    theta = randn((x.shape[1], projections), generator, torch.float64, x.device)  # the same on any device
     theta = theta / theta.norm(dim=0, keepdim=True)
     n, m = len(x), len(y)
     if max(n, m) % min(n, m) == 0:
