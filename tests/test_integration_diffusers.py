@@ -241,6 +241,66 @@ def test_img2img_begins_at_a_step(unet, solver, start):
     assert torch.equal(x, ref)
 
 
+@pytest.mark.parametrize(("solver", "start"), [("unipc", 3), ("heun", 2)])
+def test_img2img_without_set_begin_index_begins_at_the_first_timestep(unet, solver, start):
+    # Kandinsky 2.2 img2img, AnimateDiff video2video, CogVideoX, Wan video2video slice
+    # timesteps[t_start * order:] and never call set_begin_index: the first timestep places the run
+    # (Heun lists its inner nodes twice; the run begins at the entry that starts a step)
+    g = torch.Generator().manual_seed(4)
+    x_k = torch.randn(SHAPE, generator=g)
+    results, index = [], []
+    for begin in (True, False):
+        sched = SteerdiffScheduler.from_config(
+            diffusers.DDPMScheduler().config, solver=solver, schedule="karras"
+        )
+        sched.set_timesteps(STEPS)
+        k = start * sched.order
+        if begin:
+            sched.set_begin_index(k)
+        x = x_k
+        with torch.no_grad():
+            for t in sched.timesteps[k:]:
+                x = sched.step(unet(x, t).sample, t, x).prev_sample
+                index.append(sched.step_index)
+        results.append(x)
+    # before: the run restarted at timesteps[0], relative RMSE 22 (unipc) and 11 (heun) apart
+    assert torch.equal(results[0], results[1])
+    assert index[: len(index) // 2] == index[len(index) // 2 :]
+
+
+def test_img2img_without_set_begin_index_matches_dpm_solver(unet):
+    # DPMSolverMultistep takes its step index from the first timestep: the same slice, no begin index
+    theirs = diffusers.DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="dpmpp_2m", schedule="trailing")
+    x_k = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    results = []
+    for sched in (theirs, ours):
+        sched.set_timesteps(10)
+        x = x_k
+        with torch.no_grad():
+            for t in sched.timesteps[6:]:
+                x = sched.step(unet(x, t).sample, t, x).prev_sample
+        results.append(x)
+    assert rel_rmse(results[1], results[0]) < PARITY  # measured 2.1e-7 (before: 10)
+
+
+def test_step_refuses_a_timestep_out_of_order():
+    sched = SteerdiffScheduler(solver="ddim", schedule="karras")
+    sched.set_timesteps(4)
+    x = torch.zeros(1, 3, 4, 4)
+    ts = sched.timesteps
+    with pytest.raises(ValueError, match="timestep=12345 is not an entry"):
+        sched.step(x, 12345.0, x)
+    sched.step(x, ts[0], x)
+    with pytest.raises(ValueError, match=rf"timestep={float(ts[2]):g} where scheduler.timesteps\[1\]"):
+        sched.step(x, ts[2], x)
+    with pytest.raises(ValueError, match="one-element tensor"):
+        sched.step(x, ts[1:3], x)
+    for t in ts[1:].tolist():  # numbers are read too
+        sched.step(x, t, x)
+    assert sched.step_index == 4
+
+
 def test_img2img_begin_inside_a_step_is_refused(unet):
     sched = SteerdiffScheduler.from_config(diffusers.DDPMScheduler().config, solver="heun", schedule="karras")
     sched.set_timesteps(STEPS)

@@ -35,6 +35,10 @@ so far and halts at the first evaluation not made yet; the point it asks for is 
 Each step is thus run twice or so (the solver arithmetic, never the net), and the result is that
 of :func:`steerdiff.sample` with the same net, ``x_T`` and noise, to the bit on CPU.
 
+``step`` reads its ``timestep``: the first one places the run (img2img pipelines that slice
+``timesteps`` without :meth:`~SteerdiffScheduler.set_begin_index` begin where it is, as diffusers'
+multistep schedulers do), and every one must be ``timesteps[step_index]``.
+
 Noise for stochastic solvers is drawn, in :func:`steerdiff.sample`'s order, from the scheduler's
 ``noise`` (a ``torch.Generator``, a list of them, or a :mod:`steerdiff.noise` source) if one was
 given, else from the ``generator`` the pipeline passes to ``step``, else from torch's global RNG;
@@ -47,7 +51,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -59,6 +63,7 @@ from torch import Tensor
 from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import choice, real, real_array
+from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
@@ -368,6 +373,18 @@ class _Run:
     done: bool = False
     at_input: bool = False  # the last halt asked for the net at the step's input x
     returned: Tensor | None = None
+    passed: list[tuple[int, Tensor]] = field(default_factory=list)  # device timesteps, checked at the end
+
+
+def _timestep_value(timestep: Any) -> float:
+    """A pipeline's ``timestep`` (a number or a one-element tensor) as the float32 value it holds."""
+    try:
+        value = torch.as_tensor(timestep)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"step: timestep must be a number or a one-element tensor, got {timestep!r:.60}")
+    return float(value.reshape(()).to(torch.float32))
 
 
 def _tail(grid: Grid, j: int) -> Grid:
@@ -479,10 +496,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             the config.
 
     Only solver and schedule *names* round-trip through the config (an instance is stored as its
-    ``repr``). ``step`` follows its own counter, as diffusers' multistep schedulers do; the
-    ``timestep`` argument is not read. Where a pipeline changes the sample between calls
-    (inpainting), the change is taken where the solver evaluates at a step's input (the first
-    evaluation of every usual solver step), and ignored at intermediate stages (Heun's second).
+    ``repr``). ``step`` follows its own counter and checks the pipeline's ``timestep`` against it;
+    the first ``timestep`` places the run where no begin index was set. Where a pipeline changes the
+    sample between calls (inpainting), the change is taken where the solver evaluates at a step's
+    input (the first evaluation of every usual solver step), and ignored at intermediate stages
+    (Heun's second).
     """
 
     order = 1
@@ -526,6 +544,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self._times: list[float] = []  # process times of ``timesteps``
+        self._net_times: list[float] = []  # ``timesteps`` on the CPU
         self._run: _Run | None = None
         self._begin_index: int | None = None
 
@@ -578,7 +597,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def step_index(self) -> int | None:
-        """Index in ``timesteps`` of the next evaluation (``None`` before the first ``step``)."""
+        """Index in ``timesteps`` of the evaluation ``step`` takes next (``None`` before the first)."""
         run = self._run
         if run is None or not run.started:
             return None
@@ -587,7 +606,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start at ``timesteps[begin_index]`` (img2img; call after :meth:`set_timesteps`). It must
         be the first evaluation of a solver step, at the step's input: the run is then
-        ``sd.sample`` on the grid's nodes from that step on."""
+        ``sd.sample`` on the grid's nodes from that step on. Without it the first ``step``'s
+        ``timestep`` says where the run begins."""
         self._begin_index = int(begin_index)
 
     def set_timesteps(
@@ -638,7 +658,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self.num_inference_steps = grid.steps
         self.order = sum(1 for _, i, _ in evals if i == 0)
-        self.timesteps = self._den.time_map(torch.tensor(self._times, dtype=F64)).to(device, torch.float32)
+        timesteps = self._den.time_map(torch.tensor(self._times, dtype=F64)).to(torch.float32)
+        self._net_times = timesteps.tolist()  # on the CPU, for step's checks
+        self.timesteps = timesteps.to(device)
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The identity: the net takes the sample as it is."""
@@ -663,9 +685,23 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         """Flow-matching pipelines' name for :meth:`add_noise` (``sample`` is the clean one)."""
         return self.add_noise(sample, noise, timestep)
 
-    def _start(self, run: _Run) -> None:
-        """Apply the begin index: run the solver on the grid from the step that starts there."""
-        k = self._begin_index or 0
+    def _begin(self, run: _Run, timestep: Any) -> int:
+        """The index in ``timesteps`` where the run begins: the begin index if one was set, else that of
+        the first ``timestep`` -- among equal entries the one at a step's input (diffusers' multistep
+        schedulers begin at the first timestep's index; Heun, which lists its nodes twice, at the
+        second match, as here)."""
+        if self._begin_index is not None:
+            return self._begin_index
+        value = _timestep_value(timestep)  # one read from the device per run, as diffusers
+        matches = [n for n, v in enumerate(self._net_times) if v == value]
+        if not matches:
+            raise ValueError(
+                f"step: timestep={value:g} is not an entry of scheduler.timesteps; pass them in order"
+            )
+        return next((n for n in matches if run.evals[n][2]), matches[0])
+
+    def _start(self, run: _Run, k: int) -> None:
+        """Begin at ``timesteps[k]``: run the solver on the grid from the step that starts there."""
         if k == 0:
             return
         firsts = {i: n for n, (_, i, _) in reversed(list(enumerate(run.evals)))}  # step -> first eval
@@ -674,11 +710,36 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         evals = None if tail is None else _plan(self._den, run.solver, tail)
         if evals is None or [t for t, _, _ in evals] != self._times[k:]:
             raise ValueError(
-                f"set_begin_index({k}): timesteps[{k}] is not where a step of {run.solver!r} starts "
-                "(at its input sample); pick an index of a step start"
+                f"the run cannot begin at timesteps[{k}] = {self._net_times[k]:g} (set_begin_index({k}) or "
+                f"the first step's timestep): it is not where a step of {run.solver!r} starts (at its "
+                "input sample); begin at a step start"
             )
         run.grid, run.evals, run.state = tail, evals, run.solver.init_state(tail)
         run.tape.times = [t for t, _, _ in evals]
+
+    def _check_timestep(self, run: _Run, timestep: Any) -> None:
+        """``timestep`` must be ``timesteps[step_index]``: checked now for a number or a CPU tensor,
+        at the end of the run for a tensor on another device (no device read per step)."""
+        k = self.step_index
+        assert k is not None  # the run has started
+        if isinstance(timestep, Tensor) and not timestep.is_cpu and timestep.numel() == 1:
+            run.passed.append((k, timestep))
+        elif _timestep_value(timestep) != self._net_times[k]:
+            self._refuse_timestep(k, timestep)
+
+    def _check_passed(self, run: _Run) -> None:
+        """The deferred checks of :meth:`_check_timestep`, read from the device at once."""
+        if run.passed:
+            flags = torch.stack([t.reshape(()) == self.timesteps[k] for k, t in run.passed])
+            j = first_false(flags)
+            if j is not None:
+                self._refuse_timestep(*run.passed[j])
+
+    def _refuse_timestep(self, k: int, timestep: Any) -> None:
+        raise ValueError(
+            f"step: timestep={_timestep_value(timestep):g} where scheduler.timesteps[{k}] = "
+            f"{self._net_times[k]:g} was due (step_index {k}); pass the entries of timesteps in order"
+        )
 
     def _advance(self, run: _Run) -> Tensor:
         """Re-run the solver from the checkpoint until it asks for an evaluation not made yet (return
@@ -710,9 +771,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     ) -> SteerdiffSchedulerOutput | tuple[Tensor, Tensor]:
         """Take the net's output at the current evaluation and return where it is needed next.
 
-        ``model_output`` is the net's output at ``sample`` and ``timesteps[step_index]`` (the
-        pipeline's guidance applied). After the last call ``prev_sample`` is the result.
-        ``generator`` feeds stochastic solvers unless the scheduler has its own ``noise``.
+        ``model_output`` is the net's output at ``sample`` and ``timestep``, which must be
+        ``timesteps[step_index]`` (else a ``ValueError``; checked at the end of the run for a timestep
+        on a GPU); the first call's ``timestep`` sets the begin index if none was set. The pipeline's
+        guidance is applied. After the last call ``prev_sample`` is the result. ``generator`` feeds
+        stochastic solvers unless the scheduler has its own ``noise``.
         """
         run = self._run
         if run is None:
@@ -724,14 +787,17 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             )
         work = work_dtype(sample.dtype)
         if not run.started:
-            self._start(run)
+            self._start(run, self._begin(run, timestep))
             run.x, run.started = sample.to(work), True
         elif run.at_input and sample is not run.returned:  # the pipeline changed it (inpainting)
             run.x = sample.to(work)
+        self._check_timestep(run, timestep)
         src = self._noise if self._noise is not None else generator
         run.tape.noise.source = make_noise(src)
         run.tape.pending = model_output.to(work)
         x = self._advance(run)
+        if run.done:
+            self._check_passed(run)
         run.returned = x.to(sample.dtype)
         x0 = run.tape.last.x0.to(sample.dtype)
         if not return_dict:
