@@ -43,7 +43,9 @@ Noise for stochastic solvers is drawn, in :func:`steerdiff.sample`'s order, from
 ``noise`` (a ``torch.Generator``, a list of them, or a :mod:`steerdiff.noise` source) if one was
 given, else from the ``generator`` the pipeline passes to ``step``, else from torch's global RNG;
 draws inside a step are recorded and replayed. Half-precision pipelines: the solver runs in
-float32 and ``prev_sample`` is cast back, as diffusers' schedulers do.
+float32 and ``prev_sample`` is cast back, as diffusers' schedulers do. ``step`` returns copies,
+never the solver's state, and takes the entries of ``sample`` that differ from the ``prev_sample``
+it returned (the pipeline's edits, in place or not); the others keep their float32 values.
 """
 
 from __future__ import annotations
@@ -372,7 +374,7 @@ class _Run:
     started: bool = False
     done: bool = False
     at_input: bool = False  # the last halt asked for the net at the step's input x
-    returned: Tensor | None = None
+    sent: Tensor | None = None  # the last prev_sample, kept apart from the copy the pipeline got
     passed: list[tuple[int, Tensor]] = field(default_factory=list)  # device timesteps, checked at the end
 
 
@@ -498,9 +500,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     Only solver and schedule *names* round-trip through the config (an instance is stored as its
     ``repr``). ``step`` follows its own counter and checks the pipeline's ``timestep`` against it;
     the first ``timestep`` places the run where no begin index was set. Where a pipeline changes the
-    sample between calls (inpainting), the change is taken where the solver evaluates at a step's
-    input (the first evaluation of every usual solver step), and ignored at intermediate stages
-    (Heun's second).
+    sample between calls (inpainting; in place or not), the changed entries are taken where the
+    solver evaluates at a step's input (the first evaluation of every usual solver step), and
+    ignored at intermediate stages (Heun's second).
     """
 
     order = 1
@@ -788,9 +790,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         work = work_dtype(sample.dtype)
         if not run.started:
             self._start(run, self._begin(run, timestep))
-            run.x, run.started = sample.to(work), True
-        elif run.at_input and sample is not run.returned:  # the pipeline changed it (inpainting)
-            run.x = sample.to(work)
+            run.x, run.started = sample.to(work, copy=True), True
+        elif run.at_input:  # the entries the pipeline changed, in place or not (inpainting)
+            run.x = torch.where(sample == run.sent, run.x, sample.to(work))
         self._check_timestep(run, timestep)
         src = self._noise if self._noise is not None else generator
         run.tape.noise.source = make_noise(src)
@@ -798,11 +800,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         x = self._advance(run)
         if run.done:
             self._check_passed(run)
-        run.returned = x.to(sample.dtype)
-        x0 = run.tape.last.x0.to(sample.dtype)
+        run.sent = x.to(sample.dtype)
+        prev, x0 = run.sent.clone(), run.tape.last.x0.to(sample.dtype, copy=True)
         if not return_dict:
-            return run.returned, x0
-        return SteerdiffSchedulerOutput(prev_sample=run.returned, pred_original_sample=x0)
+            return prev, x0
+        return SteerdiffSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def __len__(self) -> int:
         return int(self.config.num_train_timesteps)
