@@ -269,6 +269,64 @@ def test_cads_in_cfg(sd_process):
             assert not torch.equal(e, emb) and torch.allclose(_std(e), _std(emb))
 
 
+def _gens(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_cads_takes_one_generator_per_row(sd_process):
+    """A list of generators, one per row of the condition: row ``b``'s noise is ``generator[b]``'s,
+    and under ``sd.sample``'s per-row list row ``b`` of a batch is that row alone. One CADS generator
+    under a per-row list makes each row depend on the batch (measured before: 0.25 from the row
+    alone, CFG 3 + CADS 0.25, 30 DDPM steps): refused, naming both (also by ``pcg``)."""
+    _, c1, full = two_class()
+
+    def net(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        tt = float(t.reshape(-1)[0])
+        law = full if bool((emb == 0).all()) else c1
+        return law.denoise(x, float(sd_process.alpha(tt)), float(sd_process.sigma(tt))) + 0.1 * emb[:, :2]
+
+    den = sd.Denoiser(net, sd_process, prediction="x0")
+    emb = torch.randn(4, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    # psi = 0: row b is sqrt(gamma) y_b + s sqrt(1 - gamma) n_b, n_b generator[b]'s draw
+    raw = CADS("emb", 0.25, psi=0.0, generator=_gens([5, 6, 7, 8])).anneal(emb, 0.84)
+    n1 = torch.randn(8, generator=torch.Generator().manual_seed(6), dtype=F64)
+    torch.testing.assert_close(
+        raw[1], math.sqrt(0.2) * emb[1] + 0.25 * math.sqrt(0.8) * n1, rtol=1e-14, atol=0
+    )
+
+    def guided(cads: CADS, rows: list[int]) -> CFG:
+        return CFG(den, den, 3.0, uncond_kwargs={"emb": torch.zeros(len(rows), 8, dtype=F64)}, cads=cads)
+
+    def run(rows: list[int]) -> torch.Tensor:
+        cads = CADS("emb", 0.5, generator=_gens([100 + r for r in rows]))
+        return sd.sample(guided(cads, rows), x_T[rows], 10, "ddpm", generator=_gens(rows), emb=emb[rows])
+
+    batch = run([0, 1, 2, 3])
+    for r in (0, 3):
+        torch.testing.assert_close(batch[r : r + 1], run([r]), rtol=0, atol=1e-12)
+
+    one = guided(CADS("emb", 0.5, generator=torch.Generator().manual_seed(4)), [0, 1, 2, 3])
+    words = r"generator: one generator per row .* CADS draws the whole batch from one torch\.Generator"
+    with pytest.raises(ValueError, match=words):
+        sd.sample(one, x_T, 10, "ddpm", generator=_gens([0, 1, 2, 3]), emb=emb)
+    with pytest.raises(ValueError, match=words):
+        pcg(
+            one,
+            den,
+            x_T,
+            4,
+            2.0,
+            uncond_kwargs={"emb": torch.zeros_like(emb)},
+            generator=_gens([0, 1, 2, 3]),
+            emb=emb,
+        )
+    with pytest.raises(
+        ValueError, match=r"CADS: generator must be None, a torch\.Generator or a non-empty list"
+    ):
+        CADS("emb", 0.5, generator=7)
+
+
 # --- predictor-corrector guidance (Bradley & Nakkiran 2024) --------------------------------------
 
 MC, VC, MU, VU = 1.0, 0.25, -0.5, 1.5  # conditional N(1, 0.25), unconditional N(-0.5, 1.5)
@@ -339,6 +397,24 @@ def test_pcg_nfe_and_gamma_one(den):
         den, den, x_T, 10, 1.0, uncond_kwargs={"y": NULL}, generator=torch.Generator(), return_info=True, y=1
     )
     assert info.nfe == 10 + 9
+
+
+def test_pcg_refuses_a_brownian_tree_and_takes_one_generator_per_row(den):
+    """PCG's only noise is its Langevin moves' at fixed times, where a Brownian tree has none (before:
+    the run was silently noiseless, equal to one with zero noise): refused, naming ``pcg``. One
+    generator per row: row ``b`` of a batch is the row alone."""
+    x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    kw = {"uncond_kwargs": {"y": NULL}, "y": 1}
+    tree = sd.noise.BrownianTreeNoise(x_T, den.process.t_min, den.process.t_max, seed=1)
+    with pytest.raises(ValueError, match=r"pcg: generator is a Brownian tree, which has no noise at a fixed"):
+        pcg(den, den, x_T, 10, 3.0, generator=tree, **kw)
+    batch = pcg(den, den, x_T, 10, 3.0, generator=_gens([0, 1, 2, 3]), **kw)
+    torch.testing.assert_close(
+        batch[2:3], pcg(den, den, x_T[2:3], 10, 3.0, generator=_gens([2]), **kw), rtol=0, atol=1e-12
+    )
+    assert (
+        float((batch[2:3] - pcg(den, den, x_T[2:3], 10, 3.0, generator=_gens([9]), **kw)).abs().max()) > 1e-2
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

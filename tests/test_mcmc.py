@@ -219,6 +219,50 @@ def test_corrector_is_batch_invariant_with_per_sample_generators(pc):
     assert torch.allclose(xs[1:2], x1, rtol=0, atol=1e-12)
 
 
+def test_a_kernel_with_one_generator_is_refused_under_per_row_generators(pc):
+    """A kernel given one generator of its own draws every row's moves from it, so under the run's
+    per-row list each row would depend on the batch (measured before: 3.4 from the row alone, MALA
+    at step 0.05, 20 DDPM steps): refused, naming both. A kernel with one generator per row keeps
+    row ``b`` of a batch equal to the row alone."""
+    gmm, proc, log_prob, x_T, _ = pc
+    den = gmm.denoiser(proc)
+    kw = {"steps": 4, "solver": "ddpm", "schedule": "time_uniform", "corrector_steps": 2}
+
+    def run(rows: list[int], own: list[int]) -> torch.Tensor:
+        mala = sd.mcmc.MALA(log_prob=log_prob, step_size=0.05, generator=[_gen(s) for s in own])
+        return sd.sample(den, x_T[rows], generator=[_gen(r) for r in rows], corrector=mala, **kw)
+
+    batch = run([0, 1, 2], [50, 51, 52])
+    torch.testing.assert_close(batch[2:3], run([2], [52]), rtol=0, atol=1e-12)
+    assert float((batch[2:3] - run([2], [99])).abs().max()) > 1e-2  # the kernel's own generator is used
+    one = sd.mcmc.MALA(log_prob=log_prob, step_size=0.05, generator=_gen(3))
+    with pytest.raises(
+        ValueError, match=r"generator: one generator per row .* the corrector MALA draws the whole"
+    ):
+        sd.sample(den, x_T[:3], generator=[_gen(r) for r in range(3)], corrector=one, **kw)
+    # one generator for the run too: allowed
+    assert sd.sample(den, x_T[:3], generator=_gen(0), corrector=one, **kw).shape == (3, 8)
+
+
+def test_run_refuses_a_brownian_tree():
+    """``Kernel.run`` draws at a fixed time, where a Brownian tree's increment is 0 (before: MALA ran
+    noiseless, its result the same for every seed, acceptance 1.0): refused, naming the kernel."""
+    x = torch.randn(4, 2, generator=_gen(0), dtype=F64)
+    tree = sd.noise.BrownianTreeNoise(x, 0.0, 1.0, seed=1)
+    for kernel in (sd.mcmc.ULA(step_size=0.1), sd.mcmc.MALA(step_size=0.1), sd.mcmc.HMC(step_size=0.1)):
+        name = type(kernel).__name__
+        with pytest.raises(
+            ValueError, match=rf"{name}\.run: generator is a Brownian tree, which has no noise"
+        ):
+            kernel.run(x, lambda y: -(y**2).sum(-1), steps=2, generator=tree)
+    # one generator per row: row b's chain is the row's alone
+    rows, _ = sd.mcmc.MALA(step_size=0.3).run(
+        x, lambda y: -(y**2).sum(-1), 5, [_gen(s) for s in (4, 5, 6, 7)]
+    )
+    alone, _ = sd.mcmc.MALA(step_size=0.3).run(x[1:2], lambda y: -(y**2).sum(-1), 5, [_gen(5)])
+    torch.testing.assert_close(rows[1:2], alone, rtol=0, atol=1e-12)
+
+
 def test_bad_corrector_input(pc):
     gmm, proc, log_prob, x_T, _ = pc
     den = gmm.denoiser(proc)
@@ -238,7 +282,9 @@ def test_bad_corrector_input(pc):
     with pytest.raises(ValueError, match="leapfrog_steps"):
         sd.mcmc.HMC(leapfrog_steps=0)
     tree = sd.noise.BrownianTreeNoise(x, proc.t_min, proc.t_max)
-    with pytest.raises(ValueError, match="Brownian"):
+    with pytest.raises(
+        ValueError, match=r"corrector: generator is a Brownian tree.*give the kernel a generator"
+    ):
         sd.sample(den, x, steps=3, solver="ddim", corrector="ula", generator=tree)
 
     def detached(y: torch.Tensor, t: float) -> torch.Tensor:

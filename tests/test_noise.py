@@ -76,6 +76,42 @@ def test_brownian_tree_couples_step_counts(gmm, sd_process):
     assert rel_rmse(independent, fine) > 0.1
 
 
+def test_brownian_tree_returns_noise_in_the_states_dtype(gmm, sd_process):
+    """The path is kept in the work dtype of the tensor it was built from (float32 for bfloat16) and
+    each increment comes back in the dtype of the state it is added to. Before: a tree built from a
+    bfloat16 ``x_T`` gave bfloat16 noise to the float32 state, and a float64 tree turned a float32
+    run into a float64 one after its first stochastic step."""
+    x64 = noise(3, 8)
+    like32 = x64.float()
+    a, b = 700.0, 300.0
+    # built from bfloat16: the float32 tree of the same seed, bit for bit
+    bf16_tree, f32_tree = _tree(x64.bfloat16()), _tree(like32)
+    z = bf16_tree(a, b, like32)
+    assert z.dtype == torch.float32 and torch.equal(z, f32_tree(a, b, like32))
+    assert bf16_tree(a, b, x64.bfloat16()).dtype == torch.bfloat16
+    # a float64 tree queried at a float32 state: its float64 increment, rounded to float32
+    f64_tree = _tree(x64)
+    z64 = f64_tree(a, b, x64)
+    assert z64.dtype == F64 and torch.equal(f64_tree(a, b, like32), z64.float())
+
+    seen: set[tuple[torch.dtype, torch.dtype]] = set()
+
+    def spy(source: sd.noise.NoiseSource) -> sd.noise.NoiseSource:
+        def draw(t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
+            z = source(t_from, t_to, like)
+            seen.add((like.dtype, z.dtype))
+            return z
+
+        return draw
+
+    den, kw = gmm.denoiser(sd_process), {"steps": 10, "solver": "euler_maruyama", "schedule": "time_uniform"}
+    for x_T, built in ((x64.bfloat16(), x64.bfloat16()), (like32, x64)):
+        seen.clear()
+        tree = sd.noise.BrownianTreeNoise(built, sd_process.t_min, sd_process.t_max, seed=1)
+        out = sd.sample(den, x_T, generator=spy(tree), **kw)
+        assert seen == {(torch.float32, torch.float32)} and out.dtype == x_T.dtype
+
+
 def test_generator_list_of_wrong_length(gmm, sd_process):
     with pytest.raises(ValueError, match=r"generator: 3 generators for a batch of 5"):
         sd.sample(gmm.denoiser(sd_process), noise(5, 8), steps=4, solver="ddpm", generator=_gens([0, 1, 2]))

@@ -217,6 +217,13 @@ class Denoiser:
         sampler's ``generator`` (a guided wrapper without a generator of its own); ``[]`` here."""
         return []
 
+    def shared_generators(self) -> list[str]:
+        """The parts of this denoiser that draw noise for the whole batch from one ``torch.Generator``
+        of their own (a guided wrapper given one generator, not one per row): under a sampler's
+        per-row ``generator`` list a row would depend on its batch
+        (:func:`~steerdiff.sampling.check_seeded` refuses it); ``[]`` here."""
+        return []
+
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The prediction at ``x`` with the network run in ``net_dtype`` (a half-precision net under a
         float32 solver state, see :func:`steerdiff.solvers.base.work_dtype`).

@@ -13,7 +13,11 @@ through ``model.noise``.
   ``(W(t_to) - W(t_from)) / sqrt(|t_to - t_from|)``, queried on a Brownian tree (Li et al. 2020,
   ``torchsde.BrownianInterval``; k-diffusion's ``BrownianTreeNoiseSampler`` idea): runs with
   different step counts see the same path, so their samples are coupled and converge to the
-  same SDE solution.
+  same SDE solution. Its increment over ``[t, t]`` is 0: moves at a fixed time (Langevin, MCMC)
+  get no noise from it, which :func:`check_fixed_time` refuses.
+
+Wrappers and kernels that draw noise of their own hold a ``generator`` too (:func:`check_generators`);
+a per-row run needs theirs per row as well (:func:`check_shared`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ __all__ = [
     "Generators",
     "NoiseSource",
     "PerSampleNoise",
+    "check_fixed_time",
+    "check_generators",
+    "check_shared",
     "make_noise",
     "rand",
     "randn",
@@ -139,7 +146,10 @@ class BrownianTreeNoise:
     """Normalized increments of one Brownian motion per sample over process time.
 
     Args:
-        like: a batched tensor of the batch's shape, device and dtype.
+        like: a batched tensor of the batch's shape and device; the path is kept in its work dtype
+            (:func:`~steerdiff.solvers.base.work_dtype`: float32 for float16/bfloat16, where a run
+            keeps its state), and each increment is returned in the dtype and device of the call's
+            ``like`` (the state it is added to).
         t_min, t_max: the time interval the path is defined on, finite with ``t_min < t_max`` (a
             process's range: ``process.t_min, process.t_max``).
         seed: one integer (sample ``b`` uses ``seed + b``) or one integer per sample.
@@ -147,6 +157,8 @@ class BrownianTreeNoise:
 
     def __init__(self, like: Tensor, t_min: float, t_max: float, seed: int | Sequence[int] = 0) -> None:
         import torchsde
+
+        from .solvers.base import work_dtype  # solvers.base imports this module
 
         who = "BrownianTreeNoise"
         if not isinstance(like, Tensor) or like.ndim < 1 or not like.is_floating_point():
@@ -170,7 +182,7 @@ class BrownianTreeNoise:
                 t0=self.t_min,
                 t1=self.t_max,
                 size=(1, *like.shape[1:]),
-                dtype=like.dtype,
+                dtype=work_dtype(like.dtype),
                 device=like.device,
                 entropy=s,
                 tol=1e-6,
@@ -184,8 +196,55 @@ class BrownianTreeNoise:
         if hi - lo <= 0:
             return torch.zeros_like(like)
         sign = 1.0 if t_to >= t_from else -1.0
-        w = torch.cat([tree(lo, hi) for tree in self.trees])
-        return (sign / math.sqrt(hi - lo)) * w.reshape(like.shape)
+        w = (sign / math.sqrt(hi - lo)) * torch.cat([tree(lo, hi) for tree in self.trees])
+        return w.reshape(like.shape).to(dtype=like.dtype, device=like.device)
+
+
+def check_generators(who: str, generator: object) -> Generators:
+    """``generator`` if it is ``None``, one ``torch.Generator`` or a non-empty list of them (one per
+    row: row ``b`` draws from ``generator[b]``, as :func:`randn` draws a list); else a ``ValueError``
+    naming ``who``'s ``generator``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if (
+        isinstance(generator, Sequence)
+        and not isinstance(generator, str | bytes)
+        and generator
+        and all(isinstance(g, torch.Generator) for g in generator)
+    ):
+        return list(generator)
+    raise ValueError(
+        f"{who}: generator must be None, a torch.Generator or a non-empty list of them (one per row), "
+        f"got {type(generator).__name__} {generator!r:.40}"
+    )
+
+
+def check_shared(noise: object, shared: Sequence[str], fix: str) -> None:
+    """A ``ValueError`` naming ``generator`` and the parts in ``shared`` when ``noise`` (a sampler's
+    ``generator=``, or the source made from it) is one generator per row -- a list, or a
+    :class:`PerSampleNoise` -- while those parts draw the whole batch from one ``torch.Generator`` of
+    their own: their draws for a row, and so the row, would depend on the batch it is drawn in.
+    ``fix`` ends the message."""
+    per_row = isinstance(noise, PerSampleNoise) or (
+        isinstance(noise, Sequence) and not isinstance(noise, str | bytes)
+    )
+    if shared and per_row:
+        raise ValueError(
+            f"generator: one generator per row (a list) asks for each row to be the same whatever the "
+            f"batch, but {', '.join(dict.fromkeys(shared))} draws the whole batch from one torch.Generator "
+            f"of its own, so a row would depend on the batch it is drawn in; {fix}"
+        )
+
+
+def check_fixed_time(who: str, noise: object, fix: str) -> None:
+    """A ``ValueError`` naming ``who`` when ``noise`` is a :class:`BrownianTreeNoise`, for moves at a
+    fixed time ``t`` (Langevin, MCMC), which draw ``noise(t, t, like)``: a Brownian increment over
+    ``[t, t]`` is 0, so the moves would silently have no noise. ``fix`` ends the message."""
+    if isinstance(noise, BrownianTreeNoise):
+        raise ValueError(
+            f"{who}: generator is a Brownian tree, which has no noise at a fixed time (its increment "
+            f"over [t, t] is 0, so the Langevin moves would have none); {fix}"
+        )
 
 
 def make_noise(generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None) -> NoiseSource:

@@ -18,7 +18,7 @@ from . import solvers as _solvers
 from ._checks import choice, integer
 from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes
-from .noise import NoiseSource, make_noise
+from .noise import NoiseSource, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
 from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, work_dtype
 from .solvers.dpmpp import DPMSolverPPMultistep
@@ -146,9 +146,13 @@ def default_solver(den: Denoiser, steps: int) -> Solver:
 
 
 def check_seeded(den: Denoiser, generator: object) -> None:
-    """Raise a ``ValueError`` naming ``generator`` when a seeded run (``generator`` given) would
-    draw some of its noise from torch's global RNG (:meth:`~steerdiff.denoiser.Denoiser.unseeded`:
-    a guided wrapper without a generator of its own) and so not be reproducible by its seed."""
+    """Raise a ``ValueError`` naming ``generator`` when a seeded run would not be reproducible as
+    asked: with ``generator`` given, a part of ``den`` that draws noise from torch's global RNG
+    (:meth:`~steerdiff.denoiser.Denoiser.unseeded`: a guided wrapper without a generator of its
+    own), which the seed does not reach; with one generator per row (a list), also a part that draws
+    the whole batch from one generator of its own
+    (:meth:`~steerdiff.denoiser.Denoiser.shared_generators`), which makes every row depend on the
+    batch (:func:`~steerdiff.noise.check_shared`)."""
     parts = den.unseeded() if generator is not None else []
     if parts:
         raise ValueError(
@@ -157,6 +161,12 @@ def check_seeded(den: Denoiser, generator: object) -> None:
             "seed; give it a generator of its own (e.g. RePaint(..., generator=g2), CADS(..., "
             "generator=g2)) or pass generator=None"
         )
+    check_shared(
+        generator,
+        den.shared_generators(),
+        "give it one generator per row of its batch too (e.g. RePaint(..., generator=[g2_0, g2_1, ...]); "
+        "under a particle method one per particle, batch-major) or pass one generator",
+    )
 
 
 def check_x_T(den: Denoiser, x_T: Tensor) -> None:
@@ -219,7 +229,12 @@ def sample(
         generator: the only source of randomness (for stochastic solvers): a
             ``torch.Generator``, a list of them (one per sample: a sample is then the same
             whatever the batch), or a :class:`~steerdiff.noise.NoiseSource` such as
-            :class:`~steerdiff.noise.BrownianTreeNoise`.
+            :class:`~steerdiff.noise.BrownianTreeNoise`. Wrappers and corrector kernels that hold a
+            generator of their own draw from it instead; with a list, theirs must be one per row
+            too (a single one is refused, :func:`check_seeded`, :func:`~steerdiff.mcmc.check_corrector`).
+            One exception to batch independence: a corrector without a ``step_size`` takes its step
+            from ``snr`` with batch means (:func:`~steerdiff.mcmc.snr_step_size`), so there a sample
+            depends on its batch; give the kernel a ``step_size`` for per-sample reproducibility.
         callback: called after every step with ``{"i", "t", "sigma", "x", "denoised", "nfe"}``
             (``x``: the solver state, float32 for a half-precision ``x_T``; ``denoised``: the x0
             estimate of the step's last evaluation, as k-diffusion's callback has it; ``sigma``:
@@ -230,7 +245,8 @@ def sample(
             :mod:`steerdiff.mcmc.corrector`; MALA/HMC need the kernel's ``log_prob``). Their
             evaluations count in the NFE; acceptance rates are in ``SampleInfo.corrector``.
         corrector_steps: corrector moves per node.
-        snr: signal-to-noise ratio giving the Langevin step where the kernel has no ``step_size``.
+        snr: signal-to-noise ratio giving the Langevin step where the kernel has no ``step_size``
+            (:func:`~steerdiff.mcmc.snr_step_size`: from the batch's mean score norm at each node).
         progress: show a tqdm bar.
         return_info: also return a :class:`SampleInfo`.
         **cond: passed to the network on every call (e.g. class labels).

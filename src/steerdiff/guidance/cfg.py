@@ -56,10 +56,10 @@ from torch import Tensor
 
 from .._checks import boolean, choice, integer, real
 from ..denoiser import Denoiser, Prediction
-from ..mcmc.base import Point, Target, chain
+from ..mcmc.base import Point, Target, chain, fixed_time
 from ..mcmc.langevin import ULA
-from ..noise import NoiseSource, make_noise, randn
-from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T
+from ..noise import Generators, NoiseSource, check_fixed_time, check_generators, make_noise, randn
+from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ..solvers.base import Model, make_grid, work_dtype
@@ -94,6 +94,11 @@ class CADS:
     drawn from ``generator`` at every call where ``gamma < 1``; where ``gamma = 1`` (and for
     ``noise_scale = 0``, which turns the annealing off) ``y`` is passed unchanged. ``cond[key]``
     must be a floating tensor with one row per sample (an embedding, not an integer label).
+
+    ``generator``: one ``torch.Generator`` for the whole batch, or a list with one per row of
+    ``cond[key]`` (row ``b``'s ``n`` from ``generator[b]``, so a row does not depend on its batch;
+    needed under a sampler's per-row list, which refuses a single one). ``None``: torch's global
+    RNG (refused by a seeded sampler).
     """
 
     key: str
@@ -101,11 +106,12 @@ class CADS:
     tau1: float = 0.6
     tau2: float = 0.9
     psi: float = 1.0
-    generator: torch.Generator | None = None
+    generator: Generators = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str):
             raise ValueError(f"CADS: key must be the name of the net's condition argument, got {self.key!r}")
+        self.generator = check_generators("CADS", self.generator)
         self.noise_scale = real("CADS", "noise_scale", self.noise_scale, lo=0)
         self.tau1 = real("CADS", "tau1", self.tau1, lo=0, hi=1)
         self.tau2 = real("CADS", "tau2", self.tau2, lo=0, hi=1)
@@ -308,6 +314,12 @@ class CFG(Guided):
         other = self.uncond.unseeded() if self.uncond is not self.base else []
         return [*self.base.unseeded(), *other, *own]
 
+    def shared_generators(self) -> list[str]:
+        """The branches', and ``CADS`` if it draws the whole batch's noise from one generator."""
+        own = ["CADS"] if self.cads is not None and isinstance(self.cads.generator, torch.Generator) else []
+        other = self.uncond.shared_generators() if self.uncond is not self.base else []
+        return [*self.base.shared_generators(), *other, *own]
+
     def __repr__(self) -> str:
         return f"CFG({self.base!r}, scale={self.scale})"
 
@@ -351,7 +363,9 @@ def pcg(
     clean end the step returns the conditional ``x0``, without correction.
 
     ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and ``**kwargs`` (the condition) are as
-    for :class:`CFG` and :func:`steerdiff.sample`; as there, a float16/bfloat16 ``x_T`` runs only the
+    for :class:`CFG` and :func:`steerdiff.sample` (the same wrappers refused, :func:`check_seeded`),
+    but for a Brownian tree, refused: the moves are at fixed times, where it has no noise
+    (:func:`~steerdiff.noise.check_fixed_time`). As there, a float16/bfloat16 ``x_T`` runs only the
     nets in its dtype (the state, the steps, the moves and the CFG combination in float32) and the
     result has its dtype. NFE: one per step for the predictor, plus
     ``CFG.cost`` (2; 1 for ``gamma = 1``) per Langevin move; ``SampleInfo.corrector`` has one
@@ -362,7 +376,9 @@ def pcg(
     langevin_steps = integer("pcg", "langevin_steps", langevin_steps, lo=1)
     step_scale = real("pcg", "step_scale", step_scale, lo=0, lo_open=True)
     check_x_T(cond, x_T)
+    check_fixed_time("pcg", generator, "pass a torch.Generator or a list of them (one per sample)")
     sharpened = CFG(cond, uncond, gamma, uncond_kwargs=uncond_kwargs)
+    check_seeded(sharpened, generator)
     sched = get_schedule(schedule)
     grid = make_grid(cond.process, sched, steps, final)
     source = make_noise(generator)
@@ -376,7 +392,7 @@ def pcg(
         t, sigma = grid.t[i + 1], grid.sigma[i + 1]
         eta = step_scale * 0.5 * sigma**2 * -math.expm1(-2 * grid.h(i))
         target = Target(score=_corrector_score(corrector, t, sigma, i))
-        x, info = chain(ULA(), Point(x), target, langevin_steps, eta, lambda like, t=t: source(t, t, like), t)
+        x, info = chain(ULA(), Point(x), target, langevin_steps, eta, fixed_time(source, t), t)
         chains.append(info)
     predictor.check_finite()
     corrector.check_finite()

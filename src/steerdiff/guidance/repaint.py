@@ -40,8 +40,8 @@ from .. import schedules as _schedules
 from .._checks import boolean, integer
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
-from ..noise import GeneratorNoise, randn
-from ..sampling import SampleInfo
+from ..noise import Generators, check_generators, make_noise, randn
+from ..sampling import SampleInfo, check_seeded
 from ..schedules import ScheduleLike
 from ..solvers.base import Model, advance, make_grid, work_dtype
 from ..solvers.ddpm import DDPM
@@ -60,15 +60,18 @@ class RePaint(MeasurementGuided):
             setting; any operator with ``pinv``).
         y: the observation, ``operator.shape_out`` (broadcast over the batch) or one per sample,
             taken as exact.
-        generator: draws the forward samples ``z`` of the replacement.
+        generator: draws the forward samples ``z`` of the replacement: one ``torch.Generator`` for
+            the whole batch, or a list with one per row (row ``b``'s ``z`` from ``generator[b]``, so a
+            row does not depend on its batch; needed under a sampler's per-row list, which refuses a
+            single one; under a particle method one per particle, batch-major). ``None``: torch's
+            global RNG (refused by a seeded sampler).
     """
 
     def __init__(
-        self, base: Denoiser, operator: LinearOperator, y: Tensor, generator: torch.Generator | None = None
+        self, base: Denoiser, operator: LinearOperator, y: Tensor, generator: Generators = None
     ) -> None:
         super().__init__(base, operator, y)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"RePaint: generator must be a torch.Generator or None, got {type(generator)}")
+        generator = check_generators("RePaint", generator)
         try:
             operator.pinv(self.y.reshape(-1, *operator.shape_out)[:1])
         except NotImplementedError as err:
@@ -93,6 +96,11 @@ class RePaint(MeasurementGuided):
         """``base``'s, and ``RePaint`` if its replacement noise comes from torch's global RNG."""
         return [*self.base.unseeded(), *(["RePaint"] if self.generator is None else [])]
 
+    def shared_generators(self) -> list[str]:
+        """``base``'s, and ``RePaint`` if it draws the whole batch's replacement noise from one generator."""
+        own = ["RePaint"] if isinstance(self.generator, torch.Generator) else []
+        return [*self.base.shared_generators(), *own]
+
     def __repr__(self) -> str:
         return f"RePaint({self.base!r})"
 
@@ -114,7 +122,7 @@ def repaint_sample(
     resample: int = 1,
     jump: int = 1,
     schedule: ScheduleLike = "time_uniform",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     return_info: bool = False,
     **cond: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
@@ -132,7 +140,9 @@ def repaint_sample(
             multiple of ``j`` past the first, so nothing is resampled (as Alg. 1 reads; the NFE,
             :func:`repaint_nfe`, is then ``steps``).
         schedule: the grid's schedule (default ``"time_uniform"``, as DDPM).
-        generator: all randomness (DDPM noise, forward jumps, replacement samples).
+        generator: all randomness (DDPM noise, forward jumps, replacement samples): one
+            ``torch.Generator``, or a list with one per row of ``x_T`` (row ``b`` from ``generator[b]``
+            alone: a row is the same run alone or in any batch).
         return_info: also return a :class:`~steerdiff.SampleInfo` (NFE = :func:`repaint_nfe`).
     """
     resample = integer("repaint_sample", "resample", resample, lo=1)
@@ -141,10 +151,11 @@ def repaint_sample(
     if not isinstance(x_T, Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
         raise ValueError("repaint_sample: x_T must be a floating (batch, *sample_shape) tensor")
     guided = RePaint(den, operator, y, generator)
+    check_seeded(guided, generator)
     sched = _schedules.get(schedule)
     grid = make_grid(den.process, sched, steps)
     solver = DDPM()
-    model = Model(guided, cond, GeneratorNoise(generator), net_dtype=x_T.dtype)
+    model = Model(guided, cond, make_noise(generator), net_dtype=x_T.dtype)
     state = solver.init_state(grid)
     passes = [0] * (grid.steps + 1)
     x, i = x_T.to(work_dtype(x_T.dtype)), 0

@@ -10,20 +10,22 @@ kernel that targets the noised marginal ``p_t``:
   evaluation is one counted network call.
 
 The step size is the kernel's ``step_size`` or, if ``None``, the Langevin step from ``snr`` at the
-node (:func:`~steerdiff.mcmc.base.snr_step_size`, from the score at the corrector's starting point;
-HMC's leapfrog step is ``sqrt(2 eps)``), fixed for the node's moves. That step stays a tensor on the
+node (:func:`~steerdiff.mcmc.base.snr_step_size`, from the batch's mean score norm at the
+corrector's starting point, so a sample depends on its batch there; HMC's leapfrog step is
+``sqrt(2 eps)``), fixed for the node's moves. That step stays a tensor on the
 samples' device, so no node reads a value on the host; :func:`steerdiff.sample` checks all of them
 once, after the run (:func:`~steerdiff.mcmc.base.check_step_sizes`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .._checks import integer, real
-from ..noise import BrownianTreeNoise, NoiseSource, make_noise
+from ..noise import NoiseSource, check_fixed_time, check_shared, make_noise
 from ..solvers.base import Model
-from .base import ChainInfo, Kernel, Point, Target, chain, snr_step_size
+from .base import ChainInfo, Kernel, Point, Target, chain, fixed_time, snr_step_size
 from .hmc import HMC
 from .langevin import MALA, ULA
 
@@ -47,7 +49,9 @@ def get(corrector: str | Kernel) -> Kernel:
 
 
 def check_corrector(kernel: Kernel, noise: NoiseSource, steps: int, snr: float) -> None:
-    """Reject what cannot run, before sampling starts."""
+    """Reject what cannot run, before sampling starts, or would not be reproducible as asked: a
+    kernel without a generator under a Brownian tree (no noise at a fixed time), a kernel with one
+    generator under the run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`)."""
     integer("sample", "corrector_steps", steps, lo=1)
     if kernel.step_size is None:
         real("sample", "snr", snr, lo=0, lo_open=True)
@@ -57,10 +61,14 @@ def check_corrector(kernel: Kernel, noise: NoiseSource, steps: int, snr: float) 
             f"sd.mcmc.{type(kernel).__name__}(log_prob=lambda x, t: ...); a denoiser gives only the score "
             "(use 'ula')"
         )
-    if kernel.generator is None and isinstance(noise, BrownianTreeNoise):
-        raise ValueError(
-            "corrector: a Brownian tree has no noise at a fixed time; give the kernel a generator"
-        )
+    if kernel.generator is None:
+        check_fixed_time("corrector", noise, "give the kernel a generator")
+    one = isinstance(kernel.generator, torch.Generator)
+    check_shared(
+        noise,
+        [f"the corrector {type(kernel).__name__}"] if one else [],
+        "give the kernel one generator per row too, or none (it then draws from the run's)",
+    )
 
 
 def correct(
@@ -73,7 +81,7 @@ def correct(
     else:
         target = Target(score=lambda y: model(y, t, step).eps * (-1.0 / sigma))
     source = make_noise(kernel.generator) if kernel.generator is not None else model.noise
-    normal = lambda like: source(t, t, like)  # noqa: E731
+    normal = fixed_time(source, t)
     p = Point(x)
     if kernel.step_size is not None:
         size = kernel.step_size
