@@ -23,6 +23,7 @@ from steerdiff.bench.solvers import make_problem
 from steerdiff.integrations.diffusers_ref import run_scheduler
 
 from .reference import F64, eps_net, nodes_of, rel_rmse, sd_betas_config
+from .test_device import _Syncs
 
 diffusers = pytest.importorskip("diffusers")
 randn_tensor = pytest.importorskip("diffusers.utils.torch_utils").randn_tensor
@@ -352,6 +353,28 @@ def test_step_refuses_a_timestep_out_of_order():
     assert sched.step_index == 4
 
 
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "ddpm"])
+def test_no_device_read_per_step(solver):
+    """On an accelerator (the meta device stands in, as in test_device.py) ``step`` checks a timestep
+    tensor at the end of the run and takes the pipeline's edits without reading the device: the same
+    copies and reads at 6 and 12 steps (the timesteps and sigmas copied once; one read for the NaN
+    checks, one for the timestep checks)."""
+
+    def syncs(steps: int) -> Any:
+        sched = SteerdiffScheduler(solver=solver, schedule="karras")
+        net = torch.nn.Linear(8, 8, device="meta")
+        with _Syncs() as mode, torch.no_grad():
+            sched.set_timesteps(steps, device="meta")
+            sched.set_begin_index(2 * sched.order)  # the meta device's faked reads cannot place the run
+            x = torch.randn(4, 8, device="meta")
+            for t in sched.timesteps[2 * sched.order :]:
+                x = sched.step(net(x), t, x).prev_sample
+        return mode.count
+
+    few, many = syncs(6), syncs(12)
+    assert few == many and few["copy"] == 2 and few["read"] == 2, (few, many)
+
+
 def test_img2img_begin_inside_a_step_is_refused(unet):
     sched = SteerdiffScheduler.from_config(diffusers.DDPMScheduler().config, solver="heun", schedule="karras")
     sched.set_timesteps(STEPS)
@@ -542,6 +565,38 @@ def test_bad_custom_grids_are_refused(grid, match):
     )
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         karras.set_timesteps(sigmas=[1.0, 0.5])
+
+
+def test_sigmas_are_the_diffusers_schedulers_sigmas():
+    """Wan (``float(scheduler.sigmas[i])`` every step) and LTX-condition pipelines read ``sigmas``:
+    aligned with ``timesteps``, in the config's convention, then the end (0), on the device. Before:
+    no ``sigmas`` attribute (AttributeError)."""
+    flux = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift_terminal=0.1)
+    ours = SteerdiffScheduler.from_config(flux.config)
+    for sched in (flux, ours):
+        sched.set_timesteps(sigmas=[1 - k / 10 for k in range(10)], mu=1.0)
+    assert ours.sigmas[0] == pytest.approx(0.999) and flux.sigmas[0] == 1.0  # the model's range ends there
+    assert torch.allclose(ours.sigmas[1:], flux.sigmas[1:], rtol=0, atol=1e-7)  # measured 6e-8
+    wan = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    wan.set_timesteps(10)
+    nodes = sd.schedules.Custom(wan.sigmas[:-1].double().clamp(max=0.999))  # flow sigma = process time
+    ours = SteerdiffScheduler.from_config(wan.config, schedule=nodes)
+    ours.set_timesteps(10)
+    assert torch.allclose(ours.sigmas[1:], wan.sigmas[1:], rtol=0, atol=1e-7)  # measured 0
+    for cls, solver, steps in [
+        (diffusers.DPMSolverMultistepScheduler, "dpmpp_2m", 10),
+        (diffusers.HeunDiscreteScheduler, "heun", 6),  # 2N - 1 timesteps, inner sigmas twice
+    ]:
+        theirs = cls.from_config(sd_betas_config())
+        theirs.set_timesteps(steps)
+        ours = SteerdiffScheduler.from_config(sd_betas_config(), solver=solver, schedule=nodes_of(theirs))
+        ours.set_timesteps(steps)
+        assert len(ours.sigmas) == len(ours.timesteps) + 1 == len(theirs.sigmas)
+        assert torch.allclose(ours.sigmas, theirs.sigmas, rtol=1e-5, atol=0)  # measured 1.0e-7, 1.7e-6
+    ours.set_timesteps(steps, device="meta")
+    assert ours.sigmas.is_meta and ours.sigmas.dtype == torch.float32
 
 
 def test_unguided_pipelines_get_the_unguided_default():

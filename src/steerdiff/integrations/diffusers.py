@@ -378,6 +378,18 @@ class _Run:
     passed: list[tuple[int, Tensor]] = field(default_factory=list)  # device timesteps, checked at the end
 
 
+def _sigmas(process: Process, times: list[float], grid: Grid) -> Tensor:
+    """diffusers' ``sigmas`` of a run: the noise level at each entry of ``timesteps``, then at the run's
+    end (0 for a clean end), in the convention of the config's own schedulers: the flow time ``sigma``
+    for flow-matching configs (FlowMatchEuler's, UniPC's ``use_flow_sigmas``), ``sigma / alpha`` for VP
+    ones (Euler's, DPMSolver's)."""
+    t = torch.tensor([*times, grid.t[-1]], dtype=F64)
+    s = process.sigma(t) if isinstance(process, RectifiedFlow) else process.sigma_ratio(t)
+    if grid.clean_end:
+        s[-1] = 0.0
+    return s
+
+
 def _timestep_value(timestep: Any) -> float:
     """A pipeline's ``timestep`` (a number or a one-element tensor) as the float32 value it holds."""
     try:
@@ -545,6 +557,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
+        self.sigmas = torch.empty(0)
         self._times: list[float] = []  # process times of ``timesteps``
         self._net_times: list[float] = []  # ``timesteps`` on the CPU
         self._run: _Run | None = None
@@ -620,7 +633,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         timesteps: Sequence[float] | None = None,
         sigmas: Sequence[float] | None = None,
     ) -> None:
-        """The grid of a run; ``timesteps`` are then the net's times in call order.
+        """The grid of a run; ``timesteps`` are then the net's times in call order and ``sigmas`` their
+        noise levels followed by the run's end, as diffusers' schedulers have them (flow times for
+        flow-matching configs, ``sigma / alpha`` for VP ones; a trailing 0 with ``final="zero"``).
 
         Pass one of: ``num_inference_steps`` (the ``schedule``'s grid of that many steps; ``mu`` is
         ignored), or a custom grid as diffusers' schedulers take it, its nodes followed by the step
@@ -663,6 +678,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         timesteps = self._den.time_map(torch.tensor(self._times, dtype=F64)).to(torch.float32)
         self._net_times = timesteps.tolist()  # on the CPU, for step's checks
         self.timesteps = timesteps.to(device)
+        self.sigmas = _sigmas(self._den.process, self._times, grid).to(device, torch.float32)
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The identity: the net takes the sample as it is."""
