@@ -439,6 +439,13 @@ def test_repaint_takes_one_generator_per_row() -> None:
     words = r"generator: one generator per row .* RePaint draws the whole batch from one torch\.Generator"
     with pytest.raises(ValueError, match=words):
         sd.sample(one, x_T, generator=_gens([0, 1, 2, 3]), **kw)
+    with pytest.raises(ValueError, match=words):  # nested in another wrapper
+        sd.sample(sd.guidance.DynamicThreshold(one, None, 5.0), x_T, generator=_gens([0, 1, 2, 3]), **kw)
+    with pytest.raises(ValueError, match=r"max_batch: RePaint in the denoiser draws noise"):
+        sd.smc.fk_steering(
+            RePaint(den, op, y, generator=_gens(range(4))), lambda x: x[:, 0], lam=1.0, shape=(2, 4),
+            particles=2, steps=4, generator=_gens([0, 1]), dtype=F64, max_batch=3,
+        )  # fmt: skip
     with pytest.raises(ValueError, match=words):
         sd.smc.fk_steering(
             one, lambda x: x[:, 0], lam=1.0, shape=(2, 4), particles=2, steps=4, generator=_gens([0, 1]),

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._ops import axpby, kept
+from .noise import Generators
 from .processes import Process
 
 __all__ = ["PREDICTIONS", "Denoiser", "Prediction"]
@@ -212,16 +213,12 @@ class Denoiser:
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         return self._evaluate(x, t, x.dtype, cond)
 
-    def unseeded(self) -> list[str]:
-        """The parts of this denoiser that draw noise from torch's global RNG, out of reach of a
-        sampler's ``generator`` (a guided wrapper without a generator of its own); ``[]`` here."""
-        return []
-
-    def shared_generators(self) -> list[str]:
-        """The parts of this denoiser that draw noise for the whole batch from one ``torch.Generator``
-        of their own (a guided wrapper given one generator, not one per row): under a sampler's
-        per-row ``generator`` list a row would depend on its batch
-        (:func:`~steerdiff.sampling.check_seeded` refuses it); ``[]`` here."""
+    def own_noise(self) -> list[tuple[str, Generators]]:
+        """The parts of this denoiser that draw noise themselves (guided wrappers such as ``RePaint``
+        and ``CADS``), each with its generator: ``None`` (torch's global RNG, out of reach of a
+        sampler's ``generator``), one ``torch.Generator`` (the whole batch drawn from it) or a list
+        (one per row). Samplers check them against their own ``generator``
+        (:func:`~steerdiff.sampling.check_seeded`); ``[]`` here."""
         return []
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:

@@ -147,13 +147,13 @@ def default_solver(den: Denoiser, steps: int) -> Solver:
 
 def check_seeded(den: Denoiser, generator: object) -> None:
     """Raise a ``ValueError`` naming ``generator`` when a seeded run would not be reproducible as
-    asked: with ``generator`` given, a part of ``den`` that draws noise from torch's global RNG
-    (:meth:`~steerdiff.denoiser.Denoiser.unseeded`: a guided wrapper without a generator of its
-    own), which the seed does not reach; with one generator per row (a list), also a part that draws
-    the whole batch from one generator of its own
-    (:meth:`~steerdiff.denoiser.Denoiser.shared_generators`), which makes every row depend on the
-    batch (:func:`~steerdiff.noise.check_shared`)."""
-    parts = den.unseeded() if generator is not None else []
+    asked (the parts of ``den`` that draw noise themselves:
+    :meth:`~steerdiff.denoiser.Denoiser.own_noise`): with ``generator`` given, a part drawing from
+    torch's global RNG, which the seed does not reach; with one generator per row (a list), also a
+    part that draws the whole batch from one generator of its own, which makes every row depend on
+    the batch (:func:`~steerdiff.noise.check_shared`)."""
+    own = den.own_noise()
+    parts = [name for name, g in own if g is None] if generator is not None else []
     if parts:
         raise ValueError(
             f"generator: {', '.join(dict.fromkeys(parts))} in the denoiser draws noise from torch's "
@@ -163,7 +163,7 @@ def check_seeded(den: Denoiser, generator: object) -> None:
         )
     check_shared(
         generator,
-        den.shared_generators(),
+        [name for name, g in own if isinstance(g, torch.Generator)],
         "give it one generator per row of its batch too (e.g. RePaint(..., generator=[g2_0, g2_1, ...]); "
         "under a particle method one per particle, batch-major) or pass one generator",
     )

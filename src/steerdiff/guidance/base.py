@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import Denoiser, Prediction
+from ..noise import Generators
 
 __all__ = [
     "Guided",
@@ -86,9 +87,9 @@ class Guided(Denoiser):
         guidance's own arithmetic in ``x``'s dtype. Subclasses implement it."""
         raise NotImplementedError
 
-    def unseeded(self) -> list[str]:
-        """``base``'s (a wrapper that draws noise adds itself where it has no generator)."""
-        return self.base.unseeded()
+    def own_noise(self) -> list[tuple[str, Generators]]:
+        """``base``'s (a wrapper that draws noise adds itself)."""
+        return self.base.own_noise()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base!r})"

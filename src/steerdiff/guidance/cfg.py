@@ -283,9 +283,6 @@ class CFG(Guided):
         """``scale``: what :func:`steerdiff.sampling.guided_max_h` reads."""
         return self.scale
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        return self.evaluate(x, t, x.dtype, **cond)
-
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The branches' nets in ``net_dtype`` (:meth:`~steerdiff.denoiser.Denoiser.evaluate`), the
         combination and the rescale in ``x``'s dtype."""
@@ -308,17 +305,11 @@ class CFG(Guided):
             return with_estimate(pc, eps=torch.where(m, out.eps, pc.eps))
         return out
 
-    def unseeded(self) -> list[str]:
-        """The branches', and ``CADS`` if it draws from torch's global RNG."""
-        own = ["CADS"] if self.cads is not None and self.cads.generator is None else []
-        other = self.uncond.unseeded() if self.uncond is not self.base else []
-        return [*self.base.unseeded(), *other, *own]
-
-    def shared_generators(self) -> list[str]:
-        """The branches', and ``CADS`` if it draws the whole batch's noise from one generator."""
-        own = ["CADS"] if self.cads is not None and isinstance(self.cads.generator, torch.Generator) else []
-        other = self.uncond.shared_generators() if self.uncond is not self.base else []
-        return [*self.base.shared_generators(), *other, *own]
+    def own_noise(self) -> list[tuple[str, Generators]]:
+        """The branches' and ``CADS``'s."""
+        other = self.uncond.own_noise() if self.uncond is not self.base else []
+        own = [("CADS", self.cads.generator)] if self.cads is not None else []
+        return [*self.base.own_noise(), *other, *own]
 
     def __repr__(self) -> str:
         return f"CFG({self.base!r}, scale={self.scale})"

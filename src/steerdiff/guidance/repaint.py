@@ -78,9 +78,6 @@ class RePaint(MeasurementGuided):
             raise ValueError(f"RePaint: the operator has no pseudo-inverse ({err})") from err
         self.generator = generator
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        return self.evaluate(x, t, x.dtype, **cond)
-
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The replacement and the projection in ``x``'s dtype, the base's net in ``net_dtype``
         (:meth:`~steerdiff.denoiser.Denoiser.evaluate`)."""
@@ -92,14 +89,9 @@ class RePaint(MeasurementGuided):
         pred = self.base.evaluate(known, t, net_dtype, **cond)
         return with_estimate(pred, x=x, x0=self.project(pred.x0))
 
-    def unseeded(self) -> list[str]:
-        """``base``'s, and ``RePaint`` if its replacement noise comes from torch's global RNG."""
-        return [*self.base.unseeded(), *(["RePaint"] if self.generator is None else [])]
-
-    def shared_generators(self) -> list[str]:
-        """``base``'s, and ``RePaint`` if it draws the whole batch's replacement noise from one generator."""
-        own = ["RePaint"] if isinstance(self.generator, torch.Generator) else []
-        return [*self.base.shared_generators(), *own]
+    def own_noise(self) -> list[tuple[str, Generators]]:
+        """``base``'s and its replacement noise's."""
+        return [*self.base.own_noise(), ("RePaint", self.generator)]
 
     def __repr__(self) -> str:
         return f"RePaint({self.base!r})"

@@ -205,9 +205,9 @@ class Composition(Guided):
             rate = rate - beta * (p - bar).pow(2).sum(1)
         return rate
 
-    def unseeded(self) -> list[str]:
+    def own_noise(self) -> list[tuple[str, Generators]]:
         """Its components'."""
-        return [name for den in self.dens for name in den.unseeded()]
+        return [part for den in self.dens for part in den.own_noise()]
 
     def __repr__(self) -> str:
         return f"Composition({list(self.dens)!r}, betas={self.betas})"

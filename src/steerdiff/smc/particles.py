@@ -341,9 +341,6 @@ class _Evaluator(Guided):
         self.watch: tuple[Tensor, float] | None = None
         self.seen: Prediction | None = None
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
-        return self.evaluate(x, t, x.dtype, **cond)
-
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The base's :meth:`~steerdiff.denoiser.Denoiser.evaluate` per chunk: the net in ``net_dtype``,
         the prediction in ``x``'s dtype at ``x`` itself (so the step's own input is recognized)."""
@@ -610,6 +607,12 @@ def run_smc(
     ess_threshold = real("run_smc", "ess_threshold", ess_threshold, lo=0, hi=1)
     if max_batch is not None:
         max_batch = integer("run_smc", "max_batch", max_batch, lo=1)
+        if den.own_noise():
+            raise ValueError(
+                f"max_batch: {', '.join(dict.fromkeys(n for n, _ in den.own_noise()))} in the denoiser draws "
+                "noise for the rows it is called with, which slices of max_batch rows would change; pass "
+                "max_batch=None"
+            )
     if reward is not None:
         _check_reward(reward)
     resample_fn = _resample.get(resampler)
