@@ -194,6 +194,64 @@ def test_ddpm_learned_variance_matches_ddpm_scheduler(unet_lv):
     assert torch.equal(raw, x)
 
 
+def test_clip_sample_matches_ddpm_scheduler(unet):
+    # DDPMScheduler's default config clips x0 to [-1, 1] (google/ddpm-*); so does our scheduler from
+    # it (before: ignored, relative RMSE 93 from DDPMScheduler's run, as far as its unclipped run)
+    theirs = diffusers.DDPMScheduler()
+    assert theirs.config.clip_sample
+    ref, _, _ = _pipeline(unet, theirs, 10, seed=11)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="ddpm", schedule="leading")
+    raw, _, _ = _pipeline(unet, ours, 10, seed=11)
+    assert rel_rmse(raw, ref) < PARITY  # measured 3.3e-7
+    plain, _, _ = _pipeline(unet, diffusers.DDPMScheduler(clip_sample=False), 10, seed=11)
+    assert rel_rmse(plain, ref) > 1  # the clipping matters (measured 93)
+
+
+IF_CONFIG = {  # DeepFloyd IF stage I: thresholding wins over clip_sample (DDPM's precedence)
+    "_class_name": "DDPMScheduler",
+    "beta_schedule": "squaredcos_cap_v2",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.95,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.5,
+    "thresholding": True,
+}
+
+
+@pytest.mark.parametrize("betas", ["if", "sd"])
+@pytest.mark.parametrize("cls", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_thresholding_matches_the_diffusers_scheduler(cls, betas):
+    """Dynamic thresholding of the config (ratio 0.95, max 1.5) in DPMSolverMultistep / UniPC (bh2,
+    order 2) from it, on the exact model of the 16-d mixture as 1x4x4 images, 10 steps on their
+    nodes. Measured 2.1e-6 / 1.9e-6 on SD's betas, 1.3e-4 / 7.1e-5 on IF's cosine betas (whose
+    unthresholded parity is 5.5e-4 / 6.5e-5); before (ignored): 0.80 / 0.82 and 0.81 / 0.85."""
+    config = IF_CONFIG if betas == "if" else {**IF_CONFIG, **sd_betas_config()}
+    theirs = getattr(diffusers, cls).from_config(config)
+    assert theirs.config.thresholding
+    gmm = sd.toy.default_benchmark_mixture(dim=16)
+    flat = eps_net(gmm, process_from_config(config))
+    x_T = torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        return flat(x.reshape(-1, 16).double(), t).reshape(x.shape).to(x.dtype)
+
+    ref, _ = run_scheduler(theirs, net, x_T, 10)
+    solver = "dpmpp_2m" if cls.startswith("DPM") else sd.solvers.UniPC(order=2)
+    ours = SteerdiffScheduler.from_config(config, solver=solver, schedule=nodes_of(theirs))
+    x, _ = run_scheduler(ours, net, x_T, 10)
+    assert isinstance(ours.denoiser, sd.guidance.DynamicThreshold)
+    assert rel_rmse(x, ref) < (PARITY if betas == "sd" else 1e-3)
+
+
+def test_bad_threshold_settings_are_refused():
+    for key, value in [("dynamic_thresholding_ratio", 1.5), ("sample_max_value", 0.5)]:
+        with pytest.raises(ValueError, match=key):
+            SteerdiffScheduler.from_config({**IF_CONFIG, key: value})
+    with pytest.raises(ValueError, match="clip_sample_range"):
+        denoiser_from_diffusers(lambda x, t: x, {"clip_sample": True, "clip_sample_range": 0})
+
+
 def test_pipeline_edits_between_steps_match_dpm_solver(unet):
     # An inpainting-style loop: after every step the known region is replaced by the image noised to
     # the next timestep with add_noise. Our scheduler takes the edited sample where the solver

@@ -22,7 +22,13 @@ computes them for training, then held in float64. Flow-matching configs (``FlowM
 ``use_flow_sigmas`` / ``prediction_type="flow_prediction"``) give the rectified flow
 ``x = (1 - t) x0 + t eps`` with the velocity ``eps - x0`` as output and the net time ``1000 t``
 (``num_train_timesteps * t``). Settings that only choose diffusers' sampling grid (spacing,
-``shift``, Karras sigmas, ...) do not change the model and are ignored.
+``shift``, Karras sigmas, ...) do not change the model and are ignored. ``thresholding=True``
+(DeepFloyd IF: Imagen's dynamic thresholding, Saharia et al. 2022, at the quantile
+``dynamic_thresholding_ratio`` of ``|x0|`` per sample, capped at ``sample_max_value``) or else
+``clip_sample=True`` (``x0`` clipped to ``clip_sample_range``; DDPM's default, google/ddpm-*) change
+the denoised estimate as DDPM/DDIM/DPMSolver/UniPC apply them: the denoiser is then a
+:class:`~steerdiff.guidance.DynamicThreshold` (``x0' = clip(x0, -s, s) / s``,
+``eps' = (x - alpha x0') / sigma``).
 
 **The scheduler.** :meth:`SteerdiffScheduler.set_timesteps` builds the grid of ``schedule`` and
 runs the solver once on a zero network to learn where it evaluates the net (the times depend on
@@ -67,6 +73,7 @@ from .. import solvers as _solvers
 from .._checks import choice, real, real_array
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
+from ..guidance import DynamicThreshold
 from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
@@ -118,6 +125,7 @@ class _Spec:
     prediction: str
     learned_variance: bool
     time_map: Callable[[Tensor], Tensor] | None
+    threshold: tuple[float | None, float] | None = None  # DynamicThreshold's (percentile, max_value)
 
 
 def _config_of(scheduler_or_config: Any) -> dict[str, Any]:
@@ -172,6 +180,24 @@ def _is_flow(cfg: dict[str, Any]) -> bool:
     )
 
 
+def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
+    """The post-processing of the denoised estimate a config asks for, as DDPM/DDIM apply it (and
+    DPMSolver/UniPC/DEIS its first case): ``thresholding=True``, Imagen's dynamic thresholding at
+    quantile ``dynamic_thresholding_ratio`` capped at ``sample_max_value``; else ``clip_sample=True``,
+    clipping to ``[-clip_sample_range, clip_sample_range]``; else none. As
+    :class:`~steerdiff.guidance.DynamicThreshold`'s ``(percentile, max_value)``."""
+    if cfg.get("thresholding"):
+        ratio = cfg.get("dynamic_thresholding_ratio", 0.995)
+        return (
+            real("thresholding", "dynamic_thresholding_ratio", ratio, lo=0, hi=1, lo_open=True),
+            real("thresholding", "sample_max_value", cfg.get("sample_max_value", 1.0), lo=1),
+        )
+    if cfg.get("clip_sample"):
+        limit = cfg.get("clip_sample_range", 1.0)
+        return None, real("clip_sample", "clip_sample_range", limit, lo=0, lo_open=True)
+    return None
+
+
 def _spec(cfg: dict[str, Any]) -> _Spec:
     origin = cfg.get("origin") or cfg.get("_class_name")
     reason = _UNSUPPORTED.get(origin) or next((r for k, r in _UNSUPPORTED_KEYS.items() if k in cfg), None)
@@ -182,10 +208,11 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
         )
     n = int(cfg.get("num_train_timesteps", 1000))
     pred_type = cfg.get("prediction_type", "epsilon")
+    threshold = _threshold(cfg)
     if _is_flow(cfg):
         if cfg.get("invert_sigmas"):
             raise ValueError("flow-matching config with invert_sigmas=True is not supported")
-        return _Spec(RectifiedFlow(1 / n, 1 - 1 / n), "flow", False, lambda t: t * n)
+        return _Spec(RectifiedFlow(1 / n, 1 - 1 / n), "flow", False, lambda t: t * n, threshold)
     if pred_type not in _PREDICTIONS:
         raise ValueError(f"prediction_type={pred_type!r} is not supported; accepted: {sorted(_PREDICTIONS)}")
     variance = cfg.get("variance_type")
@@ -203,7 +230,7 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     if cfg.get("timestep_type") == "continuous" and pred_type == "v_prediction":
         # Euler's continuous timesteps: the net sees 0.25 log(sigma / alpha)
         time_map = lambda t: -0.25 * process.lam(t)  # noqa: E731
-    return _Spec(process, _PREDICTIONS[pred_type], variance == "learned_range", time_map)
+    return _Spec(process, _PREDICTIONS[pred_type], variance == "learned_range", time_map, threshold)
 
 
 def process_from_config(scheduler_or_config: Any) -> Process:
@@ -231,10 +258,13 @@ class _ModelNet:
 
 
 def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
+    """The denoiser of ``spec`` over ``net`` (``kw`` override it), in its
+    :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips."""
     opts: dict[str, Any] = {"prediction": spec.prediction, "learned_variance": spec.learned_variance}
     if spec.time_map is not None:
         opts["time_map"] = spec.time_map
-    return Denoiser(net, spec.process, **{**opts, **kw})
+    den = Denoiser(net, spec.process, **{**opts, **kw})
+    return den if spec.threshold is None else DynamicThreshold(den, *spec.threshold)
 
 
 def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any, **kw: Any) -> Denoiser:
@@ -245,11 +275,14 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
     itself), with ``t`` the timestep diffusers would pass (``(batch,)``); ``cond`` are the
     keyword arguments given to :func:`steerdiff.sample` (``encoder_hidden_states``,
     ``class_labels``, ...). ``kw`` go to :class:`~steerdiff.denoiser.Denoiser` and override what
-    the config says (``prediction``, ``time_map``, ``learned_variance``, ``shape``).
+    the config says (``prediction``, ``time_map``, ``learned_variance``, ``shape``). A config with
+    ``thresholding=True`` or ``clip_sample=True`` gives that denoiser in a
+    :class:`~steerdiff.guidance.DynamicThreshold` (see the module docstring).
 
     Raises:
         ValueError: an unknown ``beta_schedule``/``prediction_type``, ``variance_type="learned"``,
-            or a config of an unsupported scheduler (EDM, consistency, VE, discrete-token models).
+            a threshold setting out of range (naming the key), or a config of an unsupported
+            scheduler (EDM, consistency, VE, discrete-token models).
     """
     return _denoiser(_ModelNet(model), _spec(_config_of(scheduler_or_config)), **kw)
 
@@ -489,6 +522,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
             variance_type, rescale_betas_zero_snr, timestep_type, snr_shift_scale, use_flow_sigmas,
             invert_sigmas: the model, as in diffusers' configs.
+        thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample, clip_sample_range:
+            the denoised estimate's post-processing, as in diffusers' configs (DDPM's takes
+            ``clip_sample=True`` by default; this class ``False``).
         origin: the diffusers scheduler class the config came from (set by :meth:`from_config`;
             flow-matching and unsupported classes are told apart by it).
         solver: a name of :func:`steerdiff.solvers.available` or a Solver instance; default
@@ -537,6 +573,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         snr_shift_scale: float = 1.0,
         use_flow_sigmas: bool = False,
         invert_sigmas: bool = False,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
         origin: str | None = None,
         solver: str | Solver | None = None,
         schedule: ScheduleLike = DEFAULT_SCHEDULE,
@@ -603,7 +644,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def denoiser(self) -> Denoiser:
-        """The model (``.process``, ``.prediction``, ``.time_map``), over the pipeline's outputs."""
+        """The model (``.process``, ``.prediction``, ``.time_map``), over the pipeline's outputs; a
+        :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips."""
         return self._den
 
     @property
@@ -666,8 +708,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         grid = make_grid(self._den.process, schedule, steps, self.config.final)
         scale = self.config.guidance_scale
         unguided = scale is not None and scale <= 1  # pipelines guide only above 1
+        plain = self._den.base if isinstance(self._den, DynamicThreshold) else self._den  # no guidance
         solver = self._solver or (
-            default_solver(self._den, grid.steps) if unguided else guided_solver(grid.steps, scale)
+            default_solver(plain, grid.steps) if unguided else guided_solver(grid.steps, scale)
         )
         evals = _plan(self._den, solver, grid)
         self._times = [t for t, _, _ in evals]
