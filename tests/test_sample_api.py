@@ -288,6 +288,34 @@ def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, b
     assert f"t={t:.6g}" in msg, msg
 
 
+def test_deferred_non_finite_check_names_the_first_bad_step(gmm, sd_process, problem, monkeypatch):
+    """On an accelerator the check is deferred to the end of the run (simulated: tensors report
+    ``is_cpu`` False). It still names the first bad step: with a corrector the NaN also spoils the snr
+    step sizes (they were checked first, a ValueError about the step size); in ``pcg`` a bad corrector
+    evaluation before a bad predictor one is the one named (the predictor's was)."""
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    den, _ = counting_denoiser(gmm, sd_process, bad_call=3)
+    with pytest.raises(sd.NonFiniteError, match=r"\bstep 1\b"):  # call 3: step 1's corrector
+        sd.sample(den, problem[0], steps=6, solver="ddim", corrector="ula", generator=_gen())
+    calls: list[float] = []
+
+    def spoiled(x: torch.Tensor, t: torch.Tensor, *, bad: bool = False) -> torch.Tensor:
+        calls.append(float(t.reshape(-1)[0]))
+        x0 = gmm.denoise(x, float(sd_process.alpha(calls[-1])), float(sd_process.sigma(calls[-1])))
+        # the corrector's (unconditional) branch at the 3rd call, the predictor from the 5th on
+        return x0 * float("nan") if (len(calls) == 3 and bad) or len(calls) >= 5 else x0
+
+    cond = sd.Denoiser(spoiled, sd_process, "x0")
+    with pytest.raises(sd.NonFiniteError, match=r"\bstep 0\b"):
+        sd.guidance.pcg(cond, cond, problem[0], 6, 2.0, uncond_kwargs={"bad": True}, generator=_gen())
+
+
+def test_x_T_of_an_unsupported_float_dtype_is_named(gmm, sd_process):
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int64):
+        with pytest.raises(ValueError, match=r"x_T must have a floating dtype \(float16/bfloat16"):
+            sd.sample(gmm.denoiser(sd_process), torch.zeros(2, gmm.dim).to(dtype))
+
+
 # --- half precision: the net in float16/bfloat16, the solver in float32 ---------------------------
 
 

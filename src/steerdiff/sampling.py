@@ -173,7 +173,7 @@ def check_x_T(den: Denoiser, x_T: Tensor) -> None:
     """Raise a ``ValueError`` naming ``x_T`` unless it is a finite, batched float tensor of den's shape."""
     if not isinstance(x_T, Tensor):
         raise ValueError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
-    if not x_T.is_floating_point():
+    if x_T.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(
             f"x_T must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}"
         )
@@ -290,8 +290,8 @@ def sample(
                     "nfe": model.nfe,
                 }
             )
+    model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
     check_step_sizes(chains)
-    model.check_finite()
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
     x = x.to(x_T.dtype)
     if return_info:

@@ -385,8 +385,7 @@ def pcg(
         target = Target(score=_corrector_score(corrector, t, sigma, i))
         x, info = chain(ULA(), Point(x), target, langevin_steps, eta, fixed_time(source, t), t)
         chains.append(info)
-    predictor.check_finite()
-    corrector.check_finite()
+    predictor.check_finite(corrector)
     x = x.to(x_T.dtype)
     if return_info:
         return x, SampleInfo(predictor.nfe + corrector.nfe, grid, DDIM(), sched, chains)

@@ -253,18 +253,21 @@ class Model:
         self.last = pred
         return pred
 
-    def check_finite(self) -> None:
-        """Raise :class:`NonFiniteError` naming the first step whose evaluation was not finite.
-
-        One device sync for the whole run (the flags are stacked and read once).
-        """
+    def first_nonfinite(self) -> tuple[int, int, float] | None:
+        """``(step, evaluation, t)`` of the first evaluation that was not finite, ``None`` if none was;
+        one device sync for the whole run (the flags are stacked and read once)."""
         k = first_false(torch.isfinite(torch.stack(self._sums))) if self._sums else None
-        if k is None:
-            return
-        step, t = self._where[k]
-        raise NonFiniteError(
-            f"the model returned NaN/inf at step {step} (evaluation {k + 1}, process time t={t:.6g})"
-        )
+        return None if k is None else (self._where[k][0], k, self._where[k][1])
+
+    def check_finite(self, *others: Model) -> None:
+        """Raise :class:`NonFiniteError` naming the first step whose evaluation was not finite, of this
+        model or of ``others`` run beside it (pcg's predictor and corrector): the earliest step wins."""
+        bad = [b for m in (self, *others) if (b := m.first_nonfinite()) is not None]
+        if bad:
+            step, k, t = min(bad)
+            raise NonFiniteError(
+                f"the model returned NaN/inf at step {step} (evaluation {k + 1}, process time t={t:.6g})"
+            )
 
 
 @dataclass
