@@ -577,6 +577,47 @@ def test_custom_sigmas_of_flow_pipelines_are_shifted_as_flowmatch_euler_shifts_t
     assert rel_rmse(x_ours, ref) < 0.7 * rel_rmse(x_theirs, ref)
 
 
+COGVIEW4 = {  # its FlowMatchEuler config
+    "base_image_seq_len": 256,
+    "base_shift": 0.25,
+    "max_shift": 0.75,
+    "time_shift_type": "linear",
+    "use_dynamic_shifting": True,
+}
+
+
+@pytest.mark.parametrize(("top", "bottom", "bound"), [(1000, 1, 3e-3), (950, 50, PARITY)])
+def test_custom_timesteps_with_sigmas_are_flowmatch_eulers(top, bottom, bound):
+    """CogView4 / GLM-Image call ``set_timesteps(timesteps=t, sigmas=t / 1000, mu=mu)``: the net sees
+    ``t`` while FlowMatchEuler integrates on the shifted sigmas. The same net times, and with
+    ``solver="euler"`` FlowMatchEuler's output: measured 3.2e-7 apart on a grid inside the model's
+    range (950 .. 50) and 1.5e-3 on CogView4's own (1000 .. 1), whose end nodes 1.0 and 7e-4 are
+    clipped to 0.999 and 0.001 here. A multistage solver's inner evaluations get net times linear in
+    process time between the nodes'. Before: refused."""
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(**COGVIEW4)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="euler")
+    t = torch.linspace(top, bottom, 10).long().float()  # CogView4: linspace(1000, 1, N).astype(int64)
+    grid = {"timesteps": t, "sigmas": t / 1000, "mu": 0.7}
+    gmm = sd.toy.default_benchmark_mixture(dim=16)
+    x_T = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+    x_theirs, _ = run_scheduler(theirs, _flow_net(gmm), x_T, None, **grid)
+    x_ours, _ = run_scheduler(ours, _flow_net(gmm), x_T, None, **grid)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    assert rel_rmse(x_ours, x_theirs) < bound
+    fresh = SteerdiffScheduler.from_config(theirs.config, solver="euler")
+    for sched in (ours, fresh):
+        sched.set_timesteps(10)
+    assert torch.equal(ours.timesteps, fresh.timesteps)  # the time map was that run's
+
+    inner = SteerdiffScheduler.from_config(theirs.config, solver="dpmpp_sde")  # a midpoint per step
+    inner.set_timesteps(**grid)
+    assert torch.equal(inner.timesteps[::2], theirs.timesteps)
+    nodes, mid = torch.tensor(inner._times[::2], dtype=F64), torch.tensor(inner._times[1::2], dtype=F64)
+    tau = t.double()
+    linear = tau[:-1] + (mid - nodes[:-1]) / (nodes[1:] - nodes[:-1]) * (tau[1:] - tau[:-1])
+    assert torch.allclose(inner.timesteps[1::2].double(), linear, rtol=1e-6, atol=0)
+
+
 def test_custom_timesteps_and_sigmas_of_vp_pipelines():
     """VP configs: ``timesteps`` are the nodes' net times as given, then ``final``'s step to the clean
     end (DPMSolverMultistep's custom timesteps); ``sigmas`` are Karras' ``sigma / alpha``, a trailing
@@ -610,6 +651,7 @@ def test_custom_timesteps_and_sigmas_of_vp_pipelines():
         ({"sigmas": [0.5, math.nan]}, "sigmas must be finite"),
         ({"timesteps": "999"}, "timesteps must be"),
         ({"sigmas": [1.0, 0.5], "mu": None}, "mu is required"),
+        ({"timesteps": [999, 500], "sigmas": [1.0, 0.5, 0.2]}, "same length"),
     ],
 )
 def test_bad_custom_grids_are_refused(grid, match):

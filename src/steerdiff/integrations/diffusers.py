@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -503,6 +503,36 @@ def _custom_times(
     return t
 
 
+def _node_net_times(timesteps: Any, sigmas: Any, n: int) -> Tensor:
+    """``timesteps`` passed with ``sigmas``: the net's times of the nodes, one per sigma (as
+    FlowMatchEulerDiscreteScheduler checks); the first ``n`` (a trailing-0 sigma is no node)."""
+    v = real_array("set_timesteps", "timesteps", timesteps)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"set_timesteps: timesteps must be finite numbers, got {timesteps!r}")
+    if v.numel() != len(real_array("set_timesteps", "sigmas", sigmas)):
+        raise ValueError(
+            f"set_timesteps: timesteps and sigmas passed together must have the same length, got "
+            f"{v.numel()} timesteps and {len(sigmas)} sigmas"
+        )
+    return v[:n]
+
+
+def _node_time_map(nodes: Tensor, net_times: Tensor) -> Callable[[Tensor], Tensor]:
+    """The net's time at process time ``t`` where the pipeline gives each node's (CogView4: the net
+    sees its timesteps while the sigmas are shifted): piecewise linear through ``(nodes[k],
+    net_times[k])``, along the end segments beyond them, constant for one node; exact at the nodes."""
+    xp, fp = nodes.flip(0), net_times.flip(0)  # increasing in t
+
+    def time_map(t: Tensor) -> Tensor:
+        if xp.numel() == 1:
+            return torch.full_like(t, float(fp[0]))
+        flat = t.reshape(-1)
+        j = torch.searchsorted(xp, flat).clamp(1, xp.numel() - 1)
+        return torch.lerp(fp[j - 1], fp[j], (flat - xp[j - 1]) / (xp[j] - xp[j - 1])).reshape(t.shape)
+
+    return time_map
+
+
 def _describe(obj: str | Solver | Schedule | None) -> str | None:
     return obj if obj is None or isinstance(obj, str) else repr(obj)
 
@@ -686,7 +716,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         ``FlowMatchEulerDiscreteScheduler`` shifts them (``shift``, or ``use_dynamic_shifting`` with
         ``mu``, then ``shift_terminal``), so pipelines that always pass sigmas (Flux and its kin) run
         on the grid their own scheduler would use; for VP configs ``sigma / alpha`` (Karras'). A
-        trailing 0 is dropped; nodes beyond the model's range are clipped to it.
+        trailing 0 is dropped; nodes beyond the model's range are clipped to it. ``timesteps`` and
+        ``sigmas`` together (CogView4, GLM-Image; FlowMatchEuler takes both): the nodes are the
+        sigmas' and ``timesteps`` are the net's times there, as given; for the run the net's time is
+        piecewise linear in process time through the nodes' (multistage solvers' inner evaluations).
         """
         given = [
             k
@@ -697,14 +730,20 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             )
             if v is not None
         ]
-        if len(given) != 1:
+        both = given == ["timesteps", "sigmas"]
+        if len(given) != 1 and not both:
             raise ValueError(
-                f"set_timesteps: pass one of num_inference_steps, timesteps or sigmas; got {given or 'none'}"
+                "set_timesteps: pass one of num_inference_steps, timesteps or sigmas (or timesteps and "
+                f"sigmas together); got {given or 'none'}"
             )
-        schedule, steps = self._schedule, num_inference_steps
+        schedule, steps, spec = self._schedule, num_inference_steps, self._model
         if num_inference_steps is None:
-            nodes = _custom_times(self._model, dict(self.config), timesteps, sigmas, mu)
+            nodes = _custom_times(self._model, dict(self.config), None if both else timesteps, sigmas, mu)
+            if both:
+                net_times = _node_net_times(timesteps, sigmas, len(nodes))
+                spec = replace(spec, time_map=_node_time_map(nodes, net_times))
             schedule, steps = _schedules.Custom(nodes), len(nodes) - (self.config.final == "none")
+        self._den = _denoiser(_Recorded(), spec)  # the config's model; the run's net times
         grid = make_grid(self._den.process, schedule, steps, self.config.final)
         scale = self.config.guidance_scale
         unguided = scale is not None and scale <= 1  # pipelines guide only above 1
