@@ -528,6 +528,41 @@ def test_config_round_trip(tmp_path):
     assert torch.equal(sched.denoiser.process.alphas_cumprod, again.denoiser.process.alphas_cumprod)
 
 
+def test_pipeline_with_solver_and_schedule_instances_saves_and_loads(unet, tmp_path):
+    # instances are kept as their registry name and options (before: their repr, which from_pretrained
+    # could not parse: ValueError "unknown solver='UniPC(order=2, ...)'")
+    sched = SteerdiffScheduler.from_config(
+        diffusers.DDPMScheduler().config,
+        solver=sd.solvers.UniPC(order=2, variant="bh1"),
+        schedule=sd.schedules.KarrasJump(rho=5.0, sigma_top=20.0),
+        guidance_scale=1.0,
+    )
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path)
+    again = diffusers.DiffusionPipeline.from_pretrained(tmp_path).scheduler
+    assert isinstance(again, SteerdiffScheduler) and again.config.solver["name"] == "unipc"
+    assert again._solver == sched._solver
+    assert type(again._schedule) is sd.schedules.KarrasJump and vars(again._schedule) == vars(sched._schedule)
+    ref, _, _ = _pipeline(unet, sched, STEPS, seed=3)
+    raw, _, _ = _pipeline(unet, again, STEPS, seed=3)
+    assert torch.equal(raw, ref)
+
+    grid = SteerdiffScheduler(
+        solver=sd.solvers.Restart(restart_info=[(0.1, 2.0, 1, 2)]), schedule=[900, 500, 100]
+    )
+    grid.save_pretrained(tmp_path / "grid")
+    loaded = SteerdiffScheduler.from_pretrained(tmp_path / "grid")
+    assert loaded.config.schedule == [900.0, 500.0, 100.0]  # a custom grid: its process times
+    assert loaded._solver.restart_info == [[0.1, 2.0, 1, 2]]
+
+    class Mine(sd.solvers.UniPC):  # not in the registry: from_config could not rebuild it
+        pass
+
+    with pytest.raises(ValueError, match="cannot be kept in the scheduler config"):
+        SteerdiffScheduler(solver=Mine())
+    with pytest.raises(ValueError, match="does not describe a solver"):
+        SteerdiffScheduler(solver={"name": "unipc", "rank": 3})
+
+
 # --- custom grids (timesteps= / sigmas=) and unguided pipelines ----------------------------------
 
 

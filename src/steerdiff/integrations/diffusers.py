@@ -57,9 +57,10 @@ it returned (the pipeline's edits, in place or not); the others keep their float
 from __future__ import annotations
 
 import copy
+import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -533,8 +534,52 @@ def _node_time_map(nodes: Tensor, net_times: Tensor) -> Callable[[Tensor], Tenso
     return time_map
 
 
-def _describe(obj: str | Solver | Schedule | None) -> str | None:
-    return obj if obj is None or isinstance(obj, str) else repr(obj)
+def _options(obj: Solver | Schedule) -> dict[str, Any]:
+    """An instance's constructor options: a solver's dataclass fields, a schedule's attributes."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)} if is_dataclass(obj) else dict(vars(obj))
+
+
+def _stored_form(obj: Solver | Schedule) -> dict[str, Any]:
+    """``{"name": registry name, **options}`` as JSON holds it (tuples become lists)."""
+    return json.loads(json.dumps({"name": obj.name, **_options(obj)}))
+
+
+def _resolve(kind: str, value: Any) -> Solver | Schedule:
+    """The solver (``kind="solver"``) or schedule that ``value`` names or is, or that the config
+    describes (:func:`_describe`): the registry entry's class built with the stored options."""
+    get = _solvers.get if kind == "solver" else _schedules.get
+    if not isinstance(value, Mapping):
+        return get(value)
+    options = dict(value)
+    try:
+        return type(get(options.pop("name", None)))(**options)
+    except TypeError as err:
+        raise ValueError(f"{kind}={dict(value)!r} does not describe a {kind}: {err}") from None
+
+
+def _describe(
+    kind: str, value: Any, obj: Solver | Schedule | None
+) -> str | list[float] | dict[str, Any] | None:
+    """What the config stores for ``value`` (resolved to ``obj``), so that ``from_config`` and
+    ``from_pretrained`` rebuild it: a name or ``None`` as given, a :class:`~steerdiff.schedules.Custom`
+    grid as its times, another instance as :func:`_stored_form`. ``ValueError`` where the rebuilt
+    object would differ (a class outside the registries, options that JSON does not hold)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(obj, _schedules.Custom):
+        return obj.grid.tolist()
+    try:
+        stored = _stored_form(obj)
+        again = _resolve(kind, stored)
+        same = type(again) is type(obj) and _stored_form(again) == stored
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise ValueError(
+            f"SteerdiffScheduler: {kind}={obj!r} cannot be kept in the scheduler config, which rebuilds a "
+            f"{kind} from a name of steerdiff.{kind}s.available() and its options; pass one of those {kind}s"
+        )
+    return stored
 
 
 class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
@@ -557,7 +602,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             ``clip_sample=True`` by default; this class ``False``).
         origin: the diffusers scheduler class the config came from (set by :meth:`from_config`;
             flow-matching and unsupported classes are told apart by it).
-        solver: a name of :func:`steerdiff.solvers.available` or a Solver instance; default
+        solver: a name of :func:`steerdiff.solvers.available`, a Solver instance of one of them,
+            or such an instance as the config stores it (``{"name": ..., **options}``); default
             (``None``) :func:`steerdiff.sample`'s default for guided denoisers at the step count
             :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), its long steps at first order;
             UniPC-2 from 15; :func:`steerdiff.sampling.guided_solver`): pipelines apply
@@ -569,18 +615,20 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             (:func:`steerdiff.sampling.guided_max_h`; 2M keeps second order at scale 2), and from 1
             down the default is the unguided one; ``None`` (default): unknown, guided, with the
             limit of scale 7.5 (0.8 in log-SNR). Pass 1 for unguided pipelines (``DDPMPipeline``).
-        schedule: a name of :func:`steerdiff.schedules.available` or a Schedule instance.
+        schedule: a name of :func:`steerdiff.schedules.available`, a Schedule instance of one of them
+            or as the config stores it, or a custom grid (process times; kept as that list).
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
             ``torch.Generator``, a list of them (one per sample) or a noise source; not saved in
             the config.
 
-    Only solver and schedule *names* round-trip through the config (an instance is stored as its
-    ``repr``). ``step`` follows its own counter and checks the pipeline's ``timestep`` against it;
-    the first ``timestep`` places the run where no begin index was set. Where a pipeline changes the
-    sample between calls (inpainting; in place or not), the changed entries are taken where the
-    solver evaluates at a step's input (the first evaluation of every usual solver step), and
-    ignored at intermediate stages (Heun's second).
+    Solver and schedule instances are kept in the config as their registry name and options, so that
+    ``save_pretrained`` / ``from_pretrained`` rebuild them; one that cannot be (a class outside the
+    registries) is refused here. ``step`` follows its own counter and checks the pipeline's
+    ``timestep`` against it; the first ``timestep`` places the run where no begin index was set.
+    Where a pipeline changes the sample between calls (inpainting; in place or not), the changed
+    entries are taken where the solver evaluates at a step's input (the first evaluation of every
+    usual solver step), and ignored at intermediate stages (Heun's second).
     """
 
     order = 1
@@ -609,8 +657,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
         origin: str | None = None,
-        solver: str | Solver | None = None,
-        schedule: ScheduleLike = DEFAULT_SCHEDULE,
+        solver: str | Solver | Mapping[str, Any] | None = None,
+        schedule: ScheduleLike | Mapping[str, Any] = DEFAULT_SCHEDULE,
         final: str = "zero",
         guidance_scale: float | None = None,
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
@@ -619,9 +667,12 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if guidance_scale is not None:  # saved as a plain float
             guidance_scale = real("SteerdiffScheduler", "guidance_scale", guidance_scale)
             self.register_to_config(guidance_scale=guidance_scale)
-        self._solver = None if solver is None else _solvers.get(solver)  # None: per step count
-        self._schedule = _schedules.get(schedule)
-        self.register_to_config(solver=_describe(solver), schedule=_describe(schedule))
+        self._solver = None if solver is None else _resolve("solver", solver)  # None: per step count
+        self._schedule = _resolve("schedule", schedule)
+        self.register_to_config(
+            solver=_describe("solver", solver, self._solver),
+            schedule=_describe("schedule", schedule, self._schedule),
+        )
         self._model = _spec(dict(self.config))  # the model the config describes (read once)
         self._den = _denoiser(_Recorded(), self._model)
         self.noise = noise
