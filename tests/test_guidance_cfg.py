@@ -708,6 +708,12 @@ def test_the_guided_guard_loosens_as_the_cfg_scale_falls():
     cfg, x_T, ref = _cfg_toward_two(sd.VP.scaled_linear(), 2.0)
     reward = sd.guidance.RewardGuidance(cfg.uncond, lambda x0: -(x0**2).sum(1), 0.5)
     assert cfg.guidance_scale == 2.0 and reward.guidance_scale is None
+    # a wrapper around CFG keeps CFG's scale and default solver (a no-op clip took the flat guard,
+    # 9.8e-2 -> 0.172 at 5 steps)
+    clip = DynamicThreshold(cfg, None, 1e6)
+    assert clip.guidance_scale == 2.0 and sd.sampling.default_solver(clip, 5) == sd.sampling.default_solver(
+        cfg, 5
+    )
     assert sd.sampling.default_solver(cfg, 5) == sd.solvers.DPMSolverPPMultistep(max_h=max_h(2.0))
     flat = sd.solvers.DPMSolverPPMultistep(max_h=0.8)
     for n in (5, 6):
@@ -715,6 +721,31 @@ def test_the_guided_guard_loosens_as_the_cfg_scale_falls():
         assert default == rel_rmse(sd.sample(cfg, x_T, n, "dpmpp_2m"), ref)
         assert default <= rel_rmse(sd.sample(cfg, x_T, n, flat), ref)
     assert rel_rmse(sd.sample(cfg, x_T, 6), ref) < 0.7 * rel_rmse(sd.sample(cfg, x_T, 6, flat), ref)
+
+
+class _CallOnly(sd.guidance.Guided):
+    """A wrapper written the old way: ``__call__`` only (it then runs whole in the net's dtype)."""
+
+    def __call__(self, x, t, **cond):
+        pred = self.base(x, t, **cond)
+        return sd.guidance.with_estimate(pred, x0=pred.x0.clamp(-3, 3))
+
+
+def test_a_guided_subclass_may_implement_call_or_must_say_evaluate(sd_process, den):
+    """A ``__call__``-only subclass works under a half-precision ``x_T`` and in a particle method (the
+    whole wrapper in the net's dtype, as ``Denoiser.evaluate`` runs such wrappers); one with neither
+    names what to implement (it was a bare NotImplementedError)."""
+    c0, _, _ = two_class()
+    base = c0.denoiser(sd_process)
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    out = sd.sample(_CallOnly(base), x_T.half(), 6, "ddim")
+    assert out.dtype == torch.float16
+    ref = sd.sample(DynamicThreshold(base, None, 3.0), x_T.half(), 6, "ddim")  # the same clamp, in float32
+    assert float((out.float() - ref.float()).abs().max()) < 2e-2
+    p = sd.smc.fk_steering(_CallOnly(base), lambda x: -x[:, 0], lam=1.0, shape=(2, 2), particles=3, steps=4)
+    assert p.x.shape == (2, 3, 2)
+    with pytest.raises(NotImplementedError, match=r"Bare must implement evaluate\(x, t, net_dtype"):
+        type("Bare", (sd.guidance.Guided,), {})(base)(x_T, 500.0)
 
 
 def test_option_messages_name_the_owner(den):

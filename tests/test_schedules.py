@@ -379,3 +379,17 @@ def test_repr_names_what_was_given():
     # the repr appears in make_grid's errors and SteerdiffScheduler's saved config
     assert repr(Karras()) == "Karras(rho=7)"
     assert repr(Karras(rho=5, sigma_min=0.1, sigma_max=10.0)) == "Karras(rho=5, sigma_min=0.1, sigma_max=10)"
+
+
+def test_a_custom_schedule_may_return_a_list_of_times():
+    """``nodes`` returning a list (was an AttributeError on ``.to``); anything else is named."""
+    p = PROCESSES["sd"]
+
+    class Every100(sd.schedules.Schedule):
+        def nodes(self, process, n):
+            return [999.0 - 100 * i for i in range(n)]
+
+    assert Every100()(p, 4).tolist() == [999.0, 899.0, 799.0, 699.0]
+    bad = type("Bad", (sd.schedules.Schedule,), {"nodes": lambda self, process, n: "abc"})
+    with pytest.raises(ValueError, match=r"schedule Bad\(\): nodes must be a non-empty 1-d array"):
+        bad()(p, 4)

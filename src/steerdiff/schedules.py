@@ -65,11 +65,13 @@ class Schedule:
     name: str = ""
 
     def nodes(self, process: Process, n: int) -> Tensor:
+        """``n`` process times, decreasing from the noisy end, within ``process``'s range (a tensor or
+        a sequence of numbers)."""
         raise NotImplementedError
 
     def __call__(self, process: Process, n: int) -> Tensor:
         n = integer(type(self).__name__, "steps", n, lo=1)
-        t = self.nodes(process, n).to(F64)
+        t = real_array(f"schedule {self!r}", "nodes", self.nodes(process, n))
         if t.ndim != 1 or t.numel() != n:
             raise ValueError(f"schedule {self!r} returned {t.numel()} nodes, {n} were asked")
         if not bool((t[1:] < t[:-1]).all()):

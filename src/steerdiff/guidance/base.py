@@ -53,10 +53,17 @@ class Guided(Denoiser):
     """Base class of guided denoisers: a denoiser built on ``base``.
 
     It shares ``base``'s net, process, prediction, time map and shape (so the sampler checks
-    ``x_T`` as for ``base``); subclasses override ``__call__``. ``cost``, the network evaluations
-    of the latest call (the sampler reads it after each call), is ``base.cost`` read at that
-    moment -- exact when ``base``'s cost varies from call to call -- unless the subclass assigns
-    its own (``self.cost = ...``, e.g. :class:`~steerdiff.guidance.CFG`, which sums its branches').
+    ``x_T`` as for ``base``). A subclass implements :meth:`evaluate`, getting the base prediction
+    from ``self.base.evaluate(x, t, net_dtype, **cond)`` and returning a steered one built with
+    :func:`with_estimate` or :func:`add_score`; a gradient is taken under :func:`grad_on` with
+    :func:`denoise_with_grad` / :func:`value_grad` (autograd on under an outer ``no_grad``, clear
+    refusals). A subclass that overrides ``__call__`` instead runs whole in the net's dtype (half
+    precision under a float32 solver state). ``cost``, the network evaluations of the latest call
+    (the sampler reads it after each call), is ``base.cost`` read at that moment -- exact when
+    ``base``'s cost varies from call to call -- unless the subclass assigns its own
+    (``self.cost = ...``, e.g. :class:`~steerdiff.guidance.CFG`, which sums its branches').
+    ``guidance_scale`` is ``base``'s (a wrapper around :class:`~steerdiff.guidance.CFG` keeps the
+    default solver that CFG's scale picks).
     """
 
     _cost: int | None = None
@@ -79,13 +86,23 @@ class Guided(Denoiser):
     def cost(self, value: int) -> None:
         self._cost = value
 
+    @property
+    def guidance_scale(self) -> float | None:
+        """``base``'s."""
+        return self.base.guidance_scale
+
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         return self.evaluate(x, t, x.dtype, **cond)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The guided prediction at ``x``, ``base``'s nets run in ``net_dtype`` (``base.evaluate``), the
-        guidance's own arithmetic in ``x``'s dtype. Subclasses implement it."""
-        raise NotImplementedError
+        guidance's own arithmetic in ``x``'s dtype. Subclasses implement it (or ``__call__``, which
+        then runs whole in ``net_dtype``)."""
+        if type(self).__call__ is not Guided.__call__:
+            return super().evaluate(x, t, net_dtype, **cond)
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement evaluate(x, t, net_dtype, /, **cond) (or __call__)"
+        )
 
     def own_noise(self) -> list[tuple[str, Generators]]:
         """``base``'s (a wrapper that draws noise adds itself)."""
@@ -110,9 +127,10 @@ def grad_on(who: str, x: Tensor) -> Iterator[None]:
         )
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError(
-            f"{who}: x requires grad (a backward pass through the sampler, or a method that differentiates "
-            f"the denoised estimate); differentiating through {who}'s own gradient is not supported: sample "
-            "from a detached x_T or under torch.no_grad()"
+            f"{who}: x requires grad, and differentiating through {who}'s own gradient is not supported: "
+            "for a backward pass through the sampler, sample from a detached x_T or under torch.no_grad(); "
+            "a method that differentiates the denoised estimate itself (TDS) cannot take gradient "
+            "guidance inside"
         )
     with torch.enable_grad():
         yield

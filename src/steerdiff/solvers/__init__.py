@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Grid, Model, NonFiniteError, Solver, Transition, make_grid, step_order
+from .base import Grid, History, Model, NonFiniteError, Solver, Transition, make_grid, step_order
 from .ddim import DDIM
 from .ddpm import DDPM
 from .deis import DEIS
@@ -43,6 +43,7 @@ __all__ = [
     "EulerMaruyama",
     "Grid",
     "Heun",
+    "History",
     "MRSampler",
     "Model",
     "NonFiniteError",

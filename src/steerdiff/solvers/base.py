@@ -121,7 +121,9 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
 
 
 class History:
-    """The last ``size`` estimates of a multistep method and where they were taken, newest first."""
+    """The last ``size`` estimates of a multistep method and where they were taken, newest first:
+    ``values[j]`` (tensors) at ``at[j]`` (e.g. ``lam``); :meth:`push` adds one and drops the oldest.
+    A solver state of these, dicts, lists and tuples is what particle methods resample."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -272,14 +274,17 @@ class Model:
 
 @dataclass
 class Solver:
-    """Base class of all solvers.
+    """Base class of all solvers; a new one is a dataclass subclass passed as an instance
+    (``sd.sample(den, x_T, solver=MySolver(order=2))``, and to every particle method).
 
-    Subclasses set ``name`` (the registry key; a property where the options choose it, as the
-    order does for ``dpmpp_2m`` / ``dpmpp_3m``), ``order`` (the nominal convergence order) and
-    implement :meth:`step`; multistep solvers keep their history in the ``state`` dict that
-    :meth:`init_state` creates once per run. ``staged``: a step of order ``k`` evaluates the
-    network ``k`` times (Runge-Kutta stages: Heun, EDM, Restart, singlestep SDE-DPM-Solver++), the
-    step into a clean end once; otherwise once per step.
+    Class attributes: ``name`` (the registry key; a property where the options choose it, as the
+    order does for ``dpmpp_2m`` / ``dpmpp_3m``); ``max_order`` (the highest ``order`` accepted; the
+    field ``order`` is checked against it); ``stochastic`` (steps draw noise: particle methods
+    accept only such solvers); ``staged`` (a step of order ``k`` evaluates the network ``k`` times:
+    Runge-Kutta stages as Heun, EDM, Restart, singlestep SDE-DPM-Solver++, the step into a clean
+    end once; otherwise once per step; :meth:`nfe` predicts from it, the sampler counts the
+    evaluations actually made). Implement :meth:`step`, and :meth:`init_state` where steps keep a
+    history (:class:`History`) in the ``state`` dict.
     """
 
     name: ClassVar[str] = ""
@@ -293,9 +298,16 @@ class Solver:
         self.order = integer(type(self).__name__, "order", self.order, lo=1, hi=self.max_order)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
+        """The mutable state of one run over ``grid`` (made once, passed to every :meth:`step`)."""
         return {}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
+        """The state at node ``i + 1`` from ``x`` at node ``i``: a tensor, or for a stochastic step its
+        Gaussian :class:`Transition` (the engine draws the noise, so particle methods can weight or
+        replace it). ``model(x, grid.t[i], i)`` gives the :class:`~steerdiff.denoiser.Prediction`
+        (``x0``, ``eps``), counted; ``grid`` holds the nodes' ``t``, ``alpha``, ``sigma``, ``lam``
+        and ``grid.is_final_clean(i)`` marks the step into ``sigma = 0`` (return the denoised
+        estimate); :func:`step_order` lowers the order at the first and last steps."""
         raise NotImplementedError
 
     @property
