@@ -211,7 +211,8 @@ def sample(
             The result has its dtype. For float16/bfloat16 the solver state and arithmetic are
             float32 and only the net runs in ``x_T``'s dtype (as diffusers' schedulers upcast in
             ``step``; see :func:`~steerdiff.solvers.base.work_dtype`).
-        steps: number of steps ``N`` (grid intervals). NFE is ``solver.nfe(N)``.
+        steps: number of steps ``N`` (grid intervals). NFE is counted (``SampleInfo.nfe``); for the built-in
+            solvers without a corrector or guidance it is ``solver.nfe(N)``.
         solver: a name from :func:`steerdiff.solvers.available` or a Solver instance; default
             (``None``) :func:`default_solver`: UniPC-3 (bh2, with corrector), the most accurate on
             the exact benchmark, at first order on a long step after short ones; or for a guided
