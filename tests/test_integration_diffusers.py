@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -528,6 +529,13 @@ def test_config_round_trip(tmp_path):
     assert torch.equal(sched.denoiser.process.alphas_cumprod, again.denoiser.process.alphas_cumprod)
 
 
+@dataclass
+class OwnSolver(sd.solvers.Heun):
+    """A solver of one's own (outside the registry), with an option of its own."""
+
+    scale: float = 1.0
+
+
 def test_pipeline_with_solver_and_schedule_instances_saves_and_loads(unet, tmp_path):
     # instances are kept as their registry name and options (before: their repr, which from_pretrained
     # could not parse: ValueError "unknown solver='UniPC(order=2, ...)'")
@@ -554,11 +562,16 @@ def test_pipeline_with_solver_and_schedule_instances_saves_and_loads(unet, tmp_p
     assert loaded.config.schedule == [900.0, 500.0, 100.0]  # a custom grid: its process times
     assert loaded._solver.restart_info == [[0.1, 2.0, 1, 2]]
 
-    class Mine(sd.solvers.UniPC):  # not in the registry: from_config could not rebuild it
+    own = SteerdiffScheduler(solver=OwnSolver(order=2, scale=0.5))  # a class of one's own: its import path
+    own.save_pretrained(tmp_path / "own")
+    assert own.config.solver["class"] == f"{__name__}:OwnSolver"
+    assert SteerdiffScheduler.from_pretrained(tmp_path / "own")._solver == OwnSolver(order=2, scale=0.5)
+
+    class Local(sd.solvers.UniPC):  # defined in a function: no import path rebuilds it
         pass
 
     with pytest.raises(ValueError, match="cannot be kept in the scheduler config"):
-        SteerdiffScheduler(solver=Mine())
+        SteerdiffScheduler(solver=Local())
     with pytest.raises(ValueError, match="does not describe a solver"):
         SteerdiffScheduler(solver={"name": "unipc", "rank": 3})
 

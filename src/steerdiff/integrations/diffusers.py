@@ -57,6 +57,8 @@ it returned (the pipeline's edits, in place or not); the others keep their float
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -539,20 +541,47 @@ def _options(obj: Solver | Schedule) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in fields(obj)} if is_dataclass(obj) else dict(vars(obj))
 
 
-def _stored_form(obj: Solver | Schedule) -> dict[str, Any]:
-    """``{"name": registry name, **options}`` as JSON holds it (tuples become lists)."""
-    return json.loads(json.dumps({"name": obj.name, **_options(obj)}))
+def _registered(kind: str, obj: Solver | Schedule) -> bool:
+    """Whether ``obj``'s class is the one its ``name`` resolves to in steerdiff's registry."""
+    get = _solvers.get if kind == "solver" else _schedules.get
+    try:
+        return type(get(obj.name)) is type(obj)
+    except ValueError:
+        return False
+
+
+def _stored_form(kind: str, obj: Solver | Schedule) -> dict[str, Any]:
+    """``{"name": registry name, **options}``, or for a class outside the registry ``{"class":
+    "module:QualName", **options}``, as JSON holds it (tuples become lists)."""
+    cls = type(obj)
+    key = {"name": obj.name} if _registered(kind, obj) else {"class": f"{cls.__module__}:{cls.__qualname__}"}
+    return json.loads(json.dumps({**key, **_options(obj)}))
+
+
+def _import_class(kind: str, path: str) -> type:
+    """The Solver or Schedule subclass at ``"module:QualName"``."""
+    module, _, qualname = path.partition(":")
+    try:
+        cls = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{kind} class {path!r} cannot be imported: {err}") from None
+    base = Solver if kind == "solver" else Schedule
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"{kind} class {path!r} is not a steerdiff {base.__name__}")
+    return cls
 
 
 def _resolve(kind: str, value: Any) -> Solver | Schedule:
     """The solver (``kind="solver"``) or schedule that ``value`` names or is, or that the config
-    describes (:func:`_describe`): the registry entry's class built with the stored options."""
+    describes (:func:`_stored_form`): that class built with the stored options."""
     get = _solvers.get if kind == "solver" else _schedules.get
     if not isinstance(value, Mapping):
         return get(value)
     options = dict(value)
+    path = options.pop("class", None)
+    cls = type(get(options.pop("name", None))) if path is None else _import_class(kind, path)
     try:
-        return type(get(options.pop("name", None)))(**options)
+        return cls(**options)
     except TypeError as err:
         raise ValueError(f"{kind}={dict(value)!r} does not describe a {kind}: {err}") from None
 
@@ -563,21 +592,23 @@ def _describe(
     """What the config stores for ``value`` (resolved to ``obj``), so that ``from_config`` and
     ``from_pretrained`` rebuild it: a name or ``None`` as given, a :class:`~steerdiff.schedules.Custom`
     grid as its times, another instance as :func:`_stored_form`. ``ValueError`` where the rebuilt
-    object would differ (a class outside the registries, options that JSON does not hold)."""
+    object would differ (a class that cannot be imported by its name, such as one defined in a
+    function; options that JSON does not hold or the class does not take)."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(obj, _schedules.Custom):
         return obj.grid.tolist()
     try:
-        stored = _stored_form(obj)
+        stored = _stored_form(kind, obj)
         again = _resolve(kind, stored)
-        same = type(again) is type(obj) and _stored_form(again) == stored
+        same = type(again) is type(obj) and _stored_form(kind, again) == stored
     except (TypeError, ValueError):
         same = False
     if not same:
         raise ValueError(
             f"SteerdiffScheduler: {kind}={obj!r} cannot be kept in the scheduler config, which rebuilds a "
-            f"{kind} from a name of steerdiff.{kind}s.available() and its options; pass one of those {kind}s"
+            f"{kind} from its registry name or importable class and its options (define the class at "
+            "module level, with its options as its constructor's arguments)"
         )
     return stored
 
@@ -602,8 +633,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             ``clip_sample=True`` by default; this class ``False``).
         origin: the diffusers scheduler class the config came from (set by :meth:`from_config`;
             flow-matching and unsupported classes are told apart by it).
-        solver: a name of :func:`steerdiff.solvers.available`, a Solver instance of one of them,
-            or such an instance as the config stores it (``{"name": ..., **options}``); default
+        solver: a name of :func:`steerdiff.solvers.available`, a Solver instance, or an instance as
+            the config stores it (``{"name": ..., **options}``); default
             (``None``) :func:`steerdiff.sample`'s default for guided denoisers at the step count
             :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), its long steps at first order;
             UniPC-2 from 15; :func:`steerdiff.sampling.guided_solver`): pipelines apply
@@ -615,20 +646,20 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             (:func:`steerdiff.sampling.guided_max_h`; 2M keeps second order at scale 2), and from 1
             down the default is the unguided one; ``None`` (default): unknown, guided, with the
             limit of scale 7.5 (0.8 in log-SNR). Pass 1 for unguided pipelines (``DDPMPipeline``).
-        schedule: a name of :func:`steerdiff.schedules.available`, a Schedule instance of one of them
-            or as the config stores it, or a custom grid (process times; kept as that list).
+        schedule: a name of :func:`steerdiff.schedules.available`, a Schedule instance (or as the
+            config stores it), or a custom grid (process times; kept as that list).
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
             ``torch.Generator``, a list of them (one per sample) or a noise source; not saved in
             the config.
 
-    Solver and schedule instances are kept in the config as their registry name and options, so that
-    ``save_pretrained`` / ``from_pretrained`` rebuild them; one that cannot be (a class outside the
-    registries) is refused here. ``step`` follows its own counter and checks the pipeline's
-    ``timestep`` against it; the first ``timestep`` places the run where no begin index was set.
-    Where a pipeline changes the sample between calls (inpainting; in place or not), the changed
-    entries are taken where the solver evaluates at a step's input (the first evaluation of every
-    usual solver step), and ignored at intermediate stages (Heun's second).
+    Solver and schedule instances are kept in the config as their registry name (a class of one's own:
+    its import path) and options, so that ``save_pretrained`` / ``from_pretrained`` rebuild them; one
+    that cannot be (a class defined in a function) is refused here. ``step`` follows its own counter
+    and checks the pipeline's ``timestep`` against it; the first ``timestep`` places the run where no
+    begin index was set. Where a pipeline changes the sample between calls (inpainting; in place or
+    not), the changed entries are taken where the solver evaluates at a step's input (the first
+    evaluation of every usual solver step), and ignored at intermediate stages (Heun's second).
     """
 
     order = 1
