@@ -441,6 +441,10 @@ def test_img2img_begin_inside_a_step_is_refused(unet):
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="set_begin_index"):
         sched.step(torch.zeros(SHAPE), sched.timesteps[3], x)
+    sched.set_timesteps(STEPS)
+    sched.set_begin_index(100)  # beyond timesteps
+    with pytest.raises(ValueError, match=r"timesteps\[100\] \(set_begin_index\(100\)"):
+        sched.step(torch.zeros(SHAPE), sched.timesteps[0], x)
 
 
 # --- the scheduler's contract ----------------------------------------------------------------------

@@ -892,9 +892,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         evals = None if tail is None else _plan(self._den, run.solver, tail)
         if evals is None or [t for t, _, _ in evals] != self._times[k:]:
             raise ValueError(
-                f"the run cannot begin at timesteps[{k}] = {self._net_times[k]:g} (set_begin_index({k}) or "
-                f"the first step's timestep): it is not where a step of {run.solver!r} starts (at its "
-                "input sample); begin at a step start"
+                f"the run cannot begin at timesteps[{k}] (set_begin_index({k}) or the first step's "
+                f"timestep): it is not where a step of {run.solver!r} starts (at its input sample); begin "
+                "at a step start"
             )
         run.grid, run.evals, run.state = tail, evals, run.solver.init_state(tail)
         run.tape.times = [t for t, _, _ in evals]
