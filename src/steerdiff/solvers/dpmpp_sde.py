@@ -49,7 +49,17 @@ from torch import Tensor
 from .._checks import boolean, choice, real
 from .._ops import axpby
 from ._exp import hphi_scaled, sde_decay, sde_std
-from .base import Grid, History, Model, Solver, Transition, step_order
+from .base import (
+    SDE_MAX_H,
+    SDE_MAX_H_RATIO,
+    Grid,
+    History,
+    Model,
+    Solver,
+    Transition,
+    check_long_step,
+    step_order,
+)
 from .dpmpp import SECOND_ORDERS, THIRD_ORDERS, multistep_estimate
 
 __all__ = ["DPMSolverSDE", "DPMSolverSDEMultistep"]
@@ -72,6 +82,9 @@ class DPMSolverSDEMultistep(Solver):
         solver_type: ``"midpoint"`` or ``"heun"``, the second-order weight (see the module docstring).
         third_order: ``"exact"``, ``"dpmsolver"`` (k-diffusion) or ``"diffusers"``.
         lower_order_final: diffusers' lower orders at the last steps below 15 steps.
+        max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times the
+            step before is first order (:func:`~steerdiff.solvers.base.step_order`; the default
+            :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none).
     """
 
     stochastic: ClassVar[bool] = True
@@ -81,9 +94,12 @@ class DPMSolverSDEMultistep(Solver):
     solver_type: str = "midpoint"
     third_order: str = "exact"
     lower_order_final: bool = True
+    max_h: float = SDE_MAX_H
+    max_h_ratio: float = SDE_MAX_H_RATIO
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_long_step(self, self.max_h, self.max_h_ratio)
         who = type(self).__name__
         self.eta = real(who, "eta", self.eta, lo=0)
         self.solver_type = choice(who, "solver_type", self.solver_type, SECOND_ORDERS)
@@ -104,7 +120,7 @@ class DPMSolverSDEMultistep(Solver):
         m, lams = hist.values, hist.at
         if grid.is_final_clean(i):
             return m[0]
-        k = step_order(i, grid, self.order, len(m), self.lower_order_final)
+        k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
         est = multistep_estimate(m, lams, k, grid.h(i), 1.0 + self.eta, self.solver_type, self.third_order)
         return _sde_step(grid, i, x, est, self.eta)
 

@@ -49,7 +49,17 @@ from torch import Tensor
 from .._checks import boolean, choice, integer, real
 from ._exp import sde_decay, sde_std
 from ._poly import exp_adams_bashforth, lagrange_weights, unipc_moments
-from .base import Grid, History, Model, Solver, Transition, step_order
+from .base import (
+    SDE_MAX_H,
+    SDE_MAX_H_RATIO,
+    Grid,
+    History,
+    Model,
+    Solver,
+    Transition,
+    check_long_step,
+    step_order,
+)
 
 __all__ = ["SASolver"]
 
@@ -68,6 +78,9 @@ class SASolver(Solver):
             ``lambda t: 1.0 if 200 <= t <= 800 else 0.0``.
         second_order: ``"exact"`` or ``"sasolver"`` (the two-node weight of the authors' code).
         lower_order_final: lower the orders at the last steps of short runs.
+        max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times the
+            step before is first order, predictor and corrector (:func:`~steerdiff.solvers.base.step_order`;
+            the default :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none).
     """
 
     name: ClassVar[str] = "sa_solver"
@@ -78,9 +91,12 @@ class SASolver(Solver):
     tau: float | Callable[[float], float] = 1.0
     second_order: str = "exact"
     lower_order_final: bool = True
+    max_h: float = SDE_MAX_H
+    max_h_ratio: float = SDE_MAX_H_RATIO
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_long_step(self, self.max_h, self.max_h_ratio)
         who = type(self).__name__
         self.corrector_order = integer(who, "corrector_order", self.corrector_order, lo=0, hi=4)
         self.second_order = choice(who, "second_order", self.second_order, SECOND_ORDER)
@@ -117,7 +133,8 @@ class SASolver(Solver):
             x = x + (self._gradient(grid, i - 1, tau, m[:q], lam[:q]) - pred)
         if grid.is_final_clean(i):
             return x0
-        k = step_order(i, grid, self.order, len(m), self.lower_order_final)
+        long_step = (self.lower_order_final, self.max_h, self.max_h_ratio)
+        k = step_order(i, grid, self.order, len(m), *long_step)
         tau = self._tau(grid.t[i])
         h = grid.h(i)
         pred = self._gradient(grid, i, tau, m[:k], lam[:k])
@@ -127,7 +144,7 @@ class SASolver(Solver):
             q = (
                 1
                 if self.corrector_order == 1
-                else 1 + step_order(i, grid, self.corrector_order - 1, len(m), self.lower_order_final)
+                else 1 + step_order(i, grid, self.corrector_order - 1, len(m), *long_step)
             )
             state["prev"] = (q, tau, pred)
         else:
