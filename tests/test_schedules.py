@@ -376,7 +376,7 @@ def test_steps_offset_accepts_numpy_integers():
 
 
 def test_repr_names_what_was_given():
-    # the repr appears in make_grid's errors and SteerdiffScheduler's saved config
+    # the repr appears in make_grid's and the schedules' errors
     assert repr(Karras()) == "Karras(rho=7)"
     assert repr(Karras(rho=5, sigma_min=0.1, sigma_max=10.0)) == "Karras(rho=5, sigma_min=0.1, sigma_max=10)"
 
