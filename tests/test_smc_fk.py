@@ -11,21 +11,26 @@ log Z on the same problem, which is why it is not used for the convergence check
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import itertools
 import math
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
 import steerdiff as sd
 from steerdiff.guidance import CFG, DynamicThreshold
+from steerdiff.noise import Generators
 from steerdiff.smc import SMCAlgorithm, StepContext, transition_log_prob
 from steerdiff.smc.fk_steering import potential_nodes
 from steerdiff.solvers import Transition
 
 from .reference import half_net, slope, smooth_mixture
+from .test_device import _Syncs
 from .test_guidance_cfg import counting
 
 F64 = torch.float64
@@ -772,3 +777,309 @@ def test_option_messages_name_the_owner(call, message):
     with pytest.raises(ValueError) as e:
         call(dict(shape=(2, 2), particles=4, steps=5, dtype=F64))
     assert str(e.value) == message
+
+
+# --- what the engine resamples and checks ------------------------------------------------------------
+
+_Pair = collections.namedtuple("_Pair", "state tag")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frozen:
+    state: dict
+
+
+class _UserBox:
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+
+@dataclasses.dataclass(eq=False)
+class _BoxedERSDE(sd.solvers.ERSDE):
+    """ER-SDE with its state (a History in a dict) kept inside another container."""
+
+    name: ClassVar[str] = "boxed_er_sde"
+    box: str = "deque"
+
+    def init_state(self, grid: sd.solvers.Grid) -> dict:
+        inner = super().init_state(grid)
+        make = {
+            "deque": lambda: collections.deque([inner], maxlen=1),
+            "namedtuple": lambda: _Pair(inner, "tag"),
+            "frozen dataclass": lambda: _Frozen(inner),
+            "user class": lambda: _UserBox(inner),
+        }
+        return {"box": make[self.box]()}
+
+    def step(
+        self, model: sd.solvers.Model, x: torch.Tensor, i: int, grid: sd.solvers.Grid, state: dict
+    ) -> torch.Tensor | Transition:
+        box = state["box"]
+        return super().step(model, x, i, grid, box[0] if isinstance(box, collections.deque) else box.state)
+
+
+@pytest.mark.parametrize("box", ["deque", "namedtuple", "frozen dataclass"])
+def test_solver_state_in_a_container_is_resampled(box):
+    """The same run as er_sde's own (list/dict) state, bit for bit. Before: a deque or a dataclass kept
+    the old particles' history (E[x0_0] 1.31 against the exact 1.19, /tmp/rev_extend/t2e), a
+    namedtuple raised TypeError."""
+    kw = dict(lam=2.0, shape=(2, 2), particles=16, steps=12, dtype=F64)
+    ref = sd.smc.fk_steering(DEN, linear, solver=SOLVER, generator=gen(4), **kw)
+    out = sd.smc.fk_steering(DEN, linear, solver=_BoxedERSDE(box=box), generator=gen(4), **kw)
+    assert bool(ref.trace.resampled.any())
+    assert torch.equal(out.x, ref.x) and torch.equal(out.log_w, ref.log_w)
+
+
+def test_solver_state_in_an_unknown_object_is_refused():
+    with pytest.raises(ValueError) as e:
+        sd.smc.fk_steering(
+            DEN, linear, lam=2.0, shape=(2, 2), particles=8, steps=6, solver=_BoxedERSDE(box="user class"),
+            generator=gen(0), dtype=F64,
+        )  # fmt: skip
+    assert str(e.value) == (
+        "the solver state holds a _UserBox with tensors in it, which the particle engine cannot resample "
+        "with the particles; keep per-particle tensors in a dict, list, tuple, namedtuple, "
+        "collections.deque, dataclass or steerdiff.solvers.History"
+    )
+
+
+def _as_float(log_w: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    return sd.smc.systematic(log_w, generator).double()
+
+
+def _one_short(log_w: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    return sd.smc.systematic(log_w, generator)[:, :-1]
+
+
+def _as_list(log_w: torch.Tensor, generator: Generators = None) -> list:
+    return sd.smc.systematic(log_w, generator).tolist()
+
+
+def _shifted(log_w: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    return sd.smc.systematic(log_w, generator) + log_w.shape[1]
+
+
+def _as_int32(log_w: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    return sd.smc.systematic(log_w, generator).to(torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("resampler", "message"),
+    [
+        (_as_float, "got torch.float64 of shape (2, 4)"),
+        (_one_short, "got torch.int64 of shape (2, 3)"),
+        (_as_list, "got list"),
+    ],
+)
+def test_a_resamplers_output_is_checked(resampler, message):
+    """Before: RuntimeError / AttributeError from inside the engine."""
+    kw = dict(shape=(2, 2), particles=4, steps=5, solver=SOLVER, dtype=F64, generator=gen(0))
+    with pytest.raises(ValueError) as e:
+        sd.smc.fk_steering(DEN, linear, resampler=resampler, **kw)
+    name = resampler.__name__
+    assert str(e.value) == (
+        f"resampler {name!r} must return integer ancestor indices of shape (batch, particles) = (2, 4), "
+        + message
+    )
+
+
+def test_a_resamplers_indices_are_checked():
+    """Out of range: refused naming the resampler and the node (before: IndexError); int32: taken."""
+    kw = dict(shape=(2, 2), particles=4, steps=5, solver=SOLVER, dtype=F64, generator=gen(0))
+    with pytest.raises(ValueError) as e:
+        sd.smc.fk_steering(DEN, linear, resampler=_shifted, **kw)
+    assert str(e.value) == (
+        "resampler '_shifted' returned an ancestor index outside [0, particles) = [0, 4) at node 0"
+    )
+    int32 = sd.smc.fk_steering(DEN, linear, resampler=_as_int32, **{**kw, "generator": gen(1)})
+    assert torch.equal(int32.x, sd.smc.fk_steering(DEN, linear, **{**kw, "generator": gen(1)}).x)
+
+
+def _off_by_one(log_w: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    idx = sd.smc.systematic(log_w, generator)
+    idx[0, -1] = log_w.shape[1]  # row 0 only: flat, the first particle of row 1
+    return idx
+
+
+class _RowProbe(SMCAlgorithm):
+    """Random weights (every node resampled at threshold 1); records row 0's parents at node 1."""
+
+    name = "row_probe"
+
+    def __init__(self) -> None:
+        self.parents: torch.Tensor | None = None
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        if ctx.i == 1:
+            self.parents = ctx.x_prev[0]
+        return torch.randn(ctx.x.shape[:2], generator=gen(ctx.i), dtype=F64)
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_an_out_of_range_index_never_crosses_batch_rows(accelerator, monkeypatch):
+    """An index == N in row 0 took row 1's first particle, silently (/tmp/rev_extend/t6d). CPU tensors
+    are refused at once; on an accelerator (tensors that are not CPU ones, faked) the index is clamped
+    into the row and the run ends with the error (no device read per step)."""
+    if accelerator:
+        monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    x_T = torch.randn(2, 4, 2, generator=gen(0), dtype=F64)
+    x_T[1] += 100.0  # row 1's particles, tagged
+    probe = _RowProbe()
+    with pytest.raises(ValueError) as e:
+        sd.smc.run_smc(
+            DEN, probe, (2, 2), particles=4, steps=3, solver=SOLVER, resampler=_off_by_one, ess_threshold=1.0,
+            x_T=x_T, generator=gen(0),
+        )  # fmt: skip
+    assert (
+        str(e.value)
+        == "resampler '_off_by_one' returned an ancestor index outside [0, particles) = [0, 4) at node 0"
+    )
+    if accelerator:
+        assert float(probe.parents.abs().max()) < 10  # before: 101.4 (row 1's particle)
+
+
+class _BadSelection(SMCAlgorithm):
+    name = "bad_selection"
+
+    def __init__(self, shift: int, dtype: torch.dtype = torch.long) -> None:
+        self.shift, self.dtype = shift, dtype
+
+    def resample(self, ctx: StepContext, log_w: torch.Tensor, generator: torch.Generator | None):
+        if ctx.i == 2:
+            return (torch.arange(log_w.shape[1]) + self.shift).expand(log_w.shape).to(self.dtype)
+        return None
+
+
+def test_a_resample_hooks_output_is_checked():
+    """Before: only the shape was checked (an index of N took a particle of the next row)."""
+    kw = dict(shape=(2, 2), particles=4, steps=5, solver=SOLVER, dtype=F64, generator=gen(0))
+    with pytest.raises(ValueError) as e:
+        sd.smc.run_smc(DEN, _BadSelection(1), **kw)
+    assert str(e.value) == (
+        "bad_selection: resample returned an ancestor index outside [0, particles) = [0, 4) at node 2"
+    )
+    with pytest.raises(ValueError) as e:
+        sd.smc.run_smc(DEN, _BadSelection(0, F64), **kw)
+    assert str(e.value) == (
+        "bad_selection: resample must return integer ancestor indices of shape (batch, particles) = (2, 4), "
+        "got torch.float64 of shape (2, 4)"
+    )
+
+
+class _SetWeight(SMCAlgorithm):
+    """Zero increments, but ``value`` for row 1 (particle 0 only unless ``whole_row``) at node ``at``."""
+
+    name = "set_weight"
+
+    def __init__(self, value: float, at: int, whole_row: bool = False) -> None:
+        self.value, self.at, self.whole_row = value, at, whole_row
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        inc = torch.zeros(ctx.x.shape[:2], dtype=F64)
+        if ctx.i == self.at:
+            inc[1, slice(None) if self.whole_row else 0] = self.value
+        return inc
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+@pytest.mark.parametrize(
+    ("alg", "message"),
+    [
+        (_SetWeight(math.nan, 2), "log_weight returned NaN or +inf at node 2 (batch row 1)"),
+        (_SetWeight(math.inf, 5), "log_weight returned NaN or +inf at node 5 (batch row 1)"),
+        (
+            _SetWeight(-math.inf, 3, whole_row=True),
+            "log_weight gave every particle of batch row 1 weight zero",
+        ),
+    ],
+)
+def test_nonfinite_weights_are_reported(alg, message, accelerator, monkeypatch):
+    """Before: accepted, ending in NaN weights and log Z (/tmp/rev_extend/t5b). CPU tensors at once, an
+    accelerator's (faked) at the end of the run; the built-in resampler then sees NaN weights and must
+    stay in range (residual returned N)."""
+    if accelerator:
+        monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    with pytest.raises(ValueError) as e:
+        sd.smc.run_smc(
+            DEN, alg, (2, 2), particles=4, steps=5, solver=SOLVER, resampler="residual", dtype=F64,
+            generator=gen(0),
+        )  # fmt: skip
+    assert str(e.value).startswith(f"set_weight: {message}"), str(e.value)
+    ok = sd.smc.run_smc(DEN, _SetWeight(-math.inf, 3), (2, 2), particles=4, steps=5, solver=SOLVER, dtype=F64)
+    assert ok.log_w[1, 0] == -math.inf and bool(torch.isfinite(ok.log_z).all())  # one zero weight is fine
+
+
+def test_no_reward_names_the_argument():
+    class Needs(SMCAlgorithm):
+        def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+            return ctx.reward(ctx.x)
+
+    with pytest.raises(ValueError) as e:
+        sd.smc.run_smc(DEN, Needs(), (2, 2), particles=4, steps=3, solver=SOLVER, dtype=F64)
+    assert str(e.value) == "ctx.reward: this run has no reward; pass reward= to run_smc"
+
+
+def test_transition_log_prob_of_point_masses():
+    """``std = 0``: a point mass (0 at its mean, -inf elsewhere); before: ValueError."""
+    x = torch.tensor([[[1.0, 2.0]], [[3.0, -1.0]]], dtype=F64)  # (batch 2, particles 1, 2)
+    assert transition_log_prob(x, Transition(x.clone(), 0.0)).tolist() == [[0.0], [0.0]]
+    assert transition_log_prob(x, Transition(x + torch.tensor([0.0, 1e-12], dtype=F64), 0.0)).tolist() == [
+        [-math.inf],
+        [-math.inf],
+    ]
+    std = torch.tensor([0.0, 2.0], dtype=F64)  # degenerate in the first coordinate only
+    mean = x + torch.tensor([0.0, 1.0], dtype=F64)
+    gauss = -0.125 - math.log(2.0) - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(
+        transition_log_prob(x, Transition(mean, std)), torch.full((2, 1), gauss, dtype=F64)
+    )
+    with pytest.raises(ValueError, match=r"transition_log_prob: std must be >= 0, got -1.0"):
+        transition_log_prob(x, Transition(x, -1.0))
+
+
+class _UnguardedShift(SMCAlgorithm):
+    """The twisted proposal as the hook docs write it, with no special case for the clean last step."""
+
+    name = "unguarded_shift"
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        self.delta = delta
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        if ctx.x_prev is None:
+            return None
+        return transition_log_prob(ctx.x, ctx.base_prev) - transition_log_prob(ctx.x, ctx.proposal_prev)
+
+    def propose(self, ctx: StepContext, base: Transition) -> Transition:
+        return Transition(base.mean + self.delta * base.std, base.std)
+
+
+def test_a_twisted_proposal_runs_through_the_clean_step():
+    """final="zero": the clean step is the point mass Transition(x0, 0.0), the proposal keeps it, and the
+    correction there is 0: the guarded run's particles, weights equal to rounding. Before: ValueError
+    (no density at std = 0, /tmp/rev_extend/t5 ShiftProposal)."""
+    delta = torch.tensor([0.2, -0.15], dtype=F64)
+    kw = dict(shape=(2, 2), particles=64, steps=STEPS, solver=SOLVER, ess_threshold=0.5, dtype=F64)
+    out = sd.smc.run_smc(DEN, _UnguardedShift(delta), generator=gen(0), **kw)
+    ref = sd.smc.run_smc(DEN, ShiftedProposal(delta), generator=gen(0), **kw)
+    assert bool(ref.trace.resampled.any())
+    assert torch.equal(out.x, ref.x)
+    torch.testing.assert_close(out.log_w, ref.log_w, rtol=0, atol=1e-13)
+
+
+def test_the_checks_read_the_device_once_per_run():
+    """On the meta device (an accelerator without values, as in test_device.py) the index and weight
+    checks add reads at the end of the run only: the same count at 6 and 12 steps."""
+    net = torch.nn.Linear(2, 2, device="meta")
+    den = sd.Denoiser(lambda x, t: net(x) * t[:, None], PROC, "eps")
+
+    def reads(steps: int) -> int:
+        with _Syncs() as mode:
+            out = sd.smc.fk_steering(
+                den, lambda z: z[:, 0], lam=1.0, shape=(2, 2), particles=4, steps=steps, solver=SOLVER,
+                resampler=_as_int32, device="meta",
+            )  # fmt: skip
+        assert out.x.is_meta
+        return mode.count["read"]
+
+    assert reads(6) == reads(12) <= 4

@@ -115,3 +115,24 @@ def test_bad_input():
         rs.multinomial(torch.zeros(2, 0, dtype=F64))
     with pytest.raises(ValueError, match="resampler"):
         rs.get("bootstrap")
+
+
+# rows with no distribution: a NaN weight, a +inf weight, every weight zero
+NO_DIST = torch.tensor(
+    [[0.0, 0.0, 0.0, 0.0], [math.nan, 0.0, 0.0, 0.0], [math.inf, 0.0, 0.0, 0.0], [-math.inf] * 4], dtype=F64
+)
+
+
+@pytest.mark.parametrize("name", sorted(rs.RESAMPLERS))
+def test_rows_without_a_distribution(name, monkeypatch):
+    """CPU tensors are refused naming the row (before: [3, 3, 3, 3] from systematic, [4, 4, 4, 4] =
+    N from residual); on an accelerator (tensors that are not CPU ones, faked: no device read) the
+    indices stay in [0, N), so they cannot take another row's particles before run_smc reports."""
+    fn = rs.RESAMPLERS[name]
+    for row in (1, 2, 3):
+        with pytest.raises(ValueError) as e:
+            fn(NO_DIST[[0, row]], torch.Generator().manual_seed(0))
+        assert str(e.value) == "log_w: row 1 has no distribution (a NaN or +inf weight, or all -inf)"
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    idx = fn(NO_DIST, torch.Generator().manual_seed(0))
+    assert idx.shape == (4, 4) and int(idx.min()) >= 0 and int(idx.max()) <= 3, idx

@@ -43,13 +43,19 @@ estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z`
   ``ctx.x`` from ``ctx.x_prev``; :func:`transition_log_prob` gives their exact log-densities, so a
   twisted proposal adds ``log N(x; base) - log N(x; proposal)``) and read/write ``ctx.state``.
   At ``ctx.final`` (``i = S``) it returns the final correction (nothing is resampled after it).
-* (c) ``resample(ctx, log_w, generator) -> Tensor | None``: ancestor indices ``(batch, particles)``
-  to force a selection at this node (greedy methods: CoDe, SVDD); weights are reset to uniform
-  (``log Z`` is then no longer an estimator of anything).
+  Increments are finite or ``-inf`` (a zero weight); NaN, ``+inf`` or ``-inf`` for every particle
+  of a row is a ``ValueError`` naming the node (at once for CPU tensors, else at the end of the run).
+* (c) ``resample(ctx, log_w, generator) -> Tensor | None``: integer ancestor indices
+  ``(batch, particles)`` in ``[0, particles)`` (checked as a resampler's are,
+  :mod:`~steerdiff.smc.resample`) to force a selection at this node (greedy methods: CoDe, SVDD);
+  weights are reset to uniform (``log Z`` is then no longer an estimator of anything).
 * (a) ``propose(ctx, base) -> Transition``: the Gaussian the next state is drawn from, given the
   (resampled) base transition ``base`` (mean ``(batch, particles, *shape)``, ``std`` a float or a
   tensor of that shape); default ``base``. Its ``ctx`` is the resampled one: ``x``, ``x0``,
-  ``state`` and the ``*_prev`` fields all follow the ancestor indices.
+  ``state`` and the ``*_prev`` fields all follow the ancestor indices. A step that returns a
+  tensor (the clean last step of ``final="zero"``; solvers that draw noise inside their step) gives
+  ``base = Transition(x_next, 0.0)``, a point mass: a proposal keeps it (``std = 0``, the same mean),
+  and the correction of (b) is then 0 (:func:`transition_log_prob` of a point mass at its mean).
 * Class flags: ``stochastic`` (a stochastic solver is required; default True), ``grad`` (the step is
   run with ``ctx.x`` a leaf requiring grad, so in ``log_weight`` ``ctx.x0`` is differentiable
   w.r.t. ``ctx.x``: take gradients there and keep what ``propose`` needs in ``ctx.state``; the
@@ -57,17 +63,21 @@ estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z`
   inside their step, whose ``x_{i+1}`` has no Gaussian density given ``x_i``).
 
 Per-particle solver state (multistep histories, SA-Solver's corrector term) is resampled with the
-particles: every tensor in the solver's state dict (nested in lists, tuples, dicts,
-:class:`~steerdiff.solvers.base.History` and :class:`~steerdiff.denoiser.Prediction`) whose first
-dimension is ``batch * particles`` is permuted; Python numbers are schedule constants.
+particles: every tensor in the solver's state dict whose first dimension is ``batch * particles`` is
+permuted, nested in dicts, lists, tuples (namedtuples too), ``collections.deque``, dataclasses,
+:class:`~steerdiff.solvers.base.History` and :class:`~steerdiff.denoiser.Prediction`; Python numbers
+are schedule constants. Any other object holding a tensor (a user class) is refused with a
+``ValueError``: its tensors would stay with the old particles.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -82,6 +92,7 @@ from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
 from ..noise import GeneratorNoise, Generators, PerSampleNoise, rand, randn
 from ..sampling import check_seeded
+from ..schedules import ScheduleLike
 from ..solvers.base import Grid, History, Model, Solver, Transition, make_grid, work_dtype
 from . import resample as _resample
 
@@ -192,14 +203,21 @@ class Particles:
 def transition_log_prob(x: Tensor, tr: Transition) -> Tensor:
     """``log N(x; tr.mean, tr.std^2 I)`` summed over each particle's values: ``(batch, particles)``
     for ``x`` ``(batch, particles, *shape)``. Exact for the Gaussian steps of stochastic solvers;
-    a twisted proposal's weight is ``transition_log_prob(x, base) - transition_log_prob(x, proposal)``."""
+    a twisted proposal's weight is ``transition_log_prob(x, base) - transition_log_prob(x, proposal)``.
+
+    Where ``std = 0`` (a deterministic step, such as the clean step of ``final="zero"``) the value is a
+    point mass's: 0 at ``x = mean``, ``-inf`` elsewhere, so the correction between two point masses
+    at the same mean is 0."""
     std = tr.std
     if not isinstance(std, Tensor):
-        if not std > 0:
-            raise ValueError(f"transition_log_prob: a transition with std = {std} has no density")
+        if not std >= 0:
+            raise ValueError(f"transition_log_prob: std must be >= 0, got {std}")
         std = torch.tensor(float(std), dtype=x.dtype, device=x.device)
-    z = (x - tr.mean) / std
-    lp = -0.5 * z * z - torch.log(std) - 0.5 * math.log(2 * math.pi)  # x's shape (std broadcasts)
+    point = std == 0
+    s = torch.where(point, torch.ones_like(std), std)  # no 0 / 0 (nor its NaN gradient) at point masses
+    z = (x - tr.mean) / s
+    lp = -0.5 * z * z - torch.log(s) - 0.5 * math.log(2 * math.pi)  # x's shape (std broadcasts)
+    lp = torch.where(point, torch.where(z == 0, 0.0, -math.inf).to(lp.dtype), lp)
     return lp.sum(tuple(range(2, x.ndim)))
 
 
@@ -407,20 +425,34 @@ def _cat_predictions(parts: list[Prediction], x: Tensor) -> Prediction:
     return pred
 
 
+_ATOMS = (int, float, complex, str, bytes, type(None))  # kept as they are (schedule constants)
+
+
 def _map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``obj`` with ``fn`` applied to every tensor in it (dicts, lists, tuples, :class:`History`,
-    :class:`Transition` and :class:`Prediction` are rebuilt; anything else is kept)."""
+    """``obj`` with ``fn`` applied to every tensor in it. Rebuilt: dicts, lists, tuples (namedtuples
+    too), deques, :class:`History`, :class:`Transition`, :class:`Prediction` and other dataclasses;
+    any other object is kept, and refused if it holds a tensor (which would not follow the
+    particles)."""
     if isinstance(obj, Tensor):
         return fn(obj)
+    if isinstance(obj, _ATOMS):
+        return obj
     if isinstance(obj, dict):
-        return {k: _map(v, fn) for k, v in obj.items()}
+        out = copy.copy(obj)  # keeps a subclass (OrderedDict, defaultdict's factory)
+        out.update((k, _map(v, fn)) for k, v in obj.items())
+        return out
     if isinstance(obj, list | tuple):
-        return type(obj)(_map(v, fn) for v in obj)
+        items = [_map(v, fn) for v in obj]
+        if type(obj) is not tuple and hasattr(obj, "_fields"):  # a namedtuple
+            return type(obj)(*items)
+        return type(obj)(items)
+    if isinstance(obj, deque):
+        return type(obj)((_map(v, fn) for v in obj), obj.maxlen)
     if isinstance(obj, History):
         h = History(obj.size)
         h.values, h.at = [_map(v, fn) for v in obj.values], list(obj.at)
         return h
-    if isinstance(obj, Transition):
+    if type(obj) is Transition:  # the engine's own, every step: no generic dataclass copy
         return Transition(_map(obj.mean, fn), _map(obj.std, fn))
     if isinstance(obj, Prediction):
         given = {"x0": obj._x0} if obj._x0 is not None else {"eps": obj._eps}
@@ -429,7 +461,39 @@ def _map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         )
         p.var_interp = _map(obj.var_interp, fn)
         return p
+    if is_dataclass(obj) and not isinstance(obj, type):
+        out = copy.copy(obj)  # no __init__ / __post_init__ rerun; frozen ones too
+        for f in fields(obj):
+            object.__setattr__(out, f.name, _map(getattr(obj, f.name), fn))
+        return out
+    if _holds_tensor(obj, set()):
+        raise ValueError(
+            f"the solver state holds a {type(obj).__name__} with tensors in it, which the particle engine "
+            "cannot resample with the particles; keep per-particle tensors in a dict, list, tuple, "
+            "namedtuple, collections.deque, dataclass or steerdiff.solvers.History"
+        )
     return obj
+
+
+def _holds_tensor(obj: Any, seen: set[int]) -> bool:
+    """Whether a tensor is reachable from ``obj`` through containers and instance attributes
+    (``seen``: the ids already visited)."""
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, str | bytes | type) or id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        parts: Any = obj.values()
+    elif isinstance(obj, list | tuple | set | frozenset | deque):
+        parts = obj
+    else:
+        names = list(getattr(obj, "__dict__", ()))
+        for cls in type(obj).__mro__:
+            slots = cls.__dict__.get("__slots__", ())
+            names += [slots] if isinstance(slots, str) else list(slots)
+        parts = [getattr(obj, n) for n in names if n not in ("__dict__", "__weakref__") and hasattr(obj, n)]
+    return any(_holds_tensor(v, seen) for v in parts)
 
 
 def _take(obj: Any, idx: Tensor, n: int) -> Any:
@@ -467,7 +531,7 @@ class _Run:
 
     def reward(self, z: Tensor, i: int) -> Tensor:
         if self._reward is None:
-            raise ValueError("this run has no reward")
+            raise ValueError("ctx.reward: this run has no reward; pass reward= to run_smc")
         out = []
         for chunk, _, _ in _row_chunks(self.max_batch, self.flat(z), 0.0, {}):
             r = self._reward(chunk)
@@ -481,6 +545,8 @@ class _Run:
         r = torch.cat(out)
         self.reward_ok.append(torch.isfinite(r).all())
         self.reward_at.append(i)
+        if r.is_cpu and not bool(self.reward_ok[-1]):  # no device read to save; before the weights it spoils
+            self.check_reward()
         return self.rows(r)
 
     def check_reward(self) -> None:
@@ -536,6 +602,76 @@ def _check_generator(who: str, generator: object, batch: int) -> None:
     )
 
 
+class _Ancestors:
+    """Checks ancestor indices from a resampler or a ``resample`` hook: an integer ``(batch, N)``
+    tensor (at once), entries in ``[0, N)`` (at once for CPU tensors; otherwise read with the run's
+    other deferred checks by :meth:`check`, no device read per step, and until then an entry out of
+    range is clamped into it, so it cannot take a particle of the next batch row)."""
+
+    def __init__(self, batch: int, n: int, device: torch.device) -> None:
+        self.batch, self.n, self.device = batch, n, device
+        self.ok: list[Tensor] = []
+        self.at: list[tuple[str, int]] = []
+
+    def __call__(self, who: str, idx: Any, node: int) -> Tensor:
+        """``idx`` checked, as int64 on the particles' device; ``who`` made it at ``node``."""
+        shape = (self.batch, self.n)
+        if (
+            not isinstance(idx, Tensor)
+            or idx.is_floating_point()
+            or idx.is_complex()
+            or idx.dtype == torch.bool
+            or tuple(idx.shape) != shape
+        ):
+            got = (
+                f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+            )
+            raise ValueError(
+                f"{who} must return integer ancestor indices of shape (batch, particles) = {shape}, got {got}"
+            )
+        idx = idx.to(device=self.device, dtype=torch.long)
+        lo, hi = torch.aminmax(idx)
+        ok = (lo >= 0) & (hi < self.n)
+        if idx.is_cpu:
+            if not bool(ok):
+                raise self._error(who, node)
+            return idx
+        self.ok.append(ok)
+        self.at.append((who, node))
+        return idx.clamp(0, self.n - 1)
+
+    def check(self) -> None:
+        """Raise the ``ValueError`` of the first out-of-range index seen on the device (one read)."""
+        k = first_false(torch.stack(self.ok)) if self.ok else None
+        if k is not None:
+            raise self._error(*self.at[k])
+
+    def _error(self, who: str, node: int) -> ValueError:
+        return ValueError(
+            f"{who} returned an ancestor index outside [0, particles) = [0, {self.n}) at node {node}"
+        )
+
+
+def _check_weights(who: str, log_z: Tensor) -> None:
+    """Raise ``ValueError`` naming the first node (row of ``log_z``, ``(nodes, batch)``) whose running
+    ``log Z`` is not finite: ``log_weight`` returned NaN or ``+inf`` there, or ``-inf`` for every
+    particle of a row (a non-finite ``log Z`` stays so: its first node is the culprit). One read."""
+    k = first_false(torch.isfinite(log_z).all(-1))
+    if k is None:
+        return
+    row = log_z[k].cpu()
+    b = first_false(torch.isfinite(row))
+    if row[b] < 0:
+        raise ValueError(
+            f"{who}: log_weight gave every particle of batch row {b} weight zero (-inf) at node {k}; "
+            "a row needs a particle of positive weight"
+        )
+    raise ValueError(
+        f"{who}: log_weight returned NaN or +inf at node {k} (batch row {b}); increments must be finite, "
+        "or -inf for a zero weight"
+    )
+
+
 def run_smc(
     den: Denoiser,
     algorithm: SMCAlgorithm,
@@ -545,7 +681,7 @@ def run_smc(
     steps: int,
     reward: Reward | None = None,
     solver: str | Solver = DEFAULT_SOLVER,
-    schedule: str | _schedules.Schedule = DEFAULT_SCHEDULE,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     ess_threshold: float = 0.5,
     resampler: str | _resample.Resampler = "systematic",
@@ -571,7 +707,9 @@ def run_smc(
         ess_threshold: resample a row when its ESS falls below ``ess_threshold * N``, in ``[0, 1]``
             (0: never; 1: whenever its weights are not uniform).
         resampler: ``"systematic"`` (default), ``"stratified"``, ``"residual"``, ``"multinomial"`` or a
-            callable ``(log_w, generator) -> indices``.
+            callable ``(log_w, generator) -> indices`` (the contract in :mod:`~steerdiff.smc.resample`:
+            integers ``(batch, particles)`` in ``[0, particles)``, checked on the CPU at once, else at
+            the end of the run).
         max_batch: evaluate the denoiser and the reward on at most this many rows at a time.
         x_T: initial particles ``(batch, particles, *sample_shape)``; default
             ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal (standard normal for VP).
@@ -667,6 +805,9 @@ def run_smc(
     res_log: list[Tensor] = []
     z_log: list[Tensor] = []
     no_resample = torch.zeros(batch, dtype=torch.bool, device=wdev)
+    every_row = torch.ones(batch, dtype=torch.bool, device=wdev)
+    ancestors = _Ancestors(batch, n_part, wdev)
+    resampler_name = f"resampler {getattr(resample_fn, '__name__', type(resample_fn).__name__)!r}"
     prev: tuple[Tensor, Transition, Transition] | None = None
     grad_ctx = torch.enable_grad if algorithm.grad else nullcontext
 
@@ -683,6 +824,8 @@ def run_smc(
         total = torch.logsumexp(lw, dim=-1)
         log_z = log_z + total
         log_w = lw - total[:, None]
+        if log_z.is_cpu and not bool(torch.isfinite(log_z).all()):  # else read once at the end
+            _check_weights(algorithm.name, torch.stack([*z_log, log_z]))
 
     indices = tqdm(range(steps), desc=algorithm.name, leave=False) if progress else range(steps)
     for i in indices:
@@ -709,13 +852,13 @@ def run_smc(
             forced = algorithm.resample(ctx, log_w, generator)
             anc, mask = None, no_resample
             if forced is not None:
-                if not isinstance(forced, Tensor) or tuple(forced.shape) != (batch, n_part):
-                    raise ValueError(f"{algorithm.name}: resample must return (batch, particles) indices")
-                anc, mask = forced.to(wdev), torch.ones(batch, dtype=torch.bool, device=wdev)
+                anc, mask = ancestors(f"{algorithm.name}: resample", forced, i), every_row
             elif inc is not None and ess_threshold > 0:
                 # below the threshold by more than rounding: uniform weights read ESS = N (1 - 1e-16)
                 mask = ess_log[-1] < ess_threshold * n_part * (1 - 1e-9)
-                anc = torch.where(mask[:, None], resample_fn(log_w, generator).to(wdev), arange)
+                anc = torch.where(
+                    mask[:, None], ancestors(resampler_name, resample_fn(log_w, generator), i), arange
+                )
             if anc is not None:
                 flat_idx = (anc + offsets).reshape(-1)
                 ctx = ctx.take(flat_idx)
@@ -741,6 +884,8 @@ def run_smc(
     model.check_finite()
     run.check_reward()
     trace = Trace(torch.stack(ess_log), torch.stack(res_log), torch.stack(z_log))
+    _check_weights(algorithm.name, trace.log_z)
+    ancestors.check()
     return Particles(run.rows(x).to(in_dtype), log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
 
 

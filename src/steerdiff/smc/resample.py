@@ -17,6 +17,16 @@ Stratified and residual resampling have lower offspring variance than multinomia
 (``Var O_i <= N W_i (1 - W_i)``); systematic is usually lowest in practice. The effective sample
 size of a row is ``ESS = 1 / sum_i W_i^2 = exp(2 logsumexp(log_w) - logsumexp(2 log_w))``, between 1
 and ``N`` (Kong, Liu & Wong 1994).
+
+**Contract** of a resampler (the four below, or a callable passed as ``resampler=``):
+``resampler(log_w, generator) -> indices``, ``log_w`` float64 ``(batch, N)``, ``indices`` an integer
+tensor ``(batch, N)`` with entries in ``[0, N)`` (per row: row ``b``'s ancestors among its own ``N``
+particles), which :func:`~steerdiff.smc.run_smc` checks. ``generator`` is what the run was given:
+``None``, one ``torch.Generator``, or a list of ``batch`` of them, one per row (row ``b``'s uniforms
+from ``generator[b]`` alone); :func:`steerdiff.noise.rand` / :func:`~steerdiff.noise.randn` draw
+for all three (``torch.rand(generator=...)`` takes no list). A row whose weights are NaN or ``+inf``,
+or all ``-inf``, has no distribution: for CPU tensors the four below refuse it, elsewhere (no device
+read) they return indices in range that mean nothing, and ``run_smc`` reports the weights.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._ops import first_false
 from ..noise import Generators, rand
 
 __all__ = [
@@ -42,7 +53,7 @@ __all__ = [
     "systematic",
 ]
 
-Resampler = Callable[[Tensor, "torch.Generator | None"], Tensor]
+Resampler = Callable[[Tensor, Generators], Tensor]
 
 
 def _check(log_w: Tensor) -> Tensor:
@@ -56,6 +67,12 @@ def _check(log_w: Tensor) -> Tensor:
         raise ValueError(
             f"log_w must be a floating (batch, particles) tensor with particles >= 1, got {shape}"
         )
+    if log_w.is_cpu:  # no device read elsewhere: the indices of such a row are in range but meaningless
+        ok = torch.isfinite(torch.logsumexp(log_w, dim=-1))  # NaN, +inf and all -inf
+        if not bool(ok.all()):
+            raise ValueError(
+                f"log_w: row {first_false(ok)} has no distribution (a NaN or +inf weight, or all -inf)"
+            )
     return log_w
 
 
@@ -132,7 +149,7 @@ def residual(log_w: Tensor, generator: Generators = None) -> Tensor:
     drawn = _inverse_cdf(frac.log(), _uniform(log_w, generator))
     use = torch.arange(n, device=log_w.device) < left  # the first R draws of each row
     counts = kept.to(torch.long).scatter_add(1, drawn, use.to(torch.long))
-    return indices_from_counts(counts)
+    return indices_from_counts(counts).clamp_(max=n - 1)  # NaN weights' garbage counts stay in range
 
 
 def offspring(indices: Tensor, n: int | None = None) -> Tensor:
