@@ -122,8 +122,7 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
 
 class History:
     """The last ``size`` estimates of a multistep method and where they were taken, newest first:
-    ``values[j]`` (tensors) at ``at[j]`` (e.g. ``lam``); :meth:`push` adds one and drops the oldest.
-    A solver state of these, dicts, lists and tuples is what particle methods resample."""
+    ``values[j]`` (tensors) at ``at[j]`` (e.g. ``lam``); :meth:`push` adds one and drops the oldest."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -294,7 +293,10 @@ class Solver:
     Runge-Kutta stages as Heun, EDM, Restart, singlestep SDE-DPM-Solver++, the step into a clean
     end once; otherwise once per step; :meth:`nfe` predicts from it, the sampler counts the
     evaluations actually made). Implement :meth:`step`, and :meth:`init_state` where steps keep a
-    history (:class:`History`) in the ``state`` dict.
+    history (:class:`History`) in the ``state`` dict. Per-particle tensors in ``state`` (first
+    dimension the batch) must sit in dicts, lists, tuples (namedtuples too), ``collections.deque``,
+    dataclasses or :class:`History`, nested freely, so that particle methods can resample them with
+    the particles; the particle engine refuses any other object that holds a tensor.
     """
 
     name: ClassVar[str] = ""
