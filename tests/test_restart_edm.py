@@ -197,6 +197,11 @@ def test_restart_default_plan_and_mapping_form(gmm, sd_process):
         den, x_T, 20, sd.solvers.Restart(restart_info=[(0.2, 1.0, 2, 3)]), "karras", generator=_gen()
     )
     assert torch.equal(a, b)
+    # trailing spacing ends above the plan's s_min = 0.1 (0.22 at 20 steps): it restarts from the last
+    # noisy node (the plan was refused at 20 steps and more, naming restart_info the user never gave)
+    for steps in (20, 50):
+        _, info = sd.sample(den, x_T, steps, "restart", "trailing", generator=_gen(), return_info=True)
+        assert info.nfe == info.solver.nfe(steps)
 
 
 def test_restart_sw2_at_100_nfe_is_near_the_floor(gmm, sd_process):
@@ -265,3 +270,27 @@ def test_restart_outside_the_schedule(gmm, sd_process, restart_info):
 def test_restart_malformed(restart_info):
     with pytest.raises(ValueError, match="restart_info"):
         sd.solvers.Restart(restart_info=restart_info)
+
+
+@pytest.mark.parametrize(
+    ("process", "scale"),
+    [
+        (sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64), rescale_zero_snr=True), 1.0),
+        (sd.VE(0.01, 1e4), 1e4),
+    ],
+    ids=["zero_snr", "ve_1e4"],
+)
+def test_heun_over_a_step_that_divides_sigma_by_a_thousand(process, scale):
+    """karras_capped's top step here goes from sigma/alpha 3e4 (1e4) to 30: Heun's trapezoid in s
+    weighted the estimates' difference by ~500 (errors 0.66 / 0.53 at 10 / 20 steps, not converging);
+    past HEUN_MAX_RATIO the exponential trapezoid in lam takes the step: 0.022 / 0.0070, still 2N - 1
+    NFE."""
+    gmm = sd.toy.default_benchmark_mixture(dim=4, components=3)
+    x_T = scale * torch.randn(128, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    exact = gmm.reference_ode(x_T, process, process.t_max, process.t_min, denoise=True)
+    errors = []
+    for steps in (10, 20):
+        x, info = sd.sample(gmm.denoiser(process), x_T, steps, "heun", return_info=True)
+        assert info.nfe == 2 * steps - 1
+        errors.append(sd.metrics.relative_rmse(x, exact))
+    assert errors[0] < 0.04 and errors[1] < 0.012, errors

@@ -40,6 +40,15 @@ __all__ = ["EDMStochasticHeun", "Level", "heun_update"]
 
 Level = tuple[float, float, float]  # (t, alpha, sigma) of a noise level
 
+# Heun's trapezoid in s = sigma / alpha weights the change of the slope by (s - s') / 2, which on a
+# step that divides s by a large factor is a large multiple of the clean estimates' difference;
+# above this ratio the same two estimates are combined by the exponential trapezoid in lam instead.
+# Measured (4-d mixture, 128 samples, against the exact ODE), heun at 3 / 5 / 10 / 20 steps before ->
+# after: zero-SNR DDPM betas on karras_capped (its top step 3e4 -> 30) 4.4 / 1.57 / 0.658 / 0.529 ->
+# 0.29 / 0.18 / 0.022 / 0.0070; VE(0.01, 1e4) 1.55 / 0.74 / 0.43 / 0.33 -> 0.29 / 0.18 / 0.023 /
+# 0.0070; EDM on karras (3 steps: 80 -> 2.4) 3.0 -> 0.45; SD betas' karras_capped grids unchanged.
+HEUN_MAX_RATIO = 20.0
+
 
 def heun_update(model: Model, x: Tensor, step: int, frm: Level, to: Level, second: bool = True) -> Tensor:
     r"""One Heun step (EDM Alg. 1) in ``(x / alpha, sigma / alpha)`` from level ``frm`` to ``to``.
@@ -58,6 +67,11 @@ def heun_update(model: Model, x: Tensor, step: int, frm: Level, to: Level, secon
     ``log10(s / s')`` digits where ``alpha`` is tiny (zero terminal SNR, Lin et al. 2024; measured
     there, 10 time-uniform steps, float32 against float64: Euler 1.3e-5 -> 1.2e-7, Heun 1.2e-3 ->
     3.8e-7 relative).
+
+    A step dividing ``s`` by more than :data:`HEUN_MAX_RATIO` (``h = log(s / s') > 3``) combines the
+    two estimates by the exponential trapezoid in ``lam`` instead, ``x0`` linear in ``lam`` between
+    them (second order too, DPM-Solver-2 with the estimate at the end point):
+    ``x' = x~ + alpha' ((h - 1 + e^{-h}) / h) (x0~ - x0)``, whose weight stays below ``alpha'``.
     """
     (t, a, s), (t_next, a_next, s_next) = frm, to
     pred = model(x, t, step)
@@ -65,6 +79,9 @@ def heun_update(model: Model, x: Tensor, step: int, frm: Level, to: Level, secon
     if not second or s_next == 0:
         return x_euler
     pred2 = model(x_euler, t_next, step)
+    if s / a > HEUN_MAX_RATIO * (s_next / a_next):  # x0 linear in lam between the two estimates
+        h = math.log((s / a) / (s_next / a_next))
+        return axpby(1.0, x_euler, a_next * (h + math.expm1(-h)) / h, pred2.x0 - pred.x0)
     c = a_next * (s_next / a_next - s / a)  # x-space weight of a slope d = eps
     if pred.x0_given and pred2.x0_given:
         return axpby(1.0, x_euler, 0.5 * c * a_next / s_next, pred.x0 - pred2.x0)
