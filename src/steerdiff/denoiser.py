@@ -207,7 +207,8 @@ class Denoiser:
             if len(self._coefs) > _CACHE_SIZE:
                 self._coefs.clear()
             derivs = (float(p.d_alpha(key)), float(p.d_sigma(key))) if flow else (0.0, 0.0)
-            c = self._coefs[key] = (float(p.alpha(key)), float(p.sigma(key)), *derivs)
+            a, s, _ = p.coefficients(key)  # one pass (VP: lam once, not once each for alpha and sigma)
+            c = self._coefs[key] = (float(a), float(s), *derivs)
         return c
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:

@@ -703,17 +703,24 @@ def best_vs_best(
 
 @dataclass
 class Overhead:
-    """(c): median wall time per step outside the network, ours and diffusers', in seconds."""
+    """(c): median wall time per step outside the network, ours and diffusers', in seconds; ``cold``:
+    ours on a denoiser that has not yet seen the grid's times (its per-time caches empty: a first run)."""
 
     solver: str
     scheduler: str
     ours: float
     diffusers: float
+    cold: float
 
     @property
     def ratio(self) -> float:
         """Ours over diffusers' (below 1: ours is faster)."""
         return self.ours / self.diffusers
+
+    @property
+    def cold_ratio(self) -> float:
+        """Ours on a first run over diffusers'."""
+        return self.cold / self.diffusers
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -729,7 +736,8 @@ def sampler_overhead(
 
     The net returns a precomputed float32 ``(batch, dim)`` tensor; both run on the scheduler's own
     timesteps (``nodes_of``), include the grid set-up (``make_grid`` / ``set_timesteps``), and are
-    timed in alternation ``repeats`` times after two warm-up runs; the median is reported.
+    timed in alternation ``repeats`` times after two warm-up runs; the median is reported. Ours is
+    also timed on a new denoiser each run (``cold``: the per-time coefficient caches of a first run).
     """
     import diffusers
 
@@ -751,23 +759,20 @@ def sampler_overhead(
             sched.set_timesteps(steps)
             grid = nodes_of(sched)
 
-            def ours(solver: str = solver, grid: schedules.Schedule = grid) -> object:
-                return sampling.sample(den, x_T, steps=steps, solver=solver, schedule=grid)
+            def ours(solver: str = solver, grid: schedules.Schedule = grid, fresh: bool = False) -> object:
+                d = Denoiser(net, den.process, prediction="eps") if fresh else den
+                return sampling.sample(d, x_T, steps=steps, solver=solver, schedule=grid)
 
             def theirs(sched: Any = sched) -> object:
                 return run_scheduler(sched, net, x_T, steps)
 
-            times: tuple[list[float], list[float]] = ([], [])
+            times: tuple[list[float], list[float], list[float]] = ([], [], [])
             for r in range(repeats + 2):
-                a, b = _seconds(ours), _seconds(theirs)
+                a, b, c = _seconds(ours), _seconds(theirs), _seconds(lambda f=ours: f(fresh=True))
                 if r >= 2:
-                    times[0].append(a)
-                    times[1].append(b)
-            out.append(
-                Overhead(
-                    solver, cls, statistics.median(times[0]) / steps, statistics.median(times[1]) / steps
-                )
-            )
+                    for record, value in zip(times, (a, b, c), strict=True):
+                        record.append(value)
+            out.append(Overhead(solver, cls, *(statistics.median(v) / steps for v in times)))
     return out
 
 
@@ -1233,7 +1238,7 @@ def format_report(result: SolverBench) -> str:
         ]
         lines += [
             f"    {o.solver} vs {o.scheduler}: {o.ours * 1e6:.0f} us vs {o.diffusers * 1e6:.0f} us"
-            f"  ratio {o.ratio:.3g}"
+            f"  ratio {o.ratio:.3g}; first run of a new denoiser {o.cold * 1e6:.0f} us ({o.cold_ratio:.3g})"
             for o in result.overhead
         ]
     what = f"components 0-{CFG_COMPONENTS - 1} of the mixture"
