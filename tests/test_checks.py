@@ -158,7 +158,7 @@ def test_numpy_scalars_are_accepted_as_plain_numbers(gmm, sd_process, make, attr
         (lambda d: sd.solvers.SASolver(tau=math.inf), "SASolver: tau must be a finite number >= 0"),
         (
             lambda d: sd.solvers.Restart(restart_info=[(0.1, math.inf, 1, 1)]),
-            "Restart: s_max in restart_info must be a finite number > 0.1",
+            "Restart: s_max in restart_info (above its s_min) must be a finite number > 0.1",
         ),
         (
             lambda d: sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1)).posterior(

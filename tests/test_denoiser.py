@@ -245,3 +245,15 @@ def test_prediction_to_keeps_the_given_estimate_at_the_new_point(given):
     assert torch.allclose(out.alpha * out.x0 + out.sigma * out.eps, x32, rtol=0, atol=1e-5)
     assert pred.x.dtype == torch.bfloat16 and pred.given is est  # the original is untouched
     assert sd.Prediction(x, 0.6, 0.8, eps=est).to(torch.float32).x.dtype == torch.float32
+
+
+def test_per_sample_times_of_another_shape_are_named():
+    """t of shape (B, 1) or of another length: a ValueError naming t's shape (was torch's expand error)."""
+    den = sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1)).denoiser(
+        sd.VP.scaled_linear()
+    )
+    x = torch.zeros(3, 2)
+    for t in (torch.full((3, 1), 500.0), torch.full((2,), 500.0)):
+        with pytest.raises(ValueError, match=r"per-sample times t must have shape \(3,\)"):
+            den(x, t)
+    torch.testing.assert_close(den(x, torch.full((3,), 500.0)).x0, den(x, 500.0).x0)

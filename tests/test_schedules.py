@@ -408,3 +408,14 @@ def test_float32_grids_at_the_range_ends_are_taken():
     torch.testing.assert_close(t32, torch.linspace(0.999, 0.001, 10, dtype=F64), rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match=r"process range \[0\.001, 0\.999\], got 1\.5 \.\. 0\.5"):
         Custom([1.5, 0.5])(p, 2)
+
+
+def test_refusals_show_the_offending_nodes():
+    """Too many steps for a spacing names the first repeated pair (it printed all 1500 nodes); a
+    k-diffusion sigmas list still ending in 0 is told to drop it."""
+    with pytest.raises(ValueError, match=r"1500 nodes .*: t\[1\] = 998, t\[2\] = 998$"):
+        Linspace()(PROCESSES["sd"], 1500)
+    with pytest.raises(
+        ValueError, match=r"got 80 \.\. 0; a k-diffusion sigmas list ends in 0: pass sigmas\[:-1\]"
+    ):
+        Custom([80.0, 1.0, 0.0])(sd.EDM(), 3)

@@ -183,6 +183,11 @@ class Denoiser:
         """The ``(batch,)`` time tensor handed to the net."""
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         if isinstance(t, Tensor) and t.ndim > 0:
+            if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
+                raise ValueError(
+                    f"Denoiser: per-sample times t must have shape ({x.shape[0]},) (one per row of x), "
+                    f"got {tuple(t.shape)}"
+                )
             return self.time_map(t.to(torch.float64)).to(device=x.device, dtype=dtype).expand(x.shape[0])
         if len(self._times) > _CACHE_SIZE:
             self._times.clear()

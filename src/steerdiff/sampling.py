@@ -207,7 +207,8 @@ def sample(
     Args:
         den: the :class:`~steerdiff.denoiser.Denoiser` (guided denoisers included).
         x_T: initial noise at the schedule's first time, as a diffusers pipeline draws it
-            (standard normal for VP; ``sigma_max``-scaled for VE/EDM), shape ``(batch, ...)``.
+            (standard normal for VP and rectified flow; ``sigma_max``-scaled for VE/EDM: the first node
+            of every built-in schedule is ``t_max``), shape ``(batch, ...)``.
             The result has its dtype. For float16/bfloat16 the solver state and arithmetic are
             float32 and only the net runs in ``x_T``'s dtype (as diffusers' schedulers upcast in
             ``step``; see :func:`~steerdiff.solvers.base.work_dtype`).

@@ -75,17 +75,19 @@ class Schedule:
         if t.ndim != 1 or t.numel() != n:
             raise ValueError(f"schedule {self!r} returned {t.numel()} nodes, {n} were asked")
         if not bool((t[1:] < t[:-1]).all()):
+            k = int((t[1:] >= t[:-1]).nonzero()[0])
             raise ValueError(
-                f"schedule {self!r} gave non-decreasing times for {n} nodes "
-                f"(too many steps for this spacing?): {t.tolist()}"
+                f"schedule {self!r} gave non-decreasing times for {n} nodes (too many steps for this "
+                f"spacing?): t[{k}] = {float(t[k]):.6g}, t[{k + 1}] = {float(t[k + 1]):.6g}"
             )
         lo, hi = process.t_min, process.t_max
         slack = 1e-6 * max(1.0, hi - lo)  # float32 times: RectifiedFlow's 0.999 is 0.99900001
         first, last = float(t[0]), float(t[-1])
         if first > hi + slack or last < lo - slack:
+            hint = "; a k-diffusion sigmas list ends in 0: pass sigmas[:-1]" if last == 0 < lo else ""
             raise ValueError(
                 f"schedule {self!r}: times must lie in the process range [{lo:g}, {hi:g}], got "
-                f"{first:.9g} .. {last:.9g}"
+                f"{first:.9g} .. {last:.9g}{hint}"
             )
         return t.clamp(lo, hi)
 

@@ -68,7 +68,7 @@ def _intervals(restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence
                 "integers K, N >= 1"
             )
         lo = real("Restart", "s_min in restart_info", item[0], lo=0, lo_open=True)
-        hi = real("Restart", "s_max in restart_info", item[1], lo=lo, lo_open=True)
+        hi = real("Restart", "s_max in restart_info (above its s_min)", item[1], lo=lo, lo_open=True)
         k = integer("Restart", "K in restart_info", item[2], lo=1)
         n = integer("Restart", "N in restart_info", item[3], lo=1)
         out.append((lo, hi, k, n))
