@@ -318,14 +318,21 @@ def test_option_checks_cover_the_known_options():
     assert {("ERSDE", "noise_scale"), ("DDPM", "variance"), ("DPMSolver", "second_stage")} <= covered
 
 
-def test_divided_differences_of_a_quadratic():
+def test_newton_weights_of_a_quadratic():
     # f(u) = 3 u^2 - 2 u + 1: f[u0, u1] = 3 (u0 + u1) - 2, f[u0, u1, u2] = 3
+    from steerdiff.solvers._poly import newton_weights
+
     nodes = [0.7, -0.4, -1.9]
-    values = [torch.tensor([3 * u * u - 2 * u + 1], dtype=torch.float64) for u in nodes]
-    f0, d1, d2 = sd.solvers._poly.divided_differences(values, nodes)
-    assert f0.item() == values[0].item()
-    assert d1.item() == pytest.approx(3 * (0.7 - 0.4) - 2, rel=1e-14)
-    assert d2.item() == pytest.approx(3.0, rel=1e-14)
+    values = [3 * u * u - 2 * u + 1 for u in nodes]
+
+    def combine(coefs):
+        return sum(w * v for w, v in zip(newton_weights(nodes, coefs), values, strict=False))
+
+    assert newton_weights(nodes, [1.0]) == [1.0]
+    assert combine([0.0, 1.0]) == pytest.approx(3 * (0.7 - 0.4) - 2, rel=1e-14)
+    assert combine([0.0, 0.0, 1.0]) == pytest.approx(3.0, rel=1e-14)
+    # a combination of all three: f(u0) + 0.5 d_1 - 0.25 d_2
+    assert combine([1.0, 0.5, -0.25]) == pytest.approx(values[0] + 0.5 * (3 * 0.3 - 2) - 0.75, rel=1e-14)
 
 
 def test_sde_decay_and_std_keep_the_marginal():

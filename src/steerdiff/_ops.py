@@ -3,13 +3,13 @@ host read of a run's deferred checks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["axpby", "first_false", "kept"]
+__all__ = ["axpby", "first_false", "kept", "lincomb"]
 
 T = TypeVar("T")
 
@@ -22,6 +22,23 @@ def axpby(a: float | Tensor, x: Tensor, b: float | Tensor, y: Tensor) -> Tensor:
     if isinstance(a, float) and isinstance(b, float):
         return torch.mul(x, a).add_(y, alpha=b)
     return a * x + b * y
+
+
+def lincomb(coefs: Iterable[float], tensors: Iterable[Tensor], start: Tensor | None = None) -> Tensor:
+    """``start + sum_j coefs[j] * tensors[j]`` (``start`` omitted: the sum alone) with float ``coefs``: one
+    kernel per term and at most one allocation, the terms added in place in their order.
+
+    ``start`` is a tensor the caller owns (it is written in place and returned); without it the first
+    term is the one allocation. ``tensors`` may be a generator, so that terms made on the fly (a
+    difference) are freed as they are added.
+    """
+    terms = zip(coefs, tensors, strict=True)
+    if start is None:
+        c, v = next(terms)
+        start = torch.mul(v, c)
+    for c, v in terms:
+        start.add_(v, alpha=c)
+    return start
 
 
 def kept(cache: dict[Hashable, T], key: Hashable, make: Callable[[], T]) -> T:

@@ -18,7 +18,7 @@ At most four nodes are used, so the monomial form is well conditioned on the uni
 
 UniPC (Zhao et al. 2023) with two nodes replaces the moment ``M_1 = phi_2(-g)`` by ``beta / 2``
 (``B(h) = g beta``; :func:`unipc_moments`), and the multistep solvers that expand the estimates
-around the newest node use Newton's divided differences (:func:`divided_differences`).
+around the newest node use Newton's divided differences, written out on the values (:func:`newton_weights`).
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from torch import Tensor
-
 from ._exp import phi
 
 __all__ = [
     "adams_bashforth",
-    "divided_differences",
     "exp_adams_bashforth",
     "lagrange_basis",
     "lagrange_weights",
+    "newton_weights",
     "unipc_moments",
 ]
 
@@ -91,18 +89,19 @@ def unipc_moments(g: float, beta: float) -> list[float]:
     return [phi(1, -g), 0.5 * beta]
 
 
-def divided_differences(values: Sequence[Tensor], nodes: Sequence[float]) -> list[Tensor]:
-    r"""Newton's divided differences ``[f[u_0], f[u_0, u_1], ..., f[u_0, ..., u_{n-1}]]`` of ``values``
-    ``f(u_j)`` at ``nodes`` ``u_j``:
+def newton_weights(nodes: Sequence[float], coefs: Sequence[float]) -> list[float]:
+    r"""The weights ``w_j`` of the values ``f(u_j)`` in ``sum_k coefs[k] f[u_0, ..., u_k]``, a combination of
+    Newton's divided differences of ``f`` at ``nodes`` (``k < len(coefs) <= len(nodes)``):
 
-        f[u_j, ..., u_{j+k}] = (f[u_j, ..., u_{j+k-1}] - f[u_{j+1}, ..., u_{j+k}]) / (u_j - u_{j+k}),
+        f[u_0, ..., u_k] = sum_{j <= k} f(u_j) / prod_{m <= k, m != j} (u_j - u_m),
 
-    the coefficients of the interpolating polynomial ``sum_k f[u_0, ..., u_k] prod_{m<k} (u - u_m)``
-    (``d_1 = (m_0 - m_1) / h_0``, ``d_2 = (d_1 - (m_1 - m_2) / h_1) / (h_0 + h_1)`` of DPM-Solver++(3M),
-    Lu et al. 2022b, with the nodes in ``lam``).
+    so ``w_j = sum_{k >= j} coefs[k] / prod_{m <= k, m != j} (u_j - u_m)`` (``len(coefs)`` weights). With the
+    nodes in ``lam``, ``f[u_0, u_1] = (m_0 - m_1) / h_0`` and ``f[u_0, u_1, u_2] = (d_1 - (m_1 - m_2) / h_1) /
+    (h_0 + h_1)`` are DPM-Solver++(3M)'s ``d_1``, ``d_2`` (Lu et al. 2022b): the multistep solvers that expand
+    the estimates around the newest node weight them so, one kernel per estimate.
     """
-    column, top = list(values), [values[0]]
-    for k in range(1, len(column)):
-        column = [(column[j] - column[j + 1]) / (nodes[j] - nodes[j + k]) for j in range(len(column) - 1)]
-        top.append(column[0])
-    return top
+    w = [0.0] * len(coefs)
+    for k, c in enumerate(coefs):
+        for j in range(k + 1):
+            w[j] += c / math.prod(nodes[j] - nodes[m] for m in range(k + 1) if m != j)
+    return w

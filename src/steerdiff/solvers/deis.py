@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .._checks import boolean, choice
+from .._ops import lincomb
 from ..processes import Process, VPDiscrete
 from ._poly import exp_adams_bashforth, lagrange_weights
 from .base import Grid, History, Model, Solver, step_order
@@ -152,12 +153,11 @@ class DEIS(Solver):
         k = self._order(i, grid)
         if k == 1:
             return pred.renoise(grid.alpha[i + 1], grid.sigma[i + 1])
-        if self.variant == "tab":
-            y = x / grid.alpha[i] + sum(wj * e for wj, e in zip(state["w"][i], eps, strict=False))
-            return grid.alpha[i + 1] * y
-        h = grid.h(i)
-        w = exp_adams_bashforth([(lam - lams[0]) / h for lam in lams[:k]], h)
-        c = grid.sigma[i + 1] * h
-        return (grid.alpha[i + 1] / grid.alpha[i]) * x - sum(
-            c * wj * e for wj, e in zip(w, eps, strict=False)
-        )
+        a = grid.alpha[i + 1]
+        if self.variant == "tab":  # x_{i+1} = alpha_{i+1} (x_i / alpha_i + sum_j w_j eps_{i-j})
+            w = [a * wj for wj in state["w"][i]]
+        else:
+            h = grid.h(i)
+            c = -grid.sigma[i + 1] * h
+            w = [c * wj for wj in exp_adams_bashforth([(lam - lams[0]) / h for lam in lams[:k]], h)]
+        return lincomb([a / grid.alpha[i], *w], [x, *eps[:k]])

@@ -37,25 +37,26 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._checks import boolean, choice
-from .._ops import axpby
+from .._ops import lincomb
 from ._exp import hphi_scaled
-from ._poly import divided_differences
+from ._poly import newton_weights
 from .base import Grid, History, Model, Solver, check_long_step, step_order
 
-__all__ = ["DPMSolverPPMultistep", "multistep_estimate"]
+__all__ = ["DPMSolverPPMultistep", "multistep_weights"]
 
-THIRD_ORDERS = ("exact", "dpmsolver", "diffusers")  # the weight of d_2, see multistep_estimate
+THIRD_ORDERS = ("exact", "dpmsolver", "diffusers")  # the weight of d_2, see multistep_weights
 SECOND_ORDERS = ("midpoint", "heun")
 
 
-def multistep_estimate(
-    m: list[Tensor], lams: list[float], k: int, h: float, c: float, second: str, third_order: str
-) -> Tensor:
-    """``S``, the order-``k`` combination of the denoised estimates ``m`` (newest first, at ``lams``) in
-    the step ``x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h} x_i + alpha_{i+1} S`` of multistep
-    DPM-Solver++ (``c = 1``) and of its SDE (``c = 1 + eta``; :mod:`steerdiff.solvers.dpmpp_sde`),
-    with ``W_j = hphi_scaled(j, h, c)``, ``h_0 = lam_i - lam_{i-1}`` and the divided differences
-    ``d_1``, ``d_2`` in ``lam``:
+def multistep_weights(
+    lams: list[float], k: int, h: float, c: float, second: str, third_order: str
+) -> list[float]:
+    """The weights ``w_j`` of ``S = sum_j w_j m_j``, the order-``k`` combination of the denoised estimates
+    ``m_j`` (newest first, at ``lams``; ``k`` weights) in the step
+    ``x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h} x_i + alpha_{i+1} S`` of multistep DPM-Solver++ (``c = 1``)
+    and of its SDE (``c = 1 + eta``; :mod:`steerdiff.solvers.dpmpp_sde`), with
+    ``W_j = hphi_scaled(j, h, c)``, ``h_0 = lam_i - lam_{i-1}`` and the divided differences ``d_1``,
+    ``d_2`` in ``lam`` (written out on the estimates, :func:`~steerdiff.solvers._poly.newton_weights`):
 
         k = 1:               S = W_1 m_0
         k = 2, "midpoint":   S = W_1 [m_0 + h/(2 h_0) (m_0 - m_1)]   (Lu et al. 2022b, Alg. 2)
@@ -68,18 +69,17 @@ def multistep_estimate(
     """
     w1 = hphi_scaled(1, h, c)
     if k == 1:
-        return w1 * m[0]
+        return [w1]
     h0 = lams[0] - lams[1]
     if k == 2 and second == "midpoint":
         r = h / (2 * h0)
-        return w1 * axpby(1 + r, m[0], -r, m[1])
-    d = divided_differences(m[:k], lams[:k])  # m_0, d_1 (, d_2)
+        return [w1 * (1 + r), -w1 * r]
     w2 = hphi_scaled(2, h, c)
     if k == 2:
-        return axpby(w1, m[0], w2, d[1])
+        return newton_weights(lams, [w1, w2])
     w3 = hphi_scaled(3, h, c)
     theta_w3 = {"exact": 2 * w3, "dpmsolver": w3, "diffusers": w3 - h * h}[third_order]
-    return w1 * m[0] + w2 * d[1] + (theta_w3 + h0 * w2) * d[2]
+    return newton_weights(lams, [w1, w2, theta_w3 + h0 * w2])
 
 
 @dataclass
@@ -113,5 +113,6 @@ class DPMSolverPPMultistep(Solver):
         hist.push(model(x, grid.t[i], i).x0, grid.lam[i])
         m, lams = hist.values, hist.at
         k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
-        est = multistep_estimate(m, lams, k, grid.h(i), 1.0, "midpoint", self.third_order)
-        return axpby(grid.sigma[i + 1] / grid.sigma[i], x, grid.alpha[i + 1], est)
+        w = multistep_weights(lams, k, grid.h(i), 1.0, "midpoint", self.third_order)
+        a = grid.alpha[i + 1]
+        return lincomb([grid.sigma[i + 1] / grid.sigma[i], *(a * wj for wj in w)], [x, *m[:k]])

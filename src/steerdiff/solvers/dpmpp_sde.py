@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._checks import boolean, choice, real
-from .._ops import axpby
+from .._ops import axpby, lincomb
 from ._exp import hphi_scaled, sde_decay, sde_std
 from .base import (
     SDE_MAX_H,
@@ -60,16 +60,17 @@ from .base import (
     check_long_step,
     step_order,
 )
-from .dpmpp import SECOND_ORDERS, THIRD_ORDERS, multistep_estimate
+from .dpmpp import SECOND_ORDERS, THIRD_ORDERS, multistep_weights
 
 __all__ = ["DPMSolverSDE", "DPMSolverSDEMultistep"]
 
 
-def _sde_step(grid: Grid, i: int, x: Tensor, s: Tensor, eta: float) -> Transition:
-    """``N((sigma_{i+1}/sigma_i) e^{-eta h} x + alpha_{i+1} s, sigma_{i+1}^2 (1 - e^{-2 eta h}))``."""
-    h, sigma_t = grid.h(i), grid.sigma[i + 1]
+def _sde_step(grid: Grid, i: int, x: Tensor, w: list[float], m: list[Tensor], eta: float) -> Transition:
+    """``N((sigma_{i+1}/sigma_i) e^{-eta h} x + alpha_{i+1} S, sigma_{i+1}^2 (1 - e^{-2 eta h}))`` with
+    ``S = sum_j w_j m_j``."""
+    h, sigma_t, a = grid.h(i), grid.sigma[i + 1], grid.alpha[i + 1]
     decay = sde_decay(grid.sigma[i], sigma_t, h, eta)
-    return Transition(axpby(decay, x, grid.alpha[i + 1], s), sde_std(sigma_t, h, eta))
+    return Transition(lincomb([decay, *(a * wj for wj in w)], [x, *m]), sde_std(sigma_t, h, eta))
 
 
 @dataclass
@@ -121,8 +122,8 @@ class DPMSolverSDEMultistep(Solver):
         if grid.is_final_clean(i):
             return m[0]
         k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
-        est = multistep_estimate(m, lams, k, grid.h(i), 1.0 + self.eta, self.solver_type, self.third_order)
-        return _sde_step(grid, i, x, est, self.eta)
+        w = multistep_weights(lams, k, grid.h(i), 1.0 + self.eta, self.solver_type, self.third_order)
+        return _sde_step(grid, i, x, w, m[:k], self.eta)
 
 
 @dataclass
@@ -162,7 +163,8 @@ class DPMSolverSDE(Solver):
             decay = sde_decay(grid.sigma[i], s_mid, h_mid, self.eta)
             u = axpby(decay, x, a_mid * hphi_scaled(1, h_mid, c), m0)
             if self.eta > 0:
-                u = u + sde_std(s_mid, h_mid, self.eta) * model.noise(grid.t[i], t_mid, u)
+                u.add_(model.noise(grid.t[i], t_mid, u), alpha=sde_std(s_mid, h_mid, self.eta))
             f = h / (2.0 * h_mid)  # 1 / (2 r)
-            m0 = axpby(1.0 - f, m0, f, model(u, t_mid, i).x0)
-        return _sde_step(grid, i, x, hphi_scaled(1, h, c) * m0, self.eta)
+            w1 = hphi_scaled(1, h, c)
+            return _sde_step(grid, i, x, [w1 * (1.0 - f), w1 * f], [m0, model(u, t_mid, i).x0], self.eta)
+        return _sde_step(grid, i, x, [hphi_scaled(1, h, c)], [m0], self.eta)

@@ -57,8 +57,8 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._checks import boolean, choice, integer
-from .._ops import axpby
-from ._poly import divided_differences
+from .._ops import lincomb
+from ._poly import newton_weights
 from .base import Grid, History, Model, Solver, Transition, step_order
 
 __all__ = ["ERSDE", "NOISE_SCALES"]
@@ -149,14 +149,15 @@ class ERSDE(Solver):
             )
         std = grid.sigma[i + 1] * math.sqrt(max(0.0, (1.0 - q) * (1.0 + q)))
         decay = grid.sigma[i + 1] / grid.sigma[i] * q  # (alpha_t / alpha_s)(phi_t / phi_s)
-        s = (1.0 - phi_t / phi_s) * m[0]
+        coefs = [1.0 - phi_t / phi_s]  # of m_0, d_1 (, d_2)
         if k >= 2:
             n, dr = self.quadrature, rho_t - rho
-            d = divided_differences(m[:k], rhos[:k])  # m_0, d_1 (, d_2)
             w1 = dr + phi_t * _simpson_log(lambda r: 1.0 / phi(r), rho_t, rho, n)
-            s = s + w1 * d[1]
+            coefs.append(w1)
             if k == 3:
                 w2 = dr * dr / 2 + phi_t * _simpson_log(lambda r: (r - rho) / phi(r), rho_t, rho, n)
                 r0 = rho - rhos[1]
-                s = s + (2 * w2 + (r0 * w1 if self.third_order == "exact" else 0.0)) * d[2]
-        return Transition(axpby(decay, x, grid.alpha[i + 1], s), std)
+                coefs.append(2 * w2 + (r0 * w1 if self.third_order == "exact" else 0.0))
+        a = grid.alpha[i + 1]
+        w = newton_weights(rhos, coefs)  # S written out on the estimates
+        return Transition(lincomb([decay, *(a * wj for wj in w)], [x, *m[:k]]), std)

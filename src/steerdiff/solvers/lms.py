@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from .._ops import axpby, lincomb
 from ._poly import adams_bashforth
 from .base import Grid, History, Model, Solver, step_order
 
@@ -55,10 +56,9 @@ class LMS(Solver):
         k = step_order(i, grid, self.order, len(d), False)
         delta = grid.sigma[i + 1] / grid.alpha[i + 1] - s[0]
         w = self.weights([(sj - s[0]) / delta for sj in s[:k]])
-        x = grid.alpha[i + 1] * pred.x0 + grid.sigma[i + 1] * d[0]
-        for wj, dj in zip(w[1:], d[1:k], strict=True):
-            x = x + (grid.alpha[i + 1] * delta * wj) * (dj - d[0])
-        return x
+        a = grid.alpha[i + 1]
+        x = axpby(a, pred.x0, grid.sigma[i + 1], d[0])
+        return lincomb([a * delta * wj for wj in w[1:]], (dj - d[0] for dj in d[1:k]), start=x)
 
     def weights(self, nodes: list[float]) -> Sequence[float]:
         """Quadrature weights of the past derivatives at ``nodes`` (in units of the step)."""

@@ -34,9 +34,9 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._checks import boolean, choice
-from .._ops import axpby
+from .._ops import lincomb
 from ._exp import hphi_eps, hphi_scaled, sde_decay, sde_std
-from ._poly import divided_differences
+from ._poly import newton_weights
 from .base import Grid, History, Model, Solver, Transition, step_order
 
 __all__ = ["MRSampler"]
@@ -78,16 +78,14 @@ class MRSampler(Solver):
         k = step_order(i, grid, self.order, len(m), self.lower_order_final)
         h = grid.h(i)
         a0, s0, a1, s1 = grid.alpha[i], grid.sigma[i], grid.alpha[i + 1], grid.sigma[i + 1]
-        d1 = divided_differences(m[:2], lams[:2])[1] if k == 2 else None
         eta = 1.0 if self.sde else 0.0  # the SDE damps x0 with rate c = 1 + eta
         c = 1.0 + eta
-        if data:
-            est = m[0] if d1 is None else axpby(1.0, m[0], hphi_scaled(2, h, c) / hphi_scaled(1, h, c), d1)
-            mean = axpby(sde_decay(s0, s1, h, eta), x, a1 * hphi_scaled(1, h, c), est)
-            std = sde_std(s1, h, eta)
+        if data:  # of m_0 (, d_1)
+            coefs = [hphi_scaled(j, h, c) for j in range(1, k + 1)]
+            decay, scale, std = sde_decay(s0, s1, h, eta), a1, sde_std(s1, h, eta)
         else:
             w = a1 * s0 / a0  # sigma' e^h
-            est = m[0] if d1 is None else axpby(1.0, m[0], hphi_eps(2, h) / hphi_eps(1, h), d1)
-            mean = axpby(a1 / a0, x, -c * w * hphi_eps(1, h), est)
-            std = sde_std(w, h, eta)
+            coefs = [hphi_eps(j, h) for j in range(1, k + 1)]
+            decay, scale, std = a1 / a0, -c * w, sde_std(w, h, eta)
+        mean = lincomb([decay, *(scale * wj for wj in newton_weights(lams, coefs))], [x, *m[:k]])
         return Transition(mean, std) if self.sde else mean

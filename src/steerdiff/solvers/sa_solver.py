@@ -44,9 +44,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .._checks import boolean, choice, integer, real
+from .._ops import axpby, lincomb
 from ._exp import sde_decay, sde_std
 from ._poly import exp_adams_bashforth, lagrange_weights, unipc_moments
 from .base import (
@@ -112,8 +114,9 @@ class SASolver(Solver):
         # last stochastic prediction
         return {"m": History(max(self.order, self.corrector_order)), "prev": None}
 
-    def _gradient(self, grid: Grid, src: int, tau: float, m: list[Tensor], lam: list[float]) -> Tensor:
-        """``alpha_t H sum_j w_j m_j`` for the step ``src -> src + 1``, estimates ``m`` at ``lam``."""
+    def _weights(self, grid: Grid, src: int, tau: float, lam: list[float]) -> list[float]:
+        """The weights ``alpha_t H w_j`` of the estimates ``m_j`` at ``lam`` in the gradient term
+        ``alpha_t H sum_j w_j m_j`` of the step ``src -> src + 1``."""
         h = grid.h(src)
         big_h = (1 + tau**2) * h
         theta = [(lj - grid.lam[src]) / h for lj in lam]
@@ -121,7 +124,7 @@ class SASolver(Solver):
             w = lagrange_weights(theta, unipc_moments(big_h, 1.0))
         else:
             w = exp_adams_bashforth(theta, -big_h)
-        return (grid.alpha[src + 1] * big_h) * sum(wj * mj for wj, mj in zip(w, m, strict=True))
+        return [grid.alpha[src + 1] * big_h * wj for wj in w]
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         x0 = model(x, grid.t[i], i).x0
@@ -130,15 +133,15 @@ class SASolver(Solver):
         m, lam = hist.values, hist.at
         if state["prev"] is not None:  # SA-Corrector of x_i: same noise, so only the gradient changes
             q, tau, pred = state["prev"]
-            x = x + (self._gradient(grid, i - 1, tau, m[:q], lam[:q]) - pred)
+            x = lincomb(self._weights(grid, i - 1, tau, lam[:q]), m[:q], start=torch.sub(x, pred))
         if grid.is_final_clean(i):
             return x0
         long_step = (self.lower_order_final, self.max_h, self.max_h_ratio)
         k = step_order(i, grid, self.order, len(m), *long_step)
         tau = self._tau(grid.t[i])
         h = grid.h(i)
-        pred = self._gradient(grid, i, tau, m[:k], lam[:k])
-        mean = sde_decay(grid.sigma[i], grid.sigma[i + 1], h, tau**2) * x + pred
+        pred = lincomb(self._weights(grid, i, tau, lam[:k]), m[:k])
+        mean = axpby(sde_decay(grid.sigma[i], grid.sigma[i + 1], h, tau**2), x, 1.0, pred)
         if self.corrector_order > 0 and not grid.is_final_clean(i + 1) and i + 1 < grid.steps:
             # at most one order above what step_order allows the predictor (it counts the new estimate)
             q = (

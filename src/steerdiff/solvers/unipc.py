@@ -47,8 +47,9 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._checks import boolean, choice
+from .._ops import lincomb
 from ._exp import phi
-from ._poly import exp_adams_bashforth, unipc_moments
+from ._poly import exp_adams_bashforth, lagrange_weights, unipc_moments
 from .base import Grid, History, Model, Solver, check_long_step, step_order
 
 __all__ = ["UniPC"]
@@ -115,11 +116,10 @@ class UniPC(Solver):
         if new is not None:
             r.append(1.0)
         if len(r) == 2:  # one difference: a_1 = 1/2
-            m0, m1 = unipc_moments(g, 1.0 if self.variant == "bh1" else phi(1, -g))
-            combo = m0 * values[0] + (m1 / r[1]) * (values[1] - values[0])
+            w = lagrange_weights(r, unipc_moments(g, 1.0 if self.variant == "bh1" else phi(1, -g)))
         else:  # R a = b solved exactly: the exponential integral of the interpolating polynomial
-            combo = sum(w * v for w, v in zip(exp_adams_bashforth(r, -g), values, strict=True))
-        return c * x + (d * g) * combo
+            w = exp_adams_bashforth(r, -g)
+        return lincomb([c, *(d * g * wj for wj in w)], [x, *values])
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         pred = model(x, grid.t[i], i)
