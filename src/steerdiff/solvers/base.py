@@ -122,7 +122,8 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
 
 class History:
     """The last ``size`` estimates of a multistep method and where they were taken, newest first:
-    ``values[j]`` (tensors) at ``at[j]`` (e.g. ``lam``); :meth:`push` adds one and drops the oldest."""
+    ``values[j]`` (tensors) at ``at[j]`` (e.g. ``lam``); :meth:`push` adds one and drops the oldest,
+    :meth:`trim` drops it at the end of a step that has read them all."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -134,6 +135,12 @@ class History:
         self.at.insert(0, at)
         del self.values[self.size :], self.at[self.size :]
 
+    def trim(self) -> None:
+        """Keep the newest ``size - 1``: what the next step reads besides the estimate it pushes. The
+        next :meth:`push` would drop the oldest; a step that ends with ``trim`` frees it before the next
+        network call instead of after (not for a corrector, which redoes the step with all of them)."""
+        del self.values[self.size - 1 :], self.at[self.size - 1 :]
+
 
 @dataclass
 class Transition:
@@ -144,9 +151,11 @@ class Transition:
 
     def draw(self, noise: NoiseSource, t_from: float, t_to: float) -> Tensor:
         """``mean + std z`` with ``z = noise(t_from, t_to, mean)``; no draw when ``std`` is exactly 0."""
-        if isinstance(self.std, float) and self.std == 0.0:
+        if not isinstance(self.std, float):  # per-sample stds
+            return self.mean + self.std * noise(t_from, t_to, self.mean)
+        if self.std == 0.0:
             return self.mean
-        return self.mean + self.std * noise(t_from, t_to, self.mean)
+        return torch.add(self.mean, noise(t_from, t_to, self.mean), alpha=self.std)
 
 
 def advance(out: Tensor | Transition, noise: NoiseSource, t_from: float, t_to: float) -> Tensor:
@@ -220,7 +229,8 @@ class Model:
 
     Each call counts ``denoiser.cost`` network evaluations (1, or more for a guided denoiser).
 
-    ``model(x, t, step)`` returns the :class:`Prediction` at process time ``t`` (kept as ``last``);
+    ``model(x, t, step)`` returns the :class:`Prediction` at process time ``t`` (kept as ``last`` until
+    the next call starts: the net does not run with the previous ``x`` and estimates held here);
     ``step`` is the solver step it belongs to, reported if the output is not finite: at once for
     CPU tensors, by :meth:`check_finite` at the end of the run otherwise (no device sync per call).
     ``model.noise(t_from, t_to, like)`` is the run's noise source (:mod:`steerdiff.noise`), for
@@ -249,6 +259,7 @@ class Model:
         self._where: list[tuple[int, float]] = []
 
     def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
+        self.last = None
         if self.net_dtype is None:
             pred = self.denoiser(x, t, **self.cond)
         else:

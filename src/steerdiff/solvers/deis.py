@@ -151,13 +151,16 @@ class DEIS(Solver):
         hist.push(pred.eps, grid.lam[i])
         eps, lams = hist.values, hist.at
         k = self._order(i, grid)
-        if k == 1:
-            return pred.renoise(grid.alpha[i + 1], grid.sigma[i + 1])
         a = grid.alpha[i + 1]
-        if self.variant == "tab":  # x_{i+1} = alpha_{i+1} (x_i / alpha_i + sum_j w_j eps_{i-j})
-            w = [a * wj for wj in state["w"][i]]
+        if k == 1:
+            out = pred.renoise(a, grid.sigma[i + 1])
         else:
-            h = grid.h(i)
-            c = -grid.sigma[i + 1] * h
-            w = [c * wj for wj in exp_adams_bashforth([(lam - lams[0]) / h for lam in lams[:k]], h)]
-        return lincomb([a / grid.alpha[i], *w], [x, *eps[:k]])
+            if self.variant == "tab":  # x_{i+1} = alpha_{i+1} (x_i / alpha_i + sum_j w_j eps_{i-j})
+                w = [a * wj for wj in state["w"][i]]
+            else:
+                h = grid.h(i)
+                c = -grid.sigma[i + 1] * h
+                w = [c * wj for wj in exp_adams_bashforth([(lam - lams[0]) / h for lam in lams[:k]], h)]
+            out = lincomb([a / grid.alpha[i], *w], [x, *eps[:k]])
+        hist.trim()
+        return out

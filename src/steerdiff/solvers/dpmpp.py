@@ -115,4 +115,6 @@ class DPMSolverPPMultistep(Solver):
         k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
         w = multistep_weights(lams, k, grid.h(i), 1.0, "midpoint", self.third_order)
         a = grid.alpha[i + 1]
-        return lincomb([grid.sigma[i + 1] / grid.sigma[i], *(a * wj for wj in w)], [x, *m[:k]])
+        out = lincomb([grid.sigma[i + 1] / grid.sigma[i], *(a * wj for wj in w)], [x, *m[:k]])
+        hist.trim()
+        return out

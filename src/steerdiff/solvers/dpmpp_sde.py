@@ -123,7 +123,9 @@ class DPMSolverSDEMultistep(Solver):
             return m[0]
         k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
         w = multistep_weights(lams, k, grid.h(i), 1.0 + self.eta, self.solver_type, self.third_order)
-        return _sde_step(grid, i, x, w, m[:k], self.eta)
+        out = _sde_step(grid, i, x, w, m[:k], self.eta)
+        hist.trim()
+        return out
 
 
 @dataclass

@@ -160,4 +160,6 @@ class ERSDE(Solver):
                 coefs.append(2 * w2 + (r0 * w1 if self.third_order == "exact" else 0.0))
         a = grid.alpha[i + 1]
         w = newton_weights(rhos, coefs)  # S written out on the estimates
-        return Transition(lincomb([decay, *(a * wj for wj in w)], [x, *m[:k]]), std)
+        mean = lincomb([decay, *(a * wj for wj in w)], [x, *m[:k]])
+        hist.trim()
+        return Transition(mean, std)

@@ -58,7 +58,9 @@ class LMS(Solver):
         w = self.weights([(sj - s[0]) / delta for sj in s[:k]])
         a = grid.alpha[i + 1]
         x = axpby(a, pred.x0, grid.sigma[i + 1], d[0])
-        return lincomb([a * delta * wj for wj in w[1:]], (dj - d[0] for dj in d[1:k]), start=x)
+        x = lincomb([a * delta * wj for wj in w[1:]], (dj - d[0] for dj in d[1:k]), start=x)
+        hist.trim()
+        return x
 
     def weights(self, nodes: list[float]) -> Sequence[float]:
         """Quadrature weights of the past derivatives at ``nodes`` (in units of the step)."""

@@ -88,4 +88,5 @@ class MRSampler(Solver):
             coefs = [hphi_eps(j, h) for j in range(1, k + 1)]
             decay, scale, std = a1 / a0, -c * w, sde_std(w, h, eta)
         mean = lincomb([decay, *(scale * wj for wj in newton_weights(lams, coefs))], [x, *m[:k]])
+        hist.trim()
         return Transition(mean, std) if self.sde else mean
