@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .._checks import boolean, choice, real
@@ -153,14 +154,24 @@ class DPMSolverSDE(Solver):
         self.eta = real(type(self).__name__, "eta", self.eta, lo=0)
         self.r = real("DPMSolverSDE", "r", self.r, lo=0, hi=1, lo_open=True)
 
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        """``mid``: the intermediate level ``(t, alpha, sigma, lam)`` at ``lam_i + r h`` of each step into a
+        noisy node, the process evaluated once for the whole grid."""
+        if self.order == 1:
+            return {}
+        p, n = grid.process, grid.steps - grid.clean_end
+        lam_mid = [grid.lam[i] + self.r * grid.h(i) for i in range(n)]
+        t_mid = p.t_of_lam(torch.tensor(lam_mid, dtype=torch.float64))
+        a, s, lam = (c.tolist() for c in p.coefficients(t_mid))
+        return {"mid": list(zip(t_mid.tolist(), a, s, lam, strict=True))}
+
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         m0 = model(x, grid.t[i], i).x0
         if grid.is_final_clean(i):
             return m0
         h, c = grid.h(i), 1.0 + self.eta
         if self.order == 2:
-            t_mid = grid.t_of_lam(grid.lam[i] + self.r * h)
-            a_mid, s_mid, lam_mid = grid.at(t_mid)
+            t_mid, a_mid, s_mid, lam_mid = state["mid"][i]
             h_mid = lam_mid - grid.lam[i]
             decay = sde_decay(grid.sigma[i], s_mid, h_mid, self.eta)
             u = axpby(decay, x, a_mid * hphi_scaled(1, h_mid, c), m0)

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .._checks import real
@@ -121,19 +122,30 @@ class EDMStochasticHeun(Solver):
         self.s_noise = real(who, "s_noise", self.s_noise, lo=0)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
+        """``churn``: the level ``(t^, alpha^, sigma^)`` each step starts from (``None`` where ``s^ = s_i``),
+        the process evaluated once for the whole grid."""
         p = grid.process
-        return {"s_max": float(p.sigma(p.t_max) / p.alpha(p.t_max))}
+        s_max = float(p.sigma(p.t_max) / p.alpha(p.t_max))
+        gamma = min(self.s_churn / grid.steps, math.sqrt(2) - 1)
+        r = [s / a for a, s in zip(grid.alpha[:-1], grid.sigma[:-1], strict=True)]
+        r_hat = [min((1 + gamma) * ri, s_max) if self.s_tmin <= ri <= self.s_tmax else ri for ri in r]
+        churned = [i for i in range(grid.steps) if r_hat[i] > r[i]]
+        churn: list[Level | None] = [None] * grid.steps
+        if churned:
+            t_hat = p.t_of_sigma_ratio(torch.tensor([r_hat[i] for i in churned], dtype=torch.float64))
+            a_hat, s_hat, _ = p.coefficients(t_hat)
+            levels = zip(t_hat.tolist(), a_hat.tolist(), s_hat.tolist(), strict=True)
+            for i, level in zip(churned, levels, strict=True):
+                churn[i] = level
+        return {"churn": churn}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         t, a, s = grid.t[i], grid.alpha[i], grid.sigma[i]
         to = (grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1])
-        r = s / a
-        gamma = min(self.s_churn / grid.steps, math.sqrt(2) - 1) if self.s_tmin <= r <= self.s_tmax else 0.0
-        r_hat = min((1 + gamma) * r, state["s_max"])
-        if r_hat > r:
-            t_hat = float(grid.process.t_of_sigma_ratio(r_hat))
-            a_hat, s_hat, _ = grid.at(t_hat)
-            std = a_hat * math.sqrt(max((s_hat / a_hat) ** 2 - r**2, 0.0)) * self.s_noise
+        churn = state["churn"][i]
+        if churn is not None:
+            t_hat, a_hat, s_hat = churn
+            std = a_hat * math.sqrt(max((s_hat / a_hat) ** 2 - (s / a) ** 2, 0.0)) * self.s_noise
             x = axpby(a_hat / a, x, std, model.noise(t, t_hat, x))
-            t, a, s = t_hat, a_hat, s_hat
+            t, a, s = churn
         return heun_update(model, x, i, (t, a, s), to, second=self.order == 2)
