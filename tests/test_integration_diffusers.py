@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import steerdiff as sd
 from steerdiff.bench.solvers import make_problem
 from steerdiff.integrations.diffusers_ref import run_scheduler
+from steerdiff.solvers.base import History
 
 from .reference import F64, eps_net, nodes_of, rel_rmse, sd_betas_config
 from .test_device import _Syncs
@@ -325,6 +327,104 @@ def test_outputs_are_copies_of_the_state():
     # overwrites it changes nothing (before: relative RMSE 0.42)
     ours = SteerdiffScheduler.from_config(sd_betas_config(), solver="dpmpp_2m", schedule="trailing")
     assert torch.equal(_inpaint(ours, torch.float32, True, zero_x0=True), _inpaint(ours, torch.float32, True))
+
+
+class _Compares(TorchDispatchMode):
+    """Counts elementwise ``==`` of tensors shaped ``shape`` (step's comparison of the sample)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.eq and out.shape == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_sample_handed_back_unchanged_is_not_compared(dtype, inference):
+    # step compares the sample with the prev_sample it returned only where it may differ: another
+    # tensor, or the same one written to (in place; seen by its version counter, under inference_mode
+    # too, where step returns a normal tensor); the result is the same either way
+    def run(edit: str | None) -> tuple[Tensor, int]:
+        sched = SteerdiffScheduler(solver="dpmpp_2m", schedule="karras")
+        sched.set_timesteps(8)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(dtype)
+        with _Compares(SHAPE) as mode, torch.inference_mode(inference):
+            for i, t in enumerate(sched.timesteps):
+                if i > 0 and edit == "copy":
+                    x = x.clone()
+                elif i > 0 and edit is not None:
+                    (x[:, :, :4] if edit == "in place" else x.view(-1)[:5]).fill_(0.0)  # a view bumps it too
+                x = sched.step(0.5 * x, t, x).prev_sample
+        return x, mode.count
+
+    (same, none), (copied, every) = run(None), run("copy")
+    assert none == 0 and every == 7  # one compare at each step's input after the first
+    assert torch.equal(same, copied)
+    for edit in ("in place", "view"):
+        edited, count = run(edit)
+        assert count == 7 and not torch.equal(edited, same)
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    """The tensors in a solver state (dicts, lists, tuples, History)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, History):
+        obj = obj.values
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else []
+    return [t for v in items for t in _tensors(v)]
+
+
+@pytest.mark.parametrize("solver", sd.solvers.available())
+def test_solver_state_tensors_are_shared_not_written(solver):
+    # step re-runs a solver step from its checkpoint with a copy of the state's containers whose
+    # tensors are the checkpoint's (no copy per step): no solver may write a state tensor in place
+    sched = SteerdiffScheduler(solver=solver, schedule="karras")
+    sched.set_timesteps(STEPS)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    seen: list[tuple[Tensor, int]] = []
+    g = torch.Generator().manual_seed(1)
+    for t in sched.timesteps:
+        x = sched.step(0.5 * x, t, x, generator=g).prev_sample
+        assert [s._version for s, _ in seen] == [v for _, v in seen]
+        seen += [(s, s._version) for s in _tensors(sched._run.state)]
+    if solver == "unipc":  # its history holds the estimates from step to step (no trim: the corrector)
+        sched.set_timesteps(STEPS)
+        x, newest = torch.randn(SHAPE), None
+        for t in sched.timesteps[:-1]:
+            x = sched.step(0.5 * x, t, x).prev_sample
+            history = sched._run.state["m"].values
+            assert newest is None or history[1] is newest
+            newest = history[0]
+
+
+def test_runs_share_the_denoiser_whose_time_caches_the_plan_fills(monkeypatch):
+    # one denoiser for the runs with the config's model: set_timesteps' dry run fills its per-time
+    # coefficients, which the run then reads, and the next set_timesteps too
+    sched = SteerdiffScheduler(solver="unipc", schedule="karras")
+    den = sched.denoiser
+    calls: list[Any] = []
+    coefficients = den.process.coefficients
+    monkeypatch.setattr(den.process, "coefficients", lambda t: calls.append(t) or coefficients(t))
+    x = torch.randn(SHAPE)
+    for steps, new_times in ((8, True), (8, False), (12, True)):
+        n = len(calls)
+        sched.set_timesteps(steps)
+        per_time = [t for t in calls[n:] if not isinstance(t, Tensor)]  # not make_grid's
+        assert sched.denoiser is den and bool(per_time) == new_times
+        n = len(calls)
+        for t in sched.timesteps:
+            x = sched.step(0.5 * x, t, x).prev_sample
+        assert len(calls) == n
+    sched.set_timesteps(timesteps=[999, 800, 500, 200], sigmas=[14.6, 5.0, 1.0, 0.2])  # its own net times
+    assert sched.denoiser is not den
+    sched.set_timesteps(8)
+    assert sched.denoiser is den
 
 
 # --- img2img: add_noise and set_begin_index --------------------------------------------------------

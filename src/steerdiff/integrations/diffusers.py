@@ -39,7 +39,9 @@ the two by replay: it re-runs the current solver step from its start (a checkpoi
 the solver state, kept at every completed step) with a model that returns the outputs received
 so far and halts at the first evaluation not made yet; the point it asks for is ``prev_sample``.
 Each step is thus run twice or so (the solver arithmetic, never the net), and the result is that
-of :func:`steerdiff.sample` with the same net, ``x_T`` and noise, to the bit on CPU.
+of :func:`steerdiff.sample` with the same net, ``x_T`` and noise, to the bit on CPU. A re-run gets
+new containers of the checkpoint's state and its very tensors, which steps build anew and never
+write in place (a solver of one's own must not either).
 
 ``step`` reads its ``timestep``: the first one places the run (img2img pipelines that slice
 ``timesteps`` without :meth:`~SteerdiffScheduler.set_begin_index` begin where it is, as diffusers'
@@ -51,7 +53,10 @@ given, else from the ``generator`` the pipeline passes to ``step``, else from to
 draws inside a step are recorded and replayed. Half-precision pipelines: the solver runs in
 float32 and ``prev_sample`` is cast back, as diffusers' schedulers do. ``step`` returns copies,
 never the solver's state, and takes the entries of ``sample`` that differ from the ``prev_sample``
-it returned (the pipeline's edits, in place or not); the others keep their float32 values.
+it returned (the pipeline's edits, in place or not); the others keep their float32 values. The
+comparison is skipped where ``sample`` is the returned tensor itself and its version counter says
+no torch op wrote to it (``prev_sample`` is made outside ``inference_mode``, to have one); a write
+that bypasses the counter (through ``.data`` or a NumPy view) is not seen.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ import functools
 import importlib
 import json
 import math
+import weakref
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar
@@ -81,7 +88,17 @@ from ..noise import NoiseSource, make_noise
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
 from ..schedules import Schedule, ScheduleLike
-from ..solvers.base import FINALS, Grid, Model, Solver, Transition, advance, make_grid, work_dtype
+from ..solvers.base import (
+    FINALS,
+    Grid,
+    History,
+    Model,
+    Solver,
+    Transition,
+    advance,
+    make_grid,
+    work_dtype,
+)
 
 __all__ = ["SteerdiffScheduler", "SteerdiffSchedulerOutput", "denoiser_from_diffusers", "process_from_config"]
 
@@ -366,7 +383,8 @@ class _Tape(Model):
 
 
 class _Probe(Model):
-    """A zero network and zero noise; records each evaluation's ``(t, step, at the step's input)``."""
+    """The model of :func:`_plan`'s dry run: zero noise; records each evaluation's ``(t, step, at the
+    step's input)``."""
 
     def __init__(self, den: Denoiser) -> None:
         super().__init__(den, None, _zero_noise)
@@ -378,21 +396,68 @@ class _Probe(Model):
         return super().__call__(x, t, step)
 
 
+def _plain(den: Denoiser) -> Denoiser:
+    """``den`` without the config's thresholding (:class:`~steerdiff.guidance.DynamicThreshold`)."""
+    return den.base if isinstance(den, DynamicThreshold) else den
+
+
 def _plan(den: Denoiser, solver: Solver, grid: Grid) -> list[tuple[float, int, bool]]:
-    """Where ``solver`` evaluates the net on ``grid``, in call order (a dry run)."""
-    width = 2 if den.learned_variance else 1
-
-    def zero_net(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        return x.new_zeros(x.shape[0], width * x.shape[1], *x.shape[2:])
-
-    spec = _Spec(den.process, den.prediction, den.learned_variance, den.time_map)
-    probe = _Probe(_denoiser(zero_net, spec))
+    """Where ``solver`` evaluates the net on ``grid``, in call order: a dry run of the run's denoiser
+    ``den`` (unthresholded), its :class:`_Recorded` net handed a zero output, so that the run finds
+    ``den``'s per-time caches filled."""
+    plain = _plain(den)
+    plain.net.output = torch.zeros(1, 2 if plain.learned_variance else 1, dtype=F64)
+    probe = _Probe(plain)
     x, state = torch.zeros(1, 1, dtype=F64), solver.init_state(grid)
     for i in range(grid.steps):
         probe.x_in = x
         out = solver.step(probe, x, i, grid, state)
         x = out.mean if isinstance(out, Transition) else out
     return probe.evals
+
+
+_LEAVES = (Tensor, int, float, complex, str, bytes, type(None))  # what _fork shares
+_LEAF_TYPES = frozenset(_LEAVES) | {bool}  # the same by exact type: the fast test
+
+
+def _fork(state: Any) -> Any:
+    """A copy of solver state for one run of a step from the checkpoint: its containers -- dicts,
+    lists, tuples, namedtuples, deques, dataclasses, :class:`~steerdiff.solvers.base.History` (where
+    the solver contract keeps tensors) -- are new, so the steps' rebinding and pushing leave the
+    checkpoint as it was; its tensors and numbers are shared, as steps never write a state tensor in
+    place (they build new ones), and so are tuples of them (a run's tables); any other object is
+    deep-copied."""
+    kind = type(state)
+    if kind in _LEAF_TYPES:
+        return state
+    if kind is list:
+        return [v if type(v) in _LEAF_TYPES else _fork(v) for v in state]
+    if kind is dict:
+        return {k: v if type(v) in _LEAF_TYPES else _fork(v) for k, v in state.items()}
+    if kind is tuple:
+        return state if all(type(v) in _LEAF_TYPES for v in state) else tuple(_fork(v) for v in state)
+    if isinstance(state, History):
+        hist = object.__new__(kind)  # a shallow copy (copy.copy takes 7 us), of a subclass too
+        vars(hist).update(vars(state))
+        hist.values, hist.at = _fork(state.values), list(state.at)
+        return hist
+    if isinstance(state, _LEAVES):  # subclasses (torch.nn.Parameter)
+        return state
+    if isinstance(state, dict):
+        out = copy.copy(state)  # keeps the subclass (OrderedDict, defaultdict's factory)
+        out.update((k, _fork(v)) for k, v in state.items())
+        return out
+    if isinstance(state, list | tuple):
+        items = [_fork(v) for v in state]
+        return type(state)(*items) if hasattr(state, "_fields") else type(state)(items)  # namedtuple or not
+    if isinstance(state, deque):
+        return type(state)((_fork(v) for v in state), state.maxlen)
+    if is_dataclass(state) and not isinstance(state, type):
+        out = copy.copy(state)  # no __init__ / __post_init__ rerun; frozen ones too
+        for f in fields(state):
+            object.__setattr__(out, f.name, _fork(getattr(state, f.name)))
+        return out
+    return copy.deepcopy(state)
 
 
 @dataclass
@@ -411,7 +476,25 @@ class _Run:
     done: bool = False
     at_input: bool = False  # the last halt asked for the net at the step's input x
     sent: Tensor | None = None  # the last prev_sample, kept apart from the copy the pipeline got
+    given: weakref.ref[Tensor] | None = None  # that copy, not kept alive
+    given_version: int = 0  # its version counter when it was returned
     passed: list[tuple[int, Tensor]] = field(default_factory=list)  # device timesteps, checked at the end
+
+
+def _versioned_copy(t: Tensor) -> Tensor:
+    """A copy of ``t`` with a version counter (which every in-place torch op on it or a view of it
+    bumps), made outside inference mode where it is on: inference tensors have none."""
+    if not torch.is_inference_mode_enabled():
+        return t.clone()
+    with torch.inference_mode(False):
+        return t.clone()
+
+
+def _unchanged(run: _Run, sample: Tensor) -> bool:
+    """Whether ``sample`` is the ``prev_sample`` the pipeline got, not written to since: no entry of it
+    can differ from what was sent (writes that bypass the version counter, through ``.data`` or a
+    NumPy view, are not seen)."""
+    return run.given is not None and run.given() is sample and sample._version == run.given_version
 
 
 def _sigmas(process: Process, times: list[float], grid: Grid) -> Tensor:
@@ -705,7 +788,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             schedule=_describe("schedule", schedule, self._schedule),
         )
         self._model = _spec(dict(self.config))  # the model the config describes (read once)
-        self._den = _denoiser(_Recorded(), self._model)
+        self._model_den = self._den = _denoiser(_Recorded(), self._model)  # shared by the runs of that model
         self.noise = noise
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -825,13 +908,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 net_times = _node_net_times(timesteps, sigmas, len(nodes))
                 spec = replace(spec, time_map=_node_time_map(nodes, net_times))
             schedule, steps = _schedules.Custom(nodes), len(nodes) - (self.config.final == "none")
-        self._den = _denoiser(_Recorded(), spec)  # the config's model; the run's net times
+        # the config's model with the run's net times: the runs with the config's own share one denoiser
+        # (its per-time caches stay filled), a custom time map gets its own
+        self._den = self._model_den if spec is self._model else _denoiser(_Recorded(), spec)
         grid = make_grid(self._den.process, schedule, steps, self.config.final)
         scale = self.config.guidance_scale
         unguided = scale is not None and scale <= 1  # pipelines guide only above 1
-        plain = self._den.base if isinstance(self._den, DynamicThreshold) else self._den  # no guidance
         solver = self._solver or (
-            default_solver(plain, grid.steps) if unguided else guided_solver(grid.steps, scale)
+            default_solver(_plain(self._den), grid.steps) if unguided else guided_solver(grid.steps, scale)
         )
         evals = _plan(self._den, solver, grid)
         self._times = [t for t, _, _ in evals]
@@ -928,7 +1012,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         that point) or the run ends (return the result); completed steps move the checkpoint."""
         tape, noise = run.tape, run.tape.noise
         while run.i < run.grid.steps:
-            state = copy.deepcopy(run.state)
+            state = _fork(run.state)
             tape.used = noise.used = 0
             try:
                 out = run.solver.step(tape, run.x, run.i, run.grid, state)
@@ -971,7 +1055,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if not run.started:
             self._start(run, self._begin(run, timestep))
             run.x, run.started = sample.to(work, copy=True), True
-        elif run.at_input:  # the entries the pipeline changed, in place or not (inpainting)
+        elif run.at_input and not _unchanged(run, sample):  # the entries the pipeline changed (inpainting)
             run.x = torch.where(sample == run.sent, run.x, sample.to(work))
         self._check_timestep(run, timestep)
         src = self._noise if self._noise is not None else generator
@@ -981,7 +1065,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if run.done:
             self._check_passed(run)
         run.sent = x.to(sample.dtype)
-        prev, x0 = run.sent.clone(), run.tape.last.x0.to(sample.dtype, copy=True)
+        prev, x0 = _versioned_copy(run.sent), run.tape.last.x0.to(sample.dtype, copy=True)
+        run.given, run.given_version = weakref.ref(prev), prev._version
         if not return_dict:
             return prev, x0
         return SteerdiffSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
