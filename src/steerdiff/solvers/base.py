@@ -307,7 +307,9 @@ class Solver:
     history (:class:`History`) in the ``state`` dict. Per-particle tensors in ``state`` (first
     dimension the batch) must sit in dicts, lists, tuples (namedtuples too), ``collections.deque``,
     dataclasses or :class:`History`, nested freely, so that particle methods can resample them with
-    the particles; the particle engine refuses any other object that holds a tensor.
+    the particles; the particle engine refuses any other object that holds a tensor. A step never
+    writes in place a tensor that was in ``state`` when it began (``SteerdiffScheduler`` shares
+    them between its checkpoints; replace entries instead).
     """
 
     name: ClassVar[str] = ""
