@@ -73,8 +73,18 @@ RESCALE_SPACES = ("x0", "eps", "v")
 
 def _per_sample_std(v: Tensor) -> Tensor:
     """Per-sample population standard deviation (``correction=0``, Lin et al.'s ``std`` over all
-    entries; 0, not NaN, for one entry) over all but the batch dimension, shaped to broadcast."""
-    return v.reshape(v.shape[0], -1).std(dim=1, correction=0).reshape(-1, *([1] * (v.ndim - 1)))
+    entries; 0, not NaN, for one entry) over all but the batch dimension, shaped to broadcast, in
+    ``v``'s dtype: ``||v - mean(v)|| / sqrt(n)`` in two passes, at least in float32 (``Tensor.std(dim=1)``
+    takes 6-13 times as long on CPU)."""
+    flat = v.reshape(v.shape[0], -1).to(torch.promote_types(v.dtype, torch.float32))
+    std = torch.linalg.vector_norm(flat - flat.mean(1, keepdim=True), dim=1) / math.sqrt(flat.shape[1])
+    return std.to(v.dtype).reshape(-1, *([1] * (v.ndim - 1)))
+
+
+def _lerp(u: Tensor, c: Tensor, w: float) -> Tensor:
+    """``u + w (c - u)`` in one kernel, in the promoted dtype of ``u`` and ``c``."""
+    dtype = torch.promote_types(u.dtype, c.dtype)
+    return torch.lerp(u.to(dtype), c.to(dtype), w)
 
 
 @dataclass
@@ -267,9 +277,9 @@ class CFG(Guided):
         ``eps``; the same by linearity), then CFG-rescale if ``rescale > 0``."""
         w = self.scale
         if pc._x0 is not None:
-            out = with_estimate(pc, x0=pu.x0 + w * (pc.x0 - pu.x0))
+            out = with_estimate(pc, x0=_lerp(pu.x0, pc.x0, w))
         else:
-            out = with_estimate(pc, eps=pu.eps + w * (pc.eps - pu.eps))
+            out = with_estimate(pc, eps=_lerp(pu.eps, pc.eps, w))
         if self.rescale == 0:
             return out
         ref, guided = self._space(pc), self._space(out)
