@@ -194,8 +194,18 @@ def with_estimate(
 
 
 def add_score(pred: Prediction, grad: Tensor) -> Prediction:
-    """The prediction whose score is ``pred``'s plus ``grad``: ``eps' = eps - sigma grad``."""
-    return with_estimate(pred, eps=pred.eps - pred.sigma * grad)
+    """The prediction whose score is ``pred``'s plus ``grad``: ``x0' = x0 + (sigma^2 / alpha) grad``
+    where ``pred`` holds ``x0`` (:attr:`~steerdiff.denoiser.Prediction.x0_given`: an ``x0``/``v`` net's
+    estimate, or one derived already, as :class:`~steerdiff.guidance.DPS` and
+    :class:`~steerdiff.guidance.PiGDM` do), else ``eps' = eps - sigma grad``; the other estimate is
+    derived from it on access. Steering ``eps`` of a held ``x0`` would take it through ``x`` twice
+    (``x0 -> eps -> x0``), which cancels where ``alpha`` is tiny (zero terminal SNR)."""
+    a, s = pred.alpha, pred.sigma
+    scalar = isinstance(a, float) and isinstance(s, float)
+    if pred.x0_given:
+        x0 = torch.add(pred.x0, grad, alpha=s * s / a) if scalar else pred.x0 + (s * s / a) * grad
+        return with_estimate(pred, x0=x0)
+    return with_estimate(pred, eps=torch.add(pred.eps, grad, alpha=-s) if scalar else pred.eps - s * grad)
 
 
 def same_process(a: Denoiser, b: Denoiser) -> bool:
