@@ -244,6 +244,7 @@ class VPDiscrete(VP):
         self.num_train_timesteps = ac.numel()
         self._lams = 0.5 * (torch.log(ac) - torch.log1p(-ac))
         self._lams_on: dict[torch.device, Tensor] = {self._lams.device: self._lams}
+        self._lam_list: list[float] = self._lams.tolist()  # for scalar times (about 20 us of tensor ops less)
         self.t_min = 0.0
         self.t_max = float(self.num_train_timesteps - 1)
 
@@ -253,6 +254,11 @@ class VPDiscrete(VP):
         return kept(self._lams_on, like.device, lambda: self._lams.to(like.device))
 
     def lam(self, t: TimeLike) -> Tensor:
+        if isinstance(t, float | int) and math.isfinite(t):  # a solver's node: the same arithmetic in floats
+            t = min(max(float(t), self.t_min), self.t_max)
+            j = min(math.floor(t), self.num_train_timesteps - 2)
+            w = t - j
+            return torch.tensor((1 - w) * self._lam_list[j] + w * self._lam_list[j + 1], dtype=F64)
         t = _f64(t).clamp(self.t_min, self.t_max)
         lo = t.floor().clamp(max=self.t_max - 1).long()
         w = t - lo
