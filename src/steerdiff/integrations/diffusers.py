@@ -67,7 +67,6 @@ import importlib
 import json
 import math
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar
@@ -91,12 +90,12 @@ from ..schedules import Schedule, ScheduleLike
 from ..solvers.base import (
     FINALS,
     Grid,
-    History,
     Model,
     Solver,
     Transition,
     advance,
     make_grid,
+    map_state,
     work_dtype,
 )
 
@@ -416,48 +415,16 @@ def _plan(den: Denoiser, solver: Solver, grid: Grid) -> list[tuple[float, int, b
     return probe.evals
 
 
-_LEAVES = (Tensor, int, float, complex, str, bytes, type(None))  # what _fork shares
-_LEAF_TYPES = frozenset(_LEAVES) | {bool}  # the same by exact type: the fast test
-
-
 def _fork(state: Any) -> Any:
-    """A copy of solver state for one run of a step from the checkpoint: its containers -- dicts,
-    lists, tuples, namedtuples, deques, dataclasses, :class:`~steerdiff.solvers.base.History` (where
-    the solver contract keeps tensors) -- are new, so the steps' rebinding and pushing leave the
+    """A copy of solver state for one run of a step from the checkpoint: its containers are new
+    (:func:`~steerdiff.solvers.base.map_state`), so the steps' rebinding and pushing leave the
     checkpoint as it was; its tensors and numbers are shared, as steps never write a state tensor in
-    place (they build new ones), and so are tuples of them (a run's tables); any other object is
-    deep-copied."""
-    kind = type(state)
-    if kind in _LEAF_TYPES:
-        return state
-    if kind is list:
-        return [v if type(v) in _LEAF_TYPES else _fork(v) for v in state]
-    if kind is dict:
-        return {k: v if type(v) in _LEAF_TYPES else _fork(v) for k, v in state.items()}
-    if kind is tuple:
-        return state if all(type(v) in _LEAF_TYPES for v in state) else tuple(_fork(v) for v in state)
-    if isinstance(state, History):
-        hist = object.__new__(kind)  # a shallow copy (copy.copy takes 7 us), of a subclass too
-        vars(hist).update(vars(state))
-        hist.values, hist.at = _fork(state.values), list(state.at)
-        return hist
-    if isinstance(state, _LEAVES):  # subclasses (torch.nn.Parameter)
-        return state
-    if isinstance(state, dict):
-        out = copy.copy(state)  # keeps the subclass (OrderedDict, defaultdict's factory)
-        out.update((k, _fork(v)) for k, v in state.items())
-        return out
-    if isinstance(state, list | tuple):
-        items = [_fork(v) for v in state]
-        return type(state)(*items) if hasattr(state, "_fields") else type(state)(items)  # namedtuple or not
-    if isinstance(state, deque):
-        return type(state)((_fork(v) for v in state), state.maxlen)
-    if is_dataclass(state) and not isinstance(state, type):
-        out = copy.copy(state)  # no __init__ / __post_init__ rerun; frozen ones too
-        for f in fields(state):
-            object.__setattr__(out, f.name, _fork(getattr(state, f.name)))
-        return out
-    return copy.deepcopy(state)
+    place (they build new ones); any other object is deep-copied."""
+    return map_state(state, _same, copy.deepcopy)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 @dataclass

@@ -72,12 +72,11 @@ are schedule constants. Any other object holding a tensor (a user class) is refu
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -93,7 +92,7 @@ from ..guidance.base import Guided
 from ..noise import GeneratorNoise, Generators, PerSampleNoise, rand, randn
 from ..sampling import check_seeded
 from ..schedules import ScheduleLike
-from ..solvers.base import Grid, History, Model, Solver, Transition, make_grid, work_dtype
+from ..solvers.base import Grid, Model, Solver, Transition, make_grid, map_state, work_dtype
 from . import resample as _resample
 
 __all__ = [
@@ -425,35 +424,16 @@ def _cat_predictions(parts: list[Prediction], x: Tensor) -> Prediction:
     return pred
 
 
-_ATOMS = (int, float, complex, str, bytes, type(None))  # kept as they are (schedule constants)
-
-
 def _map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``obj`` with ``fn`` applied to every tensor in it. Rebuilt: dicts, lists, tuples (namedtuples
-    too), deques, :class:`History`, :class:`Transition`, :class:`Prediction` and other dataclasses;
-    any other object is kept, and refused if it holds a tensor (which would not follow the
-    particles)."""
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, _ATOMS):
-        return obj
-    if isinstance(obj, dict):
-        out = copy.copy(obj)  # keeps a subclass (OrderedDict, defaultdict's factory)
-        out.update((k, _map(v, fn)) for k, v in obj.items())
-        return out
-    if isinstance(obj, list | tuple):
-        items = [_map(v, fn) for v in obj]
-        if type(obj) is not tuple and hasattr(obj, "_fields"):  # a namedtuple
-            return type(obj)(*items)
-        return type(obj)(items)
-    if isinstance(obj, deque):
-        return type(obj)((_map(v, fn) for v in obj), obj.maxlen)
-    if isinstance(obj, History):
-        h = History(obj.size)
-        h.values, h.at = [_map(v, fn) for v in obj.values], list(obj.at)
-        return h
+    """``obj`` with ``fn`` applied to every tensor in it: the solver-state containers rebuilt
+    (:func:`~steerdiff.solvers.base.map_state`), a :class:`Transition` and a :class:`Prediction` too;
+    any other object is kept, and refused if it holds a tensor (which would not follow the particles)."""
     if type(obj) is Transition:  # the engine's own, every step: no generic dataclass copy
         return Transition(_map(obj.mean, fn), _map(obj.std, fn))
+    return map_state(obj, fn, lambda other: _other(other, fn))
+
+
+def _other(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(obj, Prediction):
         given = {"x0": obj._x0} if obj._x0 is not None else {"eps": obj._eps}
         p = Prediction(
@@ -461,11 +441,6 @@ def _map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         )
         p.var_interp = _map(obj.var_interp, fn)
         return p
-    if is_dataclass(obj) and not isinstance(obj, type):
-        out = copy.copy(obj)  # no __init__ / __post_init__ rerun; frozen ones too
-        for f in fields(obj):
-            object.__setattr__(out, f.name, _map(getattr(obj, f.name), fn))
-        return out
     if _holds_tensor(obj, set()):
         raise ValueError(
             f"the solver state holds a {type(obj).__name__} with tensors in it, which the particle engine "

@@ -13,8 +13,11 @@ diverge as ``h -> inf``, so that step is always first order (:func:`step_order`)
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -140,6 +143,56 @@ class History:
         next :meth:`push` would drop the oldest; a step that ends with ``trim`` frees it before the next
         network call instead of after (not for a corrector, which redoes the step with all of them)."""
         del self.values[self.size - 1 :], self.at[self.size - 1 :]
+
+
+_ATOMS = (int, float, complex, str, bytes, type(None))  # kept as they are (schedule constants)
+_ATOM_TYPES = frozenset(_ATOMS) | {bool}  # the same by exact type: the fast test
+
+
+def map_state(obj: Any, fn: Callable[[Tensor], Tensor], other: Callable[[Any], Any]) -> Any:
+    """Solver state ``obj`` rebuilt with ``fn`` applied to every tensor in it: the containers the
+    :class:`Solver` contract allows -- dicts, lists, tuples (namedtuples too), deques, dataclasses,
+    :class:`History` (subclasses kept) -- are new objects, numbers and strings are kept (a tuple of
+    them shared), and any other object is ``other(obj)``. What particle methods resample the state
+    with (``fn`` indexes the rows) and what ``SteerdiffScheduler`` forks its checkpoint with (``fn``
+    the identity)."""
+    kind = type(obj)
+    if kind is Tensor:
+        return fn(obj)
+    if kind in _ATOM_TYPES:
+        return obj
+    if kind is list:  # numbers inline: a run's tables (a tuple per step) are long
+        return [v if type(v) in _ATOM_TYPES else map_state(v, fn, other) for v in obj]
+    if kind is dict:
+        return {k: v if type(v) in _ATOM_TYPES else map_state(v, fn, other) for k, v in obj.items()}
+    if kind is tuple:
+        if all(type(v) in _ATOM_TYPES for v in obj):
+            return obj
+        return tuple(map_state(v, fn, other) for v in obj)
+    if isinstance(obj, Tensor):  # subclasses (torch.nn.Parameter)
+        return fn(obj)
+    if isinstance(obj, _ATOMS):
+        return obj
+    if isinstance(obj, History):
+        hist = object.__new__(kind)  # a shallow copy (copy.copy takes 7 us), of a subclass too
+        vars(hist).update(vars(obj))
+        hist.values, hist.at = [map_state(v, fn, other) for v in obj.values], list(obj.at)
+        return hist
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the subclass (OrderedDict, defaultdict's factory)
+        out.update((k, map_state(v, fn, other)) for k, v in obj.items())
+        return out
+    if isinstance(obj, deque):
+        return kind((map_state(v, fn, other) for v in obj), obj.maxlen)
+    if isinstance(obj, list | tuple):
+        items = [map_state(v, fn, other) for v in obj]
+        return kind(*items) if hasattr(obj, "_fields") else kind(items)  # a namedtuple or not
+    if is_dataclass(obj) and not isinstance(obj, type):
+        out = copy.copy(obj)  # no __init__ / __post_init__ rerun; frozen ones too
+        for f in fields(obj):
+            object.__setattr__(out, f.name, map_state(getattr(obj, f.name), fn, other))
+        return out
+    return other(obj)
 
 
 @dataclass
