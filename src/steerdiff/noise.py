@@ -200,19 +200,26 @@ class BrownianTreeNoise:
         return w.reshape(like.shape).to(dtype=like.dtype, device=like.device)
 
 
-def check_generators(who: str, generator: object) -> Generators:
+def check_generators(who: str, generator: object, rows: int | None = None) -> Generators:
     """``generator`` if it is ``None``, one ``torch.Generator`` or a non-empty list of them (one per
-    row: row ``b`` draws from ``generator[b]``, as :func:`randn` draws a list); else a ``ValueError``
-    naming ``who``'s ``generator``."""
+    row: row ``b`` draws from ``generator[b]``, as :func:`randn` draws a list; of ``rows`` of them
+    where the batch is known); else a ``ValueError`` naming ``who``'s ``generator``."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    if (
+    listed = (
         isinstance(generator, Sequence)
         and not isinstance(generator, str | bytes)
-        and generator
+        and len(generator) > 0
         and all(isinstance(g, torch.Generator) for g in generator)
-    ):
+    )
+    if listed and (rows is None or len(generator) == rows):
         return list(generator)
+    if rows is not None:
+        got = f"a list of {len(generator)}" if isinstance(generator, Sequence) else type(generator).__name__
+        raise ValueError(
+            f"{who}: generator must be None, one torch.Generator or a list of batch = {rows} of them (one "
+            f"per batch row), got {got}"
+        )
     raise ValueError(
         f"{who}: generator must be None, a torch.Generator or a non-empty list of them (one per row), "
         f"got {type(generator).__name__} {generator!r:.40}"

@@ -77,7 +77,7 @@ from .. import schedules as _schedules
 from .._checks import boolean, integer, real
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided, same_process
-from ..noise import Generators, randn
+from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver, make_grid
 from . import resample as _resample
@@ -86,7 +86,6 @@ from .particles import (
     Particles,
     SMCAlgorithm,
     StepContext,
-    _check_generator,
     _check_shape,
     _repeat_rows,
     _row_chunks,
@@ -299,7 +298,7 @@ def fkc(
         particles`` more with ``final="none"``), ``trace`` (``log_z`` as in the module docstring).
     """
     shape = _check_shape(shape)
-    _check_generator("fkc", generator, shape[0])
+    check_generators("fkc", generator, shape[0])
     n = integer("fkc", "particles", particles, lo=1)
     if kwargs is not None:  # per-row tensors (``batch`` rows) follow the particles, as ``**cond`` does
         kwargs = [_repeat_rows(kw, shape[0], n) if isinstance(kw, dict) else kw for kw in kwargs]

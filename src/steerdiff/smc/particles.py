@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -89,7 +89,7 @@ from .._checks import boolean, integer, real
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
-from ..noise import GeneratorNoise, Generators, PerSampleNoise, rand, randn
+from ..noise import GeneratorNoise, Generators, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded
 from ..schedules import ScheduleLike
 from ..solvers.base import Grid, Model, Solver, Transition, make_grid, map_state, work_dtype
@@ -559,24 +559,6 @@ def _flat_tr(tr: Transition, run: _Run) -> Transition:
     return Transition(run.flat(tr.mean), std)
 
 
-def _check_generator(who: str, generator: object, batch: int) -> None:
-    """A ``ValueError`` naming ``generator`` unless it is ``None``, one ``torch.Generator`` or a list
-    of ``batch`` of them (one per batch row; see :func:`run_smc`)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return
-    if (
-        isinstance(generator, Sequence)
-        and len(generator) == batch
-        and all(isinstance(g, torch.Generator) for g in generator)
-    ):
-        return
-    got = f"a list of {len(generator)}" if isinstance(generator, Sequence) else type(generator).__name__
-    raise ValueError(
-        f"{who}: generator must be None, one torch.Generator or a list of batch = {batch} of them (one "
-        f"per batch row), got {got}"
-    )
-
-
 class _Ancestors:
     """Checks ancestor indices from a resampler or a ``resample`` hook: an integer ``(batch, N)``
     tensor (at once), entries in ``[0, N)`` (at once for CPU tensors; otherwise read with the run's
@@ -712,7 +694,7 @@ def run_smc(
     progress = boolean(algorithm.name, "progress", progress)
     shape = _check_shape(shape)
     batch, sample_shape = shape[0], shape[1:]
-    _check_generator(algorithm.name, generator, batch)
+    check_generators(algorithm.name, generator, batch)
     if den.shape is not None and sample_shape != den.shape:
         raise ValueError(f"shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
     n_part = integer("run_smc", "particles", particles, lo=1)
