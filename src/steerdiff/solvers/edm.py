@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .._checks import real
 from .._ops import axpby
+from ._exp import hphi
 from .base import Grid, Model, Solver
 
 __all__ = ["EDMStochasticHeun", "Level", "heun_update"]
@@ -82,7 +83,7 @@ def heun_update(model: Model, x: Tensor, step: int, frm: Level, to: Level, secon
     pred2 = model(x_euler, t_next, step)
     if s / a > HEUN_MAX_RATIO * (s_next / a_next):  # x0 linear in lam between the two estimates
         h = math.log((s / a) / (s_next / a_next))
-        return axpby(1.0, x_euler, a_next * (h + math.expm1(-h)) / h, pred2.x0 - pred.x0)
+        return axpby(1.0, x_euler, a_next * hphi(2, h) / h, pred2.x0 - pred.x0)
     c = a_next * (s_next / a_next - s / a)  # x-space weight of a slope d = eps
     if pred.x0_given and pred2.x0_given:
         return axpby(1.0, x_euler, 0.5 * c * a_next / s_next, pred.x0 - pred2.x0)
