@@ -5,14 +5,33 @@ host-to-device copy and no host read per step (each is a sync on CUDA), and noth
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import steerdiff as sd
 
 _READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "item", "equal"}
+
+
+class _HostValues(TorchFunctionMode):
+    """Counts tensors made on ``meta`` from host values (``torch.tensor(v, device=...)``: a copy on an
+    accelerator, which never reaches ``meta``'s dispatch)."""
+
+    def __init__(self, count: collections.Counter[str]) -> None:
+        super().__init__()
+        self.count = count
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        made = func in (torch.tensor, torch.as_tensor, torch.asarray) and device is not None
+        if made and torch.device(device).type == "meta" and not isinstance(args[0], torch.Tensor):
+            self.count["copy"] += 1
+        return func(*args, **kwargs)
 
 
 class _Syncs(TorchDispatchMode):
@@ -22,6 +41,15 @@ class _Syncs(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.count: collections.Counter[str] = collections.Counter()
+        self._host = _HostValues(self.count)
+
+    def __enter__(self) -> _Syncs:
+        self._host.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._host.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -128,3 +156,46 @@ def test_vp_discrete_takes_per_sample_times_on_the_samples_device():
     for f in (p.alpha, p.sigma, p.lam, p._dlog_alpha):
         assert f(t).is_meta and f(t).shape == t.shape
     assert p.t_of_lam(p.lam(t_cpu).to("meta")).is_meta
+
+
+def _steered_runs() -> dict[str, Callable[[sd.Denoiser, torch.Tensor, int], object]]:
+    """Guided, corrected and particle runs ``run(den, x_T, steps)`` on ``meta``; operators and
+    observations on the CPU (moved once per run), rewards and classifiers computing on the samples."""
+    A, y = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    mask = (torch.arange(8) % 2).double()
+    reward = lambda x: x.sum(-1)  # noqa: E731
+    classifier = lambda x, t: x.sum(-1)  # noqa: E731
+    smc = {"shape": (2, 8), "particles": 4, "device": "meta"}
+    g = sd.guidance
+    return {
+        "cfg": lambda den, x, n: sd.sample(g.CFG(den, den, 3.0), x, n, "dpmpp_2m"),
+        "classifier": lambda den, x, n: sd.sample(g.ClassifierGuidance(den, classifier), x, n, "ddpm"),
+        "dps": lambda den, x, n: sd.sample(g.DPS(den, sd.inverse.Matrix(A), y, noise_std=0.1), x, n, "ddpm"),
+        "pigdm": lambda den, x, n: sd.sample(
+            g.PiGDM(den, sd.inverse.Matrix(A), y, noise_std=0.1), x, n, "ddim"
+        ),
+        "repaint": lambda den, x, n: g.repaint_sample(den, sd.inverse.Inpaint(mask), y[:1].repeat(4), x, n),
+        "pcg": lambda den, x, n: g.pcg(den, den, x, n, 2.0),
+        "ula": lambda den, x, n: sd.sample(den, x, n, "ddpm", corrector="ula"),
+        "fk_steering": lambda den, x, n: sd.smc.fk_steering(den, reward, lam=2.0, steps=n, **smc),
+        "tds": lambda den, x, n: sd.smc.tds(den, sd.inverse.Matrix(A), y, noise_std=0.3, steps=n, **smc),
+        "tds_classifier": lambda den, x, n: sd.smc.tds(den, classifier=classifier, steps=n, **smc),
+        "svdd": lambda den, x, n: sd.smc.svdd(den, reward, 0.5, steps=n, **smc),
+        "fkc_cfg": lambda den, x, n: sd.smc.fkc_cfg(den, den, 2.0, steps=n, **smc),
+    }
+
+
+@pytest.mark.parametrize("name", list(_steered_runs()))
+def test_steered_runs_no_sync_per_step(name):
+    """Guidance, correctors and particle methods: the same copies and reads at 6 and 12 steps (TDS put a
+    host value on the device twice per step, ``torch.tensor(std, device=...)``: found on an H100 by
+    ``tests/test_cuda.py``)."""
+    net = torch.nn.Linear(8, 8, device="meta").requires_grad_(False)
+    den = sd.Denoiser(lambda x, t: net(x) * t[:, None], sd.VP.scaled_linear(), "eps")
+    run, x_T = _steered_runs()[name], torch.randn(4, 8, device="meta")
+    counts = []
+    for steps in (6, 12):
+        with _Syncs() as mode:
+            run(den, x_T, steps)
+        counts.append(mode.count)
+    assert counts[0] == counts[1], counts

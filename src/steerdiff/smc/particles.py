@@ -211,7 +211,7 @@ def transition_log_prob(x: Tensor, tr: Transition) -> Tensor:
     if not isinstance(std, Tensor):
         if not std >= 0:
             raise ValueError(f"transition_log_prob: std must be >= 0, got {std}")
-        std = torch.tensor(float(std), dtype=x.dtype, device=x.device)
+        std = torch.full((), float(std), dtype=x.dtype, device=x.device)  # a fill, not a host copy
     point = std == 0
     s = torch.where(point, torch.ones_like(std), std)  # no 0 / 0 (nor its NaN gradient) at point masses
     z = (x - tr.mean) / s
