@@ -291,6 +291,10 @@ def test_posterior_and_tilt_bad_arguments(mix):
         mix.posterior(A, y, -0.1)
     with pytest.raises(ValueError, match="noise_std"):
         mix.posterior(A, y, 0.0)  # rank-1 A with m = 2: A S A^T singular
+    g = torch.Generator().manual_seed(6)  # rank 2 with m = 3: Cholesky ends in a round-off pivot here
+    low_rank = torch.randn(3, 2, generator=g, dtype=F64) @ torch.randn(2, mix.dim, generator=g, dtype=F64)
+    with pytest.raises(ValueError, match="singular"):
+        mix.posterior(low_rank, torch.zeros(3, dtype=F64), 0.0)
     with pytest.raises(ValueError, match="linear"):
         mix.tilt(linear=torch.zeros(2))
     with pytest.raises(ValueError, match="quadratic"):

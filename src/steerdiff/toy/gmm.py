@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,14 +158,16 @@ class GaussianMixture:
         return self._log_resp(x, mean, var)
 
     def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
-        """Log density of ``x`` under the noised marginal at ``(alpha, sigma)`` (clean by default)."""
-        return torch.logsumexp(self._log_joint(self._flat(x), alpha, sigma), dim=-1)
+        """Log density ``(n,)`` of ``x`` under the noised marginal at ``(alpha, sigma)`` (clean by
+        default); float64 on ``x``'s device."""
+        return torch.logsumexp(self._log_joint(self._flat(x), alpha, sigma), dim=-1).to(_device(x))
 
     def log_responsibilities(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
-        """``log p(k | x_t = x)`` ``(n, k)``, float64: the posterior over components of the noised
-        marginal at ``(alpha, sigma)`` (clean by default); its argmax is the component ``x`` belongs to."""
+        """``log p(k | x_t = x)`` ``(n, k)``, float64 on ``x``'s device: the posterior over components of
+        the noised marginal at ``(alpha, sigma)`` (clean by default); its argmax is the component ``x``
+        belongs to."""
         lj = self._log_joint(self._flat(x), alpha, sigma)
-        return lj - torch.logsumexp(lj, dim=-1, keepdim=True)
+        return (lj - torch.logsumexp(lj, dim=-1, keepdim=True)).to(_device(x))
 
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
         """Exact ``E[x0 | x_t = x]``; computed in float64 on CPU, returned in ``x``'s dtype and device."""
@@ -237,8 +240,15 @@ class GaussianMixture:
         s_ax = self.covariance_matrices @ A.T  # (k, d, m) = S_k A^T
         c = A @ s_ax + noise_std**2 * torch.eye(m, dtype=F64)  # (k, m, m)
         chol, info = torch.linalg.cholesky_ex(0.5 * (c + c.mT))
-        if bool((info > 0).any()):
-            raise ValueError("A S_k A^T + noise_std^2 I is singular: use noise_std > 0 or a full-rank A")
+        # singular to float64 precision: whether the factorization of an exactly singular C_k fails or
+        # ends in a round-off pivot depends on the LAPACK build, so small pivots count as failures
+        pivots = chol.diagonal(dim1=-2, dim2=-1) ** 2
+        tiny = 64 * m * torch.finfo(F64).eps * c.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
+        if bool((info > 0).any()) or bool((pivots <= tiny).any()):
+            raise ValueError(
+                "A S_k A^T + noise_std^2 I is singular (to float64 precision): use noise_std > 0 or a "
+                "full-rank A"
+            )
         resid = y - self.means @ A.T  # (k, m)
         sol = torch.cholesky_solve(resid[:, :, None], chol)[:, :, 0]  # C_k^{-1} (y - A mu_k)
         logdet = 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
@@ -351,7 +361,7 @@ class GaussianMixture:
         ``denoise=True`` the exact denoiser is applied at ``t_end``:
         ``reference_ode(x_T, p, p.t_max, p.t_min, denoise=True)`` is the exact answer
         :func:`steerdiff.sample` approximates by default (solve to ``t_min``, return the denoised
-        estimate there). DOP853 at ``rtol=1e-10``; float64, ``x_T``'s shape.
+        estimate there). DOP853 at ``rtol=1e-10`` on the CPU; float64, ``x_T``'s shape and device.
         """
         who, span = f"{type(self).__name__}.reference_ode", {"lo": process.t_min, "hi": process.t_max}
         t_start = real(who, "t_start", t_start, **span)
@@ -379,7 +389,12 @@ class GaussianMixture:
         if not sol.success:
             raise RuntimeError(f"reference ODE failed: {sol.message}")
         x = (torch.from_numpy(sol.y[:, -1]).reshape(shape) * a1).to(F64)
-        return self.denoise(x, a1, s1) if denoise and s1 > 0 else x
+        return (self.denoise(x, a1, s1) if denoise and s1 > 0 else x).to(x_T.device)
+
+
+def _device(x: Tensor | Any) -> torch.device:
+    """Where a result for ``x`` goes: ``x``'s device (the CPU for array-likes)."""
+    return x.device if isinstance(x, Tensor) else torch.device("cpu")
 
 
 def _at_times(x: Tensor, t: Tensor, denoise: Callable[[Tensor, float], Tensor]) -> Tensor:
