@@ -175,6 +175,23 @@ def test_denoiser_contract_and_dtypes(den):
     assert out.shape == (3, 1, 8, 8) and torch.equal(out, sd.sample(den, x.float(), steps=4, label=7))
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-5), (torch.bfloat16, 0.1)])
+def test_nets_cast_to_another_dtype_compute_in_it(dtype, tol):
+    """``.to(dtype)`` on the nets (half precision on an accelerator): they compute in their parameters'
+    dtype, near the float32 nets (the time embedding was float32 whatever the parameters: a dtype error)."""
+    den, clf = D.load_digits_denoiser(), D.load_classifier()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ref_logits = den.net(x, 300.0, label=3), clf(x)
+        den.net.to(dtype), clf.to(dtype)
+        got, logits = den.net(x.to(dtype), 300.0, label=3), clf(x.to(dtype))
+    assert got.dtype == logits.dtype == dtype
+    assert (got.float() - ref).abs().max() <= tol * ref.abs().max()
+    assert (logits.float() - ref_logits).abs().max() <= tol * ref_logits.abs().max()
+    out = sd.sample(den, x.to(dtype), steps=3, label=3)
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -195,7 +195,7 @@ class _TimeMLP(nn.Module):
         self.out = nn.Linear(width, out_dim)
 
     def trunk(self, x: Tensor, t: Tensor, label: Tensor | None) -> Tensor:
-        emb = self.time(timestep_embedding(t, self.emb_dim))
+        emb = self.time(timestep_embedding(t, self.emb_dim).to(self.inp.weight.dtype))  # float32 angles
         if self.label is not None and label is not None:
             emb = emb + self.label(label)
         emb = F.silu(emb)
