@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench install
+.PHONY: demo test test-slow test-cuda bench install
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+test-cuda: $(STAMP)
+	$(PY) -m pytest -q -rs tests/test_cuda.py
 
 bench: $(STAMP)
 	$(VENV)/bin/steerdiff bench solvers --out out

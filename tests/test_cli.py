@@ -511,6 +511,10 @@ def test_sample_writes_what_sd_sample_gives(tmp_path, capsys, suffix):
         # before: passed argparse's >= 1, then "--n must be >= 2"
         (["demo", "--n", "1"], "argument --n: must be an integer >= 2, got '1'"),
         (["bench", "solvers", "--model", "digits", "--batch", "1"], "--model digits needs --batch >= 2"),
+        (["bench", "overhead", "--shape", "0x3"], "argument --shape: must be positive integers joined by x"),
+        (["bench", "overhead", "--shape", "4x"], "like 256x64; got '4x'"),
+        (["bench", "overhead", "--device", "tpu"], "argument --device: not a torch device"),
+        (["bench", "overhead", "--device", "meta"], "argument --device: must be cpu or cuda[:N], got 'meta'"),
     ],
 )
 def test_bad_arguments_exit_2_and_say_why(capsys, argv, message):
@@ -585,6 +589,38 @@ def test_bench_sde_table_is_the_sliced_w2_of_sd_sample(tmp_path, capsys):
     assert float(rows["ddpm", "time_uniform"]["nfe_20"]) == pytest.approx(want, rel=1e-12)
     stochastic = {name for name in sd.solvers.available() if sd.solvers.get(name).stochastic}
     assert {m for m, _ in rows} == stochastic  # every stochastic sampler, nothing else
+
+
+def test_bench_overhead_times_the_same_samples_on_both_sides():
+    """The timed pairs compute the same thing: ours equals diffusers' loop on its own timesteps (Euler
+    to 2e-3: between integer timesteps diffusers interpolates sigma linearly, steerdiff log(sigma /
+    alpha)), and a first run (new denoiser) equals a warm one bit for bit."""
+    from steerdiff.bench.overhead import OVERHEAD_PAIRS, pairs
+
+    runs = pairs(steps=6, shape=(8, 2, 2))
+    assert [(p.solver, p.scheduler) for p in runs] == [(s, c) for s, c, _ in OVERHEAD_PAIRS]
+    for p in runs:
+        ours, theirs = p.ours(False), p.theirs()
+        assert ours.shape == (8, 2, 2) and ours.dtype == torch.float32
+        assert rel_rmse(ours.double(), theirs.double()) < (2e-3 if p.solver == "euler" else 1e-6), p.solver
+        assert torch.equal(p.ours(True), ours)
+
+
+def test_bench_overhead_writes_its_table(tmp_path, capsys):
+    argv = ["bench", "overhead", "--shape", "8x4", "--shape", "2x3x4", "--steps", "3", "--repeats", "1"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "overhead.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["shape"], r["solver"]) for r in rows] == [
+        (shape, solver) for shape in ("8x4", "2x3x4") for solver in ("dpmpp_2m", "unipc", "ddim", "euler")
+    ]
+    for r in rows:
+        assert float(r["ratio"]) == pytest.approx(float(r["ours_s"]) / float(r["diffusers_s"]), rel=1e-4)
+    out = capsys.readouterr().out
+    assert (tmp_path / "overhead.txt").read_text() in out
+    assert "| 2x3x4 | unipc | UniPCMultistepScheduler |" in out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_no_diffusers_runs_without_diffusers(tmp_path, capsys, monkeypatch):

@@ -6,6 +6,7 @@
     steerdiff bench sde [--out DIR] [--n N] [--seed S] [--quick] [--no-diffusers]
     steerdiff bench posterior [--out DIR] [--n N] [--seed S] [--quick] [--all | --inpaint]
     steerdiff bench steer [--out DIR] [--n N] [--seed S] [--quick]
+    steerdiff bench overhead [--out DIR] [--device DEV] [--shape BxCx...]... [--steps K] [--repeats R]
     steerdiff sample --out FILE.{pt,npy,png} [--model {gmm,digits}] [--n N] [--steps K] [--solver NAME]
         [--schedule NAME] [--guidance {none,cfg,classifier}] [--label D] [--scale W] [--weights DIR]
     steerdiff train digits [--out DIR] [--seed S] [--quick] [--threads T]
@@ -81,6 +82,30 @@ def _digit(value: str) -> int:
     if not 0 <= d <= 9:
         raise argparse.ArgumentTypeError(f"must be a digit 0-9 (a class of the digits model), got {value}")
     return d
+
+
+def _shape(value: str) -> tuple[int, ...]:
+    """The argparse type of ``--shape``: positive integers joined by ``x`` (``256x64``)."""
+    try:
+        shape = tuple(int(v) for v in value.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers joined by x, like 256x64; got {value!r}")
+    return shape
+
+
+def _device(value: str) -> str:
+    """The argparse type of ``--device``: a torch device that is available here."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"not a torch device ({err}), got {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {value!r}")
+    return value
 
 
 def _sample_path(value: str) -> Path:
@@ -191,6 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_arguments(bst, "NFE 400 only, n <= 256", "seed of the problems and the noise", False)
     bst.add_argument("--n", type=_positive, default=1024, help="returned samples per run (default: 1024)")
     bst.set_defaults(func=_bench_steer)
+    bo = bench_sub.add_parser(
+        "overhead",
+        help="time per step outside the net, beside diffusers' scheduler.step (CPU or an accelerator)",
+        description=(
+            "Median time per step of sd.sample (dpmpp_2m, unipc, ddim, euler) and of a pipeline's loop "
+            "around the matching diffusers scheduler, with a free net, on float32 samples of each "
+            "--shape on --device. Writes OUT/overhead.csv, OUT/overhead.png and OUT/overhead.txt."
+        ),
+    )
+    bo.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    bo.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    bo.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        default=None,
+        help="sample shape as BxCx..., repeatable (default: 256x64 and 4x4x64x64)",
+    )
+    bo.add_argument("--steps", type=_positive, default=20, help="steps per run (default: 20)")
+    bo.add_argument("--repeats", type=_positive, default=30, help="timed runs (default: 30)")
+    bo.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default: 1)")
+    bo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bo.set_defaults(func=_bench_overhead)
 
     sp = sub.add_parser(
         "sample",
@@ -449,6 +497,18 @@ def _bench_steer(args: argparse.Namespace) -> int:
     csv_path, png_path = steer.write_results(result, args.out)
     report = steer.format_report(result) + "\n\n" + steer.markdown_table(result)
     return _report(report, args.out, "steer", csv_path, png_path)
+
+
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from .bench import overhead
+
+    shapes = args.shape or overhead.SHAPES
+    result = _with_threads(
+        args.threads,
+        lambda: overhead.run(shapes, args.device, args.steps, args.repeats, progress=not args.no_progress),
+    )
+    csv_path, png_path = overhead.write_results(result, args.out)
+    return _report(overhead.format_report(result), args.out, "overhead", csv_path, png_path)
 
 
 def _sample_digits(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .. import sampling, solvers
 from ..denoiser import Denoiser
 from ..guidance import CFG
+from ..integrations.diffusers_ref import quiet_diffusers
 from ..metrics import frechet_distance, relative_rmse
 from ..toy import digits as D
 from ._figure import pyplot
@@ -52,7 +53,6 @@ from .solvers import (
     format_guided,
     guided_errors,
     pipeline_sampler,
-    quiet_diffusers,
     steps_for_nfe,
 )
 

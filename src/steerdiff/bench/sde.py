@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics, sampling, solvers
-from ..integrations.diffusers_ref import diffusers_sample
+from ..integrations.diffusers_ref import diffusers_sample, quiet_diffusers
 from .solvers import (
     DiffusersConfig,
     Row,
@@ -35,7 +35,6 @@ from .solvers import (
     default_model,
     format_table,
     initial_noise,
-    quiet_diffusers,
 )
 
 __all__ = ["NFES", "QUICK_NFES", "SdeBench", "diffusers_configs", "format_report", "run"]

@@ -27,10 +27,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,13 +40,19 @@ from tqdm.auto import tqdm
 from .. import sampling, schedules, solvers
 from ..denoiser import Denoiser
 from ..guidance import CFG
-from ..integrations.diffusers_ref import diffusers_sample, nodes_of, run_scheduler, sd_betas_config
+from ..integrations.diffusers_ref import (
+    diffusers_sample,
+    quiet_diffusers,
+    run_scheduler,
+    sd_betas_config,
+)
 from ..metrics import relative_rmse
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE
 from ..solvers.base import Solver
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
 from ._figure import pyplot
+from .overhead import Overhead, format_overhead, sampler_overhead
 
 __all__ = [
     "NFES",
@@ -61,7 +65,6 @@ __all__ = [
     "FlowRow",
     "GuidedBench",
     "GuidedRow",
-    "Overhead",
     "Problem",
     "Results",
     "Row",
@@ -90,9 +93,7 @@ __all__ = [
     "make_problem",
     "pipeline_sampler",
     "plot",
-    "quiet_diffusers",
     "run",
-    "sampler_overhead",
     "steps_for_nfe",
     "sweep_diffusers",
     "sweep_steerdiff",
@@ -119,13 +120,6 @@ LIFT_STEPS = 100  # (f): Heun steps that carry diffusers' flow start (s = 1) to 
 # (e): the mixture under rectified flow, pooled over FLOW_DRAWS draws of x_T
 FLOW_STEPS, FLOW_DRAWS, FLOW_SHIFTS = (10, 20), 4, (1.0, 3.0)
 ILL_EPS, ILL_DIRECTIONS = 1e-2, 16  # (a): the perturbation that marks an x_T as ill-conditioned
-# (c): (steerdiff solver, diffusers scheduler class) pairs timed with a free network
-OVERHEAD_PAIRS = (
-    ("dpmpp_2m", "DPMSolverMultistepScheduler"),
-    ("unipc", "UniPCMultistepScheduler"),
-    ("ddim", "DDIMScheduler"),
-    ("euler", "EulerDiscreteScheduler"),
-)
 
 
 def default_model() -> tuple[GaussianMixture, Process]:
@@ -337,23 +331,6 @@ def diffusers_configs() -> list[DiffusersConfig]:
         *multistep,
         *(DiffusersConfig(c.method, c.cls, c.overrides + s) for c in others for s in ((), karras)),
     ]
-
-
-@contextmanager
-def quiet_diffusers() -> Iterator[None]:
-    """Silence diffusers' config-change warnings for the duration (restoring its verbosity); nothing
-    to silence where diffusers is not installed (the ``--no-diffusers`` runs)."""
-    try:
-        from diffusers.utils import logging as dlog
-    except ImportError:
-        yield
-        return
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
 
 
 def _diffusers_nfe(config: DiffusersConfig) -> Callable[[int], int]:
@@ -698,81 +675,6 @@ def best_vs_best(
                 ea = _ours(d.gmm.denoiser(d.process), d, a.method, a.schedule, steps_a, nfe)
                 sums.append((_squared(d, ea), _squared(d, _theirs(config, d, steps_b, nfe))))
             out.append(BestVsBest(nfe, a, b, Draws(tuple(sums))))
-    return out
-
-
-@dataclass
-class Overhead:
-    """(c): median wall time per step outside the network, ours and diffusers', in seconds; ``cold``:
-    ours on a denoiser that has not yet seen the grid's times (its per-time caches empty: a first run)."""
-
-    solver: str
-    scheduler: str
-    ours: float
-    diffusers: float
-    cold: float
-
-    @property
-    def ratio(self) -> float:
-        """Ours over diffusers' (below 1: ours is faster)."""
-        return self.ours / self.diffusers
-
-    @property
-    def cold_ratio(self) -> float:
-        """Ours on a first run over diffusers'."""
-        return self.cold / self.diffusers
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def sampler_overhead(
-    steps: int = 20, repeats: int = 30, batch: int = 256, dim: int = 64, progress: bool = False
-) -> list[Overhead]:
-    """Per-step time of ``sd.sample`` and of diffusers' ``scheduler.step`` loop with a free network.
-
-    The net returns a precomputed float32 ``(batch, dim)`` tensor; both run on the scheduler's own
-    timesteps (``nodes_of``), include the grid set-up (``make_grid`` / ``set_timesteps``), and are
-    timed in alternation ``repeats`` times after two warm-up runs; the median is reported. Ours is
-    also timed on a new denoiser each run (``cold``: the per-time coefficient caches of a first run).
-    """
-    import diffusers
-
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(batch, dim, generator=g)
-    eps = torch.randn(batch, dim, generator=g)
-
-    def net(x: Tensor, t: Tensor) -> Tensor:
-        return eps
-
-    den = Denoiser(net, VP.scaled_linear(), prediction="eps")
-    out = []
-    with quiet_diffusers():
-        for solver, cls in tqdm(OVERHEAD_PAIRS, desc="overhead", disable=not progress):
-            if solver not in solvers.available():
-                log.warning("overhead: solver %r is not registered; skipped", solver)
-                continue
-            sched = getattr(diffusers, cls)(**sd_betas_config())
-            sched.set_timesteps(steps)
-            grid = nodes_of(sched)
-
-            def ours(solver: str = solver, grid: schedules.Schedule = grid, fresh: bool = False) -> object:
-                d = Denoiser(net, den.process, prediction="eps") if fresh else den
-                return sampling.sample(d, x_T, steps=steps, solver=solver, schedule=grid)
-
-            def theirs(sched: Any = sched) -> object:
-                return run_scheduler(sched, net, x_T, steps)
-
-            times: tuple[list[float], list[float], list[float]] = ([], [], [])
-            for r in range(repeats + 2):
-                a, b, c = _seconds(ours), _seconds(theirs), _seconds(lambda f=ours: f(fresh=True))
-                if r >= 2:
-                    for record, value in zip(times, (a, b, c), strict=True):
-                        record.append(value)
-            out.append(Overhead(solver, cls, *(statistics.median(v) / steps for v in times)))
     return out
 
 
@@ -1236,11 +1138,7 @@ def format_report(result: SolverBench) -> str:
             "",
             "(c) sampler overhead per step outside the net (batch 256x64 float32, free net, median):",
         ]
-        lines += [
-            f"    {o.solver} vs {o.scheduler}: {o.ours * 1e6:.0f} us vs {o.diffusers * 1e6:.0f} us"
-            f"  ratio {o.ratio:.3g}; first run of a new denoiser {o.cold * 1e6:.0f} us ({o.cold_ratio:.3g})"
-            for o in result.overhead
-        ]
+        lines += format_overhead(result.overhead)
     what = f"components 0-{CFG_COMPONENTS - 1} of the mixture"
     d, f = (
         format_guided(result.guided, what),

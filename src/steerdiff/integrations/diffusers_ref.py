@@ -12,7 +12,8 @@ This module never imports diffusers: the scheduler objects are made by the calle
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from ..processes import Process
 from ..schedules import Custom
 from ..toy.gmm import GaussianMixture
 
-__all__ = ["diffusers_sample", "eps_net", "nodes_of", "run_scheduler", "sd_betas_config"]
+__all__ = ["diffusers_sample", "eps_net", "nodes_of", "quiet_diffusers", "run_scheduler", "sd_betas_config"]
 
 F64 = torch.float64
 
@@ -118,3 +119,20 @@ def nodes_of(scheduler: Any) -> Custom:
         if not ts or t != ts[-1]:
             ts.append(float(t))
     return Custom(ts)
+
+
+@contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' config-change warnings for the duration (restoring its verbosity); nothing
+    to silence where diffusers is not installed (the ``--no-diffusers`` runs)."""
+    try:
+        from diffusers.utils import logging as dlog
+    except ImportError:
+        yield
+        return
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)

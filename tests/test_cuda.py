@@ -1,0 +1,751 @@
+"""What steerdiff promises of an accelerator, checked on a real one (``tests/test_device.py`` checks
+the sync counts on the ``meta`` device instead, on any machine).
+
+Every run here is made twice, on the device under test and on the CPU, from the same ``x_T`` and the
+same noise, and the device run must be the CPU run: float64 to ``F64_TOL`` relative (CUDA's float64
+transcendentals may differ from the CPU's in the last ulp, so not bitwise), float32 on the device
+against float64 on the CPU to float32 accuracy, float16 / bfloat16 loosely (finite, in ``x_T``'s
+dtype, near the float32 run). The same noise on both sides comes from one CPU generator per row
+(diffusers' convention: a CPU generator gives the same numbers whatever the sample's device), or from
+float64 draws on the CPU cast to the run's dtype (``_Noise64``) where the two runs' dtypes differ.
+The model is the exact Gaussian-mixture oracle (``sd.toy.GaussianMixture``; it computes on the CPU in
+float64 and returns on the input's device), small ``torch.nn.Linear`` nets on the device, or the
+embedded digits model moved to the device. Covered: every registered solver and schedule, the
+processes, half precision, no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the
+same count), guidance and the inverse operators, the particle methods, the MCMC correctors and PCG,
+``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through ``sd.sample``,
+generators on the device, and the metrics.
+
+Run with ``make test-cuda`` (``pytest tests/test_cuda.py`` on a machine with a GPU); ``make test``
+skips the module where there is none. ``STEERDIFF_TEST_DEVICE`` names the device under test (default
+``cuda``); ``STEERDIFF_TEST_DEVICE=cpu pytest tests/test_cuda.py`` runs every test but the sync-debug
+ones on the CPU as a dry run (the comparisons then hold trivially; the code paths run).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import steerdiff as sd
+from steerdiff.guidance import CFG, DPS, MCG, ClassifierGuidance, DynamicThreshold, PiGDM, RewardGuidance
+from steerdiff.inverse import Blur, Downsample, Inpaint, Matrix
+from steerdiff.toy import digits as D
+
+from .reference import eps_net, noise, sd_betas_config, smooth_mixture
+
+DEVICE = os.environ.get("STEERDIFF_TEST_DEVICE", "cuda")
+KIND = torch.device(DEVICE).type
+
+
+def _available(device: str) -> bool:
+    """Whether tensors can be made on ``device`` (for CUDA without initializing it)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available()
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(
+    not _available(DEVICE),
+    reason=f"device {DEVICE!r} (STEERDIFF_TEST_DEVICE) is not available here; run on a machine with one",
+)
+cuda_only = pytest.mark.skipif(KIND != "cuda", reason="sync debug mode exists on CUDA only")
+
+F64 = torch.float64
+F64_TOL = 1e-10  # float64 on the device vs float64 on the CPU, relative to the largest entry
+F32_TOL = 1e-5  # float32 on the device vs float64 on the CPU (measured on the CPU: at most 3.7e-7)
+HALF_TOL = {torch.float16: 5e-3, torch.bfloat16: 5e-2}  # vs the float32 run (measured: 1.1e-3, 8.2e-3)
+
+PROC = sd.VP.scaled_linear()
+GMM = smooth_mixture()  # 8-d, 4 components
+DEN = GMM.denoiser(PROC)
+# a class c: the first two components; p(c) their weight, p(x | c) their mixture
+CLASS = sd.toy.GaussianMixture(GMM.means[:2], GMM.variances[:2], GMM.weights[:2])
+CLASS_DEN = CLASS.denoiser(PROC)
+LOG_P_CLASS = math.log(float(GMM.weights[:2].sum()))
+IMAGE = (1, 2, 4)  # the mixture's samples seen as images, for Inpaint and Blur
+IMAGE_DEN = GMM.denoiser(PROC, shape=IMAGE)
+BATCH, STEPS = 16, 8
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+_G = _gen(11)
+A = torch.randn(3, 8, generator=_G, dtype=F64)
+Y = GMM.sample(1, _G)[0] @ A.T + 0.1 * torch.randn(3, generator=_G, dtype=F64)
+MASK = (torch.rand(IMAGE, generator=_G) < 0.5).to(F64)
+Y_IMAGE = GMM.sample(1, _G).reshape(1, *IMAGE)
+KERNEL = torch.tensor([[0.1, 0.2, 0.1], [0.15, 0.3, 0.15]], dtype=F64)
+B = torch.randn(8, generator=_G, dtype=F64)
+
+
+def _solver(name: str) -> str | sd.solvers.Solver:
+    """The registered solver ``name``; Restart with a restart interval, which by default it takes only
+    from 20 steps on (below, it draws no noise)."""
+    return sd.solvers.Restart(restart_info=[(0.5, 2.0, 2, 2)]) if name == "restart" else name
+
+
+def _rows(n: int, seed: int = 0) -> list[torch.Generator]:
+    """One CPU generator per row: the same draws whatever the device of the samples."""
+    return [_gen(seed + b) for b in range(n)]
+
+
+class _Noise64:
+    """A noise source drawing float64 on the CPU (one generator per row) and casting to the state's
+    dtype and device: the same noise for a float32 run on the device and a float64 run on the CPU."""
+
+    def __init__(self, rows: int, seed: int = 0) -> None:
+        self.generators = _rows(rows, seed)
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        return sd.noise.randn(like.shape, self.generators, F64, "cpu").to(like)
+
+
+def _expect(out: Tensor, ref: Tensor, tol: float, dtype: torch.dtype | None = None) -> None:
+    """``out`` is on the device under test, in ``dtype`` (default: ``ref``'s), and equals ``ref``:
+    ``max |out - ref| <= tol * max |ref|`` over the finite entries, non-finite ones (``-inf``
+    log-weights) equal."""
+    assert out.device.type == KIND, out.device
+    assert out.dtype == (ref.dtype if dtype is None else dtype), out.dtype
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    o, r = out.detach().cpu().double(), ref.detach().cpu().double()
+    finite = r.isfinite()
+    assert torch.equal(o.isfinite(), finite) and torch.equal(o[~finite], r[~finite])
+    err, scale = float((o - r)[finite].abs().max()), float(r[finite].abs().max())
+    assert err <= tol * scale, f"max |out - ref| = {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def _expect_float(out: float, ref: float, tol: float = F64_TOL) -> None:
+    assert math.isfinite(out) and abs(out - ref) <= tol * abs(ref), (out, ref)
+
+
+def _log_p(law: sd.toy.GaussianMixture, x: Tensor, t: float | Tensor) -> Tensor:
+    """``log p_t(x)`` of ``law`` noised to process time ``t`` (float64, on ``x``'s device)."""
+    return law.log_prob(x, float(PROC.alpha(t)), float(PROC.sigma(t)))
+
+
+def _log_p_class(x: Tensor, t: float | Tensor) -> Tensor:
+    """The exact noisy classifier ``log p(c | x_t) = log p(c) + log p_t(x | c) - log p_t(x)``."""
+    return LOG_P_CLASS + _log_p(CLASS, x, t) - _log_p(GMM, x, t)
+
+
+def _reward(x: Tensor) -> Tensor:
+    """A linear reward ``b . x`` on flattened samples, on their device."""
+    return x.reshape(x.shape[0], -1) @ B.to(x)
+
+
+# --- every solver and schedule: the exact oracle sampled on the device ------------------------------
+
+
+@pytest.mark.parametrize("solver", sd.solvers.available())
+def test_solver_float64_equals_the_cpu_run(solver: str) -> None:
+    x_T = noise(BATCH, 8)
+    ref = sd.sample(DEN, x_T, STEPS, _solver(solver), generator=_rows(BATCH))
+    out = sd.sample(DEN, x_T.to(DEVICE), STEPS, _solver(solver), generator=_rows(BATCH))
+    _expect(out, ref, F64_TOL)
+
+
+@pytest.mark.parametrize("solver", sd.solvers.available())
+def test_solver_float32_on_the_device_is_the_float64_run_to_float32_accuracy(solver: str) -> None:
+    x_T = noise(BATCH, 8)
+    ref = sd.sample(DEN, x_T, STEPS, _solver(solver), generator=_Noise64(BATCH))
+    out = sd.sample(DEN, x_T.float().to(DEVICE), STEPS, _solver(solver), generator=_Noise64(BATCH))
+    _expect(out, ref, F32_TOL, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("schedule", sd.schedules.available())
+def test_schedule_float64_equals_the_cpu_run(schedule: str) -> None:
+    x_T = noise(BATCH, 8)
+    ref = sd.sample(DEN, x_T, STEPS, "dpmpp_2m", schedule)
+    _expect(sd.sample(DEN, x_T.to(DEVICE), STEPS, "dpmpp_2m", schedule), ref, F64_TOL)
+
+
+PROCESSES: dict[str, Callable[[], tuple[sd.Process, sd.Denoiser, str]]] = {
+    "vp_scaled_linear": lambda: (PROC, DEN, "unipc"),
+    "vp_zero_snr": lambda: (
+        p := sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64), rescale_zero_snr=True),
+        GMM.denoiser(p),
+        "dpmpp_2m",
+    ),
+    "vp_linear": lambda: (p := sd.VP.linear(), GMM.denoiser(p), "unipc"),
+    "vp_cosine": lambda: (p := sd.VP.cosine(), GMM.denoiser(p), "ddpm"),
+    "ve": lambda: (p := sd.VE(), GMM.denoiser(p), "heun"),
+    "edm": lambda: (p := sd.EDM(), GMM.denoiser(p), "edm_sde"),
+    "rectified_flow": lambda: (p := sd.RectifiedFlow(), GMM.denoiser(p), "euler"),
+    "mean_reverting": lambda: (
+        p := sd.MeanReverting(theta_min=0.3, theta_max=8.0, stationary_std=0.5),
+        GMM.mean_reverting_denoiser(p, torch.linspace(-1.0, 1.0, 8, dtype=F64)),
+        "mrs",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PROCESSES)
+def test_process_float64_equals_the_cpu_run(name: str) -> None:
+    """Each process's time tables and coefficients on the device, with a solver suited to it."""
+    proc, den, solver = PROCESSES[name]()
+    scale = float((proc.alpha(proc.t_max) ** 2 + proc.sigma(proc.t_max) ** 2).sqrt())
+    x_T = scale * noise(BATCH, 8)
+    ref = sd.sample(den, x_T, STEPS, _solver(solver), generator=_rows(BATCH))
+    _expect(sd.sample(den, x_T.to(DEVICE), STEPS, _solver(solver), generator=_rows(BATCH)), ref, F64_TOL)
+
+
+def test_default_sampler_on_the_device_reaches_the_exact_ode_solution() -> None:
+    """Against the oracle's probability-flow ODE solution (DOP853): the float32 device run's error is the
+    float64 CPU run's (measured on the CPU: 1.5e-3 at 20 steps, float32 4e-8 from it)."""
+    x_T = noise(BATCH, 8)
+    exact = GMM.reference_ode(x_T, PROC, PROC.t_max, PROC.t_min, denoise=True)
+    cpu = sd.metrics.relative_rmse(sd.sample(DEN, x_T, 20), exact)
+    out = sd.sample(DEN, x_T.float().to(DEVICE), 20)
+    assert out.device.type == KIND and out.dtype == torch.float32
+    assert cpu < 1e-2 and abs(sd.metrics.relative_rmse(out.cpu(), exact) - cpu) < 1e-5, cpu
+
+
+def test_oracle_answers_on_the_input_device() -> None:
+    """The mixture computes on the CPU in float64 and answers on the input's device: the denoiser, the
+    log-density and responsibilities, the reference ODE (which answered on the CPU for device input)."""
+    x = noise(4, 8)
+    xd = x.to(DEVICE)
+    for f in (
+        lambda v: GMM.denoise(v, 0.8, 0.6),
+        lambda v: GMM.log_prob(v, 0.8, 0.6),
+        lambda v: GMM.log_responsibilities(v),
+        lambda v: GMM.reference_ode(v, PROC, 500.0, PROC.t_min, denoise=True),
+    ):
+        got, ref = f(xd), f(x)
+        assert got.device.type == KIND and got.dtype == F64
+        torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
+
+
+# --- no device sync per step ------------------------------------------------------------------------
+
+
+def _syncs(run: Callable[[], object]) -> int:
+    """The synchronizing CUDA operations ``run()`` makes, as sync debug mode reports them (a warning
+    each)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in seen)
+
+
+def _flags_host_to_device_copies() -> bool:
+    """Whether sync debug mode reports a blocking copy from (pageable) host memory to the device."""
+    return _syncs(lambda: torch.ones(4).to(DEVICE)) > 0
+
+
+def _linear_eps_den() -> sd.Denoiser:
+    """A small eps net on the device (a fixed ``Linear``, output damped so that runs stay finite)."""
+    net = torch.nn.Linear(8, 8, device=DEVICE).requires_grad_(False)
+    return sd.Denoiser(lambda x, t: 0.1 * net(x), PROC, "eps")
+
+
+@cuda_only
+@pytest.mark.parametrize("solver", sd.solvers.available())
+def test_no_sync_per_step(solver: str) -> None:
+    """As many syncs at 6 steps as at 12: only the run's own (the x_T and NaN checks, a copy or two)."""
+    den, x_T = _linear_eps_den(), torch.randn(4, 8, device=DEVICE)
+    sd.sample(den, x_T, 6, _solver(solver))  # first use of each kernel
+
+    def count(steps: int) -> int:
+        return _syncs(lambda: sd.sample(den, x_T, steps, _solver(solver)))
+
+    few, many = count(6), count(12)
+    assert few == many and few <= 4, (few, many)
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["cpu_rows", "cpu", "device"])
+def test_noise_from_a_cpu_generator_is_one_copy_per_draw(kind: str) -> None:
+    """DDPM draws once per step. CPU generators (one per row, or one) draw on the host: one copy of the
+    stacked rows per draw, so one more sync per step where sync debug mode reports host-to-device
+    copies; a generator on the device adds none."""
+    den, x_T = _linear_eps_den(), torch.randn(4, 8, device=DEVICE)
+
+    def generator() -> torch.Generator | list[torch.Generator]:
+        if kind == "cpu_rows":
+            return _rows(4)
+        return _gen(0) if kind == "cpu" else torch.Generator(device=DEVICE).manual_seed(0)
+
+    sd.sample(den, x_T, 3, "ddpm", generator=generator())
+
+    def count(steps: int) -> int:
+        return _syncs(lambda: sd.sample(den, x_T, steps, "ddpm", generator=generator()))
+
+    per_draw = 1 if kind != "device" and _flags_host_to_device_copies() else 0
+    few, many = count(6), count(12)
+    assert many - few == 6 * per_draw, (few, many, per_draw)
+
+
+@functools.cache
+def _b_on_device() -> Tensor:
+    """``B`` in float32 on the device, copied once (a copy per call would be a sync per step)."""
+    return B.to(DEVICE, torch.float32)
+
+
+def _device_reward(x: Tensor) -> Tensor:
+    return x @ _b_on_device()
+
+
+def _device_classifier(x: Tensor, t: float | Tensor) -> Tensor:
+    return x @ _b_on_device()
+
+
+def _device_log_prob(x: Tensor, t: float | Tensor) -> Tensor:
+    return -0.5 * x.square().sum(-1)
+
+
+_SMC_SMALL: dict[str, Any] = {"shape": (2, 8), "particles": 4, "device": DEVICE}
+_FLAT_MASK = MASK.reshape(8)
+# guided, corrected and particle runs ``run(den, x_T, steps)`` around a net on the device, with rewards,
+# classifiers and densities on the device (operators and observations on the CPU, moved once per run)
+STEERED: dict[str, Callable[[sd.Denoiser, Tensor, int], object]] = {
+    "cfg": lambda den, x, n: sd.sample(CFG(den, den, 3.0), x, n, "dpmpp_2m"),
+    "classifier": lambda den, x, n: sd.sample(ClassifierGuidance(den, _device_classifier), x, n, "ddpm"),
+    "dps": lambda den, x, n: sd.sample(DPS(den, Matrix(A), Y, noise_std=0.1), x, n, "ddpm"),
+    "pigdm": lambda den, x, n: sd.sample(PiGDM(den, Matrix(A), Y, noise_std=0.1), x, n, "ddpm"),
+    "mcg": lambda den, x, n: sd.sample(MCG(den, Matrix(A), Y, noise_std=0.1), x, n, "ddpm"),
+    "threshold": lambda den, x, n: sd.sample(DynamicThreshold(den, 0.9), x, n, "dpmpp_2m"),
+    "repaint": lambda den, x, n: sd.guidance.repaint_sample(
+        den, Inpaint(_FLAT_MASK), Y_IMAGE.reshape(8)[_FLAT_MASK == 1], x, n, resample=2, jump=2
+    ),
+    "pcg": lambda den, x, n: sd.guidance.pcg(den, den, x, n, 2.0),
+    "ula": lambda den, x, n: sd.sample(den, x, n, "ddpm", corrector="ula"),
+    "mala": lambda den, x, n: sd.sample(
+        den, x, n, "ddpm", corrector=sd.mcmc.MALA(log_prob=_device_log_prob, step_size=0.01)
+    ),
+    "fk_steering": lambda den, x, n: sd.smc.fk_steering(den, _device_reward, lam=2.0, steps=n, **_SMC_SMALL),
+    "tds": lambda den, x, n: sd.smc.tds(den, Matrix(A), Y, noise_std=0.3, steps=n, **_SMC_SMALL),
+    "tds_classifier": lambda den, x, n: sd.smc.tds(den, classifier=_device_classifier, steps=n, **_SMC_SMALL),
+    "best_of_n": lambda den, x, n: sd.smc.best_of_n(den, _device_reward, steps=n, **_SMC_SMALL),
+    "svdd": lambda den, x, n: sd.smc.svdd(den, _device_reward, 0.5, steps=n, **_SMC_SMALL),
+    "fkc_cfg": lambda den, x, n: sd.smc.fkc_cfg(den, den, 2.0, steps=n, **_SMC_SMALL),
+}
+
+
+@cuda_only
+@pytest.mark.parametrize("name", STEERED)
+def test_steered_runs_no_sync_per_step(name: str) -> None:
+    """Guidance (gradients included), correctors and particle methods (weights, ESS, per-row adaptive
+    resampling): the same syncs at 6 and 12 steps."""
+    run, den, x_T = STEERED[name], _linear_eps_den(), torch.randn(4, 8, device=DEVICE)
+    run(den, x_T, 3)
+    few, many = _syncs(lambda: run(den, x_T, 6)), _syncs(lambda: run(den, x_T, 12))
+    assert few == many, (few, many)
+
+
+@cuda_only
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "ddpm", "unipc"])
+def test_scheduler_no_sync_per_step(solver: str) -> None:
+    """``SteerdiffScheduler`` in a pipeline loop on the device: timestep checks deferred, edits found
+    without reading the device; the same syncs at 6 and 12 steps."""
+    pytest.importorskip("diffusers")
+    from steerdiff.integrations.diffusers import SteerdiffScheduler
+
+    net = torch.nn.Linear(8, 8, device=DEVICE).requires_grad_(False)
+    x_T = torch.randn(4, 8, device=DEVICE)
+
+    def run(steps: int) -> Tensor:
+        sched = SteerdiffScheduler.from_config(sd_betas_config(), solver=_solver(solver))
+        return _pipeline_loop(sched, lambda x, t: 0.1 * net(x), x_T, steps, None)
+
+    run(3)
+    few, many = _syncs(lambda: run(6)), _syncs(lambda: run(12))
+    assert few == many, (few, many)
+
+
+# --- half precision -----------------------------------------------------------------------------------
+
+
+def _linear_net(dtype: torch.dtype) -> torch.nn.Module:
+    """The same fixed ``Linear`` eps net in ``dtype`` on the device."""
+    net = torch.nn.Linear(8, 8, dtype=F64)
+    with torch.no_grad():
+        net.weight.copy_(0.2 * torch.randn(8, 8, generator=_gen(3), dtype=F64))
+        net.bias.copy_(0.1 * torch.randn(8, generator=_gen(4), dtype=F64))
+    return net.to(DEVICE, dtype).requires_grad_(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("net", ["oracle", "linear"])
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "unipc", "heun", "ddpm", "dpmpp_2m_sde"])
+def test_half_precision_on_the_device(solver: str, net: str, dtype: torch.dtype) -> None:
+    """A float16 / bfloat16 ``x_T`` and net on the device: the result has ``x_T``'s dtype and device,
+    is finite and is near the float32 run from the same (rounded) ``x_T`` with the same noise."""
+
+    def den(dt: torch.dtype) -> sd.Denoiser:
+        if net == "oracle":  # returns the input's dtype: a half-precision net seen from outside
+            return DEN
+        lin = _linear_net(dt)
+        return sd.Denoiser(lambda x, t: lin(x), PROC, "eps")
+
+    x_T = noise(BATCH, 8).to(DEVICE, dtype)
+    half = sd.sample(den(dtype), x_T, STEPS, solver, generator=_Noise64(BATCH))
+    full = sd.sample(den(torch.float32), x_T.float(), STEPS, solver, generator=_Noise64(BATCH))
+    assert bool(torch.isfinite(half).all())
+    _expect(half, full, HALF_TOL[dtype], dtype=dtype)
+
+
+# --- guidance and inverse operators ------------------------------------------------------------------
+
+GUIDED: dict[str, Callable[[], sd.Denoiser]] = {
+    "cfg": lambda: CFG(CLASS_DEN, DEN, 3.0),
+    "cfg_rescale_interval": lambda: CFG(CLASS_DEN, DEN, 3.0, rescale=0.7, interval=(0.5, 3.0)),
+    "classifier": lambda: ClassifierGuidance(DEN, _log_p_class, 1.0),
+    "reward": lambda: RewardGuidance(DEN, _reward, 0.5),
+    "dps": lambda: DPS(DEN, Matrix(A), Y, noise_std=0.1, scale=0.5),
+    "dps_squared": lambda: DPS(DEN, Matrix(A), Y, noise_std=0.1, scale=0.002, variant="squared"),
+    "dps_inpaint": lambda: DPS(IMAGE_DEN, Inpaint(MASK), Inpaint(MASK)(Y_IMAGE)[0], noise_std=0.05),
+    "pigdm": lambda: PiGDM(DEN, Matrix(A), Y, noise_std=0.1),
+    "pigdm_blur": lambda: PiGDM(
+        IMAGE_DEN, Blur(KERNEL, IMAGE), Blur(KERNEL, IMAGE)(Y_IMAGE)[0], noise_std=0.1
+    ),
+    "mcg": lambda: MCG(DEN, Matrix(A), Y, noise_std=0.1, scale=0.5),
+    "threshold": lambda: DynamicThreshold(DEN, 0.9, max_value=1.2),
+}
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "dpmpp_2m"])
+@pytest.mark.parametrize("name", GUIDED)
+def test_guidance_float64_equals_the_cpu_run(name: str, solver: str) -> None:
+    """Each guided denoiser built once per run (its operator's device caches fresh); ``y`` given on the
+    CPU, moved by the library."""
+    den = GUIDED[name]()
+    x_T = noise(BATCH, 8).reshape(BATCH, *(den.shape or (8,)))
+    ref = sd.sample(den, x_T, STEPS, solver, generator=_rows(BATCH))
+    out = sd.sample(GUIDED[name](), x_T.to(DEVICE), STEPS, solver, generator=_rows(BATCH))
+    _expect(out, ref, F64_TOL)
+    plain = sd.sample(den.base, x_T, STEPS, solver, generator=_rows(BATCH))
+    assert float((ref - plain).abs().max()) > 1e-3  # the guidance acts
+
+
+def test_repaint_float64_equals_the_cpu_run() -> None:
+    x_T = noise(BATCH, 8).reshape(BATCH, *IMAGE)
+    y = Inpaint(MASK)(Y_IMAGE)[0]
+
+    def run(x: Tensor) -> Tensor:
+        return sd.guidance.repaint_sample(
+            IMAGE_DEN, Inpaint(MASK), y, x, STEPS, resample=2, jump=2, generator=_rows(BATCH)
+        )
+
+    _expect(run(x_T.to(DEVICE)), run(x_T), F64_TOL)
+
+
+OPERATORS: dict[str, Callable[[], sd.inverse.LinearOperator]] = {
+    "matrix": lambda: Matrix(A),
+    "inpaint": lambda: Inpaint(MASK),
+    "blur_circular": lambda: Blur(KERNEL, IMAGE),
+    "blur_zero": lambda: Blur(KERNEL, IMAGE, padding="zero"),
+    "downsample": lambda: Downsample(2, IMAGE),
+}
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_operator_float64_equals_the_cpu(name: str) -> None:
+    """``forward``, ``adjoint``, ``pinv`` and ``aat_solve`` (where the operator has them) on the device."""
+    op = OPERATORS[name]()
+    x = noise(BATCH, 8).reshape(BATCH, *op.shape_in)
+    y = op.forward(x) + 0.1
+    shifts = torch.linspace(0.1, 1.0, BATCH, dtype=F64)
+    calls: list[tuple[Callable[[Tensor], Tensor], Tensor]] = [(op.forward, x), (op.adjoint, y)]
+    if name != "blur_zero":  # zero padding has no diagonalization: no cheap pinv / solve
+        calls += [
+            (op.pinv, y),
+            (lambda v: op.aat_solve(v, 0.3), y),
+            (lambda v: op.aat_solve(v, shifts.to(v.device)), y),  # one shift per sample
+        ]
+    for f, arg in calls:
+        _expect(f(arg.to(DEVICE)), f(arg), F64_TOL)
+    _expect(op.to_dense(device=DEVICE), op.to_dense(), F64_TOL)
+
+
+# --- particle methods --------------------------------------------------------------------------------
+
+SMC: dict[str, Callable[..., sd.smc.Particles]] = {
+    "fk_steering": lambda **kw: sd.smc.fk_steering(DEN, _reward, lam=2.0, **kw),
+    "fk_steering_max_interval": lambda **kw: sd.smc.fk_steering(
+        DEN, _reward, lam=2.0, potential="max", interval=3, ess_threshold=0.5, **kw
+    ),
+    "tds": lambda **kw: sd.smc.tds(DEN, Matrix(A), Y, noise_std=0.3, **kw),
+    "tds_classifier": lambda **kw: sd.smc.tds(DEN, classifier=_log_p_class, **kw),
+    "best_of_n": lambda **kw: sd.smc.best_of_n(DEN, _reward, **kw),
+    "code": lambda **kw: sd.smc.code(DEN, _reward, block=3, **kw),
+    "svdd": lambda **kw: sd.smc.svdd(DEN, _reward, 0.5, **kw),
+    "fkc_anneal": lambda **kw: sd.smc.fkc_anneal(DEN, 2.0, **kw),
+    "fkc_product": lambda **kw: sd.smc.fkc_product(DEN, CLASS_DEN, **kw),
+    "fkc_cfg": lambda **kw: sd.smc.fkc_cfg(CLASS_DEN, DEN, 2.0, **kw),
+}
+
+
+def _expect_particles(out: sd.smc.Particles, ref: sd.smc.Particles) -> None:
+    """Same samples, log-weights, log Z estimates and resampling events, NFE and rewards."""
+    _expect(out.x, ref.x, F64_TOL)
+    _expect(out.log_w, ref.log_w, F64_TOL)
+    assert out.nfe == ref.nfe
+    assert (out.trace is None) == (ref.trace is None) and (out.reward is None) == (ref.reward is None)
+    if ref.trace is not None:
+        _expect(out.trace.log_z, ref.trace.log_z, F64_TOL)
+        assert torch.equal(out.trace.resampled.cpu(), ref.trace.resampled)
+    if ref.reward is not None:
+        _expect(out.reward, ref.reward, F64_TOL)
+
+
+@pytest.mark.parametrize("name", SMC)
+def test_particle_method_float64_equals_the_cpu_run(name: str) -> None:
+    kw: dict[str, Any] = {"shape": (4, 8), "particles": 8, "steps": STEPS, "dtype": F64}
+    ref = SMC[name](generator=_rows(4), **kw)
+    out = SMC[name](generator=_rows(4), device=DEVICE, **kw)
+    _expect_particles(out, ref)
+    _expect(out.sample(generator=_gen(9)), ref.sample(generator=_gen(9)), F64_TOL)
+
+
+@pytest.mark.parametrize("solver", sd.smc.stochastic_solvers())
+def test_fk_steering_with_every_stochastic_solver(solver: str) -> None:
+    """The engine resamples each solver's state (histories, multistep buffers) on the device."""
+    kw: dict[str, Any] = {
+        "shape": (2, 8),
+        "particles": 6,
+        "steps": STEPS,
+        "dtype": F64,
+        "solver": _solver(solver),
+    }
+    ref = sd.smc.fk_steering(DEN, _reward, lam=2.0, generator=_rows(2), **kw)
+    _expect_particles(sd.smc.fk_steering(DEN, _reward, lam=2.0, generator=_rows(2), device=DEVICE, **kw), ref)
+
+
+@pytest.mark.parametrize("resampler", sd.smc.resample.RESAMPLERS)
+def test_resampler_float64_equals_the_cpu_run(resampler: str) -> None:
+    """Each resampler's uniforms drawn on the CPU per row, its indices computed on the device."""
+    kw: dict[str, Any] = {
+        "shape": (4, 8),
+        "particles": 8,
+        "steps": STEPS,
+        "dtype": F64,
+        "resampler": resampler,
+    }
+    ref = sd.smc.fk_steering(DEN, _reward, lam=2.0, generator=_rows(4), **kw)
+    _expect_particles(sd.smc.fk_steering(DEN, _reward, lam=2.0, generator=_rows(4), device=DEVICE, **kw), ref)
+    assert bool(ref.trace.resampled.any())
+
+
+# --- MCMC correctors and PCG ---------------------------------------------------------------------------
+
+KERNELS: dict[str, Callable[[], str | sd.mcmc.Kernel]] = {
+    "ula_snr": lambda: "ula",
+    "ula": lambda: sd.mcmc.ULA(step_size=0.01),
+    "mala": lambda: sd.mcmc.MALA(log_prob=lambda x, t: _log_p(GMM, x, t), step_size=0.01),
+    "mala_snr": lambda: sd.mcmc.MALA(log_prob=lambda x, t: _log_p(GMM, x, t)),
+    "hmc": lambda: sd.mcmc.HMC(log_prob=lambda x, t: _log_p(GMM, x, t), step_size=0.05, leapfrog_steps=3),
+}
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_corrector_float64_equals_the_cpu_run(name: str) -> None:
+    x_T = noise(BATCH, 8)
+
+    def run(x: Tensor) -> tuple[Tensor, sd.SampleInfo]:
+        return sd.sample(
+            DEN, x, 6, "ddpm", "time_uniform", corrector=KERNELS[name](), corrector_steps=2,
+            generator=_rows(BATCH), return_info=True,
+        )  # fmt: skip
+
+    (out, info), (ref, ref_info) = run(x_T.to(DEVICE)), run(x_T)
+    _expect(out, ref, F64_TOL)
+    assert info.nfe == ref_info.nfe and len(info.corrector) == len(ref_info.corrector) == 5
+    for c, r in zip(info.corrector, ref_info.corrector, strict=True):
+        _expect_float(float(c.step_size), float(r.step_size))
+        if r.acceptance is not None:
+            _expect(c.acceptance, r.acceptance, F64_TOL)
+
+
+@pytest.mark.parametrize("kernel", ["mala", "hmc"])
+def test_kernel_run_float64_equals_the_cpu(kernel: str) -> None:
+    """A kernel on a plain differentiable density (the clean mixture) from exact samples."""
+    k = sd.mcmc.MALA(step_size=0.02) if kernel == "mala" else sd.mcmc.HMC(step_size=0.1, leapfrog_steps=4)
+    x = GMM.sample(BATCH, _gen(5))
+
+    def log_prob(v: Tensor) -> Tensor:
+        return GMM.log_prob(v).to(v.device)
+
+    out, info = k.run(x.to(DEVICE), log_prob, steps=10, generator=_rows(BATCH))
+    ref, ref_info = k.run(x, log_prob, steps=10, generator=_rows(BATCH))
+    _expect(out, ref, F64_TOL)
+    _expect(info.acceptance, ref_info.acceptance, F64_TOL)
+
+
+def test_pcg_float64_equals_the_cpu_run() -> None:
+    x_T = noise(BATCH, 8)
+
+    def run(x: Tensor) -> Tensor:
+        return sd.guidance.pcg(CLASS_DEN, DEN, x, STEPS, 2.0, langevin_steps=2, generator=_rows(BATCH))
+
+    _expect(run(x_T.to(DEVICE)), run(x_T), F64_TOL)
+
+
+# --- SteerdiffScheduler in a diffusers-style loop -------------------------------------------------------
+
+
+def _pipeline_loop(
+    sched: Any,
+    net: Callable[[Tensor, Tensor], Tensor],
+    x_T: Tensor,
+    steps: int,
+    generator: list[torch.Generator] | None,
+) -> Tensor:
+    """A pipeline's denoising loop: ``set_timesteps`` on ``x_T``'s device, ``scale_model_input``, the
+    net, ``step``."""
+    sched.set_timesteps(steps, device=x_T.device)
+    x = x_T * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.step(net(sched.scale_model_input(x, t), t), t, x, generator=generator).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("solver", sd.solvers.available())
+def test_scheduler_float64_equals_the_cpu_run(solver: str) -> None:
+    pytest.importorskip("diffusers")
+    from steerdiff.integrations.diffusers import SteerdiffScheduler
+
+    x_T = noise(BATCH, 8)
+
+    def run(x: Tensor) -> Tensor:
+        sched = SteerdiffScheduler.from_config(sd_betas_config(), solver=_solver(solver))
+        out = _pipeline_loop(sched, eps_net(GMM, PROC), x, STEPS, _rows(BATCH))
+        assert sched.timesteps.device.type == x.device.type
+        return out
+
+    _expect(run(x_T.to(DEVICE)), run(x_T), F64_TOL)
+
+
+# --- the embedded digits model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", [3, D.NULL_LABEL, "cfg"])
+def test_digits_model_on_the_device_equals_the_cpu_run(label: int | str) -> None:
+    """10 steps of 8 images, float32 on both sides (the net's own dtype; measured against a float64 copy
+    of the net on the CPU: at most 2.8e-6 relative)."""
+
+    def run(device: str) -> Tensor:
+        den = D.load_digits_denoiser(device=device)
+        x_T = torch.randn(8, 1, 8, 8, generator=_gen(2)).to(device)
+        if label == "cfg":
+            guided = CFG(den, den, 2.0, uncond_kwargs={"label": D.NULL_LABEL})
+            return sd.sample(guided, x_T, 10, label=torch.arange(8, device=device) % 10)
+        return sd.sample(den, x_T, 10, label=label)
+
+    _expect(run(DEVICE), run("cpu"), 1e-4)
+
+
+# --- autograd --------------------------------------------------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    """An eps net with parameters in the weights and the time features (float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = _gen(1)
+        self.w = torch.nn.Parameter(0.3 * torch.randn(8, 8, generator=g, dtype=F64))
+        self.freq = torch.nn.Parameter(torch.randn(8, generator=g, dtype=F64))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.tanh(x @ self.w) + torch.sin(t[:, None] / 1000 * self.freq)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "dpmpp_2m", "unipc", "ddpm", "dpmpp_2m_sde"])
+def test_gradient_through_sample_equals_the_cpu_gradient(solver: str) -> None:
+    """The gradient of a loss on ``sd.sample``'s output with respect to ``x_T`` and the net's parameters."""
+    x_T, target = noise(4, 8, seed=2), noise(4, 8, seed=3)
+
+    def grads(device: str) -> tuple[Tensor, ...]:
+        net = _Net().to(device)
+        x = x_T.to(device, copy=True).requires_grad_(True)
+        out = sd.sample(sd.Denoiser(net, PROC, "eps"), x, 6, solver, generator=_rows(4))
+        (out - target.to(device)).square().sum().backward()
+        return x.grad, net.w.grad, net.freq.grad
+
+    for out, ref in zip(grads(DEVICE), grads("cpu"), strict=True):
+        assert float(ref.abs().max()) > 1e-6
+        _expect(out, ref, F64_TOL)
+
+
+# --- generators --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", sd.smc.stochastic_solvers())
+def test_generator_on_the_device(solver: str) -> None:
+    """A generator on the device: the same seed gives the same run, another seed another; and the run is
+    a CPU run fed the same draws from an equally seeded device generator (moved to the CPU)."""
+    x_T = noise(BATCH, 8)
+
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator(device=DEVICE).manual_seed(seed)
+
+    out = sd.sample(DEN, x_T.to(DEVICE), STEPS, _solver(solver), generator=gen(5))
+    assert torch.equal(out, sd.sample(DEN, x_T.to(DEVICE), STEPS, _solver(solver), generator=gen(5)))
+    other = sd.sample(DEN, x_T.to(DEVICE), STEPS, _solver(solver), generator=gen(6))
+    assert float((out - other).abs().max()) > 1e-3
+    g = gen(5)
+
+    def drawn(t_from: float, t_to: float, like: Tensor) -> Tensor:
+        return torch.randn(like.shape, generator=g, dtype=like.dtype, device=DEVICE).to(like.device)
+
+    _expect(out, sd.sample(DEN, x_T, STEPS, _solver(solver), generator=drawn), F64_TOL)
+
+
+@pytest.mark.parametrize("solver", sd.smc.stochastic_solvers())
+def test_one_cpu_generator_drives_a_device_run(solver: str) -> None:
+    x_T = noise(BATCH, 8)
+    ref = sd.sample(DEN, x_T, STEPS, _solver(solver), generator=_gen(5))
+    _expect(sd.sample(DEN, x_T.to(DEVICE), STEPS, _solver(solver), generator=_gen(5)), ref, F64_TOL)
+
+
+def test_particles_with_a_device_generator_are_reproducible() -> None:
+    def run(seed: int) -> sd.smc.Particles:
+        return sd.smc.fk_steering(
+            DEN, _reward, lam=2.0, shape=(4, 8), particles=8, steps=STEPS, dtype=F64, device=DEVICE,
+            generator=torch.Generator(device=DEVICE).manual_seed(seed),
+        )  # fmt: skip
+
+    a, b = run(1), run(1)
+    assert a.x.device.type == KIND and torch.equal(a.x, b.x) and torch.equal(a.log_w, b.log_w)
+    assert float((a.x - run(2).x).abs().max()) > 1e-3
+
+
+# --- metrics ----------------------------------------------------------------------------------------------
+
+METRICS: dict[str, Callable[[Tensor, Tensor], float]] = {
+    "relative_rmse": sd.metrics.relative_rmse,
+    "sliced_wasserstein": lambda a, b: sd.metrics.sliced_wasserstein(a, b, generator=_gen(3)),
+    "mmd": sd.metrics.mmd,
+    "mmd_bandwidth": lambda a, b: sd.metrics.mmd(a, b, bandwidth=1.5),
+    "frechet_distance": sd.metrics.frechet_distance,
+}
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_metric_on_device_tensors_equals_the_cpu(name: str) -> None:
+    a, b = GMM.sample(64, _gen(1)), CLASS.sample(64, _gen(2))
+    ref = METRICS[name](a, b)
+    assert ref > 1e-3
+    _expect_float(METRICS[name](a.to(DEVICE), b.to(DEVICE)), ref)
+    _expect_float(METRICS[name](a.float().to(DEVICE), b.float().to(DEVICE)), ref, 1e-6)  # measured 6e-9
