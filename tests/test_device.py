@@ -199,3 +199,18 @@ def test_steered_runs_no_sync_per_step(name):
             run(den, x_T, steps)
         counts.append(mode.count)
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("label", [3, None])
+def test_digits_model_no_sync_per_step(label):
+    """The embedded digits model on an accelerator: an int label is checked on the host and filled on the
+    device (it was copied over and read back at every call: two syncs per step)."""
+    den = sd.toy.digits.load_digits_denoiser()
+    den.net.to("meta")
+    x_T = torch.randn(4, 1, 8, 8, device="meta")
+    counts = []
+    for steps in (6, 12):
+        with _Syncs() as mode:
+            sd.sample(den, x_T, steps, label=label)
+        counts.append(mode.count)
+    assert counts[0] == counts[1], counts

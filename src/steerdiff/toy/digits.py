@@ -132,31 +132,33 @@ def _times(t: float | Tensor, n: int, device: torch.device) -> Tensor:
     return tt.expand(n) if tt.ndim == 0 else tt.reshape(n)
 
 
-def _labels(label: Any, n: int, device: torch.device) -> Tensor:
-    """Validate class labels: an int or ``(n,)`` ints in ``0..9``, or :data:`NULL_LABEL`."""
+def _labels(label: Any, n: int, device: torch.device, null: bool = True) -> Tensor:
+    """Validate class labels: an int or ``(n,)`` ints in ``0..9``, or :data:`NULL_LABEL` (``None``) where
+    ``null``. An int is checked on the host and filled on ``device``; a tensor is checked where it lies
+    and then moved (a device tensor's check reads the device: one sync per call)."""
+    hi = NULL_LABEL if null else NUM_CLASSES - 1
+    what = f"integers in 0-9 (or {NULL_LABEL}: unconditional)" if null else "integers in 0-9 for a classifier"
     if label is None:
-        return torch.full((n,), NULL_LABEL, dtype=torch.int64, device=device)
-    lab = torch.as_tensor(label, device=device)
+        label = NULL_LABEL
+    if isinstance(label, int) and not isinstance(label, bool):
+        if not 0 <= label <= hi:
+            raise ValueError(f"label must be {what}, got {label}")
+        return torch.full((n,), label, dtype=torch.int64, device=device)
+    lab = torch.as_tensor(label)
     if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
-        raise ValueError(
-            f"label must be integers in 0-9 (or {NULL_LABEL}: unconditional), got dtype {lab.dtype}"
-        )
+        raise ValueError(f"label must be {what}, got dtype {lab.dtype}")
     if lab.ndim == 0:
         lab = lab.expand(n)
     if tuple(lab.shape) != (n,):
         raise ValueError(f"label must be an int or a ({n},) tensor of ints, got shape {tuple(lab.shape)}")
-    bad = (lab < 0) | (lab > NULL_LABEL)
+    bad = (lab < 0) | (lab > hi)
     if bool(bad.any()):
-        raise ValueError(
-            f"label must be integers in 0-9 (or {NULL_LABEL}: unconditional), got {int(lab[bad][0])}"
-        )
-    return lab.long()
+        raise ValueError(f"label must be {what}, got {int(lab[bad][0])}")
+    return lab.to(device, torch.int64)
 
 
 def _log_prob_of(logits: Tensor, label: Any) -> Tensor:
-    lab = _labels(label, logits.shape[0], logits.device)
-    if bool((lab == NULL_LABEL).any()):
-        raise ValueError(f"label must be integers in 0-9 for a classifier, got {NULL_LABEL}")
+    lab = _labels(label, logits.shape[0], logits.device, null=False)
     return torch.log_softmax(logits, dim=1).gather(1, lab[:, None]).squeeze(1)
 
 
