@@ -374,6 +374,47 @@ def test_scheduler_no_sync_per_step(solver: str) -> None:
     assert few == many, (few, many)
 
 
+def _nan_at_call(k: int, device: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """A damped ``Linear`` eps net (the same weights on any device) whose ``k``-th call returns NaN."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 8).requires_grad_(False).to(device)
+    calls = 0
+
+    def f(x: Tensor, t: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        out = 0.1 * net(x)
+        return out * math.nan if calls == k else out
+
+    return f
+
+
+NAN_RUNS: dict[str, Callable[[sd.Denoiser, Tensor], object]] = {
+    **{
+        s: functools.partial(lambda s, den, x: sd.sample(den, x, 8, _solver(s)), s)
+        for s in sd.solvers.available()
+    },
+    "ula": lambda den, x: sd.sample(den, x, 8, "ddpm", corrector="ula"),
+    "fk_steering": lambda den, x: sd.smc.fk_steering(
+        den, lambda v: v.sum(-1), lam=2.0, steps=8, shape=(2, 8), particles=2, device=x.device
+    ),
+    "pcg": lambda den, x: sd.guidance.pcg(den, den, x, 8, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", NAN_RUNS)
+def test_nan_from_the_net_names_the_same_step_as_on_the_cpu(name: str) -> None:
+    """A NaN from the net at its 4th call: on the device the check is deferred to the end of the run (no
+    sync per step), and the error names the same step, evaluation and time as the CPU's immediate one."""
+    messages = []
+    for device in ("cpu", DEVICE):
+        den = sd.Denoiser(_nan_at_call(4, device), PROC, "eps")
+        with pytest.raises(sd.NonFiniteError) as err:
+            NAN_RUNS[name](den, torch.randn(4, 8, generator=_gen(1)).to(device))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "step" in messages[0], messages
+
+
 # --- half precision -----------------------------------------------------------------------------------
 
 
