@@ -131,6 +131,25 @@ def test_floor_is_the_metric_between_exact_sets():
     assert 0 < large < small  # the floor shrinks with the sample size
 
 
+def test_sliced_wasserstein_without_a_generator_is_reproducible():
+    """No generator: the directions of a generator seeded 0, so repeated calls (and ``floor`` with a
+    seeded generator, which calls it without one) give the same value (they drew from the global RNG)."""
+    g = torch.Generator().manual_seed(1)
+    a, b = (
+        torch.randn(64, 5, generator=g, dtype=torch.float64),
+        torch.randn(64, 5, generator=g, dtype=torch.float64),
+    )
+    seeded = sd.metrics.sliced_wasserstein(a, b, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    assert sd.metrics.sliced_wasserstein(a, b) == seeded
+    assert sd.metrics.sliced_wasserstein(a, b) == seeded
+    gmm = sd.toy.default_benchmark_mixture(dim=8, components=4)
+    floors = [
+        sd.metrics.floor(gmm.sample, 100, repeats=2, generator=torch.Generator().manual_seed(1)) for _ in "ab"
+    ]
+    assert floors[0] == floors[1]
+
+
 def test_floor_against_a_fixed_reference():
     gmm = sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1))
     ref = gmm.sample(4000, torch.Generator().manual_seed(9))

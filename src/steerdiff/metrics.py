@@ -50,11 +50,14 @@ def sliced_wasserstein(
 ) -> float:
     """Sliced Wasserstein-2 distance between the empirical laws of ``x`` and ``y`` (``(n, ...)``).
 
-    ``projections`` (an integer >= 1) directions uniform on the sphere, drawn from ``generator`` (the
-    same generator state gives the same directions, so distances of several samplers are comparable).
+    ``projections`` (an integer >= 1) directions uniform on the sphere, drawn from ``generator``
+    (default: one seeded 0; the same generator state gives the same directions, so distances of
+    several samplers are comparable, and a call without one always gives the same value).
     """
     x, y = _pair(x, y, "sliced_wasserstein")
     projections = integer("sliced_wasserstein", "projections", projections, lo=1)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
     theta = randn((x.shape[1], projections), generator, torch.float64, x.device)  # the same on any device
     theta = theta / theta.norm(dim=0, keepdim=True)
     n, m = len(x), len(y)

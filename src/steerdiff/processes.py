@@ -507,7 +507,8 @@ class MeanReverting(Process):
         The net is called as ``net(x, t, mu=mu, **cond)`` with ``x = y + mu`` (it sees the state
         and the condition). ``prediction``: ``"eps"`` (the noise, the same for ``x`` and ``y``),
         ``"x0"`` (the clean ``x_0``; ``y_0 = x_0 - mu``), ``"v"`` (MRS's velocity
-        ``v = lambda alpha eps - (sigma / lambda) (x_0 - mu)``, i.e. the usual ``v`` of ``y / lambda``),
+        ``v = lambda alpha eps - (sigma / lambda) (x_0 - mu)``, ``lambda`` times the usual ``v`` of
+        ``y / lambda``),
         or ``"score"`` (``grad_x log p_t``).
         """
         from .denoiser import Denoiser

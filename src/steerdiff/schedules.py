@@ -1,8 +1,10 @@
 r"""Time grids: the nodes ``t_0 > t_1 > ... > t_{n-1}`` at which a solver evaluates the net.
 
 A schedule is an object, ``schedule(process, n) -> Tensor`` of ``n`` float64 process times from
-the process's noise end ``t_max`` to its clean end ``t_min`` (both included, except for spacings
-that by definition stop short, like ``trailing`` and ``ays``). :func:`steerdiff.sample` with
+the process's noise end ``t_max`` to its clean end ``t_min``, both included except where a spacing
+by definition does not: ``leading`` starts below ``t_max`` (at ``(n - 1) (T // n) + steps_offset``),
+``trailing``, ``ays`` and, below 15 nodes, ``karras_jump`` and ``karras_capped`` end above
+``t_min``. :func:`steerdiff.sample` with
 ``steps=N`` asks for ``N`` nodes and appends the clean state ``sigma = 0``: the last step returns
 the denoised estimate at ``t_min``, as k-diffusion (``sigmas`` ending in 0) and diffusers'
 Euler/DDIM schedulers do. ``N`` steps of a first-order solver cost ``N`` network calls.

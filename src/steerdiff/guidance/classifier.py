@@ -19,8 +19,9 @@ estimate.
   takes every step ``k`` times, re-noising the result back to the step's start with the forward
   process in between.
 
-Guided predictions are returned detached from the graph; these wrappers therefore need autograd
-on (not under ``torch.no_grad()``) and do not stack under another gradient-guided wrapper.
+Guided predictions are returned detached from the graph: these wrappers take their gradient with
+autograd (switched on for it also under ``torch.no_grad()``; ``torch.inference_mode()`` is refused)
+and do not stack under another gradient-guided wrapper.
 """
 
 from __future__ import annotations
