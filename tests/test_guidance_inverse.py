@@ -548,6 +548,13 @@ def test_bad_input() -> None:
     for cls in (DPS, MCG, PiGDM):
         with pytest.raises(ValueError, match="noise_std"):
             cls(den, Matrix(A), y, noise_std=-0.1)
+    # m > d: A A^T singular, which noise_std = 0 solves without a shift at the clean end (it failed there,
+    # mid-sampling, advising an internal argument)
+    tall = torch.cat([torch.eye(4, dtype=F64), torch.ones(1, 4, dtype=F64)])
+    with pytest.raises(ValueError, match=r"noise_std = 0 needs A A\^T invertible"):
+        PiGDM(den, Matrix(tall), torch.zeros(5, dtype=F64), noise_std=0.0)
+    PiGDM(den, Matrix(tall), torch.zeros(5, dtype=F64), noise_std=0.1)
+    PiGDM(den, Matrix(A), y, noise_std=0.0)
     with pytest.raises(ValueError, match="noise_std"):
         DPS(den, Matrix(A, noise_std=0.0), y, variant="squared")
     with pytest.raises(ValueError, match="scale"):

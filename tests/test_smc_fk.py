@@ -660,6 +660,70 @@ def test_bad_input():
         sd.smc.run_smc(DEN, Needs(), **{**kw, "solver": "edm_sde"})
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"x_T": torch.zeros(2, 4, 2, dtype=torch.long)}, "x_T must have a floating dtype"),
+        ({"x_T": torch.full((2, 4, 2), math.nan, dtype=F64)}, "x_T contains NaN or inf"),
+        ({"dtype": torch.long}, "dtype must be float16, bfloat16, float32 or float64"),
+    ],
+)
+@pytest.mark.parametrize("method", ["fk_steering", "fkc"])
+def test_bad_x_T_or_dtype_is_refused(method, bad, message):
+    """As ``sd.sample`` refuses them (an integer x_T ran and returned integer garbage, dtype=long raised a
+    raw NotImplementedError from randn)."""
+    kw = {"shape": (2, 2), "particles": 4, "steps": 3, **bad}
+    with pytest.raises(ValueError, match=message):
+        if method == "fkc":
+            sd.smc.fkc_anneal(DEN, 2.0, **kw)
+        else:
+            sd.smc.fk_steering(DEN, linear, **kw)
+
+
+def test_particles_carry_no_graph_across_steps():
+    """A net with trainable parameters, outside ``torch.no_grad()``: the run holds no autograd graph (it
+    kept one through every step, its memory growing with them, resampling having no gradient)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 2).double()
+    den = sd.Denoiser(lambda x, t: 0.1 * net(x), PROC, "eps")
+    for out in (
+        sd.smc.fk_steering(den, linear, shape=(2, 2), particles=4, steps=3, dtype=F64),
+        sd.smc.best_of_n(den, linear, shape=(2, 2), particles=4, steps=3, dtype=F64),
+        sd.smc.svdd(den, linear, 0.5, shape=(2, 2), particles=4, steps=3, dtype=F64),
+    ):
+        assert not out.x.requires_grad and not out.reward.requires_grad
+
+
+def test_huge_log_weights_stay_normalized():
+    """Rewards of 1e20: each row's log-weights still sum to one (``lw - logsumexp(lw)`` near 1e20 lost the
+    particles' differences to rounding: logsumexp read log 4, the weights summing to 4)."""
+    out = sd.smc.fk_steering(
+        DEN, lambda x: 1e20 * x[:, 0], potential="max", shape=(3, 2), particles=4, steps=5, dtype=F64
+    )
+    torch.testing.assert_close(torch.logsumexp(out.log_w, -1), torch.zeros(3, dtype=F64), rtol=0, atol=1e-12)
+    assert bool(torch.isfinite(out.trace.log_z).all())
+
+
+def test_per_sample_observations_in_a_wrapper_follow_the_particles():
+    """DPS with one observation per sample under FK steering: the wrapper is called on batch x particles
+    rows, so ``y`` needs that many (then it equals the run with the observation broadcast); a batch's
+    worth, or any per-sample ``y`` under ``max_batch``, is refused by name before sampling (the error came
+    from inside the wrapper at the first step, naming neither)."""
+    op = sd.inverse.Matrix(torch.tensor([[1.0, 0.5]], dtype=F64))
+    y = torch.tensor([0.3], dtype=F64)
+    kw = {"lam": 1.0, "shape": (2, 2), "particles": 4, "steps": 4, "dtype": F64}
+    one = sd.smc.fk_steering(sd.guidance.DPS(DEN, op, y, noise_std=0.2), linear, generator=gen(1), **kw)
+    rows = sd.guidance.DPS(DEN, op, y.expand(8, 1), noise_std=0.2)
+    many = sd.smc.fk_steering(rows, linear, generator=gen(1), **kw)
+    torch.testing.assert_close(many.x, one.x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"DPS's y holds one entry per sample \(2 rows\).*8 rows"):
+        sd.smc.fk_steering(sd.guidance.DPS(DEN, op, y.expand(2, 1), noise_std=0.2), linear, **kw)
+    with pytest.raises(ValueError, match="max_batch"):
+        sd.smc.fk_steering(rows, linear, max_batch=3, **kw)
+    with pytest.raises(ValueError, match="max_batch"):
+        sd.smc.Composition([rows, DEN], [1.0, 1.0], max_batch=3)
+
+
 @pytest.mark.parametrize("particles", [5, 7, 16])
 def test_uniform_weights_are_not_resampled_at_threshold_one(particles):
     """``ess_threshold = 1`` resamples where the ESS is below N; equal weights (a constant reward) have

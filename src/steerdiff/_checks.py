@@ -120,6 +120,17 @@ def choice(who: str, name: str, value: object, accepted: Sequence[str]) -> str:
     raise ValueError(f"{who}: {name} must be one of {list(accepted)}, got {value!r}")
 
 
+SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def sample_dtype(who: str, name: str, value: object) -> torch.dtype:
+    """``value`` if it is a floating dtype samples can have (:data:`SAMPLE_DTYPES`), else a
+    ``ValueError`` naming it and them."""
+    if value in SAMPLE_DTYPES:
+        return value  # type: ignore[return-value]
+    raise ValueError(f"{who}: {name} must be float16, bfloat16, float32 or float64, got {value!r}")
+
+
 def boolean(who: str, name: str, value: object) -> bool:
     """``value`` if it is a ``bool`` (numpy's included), else a ``ValueError`` naming it: a string such
     as ``"no"`` is truthy and would silently mean ``True``."""

@@ -227,6 +227,13 @@ class Denoiser:
         (:func:`~steerdiff.sampling.check_seeded`); ``[]`` here."""
         return []
 
+    def per_row(self) -> list[tuple[str, int]]:
+        """The parts of this denoiser that hold one entry per sample it is called with (a guidance
+        wrapper's per-sample observations), each with its number of rows; ``[]`` here. The particle
+        methods of :mod:`steerdiff.smc`, which call it on ``batch x particles`` rows (in slices of
+        ``max_batch``), check them."""
+        return []
+
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The prediction at ``x`` with the network run in ``net_dtype`` (a half-precision net under a
         float32 solver state, see :func:`steerdiff.solvers.base.work_dtype`).

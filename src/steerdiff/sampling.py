@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
-from ._checks import choice, integer
+from ._checks import SAMPLE_DTYPES, choice, integer
 from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, check_shared, make_noise
@@ -173,7 +173,7 @@ def check_x_T(den: Denoiser, x_T: Tensor) -> None:
     """Raise a ``ValueError`` naming ``x_T`` unless it is a finite, batched float tensor of den's shape."""
     if not isinstance(x_T, Tensor):
         raise ValueError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
-    if x_T.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if x_T.dtype not in SAMPLE_DTYPES:
         raise ValueError(
             f"x_T must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}"
         )

@@ -35,7 +35,8 @@ class MeasurementGuided(Guided):
     Args:
         base: the denoiser of the prior.
         operator: a :class:`~steerdiff.inverse.LinearOperator` whose ``shape_in`` is the sample shape.
-        y: ``operator.shape_out`` (one observation for the whole batch) or ``(batch, *shape_out)``.
+        y: ``operator.shape_out`` (one observation for the whole batch) or ``(batch, *shape_out)`` (under
+            a particle method of :mod:`steerdiff.smc`, ``batch x particles`` rows).
         noise_std: the observation noise ``s >= 0``; ``None`` takes ``operator.noise_std``.
     """
 
@@ -68,6 +69,12 @@ class MeasurementGuided(Guided):
         # (the y it was made from, y on a device and dtype) per device and dtype asked for
         self._y: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.noise_std = real(who, "noise_std", s, lo=0)
+
+    def per_row(self) -> list[tuple[str, int]]:
+        """``base``'s, and ``y`` where it holds one observation per sample."""
+        if self.y.shape == tuple(self.operator.shape_out):
+            return self.base.per_row()
+        return [*self.base.per_row(), (f"{type(self).__name__}'s y", len(self.y))]
 
     def observation(self, x: Tensor) -> Tensor:
         """``y`` as a ``(batch, *shape_out)`` tensor on ``x``'s device and dtype; checks ``x``'s shape."""

@@ -108,6 +108,10 @@ class Guided(Denoiser):
         """``base``'s (a wrapper that draws noise adds itself)."""
         return self.base.own_noise()
 
+    def per_row(self) -> list[tuple[str, int]]:
+        """``base``'s (a wrapper holding per-sample state adds itself)."""
+        return self.base.per_row()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base!r})"
 

@@ -321,6 +321,10 @@ class CFG(Guided):
         own = [("CADS", self.cads.generator)] if self.cads is not None else []
         return [*self.base.own_noise(), *other, *own]
 
+    def per_row(self) -> list[tuple[str, int]]:
+        """The branches'."""
+        return [*self.base.per_row(), *(self.uncond.per_row() if self.uncond is not self.base else [])]
+
     def __repr__(self) -> str:
         return f"CFG({self.base!r}, scale={self.scale})"
 

@@ -57,10 +57,19 @@ class PiGDM(MeasurementGuided):
     ) -> None:
         super().__init__(base, operator, y, noise_std)
         self.scale = real("PiGDM", "scale", scale, lo=0)
+        probe = self.y.reshape(-1, *operator.shape_out)[:1]
         try:
-            operator.aat_solve(self.y.reshape(-1, *operator.shape_out)[:1], self.noise_std**2 + 1.0)
+            operator.aat_solve(probe, self.noise_std**2 + 1.0)
         except NotImplementedError as err:
             raise ValueError(f"PiGDM: the operator has no (A A^T + c I) solve ({err})") from err
+        if self.noise_std == 0:  # the solve at the clean end has no shift: A A^T itself
+            try:
+                operator.aat_solve(probe, 0.0)
+            except ValueError as err:
+                raise ValueError(
+                    "PiGDM: noise_std = 0 needs A A^T invertible (an operator of full row rank), and this "
+                    "operator's is singular; give noise_std > 0"
+                ) from err
 
     def _weight(self, r: Tensor, pred: Prediction) -> Tensor:
         """``(r_t^2 A A^T + s^2 I)^{-1} r`` (one solve, with one shift per sample if ``t`` is per sample)."""

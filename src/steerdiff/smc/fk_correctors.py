@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
-from .._checks import boolean, integer, real
+from .._checks import boolean, integer, real, sample_dtype
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
@@ -165,6 +165,13 @@ class Composition(Guided):
             raise ValueError(f"Composition: sum(betas) must be > 0, got {sum(betas)} for betas {betas}")
         if max_batch is not None:
             max_batch = integer("Composition", "max_batch", max_batch, lo=1)
+            sliced = [n for d in dens for n, _ in (*d.own_noise(), *d.per_row())]
+            if sliced:
+                raise ValueError(
+                    f"Composition: max_batch: {', '.join(dict.fromkeys(sliced))} in a component draws noise "
+                    "or holds an entry for each sample it is called with, which slices of max_batch rows "
+                    "would change; pass max_batch=None"
+                )
         keep = [k for k, b in enumerate(betas) if b != 0]
         super().__init__(dens[keep[0]])
         self.dens = tuple(dens[k] for k in keep)
@@ -207,6 +214,10 @@ class Composition(Guided):
     def own_noise(self) -> list[tuple[str, Generators]]:
         """Its components'."""
         return [part for den in self.dens for part in den.own_noise()]
+
+    def per_row(self) -> list[tuple[str, int]]:
+        """Its components'."""
+        return [part for den in self.dens for part in den.per_row()]
 
     def __repr__(self) -> str:
         return f"Composition({list(self.dens)!r}, betas={self.betas})"
@@ -305,6 +316,7 @@ def fkc(
     comp = Composition(dens, betas, kwargs, max_batch)
     algorithm = FKCorrector(comp, correct)
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
+        dtype = None if dtype is None else sample_dtype("fkc", "dtype", dtype)
         grid = make_grid(comp.process, _schedules.get(schedule), integer("fkc", "steps", steps, lo=1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
         x_T = scale * randn((shape[0], n, *shape[1:]), generator, dtype, device)

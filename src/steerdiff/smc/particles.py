@@ -75,7 +75,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -85,12 +84,12 @@ from tqdm.auto import tqdm
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import boolean, integer, real
+from .._checks import boolean, integer, real, sample_dtype
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
 from ..noise import GeneratorNoise, Generators, PerSampleNoise, check_generators, rand, randn
-from ..sampling import check_seeded
+from ..sampling import check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..solvers.base import Grid, Model, Solver, Transition, make_grid, map_state, work_dtype
 from . import resample as _resample
@@ -685,7 +684,13 @@ def run_smc(
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles.
 
     Returns:
-        :class:`Particles` with the final particles, normalized log-weights, the NFE and the trace.
+        :class:`Particles` with the final particles, normalized log-weights, the NFE and the trace. The
+        run keeps no autograd graph across steps (resampling has no gradient; a graph through every
+        step would grow the memory with them): the particles and rewards come back without one.
+
+    A denoiser holding one entry per sample it is called with (:meth:`Denoiser.per_row
+    <steerdiff.denoiser.Denoiser.per_row>`, e.g. DPS with one ``y`` per sample) is called on ``batch x
+    particles`` rows: it needs that many, row ``b``'s repeated for its particles, and no ``max_batch``.
     """
     if not isinstance(den, Denoiser):
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
@@ -700,6 +705,16 @@ def run_smc(
     n_part = integer("run_smc", "particles", particles, lo=1)
     steps = integer("run_smc", "steps", steps, lo=1)
     ess_threshold = real("run_smc", "ess_threshold", ess_threshold, lo=0, hi=1)
+    if dtype is not None:
+        dtype = sample_dtype("run_smc", "dtype", dtype)
+    rows = batch * n_part
+    for name, n in den.per_row():  # state of the denoiser's own that the engine cannot repeat or slice
+        if n != rows or max_batch is not None:
+            raise ValueError(
+                f"{name} holds one entry per sample ({n} rows), but particle methods call the denoiser on "
+                f"batch x particles = {rows} rows, in slices of max_batch if given: give it one entry for "
+                f"all, or {rows} rows (each batch row's repeated {n_part} times) with max_batch=None"
+            )
     if max_batch is not None:
         max_batch = integer("run_smc", "max_batch", max_batch, lo=1)
         if den.own_noise():
@@ -723,7 +738,6 @@ def run_smc(
             f"{slv.name!r} is deterministic. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0)"
         )
     grid = make_grid(den.process, _schedules.get(schedule), steps, final)
-    rows = batch * n_part
 
     if x_T is None:
         scale = math.hypot(grid.alpha[0], grid.sigma[0])
@@ -737,6 +751,7 @@ def run_smc(
                 f"x_T must be (batch, particles, *shape) = {(batch, n_part, *sample_shape)}, got {got}"
             )
         x = x_T.reshape(rows, *sample_shape)
+        check_x_T(den, x)
     in_dtype = x.dtype
     x = x.to(work_dtype(in_dtype))
 
@@ -766,7 +781,9 @@ def run_smc(
     ancestors = _Ancestors(batch, n_part, wdev)
     resampler_name = f"resampler {getattr(resample_fn, '__name__', type(resample_fn).__name__)!r}"
     prev: tuple[Tensor, Transition, Transition] | None = None
-    grad_ctx = torch.enable_grad if algorithm.grad else nullcontext
+    # no graph across steps (memory would grow with them; resampling has no gradient): autograd only
+    # inside a step of an algorithm that differentiates (and for guidance gradients, which turn it on)
+    grad_ctx = torch.enable_grad if algorithm.grad else torch.no_grad
 
     def reweight(inc: Tensor | None) -> None:
         nonlocal log_w, log_z
@@ -778,8 +795,13 @@ def run_smc(
                 f"{algorithm.name}: log_weight must return (batch, particles) = {(batch, n_part)}, got {got}"
             )
         lw = log_w + inc.detach().to(torch.float64)
+        # relative to each row's largest: a log-weight near 1e16 would lose the particles' differences to
+        # rounding in lw - logsumexp(lw), and the weights would not sum to 1
+        top = lw.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        lw = lw - top
         total = torch.logsumexp(lw, dim=-1)
-        log_z = log_z + total
+        log_z = log_z + top[:, 0] + total
         log_w = lw - total[:, None]
         if log_z.is_cpu and not bool(torch.isfinite(log_z).all()):  # else read once at the end
             _check_weights(algorithm.name, torch.stack([*z_log, log_z]))
@@ -834,7 +856,8 @@ def run_smc(
         x = x_next
 
     ctx = StepContext(run, steps, x, None, prev, alg_state)
-    reweight(algorithm.log_weight(ctx))
+    with grad_ctx():
+        reweight(algorithm.log_weight(ctx))
     ess_log.append(_resample.ess(log_w))
     res_log.append(no_resample)
     z_log.append(log_z)
