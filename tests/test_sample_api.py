@@ -340,6 +340,37 @@ def test_half_precision_input_runs_the_solver_in_float32(gmm, sd_process, name, 
     assert rel_rmse(x.double(), ref) < (4e-3 if dtype == torch.bfloat16 else 5e-4)
 
 
+@pytest.mark.parametrize("run", ["sample", "repaint", "fk_steering"])
+def test_a_float16_result_that_overflows_is_an_error(sd_process, run):
+    """Guidance takes a float32 state past float16's 65504 while every net output stays finite: the
+    cast back is refused by name (it returned inf silently); bfloat16 and float32 keep the value."""
+    cond = sd.Denoiser(lambda x, t: torch.full_like(x, 6e4), sd_process, "x0")
+    uncond = sd.Denoiser(lambda x, t: torch.zeros_like(x), sd_process, "x0")
+    guided = sd.guidance.CFG(cond, uncond, 2.0)  # x0 = 1.2e5 in float32
+
+    def go(x_T: torch.Tensor) -> torch.Tensor:
+        if run == "repaint":
+            mask = torch.tensor([1.0, 0.0, 0.0, 0.0])
+            return sd.guidance.repaint_sample(guided, sd.inverse.Inpaint(mask), torch.zeros(1), x_T, 3)
+        if run == "fk_steering":
+            return sd.smc.fk_steering(
+                guided,
+                lambda x: x.sum(-1),
+                shape=(2, 4),
+                particles=2,
+                steps=3,
+                x_T=x_T[:, None].expand(2, 2, 4),
+            ).x
+        return sd.sample(guided, x_T, 3, "ddim")
+
+    x_T = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    big = go(x_T)
+    assert float(big.abs().max()) > 65504 and bool(torch.isfinite(big).all())
+    assert bool(torch.isfinite(go(x_T.bfloat16())).all())
+    with pytest.raises(FloatingPointError, match=r"overflows float16 \(max \|x\| = .* > 65504\)"):
+        go(x_T.half())
+
+
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 @pytest.mark.parametrize("name", ["unipc", "heun", "dpmpp_2m_sde"])
 def test_half_precision_sample_equals_the_diffusers_scheduler(gmm, name, prediction):

@@ -20,7 +20,7 @@ from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
-from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, work_dtype
+from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
 from .solvers.dpmpp import DPMSolverPPMultistep
 from .solvers.unipc import UniPC
 
@@ -296,7 +296,7 @@ def sample(
     model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
     check_step_sizes(chains)
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
-    x = x.to(x_T.dtype)
+    x = to_sample_dtype("sample", x, x_T.dtype)
     if return_info:
         return x, SampleInfo(model.nfe, grid, slv, sched, chains)
     return x

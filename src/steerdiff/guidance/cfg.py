@@ -62,7 +62,7 @@ from ..noise import Generators, NoiseSource, check_fixed_time, check_generators,
 from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
-from ..solvers.base import Model, make_grid, work_dtype
+from ..solvers.base import Model, make_grid, to_sample_dtype, work_dtype
 from ..solvers.ddim import DDIM
 from .base import Guided, same_process, with_estimate
 
@@ -400,7 +400,7 @@ def pcg(
         x, info = chain(ULA(), Point(x), target, langevin_steps, eta, fixed_time(source, t), t)
         chains.append(info)
     predictor.check_finite(corrector)
-    x = x.to(x_T.dtype)
+    x = to_sample_dtype("pcg", x, x_T.dtype)
     if return_info:
         return x, SampleInfo(predictor.nfe + corrector.nfe, grid, DDIM(), sched, chains)
     return x

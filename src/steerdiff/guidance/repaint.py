@@ -43,7 +43,7 @@ from ..inverse.operators import LinearOperator
 from ..noise import Generators, check_generators, make_noise, randn
 from ..sampling import SampleInfo, check_seeded
 from ..schedules import ScheduleLike
-from ..solvers.base import Model, advance, make_grid, work_dtype
+from ..solvers.base import Model, advance, make_grid, to_sample_dtype, work_dtype
 from ..solvers.ddpm import DDPM
 from ._measurement import MeasurementGuided
 from .base import with_estimate
@@ -162,7 +162,7 @@ def repaint_sample(
             x = ratio * x + std * model.noise(grid.t[i], grid.t[back], x)
             i = back
     model.check_finite()
-    x = x.to(x_T.dtype)
+    x = to_sample_dtype("repaint_sample", x, x_T.dtype)
     if return_info:
         return x, SampleInfo(model.nfe, grid, solver, sched)
     return x

@@ -91,7 +91,7 @@ from ..guidance.base import Guided
 from ..noise import GeneratorNoise, Generators, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded, check_x_T
 from ..schedules import ScheduleLike
-from ..solvers.base import Grid, Model, Solver, Transition, make_grid, map_state, work_dtype
+from ..solvers.base import Grid, Model, Solver, Transition, make_grid, map_state, to_sample_dtype, work_dtype
 from . import resample as _resample
 
 __all__ = [
@@ -866,7 +866,8 @@ def run_smc(
     trace = Trace(torch.stack(ess_log), torch.stack(res_log), torch.stack(z_log))
     _check_weights(algorithm.name, trace.log_z)
     ancestors.check()
-    return Particles(run.rows(x).to(in_dtype), log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
+    x = to_sample_dtype(algorithm.name, run.rows(x), in_dtype)
+    return Particles(x, log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
 
 
 class _InnerNoise:

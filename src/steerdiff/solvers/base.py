@@ -41,6 +41,7 @@ __all__ = [
     "check_long_step",
     "make_grid",
     "step_order",
+    "to_sample_dtype",
     "work_dtype",
 ]
 
@@ -275,6 +276,21 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     ``net_dtype``).
     """
     return torch.float32 if dtype in _HALF else dtype
+
+
+def to_sample_dtype(who: str, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A run's result ``x`` (in :func:`work_dtype`) cast back to the samples' ``dtype``; a
+    ``FloatingPointError`` where a finite ``x`` overflows there (float16 ends at 65504) rather than an
+    ``inf`` returned silently. One device read, for float16 results only."""
+    out = x.to(dtype)
+    if dtype == torch.float16 and x.dtype != dtype and not bool(torch.isfinite(out).all()):
+        big = float(x.abs().amax())
+        if math.isfinite(big):
+            raise FloatingPointError(
+                f"{who}: the sample overflows float16 (max |x| = {big:.4g} > 65504): the run diverged, "
+                "or pass x_T in float32/bfloat16"
+            )
+    return out
 
 
 class Model:
