@@ -378,6 +378,25 @@ def test_pcg_and_cfg_ddpm_share_the_sde_limit(w):
     assert gap > 5 * max(errors["ddpm", 200], errors["pcg", 200])  # measured: 0.11 (w=2), 0.084 (w=4)
 
 
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_pcg_names_the_first_nan_on_an_accelerator_too(sd_process, monkeypatch, accelerator):
+    """A NaN at the net's 4th call, pcg's predictor at step 1 (t = 905): the CPU stops there; on an
+    accelerator (faked: tensors not CPU ones) the deferred check must name the same evaluation, not the
+    corrector's later one at step 1 that the NaN spoiled next (t = 787; found on an H100)."""
+    calls = 0
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return 0.1 * x * (math.nan if calls == 4 else 1.0)
+
+    if accelerator:
+        monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    den = sd.Denoiser(net, sd_process, "eps")
+    with pytest.raises(sd.NonFiniteError, match=r"step 1 \(evaluation 2, process time t=905\.07"):
+        pcg(den, den, torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), 8, 2.0)
+
+
 def test_pcg_nfe_and_gamma_one(den):
     x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
     _, info = pcg(

@@ -354,8 +354,8 @@ class Model:
         """Raise :class:`NonFiniteError` naming the first step whose evaluation was not finite, of this
         model or of ``others`` run beside it (pcg's predictor and corrector): the earliest step wins."""
         bad = [b for m in (self, *others) if (b := m.first_nonfinite()) is not None]
-        if bad:
-            step, k, t = min(bad)
+        if bad:  # the earliest: by step, then by time, which falls as sampling goes on (not by index)
+            step, k, t = min(bad, key=lambda b: (b[0], -b[2]))
             raise NonFiniteError(
                 f"the model returned NaN/inf at step {step} (evaluation {k + 1}, process time t={t:.6g})"
             )
