@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["panel_figure", "pyplot"]
+__all__ = ["panel_figure", "pyplot", "write_outputs"]
 
 
 def pyplot() -> Any | None:
@@ -25,6 +26,25 @@ def pyplot() -> Any | None:
         log.warning("matplotlib is not installed: no figure written")
         return None
     return plt
+
+
+def write_outputs(
+    out: str | Path,
+    stem: str,
+    header: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    plot: Callable[[Path], bool],
+) -> tuple[Path, Path | None]:
+    """``OUT/stem.csv`` (``header``, then ``rows``) and ``OUT/stem.png`` drawn by ``plot(path)``; returns
+    their paths, the PNG's ``None`` where ``plot`` drew nothing (matplotlib missing)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return csv_path, png_path if plot(png_path) else None
 
 
 def panel_figure(

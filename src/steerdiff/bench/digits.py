@@ -27,7 +27,6 @@ beside the solvers as the row :data:`DIFFUSERS_ROW`: issue 2's goal (a) on a lea
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ from ..guidance import CFG
 from ..integrations.diffusers_ref import quiet_diffusers
 from ..metrics import frechet_distance, relative_rmse
 from ..toy import digits as D
-from ._figure import pyplot
+from ._figure import pyplot, write_outputs
 from .solvers import (
     CFG_SCALES,
     CFG_STEPS,
@@ -438,16 +437,12 @@ def format_report(result: DigitsSolverBench) -> str:
 
 def write_results(result: DigitsSolverBench, out: str | Path) -> tuple[Path, Path | None]:
     """``OUT/digits_solvers.csv`` (one line per run and baseline) and ``OUT/digits_solvers.png``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / "digits_solvers.csv", out / "digits_solvers.png"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["solver", "schedule", "steps", "nfe", "frechet_distance", "rel_rmse_vs_ode", "seconds"])
-        for r in [*result.rows, *result.baselines]:
-            values = [f"{r.fd:.6g}", f"{r.rmse:.6g}", f"{r.seconds:.3f}"]
-            w.writerow([r.solver, r.schedule, r.steps, r.nfe, *values])
-    return csv_path, png_path if plot(result, png_path) else None
+    header = ["solver", "schedule", "steps", "nfe", "frechet_distance", "rel_rmse_vs_ode", "seconds"]
+    rows = (
+        [r.solver, r.schedule, r.steps, r.nfe, f"{r.fd:.6g}", f"{r.rmse:.6g}", f"{r.seconds:.3f}"]
+        for r in [*result.rows, *result.baselines]
+    )
+    return write_outputs(out, "digits_solvers", header, rows, lambda path: plot(result, path))
 
 
 def plot(result: DigitsSolverBench, path: str | Path) -> bool:

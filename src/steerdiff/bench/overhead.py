@@ -14,7 +14,6 @@ Issue 2 (c) sets the goal at batch 256x64 on the CPU: at most half of diffusers'
 
 from __future__ import annotations
 
-import csv
 import platform
 import statistics
 import time
@@ -32,7 +31,7 @@ from .. import sampling, schedules
 from ..denoiser import Denoiser
 from ..integrations.diffusers_ref import nodes_of, quiet_diffusers, run_scheduler, sd_betas_config
 from ..processes import VP
-from ._figure import pyplot
+from ._figure import pyplot, write_outputs
 
 __all__ = [
     "OVERHEAD_PAIRS",
@@ -258,14 +257,15 @@ def plot(result: OverheadBench, path: str | Path) -> bool:
 
 def write_results(result: OverheadBench, out: str | Path) -> tuple[Path, Path | None]:
     """``OUT/overhead.csv`` (one line per shape and pair, seconds per step) and ``OUT/overhead.png``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / "overhead.csv", out / "overhead.png"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        header = ["device", "shape", "solver", "scheduler", "ours_s", "diffusers_s", "first_run_s", "ratio"]
-        w.writerow(header)
-        for o in result.rows:
-            values = (o.ours, o.diffusers, o.cold, o.ratio)
-            w.writerow([result.device, _shape(o.shape), o.solver, o.scheduler, *(f"{v:.6g}" for v in values)])
-    return csv_path, png_path if plot(result, png_path) else None
+    header = ["device", "shape", "solver", "scheduler", "ours_s", "diffusers_s", "first_run_s", "ratio"]
+    rows = (
+        [
+            result.device,
+            _shape(o.shape),
+            o.solver,
+            o.scheduler,
+            *(f"{v:.6g}" for v in (o.ours, o.diffusers, o.cold, o.ratio)),
+        ]
+        for o in result.rows
+    )
+    return write_outputs(out, "overhead", header, rows, lambda path: plot(result, path))
