@@ -194,6 +194,12 @@ def test_draw_takes_one_generator_per_row(fn):
     alone = draw((1, 2, 4), [torch.Generator().manual_seed(6)], torch.float64, "cpu")
     assert torch.equal(rows[1:2], alone)
     assert torch.equal(rows[0], draw((2, 4), torch.Generator().manual_seed(5), torch.float64, "cpu"))
+    # consecutive rows of one generator (a particle method's) come from one call: as one draw of them
+    g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    shared = draw((5, 3, 5), [g, g, g, h, h], torch.float64, "cpu")
+    ref_g = draw((3, 3, 5), torch.Generator().manual_seed(1), torch.float64, "cpu")
+    ref_h = draw((2, 3, 5), torch.Generator().manual_seed(2), torch.float64, "cpu")
+    assert torch.equal(shared, torch.cat([ref_g, ref_h]))
     with pytest.raises(ValueError, match=r"generator: 2 generators for a batch of 3 rows"):
         draw((3, 2), [torch.Generator()] * 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"generator must be None, a torch\.Generator or a list of them"):

@@ -8,8 +8,10 @@ sampler is ER-SDE at 25 steps, whose discretization bias is well below the Monte
 
 from __future__ import annotations
 
+import gc
 import importlib
 import math
+import weakref
 
 import pytest
 import torch
@@ -268,6 +270,33 @@ C = torch.tensor([1.0, -0.5], dtype=F64)
 
 def linear(x: torch.Tensor) -> torch.Tensor:
     return x @ C
+
+
+def test_tds_frees_each_steps_graph():
+    """TDS differentiates every step; with a net holding parameters, a step's graph (the tensors saved for
+    its backward) must be freed by the next (the run's deferred NaN check kept a sum on it: 5 more saved
+    tensors alive per step here, memory growing by a state per step: 1.1 GiB at 100 steps for 4 x 1024
+    particles of a 64-256-64 MLP, 135 MiB now)."""
+    holders: list[weakref.ref[object]] = []
+
+    class Saved:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+            holders.append(weakref.ref(self))
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
+    alive: list[int] = []
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        gc.collect()
+        alive.append(sum(r() is not None for r in holders))
+        return mlp(x)
+
+    den = sd.Denoiser(eps, sd.VP.scaled_linear(), "eps")
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        sd.smc.tds(den, classifier=lambda x, t: -0.5 * x[:, 0] ** 2, shape=(1, 4), particles=3, steps=12)
+    assert alive[-1] == alive[3] > 0, alive
 
 
 def test_svdd_alpha_zero_is_code_with_block_one():

@@ -72,15 +72,22 @@ def _draw(
     device: torch.device | str,
 ) -> Tensor:
     """``fn(shape)`` on ``generator``'s device, moved to ``device``; a list of generators draws row
-    ``b`` (of ``shape[0]``) from ``generator[b]``, the rows stacked on the generators' device and
-    moved once."""
+    ``b`` (of ``shape[0]``) from ``generator[b]``, consecutive rows of one generator (a particle
+    method's rows of one batch row) in one call, the rows joined on the generators' device and moved
+    once."""
     if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):
         if len(generator) != shape[0]:
             raise ValueError(f"generator: {len(generator)} generators for a batch of {shape[0]} rows")
-        rows = [fn(tuple(shape[1:]), generator=g, dtype=dtype, device=_draw_on(g, device)) for g in generator]
+        rows, start = [], 0
+        while start < len(generator):
+            g, stop = generator[start], start + 1
+            while stop < len(generator) and generator[stop] is g:
+                stop += 1
+            rows.append(fn((stop - start, *shape[1:]), generator=g, dtype=dtype, device=_draw_on(g, device)))
+            start = stop
         if len({r.device for r in rows}) > 1:
             rows = [r.to(device) for r in rows]
-        return torch.stack(rows).to(device)
+        return torch.cat(rows).to(device)
     return fn(tuple(shape), generator=generator, dtype=dtype, device=_draw_on(generator, device)).to(device)
 
 

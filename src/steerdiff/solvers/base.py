@@ -336,7 +336,7 @@ class Model:
         self.nfe += self.denoiser.cost
         # one reduction per call: a NaN/inf anywhere makes the sum non-finite (the other estimate
         # follows from this one and x); the sums are tested together at the end
-        given = pred.given
+        given = pred.given.detach()  # a sum on the graph would keep every step's graph alive until the end
         self._sums.append(given.sum(dtype=torch.float32 if given.dtype in _HALF else None))
         self._where.append((step, t))
         if given.is_cpu and not math.isfinite(self._sums[-1].item()):
