@@ -787,6 +787,15 @@ def run_smc(
     arange = torch.arange(n_part, device=wdev).expand(batch, n_part)
     offsets = (torch.arange(batch, device=wdev) * n_part)[:, None]
     ess_log: list[Tensor] = []
+    ess_w: Tensor | None = None  # the weights the last ESS is of: unchanged weights keep it
+    ess_now = torch.empty(0)
+
+    def ess() -> Tensor:
+        nonlocal ess_w, ess_now
+        if ess_w is not log_w:
+            ess_w, ess_now = log_w, _resample.ess(log_w)
+        return ess_now
+
     res_log: list[Tensor] = []
     z_log: list[Tensor] = []
     no_resample = torch.zeros(batch, dtype=torch.bool, device=wdev)
@@ -840,7 +849,7 @@ def run_smc(
             ctx = StepContext(run, i, x, evaluator.seen, prev, alg_state, leaf)
             inc = algorithm.log_weight(ctx)
             reweight(inc)
-            ess_log.append(_resample.ess(log_w))
+            ess_log.append(ess())
             forced = algorithm.resample(ctx, log_w, generator)
             anc, mask = None, no_resample
             if forced is not None:
@@ -871,7 +880,7 @@ def run_smc(
     ctx = StepContext(run, steps, x, None, prev, alg_state)
     with grad_ctx():
         reweight(algorithm.log_weight(ctx))
-    ess_log.append(_resample.ess(log_w))
+    ess_log.append(ess())
     res_log.append(no_resample)
     z_log.append(log_z)
     model.check_finite()
