@@ -1101,6 +1101,29 @@ def test_transition_log_prob_of_point_masses():
         transition_log_prob(x, Transition(x, -1.0))
 
 
+def test_transition_log_prob_is_exact_and_its_differences_keep_float32_accuracy():
+    """A scalar std: the Gaussian log-density in closed form (float64 out), and in float32 the difference
+    of two at the same std (a twisted proposal's weight, at 16,384 values per particle and std 1e-3)
+    within 5e-6 of float64: the constants summed per value in float32 cost 2.3e-5 before."""
+    g = torch.Generator().manual_seed(0)
+    x, mean = torch.randn(2, 3, 5, generator=g, dtype=F64), torch.randn(2, 3, 5, generator=g, dtype=F64)
+    want = -0.5 * ((x - mean) / 0.7).pow(2).sum(-1) - 5 * (math.log(0.7) + 0.5 * math.log(2 * math.pi))
+    got = transition_log_prob(x, Transition(mean, 0.7))
+    assert got.dtype == F64
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    s, mean = 1e-3, torch.randn(2, 8, 16384, generator=g)
+    x, other = (
+        mean + s * torch.randn(mean.shape, generator=g),
+        mean + 0.3 * s * torch.randn(mean.shape, generator=g),
+    )
+
+    def weight(v: torch.Tensor, m: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return transition_log_prob(v, Transition(m, s)) - transition_log_prob(v, Transition(o, s))
+
+    ref = weight(x.double(), mean.double(), other.double())
+    assert float((weight(x, mean, other) - ref).abs().max() / ref.abs().max()) < 5e-6
+
+
 class _UnguardedShift(SMCAlgorithm):
     """The twisted proposal as the hook docs write it, with no special case for the clean last step."""
 

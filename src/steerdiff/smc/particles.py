@@ -200,8 +200,9 @@ class Particles:
 
 def transition_log_prob(x: Tensor, tr: Transition) -> Tensor:
     """``log N(x; tr.mean, tr.std^2 I)`` summed over each particle's values: ``(batch, particles)``
-    for ``x`` ``(batch, particles, *shape)``. Exact for the Gaussian steps of stochastic solvers;
-    a twisted proposal's weight is ``transition_log_prob(x, base) - transition_log_prob(x, proposal)``.
+    float64 for ``x`` ``(batch, particles, *shape)``. Exact for the Gaussian steps of stochastic
+    solvers; a twisted proposal's weight is ``transition_log_prob(x, base) -
+    transition_log_prob(x, proposal)``.
 
     Where ``std = 0`` (a deterministic step, such as the clean step of ``final="zero"``) the value is a
     point mass's: 0 at ``x = mean``, ``-inf`` elsewhere, so the correction between two point masses
@@ -210,13 +211,17 @@ def transition_log_prob(x: Tensor, tr: Transition) -> Tensor:
     if not isinstance(std, Tensor):
         if not std >= 0:
             raise ValueError(f"transition_log_prob: std must be >= 0, got {std}")
-        std = torch.full((), float(std), dtype=x.dtype, device=x.device)  # a fill, not a host copy
+        if std > 0:  # one scale for all: the squares summed in x's dtype, the rest in float64, once
+            d = (x - tr.mean).flatten(2)
+            ss = torch.linalg.vecdot(d, d).to(torch.float64)
+            return ss * (-0.5 / std**2) - d.shape[-1] * (math.log(std) + 0.5 * math.log(2 * math.pi))
+        std = torch.full((), 0.0, dtype=x.dtype, device=x.device)  # a fill, not a host copy
     point = std == 0
     s = torch.where(point, torch.ones_like(std), std)  # no 0 / 0 (nor its NaN gradient) at point masses
     z = (x - tr.mean) / s
     lp = -0.5 * z * z - torch.log(s) - 0.5 * math.log(2 * math.pi)  # x's shape (std broadcasts)
     lp = torch.where(point, torch.where(z == 0, 0.0, -math.inf).to(lp.dtype), lp)
-    return lp.sum(tuple(range(2, x.ndim)))
+    return lp.sum(tuple(range(2, x.ndim)), dtype=torch.float64)
 
 
 # --- the algorithm contract -----------------------------------------------------------------------
