@@ -533,6 +533,10 @@ def test_inverse_guidance_keeps_the_learned_variance() -> None:
 def test_bad_input() -> None:
     gmm = _diag_mixture()
     den = gmm.denoiser(PROC)
+    with pytest.raises(ValueError, match="x_T contains NaN or inf"):  # it blamed the net at step 0
+        sd.guidance.repaint_sample(
+            den, Inpaint(torch.ones(4)), torch.zeros(4), torch.full((3, 4), math.nan), 5
+        )
     A = torch.randn(2, 4, dtype=F64)
     y = torch.zeros(2, dtype=F64)
     x = torch.randn(3, 4, dtype=F64)

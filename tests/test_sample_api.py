@@ -248,6 +248,20 @@ def test_bad_x_T(gmm, sd_process, x_T, words):
     _raises(words, sd.sample, gmm.denoiser(sd_process), x_T)
 
 
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        ({"callback": 5}, ["sample: callback", "callable", "int"]),
+        ({"progress": "no"}, ["sample: progress", "True or False", "'no'"]),
+        ({"return_info": 1}, ["sample: return_info", "True or False"]),
+    ],
+)
+def test_bad_flags_and_callback(gmm, sd_process, problem, option, words):
+    """Checked before sampling (a non-callable callback failed after the first step; a string progress
+    flag was taken as true)."""
+    _raises(words, sd.sample, gmm.denoiser(sd_process), problem[0], 3, **option)
+
+
 def test_den_must_be_a_denoiser(gmm, sd_process, problem):
     net = gmm.denoiser(sd_process).net
     _raises(["den", "Denoiser", "function"], sd.sample, net, problem[0])

@@ -243,6 +243,8 @@ def test_bad_steps_raise(steps):
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="rho"):
         Karras(rho=0)
+    with pytest.raises(ValueError, match="KarrasCapped: max_nodes"):  # named KarrasJump before
+        sd.schedules.KarrasCapped(max_nodes=0)
     with pytest.raises(ValueError, match="sd15"):
         AYS("sd3")
 
@@ -251,6 +253,18 @@ def test_ays_rejects_a_process_that_does_not_cover_its_sigmas():
     p = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 50, dtype=F64))  # sigma/alpha_max ~ 0.8
     with pytest.raises(ValueError, match=r"AYS\('sd15'\) spans sigma/alpha"):
         AYS("sd15")(p, 10)
+
+
+def test_karras_jump_and_capped_options():
+    """KarrasCapped takes KarrasJump's arguments by position too (a TypeError before), and the repr of
+    either names sigma_min / sigma_max where given (two different schedules printed alike)."""
+    p = sd.VP.scaled_linear()
+    capped = sd.schedules.KarrasCapped(5.0, None, None, 12)
+    assert (capped.rho, capped.max_nodes, capped.sigma_top, capped.sigma_floor) == (5.0, 12, 30.0, 0.03)
+    assert torch.equal(capped(p, 8), sd.schedules.KarrasCapped(rho=5.0, max_nodes=12)(p, 8))
+    assert repr(sd.schedules.KarrasJump(sigma_min=0.5, sigma_max=10)) == (
+        "KarrasJump(rho=7, sigma_min=0.5, sigma_max=10, max_nodes=15, sigma_top=None, sigma_floor=None)"
+    )
 
 
 def test_steps_accepts_numpy_integers():

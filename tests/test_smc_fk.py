@@ -680,6 +680,24 @@ def test_bad_x_T_or_dtype_is_refused(method, bad, message):
             sd.smc.fk_steering(DEN, linear, **kw)
 
 
+def test_particles_resample_and_mean_check_their_input():
+    """Out-of-range ancestors wrapped to another particle silently; a 1-d or float index gave raw torch
+    errors, a list of values an AttributeError."""
+    out = sd.smc.fk_steering(DEN, linear, shape=(2, 2), particles=4, steps=3, dtype=F64)
+    picked = out.resample(torch.tensor([[3, 0, 0], [1, 1, 2]]))
+    assert torch.equal(picked.x[0], out.x[0, [3, 0, 0]]) and picked.x.shape == (2, 3, 2)
+    torch.testing.assert_close(picked.weights, torch.full((2, 3), 1 / 3, dtype=F64))
+    for bad, message in [
+        (torch.tensor([[0, 9], [1, -7]]), r"lie in \[0, particles\) = \[0, 4\), got -7..9"),
+        (torch.tensor([0, 1]), r"integers of shape \(batch, n\) = \(2, n >= 1\)"),
+        (torch.tensor([[0.0, 1.0], [0.0, 1.0]]), "torch.float32"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            out.resample(bad)
+    with pytest.raises(ValueError, match="values must be a tensor"):
+        out.mean([1, 2])
+
+
 def test_particles_carry_no_graph_across_steps():
     """A net with trainable parameters, outside ``torch.no_grad()``: the run holds no autograd graph (it
     kept one through every step, its memory growing with them, resampling having no gradient)."""

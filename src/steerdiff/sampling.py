@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
-from ._checks import SAMPLE_DTYPES, choice, integer
+from ._checks import SAMPLE_DTYPES, boolean, choice, integer
 from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, check_shared, make_noise
@@ -264,6 +264,10 @@ def sample(
     check_seeded(den, generator)
     steps = integer("sample", "steps", steps, lo=1)
     choice("sample", "final", final, FINALS)
+    progress = boolean("sample", "progress", progress)
+    return_info = boolean("sample", "return_info", return_info)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"sample: callback must be None or a callable(dict), got {type(callback).__name__}")
     sched = _schedules.get(schedule)
     slv = _solvers.get(default_solver(den, steps) if solver is None else solver)
     grid = make_grid(den.process, sched, steps, final)

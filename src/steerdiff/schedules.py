@@ -28,7 +28,6 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -207,12 +206,15 @@ class Karras(Schedule):
                 )
 
     def __repr__(self) -> str:
-        given = "".join(
+        return f"Karras(rho={self.rho:g}{self._given()})"
+
+    def _given(self) -> str:
+        """``, sigma_min=..., sigma_max=...`` for those given (the repr's options beside ``rho``)."""
+        return "".join(
             f", {k}={v:g}"
             for k, v in (("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max))
             if v is not None
         )
-        return f"Karras(rho={self.rho:g}{given})"
 
 
 TOP_EVERY = 50  # KarrasJump with sigma_top: one more step into the ramp per this many steps
@@ -267,7 +269,7 @@ class KarrasJump(Karras):
         sigma_floor: float | None = None,
     ) -> None:
         super().__init__(rho, sigma_min, sigma_max)
-        self.max_nodes = integer("KarrasJump", "max_nodes", max_nodes, lo=1)
+        self.max_nodes = integer(type(self).__name__, "max_nodes", max_nodes, lo=1)
         self.sigma_top = _positive(type(self).__name__, "sigma_top", sigma_top)
         self.sigma_floor = _positive(type(self).__name__, "sigma_floor", sigma_floor)
 
@@ -313,7 +315,7 @@ class KarrasJump(Karras):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(rho={self.rho:g}, max_nodes={self.max_nodes}, "
+            f"{type(self).__name__}(rho={self.rho:g}{self._given()}, max_nodes={self.max_nodes}, "
             f"sigma_top={self.sigma_top}, sigma_floor={self.sigma_floor})"
         )
 
@@ -340,9 +342,15 @@ class KarrasCapped(KarrasJump):
     name = "karras_capped"
 
     def __init__(
-        self, *args: Any, sigma_top: float | None = 30.0, sigma_floor: float | None = 0.03, **kwargs: Any
+        self,
+        rho: float = 7.0,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        max_nodes: int = 15,
+        sigma_top: float | None = 30.0,
+        sigma_floor: float | None = 0.03,
     ) -> None:
-        super().__init__(*args, sigma_top=sigma_top, sigma_floor=sigma_floor, **kwargs)  # KarrasJump's
+        super().__init__(rho, sigma_min, sigma_max, max_nodes, sigma_top, sigma_floor)
 
 
 # Published Align-Your-Steps 10-step lists (Sabour et al. 2024) for 1000-step VP models: ten

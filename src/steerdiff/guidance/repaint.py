@@ -41,7 +41,7 @@ from .._checks import boolean, integer
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
 from ..noise import Generators, check_generators, make_noise, randn
-from ..sampling import SampleInfo, check_seeded
+from ..sampling import SampleInfo, check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..solvers.base import Model, advance, make_grid, to_sample_dtype, work_dtype
 from ..solvers.ddpm import DDPM
@@ -140,8 +140,7 @@ def repaint_sample(
     resample = integer("repaint_sample", "resample", resample, lo=1)
     jump = integer("repaint_sample", "jump", jump, lo=1)
     return_info = boolean("repaint_sample", "return_info", return_info)
-    if not isinstance(x_T, Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
-        raise ValueError("repaint_sample: x_T must be a floating (batch, *sample_shape) tensor")
+    check_x_T(den, x_T)
     guided = RePaint(den, operator, y, generator)
     check_seeded(guided, generator)
     sched = _schedules.get(schedule)

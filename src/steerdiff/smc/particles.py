@@ -174,15 +174,37 @@ class Particles:
         """Self-normalized estimate ``sum_j W_j f_j`` per row of ``values`` ``(batch, particles, ...)``
         (default ``x``): the weighted estimate of ``E_target[f]``."""
         v = self.x if values is None else values
-        if v.shape[:2] != self.log_w.shape:
+        if not isinstance(v, Tensor) or v.shape[:2] != self.log_w.shape:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(
-                f"values must be (batch, particles, ...) = {tuple(self.log_w.shape)}, got {v.shape}"
+                f"values must be a tensor (batch, particles, ...) = {tuple(self.log_w.shape)}, got {got}"
             )
         w = self.weights.to(v.dtype).reshape(*self.log_w.shape, *([1] * (v.ndim - 2)))
         return (w * v).sum(1)
 
     def resample(self, indices: Tensor) -> Particles:
-        """The particles at ancestor ``indices`` ``(batch, n)``, equally weighted."""
+        """The particles at ancestor ``indices`` ``(batch, n)``, integers in ``[0, particles)``, equally
+        weighted (a ``ValueError`` otherwise: an index out of range wrapped to another particle)."""
+        batch, n_part = self.log_w.shape
+        if (
+            not isinstance(indices, Tensor)
+            or indices.is_floating_point()
+            or indices.is_complex()
+            or indices.dtype == torch.bool
+            or indices.ndim != 2
+            or indices.shape[0] != batch
+            or indices.shape[1] < 1
+        ):
+            got = (
+                f"{indices.dtype} {tuple(indices.shape)}"
+                if isinstance(indices, Tensor)
+                else type(indices).__name__
+            )
+            raise ValueError(f"indices must be integers of shape (batch, n) = ({batch}, n >= 1), got {got}")
+        indices = indices.to(self.x.device, torch.long)
+        lo, hi = torch.aminmax(indices)
+        if not (bool(lo >= 0) and bool(hi < n_part)):
+            raise ValueError(f"indices must lie in [0, particles) = [0, {n_part}), got {int(lo)}..{int(hi)}")
         x = torch.take_along_dim(self.x, indices.reshape(*indices.shape, *([1] * (self.x.ndim - 2))), dim=1)
         log_w = torch.full(
             indices.shape, -math.log(indices.shape[1]), dtype=self.log_w.dtype, device=x.device

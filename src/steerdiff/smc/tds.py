@@ -70,6 +70,7 @@ from .particles import (
     Particles,
     SMCAlgorithm,
     StepContext,
+    _check_shape,
     run_smc,
     transition_log_prob,
 )
@@ -313,9 +314,7 @@ def tds(
     if given[0]:
         if operator is None or y is None:
             raise ValueError("tds: a linear-Gaussian observation needs both operator and y")
-        if not isinstance(shape, tuple | list) or not shape:
-            raise ValueError(f"shape must be (batch, *sample_shape) of positive integers, got {shape!r}")
-        twist = _linear_twist(den, operator, y, noise_std, shape[0], n_part, prior_var)
+        twist = _linear_twist(den, operator, y, noise_std, _check_shape(shape)[0], n_part, prior_var)
     elif log_likelihood is not None:
         if not callable(log_likelihood):
             raise ValueError("log_likelihood must be callable: (n, *shape) -> (n,)")

@@ -81,9 +81,6 @@ class Grid:
         p = self.process
         return float(p.alpha(t)), float(p.sigma(t)), float(p.lam(t))
 
-    def t_of_lam(self, lam: float) -> float:
-        return float(self.process.t_of_lam(lam))
-
 
 FINALS = ("zero", "none")
 
