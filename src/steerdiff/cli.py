@@ -364,12 +364,11 @@ def _report(report: str, out: Path, stem: str, csv_path: Path, png_path: Path | 
 def _write(result: Any, out: Path, stem: str, report: str, **plot: Any) -> int:
     """Write ``OUT/stem.csv``, ``OUT/stem.png`` and ``OUT/stem.txt`` and print ``report``."""
     from .bench import solvers as bench
+    from .bench._figure import write_outputs
 
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
-    bench.write_csv(result, csv_path)
-    wrote_png = bench.plot(result, png_path, **plot)
-    return _report(report, out, stem, csv_path, png_path if wrote_png else None)
+    header, rows = bench.csv_table(result)
+    csv_path, png_path = write_outputs(out, stem, header, rows, lambda path: bench.plot(result, path, **plot))
+    return _report(report, out, stem, csv_path, png_path)
 
 
 def _digits_models(weights: Path | None) -> Any:

@@ -59,9 +59,9 @@ from ..schedules import get as get_schedule
 from ..solvers.base import NonFiniteError, make_grid
 from ..solvers.ddim import ancestral_split
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
-from ._figure import panel_figure
+from ._figure import panel_figure, write_outputs
 from .sde import steps_within
-from .solvers import Row, write_csv
+from .solvers import Row, csv_table
 
 __all__ = [
     "CASES",
@@ -537,9 +537,6 @@ def plot(result: PosteriorBench, path: str | Path) -> bool:
 
 
 def write_results(result: PosteriorBench, out: Path, stem: str = "posterior") -> tuple[Path, Path | None]:
-    """``OUT/{stem}.csv`` (the shared :func:`~steerdiff.bench.solvers.write_csv` layout: ``source`` is the
+    """``OUT/{stem}.csv`` (the shared :func:`~steerdiff.bench.solvers.csv_table` layout: ``source`` is the
     case, ``schedule`` the setting) and ``OUT/{stem}.png``."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
-    write_csv(result, csv_path)
-    return csv_path, png_path if plot(result, png_path) else None
+    return write_outputs(out, stem, *csv_table(result), lambda path: plot(result, path))

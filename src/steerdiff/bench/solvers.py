@@ -24,11 +24,10 @@ RMSE ``||x - x_ref|| / ||x_ref||`` over the batch.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +73,7 @@ __all__ = [
     "best_per_method",
     "best_vs_best",
     "cfg_denoiser",
+    "csv_table",
     "decided_at",
     "default_model",
     "default_vs_diffusers",
@@ -98,7 +98,6 @@ __all__ = [
     "sweep_diffusers",
     "sweep_steerdiff",
     "switched",
-    "write_csv",
 ]
 
 log = logging.getLogger(__name__)
@@ -912,7 +911,7 @@ def flow_vs_diffusers(
 
 
 class Results(Protocol):
-    """What :func:`write_csv` and :func:`plot` read: the NFE columns and the rows."""
+    """What :func:`csv_table` and :func:`plot` read: the NFE columns and the rows."""
 
     nfes: tuple[int, ...]
     rows: list[Row]
@@ -1158,23 +1157,23 @@ def format_report(result: SolverBench) -> str:
     return "\n".join(lines)
 
 
-def write_csv(result: Results, path: str | Path) -> None:
-    """All rows: ``source, method, schedule, same_as, nfe_<n>...``; errors as exact float reprs
-    (``nan``: the run failed), empty where the NFE is not reachable; ``same_as`` names the schedule
-    with the identical grid whose numbers the row repeats."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["source", "method", "schedule", "same_as", *(f"nfe_{n}" for n in result.nfes)])
-        for r in result.rows:
-            w.writerow(
-                [
-                    r.source,
-                    r.method,
-                    r.schedule,
-                    r.same_as or "",
-                    *(repr(r.errors[n]) if n in r.errors else "" for n in result.nfes),
-                ]
-            )
+def csv_table(result: Results) -> tuple[list[str], Iterator[list[str]]]:
+    """The CSV of all rows (for :func:`~steerdiff.bench._figure.write_outputs`): the header ``source,
+    method, schedule, same_as, nfe_<n>...`` and the rows; errors as exact float reprs (``nan``: the run
+    failed), empty where the NFE is not reachable; ``same_as`` names the schedule with the identical
+    grid whose numbers the row repeats."""
+    header = ["source", "method", "schedule", "same_as", *(f"nfe_{n}" for n in result.nfes)]
+    rows = (
+        [
+            r.source,
+            r.method,
+            r.schedule,
+            r.same_as or "",
+            *(repr(r.errors[n]) if n in r.errors else "" for n in result.nfes),
+        ]
+        for r in result.rows
+    )
+    return header, rows
 
 
 def plot(

@@ -63,8 +63,8 @@ from ..processes import Process
 from ..solvers.base import NonFiniteError
 from ..toy.gmm import GaussianMixture
 from . import posterior
-from ._figure import panel_figure
-from .solvers import Row, write_csv
+from ._figure import panel_figure, write_outputs
+from .solvers import Row, csv_table
 
 __all__ = [
     "CASES",
@@ -545,9 +545,6 @@ def plot(result: SteerBench, path: str | Path) -> bool:
 
 
 def write_results(result: SteerBench, out: Path) -> tuple[Path, Path | None]:
-    """``OUT/steer.csv`` (the shared :func:`~steerdiff.bench.solvers.write_csv` layout: ``source`` is the
+    """``OUT/steer.csv`` (the shared :func:`~steerdiff.bench.solvers.csv_table` layout: ``source`` is the
     case, ``schedule`` the metric) and ``OUT/steer.png``."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / "steer.csv", out / "steer.png"
-    write_csv(result, csv_path)
-    return csv_path, png_path if plot(result, png_path) else None
+    return write_outputs(out, "steer", *csv_table(result), lambda path: plot(result, path))
