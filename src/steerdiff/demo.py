@@ -43,7 +43,6 @@ optimistic.
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from tqdm.auto import tqdm
 
 from . import guidance, inverse, sampling, smc
 from ._checks import integer
+from .bench._figure import write_outputs
 from .bench.digits import DDPM_BASELINE, DigitsModels, load_models, save_grid
 from .denoiser import Denoiser
 from .toy import digits as D
@@ -319,21 +319,17 @@ def run_demo(
 
 
 def _write(result: DemoResult, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    result.csv = out / "demo.csv"
-    with open(result.csv, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "task", "nfe", "accuracy", "frechet_distance", "fd_vs", "seconds"])
-        for r in result.rows:
-            row = [r.method, r.task, r.nfe or "", f"{r.accuracy:.4f}", f"{r.fd:.4f}", r.fd_ref]
-            w.writerow([*row, f"{r.seconds:.2f}"])
+    header = ["method", "task", "nfe", "accuracy", "frechet_distance", "fd_vs", "seconds"]
+    rows = (
+        [r.method, r.task, r.nfe or "", f"{r.accuracy:.4f}", f"{r.fd:.4f}", r.fd_ref, f"{r.seconds:.2f}"]
+        for r in result.rows
+    )
     grid = [(f"{r.method} ({r.nfe})" if r.nfe else r.method, r.samples) for r in result.rows]
     if result.observation is not None and any("inpaint" in r.task for r in result.rows):
         first = next(i for i, r in enumerate(result.rows) if "inpaint" in r.task)
         grid.insert(first, ("observed upper half", result.observation))
-    png = out / "demo.png"
     title = f"steerdiff demo: 8x8 digits, target {result.digit} (label: method (NFE per sample))"
-    result.png = png if save_grid(grid, png, title) else None
+    result.csv, result.png = write_outputs(out, "demo", header, rows, lambda png: save_grid(grid, png, title))
 
 
 def format_table(result: DemoResult) -> str:
