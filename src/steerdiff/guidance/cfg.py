@@ -62,6 +62,7 @@ from ..noise import Generators, NoiseSource, check_fixed_time, check_generators,
 from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
+from ..solvers._exp import sde_std
 from ..solvers.base import Model, make_grid, to_sample_dtype, work_dtype
 from ..solvers.ddim import DDIM
 from .base import Guided, same_process, with_estimate
@@ -395,7 +396,7 @@ def pcg(
         if grid.is_final_clean(i):
             break
         t, sigma = grid.t[i + 1], grid.sigma[i + 1]
-        eta = step_scale * 0.5 * sigma**2 * -math.expm1(-2 * grid.h(i))
+        eta = step_scale * 0.5 * sde_std(sigma, grid.h(i), 1.0) ** 2
         target = Target(score=_corrector_score(corrector, t, sigma, i))
         x, info = chain(ULA(), Point(x), target, langevin_steps, eta, fixed_time(source, t), t)
         chains.append(info)

@@ -26,7 +26,6 @@ and do not stack under another gradient-guided wrapper.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,6 +37,7 @@ from .._checks import integer, real
 from ..denoiser import Denoiser, Prediction
 from ..noise import BrownianTreeNoise
 from ..solvers import get as get_solver
+from ..solvers._exp import noising
 from ..solvers.base import Grid, Model, Solver, Transition
 from .base import Guided, add_score, denoise_with_grad, grad_on, value_grad, with_estimate
 
@@ -177,8 +177,7 @@ class SelfRecurrence(Solver):
             raise ValueError(
                 "SelfRecurrence: the re-noising needs fresh noise; pass a generator, not a Brownian tree"
             )
-        back = grid.alpha[i] / grid.alpha[i + 1]
-        std = math.sqrt(max(grid.sigma[i] ** 2 - (back * grid.sigma[i + 1]) ** 2, 0.0))
+        back, std = noising((grid.alpha[i + 1], grid.sigma[i + 1]), (grid.alpha[i], grid.sigma[i]))
         for _ in range(self.repeats - 1):
             out = self.inner.step(model, x, i, grid, state)
             if isinstance(out, Transition):  # drawn as steerdiff.sample draws it

@@ -30,7 +30,6 @@ component is ``y`` itself, a bias of order the noise level. No gradients are nee
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ from ..inverse.operators import LinearOperator
 from ..noise import Generators, check_generators, make_noise, randn
 from ..sampling import SampleInfo, check_seeded, check_x_T
 from ..schedules import ScheduleLike
+from ..solvers._exp import noising
 from ..solvers.base import Model, advance, make_grid, to_sample_dtype, work_dtype
 from ..solvers.ddpm import DDPM
 from ._measurement import MeasurementGuided
@@ -156,8 +156,7 @@ def repaint_sample(
         if i < grid.steps and i >= jump and i % jump == 0 and passes[i] < resample - 1:
             passes[i] += 1
             back = i - jump  # forward transition q(x_back | x_i): mean ratio x_i, variance the rest
-            ratio = grid.alpha[back] / grid.alpha[i]
-            std = math.sqrt(max(grid.sigma[back] ** 2 - (ratio * grid.sigma[i]) ** 2, 0.0))
+            ratio, std = noising((grid.alpha[i], grid.sigma[i]), (grid.alpha[back], grid.sigma[back]))
             x = ratio * x + std * model.noise(grid.t[i], grid.t[back], x)
             i = back
     model.check_finite()

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["hphi", "hphi_eps", "hphi_scaled", "phi", "sde_decay", "sde_std"]
+__all__ = ["hphi", "hphi_eps", "hphi_scaled", "noising", "phi", "sde_decay", "sde_std"]
 
 
 def phi(k: int, z: float) -> float:
@@ -100,3 +100,13 @@ def sde_std(scale: float, h: float, eta: float) -> float:
     alpha_s``) for the noise-prediction SDE-DPM-Solver, whose std is ``sigma_t sqrt(e^{2h} - 1)`` at
     ``eta = 1``. 0 at ``eta = 0`` (the ODE)."""
     return scale * math.sqrt(-math.expm1(-2.0 * eta * h))
+
+
+def noising(frm: tuple[float, float], to: tuple[float, float]) -> tuple[float, float]:
+    """The forward process from the noise level ``frm = (alpha, sigma)`` up to ``to``:
+    ``x_to = ratio x_frm + std z`` with ``ratio = alpha_to / alpha_frm`` and ``std = sqrt(sigma_to^2 -
+    ratio^2 sigma_frm^2) = sigma_to sqrt(1 - e^{-2h})``, ``h = lam_frm - lam_to``: :func:`sde_std`'s
+    ``eta = 1`` noise, seen from the other end (RePaint's and self-recurrence's re-noising, Restart's
+    jump, EDM's churn). ``std`` is 0 where ``to`` is no noisier than ``frm``."""
+    ratio = to[0] / frm[0]
+    return ratio, to[1] * math.sqrt(max(1.0 - (ratio * frm[1] / to[1]) ** 2, 0.0))

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._checks import real
+from ._exp import sde_std
 from .base import Grid, Model, Solver, Transition
 
 __all__ = ["DDIM", "ancestral_split"]
@@ -38,7 +39,7 @@ def ancestral_split(grid: Grid, i: int, eta: float) -> tuple[float, float]:
     ``(sigma_down, sigma_up) * alpha_{i+1}`` of the ancestral step. Both are 0 into a clean end.
     """
     sigma_next = grid.sigma[i + 1]
-    c = min(sigma_next, eta * sigma_next * math.sqrt(-math.expm1(-2 * grid.h(i))))
+    c = min(sigma_next, eta * sde_std(sigma_next, grid.h(i), 1.0))
     return math.sqrt(max(sigma_next**2 - c**2, 0.0)), c
 
 

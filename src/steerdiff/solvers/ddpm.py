@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice
+from ._exp import sde_std
 from .base import Grid, Model, Solver, Transition
 from .ddim import ancestral_split
 
@@ -54,11 +55,10 @@ class DDPM(Solver):
             return pred.x0
         sigma_det, std_small = ancestral_split(grid, i, 1.0)
         mean = pred.renoise(grid.alpha[i + 1], sigma_det)
-        one_minus_e = -math.expm1(-2 * grid.h(i))
+        std_large = sde_std(grid.sigma[i], grid.h(i), 1.0)  # the forward step's (VP: sqrt(beta_t))
         if pred.var_interp is not None:
-            log_small = math.log(std_small**2)
-            log_large = math.log(grid.sigma[i] ** 2 * one_minus_e)
+            log_small, log_large = math.log(std_small**2), math.log(std_large**2)
             return Transition(mean, torch.exp(0.5 * (log_small + pred.var_interp * (log_large - log_small))))
         if self.variance == "fixed_large":
-            return Transition(mean, grid.sigma[i] * math.sqrt(one_minus_e))
+            return Transition(mean, std_large)
         return Transition(mean, std_small)

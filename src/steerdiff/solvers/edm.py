@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .._checks import real
 from .._ops import axpby
-from ._exp import hphi
+from ._exp import hphi, noising
 from .base import Grid, Model, Solver
 
 __all__ = ["EDMStochasticHeun", "Level", "heun_update"]
@@ -146,7 +146,7 @@ class EDMStochasticHeun(Solver):
         churn = state["churn"][i]
         if churn is not None:
             t_hat, a_hat, s_hat = churn
-            std = a_hat * math.sqrt(max((s_hat / a_hat) ** 2 - (s / a) ** 2, 0.0)) * self.s_noise
-            x = axpby(a_hat / a, x, std, model.noise(t, t_hat, x))
+            ratio, std = noising((a, s), (a_hat, s_hat))
+            x = axpby(ratio, x, std * self.s_noise, model.noise(t, t_hat, x))
             t, a, s = churn
         return heun_update(model, x, i, (t, a, s), to, second=self.order == 2)

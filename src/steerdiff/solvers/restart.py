@@ -38,7 +38,6 @@ NFE: those of :class:`~steerdiff.solvers.euler.Heun` (``2 steps - 1`` with a cle
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,6 +46,7 @@ from torch import Tensor
 
 from .._checks import integer, real
 from ..schedules import Karras
+from ._exp import noising
 from .base import Grid, Model, Solver
 from .edm import Level, heun_update
 
@@ -134,10 +134,10 @@ class Restart(Solver):
             return x
         k, levels = state["plan"][i + 1]
         (t_hi, a_hi, s_hi), (t_lo, a_lo, s_lo) = levels[0], levels[-1]
-        std = a_hi * math.sqrt((s_hi / a_hi) ** 2 - (s_lo / a_lo) ** 2)
+        ratio, std = noising((a_lo, s_lo), (a_hi, s_hi))
         for r in range(k):
             u0, u1 = t_lo + r * (t_hi - t_lo) / k, t_lo + (r + 1) * (t_hi - t_lo) / k
-            x = (a_hi / a_lo) * x + std * model.noise(u0, u1, x)
+            x = ratio * x + std * model.noise(u0, u1, x)
             for frm, to in itertools.pairwise(levels):
                 x = heun_update(model, x, i, frm, to, second)
         return x
