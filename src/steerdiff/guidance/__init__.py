@@ -1,10 +1,11 @@
 """Guidance: denoisers that wrap a denoiser and steer it (every solver works with every guidance)."""
 
 from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
-from .cfg import CADS, CFG, pcg
+from .cfg import CADS, CFG
 from .classifier import ClassifierGuidance, RewardGuidance, SelfRecurrence
 from .dps import DPS
 from .mcg import MCG
+from .pcg import pcg
 from .pigdm import PiGDM
 from .repaint import RePaint, repaint_nfe, repaint_sample
 from .threshold import DynamicThreshold

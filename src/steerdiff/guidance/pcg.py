@@ -1,0 +1,106 @@
+r"""Predictor-corrector guidance: the predictor-corrector reading of classifier-free guidance
+(Bradley & Nakkiran 2024, "Classifier-Free Guidance is a Predictor-Corrector"): a DDIM step on
+``p(x|c)`` followed by Langevin moves on ``p_t(x|c)^gamma p_t(x)^{1-gamma}``, whose score is
+:class:`~steerdiff.guidance.CFG` at scale ``gamma``; with ``gamma = 2w - 1`` it is CFG-DDPM at scale
+``w`` in the SDE limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import boolean, integer, real
+from ..denoiser import Denoiser
+from ..mcmc.base import Point, Target, chain, fixed_time
+from ..mcmc.langevin import ULA
+from ..noise import NoiseSource, check_fixed_time, make_noise
+from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_seeded, check_x_T
+from ..schedules import ScheduleLike
+from ..schedules import get as get_schedule
+from ..solvers._exp import sde_std
+from ..solvers.base import Model, make_grid, to_sample_dtype, work_dtype
+from ..solvers.ddim import DDIM
+from .cfg import CFG
+
+__all__ = ["pcg"]
+
+
+def _corrector_score(model: Model, t: float, sigma: float, step: int) -> Callable[[Tensor], Tensor]:
+    """The score ``-eps / sigma`` of ``model``'s denoiser at ``t`` (one counted call per evaluation)."""
+    return lambda y: model(y, t, step).eps * (-1.0 / sigma)
+
+
+def pcg(
+    cond: Denoiser,
+    uncond: Denoiser,
+    x_T: Tensor,
+    steps: int,
+    gamma: float,
+    *,
+    langevin_steps: int = 1,
+    step_scale: float = 1.0,
+    uncond_kwargs: dict[str, Any] | None = None,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
+    return_info: bool = False,
+    **kwargs: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]:
+    r"""Predictor-corrector guidance (PCG; Bradley & Nakkiran 2024, "Classifier-Free Guidance is a
+    Predictor-Corrector", Alg. 1-2).
+
+    Each step is a DDIM step on the *conditional* denoiser (the predictor) from node ``i`` to
+    ``i + 1``, then ``langevin_steps`` unadjusted Langevin moves (:class:`~steerdiff.mcmc.ULA`)
+    targeting the gamma-powered density ``p_t(x|c)^gamma p_t(x)^{1-gamma}``, whose score is
+    :class:`CFG` at scale ``gamma`` (``-eps_gamma / sigma``):
+
+        x <- x + eta grad log p^{c,gamma}_t(x) + sqrt(2 eta) z,
+        eta = step_scale * sigma_{i+1}^2 (1 - exp(-2 h)) / 2,       h = lam_{i+1} - lam_i,
+
+    i.e. (``step_scale = 1``) half the variance of the DDPM step between the nodes. The reverse SDE
+    is the probability-flow ODE plus a Langevin move of step ``g^2 dt / 2 = sigma^2 h``, so in the
+    SDE limit one move with ``gamma = 2 w - 1`` is CFG-DDPM at scale ``w``: a score
+    ``(s_c + s_{2w-1}) / 2 = s_w`` (their Sec. 4 equivalence, ``gamma' = 2 gamma - 1``). Into a
+    clean end the step returns the conditional ``x0``, without correction.
+
+    ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and ``**kwargs`` (the condition) are as
+    for :class:`CFG` and :func:`steerdiff.sample` (the same wrappers refused, :func:`check_seeded`),
+    but for a Brownian tree, refused: the moves are at fixed times, where it has no noise
+    (:func:`~steerdiff.noise.check_fixed_time`). As there, a float16/bfloat16 ``x_T`` runs only the
+    nets in its dtype (the state, the steps, the moves and the CFG combination in float32) and the
+    result has its dtype. NFE: one per step for the predictor, plus
+    ``CFG.cost`` (2; 1 for ``gamma = 1``) per Langevin move; ``SampleInfo.corrector`` has one
+    :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
+    """
+    gamma = real("pcg", "gamma", gamma, lo=0)
+    return_info = boolean("pcg", "return_info", return_info)
+    langevin_steps = integer("pcg", "langevin_steps", langevin_steps, lo=1)
+    step_scale = real("pcg", "step_scale", step_scale, lo=0, lo_open=True)
+    check_x_T(cond, x_T)
+    check_fixed_time("pcg", generator, "pass a torch.Generator or a list of them (one per sample)")
+    sharpened = CFG(cond, uncond, gamma, uncond_kwargs=uncond_kwargs)
+    check_seeded(sharpened, generator)
+    sched = get_schedule(schedule)
+    grid = make_grid(cond.process, sched, steps, final)
+    source = make_noise(generator)
+    predictor, corrector = Model(cond, kwargs, source, x_T.dtype), Model(sharpened, kwargs, source, x_T.dtype)
+    chains = []
+    x = x_T.to(work_dtype(x_T.dtype))
+    for i in range(grid.steps):
+        x = predictor(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
+        if grid.is_final_clean(i):
+            break
+        t, sigma = grid.t[i + 1], grid.sigma[i + 1]
+        eta = step_scale * 0.5 * sde_std(sigma, grid.h(i), 1.0) ** 2
+        target = Target(score=_corrector_score(corrector, t, sigma, i))
+        x, info = chain(ULA(), Point(x), target, langevin_steps, eta, fixed_time(source, t), t)
+        chains.append(info)
+    predictor.check_finite(corrector)
+    x = to_sample_dtype("pcg", x, x_T.dtype)
+    if return_info:
+        return x, SampleInfo(predictor.nfe + corrector.nfe, grid, DDIM(), sched, chains)
+    return x
