@@ -68,8 +68,8 @@ def _draw(
     fn: Callable[..., Tensor],
     shape: Sequence[int],
     generator: Generators,
-    dtype: torch.dtype,
-    device: torch.device | str,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
 ) -> Tensor:
     """``fn(shape)`` on ``generator``'s device, moved to ``device``; a list of generators draws row
     ``b`` (of ``shape[0]``) from ``generator[b]``, consecutive rows of one generator (a particle
@@ -92,7 +92,7 @@ def _draw(
 
 
 def randn(
-    shape: Sequence[int], generator: Generators, dtype: torch.dtype, device: torch.device | str
+    shape: Sequence[int], generator: Generators, dtype: torch.dtype | None, device: torch.device | str | None
 ) -> Tensor:
     """``torch.randn(shape)`` drawn on ``generator``'s device, then moved to ``device`` (diffusers'
     ``randn_tensor`` convention): a CPU generator then gives the same numbers whatever the device
@@ -103,7 +103,7 @@ def randn(
 
 
 def rand(
-    shape: Sequence[int], generator: Generators, dtype: torch.dtype, device: torch.device | str
+    shape: Sequence[int], generator: Generators, dtype: torch.dtype | None, device: torch.device | str | None
 ) -> Tensor:
     """``torch.rand(shape)`` (uniform on [0, 1)) drawn as :func:`randn` draws."""
     return _draw(torch.rand, shape, generator, dtype, device)

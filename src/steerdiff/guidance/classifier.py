@@ -149,16 +149,15 @@ class SelfRecurrence(Solver):
     name: ClassVar[str] = "self_recurrence"
     stochastic: ClassVar[bool] = True
 
-    inner: str | Solver = "ddim"
+    inner: Solver
     repeats: int = 1
 
     def __init__(self, inner: str | Solver = "ddim", repeats: int = 1) -> None:
-        self.order, self.inner, self.repeats = 1, inner, repeats
+        self.order, self.inner, self.repeats = 1, get_solver(inner), repeats
         self.__post_init__()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.inner = get_solver(self.inner)
         if isinstance(self.inner, SelfRecurrence):
             raise ValueError("SelfRecurrence: inner must not itself be a SelfRecurrence")
         self.repeats = integer("SelfRecurrence", "repeats", self.repeats, lo=1)

@@ -88,7 +88,7 @@ from .._checks import boolean, integer, real, sample_dtype
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance.base import Guided
-from ..noise import GeneratorNoise, Generators, PerSampleNoise, check_generators, rand, randn
+from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..solvers.base import Grid, Model, Solver, Transition, make_grid, map_state, to_sample_dtype, work_dtype
@@ -922,7 +922,7 @@ def run_smc(
 class _InnerNoise:
     """The model's noise source: the run's generator, counting draws made inside a solver step."""
 
-    def __init__(self, noise: GeneratorNoise) -> None:
+    def __init__(self, noise: NoiseSource) -> None:
         self.noise, self.calls = noise, 0
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:

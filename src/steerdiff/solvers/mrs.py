@@ -62,7 +62,10 @@ class MRSampler(Solver):
         self.prediction = choice(who, "prediction", self.prediction, PREDICTIONS)
         self.sde = boolean(who, "sde", self.sde)
         self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
-        self.stochastic = self.sde
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        return self.sde
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         return {"m": History(self.order)}
