@@ -809,22 +809,9 @@ def run_smc(
     alg_state = algorithm.init_state(run.rows(x))
 
     wdev = x.device
-    log_w = torch.full((batch, n_part), -math.log(n_part), dtype=torch.float64, device=wdev)
-    log_z = torch.zeros(batch, dtype=torch.float64, device=wdev)
+    weights = _Weights(algorithm.name, batch, n_part, wdev)
     arange = torch.arange(n_part, device=wdev).expand(batch, n_part)
     offsets = (torch.arange(batch, device=wdev) * n_part)[:, None]
-    ess_log: list[Tensor] = []
-    ess_w: Tensor | None = None  # the weights the last ESS is of: unchanged weights keep it
-    ess_now = torch.empty(0)
-
-    def ess() -> Tensor:
-        nonlocal ess_w, ess_now
-        if ess_w is not log_w:
-            ess_w, ess_now = log_w, _resample.ess(log_w)
-        return ess_now
-
-    res_log: list[Tensor] = []
-    z_log: list[Tensor] = []
     no_resample = torch.zeros(batch, dtype=torch.bool, device=wdev)
     every_row = torch.ones(batch, dtype=torch.bool, device=wdev)
     ancestors = _Ancestors(batch, n_part, wdev)
@@ -833,27 +820,6 @@ def run_smc(
     # no graph across steps (memory would grow with them; resampling has no gradient): autograd only
     # inside a step of an algorithm that differentiates (and for guidance gradients, which turn it on)
     grad_ctx = torch.enable_grad if algorithm.grad else torch.no_grad
-
-    def reweight(inc: Tensor | None) -> None:
-        nonlocal log_w, log_z
-        if inc is None:
-            return
-        if not isinstance(inc, Tensor) or tuple(inc.shape) != (batch, n_part):
-            got = tuple(inc.shape) if isinstance(inc, Tensor) else type(inc).__name__
-            raise ValueError(
-                f"{algorithm.name}: log_weight must return (batch, particles) = {(batch, n_part)}, got {got}"
-            )
-        lw = log_w + inc.detach().to(torch.float64)
-        # relative to each row's largest: a log-weight near 1e16 would lose the particles' differences to
-        # rounding in lw - logsumexp(lw), and the weights would not sum to 1
-        top = lw.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        lw = lw - top
-        total = torch.logsumexp(lw, dim=-1)
-        log_z = log_z + top[:, 0] + total
-        log_w = lw - total[:, None]
-        if log_z.is_cpu and not bool(torch.isfinite(log_z).all()):  # else read once at the end
-            _check_weights(algorithm.name, torch.stack([*z_log, log_z]))
 
     indices = tqdm(range(steps), desc=algorithm.name, leave=False) if progress else range(steps)
     for i in indices:
@@ -875,26 +841,24 @@ def run_smc(
             base = out if isinstance(out, Transition) else Transition(out, 0.0)
             ctx = StepContext(run, i, x, evaluator.seen, prev, alg_state, leaf)
             inc = algorithm.log_weight(ctx)
-            reweight(inc)
-            ess_log.append(ess())
-            forced = algorithm.resample(ctx, log_w, generator)
+            ess = weights.reweight(inc)
+            forced = algorithm.resample(ctx, weights.log_w, generator)
             anc, mask = None, no_resample
             if forced is not None:
                 anc, mask = ancestors(f"{algorithm.name}: resample", forced, i), every_row
             elif inc is not None and ess_threshold > 0:
                 # below the threshold by more than rounding: uniform weights read ESS = N (1 - 1e-16)
-                mask = ess_log[-1] < ess_threshold * n_part * (1 - 1e-9)
+                mask = ess < ess_threshold * n_part * (1 - 1e-9)
                 anc = torch.where(
-                    mask[:, None], ancestors(resampler_name, resample_fn(log_w, generator), i), arange
+                    mask[:, None], ancestors(resampler_name, resample_fn(weights.log_w, generator), i), arange
                 )
             if anc is not None:
                 flat_idx = (anc + offsets).reshape(-1)
                 ctx = ctx.take(flat_idx)
                 base = _take(base, flat_idx, rows)
                 solver_state = _take(solver_state, flat_idx, rows)
-                log_w = torch.where(mask[:, None], torch.full_like(log_w, -math.log(n_part)), log_w)
-            res_log.append(mask)
-            z_log.append(log_z)
+                weights.reset(mask)
+            weights.record(mask)
             prop = _flat_tr(algorithm.propose(ctx, _view(base, run)), run)
             x, alg_state = ctx._x, ctx.state
         if algorithm.grad:
@@ -906,17 +870,66 @@ def run_smc(
 
     ctx = StepContext(run, steps, x, None, prev, alg_state)
     with grad_ctx():
-        reweight(algorithm.log_weight(ctx))
-    ess_log.append(ess())
-    res_log.append(no_resample)
-    z_log.append(log_z)
+        weights.reweight(algorithm.log_weight(ctx))
+    weights.record(no_resample)
     model.check_finite()
     run.check_reward()
-    trace = Trace(torch.stack(ess_log), torch.stack(res_log), torch.stack(z_log))
+    trace = weights.trace()
     _check_weights(algorithm.name, trace.log_z)
     ancestors.check()
     x = to_sample_dtype(algorithm.name, run.rows(x), in_dtype)
-    return Particles(x, log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
+    return Particles(x, weights.log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
+
+
+class _Weights:
+    """A run's normalized log-weights ``(batch, particles)`` and running ``log Z`` per row, with their
+    trace: the ESS after each node's reweighting, the rows resampled there and ``log Z``."""
+
+    def __init__(self, who: str, batch: int, n: int, device: torch.device) -> None:
+        self.who, self.shape, self.uniform = who, (batch, n), -math.log(n)
+        self.log_w = torch.full(self.shape, self.uniform, dtype=torch.float64, device=device)
+        self.log_z = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.ess_log: list[Tensor] = []
+        self.res_log: list[Tensor] = []
+        self.z_log: list[Tensor] = []
+        self._ess_of: Tensor | None = None  # the weights the last ESS is of: unchanged ones keep it
+        self._ess = torch.empty(0)
+
+    def reweight(self, inc: Tensor | None) -> Tensor:
+        """Add the increments ``inc`` (``None``: none), renormalize, and return (and log) the ESS."""
+        if inc is not None:
+            if not isinstance(inc, Tensor) or tuple(inc.shape) != self.shape:
+                got = tuple(inc.shape) if isinstance(inc, Tensor) else type(inc).__name__
+                raise ValueError(
+                    f"{self.who}: log_weight must return (batch, particles) = {self.shape}, got {got}"
+                )
+            lw = self.log_w + inc.detach().to(torch.float64)
+            # relative to each row's largest: a log-weight near 1e16 would lose the particles' differences
+            # to rounding in lw - logsumexp(lw), and the weights would not sum to 1
+            top = lw.amax(-1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            lw = lw - top
+            total = torch.logsumexp(lw, dim=-1)
+            self.log_z = self.log_z + top[:, 0] + total
+            self.log_w = lw - total[:, None]
+            if self.log_z.is_cpu and not bool(torch.isfinite(self.log_z).all()):  # else read at the end
+                _check_weights(self.who, torch.stack([*self.z_log, self.log_z]))
+        if self._ess_of is not self.log_w:
+            self._ess_of, self._ess = self.log_w, _resample.ess(self.log_w)
+        self.ess_log.append(self._ess)
+        return self._ess
+
+    def reset(self, rows: Tensor) -> None:
+        """Uniform weights in the resampled ``rows`` (a ``(batch,)`` mask)."""
+        self.log_w = torch.where(rows[:, None], torch.full_like(self.log_w, self.uniform), self.log_w)
+
+    def record(self, resampled: Tensor) -> None:
+        """Close the node: which rows were resampled, and ``log Z``."""
+        self.res_log.append(resampled)
+        self.z_log.append(self.log_z)
+
+    def trace(self) -> Trace:
+        return Trace(torch.stack(self.ess_log), torch.stack(self.res_log), torch.stack(self.z_log))
 
 
 class _InnerNoise:
