@@ -11,24 +11,9 @@ Usage::
     den = denoiser_from_diffusers(pipe.unet, pipe.scheduler.config)   # the same net, for sd.sample
     x0 = sd.sample(den, x_T, steps=10, schedule="karras", encoder_hidden_states=emb)
 
-**The model.** The config says how the net was trained: a discrete VP process (DDPM, Ho et al.
-2020) from ``beta_schedule`` (``linear``, ``scaled_linear``, ``squaredcos_cap_v2`` -- the cosine
-schedule of Nichol & Dhariwal 2021, Eq. 17 -- or ``sigmoid``) or ``trained_betas``, over
-``num_train_timesteps``, optionally rescaled to zero terminal SNR (``rescale_betas_zero_snr``,
-Lin et al. 2024) or SNR-shifted (``snr_shift_scale``: ``SNR / s``); ``prediction_type``
-``epsilon``/``sample``/``v_prediction``; ``variance_type="learned_range"`` (Improved DDPM: the net
-returns twice the channels). The betas and ``alphas_cumprod`` are computed in float32 as diffusers
-computes them for training, then held in float64. Flow-matching configs (``FlowMatch*`` schedulers,
-``use_flow_sigmas`` / ``prediction_type="flow_prediction"``) give the rectified flow
-``x = (1 - t) x0 + t eps`` with the velocity ``eps - x0`` as output and the net time ``1000 t``
-(``num_train_timesteps * t``). Settings that only choose diffusers' sampling grid (spacing,
-``shift``, Karras sigmas, ...) do not change the model and are ignored. ``thresholding=True``
-(DeepFloyd IF: Imagen's dynamic thresholding, Saharia et al. 2022, at the quantile
-``dynamic_thresholding_ratio`` of ``|x0|`` per sample, capped at ``sample_max_value``) or else
-``clip_sample=True`` (``x0`` clipped to ``clip_sample_range``; DDPM's default, google/ddpm-*) change
-the denoised estimate as DDPM/DDIM/DPMSolver/UniPC apply them: the denoiser is then a
-:class:`~steerdiff.guidance.DynamicThreshold` (``x0' = clip(x0, -s, s) / s``,
-``eps' = (x - alpha x0') / sigma``).
+**The model** a config describes (its process, prediction, net time and thresholding) is read by
+:mod:`steerdiff.integrations.diffusers_config` (:func:`process_from_config`,
+:func:`denoiser_from_diffusers`, re-exported here).
 
 **The scheduler.** :meth:`SteerdiffScheduler.set_timesteps` builds the grid of ``schedule`` and
 runs the solver once on a zero network to learn where it evaluates the net (the times depend on
@@ -84,7 +69,7 @@ from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance import DynamicThreshold
 from ..noise import NoiseSource, make_noise
-from ..processes import VP, Process, RectifiedFlow
+from ..processes import Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
 from ..schedules import Schedule, ScheduleLike
 from ..solvers.base import (
@@ -98,213 +83,18 @@ from ..solvers.base import (
     map_state,
     work_dtype,
 )
-
-__all__ = ["SteerdiffScheduler", "SteerdiffSchedulerOutput", "denoiser_from_diffusers", "process_from_config"]
-
-F64 = torch.float64
-_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
-_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-_FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-_UNSUPPORTED = {
-    "EDMEulerScheduler": "an EDM-preconditioned (sigma_data) model",
-    "EDMDPMSolverMultistepScheduler": "an EDM-preconditioned (sigma_data) model",
-    "CosineDPMSolverMultistepScheduler": "an EDM-preconditioned (sigma_data) model",
-    "CMStochasticIterativeScheduler": "a consistency model",
-    "SCMScheduler": "a consistency model",
-    "LCMScheduler": "a consistency-distilled model",
-    "TCDScheduler": "a consistency-distilled model",
-    "FlowMatchLCMScheduler": "a consistency-distilled model",
-    "ScoreSdeVeScheduler": "a variance-exploding score model",
-    "KarrasVeScheduler": "a variance-exploding model",
-    "IPNDMScheduler": "a model without a beta schedule",
-    "DDPMWuerstchenScheduler": "a Wuerstchen model",
-    "VQDiffusionScheduler": "a discrete-token model",
-    "AmusedScheduler": "a discrete-token model",
-}
-# configs of schedulers made in code carry no _class_name: these keys tell the same models apart
-_UNSUPPORTED_KEYS = {
-    "sigma_data": "an EDM-preconditioned or consistency model",
-    "timestep_scaling": "a consistency-distilled model",
-    "sampling_eps": "a variance-exploding score model",
-    "num_vec_classes": "a discrete-token model",
-    "mask_token_id": "a discrete-token model",
-}
-_SUPPORTED = (
-    "VP configs (beta_schedule/trained_betas: DDPM, DDIM, PNDM, Euler, Heun, LMS, DPM-Solver, UniPC, "
-    "DEIS, ... schedulers) and flow-matching configs (FlowMatchEuler/FlowMatchHeun, use_flow_sigmas)"
+from .diffusers_config import (
+    _FLOW_CLASSES,
+    F64,
+    _denoiser,
+    _is_flow,
+    _Spec,
+    _spec,
+    denoiser_from_diffusers,
+    process_from_config,
 )
 
-
-# --- the model: process, prediction and time input from a scheduler config ------------------------
-
-
-@dataclass(frozen=True)
-class _Spec:
-    process: Process
-    prediction: str
-    learned_variance: bool
-    time_map: Callable[[Tensor], Tensor] | None
-    threshold: tuple[float | None, float] | None = None  # DynamicThreshold's (percentile, max_value)
-
-
-def _config_of(scheduler_or_config: Any) -> dict[str, Any]:
-    if isinstance(scheduler_or_config, dict):
-        return dict(scheduler_or_config)
-    config = getattr(scheduler_or_config, "config", None)
-    if isinstance(config, dict):
-        return dict(config)
-    raise ValueError(
-        "scheduler_or_config must be a diffusers scheduler or its config dict, "
-        f"got {type(scheduler_or_config).__name__}"
-    )
-
-
-def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    """Nichol & Dhariwal 2021, Eq. 17: ``beta_i = min(1 - f((i+1)/n) / f(i/n), 0.999)``,
-    ``f(u) = cos((u + s) / (1 + s) pi / 2)^2``."""
-
-    def f(u: float) -> float:
-        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-
-    return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), max_beta) for i in range(n)], dtype=torch.float32)
-
-
-def _betas(cfg: dict[str, Any]) -> Tensor:
-    """The float32 betas of a VP config, as diffusers computes them for training."""
-    n = int(cfg.get("num_train_timesteps", 1000))
-    if cfg.get("trained_betas") is not None:
-        return torch.tensor(cfg["trained_betas"], dtype=torch.float32).flatten()
-    kind = cfg.get("beta_schedule", "linear")
-    b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-    if kind == "linear":
-        return torch.linspace(b0, b1, n, dtype=torch.float32)
-    if kind == "scaled_linear":
-        return torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float32) ** 2
-    if kind == "squaredcos_cap_v2":
-        return _cosine_betas(n)
-    if kind == "sigmoid":  # GeoDiff (Xu et al. 2022)
-        return torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float32)) * (b1 - b0) + b0
-    raise ValueError(f"beta_schedule={kind!r} is not supported; accepted: {_BETA_SCHEDULES} or trained_betas")
-
-
-def _is_flow(cfg: dict[str, Any]) -> bool:
-    """Whether a config describes a flow-matching model (class name, or keys when it has none)."""
-    origin = cfg.get("origin") or cfg.get("_class_name")
-    has_betas = "beta_schedule" in cfg or cfg.get("trained_betas") is not None
-    return (
-        origin in _FLOW_CLASSES
-        or bool(cfg.get("use_flow_sigmas"))
-        or cfg.get("prediction_type") == "flow_prediction"
-        or (origin is None and "use_dynamic_shifting" in cfg and not has_betas)
-    )
-
-
-def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
-    """The post-processing of the denoised estimate a config asks for, as DDPM/DDIM apply it (and
-    DPMSolver/UniPC/DEIS its first case): ``thresholding=True``, Imagen's dynamic thresholding at
-    quantile ``dynamic_thresholding_ratio`` capped at ``sample_max_value``; else ``clip_sample=True``,
-    clipping to ``[-clip_sample_range, clip_sample_range]``; else none. As
-    :class:`~steerdiff.guidance.DynamicThreshold`'s ``(percentile, max_value)``."""
-    if cfg.get("thresholding"):
-        ratio = cfg.get("dynamic_thresholding_ratio", 0.995)
-        return (
-            real("thresholding", "dynamic_thresholding_ratio", ratio, lo=0, hi=1, lo_open=True),
-            real("thresholding", "sample_max_value", cfg.get("sample_max_value", 1.0), lo=1),
-        )
-    if cfg.get("clip_sample"):
-        limit = cfg.get("clip_sample_range", 1.0)
-        return None, real("clip_sample", "clip_sample_range", limit, lo=0, lo_open=True)
-    return None
-
-
-def _spec(cfg: dict[str, Any]) -> _Spec:
-    origin = cfg.get("origin") or cfg.get("_class_name")
-    reason = _UNSUPPORTED.get(origin) or next((r for k, r in _UNSUPPORTED_KEYS.items() if k in cfg), None)
-    if reason is not None:
-        raise ValueError(
-            f"the scheduler config of {origin or 'this scheduler'} ({reason}) is not supported; "
-            f"supported: {_SUPPORTED}"
-        )
-    n = int(cfg.get("num_train_timesteps", 1000))
-    pred_type = cfg.get("prediction_type", "epsilon")
-    threshold = _threshold(cfg)
-    if _is_flow(cfg):
-        if cfg.get("invert_sigmas"):
-            raise ValueError("flow-matching config with invert_sigmas=True is not supported")
-        return _Spec(RectifiedFlow(1 / n, 1 - 1 / n), "flow", False, lambda t: t * n, threshold)
-    if pred_type not in _PREDICTIONS:
-        raise ValueError(f"prediction_type={pred_type!r} is not supported; accepted: {sorted(_PREDICTIONS)}")
-    variance = cfg.get("variance_type")
-    if variance == "learned":
-        raise ValueError(
-            "variance_type='learned' (a raw log-variance output) is not supported; accepted: "
-            "'learned_range' or a fixed variance type"
-        )
-    ac = torch.cumprod(1 - _betas(cfg), 0)
-    shift = float(cfg.get("snr_shift_scale") or 1.0)
-    if shift != 1.0:  # CogVideoX: SNR / s
-        ac = ac / (shift + (1 - shift) * ac)
-    process = VP.discrete(alphas_cumprod=ac.to(F64), rescale_zero_snr=bool(cfg.get("rescale_betas_zero_snr")))
-    time_map = None
-    if cfg.get("timestep_type") == "continuous" and pred_type == "v_prediction":
-        # Euler's continuous timesteps: the net sees 0.25 log(sigma / alpha)
-        time_map = lambda t: -0.25 * process.lam(t)  # noqa: E731
-    return _Spec(process, _PREDICTIONS[pred_type], variance == "learned_range", time_map, threshold)
-
-
-def process_from_config(scheduler_or_config: Any) -> Process:
-    """The noise process a diffusers scheduler config describes (see the module docstring).
-
-    Raises:
-        ValueError: an unknown ``beta_schedule``/``prediction_type`` or an unsupported scheduler.
-    """
-    return _spec(_config_of(scheduler_or_config)).process
-
-
-class _ModelNet:
-    """``model(x, t, **cond)`` as a tensor: the ``.sample`` of diffusers' model outputs."""
-
-    def __init__(self, model: Callable[..., Any]) -> None:
-        self.model = model
-
-    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        out = self.model(x, t, **cond)
-        if hasattr(out, "sample"):
-            return out.sample
-        if isinstance(out, (tuple, list)):
-            return out[0]
-        return out
-
-
-def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
-    """The denoiser of ``spec`` over ``net`` (``kw`` override it), in its
-    :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips."""
-    opts: dict[str, Any] = {"prediction": spec.prediction, "learned_variance": spec.learned_variance}
-    if spec.time_map is not None:
-        opts["time_map"] = spec.time_map
-    den = Denoiser(net, spec.process, **{**opts, **kw})
-    return den if spec.threshold is None else DynamicThreshold(den, *spec.threshold)
-
-
-def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any, **kw: Any) -> Denoiser:
-    """A :class:`~steerdiff.denoiser.Denoiser` of a diffusers model (``UNet2DModel``,
-    ``UNet2DConditionModel``, a transformer, ...) trained as ``scheduler_or_config`` says.
-
-    The net is called as ``model(x, t, **cond).sample`` (a tuple's first entry, or the tensor
-    itself), with ``t`` the timestep diffusers would pass (``(batch,)``); ``cond`` are the
-    keyword arguments given to :func:`steerdiff.sample` (``encoder_hidden_states``,
-    ``class_labels``, ...). ``kw`` go to :class:`~steerdiff.denoiser.Denoiser` and override what
-    the config says (``prediction``, ``time_map``, ``learned_variance``, ``shape``). A config with
-    ``thresholding=True`` or ``clip_sample=True`` gives that denoiser in a
-    :class:`~steerdiff.guidance.DynamicThreshold` (see the module docstring).
-
-    Raises:
-        ValueError: an unknown ``beta_schedule``/``prediction_type``, ``variance_type="learned"``,
-            a threshold setting out of range (naming the key), or a config of an unsupported
-            scheduler (EDM, consistency, VE, discrete-token models).
-    """
-    return _denoiser(_ModelNet(model), _spec(_config_of(scheduler_or_config)), **kw)
-
+__all__ = ["SteerdiffScheduler", "SteerdiffSchedulerOutput", "denoiser_from_diffusers", "process_from_config"]
 
 # --- the scheduler: a solver run driven by the pipeline's net calls -------------------------------
 
