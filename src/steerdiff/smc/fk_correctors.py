@@ -205,10 +205,13 @@ class Composition(Guided):
         the corrector's weight per unit ``lam`` (see the module docstring)."""
         b = sum(self.betas)
         parts = [p.reshape(p.shape[0], -1).to(torch.float64) for p in pred.parts]
+        if len(parts) == 1:  # annealing: eps_bar is the one eps, no spread
+            return (b * (b - 1)) * torch.linalg.vecdot(parts[0], parts[0])
         bar = sum(beta * p for beta, p in zip(self.betas, parts, strict=True)) / b
-        rate = (b * (b - 1)) * bar.pow(2).sum(1)
+        rate = (b * (b - 1)) * torch.linalg.vecdot(bar, bar)
         for beta, p in zip(self.betas, parts, strict=True):
-            rate = rate - beta * (p - bar).pow(2).sum(1)
+            d = p - bar
+            rate = rate - beta * torch.linalg.vecdot(d, d)
         return rate
 
     def own_noise(self) -> list[tuple[str, Generators]]:
