@@ -748,21 +748,7 @@ def run_smc(
     if dtype is not None:
         dtype = sample_dtype("run_smc", "dtype", dtype)
     rows = batch * n_part
-    for name, n in den.per_row():  # state of the denoiser's own that the engine cannot repeat or slice
-        if n != rows or max_batch is not None:
-            raise ValueError(
-                f"{name} holds one entry per sample ({n} rows), but particle methods call the denoiser on "
-                f"batch x particles = {rows} rows, in slices of max_batch if given: give it one entry for "
-                f"all, or {rows} rows (each batch row's repeated {n_part} times) with max_batch=None"
-            )
-    if max_batch is not None:
-        max_batch = integer("run_smc", "max_batch", max_batch, lo=1)
-        if den.own_noise():
-            raise ValueError(
-                f"max_batch: {', '.join(dict.fromkeys(n for n, _ in den.own_noise()))} in the denoiser draws "
-                "noise for the rows it is called with, which slices of max_batch rows would change; pass "
-                "max_batch=None"
-            )
+    max_batch = _check_batching(den, n_part, rows, max_batch)
     if reward is not None:
         _check_reward(reward)
     resample_fn = _resample.get(resampler)
@@ -778,20 +764,7 @@ def run_smc(
             f"{slv.name!r} is deterministic. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0)"
         )
     grid = make_grid(den.process, _schedules.get(schedule), steps, final)
-
-    if x_T is None:
-        scale = math.hypot(grid.alpha[0], grid.sigma[0])
-        x = randn((batch, n_part, *sample_shape), generator, dtype, device).reshape(rows, *sample_shape)
-        if not math.isclose(scale, 1.0, rel_tol=1e-9):
-            x = x * scale
-    else:
-        if not isinstance(x_T, Tensor) or tuple(x_T.shape) != (batch, n_part, *sample_shape):
-            got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
-            raise ValueError(
-                f"x_T must be (batch, particles, *shape) = {(batch, n_part, *sample_shape)}, got {got}"
-            )
-        x = x_T.reshape(rows, *sample_shape)
-        check_x_T(den, x)
+    x = _initial_particles(den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
     in_dtype = x.dtype
     x = x.to(work_dtype(in_dtype))
 
@@ -879,6 +852,52 @@ def run_smc(
     ancestors.check()
     x = to_sample_dtype(algorithm.name, run.rows(x), in_dtype)
     return Particles(x, weights.log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
+
+
+def _check_batching(den: Denoiser, n_part: int, rows: int, max_batch: int | None) -> int | None:
+    """``max_batch`` checked against what ``den`` holds per sample or draws per row: state of the
+    denoiser's own that the engine cannot repeat for the particles or slice into chunks."""
+    for name, n in den.per_row():
+        if n != rows or max_batch is not None:
+            raise ValueError(
+                f"{name} holds one entry per sample ({n} rows), but particle methods call the denoiser on "
+                f"batch x particles = {rows} rows, in slices of max_batch if given: give it one entry for "
+                f"all, or {rows} rows (each batch row's repeated {n_part} times) with max_batch=None"
+            )
+    if max_batch is None:
+        return None
+    max_batch = integer("run_smc", "max_batch", max_batch, lo=1)
+    if den.own_noise():
+        raise ValueError(
+            f"max_batch: {', '.join(dict.fromkeys(n for n, _ in den.own_noise()))} in the denoiser draws "
+            "noise for the rows it is called with, which slices of max_batch rows would change; pass "
+            "max_batch=None"
+        )
+    return max_batch
+
+
+def _initial_particles(
+    den: Denoiser,
+    grid: Grid,
+    shape: tuple[int, ...],
+    x_T: Tensor | None,
+    generator: Generators,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+) -> Tensor:
+    """The particles at node 0 as flat rows ``(batch * particles, *sample_shape)``: ``x_T`` checked, or
+    ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal draws of ``shape = (batch, particles, ...)``."""
+    rows, sample_shape = shape[0] * shape[1], shape[2:]
+    if x_T is None:
+        scale = math.hypot(grid.alpha[0], grid.sigma[0])
+        x = randn(shape, generator, dtype, device).reshape(rows, *sample_shape)
+        return x if math.isclose(scale, 1.0, rel_tol=1e-9) else x * scale
+    if not isinstance(x_T, Tensor) or tuple(x_T.shape) != shape:
+        got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
+        raise ValueError(f"x_T must be (batch, particles, *shape) = {shape}, got {got}")
+    x = x_T.reshape(rows, *sample_shape)
+    check_x_T(den, x)
+    return x
 
 
 class _Weights:
