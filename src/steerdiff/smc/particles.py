@@ -186,15 +186,8 @@ class Particles:
         """The particles at ancestor ``indices`` ``(batch, n)``, integers in ``[0, particles)``, equally
         weighted (a ``ValueError`` otherwise: an index out of range wrapped to another particle)."""
         batch, n_part = self.log_w.shape
-        if (
-            not isinstance(indices, Tensor)
-            or indices.is_floating_point()
-            or indices.is_complex()
-            or indices.dtype == torch.bool
-            or indices.ndim != 2
-            or indices.shape[0] != batch
-            or indices.shape[1] < 1
-        ):
+        shaped = _is_index_tensor(indices) and indices.ndim == 2 and indices.shape[0] == batch
+        if not shaped or indices.shape[1] < 1:
             got = (
                 f"{indices.dtype} {tuple(indices.shape)}"
                 if isinstance(indices, Tensor)
@@ -598,6 +591,13 @@ def _flat_tr(tr: Transition, run: _Run) -> Transition:
     return Transition(run.flat(tr.mean), std)
 
 
+def _is_index_tensor(idx: Any) -> bool:
+    """Whether ``idx`` is a tensor of integers (not floating, complex or bool): ancestor indices."""
+    if not isinstance(idx, Tensor):
+        return False
+    return not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool)
+
+
 class _Ancestors:
     """Checks ancestor indices from a resampler or a ``resample`` hook: an integer ``(batch, N)``
     tensor (at once), entries in ``[0, N)`` (at once for CPU tensors; otherwise read with the run's
@@ -612,13 +612,7 @@ class _Ancestors:
     def __call__(self, who: str, idx: Any, node: int) -> Tensor:
         """``idx`` checked, as int64 on the particles' device; ``who`` made it at ``node``."""
         shape = (self.batch, self.n)
-        if (
-            not isinstance(idx, Tensor)
-            or idx.is_floating_point()
-            or idx.is_complex()
-            or idx.dtype == torch.bool
-            or tuple(idx.shape) != shape
-        ):
+        if not _is_index_tensor(idx) or tuple(idx.shape) != shape:
             got = (
                 f"{idx.dtype} of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
             )
