@@ -379,7 +379,9 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     assert row.groups() == tuple(
         f"{rel_rmse(z, exact):.2e}"
         for z in (
-            sd.sample(cfg, x_T, 10, sd.solvers.DPMSolverPPMultistep(max_h=0.8), "karras_capped"),
+            sd.sample(
+                cfg, x_T, 10, sd.solvers.DPMSolverPPMultistep(max_h=0.8, max_h_ratio=0.0), "karras_capped"
+            ),
             sd.sample(cfg, x_T, 10, "unipc", "karras_capped"),
             sd.sample(cfg, x_T, 10, "ddim", "karras_capped"),
             y,
@@ -429,7 +431,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     assert row.groups() == (
         *(
             f"{rel_rmse(sd.sample(cfg, x_T, 10, s, 'karras_capped'), exact):.2e}"
-            for s in (sd.solvers.DPMSolverPPMultistep(max_h=0.8), "unipc", "ddim")
+            for s in (sd.solvers.DPMSolverPPMultistep(max_h=0.8, max_h_ratio=0.0), "unipc", "ddim")
         ),
         f"{rel_rmse(y, exact_lifted):.2e}",
     )
@@ -635,3 +637,35 @@ def test_bench_no_diffusers_runs_without_diffusers(tmp_path, capsys, monkeypatch
     with open(tmp_path / "sde" / "sde.csv") as f:
         assert {r["source"] for r in csv.DictReader(f)} == {"steerdiff"}
     assert "diffusers (columns: NFE)" not in capsys.readouterr().out
+
+
+def test_bench_longstep_rows_are_the_solvers_with_and_without_the_rule(tmp_path, capsys):
+    """``bench longstep``: on EDM only ``time_uniform`` has a long step after short ones (its last noisy
+    step is 8-12 times the one before in log-SNR), so the rule changes exactly its cases; each row is
+    ``sd.sample`` with the named solver and with ``max_h=inf`` against the exact ODE and denoiser from
+    the same x_T, and there the rule takes UniPC-3 at 20 steps from more than 10 (relative) below 0.5."""
+    argv = ["bench", "longstep", "--process", "edm", "--quick", "--n", "8", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "longstep.csv", newline="") as f:
+        rows = {(r["schedule"], int(r["steps"]), r["solver"]): r for r in csv.DictReader(f)}
+    solvers = ("dpmpp_2m", "dpmpp_3m", "unipc")
+    assert set(rows) == {("time_uniform", k, s) for k in (10, 20) for s in solvers}
+    applicable = len([s for s in sd.schedules.available() if s not in ("leading", "linspace", "trailing")])
+    out = capsys.readouterr().out
+    assert f"the rule changes 6 of {applicable * 2 * 3} cases" in out
+    assert (tmp_path / "longstep.txt").read_text() in out
+
+    gmm, edm = sd.toy.default_benchmark_mixture(dim=16), sd.EDM()
+    x_T = torch.randn(8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_T = x_T * math.hypot(1.0, edm.t_max)
+    ref = gmm.reference_ode(x_T, edm, edm.t_max, edm.t_min, denoise=True)
+    den = gmm.denoiser(edm)
+    for (schedule, k, solver), r in rows.items():
+        plain = sd.solvers.get(solver)
+        plain.max_h = math.inf
+        with_rule = rel_rmse(sd.sample(den, x_T, k, solver, schedule), ref)
+        without = rel_rmse(sd.sample(den, x_T, k, plain, schedule), ref)
+        assert float(r["with_rule"]) == pytest.approx(with_rule, rel=1e-5)
+        assert float(r["without"]) == pytest.approx(without, rel=1e-5)
+    assert float(rows["time_uniform", 20, "unipc"]["without"]) > 10
+    assert float(rows["time_uniform", 20, "unipc"]["with_rule"]) < 0.5

@@ -663,7 +663,10 @@ def test_guided_denoisers_get_a_second_order_default(sd_process):
     cfg, x_T, ref = _cfg_toward_two(sd_process, 7.5)
     plain = cfg.uncond
     grad = sd.guidance.RewardGuidance(plain, lambda x0: -(x0**2).sum(1), 0.5)
-    guarded, unipc_2 = sd.solvers.DPMSolverPPMultistep(order=2, max_h=0.8), sd.solvers.UniPC(order=2)
+    guarded, unipc_2 = (
+        sd.solvers.DPMSolverPPMultistep(order=2, max_h=0.8, max_h_ratio=0.0),
+        sd.solvers.UniPC(order=2),
+    )
     for steps in (5, 9, 10, 14, 15, 20):
         guided = guarded if steps < 15 else unipc_2
         assert sd.sampling.default_solver(plain, steps) == sd.solvers.UniPC(max_h=2.0, max_h_ratio=2.0)
@@ -733,8 +736,10 @@ def test_the_guided_guard_loosens_as_the_cfg_scale_falls():
     assert clip.guidance_scale == 2.0 and sd.sampling.default_solver(clip, 5) == sd.sampling.default_solver(
         cfg, 5
     )
-    assert sd.sampling.default_solver(cfg, 5) == sd.solvers.DPMSolverPPMultistep(max_h=max_h(2.0))
-    flat = sd.solvers.DPMSolverPPMultistep(max_h=0.8)
+    assert sd.sampling.default_solver(cfg, 5) == sd.solvers.DPMSolverPPMultistep(
+        max_h=max_h(2.0), max_h_ratio=0.0
+    )
+    flat = sd.solvers.DPMSolverPPMultistep(max_h=0.8, max_h_ratio=0.0)
     for n in (5, 6):
         default = rel_rmse(sd.sample(cfg, x_T, n), ref)
         assert default == rel_rmse(sd.sample(cfg, x_T, n, "dpmpp_2m"), ref)

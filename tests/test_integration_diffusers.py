@@ -612,7 +612,7 @@ def test_config_round_trip(tmp_path):
     # the scheduler) and its default schedule
     plain = SteerdiffScheduler.from_config(config)
     assert (plain.config.solver, plain.config.schedule) == (None, "karras_capped")
-    guarded = sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.GUIDED_MAX_H)
+    guarded = sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.GUIDED_MAX_H, max_h_ratio=0.0)
     for steps, solver in [(9, guarded), (14, guarded), (15, sd.solvers.UniPC(order=2))]:
         plain.set_timesteps(steps)
         assert plain._run.solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps))
@@ -621,7 +621,9 @@ def test_config_round_trip(tmp_path):
     # the pipeline's CFG scale, which the scheduler cannot see, sets the guided default's long-step limit
     mild = SteerdiffScheduler.from_config(config, guidance_scale=2.0)
     mild.set_timesteps(5)
-    assert mild._run.solver == sd.solvers.DPMSolverPPMultistep(max_h=sd.sampling.guided_max_h(2.0))
+    assert mild._run.solver == sd.solvers.DPMSolverPPMultistep(
+        max_h=sd.sampling.guided_max_h(2.0), max_h_ratio=0.0
+    )
     mild.save_pretrained(tmp_path / "mild")
     assert SteerdiffScheduler.from_pretrained(tmp_path / "mild").config.guidance_scale == 2.0
     for bad in ("7.5", math.inf, True):
@@ -775,7 +777,8 @@ def test_custom_timesteps_and_sigmas_of_vp_pipelines():
     end (DPMSolverMultistep's custom timesteps); ``sigmas`` are Karras' ``sigma / alpha``, a trailing
     0 dropped, giving EulerDiscrete's timesteps for the same list."""
     config = sd_betas_config()
-    ours = SteerdiffScheduler.from_config(config, solver="dpmpp_2m")
+    # diffusers' rule for long steps (the last node's step is 2.6 in log-SNR, 4.2x the one before)
+    ours = SteerdiffScheduler.from_config(config, solver=sd.solvers.DPMSolverPPMultistep(max_h=math.inf))
     theirs = diffusers.DPMSolverMultistepScheduler.from_config(config)
     for sched in (ours, theirs):
         sched.set_timesteps(timesteps=[999, 800, 500, 200, 0])

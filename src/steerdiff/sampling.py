@@ -36,8 +36,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOLVER = "unipc"  # UniPC-3 (bh2, corrector); sample's default adds the long-step guard below
-DEFAULT_MAX_H, DEFAULT_MAX_H_RATIO = 2.0, 2.0  # first order on a step longer than both (UniPC's max_h*)
+DEFAULT_SOLVER = "unipc"  # UniPC-3 (bh2, corrector), long steps after short ones at first order
 GUIDED_CORRECTOR_FROM = 15  # from here on guided denoisers get UniPC-2: the same predictor, corrected
 # guided 2M: first order on steps longer than 0.8 in log-SNR from CFG scale 7.5 up (guided_max_h)
 GUIDED_MAX_H, GUIDED_MAX_H_SCALE = 0.8, 7.5
@@ -114,35 +113,33 @@ def guided_solver(steps: int, scale: float | None = None) -> Solver:
     steps = integer("guided_solver", "steps", steps, lo=1)
     if steps >= GUIDED_CORRECTOR_FROM:
         return UniPC(order=2)
-    return DPMSolverPPMultistep(order=2, max_h=guided_max_h(scale))
+    return DPMSolverPPMultistep(order=2, max_h=guided_max_h(scale), max_h_ratio=0.0)
 
 
 def default_solver(den: Denoiser, steps: int) -> Solver:
     """The solver :func:`sample` takes when none is given: :data:`DEFAULT_SOLVER` (UniPC-3, bh2,
-    with corrector) predicting at first order on any step longer than :data:`DEFAULT_MAX_H` in
-    log-SNR and than :data:`DEFAULT_MAX_H_RATIO` times the step before; or where ``den.guided``
+    with corrector), which predicts at first order on any step longer than
+    :data:`~steerdiff.solvers.base.ODE_MAX_H` in log-SNR and than
+    :data:`~steerdiff.solvers.base.ODE_MAX_H_RATIO` times the step before; or where ``den.guided``
     (the wrappers of :mod:`steerdiff.guidance`) :func:`guided_solver` at ``steps`` and
     ``den.guidance_scale``.
 
-    The guard never acts on the default schedule (``karras_capped``: each step is at most 1.4
-    times the one before, on VP, VE, EDM and flow processes at 2-200 steps) and leaves UniPC-3 as
-    the paper and diffusers have it on the named ``"unipc"``. It is for grids that end with a long
-    step after short ones -- ``linspace`` (to t = 0), ``leading``, ``time_uniform`` (ratios up to 5
-    and 14) -- where extrapolating the cubic through the closely spaced estimates over the long step
-    amplifies their errors. Measured on the 16-d default mixture (512 samples against the exact ODE;
-    VP under SD, DDPM and zero-terminal-SNR betas, rectified flow, EDM, VP cosine; the grids karras_capped,
-    karras_jump, karras, logsnr_uniform, time_uniform, leading, linspace, ays at 3-50 steps where
-    some step after the first is longer than 1.5): better in 127 of 303 cases, by up to 35x (DDPM
-    betas at 15 steps: linspace 1.05 -> 0.059, leading 0.82 -> 0.054; Stable Diffusion's leading
-    0.16 -> 0.12); worse in 13, by at most 1.38x (EDM on time_uniform at 3-12 steps, karras at
-    3-5 steps, SD betas' leading at 12 by 1.06x). Without the ratio condition (``max_h`` alone):
-    174 better but 52 worse, among them the default schedule at 3 steps. diffusers' UniPC escapes
-    these grids another way, lowering the order of the last steps at every step count (ours, like
-    DPM-Solver++, only below 15 steps; :func:`~steerdiff.solvers.base.step_order`).
+    The long-step rule never acts on the default schedule (``karras_capped``: each step is at most 1.4 times
+    the one before, on VP, VE, EDM and flow processes at 2-200 steps), nor on ``karras`` or
+    ``logsnr_uniform``. It is for grids that end with a long step after short ones -- ``linspace`` (to
+    t = 0), ``leading``, ``time_uniform`` (ratios up to 5 and 14) -- where extrapolating the cubic through
+    the closely spaced estimates over the long step amplifies their errors. ``steerdiff bench longstep``
+    (docs/bench/longstep.txt; 16-d default mixture, 256 samples against the exact ODE; SD, DDPM and
+    zero-terminal-SNR betas, VP cosine, EDM, rectified flow; every schedule at 5-50 steps): for UniPC-3 the
+    rule changes 71 cases, better in 68 (DDPM betas' linspace at 20 steps 0.32 -> 0.042, EDM's
+    time_uniform at 50 steps 11.9 -> 0.35), worse in 3, by at most 1.35x (EDM's time_uniform at 5-10
+    steps). diffusers' UniPC escapes these grids another way, lowering the order of the last steps at
+    every step count (ours, like DPM-Solver++, only below 15 steps;
+    :func:`~steerdiff.solvers.base.step_order`).
     """
     if den.guided:
         return guided_solver(steps, den.guidance_scale)
-    return UniPC(max_h=DEFAULT_MAX_H, max_h_ratio=DEFAULT_MAX_H_RATIO)
+    return _solvers.get(DEFAULT_SOLVER)
 
 
 def check_seeded(den: Denoiser, generator: object) -> None:

@@ -18,19 +18,21 @@ about 2.3 against 2.9 on the Gaussian-mixture oracle); ``third_order="dpmsolver"
 One NFE per step; warm-up at the first steps and lower order at the last (``lower_order_final``,
 see :func:`~steerdiff.solvers.base.step_order`).
 
-``max_h``, ``max_h_ratio``: steps longer than ``max_h`` in ``lam`` (and than ``max_h_ratio`` times
-the step before) are first order (DDIM; :func:`~steerdiff.solvers.base.step_order`). In
+``max_h``, ``max_h_ratio``: steps longer than ``max_h`` in ``lam`` and than ``max_h_ratio`` times
+the step before are first order (DDIM; :func:`~steerdiff.solvers.base.step_order`). By default 2 and 2
+(:data:`~steerdiff.solvers.base.ODE_MAX_H`): the long last noisy step of ``time_uniform``,
+``linspace`` and ``leading`` grids, where the extrapolated polynomial amplifies the estimates'
+errors; ``max_h=math.inf`` is the paper's and diffusers' rule (the parity tests use it). In
 ``u = x / alpha`` the step reads ``u_{i+1} = e^{-h} u_i + (1 - e^{-h}) D``; on a mode where the
 denoised estimate responds to ``u`` with gain ``-G`` (classifier-free guidance,
 ``(1 - w) D_u + w D_c``, makes ``G`` grow with the scale ``w``) the DDIM step is stable for
 ``(1 - e^{-h}) G < 1 + e^{-h}`` and the 2M step with equal steps for half that ``G``, so long steps
 under strong guidance diverge with 2M where DDIM does not. The guided default
-(:func:`steerdiff.sampling.guided_solver`) sets ``max_h``.
+(:func:`steerdiff.sampling.guided_solver`) sets ``max_h`` by the guidance scale, with no ratio.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,7 +42,7 @@ from .._checks import boolean, choice
 from .._ops import lincomb
 from ._exp import hphi_scaled
 from ._poly import newton_weights
-from .base import Grid, History, Model, Solver, check_long_step, step_order
+from .base import ODE_MAX_H, ODE_MAX_H_RATIO, Grid, History, Model, Solver, check_long_step, step_order
 
 __all__ = ["DPMSolverPPMultistep", "multistep_weights"]
 
@@ -90,8 +92,8 @@ class DPMSolverPPMultistep(Solver):
     order: int = 2
     lower_order_final: bool = True
     third_order: str = "exact"
-    max_h: float = math.inf
-    max_h_ratio: float = 0.0
+    max_h: float = ODE_MAX_H
+    max_h_ratio: float = ODE_MAX_H_RATIO
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -40,7 +40,6 @@ correction of ``x_{N-1}`` that diffusers computes there is multiplied by
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -50,7 +49,7 @@ from .._checks import boolean, choice
 from .._ops import lincomb
 from ._exp import phi
 from ._poly import exp_adams_bashforth, lagrange_weights, unipc_moments
-from .base import Grid, History, Model, Solver, check_long_step, step_order
+from .base import ODE_MAX_H, ODE_MAX_H_RATIO, Grid, History, Model, Solver, check_long_step, step_order
 
 __all__ = ["UniPC"]
 
@@ -72,8 +71,9 @@ class UniPC(Solver):
         max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times
             the step before is predicted at first order (its correction then uses two estimates):
             extrapolating the polynomial through estimates spaced by the short steps before over
-            such a step amplifies their errors (:func:`~steerdiff.solvers.base.step_order`). Off by
-            default, as in the paper and diffusers; :func:`steerdiff.sample`'s default sets them.
+            such a step amplifies their errors (:func:`~steerdiff.solvers.base.step_order`). Default
+            2 and 2 (:data:`~steerdiff.solvers.base.ODE_MAX_H`); ``max_h=math.inf`` is the paper's
+            and diffusers' rule.
     """
 
     name: ClassVar[str] = "unipc"
@@ -83,8 +83,8 @@ class UniPC(Solver):
     corrector: bool = True
     lower_order_final: bool = True
     prediction: str = "data"
-    max_h: float = math.inf
-    max_h_ratio: float = 0.0
+    max_h: float = ODE_MAX_H
+    max_h_ratio: float = ODE_MAX_H_RATIO
 
     def __post_init__(self) -> None:
         super().__post_init__()
