@@ -136,3 +136,12 @@ def test_rows_without_a_distribution(name, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
     idx = fn(NO_DIST, torch.Generator().manual_seed(0))
     assert idx.shape == (4, 4) and int(idx.min()) >= 0 and int(idx.max()) <= 3, idx
+
+
+@pytest.mark.parametrize("n", [9, 10, 100])
+def test_residual_keeps_every_particle_of_equal_weights(n):
+    """Equal weights: N W_i = 1, one copy of each particle and nothing left to draw. In float64 N W_i is
+    0.99...9 for these N; its floor, 0, made every offspring multinomial (count variance 0.9, not 0)."""
+    log_w = torch.zeros(50, n, dtype=F64)
+    idx = rs.residual(log_w, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, torch.arange(n).expand(50, n))

@@ -134,13 +134,18 @@ def indices_from_counts(counts: Tensor) -> Tensor:
     return torch.searchsorted(cum, slots, right=True)
 
 
+FLOOR_TOL = 1e-9  # residual: N W_i this close below an integer is that integer (float round-off)
+
+
 def residual(log_w: Tensor, generator: Generators = None) -> Tensor:
     """``floor(N W_i)`` copies of each particle, the ``R`` left drawn multinomially from the
     residual weights ``N W_i - floor(N W_i)`` (Liu & Chen 1998)."""
     _check(log_w)
     n = log_w.shape[1]
     nw = n * torch.exp(normalize(log_w.to(torch.float64)))
-    kept = nw.floor()
+    # equal weights give N W_i = 0.99...9 for N = 9, 10, 100, ...: its floor, 0, would draw every
+    # offspring at random; sum(kept) <= N still (N FLOOR_TOL < 1)
+    kept = (nw + FLOOR_TOL).floor()
     left = n - kept.sum(-1, keepdim=True)  # R per row, (rows, 1)
     frac = (nw - kept).clamp_min(0)
     # rows with R = 0 have (up to round-off) no residual mass; a uniform placeholder keeps the draw
