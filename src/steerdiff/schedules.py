@@ -3,8 +3,8 @@ r"""Time grids: the nodes ``t_0 > t_1 > ... > t_{n-1}`` at which a solver evalua
 A schedule is an object, ``schedule(process, n) -> Tensor`` of ``n`` float64 process times from
 the process's noise end ``t_max`` to its clean end ``t_min``, both included except where a spacing
 by definition does not: ``leading`` starts below ``t_max`` (at ``(n - 1) (T // n) + steps_offset``),
-``trailing``, ``ays`` and, below 15 nodes, ``karras_jump`` and ``karras_capped`` end above
-``t_min``. :func:`steerdiff.sample` with
+``trailing`` (below ``2/3`` of the training steps: ``round(N_train / n) - 1 > 0``), ``ays`` and, below
+15 nodes, ``karras_jump`` and ``karras_capped`` end above ``t_min``. :func:`steerdiff.sample` with
 ``steps=N`` asks for ``N`` nodes and appends the clean state ``sigma = 0``: the last step returns
 the denoised estimate at ``t_min``, as k-diffusion (``sigmas`` ending in 0) and diffusers'
 Euler/DDIM schedulers do. ``N`` steps of a first-order solver cost ``N`` network calls.
@@ -403,7 +403,11 @@ class AYS(Schedule):
             lam[0] = lo
         xs = torch.linspace(0, 1, lam.numel(), dtype=F64)
         new = _interp(torch.linspace(0, 1, n + 1, dtype=F64), xs, lam)
-        return process.t_of_lam(new[:-1]).clamp(process.t_min, process.t_max)
+        t = process.t_of_lam(new[:-1]).clamp(process.t_min, process.t_max)
+        t[0] = (
+            process.t_max
+        )  # exactly (the published lists start there): t_of_lam(lam(t_max)) may be an ulp off
+        return t
 
     def __repr__(self) -> str:
         return f"AYS(model={self.model!r})"
