@@ -213,7 +213,7 @@ def test_guidance_needs_autograd(oracle):
         with pytest.raises(RuntimeError, match="not supported"):
             sd.sample(guided, x.clone().requires_grad_(True), 4, "ddim")
     detached = sd.Denoiser(lambda x, t: den.net(x, t).detach(), den.process, prediction="x0")
-    with pytest.raises(RuntimeError, match="detached"):
+    with pytest.raises(ValueError, match="detached"):
         RewardGuidance(detached, _linear)(x, 500.0)
 
 

@@ -578,7 +578,7 @@ def test_bad_input() -> None:
     with pytest.raises(RuntimeError, match="not supported"):
         PiGDM(den, Matrix(A), y, noise_std=0.1)(x.clone().requires_grad_(True), 100.0)
     detached = sd.Denoiser(lambda v, t: den.net(v, t).detach(), PROC, "x0", shape=(4,))
-    with pytest.raises(RuntimeError, match="detached"):
+    with pytest.raises(ValueError, match="detached"):
         MCG(detached, Matrix(A), y)(x, 100.0)
 
 

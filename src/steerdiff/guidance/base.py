@@ -141,10 +141,11 @@ def grad_on(who: str, x: Tensor) -> Iterator[None]:
 
 
 def value_grad(who: str, what: str, value: Tensor, x: Tensor) -> Tensor:
-    """``grad_x value.sum()`` for per-sample values computed from ``x``; a clear RuntimeError naming
-    ``who`` and ``what`` when ``value`` does not depend on ``x`` differentiably."""
+    """``grad_x value.sum()`` for per-sample values computed from ``x``; a ``ValueError`` naming
+    ``who`` and ``what`` (the argument that computed it) when ``value`` does not depend on ``x``
+    differentiably."""
     if not value.requires_grad:
-        raise RuntimeError(
+        raise ValueError(
             f"{who}: {what} does not depend differentiably on x (computed under torch.no_grad(), "
             f"detached, or a denoiser whose output is detached); {who} needs its gradient"
         )
@@ -165,13 +166,13 @@ def denoise_with_grad(
     ``net_dtype`` (default ``x``'s). Call it under :func:`grad_on`.
 
     ``pred.x0`` and ``pred.eps`` carry the graph back to ``x_leaf``; differentiate a function of them
-    with ``torch.autograd.grad(..., x_leaf)``. Raises if the net's output does not depend on ``x``
-    differentiably.
+    with ``torch.autograd.grad(..., x_leaf)``. A ``ValueError`` if the net's output does not depend
+    on ``x`` differentiably.
     """
     xr = x.detach().requires_grad_(True)
     pred = den.evaluate(xr, t, x.dtype if net_dtype is None else net_dtype, **cond)
     if not pred.given.requires_grad:
-        raise RuntimeError(
+        raise ValueError(
             f"{who} needs gradients through the network, but its output is detached from x "
             "(is the net run under torch.no_grad() or does it call .detach()?)"
         )
