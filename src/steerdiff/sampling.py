@@ -287,6 +287,7 @@ def sample(
             )
             chains.append(chain)
         if callback is not None:
+            assert model.last is not None, "every solver evaluates the model in its first step"
             callback(
                 {
                     "i": i,
