@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -183,6 +183,66 @@ def check_x_T(den: Denoiser, x_T: Tensor) -> None:
         raise ValueError("x_T contains NaN or inf")
     if den.shape is not None and tuple(x_T.shape[1:]) != den.shape:
         raise ValueError(f"x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
+
+
+@overload
+def sample(
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int = ...,
+    solver: str | Solver | None = ...,
+    schedule: ScheduleLike = ...,
+    *,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    callback: Callable[[dict[str, Any]], None] | None = ...,
+    corrector: str | _mcmc.Kernel | None = ...,
+    corrector_steps: int = ...,
+    snr: float = ...,
+    progress: bool = ...,
+    return_info: Literal[False] = ...,
+    **cond: Any,
+) -> Tensor: ...
+
+
+@overload
+def sample(
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int = ...,
+    solver: str | Solver | None = ...,
+    schedule: ScheduleLike = ...,
+    *,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    callback: Callable[[dict[str, Any]], None] | None = ...,
+    corrector: str | _mcmc.Kernel | None = ...,
+    corrector_steps: int = ...,
+    snr: float = ...,
+    progress: bool = ...,
+    return_info: Literal[True],
+    **cond: Any,
+) -> tuple[Tensor, SampleInfo]: ...
+
+
+@overload
+def sample(
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int = ...,
+    solver: str | Solver | None = ...,
+    schedule: ScheduleLike = ...,
+    *,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    callback: Callable[[dict[str, Any]], None] | None = ...,
+    corrector: str | _mcmc.Kernel | None = ...,
+    corrector_steps: int = ...,
+    snr: float = ...,
+    progress: bool = ...,
+    return_info: bool,
+    **cond: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]: ...
 
 
 def sample(
