@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,14 @@ import torch
 import steerdiff as sd
 from steerdiff.bench.solvers import (
     Problem,
+    Row,
     decided_at,
     default_model,
     diffusers_configs,
     fifth_at,
     ill_conditioned,
     initial_noise,
+    plot,
     switched,
 )
 from steerdiff.cli import main
@@ -669,3 +672,18 @@ def test_bench_longstep_rows_are_the_solvers_with_and_without_the_rule(tmp_path,
         assert float(r["without"]) == pytest.approx(without, rel=1e-5)
     assert float(rows["time_uniform", 20, "unipc"]["without"]) > 10
     assert float(rows["time_uniform", 20, "unipc"]["with_rule"]) < 0.5
+
+
+def test_plot_takes_any_result_with_nfes_and_rows(tmp_path):
+    """``bench.solvers.plot`` reads what its ``Results`` protocol declares, ``nfes`` and ``rows``: a
+    result without the benches' ``of`` helper plots too (it raised AttributeError)."""
+    pytest.importorskip("matplotlib")
+
+    @dataclass
+    class Bare:
+        nfes: tuple[int, ...]
+        rows: list[Row]
+
+    rows = [Row("steerdiff", "ddim", "karras", {5: 0.1, 10: 0.01}), Row("diffusers", "DDIM", "", {5: 0.2})]
+    assert plot(Bare((5, 10), rows), tmp_path / "bare.png")
+    assert (tmp_path / "bare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,13 +18,16 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["boolean", "choice", "integer", "ordered", "real", "real_array"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
+
+__all__ = ["Bounds", "boolean", "choice", "integer", "ordered", "real", "real_array"]
 
 
 def _bound(v: float) -> str:
@@ -41,6 +44,16 @@ def _range(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
     if lo == -math.inf:
         return f" {'<' if hi_open else '<='} {_bound(hi)}"
     return f" in {'(' if lo_open else '['}{_bound(lo)}, {_bound(hi)}{')' if hi_open else ']'}"
+
+
+class Bounds(TypedDict, total=False):
+    """The keyword bounds of :func:`real` (and :func:`ordered`), kept as a dict to pass as ``**bounds``."""
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    finite: bool
 
 
 def real(
@@ -103,7 +116,9 @@ def real_array(who: str, name: str, value: object) -> Tensor:
     raise ValueError(f"{who}: {name} must be a non-empty 1-d array of real numbers, got {got}")
 
 
-def ordered(who: str, first: str, a: object, second: str, b: object, /, **bounds: Any) -> tuple[float, float]:
+def ordered(
+    who: str, first: str, a: object, second: str, b: object, /, **bounds: Unpack[Bounds]
+) -> tuple[float, float]:
     """``(a, b)``, the arguments named ``first`` and ``second``, as floats, each checked by
     :func:`~steerdiff._checks.real` with ``bounds``, and ``a < b``; else a ``ValueError`` naming them."""
     lo, hi = real(who, first, a, **bounds), real(who, second, b, **bounds)
@@ -126,8 +141,8 @@ SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def sample_dtype(who: str, name: str, value: object) -> torch.dtype:
     """``value`` if it is a floating dtype samples can have (:data:`SAMPLE_DTYPES`), else a
     ``ValueError`` naming it and them."""
-    if value in SAMPLE_DTYPES:
-        return value  # type: ignore[return-value]
+    if isinstance(value, torch.dtype) and value in SAMPLE_DTYPES:
+        return value
     raise ValueError(f"{who}: {name} must be float16, bfloat16, float32 or float64, got {value!r}")
 
 

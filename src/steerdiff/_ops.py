@@ -11,6 +11,7 @@ from torch import Tensor
 
 __all__ = ["axpby", "first_false", "kept", "lincomb"]
 
+K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
@@ -41,7 +42,7 @@ def lincomb(coefs: Iterable[float], tensors: Iterable[Tensor], start: Tensor | N
     return start
 
 
-def kept(cache: dict[Hashable, T], key: Hashable, make: Callable[[], T]) -> T:
+def kept(cache: dict[K, T], key: K, make: Callable[[], T]) -> T:
     """``cache[key]``, made by ``make()`` on first use (a table or a constant copied to a device once,
     not at every step, where a host-to-device copy is a sync). Made outside inference mode: a tensor
     made under ``torch.inference_mode`` and kept could not be saved for backward by a later run."""

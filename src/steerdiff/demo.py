@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,6 +58,7 @@ from ._checks import integer
 from .bench._figure import write_outputs
 from .bench.digits import DDPM_BASELINE, DigitsModels, load_models, save_grid
 from .denoiser import Denoiser
+from .schedules import ScheduleLike
 from .toy import digits as D
 
 __all__ = [
@@ -145,11 +147,17 @@ class _Context:
         return torch.Generator().manual_seed(self.seed + k)
 
     def sample(
-        self, den: Denoiser, steps: int, solver: str | None, k: int = 1, **kw: object
+        self,
+        den: Denoiser,
+        steps: int,
+        solver: str | None,
+        k: int = 1,
+        schedule: ScheduleLike = sampling.DEFAULT_SCHEDULE,
+        **cond: Any,
     ) -> tuple[Tensor, int]:
         x, info = sampling.sample(
-            den, self.x_T, steps, solver, generator=self.generator(k), return_info=True,
-            progress=self.progress, **kw,
+            den, self.x_T, steps, solver, schedule, generator=self.generator(k), return_info=True,
+            progress=self.progress, **cond,
         )  # fmt: skip
         return x, info.nfe
 

@@ -65,7 +65,10 @@ class Prediction:
     @property
     def given(self) -> Tensor:
         """The estimate the prediction was built from."""
-        return self._x0 if self._x0 is not None else self._eps
+        if self._x0 is not None:
+            return self._x0
+        assert self._eps is not None, "exactly one of x0 / eps is held from __init__ on"
+        return self._eps
 
     @property
     def x0_given(self) -> bool:
@@ -80,13 +83,13 @@ class Prediction:
     @property
     def x0(self) -> Tensor:
         if self._x0 is None:
-            self._x0 = axpby(1 / self.alpha, self.x, -self.sigma / self.alpha, self._eps)
+            self._x0 = axpby(1 / self.alpha, self.x, -self.sigma / self.alpha, self.given)  # eps
         return self._x0
 
     @property
     def eps(self) -> Tensor:
         if self._eps is None:
-            self._eps = axpby(1 / self.sigma, self.x, -self.alpha / self.sigma, self._x0)
+            self._eps = axpby(1 / self.sigma, self.x, -self.alpha / self.sigma, self.given)  # x0
         return self._eps
 
     def renoise(self, alpha: float, sigma: float) -> Tensor:
@@ -94,7 +97,7 @@ class Prediction:
         step), from ``x`` and the given estimate in two fused kernels."""
         if self._eps is not None:
             return axpby(alpha / self.alpha, self.x, sigma - alpha * self.sigma / self.alpha, self._eps)
-        return axpby(sigma / self.sigma, self.x, alpha - sigma * self.alpha / self.sigma, self._x0)
+        return axpby(sigma / self.sigma, self.x, alpha - sigma * self.alpha / self.sigma, self.given)  # x0
 
     def to(self, dtype: torch.dtype, x: Tensor | None = None) -> Prediction:
         """This prediction in ``dtype`` at the point ``x`` (default: ``self.x`` cast to ``dtype``).
@@ -108,7 +111,9 @@ class Prediction:
         out = copy.copy(self)  # keeps the subclass and its extra slots
         out.x = self.x.to(dtype) if x is None else x
         if isinstance(self.alpha, Tensor):
-            out.alpha, out.sigma = self.alpha.to(dtype), self.sigma.to(dtype)
+            out.alpha = self.alpha.to(dtype)
+        if isinstance(self.sigma, Tensor):
+            out.sigma = self.sigma.to(dtype)
         given = self.given.to(dtype)
         out._x0, out._eps = (given, None) if self._x0 is not None else (None, given)
         out.var_interp = None if self.var_interp is None else self.var_interp.to(dtype)
@@ -211,9 +216,9 @@ class Denoiser:
         if c is None:
             if len(self._coefs) > _CACHE_SIZE:
                 self._coefs.clear()
-            derivs = (float(p.d_alpha(key)), float(p.d_sigma(key))) if flow else (0.0, 0.0)
+            da, ds = (float(p.d_alpha(key)), float(p.d_sigma(key))) if flow else (0.0, 0.0)
             a, s, _ = p.coefficients(key)  # one pass (VP: lam once, not once each for alpha and sigma)
-            c = self._coefs[key] = (float(a), float(s), *derivs)
+            c = self._coefs[key] = (float(a), float(s), da, ds)
         return c
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:

@@ -213,14 +213,10 @@ def check_generators(who: str, generator: object, rows: int | None = None) -> Ge
     where the batch is known); else a ``ValueError`` naming ``who``'s ``generator``."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    listed = (
-        isinstance(generator, Sequence)
-        and not isinstance(generator, str | bytes)
-        and len(generator) > 0
-        and all(isinstance(g, torch.Generator) for g in generator)
-    )
-    if listed and (rows is None or len(generator) == rows):
-        return list(generator)
+    if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):
+        listed = [g for g in generator if isinstance(g, torch.Generator)]
+        if 0 < len(listed) == len(generator) and (rows is None or len(listed) == rows):
+            return listed
     if rows is not None:
         got = f"a list of {len(generator)}" if isinstance(generator, Sequence) else type(generator).__name__
         raise ValueError(

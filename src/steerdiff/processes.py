@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._checks import boolean, choice, integer, ordered, real, real_array
+from ._checks import Bounds, boolean, choice, integer, ordered, real, real_array
 from ._ops import kept
 
 if TYPE_CHECKING:
@@ -47,8 +47,8 @@ def _f64(t: TimeLike) -> Tensor:
     return torch.as_tensor(t, dtype=F64)
 
 
-_UNIT = {"lo": 0, "hi": 1, "lo_open": True, "hi_open": True}  # the bounds of (0, 1)
-_POSITIVE = {"lo": 0, "lo_open": True}  # finite > 0
+_UNIT: Bounds = {"lo": 0, "hi": 1, "lo_open": True, "hi_open": True}  # the bounds of (0, 1)
+_POSITIVE: Bounds = {"lo": 0, "lo_open": True}  # finite > 0
 
 
 class Process:
@@ -261,9 +261,9 @@ class VPDiscrete(VP):
             return torch.tensor((1 - w) * self._lam_list[j] + w * self._lam_list[j + 1], dtype=F64)
         t = _f64(t).clamp(self.t_min, self.t_max)
         lo = t.floor().clamp(max=self.t_max - 1).long()
-        w = t - lo
+        frac = t - lo
         lams = self._table(t)
-        return (1 - w) * lams[lo] + w * lams[lo + 1]
+        return (1 - frac) * lams[lo] + frac * lams[lo + 1]
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
         lam = _f64(lam)

@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -182,6 +182,66 @@ def check_x_T(den: Denoiser, x_T: Tensor) -> None:
         raise ValueError(f"x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
 
 
+@overload
+def sample(
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int = ...,
+    solver: str | Solver | None = ...,
+    schedule: ScheduleLike = ...,
+    *,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    callback: Callable[[dict[str, Any]], None] | None = ...,
+    corrector: str | _mcmc.Kernel | None = ...,
+    corrector_steps: int = ...,
+    snr: float = ...,
+    progress: bool = ...,
+    return_info: Literal[False] = ...,
+    **cond: Any,
+) -> Tensor: ...
+
+
+@overload
+def sample(
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int = ...,
+    solver: str | Solver | None = ...,
+    schedule: ScheduleLike = ...,
+    *,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    callback: Callable[[dict[str, Any]], None] | None = ...,
+    corrector: str | _mcmc.Kernel | None = ...,
+    corrector_steps: int = ...,
+    snr: float = ...,
+    progress: bool = ...,
+    return_info: Literal[True],
+    **cond: Any,
+) -> tuple[Tensor, SampleInfo]: ...
+
+
+@overload
+def sample(
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int = ...,
+    solver: str | Solver | None = ...,
+    schedule: ScheduleLike = ...,
+    *,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    callback: Callable[[dict[str, Any]], None] | None = ...,
+    corrector: str | _mcmc.Kernel | None = ...,
+    corrector_steps: int = ...,
+    snr: float = ...,
+    progress: bool = ...,
+    return_info: bool,
+    **cond: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]: ...
+
+
 def sample(
     den: Denoiser,
     x_T: Tensor,
@@ -284,6 +344,7 @@ def sample(
             )
             chains.append(chain)
         if callback is not None:
+            assert model.last is not None, "every solver evaluates the model in its first step"
             callback(
                 {
                     "i": i,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -486,7 +487,7 @@ class Custom(Schedule):
 
     name = "custom"
 
-    def __init__(self, times: Sequence[float] | Tensor) -> None:
+    def __init__(self, times: Sequence[float] | Tensor | np.ndarray) -> None:
         self.grid = real_array("Custom", "times", times)
         if not bool(torch.isfinite(self.grid).all()):
             raise ValueError(f"Custom: times must be finite, got {self.grid.tolist()}")
@@ -540,9 +541,16 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-ScheduleLike = str | Schedule | Sequence[float] | Tensor
+ScheduleLike = str | Schedule | Sequence[float] | Tensor | np.ndarray
 """What ``schedule=`` takes: a name, a :class:`Schedule`, or the process times of the nodes (a
 :class:`Custom` grid; with ``final="zero"`` ``steps`` is their number)."""
+
+
+def _times_like(value: object) -> bool:
+    """Whether ``value`` is a list, tuple, tensor or array (anything with ``__array__``): the process times
+    of a :class:`Custom` grid. A function, not an ``isinstance`` in :func:`get`: mypy would narrow that
+    from ``ScheduleLike``, giving back the ``str`` already handled."""
+    return isinstance(value, Sequence) or hasattr(value, "__array__")
 
 
 def get(schedule: ScheduleLike) -> Schedule:
@@ -553,7 +561,7 @@ def get(schedule: ScheduleLike) -> Schedule:
     if isinstance(schedule, str):
         if schedule in _REGISTRY:
             return _REGISTRY[schedule]()
-    elif isinstance(schedule, Sequence) or hasattr(schedule, "__array__"):
+    elif _times_like(schedule):
         return Custom(schedule)
     raise ValueError(
         f"unknown schedule={schedule!r}; accepted: {available()}, a Schedule object or a list of "

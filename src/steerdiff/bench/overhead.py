@@ -160,8 +160,8 @@ def sampler_overhead(
                     t = seconds(run)
                     if r >= 2:
                         record.append(t)
-            medians = (statistics.median(v) / steps for v in times)
-            out.append(Overhead(p.solver, p.scheduler, *medians, shape=tuple(shape)))
+            ours, theirs, cold = (statistics.median(v) / steps for v in times)
+            out.append(Overhead(p.solver, p.scheduler, ours, theirs, cold, shape=tuple(shape)))
     return out
 
 

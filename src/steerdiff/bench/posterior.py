@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -237,7 +237,7 @@ def dps_alg1(
     return x
 
 
-Runner = Callable[[Case, object, int], tuple[Tensor, int]]
+Setting = TypeVar("Setting", bound=float | tuple[int, int])  # a step size or scale; RePaint's (U, j)
 
 
 def _ddpm(case: Case, den: Denoiser, steps: int) -> tuple[Tensor, int]:
@@ -253,9 +253,11 @@ def _ddpm(case: Case, den: Denoiser, steps: int) -> tuple[Tensor, int]:
     return x, info.nfe
 
 
-def _repaint(case: Case, config: object, budget: int) -> tuple[Tensor, int]:
-    resample, jump = config  # type: ignore[misc]
+def _repaint(case: Case, config: tuple[int, int], budget: int) -> tuple[Tensor, int]:
+    resample, jump = config
     steps = steps_within(lambda k: repaint_nfe(k, resample, jump), budget)
+    if steps is None:
+        raise ValueError(f"repaint U={resample} j={jump}: no step count fits in {budget} NFE")
     x, info = repaint_sample(
         case.den,
         case.operator,
@@ -271,19 +273,23 @@ def _repaint(case: Case, config: object, budget: int) -> tuple[Tensor, int]:
 
 
 @dataclass(frozen=True)
-class Method:
+class Method(Generic[Setting]):
     """A method, its tuning grid (ordered), the grid index to start from and how to run it at a budget."""
 
     name: str
-    grid: tuple[object, ...]
+    grid: tuple[Setting, ...]
     start: int
-    run: Runner
+    run: Callable[[Case, Setting, int], tuple[Tensor, int]]
     walk: bool = True  # descend along the grid (else: try every value)
 
-    def label(self, value: object) -> str:
+    def label(self, value: Setting) -> str:
         if isinstance(value, tuple):
             return f"U={value[0]} j={value[1]}"
         return f"scale={value:g}" if self.name != "dps_alg1" else f"zeta={value:g}"
+
+    def tuned(self, case: Case, nfes: Sequence[int]) -> list[tuple[str, dict[int, float]]]:
+        """``(label, {nfe: sliced W2})`` of every run of :func:`tune`."""
+        return [(self.label(value), errors) for value, errors in tune(case, self, nfes).items()]
 
 
 def _log_grid(lo: int, hi: int) -> tuple[float, ...]:
@@ -291,7 +297,7 @@ def _log_grid(lo: int, hi: int) -> tuple[float, ...]:
     return tuple(float(f"{m}e{e}") for e in range(lo, hi + 1) for m in (1, 3) if not (e == hi and m == 3))
 
 
-METHODS: tuple[Method, ...] = (
+METHODS: tuple[Method[float] | Method[tuple[int, int]], ...] = (
     Method(
         "dps",
         _log_grid(-2, 4),
@@ -329,7 +335,7 @@ METHODS: tuple[Method, ...] = (
 )
 
 
-def _evaluate(case: Case, method: Method, value: object, budget: int) -> float:
+def _evaluate(case: Case, method: Method[Setting], value: Setting, budget: int) -> float:
     try:
         x, nfe = method.run(case, value, budget)
     except NonFiniteError:
@@ -339,11 +345,11 @@ def _evaluate(case: Case, method: Method, value: object, budget: int) -> float:
     return case.distance(x)
 
 
-def tune(case: Case, method: Method, nfes: Sequence[int]) -> dict[object, dict[int, float]]:
+def tune(case: Case, method: Method[Setting], nfes: Sequence[int]) -> dict[Setting, dict[int, float]]:
     """Errors ``{value: {nfe: sliced W2}}`` of every run: at each NFE a descent along ``method.grid``
     from the previous NFE's best (from ``method.start`` at the first) to a local minimum, or every
     value when ``method.walk`` is false."""
-    runs: dict[object, dict[int, float]] = {}
+    runs: dict[Setting, dict[int, float]] = {}
     start = method.start
     for nfe in nfes:
 
@@ -422,8 +428,8 @@ def run(
         rows.append(Row(case.label, "floor", "", dict.fromkeys(nfes, case.floor)))
         rows.append(Row(case.label, "prior", "", dict.fromkeys(nfes, case.prior_distance)))
         for method in METHODS:
-            for value, errors in tune(case, method, nfes).items():
-                rows.append(Row(case.label, method.name, method.label(value), errors))
+            for label, errors in method.tuned(case, nfes):
+                rows.append(Row(case.label, method.name, label, errors))
         seconds[case.label] = time.perf_counter() - t0
         log.info("%s: %.1f s", case.label, seconds[case.label])
     return PosteriorBench(tuple(nfes), n, seed, labels, rows, seconds)

@@ -864,9 +864,10 @@ def flow_match_euler(
     default config, 3 that of Stable Diffusion 3) driven as a flow-matching pipeline drives it, with
     the velocity ``(x - x0(x, s)) / s`` at ``x = (1 - s) x_0 + s eps`` (``x0``: the denoised
     estimate, e.g. the mixture's exact ``E[x_0 | x]``); it starts at ``s = 1``."""
-    import diffusers
+    # from its module: diffusers' top-level name is typed as the dummy class of a torch-less install
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
-    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(steps)
     x = x_T
     for t in sched.timesteps:
@@ -1125,12 +1126,12 @@ def format_report(result: SolverBench) -> str:
             "(b) best steerdiff solver+schedule vs best diffusers configuration at equal NFE (chosen on the"
             " benchmark's draw):",
         ]
-        for r in result.best_vs_best:
-            ea, eb = r.ours.errors[r.nfe], r.theirs.errors[r.nfe]
+        for b in result.best_vs_best:
+            ea, eb = b.ours.errors[b.nfe], b.theirs.errors[b.nfe]
             lines += [
-                f"    NFE {r.nfe:>2}: {r.ours.label} {_fmt(ea)} vs {r.theirs.label} {_fmt(eb)}"
-                f"  ratio {r.ratio:.3g}",
-                "            " + r.draws.describe(result.batch),
+                f"    NFE {b.nfe:>2}: {b.ours.label} {_fmt(ea)} vs {b.theirs.label} {_fmt(eb)}"
+                f"  ratio {b.ratio:.3g}",
+                "            " + b.draws.describe(result.batch),
             ]
     if result.overhead:
         lines += [
@@ -1190,7 +1191,10 @@ def plot(
     plt = pyplot()
     if plt is None:
         return False
-    groups = [(best_per_method(result.of("steerdiff")), "-"), (best_per_method(result.of("diffusers")), "--")]
+    groups = [
+        (best_per_method([r for r in result.rows if r.source == source]), style)
+        for source, style in (("steerdiff", "-"), ("diffusers", "--"))
+    ]
     colors = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(13, 6.5))
     k = 0

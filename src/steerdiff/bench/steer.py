@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from .. import metrics, sampling, smc
 from ..denoiser import Denoiser
 from ..guidance import DPS, RewardGuidance
-from ..inverse import Matrix
+from ..inverse import LinearOperator, Matrix
 from ..processes import Process
 from ..solvers.base import NonFiniteError
 from ..toy.gmm import GaussianMixture
@@ -100,6 +100,28 @@ SOLVER, SCHEDULE = "ddpm", "time_uniform"
 Reward = Callable[[Tensor], Tensor]
 
 
+class _TdsArgs(TypedDict, total=False):
+    """The likelihood arguments of :func:`~steerdiff.smc.tds`: a log-likelihood, or a linear-Gaussian
+    measurement ``y = A x + noise``."""
+
+    log_likelihood: Reward
+    operator: LinearOperator
+    y: Tensor
+    noise_std: float
+
+
+class _SmcOptions(TypedDict):
+    """The options every particle method of the benchmark runs with."""
+
+    shape: tuple[int, ...]
+    particles: int
+    steps: int
+    solver: str
+    schedule: str
+    dtype: torch.dtype
+    generator: torch.Generator
+
+
 def nine_modes() -> GaussianMixture:
     """The 2-D nine-mode mixture: means ``{-4, 0, 4}^2``, per-coordinate variance 0.3, equal weights."""
     means = torch.tensor(list(itertools.product([-4.0, 0.0, 4.0], repeat=2)), dtype=F64)
@@ -126,7 +148,7 @@ class Target:
     floor: float
     floor_range: tuple[float, float]
     prior_distance: float
-    tds: dict[str, object]
+    tds: _TdsArgs
     guided: Callable[[float], Denoiser]
     expert: GaussianMixture | None
     seed: int
@@ -174,7 +196,8 @@ def make_target(name: str, n: int, seed: int = 0) -> Target:
     """The case ``name`` (:data:`CASES`) with a reference set of ``4 n`` exact target samples."""
     proc = posterior.ddpm_process()
     expert = None
-    tds: dict[str, object]
+    tds: _TdsArgs
+    reward: Reward
     if name in ("nine_quadratic", "nine_class"):
         prior = nine_modes()
         lam = 1.0
@@ -256,7 +279,7 @@ def make_target(name: str, n: int, seed: int = 0) -> Target:
 # --- the methods at a budget -------------------------------------------------------------------------
 
 
-def _smc_options(t: Target, n: int, particles: int) -> dict[str, object]:
+def _smc_options(t: Target, n: int, particles: int) -> _SmcOptions:
     return {
         "shape": (n, t.prior.dim),
         "particles": particles,

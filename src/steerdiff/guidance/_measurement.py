@@ -83,8 +83,10 @@ class MeasurementGuided(Guided):
             raise ValueError(
                 f"{who}: x has sample shape {tuple(x.shape[1:])}, the operator acts on {op.shape_in}"
             )
-        source, y = self._y.get((x.device, x.dtype), (None, None))
-        if source is not self.y:  # first use on this device and dtype, or y was replaced
+        kept = self._y.get((x.device, x.dtype))
+        if kept is not None and kept[0] is self.y:
+            y = kept[1]
+        else:  # first use on this device and dtype, or y was replaced
             with torch.inference_mode(False):  # kept for later runs, which may need autograd
                 y = self.y.to(device=x.device, dtype=x.dtype)
             self._y[x.device, x.dtype] = (self.y, y)

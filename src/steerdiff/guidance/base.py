@@ -78,7 +78,7 @@ class Guided(Denoiser):
         self.base = base
 
     @property
-    def cost(self) -> int:  # type: ignore[override]
+    def cost(self) -> int:
         """Network evaluations of the latest call: ``base.cost`` unless the subclass assigned one."""
         return self.base.cost if self._cost is None else self._cost
 
@@ -206,11 +206,13 @@ def add_score(pred: Prediction, grad: Tensor) -> Prediction:
     derived from it on access. Steering ``eps`` of a held ``x0`` would take it through ``x`` twice
     (``x0 -> eps -> x0``), which cancels where ``alpha`` is tiny (zero terminal SNR)."""
     a, s = pred.alpha, pred.sigma
-    scalar = isinstance(a, float) and isinstance(s, float)
+    if isinstance(a, float) and isinstance(s, float):  # one fused kernel
+        if pred.x0_given:
+            return with_estimate(pred, x0=torch.add(pred.x0, grad, alpha=s * s / a))
+        return with_estimate(pred, eps=torch.add(pred.eps, grad, alpha=-s))
     if pred.x0_given:
-        x0 = torch.add(pred.x0, grad, alpha=s * s / a) if scalar else pred.x0 + (s * s / a) * grad
-        return with_estimate(pred, x0=x0)
-    return with_estimate(pred, eps=torch.add(pred.eps, grad, alpha=-s) if scalar else pred.eps - s * grad)
+        return with_estimate(pred, x0=pred.x0 + (s * s / a) * grad)
+    return with_estimate(pred, eps=pred.eps - s * grad)
 
 
 def same_process(a: Denoiser, b: Denoiser) -> bool:

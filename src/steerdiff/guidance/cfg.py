@@ -134,6 +134,8 @@ class CADS:
         g = self.gamma(u)
         if self.noise_scale == 0 or (not isinstance(g, Tensor) and g == 1.0):
             return y
+        a: float | Tensor
+        b: float | Tensor
         if isinstance(g, Tensor):
             g = g.to(device=y.device, dtype=y.dtype).reshape(-1, *([1] * (y.ndim - 1)))
             a, b = g.sqrt(), self.noise_scale * (1 - g).sqrt()
@@ -233,8 +235,8 @@ class CFG(Guided):
             inside = (r > lo) & (r <= hi)
             n = int(inside.sum())  # one host read: all, none or some samples guided
             return True if n == inside.numel() else (False if n == 0 else inside)
-        r = s / a if a > 0 else math.inf
-        return lo < r <= hi
+        ratio = s / a if a > 0 else math.inf
+        return lo < ratio <= hi
 
     def _cond_kwargs(self, t: float | Tensor, cond: dict[str, Any]) -> dict[str, Any]:
         if self.cads is None:

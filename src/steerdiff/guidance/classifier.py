@@ -27,7 +27,7 @@ and do not stack under another gradient-guided wrapper.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -149,7 +149,7 @@ class SelfRecurrence(Solver):
     name: ClassVar[str] = "self_recurrence"
     stochastic: ClassVar[bool] = True
 
-    inner: Solver
+    inner: Solver = field(default_factory=lambda: get_solver("ddim"))  # as __init__'s default
     repeats: int = 1
 
     def __init__(self, inner: str | Solver = "ddim", repeats: int = 1) -> None:

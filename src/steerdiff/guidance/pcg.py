@@ -8,7 +8,7 @@ r"""Predictor-corrector guidance: the predictor-corrector reading of classifier-
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -32,6 +32,63 @@ __all__ = ["pcg"]
 def _corrector_score(model: Model, t: float, sigma: float, step: int) -> Callable[[Tensor], Tensor]:
     """The score ``-eps / sigma`` of ``model``'s denoiser at ``t`` (one counted call per evaluation)."""
     return lambda y: model(y, t, step).eps * (-1.0 / sigma)
+
+
+@overload
+def pcg(
+    cond: Denoiser,
+    uncond: Denoiser,
+    x_T: Tensor,
+    steps: int,
+    gamma: float,
+    *,
+    langevin_steps: int = ...,
+    step_scale: float = ...,
+    uncond_kwargs: dict[str, Any] | None = ...,
+    schedule: ScheduleLike = ...,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    return_info: Literal[False] = ...,
+    **kwargs: Any,
+) -> Tensor: ...
+
+
+@overload
+def pcg(
+    cond: Denoiser,
+    uncond: Denoiser,
+    x_T: Tensor,
+    steps: int,
+    gamma: float,
+    *,
+    langevin_steps: int = ...,
+    step_scale: float = ...,
+    uncond_kwargs: dict[str, Any] | None = ...,
+    schedule: ScheduleLike = ...,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    return_info: Literal[True],
+    **kwargs: Any,
+) -> tuple[Tensor, SampleInfo]: ...
+
+
+@overload
+def pcg(
+    cond: Denoiser,
+    uncond: Denoiser,
+    x_T: Tensor,
+    steps: int,
+    gamma: float,
+    *,
+    langevin_steps: int = ...,
+    step_scale: float = ...,
+    uncond_kwargs: dict[str, Any] | None = ...,
+    schedule: ScheduleLike = ...,
+    final: str = ...,
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = ...,
+    return_info: bool,
+    **kwargs: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]: ...
 
 
 def pcg(

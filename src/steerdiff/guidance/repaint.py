@@ -30,7 +30,7 @@ component is ``y`` itself, a bias of order the noise level. No gradients are nee
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -102,6 +102,57 @@ def repaint_nfe(steps: int, resample: int = 1, jump: int = 1) -> int:
     ``steps + (resample - 1) jump floor((steps - 1) / jump)`` (``jump = 1``: ``(steps - 1) resample + 1``,
     Alg. 1's ``U`` evaluations per step)."""
     return steps + (resample - 1) * jump * ((steps - 1) // jump)
+
+
+@overload
+def repaint_sample(
+    den: Denoiser,
+    operator: LinearOperator,
+    y: Tensor,
+    x_T: Tensor,
+    steps: int,
+    *,
+    resample: int = ...,
+    jump: int = ...,
+    schedule: ScheduleLike = ...,
+    generator: Generators = ...,
+    return_info: Literal[False] = ...,
+    **cond: Any,
+) -> Tensor: ...
+
+
+@overload
+def repaint_sample(
+    den: Denoiser,
+    operator: LinearOperator,
+    y: Tensor,
+    x_T: Tensor,
+    steps: int,
+    *,
+    resample: int = ...,
+    jump: int = ...,
+    schedule: ScheduleLike = ...,
+    generator: Generators = ...,
+    return_info: Literal[True],
+    **cond: Any,
+) -> tuple[Tensor, SampleInfo]: ...
+
+
+@overload
+def repaint_sample(
+    den: Denoiser,
+    operator: LinearOperator,
+    y: Tensor,
+    x_T: Tensor,
+    steps: int,
+    *,
+    resample: int = ...,
+    jump: int = ...,
+    schedule: ScheduleLike = ...,
+    generator: Generators = ...,
+    return_info: bool,
+    **cond: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]: ...
 
 
 def repaint_sample(

@@ -57,6 +57,7 @@ class DynamicThreshold(Guided):
     def threshold(self, x0: Tensor) -> Tensor:
         """The thresholded ``x0`` (per sample; the quantile is computed in float32 at least)."""
         if self.percentile is None:
+            assert self.max_value is not None, "static clipping has a max_value (checked in __init__)"
             return x0.clamp(-self.max_value, self.max_value)
         flat = x0.reshape(x0.shape[0], -1)
         work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()

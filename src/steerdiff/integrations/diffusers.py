@@ -54,7 +54,7 @@ import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
@@ -124,6 +124,13 @@ class _Recorded:
         return self.output
 
 
+def _recorded(den: Denoiser) -> _Recorded:
+    """The :class:`_Recorded` net of one of the scheduler's denoisers (a thresholding wrapper shares it)."""
+    net = den.net
+    assert isinstance(net, _Recorded), "the scheduler builds its denoisers over a _Recorded net"
+    return net
+
+
 def _zero_noise(t_from: float, t_to: float, like: Tensor) -> Tensor:
     return torch.zeros_like(like)
 
@@ -148,8 +155,11 @@ class _Tape(Model):
     evaluations are replayed, the pipeline's new output is used once, and the next evaluation
     halts the run. Counts and checks the new evaluations as :class:`Model` does."""
 
+    noise: _StepNoise
+
     def __init__(self, den: Denoiser, times: list[float]) -> None:
         super().__init__(den, None, _StepNoise())
+        self.net = _recorded(den)
         self.times = times
         self.preds: list[Prediction] = []
         self.used = 0
@@ -165,7 +175,7 @@ class _Tape(Model):
                     f"{self.times[self.nfe] if self.nfe < len(self.times) else 'no evaluation'}: its "
                     "evaluation times depend on the sample, which SteerdiffScheduler does not support"
                 )
-            self.denoiser.net.output, self.pending = self.pending, None
+            self.net.output, self.pending = self.pending, None
             self.preds.append(super().__call__(x, t, step))
         self.used += 1
         return self.preds[self.used - 1]
@@ -195,7 +205,7 @@ def _plan(den: Denoiser, solver: Solver, grid: Grid) -> list[tuple[float, int, b
     ``den`` (unthresholded), its :class:`_Recorded` net handed a zero output, so that the run finds
     ``den``'s per-time caches filled."""
     plain = _plain(den)
-    plain.net.output = torch.zeros(1, 2 if plain.learned_variance else 1, dtype=F64)
+    _recorded(plain).output = torch.zeros(1, 2 if plain.learned_variance else 1, dtype=F64)
     probe = _Probe(plain)
     x, state = torch.zeros(1, 1, dtype=F64), solver.init_state(grid)
     for i in range(grid.steps):
@@ -376,12 +386,15 @@ def _node_time_map(nodes: Tensor, net_times: Tensor) -> Callable[[Tensor], Tenso
     return time_map
 
 
+_Kind = Literal["solver", "schedule"]
+
+
 def _options(obj: Solver | Schedule) -> dict[str, Any]:
     """An instance's constructor options: a solver's dataclass fields, a schedule's attributes."""
     return {f.name: getattr(obj, f.name) for f in fields(obj)} if is_dataclass(obj) else dict(vars(obj))
 
 
-def _registered(kind: str, obj: Solver | Schedule) -> bool:
+def _registered(kind: _Kind, obj: Solver | Schedule) -> bool:
     """Whether ``obj``'s class is the one its ``name`` resolves to in steerdiff's registry."""
     get = _solvers.get if kind == "solver" else _schedules.get
     try:
@@ -390,7 +403,7 @@ def _registered(kind: str, obj: Solver | Schedule) -> bool:
         return False
 
 
-def _stored_form(kind: str, obj: Solver | Schedule) -> dict[str, Any]:
+def _stored_form(kind: _Kind, obj: Solver | Schedule) -> dict[str, Any]:
     """``{"name": registry name, **options}``, or for a class outside the registry ``{"class":
     "module:QualName", **options}``, as JSON holds it (tuples become lists)."""
     cls = type(obj)
@@ -398,7 +411,7 @@ def _stored_form(kind: str, obj: Solver | Schedule) -> dict[str, Any]:
     return json.loads(json.dumps({**key, **_options(obj)}))
 
 
-def _import_class(kind: str, path: str) -> type:
+def _import_class(kind: _Kind, path: str) -> type:
     """The Solver or Schedule subclass at ``"module:QualName"``."""
     module, _, qualname = path.partition(":")
     try:
@@ -411,7 +424,11 @@ def _import_class(kind: str, path: str) -> type:
     return cls
 
 
-def _resolve(kind: str, value: Any) -> Solver | Schedule:
+@overload
+def _resolve(kind: Literal["solver"], value: Any) -> Solver: ...
+@overload
+def _resolve(kind: Literal["schedule"], value: Any) -> Schedule: ...
+def _resolve(kind: _Kind, value: Any) -> Solver | Schedule:
     """The solver (``kind="solver"``) or schedule that ``value`` names or is, or that the config
     describes (:func:`_stored_form`): that class built with the stored options."""
     get = _solvers.get if kind == "solver" else _schedules.get
@@ -426,15 +443,13 @@ def _resolve(kind: str, value: Any) -> Solver | Schedule:
         raise ValueError(f"{kind}={dict(value)!r} does not describe a {kind}: {err}") from None
 
 
-def _describe(
-    kind: str, value: Any, obj: Solver | Schedule | None
-) -> str | list[float] | dict[str, Any] | None:
+def _describe(kind: _Kind, value: Any, obj: Solver | Schedule) -> str | list[float] | dict[str, Any]:
     """What the config stores for ``value`` (resolved to ``obj``), so that ``from_config`` and
-    ``from_pretrained`` rebuild it: a name or ``None`` as given, a :class:`~steerdiff.schedules.Custom`
+    ``from_pretrained`` rebuild it: a name as given, a :class:`~steerdiff.schedules.Custom`
     grid as its times, another instance as :func:`_stored_form`. ``ValueError`` where the rebuilt
     object would differ (a class that cannot be imported by its name, such as one defined in a
     function; options that JSON does not hold or the class does not take)."""
-    if value is None or isinstance(value, str):
+    if isinstance(value, str):
         return value
     if isinstance(obj, _schedules.Custom):
         return obj.grid.tolist()
@@ -503,7 +518,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
-    ignore_for_config: ClassVar[list[str]] = ["noise"]
+    # diffusers' ConfigMixin declares it as a plain attribute, though it is only read from the class
+    ignore_for_config: ClassVar[list[str]] = ["noise"]  # type: ignore[misc]
     # diffusers drops these schedulers' config keys silently (they are kept as hidden config)
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers] + list(_FLOW_CLASSES)
 
@@ -541,7 +557,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._solver = None if solver is None else _resolve("solver", solver)  # None: per step count
         self._schedule = _resolve("schedule", schedule)
         self.register_to_config(
-            solver=_describe("solver", solver, self._solver),
+            solver=None if self._solver is None else _describe("solver", solver, self._solver),
             schedule=_describe("schedule", schedule, self._schedule),
         )
         self._model = _spec(dict(self.config))  # the model the config describes (read once)
@@ -658,18 +674,20 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 "set_timesteps: pass one of num_inference_steps, timesteps or sigmas (or timesteps and "
                 f"sigmas together); got {given or 'none'}"
             )
-        schedule, steps, spec = self._schedule, num_inference_steps, self._model
-        if num_inference_steps is None:
+        spec, final = self._model, self.config["final"]
+        if num_inference_steps is not None:
+            schedule, steps = self._schedule, num_inference_steps
+        else:
             nodes = _custom_times(self._model, dict(self.config), None if both else timesteps, sigmas, mu)
             if both:
                 net_times = _node_net_times(timesteps, sigmas, len(nodes))
                 spec = replace(spec, time_map=_node_time_map(nodes, net_times))
-            schedule, steps = _schedules.Custom(nodes), len(nodes) - (self.config.final == "none")
+            schedule, steps = _schedules.Custom(nodes), len(nodes) - (final == "none")
         # the config's model with the run's net times: the runs with the config's own share one denoiser
         # (its per-time caches stay filled), a custom time map gets its own
         self._den = self._model_den if spec is self._model else _denoiser(_Recorded(), spec)
-        grid = make_grid(self._den.process, schedule, steps, self.config.final)
-        scale = self.config.guidance_scale
+        grid = make_grid(self._den.process, schedule, steps, final)
+        scale = self.config["guidance_scale"]
         unguided = scale is not None and scale <= 1  # pipelines guide only above 1
         solver = self._solver or (
             default_solver(_plain(self._den), grid.steps) if unguided else guided_solver(grid.steps, scale)
@@ -680,9 +698,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self.num_inference_steps = grid.steps
         self.order = sum(1 for _, i, _ in evals if i == 0)
-        timesteps = self._den.time_map(torch.tensor(self._times, dtype=F64)).to(torch.float32)
-        self._net_times = timesteps.tolist()  # on the CPU, for step's checks
-        self.timesteps = timesteps.to(device)
+        net_steps = self._den.time_map(torch.tensor(self._times, dtype=F64)).to(torch.float32)
+        self._net_times = net_steps.tolist()  # on the CPU, for step's checks
+        self.timesteps = net_steps.to(device)
         self.sigmas = _sigmas(self._den.process, self._times, grid).to(device, torch.float32)
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
@@ -701,8 +719,12 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         t = torch.tensor([self._times[j] for j in match.int().argmax(1).tolist()], dtype=F64)
         a, s, _ = self._den.process.coefficients(t)
         shape = (-1, *[1] * (original_samples.ndim - 1))
-        like = {"device": original_samples.device, "dtype": original_samples.dtype}
-        return a.to(**like).reshape(shape) * original_samples + s.to(**like).reshape(shape) * noise
+        device, dtype = original_samples.device, original_samples.dtype
+        a, s = (
+            a.to(device=device, dtype=dtype).reshape(shape),
+            s.to(device=device, dtype=dtype).reshape(shape),
+        )
+        return a * original_samples + s * noise
 
     def scale_noise(self, sample: Tensor, timestep: Tensor, noise: Tensor) -> Tensor:
         """Flow-matching pipelines' name for :meth:`add_noise` (``sample`` is the clean one)."""
@@ -731,7 +753,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         j = next((i for i, n in firsts.items() if n == k and run.evals[n][2]), None)
         tail = None if j is None else _tail(run.grid, j)
         evals = None if tail is None else _plan(self._den, run.solver, tail)
-        if evals is None or [t for t, _, _ in evals] != self._times[k:]:
+        if tail is None or evals is None or [t for t, _, _ in evals] != self._times[k:]:
             raise ValueError(
                 f"the run cannot begin at timesteps[{k}] (set_begin_index({k}) or the first step's "
                 f"timestep): it is not where a step of {run.solver!r} starts (at its input sample); begin "
@@ -768,6 +790,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         """Re-run the solver from the checkpoint until it asks for an evaluation not made yet (return
         that point) or the run ends (return the result); completed steps move the checkpoint."""
         tape, noise = run.tape, run.tape.noise
+        assert run.x is not None, "step() sets x where the run starts"
         while run.i < run.grid.steps:
             state = _fork(run.state)
             tape.used = noise.used = 0
@@ -813,6 +836,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             self._start(run, self._begin(run, timestep))
             run.x, run.started = sample.to(work, copy=True), True
         elif run.at_input and not _unchanged(run, sample):  # the entries the pipeline changed (inpainting)
+            assert run.x is not None and run.sent is not None, "an earlier step set them"
             run.x = torch.where(sample == run.sent, run.x, sample.to(work))
         self._check_timestep(run, timestep)
         src = self._noise if self._noise is not None else generator
@@ -821,12 +845,13 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         x = self._advance(run)
         if run.done:
             self._check_passed(run)
-        run.sent = x.to(sample.dtype)
-        prev, x0 = _versioned_copy(run.sent), run.tape.last.x0.to(sample.dtype, copy=True)
+        run.sent, last = x.to(sample.dtype), run.tape.last
+        assert last is not None, "the evaluation of the pipeline's output was made in _advance"
+        prev, x0 = _versioned_copy(run.sent), last.x0.to(sample.dtype, copy=True)
         run.given, run.given_version = weakref.ref(prev), prev._version
         if not return_dict:
             return prev, x0
         return SteerdiffSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def __len__(self) -> int:
-        return int(self.config.num_train_timesteps)
+        return int(self.config["num_train_timesteps"])

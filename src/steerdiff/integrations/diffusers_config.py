@@ -155,7 +155,7 @@ def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
 
 
 def _spec(cfg: dict[str, Any]) -> _Spec:
-    origin = cfg.get("origin") or cfg.get("_class_name")
+    origin = cfg.get("origin") or cfg.get("_class_name") or ""
     reason = _UNSUPPORTED.get(origin) or next((r for k, r in _UNSUPPORTED_KEYS.items() if k in cfg), None)
     if reason is not None:
         raise ValueError(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal, overload
 
 import torch
 from torch import Tensor
@@ -31,8 +31,10 @@ __all__ = [
     "Kernel",
     "Normal",
     "Point",
+    "Scored",
     "StepSize",
     "Target",
+    "Valued",
     "chain",
     "fixed_time",
     "snr_step_size",
@@ -49,6 +51,18 @@ class Point:
     x: Tensor
     log_prob: Tensor | None = None
     grad: Tensor | None = None
+
+
+class Scored(Point):
+    """A :class:`Point` whose gradient is evaluated (:meth:`Target.evaluate`)."""
+
+    grad: Tensor
+
+
+class Valued(Scored):
+    """A :class:`Point` whose value and gradient are evaluated (:meth:`Target.evaluate` with ``value``)."""
+
+    log_prob: Tensor
 
 
 def _value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,17 +103,24 @@ class Target:
     def has_log_prob(self) -> bool:
         return self._log_prob is not None
 
-    def evaluate(self, p: Point, value: bool = False) -> Point:
+    @overload
+    def evaluate(self, p: Point, value: Literal[True]) -> Valued: ...
+    @overload
+    def evaluate(self, p: Point, value: bool = False) -> Scored: ...
+    def evaluate(self, p: Point, value: bool = False) -> Scored:
         """``p`` with its gradient (and value if ``value``), evaluated only if not cached."""
-        if p.grad is not None and (p.log_prob is not None or not value):
-            return p
+        if p.grad is not None and p.log_prob is not None:
+            return p if isinstance(p, Valued) else Valued(p.x, p.log_prob, p.grad)
+        if p.grad is not None and not value:
+            return p if isinstance(p, Scored) else Scored(p.x, p.log_prob, p.grad)
         if value and self._log_prob is None:
             raise ValueError("this corrector needs log p(x): give a `log_prob`, a score alone is not enough")
         self.evaluations += 1
-        if self._log_prob is None:
-            return Point(p.x, None, self._score(p.x))
-        lp, g = _value_and_grad(self._log_prob, p.x)
-        return Point(p.x, lp, g)
+        if self._log_prob is not None:
+            lp, g = _value_and_grad(self._log_prob, p.x)
+            return Valued(p.x, lp, g)
+        assert self._score is not None, "a Target holds one of log_prob and score (checked in __init__)"
+        return Scored(p.x, None, self._score(p.x))
 
 
 @dataclass
@@ -184,11 +205,11 @@ def metropolis(log_ratio: Tensor, normal: Normal) -> Tensor:
     return torch.special.log_ndtr(z) < log_ratio
 
 
-def select(accept: Tensor, new: Point, old: Point) -> Point:
+def select(accept: Tensor, new: Valued, old: Valued) -> Valued:
     """Per sample: ``new`` where accepted, else ``old`` (values and gradients follow)."""
     m = accept.reshape(-1, *([1] * (new.x.ndim - 1)))
-    lp = None if new.log_prob is None else torch.where(accept, new.log_prob, old.log_prob)
-    return Point(torch.where(m, new.x, old.x), lp, torch.where(m, new.grad, old.grad))
+    lp = torch.where(accept, new.log_prob, old.log_prob)
+    return Valued(torch.where(m, new.x, old.x), lp, torch.where(m, new.grad, old.grad))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._checks import integer, real
 from ..noise import NoiseSource, check_fixed_time, check_shared, make_noise
 from ..solvers.base import Model
-from .base import ChainInfo, Kernel, Point, Target, chain, fixed_time, snr_step_size
+from .base import ChainInfo, Kernel, Point, StepSize, Target, chain, fixed_time, snr_step_size
 from .hmc import HMC
 from .langevin import MALA, ULA
 
@@ -83,6 +83,7 @@ def correct(
     source = make_noise(kernel.generator) if kernel.generator is not None else model.noise
     normal = fixed_time(source, t)
     p = Point(x)
+    size: StepSize
     if kernel.step_size is not None:
         size = kernel.step_size
     else:

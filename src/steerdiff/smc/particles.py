@@ -440,19 +440,26 @@ def _repeat_rows(cond: dict[str, Any], batch: int, n: int) -> dict[str, Any]:
     }
 
 
+def _cat_chunks(values: list[float | Tensor | None]) -> Tensor:
+    """The chunks' tensors concatenated, where the first chunk holds one (and so every chunk does)."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    assert len(tensors) == len(values), "the chunks of one evaluation (one t, one denoiser) are alike"
+    return torch.cat(tensors)
+
+
 def _cat_predictions(parts: list[Prediction], x: Tensor) -> Prediction:
     """One prediction from per-chunk predictions (same ``t``), keeping the estimate that was given."""
     p0 = parts[0]
     alpha, sigma = p0.alpha, p0.sigma
     if isinstance(alpha, Tensor) and alpha.ndim > 0:  # per-sample coefficients
-        alpha = torch.cat([p.alpha for p in parts])
-        sigma = torch.cat([p.sigma for p in parts])
+        alpha = _cat_chunks([p.alpha for p in parts])
+        sigma = _cat_chunks([p.sigma for p in parts])
     if p0._x0 is not None:
         pred = Prediction(x, alpha, sigma, x0=torch.cat([p.x0 for p in parts]))
     else:
         pred = Prediction(x, alpha, sigma, eps=torch.cat([p.eps for p in parts]))
     if p0.var_interp is not None:
-        pred.var_interp = torch.cat([p.var_interp for p in parts])
+        pred.var_interp = _cat_chunks([p.var_interp for p in parts])
     return pred
 
 
@@ -467,10 +474,8 @@ def _map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 def _other(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(obj, Prediction):
-        given = {"x0": obj._x0} if obj._x0 is not None else {"eps": obj._eps}
-        p = Prediction(
-            fn(obj.x), _map(obj.alpha, fn), _map(obj.sigma, fn), **{k: fn(v) for k, v in given.items()}
-        )
+        x, alpha, sigma, given = fn(obj.x), _map(obj.alpha, fn), _map(obj.sigma, fn), fn(obj.given)
+        p = Prediction(x, alpha, sigma, x0=given) if obj.x0_given else Prediction(x, alpha, sigma, eps=given)
         p.var_interp = _map(obj.var_interp, fn)
         return p
     if _holds_tensor(obj, set()):
@@ -765,9 +770,10 @@ def run_smc(
     cond = _repeat_rows(cond, batch, n_part)
     check_seeded(den, generator)
     evaluator = _Evaluator(den, max_batch)
-    one = generator is None or isinstance(generator, torch.Generator)
     noise = (
-        GeneratorNoise(generator) if one else PerSampleNoise([g for g in generator for _ in range(n_part)])
+        GeneratorNoise(generator)
+        if generator is None or isinstance(generator, torch.Generator)
+        else PerSampleNoise([g for g in generator for _ in range(n_part)])
     )
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)

@@ -186,10 +186,10 @@ def map_state(obj: Any, fn: Callable[[Tensor], Tensor], other: Callable[[Any], A
         items = [map_state(v, fn, other) for v in obj]
         return kind(*items) if hasattr(obj, "_fields") else kind(items)  # a namedtuple or not
     if is_dataclass(obj) and not isinstance(obj, type):
-        out = copy.copy(obj)  # no __init__ / __post_init__ rerun; frozen ones too
+        dup = copy.copy(obj)  # no __init__ / __post_init__ rerun; frozen ones too
         for f in fields(obj):
-            object.__setattr__(out, f.name, map_state(getattr(obj, f.name), fn, other))
-        return out
+            object.__setattr__(dup, f.name, map_state(getattr(obj, f.name), fn, other))
+        return dup
     return other(obj)
 
 

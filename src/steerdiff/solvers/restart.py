@@ -56,6 +56,7 @@ Interval = tuple[float, float, int, int]  # (s_min, s_max, K, N)
 
 
 def _intervals(restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence[float]]) -> list[Interval]:
+    items: list[object]  # checked one by one below
     if isinstance(restart_info, Mapping):
         items = [(k, *v) if isinstance(v, Sequence) else (k, v) for k, v in restart_info.items()]
     else:

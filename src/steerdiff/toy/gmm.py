@@ -30,7 +30,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from .._checks import integer, real
+from .._checks import Bounds, integer, real
 from ..denoiser import Denoiser
 from ..processes import MeanReverting, Process
 
@@ -363,7 +363,8 @@ class GaussianMixture:
         :func:`steerdiff.sample` approximates by default (solve to ``t_min``, return the denoised
         estimate there). DOP853 at ``rtol=1e-10`` on the CPU; float64, ``x_T``'s shape and device.
         """
-        who, span = f"{type(self).__name__}.reference_ode", {"lo": process.t_min, "hi": process.t_max}
+        who = f"{type(self).__name__}.reference_ode"
+        span: Bounds = {"lo": process.t_min, "hi": process.t_max}
         t_start = real(who, "t_start", t_start, **span)
         if t_end is not None:
             t_end = real(who, "t_end", t_end, **span)
