@@ -187,7 +187,7 @@ def test_bad_classifier_and_reward(oracle):
             ValueError,
             r"log_prob_y must return a \(3,\) tensor.*\(3, 1\)",
         ),
-        (lambda x, t: log_prob_y(x, t).detach(), RuntimeError, "log_prob_y's output does not depend"),
+        (lambda x, t: log_prob_y(x, t).detach(), ValueError, "log_prob_y's output does not depend"),
         (lambda x, t: 1.0, ValueError, "log_prob_y must return"),
     ]
     for fn, err, words in cases:
