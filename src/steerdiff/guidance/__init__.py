@@ -1,8 +1,9 @@
 """Guidance: denoisers that wrap a denoiser and steer it (every solver works with every guidance)."""
 
+from ..solvers.self_recurrence import SelfRecurrence
 from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
 from .cfg import CADS, CFG
-from .classifier import ClassifierGuidance, RewardGuidance, SelfRecurrence
+from .classifier import ClassifierGuidance, RewardGuidance
 from .dps import DPS
 from .mcg import MCG
 from .pcg import pcg

@@ -15,9 +15,9 @@ estimate.
 
   the gradient taken through the denoiser (their ``s(t)`` is ``s sigma_t``); an approximation of
   the tilted score ``grad log E[exp r(x0) | x_t]`` (exact when ``x0 | x_t`` is a point mass).
-* :class:`SelfRecurrence` (Bansal et al. 2023, Alg. 1, "per-step self-recurrence"): a solver that
-  takes every step ``k`` times, re-noising the result back to the step's start with the forward
-  process in between.
+
+Universal guidance's per-step self-recurrence (Alg. 1) is a solver:
+:class:`~steerdiff.solvers.self_recurrence.SelfRecurrence`.
 
 Guided predictions are returned detached from the graph: these wrappers take their gradient with
 autograd (switched on for it also under ``torch.no_grad()``; ``torch.inference_mode()`` is refused)
@@ -27,21 +27,16 @@ and do not stack under another gradient-guided wrapper.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._checks import integer, real
+from .._checks import real
 from ..denoiser import Denoiser, Prediction
-from ..noise import BrownianTreeNoise
-from ..solvers import get as get_solver
-from ..solvers._exp import noising
-from ..solvers.base import Grid, Model, Solver, Transition
 from .base import Guided, add_score, denoise_with_grad, grad_on, value_grad, with_estimate
 
-__all__ = ["ClassifierGuidance", "RewardGuidance", "SelfRecurrence"]
+__all__ = ["ClassifierGuidance", "RewardGuidance"]
 
 
 def _detached(pred: Prediction) -> Prediction:
@@ -128,66 +123,3 @@ class RewardGuidance(Guided):
 
     def __repr__(self) -> str:
         return f"RewardGuidance({self.base!r}, scale={self.scale})"
-
-
-@dataclass(init=False)
-class SelfRecurrence(Solver):
-    r"""Per-step self-recurrence (Bansal et al. 2023, "Universal Guidance", Alg. 1) around a
-    single-step solver.
-
-    Step ``i`` is taken ``repeats = k`` times; after each of the first ``k - 1`` the result ``y``
-    at node ``i + 1`` is re-noised back to node ``i`` with the forward process,
-
-        x_i <- (alpha_i / alpha_{i+1}) y + sqrt(sigma_i^2 - (alpha_i sigma_{i+1} / alpha_{i+1})^2) z,
-
-    which leaves ``p_{t_i}`` invariant when the step is exact (for an exact DDIM step of a point
-    mass, exactly). ``inner``: a name or a solver without history (``ddim``, ``ddpm``, ``euler``,
-    ``heun``, ``euler_ancestral``, ...). NFE: ``k`` times the inner solver's. The re-noising draws
-    from the run's generator (a Brownian tree has no fresh noise backwards: refused).
-    """
-
-    name: ClassVar[str] = "self_recurrence"
-    stochastic: ClassVar[bool] = True
-
-    inner: Solver = field(default_factory=lambda: get_solver("ddim"))  # as __init__'s default
-    repeats: int = 1
-
-    def __init__(self, inner: str | Solver = "ddim", repeats: int = 1) -> None:
-        self.order, self.inner, self.repeats = 1, get_solver(inner), repeats
-        self.__post_init__()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.inner, SelfRecurrence):
-            raise ValueError("SelfRecurrence: inner must not itself be a SelfRecurrence")
-        self.repeats = integer("SelfRecurrence", "repeats", self.repeats, lo=1)
-
-    def init_state(self, grid: Grid) -> dict[str, Any]:
-        state = self.inner.init_state(grid)
-        if state:
-            raise ValueError(
-                f"SelfRecurrence: inner solver {self.inner.name!r} keeps a history between steps; use a "
-                "single-step solver (ddim, ddpm, euler, heun, euler_ancestral)"
-            )
-        return state
-
-    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
-        if self.repeats > 1 and isinstance(model.noise, BrownianTreeNoise):
-            raise ValueError(
-                "SelfRecurrence: the re-noising needs fresh noise; pass a generator, not a Brownian tree"
-            )
-        back, std = noising((grid.alpha[i + 1], grid.sigma[i + 1]), (grid.alpha[i], grid.sigma[i]))
-        for _ in range(self.repeats - 1):
-            out = self.inner.step(model, x, i, grid, state)
-            if isinstance(out, Transition):  # drawn as steerdiff.sample draws it
-                noiseless = isinstance(out.std, float) and out.std == 0.0
-                out = (
-                    out.mean
-                    if noiseless
-                    else out.mean + out.std * model.noise(grid.t[i], grid.t[i + 1], out.mean)
-                )
-            x = back * out + std * model.noise(grid.t[i + 1], grid.t[i], out)
-        return self.inner.step(model, x, i, grid, state)
-
-    def nfe(self, steps: int, clean_end: bool = True) -> int:
-        return self.repeats * self.inner.nfe(steps, clean_end)

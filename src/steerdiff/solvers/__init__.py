@@ -24,6 +24,7 @@ from .lms import LMS
 from .mrs import MRSampler
 from .restart import Restart
 from .sa_solver import SASolver
+from .self_recurrence import SelfRecurrence
 from .unipc import UniPC
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "NonFiniteError",
     "Restart",
     "SASolver",
+    "SelfRecurrence",
     "Solver",
     "Transition",
     "UniPC",
