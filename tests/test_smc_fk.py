@@ -510,6 +510,75 @@ def test_max_batch_and_cond():
     assert float((full.mean()[1] - full.mean()[0] - shift[1]).norm()) < 1.0  # row 1 lives at its shift
 
 
+SHIFTS = torch.tensor([[0.0, 0.0], [3.0, -2.0], [-1.0, 2.5]], dtype=F64)  # the condition, per batch row
+NULLS = torch.tensor([[0.5, 0.5], [-2.0, 1.0], [1.5, -0.5]], dtype=F64)  # CFG's null condition, per row
+
+
+@pytest.mark.parametrize("method", ["fk_steering", "wrapped", "best_of_n", "svdd", "code", "tds", "fkc"])
+def test_cfg_per_row_uncond_kwargs_follow_the_particles(method):
+    """CFG whose null condition differs per batch row (``uncond_kwargs={"shift": (batch, 2)}``, beside a
+    per-row ``shift`` in ``**cond``) under every particle method: each particle of row ``b`` sees row
+    ``b``'s null, so row ``b`` of a 3-row run is bit for bit row ``b`` run alone with its null broadcast
+    (``(2,)``), and the same to 1e-12 in slices of ``max_batch`` (before: a size mismatch inside the net
+    at the first step, 12 rows of ``x`` against 3 of the null)."""
+    op = sd.inverse.Matrix(torch.tensor([[1.0, 0.5]], dtype=F64))
+    seen: list[int] = []
+
+    def run(rows: list[int], nulls: torch.Tensor, max_batch: int | None = None) -> sd.smc.Particles:
+        guided: sd.Denoiser = CFG(shifted_den(seen), shifted_den(seen), 2.5, uncond_kwargs={"shift": nulls})
+        kw = dict(shape=(len(rows), 2), particles=4, steps=8, dtype=F64, max_batch=max_batch)
+        kw |= dict(generator=[gen(10 + r) for r in rows], shift=SHIFTS[rows])
+        return {
+            "fk_steering": lambda: sd.smc.fk_steering(guided, linear, lam=2.0, solver=SOLVER, **kw),
+            "wrapped": lambda: sd.smc.fk_steering(DynamicThreshold(guided), linear, solver=SOLVER, **kw),
+            "best_of_n": lambda: sd.smc.best_of_n(guided, linear, solver=SOLVER, **kw),
+            "svdd": lambda: sd.smc.svdd(guided, linear, 0.5, solver=SOLVER, **kw),
+            "code": lambda: sd.smc.code(guided, linear, block=3, solver=SOLVER, **kw),
+            "tds": lambda: sd.smc.tds(guided, op, torch.tensor([0.3], dtype=F64), noise_std=0.2, **kw),
+            "fkc": lambda: sd.smc.fkc_anneal(guided, 2.0, **kw),  # a CFG component; max_batch: its slices
+        }[method]()
+
+    batch = run([0, 1, 2], NULLS)
+    assert max(seen) == 12
+    for b in range(3):
+        alone = run([b], NULLS[b])
+        assert torch.equal(batch.x[b], alone.x[0]) and torch.equal(batch.log_w[b], alone.log_w[0]), b
+        assert batch.nfe == alone.nfe
+    assert not torch.equal(run([1], NULLS[0]).x[0], batch.x[1])  # the null matters
+    seen.clear()
+    chunked = run([0, 1, 2], NULLS, max_batch=5)
+    assert max(seen) == 5
+    torch.testing.assert_close(chunked.x, batch.x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked.log_w, batch.log_w, rtol=0, atol=1e-12)
+    assert chunked.nfe == batch.nfe
+
+
+def test_cfg_per_row_uncond_kwargs_of_another_batch_are_refused():
+    """A per-row null of 2 rows for a batch of 3 (the condition it overrides has 3): a ValueError naming
+    ``uncond_kwargs`` under a particle method and under ``sd.sample`` (before: a size mismatch inside the
+    net); one null for all (``(1, 2)``) is the broadcast one."""
+    den = shifted_den([])
+    wrong = CFG(den, den, 2.5, uncond_kwargs={"shift": NULLS[:2]})
+    words = (
+        r"CFG: uncond_kwargs\['shift'\] has 2 rows, but the condition 'shift' it overrides has one per sample"
+    )
+    kw = dict(shape=(3, 2), particles=4, steps=4, dtype=F64, shift=SHIFTS)
+    with pytest.raises(ValueError, match=words):
+        sd.smc.fk_steering(wrong, linear, **kw)
+    with pytest.raises(ValueError, match=words):
+        sd.smc.best_of_n(wrong, linear, max_batch=5, **kw)
+    x_T = torch.randn(3, 2, dtype=F64, generator=gen(1))
+    with pytest.raises(ValueError, match=words):
+        sd.sample(wrong, x_T, 4, "ddpm", generator=gen(2), shift=SHIFTS)
+    one = sd.smc.fk_steering(
+        CFG(den, den, 2.5, uncond_kwargs={"shift": NULLS[:1]}), linear, generator=gen(3), **kw
+    )
+    flat = sd.smc.fk_steering(
+        CFG(den, den, 2.5, uncond_kwargs={"shift": NULLS[0]}), linear, generator=gen(3), **kw
+    )
+    assert torch.equal(one.x, flat.x)
+
+
 def test_reproducible_per_seed():
     kw = dict(lam=2.0, shape=(2, 2), particles=32, steps=10, solver=SOLVER, dtype=F64)
     a = sd.smc.fk_steering(DEN, linear, generator=gen(9), **kw)
@@ -521,9 +590,13 @@ def test_reproducible_per_seed():
 
 def test_nfe_counts_the_net_calls_of_a_guided_denoiser():
     """Around CFG with a guidance interval (1 net call per evaluation outside, 2 inside) the engine's
-    NFE per batch row is the rows the net evaluated divided by the batch (before: 2 per step)."""
+    NFE per batch row is the rows the net evaluated divided by the batch (before: 2 per step); also with
+    a per-row null, whose CFG the engine calls in copies (its rows taken for the particles and slices)."""
     den, rows = counting(PROC)
     guided = CFG(den, den, 3.0, uncond_kwargs={"y": 1}, interval=(0.5, 3.0))
+    per_row = CFG(
+        den, den, 3.0, uncond_kwargs={"y": torch.tensor([[1.0], [-1.0]], dtype=F64)}, interval=(0.5, 3.0)
+    )
     batch, n, steps = 2, 3, 10
     grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), steps)
     inside = sum(0.5 < s / a <= 3.0 for s, a in zip(grid.sigma[:-1], grid.alpha[:-1], strict=True))
@@ -533,6 +606,9 @@ def test_nfe_counts_the_net_calls_of_a_guided_denoiser():
         lambda mb: sd.smc.run_smc(guided, SMCAlgorithm(), generator=gen(0), max_batch=mb, **kw),
         lambda mb: sd.smc.fk_steering(guided, linear, lam=1.0, generator=gen(0), max_batch=mb, **kw),
         lambda mb: sd.smc.fk_steering(DynamicThreshold(guided), linear, generator=gen(0), max_batch=mb, **kw),
+        lambda mb: sd.smc.fk_steering(
+            DynamicThreshold(per_row), linear, generator=gen(0), max_batch=mb, **kw
+        ),
     ]
     for run in runs:
         for max_batch in (None, 4):

@@ -120,6 +120,19 @@ class Prediction:
         return out
 
 
+def take_kwarg_rows(kwargs: dict[str, Any], rows: Tensor | slice, n: int) -> dict[str, Any]:
+    """``kwargs`` with every tensor of ``n`` rows (at least 1-d, first dimension ``n``) taken at ``rows``
+    (integer indices or a slice), in a new dict; ``kwargs`` itself where none has ``n`` rows."""
+    hit = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n]
+    if not hit:
+        return kwargs
+    out = dict(kwargs)
+    for k in hit:
+        v = kwargs[k]
+        out[k] = v[rows] if isinstance(rows, slice) else v.index_select(0, rows.to(v.device))
+    return out
+
+
 def _per_sample(value: Tensor, x: Tensor) -> Tensor | float:
     """A float64 scalar or ``(batch,)`` tensor as something that broadcasts against ``x``."""
     if value.ndim == 0:
@@ -238,6 +251,18 @@ class Denoiser:
         methods of :mod:`steerdiff.smc`, which call it on ``batch x particles`` rows (in slices of
         ``max_batch``), check them."""
         return []
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+        """This denoiser for calls whose sample ``k`` is sample ``rows[k]`` of a batch of ``n``: the
+        per-sample keyword arguments it holds of its own (tensors of ``n`` rows, as
+        :class:`~steerdiff.guidance.CFG`'s ``uncond_kwargs`` may be) taken at ``rows``, in a copy;
+        itself where it holds none (here). ``rows``: integer indices or a slice.
+
+        The particle methods of :mod:`steerdiff.smc` call it once with each batch row repeated for its
+        particles, and again per slice of ``max_batch`` rows: what they do with the tensors of the
+        sampler's ``**cond``. State that :meth:`per_row` lists is not taken (it is checked instead).
+        """
+        return self
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The prediction at ``x`` with the network run in ``net_dtype`` (a half-precision net under a

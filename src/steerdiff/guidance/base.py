@@ -28,6 +28,7 @@ assigns its own.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -111,6 +112,16 @@ class Guided(Denoiser):
     def per_row(self) -> list[tuple[str, int]]:
         """``base``'s (a wrapper holding per-sample state adds itself)."""
         return self.base.per_row()
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+        """A copy around ``base.take_rows(rows, n)``; itself where that is ``base`` (a wrapper holding
+        other denoisers or per-sample keyword arguments takes theirs too)."""
+        base = self.base.take_rows(rows, n)
+        if base is self.base:
+            return self
+        out = copy.copy(self)
+        out.base = base
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base!r})"

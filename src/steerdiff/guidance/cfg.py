@@ -43,6 +43,7 @@ pipeline, whose kept half of the batch is the conditional one.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, real
-from ..denoiser import Denoiser, Prediction
+from ..denoiser import Denoiser, Prediction, take_kwarg_rows
 from ..noise import Generators, check_generators, randn
 from .base import Guided, same_process, with_estimate
 
@@ -165,7 +166,14 @@ class CFG(Guided):
         scale: ``w >= 0``: 1 is the conditional denoiser, 0 the unconditional one, > 1 guidance.
         uncond_kwargs: keyword arguments that override ``**cond`` for the unconditional call: one
             net with a null label is ``CFG(den, den, 5.0, uncond_kwargs={"y": null})``, sampled as
-            ``sd.sample(guided, x_T, y=labels)``.
+            ``sd.sample(guided, x_T, y=labels)``. A value may be one for all samples (a number, a 0-d
+            tensor, a tensor the net broadcasts) or one per sample: a tensor whose first dimension is
+            the batch size the sampler is called with (``x_T.shape[0]``; ``shape[0]`` for the particle
+            methods of :mod:`steerdiff.smc`, which call the net on ``batch x particles`` rows and give
+            every particle of batch row ``b`` row ``b``'s entry), the rule the sampler's ``**cond``
+            follows there. A tensor that overrides a per-sample condition of ``**cond`` (a tensor of
+            the same number of dimensions with one row per sample) must have one row per sample too,
+            or one row (or none: 0-d) for all; any other number of rows is a ``ValueError``.
         rescale: ``phi`` in ``[0, 1]`` of CFG-rescale (Lin et al. 2024, Eq. 15-16; diffusers'
             ``guidance_rescale``); 0 is off.
         rescale_space: ``"x0"`` (default), ``"eps"`` or ``"v"``: where the standard deviations are
@@ -238,6 +246,28 @@ class CFG(Guided):
         ratio = s / a if a > 0 else math.inf
         return lo < ratio <= hi
 
+    def _uncond_kwargs(self, x: Tensor, cond: dict[str, Any]) -> dict[str, Any]:
+        """``**cond`` overridden by ``uncond_kwargs``; an override of a per-sample condition (a tensor
+        with ``x``'s rows) by a tensor of as many dimensions and another number of rows than those or 1
+        is refused (it would fail inside the net, or broadcast wrongly)."""
+        n = x.shape[0]
+        for k, v in self.uncond_kwargs.items():
+            c = cond.get(k)
+            if (
+                isinstance(v, Tensor)
+                and isinstance(c, Tensor)
+                and v.ndim == c.ndim > 0
+                and c.shape[0] == n
+                and v.shape[0] not in (1, n)
+            ):
+                raise ValueError(
+                    f"CFG: uncond_kwargs[{k!r}] has {v.shape[0]} rows, but the condition {k!r} it overrides "
+                    f"has one per sample ({n} in this call): give uncond_kwargs[{k!r}] one row per sample "
+                    "of the batch the sampler is called with (shape[0] for a particle method, which gives "
+                    "each particle its batch row's), or one for all (first dimension 1, or a 0-d tensor)"
+                )
+        return {**cond, **self.uncond_kwargs}
+
     def _cond_kwargs(self, t: float | Tensor, cond: dict[str, Any]) -> dict[str, Any]:
         if self.cads is None:
             return cond
@@ -293,7 +323,7 @@ class CFG(Guided):
             pred = self.base.evaluate(x, t, net_dtype, **self._cond_kwargs(t, cond))
             self.cost = self.base.cost
             return pred
-        ukw = {**cond, **self.uncond_kwargs}
+        ukw = self._uncond_kwargs(x, cond)
         if inside is True and self.scale == 0 and self.rescale == 0:  # the unconditional prediction
             pred = self.uncond.evaluate(x, t, net_dtype, **ukw)
             self.cost = self.uncond.cost
@@ -316,6 +346,18 @@ class CFG(Guided):
     def per_row(self) -> list[tuple[str, int]]:
         """The branches'."""
         return [*self.base.per_row(), *(self.uncond.per_row() if self.uncond is not self.base else [])]
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+        """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the
+        branches' ``take_rows``; itself where nothing changes."""
+        base = self.base.take_rows(rows, n)
+        uncond = base if self.uncond is self.base else self.uncond.take_rows(rows, n)
+        kwargs = take_kwarg_rows(self.uncond_kwargs, rows, n)
+        if base is self.base and uncond is self.uncond and kwargs is self.uncond_kwargs:
+            return self
+        out = copy.copy(self)
+        out.base, out.uncond, out.uncond_kwargs = base, uncond, kwargs
+        return out
 
     def __repr__(self) -> str:
         return f"CFG({self.base!r}, scale={self.scale})"

@@ -66,6 +66,7 @@ The engine's ``log Z`` estimates ``log(Z_end / Z_start)`` with
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -75,7 +76,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .._checks import boolean, integer, real, sample_dtype
-from ..denoiser import Denoiser, Prediction
+from ..denoiser import Denoiser, Prediction, take_kwarg_rows
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
@@ -128,7 +129,9 @@ class Composition(Guided):
         betas: the exponents ``beta_k`` (finite reals, ``B = sum_k beta_k > 0``); components with
             ``beta_k = 0`` are not evaluated.
         kwargs: per component, keyword arguments that override the sampler's ``**cond`` for its call
-            (e.g. a null label for the unconditional one); ``None``: none.
+            (e.g. a null label for the unconditional one); ``None``: none. Under
+            :func:`~steerdiff.smc.run_smc` their tensors of ``batch`` rows follow the particles, as
+            those of ``**cond`` do (:meth:`take_rows`).
         max_batch: evaluate every component on at most this many rows at a time.
 
     A call returns a :class:`ComposedPrediction` (the components' ``eps`` in ``parts``) and costs the
@@ -180,19 +183,28 @@ class Composition(Guided):
         self.max_batch = max_batch
         self.cost = sum(d.cost for d in self.dens)
 
-    def _eps(self, k: int, x: Tensor, t: float | Tensor, dtype: torch.dtype, cond: dict[str, Any]) -> Tensor:
+    def _eps(
+        self, k: int, x: Tensor, t: float | Tensor, dtype: torch.dtype, cond: dict[str, Any]
+    ) -> tuple[Tensor, int]:
+        """Component ``k``'s ``eps`` (in slices of ``max_batch`` rows, its per-sample keyword arguments
+        sliced with them: :meth:`~steerdiff.denoiser.Denoiser.take_rows`) and its cost in this call."""
         den, kw = self.dens[k], {**cond, **self.kwargs[k]}
-        out = [den.evaluate(xs, ts, dtype, **cs).eps for xs, ts, cs in _row_chunks(self.max_batch, x, t, kw)]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        out, used = [], den
+        for sl, xs, ts, cs in _row_chunks(self.max_batch, x, t, kw):
+            used = den if sl is None else den.take_rows(sl, x.shape[0])
+            out.append(used.evaluate(xs, ts, dtype, **cs).eps)
+        # read after the call: a component's cost may vary (a CFG interval)
+        return out[0] if len(out) == 1 else torch.cat(out), used.cost
 
     def evaluate(
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any
     ) -> ComposedPrediction:
         """The components' nets in ``net_dtype``, their combination in ``x``'s dtype."""
         parts, cost = [], 0
-        for k, den in enumerate(self.dens):
-            parts.append(self._eps(k, x, t, net_dtype, cond))
-            cost += den.cost  # read after the call: a component's cost may vary (a CFG interval)
+        for k in range(len(self.dens)):
+            eps, c = self._eps(k, x, t, net_dtype, cond)
+            parts.append(eps)
+            cost += c
         self.cost = cost
         eps = self.betas[0] * parts[0]
         for beta, e in zip(self.betas[1:], parts[1:], strict=True):
@@ -221,6 +233,17 @@ class Composition(Guided):
     def per_row(self) -> list[tuple[str, int]]:
         """Its components'."""
         return [part for den in self.dens for part in den.per_row()]
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+        """A copy with its components' ``take_rows`` and the tensors of ``n`` rows in ``kwargs`` taken at
+        ``rows``; itself where nothing changes."""
+        dens = tuple(den.take_rows(rows, n) for den in self.dens)
+        kwargs = tuple(take_kwarg_rows(kw, rows, n) for kw in self.kwargs)
+        if all(a is b for a, b in zip((*dens, *kwargs), (*self.dens, *self.kwargs), strict=True)):
+            return self
+        out = copy.copy(self)
+        out.dens, out.kwargs, out.base = dens, kwargs, dens[0]
+        return out
 
     def __repr__(self) -> str:
         return f"Composition({list(self.dens)!r}, betas={self.betas})"

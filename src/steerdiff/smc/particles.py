@@ -382,21 +382,30 @@ def stochastic_solvers() -> list[str]:
 
 class _Evaluator(Guided):
     """The base denoiser evaluated on at most ``max_batch`` rows at a time; also remembers the first
-    prediction a step computes at the step's own input (the particles' denoised estimate)."""
+    prediction a step computes at the step's own input (the particles' denoised estimate).
 
-    def __init__(self, base: Denoiser, max_batch: int | None) -> None:
+    The per-sample keyword arguments the base holds of its own (:meth:`Denoiser.take_rows
+    <steerdiff.denoiser.Denoiser.take_rows>`: CFG's ``uncond_kwargs``) follow the particles as the
+    sampler's ``**cond`` does: those of ``batch`` rows are repeated for the ``particles`` of each row,
+    and sliced with the chunks. ``cost`` is that of the latest call's (last) chunk.
+    """
+
+    def __init__(self, base: Denoiser, max_batch: int | None, batch: int, particles: int) -> None:
         super().__init__(base)
         self.max_batch = max_batch
         self.watch: tuple[Tensor, float] | None = None
         self.seen: Prediction | None = None
+        each = torch.arange(batch).repeat_interleave(particles)  # flat row -> its batch row
+        self.expanded = base if particles == 1 else base.take_rows(each, batch)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The base's :meth:`~steerdiff.denoiser.Denoiser.evaluate` per chunk: the net in ``net_dtype``,
         the prediction in ``x``'s dtype at ``x`` itself (so the step's own input is recognized)."""
-        parts = [
-            self.base.evaluate(xs, ts, net_dtype, **cs)
-            for xs, ts, cs in _row_chunks(self.max_batch, x, t, cond)
-        ]
+        parts, used = [], self.expanded
+        for sl, xs, ts, cs in _row_chunks(self.max_batch, x, t, cond):
+            used = self.expanded if sl is None else self.expanded.take_rows(sl, x.shape[0])
+            parts.append(used.evaluate(xs, ts, net_dtype, **cs))
+        self.cost = used.cost  # read after the call: it may vary (a CFG interval)
         pred = parts[0] if len(parts) == 1 else _cat_predictions(parts, x)
         if (
             self.seen is None
@@ -411,16 +420,18 @@ class _Evaluator(Guided):
 
 def _row_chunks(
     max_batch: int | None, x: Tensor, t: float | Tensor, cond: dict[str, Any]
-) -> Iterator[tuple[Tensor, float | Tensor, dict[str, Any]]]:
-    """``(x, t, cond)`` in slices of at most ``max_batch`` rows (one piece for ``None``): a per-sample
-    ``t`` and the tensors in ``cond`` with ``x``'s number of rows are sliced with ``x``."""
+) -> Iterator[tuple[slice | None, Tensor, float | Tensor, dict[str, Any]]]:
+    """``(rows, x, t, cond)`` in slices ``rows`` of at most ``max_batch`` rows (one piece for ``None``,
+    with ``rows = None``: all of them): a per-sample ``t`` and the tensors in ``cond`` with ``x``'s number
+    of rows are sliced with ``x``."""
     n = x.shape[0]
     if max_batch is None or n <= max_batch:
-        yield x, t, cond
+        yield None, x, t, cond
         return
     for lo in range(0, n, max_batch):
         sl = slice(lo, lo + max_batch)
         yield (
+            sl,
             x[sl],
             t[sl] if isinstance(t, Tensor) and t.ndim > 0 else t,
             {
@@ -545,7 +556,7 @@ class _Run:
         if self._reward is None:
             raise ValueError("ctx.reward: this run has no reward; pass reward= to run_smc")
         out = []
-        for chunk, _, _ in _row_chunks(self.max_batch, self.flat(z), 0.0, {}):
+        for _, chunk, _, _ in _row_chunks(self.max_batch, self.flat(z), 0.0, {}):
             r = self._reward(chunk)
             if not isinstance(r, Tensor) or tuple(r.shape) != (chunk.shape[0],):
                 got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
@@ -720,7 +731,10 @@ def run_smc(
             generators; :func:`steerdiff.noise.rand` / ``randn`` draw a list's rows so, and the
             resamplers and ``resample`` hooks receive it as given).
         progress: show a tqdm bar.
-        **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles.
+        **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles. So
+            are those the denoiser holds of its own (:meth:`Denoiser.take_rows
+            <steerdiff.denoiser.Denoiser.take_rows>`: :class:`~steerdiff.guidance.CFG`'s
+            ``uncond_kwargs``).
 
     Returns:
         :class:`Particles` with the final particles, normalized log-weights, the NFE and the trace. The
@@ -769,7 +783,7 @@ def run_smc(
 
     cond = _repeat_rows(cond, batch, n_part)
     check_seeded(den, generator)
-    evaluator = _Evaluator(den, max_batch)
+    evaluator = _Evaluator(den, max_batch, batch, n_part)
     noise = (
         GeneratorNoise(generator)
         if generator is None or isinstance(generator, torch.Generator)
