@@ -25,6 +25,41 @@ from steerdiff.metrics import relative_rmse
 F64 = torch.float64
 rel_rmse = relative_rmse
 
+# Parity with a reference implementation (diffusers; k-diffusion for edm_sde), as relative RMSE.
+# PARITY is the contract (README: "to better than 1e-4"); each parity test asserts its scheduler's
+# PARITY_BOUND, close to the largest value its parametrizations measure, so that a tenfold regression
+# fails. Where diffusers steps in float32 (its sigma / alphas_cumprod tables; our side is float64) the
+# gap is float32 rounding amplified by the steps and may differ on other CPU/BLAS builds (the order-3
+# SDE case measures 1.1e-5 with AVX2/AVX512 kernels, 6.0e-6 with ATEN_CPU_CAPABILITY=default): those
+# bounds are the smallest 1-2-5 value at least 4x the measured maximum (4-10x headroom); float64-only
+# comparisons get the smallest at least 2x (2-5x). Measured: torch 2.13 CPU, diffusers 0.42.1,
+# max over every parametrization and over ATEN_CPU_CAPABILITY=avx512/avx2/default; README quotes AVX512.
+PARITY = 1e-4
+PARITY_BOUND: dict[str, float] = {
+    # deterministic (tests/test_solvers_basic.py, test_dpm_solver.py, test_unipc.py, test_deis_ipndm_lms.py)
+    "DDIMScheduler": 2e-6,  # 3.2e-7
+    "EulerDiscreteScheduler": 1e-5,  # 1.3e-6
+    "HeunDiscreteScheduler": 1e-5,  # 1.4e-6
+    "DPMSolverSinglestepScheduler": 2e-6,  # 4.4e-7 (dpmsolver++)
+    "DPMSolverSinglestepScheduler(dpmsolver)": 5e-5,  # 1.0e-5 (order 3, 4 steps; > 1e-6 only at 4-5 steps)
+    "DPMSolverMultistepScheduler": 2e-6,  # 3.7e-7 (3.9e-7 with default kernels)
+    "UniPCMultistepScheduler": 2e-6,  # 3.7e-7, every intermediate state included
+    "DEISMultistepScheduler": 5e-5,  # 8.0e-6 (order 3; orders 1-2 1.3e-6)
+    "IPNDMScheduler": 5e-7,  # 1.1e-7
+    "LMSDiscreteScheduler": 5e-6,  # 6.1e-7
+    # stochastic, same draws (test_stochastic_basic.py, test_dpmpp_sde.py, test_sa_solver.py, ...)
+    "DDPMScheduler": 5e-6,  # 7.5e-7
+    "DDIMScheduler(eta)": 5e-6,  # 5.8e-7 (6.4e-7 with default kernels)
+    "EulerAncestralDiscreteScheduler": 1e-5,  # 2.3e-6 (linspace, 25 steps; the others < 6.5e-7)
+    "DPMSolverMultistepScheduler(sde-dpmsolver++)": 5e-6,  # 6.8e-7 (order 2; 7.2e-7 default kernels)
+    "DPMSolverMultistepScheduler(sde-dpmsolver++, order 3)": 5e-5,  # 1.1e-5 (third_order="diffusers")
+    "DPMSolverSDEScheduler": 2e-5,  # 3.6e-6
+    "SASolverScheduler": 1e-4,  # 1.9e-5 (its own float32 sigmas)
+    "SASolverScheduler(float64)": 1e-13,  # 2.8e-14 (sigmas recomputed in float64)
+    "DPMSolverMultistepScheduler(heun)": 5e-6,  # 1.2e-6 (mrs on SD's VP process; 1.25e-6 default kernels)
+    "k-diffusion sample_heun": 1e-14,  # 3.3e-15 (edm_sde; float64 on both sides)
+}
+
 
 def smooth_mixture(dim: int = 8, components: int = 4, seed: int = 0) -> sd.toy.GaussianMixture:
     """A well-conditioned mixture (std 0.55-0.9): solver error is smooth in the step size."""

@@ -22,6 +22,7 @@ from steerdiff.solvers import DPMSolver
 from steerdiff.solvers._exp import hphi_eps
 
 from .reference import (
+    PARITY_BOUND,
     diffusers_sample,
     exact_sample,
     nodes_of,
@@ -63,7 +64,7 @@ def test_dpmsolverpp_matches_diffusers(diffusers, gmm, sd_process, x_T, exact, o
         gmm.denoiser(sd_process), x_T, steps=steps, solver=solver, schedule=nodes_of(sched), return_info=True
     )
     assert info.nfe == nfe == steps
-    assert rel_rmse(ours, ref) < 1e-4
+    assert rel_rmse(ours, ref) < PARITY_BOUND["DPMSolverSinglestepScheduler"]
     assert rel_rmse(ours, exact) < 0.25
 
 
@@ -93,7 +94,8 @@ def test_dpmsolver_matches_diffusers(diffusers, gmm, sd_process, x_T, order, ste
         return_info=True,
     )
     assert info.nfe == nfe == steps
-    assert rel_rmse(ours, ref) < 1e-4
+    # 1.0e-5 at order 3 and 4 steps: the noise form amplifies diffusers' float32 rounding more
+    assert rel_rmse(ours, ref) < PARITY_BOUND["DPMSolverSinglestepScheduler(dpmsolver)"]
 
 
 # Errors from 2.4e-3 down to 1.9e-6 (order 3), far above the reference ODE's 1e-10 tolerance.

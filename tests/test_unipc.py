@@ -1,9 +1,9 @@
 """UniPC: parity with diffusers' UniPCMultistepScheduler, convergence order, order/NFE rules.
 
 Parity tolerance: diffusers keeps its sigmas in float32, so even on float64 input its step
-coefficients carry ~1e-7 relative error; the measured gap is ~3e-7 (float64 and float32 input
-alike) and the assertion is 1e-4, while a wrong coefficient (bh1 for bh2, the corrector on or
-off) moves the result by 4e-3 or more at 10 steps.
+coefficients carry ~1e-7 relative error; the measured gap is at most 3.7e-7 (float64 and float32
+input alike) and the assertion ``PARITY_BOUND["UniPCMultistepScheduler"]`` (2e-6), while a wrong
+coefficient (bh1 for bh2, the corrector on or off) moves the result by 4e-3 or more at 10 steps.
 
 diffusers 0.42.1 cannot take the clean final step (``final_sigmas_type="zero"``) in two
 configurations: with ``solver_type="bh1"`` it returns NaN at every order (the last step
@@ -20,11 +20,12 @@ from torch import Tensor
 
 import steerdiff as sd
 
-from .reference import eps_net, exact_sample, nodes_of, rel_rmse, sd_betas_config, slope
+from .reference import PARITY_BOUND, eps_net, exact_sample, nodes_of, rel_rmse, sd_betas_config, slope
 
 STEPS = 10
 ORDERS = [1, 2, 3]
 VARIANTS = ["bh1", "bh2"]
+BOUND = PARITY_BOUND["UniPCMultistepScheduler"]
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +82,12 @@ def test_matches_diffusers(diffusers, gmm, sd_process, x_T, exact, variant, orde
     )
     assert info.nfe == len(ref) == STEPS
     for i in range(STEPS - 1):
-        assert rel_rmse(ours[i], ref[i]) < 1e-4, f"state after step {i}"
+        assert rel_rmse(ours[i], ref[i]) < BOUND, f"state after step {i}"
     # the clean final step returns the denoised estimate at x_{N-1}
     a, s = info.grid.alpha[-2], info.grid.sigma[-2]
-    assert rel_rmse(x, gmm.denoise(ref[-2], a, s)) < 1e-4
+    assert rel_rmse(x, gmm.denoise(ref[-2], a, s)) < BOUND
     if variant == "bh2" and prediction == "data":
-        assert rel_rmse(x, ref[-1]) < 1e-4
+        assert rel_rmse(x, ref[-1]) < BOUND
     else:  # diffusers returns NaN here (module docstring); 0.107 is DDIM's 10-step error
         assert rel_rmse(x, exact) < 0.11
 
@@ -108,7 +109,7 @@ def test_matches_diffusers_noisy_end(diffusers, gmm, sd_process, x_T, variant, o
         return_info=True,
     )
     assert info.nfe == STEPS
-    assert rel_rmse(x, ref) < 1e-4
+    assert rel_rmse(x, ref) < BOUND
 
 
 CONV_STEPS = [10, 20, 40, 80]
