@@ -379,3 +379,21 @@ def test_float32_keeps_float64_accuracy_at_zero_terminal_snr(solver: str) -> Non
             a = sd.sample(den, x_T, steps=steps, solver=solver, schedule=schedule)
             b = sd.sample(den, x_T.float(), steps=steps, solver=solver, schedule=schedule).double()
             assert rel_rmse(b, a) < 2e-5
+
+
+@pytest.mark.parametrize("variant", ["log_rho", "tab"])
+def test_deis_float32_keeps_float64_accuracy_at_zero_terminal_snr(variant: str) -> None:
+    """At zero terminal SNR (alpha_0 = 2**-12) the x / alpha form multiplied x by alpha_1 / alpha_0 = 348
+    and cancelled it against eps in float32; DDIM from the net's x0 plus the eps history's correction
+    does not. Measured (16-d mixture, 256 samples), float32 vs float64 over these cases: before median
+    1.8e-5, up to 1.1e-4 (both variants); now at most 1.3e-6, beside DPM-Solver++(2M)'s 4.1e-7."""
+    gmm = sd.toy.default_benchmark_mixture(dim=16)
+    proc = sd.VP.discrete(alphas_cumprod=sd.VP.scaled_linear().alphas_cumprod, rescale_zero_snr=True)
+    den, x_T = gmm.denoiser(proc), noise(256, 16, seed=0)
+    for schedule, steps, order in itertools.product(("karras_capped", "trailing"), (10, 25), (1, 2, 3)):
+        solver = DEIS(order=order, variant=variant)
+        a = sd.sample(den, x_T, steps=steps, solver=solver, schedule=schedule)
+        b = sd.sample(den, x_T.float(), steps=steps, solver=solver, schedule=schedule)
+        assert rel_rmse(b.double(), a) < 4e-6, (schedule, steps, order)
+        if order == 1:  # the DDIM step from the x0 the net gave, not from the eps derived from it
+            assert torch.equal(b, sd.sample(den, x_T.float(), steps=steps, solver="ddim", schedule=schedule))
