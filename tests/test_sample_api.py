@@ -109,6 +109,22 @@ def test_callback_denoised_is_the_step_s_x0_estimate(gmm, sd_process):
         assert torch.allclose(s["denoised"], den(xs[i], info.grid.t[i]).x0, rtol=0, atol=1e-12)
 
 
+class _EvaluatesFromStep2(sd.solvers.Solver):
+    """A custom solver whose first step does not call the model (it keeps x)."""
+
+    def step(self, model, x, i, grid, state):
+        return x if i == 0 else model(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
+
+
+def test_callback_denoised_is_none_before_a_custom_solver_evaluates(gmm, sd_process):
+    """A custom solver need not evaluate in its first step: ``denoised`` is then ``None`` there (an
+    assertion failed before), and the x0 estimate of the latest evaluation after."""
+    den, x_T, seen = gmm.denoiser(sd_process), noise(4, 8), []
+    sd.sample(den, x_T, steps=3, solver=_EvaluatesFromStep2(), callback=seen.append)
+    assert seen[0]["denoised"] is None and seen[0]["nfe"] == 0
+    assert all(isinstance(s["denoised"], torch.Tensor) for s in seen[1:]) and seen[-1]["nfe"] == 2
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_dtype_is_kept(gmm, sd_process, problem, name):
     x_T, _ = problem

@@ -296,7 +296,8 @@ def sample(
             depends on its batch; give the kernel a ``step_size`` for per-sample reproducibility.
         callback: called after every step with ``{"i", "t", "sigma", "x", "denoised", "nfe"}``
             (``x``: the solver state, float32 for a half-precision ``x_T``; ``denoised``: the x0
-            estimate of the step's last evaluation, as k-diffusion's callback has it; ``sigma``:
+            estimate of the latest evaluation, as k-diffusion's callback has it, ``None`` while a
+            custom solver has made none; ``sigma``:
             the process's ``sigma(t)`` at the node reached, 0 after the clean step of
             ``final="zero"``; k-diffusion's ``sigma / alpha`` is ``exp(-lam(t))``).
         corrector: predictor-corrector sampling (Song et al. 2021): ``"ula"``, ``"mala"``,
@@ -344,14 +345,13 @@ def sample(
             )
             chains.append(chain)
         if callback is not None:
-            assert model.last is not None, "every solver evaluates the model in its first step"
             callback(
                 {
                     "i": i,
                     "t": grid.t[i + 1],
                     "sigma": grid.sigma[i + 1],
                     "x": x,
-                    "denoised": model.last.x0,
+                    "denoised": None if model.last is None else model.last.x0,
                     "nfe": model.nfe,
                 }
             )
