@@ -183,16 +183,23 @@ class _Tape(Model):
 
 class _Probe(Model):
     """The model of :func:`_plan`'s dry run: zero noise; records each evaluation's ``(t, step, at the
-    step's input)``."""
+    step's input)``. Its prediction is the denoiser's of a zero net output (finite: no count or check
+    of :class:`Model`'s), made without the net's time, whose cache is per dtype and batch size (not
+    the run's)."""
 
     def __init__(self, den: Denoiser) -> None:
         super().__init__(den, None, _zero_noise)
         self.evals: list[tuple[float, int, bool]] = []
         self.x_in: Tensor | None = None
+        self.zero = torch.zeros(1, 1, dtype=F64)
+        self.half = torch.full((1, 1), 0.5, dtype=F64)  # learned variance: the interpolation of r = 0
 
     def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
         self.evals.append((t, step, x is self.x_in))
-        return super().__call__(x, t, step)
+        pred = self.denoiser.convert(self.zero, x, t)
+        if self.denoiser.learned_variance:
+            pred.var_interp = self.half
+        return pred
 
 
 def _plain(den: Denoiser) -> Denoiser:
