@@ -798,24 +798,70 @@ def test_huge_log_weights_stay_normalized():
     assert bool(torch.isfinite(out.trace.log_z).all())
 
 
-def test_per_sample_observations_in_a_wrapper_follow_the_particles():
-    """DPS with one observation per sample under FK steering: the wrapper is called on batch x particles
-    rows, so ``y`` needs that many (then it equals the run with the observation broadcast); a batch's
-    worth, or any per-sample ``y`` under ``max_batch``, is refused by name before sampling (the error came
-    from inside the wrapper at the first step, naming neither)."""
+OBS = torch.tensor([[0.3], [-0.8], [1.1]], dtype=F64)  # DPS's observation, per batch row
+
+
+@pytest.mark.parametrize("method", ["fk_steering", "best_of_n", "svdd", "code", "fkc"])
+def test_per_sample_observations_in_a_wrapper_follow_the_particles(method):
+    """DPS with one observation per batch row (``y`` of ``batch`` rows) under every particle method: each
+    particle of row ``b`` is guided by row ``b``'s, so row ``b`` of a 3-row run is bit for bit row ``b``
+    run alone with its observation broadcast (``(1,)``), and the same to 1e-12 in slices of ``max_batch``
+    (before: refused, a batch's worth always and any per-sample ``y`` under ``max_batch``). A ``y`` of
+    ``batch x particles`` rows, each row's repeated (the old contract), is the same run, also in slices;
+    another row count is refused by name before sampling."""
     op = sd.inverse.Matrix(torch.tensor([[1.0, 0.5]], dtype=F64))
-    y = torch.tensor([0.3], dtype=F64)
-    kw = {"lam": 1.0, "shape": (2, 2), "particles": 4, "steps": 4, "dtype": F64}
-    one = sd.smc.fk_steering(sd.guidance.DPS(DEN, op, y, noise_std=0.2), linear, generator=gen(1), **kw)
-    rows = sd.guidance.DPS(DEN, op, y.expand(8, 1), noise_std=0.2)
-    many = sd.smc.fk_steering(rows, linear, generator=gen(1), **kw)
-    torch.testing.assert_close(many.x, one.x, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"DPS's y holds one entry per sample \(2 rows\).*8 rows"):
-        sd.smc.fk_steering(sd.guidance.DPS(DEN, op, y.expand(2, 1), noise_std=0.2), linear, **kw)
-    with pytest.raises(ValueError, match="max_batch"):
-        sd.smc.fk_steering(rows, linear, max_batch=3, **kw)
-    with pytest.raises(ValueError, match="max_batch"):
-        sd.smc.Composition([rows, DEN], [1.0, 1.0], max_batch=3)
+
+    def run(rows: list[int], y: torch.Tensor, max_batch: int | None = None) -> sd.smc.Particles:
+        guided = sd.guidance.DPS(DEN, op, y, noise_std=0.2)
+        kw = dict(shape=(len(rows), 2), particles=4, steps=8, solver=SOLVER, dtype=F64, max_batch=max_batch)
+        kw["generator"] = [gen(10 + r) for r in rows]
+        return {
+            "fk_steering": lambda: sd.smc.fk_steering(guided, linear, lam=2.0, **kw),
+            "best_of_n": lambda: sd.smc.best_of_n(guided, linear, **kw),
+            "svdd": lambda: sd.smc.svdd(guided, linear, 0.5, **kw),
+            "code": lambda: sd.smc.code(guided, linear, block=3, **kw),
+            "fkc": lambda: sd.smc.fkc_anneal(guided, 2.0, **kw),  # a DPS component; max_batch: its slices
+        }[method]()
+
+    batch = run([0, 1, 2], OBS)
+    for b in range(3):
+        alone = run([b], OBS[b])
+        assert torch.equal(batch.x[b], alone.x[0]) and torch.equal(batch.log_w[b], alone.log_w[0]), b
+    assert not torch.equal(run([1], OBS[0]).x[0], batch.x[1])  # the observation matters
+    expanded = OBS.repeat_interleave(4, dim=0)
+    assert torch.equal(run([0, 1, 2], expanded).x, batch.x)
+    for y in (OBS, expanded):
+        chunked = run([0, 1, 2], y, max_batch=5)
+        torch.testing.assert_close(chunked.x, batch.x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(chunked.log_w, batch.log_w, rtol=0, atol=1e-12)
+        assert chunked.nfe == batch.nfe
+    for max_batch in (None, 5):
+        with pytest.raises(
+            ValueError, match=r"DPS: y holds 2 observations .* give one for all \(\(1,\)\) or 3 or 12"
+        ):
+            run([0, 1, 2], OBS[:2], max_batch)
+
+
+def test_taken_observations_have_their_own_cache():
+    """``MeasurementGuided.take_rows``: a copy with ``y`` taken (and cached on its own: the original's
+    cached ``y`` is not reused), itself where ``y`` is one for all or already has the call's rows; a
+    slice of a batch it does not match is refused by name."""
+    op = sd.inverse.Matrix(torch.tensor([[1.0, 0.5]], dtype=F64))
+    dps = sd.guidance.DPS(DEN, op, OBS, noise_std=0.2)
+    x = torch.zeros(3, 2, dtype=F64)
+    assert torch.equal(dps.observation(x), OBS)
+    taken = dps.take_rows(torch.tensor([2, 2, 0, 1]), 3)
+    assert isinstance(taken, sd.guidance.DPS) and taken is not dps and taken.base is DEN
+    assert torch.equal(taken.observation(torch.zeros(4, 2, dtype=F64)), OBS[[2, 2, 0, 1]])
+    assert torch.equal(taken.take_rows(slice(1, 3), 4).observation(x[:2]), OBS[[2, 0]])
+    assert torch.equal(dps.observation(x), OBS)  # the original's cache untouched
+    assert dps.take_rows(torch.tensor([0, 0, 1]), 2) is dps  # one per call row already
+    one = sd.guidance.DPS(DEN, op, OBS[0], noise_std=0.2)
+    assert one.take_rows(torch.tensor([0, 0, 1]), 2) is one
+    with pytest.raises(
+        ValueError, match=r"DPS: y holds 3 observations for calls on 2 samples taken from a batch of 4"
+    ):
+        dps.take_rows(slice(0, 2), 4)
 
 
 @pytest.mark.parametrize("particles", [5, 7, 16])

@@ -245,22 +245,15 @@ class Denoiser:
         (:func:`~steerdiff.sampling.check_seeded`); ``[]`` here."""
         return []
 
-    def per_row(self) -> list[tuple[str, int]]:
-        """The parts of this denoiser that hold one entry per sample it is called with (a guidance
-        wrapper's per-sample observations), each with its number of rows; ``[]`` here. The particle
-        methods of :mod:`steerdiff.smc`, which call it on ``batch x particles`` rows (in slices of
-        ``max_batch``), check them."""
-        return []
-
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """This denoiser for calls whose sample ``k`` is sample ``rows[k]`` of a batch of ``n``: the
-        per-sample keyword arguments it holds of its own (tensors of ``n`` rows, as
-        :class:`~steerdiff.guidance.CFG`'s ``uncond_kwargs`` may be) taken at ``rows``, in a copy;
+        per-sample state it holds of its own (tensors of ``n`` rows, as :class:`~steerdiff.guidance.CFG`'s
+        ``uncond_kwargs`` or an inverse-problem wrapper's ``y`` may be) taken at ``rows``, in a copy;
         itself where it holds none (here). ``rows``: integer indices or a slice.
 
         The particle methods of :mod:`steerdiff.smc` call it once with each batch row repeated for its
         particles, and again per slice of ``max_batch`` rows: what they do with the tensors of the
-        sampler's ``**cond``. State that :meth:`per_row` lists is not taken (it is checked instead).
+        sampler's ``**cond``.
         """
         return self
 

@@ -15,6 +15,7 @@ linear-Gaussian twist uses too).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +36,10 @@ class MeasurementGuided(Guided):
     Args:
         base: the denoiser of the prior.
         operator: a :class:`~steerdiff.inverse.LinearOperator` whose ``shape_in`` is the sample shape.
-        y: ``operator.shape_out`` (one observation for the whole batch) or ``(batch, *shape_out)`` (under
-            a particle method of :mod:`steerdiff.smc`, ``batch x particles`` rows).
+        y: ``operator.shape_out`` (one observation for the whole batch) or ``(batch, *shape_out)``, one per
+            sample. Under a particle method of :mod:`steerdiff.smc` row ``b`` guides the particles of
+            batch row ``b`` (:meth:`take_rows`); ``batch x particles`` rows, each row's repeated for its
+            particles, are taken as they are.
         noise_std: the observation noise ``s >= 0``; ``None`` takes ``operator.noise_std``.
     """
 
@@ -70,11 +73,31 @@ class MeasurementGuided(Guided):
         self._y: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.noise_std = real(who, "noise_std", s, lo=0)
 
-    def per_row(self) -> list[tuple[str, int]]:
-        """``base``'s, and ``y`` where it holds one observation per sample."""
-        if self.y.shape == tuple(self.operator.shape_out):
-            return self.base.per_row()
-        return [*self.base.per_row(), (f"{type(self).__name__}'s y", len(self.y))]
+    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+        """A copy with a per-sample ``y`` of ``n`` rows taken at ``rows``, around ``base.take_rows(rows,
+        n)``; itself where nothing changes. A ``y`` of ``len(rows)`` rows for integer ``rows`` (the
+        particle methods' ``batch x particles`` rows, each batch row's repeated for its particles) is
+        kept as it is; any other row count is a ValueError naming ``y``."""
+        base, y = self.base.take_rows(rows, n), self.y
+        per_sample = y.ndim > len(self.operator.shape_out)
+        if per_sample and len(y) != n:
+            k = len(rows) if isinstance(rows, Tensor) else len(range(n)[rows])
+            if not (isinstance(rows, Tensor) and len(y) == k):
+                ok = f"{n} or {k}" if isinstance(rows, Tensor) else f"{n}"
+                raise ValueError(
+                    f"{type(self).__name__}: y holds {len(y)} observations for calls on {k} samples taken "
+                    f"from a batch of {n} (a particle method of steerdiff.smc repeats each batch row for its "
+                    f"particles): give one for all ({tuple(self.operator.shape_out)}) or {ok}"
+                )
+            per_sample = False
+        if not per_sample and base is self.base:
+            return self
+        out = copy.copy(self)
+        out.base = base
+        if per_sample:
+            out.y = y[rows] if isinstance(rows, slice) else y.index_select(0, rows.to(y.device))
+            out._y = {}  # its own cache: the original's holds the original y
+        return out
 
     def observation(self, x: Tensor) -> Tensor:
         """``y`` as a ``(batch, *shape_out)`` tensor on ``x``'s device and dtype; checks ``x``'s shape."""

@@ -109,10 +109,6 @@ class Guided(Denoiser):
         """``base``'s (a wrapper that draws noise adds itself)."""
         return self.base.own_noise()
 
-    def per_row(self) -> list[tuple[str, int]]:
-        """``base``'s (a wrapper holding per-sample state adds itself)."""
-        return self.base.per_row()
-
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy around ``base.take_rows(rows, n)``; itself where that is ``base`` (a wrapper holding
         other denoisers or per-sample keyword arguments takes theirs too)."""

@@ -343,10 +343,6 @@ class CFG(Guided):
         own = [("CADS", self.cads.generator)] if self.cads is not None else []
         return [*self.base.own_noise(), *other, *own]
 
-    def per_row(self) -> list[tuple[str, int]]:
-        """The branches'."""
-        return [*self.base.per_row(), *(self.uncond.per_row() if self.uncond is not self.base else [])]
-
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the
         branches' ``take_rows``; itself where nothing changes."""

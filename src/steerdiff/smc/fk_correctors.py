@@ -168,12 +168,12 @@ class Composition(Guided):
             raise ValueError(f"Composition: sum(betas) must be > 0, got {sum(betas)} for betas {betas}")
         if max_batch is not None:
             max_batch = integer("Composition", "max_batch", max_batch, lo=1)
-            sliced = [n for d in dens for n, _ in (*d.own_noise(), *d.per_row())]
+            sliced = [n for d in dens for n, _ in d.own_noise()]
             if sliced:
                 raise ValueError(
                     f"Composition: max_batch: {', '.join(dict.fromkeys(sliced))} in a component draws noise "
-                    "or holds an entry for each sample it is called with, which slices of max_batch rows "
-                    "would change; pass max_batch=None"
+                    "for the rows it is called with, which slices of max_batch rows would change; pass "
+                    "max_batch=None"
                 )
         keep = [k for k, b in enumerate(betas) if b != 0]
         super().__init__(dens[keep[0]])
@@ -229,10 +229,6 @@ class Composition(Guided):
     def own_noise(self) -> list[tuple[str, Generators]]:
         """Its components'."""
         return [part for den in self.dens for part in den.own_noise()]
-
-    def per_row(self) -> list[tuple[str, int]]:
-        """Its components'."""
-        return [part for den in self.dens for part in den.per_row()]
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with its components' ``take_rows`` and the tensors of ``n`` rows in ``kwargs`` taken at

@@ -384,10 +384,10 @@ class _Evaluator(Guided):
     """The base denoiser evaluated on at most ``max_batch`` rows at a time; also remembers the first
     prediction a step computes at the step's own input (the particles' denoised estimate).
 
-    The per-sample keyword arguments the base holds of its own (:meth:`Denoiser.take_rows
-    <steerdiff.denoiser.Denoiser.take_rows>`: CFG's ``uncond_kwargs``) follow the particles as the
-    sampler's ``**cond`` does: those of ``batch`` rows are repeated for the ``particles`` of each row,
-    and sliced with the chunks. ``cost`` is that of the latest call's (last) chunk.
+    The per-sample state the base holds of its own (:meth:`Denoiser.take_rows
+    <steerdiff.denoiser.Denoiser.take_rows>`: CFG's ``uncond_kwargs``, DPS's ``y``) follows the particles
+    as the sampler's ``**cond`` does: that of ``batch`` rows is repeated for the ``particles`` of each
+    row, and sliced with the chunks. ``cost`` is that of the latest call's (last) chunk.
     """
 
     def __init__(self, base: Denoiser, max_batch: int | None, batch: int, particles: int) -> None:
@@ -734,16 +734,17 @@ def run_smc(
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles. So
             are those the denoiser holds of its own (:meth:`Denoiser.take_rows
             <steerdiff.denoiser.Denoiser.take_rows>`: :class:`~steerdiff.guidance.CFG`'s
-            ``uncond_kwargs``).
+            ``uncond_kwargs``), and sliced with ``max_batch``.
 
     Returns:
         :class:`Particles` with the final particles, normalized log-weights, the NFE and the trace. The
         run keeps no autograd graph across steps (resampling has no gradient; a graph through every
         step would grow the memory with them): the particles and rewards come back without one.
 
-    A denoiser holding one entry per sample it is called with (:meth:`Denoiser.per_row
-    <steerdiff.denoiser.Denoiser.per_row>`, e.g. DPS with one ``y`` per sample) is called on ``batch x
-    particles`` rows: it needs that many, row ``b``'s repeated for its particles, and no ``max_batch``.
+    So does an inverse-problem wrapper's per-sample observation (DPS, PiGDM, MCG, RePaint with ``y`` of
+    ``batch`` rows): the particles of batch row ``b`` are guided by row ``b``'s. A ``y`` of ``batch x
+    particles`` rows, each row's repeated for its particles, is taken as it is; other row counts are
+    refused, naming ``y``.
     """
     if not isinstance(den, Denoiser):
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
@@ -761,7 +762,7 @@ def run_smc(
     if dtype is not None:
         dtype = sample_dtype("run_smc", "dtype", dtype)
     rows = batch * n_part
-    max_batch = _check_batching(den, n_part, rows, max_batch)
+    max_batch = _check_batching(den, max_batch)
     if reward is not None:
         _check_reward(reward)
     resample_fn = _resample.get(resampler)
@@ -868,16 +869,9 @@ def run_smc(
     return Particles(x, weights.log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
 
 
-def _check_batching(den: Denoiser, n_part: int, rows: int, max_batch: int | None) -> int | None:
-    """``max_batch`` checked against what ``den`` holds per sample or draws per row: state of the
-    denoiser's own that the engine cannot repeat for the particles or slice into chunks."""
-    for name, n in den.per_row():
-        if n != rows or max_batch is not None:
-            raise ValueError(
-                f"{name} holds one entry per sample ({n} rows), but particle methods call the denoiser on "
-                f"batch x particles = {rows} rows, in slices of max_batch if given: give it one entry for "
-                f"all, or {rows} rows (each batch row's repeated {n_part} times) with max_batch=None"
-            )
+def _check_batching(den: Denoiser, max_batch: int | None) -> int | None:
+    """``max_batch`` checked against what ``den`` draws per row: noise of the denoiser's own, which
+    slices of ``max_batch`` rows would change."""
     if max_batch is None:
         return None
     max_batch = integer("run_smc", "max_batch", max_batch, lo=1)
