@@ -405,9 +405,7 @@ class AYS(Schedule):
         xs = torch.linspace(0, 1, lam.numel(), dtype=F64)
         new = _interp(torch.linspace(0, 1, n + 1, dtype=F64), xs, lam)
         t = process.t_of_lam(new[:-1]).clamp(process.t_min, process.t_max)
-        t[0] = (
-            process.t_max
-        )  # exactly (the published lists start there): t_of_lam(lam(t_max)) may be an ulp off
+        t[0] = process.t_max  # exactly, as the published lists start: t_of_lam(lam(t_max)) may be 1 ulp off
         return t
 
     def __repr__(self) -> str:
