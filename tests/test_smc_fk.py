@@ -570,6 +570,10 @@ def test_cfg_per_row_uncond_kwargs_of_another_batch_are_refused():
     x_T = torch.randn(3, 2, dtype=F64, generator=gen(1))
     with pytest.raises(ValueError, match=words):
         sd.sample(wrong, x_T, 4, "ddpm", generator=gen(2), shift=SHIFTS)
+    # Composition's kwargs override **cond by the same rule (it raised inside the net)
+    comp = sd.smc.Composition([den, den], [1.0, 1.0], kwargs=[None, {"shift": NULLS[:2]}])
+    with pytest.raises(ValueError, match=r"Composition: kwargs\[1\]\['shift'\] has 2 rows"):
+        sd.sample(comp, x_T, 4, "ddpm", generator=gen(2), shift=SHIFTS)
     one = sd.smc.fk_steering(
         CFG(den, den, 2.5, uncond_kwargs={"shift": NULLS[:1]}), linear, generator=gen(3), **kw
     )
@@ -862,6 +866,32 @@ def test_taken_observations_have_their_own_cache():
         ValueError, match=r"DPS: y holds 3 observations for calls on 2 samples taken from a batch of 4"
     ):
         dps.take_rows(slice(0, 2), 4)
+
+
+def test_a_per_sample_observation_is_converted_once_per_max_batch_slice(monkeypatch):
+    """Under ``max_batch`` each slice's copy of DPS is made once per run and keeps its converted ``y``
+    (on a GPU a host-to-device copy): 3 conversions for 12 rows in slices of 5 over 20 steps (60 when a
+    new copy was taken for every slice at every step), and the same particles as without slices."""
+    from steerdiff.guidance._measurement import MeasurementGuided
+
+    misses = [0]
+    observation = MeasurementGuided.observation
+
+    def counted(self, x):
+        hit = self._y.get((x.device, x.dtype))
+        misses[0] += hit is None or hit[0] is not self.y
+        return observation(self, x)
+
+    monkeypatch.setattr(MeasurementGuided, "observation", counted)
+    op = sd.inverse.Matrix(torch.tensor([[1.0, 0.5]], dtype=F64))
+    dps = sd.guidance.DPS(DEN, op, OBS, noise_std=0.2)
+    kw = {"lam": 1.0, "shape": (3, 2), "particles": 4, "steps": 20, "dtype": F64}
+    whole = sd.smc.fk_steering(dps, linear, generator=gen(1), **kw)
+    assert misses[0] == 1
+    misses[0] = 0
+    sliced = sd.smc.fk_steering(dps, linear, generator=gen(1), max_batch=5, **kw)
+    assert misses[0] == 3
+    torch.testing.assert_close(sliced.x, whole.x, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("particles", [5, 7, 16])

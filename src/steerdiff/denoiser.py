@@ -64,10 +64,11 @@ class Prediction:
 
     @property
     def given(self) -> Tensor:
-        """The estimate the prediction was built from."""
+        """A held estimate, from which the other is derived: ``x0`` where held (given, or derived
+        already: :attr:`x0_given`), else ``eps``."""
         if self._x0 is not None:
             return self._x0
-        assert self._eps is not None, "exactly one of x0 / eps is held from __init__ on"
+        assert self._eps is not None, "__init__ is given x0 or eps, and neither is dropped"
         return self._eps
 
     @property
@@ -120,17 +121,43 @@ class Prediction:
         return out
 
 
+def take_tensor_rows(value: Tensor, rows: Tensor | slice) -> Tensor:
+    """``value``'s rows at ``rows``: integer indices (on any device) or a slice."""
+    return value[rows] if isinstance(rows, slice) else value.index_select(0, rows.to(value.device))
+
+
 def take_kwarg_rows(kwargs: dict[str, Any], rows: Tensor | slice, n: int) -> dict[str, Any]:
     """``kwargs`` with every tensor of ``n`` rows (at least 1-d, first dimension ``n``) taken at ``rows``
-    (integer indices or a slice), in a new dict; ``kwargs`` itself where none has ``n`` rows."""
+    (integer indices or a slice), in a new dict; ``kwargs`` itself where none has ``n`` rows. The one
+    rule by which per-sample conditions follow particles and ``max_batch`` slices."""
     hit = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n]
     if not hit:
         return kwargs
-    out = dict(kwargs)
-    for k in hit:
-        v = kwargs[k]
-        out[k] = v[rows] if isinstance(rows, slice) else v.index_select(0, rows.to(v.device))
-    return out
+    return {**kwargs, **{k: take_tensor_rows(kwargs[k], rows) for k in hit}}
+
+
+def override_kwargs(
+    who: str, name: str, cond: dict[str, Any], override: dict[str, Any], n: int
+) -> dict[str, Any]:
+    """``{**cond, **override}`` for a call on ``n`` samples; a ``ValueError`` naming ``name[key]`` where
+    an override of a per-sample condition (a tensor of ``n`` rows) has as many dimensions but another
+    number of rows than ``n`` or 1 (it would fail inside the net, or broadcast wrongly)."""
+    for k, v in override.items():
+        c = cond.get(k)
+        if (
+            isinstance(v, Tensor)
+            and isinstance(c, Tensor)
+            and v.ndim == c.ndim > 0
+            and c.shape[0] == n
+            and v.shape[0] not in (1, n)
+        ):
+            raise ValueError(
+                f"{who}: {name}[{k!r}] has {v.shape[0]} rows, but the condition {k!r} it overrides has one "
+                f"per sample ({n} in this call): give {name}[{k!r}] one row per sample of the batch the "
+                "sampler is called with (shape[0] for a particle method, which gives each particle its batch "
+                "row's), or one for all (first dimension 1, or a 0-d tensor)"
+            )
+    return {**cond, **override}
 
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor | float:
@@ -252,8 +279,8 @@ class Denoiser:
         itself where it holds none (here). ``rows``: integer indices or a slice.
 
         The particle methods of :mod:`steerdiff.smc` call it once with each batch row repeated for its
-        particles, and again per slice of ``max_batch`` rows: what they do with the tensors of the
-        sampler's ``**cond``.
+        particles, and again per slice of ``max_batch`` rows (as :class:`~steerdiff.smc.Composition`
+        does for its own ``max_batch``): what they do with the tensors of the sampler's ``**cond``.
         """
         return self
 

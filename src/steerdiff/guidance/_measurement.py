@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._checks import real
-from ..denoiser import Denoiser, Prediction
+from ..denoiser import Denoiser, Prediction, take_tensor_rows
 from ..inverse.operators import LinearOperator
 from .base import Guided, denoise_with_grad, grad_on, with_estimate
 
@@ -95,8 +95,11 @@ class MeasurementGuided(Guided):
         out = copy.copy(self)
         out.base = base
         if per_sample:
-            out.y = y[rows] if isinstance(rows, slice) else y.index_select(0, rows.to(y.device))
-            out._y = {}  # its own cache: the original's holds the original y
+            out.y = take_tensor_rows(y, rows)
+            # its own cache, of the taken rows of the original's (no new device copy per max_batch slice)
+            out._y = {
+                key: (out.y, take_tensor_rows(v, rows)) for key, (src, v) in self._y.items() if src is y
+            }
         return out
 
     def observation(self, x: Tensor) -> Tensor:

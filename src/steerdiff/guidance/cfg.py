@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, real
-from ..denoiser import Denoiser, Prediction, take_kwarg_rows
+from ..denoiser import Denoiser, Prediction, override_kwargs, take_kwarg_rows
 from ..noise import Generators, check_generators, randn
 from .base import Guided, same_process, with_estimate
 
@@ -246,28 +246,6 @@ class CFG(Guided):
         ratio = s / a if a > 0 else math.inf
         return lo < ratio <= hi
 
-    def _uncond_kwargs(self, x: Tensor, cond: dict[str, Any]) -> dict[str, Any]:
-        """``**cond`` overridden by ``uncond_kwargs``; an override of a per-sample condition (a tensor
-        with ``x``'s rows) by a tensor of as many dimensions and another number of rows than those or 1
-        is refused (it would fail inside the net, or broadcast wrongly)."""
-        n = x.shape[0]
-        for k, v in self.uncond_kwargs.items():
-            c = cond.get(k)
-            if (
-                isinstance(v, Tensor)
-                and isinstance(c, Tensor)
-                and v.ndim == c.ndim > 0
-                and c.shape[0] == n
-                and v.shape[0] not in (1, n)
-            ):
-                raise ValueError(
-                    f"CFG: uncond_kwargs[{k!r}] has {v.shape[0]} rows, but the condition {k!r} it overrides "
-                    f"has one per sample ({n} in this call): give uncond_kwargs[{k!r}] one row per sample "
-                    "of the batch the sampler is called with (shape[0] for a particle method, which gives "
-                    "each particle its batch row's), or one for all (first dimension 1, or a 0-d tensor)"
-                )
-        return {**cond, **self.uncond_kwargs}
-
     def _cond_kwargs(self, t: float | Tensor, cond: dict[str, Any]) -> dict[str, Any]:
         if self.cads is None:
             return cond
@@ -323,7 +301,7 @@ class CFG(Guided):
             pred = self.base.evaluate(x, t, net_dtype, **self._cond_kwargs(t, cond))
             self.cost = self.base.cost
             return pred
-        ukw = self._uncond_kwargs(x, cond)
+        ukw = override_kwargs("CFG", "uncond_kwargs", cond, self.uncond_kwargs, x.shape[0])
         if inside is True and self.scale == 0 and self.rescale == 0:  # the unconditional prediction
             pred = self.uncond.evaluate(x, t, net_dtype, **ukw)
             self.cost = self.uncond.cost

@@ -209,11 +209,9 @@ def _plain(den: Denoiser) -> Denoiser:
 
 def _plan(den: Denoiser, solver: Solver, grid: Grid) -> list[tuple[float, int, bool]]:
     """Where ``solver`` evaluates the net on ``grid``, in call order: a dry run of the run's denoiser
-    ``den`` (unthresholded), its :class:`_Recorded` net handed a zero output, so that the run finds
-    ``den``'s per-time caches filled."""
-    plain = _plain(den)
-    _recorded(plain).output = torch.zeros(1, 2 if plain.learned_variance else 1, dtype=F64)
-    probe = _Probe(plain)
+    ``den`` (unthresholded) on a zero net output, without calling the net (:class:`_Probe`), so that the
+    run finds ``den``'s per-time caches filled."""
+    probe = _Probe(_plain(den))
     x, state = torch.zeros(1, 1, dtype=F64), solver.init_state(grid)
     for i in range(grid.steps):
         probe.x_in = x

@@ -76,7 +76,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .._checks import boolean, integer, real, sample_dtype
-from ..denoiser import Denoiser, Prediction, take_kwarg_rows
+from ..denoiser import Denoiser, Prediction, override_kwargs, take_kwarg_rows
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
@@ -188,7 +188,10 @@ class Composition(Guided):
     ) -> tuple[Tensor, int]:
         """Component ``k``'s ``eps`` (in slices of ``max_batch`` rows, its per-sample keyword arguments
         sliced with them: :meth:`~steerdiff.denoiser.Denoiser.take_rows`) and its cost in this call."""
-        den, kw = self.dens[k], {**cond, **self.kwargs[k]}
+        den, kw = (
+            self.dens[k],
+            override_kwargs("Composition", f"kwargs[{k}]", cond, self.kwargs[k], x.shape[0]),
+        )
         out, used = [], den
         for sl, xs, ts, cs in _row_chunks(self.max_batch, x, t, kw):
             used = den if sl is None else den.take_rows(sl, x.shape[0])

@@ -76,6 +76,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -85,8 +86,8 @@ from tqdm.auto import tqdm
 from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, integer, real, sample_dtype
-from .._ops import first_false
-from ..denoiser import Denoiser, Prediction
+from .._ops import first_false, kept
+from ..denoiser import Denoiser, Prediction, take_kwarg_rows
 from ..guidance.base import Guided
 from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded, check_x_T
@@ -395,15 +396,21 @@ class _Evaluator(Guided):
         self.max_batch = max_batch
         self.watch: tuple[Tensor, float] | None = None
         self.seen: Prediction | None = None
-        each = torch.arange(batch).repeat_interleave(particles)  # flat row -> its batch row
-        self.expanded = base if particles == 1 else base.take_rows(each, batch)
+        self.expanded = base if particles == 1 else base.take_rows(_each_row(batch, particles), batch)
+        # per max_batch slice (its first row, of a call on n rows), the expanded denoiser's rows there:
+        # made once, so what a copy keeps (DPS's y on the device) lasts across steps
+        self._slices: dict[tuple[int, int], Denoiser] = {}
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The base's :meth:`~steerdiff.denoiser.Denoiser.evaluate` per chunk: the net in ``net_dtype``,
         the prediction in ``x``'s dtype at ``x`` itself (so the step's own input is recognized)."""
         parts, used = [], self.expanded
         for sl, xs, ts, cs in _row_chunks(self.max_batch, x, t, cond):
-            used = self.expanded if sl is None else self.expanded.take_rows(sl, x.shape[0])
+            if sl is None:
+                used = self.expanded
+            else:
+                n = x.shape[0]
+                used = kept(self._slices, (sl.start, n), partial(self.expanded.take_rows, sl, n))
             parts.append(used.evaluate(xs, ts, net_dtype, **cs))
         self.cost = used.cost  # read after the call: it may vary (a CFG interval)
         pred = parts[0] if len(parts) == 1 else _cat_predictions(parts, x)
@@ -434,21 +441,18 @@ def _row_chunks(
             sl,
             x[sl],
             t[sl] if isinstance(t, Tensor) and t.ndim > 0 else t,
-            {
-                k: v[sl] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v
-                for k, v in cond.items()
-            },
+            take_kwarg_rows(cond, sl, n),
         )
+
+
+def _each_row(batch: int, n: int) -> Tensor:
+    """Flat particle row -> its batch row: ``[0] * n + [1] * n + ...``."""
+    return torch.arange(batch).repeat_interleave(n)
 
 
 def _repeat_rows(cond: dict[str, Any], batch: int, n: int) -> dict[str, Any]:
     """``cond`` with every tensor of ``batch`` rows repeated for the ``n`` particles of each row."""
-    return {
-        k: v.repeat_interleave(n, dim=0)
-        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch
-        else v
-        for k, v in cond.items()
-    }
+    return take_kwarg_rows(cond, _each_row(batch, n), batch)
 
 
 def _cat_chunks(values: list[float | Tensor | None]) -> Tensor:
@@ -734,17 +738,15 @@ def run_smc(
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles. So
             are those the denoiser holds of its own (:meth:`Denoiser.take_rows
             <steerdiff.denoiser.Denoiser.take_rows>`: :class:`~steerdiff.guidance.CFG`'s
-            ``uncond_kwargs``), and sliced with ``max_batch``.
+            ``uncond_kwargs``; an inverse-problem wrapper's ``y`` of ``batch`` rows, so that the
+            particles of batch row ``b`` are guided by row ``b``'s observation, while a ``y`` of ``batch
+            x particles`` rows is taken as it is and other row counts are refused, naming ``y``), and
+            all are sliced with ``max_batch``.
 
     Returns:
         :class:`Particles` with the final particles, normalized log-weights, the NFE and the trace. The
         run keeps no autograd graph across steps (resampling has no gradient; a graph through every
         step would grow the memory with them): the particles and rewards come back without one.
-
-    So does an inverse-problem wrapper's per-sample observation (DPS, PiGDM, MCG, RePaint with ``y`` of
-    ``batch`` rows): the particles of batch row ``b`` are guided by row ``b``'s. A ``y`` of ``batch x
-    particles`` rows, each row's repeated for its particles, is taken as it is; other row counts are
-    refused, naming ``y``.
     """
     if not isinstance(den, Denoiser):
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")

@@ -33,7 +33,8 @@ class SelfRecurrence(Solver):
     which leaves ``p_{t_i}`` invariant when the step is exact (for an exact DDIM step of a point
     mass, exactly). ``inner``: a name or a solver without history (``ddim``, ``ddpm``, ``euler``,
     ``heun``, ``euler_ancestral``, ...). NFE: ``k`` times the inner solver's. The re-noising draws
-    from the run's generator (a Brownian tree has no fresh noise backwards: refused).
+    from the run's generator (a Brownian tree has no fresh noise backwards: refused). Not in the
+    registry (``solver="self_recurrence"``): it wraps another solver, so pass an instance.
     """
 
     name: ClassVar[str] = "self_recurrence"
