@@ -127,17 +127,17 @@ def default_solver(den: Denoiser, steps: int) -> Solver:
     ``den.guidance_scale``.
 
     The long-step rule never acts on the default schedule (``karras_capped``: each step is at most 1.4 times
-    the one before, on VP, VE, EDM and flow processes at 2-200 steps), nor on ``karras`` or
-    ``logsnr_uniform``. It is for grids that end with a long step after short ones -- ``linspace`` (to
-    t = 0), ``leading``, ``time_uniform`` (ratios up to 5 and 14) -- where extrapolating the cubic through
-    the closely spaced estimates over the long step amplifies their errors. ``steerdiff bench longstep``
-    (docs/bench/longstep.txt; 16-d default mixture, 256 samples against the exact ODE; SD, DDPM and
-    zero-terminal-SNR betas, VP cosine, EDM, rectified flow; every schedule at 5-50 steps): for UniPC-3 the
-    rule changes 71 cases, better in 68 (DDPM betas' linspace at 20 steps 0.32 -> 0.042, EDM's
-    time_uniform at 50 steps 11.9 -> 0.35), worse in 3, by at most 1.35x (EDM's time_uniform at 5-10
-    steps). diffusers' UniPC escapes these grids another way, lowering the order of the last steps at
-    every step count (ours, like DPM-Solver++, only below 15 steps;
-    :func:`~steerdiff.solvers.base.step_order`).
+    the one before, on VP, VE, EDM and flow processes at 2-200 steps), nor on ``logsnr_uniform`` or on
+    ``karras`` from 5 steps. It is for grids that end with a long step after short ones -- ``linspace`` (to
+    t = 0), ``leading``, ``time_uniform`` (the last noisy step 3.4-13 times the one before) -- where
+    extrapolating the cubic through the closely spaced estimates over the long step amplifies their
+    errors. ``steerdiff bench longstep`` (docs/bench/longstep.txt; 16-d default mixture, 256 samples
+    against the exact ODE; SD, DDPM and zero-terminal-SNR betas, VP cosine, EDM, rectified flow; every
+    schedule at 3-50 steps): for UniPC-3 the rule changes 91 cases, better in 82 (DDPM betas' linspace at
+    20 steps 0.32 -> 0.042, EDM's time_uniform at 50 steps 11.9 -> 0.35), worse in 9, by at most 1.35x
+    (EDM's time_uniform at 3-10 steps, karras at 3-4 steps on EDM, flow and zero-terminal-SNR betas).
+    diffusers' UniPC escapes these grids another way, lowering the order of the last steps at every step count
+    (ours, like DPM-Solver++, only below 15 steps; :func:`~steerdiff.solvers.base.step_order`).
     """
     if den.guided:
         return guided_solver(steps, den.guidance_scale)

@@ -1,12 +1,11 @@
 r"""``steerdiff bench longstep``: the multistep ODE solvers with and without their long-step rule.
 
-A multistep step of order ``k`` integrates the polynomial through the last ``k`` denoised
-estimates; over a step much longer than the steps those estimates are spaced by, it extrapolates
-their errors. Grids that end with such a step are common: ``time_uniform`` on every process,
-``linspace`` and ``leading`` on discrete VP schedules (the last noisy step 3.4-13 times the one
-before in log-SNR). DPM-Solver++ multistep and UniPC therefore take a step longer than
-:data:`~steerdiff.solvers.base.ODE_MAX_H` in log-SNR and than
-:data:`~steerdiff.solvers.base.ODE_MAX_H_RATIO` times the step before at first order by default;
+A multistep step of order ``k`` integrates the polynomial through the last ``k`` denoised estimates; over a
+step much longer than the steps those estimates are spaced by, it extrapolates their errors. Grids that end
+with such a step are common: ``time_uniform`` on every process, ``linspace`` and ``leading`` on discrete VP
+schedules (the last noisy step 3.4-13 times the one before in log-SNR), ``karras`` at 3-4 steps. DPM-Solver++
+multistep and UniPC therefore take a step longer than :data:`~steerdiff.solvers.base.ODE_MAX_H` in log-SNR and
+than :data:`~steerdiff.solvers.base.ODE_MAX_H_RATIO` times the step before at first order by default;
 ``max_h=math.inf`` is the paper's and diffusers' rule (no such step).
 
 On the 16-d default mixture (exact probability-flow ODE from the same ``x_T``, then the exact
@@ -51,7 +50,7 @@ __all__ = [
 
 SOLVERS = ("dpmpp_2m", "dpmpp_3m", "unipc")
 PROCESSES = ("sd", "ddpm", "sd-zero-snr", "cosine", "edm", "flow")  # the names of processes()
-STEPS = (5, 8, 10, 15, 20, 30, 50)
+STEPS = (3, 4, 5, 8, 10, 15, 20, 30, 50)
 QUICK_STEPS = (10, 20)
 
 

@@ -253,14 +253,15 @@ SDE_MAX_H, SDE_MAX_H_RATIO = 0.5, 2.0
 
 # The deterministic multistep solvers' default long-step rule (DPMSolverPPMultistep, UniPC): over a step
 # much longer than the steps its estimates came from, the polynomial through them extrapolates their
-# errors. Grids that end with such a step: time_uniform (log-SNR step ratio 4-13 at the last noisy node),
-# linspace and leading on discrete VP schedules (3.4-4.9). `steerdiff bench longstep` (docs/bench/
-# longstep.txt: 16-d mixture, six processes, every schedule, 5-50 steps): the rule changes 213 of 1,071
-# cases of dpmpp_2m / dpmpp_3m / unipc, better in 193 (without it dpmpp_3m and unipc end 5.7-12, relative,
-# from the exact answer on EDM + time_uniform at 15-50 steps; with it 0.35-0.75), worse in 20 by at most
-# 1.35x (EDM + time_uniform at 5-15 steps; dpmpp_2m on SD betas' leading at 15-20 steps 1.24-1.31x). No
-# step of karras / karras_capped / logsnr_uniform grids is affected. DEIS, which extrapolates eps rather
-# than the denoised estimate, has no such rule.
+# errors. Grids that end with such a step: time_uniform (the last noisy step 3.5-5.1 times the one before
+# in log-SNR on VP processes, 4.5-5.9 under flow, 9.7-13 on EDM), linspace and leading on discrete VP
+# schedules (3.4-5.0); karras at 3-4 steps. `steerdiff bench longstep` (docs/bench/longstep.txt: 16-d
+# mixture, six processes, every schedule, 3-50 steps): the rule changes 273 of 1,377 cases of dpmpp_2m /
+# dpmpp_3m / unipc, better in 235 (without it dpmpp_3m and unipc end 5.7-12, relative, from the exact
+# answer on EDM + time_uniform at 15-50 steps; with it 0.35-0.75), worse in 38 by at most 1.35x (EDM +
+# time_uniform at 3-15 steps; karras at 3-4 steps 1.01-1.19x; dpmpp_2m on SD betas' leading at 15-20 steps
+# 1.24-1.31x). No step of karras_capped or logsnr_uniform grids is affected, nor of karras from 5 steps.
+# DEIS, which extrapolates eps rather than the denoised estimate, has no such rule.
 ODE_MAX_H, ODE_MAX_H_RATIO = 2.0, 2.0
 
 
