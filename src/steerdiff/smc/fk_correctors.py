@@ -88,7 +88,6 @@ from .particles import (
     SMCAlgorithm,
     StepContext,
     _check_shape,
-    _repeat_rows,
     _row_chunks,
     run_smc,
 )
@@ -336,8 +335,6 @@ def fkc(
     shape = _check_shape(shape)
     check_generators("fkc", generator, shape[0])
     n = integer("fkc", "particles", particles, lo=1)
-    if kwargs is not None:  # per-row tensors (``batch`` rows) follow the particles, as ``**cond`` does
-        kwargs = [_repeat_rows(kw, shape[0], n) if isinstance(kw, dict) else kw for kw in kwargs]
     comp = Composition(dens, betas, kwargs, max_batch)
     algorithm = FKCorrector(comp, correct)
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
