@@ -486,6 +486,8 @@ def test_repaint_takes_one_generator_per_row() -> None:
             RePaint(den, op, y, generator=_gens(range(4))), lambda x: x[:, 0], lam=1.0, shape=(2, 4),
             particles=2, steps=4, generator=_gens([0, 1]), dtype=F64, max_batch=3,
         )  # fmt: skip
+    with pytest.raises(ValueError, match=r"Composition: max_batch: RePaint in the denoiser draws noise"):
+        sd.smc.Composition([RePaint(den, op, y, generator=_gens(range(4))), den], [1.0, 1.0], max_batch=3)
     with pytest.raises(ValueError, match=words):
         sd.smc.fk_steering(
             one, lambda x: x[:, 0], lam=1.0, shape=(2, 4), particles=2, steps=4, generator=_gens([0, 1]),

@@ -87,6 +87,7 @@ from .particles import (
     Particles,
     SMCAlgorithm,
     StepContext,
+    _check_batching,
     _check_shape,
     _row_chunks,
     run_smc,
@@ -165,15 +166,7 @@ class Composition(Guided):
                 raise ValueError(f"Composition: kwargs[{k}] must be a dict or None, got {type(kw).__name__}")
         if not sum(betas) > 0:
             raise ValueError(f"Composition: sum(betas) must be > 0, got {sum(betas)} for betas {betas}")
-        if max_batch is not None:
-            max_batch = integer("Composition", "max_batch", max_batch, lo=1)
-            sliced = [n for d in dens for n, _ in d.own_noise()]
-            if sliced:
-                raise ValueError(
-                    f"Composition: max_batch: {', '.join(dict.fromkeys(sliced))} in a component draws noise "
-                    "for the rows it is called with, which slices of max_batch rows would change; pass "
-                    "max_batch=None"
-                )
+        max_batch = _check_batching("Composition", dens, max_batch)
         keep = [k for k, b in enumerate(betas) if b != 0]
         super().__init__(dens[keep[0]])
         self.dens = tuple(dens[k] for k in keep)

@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -764,7 +764,7 @@ def run_smc(
     if dtype is not None:
         dtype = sample_dtype("run_smc", "dtype", dtype)
     rows = batch * n_part
-    max_batch = _check_batching(den, max_batch)
+    max_batch = _check_batching("run_smc", [den], max_batch)
     if reward is not None:
         _check_reward(reward)
     resample_fn = _resample.get(resampler)
@@ -871,17 +871,17 @@ def run_smc(
     return Particles(x, weights.log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
 
 
-def _check_batching(den: Denoiser, max_batch: int | None) -> int | None:
-    """``max_batch`` checked against what ``den`` draws per row: noise of the denoiser's own, which
-    slices of ``max_batch`` rows would change."""
+def _check_batching(who: str, dens: Sequence[Denoiser], max_batch: int | None) -> int | None:
+    """``max_batch`` (``None``, or an integer >= 1) checked against what ``dens`` draw per row: noise of
+    their own, which slices of ``max_batch`` rows would change."""
     if max_batch is None:
         return None
-    max_batch = integer("run_smc", "max_batch", max_batch, lo=1)
-    if den.own_noise():
+    max_batch = integer(who, "max_batch", max_batch, lo=1)
+    drawn = [name for den in dens for name, _ in den.own_noise()]
+    if drawn:
         raise ValueError(
-            f"max_batch: {', '.join(dict.fromkeys(n for n, _ in den.own_noise()))} in the denoiser draws "
-            "noise for the rows it is called with, which slices of max_batch rows would change; pass "
-            "max_batch=None"
+            f"{who}: max_batch: {', '.join(dict.fromkeys(drawn))} in the denoiser draws noise for the rows "
+            "it is called with, which slices of max_batch rows would change; pass max_batch=None"
         )
     return max_batch
 
