@@ -111,10 +111,8 @@ def guided_solver(steps: int, scale: float | None = None) -> Solver:
     :func:`guided_max_h`, under which scale 2 keeps plain 2M.
     """
     steps = integer("guided_solver", "steps", steps, lo=1)
-    if (
-        steps >= GUIDED_CORRECTOR_FROM
-    ):  # without the long-step rule: measured as is (the 2M branch has its own)
-        return UniPC(order=2, max_h=math.inf)
+    if steps >= GUIDED_CORRECTOR_FROM:
+        return UniPC(order=2, max_h=math.inf)  # no long-step rule: measured so (2M has its own, below)
     return DPMSolverPPMultistep(order=2, max_h=guided_max_h(scale), max_h_ratio=0.0)
 
 
