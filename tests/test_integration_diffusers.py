@@ -731,6 +731,22 @@ def test_custom_sigmas_of_flow_pipelines_are_shifted_as_flowmatch_euler_shifts_t
     assert rel_rmse(x_ours, ref) < 0.7 * rel_rmse(x_theirs, ref)
 
 
+@pytest.mark.parametrize(
+    ("config", "mu"), [({"flow_shift": 5.0}, None), ({"flow_shift": 5.0, "use_dynamic_shifting": True}, 0.8)]
+)
+def test_custom_sigmas_of_unipc_flow_configs_are_shifted_as_unipc_shifts_them(config, mu):
+    """UniPC's flow configs (Wan, SkyReels: ``use_flow_sigmas=True``) name the shift ``flow_shift``;
+    UniPC shifts custom ``sigmas`` by it. Before: ignored (shift 1), nodes at the unshifted sigmas
+    (0.86 where UniPC's is 0.97)."""
+    flow = {"prediction_type": "flow_prediction", "use_flow_sigmas": True}
+    theirs = diffusers.UniPCMultistepScheduler(**flow, **config)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="euler")
+    sigmas = [0.95 - 0.1 * k for k in range(9)]  # inside the model's range: no clipping
+    theirs.set_timesteps(sigmas=torch.tensor(sigmas).numpy(), mu=mu)  # UniPC takes an array
+    ours.set_timesteps(sigmas=sigmas, mu=mu)
+    assert torch.allclose(ours.sigmas, theirs.sigmas, rtol=0, atol=1e-6)
+
+
 COGVIEW4 = {  # its FlowMatchEuler config
     "base_image_seq_len": 256,
     "base_shift": 0.25,

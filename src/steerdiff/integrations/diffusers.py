@@ -300,7 +300,8 @@ def _tail(grid: Grid, j: int) -> Grid:
 def _flow_shift(cfg: dict[str, Any], s: Tensor, mu: float | None) -> Tensor:
     """FlowMatchEulerDiscreteScheduler's shift of flow times ``s``: ``shift s / (1 + (shift - 1) s)``,
     or with ``use_dynamic_shifting`` ``e^mu / (e^mu + 1/s - 1)`` (``time_shift_type="linear"``:
-    ``mu / (mu + 1/s - 1)``); then ``shift_terminal`` stretches ``1 - s`` to end at it."""
+    ``mu / (mu + 1/s - 1)``); then ``shift_terminal`` stretches ``1 - s`` to end at it. UniPC's flow
+    configs (``use_flow_sigmas``: Wan, SkyReels) name the shift ``flow_shift`` and shift alike."""
     respaced = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)]
     if respaced:
         raise ValueError(
@@ -314,7 +315,7 @@ def _flow_shift(cfg: dict[str, Any], s: Tensor, mu: float | None) -> Tensor:
         m = math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
         s = m / (m + (1 / s - 1))
     else:
-        shift = float(cfg.get("shift", 1.0))
+        shift = float(cfg.get("shift", cfg.get("flow_shift", 1.0)))
         s = shift * s / (1 + (shift - 1) * s)
     terminal = cfg.get("shift_terminal")
     if terminal:
@@ -656,13 +657,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         ignored), or a custom grid as diffusers' schedulers take it, its nodes followed by the step
         ``final`` says: ``timesteps``, the net's times of the nodes, or ``sigmas``, their noise levels
         as the config's own scheduler reads them -- for flow-matching configs flow times, shifted as
-        ``FlowMatchEulerDiscreteScheduler`` shifts them (``shift``, or ``use_dynamic_shifting`` with
-        ``mu``, then ``shift_terminal``), so pipelines that always pass sigmas (Flux and its kin) run
-        on the grid their own scheduler would use; for VP configs ``sigma / alpha`` (Karras'). A
-        trailing 0 is dropped; nodes beyond the model's range are clipped to it. ``timesteps`` and
-        ``sigmas`` together (CogView4, GLM-Image; FlowMatchEuler takes both): the nodes are the
-        sigmas' and ``timesteps`` are the net's times there, as given; for the run the net's time is
-        piecewise linear in process time through the nodes' (multistage solvers' inner evaluations).
+        ``FlowMatchEulerDiscreteScheduler`` shifts them (``shift``, UniPC's ``flow_shift``, or
+        ``use_dynamic_shifting`` with ``mu``, then ``shift_terminal``), so pipelines that always pass
+        sigmas (Flux and its kin) run on the grid their own scheduler would use; for VP configs
+        ``sigma / alpha`` (Karras'). A trailing 0 is dropped; nodes beyond the model's range are clipped
+        to it. ``timesteps`` and ``sigmas`` together (CogView4, GLM-Image; FlowMatchEuler takes both): the
+        nodes are the sigmas' and ``timesteps`` are the net's times there, as given; for the run the
+        net's time is piecewise linear in process time through the nodes' (multistage solvers' inner
+        evaluations).
         """
         given = [
             k
