@@ -547,6 +547,27 @@ def test_img2img_begin_inside_a_step_is_refused(unet):
         sched.step(torch.zeros(SHAPE), sched.timesteps[0], x)
 
 
+def test_a_first_evaluation_away_from_the_sample_is_refused():
+    """edm_sde churns (adds noise) before its first evaluation where the first node's sigma/alpha is in
+    [s_tmin, s_tmax] (``leading`` spacing on SD's betas): the solver wants the net at the churned
+    sample, the pipeline calls it at its own. Before: that output was taken as the churned sample's
+    (here 0.64 relative RMSE from ``sd.sample`` with the same noise). With the first node out of the
+    churn range the run is ``sd.sample``'s, churn at the later nodes included."""
+    config = sd_betas_config()
+    gmm = sd.toy.default_benchmark_mixture(dim=16)
+    net = eps_net(gmm, process_from_config(config))
+    x_T = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    sched = SteerdiffScheduler.from_config(config, solver="edm_sde", schedule="leading")
+    with pytest.raises(ValueError, match="before its first evaluation"):
+        run_scheduler(sched, net, x_T, 7, torch.Generator().manual_seed(1))
+    solver = sd.solvers.EDMStochasticHeun(s_tmax=2.0)  # leading's first node: sigma/alpha 6.5
+    sched = SteerdiffScheduler.from_config(config, solver=solver, schedule="leading")
+    x, _ = run_scheduler(sched, net, x_T, 7, torch.Generator().manual_seed(1))
+    den = denoiser_from_diffusers(net, config)
+    ref = sd.sample(den, x_T, 7, solver, "leading", generator=torch.Generator().manual_seed(1))
+    assert sum(c is not None for c in sched._run.state["churn"]) == 3 and torch.equal(x, ref)
+
+
 # --- the scheduler's contract ----------------------------------------------------------------------
 
 
