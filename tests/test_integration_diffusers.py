@@ -589,6 +589,17 @@ def test_step_out_of_order_is_refused():
         SteerdiffScheduler.from_config(diffusers.DDPMScheduler().config, noise=5)
 
 
+def test_a_sample_of_another_shape_mid_run_is_refused():
+    # before: torch's RuntimeError "The size of tensor a (3) must match the size of tensor b (2)"
+    sched = SteerdiffScheduler(solver="dpmpp_2m", schedule="karras")
+    sched.set_timesteps(3)
+    x = torch.zeros(2, 3, 4, 4)
+    x = sched.step(torch.zeros_like(x), sched.timesteps[0], x).prev_sample
+    other = torch.zeros(3, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"sample has shape \(3, 3, 4, 4\), the run's is \(2, 3, 4, 4\)"):
+        sched.step(other, sched.timesteps[1], other)
+
+
 def test_half_precision_runs_in_float32():
     # fp16 pipelines: the solver state is float32 (as diffusers' schedulers upcast), prev_sample fp16
     sched = SteerdiffScheduler(solver="unipc", schedule="karras")

@@ -846,6 +846,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 "call set_timesteps to start a new run"
             )
         work = work_dtype(sample.dtype)
+        if run.x is not None and sample.shape != run.x.shape:
+            raise ValueError(
+                f"step: sample has shape {tuple(sample.shape)}, the run's is {tuple(run.x.shape)} (the first "
+                "step's sample); call set_timesteps to start a run of another shape"
+            )
         if not run.started:
             self._start(run, self._begin(run, timestep))
             run.x, run.started = sample.to(work, copy=True), True
