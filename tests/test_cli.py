@@ -687,3 +687,53 @@ def test_plot_takes_any_result_with_nfes_and_rows(tmp_path):
     rows = [Row("steerdiff", "ddim", "karras", {5: 0.1, 10: 0.01}), Row("diffusers", "DDIM", "", {5: 0.2})]
     assert plot(Bare((5, 10), rows), tmp_path / "bare.png")
     assert (tmp_path / "bare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_guided_rows_are_the_candidates_against_the_guided_ode(tmp_path, capsys):
+    """``bench guided``: each row is ``sd.sample`` with the candidate solver (the guided default, plain,
+    flat-guarded and scale-guarded DPM-Solver++(2M), UniPC-2, UniPC-3, DDIM) under CFG toward the first
+    two components of the 16-d mixture against the guided ODE solved in 800 steps of 2M, from the same
+    x_T (here 8 samples under rectified flow, scales 2 and 7.5 at 5 and 15 steps); at 7.5 and 5 steps
+    every step is longer than 0.8 in log-SNR, so the guided default is DDIM there, and from 15 steps it
+    is UniPC-2."""
+    argv = [
+        "bench",
+        "guided",
+        "--problem",
+        "16d-flow",
+        "--quick",
+        "--n",
+        "8",
+        "--draws",
+        "1",
+        "--no-progress",
+    ]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "guided.csv", newline="") as f:
+        rows = {(float(r["scale"]), int(r["steps"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {(w, k) for w in (2.0, 7.5) for k in (5, 15)}
+    out = capsys.readouterr().out
+    assert (tmp_path / "guided.txt").read_text() in out
+
+    full = sd.toy.default_benchmark_mixture(dim=16)
+    part = sd.toy.GaussianMixture(full.means[:2], full.variances[:2], full.weights[:2])
+    flow = sd.RectifiedFlow()
+    x_T = torch.randn(8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    solvers = {
+        "2m": sd.solvers.DPMSolverPPMultistep(order=2, max_h=math.inf),
+        "2m_flat": sd.solvers.DPMSolverPPMultistep(order=2, max_h=0.8, max_h_ratio=0.0),
+        "unipc_2": sd.solvers.UniPC(order=2, max_h=math.inf),
+        "unipc_3": "unipc",
+        "ddim": "ddim",
+    }
+    for (w, k), r in rows.items():
+        cfg = sd.guidance.CFG(part.denoiser(flow), full.denoiser(flow), w)
+        ref = sd.sample(cfg, x_T, 800, "dpmpp_2m", "logsnr_uniform")
+        for name, solver in solvers.items():
+            assert float(r[name]) == pytest.approx(rel_rmse(sd.sample(cfg, x_T, k, solver), ref), rel=1e-5)
+        assert float(r["default"]) == pytest.approx(rel_rmse(sd.sample(cfg, x_T, k), ref), rel=1e-5)
+    assert rows[7.5, 5]["default"] == rows[7.5, 5]["ddim"] == rows[7.5, 5]["2m_flat"]
+    assert (
+        rows[7.5, 15]["default"] == rows[7.5, 15]["unipc_2"]
+        and rows[2.0, 15]["default"] == rows[2.0, 15]["unipc_2"]
+    )
