@@ -37,8 +37,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_SOLVER = "unipc"  # UniPC-3 (bh2, corrector), long steps after short ones at first order
-GUIDED_CORRECTOR_FROM = 15  # from here on guided denoisers get UniPC-2: the same predictor, corrected
-# guided 2M: first order on steps longer than 0.8 in log-SNR from CFG scale 7.5 up (guided_max_h)
+# from here on guided denoisers get UniPC-2: the same predictor, corrected (steerdiff bench guided:
+# ahead of the guided 2M in 53 of 54 cases from 15 steps)
+GUIDED_CORRECTOR_FROM = 15
+# guided 2M: first order on steps longer than 0.8 in log-SNR from CFG scale 7.5 up, longer ones below
+# (guided_max_h; steerdiff bench guided)
 GUIDED_MAX_H, GUIDED_MAX_H_SCALE = 0.8, 7.5
 DEFAULT_SCHEDULE = "karras_capped"
 
@@ -63,13 +66,17 @@ def guided_max_h(scale: float | None) -> float:
     (nothing is guided there): 0.8 at 7.5, 1.18 at 4, 2.04 at 2.
 
     The stiffness the guidance adds grows with ``scale - 1`` (:mod:`steerdiff.solvers.dpmpp`), so the
-    step 2M tolerates shrinks with it; the square root is measured, not derived: on the learned
-    digits model (CFG toward 3, 256 samples against the 400-step guided ODE, 4-8 steps) it keeps
-    plain 2M at scales 1.5-2 (5 steps: 0.082 against 0.149 with the 0.8 guard at scale 1.5, 0.092
-    against 0.158 at 2) and is at least as good as the 0.8 guard at 3-5.5 (scale 4, 6 steps: 0.124
-    against 0.175; plain 2M 0.168); on the mixtures of :func:`guided_solver` (3-12 steps) it is the
-    0.8 guard at 7.5, matches it at 4 (geometric mean 1.07x of the best per case for both) and is
-    plain 2M at 2 (1.01x, against 1.19x for the flat 0.8).
+    step 2M tolerates shrinks with it; the square root is measured, not derived. ``steerdiff bench
+    guided`` (docs/bench/guided.txt: CFG toward two components of the 16-d and 64-d default mixtures
+    under nine processes, 2 x 256 samples against the 800-step guided ODE; 3-12 steps, 63 cases per
+    scale): at scale 2 the limit keeps plain 2M (the same result in 56 cases, at most 1.2x worse in
+    the other 7, all at 3 steps) and beats a flat 0.8 in 53 (geometric mean of the ratio 0.87; the 64-d
+    mixture under SD betas at 10 steps 1.52e-2 against 2.25e-2); at 4 it is level with the flat 0.8
+    (better in 30, worse in 13, geometric mean 1.01) and, like it, ends within 0.87 of the guided ODE
+    where plain 2M ends up to 1.6 away; from 7.5 up it is the flat 0.8. At 5 steps every step of the
+    default grid under SD and DDPM betas is longer than 0.8 (the bench's flat-0.8 column is DDIM's
+    there): on the digits model at scale 2 (``steerdiff bench solvers --model digits``,
+    docs/bench/digits_solvers.txt) that is 0.153 against the default's 0.090.
     """
     if scale is None or scale >= GUIDED_MAX_H_SCALE:
         return GUIDED_MAX_H
@@ -89,30 +96,35 @@ def guided_solver(steps: int, scale: float | None = None) -> Solver:
     ("DPM-Solver++", Sec. 5) recommend the second-order multistep solver for guided sampling, and
     diffusers' multistep schedulers default to order 2 for it. UniPC's corrector (Zhao et al. 2023)
     then raises the order by one for no extra evaluation, but with long steps it destabilizes guided
-    runs too (diffusers' ``disable_corrector`` exists for the same reason). Measured against the
-    guided ODE solved in 800 steps (classifier-free guidance toward two components of the 16-d
-    default mixture; 2 x 256 samples; scales 2 / 4 / 7.5): at 10 steps under rectified flow
-    2M 0.11 / 0.26 / 0.23, UniPC-2 0.025 / 0.49 / 4.6, UniPC-3 0.16 / 4.0 / 1e2; at 15 steps
-    2M 0.11 / 0.25 / 0.22, UniPC-2 0.018 / 0.073 / 0.077; with DDPM's betas at 15 steps 2M 0.019 /
-    0.18 / 0.19, UniPC-2 0.012 / 0.070 / 0.016; on the 64-d mixture under SD betas (``steerdiff
-    bench solvers`` (d), x_T seeds 0-1) at 20 steps 2M 3.8e-3 / 4.9e-3 / 5.7e-3, UniPC-2 2.1e-3 /
-    4.0e-3 / 4.5e-3. Of the 15-step cases measured (also EDM, zero terminal SNR and the digits
-    model) only the 64-d one at scale 7.5 favours 2M (0.011 against 0.052).
+    runs too (diffusers' ``disable_corrector`` exists for the same reason). Measured by ``steerdiff
+    bench guided`` (docs/bench/guided.txt; classifier-free guidance toward two components of the 16-d
+    default mixture under SD, DDPM and zero-terminal-SNR betas, EDM and rectified flow, and of the 64-d
+    one under SD, DDPM and zero-terminal-SNR betas and rectified flow; 2 x 256 samples against the
+    guided ODE solved in 800 steps; scales 2 / 4 / 7.5): from 15 steps UniPC-2 is ahead of 2M (with
+    its limit) in 18 / 18 / 17 of the 18 cases per scale (geometric mean of the ratio 0.18 / 0.18 /
+    0.26; the exception, the 64-d mixture under SD betas at 7.5 and 15 steps, 0.052 against 0.011) and
+    of UniPC-3 in all 54, which ends more than 1 from the guided ODE in 7 of them at scale 4 and 15 at
+    7.5; under rectified flow (16-d) at 15 steps 2M 0.11 / 0.25 / 0.23, UniPC-2 0.018 / 0.073 / 0.077.
+    Below, the corrector costs stability at the higher scales: at 10 steps under rectified flow
+    UniPC-2 0.025 / 0.49 / 4.6 against the default's (2M) 0.11 / 0.26 / 0.24 (UniPC-3 0.16 / 4.0 /
+    1e2); at 3-12 steps UniPC-2 ends more than 1 away in 0 / 9 / 48 of 63 cases, the default in 0 / 0
+    / 10. The switch is conservative: at 12 steps UniPC-2 is already ahead in 9 / 9 / 8 of 9
+    (geometric mean 0.26 / 0.27 / 0.38, none more than 1 away), and at scale 2 in every case from 5
+    steps.
 
     Plain 2M diverges under strong guidance at few steps too (the step's stability bound is in
-    :mod:`steerdiff.solvers.dpmpp`). At scale 7.5 on nine problems (the 16-d mixture under SD, DDPM
-    and zero-terminal-SNR betas, EDM and rectified flow; the 64-d one under SD, DDPM and
-    zero-terminal-SNR betas and rectified flow; 2 x 256 samples) at 3-8 steps, plain 2M ends more
-    than 1 (relative) from the guided ODE in 36 of 54 cases, up to 20; with first-order steps above
-    h = 0.8 the worst is 3.0, at 3 steps, where DDIM is 3.0 too; at 10-12 steps the guard is within
-    0.56-1.05x of plain 2M (geometric mean 0.99x). At scale 4 the guard's worst is 0.87 (plain 2M
-    1.6). A flat 0.8 would cost mild guidance (scale 2, 10 steps, 64-d under SD betas: 2.3e-2
-    against 1.5e-2; the digits demo's CFG row, scale 2: Frechet distance 177 against 147), hence
-    :func:`guided_max_h`, under which scale 2 keeps plain 2M.
+    :mod:`steerdiff.solvers.dpmpp`). At scale 7.5 at 3-8 steps (45 cases) plain 2M ends more than 1
+    (relative) from the guided ODE in 32, up to 20 (the 64-d mixture under SD betas, 4 steps); with
+    first-order steps above h = 0.8 in 10, all on the 16-d mixture at 3-4 steps, where the default is
+    DDIM (every step is longer; the worst 3.0, SD betas at 3 steps); at 10-12 steps the limit is
+    within 0.22-1.05x of plain 2M (geometric mean 0.94). At scale 4 the limit's worst is 0.87 (plain
+    2M 1.6). A flat 0.8 would cost mild guidance (scale 2, 3-12 steps: 2.13x the best candidate's
+    error in geometric mean against 1.86x), hence :func:`guided_max_h`, under which scale 2 keeps
+    plain 2M.
     """
     steps = integer("guided_solver", "steps", steps, lo=1)
     if steps >= GUIDED_CORRECTOR_FROM:
-        return UniPC(order=2, max_h=math.inf)  # no long-step rule: measured so (2M has its own, below)
+        return UniPC(order=2, max_h=math.inf)  # as bench guided measures it (2M has its own rule, below)
     return DPMSolverPPMultistep(order=2, max_h=guided_max_h(scale), max_h_ratio=0.0)
 
 
