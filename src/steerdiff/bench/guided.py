@@ -357,7 +357,7 @@ def plot(result: GuidedBench, path: str | Path) -> bool:
     titles = [f"scale {w:g}: geometric mean of {k}" for w in scales] + [
         f"scale {w:g}: worst of {k}" for w in scales
     ]
-    styles = {"default": ("k", "-", 2.4)}
+    styles = {"default": ("k", "-", 3.0)}
 
     def draw(ax: Any, title: str, colors: Sequence[Any]) -> None:
         w = scales[titles.index(title) % len(scales)]
@@ -368,7 +368,8 @@ def plot(result: GuidedBench, path: str | Path) -> bool:
                 errs = [c.errors[name] for c in result.cases if c.scale == w and c.steps == n]
                 ys.append(max(errs) if worst else _gmean(errs))
             color, ls, lw = styles.get(name, (colors[j], "-", 1.2))
-            ax.plot(result.steps, ys, ls, color=color, lw=lw, marker="o", ms=2.5, label=name)
+            z = 3 if name == "default" else 2  # the default on top of the candidate it equals
+            ax.plot(result.steps, ys, ls, color=color, lw=lw, marker="o", ms=2.5, label=name, zorder=z)
         ax.axvline(GUIDED_CORRECTOR_FROM, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
