@@ -160,14 +160,17 @@ class GuidedBench:
 
     @property
     def scales(self) -> list[float]:
+        """The CFG scales measured, in run order."""
         return list(dict.fromkeys(c.scale for c in self.cases))
 
     @property
     def steps(self) -> list[int]:
+        """The step counts measured, ascending."""
         return sorted({c.steps for c in self.cases})
 
     @property
     def problems(self) -> list[str]:
+        """The problems measured (names of :data:`PROBLEMS`), in run order."""
         return list(dict.fromkeys(c.problem for c in self.cases))
 
 
