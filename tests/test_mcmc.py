@@ -8,6 +8,7 @@ fresh exact draws with the floor of two exact sets.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -323,3 +324,27 @@ def test_snr_step_needs_no_host_read_and_a_zero_score_is_reported_after_the_run(
     # the rule: 2 (snr sqrt(d) / mean_i ||grad_i||)^2; rows of norm 3 and 5 in d = 4, snr 0.2: 0.02
     grad = torch.tensor([[3.0, 0, 0, 0], [0, 0, 4.0, 3.0]])
     assert float(sd.mcmc.snr_step_size(grad, 0.2)) == pytest.approx(0.02, rel=1e-12)
+
+
+@dataclasses.dataclass
+class _Shift(sd.mcmc.Kernel):
+    """A move that adds 1 to every entry (no test): where a solver keeps it, the shift is exact."""
+
+    def move(self, p, target, step_size, normal):  # type: ignore[no-untyped-def]
+        return sd.mcmc.Point(p.x + 1.0), None
+
+
+@pytest.mark.parametrize("solver", ["unipc", "ddim", "dpmpp_3m"])
+def test_the_next_step_starts_from_the_corrected_state(solver):
+    """With ``x0 = 0`` every exponential integrator is exact and linear, ``x_{i+1} = (sigma_{i+1} /
+    sigma_i) x_i``, so a shift ``c`` made at each noisy node ``i >= 1`` ends as ``sum_i sigma_N /
+    sigma_i c``. UniPC redid the step from ``x_{i-1}`` with its corrector and dropped every move but
+    the last node's (before: 1.0 where 1.2795 is exact)."""
+    den = sd.Denoiser(lambda x, t: torch.zeros_like(x), sd.VP.linear(), prediction="x0")
+    x_T = torch.randn(3, 4, generator=_gen(0), dtype=F64)
+    kw = {"steps": 6, "solver": solver, "schedule": "logsnr_uniform", "final": "none", "return_info": True}
+    base, info = sd.sample(den, x_T, **kw)
+    shifted, _ = sd.sample(den, x_T, corrector=_Shift(step_size=1.0), **kw)
+    s = info.grid.sigma
+    exact = sum(s[-1] / s[i] for i in range(1, len(s)))
+    torch.testing.assert_close(shifted - base, torch.full_like(base, exact), rtol=0, atol=1e-12)

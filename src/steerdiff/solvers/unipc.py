@@ -31,6 +31,10 @@ of the corrector is that of the predictor that produced ``x_i``. UniPC-p has ord
 UniP-p alone (``corrector=False``) order ``p``; a first-order start (warm-up) limits UniPC-3's
 observed order to about 3.6 on 10-80 steps.
 
+UniC corrects the prediction it made, entry by entry: where a step is handed another ``x_i`` (a
+corrector's Langevin moves in :func:`steerdiff.sample`, a pipeline's edits) the entries moved since
+are kept as handed (redoing the step from ``x_{i-1}`` would discard the move).
+
 Warm-up and lower order at the last steps follow :func:`~steerdiff.solvers.base.step_order`
 (diffusers' UniPC lowers the last orders at any step count, not only below 15 steps). The step
 into a clean end returns the denoised estimate of the last evaluation, ``x0(x_{N-1})``: the
@@ -43,6 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .._checks import boolean, choice
@@ -96,8 +101,9 @@ class UniPC(Solver):
         self.prediction = choice(who, "prediction", self.prediction, PREDICTIONS)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        # m: estimates at their log-SNRs, newest first; x/k: start and order of the last prediction
-        return {"m": History(self.order), "x": None, "k": 0}
+        # m: estimates at their log-SNRs, newest first; x/k/pred: start, order and result of the last
+        # prediction
+        return {"m": History(self.order), "x": None, "k": 0, "pred": None}
 
     def _update(
         self, grid: Grid, x: Tensor, src: int, dst: int, m: list[Tensor], lam: list[float], new: Tensor | None
@@ -129,9 +135,12 @@ class UniPC(Solver):
         new = pred.x0 if self.prediction == "data" else pred.eps
         if self.corrector and state["x"] is not None:
             k = state["k"]
-            x = self._update(grid, state["x"], i - 1, i, hist.values[:k], hist.at[:k], new)
+            corrected = self._update(grid, state["x"], i - 1, i, hist.values[:k], hist.at[:k], new)
+            pred = state["pred"]
+            x = corrected if x is pred else torch.where(x == pred, corrected, x)
         hist.push(new, grid.lam[i])
         m, lam = hist.values, hist.at
         k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
         state["x"], state["k"] = x, k
-        return self._update(grid, x, i, i + 1, m[:k], lam[:k], None)
+        state["pred"] = self._update(grid, x, i, i + 1, m[:k], lam[:k], None)
+        return state["pred"]
