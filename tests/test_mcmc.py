@@ -348,3 +348,25 @@ def test_the_next_step_starts_from_the_corrected_state(solver):
     s = info.grid.sigma
     exact = sum(s[-1] / s[i] for i in range(1, len(s)))
     torch.testing.assert_close(shifted - base, torch.full_like(base, exact), rtol=0, atol=1e-12)
+
+
+def test_a_non_finite_log_prob_gradient_is_reported_as_the_correctors(pc):
+    """ULA on a kernel's ``log_prob`` whose gradient is NaN at the last node (``t = 0``): before,
+    ``final="none"`` returned NaN samples without an error and ``final="zero"`` blamed the model's
+    next evaluation ("the model returned NaN/inf at step 3")."""
+    gmm, proc, log_prob, x_T, _ = pc
+
+    def nan_below(y: torch.Tensor, t: float) -> torch.Tensor:
+        return log_prob(y, t) + (torch.sqrt(y[:, 0] - 100.0) * 0 if t == 0 else 0)
+
+    den = gmm.denoiser(proc)
+    kernel = sd.mcmc.ULA(log_prob=nan_below, step_size=1e-3)
+    kw = {"steps": 4, "solver": "ddim", "schedule": "time_uniform", "corrector": kernel, "generator": _gen(0)}
+    for final, step in (("none", 3), ("zero", 2)):
+        with pytest.raises(
+            sd.NonFiniteError, match=rf"the corrector made NaN/inf at step {step} \(process time t=0\)"
+        ):
+            sd.sample(den, x_T[:4], final=final, **kw)
+    finite = sd.mcmc.ULA(log_prob=log_prob, step_size=1e-3)
+    _, info = sd.sample(den, x_T[:4], **{**kw, "corrector": finite}, return_info=True)
+    assert all(bool(c.finite) for c in info.corrector) and len(info.corrector) == 3

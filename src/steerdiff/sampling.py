@@ -17,7 +17,7 @@ from . import schedules as _schedules
 from . import solvers as _solvers
 from ._checks import SAMPLE_DTYPES, boolean, choice, integer
 from .denoiser import Denoiser
-from .mcmc.base import check_step_sizes
+from .mcmc.base import check_step_sizes, first_nonfinite
 from .noise import NoiseSource, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
 from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
@@ -326,7 +326,8 @@ def sample(
 
     Raises:
         ValueError: bad arguments (the message names the argument and the accepted values).
-        NonFiniteError: the network returned NaN/inf (the message names the step and time).
+        NonFiniteError: the network returned NaN/inf, or a corrector on its ``log_prob`` made it (the
+            message names the step and time).
     """
     if not isinstance(den, Denoiser):
         raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
@@ -346,6 +347,7 @@ def sample(
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr)
     chains: list[_mcmc.ChainInfo] = []
+    chain_steps: list[int] = []  # the step after which each corrector ran
     state = slv.init_state(grid)
     x = x_T.to(work_dtype(x_T.dtype))
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
@@ -356,6 +358,7 @@ def sample(
                 kernel, model, x, grid.t[i + 1], grid.sigma[i + 1], i, corrector_steps, snr
             )
             chains.append(chain)
+            chain_steps.append(i)
         if callback is not None:
             callback(
                 {
@@ -367,6 +370,10 @@ def sample(
                     "nfe": model.nfe,
                 }
             )
+    bad = first_nonfinite(chains)
+    if bad is not None and ((m := model.first_nonfinite()) is None or chain_steps[bad] < m[0]):
+        # before the model's check: a NaN the corrector made reaches the next evaluation
+        raise _mcmc.corrector.nonfinite_error(chain_steps[bad], grid.t[chain_steps[bad] + 1])
     model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
     check_step_sizes(chains)
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)

@@ -134,12 +134,16 @@ class ChainInfo:
         acceptance: per-sample fraction of accepted moves, ``(n,)`` float64; ``None`` for ULA
             (no Metropolis test).
         evaluations: target evaluations (score or log-density with gradient).
+        finite: a 0-d bool tensor on the samples' device, whether every final state is finite, where
+            :func:`~steerdiff.mcmc.correct` ran on a kernel's ``log_prob`` (a non-finite gradient of it
+            makes the state NaN; the denoiser's score is checked as a network output); else ``None``.
     """
 
     t: float | None
     step_size: StepSize
     acceptance: Tensor | None
     evaluations: int
+    finite: Tensor | None = None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -192,6 +196,14 @@ def check_step_sizes(chains: Sequence[ChainInfo]) -> None:
         f"corrector{where}: the snr step size is {float(s)} (the score norm is 0 or not finite); "
         "give the kernel an explicit step_size"
     )
+
+
+def first_nonfinite(chains: Sequence[ChainInfo]) -> int | None:
+    """The index of the first run whose final state was found not finite (``ChainInfo.finite``),
+    ``None`` if none was; one host read for all of them."""
+    flags = [(k, c.finite) for k, c in enumerate(chains) if c.finite is not None]
+    j = first_false(torch.stack([f for _, f in flags])) if flags else None
+    return None if j is None else flags[j][0]
 
 
 def sq_norm(v: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .._checks import integer, real
 from ..noise import NoiseSource, check_fixed_time, check_shared, make_noise
-from ..solvers.base import Model
+from ..solvers.base import Model, NonFiniteError
 from .base import ChainInfo, Kernel, Point, StepSize, Target, chain, fixed_time, snr_step_size
 from .hmc import HMC
 from .langevin import MALA, ULA
@@ -92,4 +92,15 @@ def correct(
     x, info = chain(kernel, p, target, steps, size, normal, t)
     if target.has_log_prob:
         model.nfe += info.evaluations
+        info.finite = torch.isfinite(x).all()  # off the CPU read once, after the run (no sync per node)
+        if x.is_cpu and not bool(info.finite):  # as the model's outputs: stop at the first bad node
+            raise nonfinite_error(step, t)
     return x, info
+
+
+def nonfinite_error(step: int, t: float) -> NonFiniteError:
+    """The error for a corrector whose moves made NaN/inf (its ``log_prob`` or gradient, not the model)."""
+    return NonFiniteError(
+        f"the corrector made NaN/inf at step {step} (process time t={t:.6g}): its log_prob or its "
+        "gradient is not finite there"
+    )
