@@ -7,7 +7,13 @@ kernel that targets the noised marginal ``p_t``:
 * with the kernel's ``log_prob(x, t)``: value and gradient by autograd (ULA, MALA, HMC; exact
   Metropolis corrections); each evaluation counts as one NFE;
 * without it: the denoiser's score ``grad log p_t(x) = -eps(x, t) / sigma_t`` (ULA only); each
-  evaluation is one counted network call.
+  evaluation is one counted network call. On a guided denoiser that is the guided score, so ULA
+  targets the density it is the gradient of (``p_t(x|c)^w p_t(x)^{1-w}`` for CFG at scale ``w``;
+  for DPS and other approximate guidance, only approximately a density), while a kernel's
+  ``log_prob`` is the target as given, whatever the guidance.
+
+The moves are in the sampler's variable ``x_t = alpha_t x_0 + sigma_t eps`` (not ``x_t / alpha_t``):
+``log_prob(x, t)`` is the density of ``x_t``.
 
 The step size is the kernel's ``step_size`` or, if ``None``, the Langevin step from ``snr`` at the
 node (:func:`~steerdiff.mcmc.base.snr_step_size`, from the batch's mean score norm at the
