@@ -28,19 +28,32 @@ At ``eta = 0`` the multistep solver is :class:`~steerdiff.solvers.dpmpp.DPMSolve
 (midpoint 2M; 3M with the same ``third_order``).
 
 Singlestep (k-diffusion's ``sample_dpmpp_sde``, diffusers' ``DPMSolverSDEScheduler``): an SDE step
-of the first order to ``lam_s + r h`` (``r = 1/2``) with its own noise (drawn in the step with
-``model.noise``), a second estimate ``m'`` there, then the step from ``x_i`` with
-``S = W_1 [(1 - 1/(2r)) m_0 + 1/(2r) m']``. Two NFE per step. For ``0 < eta < 1`` k-diffusion
-splits the noise as an ancestral step instead (``sigma_up = eta s_t sqrt(1 - s_t^2 / s_s^2)`` with
+of the first order to ``lam_m = lam_s + r h`` (``r = 1/2``) with its own noise
+``sigma_m sqrt(1 - e^{-2 eta r h}) z_1``, a second estimate ``m'`` there, then the step from ``x_i``
+with ``S = W_1 [(1 - 1/(2r)) m_0 + 1/(2r) m']`` and noise ``sigma_{i+1} sqrt(1 - e^{-2 eta h}) z``.
+Two NFE per step. ``z`` continues ``z_1`` along one Brownian path in process time, as k-diffusion and
+diffusers draw both from one Brownian tree: with ``p = (t_i - t_m) / (t_i - t_{i+1})``,
+
+    z = sqrt(p) z_1 + sqrt(1 - p) z_2,
+
+``z_1`` and ``z_2`` drawn with ``model.noise`` over ``[t_i, t_m]`` and ``[t_m, t_{i+1}]`` (independent draws
+from a generator; independent increments of a :class:`~steerdiff.noise.BrownianTreeNoise`, whose ``z``
+is then its increment over the step). Drawn independently of ``z_1``, ``z`` would leave the
+intermediate estimate's noise uncorrelated with the step's and the method first order. Both draws
+are made inside the step, which returns the state (a Tensor; a
+:class:`~steerdiff.solvers.base.Transition` for ``eta = 0`` and ``order=1``), as ``edm_sde`` and
+``restart`` do: the step is not Gaussian given ``x_i``. For ``0 < eta < 1`` k-diffusion splits the
+noise as an ancestral step instead (``sigma_up = eta s_t sqrt(1 - s_t^2 / s_s^2)`` with
 ``s = sigma / alpha``); both agree at ``eta = 0`` and ``eta = 1``.
 
-Every step returns its last Gaussian draw as a :class:`~steerdiff.solvers.base.Transition` with
-``std = sigma_{i+1} sqrt(1 - e^{-2 eta h})``; the step into a clean end returns the denoised
-estimate ``m_0`` (one NFE).
+Every multistep step (and ``order=1`` singlestep) returns its Gaussian draw as a
+:class:`~steerdiff.solvers.base.Transition` with ``std = sigma_{i+1} sqrt(1 - e^{-2 eta h})``; the step
+into a clean end returns the denoised estimate ``m_0`` (one NFE).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -175,9 +188,20 @@ class DPMSolverSDE(Solver):
             h_mid = lam_mid - grid.lam[i]
             decay = sde_decay(grid.sigma[i], s_mid, h_mid, self.eta)
             u = axpby(decay, x, a_mid * hphi_scaled(1, h_mid, c), m0)
+            z_mid = None
             if self.eta > 0:
-                u.add_(model.noise(grid.t[i], t_mid, u), alpha=sde_std(s_mid, h_mid, self.eta))
+                z_mid = model.noise(grid.t[i], t_mid, u)
+                u = u + sde_std(s_mid, h_mid, self.eta) * z_mid
             f = h / (2.0 * h_mid)  # 1 / (2 r)
             w1 = hphi_scaled(1, h, c)
-            return _sde_step(grid, i, x, [w1 * (1.0 - f), w1 * f], [m0, model(u, t_mid, i).x0], self.eta)
+            out = _sde_step(grid, i, x, [w1 * (1.0 - f), w1 * f], [m0, model(u, t_mid, i).x0], self.eta)
+            if z_mid is None:
+                return out
+            # the step's noise continues the midpoint's draw along one Brownian path in process time: a
+            # Brownian tree's increment over [t_i, t_{i+1}] sums those over [t_i, t_m] and [t_m, t_{i+1}]
+            part = (grid.t[i] - t_mid) / (grid.t[i] - grid.t[i + 1])
+            z = z_mid * math.sqrt(part)
+            if part < 1.0:
+                z = z.add_(model.noise(t_mid, grid.t[i + 1], u), alpha=math.sqrt(1.0 - part))
+            return out.draw(lambda t_from, t_to, like: z, grid.t[i], grid.t[i + 1])
         return _sde_step(grid, i, x, [hphi_scaled(1, h, c)], [m0], self.eta)
