@@ -934,6 +934,30 @@ def test_one_generator_per_batch_row_makes_each_row_batch_independent(method):
 
 
 @pytest.mark.parametrize(
+    ("noiseless", "noisy"),
+    [
+        (sd.solvers.EulerAncestral(eta=0.0), sd.solvers.EulerAncestral(eta=0.5)),
+        (sd.solvers.DPMSolverSDEMultistep(eta=0.0), sd.solvers.DPMSolverSDEMultistep(eta=0.5)),
+        (sd.solvers.DPMSolverSDE(eta=0.0), sd.solvers.DPMSolverSDE(eta=0.5)),
+        (sd.solvers.SASolver(tau=0.0), sd.solvers.SASolver(tau=lambda t: 0.0 if t < 500 else 1.0)),
+        (sd.solvers.ERSDE(noise_scale="ode"), sd.solvers.ERSDE(noise_scale="sde")),
+        (sd.solvers.EDMStochasticHeun(s_churn=0.0), sd.solvers.EDMStochasticHeun(s_churn=10.0)),
+        (sd.solvers.EDMStochasticHeun(s_noise=0.0), sd.solvers.EDMStochasticHeun(s_noise=0.5)),
+    ],
+    ids=repr,
+)
+def test_a_stochastic_family_without_noise_is_deterministic(noiseless, noisy):
+    """A stochastic solver's options that draw no noise (eta = 0, tau = 0, ER-SDE's "ode", no churn)
+    make it deterministic, as DDIM(eta=0): particle methods refuse it. Before, they accepted it and the
+    resampled copies never diverged (16 particles collapsed onto 5 distinct paths under fk_steering)."""
+    assert not noiseless.stochastic and noisy.stochastic
+    kw = dict(shape=(1, 2), particles=4, steps=5, dtype=F64, generator=gen(0))
+    with pytest.raises(ValueError, match="deterministic"):
+        sd.smc.fk_steering(DEN, linear, solver=noiseless, **kw)
+    sd.smc.fk_steering(DEN, linear, solver=noisy, **kw)  # accepted
+
+
+@pytest.mark.parametrize(
     ("generator", "got"),
     [
         ([gen(0), gen(1), gen(2)], "a list of 3"),

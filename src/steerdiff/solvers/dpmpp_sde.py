@@ -102,7 +102,6 @@ class DPMSolverSDEMultistep(Solver):
             :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none).
     """
 
-    stochastic: ClassVar[bool] = True
     max_order: ClassVar[int] = 3
     order: int = 2
     eta: float = 1.0
@@ -120,6 +119,11 @@ class DPMSolverSDEMultistep(Solver):
         self.solver_type = choice(who, "solver_type", self.solver_type, SECOND_ORDERS)
         self.third_order = choice(who, "third_order", self.third_order, THIRD_ORDERS)
         self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether steps draw noise: ``eta > 0`` (``eta = 0`` is DPM-Solver++)."""
+        return self.eta > 0
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -155,7 +159,6 @@ class DPMSolverSDE(Solver):
     """
 
     name: ClassVar[str] = "dpmpp_sde"
-    stochastic: ClassVar[bool] = True
     staged: ClassVar[bool] = True
     max_order: ClassVar[int] = 2
     order: int = 2
@@ -166,6 +169,11 @@ class DPMSolverSDE(Solver):
         super().__post_init__()
         self.eta = real(type(self).__name__, "eta", self.eta, lo=0)
         self.r = real("DPMSolverSDE", "r", self.r, lo=0, hi=1, lo_open=True)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether steps draw noise: ``eta > 0``."""
+        return self.eta > 0
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         """``mid``: the intermediate level ``(t, alpha, sigma, lam)`` at ``lam_i + r h`` of each step into a

@@ -105,7 +105,6 @@ class EDMStochasticHeun(Solver):
     """
 
     name: ClassVar[str] = "edm_sde"
-    stochastic: ClassVar[bool] = True
     staged: ClassVar[bool] = True
     max_order: ClassVar[int] = 2
     order: int = 2
@@ -121,6 +120,11 @@ class EDMStochasticHeun(Solver):
         self.s_tmin = real(who, "s_tmin", self.s_tmin, lo=0, finite=False)
         self.s_tmax = real(who, "s_tmax", self.s_tmax, lo=self.s_tmin, finite=False)
         self.s_noise = real(who, "s_noise", self.s_noise, lo=0)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether steps draw noise: ``S_churn > 0`` and ``S_noise > 0``."""
+        return self.s_churn > 0 and self.s_noise > 0
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         """``churn``: the level ``(t^, alpha^, sigma^)`` each step starts from (``None`` where ``s^ = s_i``),

@@ -103,7 +103,6 @@ class ERSDE(Solver):
     """
 
     name: ClassVar[str] = "er_sde"
-    stochastic: ClassVar[bool] = True
     max_order: ClassVar[int] = 3
     order: int = 3
     noise_scale: str | Callable[[float], float] = "default"
@@ -121,6 +120,11 @@ class ERSDE(Solver):
         self.quadrature = integer(who, "quadrature", self.quadrature, lo=2)
         if self.quadrature % 2:
             raise ValueError(f"{who}: quadrature must be even, got {self.quadrature}")
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether steps draw noise: every noise scale but ``"ode"``."""
+        return self.noise_scale != "ode"
 
     @property
     def phi(self) -> Callable[[float], float]:

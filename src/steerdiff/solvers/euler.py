@@ -70,13 +70,17 @@ class EulerAncestral(Solver):
     """Euler ancestral with ``eta`` (default 1); first order, 1 NFE per step."""
 
     name: ClassVar[str] = "euler_ancestral"
-    stochastic: ClassVar[bool] = True
 
     eta: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.eta = real("EulerAncestral", "eta", self.eta, lo=0)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether steps draw noise: ``eta > 0``."""
+        return self.eta > 0
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         down, up = ancestral_split(grid, i, self.eta)  # alpha_{i+1} (s_down, s_up)

@@ -86,7 +86,6 @@ class SASolver(Solver):
     """
 
     name: ClassVar[str] = "sa_solver"
-    stochastic: ClassVar[bool] = True
     max_order: ClassVar[int] = 4
     order: int = 2
     corrector_order: int = 2
@@ -105,6 +104,11 @@ class SASolver(Solver):
         self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
         if not callable(self.tau):
             self._tau(0.0)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether steps draw noise: ``tau > 0`` (a function of time counts as noisy)."""
+        return callable(self.tau) or self.tau > 0
 
     def _tau(self, t: float) -> float:
         return real("SASolver", "tau", self.tau(t) if callable(self.tau) else self.tau, lo=0)
