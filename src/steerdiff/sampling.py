@@ -300,9 +300,11 @@ def sample(
         generator: the only source of randomness (for stochastic solvers): a
             ``torch.Generator``, a list of them (one per sample: a sample is then the same
             whatever the batch), or a :class:`~steerdiff.noise.NoiseSource` such as
-            :class:`~steerdiff.noise.BrownianTreeNoise`. Wrappers and corrector kernels that hold a
-            generator of their own draw from it instead; with a list, theirs must be one per row
-            too (a single one is refused, :func:`check_seeded`, :func:`~steerdiff.mcmc.check_corrector`).
+            :class:`~steerdiff.noise.BrownianTreeNoise`; ``None`` (default): torch's global RNG
+            (reproducible after ``torch.manual_seed``, not per sample). Wrappers and corrector
+            kernels that hold a generator of their own draw from it instead; with a list, theirs
+            must be one per row too (a single one is refused, :func:`check_seeded`,
+            :func:`~steerdiff.mcmc.check_corrector`).
             One exception to batch independence: a corrector without a ``step_size`` takes its step
             from ``snr`` with batch means (:func:`~steerdiff.mcmc.snr_step_size`), so there a sample
             depends on its batch; give the kernel a ``step_size`` for per-sample reproducibility.

@@ -728,10 +728,10 @@ def run_smc(
             :func:`steerdiff.sample` (:func:`~steerdiff.solvers.base.work_dtype`): ``reward`` and
             the hooks see float32 particles and estimates.
         dtype, device: of the default ``x_T`` (torch's default dtype, CPU).
-        generator: the only source of randomness (initial noise, step noise, resampling): ``None``,
-            one ``torch.Generator``, or a list of ``batch`` of them, one per batch row: row ``b``'s
-            particles, noise and resampling then come from ``generator[b]`` alone, so a row's result
-            is the same whatever the batch it runs in (as :func:`steerdiff.sample`'s per-sample
+        generator: the only source of randomness (initial noise, step noise, resampling): ``None``
+            (torch's global RNG), one ``torch.Generator``, or a list of ``batch`` of them, one per batch
+            row: row ``b``'s particles, noise and resampling then come from ``generator[b]`` alone, so a
+            row's result is the same whatever the batch it runs in (as :func:`steerdiff.sample`'s per-sample
             generators; :func:`steerdiff.noise.rand` / ``randn`` draw a list's rows so, and the
             resamplers and ``resample`` hooks receive it as given).
         progress: show a tqdm bar.
