@@ -361,6 +361,7 @@ def sample(
             )
             chains.append(chain)
             chain_steps.append(i)
+            slv.moved(state)  # the next step starts from the moved x: estimates made before it are stale
         if callback is not None:
             callback(
                 {

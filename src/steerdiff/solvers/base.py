@@ -142,6 +142,10 @@ class History:
         network call instead of after (not for a corrector, which redoes the step with all of them)."""
         del self.values[self.size - 1 :], self.at[self.size - 1 :]
 
+    def clear(self) -> None:
+        """Drop every estimate (new lists: a checkpoint that shares the old ones keeps them)."""
+        self.values, self.at = [], []
+
 
 _ATOMS = (int, float, complex, str, bytes, type(None))  # kept as they are (schedule constants)
 _ATOM_TYPES = frozenset(_ATOMS) | {bool}  # the same by exact type: the fast test
@@ -413,6 +417,22 @@ class Solver:
         and ``grid.is_final_clean(i)`` marks the step into ``sigma = 0`` (return the denoised
         estimate); :func:`step_order` lowers the order at the first and last steps."""
         raise NotImplementedError
+
+    def moved(self, state: dict[str, Any]) -> None:
+        """The state the last step returned (or drew) was moved before the next step: a corrector's
+        Langevin/MALA/HMC moves in :func:`steerdiff.sample` (called only there, only after a move).
+
+        The next step starts from the moved state, so estimates made before the move belong to another
+        trajectory: at the move the estimate jumps (``eps`` by ``move / sigma``, ``x0`` by about
+        ``move / alpha``) and a multistep extrapolation through the jump amplifies it (iPNDM's weights
+        sum to 6.7 in absolute value). The default restarts every :class:`History` held directly in
+        ``state`` (the next steps warm up as at the first one); a solver that keeps other cross-step
+        state (a singlestep macro-step's start, a corrector's prediction) overrides it. One-step
+        solvers (empty state) keep nothing to restart.
+        """
+        for value in state.values():
+            if isinstance(value, History):
+                value.clear()
 
     @property
     def evals_per_step(self) -> int:

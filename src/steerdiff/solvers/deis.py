@@ -168,10 +168,13 @@ class DEIS(Solver):
         hist = state["eps"]
         hist.push(pred.eps, grid.lam[i])
         eps, lams = hist.values, hist.at
-        k = self._order(i, grid)
+        k = min(self._order(i, grid), len(eps))  # fewer after a corrector's move restarted them
         if k > 1:
             if self.variant == "tab":  # x_{i+1} = alpha_{i+1} (x_i / alpha_i + sum_j w_j eps_{i-j})
-                w = [a * wj for wj in state["w"][i]]
+                tab = state["w"][i]
+                if len(tab) != k:  # a restart's warm-up
+                    tab = tab_weights(grid.process, grid.t[i - k + 1 : i + 1][::-1], grid.t[i + 1])
+                w = [a * wj for wj in tab]
             else:  # x_{i+1} = (alpha_{i+1} / alpha_i) x_i - sigma_{i+1} h sum_j w_j eps_{i-j}
                 h = grid.h(i)
                 c = -grid.sigma[i + 1] * h

@@ -28,9 +28,13 @@ NFE: one per grid interval, each intermediate point being a grid node (as in dif
 steps cost ``N`` evaluations. The macro-step orders follow the paper's DPM-Solver-fast: for order 3
 and ``N`` steps ``[3, ..., 3, 2, 1]`` if ``N % 3 == 0``, ``[3, ..., 3, 1]`` if ``N % 3 == 1``,
 ``[3, ..., 3, 2]`` if ``N % 3 == 2``; for order 2 ``[2, ..., 2]`` or ``[2, ..., 2, 1]``; so few
-steps lower the order. Into a clean end (``h = inf``) the higher-order terms diverge: a last
-macro-step of order ``k > 1`` becomes one of order ``k - 1`` and a first-order step that returns
-the denoised estimate at the last node (diffusers' order list with ``final_sigmas_type="zero"``).
+steps lower the order. A corrector's move at a node (:meth:`~steerdiff.solvers.base.Solver.moved`)
+restarts the macro-step there, over the intervals left of the planned one (at every node: every step
+first order, DDIM); before, the end of a macro-step was rebuilt from its start and a move made at an
+inner node was lost but for its effect on the estimate there. Into a clean end (``h = inf``) the
+higher-order terms diverge: a last macro-step of order ``k > 1`` becomes one of order ``k - 1`` and a
+first-order step that returns the denoised estimate at the last node (diffusers' order list with
+``final_sigmas_type="zero"``).
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ class DPMSolver(Solver):
         plan: list[tuple[int, int]] = []  # (first node, order) of the macro-step of each interval
         for k in self.macro_orders(grid.steps, grid.clean_end):
             plan += [(len(plan), k)] * k
-        return {"plan": plan, "x": None, "f": []}
+        # x, f, jk: start, estimates and (first node, order) of the current macro-step
+        return {"plan": plan, "x": None, "f": [], "jk": (0, 0)}
 
     def _w(self, k: int, h: float) -> float:
         return hphi(k, h) if self.algorithm == "dpmsolver++" else hphi_eps(k, h)
@@ -100,15 +105,19 @@ class DPMSolver(Solver):
             return (grid.sigma[a] / grid.sigma[j]) * x + grid.alpha[a] * s
         return (grid.alpha[a] / grid.alpha[j]) * (x - grid.sigma[j] * s)
 
+    def moved(self, state: dict[str, Any]) -> None:
+        """A corrector moved the state at a node: the next step starts a macro-step there (:meth:`step`)."""
+        state["x"] = None
+
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         j, k = state["plan"][i]
         pred = model(x, grid.t[i], i)
         f = pred.x0 if self.algorithm == "dpmsolver++" else pred.eps
-        if i == j:
-            state["x"], state["f"] = x, [f]
+        if i == j or state["x"] is None:  # a macro-step starts; after a move, the rest of the planned one
+            state["x"], state["f"], state["jk"] = x, [f], (i, j + k - i)
         else:
             state["f"].append(f)
-        xs, fs = state["x"], state["f"]
+        (j, k), xs, fs = state["jk"], state["x"], state["f"]
         lam = grid.lam
         h = lam[i + 1] - lam[j]
         if i == j:  # first order: u_1, or the whole step for k = 1

@@ -130,6 +130,12 @@ class SASolver(Solver):
             w = exp_adams_bashforth(theta, -big_h)
         return [grid.alpha[src + 1] * big_h * wj for wj in w]
 
+    def moved(self, state: dict[str, Any]) -> None:
+        """A corrector moved ``x_i``: no SA-Corrector of it, and the estimates restart
+        (:meth:`~steerdiff.solvers.base.Solver.moved`)."""
+        super().moved(state)
+        state["prev"] = None
+
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         x0 = model(x, grid.t[i], i).x0
         hist = state["m"]

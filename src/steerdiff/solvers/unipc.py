@@ -35,6 +35,9 @@ UniC corrects the prediction it made, entry by entry: where a step is handed ano
 corrector's Langevin moves in :func:`steerdiff.sample`, a pipeline's edits) the entries moved since
 are kept as handed (redoing the step from ``x_{i-1}`` would discard the move).
 
+A corrector's move at a node (:meth:`~steerdiff.solvers.base.Solver.moved`; at every node in
+PC sampling) restarts the estimates and skips UniC there: each step is then UniP-1 (DDIM).
+
 Warm-up and lower order at the last steps follow :func:`~steerdiff.solvers.base.step_order`
 (diffusers' UniPC lowers the last orders at any step count, not only below 15 steps). The step
 into a clean end returns the denoised estimate of the last evaluation, ``x0(x_{N-1})``: the
@@ -104,6 +107,12 @@ class UniPC(Solver):
         # m: estimates at their log-SNRs, newest first; x/k/pred: start, order and result of the last
         # prediction
         return {"m": History(self.order), "x": None, "k": 0, "pred": None}
+
+    def moved(self, state: dict[str, Any]) -> None:
+        """A corrector moved ``x_i``: no UniC of it (it would correct the prediction that was moved
+        away from), and the estimates restart (:meth:`~steerdiff.solvers.base.Solver.moved`)."""
+        super().moved(state)
+        state["x"] = None
 
     def _update(
         self, grid: Grid, x: Tensor, src: int, dst: int, m: list[Tensor], lam: list[float], new: Tensor | None
