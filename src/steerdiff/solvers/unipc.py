@@ -32,8 +32,8 @@ UniP-p alone (``corrector=False``) order ``p``; a first-order start (warm-up) li
 observed order to about 3.6 on 10-80 steps.
 
 UniC corrects the prediction it made, entry by entry: where a step is handed another ``x_i`` (a
-corrector's Langevin moves in :func:`steerdiff.sample`, a pipeline's edits) the entries moved since
-are kept as handed (redoing the step from ``x_{i-1}`` would discard the move).
+pipeline's edits between steps, :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler`) the
+entries moved since are kept as handed (redoing the step from ``x_{i-1}`` would discard the edit).
 
 A corrector's move at a node (:meth:`~steerdiff.solvers.base.Solver.moved`; at every node in
 PC sampling) restarts the estimates and skips UniC there: each step is then UniP-1 (DDIM).
