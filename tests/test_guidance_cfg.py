@@ -653,8 +653,9 @@ def test_guided_denoisers_get_a_second_order_default(sd_process):
     """``sd.sample`` without ``solver``: UniPC-3 (with its long-step guard) for a plain denoiser; for
     a guided one (any ``Guided``, e.g. CFG, classifier guidance) DPM-Solver++(2M) below 15 steps
     (steps longer than ``guided_max_h(scale)`` first order: 0.8 at CFG scale 7.5 and for a guided
-    denoiser without a CFG scale) and UniPC-2 (the same predictor with UniPC's corrector) from 15;
-    an explicit solver always wins. The reason, on the 16-d default
+    denoiser without a CFG scale) unless every step after the first is within that limit, then UniPC-2
+    (the same predictor with UniPC's corrector; first order above ``guided_corrector_max_h``), and
+    UniPC-2 from 15; an explicit solver always wins. The reason, on the 16-d default
     mixture under SD betas with CFG at scale 7.5 toward two of its components, against
     the guided ODE solved in 800 steps (DPM-Solver++(2M) on the log-SNR-uniform grid, 1e-4 from
     UniPC-3 on the time-uniform one), relative error measured at 10 / 15 / 20 steps: the default
@@ -667,11 +668,17 @@ def test_guided_denoisers_get_a_second_order_default(sd_process):
         sd.solvers.DPMSolverPPMultistep(order=2, max_h=0.8, max_h_ratio=0.0),
         sd.solvers.UniPC(order=2, max_h=math.inf),
     )
+    # below 15 steps UniPC-2 where every step after the first is within 0.8 (on SD betas' karras_capped
+    # from 11 steps), its steps above guided_corrector_max_h (0.508 here) predicted at first order
+    short = sd.solvers.UniPC(order=2, max_h=sd.sampling.guided_corrector_max_h(7.5), max_h_ratio=0.0)
+    assert sd.sampling.guided_corrector_max_h(7.5) == pytest.approx(0.508, abs=1e-3)
     for steps in (5, 9, 10, 14, 15, 20):
-        guided = guarded if steps < 15 else unipc_2
+        guided = guarded if steps < 11 else short if steps < 15 else unipc_2
+        grid = sd.solvers.base.make_grid(sd_process, sd.schedules.get("karras_capped"), steps)
         assert sd.sampling.default_solver(plain, steps) == sd.solvers.UniPC(max_h=2.0, max_h_ratio=2.0)
         for den in (cfg, grad):
-            assert sd.solvers.get(sd.sampling.default_solver(den, steps)) == guided
+            assert sd.solvers.get(sd.sampling.default_solver(den, steps, grid)) == guided
+            assert sd.sampling.default_solver(den, steps) == (guarded if steps < 15 else unipc_2)  # no grid
             assert sd.sample(den, x_T[:4], steps, return_info=True)[1].solver == guided
     assert sd.sample(cfg, x_T[:4], 5, "unipc", return_info=True)[1].solver.name == "unipc"
     with pytest.raises(ValueError, match="steps"):
@@ -688,8 +695,10 @@ def test_guided_denoisers_get_a_second_order_default(sd_process):
 def test_the_guided_default_corrects_from_15_steps_under_rectified_flow():
     """The same mixture and CFG at scale 4 under rectified flow: from 15 steps UniPC's corrector
     takes the default below half of DPM-Solver++(2M)'s error (measured 0.10 against 0.27 at 15
-    steps, 0.095 against 0.20 at 20), where below 15 steps the corrected run is less stable (0.69
-    against 0.27 at 10 steps), so the default is 2M there."""
+    steps, 0.095 against 0.20 at 20), where below 15 steps the corrected run with every step at
+    second order is less stable (0.69 against 0.27 at 10 steps); the default there (every step within
+    ``guided_max_h(4) = 1.18``) predicts the steps above ``guided_corrector_max_h(4) = 0.79`` at first
+    order and gets 0.17."""
     cfg, x_T, ref = _cfg_toward_two(sd.RectifiedFlow(), 4.0)
     for steps in (15, 20):
         assert rel_rmse(sd.sample(cfg, x_T, steps), ref) < 0.5 * rel_rmse(
@@ -720,7 +729,8 @@ def test_the_guided_guard_loosens_as_the_cfg_scale_falls():
     solver of a CFG denoiser carries it. At scale 2 that keeps plain 2M, which the flat 0.8 guard
     would replace by DDIM on every step of a 5-step run: on the 16-d mixture under SD betas
     (256 samples, against the 800-step guided ODE) at 5 / 6 steps, measured 0.236 / 0.157 (plain 2M,
-    the default) against 0.249 / 0.243 (flat 0.8, which is DDIM there)."""
+    the guarded 2M) against 0.249 / 0.243 (flat 0.8, which is DDIM there). Every step there is within
+    the limit, so the default is UniPC-2 (``guided_solver`` with the grid): 0.191 / 0.124."""
     max_h = sd.sampling.guided_max_h
     assert max_h(None) == max_h(7.5) == max_h(12.0) == 0.8
     assert max_h(4.0) == pytest.approx(0.8 * math.sqrt(6.5 / 3)) and max_h(2.0) == pytest.approx(
@@ -741,10 +751,14 @@ def test_the_guided_guard_loosens_as_the_cfg_scale_falls():
     )
     flat = sd.solvers.DPMSolverPPMultistep(max_h=0.8, max_h_ratio=0.0)
     for n in (5, 6):
-        default = rel_rmse(sd.sample(cfg, x_T, n), ref)
-        assert default == rel_rmse(sd.sample(cfg, x_T, n, "dpmpp_2m"), ref)
-        assert default <= rel_rmse(sd.sample(cfg, x_T, n, flat), ref)
-    assert rel_rmse(sd.sample(cfg, x_T, 6), ref) < 0.7 * rel_rmse(sd.sample(cfg, x_T, 6, flat), ref)
+        guarded = rel_rmse(sd.sample(cfg, x_T, n, sd.sampling.guided_solver(n, 2.0)), ref)
+        assert guarded == rel_rmse(sd.sample(cfg, x_T, n, "dpmpp_2m"), ref)
+        assert guarded <= rel_rmse(sd.sample(cfg, x_T, n, flat), ref)
+        # every step is within 2.04, so the default is UniPC-2 (first order above 1.49): better still
+        assert rel_rmse(sd.sample(cfg, x_T, n), ref) < guarded
+    assert rel_rmse(sd.sample(cfg, x_T, 6, sd.sampling.guided_solver(6, 2.0)), ref) < 0.7 * rel_rmse(
+        sd.sample(cfg, x_T, 6, flat), ref
+    )
 
 
 class _CallOnly(sd.guidance.Guided):

@@ -645,16 +645,19 @@ def test_config_round_trip(tmp_path):
     plain = SteerdiffScheduler.from_config(config)
     assert (plain.config.solver, plain.config.schedule) == (None, "karras_capped")
     guarded = sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.GUIDED_MAX_H, max_h_ratio=0.0)
-    for steps, solver in [(9, guarded), (14, guarded), (15, sd.solvers.UniPC(order=2, max_h=math.inf))]:
+    short = sd.solvers.UniPC(order=2, max_h=sd.sampling.guided_corrector_max_h(None), max_h_ratio=0.0)
+    for steps, solver in [(9, guarded), (14, short), (15, sd.solvers.UniPC(order=2, max_h=math.inf))]:
         plain.set_timesteps(steps)
-        assert plain._run.solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps))
+        grid = plain._run.grid
+        assert plain._run.solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps, None, grid))
     plain.save_pretrained(tmp_path / "plain")
     assert SteerdiffScheduler.from_pretrained(tmp_path / "plain").config.solver is None
     # the pipeline's CFG scale, which the scheduler cannot see, sets the guided default's long-step limit
     mild = SteerdiffScheduler.from_config(config, guidance_scale=2.0)
     mild.set_timesteps(5)
-    assert mild._run.solver == sd.solvers.DPMSolverPPMultistep(
-        max_h=sd.sampling.guided_max_h(2.0), max_h_ratio=0.0
+    # (at 5 steps every step is within guided_max_h(2.0): UniPC-2, first order above its own limit)
+    assert mild._run.solver == sd.solvers.UniPC(
+        order=2, max_h=sd.sampling.guided_corrector_max_h(2.0), max_h_ratio=0.0
     )
     mild.save_pretrained(tmp_path / "mild")
     assert SteerdiffScheduler.from_pretrained(tmp_path / "mild").config.guidance_scale == 2.0

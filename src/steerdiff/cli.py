@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ODE_MAX_H:g} in log-SNR and {ODE_MAX_H_RATIO:g}x the one before); "
         "with --guidance dpmpp_2m (first order on steps longer than "
         f"{sampling.GUIDED_MAX_H} in log-SNR at scale {sampling.GUIDED_MAX_H_SCALE:g}, longer ones at lower "
-        f"scales), from {sampling.GUIDED_CORRECTOR_FROM} steps UniPC-2",
+        f"scales), UniPC-2 where every step is within it and from {sampling.GUIDED_CORRECTOR_FROM} steps",
     )
     sp.add_argument(
         "--schedule",

@@ -20,6 +20,7 @@ from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes, first_nonfinite
 from .noise import NoiseSource, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
+from .solvers._poly import exp_adams_bashforth
 from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
 from .solvers.dpmpp import DPMSolverPPMultistep
 from .solvers.unipc import UniPC
@@ -29,6 +30,7 @@ __all__ = [
     "check_seeded",
     "check_x_T",
     "default_solver",
+    "guided_corrector_max_h",
     "guided_max_h",
     "guided_solver",
     "sample",
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOLVER = "unipc"  # UniPC-3 (bh2, corrector), long steps after short ones at first order
 # from here on guided denoisers get UniPC-2: the same predictor, corrected (steerdiff bench guided:
-# ahead of the guided 2M in 53 of 54 cases from 15 steps)
+# ahead of the guided 2M in 53 of 54 cases from 15 steps); below, where the grid is short enough
+# (guided_solver)
 GUIDED_CORRECTOR_FROM = 15
 # guided 2M: first order on steps longer than 0.8 in log-SNR from CFG scale 7.5 up, longer ones below
 # (guided_max_h; steerdiff bench guided)
@@ -85,32 +88,79 @@ def guided_max_h(scale: float | None) -> float:
     return GUIDED_MAX_H * math.sqrt((GUIDED_MAX_H_SCALE - 1) / (scale - 1))
 
 
-def guided_solver(steps: int, scale: float | None = None) -> Solver:
-    """The default for a guided denoiser at ``steps`` steps: UniPC-2 (bh2) from
-    :data:`GUIDED_CORRECTOR_FROM` steps on; below it the same predictor without the corrector, which
-    is DPM-Solver++(2M), with every step longer than :func:`guided_max_h` of the classifier-free
-    guidance ``scale`` in log-SNR taken at first order (DDIM; ``DPMSolverPPMultistep(max_h=...)``,
-    :mod:`steerdiff.solvers.dpmpp`).
+def _unipc2_stiffness_limit(h: float) -> float:
+    """The largest ``G`` for which UniPC-2 (UniP-2 bh2, i.e. 2M, then UniC-2) with equal steps ``h`` is
+    stable on the linear test of :mod:`steerdiff.solvers.dpmpp` (the denoised estimate responds to
+    ``u = x / alpha`` with gain ``-G``).
+
+    The state ``(u^c_i, m_i, m_{i-1})`` (``m_i = -G u^p_i``, evaluated at the *predicted* ``u``) maps
+    to the next by a matrix affine in ``G`` with a rank-one ``G`` part, and the boundary is its eigenvalue
+    ``-1`` (checked against the spectral radius on a grid of ``h`` and ``G``):
+    ``G = (1 + E) / [E (c_+ - c_0 + c_-) + (1 + E)(a_0 - a_1)]``, ``E = e^{-h}``, with the predictor's
+    weights ``a_0, a_1 = (1 - E)(3/2, -1/2)`` and the corrector's ``c_+, c_0, c_-`` of ``m_{i+1}, m_i,
+    m_{i-1}`` (the exponential integral of their quadratic). About ``6 / (11 h)`` for short steps, 0.54
+    of 2M's ``(1 + E) / (2 (1 - E))``; 0.94 at ``h = 0.8`` against 2M's 1.32.
+    """
+    e = math.exp(-h)
+    a0, a1 = 1.5 * (1 - e), -0.5 * (1 - e)  # UniP-2 bh2 with equal steps: 2M
+    c0, c_, cp = (h * w for w in exp_adams_bashforth([0.0, -1.0, 1.0], -h))
+    return (1 + e) / (e * (cp - c0 + c_) + (1 + e) * (a0 - a1))
+
+
+def guided_corrector_max_h(scale: float | None) -> float:
+    """The longest step (in log-SNR) the guided default's UniPC-2 predicts at second order below
+    :data:`GUIDED_CORRECTOR_FROM` steps, for classifier-free guidance at ``scale`` (``None`` as in
+    :func:`guided_max_h`): the step at which UniPC-2's stability limit on the linear test
+    (:func:`_unipc2_stiffness_limit`) equals 2M's at :func:`guided_max_h`, i.e. the stiffness ``G`` that
+    2M's measured limit implies, ``(1 + e^{-h_2}) / (2 (1 - e^{-h_2}))``: 0.51 at 7.5 (against 0.8),
+    0.79 at 4 (1.18), 1.49 at 2 (2.04); no limit from scale 1 down. Derived, not fitted: ``steerdiff
+    bench guided`` never tuned it.
+    """
+    h2 = guided_max_h(scale)
+    if math.isinf(h2):
+        return math.inf
+    target = (1 + math.exp(-h2)) / (2 * -math.expm1(-h2))
+    lo, hi = 1e-3, h2  # the limit falls with h, and lies below 2M's at every h
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _unipc2_stiffness_limit(mid) >= target else (lo, mid)
+    return lo
+
+
+def guided_solver(steps: int, scale: float | None = None, grid: Grid | None = None) -> Solver:
+    """The default for a guided denoiser at ``steps`` steps on ``grid``: UniPC-2 (bh2) from
+    :data:`GUIDED_CORRECTOR_FROM` steps on. Below, DPM-Solver++(2M) -- the same predictor without the
+    corrector -- with every step longer than :func:`guided_max_h` of the classifier-free guidance
+    ``scale`` in log-SNR taken at first order (DDIM; ``DPMSolverPPMultistep(max_h=...)``,
+    :mod:`steerdiff.solvers.dpmpp`); but where every noisy step of ``grid`` after the first is within
+    that limit (so 2M would take them all at second order), UniPC-2 with the steps longer than
+    :func:`guided_corrector_max_h` predicted at first order (and corrected). Without ``grid`` (a caller
+    that has none) the rule below :data:`GUIDED_CORRECTOR_FROM` is 2M's.
 
     High-order multistep solvers are unstable under large guidance scales; Lu et al. 2022b
     ("DPM-Solver++", Sec. 5) recommend the second-order multistep solver for guided sampling, and
     diffusers' multistep schedulers default to order 2 for it. UniPC's corrector (Zhao et al. 2023)
     then raises the order by one for no extra evaluation, but with long steps it destabilizes guided
-    runs too (diffusers' ``disable_corrector`` exists for the same reason). Measured by ``steerdiff
-    bench guided`` (docs/bench/guided.txt; classifier-free guidance toward two components of the 16-d
-    default mixture under SD, DDPM and zero-terminal-SNR betas, EDM and rectified flow, and of the 64-d
-    one under SD, DDPM and zero-terminal-SNR betas and rectified flow; 2 x 256 samples against the
-    guided ODE solved in 800 steps; scales 2 / 4 / 7.5): from 15 steps UniPC-2 is ahead of 2M (with
-    its limit) in 18 / 18 / 17 of the 18 cases per scale (geometric mean of the ratio 0.18 / 0.18 /
-    0.26; the exception, the 64-d mixture under SD betas at 7.5 and 15 steps, 0.052 against 0.011) and
-    of UniPC-3 in all 54, which ends more than 1 from the guided ODE in 7 of them at scale 4 and 15 at
-    7.5; under rectified flow (16-d) at 15 steps 2M 0.11 / 0.25 / 0.23, UniPC-2 0.018 / 0.073 / 0.077.
-    Below, the corrector costs stability at the higher scales: at 10 steps under rectified flow
-    UniPC-2 0.025 / 0.49 / 4.6 against the default's (2M) 0.11 / 0.26 / 0.24 (UniPC-3 0.16 / 4.0 /
-    1e2); at 3-12 steps UniPC-2 ends more than 1 away in 0 / 9 / 48 of 63 cases, the default in 0 / 0
-    / 10. The switch is conservative: at 12 steps UniPC-2 is already ahead in 9 / 9 / 8 of 9
-    (geometric mean 0.26 / 0.27 / 0.38, none more than 1 away), and at scale 2 in every case from 5
-    steps.
+    runs too (diffusers' ``disable_corrector`` exists for the same reason): on the linear test its
+    stable stiffness is 0.54-0.7 of 2M's at the same step (:func:`_unipc2_stiffness_limit`). Measured by
+    ``steerdiff bench guided`` (docs/bench/guided.txt; classifier-free guidance toward two components
+    of the 16-d default mixture under SD, DDPM and zero-terminal-SNR betas, EDM and rectified flow, and
+    of the 64-d one under SD, DDPM and zero-terminal-SNR betas and rectified flow; 2 x 256 samples
+    against the guided ODE solved in 800 steps; scales 2 / 4 / 7.5): from 15 steps UniPC-2 is ahead of
+    2M (with its limit) in 18 / 18 / 17 of the 18 cases per scale (geometric mean of the ratio 0.18 /
+    0.18 / 0.26; the exception, the 64-d mixture under SD betas at 7.5 and 15 steps, 0.052 against
+    0.011) and of UniPC-3 in all 54, which ends more than 1 from the guided ODE in 7 of them at scale 4
+    and 15 at 7.5. Below 15 steps UniPC-2 without limits ends more than 1 away in 0 / 9 / 48 of 63
+    cases, 2M with its limit in 0 / 0 / 10; the grid rule keeps 2M's 0 / 0 / 10 and takes the error to
+    0.55 / 0.68 / 1.02 of 2M's in geometric mean (3-12 steps on ``karras_capped``; at 7.5 it acts only
+    at 12 steps under SD betas). Checked on data the rule was not chosen on (ratio to 2M with its limit,
+    geometric mean; cases more than 1 away, 2M / the rule): the same problems from other ``x_T``
+    (seeds 100-101) 0.74, 9 / 9; the digits model (CFG toward 3, 256 samples, 5-15 steps against the
+    400-step guided ODE) 0.98, 0 / 0; ``logsnr_uniform`` 0.96, 38 / 37; ``karras`` 0.95, 41 / 41;
+    ``trailing`` (discrete betas) 0.89, 1 / 1; ``linspace`` and ``leading`` end with a long step, so
+    the rule keeps 2M. The fixed switch at 12 steps instead of 15 (0.84 on the bench) adds 6 and 8
+    cases more than 1 away on ``logsnr_uniform`` and ``karras``; UniPC-2 with the first-order limit at
+    every step count, 2 on the bench (8 steps at 7.5).
 
     Plain 2M diverges under strong guidance at few steps too (the step's stability bound is in
     :mod:`steerdiff.solvers.dpmpp`). At scale 7.5 at 3-8 steps (45 cases) plain 2M ends more than 1
@@ -125,16 +175,21 @@ def guided_solver(steps: int, scale: float | None = None) -> Solver:
     steps = integer("guided_solver", "steps", steps, lo=1)
     if steps >= GUIDED_CORRECTOR_FROM:
         return UniPC(order=2, max_h=math.inf)  # as bench guided measures it (2M has its own rule, below)
-    return DPMSolverPPMultistep(order=2, max_h=guided_max_h(scale), max_h_ratio=0.0)
+    max_h = guided_max_h(scale)
+    if grid is not None:
+        noisy = grid.steps - 1 if grid.clean_end else grid.steps
+        if all(grid.h(i) <= max_h for i in range(1, noisy)):
+            return UniPC(order=2, max_h=guided_corrector_max_h(scale), max_h_ratio=0.0)
+    return DPMSolverPPMultistep(order=2, max_h=max_h, max_h_ratio=0.0)
 
 
-def default_solver(den: Denoiser, steps: int) -> Solver:
+def default_solver(den: Denoiser, steps: int, grid: Grid | None = None) -> Solver:
     """The solver :func:`sample` takes when none is given: :data:`DEFAULT_SOLVER` (UniPC-3, bh2,
     with corrector), which predicts at first order on any step longer than
     :data:`~steerdiff.solvers.base.ODE_MAX_H` in log-SNR and than
     :data:`~steerdiff.solvers.base.ODE_MAX_H_RATIO` times the step before; or where ``den.guided``
-    (the wrappers of :mod:`steerdiff.guidance`) :func:`guided_solver` at ``steps`` and
-    ``den.guidance_scale``.
+    (the wrappers of :mod:`steerdiff.guidance`) :func:`guided_solver` at ``steps``,
+    ``den.guidance_scale`` and ``grid`` (the grid the run takes; :func:`sample` passes it).
 
     The long-step rule never acts on the default schedule (``karras_capped``: each step is at most 1.4 times
     the one before, on VP, VE, EDM and flow processes at 2-200 steps), nor on ``logsnr_uniform`` or on
@@ -150,7 +205,7 @@ def default_solver(den: Denoiser, steps: int) -> Solver:
     (ours, like DPM-Solver++, only below 15 steps; :func:`~steerdiff.solvers.base.step_order`).
     """
     if den.guided:
-        return guided_solver(steps, den.guidance_scale)
+        return guided_solver(steps, den.guidance_scale, grid)
     return _solvers.get(DEFAULT_SOLVER)
 
 
@@ -287,7 +342,8 @@ def sample(
             (``None``) :func:`default_solver`: UniPC-3 (bh2, with corrector), the most accurate on
             the exact benchmark, at first order on a long step after short ones; or for a guided
             ``den`` :func:`guided_solver`: DPM-Solver++(2M) below 15 steps (its long steps at first
-            order, by ``den.guidance_scale``), UniPC-2 from 15 on.
+            order, by ``den.guidance_scale``) or UniPC-2 where every step is short enough, UniPC-2 from
+            15 on.
         schedule: a name from :func:`steerdiff.schedules.available`, a Schedule instance or the
             nodes' process times (a list, array or tensor: :class:`~steerdiff.schedules.Custom`);
             default ``"karras_capped"`` (Karras nodes from at most ``sigma/alpha = 30``, entered
@@ -342,8 +398,8 @@ def sample(
     if callback is not None and not callable(callback):
         raise ValueError(f"sample: callback must be None or a callable(dict), got {type(callback).__name__}")
     sched = _schedules.get(schedule)
-    slv = _solvers.get(default_solver(den, steps) if solver is None else solver)
     grid = make_grid(den.process, sched, steps, final)
+    slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver)
     model = Model(den, cond, make_noise(generator), net_dtype=x_T.dtype)
     kernel = None if corrector is None else _mcmc.get(corrector)
     if kernel is not None:

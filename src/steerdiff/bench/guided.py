@@ -2,8 +2,10 @@ r"""``steerdiff bench guided``: the solvers for guided denoisers, and the eviden
 
 :func:`steerdiff.sampling.guided_solver` picks DPM-Solver++(2M) below
 :data:`~steerdiff.sampling.GUIDED_CORRECTOR_FROM` steps, every step longer than
-:func:`~steerdiff.sampling.guided_max_h` of the guidance scale in log-SNR taken at first order, and UniPC-2
-(bh2, with corrector) from there on. This bench measures that choice against the alternatives on exact
+:func:`~steerdiff.sampling.guided_max_h` of the guidance scale in log-SNR taken at first order -- or where
+every noisy step after the first is within that limit, UniPC-2 with the steps longer than
+:func:`~steerdiff.sampling.guided_corrector_max_h` predicted at first order -- and UniPC-2 (bh2, with
+corrector) from there on. This bench measures that choice against the alternatives on exact
 models: classifier-free guidance (:class:`~steerdiff.guidance.CFG`) toward two components of the default
 mixture (:func:`~steerdiff.bench.solvers.cfg_denoiser`, as ``steerdiff bench solvers`` (d)) on the 16-d
 mixture under SD, DDPM and zero-terminal-SNR betas, EDM and rectified flow, and on the 64-d one under SD,
@@ -43,8 +45,9 @@ from ..sampling import (
     guided_solver,
     sample,
 )
+from ..schedules import get as get_schedule
 from ..solvers import get as get_solver
-from ..solvers.base import Solver
+from ..solvers.base import Grid, Solver, make_grid
 from ..solvers.dpmpp import DPMSolverPPMultistep
 from ..solvers.unipc import UniPC
 from ..toy.gmm import default_benchmark_mixture
@@ -88,7 +91,7 @@ PROBLEMS = (
 )
 # the candidates, by the name the CSV and the report use, and what each is
 CANDIDATES = {
-    "default": "sd.sample's guided default, guided_solver(steps, scale)",
+    "default": "sd.sample's guided default, guided_solver(steps, scale, grid)",
     "2m": "DPM-Solver++(2M), max_h=inf (the paper's and diffusers')",
     "2m_flat": f"2M, steps longer than {GUIDED_MAX_H:g} in log-SNR first order at every scale",
     "2m_scaled": "2M, steps longer than guided_max_h(scale) first order",
@@ -98,10 +101,11 @@ CANDIDATES = {
 }
 
 
-def candidate_solver(name: str, steps: int, scale: float) -> Solver:
-    """The solver the candidate ``name`` (of :data:`CANDIDATES`) runs at ``steps`` steps and CFG ``scale``."""
+def candidate_solver(name: str, steps: int, scale: float, grid: Grid | None = None) -> Solver:
+    """The solver the candidate ``name`` (of :data:`CANDIDATES`) runs at ``steps`` steps and CFG ``scale`` on
+    ``grid`` (which only the default looks at)."""
     if name == "default":
-        return guided_solver(steps, scale)
+        return guided_solver(steps, scale, grid)
     if name == "2m":
         return DPMSolverPPMultistep(order=2, max_h=math.inf)
     if name == "2m_flat":
@@ -196,10 +200,11 @@ def run(
             den = make(w)
             ref, gaps[name, w] = guided_reference(den, x_T, CFG_REFERENCE_STEPS, CHECK_SCHEDULE)
             for k in steps:
+                grid = make_grid(den.process, get_schedule(DEFAULT_SCHEDULE), k)
                 done: list[tuple[Solver, float]] = []
                 errors: dict[str, float] = {}
                 for cand in CANDIDATES:
-                    solver = candidate_solver(cand, k, w)
+                    solver = candidate_solver(cand, k, w, grid)
                     err = next((e for s, e in done if s == solver), None)
                     if err is None:
                         err = _error(den, x_T, k, solver, ref)
@@ -284,6 +289,7 @@ def summary(result: GuidedBench) -> list[str]:
                 far, top = _far(below, name), _fmt(worst.errors[name])
                 lines.append(f"    {name:10s} {far:4d} {top:>9s}  {_where(worst):24s} {gm:10.3g}")
             lines += [
+                f"    {_compare(below, 'default', '2m_scaled')}",
                 f"    {_compare(below, 'default', '2m')}",
                 f"    {_compare(below, '2m_scaled', '2m_flat')}",
             ]

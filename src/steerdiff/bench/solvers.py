@@ -771,7 +771,9 @@ def guided_errors(
     probability-flow ODE from its own start solved by ``reference_steps`` DPM-Solver++(2M) steps on
     the log-SNR-uniform grid; ``reference_gap``: that solution against UniPC-3's on the time-uniform
     grid of as many steps (:func:`guided_reference`)."""
-    guided = f"dpmpp_2m, long steps first order; UniPC-2 from {sampling.GUIDED_CORRECTOR_FROM} steps"
+    guided = (
+        f"dpmpp_2m, long steps first order; UniPC-2 on short steps and from {sampling.GUIDED_CORRECTOR_FROM}"
+    )
     gaps, rows = [], []
     with quiet_diffusers():
         for w in scales:

@@ -483,7 +483,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     ``steps``. With the same net, initial noise and noise generator the pipeline returns what
     ``sd.sample(denoiser_from_diffusers(net, config), x_T, steps, solver, schedule, final=final,
     generator=g)`` returns (the module docstring explains how; with ``solver=None``, ``solver`` is
-    ``steerdiff.sampling.guided_solver(steps, guidance_scale)``, unguided from scale 1 down).
+    ``steerdiff.sampling.guided_solver(steps, guidance_scale, grid)``, unguided from scale 1 down).
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
@@ -497,8 +497,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         solver: a name of :func:`steerdiff.solvers.available`, a Solver instance, or an instance as
             the config stores it (``{"name": ..., **options}``); default
             (``None``) :func:`steerdiff.sample`'s default for guided denoisers at the step count
-            :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), its long steps at first order;
-            UniPC-2 from 15; :func:`steerdiff.sampling.guided_solver`): pipelines apply
+            :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), its long steps at first order, or
+            UniPC-2 where every step is short enough; UniPC-2 from 15;
+            :func:`steerdiff.sampling.guided_solver`): pipelines apply
             classifier-free guidance outside the scheduler. With ``guidance_scale <= 1`` (the
             pipeline does not guide) it is the unguided default (UniPC-3,
             :func:`steerdiff.sampling.default_solver`).
@@ -697,7 +698,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         scale = self.config["guidance_scale"]
         unguided = scale is not None and scale <= 1  # pipelines guide only above 1
         solver = self._solver or (
-            default_solver(_plain(self._den), grid.steps) if unguided else guided_solver(grid.steps, scale)
+            default_solver(_plain(self._den), grid.steps)
+            if unguided
+            else guided_solver(grid.steps, scale, grid)
         )
         evals = _plan(self._den, solver, grid)
         self._times = [t for t, _, _ in evals]
