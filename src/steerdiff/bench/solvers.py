@@ -780,7 +780,7 @@ def guided_errors(
             den = make(w)
             ref, gap = guided_reference(den, x_T, reference_steps, **cond)
 
-            def error(n: int, solver: str | Solver, den: Denoiser = den, ref: Tensor = ref) -> float:
+            def error(n: int, solver: str | Solver | None, den: Denoiser = den, ref: Tensor = ref) -> float:
                 return relative_rmse(sampling.sample(den, x_T, n, solver, DEFAULT_SCHEDULE, **cond), ref)
 
             gaps.append(gap)
@@ -792,7 +792,7 @@ def guided_errors(
                 )
             for n in steps:
                 diff = None if theirs is None else relative_rmse(theirs.run(den, n), ref_theirs)
-                default = error(n, sampling.default_solver(den, n))
+                default = error(n, None)  # sd.sample's default (on the run's grid)
                 rows.append(GuidedRow(w, n, default, error(n, "unipc"), error(n, "ddim"), diff))
     label = "-" if theirs is None else theirs.label
     return GuidedBench(guided, label, len(x_T), reference_steps, tuple(gaps), tuple(rows))
