@@ -390,7 +390,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
             y,
         )
     )
-    head = "sd.sample (dpmpp_2m, long steps first order; UniPC-2 from 15 steps)"
+    head = "sd.sample (dpmpp_2m, long steps first order; UniPC-2 on short steps and from 15)"
     assert head in out.split("(d)")[1]
 
     # (e), --quick: one draw at 10 steps under rectified flow; diffusers' FlowMatchEuler loop written
