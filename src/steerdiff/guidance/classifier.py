@@ -40,7 +40,12 @@ __all__ = ["ClassifierGuidance", "RewardGuidance"]
 
 
 def _detached(pred: Prediction) -> Prediction:
-    return with_estimate(pred, x=pred.x.detach(), eps=pred.eps.detach(), detach=True)
+    """``pred`` detached from the graph, holding the estimate it holds (:func:`add_score` then steers
+    that one: an ``x0``/``v`` net's ``x0`` is not taken through ``x`` and back)."""
+    x = pred.x.detach()
+    if pred.x0_given:
+        return with_estimate(pred, x=x, x0=pred.x0.detach(), detach=True)
+    return with_estimate(pred, x=x, eps=pred.eps.detach(), detach=True)
 
 
 def _gradient(who: str, name: str, value: Tensor, x: Tensor) -> Tensor:
