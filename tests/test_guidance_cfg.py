@@ -210,6 +210,31 @@ def test_interval_guides_inside_only(sd_process, den):
     assert info.nfe == sum(2 if lo < r <= hi else 1 for r in ratios) and 20 < info.nfe < 40
 
 
+def test_interval_rows_outside_keep_the_conditional_x0_at_zero_snr():
+    """Per-sample times, some outside the interval: those rows are the conditional prediction itself, the
+    x0 a v-net holds, also in float32 where alpha is tiny (zero terminal SNR). Before, every row was
+    rebuilt from eps, x0 -> eps -> x0 through x: 2.6e-4 relative off the conditional x0 at t = 999."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=F64) ** 2
+    proc = sd.VP.discrete(betas=betas, rescale_zero_snr=True)
+    g = torch.Generator().manual_seed(0)
+    mu, w = torch.randn(16, generator=g, dtype=F64), torch.randn(16, 16, generator=g, dtype=F64) / 4
+
+    def net(v: torch.Tensor, t: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+        a, s = proc.alpha(t.double())[:, None], proc.sigma(t.double())[:, None]
+        v64 = v.double()
+        x0 = c * mu + a * (v64 - a * mu) + 0.1 * torch.tanh(v64 @ w)
+        return (a * (v64 - a * x0) / s - s * x0).to(v.dtype)
+
+    den = sd.Denoiser(net, proc, "v")
+    cfg = CFG(den, den, 3.0, uncond_kwargs={"c": 0.0}, interval=(0.28, 2.9))
+    t = torch.tensor([999.0, 999.0, 300.0, 300.0], dtype=F64)  # sigma / alpha: 4096 (outside), 0.88 (inside)
+    x = torch.randn(4, 16, generator=g, dtype=torch.float32)
+    out, cond = cfg(x, t), den(x, t)
+    assert torch.equal(out.x0[:2], cond.x0[:2])
+    inside = CFG(den, den, 3.0, uncond_kwargs={"c": 0.0})(x[2:], 300.0)
+    torch.testing.assert_close(out.x0[2:], inside.x0, rtol=1e-6, atol=1e-6)
+
+
 # --- CADS -----------------------------------------------------------------------------------------
 
 

@@ -312,6 +312,8 @@ class CFG(Guided):
         self.cost = cost + self.uncond.cost
         if isinstance(inside, Tensor):  # per-sample times, some outside the interval
             m = inside.reshape(-1, *([1] * (x.ndim - 1)))
+            if pc.x0_given:  # the estimate pc holds: rows outside are pc's, not pc's x0 through eps and back
+                return with_estimate(pc, x0=torch.where(m, out.x0, pc.x0))
             return with_estimate(pc, eps=torch.where(m, out.eps, pc.eps))
         return out
 
