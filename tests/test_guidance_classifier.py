@@ -321,3 +321,27 @@ def test_gradient_guidance_keeps_float32_accuracy_near_zero_snr(kind):
     for t in (999.0, 990.0, 900.0):
         ref, out = (guided(x.to(dtype), t).x0.double() for dtype in (F64, torch.float32))
         assert float((out - ref).abs().max() / ref.abs().max()) < 3e-7, t
+
+
+@pytest.mark.parametrize("kind", ["classifier", "reward"])
+def test_gradient_guidance_keeps_an_eps_nets_eps_near_the_clean_end(kind):
+    """And an eps net's eps is steered where it is held, also after the reward has read x0 (which derives
+    it): float32 against float64 at t = 0 and 5 of DDPM betas. Measured <= 2.5e-7 relative, as the
+    unguided net (2.9e-4 when the reward's derived x0 was steered and eps derived back from it)."""
+    proc = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64))
+    g = _gen(0)
+    w = torch.randn(16, 16, generator=g, dtype=F64) / 4
+    b = torch.randn(16, generator=g, dtype=F64) / 4
+    x = 3 * torch.randn(256, 16, generator=g, dtype=F64)
+
+    def net(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a smooth eps, in float64
+        return (0.5 * torch.tanh(v.double() @ w) + 1e-5 * t.double()[:, None]).to(v.dtype)
+
+    den = sd.Denoiser(net, proc, "eps")
+    if kind == "classifier":
+        guided = ClassifierGuidance(den, lambda v, t: v @ b.to(v.dtype))
+    else:
+        guided = RewardGuidance(den, lambda x0: x0 @ b.to(x0.dtype))
+    for t in (0.0, 5.0):
+        ref, out = (guided(x.to(dtype), t).eps.double() for dtype in (F64, torch.float32))
+        assert float((out - ref).abs().max() / ref.abs().max()) < 5e-7, t

@@ -39,11 +39,12 @@ from .base import Guided, add_score, denoise_with_grad, grad_on, value_grad, wit
 __all__ = ["ClassifierGuidance", "RewardGuidance"]
 
 
-def _detached(pred: Prediction) -> Prediction:
-    """``pred`` detached from the graph, holding the estimate it holds (:func:`add_score` then steers
-    that one: an ``x0``/``v`` net's ``x0`` is not taken through ``x`` and back)."""
+def _detached(pred: Prediction, x0_held: bool) -> Prediction:
+    """``pred`` detached from the graph, holding ``x0`` if ``x0_held`` (read before anything derived it:
+    an ``x0``/``v`` net's), else ``eps``; :func:`add_score` then steers that one, so neither is taken
+    through ``x`` and back (which cancels where ``alpha``, for ``x0``, or ``sigma``, for ``eps``, is tiny)."""
     x = pred.x.detach()
-    if pred.x0_given:
+    if x0_held:
         return with_estimate(pred, x=x, x0=pred.x0.detach(), detach=True)
     return with_estimate(pred, x=x, eps=pred.eps.detach(), detach=True)
 
@@ -92,7 +93,7 @@ class ClassifierGuidance(Guided):
             xr = x.detach().requires_grad_(True)
             value = self.log_prob_y(xr.to(net_dtype), t, **cond)
             g = _gradient("ClassifierGuidance", "log_prob_y", value, xr)
-        return add_score(_detached(pred), self.scale * g)
+        return add_score(_detached(pred, pred.x0_given), self.scale * g)
 
     def __repr__(self) -> str:
         return f"ClassifierGuidance({self.base!r}, scale={self.scale})"
@@ -123,8 +124,9 @@ class RewardGuidance(Guided):
             return self.base.evaluate(x, t, net_dtype, **cond)
         with grad_on("RewardGuidance", x):
             xr, pred = denoise_with_grad("RewardGuidance", self.base, x, t, net_dtype, **cond)
+            x0_held = pred.x0_given  # before the reward reads x0 (which derives it for an eps net)
             g = _gradient("RewardGuidance", "reward", self.reward(pred.x0.to(net_dtype)), xr)
-        return add_score(_detached(pred), self.scale * g)
+        return add_score(_detached(pred, x0_held), self.scale * g)
 
     def __repr__(self) -> str:
         return f"RewardGuidance({self.base!r}, scale={self.scale})"
