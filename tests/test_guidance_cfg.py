@@ -235,6 +235,27 @@ def test_interval_rows_outside_keep_the_conditional_x0_at_zero_snr():
     torch.testing.assert_close(out.x0[2:], inside.x0, rtol=1e-6, atol=1e-6)
 
 
+def test_interval_rows_outside_keep_an_eps_nets_eps_under_rescale():
+    """The same for an eps net near the clean end, with CFG-rescale in x0 (which derives the conditional
+    x0 before the rows are merged): rows outside are the conditional eps itself in float32 (1.0e-4
+    relative off when the derived x0 was merged and eps derived back through x)."""
+    proc = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, generator=g, dtype=F64) / 4
+
+    def net(v: torch.Tensor, t: torch.Tensor, c: float = 1.0) -> torch.Tensor:
+        return (0.5 * torch.tanh(v.double() @ w) + 0.2 * c).to(v.dtype)
+
+    den = sd.Denoiser(net, proc, "eps")
+    cfg = CFG(den, den, 3.0, uncond_kwargs={"c": 0.0}, interval=(0.28, 2.9), rescale=0.5)
+    t = torch.tensor([0.0, 0.0, 300.0, 300.0], dtype=F64)  # sigma / alpha: 0.01 (outside), 1.24 (inside)
+    x = 3 * torch.randn(4, 16, generator=g, dtype=torch.float32)
+    out = cfg(x, t)
+    assert torch.equal(out.eps[:2], den(x, t).eps[:2])
+    inside = CFG(den, den, 3.0, uncond_kwargs={"c": 0.0}, rescale=0.5)(x[2:], 300.0)
+    torch.testing.assert_close(out.eps[2:], inside.eps, rtol=1e-5, atol=1e-5)
+
+
 # --- CADS -----------------------------------------------------------------------------------------
 
 

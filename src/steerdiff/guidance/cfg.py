@@ -307,12 +307,13 @@ class CFG(Guided):
             self.cost = self.uncond.cost
             return pred
         pc = self.base.evaluate(x, t, net_dtype, **self._cond_kwargs(t, cond))
+        x0_held = pc.x0_given  # read before guide (CFG-rescale in x0 derives an eps net's x0)
         cost = self.base.cost  # read now: cond and uncond may be one wrapper whose cost varies
         out = self.guide(pc, self.uncond.evaluate(x, t, net_dtype, **ukw))
         self.cost = cost + self.uncond.cost
         if isinstance(inside, Tensor):  # per-sample times, some outside the interval
             m = inside.reshape(-1, *([1] * (x.ndim - 1)))
-            if pc.x0_given:  # the estimate pc holds: rows outside are pc's, not pc's x0 through eps and back
+            if x0_held:  # the estimate pc holds: rows outside are pc's, not taken through x and back
                 return with_estimate(pc, x0=torch.where(m, out.x0, pc.x0))
             return with_estimate(pc, eps=torch.where(m, out.eps, pc.eps))
         return out
