@@ -957,6 +957,21 @@ def test_a_stochastic_family_without_noise_is_deterministic(noiseless, noisy):
     sd.smc.fk_steering(DEN, linear, solver=noisy, **kw)  # accepted
 
 
+@pytest.mark.parametrize("solver", ["restart", sd.solvers.Restart(restart_info=[])])
+def test_restart_without_a_restart_on_the_grid_is_refused(solver):
+    """Restart's automatic plan restarts only from 20 steps on (and ``restart_info=[]`` never): below, its
+    steps are Heun's ODE and draw no noise, so particle methods refuse it as they refuse DDIM(eta=0).
+    Before, fk_steering accepted it at 10 and 19 steps and its 16 particles collapsed onto 2 distinct
+    paths (6 at 20 steps, which restart)."""
+    kw = dict(shape=(1, 2), particles=16, dtype=F64, generator=gen(0))
+    for steps in (10, 19):
+        with pytest.raises(ValueError, match=r"restart.*restarts nowhere on this grid.*draws no noise"):
+            sd.smc.fk_steering(DEN, linear, lam=2.0, steps=steps, solver=solver, **kw)
+    if solver == "restart":
+        out = sd.smc.fk_steering(DEN, linear, lam=2.0, steps=20, solver=solver, **kw)
+        assert len(torch.unique(out.x[0], dim=0)) > 2
+
+
 @pytest.mark.parametrize(
     ("generator", "got"),
     [
