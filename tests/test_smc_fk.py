@@ -957,18 +957,27 @@ def test_a_stochastic_family_without_noise_is_deterministic(noiseless, noisy):
     sd.smc.fk_steering(DEN, linear, solver=noisy, **kw)  # accepted
 
 
-@pytest.mark.parametrize("solver", ["restart", sd.solvers.Restart(restart_info=[])])
-def test_restart_without_a_restart_on_the_grid_is_refused(solver):
-    """Restart's automatic plan restarts only from 20 steps on (and ``restart_info=[]`` never): below, its
-    steps are Heun's ODE and draw no noise, so particle methods refuse it as they refuse DDIM(eta=0).
-    Before, fk_steering accepted it at 10 and 19 steps and its 16 particles collapsed onto 2 distinct
-    paths (6 at 20 steps, which restart)."""
-    kw = dict(shape=(1, 2), particles=16, dtype=F64, generator=gen(0))
-    for steps in (10, 19):
-        with pytest.raises(ValueError, match=r"restart.*restarts nowhere on this grid.*draws no noise"):
+@pytest.mark.parametrize(
+    ("solver", "schedule", "quiet", "noisy"),
+    [
+        ("restart", "karras", (10, 19), 20),
+        (sd.solvers.Restart(restart_info=[]), "karras", (10, 19), None),
+        ("edm_sde", "karras", (2,), 3),
+    ],
+)
+def test_a_solver_that_adds_no_noise_on_the_grid_is_refused(solver, schedule, quiet, noisy):
+    """``Solver.noisy_on(grid)``: Restart's automatic plan restarts only from 20 steps on (and
+    ``restart_info=[]`` never), EDM's churn acts only at nodes with ``sigma/alpha`` in ``[s_tmin, s_tmax]``
+    (on VP cosine no noisy node of Karras' 2 steps is, one of 3 is); elsewhere their steps are Heun's ODE
+    and draw no noise, so particle methods refuse them as they refuse DDIM(eta=0). Before, fk_steering
+    accepted restart at 10 and 19 steps and its 16 particles collapsed onto 2 distinct paths (6 at 20
+    steps, which restart)."""
+    kw = dict(shape=(1, 2), particles=16, dtype=F64, generator=gen(0), schedule=schedule)
+    for steps in quiet:
+        with pytest.raises(ValueError, match=r"adds noise nowhere on this grid"):
             sd.smc.fk_steering(DEN, linear, lam=2.0, steps=steps, solver=solver, **kw)
-    if solver == "restart":
-        out = sd.smc.fk_steering(DEN, linear, lam=2.0, steps=20, solver=solver, **kw)
+    if noisy is not None:
+        out = sd.smc.fk_steering(DEN, linear, lam=2.0, steps=noisy, solver=solver, **kw)
         assert len(torch.unique(out.x[0], dim=0)) > 2
 
 

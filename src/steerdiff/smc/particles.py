@@ -93,7 +93,6 @@ from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, che
 from ..sampling import check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..solvers.base import Grid, Model, Solver, Transition, make_grid, map_state, to_sample_dtype, work_dtype
-from ..solvers.restart import Restart
 from . import resample as _resample
 
 __all__ = [
@@ -714,8 +713,9 @@ def run_smc(
         steps: solver steps ``S`` (grid nodes ``0..S``).
         reward: ``reward(z)`` maps ``(n, *sample_shape)`` to ``(n,)``, for ``ctx.reward``.
         solver, schedule, final: as in :func:`steerdiff.sample`; the solver must be stochastic when
-            ``algorithm.stochastic`` (:func:`stochastic_solvers`; ``restart`` with a restart interval on
-            the grid: by default from 20 steps on).
+            ``algorithm.stochastic`` (:func:`stochastic_solvers`) and add noise on the grid
+            (:meth:`~steerdiff.solvers.base.Solver.noisy_on`: ``restart`` by default from 20 steps on,
+            ``edm_sde`` where a node is within ``[s_tmin, s_tmax]``).
         ess_threshold: resample a row when its ESS falls below ``ess_threshold * N``, in ``[0, 1]``
             (0: never; 1: whenever its weights are not uniform).
         resampler: ``"systematic"`` (default), ``"stratified"``, ``"residual"``, ``"multinomial"`` or a
@@ -782,12 +782,12 @@ def run_smc(
             f"{slv.name!r} is deterministic. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0)"
         )
     grid = make_grid(den.process, _schedules.get(schedule), steps, final)
-    if algorithm.stochastic and isinstance(slv, Restart) and not slv.init_state(grid)["plan"]:
-        # Heun's ODE between restarts: with no restart interval on this grid the run draws no noise
+    if algorithm.stochastic and not slv.noisy_on(grid):
         raise ValueError(
-            f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver 'restart' "
-            f"restarts nowhere on this grid of {steps} steps (its automatic plan restarts from 20 steps on; "
-            "give restart_info), so it draws no noise"
+            f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
+            f"{slv.name!r} adds noise nowhere on this grid of {steps} steps (Solver.noisy_on: restart's "
+            "automatic plan restarts from 20 steps on, give restart_info; edm_sde churns only within "
+            "[s_tmin, s_tmax])"
         )
     x = _initial_particles(den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
     in_dtype = x.dtype

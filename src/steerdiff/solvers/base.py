@@ -409,6 +409,11 @@ class Solver:
         """The mutable state of one run over ``grid`` (made once, passed to every :meth:`step`)."""
         return {}
 
+    def noisy_on(self, grid: Grid) -> bool:
+        """Whether a run over ``grid`` draws noise: :attr:`stochastic`, unless the solver adds noise only
+        on part of the noise range and ``grid`` has no node there (EDM's churn, Restart's intervals)."""
+        return self.stochastic
+
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         """The state at node ``i + 1`` from ``x`` at node ``i``: a tensor, or for a stochastic step its
         Gaussian :class:`Transition` (the engine draws the noise, so particle methods can weight or

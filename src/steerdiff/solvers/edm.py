@@ -144,6 +144,10 @@ class EDMStochasticHeun(Solver):
                 churn[i] = level
         return {"churn": churn}
 
+    def noisy_on(self, grid: Grid) -> bool:
+        """Whether some node of ``grid`` is churned (its ``sigma/alpha`` within ``[S_tmin, S_tmax]``)."""
+        return self.stochastic and any(level is not None for level in self.init_state(grid)["churn"])
+
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         t, a, s = grid.t[i], grid.alpha[i], grid.sigma[i]
         to = (grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1])

@@ -127,6 +127,11 @@ class Restart(Solver):
             plan[j] = (k, [*levels, (grid.t[j], grid.alpha[j], grid.sigma[j])])
         return {"plan": plan}
 
+    def noisy_on(self, grid: Grid) -> bool:
+        """Whether some interval restarts on ``grid`` (between restarts the steps are Heun's ODE; the
+        automatic plan restarts from 20 steps on)."""
+        return bool(self.init_state(grid)["plan"])
+
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         second = self.order == 2
         frm = (grid.t[i], grid.alpha[i], grid.sigma[i])
