@@ -57,11 +57,10 @@ the variance is -0.54, -0.33, -0.19, -0.10 at 25, 50, 100, 200 steps (the exact 
 limit: first order), the default SDE-DPM-Solver++(2M)'s -0.001 +- 0.025 at 50 steps and -0.03 +- 0.02
 at 100 (16 x 1024 particles); on 2-D test problems (4096 particles) the default's error in ``E[x^2]``
 is up to 0.16 at 50 steps and within 1.5 standard errors of 0 at 100. Members of the family with
-less noise converge far more slowly (``DDIM(eta=0.5)``: -0.60 at 100 steps; ``er_sde``'s default noise
-scale: -0.72 to -0.78 at 50 to 400 steps and 256 to 16384 particles, ``ERSDE(noise_scale="sde")``: -0.02
-at 200): at high noise the corrected law is an unstable fixed point of the weighted dynamics once
-``zeta^2 < (B - 1) / B`` (annealing; Gaussian analysis), so the errors of the steps grow instead of
-dying out.
+less noise converge far more slowly (``DDIM(eta=0.5)``: -0.60 at 100 steps), or not at all: at high noise
+the corrected law is an unstable fixed point of the weighted dynamics once ``zeta^2 < (B - 1) / B``
+(annealing; Gaussian analysis), so the errors of the steps grow instead of dying out (``er_sde``'s default
+noise scale stays far off at any step and particle count; ``ERSDE(noise_scale="sde")`` converges).
 
 The engine's ``log Z`` estimates ``log(Z_end / Z_start)`` with
 ``Z_t = int prod_k q^k_t(x)^{beta_k} dx`` when the initial particles are drawn from ``pi_{t_0}``
@@ -351,9 +350,8 @@ def fkc_anneal(den: Denoiser, beta: float, **options: Any) -> Particles:
     ``beta s`` of Eq. 22; weight rate ``(beta - 1) (<nabla, f> + g^2/2 beta |s|^2)``). ``beta > 0``;
     ``**options`` as for :func:`fkc` (``shape`` is required); ``solver=DDIM(eta=beta ** -0.5)`` is the
     tempered-noise SDE of Eq. 23 (same weights; first order, so it needs more steps; for ``beta > 2`` its
-    ``zeta^2 = 1 / beta`` is below the stable ``(beta - 1) / beta`` of the module docstring and it
-    converges far more slowly still: ``N(0, 2)`` at ``beta = 3``, variance 0.30 at 400 steps where 0.667
-    is exact, DDPM 0.58, the default 0.62 +- 0.02; 0.44 at 102400 steps in the infinite-particle limit).
+    ``zeta^2 = 1 / beta`` is below the stable ``(beta - 1) / beta`` of the module docstring and it stalls
+    short of the target; use the default there).
 
     Example:
         >>> out = sd.smc.fkc_anneal(den, 2.0, shape=(4, 2), particles=256, steps=100, generator=g)
