@@ -232,6 +232,42 @@ def test_posterior_noiseless_lives_on_the_constraint(mix):
     torch.testing.assert_close(near.weights, post.weights, rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_posterior_of_a_square_observation_small_and_zero_noise(full):
+    """Square invertible A: the posterior covariance is (S^{-1} + A^T A / s^2)^{-1} ~ s^2 (A^T A)^{-1}, and
+    at s = 0 each component is a point mass at A^{-1} y with weight w_k N(y; A mu_k, A S_k A^T) (scipy).
+    Before: S - K C K^T cancelled, 1.4e-4 relative off at s = 1e-6 and 2x at 1e-8, and s = 0 raised
+    'covariances must be positive definite' (round-off eigenvalues of +-1e-16)."""
+    means = torch.tensor([[0.0, 1.0], [2.0, -1.0]], dtype=F64)
+    var = torch.tensor([[0.5, 0.2], [0.3, 0.4]], dtype=F64)
+    w = torch.tensor([0.4, 0.6], dtype=F64)
+    gmm = sd.toy.GaussianMixture(means, torch.diag_embed(var) if full else var, w)
+    A = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=F64)
+    y = torch.tensor([0.7, 0.1], dtype=F64)
+    for s in (1e-3, 1e-6, 1e-8):
+        post = gmm.posterior(A, y, s)
+        for k in range(2):
+            want = torch.linalg.inv(torch.diag(1 / var[k]) + A.T @ A / s**2)
+            torch.testing.assert_close(post.covariances[k], want, rtol=1e-12, atol=0)
+    post = gmm.posterior(A, y, 0.0)
+    point = torch.linalg.solve(A, y)
+    torch.testing.assert_close(post.means, point.expand(2, 2), rtol=0, atol=1e-14)
+    assert float(post.covariances.abs().max()) < 1e-28
+    log_ev = np.array(
+        [
+            math.log(float(w[k]))
+            + multivariate_normal((A @ means[k]).numpy(), (A @ torch.diag(var[k]) @ A.T).numpy()).logpdf(
+                y.numpy()
+            )
+            for k in range(2)
+        ]
+    )
+    np.testing.assert_allclose(post.weights.numpy(), np.exp(log_ev - logsumexp(log_ev)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        post.sample(5, torch.Generator().manual_seed(0)), point.expand(5, 2), rtol=0, atol=1e-14
+    )
+
+
 @pytest.mark.parametrize("kind", ["linear", "quadratic", "both", "indefinite"])
 def test_tilt_matches_importance_reweighting(mix, kind):
     """Tilted moments and log Z = log E_p[exp r] vs the prior reweighted by exp r(x)."""

@@ -254,8 +254,14 @@ class GaussianMixture:
         logdet = 2 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)
         log_lik = -0.5 * ((resid * sol).sum(-1) + logdet + m * math.log(2 * math.pi))
         means = self.means + (s_ax @ sol[:, :, None])[:, :, 0]
-        half = torch.linalg.solve_triangular(chol, s_ax.mT, upper=False)  # L_k^{-1} A S_k, (k, m, d)
-        cov = self.covariance_matrices - half.mT @ half
+        # Joseph form S_k' = (I - K_k A) S_k (I - K_k A)^T + s^2 K_k K_k^T (= S_k - K_k C_k K_k^T): PSD by
+        # construction and accurate to relative round-off where S_k' << S_k (A of full column rank and
+        # small s). The difference S_k - K_k C_k K_k^T cancels there: 1e-4 relative off at s = 1e-6 and
+        # indefinite round-off at s = 0 (a point-mass posterior), which the constructor refused.
+        gain = torch.cholesky_solve(s_ax.mT, chol).mT  # K_k = S_k A^T C_k^{-1}, (k, d, m)
+        root = self._root if self.full else torch.diag_embed(self.variances.sqrt())
+        left = (torch.eye(self.dim, dtype=F64) - gain @ A) @ root
+        cov = left @ left.mT + noise_std**2 * gain @ gain.mT
         return _from_log_weights(means, 0.5 * (cov + cov.mT), self.weights.log() + log_lik, True)
 
     def _tilt_parts(self, linear: Tensor | None, quadratic: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
