@@ -315,6 +315,40 @@ def test_tilt_closed_form_and_diagonal():
     assert math.isclose(base.tilt_log_normalizer(b4), full.tilt_log_normalizer(b4), rel_tol=1e-12)
 
 
+def test_tilt_normalizability_is_checked_on_semi_definite_mixtures():
+    """A posterior (built ``allow_singular``) tilted by a quadratic that is not normalizable raises, as on
+    the prior (before: the check was skipped, ``tilt_log_normalizer`` returned a finite -0.93 for
+    ``log Z = +inf``); one that is normalizable on the support (negative only where S' = 0) is accepted,
+    and its log Z equals 1-d quadrature along the support."""
+    from scipy.integrate import quad
+
+    means = torch.tensor([[0.0, 1.0], [2.0, -1.0]], dtype=F64)
+    var = torch.tensor([[0.5, 0.2], [0.3, 0.4]], dtype=F64)
+    gmm = sd.toy.GaussianMixture(means, var, torch.tensor([0.4, 0.6], dtype=F64))
+    post = gmm.posterior(torch.tensor([[0.0, 1.0]], dtype=F64), torch.tensor([0.3], dtype=F64), 0.5)
+    bad = torch.diag(torch.tensor([-5.0, 1.0], dtype=F64))  # 1 / 0.5 - 5 < 0 along x_1
+    for call in (post.tilt_log_normalizer, post.tilt):
+        with pytest.raises(ValueError, match="normalizable"):
+            call(quadratic=bad)
+    # noiseless observation of x_1 = 0.3: x_1 is fixed, so Q_11 < 0 is harmless
+    point = gmm.posterior(torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([0.3], dtype=F64), 0.0)
+    b, q = torch.tensor([0.4, -0.7], dtype=F64), torch.diag(torch.tensor([-10.0, 1.5], dtype=F64))
+
+    def tilted_density(u: float) -> float:
+        x = np.array([0.3, u])
+        r = float(b.numpy() @ x - 0.5 * x @ q.numpy() @ x)
+        dens = sum(
+            float(w)
+            * math.exp(-((u - float(m[1])) ** 2) / (2 * float(c[1, 1])))
+            / math.sqrt(2 * math.pi * float(c[1, 1]))
+            for w, m, c in zip(point.weights, point.means, point.covariances, strict=True)
+        )
+        return dens * math.exp(r)
+
+    want = math.log(quad(tilted_density, -15, 15, epsabs=0, epsrel=1e-12, limit=200)[0])
+    assert point.tilt_log_normalizer(b, q) == pytest.approx(want, rel=0, abs=1e-10)
+
+
 def test_posterior_and_tilt_bad_arguments(mix):
     A, y = torch.ones(2, 3, dtype=F64), torch.zeros(2, dtype=F64)
     with pytest.raises(ValueError, match="A must"):

@@ -291,7 +291,10 @@ class GaussianMixture:
             raise ValueError("quadratic makes S_k^{-1} + Q singular: the tilt is not normalizable")
         cov = torch.linalg.lu_solve(lu, piv, s)
         cov = 0.5 * (cov + cov.mT)
-        if not self._singular and not bool((torch.linalg.eigvalsh(cov) > 0).all()):
+        # normalizable iff I + S^{1/2} Q S^{1/2} > 0 (= S^{1/2} (S^{-1} + Q) S^{1/2}; for a semi-definite S
+        # the condition on its support), checked for every mixture, also those built allow_singular
+        root = self._root if self.full else torch.diag_embed(self.variances.sqrt())
+        if not bool((torch.linalg.eigvalsh(eye + root @ q @ root) > 0).all()):
             raise ValueError("quadratic must keep S_k^{-1} + Q positive definite (normalizable tilt)")
         # x = mu + u, u ~ N(0, S): r = r(mu) + c^T u - u^T Q u / 2 with c = b - Q mu, so
         # mu' = mu + S' c and log Z_k = r(mu_k) + c^T S' c / 2 - log det(I + S Q) / 2
