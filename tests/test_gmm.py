@@ -156,6 +156,14 @@ def _single_gaussian_flow(mu, v, x_T, p, t0, t1):
         (sd.EDM(), 80.0, 0.002),
         (sd.RectifiedFlow(), 0.999, 0.2),
         (sd.VP.linear(), 1.0, None),
+        (sd.VP.cosine(), 0.9946, 0.001),
+        (sd.VE(), 1.0, 0.0),
+        # zero terminal SNR: alpha(999) = 2**-12, so y = x / alpha starts at ~4e3
+        (
+            sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64), rescale_zero_snr=True),
+            999.0,
+            0.0,
+        ),
     ],
 )
 def test_reference_ode_single_gaussian_closed_form(process, t0, t1):
