@@ -737,3 +737,45 @@ def test_bench_guided_rows_are_the_candidates_against_the_guided_ode(tmp_path, c
         rows[7.5, 15]["default"] == rows[7.5, 15]["unipc_2"]
         and rows[2.0, 15]["default"] == rows[2.0, 15]["unipc_2"]
     )
+
+
+def test_bench_guided_validate_is_the_default_against_the_old_one(tmp_path, capsys):
+    """``bench guided --validate``: per set, ``sd.sample``'s guided default and the old default (2M with
+    ``guided_max_h(scale)`` below 15 steps) against the guided ODE (800 steps of 2M, log-SNR-uniform from
+    the grid's first node: below ``t_max`` under ``leading``); here SD betas on the 16-d mixture, 8 samples,
+    scales 2 and 7.5 at 5 and 10 steps, and the digits model at scale 2 and 5 steps. The pooled row's
+    count and geometric mean of default / old default are the CSV's."""
+    argv = ["bench", "guided", "--validate", "--quick", "--problem", "16d-sd", "--n", "8", "--draws", "1"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "guided_validation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = capsys.readouterr().out
+    assert (tmp_path / "guided_validation.txt").read_text() in out
+    assert [r["set"] for r in rows] == ["(a) seeds +100"] * 4 + ["(b) digits"] + [
+        f"(c) {s}" for s in ("logsnr_uniform", "karras", "linspace", "trailing", "leading") for _ in range(4)
+    ]
+
+    full = sd.toy.default_benchmark_mixture(dim=16)
+    part = sd.toy.GaussianMixture(full.means[:2], full.variances[:2], full.weights[:2])
+    proc = sd.VP.scaled_linear()
+    for name, seed in (("(a) seeds +100", 100), ("(c) leading", 0)):
+        x_T = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for r in (r for r in rows if r["set"] == name):
+            w, k, schedule = float(r["scale"]), int(r["steps"]), r["schedule"]
+            t0 = float(sd.schedules.get(schedule)(proc, k)[0])
+            assert (t0 < proc.t_max) == (schedule == "leading")
+            lam = torch.linspace(float(proc.lam(t0)), float(proc.lam(proc.t_min)), 800, dtype=torch.float64)
+            nodes = proc.t_of_lam(lam)
+            nodes[0], nodes[-1] = t0, proc.t_min
+            cfg = sd.guidance.CFG(part.denoiser(proc), full.denoiser(proc), w)
+            ref = sd.sample(cfg, x_T, 800, "dpmpp_2m", sd.schedules.Custom(nodes))
+            old = sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.guided_max_h(w), max_h_ratio=0.0)
+            new = rel_rmse(sd.sample(cfg, x_T, k, schedule=schedule), ref)
+            assert float(r["default"]) == pytest.approx(new, rel=1e-4)
+            assert float(r["old_default"]) == pytest.approx(
+                rel_rmse(sd.sample(cfg, x_T, k, old, schedule), ref), rel=1e-4
+            )
+    pooled = re.search(r"^pooled +(\d+) +([\d.]+) ", out, re.M)
+    assert pooled is not None and int(pooled[1]) == len(rows)
+    ratios = [math.log(float(r["default"]) / float(r["old_default"])) for r in rows]
+    assert float(pooled[2]) == pytest.approx(math.exp(sum(ratios) / len(ratios)), abs=6e-4)

@@ -19,6 +19,11 @@ and checked against as many UniPC-3 steps on the Karras one
 is coarse under EDM). ``x_T`` is ``draws`` independent standard normal
 draws of ``n`` samples (seeds ``seed, seed + 1, ...``), pooled; scaled by ``sqrt(alpha^2 + sigma^2)`` at
 ``t_max`` where the process is neither VP nor rectified flow (EDM: ``sigma_max``), as a pipeline draws it.
+
+:func:`validate` (``steerdiff bench guided --validate``) checks the default's rule below
+:data:`~steerdiff.sampling.GUIDED_CORRECTOR_FROM` steps on data it was not chosen on
+(:data:`VALIDATION_SETS`): the same problems from other ``x_T``, the learned digits model, and other
+schedules, against the default before the rule (:data:`OLD_DEFAULT`).
 """
 
 from __future__ import annotations
@@ -45,32 +50,42 @@ from ..sampling import (
     guided_solver,
     sample,
 )
+from ..schedules import Custom
 from ..schedules import get as get_schedule
 from ..solvers import get as get_solver
 from ..solvers.base import Grid, Solver, make_grid
 from ..solvers.dpmpp import DPMSolverPPMultistep
 from ..solvers.unipc import UniPC
 from ..toy.gmm import default_benchmark_mixture
-from ._figure import panel_figure, write_outputs
+from ._figure import panel_figure, pyplot, write_outputs
 from .longstep import processes
 from .solvers import CFG_REFERENCE_STEPS, cfg_denoiser, guided_reference, initial_noise
 
 __all__ = [
     "CANDIDATES",
+    "DIGITS_STEPS",
+    "OLD_DEFAULT",
     "PROBLEMS",
     "QUICK_SCALES",
     "QUICK_STEPS",
     "SCALES",
     "STEPS",
+    "VALIDATION_SETS",
+    "VALIDATION_STEPS",
     "GuidedBench",
     "GuidedCase",
+    "GuidedValidation",
     "candidate_solver",
     "format_report",
+    "format_validation",
     "plot",
+    "plot_validation",
     "problem_setup",
     "run",
     "summary",
+    "validate",
     "write_results",
+    "write_validation",
 ]
 
 SCALES = (2.0, 4.0, 7.5)
@@ -101,11 +116,20 @@ CANDIDATES = {
 }
 
 
+# the default before its UniPC-2 rule below GUIDED_CORRECTOR_FROM steps, the validation's baseline
+OLD_DEFAULT = "old_default"
+OLD_DEFAULT_IS = f"2m_scaled below {GUIDED_CORRECTOR_FROM} steps, the default (UniPC-2) from there"
+
+
 def candidate_solver(name: str, steps: int, scale: float, grid: Grid | None = None) -> Solver:
-    """The solver the candidate ``name`` (of :data:`CANDIDATES`) runs at ``steps`` steps and CFG ``scale`` on
-    ``grid`` (which only the default looks at)."""
+    """The solver the candidate ``name`` (of :data:`CANDIDATES`, or :data:`OLD_DEFAULT`) runs at ``steps``
+    steps and CFG ``scale`` on ``grid`` (which only the default looks at)."""
     if name == "default":
         return guided_solver(steps, scale, grid)
+    if name == OLD_DEFAULT:
+        return candidate_solver(
+            "2m_scaled" if steps < GUIDED_CORRECTOR_FROM else "default", steps, scale, grid
+        )
     if name == "2m":
         return DPMSolverPPMultistep(order=2, max_h=math.inf)
     if name == "2m_flat":
@@ -144,6 +168,7 @@ class GuidedCase:
     scale: float
     steps: int
     errors: dict[str, float]
+    schedule: str = DEFAULT_SCHEDULE
 
     @property
     def best(self) -> float:
@@ -185,39 +210,96 @@ def run(
     quick: bool = False,
     progress: bool = True,
     only: Sequence[str] | None = None,
+    *,
+    schedule: str = DEFAULT_SCHEDULE,
+    candidates: Sequence[str] = tuple(CANDIDATES),
+    scales: Sequence[float] | None = None,
+    steps: Sequence[int] | None = None,
+    references: dict[tuple[Any, ...], tuple[Tensor, float]] | None = None,
 ) -> GuidedBench:
     """Every problem (of :data:`PROBLEMS`; ``only``: those named) x scale x step count x candidate
-    (``quick``: scales :data:`QUICK_SCALES`, steps :data:`QUICK_STEPS`). A candidate whose solver equals
-    another's at a case (the default is always one of the others) is run once."""
+    (``quick``: scales :data:`QUICK_SCALES`, steps :data:`QUICK_STEPS`; ``scales`` and ``steps``, where
+    given, instead) on ``schedule``. A candidate whose solver equals another's at a case (the default is
+    always one of the others) is run once. The reference starts at the grid's first node, ``t_max``
+    except under ``leading`` (:func:`_reference`); ``references`` (where given) keeps the references
+    across calls (by problem, scale, ``x_T`` and first node)."""
     start = time.perf_counter()
-    scales, steps = (QUICK_SCALES, QUICK_STEPS) if quick else (SCALES, STEPS)
+    scales = scales if scales is not None else QUICK_SCALES if quick else SCALES
+    steps = steps if steps is not None else QUICK_STEPS if quick else STEPS
+    refs = {} if references is None else references
     chosen = [p for p in PROBLEMS if only is None or p in only]
     cases: list[GuidedCase] = []
     gaps: dict[tuple[str, float], float] = {}
-    for name in tqdm(chosen, desc="guided", disable=not progress, leave=False):
+    for name in tqdm(chosen, desc=f"guided {schedule}", disable=not progress, leave=False):
         make, x_T = problem_setup(name, n, seed, draws)
         for w in scales:
             den = make(w)
-            ref, gaps[name, w] = guided_reference(den, x_T, CFG_REFERENCE_STEPS, CHECK_SCHEDULE)
             for k in steps:
-                grid = make_grid(den.process, get_schedule(DEFAULT_SCHEDULE), k)
-                done: list[tuple[Solver, float]] = []
-                errors: dict[str, float] = {}
-                for cand in CANDIDATES:
-                    solver = candidate_solver(cand, k, w, grid)
-                    err = next((e for s, e in done if s == solver), None)
-                    if err is None:
-                        err = _error(den, x_T, k, solver, ref)
-                        done.append((solver, err))
-                    errors[cand] = err
-                cases.append(GuidedCase(name, w, k, errors))
+                grid = make_grid(den.process, get_schedule(schedule), k)
+                key = (name, w, n, seed, draws, grid.t[0])
+                if key not in refs:
+                    refs[key] = _reference(den, x_T, grid.t[0], CFG_REFERENCE_STEPS, CHECK_SCHEDULE)
+                ref, gap = refs[key]
+                gaps[name, w] = max(gap, gaps.get((name, w), 0.0))
+                cases.append(_case(name, den, x_T, ref, w, grid, schedule, candidates))
     return GuidedBench(cases, gaps, n, draws, time.perf_counter() - start)
 
 
-def _error(den: Denoiser, x_T: Tensor, steps: int, solver: Solver, ref: Tensor) -> float:
+def _reference(
+    den: Denoiser, x_T: Tensor, t_start: float, steps: int, check_schedule: str, **cond: Any
+) -> tuple[Tensor, float]:
+    """The guided ODE's solution from ``x_T`` at ``t_start`` and its check
+    (:func:`~steerdiff.bench.solvers.guided_reference`) where ``t_start`` is ``t_max``; below (a grid that
+    starts lower, ``leading``) ``steps`` DPM-Solver++(2M) steps uniform in log-SNR from ``t_start``,
+    checked against as many UniPC-3 steps on the same nodes."""
+    p = den.process
+    if t_start >= p.t_max:
+        return guided_reference(den, x_T, steps, check_schedule, **cond)
+    lam = torch.linspace(float(p.lam(t_start)), float(p.lam(p.t_min)), steps, dtype=torch.float64)
+    t = p.t_of_lam(lam)
+    t[0], t[-1] = t_start, p.t_min
+    nodes = Custom(t)
+    ref = sample(den, x_T, steps, "dpmpp_2m", nodes, **cond)
+    return ref, relative_rmse(sample(den, x_T, steps, "unipc", nodes, **cond), ref)
+
+
+def _case(
+    problem: str,
+    den: Denoiser,
+    x_T: Tensor,
+    ref: Tensor,
+    w: float,
+    grid: Grid,
+    schedule: str,
+    candidates: Sequence[str],
+    **cond: Any,
+) -> GuidedCase:
+    """Each candidate's error at scale ``w`` on ``grid`` (of ``schedule``), a solver run once."""
+    k = grid.steps
+    done: list[tuple[Solver, float]] = []
+    errors: dict[str, float] = {}
+    for cand in candidates:
+        solver = candidate_solver(cand, k, w, grid)
+        err = next((e for s, e in done if s == solver), None)
+        if err is None:
+            err = _error(den, x_T, k, solver, ref, schedule, **cond)
+            done.append((solver, err))
+        errors[cand] = err
+    return GuidedCase(problem, w, k, errors, schedule)
+
+
+def _error(
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int,
+    solver: Solver,
+    ref: Tensor,
+    schedule: str = DEFAULT_SCHEDULE,
+    **cond: Any,
+) -> float:
     """Relative RMSE of ``sd.sample`` against ``ref``; ``inf`` where the run overflowed (NaN/inf)."""
     try:
-        return relative_rmse(sample(den, x_T, steps, solver, DEFAULT_SCHEDULE), ref)
+        return relative_rmse(sample(den, x_T, steps, solver, schedule, **cond), ref)
     except FloatingPointError:  # NonFiniteError: the guided estimate overflowed
         return math.inf
 
@@ -406,3 +488,227 @@ def write_results(result: GuidedBench, out: str | Path) -> tuple[Path, Path | No
         for c in result.cases
     )
     return write_outputs(out, "guided", header, rows, lambda path: plot(result, path))
+
+
+# --- validation: the rule below GUIDED_CORRECTOR_FROM steps on data it was not chosen on ---------------
+
+VALIDATION_STEPS = (3, 4, 5, 6, 8, 10, 12)
+DIGITS_STEPS = (5, 6, 8, 10, 12, 15)
+DIGITS_DRAW = 4096  # bench solvers --model digits' x_T (its guided table runs the first GUIDED_BATCH)
+DISCRETE = tuple(p for p in PROBLEMS if p.split("-", 1)[1] in ("sd", "ddpm", "sd-zero-snr"))
+# label -> (seed offset of x_T, schedule, problems); "digits": the learned model (_digits_set)
+VALIDATION_SETS: dict[str, tuple[int, str, tuple[str, ...]]] = {
+    "(a) seeds +100": (100, DEFAULT_SCHEDULE, PROBLEMS),
+    "(b) digits": (0, DEFAULT_SCHEDULE, ()),
+    "(c) logsnr_uniform": (0, "logsnr_uniform", PROBLEMS),
+    "(c) karras": (0, "karras", PROBLEMS),
+    "(c) linspace": (0, "linspace", DISCRETE),
+    "(c) trailing": (0, "trailing", DISCRETE),
+    "(c) leading": (0, "leading", DISCRETE),
+}
+VALIDATED = ("default", OLD_DEFAULT)
+
+
+@dataclass
+class GuidedValidation:
+    """Per set of :data:`VALIDATION_SETS`, its cases (the default and :data:`OLD_DEFAULT`); the seed
+    (``x_T``: seeds ``seed + offset, ...``; the digits' ``seed``) and the wall time."""
+
+    sets: dict[str, GuidedBench]
+    seed: int
+    seconds: float
+
+    @property
+    def cases(self) -> list[tuple[str, GuidedCase]]:
+        """Every case with its set's label, pooled."""
+        return [(label, c) for label, b in self.sets.items() for c in b.cases]
+
+
+def validate(
+    n: int = 256,
+    seed: int = 0,
+    draws: int = 2,
+    quick: bool = False,
+    progress: bool = True,
+    only: Sequence[str] | None = None,
+    digits_weights: str | Path | None = None,
+) -> GuidedValidation:
+    """The default against :data:`OLD_DEFAULT` on :data:`VALIDATION_SETS` at scales :data:`SCALES`:
+    (a) the problems of :func:`run` from ``x_T`` of seeds ``seed + 100, ...`` on ``karras_capped``;
+    (b) the learned digits model (:mod:`steerdiff.bench.digits`: CFG toward its ``GUIDED_DIGIT``, the first
+    ``n`` samples of ``steerdiff bench solvers --model digits``' ``x_T``, :data:`DIGITS_STEPS` steps against
+    its ``GUIDED_REFERENCE_STEPS``-step guided ODE); (c) the problems from ``seed`` on ``logsnr_uniform``
+    and ``karras``, and those under discrete betas on ``linspace``, ``trailing`` and ``leading`` (the
+    reference from ``leading``'s first node, below ``t_max``). (a) and (c) at :data:`VALIDATION_STEPS`
+    (below :data:`~steerdiff.sampling.GUIDED_CORRECTOR_FROM`, where the rule acts), ``draws`` x ``n``
+    samples. ``quick``: scales :data:`QUICK_SCALES`, 5 and 10 steps (digits: scale 2 at 5 steps)."""
+    start = time.perf_counter()
+    scales = QUICK_SCALES if quick else SCALES
+    steps = (5, 10) if quick else VALIDATION_STEPS
+    refs: dict[tuple[Any, ...], tuple[Tensor, float]] = {}
+    sets: dict[str, GuidedBench] = {}
+    for label, (offset, schedule, problems) in VALIDATION_SETS.items():
+        if label == "(b) digits":
+            sets[label] = _digits_set(n, seed, quick, digits_weights)
+            continue
+        chosen = [p for p in problems if only is None or p in only]
+        if chosen:
+            sets[label] = run(
+                n,
+                seed + offset,
+                draws,
+                progress=progress,
+                only=chosen,
+                schedule=schedule,
+                candidates=VALIDATED,
+                scales=scales,
+                steps=steps,
+                references=refs,
+            )
+    return GuidedValidation(sets, seed, time.perf_counter() - start)
+
+
+def _digits_set(n: int, seed: int, quick: bool, weights: str | Path | None) -> GuidedBench:
+    """(b): CFG on the digits model toward its ``GUIDED_DIGIT`` on the first ``min(n, GUIDED_BATCH)``
+    samples of ``x_T``, against the guided ODE of :func:`~steerdiff.bench.digits.run`'s guided table."""
+    from ..guidance import CFG
+    from ..toy import digits as D
+    from . import digits as B
+
+    start = time.perf_counter()
+    m = B.load_models(weights)
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(DIGITS_DRAW, *D.DIGITS_SHAPE, generator=g, dtype=torch.float64)[
+        : min(n, B.GUIDED_BATCH)
+    ]
+    cond: dict[str, Any] = {"label": B.GUIDED_DIGIT}
+    cases, gaps = [], {}
+    with torch.no_grad():
+        for w in QUICK_SCALES[:1] if quick else SCALES:
+            den = CFG(m.den, m.den, w, uncond_kwargs={"label": D.NULL_LABEL})
+            ref, gaps["digits", w] = guided_reference(den, x_T, B.GUIDED_REFERENCE_STEPS, **cond)
+            for k in (5,) if quick else DIGITS_STEPS:
+                grid = make_grid(den.process, get_schedule(DEFAULT_SCHEDULE), k)
+                cases.append(_case("digits", den, x_T, ref, w, grid, DEFAULT_SCHEDULE, VALIDATED, **cond))
+    return GuidedBench(cases, gaps, len(x_T), 1, time.perf_counter() - start)
+
+
+def _ratio(c: GuidedCase) -> float:
+    """The default's error / the old default's (1 where both overflowed)."""
+    new, old = c.errors["default"], c.errors[OLD_DEFAULT]
+    return 1.0 if new == old else new / old
+
+
+def _validation_row(label: str, cases: Sequence[tuple[str, GuidedCase]]) -> str:
+    r = [_ratio(c) for _, c in cases]
+    far_old = sum(c.errors[OLD_DEFAULT] > 1 for _, c in cases)
+    far_new = sum(c.errors["default"] > 1 for _, c in cases)
+    new = sum(c.errors["default"] > 1 >= c.errors[OLD_DEFAULT] for _, c in cases)
+    better, worse = sum(v < 1 for v in r), sum(v > 1 for v in r)
+    i = max(range(len(r)), key=r.__getitem__)
+    where_set, c = cases[i]
+    where = f"{c.problem} {c.scale:g} {c.steps}" + (f" ({where_set})" if label == "pooled" else "")
+    return (
+        f"{label:20s} {len(r):5d} {_gmean(r):7.3f} {better:6d} {worse:5d} {far_old:6d} {far_new:6d} {new:4d}"
+        f" {r[i]:7.3g}  {where}"
+    )
+
+
+def format_validation(result: GuidedValidation) -> str:
+    """Per set and pooled: the cases, the geometric mean of default / old default, the cases more than 1
+    from the guided ODE for each (and the default's new ones), the worst ratio; then the digits cases."""
+    gaps = [g for b in result.sets.values() for g in b.reference_gap.values()]
+    sizes = sorted({f"{b.draws} x {b.n}" for label, b in result.sets.items() if label != "(b) digits"})
+    digits_n = result.sets["(b) digits"].n
+    lines = [
+        "Guided default validation: the default (guided_solver, its UniPC-2 rule below"
+        f" {GUIDED_CORRECTOR_FROM} steps) against the old default ({OLD_DEFAULT_IS}) under classifier-free"
+        " guidance, relative RMSE against the guided ODE, on data the rule was not chosen on (it was chosen"
+        f" on steerdiff bench guided: x_T seeds {result.seed}-{result.seed + 1}, {DEFAULT_SCHEDULE})",
+        "sets (scales " + ", ".join(f"{w:g}" for w in result.sets[next(iter(result.sets))].scales) + "):",
+        f"  (a) bench guided's problems from x_T seeds {result.seed + 100}-{result.seed + 101},"
+        f" {DEFAULT_SCHEDULE}",
+        f"  (b) the learned digits model, CFG toward its digit 3 on the first {digits_n} samples of its x_T"
+        f" (seed {result.seed}),"
+        f" {DEFAULT_SCHEDULE}, against the 400-step guided ODE (dpmpp_2m, logsnr_uniform)",
+        f"  (c) bench guided's problems (seed {result.seed}) on logsnr_uniform and karras; those under"
+        " discrete betas ("
+        + ", ".join(DISCRETE)
+        + ") on linspace, trailing and leading (its reference from its first"
+        " node, below t_max)",
+        f"  (a), (c): {', '.join(sizes)} samples; references {CFG_REFERENCE_STEPS} steps of dpmpp_2m on"
+        f" logsnr_uniform, checked against unipc (within {max(gaps):.1e})",
+        "",
+        "ratio: default / old default; > 1: cases more than 1 from the guided ODE (old, default, the"
+        " default's new ones); worst: the largest ratio (problem scale steps)",
+        f"{'set':20s} {'cases':>5s} {'gmean':>7s} {'better':>6s} {'worse':>5s} {'>1 old':>6s} {'>1 new':>6s}"
+        f" {'new':>4s} {'worst':>7s}  where",
+    ]
+    lines += [_validation_row(label, [(label, c) for c in b.cases]) for label, b in result.sets.items()]
+    c_sets = [(label, c) for label, c in result.cases if label.startswith("(c)")]
+    if c_sets:
+        lines.append(_validation_row("(c) pooled", c_sets))
+    lines.append(_validation_row("pooled", result.cases))
+    pooled = result.cases
+    lines += [
+        "",
+        "pooled, per scale: "
+        + "; ".join(
+            f"{w:g}: {_gmean([_ratio(c) for _, c in pooled if c.scale == w]):.3f}"
+            f" ({sum(c.scale == w for _, c in pooled)} cases)"
+            for w in dict.fromkeys(c.scale for _, c in pooled)
+        ),
+    ]
+    digits = result.sets.get("(b) digits")
+    if digits is not None:
+        lines += [
+            "",
+            "(b) digits, per case:",
+            f"  {'scale':>5s} {'steps':>5s} {'old':>9s} {'default':>9s} {'ratio':>6s}",
+            *(
+                f"  {c.scale:5g} {c.steps:5d} {_fmt(c.errors[OLD_DEFAULT]):>9s}"
+                f" {_fmt(c.errors['default']):>9s} {_ratio(c):6.3f}"
+                for c in digits.cases
+            ),
+        ]
+    lines += ["", f"wall time: {result.seconds:.1f} s"]
+    return "\n".join(lines)
+
+
+def plot_validation(result: GuidedValidation, path: str | Path) -> bool:
+    """The default's error against the old default's, one point per case, a colour per set (log-log, the
+    diagonal dashed). ``False`` (logged) if matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6.0, 5.5))
+    values = [v for _, c in result.cases for v in (c.errors["default"], c.errors[OLD_DEFAULT])]
+    finite = [v for v in values if 0 < v < math.inf]
+    lo, hi = min(finite) / 1.5, max(finite) * 1.5
+    for label, b in result.sets.items():
+        old = [min(c.errors[OLD_DEFAULT], hi) for c in b.cases]
+        new = [min(c.errors["default"], hi) for c in b.cases]
+        ax.scatter(old, new, s=9, alpha=0.7, label=f"{label} ({len(b.cases)})")
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.axhline(1, color="grey", ls=":", lw=0.8)
+    ax.axvline(1, color="grey", ls=":", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi))
+    ax.set_xlabel(f"old default ({OLD_DEFAULT_IS}): relative RMSE")
+    ax.set_ylabel("default: relative RMSE")
+    ax.set_title("Guided default on validation data: below the diagonal the rule helps", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_validation(result: GuidedValidation, out: str | Path) -> tuple[Path, Path | None]:
+    """``OUT/guided_validation.csv`` (one line per case) and ``OUT/guided_validation.png``."""
+    header = ["set", "problem", "schedule", "scale", "steps", "default", OLD_DEFAULT]
+    rows = (
+        [label, c.problem, c.schedule, f"{c.scale:g}", c.steps, *(f"{c.errors[n]:.6g}" for n in VALIDATED)]
+        for label, c in result.cases
+    )
+    return write_outputs(out, "guided_validation", header, rows, lambda path: plot_validation(result, path))
