@@ -693,7 +693,7 @@ def plot_validation(result: GuidedValidation, path: str | Path) -> bool:
     ax.axhline(1, color="grey", ls=":", lw=0.8)
     ax.axvline(1, color="grey", ls=":", lw=0.8)
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi))
-    ax.set_xlabel(f"old default ({OLD_DEFAULT_IS}): relative RMSE")
+    ax.set_xlabel(f"old default (2m_scaled below {GUIDED_CORRECTOR_FROM} steps): relative RMSE")
     ax.set_ylabel("default: relative RMSE")
     ax.set_title("Guided default on validation data: below the diagonal the rule helps", fontsize=9)
     ax.legend(fontsize=7)
