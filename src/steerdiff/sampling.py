@@ -79,7 +79,8 @@ def guided_max_h(scale: float | None) -> float:
     where plain 2M ends up to 1.6 away; from 7.5 up it is the flat 0.8. At 5 steps every step of the
     default grid under SD and DDPM betas is longer than 0.8 (the bench's flat-0.8 column is DDIM's
     there): on the digits model at scale 2 (``steerdiff bench solvers --model digits``,
-    docs/bench/digits_solvers.txt) that is 0.153 against the default's 0.090.
+    docs/bench/digits_solvers.txt) that is 0.153 against the default's 0.117 (UniPC-2 there; 2M with this
+    limit 0.090, docs/bench/guided_validation.txt).
     """
     if scale is None or scale >= GUIDED_MAX_H_SCALE:
         return GUIDED_MAX_H
