@@ -154,14 +154,13 @@ def guided_solver(steps: int, scale: float | None = None, grid: Grid | None = No
     and 15 at 7.5. Below 15 steps UniPC-2 without limits ends more than 1 away in 0 / 9 / 48 of 63
     cases, 2M with its limit in 0 / 0 / 10; the grid rule keeps 2M's 0 / 0 / 10 and takes the error to
     0.55 / 0.68 / 1.02 of 2M's in geometric mean (3-12 steps on ``karras_capped``; at 7.5 it acts only
-    at 12 steps under SD betas). Checked on data the rule was not chosen on (ratio to 2M with its limit,
-    geometric mean; cases more than 1 away, 2M / the rule): the same problems from other ``x_T``
-    (seeds 100-101) 0.74, 9 / 9; the digits model (CFG toward 3, 256 samples, 5-15 steps against the
-    400-step guided ODE) 0.98, 0 / 0; ``logsnr_uniform`` 0.96, 38 / 37; ``karras`` 0.95, 41 / 41;
-    ``trailing`` (discrete betas) 0.89, 1 / 1; ``linspace`` and ``leading`` end with a long step, so
-    the rule keeps 2M. The fixed switch at 12 steps instead of 15 (0.84 on the bench) adds 6 and 8
-    cases more than 1 away on ``logsnr_uniform`` and ``karras``; UniPC-2 with the first-order limit at
-    every step count, 2 on the bench (8 steps at 7.5).
+    at 12 steps under SD betas). On data the rule was not chosen on (``steerdiff bench guided
+    --validate``, docs/bench/guided_validation.txt; ratio to 2M with its limit, geometric mean; cases
+    more than 1 away, 2M / the rule): the same problems from other ``x_T`` (seeds 100-101) 0.74, 9 / 9;
+    the digits model (CFG toward 3, 256 samples, 5-15 steps against the 400-step guided ODE) 0.98,
+    0 / 0; ``logsnr_uniform`` 0.96, 38 / 37; ``karras`` 0.95, 41 / 41; the discrete-beta problems on
+    ``trailing`` 0.89, 1 / 1, on ``linspace`` and ``leading`` 1 (they end with a long step, so the rule
+    keeps 2M); pooled 0.91 over 963 cases, 101 / 100, none new.
 
     Plain 2M diverges under strong guidance at few steps too (the step's stability bound is in
     :mod:`steerdiff.solvers.dpmpp`). At scale 7.5 at 3-8 steps (45 cases) plain 2M ends more than 1
