@@ -168,11 +168,12 @@ def guided_solver(steps: int, scale: float | None = None, grid: Grid | None = No
     :mod:`steerdiff.solvers.dpmpp`). At scale 7.5 at 3-8 steps (45 cases) plain 2M ends more than 1
     (relative) from the guided ODE in 32, up to 20 (the 64-d mixture under SD betas, 4 steps); with
     first-order steps above h = 0.8 in 10, all on the 16-d mixture at 3-4 steps, where the default is
-    DDIM (every step is longer; the worst 3.0, SD betas at 3 steps); at 10-12 steps the limit is
-    within 0.22-1.05x of plain 2M (geometric mean 0.94). At scale 4 the limit's worst is 0.87 (plain
-    2M 1.6). A flat 0.8 would cost mild guidance (scale 2, 3-12 steps: 2.13x the best candidate's
-    error in geometric mean against 1.86x), hence :func:`guided_max_h`, under which scale 2 keeps
-    plain 2M.
+    DDIM (every step is longer; the worst 3.0, SD betas at 3 steps); at 10-12 steps the default is
+    0.22-3.26x plain 2M's error (geometric mean 0.99; the 3.26 is the 64-d mixture under SD betas at 12
+    steps, where the grid rule takes UniPC-2). At scale 4 the limit's worst is 0.87 (plain 2M 1.6). A
+    flat 0.8 would cost mild guidance (scale 2, 3-12 steps: 2.15x the best candidate's error in
+    geometric mean against 1.88x for :func:`guided_max_h`, under which scale 2 keeps 2M's second
+    order).
     """
     steps = integer("guided_solver", "steps", steps, lo=1)
     if steps >= GUIDED_CORRECTOR_FROM:
