@@ -584,31 +584,19 @@ def _bench_longstep(args: argparse.Namespace) -> int:
 def _bench_guided(args: argparse.Namespace) -> int:
     from .bench import guided
 
+    kw: dict[str, Any] = dict(
+        n=args.n,
+        seed=args.seed,
+        draws=args.draws,
+        quick=args.quick,
+        progress=not args.no_progress,
+        only=args.problem,
+    )
     if args.validate:
-        checked = _with_threads(
-            1,
-            lambda: guided.validate(
-                n=args.n,
-                seed=args.seed,
-                draws=args.draws,
-                quick=args.quick,
-                progress=not args.no_progress,
-                only=args.problem,
-            ),
-        )
+        checked = _with_threads(1, lambda: guided.validate(**kw))
         csv_path, png_path = guided.write_validation(checked, args.out)
         return _report(guided.format_validation(checked), args.out, "guided_validation", csv_path, png_path)
-    result = _with_threads(
-        1,
-        lambda: guided.run(
-            n=args.n,
-            seed=args.seed,
-            draws=args.draws,
-            quick=args.quick,
-            progress=not args.no_progress,
-            only=args.problem,
-        ),
-    )
+    result = _with_threads(1, lambda: guided.run(**kw))
     csv_path, png_path = guided.write_results(result, args.out)
     return _report(guided.format_report(result), args.out, "guided", csv_path, png_path)
 
