@@ -1036,6 +1036,12 @@ BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: diffusers.LCMScheduler().config, "consistency"),
     (lambda: diffusers.ScoreSdeVeScheduler().config, "variance-exploding"),
     (lambda: {**diffusers.FlowMatchEulerDiscreteScheduler().config, "invert_sigmas": True}, "invert_sigmas"),
+    # no beta_schedule, no flow keys: read as DDPM's linear betas before (a flow model as a VP one)
+    (lambda: diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0).config, "'shift'"),
+    (
+        lambda: {"_class_name": "FlowMapEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0},
+        "FlowMapEulerDiscreteScheduler",
+    ),
 ]
 
 

@@ -69,6 +69,31 @@ _UNSUPPORTED_KEYS = {
     "num_vec_classes": "a discrete-token model",
     "mask_token_id": "a discrete-token model",
 }
+# the keys read here from a VP config, and its sampling settings: a config with no beta_schedule or
+# trained_betas is read with diffusers' defaults (linear betas) only where these are all its keys (a
+# hand-written dict); every VP scheduler's own config has a beta_schedule, and one of diffusers'
+# schedulers without one that is no flow-matching config (FlowMatchHeun made in code: no _class_name,
+# no use_dynamic_shifting; flow-map, pi-Flow, discrete-token, ...) describes another model
+_VP_KEYS = frozenset(
+    (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "prediction_type",
+        "variance_type",
+        "rescale_betas_zero_snr",
+        "snr_shift_scale",
+        "timestep_type",
+        "thresholding",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+        "clip_sample",
+        "clip_sample_range",
+        "timestep_spacing",
+        "steps_offset",
+        "origin",
+    )
+)
 _SUPPORTED = (
     "VP configs (beta_schedule/trained_betas: DDPM, DDIM, PNDM, Euler, Heun, LMS, DPM-Solver, UniPC, "
     "DEIS, ... schedulers) and flow-matching configs (FlowMatchEuler/FlowMatchHeun, use_flow_sigmas)"
@@ -169,6 +194,15 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
         if cfg.get("invert_sigmas"):
             raise ValueError("flow-matching config with invert_sigmas=True is not supported")
         return _Spec(RectifiedFlow(1 / n, 1 - 1 / n), "flow", False, lambda t: t * n, threshold)
+    if "beta_schedule" not in cfg and cfg.get("trained_betas") is None:
+        key = next((k for k in cfg if not k.startswith("_") and k not in _VP_KEYS), None)
+        if key is not None:
+            raise ValueError(
+                f"the scheduler config of {origin or 'this scheduler'} has no beta_schedule or "
+                f"trained_betas, is no flow-matching config and has the key {key!r}: it describes a model "
+                "that is not supported (a flow-matching config made in code without use_dynamic_shifting: "
+                "give its _class_name); supported: " + _SUPPORTED
+            )
     if pred_type not in _PREDICTIONS:
         raise ValueError(f"prediction_type={pred_type!r} is not supported; accepted: {sorted(_PREDICTIONS)}")
     variance = cfg.get("variance_type")
@@ -237,7 +271,8 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
 
     Raises:
         ValueError: an unknown ``beta_schedule``/``prediction_type``, ``variance_type="learned"``,
-            a threshold setting out of range (naming the key), or a config of an unsupported
-            scheduler (EDM, consistency, VE, discrete-token models).
+            a threshold setting out of range (naming the key), a config of an unsupported
+            scheduler (EDM, consistency, VE, discrete-token models), or one with no ``beta_schedule`` or
+            ``trained_betas`` that is no flow-matching config and has a key no VP config has (naming it).
     """
     return _denoiser(_ModelNet(model), _spec(_config_of(scheduler_or_config)), **kw)
