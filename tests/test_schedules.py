@@ -201,6 +201,21 @@ def test_trailing_ties_round_as_diffusers():
     assert t[:4].tolist() == [999.0, 978.0, 957.0, 936.0]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_linspace_ties_round_as_diffusers():
+    """999 training steps, n = 29: node 7 is 998 * 21 / 28 = 748.5 in exact arithmetic; numpy's increasing
+    linspace (diffusers) gives 748.5000...1, rounded to 749; torch's decreasing one 748.4999..., 748. With
+    1000 training steps such ties first differ at n = 103."""
+    p = sd.VP.scaled_linear(num_train_timesteps=999)
+    assert Linspace()(p, 29)[6:9].tolist() == [784.0, 749.0, 713.0]
+    diffusers = pytest.importorskip("diffusers")
+    for m, n in ((999, 29), (999, 57), (1000, 103), (1000, 199), (1000, 741)):  # 1000 steps: from n = 103
+        sched = diffusers.DDIMScheduler(num_train_timesteps=m, timestep_spacing="linspace")
+        sched.set_timesteps(n)
+        ours = Linspace()(sd.VP.scaled_linear(num_train_timesteps=m), n)
+        assert ours.tolist() == sched.timesteps.double().tolist()
+
+
 def test_linspace_n1_and_leading_formula():
     p = PROCESSES["sd"]
     assert Linspace()(p, 1).tolist() == [999.0]

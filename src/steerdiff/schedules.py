@@ -440,13 +440,18 @@ class Linspace(_Discrete):
     """``round(linspace(N_train - 1, 0, n))``: ends at ``t = 0``; ``steps_offset`` is ignored.
 
     DDIM/DDPM/PNDM's ``linspace``. (Euler/Heun leave these times unrounded; DPM-Solver/UniPC/DEIS
-    take the first ``n`` of ``n + 1`` points instead.)
+    take the first ``n`` of ``n + 1`` points instead.) Computed as numpy's increasing ``linspace``,
+    reversed, so that ties at ``.5`` round as in diffusers (``N_train = 999``, ``n = 29``: 749, where
+    torch's decreasing ``linspace`` gave 748.4999...); one node is ``N_train - 1`` (diffusers: 0).
     """
 
     name = "linspace"
 
     def nodes(self, process: Process, n: int) -> Tensor:
-        return torch.linspace(self._train_steps(process) - 1, 0, n, dtype=F64).round()
+        m = self._train_steps(process)
+        if n == 1:
+            return torch.tensor([m - 1], dtype=F64)
+        return torch.from_numpy(np.linspace(0, m - 1, n).round()[::-1].copy())
 
 
 class Leading(_Discrete):
