@@ -963,15 +963,17 @@ def test_a_stochastic_family_without_noise_is_deterministic(noiseless, noisy):
         ("restart", "karras", (10, 19), 20),
         (sd.solvers.Restart(restart_info=[]), "karras", (10, 19), None),
         ("edm_sde", "karras", (2,), 3),
+        (sd.solvers.SASolver(tau=lambda t: 0.0), "karras", (5,), None),
+        (sd.solvers.SASolver(tau=lambda t: float(t > 0.5)), "karras", (), 5),
     ],
 )
 def test_a_solver_that_adds_no_noise_on_the_grid_is_refused(solver, schedule, quiet, noisy):
     """``Solver.noisy_on(grid)``: Restart's automatic plan restarts only from 20 steps on (and
     ``restart_info=[]`` never), EDM's churn acts only at nodes with ``sigma/alpha`` in ``[s_tmin, s_tmax]``
-    (on VP cosine no noisy node of Karras' 2 steps is, one of 3 is); elsewhere their steps are Heun's ODE
-    and draw no noise, so particle methods refuse them as they refuse DDIM(eta=0). Before, fk_steering
-    accepted restart at 10 and 19 steps and its 16 particles collapsed onto 2 distinct paths (6 at 20
-    steps, which restart)."""
+    (on VP cosine no noisy node of Karras' 2 steps is, one of 3 is), SA-Solver's ``tau`` function may vanish
+    on the whole grid; elsewhere their steps are the probability-flow ODE's and draw no noise, so particle
+    methods refuse them as they refuse DDIM(eta=0). Before, fk_steering accepted restart at 10 and 19 steps
+    and its 16 particles collapsed onto 2 distinct paths (6 at 20 steps, which restart)."""
     kw = dict(shape=(1, 2), particles=16, dtype=F64, generator=gen(0), schedule=schedule)
     for steps in quiet:
         with pytest.raises(ValueError, match=r"adds noise nowhere on this grid"):

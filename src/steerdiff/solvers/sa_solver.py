@@ -110,6 +110,12 @@ class SASolver(Solver):
         """Whether steps draw noise: ``tau > 0`` (a function of time counts as noisy)."""
         return callable(self.tau) or self.tau > 0
 
+    def noisy_on(self, grid: Grid) -> bool:
+        """Whether ``tau`` is positive at a node a noisy step starts from (a function of time may vanish on
+        the whole grid)."""
+        noisy = grid.steps - 1 if grid.clean_end else grid.steps
+        return any(self._tau(grid.t[i]) > 0 for i in range(noisy))
+
     def _tau(self, t: float) -> float:
         return real("SASolver", "tau", self.tau(t) if callable(self.tau) else self.tau, lo=0)
 
