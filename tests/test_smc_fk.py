@@ -939,7 +939,7 @@ def test_one_generator_per_batch_row_makes_each_row_batch_independent(method):
         (sd.solvers.EulerAncestral(eta=0.0), sd.solvers.EulerAncestral(eta=0.5)),
         (sd.solvers.DPMSolverSDEMultistep(eta=0.0), sd.solvers.DPMSolverSDEMultistep(eta=0.5)),
         (sd.solvers.DPMSolverSDE(eta=0.0), sd.solvers.DPMSolverSDE(eta=0.5)),
-        (sd.solvers.SASolver(tau=0.0), sd.solvers.SASolver(tau=lambda t: 0.0 if t < 500 else 1.0)),
+        (sd.solvers.SASolver(tau=0.0), sd.solvers.SASolver(tau=lambda t: 0.0 if t < 0.5 else 1.0)),
         (sd.solvers.ERSDE(noise_scale="ode"), sd.solvers.ERSDE(noise_scale="sde")),
         (sd.solvers.EDMStochasticHeun(s_churn=0.0), sd.solvers.EDMStochasticHeun(s_churn=10.0)),
         (sd.solvers.EDMStochasticHeun(s_noise=0.0), sd.solvers.EDMStochasticHeun(s_noise=0.5)),
