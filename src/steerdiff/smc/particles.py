@@ -715,7 +715,7 @@ def run_smc(
         solver, schedule, final: as in :func:`steerdiff.sample`; the solver must be stochastic when
             ``algorithm.stochastic`` (:func:`stochastic_solvers`) and add noise on the grid
             (:meth:`~steerdiff.solvers.base.Solver.noisy_on`: ``restart`` by default from 20 steps on,
-            ``edm_sde`` where a node is within ``[s_tmin, s_tmax]``).
+            ``edm_sde`` where a node is within ``[s_tmin, s_tmax]``, ``sa_solver`` where ``tau`` is not 0).
         ess_threshold: resample a row when its ESS falls below ``ess_threshold * N``, in ``[0, 1]``
             (0: never; 1: whenever its weights are not uniform).
         resampler: ``"systematic"`` (default), ``"stratified"``, ``"residual"``, ``"multinomial"`` or a
@@ -787,7 +787,7 @@ def run_smc(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
             f"{slv.name!r} adds noise nowhere on this grid of {steps} steps (Solver.noisy_on: restart's "
             "automatic plan restarts from 20 steps on, give restart_info; edm_sde churns only within "
-            "[s_tmin, s_tmax])"
+            "[s_tmin, s_tmax]; sa_solver's tau may vanish there)"
         )
     x = _initial_particles(den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
     in_dtype = x.dtype
