@@ -14,7 +14,8 @@ unconditional rows, of class ``d`` for the targeted ones. Deterministic rows sta
   2020): NFE 1000, the baseline of the Frechet-distance ratio;
 * ``real``: ``n`` training images, the Frechet distance's floor at that count;
 * ``cfg``: classifier-free guidance to label ``d`` at scale :data:`CFG_SCALE` (Ho & Salimans 2022),
-  the sampler's default for guided denoisers (DPM-Solver++(2M)), 10 steps: NFE 20;
+  the sampler's default for guided denoisers (here UniPC-2: every step after the first is within
+  :func:`~steerdiff.sampling.guided_max_h`), 10 steps: NFE 20;
 * ``classifier``: classifier guidance with the noise-conditional classifier at scale
   :data:`CLASSIFIER_SCALE` (Dhariwal & Nichol 2021) on the unconditional model, DDPM,
   :data:`CLASSIFIER_STEPS` steps;

@@ -100,7 +100,7 @@ def _unipc2_stiffness_limit(h: float) -> float:
     ``-1`` (checked against the spectral radius on a grid of ``h`` and ``G``):
     ``G = (1 + E) / [E (c_+ - c_0 + c_-) + (1 + E)(a_0 - a_1)]``, ``E = e^{-h}``, with the predictor's
     weights ``a_0, a_1 = (1 - E)(3/2, -1/2)`` and the corrector's ``c_+, c_0, c_-`` of ``m_{i+1}, m_i,
-    m_{i-1}`` (the exponential integral of their quadratic). About ``6 / (11 h)`` for short steps, 0.54
+    m_{i-1}`` (the exponential integral of their quadratic). About ``6 / (11 h)`` for short steps, 6/11
     of 2M's ``(1 + E) / (2 (1 - E))``; 0.94 at ``h = 0.8`` against 2M's 1.32.
     """
     e = math.exp(-h)
@@ -145,7 +145,8 @@ def guided_solver(steps: int, scale: float | None = None, grid: Grid | None = No
     diffusers' multistep schedulers default to order 2 for it. UniPC's corrector (Zhao et al. 2023)
     then raises the order by one for no extra evaluation, but with long steps it destabilizes guided
     runs too (diffusers' ``disable_corrector`` exists for the same reason): on the linear test its
-    stable stiffness is 0.54-0.7 of 2M's at the same step (:func:`_unipc2_stiffness_limit`). Measured by
+    stable stiffness is 0.55-0.71 of 2M's at the same step up to 0.8 (0.82 at 1.49;
+    :func:`_unipc2_stiffness_limit`). Measured by
     ``steerdiff bench guided`` (docs/bench/guided.txt; classifier-free guidance toward two components
     of the 16-d default mixture under SD, DDPM and zero-terminal-SNR betas, EDM and rectified flow, and
     of the 64-d one under SD, DDPM and zero-terminal-SNR betas and rectified flow; 2 x 256 samples

@@ -750,8 +750,8 @@ def guided_reference(
     ``steps`` DPM-Solver++(2M) steps on the log-SNR-uniform grid (no closed form exists for a guided
     denoiser), and its relative RMSE against UniPC-3's solution on the ``check_schedule`` grid of as
     many steps (the check of the reference; ``cond`` goes to the net). Under EDM the time-uniform grid
-    ends with a step of about 4 in log-SNR, which UniPC takes at first order: the check is then the
-    coarser one (2-3e-2 on the 16-d mixture), ``karras`` is not."""
+    ends with a step of about 4 in log-SNR, which UniPC takes at first order: the check then measures
+    that step's error rather than the reference's; ``karras`` does not."""
     ref = sampling.sample(den, x_T, steps, "dpmpp_2m", "logsnr_uniform", **cond)
     return ref, relative_rmse(sampling.sample(den, x_T, steps, "unipc", check_schedule, **cond), ref)
 

@@ -256,7 +256,7 @@ class GaussianMixture:
         means = self.means + (s_ax @ sol[:, :, None])[:, :, 0]
         # Joseph form S_k' = (I - K_k A) S_k (I - K_k A)^T + s^2 K_k K_k^T (= S_k - K_k C_k K_k^T): PSD by
         # construction and accurate to relative round-off where S_k' << S_k (A of full column rank and
-        # small s). The difference S_k - K_k C_k K_k^T cancels there: 1e-4 relative off at s = 1e-6 and
+        # small s). The difference S_k - K_k C_k K_k^T cancels there: 1.4e-4 relative off at s = 1e-6 and
         # indefinite round-off at s = 0 (a point-mass posterior), which the constructor refused.
         gain = torch.cholesky_solve(s_ax.mT, chol).mT  # K_k = S_k A^T C_k^{-1}, (k, d, m)
         root = self._root if self.full else torch.diag_embed(self.variances.sqrt())
