@@ -507,7 +507,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             see otherwise: the guided default's long-step limits grow as it falls
             (:func:`steerdiff.sampling.guided_max_h` and ``guided_corrector_max_h``: 2.04 and 1.49 at
             scale 2), and from 1 down the default is the unguided one; ``None`` (default): unknown,
-            guided, with the limit of scale 7.5 (0.8 in log-SNR). Pass 1 for unguided pipelines (``DDPMPipeline``).
+            guided, with the limit of scale 7.5 (0.8 in log-SNR). Pass 1 for unguided pipelines
+            (``DDPMPipeline``).
         schedule: a name of :func:`steerdiff.schedules.available`, a Schedule instance (or as the
             config stores it), or a custom grid (process times; kept as that list).
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
