@@ -204,3 +204,18 @@ def test_draw_takes_one_generator_per_row(fn):
         draw((3, 2), [torch.Generator()] * 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"generator must be None, a torch\.Generator or a list of them"):
         draw((2, 3), [torch.Generator(), 5], torch.float32, "cpu")
+
+
+def test_brownian_tree_normalizes_by_the_interval_it_resolves():
+    """torchsde's tree resolves times to 1e-6 (6 decimals): the increment over [0.3, 0.3000015] is the
+    one over [0.3, 0.300001], divided by sqrt(1e-6) (before: by sqrt(1.5e-6), std 0.82); two times that
+    round to one point give 0 (before: torchsde recursed without end, RecursionError)."""
+    n = 20000
+    big = torch.zeros(1, n, dtype=F64)
+    tree = sd.noise.BrownianTreeNoise(big, 0.0, 1.0, seed=2)
+    z = tree(0.3000015, 0.3, big)
+    assert abs(float(z.std()) - 1) < 5 / math.sqrt(2 * n)  # measured 0.989
+    like = torch.zeros(2, 3, dtype=F64)
+    small = sd.noise.BrownianTreeNoise(like, 0.0, 1.0, seed=2)
+    assert torch.equal(small(0.3000003, 0.3, like), torch.zeros_like(like))
+    assert small(0.300001, 0.3, like).abs().min() > 0

@@ -149,8 +149,15 @@ class PerSampleNoise:
         return randn(like.shape, self.generators, like.dtype, like.device)
 
 
+_TREE_DIGITS = 6  # BrownianTreeNoise's time resolution: torchsde's tol = 1e-6 rounds times to 6 decimals
+
+
 class BrownianTreeNoise:
     """Normalized increments of one Brownian motion per sample over process time.
+
+    The tree resolves times to 1e-6 (torchsde's ``tol``): the increment over ``[t_to, t_from]`` is
+    the one between the two times rounded to 6 decimals, divided by the square root of that rounded
+    length (standard normal), and 0 where both round to the same time.
 
     Args:
         like: a batched tensor of the batch's shape and device; the path is kept in its work dtype
@@ -192,14 +199,16 @@ class BrownianTreeNoise:
                 dtype=work_dtype(like.dtype),
                 device=like.device,
                 entropy=s,
-                tol=1e-6,
+                tol=10.0**-_TREE_DIGITS,
                 halfway_tree=True,
             )
             for s in seeds
         ]
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        lo, hi = sorted(min(max(t, self.t_min), self.t_max) for t in (t_from, t_to))
+        # the tree resolves times to _TREE_DIGITS decimals: normalize by the interval it resolves, and
+        # give 0 where both ends round to one point (torchsde recursed without end on such a query)
+        lo, hi = sorted(round(min(max(t, self.t_min), self.t_max), _TREE_DIGITS) for t in (t_from, t_to))
         if hi - lo <= 0:
             return torch.zeros_like(like)
         sign = 1.0 if t_to >= t_from else -1.0
