@@ -219,3 +219,17 @@ def test_brownian_tree_normalizes_by_the_interval_it_resolves():
     small = sd.noise.BrownianTreeNoise(like, 0.0, 1.0, seed=2)
     assert torch.equal(small(0.3000003, 0.3, like), torch.zeros_like(like))
     assert small(0.300001, 0.3, like).abs().min() > 0
+
+
+def test_brownian_tree_refuses_a_step_outside_its_range(gmm, sd_process):
+    """A tree over k-diffusion's sigma range [0.002, 80] under a VP process of times [0, 999]: every
+    step above 80 was clamped to [80, 80] and got no noise, silently (8 of ddpm's 9 draws here)."""
+    den, x_T = gmm.denoiser(sd_process), noise(2, 8)
+    tree = sd.noise.BrownianTreeNoise(x_T, 0.002, 80.0, seed=1)
+    with pytest.raises(ValueError, match=r"a step from t_from=999\.0 .* \[0\.002, 80\.0\]"):
+        sd.sample(den, x_T, steps=10, solver="ddpm", schedule="time_uniform", generator=tree)
+    # inside the range, and within its resolution of the ends: as before
+    like = torch.zeros(2, 3, dtype=F64)
+    tree = _tree(like)
+    assert torch.equal(tree(999.0 + 5e-7, 500.0, like), tree(999.0, 500.0, like))
+    assert torch.equal(tree(10.0, -5e-7, like), tree(10.0, 0.0, like))

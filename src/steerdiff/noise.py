@@ -165,7 +165,8 @@ class BrownianTreeNoise:
             keeps its state), and each increment is returned in the dtype and device of the call's
             ``like`` (the state it is added to).
         t_min, t_max: the time interval the path is defined on, finite with ``t_min < t_max`` (a
-            process's range: ``process.t_min, process.t_max``).
+            process's range: ``process.t_min, process.t_max``); a step leaving it by more than the
+            resolution 1e-6 is refused (it would get no noise there).
         seed: one integer (sample ``b`` uses ``seed + b``) or one integer per sample.
     """
 
@@ -206,6 +207,13 @@ class BrownianTreeNoise:
         ]
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        slack = 10.0**-_TREE_DIGITS
+        if min(t_from, t_to) < self.t_min - slack or max(t_from, t_to) > self.t_max + slack:
+            raise ValueError(
+                f"BrownianTreeNoise: a step from t_from={t_from} to t_to={t_to} leaves the path's range "
+                f"[t_min, t_max] = [{self.t_min}, {self.t_max}], where it would get no noise; build the "
+                "tree over the process's times: BrownianTreeNoise(x_T, process.t_min, process.t_max)"
+            )
         # the tree resolves times to _TREE_DIGITS decimals: normalize by the interval it resolves, and
         # give 0 where both ends round to one point (torchsde recursed without end on such a query)
         lo, hi = sorted(round(min(max(t, self.t_min), self.t_max), _TREE_DIGITS) for t in (t_from, t_to))
