@@ -4,6 +4,7 @@ unit-variance increments and couples runs with different step counts, bad genera
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -233,3 +234,14 @@ def test_brownian_tree_refuses_a_step_outside_its_range(gmm, sd_process):
     tree = _tree(like)
     assert torch.equal(tree(999.0 + 5e-7, 500.0, like), tree(999.0, 500.0, like))
     assert torch.equal(tree(10.0, -5e-7, like), tree(10.0, 0.0, like))
+
+
+def test_brownian_tree_refuses_a_state_of_another_shape():
+    """Built for (2, 4): a (3, 4) state raised torch's reshape error, a (4, 2) one got the two paths
+    reshaped across its rows, silently."""
+    tree = sd.noise.BrownianTreeNoise(torch.zeros(2, 4), 0.0, 1.0, seed=0)
+    for shape in ((3, 4), (4, 2)):
+        msg = f"like has shape {shape}, the tree was built for (2, 4)"
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            tree(0.9, 0.1, torch.zeros(shape))
+    assert tree(0.9, 0.1, torch.zeros(2, 4, dtype=F64)).shape == (2, 4)

@@ -186,6 +186,7 @@ class BrownianTreeNoise:
                 f"{who}: like must be a batched floating tensor (batch, *sample_shape), got {got}"
             )
         self.t_min, self.t_max = ordered(who, "t_min", t_min, "t_max", t_max)
+        self.shape = tuple(like.shape)
         if isinstance(seed, Sequence) and not isinstance(seed, str | bytes):
             seeds = [integer(who, f"seed[{b}]", s) for b, s in enumerate(seed)]
         else:
@@ -207,6 +208,11 @@ class BrownianTreeNoise:
         ]
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        if tuple(like.shape) != self.shape:
+            raise ValueError(
+                f"BrownianTreeNoise: like has shape {tuple(like.shape)}, the tree was built for {self.shape} "
+                "(one path per sample); build it from the run's x_T"
+            )
         slack = 10.0**-_TREE_DIGITS
         if min(t_from, t_to) < self.t_min - slack or max(t_from, t_to) > self.t_max + slack:
             raise ValueError(
