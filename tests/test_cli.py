@@ -511,7 +511,12 @@ def test_sample_writes_what_sd_sample_gives(tmp_path, capsys, suffix):
         ),
         (
             ["sample", "--scale", "5", "--out", "x.pt"],
-            ".png output, --guidance, --label and --scale need --model digits",
+            ".png output, --guidance, --label, --scale and --weights need --model digits",
+        ),
+        # before: --weights without --model digits was ignored (the gmm sampled and written)
+        (
+            ["sample", "--weights", "w", "--out", "x.pt"],
+            ".png output, --guidance, --label, --scale and --weights need --model digits",
         ),
         # before: passed argparse's >= 1, then "--n must be >= 2"
         (["demo", "--n", "1"], "argument --n: must be an integer >= 2, got '1'"),

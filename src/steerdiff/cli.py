@@ -657,8 +657,9 @@ def _sample(args: argparse.Namespace) -> int:
         or args.guidance != "none"
         or args.label is not None
         or args.scale is not None
+        or args.weights is not None
     ):
-        args.parser.error(".png output, --guidance, --label and --scale need --model digits")
+        args.parser.error(".png output, --guidance, --label, --scale and --weights need --model digits")
     gmm, proc = default_model()
     x_T = initial_noise(args.n, gmm.dim, args.seed)
     x, info = sampling.sample(
