@@ -299,7 +299,7 @@ def save_model(
 ) -> Path:
     """Write ``net``'s weights, its constructor ``config`` and (a denoiser's) ``prediction`` type
     (safetensors metadata) to ``path``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +307,14 @@ def save_model(
     meta = {"model": model, "config": json.dumps(config, sort_keys=True)}
     if prediction is not None:
         meta["prediction"] = prediction
-    save_file(state, str(path), metadata=meta)
+    data = save(state, metadata=meta)
+    # safetensors writes the metadata keys in a random order (a Rust HashMap, safetensors#584): sorted
+    # here, so the same weights give the same bytes (the header keeps its length, padded with spaces)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    path.write_bytes(data[:8] + text.ljust(n) + data[8 + n :] if len(text) <= n else data)
     return path
 
 
