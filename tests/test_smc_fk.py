@@ -403,6 +403,22 @@ def test_code_one_branch_is_the_base_sampler():
     assert torch.equal(out.x[:, 0], ref)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, math.inf])
+def test_svdd_one_candidate_is_the_base_sampler(alpha):
+    """``M = 1``: one candidate per step, nothing to select, so the run is ``sd.sample``'s bit for bit
+    with the same generator (before: for ``alpha > 0`` each node drew its selection's uniform from the
+    generator, shifting every later noise draw: a different sample, max |diff| 3.0 here)."""
+    out = sd.smc.svdd(
+        DEN, linear, alpha, shape=(4, 2), particles=1, steps=10, solver=SOLVER, generator=gen(2), dtype=F64
+    )
+    g = gen(2)
+    x_T = torch.randn(4, 2, generator=g, dtype=F64)
+    ref = sd.sample(DEN, x_T, steps=10, solver=SOLVER, schedule="karras_jump", generator=g)
+    assert torch.equal(out.x[:, 0], ref)
+    assert torch.equal(out.reward[:, 0], linear(ref))
+    assert out.nfe == 10
+
+
 def test_code_steers_towards_reward():
     """All branches start from one x_T; selection every block raises the reward above the base
     sampler's exact mean, and more branches raise it more."""

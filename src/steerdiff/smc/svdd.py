@@ -9,7 +9,8 @@ every step each sample proposes ``M`` candidates from the base (stochastic) tran
     x_{i+1} = x_{i+1}^k,   k ~ Categorical(softmax_j(v(x_{i+1}^j) / alpha))     (their Alg. 1),
 
 ``k = argmax_j v(x_{i+1}^j)`` for ``alpha = 0``; ``alpha = inf`` picks uniformly, which is the base
-sampler. The value is SVDD-PM's posterior-mean approximation ``v(x_i) = r(x0_hat(x_i))``
+sampler. ``M = 1`` selects nothing and draws nothing: the base sampler's run, draw for draw.
+The value is SVDD-PM's posterior-mean approximation ``v(x_i) = r(x0_hat(x_i))``
 (Tweedie's estimate: the reward need not be differentiable). On the engine: the ``M`` candidates
 are the ``M`` particles of a batch row; the step at node ``i + 1`` evaluates the denoiser on each
 candidate, which gives both its value and (for the one kept) its next base transition, and the
@@ -80,7 +81,7 @@ class SVDD(SMCAlgorithm):
         return self._log_select(r)
 
     def resample(self, ctx: StepContext, log_w: Tensor, generator: Generators) -> Tensor:
-        if ctx.i == 0:  # one x_T per batch row
+        if ctx.i == 0 or log_w.shape[1] == 1:  # one x_T per batch row; one candidate: nothing to draw
             return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
         r = ctx.reward(ctx.x0)
         if self.alpha == 0:  # no draw: the same run as CoDe with block = 1
