@@ -497,6 +497,48 @@ def test_code_selects_the_best_denoised_branch():
     assert any(not torch.equal(p, q) for p, q in zip(picks, noisy, strict=True))
 
 
+def test_svdd_selects_by_softmax_of_the_denoised_values():
+    """SVDD-PM (Li et al. 2024, Alg. 1) reproduced by hand: DDPM from one common ``x_T``; at each node
+    ``i >= 1`` every candidate of a row continues from candidate ``k ~ softmax_j(r(x0_hat(x_i^j)) / alpha)``,
+    drawn by the inverse CDF of one uniform per row (drawn before the step's noise). Same generator,
+    same draws: the hand-made run must match to rounding, and some picks are not the argmax."""
+    batch, n, steps, alpha = 3, 5, 6, 0.3
+    out = sd.smc.svdd(
+        DEN,
+        wavy,
+        alpha,
+        shape=(batch, 2),
+        particles=n,
+        steps=steps,
+        solver="ddpm",
+        generator=gen(5),
+        dtype=F64,
+    )
+    grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), steps)
+    g, rows = gen(5), torch.arange(batch)
+    x = torch.randn(batch, n, 2, generator=g, dtype=F64)
+    not_argmax = 0
+    for i in range(steps):
+        x0 = DEN(x.reshape(-1, 2), grid.t[i]).x0.reshape(batch, n, 2)
+        k = torch.zeros(batch, dtype=torch.long)
+        if i > 0:
+            v = wavy(x0.reshape(-1, 2)).reshape(batch, n)
+            u = torch.rand(batch, 1, generator=g, dtype=F64)
+            k = (torch.softmax(v / alpha, -1).cumsum(-1) <= u).sum(-1).clamp(max=n - 1)
+            not_argmax += int((k != v.argmax(-1)).sum())
+        x, x0 = x[rows, k][:, None].expand(batch, n, 2), x0[rows, k][:, None].expand(batch, n, 2)
+        if i == steps - 1:
+            x = x0
+            break
+        a0, a1, s1 = grid.alpha[i], grid.alpha[i + 1], grid.sigma[i + 1]
+        e = math.exp(-2 * (grid.lam[i + 1] - grid.lam[i]))  # posterior q(x_{i+1} | x_i, x0_hat)
+        mean = e * a1 / a0 * x + a1 * (1 - e) * x0
+        x = mean + s1 * math.sqrt(1 - e) * torch.randn(batch * n, 2, generator=g, dtype=F64).reshape(x.shape)
+    assert torch.allclose(out.x, x, rtol=0, atol=1e-10)
+    assert not_argmax > 0
+    assert out.nfe == steps * n
+
+
 # --- chunking, memory, conditioning, reproducibility --------------------------------------------------
 
 
