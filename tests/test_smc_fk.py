@@ -1045,6 +1045,7 @@ def test_a_solver_that_adds_no_noise_on_the_grid_is_refused(solver, schedule, qu
     ("generator", "got"),
     [
         ([gen(0), gen(1), gen(2)], "a list of 3"),
+        ([gen(0), 1], "a list of 2 whose [1] is int"),
         (sd.noise.GeneratorNoise(gen(0)), "GeneratorNoise"),
         (3, "int"),
     ],

@@ -241,7 +241,12 @@ def check_generators(who: str, generator: object, rows: int | None = None) -> Ge
         if 0 < len(listed) == len(generator) and (rows is None or len(listed) == rows):
             return listed
     if rows is not None:
-        got = f"a list of {len(generator)}" if isinstance(generator, Sequence) else type(generator).__name__
+        got = type(generator).__name__
+        if isinstance(generator, Sequence):
+            bad = next((i for i, g in enumerate(generator) if not isinstance(g, torch.Generator)), None)
+            got = f"a list of {len(generator)}" + (
+                "" if bad is None else f" whose [{bad}] is {type(generator[bad]).__name__}"
+            )
         raise ValueError(
             f"{who}: generator must be None, one torch.Generator or a list of batch = {rows} of them (one "
             f"per batch row), got {got}"
