@@ -443,6 +443,18 @@ def test_code_steers_towards_reward():
     assert base + 0.3 < means[2] < means[8], (base, means)
 
 
+def _ddpm_step(
+    grid: sd.solvers.Grid, i: int, x: torch.Tensor, x0: torch.Tensor, g: torch.Generator
+) -> torch.Tensor:
+    """DDPM's step by hand, a draw from the posterior ``q(x_{i+1} | x_i, x0_hat)``; the draws in the
+    order the engine makes them (``batch * particles`` rows of the sample shape)."""
+    a0, a1, s1 = grid.alpha[i], grid.alpha[i + 1], grid.sigma[i + 1]
+    e = math.exp(-2 * (grid.lam[i + 1] - grid.lam[i]))
+    mean = e * a1 / a0 * x + a1 * (1 - e) * x0
+    z = torch.randn(x.reshape(-1, x.shape[-1]).shape, generator=g, dtype=F64).reshape(x.shape)
+    return mean + s1 * math.sqrt(1 - e) * z
+
+
 def test_code_selects_the_best_denoised_branch():
     """CoDe reproduced by hand: DDPM (Ho et al. Eq. 6-7) from one common ``x_T``; at each block node
     ``i = 2, 4, 6`` every branch of a row continues from the branch whose *denoised estimate*
@@ -483,10 +495,7 @@ def test_code_selects_the_best_denoised_branch():
         if i == steps - 1:
             x = x0
             break
-        a0, a1, s1 = grid.alpha[i], grid.alpha[i + 1], grid.sigma[i + 1]
-        e = math.exp(-2 * (grid.lam[i + 1] - grid.lam[i]))  # posterior q(x_{i+1} | x_i, x0_hat)
-        mean = e * a1 / a0 * x + a1 * (1 - e) * x0
-        x = mean + s1 * math.sqrt(1 - e) * torch.randn(batch * n, 2, generator=g, dtype=F64).reshape(x.shape)
+        x = _ddpm_step(grid, i, x, x0, g)
     assert len(picks) == 3 and len(seen) == 4  # block nodes 2, 4, 6, then the final samples
     assert torch.allclose(out.x, x, rtol=0, atol=1e-10)
     last = x0s[steps - 1].reshape(batch, n, 2)[torch.arange(batch), picks[-1]]
@@ -530,10 +539,7 @@ def test_svdd_selects_by_softmax_of_the_denoised_values():
         if i == steps - 1:
             x = x0
             break
-        a0, a1, s1 = grid.alpha[i], grid.alpha[i + 1], grid.sigma[i + 1]
-        e = math.exp(-2 * (grid.lam[i + 1] - grid.lam[i]))  # posterior q(x_{i+1} | x_i, x0_hat)
-        mean = e * a1 / a0 * x + a1 * (1 - e) * x0
-        x = mean + s1 * math.sqrt(1 - e) * torch.randn(batch * n, 2, generator=g, dtype=F64).reshape(x.shape)
+        x = _ddpm_step(grid, i, x, x0, g)
     assert torch.allclose(out.x, x, rtol=0, atol=1e-10)
     assert not_argmax > 0
     assert out.nfe == steps * n
