@@ -1,4 +1,5 @@
-"""The one figure layout of the case-by-case benchmarks: a grid of log-log panels, one per case."""
+"""The figure layouts of the case-by-case benchmarks: a grid of log-log panels, one per case, and one
+error-against-error scatter around the diagonal."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["panel_figure", "pyplot", "write_outputs"]
+__all__ = ["diagonal_scatter", "panel_figure", "pyplot", "write_outputs"]
 
 
 def pyplot() -> Any | None:
@@ -85,6 +86,44 @@ def panel_figure(
     axes.flat[0].set_ylabel(ylabel)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def diagonal_scatter(
+    path: str | Path,
+    series: Iterable[tuple[str, Sequence[float], Sequence[float], dict[str, Any]]],
+    limits: tuple[float, float],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    *,
+    figsize: tuple[float, float] = (5.5, 5.0),
+    legend_size: int = 8,
+    unit_lines: bool = False,
+) -> bool:
+    """One error against another, one point per case: ``series`` of ``(label, xs, ys, scatter options)``
+    on log-log axes over ``limits`` with the diagonal dashed (below it the ``y`` side is better);
+    ``unit_lines``: dotted lines at 1 too. ``False`` (logged) if matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=figsize)
+    for label, xs, ys, options in series:
+        ax.scatter(xs, ys, label=label, **options)
+    lo, hi = limits
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    if unit_lines:
+        ax.axhline(1, color="grey", ls=":", lw=0.8)
+        ax.axvline(1, color="grey", ls=":", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -57,7 +57,7 @@ from ..solvers.base import Grid, Solver, make_grid
 from ..solvers.dpmpp import DPMSolverPPMultistep
 from ..solvers.unipc import UniPC
 from ..toy.gmm import default_benchmark_mixture
-from ._figure import panel_figure, pyplot, write_outputs
+from ._figure import diagonal_scatter, panel_figure, write_outputs
 from .longstep import processes
 from .solvers import CFG_REFERENCE_STEPS, cfg_denoiser, guided_reference, initial_noise
 
@@ -678,30 +678,29 @@ def format_validation(result: GuidedValidation) -> str:
 def plot_validation(result: GuidedValidation, path: str | Path) -> bool:
     """The default's error against the old default's, one point per case, a colour per set (log-log, the
     diagonal dashed). ``False`` (logged) if matplotlib is not installed."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(6.0, 5.5))
     values = [v for _, c in result.cases for v in (c.errors["default"], c.errors[OLD_DEFAULT])]
     finite = [v for v in values if 0 < v < math.inf]
     lo, hi = min(finite) / 1.5, max(finite) * 1.5
-    for label, b in result.sets.items():
-        old = [min(c.errors[OLD_DEFAULT], hi) for c in b.cases]
-        new = [min(c.errors["default"], hi) for c in b.cases]
-        ax.scatter(old, new, s=9, alpha=0.7, label=f"{label} ({len(b.cases)})")
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.axhline(1, color="grey", ls=":", lw=0.8)
-    ax.axvline(1, color="grey", ls=":", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi))
-    ax.set_xlabel(f"old default (2m_scaled below {GUIDED_CORRECTOR_FROM} steps): relative RMSE")
-    ax.set_ylabel("default: relative RMSE")
-    ax.set_title("Guided default on validation data: below the diagonal the rule helps", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    series = [
+        (
+            f"{label} ({len(b.cases)})",
+            [min(c.errors[OLD_DEFAULT], hi) for c in b.cases],
+            [min(c.errors["default"], hi) for c in b.cases],
+            {"s": 9, "alpha": 0.7},
+        )
+        for label, b in result.sets.items()
+    ]
+    return diagonal_scatter(
+        path,
+        series,
+        (lo, hi),
+        f"old default (2m_scaled below {GUIDED_CORRECTOR_FROM} steps): relative RMSE",
+        "default: relative RMSE",
+        "Guided default on validation data: below the diagonal the rule helps",
+        figsize=(6.0, 5.5),
+        legend_size=7,
+        unit_lines=True,
+    )
 
 
 def write_validation(result: GuidedValidation, out: str | Path) -> tuple[Path, Path | None]:

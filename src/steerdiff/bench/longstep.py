@@ -32,7 +32,7 @@ from ..solvers.base import make_grid
 from ..solvers.dpmpp import DPMSolverPPMultistep
 from ..solvers.unipc import UniPC
 from ..toy.gmm import default_benchmark_mixture
-from ._figure import pyplot, write_outputs
+from ._figure import diagonal_scatter, write_outputs
 
 __all__ = [
     "PROCESSES",
@@ -181,26 +181,21 @@ def _case(r: LongStep) -> str:
 def plot(result: LongStepBench, path: str | Path) -> bool:
     """Error with the rule against error without it, one point per changed case, by solver (log-log,
     the diagonal dashed). ``False`` (logged) if matplotlib is not installed."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    values = [v for r in result.rows for v in (r.with_rule, r.without)] or [1e-3, 1.0]
+    series = []
     for solver, marker in zip(SOLVERS, "os^", strict=True):
         rs = [r for r in result.rows if r.solver == solver]
-        ax.scatter([r.without for r in rs], [r.with_rule for r in rs], s=14, marker=marker, label=solver)
-    values = [v for r in result.rows for v in (r.with_rule, r.without)] or [1e-3, 1.0]
-    lo, hi = min(values) / 2, max(values) * 2
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi))
-    ax.set_xlabel("relative RMSE without the rule (max_h=inf)")
-    ax.set_ylabel("relative RMSE with the rule (default)")
-    ax.set_title("Long steps at first order: below the diagonal it helps", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        series.append(
+            (solver, [r.without for r in rs], [r.with_rule for r in rs], {"s": 14, "marker": marker})
+        )
+    return diagonal_scatter(
+        path,
+        series,
+        (min(values) / 2, max(values) * 2),
+        "relative RMSE without the rule (max_h=inf)",
+        "relative RMSE with the rule (default)",
+        "Long steps at first order: below the diagonal it helps",
+    )
 
 
 def write_results(result: LongStepBench, out: str | Path) -> tuple[Path, Path | None]:
