@@ -17,6 +17,7 @@ import steerdiff as sd
 from steerdiff.guidance import ClassifierGuidance, RewardGuidance, SelfRecurrence
 from steerdiff.solvers.base import advance
 
+from .reference import smooth_v_net
 from .test_guidance_cfg import affine_law, learned_variance, two_class
 
 F64 = torch.float64
@@ -307,13 +308,7 @@ def test_gradient_guidance_keeps_float32_accuracy_near_zero_snr(kind):
     b = torch.randn(16, generator=g, dtype=F64) / 4
     x = torch.randn(256, 16, generator=g, dtype=F64)
 
-    def net(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # v of a smooth x0 predictor, in float64
-        a, s = proc.alpha(t.double())[:, None], proc.sigma(t.double())[:, None]
-        v64 = v.double()
-        x0 = mu + a * (v64 - a * mu) + 0.1 * torch.tanh(v64 @ w)
-        return (a * (v64 - a * x0) / s - s * x0).to(v.dtype)
-
-    den = sd.Denoiser(net, proc, "v")
+    den = sd.Denoiser(smooth_v_net(proc, mu, w), proc, "v")
     if kind == "classifier":
         guided = ClassifierGuidance(den, lambda v, t: v @ b.to(v.dtype))
     else:

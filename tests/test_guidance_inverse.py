@@ -16,7 +16,7 @@ from steerdiff.guidance import DPS, MCG, PiGDM, RePaint, repaint_nfe, repaint_sa
 from steerdiff.guidance._measurement import MeasurementGuided
 from steerdiff.inverse import Blur, Inpaint, Matrix
 
-from .reference import half_net
+from .reference import half_net, smooth_v_net
 from .test_guidance_cfg import learned_variance
 
 F64 = torch.float64
@@ -142,13 +142,7 @@ def test_dps_keeps_float32_accuracy_near_zero_snr() -> None:
     A, y = torch.randn(4, 16, generator=g, dtype=F64) / 4, torch.randn(4, generator=g, dtype=F64)
     x_T = torch.randn(256, 16, generator=g, dtype=F64)
 
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # v of a smooth x0 predictor, in float64
-        a, s = proc.alpha(t.double())[:, None], proc.sigma(t.double())[:, None]
-        x64 = x.double()
-        x0 = mu + a * (x64 - a * mu) + 0.1 * torch.tanh(x64 @ w)
-        return (a * (x64 - a * x0) / s - s * x0).to(x.dtype)
-
-    guided = DPS(sd.Denoiser(net, proc, "v"), Matrix(A, noise_std=0.05), y, scale=2.0)
+    guided = DPS(sd.Denoiser(smooth_v_net(proc, mu, w), proc, "v"), Matrix(A, noise_std=0.05), y, scale=2.0)
     ref, out = (
         sd.sample(guided, x_T.to(dtype), steps=20, solver="dpmpp_2m", schedule="time_uniform").double()
         for dtype in (F64, torch.float32)
