@@ -350,7 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: %(default)s",
     )
     sp.add_argument(
-        "--seed", type=int, default=0, help="seed of x_T; stochastic samplers use seed + 1 (default: 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of x_T and, through seed + 1, of stochastic samplers' noise; sample i is the same "
+        "whatever --n (default: 0)",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_sample, parser=sp)
@@ -601,6 +605,13 @@ def _bench_guided(args: argparse.Namespace) -> int:
     return _report(guided.format_report(result), args.out, "guided", csv_path, png_path)
 
 
+def _sample_noise(n: int, seed: int) -> list[torch.Generator]:
+    """One generator per sample for stochastic solvers, seeded from ``seed + 1``'s stream: sample ``i`` is
+    the same whatever ``--n`` (as ``x_T``'s rows are)."""
+    seeds = torch.randint(2**62, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
 def _sample_digits(args: argparse.Namespace) -> int:
     from . import guidance
     from .bench.digits import save_grid
@@ -624,7 +635,7 @@ def _sample_digits(args: argparse.Namespace) -> int:
     with torch.set_grad_enabled(args.guidance == "classifier"):
         x, info = sampling.sample(
             den, x_T, args.steps, args.solver, args.schedule, progress=not args.no_progress,
-            generator=torch.Generator().manual_seed(args.seed + 1), return_info=True, label=label,
+            generator=_sample_noise(args.n, args.seed), return_info=True, label=label,
         )  # fmt: skip
     x = x.detach()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -668,7 +679,7 @@ def _sample(args: argparse.Namespace) -> int:
         steps=args.steps,
         solver=args.solver,
         schedule=args.schedule,
-        generator=torch.Generator().manual_seed(args.seed + 1),  # stochastic samplers' noise
+        generator=_sample_noise(args.n, args.seed),
         progress=not args.no_progress,
         return_info=True,
     )
