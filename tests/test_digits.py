@@ -226,6 +226,17 @@ def test_committed_weights_are_small():
 # ---------------------------------------------------------------- training
 
 
+def test_train_quick_needs_out(capsys):
+    # before: the smoke-test nets replaced the committed weights (the loaders' folder is the default out)
+    stamp = {p: p.stat().st_mtime_ns for p in D.WEIGHTS_DIR.glob("*.safetensors")}
+    with pytest.raises(SystemExit):
+        main(["train", "digits", "--quick"])
+    assert "--quick needs --out DIR" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="quick=True needs an out folder"):
+        train_digits.train(quick=True, models=("denoiser",))
+    assert stamp and {p: p.stat().st_mtime_ns for p in D.WEIGHTS_DIR.glob("*.safetensors")} == stamp
+
+
 def test_train_cli_quick_is_deterministic(tmp_path, capsys):
     assert main(["train", "digits", "--quick", "--out", str(tmp_path / "a"), "--seed", "1"]) == 0
     assert "digits_denoiser.safetensors" in capsys.readouterr().out

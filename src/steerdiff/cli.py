@@ -390,14 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     td.add_argument("--out", type=Path, default=None, help="output folder (default: the package's weights)")
     td.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    td.add_argument("--quick", action="store_true", help="a few steps per net (smoke test)")
+    td.add_argument("--quick", action="store_true", help="a few steps per net (smoke test; needs --out)")
     td.add_argument(
         "--threads",
         type=_positive,
         default=1,
         help="torch intra-op threads (default: 1, as for the committed weights; the bits depend on it)",
     )
-    td.set_defaults(func=_train_digits)
+    td.set_defaults(func=_train_digits, parser=td)
     return parser
 
 
@@ -698,6 +698,8 @@ def _sample(args: argparse.Namespace) -> int:
 def _train_digits(args: argparse.Namespace) -> int:
     from .toy import train_digits
 
+    if args.quick and args.out is None:
+        args.parser.error("--quick needs --out DIR: its smoke-test nets would replace the committed weights")
     result = _with_threads(args.threads, lambda: train_digits.train(args.out, args.seed, args.quick))
     echo(train_digits.format_report(result))
     return 0

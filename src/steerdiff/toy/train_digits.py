@@ -131,8 +131,14 @@ def train(
     """Train the digits ``models`` and write ``out/digits_{model}.safetensors`` (``out`` defaults to
     the package's :data:`~steerdiff.toy.digits.WEIGHTS_DIR`, where the loaders look).
 
-    ``quick`` trains :data:`QUICK_STEPS` steps per net (a smoke test; the nets are then useless).
+    ``quick`` trains :data:`QUICK_STEPS` steps per net (a smoke test; the nets are then useless), so it
+    needs an ``out`` of its own: into the package's folder it would replace the trained weights.
     """
+    if quick and out is None:
+        raise ValueError(
+            f"train: quick=True needs an out folder; without it the smoke-test nets would replace the "
+            f"trained weights in {_d.WEIGHTS_DIR}"
+        )
     for m in models:
         if m not in _d.MODELS:
             raise ValueError(f"train: unknown model {m!r}; accepted: {_d.MODELS}")
