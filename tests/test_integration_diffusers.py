@@ -1035,6 +1035,10 @@ BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: {**diffusers.LCMScheduler().config, "_class_name": "LCMScheduler"}, "LCMScheduler"),
     (lambda: diffusers.LCMScheduler().config, "consistency"),
     (lambda: diffusers.ScoreSdeVeScheduler().config, "variance-exploding"),
+    # made in code (no _class_name): read as flow matching before, sampled as an ODE
+    (lambda: diffusers.FlowMatchLCMScheduler().config, "consistency-distilled"),
+    (lambda: diffusers.HeliosScheduler().config, "multi-stage"),
+    (lambda: {**diffusers.HeliosDMDScheduler().config, "_class_name": "HeliosDMDScheduler"}, "HeliosDMD"),
     (lambda: {**diffusers.FlowMatchEulerDiscreteScheduler().config, "invert_sigmas": True}, "invert_sigmas"),
     # no beta_schedule, no flow keys: read as DDPM's linear betas before (a flow model as a VP one)
     (lambda: diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0).config, "'shift'"),

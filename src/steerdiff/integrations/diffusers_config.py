@@ -54,6 +54,8 @@ _UNSUPPORTED = {
     "LCMScheduler": "a consistency-distilled model",
     "TCDScheduler": "a consistency-distilled model",
     "FlowMatchLCMScheduler": "a consistency-distilled model",
+    "HeliosScheduler": "a multi-stage (pyramid) flow model",
+    "HeliosDMDScheduler": "a distilled multi-stage (pyramid) flow model",
     "ScoreSdeVeScheduler": "a variance-exploding score model",
     "KarrasVeScheduler": "a variance-exploding model",
     "IPNDMScheduler": "a model without a beta schedule",
@@ -65,6 +67,8 @@ _UNSUPPORTED = {
 _UNSUPPORTED_KEYS = {
     "sigma_data": "an EDM-preconditioned or consistency model",
     "timestep_scaling": "a consistency-distilled model",
+    "scale_factors": "a consistency-distilled model",  # FlowMatchLCM
+    "stages": "a multi-stage (pyramid) flow model",  # Helios, HeliosDMD
     "sampling_eps": "a variance-exploding score model",
     "num_vec_classes": "a discrete-token model",
     "mask_token_id": "a discrete-token model",
