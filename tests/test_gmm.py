@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -228,6 +229,22 @@ def test_bad_arguments_raise(mix):
         mix.log_prob(torch.zeros(4, 3))
     with pytest.raises(ValueError, match="x_T"):
         mix.reference_ode(torch.zeros(2), sd.EDM(), 80.0)
+
+
+@pytest.mark.parametrize(
+    ("means", "covariances", "weights", "words"),
+    [
+        ([[math.nan, 0.0]], [[1.0, 1.0]], [1.0], "means must be finite"),
+        ([[math.inf, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]], [1.0], "means must be finite"),
+        ([[0.0, 0.0]], [[math.inf, 1.0]], [1.0], "variances) must be finite"),
+        ([[0.0, 0.0], [1.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]], [math.inf, 1.0], "weights must be"),
+    ],
+)
+def test_non_finite_parameters_are_refused(means, covariances, weights, words):
+    """Before: accepted, and every ``denoise`` / ``log_prob`` of the mixture was NaN (weights
+    ``[inf, 1]`` normalized to ``[nan, 0]``; an infinite variance gave ``log_prob = -inf``)."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        sd.toy.GaussianMixture(torch.tensor(means), torch.tensor(covariances), torch.tensor(weights))
 
 
 def test_default_benchmark_mixture_is_reproducible_and_pure():

@@ -43,10 +43,10 @@ class GaussianMixture:
     """A mixture of Gaussians in ``d`` dimensions, diagonal or full covariances.
 
     Args:
-        means: ``(k, d)``.
-        covariances: ``(k, d)`` per-coordinate variances (diagonal covariances, all > 0) or
+        means: ``(k, d)``, finite.
+        covariances: ``(k, d)`` per-coordinate variances (diagonal covariances, finite, all > 0) or
             ``(k, d, d)`` symmetric positive definite matrices.
-        weights: ``(k,)`` positive, normalized here.
+        weights: ``(k,)`` finite and positive, normalized here.
         allow_singular: accept positive *semi*-definite full covariances (eigenvalues down to
             ``-1e-10 lam_max``; those below ``1e-12 lam_max`` set to 0), as :meth:`posterior` with
             ``noise_std = 0`` returns; such a mixture has no density at ``sigma = 0``
@@ -64,14 +64,16 @@ class GaussianMixture:
         w = torch.as_tensor(weights, dtype=F64)
         if self.means.ndim != 2:
             raise ValueError(f"means must be (k, d), got {tuple(self.means.shape)}")
+        if not bool(torch.isfinite(self.means).all()):
+            raise ValueError("means must be finite")
         k, d = self.means.shape
         if cov.shape not in ((k, d), (k, d, d)):
             raise ValueError(
                 f"covariances must be (k, d) = {(k, d)} variances or (k, d, d) = {(k, d, d)} matrices, "
                 f"got {tuple(cov.shape)}"
             )
-        if w.shape != (k,) or not bool((w > 0).all()):
-            raise ValueError(f"weights must be ({k},) and positive")
+        if w.shape != (k,) or not bool(((w > 0) & torch.isfinite(w)).all()):
+            raise ValueError(f"weights must be ({k},), finite and positive")
         self.full = cov.ndim == 3
         self._singular = allow_singular and self.full
         if self.full:
@@ -93,8 +95,8 @@ class GaussianMixture:
             self._root = (self._basis * lam.sqrt()[:, None, :]) @ self._basis.mT  # symmetric S_k^{1/2}
             self.variances = torch.diagonal(cov, dim1=-2, dim2=-1).clone()
         else:
-            if not bool((cov > 0).all()):
-                raise ValueError("covariances (variances) must be > 0")
+            if not bool(((cov > 0) & torch.isfinite(cov)).all()):
+                raise ValueError("covariances (variances) must be finite and > 0")
             self.variances = cov
         self.covariances = cov
         self.weights = w / w.sum()
