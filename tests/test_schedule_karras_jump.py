@@ -81,6 +81,17 @@ def test_above_sigma_top_the_ramp_starts_at_sigma_top_after_the_start(process) -
             KarrasJump(sigma_top=bad)
 
 
+def test_without_a_top_most_nodes_lie_above_30_where_s_max_is_large() -> None:
+    """The counts KarrasJump's docstring quotes, nodes of 10 above s = 30: zero terminal SNR (SD's and
+    DDPM's betas) 7 and 8, rectified flow 5 (the docstring said 6)."""
+    sd_zero = sd.VP.discrete(
+        betas=torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=F64) ** 2, rescale_zero_snr=True
+    )
+    for process, above in ((sd_zero, 7), (ZERO_SNR, 8), (sd.RectifiedFlow(), 5)):
+        t = KarrasJump()(process, 10)
+        assert int((process.sigma(t) / process.alpha(t) > 30).sum()) == above
+
+
 @pytest.mark.parametrize(
     ("process", "bounds"),
     [(ZERO_SNR, {10: 0.3, 20: 0.05}), (sd.RectifiedFlow(), {10: 0.75, 20: 0.2})],

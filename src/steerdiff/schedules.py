@@ -230,13 +230,14 @@ class KarrasJump(Karras):
     ``sigma_top`` and ``1 + n // TOP_EVERY`` steps, log-uniform in ``s``, lead into it from ``t_max``
     (the ramp's own first point, ``sigma_top``, is no node). Eq. 5 from a large ``s_max`` spends its nodes
     where an unguided flow of unit-scale data is still nearly linear: zero terminal SNR
-    (``rescale_zero_snr``, ``s_max`` = 4e3-3e4) puts 7 of 10 nodes above ``s = 30``, rectified flow
-    (``s_max`` = 999) 6. With ``sigma_top=30`` the default solver's relative RMSE on a 16-d mixture
-    (``tests/test_schedule_karras_jump.py``) goes from 0.52 to 0.11 at 10 steps and from 0.53 to
-    9.2e-3 at 20 (zero-SNR DDPM betas), from 0.39 to 0.24 and from 0.24 to 0.014 (rectified flow).
-    One step would leave an error floor, ``O(sigma_data^2 / sigma_top^2)``; split as ``n`` grows,
-    the top steps leave none. :mod:`steerdiff.smc` keeps ``karras_jump`` without a top: the
-    Feynman-Kac correctors' weights degrade under a long step at high noise.
+    (``rescale_zero_snr``, ``s_max`` = 4.1e3 / 3.1e4 from Stable Diffusion's / DDPM's betas) puts 7 / 8
+    of 10 nodes above ``s = 30``, rectified flow (``s_max`` = 999) 5. With ``sigma_top=30`` the default
+    solver's relative RMSE on a 16-d mixture (``tests/test_schedule_karras_jump.py``) goes from 0.52 to
+    0.11 at 10 steps and from 0.53 to 9.2e-3 at 20 (zero-SNR DDPM betas), from 0.39 to 0.24 and from
+    0.24 to 0.014 (rectified flow). One step would leave an error floor, ``O(sigma_data^2 /
+    sigma_top^2)``; split as ``n`` grows, the top steps leave none. :mod:`steerdiff.smc` keeps
+    ``karras_jump`` without a top: the Feynman-Kac correctors' weights degrade under a long step at
+    high noise.
 
     *Bottom.* For ``n < max_nodes`` nodes: the first ``n`` points of the ``n + 1``-point ramp,
     ``s_i = (s_top^(1/rho) + i/n (s_min^(1/rho) - s_top^(1/rho)))^rho``, ``i = 0..n-1``; for
