@@ -182,6 +182,8 @@ def test_discrete_spacings_match_diffusers(spacing, schedule, offset):
     classes = [diffusers.DDIMScheduler, diffusers.DDPMScheduler]
     if spacing != "linspace":
         classes.append(diffusers.EulerDiscreteScheduler)
+    if spacing == "trailing":  # the multistep schedulers' linspace and leading space n + 1 points
+        classes += [diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler]
     extra = 0
     for n in range(2 if spacing == "linspace" else 1, 101):
         ours = schedule(steps_offset=offset)(p, n).numpy()
@@ -192,7 +194,7 @@ def test_discrete_spacings_match_diffusers(spacing, schedule, offset):
                 ref, extra = ref[:n], extra + 1
             assert np.array_equal(ours, ref), (cls.__name__, n, ours[:5], ref[:5])
     if spacing == "trailing":
-        assert extra == 3  # n = 61 (within 1..100), for DDIM, DDPM and Euler
+        assert extra == 5  # n = 61 (within 1..100), for DDIM, DDPM, Euler, DPM-Solver and UniPC
 
 
 def test_trailing_ties_round_as_diffusers():

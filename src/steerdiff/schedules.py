@@ -20,8 +20,10 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
   the jump to the clean state replaces the node at ``s_min`` (as in the AYS lists).
 * ``ays`` -- Align Your Steps (Sabour et al. 2024): the published 10-step lists, log-linearly
   interpolated to other step counts.
-* ``linspace`` / ``leading`` / ``trailing`` -- the integer timestep spacings of diffusers'
-  multistep schedulers (Lin et al. 2024, Table 2), for ``VP.discrete``.
+* ``linspace`` / ``leading`` / ``trailing`` -- the integer timestep spacings of diffusers' DDIM/DDPM
+  schedulers (Lin et al. 2024, Table 2), for ``VP.discrete``. diffusers' multistep schedulers
+  (DPM-Solver, UniPC) share ``trailing`` only: their ``linspace`` and ``leading`` space ``n + 1``
+  points and drop the last (10 steps: 999, 899, ..., 100 and 901, 811, ..., 91 with ``steps_offset=1``).
 * :class:`Custom` -- an explicit grid.
 """
 
@@ -456,7 +458,8 @@ class Linspace(_Discrete):
 
 
 class Leading(_Discrete):
-    """``k * (N_train // n) + steps_offset`` for ``k = n-1, ..., 0``."""
+    """``k * (N_train // n) + steps_offset`` for ``k = n-1, ..., 0``: DDIM/DDPM/Euler's ``leading``
+    (DPM-Solver/UniPC take the first ``n`` of ``n + 1`` points spaced ``N_train // (n + 1)`` instead)."""
 
     name = "leading"
 
