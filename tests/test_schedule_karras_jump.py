@@ -138,7 +138,8 @@ def test_karras_capped_is_the_default_and_karras_jump_with_a_top_at_30_and_a_flo
     for process in (ZERO_SNR, sd.RectifiedFlow(), sd.VP.scaled_linear()):
         for n in (3, 10, 20, 60):
             assert torch.equal(capped(process, n), KarrasJump(sigma_top=30, sigma_floor=0.03)(process, n))
-    # s_max = 14.6 under SD betas: no top; s_min = 0.029: the floor moves the nodes by under 3%
+    # s_max = 14.6 under SD betas: no top; s_min = 0.029: the floor moves the nodes by under 3% (measured
+    # 0.8%, 1.3%, 2.4% at 2, 3, 14 nodes; the docstring said "no change")
     sdp = sd.VP.scaled_linear()
     for n in (3, 10, 14):
         s, s_jump = ((sdp.sigma(t) / sdp.alpha(t)).numpy() for t in (capped(sdp, n), KarrasJump()(sdp, n)))
