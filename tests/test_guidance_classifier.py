@@ -155,6 +155,25 @@ def test_self_recurrence_keeps_a_point_mass_marginal(sd_process, inner):
     assert math.isclose(float(var), grid.sigma[-1] ** 2, rel_tol=1e-10)
 
 
+def test_self_recurrence_is_stochastic_only_where_it_draws_noise(oracle):
+    """Without recurrence around a deterministic solver (``SelfRecurrence()``: DDIM once) no step draws noise,
+    so particle methods refuse it as they refuse DDIM. It claimed to be stochastic whatever it wrapped: FK
+    steering ran with it, and copies never diverged (lam 5, 10 steps: 2 distinct of 8 particles per row)."""
+    _, _, den, _ = oracle
+    assert not SelfRecurrence().stochastic and not SelfRecurrence("heun", 1).stochastic
+    assert SelfRecurrence("ddim", 2).stochastic and SelfRecurrence("ddpm", 1).stochastic
+    with pytest.raises(ValueError, match="deterministic"):
+        sd.smc.fk_steering(
+            den,
+            lambda x: x[:, 0],
+            shape=(3, 2),
+            particles=8,
+            steps=10,
+            solver=SelfRecurrence(),
+            generator=_gen(1),
+        )
+
+
 def test_self_recurrence_refuses_history_and_brownian_noise(oracle):
     _, _, den, _ = oracle
     x_T = torch.randn(2, 2, dtype=F64)

@@ -38,7 +38,6 @@ class SelfRecurrence(Solver):
     """
 
     name: ClassVar[str] = "self_recurrence"
-    stochastic: ClassVar[bool] = True
 
     inner: Solver = field(default_factory=DDIM)  # as __init__'s default
     repeats: int = 1
@@ -54,6 +53,14 @@ class SelfRecurrence(Solver):
         if isinstance(self.inner, SelfRecurrence):
             raise ValueError("SelfRecurrence: inner must not itself be a SelfRecurrence")
         self.repeats = integer("SelfRecurrence", "repeats", self.repeats, lo=1)
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Whether steps draw noise: the re-noising (``repeats > 1``) or the inner solver's."""
+        return self.repeats > 1 or self.inner.stochastic
+
+    def noisy_on(self, grid: Grid) -> bool:
+        return self.repeats > 1 or self.inner.noisy_on(grid)
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         state = self.inner.init_state(grid)
