@@ -229,6 +229,38 @@ def test_mrs_noise_float32_keeps_float64_accuracy_at_zero_terminal_snr(sde):
             assert torch.equal(b, sd.sample(den, x_T.float(), steps, "ddim", schedule))
 
 
+def test_per_sample_mu_follows_the_particles():
+    """One ``mu`` per batch row (each degraded input its own) must stay with that row's particles. Clean
+    data ``x_0 ~ N(c, v I)`` whatever ``mu``, so ``y_0 = x_0 - mu_b`` and the exact net is
+    ``E[x_0 | x_t, mu]``; FK steering at ``lam = 0`` (no tilt) must end at ``x = mu_b + y`` with mean ``c``
+    in every row. Before, the denoiser kept its ``mu`` of ``batch`` rows for the ``batch x particles`` rows
+    of the particles: a RuntimeError in the net (192 rows against 3)."""
+    proc = sd.MeanReverting(theta_min=0.3, theta_max=8.0, stationary_std=0.5)
+    c, v = torch.tensor([0.5, -1.0], dtype=F64), 0.01
+    mu = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-3.0, -3.0]], dtype=F64)
+
+    def net(x: torch.Tensor, t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        a, s = proc.alpha(t.double())[:, None], proc.sigma(t.double())[:, None]
+        m0 = c - mu  # the mean of y_0 given mu
+        return mu + m0 + a * v / (a * a * v + s * s) * (x - mu - a * m0)
+
+    den = proc.denoiser(net, mu, prediction="x0")
+    out = sd.smc.fk_steering(
+        den,
+        lambda x: x[:, 0],
+        lam=0.0,
+        shape=(3, 2),
+        particles=64,
+        steps=20,
+        solver="ddpm",
+        generator=_gen(1),
+    )
+    x = out.x + mu[:, None]
+    # per row 64 samples of std <= 0.1 (standard error <= 0.0125); measured max |mean - c| 0.014 (also with
+    # max_batch=50); a row run with another row's mu would be off by >= 4.9
+    assert torch.allclose(x.mean(1), c.expand(3, 2), rtol=0, atol=0.06), x.mean(1)
+
+
 # --- stochastic sampling: distance to exact samples -------------------------------------------
 
 

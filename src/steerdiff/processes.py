@@ -519,17 +519,20 @@ class MeanReverting(Process):
         """The :class:`~steerdiff.denoiser.Denoiser` of ``y = x - mu`` for a net trained on ``x``.
 
         The net is called as ``net(x, t, mu=mu, **cond)`` with ``x = y + mu`` (it sees the state
-        and the condition). ``prediction``: ``"eps"`` (the noise, the same for ``x`` and ``y``),
+        and the condition). ``mu``: one for all samples, or one per sample (``(batch, *shape)``, at least
+        2-d; pass ``shape`` where a shared ``mu``'s first dimension may equal the batch), which particle
+        methods repeat for each row's particles (:meth:`~steerdiff.denoiser.Denoiser.take_rows`).
+        ``prediction``: ``"eps"`` (the noise, the same for ``x`` and ``y``),
         ``"x0"`` (the clean ``x_0``; ``y_0 = x_0 - mu``), ``"v"`` (MRS's velocity
         ``v = lambda alpha eps - (sigma / lambda) (x_0 - mu)``, ``lambda`` times the usual ``v`` of
         ``y / lambda``),
         or ``"score"`` (``grad_x log p_t``).
         """
-        from .denoiser import Denoiser
+        from .denoiser import Denoiser, take_tensor_rows
 
         prediction = choice("MeanReverting.denoiser", "prediction", prediction, ("eps", "x0", "v", "score"))
         mu = torch.as_tensor(mu)
-        lam = self.stationary_std
+        lam, process = self.stationary_std, self
 
         mu_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # mu copied once per device and dtype
 
@@ -546,7 +549,17 @@ class MeanReverting(Process):
                 return a * y - (s / lam) * f
             return f
 
-        return Denoiser(y_net, self, prediction="x0" if prediction == "v" else prediction, shape=shape)
+        class MeanRevertingDenoiser(Denoiser):
+            def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+                """A copy with a per-sample ``mu`` (``n`` rows) taken at ``rows``; itself for a shared one."""
+                per_sample = mu.ndim >= 2 and (shape is None or mu.ndim == len(shape) + 1)
+                if not per_sample or len(mu) != n:
+                    return self
+                return process.denoiser(net, take_tensor_rows(mu, rows), prediction, shape)
+
+        return MeanRevertingDenoiser(
+            y_net, self, prediction="x0" if prediction == "v" else prediction, shape=shape
+        )
 
     def __repr__(self) -> str:
         return (
