@@ -18,8 +18,9 @@ Expanding ``x0`` in ``rho`` around ``rho_s`` and integrating by parts, the weigh
     W_2 = (rho_t - rho_s)^2 / 2 + phi_t int_{rho_t}^{rho_s} (rho - rho_s) / phi(rho) drho,
 
 the integrals taken numerically (composite Simpson in ``log rho``, ``quadrature`` intervals; the
-paper and its reference code use a 200-point Riemann sum in ``rho``). With the last denoised
-estimates ``m_0, m_1, m_2`` at ``rho_i, rho_{i-1}, rho_{i-2}`` and the Newton divided differences
+authors' reference code takes a left Riemann sum of 100 points in ``rho``, ComfyUI's ``sample_er_sde``
+one of 200). With the last denoised estimates ``m_0, m_1, m_2`` at ``rho_i, rho_{i-1}, rho_{i-2}``
+and the Newton divided differences
 ``d_1 = (m_0 - m_1) / (rho_i - rho_{i-1})``, ``d_2 = (d_1 - (m_1 - m_2)/(rho_{i-1} - rho_{i-2}))
 / (rho_i - rho_{i-2})``, the mean of ER-SDE-Solver-k is ``(alpha_t/alpha_s)(phi_t/phi_s) x_s +
 alpha_t S`` with
