@@ -28,9 +28,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ._checks import choice
 from ._ops import axpby, kept
 from .noise import Generators
-from .processes import Process
+from .processes import MeanReverting, Process
 
 __all__ = ["PREDICTIONS", "Denoiser", "Prediction"]
 
@@ -339,3 +340,45 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
+
+
+class MeanRevertingDenoiser(Denoiser):
+    """The denoiser of ``y = x - mu`` for a net trained on ``x`` under a
+    :class:`~steerdiff.processes.MeanReverting` process: made and documented by
+    :meth:`MeanReverting.denoiser <steerdiff.processes.MeanReverting.denoiser>`. The net's ``v`` is
+    MRS's velocity, turned into the ``x0`` of ``y`` here."""
+
+    def __init__(
+        self,
+        net: Callable[..., Tensor],
+        process: MeanReverting,
+        mu: Tensor,
+        prediction: str = "eps",
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        prediction = choice("MeanReverting.denoiser", "prediction", prediction, ("eps", "x0", "v", "score"))
+        super().__init__(self._y_net, process, "x0" if prediction == "v" else prediction, shape=shape)
+        self.x_net, self.mu, self.net_prediction = net, torch.as_tensor(mu), prediction
+        self.mean_reverting = process  # self.process, typed as the mean-reverting process
+        self._mu_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # mu copied once per device, dtype
+
+    def _y_net(self, y: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        m = kept(self._mu_on, (y.device, y.dtype), lambda: self.mu.to(device=y.device, dtype=y.dtype))
+        f = self.x_net(y + m, t, mu=m, **cond)
+        if self.net_prediction == "x0":
+            return f - m
+        if self.net_prediction == "v":  # y_0 = alpha y - (sigma / lambda) v
+            p, tt = self.mean_reverting, t.to(torch.float64)
+            a, s = (c.to(y.dtype).reshape(-1, *([1] * (y.ndim - 1))) for c in (p.alpha(tt), p.sigma(tt)))
+            return a * y - (s / p.stationary_std) * f
+        return f
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+        """A copy with a per-sample ``mu`` (``n`` rows) taken at ``rows``; itself for a shared one."""
+        mu, shape = self.mu, self.shape
+        per_sample = mu.ndim >= 2 and (shape is None or mu.ndim == len(shape) + 1)
+        if not per_sample or len(mu) != n:
+            return self
+        return MeanRevertingDenoiser(
+            self.x_net, self.mean_reverting, take_tensor_rows(mu, rows), self.net_prediction, shape
+        )

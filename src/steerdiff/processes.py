@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ._checks import Bounds, boolean, choice, integer, ordered, real, real_array
+from ._checks import Bounds, boolean, integer, ordered, real, real_array
 from ._ops import kept
 
 if TYPE_CHECKING:
@@ -528,38 +528,9 @@ class MeanReverting(Process):
         ``y / lambda``),
         or ``"score"`` (``grad_x log p_t``).
         """
-        from .denoiser import Denoiser, take_tensor_rows
+        from .denoiser import MeanRevertingDenoiser
 
-        prediction = choice("MeanReverting.denoiser", "prediction", prediction, ("eps", "x0", "v", "score"))
-        mu = torch.as_tensor(mu)
-        lam, process = self.stationary_std, self
-
-        mu_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # mu copied once per device and dtype
-
-        def y_net(y: Tensor, t: Tensor, **cond: Any) -> Tensor:
-            m = kept(mu_on, (y.device, y.dtype), lambda: mu.to(device=y.device, dtype=y.dtype))
-            f = net(y + m, t, mu=m, **cond)
-            if prediction == "x0":
-                return f - m
-            if prediction == "v":  # y_0 = alpha y - (sigma / lambda) v
-                tt = t.to(torch.float64)
-                a, s = (
-                    c.to(y.dtype).reshape(-1, *([1] * (y.ndim - 1))) for c in (self.alpha(tt), self.sigma(tt))
-                )
-                return a * y - (s / lam) * f
-            return f
-
-        class MeanRevertingDenoiser(Denoiser):
-            def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
-                """A copy with a per-sample ``mu`` (``n`` rows) taken at ``rows``; itself for a shared one."""
-                per_sample = mu.ndim >= 2 and (shape is None or mu.ndim == len(shape) + 1)
-                if not per_sample or len(mu) != n:
-                    return self
-                return process.denoiser(net, take_tensor_rows(mu, rows), prediction, shape)
-
-        return MeanRevertingDenoiser(
-            y_net, self, prediction="x0" if prediction == "v" else prediction, shape=shape
-        )
+        return MeanRevertingDenoiser(net, self, mu, prediction, shape)
 
     def __repr__(self) -> str:
         return (
