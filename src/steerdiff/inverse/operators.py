@@ -131,7 +131,7 @@ class Matrix(LinearOperator):
     ``pinv`` and ``aat_solve`` use the thin SVD ``A = U diag(s) V^T``, computed once in float64 on
     first use (:meth:`svd`): ``A^+ y = V diag(1/s) U^T y`` over ``s > RCOND s_max``, and
     ``(A A^T + c I)^{-1} y = U diag(1/(s^2 + c)) U^T y + (y - U U^T y) / c`` (the last term 0 where
-    ``c = 0``, which needs full row rank).
+    ``c = 0``, which needs full row rank, and not computed where ``m <= d``: ``U`` is square there).
     """
 
     def __init__(self, A: Tensor, noise_std: float = 0.0, shape_in: Sequence[int] | None = None) -> None:
@@ -191,6 +191,8 @@ class Matrix(LinearOperator):
             raise ValueError("Matrix.aat_solve: A A^T is singular (A lacks full row rank); pass shift > 0")
         coef = y @ U
         out = (coef / (s**2 + shift)) @ U.T
+        if U.shape[0] <= U.shape[1]:  # U square: the complement is {0} (its round-off / shift: none)
+            return out
         if isinstance(shift, Tensor):  # the range's complement, where the shift is > 0
             return out + (y - coef @ U.T) / torch.where(shift > 0, shift, math.inf)
         if shift > 0.0:
