@@ -458,10 +458,19 @@ def test_pcg_nfe_and_gamma_one(den):
         y=1,
     )
     assert info.nfe == 10 + 9 * 2 * 2 and len(info.corrector) == 9  # no correction at the clean end
-    _, info = pcg(
-        den, den, x_T, 10, 1.0, uncond_kwargs={"y": NULL}, generator=torch.Generator(), return_info=True, y=1
-    )
-    assert info.nfe == 10 + 9
+    for gamma in (1.0, 0.0):  # one branch of CFG per move (the docstring said 2 for gamma = 0)
+        _, info = pcg(
+            den,
+            den,
+            x_T,
+            10,
+            gamma,
+            uncond_kwargs={"y": NULL},
+            generator=torch.Generator(),
+            return_info=True,
+            y=1,
+        )
+        assert info.nfe == 10 + 9
 
 
 def test_pcg_refuses_a_brownian_tree_and_takes_one_generator_per_row(den):

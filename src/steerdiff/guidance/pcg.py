@@ -130,7 +130,7 @@ def pcg(
     (:func:`~steerdiff.noise.check_fixed_time`). As there, a float16/bfloat16 ``x_T`` runs only the
     nets in its dtype (the state, the steps, the moves and the CFG combination in float32) and the
     result has its dtype. NFE: one per step for the predictor, plus
-    ``CFG.cost`` (2; 1 for ``gamma = 1``) per Langevin move; ``SampleInfo.corrector`` has one
+    ``CFG.cost`` (2; 1 for ``gamma`` 0 or 1) per Langevin move; ``SampleInfo.corrector`` has one
     :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
     """
     gamma = real("pcg", "gamma", gamma, lo=0)
