@@ -558,6 +558,27 @@ def test_thresholded_sampling_stays_in_range(den):
     assert float(unclipped.abs().max()) > 1.5
 
 
+@pytest.mark.parametrize("percentile", [0.995, None], ids=["dynamic", "static"])
+def test_threshold_keeps_an_inf_estimate_for_the_nan_check(sd_process, percentile):
+    """A net returning inf in one entry of one sample at its 3rd call (fp16 overflow, say): the sampler
+    names that step. Clipped, the entry became 1 (the 0.995-quantile of 1024 entries stays finite) and
+    the run returned finite samples, silently."""
+    calls = 0
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        out = 0.5 * torch.tanh(x)
+        if calls == 3:
+            out[0, 2] = math.inf
+        return out
+
+    den = DynamicThreshold(sd.Denoiser(net, sd_process, "x0"), percentile, None if percentile else 1.0)
+    x_T = torch.randn(4, 1024, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(sd.NonFiniteError, match=r"NaN/inf at step 2 \(evaluation 3"):
+        sd.sample(den, x_T, 6, "ddim")
+
+
 # --- learned variance and NFE through wrappers ------------------------------------------------------
 
 

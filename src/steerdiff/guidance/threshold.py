@@ -55,15 +55,18 @@ class DynamicThreshold(Guided):
         self.percentile, self.max_value = percentile, max_value
 
     def threshold(self, x0: Tensor) -> Tensor:
-        """The thresholded ``x0`` (per sample; the quantile is computed in float32 at least)."""
+        """The thresholded ``x0`` (per sample; the quantile is computed in float32 at least). Non-finite
+        entries are left as they are, for the sampler's NaN/inf check (clipped, an inf would pass it)."""
         if self.percentile is None:
             assert self.max_value is not None, "static clipping has a max_value (checked in __init__)"
-            return x0.clamp(-self.max_value, self.max_value)
-        flat = x0.reshape(x0.shape[0], -1)
-        work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-        s = torch.quantile(work.abs(), self.percentile, dim=1).clamp(min=1.0, max=self.max_value)
-        s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
-        return torch.maximum(torch.minimum(x0, s), -s) / s
+            out = x0.clamp(-self.max_value, self.max_value)
+        else:
+            flat = x0.reshape(x0.shape[0], -1)
+            work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+            s = torch.quantile(work.abs(), self.percentile, dim=1).clamp(min=1.0, max=self.max_value)
+            s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+            out = torch.maximum(torch.minimum(x0, s), -s) / s
+        return torch.where(torch.isfinite(x0), out, x0)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         pred = self.base.evaluate(x, t, net_dtype, **cond)
