@@ -672,6 +672,20 @@ def test_gaussian_weight_is_the_dense_precision_times_the_residual() -> None:
             )
 
 
+def test_repaint_nfe_refuses_what_repaint_sample_refuses() -> None:
+    """``repaint_nfe`` answered 1 for ``resample=0`` (10 steps), 0 for ``steps=0``, 19.5 for ``steps=10.5``
+    and a ZeroDivisionError for ``jump=0``."""
+    for args, message in [
+        ((10, 0, 1), "repaint_nfe: resample must be an integer >= 1, got 0"),
+        ((0, 1, 1), "repaint_nfe: steps must be an integer >= 1, got 0"),
+        ((10.5, 2, 1), "repaint_nfe: steps must be an integer >= 1, got 10.5"),
+        ((10, 2, 0), "repaint_nfe: jump must be an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            repaint_nfe(*args)
+        assert str(e.value) == message
+
+
 def test_option_messages_name_the_owner() -> None:
     gmm = _diag_mixture()
     den = gmm.denoiser(PROC)

@@ -101,6 +101,9 @@ def repaint_nfe(steps: int, resample: int = 1, jump: int = 1) -> int:
     """Network evaluations of :func:`repaint_sample`:
     ``steps + (resample - 1) jump floor((steps - 1) / jump)`` (``jump = 1``: ``(steps - 1) resample + 1``,
     Alg. 1's ``U`` evaluations per step)."""
+    steps = integer("repaint_nfe", "steps", steps, lo=1)
+    resample = integer("repaint_nfe", "resample", resample, lo=1)
+    jump = integer("repaint_nfe", "jump", jump, lo=1)
     return steps + (resample - 1) * jump * ((steps - 1) // jump)
 
 
