@@ -1024,6 +1024,7 @@ def test_a_stochastic_family_without_noise_is_deterministic(noiseless, noisy):
 @pytest.mark.parametrize(
     ("solver", "schedule", "quiet", "noisy"),
     [
+        ("ddpm", "karras", (1,), 2),  # one step: the jump to the clean end only (accepted before)
         ("restart", "karras", (10, 19), 20),
         (sd.solvers.Restart(restart_info=[]), "karras", (10, 19), None),
         ("edm_sde", "karras", (2,), 3),

@@ -785,9 +785,10 @@ def run_smc(
     if algorithm.stochastic and not slv.noisy_on(grid):
         raise ValueError(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
-            f"{slv.name!r} adds noise nowhere on this grid of {steps} steps (Solver.noisy_on: restart's "
-            "automatic plan restarts from 20 steps on, give restart_info; edm_sde churns only within "
-            "[s_tmin, s_tmax]; sa_solver's tau may vanish there)"
+            f"{slv.name!r} adds noise nowhere on this grid of {steps} steps (Solver.noisy_on: one step into "
+            "the clean end only returns the denoised estimate; restart's automatic plan restarts from 20 "
+            "steps on, give restart_info; edm_sde churns only within [s_tmin, s_tmax]; sa_solver's tau may "
+            "vanish there)"
         )
     x = _initial_particles(den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
     in_dtype = x.dtype

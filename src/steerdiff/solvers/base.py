@@ -410,9 +410,10 @@ class Solver:
         return {}
 
     def noisy_on(self, grid: Grid) -> bool:
-        """Whether a run over ``grid`` draws noise: :attr:`stochastic`, unless the solver adds noise only
-        on part of the noise range and ``grid`` has no node there (EDM's churn, Restart's intervals)."""
-        return self.stochastic
+        """Whether a run over ``grid`` draws noise: :attr:`stochastic`, unless its only step is the jump to
+        the clean end (which returns the denoised estimate) or the solver adds noise only on part of the
+        noise range and ``grid`` has no node there (EDM's churn, Restart's intervals)."""
+        return self.stochastic and grid.steps > int(grid.clean_end)
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         """The state at node ``i + 1`` from ``x`` at node ``i``: a tensor, or for a stochastic step its
