@@ -318,6 +318,30 @@ def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, b
     assert f"t={t:.6g}" in msg, msg
 
 
+@pytest.mark.parametrize("final", ["zero", "none"])
+@pytest.mark.parametrize("bad_call", [1, 3])
+def test_non_finite_learned_variance_names_step_and_time(gmm, sd_process, problem, final, bad_call):
+    """The learned-variance channel is a model output too (DDPM draws its noise with it): a NaN there
+    is named at the evaluation that returned it. Before, only the x0/eps half was checked: the NaN
+    reached the state and was named one step late (step 2 for call 1), and at the last noisy step of
+    ``final="none"`` (call 3 of 4 steps) not at all -- the run returned NaN samples silently."""
+    calls: list[float] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(float(t[0]))
+        x0 = gmm.denoise(x, float(sd_process.alpha(calls[-1])), float(sd_process.sigma(calls[-1])))
+        r = torch.full_like(x0, float("nan") if len(calls) - 1 == bad_call else 0.0)
+        return torch.cat([x0, r], 1)
+
+    den = sd.Denoiser(net, sd_process, prediction="x0", learned_variance=True)
+    steps = 4 if final == "none" else 5
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.sample(den, problem[0], steps=steps, solver="ddpm", final=final, generator=_gen())
+    assert re.search(rf"\bstep {bad_call}\b", str(err.value)), str(err.value)
+    assert f"t={calls[bad_call]:.6g}" in str(err.value)
+    assert len(calls) == bad_call + 1  # on the CPU the run stops at the bad evaluation
+
+
 def test_deferred_non_finite_check_names_the_first_bad_step(gmm, sd_process, problem, monkeypatch):
     """On an accelerator the check is deferred to the end of the run (simulated: tensors report
     ``is_cpu`` False). It still names the first bad step: with a corrector the NaN also spoils the snr

@@ -349,9 +349,13 @@ class Model:
             pred = self.denoiser.evaluate(x, t, self.net_dtype, **self.cond)
         self.nfe += self.denoiser.cost
         # one reduction per call: a NaN/inf anywhere makes the sum non-finite (the other estimate
-        # follows from this one and x); the sums are tested together at the end
+        # follows from this one and x; a learned variance is an output of its own, DDPM draws with it);
+        # the sums are tested together at the end
         given = pred.given.detach()  # a sum on the graph would keep every step's graph alive until the end
-        self._sums.append(given.sum(dtype=torch.float32 if given.dtype in _HALF else None))
+        total = given.sum(dtype=torch.float32 if given.dtype in _HALF else None)
+        if pred.var_interp is not None:
+            total = total + pred.var_interp.detach().sum(dtype=total.dtype)
+        self._sums.append(total)
         self._where.append((step, t))
         if given.is_cpu and not math.isfinite(self._sums[-1].item()):
             self.check_finite()  # no sync to save on the CPU: stop at the first bad evaluation
