@@ -266,6 +266,9 @@ def test_restart_outside_the_schedule(gmm, sd_process, restart_info):
         [(0.1, 1.0, 1, 2.5)],
         [(0.1, 1.0, 1)],
         {0.1: 2.0},
+        float("nan"),  # before: TypeError 'float' object is not iterable
+        -1,
+        "0.1, 2, 1, 4",
     ],
 )
 def test_restart_malformed(restart_info):

@@ -59,8 +59,13 @@ def _intervals(restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence
     items: list[object]  # checked one by one below
     if isinstance(restart_info, Mapping):
         items = [(k, *v) if isinstance(v, Sequence) else (k, v) for k, v in restart_info.items()]
-    else:
+    elif isinstance(restart_info, Sequence) and not isinstance(restart_info, str):
         items = list(restart_info)
+    else:
+        raise ValueError(
+            f"Restart: restart_info must be a sequence of (s_min, s_max, K, N) or a mapping "
+            f"{{s_min: (s_max, K, N)}}, got {restart_info!r}"
+        )
     out = []
     for item in items:
         if not isinstance(item, Sequence) or len(item) != 4:
