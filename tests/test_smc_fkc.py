@@ -386,6 +386,22 @@ def test_nfe_and_chunking():
     assert sd.smc.fkc_product(d1, d2, generator=gen(1), final="none", **opts).nfe == 2 * 11 * 8
 
 
+def test_run_smc_slices_a_composition_with_max_batch():
+    """``run_smc(comp, FKCorrector(comp), max_batch=...)``: the engine's slices of the composed prediction
+    are joined with their components' ``eps``, so the run is the unsliced one (to rounding). Before: a
+    ``ValueError`` saying run_smc was not given the corrector's Composition (the joined prediction had
+    lost its ``parts``)."""
+    g1, g2 = mixture([[0.0, 1.0]], [[1.0, 0.5]]), mixture([[1.0, 0.0], [-1.0, 2.0]], [[0.5, 0.5], [1.0, 0.7]])
+    comp = sd.smc.Composition([g1.denoiser(PROC), g2.denoiser(PROC)], [1.0, 1.0])
+    opts = {"particles": 8, "steps": 25, "solver": sd.smc.fk_correctors.DEFAULT_FKC_SOLVER, "dtype": F64}
+    full = sd.smc.run_smc(comp, sd.smc.FKCorrector(comp), (2, 2), generator=gen(1), **opts)
+    sliced = sd.smc.run_smc(comp, sd.smc.FKCorrector(comp), (2, 2), generator=gen(1), max_batch=5, **opts)
+    assert full.nfe == sliced.nfe == 2 * 25 * 8
+    torch.testing.assert_close(sliced.x, full.x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sliced.log_w, full.log_w, rtol=0, atol=1e-12)
+    assert float(full.log_w.max() - full.log_w.min()) > 0.5  # the weights are not uniform
+
+
 def test_composition_rate():
     """The weight rate against its three closed forms (Prop. 3.1-3.3): ``w (w - 1) |e_c - e_u|^2``,
     ``beta (beta - 1) |e|^2``, ``2 <e_1, e_2>``."""

@@ -463,12 +463,19 @@ def _cat_chunks(values: list[float | Tensor | None]) -> Tensor:
 
 
 def _cat_predictions(parts: list[Prediction], x: Tensor) -> Prediction:
-    """One prediction from per-chunk predictions (same ``t``), keeping the estimate that was given."""
+    """One prediction from per-chunk predictions (same ``t``), keeping the estimate that was given (and a
+    :class:`~steerdiff.smc.fk_correctors.ComposedPrediction`'s components, which its weights read)."""
+    from .fk_correctors import ComposedPrediction  # which imports this module
+
     p0 = parts[0]
     alpha, sigma = p0.alpha, p0.sigma
     if isinstance(alpha, Tensor) and alpha.ndim > 0:  # per-sample coefficients
         alpha = _cat_chunks([p.alpha for p in parts])
         sigma = _cat_chunks([p.sigma for p in parts])
+    if isinstance(p0, ComposedPrediction):
+        comps = [p.parts for p in parts if isinstance(p, ComposedPrediction)]  # every chunk's
+        joined = tuple(torch.cat(e) for e in zip(*comps, strict=True))
+        return ComposedPrediction(x, alpha, sigma, torch.cat([p.eps for p in parts]), joined)
     if p0._x0 is not None:
         pred = Prediction(x, alpha, sigma, x0=torch.cat([p.x0 for p in parts]))
     else:
