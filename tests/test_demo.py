@@ -267,3 +267,17 @@ def test_bench_digits_no_diffusers_runs_no_diffusers_row(models, monkeypatch):
         with pytest.raises(Stop):
             main(["bench", "solvers", "--model", "digits", "--quick", "--no-progress", *flag])
         assert seen["with_diffusers"] is expected
+
+
+def test_digits_models_score_non_finite_samples_as_failures(models):
+    """A sample with a NaN or inf pixel is not a recognized digit and puts the Frechet distance at inf (as
+    the other benches' distances). Before: the NaN logits' argmax read 0, so 2 NaN images among 8 zeros
+    scored 1.0 on digit 0 and all-NaN images 1.0 too; the Frechet distance raised torch's
+    "linalg.eigh: ... ill-conditioned" error, stopping a bench run."""
+    x = models.real(8, 0, seed=0).clone()
+    assert models.accuracy(x, 0) == 1.0
+    x[:2] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    assert models.accuracy(x, 0) == 5 / 8
+    assert models.accuracy(torch.full((4, 1, 8, 8), float("nan")), 0) == 0.0
+    assert models.frechet(x) == math.inf and models.frechet(x, 0) == math.inf

@@ -108,12 +108,18 @@ class DigitsModels:
             return self.classifier.features(x.detach().to(F64))
 
     def accuracy(self, x: Tensor, digit: int) -> float:
-        """The fraction of ``x`` the clean classifier labels ``digit``."""
+        """The fraction of ``x`` the clean classifier labels ``digit`` (a sample with a NaN or inf pixel
+        is not recognized: the argmax of its NaN logits would read 0)."""
         with torch.no_grad():
-            return float((self.classifier(x.detach().to(F64)).argmax(1) == digit).double().mean())
+            x = x.detach().to(F64)
+            hit = (self.classifier(x).argmax(1) == digit) & torch.isfinite(x).flatten(1).all(1)
+            return float(hit.double().mean())
 
     def frechet(self, x: Tensor, digit: int | None = None) -> float:
-        """Frechet distance of ``x``'s features to the held-out digits' (all classes, or ``digit``'s)."""
+        """Frechet distance of ``x``'s features to the held-out digits' (all classes, or ``digit``'s);
+        ``inf`` if ``x`` is not finite."""
+        if not bool(torch.isfinite(x).all()):
+            return math.inf
         ref = self.heldout_features
         if digit is not None:
             ref = ref[self.heldout[1] == digit]
