@@ -218,6 +218,27 @@ def test_missing_weights_say_how_to_train(tmp_path):
             load(tmp_path / "nothing.safetensors")
 
 
+def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):
+    """A file whose tensors are not those of its config's net, or whose config the net does not take, is a
+    ValueError naming the file. Before: torch's RuntimeError ("size mismatch for inp.weight ...") or a
+    TypeError ("__init__() got an unexpected keyword argument 'depth'"), neither naming the file."""
+    torch.manual_seed(0)
+    net = D.NETS["denoiser"](width=8, blocks=1)
+    cases = {
+        "shape": {"width": 16, "blocks": 1},  # 8-wide tensors, a 16-wide config
+        "keys": {"width": 8, "blocks": 2},  # a block the file lacks
+        "config": {"width": 8, "blocks": 1, "depth": 2},
+    }
+    for name, config in cases.items():
+        path = D.save_model(net, "denoiser", config, tmp_path / f"{name}.safetensors", "v")
+        with pytest.raises(
+            ValueError, match=rf"{name}\.safetensors: its tensors are not those of a digits denoiser"
+        ):
+            D.load_digits_denoiser(path)
+    good = D.save_model(net, "denoiser", {"width": 8, "blocks": 1}, tmp_path / "good.safetensors", "v")
+    assert D.load_digits_denoiser(good).net.inp.weight.shape == (8, 64)
+
+
 def test_committed_weights_are_small():
     sizes = [D.weights_path(m).stat().st_size for m in D.MODELS]
     assert sum(sizes) < 4e6

@@ -331,8 +331,14 @@ def _load(
         meta = f.metadata() or {}
     if meta.get("model") != model or "config" not in meta:
         raise ValueError(f"{file} holds no digits {model} weights (metadata model={meta.get('model')!r})")
-    net = NETS[model](**json.loads(meta["config"]))
-    net.load_state_dict(load_file(str(file), device=str(device)))
+    state = load_file(str(file), device=str(device))
+    try:  # a config the net does not take, or tensors of other names or shapes than its config's net
+        net = NETS[model](**json.loads(meta["config"]))
+        net.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{file}: its tensors are not those of a digits {model} of config {meta['config']}: {err}"
+        ) from err
     return net.to(device).eval().requires_grad_(False), meta
 
 
