@@ -281,3 +281,15 @@ def test_digits_models_score_non_finite_samples_as_failures(models):
     assert models.accuracy(x, 0) == 5 / 8
     assert models.accuracy(torch.full((4, 1, 8, 8), float("nan")), 0) == 0.0
     assert models.frechet(x) == math.inf and models.frechet(x, 0) == math.inf
+
+
+def test_demo_real_rows_say_when_they_hold_fewer_than_n(models):
+    """The digit's training images are fewer than ``n`` at the demo's 512 (146 3s): the row says so, since
+    a Frechet distance falls with the count (subsets of 2,048 samples of label 3, default solver, 20 steps:
+    63.5 at 146, 57.6 at 512, means over 10 subsets). Before:
+    'training images', read as the floor at n = 512 ("the floor at this n")."""
+    result = demo.run_demo(None, n=200, digit=3, progress=False, methods=["real", "real d"], models=models)
+    assert [r.task for r in result.rows] == ["training images", "training images (all 146)"]
+    assert "| real 3 | training images (all 146) |" in demo.format_table(result)
+    small = demo.run_demo(None, n=64, digit=3, progress=False, methods=["real d"], models=models)
+    assert small.rows[0].task == "training images"
