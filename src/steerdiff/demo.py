@@ -39,9 +39,10 @@ unconditional rows, of class ``d`` for the targeted ones. Deterministic rows sta
 SMC rows run :data:`PARTICLES` particles per returned sample over :data:`SMC_STEPS` DDPM steps
 (``karras_jump`` nodes) and return one draw per batch row. The inpainting likelihood is
 ``N(y; A x, s^2 I)`` with ``s =`` :data:`INPAINT_NOISE` (the observation is exact; ``s`` is the
-tolerance). Caveats: the FK reward is the judge itself (its accuracy is what it optimizes); the
-inpainted images contain their held-out upper halves, so their distance to the held-out digits is
-optimistic.
+tolerance) in TDS's weights and twist; DPS's normalized step ``zeta / |y - A x0_hat|`` does not depend on
+``s`` (its samples are the same bits at ``s = 1``). Caveats: the FK reward is the judge itself (its
+accuracy is what it optimizes); the inpainted images contain their held-out upper halves, so their
+distance to the held-out digits is optimistic.
 """
 
 from __future__ import annotations
