@@ -22,7 +22,7 @@ unconditional rows, of class ``d`` for the targeted ones. Deterministic rows sta
 * ``fk_steering``: FK steering (Singhal et al. 2025) to ``p(x) p(d | x)^lam``, reward ``log p(d | x)``
   of the clean classifier, ``lam =`` :data:`FK_LAM`, ``difference`` potential every
   :data:`FK_INTERVAL` steps (resampling at every step collapses the particles onto the classifier's
-  favourite 3s: at ``lam = 1`` the Frechet distance doubles);
+  favourite 3s: at ``lam = 1`` the Frechet distance grows 1.8-fold, 118 against 65);
 * ``tds``: the twisted diffusion sampler (Wu et al. 2023) of ``p(x | d)``, the noise-conditional
   classifier as twist;
 * ``real d``: training images of ``d`` -- all of them where there are fewer than ``n`` (146 3s), and then
