@@ -205,6 +205,19 @@ def test_restart_default_plan_and_mapping_form(gmm, sd_process):
         assert info.nfe == info.solver.nfe(steps)
 
 
+def test_restart_default_plan_on_a_grid_below_its_s_max(gmm, sd_process):
+    """A grid that starts below the automatic plan's s_max = 2 (an img2img-like custom grid from t = 300,
+    sigma/alpha 0.83): the plan restarts up to the grid's first node, as the authors' sampler does (it
+    snaps s_max to the nearest node). It was a ValueError naming restart_info, which the user never gave."""
+    den, x_T = gmm.denoiser(sd_process), noise(3, 8)
+    times = torch.linspace(300.0, 0.0, 25, dtype=F64)
+    top = float(sd_process.sigma_ratio(300.0))
+    auto, info = sd.sample(den, x_T, 25, "restart", times, generator=_gen(), return_info=True)
+    given = sd.solvers.Restart(restart_info=[(0.1, top, 1, 9)])
+    assert torch.equal(auto, sd.sample(den, x_T, 25, given, times, generator=_gen()))
+    assert info.nfe == info.solver.nfe(25) == 49 + 18
+
+
 def test_restart_sw2_at_100_nfe_is_near_the_floor(gmm, sd_process):
     solver = sd.solvers.Restart(restart_info=[(0.1, 2.0, 2, 10)])
     sw, floor, nfe = _sw_ratio(gmm, sd_process, solver, 30, "karras")

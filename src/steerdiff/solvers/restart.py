@@ -19,7 +19,9 @@ As in the authors' code, ``s_min`` is moved to the nearest grid node that a step
 (default): the automatic choice of the authors' sampler for ComfyUI: no restart below 20 steps;
 from 20 steps ``(0.1, 2, K=1, N=9)``; from 36 steps ``(0.1, 2, K=2, N=steps // 4)`` (the grid is
 not shortened to compensate, unlike there), ``s_min`` moved to the nearest node also where the
-grid ends above 0.1 (``trailing`` spacing: 0.22 at 20 steps under SD betas).
+grid ends above 0.1 (``trailing`` spacing: 0.22 at 20 steps under SD betas) and ``s_max`` to the
+first node where the grid starts below 2 (a custom grid from partway, as img2img: the authors' code
+moves ``s_max`` to the nearest node, the first one there).
 
 Restarts contract only the errors made below ``s_max``: the output depends on ``x_T`` as the ODE's
 does above it, so a prior ``x_T ~ N(0, I)`` that differs from the marginal at ``t_max`` (VP
@@ -116,6 +118,7 @@ class Restart(Solver):
         plan: dict[int, tuple[int, list[Level]]] = {}
         given = self.restart_info is not None  # the automatic plan's s_min = 0.1 goes to the nearest node
         for lo, hi, k, n in self._plan(grid.steps):
+            hi = hi if given else min(hi, ratios[0])  # and its s_max = 2 at most to the first
             if last < 1 or (given and lo < ratios[last] * (1 - 1e-9)) or hi > ratios[0] * (1 + 1e-9):
                 raise ValueError(
                     f"restart_info: interval [{lo:g}, {hi:g}] (sigma/alpha) reaches outside the grid's range "
