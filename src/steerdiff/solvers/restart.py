@@ -28,7 +28,8 @@ does above it, so a prior ``x_T ~ N(0, I)`` that differs from the marginal at ``
 ``scaled_linear``: ``alpha_T = 0.068``) keeps the exact ODE's bias with the default ``s_max = 2``.
 
 Noise: restart ``k`` of ``K`` draws ``model.noise(u_k, u_{k+1}, x)`` on the ``k``-th of ``K``
-equal parts of ``[t_min, t_max]``, so that a Brownian-tree source gives independent draws. The
+equal parts of ``[t_min, t_max]``, cut at the node of a restart made before (an interval that
+overlaps an earlier one), so that a Brownian-tree source gives independent draws. The
 restart noise is followed by the deterministic ODE solve inside the same step, so no step is
 Gaussian given its start: every step returns the state (a Tensor), never a
 :class:`~steerdiff.solvers.base.Transition`; the noise is drawn inside :meth:`Restart.step`.
@@ -112,10 +113,11 @@ class Restart(Solver):
         return [(0.1, 2.0, 1, 9)] if steps < 36 else [(0.1, 2.0, 2, steps // 4)]
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        """Place the intervals on the grid: ``{node j: (K, inner levels from s_max to s_j)}``."""
+        """Place the intervals on the grid: ``{node j: (K, inner levels from s_max to s_j, top)}``, the noise
+        drawn on ``[t_j, top]`` (module docstring)."""
         ratios = [s / a for s, a in zip(grid.sigma, grid.alpha, strict=True)]
         last = grid.steps - 1 if grid.clean_end else grid.steps  # last noisy node
-        plan: dict[int, tuple[int, list[Level]]] = {}
+        plan: dict[int, tuple[int, list[Level], float]] = {}
         given = self.restart_info is not None  # the automatic plan's s_min = 0.1 goes to the nearest node
         for lo, hi, k, n in self._plan(grid.steps):
             hi = hi if given else min(hi, ratios[0])  # and its s_max = 2 at most to the first
@@ -132,7 +134,14 @@ class Restart(Solver):
                 )
             t = Karras(7.0, sigma_min=ratios[j], sigma_max=hi).nodes(grid.process, n + 1).tolist()
             levels = [(ti, *grid.at(ti)[:2]) for ti in t[:-1]]
-            plan[j] = (k, [*levels, (grid.t[j], grid.alpha[j], grid.sigma[j])])
+            plan[j] = (k, [*levels, (grid.t[j], grid.alpha[j], grid.sigma[j])], t[0])
+        # a Brownian-tree source's draws are independent on disjoint ranges of time: an interval reaching
+        # above the node of a restart made before it draws its noise below that node
+        prev: int | None = None
+        for j in sorted(plan):
+            k, levels, top = plan[j]
+            plan[j] = (k, levels, top if prev is None else min(top, grid.t[prev]))
+            prev = j
         return {"plan": plan}
 
     def noisy_on(self, grid: Grid) -> bool:
@@ -146,11 +155,11 @@ class Restart(Solver):
         x = heun_update(model, x, i, frm, (grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1]), second)
         if i + 1 not in state["plan"]:
             return x
-        k, levels = state["plan"][i + 1]
-        (t_hi, a_hi, s_hi), (t_lo, a_lo, s_lo) = levels[0], levels[-1]
+        k, levels, top = state["plan"][i + 1]
+        (_, a_hi, s_hi), (t_lo, a_lo, s_lo) = levels[0], levels[-1]
         ratio, std = noising((a_lo, s_lo), (a_hi, s_hi))
         for r in range(k):
-            u0, u1 = t_lo + r * (t_hi - t_lo) / k, t_lo + (r + 1) * (t_hi - t_lo) / k
+            u0, u1 = t_lo + r * (top - t_lo) / k, t_lo + (r + 1) * (top - t_lo) / k
             x = ratio * x + std * model.noise(u0, u1, x)
             for frm, to in itertools.pairwise(levels):
                 x = heun_update(model, x, i, frm, to, second)
