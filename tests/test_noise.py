@@ -245,3 +245,12 @@ def test_brownian_tree_refuses_a_state_of_another_shape():
         with pytest.raises(ValueError, match=re.escape(msg)):
             tree(0.9, 0.1, torch.zeros(shape))
     assert tree(0.9, 0.1, torch.zeros(2, 4, dtype=F64)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+def test_sample_checks_a_generator_list_whatever_the_solver(solver):
+    # before: a deterministic solver never drew, so 2 generators for 3 rows passed with ddim (ddpm refused)
+    gmm, proc = sd.toy.default_benchmark_mixture(dim=4), sd.VP.scaled_linear()
+    x_T = torch.zeros(3, 4, dtype=F64)
+    with pytest.raises(ValueError, match=r"generator: 2 generators for a batch of 3 rows"):
+        sd.sample(gmm.denoiser(proc), x_T, 4, solver, generator=[torch.Generator()] * 2)
