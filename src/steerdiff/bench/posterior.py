@@ -61,7 +61,7 @@ from ..solvers.ddim import ancestral_split
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
 from ._figure import panel_figure, write_outputs
 from .sde import steps_within
-from .solvers import Row, csv_table
+from .solvers import Row, csv_table, generator_for
 
 __all__ = [
     "CASES",
@@ -126,11 +126,11 @@ def grid_prior(dim: int, generator: torch.Generator) -> GaussianMixture:
 def make_prior(name: str, seed: int) -> GaussianMixture:
     """The prior called ``name`` (:data:`PRIORS`)."""
     if name == "gmm16":
-        return default_benchmark_mixture(16, 8, seed=seed + 1)
-    if name == "gmm64":
+        return default_benchmark_mixture(16, 8, seed=generator_for(seed, "prior", name).initial_seed())
+    if name == "gmm64":  # the embedded default at seed 0; no other draw takes a small-integer seed
         return default_benchmark_mixture(64, 10, seed=seed)
-    if name in ("grid8", "grid80"):
-        return grid_prior(int(name[4:]), torch.Generator().manual_seed(seed + 7))
+    if name in ("grid8", "grid80"):  # one set of weights for both
+        return grid_prior(int(name[4:]), generator_for(seed, "prior", "grid"))
     raise ValueError(f"unknown prior {name!r}; accepted: {PRIORS}")
 
 
@@ -143,7 +143,9 @@ def mcgdiff_operator(dim: int, dim_y: int, generator: torch.Generator) -> Tensor
 
 @dataclass
 class Case:
-    """One inverse problem: prior, observation, exact posterior, reference samples and baselines."""
+    """One inverse problem: prior, observation, exact posterior, reference samples and baselines.
+    ``key``: ``(seed, prior, dim_y, noise_std, operator)``, under which each of its draws has its own
+    generator (:func:`~steerdiff.bench.solvers.generator_for`)."""
 
     prior_name: str
     dim_y: int
@@ -158,7 +160,7 @@ class Case:
     reference: Tensor
     floor: float
     prior_distance: float
-    seed: int
+    key: tuple[int, str, int, float, str]
 
     @property
     def label(self) -> str:
@@ -173,18 +175,22 @@ class Case:
         """Sliced W2 of ``x`` to the reference set (``inf`` if ``x`` is not finite)."""
         if not bool(torch.isfinite(x).all()):
             return math.inf
-        return sliced_w2(x, self.reference, self.seed)
+        return sliced_w2(x, self.reference, self.key)
+
+    def noise_generator(self) -> torch.Generator:
+        """The generator of every method's sampling noise (the same for all)."""
+        return generator_for(*self.key, "noise")
 
 
-def sliced_w2(x: Tensor, y: Tensor, seed: int) -> float:
-    """:func:`steerdiff.metrics.sliced_wasserstein` with :data:`PROJECTIONS` directions from ``seed + 4``."""
-    return metrics.sliced_wasserstein(x, y, PROJECTIONS, torch.Generator().manual_seed(seed + 4))
+def sliced_w2(x: Tensor, y: Tensor, key: tuple[int, str, int, float, str]) -> float:
+    """:func:`steerdiff.metrics.sliced_wasserstein` with the case ``key``'s :data:`PROJECTIONS` directions."""
+    return metrics.sliced_wasserstein(x, y, PROJECTIONS, generator_for(*key, "projections"))
 
 
 def make_case(
     prior: str, dim_y: int, noise_std: float, n: int, seed: int = 0, operator: str = "random"
 ) -> Case:
-    """Build a case; its observation is seeded by ``(seed, prior, dim_y, noise_std, operator)`` only.
+    """Build a case; every draw is seeded by ``(seed, prior, dim_y, noise_std, operator)`` and its purpose.
 
     ``operator="random"``: Cardoso et al.'s random ``A`` (:func:`mcgdiff_operator`); ``"inpaint"``:
     :class:`~steerdiff.inverse.Inpaint` observing the first ``dim_y`` coordinates.
@@ -192,8 +198,8 @@ def make_case(
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; accepted: {OPERATORS}")
     gmm = make_prior(prior, seed)
-    kind = 100 * DIMS_Y.index(dim_y) if operator == "random" else 500 + dim_y
-    g = torch.Generator().manual_seed(seed + 1000 * PRIORS.index(prior) + kind + 10 * NOISES.index(noise_std))
+    key = (seed, prior, dim_y, noise_std, operator)
+    g = generator_for(*key, "observation")
     if operator == "random":
         op: LinearOperator = Matrix(mcgdiff_operator(gmm.dim, dim_y, g))
     else:
@@ -201,19 +207,19 @@ def make_case(
     A = op.to_dense(dtype=F64)
     y = A @ gmm.sample(1, g)[0] + noise_std * torch.randn(dim_y, generator=g, dtype=F64)
     post = gmm.posterior(A, y, noise_std)
-    reference = post.sample(REFERENCE_FACTOR * n, torch.Generator().manual_seed(seed + 3))
+    reference = post.sample(REFERENCE_FACTOR * n, generator_for(*key, "reference"))
     floor = metrics.floor(
         post.sample,
         n,
-        lambda a, b: sliced_w2(a, b, seed),
+        lambda a, b: sliced_w2(a, b, key),
         repeats=3,
-        generator=torch.Generator().manual_seed(seed + 5),
+        generator=generator_for(*key, "floor"),
         reference=reference,
     )
-    prior_dist = sliced_w2(gmm.sample(n, torch.Generator().manual_seed(seed + 6)), reference, seed)
-    x_T = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    prior_dist = sliced_w2(gmm.sample(n, generator_for(*key, "prior samples")), reference, key)
+    x_T = torch.randn(n, gmm.dim, generator=generator_for(*key, "x_T"), dtype=F64)
     return Case(
-        prior, dim_y, noise_std, gmm, ddpm_process(), op, A, y, post, x_T, reference, floor, prior_dist, seed
+        prior, dim_y, noise_std, gmm, ddpm_process(), op, A, y, post, x_T, reference, floor, prior_dist, key
     )
 
 
@@ -247,7 +253,7 @@ def _ddpm(case: Case, den: Denoiser, steps: int) -> tuple[Tensor, int]:
         steps=steps,
         solver="ddpm",
         schedule="time_uniform",
-        generator=torch.Generator().manual_seed(case.seed + 1),
+        generator=case.noise_generator(),
         return_info=True,
     )
     return x, info.nfe
@@ -266,7 +272,7 @@ def _repaint(case: Case, config: tuple[int, int], budget: int) -> tuple[Tensor, 
         steps,
         resample=resample,
         jump=jump,
-        generator=torch.Generator().manual_seed(case.seed + 1),
+        generator=case.noise_generator(),
         return_info=True,
     )
     return x, info.nfe
@@ -314,10 +320,7 @@ METHODS: tuple[Method[float] | Method[tuple[int, int]], ...] = (
         "dps_alg1",
         _log_grid(-3, 1),
         6,
-        lambda c, v, n: (
-            dps_alg1(c.den, c.A, c.y, c.x_T, n, v, torch.Generator().manual_seed(c.seed + 1)),
-            n,
-        ),
+        lambda c, v, n: (dps_alg1(c.den, c.A, c.y, c.x_T, n, v, c.noise_generator()), n),
     ),
     Method(
         "mcg",

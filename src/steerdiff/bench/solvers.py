@@ -24,6 +24,7 @@ RMSE ``||x - x_ref|| / ||x_ref||`` over the batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -85,6 +86,7 @@ __all__ = [
     "format_guided",
     "format_report",
     "format_table",
+    "generator_for",
     "guided_errors",
     "guided_reference",
     "guided_vs_diffusers",
@@ -130,6 +132,15 @@ def default_model() -> tuple[GaussianMixture, Process]:
 def initial_noise(batch: int, dim: int, seed: int, dtype: torch.dtype = F64) -> Tensor:
     """``randn(batch, dim)`` from ``torch.Generator().manual_seed(seed)``, drawn in float64."""
     return torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+
+
+def generator_for(seed: int, *key: str | int | float) -> torch.Generator:
+    """A CPU generator for the draw that ``key`` names (a case, a purpose) in the run of ``seed``: seeded
+    by SHA-256 of ``repr((seed, *key))``, so that different keys draw unrelated streams (``seed + k``
+    offsets made one draw's stream another's) and a key the same stream in every process (Python's
+    ``hash`` of a ``str`` is salted). 32 bits: the CPU generator (mt19937) keeps no more of a seed."""
+    digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
 
 
 def steps_for_nfe(nfe_of: Callable[[int], int], nfe: int) -> int | None:

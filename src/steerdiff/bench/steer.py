@@ -64,7 +64,7 @@ from ..solvers.base import NonFiniteError
 from ..toy.gmm import GaussianMixture
 from . import posterior
 from ._figure import panel_figure, write_outputs
-from .solvers import Row, csv_table
+from .solvers import Row, csv_table, generator_for
 
 __all__ = [
     "CASES",
@@ -130,7 +130,8 @@ def nine_modes() -> GaussianMixture:
 
 @dataclass
 class Target:
-    """One steering problem ``pi ∝ p exp(lam r)`` with its exact answer and baselines.
+    """One steering problem ``pi ∝ p exp(lam r)`` with its exact answer and baselines; each of its draws
+    has the generator of ``(seed, name, purpose)`` (:func:`~steerdiff.bench.solvers.generator_for`).
 
     ``tds``: the likelihood arguments of :func:`~steerdiff.smc.tds`; ``guided(scale)``: the DPS-type
     guided denoiser; ``expert``: the Gaussian expert whose product with ``p`` is ``pi`` (or ``None``).
@@ -161,13 +162,17 @@ class Target:
         """Sliced W2 of ``x`` to the reference set (``inf`` if ``x`` is not finite)."""
         if not bool(torch.isfinite(x).all()):
             return math.inf
-        g = torch.Generator().manual_seed(self.seed + 4)
-        return metrics.sliced_wasserstein(x, self.reference, PROJECTIONS, g)
+        return _sliced_w2(x, self.reference, self.seed, self.name)
 
     def reward_error(self, x: Tensor) -> float:
         """``mean r(x) - E_pi[r]``."""
         r = self.reward(x)
         return float(r.mean()) - self.expected_reward if bool(torch.isfinite(r).all()) else math.nan
+
+
+def _sliced_w2(x: Tensor, y: Tensor, seed: int, name: str) -> float:
+    """:func:`steerdiff.metrics.sliced_wasserstein` with the case's :data:`PROJECTIONS` directions."""
+    return metrics.sliced_wasserstein(x, y, PROJECTIONS, generator_for(seed, name, "projections"))
 
 
 def _second_moments(gmm: GaussianMixture) -> Tensor:
@@ -214,7 +219,7 @@ def make_target(name: str, n: int, seed: int = 0) -> Target:
             members = [k for k in range(9) if float(prior.means[k, 1]) == 4.0]
             reward = _class_log_prob(prior, members)
             target = GaussianMixture(prior.means[members], prior.covariances[members], prior.weights[members])
-            mc = target.sample(2**18, torch.Generator().manual_seed(seed + 11))
+            mc = target.sample(2**18, generator_for(seed, name, "expected reward"))
             expected = float(reward(mc).mean())
         tds = {"log_likelihood": lambda x: lam * reward(x)}
         den = prior.denoiser(proc)
@@ -225,7 +230,7 @@ def make_target(name: str, n: int, seed: int = 0) -> Target:
     elif name == "gmm16_linear":
         prior = posterior.make_prior("gmm16", seed)
         lam = 2.0
-        c = torch.randn(prior.dim, generator=torch.Generator().manual_seed(seed + 12), dtype=F64)
+        c = torch.randn(prior.dim, generator=generator_for(seed, name, "reward direction"), dtype=F64)
         c = c / c.norm()
 
         def reward(x: Tensor) -> Tensor:
@@ -260,15 +265,13 @@ def make_target(name: str, n: int, seed: int = 0) -> Target:
 
     else:
         raise ValueError(f"unknown case {name!r}; accepted: {CASES}")
-    reference = target.sample(REFERENCE_FACTOR * n, torch.Generator().manual_seed(seed + 3))
-
-    def sw2(a: Tensor, b: Tensor) -> float:
-        return metrics.sliced_wasserstein(a, b, PROJECTIONS, torch.Generator().manual_seed(seed + 4))
-
-    g = torch.Generator().manual_seed(seed + 5)
-    exact = [sw2(target.sample(n, g), reference) for _ in range(FLOOR_REPEATS)]  # metrics.floor's draws
-    floor = sum(exact) / len(exact)
-    prior_distance = sw2(prior.sample(n, torch.Generator().manual_seed(seed + 6)), reference)
+    reference = target.sample(REFERENCE_FACTOR * n, generator_for(seed, name, "reference"))
+    g = generator_for(seed, name, "floor")
+    exact = [_sliced_w2(target.sample(n, g), reference, seed, name) for _ in range(FLOOR_REPEATS)]
+    floor = sum(exact) / len(exact)  # metrics.floor's draws and mean
+    prior_distance = _sliced_w2(
+        prior.sample(n, generator_for(seed, name, "prior samples")), reference, seed, name
+    )
     noise = float(reward(reference).std()) / math.sqrt(n)
     return Target(
         name, prior, proc, reward, lam, target, expected, noise, reference, floor,
@@ -287,7 +290,7 @@ def _smc_options(t: Target, n: int, particles: int) -> _SmcOptions:
         "solver": SOLVER,
         "schedule": SCHEDULE,
         "dtype": F64,
-        "generator": torch.Generator().manual_seed(t.seed + 1),
+        "generator": generator_for(t.seed, t.name, "particles"),
     }
 
 
@@ -313,19 +316,19 @@ def _run_method(t: Target, method: str, budget: int, n: int) -> tuple[Tensor, in
         out = smc.fkc_product(t.den, t.expert.denoiser(t.process), **opts)
     else:
         raise ValueError(f"unknown method {method!r}; accepted: {METHODS}")
-    x = out.sample(torch.Generator().manual_seed(t.seed + 2))
+    x = out.sample(generator_for(t.seed, t.name, "returned sample"))
     return x, out.nfe
 
 
 def _run_dps(t: Target, scale: float, budget: int, n: int) -> tuple[Tensor, int]:
-    x_T = torch.randn(n, t.prior.dim, generator=torch.Generator().manual_seed(t.seed), dtype=F64)
+    x_T = torch.randn(n, t.prior.dim, generator=generator_for(t.seed, t.name, "x_T"), dtype=F64)
     x, info = sampling.sample(
         t.guided(scale),
         x_T,
         steps=budget,
         solver=SOLVER,
         schedule=SCHEDULE,
-        generator=torch.Generator().manual_seed(t.seed + 1),
+        generator=generator_for(t.seed, t.name, "noise"),
         return_info=True,
     )
     return x, info.nfe
