@@ -250,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         "longstep",
         help="multistep solvers with and without their long-step rule, against the exact answer",
         description=(
-            "Relative RMSE of dpmpp_2m, dpmpp_3m and unipc with their default long-step rule and without "
-            "it (max_h=inf) on the 16-d default mixture under six processes, every schedule, 3-50 steps, "
-            "for every case the rule changes. Writes OUT/longstep.csv, OUT/longstep.png and "
+            "Relative RMSE of dpmpp_2m, dpmpp_3m, unipc and mrs with their default long-step rule and "
+            "without it (max_h=inf) on the 16-d default mixture under six processes, every schedule, "
+            "3-50 steps, for every case the rule changes. Writes OUT/longstep.csv, OUT/longstep.png and "
             "OUT/longstep.txt."
         ),
     )

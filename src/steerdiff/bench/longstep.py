@@ -4,9 +4,10 @@ A multistep step of order ``k`` integrates the polynomial through the last ``k``
 step much longer than the steps those estimates are spaced by, it extrapolates their errors. Grids that end
 with such a step are common: ``time_uniform`` on every process, ``linspace`` and ``leading`` on discrete VP
 schedules (the last noisy step 3.4-13 times the one before in log-SNR), ``karras`` at 3-4 steps. DPM-Solver++
-multistep and UniPC therefore take a step longer than :data:`~steerdiff.solvers.base.ODE_MAX_H` in log-SNR and
-than :data:`~steerdiff.solvers.base.ODE_MAX_H_RATIO` times the step before at first order by default;
-``max_h=math.inf`` is the paper's and diffusers' rule (no such step).
+multistep, UniPC and the MR Sampler's data form (``mrs``) therefore take a step longer than
+:data:`~steerdiff.solvers.base.ODE_MAX_H` in log-SNR and than :data:`~steerdiff.solvers.base.ODE_MAX_H_RATIO`
+times the step before at first order by default; ``max_h=math.inf`` is the papers' and diffusers' rule (no
+such step).
 
 On the 16-d default mixture (exact probability-flow ODE from the same ``x_T``, then the exact
 denoiser at ``t_min``: what :func:`steerdiff.sample` approximates), for each process, schedule,
@@ -30,6 +31,7 @@ from ..sampling import sample
 from ..solvers import get as get_solver
 from ..solvers.base import make_grid
 from ..solvers.dpmpp import DPMSolverPPMultistep
+from ..solvers.mrs import MRSampler
 from ..solvers.unipc import UniPC
 from ..toy.gmm import default_benchmark_mixture
 from ._figure import diagonal_scatter, write_outputs
@@ -48,7 +50,7 @@ __all__ = [
     "write_results",
 ]
 
-SOLVERS = ("dpmpp_2m", "dpmpp_3m", "unipc")
+SOLVERS = ("dpmpp_2m", "dpmpp_3m", "unipc", "mrs")
 PROCESSES = ("sd", "ddpm", "sd-zero-snr", "cosine", "edm", "flow")  # the names of processes()
 STEPS = (3, 4, 5, 8, 10, 15, 20, 30, 50)
 QUICK_STEPS = (10, 20)
@@ -130,10 +132,10 @@ def run(
     return LongStepBench(rows, total, n, dim)
 
 
-def _without_rule(name: str) -> DPMSolverPPMultistep | UniPC:
+def _without_rule(name: str) -> DPMSolverPPMultistep | UniPC | MRSampler:
     """The named solver with ``max_h=inf``: the paper's and diffusers' rule."""
     solver = get_solver(name)
-    assert isinstance(solver, DPMSolverPPMultistep | UniPC), name  # the SOLVERS have the rule
+    assert isinstance(solver, DPMSolverPPMultistep | UniPC | MRSampler), name  # the SOLVERS have the rule
     return replace(solver, max_h=math.inf)
 
 
@@ -183,7 +185,7 @@ def plot(result: LongStepBench, path: str | Path) -> bool:
     the diagonal dashed). ``False`` (logged) if matplotlib is not installed."""
     values = [v for r in result.rows for v in (r.with_rule, r.without)] or [1e-3, 1.0]
     series = []
-    for solver, marker in zip(SOLVERS, "os^", strict=True):
+    for solver, marker in zip(SOLVERS, "os^D", strict=True):
         rs = [r for r in result.rows if r.solver == solver]
         series.append(
             (solver, [r.without for r in rs], [r.with_rule for r in rs], {"s": 14, "marker": marker})
