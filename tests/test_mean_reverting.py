@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -202,7 +203,7 @@ def test_mrs_noise_form_has_no_long_step_rule(mr, ode, sde):
     _, _, mu, den = mr
     y_T, exact = ode
     solver = MRS(prediction="noise", sde=sde)
-    assert (solver.max_h, solver.max_h_ratio) == (math.inf, 0.0)
+    assert solver.long_step == (math.inf, 0.0)
     plain = MRS(prediction="noise", sde=sde, max_h=math.inf)
     a = sd.sample(den, y_T, 10, solver, "time_uniform", generator=_gen(1))
     assert torch.equal(a, sd.sample(den, y_T, 10, plain, "time_uniform", generator=_gen(1)))
@@ -234,14 +235,16 @@ def test_mrs_sde_data_keeps_the_variance_over_a_long_last_step(gmm, sd_process):
 def test_mrs_long_step_defaults_and_bad_values():
     # None: the form's default (the data form's ODE / SDE rule, none for the noise form); values as given
     def rule(**kw):
-        solver = MRS(**kw)
-        return solver.max_h, solver.max_h_ratio
+        return MRS(**kw).long_step
 
     assert rule() == (ODE_MAX_H, ODE_MAX_H_RATIO) and rule(sde=True) == (SDE_MAX_H, SDE_MAX_H_RATIO)
     assert rule(prediction="noise") == rule(prediction="noise", sde=True) == (math.inf, 0.0)
     assert rule(max_h=1.0, max_h_ratio=0.0) == (1.0, 0.0)
     assert rule(sde=True, max_h=1.0) == (1.0, SDE_MAX_H_RATIO)
     assert rule(prediction="noise", max_h=2.0) == (2.0, 0.0)
+    # the form's default follows a replace (it was resolved once and stored: the data form's 2.0 stayed)
+    assert dataclasses.replace(MRS(), prediction="noise").long_step == (math.inf, 0.0)
+    assert dataclasses.replace(MRS(), sde=True).long_step == (SDE_MAX_H, SDE_MAX_H_RATIO)
     for bad in (0.0, -1.0, "0.8", True, math.nan):
         with pytest.raises(ValueError, match=r"^MRSampler: max_h must be a number > 0 or inf, got "):
             MRS(max_h=bad)

@@ -106,13 +106,20 @@ class MRSampler(Solver):
         self.prediction = choice(who, "prediction", self.prediction, PREDICTIONS)
         self.sde = boolean(who, "sde", self.sde)
         self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
+        check_long_step(self, *self.long_step)
+
+    @property
+    def long_step(self) -> tuple[float, float]:
+        """``(max_h, max_h_ratio)`` with ``None`` read as the form's default (resolved here, not stored,
+        so that ``dataclasses.replace`` to another form takes that form's)."""
         if self.prediction == "noise":  # no limit: step_order's own defaults
             rule = (math.inf, 0.0)
         else:
             rule = (SDE_MAX_H, SDE_MAX_H_RATIO) if self.sde else (ODE_MAX_H, ODE_MAX_H_RATIO)
-        self.max_h = rule[0] if self.max_h is None else self.max_h
-        self.max_h_ratio = rule[1] if self.max_h_ratio is None else self.max_h_ratio
-        check_long_step(self, self.max_h, self.max_h_ratio)
+        return (
+            rule[0] if self.max_h is None else self.max_h,
+            rule[1] if self.max_h_ratio is None else self.max_h_ratio,
+        )
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
@@ -127,9 +134,7 @@ class MRSampler(Solver):
             return pred.x0
         hist = state["m"]
         lams = [grid.lam[i], *hist.at][: self.order]  # with this step's estimate, pushed below
-        max_h, ratio = self.max_h, self.max_h_ratio
-        assert max_h is not None and ratio is not None, "resolved in __post_init__"
-        k = step_order(i, grid, self.order, len(lams), self.lower_order_final, max_h, ratio)
+        k = step_order(i, grid, self.order, len(lams), self.lower_order_final, *self.long_step)
         h = grid.h(i)
         a0, s0, a1, s1 = grid.alpha[i], grid.sigma[i], grid.alpha[i + 1], grid.sigma[i + 1]
         eta = 1.0 if self.sde else 0.0  # the SDE damps x0 with rate c = 1 + eta
