@@ -801,3 +801,29 @@ def test_bench_guided_validate_is_the_default_against_the_old_one(tmp_path, caps
     assert pooled is not None and int(pooled[1]) == len(rows)
     ratios = [math.log(float(r["default"]) / float(r["old_default"])) for r in rows]
     assert float(pooled[2]) == pytest.approx(math.exp(sum(ratios) / len(ratios)), abs=6e-4)
+
+
+def test_diffusers_candidates_include_our_default_algorithm_and_sigma_spacings():
+    """(b)'s "best diffusers configuration" is searched over a set that offers diffusers the algorithm
+    of sd.sample's default (UniPC of its order and variant: our best at NFE 10 and 20) and each sigma
+    spacing diffusers has for a schedule we search (karras, exponential), for every scheduler class
+    that takes it; each configuration under its own (method, schedule), the key (b) looks it up by."""
+    pytest.importorskip("diffusers")
+    import inspect
+
+    configs = diffusers_configs()
+    made = [(c, c.make()) for c in configs]
+    ours = sd.solvers.get(sd.sampling.DEFAULT_SOLVER)
+    assert any(
+        type(s).__name__ == "UniPCMultistepScheduler"
+        and s.config.solver_order == ours.order
+        and s.config.solver_type == ours.variant
+        for _, s in made
+    )
+    for cls in {type(s) for _, s in made}:
+        takes = inspect.signature(cls.__init__).parameters
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas"):
+            if flag in takes:
+                assert any(type(s) is cls and s.config[flag] for _, s in made), (cls.__name__, flag)
+    keys = [(c.method, c.schedule()) for c in configs]
+    assert len(set(keys)) == len(keys)

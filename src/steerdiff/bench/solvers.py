@@ -289,6 +289,8 @@ class DiffusersConfig:
         cfg = self.make().config
         if cfg.get("use_karras_sigmas"):
             return "karras"
+        if cfg.get("use_exponential_sigmas"):
+            return "exponential"
         if cfg.get("use_lu_lambdas"):
             return "lu_lambdas"
         return str(cfg.get("timestep_spacing", "linspace"))  # DPMSolverSinglestep: always linspace
@@ -301,16 +303,20 @@ def diffusers_configs() -> list[DiffusersConfig]:
     """The diffusers configurations compared against, each its own row (SD betas throughout).
 
     DDIM (its default ``leading`` spacing); DPMSolverMultistep of order 2 and 3 with the
-    ``linspace``/``leading``/``trailing`` spacings, Karras sigmas and Lu lambdas; Euler, Heun,
-    DPMSolverSinglestep of order 2 and 3, UniPC ``bh1``/``bh2`` and DEIS (order 3), each with its
-    default spacing and with Karras sigmas.
+    ``linspace``/``leading``/``trailing`` spacings, Karras and exponential sigmas and Lu lambdas; Euler,
+    Heun, DPMSolverSinglestep of order 2 and 3, UniPC ``bh1``/``bh2`` (``bh2`` also of order 3, the
+    algorithm of ``sd.sample``'s default) and DEIS (order 3), each with its default spacing and with
+    Karras and exponential sigmas (the sigma spacings of our ``karras`` and ``exponential``); UniPC
+    ``bh1`` also with ``final_sigmas_type="sigma_min"``, as with diffusers' default final sigma 0 it
+    returns NaN.
     """
     karras: Overrides = (("use_karras_sigmas", True),)
+    sigmas: tuple[Overrides, ...] = ((), karras, (("use_exponential_sigmas", True),))
     spacings: tuple[Overrides, ...] = (
         (),
         (("timestep_spacing", "leading"),),
         (("timestep_spacing", "trailing"),),
-        karras,
+        *sigmas[1:],
         (("use_lu_lambdas", True),),
     )
     multistep = [
@@ -330,7 +336,17 @@ def diffusers_configs() -> list[DiffusersConfig]:
             "DPMSolverSinglestep(order=3)", "DPMSolverSinglestepScheduler", (("solver_order", 3),)
         ),
         DiffusersConfig("UniPCMultistep(bh1)", "UniPCMultistepScheduler", (("solver_type", "bh1"),)),
+        DiffusersConfig(
+            "UniPCMultistep(bh1, final sigma_min)",
+            "UniPCMultistepScheduler",
+            (("solver_type", "bh1"), ("final_sigmas_type", "sigma_min")),
+        ),
         DiffusersConfig("UniPCMultistep(bh2)", "UniPCMultistepScheduler", (("solver_type", "bh2"),)),
+        DiffusersConfig(
+            "UniPCMultistep(bh2, order=3)",
+            "UniPCMultistepScheduler",
+            (("solver_type", "bh2"), ("solver_order", 3)),
+        ),
         DiffusersConfig("DEISMultistep(order=3)", "DEISMultistepScheduler", (("solver_order", 3),)),
     ]
     return [
@@ -340,7 +356,7 @@ def diffusers_configs() -> list[DiffusersConfig]:
             for sp in ("leading", "trailing")
         ),
         *multistep,
-        *(DiffusersConfig(c.method, c.cls, c.overrides + s) for c in others for s in ((), karras)),
+        *(DiffusersConfig(c.method, c.cls, c.overrides + s) for c in others for s in sigmas),
     ]
 
 
