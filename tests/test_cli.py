@@ -29,8 +29,8 @@ from steerdiff.bench.solvers import (
     default_model,
     diffusers_configs,
     fifth_at,
-    generator_for,
     ill_conditioned,
+    initial_noise,
     plot,
     switched,
 )
@@ -46,7 +46,7 @@ BATCH, SEED, DRAWS = 8, 3, 8
 def problem():
     """The benchmark's model and noise as documented: default mixture, SD betas, randn(B, 64)."""
     gmm, proc = sd.toy.default_benchmark_mixture(), sd.VP.scaled_linear()
-    x_T = torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(SEED), dtype=F64)
+    x_T = initial_noise(BATCH, 64, SEED)
     return gmm, proc, x_T, exact_sample(gmm, proc, x_T)
 
 
@@ -214,7 +214,7 @@ def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     # pooled with DRAWS - 1 more independent draws of x_T (seeds SEED + 1, ...)
     draws = [(x_T, ref)]
     for seed in range(SEED + 1, SEED + DRAWS):
-        xs = torch.randn(BATCH, 64, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        xs = initial_noise(BATCH, 64, seed)
         draws.append((xs, exact_sample(gmm, proc, xs)))
 
     def pooled_and_spread(ours_of, theirs_of) -> tuple[float, float, float]:
@@ -463,7 +463,7 @@ def test_sample_writes_what_sd_sample_gives(tmp_path, capsys, suffix):
     assert main([*argv, "--schedule", "karras", "--seed", "2", "--no-progress"]) == 0
     x = torch.from_numpy(np.load(path)) if suffix == ".npy" else torch.load(path)
     gmm, proc = sd.toy.default_benchmark_mixture(), sd.VP.scaled_linear()
-    x_T = torch.randn(4, 64, generator=torch.Generator().manual_seed(2), dtype=F64)
+    x_T = initial_noise(4, 64, 2)
     expected = sd.sample(gmm.denoiser(proc), x_T, steps=6, solver="heun", schedule="karras")
     assert torch.equal(x, expected)
     out = capsys.readouterr().out
@@ -605,7 +605,7 @@ def test_bench_sde_table_is_the_sliced_w2_of_sd_sample(tmp_path, capsys):
     gmm, proc = default_model()
     x = sd.sample(
         gmm.denoiser(proc),
-        torch.randn(n, gmm.dim, generator=generator_for(seed, "x_T"), dtype=torch.float64),
+        initial_noise(n, gmm.dim, seed),
         steps=20,
         solver="ddpm",
         schedule="time_uniform",
@@ -681,7 +681,7 @@ def test_bench_longstep_rows_are_the_solvers_with_and_without_the_rule(tmp_path,
     assert (tmp_path / "longstep.txt").read_text() in out
 
     gmm, edm = sd.toy.default_benchmark_mixture(dim=16), sd.EDM()
-    x_T = torch.randn(8, 16, generator=generator_for(0, "x_T"), dtype=torch.float64)
+    x_T = initial_noise(8, 16, 0)
     x_T = x_T * math.hypot(1.0, edm.t_max)
     ref = gmm.reference_ode(x_T, edm, edm.t_max, edm.t_min, denoise=True)
     den = gmm.denoiser(edm)
@@ -712,7 +712,8 @@ def test_plot_takes_any_result_with_nfes_and_rows(tmp_path):
 
 
 def test_bench_x_T_is_not_the_mixtures_means(monkeypatch):
-    """``bench guided``, ``sde`` and ``longstep`` draw ``x_T`` apart from the stream that made the default
+    """``bench solvers``, ``guided``, ``sde`` and ``longstep`` (and ``steerdiff sample``: ``initial_noise``)
+    draw ``x_T`` apart from the stream that made the default
     mixture's means (``default_benchmark_mixture`` seeds 0): from ``Generator().manual_seed(0)`` its first 10
     rows were the means, which set plain 2M's error in the 64-d mixture under SD betas at scale 7.5 and 5
     steps (2.18 with those rows, 0.87 with 10 fresh ones; those 10 rows alone at 14)."""
@@ -721,6 +722,7 @@ def test_bench_x_T_is_not_the_mixtures_means(monkeypatch):
     def apart(x_T: torch.Tensor, means: torch.Tensor) -> bool:
         return bool(torch.cdist(x_T, means).min() > 0.5)
 
+    assert apart(initial_noise(1024, 64, 0), default_model()[0].means)  # bench solvers' make_problem
     for name in ("16d-sd", "64d-sd"):
         _, x_T = guided.problem_setup(name, 64, 0, 2)
         assert apart(x_T, sd.toy.default_benchmark_mixture(dim=x_T.shape[1]).means), name
@@ -771,7 +773,7 @@ def test_bench_guided_rows_are_the_candidates_against_the_guided_ode(tmp_path, c
     full = sd.toy.default_benchmark_mixture(dim=16)
     part = sd.toy.GaussianMixture(full.means[:2], full.variances[:2], full.weights[:2])
     flow = sd.RectifiedFlow()
-    x_T = torch.randn(8, 16, generator=generator_for(0, "x_T"), dtype=torch.float64)
+    x_T = initial_noise(8, 16, 0)
     solvers = {
         "2m": sd.solvers.DPMSolverPPMultistep(order=2, max_h=math.inf),
         "2m_flat": sd.solvers.DPMSolverPPMultistep(order=2, max_h=0.8, max_h_ratio=0.0),
@@ -812,7 +814,7 @@ def test_bench_guided_validate_is_the_default_against_the_old_one(tmp_path, caps
     part = sd.toy.GaussianMixture(full.means[:2], full.variances[:2], full.weights[:2])
     proc = sd.VP.scaled_linear()
     for name, seed in (("(a) seeds +100", 100), ("(c) leading", 0)):
-        x_T = torch.randn(8, 16, generator=generator_for(seed, "x_T"), dtype=torch.float64)
+        x_T = initial_noise(8, 16, seed)
         for r in (r for r in rows if r["set"] == name):
             w, k, schedule = float(r["scale"]), int(r["steps"]), r["schedule"]
             t0 = float(sd.schedules.get(schedule)(proc, k)[0])

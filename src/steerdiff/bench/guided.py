@@ -17,8 +17,8 @@ Error: the relative RMSE against the guided probability-flow ODE from the same `
 and checked against as many UniPC-3 steps on the Karras one
 (:func:`~steerdiff.bench.solvers.guided_reference`; the time-uniform check of ``steerdiff bench solvers``
 is coarse under EDM). ``x_T`` is ``draws`` independent standard normal
-draws of ``n`` samples (seeds ``seed, seed + 1, ...``: :func:`~steerdiff.bench.solvers.generator_for`
-``(seed + k, "x_T")``, apart from the stream of seed 0 that made the mixture's means), pooled; scaled
+draws of ``n`` samples (:func:`~steerdiff.bench.solvers.initial_noise` of seeds ``seed, seed + 1, ...``),
+pooled; scaled
 by ``sqrt(alpha^2 + sigma^2)`` at ``t_max`` where the process is neither VP nor rectified flow (EDM:
 ``sigma_max``), as a pipeline draws it.
 
@@ -61,7 +61,7 @@ from ..solvers.unipc import UniPC
 from ..toy.gmm import default_benchmark_mixture
 from ._figure import diagonal_scatter, panel_figure, write_outputs
 from .longstep import processes
-from .solvers import CFG_REFERENCE_STEPS, cfg_denoiser, generator_for, guided_reference
+from .solvers import CFG_REFERENCE_STEPS, cfg_denoiser, guided_reference, initial_noise
 
 __all__ = [
     "CANDIDATES",
@@ -151,13 +151,7 @@ def problem_setup(name: str, n: int, seed: int, draws: int = 1) -> tuple[Callabl
     dim, proc = name.split("-", 1)
     process = processes()[proc]
     gmm = default_benchmark_mixture(dim=int(dim.removesuffix("d")))
-    # not Generator().manual_seed(seed + k): seed 0's stream drew the mixture's means (x_T[:10] were them)
-    z = torch.cat(
-        [
-            torch.randn(n, gmm.dim, generator=generator_for(seed + k, "x_T"), dtype=torch.float64)
-            for k in range(draws)
-        ]
-    )
+    z = torch.cat([initial_noise(n, gmm.dim, seed + k) for k in range(draws)])
     return (lambda w: cfg_denoiser(gmm, process, w)), z * _noise_scale(process)
 
 

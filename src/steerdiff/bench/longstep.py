@@ -35,7 +35,7 @@ from ..solvers.mrs import MRSampler
 from ..solvers.unipc import UniPC
 from ..toy.gmm import default_benchmark_mixture
 from ._figure import diagonal_scatter, write_outputs
-from .solvers import generator_for
+from .solvers import initial_noise
 
 __all__ = [
     "PROCESSES",
@@ -104,12 +104,11 @@ def run(
     only: Sequence[str] | None = None,
 ) -> LongStepBench:
     """Every process (of :func:`processes`; ``only``: those named) x schedule x step count x solver on
-    ``n`` draws of ``x_T`` (:func:`~steerdiff.bench.solvers.generator_for` ``(seed, "x_T")``); schedules
+    ``n`` draws of ``x_T`` (:func:`~steerdiff.bench.solvers.initial_noise` of ``seed``); schedules
     that refuse a process (the discrete spacings on continuous ones) are skipped."""
     dim = 16
     gmm = default_benchmark_mixture(dim=dim)
-    # not Generator().manual_seed(seed): seed 0's stream drew the mixture's means (z[:10] were them)
-    z = torch.randn(n, dim, generator=generator_for(seed, "x_T"), dtype=torch.float64)
+    z = initial_noise(n, dim, seed)
     steps = QUICK_STEPS if quick else STEPS
     rows: list[LongStep] = []
     total = 0

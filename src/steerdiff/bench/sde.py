@@ -2,8 +2,8 @@ r"""``steerdiff bench sde``: stochastic samplers' distance to the exact distribu
 
 Model: the embedded default (:func:`steerdiff.bench.solvers.default_model`: the 64-d, 10-component
 Gaussian mixture under Stable Diffusion's betas, exact denoiser). ``n`` samples from standard
-normal ``x_T`` (:func:`~steerdiff.bench.solvers.generator_for` ``(seed, "x_T")``: seed 0's own stream
-drew the mixture's means), noise from ``torch.Generator().manual_seed(seed + 1)``; distance:
+normal ``x_T`` (:func:`~steerdiff.bench.solvers.initial_noise` of ``seed``), noise from
+``torch.Generator().manual_seed(seed + 1)``; distance:
 sliced Wasserstein-2 (:func:`steerdiff.metrics.sliced_wasserstein`, 256 fixed projections) to
 ``4 n`` exact samples of the mixture, quoted beside the floor (:func:`steerdiff.metrics.floor`:
 the same distance for ``n`` independent exact samples). Columns are NFE budgets: a sampler runs
@@ -35,7 +35,7 @@ from .solvers import (
     best_per_method,
     default_model,
     format_table,
-    generator_for,
+    initial_noise,
 )
 
 __all__ = ["NFES", "QUICK_NFES", "SdeBench", "diffusers_configs", "format_report", "run"]
@@ -97,8 +97,7 @@ def run(
     nfes = QUICK_NFES if quick else NFES
     gmm, proc = default_model()
     den = gmm.denoiser(proc)
-    # not Generator().manual_seed(seed): seed 0's stream drew the mixture's means (x_T[:10] were them)
-    x_T = torch.randn(n, gmm.dim, generator=generator_for(seed, "x_T"), dtype=torch.float64)
+    x_T = initial_noise(n, gmm.dim, seed)
     # a reference set REFERENCE_FACTOR times larger than the sampler's: less noise in every distance
     exact = gmm.sample(REFERENCE_FACTOR * n, torch.Generator().manual_seed(seed + 3))
 

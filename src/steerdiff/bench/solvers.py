@@ -130,8 +130,10 @@ def default_model() -> tuple[GaussianMixture, Process]:
 
 
 def initial_noise(batch: int, dim: int, seed: int, dtype: torch.dtype = F64) -> Tensor:
-    """``randn(batch, dim)`` from ``torch.Generator().manual_seed(seed)``, drawn in float64."""
-    return torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
+    """``randn(batch, dim)`` from :func:`generator_for` ``(seed, "x_T")``, drawn in float64: not from
+    ``torch.Generator().manual_seed(seed)``, the stream :func:`~steerdiff.toy.default_benchmark_mixture`
+    draws its means from (with it, seed 0's ``x_T[:10]`` were the default model's component means)."""
+    return torch.randn(batch, dim, generator=generator_for(seed, "x_T"), dtype=F64).to(dtype)
 
 
 def generator_for(seed: int, *key: str | int | float) -> torch.Generator:
