@@ -262,12 +262,13 @@ SDE_MAX_H, SDE_MAX_H_RATIO = 0.5, 2.0
 # in log-SNR on VP processes, 4.5-5.9 under flow, 9.7-13 on EDM), linspace and leading on discrete VP
 # schedules (3.4-5.0); karras at 3-4 steps. `steerdiff bench longstep` (docs/bench/longstep.txt: 16-d
 # mixture, six processes, every schedule, 3-50 steps): the rule changes 273 of 1,377 cases of dpmpp_2m /
-# dpmpp_3m / unipc, better in 235 (without it dpmpp_3m and unipc end 5.7-12, relative, from the exact
-# answer on EDM + time_uniform at 15-50 steps; with it 0.35-0.75), worse in 38 by at most 1.35x (EDM +
-# time_uniform at 3-15 steps; karras at 3-4 steps 1.01-1.19x; dpmpp_2m on SD betas' leading at 15-20 steps
-# 1.24-1.31x). No step of karras_capped or logsnr_uniform grids is affected, nor of karras from 5 steps.
-# MRSampler's data form has it too (mrs in the bench: 91 of 459 cases changed, better in 84, worse in 7 by
-# at most 1.38x: EDM + time_uniform at 3-10 steps, karras at 3). DEIS and MRSampler's noise form, which
+# dpmpp_3m / unipc, better in 235 (without it dpmpp_3m and unipc end 5.3-11.8, relative, from the exact
+# answer on EDM + time_uniform at 15-50 steps; with it 0.36-0.75), worse in 38 by at most 1.43x (EDM +
+# time_uniform at 3-15 steps; karras at 3-4 steps 1.01-1.23x; dpmpp_2m on SD and zero-terminal-SNR betas'
+# leading, linspace and time_uniform at 15-20 steps 1.03-1.22x). No step of karras_capped or logsnr_uniform
+# grids is affected, nor of karras from 5 steps. MRSampler's data form has it too (mrs in the bench: 91 of
+# 459 cases changed, better in 84, worse in 7 by at most 1.42x: EDM + time_uniform at 3-10 steps, karras
+# at 3). DEIS and MRSampler's noise form, which
 # extrapolate eps rather than the denoised estimate, have no such rule.
 ODE_MAX_H, ODE_MAX_H_RATIO = 2.0, 2.0
 
