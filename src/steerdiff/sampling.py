@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOLVER = "unipc"  # UniPC-3 (bh2, corrector), long steps after short ones at first order
 # from here on guided denoisers get UniPC-2: the same predictor, corrected (steerdiff bench guided:
-# ahead of the guided 2M in 53 of 54 cases from 15 steps); below, where the grid is short enough
+# ahead of the guided 2M in all 54 cases from 15 steps); below, where the grid is short enough
 # (guided_solver)
 GUIDED_CORRECTOR_FROM = 15
 # guided 2M: first order on steps longer than 0.8 in log-SNR from CFG scale 7.5 up, longer ones below
@@ -73,13 +73,13 @@ def guided_max_h(scale: float | None) -> float:
     step 2M tolerates shrinks with it; the square root is measured, not derived. ``steerdiff bench
     guided`` (docs/bench/guided.txt: CFG toward two components of the 16-d and 64-d default mixtures
     under nine processes, 2 x 256 samples against the 800-step guided ODE; 3-12 steps, 63 cases per
-    scale): at scale 2 the limit keeps plain 2M (the same result in 56 cases, at most 1.2x worse in
-    the other 7, all at 3 steps) and beats a flat 0.8 in 53 (geometric mean of the ratio 0.87; the 64-d
-    mixture under SD betas at 10 steps 1.52e-2 against 2.25e-2); at 4 it is level with the flat 0.8
-    (better in 30, worse in 13, geometric mean 1.01) and, like it, ends within 0.87 of the guided ODE
-    where plain 2M ends up to 1.6 away; from 7.5 up it is the flat 0.8. At 5 steps every step of the
-    default grid under SD and DDPM betas is longer than 0.8 (the bench's flat-0.8 column is DDIM's
-    there): on the digits model at scale 2 (``steerdiff bench solvers --model digits``,
+    scale): at scale 2 the limit keeps plain 2M (the same result in 56 cases, at most 1.18x worse in
+    the other 7, all at 3 steps) and beats a flat 0.8 in 51, worse in 3 (geometric mean of the ratio
+    0.89; the 64-d mixture under SD betas at 10 steps 1.48e-2 against 2.24e-2); at 4 it is slightly
+    ahead of the flat 0.8 (better in 38, worse in 5, geometric mean 0.95) and, like it, ends within 0.68
+    of the guided ODE where plain 2M ends up to 1.5 away; from 7.5 up it is the flat 0.8. At 5 steps
+    every step of the default grid under SD and DDPM betas is longer than 0.8 (the bench's flat-0.8
+    column is DDIM's there): on the digits model at scale 2 (``steerdiff bench solvers --model digits``,
     docs/bench/digits_solvers.txt) that is 0.153 against the default's 0.117 (UniPC-2 there; 2M with this
     limit 0.090, docs/bench/guided_validation.txt).
     """
@@ -151,29 +151,30 @@ def guided_solver(steps: int, scale: float | None = None, grid: Grid | None = No
     of the 16-d default mixture under SD, DDPM and zero-terminal-SNR betas, EDM and rectified flow, and
     of the 64-d one under SD, DDPM and zero-terminal-SNR betas and rectified flow; 2 x 256 samples
     against the guided ODE solved in 800 steps; scales 2 / 4 / 7.5): from 15 steps UniPC-2 is ahead of
-    2M (with its limit) in 18 / 18 / 17 of the 18 cases per scale (geometric mean of the ratio 0.18 /
-    0.18 / 0.26; the exception, the 64-d mixture under SD betas at 7.5 and 15 steps, 0.052 against
-    0.011) and of UniPC-3 in all 54, which ends more than 1 from the guided ODE in 7 of them at scale 4
-    and 15 at 7.5. Below 15 steps UniPC-2 without limits ends more than 1 away in 0 / 9 / 48 of 63
-    cases, 2M with its limit in 0 / 0 / 10; the grid rule keeps 2M's 0 / 0 / 10 and takes the error to
-    0.55 / 0.68 / 1.02 of 2M's in geometric mean (3-12 steps on ``karras_capped``; at 7.5 it acts only
-    at 12 steps under SD betas). On data the rule was not chosen on (``steerdiff bench guided
+    2M (with its limit) in all 18 cases per scale (geometric mean of the ratio 0.18 / 0.29 / 0.28) and
+    of UniPC-3 in 8 / 16 / 17 of them (geometric mean 1.05 / 0.080 / 0.0080: level at scale 2), which
+    ends more than 1 from the guided ODE in 5 of them at scale 4 and 11 at 7.5. Below 15 steps UniPC-2
+    without limits ends more than 1 away in 0 / 3 / 43 of 63 cases, 2M with its limit in 0 / 0 / 9; the
+    grid rule keeps 2M's 0 / 0 / 9 and takes the error to 0.555 / 0.67 / 0.99 of 2M's in geometric mean
+    (3-12 steps on ``karras_capped``; at 7.5 it acts only at 12 steps under SD betas: 0.60x on the 16-d
+    mixture, 1.17x on the 64-d one). On data the rule was not chosen on (``steerdiff bench guided
     --validate``, docs/bench/guided_validation.txt; ratio to 2M with its limit, geometric mean; cases
-    more than 1 away, 2M / the rule): the same problems from other ``x_T`` (seeds 100-101) 0.74, 9 / 9;
-    the digits model (CFG toward 3, 256 samples, 5-15 steps against the 400-step guided ODE) 0.98,
-    0 / 0; ``logsnr_uniform`` 0.96, 38 / 37; ``karras`` 0.95, 41 / 41; the discrete-beta problems on
-    ``trailing`` 0.89, 1 / 1, on ``linspace`` and ``leading`` 1 (they end with a long step, so the rule
-    keeps 2M); pooled 0.91 over 963 cases, 101 / 100, none new.
+    more than 1 away, 2M / the rule): the same problems from other ``x_T`` (seeds 100-101) 0.76,
+    10 / 10; the digits model (CFG toward 3, 256 samples, 5-15 steps against the 400-step guided ODE)
+    0.98, 0 / 0; ``logsnr_uniform`` 0.98, 25 / 25; ``karras`` 0.93, 38 / 38; the discrete-beta problems
+    on ``trailing`` 0.89, 0 / 0, on ``linspace`` and ``leading`` 1 (they end with a long step, so the
+    rule keeps 2M); pooled 0.915 over 963 cases, 82 / 82, none new (the worst 2.7x: the 16-d mixture
+    under DDPM betas on ``logsnr_uniform`` at scale 4 and 12 steps, 0.155 against 0.057).
 
     Plain 2M diverges under strong guidance at few steps too (the step's stability bound is in
     :mod:`steerdiff.solvers.dpmpp`). At scale 7.5 at 3-8 steps (45 cases) plain 2M ends more than 1
-    (relative) from the guided ODE in 32, up to 20 (the 64-d mixture under SD betas, 4 steps); with
-    first-order steps above h = 0.8 in 10, all on the 16-d mixture at 3-4 steps, where the default is
-    DDIM (every step is longer; the worst 3.0, SD betas at 3 steps); at 10-12 steps the default is
-    0.22-3.26x plain 2M's error (geometric mean 0.99; the 3.26 is the 64-d mixture under SD betas at 12
-    steps, where the grid rule takes UniPC-2). At scale 4 the limit's worst is 0.87 (plain 2M 1.6). A
-    flat 0.8 would cost mild guidance (scale 2, 3-12 steps: 2.15x the best candidate's error in
-    geometric mean against 1.88x for :func:`guided_max_h`, under which scale 2 keeps 2M's second
+    (relative) from the guided ODE in 31, up to 19 (the 64-d mixture under SD betas, 4 steps); with
+    first-order steps above h = 0.8 in 9, all on the 16-d mixture at 3-4 steps, where the default is
+    DDIM (every step is longer; the worst 2.6, SD betas at 3 steps); at 10-12 steps the default is
+    0.17-1.20x plain 2M's error (geometric mean 0.91; the 1.20 is the 64-d mixture under SD betas at 10
+    steps, where it takes the long steps at first order). At scale 4 the limit's worst is 0.68 (plain
+    2M 1.5). A flat 0.8 would cost mild guidance (scale 2, 3-12 steps: 2.22x the best candidate's error
+    in geometric mean against 1.97x for :func:`guided_max_h`, under which scale 2 keeps 2M's second
     order).
     """
     steps = integer("guided_solver", "steps", steps, lo=1)
