@@ -39,6 +39,7 @@ __all__ = [
     "PerSampleNoise",
     "check_fixed_time",
     "check_generators",
+    "check_rows",
     "check_shared",
     "make_noise",
     "rand",
@@ -64,6 +65,12 @@ def _draw_on(
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
+def check_rows(generators: Sequence[torch.Generator], rows: int) -> None:
+    """A ``ValueError`` naming ``generator`` unless the list holds one generator per row of ``rows``."""
+    if len(generators) != rows:
+        raise ValueError(f"generator: {len(generators)} generators for a batch of {rows} rows")
+
+
 def _draw(
     fn: Callable[..., Tensor],
     shape: Sequence[int],
@@ -76,8 +83,7 @@ def _draw(
     method's rows of one batch row) in one call, the rows joined on the generators' device and moved
     once."""
     if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):
-        if len(generator) != shape[0]:
-            raise ValueError(f"generator: {len(generator)} generators for a batch of {shape[0]} rows")
+        check_rows(generator, shape[0])
         rows, start = [], 0
         while start < len(generator):
             g, stop = generator[start], start + 1

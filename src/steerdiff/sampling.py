@@ -19,7 +19,7 @@ from . import solvers as _solvers
 from ._checks import SAMPLE_DTYPES, boolean, choice, integer
 from .denoiser import Denoiser
 from .mcmc.base import check_step_sizes, first_nonfinite
-from .noise import NoiseSource, PerSampleNoise, check_shared, make_noise
+from .noise import NoiseSource, PerSampleNoise, check_rows, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
 from .solvers._poly import exp_adams_bashforth
 from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
@@ -406,9 +406,8 @@ def sample(
     grid = make_grid(den.process, sched, steps, final)
     slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver)
     model = Model(den, cond, make_noise(generator), net_dtype=x_T.dtype)
-    rows = len(model.noise.generators) if isinstance(model.noise, PerSampleNoise) else len(x_T)
-    if rows != len(x_T):  # checked whatever the solver, not only where it draws
-        raise ValueError(f"generator: {rows} generators for a batch of {len(x_T)} rows")
+    if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
+        check_rows(model.noise.generators, len(x_T))
     kernel = None if corrector is None else _mcmc.get(corrector)
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr)
