@@ -750,7 +750,7 @@ def test_bench_guided_rows_are_the_candidates_against_the_guided_ode(tmp_path, c
     two components of the 16-d mixture against the guided ODE solved in 800 steps of 2M, from the same
     x_T (here 8 samples under rectified flow, scales 2 and 7.5 at 5 and 15 steps); at 7.5 and 5 steps
     every step is longer than 0.8 in log-SNR, so the guided default is DDIM there, and from 15 steps it
-    is UniPC-2."""
+    is UniPC-2 (at 7.5 with its steps longer than 0.8 predicted at first order)."""
     argv = [
         "bench",
         "guided",
@@ -788,18 +788,24 @@ def test_bench_guided_rows_are_the_candidates_against_the_guided_ode(tmp_path, c
             assert float(r[name]) == pytest.approx(rel_rmse(sd.sample(cfg, x_T, k, solver), ref), rel=1e-5)
         assert float(r["default"]) == pytest.approx(rel_rmse(sd.sample(cfg, x_T, k), ref), rel=1e-5)
     assert rows[7.5, 5]["default"] == rows[7.5, 5]["ddim"] == rows[7.5, 5]["2m_flat"]
-    assert (
-        rows[7.5, 15]["default"] == rows[7.5, 15]["unipc_2"]
-        and rows[2.0, 15]["default"] == rows[2.0, 15]["unipc_2"]
+    # from 15 steps UniPC-2; at 7.5 its steps above 0.8 (here the last three, up to 1.51) at first order
+    assert rows[2.0, 15]["default"] == rows[2.0, 15]["unipc_2"]
+    limited = sd.solvers.UniPC(order=2, max_h=0.8, max_h_ratio=0.0)
+    cfg = sd.guidance.CFG(part.denoiser(flow), full.denoiser(flow), 7.5)
+    ref = sd.sample(cfg, x_T, 800, "dpmpp_2m", "logsnr_uniform")
+    assert float(rows[7.5, 15]["default"]) == pytest.approx(
+        rel_rmse(sd.sample(cfg, x_T, 15, limited), ref), rel=1e-5
     )
+    assert rows[7.5, 15]["default"] != rows[7.5, 15]["unipc_2"]
 
 
 def test_bench_guided_validate_is_the_default_against_the_old_one(tmp_path, capsys):
     """``bench guided --validate``: per set, ``sd.sample``'s guided default and the old default (2M with
-    ``guided_max_h(scale)`` below 15 steps) against the guided ODE (800 steps of 2M, log-SNR-uniform from
-    the grid's first node: below ``t_max`` under ``leading``); here SD betas on the 16-d mixture, 8 samples,
-    scales 2 and 7.5 at 5 and 10 steps, and the digits model at scale 2 and 5 steps. The pooled row's
-    count and geometric mean of default / old default are the CSV's."""
+    ``guided_max_h(scale)`` below 15 steps, UniPC-2 without a limit from there) against the guided ODE (800
+    steps of 2M, log-SNR-uniform from the grid's first node: below ``t_max`` under ``leading``); here SD
+    betas on the 16-d mixture, 8 samples, scales 2 and 7.5 at 5 and 15 steps, and the digits model at
+    scale 2 and 5 steps. The pooled row's count and geometric mean of default / old default are the
+    CSV's."""
     argv = ["bench", "guided", "--validate", "--quick", "--problem", "16d-sd", "--n", "8", "--draws", "1"]
     assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "guided_validation.csv", newline="") as f:
@@ -808,12 +814,12 @@ def test_bench_guided_validate_is_the_default_against_the_old_one(tmp_path, caps
     assert (tmp_path / "guided_validation.txt").read_text() in out
     assert [r["set"] for r in rows] == ["(a) seeds +100"] * 4 + ["(b) digits"] + [
         f"(c) {s}" for s in ("logsnr_uniform", "karras", "linspace", "trailing", "leading") for _ in range(4)
-    ]
+    ] + ["(d) karras +200"] * 4 + ["(d) logsnr +200"] * 4
 
     full = sd.toy.default_benchmark_mixture(dim=16)
     part = sd.toy.GaussianMixture(full.means[:2], full.variances[:2], full.weights[:2])
     proc = sd.VP.scaled_linear()
-    for name, seed in (("(a) seeds +100", 100), ("(c) leading", 0)):
+    for name, seed in (("(a) seeds +100", 100), ("(c) leading", 0), ("(d) karras +200", 200)):
         x_T = initial_noise(8, 16, seed)
         for r in (r for r in rows if r["set"] == name):
             w, k, schedule = float(r["scale"]), int(r["steps"]), r["schedule"]
@@ -824,7 +830,11 @@ def test_bench_guided_validate_is_the_default_against_the_old_one(tmp_path, caps
             nodes[0], nodes[-1] = t0, proc.t_min
             cfg = sd.guidance.CFG(part.denoiser(proc), full.denoiser(proc), w)
             ref = sd.sample(cfg, x_T, 800, "dpmpp_2m", sd.schedules.Custom(nodes))
-            old = sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.guided_max_h(w), max_h_ratio=0.0)
+            old = (
+                sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.guided_max_h(w), max_h_ratio=0.0)
+                if k < 15
+                else sd.solvers.UniPC(order=2, max_h=math.inf)
+            )
             new = rel_rmse(sd.sample(cfg, x_T, k, schedule=schedule), ref)
             assert float(r["default"]) == pytest.approx(new, rel=1e-4)
             assert float(r["old_default"]) == pytest.approx(

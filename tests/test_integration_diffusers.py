@@ -646,7 +646,8 @@ def test_config_round_trip(tmp_path):
     assert (plain.config.solver, plain.config.schedule) == (None, "karras_capped")
     guarded = sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.GUIDED_MAX_H, max_h_ratio=0.0)
     short = sd.solvers.UniPC(order=2, max_h=sd.sampling.guided_corrector_max_h(None), max_h_ratio=0.0)
-    for steps, solver in [(9, guarded), (14, short), (15, sd.solvers.UniPC(order=2, max_h=math.inf))]:
+    long = sd.solvers.UniPC(order=2, max_h=sd.sampling.GUIDED_MAX_H, max_h_ratio=0.0)
+    for steps, solver in [(9, guarded), (14, short), (15, long)]:
         plain.set_timesteps(steps)
         grid = plain._run.grid
         assert plain._run.solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps, None, grid))

@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(scales 2, 4, 7.5; 3-20 steps) on the 16-d and 64-d default mixtures under several processes, "
             "against the guided ODE's 800-step solution. Writes OUT/guided.csv, OUT/guided.png and "
             "OUT/guided.txt. --validate: the default against the old default (2M with the scale's limit "
-            "below 15 steps) on data its rule was not chosen on (other x_T, the digits model, other "
-            "schedules); writes OUT/guided_validation.{csv,png,txt}."
+            "below 15 steps, UniPC-2 without one from there) on other data (other x_T, the digits model, "
+            "other schedules; 3-30 steps); writes OUT/guided_validation.{csv,png,txt}."
         ),
     )
     _bench_arguments(bg, "scales 2 and 7.5 at 5 and 15 steps only", "seed of x_T (draw k: seed + k)", False)
@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ODE_MAX_H:g} in log-SNR and {ODE_MAX_H_RATIO:g}x the one before); "
         "with --guidance dpmpp_2m (first order on steps longer than "
         f"{sampling.GUIDED_MAX_H} in log-SNR at scale {sampling.GUIDED_MAX_H_SCALE:g}, longer ones at lower "
-        f"scales), UniPC-2 where every step is within it and from {sampling.GUIDED_CORRECTOR_FROM} steps",
+        f"scales), UniPC-2 where every step is within it and from {sampling.GUIDED_CORRECTOR_FROM} steps "
+        "(its long steps first order too)",
     )
     sp.add_argument(
         "--schedule",

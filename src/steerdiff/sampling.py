@@ -41,11 +41,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SOLVER = "unipc"  # UniPC-3 (bh2, corrector), long steps after short ones at first order
 # from here on guided denoisers get UniPC-2: the same predictor, corrected (steerdiff bench guided:
-# ahead of the guided 2M in all 54 cases from 15 steps); below, where the grid is short enough
-# (guided_solver)
+# ahead of the guided 2M in all 54 cases from 15 steps), long steps first order; below, where the grid
+# is short enough (guided_solver)
 GUIDED_CORRECTOR_FROM = 15
-# guided 2M: first order on steps longer than 0.8 in log-SNR from CFG scale 7.5 up, longer ones below
-# (guided_max_h; steerdiff bench guided)
+# the guided default: first order on steps longer than 0.8 in log-SNR from CFG scale 7.5 up, longer ones
+# below (guided_max_h; steerdiff bench guided)
 GUIDED_MAX_H, GUIDED_MAX_H_SCALE = 0.8, 7.5
 DEFAULT_SCHEDULE = "karras_capped"
 
@@ -63,11 +63,12 @@ class SampleInfo:
 
 
 def guided_max_h(scale: float | None) -> float:
-    """The longest step (in log-SNR) the guided default's DPM-Solver++(2M) takes at second order,
-    for classifier-free guidance at ``scale`` (``None``: unknown, or a guided denoiser that is not
-    CFG): :data:`GUIDED_MAX_H` from :data:`GUIDED_MAX_H_SCALE` up and for ``None``,
-    ``GUIDED_MAX_H sqrt((GUIDED_MAX_H_SCALE - 1) / (scale - 1))`` below, no limit from scale 1 down
-    (nothing is guided there): 0.8 at 7.5, 1.18 at 4, 2.04 at 2.
+    """The longest step (in log-SNR) the guided default predicts at second order (its DPM-Solver++(2M)
+    below :data:`GUIDED_CORRECTOR_FROM` steps, its UniPC-2 from there), for classifier-free guidance at
+    ``scale`` (``None``: unknown, or a guided denoiser that is not CFG): :data:`GUIDED_MAX_H` from
+    :data:`GUIDED_MAX_H_SCALE` up and for ``None``, ``GUIDED_MAX_H sqrt((GUIDED_MAX_H_SCALE - 1) /
+    (scale - 1))`` below, no limit from scale 1 down (nothing is guided there): 0.8 at 7.5, 1.18 at 4,
+    2.04 at 2.
 
     The stiffness the guidance adds grows with ``scale - 1`` (:mod:`steerdiff.solvers.dpmpp`), so the
     step 2M tolerates shrinks with it; the square root is measured, not derived. ``steerdiff bench
@@ -132,13 +133,14 @@ def guided_corrector_max_h(scale: float | None) -> float:
 
 def guided_solver(steps: int, scale: float | None = None, grid: Grid | None = None) -> Solver:
     """The default for a guided denoiser at ``steps`` steps on ``grid``: UniPC-2 (bh2) from
-    :data:`GUIDED_CORRECTOR_FROM` steps on. Below, DPM-Solver++(2M) -- the same predictor without the
-    corrector -- with every step longer than :func:`guided_max_h` of the classifier-free guidance
-    ``scale`` in log-SNR taken at first order (DDIM; ``DPMSolverPPMultistep(max_h=...)``,
-    :mod:`steerdiff.solvers.dpmpp`); but where every noisy step of ``grid`` after the first is within
-    that limit (so 2M would take them all at second order), UniPC-2 with the steps longer than
-    :func:`guided_corrector_max_h` predicted at first order (and corrected). Without ``grid`` (a caller
-    that has none) the rule below :data:`GUIDED_CORRECTOR_FROM` is 2M's.
+    :data:`GUIDED_CORRECTOR_FROM` steps on, every step longer than :func:`guided_max_h` of the
+    classifier-free guidance ``scale`` in log-SNR predicted at first order. Below, DPM-Solver++(2M) -- the
+    same predictor without the corrector -- with those steps taken at first order (DDIM;
+    ``DPMSolverPPMultistep(max_h=...)``, :mod:`steerdiff.solvers.dpmpp`); but where every noisy step of
+    ``grid`` after the first is within that limit (so 2M would take them all at second order), UniPC-2
+    with the steps longer than :func:`guided_corrector_max_h` predicted at first order (and corrected).
+    Without ``grid`` (a caller that has none) the rule below :data:`GUIDED_CORRECTOR_FROM` is 2M's. So
+    no step longer than :func:`guided_max_h` is ever predicted at second order.
 
     High-order multistep solvers are unstable under large guidance scales; Lu et al. 2022b
     ("DPM-Solver++", Sec. 5) recommend the second-order multistep solver for guided sampling, and
@@ -157,14 +159,28 @@ def guided_solver(steps: int, scale: float | None = None, grid: Grid | None = No
     without limits ends more than 1 away in 0 / 3 / 43 of 63 cases, 2M with its limit in 0 / 0 / 9; the
     grid rule keeps 2M's 0 / 0 / 9 and takes the error to 0.555 / 0.67 / 0.99 of 2M's in geometric mean
     (3-12 steps on ``karras_capped``; at 7.5 it acts only at 12 steps under SD betas: 0.60x on the 16-d
-    mixture, 1.17x on the 64-d one). On data the rule was not chosen on (``steerdiff bench guided
-    --validate``, docs/bench/guided_validation.txt; ratio to 2M with its limit, geometric mean; cases
-    more than 1 away, 2M / the rule): the same problems from other ``x_T`` (seeds 100-101) 0.76,
-    10 / 10; the digits model (CFG toward 3, 256 samples, 5-15 steps against the 400-step guided ODE)
-    0.98, 0 / 0; ``logsnr_uniform`` 0.98, 25 / 25; ``karras`` 0.93, 38 / 38; the discrete-beta problems
-    on ``trailing`` 0.89, 0 / 0, on ``linspace`` and ``leading`` 1 (they end with a long step, so the
-    rule keeps 2M); pooled 0.915 over 963 cases, 82 / 82, none new (the worst 2.7x: the 16-d mixture
-    under DDPM betas on ``logsnr_uniform`` at scale 4 and 12 steps, 0.155 against 0.057).
+    mixture, 1.17x on the 64-d one).
+
+    On other data (``steerdiff bench guided --validate``, docs/bench/guided_validation.txt: the same
+    problems from other ``x_T``, the digits model, the schedules ``logsnr_uniform``, ``karras``,
+    ``linspace``, ``trailing``, ``leading``; 3-30 steps; ratio to the default before these rules, 2M
+    with its limit below 15 steps and UniPC-2 without one from there, geometric mean; cases more than 1
+    away, before / now): below 15 steps 0.926 over 1,338 cases, 153 / 152, none new (the worst 3.5x:
+    the 64-d mixture under SD betas on ``karras`` at scale 4 and 12 steps); from 15 steps 0.892 over 762,
+    26 / 7, none new (the worst 3.35x: the 64-d mixture under zero-terminal-SNR betas on ``logsnr_uniform``
+    at scale 7.5 and 15 steps, 0.171 against 0.051). From 15 steps the limit hardly acts on
+    ``karras_capped`` (1.000 on the other ``x_T``, 1.01 on the digits model) but does where a grid's long
+    steps come after short ones: ``karras`` puts steps up to 2.7 at the low-noise end under rectified
+    flow, EDM and zero-terminal-SNR betas, where UniPC-2 without it diverged (the 16-d mixture under
+    rectified flow at scale 7.5 and 15 steps: 10.4 against 0.23 now). That rule was chosen among three
+    (this limit, :func:`guided_corrector_max_h` at every step, the fallback to 2M of the rule below 15) on
+    those sets; on ``x_T`` it was not chosen on (seeds 200-201, ``karras`` and ``logsnr_uniform``) it gives
+    0.834 over 216 cases from 15 steps, 14 / 5 more than 1 away, the worst 1.99x. Of the 5 left, three are
+    UniPC-2's own, on ``logsnr_uniform``: equal steps within the limit but above
+    :func:`guided_corrector_max_h`, at scale 7.5 (the 16-d mixture under DDPM betas at 15 steps, under
+    zero-terminal-SNR betas and rectified flow at 20: 2.5 / 1.2 / 2.8 from the guided ODE, unchanged);
+    two are the 16-d mixture under zero-terminal-SNR betas on ``karras`` at 15 and 25 steps (1.08 and
+    1.06, were 11.3 and 3.2).
 
     Plain 2M diverges under strong guidance at few steps too (the step's stability bound is in
     :mod:`steerdiff.solvers.dpmpp`). At scale 7.5 at 3-8 steps (45 cases) plain 2M ends more than 1
@@ -178,9 +194,9 @@ def guided_solver(steps: int, scale: float | None = None, grid: Grid | None = No
     order).
     """
     steps = integer("guided_solver", "steps", steps, lo=1)
-    if steps >= GUIDED_CORRECTOR_FROM:
-        return UniPC(order=2, max_h=math.inf)  # as bench guided measures it (2M has its own rule, below)
     max_h = guided_max_h(scale)
+    if steps >= GUIDED_CORRECTOR_FROM:
+        return UniPC(order=2, max_h=max_h, max_h_ratio=0.0)
     if grid is not None:
         noisy = grid.steps - 1 if grid.clean_end else grid.steps
         if all(grid.h(i) <= max_h for i in range(1, noisy)):

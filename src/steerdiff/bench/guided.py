@@ -5,10 +5,11 @@ r"""``steerdiff bench guided``: the solvers for guided denoisers, and the eviden
 :func:`~steerdiff.sampling.guided_max_h` of the guidance scale in log-SNR taken at first order -- or where
 every noisy step after the first is within that limit, UniPC-2 with the steps longer than
 :func:`~steerdiff.sampling.guided_corrector_max_h` predicted at first order -- and UniPC-2 (bh2, with
-corrector) from there on. This bench measures that choice against the alternatives on exact
-models: classifier-free guidance (:class:`~steerdiff.guidance.CFG`) toward two components of the default
-mixture (:func:`~steerdiff.bench.solvers.cfg_denoiser`, as ``steerdiff bench solvers`` (d)) on the 16-d
-mixture under SD, DDPM and zero-terminal-SNR betas, EDM and rectified flow, and on the 64-d one under SD,
+corrector) from there on, its steps longer than ``guided_max_h`` predicted at first order. This bench
+measures that choice against the alternatives on exact models: classifier-free guidance
+(:class:`~steerdiff.guidance.CFG`) toward two components of the default mixture
+(:func:`~steerdiff.bench.solvers.cfg_denoiser`, as ``steerdiff bench solvers`` (d)) on the 16-d mixture
+under SD, DDPM and zero-terminal-SNR betas, EDM and rectified flow, and on the 64-d one under SD,
 DDPM and zero-terminal-SNR betas and rectified flow (:func:`~steerdiff.bench.longstep.processes`), at CFG
 scales :data:`SCALES` and :data:`STEPS` steps on ``karras_capped``.
 
@@ -22,10 +23,13 @@ pooled; scaled
 by ``sqrt(alpha^2 + sigma^2)`` at ``t_max`` where the process is neither VP nor rectified flow (EDM:
 ``sigma_max``), as a pipeline draws it.
 
-:func:`validate` (``steerdiff bench guided --validate``) checks the default's rule below
-:data:`~steerdiff.sampling.GUIDED_CORRECTOR_FROM` steps on data it was not chosen on
+:func:`validate` (``steerdiff bench guided --validate``) checks the default's grid rules on other data
 (:data:`VALIDATION_SETS`): the same problems from other ``x_T``, the learned digits model, and other
-schedules, against the default before the rule (:data:`OLD_DEFAULT`).
+schedules, against the default before the rules (:data:`OLD_DEFAULT`). The rule below
+:data:`~steerdiff.sampling.GUIDED_CORRECTOR_FROM` steps was chosen on :func:`run`'s data alone; the one from
+there (long steps predicted at first order) on sets (a) and (c), which :func:`run`'s grid hardly tests
+(``karras_capped`` keeps the steps short), so set (d) (``x_T`` seeds ``seed + 200, ...`` on ``karras`` and
+``logsnr_uniform``) is the data it was not chosen on.
 """
 
 from __future__ import annotations
@@ -118,9 +122,10 @@ CANDIDATES = {
 }
 
 
-# the default before its UniPC-2 rule below GUIDED_CORRECTOR_FROM steps, the validation's baseline
+# the default before its two grid rules (UniPC-2 below GUIDED_CORRECTOR_FROM steps where the grid is short
+# enough; from there, long steps predicted at first order), the validation's baseline
 OLD_DEFAULT = "old_default"
-OLD_DEFAULT_IS = f"2m_scaled below {GUIDED_CORRECTOR_FROM} steps, the default (UniPC-2) from there"
+OLD_DEFAULT_IS = f"2m_scaled below {GUIDED_CORRECTOR_FROM} steps, unipc_2 from there"
 
 
 def candidate_solver(name: str, steps: int, scale: float, grid: Grid | None = None) -> Solver:
@@ -130,7 +135,7 @@ def candidate_solver(name: str, steps: int, scale: float, grid: Grid | None = No
         return guided_solver(steps, scale, grid)
     if name == OLD_DEFAULT:
         return candidate_solver(
-            "2m_scaled" if steps < GUIDED_CORRECTOR_FROM else "default", steps, scale, grid
+            "2m_scaled" if steps < GUIDED_CORRECTOR_FROM else "unipc_2", steps, scale, grid
         )
     if name == "2m":
         return DPMSolverPPMultistep(order=2, max_h=math.inf)
@@ -492,10 +497,10 @@ def write_results(result: GuidedBench, out: str | Path) -> tuple[Path, Path | No
     return write_outputs(out, "guided", header, rows, lambda path: plot(result, path))
 
 
-# --- validation: the rule below GUIDED_CORRECTOR_FROM steps on data it was not chosen on ---------------
+# --- validation: the grid rules on other data ----------------------------------------------------------
 
-VALIDATION_STEPS = (3, 4, 5, 6, 8, 10, 12)
-DIGITS_STEPS = (5, 6, 8, 10, 12, 15)
+VALIDATION_STEPS = (3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30)
+DIGITS_STEPS = (5, 6, 8, 10, 12, 15, 20)
 DIGITS_DRAW = 4096  # bench solvers --model digits' x_T (its guided table runs the first GUIDED_BATCH)
 DISCRETE = tuple(p for p in PROBLEMS if p.split("-", 1)[1] in ("sd", "ddpm", "sd-zero-snr"))
 # label -> (seed offset of x_T, schedule, problems); "digits": the learned model (_digits_set)
@@ -507,6 +512,8 @@ VALIDATION_SETS: dict[str, tuple[int, str, tuple[str, ...]]] = {
     "(c) linspace": (0, "linspace", DISCRETE),
     "(c) trailing": (0, "trailing", DISCRETE),
     "(c) leading": (0, "leading", DISCRETE),
+    "(d) karras +200": (200, "karras", PROBLEMS),
+    "(d) logsnr +200": (200, "logsnr_uniform", PROBLEMS),
 }
 VALIDATED = ("default", OLD_DEFAULT)
 
@@ -541,12 +548,12 @@ def validate(
     ``n`` samples of ``steerdiff bench solvers --model digits``' ``x_T``, :data:`DIGITS_STEPS` steps against
     its ``GUIDED_REFERENCE_STEPS``-step guided ODE); (c) the problems from ``seed`` on ``logsnr_uniform``
     and ``karras``, and those under discrete betas on ``linspace``, ``trailing`` and ``leading`` (the
-    reference from ``leading``'s first node, below ``t_max``). (a) and (c) at :data:`VALIDATION_STEPS`
-    (below :data:`~steerdiff.sampling.GUIDED_CORRECTOR_FROM`, where the rule acts), ``draws`` x ``n``
-    samples. ``quick``: scales :data:`QUICK_SCALES`, 5 and 10 steps (digits: scale 2 at 5 steps)."""
+    reference from ``leading``'s first node, below ``t_max``); (d) the problems from seeds ``seed + 200, ...``
+    on ``karras`` and ``logsnr_uniform``. (a), (c) and (d) at :data:`VALIDATION_STEPS`, ``draws`` x ``n``
+    samples. ``quick``: scales :data:`QUICK_SCALES`, 5 and 15 steps (digits: scale 2 at 5 steps)."""
     start = time.perf_counter()
     scales = QUICK_SCALES if quick else SCALES
-    steps = (5, 10) if quick else VALIDATION_STEPS
+    steps = (5, 15) if quick else VALIDATION_STEPS
     refs: dict[tuple[Any, ...], tuple[Tensor, float]] = {}
     sets: dict[str, GuidedBench] = {}
     for label, (offset, schedule, problems) in VALIDATION_SETS.items():
@@ -609,7 +616,7 @@ def _validation_row(label: str, cases: Sequence[tuple[str, GuidedCase]]) -> str:
     better, worse = sum(v < 1 for v in r), sum(v > 1 for v in r)
     i = max(range(len(r)), key=r.__getitem__)
     where_set, c = cases[i]
-    where = f"{c.problem} {c.scale:g} {c.steps}" + (f" ({where_set})" if label == "pooled" else "")
+    where = f"{c.problem} {c.scale:g} {c.steps}" + (f" ({where_set})" if where_set != label else "")
     return (
         f"{label:20s} {len(r):5d} {_gmean(r):7.3f} {better:6d} {worse:5d} {far_old:6d} {far_new:6d} {new:4d}"
         f" {r[i]:7.3g}  {where}"
@@ -623,10 +630,13 @@ def format_validation(result: GuidedValidation) -> str:
     sizes = sorted({f"{b.draws} x {b.n}" for label, b in result.sets.items() if label != "(b) digits"})
     digits_n = result.sets["(b) digits"].n
     lines = [
-        "Guided default validation: the default (guided_solver, its UniPC-2 rule below"
-        f" {GUIDED_CORRECTOR_FROM} steps) against the old default ({OLD_DEFAULT_IS}) under classifier-free"
-        " guidance, relative RMSE against the guided ODE, on data the rule was not chosen on (it was chosen"
-        f" on steerdiff bench guided: x_T seeds {result.seed}-{result.seed + 1}, {DEFAULT_SCHEDULE})",
+        "Guided default validation: the default (guided_solver: below"
+        f" {GUIDED_CORRECTOR_FROM} steps UniPC-2 where every step is within guided_max_h, from there long"
+        f" steps predicted at first order) against the old default ({OLD_DEFAULT_IS}) under classifier-free"
+        " guidance, relative RMSE against the guided ODE, on other data: the rule below"
+        f" {GUIDED_CORRECTOR_FROM} was chosen on steerdiff bench guided (x_T seeds {result.seed}-"
+        f"{result.seed + 1}, {DEFAULT_SCHEDULE}), the one from {GUIDED_CORRECTOR_FROM} among three on (a) and"
+        " (c); (d) is data neither was chosen on",
         "sets (scales " + ", ".join(f"{w:g}" for w in result.sets[next(iter(result.sets))].scales) + "):",
         f"  (a) bench guided's problems from x_T seeds {result.seed + 100}-{result.seed + 101},"
         f" {DEFAULT_SCHEDULE}",
@@ -638,7 +648,9 @@ def format_validation(result: GuidedValidation) -> str:
         + ", ".join(DISCRETE)
         + ") on linspace, trailing and leading (its reference from its first"
         " node, below t_max)",
-        f"  (a), (c): {', '.join(sizes)} samples; references {CFG_REFERENCE_STEPS} steps of dpmpp_2m on"
+        f"  (d) bench guided's problems from x_T seeds {result.seed + 200}-{result.seed + 201}, karras and"
+        " logsnr_uniform",
+        f"  (a), (c), (d): {', '.join(sizes)} samples; references {CFG_REFERENCE_STEPS} steps of dpmpp_2m on"
         f" logsnr_uniform, checked against unipc (within {max(gaps):.1e})",
         "",
         "ratio: default / old default; > 1: cases more than 1 from the guided ODE (old, default, the"
@@ -647,11 +659,28 @@ def format_validation(result: GuidedValidation) -> str:
         f" {'new':>4s} {'worst':>7s}  where",
     ]
     lines += [_validation_row(label, [(label, c) for c in b.cases]) for label, b in result.sets.items()]
-    c_sets = [(label, c) for label, c in result.cases if label.startswith("(c)")]
-    if c_sets:
-        lines.append(_validation_row("(c) pooled", c_sets))
-    lines.append(_validation_row("pooled", result.cases))
     pooled = result.cases
+    for part in ("(c)", "(d)"):
+        chosen = [(label, c) for label, c in pooled if label.startswith(part)]
+        if chosen:
+            lines.append(_validation_row(f"{part} pooled", chosen))
+    lines.append(_validation_row("pooled", pooled))
+    for part, chosen in (
+        (
+            f"below {GUIDED_CORRECTOR_FROM} steps",
+            [(s, c) for s, c in pooled if c.steps < GUIDED_CORRECTOR_FROM],
+        ),
+        (
+            f"from {GUIDED_CORRECTOR_FROM} steps",
+            [(s, c) for s, c in pooled if c.steps >= GUIDED_CORRECTOR_FROM],
+        ),
+        (
+            f"(d) from {GUIDED_CORRECTOR_FROM}",
+            [(s, c) for s, c in pooled if s.startswith("(d)") and c.steps >= GUIDED_CORRECTOR_FROM],
+        ),
+    ):
+        if chosen:
+            lines.append(_validation_row(part, chosen))
     lines += [
         "",
         "pooled, per scale: "
@@ -696,7 +725,7 @@ def plot_validation(result: GuidedValidation, path: str | Path) -> bool:
         path,
         series,
         (lo, hi),
-        f"old default (2m_scaled below {GUIDED_CORRECTOR_FROM} steps): relative RMSE",
+        f"old default ({OLD_DEFAULT_IS}): relative RMSE",
         "default: relative RMSE",
         "Guided default on validation data: below the diagonal the rule helps",
         figsize=(6.0, 5.5),
