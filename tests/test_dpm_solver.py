@@ -21,6 +21,7 @@ import torch
 import steerdiff as sd
 from steerdiff.solvers import DPMSolver
 from steerdiff.solvers._exp import hphi_eps
+from steerdiff.solvers.dpm_solver import ALGORITHMS
 
 from .reference import (
     PARITY_BOUND,
@@ -167,6 +168,95 @@ def test_noise_prediction_float32_keeps_float64_accuracy_at_zero_terminal_snr(or
         b = sd.sample(den, x_T.float(), steps=10, solver=solver, schedule=schedule)
         assert b.dtype == torch.float32
         assert rel_rmse(b.double(), a) < bound, schedule
+
+
+ZERO_SNR_SD = sd.VP.discrete(alphas_cumprod=sd.VP.scaled_linear().alphas_cumprod, rescale_zero_snr=True)
+
+
+def alg_1_2(
+    gmm: sd.toy.GaussianMixture, proc: sd.Process, x: torch.Tensor, t: list[float], orders: list[int]
+) -> torch.Tensor:
+    """Lu et al. 2022, Alg. 1 (DPM-Solver-2) and Alg. 2 (DPM-Solver-3) as printed, noise prediction,
+    float64, the intermediate points ``s_1, s_2`` of a macro-step the grid nodes after its start
+    (``r_1 = h_1 / h``, ``r_2 = h_2 / h``); then the exact denoiser at ``t[-1]``."""
+
+    def eps(y, u):
+        a, s = float(proc.alpha(u)), float(proc.sigma(u))
+        return (y - a * gmm.denoise(y, a, s)) / s
+
+    i = 0
+    for k in orders:
+        ts = t[i : i + k + 1]
+        al, si, la = ([float(f(u)) for u in ts] for f in (proc.alpha, proc.sigma, proc.lam))
+        h, e0 = la[k] - la[0], eps(x, ts[0])
+        r1 = (la[1] - la[0]) / h
+        ddim = al[k] / al[0] * x - si[k] * math.expm1(h) * e0
+        if k == 1:
+            x = ddim
+        elif k == 2:
+            d1 = eps(al[1] / al[0] * x - si[1] * math.expm1(r1 * h) * e0, ts[1]) - e0
+            x = ddim - si[2] / (2 * r1) * math.expm1(h) * d1
+        else:
+            r2 = (la[2] - la[0]) / h
+            d1 = eps(al[1] / al[0] * x - si[1] * math.expm1(r1 * h) * e0, ts[1]) - e0
+            u2 = al[2] / al[0] * x - si[2] * math.expm1(r2 * h) * e0
+            u2 = u2 - si[2] * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1) * d1
+            d2 = eps(u2, ts[2]) - e0
+            x = ddim - si[3] / r2 * (math.expm1(h) / h - 1) * d2
+        i += k
+    a, s = float(proc.alpha(t[-1])), float(proc.sigma(t[-1]))
+    return gmm.denoise(x, a, s)
+
+
+@pytest.mark.parametrize(("order", "steps", "bound"), [(2, 20, 0.05), (3, 10, 0.5)])
+def test_noise_prediction_at_zero_terminal_snr_is_the_papers_update(order, steps, bound):
+    """The noise form's large error out of zero terminal SNR (module docstring) is Alg. 1-2's own: the run
+    equals the algorithm as printed (measured 4.5e-12 / 3.4e-11 at order 2, 20 steps / order 3, 10 steps) and
+    is worse than DDIM (0.446 / 7.38 against 0.236 / 0.284), where the data form (0.0163 / 0.0253) and the
+    noise form with the same macro-steps' intermediate points at the paper's ``r_1 = 1/2`` and ``r_1, r_2 =
+    1/3, 2/3`` (0.0164 / 0.218) are not. 16-d mixture, 64 samples, SD betas rescaled to zero terminal SNR,
+    karras_capped, float64, against the exact ODE to the last node and its exact denoiser."""
+    gmm = sd.toy.default_benchmark_mixture(dim=16)
+    proc, x_T = ZERO_SNR_SD, noise(64, 16, seed=1)
+    den = gmm.denoiser(proc)
+    t = sd.schedules.get("karras_capped")(proc, steps).tolist()
+    orders = DPMSolver(order=order).macro_orders(steps)
+    assert orders[-1] == 1  # the last: the exact denoiser at t[-1]
+    exact = gmm.reference_ode(x_T, proc, proc.t_max, t[-1], denoise=True)
+
+    def run(algorithm: str, schedule) -> torch.Tensor:
+        return sd.sample(den, x_T, steps, DPMSolver(order=order, algorithm=algorithm), schedule)
+
+    noise_form = run("dpmsolver", "karras_capped")
+    assert rel_rmse(noise_form, alg_1_2(gmm, proc, x_T, t, orders[:-1])) < 1e-9
+    assert rel_rmse(noise_form, exact) > rel_rmse(sd.sample(den, x_T, steps, "ddim", "karras_capped"), exact)
+    assert rel_rmse(run("dpmsolver++", "karras_capped"), exact) < 0.1
+    # the paper's intermediate points: the same macro-step ends, s_a at lam_s + (a / k) h
+    lam, moved, i = [float(proc.lam(u)) for u in t], [], 0
+    for k in orders[:-1]:
+        moved += [t[i], *(float(proc.t_of_lam(lam[i] + a / k * (lam[i + k] - lam[i]))) for a in range(1, k))]
+        i += k
+    assert rel_rmse(run("dpmsolver", sd.schedules.Custom(moved + t[-1:])), exact) < bound
+
+
+def test_alg_2_is_third_order_only_where_r2_tends_to_two_thirds():
+    """Alg. 2's last update weights ``(f_2 - f_s) / r_2`` alone: its ``h^3 f''`` term is off by
+    ``(1/6 - r_2/4) h^3``. On lam-uniform macro-steps with ``r_1, r_2 = 1/10, 1/2`` (SD betas, 16-d
+    mixture) the order is 2 (measured slopes 1.90 / 1.94 for the noise / data form over 97-385 steps);
+    ``1/3, 2/3`` is test_convergence_order's logsnr_uniform."""
+    gmm = sd.toy.default_benchmark_mixture(dim=16)
+    proc, x_T = sd.VP.scaled_linear(), noise(64, 16, seed=1)
+    exact = exact_sample(gmm, proc, x_T)
+    l0, l1 = float(proc.lam(proc.t_max)), float(proc.lam(proc.t_min))
+    ms = [32, 64, 128]
+    for algorithm in ALGORITHMS:
+        errors = []
+        for m in ms:  # m order-3 macro-steps, then the step into the clean end
+            lam = [l0 + (l1 - l0) * (q + f) / m for q in range(m) for f in (0.0, 0.1, 0.5)] + [l1]
+            grid = sd.schedules.Custom(proc.t_of_lam(torch.tensor(lam, dtype=torch.float64)).tolist())
+            solver = DPMSolver(order=3, algorithm=algorithm)
+            errors.append(rel_rmse(sd.sample(gmm.denoiser(proc), x_T, 3 * m + 1, solver, grid), exact))
+        assert abs(slope(ms, errors) - 2) < 0.25, (algorithm, errors)
 
 
 def test_too_few_steps_without_clean_end(gmm, sd_process, x_T):
