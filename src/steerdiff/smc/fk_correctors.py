@@ -51,7 +51,18 @@ Exactness: the weighted SDE is exact in continuous time; the solver and the quad
 consistent, so the weighted particles converge to ``pi`` as the steps and then the particles grow.
 The discretization error is large where ``h |B (B - 1)| |eps|^2`` is: at high noise the potential is
 a Gaussian ``exp(c |x|^2)``, not integrable once ``h >~ 1 / (2 |B - 1|)``, so coarse grids fail (at 15
-``karras_jump`` steps the example below keeps an ESS of 1 over half the run). Measured on a 1-D
+``karras_jump`` steps the example below keeps an ESS of 1 over half the run). For ``B != 1`` the particles
+themselves diverge on such grids, weighted or not: at high noise the composed estimate
+``x0 = (x - sigma sum_k beta_k eps_k) / alpha ~ (1 - B) x / alpha`` grows like ``e^{-lam}``, and a
+data-prediction SDE step, which holds it fixed over the step, multiplies ``x`` by ``B e^{-h} + (1 - B) e^h``
+(first order: DDPM) where the SDE contracts it by ``e^{-(2 B - 1) h}``. The step is explicit in that term:
+unstable once ``h > log(B / (B - 1))`` (0.69 at ``B = 2``), and 2M's extrapolation once ``h >~ 0.37`` at
+``B = 2`` (0.60 at ``B = 1.5``, 0.21 at ``B = 3``). ``karras_jump``'s steps below ``lam = 0`` are 0.55-1.04
+at 10 steps, 0.39-0.77 at 15 and 0.28-0.55 at 20 (``VP.cosine``), so the default's particles grow: on
+``N(0, 2)^2`` (1-D, uncorrected) its ``E[x^2]`` is 6554, 1.93 and 0.85 at 10, 15 and 20 steps (the exact
+limit of its linear recursion, which the particles match; the SDE's value is 0.66, the target 1), and on 2-D
+mixtures (``beta = 2``, or a product) the particles reach ``|x| ~ 10^2`` at 10 and 15 steps where DDPM's
+stay bounded. CFG (``B = 1``) has no such term. Measured on a 1-D
 ``N(0, 2)`` with ``beta = 2`` (exact variance 1; the uncorrected SDE tends to 0.66): DDPM's error in
 the variance is -0.54, -0.33, -0.19, -0.10 at 25, 50, 100, 200 steps (the exact infinite-particle
 limit: first order), the default SDE-DPM-Solver++(2M)'s -0.001 +- 0.025 at 50 steps and -0.03 +- 0.02
@@ -307,8 +318,9 @@ def fkc(
         dens: the component denoisers (same process).
         betas: the exponents ``beta_k`` (finite, ``sum > 0``).
         shape: ``(batch, *sample_shape)``.
-        particles: ``N >= 1`` per batch row. ``steps``: solver steps (fine steps matter: see the
-            module docstring).
+        particles: ``N >= 1`` per batch row. ``steps``: solver steps (fine steps matter: for ``B != 1``
+            the default solver's particles diverge on grids whose high-noise steps are longer than about
+            ``0.37`` in log-SNR at ``B = 2``, e.g. 10-15 ``karras_jump`` steps; see the module docstring).
         kwargs: per component, overrides of ``**cond`` for its call (see :class:`Composition`); tensors
             with ``batch`` rows are repeated for the particles, as those in ``**cond`` are.
         correct: ``False`` runs the uncorrected composed-score SDE (equal weights, no resampling): the
