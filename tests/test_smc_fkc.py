@@ -446,6 +446,10 @@ def test_bad_inputs():
         sd.smc.fkc_cfg(den, den, math.nan, **opts)
     with pytest.raises(ValueError, match="sum"):
         sd.smc.fkc([den, den], [0.5, -1.0], **opts)
+    with pytest.raises(ValueError, match="dens must be a sequence"):  # was TypeError: not iterable
+        sd.smc.fkc(den, [2.0], **opts)
+    with pytest.raises(ValueError, match="betas must be a sequence"):
+        sd.smc.fkc([den], 2.0, **opts)
     with pytest.raises(ValueError, match="one length"):
         sd.smc.fkc([den, den], [1.0], **opts)
     with pytest.raises(ValueError, match="Denoiser"):

@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -160,6 +160,11 @@ class Composition(Guided):
         kwargs: Sequence[dict[str, Any] | None] | None = None,
         max_batch: int | None = None,
     ) -> None:
+        for name, value in (("dens", dens), ("betas", betas), ("kwargs", kwargs)):
+            if value is not None and not isinstance(value, Iterable):
+                raise ValueError(
+                    f"Composition: {name} must be a sequence (one per component), got {type(value).__name__}"
+                )
         dens, betas = list(dens), [real("Composition", f"betas[{k}]", b) for k, b in enumerate(betas)]
         kwargs = [None] * len(dens) if kwargs is None else list(kwargs)
         if not dens or len(betas) != len(dens) or len(kwargs) != len(dens):
