@@ -58,15 +58,23 @@ data-prediction SDE step, which holds it fixed over the step, multiplies ``x`` b
 (first order: DDPM) where the SDE contracts it by ``e^{-(2 B - 1) h}``. The step is explicit in that term:
 unstable once ``h > log(B / (B - 1))`` (0.69 at ``B = 2``), and 2M's extrapolation once ``h >~ 0.37`` at
 ``B = 2`` (0.60 at ``B = 1.5``, 0.21 at ``B = 3``). ``karras_jump``'s steps below ``lam = 0`` are 0.55-1.04
-at 10 steps, 0.39-0.77 at 15 and 0.28-0.55 at 20 (``VP.cosine``), so the default's particles grow: on
+at 10 steps, 0.39-0.77 at 15 and 0.28-0.55 at 20 (``VP.cosine``), so plain 2M's particles grow: on
 ``N(0, 2)^2`` (1-D, uncorrected) its ``E[x^2]`` is 6554, 1.93 and 0.85 at 10, 15 and 20 steps (the exact
 limit of its linear recursion, which the particles match; the SDE's value is 0.66, the target 1), and on 2-D
 mixtures (``beta = 2``, or a product) the particles reach ``|x| ~ 10^2`` at 10 and 15 steps where DDPM's
-stay bounded. CFG (``B = 1``) has no such term. Measured on a 1-D
+stay bounded. CFG (``B = 1``) has no such term. So for ``B > 1`` the default (:func:`fkc_solver`) takes
+every step longer than 2M's bound on this linear test, :func:`fkc_max_h` (``log(sqrt(4 + 2 / (B - 1)) -
+1)``: 0.371 at ``B = 2``), at first order. What remains: the first-order step is itself unstable beyond
+``log(B / (B - 1))`` and the weights fail beyond ``~1 / (2 |B - 1|)``, so very coarse grids still fail
+(``B = 2``, 10 ``karras_jump`` steps: SW 3.6 to the exact ``p^2`` of a 2-D mixture, floor 0.033; from 15
+steps 0.54 and at 20 0.29, where plain 2M gave 35 and 1.40; at ``B = 3`` 15 steps diverge, 20 do not); and the
+bound, the low-SNR worst case, also lowers the order of the long low-noise steps of finer grids (30 steps:
+a product of two 2-D mixtures 0.135 against plain 2M's 0.073, floor 0.042; within 2% at 50 steps and
+unchanged at 100 at ``B = 2``). Measured on a 1-D
 ``N(0, 2)`` with ``beta = 2`` (exact variance 1; the uncorrected SDE tends to 0.66): DDPM's error in
 the variance is -0.54, -0.33, -0.19, -0.10 at 25, 50, 100, 200 steps (the exact infinite-particle
-limit: first order), the default SDE-DPM-Solver++(2M)'s -0.001 +- 0.025 at 50 steps and -0.03 +- 0.02
-at 100 (16 x 1024 particles); on 2-D test problems (4096 particles) the default's error in ``E[x^2]``
+limit: first order), plain SDE-DPM-Solver++(2M)'s -0.001 +- 0.025 at 50 steps and -0.03 +- 0.02
+at 100 (16 x 1024 particles); on 2-D test problems (4096 particles) its error in ``E[x^2]``
 is up to 0.16 at 50 steps and within 1.5 standard errors of 0 at 100. Members of the family with
 less noise converge far more slowly (``DDIM(eta=0.5)``: -0.60 at 100 steps), or not at all: at high noise
 the corrected law is an unstable fixed point of the weighted dynamics once ``zeta^2 < (B - 1) / B``
@@ -95,6 +103,7 @@ from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver, make_grid
+from ..solvers.dpmpp_sde import DPMSolverSDEMultistep
 from . import resample as _resample
 from .particles import (
     DEFAULT_SCHEDULE,
@@ -115,10 +124,59 @@ __all__ = [
     "fkc",
     "fkc_anneal",
     "fkc_cfg",
+    "fkc_max_h",
     "fkc_product",
+    "fkc_solver",
 ]
 
 DEFAULT_FKC_SOLVER = "dpmpp_2m_sde"
+
+
+def fkc_max_h(total: float) -> float:
+    r"""The longest step (in log-SNR) at which SDE-DPM-Solver++(2M) (midpoint, ``eta = 1``) is stable at
+    high noise for a composition with ``B = sum_k beta_k = total``: ``log(sqrt(4 + 2 / (B - 1)) - 1)``
+    for ``B > 1`` (0.90 at ``B = 1.25``, 0.60 at 1.5, 0.371 at 2, 0.212 at 3, 0.115 at 5; about
+    ``log(2 / (B - 1)) / 2`` near 1), ``inf`` for ``B <= 1``.
+
+    The linear test at low SNR (``sigma ~ 1``, ``alpha ~ e^lam``, components ``q^k_t ~ N(0, I)``):
+    ``eps_k = x``, so the composed estimate is ``x0 = (1 - B) x / alpha``, and the step of
+    :mod:`steerdiff.solvers.dpmpp_sde` (``x_{i+1} = (sigma_{i+1} / sigma_i) e^{-h} x_i + alpha_{i+1} S``,
+    ``W_1 = 1 - e^{-2h}``; the noise enters the mean only through ``x_i``) with equal steps,
+    ``S = W_1 (3/2 m_i - 1/2 m_{i-1})``, is with ``y = e^h``, ``G = B - 1``
+
+        x_{i+1} = a x_i + b x_{i-1},    a = 1/y - 3/2 G (y - 1/y),    b = G (y^2 - 1) / 2.
+
+    The natural scale of ``x`` is constant there (``Var x ~ 1``; the exact uncorrected SDE contracts
+    ``x`` by ``e^{-(2 B - 1) h}``), so the step is stable while the companion matrix ``[[a, b], [1, 0]]``
+    has spectral radius <= 1. For ``G > 0`` its roots (of ``z^2 - a z - b``, product ``-b < 0``) are real
+    and of opposite signs, and the negative one passes -1 first: ``1 + a - b = 0``, i.e. ``G (y - 1)(y + 3)
+    = 2``, ``y = sqrt(4 + 2 / G) - 1`` (the positive one passes 1 at ``G (y + 1)(y - 3) = 2``, ``y > 3``).
+    The first-order step (``S = W_1 m_i``) multiplies ``x`` by
+    ``B e^{-h} + (1 - B) e^h``: stable up to ``log(B / (B - 1))``, longer than this bound for every
+    ``B > 1``, so steps beyond it are taken at first order (:func:`fkc_solver`).
+
+    ``B = 1`` (CFG) has no such term (``x0`` does not grow like ``1 / alpha``). For ``B < 1`` the term is
+    positive feedback, not stiff: the recursion's roots are a complex pair of modulus ``sqrt((1 - B)(y^2
+    - 1) / 2)``, past 1 from ``h = log((3 - B) / (1 - B)) / 2`` (``>= log(5) / 2 = 0.80`` for ``B >= 1/2``),
+    and the first-order multiplier ``B e^{-h} + (1 - B) e^h`` is positive and passes 1 from ``log(B / (1 -
+    B))``, earlier than 2M for ``B < 3/4``; below ``B = 1/2`` the uncorrected SDE expands ``x`` itself.
+    Lowering the order buys no stability there, so there is no limit.
+    """
+    total = real("fkc_max_h", "total", total, lo=0, lo_open=True)
+    if total <= 1:
+        return math.inf
+    return math.log(math.sqrt(4.0 + 2.0 / (total - 1.0)) - 1.0)
+
+
+def fkc_solver(total: float) -> str | Solver:
+    """:func:`fkc`'s default solver for ``B = sum_k beta_k = total``: SDE-DPM-Solver++(2M)
+    (:data:`DEFAULT_FKC_SOLVER`), whose steps longer than :func:`fkc_max_h` of ``B`` are first order where
+    ``B > 1`` (``DPMSolverSDEMultistep(max_h=fkc_max_h(B), max_h_ratio=0.0)``, which replaces its default
+    long-step rule, :data:`~steerdiff.solvers.base.SDE_MAX_H`); unchanged for ``B <= 1``."""
+    max_h = fkc_max_h(total)
+    if math.isinf(max_h):
+        return DEFAULT_FKC_SOLVER
+    return DPMSolverSDEMultistep(order=2, max_h=max_h, max_h_ratio=0.0)
 
 
 class ComposedPrediction(Prediction):
@@ -305,7 +363,7 @@ def fkc(
     correct: bool = True,
     ess_threshold: float = 0.5,
     resampler: str | _resample.Resampler = "systematic",
-    solver: str | Solver = DEFAULT_FKC_SOLVER,
+    solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
@@ -323,17 +381,19 @@ def fkc(
         dens: the component denoisers (same process).
         betas: the exponents ``beta_k`` (finite, ``sum > 0``).
         shape: ``(batch, *sample_shape)``.
-        particles: ``N >= 1`` per batch row. ``steps``: solver steps (fine steps matter: for ``B != 1``
-            the default solver's particles diverge on grids whose high-noise steps are longer than about
-            ``0.37`` in log-SNR at ``B = 2``, e.g. 10-15 ``karras_jump`` steps; see the module docstring).
+        particles: ``N >= 1`` per batch row. ``steps``: solver steps (fine steps matter for ``B != 1``:
+            high-noise steps longer than ``log(B / (B - 1))`` in log-SNR (0.69 at ``B = 2``) are unstable
+            even at first order, so at ``B = 2`` 10 ``karras_jump`` steps fail and 15 do not, at ``B = 3`` 15
+            fail and 20 do not; see the module docstring).
         kwargs: per component, overrides of ``**cond`` for its call (see :class:`Composition`); tensors
             with ``batch`` rows are repeated for the particles, as those in ``**cond`` are.
         correct: ``False`` runs the uncorrected composed-score SDE (equal weights, no resampling): the
             heuristic that the correctors fix.
         ess_threshold: resample a row when ``ESS < ess_threshold * N`` (default 0.5).
         solver: a stochastic solver of the reverse-SDE family that returns a Gaussian transition
-            (default ``"dpmpp_2m_sde"``, second order; ``"ddpm"`` is the target-score SDE of Eq. 22,
-            first order); ``schedule``, ``final``, ``resampler``, ``dtype``, ``device``,
+            (``None``: :func:`fkc_solver` of ``B``, SDE-DPM-Solver++(2M) with the steps longer than
+            :func:`fkc_max_h` at first order; ``"ddpm"`` is the target-score SDE of Eq. 22, first order;
+            a solver given is used as it is); ``schedule``, ``final``, ``resampler``, ``dtype``, ``device``,
             ``generator``, ``progress``, ``cond``: see :func:`~steerdiff.smc.run_smc`.
         max_batch: evaluate each component on at most this many rows at a time.
         x_T: initial particles ``(batch, particles, *sample_shape)``; default
@@ -350,6 +410,8 @@ def fkc(
     n = integer("fkc", "particles", particles, lo=1)
     comp = Composition(dens, betas, kwargs, max_batch)
     algorithm = FKCorrector(comp, correct)
+    if solver is None:
+        solver = fkc_solver(sum(comp.betas))
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
         dtype = None if dtype is None else sample_dtype("fkc", "dtype", dtype)
         grid = make_grid(comp.process, _schedules.get(schedule), integer("fkc", "steps", steps, lo=1), final)
