@@ -103,9 +103,11 @@ class UniPC(Solver):
         max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times
             the step before is predicted at first order (its correction then uses two estimates):
             extrapolating the polynomial through estimates spaced by the short steps before over
-            such a step amplifies their errors (:func:`~steerdiff.solvers.base.step_order`). Default
-            2 and 2 (:data:`~steerdiff.solvers.base.ODE_MAX_H`); ``max_h=math.inf`` is the paper's
-            and diffusers' rule.
+            such a step amplifies their errors (:func:`~steerdiff.solvers.base.step_order`); with
+            ``prediction="noise"``, after a step longer than ``max_h`` and than ``max_h_ratio`` times the
+            next the estimates restart (module docstring). Default 2 and 2
+            (:data:`~steerdiff.solvers.base.ODE_MAX_H`); ``max_h=math.inf`` is the paper's and diffusers'
+            rule.
     """
 
     name: ClassVar[str] = "unipc"
