@@ -131,6 +131,34 @@ def test_bad_process_and_output_shape_raise():
         sd.Denoiser(None, sd.EDM())
 
 
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"time_map": "linear"}, "time_map"),
+        ({"time_map": 1000.0}, "time_map"),
+        ({"shape": 2}, "shape"),
+        ({"shape": "ab"}, "shape"),
+        ({"shape": (2, -1)}, r"shape\[1\]"),
+        ({"shape": (2.5,)}, r"shape\[0\]"),
+        ({"shape": (True,)}, r"shape\[0\]"),
+        ({"learned_variance": "no"}, "learned_variance"),
+        ({"learned_variance": 1}, "learned_variance"),
+        ({"learned_variance": None}, "learned_variance"),
+    ],
+)
+def test_bad_denoiser_options_are_named(kwargs, name):
+    """``time_map``, ``shape`` and ``learned_variance`` are checked where they enter: a string
+    ``learned_variance="no"`` would be truthy, a non-callable ``time_map`` would fail at the first net
+    call."""
+    with pytest.raises(ValueError, match=f"Denoiser: {name}|Denoiser: `{name}`"):
+        sd.Denoiser(lambda x, t: x, sd.EDM(), "eps", **kwargs)
+
+
+def test_denoiser_shape_accepts_a_list_and_torch_size():
+    assert sd.Denoiser(lambda x, t: x, sd.EDM(), shape=[1, 2]).shape == (1, 2)
+    assert sd.Denoiser(lambda x, t: x, sd.EDM(), shape=torch.zeros(3, 1, 2).shape[1:]).shape == (1, 2)
+
+
 class _ModelOutput:  # what a diffusers model returns: the tensor is its .sample
     def __init__(self, sample: torch.Tensor) -> None:
         self.sample = sample

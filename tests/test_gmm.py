@@ -343,3 +343,5 @@ def test_denoiser_on_image_shaped_samples():
         gmm.denoiser(proc, shape=(1, 4, 5))
     with pytest.raises(ValueError, match=r"shape\[1\] must be an integer >= 1, got 4.5"):
         gmm.denoiser(proc, shape=(1, 4.5, 4))
+    with pytest.raises(ValueError, match=r"denoiser: shape must be a tuple of integers >= 1, got 16"):
+        gmm.denoiser(proc, shape=16)

@@ -27,7 +27,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
 
-__all__ = ["Bounds", "boolean", "choice", "integer", "ordered", "real", "real_array"]
+__all__ = ["Bounds", "boolean", "choice", "integer", "ordered", "real", "real_array", "sizes"]
 
 
 def _bound(v: float) -> str:
@@ -96,6 +96,14 @@ def integer(who: str, name: str, value: object, *, lo: int | None = None, hi: in
             return v
     bounds = _range(-math.inf if lo is None else lo, math.inf if hi is None else hi, False, False)
     raise ValueError(f"{who}: {name} must be an integer{bounds}, got {value!r}")
+
+
+def sizes(who: str, name: str, value: object) -> tuple[int, ...]:
+    """``value`` -- a tuple or list of integers >= 1, such as a sample shape -- as a tuple of ``int``, else a
+    ``ValueError`` naming ``who`` and ``name`` (and the offending entry, ``name[i]``)."""
+    if not isinstance(value, tuple | list):
+        raise ValueError(f"{who}: {name} must be a tuple of integers >= 1, got {value!r}")
+    return tuple(integer(who, f"{name}[{i}]", s, lo=1) for i, s in enumerate(value))
 
 
 def real_array(who: str, name: str, value: object) -> Tensor:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._checks import choice
+from ._checks import boolean, choice, sizes
 from ._ops import axpby, kept
 from .noise import Generators
 from .processes import MeanReverting, Process
@@ -214,12 +214,17 @@ class Denoiser:
             raise ValueError(f"Denoiser: `process` must be a steerdiff Process, got {type(process)}")
         if not callable(net):
             raise ValueError(f"Denoiser: `net` must be callable as net(x, t, **cond), got {type(net)}")
+        if time_map is not None and not callable(time_map):
+            raise ValueError(
+                f"Denoiser: `time_map` must be None or callable as time_map(t) -> Tensor, "
+                f"got {type(time_map)}"
+            )
         self.net = net
         self.process = process
         self.prediction = prediction
         self.time_map = time_map if time_map is not None else process.model_time
-        self.shape = tuple(shape) if shape is not None else None
-        self.learned_variance = learned_variance
+        self.shape = sizes("Denoiser", "shape", shape) if shape is not None else None
+        self.learned_variance = boolean("Denoiser", "learned_variance", learned_variance)
         # per-time caches: a solver asks for the same few times over and over (schedule arithmetic is
         # float64 tensor work that would otherwise dominate the per-step overhead)
         self._coefs: dict[float, tuple[float, float, float, float]] = {}

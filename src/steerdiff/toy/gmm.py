@@ -30,7 +30,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from .._checks import Bounds, integer, real
+from .._checks import Bounds, integer, real, sizes
 from ..denoiser import Denoiser
 from ..processes import MeanReverting, Process
 
@@ -194,11 +194,7 @@ class GaussianMixture:
         """The exact ``x0``-predicting :class:`Denoiser` under ``process`` (net time = process time), on
         samples of ``shape`` (default ``(dim,)``; e.g. ``(1, 4, 4)`` for a 16-d mixture seen as images,
         for the image operators of :mod:`steerdiff.inverse`): the mixture lives on the flattened sample."""
-        shape = (
-            (self.dim,)
-            if shape is None
-            else tuple(integer("denoiser", f"shape[{i}]", s, lo=1) for i, s in enumerate(shape))
-        )
+        shape = (self.dim,) if shape is None else sizes("denoiser", "shape", shape)
         if math.prod(shape) != self.dim:
             raise ValueError(f"denoiser: shape {shape} does not hold the mixture's dim = {self.dim} entries")
 
