@@ -810,12 +810,16 @@ def test_bad_input():
         ({"x_T": torch.zeros(2, 4, 2, dtype=torch.long)}, "x_T must have a floating dtype"),
         ({"x_T": torch.full((2, 4, 2), math.nan, dtype=F64)}, "x_T contains NaN or inf"),
         ({"dtype": torch.long}, "dtype must be float16, bfloat16, float32 or float64"),
+        ({"device": 2.5}, "device must be a torch.device or a device string"),
+        ({"device": True}, "device must be a torch.device or a device string"),
+        ({"device": "gpu0"}, "device must be a torch.device or a device string, got 'gpu0'"),
+        ({"device": -1}, "device must be a torch.device or a device string"),
     ],
 )
 @pytest.mark.parametrize("method", ["fk_steering", "fkc"])
 def test_bad_x_T_or_dtype_is_refused(method, bad, message):
     """As ``sd.sample`` refuses them (an integer x_T ran and returned integer garbage, dtype=long raised a
-    raw NotImplementedError from randn)."""
+    raw NotImplementedError from randn; device=2.5 ran on the CPU, "gpu0" raised torch's RuntimeError)."""
     kw = {"shape": (2, 2), "particles": 4, "steps": 3, **bad}
     with pytest.raises(ValueError, match=message):
         if method == "fkc":

@@ -27,7 +27,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
 
-__all__ = ["Bounds", "boolean", "choice", "integer", "ordered", "real", "real_array", "sizes"]
+__all__ = ["Bounds", "boolean", "choice", "integer", "ordered", "real", "real_array", "sizes", "torch_device"]
 
 
 def _bound(v: float) -> str:
@@ -152,6 +152,19 @@ def sample_dtype(who: str, name: str, value: object) -> torch.dtype:
     if isinstance(value, torch.dtype) and value in SAMPLE_DTYPES:
         return value
     raise ValueError(f"{who}: {name} must be float16, bfloat16, float32 or float64, got {value!r}")
+
+
+def torch_device(who: str, name: str, value: object) -> torch.device:
+    """``value`` -- a ``torch.device`` or a device string such as ``"cuda:0"`` -- as a ``torch.device``,
+    else a ``ValueError`` naming it (with torch's reason for a string it refuses)."""
+    if isinstance(value, torch.device | str):
+        try:
+            return torch.device(value)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{who}: {name} must be a torch.device or a device string, got {value!r} ({e})"
+            ) from e
+    raise ValueError(f"{who}: {name} must be a torch.device or a device string such as 'cuda', got {value!r}")
 
 
 def boolean(who: str, name: str, value: object) -> bool:

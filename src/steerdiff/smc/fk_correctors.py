@@ -97,7 +97,7 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
-from .._checks import boolean, integer, real, sample_dtype
+from .._checks import boolean, integer, real, sample_dtype, torch_device
 from ..denoiser import Denoiser, Prediction, override_kwargs, take_kwarg_rows
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
@@ -414,6 +414,7 @@ def fkc(
         solver = fkc_solver(sum(comp.betas))
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
         dtype = None if dtype is None else sample_dtype("fkc", "dtype", dtype)
+        device = None if device is None else torch_device("fkc", "device", device)
         grid = make_grid(comp.process, _schedules.get(schedule), integer("fkc", "steps", steps, lo=1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
         x_T = scale * randn((shape[0], n, *shape[1:]), generator, dtype, device)

@@ -85,7 +85,7 @@ from tqdm.auto import tqdm
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import boolean, integer, real, sample_dtype
+from .._checks import boolean, integer, real, sample_dtype, torch_device
 from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, take_kwarg_rows
 from ..guidance.base import Guided
@@ -772,6 +772,8 @@ def run_smc(
     ess_threshold = real("run_smc", "ess_threshold", ess_threshold, lo=0, hi=1)
     if dtype is not None:
         dtype = sample_dtype("run_smc", "dtype", dtype)
+    if device is not None:
+        device = torch_device("run_smc", "device", device)
     rows = batch * n_part
     max_batch = _check_batching("run_smc", [den], max_batch)
     if reward is not None:
