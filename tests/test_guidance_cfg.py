@@ -887,3 +887,29 @@ def test_option_messages_name_the_owner(den):
     with pytest.raises(ValueError) as e:
         pcg(den, den, x_T, 4, 2.0, uncond_kwargs={"y": NULL}, return_info="yes", y=1)
     assert str(e.value) == "pcg: return_info must be True or False, got 'yes'"
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda den: sd.guidance.CFG("den", den, 2.0), "CFG: cond must be a steerdiff Denoiser"),
+        (lambda den: sd.guidance.CFG(den, None, 2.0), "CFG: uncond must be a steerdiff Denoiser"),
+        (
+            lambda den: sd.guidance.DynamicThreshold(None),
+            "DynamicThreshold: den must be a steerdiff Denoiser",
+        ),
+        (
+            lambda den: sd.guidance.pcg(1.0, den, torch.zeros(2, 2), 3, 0.5),
+            "CFG: cond must be a steerdiff Denoiser",
+        ),
+        (
+            lambda den: sd.guidance.pcg(den, [den], torch.zeros(2, 2), 3, 0.5),
+            "CFG: uncond must be a steerdiff",
+        ),
+    ],
+)
+def test_a_wrapped_denoiser_that_is_none_is_named_by_its_argument(den, make, name):
+    """The check of the wrapped denoiser names the wrapper's own argument (CFG's was "base"; pcg read
+    ``cond.shape`` first and raised an AttributeError)."""
+    with pytest.raises(ValueError, match=name):
+        make(den)

@@ -359,3 +359,11 @@ def test_gradient_guidance_keeps_an_eps_nets_eps_near_the_clean_end(kind):
     for t in (0.0, 5.0):
         ref, out = (guided(x.to(dtype), t).eps.double() for dtype in (F64, torch.float32))
         assert float((out - ref).abs().max() / ref.abs().max()) < 5e-7, t
+
+
+@pytest.mark.parametrize("cls", [ClassifierGuidance, RewardGuidance])
+@pytest.mark.parametrize("bad", [None, "den", torch.zeros(2)])
+def test_a_den_that_is_no_denoiser_is_named(cls, bad):
+    """The message names ``den``, the argument's name here (it said "base")."""
+    with pytest.raises(ValueError, match=f"{cls.__name__}: den must be a steerdiff Denoiser"):
+        cls(bad, lambda x, *a: x.sum(-1))

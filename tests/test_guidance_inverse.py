@@ -743,3 +743,11 @@ def test_option_messages_name_the_owner() -> None:
         with pytest.raises(ValueError) as e:
             make()
         assert str(e.value) == message
+
+
+@pytest.mark.parametrize("bad", [None, "den", 1.0])
+def test_repaint_sample_names_a_den_that_is_no_denoiser(bad):
+    """It read ``den.shape`` first: an AttributeError."""
+    mask = torch.tensor([1.0, 0.0], dtype=F64)
+    with pytest.raises(ValueError, match="repaint_sample: den must be a steerdiff Denoiser"):
+        repaint_sample(bad, Inpaint(mask), torch.zeros(2, 1, dtype=F64), torch.zeros(2, 2, dtype=F64), 3)

@@ -69,10 +69,13 @@ class Guided(Denoiser):
 
     _cost: int | None = None
     guided: ClassVar[bool] = True  # sample's default solver is then sampling.guided_solver(steps, ...)
+    base_arg: ClassVar[str] = "base"  # the subclass's name for the wrapped denoiser, for the message
 
     def __init__(self, base: Denoiser) -> None:
         if not isinstance(base, Denoiser):
-            raise ValueError(f"{type(self).__name__}: base must be a steerdiff Denoiser, got {type(base)}")
+            raise ValueError(
+                f"{type(self).__name__}: {self.base_arg} must be a steerdiff Denoiser, got {type(base)}"
+            )
         super().__init__(
             base.net, base.process, base.prediction, base.time_map, base.shape, base.learned_variance
         )

@@ -187,6 +187,8 @@ class CFG(Guided):
     nets in half precision; the combination and the rescale are in the solver state's dtype.
     """
 
+    base_arg = "cond"
+
     def __init__(
         self,
         cond: Denoiser,

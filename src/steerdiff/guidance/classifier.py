@@ -77,6 +77,8 @@ class ClassifierGuidance(Guided):
     and its backward pass are not network evaluations of the diffusion model).
     """
 
+    base_arg = "den"
+
     def __init__(self, den: Denoiser, log_prob_y: Callable[..., Tensor], scale: float = 1.0) -> None:
         super().__init__(den)
         if not callable(log_prob_y):
@@ -110,6 +112,8 @@ class RewardGuidance(Guided):
     ``cost`` is ``den``'s: one forward evaluation per call (plus one backward pass through the net).
     For Bansal et al.'s self-recurrence sample with ``solver=SelfRecurrence("ddim", repeats=k)``.
     """
+
+    base_arg = "den"
 
     def __init__(self, den: Denoiser, reward: Callable[[Tensor], Tensor], scale: float = 1.0) -> None:
         super().__init__(den)

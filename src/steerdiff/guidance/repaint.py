@@ -194,6 +194,8 @@ def repaint_sample(
     resample = integer("repaint_sample", "resample", resample, lo=1)
     jump = integer("repaint_sample", "jump", jump, lo=1)
     return_info = boolean("repaint_sample", "return_info", return_info)
+    if not isinstance(den, Denoiser):
+        raise ValueError(f"repaint_sample: den must be a steerdiff Denoiser, got {type(den).__name__}")
     check_x_T(den, x_T)
     guided = RePaint(den, operator, y, generator)
     check_seeded(guided, generator)

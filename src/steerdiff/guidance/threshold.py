@@ -40,6 +40,8 @@ class DynamicThreshold(Guided):
     ``cost`` is ``den``'s: the threshold needs no further network evaluation.
     """
 
+    base_arg = "den"
+
     def __init__(
         self, den: Denoiser, percentile: float | None = 0.995, max_value: float | None = None
     ) -> None:
