@@ -345,3 +345,40 @@ def test_denoiser_on_image_shaped_samples():
         gmm.denoiser(proc, shape=(1, 4.5, 4))
     with pytest.raises(ValueError, match=r"denoiser: shape must be a tuple of integers >= 1, got 16"):
         gmm.denoiser(proc, shape=16)
+
+
+M2, V2, W2 = torch.zeros(2, 2), torch.ones(2, 2), torch.ones(2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"means": "abc"}, "means"),
+        ({"means": None}, "means"),
+        ({"covariances": object()}, "covariances"),
+        ({"weights": None}, "weights"),
+        ({"allow_singular": "no"}, "allow_singular"),
+        ({"allow_singular": torch.ones(2)}, "allow_singular"),
+    ],
+)
+def test_gaussian_mixture_names_a_bad_argument(kwargs, name):
+    """Non-numeric parameters raised torch's TypeError / RuntimeError; ``allow_singular="no"`` was truthy."""
+    args = {"means": M2, "covariances": V2, "weights": W2, **kwargs}
+    with pytest.raises(ValueError, match=f"GaussianMixture: {name} must be"):
+        sd.toy.GaussianMixture(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dim": 2.5}, "dim must be an integer >= 1, got 2.5"),
+        ({"dim": 0}, "dim must be an integer >= 1, got 0"),
+        ({"components": "3"}, "components must be an integer >= 1, got '3'"),
+        ({"components": 0}, "components must be an integer >= 1, got 0"),
+        ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+    ],
+)
+def test_default_benchmark_mixture_checks_its_integers(kwargs, message):
+    """They went to torch unchecked: raw TypeErrors and RuntimeErrors, an empty mixture for 0."""
+    with pytest.raises(ValueError, match=f"default_benchmark_mixture: {message}"):
+        sd.toy.default_benchmark_mixture(**kwargs)

@@ -30,13 +30,23 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from .._checks import Bounds, integer, real, sizes
+from .._checks import Bounds, boolean, integer, real, sizes
 from ..denoiser import Denoiser
 from ..processes import MeanReverting, Process
 
 __all__ = ["GaussianMixture", "default_benchmark_mixture"]
 
 F64 = torch.float64
+
+
+def _reals(name: str, value: object) -> Tensor:
+    """``value`` (a tensor, array or nested sequence of real numbers) as a float64 tensor, else a
+    ``ValueError`` naming it (torch's own error was a TypeError or RuntimeError)."""
+    try:
+        return torch.as_tensor(value, dtype=F64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        msg = f"GaussianMixture: {name} must be an array of real numbers, got {value!r:.60}"
+        raise ValueError(msg) from e
 
 
 class GaussianMixture:
@@ -59,9 +69,9 @@ class GaussianMixture:
     def __init__(
         self, means: Tensor, covariances: Tensor, weights: Tensor, *, allow_singular: bool = False
     ) -> None:
-        self.means = torch.as_tensor(means, dtype=F64)
-        cov = torch.as_tensor(covariances, dtype=F64)
-        w = torch.as_tensor(weights, dtype=F64)
+        self.means = _reals("means", means)
+        cov = _reals("covariances", covariances)
+        w = _reals("weights", weights)
         if self.means.ndim != 2:
             raise ValueError(f"means must be (k, d), got {tuple(self.means.shape)}")
         if not bool(torch.isfinite(self.means).all()):
@@ -75,7 +85,7 @@ class GaussianMixture:
         if w.shape != (k,) or not bool(((w > 0) & torch.isfinite(w)).all()):
             raise ValueError(f"weights must be ({k},), finite and positive")
         self.full = cov.ndim == 3
-        self._singular = allow_singular and self.full
+        self._singular = boolean("GaussianMixture", "allow_singular", allow_singular) and self.full
         if self.full:
             scale = cov.abs().amax(dim=(-2, -1)).clamp_min(1e-300)
             asym = (cov - cov.mT).abs().amax(dim=(-2, -1)) / scale
@@ -432,6 +442,9 @@ def default_benchmark_mixture(dim: int = 64, components: int = 10, seed: int = 0
     Means ~ N(0, I), per-coordinate standard deviations log-uniform in [0.05, 0.5], Dirichlet(2)
     weights; fixed by ``seed``.
     """
+    dim = integer("default_benchmark_mixture", "dim", dim, lo=1)
+    components = integer("default_benchmark_mixture", "components", components, lo=1)
+    seed = integer("default_benchmark_mixture", "seed", seed)
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(components, dim, generator=g, dtype=F64)
     log_std = math.log(0.05) + (math.log(0.5) - math.log(0.05)) * torch.rand(
