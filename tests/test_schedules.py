@@ -258,6 +258,23 @@ def test_bad_steps_raise(steps):
         sd.schedules.get("karras")(sd.EDM(), steps)
 
 
+@pytest.mark.parametrize("name", sd.schedules.available())
+@pytest.mark.parametrize("process", ["vp", None, 1.0])
+def test_a_process_that_is_no_process_is_named(name, process):
+    """It raised an AttributeError from inside the schedule's arithmetic."""
+    with pytest.raises(ValueError, match="process must be a steerdiff Process"):
+        sd.schedules.get(name)(process, 5)
+    with pytest.raises(ValueError, match="process must be a steerdiff Process"):
+        sd.solvers.make_grid(process, sd.schedules.get(name), 5)
+
+
+@pytest.mark.parametrize("schedule", ["karras", None, [0.9, 0.5]])
+def test_make_grid_names_a_schedule_that_is_no_schedule(schedule):
+    """It called the string or list and raised a bare TypeError."""
+    with pytest.raises(ValueError, match="make_grid: schedule must be a steerdiff Schedule"):
+        sd.solvers.make_grid(sd.EDM(), schedule, 5)
+
+
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="rho"):
         Karras(rho=0)

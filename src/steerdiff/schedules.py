@@ -75,6 +75,10 @@ class Schedule:
 
     def __call__(self, process: Process, n: int) -> Tensor:
         n = integer(type(self).__name__, "steps", n, lo=1)
+        if not isinstance(process, Process):
+            raise ValueError(
+                f"{type(self).__name__}: process must be a steerdiff Process, got {type(process).__name__}"
+            )
         t = real_array(f"schedule {self!r}", "nodes", self.nodes(process, n))
         if t.ndim != 1 or t.numel() != n:
             raise ValueError(f"schedule {self!r} returned {t.numel()} nodes, {n} were asked")

@@ -99,6 +99,10 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
     choice("make_grid", "final", final, FINALS)
     # before ``steps + 1``: final="none" would accept steps=0 or 1.0
     steps = integer("make_grid", "steps", steps, lo=1)
+    if not isinstance(schedule, Schedule):
+        raise ValueError(
+            f"make_grid: schedule must be a steerdiff Schedule (schedules.get(name)), got {schedule!r}"
+        )
     clean = final == "zero"
     t = schedule(process, steps if clean else steps + 1)
     alpha, sigma, lam = (c.tolist() for c in process.coefficients(t))
