@@ -448,6 +448,9 @@ def test_bad_inputs():
         sd.smc.fkc([den, den], [0.5, -1.0], **opts)
     with pytest.raises(ValueError, match="dens must be a sequence"):  # was TypeError: not iterable
         sd.smc.fkc(den, [2.0], **opts)
+    for dens, betas, name in ((None, [2.0], "dens"), ([den], None, "betas")):  # was TypeError: NoneType
+        with pytest.raises(ValueError, match=f"Composition: {name} must be a sequence"):
+            sd.smc.fkc(dens, betas, **opts)
     with pytest.raises(ValueError, match="betas must be a sequence"):
         sd.smc.fkc([den], 2.0, **opts)
     with pytest.raises(ValueError, match="one length"):

@@ -423,6 +423,9 @@ def test_bad_input():
         sd.smc.tds(DEN, M, Y, **kw)  # operator.noise_std = 0
     with pytest.raises(ValueError, match="particles"):
         sd.smc.tds(DEN, M, Y, noise_std=S, **{**kw, "particles": 0})
+    for den in (None, "den", DEN.net):  # was "tds: base must be ..." (the measurement wrapper's name)
+        with pytest.raises(ValueError, match=r"^tds: den must be a steerdiff Denoiser"):
+            sd.smc.tds(den, M, Y, noise_std=S, **kw)
     with pytest.raises(ValueError, match="exactly one likelihood"):
         sd.smc.tds(DEN, **kw)
     with pytest.raises(ValueError, match="exactly one likelihood"):

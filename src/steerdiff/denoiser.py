@@ -347,6 +347,15 @@ class Denoiser:
         return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
 
 
+def check_denoiser(who: str | None, name: str, value: object) -> Denoiser:
+    """``value`` if it is a :class:`Denoiser`, else a ``ValueError`` naming ``name`` (after ``who:`` where
+    given): the one check of a denoiser argument where it enters the library."""
+    if not isinstance(value, Denoiser):
+        prefix = f"{who}: " if who else ""
+        raise ValueError(f"{prefix}{name} must be a steerdiff Denoiser, got {type(value).__name__}")
+    return value
+
+
 class MeanRevertingDenoiser(Denoiser):
     """The denoiser of ``y = x - mu`` for a net trained on ``x`` under a
     :class:`~steerdiff.processes.MeanReverting` process: made and documented by

@@ -17,7 +17,7 @@ from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
 from ._checks import SAMPLE_DTYPES, boolean, choice, integer
-from .denoiser import Denoiser
+from .denoiser import Denoiser, check_denoiser
 from .mcmc.base import check_step_sizes, first_nonfinite
 from .noise import NoiseSource, PerSampleNoise, check_rows, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
@@ -408,8 +408,7 @@ def sample(
         NonFiniteError: the network returned NaN/inf, or a corrector on its ``log_prob`` made it (the
             message names the step and time).
     """
-    if not isinstance(den, Denoiser):
-        raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
+    check_denoiser(None, "den", den)
     check_x_T(den, x_T)
     check_seeded(den, generator)
     steps = integer("sample", "steps", steps, lo=1)

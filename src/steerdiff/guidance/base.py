@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..denoiser import Denoiser, Prediction
+from ..denoiser import Denoiser, Prediction, check_denoiser
 from ..noise import Generators
 
 __all__ = [
@@ -72,10 +72,7 @@ class Guided(Denoiser):
     base_arg: ClassVar[str] = "base"  # the subclass's name for the wrapped denoiser, for the message
 
     def __init__(self, base: Denoiser) -> None:
-        if not isinstance(base, Denoiser):
-            raise ValueError(
-                f"{type(self).__name__}: {self.base_arg} must be a steerdiff Denoiser, got {type(base)}"
-            )
+        check_denoiser(type(self).__name__, self.base_arg, base)
         super().__init__(
             base.net, base.process, base.prediction, base.time_map, base.shape, base.learned_variance
         )

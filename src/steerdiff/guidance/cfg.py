@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, real
-from ..denoiser import Denoiser, Prediction, override_kwargs, take_kwarg_rows
+from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
 from ..noise import Generators, check_generators, randn
 from .base import Guided, same_process, with_estimate
 
@@ -202,8 +202,7 @@ class CFG(Guided):
         cads: CADS | None = None,
     ) -> None:
         super().__init__(cond)
-        if not isinstance(uncond, Denoiser):
-            raise ValueError(f"CFG: uncond must be a steerdiff Denoiser, got {type(uncond).__name__}")
+        check_denoiser("CFG", "uncond", uncond)
         if not same_process(cond, uncond):
             raise ValueError(
                 f"CFG: cond and uncond must share a process, got {cond.process} and {uncond.process}"

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .._checks import boolean, integer
-from ..denoiser import Denoiser, Prediction
+from ..denoiser import Denoiser, Prediction, check_denoiser
 from ..inverse.operators import LinearOperator
 from ..noise import Generators, check_generators, make_noise, randn
 from ..sampling import SampleInfo, check_seeded, check_x_T
@@ -194,8 +194,7 @@ def repaint_sample(
     resample = integer("repaint_sample", "resample", resample, lo=1)
     jump = integer("repaint_sample", "jump", jump, lo=1)
     return_info = boolean("repaint_sample", "return_info", return_info)
-    if not isinstance(den, Denoiser):
-        raise ValueError(f"repaint_sample: den must be a steerdiff Denoiser, got {type(den).__name__}")
+    check_denoiser("repaint_sample", "den", den)
     check_x_T(den, x_T)
     guided = RePaint(den, operator, y, generator)
     check_seeded(guided, generator)

@@ -98,7 +98,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .._checks import boolean, integer, real, sample_dtype, torch_device
-from ..denoiser import Denoiser, Prediction, override_kwargs, take_kwarg_rows
+from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
@@ -219,7 +219,7 @@ class Composition(Guided):
         max_batch: int | None = None,
     ) -> None:
         for name, value in (("dens", dens), ("betas", betas), ("kwargs", kwargs)):
-            if value is not None and not isinstance(value, Iterable):
+            if not isinstance(value, Iterable) and (value is not None or name != "kwargs"):
                 raise ValueError(
                     f"Composition: {name} must be a sequence (one per component), got {type(value).__name__}"
                 )
@@ -231,10 +231,7 @@ class Composition(Guided):
                 f"{len(betas)} and {len(kwargs)}"
             )
         for k, (d, kw) in enumerate(zip(dens, kwargs, strict=True)):
-            if not isinstance(d, Denoiser):
-                raise ValueError(
-                    f"Composition: dens[{k}] must be a steerdiff Denoiser, got {type(d).__name__}"
-                )
+            check_denoiser("Composition", f"dens[{k}]", d)
             if not same_process(dens[0], d):
                 raise ValueError(
                     f"Composition: all denoisers must share a process, got {dens[0].process} and {d.process}"

@@ -87,7 +87,7 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, integer, real, sample_dtype, torch_device
 from .._ops import first_false, kept
-from ..denoiser import Denoiser, Prediction, take_kwarg_rows
+from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
 from ..guidance.base import Guided
 from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded, check_x_T
@@ -757,8 +757,7 @@ def run_smc(
         run keeps no autograd graph across steps (resampling has no gradient; a graph through every
         step would grow the memory with them): the particles and rewards come back without one.
     """
-    if not isinstance(den, Denoiser):
-        raise ValueError(f"den must be a steerdiff Denoiser, got {type(den).__name__}")
+    check_denoiser(None, "den", den)
     if not isinstance(algorithm, SMCAlgorithm):
         raise ValueError(f"algorithm must be an SMCAlgorithm, got {type(algorithm).__name__}")
     progress = boolean(algorithm.name, "progress", progress)

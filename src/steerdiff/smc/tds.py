@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from .._checks import integer, real
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, check_denoiser
 from ..guidance._measurement import MeasurementGuided
 from ..guidance.base import value_grad
 from ..inverse.operators import LinearOperator
@@ -303,6 +303,7 @@ def tds(
         >>> out = sd.smc.tds(den, sd.inverse.Matrix(A), y, noise_std=0.1, shape=(4, 16), generator=g)
         >>> x = out.sample(generator=g)   # (4, 16), one posterior draw per batch row
     """
+    check_denoiser("tds", "den", den)
     given = [operator is not None or y is not None, log_likelihood is not None, classifier is not None]
     if sum(given) != 1:
         raise ValueError(
