@@ -1048,6 +1048,23 @@ BAD: list[tuple[Callable[[], Any], str]] = [
         lambda: {"_class_name": "FlowMapEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0},
         "FlowMapEulerDiscreteScheduler",
     ),
+    # values the config reader took with int() / float() (2.5 truncated, None a TypeError, -1 a RuntimeError)
+    *(
+        (lambda v=v: {"beta_schedule": "linear", "num_train_timesteps": v}, "num_train_timesteps must be")
+        for v in (2.5, None, -1, "1000")
+    ),
+    *(
+        (
+            lambda v=v: {**diffusers.FlowMatchEulerDiscreteScheduler().config, "num_train_timesteps": v},
+            "num_train_timesteps must be",
+        )
+        for v in (2.5, 1)
+    ),
+    (lambda: {"beta_schedule": "linear", "beta_start": "x"}, "beta_start must be"),
+    (lambda: {"beta_schedule": "scaled_linear", "beta_end": 2.0}, "beta_end must be"),
+    (lambda: {"beta_schedule": "linear", "snr_shift_scale": -1.0}, "snr_shift_scale must be"),
+    (lambda: {"beta_schedule": "linear", "timestep_type": "Continuous"}, "timestep_type must be one of"),
+    (lambda: {"beta_schedule": "linear", "prediction_type": ["epsilon"]}, "prediction_type="),
 ]
 
 

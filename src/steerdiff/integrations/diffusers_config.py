@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import real
+from .._checks import choice, integer, real
 from ..denoiser import Denoiser
 from ..guidance import DynamicThreshold
 from ..processes import VP, Process, RectifiedFlow
@@ -42,6 +42,7 @@ __all__ = ["denoiser_from_diffusers", "process_from_config"]
 
 F64 = torch.float64
 
+_WHO = "scheduler config"  # the name the config checks give
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -137,11 +138,11 @@ def _cosine_betas(n: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
 
 def _betas(cfg: dict[str, Any]) -> Tensor:
     """The float32 betas of a VP config, as diffusers computes them for training."""
-    n = int(cfg.get("num_train_timesteps", 1000))
+    n = _train_steps(cfg)
     if cfg.get("trained_betas") is not None:
         return torch.tensor(cfg["trained_betas"], dtype=torch.float32).flatten()
     kind = cfg.get("beta_schedule", "linear")
-    b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+    b0, b1 = (real(_WHO, k, cfg.get(k, v), lo=0, hi=1) for k, v in (("beta_start", 1e-4), ("beta_end", 0.02)))
     if kind == "linear":
         return torch.linspace(b0, b1, n, dtype=torch.float32)
     if kind == "scaled_linear":
@@ -183,6 +184,11 @@ def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
     return None
 
 
+def _train_steps(cfg: dict[str, Any]) -> int:
+    """The config's ``num_train_timesteps`` (default 1000), checked."""
+    return integer(_WHO, "num_train_timesteps", cfg.get("num_train_timesteps", 1000), lo=2)
+
+
 def _spec(cfg: dict[str, Any]) -> _Spec:
     origin = cfg.get("origin") or cfg.get("_class_name") or ""
     reason = _UNSUPPORTED.get(origin) or next((r for k, r in _UNSUPPORTED_KEYS.items() if k in cfg), None)
@@ -191,7 +197,7 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
             f"the scheduler config of {origin or 'this scheduler'} ({reason}) is not supported; "
             f"supported: {_SUPPORTED}"
         )
-    n = int(cfg.get("num_train_timesteps", 1000))
+    n = _train_steps(cfg)
     pred_type = cfg.get("prediction_type", "epsilon")
     threshold = _threshold(cfg)
     if _is_flow(cfg):
@@ -207,7 +213,7 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
                 "that is not supported (a flow-matching config made in code without use_dynamic_shifting: "
                 "give its _class_name); supported: " + _SUPPORTED
             )
-    if pred_type not in _PREDICTIONS:
+    if not isinstance(pred_type, str) or pred_type not in _PREDICTIONS:
         raise ValueError(f"prediction_type={pred_type!r} is not supported; accepted: {sorted(_PREDICTIONS)}")
     variance = cfg.get("variance_type")
     if variance == "learned":
@@ -216,11 +222,12 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
             "'learned_range' or a fixed variance type"
         )
     ac = torch.cumprod(1 - _betas(cfg), 0)
-    shift = float(cfg.get("snr_shift_scale") or 1.0)
+    shift = real(_WHO, "snr_shift_scale", cfg.get("snr_shift_scale") or 1.0, lo=0, lo_open=True)
     if shift != 1.0:  # CogVideoX: SNR / s
         ac = ac / (shift + (1 - shift) * ac)
     process = VP.discrete(alphas_cumprod=ac.to(F64), rescale_zero_snr=bool(cfg.get("rescale_betas_zero_snr")))
     time_map = None
+    choice(_WHO, "timestep_type", cfg.get("timestep_type", "discrete"), ("discrete", "continuous"))
     if cfg.get("timestep_type") == "continuous" and pred_type == "v_prediction":
         # Euler's continuous timesteps: the net sees 0.25 log(sigma / alpha)
         time_map = lambda t: -0.25 * process.lam(t)  # noqa: E731
