@@ -173,6 +173,18 @@ def test_floor_against_a_fixed_reference():
         (lambda x: sd.metrics.mmd(x, x, bandwidth=0.0), ["mmd", "bandwidth", "> 0"]),
         (lambda x: sd.metrics.floor(lambda n, g: x, 2.5), ["floor", "n must be an integer >= 2", "2.5"]),
         (lambda x: sd.metrics.floor(lambda n, g: x, 8, repeats=0.5), ["floor", "repeats", "integer >= 1"]),
+        # before: AttributeError ('numpy.ndarray' / 'list' object has no attribute ...) or a bare TypeError
+        (
+            lambda x: sd.metrics.sliced_wasserstein(x.numpy(), x),
+            ["sliced_wasserstein", "x must be a torch.Tensor"],
+        ),
+        (lambda x: sd.metrics.mmd(x, x.tolist()), ["mmd", "y must be a torch.Tensor", "list"]),
+        (
+            lambda x: sd.metrics.frechet_distance(x, None),
+            ["frechet_distance", "feats_b must be a torch.Tensor"],
+        ),
+        (lambda x: sd.metrics.relative_rmse(x, x.numpy()), ["relative_rmse", "ref must be a torch.Tensor"]),
+        (lambda x: sd.metrics.floor(x, 8), ["floor", "sample must be callable"]),
     ],
 )
 def test_bad_options_name_the_argument(call, words):

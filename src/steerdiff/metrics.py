@@ -27,7 +27,16 @@ from .noise import randn
 __all__ = ["floor", "frechet_distance", "mmd", "relative_rmse", "sliced_wasserstein"]
 
 
-def _pair(x: Tensor, y: Tensor, name: str) -> tuple[Tensor, Tensor]:
+def _tensors(who: str, **values: object) -> None:
+    """A ``ValueError`` naming the first of ``values`` that is not a tensor (an array's ``.reshape`` or
+    ``.shape`` gave an AttributeError deep inside)."""
+    for name, value in values.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{who}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _pair(x: Tensor, y: Tensor, name: str, names: tuple[str, str] = ("x", "y")) -> tuple[Tensor, Tensor]:
+    _tensors(name, **dict(zip(names, (x, y), strict=True)))
     x, y = x.reshape(x.shape[0], -1).to(torch.float64), y.reshape(y.shape[0], -1).to(torch.float64)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"{name}: sample dimensions differ, {x.shape[1]} vs {y.shape[1]}")
@@ -39,6 +48,7 @@ def _pair(x: Tensor, y: Tensor, name: str) -> tuple[Tensor, Tensor]:
 def relative_rmse(x: Tensor, ref: Tensor) -> float:
     """``||x - ref|| / ||ref||`` over all entries, in float64: a solver's error against the exact
     solution from the same initial noise."""
+    _tensors("relative_rmse", x=x, ref=ref)
     if x.shape != ref.shape:
         raise ValueError(f"relative_rmse: shapes differ, {tuple(x.shape)} vs {tuple(ref.shape)}")
     x, ref = x.to(torch.float64), ref.to(torch.float64)
@@ -121,7 +131,7 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     from two symmetric eigendecompositions (the inner matrix is symmetric PSD, so no complex
     ``sqrtm`` round-off).
     """
-    a, b = _pair(feats_a, feats_b, "frechet_distance")
+    a, b = _pair(feats_a, feats_b, "frechet_distance", ("feats_a", "feats_b"))
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
     root_a = _psd_sqrt(cov_a)
@@ -142,6 +152,8 @@ def floor(
     (``sample(n, generator)``, e.g. ``GaussianMixture.sample``): the value a perfect sampler reads.
     With a fixed ``reference`` set (what the sampler is compared to), ``b = reference``. ``n``: an
     integer >= 2; ``repeats``: an integer >= 1."""
+    if not callable(sample):
+        raise ValueError(f"floor: sample must be callable as sample(n, generator), got {type(sample)}")
     n = integer("floor", "n", n, lo=2)
     repeats = integer("floor", "repeats", repeats, lo=1)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
