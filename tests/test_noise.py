@@ -176,6 +176,9 @@ def test_draws_on_the_generators_device_then_moves(monkeypatch, fn):
         ((0.0, 1.0, 2.5), ["seed must be an integer", "2.5"]),
         ((0.0, 1.0, [1, 2]), ["seed has 2 seeds for a batch of 3"]),
         ((0.0, 1.0, [1, 2, 3.5]), ["seed[2] must be an integer", "3.5"]),
+        # before: torchsde's "expected non-negative integer", naming no argument
+        ((0.0, 1.0, -1), ["seed must be an integer >= 0", "-1"]),
+        ((0.0, 1.0, [1, -2, 3]), ["seed[1] must be an integer >= 0", "-2"]),
     ],
 )
 def test_brownian_tree_names_bad_arguments(args, words):

@@ -194,9 +194,9 @@ class BrownianTreeNoise:
         self.t_min, self.t_max = ordered(who, "t_min", t_min, "t_max", t_max)
         self.shape = tuple(like.shape)
         if isinstance(seed, Sequence) and not isinstance(seed, str | bytes):
-            seeds = [integer(who, f"seed[{b}]", s) for b, s in enumerate(seed)]
-        else:
-            seeds = [integer(who, "seed", seed) + b for b in range(like.shape[0])]
+            seeds = [integer(who, f"seed[{b}]", s, lo=0) for b, s in enumerate(seed)]
+        else:  # torchsde's entropy: a non-negative integer
+            seeds = [integer(who, "seed", seed, lo=0) + b for b in range(like.shape[0])]
         if len(seeds) != like.shape[0]:
             raise ValueError(f"{who}: seed has {len(seeds)} seeds for a batch of {like.shape[0]} samples")
         self.trees = [
