@@ -40,12 +40,11 @@ time_uniform, trailing: ``h = 5.4`` on SD betas rescaled to zero terminal SNR at
 the next 0.48) with the line through ``eps_0`` and ``eps_1``, misses that exponential most where the noise
 form weights it, at the start of the step (the singlestep DPM-Solver's mechanism,
 :mod:`steerdiff.solvers.dpm_solver`); a predictor extrapolating over the short steps after it does not
-(UniP alone is unchanged by the rule, as are DEIS, iPNDM, LMS and MRS's noise form, which it makes worse in
-75-98% of the 84 of ``steerdiff bench longstep``'s 459 cases where it would act). So after a step longer
-than ``max_h`` and than ``max_h_ratio`` times the next, the noise form restarts its estimates
-(:meth:`moved`: no UniC of that node, and a first-order start, so that no later UniC spans the long step
-either: on time_uniform at 10 steps 0.148 against 0.241 skipping that one UniC alone); the data form needs no
-such rule (its estimates ``x0`` change little there). 16-d mixture on those betas, karras_capped, 64 samples,
+(UniP alone gains nothing from the rule; nor do DEIS, iPNDM, LMS and MRS's noise form, predictors all, so
+they have none). So after a step longer than ``max_h`` and than ``max_h_ratio`` times the next, the noise
+form restarts its estimates (:meth:`moved`: no UniC of that node, and a first-order start, so that no later
+UniC spans the long step either); the data form needs no such rule (its estimates ``x0`` change little
+there). 16-d mixture on those betas, karras_capped, 64 samples,
 against the exact ODE, UniPC-2 / UniPC-3 noise form without the rule 17 / 16 at 5 steps, 0.73 / 2.2 at 10,
 0.40 / 0.40 at 20; with it 0.22 / 0.22, 0.047 / 0.067, 0.0056 / 0.0068; data form 0.30 / 0.28, 0.014 /
 0.044, 0.0059 / 0.0053 (tests/test_unipc.py).
