@@ -448,6 +448,13 @@ def test_bad_inputs():
         sd.smc.fkc([den, den], [0.5, -1.0], **opts)
     with pytest.raises(ValueError, match="dens must be a sequence"):  # was TypeError: not iterable
         sd.smc.fkc(den, [2.0], **opts)
+    # the wrappers name their own arguments (they said "Composition: dens[0]")
+    with pytest.raises(ValueError, match=r"^fkc_anneal: den must be a steerdiff Denoiser"):
+        sd.smc.fkc_anneal(den.net, 2.0, **opts)
+    with pytest.raises(ValueError, match=r"^fkc_product: den2 must be a steerdiff Denoiser"):
+        sd.smc.fkc_product(den, None, **opts)
+    with pytest.raises(ValueError, match=r"^fkc_cfg: uncond must be a steerdiff Denoiser"):
+        sd.smc.fkc_cfg(den, "uncond", 2.0, **opts)
     for dens, betas, name in ((None, [2.0], "dens"), ([den], None, "betas")):  # was TypeError: NoneType
         with pytest.raises(ValueError, match=f"Composition: {name} must be a sequence"):
             sd.smc.fkc(dens, betas, **opts)

@@ -434,6 +434,7 @@ def fkc_anneal(den: Denoiser, beta: float, **options: Any) -> Particles:
         >>> out = sd.smc.fkc_anneal(den, 2.0, shape=(4, 2), particles=256, steps=100, generator=g)
         >>> out.mean()   # E[x] under p^2 / Z, per batch row
     """
+    check_denoiser("fkc_anneal", "den", den)
     return fkc([den], [real("fkc_anneal", "beta", beta, lo=0, lo_open=True)], **options)
 
 
@@ -449,6 +450,8 @@ def fkc_product(
     Eq. 26-27): drift score ``s1 + s2``, weight rate ``<nabla, f> + g^2 <s1, s2>``. ``kwargs1`` and
     ``kwargs2`` override ``**cond`` for each expert's call; ``**options`` as for :func:`fkc`.
     NFE: 2 per particle per step."""
+    for name, d in (("den1", den1), ("den2", den2)):
+        check_denoiser("fkc_product", name, d)
     return fkc([den1, den2], [1.0, 1.0], kwargs=[kwargs1, kwargs2], **options)
 
 
@@ -468,5 +471,7 @@ def fkc_cfg(
     (for ``w > 1``, ``p(x)`` may not decay faster than ``p(x|c)``). NFE: 2 per particle per step (1 for
     ``w`` = 0 or 1).
     """
+    for name, d in (("cond", cond), ("uncond", uncond)):
+        check_denoiser("fkc_cfg", name, d)
     w = real("fkc_cfg", "scale", scale)
     return fkc([uncond, cond], [1.0 - w, w], kwargs=[uncond_kwargs, None], **options)
