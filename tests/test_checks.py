@@ -173,6 +173,28 @@ def test_inf_is_rejected_where_it_was_accepted(gmm, sd_process, make, words):
         make(_den(gmm, sd_process))
 
 
+# before: EDMStochasticHeun(s_tmin=inf) said "s_tmax must be a number >= inf or inf, got 50.0", naming the
+# argument the user left alone; SelfRecurrence(inner=...) said "unknown solver=..."
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (
+            lambda: sd.solvers.EDMStochasticHeun(s_tmin=math.inf),
+            r"need s_tmin <= s_tmax, got s_tmin=inf, s_tmax=50",
+        ),
+        (
+            lambda: sd.solvers.EDMStochasticHeun(s_tmax=0.01),
+            r"need s_tmin <= s_tmax, got s_tmin=0\.05, s_tmax=0\.01",
+        ),
+        (lambda: sd.solvers.SelfRecurrence(inner="nope"), r"^SelfRecurrence: inner: unknown solver='nope'"),
+    ],
+)
+def test_a_pair_or_a_nested_solver_is_named(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+    assert sd.solvers.EDMStochasticHeun(s_tmin=1.0, s_tmax=1.0).s_tmax == 1.0  # equal: still accepted
+
+
 # before: ``float(noise_std)`` let a bool, a numeric string or a tensor through
 @pytest.mark.parametrize("bad", [True, "0.1", torch.tensor(0.1)])
 def test_operator_noise_std_must_be_a_number(bad):

@@ -118,7 +118,9 @@ class EDMStochasticHeun(Solver):
         who = "EDMStochasticHeun"
         self.s_churn = real(who, "s_churn", self.s_churn, lo=0, finite=False)
         self.s_tmin = real(who, "s_tmin", self.s_tmin, lo=0, finite=False)
-        self.s_tmax = real(who, "s_tmax", self.s_tmax, lo=self.s_tmin, finite=False)
+        self.s_tmax = real(who, "s_tmax", self.s_tmax, lo=0, finite=False)
+        if self.s_tmin > self.s_tmax:  # named as a pair: either may be the one out of place
+            raise ValueError(f"{who}: need s_tmin <= s_tmax, got s_tmin={self.s_tmin}, s_tmax={self.s_tmax}")
         self.s_noise = real(who, "s_noise", self.s_noise, lo=0)
 
     @property

@@ -45,7 +45,11 @@ class SelfRecurrence(Solver):
     def __init__(self, inner: str | Solver = "ddim", repeats: int = 1) -> None:
         from . import get  # the registry's module imports this one
 
-        self.order, self.inner, self.repeats = 1, get(inner), repeats
+        try:
+            solver = get(inner)
+        except ValueError as e:  # the registry's message names solver=
+            raise ValueError(f"SelfRecurrence: inner: {e}") from e
+        self.order, self.inner, self.repeats = 1, solver, repeats
         self.__post_init__()
 
     def __post_init__(self) -> None:
