@@ -145,3 +145,33 @@ def test_residual_keeps_every_particle_of_equal_weights(n):
     log_w = torch.zeros(50, n, dtype=F64)
     idx = rs.residual(log_w, torch.Generator().manual_seed(0))
     assert torch.equal(idx, torch.arange(n).expand(50, n))
+
+
+@pytest.mark.parametrize("name", sorted(rs.RESAMPLERS))
+def test_largest_uniform_never_selects_a_trailing_zero_weight(name, monkeypatch):
+    """The largest uniform ``torch.rand`` returns, ``1 - 2^-53``, makes systematic's and stratified's
+    last point ``(N - 1 + U) / N`` round to 1.0 (for N = 3), past every cumulative sum: the index was
+    capped at ``N - 1``, a zero weight (before: ``[0, 1, 2]`` for weights ``(1, 1, 0)``)."""
+    top = 1 - 2.0**-53
+    monkeypatch.setattr(
+        rs,
+        "_uniform",
+        lambda log_w, g, cols=None: torch.full((log_w.shape[0], cols or log_w.shape[1]), top, dtype=F64),
+    )
+    log_w = torch.tensor([[0.0, 0.0, -math.inf], [-math.inf, 0.0, -math.inf], [0.0, 1.0, 2.0]], dtype=F64)
+    idx = rs.RESAMPLERS[name](log_w, None)
+    assert int(idx[:2].max()) == 1, idx  # never particle 2 (zero weight) in rows 0 and 1
+    assert int(idx[2].max()) == 2  # a positive last weight is still reached
+
+
+def test_systematic_exact_expected_counts(monkeypatch):
+    """Exact expectation over systematic's one uniform ``U`` per row (the counts are piecewise constant
+    in ``U``; a midpoint grid of 2^16 values integrates them to within 8 breakpoints / 2^16):
+    ``E[O_i] = N W_i``, and every count is ``floor(N W_i)`` or ``ceil(N W_i)``."""
+    k = 2**16
+    grid = ((torch.arange(k, dtype=F64) + 0.5) / k)[:, None]
+    monkeypatch.setattr(rs, "_uniform", lambda log_w, g, cols=None: grid)
+    o = rs.offspring(rs.systematic(LOG_W.expand(k, -1).contiguous(), None)).to(F64)
+    assert float((o.mean(0) - N * W).abs().max()) < 8 / k
+    nw = N * W
+    assert bool(((o >= nw.floor()) & (o <= nw.ceil())).all())

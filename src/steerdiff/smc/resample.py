@@ -89,12 +89,17 @@ def ess(log_w: Tensor) -> Tensor:
 def _inverse_cdf(log_w: Tensor, u: Tensor) -> Tensor:
     """``a_j = min{i : W_1 + ... + W_i > u_j}`` per row (``u`` in ``[0, 1)``), computed in float64.
 
-    A zero weight adds nothing to the cumulative sum, so it is never selected.
+    A zero weight adds nothing to the cumulative sum, so it is never selected; nor are the zero
+    weights after the last positive one when ``u`` rounds up to the total (``(N - 1 + U) / N`` is 1.0
+    for the largest ``U``; ``u * total`` can round to ``total``): the index is capped at the first one
+    whose cumulative sum reaches the total, the last particle of positive weight.
     """
     w = torch.exp(normalize(log_w.to(torch.float64)))
     cum = w.cumsum(-1)
-    idx = torch.searchsorted(cum, (u * cum[:, -1:]).contiguous(), right=True)
-    return idx.clamp_(max=log_w.shape[1] - 1)
+    total = cum[:, -1:]
+    idx = torch.searchsorted(cum, (u * total).contiguous(), right=True)
+    last = torch.searchsorted(cum, total, right=False).clamp_(max=log_w.shape[1] - 1)
+    return torch.minimum(idx, last)
 
 
 def _uniform(log_w: Tensor, generator: Generators, cols: int | None = None) -> Tensor:
