@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import math
 import re
+import types
 from pathlib import Path
 from typing import ClassVar
 
@@ -543,6 +544,24 @@ def test_svdd_selects_by_softmax_of_the_denoised_values():
     assert torch.allclose(out.x, x, rtol=0, atol=1e-10)
     assert not_argmax > 0
     assert out.nfe == steps * n
+
+
+@pytest.mark.parametrize("alpha", [1e-320, 1e-300])
+def test_svdd_tiny_alpha_is_the_argmax_limit(alpha):
+    """``softmax_j(v_j / alpha)`` tends to the argmax as ``alpha -> 0``: the logits are taken as
+    ``(v_j - max v) / alpha`` (0 for the best, ``-inf`` for the rest once ``alpha`` is tiny). Before:
+    ``v / alpha`` was ``+-inf`` for every candidate at ``alpha = 1e-320`` (NaN weights: the selection
+    fell on the last candidate, and the run's final node raised "weight zero")."""
+    svdd = sd.smc.SVDD(alpha)
+    values = torch.tensor([[-3.0, -1.0, -2.0], [5.0, 7.0, 6.0], [0.25, 0.0, 0.0]], dtype=F64)
+    ctx = types.SimpleNamespace(i=1, x0=values, reward=lambda z: z)
+    for seed in range(8):
+        idx = svdd.resample(ctx, torch.zeros_like(values), gen(seed))
+        assert idx.tolist() == [[1] * 3, [1] * 3, [0] * 3]
+    kw = dict(shape=(4, 2), particles=4, steps=5, solver=SOLVER, final="none", dtype=F64)
+    out = sd.smc.svdd(DEN, linear, alpha, generator=gen(0), **kw)  # noisy, distinct final candidates
+    best = out.reward.argmax(-1)
+    assert torch.equal(out.weights, torch.nn.functional.one_hot(best, 4).to(F64))
 
 
 # --- chunking, memory, conditioning, reproducibility --------------------------------------------------

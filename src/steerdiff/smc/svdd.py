@@ -65,13 +65,15 @@ class SVDD(SMCAlgorithm):
         self.alpha = real("svdd", "alpha", alpha, lo=0, finite=False)  # 0: argmax, inf: the base sampler
 
     def _log_select(self, r: Tensor) -> Tensor:
-        """Selection log-probabilities (unnormalized) from the values ``r`` ``(batch, M)``."""
+        """Selection log-probabilities (unnormalized) from the values ``r`` ``(batch, M)``:
+        ``(r_j - max_k r_k) / alpha``, the softmax's logits shifted per row so that the best is 0 and
+        none overflows (``r / alpha`` is ``+-inf`` for every candidate once ``alpha`` is tiny)."""
         if self.alpha == 0:
             best = r.argmax(-1, keepdim=True)
             return torch.full_like(r, -math.inf).scatter_(1, best, 0.0)
         if math.isinf(self.alpha):
             return torch.zeros_like(r)
-        return r / self.alpha
+        return (r - r.amax(-1, keepdim=True)) / self.alpha
 
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         if not ctx.final:
