@@ -264,6 +264,36 @@ def test_run_refuses_a_brownian_tree():
     torch.testing.assert_close(rows[1:2], alone, rtol=0, atol=1e-12)
 
 
+def test_a_kernel_generator_must_be_generators_one_per_row(pc):
+    """The kernel's own ``generator`` is a generator or one per row, checked before sampling. Before: a
+    Brownian tree there was taken as the moves' noise source and gave them none at their fixed time
+    (ULA then the same for tree seeds 0 and 1, max difference 0.0, deterministic gradient ascent; MALA
+    failed inside the Metropolis draw on a shape error); a list of 3 for a batch of 4 ran the first
+    predictor step and the first score call (2 network calls), then failed naming only ``generator``, which
+    holds 4."""
+    gmm, proc, _, x_T, _ = pc
+    x = x_T[:4]
+    calls = [0]
+
+    def net(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return gmm.denoise(y, float(proc.alpha(float(t[0]))), float(proc.sigma(float(t[0]))))
+
+    den = sd.Denoiser(net, proc, prediction="x0")
+    tree = sd.noise.BrownianTreeNoise(x, proc.t_min, proc.t_max, seed=0)
+    for kernel in (sd.mcmc.ULA, sd.mcmc.MALA, sd.mcmc.HMC):
+        with pytest.raises(
+            ValueError, match=rf"{kernel.__name__}: generator must be .* got BrownianTreeNoise"
+        ):
+            kernel(step_size=0.05, generator=tree)
+    with pytest.raises(ValueError, match=r"ULA: generator must be .* got int"):
+        sd.mcmc.ULA(generator=5)
+    three = sd.mcmc.ULA(step_size=0.05, generator=[_gen(s) for s in range(3)])
+    with pytest.raises(ValueError, match=r"corrector ULA: generator must be .* batch = 4 .* got a list of 3"):
+        sd.sample(den, x, steps=3, solver="ddim", corrector=three, generator=[_gen(s) for s in range(4)])
+    assert calls[0] == 0  # refused before the first network call
+
+
 def test_bad_corrector_input(pc):
     gmm, proc, log_prob, x_T, _ = pc
     den = gmm.denoiser(proc)

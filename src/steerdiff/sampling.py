@@ -425,7 +425,7 @@ def sample(
         check_rows(model.noise.generators, len(x_T))
     kernel = None if corrector is None else _mcmc.get(corrector)
     if kernel is not None:
-        _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr)
+        _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr, len(x_T))
     chains: list[_mcmc.ChainInfo] = []
     chain_steps: list[int] = []  # the step after which each corrector ran
     state = slv.init_state(grid)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .._checks import integer, real
 from .._ops import first_false
-from ..noise import NoiseSource, check_fixed_time, make_noise
+from ..noise import NoiseSource, check_fixed_time, check_generators, make_noise
 
 __all__ = [
     "ChainInfo",
@@ -237,7 +237,8 @@ class Kernel:
         generator: for :func:`steerdiff.sample`: a generator, or a list with one per sample, for
             the corrector's own draws; default the run's noise source. Required with a Brownian
             tree, which has no noise at a fixed time; one per sample where the run's is (a single
-            one is refused there: every sample would depend on the batch).
+            one is refused there: every sample would depend on the batch). Nothing else is accepted:
+            a noise source such as a Brownian tree would give the moves no noise at their fixed time.
     """
 
     name: ClassVar[str] = ""
@@ -250,6 +251,7 @@ class Kernel:
     def __post_init__(self) -> None:
         if self.step_size is not None:
             self.step_size = real(type(self).__name__, "step_size", self.step_size, lo=0, lo_open=True)
+        self.generator = check_generators(type(self).__name__, self.generator)
         if self.log_prob is not None and not callable(self.log_prob):
             raise ValueError(f"{type(self).__name__}: log_prob must be callable (x, t) -> (n,)")
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .._checks import integer, real
-from ..noise import NoiseSource, check_fixed_time, check_shared, make_noise
+from ..noise import NoiseSource, check_fixed_time, check_generators, check_shared, make_noise
 from ..solvers.base import Model, NonFiniteError
 from .base import ChainInfo, Kernel, Point, StepSize, Target, chain, fixed_time, snr_step_size
 from .hmc import HMC
@@ -54,11 +54,13 @@ def get(corrector: str | Kernel) -> Kernel:
     raise ValueError(f"unknown corrector={corrector!r}; accepted: None, {available()} or a Kernel instance")
 
 
-def check_corrector(kernel: Kernel, noise: NoiseSource, steps: int, snr: float) -> None:
+def check_corrector(kernel: Kernel, noise: NoiseSource, steps: int, snr: float, rows: int) -> None:
     """Reject what cannot run, before sampling starts, or would not be reproducible as asked: a
-    kernel without a generator under a Brownian tree (no noise at a fixed time), a kernel with one
-    generator under the run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`)."""
+    kernel without a generator under a Brownian tree (no noise at a fixed time), a kernel whose list
+    of generators is not one per row of the batch of ``rows``, a kernel with one generator under the
+    run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`)."""
     integer("sample", "corrector_steps", steps, lo=1)
+    check_generators(f"corrector {type(kernel).__name__}", kernel.generator, rows)
     if kernel.step_size is None:
         real("sample", "snr", snr, lo=0, lo_open=True)
     if kernel.needs_log_prob and kernel.log_prob is None:
