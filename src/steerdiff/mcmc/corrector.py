@@ -54,11 +54,13 @@ def get(corrector: str | Kernel) -> Kernel:
     raise ValueError(f"unknown corrector={corrector!r}; accepted: None, {available()} or a Kernel instance")
 
 
-def check_corrector(kernel: Kernel, noise: NoiseSource, steps: int, snr: float, rows: int) -> None:
+def check_corrector(
+    kernel: Kernel, noise: NoiseSource, steps: int, snr: float, rows: int | None = None
+) -> None:
     """Reject what cannot run, before sampling starts, or would not be reproducible as asked: a
     kernel without a generator under a Brownian tree (no noise at a fixed time), a kernel whose list
-    of generators is not one per row of the batch of ``rows``, a kernel with one generator under the
-    run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`)."""
+    of generators is not one per row of the batch of ``rows`` (where given), a kernel with one
+    generator under the run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`)."""
     integer("sample", "corrector_steps", steps, lo=1)
     check_generators(f"corrector {type(kernel).__name__}", kernel.generator, rows)
     if kernel.step_size is None:
