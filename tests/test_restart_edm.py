@@ -115,7 +115,7 @@ def test_edm_sw2_at_100_nfe_is_near_the_floor(gmm, sd_process):
     [
         ({"s_churn": -1.0}, "s_churn must be a number >= 0 or inf, got -1.0"),
         ({"s_tmin": -0.1}, "s_tmin must be a number >= 0 or inf, got -0.1"),
-        ({"s_tmin": 2.0, "s_tmax": 1.0}, "s_tmax must be a number >= 2 or inf, got 1.0"),
+        ({"s_tmin": 2.0, "s_tmax": 1.0}, "need s_tmin <= s_tmax, got s_tmin=2.0, s_tmax=1.0"),
         ({"s_noise": -1.0}, "s_noise must be a finite number >= 0, got -1.0"),
         ({"s_churn": "40"}, "s_churn must be a number >= 0 or inf, got '40'"),
         ({"order": 3}, "order must be an integer in [1, 2], got 3"),
