@@ -197,6 +197,10 @@ def test_bad_construction_and_no_pinv_for_zero_padding() -> None:
         Blur(KERNEL_ODD, (1, 2, 5))
     with pytest.raises(ValueError, match="0 and 1"):
         Inpaint(torch.full((3,), 0.5))
+    for bad in (None, "mask"):  # was torch's RuntimeError / TypeError, naming no argument
+        with pytest.raises(ValueError, match=r"^Inpaint: mask must be a tensor of the sample shape, got"):
+            Inpaint(bad)
+    assert Inpaint([[1, 0], [0, 1]]).shape_out == (2,)  # a nested list is still a mask
     with pytest.raises(ValueError, match="shape_in"):
         Matrix(A_WIDE, shape_in=(2, 3))
     with pytest.raises(ValueError, match=r"^Matrix: A must be a 2-D float tensor \(m, d\), got str$"):

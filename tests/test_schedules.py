@@ -282,6 +282,8 @@ def test_bad_options_raise():
         sd.schedules.KarrasCapped(max_nodes=0)
     with pytest.raises(ValueError, match="sd15"):
         AYS("sd3")
+    with pytest.raises(ValueError, match="unknown model=\\['sd15'\\]"):  # was TypeError: unhashable type
+        AYS(["sd15"])
 
 
 def test_ays_rejects_a_process_that_does_not_cover_its_sigmas():

@@ -101,6 +101,10 @@ def test_ess():
     assert torch.allclose(rs.ess(log_w), 1 / (w * w).sum(-1), rtol=1e-12)
     assert torch.allclose(rs.ess(log_w + 123.0), rs.ess(log_w), rtol=1e-12)  # scale-free
     assert sd.smc.ess is rs.ess
+    with pytest.raises(
+        ValueError, match=r"^ess: log_w must be a tensor of log-weights, got list"
+    ):  # was TypeError
+        rs.ess([0.0, 1.0])
 
 
 def test_indices_from_counts():

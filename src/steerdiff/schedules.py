@@ -391,7 +391,7 @@ class AYS(Schedule):
     name = "ays"
 
     def __init__(self, model: str = "sd15") -> None:
-        if model not in AYS_TIMESTEPS:
+        if not isinstance(model, str) or model not in AYS_TIMESTEPS:
             raise ValueError(f"AYS: unknown model={model!r}; accepted: {sorted(AYS_TIMESTEPS)}")
         self.model = model
 

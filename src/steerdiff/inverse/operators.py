@@ -210,7 +210,11 @@ class Inpaint(LinearOperator):
 
     def __init__(self, mask: Tensor, noise_std: float = 0.0) -> None:
         super().__init__(noise_std)
-        mask = torch.as_tensor(mask)
+        try:  # a tensor, array or nested list; torch's own errors for None or a string named no argument
+            mask = torch.as_tensor(mask)
+        except (TypeError, RuntimeError, ValueError) as e:
+            got = type(mask).__name__
+            raise ValueError(f"Inpaint: mask must be a tensor of the sample shape, got {got}") from e
         if mask.ndim < 1 or not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("Inpaint: mask must be a tensor of the sample shape holding only 0 and 1")
         self.mask = mask.to(torch.bool)

@@ -83,6 +83,8 @@ def normalize(log_w: Tensor) -> Tensor:
 
 def ess(log_w: Tensor) -> Tensor:
     """Effective sample size per row, ``1 / sum_i W_i^2``, shape ``log_w.shape[:-1]``."""
+    if not isinstance(log_w, Tensor):
+        raise ValueError(f"ess: log_w must be a tensor of log-weights, got {type(log_w).__name__}")
     return torch.exp(2 * torch.logsumexp(log_w, dim=-1) - torch.logsumexp(2 * log_w, dim=-1))
 
 
