@@ -284,6 +284,8 @@ def test_bad_options_raise():
         AYS("sd3")
     with pytest.raises(ValueError, match="unknown model=\\['sd15'\\]"):  # was TypeError: unhashable type
         AYS(["sd15"])
+    with pytest.raises(ValueError, match="Karras: sigma_min must be a finite number > 0"):  # was RuntimeError
+        Karras(sigma_min=torch.tensor([0.1, 0.2]))
 
 
 def test_ays_rejects_a_process_that_does_not_cover_its_sigmas():

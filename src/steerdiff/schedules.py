@@ -133,7 +133,7 @@ def _positive(who: str, name: str, value: float | None) -> float | None:
     try:
         return real(who, name, value, lo=0, lo_open=True)
     except ValueError as err:
-        if name == "sigma_min" and value == 0:
+        if name == "sigma_min" and isinstance(value, int | float) and value == 0:  # a tensor's == is no bool
             raise ValueError(
                 f"{err} (a node at sigma/alpha = 0 has an infinite log-SNR; the step to the clean state is "
                 "sample's final='zero')"

@@ -38,6 +38,15 @@ RCOND = 1e-12
 """Relative cutoff: singular values ``<= RCOND * s_max`` count as zero in ``pinv`` and ``aat_solve``."""
 
 
+def _as_tensor(who: str, name: str, value: object) -> Tensor:
+    """``value`` (a tensor, array or nested list) as a tensor, else a ``ValueError`` naming it (torch's own
+    errors for ``None`` or a string named no argument)."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{who}: {name} must be a tensor, got {type(value).__name__}") from e
+
+
 def _shape(who: str, name: str, shape: Sequence[int], min_dims: int = 1) -> tuple[int, ...]:
     """``shape`` as a tuple of ``>= min_dims`` integers ``>= 1`` (each checked by ``integer``)."""
     if not isinstance(shape, Sequence) or isinstance(shape, str) or len(shape) < min_dims:
@@ -210,11 +219,7 @@ class Inpaint(LinearOperator):
 
     def __init__(self, mask: Tensor, noise_std: float = 0.0) -> None:
         super().__init__(noise_std)
-        try:  # a tensor, array or nested list; torch's own errors for None or a string named no argument
-            mask = torch.as_tensor(mask)
-        except (TypeError, RuntimeError, ValueError) as e:
-            got = type(mask).__name__
-            raise ValueError(f"Inpaint: mask must be a tensor of the sample shape, got {got}") from e
+        mask = _as_tensor("Inpaint", "mask", mask)
         if mask.ndim < 1 or not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("Inpaint: mask must be a tensor of the sample shape holding only 0 and 1")
         self.mask = mask.to(torch.bool)
@@ -296,7 +301,7 @@ class Blur(LinearOperator):
         self, kernel: Tensor, shape: Sequence[int], padding: str = "circular", noise_std: float = 0.0
     ) -> None:
         super().__init__(noise_std)
-        kernel = torch.as_tensor(kernel)
+        kernel = _as_tensor("Blur", "kernel", kernel)
         if kernel.ndim != 2 or not kernel.is_floating_point() or not bool(kernel.isfinite().all()):
             raise ValueError(f"Blur: kernel must be a finite 2-D float tensor, got {tuple(kernel.shape)}")
         padding = choice("Blur", "padding", padding, ("circular", "zero"))
