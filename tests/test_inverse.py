@@ -198,9 +198,9 @@ def test_bad_construction_and_no_pinv_for_zero_padding() -> None:
     with pytest.raises(ValueError, match="0 and 1"):
         Inpaint(torch.full((3,), 0.5))
     for bad in (None, "mask"):  # was torch's RuntimeError / TypeError, naming no argument
-        with pytest.raises(ValueError, match=r"^Inpaint: mask must be a tensor, got"):
+        with pytest.raises(ValueError, match=r"^Inpaint: mask must be a tensor or array of numbers, got"):
             Inpaint(bad)
-        with pytest.raises(ValueError, match=r"^Blur: kernel must be a tensor, got"):
+        with pytest.raises(ValueError, match=r"^Blur: kernel must be a tensor or array of numbers, got"):
             Blur(bad, (1, 4, 4))
     assert Inpaint([[1, 0], [0, 1]]).shape_out == (2,)  # a nested list is still a mask
     with pytest.raises(ValueError, match="shape_in"):

@@ -27,7 +27,18 @@ from torch import Tensor
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
 
-__all__ = ["Bounds", "boolean", "choice", "integer", "ordered", "real", "real_array", "sizes", "torch_device"]
+__all__ = [
+    "Bounds",
+    "boolean",
+    "choice",
+    "integer",
+    "ordered",
+    "real",
+    "real_array",
+    "sizes",
+    "tensor",
+    "torch_device",
+]
 
 
 def _bound(v: float) -> str:
@@ -104,6 +115,16 @@ def sizes(who: str, name: str, value: object) -> tuple[int, ...]:
     if not isinstance(value, tuple | list):
         raise ValueError(f"{who}: {name} must be a tuple of integers >= 1, got {value!r}")
     return tuple(integer(who, f"{name}[{i}]", s, lo=1) for i, s in enumerate(value))
+
+
+def tensor(who: str, name: str, value: object, dtype: torch.dtype | None = None) -> Tensor:
+    """``value`` -- a tensor, array or nested sequence of numbers -- as a tensor (of ``dtype`` where given),
+    else a ``ValueError`` naming ``who`` and ``name`` (torch's own errors for ``None`` or a string named no
+    argument)."""
+    try:
+        return torch.as_tensor(value, dtype=dtype)
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{who}: {name} must be a tensor or array of numbers, got {value!r:.60}") from e
 
 
 def real_array(who: str, name: str, value: object) -> Tensor:

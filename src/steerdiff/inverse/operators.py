@@ -29,22 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import choice, integer, real
+from .._checks import choice, integer, real, tensor
 from .._ops import kept
 
 __all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
 
 RCOND = 1e-12
 """Relative cutoff: singular values ``<= RCOND * s_max`` count as zero in ``pinv`` and ``aat_solve``."""
-
-
-def _as_tensor(who: str, name: str, value: object) -> Tensor:
-    """``value`` (a tensor, array or nested list) as a tensor, else a ``ValueError`` naming it (torch's own
-    errors for ``None`` or a string named no argument)."""
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{who}: {name} must be a tensor, got {type(value).__name__}") from e
 
 
 def _shape(who: str, name: str, shape: Sequence[int], min_dims: int = 1) -> tuple[int, ...]:
@@ -219,7 +210,7 @@ class Inpaint(LinearOperator):
 
     def __init__(self, mask: Tensor, noise_std: float = 0.0) -> None:
         super().__init__(noise_std)
-        mask = _as_tensor("Inpaint", "mask", mask)
+        mask = tensor("Inpaint", "mask", mask)
         if mask.ndim < 1 or not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("Inpaint: mask must be a tensor of the sample shape holding only 0 and 1")
         self.mask = mask.to(torch.bool)
@@ -301,7 +292,7 @@ class Blur(LinearOperator):
         self, kernel: Tensor, shape: Sequence[int], padding: str = "circular", noise_std: float = 0.0
     ) -> None:
         super().__init__(noise_std)
-        kernel = _as_tensor("Blur", "kernel", kernel)
+        kernel = tensor("Blur", "kernel", kernel)
         if kernel.ndim != 2 or not kernel.is_floating_point() or not bool(kernel.isfinite().all()):
             raise ValueError(f"Blur: kernel must be a finite 2-D float tensor, got {tuple(kernel.shape)}")
         padding = choice("Blur", "padding", padding, ("circular", "zero"))

@@ -30,23 +30,13 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from .._checks import Bounds, boolean, integer, real, sizes
+from .._checks import Bounds, boolean, integer, real, sizes, tensor
 from ..denoiser import Denoiser
 from ..processes import MeanReverting, Process
 
 __all__ = ["GaussianMixture", "default_benchmark_mixture"]
 
 F64 = torch.float64
-
-
-def _reals(name: str, value: object) -> Tensor:
-    """``value`` (a tensor, array or nested sequence of real numbers) as a float64 tensor, else a
-    ``ValueError`` naming it (torch's own error was a TypeError or RuntimeError)."""
-    try:
-        return torch.as_tensor(value, dtype=F64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        msg = f"GaussianMixture: {name} must be an array of real numbers, got {value!r:.60}"
-        raise ValueError(msg) from e
 
 
 class GaussianMixture:
@@ -69,9 +59,9 @@ class GaussianMixture:
     def __init__(
         self, means: Tensor, covariances: Tensor, weights: Tensor, *, allow_singular: bool = False
     ) -> None:
-        self.means = _reals("means", means)
-        cov = _reals("covariances", covariances)
-        w = _reals("weights", weights)
+        self.means = tensor("GaussianMixture", "means", means, F64)
+        cov = tensor("GaussianMixture", "covariances", covariances, F64)
+        w = tensor("GaussianMixture", "weights", weights, F64)
         if self.means.ndim != 2:
             raise ValueError(f"means must be (k, d), got {tuple(self.means.shape)}")
         if not bool(torch.isfinite(self.means).all()):
