@@ -557,3 +557,29 @@ def test_ula_one_move_law_from_the_target_is_exact():
     law = _S + eps**2 * _P
     assert float(((x1.mean(0) - _M) / (law.diag() / n).sqrt()).abs().max()) < 4
     assert z_cov(law) < 4 and z_cov(_S) > 20
+
+
+def test_corrector_arguments_without_a_corrector_are_refused(pc):
+    """``corrector_steps`` / ``snr`` other than the default were silently ignored without a corrector
+    (and ``snr`` with a kernel that has its own ``step_size``): each is a ValueError naming it, before
+    any network call; the defaults still pass, and ``snr`` is checked whatever the kernel."""
+    gmm, proc, _, x_T, _ = pc
+    den = gmm.denoiser(proc)
+    x = x_T[:4]
+    kw = {"steps": 3, "solver": "ddim"}
+    with pytest.raises(ValueError, match=r"sample: corrector_steps has no effect without corrector=.*=3"):
+        sd.sample(den, x, corrector_steps=3, **kw)
+    with pytest.raises(ValueError, match=r"sample: snr has no effect without corrector=.*got snr=0\.3"):
+        sd.sample(den, x, snr=0.3, **kw)
+    with pytest.raises(ValueError, match="sample: snr has no effect without corrector"):
+        sd.sample(den, x, snr=float("nan"), **kw)
+    with pytest.raises(ValueError, match=r"sample: snr has no effect with a corrector that has a step_size"):
+        sd.sample(den, x, corrector=sd.mcmc.ULA(step_size=0.01), snr=-1.0, **kw)
+    for snr in (float("nan"), float("inf"), 0.0, "0.3"):
+        with pytest.raises(ValueError, match="sample: snr must be a finite number > 0"):
+            sd.sample(den, x, corrector="ula", snr=snr, **kw)
+    for steps in (0, 1.5, "2", None):
+        with pytest.raises(ValueError, match="sample: corrector_steps must be an integer >= 1"):
+            sd.sample(den, x, corrector="ula", corrector_steps=steps, **kw)
+    ref = sd.sample(den, x, **kw)
+    torch.testing.assert_close(sd.sample(den, x, corrector_steps=1, snr=0.16, **kw), ref, rtol=0, atol=0)

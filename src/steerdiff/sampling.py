@@ -48,6 +48,7 @@ GUIDED_CORRECTOR_FROM = 15
 # below (guided_max_h; steerdiff bench guided)
 GUIDED_MAX_H, GUIDED_MAX_H_SCALE = 0.8, 7.5
 DEFAULT_SCHEDULE = "karras_capped"
+DEFAULT_CORRECTOR_STEPS, DEFAULT_SNR = 1, 0.16
 
 
 @dataclass
@@ -270,6 +271,31 @@ def check_x_T(den: Denoiser, x_T: Tensor) -> None:
         raise ValueError(f"x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
 
 
+def _is_default(value: object, default: float) -> bool:
+    """Whether ``value`` is the number ``default`` (a tensor or a string never is)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == default
+
+
+def check_unused_corrector_args(kernel: _mcmc.Kernel | None, corrector_steps: object, snr: object) -> None:
+    """Refuse a ``corrector_steps`` / ``snr`` other than the default where it would be silently ignored:
+    both without a corrector, ``snr`` with a kernel that has its own ``step_size``."""
+    if kernel is None:
+        for name, value, default in (
+            ("corrector_steps", corrector_steps, DEFAULT_CORRECTOR_STEPS),
+            ("snr", snr, DEFAULT_SNR),
+        ):
+            if not _is_default(value, default):
+                raise ValueError(
+                    f"sample: {name} has no effect without corrector=... (one of {_mcmc.available()} or a "
+                    f"steerdiff.mcmc.Kernel), got {name}={value!r}"
+                )
+    elif kernel.step_size is not None and not _is_default(snr, DEFAULT_SNR):
+        raise ValueError(
+            f"sample: snr has no effect with a corrector that has a step_size "
+            f"({type(kernel).__name__}(step_size={kernel.step_size!r})), got snr={snr!r}"
+        )
+
+
 @overload
 def sample(
     den: Denoiser,
@@ -341,8 +367,8 @@ def sample(
     generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     corrector: str | _mcmc.Kernel | None = None,
-    corrector_steps: int = 1,
-    snr: float = 0.16,
+    corrector_steps: int = DEFAULT_CORRECTOR_STEPS,
+    snr: float = DEFAULT_SNR,
     progress: bool = False,
     return_info: bool = False,
     **cond: Any,
@@ -396,9 +422,10 @@ def sample(
             noisy node, ``corrector_steps`` moves targeting ``p_t`` there (see
             :mod:`steerdiff.mcmc.corrector`; MALA/HMC need the kernel's ``log_prob``). Their
             evaluations count in the NFE; acceptance rates are in ``SampleInfo.corrector``.
-        corrector_steps: corrector moves per node.
+        corrector_steps: corrector moves per node (an integer >= 1); only with a ``corrector``.
         snr: signal-to-noise ratio giving the Langevin step where the kernel has no ``step_size``
-            (:func:`~steerdiff.mcmc.snr_step_size`: from the batch's mean score norm at each node).
+            (:func:`~steerdiff.mcmc.snr_step_size`: from the batch's mean score norm at each node);
+            a finite number > 0, only with a ``corrector`` that has no ``step_size``.
         progress: show a tqdm bar.
         return_info: also return a :class:`SampleInfo`.
         **cond: passed to the network on every call (e.g. class labels).
@@ -424,6 +451,7 @@ def sample(
     if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
         check_rows(model.noise.generators, len(x_T))
     kernel = None if corrector is None else _mcmc.get(corrector)
+    check_unused_corrector_args(kernel, corrector_steps, snr)
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr, len(x_T))
     chains: list[_mcmc.ChainInfo] = []

@@ -62,9 +62,8 @@ def check_corrector(
     of generators is not one per row of the batch of ``rows`` (where given), a kernel with one
     generator under the run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`)."""
     integer("sample", "corrector_steps", steps, lo=1)
+    real("sample", "snr", snr, lo=0, lo_open=True)
     check_generators(f"corrector {type(kernel).__name__}", kernel.generator, rows)
-    if kernel.step_size is None:
-        real("sample", "snr", snr, lo=0, lo_open=True)
     if kernel.needs_log_prob and kernel.log_prob is None:
         raise ValueError(
             f"corrector {kernel.name!r} needs the noised log-density: pass "
