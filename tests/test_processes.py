@@ -452,3 +452,59 @@ def test_vp_discrete_scalar_lam_is_the_tensor_lam_bit_for_bit():
     ts += [0, 999, 1000.5, -3.0, 998.9999999, np.float64(17.25)]
     for t in ts:
         assert float(p.lam(t)) == float(p.lam(torch.tensor(float(t), dtype=torch.float64))), t
+
+
+_ALL_PROCESSES = [
+    sd.VP.scaled_linear(),
+    sd.VP.linear(),
+    sd.VP.cosine(),
+    sd.VE(),
+    sd.EDM(),
+    sd.RectifiedFlow(),
+    sd.MeanReverting(),
+]
+# every public method of one time argument, with that argument's name
+_TIME_METHODS = [
+    ("alpha", "t"),
+    ("sigma", "t"),
+    ("lam", "t"),
+    ("t_of_lam", "lam"),
+    ("coefficients", "t"),
+    ("d_alpha", "t"),
+    ("d_sigma", "t"),
+    ("model_time", "t"),
+    ("sigma_ratio", "t"),
+    ("t_of_sigma_ratio", "s"),
+]
+
+
+@pytest.mark.parametrize("proc", _ALL_PROCESSES, ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize(("method", "name"), _TIME_METHODS)
+@pytest.mark.parametrize(
+    "bad", [None, "0.5", True, math.nan, torch.tensor(math.nan, dtype=F64), torch.tensor([0.5j]), ["a"]]
+)
+def test_a_bad_time_names_the_method_and_argument(proc, method, name, bad):
+    """None, a string, a bool, a complex tensor and a NaN given as a number or a 0-d CPU tensor were torch's
+    TypeError deep inside, an IndexError (VP.discrete at NaN) or a silent NaN: a ValueError naming the
+    method and its argument."""
+    owner = type(proc).__name__
+    with pytest.raises(ValueError, match=rf"^{owner}\.{method}: {name} must be a real number"):
+        getattr(proc, method)(bad)
+
+
+@pytest.mark.parametrize("proc", _ALL_PROCESSES, ids=lambda p: type(p).__name__)
+def test_process_time_checks_keep_the_values(proc):
+    """Numbers, numpy scalars, lists, arrays and integer tensors still give the values of a float64 tensor;
+    inf is a limit, not an error; NaN entries of a tensor of times give NaN there (VP.discrete's table
+    lookup made an IndexError of them); a negative sigma ratio is refused as a number."""
+    t = 0.5 * (proc.t_min + proc.t_max)
+    ref = proc.alpha(torch.tensor([t, t], dtype=F64))
+    for same in (np.float64(t), np.array([t, t]), [t, t]):
+        torch.testing.assert_close(proc.alpha(same).reshape(-1)[:1], ref[:1], rtol=0, atol=0)
+    assert proc.alpha(torch.tensor([2])).dtype == F64
+    out = proc.sigma(torch.tensor([t, math.nan], dtype=F64))
+    assert math.isfinite(float(out[0])) and math.isnan(float(out[1]))
+    assert isinstance(proc.t_of_lam(math.inf), torch.Tensor)
+    assert isinstance(proc.t_of_sigma_ratio(0.0), torch.Tensor)
+    with pytest.raises(ValueError, match=r"t_of_sigma_ratio: s must be a real number >= 0"):
+        proc.t_of_sigma_ratio(-1.0)

@@ -4,7 +4,9 @@ A :class:`Process` knows the signal scale ``alpha(t)``, the noise scale ``sigma(
 log-SNR ``lam(t) = log(alpha / sigma)`` and its inverse ``t_of_lam``, the derivatives of
 ``alpha`` and ``sigma`` (for flow-matching parameterizations) and the time range over which one
 samples. All schedule arithmetic is done in float64; every method accepts a Python float or a
-tensor and returns a float64 tensor.
+tensor (or an array or sequence of reals) and returns a float64 tensor. Anything else -- ``None``, a
+string, a ``bool`` -- and a NaN given as a number or a 0-d CPU tensor are a ``ValueError`` naming the
+method and the argument; NaN entries of a tensor of times give NaN there (no check reads a device).
 
 Kinds:
 
@@ -25,6 +27,7 @@ Kinds:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -45,6 +48,56 @@ TimeLike = float | Sequence[float] | Tensor
 
 def _f64(t: TimeLike) -> Tensor:
     return torch.as_tensor(t, dtype=F64)
+
+
+def _time(process: Process, method: str, value: object, name: str = "t", *, nonneg: bool = False) -> TimeLike:
+    """``value``, the argument ``name`` of ``process.method``, checked: a real number (a Python or numpy
+    scalar, not a ``bool``) or a tensor as it is, anything else that is an array or sequence of reals as a
+    float64 tensor; else a ``ValueError`` naming ``{Process}.{method}`` and ``name``.
+
+    NaN (and with ``nonneg`` a negative value) is refused where it costs no device read and next to no
+    time: in a number and in a 0-d CPU tensor (a solver's node). In a tensor of times (per-sample times,
+    perhaps on an accelerator) it is left to give NaN at its entries, as torch's elementwise functions do.
+    """
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            got = f"a {value.dtype} tensor"
+        elif value.ndim > 0 or not value.is_cpu or _admits(float(value), nonneg):
+            return value
+        else:
+            got = repr(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if _admits(float(value), nonneg):
+            return float(value)
+        got = repr(value)
+    else:
+        try:
+            kind = torch.as_tensor(value)  # for its dtype (a list's default is float32: converted again)
+        except (TypeError, ValueError, RuntimeError):
+            kind = None
+        if (
+            kind is not None
+            and kind.dtype != torch.bool
+            and not kind.is_complex()
+            and (kind.ndim > 0 or _admits(float(kind), nonneg))
+        ):
+            return torch.as_tensor(value, dtype=F64)
+        got = f"{value!r:.60}"
+    number = "a real number >= 0" if nonneg else "a real number"
+    raise ValueError(
+        f"{type(process).__name__}.{method}: {name} must be {number} (not NaN) or a tensor, array or "
+        f"sequence of real numbers, got {got}"
+    )
+
+
+def _admits(v: float, nonneg: bool) -> bool:
+    """Whether a scalar argument ``v`` passes :func:`_time`: not NaN (and ``>= 0`` with ``nonneg``)."""
+    return v >= 0 if nonneg else v == v
+
+
+def _t64(process: Process, method: str, value: object, name: str = "t", *, nonneg: bool = False) -> Tensor:
+    """:func:`_time` as a float64 tensor."""
+    return _f64(_time(process, method, value, name, nonneg=nonneg))
 
 
 _UNIT: Bounds = {"lo": 0, "hi": 1, "lo_open": True, "hi_open": True}  # the bounds of (0, 1)
@@ -70,6 +123,7 @@ class Process:
 
     def lam(self, t: TimeLike) -> Tensor:
         """Half log signal-to-noise ratio ``log(alpha / sigma)``."""
+        t = _time(self, "lam", t)
         return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
@@ -78,6 +132,7 @@ class Process:
 
     def coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
         """``(alpha, sigma, lam)`` at ``t`` in one pass."""
+        t = _time(self, "coefficients", t)
         a, s = self.alpha(t), self.sigma(t)
         return a, s, torch.log(a) - torch.log(s)
 
@@ -91,16 +146,16 @@ class Process:
 
     def model_time(self, t: TimeLike) -> Tensor:
         """The time input the network was trained with (identity unless overridden)."""
-        return _f64(t)
+        return _t64(self, "model_time", t)
 
     def sigma_ratio(self, t: TimeLike) -> Tensor:
         """``sigma / alpha = exp(-lam)`` at ``t`` (k-diffusion's sigma)."""
-        return torch.exp(-self.lam(t))
+        return torch.exp(-self.lam(_time(self, "sigma_ratio", t)))
 
     def t_of_sigma_ratio(self, s: TimeLike) -> Tensor:
         """Time at which ``sigma / alpha`` equals ``s`` (k-diffusion's sigma): the inverse of
         :meth:`sigma_ratio`."""
-        return self.t_of_lam(-torch.log(_f64(s)))
+        return self.t_of_lam(-torch.log(_t64(self, "t_of_sigma_ratio", s, "s", nonneg=True)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(t_min={self.t_min:g}, t_max={self.t_max:g})"
@@ -119,28 +174,28 @@ class VP(Process):
 
     def lam(self, t: TimeLike) -> Tensor:
         """``lam = log alpha - log sigma = log alpha - log(1 - alpha^2) / 2`` from ``log alpha(t)``."""
-        la = self._log_alpha(_f64(t))
+        la = self._log_alpha(_t64(self, "lam", t))
         return la - 0.5 * torch.log(-torch.expm1(2 * la))
 
     def alpha(self, t: TimeLike) -> Tensor:
-        return torch.sigmoid(2 * self.lam(t)).sqrt()
+        return torch.sigmoid(2 * self.lam(_time(self, "alpha", t))).sqrt()
 
     def sigma(self, t: TimeLike) -> Tensor:
-        return torch.sigmoid(-2 * self.lam(t)).sqrt()
+        return torch.sigmoid(-2 * self.lam(_time(self, "sigma", t))).sqrt()
 
     def coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
-        lam = self.lam(t)
+        lam = self.lam(_time(self, "coefficients", t))
         return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt(), lam
 
     def _dlog_alpha(self, t: Tensor) -> Tensor:
         raise NotImplementedError
 
     def d_alpha(self, t: TimeLike) -> Tensor:
-        t = _f64(t)
+        t = _t64(self, "d_alpha", t)
         return self.alpha(t) * self._dlog_alpha(t)
 
     def d_sigma(self, t: TimeLike) -> Tensor:
-        t = _f64(t)
+        t = _t64(self, "d_sigma", t)
         a, s = self.alpha(t), self.sigma(t)
         return -a * self.d_alpha(t) / s
 
@@ -254,19 +309,20 @@ class VPDiscrete(VP):
         return kept(self._lams_on, like.device, lambda: self._lams.to(like.device))
 
     def lam(self, t: TimeLike) -> Tensor:
-        if isinstance(t, float | int) and math.isfinite(t):  # a solver's node: the same arithmetic in floats
+        # a solver's node: the same arithmetic in floats
+        if isinstance(t, float | int) and not isinstance(t, bool) and math.isfinite(t):
             t = min(max(float(t), self.t_min), self.t_max)
             j = min(math.floor(t), self.num_train_timesteps - 2)
             w = t - j
             return torch.tensor((1 - w) * self._lam_list[j] + w * self._lam_list[j + 1], dtype=F64)
-        t = _f64(t).clamp(self.t_min, self.t_max)
-        lo = t.floor().clamp(max=self.t_max - 1).long()
+        t = _t64(self, "lam", t).clamp(self.t_min, self.t_max)
+        lo = t.floor().nan_to_num(0.0).clamp(max=self.t_max - 1).long()  # a NaN time: NaN, not a bad index
         frac = t - lo
         lams = self._table(t)
         return (1 - frac) * lams[lo] + frac * lams[lo + 1]
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
-        lam = _f64(lam)
+        lam = _t64(self, "t_of_lam", lam, "lam")
         rev = self._table(lam).flip(0)  # increasing
         lam_c = lam.clamp(rev[0], rev[-1])
         j = torch.searchsorted(rev, lam_c, right=False).clamp(1, rev.numel() - 1)
@@ -276,7 +332,7 @@ class VPDiscrete(VP):
         return idx - w
 
     def _dlog_alpha(self, t: Tensor) -> Tensor:
-        lo = t.clamp(self.t_min, self.t_max).floor().clamp(max=self.t_max - 1).long()
+        lo = t.clamp(self.t_min, self.t_max).floor().nan_to_num(0.0).clamp(max=self.t_max - 1).long()
         lams = self._table(lo)
         slope = lams[lo + 1] - lams[lo]
         return self.sigma(t) ** 2 * slope
@@ -298,7 +354,7 @@ class VPLinear(VP):
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
         # Lu et al. 2022 (DPM-Solver), App. D: closed-form inverse of lam(t).
-        lam = _f64(lam)
+        lam = _t64(self, "t_of_lam", lam, "lam")
         d = self.beta_max - self.beta_min
         tmp = 2 * d * torch.logaddexp(-2 * lam, torch.zeros_like(lam))
         delta = self.beta_min**2 + tmp
@@ -337,7 +393,7 @@ class VPCosine(VP):
         )
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
-        lam = _f64(lam)
+        lam = _t64(self, "t_of_lam", lam, "lam")
         sin_0, cos_0 = math.sin(self._theta_0), math.cos(self._theta_0)
         sin_theta = torch.sqrt(sin_0**2 + torch.sigmoid(-2 * lam) * cos_0**2)
         theta = torch.atan2(sin_theta, torch.sigmoid(2 * lam).sqrt() * cos_0)
@@ -361,19 +417,19 @@ class VE(Process):
         self.t_min, self.t_max = 0.0, 1.0
 
     def alpha(self, t: TimeLike) -> Tensor:
-        return torch.ones_like(_f64(t))
+        return torch.ones_like(_t64(self, "alpha", t))
 
     def sigma(self, t: TimeLike) -> Tensor:
-        return self.sigma_min * torch.exp(_f64(t) * self._log_ratio)
+        return self.sigma_min * torch.exp(_t64(self, "sigma", t) * self._log_ratio)
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
-        return (-_f64(lam) - math.log(self.sigma_min)) / self._log_ratio
+        return (-_t64(self, "t_of_lam", lam, "lam") - math.log(self.sigma_min)) / self._log_ratio
 
     def d_alpha(self, t: TimeLike) -> Tensor:
-        return torch.zeros_like(_f64(t))
+        return torch.zeros_like(_t64(self, "d_alpha", t))
 
     def d_sigma(self, t: TimeLike) -> Tensor:
-        return self.sigma(t) * self._log_ratio
+        return self.sigma(_time(self, "d_sigma", t)) * self._log_ratio
 
 
 class EDM(Process):
@@ -383,19 +439,19 @@ class EDM(Process):
         self.t_min, self.t_max = ordered("EDM", "sigma_min", sigma_min, "sigma_max", sigma_max, **_POSITIVE)
 
     def alpha(self, t: TimeLike) -> Tensor:
-        return torch.ones_like(_f64(t))
+        return torch.ones_like(_t64(self, "alpha", t))
 
     def sigma(self, t: TimeLike) -> Tensor:
-        return _f64(t).clone()
+        return _t64(self, "sigma", t).clone()
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
-        return torch.exp(-_f64(lam))
+        return torch.exp(-_t64(self, "t_of_lam", lam, "lam"))
 
     def d_alpha(self, t: TimeLike) -> Tensor:
-        return torch.zeros_like(_f64(t))
+        return torch.zeros_like(_t64(self, "d_alpha", t))
 
     def d_sigma(self, t: TimeLike) -> Tensor:
-        return torch.ones_like(_f64(t))
+        return torch.ones_like(_t64(self, "d_sigma", t))
 
 
 class RectifiedFlow(Process):
@@ -409,19 +465,19 @@ class RectifiedFlow(Process):
         self.t_min, self.t_max = ordered("RectifiedFlow", "t_min", t_min, "t_max", t_max, **_UNIT)
 
     def alpha(self, t: TimeLike) -> Tensor:
-        return 1 - _f64(t)
+        return 1 - _t64(self, "alpha", t)
 
     def sigma(self, t: TimeLike) -> Tensor:
-        return _f64(t).clone()
+        return _t64(self, "sigma", t).clone()
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
-        return torch.sigmoid(-_f64(lam))
+        return torch.sigmoid(-_t64(self, "t_of_lam", lam, "lam"))
 
     def d_alpha(self, t: TimeLike) -> Tensor:
-        return -torch.ones_like(_f64(t))
+        return -torch.ones_like(_t64(self, "d_alpha", t))
 
     def d_sigma(self, t: TimeLike) -> Tensor:
-        return torch.ones_like(_f64(t))
+        return torch.ones_like(_t64(self, "d_sigma", t))
 
 
 class MeanReverting(Process):
@@ -470,42 +526,45 @@ class MeanReverting(Process):
 
     def theta(self, t: TimeLike) -> Tensor:
         """The mean-reversion rate ``theta_t``."""
-        return self.theta_min + (self.theta_max - self.theta_min) * _f64(t)
+        return self.theta_min + (self.theta_max - self.theta_min) * _t64(self, "theta", t)
 
     def theta_bar(self, t: TimeLike) -> Tensor:
         """``int_0^t theta_s ds``."""
-        t = _f64(t)
+        t = _t64(self, "theta_bar", t)
         return self.theta_min * t + 0.5 * (self.theta_max - self.theta_min) * t**2
 
     def diffusion(self, t: TimeLike) -> Tensor:
         """The SDE's noise coefficient ``sigma_t = lambda sqrt(2 theta_t)`` (not :meth:`sigma`)."""
-        return self.stationary_std * (2 * self.theta(t)).sqrt()
+        return self.stationary_std * (2 * self.theta(_time(self, "diffusion", t))).sqrt()
 
     def alpha(self, t: TimeLike) -> Tensor:
-        return torch.exp(-self.theta_bar(t))
+        return torch.exp(-self.theta_bar(_time(self, "alpha", t)))
 
     def sigma(self, t: TimeLike) -> Tensor:
-        return self.stationary_std * (-torch.expm1(-2 * self.theta_bar(t))).sqrt()
+        return self.stationary_std * (-torch.expm1(-2 * self.theta_bar(_time(self, "sigma", t)))).sqrt()
 
     def lam(self, t: TimeLike) -> Tensor:
-        tb = self.theta_bar(t)
+        tb = self.theta_bar(_time(self, "lam", t))
         return -tb - math.log(self.stationary_std) - 0.5 * torch.log(-torch.expm1(-2 * tb))
 
     def coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
+        t = _time(self, "coefficients", t)
         return self.alpha(t), self.sigma(t), self.lam(t)
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
         # e^{-2 lam} = lambda^2 (e^{2 thetabar} - 1), then the quadratic thetabar(t) in stable form
-        u = _f64(lam) + math.log(self.stationary_std)
+        u = _t64(self, "t_of_lam", lam, "lam") + math.log(self.stationary_std)
         tb = 0.5 * torch.logaddexp(torch.zeros_like(u), -2 * u)
         a = self.theta_min
         return 2 * tb / (a + (a * a + 2 * (self.theta_max - a) * tb).sqrt())
 
     def d_alpha(self, t: TimeLike) -> Tensor:
+        t = _time(self, "d_alpha", t)
         return -self.theta(t) * self.alpha(t)
 
     def d_sigma(self, t: TimeLike) -> Tensor:
         # sigma^2 = lambda^2 (1 - alpha^2): sigma' = -lambda^2 alpha alpha' / sigma
+        t = _time(self, "d_sigma", t)
         a = self.alpha(t)
         return self.stationary_std**2 * self.theta(t) * a * a / self.sigma(t)
 
