@@ -285,3 +285,28 @@ def test_per_sample_times_of_another_shape_are_named():
         with pytest.raises(ValueError, match=r"per-sample times t must have shape \(3,\)"):
             den(x, t)
     torch.testing.assert_close(den(x, torch.full((3,), 500.0)).x0, den(x, 500.0).x0)
+
+
+def test_a_direct_call_names_a_bad_x_or_t():
+    """den(x, t) with x a list or numpy array was an AttributeError, with t NaN a VP.discrete IndexError
+    (inf, silently clamped), None or a string torch's TypeError / float()'s ValueError: a ValueError
+    naming x or t, from a plain denoiser and from a guided wrapper alike. A tensor t is checked only on
+    the CPU (a GPU read would sync)."""
+    den = sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1)).denoiser(
+        sd.VP.scaled_linear()
+    )
+    cfg = sd.guidance.CFG(den, den, 2.0)
+    x = torch.zeros(3, 2)
+    for d, who in ((den, "Denoiser"), (cfg, "CFG")):
+        for bad in ([[0.0, 0.0]] * 3, x.numpy()):
+            with pytest.raises(ValueError, match=rf"^{who}: x must be a tensor of shape \(batch, "):
+                d(bad, 500.0)
+        for t in (float("nan"), float("inf"), None, "500", True):
+            with pytest.raises(ValueError, match=rf"^{who}: t must be a finite number or a tensor of times"):
+                d(x, t)
+        for t in (torch.tensor(float("nan")), torch.tensor([500.0, float("inf"), 1.0])):
+            with pytest.raises(ValueError, match=rf"^{who}: t must be finite, got tensor"):
+                d(x, t)
+        with pytest.raises(ValueError, match=rf"^{who}: t must be a tensor of real times, got a torch.bool"):
+            d(x, torch.tensor(True))
+    torch.testing.assert_close(den(x, torch.tensor(500.0)).x0, den(x, 500).x0)

@@ -22,6 +22,8 @@ prediction     meaning of ``f``                conversion
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -33,7 +35,7 @@ from ._ops import axpby, kept
 from .noise import Generators
 from .processes import MeanReverting, Process
 
-__all__ = ["PREDICTIONS", "Denoiser", "Prediction"]
+__all__ = ["PREDICTIONS", "Denoiser", "Prediction", "check_call"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 _CACHE_SIZE = 4096
@@ -268,6 +270,7 @@ class Denoiser:
         return c
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        check_call(type(self).__name__, x, t)
         return self._evaluate(x, t, x.dtype, cond)
 
     def own_noise(self) -> list[tuple[str, Generators]]:
@@ -345,6 +348,24 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
+
+
+def check_call(who: str, x: object, t: object) -> None:
+    """The checks of a call ``den(x, t)``, cheap enough for every network evaluation: ``x`` a tensor, ``t``
+    a finite real number (not a ``bool``) or a tensor of times, else a ``ValueError`` naming ``who`` and
+    the argument. A tensor ``t`` is checked finite only on the CPU (a read of a GPU tensor would sync)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{who}: x must be a tensor of shape (batch, ...), got {type(x).__name__}")
+    if isinstance(t, Tensor):
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"{who}: t must be a tensor of real times, got a {t.dtype} tensor")
+        if t.is_cpu and not (math.isfinite(t) if t.ndim == 0 else bool(torch.isfinite(t).all())):
+            raise ValueError(f"{who}: t must be finite, got {t!r:.80}")
+        return
+    if not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t):
+        raise ValueError(
+            f"{who}: t must be a finite number or a tensor of times (0-d, or one per row of x), got {t!r:.60}"
+        )
 
 
 def check_denoiser(who: str | None, name: str, value: object) -> Denoiser:

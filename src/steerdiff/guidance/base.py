@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..denoiser import Denoiser, Prediction, check_denoiser
+from ..denoiser import Denoiser, Prediction, check_call, check_denoiser
 from ..noise import Generators
 
 __all__ = [
@@ -93,6 +93,7 @@ class Guided(Denoiser):
         return self.base.guidance_scale
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+        check_call(type(self).__name__, x, t)
         return self.evaluate(x, t, x.dtype, **cond)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
