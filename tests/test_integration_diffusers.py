@@ -1076,3 +1076,11 @@ def test_bad_configs_are_refused(config, match):
         SteerdiffScheduler.from_config(config())
     with pytest.raises(ValueError, match="scheduler_or_config"):
         denoiser_from_diffusers(lambda x, t: x, "DDPMScheduler")
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, "10", True])
+def test_a_bad_num_inference_steps_is_named_as_diffusers_names_it(steps):
+    """It was named ``make_grid: steps``, the internal argument; diffusers' name is num_inference_steps."""
+    sched = SteerdiffScheduler(solver="ddim", schedule="karras")
+    with pytest.raises(ValueError, match=r"^set_timesteps: num_inference_steps must be an integer >= 1, got"):
+        sched.set_timesteps(steps)

@@ -64,7 +64,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import choice, real, real_array
+from .._checks import choice, integer, real, real_array
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance import DynamicThreshold
@@ -685,7 +685,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             )
         spec, final = self._model, self.config["final"]
         if num_inference_steps is not None:
-            schedule, steps = self._schedule, num_inference_steps
+            # diffusers' name for make_grid's steps
+            schedule = self._schedule
+            steps = integer("set_timesteps", "num_inference_steps", num_inference_steps, lo=1)
         else:
             nodes = _custom_times(self._model, dict(self.config), None if both else timesteps, sigmas, mu)
             if both:
