@@ -1479,3 +1479,28 @@ def test_the_checks_read_the_device_once_per_run():
         return mode.count["read"]
 
     assert reads(6) == reads(12) <= 4
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        ((1.0, "difference", 5), "nodes"),
+        ((1.0, "difference", None), "nodes"),
+        ((1.0, "difference", {1, "a"}), "nodes"),
+        ((1.0, "difference", {-1, 2}), "nodes"),
+        ((1.0, "difference", {1.5}), "nodes"),
+        ((1.0, "difference", {True}), "nodes"),
+        (("x", "difference", {1}), "lam"),
+        ((float("nan"), "difference", {1}), "lam"),
+        ((1.0, "mean", {1}), "potential"),
+    ],
+)
+def test_fk_steering_class_names_its_bad_arguments(args, name):
+    """``FKSteering(lam, potential, nodes)`` with nodes not a collection of integers >= 0 failed later in
+    the run (``argument of type 'int' is not iterable``) or silently never weighted (``{-1}``, ``{'a'}``),
+    and named lam / potential as ``fk_steering``: the class now names itself and the argument, by the same
+    check as the function (``check_arguments``)."""
+    with pytest.raises(ValueError, match=rf"^FKSteering: {name} must be"):
+        sd.smc.FKSteering(*args)
+    alg = sd.smc.FKSteering(1, "max", range(0, 4, 2))
+    assert (alg.lam, alg.potential, alg.nodes) == (1.0, "max", {0, 2})

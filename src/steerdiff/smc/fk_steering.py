@@ -34,6 +34,7 @@ one for potentials at every node.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ from .particles import (
     run_smc,
 )
 
-__all__ = ["POTENTIALS", "FKSteering", "fk_steering", "potential_nodes"]
+__all__ = ["POTENTIALS", "FKSteering", "check_arguments", "fk_steering", "potential_nodes"]
 
 POTENTIALS = ("difference", "max", "sum", "immediate")
 
@@ -67,15 +68,17 @@ class FKSteering(SMCAlgorithm):
     Args:
         lam: the tilt ``lambda`` (finite; 0 gives the base sampler).
         potential: ``"difference"``, ``"max"``, ``"sum"`` or ``"immediate"``.
-        nodes: the grid nodes at which potentials are applied (the final correction always is).
+        nodes: the grid nodes at which potentials are applied (the final correction always is): a set,
+            list, tuple or range of integers >= 0 (:func:`potential_nodes` makes them from an interval).
+
+    Bad arguments are a ``ValueError`` naming them here, as :func:`fk_steering` names its own
+    (:func:`check_arguments`, the one check of both).
     """
 
     name = "fk_steering"
 
     def __init__(self, lam: float, potential: str, nodes: set[int]) -> None:
-        lam = real("fk_steering", "lam", lam)
-        potential = choice("fk_steering", "potential", potential, POTENTIALS)
-        self.lam, self.potential, self.nodes = lam, potential, nodes
+        self.lam, self.potential, self.nodes = check_arguments("FKSteering", lam, potential, nodes)
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
         """``log_g``: the log of the product of potentials so far; ``prev``/``best``/``total``: the last,
@@ -104,6 +107,19 @@ class FKSteering(SMCAlgorithm):
             g = self.lam * r
         s["log_g"] = s["log_g"] + g
         return g
+
+
+def check_arguments(who: str, lam: object, potential: object, nodes: object) -> tuple[float, str, set[int]]:
+    """``(lam, potential, nodes)`` of :class:`FKSteering` (and :func:`fk_steering`, as ``who``) checked:
+    ``lam`` a finite number, ``potential`` one of :data:`POTENTIALS`, ``nodes`` a set, list, tuple or range
+    of integers >= 0 (as a set); else a ``ValueError`` naming ``who`` and the argument."""
+    lam = real(who, "lam", lam)
+    potential = choice(who, "potential", potential, POTENTIALS)
+    if not isinstance(nodes, set | frozenset | list | tuple | range) or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 0 for v in nodes
+    ):
+        raise ValueError(f"{who}: nodes must be a set of grid nodes (integers >= 0), got {nodes!r:.60}")
+    return lam, potential, {int(v) for v in nodes}
 
 
 def potential_nodes(steps: int, interval: int, window: tuple[int, int] | None) -> set[int]:
@@ -175,7 +191,7 @@ def fk_steering(
     """
     _check_reward(reward)
     nodes = potential_nodes(integer("fk_steering", "steps", steps, lo=1), interval, window)
-    algorithm = FKSteering(lam, potential, nodes)
+    algorithm = FKSteering(*check_arguments("fk_steering", lam, potential, nodes))
     return run_smc(
         den, algorithm, shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=ess_threshold, resampler=resampler,
