@@ -583,3 +583,33 @@ def test_corrector_arguments_without_a_corrector_are_refused(pc):
             sd.sample(den, x, corrector="ula", corrector_steps=steps, **kw)
     ref = sd.sample(den, x, **kw)
     torch.testing.assert_close(sd.sample(den, x, corrector_steps=1, snr=0.16, **kw), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", [sd.mcmc.ULA, sd.mcmc.MALA, sd.mcmc.HMC])
+def test_kernel_run_names_itself_and_the_argument(kernel):
+    """``Kernel.run`` named its steps ``chain: steps`` and its step size as the class's, and took x as a
+    tensor without a check (a list: AttributeError ``'list' object has no attribute 'detach'``): each
+    bad argument is a ValueError naming ``<Kernel>.run`` and it."""
+    k = kernel(step_size=0.1)
+    x = torch.zeros(4, 2, dtype=F64)
+    lp = lambda y: -(y**2).sum(-1)  # noqa: E731
+    who = rf"^{kernel.__name__}\.run"
+    for steps in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match=rf"{who}: steps must be an integer >= 1"):
+            k.run(x, lp, steps=steps)
+    for bad in ([[0.0, 0.0]] * 4, x.numpy(), torch.zeros(4, 2, dtype=torch.long), torch.tensor(0.0)):
+        with pytest.raises(
+            ValueError, match=rf"{who}: x must be a floating-point tensor of shape \(n, \.\.\.\)"
+        ):
+            k.run(bad, lp, steps=1)
+    with pytest.raises(ValueError, match=rf"{who}: log_prob must be callable"):
+        k.run(x, None, steps=1)
+    with pytest.raises(ValueError, match=rf"{who}: step_size must be a finite number > 0"):
+        k.run(x, lp, steps=1, step_size=-1.0)
+    for gen in (5, [_gen(0)] * 3):
+        with pytest.raises(
+            ValueError, match=rf"{who}: generator must be None, one torch.Generator or a list"
+        ):
+            k.run(x, lp, steps=1, generator=gen)
+    out, _ = k.run(x, lp, steps=2, generator=_gen(0))
+    assert out.shape == x.shape and torch.isfinite(out).all()

@@ -280,12 +280,20 @@ class Kernel:
         is refused (:func:`~steerdiff.noise.check_fixed_time`).
         """
         who = f"{type(self).__name__}.run"
+        if not isinstance(x, Tensor) or x.ndim == 0 or not x.is_floating_point():
+            got = (
+                f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            )
+            raise ValueError(f"{who}: x must be a floating-point tensor of shape (n, ...), got {got}")
+        if not callable(log_prob):
+            raise ValueError(f"{who}: log_prob must be callable as log_prob(x) -> (n,), got {log_prob!r:.60}")
+        steps = integer(who, "steps", steps, lo=1)
         eps = step_size if step_size is not None else self.step_size
         if eps is None:
             raise ValueError(f"{who}: give a step_size")
-        eps = real(type(self).__name__, "step_size", eps, lo=0, lo_open=True)
+        eps = real(who, "step_size", eps, lo=0, lo_open=True)
         check_fixed_time(who, generator, "pass a torch.Generator or a list of them (one per row)")
-        normal = fixed_time(make_noise(generator), 0.0)
+        normal = fixed_time(make_noise(check_generators(who, generator, x.shape[0])), 0.0)
         return chain(self, Point(x), Target(log_prob=log_prob), steps, eps, normal)
 
 
