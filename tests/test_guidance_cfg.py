@@ -492,6 +492,14 @@ def test_pcg_refuses_a_brownian_tree_and_takes_one_generator_per_row(den):
     )
 
 
+@pytest.mark.parametrize("steps", [0, 2.5, "10", None])
+def test_pcg_names_a_bad_steps(den, steps):
+    """It was named ``make_grid: steps``, the internal function's."""
+    x_T = torch.zeros(2, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"^pcg: steps must be an integer >= 1, got"):
+        pcg(den, den, x_T, steps, 3.0, uncond_kwargs={"y": NULL}, y=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_pcg_half_precision_runs_only_the_nets_in_half(sd_process, dtype):
     """A half-precision ``x_T``: exactly a float32 run (steps, Langevin moves and the CFG combination in

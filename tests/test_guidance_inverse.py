@@ -751,3 +751,12 @@ def test_repaint_sample_names_a_den_that_is_no_denoiser(bad):
     mask = torch.tensor([1.0, 0.0], dtype=F64)
     with pytest.raises(ValueError, match="repaint_sample: den must be a steerdiff Denoiser"):
         repaint_sample(bad, Inpaint(mask), torch.zeros(2, 1, dtype=F64), torch.zeros(2, 2, dtype=F64), 3)
+
+
+@pytest.mark.parametrize("steps", [0, 2.5, "10", None])
+def test_repaint_sample_names_a_bad_steps(steps):
+    """It was named ``make_grid: steps``, the internal function's."""
+    den = _diag_mixture().denoiser(PROC)
+    mask = torch.tensor([1.0, 0, 1, 0], dtype=F64)
+    with pytest.raises(ValueError, match=r"^repaint_sample: steps must be an integer >= 1, got"):
+        repaint_sample(den, Inpaint(mask), torch.zeros(2, dtype=F64), torch.zeros(3, 4, dtype=F64), steps)

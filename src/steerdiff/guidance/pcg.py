@@ -133,6 +133,7 @@ def pcg(
     ``CFG.cost`` (2; 1 for ``gamma`` 0 or 1) per Langevin move; ``SampleInfo.corrector`` has one
     :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
     """
+    steps = integer("pcg", "steps", steps, lo=1)
     gamma = real("pcg", "gamma", gamma, lo=0)
     return_info = boolean("pcg", "return_info", return_info)
     langevin_steps = integer("pcg", "langevin_steps", langevin_steps, lo=1)

@@ -191,6 +191,7 @@ def repaint_sample(
             alone: a row is the same run alone or in any batch).
         return_info: also return a :class:`~steerdiff.SampleInfo` (NFE = :func:`repaint_nfe`).
     """
+    steps = integer("repaint_sample", "steps", steps, lo=1)
     resample = integer("repaint_sample", "resample", resample, lo=1)
     jump = integer("repaint_sample", "jump", jump, lo=1)
     return_info = boolean("repaint_sample", "return_info", return_info)
