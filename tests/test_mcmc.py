@@ -354,6 +354,10 @@ def test_snr_step_needs_no_host_read_and_a_zero_score_is_reported_after_the_run(
     # the rule: 2 (snr sqrt(d) / mean_i ||grad_i||)^2; rows of norm 3 and 5 in d = 4, snr 0.2: 0.02
     grad = torch.tensor([[3.0, 0, 0, 0], [0, 0, 4.0, 3.0]])
     assert float(sd.mcmc.snr_step_size(grad, 0.2)) == pytest.approx(0.02, rel=1e-12)
+    # grad not a batched tensor: named (was an AttributeError on .shape, or an IndexError for a 0-d one)
+    for bad in (grad.tolist(), None, torch.tensor(1.0), torch.zeros(0, 4)):
+        with pytest.raises(ValueError, match=r"^snr_step_size: grad must be a non-empty tensor"):
+            sd.mcmc.snr_step_size(bad, 0.2)
 
 
 @dataclasses.dataclass

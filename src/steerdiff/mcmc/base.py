@@ -178,6 +178,9 @@ def snr_step_size(grad: Tensor, snr: float) -> Tensor:
     zero or non-finite score norm makes it non-finite, which :func:`check_step_sizes` reports.
     """
     snr = real("snr_step_size", "snr", snr, lo=0, lo_open=True)
+    if not isinstance(grad, Tensor) or grad.ndim == 0 or grad.numel() == 0:
+        got = f"shape {tuple(grad.shape)}" if isinstance(grad, Tensor) else type(grad).__name__
+        raise ValueError(f"snr_step_size: grad must be a non-empty tensor of shape (n, ...), got {got}")
     n = grad.shape[0]
     gnorm = grad.reshape(n, -1).to(torch.float64).norm(dim=-1).mean()
     return 2.0 * (snr * math.sqrt(grad[0].numel()) / gnorm) ** 2
