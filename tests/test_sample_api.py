@@ -270,6 +270,8 @@ def test_bad_x_T(gmm, sd_process, x_T, words):
         ({"callback": 5}, ["sample: callback", "callable", "int"]),
         ({"progress": "no"}, ["sample: progress", "True or False", "'no'"]),
         ({"return_info": 1}, ["sample: return_info", "True or False"]),
+        ({"generator": 5}, ["sample: generator must be None", "got int 5"]),  # was unnamed: 'generator must'
+        ({"generator": "seed"}, ["sample: generator must be None", "'seed'"]),
     ],
 )
 def test_bad_flags_and_callback(gmm, sd_process, problem, option, words):

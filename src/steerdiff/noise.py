@@ -291,16 +291,20 @@ def check_fixed_time(who: str, noise: object, fix: str) -> None:
         )
 
 
-def make_noise(generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None) -> NoiseSource:
+def make_noise(
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None, who: str | None = None
+) -> NoiseSource:
     """The source behind ``sample(..., generator=...)``: a generator, a list of per-sample
-    generators, or any :class:`NoiseSource` (e.g. a :class:`BrownianTreeNoise`)."""
+    generators, or any :class:`NoiseSource` (e.g. a :class:`BrownianTreeNoise`); anything else is a
+    ``ValueError`` naming ``generator`` (after ``who:`` where given)."""
     if generator is None or isinstance(generator, torch.Generator):
         return GeneratorNoise(generator)
     if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):
         return PerSampleNoise(generator)
     if callable(generator):
         return generator
+    prefix = f"{who}: " if who else ""
     raise ValueError(
-        "generator must be None, a torch.Generator, a list of them (one per sample) or a noise source "
-        f"(a callable noise(t_from, t_to, like)), got {type(generator).__name__} {generator!r:.40}"
+        f"{prefix}generator must be None, a torch.Generator, a list of them (one per sample) or a noise "
+        f"source (a callable noise(t_from, t_to, like)), got {type(generator).__name__} {generator!r:.40}"
     )

@@ -447,7 +447,7 @@ def sample(
     sched = _schedules.get(schedule)
     grid = make_grid(den.process, sched, steps, final)
     slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver)
-    model = Model(den, cond, make_noise(generator), net_dtype=x_T.dtype)
+    model = Model(den, cond, make_noise(generator, "sample"), net_dtype=x_T.dtype)
     if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
         check_rows(model.noise.generators, len(x_T))
     kernel = None if corrector is None else _mcmc.get(corrector)

@@ -144,7 +144,7 @@ def pcg(
     check_seeded(sharpened, generator)
     sched = get_schedule(schedule)
     grid = make_grid(cond.process, sched, steps, final)
-    source = make_noise(generator)
+    source = make_noise(generator, "pcg")
     predictor, corrector = Model(cond, kwargs, source, x_T.dtype), Model(sharpened, kwargs, source, x_T.dtype)
     chains = []
     x = x_T.to(work_dtype(x_T.dtype))

@@ -202,7 +202,7 @@ def repaint_sample(
     sched = _schedules.get(schedule)
     grid = make_grid(den.process, sched, steps)
     solver = DDPM()
-    model = Model(guided, cond, make_noise(generator), net_dtype=x_T.dtype)
+    model = Model(guided, cond, make_noise(generator, "repaint_sample"), net_dtype=x_T.dtype)
     state = solver.init_state(grid)
     passes = [0] * (grid.steps + 1)
     x, i = x_T.to(work_dtype(x_T.dtype)), 0
