@@ -310,3 +310,9 @@ def test_a_direct_call_names_a_bad_x_or_t():
         with pytest.raises(ValueError, match=rf"^{who}: t must be a tensor of real times, got a torch.bool"):
             d(x, torch.tensor(True))
     torch.testing.assert_close(den(x, torch.tensor(500.0)).x0, den(x, 500).x0)
+    # evaluate, the solvers' entry for a half-precision net, checks as a call does (a list x was an
+    # AttributeError; a NaN t was named as the process's model_time)
+    with pytest.raises(ValueError, match=r"^Denoiser\.evaluate: x must be a tensor"):
+        den.evaluate([[0.0, 0.0]] * 3, 500.0, torch.float32)
+    with pytest.raises(ValueError, match=r"^Denoiser\.evaluate: t must be a finite number"):
+        den.evaluate(x, float("nan"), torch.float64)

@@ -304,6 +304,7 @@ class Denoiser:
         cast back at ``x`` (:meth:`Prediction.to`), unless it overrides ``evaluate`` too, to keep its
         own arithmetic in ``x``'s dtype and pass ``net_dtype`` on to its nets (CFG, RePaint, SMC).
         """
+        check_call(f"{type(self).__name__}.evaluate", x, t)
         if x.dtype == net_dtype:
             return self(x, t, **cond)
         if type(self).__call__ is not Denoiser.__call__:
