@@ -1084,3 +1084,33 @@ def test_a_bad_num_inference_steps_is_named_as_diffusers_names_it(steps):
     sched = SteerdiffScheduler(solver="ddim", schedule="karras")
     with pytest.raises(ValueError, match=r"^set_timesteps: num_inference_steps must be an integer >= 1, got"):
         sched.set_timesteps(steps)
+
+
+def test_step_add_noise_and_set_begin_index_name_a_bad_argument():
+    """A list model_output / sample was an AttributeError in step, a string return_dict silently true, a
+    bad generator unnamed; add_noise's list samples, None noise and None / str timesteps were
+    AttributeError, TypeError or RuntimeError; set_begin_index('a') was int()'s ValueError and -1 was
+    accepted (refused only at the first step, as 'cannot begin at timesteps[-1]'): each a ValueError
+    naming the method and the argument."""
+    sched = SteerdiffScheduler(solver="ddpm", schedule="karras")
+    sched.set_timesteps(3)
+    x = torch.zeros(1, 3, 4, 4)
+    t = sched.timesteps[0]
+    cases = [
+        (lambda: sched.step([0.0], t, x), "step: model_output must be a tensor, got list"),
+        (lambda: sched.step(x, t, x.numpy()), "step: sample must be a tensor, got ndarray"),
+        (lambda: sched.step(x, t, x, return_dict="no"), "step: return_dict must be True or False, got 'no'"),
+        (lambda: sched.step(x, t, x, generator=5), "step: generator must be None, a torch.Generator"),
+        (lambda: sched.add_noise([0.0], x, t.reshape(1)), "add_noise: original_samples must be a tensor"),
+        (lambda: sched.add_noise(x, None, t.reshape(1)), "add_noise: noise must be a tensor, got NoneType"),
+        (lambda: sched.add_noise(x, x, None), "add_noise: timesteps must be a tensor or array of numbers"),
+        (lambda: sched.add_noise(x, x, "a"), "add_noise: timesteps must be a tensor or array of numbers"),
+        (lambda: sched.set_begin_index("a"), "set_begin_index: begin_index must be an integer >= 0, got 'a'"),
+        (lambda: sched.set_begin_index(-1), "set_begin_index: begin_index must be an integer >= 0, got -1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value).startswith(message), str(e.value)
+    out = sched.step(torch.zeros_like(x), t, x, return_dict=False)  # the checks leave a run as it was
+    assert isinstance(out, tuple) and out[0].shape == x.shape

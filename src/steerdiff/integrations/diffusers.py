@@ -64,7 +64,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import choice, integer, real, real_array
+from .._checks import boolean, choice, integer, real, real_array, tensor
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance import DynamicThreshold
@@ -641,7 +641,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         be the first evaluation of a solver step, at the step's input: the run is then
         ``sd.sample`` on the grid's nodes from that step on. Without it the first ``step``'s
         ``timestep`` says where the run begins."""
-        self._begin_index = int(begin_index)
+        self._begin_index = integer("set_begin_index", "begin_index", begin_index, lo=0)
 
     def set_timesteps(
         self,
@@ -725,7 +725,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         times of ``timesteps``, which must be entries of ``self.timesteps`` (one, or one per sample)."""
         if self._run is None:
             raise ValueError("add_noise: call set_timesteps first")
-        ts = torch.as_tensor(timesteps).reshape(-1).to(self.timesteps.device, torch.float32)
+        for name, value in (("original_samples", original_samples), ("noise", noise)):
+            if not isinstance(value, Tensor):
+                raise ValueError(f"add_noise: {name} must be a tensor, got {type(value).__name__}")
+        ts = tensor("add_noise", "timesteps", timesteps).reshape(-1).to(self.timesteps.device, torch.float32)
         match = ts[:, None] == self.timesteps[None, :]
         if not bool(match.any(1).all()):
             raise ValueError(f"add_noise: timesteps {ts.tolist()} are not all entries of scheduler.timesteps")
@@ -846,6 +849,12 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         run = self._run
         if run is None:
             raise ValueError("step: call set_timesteps first")
+        for name, value in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(value, Tensor):
+                raise ValueError(f"step: {name} must be a tensor, got {type(value).__name__}")
+        return_dict = boolean("step", "return_dict", return_dict)
+        # checked before the run changes: a refused call leaves it as it was
+        source = make_noise(self._noise if self._noise is not None else generator, "step")
         if run.done:
             raise ValueError(
                 f"step: called more than the {len(self._times)} times of scheduler.timesteps; "
@@ -864,8 +873,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             assert run.x is not None and run.sent is not None, "an earlier step set them"
             run.x = torch.where(sample == run.sent, run.x, sample.to(work))
         self._check_timestep(run, timestep)
-        src = self._noise if self._noise is not None else generator
-        run.tape.noise.source = make_noise(src)
+        run.tape.noise.source = source
         run.tape.pending = model_output.to(work)
         x = self._advance(run)
         if run.done:
