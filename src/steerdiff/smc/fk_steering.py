@@ -135,7 +135,8 @@ def potential_nodes(steps: int, interval: int, window: tuple[int, int] | None) -
     )
     if not ok or not 0 <= window[0] < window[1] <= steps:
         raise ValueError(
-            f"window must be (start, stop) grid nodes, 0 <= start < stop <= steps = {steps}; got {window!r}"
+            f"fk_steering: window must be (start, stop) grid nodes, 0 <= start < stop <= steps = {steps}; "
+            f"got {window!r}"
         )
     return set(range(window[0], window[1], interval))
 
