@@ -98,8 +98,8 @@ def _inverse_cdf(log_w: Tensor, u: Tensor) -> Tensor:
     """
     w = torch.exp(normalize(log_w.to(torch.float64)))
     cum = w.cumsum(-1)
-    total = cum[:, -1:]
-    idx = torch.searchsorted(cum, (u * total).contiguous(), right=True)
+    total = cum[:, -1:].contiguous()  # searchsorted copies (and warns about) a non-contiguous input
+    idx = torch.searchsorted(cum, u * total, right=True)
     last = torch.searchsorted(cum, total, right=False).clamp_(max=log_w.shape[1] - 1)
     return torch.minimum(idx, last)
 
