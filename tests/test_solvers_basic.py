@@ -270,6 +270,62 @@ def test_step_order_long_step_needs_both_conditions():
     assert orders(max_h=3.0, max_h_ratio=0.0) == [3, 3, 3, 3, 3]
 
 
+def test_max_h_may_be_a_rule_of_the_step(gmm, sd_process, x_T):
+    """``max_h`` as a rule ``(grid, i) -> limit`` (:data:`~steerdiff.solvers.base.MaxH`): a constant rule is
+    the number (the same orders; the same samples, bit for bit, for every solver that takes ``max_h``,
+    UniPC's noise form whose restart after a long step reads it too), and a rule that differs by step
+    changes only those steps (on the nodes above, limit 3 at step 3 and 2 elsewhere: step 2 alone is long)."""
+    lams = [-4.0, -3.5, -3.0, -0.5, 2.0, 2.5]
+    grid = sd.solvers.base.make_grid(sd.EDM(), sd.schedules.Custom([math.exp(-v) for v in lams]), 5, "none")
+    seen: list[int] = []
+
+    def rule(g: sd.solvers.base.Grid, i: int) -> float:
+        seen.append(i)
+        return 3.0 if i == 3 else 2.0
+
+    def orders(**kw) -> list[int]:
+        return [sd.solvers.base.step_order(i, grid, 3, 3, False, **kw) for i in range(5)]
+
+    assert (
+        orders(max_h=lambda g, i: 2.0, max_h_ratio=0.0)
+        == orders(max_h=2.0, max_h_ratio=0.0)
+        == [3, 3, 1, 1, 3]
+    )
+    assert orders(max_h=rule, max_h_ratio=0.0) == [3, 3, 1, 3, 3]
+    assert seen == [1, 2, 3, 4]  # the first step is first order anyway: not asked
+    den = gmm.denoiser(sd_process)
+    for cls, kw in (
+        (sd.solvers.DPMSolverPPMultistep, {}),
+        (sd.solvers.UniPC, {"prediction": "noise"}),
+        (sd.solvers.DPMSolverSDEMultistep, {}),
+        (sd.solvers.SASolver, {}),
+        (sd.solvers.MRSampler, {}),
+    ):
+        runs = []
+        for max_h in (0.3, lambda g, i: 0.3):
+            solver = cls(max_h=max_h, max_h_ratio=0.0, **kw)
+            runs.append(
+                sd.sample(
+                    den,
+                    x_T,
+                    steps=10,
+                    solver=solver,
+                    schedule="time_uniform",
+                    generator=torch.Generator().manual_seed(0),
+                )
+            )
+        assert torch.equal(runs[0], runs[1]), cls.__name__
+        default = sd.sample(
+            den,
+            x_T,
+            steps=10,
+            solver=cls(**kw),
+            schedule="time_uniform",
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert not torch.equal(runs[0], default), cls.__name__  # the limit acts on this grid
+
+
 # --- convergence order ------------------------------------------------------------------------
 
 STEPS_ORDER = [10, 14, 20, 28, 40]

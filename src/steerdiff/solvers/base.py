@@ -33,6 +33,7 @@ from ..schedules import Schedule
 __all__ = [
     "Grid",
     "History",
+    "MaxH",
     "Model",
     "NonFiniteError",
     "Solver",
@@ -40,6 +41,7 @@ __all__ = [
     "advance",
     "check_long_step",
     "make_grid",
+    "step_limit",
     "step_order",
     "to_sample_dtype",
     "work_dtype",
@@ -223,13 +225,23 @@ def advance(out: Tensor | Transition, noise: NoiseSource, t_from: float, t_to: f
     return out.draw(noise, t_from, t_to) if isinstance(out, Transition) else out
 
 
+# A long-step limit: a number (the same at every step) or a rule ``(grid, i) -> limit`` of step ``i``
+# (a limit that depends on the step's noise level: steerdiff.smc.FKCStepLimit)
+MaxH = float | Callable[[Grid, int], float]
+
+
+def step_limit(max_h: MaxH, grid: Grid, i: int) -> float:
+    """The long-step limit at step ``i`` (in log-SNR): ``max_h`` itself, or ``max_h(grid, i)`` for a rule."""
+    return max_h(grid, i) if callable(max_h) else max_h
+
+
 def step_order(
     i: int,
     grid: Grid,
     order: int,
     history: int,
     lower_order_final: bool,
-    max_h: float = math.inf,
+    max_h: MaxH = math.inf,
     max_h_ratio: float = 0.0,
 ) -> int:
     """Order a multistep method uses at step ``i``.
@@ -238,14 +250,17 @@ def step_order(
     the first steps). With ``lower_order_final`` and fewer than 15 steps the last steps count
     down (order <= steps - i), as diffusers' multistep schedulers do. The step into a clean end is
     first order, and so is a *long* step: longer than ``max_h`` in log-SNR
-    (``h = lam_{i+1} - lam_i``) and than ``max_h_ratio`` times the step before.
+    (``h = lam_{i+1} - lam_i``; a rule ``max_h(grid, i)``: its limit for step ``i``,
+    :func:`step_limit`) and than ``max_h_ratio`` times the step before.
     """
     n = grid.steps
     k = min(order, history)
     if lower_order_final and n < 15:
         k = min(k, n - i)
     h = grid.h(i)
-    if grid.is_final_clean(i) or (h > max_h and i > 0 and h > max_h_ratio * grid.h(i - 1)):
+    if grid.is_final_clean(i) or (
+        i > 0 and h > max_h_ratio * grid.h(i - 1) and h > step_limit(max_h, grid, i)
+    ):
         k = 1
     return max(k, 1)
 
@@ -277,12 +292,14 @@ SDE_MAX_H, SDE_MAX_H_RATIO = 0.5, 2.0
 ODE_MAX_H, ODE_MAX_H_RATIO = 2.0, 2.0
 
 
-def check_long_step(solver: Solver, max_h: float, max_h_ratio: float) -> None:
-    """``ValueError`` naming the argument unless ``max_h`` is positive (``inf``: no limit) and
-    ``max_h_ratio`` a finite number >= 0 (the long-step rule of :func:`step_order`)."""
+def check_long_step(solver: Solver, max_h: MaxH, max_h_ratio: float) -> None:
+    """``ValueError`` naming the argument unless ``max_h`` is positive (``inf``: no limit) or a rule
+    ``(grid, i) -> limit`` (a callable) and ``max_h_ratio`` a finite number >= 0 (the long-step rule of
+    :func:`step_order`)."""
 
     who = type(solver).__name__
-    real(who, "max_h", max_h, lo=0, lo_open=True, finite=False)
+    if not callable(max_h):
+        real(who, "max_h", max_h, lo=0, lo_open=True, finite=False)
     real(who, "max_h_ratio", max_h_ratio, lo=0)
 
 

@@ -20,7 +20,8 @@ One NFE per step; warm-up at the first steps and lower order at the last (``lowe
 see :func:`~steerdiff.solvers.base.step_order`).
 
 ``max_h``, ``max_h_ratio``: steps longer than ``max_h`` in ``lam`` and than ``max_h_ratio`` times
-the step before are first order (DDIM; :func:`~steerdiff.solvers.base.step_order`). By default 2 and 2
+the step before are first order (DDIM; :func:`~steerdiff.solvers.base.step_order`; ``max_h`` may be a
+rule ``(grid, i) -> limit`` of the step, :data:`~steerdiff.solvers.base.MaxH`). By default 2 and 2
 (:data:`~steerdiff.solvers.base.ODE_MAX_H`): the long last noisy step of ``time_uniform``,
 ``linspace`` and ``leading`` grids, where the extrapolated polynomial amplifies the estimates'
 errors; ``max_h=math.inf`` is the paper's and diffusers' rule (the parity tests use it). In
@@ -43,7 +44,17 @@ from .._checks import boolean, choice
 from .._ops import lincomb
 from ._exp import hphi_scaled
 from ._poly import newton_weights
-from .base import ODE_MAX_H, ODE_MAX_H_RATIO, Grid, History, Model, Solver, check_long_step, step_order
+from .base import (
+    ODE_MAX_H,
+    ODE_MAX_H_RATIO,
+    Grid,
+    History,
+    MaxH,
+    Model,
+    Solver,
+    check_long_step,
+    step_order,
+)
 
 __all__ = ["DPMSolverPPMultistep", "multistep_weights"]
 
@@ -93,7 +104,7 @@ class DPMSolverPPMultistep(Solver):
     order: int = 2
     lower_order_final: bool = True
     third_order: str = "exact"
-    max_h: float = ODE_MAX_H
+    max_h: MaxH = ODE_MAX_H
     max_h_ratio: float = ODE_MAX_H_RATIO
 
     def __post_init__(self) -> None:

@@ -68,6 +68,7 @@ from .base import (
     SDE_MAX_H_RATIO,
     Grid,
     History,
+    MaxH,
     Model,
     Solver,
     Transition,
@@ -99,7 +100,9 @@ class DPMSolverSDEMultistep(Solver):
         lower_order_final: diffusers' lower orders at the last steps below 15 steps.
         max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times the
             step before is first order (:func:`~steerdiff.solvers.base.step_order`; the default
-            :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none).
+            :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none). ``max_h`` may be a rule
+            ``(grid, i) -> limit`` of the step (:data:`~steerdiff.solvers.base.MaxH`; e.g.
+            :class:`~steerdiff.smc.FKCStepLimit`, by the step's noise level).
     """
 
     max_order: ClassVar[int] = 3
@@ -108,7 +111,7 @@ class DPMSolverSDEMultistep(Solver):
     solver_type: str = "midpoint"
     third_order: str = "exact"
     lower_order_final: bool = True
-    max_h: float = SDE_MAX_H
+    max_h: MaxH = SDE_MAX_H
     max_h_ratio: float = SDE_MAX_H_RATIO
 
     def __post_init__(self) -> None:

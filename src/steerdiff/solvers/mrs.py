@@ -75,6 +75,7 @@ from .base import (
     SDE_MAX_H_RATIO,
     Grid,
     History,
+    MaxH,
     Model,
     Solver,
     Transition,
@@ -94,7 +95,8 @@ class MRSampler(Solver):
 
     Args:
         max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times the
-            step before is first order (module docstring). ``None``: the form's default, for the data form
+            step before is first order (module docstring; ``max_h`` may be a rule ``(grid, i) -> limit``,
+            :data:`~steerdiff.solvers.base.MaxH`). ``None``: the form's default, for the data form
             :data:`~steerdiff.solvers.base.ODE_MAX_H` (2, 2) or with ``sde=True``
             :data:`~steerdiff.solvers.base.SDE_MAX_H` (0.5, 2), for the noise form none (``inf``, 0).
     """
@@ -105,7 +107,7 @@ class MRSampler(Solver):
     prediction: str = "data"
     sde: bool = False
     lower_order_final: bool = True
-    max_h: float | None = None
+    max_h: MaxH | None = None
     max_h_ratio: float | None = None
 
     def __post_init__(self) -> None:
@@ -117,7 +119,7 @@ class MRSampler(Solver):
         check_long_step(self, *self.long_step)
 
     @property
-    def long_step(self) -> tuple[float, float]:
+    def long_step(self) -> tuple[MaxH, float]:
         """``(max_h, max_h_ratio)`` with ``None`` read as the form's default (resolved here, not stored,
         so that ``dataclasses.replace`` to another form takes that form's)."""
         if self.prediction == "noise":  # no limit: step_order's own defaults

@@ -56,6 +56,7 @@ from .base import (
     SDE_MAX_H_RATIO,
     Grid,
     History,
+    MaxH,
     Model,
     Solver,
     Transition,
@@ -82,7 +83,8 @@ class SASolver(Solver):
         lower_order_final: lower the orders at the last steps of short runs.
         max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times the
             step before is first order, predictor and corrector (:func:`~steerdiff.solvers.base.step_order`;
-            the default :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none).
+            the default :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none); ``max_h`` may be
+            a rule ``(grid, i) -> limit`` of the step (:data:`~steerdiff.solvers.base.MaxH`).
     """
 
     name: ClassVar[str] = "sa_solver"
@@ -92,7 +94,7 @@ class SASolver(Solver):
     tau: float | Callable[[float], float] = 1.0
     second_order: str = "exact"
     lower_order_final: bool = True
-    max_h: float = SDE_MAX_H
+    max_h: MaxH = SDE_MAX_H
     max_h_ratio: float = SDE_MAX_H_RATIO
 
     def __post_init__(self) -> None:

@@ -84,7 +84,18 @@ from .._checks import boolean, choice
 from .._ops import lincomb
 from ._exp import phi
 from ._poly import exp_adams_bashforth, lagrange_weights, unipc_moments
-from .base import ODE_MAX_H, ODE_MAX_H_RATIO, Grid, History, Model, Solver, check_long_step, step_order
+from .base import (
+    ODE_MAX_H,
+    ODE_MAX_H_RATIO,
+    Grid,
+    History,
+    MaxH,
+    Model,
+    Solver,
+    check_long_step,
+    step_limit,
+    step_order,
+)
 
 __all__ = ["UniPC"]
 
@@ -104,7 +115,8 @@ class UniPC(Solver):
         lower_order_final: lower the order at the last steps of short runs (< 15 steps).
         prediction: integrate the data-prediction (``"data"``) or noise-prediction ODE.
         max_h, max_h_ratio: a step longer than ``max_h`` in log-SNR and than ``max_h_ratio`` times
-            the step before is predicted at first order (its correction then uses two estimates):
+            the step before is predicted at first order (``max_h`` may be a rule ``(grid, i) -> limit`` of
+            the step, :data:`~steerdiff.solvers.base.MaxH`; its correction then uses two estimates):
             extrapolating the polynomial through estimates spaced by the short steps before over
             such a step amplifies their errors (:func:`~steerdiff.solvers.base.step_order`); with
             ``prediction="noise"``, after a step longer than ``max_h`` and than ``max_h_ratio`` times the
@@ -120,7 +132,7 @@ class UniPC(Solver):
     corrector: bool = True
     lower_order_final: bool = True
     prediction: str = "data"
-    max_h: float = ODE_MAX_H
+    max_h: MaxH = ODE_MAX_H
     max_h_ratio: float = ODE_MAX_H_RATIO
 
     def __post_init__(self) -> None:
@@ -172,7 +184,8 @@ class UniPC(Solver):
         if grid.is_final_clean(i):
             return pred.x0
         noise = self.prediction == "noise"
-        if noise and i > 0 and grid.h(i - 1) > self.max_h and grid.h(i - 1) > self.max_h_ratio * grid.h(i):
+        long = i > 0 and grid.h(i - 1) > self.max_h_ratio * grid.h(i)
+        if noise and long and grid.h(i - 1) > step_limit(self.max_h, grid, i - 1):
             self.moved(state)  # after a long step the eps estimates restart (module docstring)
         hist = state["m"]
         # noise prediction: the update's DDIM part, from the net's estimate before eps is derived (docstring)
