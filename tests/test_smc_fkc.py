@@ -510,6 +510,104 @@ def test_fkc_max_h_is_where_2m_turns_unstable_on_the_low_snr_linear_test():
     assert fkc_max_h(1.0) == fkc_max_h(0.5) == math.inf
 
 
+def test_fkc_step_limit_lifts_the_bound_where_the_stiff_term_is_gone():
+    """Components ``N(0, s^2)``: the toy's exact composed estimate is ``x0 = (1 - c) x / alpha`` with
+    ``c = B / (1 + s^2 e^{2 lam})`` (to 1e-12); the real 2M step (``DPMSolverSDEMultistep``, its transition
+    mean) maps ``(v_i, v_{i-1})``, ``v = x / sigma``, by ``[[a, b], [1, 0]]`` with ``a = 1/y - w_0 (c_i - 1)
+    y``, ``b = -w_1 (c_{i-1} - 1) y y_0`` (to 1e-12). Where ``c(lam_{i-1}) <= 1`` no step length gives it an
+    eigenvalue at or below -1 and ``FKCStepLimit`` sets no limit; elsewhere it keeps ``fkc_max_h(B)`` (as for
+    ``data_std = 0`` at every step), and just above ``c = 1`` a long step does turn unstable."""
+    from steerdiff.smc.fk_correctors import Composition, FKCStepLimit, fkc_max_h
+    from steerdiff.solvers.base import Model
+    from steerdiff.solvers.dpmpp import multistep_weights
+
+    def matrix(h: float, h0: float, c_i: float, c_prev: float) -> torch.Tensor:  # v = x / sigma
+        w0, w1 = multistep_weights([0.0, -h0], 2, h, 2.0, "midpoint", "exact")
+        y, y0 = math.exp(h), math.exp(h0)
+        return torch.tensor(
+            [[1 / y - w0 * (c_i - 1) * y, -w1 * (c_prev - 1) * y * y0], [1.0, 0.0]], dtype=F64
+        )
+
+    def lowest(m: torch.Tensor) -> float:  # the lowest real eigenvalue (inf if none is real)
+        ev = torch.linalg.eigvals(m)
+        real = ev.real[ev.imag.abs() < 1e-12]
+        return float(real.min()) if real.numel() else math.inf
+
+    lams = [-3.0, -2.6, -2.1, -1.5, -0.8, 0.0, 0.9, 1.6, 2.2]
+    times = PROC.t_of_lam(torch.tensor(lams, dtype=F64))
+    grid = make_grid(PROC, sd.schedules.Custom(times), len(lams) - 1, "none")
+    assert grid.lam == pytest.approx(lams, abs=1e-9)
+    solver = sd.solvers.DPMSolverSDEMultistep(order=2, max_h=math.inf, lower_order_final=False)
+    lifted = 0
+    for betas, s in (([2.0], 0.5), ([3.0], 1.0), ([1.0, 1.0], 0.3), ([1.5], 0.8)):
+        b, rule = sum(betas), FKCStepLimit(sum(betas), s)
+        comp = Composition([mixture([[0.0]], [[s * s]]).denoiser(PROC)] * len(betas), betas)
+        one = torch.ones(1, 1, dtype=F64)
+        for j in range(len(lams)):
+            c_toy = 1 - grid.alpha[j] * float(comp(one, grid.t[j]).x0)
+            assert rule.stiffness(grid.lam[j]) == pytest.approx(c_toy, abs=1e-12)
+        assert rule.stiffness(math.log(math.sqrt(b - 1) / s)) == pytest.approx(1.0, abs=1e-12)
+        for i in range(1, grid.steps):
+            state, model = solver.init_state(grid), Model(comp)
+            solver.step(model, torch.tensor([[1.0], [0.0]], dtype=F64), i - 1, grid, state)  # m_{i-1}
+            mean = solver.step(model, torch.tensor([[0.0], [1.0]], dtype=F64), i, grid, state).mean[:, 0]
+            real = torch.tensor(
+                [
+                    [
+                        float(mean[1]) * grid.sigma[i] / grid.sigma[i + 1],
+                        float(mean[0]) * grid.sigma[i - 1] / grid.sigma[i + 1],
+                    ],
+                    [1.0, 0.0],
+                ],
+                dtype=F64,
+            )
+            h, h0 = grid.h(i), grid.h(i - 1)
+            c_i, c_prev = rule.stiffness(grid.lam[i]), rule.stiffness(grid.lam[i - 1])
+            assert torch.allclose(real, matrix(h, h0, c_i, c_prev), rtol=0, atol=1e-12)
+            assert FKCStepLimit(b)(grid, i) == fkc_max_h(b)
+            if c_prev <= 1:
+                lifted += 1
+                assert rule(grid, i) == math.inf
+                for hh in (0.1, 0.5, 1.0, 2.0, 4.0):  # whatever the step and the one before
+                    for hh0 in (0.1, h0, 2.0):
+                        assert lowest(matrix(hh, hh0, c_i, c_prev)) > -1
+            else:
+                assert rule(grid, i) == fkc_max_h(b)
+    assert lifted >= 4
+    assert lowest(matrix(2.0, 1.0, 1.05, 1.1)) < -1  # c just above 1 on the stencil: a long step diverges
+    assert (
+        lowest(matrix(0.4, 0.4, 2.0, 2.0)) < -1 < lowest(matrix(0.35, 0.35, 2.0, 2.0))
+    )  # fkc_max_h(2) = 0.371
+
+
+def test_fkc_data_std_keeps_2m_where_the_stiff_term_is_gone():
+    """Product of two 2-D mixtures (smallest component standard deviation ``sqrt(0.3) = 0.548``; floor
+    0.042), 30 ``karras_jump`` steps: with ``data_std=0.548`` the steps from ``lam_{i-1} >= log(1 / 0.548) =
+    0.60`` keep second order, sliced Wasserstein 0.082 against 0.135 with the low-SNR bound at every step
+    (``data_std=0``, the default; plain 2M 0.073); five seeds 0.095 +- 0.010 against 0.145 +- 0.008. And a
+    held-out product of two 3-D mixtures under ``VP.scaled_linear`` at 15 steps (smallest standard deviation
+    ``sqrt(0.4)``, floor 0.028): 0.143 against 0.236 (five seeds 0.141 / 0.234)."""
+    g1 = mixture([[-1.0, 0.5], [2.0, 0.0]], [[0.5, 0.7], [0.4, 0.5]])
+    g2 = mixture([[0.0, 1.0], [2.5, -1.0]], [[0.8, 0.6], [0.3, 0.9]], [0.6, 0.4])
+    ga = mixture([[0.5, -1.0, 0.0], [-1.5, 0.5, 1.0]], [[0.6, 0.9, 0.5], [0.7, 0.4, 0.8]])
+    gc = mixture([[0.3, 0.3, -0.3]], [[1.2, 0.8, 1.0]])
+
+    def sw(a: sd.toy.GaussianMixture, b: sd.toy.GaussianMixture, proc: sd.Process, steps: int, **kw) -> float:
+        out = sd.smc.fkc_product(a.denoiser(proc), b.denoiser(proc), shape=(16, a.dim), particles=256,
+                                 steps=steps, dtype=F64, generator=gen(0), **kw)  # fmt: skip
+        idx = torch.multinomial(out.log_w.exp(), 256, replacement=True, generator=gen(1))
+        x = torch.gather(out.x, 1, idx[..., None].expand(-1, -1, a.dim)).reshape(-1, a.dim)
+        return sd.metrics.sliced_wasserstein(x, product(a, b).sample(x.shape[0], gen(2)))
+
+    assert sw(g1, g2, PROC, 30, data_std=math.sqrt(0.3)) < 0.1 < 0.12 < sw(g1, g2, PROC, 30)
+    linear = sd.VP.scaled_linear()
+    assert sw(ga, gc, linear, 15, data_std=math.sqrt(0.4)) < 0.17 < 0.2 < sw(ga, gc, linear, 15)
+    with pytest.raises(ValueError, match="data_std"):
+        sw(g1, g2, PROC, 5, data_std=0.5, solver="ddpm")
+    with pytest.raises(ValueError, match="data_std must be a finite number >= 0"):
+        sw(g1, g2, PROC, 5, data_std=-1.0)
+
+
 def test_default_solver_is_stable_at_15_steps_for_b_2():
     """``N(0, 2)^2 = N(0, 1)`` at 15 ``karras_jump`` steps, where plain SDE-DPM-Solver++(2M) diverges (every
     high-noise step, 0.39-0.77, is past its bound 0.371): corrected ``E[x^2] - 1`` measured +73.7 +- 2.6 with

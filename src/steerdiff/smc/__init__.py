@@ -13,7 +13,7 @@
 
 from . import resample
 from .best_of_n import BestOfN, CoDe, best_of_n, code
-from .fk_correctors import Composition, FKCorrector, fkc, fkc_anneal, fkc_cfg, fkc_product
+from .fk_correctors import Composition, FKCorrector, FKCStepLimit, fkc, fkc_anneal, fkc_cfg, fkc_product
 from .fk_steering import POTENTIALS, FKSteering, fk_steering
 from .particles import (
     Particles,
@@ -35,6 +35,7 @@ __all__ = [
     "BestOfN",
     "CoDe",
     "Composition",
+    "FKCStepLimit",
     "FKCorrector",
     "FKSteering",
     "Particles",
