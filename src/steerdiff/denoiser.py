@@ -305,11 +305,11 @@ class Denoiser:
         own arithmetic in ``x``'s dtype and pass ``net_dtype`` on to its nets (CFG, RePaint, SMC).
         """
         check_call(f"{type(self).__name__}.evaluate", x, t)
+        if type(self).__call__ is Denoiser.__call__:  # checked: the net's call itself, not __call__ again
+            return self._evaluate(x, t, net_dtype, cond)
         if x.dtype == net_dtype:
             return self(x, t, **cond)
-        if type(self).__call__ is not Denoiser.__call__:
-            return self(x.to(net_dtype), t, **cond).to(x.dtype, x)
-        return self._evaluate(x, t, net_dtype, cond)
+        return self(x.to(net_dtype), t, **cond).to(x.dtype, x)
 
     def _evaluate(
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any]
