@@ -206,3 +206,26 @@ def test_transition_mean_is_the_papers_integral(gmm, sd_process, noise_scale):
             grid.alpha[i + 1] * math.sqrt(rt**2 - (rs * phi(rt) / phi(rs)) ** 2), rel=1e-12
         )
         x = out.mean
+
+
+def test_sde_first_order_mean_is_the_exact_conditional_mean(sd_process):
+    """With ``phi = rho^2`` (the reverse diffusion SDE) ``x0(x_rho)`` is a martingale along the exact path,
+    so ``E[x_t | x_s]`` is ER-SDE-1's mean (the module docstring's caveat): on a Gaussian data law, at
+    time_uniform's long last noisy step (``h = 2.07``), slope and intercept to 1e-12; the variance is 1.7-1.9%
+    of the exact conditional one (the integral's fluctuation, which orders 2-3 make up from past noise)."""
+    mu, v = torch.tensor([1.0, -0.5], dtype=F64), torch.tensor([0.3, 0.8], dtype=F64)
+    den = sd.toy.GaussianMixture(mu[None], v[None], torch.ones(1, dtype=F64)).denoiser(sd_process)
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("time_uniform"), 20)
+    i, solver = 18, ERSDE(order=3, noise_scale="sde")
+    a_s, s_s, a_t, s_t = grid.alpha[i], grid.sigma[i], grid.alpha[i + 1], grid.sigma[i + 1]
+    assert grid.h(i) == pytest.approx(2.074, abs=1e-3)
+    x = a_s * mu + torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=F64)
+    out = solver.step(sd.solvers.Model(den), x, i, grid, solver.init_state(grid))  # first step: order 1
+    assert isinstance(out, sd.solvers.Transition)
+    var_s = a_s**2 * v + s_s**2
+    cov = a_t * a_s * v + s_t**2 * a_s / a_t  # forward: x_s = (a_s / a_t) x_t + independent noise
+    slope = cov / var_s
+    torch.testing.assert_close(out.mean[0], a_t * mu, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.mean[1] - out.mean[0], slope, rtol=0, atol=1e-12)
+    ratio = out.std**2 / (a_t**2 * v + s_t**2 - cov * slope)
+    torch.testing.assert_close(ratio, torch.tensor([0.0186, 0.0168], dtype=F64), rtol=0, atol=2e-4)
