@@ -456,6 +456,41 @@ def test_a_non_finite_log_prob_gradient_is_reported_as_the_correctors(pc):
     assert all(bool(c.finite) for c in info.corrector) and len(info.corrector) == 3
 
 
+def test_a_nan_log_prob_under_metropolis_is_reported_not_rejected(pc):
+    """MALA / HMC on a ``log_prob`` that is NaN on half of space: before, every move into (or out of) it
+    was rejected and the run returned with a low acceptance and ``finite`` True; now :meth:`Kernel.run`
+    raises and the corrector in ``sd.sample`` reports the node. ``-inf`` (outside the support) is a value:
+    moves there are rejected, no error."""
+
+    def nan_right(y: torch.Tensor) -> torch.Tensor:
+        v = -0.5 * (y**2).sum(-1)
+        return torch.where(y[:, 0] > 0, torch.full_like(v, math.nan), v)
+
+    def outside_right(y: torch.Tensor) -> torch.Tensor:
+        v = -0.5 * (y**2).sum(-1)
+        return torch.where(y[:, 0] > 0, torch.full_like(v, -math.inf), v)
+
+    x = -torch.rand(64, 3, dtype=F64, generator=_gen(1)) - 0.05  # all left of the NaN half-space
+    for kernel in (sd.mcmc.MALA(step_size=0.5), sd.mcmc.HMC(step_size=0.5)):
+        name = type(kernel).__name__
+        with pytest.raises(sd.NonFiniteError, match=rf"{name}\.run: log_prob returned NaN"):
+            kernel.run(x, nan_right, steps=3, generator=_gen(0))
+        y, info = kernel.run(x, outside_right, steps=3, generator=_gen(0))
+        assert bool(info.finite) and bool((y[:, 0] <= 0).all())  # moves to the right rejected
+        assert 0.1 < info.acceptance_rate < 0.95, (name, info.acceptance_rate)
+
+    gmm, proc, log_prob, x_T, _ = pc
+
+    def nan_late(y: torch.Tensor, t: float) -> torch.Tensor:
+        v = log_prob(y, t)
+        return torch.where(y[:, 0] > 0, torch.full_like(v, math.nan), v) if t < 0.5 else v
+
+    kernel = sd.mcmc.MALA(log_prob=nan_late, step_size=1e-3)
+    kw = {"steps": 4, "solver": "ddim", "schedule": "time_uniform", "corrector": kernel, "generator": _gen(0)}
+    with pytest.raises(sd.NonFiniteError, match=r"the corrector made NaN/inf at step \d"):
+        sd.sample(gmm.denoiser(proc), x_T[:64], final="none", **kw)
+
+
 # --- exact one-move laws on a correlated Gaussian N(m, S) --------------------------------------
 
 _M = torch.tensor([0.5, -1.0, 2.0], dtype=F64)

@@ -25,6 +25,7 @@ from torch import Tensor
 from .._checks import integer, real
 from .._ops import first_false
 from ..noise import NoiseSource, check_fixed_time, check_generators, make_noise
+from ..solvers.base import NonFiniteError
 
 __all__ = [
     "ChainInfo",
@@ -36,6 +37,7 @@ __all__ = [
     "Target",
     "Valued",
     "chain",
+    "finite_run",
     "fixed_time",
     "snr_step_size",
 ]
@@ -98,6 +100,15 @@ class Target:
             raise ValueError("Target: give exactly one of `log_prob` or `score`")
         self._log_prob, self._score = log_prob, score
         self.evaluations = 0
+        self._bad: Tensor | None = None
+
+    @property
+    def sound(self) -> Tensor | None:
+        """A 0-d bool tensor on the samples' device: whether no ``log_prob`` evaluation so far was NaN or
+        had a non-finite gradient where its value is finite (``-inf``, outside the support, is a value; a move
+        there is rejected); ``None`` before any. Accumulated without a host read: a NaN there would only
+        make every move through it rejected, silently."""
+        return None if self._bad is None else ~self._bad
 
     @property
     def has_log_prob(self) -> bool:
@@ -118,6 +129,8 @@ class Target:
         self.evaluations += 1
         if self._log_prob is not None:
             lp, g = _value_and_grad(self._log_prob, p.x)
+            bad = lp.isnan().any() | (lp.isfinite() & ~g.reshape(len(g), -1).isfinite().all(-1)).any()
+            self._bad = bad if self._bad is None else self._bad | bad
             return Valued(p.x, lp, g)
         assert self._score is not None, "a Target holds one of log_prob and score (checked in __init__)"
         return Scored(p.x, None, self._score(p.x))
@@ -134,9 +147,11 @@ class ChainInfo:
         acceptance: per-sample fraction of accepted moves, ``(n,)`` float64; ``None`` for ULA
             (no Metropolis test).
         evaluations: target evaluations (score or log-density with gradient).
-        finite: a 0-d bool tensor on the samples' device, whether every final state is finite, where
-            :func:`~steerdiff.mcmc.correct` ran on a kernel's ``log_prob`` (a non-finite gradient of it
-            makes the state NaN; the denoiser's score is checked as a network output); else ``None``.
+        finite: a 0-d bool tensor on the samples' device, whether every final state is finite and no
+            evaluation of the ``log_prob`` NaN (:func:`finite_run`), where :func:`~steerdiff.mcmc.correct` or
+            :meth:`Kernel.run` ran on a ``log_prob`` (a non-finite gradient makes ULA's state NaN; under
+            MALA / HMC a NaN only makes the moves through it rejected; the denoiser's score is checked as a
+            network output); else ``None``.
     """
 
     t: float | None
@@ -280,7 +295,9 @@ class Kernel:
 
         ``step_size`` defaults to the kernel's; one of the two must be given. ``generator``: one, or
         one per row of ``x`` (a row's chain then depends on its own generator only); a Brownian tree
-        is refused (:func:`~steerdiff.noise.check_fixed_time`).
+        is refused (:func:`~steerdiff.noise.check_fixed_time`). A ``log_prob`` that is NaN, or whose gradient
+        is not finite where it is, at any point evaluated raises :class:`~steerdiff.NonFiniteError` after the
+        run (under MALA / HMC such a point would only have had its moves rejected, silently).
         """
         who = f"{type(self).__name__}.run"
         if not isinstance(x, Tensor) or x.ndim == 0 or not x.is_floating_point():
@@ -297,7 +314,23 @@ class Kernel:
         eps = real(who, "step_size", eps, lo=0, lo_open=True)
         check_fixed_time(who, generator, "pass a torch.Generator or a list of them (one per row)")
         normal = fixed_time(make_noise(check_generators(who, generator, x.shape[0])), 0.0)
-        return chain(self, Point(x), Target(log_prob=log_prob), steps, eps, normal)
+        target = Target(log_prob=log_prob)
+        out, info = chain(self, Point(x), target, steps, eps, normal)
+        info.finite = finite_run(out, target)  # one host read per run, none per move
+        if not bool(info.finite):
+            raise NonFiniteError(
+                f"{who}: log_prob returned NaN, or a non-finite gradient where its value is finite, at a "
+                f"point the chain visited or proposed (or the chain left the finite numbers); {steps} moves, "
+                f"step_size {eps:g}"
+            )
+        return out, info
+
+
+def finite_run(x: Tensor, target: Target) -> Tensor:
+    """A 0-d bool tensor on ``x``'s device: whether the chain's final state ``x`` is finite and no
+    ``log_prob`` evaluation of ``target`` was unsound (:attr:`Target.sound`); no host read."""
+    ok = torch.isfinite(x).all()
+    return ok if target.sound is None else ok & target.sound
 
 
 def fixed_time(source: NoiseSource, t: float) -> Normal:

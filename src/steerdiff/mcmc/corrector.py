@@ -31,7 +31,7 @@ from torch import Tensor
 from .._checks import integer, real
 from ..noise import NoiseSource, check_fixed_time, check_generators, check_shared, make_noise
 from ..solvers.base import Model, NonFiniteError
-from .base import ChainInfo, Kernel, Point, StepSize, Target, chain, fixed_time, snr_step_size
+from .base import ChainInfo, Kernel, Point, StepSize, Target, chain, finite_run, fixed_time, snr_step_size
 from .hmc import HMC
 from .langevin import MALA, ULA
 
@@ -101,7 +101,7 @@ def correct(
     x, info = chain(kernel, p, target, steps, size, normal, t)
     if target.has_log_prob:
         model.nfe += info.evaluations
-        info.finite = torch.isfinite(x).all()  # off the CPU read once, after the run (no sync per node)
+        info.finite = finite_run(x, target)  # off the CPU read once, after the run (no sync per node)
         if x.is_cpu and not bool(info.finite):  # as the model's outputs: stop at the first bad node
             raise nonfinite_error(step, t)
     return x, info
