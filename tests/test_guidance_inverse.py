@@ -760,3 +760,41 @@ def test_repaint_sample_names_a_bad_steps(steps):
     mask = torch.tensor([1.0, 0, 1, 0], dtype=F64)
     with pytest.raises(ValueError, match=r"^repaint_sample: steps must be an integer >= 1, got"):
         repaint_sample(den, Inpaint(mask), torch.zeros(2, dtype=F64), torch.zeros(3, 4, dtype=F64), steps)
+
+
+@pytest.mark.parametrize("proc", [sd.EDM(), sd.RectifiedFlow(), sd.VE(), sd.VP.linear()], ids=type)
+def test_guidance_terms_off_the_discrete_vp(proc: sd.Process) -> None:
+    """Where ``alpha^2 + sigma^2 != 1`` (EDM, VE, flow) or the time is continuous: DPS's gradient against
+    central differences of ``-||r||`` / ``-||r||^2 / (2 s^2)`` through the exact full-covariance
+    denoiser, and PiGDM's ``x0`` against Gaussian conditioning under ``N(mu, I)`` with
+    ``r^2 = sigma^2 / (alpha^2 + sigma^2)``. Measured: <= 2e-6 relative (differences), 1e-15 (PiGDM)."""
+    g = torch.Generator().manual_seed(12)
+    d = 4
+    mu = torch.randn(d, generator=g, dtype=F64)
+    root = torch.randn(2, d, d, generator=g, dtype=F64) / 2
+    gmm = sd.toy.GaussianMixture(
+        torch.stack([mu, -mu]), root @ root.mT + 0.2 * torch.eye(d, dtype=F64), torch.tensor([1.0, 2.0])
+    )
+    A, y = torch.randn(2, d, generator=g, dtype=F64), torch.randn(2, generator=g, dtype=F64)
+    x = torch.randn(3, d, generator=g, dtype=F64)
+    t = 0.5 * (proc.t_min + proc.t_max)
+    a, s = float(proc.alpha(torch.tensor(t, dtype=F64))), float(proc.sigma(torch.tensor(t, dtype=F64)))
+    x = x * math.hypot(a, s)  # a typical x_t at t
+    for variant in ("normalized", "squared"):
+        dps = DPS(gmm.denoiser(proc), Matrix(A), y, 0.2, scale=0.7, variant=variant)
+        _, grad = dps.likelihood_score(x, t)
+
+        def objective(v: torch.Tensor, variant: str = variant) -> torch.Tensor:
+            r = y - gmm.denoise(v, a, s) @ A.T
+            return -0.7 * (r.norm(dim=1) if variant == "normalized" else r.pow(2).sum(1) / (2 * 0.2**2))
+
+        h = 1e-6 * math.hypot(a, s)
+        fd = torch.stack([(objective(x + h * e) - objective(x - h * e)) / (2 * h) for e in torch.eye(d)], 1)
+        torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-6 * float(fd.abs().max()))
+    unit = sd.toy.GaussianMixture(mu[None], torch.ones(1, d, dtype=F64), torch.ones(1, dtype=F64))
+    for noise_std in (0.0, 0.3):
+        out = PiGDM(unit.denoiser(proc), Matrix(A), y, noise_std=noise_std)(x, t).x0
+        m = unit.denoise(x, a, s)
+        c = s * s / (a * a + s * s) * torch.eye(d, dtype=F64)
+        gain = c @ A.T @ torch.linalg.inv(A @ c @ A.T + noise_std**2 * torch.eye(2, dtype=F64))
+        torch.testing.assert_close(out, m + (y - m @ A.T) @ gain.T, rtol=1e-10, atol=1e-12)
