@@ -83,7 +83,8 @@ class Twist:
 
     ``at_node(ctx)``: ``(log p~_i, grad_x log p~_i)`` at the particles ``ctx.x`` (``(batch, particles)``
     and ``ctx.x``'s shape; ``ctx.x0`` is differentiable w.r.t. ``ctx.x``); ``final(ctx)``: the exact
-    ``log p(y | x_S)`` at the last node.
+    ``log p(y | x_S)`` at the last node. A twist may be zero (log ``-inf``): the particle's weight is then
+    zero and stays so, and it is proposed from the base transition (its gradient is not used).
     """
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
@@ -196,7 +197,9 @@ class TDS(SMCAlgorithm):
 
     def log_weight(self, ctx: StepContext) -> Tensor:
         s = ctx.state
-        inc = -s["log_twist"]
+        # a particle whose twist was zero (log -inf) has weight zero, and keeps it: -(-inf) would be +inf
+        prev = s["log_twist"]
+        inc = torch.where(prev == -math.inf, -math.inf, -prev)
         base, prop = ctx.base_prev, ctx.proposal_prev
         if base is not None and prop is not None and not _deterministic(base):
             inc = inc + transition_log_prob(ctx.x, base) - transition_log_prob(ctx.x, prop)
@@ -206,7 +209,10 @@ class TDS(SMCAlgorithm):
             return inc
         lp, g = self.twist.at_node(ctx)
         lp = self.scale * lp.detach().to(torch.float64)
-        s["log_twist"], s["grad"] = lp, self.scale * g.detach()
+        # where the twist is zero the particle's weight is zero: the base proposal, not a gradient of -inf
+        # (which may be NaN or inf and would spoil its later network calls)
+        zero = (lp == -math.inf).reshape(*lp.shape, *([1] * (g.ndim - 2)))
+        s["log_twist"], s["grad"] = lp, torch.where(zero, 0.0, self.scale * g.detach())
         return inc + lp
 
     def propose(self, ctx: StepContext, base: Transition) -> Transition:
