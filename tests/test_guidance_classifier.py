@@ -155,6 +155,53 @@ def test_self_recurrence_keeps_a_point_mass_marginal(sd_process, inner):
     assert math.isclose(float(var), grid.sigma[-1] ** 2, rel_tol=1e-10)
 
 
+def test_self_recurrence_around_one_step_solvers_with_grid_tables(sd_process):
+    """``euler_maruyama`` and ``edm_sde`` are one-step solvers whose :meth:`init_state` only tabulates the
+    grid; they were refused as "keeping a history". Point-mass data ``mu`` (``eps`` exact): the churned
+    EDM Heun step is exact, so the marginal ``N(alpha mu, sigma^2)`` is kept to float precision; the
+    Euler-Maruyama step is not, and its law is propagated here from Song et al. Eq. 6 and the re-noising."""
+    mu, steps, k = 0.7, 6, 3
+    den = sd.Denoiser(lambda x, t: torch.full_like(x, mu), sd_process, prediction="x0")
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("karras"), steps, "none")
+    a, s = grid.alpha, grid.sigma
+    edm = sd.solvers.EDMStochasticHeun(s_churn=10.0, s_tmin=0.0, s_tmax=math.inf)
+    for inner in (edm, "euler_maruyama"):
+        slv = SelfRecurrence(inner, k)
+
+        def run(x: torch.Tensor, z, slv=slv) -> torch.Tensor:
+            return sd.sample(den, a[0] * mu + s[0] * x, steps, slv, "karras", final="none", generator=z)
+
+        counted: list[int] = []
+
+        def count(t0: float, t1: float, like: torch.Tensor, counted=counted) -> torch.Tensor:
+            counted.append(1)
+            return torch.zeros_like(like)
+
+        run(torch.zeros(1, 1, dtype=F64), count)
+        mean, var = affine_law(run, len(counted))
+        if inner is edm:
+            assert len(counted) > steps * (k - 1)  # churn draws besides the re-noising
+            assert math.isclose(float(mean), a[-1] * mu, rel_tol=1e-12)
+            assert math.isclose(float(var), s[-1] ** 2, rel_tol=1e-10)
+            continue
+        m, v = a[0] * mu, s[0] ** 2
+        t = torch.tensor(grid.t, dtype=F64)
+        f = (sd_process.d_alpha(t) / sd_process.alpha(t)).tolist()
+        g2 = (
+            2 * sd_process.sigma(t) * (sd_process.d_sigma(t) - torch.tensor(f) * sd_process.sigma(t))
+        ).tolist()
+        for i in range(steps):
+            dt = grid.t[i + 1] - grid.t[i]
+            for r in range(k):  # x' = x + (f x + g^2 (x - a mu) / s^2) dt + g sqrt(-dt) z
+                c = 1 + (f[i] + g2[i] / s[i] ** 2) * dt
+                m, v = c * m - g2[i] * a[i] * mu / s[i] ** 2 * dt, c * c * v - g2[i] * dt
+                if r < k - 1:  # back to node i with the forward process
+                    ratio = a[i] / a[i + 1]
+                    m, v = ratio * m, ratio**2 * v + s[i] ** 2 - (ratio * s[i + 1]) ** 2
+        assert len(counted) == steps * (2 * k - 1)
+        assert math.isclose(float(mean), m, rel_tol=1e-12) and math.isclose(float(var), v, rel_tol=1e-10)
+
+
 def test_self_recurrence_is_stochastic_only_where_it_draws_noise(oracle):
     """Without recurrence around a deterministic solver (``SelfRecurrence()``: DDIM once) no step draws noise,
     so particle methods refuse it as they refuse DDIM. It claimed to be stochastic whatever it wrapped: FK

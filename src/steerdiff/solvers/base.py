@@ -415,7 +415,9 @@ class Solver:
     accept only such solvers); ``staged`` (a step of order ``k`` evaluates the network ``k`` times:
     Runge-Kutta stages as Heun, EDM, Restart, singlestep SDE-DPM-Solver++, the step into a clean
     end once; otherwise once per step; :meth:`nfe` predicts from it, the sampler counts the
-    evaluations actually made). Implement :meth:`step`, and :meth:`init_state` where steps keep a
+    evaluations actually made); ``static_state`` (:meth:`init_state` only tabulates the grid's
+    coefficients, which no step changes: a one-step method, as wrappers that repeat a step need).
+    Implement :meth:`step`, and :meth:`init_state` where steps keep a
     history (:class:`History`) in the ``state`` dict. Per-particle tensors in ``state`` (first
     dimension the batch) must sit in dicts, lists, tuples (namedtuples too), ``collections.deque``,
     dataclasses or :class:`History`, nested freely, so that particle methods can resample them with
@@ -427,6 +429,7 @@ class Solver:
     name: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
     staged: ClassVar[bool] = False
+    static_state: ClassVar[bool] = False
     max_order: ClassVar[int] = 1
 
     order: int = field(default=1)

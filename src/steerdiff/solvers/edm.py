@@ -106,6 +106,7 @@ class EDMStochasticHeun(Solver):
 
     name: ClassVar[str] = "edm_sde"
     staged: ClassVar[bool] = True
+    static_state: ClassVar[bool] = True  # init_state: per-grid tables
     max_order: ClassVar[int] = 2
     order: int = 2
     s_churn: float = 40.0

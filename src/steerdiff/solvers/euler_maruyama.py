@@ -33,6 +33,7 @@ class EulerMaruyama(Solver):
 
     name: ClassVar[str] = "euler_maruyama"
     stochastic: ClassVar[bool] = True
+    static_state: ClassVar[bool] = True  # init_state: per-grid tables
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         """Per step ``(1 + f dt, g^2 dt / sigma, g sqrt(-dt))`` from the process's derivatives."""

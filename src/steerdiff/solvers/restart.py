@@ -96,6 +96,7 @@ class Restart(Solver):
     name: ClassVar[str] = "restart"
     stochastic: ClassVar[bool] = True
     staged: ClassVar[bool] = True
+    static_state: ClassVar[bool] = True  # init_state: per-grid tables
     max_order: ClassVar[int] = 2
     order: int = 2
     restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence[float]] | None = None
