@@ -12,6 +12,7 @@ import torch
 import steerdiff as sd
 
 from .reference import F64, PARITY_BOUND, noise, rel_rmse
+from .test_guidance_cfg import affine_law
 
 EDM = sd.EDM()
 
@@ -181,6 +182,76 @@ def test_restart_matches_the_paper_loop(gmm, order):
     assert not draws and len(rec.draws) == 3
     assert torch.allclose(x, y, rtol=0, atol=1e-11 * 80)
     assert info.nfe == nfe == solver.nfe(steps) == (2 * steps - 1 if order == 2 else steps) + order * (8 + 3)
+
+
+@pytest.mark.parametrize(
+    "process", [sd.VP.scaled_linear(), sd.VP.linear(), EDM], ids=["vp-sl", "vp-lin", "edm"]
+)
+@pytest.mark.parametrize("solver", ["restart", "edm_sde"])
+def test_exact_law_on_gaussian_data(process, solver):
+    """Data ``N(m, v)`` in 1-d: every step is affine in ``(x, z)``, so a run's law is exact. The reference
+    propagates mean and variance through the papers' updates in ``y = x / alpha``, ``s = sigma / alpha``:
+    Heun with ``D(y, s) = m + v / (v + s^2) (y - m)``, Restart's jump adding ``s_max^2 - s_min^2`` to
+    ``Var y`` (Xu et al. Alg. 1; on VP that is ``alpha_max^2 (s_max^2 - s_min^2)`` in ``x``, not
+    ``sigma_max^2 - sigma_min^2``), EDM's churn ``(s^2 - s_i^2) S_noise^2`` where
+    ``S_tmin <= s_i <= S_tmax``."""
+    m, v, steps = 0.7, 0.3, 12
+    law = sd.toy.GaussianMixture(
+        torch.tensor([[m]], dtype=F64), torch.tensor([[v]], dtype=F64), torch.ones(1)
+    )
+    if solver == "restart":
+        slv = sd.solvers.Restart(restart_info=[(0.5, 3.0, 2, 4), (2.0, 6.0, 1, 3)])
+    else:
+        slv = sd.solvers.EDMStochasticHeun(s_churn=30.0, s_tmin=0.3, s_tmax=20.0, s_noise=1.007)
+    grid = sd.solvers.make_grid(process, sd.schedules.get("karras"), steps)
+    S, a0 = [s / a for s, a in zip(grid.sigma, grid.alpha, strict=True)], grid.alpha[0]
+    counted: list[int] = []
+
+    def count(t0: float, t1: float, like: torch.Tensor) -> torch.Tensor:
+        counted.append(1)
+        return torch.zeros_like(like)
+
+    def run(x: torch.Tensor, z) -> torch.Tensor:
+        return sd.sample(law.denoiser(process), x, steps, slv, "karras", generator=z)
+
+    run(torch.zeros(1, 1, dtype=F64), count)
+    mean, var = affine_law(run, len(counted))
+
+    def heun(mu: float, var: float, s: float, s2: float) -> tuple[float, float]:
+        k1, k2 = v / (v + s * s), v / (v + s2 * s2)
+        a1, b1 = 1 + (s2 - s) * (1 - k1) / s, -(s2 - s) * m * (1 - k1) / s
+        if s2 == 0:
+            return a1 * mu + b1, a1 * a1 * var
+        da = (1 - k1) / s + (1 - k2) * a1 / s2
+        db = -m * (1 - k1) / s + ((1 - k2) * b1 - m * (1 - k2)) / s2
+        a, b = 1 + (s2 - s) * da / 2, (s2 - s) * db / 2
+        return a * mu + b, a * a * var
+
+    mu, var_y = 0.0, 1.0 / a0**2  # x_T ~ N(0, 1)
+    if solver == "restart":
+        plan = {
+            min(range(1, steps), key=lambda j: abs(S[j] - lo)): (hi, k, n)
+            for lo, hi, k, n in slv.restart_info
+        }
+        for i in range(steps):
+            mu, var_y = heun(mu, var_y, S[i], S[i + 1])
+            if i + 1 in plan:
+                hi, k, n = plan[i + 1]
+                inner = [*_karras(n + 1, S[i + 1], hi)[:-1], S[i + 1]]
+                for _ in range(k):
+                    var_y += hi**2 - S[i + 1] ** 2
+                    for lo_, hi_ in itertools.pairwise(inner):
+                        mu, var_y = heun(mu, var_y, lo_, hi_)
+        assert len(counted) == sum(k for _, k, _ in plan.values())
+    else:
+        s_top = float(process.sigma(process.t_max) / process.alpha(process.t_max))
+        for i in range(steps):
+            gamma = min(30.0 / steps, 2**0.5 - 1) if 0.3 <= S[i] <= 20.0 else 0.0
+            s_hat = min(S[i] * (1 + gamma), s_top)
+            var_y += (s_hat**2 - S[i] ** 2) * 1.007**2
+            mu, var_y = heun(mu, var_y, s_hat, S[i + 1])
+    assert math.isclose(float(mean), mu, rel_tol=1e-12), (float(mean), mu)
+    assert math.isclose(float(var), var_y, rel_tol=1e-11), (float(var), var_y)
 
 
 def test_restart_default_plan_and_mapping_form(gmm, sd_process):
