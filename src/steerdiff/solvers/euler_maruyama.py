@@ -10,7 +10,10 @@ and its reversal is ``dx = [f x - g^2 grad log p_t(x)] dt + g dW-bar`` with the 
 
     x_{i+1} = (1 + f_i dt) x_i + g_i^2 dt / sigma_i eps_i + g_i sqrt(-dt) z,   z ~ N(0, I).
 
-Weak order 1, one NFE per step; into a clean end the step returns the denoised estimate ``x0``.
+``f_i`` and ``g_i`` are the limits at ``t_i`` from below (the side the step integrates over): on
+``VP.discrete``, whose ``lam`` is piecewise linear between the integer timesteps, the slope of the
+segment the step crosses. Weak order 1, one NFE per step; into a clean end the step returns the
+denoised estimate ``x0``.
 """
 
 from __future__ import annotations
@@ -39,9 +42,14 @@ class EulerMaruyama(Solver):
         """Per step ``(1 + f dt, g^2 dt / sigma, g sqrt(-dt))`` from the process's derivatives."""
         p, n = grid.process, grid.steps
         t, alpha, sigma = (torch.tensor(v[:n], dtype=torch.float64) for v in (grid.t, grid.alpha, grid.sigma))
-        f = p.d_alpha(t) / alpha
-        g2 = 2 * sigma * (p.d_sigma(t) - f * sigma)
-        dt = torch.tensor(grid.t[1:], dtype=torch.float64) - t
+        t_next = torch.tensor(grid.t[1:], dtype=torch.float64)
+        # the derivatives' limits from the side the step goes (t one ulp towards t_next): on a process
+        # with kinks at the nodes (VP.discrete: lam piecewise linear between integer timesteps) the slope
+        # of the segment the step crosses, not of the one above it; the same value where they are smooth
+        t_in = torch.nextafter(t, t_next)
+        f = p.d_alpha(t_in) / alpha
+        g2 = 2 * sigma * (p.d_sigma(t_in) - f * sigma)
+        dt = t_next - t
         coefs = zip(
             (1 + f * dt).tolist(), (g2 * dt / sigma).tolist(), (g2 * -dt).sqrt().tolist(), strict=True
         )
