@@ -1392,6 +1392,25 @@ def test_no_reward_names_the_argument():
     assert str(e.value) == "ctx.reward: this run has no reward; pass reward= to run_smc"
 
 
+def test_transition_log_prob_float32_is_accumulated_in_float64():
+    """A twisted proposal's correction ``log N(x; base) - log N(x; proposal)`` at 32,768 dimensions in
+    float32 against float64: the squares were summed in float32, 2.5e-3 nats off at worst over 32
+    particles; accumulated in float64, 1.5e-5."""
+    g = torch.Generator().manual_seed(0)
+    d, s = 4 * 64 * 64 * 2, 0.01
+    mean = torch.randn(4, 8, d, generator=g)
+    prop = mean + s * s * 300 * torch.randn(4, 8, d, generator=g) / math.sqrt(d)
+    x = prop + s * torch.randn(mean.shape, generator=g)
+
+    def w(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return transition_log_prob(x, Transition(a, s)) - transition_log_prob(x, Transition(b, s))
+
+    ref = w(x.double(), mean.double(), prop.double())
+    got = w(x, mean, prop)
+    assert got.dtype == F64 and float(ref.abs().median()) > 1.0
+    assert float((got - ref).abs().max()) < 1e-4
+
+
 def test_transition_log_prob_of_point_masses():
     """``std = 0``: a point mass (0 at its mean, -inf elsewhere); before: ValueError."""
     x = torch.tensor([[[1.0, 2.0]], [[3.0, -1.0]]], dtype=F64)  # (batch 2, particles 1, 2)

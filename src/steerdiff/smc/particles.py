@@ -227,9 +227,9 @@ def transition_log_prob(x: Tensor, tr: Transition) -> Tensor:
     if not isinstance(std, Tensor):
         if not std >= 0:
             raise ValueError(f"transition_log_prob: std must be >= 0, got {std}")
-        if std > 0:  # one scale for all: the squares summed in x's dtype, the rest in float64, once
+        if std > 0:  # one scale for all; the squares accumulated in float64 (float32: 4e-3 nats off at 3e4)
             d = (x - tr.mean).flatten(2)
-            ss = torch.linalg.vecdot(d, d).to(torch.float64)
+            ss = (d * d).sum(-1, dtype=torch.float64)
             return ss * (-0.5 / std**2) - d.shape[-1] * (math.log(std) + 0.5 * math.log(2 * math.pi))
         std = torch.full((), 0.0, dtype=x.dtype, device=x.device)  # a fill, not a host copy
     point = std == 0

@@ -157,7 +157,7 @@ class _LinearGaussian(Twist):
         ax0, r = self._residual(ctx.x0)
         rd = r.detach()
         w = self.m.gaussian_weight(rd, ctx.grid.alpha[ctx.i], ctx.grid.sigma[ctx.i], self.prior_var)
-        lp = -0.5 * (rd * w).flatten(1).sum(1)
+        lp = -0.5 * (rd * w).flatten(1).sum(1, dtype=torch.float64)  # float64 sum: 1e-2 nats at 2e5 entries
         g = value_grad("tds", "the denoised estimate", (ax0 * w).flatten(1).sum(1), ctx.x)
         return lp.reshape(ctx.x.shape[:2]), g
 
@@ -165,7 +165,7 @@ class _LinearGaussian(Twist):
         _, r = self._residual(ctx.x)
         s2 = self.m.noise_std**2
         m = r[0].numel()
-        lp = -0.5 * (r * r).flatten(1).sum(1) / s2 - 0.5 * m * math.log(2 * math.pi * s2)
+        lp = -0.5 * (r * r).flatten(1).sum(1, dtype=torch.float64) / s2 - 0.5 * m * math.log(2 * math.pi * s2)
         return lp.reshape(ctx.x.shape[:2])
 
 
