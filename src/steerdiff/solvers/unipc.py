@@ -184,9 +184,10 @@ class UniPC(Solver):
         if grid.is_final_clean(i):
             return pred.x0
         noise = self.prediction == "noise"
-        long = i > 0 and grid.h(i - 1) > self.max_h_ratio * grid.h(i)
-        if noise and long and grid.h(i - 1) > step_limit(self.max_h, grid, i - 1):
-            self.moved(state)  # after a long step the eps estimates restart (module docstring)
+        if noise and i > 0:  # after a long step the eps estimates restart (module docstring)
+            h = grid.h(i - 1)
+            if h > self.max_h_ratio * grid.h(i) and h > step_limit(self.max_h, grid, i - 1):
+                self.moved(state)
         hist = state["m"]
         # noise prediction: the update's DDIM part, from the net's estimate before eps is derived (docstring)
         start = pred.renoise(grid.alpha[i + 1], grid.sigma[i + 1]) if noise else x
