@@ -26,7 +26,7 @@ import torch
 import steerdiff as sd
 from steerdiff.guidance import CFG, DynamicThreshold
 from steerdiff.noise import Generators
-from steerdiff.smc import SMCAlgorithm, StepContext, transition_log_prob
+from steerdiff.smc import RowSlice, SMCAlgorithm, StepContext, transition_log_prob
 from steerdiff.smc.fk_steering import potential_nodes
 from steerdiff.solvers import Transition
 
@@ -346,6 +346,57 @@ def test_grad_hook_gives_the_exact_jacobian():
         a, s = grid.alpha[i], grid.sigma[i]
         assert torch.allclose(g, (a * var / (a * a * var + s * s)).expand(2, 3, 2), rtol=1e-10)
     assert not out.x.requires_grad
+
+
+class ValueGradProbe(SMCAlgorithm):
+    """``grad = True``: records ``(sum(x0), d sum(x0) / dx)`` from ``ctx.value_grad`` and the most rows its
+    function was given."""
+
+    name = "probe"
+    grad = True
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.rows = 0
+
+    def _sum(self, rows: RowSlice) -> tuple[torch.Tensor, torch.Tensor]:
+        assert rows.x0 is not None
+        self.rows = max(self.rows, rows.x.shape[0])
+        v = rows.x0.sum(1)
+        return v, v
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        if not ctx.final:
+            self.seen.append((ctx.i, *ctx.value_grad("probe", "sum(x0)", self._sum)))
+        return None
+
+
+def test_value_grad_gives_the_exact_jacobian_in_slices():
+    """``ctx.value_grad`` through ``x0``: the exact gradient (as ``test_grad_hook_gives_the_exact_jacobian``)
+    in one piece and in slices of ``max_batch = 4`` of the 2 x 3 rows, where the function sees 4 rows at
+    most and the slice-wise evaluation is the step's own (the same NFE); the values and gradients agree."""
+    var = torch.tensor([0.5, 2.0], dtype=F64)
+    gauss = sd.toy.GaussianMixture(
+        torch.tensor([[1.0, -1.0]], dtype=F64), var[None], torch.ones(1, dtype=F64)
+    )
+    grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), 6)
+    probes, outs = {}, {}
+    for max_batch in (None, 4):
+        probes[max_batch] = probe = ValueGradProbe()
+        outs[max_batch] = sd.smc.run_smc(
+            gauss.denoiser(PROC), probe, (2, 2), particles=3, steps=6, solver=SOLVER, generator=gen(0),
+            dtype=F64, max_batch=max_batch,
+        )  # fmt: skip
+        assert [i for i, _, _ in probe.seen] == list(range(6))
+        for i, _, g in probe.seen:
+            a, s = grid.alpha[i], grid.sigma[i]
+            assert torch.allclose(g, (a * var / (a * a * var + s * s)).expand(2, 3, 2), rtol=1e-10)
+    assert (probes[None].rows, probes[4].rows) == (6, 4)
+    assert outs[None].nfe == outs[4].nfe == 6 * 3
+    for (_, v1, g1), (_, v2, g2) in zip(probes[None].seen, probes[4].seen, strict=True):
+        torch.testing.assert_close(v2, v1, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(g2, g1, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(outs[4].x, outs[None].x, rtol=1e-14, atol=1e-14)
 
 
 # --- best-of-N and CoDe ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from .fk_correctors import Composition, FKCorrector, FKCStepLimit, fkc, fkc_anne
 from .fk_steering import POTENTIALS, FKSteering, fk_steering
 from .particles import (
     Particles,
+    RowSlice,
     SMCAlgorithm,
     StepContext,
     Trace,
@@ -39,6 +40,7 @@ __all__ = [
     "FKCorrector",
     "FKSteering",
     "Particles",
+    "RowSlice",
     "SMCAlgorithm",
     "StepContext",
     "Trace",

@@ -39,6 +39,8 @@ estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z`
 * (b) ``log_weight(ctx) -> Tensor | None``: the incremental log-weight ``(batch, particles)`` of the
   particles ``ctx.x`` at node ``ctx.i`` (``None``: weights unchanged). It may read ``ctx.x0``
   (denoised estimate, free at ``i < S``), ``ctx.reward(z)`` (the user's reward, chunked),
+  ``ctx.map_rows(fn)`` (any function of the particles, chunked), ``ctx.value_grad(...)`` (values and
+  gradients, chunked, through ``x0`` where asked: for ``grad`` algorithms),
   ``ctx.x_prev``, ``ctx.base_prev`` / ``ctx.proposal_prev`` (the transitions that produced
   ``ctx.x`` from ``ctx.x_prev``; :func:`transition_log_prob` gives their exact log-densities, so a
   twisted proposal adds ``log N(x; base) - log N(x; proposal)``) and read/write ``ctx.state``.
@@ -56,11 +58,21 @@ estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z`
   tensor (the clean last step of ``final="zero"``; solvers that draw noise inside their step) gives
   ``base = Transition(x_next, 0.0)``, a point mass: a proposal keeps it (``std = 0``, the same mean),
   and the correction of (b) is then 0 (:func:`transition_log_prob` of a point mass at its mean).
-* Class flags: ``stochastic`` (a stochastic solver is required; default True), ``grad`` (the step is
-  run with ``ctx.x`` a leaf requiring grad, so in ``log_weight`` ``ctx.x0`` is differentiable
-  w.r.t. ``ctx.x``: take gradients there and keep what ``propose`` needs in ``ctx.state``; the
-  engine detaches everything afterwards), ``needs_transition`` (refuse solvers that draw noise
-  inside their step, whose ``x_{i+1}`` has no Gaussian density given ``x_i``).
+* Class flags: ``stochastic`` (a stochastic solver is required; default True), ``grad`` (take
+  gradients in ``log_weight`` with ``ctx.value_grad`` and keep what ``propose`` needs in
+  ``ctx.state``; in one piece the step is run with ``ctx.x`` a leaf requiring grad, so ``ctx.x0`` is
+  differentiable w.r.t. ``ctx.x`` and ``value_grad`` differentiates the step's own graph; with
+  ``max_batch`` below ``batch * particles`` the step runs without a graph, which would hold every row
+  at once, ``log_weight`` is called before the step (it sees nothing of it) and ``value_grad``
+  evaluates the denoiser slice by slice, each slice's graph made and freed in turn, and that
+  prediction is the step's own (no second evaluation); the engine detaches everything afterwards),
+  ``needs_transition`` (refuse solvers that draw noise inside their step, whose ``x_{i+1}`` has no
+  Gaussian density given ``x_i``).
+
+**Slices** (``max_batch``): the denoiser, ``ctx.reward``, ``ctx.map_rows`` and ``ctx.value_grad`` (their
+functions and the graphs they differentiate) see at most ``max_batch`` of the flat rows at a time, with
+the per-row tensors of ``**cond`` sliced alike (:class:`RowSlice`); a hook that calls a function of its
+own on ``ctx.x`` or ``ctx.x0`` directly sees all ``batch * particles`` rows.
 
 Per-particle solver state (multistep histories, SA-Solver's corrector term) is resampled with the
 particles: every tensor in the solver's state dict whose first dimension is ``batch * particles`` is
@@ -88,7 +100,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, integer, real, sample_dtype, torch_device
 from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
-from ..guidance.base import Guided
+from ..guidance.base import Guided, value_grad
 from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded, check_x_T
 from ..schedules import ScheduleLike
@@ -99,6 +111,7 @@ __all__ = [
     "DEFAULT_SCHEDULE",
     "DEFAULT_SOLVER",
     "Particles",
+    "RowSlice",
     "SMCAlgorithm",
     "StepContext",
     "Trace",
@@ -243,6 +256,30 @@ def transition_log_prob(x: Tensor, tr: Transition) -> Tensor:
 # --- the algorithm contract -----------------------------------------------------------------------
 
 
+@dataclass
+class RowSlice:
+    """At most ``max_batch`` of the flat particle rows (``batch * particles``, row ``b N + j`` holding
+    particle ``j`` of batch row ``b``): what the function of :meth:`StepContext.map_rows` and
+    :meth:`StepContext.value_grad` is called on.
+
+    ``rows``: the slice of the ``n`` flat rows (``None``: all of them, one piece); ``x``: the particles
+    there, ``(k, *shape)``; ``t``: the node's process time (a float for the hooks' functions); ``cond``:
+    the run's ``**cond`` at those rows; ``x0``: their denoised estimate, where asked for (else ``None``).
+    """
+
+    rows: slice | None
+    n: int
+    x: Tensor
+    t: float | Tensor
+    cond: dict[str, Any]
+    x0: Tensor | None = None
+
+    def take(self, value: Tensor) -> Tensor:
+        """``value``'s rows here where it has one per flat row (``n``), else ``value`` (shared by all): the
+        rule of ``cond``'s tensors (:func:`~steerdiff.denoiser.take_kwarg_rows`)."""
+        return take_kwarg_rows({"v": value}, self.rows, self.n)["v"] if self.rows is not None else value
+
+
 class StepContext:
     """What the hooks see at grid node ``i`` (see the module docstring).
 
@@ -334,6 +371,69 @@ class StepContext:
         """The user's reward on ``z`` ``(batch, particles, *shape)`` in chunks: ``(batch, particles)``."""
         return self._run.reward(z, self.i)
 
+    def map_rows(self, fn: Callable[[RowSlice], Tensor], z: Tensor | None = None) -> Tensor:
+        """``fn`` on slices of at most ``max_batch`` flat rows of ``z`` ``(batch, particles, *shape)``
+        (default ``x``; one call for ``max_batch=None``): ``fn(rows)`` maps a :class:`RowSlice` to ``(k,)``
+        values; returns them ``(batch, particles)``."""
+        run = self._run
+        flat = run.flat(self.x if z is None else z)
+        return run.rows(_map_rows(run.max_batch, fn, flat, self.t, self.cond))
+
+    def value_grad(
+        self, who: str, what: str, fn: Callable[[RowSlice], tuple[Tensor, Tensor]], denoised: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """``(v, grad_x sum(u))`` at the particles, ``(batch, particles)`` (detached) and ``x``'s shape:
+        ``fn(rows)`` returns per-row values ``v`` and a differentiable objective ``u`` (often ``v``), both
+        ``(k,)``, computed from ``rows.x`` and, with ``denoised``, ``rows.x0`` (differentiable w.r.t.
+        ``rows.x``). For an algorithm with ``grad``.
+
+        In one piece (``max_batch=None``, or no more rows than it) this differentiates the step's own graph
+        (no network evaluation). In slices of ``max_batch`` rows, where the step runs without a graph (it
+        would hold every row at once), each slice's denoised estimate is evaluated with its graph,
+        differentiated and freed before the next slice: neither ``fn`` nor a graph sees more than
+        ``max_batch`` rows. Called in ``log_weight`` (before the step, in slices) that evaluation is the
+        step's own; elsewhere it is one more, counted. ``ValueError`` naming ``who`` and ``what`` where
+        ``u`` does not depend on ``x`` differentiably."""
+        run = self._run
+        if not run.chunked:
+            flat = run.flat(self.x)
+            v, u = fn(
+                RowSlice(
+                    None, flat.shape[0], flat, self.t, self.cond, run.flat(self.x0) if denoised else None
+                )
+            )
+            return run.rows(v.detach()), value_grad(who, what, u, self.x)
+        values: list[Tensor] = []
+        grads: list[Tensor] = []
+
+        def record(rows: RowSlice, x: Tensor, x0: Tensor | None) -> None:
+            v, u = fn(RowSlice(rows.rows, rows.n, x, rows.t, rows.cond, x0))
+            values.append(v.detach())
+            grads.append(value_grad(who, what, u, x))
+
+        def through(rows: RowSlice, net: Callable[[Tensor], Prediction]) -> Prediction:
+            with torch.enable_grad():
+                x = rows.x.detach().requires_grad_(True)
+                pred = net(x)
+                record(rows, x, pred.x0)
+            return _detach(pred)  # the slice's graph is freed here
+
+        flat = self._x.detach()
+        if denoised and self.grid.sigma[self.i] > 0:
+            run.evaluator.through = through
+            try:
+                pred = run.model(self._x, self.t, self.i)
+            finally:
+                run.evaluator.through = None
+            if self._pred is None and self._pending is None:  # the step's own, when made before it
+                self._pred = pred
+        else:  # no network: the slices of x (the clean node's estimate is x itself)
+            for sl, xs, _, cs in _row_chunks(run.max_batch, flat, self.t, self.cond):
+                with torch.enable_grad():
+                    x = xs.detach().requires_grad_(True)
+                    record(RowSlice(sl, flat.shape[0], x, self.t, cs), x, x if denoised else None)
+        return run.rows(torch.cat(values)), run.rows(torch.cat(grads))
+
     def take(self, idx: Tensor) -> StepContext:
         """The context with particles (and everything per-particle) at flat ancestor rows ``idx``; the
         prediction and the parents follow when first read."""
@@ -396,6 +496,9 @@ class _Evaluator(Guided):
         self.max_batch = max_batch
         self.watch: tuple[Tensor, float] | None = None
         self.seen: Prediction | None = None
+        # StepContext.value_grad's: each slice's prediction made (with its gradient) by it
+        self.through: Callable[[RowSlice, Callable[[Tensor], Prediction]], Prediction] | None = None
+        self.made: Prediction | None = None  # made at the step's input before the step, counted then
         self.expanded = base if particles == 1 else base.take_rows(_each_row(batch, particles), batch)
         # per max_batch slice (its first row, of a call on n rows), the expanded denoiser's rows there:
         # made once, so what a copy keeps (DPS's y on the device) lasts across steps
@@ -403,26 +506,49 @@ class _Evaluator(Guided):
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The base's :meth:`~steerdiff.denoiser.Denoiser.evaluate` per chunk: the net in ``net_dtype``,
-        the prediction in ``x``'s dtype at ``x`` itself (so the step's own input is recognized)."""
-        parts, used = [], self.expanded
+        the prediction in ``x``'s dtype at ``x`` itself (so the step's own input is recognized); the
+        prediction ``made`` there before the step, at no cost."""
+        made = self.made
+        if made is not None and made.x is x and self.watch is not None and _at(t, self.watch[1]):
+            self.cost, self.seen = 0, made
+            return made
+        parts, used, n = [], self.expanded, x.shape[0]
         for sl, xs, ts, cs in _row_chunks(self.max_batch, x, t, cond):
             if sl is None:
                 used = self.expanded
             else:
-                n = x.shape[0]
                 used = kept(self._slices, (sl.start, n), partial(self.expanded.take_rows, sl, n))
-            parts.append(used.evaluate(xs, ts, net_dtype, **cs))
+            if self.through is None:
+                parts.append(used.evaluate(xs, ts, net_dtype, **cs))
+            else:
+                parts.append(
+                    self.through(RowSlice(sl, n, xs, ts, cs), partial(_net, used, ts, net_dtype, cs))
+                )
         self.cost = used.cost  # read after the call: it may vary (a CFG interval)
         pred = parts[0] if len(parts) == 1 else _cat_predictions(parts, x)
-        if (
-            self.seen is None
-            and self.watch is not None
-            and x is self.watch[0]
-            and not isinstance(t, Tensor)
-            and t == self.watch[1]
-        ):
+        if self.seen is None and self.watch is not None and x is self.watch[0] and _at(t, self.watch[1]):
             self.seen = pred
         return pred
+
+
+def _at(t: float | Tensor, node: float) -> bool:
+    """Whether ``t`` is the node's time ``node`` (a float; not a per-sample tensor)."""
+    return not isinstance(t, Tensor) and t == node
+
+
+def _net(
+    den: Denoiser, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any], x: Tensor
+) -> Prediction:
+    return den.evaluate(x, t, net_dtype, **cond)
+
+
+def _map_rows(
+    max_batch: int | None, fn: Callable[[RowSlice], Tensor], x: Tensor, t: float, cond: dict[str, Any]
+) -> Tensor:
+    """``fn`` on the :class:`RowSlice` s of at most ``max_batch`` flat rows of ``x`` (``cond`` sliced with
+    them), their outputs concatenated: the chunked evaluation of user functions (one call for ``None``)."""
+    out = [fn(RowSlice(sl, x.shape[0], xs, t, cs)) for sl, xs, _, cs in _row_chunks(max_batch, x, t, cond)]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _row_chunks(
@@ -546,16 +672,22 @@ class _Run:
         self,
         grid: Grid,
         model: Model,
+        evaluator: _Evaluator,
         reward: Reward | None,
         batch: int,
         particles: int,
         shape: tuple[int, ...],
         max_batch: int | None,
     ) -> None:
-        self.grid, self.model, self._reward = grid, model, reward
+        self.grid, self.model, self.evaluator, self._reward = grid, model, evaluator, reward
         self.batch, self.particles, self.shape, self.max_batch = batch, particles, shape, max_batch
         self.reward_ok: list[Tensor] = []
         self.reward_at: list[int] = []
+
+    @property
+    def chunked(self) -> bool:
+        """Whether ``max_batch`` slices the ``batch * particles`` rows (more than one piece)."""
+        return self.max_batch is not None and self.batch * self.particles > self.max_batch
 
     def flat(self, x: Tensor) -> Tensor:
         return x.reshape(self.batch * self.particles, *x.shape[2:])
@@ -566,17 +698,7 @@ class _Run:
     def reward(self, z: Tensor, i: int) -> Tensor:
         if self._reward is None:
             raise ValueError("ctx.reward: this run has no reward; pass reward= to run_smc")
-        out = []
-        for _, chunk, _, _ in _row_chunks(self.max_batch, self.flat(z), 0.0, {}):
-            r = self._reward(chunk)
-            if not isinstance(r, Tensor) or tuple(r.shape) != (chunk.shape[0],):
-                got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
-                raise ValueError(
-                    f"reward must map a batch (n, *shape) to rewards of shape (n,); for n = {chunk.shape[0]} "
-                    f"it returned {got}"
-                )
-            out.append(r.to(torch.float64))
-        r = torch.cat(out)
+        r = _map_rows(self.max_batch, partial(_call_reward, self._reward), self.flat(z), 0.0, {})
         self.reward_ok.append(torch.isfinite(r).all())
         self.reward_at.append(i)
         if r.is_cpu and not bool(self.reward_ok[-1]):  # no device read to save; before the weights it spoils
@@ -590,6 +712,18 @@ class _Run:
             raise ValueError(
                 f"reward returned NaN or inf at node {self.reward_at[k]} (rewards must be finite)"
             )
+
+
+def _call_reward(reward: Reward, rows: RowSlice) -> Tensor:
+    """``reward`` on the rows' particles, checked, as float64."""
+    r = reward(rows.x)
+    n = rows.x.shape[0]
+    if not isinstance(r, Tensor) or tuple(r.shape) != (n,):
+        got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+        raise ValueError(
+            f"reward must map a batch (n, *shape) to rewards of shape (n,); for n = {n} it returned {got}"
+        )
+    return r.to(torch.float64)
 
 
 def _check_reward(reward: Any) -> Reward:
@@ -729,7 +863,11 @@ def run_smc(
             callable ``(log_w, generator) -> indices`` (the contract in :mod:`~steerdiff.smc.resample`:
             integers ``(batch, particles)`` in ``[0, particles)``, checked on the CPU at once, else at
             the end of the run).
-        max_batch: evaluate the denoiser and the reward on at most this many rows at a time.
+        max_batch: evaluate the denoiser, the reward and the algorithm's functions of the particles
+            (:meth:`StepContext.map_rows`, :meth:`StepContext.value_grad`: TDS's twists, their gradients
+            through the denoiser included) on at most this many of the ``batch * particles`` rows at a
+            time (``None``: all at once); a gradient through the denoised estimate is then taken slice
+            by slice, at the same NFE.
         x_T: initial particles ``(batch, particles, *sample_shape)``; default
             ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal (standard normal for VP).
             ``Particles.x`` has its dtype. For float16/bfloat16 the particles, the solver and the
@@ -812,7 +950,7 @@ def run_smc(
     )
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)
-    run = _Run(grid, model, reward, batch, n_part, sample_shape, max_batch)
+    run = _Run(grid, model, evaluator, reward, batch, n_part, sample_shape, max_batch)
     solver_state = slv.init_state(grid)
     alg_state = algorithm.init_state(run.rows(x))
 
@@ -826,20 +964,30 @@ def run_smc(
     resampler_name = f"resampler {getattr(resample_fn, '__name__', type(resample_fn).__name__)!r}"
     prev: tuple[Tensor, Transition, Transition] | None = None
     # no graph across steps (memory would grow with them; resampling has no gradient): autograd only
-    # inside a step of an algorithm that differentiates (and for guidance gradients, which turn it on)
-    grad_ctx = torch.enable_grad if algorithm.grad else torch.no_grad
+    # inside a step of an algorithm that differentiates (and for guidance gradients, which turn it on),
+    # and not in slices of max_batch rows, where a step's graph would hold every row at once
+    # (StepContext.value_grad then differentiates slice by slice)
+    grad_step = algorithm.grad and not run.chunked
+    grad_ctx = torch.enable_grad if grad_step else torch.no_grad
+    # in slices, log_weight runs before the step (it sees nothing of it), so that the prediction
+    # value_grad makes at x slice by slice is the step's own: no second evaluation
+    early = algorithm.grad and run.chunked
 
     indices = tqdm(range(steps), desc=algorithm.name, leave=False) if progress else range(steps)
     for i in indices:
         leaf = None
         with grad_ctx():  # the leaf and x from it too: under an outer no_grad x would be cut off
-            if algorithm.grad:
+            if grad_step:
                 leaf = run.rows(x).detach().requires_grad_(True)
                 x = run.flat(leaf)
+            if early:  # log_weight first: a prediction it made at x (and counted) serves the step
+                ctx = StepContext(run, i, x, None, prev, alg_state)
+                inc = algorithm.log_weight(ctx)
+                evaluator.made = ctx._pred
             evaluator.watch, evaluator.seen = (x, grid.t[i]), None
             inner.calls = 0
             out = slv.step(model, x, i, grid, solver_state)
-            evaluator.watch = None
+            evaluator.watch = evaluator.made = None
             if algorithm.needs_transition and inner.calls:
                 raise ValueError(
                     f"{algorithm.name} needs Gaussian transitions, but solver {slv.name!r} draws noise "
@@ -847,8 +995,9 @@ def run_smc(
                     "euler_maruyama, dpmpp_2m_sde, er_sde, sa_solver, DDIM(eta > 0))"
                 )
             base = out if isinstance(out, Transition) else Transition(out, 0.0)
-            ctx = StepContext(run, i, x, evaluator.seen, prev, alg_state, leaf)
-            inc = algorithm.log_weight(ctx)
+            if not early:
+                ctx = StepContext(run, i, x, evaluator.seen, prev, alg_state, leaf)
+                inc = algorithm.log_weight(ctx)
             ess = weights.reweight(inc)
             forced = algorithm.resample(ctx, weights.log_w, generator)
             anc, mask = None, no_resample
@@ -869,7 +1018,7 @@ def run_smc(
             weights.record(mask)
             prop = _flat_tr(algorithm.propose(ctx, _view(base, run)), run)
             x, alg_state = ctx._x, ctx.state
-        if algorithm.grad:
+        if grad_step:
             x, base, prop = x.detach(), _detach(base), _detach(prop)
             solver_state, alg_state = _detach(solver_state), _detach(alg_state)
         x_next = prop.draw(noise, grid.t[i], grid.t[i + 1])

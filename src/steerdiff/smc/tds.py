@@ -43,13 +43,17 @@ step's score coefficient, the proposal under-uses the twist and the weights do m
 ``er_sde``).
 
 NFE per batch row: ``steps * particles`` (one evaluation per particle and step, with a backward
-pass); needs autograd and a denoiser differentiable in ``x``.
+pass); needs autograd and a denoiser differentiable in ``x``. With ``max_batch`` below ``batch *
+particles`` the twist, its gradient and the graph through the denoiser are taken on slices of
+``max_batch`` rows (:meth:`StepContext.value_grad <steerdiff.smc.StepContext.value_grad>`; the NFE is
+the same).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -58,7 +62,6 @@ from torch import Tensor
 from .._checks import integer, real
 from ..denoiser import Denoiser, check_denoiser
 from ..guidance._measurement import MeasurementGuided
-from ..guidance.base import value_grad
 from ..inverse.operators import LinearOperator
 from ..noise import Generators
 from ..schedules import ScheduleLike
@@ -68,6 +71,7 @@ from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
     Particles,
+    RowSlice,
     SMCAlgorithm,
     StepContext,
     _check_shape,
@@ -82,9 +86,12 @@ class Twist:
     """A likelihood ``p(y | x)`` and its twisting functions ``p~_i(y | x_i)`` (see the module docstring).
 
     ``at_node(ctx)``: ``(log p~_i, grad_x log p~_i)`` at the particles ``ctx.x`` (``(batch, particles)``
-    and ``ctx.x``'s shape; ``ctx.x0`` is differentiable w.r.t. ``ctx.x``); ``final(ctx)``: the exact
-    ``log p(y | x_S)`` at the last node. A twist may be zero (log ``-inf``): the particle's weight is then
-    zero and stays so, and it is proposed from the base transition (its gradient is not used).
+    and ``ctx.x``'s shape), computed with :meth:`StepContext.value_grad
+    <steerdiff.smc.StepContext.value_grad>` (on slices of ``max_batch`` rows, the gradient through the
+    denoised estimate included); ``final(ctx)``: the exact ``log p(y | x_S)`` at the last node (with
+    :meth:`~steerdiff.smc.StepContext.map_rows`). A twist may be zero (log ``-inf``): the particle's
+    weight is then zero and stays so, and it is proposed from the base transition (its gradient is not
+    used).
     """
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
@@ -107,17 +114,19 @@ class _CleanLikelihood(Twist):
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         self.fn = fn
 
-    def _eval(self, ctx: StepContext, z: Tensor) -> Tensor:
-        flat = z.reshape(-1, *z.shape[2:])
-        lp = _values("log_likelihood", self.fn(flat, **ctx.cond), flat.shape[0])
-        return lp.reshape(z.shape[:2])
+    def _eval(self, z: Tensor, rows: RowSlice) -> Tensor:
+        return _values("log_likelihood", self.fn(z, **rows.cond), z.shape[0])
+
+    def _node(self, rows: RowSlice) -> tuple[Tensor, Tensor]:
+        assert rows.x0 is not None  # value_grad(denoised=True)
+        lp = self._eval(rows.x0, rows)
+        return lp, lp
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        lp = self._eval(ctx, ctx.x0)
-        return lp, value_grad("tds", "log_likelihood(x0_hat(x))", lp, ctx.x)
+        return ctx.value_grad("tds", "log_likelihood(x0_hat(x))", self._node)
 
     def final(self, ctx: StepContext) -> Tensor:
-        return self._eval(ctx, ctx.x)
+        return ctx.map_rows(lambda rows: self._eval(rows.x, rows))
 
 
 class _NoisyClassifier(Twist):
@@ -126,18 +135,18 @@ class _NoisyClassifier(Twist):
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         self.fn = fn
 
-    def _eval(self, ctx: StepContext) -> Tensor:
-        x = ctx.x
-        flat = x.reshape(-1, *x.shape[2:])
-        lp = _values("classifier", self.fn(flat, ctx.t, **ctx.cond), flat.shape[0])
-        return lp.reshape(x.shape[:2])
+    def _eval(self, rows: RowSlice) -> Tensor:
+        return _values("classifier", self.fn(rows.x, rows.t, **rows.cond), rows.x.shape[0])
+
+    def _node(self, rows: RowSlice) -> tuple[Tensor, Tensor]:
+        lp = self._eval(rows)
+        return lp, lp
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        lp = self._eval(ctx)
-        return lp, value_grad("tds", "classifier", lp, ctx.x)
+        return ctx.value_grad("tds", "classifier", self._node, denoised=False)
 
     def final(self, ctx: StepContext) -> Tensor:
-        return self._eval(ctx)
+        return ctx.map_rows(self._eval)
 
 
 class _LinearGaussian(Twist):
@@ -147,26 +156,32 @@ class _LinearGaussian(Twist):
     def __init__(self, measurement: MeasurementGuided, prior_var: float) -> None:
         self.m, self.prior_var = measurement, prior_var
 
-    def _residual(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(A z, r = y - A z)`` on the flat rows ``(batch * particles, *shape_out)``."""
-        flat = z.reshape(-1, *z.shape[2:])
-        az = self.m.operator.forward(flat)
-        return az, self.m.observation(flat) - az
+    def _observation(self, ctx: StepContext) -> Tensor:
+        """``y`` for the flat rows ``(batch * particles, *shape_out)`` (one shared, or one per row)."""
+        return self.m.observation(ctx.x.flatten(0, 1))
+
+    def _node(self, y: Tensor, alpha: float, sigma: float, rows: RowSlice) -> tuple[Tensor, Tensor]:
+        assert rows.x0 is not None  # value_grad(denoised=True)
+        ax0 = self.m.operator.forward(rows.x0)
+        rd = (rows.take(y) - ax0).detach()
+        w = self.m.gaussian_weight(rd, alpha, sigma, self.prior_var)
+        lp = -0.5 * (rd * w).flatten(1).sum(1, dtype=torch.float64)  # float64 sum: 1e-2 nats at 2e5 entries
+        return lp, (ax0 * w).flatten(1).sum(1)
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
-        ax0, r = self._residual(ctx.x0)
-        rd = r.detach()
-        w = self.m.gaussian_weight(rd, ctx.grid.alpha[ctx.i], ctx.grid.sigma[ctx.i], self.prior_var)
-        lp = -0.5 * (rd * w).flatten(1).sum(1, dtype=torch.float64)  # float64 sum: 1e-2 nats at 2e5 entries
-        g = value_grad("tds", "the denoised estimate", (ax0 * w).flatten(1).sum(1), ctx.x)
-        return lp.reshape(ctx.x.shape[:2]), g
+        node = partial(self._node, self._observation(ctx), ctx.grid.alpha[ctx.i], ctx.grid.sigma[ctx.i])
+        return ctx.value_grad("tds", "the denoised estimate", node)
 
-    def final(self, ctx: StepContext) -> Tensor:
-        _, r = self._residual(ctx.x)
+    def _final(self, y: Tensor, rows: RowSlice) -> Tensor:
+        r = rows.take(y) - self.m.operator.forward(rows.x)
         s2 = self.m.noise_std**2
         m = r[0].numel()
-        lp = -0.5 * (r * r).flatten(1).sum(1, dtype=torch.float64) / s2 - 0.5 * m * math.log(2 * math.pi * s2)
-        return lp.reshape(ctx.x.shape[:2])
+        return -0.5 * (r * r).flatten(1).sum(1, dtype=torch.float64) / s2 - 0.5 * m * math.log(
+            2 * math.pi * s2
+        )
+
+    def final(self, ctx: StepContext) -> Tensor:
+        return ctx.map_rows(partial(self._final, self._observation(ctx)))
 
 
 class TDS(SMCAlgorithm):
@@ -300,6 +315,8 @@ def tds(
         resampler, solver, schedule, final, max_batch, x_T, dtype, device, generator, progress, cond:
             see :func:`~steerdiff.smc.run_smc`; the solver must return Gaussian transitions
             (``ddpm``, ``er_sde``, ``euler_ancestral``, ``dpmpp_2m_sde``, ``sa_solver``, ...).
+            ``max_batch`` bounds the rows of every call of the denoiser, ``log_likelihood``,
+            ``classifier`` and ``operator`` and of every graph differentiated.
 
     Returns:
         :class:`~steerdiff.smc.Particles` with normalized ``log_w``, ``nfe = steps * particles`` and the
