@@ -630,15 +630,23 @@ def shifted_den(seen: list[int]) -> sd.Denoiser:
 
 
 def test_max_batch_and_cond():
-    """Chunked evaluation gives the same run; per-row cond is repeated for the particles."""
+    """Chunked evaluation gives the same run; per-row cond is repeated for the particles; the network
+    and the reward see at most ``max_batch`` rows."""
     shift = torch.tensor([[0.0, 0.0], [3.0, -2.0]], dtype=F64)
     kw = dict(lam=1.0, shape=(2, 2), particles=16, steps=10, solver=SOLVER, dtype=F64, shift=shift)
     seen: list[int] = []
-    full = sd.smc.fk_steering(shifted_den(seen), linear, generator=gen(0), **kw)
-    assert max(seen) == 32
+    scored: list[int] = []
+
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        scored.append(x.shape[0])
+        return linear(x)
+
+    full = sd.smc.fk_steering(shifted_den(seen), reward, generator=gen(0), **kw)
+    assert max(seen) == max(scored) == 32
     seen.clear()
-    chunked = sd.smc.fk_steering(shifted_den(seen), linear, generator=gen(0), max_batch=7, **kw)
-    assert max(seen) == 7
+    scored.clear()
+    chunked = sd.smc.fk_steering(shifted_den(seen), reward, generator=gen(0), max_batch=7, **kw)
+    assert max(seen) == max(scored) == 7
     assert torch.allclose(chunked.x, full.x, rtol=1e-12, atol=1e-12)
     assert torch.allclose(chunked.log_w, full.log_w, rtol=1e-12, atol=1e-12)
     assert float((full.mean()[1] - full.mean()[0] - shift[1]).norm()) < 1.0  # row 1 lives at its shift
