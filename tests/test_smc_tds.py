@@ -331,7 +331,7 @@ def test_tds_frees_each_steps_graph():
 
     den = sd.Denoiser(eps, sd.VP.scaled_linear(), "eps")
     with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
-        sd.smc.tds(den, classifier=lambda x, t: -0.5 * x[:, 0] ** 2, shape=(1, 4), particles=3, steps=12)
+        sd.smc.tds(den, log_likelihood=lambda x0: -0.5 * x0[:, 0] ** 2, shape=(1, 4), particles=3, steps=12)
     assert alive[-1] == alive[3] > 0, alive
 
 
@@ -626,3 +626,49 @@ def test_tds_max_batch_bounds_every_call_and_graph(twist):
         assert torch.equal(a, b), float((a - b).abs().max())
     assert bool(full.trace.resampled[:-1].all())  # uneven weights: resampled at every node but the last
     assert sliced.nfe == full.nfe == 8 * 4
+
+
+@pytest.mark.parametrize("twist", ["classifier", "scale_0", "log_likelihood"])
+def test_tds_runs_the_network_with_a_graph_only_for_a_twist_through_it(twist):
+    """The classifier twist's gradient is in ``x`` alone and ``twist_scale = 0`` takes none: the step's
+    network runs without a graph there (it ran with one, kept until the weights, 1.8x the saved bytes of
+    the likelihood twist's in the max_batch test's repro), and the run is bit for bit the same as with
+    one (the old path, forced by the ``denoised`` flag)."""
+    grads: list[bool] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        grads.append(torch.is_grad_enabled() and x.requires_grad)
+        return 0.9 * torch.tanh(x)
+
+    def classifier(x: torch.Tensor, t: float) -> torch.Tensor:
+        return -0.5 * ((x - 0.4) ** 2).sum(1) / (1 + t)
+
+    def log_likelihood(x0: torch.Tensor) -> torch.Tensor:
+        return -((x0 - 0.3) ** 2).sum(1)
+
+    den = sd.Denoiser(net, PROC, prediction="x0", shape=(2,))
+    kw = {
+        "classifier": {"classifier": classifier},
+        "scale_0": {"classifier": classifier, "twist_scale": 0.0},
+        "log_likelihood": {"log_likelihood": log_likelihood},
+    }[twist]
+
+    def run() -> sd.smc.Particles:
+        grads.clear()
+        return sd.smc.tds(
+            den, **kw, shape=(2, 2), particles=4, steps=6, solver="ddpm", generator=gen(5), dtype=F64
+        )
+
+    out = run()
+    assert grads and all(grads) == (twist == "log_likelihood") and any(grads) == all(grads)
+    if twist == "classifier":  # the graph path gives the same particles and weights
+        tds_module = importlib.import_module("steerdiff.smc.tds")  # sd.smc.tds is the function
+        forced = pytest.MonkeyPatch()
+        forced.setattr(tds_module._NoisyClassifier, "denoised", True)
+        try:
+            old = run()
+        finally:
+            forced.undo()
+        assert all(grads)
+        for a, b in ((out.x, old.x), (out.log_w, old.log_w), (out.trace.log_z, old.trace.log_z)):
+            assert torch.equal(a, b), float((a - b).abs().max())

@@ -385,17 +385,19 @@ class StepContext:
         """``(v, grad_x sum(u))`` at the particles, ``(batch, particles)`` (detached) and ``x``'s shape:
         ``fn(rows)`` returns per-row values ``v`` and a differentiable objective ``u`` (often ``v``), both
         ``(k,)``, computed from ``rows.x`` and, with ``denoised``, ``rows.x0`` (differentiable w.r.t.
-        ``rows.x``). For an algorithm with ``grad``.
+        ``rows.x``; ``denoised`` needs an algorithm with ``grad``).
 
         In one piece (``max_batch=None``, or no more rows than it) this differentiates the step's own graph
-        (no network evaluation). In slices of ``max_batch`` rows, where the step runs without a graph (it
-        would hold every row at once), each slice's denoised estimate is evaluated with its graph,
-        differentiated and freed before the next slice: neither ``fn`` nor a graph sees more than
-        ``max_batch`` rows. Called in ``log_weight`` (before the step, in slices) that evaluation is the
-        step's own; elsewhere it is one more, counted. ``ValueError`` naming ``who`` and ``what`` where
-        ``u`` does not depend on ``x`` differentiably."""
+        (no network evaluation; the algorithm's ``grad`` set). Without ``denoised`` no network is involved:
+        ``fn`` is differentiated on a copy of ``x`` (one piece, or slices), and an algorithm whose only
+        gradients are these needs no ``grad`` (its step's network then runs without a graph). In slices of
+        ``max_batch`` rows, where the step runs without a graph (it would hold every row at once), each
+        slice's denoised estimate is evaluated with its graph, differentiated and freed before the next slice:
+        neither ``fn`` nor a graph sees more than ``max_batch`` rows. Called in ``log_weight`` (before the
+        step, in slices) that evaluation is the step's own; elsewhere it is one more, counted. ``ValueError``
+        naming ``who`` and ``what`` where ``u`` does not depend on ``x`` differentiably."""
         run = self._run
-        if not run.chunked:
+        if not run.chunked and denoised:
             flat = run.flat(self.x)
             v, u = fn(
                 RowSlice(

@@ -42,11 +42,12 @@ step's score coefficient, the proposal under-uses the twist and the weights do m
 (16-d posterior of ``bench steer``, 4 particles, 100 steps: 3.6x the floor with ``ddpm``, 7.2x with
 ``er_sde``).
 
-NFE per batch row: ``steps * particles`` (one evaluation per particle and step, with a backward
-pass); needs autograd and a denoiser differentiable in ``x``. With ``max_batch`` below ``batch *
-particles`` the twist, its gradient and the graph through the denoiser are taken on slices of
-``max_batch`` rows (:meth:`StepContext.value_grad <steerdiff.smc.StepContext.value_grad>`; the NFE is
-the same).
+NFE per batch row: ``steps * particles`` (one evaluation per particle and step, with a backward pass through
+it for the twists of the denoised estimate, which need a denoiser differentiable in ``x``; the classifier
+twist differentiates the classifier alone, and the network runs without a graph). With ``max_batch`` below
+``batch * particles`` the twist, its gradient and the graph through the denoiser are taken on slices of
+``max_batch`` rows (:meth:`StepContext.value_grad <steerdiff.smc.StepContext.value_grad>`; the NFE is the
+same).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -91,8 +92,12 @@ class Twist:
     denoised estimate included); ``final(ctx)``: the exact ``log p(y | x_S)`` at the last node (with
     :meth:`~steerdiff.smc.StepContext.map_rows`). A twist may be zero (log ``-inf``): the particle's
     weight is then zero and stays so, and it is proposed from the base transition (its gradient is not
-    used).
+    used). ``denoised``: whether ``at_node`` differentiates through the denoised estimate (``value_grad``'s
+    ``denoised``); a twist of ``x`` alone (the classifier's) is False, and the step's network then runs
+    without a graph.
     """
+
+    denoised: ClassVar[bool] = True
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -131,6 +136,8 @@ class _CleanLikelihood(Twist):
 
 class _NoisyClassifier(Twist):
     """``log p~_i = classifier(x_i, t_i)``; the final weight ``classifier(x_S, t_S)``."""
+
+    denoised = False
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         self.fn = fn
@@ -194,7 +201,6 @@ class TDS(SMCAlgorithm):
     """
 
     name = "tds"
-    grad = True
     needs_transition = True
 
     def __init__(self, twist: Twist, twist_scale: float = 1.0) -> None:
@@ -202,6 +208,12 @@ class TDS(SMCAlgorithm):
         if not isinstance(twist, Twist):
             raise ValueError(f"twist must be a Twist, got {type(twist).__name__}")
         self.twist, self.scale = twist, twist_scale
+
+    @property
+    def grad(self) -> bool:  # type: ignore[override]
+        """Whether the step's network runs with a graph: only for a twist through the denoised estimate
+        (the classifier's gradient is in ``x`` alone, and ``twist_scale = 0`` takes none)."""
+        return self.scale > 0 and self.twist.denoised
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
         """``log_twist``: ``gamma log p~`` at the particle's node; ``grad``: its gradient there."""
