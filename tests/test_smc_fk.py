@@ -882,6 +882,39 @@ def test_bad_input():
         sd.smc.run_smc(DEN, Needs(), **{**kw, "solver": "edm_sde"})
 
 
+def test_potential_nodes_a_run_never_reaches_are_refused():
+    """``FKSteering``'s nodes are the nodes ``ctx.i = 0..steps - 1`` of a run: node ``steps`` is the final
+    one (its correction always applies), and one beyond is never reached. Those were silently never
+    used (nodes {2, 8} with 5 steps gave a potential at 2 alone); the run now refuses them, naming
+    ``nodes``, the values and the range, before any evaluation. Nodes within the range still run."""
+    kw = dict(particles=3, steps=5, solver=SOLVER, dtype=F64)
+    scored: list[int] = []
+
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        scored.append(x.shape[0])
+        return linear(x)
+
+    for nodes, shown in (({2, 8}, "8"), ({5}, "5"), (range(0, 12, 2), "6, 8, 10")):
+        message = (
+            rf"^FKSteering: nodes \{{{shown}\}} are never reached by a run of steps=5, which applies them at "
+            r"grid nodes 0\.\.4 \(0 <= node < steps; node 5 is the final one"
+        )
+        with pytest.raises(ValueError, match=message):
+            sd.smc.run_smc(DEN, sd.smc.FKSteering(1.0, "difference", nodes), (2, 2), reward=reward, **kw)
+        assert scored == []  # refused before the run
+    seen: list[int] = []
+
+    class Seen(sd.smc.FKSteering):
+        def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+            g = super().log_weight(ctx)
+            if g is not None and not ctx.final:
+                seen.append(ctx.i)
+            return g
+
+    sd.smc.run_smc(DEN, Seen(1.0, "difference", {0, 4}), (2, 2), reward=linear, generator=gen(), **kw)
+    assert seen == [0, 4]
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [

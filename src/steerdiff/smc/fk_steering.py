@@ -54,6 +54,7 @@ from .particles import (
     SMCAlgorithm,
     StepContext,
     _check_reward,
+    check_nodes,
     run_smc,
 )
 
@@ -69,7 +70,8 @@ class FKSteering(SMCAlgorithm):
         lam: the tilt ``lambda`` (finite; 0 gives the base sampler).
         potential: ``"difference"``, ``"max"``, ``"sum"`` or ``"immediate"``.
         nodes: the grid nodes at which potentials are applied (the final correction always is): a set,
-            list, tuple or range of integers >= 0 (:func:`potential_nodes` makes them from an interval).
+            list, tuple or range of integers >= 0 (:func:`potential_nodes` makes them from an interval);
+            a run of ``steps`` steps refuses nodes outside ``0..steps - 1``, which it never reaches.
 
     Bad arguments are a ``ValueError`` naming them here, as :func:`fk_steering` names its own
     (:func:`check_arguments`, the one check of both).
@@ -79,6 +81,11 @@ class FKSteering(SMCAlgorithm):
 
     def __init__(self, lam: float, potential: str, nodes: set[int]) -> None:
         self.lam, self.potential, self.nodes = check_arguments("FKSteering", lam, potential, nodes)
+
+    def check_steps(self, steps: int) -> None:
+        """The potential nodes must lie in ``0..steps - 1``, the nodes a run of ``steps`` steps weights
+        before its final correction (:func:`~steerdiff.smc.particles.check_nodes`)."""
+        check_nodes("FKSteering", "nodes", self.nodes, steps)
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
         """``log_g``: the log of the product of potentials so far; ``prev``/``best``/``total``: the last,

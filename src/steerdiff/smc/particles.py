@@ -36,6 +36,8 @@ estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z`
 
 * ``init_state(x) -> dict[str, Tensor]``: the algorithm's per-particle state, tensors
   ``(batch, particles, ...)``; the engine resamples them with the particles (ancestry is kept).
+* ``check_steps(steps)``: refuse (``ValueError``) options a run of ``steps`` steps could never use,
+  such as potential nodes outside ``0..steps - 1`` (:func:`check_nodes`); called before the run.
 * (b) ``log_weight(ctx) -> Tensor | None``: the incremental log-weight ``(batch, particles)`` of the
   particles ``ctx.x`` at node ``ctx.i`` (``None``: weights unchanged). It may read ``ctx.x0``
   (denoised estimate, free at ``i < S``), ``ctx.reward(z)`` (the user's reward, chunked),
@@ -86,7 +88,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -115,6 +117,7 @@ __all__ = [
     "SMCAlgorithm",
     "StepContext",
     "Trace",
+    "check_nodes",
     "run_smc",
     "stochastic_solvers",
     "transition_log_prob",
@@ -458,6 +461,11 @@ class SMCAlgorithm:
     grad: ClassVar[bool] = False
     needs_transition: ClassVar[bool] = False
 
+    def check_steps(self, steps: int) -> None:
+        """Refuse (a ``ValueError``) options that a run of ``steps`` steps could never use, before it
+        starts: the hooks see the nodes ``ctx.i = 0..steps - 1`` and then the final node ``steps``
+        (:func:`check_nodes`). Default: nothing to check."""
+
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
         """Per-particle state ``(batch, particles, ...)`` at node 0 (``x``: the initial particles)."""
         return {}
@@ -476,6 +484,21 @@ class SMCAlgorithm:
 
 
 # --- the engine -----------------------------------------------------------------------------------
+
+
+def check_nodes(who: str, name: str, nodes: Iterable[int], steps: int) -> None:
+    """Raise a ``ValueError`` naming ``who``, ``name`` and the values if any of the grid ``nodes`` is
+    not one at which a run of ``steps`` steps calls the hooks before its end: ``0 <= node < steps``
+    (node ``steps`` is the final node, :attr:`StepContext.final`, whose hook call is the final
+    correction, not a node's potential). A node outside would be silently never used."""
+    bad = sorted(v for v in nodes if not 0 <= v < steps)
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        raise ValueError(
+            f"{who}: {name} {{{shown}}} are never reached by a run of steps={steps}, which applies them "
+            f"at grid nodes 0..{steps - 1} (0 <= node < steps; node {steps} is the final one, whose "
+            "correction always applies); give nodes below steps, or more steps"
+        )
 
 
 def stochastic_solvers() -> list[str]:
@@ -908,6 +931,7 @@ def run_smc(
         raise ValueError(f"shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
     n_part = integer("run_smc", "particles", particles, lo=1)
     steps = integer("run_smc", "steps", steps, lo=1)
+    algorithm.check_steps(steps)
     ess_threshold = real("run_smc", "ess_threshold", ess_threshold, lo=0, hi=1)
     if dtype is not None:
         dtype = sample_dtype("run_smc", "dtype", dtype)
