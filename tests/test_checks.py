@@ -229,3 +229,134 @@ def test_choice_and_boolean():
 def test_first_false_reads_the_flags_once():
     assert first_false(torch.tensor([True, True])) is None
     assert first_false(torch.tensor([True, False, True, False])) == 1
+
+
+# --- the messages of the shared resolvers and input checks name the function called -----------------
+
+_X = torch.zeros(2, 2)
+_MASK = torch.tensor([True, False])
+_SMC = {"shape": (1, 2), "particles": 2, "steps": 3}
+
+
+def _reward(x: torch.Tensor) -> torch.Tensor:
+    return x[:, 0]
+
+
+class _Mine(sd.smc.SMCAlgorithm):
+    """A user's algorithm keeping the base class's name: its messages name run_smc."""
+
+
+# before: "unknown solver='nope'; accepted: [...]", "x_T must be a torch.Tensor, got list" and the
+# like, naming the argument but not which of sample, repaint_sample, pcg, the sd.smc samplers or
+# run_smc refused it (the resolvers and checks are shared by all of them)
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        (
+            lambda den: sd.sample(den, _X, 5, solver="nope"),
+            r"^sample: unknown solver='nope'; accepted: \['ddim'",
+        ),
+        (
+            lambda den: sd.sample(den, _X, 5, schedule="nope"),
+            r"^sample: unknown schedule='nope'; accepted: \['ays', .*a Schedule object",
+        ),
+        (lambda den: sd.sample(den, [[0.0, 0.0]], 5), r"^sample: x_T must be a torch\.Tensor, got list$"),
+        (lambda den: sd.sample(den, _X.long(), 5), r"^sample: x_T must have a floating dtype"),
+        (lambda den: sd.sample(den, _X[0], 5), r"^sample: x_T must be batched"),
+        (lambda den: sd.sample(den, _X + math.nan, 5), r"^sample: x_T contains NaN or inf$"),
+        (lambda den: sd.sample(den, torch.zeros(2, 3), 5), r"^sample: x_T has sample shape \(3,\)"),
+        (lambda den: sd.sample("den", _X, 5), r"^sample: den must be a steerdiff Denoiser"),
+        (
+            lambda den: sd.sample(den, _X, 5, corrector="nope"),
+            r"^sample: unknown corrector='nope'; accepted: None, \['hmc'",
+        ),
+        (
+            lambda den: sd.sample(den, _X, 5, generator=[torch.Generator()]),
+            r"^sample: generator: 1 generators for a batch of 2 rows",
+        ),
+        (
+            lambda den: sd.sample(
+                sd.guidance.RePaint(den, sd.inverse.Inpaint(_MASK), _X[:, :1]),
+                _X,
+                5,
+                generator=torch.Generator(),
+            ),
+            r"^sample: generator: RePaint .* global RNG",
+        ),
+        (
+            lambda den: sd.guidance.repaint_sample(
+                den, sd.inverse.Inpaint(_MASK), _X[:, :1], _X, 3, schedule="nope"
+            ),
+            r"^repaint_sample: unknown schedule='nope'; accepted: \[",
+        ),
+        (
+            lambda den: sd.guidance.repaint_sample(
+                den, sd.inverse.Inpaint(_MASK), _X[:, :1], [[0.0, 0.0]], 3
+            ),
+            r"^repaint_sample: x_T must be a torch\.Tensor, got list$",
+        ),
+        (lambda den: sd.guidance.pcg(den, den, [[0.0]], 3, 1.0), r"^pcg: x_T must be a torch\.Tensor"),
+        (
+            lambda den: sd.guidance.pcg(den, den, _X, 3, 1.0, schedule="nope"),
+            r"^pcg: unknown schedule='nope'; accepted: \[",
+        ),
+        (
+            lambda den: sd.smc.fk_steering(den, _reward, 1.0, solver="nope", **_SMC),
+            r"^fk_steering: unknown solver='nope'; accepted: \['ddim'",
+        ),
+        (
+            lambda den: sd.smc.fk_steering(den, _reward, 1.0, schedule="nope", **_SMC),
+            r"^fk_steering: unknown schedule='nope'; accepted: \[",
+        ),
+        (
+            lambda den: sd.smc.fk_steering(den, _reward, 1.0, resampler="nope", **_SMC),
+            r"^fk_steering: unknown resampler='nope'; accepted: \['multinomial'",
+        ),
+        (
+            lambda den: sd.smc.fk_steering(den, _reward, 1.0, **{**_SMC, "shape": (2,)}),
+            r"^fk_steering: shape must be \(batch, \*sample_shape\)",
+        ),
+        (
+            lambda den: sd.smc.fk_steering(den, _reward, 1.0, **{**_SMC, "shape": (1, 3)}),
+            r"^fk_steering: shape has sample shape \(3,\), the denoiser expects \(2,\)",
+        ),
+        (
+            lambda den: sd.smc.fk_steering(den, _reward, 1.0, x_T=_X, **_SMC),
+            r"^fk_steering: x_T must be \(batch, particles, \*shape\) = \(1, 2, 2\), got \(2, 2\)",
+        ),
+        (
+            lambda den: sd.smc.fk_steering(den, _reward, 1.0, x_T=torch.full((1, 2, 2), math.nan), **_SMC),
+            r"^fk_steering: x_T contains NaN or inf$",
+        ),
+        (lambda den: sd.smc.fk_steering(den, 3, 1.0, **_SMC), r"^fk_steering: reward must be a callable"),
+        (
+            lambda den: sd.smc.fk_steering(den, lambda x: x, 1.0, **_SMC),
+            r"^fk_steering: reward must map a batch",
+        ),
+        (lambda den: sd.smc.svdd(den, 3, **_SMC), r"^svdd: reward must be a callable"),
+        (lambda den: sd.smc.code(den, _reward, solver="nope", **_SMC), r"^code: unknown solver='nope'"),
+        (lambda den: sd.smc.run_smc(den, "fk", (1, 2), particles=2, steps=3), r"^run_smc: algorithm must be"),
+        (lambda den: sd.smc.run_smc(den, _Mine(), (2,), particles=2, steps=3), r"^run_smc: shape must be"),
+        (lambda den: sd.smc.run_smc("den", _Mine(), (1, 2), particles=2, steps=3), r"^run_smc: den must be"),
+    ],
+)
+def test_messages_name_the_function(sd_process, call, pattern):
+    one = torch.ones(1, 2, dtype=torch.float64)
+    den = sd.toy.GaussianMixture(torch.zeros(1, 2, dtype=torch.float64), one, one[0, :1]).denoiser(sd_process)
+    with pytest.raises(ValueError, match=pattern):
+        call(den)
+
+
+def test_the_resolvers_name_their_caller_where_given():
+    """``who`` prefixes the message; without it the message is as before (SelfRecurrence adds its own)."""
+    cases = [
+        (sd.solvers.get, "solver"),
+        (sd.schedules.get, "schedule"),
+        (sd.smc.resample.get, "resampler"),
+        (sd.mcmc.get, "corrector"),
+    ]
+    for get, name in cases:
+        with pytest.raises(ValueError, match=rf"^W: unknown {name}='nope'; accepted: "):
+            get("nope", "W")
+        with pytest.raises(ValueError, match=rf"^unknown {name}='nope'; accepted: "):
+            get("nope")

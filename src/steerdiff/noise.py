@@ -65,10 +65,12 @@ def _draw_on(
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def check_rows(generators: Sequence[torch.Generator], rows: int) -> None:
-    """A ``ValueError`` naming ``generator`` unless the list holds one generator per row of ``rows``."""
+def check_rows(generators: Sequence[torch.Generator], rows: int, who: str | None = None) -> None:
+    """A ``ValueError`` naming ``generator`` (after ``who:`` where given) unless the list holds one
+    generator per row of ``rows``."""
     if len(generators) != rows:
-        raise ValueError(f"generator: {len(generators)} generators for a batch of {rows} rows")
+        prefix = f"{who}: " if who else ""
+        raise ValueError(f"{prefix}generator: {len(generators)} generators for a batch of {rows} rows")
 
 
 def _draw(
@@ -263,20 +265,21 @@ def check_generators(who: str, generator: object, rows: int | None = None) -> Ge
     )
 
 
-def check_shared(noise: object, shared: Sequence[str], fix: str) -> None:
+def check_shared(noise: object, shared: Sequence[str], fix: str, who: str | None = None) -> None:
     """A ``ValueError`` naming ``generator`` and the parts in ``shared`` when ``noise`` (a sampler's
     ``generator=``, or the source made from it) is one generator per row -- a list, or a
     :class:`PerSampleNoise` -- while those parts draw the whole batch from one ``torch.Generator`` of
     their own: their draws for a row, and so the row, would depend on the batch it is drawn in.
-    ``fix`` ends the message."""
+    ``fix`` ends the message; ``who:``, the caller, begins it where given."""
     per_row = isinstance(noise, PerSampleNoise) or (
         isinstance(noise, Sequence) and not isinstance(noise, str | bytes)
     )
     if shared and per_row:
+        prefix = f"{who}: " if who else ""
         raise ValueError(
-            f"generator: one generator per row (a list) asks for each row to be the same whatever the "
-            f"batch, but {', '.join(dict.fromkeys(shared))} draws the whole batch from one torch.Generator "
-            f"of its own, so a row would depend on the batch it is drawn in; {fix}"
+            f"{prefix}generator: one generator per row (a list) asks for each row to be the same whatever "
+            f"the batch, but {', '.join(dict.fromkeys(shared))} draws the whole batch from one "
+            f"torch.Generator of its own, so a row would depend on the batch it is drawn in; {fix}"
         )
 
 

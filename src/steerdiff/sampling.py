@@ -231,18 +231,19 @@ def default_solver(den: Denoiser, steps: int, grid: Grid | None = None) -> Solve
     return _solvers.get(DEFAULT_SOLVER)
 
 
-def check_seeded(den: Denoiser, generator: object) -> None:
-    """Raise a ``ValueError`` naming ``generator`` when a seeded run would not be reproducible as
-    asked (the parts of ``den`` that draw noise themselves:
+def check_seeded(den: Denoiser, generator: object, who: str | None = None) -> None:
+    """Raise a ``ValueError`` naming ``generator`` (after ``who:``, the caller, where given) when a
+    seeded run would not be reproducible as asked (the parts of ``den`` that draw noise themselves:
     :meth:`~steerdiff.denoiser.Denoiser.own_noise`): with ``generator`` given, a part drawing from
     torch's global RNG, which the seed does not reach; with one generator per row (a list), also a
     part that draws the whole batch from one generator of its own, which makes every row depend on
     the batch (:func:`~steerdiff.noise.check_shared`)."""
     own = den.own_noise()
     parts = [name for name, g in own if g is None] if generator is not None else []
+    prefix = f"{who}: " if who else ""
     if parts:
         raise ValueError(
-            f"generator: {', '.join(dict.fromkeys(parts))} in the denoiser draws noise from torch's "
+            f"{prefix}generator: {', '.join(dict.fromkeys(parts))} in the denoiser draws noise from torch's "
             "global RNG, which generator= does not reach, so the run would not be reproducible by its "
             "seed; give it a generator of its own (e.g. RePaint(..., generator=g2), CADS(..., "
             "generator=g2)) or pass generator=None"
@@ -252,23 +253,26 @@ def check_seeded(den: Denoiser, generator: object) -> None:
         [name for name, g in own if isinstance(g, torch.Generator)],
         "give it one generator per row of its batch too (e.g. RePaint(..., generator=[g2_0, g2_1, ...]); "
         "under a particle method one per particle, batch-major) or pass one generator",
+        who,
     )
 
 
-def check_x_T(den: Denoiser, x_T: Tensor) -> None:
-    """Raise a ``ValueError`` naming ``x_T`` unless it is a finite, batched float tensor of den's shape."""
+def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None) -> None:
+    """Raise a ``ValueError`` naming ``x_T`` (after ``who:``, the caller, where given) unless it is a
+    finite, batched float tensor of den's shape."""
+    p = f"{who}: " if who else ""
     if not isinstance(x_T, Tensor):
-        raise ValueError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
+        raise ValueError(f"{p}x_T must be a torch.Tensor, got {type(x_T).__name__}")
     if x_T.dtype not in SAMPLE_DTYPES:
         raise ValueError(
-            f"x_T must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}"
+            f"{p}x_T must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}"
         )
     if x_T.ndim < 2:
-        raise ValueError(f"x_T must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
+        raise ValueError(f"{p}x_T must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
     if not bool(torch.isfinite(x_T).all()):
-        raise ValueError("x_T contains NaN or inf")
+        raise ValueError(f"{p}x_T contains NaN or inf")
     if den.shape is not None and tuple(x_T.shape[1:]) != den.shape:
-        raise ValueError(f"x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
+        raise ValueError(f"{p}x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
 
 
 def _is_default(value: object, default: float) -> bool:
@@ -435,22 +439,22 @@ def sample(
         NonFiniteError: the network returned NaN/inf, or a corrector on its ``log_prob`` made it (the
             message names the step and time).
     """
-    check_denoiser(None, "den", den)
-    check_x_T(den, x_T)
-    check_seeded(den, generator)
+    check_denoiser("sample", "den", den)
+    check_x_T(den, x_T, "sample")
+    check_seeded(den, generator, "sample")
     steps = integer("sample", "steps", steps, lo=1)
     choice("sample", "final", final, FINALS)
     progress = boolean("sample", "progress", progress)
     return_info = boolean("sample", "return_info", return_info)
     if callback is not None and not callable(callback):
         raise ValueError(f"sample: callback must be None or a callable(dict), got {type(callback).__name__}")
-    sched = _schedules.get(schedule)
+    sched = _schedules.get(schedule, "sample")
     grid = make_grid(den.process, sched, steps, final)
-    slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver)
+    slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver, "sample")
     model = Model(den, cond, make_noise(generator, "sample"), net_dtype=x_T.dtype)
     if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
-        check_rows(model.noise.generators, len(x_T))
-    kernel = None if corrector is None else _mcmc.get(corrector)
+        check_rows(model.noise.generators, len(x_T), "sample")
+    kernel = None if corrector is None else _mcmc.get(corrector, "sample")
     check_unused_corrector_args(kernel, corrector_steps, snr)
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr, len(x_T))

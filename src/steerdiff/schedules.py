@@ -565,9 +565,10 @@ def _times_like(value: object) -> bool:
     return isinstance(value, Sequence) or hasattr(value, "__array__")
 
 
-def get(schedule: ScheduleLike) -> Schedule:
+def get(schedule: ScheduleLike, who: str | None = None) -> Schedule:
     """Resolve a name (see :func:`available`), pass a :class:`Schedule` through, or make a list,
-    array or tensor of process times a :class:`Custom` grid."""
+    array or tensor of process times a :class:`Custom` grid; anything else is a ``ValueError`` naming
+    ``schedule`` and the accepted values (after ``who:``, the caller, where given)."""
     if isinstance(schedule, Schedule):
         return schedule
     if isinstance(schedule, str):
@@ -575,7 +576,8 @@ def get(schedule: ScheduleLike) -> Schedule:
             return _REGISTRY[schedule]()
     elif _times_like(schedule):
         return Custom(schedule)
+    prefix = f"{who}: " if who else ""
     raise ValueError(
-        f"unknown schedule={schedule!r}; accepted: {available()}, a Schedule object or a list of "
+        f"{prefix}unknown schedule={schedule!r}; accepted: {available()}, a Schedule object or a list of "
         "process times"
     )

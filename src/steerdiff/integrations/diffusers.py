@@ -439,10 +439,11 @@ def _resolve(kind: _Kind, value: Any) -> Solver | Schedule:
     describes (:func:`_stored_form`): that class built with the stored options."""
     get = _solvers.get if kind == "solver" else _schedules.get
     if not isinstance(value, Mapping):
-        return get(value)
+        return get(value, "SteerdiffScheduler")
     options = dict(value)
     path = options.pop("class", None)
-    cls = type(get(options.pop("name", None))) if path is None else _import_class(kind, path)
+    name = options.pop("name", None)
+    cls = type(get(name, "SteerdiffScheduler")) if path is None else _import_class(kind, path)
     try:
         return cls(**options)
     except TypeError as err:

@@ -45,13 +45,17 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(corrector: str | Kernel) -> Kernel:
-    """Resolve a name (see :func:`available`) or pass a :class:`~steerdiff.mcmc.base.Kernel` through."""
+def get(corrector: str | Kernel, who: str | None = None) -> Kernel:
+    """Resolve a name (see :func:`available`) or pass a :class:`~steerdiff.mcmc.base.Kernel` through;
+    anything else is a ``ValueError`` naming ``corrector`` (after ``who:``, the caller, where given)."""
     if isinstance(corrector, Kernel):
         return corrector
     if isinstance(corrector, str) and corrector in _REGISTRY:
         return _REGISTRY[corrector]()
-    raise ValueError(f"unknown corrector={corrector!r}; accepted: None, {available()} or a Kernel instance")
+    prefix = f"{who}: " if who else ""
+    raise ValueError(
+        f"{prefix}unknown corrector={corrector!r}; accepted: None, {available()} or a Kernel instance"
+    )
 
 
 def check_corrector(

@@ -108,7 +108,7 @@ def best_of_n(
     :func:`~steerdiff.smc.run_smc` (any solver, deterministic ones included). Returns
     :class:`~steerdiff.smc.Particles` with a point mass on each row's best sample.
     """
-    _check_reward(reward)
+    _check_reward(reward, "best_of_n")
     return run_smc(
         den, BestOfN(), shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, x_T=x_T, dtype=dtype,
@@ -141,7 +141,7 @@ def code(
     the other arguments are those of :func:`~steerdiff.smc.run_smc`. Returns
     :class:`~steerdiff.smc.Particles` with a point mass on each row's best final sample.
     """
-    _check_reward(reward)
+    _check_reward(reward, "code")
     return run_smc(
         den, CoDe(block), shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, dtype=dtype,

@@ -484,7 +484,7 @@ def fkc(
         particles`` for ``K`` components with ``beta_k != 0`` and a one-evaluation step; ``K *
         particles`` more with ``final="none"``), ``trace`` (``log_z`` as in the module docstring).
     """
-    shape = _check_shape(shape)
+    shape = _check_shape(shape, "fkc")
     check_generators("fkc", generator, shape[0])
     n = integer("fkc", "particles", particles, lo=1)
     comp = Composition(dens, betas, kwargs, max_batch)
@@ -497,7 +497,8 @@ def fkc(
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
         dtype = None if dtype is None else sample_dtype("fkc", "dtype", dtype)
         device = None if device is None else torch_device("fkc", "device", device)
-        grid = make_grid(comp.process, _schedules.get(schedule), integer("fkc", "steps", steps, lo=1), final)
+        sched = _schedules.get(schedule, "fkc")
+        grid = make_grid(comp.process, sched, integer("fkc", "steps", steps, lo=1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
         x_T = scale * randn((shape[0], n, *shape[1:]), generator, dtype, device)
     return run_smc(

@@ -197,7 +197,7 @@ def fk_steering(
         >>> out = sd.smc.fk_steering(den, reward, lam=10.0, shape=(4, 2), particles=16, steps=100)
         >>> x = out.sample(generator=g)   # (4, 2), one draw per batch row
     """
-    _check_reward(reward)
+    _check_reward(reward, "fk_steering")
     nodes = potential_nodes(integer("fk_steering", "steps", steps, lo=1), interval, window)
     algorithm = FKSteering(*check_arguments("fk_steering", lam, potential, nodes))
     return run_smc(

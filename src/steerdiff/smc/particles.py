@@ -695,6 +695,7 @@ class _Run:
 
     def __init__(
         self,
+        who: str,
         grid: Grid,
         model: Model,
         evaluator: _Evaluator,
@@ -704,7 +705,7 @@ class _Run:
         shape: tuple[int, ...],
         max_batch: int | None,
     ) -> None:
-        self.grid, self.model, self.evaluator, self._reward = grid, model, evaluator, reward
+        self.who, self.grid, self.model, self.evaluator, self._reward = who, grid, model, evaluator, reward
         self.batch, self.particles, self.shape, self.max_batch = batch, particles, shape, max_batch
         self.reward_ok: list[Tensor] = []
         self.reward_at: list[int] = []
@@ -723,7 +724,7 @@ class _Run:
     def reward(self, z: Tensor, i: int) -> Tensor:
         if self._reward is None:
             raise ValueError("ctx.reward: this run has no reward; pass reward= to run_smc")
-        r = _map_rows(self.max_batch, partial(_call_reward, self._reward), self.flat(z), 0.0, {})
+        r = _map_rows(self.max_batch, partial(_call_reward, self.who, self._reward), self.flat(z), 0.0, {})
         self.reward_ok.append(torch.isfinite(r).all())
         self.reward_at.append(i)
         if r.is_cpu and not bool(self.reward_ok[-1]):  # no device read to save; before the weights it spoils
@@ -735,35 +736,36 @@ class _Run:
         k = first_false(torch.stack(self.reward_ok)) if self.reward_ok else None
         if k is not None:
             raise ValueError(
-                f"reward returned NaN or inf at node {self.reward_at[k]} (rewards must be finite)"
+                f"{self.who}: reward returned NaN or inf at node {self.reward_at[k]} (rewards must be finite)"
             )
 
 
-def _call_reward(reward: Reward, rows: RowSlice) -> Tensor:
+def _call_reward(who: str, reward: Reward, rows: RowSlice) -> Tensor:
     """``reward`` on the rows' particles, checked, as float64."""
     r = reward(rows.x)
     n = rows.x.shape[0]
     if not isinstance(r, Tensor) or tuple(r.shape) != (n,):
         got = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
         raise ValueError(
-            f"reward must map a batch (n, *shape) to rewards of shape (n,); for n = {n} it returned {got}"
+            f"{who}: reward must map a batch (n, *shape) to rewards of shape (n,); for n = {n} it returned "
+            f"{got}"
         )
     return r.to(torch.float64)
 
 
-def _check_reward(reward: Any) -> Reward:
+def _check_reward(reward: Any, who: str) -> Reward:
     if not callable(reward):
-        raise ValueError(f"reward must be a callable (n, *shape) -> (n,), got {type(reward).__name__}")
+        raise ValueError(f"{who}: reward must be a callable (n, *shape) -> (n,), got {type(reward).__name__}")
     return reward
 
 
-def _check_shape(shape: Any) -> tuple[int, ...]:
+def _check_shape(shape: Any, who: str) -> tuple[int, ...]:
     if (
         not isinstance(shape, tuple | list)
         or len(shape) < 2
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
     ):
-        raise ValueError(f"shape must be (batch, *sample_shape) of positive integers, got {shape!r}")
+        raise ValueError(f"{who}: shape must be (batch, *sample_shape) of positive integers, got {shape!r}")
     return tuple(shape)
 
 
@@ -920,29 +922,32 @@ def run_smc(
         run keeps no autograd graph across steps (resampling has no gradient; a graph through every
         step would grow the memory with them): the particles and rewards come back without one.
     """
-    check_denoiser(None, "den", den)
     if not isinstance(algorithm, SMCAlgorithm):
-        raise ValueError(f"algorithm must be an SMCAlgorithm, got {type(algorithm).__name__}")
-    progress = boolean(algorithm.name, "progress", progress)
-    shape = _check_shape(shape)
+        raise ValueError(f"run_smc: algorithm must be an SMCAlgorithm, got {type(algorithm).__name__}")
+    # messages name the public algorithm that called (fk_steering, svdd, ...), or run_smc for one of
+    # the user's that keeps the base class's name
+    who = "run_smc" if algorithm.name == SMCAlgorithm.name else algorithm.name
+    check_denoiser(who, "den", den)
+    progress = boolean(who, "progress", progress)
+    shape = _check_shape(shape, who)
     batch, sample_shape = shape[0], shape[1:]
-    check_generators(algorithm.name, generator, batch)
+    check_generators(who, generator, batch)
     if den.shape is not None and sample_shape != den.shape:
-        raise ValueError(f"shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
-    n_part = integer("run_smc", "particles", particles, lo=1)
-    steps = integer("run_smc", "steps", steps, lo=1)
+        raise ValueError(f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
+    n_part = integer(who, "particles", particles, lo=1)
+    steps = integer(who, "steps", steps, lo=1)
     algorithm.check_steps(steps)
-    ess_threshold = real("run_smc", "ess_threshold", ess_threshold, lo=0, hi=1)
+    ess_threshold = real(who, "ess_threshold", ess_threshold, lo=0, hi=1)
     if dtype is not None:
-        dtype = sample_dtype("run_smc", "dtype", dtype)
+        dtype = sample_dtype(who, "dtype", dtype)
     if device is not None:
-        device = torch_device("run_smc", "device", device)
+        device = torch_device(who, "device", device)
     rows = batch * n_part
-    max_batch = _check_batching("run_smc", [den], max_batch)
+    max_batch = _check_batching(who, [den], max_batch)
     if reward is not None:
-        _check_reward(reward)
-    resample_fn = _resample.get(resampler)
-    slv = _solvers.get(solver)
+        _check_reward(reward, who)
+    resample_fn = _resample.get(resampler, who)
+    slv = _solvers.get(solver, who)
     if algorithm.grad and torch.is_inference_mode_enabled():
         raise RuntimeError(
             f"{algorithm.name} differentiates the denoised estimate, which torch.inference_mode() forbids; "
@@ -953,7 +958,7 @@ def run_smc(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
             f"{slv.name!r} is deterministic. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0)"
         )
-    grid = make_grid(den.process, _schedules.get(schedule), steps, final)
+    grid = make_grid(den.process, _schedules.get(schedule, who), steps, final)
     if algorithm.stochastic and not slv.noisy_on(grid):
         raise ValueError(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
@@ -962,12 +967,12 @@ def run_smc(
             "steps on, give restart_info; edm_sde churns only within [s_tmin, s_tmax]; sa_solver's tau may "
             "vanish there)"
         )
-    x = _initial_particles(den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
+    x = _initial_particles(who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
     in_dtype = x.dtype
     x = x.to(work_dtype(in_dtype))
 
     cond = _repeat_rows(cond, batch, n_part)
-    check_seeded(den, generator)
+    check_seeded(den, generator, who)
     evaluator = _Evaluator(den, max_batch, batch, n_part)
     noise = (
         GeneratorNoise(generator)
@@ -976,7 +981,7 @@ def run_smc(
     )
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)
-    run = _Run(grid, model, evaluator, reward, batch, n_part, sample_shape, max_batch)
+    run = _Run(who, grid, model, evaluator, reward, batch, n_part, sample_shape, max_batch)
     solver_state = slv.init_state(grid)
     alg_state = algorithm.init_state(run.rows(x))
 
@@ -1080,6 +1085,7 @@ def _check_batching(who: str, dens: Sequence[Denoiser], max_batch: int | None) -
 
 
 def _initial_particles(
+    who: str,
     den: Denoiser,
     grid: Grid,
     shape: tuple[int, ...],
@@ -1097,9 +1103,9 @@ def _initial_particles(
         return x if math.isclose(scale, 1.0, rel_tol=1e-9) else x * scale
     if not isinstance(x_T, Tensor) or tuple(x_T.shape) != shape:
         got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
-        raise ValueError(f"x_T must be (batch, particles, *shape) = {shape}, got {got}")
+        raise ValueError(f"{who}: x_T must be (batch, particles, *shape) = {shape}, got {got}")
     x = x_T.reshape(rows, *sample_shape)
-    check_x_T(den, x)
+    check_x_T(den, x, who)
     return x
 
 

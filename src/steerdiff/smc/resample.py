@@ -180,14 +180,16 @@ RESAMPLERS: dict[str, Resampler] = {
 }
 
 
-def get(resampler: str | Resampler) -> Resampler:
+def get(resampler: str | Resampler, who: str | None = None) -> Resampler:
     """Resolve a name (``multinomial``, ``residual``, ``stratified``, ``systematic``) or pass a
-    callable ``(log_w, generator) -> indices`` through."""
+    callable ``(log_w, generator) -> indices`` through; anything else is a ``ValueError`` naming
+    ``resampler`` (after ``who:``, the caller, where given)."""
     if isinstance(resampler, str) and resampler in RESAMPLERS:
         return RESAMPLERS[resampler]
     if callable(resampler) and not isinstance(resampler, str):
         return resampler
+    prefix = f"{who}: " if who else ""
     raise ValueError(
-        f"unknown resampler={resampler!r}; accepted: {sorted(RESAMPLERS)} "
+        f"{prefix}unknown resampler={resampler!r}; accepted: {sorted(RESAMPLERS)} "
         "or a callable (log_w, generator) -> indices"
     )

@@ -127,7 +127,7 @@ def svdd(
         :class:`~steerdiff.smc.Particles`: the final candidates with log-weights ``r / alpha``
         (``out.sample()`` draws the returned sample), ``reward`` their values, ``nfe = steps * M``.
     """
-    _check_reward(reward)
+    _check_reward(reward, "svdd")
     return run_smc(
         den, SVDD(alpha), shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, dtype=dtype,

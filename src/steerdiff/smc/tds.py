@@ -350,7 +350,7 @@ def tds(
     if given[0]:
         if operator is None or y is None:
             raise ValueError("tds: a linear-Gaussian observation needs both operator and y")
-        twist = _linear_twist(den, operator, y, noise_std, _check_shape(shape)[0], n_part, prior_var)
+        twist = _linear_twist(den, operator, y, noise_std, _check_shape(shape, "tds")[0], n_part, prior_var)
     elif log_likelihood is not None:
         if not callable(log_likelihood):
             raise ValueError("log_likelihood must be callable: (n, *shape) -> (n,)")

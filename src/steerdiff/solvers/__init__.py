@@ -90,10 +90,13 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(solver: str | Solver) -> Solver:
-    """Resolve a name (see :func:`available`) or pass a :class:`Solver` instance through."""
+def get(solver: str | Solver, who: str | None = None) -> Solver:
+    """Resolve a name (see :func:`available`) or pass a :class:`Solver` instance through; anything else
+    is a ``ValueError`` naming ``solver`` and the accepted values (after ``who:``, the caller, where
+    given)."""
     if isinstance(solver, Solver):
         return solver
     if isinstance(solver, str) and solver in _REGISTRY:
         return _REGISTRY[solver]()
-    raise ValueError(f"unknown solver={solver!r}; accepted: {available()} or a Solver instance")
+    prefix = f"{who}: " if who else ""
+    raise ValueError(f"{prefix}unknown solver={solver!r}; accepted: {available()} or a Solver instance")
