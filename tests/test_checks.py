@@ -360,3 +360,47 @@ def test_the_resolvers_name_their_caller_where_given():
             get("nope", "W")
         with pytest.raises(ValueError, match=rf"^unknown {name}='nope'; accepted: "):
             get("nope")
+
+
+# before: set_timesteps(10, device="gpu0") raised torch's bare "RuntimeError: Invalid device string:
+# 'gpu0'" from inside (device=3.5 a TypeError about Tensor.to), as did noise.randn / rand and
+# LinearOperator.to_dense; the digits loaders safetensors' "device gpu0 is invalid"
+@pytest.mark.parametrize("bad", ["gpu0", 3.5])
+def test_a_device_argument_is_checked_where_it_is_given(bad):
+    accepted = (
+        r"device must be a torch\.device or a device string torch accepts \(such as 'cpu', 'cuda', 'cuda:0'\)"
+    )
+    got = re.escape(f", got {bad!r}")
+    calls = [
+        ("randn", lambda: sd.noise.randn((2, 2), None, None, bad)),
+        ("rand", lambda: sd.noise.rand((2, 2), None, None, bad)),
+        ("Matrix.to_dense", lambda: sd.inverse.Matrix(torch.eye(2)).to_dense(device=bad)),
+    ]
+    for who, call in calls:
+        with pytest.raises(ValueError, match=rf"^{re.escape(who)}: {accepted} or None{got}"):
+            call()
+    from steerdiff.toy import digits
+
+    for who in ("load_digits_denoiser", "load_classifier", "load_noisy_classifier"):
+        with pytest.raises(ValueError, match=rf"^{who}: {accepted}{got}"):
+            getattr(digits, who)(device=bad)
+    assert sd.noise.randn((2, 2), None, None, "cpu").device.type == "cpu"  # strings torch accepts still work
+    assert sd.inverse.Matrix(torch.eye(2)).to_dense(device=None).shape == (2, 2)
+
+
+@pytest.mark.parametrize("bad", ["gpu0", 3.5, True])
+def test_set_timesteps_names_a_bad_device(bad):
+    pytest.importorskip("diffusers")
+    from steerdiff.integrations.diffusers import SteerdiffScheduler
+
+    sched = SteerdiffScheduler()
+    pattern = (
+        r"^set_timesteps: device must be a torch\.device or a device string torch accepts \(such as 'cpu', "
+        rf"'cuda', 'cuda:0'\) or None, got {re.escape(repr(bad))}"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        sched.set_timesteps(10, device=bad)
+    sched.set_timesteps(10, device="cpu")
+    assert sched.timesteps.device.type == "cpu" and sched.sigmas.device.type == "cpu"
+    sched.set_timesteps(10, device=None)
+    assert len(sched.timesteps) == 10

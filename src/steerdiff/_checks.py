@@ -31,6 +31,7 @@ __all__ = [
     "Bounds",
     "boolean",
     "choice",
+    "device_or_none",
     "integer",
     "ordered",
     "real",
@@ -175,17 +176,31 @@ def sample_dtype(who: str, name: str, value: object) -> torch.dtype:
     raise ValueError(f"{who}: {name} must be float16, bfloat16, float32 or float64, got {value!r}")
 
 
+_DEVICES = "a torch.device or a device string torch accepts (such as 'cpu', 'cuda', 'cuda:0')"
+
+
 def torch_device(who: str, name: str, value: object) -> torch.device:
     """``value`` -- a ``torch.device`` or a device string such as ``"cuda:0"`` -- as a ``torch.device``,
-    else a ``ValueError`` naming it (with torch's reason for a string it refuses)."""
-    if isinstance(value, torch.device | str):
+    else a ``ValueError`` naming ``who`` and ``name`` and what is accepted (with torch's reason for a
+    string it refuses, such as ``"gpu0"``)."""
+    return _device(who, name, value, "")
+
+
+def device_or_none(who: str, name: str, value: object) -> torch.device | None:
+    """:func:`torch_device` for an argument that may also be ``None`` (returned as it is), which its
+    message then lists too."""
+    return None if value is None else _device(who, name, value, " or None")
+
+
+def _device(who: str, name: str, value: object, also: str) -> torch.device:
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, str):
         try:
             return torch.device(value)
         except RuntimeError as e:
-            raise ValueError(
-                f"{who}: {name} must be a torch.device or a device string, got {value!r} ({e})"
-            ) from e
-    raise ValueError(f"{who}: {name} must be a torch.device or a device string such as 'cuda', got {value!r}")
+            raise ValueError(f"{who}: {name} must be {_DEVICES}{also}, got {value!r} ({e})") from e
+    raise ValueError(f"{who}: {name} must be {_DEVICES}{also}, got {value!r}")
 
 
 def boolean(who: str, name: str, value: object) -> bool:

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ._checks import integer, ordered
+from ._checks import device_or_none, integer, ordered
 
 __all__ = [
     "BrownianTreeNoise",
@@ -106,7 +106,10 @@ def randn(
     ``randn_tensor`` convention): a CPU generator then gives the same numbers whatever the device
     of the sample, where torch itself refuses a generator of another device. A list of generators,
     one per row of ``shape[0]``: row ``b`` from ``generator[b]`` (the same numbers whatever the other
-    rows)."""
+    rows). ``device``: a ``torch.device``, a device string torch accepts or ``None`` (a
+    ``ValueError`` otherwise)."""
+    if device is not None and not isinstance(device, torch.device):
+        device = device_or_none("randn", "device", device)
     return _draw(torch.randn, shape, generator, dtype, device)
 
 
@@ -114,6 +117,8 @@ def rand(
     shape: Sequence[int], generator: Generators, dtype: torch.dtype | None, device: torch.device | str | None
 ) -> Tensor:
     """``torch.rand(shape)`` (uniform on [0, 1)) drawn as :func:`randn` draws."""
+    if device is not None and not isinstance(device, torch.device):
+        device = device_or_none("rand", "device", device)
     return _draw(torch.rand, shape, generator, dtype, device)
 
 

@@ -64,7 +64,7 @@ from torch import Tensor
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import boolean, choice, integer, real, real_array, tensor
+from .._checks import boolean, choice, device_or_none, integer, real, real_array, tensor
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance import DynamicThreshold
@@ -669,6 +669,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         net's time is piecewise linear in process time through the nodes' (multistage solvers' inner
         evaluations).
         """
+        device = device_or_none("set_timesteps", "device", device)
         given = [
             k
             for k, v in (

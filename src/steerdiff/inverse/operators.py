@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import choice, integer, real, tensor
+from .._checks import choice, device_or_none, integer, real, tensor
 from .._ops import kept
 
 __all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
@@ -107,6 +107,7 @@ class LinearOperator:
         self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
     ) -> Tensor:
         """The ``(m, d)`` matrix of ``A`` on flattened samples: column ``j`` is ``A e_j``."""
+        device = device_or_none(f"{type(self).__name__}.to_dense", "device", device)
         d = math.prod(self.shape_in)
         basis = torch.eye(d, dtype=dtype, device=device).reshape(d, *self.shape_in)
         return self.forward(basis).reshape(d, -1).T.contiguous()

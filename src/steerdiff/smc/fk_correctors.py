@@ -118,7 +118,7 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
-from .._checks import boolean, integer, real, sample_dtype, torch_device
+from .._checks import boolean, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
@@ -496,7 +496,7 @@ def fkc(
         raise ValueError("fkc: data_std sets the default solver's step limit; give it with solver=None")
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
         dtype = None if dtype is None else sample_dtype("fkc", "dtype", dtype)
-        device = None if device is None else torch_device("fkc", "device", device)
+        device = device_or_none("fkc", "device", device)
         sched = _schedules.get(schedule, "fkc")
         grid = make_grid(comp.process, sched, integer("fkc", "steps", steps, lo=1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))

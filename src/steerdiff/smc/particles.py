@@ -99,7 +99,7 @@ from tqdm.auto import tqdm
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import boolean, integer, real, sample_dtype, torch_device
+from .._checks import boolean, device_or_none, integer, real, sample_dtype
 from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
 from ..guidance.base import Guided, value_grad
@@ -940,8 +940,7 @@ def run_smc(
     ess_threshold = real(who, "ess_threshold", ess_threshold, lo=0, hi=1)
     if dtype is not None:
         dtype = sample_dtype(who, "dtype", dtype)
-    if device is not None:
-        device = torch_device(who, "device", device)
+    device = device_or_none(who, "device", device)
     rows = batch * n_part
     max_batch = _check_batching(who, [den], max_batch)
     if reward is not None:

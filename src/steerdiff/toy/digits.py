@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import torch_device
 from ..denoiser import Denoiser
 from ..processes import VP, VPDiscrete
 
@@ -323,6 +324,8 @@ def _load(
 ) -> tuple[nn.Module, dict[str, str]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    device = torch_device(f"load_{'digits_denoiser' if model == 'denoiser' else model}", "device", device)
 
     file = Path(path) if path is not None else weights_path(model)
     if not file.is_file():
