@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
+import sys
+
 import pytest
 import torch
 
@@ -316,3 +320,76 @@ def test_a_direct_call_names_a_bad_x_or_t():
         den.evaluate([[0.0, 0.0]] * 3, 500.0, torch.float32)
     with pytest.raises(ValueError, match=r"^Denoiser\.evaluate: t must be a finite number"):
         den.evaluate(x, float("nan"), torch.float64)
+
+
+# --- a wrapper's evaluate checks its input, once per call ----------------------------------------
+
+
+def _wrappers() -> dict[str, sd.Denoiser]:
+    proc = sd.VP.cosine()
+    gmm = sd.toy.GaussianMixture(
+        torch.tensor([[1.0, 0.0], [-1.0, 0.5]], dtype=F64),
+        torch.full((2, 2), 0.3, dtype=F64),
+        torch.ones(2, dtype=F64),
+    )
+    den = gmm.denoiser(proc)
+    G = sd.guidance
+    op, y = sd.inverse.Inpaint(torch.tensor([True, False])), torch.zeros(3, 1, dtype=F64)
+    return {
+        "Denoiser": den,
+        "CFG": G.CFG(den, den, scale=2.0),
+        "ClassifierGuidance": G.ClassifierGuidance(den, lambda x, t: -x.pow(2).sum(1), scale=1.0),
+        "RewardGuidance": G.RewardGuidance(den, lambda x: -x.pow(2).sum(1), scale=1.0),
+        "DynamicThreshold": G.DynamicThreshold(den),
+        "DPS": G.DPS(den, op, y, scale=1.0),
+        "PiGDM": G.PiGDM(den, op, y, noise_std=0.1),
+        "MCG": G.MCG(den, op, y, scale=1.0),
+        "RePaint": G.RePaint(den, op, y, torch.Generator()),
+        "Composition": sd.smc.Composition([den, den], [0.5, 0.5]),
+        "CFG(DynamicThreshold(CFG))": G.CFG(G.DynamicThreshold(G.CFG(den, den, 2.0)), den, 2.0),
+    }
+
+
+# before: a wrapper's own evaluate ran no check: wrapper.evaluate([[0, 0]], t) was an AttributeError
+# from inside (CFG, RewardGuidance, DPS, PiGDM, MCG, RePaint, Composition), a NaN t was refused by the
+# base, naming Denoiser.evaluate (RePaint: the process's coefficients); and a call den(x, t) checked its
+# input once at the wrapper and again at every base's evaluate (CFG 3 times, CFG(DynamicThreshold(CFG)) 4)
+@pytest.mark.parametrize("name", list(_wrappers()))
+def test_every_evaluate_checks_its_input_once(name, monkeypatch):
+    import steerdiff.denoiser as denoiser_module
+
+    den = _wrappers()[name]
+    outer = name.split("(")[0]
+    x = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    for bad_x, bad_t, words in (
+        ([[0.0, 0.0]] * 3, 0.5, "x must be a tensor of shape (batch, ...), got list"),
+        (x, math.nan, "t must be a finite number or a tensor of times"),
+        (x, True, "t must be a finite number or a tensor of times"),
+        (x, torch.tensor([0.5, math.inf, 0.5]), "t must be finite"),
+    ):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{outer}.evaluate: {words}")):
+            den.evaluate(bad_x, bad_t, F64)
+        with pytest.raises(ValueError, match="^" + re.escape(f"{outer}: {words}")):
+            den(bad_x, bad_t)
+
+    seen: list[str] = []
+    check = denoiser_module.check_call
+
+    def counted(who: str, x: object, t: object) -> None:
+        seen.append(who)
+        check(who, x, t)
+
+    for module in [m for n, m in list(sys.modules.items()) if n.startswith("steerdiff")]:
+        if getattr(module, "check_call", None) is check:
+            monkeypatch.setattr(module, "check_call", counted)
+    for call, who in (
+        (lambda: den(x, 0.5), outer),
+        (lambda: den.evaluate(x, 0.5, F64), f"{outer}.evaluate"),
+        (
+            lambda: den.evaluate(x.float(), 0.5, torch.float16),
+            f"{outer}.evaluate",
+        ),  # a half net: the sampler's
+    ):
+        seen.clear()
+        call()
+        assert seen == [who]

@@ -22,6 +22,7 @@ prediction     meaning of ``f``                conversion
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -305,11 +306,30 @@ class Denoiser:
         own arithmetic in ``x``'s dtype and pass ``net_dtype`` on to its nets (CFG, RePaint, SMC).
         """
         check_call(f"{type(self).__name__}.evaluate", x, t)
+        return self._evaluate_checked(x, t, net_dtype, **cond)
+
+    def _evaluate_checked(
+        self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any
+    ) -> Prediction:
+        """:meth:`evaluate` on input already checked (:func:`check_call`): what a wrapper calls on its
+        base with the input its own call checked, so that one call is checked once, whatever the
+        nesting. A subclass's own ``evaluate`` becomes this (:meth:`__init_subclass__`)."""
         if type(self).__call__ is Denoiser.__call__:  # checked: the net's call itself, not __call__ again
             return self._evaluate(x, t, net_dtype, cond)
         if x.dtype == net_dtype:
             return self(x, t, **cond)
         return self(x.to(net_dtype), t, **cond).to(x.dtype, x)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``evaluate`` (guidance wrappers implement it) is kept as its
+        ``_evaluate_checked``, and its public ``evaluate`` checks the input first, as
+        :meth:`Denoiser.evaluate` does: a direct ``wrapper.evaluate(x, t, dtype)`` is checked once,
+        and the calls it makes on its base (``_evaluate_checked``) are not checked again."""
+        super().__init_subclass__(**kwargs)
+        body = cls.__dict__.get("evaluate")
+        if body is not None and not getattr(body, "checks_input", False):
+            cls._evaluate_checked = body  # type: ignore[method-assign]
+            cls.evaluate = _checking(body)  # type: ignore[method-assign]
 
     def _evaluate(
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any]
@@ -349,6 +369,21 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
+
+
+def _checking(body: Callable[..., Prediction]) -> Callable[..., Prediction]:
+    """``body`` (a subclass's ``evaluate``) with the input checked first (:func:`check_call`, naming
+    ``Class.evaluate``)."""
+
+    @functools.wraps(body)
+    def evaluate(
+        self: Denoiser, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any
+    ) -> Prediction:
+        check_call(f"{type(self).__name__}.evaluate", x, t)
+        return body(self, x, t, net_dtype, **cond)
+
+    evaluate.checks_input = True  # type: ignore[attr-defined]
+    return evaluate
 
 
 def check_call(who: str, x: object, t: object) -> None:

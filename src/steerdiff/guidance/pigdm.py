@@ -76,7 +76,7 @@ class PiGDM(MeasurementGuided):
         return self.gaussian_weight(r, pred.alpha, pred.sigma)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
-        pred, g = self.vjp_score(x, t, self._weight, net_dtype, **cond)
+        pred, g = self._vjp_score(x, t, self._weight, net_dtype, **cond)
         return add_score(pred, self.scale * g)
 
     def __repr__(self) -> str:
