@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Bounds",
     "boolean",
+    "caller",
     "choice",
     "device_or_none",
     "integer",
@@ -174,6 +175,12 @@ def sample_dtype(who: str, name: str, value: object) -> torch.dtype:
     if isinstance(value, torch.dtype) and value in SAMPLE_DTYPES:
         return value
     raise ValueError(f"{who}: {name} must be float16, bfloat16, float32 or float64, got {value!r}")
+
+
+def caller(who: str | None) -> str:
+    """The start of a message naming its caller, ``"who: "`` (nothing for ``None`` or ``""``): for checks
+    that public functions share, each passing its own name."""
+    return f"{who}: " if who else ""
 
 
 _DEVICES = "a torch.device or a device string torch accepts (such as 'cpu', 'cuda', 'cuda:0')"

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._checks import boolean, choice, sizes
+from ._checks import boolean, caller, choice, sizes
 from ._ops import axpby, kept
 from .noise import Generators
 from .processes import MeanReverting, Process
@@ -408,7 +408,7 @@ def check_denoiser(who: str | None, name: str, value: object) -> Denoiser:
     """``value`` if it is a :class:`Denoiser`, else a ``ValueError`` naming ``name`` (after ``who:`` where
     given): the one check of a denoiser argument where it enters the library."""
     if not isinstance(value, Denoiser):
-        prefix = f"{who}: " if who else ""
+        prefix = caller(who)
         raise ValueError(f"{prefix}{name} must be a steerdiff Denoiser, got {type(value).__name__}")
     return value
 

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ._checks import device_or_none, integer, ordered
+from ._checks import caller, device_or_none, integer, ordered
 
 __all__ = [
     "BrownianTreeNoise",
@@ -69,7 +69,7 @@ def check_rows(generators: Sequence[torch.Generator], rows: int, who: str | None
     """A ``ValueError`` naming ``generator`` (after ``who:`` where given) unless the list holds one
     generator per row of ``rows``."""
     if len(generators) != rows:
-        prefix = f"{who}: " if who else ""
+        prefix = caller(who)
         raise ValueError(f"{prefix}generator: {len(generators)} generators for a batch of {rows} rows")
 
 
@@ -280,7 +280,7 @@ def check_shared(noise: object, shared: Sequence[str], fix: str, who: str | None
         isinstance(noise, Sequence) and not isinstance(noise, str | bytes)
     )
     if shared and per_row:
-        prefix = f"{who}: " if who else ""
+        prefix = caller(who)
         raise ValueError(
             f"{prefix}generator: one generator per row (a list) asks for each row to be the same whatever "
             f"the batch, but {', '.join(dict.fromkeys(shared))} draws the whole batch from one "
@@ -311,7 +311,7 @@ def make_noise(
         return PerSampleNoise(generator)
     if callable(generator):
         return generator
-    prefix = f"{who}: " if who else ""
+    prefix = caller(who)
     raise ValueError(
         f"{prefix}generator must be None, a torch.Generator, a list of them (one per sample) or a noise "
         f"source (a callable noise(t_from, t_to, like)), got {type(generator).__name__} {generator!r:.40}"

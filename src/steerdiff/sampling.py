@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
-from ._checks import SAMPLE_DTYPES, boolean, choice, integer
+from ._checks import SAMPLE_DTYPES, boolean, caller, choice, integer
 from .denoiser import Denoiser, check_denoiser
 from .mcmc.base import check_step_sizes, first_nonfinite
 from .noise import NoiseSource, PerSampleNoise, check_rows, check_shared, make_noise
@@ -240,7 +240,7 @@ def check_seeded(den: Denoiser, generator: object, who: str | None = None) -> No
     the batch (:func:`~steerdiff.noise.check_shared`)."""
     own = den.own_noise()
     parts = [name for name, g in own if g is None] if generator is not None else []
-    prefix = f"{who}: " if who else ""
+    prefix = caller(who)
     if parts:
         raise ValueError(
             f"{prefix}generator: {', '.join(dict.fromkeys(parts))} in the denoiser draws noise from torch's "
@@ -260,7 +260,7 @@ def check_seeded(den: Denoiser, generator: object, who: str | None = None) -> No
 def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None) -> None:
     """Raise a ``ValueError`` naming ``x_T`` (after ``who:``, the caller, where given) unless it is a
     finite, batched float tensor of den's shape."""
-    p = f"{who}: " if who else ""
+    p = caller(who)
     if not isinstance(x_T, Tensor):
         raise ValueError(f"{p}x_T must be a torch.Tensor, got {type(x_T).__name__}")
     if x_T.dtype not in SAMPLE_DTYPES:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import integer, real, real_array
+from ._checks import caller, integer, real, real_array
 from .processes import Process, VPDiscrete
 
 __all__ = [
@@ -576,7 +576,7 @@ def get(schedule: ScheduleLike, who: str | None = None) -> Schedule:
             return _REGISTRY[schedule]()
     elif _times_like(schedule):
         return Custom(schedule)
-    prefix = f"{who}: " if who else ""
+    prefix = caller(who)
     raise ValueError(
         f"{prefix}unknown schedule={schedule!r}; accepted: {available()}, a Schedule object or a list of "
         "process times"

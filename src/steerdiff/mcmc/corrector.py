@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import integer, real
+from .._checks import caller, integer, real
 from ..noise import NoiseSource, check_fixed_time, check_generators, check_shared, make_noise
 from ..solvers.base import Model, NonFiniteError
 from .base import ChainInfo, Kernel, Point, StepSize, Target, chain, finite_run, fixed_time, snr_step_size
@@ -52,7 +52,7 @@ def get(corrector: str | Kernel, who: str | None = None) -> Kernel:
         return corrector
     if isinstance(corrector, str) and corrector in _REGISTRY:
         return _REGISTRY[corrector]()
-    prefix = f"{who}: " if who else ""
+    prefix = caller(who)
     raise ValueError(
         f"{prefix}unknown corrector={corrector!r}; accepted: None, {available()} or a Kernel instance"
     )

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._checks import caller
 from .._ops import first_false
 from ..noise import Generators, rand
 
@@ -188,7 +189,7 @@ def get(resampler: str | Resampler, who: str | None = None) -> Resampler:
         return RESAMPLERS[resampler]
     if callable(resampler) and not isinstance(resampler, str):
         return resampler
-    prefix = f"{who}: " if who else ""
+    prefix = caller(who)
     raise ValueError(
         f"{prefix}unknown resampler={resampler!r}; accepted: {sorted(RESAMPLERS)} "
         "or a callable (log_w, generator) -> indices"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .._checks import caller
 from .base import Grid, History, Model, NonFiniteError, Solver, Transition, make_grid, step_order
 from .ddim import DDIM
 from .ddpm import DDPM
@@ -98,5 +99,5 @@ def get(solver: str | Solver, who: str | None = None) -> Solver:
         return solver
     if isinstance(solver, str) and solver in _REGISTRY:
         return _REGISTRY[solver]()
-    prefix = f"{who}: " if who else ""
+    prefix = caller(who)
     raise ValueError(f"{prefix}unknown solver={solver!r}; accepted: {available()} or a Solver instance")
