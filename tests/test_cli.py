@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
 import re
 import subprocess
 import sys
@@ -549,6 +550,63 @@ def test_bad_arguments_exit_2_and_say_why(capsys, argv, message):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+IS_A_FILE = "argument --out: '{file}' is a file, not a folder"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sample", "--out", "{file}/x.pt"], IS_A_FILE),
+        (["sample", "--out", "{file}/sub/x.npy"], IS_A_FILE),
+        (["sample", "--out", "{folder}.pt"], "argument --out: '{folder}.pt' is a folder, not a file"),
+        (["bench", "solvers", "--quick", "--out", "{file}"], IS_A_FILE),
+        (["bench", "overhead", "--out", "{file}/sub"], IS_A_FILE),
+        (["demo", "--out", "{file}"], IS_A_FILE),
+        (["train", "digits", "--quick", "--out", "{file}"], IS_A_FILE),
+    ],
+)
+def test_an_out_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, argv, message):
+    # before: a FileExistsError / NotADirectoryError / RuntimeError traceback, for the benchmarks, the demo
+    # and training only after the whole run
+    file, folder = tmp_path / "file", tmp_path / "folder"
+    file.write_text("")
+    (tmp_path / "folder.pt").mkdir()
+    fill = {"file": str(file), "folder": str(folder)}
+    with pytest.raises(SystemExit) as exc:
+        main([a.format(**fill) for a in argv])
+    assert exc.value.code == 2
+    assert message.format(**fill) in capsys.readouterr().err
+
+
+def test_the_default_out_is_checked_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "sde", "--quick"])
+    assert exc.value.code == 2
+    assert "argument --out: 'out' is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_an_unwritable_out_folder_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "steer", "--quick", "--out", str(locked / "run")])
+    assert exc.value.code == 2
+    assert f"argument --out: the folder '{locked}' is not writable" in capsys.readouterr().err
+
+
+def test_a_failed_write_exits_with_its_reason(tmp_path, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--out", str(tmp_path / "x.pt"), "--n", "2", "--steps", "2", "--no-progress"])
+    assert exc.value.code == "steerdiff sample: [Errno 28] No space left on device"
 
 
 @pytest.mark.parametrize(

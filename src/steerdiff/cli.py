@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -112,18 +113,43 @@ def _device(value: str) -> str:
     return value
 
 
+def _creatable(folder: Path) -> None:
+    """Refuse, before a run, a ``folder`` that could not be created or written to: its nearest existing
+    ancestor (itself where it exists) must be a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the folder {str(existing)!r} is not writable")
+
+
+def _out_dir(value: str) -> Path:
+    """The argparse type of a benchmark's, the demo's and training's ``--out``: a folder that is there or
+    can be created."""
+    folder = Path(value)
+    _creatable(folder)
+    return folder
+
+
 def _sample_path(value: str) -> Path:
+    """The argparse type of ``sample --out``: a file of :data:`SAMPLE_FORMATS` whose folder is there or can
+    be created."""
     path = Path(value)
     if path.suffix not in SAMPLE_FORMATS:
         raise argparse.ArgumentTypeError(
             f"{value!r}: the file must end in one of {', '.join(SAMPLE_FORMATS)}"
         )
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a folder, not a file")
+    _creatable(path.parent)
     return path
 
 
 def _bench_arguments(p: argparse.ArgumentParser, quick: str, seed: str, diffusers: bool = True) -> None:
     """The options every benchmark takes (``--no-diffusers`` where it compares with diffusers)."""
-    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    p.add_argument("--out", type=_out_dir, default="out", help="output folder (default: out)")
     p.add_argument("--seed", type=int, default=0, help=f"{seed} (default: 0)")
     p.add_argument("--quick", action="store_true", help=quick)
     if diffusers:
@@ -232,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--shape on --device. Writes OUT/overhead.csv, OUT/overhead.png and OUT/overhead.txt."
         ),
     )
-    bo.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    bo.add_argument("--out", type=_out_dir, default="out", help="output folder (default: out)")
     bo.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cuda (default: cpu)")
     bo.add_argument(
         "--shape",
@@ -370,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
             "OUT/demo.png and OUT/demo.csv."
         ),
     )
-    dm.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    dm.add_argument("--out", type=_out_dir, default="out", help="output folder (default: out)")
     dm.add_argument("--digit", type=_digit, default=3, help="target digit 0-9 (default: 3)")
     dm.add_argument("--n", type=_at_least_two, default=512, help="samples per row, >= 2 (default: 512)")
     dm.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -389,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
             "classifier on scikit-learn's 8x8 digits and write OUT/digits_*.safetensors."
         ),
     )
-    td.add_argument("--out", type=Path, default=None, help="output folder (default: the package's weights)")
+    td.add_argument(
+        "--out", type=_out_dir, default=None, help="output folder (default: the package's weights)"
+    )
     td.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     td.add_argument("--quick", action="store_true", help="a few steps per net (smoke test; needs --out)")
     td.add_argument(
@@ -712,7 +740,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as err:  # a write that fails after --out's checks (a full disk, a folder removed)
+        raise SystemExit(f"steerdiff {args.command}: {err}") from None
 
 
 if __name__ == "__main__":
