@@ -502,6 +502,16 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
         ),
         (["sample", "--out", "x.pt", "--n", "x"], "argument --n: must be an integer >= 1, got 'x'"),
         (["bench", "solvers", "--batch", "2.0"], "argument --batch: must be an integer >= 1, got '2.0'"),
+        # before: a traceback from torch.Generator.manual_seed ("Overflow when unpacking long long")
+        *(
+            (argv, f"argument --seed: must be an integer from 0 to 4294967295, got '{seed}'")
+            for argv, seed in (
+                (["sample", "--out", "x.pt", "--seed", "-1"], -1),
+                (["bench", "solvers", "--seed", str(2**64)], 2**64),
+                (["demo", "--seed", str(2**32)], 2**32),
+                (["train", "digits", "--seed", "1.5"], 1.5),
+            )
+        ),
         # before: a Python traceback from CFG's check
         *(
             (

@@ -50,22 +50,25 @@ def echo(text: str) -> None:
     sys.stdout.flush()
 
 
-def _integer(lo: int) -> Callable[[str], int]:
-    """The argparse type of an integer option ``>= lo``: its message says so for ``1.5`` or ``x`` too."""
+def _integer(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """The argparse type of an integer option ``>= lo`` (and ``<= hi``): its message says so for ``1.5`` or
+    ``x`` too."""
+    accepted = f">= {lo}" if hi is None else f"from {lo} to {hi}"
 
     def parse(value: str) -> int:
         try:
             n = int(value)
         except ValueError:
             n = lo - 1
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {value!r}")
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {accepted}, got {value!r}")
         return n
 
     return parse
 
 
-_positive, _at_least_two = _integer(1), _integer(2)
+# seeds of 32 bits, as numpy's: the runs' seed + k and training's seed * 1000 + k stay within torch's 64
+_positive, _at_least_two, _seed = _integer(1), _integer(2), _integer(0, 2**32 - 1)
 
 
 def _scale(value: str) -> float:
@@ -150,7 +153,7 @@ def _sample_path(value: str) -> Path:
 def _bench_arguments(p: argparse.ArgumentParser, quick: str, seed: str, diffusers: bool = True) -> None:
     """The options every benchmark takes (``--no-diffusers`` where it compares with diffusers)."""
     p.add_argument("--out", type=_out_dir, default="out", help="output folder (default: out)")
-    p.add_argument("--seed", type=int, default=0, help=f"{seed} (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help=f"{seed} (default: 0)")
     p.add_argument("--quick", action="store_true", help=quick)
     if diffusers:
         p.add_argument("--no-diffusers", action="store_true", help="skip the diffusers comparison")
@@ -378,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="seed of x_T and, through seed + 1, of stochastic samplers' noise; sample i is the same "
         "whatever --n (default: 0)",
@@ -399,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", type=_out_dir, default="out", help="output folder (default: out)")
     dm.add_argument("--digit", type=_digit, default=3, help="target digit 0-9 (default: 3)")
     dm.add_argument("--n", type=_at_least_two, default=512, help="samples per row, >= 2 (default: 512)")
-    dm.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    dm.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
     dm.add_argument("--no-progress", action="store_true", help="no progress bars")
     dm.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
     dm.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default: 1)")
@@ -418,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument(
         "--out", type=_out_dir, default=None, help="output folder (default: the package's weights)"
     )
-    td.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    td.add_argument("--seed", type=_seed, default=0, help="training seed (default: 0)")
     td.add_argument("--quick", action="store_true", help="a few steps per net (smoke test; needs --out)")
     td.add_argument(
         "--threads",
