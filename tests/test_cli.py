@@ -549,6 +549,11 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
         # before: passed argparse's >= 1, then "--n must be >= 2"
         (["demo", "--n", "1"], "argument --n: must be an integer >= 2, got '1'"),
         (["bench", "solvers", "--model", "digits", "--batch", "1"], "--model digits needs --batch >= 2"),
+        # before: --quick ran its one 16-d case whatever --all or --inpaint said, --inpaint over --all
+        *(
+            (["bench", "posterior", *both], f"{' and '.join(both)}: each chooses the cases, give one of them")
+            for both in (["--quick", "--all"], ["--quick", "--inpaint"], ["--all", "--inpaint"])
+        ),
         (["bench", "overhead", "--shape", "0x3"], "argument --shape: must be positive integers joined by x"),
         (["bench", "overhead", "--shape", "4x"], "like 256x64; got '4x'"),
         (["bench", "overhead", "--device", "tpu"], "argument --device: not a torch device"),

@@ -4,7 +4,7 @@
     steerdiff bench solvers [--model {gmm,digits}] [--out DIR] [--batch B] [--seed S] [--quick]
         [--no-diffusers] [--draws D]
     steerdiff bench sde [--out DIR] [--n N] [--seed S] [--quick] [--no-diffusers]
-    steerdiff bench posterior [--out DIR] [--n N] [--seed S] [--quick] [--all | --inpaint]
+    steerdiff bench posterior [--out DIR] [--n N] [--seed S] [--quick | --all | --inpaint]
     steerdiff bench steer [--out DIR] [--n N] [--seed S] [--quick]
     steerdiff bench overhead [--out DIR] [--device DEV] [--shape BxCx...]... [--steps K] [--repeats R]
     steerdiff bench longstep [--out DIR] [--n N] [--seed S] [--quick] [--process NAME]...
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the inpainting cases instead (Inpaint operators); writes OUT/posterior_inpaint.{csv,png}",
     )
-    bp.set_defaults(func=_bench_posterior)
+    bp.set_defaults(func=_bench_posterior, parser=bp)
     bst = bench_sub.add_parser(
         "steer",
         help="particle steering (FK, TDS, SVDD, best-of-N, CoDe, FKC) and DPS vs exact targets",
@@ -564,6 +564,9 @@ def _bench_sde(args: argparse.Namespace) -> int:
 def _bench_posterior(args: argparse.Namespace) -> int:
     from .bench import posterior
 
+    cases = [option for option in ("--quick", "--all", "--inpaint") if getattr(args, option[2:])]
+    if len(cases) > 1:
+        args.parser.error(f"{' and '.join(cases)}: each chooses the cases, give one of them")
     result = _with_threads(
         1,
         lambda: posterior.run(
@@ -575,7 +578,7 @@ def _bench_posterior(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         ),
     )
-    stem = "posterior_inpaint" if args.inpaint and not args.quick else "posterior"
+    stem = "posterior_inpaint" if args.inpaint else "posterior"
     csv_path, png_path = posterior.write_results(result, args.out, stem)
     report = posterior.format_report(result) + "\n\n" + posterior.markdown_table(result)
     return _report(report, args.out, stem, csv_path, png_path)
