@@ -549,6 +549,12 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
         # before: passed argparse's >= 1, then "--n must be >= 2"
         (["demo", "--n", "1"], "argument --n: must be an integer >= 2, got '1'"),
         (["bench", "solvers", "--model", "digits", "--batch", "1"], "--model digits needs --batch >= 2"),
+        # before: ignored (--weights: the gmm benchmark ran; --draws: digits ran one x_T)
+        (["bench", "solvers", "--weights", "w"], "--weights needs --model digits"),
+        (
+            ["bench", "solvers", "--model", "digits", "--draws", "4"],
+            "--draws pools draws of the gmm model; --model digits runs one x_T (--batch)",
+        ),
         # before: --quick ran its one 16-d case whatever --all or --inpaint said, --inpaint over --all
         *(
             (["bench", "posterior", *both], f"{' and '.join(both)}: each chooses the cases, give one of them")

@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="gmm: the exact 64-d mixture (default); digits: the learned 8x8 digits model, scored by "
         "Frechet distance and by distance to a 1,000-step ODE solution (OUT/digits_solvers.{csv,png})",
     )
-    bs.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
+    bs.add_argument(
+        "--weights", type=Path, default=None, help="--model digits: its weights folder (default: committed)"
+    )
     bs.add_argument(
         "--threads",
         type=_positive,
@@ -205,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draws",
         type=_positive,
         default=None,
-        help="independent draws of x_T (seeds SEED, SEED + 1, ...) that (a) and (b) pool (default: 16)",
+        help="--model gmm: independent draws of x_T (seeds SEED, SEED + 1, ...) that (a) and (b) pool "
+        "(default: 16)",
     )
     bs.set_defaults(func=_bench_solvers, parser=bs)
     bd = bench_sub.add_parser(
@@ -522,7 +525,11 @@ def _bench_solvers(args: argparse.Namespace) -> int:
     from .bench import solvers as bench
 
     if args.model == "digits":
+        if args.draws is not None:
+            args.parser.error("--draws pools draws of the gmm model; --model digits runs one x_T (--batch)")
         return _bench_digits(args)
+    if args.weights is not None:
+        args.parser.error("--weights needs --model digits")
     result = _with_threads(
         args.threads,
         lambda: bench.run(
