@@ -546,6 +546,12 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
             ["sample", "--weights", "w", "--out", "x.pt"],
             ".png output, --guidance, --label, --scale and --weights need --model digits",
         ),
+        # before: a traceback from the schedule's check
+        (
+            ["sample", "--out", "x.pt", "--steps", "1001", "--schedule", "linspace"],
+            "too many steps for this spacing?): t[499] = 500, t[500] = 500 "
+            "(--solver: the default solver, --schedule: linspace, --steps: 1001)",
+        ),
         # before: passed argparse's >= 1, then "--n must be >= 2"
         (["demo", "--n", "1"], "argument --n: must be an integer >= 2, got '1'"),
         (["bench", "solvers", "--model", "digits", "--batch", "1"], "--model digits needs --batch >= 2"),
@@ -618,6 +624,15 @@ def test_an_unwritable_out_folder_is_refused(tmp_path, capsys):
         main(["bench", "steer", "--quick", "--out", str(locked / "run")])
     assert exc.value.code == 2
     assert f"argument --out: the folder '{locked}' is not writable" in capsys.readouterr().err
+
+
+def test_a_run_that_turns_nan_exits_with_the_step(tmp_path):
+    # before: a traceback from sd.NonFiniteError
+    argv = ["sample", "--model", "digits", "--guidance", "cfg", "--label", "1", "--scale", "1e30", "--n", "2"]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "x.pt"), "--no-progress"])
+    assert str(exc.value.code).startswith("steerdiff sample: the model returned NaN/inf at step 1")
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_a_failed_write_exits_with_its_reason(tmp_path, monkeypatch, capsys):

@@ -31,7 +31,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -654,6 +654,25 @@ def _sample_noise(n: int, seed: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+def _draw(
+    args: argparse.Namespace, den: Any, x_T: torch.Tensor, **cond: Any
+) -> tuple[torch.Tensor, sampling.SampleInfo]:
+    """:func:`~steerdiff.sampling.sample` with ``sample``'s options. Options the library refuses (more
+    steps than an integer spacing has timesteps) exit with its message, as argparse's errors do; a run
+    that turns NaN (a huge ``--scale``) exits with the step it did so at."""
+    try:
+        return sampling.sample(
+            den, x_T, args.steps, args.solver, args.schedule, progress=not args.no_progress,
+            generator=_sample_noise(args.n, args.seed), return_info=True, **cond,
+        )  # fmt: skip
+    except ValueError as err:
+        solver = args.solver or "the default solver"
+        used = f"--solver: {solver}, --schedule: {args.schedule}, --steps: {args.steps}"
+        cast(argparse.ArgumentParser, args.parser).error(f"{err} ({used})")
+    except solvers.NonFiniteError as err:
+        raise SystemExit(f"steerdiff sample: {err}") from None
+
+
 def _sample_digits(args: argparse.Namespace) -> int:
     from . import guidance
     from .bench.digits import save_grid
@@ -675,10 +694,7 @@ def _sample_digits(args: argparse.Namespace) -> int:
         label = NULL_LABEL  # classifier guidance steers the unconditional model
     x_T = torch.randn(args.n, *DIGITS_SHAPE, generator=torch.Generator().manual_seed(args.seed))
     with torch.set_grad_enabled(args.guidance == "classifier"):
-        x, info = sampling.sample(
-            den, x_T, args.steps, args.solver, args.schedule, progress=not args.no_progress,
-            generator=_sample_noise(args.n, args.seed), return_info=True, label=label,
-        )  # fmt: skip
+        x, info = _draw(args, den, x_T, label=label)
     x = x.detach()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     what = f"{info.solver.name}, {args.schedule}, {args.steps} steps, NFE {info.nfe}"
@@ -715,16 +731,7 @@ def _sample(args: argparse.Namespace) -> int:
         args.parser.error(".png output, --guidance, --label, --scale and --weights need --model digits")
     gmm, proc = default_model()
     x_T = initial_noise(args.n, gmm.dim, args.seed)
-    x, info = sampling.sample(
-        gmm.denoiser(proc),
-        x_T,
-        steps=args.steps,
-        solver=args.solver,
-        schedule=args.schedule,
-        generator=_sample_noise(args.n, args.seed),
-        progress=not args.no_progress,
-        return_info=True,
-    )
+    x, info = _draw(args, gmm.denoiser(proc), x_T)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix == ".pt":
         torch.save(x, args.out)
