@@ -665,6 +665,32 @@ def test_help(capsys, argv, expected):
     assert all(opt in out for opt in expected)
 
 
+@pytest.mark.parametrize(
+    ("argv", "written"),
+    [
+        (["bench", "solvers"], ["OUT/solvers.csv", "OUT/solvers.png", "OUT/solvers.txt"]),
+        (["bench", "solvers"], ["OUT/digits_solvers.{csv,png,txt}"]),
+        (["bench", "sde"], ["OUT/sde.csv", "OUT/sde.png", "OUT/sde.txt"]),
+        (["bench", "posterior"], ["OUT/posterior.csv", "OUT/posterior.png", "OUT/posterior.txt"]),
+        (["bench", "posterior"], ["OUT/posterior_inpaint.{csv,png,txt}"]),
+        (["bench", "steer"], ["OUT/steer.csv", "OUT/steer.png", "OUT/steer.txt"]),
+        (["bench", "overhead"], ["OUT/overhead.csv", "OUT/overhead.png", "OUT/overhead.txt"]),
+        (["bench", "longstep"], ["OUT/longstep.csv", "OUT/longstep.png", "OUT/longstep.txt"]),
+        (["bench", "guided"], ["OUT/guided.csv", "OUT/guided.png", "OUT/guided.txt"]),
+        (["bench", "guided"], ["OUT/guided_validation.{csv,png,txt}"]),
+        (["demo"], ["OUT/demo.png", "OUT/demo.csv"]),
+        (["sample"], ["--model digits", ".png grid"]),
+    ],
+)
+def test_help_names_the_files_written(capsys, argv, written):
+    # before: bench solvers, sde, posterior and steer left out the OUT/<name>.txt each writes, and sample's
+    # description said the default model and .pt or .npy only
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in written), written
+
+
 def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("steerdiff")
     if not exe.exists():

@@ -14,7 +14,7 @@
         [--schedule NAME] [--guidance {none,cfg,classifier}] [--label D] [--scale W] [--weights DIR]
     steerdiff train digits [--out DIR] [--seed S] [--quick] [--threads T]
 
-``bench solvers`` runs :mod:`steerdiff.bench.solvers` and writes ``solvers.csv`` and
+``bench solvers`` runs :mod:`steerdiff.bench.solvers` and writes ``solvers.csv``, ``solvers.txt`` and
 ``solvers.png`` to ``--out`` (``--model digits``: :mod:`steerdiff.bench.digits`); ``sample`` draws from
 the embedded default model (the benchmark's 64-dimensional Gaussian mixture under Stable Diffusion's
 betas, through its exact denoiser) or, with ``--model digits``, the 8x8 digits model;
@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Relative RMSE vs the exact sample of every solver x schedule at NFE 3..50 on the default "
             "64-d Gaussian mixture under SD betas; diffusers' schedulers on the same model and noise; "
-            "sampler overhead per step. Writes OUT/solvers.csv and OUT/solvers.png."
+            "sampler overhead per step. Writes OUT/solvers.csv, OUT/solvers.png and OUT/solvers.txt."
         ),
     )
-    _bench_arguments(bs, "NFE 5 and 10 only, short overhead timing", "seed of x_T")
+    _bench_arguments(
+        bs, "NFE 5 and 10 only, short overhead timing (--model digits: NFE 10, batch <= 256)", "seed of x_T"
+    )
     bs.add_argument(
         "--batch", type=_positive, default=None, help="samples in x_T (default: 1024; --model digits: 4096)"
     )
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("gmm", "digits"),
         default="gmm",
         help="gmm: the exact 64-d mixture (default); digits: the learned 8x8 digits model, scored by "
-        "Frechet distance and by distance to a 1,000-step ODE solution (OUT/digits_solvers.{csv,png})",
+        "Frechet distance and by distance to a 1,000-step ODE solution (OUT/digits_solvers.{csv,png,txt})",
     )
     bs.add_argument(
         "--weights", type=Path, default=None, help="--model digits: its weights folder (default: committed)"
@@ -218,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Sliced W2 to exact samples of every stochastic sampler (time_uniform and karras "
             "schedules) at NFE 10..200 on the default 64-d Gaussian mixture under SD betas, beside "
             "the floor and diffusers' DDPM, EulerAncestral, SDE-DPM-Solver++ and SA-Solver. Writes "
-            "OUT/sde.csv and OUT/sde.png."
+            "OUT/sde.csv, OUT/sde.png and OUT/sde.txt."
         ),
     )
     _bench_arguments(bd, "NFE 20 and 100 only", "seed of x_T; the noise uses seed + 1")
@@ -230,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Sliced W2 to the exact posterior of DPS (both variants and the literal Alg. 1), MCG, PiGDM "
             "and RePaint at NFE 50/100/200 with tuned steps, on Gaussian-mixture priors (16-d, 64-d, "
-            "MCGdiff's 25-component grid in 8 and 80 d) under y = A x + noise. Writes OUT/posterior.csv "
-            "and OUT/posterior.png."
+            "MCGdiff's 25-component grid in 8 and 80 d) under y = A x + noise. Writes OUT/posterior.csv, "
+            "OUT/posterior.png and OUT/posterior.txt."
         ),
     )
     _bench_arguments(bp, "one 16-d case at NFE 50, n <= 512", "seed of the problems, x_T and noise", False)
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument(
         "--inpaint",
         action="store_true",
-        help="the inpainting cases instead (Inpaint operators); writes OUT/posterior_inpaint.{csv,png}",
+        help="the inpainting cases instead (Inpaint operators); writes OUT/posterior_inpaint.{csv,png,txt}",
     )
     bp.set_defaults(func=_bench_posterior, parser=bp)
     bst = bench_sub.add_parser(
@@ -249,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Sliced W2 to exact reward-tilted, class-conditional and posterior Gaussian-mixture targets, "
             "and the error of E[r], against NFE per returned sample (100/400/1600) for FK steering, TDS, "
-            "SVDD, best-of-N, CoDe, FK correctors and tuned DPS. Writes OUT/steer.csv and OUT/steer.png."
+            "SVDD, best-of-N, CoDe, FK correctors and tuned DPS. Writes OUT/steer.csv, OUT/steer.png and "
+            "OUT/steer.txt."
         ),
     )
     _bench_arguments(bst, "NFE 400 only, n <= 256", "seed of the problems and the noise", False)
@@ -332,10 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "sample",
-        help="write samples of the default model to a file",
+        help="write samples of the default model (or the digits model) to a file",
         description=(
-            "Sample the embedded default model (64-d Gaussian mixture, SD betas, exact denoiser) "
-            "from standard normal x_T and write the samples to a .pt or .npy file."
+            "Sample the embedded default model (64-d Gaussian mixture, SD betas, exact denoiser) or, with "
+            "--model digits, the 8x8 digits model (unconditional, with --label, or guided toward it) from "
+            "standard normal x_T and write the samples to a .pt or .npy file (digits: or a .png grid)."
         ),
     )
     sp.add_argument(
