@@ -566,8 +566,10 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
             (["bench", "posterior", *both], f"{' and '.join(both)}: each chooses the cases, give one of them")
             for both in (["--quick", "--all"], ["--quick", "--inpaint"], ["--all", "--inpaint"])
         ),
-        (["bench", "overhead", "--shape", "0x3"], "argument --shape: must be positive integers joined by x"),
-        (["bench", "overhead", "--shape", "4x"], "like 256x64; got '4x'"),
+        (["bench", "overhead", "--shape", "0x3"], "argument --shape: must be a batch size and a sample"),
+        # before: a traceback from sd.sample ("x_T must be batched")
+        (["bench", "overhead", "--shape", "256"], "joined by x, like 256x64 or 4x4x64x64; got '256'"),
+        (["bench", "overhead", "--shape", "4x"], "like 256x64 or 4x4x64x64; got '4x'"),
         (["bench", "overhead", "--device", "tpu"], "argument --device: not a torch device"),
         (["bench", "overhead", "--device", "meta"], "argument --device: must be cpu or cuda[:N], got 'meta'"),
     ],

@@ -93,13 +93,16 @@ def _digit(value: str) -> int:
 
 
 def _shape(value: str) -> tuple[int, ...]:
-    """The argparse type of ``--shape``: positive integers joined by ``x`` (``256x64``)."""
+    """The argparse type of ``--shape``: a batch size and a sample shape, positive integers joined by ``x``
+    (``256x64``)."""
     try:
         shape = tuple(int(v) for v in value.lower().split("x"))
     except ValueError:
         shape = ()
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive integers joined by x, like 256x64; got {value!r}")
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a batch size and a sample shape joined by x, like 256x64 or 4x4x64x64; got {value!r}"
+        )
     return shape
 
 
