@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _bench_arguments(bd, "NFE 20 and 100 only", "seed of x_T; the noise uses seed + 1")
-    bd.add_argument("--n", type=_positive, default=4096, help="samples (default: 4096)")
+    bd.add_argument("--n", type=_at_least_two, default=4096, help="samples, >= 2 (default: 4096)")
     bd.set_defaults(func=_bench_sde)
     bp = bench_sub.add_parser(
         "posterior",
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _bench_arguments(bp, "one 16-d case at NFE 50, n <= 512", "seed of the problems, x_T and noise", False)
-    bp.add_argument("--n", type=_positive, default=1024, help="samples per run (default: 1024)")
+    bp.add_argument("--n", type=_at_least_two, default=1024, help="samples per run, >= 2 (default: 1024)")
     bp.add_argument("--all", action="store_true", help="all 36 (prior, d_y, noise) cases (slow)")
     bp.add_argument(
         "--inpaint",
@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _bench_arguments(bst, "NFE 400 only, n <= 256", "seed of the problems and the noise", False)
-    bst.add_argument("--n", type=_positive, default=1024, help="returned samples per run (default: 1024)")
+    bst.add_argument(
+        "--n", type=_at_least_two, default=1024, help="returned samples per run, >= 2 (default: 1024)"
+    )
     bst.set_defaults(func=_bench_steer)
     bo = bench_sub.add_parser(
         "overhead",
