@@ -554,6 +554,17 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
         ),
         # before: passed argparse's >= 1, then "--n must be >= 2"
         (["demo", "--n", "1"], "argument --n: must be an integer >= 2, got '1'"),
+        # before: a traceback from torch.set_num_threads ("Overflow when unpacking long"); counts above the
+        # CPUs ran, oversubscribed
+        *(
+            (argv, f"argument --threads: must be an integer from 1 to {os.cpu_count()}, got '{n}'")
+            for argv, n in (
+                (["bench", "overhead", "--threads", str(2**40)], 2**40),
+                (["demo", "--threads", str(os.cpu_count() + 1)], os.cpu_count() + 1),
+                (["train", "digits", "--threads", "0"], 0),
+                (["bench", "solvers", "--threads", "-1"], -1),
+            )
+        ),
         # before: a traceback from the sliced W2's floor (sde, posterior) or the distance itself (steer)
         *(
             (["bench", bench, "--n", "1"], "argument --n: must be an integer >= 2, got '1'")

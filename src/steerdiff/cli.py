@@ -69,6 +69,8 @@ def _integer(lo: int, hi: int | None = None) -> Callable[[str], int]:
 
 # seeds of 32 bits, as numpy's: the runs' seed + k and training's seed * 1000 + k stay within torch's 64
 _positive, _at_least_two, _seed = _integer(1), _integer(2), _integer(0, 2**32 - 1)
+# intra-op threads: at most one per CPU (more only contend, and torch's count is a 32-bit integer)
+_threads = _integer(1, os.cpu_count() or 1)
 
 
 def _scale(value: str) -> float:
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bs.add_argument(
         "--threads",
-        type=_positive,
+        type=_threads,
         default=1,
         help="torch intra-op threads during the run (default: 1; small tensors: more threads only contend)",
     )
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bo.add_argument("--steps", type=_positive, default=20, help="steps per run (default: 20)")
     bo.add_argument("--repeats", type=_positive, default=30, help="timed runs (default: 30)")
-    bo.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default: 1)")
+    bo.add_argument("--threads", type=_threads, default=1, help="torch intra-op threads (default: 1)")
     bo.add_argument("--no-progress", action="store_true", help="no progress bars")
     bo.set_defaults(func=_bench_overhead)
     bl = bench_sub.add_parser(
@@ -417,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
     dm.add_argument("--no-progress", action="store_true", help="no progress bars")
     dm.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
-    dm.add_argument("--threads", type=_positive, default=1, help="torch intra-op threads (default: 1)")
+    dm.add_argument("--threads", type=_threads, default=1, help="torch intra-op threads (default: 1)")
     dm.set_defaults(func=_demo)
 
     train = sub.add_parser("train", help="train the embedded models", description="Train embedded models.")
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--quick", action="store_true", help="a few steps per net (smoke test; needs --out)")
     td.add_argument(
         "--threads",
-        type=_positive,
+        type=_threads,
         default=1,
         help="torch intra-op threads (default: 1, as for the committed weights; the bits depend on it)",
     )
