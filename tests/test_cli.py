@@ -653,6 +653,30 @@ def test_a_run_that_turns_nan_exits_with_the_step(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.parametrize(
+    ("missing", "argv", "message"),
+    [
+        (
+            ["diffusers"],
+            ["bench", "overhead", "--steps", "1", "--repeats", "1", "--shape", "2x2"],
+            "steerdiff bench overhead: import of diffusers halted; None in sys.modules; pip install -e",
+        ),
+        (
+            ["sklearn", "sklearn.datasets"],
+            ["demo", "--n", "2"],
+            "steerdiff demo: digits_data needs scikit-learn (pip install 'scikit-learn>=1.3'); pip",
+        ),
+    ],
+)
+def test_a_missing_optional_dependency_exits_with_its_name(tmp_path, monkeypatch, missing, argv, message):
+    # before: an ImportError traceback after `pip install -e .` (the README's line for the library alone)
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path), "--no-progress"])
+    assert str(exc.value.code).startswith(message)
+
+
 def test_a_failed_write_exits_with_its_reason(tmp_path, monkeypatch, capsys):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -771,10 +771,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    command = f"steerdiff {args.command}" + (f" {args.bench}" if args.command == "bench" else "")
     try:
         return args.func(args)
     except OSError as err:  # a write that fails after --out's checks (a full disk, a folder removed)
-        raise SystemExit(f"steerdiff {args.command}: {err}") from None
+        raise SystemExit(f"{command}: {err}") from None
+    except ImportError as err:  # an optional dependency: scikit-learn (the digits), diffusers (overhead)
+        raise SystemExit(f"{command}: {err}; pip install -e '.[dev]' installs the optional ones") from None
 
 
 if __name__ == "__main__":
