@@ -3,6 +3,8 @@ against the exact ODE, and the heun-weighted DPM-Solver++(2M) of the library to 
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
 import re
 from pathlib import Path
@@ -37,3 +39,72 @@ def test_the_custom_solver_example_runs_and_is_second_order():
     torch.testing.assert_close(
         sd.sample(den, x_T, 20, solver()), sd.sample(den, x_T, 20, library), rtol=0, atol=1e-12
     )
+
+
+def _first_cells(header: str) -> list[str]:
+    """The backquoted names in the first column of every README table whose header starts ``header``."""
+    names: list[str] = []
+    lines = README.read_text().splitlines()
+    for start in (i for i, line in enumerate(lines) if line.startswith(header)):
+        for line in itertools.takewhile(lambda ln: ln.startswith("|"), lines[start + 2 :]):
+            cell = re.match(r"\| (.*?) (?<!\\)\|", line)
+            assert cell is not None, line
+            names += re.findall(r"`([^`]+)`", cell.group(1))
+    assert names, header
+    return names
+
+
+def _resolve(root: object, dotted: str) -> object:
+    """``sd.solvers.DDIM(eta=…)`` or ``VP.discrete(betas=…)``: the object the name before ``(`` is."""
+    obj = root
+    for part in dotted.split("(")[0].removeprefix("sd.").split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_the_solver_and_schedule_tables_are_the_registries():
+    for header, registry, module in [
+        ("| solver (`solver=`)", sd.solvers.available(), sd.solvers),
+        ("| schedule (`schedule=`)", sd.schedules.available(), sd.schedules),
+    ]:
+        names = _first_cells(header)
+        registered = [n for n in names if re.fullmatch(r"[a-z0-9_]+", n)]
+        assert set(registered) <= set(registry), set(registered) - set(registry)
+        assert set(registry) <= set(registered), set(registry) - set(registered)
+        for name in set(names) - set(registered):  # sd.solvers.DDIM(eta=…), sd.schedules.Custom(times)
+            assert _resolve(sd, name) is not None
+            assert name.startswith(f"sd.{module.__name__.split('.')[-1]}."), name
+
+
+def test_the_process_table_names_every_process():
+    names = _first_cells("| process | α(t)")  # VP.discrete(...), VP.linear, VE, ...: each resolves
+    classes = {sd.VP, sd.VE, sd.EDM, sd.RectifiedFlow, sd.MeanReverting}
+    assert {_resolve(sd, n.split(".")[0]) for n in names} == classes
+
+
+# the base class and helpers for writing guidance ("Your own solver, schedule or guidance"), not methods;
+# CADS is CFG's `cads=`
+GUIDANCE_HELPERS = {
+    "Guided", "add_score", "denoise_with_grad", "grad_on", "with_estimate", "repaint_nfe", "CADS"
+}  # fmt: skip
+
+
+def test_the_guidance_table_is_the_guidance_module():
+    names = [n.split("(")[0] for n in _first_cells("| guidance (`sd.guidance.`)")]
+    assert set(names) <= set(sd.guidance.__all__), set(names) - set(sd.guidance.__all__)
+    assert set(sd.guidance.__all__) - GUIDANCE_HELPERS <= set(names)
+    assert "cads=" in " ".join(_first_cells("| guidance (`sd.guidance.`)"))
+
+
+def test_the_particle_section_names_every_particle_method():
+    text = README.read_text()
+    section = text[text.index("### Particle steering") :]
+    methods = [
+        n
+        for n in sd.smc.__all__
+        if inspect.isfunction(getattr(sd.smc, n))
+        and inspect.signature(getattr(sd.smc, n)).return_annotation in ("Particles", sd.smc.Particles)
+    ]
+    assert {"fk_steering", "tds", "run_smc"} <= set(methods)
+    missing = [n for n in methods if f"`{n}`" not in section and f"sd.smc.{n}" not in section]
+    assert not missing, missing
