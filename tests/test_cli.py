@@ -598,6 +598,7 @@ def test_bad_arguments_exit_2_and_say_why(capsys, argv, message):
 
 
 IS_A_FILE = "argument --out: '{file}' is a file, not a folder"
+WEIGHTS_FILE = "argument --weights: '{file}' is a file, not a folder of digits_*.safetensors"
 
 
 @pytest.mark.parametrize(
@@ -610,9 +611,13 @@ IS_A_FILE = "argument --out: '{file}' is a file, not a folder"
         (["bench", "overhead", "--out", "{file}/sub"], IS_A_FILE),
         (["demo", "--out", "{file}"], IS_A_FILE),
         (["train", "digits", "--quick", "--out", "{file}"], IS_A_FILE),
+        # before: "digits denoiser weights not found at FILE/digits_denoiser.safetensors"
+        (["sample", "--model", "digits", "--weights", "{file}", "--out", "{folder}/x.pt"], WEIGHTS_FILE),
+        (["demo", "--weights", "{file}"], WEIGHTS_FILE),
+        (["bench", "solvers", "--model", "digits", "--weights", "{file}"], WEIGHTS_FILE),
     ],
 )
-def test_an_out_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, argv, message):
+def test_a_path_that_cannot_serve_is_refused_before_the_run(tmp_path, capsys, argv, message):
     # before: a FileExistsError / NotADirectoryError / RuntimeError traceback, for the benchmarks, the demo
     # and training only after the whole run
     file, folder = tmp_path / "file", tmp_path / "folder"

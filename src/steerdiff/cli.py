@@ -141,6 +141,15 @@ def _out_dir(value: str) -> Path:
     return folder
 
 
+def _weights_dir(value: str) -> Path:
+    """The argparse type of ``--weights``: a folder (a missing one, or missing files in it, get the
+    loader's message, which says how to train them)."""
+    folder = Path(value)
+    if folder.exists() and not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r} is a file, not a folder of digits_*.safetensors")
+    return folder
+
+
 def _sample_path(value: str) -> Path:
     """The argparse type of ``sample --out``: a file of :data:`SAMPLE_FORMATS` whose folder is there or can
     be created."""
@@ -202,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Frechet distance and by distance to a 1,000-step ODE solution (OUT/digits_solvers.{csv,png,txt})",
     )
     bs.add_argument(
-        "--weights", type=Path, default=None, help="--model digits: its weights folder (default: committed)"
+        "--weights",
+        type=_weights_dir,
+        default=None,
+        help="--model digits: its weights folder (default: committed)",
     )
     bs.add_argument(
         "--threads",
@@ -373,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="guidance scale >= 0, with --guidance (default: the demo's)",
     )
-    sp.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
+    sp.add_argument(
+        "--weights", type=_weights_dir, default=None, help="digits weights folder (default: committed)"
+    )
     sp.add_argument("--n", type=_positive, default=16, help="number of samples (default: 16)")
     sp.add_argument("--steps", type=_positive, default=10, help="solver steps (default: 10)")
     sp.add_argument(
@@ -418,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--n", type=_at_least_two, default=512, help="samples per row, >= 2 (default: 512)")
     dm.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
     dm.add_argument("--no-progress", action="store_true", help="no progress bars")
-    dm.add_argument("--weights", type=Path, default=None, help="digits weights folder (default: committed)")
+    dm.add_argument(
+        "--weights", type=_weights_dir, default=None, help="digits weights folder (default: committed)"
+    )
     dm.add_argument("--threads", type=_threads, default=1, help="torch intra-op threads (default: 1)")
     dm.set_defaults(func=_demo)
 
