@@ -692,6 +692,16 @@ def test_a_failed_write_exits_with_its_reason(tmp_path, monkeypatch, capsys):
     assert exc.value.code == "steerdiff sample: [Errno 28] No space left on device"
 
 
+def test_overhead_device_index_must_exist(monkeypatch, capsys):
+    # before: cuda:1 on a machine with one GPU passed and failed in the run with torch's traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "overhead", "--device", "cuda:1"])
+    assert exc.value.code == 2
+    assert "argument --device: 'cuda:1': the CUDA devices here are cuda:0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

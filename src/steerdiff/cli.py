@@ -118,6 +118,9 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {value!r}")
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        here = ", ".join(f"cuda:{i}" for i in range(count))
+        raise argparse.ArgumentTypeError(f"{value!r}: the CUDA devices here are {here}")
     return value
 
 
