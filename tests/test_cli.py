@@ -748,6 +748,17 @@ def test_help_names_the_files_written(capsys, argv, written):
     assert all(name in out for name in written), written
 
 
+def test_python_m_steerdiff_is_the_command_line():
+    # before: "No module named steerdiff.__main__; 'steerdiff' is a package and cannot be directly executed"
+    res = subprocess.run(
+        [sys.executable, "-m", "steerdiff", "sample", "--n", "0", "--out", "x.pt"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "argument --n: must be an integer >= 1, got '0'" in res.stderr
+
+
 def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("steerdiff")
     if not exe.exists():
