@@ -108,3 +108,13 @@ def test_the_particle_section_names_every_particle_method():
     assert {"fk_steering", "tds", "run_smc"} <= set(methods)
     missing = [n for n in methods if f"`{n}`" not in section and f"sd.smc.{n}" not in section]
     assert not missing, missing
+
+
+def test_the_ten_lines_run_as_printed(capsys):
+    # 16 samples instead of 256: the exact ODE solution (scipy's DOP853 per sample) takes 45 s for 256
+    code = _block("## Ten lines")
+    assert code.count("torch.randn(256, 64,") == 1
+    torch.manual_seed(0)  # the block's x_T
+    exec(compile(code.replace("torch.randn(256, 64,", "torch.randn(16, 64,"), "README.md", "exec"), {})
+    error = float(capsys.readouterr().out)  # the relative RMSE of 20 steps of dpmpp_3m
+    assert 0 < error < 0.05, error
