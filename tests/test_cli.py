@@ -528,9 +528,10 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
                     "--out",
                     "x.pt",
                 ],
-                f"argument --scale: must be a finite number >= 0, got '{w}'",
+                f"argument --scale: must be a number from 0 to 3.403e+38 (float32), got '{w}'",
             )
-            for w in ("nan", "-1", "inf", "x")
+            # before 1e39: "RuntimeError: value cannot be converted to type float without overflow" (lerp)
+            for w in ("nan", "-1", "inf", "x", "1e39")
         ),
         # before: --scale without --guidance was ignored
         (

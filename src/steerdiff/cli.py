@@ -73,14 +73,20 @@ _positive, _at_least_two, _seed = _integer(1), _integer(2), _integer(0, 2**32 - 
 _threads = _integer(1, os.cpu_count() or 1)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _scale(value: str) -> float:
-    """The argparse type of ``--scale``: a finite number >= 0."""
+    """The argparse type of ``--scale``: a number from 0 to float32's largest (the digits model's outputs
+    are float32, and CFG weighs them by the scale in their dtype)."""
     try:
         w = float(value)
     except ValueError:
         w = math.nan
-    if not (math.isfinite(w) and w >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    if not 0 <= w <= FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be a number from 0 to {FLOAT32_MAX:.4g} (float32), got {value!r}"
+        )
     return w
 
 
