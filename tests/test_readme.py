@@ -118,3 +118,20 @@ def test_the_ten_lines_run_as_printed(capsys):
     exec(compile(code.replace("torch.randn(256, 64,", "torch.randn(16, 64,"), "README.md", "exec"), {})
     error = float(capsys.readouterr().out)  # the relative RMSE of 20 steps of dpmpp_3m
     assert 0 < error < 0.05, error
+
+
+def test_every_command_the_readme_and_makefile_show_parses(tmp_path, monkeypatch):
+    from steerdiff.cli import build_parser
+
+    text = README.read_text() + (README.parent / "Makefile").read_text()
+    commands = set(re.findall(r"`steerdiff ([^`]+)`", text))
+    commands |= set(re.findall(r"/bin/steerdiff ([^\n]+)", text))
+    commands -= {"bench"}  # the noun: "every `steerdiff bench` command"
+    commands = {c for c in commands if not re.search(r"\b[A-Z]{3,}\b|\.\.\.", c)}  # DEV, ...: placeholders
+    assert {"demo --out out", "bench solvers --out out", "sample --model digits --guidance cfg --label 7 "
+            "--out out/sevens.png"} <= commands  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # --out out is checked where it is parsed
+    parser = build_parser()
+    for command in sorted(commands):
+        args = parser.parse_args(command.split())
+        assert callable(args.func), command
