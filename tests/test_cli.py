@@ -737,12 +737,12 @@ def test_help(capsys, argv, expected):
         (["bench", "guided"], ["OUT/guided.csv", "OUT/guided.png", "OUT/guided.txt"]),
         (["bench", "guided"], ["OUT/guided_validation.{csv,png,txt}"]),
         (["demo"], ["OUT/demo.png", "OUT/demo.csv"]),
-        (["sample"], ["--model digits", ".png grid"]),
+        (["sample"], ["--model digits", ".png grid", "the demo's, cfg 2, classifier 2"]),
     ],
 )
 def test_help_names_the_files_written(capsys, argv, written):
     # before: bench solvers, sde, posterior and steer left out the OUT/<name>.txt each writes, and sample's
-    # description said the default model and .pt or .npy only
+    # description said the default model and .pt or .npy only, its --scale "the demo's" without a number
     with pytest.raises(SystemExit):
         main([*argv, "--help"])
     out = " ".join(capsys.readouterr().out.split())

@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steerdiff`` and its sub-commands."""
     from .bench.guided import PROBLEMS
     from .bench.longstep import PROCESSES
+    from .demo import CFG_SCALE, CLASSIFIER_SCALE
 
     parser = argparse.ArgumentParser(
         prog="steerdiff",
@@ -392,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale",
         type=_scale,
         default=None,
-        help="guidance scale >= 0, with --guidance (default: the demo's)",
+        help=f"guidance scale, with --guidance (default: the demo's, cfg {CFG_SCALE:g}, classifier "
+        f"{CLASSIFIER_SCALE:g})",
     )
     sp.add_argument(
         "--weights", type=_weights_dir, default=None, help="digits weights folder (default: committed)"
