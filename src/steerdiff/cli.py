@@ -1,19 +1,22 @@
 """The ``steerdiff`` command line.
 
-    steerdiff demo [--out DIR] [--digit D] [--n N] [--seed S] [--no-progress] [--weights DIR]
-    steerdiff bench solvers [--model {gmm,digits}] [--out DIR] [--batch B] [--seed S] [--quick]
-        [--no-diffusers] [--draws D]
+    steerdiff demo [--out DIR] [--digit D] [--n N] [--seed S] [--weights DIR] [--threads T]
+    steerdiff bench solvers [--out DIR] [--batch B] [--seed S] [--quick] [--no-diffusers] [--threads T]
+        [--draws D | --model digits [--weights DIR]]
     steerdiff bench sde [--out DIR] [--n N] [--seed S] [--quick] [--no-diffusers]
     steerdiff bench posterior [--out DIR] [--n N] [--seed S] [--quick | --all | --inpaint]
     steerdiff bench steer [--out DIR] [--n N] [--seed S] [--quick]
     steerdiff bench overhead [--out DIR] [--device DEV] [--shape BxCx...]... [--steps K] [--repeats R]
+        [--threads T]
     steerdiff bench longstep [--out DIR] [--n N] [--seed S] [--quick] [--process NAME]...
     steerdiff bench guided [--out DIR] [--n N] [--draws D] [--seed S] [--quick] [--problem NAME]...
         [--validate]
     steerdiff sample --out FILE.{pt,npy,png} [--model {gmm,digits}] [--n N] [--steps K] [--solver NAME]
-        [--schedule NAME] [--guidance {none,cfg,classifier}] [--label D] [--scale W] [--weights DIR]
+        [--schedule NAME] [--seed S] [--guidance {none,cfg,classifier}] [--label D] [--scale W]
+        [--weights DIR]
     steerdiff train digits [--out DIR] [--seed S] [--quick] [--threads T]
 
+Every command but ``train`` takes ``--no-progress``; ``python -m steerdiff`` is the same command line.
 ``bench solvers`` runs :mod:`steerdiff.bench.solvers` and writes ``solvers.csv``, ``solvers.txt`` and
 ``solvers.png`` to ``--out`` (``--model digits``: :mod:`steerdiff.bench.digits`); ``sample`` draws from
 the embedded default model (the benchmark's 64-dimensional Gaussian mixture under Stable Diffusion's
