@@ -8,6 +8,7 @@ import itertools
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,3 +136,39 @@ def test_every_command_the_readme_and_makefile_show_parses(tmp_path, monkeypatch
     for command in sorted(commands):
         args = parser.parse_args(command.split())
         assert callable(args.func), command
+
+
+def test_the_guidance_snippet_runs_with_what_it_is_given():
+    from steerdiff.bench.digits import load_models
+
+    # "given a net taking a class label (label=None: unconditional), a 0/1 mask, observed y and a generator g"
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = sd.inverse.Inpaint(mask).forward(torch.zeros(4, 1, 8, 8))
+    scope: dict[str, Any] = {"sd": sd, "den": load_models(None).den, "mask": mask, "y": y, "x_T": x_T}
+    scope["g"] = torch.Generator().manual_seed(1)
+    exec(compile(_block("### Guidance\n"), "README.md", "exec"), scope)
+    assert scope["x0"].shape == x_T.shape and scope["x0"].isfinite().all()
+    assert (
+        sd.sample(scope["cfg"], x_T, 4, label=torch.full((4,), 3)).isfinite().all()
+    )  # "then sd.sample(...)"
+
+
+def test_the_particle_snippet_runs_with_what_it_is_given():
+    # "given a reward mapping samples (n, dim) to (n,), an operator matrix A, observed y and a generator g"
+    batch, dim = 2, 8
+    gmm, proc = sd.toy.default_benchmark_mixture(dim=dim, components=4), sd.VP.scaled_linear()
+    g = torch.Generator().manual_seed(0)
+    scope: dict[str, Any] = {
+        "sd": sd,
+        "den": gmm.denoiser(proc),
+        "batch": batch,
+        "dim": dim,
+        "g": g,
+        "s": 0.1,
+    }
+    scope["reward"] = lambda x: -x.pow(2).sum(-1)
+    scope["A"], scope["y"] = torch.randn(2, dim, generator=g), torch.randn(batch, 2, generator=g)
+    exec(compile(_block("### Particle steering"), "README.md", "exec"), scope)
+    assert scope["out"].x.shape == (batch, 16, dim) and scope["x"].shape == (batch, dim)
