@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ._brownian import BrownianBatch
 from ._checks import caller, device_or_none, integer, ordered
 
 __all__ = [
@@ -184,8 +185,6 @@ class BrownianTreeNoise:
     """
 
     def __init__(self, like: Tensor, t_min: float, t_max: float, seed: int | Sequence[int] = 0) -> None:
-        import torchsde
-
         from .solvers.base import work_dtype  # solvers.base imports this module
 
         who = "BrownianTreeNoise"
@@ -206,19 +205,9 @@ class BrownianTreeNoise:
             seeds = [integer(who, "seed", seed, lo=0) + b for b in range(like.shape[0])]
         if len(seeds) != like.shape[0]:
             raise ValueError(f"{who}: seed has {len(seeds)} seeds for a batch of {like.shape[0]} samples")
-        self.trees = [
-            torchsde.BrownianInterval(
-                t0=self.t_min,
-                t1=self.t_max,
-                size=(1, *like.shape[1:]),
-                dtype=work_dtype(like.dtype),
-                device=like.device,
-                entropy=s,
-                tol=10.0**-_TREE_DIGITS,
-                halfway_tree=True,
-            )
-            for s in seeds
-        ]
+        self.paths = BrownianBatch(
+            self.t_min, self.t_max, seeds, self.shape[1:], work_dtype(like.dtype), like.device, _TREE_DIGITS
+        )
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
         if tuple(like.shape) != self.shape:
@@ -239,8 +228,8 @@ class BrownianTreeNoise:
         if hi - lo <= 0:
             return torch.zeros_like(like)
         sign = 1.0 if t_to >= t_from else -1.0
-        w = (sign / math.sqrt(hi - lo)) * torch.cat([tree(lo, hi) for tree in self.trees])
-        return w.reshape(like.shape).to(dtype=like.dtype, device=like.device)
+        w = (sign / math.sqrt(hi - lo)) * self.paths.increment(lo, hi)
+        return w.to(dtype=like.dtype, device=like.device)
 
 
 def check_generators(who: str, generator: object, rows: int | None = None) -> Generators:
