@@ -259,7 +259,7 @@ def _torchsde_increments(
 ) -> Callable[[float, float], torch.Tensor]:
     """The increments BrownianTreeNoise drew before it queried the batch at once: one torchsde tree per
     sample, ``torch.cat`` of their increments over ``[lo, hi]``."""
-    import torchsde
+    torchsde = pytest.importorskip("torchsde")  # a dev dependency: the library no longer uses it
 
     trees = [
         torchsde.BrownianInterval(

@@ -142,10 +142,11 @@ class BrownianBatch:
         self.cached: OrderedDict[_Node, Tensor] = OrderedDict()
 
     def _randn(self, seeds: np.ndarray) -> Tensor:
-        """Row ``b``: ``randn(1, *shape)`` from a generator seeded with ``seeds[b]`` (torchsde's draw)."""
+        """Row ``b``: ``randn(1, *shape)`` from a generator seeded with ``seeds[b]`` (torchsde's draw; randn
+        is ``normal_`` on an empty tensor)."""
         out = torch.empty((len(seeds), *self.shape), dtype=self.dtype, device=self.device)
         for row, seed in zip(out, seeds.tolist(), strict=True):
-            torch.randn(self.shape, generator=self.generator.manual_seed(seed), out=row)
+            row.normal_(generator=self.generator.manual_seed(seed))
         return out
 
     def increment(self, lo: float, hi: float) -> Tensor:

@@ -11,7 +11,8 @@ through ``model.noise``.
   own generator, so a sample is the same whatever the batch it is drawn in.
 * :class:`BrownianTreeNoise` -- increments of one Brownian path per sample,
   ``(W(t_to) - W(t_from)) / sqrt(|t_to - t_from|)``, queried on a Brownian tree (Li et al. 2020,
-  ``torchsde.BrownianInterval``; k-diffusion's ``BrownianTreeNoiseSampler`` idea): runs with
+  torchsde's ``BrownianInterval``, whose paths it draws for the whole batch at once; k-diffusion's
+  ``BrownianTreeNoiseSampler`` idea): runs with
   different step counts see the same path, so their samples are coupled and converge to the
   same SDE solution. Its increment over ``[t, t]`` is 0: moves at a fixed time (Langevin, MCMC)
   get no noise from it, which :func:`check_fixed_time` refuses.
@@ -172,6 +173,16 @@ class BrownianTreeNoise:
     The tree resolves times to 1e-6 (torchsde's ``tol``): the increment over ``[t_to, t_from]`` is
     the one between the two times rounded to 6 decimals, divided by the square root of that rounded
     length (standard normal), and 0 where both round to the same time.
+
+    Sample ``b``'s path is that of ``torchsde.BrownianInterval(t_min, t_max, entropy=seed_b, tol=1e-6,
+    halfway_tree=True)``, bit for bit, so it does not depend on the batch. The batch's paths share the
+    tree's nodes and are queried together (:class:`steerdiff._brownian.BrownianBatch`), but each node a
+    query splits still draws one ``randn`` per sample from that sample's own generator: about 23 nodes per
+    query of a sampling run on ``[0, 999]``, measured 0.14 s per query per 1000 samples of 64 dimensions on
+    one CPU thread (float64 or float32; 3.1 s with a torchsde tree per sample), so a 20-step ``dpmpp_sde``
+    run of 4000 samples (38 queries) spends about 20 s on its noise, where a generator's takes
+    milliseconds. It keeps the increments over the last ``4 (ceil(log2((t_max - t_min) 1e6)) + 2)``
+    nodes of the tree, each the batch's size (128 copies of ``like`` on ``[0, 999]``).
 
     Args:
         like: a batched tensor of the batch's shape and device; the path is kept in its work dtype
