@@ -40,63 +40,60 @@ def _words(n: int) -> list[int]:
 
 class SeedHash:
     """``numpy.random.SeedSequence(seed, spawn_key=..., pool_size=8).generate_state(1)[0]`` for a batch of
-    seeds at once: the seeds' words are laid out once (seeds of one length in words together), the hash
-    runs on all of them per spawn key."""
+    seeds at once. numpy hashes a seed's first 8 words (zeros where it has fewer) into a pool of 8, mixes
+    the pool, then mixes in the words after them (the seed's beyond 8, then the spawn key's); the mixed
+    pool of a seed is the same for every spawn key, so it is made once (seeds of one length in words
+    together) and each spawn key costs only its own words' mixing."""
 
     def __init__(self, seeds: Sequence[int]) -> None:
         self.rows = len(seeds)
         by_length: dict[int, list[int]] = {}
         for b, s in enumerate(seeds):
             by_length.setdefault(len(_words(s)), []).append(b)
-        self.groups: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, their words: one column per seed)
+        # per length: the rows, their words beyond the pool (one column per seed), their mixed pool
+        self.groups: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
         for length, rows in by_length.items():
-            words = np.zeros((length, len(rows)), dtype=np.uint32)
+            words = np.zeros((max(length, _POOL), len(rows)), dtype=np.uint32)
             for col, b in enumerate(rows):
-                words[:, col] = _words(seeds[b])
-            self.groups.append((np.asarray(rows), words))
+                words[:length, col] = _words(seeds[b])
+            hashmix = _Hashmix(_INIT_A, _MULT_A)
+            pool = [hashmix(w) for w in words[:_POOL]]
+            for src in range(_POOL):
+                for dst in range(_POOL):
+                    if src != dst:
+                        pool[dst] = _mix(pool[dst], hashmix(pool[src]))
+            self.groups.append((np.asarray(rows), words[_POOL:], pool))
+        self.const = _INIT_A * pow(_MULT_A, _POOL * _POOL, 1 << 32) & _MASK  # after the pool's 64 hashmixes
 
     def first_words(self, spawn_key: tuple[int, ...] = ()) -> np.ndarray:
         """Each seed's first word of state under ``spawn_key``, a uint32 array."""
         out = np.empty(self.rows, dtype=np.uint32)
-        spawn = np.asarray([w for k in spawn_key for w in _words(k)], dtype=np.uint32)
-        for rows, words in self.groups:
-            # numpy pads the run entropy to the pool where a spawn key follows
-            size = max(len(words), _POOL) if len(spawn) else len(words)
-            entropy = np.zeros((size + len(spawn), len(rows)), dtype=np.uint32)
-            entropy[: len(words)] = words
-            entropy[size:] = spawn[:, None]
-            out[rows] = _hash(entropy)
+        spawn = np.asarray([w for k in spawn_key for w in _words(k)], dtype=np.uint32)[:, None]
+        for rows, beyond, mixed in self.groups:
+            hashmix, pool = _Hashmix(self.const, _MULT_A), list(mixed)
+            for word in [*beyond, *spawn]:
+                for dst in range(_POOL):
+                    pool[dst] = _mix(pool[dst], hashmix(word))
+            out[rows] = _Hashmix(_INIT_B, _MULT_B)(pool[0])  # generate_state's first output
         return out
 
 
-def _hash(entropy: np.ndarray) -> np.ndarray:
-    """The first word of ``generate_state`` of the seed sequence of each column of ``entropy`` (uint32
-    words, one column per seed): numpy's ``mix_entropy`` into a pool of 8, then its first output."""
-    const = _INIT_A
+class _Hashmix:
+    """numpy's ``hashmix``: ``value`` hashed with the running constant, which then moves on."""
 
-    def hashmix(value: np.ndarray) -> np.ndarray:
-        nonlocal const
-        value = value ^ np.uint32(const)
-        const = (const * _MULT_A) & _MASK
-        value = value * np.uint32(const)
+    def __init__(self, const: int, mult: int) -> None:
+        self.const, self.mult = const, mult
+
+    def __call__(self, value: np.ndarray) -> np.ndarray:
+        value = value ^ np.uint32(self.const)
+        self.const = (self.const * self.mult) & _MASK
+        value = value * np.uint32(self.const)
         return value ^ (value >> np.uint32(_XSHIFT))
 
-    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        r = np.uint32(_MIX_L) * x - np.uint32(_MIX_R) * y
-        return r ^ (r >> np.uint32(_XSHIFT))
 
-    zero = np.zeros(entropy.shape[1], dtype=np.uint32)
-    pool = [hashmix(entropy[i] if i < len(entropy) else zero) for i in range(_POOL)]
-    for src in range(_POOL):
-        for dst in range(_POOL):
-            if src != dst:
-                pool[dst] = mix(pool[dst], hashmix(pool[src]))
-    for src in range(_POOL, len(entropy)):
-        for dst in range(_POOL):
-            pool[dst] = mix(pool[dst], hashmix(entropy[src]))
-    first = pool[0] ^ np.uint32(_INIT_B)
-    first = first * np.uint32((_INIT_B * _MULT_B) & _MASK)
-    return first ^ (first >> np.uint32(_XSHIFT))
+def _mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    r = np.uint32(_MIX_L) * x - np.uint32(_MIX_R) * y
+    return r ^ (r >> np.uint32(_XSHIFT))
 
 
 class _Node:
