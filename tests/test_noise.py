@@ -322,6 +322,7 @@ def test_brownian_tree_draws_once_per_new_split():
     for t_from, t_to in itertools.pairwise(times):
         tree(t_from, t_to, like)
     assert set(draws) == {3} and len(draws) / 30 < 25, len(draws) / 30
+    assert len(tree.paths.cached) == tree.paths.cache == 128  # the memory kept: 128 increments of the batch
 
 
 @pytest.mark.parametrize("solver", ["ddim", "ddpm"])

@@ -177,12 +177,14 @@ class BrownianTreeNoise:
     Sample ``b``'s path is that of ``torchsde.BrownianInterval(t_min, t_max, entropy=seed_b, tol=1e-6,
     halfway_tree=True)``, bit for bit, so it does not depend on the batch. The batch's paths share the
     tree's nodes and are queried together (:class:`steerdiff._brownian.BrownianBatch`), but each node a
-    query splits still draws one ``randn`` per sample from that sample's own generator: about 23 nodes per
-    query of a sampling run on ``[0, 999]``, measured 0.14 s per query per 1000 samples of 64 dimensions on
-    one CPU thread (float64 or float32; 3.1 s with a torchsde tree per sample), so a 20-step ``dpmpp_sde``
-    run of 4000 samples (38 queries) spends about 20 s on its noise, where a generator's takes
-    milliseconds. It keeps the increments over the last ``4 (ceil(log2((t_max - t_min) 1e6)) + 2)``
-    nodes of the tree, each the batch's size (128 copies of ``like`` on ``[0, 999]``).
+    query splits still draws one ``randn`` per sample from that sample's own generator: about 24 nodes per
+    query of a sampling run on ``[0, 999]``, 55 for a query with both ends new (a restart's first), the
+    rest of a query shared by the batch. Measured 0.08 (float32) to 0.14 (float64) s per query per 1000
+    samples of 64 dimensions on one CPU thread, 100 to 4000 samples (2 to 4 s with a torchsde tree per
+    sample), so a 20-step ``dpmpp_sde`` run of 4000 samples in float64 (38 queries) takes 17.5 s where
+    with a generator it takes 0.3 s. It keeps the increments over the last ``4 (ceil(log2((t_max -
+    t_min) 1e6)) + 2)`` nodes of the tree, each of the batch's size (128 copies of ``like`` on
+    ``[0, 999]``).
 
     Args:
         like: a batched tensor of the batch's shape and device; the path is kept in its work dtype
