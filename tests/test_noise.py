@@ -302,14 +302,16 @@ def test_seed_hash_is_numpys_seed_sequence():
         assert SeedHash(seeds).first_words(key).tolist() == want, key
 
 
-def test_brownian_tree_draws_once_per_new_split():
+@pytest.mark.parametrize(("cache_size", "most"), [(None, 55), (128, 25)])
+def test_brownian_tree_draws_once_per_new_split(cache_size, most):
     """A sampling run's queries walk down the tree: torchsde drew each split node's noise for each child
     and, with 45 nodes kept per tree, drew the top of the path again at every query (70 draws per query
-    and sample at 30 steps on [0, 999]); now a split draws once for both children and the last two queries'
-    paths are kept: about one draw per new split, 23 per query (measured 23.1), the whole batch's rows
-    each."""
+    and sample at 30 steps on [0, 999]); now a split draws once for both children, for the whole batch's
+    rows: 52 draws per query with the default 45 kept nodes (the memory of before), and with 128 kept,
+    about two queries' paths, about one draw per new split, 23 per query (measured 23.1)."""
     like = torch.zeros(3, 4, dtype=F64)
-    tree = _tree(like)
+    kw = {} if cache_size is None else {"cache_size": cache_size}
+    tree = sd.noise.BrownianTreeNoise(like, 0.0, 999.0, seed=0, **kw)
     draws: list[int] = []
     randn = tree.paths._randn
 
@@ -321,8 +323,13 @@ def test_brownian_tree_draws_once_per_new_split():
     times = torch.linspace(999.0, 0.0, 31).tolist()
     for t_from, t_to in itertools.pairwise(times):
         tree(t_from, t_to, like)
-    assert set(draws) == {3} and len(draws) / 30 < 25, len(draws) / 30
-    assert len(tree.paths.cached) == tree.paths.cache == 128  # the memory kept: 128 increments of the batch
+    assert set(draws) == {3} and len(draws) / 30 < most, len(draws) / 30
+    assert len(tree.paths.cached) == tree.paths.cache == (cache_size or 45)  # the memory kept, in copies
+
+
+def test_brownian_tree_cache_size_is_checked():
+    with pytest.raises(ValueError, match=r"BrownianTreeNoise: cache_size must be an integer >= 1"):
+        sd.noise.BrownianTreeNoise(torch.zeros(2, 3), 0.0, 1.0, cache_size=0)
 
 
 @pytest.mark.parametrize("solver", ["ddim", "ddpm"])

@@ -114,10 +114,10 @@ class BrownianBatch:
     halfway_tree=True)``; :meth:`increment` returns the rows' increments over ``[lo, hi]`` (times rounded
     to ``digits`` decimals, ``lo < hi``), as ``torch.cat`` of the trees' would be.
 
-    The increments of the last ``4 (depth + 2)`` nodes used are kept, each the batch's size, ``depth =
-    ceil(log2((t1 - t0) 10**digits))`` the tree's (128 for ``[0, 999]`` at 6 digits): a query reuses the
-    nodes it shares with the last one instead of drawing them again, which needs about two queries' paths
-    (one draw per new split then; at 64 nodes two for ``[0, 999]``).
+    The increments of the last ``cache`` nodes used are kept, each the batch's size (what is kept changes
+    the cost, never the draws): a query reuses the nodes it shares with the last one instead of drawing them
+    again; ``4 (depth + 2)`` nodes, ``depth = ceil(log2((t1 - t0) 10**digits))`` the tree's, hold about two
+    queries' paths of a sampling run (one draw per new split then).
     """
 
     def __init__(
@@ -129,10 +129,10 @@ class BrownianBatch:
         dtype: torch.dtype,
         device: torch.device,
         digits: int,
+        cache: int,
     ) -> None:
         self.seeds, self.shape, self.dtype, self.device = SeedHash(seeds), shape, dtype, device
-        self.digits = digits
-        self.cache = 4 * (max(math.ceil(math.log2((t1 - t0) * 10**digits)), 0) + 2)
+        self.digits, self.cache = digits, cache
         self.generator = torch.Generator(device)
         self.root = _Node(round(t0, digits), round(t1, digits), None, 0, 0)
         self.root_w = self._randn(self.seeds.first_words()) * math.sqrt(t1 - t0)

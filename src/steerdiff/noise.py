@@ -177,14 +177,10 @@ class BrownianTreeNoise:
     Sample ``b``'s path is that of ``torchsde.BrownianInterval(t_min, t_max, entropy=seed_b, tol=1e-6,
     halfway_tree=True)``, bit for bit, so it does not depend on the batch. The batch's paths share the
     tree's nodes and are queried together (:class:`steerdiff._brownian.BrownianBatch`), but each node a
-    query splits still draws one ``randn`` per sample from that sample's own generator: about 24 nodes per
-    query of a sampling run on ``[0, 999]``, 55 for a query with both ends new (a restart's first), the
-    rest of a query shared by the batch. Measured 0.08 (float32) to 0.14 (float64) s per query per 1000
-    samples of 64 dimensions on one CPU thread, 100 to 4000 samples (2 to 4 s with a torchsde tree per
-    sample), so a 20-step ``dpmpp_sde`` run of 4000 samples in float64 (38 queries) takes 17.5 s where
-    with a generator it takes 0.3 s. It keeps the increments over the last ``4 (ceil(log2((t_max -
-    t_min) 1e6)) + 2)`` nodes of the tree, each of the batch's size (128 copies of ``like`` on
-    ``[0, 999]``).
+    query splits still draws one ``randn`` per sample from that sample's own generator, so a query's cost
+    is that count times the batch: on ``[0, 999]`` (a 30-step run, one CPU thread, 1000 samples of 64
+    dimensions, float32) 52 nodes and 0.17 s per query with the default ``cache_size``, 23 nodes and 0.08 s
+    with 128, against 3-4 s with a torchsde tree per sample (also 45 kept nodes, each sample's).
 
     Args:
         like: a batched tensor of the batch's shape and device; the path is kept in its work dtype
@@ -195,9 +191,15 @@ class BrownianTreeNoise:
             process's range: ``process.t_min, process.t_max``); a step leaving it by more than the
             resolution 1e-6 is refused (it would get no noise there).
         seed: one integer (sample ``b`` uses ``seed + b``) or one integer per sample.
+        cache_size: the increments kept of the tree's nodes last used, each a copy of ``like`` (an integer
+            >= 1; the draws do not depend on it): torchsde's default 45, the memory of the trees it
+            replaces; ``4 (ceil(log2((t_max - t_min) 1e6)) + 2)`` (128 on ``[0, 999]``) holds about two
+            queries' paths, for about one draw per new node.
     """
 
-    def __init__(self, like: Tensor, t_min: float, t_max: float, seed: int | Sequence[int] = 0) -> None:
+    def __init__(
+        self, like: Tensor, t_min: float, t_max: float, seed: int | Sequence[int] = 0, cache_size: int = 45
+    ) -> None:
         from .solvers.base import work_dtype  # solvers.base imports this module
 
         who = "BrownianTreeNoise"
@@ -219,7 +221,14 @@ class BrownianTreeNoise:
         if len(seeds) != like.shape[0]:
             raise ValueError(f"{who}: seed has {len(seeds)} seeds for a batch of {like.shape[0]} samples")
         self.paths = BrownianBatch(
-            self.t_min, self.t_max, seeds, self.shape[1:], work_dtype(like.dtype), like.device, _TREE_DIGITS
+            self.t_min,
+            self.t_max,
+            seeds,
+            self.shape[1:],
+            work_dtype(like.dtype),
+            like.device,
+            _TREE_DIGITS,
+            integer(who, "cache_size", cache_size, lo=1),
         )
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
