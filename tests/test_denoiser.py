@@ -393,3 +393,19 @@ def test_every_evaluate_checks_its_input_once(name, monkeypatch):
         seen.clear()
         call()
         assert seen == [who]
+
+
+def test_a_users_evaluate_keeps_its_own_signature():
+    """A wrapper written with ``net_dtype`` optional is called as written: the input check that wraps every
+    subclass's ``evaluate`` passes on what follows ``x`` and ``t`` as given (it required ``net_dtype``:
+    ``TypeError: missing 1 required positional argument``), and still names the class on bad input."""
+
+    class Half(sd.guidance.base.Guided):
+        def evaluate(self, x, t, net_dtype=None, **cond):  # type: ignore[no-untyped-def]
+            return self.base.evaluate(x, t, net_dtype or x.dtype, **cond)
+
+    gmm, proc = sd.toy.default_benchmark_mixture(dim=4), sd.VP.scaled_linear()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(Half(gmm.denoiser(proc)).evaluate(x, 500.0).x0, gmm.denoiser(proc)(x, 500.0).x0)
+    with pytest.raises(ValueError, match=r"Half\.evaluate: x must be a tensor"):
+        Half(gmm.denoiser(proc)).evaluate([1.0], 500.0)

@@ -373,14 +373,13 @@ class Denoiser:
 
 def _checking(body: Callable[..., Prediction]) -> Callable[..., Prediction]:
     """``body`` (a subclass's ``evaluate``) with the input checked first (:func:`check_call`, naming
-    ``Class.evaluate``)."""
+    ``Class.evaluate``); what follows ``x`` and ``t`` goes to ``body`` as given (a user's ``evaluate`` may
+    give ``net_dtype`` a default)."""
 
     @functools.wraps(body)
-    def evaluate(
-        self: Denoiser, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any
-    ) -> Prediction:
+    def evaluate(self: Denoiser, x: Tensor, t: float | Tensor, /, *args: Any, **cond: Any) -> Prediction:
         check_call(f"{type(self).__name__}.evaluate", x, t)
-        return body(self, x, t, net_dtype, **cond)
+        return body(self, x, t, *args, **cond)
 
     evaluate.checks_input = True  # type: ignore[attr-defined]
     return evaluate
