@@ -409,3 +409,20 @@ def test_a_users_evaluate_keeps_its_own_signature():
     assert torch.equal(Half(gmm.denoiser(proc)).evaluate(x, 500.0).x0, gmm.denoiser(proc)(x, 500.0).x0)
     with pytest.raises(ValueError, match=r"Half\.evaluate: x must be a tensor"):
         Half(gmm.denoiser(proc)).evaluate([1.0], 500.0)
+
+
+def test_a_subclass_evaluate_may_call_super():
+    """A Denoiser subclass whose ``evaluate`` calls ``super().evaluate`` gets the plain denoiser's (it
+    recursed without end since 5bcf009: Denoiser.evaluate called ``self._evaluate_checked``, which is the
+    subclass's own ``evaluate``)."""
+    gmm, proc = sd.toy.default_benchmark_mixture(dim=4), sd.VP.scaled_linear()
+    base = gmm.denoiser(proc)
+
+    class Passthrough(sd.Denoiser):
+        def evaluate(self, x, t, net_dtype, /, **cond):  # type: ignore[no-untyped-def]
+            return super().evaluate(x, t, net_dtype, **cond)
+
+    den = Passthrough(base.net, proc, prediction=base.prediction)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(den.evaluate(x, 500.0, x.dtype).x0, base(x, 500.0).x0)
+    assert torch.equal(den(x, 500.0).x0, base(x, 500.0).x0)

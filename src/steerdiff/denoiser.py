@@ -306,7 +306,9 @@ class Denoiser:
         own arithmetic in ``x``'s dtype and pass ``net_dtype`` on to its nets (CFG, RePaint, SMC).
         """
         check_call(f"{type(self).__name__}.evaluate", x, t)
-        return self._evaluate_checked(x, t, net_dtype, **cond)
+        # this class's own, not self's: a subclass's evaluate is its _evaluate_checked, and one calling
+        # super().evaluate would come back to itself
+        return Denoiser._evaluate_checked(self, x, t, net_dtype, **cond)
 
     def _evaluate_checked(
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any
