@@ -426,3 +426,35 @@ def test_a_subclass_evaluate_may_call_super():
     x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(den.evaluate(x, 500.0, x.dtype).x0, base(x, 500.0).x0)
     assert torch.equal(den(x, 500.0).x0, base(x, 500.0).x0)
+
+
+def test_a_mixins_evaluate_is_the_subclass_own():
+    """An ``evaluate`` a subclass inherits from a mixin (a class that is no Denoiser, before a built-in
+    wrapper in the bases) is what samplers and wrappers run, as one defined in the subclass is (since
+    5bcf009 they ran the wrapper's ``_evaluate_checked``, skipping the mixin's)."""
+    gmm, proc = sd.toy.default_benchmark_mixture(dim=4), sd.VP.scaled_linear()
+    base = gmm.denoiser(proc)
+
+    class Shrink:
+        def evaluate(self, x, t, net_dtype, **cond):  # type: ignore[no-untyped-def]
+            pred = super().evaluate(x, t, net_dtype, **cond)  # type: ignore[misc]
+            return sd.guidance.with_estimate(pred, x0=0.5 * pred.x0)
+
+    class Mixed(Shrink, sd.guidance.CFG):
+        pass
+
+    class Direct(sd.guidance.CFG):
+        def evaluate(self, x, t, net_dtype, **cond):  # type: ignore[no-untyped-def]
+            pred = super().evaluate(x, t, net_dtype, **cond)
+            return sd.guidance.with_estimate(pred, x0=0.5 * pred.x0)
+
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mixed, direct = Mixed(base, base, 2.0), Direct(base, base, 2.0)
+    want = direct.evaluate(x, 500.0, x.dtype).x0
+    assert not torch.equal(want, sd.guidance.CFG(base, base, 2.0)(x, 500.0).x0)
+    assert torch.equal(mixed.evaluate(x, 500.0, x.dtype).x0, want)
+    assert torch.equal(sd.sample(mixed, x, 4, "ddim"), sd.sample(direct, x, 4, "ddim"))
+    outer = sd.guidance.DynamicThreshold(mixed, 0.9)
+    assert torch.equal(outer(x, 500.0).x0, sd.guidance.DynamicThreshold(direct, 0.9)(x, 500.0).x0)
+    with pytest.raises(ValueError, match=r"Mixed\.evaluate: x must be a tensor"):
+        mixed.evaluate([1.0], 500.0, x.dtype)

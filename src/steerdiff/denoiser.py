@@ -323,13 +323,15 @@ class Denoiser:
         return self(x.to(net_dtype), t, **cond).to(x.dtype, x)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass's own ``evaluate`` (guidance wrappers implement it) is kept as its
-        ``_evaluate_checked``, and its public ``evaluate`` checks the input first, as
+        """A subclass's own ``evaluate`` (guidance wrappers implement it; or a mixin's it inherits) is
+        kept as its ``_evaluate_checked``, and its public ``evaluate`` checks the input first, as
         :meth:`Denoiser.evaluate` does: a direct ``wrapper.evaluate(x, t, dtype)`` is checked once,
         and the calls it makes on its base (``_evaluate_checked``) are not checked again."""
         super().__init_subclass__(**kwargs)
-        body = cls.__dict__.get("evaluate")
-        if body is not None and not getattr(body, "checks_input", False):
+        # the evaluate its instances run, found along the MRO: a mixin's (a class that is no Denoiser,
+        # before a wrapper in the bases) is the subclass's own too, which __init_subclass__ never saw
+        body = cls.evaluate
+        if body is not Denoiser.evaluate and not getattr(body, "checks_input", False):
             cls._evaluate_checked = body  # type: ignore[method-assign]
             cls.evaluate = _checking(body)  # type: ignore[method-assign]
 
