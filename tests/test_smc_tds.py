@@ -672,3 +672,40 @@ def test_tds_runs_the_network_with_a_graph_only_for_a_twist_through_it(twist):
         assert all(grads)
         for a, b in ((out.x, old.x), (out.log_w, old.log_w), (out.trace.log_z, old.trace.log_z)):
             assert torch.equal(a, b), float((a - b).abs().max())
+
+
+def test_a_grad_algorithms_propose_reads_the_steps_prediction_in_slices():
+    """An algorithm with ``grad`` whose ``log_weight`` makes no prediction and whose ``propose`` reads
+    ``ctx.x0``: in slices of ``max_batch`` rows (``log_weight`` before the step) ``propose`` gets the step's
+    own prediction, as in one piece: the same particles at the same NFE (since 7aab1e6 it evaluated the
+    network a second time at every node, NFE 24 -> 48)."""
+    calls = [0]
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls[0] += x.shape[0]
+        return 0.9 * torch.tanh(x)
+
+    class Pull(sd.smc.SMCAlgorithm):
+        grad = True
+
+        def log_weight(self, ctx: sd.smc.StepContext) -> torch.Tensor | None:
+            return None if ctx.final else -0.1 * (ctx.x**2).sum(-1)
+
+        def propose(self, ctx: sd.smc.StepContext, base: sd.solvers.Transition) -> sd.solvers.Transition:
+            return sd.solvers.Transition(base.mean + 0.01 * ctx.x0.reshape(base.mean.shape), base.std)
+
+    den = sd.Denoiser(net, PROC, prediction="x0", shape=(2,))
+
+    def run(max_batch: int | None) -> sd.smc.Particles:
+        calls[0] = 0
+        return sd.smc.run_smc(
+            den, Pull(), shape=(2, 2), particles=4, steps=6, solver="ddpm", generator=gen(0), dtype=F64,
+            max_batch=max_batch,
+        )  # fmt: skip
+
+    full = run(None)
+    full_rows = calls[0]
+    sliced = run(3)
+    assert torch.equal(full.x, sliced.x) and torch.equal(full.log_w, sliced.log_w)
+    assert sliced.nfe == full.nfe == 6 * 4
+    assert calls[0] == full_rows == 6 * 8

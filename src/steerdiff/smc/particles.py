@@ -1028,6 +1028,8 @@ def run_smc(
             if not early:
                 ctx = StepContext(run, i, x, evaluator.seen, prev, alg_state, leaf)
                 inc = algorithm.log_weight(ctx)
+            elif ctx._pred is None:  # log_weight made none: the step's serves resample and propose
+                ctx._pred = evaluator.seen
             ess = weights.reweight(inc)
             forced = algorithm.resample(ctx, weights.log_w, generator)
             anc, mask = None, no_resample
