@@ -404,3 +404,23 @@ def test_set_timesteps_names_a_bad_device(bad):
     assert sched.timesteps.device.type == "cpu" and sched.sigmas.device.type == "cpu"
     sched.set_timesteps(10, device=None)
     assert len(sched.timesteps) == 10
+
+
+def test_a_device_index_is_a_device():
+    """A device index, as torch takes it (``torch.cuda.current_device()``, ``torch.device(0)``), reaches
+    torch, as it did before 6b35560 (which refused it as 'not a device string' also where it exists): the
+    accelerator's device where there is one, else torch's reason; a bool is still refused."""
+    calls = [
+        lambda d: sd.noise.randn((2, 2), None, None, d).device,
+        lambda d: sd.noise.rand((2, 2), None, None, d).device,
+        lambda d: sd.inverse.Matrix(torch.eye(2)).to_dense(device=d).device,
+    ]
+    for call in calls:
+        if torch.cuda.is_available():
+            assert call(0) == torch.device("cuda", 0)
+        else:  # torch's own reason (its wording varies with the version), not a refusal of the index
+            with pytest.raises((ValueError, RuntimeError, AssertionError)) as err:
+                call(0)
+            assert not str(err.value).endswith("or None, got 0"), err.value
+        with pytest.raises(ValueError, match=r"or None, got True$"):
+            call(True)

@@ -187,9 +187,10 @@ _DEVICES = "a torch.device or a device string torch accepts (such as 'cpu', 'cud
 
 
 def torch_device(who: str, name: str, value: object) -> torch.device:
-    """``value`` -- a ``torch.device`` or a device string such as ``"cuda:0"`` -- as a ``torch.device``,
-    else a ``ValueError`` naming ``who`` and ``name`` and what is accepted (with torch's reason for a
-    string it refuses, such as ``"gpu0"``)."""
+    """``value`` -- a ``torch.device``, a device string such as ``"cuda:0"`` or a device index such as
+    ``torch.cuda.current_device()`` -- as a ``torch.device``, else a ``ValueError`` naming ``who`` and
+    ``name`` and what is accepted (with torch's reason for a string or index it refuses, such as
+    ``"gpu0"``, or ``0`` without an accelerator)."""
     return _device(who, name, value, "")
 
 
@@ -202,7 +203,8 @@ def device_or_none(who: str, name: str, value: object) -> torch.device | None:
 def _device(who: str, name: str, value: object, also: str) -> torch.device:
     if isinstance(value, torch.device):
         return value
-    if isinstance(value, str):
+    # an index is a device too (torch.device(0), torch.cuda.current_device()), not a bool
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         try:
             return torch.device(value)
         except RuntimeError as e:
