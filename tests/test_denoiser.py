@@ -458,3 +458,25 @@ def test_a_mixins_evaluate_is_the_subclass_own():
     assert torch.equal(outer(x, 500.0).x0, sd.guidance.DynamicThreshold(direct, 0.9)(x, 500.0).x0)
     with pytest.raises(ValueError, match=r"Mixed\.evaluate: x must be a tensor"):
         mixed.evaluate([1.0], 500.0, x.dtype)
+
+
+def test_a_users_evaluate_takes_x_and_t_by_keyword():
+    """A user's ``evaluate(self, x, t, net_dtype, **cond)`` (as the README writes it, no ``/``) is called
+    with keywords as its signature allows, and what it is given is checked (since 5bcf009 the input
+    check took ``x`` and ``t`` by position only: ``TypeError: missing 2 required positional arguments``)."""
+    gmm, proc = sd.toy.default_benchmark_mixture(dim=4), sd.VP.scaled_linear()
+
+    class Clip(sd.guidance.Guided):
+        def evaluate(self, x, t, net_dtype, **cond):  # type: ignore[no-untyped-def]
+            pred = self.base.evaluate(x, t, net_dtype, **cond)
+            return sd.guidance.with_estimate(pred, x0=pred.x0.clamp(-1, 1))
+
+    den = Clip(gmm.denoiser(proc))
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    want = den.evaluate(x, 500.0, x.dtype).x0
+    assert torch.equal(den.evaluate(x=x, t=500.0, net_dtype=x.dtype).x0, want)
+    assert torch.equal(den.evaluate(x, t=500.0, net_dtype=x.dtype).x0, want)
+    with pytest.raises(ValueError, match=r"Clip\.evaluate: t must be a finite number"):
+        den.evaluate(x=x, t=math.nan, net_dtype=x.dtype)
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 't'"):
+        den.evaluate(x=x, net_dtype=x.dtype)

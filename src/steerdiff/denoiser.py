@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -377,13 +378,18 @@ class Denoiser:
 
 def _checking(body: Callable[..., Prediction]) -> Callable[..., Prediction]:
     """``body`` (a subclass's ``evaluate``) with the input checked first (:func:`check_call`, naming
-    ``Class.evaluate``); what follows ``x`` and ``t`` goes to ``body`` as given (a user's ``evaluate`` may
-    give ``net_dtype`` a default)."""
+    ``Class.evaluate``); the arguments go to ``body`` as given: ``x`` and ``t`` also by the names ``body``
+    gives them where it takes them by keyword (``evaluate(x=x, t=t, net_dtype=...)``), and what follows
+    them as ``body`` takes it (a user's ``evaluate`` may give ``net_dtype`` a default)."""
+    params = list(inspect.signature(body).parameters.values())[1:3]  # after self
+    names = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
 
     @functools.wraps(body)
-    def evaluate(self: Denoiser, x: Tensor, t: float | Tensor, /, *args: Any, **cond: Any) -> Prediction:
-        check_call(f"{type(self).__name__}.evaluate", x, t)
-        return body(self, x, t, *args, **cond)
+    def evaluate(self: Denoiser, /, *args: Any, **kwargs: Any) -> Prediction:
+        given = [*args[:2], *(kwargs[k] for k in names[len(args) :] if k in kwargs)]
+        if len(given) == 2:  # else body's own TypeError names what is missing
+            check_call(f"{type(self).__name__}.evaluate", *given)
+        return body(self, *args, **kwargs)
 
     evaluate.checks_input = True  # type: ignore[attr-defined]
     return evaluate
