@@ -709,3 +709,34 @@ def test_a_grad_algorithms_propose_reads_the_steps_prediction_in_slices():
     assert torch.equal(full.x, sliced.x) and torch.equal(full.log_w, sliced.log_w)
     assert sliced.nfe == full.nfe == 6 * 4
     assert calls[0] == full_rows == 6 * 8
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "euler_ancestral", "ddim"])
+@pytest.mark.parametrize("twist", ["operator", "log_likelihood"])
+def test_tds_max_batch_hands_an_eps_nets_step_its_own_eps(solver, twist):
+    """With an ``eps`` net in slices of ``max_batch`` rows, the step gets the prediction as the net gave it
+    (``eps`` held, ``x0`` derived on access), as in one piece: the run is bit for bit the unsliced one (since
+    7aab1e6 the twist's read of ``x0`` came with it, and the solvers that read ``eps`` derived it back from
+    ``x0``: other rounding, a few ulp off, where it had been bit-identical before)."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # about that of N(0.5, 0.5^2 I) data
+        a, s = (c(t.to(F64)).to(x.dtype)[:, None] for c in (PROC.alpha, PROC.sigma))
+        return s * (x - 0.5 * a) / (0.25 * a * a + s * s)
+
+    den = sd.Denoiser(eps, PROC, prediction="eps", shape=(2,))
+    kw = {
+        "operator": {"operator": sd.inverse.Matrix(A), "y": Y, "noise_std": S},
+        "log_likelihood": {"log_likelihood": lambda x0: -((x0 - 0.3) ** 2).sum(1)},
+    }[twist]
+    slv = sd.solvers.DDIM(eta=0.7) if solver == "ddim" else solver
+
+    def run(max_batch: int | None) -> sd.smc.Particles:
+        return sd.smc.tds(
+            den, **kw, shape=(3, 2), particles=4, steps=7, solver=slv, ess_threshold=1.0, generator=gen(3),
+            dtype=F64, max_batch=max_batch,
+        )  # fmt: skip
+
+    full, sliced = run(None), run(5)
+    for a, b in ((full.x, sliced.x), (full.log_w, sliced.log_w), (full.trace.log_z, sliced.trace.log_z)):
+        assert torch.equal(a, b), float((a - b).abs().max())
+    assert sliced.nfe == full.nfe == 7 * 4

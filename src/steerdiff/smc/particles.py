@@ -420,8 +420,12 @@ class StepContext:
             with torch.enable_grad():
                 x = rows.x.detach().requires_grad_(True)
                 pred = net(x)
+                # the step's prediction as the net gave it, detached (the slice's graph is freed with
+                # pred): before fn derives pred's other estimate, which the step would then read instead
+                # of deriving it (an eps net's x0: x0_given, other rounding than the unsliced run's)
+                step_pred = _detach(pred)
                 record(rows, x, pred.x0)
-            return _detach(pred)  # the slice's graph is freed here
+            return step_pred
 
         flat = self._x.detach()
         if denoised and self.grid.sigma[self.i] > 0:
