@@ -798,3 +798,29 @@ def test_guidance_terms_off_the_discrete_vp(proc: sd.Process) -> None:
         c = s * s / (a * a + s * s) * torch.eye(d, dtype=F64)
         gain = c @ A.T @ torch.linalg.inv(A @ c @ A.T + noise_std**2 * torch.eye(2, dtype=F64))
         torch.testing.assert_close(out, m + (y - m @ A.T) @ gain.T, rtol=1e-10, atol=1e-12)
+
+
+def test_a_subclass_override_of_the_score_is_what_evaluate_runs():
+    """A subclass of DPS overriding ``likelihood_score`` (of DPS, PiGDM or MCG overriding ``vjp_score``)
+    steers the samples its own way, as before 5bcf009, which had ``evaluate`` call the unchecked
+    ``_likelihood_score`` / ``_vjp_score`` and so skip the override (a zeroed DPS score sampled as DPS)."""
+    proc = sd.VP.scaled_linear()
+    den = sd.toy.default_benchmark_mixture(dim=4).denoiser(proc)
+    op, y = sd.inverse.Matrix(torch.eye(2, 4, dtype=torch.float64)), torch.ones(2, dtype=torch.float64)
+
+    class Unguided(sd.guidance.DPS):
+        def likelihood_score(self, x, t, net_dtype=None, /, **cond):  # type: ignore[no-untyped-def]
+            pred, g = super().likelihood_score(x, t, net_dtype, **cond)
+            return pred, 0 * g
+
+    class Halved(sd.guidance.PiGDM):
+        def vjp_score(self, x, t, weight, net_dtype=None, /, **cond):  # type: ignore[no-untyped-def]
+            pred, g = super().vjp_score(x, t, weight, net_dtype, **cond)
+            return pred, 0.5 * g
+
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain = sd.sample(den, x, 5, "ddim")
+    assert not torch.equal(sd.sample(sd.guidance.DPS(den, op, y, noise_std=0.1), x, 5, "ddim"), plain)
+    assert torch.equal(sd.sample(Unguided(den, op, y, noise_std=0.1), x, 5, "ddim"), plain)
+    half = sd.sample(sd.guidance.PiGDM(den, op, y, noise_std=0.1, scale=0.5), x, 5, "ddim")
+    assert torch.equal(sd.sample(Halved(den, op, y, noise_std=0.1), x, 5, "ddim"), half)

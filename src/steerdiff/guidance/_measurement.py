@@ -30,6 +30,16 @@ from .base import Guided, _denoise_with_grad, grad_on, with_estimate
 __all__ = ["MeasurementGuided"]
 
 
+def checked_once(obj: object, owner: type, name: str) -> Callable[..., Any]:
+    """``obj``'s public method ``name`` (which checks ``x`` and ``t``) as a wrapper's ``evaluate`` calls it
+    on input it checked: ``owner``'s unchecked ``_name``, unless ``obj``'s class overrides ``name`` (a
+    user's subclass steering the score its own way), whose override then runs as it did before the
+    unchecked ``_name`` existed (it may call ``super().name``)."""
+    if getattr(type(obj), name) is getattr(owner, name):
+        return getattr(obj, f"_{name}")
+    return getattr(obj, name)
+
+
 class MeasurementGuided(Guided):
     """A guided denoiser that conditions on ``y = A x0 + noise_std n`` (base class).
 

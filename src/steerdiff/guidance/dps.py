@@ -45,7 +45,7 @@ from torch import Tensor
 from .._checks import choice, real
 from ..denoiser import Denoiser, Prediction, check_call
 from ..inverse.operators import LinearOperator
-from ._measurement import MeasurementGuided
+from ._measurement import MeasurementGuided, checked_once
 from .base import add_score
 
 __all__ = ["DPS", "VARIANTS"]
@@ -100,11 +100,12 @@ class DPS(MeasurementGuided):
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype | None = None, /, **cond: Any
     ) -> tuple[Prediction, Tensor]:
         """:meth:`likelihood_score` on input already checked (inside ``evaluate``)."""
-        pred, g = self._vjp_score(x, t, self._weight, net_dtype, **cond)
+        vjp_score = checked_once(self, MeasurementGuided, "vjp_score")
+        pred, g = vjp_score(x, t, self._weight, net_dtype, **cond)
         return pred, self.scale * g
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
-        return add_score(*self._likelihood_score(x, t, net_dtype, **cond))
+        return add_score(*checked_once(self, DPS, "likelihood_score")(x, t, net_dtype, **cond))
 
     def __repr__(self) -> str:
         return f"DPS({self.base!r}, scale={self.scale}, variant={self.variant!r})"
