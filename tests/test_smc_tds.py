@@ -740,3 +740,23 @@ def test_tds_max_batch_hands_an_eps_nets_step_its_own_eps(solver, twist):
     for a, b in ((full.x, sliced.x), (full.log_w, sliced.log_w), (full.trace.log_z, sliced.trace.log_z)):
         assert torch.equal(a, b), float((a - b).abs().max())
     assert sliced.nfe == full.nfe == 7 * 4
+
+
+@pytest.mark.parametrize("max_batch", [None, 3])
+def test_tds_classifier_twist_under_inference_mode_says_so(max_batch):
+    """The classifier twist takes the classifier's gradient in ``x``: under ``torch.inference_mode()`` a
+    ``RuntimeError`` says that mode forbids it, as before 2a8c1ed (since, the step's network runs without
+    a graph and the run went on to "classifier does not depend differentiably on x (computed under
+    torch.no_grad() ...)", a ValueError blaming the classifier); ``twist_scale = 0`` takes no gradient and
+    runs."""
+    den = sd.Denoiser(lambda x, t: 0.9 * torch.tanh(x), PROC, prediction="x0", shape=(2,))
+
+    def classifier(x: torch.Tensor, t: float) -> torch.Tensor:
+        return -(x**2).sum(1)
+
+    kw = {"shape": (2, 2), "particles": 3, "steps": 4, "generator": gen(0), "max_batch": max_batch}
+    with torch.inference_mode():
+        forbids = r"^tds differentiates .*which torch\.inference_mode\(\) forbids"
+        with pytest.raises(RuntimeError, match=forbids):
+            sd.smc.tds(den, classifier=classifier, **kw)
+        assert sd.smc.tds(den, classifier=classifier, twist_scale=0.0, **kw).x.shape == (2, 3, 2)

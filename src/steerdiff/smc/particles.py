@@ -399,6 +399,7 @@ class StepContext:
         neither ``fn`` nor a graph sees more than ``max_batch`` rows. Called in ``log_weight`` (before the
         step, in slices) that evaluation is the step's own; elsewhere it is one more, counted. ``ValueError``
         naming ``who`` and ``what`` where ``u`` does not depend on ``x`` differentiably."""
+        _check_grad_mode(who, what)  # a gradient in x alone too (an algorithm without grad)
         run = self._run
         if not run.chunked and denoised:
             flat = run.flat(self.x)
@@ -488,6 +489,16 @@ class SMCAlgorithm:
 
 
 # --- the engine -----------------------------------------------------------------------------------
+
+
+def _check_grad_mode(who: str, what: str) -> None:
+    """A ``RuntimeError`` naming ``who`` and ``what`` it differentiates under ``torch.inference_mode()``,
+    where no tensor made can be differentiated."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{who} differentiates {what}, which torch.inference_mode() forbids; run it outside "
+            "(torch.no_grad() is fine)"
+        )
 
 
 def check_nodes(who: str, name: str, nodes: Iterable[int], steps: int) -> None:
@@ -951,11 +962,8 @@ def run_smc(
         _check_reward(reward, who)
     resample_fn = _resample.get(resampler, who)
     slv = _solvers.get(solver, who)
-    if algorithm.grad and torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            f"{algorithm.name} differentiates the denoised estimate, which torch.inference_mode() forbids; "
-            "run it outside (torch.no_grad() is fine)"
-        )
+    if algorithm.grad:
+        _check_grad_mode(algorithm.name, "the denoised estimate")
     if algorithm.stochastic and not slv.stochastic:
         raise ValueError(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
