@@ -802,8 +802,8 @@ def test_guidance_terms_off_the_discrete_vp(proc: sd.Process) -> None:
 
 def test_a_subclass_override_of_the_score_is_what_evaluate_runs():
     """A subclass of DPS overriding ``likelihood_score`` (of DPS, PiGDM or MCG overriding ``vjp_score``)
-    steers the samples its own way, as before 5bcf009, which had ``evaluate`` call the unchecked
-    ``_likelihood_score`` / ``_vjp_score`` and so skip the override (a zeroed DPS score sampled as DPS)."""
+    steers the samples its own way (a guard: an input-check change, reverted this session, had
+    ``evaluate`` call unchecked private copies, skipping the override: a zeroed DPS score sampled as DPS)."""
     proc = sd.VP.scaled_linear()
     den = sd.toy.default_benchmark_mixture(dim=4).denoiser(proc)
     op, y = sd.inverse.Matrix(torch.eye(2, 4, dtype=torch.float64)), torch.ones(2, dtype=torch.float64)

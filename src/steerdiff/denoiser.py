@@ -22,8 +22,6 @@ prediction     meaning of ``f``                conversion
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -307,34 +305,11 @@ class Denoiser:
         own arithmetic in ``x``'s dtype and pass ``net_dtype`` on to its nets (CFG, RePaint, SMC).
         """
         check_call(f"{type(self).__name__}.evaluate", x, t)
-        # this class's own, not self's: a subclass's evaluate is its _evaluate_checked, and one calling
-        # super().evaluate would come back to itself
-        return Denoiser._evaluate_checked(self, x, t, net_dtype, **cond)
-
-    def _evaluate_checked(
-        self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any
-    ) -> Prediction:
-        """:meth:`evaluate` on input already checked (:func:`check_call`): what a wrapper calls on its
-        base with the input its own call checked, so that one call is checked once, whatever the
-        nesting. A subclass's own ``evaluate`` becomes this (:meth:`__init_subclass__`)."""
         if type(self).__call__ is Denoiser.__call__:  # checked: the net's call itself, not __call__ again
             return self._evaluate(x, t, net_dtype, cond)
         if x.dtype == net_dtype:
             return self(x, t, **cond)
         return self(x.to(net_dtype), t, **cond).to(x.dtype, x)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass's own ``evaluate`` (guidance wrappers implement it; or a mixin's it inherits) is
-        kept as its ``_evaluate_checked``, and its public ``evaluate`` checks the input first, as
-        :meth:`Denoiser.evaluate` does: a direct ``wrapper.evaluate(x, t, dtype)`` is checked once,
-        and the calls it makes on its base (``_evaluate_checked``) are not checked again."""
-        super().__init_subclass__(**kwargs)
-        # the evaluate its instances run, found along the MRO: a mixin's (a class that is no Denoiser,
-        # before a wrapper in the bases) is the subclass's own too, which __init_subclass__ never saw
-        body = cls.evaluate
-        if body is not Denoiser.evaluate and not getattr(body, "checks_input", False):
-            cls._evaluate_checked = body  # type: ignore[method-assign]
-            cls.evaluate = _checking(body)  # type: ignore[method-assign]
 
     def _evaluate(
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any]
@@ -374,25 +349,6 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
-
-
-def _checking(body: Callable[..., Prediction]) -> Callable[..., Prediction]:
-    """``body`` (a subclass's ``evaluate``) with the input checked first (:func:`check_call`, naming
-    ``Class.evaluate``); the arguments go to ``body`` as given: ``x`` and ``t`` also by the names ``body``
-    gives them where it takes them by keyword (``evaluate(x=x, t=t, net_dtype=...)``), and what follows
-    them as ``body`` takes it (a user's ``evaluate`` may give ``net_dtype`` a default)."""
-    params = list(inspect.signature(body).parameters.values())[1:3]  # after self
-    names = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-
-    @functools.wraps(body)
-    def evaluate(self: Denoiser, /, *args: Any, **kwargs: Any) -> Prediction:
-        given = [*args[:2], *(kwargs[k] for k in names[len(args) :] if k in kwargs)]
-        if len(given) == 2:  # else body's own TypeError names what is missing
-            check_call(f"{type(self).__name__}.evaluate", *given)
-        return body(self, *args, **kwargs)
-
-    evaluate.checks_input = True  # type: ignore[attr-defined]
-    return evaluate
 
 
 def check_call(who: str, x: object, t: object) -> None:

@@ -23,21 +23,11 @@ import torch
 from torch import Tensor
 
 from .._checks import real
-from ..denoiser import Denoiser, Prediction, check_call, take_tensor_rows
+from ..denoiser import Denoiser, Prediction, take_tensor_rows
 from ..inverse.operators import LinearOperator
-from .base import Guided, _denoise_with_grad, grad_on, with_estimate
+from .base import Guided, denoise_with_grad, grad_on, with_estimate
 
 __all__ = ["MeasurementGuided"]
-
-
-def checked_once(obj: object, owner: type, name: str) -> Callable[..., Any]:
-    """``obj``'s public method ``name`` (which checks ``x`` and ``t``) as a wrapper's ``evaluate`` calls it
-    on input it checked: ``owner``'s unchecked ``_name``, unless ``obj``'s class overrides ``name`` (a
-    user's subclass steering the score its own way), whose override then runs as it did before the
-    unchecked ``_name`` existed (it may call ``super().name``)."""
-    if getattr(type(obj), name) is getattr(owner, name):
-        return getattr(obj, f"_{name}")
-    return getattr(obj, name)
 
 
 class MeasurementGuided(Guided):
@@ -171,25 +161,11 @@ class MeasurementGuided(Guided):
     ) -> tuple[Prediction, Tensor]:
         """``(pred, g)``: the base prediction at ``x`` (detached; its net in ``net_dtype``, default
         ``x``'s) and ``g = J^T A^T w``, with ``J = d x0_hat / d x_t`` and ``w = weight(r, pred)`` (held
-        fixed) for ``r = y - A x0_hat``, in ``x``'s dtype. ``x`` and ``t`` are checked as ``den(x, t)``
-        checks them."""
-        check_call(f"{type(self).__name__}.vjp_score", x, t)
-        return self._vjp_score(x, t, weight, net_dtype, **cond)
-
-    def _vjp_score(
-        self,
-        x: Tensor,
-        t: float | Tensor,
-        weight: Callable[[Tensor, Prediction], Tensor],
-        net_dtype: torch.dtype | None = None,
-        /,
-        **cond: Any,
-    ) -> tuple[Prediction, Tensor]:
-        """:meth:`vjp_score` on input already checked (inside ``evaluate``)."""
+        fixed) for ``r = y - A x0_hat``, in ``x``'s dtype."""
         y = self.observation(x)
         who = type(self).__name__
         with grad_on(who, x):
-            xr, pred = _denoise_with_grad(who, self.base, x, t, net_dtype, **cond)
+            xr, pred = denoise_with_grad(who, self.base, x, t, net_dtype, **cond)
             ax0 = self.operator.forward(pred.x0)
             w = weight(y - ax0.detach(), pred).detach()
             (g,) = torch.autograd.grad((ax0 * w).sum(), xr)

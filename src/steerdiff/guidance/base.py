@@ -94,19 +94,15 @@ class Guided(Denoiser):
 
     def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
         check_call(type(self).__name__, x, t)
-        return self._evaluate_checked(x, t, x.dtype, **cond)
+        return self.evaluate(x, t, x.dtype, **cond)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The guided prediction at ``x``, ``base``'s nets run in ``net_dtype`` (``base.evaluate``), the
         guidance's own arithmetic in ``x``'s dtype. Subclasses implement it (or ``__call__``, which
-        then runs whole in ``net_dtype``).
-
-        ``x`` and ``t`` are checked once, as ``den(x, t)`` checks them, before a subclass's own
-        ``evaluate`` runs (:meth:`Denoiser.__init_subclass__
-        <steerdiff.denoiser.Denoiser.__init_subclass__>`); the built-in wrappers call their bases'
-        ``_evaluate_checked`` with that input, which is not checked again."""
+        then runs whole in ``net_dtype``). It is the wrappers' inner call: ``den(x, t)`` checks ``x`` and
+        ``t`` before it, a direct call leaves them to the base's ``evaluate``."""
         if type(self).__call__ is not Guided.__call__:
-            return super()._evaluate_checked(x, t, net_dtype, **cond)
+            return super().evaluate(x, t, net_dtype, **cond)
         raise NotImplementedError(
             f"{type(self).__name__} must implement evaluate(x, t, net_dtype, /, **cond) (or __call__)"
         )
@@ -180,24 +176,10 @@ def denoise_with_grad(
 
     ``pred.x0`` and ``pred.eps`` carry the graph back to ``x_leaf``; differentiate a function of them
     with ``torch.autograd.grad(..., x_leaf)``. A ``ValueError`` if the net's output does not depend
-    on ``x`` differentiably, or (naming ``who``) if ``x`` and ``t`` are not what ``den(x, t)`` takes.
+    on ``x`` differentiably.
     """
-    check_call(who, x, t)
-    return _denoise_with_grad(who, den, x, t, net_dtype, **cond)
-
-
-def _denoise_with_grad(
-    who: str,
-    den: Denoiser,
-    x: Tensor,
-    t: float | Tensor,
-    net_dtype: torch.dtype | None = None,
-    /,
-    **cond: Any,
-) -> tuple[Tensor, Prediction]:
-    """:func:`denoise_with_grad` on input already checked (inside a wrapper's ``evaluate``)."""
     xr = x.detach().requires_grad_(True)
-    pred = den._evaluate_checked(xr, t, x.dtype if net_dtype is None else net_dtype, **cond)
+    pred = den.evaluate(xr, t, x.dtype if net_dtype is None else net_dtype, **cond)
     if not pred.given.requires_grad:
         raise ValueError(
             f"{who} needs gradients through the network, but its output is detached from x "

@@ -299,18 +299,18 @@ class CFG(Guided):
         combination and the rescale in ``x``'s dtype."""
         inside = self._inside(t, x)
         if inside is False or self.scale == 1:  # the conditional prediction (rescale is then the identity)
-            pred = self.base._evaluate_checked(x, t, net_dtype, **self._cond_kwargs(t, cond))
+            pred = self.base.evaluate(x, t, net_dtype, **self._cond_kwargs(t, cond))
             self.cost = self.base.cost
             return pred
         ukw = override_kwargs("CFG", "uncond_kwargs", cond, self.uncond_kwargs, x.shape[0])
         if inside is True and self.scale == 0 and self.rescale == 0:  # the unconditional prediction
-            pred = self.uncond._evaluate_checked(x, t, net_dtype, **ukw)
+            pred = self.uncond.evaluate(x, t, net_dtype, **ukw)
             self.cost = self.uncond.cost
             return pred
-        pc = self.base._evaluate_checked(x, t, net_dtype, **self._cond_kwargs(t, cond))
+        pc = self.base.evaluate(x, t, net_dtype, **self._cond_kwargs(t, cond))
         x0_held = pc.x0_given  # read before guide (CFG-rescale in x0 derives an eps net's x0)
         cost = self.base.cost  # read now: cond and uncond may be one wrapper whose cost varies
-        out = self.guide(pc, self.uncond._evaluate_checked(x, t, net_dtype, **ukw))
+        out = self.guide(pc, self.uncond.evaluate(x, t, net_dtype, **ukw))
         self.cost = cost + self.uncond.cost
         if isinstance(inside, Tensor):  # per-sample times, some outside the interval
             m = inside.reshape(-1, *([1] * (x.ndim - 1)))

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .._checks import real
 from ..denoiser import Denoiser, Prediction
-from .base import Guided, _denoise_with_grad, add_score, grad_on, value_grad, with_estimate
+from .base import Guided, add_score, denoise_with_grad, grad_on, value_grad, with_estimate
 
 __all__ = ["ClassifierGuidance", "RewardGuidance"]
 
@@ -88,7 +88,7 @@ class ClassifierGuidance(Guided):
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The classifier, a network, sees ``x`` in ``net_dtype`` as the denoiser's net does."""
-        pred = self.base._evaluate_checked(x, t, net_dtype, **cond)
+        pred = self.base.evaluate(x, t, net_dtype, **cond)
         if self.scale == 0:
             return pred
         with grad_on("ClassifierGuidance", x):
@@ -125,9 +125,9 @@ class RewardGuidance(Guided):
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The reward, a network, sees ``x0`` in ``net_dtype`` as the denoiser's net does."""
         if self.scale == 0:
-            return self.base._evaluate_checked(x, t, net_dtype, **cond)
+            return self.base.evaluate(x, t, net_dtype, **cond)
         with grad_on("RewardGuidance", x):
-            xr, pred = _denoise_with_grad("RewardGuidance", self.base, x, t, net_dtype, **cond)
+            xr, pred = denoise_with_grad("RewardGuidance", self.base, x, t, net_dtype, **cond)
             x0_held = pred.x0_given  # before the reward reads x0 (which derives it for an eps net)
             g = _gradient("RewardGuidance", "reward", self.reward(pred.x0.to(net_dtype)), xr)
         return add_score(_detached(pred, x0_held), self.scale * g)

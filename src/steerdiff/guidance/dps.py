@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, real
-from ..denoiser import Denoiser, Prediction, check_call
+from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
-from ._measurement import MeasurementGuided, checked_once
+from ._measurement import MeasurementGuided
 from .base import add_score
 
 __all__ = ["DPS", "VARIANTS"]
@@ -92,20 +92,12 @@ class DPS(MeasurementGuided):
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype | None = None, /, **cond: Any
     ) -> tuple[Prediction, Tensor]:
         """``(pred, g)``: the base prediction (detached; its net in ``net_dtype``, default ``x``'s) and
-        the guidance ``g`` (``scale`` included). ``x`` and ``t`` are checked as ``den(x, t)`` checks them."""
-        check_call(f"{type(self).__name__}.likelihood_score", x, t)
-        return self._likelihood_score(x, t, net_dtype, **cond)
-
-    def _likelihood_score(
-        self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype | None = None, /, **cond: Any
-    ) -> tuple[Prediction, Tensor]:
-        """:meth:`likelihood_score` on input already checked (inside ``evaluate``)."""
-        vjp_score = checked_once(self, MeasurementGuided, "vjp_score")
-        pred, g = vjp_score(x, t, self._weight, net_dtype, **cond)
+        the guidance ``g`` (``scale`` included)."""
+        pred, g = self.vjp_score(x, t, self._weight, net_dtype, **cond)
         return pred, self.scale * g
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
-        return add_score(*checked_once(self, DPS, "likelihood_score")(x, t, net_dtype, **cond))
+        return add_score(*self.likelihood_score(x, t, net_dtype, **cond))
 
     def __repr__(self) -> str:
         return f"DPS({self.base!r}, scale={self.scale}, variant={self.variant!r})"

@@ -66,9 +66,9 @@ class MCG(DPS):
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         if self.scale == 0:
-            pred = self.base._evaluate_checked(x, t, net_dtype, **cond)
+            pred = self.base.evaluate(x, t, net_dtype, **cond)
         else:
-            pred = super()._evaluate_checked(x, t, net_dtype, **cond)
+            pred = super().evaluate(x, t, net_dtype, **cond)
         return with_estimate(pred, x0=self.project(pred.x0.detach()))
 
     def __repr__(self) -> str:

@@ -29,7 +29,7 @@ from torch import Tensor
 from .._checks import real
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
-from ._measurement import MeasurementGuided, checked_once
+from ._measurement import MeasurementGuided
 from .base import add_score
 
 __all__ = ["PiGDM"]
@@ -76,8 +76,7 @@ class PiGDM(MeasurementGuided):
         return self.gaussian_weight(r, pred.alpha, pred.sigma)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
-        vjp_score = checked_once(self, MeasurementGuided, "vjp_score")
-        pred, g = vjp_score(x, t, self._weight, net_dtype, **cond)
+        pred, g = self.vjp_score(x, t, self._weight, net_dtype, **cond)
         return add_score(pred, self.scale * g)
 
     def __repr__(self) -> str:

@@ -86,7 +86,7 @@ class RePaint(MeasurementGuided):
         z = randn(x.shape, self.generator, x.dtype, x.device)
         # x + A^+ (alpha y + sigma A z - A x), with A^+ (sigma A z - A x) = A^+ A (sigma z - x)
         known = x + op.pinv(op.forward(sigma * z - x)) + alpha * op.pinv(y)
-        pred = self.base._evaluate_checked(known, t, net_dtype, **cond)
+        pred = self.base.evaluate(known, t, net_dtype, **cond)
         return with_estimate(pred, x=x, x0=self.project(pred.x0))
 
     def own_noise(self) -> list[tuple[str, Generators]]:

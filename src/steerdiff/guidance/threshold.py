@@ -71,7 +71,7 @@ class DynamicThreshold(Guided):
         return torch.where(torch.isfinite(x0), out, x0)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
-        pred = self.base._evaluate_checked(x, t, net_dtype, **cond)
+        pred = self.base.evaluate(x, t, net_dtype, **cond)
         return with_estimate(pred, x0=self.threshold(pred.x0))
 
     def __repr__(self) -> str:

@@ -337,7 +337,7 @@ class Composition(Guided):
         out, used = [], den
         for sl, xs, ts, cs in _row_chunks(self.max_batch, x, t, kw):
             used = den if sl is None else den.take_rows(sl, x.shape[0])
-            out.append(used._evaluate_checked(xs, ts, dtype, **cs).eps)
+            out.append(used.evaluate(xs, ts, dtype, **cs).eps)
         # read after the call: a component's cost may vary (a CFG interval)
         return out[0] if len(out) == 1 else torch.cat(out), used.cost
 

@@ -559,7 +559,7 @@ class _Evaluator(Guided):
             else:
                 used = kept(self._slices, (sl.start, n), partial(self.expanded.take_rows, sl, n))
             if self.through is None:
-                parts.append(used._evaluate_checked(xs, ts, net_dtype, **cs))
+                parts.append(used.evaluate(xs, ts, net_dtype, **cs))
             else:
                 parts.append(
                     self.through(RowSlice(sl, n, xs, ts, cs), partial(_net, used, ts, net_dtype, cs))
@@ -579,7 +579,7 @@ def _at(t: float | Tensor, node: float) -> bool:
 def _net(
     den: Denoiser, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any], x: Tensor
 ) -> Prediction:
-    return den._evaluate_checked(x, t, net_dtype, **cond)
+    return den.evaluate(x, t, net_dtype, **cond)
 
 
 def _map_rows(
