@@ -354,6 +354,7 @@ class ValueGradProbe(SMCAlgorithm):
 
     name = "probe"
     grad = True
+    sliced_grad = True
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -397,6 +398,39 @@ def test_value_grad_gives_the_exact_jacobian_in_slices():
         torch.testing.assert_close(v2, v1, rtol=1e-14, atol=1e-14)
         torch.testing.assert_close(g2, g1, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(outs[4].x, outs[None].x, rtol=1e-14, atol=1e-14)
+
+
+class AutogradProbe(SMCAlgorithm):
+    """``grad`` without ``sliced_grad``: ``torch.autograd.grad`` of ``sum |x0|^2`` w.r.t. ``ctx.x`` in
+    ``log_weight``, as ``grad`` algorithms have written it from the start."""
+
+    name = "autograd probe"
+    grad = True
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        if ctx.final:
+            return None
+        v = -(ctx.x0**2).sum(-1)
+        (g,) = torch.autograd.grad(v.sum(), ctx.x)
+        ctx.state["g"] = g.detach()
+        return 0.1 * v.detach()
+
+    def propose(self, ctx: StepContext, base: Transition) -> Transition:
+        return Transition(base.mean + 0.01 * ctx.state["g"], base.std)
+
+
+def test_a_grad_algorithm_without_sliced_grad_keeps_the_steps_graph_under_max_batch():
+    """``max_batch`` slices the network but not the step's graph of an algorithm that differentiates
+    ``ctx.x0`` itself: the same particles and weights as in one piece, at the same NFE (since 7aab1e6 its
+    ``torch.autograd.grad`` raised "element 0 of tensors does not require grad" under ``max_batch``)."""
+    kw = {"particles": 4, "steps": 6, "solver": SOLVER, "dtype": F64}
+    outs = [
+        sd.smc.run_smc(DEN, AutogradProbe(), (2, 2), generator=gen(0), max_batch=max_batch, **kw)
+        for max_batch in (None, 3)
+    ]
+    assert outs[0].nfe == outs[1].nfe == 6 * 4
+    torch.testing.assert_close(outs[1].x, outs[0].x, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(outs[1].log_w, outs[0].log_w, rtol=1e-14, atol=1e-14)
 
 
 # --- best-of-N and CoDe ------------------------------------------------------------------------------

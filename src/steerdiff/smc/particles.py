@@ -60,14 +60,15 @@ estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z`
   tensor (the clean last step of ``final="zero"``; solvers that draw noise inside their step) gives
   ``base = Transition(x_next, 0.0)``, a point mass: a proposal keeps it (``std = 0``, the same mean),
   and the correction of (b) is then 0 (:func:`transition_log_prob` of a point mass at its mean).
-* Class flags: ``stochastic`` (a stochastic solver is required; default True), ``grad`` (take
-  gradients in ``log_weight`` with ``ctx.value_grad`` and keep what ``propose`` needs in
-  ``ctx.state``; in one piece the step is run with ``ctx.x`` a leaf requiring grad, so ``ctx.x0`` is
-  differentiable w.r.t. ``ctx.x`` and ``value_grad`` differentiates the step's own graph; with
-  ``max_batch`` below ``batch * particles`` the step runs without a graph, which would hold every row
-  at once, ``log_weight`` is called before the step (it sees nothing of it) and ``value_grad``
-  evaluates the denoiser slice by slice, each slice's graph made and freed in turn, and that
-  prediction is the step's own (no second evaluation); the engine detaches everything afterwards),
+* Class flags: ``stochastic`` (a stochastic solver is required; default True), ``grad`` (the step is
+  run with ``ctx.x`` a leaf requiring grad, so in ``log_weight`` ``ctx.x0`` is differentiable w.r.t.
+  ``ctx.x``: take gradients there (``torch.autograd.grad`` or ``ctx.value_grad``) and keep what
+  ``propose`` needs in ``ctx.state``; the engine detaches everything afterwards), ``sliced_grad`` (with
+  ``grad``: ``log_weight`` takes its gradients with ``ctx.value_grad`` alone, so with ``max_batch`` below
+  ``batch * particles`` the step runs without a graph, which would hold every row at once,
+  ``log_weight`` is called before the step (it sees nothing of it) and ``value_grad`` evaluates the
+  denoiser slice by slice, each slice's graph made and freed in turn, that prediction the step's own:
+  no second evaluation; TDS's),
   ``needs_transition`` (refuse solvers that draw noise inside their step, whose ``x_{i+1}`` has no
   Gaussian density given ``x_i``).
 
@@ -390,18 +391,19 @@ class StepContext:
         ``(k,)``, computed from ``rows.x`` and, with ``denoised``, ``rows.x0`` (differentiable w.r.t.
         ``rows.x``; ``denoised`` needs an algorithm with ``grad``).
 
-        In one piece (``max_batch=None``, or no more rows than it) this differentiates the step's own graph
-        (no network evaluation; the algorithm's ``grad`` set). Without ``denoised`` no network is involved:
-        ``fn`` is differentiated on a copy of ``x`` (one piece, or slices), and an algorithm whose only
-        gradients are these needs no ``grad`` (its step's network then runs without a graph). In slices of
-        ``max_batch`` rows, where the step runs without a graph (it would hold every row at once), each
-        slice's denoised estimate is evaluated with its graph, differentiated and freed before the next slice:
-        neither ``fn`` nor a graph sees more than ``max_batch`` rows. Called in ``log_weight`` (before the
-        step, in slices) that evaluation is the step's own; elsewhere it is one more, counted. ``ValueError``
-        naming ``who`` and ``what`` where ``u`` does not depend on ``x`` differentiably."""
+        In one piece (``max_batch=None``, or no more rows than it, or an algorithm without ``sliced_grad``)
+        this differentiates the step's own graph (no network evaluation; the algorithm's ``grad`` set).
+        Without ``denoised`` no network is involved: ``fn`` is differentiated on a copy of ``x`` (one piece,
+        or slices), and an algorithm whose only gradients are these needs no ``grad`` (its step's network then
+        runs without a graph). In slices of ``max_batch`` rows (``sliced_grad``), where the step runs without
+        a graph (it would hold every row at once), each slice's denoised estimate is evaluated with its graph,
+        differentiated and freed before the next slice: neither ``fn`` nor a graph sees more than
+        ``max_batch`` rows. Called in ``log_weight`` (before the step, in slices) that evaluation is the
+        step's own; elsewhere it is one more, counted. ``ValueError`` naming ``who`` and ``what`` where ``u``
+        does not depend on ``x`` differentiably."""
         _check_grad_mode(who, what)  # a gradient in x alone too (an algorithm without grad)
         run = self._run
-        if not run.chunked and denoised:
+        if not run.sliced_grad and denoised:
             flat = run.flat(self.x)
             v, u = fn(
                 RowSlice(
@@ -464,6 +466,7 @@ class SMCAlgorithm:
     name: ClassVar[str] = "smc"
     stochastic: ClassVar[bool] = True
     grad: ClassVar[bool] = False
+    sliced_grad: ClassVar[bool] = False
     needs_transition: ClassVar[bool] = False
 
     def check_steps(self, steps: int) -> None:
@@ -724,6 +727,7 @@ class _Run:
         self.batch, self.particles, self.shape, self.max_batch = batch, particles, shape, max_batch
         self.reward_ok: list[Tensor] = []
         self.reward_at: list[int] = []
+        self.sliced_grad = False  # the step runs without a graph; value_grad differentiates in slices
 
     @property
     def chunked(self) -> bool:
@@ -909,7 +913,8 @@ def run_smc(
             (:meth:`StepContext.map_rows`, :meth:`StepContext.value_grad`: TDS's twists, their gradients
             through the denoiser included) on at most this many of the ``batch * particles`` rows at a
             time (``None``: all at once); a gradient through the denoised estimate is then taken slice
-            by slice, at the same NFE.
+            by slice, at the same NFE, for an algorithm with ``sliced_grad`` (TDS; another ``grad``
+            algorithm's step keeps its graph over all rows, as ``torch.autograd.grad`` in its hooks needs).
         x_T: initial particles ``(batch, particles, *sample_shape)``; default
             ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal (standard normal for VP).
             ``Particles.x`` has its dtype. For float16/bfloat16 the particles, the solver and the
@@ -1007,13 +1012,13 @@ def run_smc(
     prev: tuple[Tensor, Transition, Transition] | None = None
     # no graph across steps (memory would grow with them; resampling has no gradient): autograd only
     # inside a step of an algorithm that differentiates (and for guidance gradients, which turn it on),
-    # and not in slices of max_batch rows, where a step's graph would hold every row at once
-    # (StepContext.value_grad then differentiates slice by slice)
-    grad_step = algorithm.grad and not run.chunked
+    # and not in slices of max_batch rows for one that takes its gradients with value_grad alone
+    # (sliced_grad): a step's graph would hold every row at once. There log_weight runs before the step
+    # (it sees nothing of it), and value_grad differentiates slice by slice a prediction at x that is the
+    # step's own: no second evaluation
+    run.sliced_grad = early = algorithm.grad and algorithm.sliced_grad and run.chunked
+    grad_step = algorithm.grad and not early
     grad_ctx = torch.enable_grad if grad_step else torch.no_grad
-    # in slices, log_weight runs before the step (it sees nothing of it), so that the prediction
-    # value_grad makes at x slice by slice is the step's own: no second evaluation
-    early = algorithm.grad and run.chunked
 
     indices = tqdm(range(steps), desc=algorithm.name, leave=False) if progress else range(steps)
     for i in indices:

@@ -201,6 +201,7 @@ class TDS(SMCAlgorithm):
     """
 
     name = "tds"
+    sliced_grad = True
     needs_transition = True
 
     def __init__(self, twist: Twist, twist_scale: float = 1.0) -> None:
