@@ -14,6 +14,7 @@ embedded digits model moved to the device. Covered: every registered solver and 
 processes, half precision, no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the
 same count), guidance and the inverse operators, the particle methods, the MCMC correctors and PCG,
 ``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through ``sd.sample``,
+``BrownianTreeNoise`` against torchsde's trees on the device,
 generators on the device, and the metrics.
 
 Run with ``make test-cuda`` (``pytest tests/test_cuda.py`` on a machine with a GPU); ``make test``
@@ -25,6 +26,7 @@ ones on the CPU as a dry run (the comparisons then hold trivially; the code path
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import warnings
@@ -295,6 +297,24 @@ def test_noise_from_a_cpu_generator_is_one_copy_per_draw(kind: str) -> None:
     per_draw = 1 if kind != "device" and _flags_host_to_device_copies() else 0
     few, many = count(6), count(12)
     assert many - few == 6 * per_draw, (few, many, per_draw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_brownian_tree_on_the_device_is_torchsdes_per_sample_trees(dtype: torch.dtype) -> None:
+    """BrownianTreeNoise on the device draws each row from its own device generator (``normal_`` per row
+    and node): bit for bit the increments of torchsde's tree per sample on the device, which it replaced
+    (checked on the CPU in ``tests/test_noise.py``; on a GPU the generators are CUDA's)."""
+    torchsde = pytest.importorskip("torchsde")
+    like = torch.zeros(3, 5, dtype=dtype, device=DEVICE)
+    seeds = [7, 2**40 + 3, 11]
+    tree = sd.noise.BrownianTreeNoise(like, 0.002, 80.0, seed=seeds)
+    kw = {"t0": 0.002, "t1": 80.0, "size": (1, 5), "dtype": dtype, "device": like.device}
+    old = [torchsde.BrownianInterval(**kw, entropy=s, tol=1e-6, halfway_tree=True) for s in seeds]
+    times = [80.0, 61.3, 40.25, 12.0, 3.1, 0.7, 0.002]
+    for t_from, t_to in [*itertools.pairwise(times), (0.7, 2.5), (80.0, 0.002)]:
+        lo, hi = min(t_from, t_to), max(t_from, t_to)
+        want = (1 if t_to > t_from else -1) / math.sqrt(hi - lo) * torch.cat([w(lo, hi) for w in old])
+        assert torch.equal(tree(t_from, t_to, like), want), (t_from, t_to)
 
 
 @functools.cache
