@@ -405,11 +405,7 @@ class StepContext:
         run = self._run
         if not run.sliced_grad and denoised:
             flat = run.flat(self.x)
-            v, u = fn(
-                RowSlice(
-                    None, flat.shape[0], flat, self.t, self.cond, run.flat(self.x0) if denoised else None
-                )
-            )
+            v, u = fn(RowSlice(None, flat.shape[0], flat, self.t, self.cond, run.flat(self.x0)))
             return run.rows(v.detach()), value_grad(who, what, u, self.x)
         values: list[Tensor] = []
         grads: list[Tensor] = []
