@@ -86,12 +86,14 @@ class Prediction:
 
     @property
     def x0(self) -> Tensor:
+        """The denoised estimate, ``(x - sigma eps) / alpha`` where the net gave ``eps`` (derived once)."""
         if self._x0 is None:
             self._x0 = axpby(1 / self.alpha, self.x, -self.sigma / self.alpha, self.given)  # eps
         return self._x0
 
     @property
     def eps(self) -> Tensor:
+        """The noise estimate, ``(x - alpha x0) / sigma`` where the net gave ``x0`` (derived once)."""
         if self._eps is None:
             self._eps = axpby(1 / self.sigma, self.x, -self.alpha / self.sigma, self.given)  # x0
         return self._eps

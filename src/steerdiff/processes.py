@@ -116,9 +116,11 @@ class Process:
     t_max: float
 
     def alpha(self, t: TimeLike) -> Tensor:
+        """Signal scale ``alpha(t)`` of ``x_t = alpha x_0 + sigma eps`` (float64)."""
         raise NotImplementedError
 
     def sigma(self, t: TimeLike) -> Tensor:
+        """Noise scale ``sigma(t)`` of ``x_t = alpha x_0 + sigma eps`` (float64)."""
         raise NotImplementedError
 
     def lam(self, t: TimeLike) -> Tensor:

@@ -164,11 +164,13 @@ class Case:
 
     @property
     def label(self) -> str:
+        """``prior[ inpaint] d_y=... s=...``: the case in the tables."""
         kind = " inpaint" if isinstance(self.operator, Inpaint) else ""
         return f"{self.prior_name}{kind} d_y={self.dim_y} s={self.noise_std:g}"
 
     @property
     def den(self) -> Denoiser:
+        """The prior's exact denoiser under the case's process."""
         return self.gmm.denoiser(self.process)
 
     def distance(self, x: Tensor) -> float:
@@ -289,6 +291,7 @@ class Method(Generic[Setting]):
     walk: bool = True  # descend along the grid (else: try every value)
 
     def label(self, value: Setting) -> str:
+        """How a value of the method's setting reads in the tables."""
         if isinstance(value, tuple):
             return f"U={value[0]} j={value[1]}"
         return f"scale={value:g}" if self.name != "dps_alg1" else f"zeta={value:g}"
@@ -392,6 +395,7 @@ class PosteriorBench:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def of(self, source: str) -> list[Row]:
+        """The rows of one source."""
         return [r for r in self.rows if r.source == source]
 
     def baseline(self, case: str, kind: str) -> float:

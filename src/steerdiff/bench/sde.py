@@ -87,6 +87,7 @@ class SdeBench:
     seconds: dict[str, float]
 
     def of(self, source: str) -> list[Row]:
+        """The rows of ``"steerdiff"`` or of ``"diffusers"``."""
         return [r for r in self.rows if r.source == source]
 
 

@@ -897,6 +897,7 @@ class FlowRow:
 
     @property
     def ratios(self) -> tuple[float, ...]:
+        """Ours over diffusers' at each shift."""
         return tuple(self.ours / d for d in self.diffusers)
 
 
@@ -1049,6 +1050,7 @@ def _fmt(v: float | None) -> str:
 
 
 def format_table(rows: Sequence[Row], nfes: Sequence[int], head: str) -> list[str]:
+    """The lines of a table of ``rows``: method, schedule and the error at each of ``nfes``."""
     w1 = max([len(head)] + [len(r.method) for r in rows])
     w2 = max([len("schedule")] + [len(r.schedule) for r in rows])
     lines = [f"{head:<{w1}}  {'schedule':<{w2}}" + "".join(f"{n:>9}" for n in nfes)]

@@ -156,6 +156,7 @@ class Target:
 
     @property
     def den(self) -> Denoiser:
+        """The prior's exact denoiser under the target's process."""
         return self.prior.denoiser(self.process)
 
     def distance(self, x: Tensor) -> float:

@@ -627,6 +627,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def begin_index(self) -> int | None:
+        """The first step a pipeline runs (img2img), as set by :meth:`set_begin_index`; ``None`` if unset."""
         return self._begin_index
 
     @property

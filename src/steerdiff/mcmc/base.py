@@ -112,6 +112,7 @@ class Target:
 
     @property
     def has_log_prob(self) -> bool:
+        """Whether the target has a log-density (a Metropolis test needs one; ULA only the score)."""
         return self._log_prob is not None
 
     @overload

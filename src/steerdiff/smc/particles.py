@@ -166,10 +166,12 @@ class Particles:
 
     @property
     def batch(self) -> int:
+        """The number of independent particle systems (rows of ``x``)."""
         return self.x.shape[0]
 
     @property
     def particles(self) -> int:
+        """The number of particles per system."""
         return self.x.shape[1]
 
     @property
@@ -316,6 +318,7 @@ class StepContext:
 
     @property
     def grid(self) -> Grid:
+        """The run's grid of times and coefficients."""
         return self._run.grid
 
     @property
@@ -325,6 +328,7 @@ class StepContext:
 
     @property
     def t(self) -> float:
+        """The process time of this node, ``grid.t[i]``."""
         return self._run.grid.t[self.i]
 
     @property
@@ -341,16 +345,19 @@ class StepContext:
 
     @property
     def x_prev(self) -> Tensor | None:
+        """The particles at the previous node, in the current ancestry; ``None`` at the first node."""
         self._gather()
         return None if self._prev is None else self._run.rows(self._prev[0])
 
     @property
     def base_prev(self) -> Transition | None:
+        """The base solver's transition that led here from :attr:`x_prev`; ``None`` at the first node."""
         self._gather()
         return None if self._prev is None else _view(self._prev[1], self._run)
 
     @property
     def proposal_prev(self) -> Transition | None:
+        """The transition the particles were drawn from (twisted or base); ``None`` at the first node."""
         self._gather()
         return None if self._prev is None else _view(self._prev[2], self._run)
 

@@ -100,9 +100,11 @@ class Twist:
     denoised: ClassVar[bool] = True
 
     def at_node(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """``(log p~_i, grad_x log p~_i)`` at ``ctx.x`` (class docstring)."""
         raise NotImplementedError
 
     def final(self, ctx: StepContext) -> Tensor:
+        """The exact ``log p(y | x_S)`` at the last node (class docstring)."""
         raise NotImplementedError
 
 

@@ -68,6 +68,7 @@ class Grid:
 
     @property
     def steps(self) -> int:
+        """The number of steps: one fewer than the nodes."""
         return len(self.t) - 1
 
     def h(self, i: int) -> float:
@@ -138,6 +139,7 @@ class History:
         self.at: list[float] = []
 
     def push(self, value: Tensor, at: float) -> None:
+        """Record ``value`` at ``at`` as the newest entry, dropping the oldest beyond ``size``."""
         self.values.insert(0, value)
         self.at.insert(0, at)
         del self.values[self.size :], self.at[self.size :]

@@ -103,6 +103,7 @@ class GaussianMixture:
 
     @property
     def dim(self) -> int:
+        """The dimension ``d`` of a sample."""
         return self.means.shape[1]
 
     @property
