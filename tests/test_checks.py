@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import steerdiff as sd
-from steerdiff._checks import boolean, choice, integer, real
+from steerdiff._checks import boolean, choice, held_by, integer, real
 from steerdiff._ops import first_false
+
+from .reference import noise
 
 # --- real ------------------------------------------------------------------------------------------
 
@@ -171,6 +173,42 @@ def test_numpy_scalars_are_accepted_as_plain_numbers(gmm, sd_process, make, attr
 def test_inf_is_rejected_where_it_was_accepted(gmm, sd_process, make, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         make(_den(gmm, sd_process))
+
+
+def _steered(den: sd.Denoiser, scale: float) -> list[tuple[str, sd.Denoiser]]:
+    """Every guidance wrapper with a ``scale`` around ``den`` (an 8-d prior), at ``scale``."""
+    cond = sd.toy.GaussianMixture(torch.zeros(1, 8), torch.ones(1, 8), torch.ones(1))
+    A, y = torch.eye(2, 8, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    return [
+        ("CFG", sd.guidance.CFG(cond.denoiser(den.process), den, scale)),
+        ("ClassifierGuidance", sd.guidance.ClassifierGuidance(den, lambda x, t: -(x**2).sum(1), scale)),
+        ("RewardGuidance", sd.guidance.RewardGuidance(den, lambda x0: -(x0**2).sum(1), scale)),
+        ("DPS", sd.guidance.DPS(den, sd.inverse.Matrix(A), y, noise_std=0.1, scale=scale)),
+        ("MCG", sd.guidance.MCG(den, sd.inverse.Matrix(A), y, noise_std=0.1, scale=scale)),
+        ("PiGDM", sd.guidance.PiGDM(den, sd.inverse.Matrix(A), y, noise_std=0.1, scale=scale)),
+    ]
+
+
+def test_a_scale_beyond_the_samples_dtype_is_refused_by_name(gmm, sd_process):
+    # before: on float32 samples CFG raised torch's bare "RuntimeError: value cannot be converted to type
+    # float without overflow" (torch.lerp); the others made every entry inf/NaN, reported by sd.sample as
+    # "the model returned NaN/inf at step 0"
+    x32 = noise(3, 8, dtype=torch.float32)
+    for who, den in _steered(_den(gmm, sd_process), 1e39):
+        with pytest.raises(ValueError) as err:
+            sd.sample(den, x32, 2)
+        assert str(err.value) == (
+            f"{who}: scale must be at most 3.403e+38 in magnitude, the largest float32 (the dtype it is "
+            "applied in), got 1e+39"
+        )
+    # float64 samples hold it: the CFG combination eps_u + w (eps_c - eps_u), as it reads
+    cfg = _steered(_den(gmm, sd_process), 1e39)[0][1]
+    x64, t = noise(3, 8), 500.0
+    pc, pu = cfg.base(x64, t), cfg.uncond(x64, t)
+    assert torch.allclose(cfg(x64, t).eps, pu.eps + 1e39 * (pc.eps - pu.eps), rtol=1e-12, atol=0)
+    # the largest float32 itself is accepted
+    big = torch.finfo(torch.float32).max
+    assert held_by("CFG", "scale", big, torch.float32) == big
 
 
 # before: EDMStochasticHeun(s_tmin=inf) said "s_tmax must be a number >= inf or inf, got 50.0", naming the

@@ -33,6 +33,7 @@ __all__ = [
     "caller",
     "choice",
     "device_or_none",
+    "held_by",
     "integer",
     "ordered",
     "real",
@@ -109,6 +110,22 @@ def integer(who: str, name: str, value: object, *, lo: int | None = None, hi: in
             return v
     bounds = _range(-math.inf if lo is None else lo, math.inf if hi is None else hi, False, False)
     raise ValueError(f"{who}: {name} must be an integer{bounds}, got {value!r}")
+
+
+def held_by(who: str, name: str, value: float, dtype: torch.dtype) -> float:
+    """``value``, a checked finite number such as a guidance scale, if ``dtype`` -- the dtype of the tensors
+    it multiplies -- holds it (its magnitude at most ``dtype``'s largest finite number), else a
+    ``ValueError`` ``"{who}: {name} must be at most 3.403e+38 in magnitude, the largest float32 (the dtype
+    it is applied in), got 1e+39"``: a finite float64 beyond that is ``inf`` there, which torch refuses
+    (``torch.lerp``) or which turns every entry it meets into ``inf`` or NaN."""
+    big = torch.finfo(dtype).max
+    if abs(value) <= big:
+        return value
+    kind = str(dtype).removeprefix("torch.")
+    raise ValueError(
+        f"{who}: {name} must be at most {big:.4g} in magnitude, the largest {kind} (the dtype it is applied "
+        f"in), got {value!r}"
+    )
 
 
 def sizes(who: str, name: str, value: object) -> tuple[int, ...]:

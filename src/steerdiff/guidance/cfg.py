@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import choice, real
+from .._checks import choice, held_by, real
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
 from ..noise import Generators, check_generators, randn
 from .base import Guided, same_process, with_estimate
@@ -275,8 +275,9 @@ class CFG(Guided):
     def guide(self, pc: Prediction, pu: Prediction) -> Prediction:
         """The guided prediction from the conditional ``pc`` and unconditional ``pu`` ones at the same
         ``(x, t)``: the CFG combination (in ``x0`` when the conditional net gives ``x0``, else in
-        ``eps``; the same by linearity), then CFG-rescale if ``rescale > 0``."""
-        w = self.scale
+        ``eps``; the same by linearity), then CFG-rescale if ``rescale > 0``. A scale beyond the largest
+        number of their dtype (1e39 on float32) is a ``ValueError``."""
+        w = held_by("CFG", "scale", self.scale, torch.promote_types(pc.x.dtype, pu.x.dtype))
         if pc._x0 is not None:
             out = with_estimate(pc, x0=_lerp(pu.x0, pc.x0, w))
         else:

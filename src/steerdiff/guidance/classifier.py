@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import real
+from .._checks import held_by, real
 from ..denoiser import Denoiser, Prediction
 from .base import Guided, add_score, denoise_with_grad, grad_on, value_grad, with_estimate
 
@@ -88,14 +88,15 @@ class ClassifierGuidance(Guided):
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The classifier, a network, sees ``x`` in ``net_dtype`` as the denoiser's net does."""
+        scale = held_by("ClassifierGuidance", "scale", self.scale, x.dtype)
         pred = self.base.evaluate(x, t, net_dtype, **cond)
-        if self.scale == 0:
+        if scale == 0:
             return pred
         with grad_on("ClassifierGuidance", x):
             xr = x.detach().requires_grad_(True)
             value = self.log_prob_y(xr.to(net_dtype), t, **cond)
             g = _gradient("ClassifierGuidance", "log_prob_y", value, xr)
-        return add_score(_detached(pred, pred.x0_given), self.scale * g)
+        return add_score(_detached(pred, pred.x0_given), scale * g)
 
     def __repr__(self) -> str:
         return f"ClassifierGuidance({self.base!r}, scale={self.scale})"
@@ -124,13 +125,14 @@ class RewardGuidance(Guided):
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The reward, a network, sees ``x0`` in ``net_dtype`` as the denoiser's net does."""
-        if self.scale == 0:
+        scale = held_by("RewardGuidance", "scale", self.scale, x.dtype)
+        if scale == 0:
             return self.base.evaluate(x, t, net_dtype, **cond)
         with grad_on("RewardGuidance", x):
             xr, pred = denoise_with_grad("RewardGuidance", self.base, x, t, net_dtype, **cond)
             x0_held = pred.x0_given  # before the reward reads x0 (which derives it for an eps net)
             g = _gradient("RewardGuidance", "reward", self.reward(pred.x0.to(net_dtype)), xr)
-        return add_score(_detached(pred, x0_held), self.scale * g)
+        return add_score(_detached(pred, x0_held), scale * g)
 
     def __repr__(self) -> str:
         return f"RewardGuidance({self.base!r}, scale={self.scale})"

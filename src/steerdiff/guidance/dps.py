@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import choice, real
+from .._checks import choice, held_by, real
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
 from ._measurement import MeasurementGuided
@@ -93,8 +93,9 @@ class DPS(MeasurementGuided):
     ) -> tuple[Prediction, Tensor]:
         """``(pred, g)``: the base prediction (detached; its net in ``net_dtype``, default ``x``'s) and
         the guidance ``g`` (``scale`` included)."""
+        scale = held_by(type(self).__name__, "scale", self.scale, x.dtype)
         pred, g = self.vjp_score(x, t, self._weight, net_dtype, **cond)
-        return pred, self.scale * g
+        return pred, scale * g
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         return add_score(*self.likelihood_score(x, t, net_dtype, **cond))

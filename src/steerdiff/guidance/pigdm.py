@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import real
+from .._checks import held_by, real
 from ..denoiser import Denoiser, Prediction
 from ..inverse.operators import LinearOperator
 from ._measurement import MeasurementGuided
@@ -76,8 +76,9 @@ class PiGDM(MeasurementGuided):
         return self.gaussian_weight(r, pred.alpha, pred.sigma)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        scale = held_by("PiGDM", "scale", self.scale, x.dtype)
         pred, g = self.vjp_score(x, t, self._weight, net_dtype, **cond)
-        return add_score(pred, self.scale * g)
+        return add_score(pred, scale * g)
 
     def __repr__(self) -> str:
         return f"PiGDM({self.base!r}, scale={self.scale})"
