@@ -1035,6 +1035,46 @@ def test_bench_guided_validate_is_the_default_against_the_old_one(tmp_path, caps
     assert float(pooled[2]) == pytest.approx(math.exp(sum(ratios) / len(ratios)), abs=6e-4)
 
 
+def test_bench_guided_validate_pools_the_draws_of_the_digits_set_too(tmp_path, capsys, monkeypatch):
+    """``--draws D``: the digits set (b) runs the first ``N`` samples of each of ``D`` draws of its ``x_T``
+    (``randn(4096, 1, 8, 8)`` of seeds ``SEED, SEED + 1, ...``), pooled, and the report says which seeds
+    each set drew. The guided ODE and the runs are replaced by stand-ins: what is checked is the x_T."""
+    from steerdiff.bench import guided
+
+    seen: list[torch.Tensor] = []
+
+    def case(problem, den, x_T, ref, w, grid, schedule, candidates, **cond):
+        seen.append(x_T)
+        return guided.GuidedCase(problem, w, grid.steps, dict.fromkeys(candidates, 0.5), schedule)
+
+    def gmm_sets(n, seed, draws, *, schedule, **_):
+        return guided.GuidedBench(
+            [guided.GuidedCase("16d-sd", 2.0, 5, {"default": 0.5, "old_default": 1.0}, schedule)],
+            {("16d-sd", 2.0): 1e-3},
+            n,
+            draws,
+            0.0,
+        )
+
+    monkeypatch.setattr(guided, "_case", case)
+    monkeypatch.setattr(guided, "guided_reference", lambda den, x_T, steps, **cond: (x_T, 1e-3))
+    monkeypatch.setattr(guided, "run", gmm_sets)
+    argv = ["bench", "guided", "--validate", "--quick", "--problem", "16d-sd", "--n", "3", "--draws", "3"]
+    assert main([*argv, "--seed", "5", "--no-progress", "--out", str(tmp_path)]) == 0
+    # before: one draw, the first 3 samples of seed 5's, whatever --draws said
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    draws = [torch.randn(4096, 1, 8, 8, generator=g, dtype=F64)[:3] for g in gens]
+    assert len(seen) == 1 and torch.equal(seen[0], torch.cat(draws))
+    out = capsys.readouterr().out
+    # before: "(b) ... the first 3 samples of its x_T (seed 5)"; (a) and (d) said two seeds whatever --draws
+    assert "(a) bench guided's problems from x_T seeds 105-107, karras_capped" in out
+    assert "digit 3 on the first 3 samples of each of 3 draws of x_T (seeds 5-7), karras_capped" in out
+    assert "(d) bench guided's problems from x_T seeds 205-207, karras" in out
+    with pytest.raises(SystemExit):
+        main(["bench", "guided", "--help"])
+    assert "with --validate in every set, the digits model's too" in " ".join(capsys.readouterr().out.split())
+
+
 def test_diffusers_candidates_include_our_default_algorithm_and_sigma_spacings():
     """(b)'s "best diffusers configuration" is searched over a set that offers diffusers the algorithm
     of sd.sample's default (UniPC of its order and variant: our best at NFE 10 and 20) and each sigma

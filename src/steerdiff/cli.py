@@ -347,9 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _bench_arguments(bg, "scales 2 and 7.5 at 5 and 15 steps only", "seed of x_T (draw k: seed + k)", False)
-    bg.add_argument("--n", type=_positive, default=256, help="samples per draw (default: 256)")
     bg.add_argument(
-        "--draws", type=_positive, default=2, help="independent draws of x_T, pooled (default: 2)"
+        "--n",
+        type=_positive,
+        default=256,
+        help="samples per draw (default: 256; --validate's digits: <= 256)",
+    )
+    bg.add_argument(
+        "--draws",
+        type=_positive,
+        default=2,
+        help="independent draws of x_T (seeds SEED, SEED + 1, ...), pooled; with --validate in every set, "
+        "the digits model's too (default: 2)",
     )
     bg.add_argument(
         "--problem",

@@ -520,11 +520,12 @@ VALIDATED = ("default", OLD_DEFAULT)
 
 @dataclass
 class GuidedValidation:
-    """Per set of :data:`VALIDATION_SETS`, its cases (the default and :data:`OLD_DEFAULT`); the seed
-    (``x_T``: seeds ``seed + offset, ...``; the digits' ``seed``) and the wall time."""
+    """Per set of :data:`VALIDATION_SETS`, its cases (the default and :data:`OLD_DEFAULT`); the seed and the
+    number of draws (``x_T``: seeds ``seed + offset, ...``; the digits' ``seed, ...``) and the wall time."""
 
     sets: dict[str, GuidedBench]
     seed: int
+    draws: int
     seconds: float
 
     @property
@@ -545,12 +546,14 @@ def validate(
     """The default against :data:`OLD_DEFAULT` on :data:`VALIDATION_SETS` at scales :data:`SCALES`:
     (a) the problems of :func:`run` from ``x_T`` of seeds ``seed + 100, ...`` on ``karras_capped``;
     (b) the learned digits model (:mod:`steerdiff.bench.digits`: CFG toward its ``GUIDED_DIGIT``, the first
-    ``n`` samples of ``steerdiff bench solvers --model digits``' ``x_T``, :data:`DIGITS_STEPS` steps against
-    its ``GUIDED_REFERENCE_STEPS``-step guided ODE); (c) the problems from ``seed`` on ``logsnr_uniform``
-    and ``karras``, and those under discrete betas on ``linspace``, ``trailing`` and ``leading`` (the
-    reference from ``leading``'s first node, below ``t_max``); (d) the problems from seeds ``seed + 200, ...``
-    on ``karras`` and ``logsnr_uniform``. (a), (c) and (d) at :data:`VALIDATION_STEPS`, ``draws`` x ``n``
-    samples. ``quick``: scales :data:`QUICK_SCALES`, 5 and 15 steps (digits: scale 2 at 5 steps)."""
+    ``min(n, GUIDED_BATCH)`` samples of ``draws`` draws of ``x_T`` drawn as ``steerdiff bench solvers
+    --model digits``' (seeds ``seed, seed + 1, ...``; draw 0 is its ``x_T``), pooled, :data:`DIGITS_STEPS`
+    steps against its ``GUIDED_REFERENCE_STEPS``-step guided ODE); (c) the problems from ``seed`` on
+    ``logsnr_uniform`` and ``karras``, and those under discrete betas on ``linspace``, ``trailing`` and
+    ``leading`` (the reference from ``leading``'s first node, below ``t_max``); (d) the problems from seeds
+    ``seed + 200, ...`` on ``karras`` and ``logsnr_uniform``. (a), (c) and (d) at :data:`VALIDATION_STEPS`,
+    ``draws`` x ``n`` samples. ``quick``: scales :data:`QUICK_SCALES`, 5 and 15 steps (digits: scale 2 at 5
+    steps)."""
     start = time.perf_counter()
     scales = QUICK_SCALES if quick else SCALES
     steps = (5, 15) if quick else VALIDATION_STEPS
@@ -558,7 +561,7 @@ def validate(
     sets: dict[str, GuidedBench] = {}
     for label, (offset, schedule, problems) in VALIDATION_SETS.items():
         if label == "(b) digits":
-            sets[label] = _digits_set(n, seed, quick, digits_weights)
+            sets[label] = _digits_set(n, seed, draws, quick, digits_weights)
             continue
         chosen = [p for p in problems if only is None or p in only]
         if chosen:
@@ -574,22 +577,26 @@ def validate(
                 steps=steps,
                 references=refs,
             )
-    return GuidedValidation(sets, seed, time.perf_counter() - start)
+    return GuidedValidation(sets, seed, draws, time.perf_counter() - start)
 
 
-def _digits_set(n: int, seed: int, quick: bool, weights: str | Path | None) -> GuidedBench:
+def _digits_set(n: int, seed: int, draws: int, quick: bool, weights: str | Path | None) -> GuidedBench:
     """(b): CFG on the digits model toward its ``GUIDED_DIGIT`` on the first ``min(n, GUIDED_BATCH)``
-    samples of ``x_T``, against the guided ODE of :func:`~steerdiff.bench.digits.run`'s guided table."""
+    samples of each of ``draws`` draws of ``x_T`` (``bench solvers --model digits``' of seeds ``seed, seed +
+    1, ...``), pooled, against the guided ODE of :func:`~steerdiff.bench.digits.run`'s guided table."""
     from ..guidance import CFG
     from ..toy import digits as D
     from . import digits as B
 
     start = time.perf_counter()
     m = B.load_models(weights)
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(DIGITS_DRAW, *D.DIGITS_SHAPE, generator=g, dtype=torch.float64)[
-        : min(n, B.GUIDED_BATCH)
-    ]
+    per_draw = min(n, B.GUIDED_BATCH)
+
+    def draw(s: int) -> Tensor:
+        g = torch.Generator().manual_seed(s)
+        return torch.randn(DIGITS_DRAW, *D.DIGITS_SHAPE, generator=g, dtype=torch.float64)[:per_draw]
+
+    x_T = torch.cat([draw(s) for s in range(seed, seed + draws)])
     cond: dict[str, Any] = {"label": B.GUIDED_DIGIT}
     cases, gaps = [], {}
     with torch.no_grad():
@@ -599,7 +606,7 @@ def _digits_set(n: int, seed: int, quick: bool, weights: str | Path | None) -> G
             for k in (5,) if quick else DIGITS_STEPS:
                 grid = make_grid(den.process, get_schedule(DEFAULT_SCHEDULE), k)
                 cases.append(_case("digits", den, x_T, ref, w, grid, DEFAULT_SCHEDULE, VALIDATED, **cond))
-    return GuidedBench(cases, gaps, len(x_T), 1, time.perf_counter() - start)
+    return GuidedBench(cases, gaps, per_draw, draws, time.perf_counter() - start)
 
 
 def _ratio(c: GuidedCase) -> float:
@@ -623,12 +630,17 @@ def _validation_row(label: str, cases: Sequence[tuple[str, GuidedCase]]) -> str:
     )
 
 
+def _seeds(first: int, draws: int) -> str:
+    """``"seed 3"`` for one draw, ``"seeds 3-4"`` for two from seed 3."""
+    return f"seed {first}" if draws == 1 else f"seeds {first}-{first + draws - 1}"
+
+
 def format_validation(result: GuidedValidation) -> str:
     """Per set and pooled: the cases, the geometric mean of default / old default, the cases more than 1
     from the guided ODE for each (and the default's new ones), the worst ratio; then the digits cases."""
     gaps = [g for b in result.sets.values() for g in b.reference_gap.values()]
     sizes = sorted({f"{b.draws} x {b.n}" for label, b in result.sets.items() if label != "(b) digits"})
-    digits_n = result.sets["(b) digits"].n
+    digits_n, draws = result.sets["(b) digits"].n, result.draws
     lines = [
         "Guided default validation: the default (guided_solver: below"
         f" {GUIDED_CORRECTOR_FROM} steps UniPC-2 where every step is within guided_max_h, from there long"
@@ -638,17 +650,16 @@ def format_validation(result: GuidedValidation) -> str:
         f"{result.seed + 1}, {DEFAULT_SCHEDULE}), the one from {GUIDED_CORRECTOR_FROM} among three on (a) and"
         " (c); (d) is data neither was chosen on",
         "sets (scales " + ", ".join(f"{w:g}" for w in result.sets[next(iter(result.sets))].scales) + "):",
-        f"  (a) bench guided's problems from x_T seeds {result.seed + 100}-{result.seed + 101},"
-        f" {DEFAULT_SCHEDULE}",
-        f"  (b) the learned digits model, CFG toward its digit 3 on the first {digits_n} samples of its x_T"
-        f" (seed {result.seed}),"
+        f"  (a) bench guided's problems from x_T {_seeds(result.seed + 100, draws)}, {DEFAULT_SCHEDULE}",
+        f"  (b) the learned digits model, CFG toward its digit 3 on the first {digits_n} samples of"
+        f" {'its x_T' if draws == 1 else f'each of {draws} draws of x_T'} ({_seeds(result.seed, draws)}),"
         f" {DEFAULT_SCHEDULE}, against the 400-step guided ODE (dpmpp_2m, logsnr_uniform)",
         f"  (c) bench guided's problems (seed {result.seed}) on logsnr_uniform and karras; those under"
         " discrete betas ("
         + ", ".join(DISCRETE)
         + ") on linspace, trailing and leading (its reference from its first"
         " node, below t_max)",
-        f"  (d) bench guided's problems from x_T seeds {result.seed + 200}-{result.seed + 201}, karras and"
+        f"  (d) bench guided's problems from x_T {_seeds(result.seed + 200, draws)}, karras and"
         " logsnr_uniform",
         f"  (a), (c), (d): {', '.join(sizes)} samples; references {CFG_REFERENCE_STEPS} steps of dpmpp_2m on"
         f" logsnr_uniform, checked against unipc (within {max(gaps):.1e})",
