@@ -553,6 +553,15 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
             "too many steps for this spacing?): t[499] = 500, t[500] = 500 "
             "(--solver: the default solver, --schedule: linspace, --steps: 1001)",
         ),
+        # before: "got 12", unquoted where the other options' messages quote the value
+        (
+            ["sample", "--model", "digits", "--label", "12", "--out", "x.pt"],
+            "argument --label: must be a digit 0-9 (a class of the digits model), got '12'\n",
+        ),
+        (
+            ["demo", "--digit", "three"],
+            "argument --digit: must be a digit 0-9 (a class of the digits model), got 'three'\n",
+        ),
         # before: passed argparse's >= 1, then "--n must be >= 2"
         (["demo", "--n", "1"], "argument --n: must be an integer >= 2, got '1'"),
         # before: a traceback from torch.set_num_threads ("Overflow when unpacking long"); counts above the

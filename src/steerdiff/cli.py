@@ -94,12 +94,13 @@ def _scale(value: str) -> float:
 
 
 def _digit(value: str) -> int:
+    """The argparse type of ``--label`` and ``--digit``: a class 0-9 of the digits model."""
     try:
         d = int(value)
     except ValueError:
         d = -1
     if not 0 <= d <= 9:
-        raise argparse.ArgumentTypeError(f"must be a digit 0-9 (a class of the digits model), got {value}")
+        raise argparse.ArgumentTypeError(f"must be a digit 0-9 (a class of the digits model), got {value!r}")
     return d
 
 
