@@ -702,6 +702,76 @@ def test_a_failed_write_exits_with_its_reason(tmp_path, monkeypatch, capsys):
     assert exc.value.code == "steerdiff sample: [Errno 28] No space left on device"
 
 
+CPU_ALLOC = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 5120000000000 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "argv", "message"),
+    [
+        (
+            RuntimeError(CPU_ALLOC),
+            ["--n", "500"],
+            f"steerdiff sample: ran out of memory with --n 500, --steps 10: give smaller sizes ({CPU_ALLOC})",
+        ),
+        (
+            RuntimeError("std::bad_alloc"),
+            ["--steps", "1000000000", "--model", "digits"],
+            "steerdiff sample: ran out of memory with --n 2, --steps 1000000000: give smaller sizes "
+            "(std::bad_alloc)",
+        ),
+        (
+            MemoryError(),
+            ["--n", "3"],
+            "steerdiff sample: ran out of memory with --n 3, --steps 10: give smaller sizes",
+        ),
+        (
+            torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 20.00 GiB.\nSee the documentation."
+            ),
+            ["--n", "4"],
+            "steerdiff sample: ran out of memory with --n 4, --steps 10: give smaller sizes (CUDA out of "
+            "memory. Tried to allocate 20.00 GiB.)",
+        ),
+    ],
+)
+def test_running_out_of_memory_exits_with_the_sizes(tmp_path, monkeypatch, error, argv, message):
+    # before: the allocator's traceback (steerdiff sample --n 10000000000: RuntimeError from torch.randn in
+    # initial_noise; --n 2000000 under a 4 GB limit: std::bad_alloc from the per-sample generators). The
+    # sampler raises the error here; --n stays small, as it sizes x_T and the generators made before it.
+    raised = [error]
+
+    def sample(*args, **kwargs):
+        raise raised[0]
+
+    monkeypatch.setattr(sd.sampling, "sample", sample)
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--n", "2", *argv, "--out", str(tmp_path / "x.pt"), "--no-progress"])
+    assert exc.value.code == message
+    # any other RuntimeError is not taken for one
+    raised[0] = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["sample", "--n", "2", "--out", str(tmp_path / "x.pt"), "--no-progress"])
+
+
+def test_running_out_of_memory_names_the_shapes(tmp_path, monkeypatch):
+    from steerdiff.bench import overhead
+
+    def run(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
+
+    monkeypatch.setattr(overhead, "run", run)
+    argv = ["bench", "overhead", "--shape", "4x64", "--shape", "2x3x8x8", "--steps", "2", "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == (
+        "steerdiff bench overhead: ran out of memory with --steps 2, --shape 4x64, --shape 2x3x8x8: give "
+        "smaller sizes (CUDA out of memory. Tried to allocate 64.00 GiB.)"
+    )
+
+
 def test_overhead_device_index_must_exist(monkeypatch, capsys):
     # before: cuda:1 on a machine with one GPU passed and failed in the run with torch's traceback
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -805,6 +805,30 @@ def _train_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+# torch's CPU allocator raises a plain RuntimeError (posix_memalign: "can't allocate memory", malloc: "not
+# enough memory"), its C++ allocations std::bad_alloc; CUDA and MPS raise torch.OutOfMemoryError
+CPU_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "std::bad_alloc")
+SIZES = ("n", "batch", "draws", "steps")  # the integer options that size a run (and --shape)
+
+
+def _out_of_memory(command: str, args: argparse.Namespace, err: Exception) -> SystemExit | None:
+    """The one-line exit for ``err`` where it is running out of memory, naming the options that size the
+    run (those with a value, given or default) and quoting the error's first line; ``None`` for any other
+    error."""
+    if not isinstance(err, MemoryError | torch.OutOfMemoryError) and not any(
+        words in str(err) for words in CPU_OUT_OF_MEMORY
+    ):
+        return None
+    sizes = [f"--{k} {v}" for k in SIZES if (v := getattr(args, k, None)) is not None]
+    sizes += [f"--shape {'x'.join(map(str, s))}" for s in getattr(args, "shape", None) or []]
+    reason = str(err).strip().split("\n")[0]
+    return SystemExit(
+        f"{command}: ran out of memory"
+        + (f" with {', '.join(sizes)}: give smaller sizes" if sizes else "")
+        + (f" ({reason})" if reason else "")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``steerdiff``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -818,6 +842,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{command}: {err}") from None
     except ImportError as err:  # an optional dependency: scikit-learn (the digits), diffusers (overhead)
         raise SystemExit(f"{command}: {err}; pip install -e '.[dev]' installs the optional ones") from None
+    except (MemoryError, RuntimeError) as err:  # a huge --n or --steps (torch.OutOfMemoryError included)
+        out = _out_of_memory(command, args, err)
+        if out is None:
+            raise
+        raise out from None
 
 
 if __name__ == "__main__":
