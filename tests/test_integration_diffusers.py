@@ -542,9 +542,9 @@ def test_img2img_begin_inside_a_step_is_refused(unet):
     with pytest.raises(ValueError, match="set_begin_index"):
         sched.step(torch.zeros(SHAPE), sched.timesteps[3], x)
     sched.set_timesteps(STEPS)
-    sched.set_begin_index(100)  # beyond timesteps
-    with pytest.raises(ValueError, match=r"timesteps\[100\] \(set_begin_index\(100\)"):
-        sched.step(torch.zeros(SHAPE), sched.timesteps[0], x)
+    # beyond timesteps (before: accepted, refused at the first step as a begin inside a step)
+    with pytest.raises(ValueError, match=r"^set_begin_index: begin_index .* in \[0, 10\], got 100$"):
+        sched.set_begin_index(100)
 
 
 def test_a_first_evaluation_away_from_the_sample_is_refused():
@@ -1096,6 +1096,7 @@ def test_step_add_noise_and_set_begin_index_name_a_bad_argument():
     sched.set_timesteps(3)
     x = torch.zeros(1, 3, 4, 4)
     t = sched.timesteps[0]
+    begin = "set_begin_index: begin_index must be an integer in [0, 2],"
     cases = [
         (lambda: sched.step([0.0], t, x), "step: model_output must be a tensor, got list"),
         (lambda: sched.step(x, t, x.numpy()), "step: sample must be a tensor, got ndarray"),
@@ -1105,8 +1106,8 @@ def test_step_add_noise_and_set_begin_index_name_a_bad_argument():
         (lambda: sched.add_noise(x, None, t.reshape(1)), "add_noise: noise must be a tensor, got NoneType"),
         (lambda: sched.add_noise(x, x, None), "add_noise: timesteps must be a tensor or array of numbers"),
         (lambda: sched.add_noise(x, x, "a"), "add_noise: timesteps must be a tensor or array of numbers"),
-        (lambda: sched.set_begin_index("a"), "set_begin_index: begin_index must be an integer >= 0, got 'a'"),
-        (lambda: sched.set_begin_index(-1), "set_begin_index: begin_index must be an integer >= 0, got -1"),
+        (lambda: sched.set_begin_index("a"), f"{begin} got 'a'"),
+        (lambda: sched.set_begin_index(-1), f"{begin} got -1"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError) as e:
@@ -1114,3 +1115,43 @@ def test_step_add_noise_and_set_begin_index_name_a_bad_argument():
         assert str(e.value).startswith(message), str(e.value)
     out = sched.step(torch.zeros_like(x), t, x, return_dict=False)  # the checks leave a run as it was
     assert isinstance(out, tuple) and out[0].shape == x.shape
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm"])
+def test_a_bad_batch_of_timesteps_generators_or_begin_index_is_named(solver):
+    """Before: a list of generators of another length than the batch was accepted by a deterministic
+    solver (sd.sample refuses it whatever the solver) and under DDPM refused at the draw, unnamed
+    ('generator: 1 generators for a batch of 2 rows'); add_noise with 3 timesteps for 2 samples was
+    torch's RuntimeError; set_begin_index(3) of 3 timesteps was accepted, then refused at the first step
+    as 'not where a step starts'."""
+    sched = SteerdiffScheduler(solver=solver, schedule="karras")
+    sched.set_timesteps(3)
+    x = torch.zeros(2, 3, 4, 4)
+    t = sched.timesteps[0]
+    one = [torch.Generator().manual_seed(0)]
+    cases = [
+        (lambda: sched.step(x, t, x, generator=one), "step: generator: 1 generators for a batch of 2 rows"),
+        (
+            lambda: sched.add_noise(x, x, sched.timesteps),
+            "add_noise: timesteps must hold one entry or one per sample (2), got 3",
+        ),
+        (
+            lambda: sched.set_begin_index(3),
+            "set_begin_index: begin_index must be an integer in [0, 2], got 3",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+    sched.noise = one
+    with pytest.raises(ValueError) as e:
+        sched.step(x, t, x)
+    assert str(e.value) == "step (scheduler.noise): generator: 1 generators for a batch of 2 rows"
+    sched.noise = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    assert sched.step_index is None  # the refused calls left the run as it was
+    sched.set_begin_index(2)
+    out = sched.step(torch.zeros_like(x), sched.timesteps[2], x).prev_sample
+    assert sched.step_index == 3 and out.shape == x.shape
+    both = sched.add_noise(x, torch.ones_like(x), sched.timesteps[1:3])
+    assert torch.equal(both[1], sched.add_noise(x[1:], torch.ones_like(x[1:]), sched.timesteps[2:3])[0])

@@ -68,7 +68,7 @@ from .._checks import boolean, choice, device_or_none, integer, real, real_array
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..guidance import DynamicThreshold
-from ..noise import NoiseSource, make_noise
+from ..noise import NoiseSource, PerSampleNoise, check_rows, make_noise
 from ..processes import Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
 from ..schedules import Schedule, ScheduleLike
@@ -642,8 +642,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         """Start at ``timesteps[begin_index]`` (img2img; call after :meth:`set_timesteps`). It must
         be the first evaluation of a solver step, at the step's input: the run is then
         ``sd.sample`` on the grid's nodes from that step on. Without it the first ``step``'s
-        ``timestep`` says where the run begins."""
-        self._begin_index = integer("set_begin_index", "begin_index", begin_index, lo=0)
+        ``timestep`` says where the run begins. After :meth:`set_timesteps` it must be an index of
+        ``timesteps``."""
+        last = len(self._times) - 1 if self._run is not None else None
+        self._begin_index = integer("set_begin_index", "begin_index", begin_index, lo=0, hi=last)
 
     def set_timesteps(
         self,
@@ -732,6 +734,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             if not isinstance(value, Tensor):
                 raise ValueError(f"add_noise: {name} must be a tensor, got {type(value).__name__}")
         ts = tensor("add_noise", "timesteps", timesteps).reshape(-1).to(self.timesteps.device, torch.float32)
+        n = original_samples.shape[0] if original_samples.ndim else 1
+        if ts.numel() not in (1, n):
+            raise ValueError(
+                f"add_noise: timesteps must hold one entry or one per sample ({n}), got {ts.numel()}"
+            )
         match = ts[:, None] == self.timesteps[None, :]
         if not bool(match.any(1).all()):
             raise ValueError(f"add_noise: timesteps {ts.tolist()} are not all entries of scheduler.timesteps")
@@ -858,6 +865,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         return_dict = boolean("step", "return_dict", return_dict)
         # checked before the run changes: a refused call leaves it as it was
         source = make_noise(self._noise if self._noise is not None else generator, "step")
+        if isinstance(source, PerSampleNoise):  # checked whatever the solver, as sd.sample does
+            who = "step" if self._noise is None else "step (scheduler.noise)"
+            check_rows(source.generators, len(sample), who)
         if run.done:
             raise ValueError(
                 f"step: called more than the {len(self._times)} times of scheduler.timesteps; "
