@@ -210,6 +210,34 @@ def test_clip_sample_matches_ddpm_scheduler(unet):
     assert rel_rmse(plain, ref) > 1  # the clipping matters (measured 93)
 
 
+def test_clip_sample_under_ddim_is_ddims_use_clipped_model_output(unet):
+    # DDIMScheduler clips x0 by default (clip_sample=True) and then, unless step gets
+    # use_clipped_model_output=True, steps with the net's own eps beside the clipped x0; a clipping
+    # denoiser gives the consistent eps' = (x - alpha x0') / sigma, which is the option's run
+    # (diffusers_config's docstring). Measured on the random net, 8 trailing steps: 3.7e-7 with the
+    # option, 1.87 without it.
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for clipped in (True, False):
+        theirs = diffusers.DDIMScheduler(timestep_spacing="trailing")
+        assert theirs.config.clip_sample
+        theirs.set_timesteps(8)
+        x = x_T
+        with torch.no_grad():
+            for t in theirs.timesteps:
+                x = theirs.step(unet(x, t).sample, t, x, use_clipped_model_output=clipped).prev_sample
+        runs.append(x)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="ddim", schedule="trailing")
+    ours.set_timesteps(8)
+    assert ours.timesteps.tolist() == theirs.timesteps.float().tolist()
+    x = x_T
+    with torch.no_grad():
+        for t in ours.timesteps:
+            x = ours.step(unet(x, t).sample, t, x).prev_sample
+    assert rel_rmse(x, runs[0]) < PARITY
+    assert rel_rmse(x, runs[1]) > 1
+
+
 IF_CONFIG = {  # DeepFloyd IF stage I: thresholding wins over clip_sample (DDPM's precedence)
     "_class_name": "DDPMScheduler",
     "beta_schedule": "squaredcos_cap_v2",

@@ -20,7 +20,11 @@ computes them for training, then held in float64. Flow-matching configs (``FlowM
 ``clip_sample=True`` (``x0`` clipped to ``clip_sample_range``; DDPM's default, google/ddpm-*) change
 the denoised estimate as DDPM/DDIM/DPMSolver/UniPC apply them: the denoiser is then a
 :class:`~steerdiff.guidance.DynamicThreshold` (``x0' = clip(x0, -s, s) / s``,
-``eps' = (x - alpha x0') / sigma``).
+``eps' = (x - alpha x0') / sigma``). Every solver then steps with that consistent pair, as
+DDPM/DPMSolver++/UniPC do (they step from ``x0'`` and ``x``); diffusers' DDIM does so only with
+``step(..., use_clipped_model_output=True)``: by default it pairs ``x0'`` with the net's own eps,
+which a denoiser does not express (steerdiff's ``ddim`` on such a config is DDIM's
+``use_clipped_model_output=True``).
 """
 
 from __future__ import annotations
