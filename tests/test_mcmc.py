@@ -652,3 +652,30 @@ def test_kernel_run_names_itself_and_the_argument(kernel):
             k.run(x, lp, steps=1, generator=gen)
     out, _ = k.run(x, lp, steps=2, generator=_gen(0))
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_a_bad_log_prob_is_named_with_its_caller_and_signature(pc):
+    """Before: 'log_prob(x) must return a (4,) tensor, got (4, 2)' named no function, and under
+    sd.sample called the kernel's log_prob(x, t) 'log_prob(x)'."""
+    gmm, proc, log_prob, x_T, _ = pc
+    x = x_T[:4]
+    rows = lambda y: y  # noqa: E731 -- (n, d), not (n,)
+    with pytest.raises(ValueError) as e:
+        sd.mcmc.MALA(step_size=0.1).run(x, rows, steps=1)
+    assert str(e.value) == "MALA.run: log_prob(x) must return a (4,) tensor, got (4, 8)"
+    with torch.inference_mode(), pytest.raises(ValueError) as e:
+        sd.mcmc.HMC(step_size=0.1).run(x, lambda y: -(y**2).sum(-1), steps=1)
+    assert str(e.value) == (
+        "HMC.run: log_prob(x): its gradient is needed, which torch.inference_mode() forbids"
+    )
+    den = gmm.denoiser(proc)
+    with pytest.raises(ValueError) as e:
+        sd.sample(den, x, steps=3, solver="ddim", corrector=sd.mcmc.MALA(log_prob=lambda y, t: y))
+    assert str(e.value) == "sample: the corrector MALA's log_prob(x, t) must return a (4,) tensor, got (4, 8)"
+
+    def detached(y: torch.Tensor, t: float) -> torch.Tensor:
+        return log_prob(y, t).detach()
+
+    with pytest.raises(ValueError) as e:
+        sd.sample(den, x, steps=3, solver="ddim", corrector=sd.mcmc.HMC(log_prob=detached))
+    assert str(e.value).startswith("sample: the corrector HMC's log_prob(x, t) is not differentiable in x")

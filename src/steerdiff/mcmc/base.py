@@ -67,18 +67,19 @@ class Valued(Scored):
     log_prob: Tensor
 
 
-def _value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+def _value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """``log_prob(x)`` and its gradient; ``name`` is the function as messages call it (:class:`Target`)."""
     if torch.is_inference_mode_enabled():
-        raise ValueError("log_prob: its gradient is needed, which torch.inference_mode() forbids")
+        raise ValueError(f"{name}: its gradient is needed, which torch.inference_mode() forbids")
     with torch.enable_grad():
         xr = x.detach().clone().requires_grad_(True)
         lp = log_prob(xr)
         if not isinstance(lp, Tensor) or tuple(lp.shape) != (x.shape[0],):
             shape = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
-            raise ValueError(f"log_prob(x) must return a ({x.shape[0]},) tensor, got {shape}")
+            raise ValueError(f"{name} must return a ({x.shape[0]},) tensor, got {shape}")
         if not lp.requires_grad:
             raise ValueError(
-                "log_prob(x) is not differentiable in x (computed under torch.no_grad() or detached?); "
+                f"{name} is not differentiable in x (computed under torch.no_grad() or detached?); "
                 "the corrector needs its gradient"
             )
         (g,) = torch.autograd.grad(lp.sum(), xr)
@@ -88,17 +89,20 @@ def _value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Te
 class Target:
     """``log p`` by value and gradient (``log_prob``, gradient by autograd) or by gradient only (``score``).
 
-    ``evaluations`` counts the evaluations (one value-and-gradient or one score each).
+    ``evaluations`` counts the evaluations (one value-and-gradient or one score each). ``name``: the
+    ``log_prob`` as the messages about what it returns call it, after its caller (``"MALA.run:
+    log_prob(x)"``).
     """
 
     def __init__(
         self,
         log_prob: Callable[[Tensor], Tensor] | None = None,
         score: Callable[[Tensor], Tensor] | None = None,
+        name: str = "log_prob(x)",
     ) -> None:
         if (log_prob is None) == (score is None):
             raise ValueError("Target: give exactly one of `log_prob` or `score`")
-        self._log_prob, self._score = log_prob, score
+        self._log_prob, self._score, self.name = log_prob, score, name
         self.evaluations = 0
         self._bad: Tensor | None = None
 
@@ -129,7 +133,7 @@ class Target:
             raise ValueError("this corrector needs log p(x): give a `log_prob`, a score alone is not enough")
         self.evaluations += 1
         if self._log_prob is not None:
-            lp, g = _value_and_grad(self._log_prob, p.x)
+            lp, g = _value_and_grad(self._log_prob, p.x, self.name)
             bad = lp.isnan().any() | (lp.isfinite() & ~g.reshape(len(g), -1).isfinite().all(-1)).any()
             self._bad = bad if self._bad is None else self._bad | bad
             return Valued(p.x, lp, g)
@@ -315,7 +319,7 @@ class Kernel:
         eps = real(who, "step_size", eps, lo=0, lo_open=True)
         check_fixed_time(who, generator, "pass a torch.Generator or a list of them (one per row)")
         normal = fixed_time(make_noise(check_generators(who, generator, x.shape[0])), 0.0)
-        target = Target(log_prob=log_prob)
+        target = Target(log_prob=log_prob, name=f"{who}: log_prob(x)")
         out, info = chain(self, Point(x), target, steps, eps, normal)
         info.finite = finite_run(out, target)  # one host read per run, none per move
         if not bool(info.finite):

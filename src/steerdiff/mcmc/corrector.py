@@ -90,7 +90,9 @@ def correct(
     """``steps`` moves of ``kernel`` on ``p_t`` from ``x`` (NFE counted on ``model``)."""
     if kernel.log_prob is not None:
         log_prob = kernel.log_prob
-        target = Target(log_prob=lambda y: log_prob(y, t))
+        target = Target(
+            lambda y: log_prob(y, t), name=f"sample: the corrector {type(kernel).__name__}'s log_prob(x, t)"
+        )
     else:
         target = Target(score=lambda y: model(y, t, step).eps * (-1.0 / sigma))
     source = make_noise(kernel.generator) if kernel.generator is not None else model.noise
