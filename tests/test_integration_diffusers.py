@@ -571,7 +571,7 @@ def test_img2img_begin_inside_a_step_is_refused(unet):
         sched.step(torch.zeros(SHAPE), sched.timesteps[3], x)
     sched.set_timesteps(STEPS)
     # beyond timesteps (before: accepted, refused at the first step as a begin inside a step)
-    with pytest.raises(ValueError, match=r"^set_begin_index: begin_index .* in \[0, 10\], got 100$"):
+    with pytest.raises(ValueError, match=r"^set_begin_index: begin_index .* in \[0, 11\], got 100$"):
         sched.set_begin_index(100)
 
 
@@ -1124,7 +1124,7 @@ def test_step_add_noise_and_set_begin_index_name_a_bad_argument():
     sched.set_timesteps(3)
     x = torch.zeros(1, 3, 4, 4)
     t = sched.timesteps[0]
-    begin = "set_begin_index: begin_index must be an integer in [0, 2],"
+    begin = "set_begin_index: begin_index must be an integer in [0, 3],"
     cases = [
         (lambda: sched.step([0.0], t, x), "step: model_output must be a tensor, got list"),
         (lambda: sched.step(x, t, x.numpy()), "step: sample must be a tensor, got ndarray"),
@@ -1150,8 +1150,8 @@ def test_a_bad_batch_of_timesteps_generators_or_begin_index_is_named(solver):
     """Before: a list of generators of another length than the batch was accepted by a deterministic
     solver (sd.sample refuses it whatever the solver) and under DDPM refused at the draw, unnamed
     ('generator: 1 generators for a batch of 2 rows'); add_noise with 3 timesteps for 2 samples was
-    torch's RuntimeError; set_begin_index(3) of 3 timesteps was accepted, then refused at the first step
-    as 'not where a step starts'."""
+    torch's RuntimeError; set_begin_index(4) of 3 timesteps was accepted, then refused at the first step
+    as 'not where a step starts'. 3 is an empty run's (SDXL img2img, denoising_start near 1)."""
     sched = SteerdiffScheduler(solver=solver, schedule="karras")
     sched.set_timesteps(3)
     x = torch.zeros(2, 3, 4, 4)
@@ -1164,8 +1164,8 @@ def test_a_bad_batch_of_timesteps_generators_or_begin_index_is_named(solver):
             "add_noise: timesteps must hold one entry or one per sample (2), got 3",
         ),
         (
-            lambda: sched.set_begin_index(3),
-            "set_begin_index: begin_index must be an integer in [0, 2], got 3",
+            lambda: sched.set_begin_index(4),
+            "set_begin_index: begin_index must be an integer in [0, 3], got 4",
         ),
     ]
     for call, message in cases:
@@ -1178,6 +1178,8 @@ def test_a_bad_batch_of_timesteps_generators_or_begin_index_is_named(solver):
     assert str(e.value) == "step (scheduler.noise): generator: 1 generators for a batch of 2 rows"
     sched.noise = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
     assert sched.step_index is None  # the refused calls left the run as it was
+    sched.set_begin_index(3)
+    assert sched.begin_index == 3 and sched.timesteps[3:].numel() == 0
     sched.set_begin_index(2)
     out = sched.step(torch.zeros_like(x), sched.timesteps[2], x).prev_sample
     assert sched.step_index == 3 and out.shape == x.shape

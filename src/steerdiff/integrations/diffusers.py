@@ -643,9 +643,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         be the first evaluation of a solver step, at the step's input: the run is then
         ``sd.sample`` on the grid's nodes from that step on. Without it the first ``step``'s
         ``timestep`` says where the run begins. After :meth:`set_timesteps` it must be an index of
-        ``timesteps``."""
-        last = len(self._times) - 1 if self._run is not None else None
-        self._begin_index = integer("set_begin_index", "begin_index", begin_index, lo=0, hi=last)
+        ``timesteps`` or their number (an empty run: SDXL img2img's ``denoising_start`` near 1 slices
+        ``timesteps`` to nothing and still calls this)."""
+        end = len(self._times) if self._run is not None else None
+        self._begin_index = integer("set_begin_index", "begin_index", begin_index, lo=0, hi=end)
 
     def set_timesteps(
         self,
