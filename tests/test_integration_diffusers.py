@@ -1185,3 +1185,7 @@ def test_a_bad_batch_of_timesteps_generators_or_begin_index_is_named(solver):
     assert sched.step_index == 3 and out.shape == x.shape
     both = sched.add_noise(x, torch.ones_like(x), sched.timesteps[1:3])
     assert torch.equal(both[1], sched.add_noise(x[1:], torch.ones_like(x[1:]), sched.timesteps[2:3])[0])
+    # one image, three noises at three timesteps: broadcast (as diffusers' add_noise does)
+    three = sched.add_noise(x[:1] + 1, torch.ones(3, 3, 4, 4), sched.timesteps)
+    a, s = (c.to(torch.float32) for c in sched.denoiser.process.coefficients(sched.timesteps.double())[:2])
+    assert torch.allclose(three[:, 0, 0, 0], a + s)

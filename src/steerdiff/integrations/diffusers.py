@@ -728,14 +728,15 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha(t) x0 + sigma(t) noise`` (the forward process the net was trained on) at the process
-        times of ``timesteps``, which must be entries of ``self.timesteps`` (one, or one per sample)."""
+        times of ``timesteps``, which must be entries of ``self.timesteps`` (one, or one per sample of
+        the batch ``original_samples`` and ``noise`` broadcast to)."""
         if self._run is None:
             raise ValueError("add_noise: call set_timesteps first")
         for name, value in (("original_samples", original_samples), ("noise", noise)):
             if not isinstance(value, Tensor):
                 raise ValueError(f"add_noise: {name} must be a tensor, got {type(value).__name__}")
         ts = tensor("add_noise", "timesteps", timesteps).reshape(-1).to(self.timesteps.device, torch.float32)
-        n = original_samples.shape[0] if original_samples.ndim else 1
+        n = max(v.shape[0] if v.ndim else 1 for v in (original_samples, noise))  # the broadcast batch
         if ts.numel() not in (1, n):
             raise ValueError(
                 f"add_noise: timesteps must hold one entry or one per sample ({n}), got {ts.numel()}"
