@@ -252,6 +252,11 @@ class _Run:
     given_version: int = 0  # its version counter when it was returned
     passed: list[tuple[int, Tensor]] = field(default_factory=list)  # device timesteps, checked at the end
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without ``given`` (a weak reference does not pickle): an unpickled run compares the
+        next ``sample`` with ``sent`` entry by entry instead."""
+        return {**self.__dict__, "given": None}
+
 
 def _versioned_copy(t: Tensor) -> Tensor:
     """A copy of ``t`` with a version counter (which every in-place torch op on it or a view of it
@@ -379,17 +384,18 @@ def _node_net_times(timesteps: Any, sigmas: Any, n: int) -> Tensor:
 def _node_time_map(nodes: Tensor, net_times: Tensor) -> Callable[[Tensor], Tensor]:
     """The net's time at process time ``t`` where the pipeline gives each node's (CogView4: the net
     sees its timesteps while the sigmas are shifted): piecewise linear through ``(nodes[k],
-    net_times[k])``, along the end segments beyond them, constant for one node; exact at the nodes."""
-    xp, fp = nodes.flip(0), net_times.flip(0)  # increasing in t
+    net_times[k])``, along the end segments beyond them, constant for one node; exact at the nodes.
+    A partial of :func:`_node_time` (not a closure: a scheduler holding it pickles)."""
+    return functools.partial(_node_time, nodes.flip(0), net_times.flip(0))  # increasing in t
 
-    def time_map(t: Tensor) -> Tensor:
-        if xp.numel() == 1:
-            return torch.full_like(t, float(fp[0]))
-        flat = t.reshape(-1)
-        j = torch.searchsorted(xp, flat).clamp(1, xp.numel() - 1)
-        return torch.lerp(fp[j - 1], fp[j], (flat - xp[j - 1]) / (xp[j] - xp[j - 1])).reshape(t.shape)
 
-    return time_map
+def _node_time(xp: Tensor, fp: Tensor, t: Tensor) -> Tensor:
+    """:func:`_node_time_map`'s map through the points ``(xp[k], fp[k])``, ``xp`` increasing."""
+    if xp.numel() == 1:
+        return torch.full_like(t, float(fp[0]))
+    flat = t.reshape(-1)
+    j = torch.searchsorted(xp, flat).clamp(1, xp.numel() - 1)
+    return torch.lerp(fp[j - 1], fp[j], (flat - xp[j - 1]) / (xp[j] - xp[j - 1])).reshape(t.shape)
 
 
 _Kind = Literal["solver", "schedule"]

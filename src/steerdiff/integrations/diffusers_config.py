@@ -29,7 +29,9 @@ which a denoiser does not express (steerdiff's ``ddim`` on such a config is DDIM
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -193,6 +195,12 @@ def _train_steps(cfg: dict[str, Any]) -> int:
     return integer(_WHO, "num_train_timesteps", cfg.get("num_train_timesteps", 1000), lo=2)
 
 
+def _euler_continuous_time(process: Process, t: Tensor) -> Tensor:
+    """Euler's continuous timesteps (``timestep_type="continuous"``): the net sees ``0.25 log(sigma /
+    alpha) = -lam / 4``."""
+    return -0.25 * process.lam(t)
+
+
 def _spec(cfg: dict[str, Any]) -> _Spec:
     origin = cfg.get("origin") or cfg.get("_class_name") or ""
     reason = _UNSUPPORTED.get(origin) or next((r for k, r in _UNSUPPORTED_KEYS.items() if k in cfg), None)
@@ -207,7 +215,10 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     if _is_flow(cfg):
         if cfg.get("invert_sigmas"):
             raise ValueError("flow-matching config with invert_sigmas=True is not supported")
-        return _Spec(RectifiedFlow(1 / n, 1 - 1 / n), "flow", False, lambda t: t * n, threshold)
+        # the net time n t (a partial, not a lambda: a scheduler holding it pickles)
+        return _Spec(
+            RectifiedFlow(1 / n, 1 - 1 / n), "flow", False, functools.partial(operator.mul, n), threshold
+        )
     if "beta_schedule" not in cfg and cfg.get("trained_betas") is None:
         key = next((k for k in cfg if not k.startswith("_") and k not in _VP_KEYS), None)
         if key is not None:
@@ -233,8 +244,7 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     time_map = None
     choice(_WHO, "timestep_type", cfg.get("timestep_type", "discrete"), ("discrete", "continuous"))
     if cfg.get("timestep_type") == "continuous" and pred_type == "v_prediction":
-        # Euler's continuous timesteps: the net sees 0.25 log(sigma / alpha)
-        time_map = lambda t: -0.25 * process.lam(t)  # noqa: E731
+        time_map = functools.partial(_euler_continuous_time, process)
     return _Spec(process, _PREDICTIONS[pred_type], variance == "learned_range", time_map, threshold)
 
 
