@@ -15,9 +15,14 @@ the step into the clean end included (k-diffusion's ``len(sigmas) - 1``). ``S_tm
 are in ``s`` units; churn never raises ``s^`` above the process's ``s(t_max)`` (the net has no
 time beyond it), so a step starting at ``t_max`` has none. ``S_churn = 0`` is :class:`Heun`.
 
-The churn noise is drawn inside the step with ``model.noise(t_i, t^, x)``, *before* the two
-deterministic evaluations, so the step is not Gaussian given ``x_i``: it returns the state (a
-Tensor), not a :class:`~steerdiff.solvers.base.Transition`. NFE as :class:`Heun`: ``2N - 1``
+The churn noise is drawn inside the step, *before* the two deterministic evaluations, so the step
+is not Gaussian given ``x_i``: it returns the state (a Tensor), not a
+:class:`~steerdiff.solvers.base.Transition`. It is drawn with ``model.noise(t_i, min(t^, t_{i-1}), x)``
+(``t^`` at the first step): ``[t_i, t^]`` overlaps the previous step's range wherever ``s^ = (1 +
+gamma) s_i`` is above ``s_{i-1}``, where a Brownian-tree source
+(:class:`~steerdiff.noise.BrownianTreeNoise`) would correlate the draws that Alg. 2 takes fresh; cut
+at ``t_{i-1}`` the ranges are disjoint and never empty (the step into a clean end spans no time when
+the last noisy node is at ``t_min``). NFE as :class:`Heun`: ``2N - 1``
 with a clean end, ``2N`` without.
 
 :func:`heun_update` -- one Heun step between two arbitrary noise levels -- is shared with
@@ -158,6 +163,7 @@ class EDMStochasticHeun(Solver):
         if churn is not None:
             t_hat, a_hat, s_hat = churn
             ratio, std = noising((a, s), (a_hat, s_hat))
-            x = axpby(ratio, x, std * self.s_noise, model.noise(t, t_hat, x))
+            top = t_hat if i == 0 else min(t_hat, grid.t[i - 1])  # disjoint from the previous step's draw
+            x = axpby(ratio, x, std * self.s_noise, model.noise(t, top, x))
             t, a, s = churn
         return heun_update(model, x, i, (t, a, s), to, second=self.order == 2)
