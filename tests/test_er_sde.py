@@ -163,7 +163,8 @@ def test_bad_options(make, arg):
 
 
 def test_noise_scale_must_grow_faster_than_rho(gmm, sd_process, x_T):
-    with pytest.raises(ValueError, match="noise_scale"):
+    bad = r"^ERSDE: noise_scale: phi\(rho\)/rho must be positive and nondecreasing"  # did not name ERSDE
+    with pytest.raises(ValueError, match=bad):
         sd.sample(gmm.denoiser(sd_process), x_T, 5, ERSDE(noise_scale=math.sqrt), "karras", generator=_gen())
 
 

@@ -166,7 +166,7 @@ class ERSDE(Solver):
         q = (phi_t * rho) / (phi_s * rho_t)  # (phi_t / rho_t) / (phi_s / rho_s): 1 for the ODE
         if not 0.0 < q <= 1.0 + 1e-12:
             raise ValueError(
-                f"noise_scale: phi(rho)/rho must be positive and nondecreasing; got ratio {q} "
+                f"ERSDE: noise_scale: phi(rho)/rho must be positive and nondecreasing; got ratio {q} "
                 f"between rho={rho_t:.6g} and rho={rho:.6g}"
             )
         std = grid.sigma[i + 1] * math.sqrt(max(0.0, (1.0 - q) * (1.0 + q)))

@@ -73,7 +73,7 @@ def _intervals(restart_info: Sequence[Sequence[float]] | Mapping[float, Sequence
     for item in items:
         if not isinstance(item, Sequence) or len(item) != 4:
             raise ValueError(
-                f"restart_info: {item!r} is not (s_min, s_max, K, N) with 0 < s_min < s_max, "
+                f"Restart: restart_info: {item!r} is not (s_min, s_max, K, N) with 0 < s_min < s_max, "
                 "integers K, N >= 1"
             )
         lo = real("Restart", "s_min in restart_info", item[0], lo=0, lo_open=True)
@@ -124,13 +124,13 @@ class Restart(Solver):
             hi = hi if given else min(hi, ratios[0])  # and its s_max = 2 at most to the first
             if last < 1 or (given and lo < ratios[last] * (1 - 1e-9)) or hi > ratios[0] * (1 + 1e-9):
                 raise ValueError(
-                    f"restart_info: interval [{lo:g}, {hi:g}] (sigma/alpha) reaches outside the grid's range "
-                    f"[{ratios[last]:g}, {ratios[0]:g}] (reached by steps 1..{last})"
+                    f"Restart: restart_info: interval [{lo:g}, {hi:g}] (sigma/alpha) reaches outside the "
+                    f"grid's range [{ratios[last]:g}, {ratios[0]:g}] (reached by steps 1..{last})"
                 )
             j = min(range(1, last + 1), key=lambda m: abs(ratios[m] - lo))
             if ratios[j] >= hi or j in plan:
                 raise ValueError(
-                    f"restart_info: interval [{lo:g}, {hi:g}] starts at grid node {j} (sigma/alpha "
+                    f"Restart: restart_info: interval [{lo:g}, {hi:g}] starts at grid node {j} (sigma/alpha "
                     f"{ratios[j]:g}), which is not below s_max or already restarts; use a finer grid"
                 )
             t = Karras(7.0, sigma_min=ratios[j], sigma_max=hi).nodes(grid.process, n + 1).tolist()
