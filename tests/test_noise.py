@@ -65,6 +65,41 @@ def test_brownian_increments_have_unit_variance():
     assert abs(float((z1 * z2).mean())) < 5 / math.sqrt(n)  # disjoint intervals: independent
 
 
+@pytest.mark.parametrize(
+    "solver",
+    [
+        "ddpm",
+        sd.solvers.DDIM(eta=0.5),
+        "euler_ancestral",
+        "euler_maruyama",
+        "edm_sde",
+        sd.solvers.EDMStochasticHeun(s_tmin=0.0, s_tmax=math.inf),
+        "dpmpp_2m_sde",
+        "dpmpp_3m_sde",
+        "dpmpp_sde",
+        "sa_solver",
+        "er_sde",
+        sd.solvers.Restart(restart_info=[(0.1, 2.0, 2, 3), (0.3, 5.0, 1, 3)]),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("final", ["zero", "none"])
+def test_every_draw_of_a_run_is_on_its_own_range_of_time(gmm, final, solver):
+    """A Brownian tree's draws are independent only on disjoint ranges of time, so every draw a run makes
+    must have a range of its own, and a nonempty one (an empty range gets no noise from a tree). edm_sde
+    drew its churn on ``[t_i, t^]``, which overlapped the steps before: 31 pairs at 40 karras steps."""
+    ranges: list[tuple[float, float]] = []
+
+    def record(t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
+        ranges.append((min(t_from, t_to), max(t_from, t_to)))
+        return torch.zeros_like(like)
+
+    sd.sample(gmm.denoiser(sd.EDM()), noise(2, 8), 40, solver, "karras", final=final, generator=record)
+    assert len(ranges) >= 3 and all(hi > lo for lo, hi in ranges), ranges
+    overlaps = [(a, b) for a, b in itertools.combinations(ranges, 2) if a[0] < b[1] and b[0] < a[1]]
+    assert not overlaps, overlaps[:3]
+
+
 def test_brownian_tree_couples_step_counts(gmm, sd_process):
     # Euler-Maruyama converges strongly on one Brownian path: 400 and 1600 steps agree closely;
     # with independent noise they are unrelated draws. Measured: 2.7e-3 vs 1.3.
