@@ -202,6 +202,27 @@ def test_self_recurrence_around_one_step_solvers_with_grid_tables(sd_process):
         assert math.isclose(float(mean), m, rel_tol=1e-12) and math.isclose(float(var), v, rel_tol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "inner", [sd.solvers.DPMSolverSDE(), sd.solvers.DPMSolverSDE(eta=0.4, r=0.3)], ids=["default", "eta_r"]
+)
+def test_self_recurrence_around_singlestep_sde_dpmpp(sd_process, inner):
+    """``dpmpp_sde``'s :meth:`init_state` only tabulates each step's intermediate node; it was refused as
+    "keeping a history". Point-mass data ``mu``: its step (two draws) is exact given ``x0``, so with the
+    re-noising the output keeps ``N(alpha mu, sigma^2)``: measured to 5e-14 (mean exact)."""
+    mu, steps, k = 0.7, 6, 3
+    den = sd.Denoiser(lambda x, t: torch.full_like(x, mu), sd_process, prediction="x0")
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("karras"), steps, "none")
+    a, s = grid.alpha, grid.sigma
+
+    def run(x: torch.Tensor, z) -> torch.Tensor:
+        slv = SelfRecurrence(inner, k)
+        return sd.sample(den, a[0] * mu + s[0] * x, steps, slv, "karras", final="none", generator=z)
+
+    mean, var = affine_law(run, steps * (2 * k + k - 1))  # two draws per step, k - 1 re-noisings
+    assert math.isclose(float(mean), a[-1] * mu, rel_tol=1e-12)
+    assert math.isclose(float(var), s[-1] ** 2, rel_tol=1e-10)
+
+
 def test_self_recurrence_is_stochastic_only_where_it_draws_noise(oracle):
     """Without recurrence around a deterministic solver (``SelfRecurrence()``: DDIM once) no step draws noise,
     so particle methods refuse it as they refuse DDIM. It claimed to be stochastic whatever it wrapped: FK

@@ -163,6 +163,7 @@ class DPMSolverSDE(Solver):
 
     name: ClassVar[str] = "dpmpp_sde"
     staged: ClassVar[bool] = True
+    static_state: ClassVar[bool] = True  # init_state: per-grid tables
     max_order: ClassVar[int] = 2
     order: int = 2
     eta: float = 1.0

@@ -32,11 +32,11 @@ class SelfRecurrence(Solver):
 
     which leaves ``p_{t_i}`` invariant when the step is exact (for an exact DDIM step of a point
     mass, exactly). ``inner``: a name or a solver without history (``ddim``, ``ddpm``, ``euler``,
-    ``heun``, ``euler_ancestral``, ``euler_maruyama``, ``edm_sde``, ...: an empty :meth:`init_state`
-    or one of per-grid tables, :attr:`~steerdiff.solvers.base.Solver.static_state`). NFE: ``k`` times
-    the inner solver's. The re-noising draws from the run's generator (a Brownian tree has no fresh
-    noise backwards: refused). Not in the registry (``solver="self_recurrence"``): it wraps another
-    solver, so pass an instance.
+    ``heun``, ``euler_ancestral``, ``euler_maruyama``, ``edm_sde``, ``dpmpp_sde``, ...: an empty
+    :meth:`init_state` or one of per-grid tables, :attr:`~steerdiff.solvers.base.Solver.static_state`).
+    NFE: ``k`` times the inner solver's. The re-noising draws from the run's generator (a Brownian tree
+    has no fresh noise backwards: refused). Not in the registry (``solver="self_recurrence"``): it wraps
+    another solver, so pass an instance.
     """
 
     name: ClassVar[str] = "self_recurrence"
@@ -73,7 +73,8 @@ class SelfRecurrence(Solver):
         if state and not self.inner.static_state:  # tables of the grid are read, never written
             raise ValueError(
                 f"SelfRecurrence: inner solver {self.inner.name!r} keeps a history between steps; use a "
-                "single-step solver (ddim, ddpm, euler, heun, euler_ancestral, euler_maruyama, edm_sde)"
+                "single-step solver (ddim, ddpm, euler, heun, euler_ancestral, euler_maruyama, edm_sde, "
+                "dpmpp_sde)"
             )
         return state
 
