@@ -199,3 +199,43 @@ def test_mmd_median_heuristic_of_coinciding_samples_says_to_pass_a_bandwidth():
     with pytest.raises(ValueError, match=r"median heuristic gives bandwidth 0.*pass a bandwidth > 0"):
         sd.metrics.mmd(x, x)
     assert sd.metrics.mmd(x, x, bandwidth=1.0) == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "got"),
+    [
+        (torch.zeros(0, 2), torch.zeros(5, 2), "x has shape (0, 2)"),
+        (torch.zeros(5, 2), torch.zeros(0, 2), "y has shape (0, 2)"),
+        (torch.tensor(1.0), torch.zeros(5, 1), "x has shape ()"),
+        (torch.zeros(5, 0), torch.zeros(5, 0), "x has shape (5, 0)"),
+        (torch.zeros(1, 3), torch.zeros(5, 3), "x has shape (1, 3)"),
+    ],
+)
+@pytest.mark.parametrize("metric", ["sliced_wasserstein", "mmd", "frechet_distance"])
+def test_empty_sample_sets_are_refused_by_name(metric, x, y, got):
+    """Before: torch's RuntimeError "cannot reshape tensor of 0 elements" for an empty set or samples of
+    no entries (sliced_wasserstein read 0.0 for the latter), an IndexError for a 0-d tensor."""
+    if metric == "frechet_distance":
+        got = got.replace("x has", "feats_a has").replace("y has", "feats_b has")
+    with pytest.raises(ValueError) as err:
+        getattr(sd.metrics, metric)(x, y)
+    assert str(err.value) == f"{metric}: need at least 2 samples of at least one entry in each set, {got}"
+
+
+def test_relative_rmse_of_no_entries_is_refused():
+    """Before: nan (a mean over no entries), read as an error of nan without a word."""
+    with pytest.raises(ValueError, match=r"^relative_rmse: x and ref have no entries, shape \(0, 2\)$"):
+        sd.metrics.relative_rmse(torch.zeros(0, 2), torch.zeros(0, 2))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_mmd_median_heuristic_names_non_finite_samples(bad):
+    """Before: a NaN sample made the median NaN, reported as "bandwidth 0 (most samples coincide)"; an inf
+    one gave MMD^2 = nan. With a bandwidth given, a non-finite sample gives NaN, as in the other metrics."""
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = x.clone() + 1.0
+    y[3, 1] = bad
+    message = r"^mmd: the median heuristic needs finite samples; y has NaN or inf$"
+    with pytest.raises(ValueError, match=message):
+        sd.metrics.mmd(x, y)
+    assert math.isnan(sd.metrics.mmd(x, y, bandwidth=1.0))

@@ -36,12 +36,18 @@ def _tensors(who: str, **values: object) -> None:
 
 
 def _pair(x: Tensor, y: Tensor, name: str, names: tuple[str, str] = ("x", "y")) -> tuple[Tensor, Tensor]:
+    """``x`` and ``y`` as float64 ``(n, d)`` sample sets, each of at least 2 samples of ``d >= 1`` entries
+    (checked before the reshape, which raised torch's RuntimeError for an empty set)."""
     _tensors(name, **dict(zip(names, (x, y), strict=True)))
+    for arg, v in zip(names, (x, y), strict=True):
+        if v.ndim == 0 or v.shape[0] < 2 or v[0].numel() == 0:
+            raise ValueError(
+                f"{name}: need at least 2 samples of at least one entry in each set, {arg} has shape "
+                f"{tuple(v.shape)}"
+            )
     x, y = x.reshape(x.shape[0], -1).to(torch.float64), y.reshape(y.shape[0], -1).to(torch.float64)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"{name}: sample dimensions differ, {x.shape[1]} vs {y.shape[1]}")
-    if x.shape[0] < 2 or y.shape[0] < 2:
-        raise ValueError(f"{name}: need at least 2 samples in each set")
     return x, y
 
 
@@ -51,6 +57,8 @@ def relative_rmse(x: Tensor, ref: Tensor) -> float:
     _tensors("relative_rmse", x=x, ref=ref)
     if x.shape != ref.shape:
         raise ValueError(f"relative_rmse: shapes differ, {tuple(x.shape)} vs {tuple(ref.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"relative_rmse: x and ref have no entries, shape {tuple(x.shape)}")
     x, ref = x.to(torch.float64), ref.to(torch.float64)
     return float(((x - ref) ** 2).mean().sqrt() / (ref**2).mean().sqrt())
 
@@ -96,6 +104,9 @@ def mmd(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
     z = torch.cat([x, y])
     d2 = torch.cdist(z, z).pow(2)
     if bandwidth is None:
+        for name, v in (("x", x), ("y", y)):
+            if not bool(torch.isfinite(v).all()):  # a NaN median would read as bandwidth 0 below
+                raise ValueError(f"mmd: the median heuristic needs finite samples; {name} has NaN or inf")
         off = d2[~torch.eye(len(z), dtype=torch.bool)]
         bandwidth = float(off.median().sqrt())
         if not bandwidth > 0:
