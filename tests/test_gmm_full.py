@@ -373,3 +373,25 @@ def test_posterior_and_tilt_bad_arguments(mix):
         mix.tilt(quadratic=torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=F64))
     with pytest.raises(ValueError, match="quadratic"):
         mix.tilt(quadratic=-100 * torch.eye(3, dtype=F64))
+
+
+@pytest.mark.parametrize("noise_std", [0.0, 1e-8])
+def test_posterior_singular_observation_message_fits_the_noise(noise_std):
+    """A rank-1 A with 2 rows: A S A^T + s^2 I is singular to float64 precision for s = 0 and for
+    s = 1e-8 (its small eigenvalue s^2 = 1e-16 against 3.5 and 8.25). Before, both said "use
+    noise_std > 0 or a full-rank A", advice already followed at s = 1e-8 and not enough at s = 0 for an
+    A of more rows than columns."""
+    gmm = sd.toy.GaussianMixture(
+        torch.tensor([[-1.0, 0.5], [1.0, -0.5]], dtype=F64),
+        torch.tensor([[0.3, 0.1], [0.05, 0.4]], dtype=F64),
+        torch.tensor([0.6, 0.4], dtype=F64),
+    )
+    A = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=F64)
+    message = (
+        f"GaussianMixture.posterior: A S_k A^T + noise_std^2 I is singular to float64 precision with "
+        f"noise_std = {noise_std:g}: use a larger noise_std (noise_std = 0 needs every A S_k A^T "
+        "nonsingular: A of full row rank, at most as many rows as columns)"
+    )
+    with pytest.raises(ValueError) as err:
+        gmm.posterior(A, torch.tensor([0.3, 0.6], dtype=F64), noise_std)
+    assert str(err.value) == message

@@ -235,7 +235,8 @@ class GaussianMixture:
             raise ValueError(f"A must be a finite (m, {self.dim}) matrix, got shape {tuple(A.shape)}")
         m = A.shape[0]
         y = self._vector(y, m, "y")
-        noise_std = real(f"{type(self).__name__}.posterior", "noise_std", noise_std, lo=0)
+        who = f"{type(self).__name__}.posterior"
+        noise_std = real(who, "noise_std", noise_std, lo=0)
         s_ax = self.covariance_matrices @ A.T  # (k, d, m) = S_k A^T
         c = A @ s_ax + noise_std**2 * torch.eye(m, dtype=F64)  # (k, m, m)
         chol, info = torch.linalg.cholesky_ex(0.5 * (c + c.mT))
@@ -245,8 +246,9 @@ class GaussianMixture:
         tiny = 64 * m * torch.finfo(F64).eps * c.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
         if bool((info > 0).any()) or bool((pivots <= tiny).any()):
             raise ValueError(
-                "A S_k A^T + noise_std^2 I is singular (to float64 precision): use noise_std > 0 or a "
-                "full-rank A"
+                f"{who}: A S_k A^T + noise_std^2 I is singular to float64 precision with noise_std = "
+                f"{noise_std:g}: use a larger noise_std (noise_std = 0 needs every A S_k A^T nonsingular: "
+                "A of full row rank, at most as many rows as columns)"
             )
         resid = y - self.means @ A.T  # (k, m)
         sol = torch.cholesky_solve(resid[:, :, None], chol)[:, :, 0]  # C_k^{-1} (y - A mu_k)
