@@ -382,3 +382,81 @@ def test_default_benchmark_mixture_checks_its_integers(kwargs, message):
     """They went to torch unchecked: raw TypeErrors and RuntimeErrors, an empty mixture for 0."""
     with pytest.raises(ValueError, match=f"default_benchmark_mixture: {message}"):
         sd.toy.default_benchmark_mixture(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        # before: raw torch TypeErrors ("new(): invalid data type 'str'", "must be real number, not NoneType")
+        (
+            lambda g: g.denoise("x", 1.0, 0.5),
+            "GaussianMixture.denoise: x must be a tensor or array of numbers",
+        ),
+        (lambda g: g.log_prob(None), "GaussianMixture.log_prob: x must be a tensor or array of numbers"),
+        (
+            lambda g: g.posterior(None, torch.zeros(1), 0.1),
+            "GaussianMixture.posterior: A must be a tensor or array of numbers",
+        ),
+        (
+            lambda g: g.posterior(torch.ones(1, 2), "y", 0.1),
+            "GaussianMixture.posterior: y must be a tensor or array of numbers",
+        ),
+        (lambda g: g.tilt(linear="ab"), "GaussianMixture.tilt: linear must be a tensor or array of numbers"),
+        (
+            lambda g: g.tilt_log_normalizer(quadratic=[[1.0, "a"], [0.0, 1.0]]),
+            "GaussianMixture.tilt_log_normalizer: quadratic must be a tensor or array of numbers",
+        ),
+        (lambda g: g.shifted("s"), "GaussianMixture.shifted: shift must be a tensor or array of numbers"),
+        # before: the same messages without the method's name
+        (
+            lambda g: g.log_responsibilities(torch.zeros(4, 3)),
+            "GaussianMixture.log_responsibilities: x must be (batch, ...) with 2 values per sample, "
+            "got (4, 3)",
+        ),
+        (
+            lambda g: g.reference_ode(torch.zeros(2), sd.EDM(), 80.0),
+            "GaussianMixture.reference_ode: x_T must be (batch, ...) with 2 values per sample, got (2,)",
+        ),
+        (
+            lambda g: g.posterior(torch.ones(2, 3), torch.zeros(2), 0.1),
+            "GaussianMixture.posterior: A must be a finite (m, 2) matrix, got shape (2, 3)",
+        ),
+        (
+            lambda g: g.posterior(torch.ones(2, 2), torch.zeros(3), 0.1),
+            "GaussianMixture.posterior: y must be a finite (2,) vector, got shape (3,)",
+        ),
+        (
+            lambda g: g.tilt(quadratic=torch.tensor([[1.0, 1.0], [0.0, 1.0]])),
+            "GaussianMixture.tilt: quadratic must be symmetric",
+        ),
+        (
+            lambda g: g.tilt_log_normalizer(quadratic=-100 * torch.eye(2)),
+            "GaussianMixture.tilt_log_normalizer: quadratic must keep S_k^{-1} + Q positive definite "
+            "(normalizable tilt)",
+        ),
+        (lambda g: g.shifted(torch.zeros(3)), "GaussianMixture.shifted: shift must have 2 values, got (3,)"),
+        (
+            lambda g: g.posterior(torch.eye(2)[:1], torch.zeros(1), 0.0).denoise(torch.zeros(1, 2), 1.0, 0.0),
+            "GaussianMixture.denoise: singular covariances have no density at sigma = 0; use sigma > 0",
+        ),
+        (
+            lambda g: sd.toy.GaussianMixture(g.means, -g.variances, g.weights),
+            "GaussianMixture: covariances (variances) must be finite and > 0",
+        ),
+    ],
+)
+def test_gaussian_mixture_methods_name_themselves_and_the_argument(mix, call, message):
+    """Bad input to a method is a ValueError that starts with the method's name (the ground rules'
+    convention)."""
+    with pytest.raises(ValueError) as err:
+        call(mix)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_gaussian_mixture_takes_array_like_samples(mix):
+    """A nested list is a sample batch as for ``log_prob``; ``denoise`` and ``reference_ode`` raised
+    AttributeError ('list' object has no attribute 'device' / 'shape')."""
+    x = [[0.3, -1.0], [1.2, 0.4]]
+    assert torch.equal(mix.denoise(x, 0.8, 0.6), mix.denoise(torch.tensor(x), 0.8, 0.6))
+    ode = mix.reference_ode(x, sd.EDM(), 80.0, 1.0)
+    assert torch.equal(ode, mix.reference_ode(torch.tensor(x), sd.EDM(), 80.0, 1.0))

@@ -63,30 +63,31 @@ class GaussianMixture:
         cov = tensor("GaussianMixture", "covariances", covariances, F64)
         w = tensor("GaussianMixture", "weights", weights, F64)
         if self.means.ndim != 2:
-            raise ValueError(f"means must be (k, d), got {tuple(self.means.shape)}")
+            raise ValueError(f"GaussianMixture: means must be (k, d), got {tuple(self.means.shape)}")
         if not bool(torch.isfinite(self.means).all()):
-            raise ValueError("means must be finite")
+            raise ValueError("GaussianMixture: means must be finite")
         k, d = self.means.shape
         if cov.shape not in ((k, d), (k, d, d)):
             raise ValueError(
-                f"covariances must be (k, d) = {(k, d)} variances or (k, d, d) = {(k, d, d)} matrices, "
-                f"got {tuple(cov.shape)}"
+                f"GaussianMixture: covariances must be (k, d) = {(k, d)} variances or (k, d, d) = "
+                f"{(k, d, d)} matrices, got {tuple(cov.shape)}"
             )
         if w.shape != (k,) or not bool(((w > 0) & torch.isfinite(w)).all()):
-            raise ValueError(f"weights must be ({k},), finite and positive")
+            raise ValueError(f"GaussianMixture: weights must be ({k},), finite and positive")
         self.full = cov.ndim == 3
         self._singular = boolean("GaussianMixture", "allow_singular", allow_singular) and self.full
         if self.full:
             scale = cov.abs().amax(dim=(-2, -1)).clamp_min(1e-300)
             asym = (cov - cov.mT).abs().amax(dim=(-2, -1)) / scale
             if not bool(torch.isfinite(cov).all()) or float(asym.max()) > 1e-10:
-                raise ValueError("covariances must be finite and symmetric")
+                raise ValueError("GaussianMixture: covariances must be finite and symmetric")
             cov = 0.5 * (cov + cov.mT)
             lam, self._basis = torch.linalg.eigh(cov)  # S_k = U_k diag(lam_k) U_k^T
             ok = (lam >= -1e-10 * lam[:, -1:].clamp_min(0)) if allow_singular else (lam > 0)
             if not bool(ok.all()):
                 raise ValueError(
-                    "covariances must be positive definite (pass allow_singular=True for semi-definite), "
+                    "GaussianMixture: covariances must be positive definite (pass allow_singular=True for "
+                    "semi-definite), "
                     f"smallest eigenvalue {float(lam.min()):.3g}"
                 )
             if allow_singular:  # round-off eigenvalues of a semi-definite matrix are exact zeros
@@ -96,7 +97,7 @@ class GaussianMixture:
             self.variances = torch.diagonal(cov, dim1=-2, dim2=-1).clone()
         else:
             if not bool(((cov > 0) & torch.isfinite(cov)).all()):
-                raise ValueError("covariances (variances) must be finite and > 0")
+                raise ValueError("GaussianMixture: covariances (variances) must be finite and > 0")
             self.variances = cov
         self.covariances = cov
         self.weights = w / w.sum()
@@ -111,12 +112,13 @@ class GaussianMixture:
         """``(k, d, d)`` covariance matrices (``diag(variances)`` for a diagonal mixture)."""
         return self.covariances if self.full else torch.diag_embed(self.variances)
 
-    def _flat(self, x: Tensor, name: str = "x") -> Tensor:
-        """``x`` of shape ``(n, *sample_shape)``, ``prod(sample_shape) = d``, as float64 ``(n, d)`` on CPU."""
-        x = torch.as_tensor(x)
+    def _flat(self, x: Tensor, who: str, name: str = "x") -> Tensor:
+        """``x`` of shape ``(n, *sample_shape)``, ``prod(sample_shape) = d``, as float64 ``(n, d)`` on CPU;
+        else a ``ValueError`` naming ``who`` (the public method) and ``name``."""
+        x = tensor(who, name, x)
         if x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
             raise ValueError(
-                f"{name} must be (batch, ...) with {self.dim} values per sample, got {tuple(x.shape)}"
+                f"{who}: {name} must be (batch, ...) with {self.dim} values per sample, got {tuple(x.shape)}"
             )
         return x.to(device="cpu", dtype=F64).reshape(x.shape[0], self.dim)
 
@@ -129,13 +131,13 @@ class GaussianMixture:
             return self.means[k] + torch.einsum("nde,ne->nd", self._root[k], z)
         return self.means[k] + self.variances[k].sqrt() * z
 
-    def _noised(self, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _noised(self, x: Tensor, alpha: float, sigma: float, who: str) -> tuple[Tensor, Tensor, Tensor]:
         """Full path at one noise level: ``log w_k + log N(x; alpha mu_k, alpha^2 S_k + sigma^2 I)``
         ``(n, k)``, the eigenbasis coordinates ``z = U_k^T (x - alpha mu_k)`` ``(n, k, d)`` and the
         eigenvalues ``alpha^2 lam_k + sigma^2`` ``(k, d)``."""
         var = alpha**2 * self._eig + sigma**2
         if not bool((var > 0).all()):
-            raise ValueError("singular covariances have no density at sigma = 0; use sigma > 0")
+            raise ValueError(f"{who}: singular covariances have no density at sigma = 0; use sigma > 0")
         z = torch.einsum("nd,kde->nke", x, self._basis) - alpha * torch.einsum(
             "kd,kde->ke", self.means, self._basis
         )
@@ -153,30 +155,34 @@ class GaussianMixture:
         ll = -0.5 * (quad + var.log().sum(-1) + self.dim * math.log(2 * math.pi))
         return ll + self.weights.log()
 
-    def _log_joint(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
+    def _log_joint(self, x: Tensor, alpha: float, sigma: float, who: str) -> Tensor:
         """``log w_k + log N(x; alpha mu_k, alpha^2 S_k + sigma^2 I)``, ``(n, k)``, for flat ``x``."""
         if self.full:
-            return self._noised(x, alpha, sigma)[0]
+            return self._noised(x, alpha, sigma, who)[0]
         mean, var = self._marginal(alpha, sigma)
         return self._log_resp(x, mean, var)
 
     def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
         """Log density ``(n,)`` of ``x`` under the noised marginal at ``(alpha, sigma)`` (clean by
         default); float64 on ``x``'s device."""
-        return torch.logsumexp(self._log_joint(self._flat(x), alpha, sigma), dim=-1).to(_device(x))
+        who = f"{type(self).__name__}.log_prob"
+        return torch.logsumexp(self._log_joint(self._flat(x, who), alpha, sigma, who), dim=-1).to(_device(x))
 
     def log_responsibilities(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
         """``log p(k | x_t = x)`` ``(n, k)``, float64 on ``x``'s device: the posterior over components of
         the noised marginal at ``(alpha, sigma)`` (clean by default); its argmax is the component ``x``
         belongs to."""
-        lj = self._log_joint(self._flat(x), alpha, sigma)
+        who = f"{type(self).__name__}.log_responsibilities"
+        lj = self._log_joint(self._flat(x, who), alpha, sigma, who)
         return (lj - torch.logsumexp(lj, dim=-1, keepdim=True)).to(_device(x))
 
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:
         """Exact ``E[x0 | x_t = x]``; computed in float64 on CPU, returned in ``x``'s dtype and device."""
-        xd = self._flat(x)
+        who = f"{type(self).__name__}.denoise"
+        x = tensor(who, "x", x)  # its dtype and device are the result's
+        xd = self._flat(x, who)
         if self.full:
-            lr, z, var = self._noised(xd, alpha, sigma)
+            lr, z, var = self._noised(xd, alpha, sigma, who)
         else:
             mean, var = self._marginal(alpha, sigma)
             lr = self._log_resp(xd, mean, var)
@@ -208,16 +214,16 @@ class GaussianMixture:
 
         return Denoiser(net, process, prediction="x0", shape=shape)
 
-    def _vector(self, v: Tensor, size: int, name: str) -> Tensor:
-        v = torch.as_tensor(v, dtype=F64)
+    def _vector(self, v: Tensor, size: int, who: str, name: str) -> Tensor:
+        v = tensor(who, name, v, F64)
         if v.shape != (size,) or not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name} must be a finite ({size},) vector, got shape {tuple(v.shape)}")
+            raise ValueError(f"{who}: {name} must be a finite ({size},) vector, got shape {tuple(v.shape)}")
         return v
 
-    def _matrix(self, m: Tensor, shape: tuple[int, int], name: str) -> Tensor:
-        m = torch.as_tensor(m, dtype=F64)
+    def _matrix(self, m: Tensor, shape: tuple[int, int], who: str, name: str) -> Tensor:
+        m = tensor(who, name, m, F64)
         if m.shape != shape or not bool(torch.isfinite(m).all()):
-            raise ValueError(f"{name} must be a finite {shape} matrix, got shape {tuple(m.shape)}")
+            raise ValueError(f"{who}: {name} must be a finite {shape} matrix, got shape {tuple(m.shape)}")
         return m
 
     def posterior(self, A: Tensor, y: Tensor, noise_std: float) -> GaussianMixture:
@@ -230,12 +236,12 @@ class GaussianMixture:
         ``w_k' ∝ w_k N(y; A mu_k, C_k)``. Returns a full-covariance mixture (semi-definite when
         ``noise_std = 0``: the posterior then lives on ``{A x = y}``).
         """
-        A = torch.as_tensor(A, dtype=F64)
-        if A.ndim != 2 or A.shape[1] != self.dim or not bool(torch.isfinite(A).all()):
-            raise ValueError(f"A must be a finite (m, {self.dim}) matrix, got shape {tuple(A.shape)}")
-        m = A.shape[0]
-        y = self._vector(y, m, "y")
         who = f"{type(self).__name__}.posterior"
+        A = tensor(who, "A", A, F64)
+        if A.ndim != 2 or A.shape[1] != self.dim or not bool(torch.isfinite(A).all()):
+            raise ValueError(f"{who}: A must be a finite (m, {self.dim}) matrix, got shape {tuple(A.shape)}")
+        m = A.shape[0]
+        y = self._vector(y, m, who, "y")
         noise_std = real(who, "noise_std", noise_std, lo=0)
         s_ax = self.covariance_matrices @ A.T  # (k, d, m) = S_k A^T
         c = A @ s_ax + noise_std**2 * torch.eye(m, dtype=F64)  # (k, m, m)
@@ -265,11 +271,13 @@ class GaussianMixture:
         cov = left @ left.mT + noise_std**2 * gain @ gain.mT
         return _from_log_weights(means, 0.5 * (cov + cov.mT), self.weights.log() + log_lik, True)
 
-    def _tilt_parts(self, linear: Tensor | None, quadratic: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _tilt_parts(
+        self, linear: Tensor | None, quadratic: Tensor | None, who: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Tilted means, covariances (``(k, d)`` when staying diagonal) and ``log Z_k`` with
-        ``Z_k = E_{N(mu_k, S_k)}[exp(b^T x - x^T Q x / 2)]``."""
+        ``Z_k = E_{N(mu_k, S_k)}[exp(b^T x - x^T Q x / 2)]``; errors name ``who``."""
         d = self.dim
-        b = torch.zeros(d, dtype=F64) if linear is None else self._vector(linear, d, "linear")
+        b = torch.zeros(d, dtype=F64) if linear is None else self._vector(linear, d, who, "linear")
         if quadratic is None and not self.full:  # mu + S b, S kept; log Z = b^T mu + b^T S b / 2
             return (
                 self.means + self.variances * b,
@@ -281,22 +289,24 @@ class GaussianMixture:
         if quadratic is None:
             q = torch.zeros(d, d, dtype=F64)
         else:
-            q = self._matrix(quadratic, (d, d), "quadratic")
+            q = self._matrix(quadratic, (d, d), who, "quadratic")
             if float((q - q.T).abs().max()) > 1e-10 * max(float(q.abs().max()), 1e-300):
-                raise ValueError("quadratic must be symmetric")
+                raise ValueError(f"{who}: quadratic must be symmetric")
             q = 0.5 * (q + q.T)
         # S' = (S^{-1} + Q)^{-1} = (I + S Q)^{-1} S, without inverting S
         m = eye + s @ q  # (k, d, d); S^{-1} + Q = S^{-1} M
         lu, piv, info = torch.linalg.lu_factor_ex(m)
         if bool((info > 0).any()):
-            raise ValueError("quadratic makes S_k^{-1} + Q singular: the tilt is not normalizable")
+            raise ValueError(f"{who}: quadratic makes S_k^{{-1}} + Q singular: the tilt is not normalizable")
         cov = torch.linalg.lu_solve(lu, piv, s)
         cov = 0.5 * (cov + cov.mT)
         # normalizable iff I + S^{1/2} Q S^{1/2} > 0 (= S^{1/2} (S^{-1} + Q) S^{1/2}; for a semi-definite S
         # the condition on its support), checked for every mixture, also those built allow_singular
         root = self._root if self.full else torch.diag_embed(self.variances.sqrt())
         if not bool((torch.linalg.eigvalsh(eye + root @ q @ root) > 0).all()):
-            raise ValueError("quadratic must keep S_k^{-1} + Q positive definite (normalizable tilt)")
+            raise ValueError(
+                f"{who}: quadratic must keep S_k^{{-1}} + Q positive definite (normalizable tilt)"
+            )
         # x = mu + u, u ~ N(0, S): r = r(mu) + c^T u - u^T Q u / 2 with c = b - Q mu, so
         # mu' = mu + S' c and log Z_k = r(mu_k) + c^T S' c / 2 - log det(I + S Q) / 2
         c = b - self.means @ q
@@ -314,18 +324,20 @@ class GaussianMixture:
         ``w_k' ∝ w_k Z_k``, ``Z_k = E_{N(mu_k, S_k)}[exp r]``; ``log Z`` is :meth:`tilt_log_normalizer`.
         A diagonal mixture tilted by a linear reward stays diagonal.
         """
-        means, cov, log_z = self._tilt_parts(linear, quadratic)
+        means, cov, log_z = self._tilt_parts(linear, quadratic, f"{type(self).__name__}.tilt")
         return _from_log_weights(means, cov, self.weights.log() + log_z, self._singular)
 
     def tilt_log_normalizer(self, linear: Tensor | None = None, quadratic: Tensor | None = None) -> float:
         """``log Z = log E_p[exp(b^T x - x^T Q x / 2)] = logsumexp_k(log w_k + log Z_k)`` of :meth:`tilt`."""
-        return float(torch.logsumexp(self.weights.log() + self._tilt_parts(linear, quadratic)[2], dim=0))
+        log_z = self._tilt_parts(linear, quadratic, f"{type(self).__name__}.tilt_log_normalizer")[2]
+        return float(torch.logsumexp(self.weights.log() + log_z, dim=0))
 
     def shifted(self, shift: Tensor) -> GaussianMixture:
         """The law of ``x0 + shift`` (``shift``: ``(d,)``): means moved, covariances and weights kept."""
-        shift = torch.as_tensor(shift, dtype=F64).reshape(-1)
+        who = f"{type(self).__name__}.shifted"
+        shift = tensor(who, "shift", shift, F64).reshape(-1)
         if shift.shape != (self.dim,):
-            raise ValueError(f"shift must have {self.dim} values, got {tuple(shift.shape)}")
+            raise ValueError(f"{who}: shift must have {self.dim} values, got {tuple(shift.shape)}")
         return GaussianMixture(self.means + shift, self.covariances, self.weights, allow_singular=True)
 
     def mean_reverting_marginal(self, process: MeanReverting, mu: Tensor, t: float) -> GaussianMixture:
@@ -385,8 +397,9 @@ class GaussianMixture:
             a1, s1 = 1.0, 0.0
         else:
             a1, s1 = float(process.alpha(t_end)), float(process.sigma(t_end))
+        x_T = tensor(who, "x_T", x_T)  # its shape and device are the result's
         shape = x_T.shape
-        y0 = (self._flat(x_T, "x_T").reshape(-1) / a0).numpy()
+        y0 = (self._flat(x_T, who, "x_T").reshape(-1) / a0).numpy()
         n = shape[0]
 
         def rhs(s: float, y: np.ndarray) -> np.ndarray:
