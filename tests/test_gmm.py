@@ -434,7 +434,29 @@ def test_default_benchmark_mixture_checks_its_integers(kwargs, message):
             "GaussianMixture.tilt_log_normalizer: quadratic must keep S_k^{-1} + Q positive definite "
             "(normalizable tilt)",
         ),
-        (lambda g: g.shifted(torch.zeros(3)), "GaussianMixture.shifted: shift must have 2 values, got (3,)"),
+        (
+            lambda g: g.shifted(torch.zeros(3)),
+            "GaussianMixture.shifted: shift must have 2 finite values, got shape (3,)",
+        ),
+        # before: the mixture built from it refused "means must be finite"
+        (
+            lambda g: g.shifted(torch.tensor([0.0, math.nan])),
+            "GaussianMixture.shifted: shift must have 2 finite values, got shape (2,)",
+        ),
+        # before: torch's RuntimeError "The size of tensor a (2) must match the size of tensor b (3)"
+        (
+            lambda g: g.mean_reverting_marginal(sd.MeanReverting(), torch.zeros(3), 0.5),
+            "GaussianMixture.mean_reverting_marginal: mu must have 2 finite values, got shape (3,)",
+        ),
+        # before: accepted, the scalar broadcast to every coordinate (the denoiser refused it, naming shift)
+        (
+            lambda g: g.mean_reverting_marginal(sd.MeanReverting(), 0.5, 0.5),
+            "GaussianMixture.mean_reverting_marginal: mu must have 2 finite values, got shape ()",
+        ),
+        (
+            lambda g: g.mean_reverting_denoiser(sd.MeanReverting(), torch.zeros(3)),
+            "GaussianMixture.mean_reverting_denoiser: mu must have 2 finite values, got shape (3,)",
+        ),
         (
             lambda g: g.posterior(torch.eye(2)[:1], torch.zeros(1), 0.0).denoise(torch.zeros(1, 2), 1.0, 0.0),
             "GaussianMixture.denoise: singular covariances have no density at sigma = 0; use sigma > 0",

@@ -214,6 +214,14 @@ class GaussianMixture:
 
         return Denoiser(net, process, prediction="x0", shape=shape)
 
+    def _point(self, v: Tensor, who: str, name: str) -> Tensor:
+        """``v``, ``d`` finite values in any shape (a ``(d,)`` vector, one ``(1, d)`` sample), as a float64
+        ``(d,)`` vector, else a ``ValueError`` naming ``who`` and ``name``."""
+        v = tensor(who, name, v, F64)
+        if v.numel() != self.dim or not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{who}: {name} must have {self.dim} finite values, got shape {tuple(v.shape)}")
+        return v.reshape(-1)
+
     def _vector(self, v: Tensor, size: int, who: str, name: str) -> Tensor:
         v = tensor(who, name, v, F64)
         if v.shape != (size,) or not bool(torch.isfinite(v).all()):
@@ -334,18 +342,15 @@ class GaussianMixture:
 
     def shifted(self, shift: Tensor) -> GaussianMixture:
         """The law of ``x0 + shift`` (``shift``: ``(d,)``): means moved, covariances and weights kept."""
-        who = f"{type(self).__name__}.shifted"
-        shift = tensor(who, "shift", shift, F64).reshape(-1)
-        if shift.shape != (self.dim,):
-            raise ValueError(f"{who}: shift must have {self.dim} values, got {tuple(shift.shape)}")
+        shift = self._point(shift, f"{type(self).__name__}.shifted", "shift")
         return GaussianMixture(self.means + shift, self.covariances, self.weights, allow_singular=True)
 
     def mean_reverting_marginal(self, process: MeanReverting, mu: Tensor, t: float) -> GaussianMixture:
         """Exact ``p(x_t | mu)`` of mean-reverting diffusion (IR-SDE) from ``x0`` of this law: the
         mixture with means ``alpha m_k + (1 - alpha) mu`` and covariances ``alpha^2 S_k + sigma^2 I``
         (``alpha = e^{-thetabar_t}``, ``sigma^2 = lambda^2 (1 - alpha^2)``)."""
+        mu = self._point(mu, f"{type(self).__name__}.mean_reverting_marginal", "mu")
         a, s = float(process.alpha(t)), float(process.sigma(t))
-        mu = torch.as_tensor(mu, dtype=F64).reshape(-1)
         noise = s * s * (torch.eye(self.dim, dtype=F64) if self.full else 1.0)
         return GaussianMixture(
             a * self.means + (1 - a) * mu, a * a * self.covariances + noise, self.weights, allow_singular=True
@@ -355,7 +360,7 @@ class GaussianMixture:
         """The exact denoiser of mean-reverting diffusion towards ``mu`` (``(d,)``), built the way a
         user builds one, :meth:`MeanReverting.denoiser` around an ``x0``-predicting net that sees
         ``x`` and ``mu``: ``E[x0 | x_t, mu] = mu + E[y0 | y_t]`` with ``y0 ~`` :meth:`shifted` ``(-mu)``."""
-        mu = torch.as_tensor(mu, dtype=F64).reshape(-1)
+        mu = self._point(mu, f"{type(self).__name__}.mean_reverting_denoiser", "mu")
         ys = self.shifted(-mu)
 
         def net(x: Tensor, t: Tensor, mu: Tensor) -> Tensor:
