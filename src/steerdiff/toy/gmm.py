@@ -127,8 +127,12 @@ class GaussianMixture:
         n = integer(f"{type(self).__name__}.sample", "n", n, lo=1)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, dtype=F64, generator=generator)
-        if self.full:
-            return self.means[k] + torch.einsum("nde,ne->nd", self._root[k], z)
+        if self.full:  # component by component: O(n d) memory, not a (n, d, d) gather of the roots
+            out = self.means[k]
+            for j in torch.unique(k).tolist():
+                rows = k == j
+                out[rows] += z[rows] @ self._root[j].mT
+            return out
         return self.means[k] + self.variances[k].sqrt() * z
 
     def _noised(self, x: Tensor, alpha: float, sigma: float, who: str) -> tuple[Tensor, Tensor, Tensor]:
