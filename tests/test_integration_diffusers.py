@@ -198,6 +198,25 @@ def test_ddpm_learned_variance_matches_ddpm_scheduler(unet_lv):
     assert torch.equal(raw, x)
 
 
+def test_leading_by_name_takes_the_configs_steps_offset(unet):
+    # Stable Diffusion's configs have steps_offset=1: diffusers' leading spacing is 901, 801, ..., 1 at 10
+    # steps (before: the name gave steerdiff's Leading() -- 900, ..., 0 -- and another run than DDPM's)
+    theirs = diffusers.DDPMScheduler(steps_offset=1, clip_sample=False)
+    ref, _, _ = _pipeline(unet, theirs, 10, seed=11)
+    assert theirs.timesteps.tolist() == list(range(901, 0, -100))
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="ddpm", schedule="leading")
+    raw, _, _ = _pipeline(unet, ours, 10, seed=11)
+    assert ours.timesteps.tolist() == theirs.timesteps.float().tolist()
+    assert rel_rmse(raw, ref) < PARITY  # measured 2.3e-7
+    den = denoiser_from_diffusers(unet, theirs.config)
+    x, _ = _reference(den, 10, 11, solver="ddpm", schedule=sd.schedules.Leading(steps_offset=1))
+    assert torch.equal(raw, x)
+    # an instance is taken as given
+    own = SteerdiffScheduler.from_config(theirs.config, solver="ddpm", schedule=sd.schedules.Leading())
+    own.set_timesteps(10)
+    assert own.timesteps.tolist() == list(range(900, -1, -100))
+
+
 def test_clip_sample_matches_ddpm_scheduler(unet):
     # DDPMScheduler's default config clips x0 to [-1, 1] (google/ddpm-*); so does our scheduler from
     # it (before: ignored, relative RMSE 93 from DDPMScheduler's run, as far as its unclipped run)

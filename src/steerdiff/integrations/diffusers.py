@@ -517,7 +517,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             guided, with the limit of scale 7.5 (0.8 in log-SNR). Pass 1 for unguided pipelines
             (``DDPMPipeline``).
         schedule: a name of :func:`steerdiff.schedules.available`, a Schedule instance (or as the
-            config stores it), or a custom grid (process times; kept as that list).
+            config stores it), or a custom grid (process times; kept as that list). The name
+            ``"leading"`` adds the config's ``steps_offset`` as diffusers' ``leading`` spacing does
+            (Stable Diffusion's 1: 901, 801, ..., 1 at 10 steps); ``Leading()`` does not.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
             ``torch.Generator``, a list of them (one per sample) or a noise source; not saved in
@@ -699,6 +701,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is not None:
             # diffusers' name for make_grid's steps
             schedule = self._schedule
+            if self.config["schedule"] == "leading":  # by name: diffusers' leading, the config's offset
+                schedule = _schedules.Leading(steps_offset=self.config.get("steps_offset", 0))
             steps = integer("set_timesteps", "num_inference_steps", num_inference_steps, lo=1)
         else:
             nodes = _custom_times(self._model, dict(self.config), None if both else timesteps, sigmas, mu)
