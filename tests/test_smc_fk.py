@@ -1273,6 +1273,19 @@ def test_trace_events_lists_the_resampled_nodes_per_row():
             lambda kw: sd.smc.fkc_anneal(DEN, 2.0, correct="no", **kw),
             "FKCorrector: correct must be True or False, got 'no'",
         ),
+        # final was checked by the grid alone, named make_grid, a function the caller never called
+        (
+            lambda kw: sd.smc.fk_steering(DEN, linear, final="last", **kw),
+            "fk_steering: final must be one of ['zero', 'none'], got 'last'",
+        ),
+        (
+            lambda kw: sd.smc.fkc_anneal(DEN, 2.0, final="last", **kw),
+            "fkc: final must be one of ['zero', 'none'], got 'last'",
+        ),
+        (
+            lambda kw: sd.smc.run_smc(DEN, SMCAlgorithm(), final=None, **kw),
+            "run_smc: final must be one of ['zero', 'none'], got None",
+        ),
     ],
 )
 def test_option_messages_name_the_owner(call, message):

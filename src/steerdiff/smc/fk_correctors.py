@@ -118,12 +118,12 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
-from .._checks import boolean, device_or_none, integer, real, sample_dtype
+from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
-from ..solvers.base import Grid, Solver, make_grid
+from ..solvers.base import FINALS, Grid, Solver, make_grid
 from ..solvers.dpmpp_sde import DPMSolverSDEMultistep
 from . import resample as _resample
 from .particles import (
@@ -487,6 +487,7 @@ def fkc(
     shape = _check_shape(shape, "fkc")
     check_generators("fkc", generator, shape[0])
     n = integer("fkc", "particles", particles, lo=1)
+    final = choice("fkc", "final", final, FINALS)
     comp = Composition(dens, betas, kwargs, max_batch)
     algorithm = FKCorrector(comp, correct)
     data_std = real("fkc", "data_std", data_std, lo=0)

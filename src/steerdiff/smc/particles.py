@@ -100,14 +100,24 @@ from tqdm.auto import tqdm
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import boolean, device_or_none, integer, real, sample_dtype
+from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
 from ..guidance.base import Guided, value_grad
 from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded, check_x_T
 from ..schedules import ScheduleLike
-from ..solvers.base import Grid, Model, Solver, Transition, make_grid, map_state, to_sample_dtype, work_dtype
+from ..solvers.base import (
+    FINALS,
+    Grid,
+    Model,
+    Solver,
+    Transition,
+    make_grid,
+    map_state,
+    to_sample_dtype,
+    work_dtype,
+)
 from . import resample as _resample
 
 __all__ = [
@@ -960,6 +970,7 @@ def run_smc(
     n_part = integer(who, "particles", particles, lo=1)
     steps = integer(who, "steps", steps, lo=1)
     algorithm.check_steps(steps)
+    final = choice(who, "final", final, FINALS)
     ess_threshold = real(who, "ess_threshold", ess_threshold, lo=0, hi=1)
     if dtype is not None:
         dtype = sample_dtype(who, "dtype", dtype)
