@@ -20,6 +20,7 @@ import types
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 
@@ -914,6 +915,27 @@ def test_bad_input():
             needs_transition = True
 
         sd.smc.run_smc(DEN, Needs(), **{**kw, "solver": "edm_sde"})
+
+
+def test_numpy_integers_are_integers_in_shape_and_window():
+    """``shape`` and ``window`` took only Python ``int``: ``shape=(np.int64(2), 2)`` was refused as "not of
+    positive integers" and ``window=(np.int64(1), np.int64(7))`` as not grid nodes, where ``steps``,
+    ``particles`` and ``interval`` accept any integer. The same run now, bit for bit; a bad entry is named."""
+    kw = dict(particles=4, steps=8, interval=2, solver=SOLVER, dtype=F64)
+    ref = sd.smc.fk_steering(DEN, linear, shape=(2, 2), window=(1, 7), generator=gen(0), **kw)
+    out = sd.smc.fk_steering(
+        DEN,
+        linear,
+        shape=(np.int64(2), np.int32(2)),
+        window=(np.int64(1), np.int64(7)),
+        generator=gen(0),
+        **kw,
+    )
+    assert torch.equal(out.x, ref.x) and torch.equal(out.log_w, ref.log_w)
+    assert out.trace.resampled.any(1).nonzero().flatten().tolist() == [1, 3, 5]
+    with pytest.raises(ValueError) as e:
+        sd.smc.fk_steering(DEN, linear, shape=(2, 0), **kw)
+    assert str(e.value) == "fk_steering: shape[1] must be an integer >= 1, got 0"
 
 
 def test_potential_nodes_a_run_never_reaches_are_refused():

@@ -138,14 +138,14 @@ def potential_nodes(steps: int, interval: int, window: tuple[int, int] | None) -
     ok = (
         isinstance(window, tuple | list)
         and len(window) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in window)
     )
     if not ok or not 0 <= window[0] < window[1] <= steps:
         raise ValueError(
             f"fk_steering: window must be (start, stop) grid nodes, 0 <= start < stop <= steps = {steps}; "
             f"got {window!r}"
         )
-    return set(range(window[0], window[1], interval))
+    return set(range(int(window[0]), int(window[1]), interval))
 
 
 def fk_steering(

@@ -100,7 +100,7 @@ from tqdm.auto import tqdm
 
 from .. import schedules as _schedules
 from .. import solvers as _solvers
-from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
+from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype, sizes
 from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
 from ..guidance.base import Guided, value_grad
@@ -792,13 +792,11 @@ def _check_reward(reward: Any, who: str) -> Reward:
 
 
 def _check_shape(shape: Any, who: str) -> tuple[int, ...]:
-    if (
-        not isinstance(shape, tuple | list)
-        or len(shape) < 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
-    ):
+    """``shape`` = ``(batch, *sample_shape)`` as a tuple of ``int``, its entries checked by
+    :func:`~steerdiff._checks.sizes` (numpy integers too), else a ``ValueError`` naming ``who``."""
+    if not isinstance(shape, tuple | list) or len(shape) < 2:
         raise ValueError(f"{who}: shape must be (batch, *sample_shape) of positive integers, got {shape!r}")
-    return tuple(shape)
+    return sizes(who, "shape", shape)
 
 
 def _view(tr: Transition, run: _Run) -> Transition:
