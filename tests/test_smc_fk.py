@@ -890,6 +890,9 @@ def test_bad_input():
         sd.smc.fk_steering(DEN, lambda x: x, **kw)
     with pytest.raises(ValueError, match="reward must be a callable"):
         sd.smc.fk_steering(DEN, None, **kw)
+    # a complex reward was cast to float64, its imaginary part dropped with only a torch warning
+    with pytest.raises(ValueError, match=r"^fk_steering: reward must return real rewards, got complex128$"):
+        sd.smc.fk_steering(DEN, lambda x: torch.complex(x[:, 0], x[:, 1]), **kw)
     for solver in ("ddim", "dpmpp_2m", "unipc"):
         with pytest.raises(ValueError, match=r"stochastic solver.*'ddpm'.*'er_sde'"):
             sd.smc.fk_steering(DEN, linear, **{**kw, "solver": solver})

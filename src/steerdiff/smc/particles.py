@@ -782,6 +782,8 @@ def _call_reward(who: str, reward: Reward, rows: RowSlice) -> Tensor:
             f"{who}: reward must map a batch (n, *shape) to rewards of shape (n,); for n = {n} it returned "
             f"{got}"
         )
+    if r.is_complex():  # float64 would keep the real part alone (torch only warns)
+        raise ValueError(f"{who}: reward must return real rewards, got {str(r.dtype).removeprefix('torch.')}")
     return r.to(torch.float64)
 
 
