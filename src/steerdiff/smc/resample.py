@@ -83,9 +83,15 @@ def normalize(log_w: Tensor) -> Tensor:
 
 
 def ess(log_w: Tensor) -> Tensor:
-    """Effective sample size per row, ``1 / sum_i W_i^2``, shape ``log_w.shape[:-1]``."""
+    """Effective sample size per row, ``1 / sum_i W_i^2``, shape ``log_w.shape[:-1]``, in ``log_w``'s dtype.
+
+    Computed relative to each row's largest log-weight: the two log-sums of the formula are each about
+    ``2 max log_w``, and their difference would lose ``log_w``'s precision there (float32 log-weights
+    near ``1e6``: 10% off)."""
     if not isinstance(log_w, Tensor):
         raise ValueError(f"ess: log_w must be a tensor of log-weights, got {type(log_w).__name__}")
+    top = log_w.amax(-1, keepdim=True)
+    log_w = log_w - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     return torch.exp(2 * torch.logsumexp(log_w, dim=-1) - torch.logsumexp(2 * log_w, dim=-1))
 
 
