@@ -1013,10 +1013,27 @@ def test_particles_resample_and_mean_check_their_input():
         (torch.tensor([0, 1]), r"integers of shape \(batch, n\) = \(2, n >= 1\)"),
         (torch.tensor([[0.0, 1.0], [0.0, 1.0]]), "torch.float32"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=r"^Particles\.resample: indices must .*" + message):
             out.resample(bad)
-    with pytest.raises(ValueError, match="values must be a tensor"):
-        out.mean([1, 2])
+    # the messages named the argument alone, not the method (nor did sample check its generator)
+    for call, message in [
+        (
+            lambda: out.mean([1, 2]),
+            "Particles.mean: values must be a tensor (batch, particles, ...) = (2, 4), got list",
+        ),
+        (
+            lambda: out.sample(generator=[gen(0)]),
+            "Particles.sample: generator must be None, one torch.Generator or a list of batch = 2 of them "
+            "(one per batch row), got a list of 1",
+        ),
+        (
+            lambda: sd.smc.Particles(out.x, out.log_w).log_z,
+            "Particles.log_z: these particles carry no trace (no log Z estimate)",
+        ),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
 
 
 def test_particles_carry_no_graph_across_steps():
@@ -1232,6 +1249,7 @@ def test_a_solver_that_adds_no_noise_on_the_grid_is_refused(solver, schedule, qu
         ([gen(0), 1], "a list of 2 whose [1] is int"),
         (sd.noise.GeneratorNoise(gen(0)), "GeneratorNoise"),
         (3, "int"),
+        ("seed", "str"),  # was "a list of 4 whose [0] is str"
     ],
 )
 def test_particle_methods_name_a_bad_generator(generator, got):

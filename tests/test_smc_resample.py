@@ -139,6 +139,32 @@ def test_bad_input():
         rs.get("bootstrap")
 
 
+@pytest.mark.parametrize("name", sorted(rs.RESAMPLERS))
+def test_bad_input_names_the_resampler(name):
+    """The messages named the argument alone ("log_w must be ...", "generator must be None, ...", "generator:
+    1 generators for a batch of 2 rows"), not the resampler called."""
+    fn = rs.RESAMPLERS[name]
+    for call, message in [
+        (
+            lambda: fn(torch.zeros(8, dtype=F64), None),
+            f"{name}: log_w must be a floating (batch, particles) tensor with particles >= 1, got (8,)",
+        ),
+        (
+            lambda: fn(torch.zeros(2, 3, dtype=F64), "seed"),
+            f"{name}: generator must be None, one torch.Generator or a list of batch = 2 of them (one per "
+            "batch row), got str",
+        ),
+        (
+            lambda: fn(torch.zeros(2, 3, dtype=F64), [torch.Generator()]),
+            f"{name}: generator must be None, one torch.Generator or a list of batch = 2 of them (one per "
+            "batch row), got a list of 1",
+        ),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+
+
 # rows with no distribution: a NaN weight, a +inf weight, every weight zero
 NO_DIST = torch.tensor(
     [[0.0, 0.0, 0.0, 0.0], [math.nan, 0.0, 0.0, 0.0], [math.inf, 0.0, 0.0, 0.0], [-math.inf] * 4], dtype=F64
@@ -154,7 +180,9 @@ def test_rows_without_a_distribution(name, monkeypatch):
     for row in (1, 2, 3):
         with pytest.raises(ValueError) as e:
             fn(NO_DIST[[0, row]], torch.Generator().manual_seed(0))
-        assert str(e.value) == "log_w: row 1 has no distribution (a NaN or +inf weight, or all -inf)"
+        assert (
+            str(e.value) == f"{name}: log_w has no distribution in row 1 (a NaN or +inf weight, or all -inf)"
+        )
     monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
     idx = fn(NO_DIST, torch.Generator().manual_seed(0))
     assert idx.shape == (4, 4) and int(idx.min()) >= 0 and int(idx.max()) <= 3, idx

@@ -266,7 +266,7 @@ def check_generators(who: str, generator: object, rows: int | None = None) -> Ge
             return listed
     if rows is not None:
         got = type(generator).__name__
-        if isinstance(generator, Sequence):
+        if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):  # a string is no list
             bad = next((i for i, g in enumerate(generator) if not isinstance(g, torch.Generator)), None)
             got = f"a list of {len(generator)}" + (
                 "" if bad is None else f" whose [{bad}] is {type(generator[bad]).__name__}"

@@ -197,7 +197,7 @@ class Particles:
     def log_z(self) -> Tensor:
         """The run's final log-normalizer estimate per row, ``(batch,)``."""
         if self.trace is None:
-            raise ValueError("these particles carry no trace (no log Z estimate)")
+            raise ValueError("Particles.log_z: these particles carry no trace (no log Z estimate)")
         return self.trace.log_z[-1]
 
     def mean(self, values: Tensor | None = None) -> Tensor:
@@ -207,7 +207,8 @@ class Particles:
         if not isinstance(v, Tensor) or v.shape[:2] != self.log_w.shape:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(
-                f"values must be a tensor (batch, particles, ...) = {tuple(self.log_w.shape)}, got {got}"
+                "Particles.mean: values must be a tensor (batch, particles, ...) = "
+                f"{tuple(self.log_w.shape)}, got {got}"
             )
         w = self.weights.to(v.dtype).reshape(*self.log_w.shape, *([1] * (v.ndim - 2)))
         return (w * v).sum(1)
@@ -223,11 +224,17 @@ class Particles:
                 if isinstance(indices, Tensor)
                 else type(indices).__name__
             )
-            raise ValueError(f"indices must be integers of shape (batch, n) = ({batch}, n >= 1), got {got}")
+            raise ValueError(
+                "Particles.resample: indices must be integers of shape (batch, n) = "
+                f"({batch}, n >= 1), got {got}"
+            )
         indices = indices.to(self.x.device, torch.long)
         lo, hi = torch.aminmax(indices)
         if not (bool(lo >= 0) and bool(hi < n_part)):
-            raise ValueError(f"indices must lie in [0, particles) = [0, {n_part}), got {int(lo)}..{int(hi)}")
+            raise ValueError(
+                f"Particles.resample: indices must lie in [0, particles) = [0, {n_part}), "
+                f"got {int(lo)}..{int(hi)}"
+            )
         x = torch.take_along_dim(self.x, indices.reshape(*indices.shape, *([1] * (self.x.ndim - 2))), dim=1)
         log_w = torch.full(
             indices.shape, -math.log(indices.shape[1]), dtype=self.log_w.dtype, device=x.device
@@ -238,6 +245,7 @@ class Particles:
     def sample(self, generator: Generators = None) -> Tensor:
         """One draw per batch row from the weighted particles (multinomial): ``(batch, *shape)``;
         ``generator``: one, or one per batch row."""
+        generator = check_generators("Particles.sample", generator, self.batch)
         u = rand((self.batch, 1), generator, torch.float64, self.log_w.device)
         idx = _resample._inverse_cdf(self.log_w, u)
         return self.resample(idx).x[:, 0]

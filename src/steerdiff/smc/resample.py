@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .._checks import caller
 from .._ops import first_false
-from ..noise import Generators, rand
+from ..noise import Generators, check_generators, rand
 
 __all__ = [
     "RESAMPLERS",
@@ -57,7 +57,9 @@ __all__ = [
 Resampler = Callable[[Tensor, Generators], Tensor]
 
 
-def _check(log_w: Tensor) -> Tensor:
+def _check(who: str, log_w: Tensor, generator: Generators) -> None:
+    """``log_w`` and ``generator`` as the contract has them, else a ``ValueError`` naming the resampler
+    ``who`` and the argument."""
     if (
         not isinstance(log_w, Tensor)
         or log_w.ndim != 2
@@ -66,15 +68,16 @@ def _check(log_w: Tensor) -> Tensor:
     ):
         shape = tuple(log_w.shape) if isinstance(log_w, Tensor) else type(log_w).__name__
         raise ValueError(
-            f"log_w must be a floating (batch, particles) tensor with particles >= 1, got {shape}"
+            f"{who}: log_w must be a floating (batch, particles) tensor with particles >= 1, got {shape}"
         )
+    check_generators(who, generator, log_w.shape[0])
     if log_w.is_cpu:  # no device read elsewhere: the indices of such a row are in range but meaningless
         ok = torch.isfinite(torch.logsumexp(log_w, dim=-1))  # NaN, +inf and all -inf
         if not bool(ok.all()):
             raise ValueError(
-                f"log_w: row {first_false(ok)} has no distribution (a NaN or +inf weight, or all -inf)"
+                f"{who}: log_w has no distribution in row {first_false(ok)} (a NaN or +inf weight, or all "
+                "-inf)"
             )
-    return log_w
 
 
 def normalize(log_w: Tensor) -> Tensor:
@@ -123,20 +126,20 @@ def _strata(log_w: Tensor) -> Tensor:
 
 def multinomial(log_w: Tensor, generator: Generators = None) -> Tensor:
     """``N`` i.i.d. draws from ``W`` per row: ``(batch, N)`` ancestor indices."""
-    _check(log_w)
+    _check("multinomial", log_w, generator)
     return _inverse_cdf(log_w, _uniform(log_w, generator))
 
 
 def stratified(log_w: Tensor, generator: Generators = None) -> Tensor:
     """One draw per stratum ``[j/N, (j+1)/N)``: ``u_j = (j + U_j) / N`` (Kitagawa 1996)."""
-    _check(log_w)
+    _check("stratified", log_w, generator)
     n = log_w.shape[1]
     return _inverse_cdf(log_w, (_strata(log_w) + _uniform(log_w, generator)) / n)
 
 
 def systematic(log_w: Tensor, generator: Generators = None) -> Tensor:
     """One shared uniform per row: ``u_j = (j + U) / N`` (Carpenter, Clifford & Fearnhead 1999)."""
-    _check(log_w)
+    _check("systematic", log_w, generator)
     n = log_w.shape[1]
     return _inverse_cdf(log_w, (_strata(log_w) + _uniform(log_w, generator, cols=1)) / n)
 
@@ -154,7 +157,7 @@ FLOOR_TOL = 1e-9  # residual: N W_i this close below an integer is that integer 
 def residual(log_w: Tensor, generator: Generators = None) -> Tensor:
     """``floor(N W_i)`` copies of each particle, the ``R`` left drawn multinomially from the
     residual weights ``N W_i - floor(N W_i)`` (Liu & Chen 1998)."""
-    _check(log_w)
+    _check("residual", log_w, generator)
     n = log_w.shape[1]
     nw = n * torch.exp(normalize(log_w.to(torch.float64)))
     # equal weights give N W_i = 0.99...9 for N = 9, 10, 100, ...: its floor, 0, would draw every
