@@ -123,6 +123,17 @@ def test_ess_of_float32_log_weights_far_from_zero():
         [[-math.inf] * 3, [math.nan, 0.0, 0.0], [math.inf, 0.0, 0.0], [5.0, -math.inf, -math.inf]]
     )
     assert rs.ess(odd)[:3].isnan().all() and float(rs.ess(odd)[3]) == 1.0
+    # no particles (was NaN, then amax's IndexError), or no log-weights at all (an integer tensor ran)
+    for bad, got in (
+        (torch.zeros(2, 0), "torch.float32 (2, 0)"),
+        (torch.zeros(2, 3, dtype=torch.long), "torch.int64 (2, 3)"),
+    ):
+        with pytest.raises(ValueError) as e:
+            rs.ess(bad)
+        assert (
+            str(e.value)
+            == f"ess: log_w must be floating log-weights with particles >= 1 (the last dimension), got {got}"
+        )
 
 
 def test_indices_from_counts():

@@ -93,6 +93,11 @@ def ess(log_w: Tensor) -> Tensor:
     near ``1e6``: 10% off)."""
     if not isinstance(log_w, Tensor):
         raise ValueError(f"ess: log_w must be a tensor of log-weights, got {type(log_w).__name__}")
+    if not log_w.is_floating_point() or (log_w.ndim > 0 and log_w.shape[-1] == 0):
+        raise ValueError(
+            f"ess: log_w must be floating log-weights with particles >= 1 (the last dimension), got "
+            f"{log_w.dtype} {tuple(log_w.shape)}"
+        )
     top = log_w.amax(-1, keepdim=True)
     log_w = log_w - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     return torch.exp(2 * torch.logsumexp(log_w, dim=-1) - torch.logsumexp(2 * log_w, dim=-1))
