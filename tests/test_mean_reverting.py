@@ -91,6 +91,56 @@ def test_bad_process_input():
         MRS(order=3)
 
 
+def _refused(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value) == message
+
+
+def test_bad_mu_and_net_are_refused_naming_them():
+    """Before: ``mu=None`` / ``"a"`` a RuntimeError / TypeError of torch's, a NaN ``mu`` accepted (sampling
+    then stopped with "the model returned NaN/inf at step 0"), a bool ``mu`` taken as 0/1, ``net=None``
+    accepted (a TypeError at the first call), a ``mu`` of another shape torch's RuntimeError "The size of
+    tensor a (8) must match the size of tensor b (3)" from inside the denoiser, and a sampler condition
+    ``mu=`` a TypeError "got multiple values for keyword argument 'mu'"."""
+    proc = sd.MeanReverting(theta_min=0.3, theta_max=8.0, stationary_std=0.5)
+    who = "MeanReverting.denoiser"
+    mu, y = torch.zeros(8, dtype=F64), torch.zeros(4, 8, dtype=F64)
+
+    def net(x, t, mu):
+        return x
+
+    _refused(lambda: proc.denoiser(net, None), f"{who}: mu must be a tensor or array of numbers, got None")
+    _refused(lambda: proc.denoiser(net, "a"), f"{who}: mu must be a tensor or array of numbers, got 'a'")
+    for bad in (torch.tensor([0.0, math.nan]), torch.tensor([math.inf, 0.0])):
+        _refused(
+            lambda bad=bad: proc.denoiser(net, bad),
+            f"{who}: mu must be finite real numbers (a tensor or array), got NaN or inf",
+        )
+    _refused(
+        lambda: proc.denoiser(net, torch.zeros(8, dtype=torch.bool)),
+        f"{who}: mu must be finite real numbers (a tensor or array), got a torch.bool tensor",
+    )
+    _refused(
+        lambda: proc.denoiser(None, mu),
+        f"{who}: net must be callable as net(x, t, mu=mu, **cond), got NoneType",
+    )
+    for bad in (torch.zeros(3), torch.zeros(5, 8), torch.zeros(4, 1, 8)):
+        _refused(
+            lambda bad=bad: sd.sample(proc.denoiser(net, bad), y, 3, "mrs"),
+            f"{who}: mu has shape {tuple(bad.shape)}, which does not broadcast to the samples' (4, 8): "
+            "give one mu of shape (8,) for all samples or one per sample, (4, 8)",
+        )
+    _refused(
+        lambda: sd.sample(proc.denoiser(net, mu), y, 3, "mrs", mu=mu),
+        f"{who}: the net gets this denoiser's mu; a condition named mu (a keyword of the sampler) would be a "
+        "second one: give mu to MeanReverting.denoiser only",
+    )
+    # what broadcasts is taken: a scalar, a list, a (1, 8), an integer tensor, one per sample
+    for good in (0.0, [0.0] * 8, torch.zeros(1, 8), torch.zeros(8, dtype=torch.long), torch.zeros(4, 8)):
+        assert torch.equal(proc.denoiser(net, good, prediction="x0")(y, 0.5).x0, y)
+
+
 # --- the oracle ------------------------------------------------------------------------------
 
 

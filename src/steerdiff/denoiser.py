@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._checks import boolean, caller, choice, sizes
+from ._checks import boolean, caller, choice, sizes, tensor
 from ._ops import axpby, kept
 from .noise import Generators
 from .processes import MeanReverting, Process
@@ -394,13 +394,23 @@ class MeanRevertingDenoiser(Denoiser):
         prediction: str = "eps",
         shape: tuple[int, ...] | None = None,
     ) -> None:
-        prediction = choice("MeanReverting.denoiser", "prediction", prediction, ("eps", "x0", "v", "score"))
+        who = "MeanReverting.denoiser"
+        prediction = choice(who, "prediction", prediction, ("eps", "x0", "v", "score"))
+        if not callable(net):
+            raise ValueError(
+                f"{who}: net must be callable as net(x, t, mu=mu, **cond), got {type(net).__name__}"
+            )
+        mu = tensor(who, "mu", mu)
+        if mu.dtype == torch.bool or mu.is_complex() or not bool(torch.isfinite(mu).all()):
+            got = "NaN or inf" if mu.is_floating_point() else f"a {mu.dtype} tensor"
+            raise ValueError(f"{who}: mu must be finite real numbers (a tensor or array), got {got}")
         super().__init__(self._y_net, process, "x0" if prediction == "v" else prediction, shape=shape)
-        self.x_net, self.mu, self.net_prediction = net, torch.as_tensor(mu), prediction
+        self.x_net, self.mu, self.net_prediction = net, mu, prediction
         self.mean_reverting = process  # self.process, typed as the mean-reverting process
         self._mu_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # mu copied once per device, dtype
 
     def _y_net(self, y: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        self._check_call(y, cond)
         m = kept(self._mu_on, (y.device, y.dtype), lambda: self.mu.to(device=y.device, dtype=y.dtype))
         f = self.x_net(y + m, t, mu=m, **cond)
         if self.net_prediction == "x0":
@@ -410,6 +420,27 @@ class MeanRevertingDenoiser(Denoiser):
             a, s = (c.to(y.dtype).reshape(-1, *([1] * (y.ndim - 1))) for c in (p.alpha(tt), p.sigma(tt)))
             return a * y - (s / p.stationary_std) * f
         return f
+
+    def _check_call(self, y: Tensor, cond: dict[str, Any]) -> None:
+        """A ``ValueError`` naming ``mu`` where it does not broadcast to the samples ``y`` without changing
+        their shape (``y + mu`` would fail inside torch or grow the batch) or where the sampler's conditions
+        hold a ``mu`` of their own (the net would get it twice)."""
+        who, shape = "MeanReverting.denoiser", tuple(self.mu.shape)
+        if "mu" in cond:
+            raise ValueError(
+                f"{who}: the net gets this denoiser's mu; a condition named mu (a keyword of the sampler) "
+                "would be a second one: give mu to MeanReverting.denoiser only"
+            )
+        try:
+            fits = torch.broadcast_shapes(shape, y.shape) == y.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            ys = tuple(y.shape)
+            raise ValueError(
+                f"{who}: mu has shape {shape}, which does not broadcast to the samples' {ys}: give one mu of "
+                f"shape {ys[1:]} for all samples or one per sample, {ys}"
+            )
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with a per-sample ``mu`` (``n`` rows) taken at ``rows``; itself for a shared one."""

@@ -580,9 +580,11 @@ class MeanReverting(Process):
         """The :class:`~steerdiff.denoiser.Denoiser` of ``y = x - mu`` for a net trained on ``x``.
 
         The net is called as ``net(x, t, mu=mu, **cond)`` with ``x = y + mu`` (it sees the state
-        and the condition). ``mu``: one for all samples, or one per sample (``(batch, *shape)``, at least
-        2-d; pass ``shape`` where a shared ``mu``'s first dimension may equal the batch), which particle
-        methods repeat for each row's particles (:meth:`~steerdiff.denoiser.Denoiser.take_rows`).
+        and the condition). ``mu``: finite, one for all samples, or one per sample (``(batch, *shape)``, at
+        least 2-d; pass ``shape`` where a shared ``mu``'s first dimension may equal the batch), which particle
+        methods repeat for each row's particles (:meth:`~steerdiff.denoiser.Denoiser.take_rows`); a ``mu``
+        that does not broadcast to the samples without changing their shape, or a sampler condition named
+        ``mu`` besides it, is a ``ValueError`` at the first call.
         ``prediction``: ``"eps"`` (the noise, the same for ``x`` and ``y``),
         ``"x0"`` (the clean ``x_0``; ``y_0 = x_0 - mu``), ``"v"`` (MRS's velocity
         ``v = lambda alpha eps - (sigma / lambda) (x_0 - mu)``, ``lambda`` times the usual ``v`` of
