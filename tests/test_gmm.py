@@ -457,6 +457,28 @@ def test_default_benchmark_mixture_checks_its_integers(kwargs, message):
             lambda g: g.mean_reverting_denoiser(sd.MeanReverting(), torch.zeros(3)),
             "GaussianMixture.mean_reverting_denoiser: mu must have 2 finite values, got shape (3,)",
         ),
+        # before: accepted, the marginal of another process (VP: alpha m + (1 - alpha) mu, ...); the
+        # denoiser's AttributeError "'VPLinear' object has no attribute 'denoiser'"
+        (
+            lambda g: g.mean_reverting_marginal(sd.VP.linear(), torch.zeros(2), 0.5),
+            "GaussianMixture.mean_reverting_marginal: process must be a steerdiff MeanReverting process, got "
+            "VP.linear(beta_min=0.1, beta_max=20)",
+        ),
+        (
+            lambda g: g.mean_reverting_denoiser(None, torch.zeros(2)),
+            "GaussianMixture.mean_reverting_denoiser: process must be a steerdiff MeanReverting process, "
+            "got None",
+        ),
+        # before: t = -1 accepted (thetabar(-1) = 3.55 > 0 for the default process: a finite, meaningless
+        # mixture); two times torch's "only one element tensors can be converted to Python scalars"
+        (
+            lambda g: g.mean_reverting_marginal(sd.MeanReverting(), torch.zeros(2), -1.0),
+            "GaussianMixture.mean_reverting_marginal: t must be a finite number in [0, 1], got -1.0",
+        ),
+        (
+            lambda g: g.mean_reverting_marginal(sd.MeanReverting(), torch.zeros(2), [0.1, 0.2]),
+            "GaussianMixture.mean_reverting_marginal: t must be a finite number in [0, 1], got [0.1, 0.2]",
+        ),
         (
             lambda g: g.posterior(torch.eye(2)[:1], torch.zeros(1), 0.0).denoise(torch.zeros(1, 2), 1.0, 0.0),
             "GaussianMixture.denoise: singular covariances have no density at sigma = 0; use sigma > 0",

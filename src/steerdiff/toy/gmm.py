@@ -352,8 +352,12 @@ class GaussianMixture:
     def mean_reverting_marginal(self, process: MeanReverting, mu: Tensor, t: float) -> GaussianMixture:
         """Exact ``p(x_t | mu)`` of mean-reverting diffusion (IR-SDE) from ``x0`` of this law: the
         mixture with means ``alpha m_k + (1 - alpha) mu`` and covariances ``alpha^2 S_k + sigma^2 I``
-        (``alpha = e^{-thetabar_t}``, ``sigma^2 = lambda^2 (1 - alpha^2)``)."""
-        mu = self._point(mu, f"{type(self).__name__}.mean_reverting_marginal", "mu")
+        (``alpha = e^{-thetabar_t}``, ``sigma^2 = lambda^2 (1 - alpha^2)``), ``t`` in
+        ``[0, process.t_max]``."""
+        who = f"{type(self).__name__}.mean_reverting_marginal"
+        process = _mean_reverting(who, process)
+        t = real(who, "t", t, lo=0, hi=process.t_max)
+        mu = self._point(mu, who, "mu")
         a, s = float(process.alpha(t)), float(process.sigma(t))
         noise = s * s * (torch.eye(self.dim, dtype=F64) if self.full else 1.0)
         return GaussianMixture(
@@ -364,7 +368,9 @@ class GaussianMixture:
         """The exact denoiser of mean-reverting diffusion towards ``mu`` (``(d,)``), built the way a
         user builds one, :meth:`MeanReverting.denoiser` around an ``x0``-predicting net that sees
         ``x`` and ``mu``: ``E[x0 | x_t, mu] = mu + E[y0 | y_t]`` with ``y0 ~`` :meth:`shifted` ``(-mu)``."""
-        mu = self._point(mu, f"{type(self).__name__}.mean_reverting_denoiser", "mu")
+        who = f"{type(self).__name__}.mean_reverting_denoiser"
+        process = _mean_reverting(who, process)
+        mu = self._point(mu, who, "mu")
         ys = self.shifted(-mu)
 
         def net(x: Tensor, t: Tensor, mu: Tensor) -> Tensor:
@@ -423,6 +429,14 @@ class GaussianMixture:
             raise RuntimeError(f"reference ODE failed: {sol.message}")
         x = (torch.from_numpy(sol.y[:, -1]).reshape(shape) * a1).to(F64)
         return (self.denoise(x, a1, s1) if denoise and s1 > 0 else x).to(x_T.device)
+
+
+def _mean_reverting(who: str, process: object) -> MeanReverting:
+    """``process`` if it is a :class:`~steerdiff.processes.MeanReverting`, else a ``ValueError`` naming
+    ``who`` and ``process``."""
+    if not isinstance(process, MeanReverting):
+        raise ValueError(f"{who}: process must be a steerdiff MeanReverting process, got {process!r:.60}")
+    return process
 
 
 def _device(x: Tensor | Any) -> torch.device:
