@@ -67,6 +67,20 @@ def test_process_round_trips(tmin, tmax, lam):
     assert torch.allclose(fd(var), -2 * p.theta(t) * var(t) + p.diffusion(t) ** 2, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("tmin", [0.0, 0.3])
+def test_t_of_lam_at_the_clean_end(tmin):
+    """``lam = inf`` (``sigma / alpha = 0``) is ``t = 0``, as for every other process. Before, with
+    ``theta_min = 0`` (accepted) the stable quadratic root ``2 thetabar / (a + sqrt(a^2 + ...))`` was
+    ``0 / 0``: ``t_of_lam(inf)``, ``t_of_sigma_ratio(0)`` and ``t_of_lam(400)`` (``e^{-2 lam}`` below
+    float64's range) were NaN."""
+    p = sd.MeanReverting(theta_min=tmin, theta_max=12.0, stationary_std=1.5)
+    assert float(p.t_of_lam(math.inf)) == 0.0 and float(p.t_of_sigma_ratio(0.0)) == 0.0
+    big = p.t_of_lam(torch.tensor([math.inf, 400.0, math.nan], dtype=F64))
+    assert big[:2].tolist() == [0.0, 0.0] and math.isnan(big[2])  # a NaN entry stays NaN
+    t = torch.tensor([1e-100, 1e-30, 1e-8], dtype=F64)  # and the round trip far below t_min still holds
+    assert torch.allclose(p.t_of_lam(p.lam(t)), t, rtol=1e-12, atol=0)
+
+
 def test_unit_stationary_std_is_vp_linear():
     p, v = sd.MeanReverting(theta_min=0.05, theta_max=10.0, stationary_std=1.0), sd.VP.linear(0.1, 20.0)
     t = torch.linspace(1e-3, 1, 50, dtype=F64)

@@ -558,7 +558,10 @@ class MeanReverting(Process):
         u = _t64(self, "t_of_lam", lam, "lam") + math.log(self.stationary_std)
         tb = 0.5 * torch.logaddexp(torch.zeros_like(u), -2 * u)
         a = self.theta_min
-        return 2 * tb / (a + (a * a + 2 * (self.theta_max - a) * tb).sqrt())
+        t = 2 * tb / (a + (a * a + 2 * (self.theta_max - a) * tb).sqrt())
+        # thetabar = 0 (lam = inf, or e^{-2 lam} below float64's range) is t = 0, also where theta_min = 0
+        # makes the quotient 0 / 0
+        return torch.where(tb == 0, 0.0, t)
 
     def d_alpha(self, t: TimeLike) -> Tensor:
         t = _time(self, "d_alpha", t)
