@@ -448,6 +448,7 @@ class MeanRevertingDenoiser(Denoiser):
         per_sample = mu.ndim >= 2 and (shape is None or mu.ndim == len(shape) + 1)
         if not per_sample or len(mu) != n:
             return self
-        return MeanRevertingDenoiser(
-            self.x_net, self.mean_reverting, take_tensor_rows(mu, rows), self.net_prediction, shape
-        )
+        # a copy, not built again: the rows of a checked mu need no second check (a device read per call)
+        out = copy.copy(self)
+        out.mu, out._mu_on, out.net = take_tensor_rows(mu, rows), {}, out._y_net  # net: bound to the copy
+        return out
