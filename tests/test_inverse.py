@@ -325,3 +325,61 @@ def test_shapes_are_integers_and_padding_a_choice(make, message: str) -> None:
     with pytest.raises(ValueError) as e:
         make()
     assert str(e.value) == message
+
+
+def test_integer_input_is_refused_not_computed_with_integer_operators() -> None:
+    """An integer x took the operator's entries to integers: ``Matrix([[0.5, 0.5]])`` applied to the
+    integer image ``[2, 4]`` gave 0 (A truncated to zeros), not 3; the average of ``Downsample`` and the
+    weights of ``Blur`` were truncated the same way. Now each names the argument and the dtypes accepted."""
+    image = torch.tensor([[2, 4]])
+    assert Matrix(torch.tensor([[0.5, 0.5]])).forward(image.double()).tolist() == [[3.0]]
+    cases = [
+        (Matrix(torch.tensor([[0.5, 0.5]])), "forward", image, "Matrix: x"),
+        (Matrix(A_WIDE), "adjoint", torch.ones(1, 3, dtype=torch.int64), "Matrix: y"),
+        (Downsample(2, (2, 2)), "forward", torch.ones(1, 2, 2, dtype=torch.uint8), "Downsample: x"),
+        (Blur(KERNEL_ODD, (5, 6)), "forward", torch.ones(1, 5, 6, dtype=torch.int32), "Blur: x"),
+        (
+            Inpaint(MASK),
+            "pinv",
+            torch.ones(1, *OPERATORS["inpaint"].shape_out, dtype=torch.bool),
+            "Inpaint: y",
+        ),
+        (Matrix(A_WIDE), "forward", torch.ones(1, 7, dtype=torch.complex64), "Matrix: x"),
+    ]
+    for op, method, arg, who in cases:
+        with pytest.raises(ValueError) as e:
+            getattr(op, method)(arg)
+        assert (
+            str(e.value) == f"{who} must be a float16, bfloat16, float32 or float64 tensor, got {arg.dtype}"
+        )
+    with pytest.raises(ValueError) as e:  # was an int64 matrix of A's truncated entries
+        Matrix(A_WIDE).to_dense(dtype=torch.int64)
+    assert (
+        str(e.value)
+        == "Matrix.to_dense: dtype must be float16, bfloat16, float32 or float64, got torch.int64"
+    )
+
+
+def test_blur_fft_paths_in_half_precision_and_empty_kernels_or_matrices_are_named() -> None:
+    """Blur's pinv / aat_solve on float16 raised torch's "Unsupported dtype Half" (after a ComplexHalf
+    warning); an empty kernel or matrix was accepted and failed at first use (conv2d's "kernel size
+    should be greater than zero", ``s.max()`` of an empty SVD)."""
+    op = Blur(KERNEL_ODD, (5, 6))
+    for method in ("pinv", "aat_solve"):
+        with pytest.raises(ValueError) as e:
+            getattr(op, method)(torch.ones(1, 5, 6, dtype=torch.float16))
+        assert str(e.value) == f"Blur.{method}: y must be float32 or float64 (an FFT), got torch.float16"
+    assert op.forward(torch.ones(1, 5, 6, dtype=torch.float16)).dtype == torch.float16  # conv2d: fine
+    with pytest.raises(ValueError) as e:
+        Blur(torch.ones(0, 3), (4, 4))
+    assert (
+        str(e.value)
+        == "Blur: kernel must be a finite 2-D float tensor (kh, kw), kh, kw >= 1, got (0, 3) torch.float32"
+    )
+    for shape in ((0, 4), (3, 0)):
+        with pytest.raises(ValueError) as e:
+            Matrix(torch.ones(shape))
+        assert (
+            str(e.value)
+            == f"Matrix: A must be a 2-D float tensor (m, d), m, d >= 1, got {shape} torch.float32"
+        )

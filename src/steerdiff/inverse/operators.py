@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import choice, device_or_none, integer, real, tensor
+from .._checks import SAMPLE_DTYPES, choice, device_or_none, integer, real, sample_dtype, tensor
 from .._ops import kept
 
 __all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
@@ -68,6 +68,11 @@ class LinearOperator:
         if not isinstance(t, Tensor) or t.ndim < 1 or tuple(t.shape[1:]) != shape:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{type(self).__name__}: {arg} must have shape (n, *{shape}), got {got}")
+        if t.dtype not in SAMPLE_DTYPES:  # an integer x would take A's entries to integers
+            raise ValueError(
+                f"{type(self).__name__}: {arg} must be a float16, bfloat16, float32 or float64 tensor, "
+                f"got {t.dtype}"
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         """``A x`` for ``x`` of shape ``(n, *shape_in)``, returning ``(n, *shape_out)``."""
@@ -107,6 +112,7 @@ class LinearOperator:
         self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
     ) -> Tensor:
         """The ``(m, d)`` matrix of ``A`` on flattened samples: column ``j`` is ``A e_j``."""
+        dtype = sample_dtype(f"{type(self).__name__}.to_dense", "dtype", dtype)
         device = device_or_none(f"{type(self).__name__}.to_dense", "device", device)
         d = math.prod(self.shape_in)
         basis = torch.eye(d, dtype=dtype, device=device).reshape(d, *self.shape_in)
@@ -141,8 +147,10 @@ class Matrix(LinearOperator):
             A = torch.as_tensor(A)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"Matrix: A must be a 2-D float tensor (m, d), got {type(A).__name__}") from None
-        if A.ndim != 2 or not A.is_floating_point():
-            raise ValueError(f"Matrix: A must be a 2-D float tensor (m, d), got {tuple(A.shape)} {A.dtype}")
+        if A.ndim != 2 or not A.is_floating_point() or A.numel() == 0:
+            raise ValueError(
+                f"Matrix: A must be a 2-D float tensor (m, d), m, d >= 1, got {tuple(A.shape)} {A.dtype}"
+            )
         if not bool(torch.isfinite(A).all()):
             raise ValueError("Matrix: A must be finite (it has NaN or inf entries)")
         m, d = A.shape
@@ -294,8 +302,16 @@ class Blur(LinearOperator):
     ) -> None:
         super().__init__(noise_std)
         kernel = tensor("Blur", "kernel", kernel)
-        if kernel.ndim != 2 or not kernel.is_floating_point() or not bool(kernel.isfinite().all()):
-            raise ValueError(f"Blur: kernel must be a finite 2-D float tensor, got {tuple(kernel.shape)}")
+        if (
+            kernel.ndim != 2
+            or kernel.numel() == 0
+            or not kernel.is_floating_point()
+            or not bool(kernel.isfinite().all())
+        ):
+            raise ValueError(
+                f"Blur: kernel must be a finite 2-D float tensor (kh, kw), kh, kw >= 1, got "
+                f"{tuple(kernel.shape)} {kernel.dtype}"
+            )
         padding = choice("Blur", "padding", padding, ("circular", "zero"))
         self.shape_in = self.shape_out = _shape("Blur", "shape", shape, min_dims=2)
         H, W = self.shape_in[-2:]
@@ -343,6 +359,8 @@ class Blur(LinearOperator):
         gain = self._pinv_gain if method == "pinv" else self._mag2
         if gain is None:
             raise NotImplementedError(f"Blur: {method} needs padding='circular'")
+        if y.dtype not in (torch.float32, torch.float64):  # torch's FFTs: no half precision on the CPU
+            raise ValueError(f"Blur.{method}: y must be float32 or float64 (an FFT), got {y.dtype}")
         dtype = y.dtype.to_complex() if gain.is_complex() else y.dtype
         return self._on(method, y, lambda device, _: gain.to(device=device, dtype=dtype))
 
