@@ -388,7 +388,8 @@ def sample(
             float32 and only the net runs in ``x_T``'s dtype (as diffusers' schedulers upcast in
             ``step``; see :func:`~steerdiff.solvers.base.work_dtype`).
         steps: number of steps ``N`` (grid intervals). NFE is counted (``SampleInfo.nfe``); for the built-in
-            solvers without a corrector or guidance it is ``solver.nfe(N)``.
+            solvers without a corrector or guidance it is ``solver.nfe(N, clean_end=final == "zero")``
+            (a staged solver such as Heun spends one evaluation more with ``final="none"``).
         solver: a name from :func:`steerdiff.solvers.available` or a Solver instance; default
             (``None``) :func:`default_solver`: UniPC-3 (bh2, with corrector), the most accurate on
             the exact benchmark, at first order on a long step after short ones; or for a guided
@@ -438,6 +439,8 @@ def sample(
         ValueError: bad arguments (the message names the argument and the accepted values).
         NonFiniteError: the network returned NaN/inf, or a corrector on its ``log_prob`` made it (the
             message names the step and time).
+        FloatingPointError: a float16 ``x_T`` whose finite result overflows float16
+            (:func:`~steerdiff.solvers.base.to_sample_dtype`).
     """
     check_denoiser("sample", "den", den)
     check_x_T(den, x_T, "sample")
