@@ -97,6 +97,30 @@ def test_callback_once_per_step(gmm, sd_process, name):
         assert torch.equal(seen[-1]["denoised"], x)
 
 
+@pytest.mark.parametrize("final", ["zero", "none"])
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+@pytest.mark.parametrize("name", ALL)
+def test_no_step_writes_x_T_or_a_handed_out_state_in_place(gmm, sd_process, name, prediction, final):
+    """``x_T`` and every ``x`` / ``denoised`` handed to the callback keep their values to the end of the
+    run: a solver that wrote into its input or into a tensor it returned (a fused in-place update on the
+    hot path) would change the caller's ``x_T`` or the stored trajectory."""
+    den = gmm.denoiser(sd_process)
+    if prediction == "eps":
+        den = sd.Denoiser(half_net(gmm, sd_process), sd_process)
+    x_T, seen, handed = noise(2, 8), [], []
+    before = x_T.clone()
+    sd.sample(den, x_T, steps=5, solver=name, final=final, generator=_gen(), callback=seen.append)
+    assert torch.equal(x_T, before)
+    at_end = [(s["x"].clone(), s["denoised"].clone()) for s in seen]
+
+    def copy_now(s: dict) -> None:  # the same run again, copied as handed out
+        handed.append((s["x"].clone(), s["denoised"].clone()))
+
+    sd.sample(den, x_T, steps=5, solver=name, final=final, generator=_gen(), callback=copy_now)
+    for (x, d), (x_then, d_then) in zip(at_end, handed, strict=True):
+        assert torch.equal(x, x_then) and torch.equal(d, d_then)
+
+
 def test_callback_denoised_is_the_step_s_x0_estimate(gmm, sd_process):
     """``denoised`` (k-diffusion's name) is the x0 estimate of the step's last evaluation: for DDIM
     the exact denoiser at the step's input (to 1e-12)."""
