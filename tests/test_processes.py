@@ -289,6 +289,39 @@ def test_zero_terminal_snr_matches_diffusers():
     assert torch.equal(q.alphas_cumprod, p.alphas_cumprod)
 
 
+def test_a_schedule_already_rescaled_to_zero_terminal_snr_names_rescale_zero_snr():
+    """diffusers' schedulers with ``rescale_betas_zero_snr`` hold betas ending in 1 and (DDIM's)
+    alphas_cumprod ending in 0, an infinite last log-SNR: still refused, now with the way to that process
+    (the message gave only the range, which such a schedule leaves at its last value alone)."""
+    original = sd.VP.scaled_linear().alphas_cumprod
+    ac = sd.processes.rescale_zero_terminal_snr(original)
+    betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+    assert (
+        float(betas[-1]) == 1.0 and float(ac[-1]) == 0.0 and bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all())
+    )
+    hint = (
+        ", got a last value of {}: a schedule rescaled to zero terminal SNR (lam = -inf there) is built "
+        "from the betas or alphas_cumprod before the rescaling, with rescale_zero_snr=True (which keeps "
+        "the last lam finite)"
+    )
+    for kwargs, name, end in (
+        ({"betas": betas}, "betas", "1"),
+        ({"alphas_cumprod": ac}, "alphas_cumprod", "0"),
+    ):
+        with pytest.raises(ValueError) as err:
+            sd.VP.discrete(**kwargs)
+        range_message = f"VP.discrete: `{name}` must be a 1-D array of at least 2 values in (0, 1)"
+        assert str(err.value) == range_message + hint.format(end)
+    # another value out of range too, or a last value past the end: the range alone
+    for bad in ([0.0, 1.0], [0.1, 1.5]):
+        with pytest.raises(ValueError) as err:
+            sd.VP.discrete(betas=bad)
+        assert str(err.value) == "VP.discrete: `betas` must be a 1-D array of at least 2 values in (0, 1)"
+    # the way it names: the rescaled process, last log-SNR finite
+    p = sd.VP.discrete(alphas_cumprod=original, rescale_zero_snr=True)
+    assert float(p.alphas_cumprod[-1]) == 2.0**-24 and math.isfinite(float(p.lam(p.t_max)))
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -249,6 +249,23 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     return ab**2
 
 
+def _zero_snr_hint(values: Tensor, end: float) -> str:
+    """The rest of :class:`VPDiscrete`'s range message where only the last of ``values`` is out of
+    ``(0, 1)``, at ``end`` (1 for ``betas``, 0 for ``alphas_cumprod``): a schedule rescaled to zero terminal
+    SNR already (diffusers' ``rescale_betas_zero_snr``), whose infinite last log-SNR no grid can use."""
+    if (
+        values.numel() < 2
+        or float(values[-1]) != end
+        or not bool(((values[:-1] > 0) & (values[:-1] < 1)).all())
+    ):
+        return ""
+    return (
+        f", got a last value of {end:g}: a schedule rescaled to zero terminal SNR (lam = -inf there) is "
+        "built from the betas or alphas_cumprod before the rescaling, with rescale_zero_snr=True (which "
+        "keeps the last lam finite)"
+    )
+
+
 class VPDiscrete(VP):
     """VP process of a model trained on ``N`` integer timesteps; ``t in [0, N-1]``.
 
@@ -278,13 +295,17 @@ class VPDiscrete(VP):
         if betas is not None:
             b = real_array("VP.discrete", "betas", betas)
             if b.numel() < 2 or not bool(((b > 0) & (b < 1)).all()):
-                raise ValueError("VP.discrete: `betas` must be a 1-D array of at least 2 values in (0, 1)")
+                raise ValueError(
+                    "VP.discrete: `betas` must be a 1-D array of at least 2 values in (0, 1)"
+                    + _zero_snr_hint(b, 1.0)
+                )
             ac = torch.cumprod(1 - b, 0)
         else:
             ac = real_array("VP.discrete", "alphas_cumprod", alphas_cumprod)
             if ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()):
                 raise ValueError(
                     "VP.discrete: `alphas_cumprod` must be a 1-D array of at least 2 values in (0, 1)"
+                    + _zero_snr_hint(ac, 0.0)
                 )
             if not bool((ac[1:] < ac[:-1]).all()):
                 raise ValueError("VP.discrete: `alphas_cumprod` must be strictly decreasing")
