@@ -202,3 +202,34 @@ def test_the_split_top_leaves_no_error_floor(monkeypatch) -> None:
     monkeypatch.setattr(sd.schedules, "TOP_EVERY", 10**9)
     one = [rel_rmse(sd.sample(den, x_T, steps=n), ref) for n in (200, 800)]
     assert one[1] > 0.5 * one[0] and one[1] > 5e-6
+
+
+@pytest.mark.parametrize(
+    ("process", "errors"),
+    [
+        (sd.VP.scaled_linear(), ((0.0755, 0.1327), (0.0178, 0.0321))),
+        (sd.RectifiedFlow(), ((0.1635, 0.3261), (0.0862, 0.5038))),
+    ],
+    ids=["sd-betas", "rectified-flow"],
+)
+def test_final_none_on_the_default_ends_above_t_min_and_nearer_the_exact_state(process, errors) -> None:
+    # sample's docstring: with final="none" the default's short grids end above t_min (no clean jump
+    # follows to cover the lowest noise), yet nearer the exact ODE state at t_min than the whole Karras
+    # ramp, which ends there (4-component 8-d mixture, 256 samples, 5 and 10 steps)
+    g = torch.Generator().manual_seed(0)
+    gmm = sd.toy.GaussianMixture(
+        torch.randn(4, 8, generator=g, dtype=F64) * 2, torch.full((4, 8), 0.25), [1.0] * 4
+    )
+    x_T = torch.randn(256, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    ref = gmm.reference_ode(x_T, process, process.t_max, process.t_min)
+    den = gmm.denoiser(process)
+    for steps, (ours, karras) in zip((5, 10), errors, strict=True):
+        x = sd.sample(den, x_T, steps=steps, final="none")
+        ramp = sd.sample(den, x_T, steps=steps, final="none", schedule="karras")
+        assert rel_rmse(x, ref) == pytest.approx(ours, abs=1e-4)
+        assert rel_rmse(ramp, ref) == pytest.approx(karras, abs=1e-4)
+    grid = sd.solvers.base.make_grid(process, sd.schedules.get("karras_capped"), 10, "none")
+    assert float(process.sigma_ratio(grid.t[-1])) > 2 * float(process.sigma_ratio(process.t_min))
+    assert sd.solvers.base.make_grid(process, sd.schedules.get("karras"), 10, "none").t[-1] == pytest.approx(
+        process.t_min
+    )

@@ -404,7 +404,13 @@ def sample(
             :class:`~steerdiff.schedules.KarrasCapped`).
         final: ``"zero"`` (default): ``steps`` schedule nodes, then the step to the clean state
             ``sigma = 0``, which returns the denoised estimate at the last node;
-            ``"none"``: ``steps + 1`` nodes, the result is the noisy state at the last one.
+            ``"none"``: ``steps + 1`` nodes, the result is the noisy state at the last one. That is
+            ``t_min`` for most schedules, not for the default's short grids (``karras_capped`` below 15
+            nodes ends at ``sigma/alpha`` 0.07 at 10 steps on Stable Diffusion's betas, 0.029 at
+            ``t_min``), which are nonetheless nearer the exact ODE solution at ``t_min`` than the whole
+            ramp (``schedule="karras"``) is (a 4-component 8-d mixture, 256 samples, 5 / 10 steps:
+            relative error 0.076 / 0.018 against 0.13 / 0.032; rectified flow 0.16 / 0.086 against 0.33
+            / 0.50; ``tests/test_schedule_karras_jump.py``). Pass ``schedule="karras"`` to end at ``t_min``.
         generator: the only source of randomness (for stochastic solvers): a
             ``torch.Generator``, a list of them (one per sample: a sample is then the same
             whatever the batch), or a :class:`~steerdiff.noise.NoiseSource` such as
