@@ -12,10 +12,14 @@ an exponential moving average of the weights (the EMA weights are saved):
   2021);
 * clean classifier: cross-entropy on the clean images.
 
-Deterministic given ``seed`` (and the number of torch threads): all randomness comes from
-generators seeded from it, and the caller's global RNG is left as it was. The committed weights
-are ``steerdiff train digits`` (seed 0, one thread): 7 minutes wall clock (6.3 minutes of CPU) on
-a 2-core machine shared with other jobs.
+Deterministic given ``seed``, the number of torch threads and the machine's float kernels: all
+randomness comes from generators seeded from it, and the caller's global RNG is left as it was. The
+committed weights are ``steerdiff train digits`` (seed 0, one thread): 7 minutes wall clock (6.3
+minutes of CPU) on a 2-core machine shared with other jobs. Rerun on another 2-core machine (the
+code of the weights' commit and today's alike: the same bits there), the weights come out 1e-6 to 1e-5
+relative from the committed ones (float summation order), and ``steerdiff demo --weights DIR`` with
+them gives the committed table's accuracies exactly and its Frechet distances within 6e-4 relative
+(DPS inpainting 180.71 against 180.61).
 """
 
 from __future__ import annotations
