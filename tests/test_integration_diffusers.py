@@ -1107,6 +1107,28 @@ def test_flow_matching_config(unet, saved):
     assert torch.equal(raw, ref)
 
 
+@pytest.mark.parametrize("cls", [diffusers.UniPCMultistepScheduler, diffusers.DPMSolverMultistepScheduler])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "flow_prediction"])
+def test_flow_sigmas_configs_take_their_prediction_type(cls, prediction_type):
+    """With ``use_flow_sigmas=True`` DPMSolver/UniPC convert the net output as ``prediction_type`` says on
+    the rectified flow (``epsilon``: ``x0 = (x - sigma eps) / (1 - sigma)``). Every such config was read as
+    a velocity: x0 off by 28 (epsilon) and 6.3 (sample) at step 3 of 10 (flow_shift 3), 2e-6 / 8e-8 now."""
+    theirs = cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type=prediction_type)
+    theirs.set_timesteps(10)
+    theirs._step_index = 3
+    g = torch.Generator().manual_seed(0)
+    x, f = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = theirs.convert_model_output(f.float(), sample=x.float()).double()
+    expected = {"epsilon": "eps", "sample": "x0", "flow_prediction": "flow"}[prediction_type]
+    for den in (
+        denoiser_from_diffusers(lambda x_, t: f, theirs.config),
+        SteerdiffScheduler.from_config(theirs.config).denoiser,
+    ):
+        assert isinstance(den.process, sd.RectifiedFlow) and den.prediction == expected
+    pred = denoiser_from_diffusers(lambda x_, t: f, theirs.config)(x, float(theirs.sigmas[3]))
+    assert float((pred.x0 - ref).abs().max()) < 1e-5
+
+
 def test_continuous_timesteps_of_euler_v():
     # EulerDiscrete with timestep_type="continuous" and v-prediction hands the net 0.25 log(sigma)
     theirs = diffusers.EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous")
@@ -1132,6 +1154,14 @@ BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: diffusers.HeliosScheduler().config, "multi-stage"),
     (lambda: {**diffusers.HeliosDMDScheduler().config, "_class_name": "HeliosDMDScheduler"}, "HeliosDMD"),
     (lambda: {**diffusers.FlowMatchEulerDiscreteScheduler().config, "invert_sigmas": True}, "invert_sigmas"),
+    # diffusers' x0 = (1 - sigma) x - sigma v on flow sigmas is the x0 of no model; was read as a velocity
+    (
+        lambda: (
+            diffusers.UniPCMultistepScheduler(prediction_type="v_prediction", use_flow_sigmas=True).config
+        ),
+        r"^prediction_type='v_prediction' with use_flow_sigmas=True is not supported; accepted: "
+        r"\['epsilon', 'flow_prediction', 'sample'\]$",
+    ),
     # no beta_schedule, no flow keys: read as DDPM's linear betas before (a flow model as a VP one)
     (lambda: diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0).config, "'shift'"),
     (

@@ -13,8 +13,10 @@ returns twice the channels). The betas and ``alphas_cumprod`` are computed in fl
 computes them for training, then held in float64. Flow-matching configs (``FlowMatch*`` schedulers,
 ``use_flow_sigmas`` / ``prediction_type="flow_prediction"``) give the rectified flow
 ``x = (1 - t) x0 + t eps`` with the velocity ``eps - x0`` as output and the net time ``1000 t``
-(``num_train_timesteps * t``). Settings that only choose diffusers' sampling grid (spacing,
-``shift``, Karras sigmas, ...) do not change the model and are ignored. ``thresholding=True``
+(``num_train_timesteps * t``); with ``use_flow_sigmas`` the output is what ``prediction_type`` says
+(``flow_prediction``, ``epsilon`` or ``sample``, as DPMSolver/UniPC/DEIS/SA-Solver convert it).
+Settings that only choose diffusers' sampling grid (spacing, ``shift``, Karras sigmas, ...) do not
+change the model and are ignored. ``thresholding=True``
 (DeepFloyd IF: Imagen's dynamic thresholding, Saharia et al. 2022, at the quantile
 ``dynamic_thresholding_ratio`` of ``|x0|`` per sample, capped at ``sample_max_value``) or else
 ``clip_sample=True`` (``x0`` clipped to ``clip_sample_range``; DDPM's default, google/ddpm-*) change
@@ -195,6 +197,21 @@ def _train_steps(cfg: dict[str, Any]) -> int:
     return integer(_WHO, "num_train_timesteps", cfg.get("num_train_timesteps", 1000), lo=2)
 
 
+def _flow_sigmas_prediction(pred_type: Any) -> str:
+    """The net output of a ``use_flow_sigmas`` config (DPMSolver, UniPC, DEIS, SA-Solver on the rectified
+    flow ``alpha = 1 - sigma``): as ``prediction_type`` says, as those schedulers convert it -- the
+    velocity for ``flow_prediction``, ``eps`` for ``epsilon`` (``x0 = (x - sigma eps) / alpha``), ``x0`` for
+    ``sample``. Their ``v_prediction`` (``x0 = alpha x - sigma v``) is the x0 of no model where
+    ``alpha^2 + sigma^2 != 1``: refused."""
+    accepted = {"flow_prediction": "flow", "epsilon": "eps", "sample": "x0"}
+    if not isinstance(pred_type, str) or pred_type not in accepted:
+        raise ValueError(
+            f"prediction_type={pred_type!r} with use_flow_sigmas=True is not supported; accepted: "
+            f"{sorted(accepted)}"
+        )
+    return accepted[pred_type]
+
+
 def _euler_continuous_time(process: Process, t: Tensor) -> Tensor:
     """Euler's continuous timesteps (``timestep_type="continuous"``): the net sees ``0.25 log(sigma /
     alpha) = -lam / 4``."""
@@ -215,9 +232,10 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     if _is_flow(cfg):
         if cfg.get("invert_sigmas"):
             raise ValueError("flow-matching config with invert_sigmas=True is not supported")
+        prediction = _flow_sigmas_prediction(pred_type) if cfg.get("use_flow_sigmas") else "flow"
         # the net time n t (a partial, not a lambda: a scheduler holding it pickles)
         return _Spec(
-            RectifiedFlow(1 / n, 1 - 1 / n), "flow", False, functools.partial(operator.mul, n), threshold
+            RectifiedFlow(1 / n, 1 - 1 / n), prediction, False, functools.partial(operator.mul, n), threshold
         )
     if "beta_schedule" not in cfg and cfg.get("trained_betas") is None:
         key = next((k for k in cfg if not k.startswith("_") and k not in _VP_KEYS), None)
@@ -295,7 +313,8 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
     :class:`~steerdiff.guidance.DynamicThreshold` (see the module docstring).
 
     Raises:
-        ValueError: an unknown ``beta_schedule``/``prediction_type``, ``variance_type="learned"``,
+        ValueError: an unknown ``beta_schedule``/``prediction_type`` (``v_prediction`` with
+            ``use_flow_sigmas``), ``variance_type="learned"``,
             a threshold setting out of range (naming the key), a config of an unsupported
             scheduler (EDM, consistency, VE, discrete-token models), or one with no ``beta_schedule`` or
             ``trained_betas`` that is no flow-matching config and has a key no VP config has (naming it).
