@@ -1044,6 +1044,26 @@ def test_snr_shift_is_the_cogvideox_process():
     assert torch.allclose(ac, theirs.alphas_cumprod.double(), rtol=1e-5, atol=0)  # measured 1.3e-6
 
 
+@pytest.mark.parametrize("saved", [False, True], ids=["in_code", "saved"])
+def test_cogvideox_configs_do_not_clip(saved):
+    """CogVideoX's schedulers take clip_sample (default True) and never clip; their configs were read as
+    clipping x0 to [-1, 1]: at timestep 900 of 10 steps x0 was off by 61 from CogVideoXDDIM's
+    pred_original_sample (2e-5 now)."""
+    theirs = diffusers.CogVideoXDDIMScheduler()
+    theirs.set_timesteps(10)
+    config = {**theirs.config, "_class_name": "CogVideoXDDIMScheduler"} if saved else theirs.config
+    g = torch.Generator().manual_seed(0)
+    x, f = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    t = theirs.timesteps[0]
+    ref = theirs.step(f.float(), t, x.float()).pred_original_sample.double()
+    den = denoiser_from_diffusers(lambda x_, t_: f, config)
+    assert theirs.config.clip_sample and float(ref.abs().max()) > 10
+    assert float((den(x, float(t)).x0 - ref).abs().max()) < 1e-4
+    for cfg in (config, diffusers.CogVideoXDPMScheduler().config):
+        assert type(denoiser_from_diffusers(lambda x_, t_: f, cfg)) is sd.Denoiser
+        assert type(SteerdiffScheduler.from_config(cfg).denoiser) is sd.Denoiser
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_predictions_match_ddim(unet, prediction_type):
     # DDIM's pred_original_sample at an integer timestep is the config's conversion of the net output

@@ -178,18 +178,27 @@ def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
     """The post-processing of the denoised estimate a config asks for, as DDPM/DDIM apply it (and
     DPMSolver/UniPC/DEIS its first case): ``thresholding=True``, Imagen's dynamic thresholding at
     quantile ``dynamic_thresholding_ratio`` capped at ``sample_max_value``; else ``clip_sample=True``,
-    clipping to ``[-clip_sample_range, clip_sample_range]``; else none. As
-    :class:`~steerdiff.guidance.DynamicThreshold`'s ``(percentile, max_value)``."""
+    clipping to ``[-clip_sample_range, clip_sample_range]`` (not CogVideoX's, which never clip); else
+    none. As :class:`~steerdiff.guidance.DynamicThreshold`'s ``(percentile, max_value)``."""
     if cfg.get("thresholding"):
         ratio = cfg.get("dynamic_thresholding_ratio", 0.995)
         return (
             real("thresholding", "dynamic_thresholding_ratio", ratio, lo=0, hi=1, lo_open=True),
             real("thresholding", "sample_max_value", cfg.get("sample_max_value", 1.0), lo=1),
         )
-    if cfg.get("clip_sample"):
+    if cfg.get("clip_sample") and not _unclipped(cfg):
         limit = cfg.get("clip_sample_range", 1.0)
         return None, real("clip_sample", "clip_sample_range", limit, lo=0, lo_open=True)
     return None
+
+
+def _unclipped(cfg: dict[str, Any]) -> bool:
+    """Whether the config is CogVideoX's (by class name; made in code: ``snr_shift_scale`` and no
+    ``thresholding`` key), whose schedulers take ``clip_sample`` (default ``True``) and never clip."""
+    origin = cfg.get("origin") or cfg.get("_class_name")
+    if origin is None:
+        return "snr_shift_scale" in cfg and "thresholding" not in cfg
+    return origin in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
 
 
 def _train_steps(cfg: dict[str, Any]) -> int:
