@@ -295,6 +295,23 @@ def test_thresholding_matches_the_diffusers_scheduler(cls, betas):
     assert rel_rmse(x, ref) < (PARITY if betas == "sd" else 1e-3)
 
 
+def test_unipc_without_predict_x0_does_not_threshold():
+    """UniPC converts the net output to x0 and thresholds it only with predict_x0=True; with
+    predict_x0=False its eps is the net's. Such a config was read as thresholding: eps off by 4.2 from
+    UniPC's convert_model_output at step 3 of 10 (2e-6 now)."""
+    theirs = diffusers.UniPCMultistepScheduler(thresholding=True, predict_x0=False)
+    theirs.set_timesteps(10)
+    theirs._step_index = 3
+    g = torch.Generator().manual_seed(0)
+    x, f = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    eps = theirs.convert_model_output(f.float(), sample=x.float()).double()
+    den = denoiser_from_diffusers(lambda x_, t: f, theirs.config)
+    assert type(den) is sd.Denoiser
+    assert type(SteerdiffScheduler.from_config(theirs.config).denoiser) is sd.Denoiser
+    t = float(den.process.t_of_sigma_ratio(theirs.sigmas[3].double()))
+    assert float((den(x, t).eps - eps).abs().max()) < 1e-5
+
+
 def test_bad_threshold_settings_are_refused():
     for key, value in [("dynamic_thresholding_ratio", 1.5), ("sample_max_value", 0.5)]:
         with pytest.raises(ValueError, match=key):

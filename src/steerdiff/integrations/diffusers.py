@@ -601,8 +601,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 f"from_config: config must be a scheduler config dict, got {type(config).__name__}"
             )
         cfg = {k: v for k, v in config.items() if k != "_use_default_values"}
-        if _spec(cfg).threshold is None:  # a clear error for an unsupported model before diffusers drops keys
-            cfg["clip_sample"] = False  # a clip_sample the config's class ignores (CogVideoX's)
+        # a clear error for an unsupported model before diffusers drops keys; a clip_sample or thresholding
+        # the config's class ignores (CogVideoX's, UniPC's without predict_x0) is not carried over
+        if _spec(cfg).threshold is None:
+            cfg["clip_sample"] = cfg["thresholding"] = False
         name = cfg.get("_class_name")
         if name != cls.__name__ and "origin" not in cfg:
             cfg["origin"] = name if isinstance(name, str) else _FLOW_CLASSES[0] if _is_flow(cfg) else None

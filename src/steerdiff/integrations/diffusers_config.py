@@ -176,11 +176,12 @@ def _is_flow(cfg: dict[str, Any]) -> bool:
 
 def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
     """The post-processing of the denoised estimate a config asks for, as DDPM/DDIM apply it (and
-    DPMSolver/UniPC/DEIS its first case): ``thresholding=True``, Imagen's dynamic thresholding at
-    quantile ``dynamic_thresholding_ratio`` capped at ``sample_max_value``; else ``clip_sample=True``,
+    DPMSolver/UniPC/DEIS its first case): ``thresholding=True`` (not UniPC's with ``predict_x0=False``,
+    which thresholds nothing), Imagen's dynamic thresholding at quantile ``dynamic_thresholding_ratio``
+    capped at ``sample_max_value``; else ``clip_sample=True``,
     clipping to ``[-clip_sample_range, clip_sample_range]`` (not CogVideoX's, which never clip); else
     none. As :class:`~steerdiff.guidance.DynamicThreshold`'s ``(percentile, max_value)``."""
-    if cfg.get("thresholding"):
+    if cfg.get("thresholding") and cfg.get("predict_x0", True):  # UniPC thresholds its x0 only
         ratio = cfg.get("dynamic_thresholding_ratio", 0.995)
         return (
             real("thresholding", "dynamic_thresholding_ratio", ratio, lo=0, hi=1, lo_open=True),
