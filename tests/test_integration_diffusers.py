@@ -37,6 +37,7 @@ from steerdiff.integrations.diffusers import (  # noqa: E402
     denoiser_from_diffusers,
     process_from_config,
 )
+from steerdiff.integrations.diffusers_config import _SUPPORTED  # noqa: E402
 
 SHAPE = (2, 3, 8, 8)
 STEPS = 6
@@ -1233,6 +1234,32 @@ def test_bad_configs_are_refused(config, match):
         SteerdiffScheduler.from_config(config())
     with pytest.raises(ValueError, match="scheduler_or_config"):
         denoiser_from_diffusers(lambda x, t: x, "DDPMScheduler")
+
+
+def test_an_unknown_class_is_not_told_to_give_its_class_name():
+    """A config with a class name was refused with the advice for configs made in code without one
+    ("a flow-matching config made in code without use_dynamic_shifting: give its _class_name")."""
+    supported = _SUPPORTED
+    head = "the scheduler config of {} has no beta_schedule or trained_betas, is no flow-matching config and "
+    cases = [
+        (
+            {
+                **diffusers.LTXEulerAncestralRFScheduler().config,
+                "_class_name": "LTXEulerAncestralRFScheduler",
+            },
+            head.format("LTXEulerAncestralRFScheduler")
+            + f"has the key 'eta': it describes a model that is not supported; supported: {supported}",
+        ),
+        (
+            diffusers.FlowMatchHeunDiscreteScheduler().config,
+            head.format("this scheduler") + "has the key 'shift': it describes a model that is not supported "
+            f"(a FlowMatchHeun config made in code: give its _class_name); supported: {supported}",
+        ),
+    ]
+    for config, message in cases:
+        with pytest.raises(ValueError) as e:
+            denoiser_from_diffusers(lambda x, t: x, config)
+        assert str(e.value) == message
 
 
 @pytest.mark.parametrize("steps", [0, -3, 2.5, "10", True])

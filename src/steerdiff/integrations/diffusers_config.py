@@ -250,11 +250,11 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     if "beta_schedule" not in cfg and cfg.get("trained_betas") is None:
         key = next((k for k in cfg if not k.startswith("_") and k not in _VP_KEYS), None)
         if key is not None:
+            hint = "" if origin else " (a FlowMatchHeun config made in code: give its _class_name)"
             raise ValueError(
                 f"the scheduler config of {origin or 'this scheduler'} has no beta_schedule or "
                 f"trained_betas, is no flow-matching config and has the key {key!r}: it describes a model "
-                "that is not supported (a flow-matching config made in code without use_dynamic_shifting: "
-                "give its _class_name); supported: " + _SUPPORTED
+                f"that is not supported{hint}; supported: {_SUPPORTED}"
             )
     if not isinstance(pred_type, str) or pred_type not in _PREDICTIONS:
         raise ValueError(f"prediction_type={pred_type!r} is not supported; accepted: {sorted(_PREDICTIONS)}")
