@@ -149,6 +149,24 @@ def test_cli_missing_weights_say_how_to_train(argv, tmp_path):
     assert "not found" in str(err.value.code) and "steerdiff train digits" in str(err.value.code)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--out", "{tmp}/out"],
+        ["sample", "--model", "digits", "--out", "{tmp}/x.png"],
+        ["bench", "solvers", "--model", "digits", "--out", "{tmp}/out"],
+    ],
+)
+def test_cli_weights_that_are_not_safetensors_exit_naming_the_file(argv, tmp_path):
+    """Before: safetensors' SafetensorError traceback ("Error while deserializing header: header too
+    large"), naming no file."""
+    bad = tmp_path / "digits_denoiser.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit) as err:
+        main([a.format(tmp=tmp_path) for a in argv] + ["--weights", str(tmp_path)])
+    assert str(err.value.code).startswith(f"steerdiff: load_digits_denoiser: {bad} is not a safetensors file")
+
+
 def test_cli_sample_gmm_rejects_digits_options(tmp_path, capsys):
     """argparse errors: exit status 2, the usage and the reason on stderr."""
     cases = [

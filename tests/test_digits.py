@@ -9,6 +9,7 @@ against 1,000-step DDPM, CFG accuracy) are marked slow.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -216,6 +217,29 @@ def test_missing_weights_say_how_to_train(tmp_path):
     for load in (D.load_digits_denoiser, D.load_noisy_classifier, D.load_classifier):
         with pytest.raises(FileNotFoundError, match="steerdiff train digits"):
             load(tmp_path / "nothing.safetensors")
+
+
+def test_a_folder_or_a_file_of_another_format_is_refused_naming_it(tmp_path):
+    """A folder as ``path``, or a file that is not safetensors, is a ValueError naming the loader and the
+    path. Before: the committed folder (which holds the weights) read "digits denoiser weights not found at
+    FOLDER; run `steerdiff train digits` to create it"; an empty, foreign or truncated file raised
+    safetensors' SafetensorError ("Error while deserializing header: header too large"), naming no file."""
+    loaders = {"denoiser": D.load_digits_denoiser, "noisy_classifier": D.load_noisy_classifier}
+    loaders["classifier"] = D.load_classifier
+    for model, load in loaders.items():
+        who = "load_digits_denoiser" if model == "denoiser" else f"load_{model}"
+        its = D.weights_path(model)
+        folder = re.escape(f"got the folder {D.WEIGHTS_DIR} (its {model} file would be {its})")
+        with pytest.raises(ValueError, match=rf"^{who}: path must be a weights file, {folder}$"):
+            load(D.WEIGHTS_DIR)
+    committed = D.weights_path("classifier").read_bytes()
+    contents = {"empty": b"", "text": b"not a safetensors file", "truncated": committed[:-100]}
+    for name, data in contents.items():
+        file = tmp_path / f"{name}.safetensors"
+        file.write_bytes(data)
+        message = rf"^load_classifier: {re.escape(str(file))} is not a safetensors file \("
+        with pytest.raises(ValueError, match=message):
+            D.load_classifier(file)
 
 
 def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):

@@ -520,13 +520,13 @@ def _write(result: Any, out: Path, stem: str, report: str, **plot: Any) -> int:
 
 
 def _digits_models(weights: Path | None) -> Any:
-    """The digits models (:func:`steerdiff.bench.digits.load_models`); a missing weights file exits with
-    the loader's message (which says how to train them)."""
+    """The digits models (:func:`steerdiff.bench.digits.load_models`); a missing weights file (or one that
+    is not the model's safetensors file) exits with the loader's message (which says how to train them)."""
     from .bench.digits import load_models
 
     try:
         return load_models(weights)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"steerdiff: {err}") from None
 
 

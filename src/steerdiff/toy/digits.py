@@ -322,16 +322,25 @@ def save_model(
 def _load(
     model: str, path: str | Path | None, device: str | torch.device
 ) -> tuple[nn.Module, dict[str, str]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    device = torch_device(f"load_{'digits_denoiser' if model == 'denoiser' else model}", "device", device)
+    who = f"load_{'digits_denoiser' if model == 'denoiser' else model}"
+    device = torch_device(who, "device", device)
 
     file = Path(path) if path is not None else weights_path(model)
+    if file.is_dir():
+        raise ValueError(
+            f"{who}: path must be a weights file, got the folder {file} (its {model} file would be "
+            f"{weights_path(model, file)})"
+        )
     if not file.is_file():
         raise FileNotFoundError(f"digits {model} weights not found at {file}; {TRAIN_HINT}")
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:  # another format, a truncated or empty file
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{who}: {file} is not a safetensors file ({err})") from err
     if meta.get("model") != model or "config" not in meta:
         raise ValueError(f"{file} holds no digits {model} weights (metadata model={meta.get('model')!r})")
     state = load_file(str(file), device=str(device))
@@ -354,6 +363,8 @@ def load_digits_denoiser(path: str | Path | None = None, device: str | torch.dev
 
     Raises:
         FileNotFoundError: no weights file (run ``steerdiff train digits``).
+        ValueError: ``path`` is a folder, or a file that is not a safetensors file of the digits denoiser
+            (the other loaders alike).
     """
     net, meta = _load("denoiser", path, device)
     return Denoiser(net, digits_process(), prediction=meta.get("prediction", "eps"), shape=DIGITS_SHAPE)
