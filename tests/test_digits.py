@@ -196,11 +196,34 @@ def test_nets_cast_to_another_dtype_compute_in_it(dtype, tol):
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("label", [11, -1, torch.tensor([0, 1, 12]), 2.0, torch.tensor([1, 2])])
-def test_bad_label(den, label):
+RANGE = "label must be integers in 0-9 (or 10: unconditional), got"
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        (11, f"{RANGE} 11"),
+        (-1, f"{RANGE} -1"),
+        (torch.tensor([0, 1, 12]), f"{RANGE} 12"),
+        (2.0, f"{RANGE} dtype torch.float32"),
+        (torch.tensor([1, 2]), "label must be an int or a (3,) tensor of ints, got shape (2,)"),
+        ("3", "label must be a tensor or array of numbers, got '3'"),  # before: torch's TypeError
+    ],
+)
+def test_bad_label(den, label, message):
+    """The net's message names it (before: "label must be ...", naming no model)."""
     x = torch.zeros(3, 1, 8, 8)
-    with pytest.raises(ValueError, match="label"):
+    with pytest.raises(ValueError, match=f"^{re.escape(f'digits denoiser: {message}')}$"):
         den(x, 10.0, label=label)
+
+
+def test_bad_classifier_label(clf):
+    x = torch.zeros(3, 1, 8, 8)
+    message = "label must be integers in 0-9 for a classifier, got 10"
+    with pytest.raises(ValueError, match=f"^{re.escape(f'digits classifier: {message}')}$"):
+        clf.log_prob(x, 10)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'noisy digits classifier: {message}')}$"):
+        D.load_noisy_classifier().log_prob(x, 10.0, None)  # the null label is the denoiser's only
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 16, 16), (2, 3, 8, 8), (2, 64)])

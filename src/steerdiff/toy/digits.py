@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import torch_device
+from .._checks import tensor, torch_device
 from ..denoiser import Denoiser
 from ..processes import VP, VPDiscrete
 
@@ -133,7 +133,7 @@ def _times(t: float | Tensor, n: int, device: torch.device) -> Tensor:
     return tt.expand(n) if tt.ndim == 0 else tt.reshape(n)
 
 
-def _labels(label: Any, n: int, device: torch.device, null: bool = True) -> Tensor:
+def _labels(who: str, label: Any, n: int, device: torch.device, null: bool = True) -> Tensor:
     """Validate class labels: an int or ``(n,)`` ints in ``0..9``, or :data:`NULL_LABEL` (``None``) where
     ``null``. An int is checked on the host and filled on ``device``; a tensor is checked where it lies
     and then moved (a device tensor's check reads the device: one sync per call)."""
@@ -143,23 +143,24 @@ def _labels(label: Any, n: int, device: torch.device, null: bool = True) -> Tens
         label = NULL_LABEL
     if isinstance(label, int) and not isinstance(label, bool):
         if not 0 <= label <= hi:
-            raise ValueError(f"label must be {what}, got {label}")
+            raise ValueError(f"{who}: label must be {what}, got {label}")
         return torch.full((n,), label, dtype=torch.int64, device=device)
-    lab = torch.as_tensor(label)
+    lab = tensor(who, "label", label)
     if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
-        raise ValueError(f"label must be {what}, got dtype {lab.dtype}")
+        raise ValueError(f"{who}: label must be {what}, got dtype {lab.dtype}")
     if lab.ndim == 0:
         lab = lab.expand(n)
     if tuple(lab.shape) != (n,):
-        raise ValueError(f"label must be an int or a ({n},) tensor of ints, got shape {tuple(lab.shape)}")
+        shape = tuple(lab.shape)
+        raise ValueError(f"{who}: label must be an int or a ({n},) tensor of ints, got shape {shape}")
     bad = (lab < 0) | (lab > hi)
     if bool(bad.any()):
-        raise ValueError(f"label must be {what}, got {int(lab[bad][0])}")
+        raise ValueError(f"{who}: label must be {what}, got {int(lab[bad][0])}")
     return lab.to(device, torch.int64)
 
 
-def _log_prob_of(logits: Tensor, label: Any) -> Tensor:
-    lab = _labels(label, logits.shape[0], logits.device, null=False)
+def _log_prob_of(who: str, logits: Tensor, label: Any) -> Tensor:
+    lab = _labels(who, label, logits.shape[0], logits.device, null=False)
     return torch.log_softmax(logits, dim=1).gather(1, lab[:, None]).squeeze(1)
 
 
@@ -223,7 +224,7 @@ class DigitsDenoiserNet(_TimeMLP):
     def forward(self, x: Tensor, t: float | Tensor, label: Any = None) -> Tensor:
         _check_images("digits denoiser", x)
         dtype = self.inp.weight.dtype
-        lab = _labels(label, x.shape[0], x.device)
+        lab = _labels("digits denoiser", label, x.shape[0], x.device)
         out = self.trunk(x.to(dtype), _times(t, x.shape[0], x.device), lab)
         return out.reshape(x.shape).to(x.dtype)
 
@@ -245,7 +246,7 @@ class NoisyDigitsClassifier(_TimeMLP):
     def log_prob(self, x: Tensor, t: float | Tensor, label: Any, **_: Any) -> Tensor:
         """``(n,)`` values of ``log p(label | x_t)`` (``label`` an int or ``(n,)`` ints in ``0..9``): the
         ``log_prob_y`` of :class:`~steerdiff.guidance.ClassifierGuidance`; other keywords are ignored."""
-        return _log_prob_of(self(x, t), label)
+        return _log_prob_of("noisy digits classifier", self(x, t), label)
 
 
 class DigitsClassifier(nn.Module):
@@ -278,7 +279,7 @@ class DigitsClassifier(nn.Module):
 
     def log_prob(self, x: Tensor, label: Any) -> Tensor:
         """``(n,)`` values of ``log p(label | x)``, ``label`` an int or ``(n,)`` ints in 0..9: a reward."""
-        return _log_prob_of(self(x), label)
+        return _log_prob_of("digits classifier", self(x), label)
 
 
 NETS: dict[str, type[nn.Module]] = {  # the class of each of MODELS
