@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import pytest
 import torch
@@ -165,6 +166,15 @@ def test_cli_weights_that_are_not_safetensors_exit_naming_the_file(argv, tmp_pat
     with pytest.raises(SystemExit) as err:
         main([a.format(tmp=tmp_path) for a in argv] + ["--weights", str(tmp_path)])
     assert str(err.value.code).startswith(f"steerdiff: load_digits_denoiser: {bad} is not a safetensors file")
+
+
+def test_load_models_refuses_a_file_for_its_folder():
+    """Before: "digits denoiser weights not found at FILE/digits_denoiser.safetensors; run `steerdiff train
+    digits` to create it", for the committed weights file itself."""
+    file = bench.D.weights_path("denoiser")
+    message = f"load_models: weights must be a folder of digits_*.safetensors, got the file {file}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        bench.load_models(file)
 
 
 def test_cli_sample_gmm_rejects_digits_options(tmp_path, capsys):

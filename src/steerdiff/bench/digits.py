@@ -141,7 +141,12 @@ def load_models(weights: str | Path | None = None) -> DigitsModels:
 
     Raises:
         FileNotFoundError: a weights file is missing (the message says how to train it).
+        ValueError: ``weights`` is a file, not a folder.
     """
+    if weights is not None and Path(weights).is_file():
+        raise ValueError(
+            f"load_models: weights must be a folder of digits_*.safetensors, got the file {weights}"
+        )
     den = D.load_digits_denoiser(D.weights_path("denoiser", weights))
     noisy = D.load_noisy_classifier(D.weights_path("noisy_classifier", weights))
     clf = D.load_classifier(D.weights_path("classifier", weights))
