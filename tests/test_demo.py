@@ -109,6 +109,9 @@ def test_demo_bad_input(models, tmp_path):
             demo.run_demo(None, n=8, digit=digit, models=models)
     with pytest.raises(ValueError, match="n must be an integer >= 2"):
         demo.run_demo(None, n=1, models=models)
+    # before: torch's "RuntimeError: manual_seed expected a long, but got float"
+    with pytest.raises(ValueError, match=r"^run_demo: seed must be an integer >= 0, got 1\.5$"):
+        demo.run_demo(None, n=8, seed=1.5, models=models)
     with pytest.raises(ValueError, match="unknown methods"):
         demo.run_demo(None, n=8, methods=["cfg", "best"], models=models)
     with pytest.raises(FileNotFoundError, match="steerdiff train digits"):
@@ -295,6 +298,26 @@ def test_bench_digits_no_diffusers_runs_no_diffusers_row(models, monkeypatch):
         with pytest.raises(Stop):
             main(["bench", "solvers", "--model", "digits", "--quick", "--no-progress", *flag])
         assert seen["with_diffusers"] is expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n": 1}, "n must be an integer >= 2, got 1"),
+        ({"n_ref": 0}, "n_ref must be an integer >= 1, got 0"),
+        ({"seed": 0.5}, "seed must be an integer >= 0, got 0.5"),
+    ],
+)
+def test_bench_digits_refuses_bad_counts_before_running(models, monkeypatch, kwargs, message):
+    """Before: the two 1,000-step references ran first (minutes at the default n), then frechet_distance's
+    or relative_rmse's message ("relative_rmse: x and ref have no entries") or torch's manual_seed error."""
+
+    def no_sampling(*args: object, **kw: object) -> None:
+        raise AssertionError("sampled before checking the arguments")
+
+    monkeypatch.setattr(bench, "_timed_sample", no_sampling)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'bench.digits.run: {message}')}$"):
+        bench.run(**{"n": 8, "n_ref": 4, **kwargs}, nfes=(5,), solver_names=("ddim",), models=models)
 
 
 def test_digits_models_score_non_finite_samples_as_failures(models):

@@ -289,11 +289,12 @@ def run_demo(
     from ``weights`` when not given.
 
     Raises:
-        ValueError: ``digit`` not in 0-9, ``n < 2``, or an unknown method.
+        ValueError: ``digit`` not in 0-9, ``n < 2``, ``seed`` not an integer >= 0, or an unknown method.
         FileNotFoundError: missing weights (the message says how to train them).
     """
     digit = integer("run_demo", "digit", digit, lo=0, hi=D.NUM_CLASSES - 1)
     n = integer("run_demo", "n", n, lo=2)  # a Frechet distance needs a covariance
+    seed = integer("run_demo", "seed", seed, lo=0)
     names = list(METHODS) if methods is None else list(methods)
     unknown = [k for k in names if k not in METHODS]
     if unknown:

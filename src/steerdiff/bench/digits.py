@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import sampling, solvers
+from .._checks import integer
 from ..denoiser import Denoiser
 from ..guidance import CFG
 from ..integrations.diffusers_ref import quiet_diffusers
@@ -334,8 +335,12 @@ def run(
     ratio of two samplers is stable to about 0.1); the relative RMSE to the ODE reference uses the
     first ``min(n_ref, n)`` of them (the 1,000-step references are only run there). ``models`` (from
     :func:`load_models`) is loaded from ``weights`` when not given. The stochastic DDPM baseline draws
-    its noise from ``seed + 1``.
+    its noise from ``seed + 1``. ``n``: an integer >= 2 (a Frechet distance needs a covariance),
+    ``n_ref`` >= 1, ``seed`` >= 0 (checked before anything runs).
     """
+    n = integer("bench.digits.run", "n", n, lo=2)
+    n_ref = integer("bench.digits.run", "n_ref", n_ref, lo=1)
+    seed = integer("bench.digits.run", "seed", seed, lo=0)
     m = models if models is not None else load_models(weights)
     schedule = sampling.DEFAULT_SCHEDULE
     x_T = torch.randn(n, *D.DIGITS_SHAPE, generator=torch.Generator().manual_seed(seed), dtype=F64)
