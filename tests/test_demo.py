@@ -320,6 +320,26 @@ def test_bench_digits_refuses_bad_counts_before_running(models, monkeypatch, kwa
         bench.run(**{"n": 8, "n_ref": 4, **kwargs}, nfes=(5,), solver_names=("ddim",), models=models)
 
 
+def test_rows_and_baselines_by_name(models):
+    """``baseline("real")``, documented, raised StopIteration (its row reads "real (4 training images)"), and
+    so did an unknown name, for ``DemoResult.row`` too (whose table names "real d"'s row "real 3")."""
+    result = bench.run(
+        n=4, n_ref=2, nfes=(5,), solver_names=("ddim",), guided_scales=(), guided_steps=(), models=models,
+        with_diffusers=False,
+    )  # fmt: skip
+    real = result.baseline("real")
+    assert real.solver == "real (4 training images)"
+    assert real.fd == pytest.approx(models.frechet(models.real(4, seed=0)), rel=1e-12)
+    message = "DigitsSolverBench.baseline: solver must be one of ['ddpm', 'reference', 'real'], got 'floor'"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        result.baseline("floor")
+    shown = demo.run_demo(None, n=8, digit=3, progress=False, methods=["real", "real d"], models=models)
+    assert shown.row("real 3") is shown.rows[1]
+    message = "DemoResult.row: method must be one of ['real', 'real 3'], got 'real d'"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        shown.row("real d")
+
+
 def test_digits_models_score_non_finite_samples_as_failures(models):
     """A sample with a NaN or inf pixel is not a recognized digit and puts the Frechet distance at inf (as
     the other benches' distances). Before: the NaN logits' argmax read 0, so 2 NaN images among 8 zeros

@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import sampling, solvers
-from .._checks import integer
+from .._checks import choice, integer
 from ..denoiser import Denoiser
 from ..guidance import CFG
 from ..integrations.diffusers_ref import quiet_diffusers
@@ -57,6 +57,7 @@ from .solvers import (
 )
 
 __all__ = [
+    "BASELINES",
     "DDPM_BASELINE",
     "DIFFUSERS_ROW",
     "NFES",
@@ -81,6 +82,7 @@ QUICK_NFES = (10,)
 REFERENCE = ("dpmpp_3m", "karras", 1000)  # (solver, schedule, steps): the ODE reference
 REFERENCE_CHECK = ("ddim", "karras", 1000)
 DDPM_BASELINE = ("ddpm", "leading", 1000)  # every one of the 1,000 training timesteps
+BASELINES = ("ddpm", "reference", "real")  # the names DigitsSolverBench.baseline takes
 DIFFUSERS_ROW = "diffusers DPMSolverMultistep"  # its default config: this model's betas, 2M, linspace
 # guided: CFG toward GUIDED_DIGIT on the first GUIDED_BATCH samples, against GUIDED_REFERENCE_STEPS steps
 GUIDED_DIGIT, GUIDED_BATCH, GUIDED_REFERENCE_STEPS = 3, 256, 400
@@ -227,8 +229,10 @@ class DigitsSolverBench:
         return max(cands, key=lambda r: r.nfe, default=None)
 
     def baseline(self, solver: str) -> SolverRow:
-        """The baseline row named ``solver`` (``"ddpm"``, ``"reference"`` or ``"real"``)."""
-        return next(r for r in self.baselines if r.solver == solver)
+        """The baseline row named ``solver``: ``"ddpm"``, ``"reference"`` or ``"real"`` (the row whose
+        ``solver`` reads ``real (k training images)``)."""
+        choice("DigitsSolverBench.baseline", "solver", solver, BASELINES)
+        return next(r for r in self.baselines if r.solver.split(" (")[0] == solver)
 
     def fd_ratio(self, solver: str = sampling.DEFAULT_SOLVER, nfe: int = 10) -> float:
         """``solver``'s Frechet distance at ``nfe`` over DDPM's at 1,000 steps (issue 6: <= 1.5)."""
