@@ -226,6 +226,25 @@ def test_bad_classifier_label(clf):
         D.load_noisy_classifier().log_prob(x, 10.0, None)  # the null label is the denoiser's only
 
 
+def test_bad_time_and_seed(den):
+    """A one-element time tensor is the number; another length or a string is a ValueError naming the net.
+    Before: torch's RuntimeError "shape '[3]' is invalid for input of size 1" (and of size 2) and its
+    TypeError for "a"; digits_data's seed=1.5, torch's "manual_seed expected a long, but got float"."""
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    nc = D.load_noisy_classifier()
+    with torch.no_grad():
+        assert torch.equal(den.net(x, torch.tensor([500.0]), label=3), den.net(x, 500.0, label=3))
+        assert torch.equal(nc(x, torch.tensor([500.0])), nc(x, 500.0))
+    for net, who in ((den.net, "digits denoiser"), (nc, "noisy digits classifier")):
+        length = re.escape(f"{who}: t must be a number or a (3,) tensor, got shape (2,)")
+        with pytest.raises(ValueError, match=f"^{length}$"):
+            net(x, torch.tensor([1.0, 2.0]))
+        with pytest.raises(ValueError, match=rf"^{who}: t must be a tensor or array of numbers, got 'a'$"):
+            net(x, "a")
+    with pytest.raises(ValueError, match=r"^digits_data: seed must be an integer >= 0, got 1\.5$"):
+        D.digits_data("heldout", seed=1.5)
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 16, 16), (2, 3, 8, 8), (2, 64)])
 def test_bad_image_size(den, clf, shape):
     x = torch.zeros(shape)

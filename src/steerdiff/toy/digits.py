@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import tensor, torch_device
+from .._checks import integer, tensor, torch_device
 from ..denoiser import Denoiser
 from ..processes import VP, VPDiscrete
 
@@ -84,6 +84,7 @@ def digits_data(split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
     """
     if split not in SPLITS:
         raise ValueError(f"digits_data: unknown split={split!r}; accepted: {SPLITS}")
+    seed = integer("digits_data", "seed", seed, lo=0)
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # a dev extra: the trained nets load without it
@@ -127,10 +128,14 @@ def _check_images(who: str, x: Tensor) -> None:
         )
 
 
-def _times(t: float | Tensor, n: int, device: torch.device) -> Tensor:
-    """A ``(n,)`` float32 time tensor from a scalar or a ``(n,)`` tensor."""
-    tt = torch.as_tensor(t, dtype=torch.float32, device=device)
-    return tt.expand(n) if tt.ndim == 0 else tt.reshape(n)
+def _times(who: str, t: float | Tensor, n: int, device: torch.device) -> Tensor:
+    """A ``(n,)`` float32 time tensor from a number, a one-element tensor or a ``(n,)`` tensor."""
+    tt = tensor(who, "t", t, torch.float32).to(device)
+    if tt.numel() == 1:
+        return tt.reshape(()).expand(n)
+    if tuple(tt.shape) != (n,):
+        raise ValueError(f"{who}: t must be a number or a ({n},) tensor, got shape {tuple(tt.shape)}")
+    return tt
 
 
 def _labels(who: str, label: Any, n: int, device: torch.device, null: bool = True) -> Tensor:
@@ -225,7 +230,7 @@ class DigitsDenoiserNet(_TimeMLP):
         _check_images("digits denoiser", x)
         dtype = self.inp.weight.dtype
         lab = _labels("digits denoiser", label, x.shape[0], x.device)
-        out = self.trunk(x.to(dtype), _times(t, x.shape[0], x.device), lab)
+        out = self.trunk(x.to(dtype), _times("digits denoiser", t, x.shape[0], x.device), lab)
         return out.reshape(x.shape).to(x.dtype)
 
 
@@ -241,7 +246,8 @@ class NoisyDigitsClassifier(_TimeMLP):
     def forward(self, x: Tensor, t: float | Tensor) -> Tensor:
         _check_images("noisy digits classifier", x)
         dtype = self.inp.weight.dtype
-        return self.trunk(x.to(dtype), _times(t, x.shape[0], x.device), None).to(x.dtype)
+        times = _times("noisy digits classifier", t, x.shape[0], x.device)
+        return self.trunk(x.to(dtype), times, None).to(x.dtype)
 
     def log_prob(self, x: Tensor, t: float | Tensor, label: Any, **_: Any) -> Tensor:
         """``(n,)`` values of ``log p(label | x_t)`` (``label`` an int or ``(n,)`` ints in ``0..9``): the
