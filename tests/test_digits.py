@@ -305,6 +305,15 @@ def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):
     assert D.load_digits_denoiser(good).net.inp.weight.shape == (8, 64)
 
 
+def test_save_model_refuses_a_model_no_loader_reads(tmp_path):
+    """Before: the file was written (metadata model='denoisr'), and only loading it failed."""
+    net = D.NETS["denoiser"](width=8, blocks=1)
+    message = "save_model: model must be one of ['denoiser', 'noisy_classifier', 'classifier'], got 'denoisr'"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        D.save_model(net, "denoisr", {"width": 8, "blocks": 1}, tmp_path / "x.safetensors", "v")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_committed_weights_are_small():
     sizes = [D.weights_path(m).stat().st_size for m in D.MODELS]
     assert sum(sizes) < 4e6

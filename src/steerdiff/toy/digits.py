@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import integer, tensor, torch_device
+from .._checks import choice, integer, tensor, torch_device
 from ..denoiser import Denoiser
 from ..processes import VP, VPDiscrete
 
@@ -306,9 +306,10 @@ def save_model(
     net: nn.Module, model: str, config: dict[str, Any], path: str | Path, prediction: str | None = None
 ) -> Path:
     """Write ``net``'s weights, its constructor ``config`` and (a denoiser's) ``prediction`` type
-    (safetensors metadata) to ``path``."""
+    (safetensors metadata) to ``path``; ``model`` is one of :data:`MODELS`, the loader that reads it back."""
     from safetensors.torch import save
 
+    choice("save_model", "model", model, MODELS)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
