@@ -284,6 +284,15 @@ def test_a_folder_or_a_file_of_another_format_is_refused_naming_it(tmp_path):
             D.load_classifier(file)
 
 
+def test_loaders_build_the_net_on_the_host_and_move_it():
+    """device="meta" (a device torch accepts, here one no file can be read onto): the parameters end there.
+    Before: safetensors' "SafetensorError: device meta is invalid" (the tensors were read onto the device,
+    copied into the net built on the host, and the net then moved)."""
+    nets = [D.load_digits_denoiser(device="meta").net, D.load_noisy_classifier(device="meta")]
+    nets.append(D.load_classifier(device="meta"))
+    assert all(p.device.type == "meta" for net in nets for p in net.parameters())
+
+
 def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):
     """A file whose tensors are not those of its config's net, or whose config the net does not take, is a
     ValueError naming the file. Before: torch's RuntimeError ("size mismatch for inp.weight ...") or a

@@ -351,7 +351,7 @@ def _load(
         raise ValueError(f"{who}: {file} is not a safetensors file ({err})") from err
     if meta.get("model") != model or "config" not in meta:
         raise ValueError(f"{file} holds no digits {model} weights (metadata model={meta.get('model')!r})")
-    state = load_file(str(file), device=str(device))
+    state = load_file(str(file))  # on the host: the net is built there, then moved
     try:  # a config the net does not take, or tensors of other names or shapes than its config's net
         net = NETS[model](**json.loads(meta["config"]))
         net.load_state_dict(state)
