@@ -112,8 +112,13 @@ def test_demo_bad_input(models, tmp_path):
     # before: torch's "RuntimeError: manual_seed expected a long, but got float"
     with pytest.raises(ValueError, match=r"^run_demo: seed must be an integer >= 0, got 1\.5$"):
         demo.run_demo(None, n=8, seed=1.5, models=models)
-    with pytest.raises(ValueError, match="unknown methods"):
+    with pytest.raises(ValueError, match=r"^run_demo: unknown methods \['best'\]; accepted: "):
         demo.run_demo(None, n=8, methods=["cfg", "best"], models=models)
+    # before: its letters, "unknown methods ['c', 'f', 'g']"
+    with pytest.raises(
+        ValueError, match=r"^run_demo: methods must be a list of names, got the string 'cfg'$"
+    ):
+        demo.run_demo(None, n=8, methods="cfg", models=models)
     with pytest.raises(FileNotFoundError, match="steerdiff train digits"):
         demo.run_demo(None, n=8, weights=tmp_path)
     # an image size the model cannot take

@@ -296,10 +296,12 @@ def run_demo(
     digit = integer("run_demo", "digit", digit, lo=0, hi=D.NUM_CLASSES - 1)
     n = integer("run_demo", "n", n, lo=2)  # a Frechet distance needs a covariance
     seed = integer("run_demo", "seed", seed, lo=0)
+    if isinstance(methods, str):  # list("cfg") would be its letters
+        raise ValueError(f"run_demo: methods must be a list of names, got the string {methods!r}")
     names = list(METHODS) if methods is None else list(methods)
     unknown = [k for k in names if k not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; accepted: {list(METHODS)}")
+        raise ValueError(f"run_demo: unknown methods {unknown}; accepted: {list(METHODS)}")
     m = models if models is not None else load_models(weights)
     x_T = torch.randn(n, *D.DIGITS_SHAPE, generator=torch.Generator().manual_seed(seed))
     mask, y, distinct = _observation(m, digit, n)
