@@ -399,3 +399,42 @@ def test_a_users_evaluate_takes_x_and_t_by_keyword():
         den.evaluate(x=x, t=math.nan, net_dtype=x.dtype)
     with pytest.raises(TypeError, match="missing 1 required positional argument: 't'"):
         den.evaluate(x=x, net_dtype=x.dtype)
+
+
+@pytest.mark.parametrize("output", ["edm", "v"])
+def test_edm_denoiser_recovers_x0_and_eps_from_its_training_target(output):
+    # Karras et al. 2022, Table 1: F's target is (x0 - c_skip x) / c_out; for output="v" it is the v of the
+    # variance-preserving point c_in x = a x0 / s_d + s eps (a = s_d c_in, s = sigma c_in)
+    sd_, g = 0.7, torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 5, generator=g, dtype=F64), torch.randn(3, 5, generator=g, dtype=F64)
+    for sigma in (80.0, 1.3, 0.002):
+        x = x0 + sigma * eps
+        c_in = 1 / math.sqrt(sigma**2 + sd_**2)
+        if output == "edm":
+            c_skip, c_out = sd_**2 * c_in**2, sigma * sd_ * c_in
+            target = (x0 - c_skip * x) / c_out
+        else:
+            target = sd_ * c_in * eps - sigma * c_in * x0 / sd_
+        seen = []
+
+        def net(u, t, target=target, seen=seen):
+            seen.append((u, t))
+            return target
+
+        den = sd.denoiser.EDMDenoiser(net, sd.EDM(), sigma_data=sd_, output=output)
+        pred = den(x, sigma)
+        assert torch.allclose(pred.x0, x0, rtol=0, atol=1e-9 * (1 + sigma))
+        assert torch.allclose(pred.eps, eps, rtol=0, atol=1e-9 * (1 + 1 / sigma))
+        u, t = seen[0]
+        assert torch.allclose(u, x * c_in, rtol=1e-15, atol=0)
+        assert torch.allclose(t, torch.full((3,), 0.25 * math.log(sigma), dtype=F64), rtol=1e-15, atol=0)
+
+
+def test_edm_denoiser_names_a_bad_argument():
+    for kw, match in (
+        ({"process": sd.VE()}, "process must be a steerdiff EDM process"),
+        ({"output": "eps"}, "output"),
+        ({"sigma_data": 0.0}, "sigma_data"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sd.denoiser.EDMDenoiser(lambda x, t: x, **{"process": sd.EDM(), **kw})

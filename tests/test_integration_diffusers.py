@@ -1179,11 +1179,134 @@ def test_continuous_timesteps_of_euler_v():
     )
 
 
+# --- EDM-preconditioned configs (EDMEuler, EDMDPMSolverMultistep: Playground v2.5, CosXL) -----------
+
+EDM_PARITY = 1e-5
+
+
+def _edm_net(x: Tensor, t: Tensor | float) -> Tensor:
+    """A deterministic stand-in for an EDM net ``F(c_in x, c_noise)``, depending on both inputs."""
+    tt = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+    return torch.tanh(1.3 * x) * 0.7 + 0.3 * torch.sin(2 * tt) * x + 0.05 * tt
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_edm_x0_is_edm_eulers_pred_original_sample(prediction_type):
+    # diffusers' step: c_skip x + c_out F(c_in x, 0.25 log sigma), c_out negated for v_prediction
+    theirs = diffusers.EDMEulerScheduler(prediction_type=prediction_type)
+    theirs.set_timesteps(10)
+    den = denoiser_from_diffusers(_edm_net, theirs.config)
+    assert isinstance(den, sd.denoiser.EDMDenoiser) and den.output == (
+        "edm" if prediction_type == "epsilon" else "v"
+    )
+    assert (den.process.t_min, den.process.t_max, den.sigma_data) == (0.002, 80.0, 0.5)
+    flipped = {"epsilon": "v_prediction", "v_prediction": "epsilon"}[prediction_type]
+    other = denoiser_from_diffusers(_edm_net, {**theirs.config, "prediction_type": flipped})
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * theirs.init_noise_sigma
+    for k in (0, 3, 9):
+        t, sigma = theirs.timesteps[k], float(theirs.sigmas[k])
+        theirs._step_index = k  # the step at sigmas[k]
+        ref = theirs.step(_edm_net(theirs.scale_model_input(x, t), t), t, x).pred_original_sample
+        # per-sample times: the same coefficients as tensors
+        for time in (sigma, torch.full((SHAPE[0],), sigma, dtype=F64)):
+            assert rel_rmse(den(x, time).x0, ref) < 3e-7  # measured 1.4e-8 to 1.4e-7
+        assert float(den.net_time(sigma, x)[0]) == float(t)
+        if k == 0:  # c_out of the other sign is another x0 (not where c_skip ~ 1)
+            assert rel_rmse(other(x, sigma).x0, ref) > 0.1
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sigma_schedule", ["karras", "exponential"])
+@pytest.mark.parametrize(
+    ("cls", "solver"), [("EDMEulerScheduler", "euler"), ("EDMDPMSolverMultistepScheduler", "dpmpp_2m")]
+)
+@pytest.mark.parametrize("steps", [8, 20])
+def test_edm_schedulers_are_euler_and_dpmpp_2m(cls, solver, sigma_schedule, prediction_type, steps):
+    # diffusers' pipeline loop (init_noise_sigma, scale_model_input, net(., timesteps), step) with
+    # EDMEuler and EDMDPMSolverMultistep (dpmsolver++, order 2, lower_order_final, final sigma 0); their
+    # Karras (rho 7) and exponential sigmas are steerdiff's "karras" and "exponential" schedules
+    theirs = getattr(diffusers, cls)(prediction_type=prediction_type, sigma_schedule=sigma_schedule)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref, _ = run_scheduler(theirs, _edm_net, x_T, steps)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver=solver, schedule=sigma_schedule)
+    raw, nfe = run_scheduler(ours, _edm_net, x_T, steps)
+    assert nfe == steps and ours.init_noise_sigma == theirs.init_noise_sigma
+    assert float((ours.timesteps - theirs.timesteps).abs().max()) < 4e-7  # float32 rounding of the sigmas
+    assert rel_rmse(ours.sigmas, theirs.sigmas) < 3e-7
+    assert rel_rmse(raw, ref) < EDM_PARITY  # measured 1.6e-7 to 1.0e-6
+    # the pipeline loop is sd.sample from the same x_T, to the bit
+    den = denoiser_from_diffusers(_edm_net, theirs.config)
+    with torch.no_grad():
+        x = sd.sample(den, x_T * ours.init_noise_sigma, steps, solver=solver, schedule=sigma_schedule)
+    assert torch.equal(raw, x)
+
+
+def test_edm_configs_saved_and_made_in_code_are_one_model():
+    # saved: _class_name; made in code: told apart by sigma_data and sigma_schedule (Cosine's keys aside);
+    # SteerdiffScheduler's own config keeps the model (from_config of it, as save/load does)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    theirs = diffusers.EDMDPMSolverMultistepScheduler(
+        sigma_max=40.0, sigma_data=1.0, prediction_type="v_prediction"
+    )
+    ref, _ = run_scheduler(theirs, _edm_net, x_T, 6)
+    saved = {**theirs.config, "_class_name": "EDMDPMSolverMultistepScheduler"}
+    outs = []
+    for config in (theirs.config, saved):
+        ours = SteerdiffScheduler.from_config(config, solver="dpmpp_2m", schedule="karras")
+        again = SteerdiffScheduler.from_config(ours.config)
+        den = again.denoiser
+        assert isinstance(den, sd.denoiser.EDMDenoiser)
+        assert (den.process.t_max, den.sigma_data, den.output) == (40.0, 1.0, "v")
+        assert again.init_noise_sigma == theirs.init_noise_sigma
+        outs.append(run_scheduler(again, _edm_net, x_T, 6)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert rel_rmse(outs[0], ref) < EDM_PARITY
+
+
+def test_edm_thresholding_matches_edm_dpm_solver():
+    theirs = diffusers.EDMDPMSolverMultistepScheduler(
+        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5
+    )
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    ref, _ = run_scheduler(theirs, _edm_net, x_T, 8)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="dpmpp_2m", schedule="karras")
+    raw, _ = run_scheduler(ours, _edm_net, x_T, 8)
+    unthresholded, _ = run_scheduler(diffusers.EDMDPMSolverMultistepScheduler(), _edm_net, x_T, 8)
+    assert rel_rmse(unthresholded, ref) > 0.1
+    assert rel_rmse(raw, ref) < EDM_PARITY  # measured 2.4e-7
+
+
+def test_scale_model_input_of_edm_configs_needs_a_run():
+    ours = SteerdiffScheduler.from_config(diffusers.EDMEulerScheduler().config)
+    x = torch.ones(SHAPE)
+    with pytest.raises(ValueError, match=r"^scale_model_input: call set_timesteps first$"):
+        ours.scale_model_input(x, 0.5)
+    vp = SteerdiffScheduler.from_config(diffusers.DDPMScheduler().config)
+    assert vp.scale_model_input(x, 3) is x and vp.init_noise_sigma == 1.0
+
+
 BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: {"beta_schedule": "cubic"}, "beta_schedule='cubic'"),
     (lambda: {"prediction_type": "score"}, "prediction_type='score'"),
     (lambda: {"variance_type": "learned"}, "variance_type='learned'"),
-    (lambda: diffusers.EDMEulerScheduler().config, "EDM"),
+    (lambda: diffusers.CosineDPMSolverMultistepScheduler().config, "EDM-preconditioned or consistency"),
+    (
+        lambda: {
+            **diffusers.CosineDPMSolverMultistepScheduler().config,
+            "_class_name": "CosineDPMSolverMultistepScheduler",
+        },
+        "cosine-schedule time input",
+    ),
+    (
+        lambda: diffusers.EDMDPMSolverMultistepScheduler(prediction_type="sample").config,
+        r"^prediction_type='sample' of an EDM config is not supported; accepted: "
+        r"\['epsilon', 'v_prediction'\]$",
+    ),
+    (
+        lambda: {**diffusers.EDMEulerScheduler().config, "precondition_type": "cm_edm"},
+        "precondition_type='cm_edm'",
+    ),
+    (lambda: {**diffusers.EDMEulerScheduler().config, "sigma_data": -1.0}, "sigma_data must be"),
     (lambda: {**diffusers.LCMScheduler().config, "_class_name": "LCMScheduler"}, "LCMScheduler"),
     (lambda: diffusers.LCMScheduler().config, "consistency"),
     (lambda: diffusers.ScoreSdeVeScheduler().config, "variance-exploding"),

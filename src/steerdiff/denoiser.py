@@ -30,12 +30,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._checks import boolean, caller, choice, sizes, tensor
+from ._checks import boolean, caller, choice, real, sizes, tensor
 from ._ops import axpby, kept
 from .noise import Generators
-from .processes import MeanReverting, Process
+from .processes import EDM, MeanReverting, Process
 
-__all__ = ["PREDICTIONS", "Denoiser", "Prediction", "check_call"]
+__all__ = ["PREDICTIONS", "Denoiser", "EDMDenoiser", "Prediction", "check_call"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 _CACHE_SIZE = 4096
@@ -316,7 +316,7 @@ class Denoiser:
     def _evaluate(
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any]
     ) -> Prediction:
-        f = self.net(x.to(net_dtype), self.net_time(t, x), **cond)
+        f = self.net(self.net_input(x, t).to(net_dtype), self.net_time(t, x), **cond)
         if not isinstance(f, Tensor):
             raise ValueError(
                 f"Denoiser: net returned a {type(f).__name__}, not a Tensor (a diffusers model returns an "
@@ -333,6 +333,10 @@ class Denoiser:
         pred = self.convert(f, x, t)
         pred.var_interp = (r + 1) / 2
         return pred
+
+    def net_input(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """What the net is given at ``(x, t)``: ``x`` itself (:class:`EDMDenoiser` scales it)."""
+        return x
 
     def convert(self, f: Tensor, x: Tensor, t: float | Tensor) -> Prediction:
         """Turn a raw net output ``f`` at ``(x, t)`` into ``(x0, eps)``."""
@@ -351,6 +355,64 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
+
+
+def edm_noise(t: Tensor) -> Tensor:
+    """EDM's net time ``c_noise = log(sigma) / 4`` at ``t = sigma`` (Karras et al. 2022, Table 1)."""
+    return 0.25 * torch.log(t)
+
+
+class EDMDenoiser(Denoiser):
+    r"""The preconditioned denoiser of Karras et al. 2022 (EDM), Sec. 5 and Table 1, on the process
+    ``x = x0 + sigma eps`` (:class:`~steerdiff.processes.EDM`, ``t = sigma``), with ``s_d = sigma_data``
+    the standard deviation of the data::
+
+        D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)
+        c_skip = s_d^2 / (sigma^2 + s_d^2)      c_out = sigma s_d / sqrt(sigma^2 + s_d^2)
+        c_in = 1 / sqrt(sigma^2 + s_d^2)        c_noise = log(sigma) / 4
+
+    ``output="edm"``: ``F`` is the paper's (diffusers' EDM schedulers' ``prediction_type="epsilon"``);
+    ``"v"``: ``c_out`` negated (their ``"v_prediction"``): ``F`` is then the v (Salimans & Ho 2022)
+    ``a eps - s x0 / s_d`` of the variance-preserving point ``c_in x = a x0 / s_d + s eps``
+    (``a = s_d c_in``, ``s = sigma c_in``). The net gets ``c_in x`` (:meth:`net_input`) and
+    ``time_map(sigma)`` (default ``c_noise``); the denoiser's ``x0`` is ``D``, its ``eps`` ``(x - x0) /
+    sigma``.
+    """
+
+    OUTPUTS = ("edm", "v")
+
+    def __init__(
+        self,
+        net: Callable[..., Tensor],
+        process: EDM,
+        sigma_data: float = 0.5,
+        output: str = "edm",
+        time_map: Callable[[Tensor], Tensor] | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        who = "EDMDenoiser"
+        if not isinstance(process, EDM):
+            raise ValueError(f"{who}: process must be a steerdiff EDM process, got {type(process).__name__}")
+        self.sigma_data = real(who, "sigma_data", sigma_data, lo=0, lo_open=True)
+        self.output = choice(who, "output", output, self.OUTPUTS)
+        super().__init__(net, process, "x0", edm_noise if time_map is None else time_map, shape)
+
+    def net_input(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """``c_in x = x / sqrt(sigma^2 + s_d^2)``."""
+        s = self.coefficients(t, x)[1]
+        return x * (s * s + self.sigma_data**2) ** -0.5
+
+    def convert(self, f: Tensor, x: Tensor, t: float | Tensor) -> Prediction:
+        """``x0 = c_skip x + c_out f``."""
+        a, s, _, _ = self.coefficients(t, x)
+        d2 = self.sigma_data**2
+        n = s * s + d2
+        c_out = s * self.sigma_data * n**-0.5
+        return Prediction(x, a, s, x0=axpby(d2 / n, x, c_out if self.output == "edm" else -c_out, f))
+
+    def __repr__(self) -> str:
+        sd, out = self.sigma_data, self.output
+        return f"EDMDenoiser(sigma_data={sd:g}, output={out!r}, process={self.process!r})"
 
 
 def check_call(who: str, x: object, t: object) -> None:

@@ -66,7 +66,7 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, real_array, tensor
 from .._ops import first_false
-from ..denoiser import Denoiser, Prediction
+from ..denoiser import Denoiser, EDMDenoiser, Prediction
 from ..guidance import DynamicThreshold
 from ..noise import NoiseSource, PerSampleNoise, check_rows, make_noise
 from ..processes import Process, RectifiedFlow
@@ -84,9 +84,11 @@ from ..solvers.base import (
     work_dtype,
 )
 from .diffusers_config import (
+    _EDM_CLASSES,
     _FLOW_CLASSES,
     F64,
     _denoiser,
+    _is_edm,
     _is_flow,
     _Spec,
     _spec,
@@ -496,6 +498,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
             variance_type, rescale_betas_zero_snr, timestep_type, snr_shift_scale, use_flow_sigmas,
             invert_sigmas: the model, as in diffusers' configs.
+        sigma_min, sigma_max, sigma_data: an EDM config's model (``origin`` an EDM scheduler): the process
+            ``x = x0 + sigma eps`` on ``[sigma_min, sigma_max]`` and Karras et al.'s preconditioning
+            (:class:`~steerdiff.denoiser.EDMDenoiser`); :meth:`scale_model_input` is then ``c_in x``,
+            ``timesteps`` are ``0.25 log(sigma)`` and ``init_noise_sigma`` is ``sqrt(sigma_max^2 + 1)``, as
+            diffusers' EDM schedulers have them. ``None`` (default) for other models.
         thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample, clip_sample_range:
             the denoised estimate's post-processing, as in diffusers' configs (DDPM's takes
             ``clip_sample=True`` by default; this class ``False``).
@@ -538,7 +545,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     # diffusers' ConfigMixin declares it as a plain attribute, though it is only read from the class
     ignore_for_config: ClassVar[list[str]] = ["noise"]  # type: ignore[misc]
     # diffusers drops these schedulers' config keys silently (they are kept as hidden config)
-    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers] + list(_FLOW_CLASSES)
+    _compatibles: ClassVar[list[str]] = [
+        *(e.name for e in KarrasDiffusionSchedulers),
+        *_FLOW_CLASSES,
+        *_EDM_CLASSES,
+    ]
 
     @register_to_config
     def __init__(
@@ -555,6 +566,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         snr_shift_scale: float = 1.0,
         use_flow_sigmas: bool = False,
         invert_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        sigma_data: float | None = None,
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
@@ -580,7 +594,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._model = _spec(dict(self.config))  # the model the config describes (read once)
         self._model_den = self._den = _denoiser(_Recorded(), self._model)  # shared by the runs of that model
         self.noise = noise
-        self.init_noise_sigma = 1.0
+        edm = self._model.sigma_data is not None
+        # diffusers' EDM schedulers' initial noise scale, which their pipelines draw x_T with
+        self.init_noise_sigma = (self._model.process.t_max**2 + 1) ** 0.5 if edm else 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
@@ -607,7 +623,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             cfg["clip_sample"] = cfg["thresholding"] = False
         name = cfg.get("_class_name")
         if name != cls.__name__ and "origin" not in cfg:
-            cfg["origin"] = name if isinstance(name, str) else _FLOW_CLASSES[0] if _is_flow(cfg) else None
+            made_in_code = _FLOW_CLASSES[0] if _is_flow(cfg) else _EDM_CLASSES[0] if _is_edm(cfg) else None
+            cfg["origin"] = name if isinstance(name, str) else made_in_code
         noise = kwargs.pop("noise", None)
         out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
         (out[0] if return_unused_kwargs else out).noise = noise
@@ -736,8 +753,22 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = _sigmas(self._den.process, self._times, grid).to(device, torch.float32)
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
-        """The identity: the net takes the sample as it is."""
-        return sample
+        """The net's input at the evaluation :meth:`step` takes next (before the first, the one
+        ``timestep`` begins the run at): the sample itself, except for EDM configs ``c_in sample`` (as
+        diffusers' EDM schedulers scale it; :meth:`EDMDenoiser.net_input
+        <steerdiff.denoiser.EDMDenoiser.net_input>`)."""
+        den = _plain(self._den)
+        if not isinstance(den, EDMDenoiser):
+            return sample
+        run = self._run
+        if run is None:
+            raise ValueError("scale_model_input: call set_timesteps first")
+        k = self.step_index
+        if k is None:
+            k = self._begin(run, timestep)
+        if k >= len(self._times):
+            raise ValueError(f"scale_model_input: the run's {len(self._times)} evaluations are done")
+        return den.net_input(sample, self._times[k])
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha(t) x0 + sigma(t) noise`` (the forward process the net was trained on) at the process

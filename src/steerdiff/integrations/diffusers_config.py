@@ -15,6 +15,11 @@ computes them for training, then held in float64. Flow-matching configs (``FlowM
 ``x = (1 - t) x0 + t eps`` with the velocity ``eps - x0`` as output and the net time ``1000 t``
 (``num_train_timesteps * t``); with ``use_flow_sigmas`` the output is what ``prediction_type`` says
 (``flow_prediction``, ``epsilon`` or ``sample``, as DPMSolver/UniPC/DEIS/SA-Solver convert it).
+EDM configs (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``: Playground v2.5, CosXL) give
+the process ``x = x0 + sigma eps`` on ``[sigma_min, sigma_max]`` and Karras et al.'s (2022)
+preconditioning with ``sigma_data``: the net gets ``c_in x`` and ``0.25 log(sigma)``, and
+``x0 = c_skip x + c_out F`` (:class:`~steerdiff.denoiser.EDMDenoiser`; ``prediction_type``
+``epsilon`` or ``v_prediction``, the sign of ``c_out``).
 Settings that only choose diffusers' sampling grid (spacing, ``shift``, Karras sigmas, ...) do not
 change the model and are ignored. ``thresholding=True``
 (DeepFloyd IF: Imagen's dynamic thresholding, Saharia et al. 2022, at the quantile
@@ -42,9 +47,9 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, integer, real
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, EDMDenoiser
 from ..guidance import DynamicThreshold
-from ..processes import VP, Process, RectifiedFlow
+from ..processes import EDM, VP, Process, RectifiedFlow
 
 __all__ = ["denoiser_from_diffusers", "process_from_config"]
 
@@ -54,10 +59,10 @@ _WHO = "scheduler config"  # the name the config checks give
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+_EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+_EDM_OUTPUTS = {"epsilon": "edm", "v_prediction": "v"}  # EDMDenoiser's output of a prediction_type
 _UNSUPPORTED = {
-    "EDMEulerScheduler": "an EDM-preconditioned (sigma_data) model",
-    "EDMDPMSolverMultistepScheduler": "an EDM-preconditioned (sigma_data) model",
-    "CosineDPMSolverMultistepScheduler": "an EDM-preconditioned (sigma_data) model",
+    "CosineDPMSolverMultistepScheduler": "an EDM-preconditioned model with a cosine-schedule time input",
     "CMStochasticIterativeScheduler": "a consistency model",
     "SCMScheduler": "a consistency model",
     "LCMScheduler": "a consistency-distilled model",
@@ -109,7 +114,8 @@ _VP_KEYS = frozenset(
 )
 _SUPPORTED = (
     "VP configs (beta_schedule/trained_betas: DDPM, DDIM, PNDM, Euler, Heun, LMS, DPM-Solver, UniPC, "
-    "DEIS, ... schedulers) and flow-matching configs (FlowMatchEuler/FlowMatchHeun, use_flow_sigmas)"
+    "DEIS, ... schedulers), flow-matching configs (FlowMatchEuler/FlowMatchHeun, use_flow_sigmas) and EDM "
+    "configs (EDMEuler, EDMDPMSolverMultistep)"
 )
 
 
@@ -120,6 +126,7 @@ class _Spec:
     learned_variance: bool
     time_map: Callable[[Tensor], Tensor] | None
     threshold: tuple[float | None, float] | None = None  # DynamicThreshold's (percentile, max_value)
+    sigma_data: float | None = None  # EDM preconditioning (EDMDenoiser; prediction is then its output)
 
 
 def _config_of(scheduler_or_config: Any) -> dict[str, Any]:
@@ -172,6 +179,39 @@ def _is_flow(cfg: dict[str, Any]) -> bool:
         or cfg.get("prediction_type") == "flow_prediction"
         or (origin is None and "use_dynamic_shifting" in cfg and not has_betas)
     )
+
+
+def _is_edm(cfg: dict[str, Any]) -> bool:
+    """Whether a config describes an EDM-preconditioned model: an EDM scheduler's by class name, or made
+    in code (no class name) with ``sigma_data`` and ``sigma_schedule``, and not CosineDPMSolverMultistep's
+    keys (it has ``solver_order`` and no ``algorithm_type``; EDMEuler neither, EDMDPMSolver both)."""
+    origin = cfg.get("origin") or cfg.get("_class_name")
+    if origin is not None:
+        return origin in _EDM_CLASSES
+    cosine = "solver_order" in cfg and "algorithm_type" not in cfg
+    return cfg.get("sigma_data") is not None and "sigma_schedule" in cfg and not cosine
+
+
+def _edm_spec(cfg: dict[str, Any], threshold: tuple[float | None, float] | None) -> _Spec:
+    """An EDM scheduler config: the process ``x = x0 + sigma eps`` on ``[sigma_min, sigma_max]`` and
+    Karras et al.'s preconditioning with ``sigma_data`` (:class:`~steerdiff.denoiser.EDMDenoiser`), its
+    ``F`` as ``prediction_type`` says (``epsilon`` or ``v_prediction``: the sign of ``c_out``)."""
+    pred_type = cfg.get("prediction_type", "epsilon")
+    if not isinstance(pred_type, str) or pred_type not in _EDM_OUTPUTS:
+        raise ValueError(
+            f"prediction_type={pred_type!r} of an EDM config is not supported; accepted: "
+            f"{sorted(_EDM_OUTPUTS)}"
+        )
+    precondition = cfg.get("precondition_type", "edm")
+    if precondition != "edm":
+        raise ValueError(
+            f"precondition_type={precondition!r} of an EDM config is not supported; accepted: 'edm'"
+        )
+    lo, hi, sigma_data = (
+        real(_WHO, k, v if cfg.get(k) is None else cfg[k], lo=0, lo_open=True)
+        for k, v in (("sigma_min", 0.002), ("sigma_max", 80.0), ("sigma_data", 0.5))
+    )
+    return _Spec(EDM(lo, hi), _EDM_OUTPUTS[pred_type], False, None, threshold, sigma_data)
 
 
 def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
@@ -230,7 +270,13 @@ def _euler_continuous_time(process: Process, t: Tensor) -> Tensor:
 
 def _spec(cfg: dict[str, Any]) -> _Spec:
     origin = cfg.get("origin") or cfg.get("_class_name") or ""
-    reason = _UNSUPPORTED.get(origin) or next((r for k, r in _UNSUPPORTED_KEYS.items() if k in cfg), None)
+    threshold = _threshold(cfg)
+    if _is_edm(cfg):
+        return _edm_spec(cfg, threshold)
+    # a key's presence tells (FlowMatchLCM's scale_factors defaults to None), but SteerdiffScheduler's own
+    # config holds sigma_data=None where it describes no EDM model
+    said = (k for k in _UNSUPPORTED_KEYS if k in cfg and (k != "sigma_data" or cfg[k] is not None))
+    reason = _UNSUPPORTED.get(origin) or next((_UNSUPPORTED_KEYS[k] for k in said), None)
     if reason is not None:
         raise ValueError(
             f"the scheduler config of {origin or 'this scheduler'} ({reason}) is not supported; "
@@ -238,7 +284,6 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
         )
     n = _train_steps(cfg)
     pred_type = cfg.get("prediction_type", "epsilon")
-    threshold = _threshold(cfg)
     if _is_flow(cfg):
         if cfg.get("invert_sigmas"):
             raise ValueError("flow-matching config with invert_sigmas=True is not supported")
@@ -303,6 +348,11 @@ class _ModelNet:
 def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
     """The denoiser of ``spec`` over ``net`` (``kw`` override it), in its
     :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips."""
+    den: Denoiser
+    if spec.sigma_data is not None:
+        assert isinstance(spec.process, EDM), "an EDM config's spec holds an EDM process"
+        den = EDMDenoiser(net, spec.process, spec.sigma_data, **{"output": spec.prediction, **kw})
+        return den if spec.threshold is None else DynamicThreshold(den, *spec.threshold)
     opts: dict[str, Any] = {"prediction": spec.prediction, "learned_variance": spec.learned_variance}
     if spec.time_map is not None:
         opts["time_map"] = spec.time_map
@@ -318,7 +368,9 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
     itself), with ``t`` the timestep diffusers would pass (``(batch,)``); ``cond`` are the
     keyword arguments given to :func:`steerdiff.sample` (``encoder_hidden_states``,
     ``class_labels``, ...). ``kw`` go to :class:`~steerdiff.denoiser.Denoiser` and override what
-    the config says (``prediction``, ``time_map``, ``learned_variance``, ``shape``). A config with
+    the config says (``prediction``, ``time_map``, ``learned_variance``, ``shape``); for an EDM config
+    to :class:`~steerdiff.denoiser.EDMDenoiser` (``output``, ``time_map``, ``shape``), whose net gets
+    ``c_in x`` and ``0.25 log(sigma)``, as diffusers' EDM schedulers' pipelines give it. A config with
     ``thresholding=True`` or ``clip_sample=True`` gives that denoiser in a
     :class:`~steerdiff.guidance.DynamicThreshold` (see the module docstring).
 
@@ -326,7 +378,8 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
         ValueError: an unknown ``beta_schedule``/``prediction_type`` (``v_prediction`` with
             ``use_flow_sigmas``), ``variance_type="learned"``,
             a threshold setting out of range (naming the key), a config of an unsupported
-            scheduler (EDM, consistency, VE, discrete-token models), or one with no ``beta_schedule`` or
-            ``trained_betas`` that is no flow-matching config and has a key no VP config has (naming it).
+            scheduler (cosine-EDM, consistency, VE, discrete-token models), or one with no
+            ``beta_schedule`` or ``trained_betas`` that is no flow-matching config and has a key no VP
+            config has (naming it), an EDM config of another ``prediction_type`` or ``precondition_type``.
     """
     return _denoiser(_ModelNet(model), _spec(_config_of(scheduler_or_config)), **kw)
