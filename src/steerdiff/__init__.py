@@ -7,7 +7,7 @@
 """
 
 from . import guidance, inverse, mcmc, metrics, noise, processes, schedules, smc, solvers, toy
-from .denoiser import Denoiser, Prediction
+from .denoiser import Denoiser, EDMDenoiser, Prediction
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
 from .sampling import SampleInfo, sample
 from .solvers.base import NonFiniteError
@@ -17,6 +17,7 @@ __all__ = [
     "VE",
     "VP",
     "Denoiser",
+    "EDMDenoiser",
     "MeanReverting",
     "NonFiniteError",
     "Prediction",
