@@ -438,3 +438,26 @@ def test_edm_denoiser_names_a_bad_argument():
     ):
         with pytest.raises(ValueError, match=match):
             sd.denoiser.EDMDenoiser(lambda x, t: x, **{"process": sd.EDM(), **kw})
+
+
+@pytest.mark.parametrize("output", ["edm", "v"])
+def test_edm_denoiser_samples_the_exact_ode(output: str) -> None:
+    # an EDM-preconditioned net whose D is a mixture's exact denoiser: F = +-(D - c_skip x) / c_out, read
+    # from what the net is given (c_in x, log(sigma) / 4) alone; sd.sample then follows the exact ODE
+    g = torch.Generator().manual_seed(0)
+    gmm = sd.toy.GaussianMixture(
+        torch.randn(3, 4, generator=g, dtype=torch.float64), torch.full((3, 4), 0.09), [1.0, 2.0, 1.0]
+    )
+    proc, s_d, sign = sd.EDM(), 0.5, 1.0 if output == "edm" else -1.0
+
+    def net(x_in: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        sigma = float(torch.exp(4 * c_noise).flatten()[0])
+        n = sigma**2 + s_d**2
+        x = x_in * math.sqrt(n)
+        return sign * (gmm.denoise(x, 1.0, sigma) - s_d**2 / n * x) / (sigma * s_d / math.sqrt(n))
+
+    den = sd.EDMDenoiser(net, proc, sigma_data=s_d, output=output)
+    x_T = float(proc.sigma(proc.t_max)) * torch.randn(64, 4, generator=g, dtype=torch.float64)
+    ref = gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)
+    errors = [float((sd.sample(den, x_T, steps=n) - ref).norm() / ref.norm()) for n in (10, 40)]
+    assert errors[1] < 2e-3 and errors[1] < errors[0] / 4  # measured 0.055 / 7.6e-4; the other sign: 1.6
