@@ -144,28 +144,22 @@ def test_cli_rejects_bad_labels(argv, capsys):
     assert "must be a digit 0-9" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["demo", "--out", "{tmp}/out"],
-        ["sample", "--model", "digits", "--out", "{tmp}/x.png"],
-        ["bench", "solvers", "--model", "digits", "--out", "{tmp}/out"],
-    ],
-)
+# the commands that load the digits weights (``--weights``)
+WEIGHTS_COMMANDS = [
+    ["demo", "--out", "{tmp}/out"],
+    ["sample", "--model", "digits", "--out", "{tmp}/x.png"],
+    ["bench", "solvers", "--model", "digits", "--out", "{tmp}/out"],
+]
+
+
+@pytest.mark.parametrize("argv", WEIGHTS_COMMANDS)
 def test_cli_missing_weights_say_how_to_train(argv, tmp_path):
     with pytest.raises(SystemExit) as err:
         main([a.format(tmp=tmp_path) for a in argv] + ["--weights", str(tmp_path)])
     assert "not found" in str(err.value.code) and "steerdiff train digits" in str(err.value.code)
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["demo", "--out", "{tmp}/out"],
-        ["sample", "--model", "digits", "--out", "{tmp}/x.png"],
-        ["bench", "solvers", "--model", "digits", "--out", "{tmp}/out"],
-    ],
-)
+@pytest.mark.parametrize("argv", WEIGHTS_COMMANDS)
 def test_cli_weights_that_are_not_safetensors_exit_naming_the_file(argv, tmp_path):
     """Before: safetensors' SafetensorError traceback ("Error while deserializing header: header too
     large"), naming no file."""
