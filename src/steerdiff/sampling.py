@@ -427,7 +427,11 @@ def sample(
             estimate of the latest evaluation, as k-diffusion's callback has it, ``None`` while a
             custom solver has made none; ``sigma``:
             the process's ``sigma(t)`` at the node reached, 0 after the clean step of
-            ``final="zero"``; k-diffusion's ``sigma / alpha`` is ``exp(-lam(t))``).
+            ``final="zero"``; k-diffusion's ``sigma / alpha`` is ``exp(-lam(t))``). Read-only: the
+            tensors are the run's own, and what an in-place edit of ``x`` does depends on the solver
+            (multistep solvers go on from it; UniPC's corrector redoes the step and drops most of
+            it); to edit the state between steps, use a guidance wrapper or
+            :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler`, which takes edits.
         corrector: predictor-corrector sampling (Song et al. 2021): ``"ula"``, ``"mala"``,
             ``"hmc"`` or a :class:`~steerdiff.mcmc.Kernel`; after every predictor step into a
             noisy node, ``corrector_steps`` moves targeting ``p_t`` there (see
