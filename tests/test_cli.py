@@ -1154,6 +1154,24 @@ def test_bench_guided_validate_pools_the_draws_of_the_digits_set_too(tmp_path, c
     assert "with --validate in every set, the digits model's too" in " ".join(capsys.readouterr().out.split())
 
 
+def test_bench_guided_validation_quotes_each_reference_check_with_its_own_set():
+    """The line on (a), (c), (d) quotes the check of their 800-step references alone; the digits set's
+    400-step reference, checked on time_uniform, has its own. Before, the first quoted the largest gap of
+    every set: the committed report read "(a), (c), (d): ... checked against unipc (within 3.1e-03)",
+    the digits reference's gap, where the bench guided references of seed 0 agree within 4.2e-05."""
+    from steerdiff.bench import guided
+
+    def bench(gap: float) -> guided.GuidedBench:
+        case = guided.GuidedCase("16d-sd", 2.0, 5, {"default": 0.5, "old_default": 1.0})
+        return guided.GuidedBench([case], {("16d-sd", 2.0): gap}, 256, 2, 0.0)
+
+    sets = {"(a) seeds +100": bench(4.2e-5), "(b) digits": bench(3.1e-3), "(d) karras +200": bench(2.0e-5)}
+    out = guided.format_validation(guided.GuidedValidation(sets, 0, 2, 0.0))
+    assert "logsnr_uniform, checked against unipc (within 4.2e-05)" in out
+    digits = "400-step guided ODE (dpmpp_2m, logsnr_uniform; checked against unipc on time_uniform, within"
+    assert digits + " 3.1e-03)" in out
+
+
 def test_diffusers_candidates_include_our_default_algorithm_and_sigma_spacings():
     """(b)'s "best diffusers configuration" is searched over a set that offers diffusers the algorithm
     of sd.sample's default (UniPC of its order and variant: our best at NFE 10 and 20) and each sigma

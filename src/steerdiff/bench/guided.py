@@ -638,9 +638,10 @@ def _seeds(first: int, draws: int) -> str:
 def format_validation(result: GuidedValidation) -> str:
     """Per set and pooled: the cases, the geometric mean of default / old default, the cases more than 1
     from the guided ODE for each (and the default's new ones), the worst ratio; then the digits cases."""
-    gaps = [g for b in result.sets.values() for g in b.reference_gap.values()]
-    sizes = sorted({f"{b.draws} x {b.n}" for label, b in result.sets.items() if label != "(b) digits"})
-    digits_n, draws = result.sets["(b) digits"].n, result.draws
+    mixtures = [b for label, b in result.sets.items() if label != "(b) digits"]
+    gaps = [g for b in mixtures for g in b.reference_gap.values()]  # (b)'s own reference is checked apart
+    sizes = sorted({f"{b.draws} x {b.n}" for b in mixtures})
+    digit_set, draws = result.sets["(b) digits"], result.draws
     lines = [
         "Guided default validation: the default (guided_solver: below"
         f" {GUIDED_CORRECTOR_FROM} steps UniPC-2 where every step is within guided_max_h, from there long"
@@ -651,9 +652,10 @@ def format_validation(result: GuidedValidation) -> str:
         " (c); (d) is data neither was chosen on",
         "sets (scales " + ", ".join(f"{w:g}" for w in result.sets[next(iter(result.sets))].scales) + "):",
         f"  (a) bench guided's problems from x_T {_seeds(result.seed + 100, draws)}, {DEFAULT_SCHEDULE}",
-        f"  (b) the learned digits model, CFG toward its digit 3 on the first {digits_n} samples of"
+        f"  (b) the learned digits model, CFG toward its digit 3 on the first {digit_set.n} samples of"
         f" {'its x_T' if draws == 1 else f'each of {draws} draws of x_T'} ({_seeds(result.seed, draws)}),"
-        f" {DEFAULT_SCHEDULE}, against the 400-step guided ODE (dpmpp_2m, logsnr_uniform)",
+        f" {DEFAULT_SCHEDULE}, against the 400-step guided ODE (dpmpp_2m, logsnr_uniform; checked against"
+        f" unipc on time_uniform, within {max(digit_set.reference_gap.values()):.1e})",
         f"  (c) bench guided's problems (seed {result.seed}) on logsnr_uniform and karras; those under"
         " discrete betas ("
         + ", ".join(DISCRETE)
@@ -662,7 +664,7 @@ def format_validation(result: GuidedValidation) -> str:
         f"  (d) bench guided's problems from x_T {_seeds(result.seed + 200, draws)}, karras and"
         " logsnr_uniform",
         f"  (a), (c), (d): {', '.join(sizes)} samples; references {CFG_REFERENCE_STEPS} steps of dpmpp_2m on"
-        f" logsnr_uniform, checked against unipc (within {max(gaps):.1e})",
+        f" logsnr_uniform, checked against unipc (within {max(gaps, default=math.nan):.1e})",
         "",
         "ratio: default / old default; > 1: cases more than 1 from the guided ODE (old, default, the"
         " default's new ones); worst: the largest ratio (problem scale steps)",
