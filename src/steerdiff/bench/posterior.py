@@ -22,7 +22,8 @@ beside the floor (``n`` exact samples, :func:`steerdiff.metrics.floor`) and the 
 
 Methods and step-size grids (:data:`METHODS`); per case and NFE the step is tuned by descending
 along the grid (from the default at NFE 50, from the previous NFE's best after that) to a local
-minimum; every run is in the CSV:
+minimum, in-sample (on the ``x_T``, noise and reference set the reported distance uses); every run is
+in the CSV:
 
 * ``dps``: :class:`~steerdiff.guidance.DPS`, ``variant="normalized"``; ``dps_squared``: ``"squared"``;
 * ``dps_alg1``: the published loop literally (Chung et al. 2023 Alg. 1, the official code's step
@@ -454,7 +455,8 @@ def format_report(result: PosteriorBench) -> str:
     lines = [
         f"Sliced W2 of {result.n} samples to {REFERENCE_FACTOR * result.n} exact posterior samples, in units "
         f"of the floor ({result.n} exact samples); DDPM linear betas, solver ddpm (time_uniform), seed "
-        f"{result.seed}; best step per method, case and NFE (all runs in the CSV).",
+        f"{result.seed}; best step per method, case and NFE, chosen in-sample (on the x_T, noise and "
+        "reference set it is scored on; all runs in the CSV).",
     ]
     for nfe in result.nfes:
         lines += [

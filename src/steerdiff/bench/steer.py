@@ -477,7 +477,8 @@ def format_report(result: SteerBench) -> str:
         f"Steering to exact targets pi ∝ p exp(lam r): sliced W2 of {result.n} returned samples to "
         f"{REFERENCE_FACTOR * result.n} exact ones (x floor: {result.n} exact samples) and the error of "
         f"E[r]; DDPM linear betas, {SOLVER} ({SCHEDULE}), particle methods {STEPS} steps x NFE/{STEPS} "
-        f"particles (fkc: NFE/{2 * STEPS}), DPS NFE steps (best scale); seed {result.seed}.",
+        f"particles (fkc: NFE/{2 * STEPS}), DPS NFE steps (best scale, chosen in-sample: on "
+        f"the x_T, noise and reference set it is scored on); seed {result.seed}.",
     ]
     methods = list(dict.fromkeys(r.method for r in result.rows))
     for case in result.cases:
