@@ -32,6 +32,7 @@ from steerdiff.bench.solvers import (
     fifth_at,
     ill_conditioned,
     initial_noise,
+    make_problem,
     plot,
     switched,
 )
@@ -133,6 +134,18 @@ def test_ill_conditioned_flags_x_T_near_a_basin_boundary():
     assert gmm.log_responsibilities(problem.ref).argmax(-1).tolist() == [1, 1, 0]
     assert ill_conditioned(problem).tolist() == [True, False, False]
     assert ill_conditioned(problem, eps=1e-4).tolist() == [False, False, False]
+
+
+def test_ill_conditioned_directions_are_not_the_default_mixtures_means():
+    """``bench solvers`` (a)'s perturbations of ``x_T`` come from a stream of their own: from
+    ``Generator().manual_seed(0)`` the first 10 rows were the default mixture's means, and sample 0 of
+    the benchmark's draw (seed 0) was flagged ill-conditioned only by its move toward component 8's
+    mean (9th of its 16 directions); under 64 unrelated 1% moves its exact answer keeps its component."""
+    problem = make_problem(1, 0)
+    g = torch.Generator().manual_seed(0)
+    means_first = torch.randn(16, 64, generator=g, dtype=F64)[:10]
+    assert torch.equal(means_first, problem.gmm.means)  # the stream the directions used to come from
+    assert ill_conditioned(problem).tolist() == [False]
 
 
 def test_decided_at_finds_the_step_after_which_the_exact_flow_ends_in_the_wrong_component():

@@ -432,8 +432,11 @@ def ill_conditioned(
 
     Independent of any solver: these ``x_T`` lie within ``eps`` of the boundary between the basins of
     two components, so a sampler whose error at the decision noise level is ``eps`` may switch them.
+    The directions come from :func:`generator_for` ``(seed, "ill_conditioned")``: from
+    ``torch.Generator().manual_seed(0)`` sample 0's first 10 directions were the default model's
+    component means, and it was flagged only by its move toward component 8's mean.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = generator_for(seed, "ill_conditioned")
     x_T = problem.x_T.repeat_interleave(directions, 0)
     d = torch.randn(x_T.shape, generator=g, dtype=x_T.dtype)
     d = d * (eps * x_T.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).view(-1, *[1] * (d.ndim - 1))
