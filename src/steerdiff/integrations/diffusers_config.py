@@ -169,9 +169,15 @@ def _betas(cfg: dict[str, Any]) -> Tensor:
     raise ValueError(f"beta_schedule={kind!r} is not supported; accepted: {_BETA_SCHEDULES} or trained_betas")
 
 
+def _origin(cfg: dict[str, Any]) -> str | None:
+    """The diffusers scheduler class a config comes from: ``origin`` (SteerdiffScheduler's own config),
+    else its ``_class_name``; ``None`` for a config made in code."""
+    return cfg.get("origin") or cfg.get("_class_name")
+
+
 def _is_flow(cfg: dict[str, Any]) -> bool:
     """Whether a config describes a flow-matching model (class name, or keys when it has none)."""
-    origin = cfg.get("origin") or cfg.get("_class_name")
+    origin = _origin(cfg)
     has_betas = "beta_schedule" in cfg or cfg.get("trained_betas") is not None
     return (
         origin in _FLOW_CLASSES
@@ -185,7 +191,7 @@ def _is_edm(cfg: dict[str, Any]) -> bool:
     """Whether a config describes an EDM-preconditioned model: an EDM scheduler's by class name, or made
     in code (no class name) with ``sigma_data`` and ``sigma_schedule``, and not CosineDPMSolverMultistep's
     keys (it has ``solver_order`` and no ``algorithm_type``; EDMEuler neither, EDMDPMSolver both)."""
-    origin = cfg.get("origin") or cfg.get("_class_name")
+    origin = _origin(cfg)
     if origin is not None:
         return origin in _EDM_CLASSES
     cosine = "solver_order" in cfg and "algorithm_type" not in cfg
@@ -236,7 +242,7 @@ def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
 def _unclipped(cfg: dict[str, Any]) -> bool:
     """Whether the config is CogVideoX's (by class name; made in code: ``snr_shift_scale`` and no
     ``thresholding`` key), whose schedulers take ``clip_sample`` (default ``True``) and never clip."""
-    origin = cfg.get("origin") or cfg.get("_class_name")
+    origin = _origin(cfg)
     if origin is None:
         return "snr_shift_scale" in cfg and "thresholding" not in cfg
     return origin in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
@@ -269,7 +275,7 @@ def _euler_continuous_time(process: Process, t: Tensor) -> Tensor:
 
 
 def _spec(cfg: dict[str, Any]) -> _Spec:
-    origin = cfg.get("origin") or cfg.get("_class_name") or ""
+    origin = _origin(cfg) or ""
     threshold = _threshold(cfg)
     if _is_edm(cfg):
         return _edm_spec(cfg, threshold)
