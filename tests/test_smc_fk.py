@@ -1202,7 +1202,7 @@ def test_one_generator_per_batch_row_makes_each_row_batch_independent(method):
         (sd.solvers.EDMStochasticHeun(s_churn=0.0), sd.solvers.EDMStochasticHeun(s_churn=10.0)),
         (sd.solvers.EDMStochasticHeun(s_noise=0.0), sd.solvers.EDMStochasticHeun(s_noise=0.5)),
     ],
-    ids=repr,
+    ids=lambda solver: re.sub(r" at 0x[0-9a-f]+", "", repr(solver)),  # the same ids in every process (xdist)
 )
 def test_a_stochastic_family_without_noise_is_deterministic(noiseless, noisy):
     """A stochastic solver's options that draw no noise (eta = 0, tau = 0, ER-SDE's "ode", no churn)
