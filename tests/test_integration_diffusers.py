@@ -31,6 +31,7 @@ from .test_device import _Syncs
 
 diffusers = pytest.importorskip("diffusers")
 randn_tensor = pytest.importorskip("diffusers.utils.torch_utils").randn_tensor
+FrozenDict = pytest.importorskip("diffusers.configuration_utils").FrozenDict
 
 from steerdiff.integrations.diffusers import (  # noqa: E402
     SteerdiffScheduler,
@@ -257,6 +258,62 @@ def test_clip_sample_under_ddim_is_ddims_use_clipped_model_output(unet):
             x = ours.step(unet(x, t).sample, t, x).prev_sample
     assert rel_rmse(x, runs[0]) < PARITY
     assert rel_rmse(x, runs[1]) > 1
+
+
+def _patch_as_stable_diffusion_pipeline(scheduler: Any) -> None:
+    """What ``StableDiffusionPipeline.__init__`` (and some 20 other pipelines, all needing transformers,
+    which is not installed here) does to an old Stable Diffusion 1.x scheduler config once the scheduler
+    is built: a new config object with ``steps_offset=1``, then one with ``clip_sample=False``."""
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        scheduler._internal_dict = FrozenDict({**scheduler.config, "steps_offset": 1})
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        scheduler._internal_dict = FrozenDict({**scheduler.config, "clip_sample": False})
+
+
+def _mixture_net(config: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The exact eps net of the 16-d benchmark mixture under ``config``'s process, on 1x4x4 images."""
+    flat = eps_net(sd.toy.default_benchmark_mixture(dim=16), process_from_config(config))
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        return flat(x.reshape(-1, 16).double(), t).reshape(x.shape).to(x.dtype)
+
+    return net
+
+
+def test_a_config_patched_by_the_pipeline_is_followed():
+    # DDIMScheduler reads its config at set_timesteps and step, so the pipeline's patch takes effect. Before,
+    # ours read the model once, at construction, and kept clipping x0: 0.38 relative RMSE from DDIM's run on
+    # the 16-d mixture (steps_offset was read at set_timesteps already). Measured 1.5e-6 now, bit-identical
+    # to a scheduler built from the patched config.
+    config = diffusers.DDIMScheduler(**sd_betas_config(), clip_sample=True, steps_offset=0).config
+    net, x_T = _mixture_net(config), torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    theirs = diffusers.DDIMScheduler.from_config(config)
+    ours = SteerdiffScheduler.from_config(config, solver="ddim", schedule="leading")
+    unpatched = pickle.dumps(ours)
+    assert isinstance(ours.denoiser, sd.guidance.DynamicThreshold)  # the config clips until patched
+    for sched in (theirs, ours):
+        _patch_as_stable_diffusion_pipeline(sched)
+    assert (ours.config.steps_offset, ours.config.clip_sample) == (1, False)
+    ref, _ = run_scheduler(theirs, net, x_T, 10)
+    x, _ = run_scheduler(ours, net, x_T, 10)
+    assert ours.timesteps.tolist() == theirs.timesteps.float().tolist() == list(range(901, 0, -100))
+    assert type(ours.denoiser) is sd.Denoiser
+    assert rel_rmse(x, ref) < PARITY
+    assert torch.equal(run_scheduler(SteerdiffScheduler.from_config(dict(ours.config)), net, x_T, 10)[0], x)
+    # pickled before the patch and patched once loaded, or pickled after it: the same run
+    again = pickle.loads(unpatched)
+    _patch_as_stable_diffusion_pipeline(again)
+    assert torch.equal(run_scheduler(again, net, x_T, 10)[0], x)
+    assert torch.equal(run_scheduler(pickle.loads(pickle.dumps(ours)), net, x_T, 10)[0], x)
+    # the solver and schedule the config names, and an EDM config's init_noise_sigma (a property of
+    # EDMEuler's config; before: ours kept sigma_max=80's 80.006)
+    ours.register_to_config(solver="heun", schedule=[900.0, 500.0, 100.0])
+    ours.set_timesteps(3)
+    assert ours.timesteps.tolist() == [900.0, 500.0, 500.0, 100.0, 100.0]
+    edm = SteerdiffScheduler.from_config(diffusers.EDMEulerScheduler().config)
+    edm._internal_dict = FrozenDict({**edm.config, "sigma_max": 40.0})
+    assert edm.init_noise_sigma == diffusers.EDMEulerScheduler(sigma_max=40.0).init_noise_sigma
+    assert edm.denoiser.process.t_max == 40.0
 
 
 IF_CONFIG = {  # DeepFloyd IF stage I: thresholding wins over clip_sample (DDPM's precedence)

@@ -534,7 +534,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     Solver and schedule instances are kept in the config as their registry name (a class of one's own:
     its import path) and options, so that ``save_pretrained`` / ``from_pretrained`` rebuild them; one
-    that cannot be (a class defined in a function) is refused here. ``step`` follows its own counter
+    that cannot be (a class defined in a function) is refused here. The scheduler follows its config as
+    it is when a run is planned (:meth:`set_timesteps`), as diffusers' schedulers read theirs when they
+    run: pipelines patch it after construction (``clip_sample=False``, ``steps_offset=1`` on old Stable
+    Diffusion configs). ``step`` follows its own counter
     and checks the pipeline's ``timestep`` against it; the first ``timestep`` places the run where no
     begin index was set. Where a pipeline changes the sample between calls (inpainting; in place or
     not), the changed entries are taken where the solver evaluates at a step's input (the first
@@ -591,12 +594,12 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             solver=None if self._solver is None else _describe("solver", solver, self._solver),
             schedule=_describe("schedule", schedule, self._schedule),
         )
-        self._model = _spec(dict(self.config))  # the model the config describes (read once)
-        self._model_den = self._den = _denoiser(_Recorded(), self._model)  # shared by the runs of that model
+        self._seen: Mapping[str, Any] | None = None  # the config object the model was read from
+        self._model: _Spec
+        self._model_den: Denoiser
+        self._follow_config()
+        self._den = self._model_den
         self.noise = noise
-        edm = self._model.sigma_data is not None
-        # diffusers' EDM schedulers' initial noise scale, which their pipelines draw x_T with
-        self.init_noise_sigma = (self._model.process.t_max**2 + 1) ** 0.5 if edm else 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
@@ -647,10 +650,41 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             )
         self._noise = value
 
+    def _follow_config(self) -> None:
+        """Read the model (and the solver and schedule, where their entries changed) from the config if
+        it is another object than the one last read. Pipelines patch a scheduler's config after it is
+        built (``scheduler._internal_dict = FrozenDict(new_config)``: StableDiffusionPipeline sets
+        ``clip_sample=False`` and ``steps_offset=1`` on old configs) and diffusers' schedulers read the
+        patched config when they run; this is called where a run is planned (:meth:`set_timesteps`) and
+        by the properties that read the model, never per step (a check of identity)."""
+        config = self.config
+        seen, self._seen = self._seen, config
+        if config is seen:
+            return
+        if seen is not None and config["solver"] != seen["solver"]:
+            self._solver = None if config["solver"] is None else _resolve("solver", config["solver"])
+        if seen is not None and config["schedule"] != seen["schedule"]:
+            self._schedule = _resolve("schedule", config["schedule"])
+        self._model = _spec(dict(config))  # the model the config describes
+        self._model_den = _denoiser(_Recorded(), self._model)  # shared by the runs of that model
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """The scale of the pipeline's ``x_T``: for EDM configs ``sqrt(sigma_max^2 + 1)``, as diffusers' EDM
+        schedulers have it (of the current config); else 1."""
+        self._follow_config()
+        if self._model.sigma_data is None:
+            return 1.0
+        return float((self._model.process.t_max**2 + 1) ** 0.5)
+
     @property
     def denoiser(self) -> Denoiser:
         """The model (``.process``, ``.prediction``, ``.time_map``), over the pipeline's outputs; a
-        :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips."""
+        :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips. That of the
+        run :meth:`set_timesteps` planned; before the first, that of the current config."""
+        if self._run is None:
+            self._follow_config()
+            self._den = self._model_den
         return self._den
 
     @property
@@ -717,6 +751,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 "set_timesteps: pass one of num_inference_steps, timesteps or sigmas (or timesteps and "
                 f"sigmas together); got {given or 'none'}"
             )
+        self._follow_config()
         spec, final = self._model, self.config["final"]
         if num_inference_steps is not None:
             # diffusers' name for make_grid's steps
