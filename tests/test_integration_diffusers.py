@@ -1298,6 +1298,58 @@ def test_edm_schedulers_are_euler_and_dpmpp_2m(cls, solver, sigma_schedule, pred
     assert torch.equal(raw, x)
 
 
+RAMP = [0.0, 0.1, 0.25, 0.45, 0.7, 0.85, 0.95, 1.0]  # uneven positions on an EDM sigma ramp
+
+
+@pytest.mark.parametrize(
+    ("cls", "solver", "sigma_schedule", "ramp"),
+    [
+        ("EDMEulerScheduler", "euler", "karras", RAMP),
+        ("EDMEulerScheduler", "euler", "karras", [0.05, 0.3, 0.6, 0.9]),
+        ("EDMEulerScheduler", "euler", "exponential", torch.linspace(0, 1, 8).tolist()),
+        # EDMDPMSolverMultistep takes no sigmas: its num_inference_steps=n is the ramp linspace(0, 1, n)
+        ("EDMDPMSolverMultistepScheduler", "dpmpp_2m", "karras", torch.linspace(0, 1, 8).tolist()),
+        ("EDMDPMSolverMultistepScheduler", "dpmpp_2m", "exponential", torch.linspace(0, 1, 8).tolist()),
+    ],
+)
+def test_custom_sigmas_of_edm_configs_are_positions_on_their_ramp(cls, solver, sigma_schedule, ramp):
+    # EDMEulerScheduler.set_timesteps(sigmas=r) reads r as positions on its sigma ramp (Karras' with the
+    # config's rho, here 5, or exponential), not as noise levels; ours reads them alike on EDM configs.
+    # Before: read as noise levels, so every ramp of two or more positions was refused (increasing, or
+    # 0 at the top). Measured: timesteps within 3.6e-7 (EDMDPMSolver's ramp is float32), sigmas 0 to
+    # 1.3e-7 relative RMSE, samples 1.8e-7 to 3.8e-7.
+    theirs = getattr(diffusers, cls)(sigma_schedule=sigma_schedule, rho=5.0)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    if cls == "EDMEulerScheduler":
+        ref, _ = run_scheduler(theirs, _edm_net, x_T, None, sigmas=torch.tensor(ramp, dtype=F64))
+    else:
+        ref, _ = run_scheduler(theirs, _edm_net, x_T, len(ramp))
+    ours = SteerdiffScheduler.from_config(theirs.config, solver=solver)
+    raw, nfe = run_scheduler(ours, _edm_net, x_T, None, sigmas=ramp)
+    assert nfe == len(ramp) == len(theirs.timesteps)
+    assert float((ours.timesteps - theirs.timesteps).abs().max()) < 4e-7  # float32 rounding of the sigmas
+    assert rel_rmse(ours.sigmas, theirs.sigmas) < 3e-7
+    assert rel_rmse(raw, ref) < EDM_PARITY
+
+
+def test_custom_sigmas_of_edm_configs_each_a_position_others_refused():
+    # diffusers' exponential ramp takes only the positions' number (its linspace); ours reads each one,
+    # log-uniform in sigma: s_max (s_min / s_max)^r
+    ours = SteerdiffScheduler.from_config(diffusers.EDMEulerScheduler(sigma_schedule="exponential").config)
+    ours.set_timesteps(sigmas=RAMP)
+    expected = 80.0 * (0.002 / 80.0) ** torch.tensor(RAMP, dtype=F64)
+    assert torch.allclose(ours.sigmas[:-1].double(), expected, rtol=3e-7, atol=0)
+    assert float(ours.sigmas[-1]) == 0.0
+    for sigmas, match in [
+        ([80.0, 10.0, 1.0, 0.0], r"positions on its sigma ramp .* finite numbers in \[0, 1\]"),
+        ([0.0, 0.5, math.nan], r"finite numbers in \[0, 1\]"),
+        ([1.0, 0.5, 0.0], r"must be strictly increasing"),
+        ([0.0, 0.5, 0.5], r"must be strictly increasing"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^set_timesteps: sigmas of an EDM config .*{match}"):
+            ours.set_timesteps(sigmas=sigmas)
+
+
 def test_edm_configs_saved_and_made_in_code_are_one_model():
     # saved: _class_name; made in code: told apart by sigma_data and sigma_schedule (Cosine's keys aside);
     # SteerdiffScheduler's own config keeps the model (from_config of it, as save/load does)

@@ -342,9 +342,12 @@ def _custom_times(
     ``sigmas`` are noise levels in the convention of the config's diffusers schedulers -- flow times
     (before the shift, which is applied as :func:`_flow_shift` says) for flow configs, ``sigma /
     alpha`` (Karras') for VP ones, a trailing 0 (diffusers' terminal) dropped: the end is the
-    scheduler's ``final``. Times beyond the model's range are clipped to it."""
+    scheduler's ``final``; for EDM configs positions on the sigma ramp (:func:`_edm_ramp`). Times beyond
+    the model's range are clipped to it."""
     name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
     v = real_array("set_timesteps", name, values)
+    if name == "sigmas" and spec.sigma_data is not None:
+        return _edm_ramp(cfg, spec.process, v, values)
     if name == "sigmas" and len(v) > 1 and v[-1] == 0:
         v = v[:-1]
     low = v >= 0 if name == "timesteps" else v > 0
@@ -367,6 +370,35 @@ def _custom_times(
             f"[{p.t_min:g}, {p.t_max:g}] after clipping), got {values!r}"
         )
     return t
+
+
+def _edm_ramp(cfg: dict[str, Any], process: Process, ramp: Tensor, values: Any) -> Tensor:
+    """The process times (noise levels) of an EDM config's custom ``sigmas``, which EDMEulerScheduler reads
+    as positions on its ramp, 0 at ``sigma_max`` and 1 at ``sigma_min``: for ``sigma_schedule="karras"``
+    Karras et al.'s (2022) Eq. 5, ``(s_max^(1/rho) + r (s_min^(1/rho) - s_max^(1/rho)))^rho`` (the config's
+    ``rho``), for ``"exponential"`` ``s_max (s_min / s_max)^r``, log-uniform in between. (diffusers' own
+    exponential ramp takes only the positions' number, evenly spaced: the same nodes where they are.)"""
+    if not (ramp.numel() >= 1 and bool(torch.isfinite(ramp).all() & (ramp >= 0).all() & (ramp <= 1).all())):
+        raise ValueError(
+            "set_timesteps: sigmas of an EDM config are positions on its sigma ramp (0: sigma_max, 1: "
+            f"sigma_min), as EDMEulerScheduler reads them: finite numbers in [0, 1], got {values!r}"
+        )
+    if not bool((ramp[1:] > ramp[:-1]).all()):
+        raise ValueError(
+            "set_timesteps: sigmas of an EDM config (positions on its sigma ramp) must be strictly "
+            f"increasing, got {values!r}"
+        )
+    lo, hi = process.t_min, process.t_max
+    kind = choice(
+        "set_timesteps", "sigma_schedule", cfg.get("sigma_schedule", "karras"), ("karras", "exponential")
+    )
+    if kind == "karras":
+        rho = real("set_timesteps", "rho", cfg.get("rho", 7.0), lo=0, lo_open=True)
+        a, b = hi ** (1 / rho), lo ** (1 / rho)
+        sigma = (a + ramp * (b - a)) ** rho
+    else:
+        sigma = hi * (lo / hi) ** ramp
+    return process.t_of_sigma_ratio(sigma).clamp(lo, hi)
 
 
 def _node_net_times(timesteps: Any, sigmas: Any, n: int) -> Tensor:
@@ -502,7 +534,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             ``x = x0 + sigma eps`` on ``[sigma_min, sigma_max]`` and Karras et al.'s preconditioning
             (:class:`~steerdiff.denoiser.EDMDenoiser`); :meth:`scale_model_input` is then ``c_in x``,
             ``timesteps`` are ``0.25 log(sigma)`` and ``init_noise_sigma`` is ``sqrt(sigma_max^2 + 1)``, as
-            diffusers' EDM schedulers have them. ``None`` (default) for other models.
+            diffusers' EDM schedulers have them, and ``set_timesteps(sigmas=...)`` reads positions on the
+            config's sigma ramp, as ``EDMEulerScheduler`` does. ``None`` (default) for other models.
         thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample, clip_sample_range:
             the denoised estimate's post-processing, as in diffusers' configs (DDPM's takes
             ``clip_sample=True`` by default; this class ``False``).
@@ -729,8 +762,13 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         ``FlowMatchEulerDiscreteScheduler`` shifts them (``shift``, UniPC's ``flow_shift``, or
         ``use_dynamic_shifting`` with ``mu``, then ``shift_terminal``), so pipelines that always pass
         sigmas (Flux and its kin) run on the grid their own scheduler would use; for VP configs
-        ``sigma / alpha`` (Karras'). A trailing 0 is dropped; nodes beyond the model's range are clipped
-        to it. ``timesteps`` and ``sigmas`` together (CogView4, GLM-Image; FlowMatchEuler takes both): the
+        ``sigma / alpha`` (Karras'), a trailing 0 dropped. For EDM configs, as ``EDMEulerScheduler`` reads
+        them, ``sigmas`` are no noise levels but positions on the config's sigma ramp, strictly increasing
+        in ``[0, 1]`` (0: ``sigma_max``, 1: ``sigma_min``; ``torch.linspace(0, 1, n)`` is the ramp of
+        ``num_inference_steps=n``): ``sigma_schedule="karras"`` gives Karras et al.'s sigmas with the
+        config's ``rho``, ``"exponential"`` log-uniform ones (diffusers' exponential ramp reads only the
+        positions' number, as if evenly spaced). Nodes beyond the model's range are clipped to it.
+        ``timesteps`` and ``sigmas`` together (CogView4, GLM-Image; FlowMatchEuler takes both): the
         nodes are the sigmas' and ``timesteps`` are the net's times there, as given; for the run the
         net's time is piecewise linear in process time through the nodes' (multistage solvers' inner
         evaluations).
