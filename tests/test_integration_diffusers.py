@@ -1350,6 +1350,28 @@ def test_custom_sigmas_of_edm_configs_each_a_position_others_refused():
             ours.set_timesteps(sigmas=sigmas)
 
 
+def test_custom_timesteps_of_edm_configs_are_the_nets_times():
+    # EDM's net time is c_noise = log(sigma) / 4, negative below sigma 1. Before, custom timesteps were read
+    # as sigmas (EDMEuler's first three, [1.0955, 0.7987, 0.4411], came back as [0.0228, -0.0562, -0.2046])
+    # and a grid reaching below sigma 1 was refused; with sigmas, the given timesteps were ignored (the
+    # EDM denoiser dropped the nodes' time map). Measured: EDMEuler's run to 1.7e-7.
+    theirs = diffusers.EDMEulerScheduler()
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref, _ = run_scheduler(theirs, _edm_net, x_T, 8)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="euler")
+    raw, _ = run_scheduler(ours, _edm_net, x_T, None, timesteps=theirs.timesteps.tolist())
+    assert float((ours.timesteps - theirs.timesteps).abs().max()) < 4e-7
+    assert rel_rmse(ours.sigmas, theirs.sigmas) < 3e-7
+    assert rel_rmse(raw, ref) < EDM_PARITY
+    ours.set_timesteps(sigmas=[0.0, 0.5, 0.9])
+    sigmas = ours.sigmas
+    ours.set_timesteps(timesteps=[1.0, 0.5, -0.2], sigmas=[0.0, 0.5, 0.9])
+    assert ours.timesteps.tolist() == torch.tensor([1.0, 0.5, -0.2]).tolist()  # as given, on the ramp's nodes
+    assert torch.equal(ours.sigmas, sigmas)
+    with pytest.raises(ValueError, match=r"^set_timesteps: timesteps must be finite numbers, got"):
+        ours.set_timesteps(timesteps=[1.0, -math.inf])
+
+
 def test_edm_configs_saved_and_made_in_code_are_one_model():
     # saved: _class_name; made in code: told apart by sigma_data and sigma_schedule (Cosine's keys aside);
     # SteerdiffScheduler's own config keeps the model (from_config of it, as save/load does)

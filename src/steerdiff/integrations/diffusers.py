@@ -338,16 +338,20 @@ def _custom_times(
     sigmas: Sequence[float] | None,
     mu: float | None,
 ) -> Tensor:
-    """The process times of a pipeline's custom grid: ``timesteps`` are the net's times of the nodes;
-    ``sigmas`` are noise levels in the convention of the config's diffusers schedulers -- flow times
-    (before the shift, which is applied as :func:`_flow_shift` says) for flow configs, ``sigma /
-    alpha`` (Karras') for VP ones, a trailing 0 (diffusers' terminal) dropped: the end is the
-    scheduler's ``final``; for EDM configs positions on the sigma ramp (:func:`_edm_ramp`). Times beyond
-    the model's range are clipped to it."""
+    """The process times of a pipeline's custom grid: ``timesteps`` are the net's times of the nodes
+    (``log(sigma) / 4`` for EDM configs); ``sigmas`` are noise levels in the convention of the config's
+    diffusers schedulers -- flow times (before the shift, which is applied as :func:`_flow_shift` says)
+    for flow configs, ``sigma / alpha`` (Karras') for VP ones, a trailing 0 (diffusers' terminal)
+    dropped: the end is the scheduler's ``final``; for EDM configs positions on the sigma ramp
+    (:func:`_edm_ramp`). Times beyond the model's range are clipped to it."""
     name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
     v = real_array("set_timesteps", name, values)
-    if name == "sigmas" and spec.sigma_data is not None:
-        return _edm_ramp(cfg, spec.process, v, values)
+    if spec.sigma_data is not None:  # EDM
+        if name == "sigmas":
+            return _edm_ramp(cfg, spec.process, v, values)
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"set_timesteps: timesteps must be finite numbers, got {values!r}")
+        v = torch.exp(4 * v)  # the net's time c_noise = log(sigma) / 4 (edm_noise), < 0 below sigma 1
     if name == "sigmas" and len(v) > 1 and v[-1] == 0:
         v = v[:-1]
     low = v >= 0 if name == "timesteps" else v > 0
@@ -757,7 +761,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
         Pass one of: ``num_inference_steps`` (the ``schedule``'s grid of that many steps; ``mu`` is
         ignored), or a custom grid as diffusers' schedulers take it, its nodes followed by the step
-        ``final`` says: ``timesteps``, the net's times of the nodes, or ``sigmas``, their noise levels
+        ``final`` says: ``timesteps``, the net's times of the nodes (for EDM configs ``log(sigma) / 4``,
+        as ``timesteps`` list them; diffusers' EDM schedulers take none), or ``sigmas``, their noise levels
         as the config's own scheduler reads them -- for flow-matching configs flow times, shifted as
         ``FlowMatchEulerDiscreteScheduler`` shifts them (``shift``, UniPC's ``flow_shift``, or
         ``use_dynamic_shifting`` with ``mu``, then ``shift_terminal``), so pipelines that always pass

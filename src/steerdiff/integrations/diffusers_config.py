@@ -355,14 +355,13 @@ def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
     """The denoiser of ``spec`` over ``net`` (``kw`` override it), in its
     :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips."""
     den: Denoiser
+    opts: dict[str, Any] = {} if spec.time_map is None else {"time_map": spec.time_map}
     if spec.sigma_data is not None:
         assert isinstance(spec.process, EDM), "an EDM config's spec holds an EDM process"
-        den = EDMDenoiser(net, spec.process, spec.sigma_data, **{"output": spec.prediction, **kw})
-        return den if spec.threshold is None else DynamicThreshold(den, *spec.threshold)
-    opts: dict[str, Any] = {"prediction": spec.prediction, "learned_variance": spec.learned_variance}
-    if spec.time_map is not None:
-        opts["time_map"] = spec.time_map
-    den = Denoiser(net, spec.process, **{**opts, **kw})
+        den = EDMDenoiser(net, spec.process, spec.sigma_data, **{"output": spec.prediction, **opts, **kw})
+    else:
+        opts.update(prediction=spec.prediction, learned_variance=spec.learned_variance)
+        den = Denoiser(net, spec.process, **{**opts, **kw})
     return den if spec.threshold is None else DynamicThreshold(den, *spec.threshold)
 
 
