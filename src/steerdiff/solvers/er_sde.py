@@ -58,7 +58,12 @@ that step); the default noise scale's order 3 gives 1.09-1.03. ``time_uniform`` 
 processes; ``dpmpp_3m_sde`` and ``sa_solver`` (3, 3) take such a step at first order (``SDE_MAX_H`` in
 :mod:`~steerdiff.solvers.base`; without it 26.7 and 32.0 there), ER-SDE does not: on the exact Gaussian
 that rule helps ``"sde"`` (better / worse in 51 / 37 cases at order 2, 61 / 27 at order 3, over 5
-processes, 6 schedules, 5-40 steps) and hurts the default (10 / 78, 12 / 76).
+processes, 6 schedules, 5-40 steps) and hurts the default (10 / 78, 12 / 76). The authors' third-order
+step (``third_order="paper"``, their reference code's ``dd_x0``) overshoots too; other draws of that mixture
+(floor 0.033), SD betas, ``time_uniform``, order 3, sliced W2 at 20 / 50 steps: ``"paper"`` 0.110 / 0.049,
+``"exact"`` 0.162 / 0.069, the default noise scale 0.029 / 0.030; with the rule ``"exact"`` 0.038 / 0.030, but
+the default 0.062 against 0.036 at 10 steps. The cause is that of the SDE multistep solvers' long steps (the
+note on ``SDE_MAX_H`` in :mod:`~steerdiff.solvers.base`).
 
 One NFE per step, warm-up at the first steps and lower order at the last
 (:func:`~steerdiff.solvers.base.step_order`); the step into a clean end returns ``m_0``. Each step
