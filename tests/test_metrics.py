@@ -239,3 +239,29 @@ def test_mmd_median_heuristic_names_non_finite_samples(bad):
     with pytest.raises(ValueError, match=message):
         sd.metrics.mmd(x, y)
     assert math.isnan(sd.metrics.mmd(x, y, bandwidth=1.0))
+
+
+@pytest.mark.parametrize("ref", [torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.float64)])
+def test_relative_rmse_of_a_zero_reference_is_refused(ref):
+    """The relative error of a zero reference is undefined: it read inf (or NaN for x = 0) silently."""
+    for x in (torch.ones_like(ref), torch.zeros_like(ref)):
+        with pytest.raises(ValueError, match=r"^relative_rmse: ref is all zero; .*nonzero entry$"):
+            sd.metrics.relative_rmse(x, ref)
+
+
+@pytest.mark.parametrize("size", [1e-200, 1e200])
+def test_relative_rmse_of_a_tiny_or_huge_reference(size):
+    """The value does not depend on the units: the squares of 1e-200 underflowed (0 / 0 = NaN) and
+    those of 1e200 overflowed (inf / inf = NaN); the example of the first test, scaled."""
+    ref = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    x = ref + torch.tensor([[0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    assert sd.metrics.relative_rmse(x * size, ref * size) == pytest.approx((3 / 25) ** 0.5, rel=1e-15)
+
+
+def test_mmd_of_a_tiny_bandwidth_is_the_coincidence_limit():
+    """As h -> 0 the kernel is 1 on coinciding points and 0 elsewhere: x = {0, 2}, y = {0, 4} share one
+    of their 4 cross pairs, so MMD^2 -> 0 + 0 - 2 / 4. h = 1e-200 read NaN (h^2 underflowed to 0, and
+    the diagonal's 0 / 0)."""
+    x = torch.tensor([[0.0], [2.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0], [4.0]], dtype=torch.float64)
+    assert sd.metrics.mmd(x, y, bandwidth=1e-200) == -0.5

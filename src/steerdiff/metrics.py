@@ -53,14 +53,27 @@ def _pair(x: Tensor, y: Tensor, name: str, names: tuple[str, str] = ("x", "y")) 
 
 def relative_rmse(x: Tensor, ref: Tensor) -> float:
     """``||x - ref|| / ||ref||`` over all entries, in float64: a solver's error against the exact
-    solution from the same initial noise."""
+    solution from the same initial noise. ``ref`` must have a nonzero entry (the relative error of a
+    zero reference is undefined).
+
+    ``x - ref`` and ``ref`` are scaled by the power of two nearest below ``1 / max|ref|`` first: exact in
+    floating point, so the value is unchanged, but the squares of a tiny (``1e-200``) or huge
+    (``1e200``) reference no longer underflow to ``0 / 0`` or overflow to ``inf / inf``.
+    """
     _tensors("relative_rmse", x=x, ref=ref)
     if x.shape != ref.shape:
         raise ValueError(f"relative_rmse: shapes differ, {tuple(x.shape)} vs {tuple(ref.shape)}")
     if x.numel() == 0:
         raise ValueError(f"relative_rmse: x and ref have no entries, shape {tuple(x.shape)}")
+    if not bool(ref.any()):
+        raise ValueError(
+            "relative_rmse: ref is all zero; a relative error needs a reference with a nonzero entry"
+        )
     x, ref = x.to(torch.float64), ref.to(torch.float64)
-    return float(((x - ref) ** 2).mean().sqrt() / (ref**2).mean().sqrt())
+    scale = torch.ldexp(
+        torch.ones((), dtype=torch.float64, device=ref.device), -torch.frexp(ref.abs().amax())[1]
+    )
+    return float((((x - ref) * scale) ** 2).mean().sqrt() / ((ref * scale) ** 2).mean().sqrt())
 
 
 def sliced_wasserstein(
@@ -102,18 +115,18 @@ def mmd(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
     if bandwidth is not None:
         bandwidth = real("mmd", "bandwidth", bandwidth, lo=0, lo_open=True)
     z = torch.cat([x, y])
-    d2 = torch.cdist(z, z).pow(2)
+    d = torch.cdist(z, z)
     if bandwidth is None:
         for name, v in (("x", x), ("y", y)):
             if not bool(torch.isfinite(v).all()):  # a NaN median would read as bandwidth 0 below
                 raise ValueError(f"mmd: the median heuristic needs finite samples; {name} has NaN or inf")
-        off = d2[~torch.eye(len(z), dtype=torch.bool)]
-        bandwidth = float(off.median().sqrt())
+        bandwidth = float(d[~torch.eye(len(z), dtype=torch.bool)].median())
         if not bandwidth > 0:
             raise ValueError(
                 "mmd: the median heuristic gives bandwidth 0 (most samples coincide); pass a bandwidth > 0"
             )
-    k = torch.exp(-d2 / (2 * bandwidth**2))
+    # (d / h)^2, not d^2 / h^2: h^2 of a tiny bandwidth (1e-200) underflows to 0, and 0 / 0 on the diagonal
+    k = torch.exp(-0.5 * (d / bandwidth).pow(2))
     n, m = len(x), len(y)
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
     return float(
