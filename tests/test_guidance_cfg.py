@@ -500,6 +500,39 @@ def test_pcg_names_a_bad_steps(den, steps):
         pcg(den, den, x_T, steps, 3.0, uncond_kwargs={"y": NULL}, y=1)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "change", "message"),
+    [
+        (
+            torch.float32,
+            {"gamma": 1e39},
+            r"gamma must be at most 3\.403e\+38 in magnitude, the largest float32",
+        ),
+        (
+            torch.float16,
+            {"gamma": 1e39},
+            r"gamma must be at most 3\.403e\+38 in magnitude, the largest float32",
+        ),
+        (F64, {"uncond": 3}, r"uncond must be a steerdiff Denoiser, got int"),
+        (F64, {"cond": None}, r"cond must be a steerdiff Denoiser, got NoneType"),
+        (F64, {"uncond": labelled(sd.VP.cosine())}, r"cond and uncond must share a process, got VP"),
+        (F64, {"uncond_kwargs": [NULL]}, r"uncond_kwargs must be a dict, got list"),
+        (F64, {"uncond_kwargs": {"y": torch.full((3,), NULL)}}, r"uncond_kwargs\['y'\] has 3 rows, but"),
+        (F64, {"final": "nope"}, r"final must be one of \['zero', 'none'\], got 'nope'"),
+    ],
+    ids=["gamma-float32", "gamma-float16", "uncond", "cond", "process", "uncond_kwargs", "rows", "final"],
+)
+def test_pcg_names_its_own_arguments(den, dtype, change, message):
+    """Errors about pcg's arguments name pcg and the argument: they named the CFG it builds
+    (``CFG: scale``, raised at the first Langevin move, for a gamma beyond float32 in its float32 run;
+    ``CFG: uncond_kwargs['y']``, ``CFG: cond``...) or ``make_grid: final``."""
+    args = {"cond": den, "uncond": den, "uncond_kwargs": {"y": NULL}, **change}
+    gamma = args.pop("gamma", 3.0)
+    x_T = torch.zeros(4, 2, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"^pcg: {message}"):
+        pcg(args.pop("cond"), args.pop("uncond"), x_T, 4, gamma, y=torch.ones(4, dtype=torch.long), **args)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_pcg_half_precision_runs_only_the_nets_in_half(sd_process, dtype):
     """A half-precision ``x_T``: exactly a float32 run (steps, Langevin moves and the CFG combination in
@@ -908,16 +941,16 @@ def test_option_messages_name_the_owner(den):
         ),
         (
             lambda den: sd.guidance.pcg(1.0, den, torch.zeros(2, 2), 3, 0.5),
-            "CFG: cond must be a steerdiff Denoiser",
+            "pcg: cond must be a steerdiff Denoiser",
         ),
         (
             lambda den: sd.guidance.pcg(den, [den], torch.zeros(2, 2), 3, 0.5),
-            "CFG: uncond must be a steerdiff",
+            "pcg: uncond must be a steerdiff",
         ),
     ],
 )
 def test_a_wrapped_denoiser_that_is_none_is_named_by_its_argument(den, make, name):
     """The check of the wrapped denoiser names the wrapper's own argument (CFG's was "base"; pcg read
-    ``cond.shape`` first and raised an AttributeError)."""
+    ``cond.shape`` first and raised an AttributeError, then named the CFG it builds)."""
     with pytest.raises(ValueError, match=name):
         make(den)

@@ -157,6 +157,18 @@ class CADS:
         return self.psi * rescaled + (1 - self.psi) * y_hat
 
 
+def check_pair(who: str, cond: object, uncond: object, uncond_kwargs: object) -> dict[str, Any]:
+    """A copy of ``uncond_kwargs`` (``{}`` for None) once ``cond`` and ``uncond`` are denoisers of one
+    process and ``uncond_kwargs`` is a dict or None, else a ``ValueError`` naming ``who``: :class:`CFG`, or
+    :func:`~steerdiff.guidance.pcg`, whose arguments these are when it builds its CFG."""
+    c, u = check_denoiser(who, "cond", cond), check_denoiser(who, "uncond", uncond)
+    if not same_process(c, u):
+        raise ValueError(f"{who}: cond and uncond must share a process, got {c.process} and {u.process}")
+    if uncond_kwargs is not None and not isinstance(uncond_kwargs, dict):
+        raise ValueError(f"{who}: uncond_kwargs must be a dict, got {type(uncond_kwargs).__name__}")
+    return dict(uncond_kwargs or {})
+
+
 class CFG(Guided):
     """Classifier-free guidance ``eps_u + scale (eps_c - eps_u)`` (Ho & Salimans 2022, Eq. 6).
 
@@ -202,16 +214,9 @@ class CFG(Guided):
         cads: CADS | None = None,
     ) -> None:
         super().__init__(cond)
-        check_denoiser("CFG", "uncond", uncond)
-        if not same_process(cond, uncond):
-            raise ValueError(
-                f"CFG: cond and uncond must share a process, got {cond.process} and {uncond.process}"
-            )
+        self.uncond_kwargs = check_pair("CFG", cond, uncond, uncond_kwargs)
         self.uncond = uncond
         self.scale = real("CFG", "scale", scale, lo=0)
-        if uncond_kwargs is not None and not isinstance(uncond_kwargs, dict):
-            raise ValueError(f"CFG: uncond_kwargs must be a dict, got {type(uncond_kwargs).__name__}")
-        self.uncond_kwargs = dict(uncond_kwargs or {})
         self.rescale = real("CFG", "rescale", rescale, lo=0, hi=1)
         self.rescale_space = choice("CFG", "rescale_space", rescale_space, RESCALE_SPACES)
         if interval is not None:

@@ -13,8 +13,8 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-from .._checks import boolean, integer, real
-from ..denoiser import Denoiser
+from .._checks import boolean, choice, held_by, integer, real
+from ..denoiser import Denoiser, override_kwargs
 from ..mcmc.base import Point, Target, chain, fixed_time
 from ..mcmc.langevin import ULA
 from ..noise import NoiseSource, check_fixed_time, make_noise
@@ -22,9 +22,9 @@ from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ..solvers._exp import sde_std
-from ..solvers.base import Model, make_grid, to_sample_dtype, work_dtype
+from ..solvers.base import FINALS, Model, make_grid, to_sample_dtype, work_dtype
 from ..solvers.ddim import DDIM
-from .cfg import CFG
+from .cfg import CFG, check_pair
 
 __all__ = ["pcg"]
 
@@ -138,8 +138,14 @@ def pcg(
     return_info = boolean("pcg", "return_info", return_info)
     langevin_steps = integer("pcg", "langevin_steps", langevin_steps, lo=1)
     step_scale = real("pcg", "step_scale", step_scale, lo=0, lo_open=True)
-    sharpened = CFG(cond, uncond, gamma, uncond_kwargs=uncond_kwargs)
+    # CFG's and make_grid's checks of these arguments, named as pcg's (they read "CFG: scale", some only
+    # at the first move)
+    uncond_kwargs = check_pair("pcg", cond, uncond, uncond_kwargs)
     check_x_T(cond, x_T, "pcg")
+    held_by("pcg", "gamma", gamma, work_dtype(x_T.dtype))
+    override_kwargs("pcg", "uncond_kwargs", kwargs, uncond_kwargs, x_T.shape[0])
+    choice("pcg", "final", final, FINALS)
+    sharpened = CFG(cond, uncond, gamma, uncond_kwargs=uncond_kwargs)
     check_fixed_time("pcg", generator, "pass a torch.Generator or a list of them (one per sample)")
     check_seeded(sharpened, generator, "pcg")
     sched = get_schedule(schedule, "pcg")
