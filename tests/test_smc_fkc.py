@@ -456,7 +456,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"^fkc_cfg: uncond must be a steerdiff Denoiser"):
         sd.smc.fkc_cfg(den, "uncond", 2.0, **opts)
     for dens, betas, name in ((None, [2.0], "dens"), ([den], None, "betas")):  # was TypeError: NoneType
-        with pytest.raises(ValueError, match=f"Composition: {name} must be a sequence"):
+        with pytest.raises(ValueError, match=f"^fkc: {name} must be a sequence"):
             sd.smc.fkc(dens, betas, **opts)
     with pytest.raises(ValueError, match="betas must be a sequence"):
         sd.smc.fkc([den], 2.0, **opts)
@@ -466,6 +466,46 @@ def test_bad_inputs():
         sd.smc.fkc_product(den, lambda x, t: x, **opts)
     with pytest.raises(ValueError, match="share a process"):
         sd.smc.fkc_product(den, g.denoiser(sd.VP.linear()), **opts)
+
+
+@pytest.mark.parametrize(
+    ("who", "call"),
+    [
+        ("fkc", lambda den, **kw: sd.smc.fkc([den, den], [0.5, 0.5], **kw)),
+        ("fkc_anneal", lambda den, **kw: sd.smc.fkc_anneal(den, 2.0, **kw)),
+        ("fkc_product", lambda den, **kw: sd.smc.fkc_product(den, den, **kw)),
+        ("fkc_cfg", lambda den, **kw: sd.smc.fkc_cfg(den, den, 2.0, **kw)),
+    ],
+)
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"correct": "no"}, "{who}: correct must be True or False, got 'no'"),
+        ({"max_batch": 0}, "{who}: max_batch must be an integer >= 1, got 0"),
+        ({"max_batch": 2.5}, "{who}: max_batch must be an integer >= 1, got 2.5"),
+        (
+            {"solver": "ddim"},
+            "{who} needs a stochastic solver (resampled copies must diverge); solver 'ddim'",
+        ),
+    ],
+)
+def test_fkc_functions_name_themselves(who, call, bad, message):
+    """The function called is named (correct and max_batch were named ``FKCorrector`` and
+    ``Composition``, the classes the functions build, and run_smc's checks ``fkc`` for every wrapper)."""
+    den = mixture([[0.0, 1.0]], [[1.0, 0.5]]).denoiser(PROC)
+    with pytest.raises(ValueError) as e:
+        call(den, shape=(1, 2), particles=4, steps=5, **bad)
+    assert str(e.value).startswith(message.format(who=who))
+
+
+def test_fkc_wrappers_name_their_kwargs():
+    """They were named by the position in fkc's list: ``Composition: kwargs[1]``, ``kwargs[0]``."""
+    den = mixture([[0.0, 1.0]], [[1.0, 0.5]]).denoiser(PROC)
+    opts = {"shape": (1, 2), "particles": 4, "steps": 5}
+    with pytest.raises(ValueError, match=r"^fkc_product: kwargs2 must be a dict or None, got list$"):
+        sd.smc.fkc_product(den, den, kwargs2=[1], **opts)
+    with pytest.raises(ValueError, match=r"^fkc_cfg: uncond_kwargs must be a dict or None, got int$"):
+        sd.smc.fkc_cfg(den, den, 2.0, uncond_kwargs=3, **opts)
 
 
 def test_composition_counts_what_its_components_spend():

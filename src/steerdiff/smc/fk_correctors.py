@@ -266,6 +266,45 @@ class ComposedPrediction(Prediction):
         self.parts = parts
 
 
+def _dict_or_none(who: str, name: str, value: object) -> None:
+    """A ``ValueError`` naming ``who`` and ``name`` unless ``value`` is a dict or None."""
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{who}: {name} must be a dict or None, got {type(value).__name__}")
+
+
+def _components(
+    who: str,
+    dens: Sequence[Denoiser],
+    betas: Sequence[float],
+    kwargs: Sequence[dict[str, Any] | None] | None,
+    max_batch: int | None,
+) -> tuple[list[Denoiser], list[float], list[dict[str, Any] | None], int | None]:
+    """:class:`Composition`'s arguments checked, as lists (``kwargs``: one ``None`` per component for
+    ``None``), else a ``ValueError`` naming ``who``: the class, or the public function that builds one."""
+    for name, value in (("dens", dens), ("betas", betas), ("kwargs", kwargs)):
+        if not isinstance(value, Iterable) and (value is not None or name != "kwargs"):
+            raise ValueError(
+                f"{who}: {name} must be a sequence (one per component), got {type(value).__name__}"
+            )
+    dens, betas = list(dens), [real(who, f"betas[{k}]", b) for k, b in enumerate(betas)]
+    kwargs = [None] * len(dens) if kwargs is None else list(kwargs)
+    if not dens or len(betas) != len(dens) or len(kwargs) != len(dens):
+        raise ValueError(
+            f"{who}: dens, betas and kwargs must be non-empty and of one length, got {len(dens)}, "
+            f"{len(betas)} and {len(kwargs)}"
+        )
+    for k, (d, kw) in enumerate(zip(dens, kwargs, strict=True)):
+        check_denoiser(who, f"dens[{k}]", d)
+        if not same_process(dens[0], d):
+            raise ValueError(
+                f"{who}: all denoisers must share a process, got {dens[0].process} and {d.process}"
+            )
+        _dict_or_none(who, f"kwargs[{k}]", kw)
+    if not sum(betas) > 0:
+        raise ValueError(f"{who}: sum(betas) must be > 0, got {sum(betas)} for betas {betas}")
+    return dens, betas, kwargs, _check_batching(who, dens, max_batch)
+
+
 class Composition(Guided):
     """The denoiser of the composed density ``prod_k q^k_t(x)^{beta_k}``: ``eps = sum_k beta_k eps_k``,
     i.e. the score ``sum_k beta_k s_k`` (Skreta et al. 2025, Eq. 16), combined in ``eps`` (not in
@@ -294,29 +333,7 @@ class Composition(Guided):
         kwargs: Sequence[dict[str, Any] | None] | None = None,
         max_batch: int | None = None,
     ) -> None:
-        for name, value in (("dens", dens), ("betas", betas), ("kwargs", kwargs)):
-            if not isinstance(value, Iterable) and (value is not None or name != "kwargs"):
-                raise ValueError(
-                    f"Composition: {name} must be a sequence (one per component), got {type(value).__name__}"
-                )
-        dens, betas = list(dens), [real("Composition", f"betas[{k}]", b) for k, b in enumerate(betas)]
-        kwargs = [None] * len(dens) if kwargs is None else list(kwargs)
-        if not dens or len(betas) != len(dens) or len(kwargs) != len(dens):
-            raise ValueError(
-                f"Composition: dens, betas and kwargs must be non-empty and of one length, got {len(dens)}, "
-                f"{len(betas)} and {len(kwargs)}"
-            )
-        for k, (d, kw) in enumerate(zip(dens, kwargs, strict=True)):
-            check_denoiser("Composition", f"dens[{k}]", d)
-            if not same_process(dens[0], d):
-                raise ValueError(
-                    f"Composition: all denoisers must share a process, got {dens[0].process} and {d.process}"
-                )
-            if kw is not None and not isinstance(kw, dict):
-                raise ValueError(f"Composition: kwargs[{k}] must be a dict or None, got {type(kw).__name__}")
-        if not sum(betas) > 0:
-            raise ValueError(f"Composition: sum(betas) must be > 0, got {sum(betas)} for betas {betas}")
-        max_batch = _check_batching("Composition", dens, max_batch)
+        dens, betas, kwargs, max_batch = _components("Composition", dens, betas, kwargs, max_batch)
         keep = [k for k, b in enumerate(betas) if b != 0]
         super().__init__(dens[keep[0]])
         self.dens = tuple(dens[k] for k in keep)
@@ -484,22 +501,56 @@ def fkc(
         particles`` for ``K`` components with ``beta_k != 0`` and a one-evaluation step; ``K *
         particles`` more with ``final="none"``), ``trace`` (``log_z`` as in the module docstring).
     """
-    shape = _check_shape(shape, "fkc")
-    check_generators("fkc", generator, shape[0])
-    n = integer("fkc", "particles", particles, lo=1)
-    final = choice("fkc", "final", final, FINALS)
-    comp = Composition(dens, betas, kwargs, max_batch)
-    algorithm = FKCorrector(comp, correct)
-    data_std = real("fkc", "data_std", data_std, lo=0)
+    return _fkc(
+        "fkc", dens, betas, shape=shape, particles=particles, steps=steps, kwargs=kwargs, correct=correct,
+        ess_threshold=ess_threshold, resampler=resampler, solver=solver, data_std=data_std, schedule=schedule,
+        final=final, max_batch=max_batch, x_T=x_T, dtype=dtype, device=device, generator=generator,
+        progress=progress, **cond,
+    )  # fmt: skip
+
+
+def _fkc(
+    who: str,
+    dens: Sequence[Denoiser],
+    betas: Sequence[float],
+    *,
+    shape: tuple[int, ...],
+    particles: int = 16,
+    steps: int = 100,
+    kwargs: Sequence[dict[str, Any] | None] | None = None,
+    correct: bool = True,
+    ess_threshold: float = 0.5,
+    resampler: str | _resample.Resampler = "systematic",
+    solver: str | Solver | None = None,
+    data_std: float = 0.0,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
+    final: str = "zero",
+    max_batch: int | None = None,
+    x_T: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    generator: Generators = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """:func:`fkc`, its messages and ``run_smc``'s naming ``who``: ``fkc`` or the wrapper called."""
+    shape = _check_shape(shape, who)
+    check_generators(who, generator, shape[0])
+    n = integer(who, "particles", particles, lo=1)
+    final = choice(who, "final", final, FINALS)
+    comp = Composition(*_components(who, dens, betas, kwargs, max_batch))
+    algorithm = FKCorrector(comp, boolean(who, "correct", correct))
+    algorithm.name = who  # run_smc's messages and progress bar
+    data_std = real(who, "data_std", data_std, lo=0)
     if solver is None:
         solver = fkc_solver(sum(comp.betas), data_std)
     elif data_std != 0:
-        raise ValueError("fkc: data_std sets the default solver's step limit; give it with solver=None")
+        raise ValueError(f"{who}: data_std sets the default solver's step limit; give it with solver=None")
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
-        dtype = None if dtype is None else sample_dtype("fkc", "dtype", dtype)
-        device = device_or_none("fkc", "device", device)
-        sched = _schedules.get(schedule, "fkc")
-        grid = make_grid(comp.process, sched, integer("fkc", "steps", steps, lo=1), final)
+        dtype = None if dtype is None else sample_dtype(who, "dtype", dtype)
+        device = device_or_none(who, "device", device)
+        sched = _schedules.get(schedule, who)
+        grid = make_grid(comp.process, sched, integer(who, "steps", steps, lo=1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
         x_T = scale * randn((shape[0], n, *shape[1:]), generator, dtype, device)
     return run_smc(
@@ -522,7 +573,7 @@ def fkc_anneal(den: Denoiser, beta: float, **options: Any) -> Particles:
         >>> out.mean()   # E[x] under p^2 / Z, per batch row
     """
     check_denoiser("fkc_anneal", "den", den)
-    return fkc([den], [real("fkc_anneal", "beta", beta, lo=0, lo_open=True)], **options)
+    return _fkc("fkc_anneal", [den], [real("fkc_anneal", "beta", beta, lo=0, lo_open=True)], **options)
 
 
 def fkc_product(
@@ -539,7 +590,9 @@ def fkc_product(
     NFE: 2 per particle per step."""
     for name, d in (("den1", den1), ("den2", den2)):
         check_denoiser("fkc_product", name, d)
-    return fkc([den1, den2], [1.0, 1.0], kwargs=[kwargs1, kwargs2], **options)
+    for name, kw in (("kwargs1", kwargs1), ("kwargs2", kwargs2)):
+        _dict_or_none("fkc_product", name, kw)
+    return _fkc("fkc_product", [den1, den2], [1.0, 1.0], kwargs=[kwargs1, kwargs2], **options)
 
 
 def fkc_cfg(
@@ -560,5 +613,6 @@ def fkc_cfg(
     """
     for name, d in (("cond", cond), ("uncond", uncond)):
         check_denoiser("fkc_cfg", name, d)
+    _dict_or_none("fkc_cfg", "uncond_kwargs", uncond_kwargs)
     w = real("fkc_cfg", "scale", scale)
-    return fkc([uncond, cond], [1.0 - w, w], kwargs=[uncond_kwargs, None], **options)
+    return _fkc("fkc_cfg", [uncond, cond], [1.0 - w, w], kwargs=[uncond_kwargs, None], **options)

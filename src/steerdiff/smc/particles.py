@@ -484,7 +484,7 @@ class SMCAlgorithm:
     ``None``, ``propose`` returns the base transition.
     """
 
-    name: ClassVar[str] = "smc"
+    name: str = "smc"  # an instance may carry another (the fkc wrappers name their runs after themselves)
     stochastic: ClassVar[bool] = True
     grad: ClassVar[bool] = False
     sliced_grad: ClassVar[bool] = False
