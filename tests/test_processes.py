@@ -541,3 +541,33 @@ def test_process_time_checks_keep_the_values(proc):
     assert isinstance(proc.t_of_sigma_ratio(0.0), torch.Tensor)
     with pytest.raises(ValueError, match=r"t_of_sigma_ratio: s must be a real number >= 0"):
         proc.t_of_sigma_ratio(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("proc", "at_inf", "at_minus_inf"),
+    [
+        # a table: its ends; closed forms: the limit of t_of_lam(lam) as lam -> +-inf
+        (sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, N, dtype=F64)), 0.0, N - 1.0),
+        (sd.VP.scaled_linear(), 0.0, 999.0),
+        (sd.VP.linear(), 0.0, math.inf),  # alpha = exp(-t^2 ...) > 0 for every t
+        (sd.VP.cosine(), 0.0, 1.0),  # alpha(1) = cos(pi / 2) = 0
+        (sd.VE(), -math.inf, math.inf),  # sigma = sigma_min ratio^t
+        (sd.EDM(), 0.0, math.inf),  # sigma = t
+        (sd.RectifiedFlow(), 0.0, 1.0),  # alpha(1) = 0
+        (sd.MeanReverting(), 0.0, math.inf),  # thetabar(t) grows without bound
+        (sd.MeanReverting(theta_min=0.0), 0.0, math.inf),
+        (sd.MeanReverting(theta_min=2.0, theta_max=2.0), 0.0, math.inf),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, sd.Process) else None,
+)
+def test_t_of_lam_at_infinite_lam_is_the_limit(proc, at_inf, at_minus_inf):
+    """``lam = -inf`` gave NaN on VP.linear and MeanReverting (``inf / inf`` in their closed-form inverses;
+    ``0 * inf`` too for a constant theta) while the others give their limit. Now every process gives the
+    limit, a float, a 0-d tensor or per entry, and ``t_of_sigma_ratio(inf)`` (``lam = -inf``) with it; a
+    large finite ``lam`` is on the way to it."""
+    lams = torch.tensor([math.inf, -math.inf], dtype=F64)
+    assert proc.t_of_lam(lams).tolist() == [at_inf, at_minus_inf]
+    assert float(proc.t_of_lam(math.inf)) == at_inf and float(proc.t_of_lam(-math.inf)) == at_minus_inf
+    assert float(proc.t_of_sigma_ratio(math.inf)) == at_minus_inf
+    near = proc.t_of_lam(torch.tensor([30.0, -30.0], dtype=F64))
+    assert float(near[0]) >= at_inf and float(near[1]) <= at_minus_inf

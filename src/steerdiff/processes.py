@@ -381,7 +381,8 @@ class VPLinear(VP):
         d = self.beta_max - self.beta_min
         tmp = 2 * d * torch.logaddexp(-2 * lam, torch.zeros_like(lam))
         delta = self.beta_min**2 + tmp
-        return tmp / (delta.sqrt() + self.beta_min) / d
+        # lam = -inf (or e^{-2 lam} beyond float64) is the limit t = inf, where the quotient is inf / inf
+        return torch.where(tmp.isinf(), math.inf, tmp / (delta.sqrt() + self.beta_min) / d)
 
     def _dlog_alpha(self, t: Tensor) -> Tensor:
         return -0.5 * t * (self.beta_max - self.beta_min) - 0.5 * self.beta_min
@@ -581,8 +582,9 @@ class MeanReverting(Process):
         a = self.theta_min
         t = 2 * tb / (a + (a * a + 2 * (self.theta_max - a) * tb).sqrt())
         # thetabar = 0 (lam = inf, or e^{-2 lam} below float64's range) is t = 0, also where theta_min = 0
-        # makes the quotient 0 / 0
-        return torch.where(tb == 0, 0.0, t)
+        # makes the quotient 0 / 0; thetabar = inf (lam = -inf, or e^{-2 lam} beyond it) is the limit
+        # t = inf, where the quotient is inf / inf (0 * inf under the root for theta_min = theta_max)
+        return torch.where(tb == 0, 0.0, torch.where(tb.isinf(), math.inf, t))
 
     def d_alpha(self, t: TimeLike) -> Tensor:
         t = _time(self, "d_alpha", t)
