@@ -34,6 +34,12 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def tds(den: sd.Denoiser, operator: object = None, y: object = None, **kw: object) -> sd.smc.Particles:
+    """``sd.smc.tds`` with its positional-only observation taken by name, as the parametrized likelihoods
+    here give it."""
+    return sd.smc.tds(den, operator, y, **kw)
+
+
 def posterior(y: torch.Tensor, A: torch.Tensor = A) -> tuple[torch.Tensor, float]:
     """Exact ``E[x | y]`` and ``log p(y)``."""
     post = GMM.posterior(A, y, S)
@@ -44,7 +50,7 @@ def posterior(y: torch.Tensor, A: torch.Tensor = A) -> tuple[torch.Tensor, float
 
 def run_tds(particles: int, rows: int = 32, seed: int = 0, **kw: object) -> sd.smc.Particles:
     args = {"operator": sd.inverse.Matrix(A), "y": Y, "noise_std": S, **kw}
-    return sd.smc.tds(
+    return tds(
         DEN, **args, shape=(rows, 2), particles=particles, steps=STEPS, solver=SOLVER, generator=gen(seed),
         dtype=F64,
     )  # fmt: skip
@@ -251,7 +257,7 @@ def test_tds_under_no_grad_equals_the_run_with_grad(twist):
         kw = {"log_likelihood": lambda x0: -((x0 @ A.T - Y) ** 2).sum(1) / (2 * S * S)}
 
     def run() -> sd.smc.Particles:
-        return sd.smc.tds(
+        return tds(
             DEN, **kw, shape=(3, 2), particles=4, steps=STEPS, solver=SOLVER, generator=gen(), dtype=F64
         )
 
@@ -610,7 +616,7 @@ def test_tds_max_batch_bounds_every_call_and_graph(twist):
         rows.clear()
         saved = _SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda box: box.t):
-            out = sd.smc.tds(
+            out = tds(
                 den, **kw, shape=(3, 2), particles=4, steps=8, solver="ddpm", ess_threshold=1.0,
                 generator=gen(3), dtype=F64, max_batch=max_batch, shift=shift,
             )  # fmt: skip
@@ -731,7 +737,7 @@ def test_tds_max_batch_hands_an_eps_nets_step_its_own_eps(solver, twist):
     slv = sd.solvers.DDIM(eta=0.7) if solver == "ddim" else solver
 
     def run(max_batch: int | None) -> sd.smc.Particles:
-        return sd.smc.tds(
+        return tds(
             den, **kw, shape=(3, 2), particles=4, steps=7, solver=slv, ess_threshold=1.0, generator=gen(3),
             dtype=F64, max_batch=max_batch,
         )  # fmt: skip
@@ -760,3 +766,39 @@ def test_tds_classifier_twist_under_inference_mode_says_so(max_batch):
         with pytest.raises(RuntimeError, match=forbids):
             sd.smc.tds(den, classifier=classifier, **kw)
         assert sd.smc.tds(den, classifier=classifier, twist_scale=0.0, **kw).x.shape == (2, 3, 2)
+
+
+def test_a_net_condition_may_be_named_y_or_operator():
+    """``den``, ``operator`` and ``y`` are positional-only: a net whose condition is called ``y`` (a class
+    label, as in guided-diffusion's ``model(x, t, y)``) or ``operator`` gets it from ``**cond`` (before: a
+    TypeError, multiple values for ``y``). The run is bit for bit that of the net with the condition baked
+    in; a keyword observation (``operator=``, ``y=``) with no positional one is refused with the way to
+    pass it."""
+    seen = []
+
+    def eps(x: torch.Tensor, t: torch.Tensor, mean: float, scale: float) -> torch.Tensor:
+        a, s = (c(t.to(F64)).to(x.dtype)[:, None] for c in (PROC.alpha, PROC.sigma))
+        return s * (x - mean * a) / (scale * a * a + s * s)
+
+    def net(x: torch.Tensor, t: torch.Tensor, *, y: torch.Tensor, operator: float) -> torch.Tensor:
+        seen.append((y, operator))
+        return eps(x, t, y[:, None], operator)
+
+    kw = dict(noise_std=S, shape=(2, 2), particles=4, steps=6, solver="ddpm", dtype=F64)
+    labels = torch.tensor([0.5, -0.5], dtype=F64)
+    conditioned = sd.Denoiser(net, PROC, prediction="eps", shape=(2,))
+    out = sd.smc.tds(conditioned, sd.inverse.Matrix(A), Y, y=labels, operator=0.25, generator=gen(4), **kw)
+    assert all(torch.equal(y, labels.repeat_interleave(4)) and op == 0.25 for y, op in seen)
+    baked = sd.Denoiser(
+        lambda x, t: eps(x, t, labels.repeat_interleave(4)[:, None], 0.25), PROC, "eps", shape=(2,)
+    )
+    ref = sd.smc.tds(baked, sd.inverse.Matrix(A), Y, generator=gen(4), **kw)
+    assert torch.equal(out.x, ref.x) and torch.equal(out.log_w, ref.log_w)
+    with pytest.raises(
+        ValueError, match=r"^tds: give exactly one likelihood: .*positional: tds\(den, operator, y"
+    ):
+        sd.smc.tds(baked, operator=sd.inverse.Matrix(A), y=Y, generator=gen(4), **kw)
+    with pytest.raises(
+        ValueError, match=r"^tds: a linear-Gaussian observation needs both .*keyword operator= or y="
+    ):
+        sd.smc.tds(baked, sd.inverse.Matrix(A), y=Y, generator=gen(4), **kw)

@@ -305,7 +305,8 @@ def _run_method(t: Target, method: str, budget: int, n: int) -> tuple[Tensor, in
     if method in ("fk_difference", "fk_max"):
         out = smc.fk_steering(t.den, t.reward, t.lam, method[3:], **opts)
     elif method == "tds":
-        out = smc.tds(t.den, **t.tds, **opts)
+        args = t.tds.copy()  # the observation is positional-only
+        out = smc.tds(t.den, args.pop("operator", None), args.pop("y", None), **args, **opts)
     elif method == "svdd":
         out = smc.svdd(t.den, t.reward, 1 / t.lam, **opts)
     elif method == "best_of_n":

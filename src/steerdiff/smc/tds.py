@@ -281,10 +281,14 @@ def _linear_twist(
     return _LinearGaussian(measurement, real("tds", "prior_var", prior_var, lo=0))
 
 
+_POSITIONAL = "positional: tds(den, operator, y, ...); a keyword operator= or y= is a condition for the net"
+
+
 def tds(
     den: Denoiser,
     operator: LinearOperator | None = None,
     y: Tensor | None = None,
+    /,
     *,
     noise_std: float | None = None,
     log_likelihood: Callable[..., Tensor] | None = None,
@@ -320,6 +324,9 @@ def tds(
     * ``classifier(x_t, t, **cond) -> (n,)``: a noise-conditional ``log p(y | x_t, t)`` (``t`` the
       process time), differentiable; it is its own twist.
 
+    ``den``, ``operator`` and ``y`` are positional-only, so that ``**cond`` may hold any name: a class
+    label ``y=`` for the net, say, as ``tds(den, operator, y_obs, y=labels, ...)``.
+
     Args:
         den: the prior's denoiser, differentiable in ``x``.
         shape: ``(batch, *sample_shape)``. ``particles``: ``N >= 1`` per row. ``steps``: solver steps.
@@ -345,14 +352,14 @@ def tds(
     given = [operator is not None or y is not None, log_likelihood is not None, classifier is not None]
     if sum(given) != 1:
         raise ValueError(
-            "tds: give exactly one likelihood: operator and y (y = A x + noise), log_likelihood (of a clean "
-            "sample) or classifier (noise-conditional)"
+            f"tds: give exactly one likelihood: operator and y (y = A x + noise; {_POSITIONAL}), "
+            "log_likelihood (of a clean sample) or classifier (noise-conditional)"
         )
     n_part = integer("tds", "particles", particles, lo=1)
     twist: Twist
     if given[0]:
         if operator is None or y is None:
-            raise ValueError("tds: a linear-Gaussian observation needs both operator and y")
+            raise ValueError(f"tds: a linear-Gaussian observation needs both operator and y ({_POSITIONAL})")
         twist = _linear_twist(den, operator, y, noise_std, _check_shape(shape, "tds")[0], n_part, prior_var)
     elif log_likelihood is not None:
         if not callable(log_likelihood):
