@@ -469,33 +469,31 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize(
-    ("who", "call"),
+    "call",
     [
-        ("fkc", lambda den, **kw: sd.smc.fkc([den, den], [0.5, 0.5], **kw)),
-        ("fkc_anneal", lambda den, **kw: sd.smc.fkc_anneal(den, 2.0, **kw)),
-        ("fkc_product", lambda den, **kw: sd.smc.fkc_product(den, den, **kw)),
-        ("fkc_cfg", lambda den, **kw: sd.smc.fkc_cfg(den, den, 2.0, **kw)),
+        lambda den, **kw: sd.smc.fkc([den, den], [0.5, 0.5], **kw),
+        lambda den, **kw: sd.smc.fkc_anneal(den, 2.0, **kw),
+        lambda den, **kw: sd.smc.fkc_product(den, den, **kw),
+        lambda den, **kw: sd.smc.fkc_cfg(den, den, 2.0, **kw),
     ],
+    ids=["fkc", "fkc_anneal", "fkc_product", "fkc_cfg"],
 )
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ({"correct": "no"}, "{who}: correct must be True or False, got 'no'"),
-        ({"max_batch": 0}, "{who}: max_batch must be an integer >= 1, got 0"),
-        ({"max_batch": 2.5}, "{who}: max_batch must be an integer >= 1, got 2.5"),
-        (
-            {"solver": "ddim"},
-            "{who} needs a stochastic solver (resampled copies must diverge); solver 'ddim'",
-        ),
+        ({"correct": "no"}, "fkc: correct must be True or False, got 'no'"),
+        ({"max_batch": 0}, "fkc: max_batch must be an integer >= 1, got 0"),
+        ({"max_batch": 2.5}, "fkc: max_batch must be an integer >= 1, got 2.5"),
+        ({"solver": "ddim"}, "fkc needs a stochastic solver (resampled copies must diverge); solver 'ddim'"),
     ],
 )
-def test_fkc_functions_name_themselves(who, call, bad, message):
-    """The function called is named (correct and max_batch were named ``FKCorrector`` and
-    ``Composition``, the classes the functions build, and run_smc's checks ``fkc`` for every wrapper)."""
+def test_fkc_options_name_fkc(call, bad, message):
+    """The options the wrappers pass on are fkc's (its docstring holds them) and are named so; before,
+    correct and max_batch were named ``FKCorrector`` and ``Composition``, internal classes."""
     den = mixture([[0.0, 1.0]], [[1.0, 0.5]]).denoiser(PROC)
     with pytest.raises(ValueError) as e:
         call(den, shape=(1, 2), particles=4, steps=5, **bad)
-    assert str(e.value).startswith(message.format(who=who))
+    assert str(e.value).startswith(message)
 
 
 def test_fkc_wrappers_name_their_kwargs():

@@ -501,46 +501,13 @@ def fkc(
         particles`` for ``K`` components with ``beta_k != 0`` and a one-evaluation step; ``K *
         particles`` more with ``final="none"``), ``trace`` (``log_z`` as in the module docstring).
     """
-    return _fkc(
-        "fkc", dens, betas, shape=shape, particles=particles, steps=steps, kwargs=kwargs, correct=correct,
-        ess_threshold=ess_threshold, resampler=resampler, solver=solver, data_std=data_std, schedule=schedule,
-        final=final, max_batch=max_batch, x_T=x_T, dtype=dtype, device=device, generator=generator,
-        progress=progress, **cond,
-    )  # fmt: skip
-
-
-def _fkc(
-    who: str,
-    dens: Sequence[Denoiser],
-    betas: Sequence[float],
-    *,
-    shape: tuple[int, ...],
-    particles: int = 16,
-    steps: int = 100,
-    kwargs: Sequence[dict[str, Any] | None] | None = None,
-    correct: bool = True,
-    ess_threshold: float = 0.5,
-    resampler: str | _resample.Resampler = "systematic",
-    solver: str | Solver | None = None,
-    data_std: float = 0.0,
-    schedule: ScheduleLike = DEFAULT_SCHEDULE,
-    final: str = "zero",
-    max_batch: int | None = None,
-    x_T: Tensor | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    generator: Generators = None,
-    progress: bool = False,
-    **cond: Any,
-) -> Particles:
-    """:func:`fkc`, its messages and ``run_smc``'s naming ``who``: ``fkc`` or the wrapper called."""
+    who = "fkc"  # also for the wrappers, whose own arguments they check themselves
     shape = _check_shape(shape, who)
     check_generators(who, generator, shape[0])
     n = integer(who, "particles", particles, lo=1)
     final = choice(who, "final", final, FINALS)
     comp = Composition(*_components(who, dens, betas, kwargs, max_batch))
     algorithm = FKCorrector(comp, boolean(who, "correct", correct))
-    algorithm.name = who  # run_smc's messages and progress bar
     data_std = real(who, "data_std", data_std, lo=0)
     if solver is None:
         solver = fkc_solver(sum(comp.betas), data_std)
@@ -573,7 +540,7 @@ def fkc_anneal(den: Denoiser, beta: float, **options: Any) -> Particles:
         >>> out.mean()   # E[x] under p^2 / Z, per batch row
     """
     check_denoiser("fkc_anneal", "den", den)
-    return _fkc("fkc_anneal", [den], [real("fkc_anneal", "beta", beta, lo=0, lo_open=True)], **options)
+    return fkc([den], [real("fkc_anneal", "beta", beta, lo=0, lo_open=True)], **options)
 
 
 def fkc_product(
@@ -592,7 +559,7 @@ def fkc_product(
         check_denoiser("fkc_product", name, d)
     for name, kw in (("kwargs1", kwargs1), ("kwargs2", kwargs2)):
         _dict_or_none("fkc_product", name, kw)
-    return _fkc("fkc_product", [den1, den2], [1.0, 1.0], kwargs=[kwargs1, kwargs2], **options)
+    return fkc([den1, den2], [1.0, 1.0], kwargs=[kwargs1, kwargs2], **options)
 
 
 def fkc_cfg(
@@ -615,4 +582,4 @@ def fkc_cfg(
         check_denoiser("fkc_cfg", name, d)
     _dict_or_none("fkc_cfg", "uncond_kwargs", uncond_kwargs)
     w = real("fkc_cfg", "scale", scale)
-    return _fkc("fkc_cfg", [uncond, cond], [1.0 - w, w], kwargs=[uncond_kwargs, None], **options)
+    return fkc([uncond, cond], [1.0 - w, w], kwargs=[uncond_kwargs, None], **options)

@@ -484,7 +484,7 @@ class SMCAlgorithm:
     ``None``, ``propose`` returns the base transition.
     """
 
-    name: str = "smc"  # an instance may carry another (the fkc wrappers name their runs after themselves)
+    name: ClassVar[str] = "smc"
     stochastic: ClassVar[bool] = True
     grad: ClassVar[bool] = False
     sliced_grad: ClassVar[bool] = False
