@@ -485,8 +485,10 @@ def test_bad_input():
         sd.smc.tds(DEN, log_likelihood=lambda x: x, **kw)
     with pytest.raises(ValueError, match="does not depend differentiably"):
         sd.smc.tds(DEN, log_likelihood=lambda x: linear(x.detach()), **kw)
-    with pytest.raises(ValueError, match="classifier must be callable"):
+    with pytest.raises(ValueError, match=r"^tds: classifier must be callable: .* got float$"):
         sd.smc.tds(DEN, classifier=1.0, **kw)
+    with pytest.raises(ValueError, match=r"^tds: log_likelihood must be callable: .* got str$"):
+        sd.smc.tds(DEN, log_likelihood="r", **kw)
     with pytest.raises(ValueError, match="stochastic solver"):
         sd.smc.tds(DEN, M, Y, noise_std=S, **{**kw, "solver": "ddim"})
     with pytest.raises(ValueError, match="needs Gaussian transitions"):

@@ -363,11 +363,17 @@ def tds(
         twist = _linear_twist(den, operator, y, noise_std, _check_shape(shape, "tds")[0], n_part, prior_var)
     elif log_likelihood is not None:
         if not callable(log_likelihood):
-            raise ValueError("log_likelihood must be callable: (n, *shape) -> (n,)")
+            raise ValueError(
+                "tds: log_likelihood must be callable: (n, *shape) -> (n,), "
+                f"got {type(log_likelihood).__name__}"
+            )
         twist = _CleanLikelihood(log_likelihood)
     else:
         if not callable(classifier):
-            raise ValueError("classifier must be callable: (x_t (n, *shape), t) -> (n,)")
+            raise ValueError(
+                "tds: classifier must be callable: (x_t (n, *shape), t) -> (n,), "
+                f"got {type(classifier).__name__}"
+            )
         twist = _NoisyClassifier(classifier)
     return run_smc(
         den, TDS(twist, twist_scale), shape, particles=n_part, steps=steps, solver=solver,
