@@ -1259,7 +1259,7 @@ def test_particle_methods_name_a_bad_generator(generator, got):
         "fk_steering": lambda: sd.smc.fk_steering(DEN, linear, **kw),
         "best_of_n": lambda: sd.smc.best_of_n(DEN, linear, **kw),
         "svdd": lambda: sd.smc.svdd(DEN, linear, **kw),
-        "fkc_anneal": lambda: sd.smc.fkc_anneal(DEN, 2.0, **kw),
+        "fkc": lambda: sd.smc.fkc_anneal(DEN, 2.0, **kw),
     }
     for who, call in calls.items():
         with pytest.raises(ValueError) as err:
@@ -1314,7 +1314,7 @@ def test_trace_events_lists_the_resampled_nodes_per_row():
         ),
         (
             lambda kw: sd.smc.fkc_anneal(DEN, 2.0, correct="no", **kw),
-            "fkc_anneal: correct must be True or False, got 'no'",
+            "fkc: correct must be True or False, got 'no'",
         ),
         # final was checked by the grid alone, named make_grid, a function the caller never called
         (
@@ -1323,7 +1323,7 @@ def test_trace_events_lists_the_resampled_nodes_per_row():
         ),
         (
             lambda kw: sd.smc.fkc_anneal(DEN, 2.0, final="last", **kw),
-            "fkc_anneal: final must be one of ['zero', 'none'], got 'last'",
+            "fkc: final must be one of ['zero', 'none'], got 'last'",
         ),
         (
             lambda kw: sd.smc.run_smc(DEN, SMCAlgorithm(), final=None, **kw),
