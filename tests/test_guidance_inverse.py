@@ -352,6 +352,31 @@ def test_repaint_sample_nfe_and_single_pass_equals_sample() -> None:
     torch.testing.assert_close(a, _alg1_with_resampling(gmm, y, x_T, 15, 1, 1, seed=5), rtol=0, atol=1e-10)
 
 
+def test_repaint_sample_passes_a_net_condition_named_y_or_operator() -> None:
+    """``den``, ``operator`` and ``y`` are positional-only: a net whose condition is called ``y`` (a class
+    label, as in guided-diffusion's ``model(x, t, y)``) or ``operator`` gets it from ``**cond`` (before: a
+    TypeError, multiple values for ``y``), bit for bit the run of the net with the condition baked in."""
+    seen = []
+
+    def eps(x: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, var: float) -> torch.Tensor:
+        a, s = (c(t.to(F64)).to(x.dtype)[:, None] for c in (PROC.alpha, PROC.sigma))
+        return s * (x - mean * a) / (var * a * a + s * s)  # data N(mean, var I)
+
+    def net(x: torch.Tensor, t: torch.Tensor, *, y: torch.Tensor, operator: float) -> torch.Tensor:
+        seen.append((y, operator))
+        return eps(x, t, y[:, None], operator)
+
+    labels = torch.tensor([0.5, -0.5, 1.0], dtype=F64)
+    op, y_obs = Inpaint(torch.tensor([1.0, 0, 1, 0], dtype=F64)), torch.tensor([0.3, -0.2], dtype=F64)
+    x_T = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    kw = dict(resample=2, jump=2, generator=torch.Generator().manual_seed(5))
+    out = repaint_sample(sd.Denoiser(net, PROC, "eps"), op, y_obs, x_T, 6, y=labels, operator=0.25, **kw)
+    assert len(seen) == repaint_nfe(6, 2, 2) and all(torch.equal(y, labels) and o == 0.25 for y, o in seen)
+    baked = sd.Denoiser(lambda x, t: eps(x, t, labels[:, None], 0.25), PROC, "eps")
+    kw["generator"] = torch.Generator().manual_seed(5)
+    assert torch.equal(out, repaint_sample(baked, op, y_obs, x_T, 6, **kw))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_repaint_sample_half_precision_runs_only_the_net_in_half(dtype: torch.dtype) -> None:
     """A half-precision ``x_T``: exactly a float32 run (DDPM steps, jumps and the replacement in float32)

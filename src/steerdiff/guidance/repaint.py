@@ -112,6 +112,7 @@ def repaint_sample(
     den: Denoiser,
     operator: LinearOperator,
     y: Tensor,
+    /,
     x_T: Tensor,
     steps: int,
     *,
@@ -129,6 +130,7 @@ def repaint_sample(
     den: Denoiser,
     operator: LinearOperator,
     y: Tensor,
+    /,
     x_T: Tensor,
     steps: int,
     *,
@@ -146,6 +148,7 @@ def repaint_sample(
     den: Denoiser,
     operator: LinearOperator,
     y: Tensor,
+    /,
     x_T: Tensor,
     steps: int,
     *,
@@ -162,6 +165,7 @@ def repaint_sample(
     den: Denoiser,
     operator: LinearOperator,
     y: Tensor,
+    /,
     x_T: Tensor,
     steps: int,
     *,
@@ -173,6 +177,9 @@ def repaint_sample(
     **cond: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """RePaint's Alg. 1 with resampling jumps (see the module): a sample of ``den`` given ``y = A x0``.
+
+    ``den``, ``operator`` and ``y`` are positional-only, so that ``**cond`` may hold any name: a class
+    label ``y=`` for the net, say, as ``repaint_sample(den, operator, y_obs, x_T, steps, y=labels)``.
 
     Args:
         den: the prior's denoiser (wrapped here in :class:`RePaint`).
