@@ -492,6 +492,26 @@ def test_pcg_refuses_a_brownian_tree_and_takes_one_generator_per_row(den):
     )
 
 
+def test_pcg_passes_a_net_condition_named_cond(den):
+    """``cond`` and ``uncond`` are positional-only: a net whose condition is called ``cond`` (latent
+    diffusion's ``apply_model(x, t, cond)``) gets it from ``**kwargs`` and ``uncond_kwargs`` (before: a
+    TypeError, multiple values for ``cond``), bit for bit the run of two nets with the class baked in."""
+    seen = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, cond: int) -> torch.Tensor:
+        seen.append(cond)
+        return den.net(x, t, cond)
+
+    def baked(y: int) -> sd.Denoiser:
+        return sd.Denoiser(lambda x, t: den.net(x, t, y), den.process, "x0", shape=(2,))
+
+    x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    named = sd.Denoiser(net, den.process, "x0", shape=(2,))
+    out = pcg(named, named, x_T, 6, 3.0, uncond_kwargs={"cond": NULL}, generator=_gens([0, 1, 2, 3]), cond=1)
+    assert sorted(set(seen)) == [NULL, 1] and len(seen) == 6 + 5 * 2
+    assert torch.equal(out, pcg(baked(1), baked(NULL), x_T, 6, 3.0, generator=_gens([0, 1, 2, 3])))
+
+
 @pytest.mark.parametrize("steps", [0, 2.5, "10", None])
 def test_pcg_names_a_bad_steps(den, steps):
     """It was named ``make_grid: steps``, the internal function's."""

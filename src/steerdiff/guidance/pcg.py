@@ -38,6 +38,7 @@ def _corrector_score(model: Model, t: float, sigma: float, step: int) -> Callabl
 def pcg(
     cond: Denoiser,
     uncond: Denoiser,
+    /,
     x_T: Tensor,
     steps: int,
     gamma: float,
@@ -57,6 +58,7 @@ def pcg(
 def pcg(
     cond: Denoiser,
     uncond: Denoiser,
+    /,
     x_T: Tensor,
     steps: int,
     gamma: float,
@@ -76,6 +78,7 @@ def pcg(
 def pcg(
     cond: Denoiser,
     uncond: Denoiser,
+    /,
     x_T: Tensor,
     steps: int,
     gamma: float,
@@ -94,6 +97,7 @@ def pcg(
 def pcg(
     cond: Denoiser,
     uncond: Denoiser,
+    /,
     x_T: Tensor,
     steps: int,
     gamma: float,
@@ -123,6 +127,10 @@ def pcg(
     SDE limit one move with ``gamma = 2 w - 1`` is CFG-DDPM at scale ``w``: a score
     ``(s_c + s_{2w-1}) / 2 = s_w`` (their Sec. 4 equivalence, ``gamma' = 2 gamma - 1``). Into a
     clean end the step returns the conditional ``x0``, without correction.
+
+    ``cond`` and ``uncond`` are positional-only, so that ``**kwargs`` may hold any name: a condition
+    ``cond=`` for the net, say (latent diffusion's ``apply_model(x, t, cond)``), as ``pcg(den, den, x_T,
+    steps, gamma, cond=c, uncond_kwargs={"cond": c_null})``.
 
     ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and ``**kwargs`` (the condition) are as
     for :class:`CFG` and :func:`steerdiff.sample` (the same wrappers refused, :func:`check_seeded`),
