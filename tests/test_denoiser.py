@@ -103,6 +103,30 @@ def test_cond_kwargs_and_time_map_reach_the_net():
     assert torch.allclose(out.x0, x / p.alpha(250.0), rtol=1e-15, atol=0)
 
 
+def test_a_net_condition_may_be_named_x_or_t():
+    """``Denoiser.__call__`` and ``Guided.__call__`` take ``x`` and ``t`` positional-only, so a net
+    condition named ``x`` or ``t`` reaches the net, in a direct call and through ``sd.sample`` (which
+    calls ``den(x, t, **cond)``) with a plain or a guided denoiser (before: a TypeError, multiple values
+    for ``x``); bit for bit the net with the condition baked in."""
+    p = sd.VP.scaled_linear()
+    seen = []
+    c = torch.tensor([[0.5], [-0.2], [0.1]], dtype=F64)
+
+    def net(z, s, *, x, t):
+        seen.append((x, t))
+        return 0.3 * z * x + t
+
+    named = sd.Denoiser(net, p, prediction="eps")
+    baked = sd.Denoiser(lambda z, s: 0.3 * z * c + 0.25, p, prediction="eps")
+    x_T = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(named(x_T, 500.0, x=c, t=0.25).x0, baked(x_T, 500.0).x0)
+    for wrap in (lambda d: d, lambda d: sd.guidance.DynamicThreshold(d, 0.9)):
+        seen.clear()
+        out = sd.sample(wrap(named), x_T, 4, "ddim", x=c, t=0.25)
+        assert len(seen) == 4 and all(x is c and t == 0.25 for x, t in seen)
+        assert torch.equal(out, sd.sample(wrap(baked), x_T, 4, "ddim"))
+
+
 def test_half_precision_input_gets_float32_time():
     p = sd.EDM()
     seen = {}

@@ -271,7 +271,9 @@ class Denoiser:
             c = self._coefs[key] = (float(a), float(s), da, ds)
         return c
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+    def __call__(self, x: Tensor, t: float | Tensor, /, **cond: Any) -> Prediction:
+        """The prediction at ``x`` and process time ``t`` (a float, or one per row), ``**cond`` passed to the
+        net. ``x`` and ``t`` are positional-only, so that ``**cond`` may hold any name (``x=``, ``t=``)."""
         check_call(type(self).__name__, x, t)
         return self._evaluate(x, t, x.dtype, cond)
 

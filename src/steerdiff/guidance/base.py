@@ -92,7 +92,9 @@ class Guided(Denoiser):
         """``base``'s."""
         return self.base.guidance_scale
 
-    def __call__(self, x: Tensor, t: float | Tensor, **cond: Any) -> Prediction:
+    def __call__(self, x: Tensor, t: float | Tensor, /, **cond: Any) -> Prediction:
+        """The guided prediction (:meth:`evaluate` in ``x``'s dtype). ``x`` and ``t`` are positional-only,
+        so that ``**cond`` may hold any name (``x=``, ``t=``)."""
         check_call(type(self).__name__, x, t)
         return self.evaluate(x, t, x.dtype, **cond)
 
