@@ -26,7 +26,7 @@ from steerdiff.bench.solvers import make_problem
 from steerdiff.integrations.diffusers_ref import run_scheduler
 from steerdiff.solvers.base import History
 
-from .reference import F64, eps_net, nodes_of, rel_rmse, sd_betas_config
+from .reference import F64, Replay, eps_net, nodes_of, rel_rmse, sd_betas_config
 from .test_device import _Syncs
 
 diffusers = pytest.importorskip("diffusers")
@@ -1416,17 +1416,176 @@ def test_scale_model_input_of_edm_configs_needs_a_run():
     assert vp.scale_model_input(x, 3) is x and vp.init_noise_sigma == 1.0
 
 
+# --- CosineDPMSolverMultistep (Stable Audio Open): EDM preconditioning, net time 2 atan(sigma) / pi -----
+
+COSINE_PARITY = 5e-6  # float32 on diffusers' side: measured 9.3e-7 at most (net inputs)
+COSINE_SHAPE = (4, 8)
+
+
+@pytest.fixture(scope="module")
+def cosine_oracle() -> tuple[sd.toy.GaussianMixture, Callable[[Tensor, Tensor], Tensor]]:
+    """A mixture (dim 8, std 0.5, sigma_data 1 as Stable Audio's) and its exact denoiser as a v-prediction
+    net under the cosine preconditioning: ``F = (c_skip x - D(x; sigma)) / (sigma s_d / sqrt(sigma^2 +
+    s_d^2))``, read from what the net is given alone (``c_in x`` and ``c = 2 atan(sigma) / pi``: ``sigma =
+    tan(pi c / 2)``), in float64."""
+    g = torch.Generator().manual_seed(0)
+    gmm = sd.toy.GaussianMixture(
+        torch.randn(3, 8, generator=g, dtype=F64), torch.full((3, 8), 0.25, dtype=F64), [1.0, 2.0, 1.0]
+    )
+
+    def net(x_in: Tensor, c_noise: Tensor) -> Tensor:
+        sigma = float(torch.tan(torch.as_tensor(c_noise, dtype=F64).reshape(-1)[0] * (math.pi / 2)))
+        n = sigma**2 + 1.0
+        x = x_in.double() * math.sqrt(n)
+        return ((x / n - gmm.denoise(x, 1.0, sigma)) / (sigma / math.sqrt(n))).to(x_in.dtype)
+
+    return gmm, net
+
+
+def _cosine_run(
+    monkeypatch: pytest.MonkeyPatch, net: Callable[[Tensor, Tensor], Tensor], steps: int, **cfg: Any
+) -> tuple[Any, Tensor, Tensor, list[Tensor]]:
+    """CosineDPMSolverMultistep (always SDE-DPM-Solver++(2M), midpoint, with Brownian-tree noise) in
+    diffusers' pipeline loop, its noise sampler replaced by seeded standard normal draws (recorded):
+    ``(scheduler, x_T, x0, draws)``."""
+    theirs = diffusers.CosineDPMSolverMultistepScheduler(**cfg)
+    draws: list[Tensor] = []
+    gen = torch.Generator().manual_seed(3)
+
+    def sampler(sigma: Tensor, sigma_to: Tensor) -> Tensor:
+        draws.append(torch.randn(COSINE_SHAPE, generator=gen))
+        return draws[-1]
+
+    set_timesteps = theirs.set_timesteps
+
+    def planned(*args: Any, **kw: Any) -> None:
+        set_timesteps(*args, **kw)
+        theirs.noise_sampler = sampler  # set_timesteps drops it; step makes a Brownian tree where unset
+
+    monkeypatch.setattr(theirs, "set_timesteps", planned)
+    x_T = torch.randn(COSINE_SHAPE, generator=torch.Generator().manual_seed(5))
+    ref, _ = run_scheduler(theirs, net, x_T, steps)
+    return theirs, x_T, ref, draws
+
+
+def test_cosine_x0_is_the_exact_denoiser_and_diffusers_preconditioning(cosine_oracle):
+    # the v-net of the exact denoiser through denoiser_from_diffusers gives the exact x0 back (so c_in,
+    # c_skip, c_out and the net time are the model's); CosineDPMSolverMultistep's own precondition_inputs,
+    # precondition_noise and precondition_outputs give the same x0. EDM's time input (log(sigma) / 4) on the
+    # same net is another model. Before: refused ("an EDM-preconditioned model with a cosine-schedule time
+    # input"). Measured: 6.5e-16 to the exact x0, 7.5e-8 to diffusers' (float32).
+    gmm, net = cosine_oracle
+    theirs = diffusers.CosineDPMSolverMultistepScheduler()
+    den = denoiser_from_diffusers(net, theirs.config)
+    assert isinstance(den, sd.denoiser.EDMDenoiser) and den.output == "v"
+    assert (den.process.t_min, den.process.t_max, den.sigma_data) == (0.3, 500.0, 1.0)
+    edm_time = sd.denoiser.EDMDenoiser(net, den.process, sigma_data=1.0, output="v")
+    x = 3.0 * torch.randn(COSINE_SHAPE, generator=torch.Generator().manual_seed(1), dtype=F64)
+    for sigma in (500.0, 20.0, 2.5, 0.3):
+        exact = gmm.denoise(x, 1.0, sigma)
+        assert rel_rmse(den(x, sigma).x0, exact) < 1e-13
+        xf, s = x.float(), torch.tensor(sigma)
+        f = net(theirs.precondition_inputs(xf, s), theirs.precondition_noise(s))
+        assert rel_rmse(theirs.precondition_outputs(xf, f, s), exact) < 3e-7
+        c = float(den.net_time(sigma, x)[0])
+        assert c == pytest.approx(float(theirs.precondition_noise(s)), abs=6e-8) and 0 < c < 1
+        assert rel_rmse(edm_time(x, sigma).x0, exact) > 0.05  # measured 0.11 (sigma 20) to 2.0
+
+
+def _recording(
+    net: Callable[[Tensor, Tensor], Tensor], seen: list[Tensor]
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``net`` that keeps every input it gets (the pipeline's ``scale_model_input``)."""
+
+    def recorded(x: Tensor, t: Tensor) -> Tensor:
+        seen.append(x)
+        return net(x, t)
+
+    return recorded
+
+
+@pytest.mark.parametrize("sigma_schedule", ["exponential", "karras"])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_cosine_dpm_solver_is_dpmpp_2m_sde(monkeypatch, cosine_oracle, sigma_schedule, steps):
+    # CosineDPMSolverMultistep has no ODE mode: every step is SDE-DPM-Solver++(2M) (midpoint, eta 1), first
+    # order at the first and last steps, into sigma 0, with noise from a Brownian tree on [sigma_min,
+    # sigma_max]. Same draws (diffusers draws one into sigma 0 too, multiplied by 0): steerdiff's
+    # dpmpp_2m_sde on the config's sigma_schedule, through our scheduler in the same loop, from
+    # Stable Audio's config (the class's defaults). Timesteps 2 atan(sigma) / pi, init_noise_sigma
+    # sqrt(sigma_max^2 + 1) and scale_model_input c_in x as diffusers'. Before: the config was refused.
+    # Measured: samples 8.6e-8 to 6.1e-7, net inputs 9.3e-7 at most, timesteps within 2.4e-7, sigmas
+    # 1.2e-7 to 3.2e-7 relative RMSE (Karras' float32 sigmas the larger).
+    _, net = cosine_oracle
+    theirs_in: list[Tensor] = []
+    ours_in: list[Tensor] = []
+    theirs, x_T, ref, draws = _cosine_run(
+        monkeypatch, _recording(net, theirs_in), steps, sigma_schedule=sigma_schedule
+    )
+    noise = Replay(draws[:-1])
+    ours = SteerdiffScheduler.from_config(
+        theirs.config, solver="dpmpp_2m_sde", schedule=sigma_schedule, noise=noise
+    )
+    raw, nfe = run_scheduler(ours, _recording(net, ours_in), x_T, steps)
+    assert nfe == steps and noise.calls == len(draws) - 1 == steps - 1
+    assert ours.init_noise_sigma == theirs.init_noise_sigma == math.sqrt(500.0**2 + 1)
+    assert float((ours.timesteps - theirs.timesteps).abs().max()) < 4e-7  # float32 sigmas and atan
+    assert rel_rmse(ours.sigmas, theirs.sigmas) < 5e-7  # float32 Karras sigmas: 3.2e-7
+    assert max(rel_rmse(u, v) for u, v in zip(ours_in, theirs_in, strict=True)) < COSINE_PARITY
+    assert rel_rmse(raw, ref) < COSINE_PARITY
+    # the pipeline loop is sd.sample from the same x_T and draws, to the bit
+    with torch.no_grad():
+        x0 = sd.sample(
+            denoiser_from_diffusers(net, theirs.config),
+            x_T * theirs.init_noise_sigma,
+            steps,
+            solver="dpmpp_2m_sde",
+            schedule=sigma_schedule,
+            generator=Replay(draws[:-1]),
+        )
+    assert torch.equal(raw, x0)
+
+
+def test_cosine_configs_saved_and_made_in_code_are_one_model(monkeypatch, cosine_oracle):
+    # made in code (no _class_name) it is told apart from EDMEuler/EDMDPMSolver's by its keys (solver_order,
+    # no algorithm_type); SteerdiffScheduler's own config keeps the model (from_config of it, as save/load
+    # does): here sigma_max 80 and prediction_type "epsilon" (c_out's sign). Custom timesteps are the net's
+    # times 2 atan(sigma) / pi, in [0, 1): diffusers' own give its run. Measured: 2.1e-7; on its timesteps
+    # 3.2e-7 (sigmas 7.8e-6).
+    _, net = cosine_oracle
+    theirs, x_T, ref, draws = _cosine_run(monkeypatch, net, 6, sigma_max=80.0, prediction_type="epsilon")
+    saved = {**theirs.config, "_class_name": "CosineDPMSolverMultistepScheduler"}
+    outs = []
+    for config in (theirs.config, saved):
+        ours = SteerdiffScheduler.from_config(config, solver="dpmpp_2m_sde", schedule="exponential")
+        again = SteerdiffScheduler.from_config(ours.config)
+        den = again.denoiser
+        assert isinstance(den, sd.denoiser.EDMDenoiser) and den.output == "edm"
+        assert (den.process.t_min, den.process.t_max, den.sigma_data) == (0.3, 80.0, 1.0)
+        assert again.init_noise_sigma == theirs.init_noise_sigma
+        again.noise = Replay(draws[:-1])
+        outs.append(run_scheduler(again, net, x_T, 6)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert rel_rmse(outs[0], ref) < COSINE_PARITY
+    again.noise = Replay(draws[:-1])
+    raw, _ = run_scheduler(again, net, x_T, None, timesteps=theirs.timesteps.tolist())
+    # float32 timesteps near 1 hold sigma to about (pi / 2) sigma^2 6e-8: 79.9993 for sigma_max 80
+    assert rel_rmse(again.sigmas, theirs.sigmas) < 2e-5
+    assert rel_rmse(raw, ref) < COSINE_PARITY
+    for timesteps in ([0.9, 0.5, 1.0], [0.9, -0.1], [1.5, 0.5]):
+        with pytest.raises(
+            ValueError, match=r"^set_timesteps: timesteps of a CosineDPMSolverMultistep config .* got"
+        ):
+            again.set_timesteps(timesteps=timesteps)
+
+
 BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: {"beta_schedule": "cubic"}, "beta_schedule='cubic'"),
     (lambda: {"prediction_type": "score"}, "prediction_type='score'"),
     (lambda: {"variance_type": "learned"}, "variance_type='learned'"),
-    (lambda: diffusers.CosineDPMSolverMultistepScheduler().config, "EDM-preconditioned or consistency"),
+    # CosineDPMSolverMultistep takes prediction_type="sample" and fails on it at its first step
     (
-        lambda: {
-            **diffusers.CosineDPMSolverMultistepScheduler().config,
-            "_class_name": "CosineDPMSolverMultistepScheduler",
-        },
-        "cosine-schedule time input",
+        lambda: diffusers.CosineDPMSolverMultistepScheduler(prediction_type="sample").config,
+        r"^prediction_type='sample' of an EDM config is not supported",
     ),
     (
         lambda: diffusers.EDMDPMSolverMultistepScheduler(prediction_type="sample").config,

@@ -84,14 +84,17 @@ from ..solvers.base import (
     work_dtype,
 )
 from .diffusers_config import (
+    _COSINE_CLASS,
     _EDM_CLASSES,
     _FLOW_CLASSES,
     F64,
     _denoiser,
+    _is_cosine,
     _is_edm,
     _is_flow,
     _Spec,
     _spec,
+    cosine_noise,
     denoiser_from_diffusers,
     process_from_config,
 )
@@ -339,11 +342,11 @@ def _custom_times(
     mu: float | None,
 ) -> Tensor:
     """The process times of a pipeline's custom grid: ``timesteps`` are the net's times of the nodes
-    (``log(sigma) / 4`` for EDM configs); ``sigmas`` are noise levels in the convention of the config's
-    diffusers schedulers -- flow times (before the shift, which is applied as :func:`_flow_shift` says)
-    for flow configs, ``sigma / alpha`` (Karras') for VP ones, a trailing 0 (diffusers' terminal)
-    dropped: the end is the scheduler's ``final``; for EDM configs positions on the sigma ramp
-    (:func:`_edm_ramp`). Times beyond the model's range are clipped to it."""
+    (``log(sigma) / 4`` for EDM configs, ``2 atan(sigma) / pi`` for cosine ones); ``sigmas`` are noise
+    levels in the convention of the config's diffusers schedulers -- flow times (before the shift, which
+    is applied as :func:`_flow_shift` says) for flow configs, ``sigma / alpha`` (Karras') for VP ones, a
+    trailing 0 (diffusers' terminal) dropped: the end is the scheduler's ``final``; for EDM configs
+    positions on the sigma ramp (:func:`_edm_ramp`). Times beyond the model's range are clipped to it."""
     name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
     v = real_array("set_timesteps", name, values)
     if spec.sigma_data is not None:  # EDM
@@ -351,7 +354,15 @@ def _custom_times(
             return _edm_ramp(cfg, spec.process, v, values)
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"set_timesteps: timesteps must be finite numbers, got {values!r}")
-        v = torch.exp(4 * v)  # the net's time c_noise = log(sigma) / 4 (edm_noise), < 0 below sigma 1
+        if spec.time_map is cosine_noise:  # the net's time 2 atan(sigma) / pi
+            if not bool(((v >= 0) & (v < 1)).all()):
+                raise ValueError(
+                    "set_timesteps: timesteps of a CosineDPMSolverMultistep config are its net's times "
+                    f"2 atan(sigma) / pi, in [0, 1), got {values!r}"
+                )
+            v = torch.tan(v * (math.pi / 2))
+        else:
+            v = torch.exp(4 * v)  # the net's time c_noise = log(sigma) / 4 (edm_noise), < 0 below sigma 1
     if name == "sigmas" and len(v) > 1 and v[-1] == 0:
         v = v[:-1]
     low = v >= 0 if name == "timesteps" else v > 0
@@ -360,7 +371,7 @@ def _custom_times(
         raise ValueError(f"set_timesteps: {name} must be finite numbers {accepted}, got {values!r}")
     flow, p = isinstance(spec.process, RectifiedFlow), spec.process
     if name == "timesteps":
-        if spec.time_map is not None and not flow:
+        if spec.time_map is not None and not flow and spec.sigma_data is None:
             raise ValueError(
                 "set_timesteps: custom timesteps need discrete timesteps (timestep_type='continuous')"
             )
@@ -393,8 +404,9 @@ def _edm_ramp(cfg: dict[str, Any], process: Process, ramp: Tensor, values: Any) 
             f"increasing, got {values!r}"
         )
     lo, hi = process.t_min, process.t_max
+    default = "exponential" if _is_cosine(cfg) else "karras"  # the config's class's default
     kind = choice(
-        "set_timesteps", "sigma_schedule", cfg.get("sigma_schedule", "karras"), ("karras", "exponential")
+        "set_timesteps", "sigma_schedule", cfg.get("sigma_schedule", default), ("karras", "exponential")
     )
     if kind == "karras":
         rho = real("set_timesteps", "rho", cfg.get("rho", 7.0), lo=0, lo_open=True)
@@ -537,7 +549,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         sigma_min, sigma_max, sigma_data: an EDM config's model (``origin`` an EDM scheduler): the process
             ``x = x0 + sigma eps`` on ``[sigma_min, sigma_max]`` and Karras et al.'s preconditioning
             (:class:`~steerdiff.denoiser.EDMDenoiser`); :meth:`scale_model_input` is then ``c_in x``,
-            ``timesteps`` are ``0.25 log(sigma)`` and ``init_noise_sigma`` is ``sqrt(sigma_max^2 + 1)``, as
+            ``timesteps`` are ``0.25 log(sigma)`` (``origin`` CosineDPMSolverMultistepScheduler, Stable
+            Audio Open's: ``2 atan(sigma) / pi``) and ``init_noise_sigma`` is ``sqrt(sigma_max^2 + 1)``, as
             diffusers' EDM schedulers have them, and ``set_timesteps(sigmas=...)`` reads positions on the
             config's sigma ramp, as ``EDMEulerScheduler`` does. ``None`` (default) for other models.
         thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample, clip_sample_range:
@@ -663,7 +676,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             cfg["clip_sample"] = cfg["thresholding"] = False
         name = cfg.get("_class_name")
         if name != cls.__name__ and "origin" not in cfg:
-            made_in_code = _FLOW_CLASSES[0] if _is_flow(cfg) else _EDM_CLASSES[0] if _is_edm(cfg) else None
+            made_in_code = None
+            if _is_flow(cfg):
+                made_in_code = _FLOW_CLASSES[0]
+            elif _is_edm(cfg):
+                made_in_code = _COSINE_CLASS if _is_cosine(cfg) else _EDM_CLASSES[0]
             cfg["origin"] = name if isinstance(name, str) else made_in_code
         noise = kwargs.pop("noise", None)
         out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -762,7 +779,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         Pass one of: ``num_inference_steps`` (the ``schedule``'s grid of that many steps; ``mu`` is
         ignored), or a custom grid as diffusers' schedulers take it, its nodes followed by the step
         ``final`` says: ``timesteps``, the net's times of the nodes (for EDM configs ``log(sigma) / 4``,
-        as ``timesteps`` list them; diffusers' EDM schedulers take none), or ``sigmas``, their noise levels
+        for cosine ones ``2 atan(sigma) / pi`` in ``[0, 1)``, as ``timesteps`` list them; diffusers' EDM
+        schedulers take none), or ``sigmas``, their noise levels
         as the config's own scheduler reads them -- for flow-matching configs flow times, shifted as
         ``FlowMatchEulerDiscreteScheduler`` shifts them (``shift``, UniPC's ``flow_shift``, or
         ``use_dynamic_shifting`` with ``mu``, then ``shift_terminal``), so pipelines that always pass

@@ -19,7 +19,10 @@ EDM configs (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``: Playgrou
 the process ``x = x0 + sigma eps`` on ``[sigma_min, sigma_max]`` and Karras et al.'s (2022)
 preconditioning with ``sigma_data``: the net gets ``c_in x`` and ``0.25 log(sigma)``, and
 ``x0 = c_skip x + c_out F`` (:class:`~steerdiff.denoiser.EDMDenoiser`; ``prediction_type``
-``epsilon`` or ``v_prediction``, the sign of ``c_out``).
+``epsilon`` or ``v_prediction``, the sign of ``c_out``). ``CosineDPMSolverMultistepScheduler`` configs
+(Stable Audio Open, Evans et al. 2024: ``sigma_min=0.3``, ``sigma_max=500``, ``sigma_data=1``,
+``v_prediction``) are the same model with another net time, ``2 atan(sigma) / pi``
+(:func:`cosine_noise`).
 Settings that only choose diffusers' sampling grid (spacing, ``shift``, Karras sigmas, ...) do not
 change the model and are ignored. ``thresholding=True``
 (DeepFloyd IF: Imagen's dynamic thresholding, Saharia et al. 2022, at the quantile
@@ -51,7 +54,7 @@ from ..denoiser import Denoiser, EDMDenoiser
 from ..guidance import DynamicThreshold
 from ..processes import EDM, VP, Process, RectifiedFlow
 
-__all__ = ["denoiser_from_diffusers", "process_from_config"]
+__all__ = ["cosine_noise", "denoiser_from_diffusers", "process_from_config"]
 
 F64 = torch.float64
 
@@ -59,10 +62,10 @@ _WHO = "scheduler config"  # the name the config checks give
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-_EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+_COSINE_CLASS = "CosineDPMSolverMultistepScheduler"  # EDM preconditioning, cosine_noise as the net time
+_EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", _COSINE_CLASS)
 _EDM_OUTPUTS = {"epsilon": "edm", "v_prediction": "v"}  # EDMDenoiser's output of a prediction_type
 _UNSUPPORTED = {
-    "CosineDPMSolverMultistepScheduler": "an EDM-preconditioned model with a cosine-schedule time input",
     "CMStochasticIterativeScheduler": "a consistency model",
     "SCMScheduler": "a consistency model",
     "LCMScheduler": "a consistency-distilled model",
@@ -115,7 +118,7 @@ _VP_KEYS = frozenset(
 _SUPPORTED = (
     "VP configs (beta_schedule/trained_betas: DDPM, DDIM, PNDM, Euler, Heun, LMS, DPM-Solver, UniPC, "
     "DEIS, ... schedulers), flow-matching configs (FlowMatchEuler/FlowMatchHeun, use_flow_sigmas) and EDM "
-    "configs (EDMEuler, EDMDPMSolverMultistep)"
+    "configs (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep)"
 )
 
 
@@ -188,21 +191,38 @@ def _is_flow(cfg: dict[str, Any]) -> bool:
 
 
 def _is_edm(cfg: dict[str, Any]) -> bool:
-    """Whether a config describes an EDM-preconditioned model: an EDM scheduler's by class name, or made
-    in code (no class name) with ``sigma_data`` and ``sigma_schedule``, and not CosineDPMSolverMultistep's
-    keys (it has ``solver_order`` and no ``algorithm_type``; EDMEuler neither, EDMDPMSolver both)."""
+    """Whether a config describes an EDM-preconditioned model: an EDM scheduler's (cosine's included) by
+    class name, or made in code (no class name) with ``sigma_data`` and ``sigma_schedule``."""
     origin = _origin(cfg)
     if origin is not None:
         return origin in _EDM_CLASSES
-    cosine = "solver_order" in cfg and "algorithm_type" not in cfg
-    return cfg.get("sigma_data") is not None and "sigma_schedule" in cfg and not cosine
+    return cfg.get("sigma_data") is not None and "sigma_schedule" in cfg
+
+
+def _is_cosine(cfg: dict[str, Any]) -> bool:
+    """Whether an EDM config is CosineDPMSolverMultistep's: by class name, or made in code by its keys (it
+    has ``solver_order`` and no ``algorithm_type``; EDMEuler neither, EDMDPMSolver both)."""
+    origin = _origin(cfg)
+    if origin is not None:
+        return origin == _COSINE_CLASS
+    return "solver_order" in cfg and "algorithm_type" not in cfg
+
+
+def cosine_noise(t: Tensor) -> Tensor:
+    """The net time of CosineDPMSolverMultistep's model (Stable Audio Open) at ``t = sigma``:
+    ``c_noise = 2 atan(sigma) / pi``, in ``[0, 1)`` -- the time of the continuous cosine schedule
+    ``alpha = cos(pi c / 2)``, ``sigma_vp = sin(pi c / 2)`` (Nichol & Dhariwal 2021, without the offset)
+    whose ``sigma_vp / alpha`` is ``sigma``. Its inverse is ``sigma = tan(pi c / 2)``."""
+    return torch.atan(t) * (2 / math.pi)
 
 
 def _edm_spec(cfg: dict[str, Any], threshold: tuple[float | None, float] | None) -> _Spec:
     """An EDM scheduler config: the process ``x = x0 + sigma eps`` on ``[sigma_min, sigma_max]`` and
     Karras et al.'s preconditioning with ``sigma_data`` (:class:`~steerdiff.denoiser.EDMDenoiser`), its
-    ``F`` as ``prediction_type`` says (``epsilon`` or ``v_prediction``: the sign of ``c_out``)."""
-    pred_type = cfg.get("prediction_type", "epsilon")
+    ``F`` as ``prediction_type`` says (``epsilon`` or ``v_prediction``: the sign of ``c_out``); for
+    CosineDPMSolverMultistep's the net time :func:`cosine_noise` and that class's defaults."""
+    cosine = _is_cosine(cfg)
+    pred_type = cfg.get("prediction_type", "v_prediction" if cosine else "epsilon")
     if not isinstance(pred_type, str) or pred_type not in _EDM_OUTPUTS:
         raise ValueError(
             f"prediction_type={pred_type!r} of an EDM config is not supported; accepted: "
@@ -213,11 +233,13 @@ def _edm_spec(cfg: dict[str, Any], threshold: tuple[float | None, float] | None)
         raise ValueError(
             f"precondition_type={precondition!r} of an EDM config is not supported; accepted: 'edm'"
         )
+    defaults = (0.3, 500.0, 1.0) if cosine else (0.002, 80.0, 0.5)
     lo, hi, sigma_data = (
         real(_WHO, k, v if cfg.get(k) is None else cfg[k], lo=0, lo_open=True)
-        for k, v in (("sigma_min", 0.002), ("sigma_max", 80.0), ("sigma_data", 0.5))
+        for k, v in zip(("sigma_min", "sigma_max", "sigma_data"), defaults, strict=True)
     )
-    return _Spec(EDM(lo, hi), _EDM_OUTPUTS[pred_type], False, None, threshold, sigma_data)
+    time_map = cosine_noise if cosine else None
+    return _Spec(EDM(lo, hi), _EDM_OUTPUTS[pred_type], False, time_map, threshold, sigma_data)
 
 
 def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
@@ -375,7 +397,8 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
     ``class_labels``, ...). ``kw`` go to :class:`~steerdiff.denoiser.Denoiser` and override what
     the config says (``prediction``, ``time_map``, ``learned_variance``, ``shape``); for an EDM config
     to :class:`~steerdiff.denoiser.EDMDenoiser` (``output``, ``time_map``, ``shape``), whose net gets
-    ``c_in x`` and ``0.25 log(sigma)``, as diffusers' EDM schedulers' pipelines give it. A config with
+    ``c_in x`` and ``0.25 log(sigma)`` (a CosineDPMSolverMultistep config's: ``2 atan(sigma) / pi``), as
+    diffusers' EDM schedulers' pipelines give it. A config with
     ``thresholding=True`` or ``clip_sample=True`` gives that denoiser in a
     :class:`~steerdiff.guidance.DynamicThreshold` (see the module docstring).
 
@@ -383,7 +406,7 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
         ValueError: an unknown ``beta_schedule``/``prediction_type`` (``v_prediction`` with
             ``use_flow_sigmas``), ``variance_type="learned"``,
             a threshold setting out of range (naming the key), a config of an unsupported
-            scheduler (cosine-EDM, consistency, VE, discrete-token models), or one with no
+            scheduler (consistency, VE, discrete-token models), or one with no
             ``beta_schedule`` or ``trained_betas`` that is no flow-matching config and has a key no VP
             config has (naming it), an EDM config of another ``prediction_type`` or ``precondition_type``.
     """
