@@ -194,6 +194,11 @@ PROCESSES: dict[str, Callable[[], tuple[sd.Process, sd.Denoiser, str]]] = {
         GMM.mean_reverting_denoiser(p, torch.linspace(-1.0, 1.0, 8, dtype=F64)),
         "mrs",
     ),
+    "mean_reverting_cosine": lambda: (
+        p := sd.MeanReverting.cosine(100, 0.005, stationary_std=0.5),
+        GMM.mean_reverting_denoiser(p, torch.linspace(-1.0, 1.0, 8, dtype=F64)),
+        "unipc",
+    ),
 }
 
 

@@ -42,7 +42,10 @@ PROCESSES = {
     "ve": lambda: sd.VE(),
     "edm": lambda: sd.EDM(),
     "rectified_flow": lambda: sd.RectifiedFlow(),
+    "mr_linear": lambda: sd.MeanReverting(theta_min=0.3, theta_max=8.0, stationary_std=0.5),
+    "mr_cosine": lambda: sd.MeanReverting.cosine(100, 0.005, stationary_std=10 / 255),
 }
+TABLES = (sd.processes.VPDiscrete, sd.processes.MeanRevertingDiscrete)  # integer timesteps
 VP_KINDS = [k for k in PROCESSES if k.startswith(("discrete", "scaled", "vp_"))]
 
 
@@ -52,10 +55,11 @@ def process(request):
 
 
 def _grid(p: sd.Process, n: int = 2001) -> torch.Tensor:
-    """``n`` times over ``[t_min, t_max]`` plus, for discrete processes, fractional ones."""
+    """``n`` times over ``[t_min, t_max]`` plus, for discrete processes, fractional and integer ones."""
     t = torch.linspace(p.t_min, p.t_max, n, dtype=F64)
-    if isinstance(p, sd.processes.VPDiscrete):
-        t = torch.cat([t, torch.arange(p.t_max, dtype=F64) + 0.37, torch.arange(p.t_max + 1, dtype=F64)])
+    if isinstance(p, TABLES):
+        steps = torch.arange(p.t_min, p.t_max + 1, dtype=F64)
+        t = torch.cat([t, steps[:-1] + 0.37, steps])
     return t
 
 
@@ -102,6 +106,20 @@ def _vp_cosine_ac(t: np.ndarray, s: float = 0.008) -> np.ndarray:
     return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
 
 
+def _mr_lam(theta_bar: np.ndarray, lam: float) -> np.ndarray:
+    """``log(alpha / sigma)`` of mean-reverting diffusion from ``thetabar`` and ``lambda``."""
+    return np.log(np.exp(-theta_bar) / (lam * np.sqrt(1 - np.exp(-2 * theta_bar))))
+
+
+def _irsde_cosine_theta_bar(T: int = 100, eps: float = 0.005, s: float = 0.008) -> np.ndarray:
+    """The IR-SDE code's cosine ``thetas_cumsum * dt`` at steps ``0, ..., T``: ``thetas = 1 - a[1:-1]`` of
+    ``a_j = f(j / (T + 2)) / f(0)``, ``f(u) = cos((u + s) / (1 + s) pi / 2)^2``, scaled to ``-log(eps)``."""
+    f = np.cos((np.arange(T + 3) / (T + 2) + s) / (1 + s) * np.pi / 2) ** 2
+    thetas = 1 - (f / f[0])[1:-1]
+    cumsum = np.cumsum(thetas) - thetas[0]
+    return cumsum * -np.log(eps) / cumsum[-1]
+
+
 # lam(t) from each kind's own definition, in numpy (integer t for the discrete kinds)
 LAM_CLOSED_FORMS = {
     "discrete_betas": lambda t: _half_log_snr(np.cumprod(1 - np.linspace(1e-4, 0.02, N)))[t.astype(int)],
@@ -115,6 +133,9 @@ LAM_CLOSED_FORMS = {
     "ve": lambda t: -np.log(0.01 * (50.0 / 0.01) ** t),  # sigma = sigma_min (sigma_max / sigma_min)^t
     "edm": lambda t: -np.log(t),  # alpha = 1, sigma = t
     "rectified_flow": lambda t: np.log((1 - t) / t),  # alpha = 1 - t, sigma = t
+    # Luo et al. 2023: alpha = e^{-thetabar}, sigma = lambda sqrt(1 - e^{-2 thetabar})
+    "mr_linear": lambda t: _mr_lam(0.3 * t + 0.5 * (8.0 - 0.3) * t**2, 0.5),
+    "mr_cosine": lambda t: _mr_lam(_irsde_cosine_theta_bar()[t.astype(int)], 10 / 255),
 }
 
 
@@ -122,8 +143,8 @@ LAM_CLOSED_FORMS = {
 def test_lam_matches_the_closed_form(kind):
     """``lam(t)`` against each process's published definition, computed independently in numpy."""
     p = PROCESSES[kind]()
-    if isinstance(p, sd.processes.VPDiscrete):
-        t = np.arange(N, dtype=np.float64)
+    if isinstance(p, TABLES):
+        t = np.arange(p.t_min, p.t_max + 1, dtype=np.float64)
     else:
         t = np.linspace(p.t_min, p.t_max, 501)
     want = LAM_CLOSED_FORMS[kind](t)
@@ -495,6 +516,7 @@ _ALL_PROCESSES = [
     sd.EDM(),
     sd.RectifiedFlow(),
     sd.MeanReverting(),
+    sd.MeanReverting.cosine(),
 ]
 # every public method of one time argument, with that argument's name
 _TIME_METHODS = [
@@ -557,6 +579,7 @@ def test_process_time_checks_keep_the_values(proc):
         (sd.MeanReverting(), 0.0, math.inf),  # thetabar(t) grows without bound
         (sd.MeanReverting(theta_min=0.0), 0.0, math.inf),
         (sd.MeanReverting(theta_min=2.0, theta_max=2.0), 0.0, math.inf),
+        (sd.MeanReverting.cosine(100), 0.0, 100.0),  # a table: its ends (step 0 the clean x_0)
     ],
     ids=lambda v: repr(v) if isinstance(v, sd.Process) else None,
 )

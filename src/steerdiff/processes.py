@@ -21,7 +21,9 @@ Kinds:
 * :class:`EDM` -- ``alpha = 1``, ``sigma = t`` (Karras et al. 2022).
 * :class:`RectifiedFlow` -- ``alpha = 1 - t``, ``sigma = t`` (Liu et al. 2022; Lipman et al. 2022).
 * :class:`MeanReverting` -- IR-SDE (Luo et al. 2023): ``y = x - mu`` with ``alpha = e^{-thetabar}``,
-  ``sigma = lambda sqrt(1 - e^{-2 thetabar})``.
+  ``sigma = lambda sqrt(1 - e^{-2 thetabar})``; linear ``theta_t`` on ``[t_min, 1]``, or with
+  :meth:`MeanReverting.discrete` / :meth:`MeanReverting.cosine` (the released IR-SDE models) ``thetabar``
+  at integer steps, the process time being the step index, ``thetabar`` linear between integers.
 """
 
 from __future__ import annotations
@@ -40,7 +42,16 @@ from ._ops import kept
 if TYPE_CHECKING:
     from .denoiser import Denoiser
 
-__all__ = ["EDM", "VE", "VP", "MeanReverting", "Process", "RectifiedFlow", "rescale_zero_terminal_snr"]
+__all__ = [
+    "EDM",
+    "VE",
+    "VP",
+    "MeanReverting",
+    "MeanRevertingDiscrete",
+    "Process",
+    "RectifiedFlow",
+    "rescale_zero_terminal_snr",
+]
 
 F64 = torch.float64
 TimeLike = float | Sequence[float] | Tensor
@@ -249,6 +260,42 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
     return ab**2
 
 
+def _interval(table: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """For a ``table`` of values at the integer times ``0, ..., n-1``: the integer ``lo`` in ``[0, n-2]``
+    below each time ``t`` (clamped to ``[0, n-1]``) and that clamped time (a NaN time: ``lo = 0``, not a bad
+    index)."""
+    last = table.numel() - 1
+    t = t.clamp(0, last)
+    return t.floor().nan_to_num(0.0).clamp(max=last - 1).long(), t
+
+
+def _interpolate(table: Tensor, t: Tensor) -> Tensor:
+    """``table`` (values at the integer times) linear between them, at the times ``t`` clamped to its
+    range."""
+    lo, t = _interval(table, t)
+    frac = t - lo
+    return (1 - frac) * table[lo] + frac * table[lo + 1]
+
+
+def _slope(table: Tensor, t: Tensor) -> Tensor:
+    """``d/dt`` of :func:`_interpolate`: ``table[lo + 1] - table[lo]`` on the interval of each time ``t``."""
+    lo = _interval(table, t)[0]
+    return table[lo + 1] - table[lo]
+
+
+def _inverse(table: Tensor, v: Tensor) -> Tensor:
+    """The time at which :func:`_interpolate` of a strictly *decreasing* ``table`` equals ``v``, clamped to
+    its range (``v`` above ``table[0]`` is time 0, below ``table[-1]`` the last time): its exact inverse
+    there."""
+    rev = table.flip(0)  # increasing
+    v = v.clamp(rev[0], rev[-1])
+    j = torch.searchsorted(rev, v, right=False).clamp(1, rev.numel() - 1)
+    lo, hi = rev[j - 1], rev[j]
+    w = (v - lo) / (hi - lo)
+    idx = (rev.numel() - 1 - (j - 1)).to(F64)  # index of `lo` in the original order
+    return idx - w
+
+
 def _zero_snr_hint(values: Tensor, end: float) -> str:
     """The rest of :class:`VPDiscrete`'s range message where only the last of ``values`` is out of
     ``(0, 1)``, at ``end`` (1 for ``betas``, 0 for ``alphas_cumprod``): a schedule rescaled to zero terminal
@@ -338,27 +385,15 @@ class VPDiscrete(VP):
             j = min(math.floor(t), self.num_train_timesteps - 2)
             w = t - j
             return torch.tensor((1 - w) * self._lam_list[j] + w * self._lam_list[j + 1], dtype=F64)
-        t = _t64(self, "lam", t).clamp(self.t_min, self.t_max)
-        lo = t.floor().nan_to_num(0.0).clamp(max=self.t_max - 1).long()  # a NaN time: NaN, not a bad index
-        frac = t - lo
-        lams = self._table(t)
-        return (1 - frac) * lams[lo] + frac * lams[lo + 1]
+        t = _t64(self, "lam", t)
+        return _interpolate(self._table(t), t)
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
         lam = _t64(self, "t_of_lam", lam, "lam")
-        rev = self._table(lam).flip(0)  # increasing
-        lam_c = lam.clamp(rev[0], rev[-1])
-        j = torch.searchsorted(rev, lam_c, right=False).clamp(1, rev.numel() - 1)
-        lo, hi = rev[j - 1], rev[j]
-        w = (lam_c - lo) / (hi - lo)
-        idx = (rev.numel() - 1 - (j - 1)).to(F64)  # index of `lo` in the original order
-        return idx - w
+        return _inverse(self._table(lam), lam)
 
     def _dlog_alpha(self, t: Tensor) -> Tensor:
-        lo = t.clamp(self.t_min, self.t_max).floor().nan_to_num(0.0).clamp(max=self.t_max - 1).long()
-        lams = self._table(lo)
-        slope = lams[lo + 1] - lams[lo]
-        return self.sigma(t) ** 2 * slope
+        return self.sigma(t) ** 2 * _slope(self._table(t), t)
 
     def __repr__(self) -> str:
         return f"VP.discrete(N={self.num_train_timesteps})"
@@ -516,14 +551,18 @@ class MeanReverting(Process):
         alpha(t) = e^{-thetabar_t},   sigma(t) = lambda sqrt(1 - e^{-2 thetabar_t})
 
     (``alpha^2 + sigma^2 / lambda^2 = 1``), and this class *is* that process, so every solver
-    samples ``y``; ``mu`` is added back by the user. ``theta_t = theta_min + (theta_max -
-    theta_min) t`` on ``t in [t_min, 1]`` (constant for ``theta_min = theta_max``); with
-    ``lambda = 1``, ``theta = beta / 2`` it is :meth:`VP.linear`. Usage::
+    samples ``y``; ``mu`` is added back by the user. The constructor gives ``theta_t = theta_min +
+    (theta_max - theta_min) t`` on ``t in [t_min, 1]`` (constant for ``theta_min = theta_max``); with
+    ``lambda = 1``, ``theta = beta / 2`` it is :meth:`VP.linear`. :meth:`discrete` and :meth:`cosine` give a
+    model trained on integer steps (the released IR-SDE models). Usage::
 
         proc = sd.MeanReverting(theta_min=0.05, theta_max=10.0, stationary_std=0.2)
         den = proc.denoiser(net, mu, prediction="eps")     # net(x, t, mu=mu, **cond)
         y_T = proc.sigma(proc.t_max) * torch.randn_like(mu)  # x_T = mu + y_T
         x = mu + sd.sample(den, y_T, steps=20, solver="mrs")
+
+    Everything follows from the schedule's :meth:`theta`, :meth:`theta_bar` and its inverse, which a
+    subclass (:class:`MeanRevertingDiscrete`) redefines.
 
     Args:
         theta_min, theta_max: the mean-reversion rate at ``t = 0`` and ``t = 1``.
@@ -557,6 +596,16 @@ class MeanReverting(Process):
         t = _t64(self, "theta_bar", t)
         return self.theta_min * t + 0.5 * (self.theta_max - self.theta_min) * t**2
 
+    def _t_of_theta_bar(self, tb: Tensor) -> Tensor:
+        """The inverse of :meth:`theta_bar` for ``tb >= 0`` (``tb = inf``: the limit): the quadratic in stable
+        form."""
+        a = self.theta_min
+        t = 2 * tb / (a + (a * a + 2 * (self.theta_max - a) * tb).sqrt())
+        # thetabar = 0 (lam = inf, or e^{-2 lam} below float64's range) is t = 0, also where theta_min = 0
+        # makes the quotient 0 / 0; thetabar = inf (lam = -inf, or e^{-2 lam} beyond it) is the limit
+        # t = inf, where the quotient is inf / inf (0 * inf under the root for theta_min = theta_max)
+        return torch.where(tb == 0, 0.0, torch.where(tb.isinf(), math.inf, t))
+
     def diffusion(self, t: TimeLike) -> Tensor:
         """The SDE's noise coefficient ``sigma_t = lambda sqrt(2 theta_t)`` (not :meth:`sigma`)."""
         return self.stationary_std * (2 * self.theta(_time(self, "diffusion", t))).sqrt()
@@ -576,15 +625,9 @@ class MeanReverting(Process):
         return self.alpha(t), self.sigma(t), self.lam(t)
 
     def t_of_lam(self, lam: TimeLike) -> Tensor:
-        # e^{-2 lam} = lambda^2 (e^{2 thetabar} - 1), then the quadratic thetabar(t) in stable form
+        # e^{-2 lam} = lambda^2 (e^{2 thetabar} - 1), then the schedule's inverse of thetabar(t)
         u = _t64(self, "t_of_lam", lam, "lam") + math.log(self.stationary_std)
-        tb = 0.5 * torch.logaddexp(torch.zeros_like(u), -2 * u)
-        a = self.theta_min
-        t = 2 * tb / (a + (a * a + 2 * (self.theta_max - a) * tb).sqrt())
-        # thetabar = 0 (lam = inf, or e^{-2 lam} below float64's range) is t = 0, also where theta_min = 0
-        # makes the quotient 0 / 0; thetabar = inf (lam = -inf, or e^{-2 lam} beyond it) is the limit
-        # t = inf, where the quotient is inf / inf (0 * inf under the root for theta_min = theta_max)
-        return torch.where(tb == 0, 0.0, torch.where(tb.isinf(), math.inf, t))
+        return self._t_of_theta_bar(0.5 * torch.logaddexp(torch.zeros_like(u), -2 * u))
 
     def d_alpha(self, t: TimeLike) -> Tensor:
         t = _time(self, "d_alpha", t)
@@ -621,8 +664,102 @@ class MeanReverting(Process):
 
         return MeanRevertingDenoiser(net, self, mu, prediction, shape)
 
+    @staticmethod
+    def discrete(theta_bar: TimeLike, stationary_std: float = 1.0) -> MeanRevertingDiscrete:
+        """A model trained on integer steps: ``theta_bar`` is ``thetabar`` at the steps ``0, ..., N-1``
+        (1-d, finite, ``>= 0``, strictly increasing, at least two values ``> 0``); see
+        :class:`MeanRevertingDiscrete`. From the IR-SDE code's ``sde``: ``theta_bar=sde.thetas_cumsum *
+        sde.dt, stationary_std=sde.max_sigma`` (any of its schedules)."""
+        return MeanRevertingDiscrete(theta_bar, stationary_std)
+
+    @staticmethod
+    def cosine(
+        num_train_timesteps: int = 100, eps: float = 0.005, stationary_std: float = 1.0, s: float = 0.008
+    ) -> MeanRevertingDiscrete:
+        """The released IR-SDE models' ``cosine`` theta schedule on ``T = num_train_timesteps`` steps (Luo
+        et al. 2023; their code's ``IRSDE(max_sigma, T, schedule="cosine", eps)``), a :meth:`discrete`
+        process.
+
+        With ``f(u) = cos((u + s) / (1 + s) pi / 2)^2``, ``a_j = f(j / (T + 2)) / f(0)`` for ``j = 0, ...,
+        T + 2``, the per-step rates are ``theta_i = 1 - a_{i+1}`` (a flipped cosine ``alphas_cumprod``) and
+
+            thetabar_i = c sum_{j=1}^{i} theta_j,   c = -log(eps) / sum_{j=1}^{T} theta_j,   i = 0, ..., T,
+
+        so ``thetabar_0 = 0`` (the clean image, where the net is never called) and ``e^{-thetabar_T} = eps``:
+        the net sees steps ``1, ..., T`` (``t_min = 1``). ``stationary_std``: their ``max_sigma / 255`` for
+        images in ``[0, 1]`` (e.g. 10 / 255 for deraining). Their code forms the table in float32; this one
+        is float64: at ``T = 100``, ``eps = 0.005`` their ``thetabar`` is up to 3.3e-5 (relative) off it at
+        the first steps (float32's ``1 - a_j`` where ``a_j ~ 1``), their ``sigma`` 6.8e-6.
+
+        Accepted: an integer ``num_train_timesteps >= 2``, ``0 < eps < 1``, finite ``stationary_std > 0``,
+        finite ``s >= 0``."""
+        who = "MeanReverting.cosine"
+        n = integer(who, "num_train_timesteps", num_train_timesteps, lo=2)
+        eps = real(who, "eps", eps, **_UNIT)
+        s = real(who, "s", s, lo=0)
+        u = torch.arange(n + 3, dtype=F64) / (n + 2)
+        a = torch.cos((u + s) / (1 + s) * (math.pi / 2)) ** 2
+        rates = 1 - a[2:-1] / a[0]  # theta_1, ..., theta_T
+        cum = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(rates, 0)])
+        return MeanRevertingDiscrete(cum * (-math.log(eps) / float(cum[-1])), stationary_std)
+
     def __repr__(self) -> str:
         return (
             f"MeanReverting(theta_min={self.theta_min:g}, theta_max={self.theta_max:g}, "
             f"stationary_std={self.stationary_std:g})"
         )
+
+
+class MeanRevertingDiscrete(MeanReverting):
+    r"""Mean-reverting process of a model trained on integer steps (the released IR-SDE models): ``thetabar``
+    given at the steps ``0, ..., N-1``. Process time *is* the step index, passed to the net unchanged, a float
+    in ``[t_min, N-1]``: ``t_min = 1`` where ``thetabar_0 = 0`` (step 0 is the clean ``x_0``: ``sigma = 0``,
+    ``lam = inf``; IR-SDE trains and samples on steps ``1, ..., T``), else 0.
+
+    Between integers ``thetabar`` is linear in ``t``: ``theta`` is constant on each step, ``theta_t =
+    thetabar_i - thetabar_{i-1}`` on ``(i-1, i)``, which is the rate IR-SDE's own Euler-Maruyama step from
+    ``i`` to ``i - 1`` uses (``thetas[i] * dt``), and ``diffusion = lambda sqrt(2 theta_t)`` its noise per
+    unit step. ``lam`` is then strictly decreasing in ``t`` and :meth:`t_of_lam` its exact inverse:
+    ``thetabar`` from ``lam`` in closed form, then the table inverted piecewise linearly. Outside ``[0, N-1]``
+    times are clamped to it (``t_of_lam(inf) = 0``, ``t_of_lam(-inf) = N-1``), as for :meth:`VP.discrete`;
+    at an integer :meth:`theta` is that of the step above it (the one below at ``N-1``).
+    """
+
+    def __init__(self, theta_bar: TimeLike, stationary_std: float = 1.0) -> None:
+        who = "MeanReverting.discrete"
+        tb = real_array(who, "theta_bar", theta_bar)
+        if not (
+            bool(torch.isfinite(tb).all())
+            and float(tb[0]) >= 0
+            and bool((tb[1:] > tb[:-1]).all())
+            and int((tb > 0).sum()) >= 2
+        ):
+            raise ValueError(
+                f"{who}: theta_bar must be finite, >= 0, strictly increasing and have at least 2 values > 0, "
+                f"got {tb.numel()} values from {float(tb[0]):g} to {float(tb[-1]):g}"
+            )
+        self.stationary_std = real(who, "stationary_std", stationary_std, **_POSITIVE)
+        self.theta_bars = tb
+        # -thetabar, decreasing, for _interpolate / _inverse (as VP.discrete's lam); copied once per device
+        self._down_on: dict[torch.device, Tensor] = {tb.device: -tb}
+        self.t_min = 1.0 if float(tb[0]) == 0 else 0.0
+        self.t_max = float(tb.numel() - 1)
+
+    def _down(self, like: Tensor) -> Tensor:
+        return kept(self._down_on, like.device, lambda: -self.theta_bars.to(like.device))
+
+    def theta(self, t: TimeLike) -> Tensor:
+        """The mean-reversion rate per step: ``thetabar_{i+1} - thetabar_i`` on ``[i, i+1)``."""
+        t = _t64(self, "theta", t)
+        return -_slope(self._down(t), t)
+
+    def theta_bar(self, t: TimeLike) -> Tensor:
+        """``thetabar`` at the steps, linear between them."""
+        t = _t64(self, "theta_bar", t)
+        return -_interpolate(self._down(t), t)
+
+    def _t_of_theta_bar(self, tb: Tensor) -> Tensor:
+        return _inverse(self._down(tb), -tb)
+
+    def __repr__(self) -> str:
+        return f"MeanReverting.discrete(N={self.theta_bars.numel()}, stationary_std={self.stationary_std:g})"
