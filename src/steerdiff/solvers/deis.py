@@ -65,7 +65,7 @@ from torch import Tensor
 
 from .._checks import boolean, choice
 from .._ops import lincomb
-from ..processes import Process, VPDiscrete
+from ..processes import MeanRevertingDiscrete, Process, VPDiscrete
 from ._poly import exp_adams_bashforth, lagrange_weights
 from .base import Grid, History, Model, Solver, step_order
 
@@ -85,10 +85,11 @@ def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
 def _kinks(process: Process, t_a: float, t_b: float) -> Tensor:
     """Times strictly between ``t_a`` and ``t_b`` at which ``t(lam)`` is not smooth.
 
-    :meth:`~steerdiff.processes.VP.discrete`'s integer timesteps (``lam`` is linear between them);
-    none for the continuous processes.
+    :meth:`~steerdiff.processes.VP.discrete`'s integer timesteps (``lam`` is linear between them) and
+    :meth:`~steerdiff.processes.MeanReverting.discrete`'s (``thetabar`` is); none for the continuous
+    processes.
     """
-    if not isinstance(process, VPDiscrete):
+    if not isinstance(process, VPDiscrete | MeanRevertingDiscrete):
         return torch.zeros(0, dtype=torch.float64)
     lo, hi = min(t_a, t_b), max(t_a, t_b)
     return torch.arange(math.floor(lo) + 1, math.ceil(hi), dtype=torch.float64)
@@ -102,9 +103,10 @@ def tab_weights(process: Process, nodes: Sequence[float], t_next: float) -> list
     (:func:`~steerdiff.solvers._poly.lagrange_weights`) with the moments
     ``M_m = int theta^m d rho = int_{u_0}^{u_next} theta(t(u))^m e^u du`` in ``u = log rho = -lam``,
     by Gauss-Legendre quadrature (:data:`GL_NODES` nodes) on pieces of length at most
-    :data:`MAX_PIECE` in ``u``, split where ``t(lam)`` has a kink (:meth:`VP.discrete`'s integer
-    timesteps), so the integrand is analytic on each piece (for ``VP.discrete``, ``t`` is linear
-    in ``u`` there and the integrand a polynomial times ``e^u``). ``M_0 = rho_next - rho_0``.
+    :data:`MAX_PIECE` in ``u``, split where ``t(lam)`` has a kink (the integer timesteps of
+    :meth:`VP.discrete` and :meth:`MeanReverting.discrete`), so the integrand is analytic on each piece (for
+    ``VP.discrete``, ``t`` is linear in ``u`` there and the integrand a polynomial times ``e^u``).
+    ``M_0 = rho_next - rho_0``.
     """
     t0 = nodes[0]
     u_a, u_b = (-float(process.lam(t)) for t in (t0, t_next))
