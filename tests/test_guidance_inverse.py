@@ -4,6 +4,7 @@ the DPS gradient, the Gaussian posterior for PiGDM, a literal RePaint loop, the 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import traceback
 from pathlib import Path
@@ -304,7 +305,8 @@ def _alg1_with_resampling(
     """Lugmayr et al. Alg. 1 with the jumps of their Sec. 4.2, written out for the VP process on the nodes
     ``linspace(999, 0, steps)``, drawing from one generator in the order the library does: per evaluation
     the known-region sample ``z``, then the DDPM noise; a jump back ``j`` nodes is the forward transition
-    ``x_b ~ N(a_b / a_k x_k, (1 - a_b^2 / a_k^2) I)``, ``U - 1`` times per node that is a multiple of ``j``.
+    ``x_b ~ N(a_b / a_k x_k, (1 - a_b^2 / a_k^2) I)``, ``U - 1`` times at node ``steps - 1`` and every
+    ``j``-th node above it (the authors' ``get_schedule_jump``).
     """
     ts = torch.linspace(999, 0, steps, dtype=F64).tolist()
     known = torch.tensor([True, False, True, False])
@@ -323,7 +325,7 @@ def _alg1_with_resampling(
         noise = torch.randn(x.shape, generator=g, dtype=F64)
         x = e * a1 / a * x + a1 * (1 - e) * x0 + s1 * math.sqrt(1 - e) * noise
         k += 1
-        if k < steps and k >= jump and k % jump == 0 and passes[k] < resample - 1:
+        if jump <= k < steps and (steps - 1 - k) % jump == 0 and passes[k] < resample - 1:
             passes[k] += 1
             r = float(PROC.alpha(ts[k - jump])) / float(PROC.alpha(ts[k]))
             x = r * x + math.sqrt(1 - r * r) * torch.randn(x.shape, generator=g, dtype=F64)
@@ -350,6 +352,61 @@ def test_repaint_sample_nfe_and_single_pass_equals_sample() -> None:
     )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a, _alg1_with_resampling(gmm, y, x_T, 15, 1, 1, seed=5), rtol=0, atol=1e-10)
+
+
+def _jumps(evaluated: list[int]) -> list[tuple[int, int]]:
+    """``(from, to)`` of each jump in a sequence of evaluated nodes (after node ``k`` the state is at
+    ``k + 1``)."""
+    return [(a + 1, b) for a, b in itertools.pairwise(evaluated) if b != a + 1]
+
+
+@pytest.mark.parametrize(
+    ("steps", "resample", "jump"),
+    [(6, 2, 1), (6, 3, 1), (6, 2, 2), (6, 2, 3), (7, 2, 3), (25, 3, 4), (40, 2, 40), (250, 10, 10)],
+)
+def test_repaint_sample_jumps_where_the_authors_code_does(steps: int, resample: int, jump: int) -> None:
+    """The nodes the net is evaluated at, in order, are those of the authors' RePaint: diffusers'
+    ``RePaintScheduler.set_timesteps(steps, j, U)`` list (their ``get_schedule_jump``) read as they do,
+    each entry the 0-based level of the state, the net evaluated where the next one is lower. At
+    ``j = 1`` that is Alg. 1 (``U`` passes at every node but the last). diffusers' pipeline evaluates
+    at each entry instead, so its jumps are these shifted one node towards the clean end. Before, jumps
+    went from the multiples of ``j`` (``(2, 0), (4, 2)`` at ``(6, 2, 2)`` for the authors' ``(3, 1),
+    (5, 3)``; at the paper's ``(250, 10, 10)`` from nodes 10..240 for their 19..249)."""
+    from diffusers import RePaintScheduler
+
+    seen: list[float] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    op, y = Inpaint(torch.tensor([1.0, 0.0], dtype=F64)), torch.tensor([0.3], dtype=F64)
+    x_T = torch.zeros(1, 2, dtype=F64)
+    _, info = repaint_sample(
+        sd.Denoiser(net, PROC, "eps"),
+        op,
+        y,
+        x_T,
+        steps,
+        resample=resample,
+        jump=jump,
+        generator=torch.Generator().manual_seed(0),
+        return_info=True,
+    )
+    nodes = torch.tensor(info.grid.t[:steps], dtype=F64)
+    evaluated = [int((nodes - t).abs().argmin()) for t in seen]
+    assert len(evaluated) == info.nfe == repaint_nfe(steps, resample, jump)
+
+    scheduler = RePaintScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps, jump_length=jump, jump_n_sample=resample)
+    stride = 1000 // steps
+    levels = [int(t) // stride for t in scheduler.timesteps] + [-1]
+    assert evaluated == [steps - 1 - a for a, b in itertools.pairwise(levels) if b < a]
+    if jump == 1:
+        assert evaluated == [k for k in range(steps) for _ in range(resample if k < steps - 1 else 1)]
+    pipeline = [steps - 1 - b for a, b in itertools.pairwise([levels[0] + 1, *levels[:-1]]) if b < a]
+    assert _jumps(pipeline) == [(a + 1, b + 1) for a, b in _jumps(evaluated)]
+    assert len(_jumps(evaluated)) == (resample - 1) * ((steps - 1) // jump)
 
 
 def test_repaint_sample_passes_a_net_condition_named_y_or_operator() -> None:

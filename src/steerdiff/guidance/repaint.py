@@ -20,9 +20,19 @@ Two pieces here:
   it is drawn once per step and used at the next evaluation, which has the same law (independent
   of the unknown region either way).
 * :func:`repaint_sample`, Alg. 1 with resampling jumps: DDPM steps with :class:`RePaint` over a grid
-  of ``steps`` nodes; each time it reaches a noisy node ``k`` that is a multiple of ``jump``, it
-  noises the state back to node ``k - jump`` with the forward transition ``q(x_{k-j} | x_k)`` and
-  descends again, ``resample - 1`` times per such node. NFE is :func:`repaint_nfe`.
+  of ``steps`` nodes ``0`` (``x_T``) to ``steps - 1`` (Alg. 1's ``x_1``), then the clean state
+  ``steps``; each time it reaches a jump node ``k`` -- ``steps - 1`` and every ``j``-th node back
+  towards ``x_T``, ``k = steps - 1 - m j >= j`` -- it noises the state back to node ``k - j`` with the
+  forward transition ``q(x_{k-j} | x_k)`` and descends again, ``resample - 1`` times per such node.
+  NFE is :func:`repaint_nfe`.
+
+The jump nodes are those of the authors' code (``get_schedule_jump(t_T=steps, jump_length=j,
+jump_n_sample=U)``, whose entries are the 0-based levels of the state, ``-1`` the clean one; node
+``k`` is level ``steps - 1 - k``). At ``j = 1`` that is Alg. 1 exactly: every step is redone but the
+last, ``x_1 -> x_0`` ("if u < U and t > 1"). diffusers' ``RePaintScheduler`` builds the same list,
+but ``RePaintPipeline`` evaluates the net at each entry, so its jumps sit one node nearer the clean
+end, from ``steps, steps - j, ... > j``: at ``j = 1`` it redoes the final step into ``x_0`` and never
+the first one from ``x_T``, which Alg. 1 does the other way round; the NFE is the same.
 
 RePaint takes ``y`` as exact (noiseless inpainting); with a noisy observation the samples' measured
 component is ``y`` itself, a bias of order the noise level. No gradients are needed.
@@ -99,8 +109,8 @@ class RePaint(MeasurementGuided):
 
 def repaint_nfe(steps: int, resample: int = 1, jump: int = 1) -> int:
     """Network evaluations of :func:`repaint_sample`:
-    ``steps + (resample - 1) jump floor((steps - 1) / jump)`` (``jump = 1``: ``(steps - 1) resample + 1``,
-    Alg. 1's ``U`` evaluations per step)."""
+    ``steps + (resample - 1) jump floor((steps - 1) / jump)``, ``floor((steps - 1) / jump)`` jump nodes
+    (``jump = 1``: ``(steps - 1) resample + 1``, Alg. 1's ``U`` evaluations per step but the last)."""
     steps = integer("repaint_nfe", "steps", steps, lo=1)
     resample = integer("repaint_nfe", "resample", resample, lo=1)
     jump = integer("repaint_nfe", "jump", jump, lo=1)
@@ -189,8 +199,8 @@ def repaint_sample(
             net runs in ``x_T``'s dtype, as in :func:`steerdiff.sample`.
         steps: grid nodes (``final="zero"``: the last step returns the denoised estimate).
         resample: ``U``, the passes over each jump interval (1: no resampling).
-        jump: ``j``, the jump length in grid steps; from ``j >= steps`` on no noisy node is a
-            multiple of ``j`` past the first, so nothing is resampled (as Alg. 1 reads; the NFE,
+        jump: ``j``, the jump length in grid steps, from the nodes ``steps - 1 - m j >= j`` (see the
+            module); from ``j >= steps`` on there is none, so nothing is resampled (the NFE,
             :func:`repaint_nfe`, is then ``steps``).
         schedule: the grid's schedule (default ``"time_uniform"``, as DDPM).
         generator: all randomness (DDPM noise, forward jumps, replacement samples): one
@@ -216,7 +226,7 @@ def repaint_sample(
     while i < grid.steps:
         x = advance(solver.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
         i += 1
-        if i < grid.steps and i >= jump and i % jump == 0 and passes[i] < resample - 1:
+        if jump <= i < grid.steps and (grid.steps - 1 - i) % jump == 0 and passes[i] < resample - 1:
             passes[i] += 1
             back = i - jump  # forward transition q(x_back | x_i): mean ratio x_i, variance the rest
             ratio, std = noising((grid.alpha[i], grid.sigma[i]), (grid.alpha[back], grid.sigma[back]))
