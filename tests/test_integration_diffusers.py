@@ -1372,6 +1372,16 @@ def test_custom_timesteps_of_edm_configs_are_the_nets_times():
         ours.set_timesteps(timesteps=[1.0, -math.inf])
 
 
+def test_custom_timesteps_of_edm_configs_beyond_the_range_are_clipped():
+    # as every config's custom grid: nodes beyond the model's range are clipped to it. Before, a net time
+    # above 177 (exp(4 c) overflowed to inf) was refused as "must be finite numbers" though it was finite
+    ours = SteerdiffScheduler.from_config(diffusers.EDMEulerScheduler().config, solver="euler")
+    ours.set_timesteps(timesteps=[200.0, 0.5, 0.0])
+    assert ours.sigmas.tolist() == torch.tensor([80.0, math.exp(2.0), 1.0, 0.0]).tolist()
+    with pytest.raises(ValueError, match=r"^set_timesteps: timesteps must be strictly decreasing .*clipping"):
+        ours.set_timesteps(timesteps=[300.0, 200.0, 0.0])
+
+
 def test_edm_configs_saved_and_made_in_code_are_one_model():
     # saved: _class_name; made in code: told apart by sigma_data and sigma_schedule (Cosine's keys aside);
     # SteerdiffScheduler's own config keeps the model (from_config of it, as save/load does)

@@ -361,8 +361,9 @@ def _custom_times(
                     f"2 atan(sigma) / pi, in [0, 1), got {values!r}"
                 )
             v = torch.tan(v * (math.pi / 2))
-        else:
-            v = torch.exp(4 * v)  # the net's time c_noise = log(sigma) / 4 (edm_noise), < 0 below sigma 1
+        else:  # the net's time c_noise = log(sigma) / 4 (edm_noise), < 0 below sigma 1; clipped to the range
+            # in log(sigma) first: exp(4 c) of a c above 177 is inf, which would read as a non-finite input
+            v = torch.exp((4 * v).clamp(max=math.log(spec.process.t_max)))
     if name == "sigmas" and len(v) > 1 and v[-1] == 0:
         v = v[:-1]
     low = v >= 0 if name == "timesteps" else v > 0
