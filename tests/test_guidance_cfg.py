@@ -752,6 +752,20 @@ def test_bad_cfg_arguments(den, kwargs, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_cfg_tells_apart_processes_that_agree_at_three_times():
+    """``same_process`` compared alpha and sigma at t_min, the midpoint and t_max only: two IR-SDE tables
+    equal there but not at step 25 passed as one process. It compares 257 times now."""
+    proc = sd.MeanReverting.cosine(100)
+    table = proc.theta_bars.clone()
+    table[25] = 0.5 * (table[24] + table[26])  # still increasing; equal at steps 1, 50, 51 and 100
+    other = sd.MeanReverting.discrete(table)
+    net = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    mu = torch.zeros(2, dtype=F64)
+    with pytest.raises(ValueError, match="share a process"):
+        CFG(proc.denoiser(net, mu), other.denoiser(net, mu), 2.0)
+    CFG(proc.denoiser(net, mu), sd.MeanReverting.cosine(100).denoiser(net, mu), 2.0)  # an equal table
+
+
 def test_bad_cfg_pairs_and_conditions(sd_process, den):
     c0, _, _ = two_class()
     with pytest.raises(ValueError, match="uncond must be a steerdiff Denoiser"):
