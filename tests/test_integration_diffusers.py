@@ -1382,6 +1382,19 @@ def test_custom_timesteps_of_edm_configs_beyond_the_range_are_clipped():
         ours.set_timesteps(timesteps=[300.0, 200.0, 0.0])
 
 
+def _saved_and_made_in_code(theirs: Any, **options: Any) -> list[SteerdiffScheduler]:
+    """``SteerdiffScheduler.from_config`` of ``theirs``'s config as made in code (no ``_class_name``) and as
+    saved (with it), each then rebuilt from its own config (as save / load does), with ``theirs``'s
+    ``init_noise_sigma``."""
+    saved = {**theirs.config, "_class_name": type(theirs).__name__}
+    out = []
+    for config in (theirs.config, saved):
+        again = SteerdiffScheduler.from_config(SteerdiffScheduler.from_config(config, **options).config)
+        assert again.init_noise_sigma == theirs.init_noise_sigma
+        out.append(again)
+    return out
+
+
 def test_edm_configs_saved_and_made_in_code_are_one_model():
     # saved: _class_name; made in code: told apart by sigma_data and sigma_schedule (Cosine's keys aside);
     # SteerdiffScheduler's own config keeps the model (from_config of it, as save/load does)
@@ -1390,15 +1403,11 @@ def test_edm_configs_saved_and_made_in_code_are_one_model():
         sigma_max=40.0, sigma_data=1.0, prediction_type="v_prediction"
     )
     ref, _ = run_scheduler(theirs, _edm_net, x_T, 6)
-    saved = {**theirs.config, "_class_name": "EDMDPMSolverMultistepScheduler"}
     outs = []
-    for config in (theirs.config, saved):
-        ours = SteerdiffScheduler.from_config(config, solver="dpmpp_2m", schedule="karras")
-        again = SteerdiffScheduler.from_config(ours.config)
+    for again in _saved_and_made_in_code(theirs, solver="dpmpp_2m", schedule="karras"):
         den = again.denoiser
         assert isinstance(den, sd.denoiser.EDMDenoiser)
         assert (den.process.t_max, den.sigma_data, den.output) == (40.0, 1.0, "v")
-        assert again.init_noise_sigma == theirs.init_noise_sigma
         outs.append(run_scheduler(again, _edm_net, x_T, 6)[0])
     assert torch.equal(outs[0], outs[1])
     assert rel_rmse(outs[0], ref) < EDM_PARITY
@@ -1563,15 +1572,11 @@ def test_cosine_configs_saved_and_made_in_code_are_one_model(monkeypatch, cosine
     # 3.2e-7 (sigmas 7.8e-6).
     _, net = cosine_oracle
     theirs, x_T, ref, draws = _cosine_run(monkeypatch, net, 6, sigma_max=80.0, prediction_type="epsilon")
-    saved = {**theirs.config, "_class_name": "CosineDPMSolverMultistepScheduler"}
     outs = []
-    for config in (theirs.config, saved):
-        ours = SteerdiffScheduler.from_config(config, solver="dpmpp_2m_sde", schedule="exponential")
-        again = SteerdiffScheduler.from_config(ours.config)
+    for again in _saved_and_made_in_code(theirs, solver="dpmpp_2m_sde", schedule="exponential"):
         den = again.denoiser
         assert isinstance(den, sd.denoiser.EDMDenoiser) and den.output == "edm"
         assert (den.process.t_min, den.process.t_max, den.sigma_data) == (0.3, 80.0, 1.0)
-        assert again.init_noise_sigma == theirs.init_noise_sigma
         again.noise = Replay(draws[:-1])
         outs.append(run_scheduler(again, net, x_T, 6)[0])
     assert torch.equal(outs[0], outs[1])
