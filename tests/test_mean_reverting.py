@@ -81,6 +81,16 @@ def test_t_of_lam_at_the_clean_end(tmin):
     assert torch.allclose(p.t_of_lam(p.lam(t)), t, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("tmin", [0.0, 0.3, 12.0])
+def test_t_of_lam_far_at_the_noisy_end(tmin):
+    """``t_of_lam`` inverts ``lam`` out to ``lam = -1e307``. Before, the root ``2 thetabar / (a + sqrt(a^2 +
+    c^2 thetabar))`` overflowed under the square root from ``thetabar ~ 1e307 / c^2`` on and gave ``t = 0``
+    (the clean end); and ``theta_bar`` was NaN (``0 * inf``) at such times for ``theta_min = theta_max``."""
+    p = sd.MeanReverting(theta_min=tmin, theta_max=12.0, stationary_std=1.5)
+    lam = torch.tensor([-1e307, -1e300, -1e10, -50.0], dtype=F64)
+    torch.testing.assert_close(p.lam(p.t_of_lam(lam)), lam, rtol=1e-14, atol=0)
+
+
 def test_unit_stationary_std_is_vp_linear():
     p, v = sd.MeanReverting(theta_min=0.05, theta_max=10.0, stationary_std=1.0), sd.VP.linear(0.1, 20.0)
     t = torch.linspace(1e-3, 1, 50, dtype=F64)

@@ -594,17 +594,18 @@ class MeanReverting(Process):
     def theta_bar(self, t: TimeLike) -> Tensor:
         """``int_0^t theta_s ds``."""
         t = _t64(self, "theta_bar", t)
-        return self.theta_min * t + 0.5 * (self.theta_max - self.theta_min) * t**2
+        return t * (self.theta_min + 0.5 * (self.theta_max - self.theta_min) * t)
 
     def _t_of_theta_bar(self, tb: Tensor) -> Tensor:
-        """The inverse of :meth:`theta_bar` for ``tb >= 0`` (``tb = inf``: the limit): the quadratic in stable
-        form."""
-        a = self.theta_min
-        t = 2 * tb / (a + (a * a + 2 * (self.theta_max - a) * tb).sqrt())
+        """The inverse of :meth:`theta_bar` for ``tb >= 0`` (``tb = inf``: the limit): the quadratic's
+        root ``2 tb / (a + sqrt(a^2 + c^2 tb))``, ``c^2 = 2 (theta_max - a)``, divided through by
+        ``r = sqrt(tb)`` so that nothing overflows: ``2 r / (a / r + hypot(a / r, c))`` (``tb = 1e307``
+        gave ``a^2 + c^2 tb = inf`` and so ``t = 0``)."""
+        a, r = self.theta_min, tb.sqrt()
+        t = 2 * r / (a / r + torch.hypot(a / r, torch.tensor(2 * (self.theta_max - a), dtype=F64).sqrt()))
         # thetabar = 0 (lam = inf, or e^{-2 lam} below float64's range) is t = 0, also where theta_min = 0
-        # makes the quotient 0 / 0; thetabar = inf (lam = -inf, or e^{-2 lam} beyond it) is the limit
-        # t = inf, where the quotient is inf / inf (0 * inf under the root for theta_min = theta_max)
-        return torch.where(tb == 0, 0.0, torch.where(tb.isinf(), math.inf, t))
+        # makes the quotient 0 / 0
+        return torch.where(tb == 0, 0.0, t)
 
     def diffusion(self, t: TimeLike) -> Tensor:
         """The SDE's noise coefficient ``sigma_t = lambda sqrt(2 theta_t)`` (not :meth:`sigma`)."""
