@@ -57,10 +57,11 @@ def steps_within(nfe_of: Callable[[int], int], budget: int) -> int | None:
 
 
 def diffusers_configs() -> list[DiffusersConfig]:
-    """DDPM, Euler ancestral, SDE-DPM-Solver++ (orders 2, 3) and SA-Solver, SD betas."""
+    """DDPM, Euler ancestral, KDPM2 ancestral, SDE-DPM-Solver++ (orders 2, 3) and SA-Solver, SD betas."""
     return [
         DiffusersConfig("DDPM", "DDPMScheduler", (("clip_sample", False),)),
         DiffusersConfig("EulerAncestral", "EulerAncestralDiscreteScheduler"),
+        DiffusersConfig("KDPM2AncestralDiscrete", "KDPM2AncestralDiscreteScheduler"),
         *(
             DiffusersConfig(
                 f"DPMSolverMultistep(sde-dpmsolver++, order={k})",

@@ -304,10 +304,11 @@ DIFFUSERS_DEFAULT = DiffusersConfig("DPMSolverMultistep(order=2)", "DPMSolverMul
 def diffusers_configs() -> list[DiffusersConfig]:
     """The diffusers configurations compared against, each its own row (SD betas throughout).
 
-    DDIM (its default ``leading`` spacing); DPMSolverMultistep of order 2 and 3 with the
+    DDIM (its default ``leading`` spacing; also ``trailing``); PNDM with and without its Runge-Kutta
+    warm-up (``skip_prk_steps``, default ``leading`` spacing); DPMSolverMultistep of order 2 and 3 with the
     ``linspace``/``leading``/``trailing`` spacings, Karras and exponential sigmas and Lu lambdas; Euler,
     Heun, DPMSolverSinglestep of order 2 and 3, UniPC ``bh1``/``bh2`` (``bh2`` also of order 3, the
-    algorithm of ``sd.sample``'s default) and DEIS (order 3), each with its default spacing and with
+    algorithm of ``sd.sample``'s default), DEIS (order 3) and KDPM2, each with its default spacing and with
     Karras and exponential sigmas (the sigma spacings of our ``karras`` and ``exponential``); UniPC
     ``bh1`` also with ``final_sigmas_type="sigma_min"``, as with diffusers' default final sigma 0 it
     returns NaN.
@@ -350,6 +351,7 @@ def diffusers_configs() -> list[DiffusersConfig]:
             (("solver_type", "bh2"), ("solver_order", 3)),
         ),
         DiffusersConfig("DEISMultistep(order=3)", "DEISMultistepScheduler", (("solver_order", 3),)),
+        DiffusersConfig("KDPM2Discrete", "KDPM2DiscreteScheduler"),
     ]
     return [
         # DDIM clips x0 to [-1, 1] by default (an image-range assumption): off, as for the others
@@ -357,16 +359,24 @@ def diffusers_configs() -> list[DiffusersConfig]:
             DiffusersConfig("DDIM", "DDIMScheduler", (("clip_sample", False), ("timestep_spacing", sp)))
             for sp in ("leading", "trailing")
         ),
+        # PNDM (Runge-Kutta warm-up, its default) and PLMS (skip_prk_steps: Stable Diffusion 1.x's config)
+        DiffusersConfig("PNDM", "PNDMScheduler"),
+        DiffusersConfig("PNDM(skip_prk_steps)", "PNDMScheduler", (("skip_prk_steps", True),)),
         *multistep,
         *(DiffusersConfig(c.method, c.cls, c.overrides + s) for c in others for s in sigmas),
     ]
 
 
 def _diffusers_nfe(config: DiffusersConfig) -> Callable[[int], int]:
+    """A configuration's network calls for a step count; 0 where its ``set_timesteps`` refuses the count
+    (PNDM's Runge-Kutta warm-up below 4 steps)."""
     sched = config.make()
 
     def nfe(steps: int) -> int:
-        sched.set_timesteps(steps)
+        try:
+            sched.set_timesteps(steps)
+        except ValueError:
+            return 0
         return len(sched.timesteps)
 
     return nfe
