@@ -74,6 +74,7 @@ first-order step that returns the denoised estimate at the last node (diffusers'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -89,6 +90,45 @@ __all__ = ["DPMSolver"]
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
 SECOND_STAGES = ("paper", "midpoint")
 Correction = tuple[float, Tensor] | None  # (c, D): the higher-order term c D of an update
+Level = tuple[float, float, float]  # (alpha, sigma, lam) of a noise level
+
+
+def weights(algorithm: str) -> Callable[[int, float], float]:
+    """The exponential-integrator weights ``W_k`` of ``algorithm``: ``hphi`` (``"dpmsolver++"``, data
+    prediction) or ``hphi_eps`` (``"dpmsolver"``, noise prediction)."""
+    return hphi if algorithm == "dpmsolver++" else hphi_eps
+
+
+def midpoint_correction(algorithm: str, h: float, h1: float, f_s: Tensor, f_1: Tensor) -> Correction:
+    """DPM-Solver-2 / DPM-Solver++(2S)'s term ``c D`` over ``h`` with the intermediate estimate ``f_1`` at
+    ``lam_s + h1`` (``r_1 = h1 / h``): ``S = W_1(h) [f_s + (f_1 - f_s) / (2 r_1)]``."""
+    return weights(algorithm)(1, h) * h / (2 * h1), f_1 - f_s
+
+
+def update(
+    algorithm: str, frm: Level, to: Level, x: Tensor, f: Tensor, x0: Tensor | None, corr: Correction
+) -> Tensor:
+    """The update from the level ``frm`` (state ``x``, estimate ``f``; ``x0``: the net's there, or ``None``)
+    to ``to``: the first-order step plus ``corr = (c, D)``, the term ``c D`` of ``S`` (module docstring).
+    """
+    (alpha_s, sigma_s, lam_s), (alpha_a, sigma_a, lam_a) = frm, to
+    h = lam_a - lam_s
+    if algorithm == "dpmsolver++":
+        scale, x0 = alpha_a, f
+    else:
+        scale = -alpha_a * sigma_s / alpha_s  # -sigma_a e^h
+    if x0 is not None:  # DDIM from x0: (sigma_a / sigma_s) x_s + alpha_a hphi(1, h) x0_s
+        out = axpby(sigma_a / sigma_s, x, alpha_a * hphi(1, h), x0)
+    else:  # DDIM from eps: (alpha_a / alpha_s) (x_s - sigma_s hphi_eps(1, h) eps_s)
+        out = axpby(alpha_a / alpha_s, x, scale * hphi_eps(1, h), f)
+    if corr is not None:
+        out.add_(corr[1], alpha=scale * corr[0])
+    return out
+
+
+def level(grid: Grid, j: int) -> Level:
+    """``(alpha, sigma, lam)`` of grid node ``j``."""
+    return grid.alpha[j], grid.sigma[j], grid.lam[j]
 
 
 @dataclass
@@ -134,26 +174,6 @@ class DPMSolver(Solver):
         # the current macro-step
         return {"plan": plan, "x": None, "x0": None, "f": [], "jk": (0, 0)}
 
-    def _update(
-        self, grid: Grid, j: int, a: int, x: Tensor, f: Tensor, x0: Tensor | None, corr: Correction
-    ) -> Tensor:
-        """The update from node ``j`` (state ``x``, estimate ``f``; ``x0``: the net's there, or ``None``) to
-        node ``a``: the first-order step plus ``corr = (c, D)``, the term ``c D`` of ``S`` (module docstring).
-        """
-        h = grid.lam[a] - grid.lam[j]
-        sigma_a, alpha_a = grid.sigma[a], grid.alpha[a]
-        if self.algorithm == "dpmsolver++":
-            scale, x0 = alpha_a, f
-        else:
-            scale = -alpha_a * grid.sigma[j] / grid.alpha[j]  # -sigma_a e^h
-        if x0 is not None:  # DDIM from x0: (sigma_a / sigma_s) x_s + alpha_a hphi(1, h) x0_s
-            out = axpby(sigma_a / grid.sigma[j], x, alpha_a * hphi(1, h), x0)
-        else:  # DDIM from eps: (alpha_a / alpha_s) (x_s - sigma_s hphi_eps(1, h) eps_s)
-            out = axpby(alpha_a / grid.alpha[j], x, scale * hphi_eps(1, h), f)
-        if corr is not None:
-            out.add_(corr[1], alpha=scale * corr[0])
-        return out
-
     def moved(self, state: dict[str, Any]) -> None:
         """A corrector moved the state at a node: the next step starts a macro-step there (:meth:`step`)."""
         state["x"] = None
@@ -171,10 +191,11 @@ class DPMSolver(Solver):
         (j, k), fs = state["jk"], state["f"]
         lam = grid.lam
         h = lam[i + 1] - lam[j]
-        w = hphi if self.algorithm == "dpmsolver++" else hphi_eps
+        w = weights(self.algorithm)
         corr: Correction = None  # S = W_1(h) f_s + corr[0] corr[1]; none at first order (u_1, or k = 1)
         if i == j + 1 and (k == 2 or self.second_stage == "midpoint"):  # 2S, to t or to u_2
-            corr = (w(1, h) * h / (2 * (lam[j + 1] - lam[j])), fs[1] - fs[0])
+            corr = midpoint_correction(self.algorithm, h, lam[j + 1] - lam[j], fs[0], fs[1])
         elif i > j:  # DPM-Solver-3: u_2 (i = j + 1) or the final update from f_2 (i = j + 2)
             corr = (w(2, h) / (lam[i] - lam[j]), fs[-1] - fs[0])
-        return self._update(grid, j, i + 1, state["x"], fs[0], state["x0"], corr)
+        frm, to = level(grid, j), level(grid, i + 1)
+        return update(self.algorithm, frm, to, state["x"], fs[0], state["x0"], corr)
