@@ -53,6 +53,8 @@ PARITY_BOUND: dict[str, float] = {
     "DPMSolverMultistepScheduler(sde-dpmsolver++)": 5e-6,  # 6.8e-7 (order 2; 7.2e-7 default kernels)
     "DPMSolverMultistepScheduler(sde-dpmsolver++, order 3)": 5e-5,  # 1.1e-5 (third_order="diffusers")
     "DPMSolverSDEScheduler": 2e-5,  # 2.9e-6
+    "KDPM2DiscreteScheduler": 5e-6,  # 5.4e-7 (test_dpm_2.py)
+    "KDPM2AncestralDiscreteScheduler": 2e-5,  # 2.7e-6 (linspace, 25 steps; the others < 6.8e-7)
     "SASolverScheduler": 1e-4,  # 1.9e-5 (its own float32 sigmas)
     "SASolverScheduler(float64)": 1e-13,  # 2.8e-14 (sigmas recomputed in float64)
     "DPMSolverMultistepScheduler(heun)": 5e-6,  # 1.2e-6 (mrs on SD's VP process; 1.25e-6 default kernels)

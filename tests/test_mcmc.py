@@ -378,6 +378,8 @@ def _zero_noise(t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
 # alpha_{i+1} / alpha_i.
 _OWN_MAP_AT_X0_ZERO = (
     "ddpm",
+    "dpm_2_ancestral",
+    "dpmpp_2s_ancestral",
     "dpmpp_2m_sde",
     "dpmpp_3m_sde",
     "dpmpp_sde",

@@ -77,6 +77,8 @@ def test_brownian_increments_have_unit_variance():
         "dpmpp_2m_sde",
         "dpmpp_3m_sde",
         "dpmpp_sde",
+        "dpm_2_ancestral",
+        "dpmpp_2s_ancestral",
         "sa_solver",
         "er_sde",
         sd.solvers.Restart(restart_info=[(0.1, 2.0, 2, 3), (0.3, 5.0, 1, 3)]),

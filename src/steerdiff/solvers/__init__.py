@@ -13,6 +13,7 @@ from .base import Grid, History, Model, NonFiniteError, Solver, Transition, make
 from .ddim import DDIM
 from .ddpm import DDPM
 from .deis import DEIS
+from .dpm_2 import DPMSolver2
 from .dpm_solver import DPMSolver
 from .dpmpp import DPMSolverPPMultistep
 from .dpmpp_sde import DPMSolverSDE, DPMSolverSDEMultistep
@@ -36,6 +37,7 @@ __all__ = [
     "IPNDM",
     "LMS",
     "DPMSolver",
+    "DPMSolver2",
     "DPMSolverPPMultistep",
     "DPMSolverSDE",
     "DPMSolverSDEMultistep",
@@ -83,6 +85,9 @@ _REGISTRY: dict[str, Callable[[], Solver]] = {
     "lms": LMS,
     "mrs": MRSampler,
     "dpm_solver": DPMSolver,
+    "dpm_2": DPMSolver2,
+    "dpm_2_ancestral": lambda: DPMSolver2(eta=1.0),
+    "dpmpp_2s_ancestral": lambda: DPMSolver2(algorithm="dpmsolver++", eta=1.0),
 }
 
 
