@@ -46,6 +46,7 @@ PARITY_BOUND: dict[str, float] = {
     "DEISMultistepScheduler": 5e-5,  # 8.0e-6 (order 3; orders 1-2 1.3e-6)
     "IPNDMScheduler": 5e-7,  # 1.1e-7
     "LMSDiscreteScheduler": 5e-6,  # 6.1e-7
+    "PNDMScheduler": 2e-6,  # 4.9e-7 (PRK and PLMS modes)
     # stochastic, same draws (test_stochastic_basic.py, test_dpmpp_sde.py, test_sa_solver.py, ...)
     "DDPMScheduler": 5e-6,  # 7.5e-7
     "DDIMScheduler(eta)": 5e-6,  # 5.8e-7 (6.4e-7 with default kernels)

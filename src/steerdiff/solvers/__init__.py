@@ -24,6 +24,7 @@ from .euler_maruyama import EulerMaruyama
 from .ipndm import IPNDM
 from .lms import LMS
 from .mrs import MRSampler
+from .pndm import PNDM
 from .restart import Restart
 from .sa_solver import SASolver
 from .self_recurrence import SelfRecurrence
@@ -36,6 +37,7 @@ __all__ = [
     "ERSDE",
     "IPNDM",
     "LMS",
+    "PNDM",
     "DPMSolver",
     "DPMSolver2",
     "DPMSolverPPMultistep",
@@ -83,6 +85,8 @@ _REGISTRY: dict[str, Callable[[], Solver]] = {
     "deis": DEIS,
     "ipndm": IPNDM,
     "lms": LMS,
+    "pndm": PNDM,
+    "plms": lambda: PNDM(warmup="improved_euler"),
     "mrs": MRSampler,
     "dpm_solver": DPMSolver,
     "dpm_2": DPMSolver2,

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .._checks import real
 from .._ops import axpby
+from ..denoiser import Prediction
 from ._exp import hphi, noising
 from .base import Grid, Model, Solver
 
@@ -57,11 +58,21 @@ Level = tuple[float, float, float]  # (t, alpha, sigma) of a noise level
 HEUN_MAX_RATIO = 20.0
 
 
-def heun_update(model: Model, x: Tensor, step: int, frm: Level, to: Level, second: bool = True) -> Tensor:
+def heun_update(
+    model: Model,
+    x: Tensor,
+    step: int,
+    frm: Level,
+    to: Level,
+    second: bool = True,
+    pred: Prediction | None = None,
+) -> Tensor:
     r"""One Heun step (EDM Alg. 1) in ``(x / alpha, sigma / alpha)`` from level ``frm`` to ``to``.
 
     ``frm`` and ``to`` are ``(t, alpha, sigma)``; an Euler step (1 NFE) when ``second`` is false
     or ``to`` is clean (``sigma = 0``), else 2 NFE. ``step`` is reported with non-finite outputs.
+    ``pred``: the prediction at ``(x, frm)`` where the caller has made it (one NFE fewer; PLMS keeps
+    its ``eps``).
 
     In ``x``, with ``s = sigma / alpha``, the Euler step ``y~ = y + (s' - s) d`` is the DDIM step
     ``x~ = alpha' x0 + sigma' eps`` (:meth:`~steerdiff.denoiser.Prediction.renoise`), and Heun's
@@ -81,7 +92,8 @@ def heun_update(model: Model, x: Tensor, step: int, frm: Level, to: Level, secon
     ``x' = x~ + alpha' ((h - 1 + e^{-h}) / h) (x0~ - x0)``, whose weight stays below ``alpha'``.
     """
     (t, a, s), (t_next, a_next, s_next) = frm, to
-    pred = model(x, t, step)
+    if pred is None:
+        pred = model(x, t, step)
     x_euler = pred.renoise(a_next, s_next)
     if not second or s_next == 0:
         return x_euler
