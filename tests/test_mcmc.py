@@ -386,7 +386,9 @@ _OWN_MAP_AT_X0_ZERO = (
     "edm_sde",
     "er_sde",
     "euler_ancestral",
+    "lcm",
     "sa_solver",
+    "tcd",
 )
 
 

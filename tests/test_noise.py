@@ -82,6 +82,8 @@ def test_brownian_increments_have_unit_variance():
         "sa_solver",
         "er_sde",
         sd.solvers.Restart(restart_info=[(0.1, 2.0, 2, 3), (0.3, 5.0, 1, 3)]),
+        "tcd",
+        "lcm",
     ],
     ids=str,
 )

@@ -28,6 +28,7 @@ from .pndm import PNDM
 from .restart import Restart
 from .sa_solver import SASolver
 from .self_recurrence import SelfRecurrence
+from .tcd import TCD
 from .unipc import UniPC
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "IPNDM",
     "LMS",
     "PNDM",
+    "TCD",
     "DPMSolver",
     "DPMSolver2",
     "DPMSolverPPMultistep",
@@ -92,6 +94,8 @@ _REGISTRY: dict[str, Callable[[], Solver]] = {
     "dpm_2": DPMSolver2,
     "dpm_2_ancestral": lambda: DPMSolver2(eta=1.0),
     "dpmpp_2s_ancestral": lambda: DPMSolver2(algorithm="dpmsolver++", eta=1.0),
+    "tcd": TCD,
+    "lcm": lambda: TCD(gamma=1.0),
 }
 
 
