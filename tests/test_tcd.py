@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import steerdiff as sd
+from steerdiff.integrations.diffusers import SteerdiffScheduler, denoiser_from_diffusers
 from steerdiff.integrations.diffusers_ref import run_scheduler
 from steerdiff.solvers import TCD, Model, Transition, make_grid
 
@@ -244,35 +245,112 @@ def test_tcd_matches_tcd_scheduler(diffusers, gmm, sd_process, x_T, steps, gamma
     assert rel_rmse(sd.sample(gmm.denoiser(sd_process), x_T, solver=TCD(gamma=gamma), **kw), ref) > 2e-4
 
 
-def lcm_denoiser(scheduler, gmm: sd.toy.GaussianMixture, process: sd.Process) -> sd.Denoiser:
-    """LCM's parameterization around the exact eps net: ``x0' = c_skip(t) x + c_out(t) x0`` with the
-    scheduler's boundary-condition scalings at timestep ``t``."""
-    net = eps_net(gmm, process)
-
-    def consistency(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        step = round(float(t[0]))
-        a, s = float(process.alpha(step)), float(process.sigma(step))
-        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(step)
-        return c_skip * x + c_out * (x - s * net(x, t)) / a
-
-    return sd.Denoiser(consistency, process, prediction="x0")
+def lcm_config(**overrides) -> dict:
+    """An LCMScheduler config as a pipeline's (with its ``_class_name``: made in code, LCM's and TCD's
+    configs are the same) on Stable Diffusion's betas."""
+    diffusers = pytest.importorskip("diffusers")
+    return {**diffusers.LCMScheduler(**sd_betas_config(**overrides)).config, "_class_name": "LCMScheduler"}
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_lcm_matches_lcm_scheduler(diffusers, gmm, sd_process, x_T, steps):
     """LCMScheduler: ``x_{i+1} = alpha_{i+1} x0' + sigma_{i+1} z``, no noise at its last timestep,
-    whose ``x0'`` it returns (the clean end here). Measured 3.5e-7..8.7e-7."""
-    sched = diffusers.LCMScheduler(**sd_betas_config())
-    sched.set_timesteps(steps)
-    den = lcm_denoiser(sched, gmm, sd_process)
+    whose ``x0'`` it returns (the clean end here); ``x0'`` is its boundary condition on the net's estimate,
+    :class:`~steerdiff.guidance.ConsistencyBoundary` as ``denoiser_from_diffusers`` reads the config.
+    Measured 7.2e-8..7.9e-7 (1 step the largest)."""
+    cfg = lcm_config()
+    sched = diffusers.LCMScheduler.from_config(cfg)
     ref, nfe = run_scheduler(sched, eps_net(gmm, sd_process), x_T, steps, torch.Generator().manual_seed(3))
+    den = denoiser_from_diffusers(eps_net(gmm, sd_process), cfg)
+    assert isinstance(den, sd.guidance.ConsistencyBoundary) and den.timestep_scaling == 10.0
     kw = {"steps": steps, "solver": "lcm", "schedule": sd.schedules.Custom(sched.timesteps.tolist())}
     x, info = sd.sample(den, x_T, generator=torch.Generator().manual_seed(3), return_info=True, **kw)
     assert info.nfe == nfe == steps
     assert rel_rmse(x, ref) < PARITY_BOUND["LCMScheduler"]
-    if steps > 1:  # the noise is what makes the run
+    if steps > 1:
         other = sd.sample(den, x_T, generator=torch.Generator().manual_seed(4), **kw)
         assert rel_rmse(other, ref) > 1e-2
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_steerdiff_scheduler_runs_an_lcm_config(diffusers, gmm, sd_process, x_T, clip):
+    """``SteerdiffScheduler.from_config`` of an LCMScheduler config (before: refused, "a
+    consistency-distilled model") samples with ``lcm`` by default and LCM's boundary condition applied after
+    its ``clip_sample``, as LCMScheduler does: in a pipeline loop it matches LCMScheduler, measured
+    7.8e-8 / 9.6e-8. The timesteps end at 19 (on LCM's distillation schedule), where ``c_skip = 6.9e-6``:
+    without the boundary condition 3.8e-6 / 4.4e-6 from it, with it before the clipping 3.6e-6. (At
+    LCMScheduler's own timesteps, down to 259 at 4 steps, the condition moves the result by 3.7e-7.)"""
+    cfg = lcm_config(clip_sample=clip, clip_sample_range=0.5)
+    net, times = eps_net(gmm, sd_process), [999, 499, 259, 19]
+    ref, _ = run_scheduler(
+        diffusers.LCMScheduler.from_config(cfg),
+        net,
+        x_T,
+        None,
+        torch.Generator().manual_seed(3),
+        timesteps=times,
+    )
+    ours = SteerdiffScheduler.from_config(cfg)
+    x, nfe = run_scheduler(ours, net, x_T, None, torch.Generator().manual_seed(3), timesteps=times)
+    assert nfe == len(times) and ours.config["origin"] == "LCMScheduler"
+    assert isinstance(ours._run.solver, TCD) and ours._run.solver.name == "lcm"
+    assert rel_rmse(x, ref) < PARITY_BOUND["LCMScheduler"]
+    plain = sd.Denoiser(net, sd_process)
+    others = [sd.guidance.DynamicThreshold(plain, None, 0.5) if clip else plain]
+    if clip:
+        others.append(sd.guidance.DynamicThreshold(sd.guidance.ConsistencyBoundary(plain), None, 0.5))
+        unclipped, _ = run_scheduler(
+            diffusers.LCMScheduler.from_config(lcm_config()),
+            net,
+            x_T,
+            None,
+            torch.Generator().manual_seed(3),
+            timesteps=times,
+        )
+        assert rel_rmse(unclipped, ref) > 1e-2
+    kw = {"steps": len(times), "solver": "lcm", "schedule": sd.schedules.Custom(times)}
+    for other in others:
+        assert rel_rmse(sd.sample(other, x_T, generator=torch.Generator().manual_seed(3), **kw), ref) > 1e-6
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_steerdiff_scheduler_runs_a_tcd_config(diffusers, gmm, sd_process, x_T, clip):
+    """A TCDScheduler config is its net as it is (no boundary condition; its ``clip_sample`` unused, as
+    TCDScheduler leaves it), sampled with ``tcd`` by default; with ``TCD(floor_s=True)`` and
+    ``final="none"`` over its timesteps and 0 it matches TCDScheduler. Measured 1.0e-7."""
+    cfg = {
+        **diffusers.TCDScheduler(**sd_betas_config(clip_sample=clip)).config,
+        "_class_name": "TCDScheduler",
+    }
+    net, steps = eps_net(gmm, sd_process), 4
+    sched = diffusers.TCDScheduler.from_config(cfg)
+    ref, _ = run_scheduler(sched, net, x_T, steps, torch.Generator().manual_seed(3))
+    assert type(denoiser_from_diffusers(net, cfg)) is sd.Denoiser
+    ours = SteerdiffScheduler.from_config(cfg, solver=TCD(floor_s=True), final="none")
+    times = [*sched.timesteps.tolist(), 0]
+    x, nfe = run_scheduler(ours, net, x_T, None, torch.Generator().manual_seed(3), timesteps=times)
+    assert nfe == steps and rel_rmse(x, ref) < PARITY_BOUND["TCDScheduler"]
+    default = SteerdiffScheduler.from_config(cfg)
+    default.set_timesteps(steps)
+    assert default._run.solver == TCD()
+
+
+def test_consistency_boundary_per_sample_times(gmm, sd_process):
+    """Per-sample times give each row its own scalings: the rows of scalar calls, and at a timestep
+    the scalings diffusers' LCMScheduler computes (``tau = 10 t``, ``s_d = 0.5``)."""
+    den = sd.guidance.ConsistencyBoundary(gmm.denoiser(sd_process))
+    x, t = noise(3, 8), torch.tensor([999.0, 259.0, 19.0], dtype=F64)
+    rows = torch.cat([den(x[k : k + 1], float(t[k])).x0 for k in range(3)])
+    assert torch.allclose(den(x, t).x0, rows, rtol=0, atol=1e-14)
+    tau = 10 * 259.0
+    assert den.scalings(259.0, x) == pytest.approx((0.25 / (tau**2 + 0.25), tau / math.sqrt(tau**2 + 0.25)))
+
+
+@pytest.mark.parametrize("kw", [{"timestep_scaling": 0.0}, {"sigma_data": -1.0}, {"timestep_scaling": "10"}])
+def test_bad_consistency_boundary(gmm, sd_process, kw):
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"ConsistencyBoundary: {name} must be"):
+        sd.guidance.ConsistencyBoundary(gmm.denoiser(sd_process), **kw)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from ..solvers.self_recurrence import SelfRecurrence
 from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
+from .boundary import ConsistencyBoundary
 from .cfg import CADS, CFG
 from .classifier import ClassifierGuidance, RewardGuidance
 from .dps import DPS
@@ -17,6 +18,7 @@ __all__ = [
     "DPS",
     "MCG",
     "ClassifierGuidance",
+    "ConsistencyBoundary",
     "DynamicThreshold",
     "Guided",
     "PiGDM",

@@ -67,7 +67,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, real_array, tensor
 from .._ops import first_false
 from ..denoiser import Denoiser, EDMDenoiser, Prediction
-from ..guidance import DynamicThreshold
+from ..guidance import ConsistencyBoundary, DynamicThreshold
 from ..noise import NoiseSource, PerSampleNoise, check_rows, make_noise
 from ..processes import Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
@@ -87,6 +87,8 @@ from .diffusers_config import (
     _COSINE_CLASS,
     _EDM_CLASSES,
     _FLOW_CLASSES,
+    _LCM_CLASS,
+    _TCD_CLASS,
     F64,
     _denoiser,
     _is_cosine,
@@ -208,7 +210,10 @@ class _Probe(Model):
 
 
 def _plain(den: Denoiser) -> Denoiser:
-    """``den`` without the config's thresholding (:class:`~steerdiff.guidance.DynamicThreshold`)."""
+    """``den`` without the config's boundary condition and thresholding
+    (:class:`~steerdiff.guidance.ConsistencyBoundary`, :class:`~steerdiff.guidance.DynamicThreshold`)."""
+    if isinstance(den, ConsistencyBoundary):
+        den = den.base
     return den.base if isinstance(den, DynamicThreshold) else den
 
 
@@ -554,6 +559,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             Audio Open's: ``2 atan(sigma) / pi``) and ``init_noise_sigma`` is ``sqrt(sigma_max^2 + 1)``, as
             diffusers' EDM schedulers have them, and ``set_timesteps(sigmas=...)`` reads positions on the
             config's sigma ramp, as ``EDMEulerScheduler`` does. ``None`` (default) for other models.
+        timestep_scaling: an LCM config's (``origin`` LCMScheduler): the net's estimate goes through LCM's
+            boundary condition at ``timestep_scaling`` times its timestep
+            (:class:`~steerdiff.guidance.ConsistencyBoundary`); TCDScheduler configs carry it unused.
         thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample, clip_sample_range:
             the denoised estimate's post-processing, as in diffusers' configs (DDPM's takes
             ``clip_sample=True`` by default; this class ``False``).
@@ -561,7 +569,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             flow-matching and unsupported classes are told apart by it).
         solver: a name of :func:`steerdiff.solvers.available`, a Solver instance, or an instance as
             the config stores it (``{"name": ..., **options}``); default
-            (``None``) :func:`steerdiff.sample`'s default for guided denoisers at the step count
+            (``None``): for LCM and TCD configs their schedulers' samplers (``"lcm"``; ``"tcd"``, gamma 0.3:
+            TCDScheduler's default ``eta``), else :func:`steerdiff.sample`'s default for guided denoisers at
+            the step count
             :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), its long steps at first order, or
             UniPC-2 where every step is short enough; UniPC-2 from 15;
             :func:`steerdiff.sampling.guided_solver`): pipelines apply
@@ -603,7 +613,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         *(e.name for e in KarrasDiffusionSchedulers),
         *_FLOW_CLASSES,
         *_EDM_CLASSES,
+        _LCM_CLASS,
+        _TCD_CLASS,
     ]
+    # the sampler of a consistency-distilled model's own scheduler: the default solver for its config
+    _CONSISTENCY_SOLVERS: ClassVar[dict[str, str]] = {_LCM_CLASS: "lcm", _TCD_CLASS: "tcd"}
 
     @register_to_config
     def __init__(
@@ -623,6 +637,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         sigma_data: float | None = None,
+        timestep_scaling: float | None = None,
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
@@ -833,8 +848,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         grid = make_grid(self._den.process, schedule, steps, final)
         scale = self.config["guidance_scale"]
         unguided = scale is not None and scale <= 1  # pipelines guide only above 1
+        consistency = self._CONSISTENCY_SOLVERS.get(self.config["origin"])
         solver = self._solver or (
-            default_solver(_plain(self._den), grid.steps)
+            _solvers.get(consistency)
+            if consistency is not None
+            else default_solver(_plain(self._den), grid.steps)
             if unguided
             else guided_solver(grid.steps, scale, grid)
         )

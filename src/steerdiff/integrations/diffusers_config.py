@@ -22,7 +22,12 @@ preconditioning with ``sigma_data``: the net gets ``c_in x`` and ``0.25 log(sigm
 ``epsilon`` or ``v_prediction``, the sign of ``c_out``). ``CosineDPMSolverMultistepScheduler`` configs
 (Stable Audio Open, Evans et al. 2024: ``sigma_min=0.3``, ``sigma_max=500``, ``sigma_data=1``,
 ``v_prediction``) are the same model with another net time, ``2 atan(sigma) / pi``
-(:func:`cosine_noise`).
+(:func:`cosine_noise`). ``LCMScheduler`` configs (LCM, LCM-LoRA; Luo et al. 2023) are VP models whose
+denoised estimate goes through LCM's boundary condition ``c_skip x + c_out x0`` at ``timestep_scaling``
+times the timestep (:class:`~steerdiff.guidance.ConsistencyBoundary`, around the thresholding, which
+LCMScheduler applies first); ``TCDScheduler`` configs (TCD, Hyper-SD) the net as it is (TCDScheduler takes
+``clip_sample`` and ``thresholding`` and applies neither). Made in code the two have the same keys: a
+config with ``timestep_scaling`` needs its ``_class_name``.
 Settings that only choose diffusers' sampling grid (spacing, ``shift``, Karras sigmas, ...) do not
 change the model and are ignored. ``thresholding=True``
 (DeepFloyd IF: Imagen's dynamic thresholding, Saharia et al. 2022, at the quantile
@@ -51,7 +56,7 @@ from torch import Tensor
 
 from .._checks import choice, integer, real
 from ..denoiser import Denoiser, EDMDenoiser
-from ..guidance import DynamicThreshold
+from ..guidance import ConsistencyBoundary, DynamicThreshold
 from ..processes import EDM, VP, Process, RectifiedFlow
 
 __all__ = ["cosine_noise", "denoiser_from_diffusers", "process_from_config"]
@@ -65,11 +70,10 @@ _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteSchedu
 _COSINE_CLASS = "CosineDPMSolverMultistepScheduler"  # EDM preconditioning, cosine_noise as the net time
 _EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", _COSINE_CLASS)
 _EDM_OUTPUTS = {"epsilon": "edm", "v_prediction": "v"}  # EDMDenoiser's output of a prediction_type
+_LCM_CLASS, _TCD_CLASS = "LCMScheduler", "TCDScheduler"  # VP models; LCM's with its boundary condition
 _UNSUPPORTED = {
     "CMStochasticIterativeScheduler": "a consistency model",
     "SCMScheduler": "a consistency model",
-    "LCMScheduler": "a consistency-distilled model",
-    "TCDScheduler": "a consistency-distilled model",
     "FlowMatchLCMScheduler": "a consistency-distilled model",
     "HeliosScheduler": "a multi-stage (pyramid) flow model",
     "HeliosDMDScheduler": "a distilled multi-stage (pyramid) flow model",
@@ -83,7 +87,6 @@ _UNSUPPORTED = {
 # configs of schedulers made in code carry no _class_name: these keys tell the same models apart
 _UNSUPPORTED_KEYS = {
     "sigma_data": "an EDM-preconditioned or consistency model",
-    "timestep_scaling": "a consistency-distilled model",
     "scale_factors": "a consistency-distilled model",  # FlowMatchLCM
     "stages": "a multi-stage (pyramid) flow model",  # Helios, HeliosDMD
     "sampling_eps": "a variance-exploding score model",
@@ -117,8 +120,8 @@ _VP_KEYS = frozenset(
 )
 _SUPPORTED = (
     "VP configs (beta_schedule/trained_betas: DDPM, DDIM, PNDM, Euler, Heun, LMS, DPM-Solver, UniPC, "
-    "DEIS, ... schedulers), flow-matching configs (FlowMatchEuler/FlowMatchHeun, use_flow_sigmas) and EDM "
-    "configs (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep)"
+    "DEIS, ... schedulers; LCM and TCD), flow-matching configs (FlowMatchEuler/FlowMatchHeun, "
+    "use_flow_sigmas) and EDM configs (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep)"
 )
 
 
@@ -130,6 +133,7 @@ class _Spec:
     time_map: Callable[[Tensor], Tensor] | None
     threshold: tuple[float | None, float] | None = None  # DynamicThreshold's (percentile, max_value)
     sigma_data: float | None = None  # EDM preconditioning (EDMDenoiser; prediction is then its output)
+    timestep_scaling: float | None = None  # LCM's boundary condition (ConsistencyBoundary)
 
 
 def _config_of(scheduler_or_config: Any) -> dict[str, Any]:
@@ -263,11 +267,12 @@ def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
 
 def _unclipped(cfg: dict[str, Any]) -> bool:
     """Whether the config is CogVideoX's (by class name; made in code: ``snr_shift_scale`` and no
-    ``thresholding`` key), whose schedulers take ``clip_sample`` (default ``True``) and never clip."""
+    ``thresholding`` key), whose schedulers take ``clip_sample`` (default ``True``) and never clip, or
+    TCDScheduler's (takes ``clip_sample`` and ``thresholding``, applies neither)."""
     origin = _origin(cfg)
     if origin is None:
         return "snr_shift_scale" in cfg and "thresholding" not in cfg
-    return origin in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+    return origin in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler", _TCD_CLASS)
 
 
 def _train_steps(cfg: dict[str, Any]) -> int:
@@ -310,6 +315,7 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
             f"the scheduler config of {origin or 'this scheduler'} ({reason}) is not supported; "
             f"supported: {_SUPPORTED}"
         )
+    scaling = _timestep_scaling(cfg, origin)
     n = _train_steps(cfg)
     pred_type = cfg.get("prediction_type", "epsilon")
     if _is_flow(cfg):
@@ -346,7 +352,28 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     choice(_WHO, "timestep_type", cfg.get("timestep_type", "discrete"), ("discrete", "continuous"))
     if cfg.get("timestep_type") == "continuous" and pred_type == "v_prediction":
         time_map = functools.partial(_euler_continuous_time, process)
-    return _Spec(process, _PREDICTIONS[pred_type], variance == "learned_range", time_map, threshold)
+    learned = variance == "learned_range"
+    return _Spec(process, _PREDICTIONS[pred_type], learned, time_map, threshold, timestep_scaling=scaling)
+
+
+def _timestep_scaling(cfg: dict[str, Any], origin: str) -> float | None:
+    """LCM's boundary-condition scaling (``timestep_scaling``, default 10) where the config is an
+    LCMScheduler's (``origin`` or ``_class_name``), else ``None``: TCDScheduler's has the key and applies no
+    boundary condition. Made in code, LCM's and TCD's configs have the same keys and defaults: one with a
+    ``timestep_scaling`` and no class name is refused."""
+    value = cfg.get("timestep_scaling")
+    if origin == _LCM_CLASS:
+        return real(_WHO, "timestep_scaling", 10.0 if value is None else value, lo=0, lo_open=True)
+    if value is not None and origin != _TCD_CLASS:
+        raise ValueError(
+            f"the scheduler config of {origin} (a consistency-distilled model) is not supported; supported: "
+            f"{_SUPPORTED}"
+            if origin
+            else "the scheduler config of this scheduler has timestep_scaling: an LCMScheduler's or a "
+            "TCDScheduler's config made in code (a consistency-distilled model, with or without LCM's "
+            "boundary condition); give its _class_name (SteerdiffScheduler: origin)"
+        )
+    return None
 
 
 def process_from_config(scheduler_or_config: Any) -> Process:
@@ -375,7 +402,8 @@ class _ModelNet:
 
 def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
     """The denoiser of ``spec`` over ``net`` (``kw`` override it), in its
-    :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips."""
+    :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips, and that in a
+    :class:`~steerdiff.guidance.ConsistencyBoundary` for an LCM config (LCMScheduler clips first)."""
     den: Denoiser
     opts: dict[str, Any] = {} if spec.time_map is None else {"time_map": spec.time_map}
     if spec.sigma_data is not None:
@@ -384,7 +412,9 @@ def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
     else:
         opts.update(prediction=spec.prediction, learned_variance=spec.learned_variance)
         den = Denoiser(net, spec.process, **{**opts, **kw})
-    return den if spec.threshold is None else DynamicThreshold(den, *spec.threshold)
+    if spec.threshold is not None:
+        den = DynamicThreshold(den, *spec.threshold)
+    return den if spec.timestep_scaling is None else ConsistencyBoundary(den, spec.timestep_scaling)
 
 
 def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any, **kw: Any) -> Denoiser:
