@@ -9,6 +9,12 @@ which a net returned NaN/inf. Node data (``t``, ``alpha``, ``sigma``, ``lam``) l
 A grid whose last node is *clean* (``sigma = 0``, ``lam = +inf``) ends with a step that returns
 the denoised estimate of the last evaluation: an exponential integrator's higher-order terms
 diverge as ``h -> inf``, so that step is always first order (:func:`step_order`).
+
+A sampling grid runs towards the data (``lam`` increasing, ``h > 0``); :meth:`Grid.reversed` runs the
+same nodes back (``h < 0``), which is how :func:`steerdiff.invert` integrates the ODE up the noise
+levels with the same solvers: the exponential integrators and the Adams-Bashforth methods in
+``sigma / alpha`` hold for either sign of the step, and the step rules that compare lengths
+(:func:`step_order`'s long steps) compare ``|h|``.
 """
 
 from __future__ import annotations
@@ -72,8 +78,19 @@ class Grid:
         return len(self.t) - 1
 
     def h(self, i: int) -> float:
-        """``lam_{i+1} - lam_i`` (``inf`` for the step into a clean end)."""
+        """``lam_{i+1} - lam_i`` (``inf`` into a clean end; ``< 0`` on a :meth:`reversed` grid)."""
         return self.lam[i + 1] - self.lam[i]
+
+    def reversed(self) -> Grid:
+        """The same nodes in the opposite order, from the least noisy to the noisiest (``h < 0``): the grid of
+        an inversion (:func:`steerdiff.invert`). A ``ValueError`` for a grid with a clean end, whose node at
+        ``sigma = 0`` (``lam = inf``) no step can leave."""
+        if self.clean_end:
+            raise ValueError(
+                "Grid.reversed: a grid with a clean end (sigma = 0) cannot be reversed; make it with "
+                "final='none'"
+            )
+        return Grid(self.process, self.t[::-1], self.alpha[::-1], self.sigma[::-1], self.lam[::-1], False)
 
     def is_final_clean(self, i: int) -> bool:
         """Whether step ``i`` goes into the clean terminal node."""
@@ -252,16 +269,18 @@ def step_order(
     the first steps). With ``lower_order_final`` and fewer than 15 steps the last steps count
     down (order <= steps - i), as diffusers' multistep schedulers do. The step into a clean end is
     first order, and so is a *long* step: longer than ``max_h`` in log-SNR
-    (``h = lam_{i+1} - lam_i``; a rule ``max_h(grid, i)``: its limit for step ``i``,
-    :func:`step_limit`) and than ``max_h_ratio`` times the step before.
+    (``|h|``, ``h = lam_{i+1} - lam_i``; a rule ``max_h(grid, i)``: its limit for step ``i``,
+    :func:`step_limit`) and than ``max_h_ratio`` times the step before. Lengths are ``|h|``: on a
+    :meth:`Grid.reversed` grid (``h < 0``) a step longer than the one before extrapolates the estimates
+    as far as on a sampling grid.
     """
     n = grid.steps
     k = min(order, history)
     if lower_order_final and n < 15:
         k = min(k, n - i)
-    h = grid.h(i)
+    h = abs(grid.h(i))
     if grid.is_final_clean(i) or (
-        i > 0 and h > max_h_ratio * grid.h(i - 1) and h > step_limit(max_h, grid, i)
+        i > 0 and h > max_h_ratio * abs(grid.h(i - 1)) and h > step_limit(max_h, grid, i)
     ):
         k = 1
     return max(k, 1)

@@ -89,7 +89,12 @@ def heun_update(
     A step dividing ``s`` by more than :data:`HEUN_MAX_RATIO` (``h = log(s / s') > 3``) combines the
     two estimates by the exponential trapezoid in ``lam`` instead, ``x0`` linear in ``lam`` between
     them (second order too, DPM-Solver-2 with the estimate at the end point):
-    ``x' = x~ + alpha' ((h - 1 + e^{-h}) / h) (x0~ - x0)``, whose weight stays below ``alpha'``.
+    ``x' = x~ + alpha' ((h - 1 + e^{-h}) / h) (x0~ - x0)``, whose weight stays below ``alpha'``. A step
+    that multiplies ``s`` (up the noise levels: :func:`steerdiff.invert`) keeps the trapezoid: there
+    (``h < 0``) that weight exceeds ``alpha'`` (5.4 ``alpha'`` at ``h = -3``), and inverting with it, the
+    same rule by ``|h|``, was far worse (8-d mixture of the tests, 32 samples, against the exact ODE:
+    rectified flow on ``karras`` at 5 steps 5.8 against 0.47, EDM on ``time_uniform`` at 10 steps 72
+    against 0.81).
     """
     (t, a, s), (t_next, a_next, s_next) = frm, to
     if pred is None:

@@ -185,8 +185,8 @@ class UniPC(Solver):
             return pred.x0
         noise = self.prediction == "noise"
         if noise and i > 0:  # after a long step the eps estimates restart (module docstring)
-            h = grid.h(i - 1)
-            if h > self.max_h_ratio * grid.h(i) and h > step_limit(self.max_h, grid, i - 1):
+            h = abs(grid.h(i - 1))  # |h|: a reversed grid's steps (inversion) have h < 0
+            if h > self.max_h_ratio * abs(grid.h(i)) and h > step_limit(self.max_h, grid, i - 1):
                 self.moved(state)
         hist = state["m"]
         # noise prediction: the update's DDIM part, from the net's estimate before eps is derived (docstring)
