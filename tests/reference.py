@@ -47,6 +47,9 @@ PARITY_BOUND: dict[str, float] = {
     "IPNDMScheduler": 5e-7,  # 1.1e-7
     "LMSDiscreteScheduler": 5e-6,  # 6.1e-7
     "PNDMScheduler": 2e-6,  # 4.9e-7 (PRK and PLMS modes)
+    # inversion (test_invert.py)
+    "DPMSolverMultistepInverseScheduler": 2e-5,  # 4.5e-6 (leading, 10 steps; linspace 1.3e-6)
+    "DDIMInverseScheduler(t-independent eps)": 5e-6,  # 5.4e-7
     # stochastic, same draws (test_stochastic_basic.py, test_dpmpp_sde.py, test_sa_solver.py, ...)
     "DDPMScheduler": 5e-6,  # 7.5e-7
     "DDIMScheduler(eta)": 5e-6,  # 5.8e-7 (6.4e-7 with default kernels)

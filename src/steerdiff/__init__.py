@@ -8,6 +8,7 @@
 
 from . import guidance, inverse, mcmc, metrics, noise, processes, schedules, smc, solvers, toy
 from .denoiser import Denoiser, EDMDenoiser, Prediction
+from .inversion import invert
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
 from .sampling import SampleInfo, sample
 from .solvers.base import NonFiniteError
@@ -26,6 +27,7 @@ __all__ = [
     "SampleInfo",
     "guidance",
     "inverse",
+    "invert",
     "mcmc",
     "metrics",
     "noise",

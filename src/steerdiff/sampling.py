@@ -34,6 +34,7 @@ __all__ = [
     "guided_corrector_max_h",
     "guided_max_h",
     "guided_solver",
+    "run_grid",
     "sample",
 ]
 
@@ -257,22 +258,23 @@ def check_seeded(den: Denoiser, generator: object, who: str | None = None) -> No
     )
 
 
-def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None) -> None:
-    """Raise a ``ValueError`` naming ``x_T`` (after ``who:``, the caller, where given) unless it is a
-    finite, batched float tensor of den's shape."""
-    p = caller(who)
+def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x_T") -> None:
+    """Raise a ``ValueError`` naming ``x_T`` (``name``: another argument, such as ``x_0`` of
+    :func:`~steerdiff.inversion.invert`; after ``who:``, the caller, where given) unless it is a finite,
+    batched float tensor of den's shape."""
+    p = caller(who) + name
     if not isinstance(x_T, Tensor):
-        raise ValueError(f"{p}x_T must be a torch.Tensor, got {type(x_T).__name__}")
+        raise ValueError(f"{p} must be a torch.Tensor, got {type(x_T).__name__}")
     if x_T.dtype not in SAMPLE_DTYPES:
         raise ValueError(
-            f"{p}x_T must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}"
+            f"{p} must have a floating dtype (float16/bfloat16/float32/float64), got {x_T.dtype}"
         )
     if x_T.ndim < 2:
-        raise ValueError(f"{p}x_T must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
+        raise ValueError(f"{p} must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
     if not bool(torch.isfinite(x_T).all()):
-        raise ValueError(f"{p}x_T contains NaN or inf")
+        raise ValueError(f"{p} contains NaN or inf")
     if den.shape is not None and tuple(x_T.shape[1:]) != den.shape:
-        raise ValueError(f"{p}x_T has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
+        raise ValueError(f"{p} has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
 
 
 def _is_default(value: object, default: float) -> bool:
@@ -471,10 +473,42 @@ def sample(
     check_unused_corrector_args(kernel, corrector_steps, snr)
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr, len(x_T))
+    x, chains, chain_steps = run_grid(
+        slv, model, grid, x_T.to(work_dtype(x_T.dtype)), callback, progress, kernel, corrector_steps, snr
+    )
+    bad = first_nonfinite(chains)
+    if bad is not None and ((m := model.first_nonfinite()) is None or chain_steps[bad] < m[0]):
+        # before the model's check: a NaN the corrector made reaches the next evaluation
+        raise _mcmc.corrector.nonfinite_error(chain_steps[bad], grid.t[chain_steps[bad] + 1])
+    model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
+    check_step_sizes(chains)
+    log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
+    x = to_sample_dtype("sample", x, x_T.dtype)
+    if return_info:
+        return x, SampleInfo(model.nfe, grid, slv, sched, chains)
+    return x
+
+
+def run_grid(
+    slv: Solver,
+    model: Model,
+    grid: Grid,
+    x: Tensor,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+    kernel: _mcmc.Kernel | None = None,
+    corrector_steps: int = DEFAULT_CORRECTOR_STEPS,
+    snr: float = DEFAULT_SNR,
+) -> tuple[Tensor, list[_mcmc.ChainInfo], list[int]]:
+    """``slv`` over every step of ``grid`` from ``x`` (in :func:`~steerdiff.solvers.base.work_dtype`): the
+    loop of :func:`sample` (a sampling grid) and of :func:`~steerdiff.inversion.invert` (a
+    :meth:`~steerdiff.solvers.base.Grid.reversed` one). After each step into a noisy node the ``kernel``'s
+    corrector moves, if any, then ``callback`` (:func:`sample`'s ``callback``). Returns the state, the
+    corrector chains and the step after which each ran; the caller checks them and ``model`` for non-finite
+    values."""
     chains: list[_mcmc.ChainInfo] = []
     chain_steps: list[int] = []  # the step after which each corrector ran
     state = slv.init_state(grid)
-    x = x_T.to(work_dtype(x_T.dtype))
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
     for i in indices:
         x = advance(slv.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
@@ -496,14 +530,4 @@ def sample(
                     "nfe": model.nfe,
                 }
             )
-    bad = first_nonfinite(chains)
-    if bad is not None and ((m := model.first_nonfinite()) is None or chain_steps[bad] < m[0]):
-        # before the model's check: a NaN the corrector made reaches the next evaluation
-        raise _mcmc.corrector.nonfinite_error(chain_steps[bad], grid.t[chain_steps[bad] + 1])
-    model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
-    check_step_sizes(chains)
-    log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
-    x = to_sample_dtype("sample", x, x_T.dtype)
-    if return_info:
-        return x, SampleInfo(model.nfe, grid, slv, sched, chains)
-    return x
+    return x, chains, chain_steps

@@ -1,0 +1,357 @@
+"""Deterministic inversion (``sd.invert``): the probability-flow ODE integrated up the sampling grid.
+
+Exact answer: the ODE from ``x_0`` at the grid's last node ``t_N`` to its first ``t_0``,
+``gmm.reference_ode(x_0, process, t_start=t_N, t_end=t_0)`` on the Gaussian-mixture oracle (itself checked
+against the closed form of a Gaussian). Reference implementations: diffusers'
+``DPMSolverMultistepInverseScheduler`` (the same algorithm: parity to float32) and ``DDIMInverseScheduler``
+(a lagged variant: the same only for a net whose ``eps`` does not depend on ``t``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import steerdiff as sd
+from steerdiff.guidance import CFG
+from steerdiff.solvers import DDIM, DEIS, IPNDM, LMS, DPMSolver, DPMSolverPPMultistep, Euler, Heun, UniPC
+
+from .reference import PARITY_BOUND, eps_net, rel_rmse, sd_betas_config, slope
+from .test_guidance_cfg import NULL, labelled, two_class
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def x_0(gmm):
+    return gmm.sample(16, generator=torch.Generator().manual_seed(5))
+
+
+def _exact(gmm, process, x_0, grid):
+    """The exact inversion over ``grid`` (a reversed grid: ``t`` increasing)."""
+    return gmm.reference_ode(x_0, process, t_start=grid.t[0], t_end=grid.t[-1])
+
+
+# --- the oracle runs up the noise levels ------------------------------------------------------------
+
+
+def test_reference_ode_runs_up_the_noise_levels(sd_process):
+    """For Gaussian data N(m, v) the flow maps ``x_s`` to ``alpha_t m + sqrt(alpha_t^2 v + sigma_t^2)
+    (x_s - alpha_s m) / sqrt(alpha_s^2 v + sigma_s^2)`` in either direction: reference_ode from t = 5 up
+    to t = 900 matches it to 1e-9."""
+    g = torch.Generator().manual_seed(2)
+    m, v = torch.randn(1, 3, generator=g, dtype=F64), 0.2 + torch.rand(1, 3, generator=g, dtype=F64)
+    gauss = sd.toy.GaussianMixture(m, v, torch.ones(1, dtype=F64))
+    x = torch.randn(5, 3, generator=g, dtype=F64)
+    s, t = 5.0, 900.0
+    (a_s, s_s), (a_t, s_t) = ((float(sd_process.alpha(u)), float(sd_process.sigma(u))) for u in (s, t))
+    closed = a_t * m + ((a_t**2 * v + s_t**2) / (a_s**2 * v + s_s**2)).sqrt() * (x - a_s * m)
+    assert rel_rmse(gauss.reference_ode(x, sd_process, t_start=s, t_end=t), closed) < 1e-9
+
+
+# --- accuracy per solver ------------------------------------------------------------------------------
+
+# relative RMSE against the exact inversion, SD's betas, karras_capped (the default), 16 samples of the
+# 8-d mixture, at 10 / 20 steps (measured; bounds 1.25x)
+MEASURED = {
+    "ddim": (1.329e-1, 7.641e-2),
+    "deis": (1.071e-2, 1.308e-3),
+    "dpm_solver": (6.075e-2, 6.769e-3),
+    "dpmpp_2m": (3.172e-2, 1.014e-2),
+    "dpmpp_3m": (1.650e-2, 2.738e-3),
+    "euler": (1.329e-1, 7.641e-2),
+    "heun": (3.111e-2, 1.016e-2),
+    "ipndm": (2.408e-2, 4.396e-3),
+    "lms": (2.116e-1, 1.847e-2),
+    "unipc": (1.854e-2, 1.653e-3),
+    None: (5.325e-3, 4.408e-4),  # the default: UniPC-3's noise form
+}
+
+
+INVERTIBLE = sorted(set(sd.inversion.deterministic_solvers()) - {"mrs"})
+
+
+@pytest.mark.parametrize("solver", [*INVERTIBLE, None], ids=str)
+def test_inversion_error(gmm, sd_process, x_0, solver):
+    """Every deterministic solver (mrs: mean-reverting processes only) converges up the grid, within 1.25x
+    of the measured error where it is in ``MEASURED``."""
+    den = gmm.denoiser(sd_process)
+    errors = []
+    for steps in (10, 20):
+        x_T, info = sd.invert(den, x_0, steps, solver, return_info=True)
+        assert info.grid.t == sorted(info.grid.t) and info.nfe == info.solver.nfe(steps, clean_end=False)
+        errors.append(rel_rmse(x_T, _exact(gmm, sd_process, x_0, info.grid)))
+    assert errors[1] < errors[0] / 1.5, errors  # ddim: 1.74
+    if solver in MEASURED:
+        assert errors[0] < 1.25 * MEASURED[solver][0] and errors[1] < 1.25 * MEASURED[solver][1], errors
+
+
+def test_default_is_unipc_noise_form_and_beats_the_sampling_default(gmm, sd_process, x_0):
+    """UniPC's noise form up the grid has the weights of its data form down it (``g = -h > 0``): 5.3e-3 at
+    10 steps against the data form's 1.9e-2 (3.5x), 4.4e-4 at 20 against 1.7e-3."""
+    den = gmm.denoiser(sd_process)
+    _, info = sd.invert(den, x_0, 10, return_info=True)
+    assert isinstance(info.solver, UniPC) and info.solver.prediction == "noise" and info.solver.order == 3
+    for steps in (10, 20):
+        default, info = sd.invert(den, x_0, steps, return_info=True)
+        exact = _exact(gmm, sd_process, x_0, info.grid)
+        assert 3 * rel_rmse(default, exact) < rel_rmse(sd.invert(den, x_0, steps, "unipc"), exact)
+
+
+# --- convergence order --------------------------------------------------------------------------------
+
+STEPS_ORDER = [20, 28, 40, 56, 80]
+
+# (solver, steps, lo, hi) on logsnr_uniform: the order +-0.35, measured slope in the comment
+CONVERGENCE = [
+    (DDIM(), STEPS_ORDER, 0.65, 1.35),  # 0.98
+    (Euler(), STEPS_ORDER, 0.65, 1.35),  # 0.98
+    (Heun(), STEPS_ORDER, 1.65, 2.35),  # 1.94
+    (DPMSolverPPMultistep(order=2, lower_order_final=False), STEPS_ORDER, 1.65, 2.35),  # 1.96
+    (DPMSolverPPMultistep(order=3, lower_order_final=False), STEPS_ORDER, 2.65, 3.35),  # 2.85
+    (UniPC(order=2, prediction="noise", lower_order_final=False), STEPS_ORDER, 2.65, 3.35),  # 3.01
+    (UniPC(order=3, lower_order_final=False), STEPS_ORDER, 3.65, 4.35),  # 4.00
+    (DEIS(order=2, lower_order_final=False), STEPS_ORDER, 1.65, 2.35),  # 2.01
+    # 3.70 over 20-80 steps, 3.40 over 20-160: pre-asymptotic, the third order from 40 steps on
+    (DEIS(order=3, lower_order_final=False), [40, 80, 160, 320], 2.65, 3.35),  # 2.77
+    (DPMSolver(order=2), STEPS_ORDER, 1.65, 2.35),  # 2.05
+    (DPMSolver(order=3), STEPS_ORDER, 2.65, 3.35),  # 3.20
+    (IPNDM(), STEPS_ORDER, 1.65, 2.35),  # 2.10: fixed weights, second order on graded grids (ipndm.py)
+    (LMS(order=2), STEPS_ORDER, 1.65, 2.35),  # 2.15
+    (LMS(order=3), STEPS_ORDER, 2.65, 3.35),  # 3.24
+    # 4.53 over 20-80 steps, 4.55 over 40-320: above its order (the error shrinks from its divergence at
+    # few steps, module docstring of steerdiff.inversion), as in sampling (3.0-4.35 there)
+    (LMS(order=4), STEPS_ORDER, 3.65, 4.8),
+]
+
+
+@pytest.mark.parametrize(("solver", "steps", "lo", "hi"), CONVERGENCE, ids=lambda v: repr(v)[:60])
+def test_convergence_order(gmm, sd_process, solver, steps, lo, hi):
+    den = gmm.denoiser(sd_process)
+    x_0 = gmm.sample(4, generator=torch.Generator().manual_seed(5))
+    errors = []
+    for n in steps:
+        x_T, info = sd.invert(den, x_0, n, solver, "logsnr_uniform", return_info=True)
+        exact = gmm.reference_ode(x_0, sd_process, info.grid.t[0], info.grid.t[-1], rtol=1e-12, atol=1e-12)
+        errors.append(rel_rmse(x_T, exact))
+    assert min(errors) > 1e-7  # well above the reference's tolerance
+    assert lo < slope(steps, errors) < hi, errors
+
+
+# --- round trip ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", [None, "unipc", "dpmpp_2m", "heun", "deis", "dpm_solver", "ddim"], ids=str)
+def test_round_trip_returns_x_0_within_the_solver_error(gmm, sd_process, x_0, solver):
+    """``sample(invert(x_0), final="none")`` is ``x_0`` up to both runs' error: the inversion's carried back
+    by the exact flow (which may expand it: dpm_solver's 6.8e-3 at 20 steps becomes 0.12) plus the sampler's
+    own from the exact ``x_T``; within 1.5x of that sum, and converging."""
+    den = gmm.denoiser(sd_process)
+    trips = []
+    for steps in (10, 20):
+        x_T, info = sd.invert(den, x_0, steps, solver, return_info=True)
+        g = info.grid
+        carried = rel_rmse(gmm.reference_ode(x_T, sd_process, t_start=g.t[-1], t_end=g.t[0]), x_0)
+        own = rel_rmse(sd.sample(den, _exact(gmm, sd_process, x_0, g), steps, solver, final="none"), x_0)
+        trips.append(rel_rmse(sd.sample(den, x_T, steps, solver, final="none"), x_0))
+        assert trips[-1] < 1.5 * (carried + own), (steps, trips[-1], carried, own)
+    assert trips[1] < trips[0] / 1.5, trips
+
+
+def test_round_trip_of_the_defaults(gmm, sd_process, x_0):
+    """Both defaults (UniPC-3's noise form up, its data form down): 1.6e-2 at 10 steps, 4.0e-3 at 20, 2.1e-4
+    at 50."""
+    den = gmm.denoiser(sd_process)
+    for steps, measured in ((10, 1.550e-2), (20, 4.006e-3), (50, 2.09e-4)):
+        back = sd.sample(den, sd.invert(den, x_0, steps), steps, final="none")
+        assert rel_rmse(back, x_0) < 1.25 * measured, steps
+
+
+# --- long steps up the grid -----------------------------------------------------------------------------
+
+
+def test_long_step_rule_judges_the_length_of_steps_up_the_grid():
+    """On a reversed grid (``h < 0``) a step longer than ``max_h`` and ``max_h_ratio`` times the one before
+    is first order too; the old test ``h > max_h_ratio * h_prev`` never held for negative steps."""
+    lam = torch.tensor([-1.0, -0.5, 0.0, 2.5, 5.0, 5.5], dtype=F64)  # h = 0.5, 0.5, 2.5, 2.5, 0.5
+    grid = sd.solvers.make_grid(sd.EDM(), sd.schedules.Custom(torch.exp(-lam).tolist()), 5, "none")
+    up = grid.reversed()
+    assert [up.h(i) for i in range(5)] == pytest.approx([-0.5, -2.5, -2.5, -0.5, -0.5])
+    orders = [sd.solvers.base.step_order(i, up, 3, 3, False, max_h=2.0, max_h_ratio=2.0) for i in range(5)]
+    assert orders == [3, 1, 3, 3, 3]
+    with pytest.raises(ValueError, match=r"Grid\.reversed: a grid with a clean end"):
+        sd.solvers.make_grid(sd.EDM(), sd.schedules.Custom(torch.exp(-lam).tolist()), 6).reversed()
+
+
+def test_deis_takes_long_steps_up_at_first_order_and_samples_as_before(gmm, x_0):
+    """karras_capped's last step up under rectified flow (sigma/alpha 30 -> t_max, h = -3.5) after short
+    ones: at 20 steps 4.3e-3 with the rule (measured, 32 samples), 5.8e-2 without. Sampling steps (h > 0)
+    never take it: the samples are the same bit for bit."""
+    proc = sd.RectifiedFlow()
+    den = gmm.denoiser(proc)
+    x_T, info = sd.invert(den, x_0, 20, "deis", return_info=True)
+    exact = _exact(gmm, proc, x_0, info.grid)
+    assert rel_rmse(x_T, exact) < 8e-3
+    assert rel_rmse(sd.invert(den, x_0, 20, DEIS(max_h=math.inf)), exact) > 4e-2
+    for schedule in ("time_uniform", "linspace"):
+        noise = torch.randn(8, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+        p = sd.VP.scaled_linear()
+        ours = sd.sample(gmm.denoiser(p), noise, 20, "deis", schedule)
+        assert torch.equal(ours, sd.sample(gmm.denoiser(p), noise, 20, DEIS(max_h=math.inf), schedule))
+
+
+# --- diffusers ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+def _run_inverse(sched, net, x):
+    for t in sched.timesteps:
+        x = sched.step(net(x, t), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_dpmpp_matches_diffusers_inverse_scheduler(diffusers, gmm, sd_process, x_0, order, steps, spacing):
+    """DPMSolverMultistepInverseScheduler evaluates at its timesteps ``0 = t_N < ... `` and steps into the
+    noisiest timestep last: the reversed grid of ``Custom([999, *timesteps[::-1]])``, dpmpp_{k}m with
+    diffusers' rules (``max_h=inf``; its order-3 weight ``third_order="dpmsolver"``). Measured 4.5e-6 at
+    most (leading at 10 steps, whose last step 810 -> 999 is long), 1.2e-6 on linspace."""
+    sched = diffusers.DPMSolverMultistepInverseScheduler(
+        **sd_betas_config(solver_order=order, timestep_spacing=spacing)
+    )
+    sched.set_timesteps(steps)
+    ts = [float(t) for t in sched.timesteps.tolist()]
+    ref = _run_inverse(sched, eps_net(gmm, sd_process), x_0.clone())
+    solver = DPMSolverPPMultistep(order=order, max_h=math.inf, third_order="dpmsolver")  # order 1: DDIM
+    nodes = sd.schedules.Custom([float(sched.noisiest_timestep), *ts[::-1]])
+    x_T, info = sd.invert(gmm.denoiser(sd_process), x_0, steps, solver, nodes, return_info=True)
+    assert info.grid.t[:-1] == ts and info.nfe == len(ts) == steps
+    assert rel_rmse(x_T, ref) < PARITY_BOUND["DPMSolverMultistepInverseScheduler"]
+
+
+@pytest.mark.parametrize("steps", [10, 25, 50])
+def test_ddim_and_diffusers_ddim_inverse_differ_only_in_the_net_time(diffusers, gmm, sd_process, x_0, steps):
+    """DDIMInverseScheduler moves x from timestep s to t = s + 1000 // N with the DDIM step but evaluates
+    the net at ``(x_s, t)``, the target's timestep; ``invert(solver="ddim")`` at ``(x_s, s)``. With
+    ``set_alpha_to_one=False`` its first step (from ``alphas_cumprod[0]`` to timestep 0) is the identity,
+    so on the same nodes and with a net whose eps does not depend on ``t`` the two agree (5.4e-7 measured);
+    with the exact net both are first order and ours is the nearer the exact inversion (0.147 against
+    0.223 at 10 steps, 0.065 / 0.098 at 25, 0.034 / 0.051 at 50)."""
+    sched = diffusers.DDIMInverseScheduler(**sd_betas_config(set_alpha_to_one=False, clip_sample=False))
+    exact_net = eps_net(gmm, sd_process)
+
+    def frozen(x, t):
+        return exact_net(x, 500.0)
+
+    results = {}
+    for name, net in (("frozen", frozen), ("exact", exact_net)):
+        sched.set_timesteps(steps)
+        ts = [float(t) for t in sched.timesteps.tolist()]
+        ref = _run_inverse(sched, net, x_0.clone())
+        den = sd.Denoiser(net, sd_process, prediction="eps")
+        x_T, info = sd.invert(den, x_0, steps - 1, "ddim", sd.schedules.Custom(ts[::-1]), return_info=True)
+        assert info.grid.t == ts
+        results[name] = (ref, x_T, _exact(gmm, sd_process, x_0, info.grid))
+    ref, ours, _ = results["frozen"]
+    assert rel_rmse(ours, ref) < PARITY_BOUND["DDIMInverseScheduler(t-independent eps)"]
+    ref, ours, exact = results["exact"]
+    assert rel_rmse(ours, ref) > 0.05  # another algorithm
+    assert rel_rmse(ours, exact) < 0.7 * rel_rmse(ref, exact)
+
+
+# --- guidance -------------------------------------------------------------------------------------------
+
+
+def _guided_ode(x, process, w, t_start, t_end):
+    """The probability-flow ODE of CFG at scale ``w`` towards class 1 of ``two_class`` (in ``x / alpha``
+    against ``sigma / alpha``, as reference_ode)."""
+    _, c1, full = two_class()
+    (a0, s0), (a1, s1) = ((float(process.alpha(t)), float(process.sigma(t))) for t in (t_start, t_end))
+    n = x.shape[0]
+
+    def rhs(s, y):
+        yt = torch.from_numpy(y).reshape(n, 2)
+        d = (1 - w) * full.denoise(yt, 1.0, s) + w * c1.denoise(yt, 1.0, s)
+        return ((yt - d) / s).reshape(-1).numpy()
+
+    y0 = (x / a0).reshape(-1).numpy()
+    sol = solve_ivp(rhs, (s0 / a0, s1 / a1), y0, method="DOP853", rtol=1e-10, atol=1e-10)
+    return torch.from_numpy(sol.y[:, -1]).reshape(n, 2) * a1
+
+
+@pytest.mark.parametrize(("w", "measured"), [(2.0, (1.56e-2, 4.1e-2)), (7.5, (1.20e-1, 5.0e-1))])
+def test_cfg_inverts_along_the_guided_ode(sd_process, w, measured):
+    """A CFG denoiser inverts along its guided ODE (the guided default of ``sample``, 10 steps); the round
+    trip expands the error with the scale (measured 4.1e-2 at 2, 0.50 at 7.5)."""
+    _, c1, _ = two_class()
+    x_0 = c1.sample(32, generator=torch.Generator().manual_seed(5))
+    guided = CFG(labelled(sd_process), labelled(sd_process), w, uncond_kwargs={"y": NULL})
+    x_T, info = sd.invert(guided, x_0, 10, return_info=True, y=1)
+    assert info.nfe == 20  # two branches per step
+    exact = _guided_ode(x_0, sd_process, w, info.grid.t[0], info.grid.t[-1])
+    assert rel_rmse(x_T, exact) < 1.25 * measured[0]
+    back = sd.sample(guided, x_T, 10, info.solver, final="none", y=1)
+    assert rel_rmse(back, x_0) < 1.25 * measured[1]
+
+
+# --- the loop and bad input -----------------------------------------------------------------------------
+
+
+def test_callback_reports_each_step_up(gmm, sd_process, x_0):
+    seen = []
+    den = gmm.denoiser(sd_process)
+    x_T, info = sd.invert(den, x_0, 6, "dpmpp_2m", callback=seen.append, return_info=True)
+    assert [d["i"] for d in seen] == list(range(6)) and [d["nfe"] for d in seen] == list(range(1, 7))
+    assert [d["t"] for d in seen] == info.grid.t[1:] and [d["sigma"] for d in seen] == info.grid.sigma[1:]
+    assert torch.equal(seen[-1]["x"], x_T)
+
+
+@pytest.mark.parametrize(
+    "solver", ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "restart", "sa_solver", DDIM(eta=0.5)], ids=str
+)
+def test_stochastic_solvers_are_refused(gmm, sd_process, x_0, solver):
+    shown = r"'\w+'" if isinstance(solver, str) else r"DDIM\(order=1, eta=0\.5\)"
+    with pytest.raises(ValueError, match=rf"invert: solver={shown} is stochastic.*accepted: \['ddim', 'de"):
+        sd.invert(gmm.denoiser(sd_process), x_0, 5, solver)
+
+
+def test_bad_input_is_named(gmm, sd_process, x_0):
+    den = gmm.denoiser(sd_process)
+    with pytest.raises(ValueError, match=r"invert: x_0 has sample shape \(4,\), the denoiser expects \(8,\)"):
+        sd.invert(den, x_0[:, :4])
+    with pytest.raises(ValueError, match=r"invert: x_0 must be batched"):
+        sd.invert(den, x_0[0])
+    with pytest.raises(ValueError, match=r"invert: x_0 contains NaN or inf"):
+        sd.invert(den, torch.full_like(x_0, math.nan))
+    with pytest.raises(ValueError, match=r"invert: steps must be an integer >= 1"):
+        sd.invert(den, x_0, 0)
+    with pytest.raises(ValueError, match=r"invert: unknown solver='nope'"):
+        sd.invert(den, x_0, 5, "nope")
+    with pytest.raises(ValueError, match=r"Custom: steps must equal len\(times\) = 3 .* - 1 = 2"):
+        sd.invert(den, x_0, 3, schedule=[900.0, 500.0, 0.0])
+    with pytest.raises(ValueError, match=r"invert: callback must be None or a callable"):
+        sd.invert(den, x_0, callback=3)
+
+
+@pytest.mark.parametrize("bad_step", [0, 3])
+def test_nan_from_the_net_is_named_with_its_step(gmm, sd_process, x_0, bad_step):
+    den = gmm.denoiser(sd_process)
+    _, info = sd.invert(den, x_0, 5, "dpmpp_2m", return_info=True)
+    start = info.grid.t[bad_step]  # the net returns NaN from the time step `bad_step` evaluates at on
+
+    def net(x, t):
+        out = den.net(x, t)
+        return out * math.nan if float(t.reshape(-1)[0]) >= start else out
+
+    broken = sd.Denoiser(net, sd_process, prediction="x0")
+    with pytest.raises(sd.NonFiniteError, match=rf"NaN/inf at step {bad_step} \(evaluation {bad_step + 1},"):
+        sd.invert(broken, x_0, 5, "dpmpp_2m")
