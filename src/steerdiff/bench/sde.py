@@ -12,7 +12,7 @@ the most steps whose NFE fits.
 * every stochastic solver of :func:`steerdiff.solvers.available` with the ``time_uniform`` and
   ``karras`` schedules at each NFE of :data:`NFES` it reaches;
 * diffusers' stochastic schedulers (:func:`diffusers_configs`) on the same model, ``x_T`` and
-  seeds, when diffusers is installed.
+  seeds, when diffusers is installed, each with the most steps whose NFE fits too.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .solvers import (
     best_at,
     best_per_method,
     default_model,
+    diffusers_nfe,
     format_table,
     initial_noise,
 )
@@ -156,12 +157,16 @@ def run(
         with quiet_diffusers():
             for config in tqdm(diffusers_configs(), desc="diffusers", disable=not progress):
                 row = Row("diffusers", config.method, config.schedule())
+                nfe_of = diffusers_nfe(config)
                 for nfe in nfes:
+                    steps = steps_within(nfe_of, nfe)
+                    if steps is None:
+                        continue
                     try:
                         x, used = diffusers_sample(
-                            config.make(), gmm, proc, x_T, nfe, torch.Generator().manual_seed(seed + 1)
+                            config.make(), gmm, proc, x_T, steps, torch.Generator().manual_seed(seed + 1)
                         )
-                        row.errors[nfe] = distance(x) if used == nfe else math.nan
+                        row.errors[nfe] = distance(x) if used == nfe_of(steps) else math.nan
                     except Exception as err:  # a failing reference run is reported, not fatal
                         log.warning("diffusers %s at %d steps failed: %r", config.method, nfe, err)
                         row.errors[nfe] = math.nan

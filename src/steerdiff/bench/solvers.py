@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -367,16 +368,16 @@ def diffusers_configs() -> list[DiffusersConfig]:
     ]
 
 
-def _diffusers_nfe(config: DiffusersConfig) -> Callable[[int], int]:
-    """A configuration's network calls for a step count; 0 where its ``set_timesteps`` refuses the count
-    (PNDM's Runge-Kutta warm-up below 4 steps)."""
+def diffusers_nfe(config: DiffusersConfig) -> Callable[[int], int]:
+    """A configuration's network calls for a step count; ``sys.maxsize``, which no NFE budget reaches, where
+    its ``set_timesteps`` refuses the count (PNDM's Runge-Kutta warm-up below 4 steps)."""
     sched = config.make()
 
     def nfe(steps: int) -> int:
         try:
             sched.set_timesteps(steps)
         except ValueError:
-            return 0
+            return sys.maxsize
         return len(sched.timesteps)
 
     return nfe
@@ -414,7 +415,7 @@ def sweep_diffusers(problem: Problem, nfes: Sequence[int], progress: bool = Fals
     rows: list[Row] = []
     with quiet_diffusers():
         for config in tqdm(diffusers_configs(), desc="diffusers", disable=not progress):
-            nfe_of = _diffusers_nfe(config)
+            nfe_of = diffusers_nfe(config)
             row = Row("diffusers", config.method, config.schedule())
             for nfe in nfes:
                 n = steps_for_nfe(nfe_of, nfe)
@@ -640,7 +641,7 @@ def default_vs_diffusers(
     nfe_ours = solvers.get(sampling.DEFAULT_SOLVER).nfe
     out = []
     with quiet_diffusers():
-        nfe_theirs = _diffusers_nfe(DIFFUSERS_DEFAULT)
+        nfe_theirs = diffusers_nfe(DIFFUSERS_DEFAULT)
         for nfe in nfes:
             n_ours, n_theirs = steps_for_nfe(nfe_ours, nfe), steps_for_nfe(nfe_theirs, nfe)
             if n_ours is None or n_theirs is None:
@@ -709,7 +710,7 @@ def best_vs_best(
                 continue
             config = configs[b.method, b.schedule]
             steps_a = steps_for_nfe(solvers.get(a.method).nfe, nfe)
-            steps_b = steps_for_nfe(_diffusers_nfe(config), nfe)
+            steps_b = steps_for_nfe(diffusers_nfe(config), nfe)
             if steps_a is None or steps_b is None:  # not reached: both rows have an error at nfe
                 continue
             sums = [(_squared(problem, a.errors[nfe]), _squared(problem, b.errors[nfe]))]
