@@ -299,6 +299,8 @@ def test_named_schedules_shape(p, name, n):
     sched = sd.schedules.get(name)
     discrete = isinstance(p, VPDiscrete)
     valid = (discrete and n <= p.num_train_timesteps) if name in DISCRETE_SPACINGS else True
+    if name == "lcm":  # LCM(original_steps=50): n of the 50 distillation timesteps, N >= 50
+        valid = discrete and n <= 50 <= p.num_train_timesteps
     if name == "ays":
         valid = _ays_fits(p)
     if not valid:  # documented refusals: a discrete spacing off VP.discrete / finer than it, AYS off range
@@ -309,11 +311,14 @@ def test_named_schedules_shape(p, name, n):
     assert t.dtype == F64 and t.shape == (n,)
     assert bool((t[1:] < t[:-1]).all())
     assert bool(((t >= p.t_min) & (t <= p.t_max)).all())
-    if name in DISCRETE_SPACINGS:
+    if name in DISCRETE_SPACINGS or name == "lcm":
         assert bool((t == t.round()).all())  # integer timesteps
-    # first node: t_max exactly, except leading's (n - 1) (N // n) + steps_offset
+    # first node: t_max exactly, except leading's (n - 1) (N // n) + steps_offset and lcm's 50 k - 1
     if name == "leading":
         assert float(t[0]) == (n - 1) * (p.num_train_timesteps // n)
+    elif name == "lcm":  # the skipping step k = N // 50; every node is k j - 1
+        k = p.num_train_timesteps // 50
+        assert float(t[0]) == 50 * k - 1 and bool(((t + 1) % k == 0).all())
     else:
         assert float(t[0]) == p.t_max
     if n >= 2:
@@ -321,6 +326,8 @@ def test_named_schedules_shape(p, name, n):
         above = name == "ays" or (name.startswith("karras_") and n < 15)
         if name == "trailing":  # round(N - (n - 1) N / n) - 1
             assert abs(float(t[-1]) - (p.num_train_timesteps / n - 1)) <= 0.5
+        elif name == "lcm":  # at least the lowest distillation timestep, k - 1
+            assert float(t[-1]) >= p.num_train_timesteps // 50 - 1
         elif above:
             assert float(t[-1]) > p.t_min
         else:
@@ -328,6 +335,8 @@ def test_named_schedules_shape(p, name, n):
     # the grid a solver runs on: steps + 1 nodes, lam strictly increasing, clean end for final="zero"
     for final in ("zero", "none"):
         if final == "none" and name in DISCRETE_SPACINGS and n + 1 > p.num_train_timesteps:
+            continue
+        if final == "none" and name == "lcm" and n + 1 > 50:
             continue
         grid = make_grid(p, sched, n, final)
         assert grid.steps == n and len(grid.t) == n + 1

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import steerdiff as sd
-from steerdiff.schedules import AYS, Custom, Karras, Leading, Linspace, Trailing
+from steerdiff.schedules import AYS, LCM, Custom, Karras, Leading, Linspace, Trailing
 
 F64 = torch.float64
 N = 1000
@@ -25,7 +26,7 @@ PROCESSES = {
     "edm": sd.EDM(),
     "rectified_flow": sd.RectifiedFlow(),
 }
-DISCRETE_ONLY = {"linspace", "leading", "trailing"}
+DISCRETE_ONLY = {"linspace", "leading", "trailing", "lcm"}
 # schedules whose last node is t_min by definition
 ENDS_AT_T_MIN = {"time_uniform", "logsnr_uniform", "exponential", "karras", "linspace"}
 
@@ -223,6 +224,90 @@ def test_linspace_n1_and_leading_formula():
     p = PROCESSES["sd"]
     assert Linspace()(p, 1).tolist() == [999.0]
     assert Leading(steps_offset=1)(p, 10).tolist() == [901.0 - 100 * k for k in range(10)]
+
+
+@pytest.mark.parametrize("cls", ["LCMScheduler", "TCDScheduler"])
+def test_lcm_matches_diffusers(cls):
+    """LCM(original_steps, strength) gives LCMScheduler's and TCDScheduler's timesteps (set_timesteps(n,
+    strength=...), original_inference_steps from the config) at every step count, and refuses where they do
+    (n above int(original_steps * strength), original_steps above N): checked for N in (1000, 999, 768),
+    original_steps in (1, 8, 50, 100, N), strength in (1, 0.75, 0.3), n up to 60; 1000, 50: 999, 759, 499,
+    259 at 4 steps; 999, 499 at 2 (the distillation timesteps 20 j - 1)."""
+    diffusers = pytest.importorskip("diffusers")
+    checked = refused = 0
+    for m in (1000, 999, 768):
+        p = sd.VP.scaled_linear(num_train_timesteps=m)
+        for original in (1, 8, 50, 100, m):
+            for strength in (1.0, 0.75, 0.3):
+                sched = getattr(diffusers, cls)(num_train_timesteps=m, original_inference_steps=original)
+                for n in (*range(1, 11), 25, 49, 50, 51, 60):
+                    try:
+                        sched.set_timesteps(n, strength=strength)
+                        ref = sched.timesteps.double().tolist()
+                    except ValueError:
+                        with pytest.raises(ValueError, match=r"LCM\(original_steps="):
+                            LCM(original, strength)(p, n)
+                        refused += 1
+                        continue
+                    assert LCM(original, strength)(p, n).tolist() == ref, (m, original, strength, n)
+                    checked += 1
+    assert (checked, refused) == (411, 264)
+    p = PROCESSES["sd"]
+    assert LCM()(p, 4).tolist() == [999.0, 759.0, 499.0, 259.0]
+    assert LCM(strength=0.5)(p, 4).tolist() == [499.0, 379.0, 259.0, 139.0]
+    assert LCM(original_steps=25)(p, 4).tolist() == [999.0, 759.0, 519.0, 279.0]
+    assert sd.schedules.get("lcm")(p, 2).tolist() == [999.0, 499.0]
+
+
+def test_lcm_clean_node_ends_at_timestep_0():
+    """``clean_node=True``: the ``n - 1``-step nodes, then ``t_min`` (TCDScheduler's last step, to
+    timestep 0): with ``final="none"`` the grid of ``steps`` steps is ``LCM()``'s ``steps`` nodes and 0."""
+    p = PROCESSES["sd"]
+    assert LCM(clean_node=True)(p, 5).tolist() == [999.0, 759.0, 499.0, 259.0, 0.0]
+    grid = sd.solvers.make_grid(p, LCM(clean_node=True), 4, "none")
+    assert grid.t == [*LCM()(p, 4).tolist(), 0.0] and not grid.clean_end
+    with pytest.raises(ValueError, match=r"clean_node=True\): needs at least 2 nodes .*got 1"):
+        LCM(clean_node=True)(p, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"original_steps": 0}, "LCM: original_steps must be an integer >= 1, got 0"),
+        ({"original_steps": 50.0}, "LCM: original_steps must be an integer >= 1, got 50.0"),
+        ({"strength": 0.0}, "LCM: strength must be a finite number in (0, 1], got 0.0"),
+        ({"strength": 1.5}, "LCM: strength must be a finite number in (0, 1], got 1.5"),
+        ({"clean_node": 1}, "LCM: clean_node must be True or False, got 1"),
+    ],
+)
+def test_lcm_rejects_bad_options(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        LCM(**kwargs)
+    assert words in str(err.value), str(err.value)
+
+
+def test_lcm_names_what_it_cannot_take(gmm):
+    """Too many steps for the distillation timesteps left (``strength``), ``original_steps`` above the
+    training steps, a process without integer timesteps: each a ValueError naming the schedule."""
+    p = PROCESSES["sd"]
+    with pytest.raises(
+        ValueError,
+        match=r"LCM\(original_steps=50, strength=1, clean_node=False\): 51 nodes asked, "
+        r"more than the int\(original_steps \* strength\) = 50 distillation timesteps",
+    ):
+        LCM()(p, 51)
+    with pytest.raises(ValueError, match=r"strength=0.3, .*: 16 nodes asked, .* = 15 distillation"):
+        LCM(strength=0.3)(p, 16)
+    with pytest.raises(
+        ValueError, match=r"original_steps must be at most the process's num_train_timesteps = 1000"
+    ):
+        LCM(original_steps=1001)(p, 4)
+    accepted = r"schedule 'lcm' needs a VP\.discrete process \(integer timesteps: VP\.discrete, "
+    for other in (sd.VP.linear(), sd.VP.cosine(), sd.EDM(), sd.RectifiedFlow()):
+        with pytest.raises(ValueError, match=accepted + r".*got " + re.escape(repr(other))):
+            LCM()(other, 4)
+    with pytest.raises(ValueError, match=accepted):
+        sd.sample(gmm.denoiser(sd.EDM()), torch.zeros(1, gmm.dim), 4, "lcm", "lcm")
 
 
 def test_custom_validates():

@@ -24,6 +24,9 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
   schedulers (Lin et al. 2024, Table 2), for ``VP.discrete``. diffusers' multistep schedulers
   (DPM-Solver, UniPC) share ``trailing`` only: their ``linspace`` and ``leading`` space ``n + 1``
   points and drop the last (10 steps: 999, 899, ..., 100 and 901, 811, ..., 91 with ``steps_offset=1``).
+* ``lcm`` -- the timesteps a consistency-distilled net was distilled at (LCM, Luo et al. 2023; TCD,
+  Hyper-SD), ``n`` of them evenly spaced by index, as diffusers' LCM/TCD schedulers take them, for
+  ``VP.discrete``.
 * :class:`Custom` -- an explicit grid.
 """
 
@@ -35,11 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import caller, integer, real, real_array
+from ._checks import boolean, caller, integer, real, real_array
 from .processes import Process, VPDiscrete
 
 __all__ = [
     "AYS",
+    "LCM",
     "Custom",
     "Karras",
     "KarrasCapped",
@@ -427,6 +431,17 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return fp[j - 1] + w * (fp[j] - fp[j - 1])
 
 
+def _train_steps(schedule: Schedule, process: Process) -> int:
+    """``num_train_timesteps`` of a ``VP.discrete`` process (integer timesteps); other processes are a
+    ``ValueError`` naming ``schedule``."""
+    if not isinstance(process, VPDiscrete):
+        raise ValueError(
+            f"schedule {schedule.name!r} needs a VP.discrete process (integer timesteps: VP.discrete, "
+            f"VP.scaled_linear, diffusers' VP configs), got {process!r}"
+        )
+    return process.num_train_timesteps
+
+
 class _Discrete(Schedule):
     """Integer timesteps of a ``VP.discrete`` process, spaced as in diffusers' DDIM/Euler schedulers.
 
@@ -436,9 +451,7 @@ class _Discrete(Schedule):
         self.steps_offset = integer(type(self).__name__, "steps_offset", steps_offset, lo=0)
 
     def _train_steps(self, process: Process) -> int:
-        if not isinstance(process, VPDiscrete):
-            raise ValueError(f"schedule {self.name!r} needs a VP.discrete process, got {process!r}")
-        return process.num_train_timesteps
+        return _train_steps(self, process)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps_offset={self.steps_offset})"
@@ -486,6 +499,63 @@ class Trailing(_Discrete):
         m = self._train_steps(process)
         step = (m - m / n) - m
         return torch.tensor([round(m + k * step) - 1 for k in range(n)], dtype=F64)
+
+
+class LCM(Schedule):
+    r"""The timesteps of a consistency-distilled net (LCM, Luo et al. 2023, Sec. 4.3's skipping-step
+    schedule; TCD, Zheng et al. 2024; Hyper-SD), as diffusers' ``LCMScheduler`` and ``TCDScheduler`` take
+    them, for ``VP.discrete``.
+
+    The net was distilled only at ``original_steps`` timesteps, ``k j - 1`` for ``j = 1, ...,
+    original_steps`` with the skipping step ``k = N_train // original_steps`` (``N_train = 1000``,
+    ``original_steps = 50``: 19, 39, ..., 999). ``strength`` (img2img, in ``(0, 1]``) keeps the lowest
+    ``m = int(original_steps * strength)`` of them; the ``n`` nodes are those at the indices
+    ``floor(i m / n)``, ``i = 0..n-1``, counted from the noisy end (4 steps: 999, 759, 499, 259). ``n``
+    must be at most ``m``.
+
+    ``clean_node=True``: the last of the ``n`` nodes is ``t_min`` (timestep 0) and the others are the
+    ``n - 1``-step nodes: with ``final="none"`` the grid ``TCDScheduler`` runs (its last step goes to
+    timestep 0 and returns the sample there); ``n >= 2``.
+    """
+
+    name = "lcm"
+
+    def __init__(self, original_steps: int = 50, strength: float = 1.0, clean_node: bool = False) -> None:
+        self.original_steps = integer("LCM", "original_steps", original_steps, lo=1)
+        self.strength = real("LCM", "strength", strength, lo=0, hi=1, lo_open=True)
+        self.clean_node = boolean("LCM", "clean_node", clean_node)
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        m = _train_steps(self, process)
+        if self.original_steps > m:
+            raise ValueError(
+                f"{self!r}: original_steps must be at most the process's num_train_timesteps = {m} (the "
+                f"skipping step k = {m} // original_steps), got {self.original_steps}"
+            )
+        if self.clean_node:
+            if n < 2:
+                raise ValueError(f"{self!r}: needs at least 2 nodes (final='none': steps >= 1), got {n}")
+            return torch.cat([self._distilled(m, n - 1), torch.full((1,), process.t_min, dtype=F64)])
+        return self._distilled(m, n)
+
+    def _distilled(self, m: int, n: int) -> Tensor:
+        """``n`` of the distillation timesteps, evenly spaced by index from the noisy end."""
+        kept = int(self.original_steps * self.strength)  # as diffusers rounds it (50 * 0.3 = 15.000...02)
+        if n > kept:
+            raise ValueError(
+                f"{self!r}: {n} nodes asked, more than the int(original_steps * strength) = {kept} "
+                f"distillation timesteps they are taken from; ask for at most {kept} (steps), or raise "
+                "original_steps or strength"
+            )
+        k = m // self.original_steps
+        index = np.floor(np.linspace(0, kept, num=n, endpoint=False)).astype(np.int64)
+        return torch.from_numpy((k * (kept - index) - 1).astype(np.float64))
+
+    def __repr__(self) -> str:
+        return (
+            f"LCM(original_steps={self.original_steps}, strength={self.strength:g}, "
+            f"clean_node={self.clean_node})"
+        )
 
 
 class Custom(Schedule):
@@ -544,6 +614,7 @@ _REGISTRY: dict[str, type[Schedule]] = {
         Linspace,
         Leading,
         Trailing,
+        LCM,
     )
 }
 
