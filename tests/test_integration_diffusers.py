@@ -806,9 +806,9 @@ def test_config_round_trip(tmp_path):
     assert (again.config.solver, again.config.schedule) == ("dpmpp_3m", "logsnr_uniform")
     assert again.config.solver_order == 2  # UniPC's own keys are kept, not used
     # without solver/schedule: sd.sample's choice for a guided denoiser (pipelines guide outside
-    # the scheduler) and its default schedule
+    # the scheduler) and its default schedule (None: karras_capped; LCM and TCD configs, lcm)
     plain = SteerdiffScheduler.from_config(config)
-    assert (plain.config.solver, plain.config.schedule) == (None, "karras_capped")
+    assert (plain.config.solver, plain.config.schedule) == (None, None)
     guarded = sd.solvers.DPMSolverPPMultistep(order=2, max_h=sd.sampling.GUIDED_MAX_H, max_h_ratio=0.0)
     short = sd.solvers.UniPC(order=2, max_h=sd.sampling.guided_corrector_max_h(None), max_h_ratio=0.0)
     long = sd.solvers.UniPC(order=2, max_h=sd.sampling.GUIDED_MAX_H, max_h_ratio=0.0)
@@ -817,7 +817,8 @@ def test_config_round_trip(tmp_path):
         grid = plain._run.grid
         assert plain._run.solver == solver == sd.solvers.get(sd.sampling.guided_solver(steps, None, grid))
     plain.save_pretrained(tmp_path / "plain")
-    assert SteerdiffScheduler.from_pretrained(tmp_path / "plain").config.solver is None
+    loaded = SteerdiffScheduler.from_pretrained(tmp_path / "plain")
+    assert (loaded.config.solver, loaded.config.schedule) == (None, None)
     # the pipeline's CFG scale, which the scheduler cannot see, sets the guided default's long-step limit
     mild = SteerdiffScheduler.from_config(config, guidance_scale=2.0)
     mild.set_timesteps(5)

@@ -335,6 +335,171 @@ def test_steerdiff_scheduler_runs_a_tcd_config(diffusers, gmm, sd_process, x_T, 
     assert default._run.solver == TCD()
 
 
+def consistency_config(cls: str, **overrides) -> dict:
+    """``cls``'s config (LCMScheduler's or TCDScheduler's) on Stable Diffusion's betas, with its name."""
+    diffusers = pytest.importorskip("diffusers")
+    return {**getattr(diffusers, cls)(**sd_betas_config(**overrides)).config, "_class_name": cls}
+
+
+# (steps, set_timesteps' keyword arguments): LatentConsistencyModelPipeline passes
+# original_inference_steps, its img2img pipeline strength too
+DEFAULT_GRIDS = [
+    (1, {}),
+    (2, {}),
+    (4, {}),
+    (8, {}),
+    (4, {"original_inference_steps": 25}),
+    (4, {"strength": 0.5}),
+    (3, {"strength": 0.6, "original_inference_steps": 40}),
+]
+
+
+@pytest.mark.parametrize(("steps", "kw"), DEFAULT_GRIDS)
+def test_steerdiff_scheduler_takes_lcm_schedulers_timesteps(diffusers, gmm, sd_process, x_T, steps, kw):
+    """An LCM config's default schedule is ``LCM`` with the config's ``original_inference_steps`` (before:
+    ``karras_capped``, 4 steps 999, 786.7, 430.0, 60.5, off the distillation timesteps), and ``set_timesteps``
+    takes ``original_inference_steps`` and ``strength`` (before: a TypeError): in a pipeline loop it
+    matches LCMScheduler with its own timesteps, measured 2.5e-8..7.9e-7 (1 step the largest), and equals
+    ``sd.sample(den, x_T, steps, "lcm", LCM(...))`` ("lcm" by name at the defaults) to the bit."""
+    cfg = consistency_config("LCMScheduler")
+    net = eps_net(gmm, sd_process)
+    theirs = diffusers.LCMScheduler.from_config(cfg)
+    ref, _ = run_scheduler(theirs, net, x_T, steps, torch.Generator().manual_seed(3), **kw)
+    ours = SteerdiffScheduler.from_config(cfg)
+    x, nfe = run_scheduler(ours, net, x_T, steps, torch.Generator().manual_seed(3), **kw)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist() and nfe == steps
+    assert rel_rmse(x, ref) < PARITY_BOUND["LCMScheduler"]
+    schedule = sd.schedules.LCM(kw.get("original_inference_steps", 50), kw.get("strength", 1.0))
+    den = denoiser_from_diffusers(net, cfg)
+    alone = sd.sample(
+        den, x_T, steps, "lcm", schedule if kw else "lcm", generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(alone, x)
+
+
+@pytest.mark.parametrize(
+    ("steps", "kw"), [g for g in DEFAULT_GRIDS if "original_inference_steps" not in g[1]]
+)
+def test_steerdiff_scheduler_takes_tcd_schedulers_timesteps(diffusers, gmm, sd_process, x_T, steps, kw):
+    """A TCD config's default schedule is ``LCM`` too; with TCDScheduler's integer ``s``
+    (``TCD(floor_s=True)``, its default ``eta`` 0.3) and ``final="none"`` (the schedule then ends at timestep
+    0, ``clean_node=True``: TCDScheduler steps there last) it matches TCDScheduler with its own timesteps,
+    measured 4.3e-8..7.8e-7, and equals ``sd.sample`` on ``LCM(..., clean_node=True)`` to the bit. The
+    default solver, ``tcd``, ends in the clean state with ``final="zero"`` on the same timesteps. (An explicit
+    ``original_inference_steps`` TCDScheduler reads otherwise: the next test.)"""
+    cfg = consistency_config("TCDScheduler")
+    net = eps_net(gmm, sd_process)
+    theirs = diffusers.TCDScheduler.from_config(cfg)
+    ref, _ = run_scheduler(theirs, net, x_T, steps, torch.Generator().manual_seed(3), **kw)
+    floor = TCD(floor_s=True)
+    ours = SteerdiffScheduler.from_config(cfg, solver=floor, final="none")
+    x, nfe = run_scheduler(ours, net, x_T, steps, torch.Generator().manual_seed(3), **kw)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist() and nfe == steps
+    assert ours._run.grid.t[-1] == 0.0 and not ours._run.grid.clean_end
+    assert rel_rmse(x, ref) < PARITY_BOUND["TCDScheduler"]
+    schedule = sd.schedules.LCM(kw.get("original_inference_steps", 50), kw.get("strength", 1.0), True)
+    den = denoiser_from_diffusers(net, cfg)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(sd.sample(den, x_T, steps, floor, schedule, final="none", generator=g), x)
+    default = SteerdiffScheduler.from_config(cfg)
+    default.set_timesteps(steps, **kw)
+    assert default.timesteps.tolist() == theirs.timesteps.tolist() and default._run.grid.clean_end
+    assert default._run.solver == TCD()
+
+
+def test_tcd_scheduler_given_original_inference_steps_takes_every_training_timestep(diffusers):
+    """TCDScheduler given ``original_inference_steps`` explicitly takes its nodes from all 1000 training
+    timesteps (its "customised option"); ours stay on the distillation timesteps, as LCMScheduler's do."""
+    cfg = consistency_config("TCDScheduler")
+    theirs, ours = diffusers.TCDScheduler.from_config(cfg), SteerdiffScheduler.from_config(cfg)
+    theirs.set_timesteps(4, original_inference_steps=25)
+    ours.set_timesteps(4, original_inference_steps=25)
+    assert theirs.timesteps.tolist() == [999, 749, 499, 249]
+    assert ours.timesteps.tolist() == [999.0, 759.0, 519.0, 279.0]
+
+
+@pytest.mark.parametrize("cls", ["LCMScheduler", "TCDScheduler"])
+def test_custom_timesteps_with_strength_are_cut_as_diffusers_cuts_them(diffusers, gmm, sd_process, x_T, cls):
+    """Custom ``timesteps`` with ``strength`` (LatentConsistencyModelImg2ImgPipeline passes both): the last
+    ``int(n * strength)`` of them, as LCMScheduler and TCDScheduler keep them (before: a TypeError)."""
+    cfg, times = consistency_config(cls), [999, 759, 499, 259, 19]
+    theirs = getattr(diffusers, cls).from_config(cfg)
+    theirs.set_timesteps(timesteps=times, strength=0.5)
+    ours = SteerdiffScheduler.from_config(cfg)
+    ours.set_timesteps(timesteps=times, strength=0.5)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist() == [259.0, 19.0]
+
+
+def test_consistency_schedule_follows_the_config(diffusers):
+    """The name ``"lcm"`` takes the config's ``original_inference_steps`` (any VP config: 50 without one),
+    ``LCM(...)`` its own options unless ``set_timesteps`` overrides them; an explicit schedule wins over the
+    default and takes ``original_inference_steps=None`` and ``strength=1`` (what pipelines pass); other
+    configs keep ``karras_capped``."""
+    cfg = consistency_config("LCMScheduler", original_inference_steps=20)
+    for schedule, first_steps in (
+        (None, [999, 949]),
+        ("lcm", [999, 949]),
+        (sd.schedules.LCM(), [999, 959]),
+        ("leading", [950, 900]),
+    ):
+        sched = SteerdiffScheduler.from_config(cfg, schedule=schedule)
+        sched.set_timesteps(20)
+        assert sched.timesteps[:2].tolist() == first_steps, schedule
+    sched = SteerdiffScheduler.from_config(cfg, schedule=sd.schedules.LCM(strength=0.5))
+    sched.set_timesteps(4, original_inference_steps=20)  # the instance's strength kept
+    assert sched.timesteps.tolist() == [499.0, 399.0, 249.0, 149.0]
+    sched.set_timesteps(4, strength=1.0)
+    assert sched.timesteps.tolist() == [999.0, 759.0, 499.0, 259.0]
+    leading = SteerdiffScheduler.from_config(cfg, schedule="leading")
+    leading.set_timesteps(4, original_inference_steps=None, strength=1.0)  # as pipelines pass them
+    assert leading.timesteps.tolist() == [750.0, 500.0, 250.0, 0.0]
+    plain = SteerdiffScheduler.from_config(sd_betas_config(), schedule="lcm")
+    plain.set_timesteps(4)
+    assert plain.timesteps.tolist() == [999.0, 759.0, 499.0, 259.0]
+    ddim = SteerdiffScheduler.from_config(diffusers.DDIMScheduler(**sd_betas_config()).config)
+    ddim.set_timesteps(4)
+    grid = sd.solvers.make_grid(ddim.denoiser.process, sd.schedules.get("karras_capped"), 4)
+    assert ddim.config.schedule is None and ddim._run.grid.t == grid.t
+
+
+@pytest.mark.parametrize(
+    ("schedule", "kw", "words"),
+    [
+        ("karras", {"strength": 0.5}, "set_timesteps: strength=0.5: options of the lcm schedule only"),
+        (
+            "trailing",
+            {"original_inference_steps": 25},
+            "set_timesteps: original_inference_steps=25: options of the lcm schedule only",
+        ),
+        (None, {"strength": 0.0}, "set_timesteps: strength must be a finite number in (0, 1], got 0.0"),
+        (None, {"strength": 1.5}, "set_timesteps: strength must be a finite number in (0, 1], got 1.5"),
+        (
+            None,
+            {"original_inference_steps": 0},
+            "set_timesteps: original_inference_steps must be an integer >= 1",
+        ),
+        (None, {"original_inference_steps": 2000}, "original_steps must be at most the process's num_train"),
+        (None, {"strength": 0.1}, "5 distillation timesteps they are taken from; ask for at most 5"),
+        (
+            None,
+            {"num_inference_steps": 51},
+            "51 nodes asked, more than the int(original_steps * strength) = 50",
+        ),
+        (
+            None,
+            {"num_inference_steps": None, "timesteps": [999, 499], "strength": 0.4},
+            "keeps int(2 * strength) = 0",
+        ),
+    ],
+)
+def test_bad_consistency_grid(diffusers, schedule, kw, words):
+    sched = SteerdiffScheduler.from_config(consistency_config("LCMScheduler"), schedule=schedule)
+    kw = {"num_inference_steps": 8, **kw}
+    with pytest.raises(ValueError) as err:
+        sched.set_timesteps(**kw)
+    assert words in str(err.value), str(err.value)
+
+
 def test_consistency_boundary_per_sample_times(gmm, sd_process):
     """Per-sample times give each row its own scalings: the rows of scalar calls, and at a timestep
     the scalings diffusers' LCMScheduler computes (``tau = 10 t``, ``s_d = 0.5``)."""

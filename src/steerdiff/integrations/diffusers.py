@@ -585,9 +585,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             guided, with the limit of scale 7.5 (0.8 in log-SNR). Pass 1 for unguided pipelines
             (``DDPMPipeline``).
         schedule: a name of :func:`steerdiff.schedules.available`, a Schedule instance (or as the
-            config stores it), or a custom grid (process times; kept as that list). The name
-            ``"leading"`` adds the config's ``steps_offset`` as diffusers' ``leading`` spacing does
-            (Stable Diffusion's 1: 901, 801, ..., 1 at 10 steps); ``Leading()`` does not.
+            config stores it), or a custom grid (process times; kept as that list); default (``None``):
+            for LCM and TCD configs the timesteps their net was distilled at, as their schedulers take
+            them (:class:`~steerdiff.schedules.LCM` with the config's ``original_inference_steps``, default
+            50; with ``final="none"`` ending at timestep 0, ``clean_node=True``), else
+            :func:`steerdiff.sample`'s default, ``karras_capped``. The name ``"leading"`` adds the config's
+            ``steps_offset`` as diffusers' ``leading`` spacing does (Stable Diffusion's 1: 901, 801, ..., 1
+            at 10 steps); ``Leading()`` does not. The name ``"lcm"`` takes the config's
+            ``original_inference_steps`` (and ``clean_node`` as the default); ``LCM()`` its own.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
             ``torch.Generator``, a list of them (one per sample) or a noise source; not saved in
@@ -645,7 +650,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         clip_sample_range: float = 1.0,
         origin: str | None = None,
         solver: str | Solver | Mapping[str, Any] | None = None,
-        schedule: ScheduleLike | Mapping[str, Any] = DEFAULT_SCHEDULE,
+        schedule: ScheduleLike | Mapping[str, Any] | None = None,
         final: str = "zero",
         guidance_scale: float | None = None,
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
@@ -655,10 +660,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             guidance_scale = real("SteerdiffScheduler", "guidance_scale", guidance_scale)
             self.register_to_config(guidance_scale=guidance_scale)
         self._solver = None if solver is None else _resolve("solver", solver)  # None: per step count
-        self._schedule = _resolve("schedule", schedule)
+        self._schedule = None if schedule is None else _resolve("schedule", schedule)  # None: the config's
         self.register_to_config(
             solver=None if self._solver is None else _describe("solver", solver, self._solver),
-            schedule=_describe("schedule", schedule, self._schedule),
+            schedule=None if self._schedule is None else _describe("schedule", schedule, self._schedule),
         )
         self._seen: Mapping[str, Any] | None = None  # the config object the model was read from
         self._model: _Spec
@@ -734,7 +739,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if seen is not None and config["solver"] != seen["solver"]:
             self._solver = None if config["solver"] is None else _resolve("solver", config["solver"])
         if seen is not None and config["schedule"] != seen["schedule"]:
-            self._schedule = _resolve("schedule", config["schedule"])
+            self._schedule = None if config["schedule"] is None else _resolve("schedule", config["schedule"])
         self._model = _spec(dict(config))  # the model the config describes
         self._model_den = _denoiser(_Recorded(), self._model)  # shared by the runs of that model
 
@@ -787,6 +792,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         mu: float | None = None,
         timesteps: Sequence[float] | None = None,
         sigmas: Sequence[float] | None = None,
+        original_inference_steps: int | None = None,
+        strength: float | None = None,
     ) -> None:
         """The grid of a run; ``timesteps`` are then the net's times in call order and ``sigmas`` their
         noise levels followed by the run's end, as diffusers' schedulers have them (flow times for
@@ -811,6 +818,17 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         nodes are the sigmas' and ``timesteps`` are the net's times there, as given; for the run the
         net's time is piecewise linear in process time through the nodes' (multistage solvers' inner
         evaluations).
+
+        ``original_inference_steps`` and ``strength`` (in ``(0, 1]``), as ``LCMScheduler`` and
+        ``TCDScheduler`` take them (LatentConsistencyModelPipeline passes the first, its img2img pipeline
+        both): with ``num_inference_steps`` they are the options of an :class:`~steerdiff.schedules.LCM`
+        schedule (the default of LCM and TCD configs; ``None``: the schedule's, for the default and the
+        name ``"lcm"`` the config's ``original_inference_steps`` and strength 1), which other schedules
+        refuse unless ``None`` or strength 1; with custom ``timesteps`` or ``sigmas`` ``strength`` keeps
+        the last ``int(n * strength)`` of the ``n`` nodes, as those schedulers keep custom timesteps.
+        (``TCDScheduler`` given ``original_inference_steps`` explicitly takes the nodes from all training
+        timesteps instead, an ``LCM(original_steps=num_train_timesteps)`` grid; here it is the distillation
+        schedule's for both.)
         """
         device = device_or_none("set_timesteps", "device", device)
         given = [
@@ -830,17 +848,29 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             )
         self._follow_config()
         spec, final = self._model, self.config["final"]
+        if strength is not None:
+            strength = real("set_timesteps", "strength", strength, lo=0, hi=1, lo_open=True)
+        if original_inference_steps is not None:
+            original_inference_steps = integer(
+                "set_timesteps", "original_inference_steps", original_inference_steps, lo=1
+            )
         if num_inference_steps is not None:
             # diffusers' name for make_grid's steps
-            schedule = self._schedule
-            if self.config["schedule"] == "leading":  # by name: diffusers' leading, the config's offset
-                schedule = _schedules.Leading(steps_offset=self.config.get("steps_offset", 0))
+            schedule = self._grid_schedule(original_inference_steps, strength)
             steps = integer("set_timesteps", "num_inference_steps", num_inference_steps, lo=1)
         else:
             nodes = _custom_times(self._model, dict(self.config), None if both else timesteps, sigmas, mu)
             if both:
                 net_times = _node_net_times(timesteps, sigmas, len(nodes))
                 spec = replace(spec, time_map=_node_time_map(nodes, net_times))
+            part = 1.0 if strength is None else strength
+            kept = min(int(len(nodes) * part), len(nodes))  # LCMScheduler's img2img of custom timesteps
+            if kept < 1 + (final == "none"):
+                raise ValueError(
+                    f"set_timesteps: strength={part:g} keeps int({len(nodes)} * strength) = {kept} of "
+                    f"the {len(nodes)} custom nodes, too few for a run with final={final!r}; raise strength"
+                )
+            nodes = nodes[len(nodes) - kept :]
             schedule, steps = _schedules.Custom(nodes), len(nodes) - (final == "none")
         # the config's model with the run's net times: the runs with the config's own share one denoiser
         # (its per-time caches stay filled), a custom time map gets its own
@@ -866,6 +896,36 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._net_times = net_steps.tolist()  # on the CPU, for step's checks
         self.timesteps = net_steps.to(device)
         self.sigmas = _sigmas(self._den.process, self._times, grid).to(device, torch.float32)
+
+    def _grid_schedule(self, original_steps: int | None, strength: float | None) -> Schedule:
+        """The schedule of a run of ``num_inference_steps``: the config's (:class:`SteerdiffScheduler`'s
+        ``schedule``), with ``set_timesteps``' LCM options ``original_steps`` and ``strength`` (``None``:
+        the schedule's), which only an :class:`~steerdiff.schedules.LCM` schedule takes."""
+        name, cfg = self.config["schedule"], self.config
+        if name == "leading":  # by name: diffusers' leading, the config's offset
+            schedule: Schedule = _schedules.Leading(steps_offset=cfg.get("steps_offset", 0))
+        elif name == "lcm" or (name is None and cfg["origin"] in self._CONSISTENCY_SOLVERS):
+            schedule = _schedules.LCM(
+                cfg.get("original_inference_steps", 50), clean_node=cfg["final"] == "none"
+            )
+        else:
+            schedule = _schedules.get(DEFAULT_SCHEDULE) if self._schedule is None else self._schedule
+        if isinstance(schedule, _schedules.LCM):
+            return _schedules.LCM(
+                schedule.original_steps if original_steps is None else original_steps,
+                schedule.strength if strength is None else strength,
+                schedule.clean_node,
+            )
+        given = [f"original_inference_steps={original_steps}"] if original_steps is not None else []
+        if strength is not None and strength != 1:
+            given.append(f"strength={strength:g}")
+        if given:
+            raise ValueError(
+                f"set_timesteps: {', '.join(given)}: options of the lcm schedule only (LCMScheduler's and "
+                f"TCDScheduler's grids), not of this run's {schedule!r}; pass schedule='lcm' (the default "
+                "for LCM and TCD configs), or leave them out"
+            )
+        return schedule
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The net's input at the evaluation :meth:`step` takes next (before the first, the one
