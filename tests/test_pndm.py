@@ -128,6 +128,19 @@ def test_nfe_is_exact(gmm, sd_process, x_T, solver, final, counts):
         assert info.nfe == solver.nfe(steps, clean_end=final == "zero") == expected
 
 
+def test_plms_order_1_is_one_improved_euler_step_then_ddim(gmm, sd_process, x_T):
+    """At order 1 the improved Euler warm-up is the first step only, then Euler (DDIM) steps, as ``nfe``
+    counts. Before, the history (one entry, trimmed to none after each step) never told the warm-up done:
+    every step was improved Euler (karras, 6 steps: 11 NFE against nfe's 7)."""
+    solver, den = PNDM(order=1, warmup="improved_euler"), gmm.denoiser(sd_process)
+    nodes = sd.schedules.Karras()(sd_process, 7).tolist()
+    x, info = sd.sample(den, x_T, 6, solver, sd.schedules.Custom(nodes), final="none", return_info=True)
+    assert info.nfe == solver.nfe(6, clean_end=False) == 7
+    x_1 = sd.sample(den, x_T, 1, solver, sd.schedules.Custom(nodes[:2]), final="none")
+    ddim = sd.sample(den, x_1, 5, "ddim", sd.schedules.Custom(nodes[1:]), final="none")
+    assert rel_rmse(x, ddim) < 1e-14  # the same step in other arithmetic
+
+
 # Uniform steps in s = sigma / alpha (the fixed Adams-Bashforth weights' assumption) on EDM's process,
 # where s = t: the PRK midpoint in time is the midpoint in s and PRK is classical RK4 in (x / alpha, s).
 # Theory: PNDM 4 (RK4 warm-up, AB4); PLMS 3 (its improved Euler and AB2 steps: O(d^3) each); S-PNDM

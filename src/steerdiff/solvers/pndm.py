@@ -66,7 +66,7 @@ from torch import Tensor
 from .._checks import choice
 from .._ops import axpby, lincomb
 from ..denoiser import Prediction
-from .base import Grid, Model
+from .base import Grid, History, Model
 from .edm import HEUN_MAX_RATIO, heun_update
 from .ipndm import IPNDM
 
@@ -102,6 +102,12 @@ class PNDM(IPNDM):
         steps into noisy nodes (the step into a clean end costs 1)."""
         extra = 3 if self.warmup == "prk" else 1
         return steps + extra * min(self.warmup_steps, steps - int(clean_end))
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        """The estimates' history, which after the warm-up holds ``warmup_steps`` of them between steps
+        (:meth:`step` tells the warm-up by it): ``order`` entries, and 2 for ``order=1`` with
+        ``improved_euler``, whose Euler steps read none of them."""
+        return {"eps": History(max(self.order, self.warmup_steps + 1))}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         hist = state["eps"]
