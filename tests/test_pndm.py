@@ -189,6 +189,24 @@ def test_pipeline_loop_is_sd_sample(solver):
     assert torch.equal(x, ref)
 
 
+@pytest.mark.parametrize(
+    ("solver", "k", "j", "ours", "listed"), [("plms", 2, 1, 10, 9), ("pndm", 8, 2, 17, 11)]
+)
+def test_a_pipeline_cannot_begin_after_the_warmup_starts(solver, k, j, ours, listed):
+    """img2img: begun at a later step the warm-up starts again and evaluates more than the ``timesteps`` a
+    pipeline slices (plms at step 1 of 10: 10 against 9), so the run is refused, naming why. Before, the
+    message said ``timesteps[k]`` was not where a step starts, though it was."""
+    sched = SteerdiffScheduler.from_config(sd_betas_config(), solver=solver, schedule="karras")
+    sched.set_timesteps(10)
+    sched.set_begin_index(k)
+    x = torch.zeros(1, 4)
+    with pytest.raises(
+        ValueError,
+        match=rf"timesteps\[{k}\] .*, the start of step {j}: .* {ours} times, not the {listed} that",
+    ):
+        sched.step(x, sched.timesteps[k], x)
+
+
 def test_registry_and_options():
     assert (sd.solvers.get("pndm"), sd.solvers.get("plms")) == (PNDM(), PLMS)
     assert (PNDM().name, PLMS.name, PNDM(order=2, warmup="improved_euler").name) == ("pndm", "plms", "plms")

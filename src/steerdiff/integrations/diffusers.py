@@ -1005,13 +1005,23 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             return
         firsts = {i: n for n, (_, i, _) in reversed(list(enumerate(run.evals)))}  # step -> first eval
         j = next((i for i, n in firsts.items() if n == k and run.evals[n][2]), None)
-        tail = None if j is None else _tail(run.grid, j)
-        evals = None if tail is None else _plan(self._den, run.solver, tail)
-        if tail is None or evals is None or [t for t, _, _ in evals] != self._times[k:]:
+        if j is None:
             raise ValueError(
                 f"the run cannot begin at timesteps[{k}] (set_begin_index({k}) or the first step's "
                 f"timestep): it is not where a step of {run.solver!r} starts (at its input sample); begin "
                 "at a step start"
+            )
+        tail = _tail(run.grid, j)
+        evals = _plan(self._den, run.solver, tail)
+        if [t for t, _, _ in evals] != self._times[k:]:
+            # a warm-up that evaluates more (pndm's Runge-Kutta, plms's improved Euler) starts again there
+            raise ValueError(
+                f"the run cannot begin at timesteps[{k}] (set_begin_index({k}) or the first step's "
+                f"timestep), the start of step {j}: {run.solver!r} begun there evaluates the net "
+                f"{len(evals)} times, not the {len(self._times) - k} that timesteps[{k}:] list (its "
+                "warm-up starts again); a pipeline cannot begin its run after step 0 (img2img): use a "
+                "solver whose evaluations per step do not change with the warm-up (e.g. ipndm for pndm, "
+                "plms)"
             )
         run.grid, run.evals, run.state = tail, evals, run.solver.init_state(tail)
         run.tape.times = [t for t, _, _ in evals]
