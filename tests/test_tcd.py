@@ -518,6 +518,16 @@ def test_bad_consistency_boundary(gmm, sd_process, kw):
         sd.guidance.ConsistencyBoundary(gmm.denoiser(sd_process), **kw)
 
 
+def test_consistency_boundary_refuses_a_negative_net_time(gmm):
+    """An EDM net's time ``0.25 log(sigma)`` is negative below ``sigma = 1``, where ``c_out`` is: before,
+    accepted, and at ``sigma = 0.5`` the estimate was ``0.077 x - 0.96 x0``."""
+    den = sd.EDMDenoiser(lambda x, t: torch.zeros_like(x), sd.EDM(), sigma_data=0.5)
+    with pytest.raises(ValueError, match=r"^ConsistencyBoundary: den's net time is negative at t = 0\.002 "):
+        sd.guidance.ConsistencyBoundary(den)
+    flow = sd.guidance.ConsistencyBoundary(gmm.denoiser(sd.RectifiedFlow()))  # net time t >= 0: accepted
+    assert flow.scalings(0.5, noise(1, 8)) == pytest.approx((0.25 / 25.25, 5 / math.sqrt(25.25)))
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

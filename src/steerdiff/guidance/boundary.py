@@ -39,7 +39,8 @@ class ConsistencyBoundary(Guided):
         timestep_scaling: the factor on the net's time input (diffusers' ``timestep_scaling``, 10).
         sigma_data: ``s_d`` of ``c_skip``, ``c_out`` (0.5, as LCMScheduler fixes it).
 
-    ``cost`` is ``den``'s: no further network evaluation.
+    ``cost`` is ``den``'s: no further network evaluation. A ``den`` whose net time is negative somewhere
+    on its process's range (an EDM net's ``0.25 log(sigma)``) is a ``ValueError``: ``c_out < 0`` there.
     """
 
     base_arg = "den"
@@ -49,6 +50,15 @@ class ConsistencyBoundary(Guided):
         who = "ConsistencyBoundary"
         self.timestep_scaling = real(who, "timestep_scaling", timestep_scaling, lo=0, lo_open=True)
         self.sigma_data = real(who, "sigma_data", sigma_data, lo=0, lo_open=True)
+        p = den.process
+        times = torch.linspace(p.t_min, p.t_max, 257, dtype=F64)
+        negative = (self.time_map(times) < 0).nonzero()
+        if len(negative):
+            raise ValueError(
+                f"{who}: den's net time is negative at t = {float(times[negative[0, 0]]):g} of its process "
+                f"{p!r} (an EDM net's 0.25 log(sigma) below sigma = 1), where c_out < 0 flips the estimate; "
+                "LCM's boundary condition takes the net's timestep >= 0 (a VP or flow model's denoiser)"
+            )
 
     def scalings(self, t: float | Tensor, x: Tensor) -> tuple[float | Tensor, float | Tensor]:
         """``(c_skip, c_out)`` at process time ``t``: floats for a scalar time (in float64, as diffusers
