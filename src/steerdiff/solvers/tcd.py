@@ -67,7 +67,9 @@ class TCD(Solver):
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
-        return self.gamma > 0
+        """Whether steps draw noise: ``gamma > 0``, or ``floor_s``, whose ``s`` is below ``t_{i+1}`` at a
+        fractional node even at ``gamma = 0``."""
+        return self.gamma > 0 or self.floor_s
 
     def intermediate(self, grid: Grid, i: int) -> tuple[float, float]:
         """``(alpha_s, sigma_s)`` at the intermediate time ``s`` of step ``i`` (``s = t_{i+1}`` at
@@ -90,4 +92,4 @@ class TCD(Solver):
         alpha_s, sigma_s = self.intermediate(grid, i)
         ratio, std = noising((alpha_s, sigma_s), (grid.alpha[i + 1], grid.sigma[i + 1]))
         mean = pred.renoise(ratio * alpha_s, ratio * sigma_s)
-        return Transition(mean, std) if self.stochastic else mean
+        return Transition(mean, std) if std > 0 else mean
