@@ -38,16 +38,19 @@ def _exact(gmm, process, x_0, grid):
 # --- the oracle runs up the noise levels ------------------------------------------------------------
 
 
-def test_reference_ode_runs_up_the_noise_levels(sd_process):
+@pytest.mark.parametrize("s", [5.0, None], ids=["t=5", "clean"])
+def test_reference_ode_runs_up_the_noise_levels(sd_process, s):
     """For Gaussian data N(m, v) the flow maps ``x_s`` to ``alpha_t m + sqrt(alpha_t^2 v + sigma_t^2)
     (x_s - alpha_s m) / sqrt(alpha_s^2 v + sigma_s^2)`` in either direction: reference_ode from t = 5 up
-    to t = 900 matches it to 1e-9."""
+    to t = 900 matches it to 1e-9, and from the clean state (``t_start=None``: ``alpha_s = 1``,
+    ``sigma_s = 0``, where diffusers' DDIMInverseScheduler starts by default) too."""
     g = torch.Generator().manual_seed(2)
     m, v = torch.randn(1, 3, generator=g, dtype=F64), 0.2 + torch.rand(1, 3, generator=g, dtype=F64)
     gauss = sd.toy.GaussianMixture(m, v, torch.ones(1, dtype=F64))
     x = torch.randn(5, 3, generator=g, dtype=F64)
-    s, t = 5.0, 900.0
-    (a_s, s_s), (a_t, s_t) = ((float(sd_process.alpha(u)), float(sd_process.sigma(u))) for u in (s, t))
+    t = 900.0
+    a_s, s_s = (1.0, 0.0) if s is None else (float(sd_process.alpha(s)), float(sd_process.sigma(s)))
+    a_t, s_t = float(sd_process.alpha(t)), float(sd_process.sigma(t))
     closed = a_t * m + ((a_t**2 * v + s_t**2) / (a_s**2 * v + s_s**2)).sqrt() * (x - a_s * m)
     assert rel_rmse(gauss.reference_ode(x, sd_process, t_start=s, t_end=t), closed) < 1e-9
 

@@ -385,7 +385,7 @@ class GaussianMixture:
         self,
         x_T: Tensor,
         process: Process,
-        t_start: float,
+        t_start: float | None,
         t_end: float | None = None,
         denoise: bool = False,
         rtol: float = 1e-10,
@@ -394,7 +394,9 @@ class GaussianMixture:
         """Probability-flow ODE solution from ``x_T`` at ``t_start`` to ``t_end``.
 
         ``t_start`` and ``t_end`` are process times in ``[process.t_min, process.t_max]`` (a
-        ``ValueError`` outside); ``t_end=None`` integrates to the clean state ``sigma = 0``. With
+        ``ValueError`` outside); ``t_end=None`` integrates to the clean state ``sigma = 0``, and
+        ``t_start=None`` from it (``x_T`` is then a clean sample: inversions that start at ``alpha = 1``,
+        as diffusers' ``DDIMInverseScheduler`` by default). With
         ``denoise=True`` the exact denoiser is applied at ``t_end``:
         ``reference_ode(x_T, p, p.t_max, p.t_min, denoise=True)`` is the exact answer
         :func:`steerdiff.sample` approximates by default (solve to ``t_min``, return the denoised
@@ -402,12 +404,16 @@ class GaussianMixture:
         """
         who = f"{type(self).__name__}.reference_ode"
         span: Bounds = {"lo": process.t_min, "hi": process.t_max}
-        t_start = real(who, "t_start", t_start, **span)
+        if t_start is not None:
+            t_start = real(who, "t_start", t_start, **span)
         if t_end is not None:
             t_end = real(who, "t_end", t_end, **span)
         rtol = real(who, "rtol", rtol, lo=0, lo_open=True)
         atol = real(who, "atol", atol, lo=0, lo_open=True)
-        a0, s0 = float(process.alpha(t_start)), float(process.sigma(t_start))
+        if t_start is None:
+            a0, s0 = 1.0, 0.0
+        else:
+            a0, s0 = float(process.alpha(t_start)), float(process.sigma(t_start))
         if t_end is None:
             a1, s1 = 1.0, 0.0
         else:
