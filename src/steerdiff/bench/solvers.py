@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -99,6 +100,7 @@ __all__ = [
     "plot",
     "run",
     "steps_for_nfe",
+    "sweep_deterministic",
     "sweep_diffusers",
     "sweep_steerdiff",
     "switched",
@@ -247,24 +249,39 @@ def _ours(den: Denoiser, problem: Problem, solver: str, schedule: str, steps: in
 def sweep_steerdiff(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
     """Every deterministic solver x every schedule at every reachable NFE in ``nfes``."""
     den = problem.gmm.denoiser(problem.process)
+    return sweep_deterministic(
+        lambda name, sched, n, nfe: _ours(den, problem, name, sched, n, nfe), problem.process, nfes, progress
+    )
+
+
+def sweep_deterministic(
+    score: Callable[[str, str, int, int], float],
+    process: Process,
+    nfes: Sequence[int],
+    progress: bool = False,
+    clean_end: bool = True,
+) -> list[Row]:
+    """``score(solver, schedule, steps, nfe)`` of every deterministic solver x every schedule (the default
+    first) at every NFE of ``nfes`` it reaches: the fewest steps ``N`` with ``solver.nfe(N, clean_end) ==
+    nfe`` (``clean_end=False``: grids without the final jump to ``sigma = 0``, as inversion's). A schedule
+    whose nodes are an earlier one's at every step count repeats its numbers (``Row.same_as``)."""
     names = sorted(schedules.available(), key=lambda name: name != sampling.DEFAULT_SCHEDULE)
-    alias = _schedule_aliases(problem.process, names, range(1, max(nfes) + 1))
+    alias = _schedule_aliases(process, names, range(1, max(nfes) + 1))
     rows: list[Row] = []
     for name in tqdm(solvers.available(), desc="steerdiff", disable=not progress):
         solver = solvers.get(name)
         if solver.stochastic:
             log.info("skipping %s: stochastic (the reference is the ODE solution)", name)
             continue
-        steps = {nfe: steps_for_nfe(solver.nfe, nfe) for nfe in nfes}
+        nfe_of = partial(solver.nfe, clean_end=clean_end)
+        steps = {nfe: steps_for_nfe(nfe_of, nfe) for nfe in nfes}
         done: dict[str, Row] = {}
         for sched in names:
             row = Row("steerdiff", name, sched)
             if alias[sched] in done:
                 row.errors, row.same_as = dict(done[alias[sched]].errors), alias[sched]
             else:
-                row.errors = {
-                    nfe: _ours(den, problem, name, sched, n, nfe) for nfe, n in steps.items() if n is not None
-                }
+                row.errors = {nfe: score(name, sched, n, nfe) for nfe, n in steps.items() if n is not None}
                 done[sched] = row
             rows.append(row)
     return rows
@@ -288,12 +305,15 @@ class DiffusersConfig:
         return getattr(diffusers, self.cls)(**sd_betas_config(**dict(self.overrides)))
 
     def schedule(self) -> str:
-        """The timestep/sigma spacing the scheduler uses: ``karras``, ``lu_lambdas`` or its spacing."""
+        """The timestep/sigma spacing the scheduler uses: ``karras``, ``exponential``, ``beta``,
+        ``lu_lambdas`` or its spacing."""
         cfg = self.make().config
         if cfg.get("use_karras_sigmas"):
             return "karras"
         if cfg.get("use_exponential_sigmas"):
             return "exponential"
+        if cfg.get("use_beta_sigmas"):
+            return "beta"
         if cfg.get("use_lu_lambdas"):
             return "lu_lambdas"
         return str(cfg.get("timestep_spacing", "linspace"))  # DPMSolverSinglestep: always linspace

@@ -101,7 +101,9 @@ def diffusers_sample(
     """Run a diffusers ``scheduler`` for ``steps`` inference steps with the exact eps model.
 
     Returns ``(x0, nfe)``, ``nfe`` being the number of network calls (``len(scheduler.timesteps)``:
-    ``2 steps - 1`` for Heun). ``x_T`` is standard normal; it is scaled by ``init_noise_sigma``.
+    ``2 steps - 1`` for Heun). ``x_T`` is standard normal; it is scaled by ``init_noise_sigma``. An inverse
+    scheduler (``DDIMInverseScheduler``, ``DPMSolverMultistepInverseScheduler``) runs the same loop up its
+    timesteps: ``x_T`` is then the clean sample and the result the inverted noise.
     Stochastic schedulers draw their noise from ``generator``; ``callback`` as in
     :func:`run_scheduler`.
     """
