@@ -30,6 +30,7 @@ from steerdiff.bench.solvers import (
     default_model,
     diffusers_configs,
     fifth_at,
+    generator_for,
     ill_conditioned,
     initial_noise,
     make_problem,
@@ -38,7 +39,7 @@ from steerdiff.bench.solvers import (
 )
 from steerdiff.cli import main
 
-from .reference import diffusers_sample, exact_sample, rel_rmse, sd_betas_config
+from .reference import diffusers_sample, eps_net, exact_sample, rel_rmse, sd_betas_config
 
 F64 = torch.float64
 BATCH, SEED, DRAWS = 8, 3, 8
@@ -859,6 +860,7 @@ def test_help(capsys, argv, expected):
         (["bench", "solvers"], ["OUT/solvers.csv", "OUT/solvers.png", "OUT/solvers.txt"]),
         (["bench", "solvers"], ["OUT/digits_solvers.{csv,png,txt}"]),
         (["bench", "sde"], ["OUT/sde.csv", "OUT/sde.png", "OUT/sde.txt"]),
+        (["bench", "invert"], ["OUT/invert.csv", "OUT/invert.png", "OUT/invert.txt"]),
         (["bench", "posterior"], ["OUT/posterior.csv", "OUT/posterior.png", "OUT/posterior.txt"]),
         (["bench", "posterior"], ["OUT/posterior_inpaint.{csv,png,txt}"]),
         (["bench", "steer"], ["OUT/steer.csv", "OUT/steer.png", "OUT/steer.txt"]),
@@ -935,6 +937,72 @@ def test_bench_sde_table_is_the_sliced_w2_of_sd_sample(tmp_path, capsys):
     assert float(rows["ddpm", "time_uniform"]["nfe_20"]) == pytest.approx(want, rel=1e-12)
     stochastic = {name for name in sd.solvers.available() if sd.solvers.get(name).stochastic}
     assert {m for m, _ in rows} == stochastic  # every stochastic sampler, nothing else
+
+
+def test_bench_invert_table_is_sd_invert_against_the_exact_inversion(tmp_path, capsys):
+    """Every entry is the relative RMSE against the ODE over the run's own grid: recomputed here for
+    ``dpmpp_2m`` on ``karras_capped`` (whose grid ends at t_N = 4.7, not t_min) and for diffusers'
+    DDIMInverseScheduler (from alpha = 1 to its last timestep); the printed lines are the CSV's numbers."""
+    diffusers = pytest.importorskip("diffusers")
+    n, seed = 32, 0
+    argv = ["bench", "invert", "--quick", "--n", str(n), "--seed", str(seed), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = _read(tmp_path / "invert.csv")
+    assert {(m, k) for src, m, k in rows if src == "steerdiff"} == set(
+        itertools.product(sd.inversion.deterministic_solvers(), sd.schedules.available())
+    )
+    gmm, proc = default_model()
+    den = gmm.denoiser(proc)
+    x_0 = gmm.sample(n, generator_for(seed, "x_0"))  # exact draws of the mixture, as documented
+    x_T, info = sd.invert(den, x_0, 10, "dpmpp_2m", "karras_capped", return_info=True)
+    assert info.grid.t[0] > 4  # the grid's own last node, where x_0 is taken
+    exact = gmm.reference_ode(x_0, proc, info.grid.t[0], info.grid.t[-1])
+    ours = float(rows["steerdiff", "dpmpp_2m", "karras_capped"]["nfe_10"])
+    assert ours == pytest.approx(rel_rmse(x_T, exact), rel=1e-6)
+    sched = diffusers.DDIMInverseScheduler(**sd_betas_config(clip_sample=False))
+    sched.set_timesteps(10)
+    x, net = x_0, eps_net(gmm, proc)
+    for t in sched.timesteps:
+        x = sched.step(net(x, t), t, x).prev_sample
+    exact = gmm.reference_ode(x_0, proc, None, float(sched.timesteps[-1]))
+    theirs = float(rows["diffusers", "DDIMInverse", "leading"]["nfe_10"])
+    assert theirs == pytest.approx(rel_rmse(x, exact), rel=1e-6)
+    # the printed tables and lines are the CSV's
+    line = next(ln for ln in out.splitlines() if ln.startswith("DDIMInverse "))
+    assert line.split() == [
+        "DDIMInverse",
+        "leading",
+        *(f"{float(rows['diffusers', 'DDIMInverse', 'leading'][k]):.2e}" for k in ("nfe_5", "nfe_10")),
+    ]
+    for nfe in (5, 10):
+        best = {
+            src: min(
+                (r for key, r in rows.items() if key[0] == src and r[f"nfe_{nfe}"]),
+                key=lambda r: float(r[f"nfe_{nfe}"]),
+            )
+            for src in ("steerdiff", "diffusers")
+        }
+        a, b = (float(best[src][f"nfe_{nfe}"]) for src in ("steerdiff", "diffusers"))
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"    NFE {nfe:>2}:"))
+        label = f"{best['diffusers']['method']} ({best['diffusers']['schedule']})"
+        assert line.endswith(f"{a:.2e} vs {label} {b:.2e}  ratio {a / b:.3g}")
+    # the second comparison keeps the runs that take x_0 at t_min (the whole inversion)
+    data_end = [ln for ln in out.splitlines() if ln.startswith("    NFE 10:")][1]
+    method, schedule, error = re.match(r"    NFE 10: (\w+) \((\w+)\) (\S+) vs ", data_end).groups()
+    assert error == f"{float(rows['steerdiff', method, schedule]['nfe_10']):.2e}"
+    steps = next(k for k in range(1, 11) if sd.solvers.get(method).nfe(k, clean_end=False) == 10)
+    assert sd.invert(den, x_0[:1], steps, method, schedule, return_info=True)[1].grid.t[0] == proc.t_min
+    default = sd.invert(den, x_0, 10, return_info=True)
+    exact = gmm.reference_ode(x_0, proc, default[1].grid.t[0], default[1].grid.t[-1])
+    trip = rel_rmse(sd.sample(den, default[0], 10, final="none"), x_0)
+    line = next(ln for ln in out.splitlines() if ln.startswith("    steps 10:"))
+    assert line.startswith(f"    steps 10: {rel_rmse(default[0], exact):.2e} vs {theirs:.2e}")
+    assert f"round trip {trip:.2e} vs " in line
+    report = (tmp_path / "invert.txt").read_text()
+    assert report.startswith("Relative RMSE of the inversion") and report in out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "invert.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_overhead_times_the_same_samples_on_both_sides():
