@@ -28,6 +28,12 @@ of :func:`steerdiff.sample` with the same net, ``x_T`` and noise, to the bit on 
 new containers of the checkpoint's state and its very tensors, which steps build anew and never
 write in place (a solver of one's own must not either).
 
+**Inversion.** With ``inverse=True`` the scheduler is an editing pipeline's ``inverse_scheduler``
+(``StableDiffusionDiffEditPipeline``, ``StableDiffusionPix2PixZeroPipeline``): ``set_timesteps`` reverses
+the grid the sampling run of ``final="none"`` takes (:meth:`~steerdiff.solvers.base.Grid.reversed`) and
+the same replay runs the solver up it, from the clean sample at ``timesteps[0]``: the pipeline's loop
+returns what :func:`steerdiff.invert` returns, to the bit on CPU.
+
 ``step`` reads its ``timestep``: the first one places the run (img2img pipelines that slice
 ``timesteps`` without :meth:`~SteerdiffScheduler.set_begin_index` begin where it is, as diffusers'
 multistep schedulers do), and every one must be ``timesteps[step_index]``.
@@ -68,6 +74,7 @@ from .._checks import boolean, choice, device_or_none, integer, real, real_array
 from .._ops import first_false
 from ..denoiser import Denoiser, EDMDenoiser, Prediction
 from ..guidance import ConsistencyBoundary, DynamicThreshold
+from ..inversion import default_inversion_solver, deterministic_solvers
 from ..noise import NoiseSource, PerSampleNoise, check_rows, make_noise
 from ..processes import Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
@@ -307,6 +314,17 @@ def _timestep_value(timestep: Any) -> float:
     return float(value.reshape(()).to(torch.float32))
 
 
+def _check_invertible(solver: Solver, given: Any) -> None:
+    """A ``ValueError`` for a stochastic ``solver`` (given as ``given``) in an inverse run, as
+    :func:`steerdiff.invert` refuses it."""
+    if solver.stochastic:
+        raise ValueError(
+            f"SteerdiffScheduler: solver={given!r} is stochastic, and inverse=True runs the deterministic "
+            f"probability-flow ODE (as sd.invert); accepted: {deterministic_solvers()} or a deterministic "
+            "Solver instance (e.g. DDIM(eta=0))"
+        )
+
+
 def _tail(grid: Grid, j: int) -> Grid:
     """The grid from node ``j`` on."""
     return Grid(grid.process, grid.t[j:], grid.alpha[j:], grid.sigma[j:], grid.lam[j:], grid.clean_end)
@@ -386,8 +404,9 @@ def _custom_times(
         t = _flow_shift(cfg, v, mu) if flow else p.t_of_sigma_ratio(v)
     t = t.clamp(p.t_min, p.t_max)
     if not bool((t[1:] < t[:-1]).all()):
+        up = " (with inverse=True too: the sampling run's nodes, which it goes up)" * bool(cfg.get("inverse"))
         raise ValueError(
-            f"set_timesteps: {name} must be strictly decreasing within the model's range (process times "
+            f"set_timesteps: {name} must be strictly decreasing{up} within the model's range (process times "
             f"[{p.t_min:g}, {p.t_max:g}] after clipping), got {values!r}"
         )
     return t
@@ -593,7 +612,22 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             ``steps_offset`` as diffusers' ``leading`` spacing does (Stable Diffusion's 1: 901, 801, ..., 1
             at 10 steps); ``Leading()`` does not. The name ``"lcm"`` takes the config's
             ``original_inference_steps`` (and ``clean_node`` as the default); ``LCM()`` its own.
-        final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``.
+        final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``; not used
+            with ``inverse=True``.
+        inverse: run :func:`steerdiff.invert` instead of ``sd.sample``, as an editing pipeline's
+            ``inverse_scheduler`` (``DDIMInverseScheduler``, ``DPMSolverMultistepInverseScheduler``):
+            :meth:`set_timesteps` builds the grid ``final="none"`` gives and reverses it
+            (:meth:`~steerdiff.solvers.base.Grid.reversed`), so that ``timesteps`` rise from the clean
+            sample's, and the pipeline's loop from the clean sample returns what ``sd.invert(den, x_0,
+            steps, solver, schedule)`` returns (the module docstring). ``solver`` must be deterministic
+            (:func:`steerdiff.inversion.deterministic_solvers`; else a ``ValueError``); its default is
+            :func:`~steerdiff.inversion.default_inversion_solver`'s: UniPC-3's noise form where the pipeline
+            does not guide (``guidance_scale <= 1``; pass the scale the pipeline's inversion takes: 1 for
+            Pix2Pix-Zero's by default, 7.5 for DiffEdit's), else ``guided_solver`` as above.
+            ``init_noise_sigma`` is 1; the run begins at ``timesteps[0]`` (no img2img begin index) and may
+            stop early (DiffEdit's ``inpaint_strength`` drops the last timesteps; ``prev_sample`` is where
+            the next evaluation would be: for a solver of one evaluation per step, the state at its node);
+            :meth:`add_noise` is refused.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
             ``torch.Generator``, a list of them (one per sample) or a noise source; not saved in
             the config.
@@ -653,9 +687,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         schedule: ScheduleLike | Mapping[str, Any] | None = None,
         final: str = "zero",
         guidance_scale: float | None = None,
+        inverse: bool = False,
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     ) -> None:
         choice("SteerdiffScheduler", "final", final, FINALS)
+        boolean("SteerdiffScheduler", "inverse", inverse)
         if guidance_scale is not None:  # saved as a plain float
             guidance_scale = real("SteerdiffScheduler", "guidance_scale", guidance_scale)
             self.register_to_config(guidance_scale=guidance_scale)
@@ -669,6 +705,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._model: _Spec
         self._model_den: Denoiser
         self._follow_config()
+        if inverse and self._solver is not None:
+            _check_invertible(self._solver, solver)
         self._den = self._model_den
         self.noise = noise
         self.num_inference_steps: int | None = None
@@ -746,9 +784,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     @property
     def init_noise_sigma(self) -> float:
         """The scale of the pipeline's ``x_T``: for EDM configs ``sqrt(sigma_max^2 + 1)``, as diffusers' EDM
-        schedulers have it (of the current config); else 1."""
+        schedulers have it (of the current config); else 1, and 1 for an inverse scheduler (its run starts
+        from the clean sample)."""
         self._follow_config()
-        if self._model.sigma_data is None:
+        if self._model.sigma_data is None or self.config["inverse"]:
             return 1.0
         return float((self._model.process.t_max**2 + 1) ** 0.5)
 
@@ -829,6 +868,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         (``TCDScheduler`` given ``original_inference_steps`` explicitly takes the nodes from all training
         timesteps instead, an ``LCM(original_steps=num_train_timesteps)`` grid; here it is the distillation
         schedule's for both.)
+
+        With ``inverse=True`` the grid, custom or not, is the one of ``final="none"`` (custom nodes as for
+        sampling: decreasing, ``num_nodes - 1`` steps), reversed: ``timesteps`` and ``sigmas`` rise, the
+        latter ending at the first node's noise level.
         """
         device = device_or_none("set_timesteps", "device", device)
         given = [
@@ -847,7 +890,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 f"sigmas together); got {given or 'none'}"
             )
         self._follow_config()
-        spec, final = self._model, self.config["final"]
+        spec, final, inverse = self._model, self._final(), self.config["inverse"]
         if strength is not None:
             strength = real("set_timesteps", "strength", strength, lo=0, hi=1, lo_open=True)
         if original_inference_steps is not None:
@@ -876,16 +919,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         # (its per-time caches stay filled), a custom time map gets its own
         self._den = self._model_den if spec is self._model else _denoiser(_Recorded(), spec)
         grid = make_grid(self._den.process, schedule, steps, final)
-        scale = self.config["guidance_scale"]
-        unguided = scale is not None and scale <= 1  # pipelines guide only above 1
-        consistency = self._CONSISTENCY_SOLVERS.get(self.config["origin"])
-        solver = self._solver or (
-            _solvers.get(consistency)
-            if consistency is not None
-            else default_solver(_plain(self._den), grid.steps)
-            if unguided
-            else guided_solver(grid.steps, scale, grid)
-        )
+        solver = self._solver or self._default_solver(grid)
+        if inverse:  # sd.invert's run: the same solver loop up the reversed grid
+            _check_invertible(solver, self.config["solver"])
+            grid = grid.reversed()
         evals = _plan(self._den, solver, grid)
         self._times = [t for t, _, _ in evals]
         self._run = _Run(solver, grid, evals, _Tape(self._den, self._times), solver.init_state(grid))
@@ -897,6 +934,27 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = net_steps.to(device)
         self.sigmas = _sigmas(self._den.process, self._times, grid).to(device, torch.float32)
 
+    def _final(self) -> str:
+        """The run's end: the config's ``final``; ``"none"`` for an inverse run, whose grid is the one of
+        ``final="none"`` reversed."""
+        return "none" if self.config["inverse"] else str(self.config["final"])
+
+    def _default_solver(self, grid: Grid) -> Solver:
+        """The solver of a run on (the sampling) ``grid`` without a ``solver``: for LCM and TCD configs their
+        schedulers' samplers; for a guided pipeline (``guidance_scale`` ``None`` or above 1)
+        :func:`~steerdiff.sampling.guided_solver`, for sampling and inversion alike (as
+        :func:`~steerdiff.inversion.default_inversion_solver` for a guided denoiser); else
+        :func:`~steerdiff.sampling.default_solver`, or for an inverse run ``default_inversion_solver``'s
+        (UniPC-3 in its noise form). An inverse run takes no consistency sampler (they draw noise)."""
+        scale, inverse = self.config["guidance_scale"], self.config["inverse"]
+        consistency = self._CONSISTENCY_SOLVERS.get(self.config["origin"])
+        if consistency is not None and not inverse:
+            return _solvers.get(consistency)
+        if scale is None or scale > 1:  # pipelines guide only above 1
+            return guided_solver(grid.steps, scale, grid)
+        den = _plain(self._den)
+        return default_inversion_solver(den, grid.steps, grid) if inverse else default_solver(den, grid.steps)
+
     def _grid_schedule(self, original_steps: int | None, strength: float | None) -> Schedule:
         """The schedule of a run of ``num_inference_steps``: the config's (:class:`SteerdiffScheduler`'s
         ``schedule``), with ``set_timesteps``' LCM options ``original_steps`` and ``strength`` (``None``:
@@ -906,7 +964,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             schedule: Schedule = _schedules.Leading(steps_offset=cfg.get("steps_offset", 0))
         elif name == "lcm" or (name is None and cfg["origin"] in self._CONSISTENCY_SOLVERS):
             schedule = _schedules.LCM(
-                cfg.get("original_inference_steps", 50), clean_node=cfg["final"] == "none"
+                cfg.get("original_inference_steps", 50), clean_node=self._final() == "none"
             )
         else:
             schedule = _schedules.get(DEFAULT_SCHEDULE) if self._schedule is None else self._schedule
@@ -948,7 +1006,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """``alpha(t) x0 + sigma(t) noise`` (the forward process the net was trained on) at the process
         times of ``timesteps``, which must be entries of ``self.timesteps`` (one, or one per sample of
-        the batch ``original_samples`` and ``noise`` broadcast to)."""
+        the batch ``original_samples`` and ``noise`` broadcast to). Not for an inverse scheduler
+        (``inverse=True``), whose run takes the noise level up itself."""
+        if self.config["inverse"]:
+            raise ValueError(
+                "add_noise: an inverse scheduler (inverse=True) brings the clean sample up the noise levels "
+                "by the probability-flow ODE and adds no noise; noise it with a forward SteerdiffScheduler "
+                "(inverse=False)"
+            )
         if self._run is None:
             raise ValueError("add_noise: call set_timesteps first")
         for name, value in (("original_samples", original_samples), ("noise", noise)):
@@ -994,6 +1059,12 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     def _start(self, run: _Run, k: int) -> None:
         """Begin at ``timesteps[k]``: run the solver on the grid from the step that starts there."""
+        if k != 0 and self.config["inverse"]:
+            raise ValueError(
+                f"an inverse run (inverse=True) begins at timesteps[0], the clean sample's, not at "
+                f"timesteps[{k}] (set_begin_index({k}) or the first step's timestep): it has no img2img "
+                "start; to stop below the noisiest node, stop calling step (prev_sample is the state there)"
+            )
         if k == 0:
             if not run.evals[0][2]:  # the pipeline's first net call is at its sample, the solver's is not
                 raise ValueError(
