@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.integrate import solve_ivp
@@ -68,7 +69,7 @@ MEASURED = {
     "euler": (1.329e-1, 7.641e-2),
     "heun": (3.111e-2, 1.016e-2),
     "ipndm": (2.408e-2, 4.396e-3),
-    "lms": (2.116e-1, 1.847e-2),
+    "lms": (1.160e-1, 3.257e-2),  # order 4 there, 2.1e-1 / 1.8e-2, before the step-ratio rule
     "unipc": (1.854e-2, 1.653e-3),
     None: (5.325e-3, 4.408e-4),  # the default: UniPC-3's noise form
 }
@@ -124,10 +125,9 @@ CONVERGENCE = [
     (DPMSolver(order=3), STEPS_ORDER, 2.65, 3.35),  # 3.20
     (IPNDM(), STEPS_ORDER, 1.65, 2.35),  # 2.10: fixed weights, second order on graded grids (ipndm.py)
     (LMS(order=2), STEPS_ORDER, 1.65, 2.35),  # 2.15
-    (LMS(order=3), STEPS_ORDER, 2.65, 3.35),  # 3.24
-    # 4.53 over 20-80 steps, 4.55 over 40-320: above its order (the error shrinks from its divergence at
-    # few steps, module docstring of steerdiff.inversion), as in sampling (3.0-4.35 there)
-    (LMS(order=4), STEPS_ORDER, 3.65, 4.8),
+    # order 3 up the grid from a step ratio of 1.12 (MAX_RATIO_UP): |h| <= 0.113, 55 steps here; order 4 from
+    # 1.027 (230 steps), where the first-order first step caps every slope at 2: not measured
+    (LMS(order=3), [56, 80, 112, 160], 2.65, 3.35),  # 3.09
 ]
 
 
@@ -142,6 +142,100 @@ def test_convergence_order(gmm, sd_process, solver, steps, lo, hi):
         errors.append(rel_rmse(x_T, exact))
     assert min(errors) > 1e-7  # well above the reference's tolerance
     assert lo < slope(steps, errors) < hi, errors
+
+
+# --- lms: the step-ratio rule up the grid ----------------------------------------------------------------
+
+
+def _parasitic(k, omega, weights):
+    """Largest parasitic root of order ``k`` on ``eps = y / s`` with the constant step ratio ``omega``,
+    relative to the solution's growth ``omega`` (lms module docstring): ``zeta^k = zeta^{k-1} + sum_j w_j
+    (Delta / s_{i-j}) zeta^{k-1-j}`` with ``Delta / s_{i-j} = (omega - 1) omega^j``."""
+    w = weights([(omega**-j - 1) / (omega - 1) for j in range(k)])
+    coeffs = [1.0, -1.0] + [0.0] * (k - 1)
+    for j in range(k):
+        coeffs[1 + j] -= w[j] * (omega - 1) * omega**j
+    roots = np.roots(coeffs)
+    return float(np.delete(np.abs(roots), np.argmin(np.abs(roots - omega))).max()) / omega
+
+
+def test_lms_ratio_limits_are_where_the_parasitic_roots_are_a_quarter():
+    """At MAX_RATIO_UP[k] the variable-step weights' parasitic roots are a quarter of the growth; at
+    3 / 1.79 / 1.36 they reach it. The fixed weights (ipndm, pndm) stay below 0.5 / 0.65 / 0.89 at any
+    ratio, and take no rule."""
+    from steerdiff.solvers._poly import adams_bashforth
+    from steerdiff.solvers.lms import MAX_RATIO_UP
+
+    for k, omega in MAX_RATIO_UP.items():
+        assert _parasitic(k, omega, adams_bashforth) == pytest.approx(0.25, abs=2e-4), k
+    for k, omega in ((2, 3.0), (3, 1.7922), (4, 1.3587)):
+        assert _parasitic(k, omega, adams_bashforth) == pytest.approx(1.0, abs=2e-4), k
+    fixed = {k: adams_bashforth([-j for j in range(k)]) for k in (2, 3, 4)}
+    for k, bound in ((2, 0.5), (3, 0.65), (4, 0.89)):
+        assert max(_parasitic(k, om, lambda _, k=k: fixed[k]) for om in (1.01, 1.5, 3.0, 33.0, 1e3)) < bound
+    assert not IPNDM.ratio_rule and LMS.ratio_rule
+
+
+def test_lms_order_up_takes_the_highest_order_within_the_ratios():
+    order_up = sd.solvers.lms.order_up
+    assert order_up(4, [1.02, 1.0, 1.0, 1.0]) == 4  # every ratio <= 1.0273
+    assert order_up(4, [1.1, 1.0, 1.0, 1.0]) == 3  # 1.1 <= 1.1208
+    assert order_up(4, [1.0, 1.0, 0.8, 1.0]) == 2  # the second ratio 1.25 > 1.1208, the first 1.0
+    assert order_up(4, [1.6, 1.0, 1.0, 1.0]) == 1
+
+
+# (process, schedule, steps) -> lms's error with the rule (measured; bound 1.25x); before it, order 4 up the
+# grid: 4.1e4 / 299 (flow), 7.1 / 3.5e-2 (EDM), 4.4e5 / 1.6e4 (zero terminal SNR) at 20 / 40 steps
+LMS_UP = {
+    ("flow", 20): 2.42e-2,
+    ("flow", 40): 1.52e-2,
+    ("edm", 20): 3.35e-2,
+    ("edm", 40): 1.47e-2,
+    ("zsnr", 20): 4.28e-2,
+    ("zsnr", 40): 9.11e-3,
+}
+
+
+def test_lms_inverts_no_worse_than_ddim(gmm, x_0):
+    """Up the grid lms takes order k only where the step ratios in ``s`` are within MAX_RATIO_UP[k]:
+    on five processes x three schedules at 5-40 steps it is no further from the exact inversion than
+    ``ddim`` (which it was by up to 6.7e8 without the rule) and below 1.25x the measured errors above."""
+    zsnr = sd.VP.discrete(
+        betas=torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=F64) ** 2, rescale_zero_snr=True
+    )
+    processes = {"sd": sd.VP.scaled_linear(), "zsnr": zsnr, "flow": sd.RectifiedFlow(), "edm": sd.EDM()}
+    processes["cosine"] = sd.VP.cosine()
+    # equal to ddim's, up to rounding, where every step is first order
+    for name, proc in processes.items():
+        den = gmm.denoiser(proc)
+        for schedule in ("karras_capped", "logsnr_uniform", "time_uniform"):
+            for steps in (5, 10, 20, 40):
+                x_T, info = sd.invert(den, x_0, steps, "lms", schedule, return_info=True)
+                exact = _exact(gmm, proc, x_0, info.grid)
+                err = rel_rmse(x_T, exact)
+                ddim = rel_rmse(sd.invert(den, x_0, steps, "ddim", schedule), exact)
+                assert err <= ddim * (1 + 1e-9), (name, schedule, steps)
+                if schedule == "karras_capped" and (name, steps) in LMS_UP:
+                    assert err < 1.25 * LMS_UP[name, steps], (name, steps, err)
+
+
+def test_lms_rule_is_never_consulted_when_sampling(gmm, monkeypatch):
+    """Sampling steps (``s`` falls) and ipndm's fixed weights never reach the rule: their results are the
+    old code's bit for bit (checked over 2,580 runs of lms 2-4 / ipndm / pndm / plms, five processes, every
+    schedule, 3-40 steps, when it was added)."""
+
+    def refuse(order, steps):
+        raise AssertionError("consulted")
+
+    monkeypatch.setattr(sd.solvers.lms, "order_up", refuse)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    for proc in (sd.VP.scaled_linear(), sd.RectifiedFlow(), sd.EDM()):
+        for schedule in ("karras_capped", "logsnr_uniform", "time_uniform", "exponential"):
+            sd.sample(gmm.denoiser(proc), x, 20, "lms", schedule)
+            sd.sample(gmm.denoiser(proc), x, 20, "lms", schedule, final="none")
+            sd.invert(gmm.denoiser(proc), x, 20, "ipndm", schedule)
+    with pytest.raises(AssertionError, match="consulted"):
+        sd.invert(gmm.denoiser(sd.RectifiedFlow()), x, 20, "lms")
 
 
 # --- round trip ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class IPNDM(LMS):
     """iPNDM: :class:`~steerdiff.solvers.lms.LMS` with the fixed uniform-step weights; order 1-4."""
 
     name: ClassVar[str] = "ipndm"
+    ratio_rule: ClassVar[bool] = False  # fixed weights (lms module docstring)
 
     def weights(self, nodes: list[float]) -> Sequence[float]:
         return _COEFFS[len(nodes) - 1]
