@@ -76,11 +76,11 @@ def default_inversion_solver(den: Denoiser, steps: int, grid: Grid) -> Solver:
     has when sampling, whereas the data form there has ``g = h < 0``, where UniC's ``a_1 = 1/2`` (the
     ``g -> 0`` limit) is far off. Inverting the 8-d mixture of the tests (32 samples, relative RMSE
     against the exact ODE) on ``karras_capped`` at 5 / 10 / 20 / 40 steps under SD's betas: 0.046 / 5.3e-3
-    / 3.9e-4 / 3.2e-5, against the data form's 0.19 / 1.8e-2 / 1.6e-3 / 1.2e-4, ``dpmpp_3m``'s 0.091 /
+    / 3.9e-4 / 3.2e-5, against the data form's 0.19 / 1.8e-2 / 1.6e-3 / 1.2e-4, ``dpmpp_3m``'s 0.090 /
     1.6e-2 / 2.7e-3 / 4.0e-4 and ``deis``'s 0.057 / 1.1e-2 / 1.3e-3 / 1.2e-4; ahead of all three at 5-20 steps
     under rectified flow and EDM too (5.0e-2 / 6.0e-3 / 2.1e-3 on flow, against 0.30 / 3.4e-2 / 4.6e-3 for the
     data form). On ``time_uniform`` the data form diverges (2.6 at 5 steps under SD's betas, 12.8 under flow),
-    the noise form does not (0.19, 0.13).
+    the noise form does not (0.19, 0.13). (``tests/test_invert.py``.)
 
     A guided ``den`` (classifier-free guidance) gets what ``sample`` takes on ``grid``
     (:func:`~steerdiff.sampling.guided_solver`): on the two-class mixture of ``tests/test_guidance_cfg.py``
@@ -171,7 +171,8 @@ def invert(
             whose ``stochastic`` is false; default (``None``) :func:`default_inversion_solver`: UniPC-3 in its
             noise form (for a guided ``den``, the guided default of ``sample``). Pass the same ``solver`` to
             ``sample`` to come back: each run's error is its solver's.
-        schedule: as ``sample``'s; its ``steps + 1`` nodes must have a finite, strictly monotone log-SNR.
+        schedule: as ``sample``'s; its ``steps + 1`` nodes must have a finite, strictly monotone log-SNR
+            (explicit times: ``steps`` must be ``len(times) - 1``).
         callback: called after every step as in ``sample`` (``i``, ``t``, ``sigma`` of the node reached:
             the noise level rises).
         progress: show a tqdm bar.
@@ -198,6 +199,11 @@ def invert(
     if callback is not None and not callable(callback):
         raise ValueError(f"invert: callback must be None or a callable(dict), got {type(callback).__name__}")
     sched = _schedules.get(schedule, "invert")
+    if isinstance(sched, _schedules.Custom) and (m := sched.grid.numel()) != steps + 1:
+        raise ValueError(
+            f"invert: schedule has {m} times, and invert runs up the steps + 1 nodes that "
+            f"sample(..., final='none') runs down: steps must be len(times) - 1 = {m - 1}, got steps={steps}"
+        )
     forward = make_grid(den.process, sched, steps, "none")
     slv = default_inversion_solver(den, steps, forward) if solver is None else _solvers.get(solver, "invert")
     if slv.stochastic:
