@@ -119,7 +119,7 @@ def test_default_inversion_solver_docstring_numbers(gmm):
     """UniPC-3's noise form at 5-40 steps (within 1.25x of the measured, 32 samples): ahead of the data form,
     dpmpp_3m and deis at every count under SD's betas (data form 0.19 / 1.2e-4 at 5 / 40 steps, dpmpp_3m
     9.0e-2 / 4.0e-4, deis 5.7e-2 / 1.2e-4), at 5-20 under flow and EDM; on time_uniform at 5 steps the data
-    form diverges (2.6 SD, 12.8 flow), the noise form does not (0.19, 0.13)."""
+    form diverges (2.6 SD, 12.8 flow), the noise form does not (0.068, 0.095)."""
     x_0 = gmm.sample(32, generator=torch.Generator().manual_seed(5))
     processes = {"sd": sd.VP.scaled_linear(), "flow": sd.RectifiedFlow(), "edm": sd.EDM()}
     for name, proc in processes.items():
@@ -134,12 +134,70 @@ def test_default_inversion_solver_docstring_numbers(gmm):
                 assert err < theirs or (name != "sd" and steps == 40), (name, steps, other)
                 if name == "sd" and steps in (5, 40):
                     assert 0.8 < theirs / OTHERS_SD[other][steps == 40] < 1.25, (other, steps, theirs)
-    for name, data_form, noise_form in (("sd", 2.6, 0.190), ("flow", 12.8, 0.126)):
+    for name, data_form, noise_form in (("sd", 2.6, 0.0675), ("flow", 12.8, 0.0952)):
         den = gmm.denoiser(processes[name])
         x_T, info = sd.invert(den, x_0, 5, schedule="time_uniform", return_info=True)
         exact = _exact(gmm, processes[name], x_0, info.grid)
         assert rel_rmse(x_T, exact) < 1.25 * noise_form
         assert rel_rmse(sd.invert(den, x_0, 5, "unipc", "time_uniform"), exact) > 0.8 * data_form
+
+
+# the default at 10 / 20 steps where the last step down (the first up) is long; before UniPC's noise form
+# restarted its estimates after it up the grid too: 8.2e-2 / 3.4e-2 (SD time_uniform, linspace), 7.3e-2 /
+# 3.2e-2 (leading), 8.8e-2 / 4.0e-2 (zero terminal SNR, time_uniform)
+NO_RESTART_UP = {
+    ("sd", "time_uniform"): (2.01e-2, 3.89e-3),
+    ("sd", "linspace"): (2.02e-2, 3.90e-3),
+    ("sd", "leading"): (1.69e-2, 3.33e-3),
+    ("zsnr", "time_uniform"): (2.76e-2, 8.85e-3),
+}
+
+
+def test_default_does_not_restart_after_a_long_step_up(gmm, x_0):
+    """The noise form's weight ``e^{h-u}`` sits at the end of a step up the grid: its estimates do not restart
+    after a long one (unipc module docstring), within 1.25x of the measured errors."""
+    zsnr = sd.VP.discrete(
+        betas=torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=F64) ** 2, rescale_zero_snr=True
+    )
+    processes = {"sd": sd.VP.scaled_linear(), "zsnr": zsnr}
+    for (name, schedule), measured in NO_RESTART_UP.items():
+        den = gmm.denoiser(processes[name])
+        for steps, bound in zip((10, 20), measured, strict=True):
+            x_T, info = sd.invert(den, x_0, steps, schedule=schedule, return_info=True)
+            err = rel_rmse(x_T, _exact(gmm, processes[name], x_0, info.grid))
+            assert err < 1.25 * bound, (name, schedule, steps, err)
+
+
+# (process, schedule, solver, steps) -> the data forms' error up the grid (measured; inversion docstring)
+DATA_FORM_LIMITS = {
+    ("flow", "karras", "dpm_solver", 5): 199.0,
+    ("flow", "karras", "unipc", 5): 41.8,
+    ("flow", "time_uniform", "dpm_solver", 10): 59.3,
+    ("zsnr", "karras", "unipc", 10): 1.65,
+    ("edm", "time_uniform", "dpm_solver", 5): 50.4,
+    ("edm", "time_uniform", "dpm_solver", 40): 416.0,
+    ("edm", "time_uniform", "unipc", 5): 331.0,
+    ("edm", "time_uniform", "unipc", 40): 159.0,
+}
+
+
+def test_data_forms_limits_up_the_grid_and_their_noise_forms(gmm, x_0):
+    """The singlestep DPM-Solver++ and UniPC's data form diverge up grids with long steps (0.8-1.25x the
+    measured errors); their noise forms stay below 1 on the same cases."""
+    zsnr = sd.VP.discrete(
+        betas=torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=F64) ** 2, rescale_zero_snr=True
+    )
+    processes = {"zsnr": zsnr, "flow": sd.RectifiedFlow(), "edm": sd.EDM()}
+    noise_forms = {"dpm_solver": DPMSolver(algorithm="dpmsolver"), "unipc": UniPC(prediction="noise")}
+    for (name, schedule, solver, steps), measured in DATA_FORM_LIMITS.items():
+        den = gmm.denoiser(processes[name])
+        x_T, info = sd.invert(den, x_0, steps, solver, schedule, return_info=True)
+        exact = _exact(gmm, processes[name], x_0, info.grid)
+        assert 0.8 < rel_rmse(x_T, exact) / measured < 1.25, (name, schedule, solver, steps)
+        assert rel_rmse(sd.invert(den, x_0, steps, noise_forms[solver], schedule), exact) < 1
+    den = gmm.denoiser(processes["edm"])  # ddim there: EDM's first step up (sigma 0.002 -> 16 at 5 steps)
+    x_T, info = sd.invert(den, x_0, 40, "ddim", "time_uniform", return_info=True)
+    assert 0.5 < rel_rmse(x_T, _exact(gmm, processes["edm"], x_0, info.grid)) < 0.7  # 0.603
 
 
 # --- convergence order --------------------------------------------------------------------------------

@@ -38,6 +38,19 @@ grow by at most 2.7% (230 ``logsnr_uniform`` steps under SD's betas): on the 8-d
 SD's betas, ``karras_capped``, 0.12 / 3.3e-2 at 10 / 20 steps against ``ddim``'s 0.13 / 7.6e-2 and
 ``dpmpp_3m``'s 1.7e-2 / 2.7e-3.
 
+Two data forms have no rule up the grid and diverge where it has long steps: the singlestep ``dpm_solver``
+(DPM-Solver++, whose macro-steps span the grid's nodes) and ``unipc`` (UniPC's data form, whose corrector
+re-integrates each step); up the grid the data form's weight ``e^{-(h-u)}`` is largest, ``e^{|h|}``, at a
+step's start, where they extrapolate. The noise form's restart after a long step, its remedy down the grid
+(:mod:`steerdiff.solvers.unipc`), fixes ``unipc`` unguided but costs guided inversions their corrector. On
+the 8-d mixture of the tests (16 samples) under SD's betas, with zero terminal SNR, rectified flow, EDM and
+``VP.cosine``, every schedule that applies (43 grids), the error exceeds 1 at 5 / 10 / 20 / 40 steps on 23
+/ 12 / 2 / 1 grids (``dpm_solver``) and 17 / 3 / 1 / 1 (``unipc``): under flow on ``karras`` at 5 steps
+199 and 42; on EDM's ``time_uniform``, whose first step up goes from ``sigma`` = 0.002 to 16 at 5 steps,
+neither converges (5 / 40 steps: 50 / 416 and 331 / 159; ``ddim`` 0.93 / 0.60). Their noise forms,
+``DPMSolver(algorithm="dpmsolver")`` and ``UniPC(prediction="noise")`` (the default), stay below 1 there
+(``tests/test_invert.py``).
+
 diffusers' ``DDIMInverseScheduler`` is another algorithm: it moves the state from the node ``s`` to the next
 noisier node ``t`` with the DDIM step but evaluates the net at ``(x_s, t)``, the *target*'s timestep (the
 lagged inversion of null-text inversion's code), while ``invert(solver="ddim")``
@@ -80,7 +93,7 @@ def default_inversion_solver(den: Denoiser, steps: int, grid: Grid) -> Solver:
     1.6e-2 / 2.7e-3 / 4.0e-4 and ``deis``'s 0.057 / 1.1e-2 / 1.3e-3 / 1.2e-4; ahead of all three at 5-20 steps
     under rectified flow and EDM too (5.0e-2 / 6.0e-3 / 2.1e-3 on flow, against 0.30 / 3.4e-2 / 4.6e-3 for the
     data form). On ``time_uniform`` the data form diverges (2.6 at 5 steps under SD's betas, 12.8 under flow),
-    the noise form does not (0.19, 0.13). (``tests/test_invert.py``.)
+    the noise form does not (0.068, 0.095). (``tests/test_invert.py``.)
 
     A guided ``den`` (classifier-free guidance) gets what ``sample`` takes on ``grid``
     (:func:`~steerdiff.sampling.guided_solver`): on the two-class mixture of ``tests/test_guidance_cfg.py``
