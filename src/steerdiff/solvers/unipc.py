@@ -130,8 +130,8 @@ class UniPC(Solver):
             the step, :data:`~steerdiff.solvers.base.MaxH`; its correction then uses two estimates):
             extrapolating the polynomial through estimates spaced by the short steps before over
             such a step amplifies their errors (:func:`~steerdiff.solvers.base.step_order`); with
-            ``prediction="noise"`` down the noise levels, the data form up them (inversion), after a step
-            longer than ``max_h`` and than ``max_h_ratio`` times the next the estimates restart (module
+            ``prediction="noise"``, after a step down the noise levels longer than ``max_h`` and than
+            ``max_h_ratio`` times the next the estimates restart (not up them, in an inversion: module
             docstring). Default 2 and 2
             (:data:`~steerdiff.solvers.base.ODE_MAX_H`); ``max_h=math.inf`` is the paper's and diffusers'
             rule.
@@ -199,8 +199,8 @@ class UniPC(Solver):
         # after a long step down the grid the eps estimates restart; up it the noise form's weight sits at the
         # step's end, and they need not (module docstring)
         if noise and i > 0 and grid.h(i - 1) > 0:
-            h = abs(grid.h(i - 1))  # |h|: a reversed grid's steps (inversion) have h < 0
-            if h > self.max_h_ratio * abs(grid.h(i)) and h > step_limit(self.max_h, grid, i - 1):
+            h = grid.h(i - 1)
+            if h > self.max_h_ratio * grid.h(i) and h > step_limit(self.max_h, grid, i - 1):
                 self.moved(state)
         hist = state["m"]
         # noise prediction: the update's DDIM part, from the net's estimate before eps is derived (docstring)
