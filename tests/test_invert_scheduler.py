@@ -208,3 +208,63 @@ def test_bad_input_in_inverse_mode_is_named():
         inv.step(x, t, x)
     with pytest.raises(ValueError, match=r"strictly decreasing \(with inverse=True too"):
         inv.set_timesteps(timesteps=[0, 500, 999])
+
+
+# --- what editing pipelines read from their inverse_scheduler ------------------------------------------
+
+
+def _pipeline_get_epsilon(module: str, cls: str) -> Any:
+    """``cls.get_epsilon`` of the diffusers pipeline file ``module``, compiled from its source (the
+    pipelines import transformers, which the tests do not need)."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("diffusers")
+    assert spec is not None and spec.submodule_search_locations
+    path = Path(spec.submodule_search_locations[0], "pipelines", "deprecated", f"{module}.py")
+    tree = ast.parse(path.read_text())
+    body = next(c.body for c in tree.body if isinstance(c, ast.ClassDef) and c.name == cls)
+    node = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == "get_epsilon")
+    scope: dict[str, Any] = {"torch": torch}
+    exec(compile(ast.Module([node], []), str(path), "exec"), scope)
+    return scope["get_epsilon"]
+
+
+@pytest.mark.parametrize("schedule", ["trailing", "karras"])
+def test_noise_regularization_reads_alphas_cumprod(schedule):
+    """Pix2Pix-Zero's inversion (num_reg_steps=5 by default) and DiffEdit's derive eps from the net's output
+    with ``inverse_scheduler.alphas_cumprod[t]`` at each timestep (their get_epsilon, run here from
+    diffusers' source): diffusers' own table at integer timesteps, ``alpha(t)^2`` at fractional ones.
+    The old scheduler had no alphas_cumprod (AttributeError)."""
+    from types import SimpleNamespace
+
+    config = diffusers.DDIMScheduler(prediction_type="v_prediction").config
+    table = diffusers.DDIMScheduler(prediction_type="v_prediction").alphas_cumprod
+    sched = SteerdiffScheduler.from_config(config, inverse=True, guidance_scale=1, schedule=schedule)
+    sched.set_timesteps(STEPS)
+    process = sched.denoiser.process
+    out, x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(2))
+    for module, cls in (
+        (
+            "stable_diffusion_variants/pipeline_stable_diffusion_pix2pix_zero",
+            "StableDiffusionPix2PixZeroPipeline",
+        ),
+        ("stable_diffusion_diffedit/pipeline_stable_diffusion_diffedit", "StableDiffusionDiffEditPipeline"),
+    ):
+        get_epsilon = _pipeline_get_epsilon(module, cls)
+        for t, u in zip(sched.timesteps, sched._times, strict=True):
+            u64 = torch.tensor(u, dtype=torch.float64)
+            a, s = float(process.alpha(u64)), float(process.sigma(u64))
+            eps = get_epsilon(SimpleNamespace(inverse_scheduler=sched), out, x, t)
+            assert torch.allclose(eps, a * out + s * x, rtol=1e-5, atol=1e-6)  # v -> eps
+            if schedule == "trailing":  # integer timesteps: diffusers' alphas_cumprod
+                assert float(t) == int(t) and float(sched.alphas_cumprod[t]) == pytest.approx(
+                    float(table[int(t)]), rel=1e-6
+                )
+    with pytest.raises(
+        ValueError, match=r"^alphas_cumprod\[1\.5\]: only the entries of scheduler\.timesteps"
+    ):
+        sched.alphas_cumprod[1.5]
+    with pytest.raises(ValueError, match=r"none yet, call set_timesteps first"):
+        SteerdiffScheduler.from_config(config, inverse=True).alphas_cumprod[999]

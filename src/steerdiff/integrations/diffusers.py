@@ -249,6 +249,23 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
+class _AlphasCumprod:
+    """``alphas_cumprod[timestep]`` of a run (:attr:`SteerdiffScheduler.alphas_cumprod`): ``alpha^2`` at the
+    process time of the entry ``timestep`` of ``timesteps`` (``net_times``, with ``alpha`` at each)."""
+
+    def __init__(self, net_times: list[float], alpha: Tensor) -> None:
+        self._net_times, self._alpha = net_times, alpha
+
+    def __getitem__(self, timestep: Any) -> Tensor:
+        value = _timestep_value(timestep)
+        if value not in self._net_times:
+            raise ValueError(
+                f"alphas_cumprod[{value:g}]: only the entries of scheduler.timesteps index it (the times of "
+                f"the run set_timesteps made: {self._net_times or 'none yet, call set_timesteps first'})"
+            )
+        return self._alpha[self._net_times.index(value)] ** 2
+
+
 @dataclass
 class _Run:
     """One pipeline run: its solver, the grid (from the begin index on), the plan, the tape and the
@@ -627,7 +644,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             ``init_noise_sigma`` is 1; the run begins at ``timesteps[0]`` (no img2img begin index) and may
             stop early (DiffEdit's ``inpaint_strength`` drops the last timesteps; ``prev_sample`` is where
             the next evaluation would be: for a solver of one evaluation per step, the state at its node);
-            :meth:`add_noise` is refused.
+            :meth:`add_noise` is refused; :attr:`alphas_cumprod` serves the pipelines' noise regularization.
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
             ``torch.Generator``, a list of them (one per sample) or a noise source; not saved in
             the config.
@@ -790,6 +807,17 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if self._model.sigma_data is None or self.config["inverse"]:
             return 1.0
         return float((self._model.process.t_max**2 + 1) ** 0.5)
+
+    @property
+    def alphas_cumprod(self) -> _AlphasCumprod:
+        """``alphas_cumprod[timestep]``, ``alpha(t)^2`` (float32) at an entry ``timestep`` of ``timesteps``
+        (``t`` the process time of the run's evaluation there; at an integer timestep of a ``VP.discrete``
+        config diffusers' ``alphas_cumprod[timestep]``), as pipelines read it: the noise regularization of
+        ``StableDiffusionPix2PixZeroPipeline.invert`` (``num_reg_steps=5`` by default) and of
+        ``StableDiffusionDiffEditPipeline.invert`` reads its ``inverse_scheduler``'s. Other timesteps are a
+        ``ValueError``."""
+        alpha = self._den.process.alpha(torch.tensor(self._times, dtype=F64))
+        return _AlphasCumprod(list(self._net_times), alpha.to(torch.float32))
 
     @property
     def denoiser(self) -> Denoiser:
