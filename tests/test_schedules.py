@@ -298,6 +298,13 @@ def test_lcm_names_what_it_cannot_take(gmm):
         LCM()(p, 51)
     with pytest.raises(ValueError, match=r"strength=0.3, .*: 16 nodes asked, .* = 15 distillation"):
         LCM(strength=0.3)(p, 16)
+    # strength below 1 / original_steps keeps no timestep: the message asked for "at most 0" steps
+    with pytest.raises(
+        ValueError,
+        match=r"strength=0\.01, .*: 1 nodes asked, .* = 0 distillation timesteps they are taken from; "
+        r"it keeps none: raise original_steps or strength \(to 1 / original_steps = 0\.02 or above\)$",
+    ):
+        LCM(strength=0.01)(p, 1)
     with pytest.raises(
         ValueError, match=r"original_steps must be at most the process's num_train_timesteps = 1000"
     ):

@@ -542,10 +542,11 @@ class LCM(Schedule):
         """``n`` of the distillation timesteps, evenly spaced by index from the noisy end."""
         kept = int(self.original_steps * self.strength)  # as diffusers rounds it (50 * 0.3 = 15.000...02)
         if n > kept:
+            fewer = f"ask for at most {kept} (steps), or " if kept else "it keeps none: "
             raise ValueError(
                 f"{self!r}: {n} nodes asked, more than the int(original_steps * strength) = {kept} "
-                f"distillation timesteps they are taken from; ask for at most {kept} (steps), or raise "
-                "original_steps or strength"
+                f"distillation timesteps they are taken from; {fewer}raise original_steps or strength (to "
+                f"{n} / original_steps = {n / self.original_steps:.4g} or above)"
             )
         k = m // self.original_steps
         index = np.floor(np.linspace(0, kept, num=n, endpoint=False)).astype(np.int64)
