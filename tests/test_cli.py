@@ -1005,6 +1005,21 @@ def test_bench_invert_table_is_sd_invert_against_the_exact_inversion(tmp_path, c
     assert (tmp_path / "invert.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sweep_deterministic_leaves_out_step_counts_a_schedule_does_not_make():
+    """lcm has 50 distillation timesteps (SD betas): 50 steps up to the last node take 51 nodes, which it
+    refuses. bench invert scored them all the same and reported a failed run (nan at NFE 50 in the lcm rows
+    of 10 solvers), which Row.score ranks below any row without one; now they are not reached ('-')."""
+    from steerdiff.bench.solvers import makes_grid, sweep_deterministic
+
+    proc = sd.VP.scaled_linear()
+    # with the clean end 50 steps take 50 nodes, which it makes
+    for clean_end, reached in ((False, {49: 1.0}), (True, {49: 1.0, 50: 1.0})):
+        rows = sweep_deterministic(lambda *_: 1.0, proc, (49, 50), clean_end=clean_end)
+        table = {(r.method, r.schedule): r.errors for r in rows}
+        assert table["ddim", "lcm"] == reached and table["ddim", "karras"] == {49: 1.0, 50: 1.0}
+        assert makes_grid(proc, "lcm", 50, clean_end) is (50 in reached)
+
+
 def test_bench_overhead_times_the_same_samples_on_both_sides():
     """The timed pairs compute the same thing: ours equals diffusers' loop on its own timesteps (Euler
     to 2e-3: between integer timesteps diffusers interpolates sigma linearly, steerdiff log(sigma /

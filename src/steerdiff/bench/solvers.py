@@ -51,7 +51,7 @@ from ..integrations.diffusers_ref import (
 from ..metrics import relative_rmse
 from ..processes import VP, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE
-from ..solvers.base import Solver
+from ..solvers.base import Solver, make_grid
 from ..toy.gmm import GaussianMixture, default_benchmark_mixture
 from ._figure import pyplot
 from .overhead import Overhead, format_overhead, sampler_overhead
@@ -96,6 +96,7 @@ __all__ = [
     "ill_conditioned",
     "initial_noise",
     "make_problem",
+    "makes_grid",
     "pipeline_sampler",
     "plot",
     "run",
@@ -263,8 +264,9 @@ def sweep_deterministic(
 ) -> list[Row]:
     """``score(solver, schedule, steps, nfe)`` of every deterministic solver x every schedule (the default
     first) at every NFE of ``nfes`` it reaches: the fewest steps ``N`` with ``solver.nfe(N, clean_end) ==
-    nfe`` (``clean_end=False``: grids without the final jump to ``sigma = 0``, as inversion's). A schedule
-    whose nodes are an earlier one's at every step count repeats its numbers (``Row.same_as``)."""
+    nfe`` (``clean_end=False``: grids without the final jump to ``sigma = 0``, as inversion's), where the
+    schedule makes a grid of ``N`` steps (:func:`makes_grid`). A schedule whose nodes are an earlier one's at
+    every step count repeats its numbers (``Row.same_as``)."""
     names = sorted(schedules.available(), key=lambda name: name != sampling.DEFAULT_SCHEDULE)
     alias = _schedule_aliases(process, names, range(1, max(nfes) + 1))
     rows: list[Row] = []
@@ -281,13 +283,30 @@ def sweep_deterministic(
             if alias[sched] in done:
                 row.errors, row.same_as = dict(done[alias[sched]].errors), alias[sched]
             else:
-                row.errors = {nfe: score(name, sched, n, nfe) for nfe, n in steps.items() if n is not None}
+                row.errors = {
+                    nfe: score(name, sched, n, nfe)
+                    for nfe, n in steps.items()
+                    if n is not None and makes_grid(process, sched, n, clean_end)
+                }
                 done[sched] = row
             rows.append(row)
     return rows
 
 
 Overrides = tuple[tuple[str, Any], ...]
+
+
+def makes_grid(process: Process, schedule: str, steps: int, clean_end: bool = True) -> bool:
+    """Whether the schedule named ``schedule`` makes ``process`` a grid of ``steps`` steps (``clean_end``:
+    ending at ``sigma = 0``, else at its last node, ``steps + 1`` nodes). ``lcm`` has no more nodes than its
+    distillation timesteps (50: 49 steps without the clean end): a count it refuses is not reached, as an
+    NFE no step count gives, where scoring it would report a failed run."""
+    try:
+        make_grid(process, schedules.get(schedule), steps, "zero" if clean_end else "none")
+    except ValueError as err:
+        log.info("schedule %s makes no grid of %d steps: %s", schedule, steps, err)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
