@@ -1020,6 +1020,30 @@ def test_sweep_deterministic_leaves_out_step_counts_a_schedule_does_not_make():
         assert makes_grid(proc, "lcm", 50, clean_end) is (50 in reached)
 
 
+def test_bench_invert_says_when_diffusers_returns_non_finite_samples(caplog):
+    """DPMSolverMultistepInverseScheduler of order 3 on trailing timesteps from 15 steps on ends with a step
+    of h = 0 (its last sigma repeated) and divides 0 by 0: nan samples, whose nan error the table shows;
+    bench solvers logs such runs, bench invert said nothing."""
+    pytest.importorskip("diffusers")
+    from steerdiff.bench import invert
+
+    gmm, proc = default_model()
+    x_0 = invert.clean_samples(gmm, 4, 0)
+    config = next(
+        c for c in invert.diffusers_configs() if c.method.endswith("(order=3)") and c.schedule() == "trailing"
+    )
+    with caplog.at_level("WARNING", logger="steerdiff.bench.invert"):
+        run = invert._theirs(config, gmm, proc, x_0, 15)
+    assert run is not None and not bool(run[0].isfinite().any())
+    assert (
+        "DPMSolverMultistepInverse(order=3) (trailing) at 15 steps returned non-finite samples" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="steerdiff.bench.invert"):
+        run = invert._theirs(config, gmm, proc, x_0, 12)  # below 15 steps its last steps are of lower order
+    assert run is not None and bool(run[0].isfinite().all()) and not caplog.text
+
+
 def test_bench_overhead_times_the_same_samples_on_both_sides():
     """The timed pairs compute the same thing: ours equals diffusers' loop on its own timesteps (Euler
     to 2e-3: between integer timesteps diffusers interpolates sigma linearly, steerdiff log(sigma /

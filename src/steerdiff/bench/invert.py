@@ -251,13 +251,23 @@ def _ours(
 def _theirs(
     config: DiffusersConfig, gmm: GaussianMixture, proc: Process, x_0: Tensor, steps: int
 ) -> tuple[Tensor, float | None, float] | None:
-    """diffusers' inversion of ``x_0`` in ``steps`` steps and its end nodes (``None``: the run failed)."""
+    """diffusers' inversion of ``x_0`` in ``steps`` steps and its end nodes (``None``: the run failed; a
+    warning for non-finite samples too, such as ``DPMSolverMultistepInverseScheduler``'s of order 3 from 15
+    steps on where its last step has ``h = 0``: a repeated last sigma, and ``0 / 0`` in its third-order
+    weights)."""
     sched = config.make()
     try:
         x, _ = diffusers_sample(sched, gmm, proc, x_0, steps)
     except Exception as err:  # a failing reference run is reported in the table, not fatal
         log.warning("diffusers %s (%s) at %d steps failed: %r", config.method, config.schedule(), steps, err)
         return None
+    if not bool(x.isfinite().all()):  # its error is nan: said, as bench solvers says it
+        log.warning(
+            "diffusers %s (%s) at %d steps returned non-finite samples",
+            config.method,
+            config.schedule(),
+            steps,
+        )
     return (x, *inverse_ends(sched, proc))
 
 
