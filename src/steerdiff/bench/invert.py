@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .. import inversion, sampling
 from ..denoiser import Denoiser
@@ -58,10 +57,9 @@ from .solvers import (
     best_at,
     best_per_method,
     default_model,
-    diffusers_nfe,
     format_table,
     generator_for,
-    steps_for_nfe,
+    sweep_configs,
     sweep_deterministic,
 )
 
@@ -282,22 +280,15 @@ def sweep_diffusers(
 ) -> list[Row]:
     """Every configuration of :func:`diffusers_configs` at every NFE of ``nfes`` it reaches; the start
     nodes go to ``starts``."""
-    rows: list[Row] = []
-    with quiet_diffusers():
-        for config in tqdm(diffusers_configs(), desc="diffusers", disable=not progress):
-            nfe_of = diffusers_nfe(config)
-            row = Row("diffusers", config.method, config.schedule())
-            for nfe in nfes:
-                steps = steps_for_nfe(nfe_of, nfe)
-                if steps is None:
-                    continue
-                sched = config.make()
-                sched.set_timesteps(steps)
-                starts[row.source, row.method, row.schedule, nfe] = inverse_ends(sched, proc)[0]
-                run = _theirs(config, gmm, proc, x_0, steps)
-                row.errors[nfe] = math.nan if run is None else relative_rmse(run[0], exact(run[1], run[2]))
-            rows.append(row)
-    return rows
+
+    def score(config: DiffusersConfig, steps: int, nfe: int) -> float:
+        sched = config.make()
+        sched.set_timesteps(steps)
+        starts["diffusers", config.method, config.schedule(), nfe] = inverse_ends(sched, proc)[0]
+        run = _theirs(config, gmm, proc, x_0, steps)
+        return math.nan if run is None else relative_rmse(run[0], exact(run[1], run[2]))
+
+    return sweep_configs(diffusers_configs(), nfes, score, progress=progress)
 
 
 def defaults_vs_diffusers(

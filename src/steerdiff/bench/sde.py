@@ -27,16 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics, sampling, solvers
-from ..integrations.diffusers_ref import diffusers_sample, quiet_diffusers
+from ..integrations.diffusers_ref import diffusers_sample
 from .solvers import (
     DiffusersConfig,
     Row,
     best_at,
     best_per_method,
     default_model,
-    diffusers_nfe,
     format_table,
     initial_noise,
+    sweep_configs,
 )
 
 __all__ = ["NFES", "QUICK_NFES", "SdeBench", "diffusers_configs", "format_report", "run"]
@@ -154,23 +154,18 @@ def run(
             with_diffusers = False
     if with_diffusers:
         t0 = time.perf_counter()
-        with quiet_diffusers():
-            for config in tqdm(diffusers_configs(), desc="diffusers", disable=not progress):
-                row = Row("diffusers", config.method, config.schedule())
-                nfe_of = diffusers_nfe(config)
-                for nfe in nfes:
-                    steps = steps_within(nfe_of, nfe)
-                    if steps is None:
-                        continue
-                    try:
-                        x, used = diffusers_sample(
-                            config.make(), gmm, proc, x_T, steps, torch.Generator().manual_seed(seed + 1)
-                        )
-                        row.errors[nfe] = distance(x) if used == nfe_of(steps) else math.nan
-                    except Exception as err:  # a failing reference run is reported, not fatal
-                        log.warning("diffusers %s at %d steps failed: %r", config.method, nfe, err)
-                        row.errors[nfe] = math.nan
-                rows.append(row)
+
+        def score(config: DiffusersConfig, steps: int, nfe: int) -> float:
+            try:
+                x, used = diffusers_sample(
+                    config.make(), gmm, proc, x_T, steps, torch.Generator().manual_seed(seed + 1)
+                )
+            except Exception as err:  # a failing reference run is reported, not fatal
+                log.warning("diffusers %s at %d steps failed: %r", config.method, steps, err)
+                return math.nan
+            return distance(x) if used <= nfe else math.nan
+
+        rows += sweep_configs(diffusers_configs(), nfes, score, fit=steps_within, progress=progress)
         seconds["diffusers"] = time.perf_counter() - t0
     return SdeBench(tuple(nfes), n, seed, floor, prior, ode, rows, seconds)
 

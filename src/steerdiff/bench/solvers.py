@@ -101,6 +101,7 @@ __all__ = [
     "plot",
     "run",
     "steps_for_nfe",
+    "sweep_configs",
     "sweep_deterministic",
     "sweep_diffusers",
     "sweep_steerdiff",
@@ -449,22 +450,39 @@ def _theirs(config: DiffusersConfig, problem: Problem, steps: int, nfe: int) -> 
     return math.nan if x is None else relative_rmse(x, problem.ref)
 
 
-def sweep_diffusers(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
-    """Every configuration of :func:`diffusers_configs` at every reachable NFE in ``nfes``."""
+def sweep_configs(
+    configs: Sequence[DiffusersConfig],
+    nfes: Sequence[int],
+    score: Callable[[DiffusersConfig, int, int], float],
+    fit: Callable[[Callable[[int], int], int], int | None] = steps_for_nfe,
+    progress: bool = False,
+) -> list[Row]:
+    """``score(config, steps, nfe)`` of every diffusers configuration of ``configs`` at every NFE of ``nfes``
+    it reaches: ``steps = fit(nfe_of, nfe)`` (:func:`steps_for_nfe`: the fewest steps making exactly that
+    NFE; :func:`steerdiff.bench.sde.steps_within`: the most that fit it), ``None`` for none. diffusers'
+    config warnings are silenced; non-finite scores (failed runs) are logged per row. The loop of bench
+    solvers, sde and invert."""
     rows: list[Row] = []
     with quiet_diffusers():
-        for config in tqdm(diffusers_configs(), desc="diffusers", disable=not progress):
+        for config in tqdm(configs, desc="diffusers", disable=not progress):
             nfe_of = diffusers_nfe(config)
             row = Row("diffusers", config.method, config.schedule())
             for nfe in nfes:
-                n = steps_for_nfe(nfe_of, nfe)
-                if n is not None:
-                    row.errors[nfe] = _theirs(config, problem, n, nfe)
+                steps = fit(nfe_of, nfe)
+                if steps is not None:
+                    row.errors[nfe] = score(config, steps, nfe)
             bad = [nfe for nfe, e in row.errors.items() if not math.isfinite(e)]
             if bad:
-                log.warning("diffusers %s returned non-finite samples at NFE %s", row.label, bad)
+                log.warning("diffusers %s failed or returned non-finite samples at NFE %s", row.label, bad)
             rows.append(row)
     return rows
+
+
+def sweep_diffusers(problem: Problem, nfes: Sequence[int], progress: bool = False) -> list[Row]:
+    """Every configuration of :func:`diffusers_configs` at every reachable NFE in ``nfes``."""
+    return sweep_configs(
+        diffusers_configs(), nfes, lambda config, n, nfe: _theirs(config, problem, n, nfe), progress=progress
+    )
 
 
 def switched(problem: Problem, x: Tensor) -> Tensor:
