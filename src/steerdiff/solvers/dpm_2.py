@@ -63,7 +63,7 @@ from torch import Tensor
 from .._checks import choice, real
 from .base import Grid, Model, Solver, Transition
 from .ddim import ancestral_split
-from .dpm_solver import ALGORITHMS, Level, level, midpoint_correction, update
+from .dpm_solver import ALGORITHMS, Coefficients, midpoint_correction, node_coefficients, update
 from .edm import HEUN_MAX_RATIO
 
 __all__ = ["DPMSolver2"]
@@ -108,11 +108,11 @@ class DPMSolver2(Solver):
         """Per step into a noisy node: ``to``, the target level (node ``i + 1``, or ``sigma_down`` there),
         ``up``, the fresh noise's std, and (order 2) ``mid``, the intermediate ``(t, (alpha, sigma, lam))``;
         the process evaluated once for the whole grid."""
-        to: list[Level] = []
+        to: list[Coefficients] = []
         up: list[float] = []
         for i in range(grid.steps - grid.clean_end):
             if self.eta == 0:
-                to.append(level(grid, i + 1))
+                to.append(node_coefficients(grid, i + 1))
                 up.append(0.0)
                 continue
             down, std = ancestral_split(grid, i, self.eta)
@@ -131,7 +131,7 @@ class DPMSolver2(Solver):
         pred = model(x, grid.t[i], i)
         if grid.is_final_clean(i):
             return pred.x0
-        frm, to = level(grid, i), state["to"][i]
+        frm, to = node_coefficients(grid, i), state["to"][i]
         long = grid.h(i) > _LONG_H  # a long step of the grid takes the data form (module docstring)
         algorithm = "dpmsolver++" if long else self.algorithm
         data = algorithm == "dpmsolver++"

@@ -90,7 +90,7 @@ __all__ = ["DPMSolver"]
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
 SECOND_STAGES = ("paper", "midpoint")
 Correction = tuple[float, Tensor] | None  # (c, D): the higher-order term c D of an update
-Level = tuple[float, float, float]  # (alpha, sigma, lam) of a noise level
+Coefficients = tuple[float, float, float]  # (alpha, sigma, lam) of a noise level, as Process.coefficients
 
 
 def weights(algorithm: str) -> Callable[[int, float], float]:
@@ -106,7 +106,13 @@ def midpoint_correction(algorithm: str, h: float, h1: float, f_s: Tensor, f_1: T
 
 
 def update(
-    algorithm: str, frm: Level, to: Level, x: Tensor, f: Tensor, x0: Tensor | None, corr: Correction
+    algorithm: str,
+    frm: Coefficients,
+    to: Coefficients,
+    x: Tensor,
+    f: Tensor,
+    x0: Tensor | None,
+    corr: Correction,
 ) -> Tensor:
     """The update from the level ``frm`` (state ``x``, estimate ``f``; ``x0``: the net's there, or ``None``)
     to ``to``: the first-order step plus ``corr = (c, D)``, the term ``c D`` of ``S`` (module docstring).
@@ -126,7 +132,7 @@ def update(
     return out
 
 
-def level(grid: Grid, j: int) -> Level:
+def node_coefficients(grid: Grid, j: int) -> Coefficients:
     """``(alpha, sigma, lam)`` of grid node ``j``."""
     return grid.alpha[j], grid.sigma[j], grid.lam[j]
 
@@ -197,5 +203,5 @@ class DPMSolver(Solver):
             corr = midpoint_correction(self.algorithm, h, lam[j + 1] - lam[j], fs[0], fs[1])
         elif i > j:  # DPM-Solver-3: u_2 (i = j + 1) or the final update from f_2 (i = j + 2)
             corr = (w(2, h) / (lam[i] - lam[j]), fs[-1] - fs[0])
-        frm, to = level(grid, j), level(grid, i + 1)
+        frm, to = node_coefficients(grid, j), node_coefficients(grid, i + 1)
         return update(self.algorithm, frm, to, state["x"], fs[0], state["x0"], corr)
