@@ -54,9 +54,10 @@ from .solvers import (
     NFES,
     DiffusersConfig,
     Row,
-    best_at,
+    best_lines,
     best_per_method,
     default_model,
+    diffusers_wanted,
     format_table,
     generator_for,
     sweep_configs,
@@ -343,30 +344,13 @@ def run(
     )
     seconds["steerdiff"] = time.perf_counter() - t0
     defaults: list[DefaultVsDiffusers] = []
-    if with_diffusers:
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            log.warning("diffusers is not installed: running steerdiff's inversion only")
-            with_diffusers = False
-    if with_diffusers:
+    if diffusers_wanted(with_diffusers, "steerdiff's inversion"):
         t0 = time.perf_counter()
         rows += sweep_diffusers(gmm, proc, x_0, exact, starts, nfes, progress)
         defaults = defaults_vs_diffusers(gmm, proc, x_0, exact, [s for s in DEFAULT_STEPS if s in nfes])
         seconds["diffusers"] = time.perf_counter() - t0
     log.info("bench invert: %d distinct start nodes", exact.starts)
     return InvertBench(tuple(nfes), n, seed, proc.t_min, rows, starts, defaults, seconds)
-
-
-def _best_lines(ours: Sequence[Row], theirs: Sequence[Row], nfes: Sequence[int]) -> list[str]:
-    """At each NFE the best row of each side and the ratio of their errors."""
-    lines = []
-    for nfe in nfes:
-        a, b = best_at(ours, nfe), best_at(theirs, nfe)
-        parts = [f"{r.label} {r.errors[nfe]:.2e}" for r in (a, b) if r is not None]
-        ratio = f"  ratio {a.errors[nfe] / b.errors[nfe]:.3g}" if a is not None and b is not None else ""
-        lines.append(f"    NFE {nfe:>2}: " + " vs ".join(parts) + ratio)
-    return lines
 
 
 def format_report(result: InvertBench) -> str:
@@ -389,11 +373,11 @@ def format_report(result: InvertBench) -> str:
             "",
             "best at each NFE (ratio: ours / diffusers'), over all runs (grids that take x_0 at a larger "
             "t_N, as trailing does, pose an easier problem):",
-            *_best_lines(ours, theirs, result.nfes),
+            *best_lines(ours, theirs, result.nfes, 2),
             "",
             f"best at each NFE over the runs that take x_0 at the data end (t_min = {result.t_min:g}, or "
             "sigma = 0): the whole inversion:",
-            *_best_lines(result.from_data("steerdiff"), result.from_data("diffusers"), result.nfes),
+            *best_lines(result.from_data("steerdiff"), result.from_data("diffusers"), result.nfes, 2),
         ]
     if result.defaults:
         lines += [

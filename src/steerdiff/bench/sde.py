@@ -31,9 +31,10 @@ from ..integrations.diffusers_ref import diffusers_sample
 from .solvers import (
     DiffusersConfig,
     Row,
-    best_at,
+    best_lines,
     best_per_method,
     default_model,
+    diffusers_wanted,
     format_table,
     initial_noise,
     sweep_configs,
@@ -146,13 +147,7 @@ def run(
                     row.errors[nfe] = math.nan
             rows.append(row)
     seconds["steerdiff"] = time.perf_counter() - t0
-    if with_diffusers:
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            log.warning("diffusers is not installed: running steerdiff's samplers only")
-            with_diffusers = False
-    if with_diffusers:
+    if diffusers_wanted(with_diffusers, "steerdiff's samplers"):
         t0 = time.perf_counter()
 
         def score(config: DiffusersConfig, steps: int, nfe: int) -> float:
@@ -190,10 +185,6 @@ def format_report(result: SdeBench) -> str:
             *format_table(best_per_method(theirs), result.nfes, "scheduler"),
         ]
     lines += ["", "best at each NFE, as a multiple of the floor:"]
-    for nfe in result.nfes:
-        a, b = best_at(ours, nfe), best_at(theirs, nfe)
-        parts = [f"{r.label} {r.errors[nfe] / result.floor:.2f}x" for r in (a, b) if r is not None]
-        ratio = f"  ratio {a.errors[nfe] / b.errors[nfe]:.3g}" if a is not None and b is not None else ""
-        lines.append(f"    NFE {nfe:>3}: " + " vs ".join(parts) + ratio)
+    lines += best_lines(ours, theirs, result.nfes, 3, result.floor, "x")
     lines += ["", "wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())]
     return "\n".join(lines)

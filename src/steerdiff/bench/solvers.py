@@ -73,6 +73,7 @@ __all__ = [
     "SolverBench",
     "Theirs",
     "best_at",
+    "best_lines",
     "best_per_method",
     "best_vs_best",
     "cfg_denoiser",
@@ -81,6 +82,8 @@ __all__ = [
     "default_model",
     "default_vs_diffusers",
     "diffusers_configs",
+    "diffusers_nfe",
+    "diffusers_wanted",
     "fifth_at",
     "flow_euler_sampler",
     "flow_match_euler",
@@ -214,6 +217,40 @@ def best_at(rows: Iterable[Row], nfe: int) -> Row | None:
     """The row with the smallest finite error at ``nfe`` (``None`` if no row has one)."""
     ok = [r for r in rows if math.isfinite(r.errors.get(nfe, math.nan))]
     return min(ok, key=lambda r: r.errors[nfe], default=None)
+
+
+def best_lines(
+    ours: Sequence[Row],
+    theirs: Sequence[Row],
+    nfes: Sequence[int],
+    width: int,
+    unit: float = 1.0,
+    suffix: str = "",
+) -> list[str]:
+    """At each NFE of ``nfes`` (printed ``width`` wide) the best row of each side (:func:`best_at`), its
+    error over ``unit`` (printed ``.2f`` with ``suffix``, e.g. ``"x"`` for multiples of a floor; ``.2e``
+    with none) and the ratio of the two errors: the comparison lines of bench sde and invert."""
+    value = (lambda e: f"{e / unit:.2f}{suffix}") if suffix else (lambda e: f"{e:.2e}")
+    lines = []
+    for nfe in nfes:
+        a, b = best_at(ours, nfe), best_at(theirs, nfe)
+        parts = [f"{r.label} {value(r.errors[nfe])}" for r in (a, b) if r is not None]
+        ratio = f"  ratio {a.errors[nfe] / b.errors[nfe]:.3g}" if a is not None and b is not None else ""
+        lines.append(f"    NFE {nfe:>{width}}: " + " vs ".join(parts) + ratio)
+    return lines
+
+
+def diffusers_wanted(with_diffusers: bool, running: str) -> bool:
+    """``with_diffusers`` where diffusers is installed; else ``False``, with a warning that the bench runs
+    ``running`` only."""
+    if not with_diffusers:
+        return False
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        log.warning("diffusers is not installed: running %s only", running)
+        return False
+    return True
 
 
 def _schedule_aliases(process: Process, names: Sequence[str], steps: Iterable[int]) -> dict[str, str]:
@@ -1069,12 +1106,7 @@ def run(
     ``with_diffusers=False`` (or diffusers not installed) skips the diffusers rows, (a), (b)'s
     diffusers side, (c), and the diffusers columns of (d), (e) and (f).
     """
-    if with_diffusers:
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            log.warning("diffusers is not installed: running steerdiff's solvers only")
-            with_diffusers = False
+    with_diffusers = diffusers_wanted(with_diffusers, "steerdiff's solvers")
     nfes = QUICK_NFES if quick else NFES
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
