@@ -64,6 +64,8 @@ PARITY_BOUND: dict[str, float] = {
     "DPMSolverMultistepScheduler(heun)": 5e-6,  # 1.2e-6 (mrs on SD's VP process; 1.25e-6 default kernels)
     "TCDScheduler": 5e-6,  # 5.6e-7 (tests/test_tcd.py; 8 steps, gamma 1; 5.7e-7 default kernels)
     "LCMScheduler": 5e-6,  # 7.9e-7 (1 step; its boundary condition by ConsistencyBoundary)
+    "CMStochasticIterativeScheduler": 5e-6,  # 1.07e-6 (its float32 sigmas; 4 steps, clip_denoised)
+    "CMStochasticIterativeScheduler(float64)": 1e-14,  # 3.9e-15 (its sigmas recomputed in float64)
     "k-diffusion sample_heun": 1e-14,  # 3.3e-15 (edm_sde; float64 on both sides)
 }
 

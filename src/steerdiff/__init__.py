@@ -7,7 +7,7 @@
 """
 
 from . import guidance, inverse, mcmc, metrics, noise, processes, schedules, smc, solvers, toy
-from .denoiser import Denoiser, EDMDenoiser, Prediction
+from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
 from .inversion import invert
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
 from .sampling import SampleInfo, sample
@@ -17,6 +17,7 @@ __all__ = [
     "EDM",
     "VE",
     "VP",
+    "ConsistencyModelDenoiser",
     "Denoiser",
     "EDMDenoiser",
     "MeanReverting",

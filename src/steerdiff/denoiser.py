@@ -22,6 +22,7 @@ prediction     meaning of ``f``                conversion
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -30,12 +31,21 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._checks import boolean, caller, choice, real, sizes, tensor
+from ._checks import boolean, caller, choice, ordered, real, sizes, tensor
 from ._ops import axpby, kept
 from .noise import Generators
 from .processes import EDM, MeanReverting, Process
 
-__all__ = ["PREDICTIONS", "Denoiser", "EDMDenoiser", "Prediction", "check_call"]
+__all__ = [
+    "PREDICTIONS",
+    "ConsistencyModelDenoiser",
+    "Denoiser",
+    "EDMDenoiser",
+    "Prediction",
+    "check_call",
+    "consistency_noise",
+    "consistency_process",
+]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 _CACHE_SIZE = 4096
@@ -415,6 +425,98 @@ class EDMDenoiser(Denoiser):
     def __repr__(self) -> str:
         sd, out = self.sigma_data, self.output
         return f"EDMDenoiser(sigma_data={sd:g}, output={out!r}, process={self.process!r})"
+
+
+def consistency_noise(sigma_min: float, t: Tensor) -> Tensor:
+    """The net time of a consistency model (Song et al. 2023; their code and diffusers'
+    ``CMStochasticIterativeScheduler``) at process time ``t`` of :class:`ConsistencyModelDenoiser`:
+    ``1000 * 0.25 * log(sigma + 1e-44)`` at the noise level ``sigma = sqrt(t^2 + sigma_min^2)``."""
+    return 250 * torch.log(torch.sqrt(t * t + sigma_min**2) + 1e-44)
+
+
+def consistency_process(sigma_min: float, sigma_max: float, t_min: float | None = None) -> EDM:
+    """The process of a consistency model on the noise levels ``[sigma_min, sigma_max]``
+    (:class:`ConsistencyModelDenoiser`): ``x = x_eps + t z`` with ``t = sqrt(sigma^2 - sigma_min^2)``,
+    :class:`~steerdiff.processes.EDM` on ``[t_min, sqrt(sigma_max^2 - sigma_min^2)]`` (``t_min`` default
+    ``sigma_min``)."""
+    lo, hi = ordered(
+        "consistency_process", "sigma_min", sigma_min, "sigma_max", sigma_max, lo=0, lo_open=True
+    )
+    top = math.sqrt(hi * hi - lo * lo)
+    bottom = lo if t_min is None else real("consistency_process", "t_min", t_min, lo=0, hi=top, lo_open=True)
+    return EDM(bottom, top)
+
+
+class ConsistencyModelDenoiser(Denoiser):
+    r"""A consistency model (Song et al. 2023, "Consistency Models", Sec. 3 and App. C; its released nets,
+    diffusers' ``ConsistencyModelPipeline``): a net ``F`` whose output goes through the boundary condition
+
+        f(x, sigma) = c_skip x + c_out F(c_in x; c_noise)
+        c_skip = s_d^2 / ((sigma - e)^2 + s_d^2)     c_out = (sigma - e) s_d / sqrt(sigma^2 + s_d^2)
+        c_in = 1 / sqrt(sigma^2 + s_d^2)             c_noise = 250 log(sigma)  (consistency_noise)
+
+    with ``e = sigma_min``, so that ``f(x, e) = x``: ``f`` is the consistency function, the point at noise
+    level ``e`` of the probability-flow ODE of ``x = x0 + sigma z`` through ``x`` -- an ``x_e``, not an
+    ``x0``. Its process is therefore that of ``x_e``, ``x = x_e + t z`` with ``t = sqrt(sigma^2 - e^2)``
+    (:func:`consistency_process`: :class:`~steerdiff.processes.EDM` in ``t``; ``x0 + sigma z`` has the law
+    of ``x_e + t z`` when ``x_e`` has that of ``x0 + e z``), whose clean end ``t = 0`` is ``sigma = e``: the
+    denoiser's ``x0`` is ``f``, its ``eps`` ``(x - f) / t``. The ``lcm`` solver's step ``x0 + t_{i+1} z`` is
+    then Song et al.'s multistep consistency sampling (Alg. 1), ``f + sqrt(tau^2 - e^2) z``, and a run into
+    the clean end returns ``f`` at the last node, as ``CMStochasticIterativeScheduler`` does. The net gets
+    ``c_in x`` (:meth:`net_input`) and ``time_map(t)`` (default :func:`consistency_noise`).
+
+    Args:
+        net: ``net(c_in x, c_noise, **cond) -> F``.
+        sigma_min, sigma_max: the noise levels ``[e, sigma_max]`` the model was trained on (0.002, 80).
+        sigma_data: ``s_d`` (0.5).
+        time_map: the net's time at process time ``t`` (default ``consistency_noise(sigma_min, t)``).
+        shape: the shape of one sample, if known.
+        t_min: the process's smallest sampling time ``t`` (default ``sigma_min``).
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., Tensor],
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        time_map: Callable[[Tensor], Tensor] | None = None,
+        shape: tuple[int, ...] | None = None,
+        t_min: float | None = None,
+    ) -> None:
+        who = "ConsistencyModelDenoiser"
+        self.sigma_min, self.sigma_max = ordered(
+            who, "sigma_min", sigma_min, "sigma_max", sigma_max, lo=0, lo_open=True
+        )
+        process = consistency_process(self.sigma_min, self.sigma_max, t_min)
+        self.sigma_data = real(who, "sigma_data", sigma_data, lo=0, lo_open=True)
+        # a partial, not a lambda: a scheduler holding the denoiser pickles
+        default = functools.partial(consistency_noise, self.sigma_min)
+        super().__init__(net, process, "x0", default if time_map is None else time_map, shape)
+
+    def noise_level(self, t: float | Tensor) -> float | Tensor:
+        """The noise level ``sigma = sqrt(t^2 + sigma_min^2)`` of ``x = x0 + sigma z`` at process time ``t``
+        (a float or a tensor, as given)."""
+        return (t * t + self.sigma_min**2) ** 0.5
+
+    def net_input(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """``c_in x = x / sqrt(sigma^2 + s_d^2)``."""
+        sigma = self.noise_level(self.coefficients(t, x)[1])
+        return x * (sigma * sigma + self.sigma_data**2) ** -0.5
+
+    def convert(self, f: Tensor, x: Tensor, t: float | Tensor) -> Prediction:
+        """``x0 = c_skip x + c_out f``, the consistency function."""
+        a, s, _, _ = self.coefficients(t, x)
+        sigma, d2 = self.noise_level(s), self.sigma_data**2
+        gap = sigma - self.sigma_min
+        c_out = gap * self.sigma_data * (sigma * sigma + d2) ** -0.5
+        return Prediction(x, a, s, x0=axpby(d2 / (gap * gap + d2), x, c_out, f))
+
+    def __repr__(self) -> str:
+        return (
+            f"ConsistencyModelDenoiser(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}, "
+            f"sigma_data={self.sigma_data:g}, process={self.process!r})"
+        )
 
 
 def check_call(who: str, x: object, t: object) -> None:

@@ -72,7 +72,7 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, real_array, tensor
 from .._ops import first_false
-from ..denoiser import Denoiser, EDMDenoiser, Prediction
+from ..denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
 from ..guidance import ConsistencyBoundary, DynamicThreshold
 from ..inversion import default_inversion_solver, deterministic_solvers
 from ..noise import NoiseSource, PerSampleNoise, check_rows, make_noise
@@ -91,6 +91,7 @@ from ..solvers.base import (
     work_dtype,
 )
 from .diffusers_config import (
+    _CM_CLASS,
     _COSINE_CLASS,
     _EDM_CLASSES,
     _FLOW_CLASSES,
@@ -98,17 +99,25 @@ from .diffusers_config import (
     _TCD_CLASS,
     F64,
     _denoiser,
+    _is_consistency,
     _is_cosine,
     _is_edm,
     _is_flow,
     _Spec,
     _spec,
+    consistency_schedule,
     cosine_noise,
     denoiser_from_diffusers,
     process_from_config,
 )
 
-__all__ = ["SteerdiffScheduler", "SteerdiffSchedulerOutput", "denoiser_from_diffusers", "process_from_config"]
+__all__ = [
+    "SteerdiffScheduler",
+    "SteerdiffSchedulerOutput",
+    "consistency_schedule",
+    "denoiser_from_diffusers",
+    "process_from_config",
+]
 
 # --- the scheduler: a solver run driven by the pipeline's net calls -------------------------------
 
@@ -308,12 +317,18 @@ def _unchanged(run: _Run, sample: Tensor) -> bool:
     return run.given is not None and run.given() is sample and sample._version == run.given_version
 
 
-def _sigmas(process: Process, times: list[float], grid: Grid) -> Tensor:
+def _sigmas(den: Denoiser, times: list[float], grid: Grid) -> Tensor:
     """diffusers' ``sigmas`` of a run: the noise level at each entry of ``timesteps``, then at the run's
     end (0 for a clean end), in the convention of the config's own schedulers: the flow time ``sigma``
     for flow-matching configs (FlowMatchEuler's, UniPC's ``use_flow_sigmas``), ``sigma / alpha`` for VP
-    ones (Euler's, DPMSolver's)."""
+    ones (Euler's, DPMSolver's); for consistency models ``sigma`` of ``x0 + sigma z``, the clean end
+    ``sigma_min`` (CMStochasticIterativeScheduler's)."""
+    process, plain = den.process, _plain(den)
     t = torch.tensor([*times, grid.t[-1]], dtype=F64)
+    if isinstance(plain, ConsistencyModelDenoiser):
+        if grid.clean_end:
+            t[-1] = 0.0
+        return torch.as_tensor(plain.noise_level(t))
     s = process.sigma(t) if isinstance(process, RectifiedFlow) else process.sigma_ratio(t)
     if grid.clean_end:
         s[-1] = 0.0
@@ -339,6 +354,18 @@ def _check_invertible(solver: Solver, given: Any) -> None:
             f"SteerdiffScheduler: solver={given!r} is stochastic, and inverse=True runs the deterministic "
             f"probability-flow ODE (as sd.invert); accepted: {deterministic_solvers()} or a deterministic "
             "Solver instance (e.g. DDIM(eta=0))"
+        )
+
+
+def _check_s_noise(cfg: Mapping[str, Any], spec: _Spec) -> None:
+    """A ``ValueError`` for a consistency model's config with ``s_noise`` other than 1: CMStochasticIterative
+    scales its fresh noise by it, ``lcm`` draws the forward process's own."""
+    s_noise = cfg.get("s_noise", 1.0)
+    if spec.consistency is not None and s_noise != 1.0:
+        raise ValueError(
+            f"SteerdiffScheduler: s_noise={s_noise!r} of a CMStochasticIterativeScheduler config is not "
+            "supported: its consistency sampling (lcm) draws the forward process's own noise; accepted: 1.0 "
+            "(the released models' setting)"
         )
 
 
@@ -386,8 +413,18 @@ def _custom_times(
     levels in the convention of the config's diffusers schedulers -- flow times (before the shift, which
     is applied as :func:`_flow_shift` says) for flow configs, ``sigma / alpha`` (Karras') for VP ones, a
     trailing 0 (diffusers' terminal) dropped: the end is the scheduler's ``final``; for EDM configs
-    positions on the sigma ramp (:func:`_edm_ramp`). Times beyond the model's range are clipped to it."""
+    positions on the sigma ramp (:func:`_edm_ramp`). Times beyond the model's range are clipped to it.
+    A consistency model's config takes ``timesteps`` only, CMStochasticIterativeScheduler's ramp indices
+    (:func:`consistency_schedule`)."""
     name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    if spec.consistency is not None:
+        if name == "sigmas":
+            raise ValueError(
+                "set_timesteps: a consistency model's config (CMStochasticIterativeScheduler's) takes no "
+                "sigmas; pass num_inference_steps or timesteps (indices on its sigma ramp, as that scheduler "
+                "takes them)"
+            )
+        return consistency_schedule(cfg, timesteps=values).grid
     v = real_array("set_timesteps", name, values)
     if spec.sigma_data is not None:  # EDM
         if name == "sigmas":
@@ -594,7 +631,13 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             ``timesteps`` are ``0.25 log(sigma)`` (``origin`` CosineDPMSolverMultistepScheduler, Stable
             Audio Open's: ``2 atan(sigma) / pi``) and ``init_noise_sigma`` is ``sqrt(sigma_max^2 + 1)``, as
             diffusers' EDM schedulers have them, and ``set_timesteps(sigmas=...)`` reads positions on the
-            config's sigma ramp, as ``EDMEulerScheduler`` does. ``None`` (default) for other models.
+            config's sigma ramp, as ``EDMEulerScheduler`` does; with ``origin``
+            CMStochasticIterativeScheduler a consistency model's
+            (:class:`~steerdiff.denoiser.ConsistencyModelDenoiser`; its ``rho``, ``clip_denoised`` and
+            ``s_noise``, which must be 1, are read from the config): ``lcm`` on
+            :func:`consistency_schedule`'s grid by default, ``timesteps`` ``250 log(sigma)``,
+            :meth:`scale_model_input` ``c_in x``, ``init_noise_sigma`` ``sigma_max``, the ``timesteps`` of
+            ``set_timesteps`` ramp indices, as that scheduler has them. ``None`` (default) for other models.
         timestep_scaling: an LCM config's (``origin`` LCMScheduler): the net's estimate goes through LCM's
             boundary condition at ``timestep_scaling`` times its timestep
             (:class:`~steerdiff.guidance.ConsistencyBoundary`); TCDScheduler configs carry it unused.
@@ -605,9 +648,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             flow-matching and unsupported classes are told apart by it).
         solver: a name of :func:`steerdiff.solvers.available`, a Solver instance, or an instance as
             the config stores it (``{"name": ..., **options}``); default
-            (``None``): for LCM and TCD configs their schedulers' samplers (``"lcm"``; ``"tcd"``, gamma 0.3:
-            TCDScheduler's default ``eta``), else :func:`steerdiff.sample`'s default for guided denoisers at
-            the step count
+            (``None``): for LCM, TCD and consistency-model configs their schedulers' samplers (``"lcm"``;
+            ``"tcd"``, gamma 0.3: TCDScheduler's default ``eta``; ``"lcm"``), else :func:`steerdiff.sample`'s
+            default for guided denoisers at the step count
             :meth:`set_timesteps` gets (below 15 DPM-Solver++(2M), its long steps at first order, or
             UniPC-2 where every step is short enough; UniPC-2 from 15;
             :func:`steerdiff.sampling.guided_solver`): pipelines apply
@@ -624,7 +667,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             config stores it), or a custom grid (process times; kept as that list); default (``None``):
             for LCM and TCD configs the timesteps their net was distilled at, as their schedulers take
             them (:class:`~steerdiff.schedules.LCM` with the config's ``original_inference_steps``, default
-            50; with ``final="none"`` ending at timestep 0, ``clean_node=True``), else
+            50; with ``final="none"`` ending at timestep 0, ``clean_node=True``), for consistency-model
+            configs CMStochasticIterativeScheduler's grid (:func:`consistency_schedule`), else
             :func:`steerdiff.sample`'s default, ``karras_capped``. The name ``"leading"`` adds the config's
             ``steps_offset`` as diffusers' ``leading`` spacing does (Stable Diffusion's 1: 901, 801, ..., 1
             at 10 steps); ``Leading()`` does not. The name ``"lcm"`` takes the config's
@@ -671,9 +715,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         *_EDM_CLASSES,
         _LCM_CLASS,
         _TCD_CLASS,
+        _CM_CLASS,
     ]
-    # the sampler of a consistency-distilled model's own scheduler: the default solver for its config
-    _CONSISTENCY_SOLVERS: ClassVar[dict[str, str]] = {_LCM_CLASS: "lcm", _TCD_CLASS: "tcd"}
+    # the sampler of a consistency(-distilled) model's own scheduler: the default solver for its config
+    _CONSISTENCY_SOLVERS: ClassVar[dict[str, str]] = {_LCM_CLASS: "lcm", _TCD_CLASS: "tcd", _CM_CLASS: "lcm"}
 
     @register_to_config
     def __init__(
@@ -748,7 +793,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         cfg = {k: v for k, v in config.items() if k != "_use_default_values"}
         # a clear error for an unsupported model before diffusers drops keys; a clip_sample or thresholding
         # the config's class ignores (CogVideoX's, UniPC's without predict_x0) is not carried over
-        if _spec(cfg).threshold is None:
+        spec = _spec(cfg)
+        _check_s_noise(cfg, spec)
+        if spec.threshold is None:
             cfg["clip_sample"] = cfg["thresholding"] = False
         name = cfg.get("_class_name")
         if name != cls.__name__ and "origin" not in cfg:
@@ -757,6 +804,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 made_in_code = _FLOW_CLASSES[0]
             elif _is_edm(cfg):
                 made_in_code = _COSINE_CLASS if _is_cosine(cfg) else _EDM_CLASSES[0]
+            elif _is_consistency(cfg):
+                made_in_code = _CM_CLASS
             cfg["origin"] = name if isinstance(name, str) else made_in_code
         noise = kwargs.pop("noise", None)
         out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -788,25 +837,31 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         patched config when they run; this is called where a run is planned (:meth:`set_timesteps`) and
         by the properties that read the model, never per step (a check of identity)."""
         config = self.config
-        seen, self._seen = self._seen, config
-        if config is seen:
+        if config is self._seen:
             return
+        model = _spec(dict(config))  # the model the config describes
+        _check_s_noise(config, model)
+        seen, self._seen = self._seen, config
         if seen is not None and config["solver"] != seen["solver"]:
             self._solver = None if config["solver"] is None else _resolve("solver", config["solver"])
         if seen is not None and config["schedule"] != seen["schedule"]:
             self._schedule = None if config["schedule"] is None else _resolve("schedule", config["schedule"])
-        self._model = _spec(dict(config))  # the model the config describes
+        self._model = model
         self._model_den = _denoiser(_Recorded(), self._model)  # shared by the runs of that model
 
     @property
     def init_noise_sigma(self) -> float:
         """The scale of the pipeline's ``x_T``: for EDM configs ``sqrt(sigma_max^2 + 1)``, as diffusers' EDM
-        schedulers have it (of the current config); else 1, and 1 for an inverse scheduler (its run starts
-        from the clean sample)."""
+        schedulers have it (of the current config), for consistency models ``sigma_max``, as
+        CMStochasticIterativeScheduler has it; else 1, and 1 for an inverse scheduler (its run starts from
+        the clean sample)."""
         self._follow_config()
-        if self._model.sigma_data is None or self.config["inverse"]:
+        model = self._model
+        if self.config["inverse"] or (model.sigma_data is None and model.consistency is None):
             return 1.0
-        return float((self._model.process.t_max**2 + 1) ** 0.5)
+        if model.consistency is not None:
+            return model.consistency[1]
+        return float((model.process.t_max**2 + 1) ** 0.5)
 
     @property
     def alphas_cumprod(self) -> _AlphasCumprod:
@@ -927,8 +982,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             )
         if num_inference_steps is not None:
             # diffusers' name for make_grid's steps
-            schedule = self._grid_schedule(original_inference_steps, strength)
             steps = integer("set_timesteps", "num_inference_steps", num_inference_steps, lo=1)
+            schedule = self._grid_schedule(steps, original_inference_steps, strength)
         else:
             nodes = _custom_times(self._model, dict(self.config), None if both else timesteps, sigmas, mu)
             if both:
@@ -960,7 +1015,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         net_steps = self._den.time_map(torch.tensor(self._times, dtype=F64)).to(torch.float32)
         self._net_times = net_steps.tolist()  # on the CPU, for step's checks
         self.timesteps = net_steps.to(device)
-        self.sigmas = _sigmas(self._den.process, self._times, grid).to(device, torch.float32)
+        self.sigmas = _sigmas(self._den, self._times, grid).to(device, torch.float32)
 
     def _final(self) -> str:
         """The run's end: the config's ``final``; ``"none"`` for an inverse run, whose grid is the one of
@@ -968,9 +1023,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         return "none" if self.config["inverse"] else str(self.config["final"])
 
     def _default_solver(self, grid: Grid) -> Solver:
-        """The solver of a run on (the sampling) ``grid`` without a ``solver``: for LCM and TCD configs their
-        schedulers' samplers; for a guided pipeline (``guidance_scale`` ``None`` or above 1)
-        :func:`~steerdiff.sampling.guided_solver`, for sampling and inversion alike (as
+        """The solver of a run on (the sampling) ``grid`` without a ``solver``: for LCM, TCD and
+        consistency-model configs their schedulers' samplers; for a guided pipeline (``guidance_scale``
+        ``None`` or above 1) :func:`~steerdiff.sampling.guided_solver`, for sampling and inversion alike (as
         :func:`~steerdiff.inversion.default_inversion_solver` for a guided denoiser); else
         :func:`~steerdiff.sampling.default_solver`, or for an inverse run ``default_inversion_solver``'s
         (UniPC-3 in its noise form). An inverse run takes no consistency sampler (they draw noise)."""
@@ -983,13 +1038,18 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         den = _plain(self._den)
         return default_inversion_solver(den, grid.steps, grid) if inverse else default_solver(den, grid.steps)
 
-    def _grid_schedule(self, original_steps: int | None, strength: float | None) -> Schedule:
-        """The schedule of a run of ``num_inference_steps``: the config's (:class:`SteerdiffScheduler`'s
-        ``schedule``), with ``set_timesteps``' LCM options ``original_steps`` and ``strength`` (``None``:
-        the schedule's), which only an :class:`~steerdiff.schedules.LCM` schedule takes."""
+    def _grid_schedule(self, steps: int, original_steps: int | None, strength: float | None) -> Schedule:
+        """The schedule of a run of ``steps`` (``num_inference_steps``): the config's
+        (:class:`SteerdiffScheduler`'s ``schedule``; for a consistency model's config by default
+        CMStochasticIterativeScheduler's grid, :func:`consistency_schedule`, of ``steps`` nodes and the
+        clean end, or with ``final="none"`` of ``steps + 1``), with ``set_timesteps``' LCM options
+        ``original_steps`` and ``strength`` (``None``: the schedule's), which only an
+        :class:`~steerdiff.schedules.LCM` schedule takes."""
         name, cfg = self.config["schedule"], self.config
         if name == "leading":  # by name: diffusers' leading, the config's offset
             schedule: Schedule = _schedules.Leading(steps_offset=cfg.get("steps_offset", 0))
+        elif name is None and cfg["origin"] == _CM_CLASS:
+            schedule = consistency_schedule(dict(cfg), steps + (self._final() == "none"))
         elif name == "lcm" or (name is None and cfg["origin"] in self._CONSISTENCY_SOLVERS):
             schedule = _schedules.LCM(
                 cfg.get("original_inference_steps", 50), clean_node=self._final() == "none"
@@ -1015,11 +1075,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The net's input at the evaluation :meth:`step` takes next (before the first, the one
-        ``timestep`` begins the run at): the sample itself, except for EDM configs ``c_in sample`` (as
-        diffusers' EDM schedulers scale it; :meth:`EDMDenoiser.net_input
-        <steerdiff.denoiser.EDMDenoiser.net_input>`)."""
+        ``timestep`` begins the run at): the sample itself, except for EDM configs and consistency models
+        ``c_in sample`` (as diffusers' EDM schedulers and CMStochasticIterativeScheduler scale it;
+        :meth:`EDMDenoiser.net_input <steerdiff.denoiser.EDMDenoiser.net_input>`)."""
         den = _plain(self._den)
-        if not isinstance(den, EDMDenoiser):
+        if not isinstance(den, (EDMDenoiser, ConsistencyModelDenoiser)):
             return sample
         run = self._run
         if run is None:
@@ -1032,9 +1092,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         return den.net_input(sample, self._times[k])
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """``alpha(t) x0 + sigma(t) noise`` (the forward process the net was trained on) at the process
-        times of ``timesteps``, which must be entries of ``self.timesteps`` (one, or one per sample of
-        the batch ``original_samples`` and ``noise`` broadcast to). Not for an inverse scheduler
+        """``alpha(t) x0 + sigma(t) noise`` (the forward process the net was trained on; for a consistency
+        model ``x0 + sigma noise`` at its noise level, as CMStochasticIterativeScheduler adds it) at the
+        process times of ``timesteps``, which must be entries of ``self.timesteps`` (one, or one per sample
+        of the batch ``original_samples`` and ``noise`` broadcast to). Not for an inverse scheduler
         (``inverse=True``), whose run takes the noise level up itself."""
         if self.config["inverse"]:
             raise ValueError(
@@ -1058,6 +1119,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"add_noise: timesteps {ts.tolist()} are not all entries of scheduler.timesteps")
         t = torch.tensor([self._times[j] for j in match.int().argmax(1).tolist()], dtype=F64)
         a, s, _ = self._den.process.coefficients(t)
+        plain = _plain(self._den)
+        if isinstance(plain, ConsistencyModelDenoiser):
+            s = torch.as_tensor(plain.noise_level(s))
         shape = (-1, *[1] * (original_samples.ndim - 1))
         device, dtype = original_samples.device, original_samples.dtype
         a, s = (

@@ -27,7 +27,14 @@ denoised estimate goes through LCM's boundary condition ``c_skip x + c_out x0`` 
 times the timestep (:class:`~steerdiff.guidance.ConsistencyBoundary`, around the thresholding, which
 LCMScheduler applies first); ``TCDScheduler`` configs (TCD, Hyper-SD) the net as it is (TCDScheduler takes
 ``clip_sample`` and ``thresholding`` and applies neither). Made in code the two have the same keys: a
-config with ``timestep_scaling`` needs its ``_class_name``.
+config with ``timestep_scaling`` needs its ``_class_name``. ``CMStochasticIterativeScheduler`` configs
+(Song et al. 2023's consistency models, ``ConsistencyModelPipeline``) give a
+:class:`~steerdiff.denoiser.ConsistencyModelDenoiser` of their ``sigma_min``, ``sigma_max`` and
+``sigma_data`` (the boundary condition at ``sigma_min``, the net time ``250 log(sigma)``), clipped to
+``[-1, 1]`` with ``clip_denoised``, on the process of the consistency function's end ``x_e``;
+:func:`consistency_schedule` is that scheduler's grid (its ``rho``, ``num_train_timesteps``), its
+``s_noise`` a sampling setting (:class:`~steerdiff.integrations.diffusers.SteerdiffScheduler` refuses one
+other than 1).
 Settings that only choose diffusers' sampling grid (spacing, ``shift``, Karras sigmas, ...) do not
 change the model and are ignored. ``thresholding=True``
 (DeepFloyd IF: Imagen's dynamic thresholding, Saharia et al. 2022, at the quantile
@@ -47,19 +54,20 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._checks import choice, integer, real
-from ..denoiser import Denoiser, EDMDenoiser
+from .._checks import choice, integer, real, real_array
+from ..denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, consistency_noise, consistency_process
 from ..guidance import ConsistencyBoundary, DynamicThreshold
 from ..processes import EDM, VP, Process, RectifiedFlow
+from ..schedules import Custom
 
-__all__ = ["cosine_noise", "denoiser_from_diffusers", "process_from_config"]
+__all__ = ["consistency_schedule", "cosine_noise", "denoiser_from_diffusers", "process_from_config"]
 
 F64 = torch.float64
 
@@ -71,8 +79,8 @@ _COSINE_CLASS = "CosineDPMSolverMultistepScheduler"  # EDM preconditioning, cosi
 _EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", _COSINE_CLASS)
 _EDM_OUTPUTS = {"epsilon": "edm", "v_prediction": "v"}  # EDMDenoiser's output of a prediction_type
 _LCM_CLASS, _TCD_CLASS = "LCMScheduler", "TCDScheduler"  # VP models; LCM's with its boundary condition
+_CM_CLASS = "CMStochasticIterativeScheduler"  # consistency models (ConsistencyModelDenoiser)
 _UNSUPPORTED = {
-    "CMStochasticIterativeScheduler": "a consistency model",
     "SCMScheduler": "a consistency model",
     "FlowMatchLCMScheduler": "a consistency-distilled model",
     "HeliosScheduler": "a multi-stage (pyramid) flow model",
@@ -121,7 +129,8 @@ _VP_KEYS = frozenset(
 _SUPPORTED = (
     "VP configs (beta_schedule/trained_betas: DDPM, DDIM, PNDM, Euler, Heun, LMS, DPM-Solver, UniPC, "
     "DEIS, ... schedulers; LCM and TCD), flow-matching configs (FlowMatchEuler/FlowMatchHeun, "
-    "use_flow_sigmas) and EDM configs (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep)"
+    "use_flow_sigmas), EDM configs (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep) and "
+    "consistency models (CMStochasticIterative)"
 )
 
 
@@ -134,6 +143,7 @@ class _Spec:
     threshold: tuple[float | None, float] | None = None  # DynamicThreshold's (percentile, max_value)
     sigma_data: float | None = None  # EDM preconditioning (EDMDenoiser; prediction is then its output)
     timestep_scaling: float | None = None  # LCM's boundary condition (ConsistencyBoundary)
+    consistency: tuple[float, float, float] | None = None  # a consistency model's (sigma_min, sigma_max, s_d)
 
 
 def _config_of(scheduler_or_config: Any) -> dict[str, Any]:
@@ -246,6 +256,100 @@ def _edm_spec(cfg: dict[str, Any], threshold: tuple[float | None, float] | None)
     return _Spec(EDM(lo, hi), _EDM_OUTPUTS[pred_type], False, time_map, threshold, sigma_data)
 
 
+def _is_consistency(cfg: dict[str, Any]) -> bool:
+    """Whether a config is CMStochasticIterativeScheduler's: by class name, or made in code by its key
+    ``clip_denoised`` (no other scheduler has it)."""
+    origin = _origin(cfg)
+    return origin == _CM_CLASS if origin is not None else "clip_denoised" in cfg
+
+
+def _consistency_model(cfg: dict[str, Any]) -> tuple[float, float, float, int, float]:
+    """A consistency-model config's ``(sigma_min, sigma_max, sigma_data, num_train_timesteps, rho)``,
+    checked, with CMStochasticIterativeScheduler's defaults (0.002, 80, 0.5, 40, 7)."""
+    lo, hi, sigma_data = (
+        real(_WHO, k, v if cfg.get(k) is None else cfg[k], lo=0, lo_open=True)
+        for k, v in (("sigma_min", 0.002), ("sigma_max", 80.0), ("sigma_data", 0.5))
+    )
+    if not lo < hi:
+        raise ValueError(f"{_WHO}: need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
+    n = integer(_WHO, "num_train_timesteps", cfg.get("num_train_timesteps", 40), lo=2)
+    rho = real(_WHO, "rho", cfg.get("rho", 7.0), lo=0, lo_open=True)
+    return lo, hi, sigma_data, n, rho
+
+
+def _ramp_times(cfg: dict[str, Any], ramp: Tensor) -> Tensor:
+    """The process times (:func:`~steerdiff.denoiser.consistency_process`: ``sqrt(sigma^2 - sigma_min^2)``)
+    at positions ``ramp`` of a consistency-model config's Karras ramp, ``sigma = (s_max^(1/rho) + ramp
+    (s_min^(1/rho) - s_max^(1/rho)))^rho`` (Karras et al. 2022, Eq. 5; 0: ``sigma_max``, 1: ``sigma_min``)."""
+    lo, hi, _, _, rho = _consistency_model(cfg)
+    a, b = hi ** (1 / rho), lo ** (1 / rho)
+    sigma = (a + ramp * (b - a)) ** rho
+    return (sigma * sigma - lo * lo).clamp(min=0).sqrt()
+
+
+def _consistency_spec(cfg: dict[str, Any]) -> _Spec:
+    """A CMStochasticIterativeScheduler config (Song et al. 2023; ConsistencyModelPipeline): a
+    :class:`~steerdiff.denoiser.ConsistencyModelDenoiser` of its ``sigma_min``, ``sigma_max`` and
+    ``sigma_data``, its ``x0`` clipped to ``[-1, 1]`` with ``clip_denoised`` (default ``True``), as that
+    scheduler clips it. The process's smallest time is that of the ramp's last node before ``sigma_min``
+    (position ``(N - 2) / (N - 1)``, ``N = num_train_timesteps``), or ``sigma_min`` if that is below it:
+    every node of the scheduler's grids is in the range."""
+    lo, hi, sigma_data, n, _ = _consistency_model(cfg)
+    last = float(_ramp_times(cfg, torch.tensor([(n - 2) / (n - 1)], dtype=F64)))
+    process = consistency_process(lo, hi, min(lo, last) if last > 0 else lo)
+    clip = cfg.get("clip_denoised", True)
+    if not isinstance(clip, bool):
+        raise ValueError(f"{_WHO}: clip_denoised must be True or False, got {clip!r}")
+    time_map = functools.partial(consistency_noise, lo)
+    threshold = (None, 1.0) if clip else None
+    return _Spec(process, "x0", False, time_map, threshold, consistency=(lo, hi, sigma_data))
+
+
+def consistency_schedule(
+    scheduler_or_config: Any, num_inference_steps: int | None = None, timesteps: Sequence[float] | None = None
+) -> Custom:
+    """The grid of ``CMStochasticIterativeScheduler.set_timesteps`` for a consistency-model config, as a
+    :class:`~steerdiff.schedules.Custom` schedule of the process times of
+    :func:`denoiser_from_diffusers`' :class:`~steerdiff.denoiser.ConsistencyModelDenoiser`: for
+    ``sd.sample(den, x_T, len(nodes), "lcm", schedule)`` (``final="zero"``: the run ends at ``sigma_min``,
+    where that scheduler ends; ``x_T`` is ``sigma_max`` times standard normal noise, as its pipeline starts).
+
+    Pass one of ``num_inference_steps`` (``n``: the indices ``k N // n`` for ``k = n - 1, ..., 0``) or
+    ``timesteps``, strictly decreasing integer indices (openai's ``ts`` without the last, ``[22, 0]`` for
+    their two-step ImageNet-64 run); the nodes are the indices in increasing order as positions ``k / (N -
+    1)`` on the Karras ramp of ``sigma_min``, ``sigma_max`` and ``rho`` (so the first node is
+    ``sigma_max``), ``N = num_train_timesteps``, as that scheduler reads them. Index ``N - 1`` is the
+    ramp's end, ``sigma_min``, where the consistency function is the identity: refused (that scheduler's
+    step there only clips), and with it ``num_inference_steps = N``.
+    """
+    cfg = _config_of(scheduler_or_config)
+    if not _is_consistency(cfg):
+        raise ValueError(
+            "consistency_schedule: scheduler_or_config must be a CMStochasticIterativeScheduler config (a "
+            f"consistency model), got one of {_origin(cfg) or 'a scheduler without a _class_name'}"
+        )
+    who = "consistency_schedule"
+    n = _consistency_model(cfg)[3]
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError(f"{who}: pass one of num_inference_steps or timesteps")
+    if num_inference_steps is not None:
+        steps = integer(who, "num_inference_steps", num_inference_steps, lo=1, hi=n - 1)
+        index = torch.arange(steps, dtype=F64) * (n // steps)
+    else:
+        index = real_array(who, "timesteps", timesteps).flip(0)
+        if not bool(
+            (index == index.round()).all()
+            & (index >= 0).all()
+            & (index <= n - 2).all()
+            & (index[1:] > index[:-1]).all()
+        ):
+            raise ValueError(
+                f"{who}: timesteps must be strictly decreasing integers in [0, {n - 2}] (num_train_timesteps "
+                f"- 2; {n - 1} is the ramp's end, sigma_min), got {timesteps!r}"
+            )
+    return Custom(_ramp_times(cfg, index / (n - 1)))
+
+
 def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
     """The post-processing of the denoised estimate a config asks for, as DDPM/DDIM apply it (and
     DPMSolver/UniPC/DEIS its first case): ``thresholding=True`` (not UniPC's with ``predict_x0=False``,
@@ -303,6 +407,8 @@ def _euler_continuous_time(process: Process, t: Tensor) -> Tensor:
 
 def _spec(cfg: dict[str, Any]) -> _Spec:
     origin = _origin(cfg) or ""
+    if _is_consistency(cfg):
+        return _consistency_spec(cfg)
     threshold = _threshold(cfg)
     if _is_edm(cfg):
         return _edm_spec(cfg, threshold)
@@ -406,7 +512,10 @@ def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
     :class:`~steerdiff.guidance.ConsistencyBoundary` for an LCM config (LCMScheduler clips first)."""
     den: Denoiser
     opts: dict[str, Any] = {} if spec.time_map is None else {"time_map": spec.time_map}
-    if spec.sigma_data is not None:
+    if spec.consistency is not None:
+        lo, hi, sigma_data = spec.consistency
+        den = ConsistencyModelDenoiser(net, lo, hi, sigma_data, **{**opts, "t_min": spec.process.t_min, **kw})
+    elif spec.sigma_data is not None:
         assert isinstance(spec.process, EDM), "an EDM config's spec holds an EDM process"
         den = EDMDenoiser(net, spec.process, spec.sigma_data, **{"output": spec.prediction, **opts, **kw})
     else:
@@ -428,7 +537,8 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
     the config says (``prediction``, ``time_map``, ``learned_variance``, ``shape``); for an EDM config
     to :class:`~steerdiff.denoiser.EDMDenoiser` (``output``, ``time_map``, ``shape``), whose net gets
     ``c_in x`` and ``0.25 log(sigma)`` (a CosineDPMSolverMultistep config's: ``2 atan(sigma) / pi``), as
-    diffusers' EDM schedulers' pipelines give it. A config with
+    diffusers' EDM schedulers' pipelines give it; for a CMStochasticIterativeScheduler config to
+    :class:`~steerdiff.denoiser.ConsistencyModelDenoiser` (``time_map``, ``shape``, ``t_min``). A config with
     ``thresholding=True`` or ``clip_sample=True`` gives that denoiser in a
     :class:`~steerdiff.guidance.DynamicThreshold` (see the module docstring).
 
@@ -436,7 +546,7 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
         ValueError: an unknown ``beta_schedule``/``prediction_type`` (``v_prediction`` with
             ``use_flow_sigmas``), ``variance_type="learned"``,
             a threshold setting out of range (naming the key), a config of an unsupported
-            scheduler (consistency, VE, discrete-token models), or one with no
+            scheduler (sCM and flow-map consistency models, VE, discrete-token models), or one with no
             ``beta_schedule`` or ``trained_betas`` that is no flow-matching config and has a key no VP
             config has (naming it), an EDM config of another ``prediction_type`` or ``precondition_type``.
     """
