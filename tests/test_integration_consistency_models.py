@@ -345,3 +345,18 @@ def test_exact_consistency_function_of_a_mixture_samples_the_mixture():
 def test_bad_consistency_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_add_noise_is_the_schedulers(gmm):
+    """``add_noise`` adds ``sigma`` times the noise to the clean sample, as CMStochasticIterativeScheduler
+    does (not the process's ``t = sqrt(sigma^2 - sigma_min^2)``: the noise of ``x0``, not of ``x_e``);
+    measured 4.7e-8 relative RMSE (its float32 sigmas; with ``t``, 1.2e-4 at the last node)."""
+    cfg = cm_config()
+    theirs, ours = CM.from_config(cfg), SteerdiffScheduler.from_config(cfg)
+    theirs.set_timesteps(4)
+    ours.set_timesteps(4)
+    x0, z = gmm.sample(16, generator=torch.Generator().manual_seed(0)), noise(16, 8, seed=2)
+    for k in range(4):
+        ref = theirs.add_noise(x0, z, theirs.timesteps[k : k + 1])
+        mine = ours.add_noise(x0, z, ours.timesteps[k : k + 1])
+        assert rel_rmse(mine - x0, ref - x0) < 1e-7, k
