@@ -1619,7 +1619,10 @@ BAD: list[tuple[Callable[[], Any], str]] = [
         lambda: {**diffusers.LCMScheduler().config, "_class_name": "OtherScheduler"},
         r"OtherScheduler \(a consistency-distilled model\) is not supported",
     ),
-    (lambda: diffusers.ScoreSdeVeScheduler().config, "variance-exploding"),
+    (
+        lambda: {"_class_name": "KarrasVeScheduler", "sigma_min": 0.02, "sigma_max": 100.0, "s_churn": 80.0},
+        r"KarrasVeScheduler \(a variance-exploding model\) is not supported",
+    ),
     # made in code (no _class_name): read as flow matching before, sampled as an ODE
     (lambda: diffusers.FlowMatchLCMScheduler().config, "consistency-distilled"),
     (lambda: diffusers.HeliosScheduler().config, "multi-stage"),

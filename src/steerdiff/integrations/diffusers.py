@@ -76,7 +76,7 @@ from ..denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Predicti
 from ..guidance import ConsistencyBoundary, DynamicThreshold
 from ..inversion import default_inversion_solver, deterministic_solvers
 from ..noise import NoiseSource, PerSampleNoise, check_rows, make_noise
-from ..processes import Process, RectifiedFlow
+from ..processes import VE, Process, RectifiedFlow
 from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
 from ..schedules import Schedule, ScheduleLike
 from ..solvers.base import (
@@ -357,9 +357,18 @@ def _check_invertible(solver: Solver, given: Any) -> None:
         )
 
 
-def _check_s_noise(cfg: Mapping[str, Any], spec: _Spec) -> None:
-    """A ``ValueError`` for a consistency model's config with ``s_noise`` other than 1: CMStochasticIterative
-    scales its fresh noise by it, ``lcm`` draws the forward process's own."""
+def _check_sampler(cfg: Mapping[str, Any], spec: _Spec) -> None:
+    """A ``ValueError`` for a config whose sampling a scheduler cannot take: a ScoreSdeVeScheduler's (a
+    :class:`~steerdiff.processes.VE` process), whose pipeline runs its predictor-corrector loop through
+    ``step_pred`` / ``step_correct`` and hands the net ``scheduler.sigmas``; a consistency model's with
+    ``s_noise`` other than 1 (CMStochasticIterative scales its fresh noise by it, ``lcm`` draws the forward
+    process's own)."""
+    if isinstance(spec.process, VE):
+        raise ValueError(
+            "SteerdiffScheduler: a ScoreSdeVeScheduler config (a variance-exploding score model) is not "
+            "supported: ScoreSdeVePipeline calls step_pred / step_correct, not step; sample its net with "
+            "sd.sample(denoiser_from_diffusers(unet, config), sigma_max * x_T, steps, solver) instead"
+        )
     s_noise = cfg.get("s_noise", 1.0)
     if spec.consistency is not None and s_noise != 1.0:
         raise ValueError(
@@ -794,7 +803,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         # a clear error for an unsupported model before diffusers drops keys; a clip_sample or thresholding
         # the config's class ignores (CogVideoX's, UniPC's without predict_x0) is not carried over
         spec = _spec(cfg)
-        _check_s_noise(cfg, spec)
+        _check_sampler(cfg, spec)
         if spec.threshold is None:
             cfg["clip_sample"] = cfg["thresholding"] = False
         name = cfg.get("_class_name")
@@ -840,7 +849,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if config is self._seen:
             return
         model = _spec(dict(config))  # the model the config describes
-        _check_s_noise(config, model)
+        _check_sampler(config, model)
         seen, self._seen = self._seen, config
         if seen is not None and config["solver"] != seen["solver"]:
             self._solver = None if config["solver"] is None else _resolve("solver", config["solver"])

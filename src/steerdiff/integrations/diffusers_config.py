@@ -34,7 +34,11 @@ config with ``timestep_scaling`` needs its ``_class_name``. ``CMStochasticIterat
 ``[-1, 1]`` with ``clip_denoised``, on the process of the consistency function's end ``x_e``;
 :func:`consistency_schedule` is that scheduler's grid (its ``rho``, ``num_train_timesteps``), its
 ``s_noise`` a sampling setting (:class:`~steerdiff.integrations.diffusers.SteerdiffScheduler` refuses one
-other than 1).
+other than 1). ``ScoreSdeVeScheduler`` configs (Song et al. 2021's VE SDE, NCSN++; ScoreSdeVePipeline) give
+the process :class:`~steerdiff.processes.VE` of their ``sigma_min``, ``sigma_max`` with the score as the
+net's output and ``sigma`` as its time input, for :func:`steerdiff.sample` (that scheduler's
+predictor-corrector loop, ``step_pred`` / ``step_correct``, is no scheduler step that
+:class:`~steerdiff.integrations.diffusers.SteerdiffScheduler` can take).
 Settings that only choose diffusers' sampling grid (spacing, ``shift``, Karras sigmas, ...) do not
 change the model and are ignored. ``thresholding=True``
 (DeepFloyd IF: Imagen's dynamic thresholding, Saharia et al. 2022, at the quantile
@@ -64,7 +68,7 @@ from torch import Tensor
 from .._checks import choice, integer, real, real_array
 from ..denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, consistency_noise, consistency_process
 from ..guidance import ConsistencyBoundary, DynamicThreshold
-from ..processes import EDM, VP, Process, RectifiedFlow
+from ..processes import EDM, VE, VP, Process, RectifiedFlow
 from ..schedules import Custom
 
 __all__ = ["consistency_schedule", "cosine_noise", "denoiser_from_diffusers", "process_from_config"]
@@ -80,12 +84,12 @@ _EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", _COSINE_C
 _EDM_OUTPUTS = {"epsilon": "edm", "v_prediction": "v"}  # EDMDenoiser's output of a prediction_type
 _LCM_CLASS, _TCD_CLASS = "LCMScheduler", "TCDScheduler"  # VP models; LCM's with its boundary condition
 _CM_CLASS = "CMStochasticIterativeScheduler"  # consistency models (ConsistencyModelDenoiser)
+_VE_CLASS = "ScoreSdeVeScheduler"  # VE score models (NCSN++); denoiser_from_diffusers only
 _UNSUPPORTED = {
     "SCMScheduler": "a consistency model",
     "FlowMatchLCMScheduler": "a consistency-distilled model",
     "HeliosScheduler": "a multi-stage (pyramid) flow model",
     "HeliosDMDScheduler": "a distilled multi-stage (pyramid) flow model",
-    "ScoreSdeVeScheduler": "a variance-exploding score model",
     "KarrasVeScheduler": "a variance-exploding model",
     "IPNDMScheduler": "a model without a beta schedule",
     "DDPMWuerstchenScheduler": "a Wuerstchen model",
@@ -97,7 +101,6 @@ _UNSUPPORTED_KEYS = {
     "sigma_data": "an EDM-preconditioned or consistency model",
     "scale_factors": "a consistency-distilled model",  # FlowMatchLCM
     "stages": "a multi-stage (pyramid) flow model",  # Helios, HeliosDMD
-    "sampling_eps": "a variance-exploding score model",
     "num_vec_classes": "a discrete-token model",
     "mask_token_id": "a discrete-token model",
 }
@@ -129,8 +132,9 @@ _VP_KEYS = frozenset(
 _SUPPORTED = (
     "VP configs (beta_schedule/trained_betas: DDPM, DDIM, PNDM, Euler, Heun, LMS, DPM-Solver, UniPC, "
     "DEIS, ... schedulers; LCM and TCD), flow-matching configs (FlowMatchEuler/FlowMatchHeun, "
-    "use_flow_sigmas), EDM configs (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep) and "
-    "consistency models (CMStochasticIterative)"
+    "use_flow_sigmas), EDM configs (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep), "
+    "consistency models (CMStochasticIterative) and, for sd.sample, variance-exploding score models "
+    "(ScoreSdeVe)"
 )
 
 
@@ -350,6 +354,30 @@ def consistency_schedule(
     return Custom(_ramp_times(cfg, index / (n - 1)))
 
 
+def _is_score_sde_ve(cfg: dict[str, Any]) -> bool:
+    """Whether a config is ScoreSdeVeScheduler's: by class name, or made in code by its key
+    ``sampling_eps`` (no other scheduler has it)."""
+    origin = _origin(cfg)
+    return origin == _VE_CLASS if origin is not None else "sampling_eps" in cfg
+
+
+def _score_sde_ve_spec(cfg: dict[str, Any]) -> _Spec:
+    """A ScoreSdeVeScheduler config (Song et al. 2021, the VE SDE; NCSN++, ScoreSdeVePipeline): the process
+    :class:`~steerdiff.processes.VE` of its ``sigma_min``, ``sigma_max`` (``sigma(t) = sigma_min
+    (sigma_max / sigma_min)^t``, ``t`` in ``[0, 1]``), the net's output the score (the pipeline's model
+    output: UNet2DModel's Fourier-time NCSN++ divides its output by the ``sigma`` it gets) and its time
+    input ``sigma(t)`` itself. ``snr``, ``correct_steps``, ``sampling_eps`` and ``num_train_timesteps``
+    are sampling settings."""
+    lo, hi = (
+        real(_WHO, k, v if cfg.get(k) is None else cfg[k], lo=0, lo_open=True)
+        for k, v in (("sigma_min", 0.01), ("sigma_max", 1348.0))
+    )
+    if not lo < hi:
+        raise ValueError(f"{_WHO}: need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
+    process = VE(lo, hi)
+    return _Spec(process, "score", False, process.sigma)
+
+
 def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
     """The post-processing of the denoised estimate a config asks for, as DDPM/DDIM apply it (and
     DPMSolver/UniPC/DEIS its first case): ``thresholding=True`` (not UniPC's with ``predict_x0=False``,
@@ -409,6 +437,8 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     origin = _origin(cfg) or ""
     if _is_consistency(cfg):
         return _consistency_spec(cfg)
+    if _is_score_sde_ve(cfg):
+        return _score_sde_ve_spec(cfg)
     threshold = _threshold(cfg)
     if _is_edm(cfg):
         return _edm_spec(cfg, threshold)
@@ -546,7 +576,7 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
         ValueError: an unknown ``beta_schedule``/``prediction_type`` (``v_prediction`` with
             ``use_flow_sigmas``), ``variance_type="learned"``,
             a threshold setting out of range (naming the key), a config of an unsupported
-            scheduler (sCM and flow-map consistency models, VE, discrete-token models), or one with no
+            scheduler (sCM and flow-map consistency models, Karras' VE, discrete-token models), or one with no
             ``beta_schedule`` or ``trained_betas`` that is no flow-matching config and has a key no VP
             config has (naming it), an EDM config of another ``prediction_type`` or ``precondition_type``.
     """
