@@ -296,11 +296,11 @@ def _consistency_spec(cfg: dict[str, Any]) -> _Spec:
     :class:`~steerdiff.denoiser.ConsistencyModelDenoiser` of its ``sigma_min``, ``sigma_max`` and
     ``sigma_data``, its ``x0`` clipped to ``[-1, 1]`` with ``clip_denoised`` (default ``True``), as that
     scheduler clips it. The process's smallest time is that of the ramp's last node before ``sigma_min``
-    (position ``(N - 2) / (N - 1)``, ``N = num_train_timesteps``), or ``sigma_min`` if that is below it:
-    every node of the scheduler's grids is in the range."""
+    (position ``(N - 2) / (N - 1)``, ``N = num_train_timesteps``; above ``sigma_min``, so ``t > 0``), or
+    ``sigma_min`` if that is below it: every node of the scheduler's grids is in the range."""
     lo, hi, sigma_data, n, _ = _consistency_model(cfg)
     last = float(_ramp_times(cfg, torch.tensor([(n - 2) / (n - 1)], dtype=F64)))
-    process = consistency_process(lo, hi, min(lo, last) if last > 0 else lo)
+    process = consistency_process(lo, hi, min(lo, last))
     clip = cfg.get("clip_denoised", True)
     if not isinstance(clip, bool):
         raise ValueError(f"{_WHO}: clip_denoised must be True or False, got {clip!r}")
@@ -476,8 +476,9 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     variance = cfg.get("variance_type")
     if variance == "learned":
         raise ValueError(
-            "variance_type='learned' (a raw log-variance output) is not supported; accepted: "
-            "'learned_range' or a fixed variance type"
+            "variance_type='learned' (extra output channels that diffusers' DDPMScheduler takes as the "
+            "step's variance itself, where Improved DDPM's code takes a learned output as its log) is not "
+            "supported; accepted: 'learned_range' or a fixed variance type"
         )
     ac = torch.cumprod(1 - _betas(cfg), 0)
     shift = real(_WHO, "snr_shift_scale", cfg.get("snr_shift_scale") or 1.0, lo=0, lo_open=True)
