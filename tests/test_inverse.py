@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.signal import convolve2d
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import steerdiff as sd
@@ -383,3 +384,71 @@ def test_blur_fft_paths_in_half_precision_and_empty_kernels_or_matrices_are_name
             str(e.value)
             == f"Matrix: A must be a 2-D float tensor (m, d), m, d >= 1, got {shape} torch.float32"
         )
+
+
+def _nearly_singular(m: int, d: int, s: list[float]) -> Tensor:
+    """An ``(m, d)`` matrix with singular values ``s`` and random singular vectors."""
+    gen = torch.Generator().manual_seed(7)
+    U, _ = torch.linalg.qr(torch.randn(m, len(s), generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(d, len(s), generator=gen, dtype=torch.float64))
+    return U @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 8), (8, 5)])
+def test_matrix_pinv_cutoff_follows_the_dtype(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """The cutoff was ``1e-12 s_max`` in every dtype: a float32 ``pinv`` kept the singular value ``1e-10``
+    and multiplied ``y``'s round-off by ``1e10`` (singular values 1 .. 1e-10, random ``y``: relative error
+    7.7e5 (5 x 8) and 9.6e5 (8 x 5) against the exact pseudo-inverse at float32's cutoff). Now
+    ``eps * max(m, d) * s_max`` of the dtype of ``y``, as numpy / torch.linalg.pinv: float32 drops 1e-10
+    and keeps 1e-4 (5.4e-8, 1.5e-7), float64 keeps both (3.2e-7, 6.7e-7: the conditioning 1e10 times
+    float64's round-off)."""
+    m, d = shape
+    A = _nearly_singular(m, d, [1.0, 0.5, 0.2, 1e-4, 1e-10])
+    y = torch.randn(4, m, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    eps = torch.finfo(dtype).eps
+    want = y.numpy() @ np.linalg.pinv(A.numpy(), rcond=eps * max(m, d)).T
+    got = Matrix(A).pinv(y.to(dtype)).double().numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < (1e-6 if dtype == torch.float32 else 1e-5)
+    assert sd.inverse.cutoff(None, dtype, max(m, d)) == eps * max(m, d)
+    # an explicit rcond is the cutoff in every dtype
+    want = y.numpy() @ np.linalg.pinv(A.numpy(), rcond=1e-3).T
+    got = Matrix(A, rcond=1e-3).pinv(y.to(dtype)).double().numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6
+    # aat_solve(y, 0) needs full row rank at the same cutoff: float32 lacks it for a wide A
+    if m < d:
+        op = Matrix(A)
+        if dtype == torch.float32:
+            with pytest.raises(ValueError, match="singular"):
+                op.aat_solve(y.to(dtype), 0.0)
+        else:
+            P = np.linalg.pinv(A.numpy(), rcond=eps * max(m, d))  # (A A^T)^{-1} = P^T P at full row rank
+            got = op.aat_solve(y, 0.0).numpy()
+            assert np.linalg.norm(got - y.numpy() @ (P.T @ P).T) / np.linalg.norm(got) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blur_pinv_cutoff_follows_the_dtype(dtype: torch.dtype) -> None:
+    """As for Matrix: the 2x2 box kernel nudged by 1e-10 has DFT gains down to 1e-10 of the largest; float32
+    kept them (cutoff 1e-12): relative error 4.5e9 against the exact pseudo-inverse at float32's cutoff,
+    now 1.2e-7 (float64: 8.9e-7, unchanged)."""
+    kernel = torch.tensor([[0.25, 0.25], [0.25, 0.25 + 1e-10]], dtype=torch.float64)
+    op = Blur(kernel, (1, 4, 6))
+    A = op.to_dense().numpy()
+    n = A.shape[0]
+    y = torch.randn(3, 1, 4, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    want = y.reshape(3, -1).numpy() @ np.linalg.pinv(A, rcond=torch.finfo(dtype).eps * n).T
+    got = op.pinv(y.to(dtype)).double().reshape(3, -1).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < (1e-6 if dtype == torch.float32 else 1e-5)
+    if dtype == torch.float32:
+        with pytest.raises(ValueError, match="singular"):
+            op.aat_solve(y.to(dtype), 0.0)
+
+
+def test_rcond_is_checked() -> None:
+    for bad in (-1e-3, 1.0, float("nan"), "small"):
+        with pytest.raises(ValueError) as e:
+            Matrix(A_WIDE, rcond=bad)
+        assert str(e.value) == f"Matrix: rcond must be a finite number in [0, 1), got {bad!r}"
+        with pytest.raises(ValueError, match=r"^Blur: rcond must be a finite number in \[0, 1\)"):
+            Blur(KERNEL_ODD, (5, 6), rcond=bad)

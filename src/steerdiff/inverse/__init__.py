@@ -1,5 +1,5 @@
 """Linear measurement operators for inverse problems: ``y = A x + noise_std * n``."""
 
-from .operators import RCOND, Blur, Downsample, Inpaint, LinearOperator, Matrix
+from .operators import Blur, Downsample, Inpaint, LinearOperator, Matrix, cutoff
 
-__all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
+__all__ = ["Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix", "cutoff"]

@@ -5,7 +5,10 @@ An operator acts on a batch ``x`` of shape ``(n, *shape_in)`` and returns ``(n, 
 
 - ``forward(x)`` = ``A x`` and ``adjoint(y)`` = ``A^T y`` (differentiable, any float dtype/device);
 - ``pinv(y)`` = ``A^+ y``, the Moore-Penrose pseudo-inverse, with singular values at or below
-  ``RCOND * s_max`` treated as zero (numpy's ``rcond`` convention);
+  ``rcond * s_max`` treated as zero (numpy's ``rcond`` convention); by default (``rcond=None``)
+  ``rcond = eps * max(m, d)`` with ``eps`` the machine epsilon of the dtype ``y`` is computed in, as
+  ``numpy.linalg.pinv`` / ``torch.linalg.pinv`` do by default (:func:`cutoff`): in float32 a singular
+  value far below ``eps * s_max`` multiplies the round-off of ``y`` by ``1 / s`` and swamps the answer;
 - ``aat_solve(y, shift)`` = ``(A A^T + shift I)^{-1} y`` (``shift`` a float, or one per sample), the
   one solve that PiGDM (Song et al. 2023, "Pseudoinverse-guided diffusion models for inverse
   problems") needs: ``(r^2 A A^T + s_y^2 I)^{-1} v = aat_solve(v, s_y^2 / r^2) / r^2``;
@@ -16,7 +19,8 @@ Each operator uses its structure for ``pinv`` and ``aat_solve``: an SVD computed
 (:class:`Matrix`), ``A A^T = I`` (:class:`Inpaint`), ``A A^T = I / f^2`` (:class:`Downsample`), or
 the FFT diagonalisation of a circular convolution (:class:`Blur`; none for zero padding). What
 they need on the input's device (factors, spectral gains, indices) is moved there once per device
-and dtype, and the rank is decided once, so no call copies from the host or syncs with the device.
+and dtype, and the rank is decided once per dtype, so no call copies from the host or syncs with the
+device.
 """
 
 from __future__ import annotations
@@ -32,10 +36,20 @@ from torch import Tensor
 from .._checks import SAMPLE_DTYPES, choice, device_or_none, integer, real, sample_dtype, tensor
 from .._ops import kept
 
-__all__ = ["RCOND", "Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix"]
+__all__ = ["Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix", "cutoff"]
 
-RCOND = 1e-12
-"""Relative cutoff: singular values ``<= RCOND * s_max`` count as zero in ``pinv`` and ``aat_solve``."""
+
+def cutoff(rcond: float | None, dtype: torch.dtype, size: int) -> float:
+    """The relative cutoff of a pseudo-inverse computed in ``dtype``: singular values ``<= cutoff * s_max``
+    count as zero in ``pinv`` and in the rank that ``aat_solve(y, 0)`` needs. ``rcond`` if given, else
+    ``eps(dtype) * size`` with ``size = max(m, d)`` of the dense matrix (the default of
+    ``numpy.linalg.pinv`` and ``torch.linalg.pinv``)."""
+    return torch.finfo(dtype).eps * size if rcond is None else rcond
+
+
+def _rcond(who: str, rcond: float | None) -> float | None:
+    """``rcond``: ``None`` (the dtype's default, :func:`cutoff`) or a number in ``[0, 1)``."""
+    return None if rcond is None else real(who, "rcond", rcond, lo=0, hi=1, hi_open=True)
 
 
 def _shape(who: str, name: str, shape: Sequence[int], min_dims: int = 1) -> tuple[int, ...]:
@@ -87,7 +101,8 @@ class LinearOperator:
         return self._adjoint(y)
 
     def pinv(self, y: Tensor) -> Tensor:
-        """``A^+ y`` (Moore-Penrose, cutoff ``RCOND * s_max``), returning ``(n, *shape_in)``."""
+        """``A^+ y`` (Moore-Penrose, cutoff ``r s_max``, ``r`` from :func:`cutoff` for ``y``'s dtype),
+        returning ``(n, *shape_in)``."""
         self._check(y, self.shape_out, "y")
         return self._pinv(y)
 
@@ -136,13 +151,22 @@ class Matrix(LinearOperator):
     r"""A dense ``(m, d)`` matrix on flattened samples of shape ``shape_in`` (default ``(d,)``).
 
     ``pinv`` and ``aat_solve`` use the thin SVD ``A = U diag(s) V^T``, computed once in float64 on
-    first use (:meth:`svd`): ``A^+ y = V diag(1/s) U^T y`` over ``s > RCOND s_max``, and
+    first use (:meth:`svd`): ``A^+ y = V diag(1/s) U^T y`` over ``s > r s_max``, and
     ``(A A^T + c I)^{-1} y = U diag(1/(s^2 + c)) U^T y + (y - U U^T y) / c`` (the last term 0 where
-    ``c = 0``, which needs full row rank, and not computed where ``m <= d``: ``U`` is square there).
+    ``c = 0``, which needs full row rank -- every ``s > r s_max`` -- and not computed where ``m <= d``:
+    ``U`` is square there). ``r = rcond`` if given (a number in ``[0, 1)``), else ``eps * max(m, d)``
+    in the dtype of the call (:func:`cutoff`).
     """
 
-    def __init__(self, A: Tensor, noise_std: float = 0.0, shape_in: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        A: Tensor,
+        noise_std: float = 0.0,
+        shape_in: Sequence[int] | None = None,
+        rcond: float | None = None,
+    ) -> None:
         super().__init__(noise_std)
+        self.rcond = _rcond("Matrix", rcond)
         try:
             A = torch.as_tensor(A)
         except (TypeError, ValueError, RuntimeError):
@@ -160,24 +184,24 @@ class Matrix(LinearOperator):
             raise ValueError(f"Matrix: shape_in {self.shape_in} does not hold d = {d} entries")
         self.shape_out = (m,)
         self._svd: tuple[Tensor, Tensor, Tensor] | None = None
-        self._full_rank: bool | None = None
 
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD ``(U (m, k), s (k,), Vh (k, d))`` of ``A`` in float64, ``k = min(m, d)``, cached."""
         if self._svd is None:
             U, s, Vh = torch.linalg.svd(self.A.detach().to(torch.float64), full_matrices=False)
             self._svd = (U, s, Vh)
-            self._full_rank = U.shape[0] <= Vh.shape[1] and bool((s > RCOND * s.max()).all())
         return self._svd
 
-    def _factors(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(U, s, 1/s over s > RCOND s_max else 0, Vh)`` on ``like``'s device and dtype."""
+    def _factors(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+        """``(U, s, 1/s over s > r s_max else 0, Vh)`` on ``like``'s device and dtype, and whether ``A`` has
+        full row rank at that cutoff ``r``."""
 
-        def make(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        def make(device: torch.device, dtype: torch.dtype) -> tuple[Tensor | bool, ...]:
             U, s, Vh = self.svd()
-            keep = s > RCOND * s.max()
+            keep = s > cutoff(self.rcond, dtype, max(U.shape[0], Vh.shape[1])) * s.max()
             inv = torch.where(keep, 1.0 / torch.where(keep, s, 1.0), 0.0)
-            return tuple(v.to(device=device, dtype=dtype) for v in (U, s, inv, Vh))
+            full_rank = U.shape[0] <= Vh.shape[1] and bool(keep.all())
+            return (*(v.to(device=device, dtype=dtype) for v in (U, s, inv, Vh)), full_rank)
 
         return self._on("svd", like, make)
 
@@ -191,12 +215,12 @@ class Matrix(LinearOperator):
         return (y @ self._matrix(y)).reshape(-1, *self.shape_in)
 
     def _pinv(self, y: Tensor) -> Tensor:
-        U, _, inv, Vh = self._factors(y)
+        U, _, inv, Vh, _ = self._factors(y)
         return ((y @ U) * inv @ Vh).reshape(-1, *self.shape_in)
 
     def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
-        U, s, _, _ = self._factors(y)
-        if isinstance(shift, float) and shift == 0.0 and not self._full_rank:
+        U, s, _, _, full_rank = self._factors(y)
+        if isinstance(shift, float) and shift == 0.0 and not full_rank:
             raise ValueError("Matrix.aat_solve: A A^T is singular (A lacks full row rank); pass shift > 0")
         coef = y @ U
         out = (coef / (s**2 + shift)) @ U.T
@@ -292,15 +316,23 @@ class Blur(LinearOperator):
     ``boundary="fill"``). The adjoint is the correlation with ``k`` (convolution with the flipped
     kernel) under the same padding. For circular padding ``A = F^{-1} diag(K) F`` with ``K`` the
     2-D DFT of the centred kernel, so ``A^+ y = F^{-1} (conj(K) / |K|^2) F y`` over
-    ``|K| > RCOND max |K|`` and ``(A A^T + c I)^{-1} y = F^{-1} F y / (|K|^2 + c)``; zero padding
-    has no cheap ``pinv`` / ``aat_solve``. The FFT paths need float32 or float64 and compute in the
-    matching complex dtype; the gains are built once per device and dtype.
+    ``|K| > r max |K|`` and ``(A A^T + c I)^{-1} y = F^{-1} F y / (|K|^2 + c)`` (``c = 0`` needs every
+    ``|K| > r max |K|``), with ``r = rcond`` if given (in ``[0, 1)``), else ``eps * d`` in the dtype of
+    the call, ``d`` the number of entries of a sample (:func:`cutoff`); zero padding has no cheap
+    ``pinv`` / ``aat_solve``. The FFT paths need float32 or float64 and compute in the matching complex
+    dtype; the gains are built once per device and dtype.
     """
 
     def __init__(
-        self, kernel: Tensor, shape: Sequence[int], padding: str = "circular", noise_std: float = 0.0
+        self,
+        kernel: Tensor,
+        shape: Sequence[int],
+        padding: str = "circular",
+        noise_std: float = 0.0,
+        rcond: float | None = None,
     ) -> None:
         super().__init__(noise_std)
+        self.rcond = _rcond("Blur", rcond)
         kernel = tensor("Blur", "kernel", kernel)
         if (
             kernel.ndim != 2
@@ -325,19 +357,13 @@ class Blur(LinearOperator):
         self._pad_fwd = (kw - 1 - cw, cw, kh - 1 - ch, ch)
         self._pad_adj = (cw, kw - 1 - cw, ch, kh - 1 - ch)
         self._mode = "circular" if padding == "circular" else "constant"
-        self._K: Tensor | None = None  # the DFT of the centred kernel, complex128 on the CPU
-        self._mag2 = self._pinv_gain = None
-        self._full_rank = False
+        # the DFT of the centred kernel, complex128 on the CPU, its half spectrum: a real kernel's gains
+        # are Hermitian, so the real FFT's half carries them (and every |K|)
+        self._K: Tensor | None = None
         if padding == "circular":
             centred = torch.zeros(H, W, dtype=torch.float64)
             centred[:kh, :kw] = kernel.detach().cpu().to(torch.float64)
-            self._K = torch.fft.fft2(centred.roll((-ch, -cw), dims=(0, 1)))
-            mag2 = self._K.abs() ** 2
-            keep = mag2.sqrt() > RCOND * mag2.sqrt().max()
-            pinv_gain = torch.where(keep, self._K.conj() / torch.where(keep, mag2, 1.0), 0.0)
-            self._full_rank = bool(keep.all())
-            # a real kernel's gains are Hermitian: the real FFT's half spectrum carries them
-            self._mag2, self._pinv_gain = mag2[:, : W // 2 + 1], pinv_gain[:, : W // 2 + 1]
+            self._K = torch.fft.fft2(centred.roll((-ch, -cw), dims=(0, 1)))[:, : W // 2 + 1]
 
     def _correlate(self, x: Tensor, flip: bool, pad: tuple[int, int, int, int]) -> Tensor:
         """Correlation of ``x`` with the kernel (flipped: convolution), the weight cached per device."""
@@ -353,25 +379,34 @@ class Blur(LinearOperator):
     def _adjoint(self, y: Tensor) -> Tensor:
         return self._correlate(y, False, self._pad_adj)
 
-    def _gain(self, method: str, y: Tensor) -> Tensor:
-        """``method``'s spectral gain on ``y``'s device (``"pinv"``: ``conj(K) / |K|^2`` over the kept
-        frequencies, in ``y``'s complex dtype; ``"aat_solve"``: ``|K|^2`` in ``y``'s dtype), half spectrum."""
-        gain = self._pinv_gain if method == "pinv" else self._mag2
-        if gain is None:
+    def _gain(self, method: str, y: Tensor) -> tuple[Tensor, bool]:
+        """``method``'s spectral gain on ``y``'s device, half spectrum (``"pinv"``: ``conj(K) / |K|^2``
+        over the frequencies kept at ``y``'s dtype's cutoff, in ``y``'s complex dtype; ``"aat_solve"``:
+        ``|K|^2`` in ``y``'s dtype), and whether that cutoff keeps every frequency (full rank)."""
+        K = self._K
+        if K is None:
             raise NotImplementedError(f"Blur: {method} needs padding='circular'")
         if y.dtype not in (torch.float32, torch.float64):  # torch's FFTs: no half precision on the CPU
             raise ValueError(f"Blur.{method}: y must be float32 or float64 (an FFT), got {y.dtype}")
-        dtype = y.dtype.to_complex() if gain.is_complex() else y.dtype
-        return self._on(method, y, lambda device, _: gain.to(device=device, dtype=dtype))
+
+        def make(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, bool]:
+            mag = K.abs()
+            keep = mag > cutoff(self.rcond, dtype, math.prod(self.shape_in)) * mag.max()
+            if method == "aat_solve":
+                return (mag**2).to(device=device, dtype=dtype), bool(keep.all())
+            gain = torch.where(keep, K.conj() / torch.where(keep, mag, 1.0) ** 2, 0.0)
+            return gain.to(device=device, dtype=dtype.to_complex()), bool(keep.all())
+
+        return self._on(method, y, make)
 
     def _spectral(self, y: Tensor, gain: Tensor) -> Tensor:
         return torch.fft.irfft2(torch.fft.rfft2(y) * gain, s=self.shape_in[-2:])
 
     def _pinv(self, y: Tensor) -> Tensor:
-        return self._spectral(y, self._gain("pinv", y))
+        return self._spectral(y, self._gain("pinv", y)[0])
 
     def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
-        mag2 = self._gain("aat_solve", y)
-        if isinstance(shift, float) and shift == 0.0 and not self._full_rank:
+        mag2, full_rank = self._gain("aat_solve", y)
+        if isinstance(shift, float) and shift == 0.0 and not full_rank:
             raise ValueError("Blur.aat_solve: A A^T is singular (kernel DFT has zeros); pass shift > 0")
         return self._spectral(y, 1.0 / (mag2 + shift))
