@@ -32,6 +32,7 @@ ENDS_AT_T_MIN = {"time_uniform", "logsnr_uniform", "exponential", "karras", "lin
 
 SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Sabour et al. 2024
 SDXL = [999, 845, 730, 587, 443, 310, 193, 116, 53, 13]
+AYS_SIGMAS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
 SD_CONFIG = {
     "num_train_timesteps": N,
     "beta_start": 0.00085,
@@ -197,6 +198,66 @@ def test_discrete_spacings_match_diffusers(spacing, schedule, offset):
             assert np.array_equal(ours, ref), (cls.__name__, n, ours[:5], ref[:5])
     if spacing == "trailing":
         assert extra == 5  # n = 61 (within 1..100), for DDIM, DDPM, Euler, DPM-Solver and UniPC
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    ("spacing", "schedule"), [("linspace", Linspace), ("leading", Leading), ("trailing", Trailing)]
+)
+def test_discrete_spacings_of_mean_reverting_processes(spacing, schedule):
+    """``MeanReverting.discrete`` processes (time = the integer step, as for ``VP.discrete``) were refused
+    by linspace / leading / trailing. Their trained steps are ``1, ..., T`` where ``thetabar_0 = 0`` (IR-SDE,
+    ``MeanReverting.cosine(T)``: step 0 is the clean image) and ``0, ..., N - 1`` otherwise: the nodes are
+    DDIMScheduler's timesteps for ``num_train_timesteps = T`` (``N``) shifted up by the first step, for
+    ``n = 1 .. N_train`` and ``steps_offset`` 0 and 1 (trailing's spurious ``n + 1``-th timestep -1 dropped,
+    as above; leading's timestep ``N_train`` at ``n = N_train``, offset 1, is refused, as for VP.discrete);
+    ``linspace`` with ``n = T`` is IR-SDE's own loop ``T, ..., 1``."""
+    diffusers = pytest.importorskip("diffusers")
+    irsde = sd.MeanReverting.cosine(100, stationary_std=10 / 255)
+    shifted = sd.MeanReverting.discrete(torch.linspace(0.01, 3.0, 40, dtype=F64))  # thetabar_0 > 0
+    for p, first, m in ((irsde, 1, 100), (shifted, 0, 40)):
+        assert (p.t_min, p.t_max) == (first, first + m - 1)
+        for offset in (0, 1):
+            for n in range(1, m + 1):
+                ref = diffusers.DDIMScheduler(
+                    num_train_timesteps=m, timestep_spacing=spacing, steps_offset=offset
+                )
+                ref.set_timesteps(n)
+                want = ref.timesteps.double().numpy()[:n]
+                if spacing == "linspace" and n == 1:
+                    want = np.array([m - 1.0])  # diffusers: [0], a lone evaluation at the clean end
+                if want[0] > m - 1:  # leading at n = m with steps_offset 1: timestep m, out of range
+                    with pytest.raises(ValueError, match=r"times must lie in the process range"):
+                        schedule(steps_offset=offset)(p, n)
+                    continue
+                assert np.array_equal(schedule(steps_offset=offset)(p, n).numpy(), first + want), (m, n)
+    assert Linspace()(irsde, 100).tolist() == [float(k) for k in range(100, 0, -1)]
+    assert Trailing()(irsde, 10).tolist() == [100.0 - 10 * k for k in range(10)]
+    assert Leading(steps_offset=1)(irsde, 10).tolist() == [92.0 - 10 * k for k in range(10)]
+
+
+def test_integer_spacings_and_ays_say_why_they_refuse():
+    """A continuous-time process has no integer steps: the message names the processes that have them and
+    the schedules to use instead; AYS's sigma list outside a process's range names that range."""
+    for other in (sd.VP.linear(), sd.EDM(), sd.RectifiedFlow(), sd.MeanReverting()):
+        with pytest.raises(ValueError) as err:
+            Trailing()(other, 4)
+        assert str(err.value) == (
+            "schedule 'trailing' needs a process of a model trained on integer steps (VP.discrete, "
+            "VP.scaled_linear, diffusers' VP configs; MeanReverting.discrete / .cosine), got "
+            f"{other!r}; for a continuous-time process use time_uniform, logsnr_uniform or karras"
+        )
+    p = sd.MeanReverting.cosine(100, stationary_std=10 / 255)  # sigma/alpha up to 7.84 < 14.6
+    with pytest.raises(ValueError) as err:
+        sd.schedules.AYS()(p, 10)
+    assert str(err.value) == (
+        f"AYS('sd15') spans sigma/alpha in [0.029, 14.615], outside the range of {p!r} ([0.0007366, "
+        "7.843]); use a schedule spaced over the process's own range (karras, logsnr_uniform, time_uniform)"
+    )
+    # where the range covers the list, AYS applies (the sigma list, its first node moved to t_max)
+    t = sd.schedules.AYS()(sd.MeanReverting.cosine(100), 10)
+    assert float(t[0]) == 100.0
+    np.testing.assert_allclose(_ratio(sd.MeanReverting.cosine(100), t[1:]).numpy(), AYS_SIGMAS_SD15[1:10])
 
 
 def test_trailing_ties_round_as_diffusers():

@@ -21,7 +21,9 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
 * ``ays`` -- Align Your Steps (Sabour et al. 2024): the published 10-step lists, log-linearly
   interpolated to other step counts.
 * ``linspace`` / ``leading`` / ``trailing`` -- the integer timestep spacings of diffusers' DDIM/DDPM
-  schedulers (Lin et al. 2024, Table 2), for ``VP.discrete``. diffusers' multistep schedulers
+  schedulers (Lin et al. 2024, Table 2), for the processes of a model trained on integer steps:
+  ``VP.discrete`` and ``MeanReverting.discrete`` (whose trained steps start at 1 where step 0 is the
+  clean image: the spacing is shifted up by one, see :class:`Linspace`). diffusers' multistep schedulers
   (DPM-Solver, UniPC) share ``trailing`` only: their ``linspace`` and ``leading`` space ``n + 1``
   points and drop the last (10 steps: 999, 899, ..., 100 and 901, 811, ..., 91 with ``steps_offset=1``).
 * ``lcm`` -- the timesteps a consistency-distilled net was distilled at (LCM, Luo et al. 2023; TCD,
@@ -39,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ._checks import boolean, caller, integer, real, real_array
-from .processes import Process, VPDiscrete
+from .processes import MeanRevertingDiscrete, Process, VPDiscrete
 
 __all__ = [
     "AYS",
@@ -411,7 +413,9 @@ class AYS(Schedule):
             if float(lam[0]) < lo - 1e-9 or float(lam[-1]) > hi + 1e-9:
                 raise ValueError(
                     f"AYS({self.model!r}) spans sigma/alpha in [{AYS_SIGMAS[self.model][-1]}, "
-                    f"{AYS_SIGMAS[self.model][0]}], outside the range of {process!r}; use another schedule"
+                    f"{AYS_SIGMAS[self.model][0]}], outside the range of {process!r} "
+                    f"([{_s(process, process.t_min):.4g}, {_s(process, process.t_max):.4g}]); use a schedule "
+                    "spaced over the process's own range (karras, logsnr_uniform, time_uniform)"
                 )
             lam[0] = lo
         xs = torch.linspace(0, 1, lam.numel(), dtype=F64)
@@ -431,27 +435,41 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return fp[j - 1] + w * (fp[j] - fp[j - 1])
 
 
-def _train_steps(schedule: Schedule, process: Process) -> int:
-    """``num_train_timesteps`` of a ``VP.discrete`` process (integer timesteps); other processes are a
-    ``ValueError`` naming ``schedule``."""
-    if not isinstance(process, VPDiscrete):
-        raise ValueError(
-            f"schedule {schedule.name!r} needs a VP.discrete process (integer timesteps: VP.discrete, "
-            f"VP.scaled_linear, diffusers' VP configs), got {process!r}"
-        )
-    return process.num_train_timesteps
-
-
 class _Discrete(Schedule):
-    """Integer timesteps of a ``VP.discrete`` process, spaced as in diffusers' DDIM/Euler schedulers.
+    """Integer timesteps of a model trained on integer steps, spaced as in diffusers' DDIM/Euler schedulers.
+
+    The trained steps are ``first, ..., first + N_train - 1`` (:meth:`_trained_steps`): ``0, ..., N - 1``
+    for ``VP.discrete`` (``N_train = num_train_timesteps``), the same for ``MeanReverting.discrete`` where
+    ``thetabar_0 > 0``, and ``1, ..., N - 1`` where ``thetabar_0 = 0`` (step 0 is the clean image, which
+    the net never sees: IR-SDE trains and samples on ``1, ..., T``; ``MeanReverting.cosine(T)`` has
+    ``N_train = T``). The spacing of diffusers' timesteps for ``N_train`` is shifted up by ``first``:
+    diffusers' timestep ``i``, the ``(i + 1)``-th noise level, is step ``i + 1`` there.
 
     ``steps_offset``: an integer >= 0, as diffusers' config holds it (only ``leading`` adds it)."""
 
     def __init__(self, steps_offset: int = 0) -> None:
         self.steps_offset = integer(type(self).__name__, "steps_offset", steps_offset, lo=0)
 
-    def _train_steps(self, process: Process) -> int:
-        return _train_steps(self, process)
+    def _trained_steps(self, process: Process) -> tuple[int, int]:
+        """``(first, N_train)`` of ``process``; a process without integer steps is a ``ValueError``."""
+        if isinstance(process, VPDiscrete):
+            return 0, process.num_train_timesteps
+        if isinstance(process, MeanRevertingDiscrete):
+            first = int(process.t_min)
+            return first, int(process.t_max) - first + 1
+        raise ValueError(
+            f"schedule {self.name!r} needs a process of a model trained on integer steps (VP.discrete, "
+            f"VP.scaled_linear, diffusers' VP configs; MeanReverting.discrete / .cosine), got {process!r}; "
+            "for a continuous-time process use time_uniform, logsnr_uniform or karras"
+        )
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        first, m = self._trained_steps(process)
+        return first + self._spacing(m, n)
+
+    def _spacing(self, m: int, n: int) -> Tensor:
+        """diffusers' ``n`` timesteps for ``m`` training steps (in ``0, ..., m - 1``), decreasing."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps_offset={self.steps_offset})"
@@ -464,12 +482,13 @@ class Linspace(_Discrete):
     take the first ``n`` of ``n + 1`` points instead.) Computed as numpy's increasing ``linspace``,
     reversed, so that ties at ``.5`` round as in diffusers (``N_train = 999``, ``n = 29``: 749, where
     torch's decreasing ``linspace`` gave 748.4999...); one node is ``N_train - 1`` (diffusers: 0).
+    Shifted by the first trained step (:class:`_Discrete`): ``MeanReverting.cosine(T)`` with
+    ``n = T`` gives IR-SDE's own steps ``T, ..., 1``.
     """
 
     name = "linspace"
 
-    def nodes(self, process: Process, n: int) -> Tensor:
-        m = self._train_steps(process)
+    def _spacing(self, m: int, n: int) -> Tensor:
         if n == 1:
             return torch.tensor([m - 1], dtype=F64)
         return torch.from_numpy(np.linspace(0, m - 1, n).round()[::-1].copy())
@@ -477,17 +496,18 @@ class Linspace(_Discrete):
 
 class Leading(_Discrete):
     """``k * (N_train // n) + steps_offset`` for ``k = n-1, ..., 0``: DDIM/DDPM/Euler's ``leading``
-    (DPM-Solver/UniPC take the first ``n`` of ``n + 1`` points spaced ``N_train // (n + 1)`` instead)."""
+    (DPM-Solver/UniPC take the first ``n`` of ``n + 1`` points spaced ``N_train // (n + 1)`` instead),
+    shifted by the first trained step (:class:`_Discrete`)."""
 
     name = "leading"
 
-    def nodes(self, process: Process, n: int) -> Tensor:
-        ratio = self._train_steps(process) // n
-        return torch.arange(n - 1, -1, -1, dtype=F64) * ratio + self.steps_offset
+    def _spacing(self, m: int, n: int) -> Tensor:
+        return torch.arange(n - 1, -1, -1, dtype=F64) * (m // n) + self.steps_offset
 
 
 class Trailing(_Discrete):
-    """``round(arange(N_train, 0, -N_train / n)) - 1``: starts at ``N_train - 1``.
+    """``round(arange(N_train, 0, -N_train / n)) - 1``: starts at ``N_train - 1`` (the last trained step
+    after the shift of :class:`_Discrete`).
 
     ``steps_offset`` is ignored, as in diffusers. The step is rounded as numpy's ``arange`` rounds
     it (``(N - N/n) - N``), so that ties at ``.5`` round exactly as in diffusers.
@@ -495,8 +515,7 @@ class Trailing(_Discrete):
 
     name = "trailing"
 
-    def nodes(self, process: Process, n: int) -> Tensor:
-        m = self._train_steps(process)
+    def _spacing(self, m: int, n: int) -> Tensor:
         step = (m - m / n) - m
         return torch.tensor([round(m + k * step) - 1 for k in range(n)], dtype=F64)
 
@@ -526,7 +545,13 @@ class LCM(Schedule):
         self.clean_node = boolean("LCM", "clean_node", clean_node)
 
     def nodes(self, process: Process, n: int) -> Tensor:
-        m = _train_steps(self, process)
+        if not isinstance(process, VPDiscrete):
+            raise ValueError(
+                "schedule 'lcm' needs a VP.discrete process (integer timesteps: VP.discrete, "
+                "VP.scaled_linear, diffusers' VP configs: the timesteps of a consistency-distilled VP net), "
+                f"got {process!r}"
+            )
+        m = process.num_train_timesteps
         if self.original_steps > m:
             raise ValueError(
                 f"{self!r}: original_steps must be at most the process's num_train_timesteps = {m} (the "
