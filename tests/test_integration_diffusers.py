@@ -1351,6 +1351,103 @@ def test_custom_sigmas_of_edm_configs_each_a_position_others_refused():
             ours.set_timesteps(sigmas=sigmas)
 
 
+def _reader_specs() -> dict[str, tuple[dict[str, Any], Any]]:
+    """The configs and specs the config reader gives: every diffusers scheduler class's default config it
+    takes, and the settings that change the net time (continuous timesteps, flow sigmas, another number of
+    steps)."""
+    import inspect
+    import warnings
+
+    from steerdiff.integrations.diffusers_config import _spec
+
+    configs: dict[str, dict[str, Any]] = {}
+    for name in dir(diffusers):
+        if not name.endswith("Scheduler"):
+            continue
+        try:
+            cls = getattr(diffusers, name)
+            assert inspect.isclass(cls)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                configs[name] = {**cls().config, "_class_name": name}
+        except Exception:  # a class whose module needs what is not installed, or that has no config
+            continue
+    euler = configs["EulerDiscreteScheduler"]
+    configs["continuous"] = {**euler, "timestep_type": "continuous", "prediction_type": "v_prediction"}
+    configs["flow_sigmas"] = {**configs["DPMSolverMultistepScheduler"], "use_flow_sigmas": True}
+    configs["flow_500"] = {**configs["FlowMatchEulerDiscreteScheduler"], "num_train_timesteps": 500}
+    specs = {}
+    for name, cfg in configs.items():
+        try:
+            specs[name] = (cfg, _spec(cfg))
+        except ValueError:  # a model the reader refuses
+            continue
+    return specs
+
+
+def test_every_net_time_the_config_reader_gives_has_its_inverse():
+    """Custom timesteps are read by the inverse of the config's net time, which the spec carries beside it
+    (was: an identity check on the map, the EDM inverse for any other; a third map would have been read
+    as EDM's). forward then inverse is the identity on the process times (rel. 1e-12: EDM, cosine, flow,
+    consistency models, ScoreSdeVe;
+    abs. 1e-9 steps: the continuous VP map through t_of_lam), inverse then forward on the net times; net
+    times outside a map's domain are NaN. VP configs with integer timesteps have none (their timesteps
+    are the process times)."""
+    owners = set()
+    specs = _reader_specs()
+    for name, (cfg, spec) in specs.items():
+        p, net = spec.process, spec.time_map
+        if net is None:
+            assert isinstance(p, sd.processes.VPDiscrete), name
+            continue
+        owners.add(net.owner)
+        t = torch.cat(
+            [
+                torch.linspace(p.t_min, p.t_max, 101, dtype=F64),
+                p.t_of_lam(torch.linspace(float(p.lam(p.t_max)), float(p.lam(p.t_min)), 101, dtype=F64)),
+            ]
+        ).clamp(p.t_min, p.t_max)
+        back = net.inverse(net.forward(t))
+        if isinstance(p, sd.processes.VPDiscrete):
+            torch.testing.assert_close(back, t, rtol=0, atol=1e-9)
+        else:
+            torch.testing.assert_close(back, t, rtol=1e-12, atol=0)
+        c = net.forward(t)
+        torch.testing.assert_close(net.forward(net.inverse(c)), c, rtol=1e-12, atol=1e-12)
+        den = denoiser_from_diffusers(lambda x, t: x, cfg)
+        torch.testing.assert_close(den.time_map(t), c, rtol=0, atol=0)  # the denoiser's is the forward map
+    assert owners == {
+        "an EDM config",
+        "a CosineDPMSolverMultistep config",
+        "a flow-matching config",
+        "a continuous-timestep VP config",
+        "a consistency model's config",
+        "a ScoreSdeVe config",
+    }
+    edm, cosine, flow = (
+        specs[k][1].time_map for k in ("EDMEulerScheduler", "CosineDPMSolverMultistepScheduler", "flow_500")
+    )
+    assert flow.inverse(torch.tensor([-1.0, 0.0, 250.0], dtype=F64)).isnan().tolist() == [True, False, False]
+    assert float(flow.inverse(torch.tensor(250.0, dtype=F64))) == 0.5
+    assert cosine.inverse(torch.tensor([-0.1, 0.0, 0.5, 1.0], dtype=F64)).isnan().tolist() == [
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert (
+        float(edm.inverse(torch.tensor(200.0, dtype=F64))) == math.inf
+    )  # clipped to sigma_max by the reader
+    cm, ve = (specs[k][1].time_map for k in ("CMStochasticIterativeScheduler", "ScoreSdeVeScheduler"))
+    # below sigma_min = 0.002 (250 log 0.002 = -1553.7) no consistency-model time; VE's net time is sigma > 0
+    assert cm.inverse(torch.tensor([-1560.0, 250 * math.log(0.002), 0.0], dtype=F64)).isnan().tolist() == [
+        True,
+        False,
+        False,
+    ]
+    assert ve.inverse(torch.tensor([-1.0, 0.0, 1.0], dtype=F64)).isnan().tolist() == [True, True, False]
+
+
 def test_custom_timesteps_of_edm_configs_are_the_nets_times():
     # EDM's net time is c_noise = log(sigma) / 4, negative below sigma 1. Before, custom timesteps were read
     # as sigmas (EDMEuler's first three, [1.0955, 0.7987, 0.4411], came back as [0.0228, -0.0562, -0.2046])

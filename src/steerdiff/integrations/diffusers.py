@@ -59,7 +59,7 @@ import json
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, Literal, overload
 
 import torch
@@ -106,7 +106,6 @@ from .diffusers_config import (
     _Spec,
     _spec,
     consistency_schedule,
-    cosine_noise,
     denoiser_from_diffusers,
     process_from_config,
 )
@@ -417,12 +416,14 @@ def _custom_times(
     sigmas: Sequence[float] | None,
     mu: float | None,
 ) -> Tensor:
-    """The process times of a pipeline's custom grid: ``timesteps`` are the net's times of the nodes
-    (``log(sigma) / 4`` for EDM configs, ``2 atan(sigma) / pi`` for cosine ones); ``sigmas`` are noise
-    levels in the convention of the config's diffusers schedulers -- flow times (before the shift, which
-    is applied as :func:`_flow_shift` says) for flow configs, ``sigma / alpha`` (Karras') for VP ones, a
-    trailing 0 (diffusers' terminal) dropped: the end is the scheduler's ``final``; for EDM configs
-    positions on the sigma ramp (:func:`_edm_ramp`). Times beyond the model's range are clipped to it.
+    """The process times of a pipeline's custom grid: ``timesteps`` are the net's times of the nodes, read
+    by the inverse of the config's net time (:class:`~steerdiff.integrations.diffusers_config.NetTime`:
+    ``log(sigma) / 4`` for EDM configs, ``2 atan(sigma) / pi`` for cosine ones, ``1000 t`` for flow ones;
+    a VP config's are its process times, the integer timesteps); ``sigmas`` are noise levels in the
+    convention of the config's diffusers schedulers -- flow times (before the shift, which is applied as
+    :func:`_flow_shift` says) for flow configs, ``sigma / alpha`` (Karras') for VP ones, a trailing 0
+    (diffusers' terminal) dropped: the end is the scheduler's ``final``; for EDM configs positions on the
+    sigma ramp (:func:`_edm_ramp`). Times beyond the model's range are clipped to it.
     A consistency model's config takes ``timesteps`` only, CMStochasticIterativeScheduler's ramp indices
     (:func:`consistency_schedule`)."""
     name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
@@ -435,36 +436,29 @@ def _custom_times(
             )
         return consistency_schedule(cfg, timesteps=values).grid
     v = real_array("set_timesteps", name, values)
-    if spec.sigma_data is not None:  # EDM
-        if name == "sigmas":
-            return _edm_ramp(cfg, spec.process, v, values)
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"set_timesteps: timesteps must be finite numbers, got {values!r}")
-        if spec.time_map is cosine_noise:  # the net's time 2 atan(sigma) / pi
-            if not bool(((v >= 0) & (v < 1)).all()):
-                raise ValueError(
-                    "set_timesteps: timesteps of a CosineDPMSolverMultistep config are its net's times "
-                    f"2 atan(sigma) / pi, in [0, 1), got {values!r}"
-                )
-            v = torch.tan(v * (math.pi / 2))
-        else:  # the net's time c_noise = log(sigma) / 4 (edm_noise), < 0 below sigma 1; clipped to the range
-            # in log(sigma) first: exp(4 c) of a c above 177 is inf, which would read as a non-finite input
-            v = torch.exp((4 * v).clamp(max=math.log(spec.process.t_max)))
-    if name == "sigmas" and len(v) > 1 and v[-1] == 0:
-        v = v[:-1]
-    low = v >= 0 if name == "timesteps" else v > 0
-    if v.numel() < 1 or not bool(torch.isfinite(v).all() & low.all()):
-        accepted = ">= 0" if name == "timesteps" else "> 0 (a trailing 0 aside)"
-        raise ValueError(f"set_timesteps: {name} must be finite numbers {accepted}, got {values!r}")
-    flow, p = isinstance(spec.process, RectifiedFlow), spec.process
-    if name == "timesteps":
-        if spec.time_map is not None and not flow and spec.sigma_data is None:
+    flow, p, net = isinstance(spec.process, RectifiedFlow), spec.process, spec.time_map
+    if name == "sigmas" and spec.sigma_data is not None:
+        return _edm_ramp(cfg, p, v, values)
+    if name == "timesteps" and net is not None:
+        if not (flow or spec.sigma_data is not None):  # a VP config's custom timesteps are integer ones
             raise ValueError(
                 "set_timesteps: custom timesteps need discrete timesteps (timestep_type='continuous')"
             )
-        t = v / int(cfg.get("num_train_timesteps", 1000)) if flow else v
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"set_timesteps: timesteps must be finite numbers, got {values!r}")
+        t = net.inverse(v)
+        if bool(t.isnan().any()):
+            raise ValueError(
+                f"set_timesteps: timesteps of {net.owner} are its net's times {net.domain}, got {values!r}"
+            )
     else:
-        t = _flow_shift(cfg, v, mu) if flow else p.t_of_sigma_ratio(v)
+        if name == "sigmas" and len(v) > 1 and v[-1] == 0:
+            v = v[:-1]
+        low = v >= 0 if name == "timesteps" else v > 0
+        if not bool(torch.isfinite(v).all() & low.all()):
+            accepted = ">= 0" if name == "timesteps" else "> 0 (a trailing 0 aside)"
+            raise ValueError(f"set_timesteps: {name} must be finite numbers {accepted}, got {values!r}")
+        t = v if name == "timesteps" else _flow_shift(cfg, v, mu) if flow else p.t_of_sigma_ratio(v)
     t = t.clamp(p.t_min, p.t_max)
     if not bool((t[1:] < t[:-1]).all()):
         up = " (with inverse=True too: the sampling run's nodes, which it goes up)" * bool(cfg.get("inverse"))
@@ -982,7 +976,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 f"sigmas together); got {given or 'none'}"
             )
         self._follow_config()
-        spec, final, inverse = self._model, self._final(), self.config["inverse"]
+        final, inverse = self._final(), self.config["inverse"]
+        node_map: Callable[[Tensor], Tensor] | None = None  # the net's times the pipeline gives with sigmas
         if strength is not None:
             strength = real("set_timesteps", "strength", strength, lo=0, hi=1, lo_open=True)
         if original_inference_steps is not None:
@@ -997,7 +992,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             nodes = _custom_times(self._model, dict(self.config), None if both else timesteps, sigmas, mu)
             if both:
                 net_times = _node_net_times(timesteps, sigmas, len(nodes))
-                spec = replace(spec, time_map=_node_time_map(nodes, net_times))
+                node_map = _node_time_map(nodes, net_times)
             part = 1.0 if strength is None else strength
             kept = min(int(len(nodes) * part), len(nodes))  # LCMScheduler's img2img of custom timesteps
             if kept < 1 + (final == "none"):
@@ -1009,7 +1004,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             schedule, steps = _schedules.Custom(nodes), len(nodes) - (final == "none")
         # the config's model with the run's net times: the runs with the config's own share one denoiser
         # (its per-time caches stay filled), a custom time map gets its own
-        self._den = self._model_den if spec is self._model else _denoiser(_Recorded(), spec)
+        self._den = (
+            self._model_den if node_map is None else _denoiser(_Recorded(), self._model, time_map=node_map)
+        )
         grid = make_grid(self._den.process, schedule, steps, final)
         solver = self._solver or self._default_solver(grid)
         if inverse:  # sd.invert's run: the same solver loop up the reversed grid

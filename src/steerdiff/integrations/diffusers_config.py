@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +65,14 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, integer, real, real_array
-from ..denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, consistency_noise, consistency_process
+from ..denoiser import (
+    ConsistencyModelDenoiser,
+    Denoiser,
+    EDMDenoiser,
+    consistency_noise,
+    consistency_process,
+    edm_noise,
+)
 from ..guidance import ConsistencyBoundary, DynamicThreshold
 from ..processes import EDM, VE, VP, Process, RectifiedFlow
 from ..schedules import Custom
@@ -139,11 +145,26 @@ _SUPPORTED = (
 
 
 @dataclass(frozen=True)
+class NetTime:
+    """A net's time input as a function of process time, with its inverse: ``forward(t)`` is the net's time
+    at process time ``t`` (the denoiser's ``time_map``), ``inverse(c)`` the process time at which the net
+    sees ``c`` (how a pipeline's custom ``timesteps`` are read), NaN where ``c`` is no time of that net
+    (outside ``domain``). ``owner`` and ``domain`` name the config and the net times for messages: "timesteps
+    of {owner} are its net's times {domain}". Module-level functions or partials, so that a scheduler
+    holding them pickles."""
+
+    forward: Callable[[Tensor], Tensor]
+    inverse: Callable[[Tensor], Tensor]
+    owner: str
+    domain: str
+
+
+@dataclass(frozen=True)
 class _Spec:
     process: Process
     prediction: str
     learned_variance: bool
-    time_map: Callable[[Tensor], Tensor] | None
+    time_map: NetTime | None  # None: the process's own time (a VP config's integer timestep)
     threshold: tuple[float | None, float] | None = None  # DynamicThreshold's (percentile, max_value)
     sigma_data: float | None = None  # EDM preconditioning (EDMDenoiser; prediction is then its output)
     timestep_scaling: float | None = None  # LCM's boundary condition (ConsistencyBoundary)
@@ -230,8 +251,25 @@ def cosine_noise(t: Tensor) -> Tensor:
     """The net time of CosineDPMSolverMultistep's model (Stable Audio Open) at ``t = sigma``:
     ``c_noise = 2 atan(sigma) / pi``, in ``[0, 1)`` -- the time of the continuous cosine schedule
     ``alpha = cos(pi c / 2)``, ``sigma_vp = sin(pi c / 2)`` (Nichol & Dhariwal 2021, without the offset)
-    whose ``sigma_vp / alpha`` is ``sigma``. Its inverse is ``sigma = tan(pi c / 2)``."""
+    whose ``sigma_vp / alpha`` is ``sigma``. Its inverse is :func:`_cosine_noise_inverse`."""
     return torch.atan(t) * (2 / math.pi)
+
+
+def _cosine_noise_inverse(c: Tensor) -> Tensor:
+    """``sigma = tan(pi c / 2)`` for ``c`` in ``[0, 1)`` (the inverse of :func:`cosine_noise`), else NaN."""
+    return torch.where((c >= 0) & (c < 1), torch.tan(c * (math.pi / 2)), math.nan)
+
+
+def _edm_noise_inverse(c: Tensor) -> Tensor:
+    """``sigma = exp(4 c)``, the inverse of :func:`~steerdiff.denoiser.edm_noise` (``inf`` above
+    ``c = 177``: clipped to the range by the caller)."""
+    return torch.exp(4 * c)
+
+
+_EDM_TIME = NetTime(edm_noise, _edm_noise_inverse, "an EDM config", "log(sigma) / 4")
+_COSINE_TIME = NetTime(
+    cosine_noise, _cosine_noise_inverse, "a CosineDPMSolverMultistep config", "2 atan(sigma) / pi, in [0, 1)"
+)
 
 
 def _edm_spec(cfg: dict[str, Any], threshold: tuple[float | None, float] | None) -> _Spec:
@@ -256,7 +294,7 @@ def _edm_spec(cfg: dict[str, Any], threshold: tuple[float | None, float] | None)
         real(_WHO, k, v if cfg.get(k) is None else cfg[k], lo=0, lo_open=True)
         for k, v in zip(("sigma_min", "sigma_max", "sigma_data"), defaults, strict=True)
     )
-    time_map = cosine_noise if cosine else None
+    time_map = _COSINE_TIME if cosine else _EDM_TIME
     return _Spec(EDM(lo, hi), _EDM_OUTPUTS[pred_type], False, time_map, threshold, sigma_data)
 
 
@@ -291,6 +329,19 @@ def _ramp_times(cfg: dict[str, Any], ramp: Tensor) -> Tensor:
     return (sigma * sigma - lo * lo).clamp(min=0).sqrt()
 
 
+def _consistency_noise_inverse(sigma_min: float, c: Tensor) -> Tensor:
+    """The process time ``t = sqrt(sigma^2 - sigma_min^2)`` at which a consistency model's net sees ``c =
+    250 log(sigma)`` (the inverse of :func:`~steerdiff.denoiser.consistency_noise`); NaN below
+    ``sigma_min``."""
+    sigma = torch.exp(c / 250)
+    return torch.where(sigma >= sigma_min, (sigma * sigma - sigma_min**2).clamp(min=0).sqrt(), math.nan)
+
+
+def _ve_sigma_inverse(process: VE, c: Tensor) -> Tensor:
+    """The process time at which a ScoreSdeVe net sees its time ``c = sigma``; NaN for ``c <= 0``."""
+    return torch.where(c > 0, process.t_of_sigma_ratio(c.clamp(min=1e-300)), math.nan)
+
+
 def _consistency_spec(cfg: dict[str, Any]) -> _Spec:
     """A CMStochasticIterativeScheduler config (Song et al. 2023; ConsistencyModelPipeline): a
     :class:`~steerdiff.denoiser.ConsistencyModelDenoiser` of its ``sigma_min``, ``sigma_max`` and
@@ -304,7 +355,12 @@ def _consistency_spec(cfg: dict[str, Any]) -> _Spec:
     clip = cfg.get("clip_denoised", True)
     if not isinstance(clip, bool):
         raise ValueError(f"{_WHO}: clip_denoised must be True or False, got {clip!r}")
-    time_map = functools.partial(consistency_noise, lo)
+    time_map = NetTime(
+        functools.partial(consistency_noise, lo),
+        functools.partial(_consistency_noise_inverse, lo),
+        "a consistency model's config",
+        f"250 log(sigma), sigma >= sigma_min = {lo:g}",
+    )
     threshold = (None, 1.0) if clip else None
     return _Spec(process, "x0", False, time_map, threshold, consistency=(lo, hi, sigma_data))
 
@@ -375,7 +431,10 @@ def _score_sde_ve_spec(cfg: dict[str, Any]) -> _Spec:
     if not lo < hi:
         raise ValueError(f"{_WHO}: need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
     process = VE(lo, hi)
-    return _Spec(process, "score", False, process.sigma)
+    net_time = NetTime(
+        process.sigma, functools.partial(_ve_sigma_inverse, process), "a ScoreSdeVe config", "sigma > 0"
+    )
+    return _Spec(process, "score", False, net_time)
 
 
 def _threshold(cfg: dict[str, Any]) -> tuple[float | None, float] | None:
@@ -433,6 +492,21 @@ def _euler_continuous_time(process: Process, t: Tensor) -> Tensor:
     return -0.25 * process.lam(t)
 
 
+def _euler_continuous_inverse(process: Process, c: Tensor) -> Tensor:
+    """The process time of Euler's continuous timestep ``c = -lam / 4``: ``t_of_lam(-4 c)``."""
+    return process.t_of_lam(-4 * c)
+
+
+def _flow_time(n: int, t: Tensor) -> Tensor:
+    """A flow-matching net's time ``n t`` (``n = num_train_timesteps``)."""
+    return n * t
+
+
+def _flow_time_inverse(n: int, c: Tensor) -> Tensor:
+    """``t = c / n`` for ``c >= 0``, the inverse of :func:`_flow_time`; NaN elsewhere."""
+    return torch.where(c >= 0, c / n, math.nan)
+
+
 def _spec(cfg: dict[str, Any]) -> _Spec:
     origin = _origin(cfg) or ""
     if _is_consistency(cfg):
@@ -458,10 +532,14 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
         if cfg.get("invert_sigmas"):
             raise ValueError("flow-matching config with invert_sigmas=True is not supported")
         prediction = _flow_sigmas_prediction(pred_type) if cfg.get("use_flow_sigmas") else "flow"
-        # the net time n t (a partial, not a lambda: a scheduler holding it pickles)
-        return _Spec(
-            RectifiedFlow(1 / n, 1 - 1 / n), prediction, False, functools.partial(operator.mul, n), threshold
+        # the net time n t (partials, not lambdas: a scheduler holding them pickles)
+        flow_time = NetTime(
+            functools.partial(_flow_time, n),
+            functools.partial(_flow_time_inverse, n),
+            "a flow-matching config",
+            f"{n} t, >= 0",
         )
+        return _Spec(RectifiedFlow(1 / n, 1 - 1 / n), prediction, False, flow_time, threshold)
     if "beta_schedule" not in cfg and cfg.get("trained_betas") is None:
         key = next((k for k in cfg if not k.startswith("_") and k not in _VP_KEYS), None)
         if key is not None:
@@ -488,7 +566,12 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
     time_map = None
     choice(_WHO, "timestep_type", cfg.get("timestep_type", "discrete"), ("discrete", "continuous"))
     if cfg.get("timestep_type") == "continuous" and pred_type == "v_prediction":
-        time_map = functools.partial(_euler_continuous_time, process)
+        time_map = NetTime(
+            functools.partial(_euler_continuous_time, process),
+            functools.partial(_euler_continuous_inverse, process),
+            "a continuous-timestep VP config",
+            "log(sigma / alpha) / 4",
+        )
     learned = variance == "learned_range"
     return _Spec(process, _PREDICTIONS[pred_type], learned, time_map, threshold, timestep_scaling=scaling)
 
@@ -542,7 +625,7 @@ def _denoiser(net: Callable[..., Tensor], spec: _Spec, **kw: Any) -> Denoiser:
     :class:`~steerdiff.guidance.DynamicThreshold` where the config thresholds or clips, and that in a
     :class:`~steerdiff.guidance.ConsistencyBoundary` for an LCM config (LCMScheduler clips first)."""
     den: Denoiser
-    opts: dict[str, Any] = {} if spec.time_map is None else {"time_map": spec.time_map}
+    opts: dict[str, Any] = {} if spec.time_map is None else {"time_map": spec.time_map.forward}
     if spec.consistency is not None:
         lo, hi, sigma_data = spec.consistency
         den = ConsistencyModelDenoiser(net, lo, hi, sigma_data, **{**opts, "t_min": spec.process.t_min, **kw})
