@@ -395,6 +395,38 @@ def test_deis_takes_long_steps_up_at_first_order_and_samples_as_before(gmm, x_0)
         assert torch.equal(ours, sd.sample(gmm.denoiser(p), noise, 20, DEIS(max_h=math.inf), schedule))
 
 
+def test_heun_keeps_its_trapezoid_up_the_grid(gmm, monkeypatch):
+    """heun_update's docstring: up the grid (``h < 0``) Heun keeps the trapezoid in ``s``; the exponential
+    trapezoid that long steps down take, applied up by ``|h|``, was far worse. 8-d mixture, 32 samples,
+    against the exact ODE (measured): rectified flow on karras at 5 steps 0.472 against 5.78 with that
+    rule, EDM on time_uniform at 10 steps 0.807 against 72.3."""
+    from steerdiff.solvers._exp import hphi
+    from steerdiff.solvers.edm import HEUN_MAX_RATIO, heun_update
+
+    def by_abs_h(model, x, step, frm, to, second=True, pred=None):  # the rule by |h|, the counterfactual
+        (t, a, s), (t_next, a_next, s_next) = frm, to
+        if not second or s_next == 0 or s_next / a_next <= HEUN_MAX_RATIO * (s / a):
+            return heun_update(model, x, step, frm, to, second, pred)
+        pred = model(x, t, step) if pred is None else pred
+        x_euler = pred.renoise(a_next, s_next)
+        h = math.log((s / a) / (s_next / a_next))
+        return x_euler + a_next * hphi(2, h) / h * (model(x_euler, t_next, step).x0 - pred.x0)
+
+    x_0 = gmm.sample(32, generator=torch.Generator().manual_seed(5))
+    for proc, schedule, steps, measured, by_h in (
+        (sd.RectifiedFlow(), "karras", 5, 0.472, 5.78),
+        (sd.EDM(), "time_uniform", 10, 0.807, 72.3),
+    ):
+        den = gmm.denoiser(proc)
+        x_T, info = sd.invert(den, x_0, steps, "heun", schedule, return_info=True)
+        exact = _exact(gmm, proc, x_0, info.grid)
+        with monkeypatch.context() as m:
+            m.setattr("steerdiff.solvers.euler.heun_update", by_abs_h)
+            other = sd.invert(den, x_0, steps, "heun", schedule)
+        assert 0.95 < rel_rmse(x_T, exact) / measured < 1.05, (proc, schedule)
+        assert 0.95 < rel_rmse(other, exact) / by_h < 1.05, (proc, schedule)
+
+
 # --- diffusers ----------------------------------------------------------------------------------------
 
 
