@@ -57,13 +57,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from .._checks import choice, real
 from .base import Grid, Model, Solver, Transition
 from .ddim import ancestral_split
-from .dpm_solver import ALGORITHMS, Coefficients, midpoint_correction, node_coefficients, update
+from .dpm_solver import ALGORITHMS, Coefficients, levels_at, midpoint_correction, node_coefficients, update
 from .edm import HEUN_MAX_RATIO
 
 __all__ = ["DPMSolver2"]
@@ -121,11 +120,8 @@ class DPMSolver2(Solver):
             up.append(std)
         if self.order == 1:
             return {"to": to, "up": up}
-        p = grid.process
-        lam_mid = [(grid.lam[i] + lvl[2]) / 2 for i, lvl in enumerate(to)]
-        t_mid = p.t_of_lam(torch.tensor(lam_mid, dtype=torch.float64))
-        a, s, lam = (c.tolist() for c in p.coefficients(t_mid))
-        return {"to": to, "up": up, "mid": [(t, (a[k], s[k], lam[k])) for k, t in enumerate(t_mid.tolist())]}
+        mid = levels_at(grid.process, [(grid.lam[i] + lvl[2]) / 2 for i, lvl in enumerate(to)])
+        return {"to": to, "up": up, "mid": mid}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         pred = model(x, grid.t[i], i)

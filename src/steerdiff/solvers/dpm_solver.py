@@ -78,10 +78,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .._checks import choice
 from .._ops import axpby
+from ..processes import Process
 from ._exp import hphi, hphi_eps
 from .base import Grid, Model, Solver
 
@@ -135,6 +137,14 @@ def update(
 def node_coefficients(grid: Grid, j: int) -> Coefficients:
     """``(alpha, sigma, lam)`` of grid node ``j``."""
     return grid.alpha[j], grid.sigma[j], grid.lam[j]
+
+
+def levels_at(process: Process, lams: list[float]) -> list[tuple[float, Coefficients]]:
+    """``(t, (alpha, sigma, lam))`` of the levels at the half log-SNRs ``lams`` (the intermediate points of
+    singlestep solvers), the process evaluated once for all of them."""
+    t = process.t_of_lam(torch.tensor(lams, dtype=torch.float64))
+    alpha, sigma, lam = (c.tolist() for c in process.coefficients(t))
+    return [(t_k, (alpha[k], sigma[k], lam[k])) for k, t_k in enumerate(t.tolist())]
 
 
 @dataclass

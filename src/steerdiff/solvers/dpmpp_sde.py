@@ -57,7 +57,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from .._checks import boolean, choice, real
@@ -75,6 +74,7 @@ from .base import (
     check_long_step,
     step_order,
 )
+from .dpm_solver import levels_at
 from .dpmpp import SECOND_ORDERS, THIRD_ORDERS, multistep_weights
 
 __all__ = ["DPMSolverSDE", "DPMSolverSDEMultistep"]
@@ -180,15 +180,12 @@ class DPMSolverSDE(Solver):
         return self.eta > 0
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        """``mid``: the intermediate level ``(t, alpha, sigma, lam)`` at ``lam_i + r h`` of each step into a
+        """``mid``: the intermediate level ``(t, (alpha, sigma, lam))`` at ``lam_i + r h`` of each step into a
         noisy node, the process evaluated once for the whole grid."""
         if self.order == 1:
             return {}
-        p, n = grid.process, grid.steps - grid.clean_end
-        lam_mid = [grid.lam[i] + self.r * grid.h(i) for i in range(n)]
-        t_mid = p.t_of_lam(torch.tensor(lam_mid, dtype=torch.float64))
-        a, s, lam = (c.tolist() for c in p.coefficients(t_mid))
-        return {"mid": list(zip(t_mid.tolist(), a, s, lam, strict=True))}
+        n = grid.steps - grid.clean_end
+        return {"mid": levels_at(grid.process, [grid.lam[i] + self.r * grid.h(i) for i in range(n)])}
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         m0 = model(x, grid.t[i], i).x0
@@ -196,7 +193,7 @@ class DPMSolverSDE(Solver):
             return m0
         h, c = grid.h(i), 1.0 + self.eta
         if self.order == 2:
-            t_mid, a_mid, s_mid, lam_mid = state["mid"][i]
+            t_mid, (a_mid, s_mid, lam_mid) = state["mid"][i]
             h_mid = lam_mid - grid.lam[i]
             decay = sde_decay(grid.sigma[i], s_mid, h_mid, self.eta)
             u = axpby(decay, x, a_mid * hphi_scaled(1, h_mid, c), m0)
