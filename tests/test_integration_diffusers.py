@@ -1560,11 +1560,15 @@ def cosine_oracle() -> tuple[sd.toy.GaussianMixture, Callable[[Tensor, Tensor], 
 
 
 def _cosine_run(
-    monkeypatch: pytest.MonkeyPatch, net: Callable[[Tensor, Tensor], Tensor], steps: int, **cfg: Any
+    monkeypatch: pytest.MonkeyPatch,
+    net: Callable[[Tensor, Tensor], Tensor],
+    steps: int,
+    callback: Callable[[int, Tensor], None] | None = None,
+    **cfg: Any,
 ) -> tuple[Any, Tensor, Tensor, list[Tensor]]:
     """CosineDPMSolverMultistep (always SDE-DPM-Solver++(2M), midpoint, with Brownian-tree noise) in
     diffusers' pipeline loop, its noise sampler replaced by seeded standard normal draws (recorded):
-    ``(scheduler, x_T, x0, draws)``."""
+    ``(scheduler, x_T, x0, draws)``; ``callback(i, x)`` after each step."""
     theirs = diffusers.CosineDPMSolverMultistepScheduler(**cfg)
     draws: list[Tensor] = []
     gen = torch.Generator().manual_seed(3)
@@ -1581,7 +1585,7 @@ def _cosine_run(
 
     monkeypatch.setattr(theirs, "set_timesteps", planned)
     x_T = torch.randn(COSINE_SHAPE, generator=torch.Generator().manual_seed(5))
-    ref, _ = run_scheduler(theirs, net, x_T, steps)
+    ref, _ = run_scheduler(theirs, net, x_T, steps, callback=callback)
     return theirs, x_T, ref, draws
 
 
@@ -1660,6 +1664,40 @@ def test_cosine_dpm_solver_is_dpmpp_2m_sde(monkeypatch, cosine_oracle, sigma_sch
             generator=Replay(draws[:-1]),
         )
     assert torch.equal(raw, x0)
+
+
+@pytest.mark.parametrize("sigma_schedule", ["exponential", "karras"])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_cosine_final_sigma_min_ends_at_sigma_min(monkeypatch, cosine_oracle, sigma_schedule, steps):
+    # final_sigmas_type="sigma_min": diffusers' run ends with the sample at sigma_min, not the denoised
+    # estimate: its N nodes end at sigma_min, then a step to sigma_min again (float32: 1-2 ulp above the
+    # ramp's last sigma; the exponential ramp's sample moves by 1.2e-7 there, the karras one's, h = -7e-7,
+    # by NaN: the SDE noise's sqrt(1 - e^{-2h}) of a step up). Before, the key was ignored: our run returned
+    # the estimate at sigma 0 (relative RMSE from diffusers' sample at sigma_min 0.11 / 0.12, exponential /
+    # karras, 8 steps). Now from_config gives final="none" (unless final is passed): our N - 1 steps on the
+    # same N nodes are diffusers' run up to sigma_min, to float32 (measured 9.4e-8 to 7.7e-7), with
+    # lower_order_final=False: diffusers counts its extra step as the last, so that its real last step is
+    # second order below 15 steps.
+    _, net = cosine_oracle
+    states: list[Tensor] = []
+    theirs, x_T, _, draws = _cosine_run(
+        monkeypatch,
+        net,
+        steps,
+        sigma_schedule=sigma_schedule,
+        final_sigmas_type="sigma_min",
+        callback=lambda i, x: states.append(x),
+    )
+    assert theirs.sigmas[-2:].tolist() == pytest.approx([0.3, 0.3], rel=1e-6)
+    solver = sd.solvers.DPMSolverSDEMultistep(order=2, lower_order_final=False)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver=solver, schedule=sigma_schedule)
+    assert ours.config["final"] == "none"
+    assert SteerdiffScheduler.from_config(theirs.config, final="zero").config["final"] == "zero"
+    ours.noise = Replay(draws[: steps - 1])
+    raw, nfe = run_scheduler(ours, net, x_T, steps - 1)
+    assert nfe == steps - 1
+    assert rel_rmse(ours.sigmas, theirs.sigmas[:-1]) < 5e-7  # the same N nodes, the last at sigma_min
+    assert rel_rmse(raw, states[-2]) < COSINE_PARITY
 
 
 def test_cosine_configs_saved_and_made_in_code_are_one_model(monkeypatch, cosine_oracle):
