@@ -9,6 +9,7 @@ against the closed form of a Gaussian). Reference implementations: diffusers'
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -568,6 +569,33 @@ def test_bad_input_is_named(gmm, sd_process, x_0):
             sd.invert(den, x_0, steps, schedule=sd.schedules.Custom([900.0, 500.0, 100.0]))
     with pytest.raises(ValueError, match=r"invert: callback must be None or a callable"):
         sd.invert(den, x_0, callback=3)
+
+
+def test_keywords_of_sample_that_invert_lacks_are_refused(gmm, sd_process, x_0):
+    """sample's final=, generator=, corrector=, corrector_steps=, snr= given to invert went on to the net as
+    conditions: a TypeError inside it (``net() got an unexpected keyword argument 'generator'``), or nothing
+    at all for a net that takes **kwargs (``final="zero"`` ignored). They are the keyword-only arguments of
+    sample that invert does not have, and are refused by name."""
+    kw_only = inspect.Parameter.KEYWORD_ONLY
+    own = {name for name, p in inspect.signature(sd.invert).parameters.items() if p.kind == kw_only}
+    theirs = {name for name, p in inspect.signature(sd.sample).parameters.items() if p.kind == kw_only}
+    assert set(sd.inversion.SAMPLE_ONLY) == theirs - own
+    calls = []
+
+    def net(x, t, **cond):
+        calls.append(cond)
+        return gmm.denoiser(sd_process).net(x, t)
+
+    den = sd.Denoiser(net, sd_process, prediction="x0")
+    given = [("generator", torch.Generator()), ("final", "zero"), ("corrector", "ula"), ("snr", 0.1)]
+    for name, value in given:
+        with pytest.raises(ValueError, match=rf"^invert: {name} is an argument of sample, not of invert, .*"):
+            sd.invert(den, x_0, 5, **{name: value})
+    with pytest.raises(ValueError, match=r"^invert: generator, corrector_steps are arguments of sample"):
+        sd.invert(den, x_0, 5, generator=None, corrector_steps=2)
+    assert calls == []
+    sd.invert(den, x_0, 5, label=3)  # the net's own conditions still reach it
+    assert calls and all(c == {"label": 3} for c in calls)
 
 
 @pytest.mark.parametrize("bad_step", [0, 3])

@@ -75,9 +75,13 @@ from .schedules import ScheduleLike
 from .solvers.base import Grid, Model, Solver, make_grid, to_sample_dtype, work_dtype
 from .solvers.unipc import UniPC
 
-__all__ = ["default_inversion_solver", "deterministic_solvers", "invert"]
+__all__ = ["SAMPLE_ONLY", "default_inversion_solver", "deterministic_solvers", "invert"]
 
 log = logging.getLogger(__name__)
+
+# sample's keyword arguments that invert has none of: given to invert they would reach the net as conditions
+# (a TypeError inside it, or silently nothing where it takes **kwargs); sample keeps them from the net too
+SAMPLE_ONLY = ("final", "generator", "corrector", "corrector_steps", "snr")
 
 
 def default_inversion_solver(den: Denoiser, steps: int, grid: Grid) -> Solver:
@@ -191,11 +195,13 @@ def invert(
         progress: show a tqdm bar.
         return_info: also return a :class:`~steerdiff.sampling.SampleInfo`, whose ``grid`` is the reversed
             one (``grid.t`` increasing).
-        **cond: passed to the network on every call.
+        **cond: passed to the network on every call; not named as a keyword of ``sample`` that
+            ``invert`` lacks (:data:`SAMPLE_ONLY`: ``final``, ``generator``, ``corrector``,
+            ``corrector_steps``, ``snr``), which ``sample`` keeps from the net too.
 
     Raises:
-        ValueError: bad arguments, a stochastic solver or a grid that cannot be inverted (the message names
-            the argument and what is accepted).
+        ValueError: bad arguments, a stochastic solver, a keyword of :data:`SAMPLE_ONLY` or a grid that cannot
+            be inverted (the message names the argument and what is accepted).
         NonFiniteError: the network returned NaN/inf (the message names the step and time).
     """
     check_denoiser("invert", "den", den)
@@ -205,6 +211,14 @@ def invert(
         raise ValueError(
             f"invert: den: {', '.join(name for name, _ in own)} draws noise, and inversion is deterministic; "
             "pass a denoiser that does not"
+        )
+    if given := [name for name in SAMPLE_ONLY if name in cond]:
+        are = "is an argument" if len(given) == 1 else "are arguments"
+        raise ValueError(
+            f"invert: {', '.join(given)} {are} of sample, not of invert, which runs the deterministic "
+            "probability-flow ODE up the grid that sample(..., final='none') runs down, drawing no noise and "
+            "moving no corrector; accepted: den, x_0, steps, solver, schedule, callback, progress, "
+            "return_info and the net's conditions (**cond)"
         )
     steps = integer("invert", "steps", steps, lo=1)
     progress = boolean("invert", "progress", progress)
