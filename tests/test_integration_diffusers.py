@@ -1533,6 +1533,26 @@ def test_scale_model_input_of_edm_configs_needs_a_run():
     assert vp.scale_model_input(x, 3) is x and vp.init_noise_sigma == 1.0
 
 
+def test_timestep_errors_name_the_call_they_come_from():
+    """scale_model_input before the first step and alphas_cumprod[...] read the pipeline's timestep as step
+    does; a bad one was reported as ``step: ...``, a call the pipeline had not made yet."""
+    ours = SteerdiffScheduler.from_config(diffusers.EDMEulerScheduler().config)
+    ours.set_timesteps(4)
+    x = torch.ones(SHAPE)
+    not_one = "timestep must be a number or a one-element tensor"
+    not_entry = r"timestep=123 is not an entry of scheduler\.timesteps"
+    with pytest.raises(ValueError, match=rf"^scale_model_input: {not_one}"):
+        ours.scale_model_input(x)
+    with pytest.raises(ValueError, match=rf"^scale_model_input: {not_entry}"):
+        ours.scale_model_input(x, 123.0)
+    with pytest.raises(ValueError, match=rf"^alphas_cumprod: {not_one}"):
+        ours.alphas_cumprod[ours.timesteps[:2]]
+    with pytest.raises(ValueError, match=rf"^step: {not_entry}"):
+        ours.step(x, 123.0, x)
+    c_in = 1 / math.sqrt(80.0**2 + 0.5**2)  # at sigma_max, EDMEulerScheduler's default sigma_data 0.5
+    assert torch.allclose(ours.scale_model_input(x, ours.timesteps[0]), c_in * x, rtol=1e-6, atol=0)
+
+
 # --- CosineDPMSolverMultistep (Stable Audio Open): EDM preconditioning, net time 2 atan(sigma) / pi -----
 
 COSINE_PARITY = 5e-6  # float32 on diffusers' side: measured 9.3e-7 at most (net inputs)

@@ -265,7 +265,7 @@ class _AlphasCumprod:
         self._net_times, self._alpha = net_times, alpha
 
     def __getitem__(self, timestep: Any) -> Tensor:
-        value = _timestep_value(timestep)
+        value = _timestep_value(timestep, "alphas_cumprod")
         if value not in self._net_times:
             raise ValueError(
                 f"alphas_cumprod[{value:g}]: only the entries of scheduler.timesteps index it (the times of "
@@ -334,14 +334,15 @@ def _sigmas(den: Denoiser, times: list[float], grid: Grid) -> Tensor:
     return s
 
 
-def _timestep_value(timestep: Any) -> float:
-    """A pipeline's ``timestep`` (a number or a one-element tensor) as the float32 value it holds."""
+def _timestep_value(timestep: Any, who: str = "step") -> float:
+    """A pipeline's ``timestep`` (a number or a one-element tensor) as the float32 value it holds; else a
+    ``ValueError`` naming ``who``, the call it was given to."""
     try:
         value = torch.as_tensor(timestep)
     except (TypeError, ValueError, RuntimeError):
         value = None
     if value is None or value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-        raise ValueError(f"step: timestep must be a number or a one-element tensor, got {timestep!r:.60}")
+        raise ValueError(f"{who}: timestep must be a number or a one-element tensor, got {timestep!r:.60}")
     return float(value.reshape(()).to(torch.float32))
 
 
@@ -1100,7 +1101,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("scale_model_input: call set_timesteps first")
         k = self.step_index
         if k is None:
-            k = self._begin(run, timestep)
+            k = self._begin(run, timestep, "scale_model_input")
         if k >= len(self._times):
             raise ValueError(f"scale_model_input: the run's {len(self._times)} evaluations are done")
         return den.net_input(sample, self._times[k])
@@ -1148,18 +1149,18 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         """Flow-matching pipelines' name for :meth:`add_noise` (``sample`` is the clean one)."""
         return self.add_noise(sample, noise, timestep)
 
-    def _begin(self, run: _Run, timestep: Any) -> int:
+    def _begin(self, run: _Run, timestep: Any, who: str = "step") -> int:
         """The index in ``timesteps`` where the run begins: the begin index if one was set, else that of
         the first ``timestep`` -- among equal entries the one at a step's input (diffusers' multistep
         schedulers begin at the first timestep's index; Heun, which lists its nodes twice, at the
-        second match, as here)."""
+        second match, as here). ``who``: the call ``timestep`` was given to, which errors name."""
         if self._begin_index is not None:
             return self._begin_index
-        value = _timestep_value(timestep)  # one read from the device per run, as diffusers
+        value = _timestep_value(timestep, who)  # one read from the device per run, as diffusers
         matches = [n for n, v in enumerate(self._net_times) if v == value]
         if not matches:
             raise ValueError(
-                f"step: timestep={value:g} is not an entry of scheduler.timesteps; pass them in order"
+                f"{who}: timestep={value:g} is not an entry of scheduler.timesteps; pass them in order"
             )
         return next((n for n in matches if run.evals[n][2]), matches[0])
 
