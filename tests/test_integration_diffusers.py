@@ -837,6 +837,25 @@ def test_config_round_trip(tmp_path):
     assert torch.equal(sched.denoiser.process.alphas_cumprod, again.denoiser.process.alphas_cumprod)
 
 
+@pytest.mark.parametrize("inner", ["ddpm", sd.solvers.DDIM(eta=0.5), "heun"], ids=str)
+def test_pipeline_runs_self_recurrence(unet, tmp_path, inner):
+    """SelfRecurrence (a solver option: ``inner``; a constructor without ``order``) was refused by the
+    scheduler, "cannot be kept in the scheduler config ... (define the class at module level ...)", though it
+    is one: its inner solver is now kept as a nested stored form. The pipeline is sd.sample to the bit, and a
+    saved pipeline loads it back."""
+    solver = sd.solvers.SelfRecurrence(inner, repeats=2)
+    config = diffusers.DDPMScheduler().config
+    sched = SteerdiffScheduler.from_config(config, solver=solver, schedule="karras")
+    raw, _, passed = _pipeline(unet, sched, STEPS, seed=5)
+    ref, nfe = _reference(denoiser_from_diffusers(unet, config), STEPS, 5, solver=solver, schedule="karras")
+    assert len(passed) == nfe == solver.nfe(STEPS)
+    assert torch.equal(raw, ref)
+    diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path)
+    again = diffusers.DiffusionPipeline.from_pretrained(tmp_path).scheduler
+    assert again._solver == solver
+    assert torch.equal(_pipeline(unet, again, STEPS, seed=5)[0], ref)
+
+
 @dataclass
 class OwnSolver(sd.solvers.Heun):
     """A solver of one's own (outside the registry), with an option of its own."""

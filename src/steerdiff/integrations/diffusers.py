@@ -55,6 +55,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import inspect
 import json
 import math
 import weakref
@@ -534,9 +535,17 @@ def _node_time(xp: Tensor, fp: Tensor, t: Tensor) -> Tensor:
 _Kind = Literal["solver", "schedule"]
 
 
+_NESTED = "solver"  # the key of an option that is a solver, in the config's stored form (_stored_form)
+
+
 def _options(obj: Solver | Schedule) -> dict[str, Any]:
-    """An instance's constructor options: a solver's dataclass fields, a schedule's attributes."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj)} if is_dataclass(obj) else dict(vars(obj))
+    """An instance's constructor options: a solver's dataclass fields its constructor takes (a solver with a
+    constructor of its own, :class:`~steerdiff.solvers.SelfRecurrence`, fixes ``order``), a schedule's
+    attributes."""
+    if not is_dataclass(obj):
+        return dict(vars(obj))
+    takes = inspect.signature(type(obj)).parameters
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name in takes}
 
 
 def _registered(kind: _Kind, obj: Solver | Schedule) -> bool:
@@ -550,10 +559,13 @@ def _registered(kind: _Kind, obj: Solver | Schedule) -> bool:
 
 def _stored_form(kind: _Kind, obj: Solver | Schedule) -> dict[str, Any]:
     """``{"name": registry name, **options}``, or for a class outside the registry ``{"class":
-    "module:QualName", **options}``, as JSON holds it (tuples become lists)."""
+    "module:QualName", **options}``, as JSON holds it (tuples become lists); an option that is itself a
+    solver (:class:`~steerdiff.solvers.SelfRecurrence`'s ``inner``) as ``{"solver": its stored form}``."""
     cls = type(obj)
     key = {"name": obj.name} if _registered(kind, obj) else {"class": f"{cls.__module__}:{cls.__qualname__}"}
-    return json.loads(json.dumps({**key, **_options(obj)}))
+    options = _options(obj)
+    nested = {k: {_NESTED: _stored_form("solver", v)} for k, v in options.items() if isinstance(v, Solver)}
+    return json.loads(json.dumps({**key, **options, **nested}))
 
 
 def _import_class(kind: _Kind, path: str) -> type:
@@ -579,7 +591,10 @@ def _resolve(kind: _Kind, value: Any) -> Solver | Schedule:
     get = _solvers.get if kind == "solver" else _schedules.get
     if not isinstance(value, Mapping):
         return get(value, "SteerdiffScheduler")
-    options = dict(value)
+    options: dict[str, Any] = {  # a solver given as an option (_stored_form)
+        k: _resolve("solver", v[_NESTED]) if isinstance(v, Mapping) and list(v) == [_NESTED] else v
+        for k, v in value.items()
+    }
     path = options.pop("class", None)
     name = options.pop("name", None)
     cls = type(get(name, "SteerdiffScheduler")) if path is None else _import_class(kind, path)
