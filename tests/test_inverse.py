@@ -452,3 +452,25 @@ def test_rcond_is_checked() -> None:
         assert str(e.value) == f"Matrix: rcond must be a finite number in [0, 1), got {bad!r}"
         with pytest.raises(ValueError, match=r"^Blur: rcond must be a finite number in \[0, 1\)"):
             Blur(KERNEL_ODD, (5, 6), rcond=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matrix_pinv_in_half_precision_is_float32s(dtype: torch.dtype) -> None:
+    """A half-precision ``y`` is solved in float32 (:func:`~steerdiff.solvers.base.work_dtype`) at
+    float32's cutoff and rounded back. The cutoff ``eps * max(m, d)`` of the half dtype itself is no
+    cutoff at all for a mid-sized matrix (float16: 0.39 at 300 x 400, bfloat16: 3.1): a well-conditioned
+    ``A`` (singular values 1 .. 0.05) lost most of them, relative error 0.95 (float16) and 1.0 (bfloat16,
+    ``pinv`` all zeros), and ``aat_solve(y, 0)`` refused it as singular; now the float32 answer rounded
+    to the dtype: ``pinv`` 2.0e-4 / 1.7e-3, ``aat_solve`` 2.0e-4 / 1.7e-3, under a quarter of the dtype's
+    eps (in half precision throughout, before the dtype-aware cutoff: 5.4e-4 / 4.3e-3)."""
+    m, d = 300, 400
+    A = _nearly_singular(m, d, torch.linspace(1.0, 0.05, m).tolist())
+    y = torch.randn(4, m, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(dtype)
+    op = Matrix(A)
+    eps = torch.finfo(dtype).eps
+    want = y.double() @ torch.linalg.pinv(A).T
+    got = op.pinv(y)
+    assert got.dtype == dtype and (got.double() - want).norm() / want.norm() < eps / 2
+    P = torch.linalg.pinv(A)  # (A A^T)^{-1} = P^T P at full row rank
+    got, want = op.aat_solve(y, 0.0), y.double() @ (P.T @ P).T
+    assert got.dtype == dtype and (got.double() - want).norm() / want.norm() < eps / 2

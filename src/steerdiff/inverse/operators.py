@@ -47,6 +47,13 @@ def cutoff(rcond: float | None, dtype: torch.dtype, size: int) -> float:
     return torch.finfo(dtype).eps * size if rcond is None else rcond
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``Matrix`` solves in: float32 for a half-precision ``y`` (whose own cutoff ``eps *
+    max(m, d)`` reaches ``s_max`` from a few hundred entries: 0.39 for float16 at 300 x 400), rounded
+    back; else ``y``'s own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _rcond(who: str, rcond: float | None) -> float | None:
     """``rcond``: ``None`` (the dtype's default, :func:`cutoff`) or a number in ``[0, 1)``."""
     return None if rcond is None else real(who, "rcond", rcond, lo=0, hi=1, hi_open=True)
@@ -155,7 +162,8 @@ class Matrix(LinearOperator):
     ``(A A^T + c I)^{-1} y = U diag(1/(s^2 + c)) U^T y + (y - U U^T y) / c`` (the last term 0 where
     ``c = 0``, which needs full row rank -- every ``s > r s_max`` -- and not computed where ``m <= d``:
     ``U`` is square there). ``r = rcond`` if given (a number in ``[0, 1)``), else ``eps * max(m, d)``
-    in the dtype of the call (:func:`cutoff`).
+    in the dtype of the call (:func:`cutoff`); a float16 / bfloat16 call is solved in float32, at its
+    cutoff, and rounded back.
     """
 
     def __init__(
@@ -215,10 +223,13 @@ class Matrix(LinearOperator):
         return (y @ self._matrix(y)).reshape(-1, *self.shape_in)
 
     def _pinv(self, y: Tensor) -> Tensor:
-        U, _, inv, Vh, _ = self._factors(y)
-        return ((y @ U) * inv @ Vh).reshape(-1, *self.shape_in)
+        w = y.to(_work_dtype(y.dtype))
+        U, _, inv, Vh, _ = self._factors(w)
+        return ((w @ U) * inv @ Vh).reshape(-1, *self.shape_in).to(y.dtype)
 
     def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
+        if y.dtype != (work := _work_dtype(y.dtype)):
+            return self._aat_solve(y.to(work), shift).to(y.dtype)
         U, s, _, _, full_rank = self._factors(y)
         if isinstance(shift, float) and shift == 0.0 and not full_rank:
             raise ValueError("Matrix.aat_solve: A A^T is singular (A lacks full row rank); pass shift > 0")
