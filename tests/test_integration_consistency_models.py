@@ -337,6 +337,16 @@ def test_exact_consistency_function_of_a_mixture_samples_the_mixture():
             lambda: SteerdiffScheduler.from_config(cm_config()).set_timesteps(sigmas=[80.0, 1.0]),
             r"takes no sigmas",
         ),
+        # the run's steps, named as set_timesteps got them (with final="none" the grid holds one node more:
+        # 39 steps asked for consistency_schedule's 40 nodes, and the message said "got 40")
+        (
+            lambda: SteerdiffScheduler.from_config(cm_config()).set_timesteps(40),
+            r"^set_timesteps: num_inference_steps must be an integer in \[1, 39\] .*, got 40$",
+        ),
+        (
+            lambda: SteerdiffScheduler.from_config(cm_config(), final="none").set_timesteps(39),
+            r"^set_timesteps: num_inference_steps must be an integer in \[1, 38\] .*final='none'.*, got 39$",
+        ),
         (lambda: sd.ConsistencyModelDenoiser(lambda x, t: x, t_min=100.0), r"t_min must be a finite number"),
         (lambda: sd.ConsistencyModelDenoiser(lambda x, t: x, sigma_data=0.0), r"sigma_data must be"),
         (lambda: sd.ConsistencyModelDenoiser(lambda x, t: x, sigma_min=-1.0), r"sigma_min must be"),

@@ -99,6 +99,7 @@ from .diffusers_config import (
     _LCM_CLASS,
     _TCD_CLASS,
     F64,
+    _consistency_model,
     _denoiser,
     _is_consistency,
     _is_cosine,
@@ -1079,7 +1080,15 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if name == "leading":  # by name: diffusers' leading, the config's offset
             schedule: Schedule = _schedules.Leading(steps_offset=cfg.get("steps_offset", 0))
         elif name is None and cfg["origin"] == _CM_CLASS:
-            schedule = consistency_schedule(dict(cfg), steps + (self._final() == "none"))
+            extra = int(self._final() == "none")  # the grid's last node is the run's end
+            n = _consistency_model(dict(cfg))[3]
+            if steps > n - 1 - extra:
+                end = ", and one more node for the end of final='none'" if extra else ""
+                raise ValueError(
+                    f"set_timesteps: num_inference_steps must be an integer in [1, {n - 1 - extra}] (nodes "
+                    f"at ramp indices below num_train_timesteps - 1 = {n - 1}, sigma_min{end}), got {steps!r}"
+                )
+            schedule = consistency_schedule(dict(cfg), steps + extra)
         elif name == "lcm" or (name is None and cfg["origin"] in self._CONSISTENCY_SOLVERS):
             schedule = _schedules.LCM(
                 cfg.get("original_inference_steps", 50), clean_node=self._final() == "none"
