@@ -111,3 +111,22 @@ def test_steerdiff_scheduler_refuses_it():
             ValueError, match=r"^SteerdiffScheduler: a ScoreSdeVeScheduler config .* sd\.sample\("
         ):
             SteerdiffScheduler.from_config(cfg)
+
+
+def test_a_vp_sde_config_made_in_code_is_no_ve_config():
+    """ScoreSdeVpScheduler (diffusers' deprecated continuous VP SDE) has ``sampling_eps`` too: made in code
+    (no ``_class_name``) its config was read as a VE model of ScoreSdeVe's default sigmas 0.01..1348, a
+    different process (VP, ``beta_min`` 0.1, ``beta_max`` 20) taken silently, and SteerdiffScheduler refused
+    it as "a ScoreSdeVeScheduler config". Now a config made in code is ScoreSdeVe's by the keys only it has
+    (``sampling_eps`` with ``snr`` and ``correct_steps``); the VP SDE config is refused naming its key, as
+    with its ``_class_name``."""
+    from diffusers.schedulers.deprecated.scheduling_sde_vp import ScoreSdeVpScheduler
+
+    in_code = {k: v for k, v in ScoreSdeVpScheduler().config.items() if not k.startswith("_")}
+    for cfg in (in_code, {**in_code, "_class_name": "ScoreSdeVpScheduler"}):
+        with pytest.raises(ValueError, match=r"has the key 'beta_min'"):
+            denoiser_from_diffusers(lambda x, t: x, cfg)
+        with pytest.raises(ValueError, match=r"has the key 'beta_min'"):
+            SteerdiffScheduler.from_config(cfg)
+    ve_in_code = {k: v for k, v in VES().config.items() if not k.startswith("_")}
+    assert isinstance(denoiser_from_diffusers(lambda x, t: x, ve_in_code).process, sd.VE)

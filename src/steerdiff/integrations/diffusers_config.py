@@ -411,10 +411,12 @@ def consistency_schedule(
 
 
 def _is_score_sde_ve(cfg: dict[str, Any]) -> bool:
-    """Whether a config is ScoreSdeVeScheduler's: by class name, or made in code by its key
-    ``sampling_eps`` (no other scheduler has it)."""
+    """Whether a config is ScoreSdeVeScheduler's: by class name, or made in code by its keys ``sampling_eps``,
+    ``snr`` and ``correct_steps`` (the deprecated ScoreSdeVpScheduler, a VP SDE, has ``sampling_eps`` too)."""
     origin = _origin(cfg)
-    return origin == _VE_CLASS if origin is not None else "sampling_eps" in cfg
+    if origin is not None:
+        return origin == _VE_CLASS
+    return {"sampling_eps", "snr", "correct_steps"} <= cfg.keys()
 
 
 def _score_sde_ve_spec(cfg: dict[str, Any]) -> _Spec:
