@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .._checks import SAMPLE_DTYPES, choice, device_or_none, integer, real, sample_dtype, tensor
 from .._ops import kept
+from ..solvers.base import work_dtype
 
 __all__ = ["Blur", "Downsample", "Inpaint", "LinearOperator", "Matrix", "cutoff"]
 
@@ -45,13 +46,6 @@ def cutoff(rcond: float | None, dtype: torch.dtype, size: int) -> float:
     ``eps(dtype) * size`` with ``size = max(m, d)`` of the dense matrix (the default of
     ``numpy.linalg.pinv`` and ``torch.linalg.pinv``)."""
     return torch.finfo(dtype).eps * size if rcond is None else rcond
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype ``Matrix`` solves in: float32 for a half-precision ``y`` (whose own cutoff ``eps *
-    max(m, d)`` reaches ``s_max`` from a few hundred entries: 0.39 for float16 at 300 x 400), rounded
-    back; else ``y``'s own."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _rcond(who: str, rcond: float | None) -> float | None:
@@ -223,12 +217,13 @@ class Matrix(LinearOperator):
         return (y @ self._matrix(y)).reshape(-1, *self.shape_in)
 
     def _pinv(self, y: Tensor) -> Tensor:
-        w = y.to(_work_dtype(y.dtype))
+        # half precision: its own cutoff eps * max(m, d) reaches s_max from a few hundred entries
+        w = y.to(work_dtype(y.dtype))
         U, _, inv, Vh, _ = self._factors(w)
         return ((w @ U) * inv @ Vh).reshape(-1, *self.shape_in).to(y.dtype)
 
     def _aat_solve(self, y: Tensor, shift: float | Tensor) -> Tensor:
-        if y.dtype != (work := _work_dtype(y.dtype)):
+        if y.dtype != (work := work_dtype(y.dtype)):
             return self._aat_solve(y.to(work), shift).to(y.dtype)
         U, s, _, _, full_rank = self._factors(y)
         if isinstance(shift, float) and shift == 0.0 and not full_rank:
