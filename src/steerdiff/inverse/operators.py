@@ -102,8 +102,9 @@ class LinearOperator:
         return self._adjoint(y)
 
     def pinv(self, y: Tensor) -> Tensor:
-        """``A^+ y`` (Moore-Penrose, cutoff ``r s_max``, ``r`` from :func:`cutoff` for ``y``'s dtype),
-        returning ``(n, *shape_in)``."""
+        """``A^+ y`` (Moore-Penrose, cutoff ``r s_max``, ``r`` from :func:`cutoff` for the dtype it is
+        computed in: ``y``'s, float32 for a half-precision ``y`` of :class:`Matrix`), returning
+        ``(n, *shape_in)``."""
         self._check(y, self.shape_out, "y")
         return self._pinv(y)
 
