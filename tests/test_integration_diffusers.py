@@ -1739,6 +1739,26 @@ def test_cosine_final_sigma_min_ends_at_sigma_min(monkeypatch, cosine_oracle, si
     assert rel_rmse(raw, states[-2]) < COSINE_PARITY
 
 
+def test_vp_final_sigma_min_keeps_the_step_to_timestep_0(gmm, x_T):
+    # A VP config's diffusers schedulers (DPMSolver's, UniPC's, Euler's) end a final_sigmas_type="sigma_min"
+    # run with a step to sigma(timestep 0) = 0.0292 (SD's betas), a node that is not among its timesteps:
+    # custom timesteps [999, 750, 500, 250, 100] are 5 steps, the last from timestep 100 (sigma 0.344).
+    # final="none" (what from_config gave such configs) dropped that step: 4 steps, a run ending at sigma
+    # 0.344, 0.092 relative RMSE from diffusers' sample. The key gives final="none" for EDM configs only,
+    # whose ramps end at sigma_min (test_cosine_final_sigma_min_ends_at_sigma_min); here final stays
+    # "zero": the same 5 steps, into the clean end instead of diffusers' sample at 0.0292 (measured 0.0097).
+    config = diffusers.DPMSolverMultistepScheduler(**sd_betas_config(), final_sigmas_type="sigma_min").config
+    net = eps_net(gmm, process_from_config(config))
+    grid = {"timesteps": [999, 750, 500, 250, 100]}
+    theirs = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    ref, nfe = run_scheduler(theirs, net, x_T, None, **grid)
+    assert theirs.sigmas[-2:].tolist() == pytest.approx([0.3439, 0.0292], abs=1e-4) and nfe == 5
+    ours = SteerdiffScheduler.from_config(config, solver="dpmpp_2m")
+    x, our_nfe = run_scheduler(ours, net, x_T, None, **grid)
+    assert ours.config["final"] == "zero" and our_nfe == 5
+    assert rel_rmse(x, ref) < 0.02
+
+
 def test_cosine_configs_saved_and_made_in_code_are_one_model(monkeypatch, cosine_oracle):
     # made in code (no _class_name) it is told apart from EDMEuler/EDMDPMSolver's by its keys (solver_order,
     # no algorithm_type); SteerdiffScheduler's own config keeps the model (from_config of it, as save/load

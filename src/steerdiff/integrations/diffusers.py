@@ -694,8 +694,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             at 10 steps); ``Leading()`` does not. The name ``"lcm"`` takes the config's
             ``original_inference_steps`` (and ``clean_node`` as the default); ``LCM()`` its own.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``; not used
-            with ``inverse=True``. :meth:`from_config` of a config with ``final_sigmas_type="sigma_min"``
-            gives ``"none"``.
+            with ``inverse=True``. :meth:`from_config` of an EDM config with
+            ``final_sigmas_type="sigma_min"`` gives ``"none"``.
         inverse: run :func:`steerdiff.invert` instead of ``sd.sample``, as an editing pipeline's
             ``inverse_scheduler`` (``DDIMInverseScheduler``, ``DPMSolverMultistepInverseScheduler``):
             :meth:`set_timesteps` builds the grid ``final="none"`` gives and reverses it
@@ -806,12 +806,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     ) -> Any:
         """Build from any diffusers scheduler config; ``kwargs`` (``solver``, ``schedule``,
         ``final``, ``noise``, ...) override it. Keys other schedulers use are kept in the config
-        and ignored, but for ``final_sigmas_type="sigma_min"`` (DPMSolver, UniPC, Euler, EDMDPMSolver and
-        CosineDPMSolver configs), whose runs end with the sample at the smallest noise level, not the
-        denoised estimate: it gives ``final="none"`` where ``final`` is not passed. (The EDM schedulers'
-        ramps end at ``sigma_min`` already, and their last step, from there to ``sigma_min`` again, costs a
-        net call and changes nothing: their ``N`` steps are our ``N - 1``.) The config's defaults are its
-        class's (``_use_default_values`` is resolved)."""
+        and ignored, but for an EDM config's ``final_sigmas_type="sigma_min"`` (EDMEuler, EDMDPMSolver and
+        CosineDPMSolver), whose runs end with the sample at ``sigma_min``, not the denoised estimate: it
+        gives ``final="none"`` where ``final`` is not passed. (Their ramps end at ``sigma_min`` already,
+        and their last step, from there to ``sigma_min`` again, costs a net call and changes nothing: their
+        ``N`` steps are our ``N - 1``.) A VP config's schedulers (DPMSolver, UniPC, Euler) end such a run
+        with a step to ``sigma`` of timestep 0, in general not a node of their timesteps, which
+        ``final="none"`` would drop: there the key is ignored (``final="zero"`` takes that step, into the
+        clean end). The config's defaults are its class's (``_use_default_values`` is resolved)."""
         if not isinstance(config, dict):
             raise ValueError(
                 f"from_config: config must be a scheduler config dict, got {type(config).__name__}"
@@ -833,7 +835,12 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             elif _is_consistency(cfg):
                 made_in_code = _CM_CLASS
             cfg["origin"] = name if isinstance(name, str) else made_in_code
-        if cfg.get("final_sigmas_type") == "sigma_min" and "final" not in cfg and "final" not in kwargs:
+        if (
+            cfg.get("final_sigmas_type") == "sigma_min"
+            and _is_edm(cfg)
+            and "final" not in cfg
+            and "final" not in kwargs
+        ):
             cfg["final"] = "none"
         noise = kwargs.pop("noise", None)
         out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
