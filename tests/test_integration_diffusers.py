@@ -1975,3 +1975,27 @@ def test_a_bad_batch_of_timesteps_generators_or_begin_index_is_named(solver):
     three = sched.add_noise(x[:1] + 1, torch.ones(3, 3, 4, 4), sched.timesteps)
     a, s = (c.to(torch.float32) for c in sched.denoiser.process.coefficients(sched.timesteps.double())[:2])
     assert torch.allclose(three[:, 0, 0, 0], a + s)
+
+
+@pytest.mark.parametrize("steps", [5, 10])
+@pytest.mark.parametrize(
+    "cls, sigma_min",
+    [(diffusers.CosineDPMSolverMultistepScheduler, 0.3), (diffusers.EDMDPMSolverMultistepScheduler, 0.002)],
+)
+def test_final_sigma_min_default_schedule_ends_at_sigma_min(cls, sigma_min, steps):
+    # An EDM config's final_sigmas_type="sigma_min" gives final="none": the run is to end with the sample at
+    # sigma_min. The default schedule, karras_capped, ends above it below 15 nodes (made for a final jump to
+    # the clean state): the cosine config's runs ended at sigma 0.82 / 0.53 at 5 / 10 steps, EDMDPMSolver's
+    # at 0.17 / 0.08. Without a schedule such a run now takes the whole ramp, top kept, down to sigma_min;
+    # a schedule given, or final="zero", keeps karras_capped's nodes.
+    config = cls(final_sigmas_type="sigma_min").config
+    ours = SteerdiffScheduler.from_config(config)
+    ours.set_timesteps(steps)
+    assert ours.config["final"] == "none" and len(ours.sigmas) == steps + 1
+    assert float(ours.sigmas[-1]) == pytest.approx(sigma_min, rel=1e-6)
+    # the ramp from karras_capped's top, 30 (Karras from the cosine config's 500: 188 / 312)
+    assert float(ours.sigmas[1]) < 30
+    for kw in ({"schedule": "karras_capped"}, {"final": "zero"}):
+        capped = SteerdiffScheduler.from_config(config, **kw)
+        capped.set_timesteps(steps)
+        assert float(capped.sigmas[-1 - (kw.get("final") == "zero")]) > 1.5 * sigma_min

@@ -689,9 +689,12 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             them (:class:`~steerdiff.schedules.LCM` with the config's ``original_inference_steps``, default
             50; with ``final="none"`` ending at timestep 0, ``clean_node=True``), for consistency-model
             configs CMStochasticIterativeScheduler's grid (:func:`consistency_schedule`), else
-            :func:`steerdiff.sample`'s default, ``karras_capped``. The name ``"leading"`` adds the config's
-            ``steps_offset`` as diffusers' ``leading`` spacing does (Stable Diffusion's 1: 901, 801, ..., 1
-            at 10 steps); ``Leading()`` does not. The name ``"lcm"`` takes the config's
+            :func:`steerdiff.sample`'s default, ``karras_capped`` (for a run of an EDM config with
+            ``final_sigmas_type="sigma_min"`` and ``final="none"``, which is to end at ``sigma_min``, its
+            whole ramp: ``KarrasCapped(max_nodes=1)``; below 15 nodes ``karras_capped`` ends above
+            ``sigma_min``, where a jump to the clean state would follow). The name ``"leading"`` adds the
+            config's ``steps_offset`` as diffusers' ``leading`` spacing does (Stable Diffusion's 1: 901, 801,
+            ..., 1 at 10 steps); ``Leading()`` does not. The name ``"lcm"`` takes the config's
             ``original_inference_steps`` (and ``clean_node`` as the default); ``LCM()`` its own.
         final: ``"zero"`` (end with the denoised estimate) or ``"none"``, as in ``sd.sample``; not used
             with ``inverse=True``. :meth:`from_config` of an EDM config with
@@ -1100,8 +1103,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             schedule = _schedules.LCM(
                 cfg.get("original_inference_steps", 50), clean_node=self._final() == "none"
             )
+        elif self._schedule is not None:
+            schedule = self._schedule
+        elif cfg.get("final_sigmas_type") == "sigma_min" and _is_edm(dict(cfg)) and self._final() == "none":
+            # the run is to end with the sample at sigma_min: the default's whole ramp, down to it (below
+            # max_nodes karras_capped's nodes end above it, where a jump to the clean state would follow)
+            schedule = _schedules.KarrasCapped(max_nodes=1)
         else:
-            schedule = _schedules.get(DEFAULT_SCHEDULE) if self._schedule is None else self._schedule
+            schedule = _schedules.get(DEFAULT_SCHEDULE)
         if isinstance(schedule, _schedules.LCM):
             return _schedules.LCM(
                 schedule.original_steps if original_steps is None else original_steps,
