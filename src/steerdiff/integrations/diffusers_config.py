@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import choice, integer, real, real_array
+from .._checks import choice, integer, ordered, real, real_array
 from ..denoiser import (
     ConsistencyModelDenoiser,
     Denoiser,
@@ -272,6 +272,22 @@ _COSINE_TIME = NetTime(
 )
 
 
+def _noise_range(
+    cfg: dict[str, Any], sigma_min: float, sigma_max: float, sigma_data: float | None = None
+) -> tuple[float, float, float]:
+    """A config's ``(sigma_min, sigma_max, sigma_data)``, positive numbers with ``sigma_min < sigma_max``
+    (the arguments: the defaults of its class, for keys absent or ``None``; ``sigma_data`` 0 where no
+    default is given, a model without one), else a ``ValueError`` naming the key."""
+
+    def read(key: str, default: float) -> float:
+        return real(_WHO, key, default if cfg.get(key) is None else cfg[key], lo=0, lo_open=True)
+
+    lo, hi = ordered(
+        _WHO, "sigma_min", read("sigma_min", sigma_min), "sigma_max", read("sigma_max", sigma_max)
+    )
+    return lo, hi, 0.0 if sigma_data is None else read("sigma_data", sigma_data)
+
+
 def _edm_spec(cfg: dict[str, Any], threshold: tuple[float | None, float] | None) -> _Spec:
     """An EDM scheduler config: the process ``x = x0 + sigma eps`` on ``[sigma_min, sigma_max]`` and
     Karras et al.'s preconditioning with ``sigma_data`` (:class:`~steerdiff.denoiser.EDMDenoiser`), its
@@ -289,11 +305,7 @@ def _edm_spec(cfg: dict[str, Any], threshold: tuple[float | None, float] | None)
         raise ValueError(
             f"precondition_type={precondition!r} of an EDM config is not supported; accepted: 'edm'"
         )
-    defaults = (0.3, 500.0, 1.0) if cosine else (0.002, 80.0, 0.5)
-    lo, hi, sigma_data = (
-        real(_WHO, k, v if cfg.get(k) is None else cfg[k], lo=0, lo_open=True)
-        for k, v in zip(("sigma_min", "sigma_max", "sigma_data"), defaults, strict=True)
-    )
+    lo, hi, sigma_data = _noise_range(cfg, *((0.3, 500.0, 1.0) if cosine else (0.002, 80.0, 0.5)))
     time_map = _COSINE_TIME if cosine else _EDM_TIME
     return _Spec(EDM(lo, hi), _EDM_OUTPUTS[pred_type], False, time_map, threshold, sigma_data)
 
@@ -308,12 +320,7 @@ def _is_consistency(cfg: dict[str, Any]) -> bool:
 def _consistency_model(cfg: dict[str, Any]) -> tuple[float, float, float, int, float]:
     """A consistency-model config's ``(sigma_min, sigma_max, sigma_data, num_train_timesteps, rho)``,
     checked, with CMStochasticIterativeScheduler's defaults (0.002, 80, 0.5, 40, 7)."""
-    lo, hi, sigma_data = (
-        real(_WHO, k, v if cfg.get(k) is None else cfg[k], lo=0, lo_open=True)
-        for k, v in (("sigma_min", 0.002), ("sigma_max", 80.0), ("sigma_data", 0.5))
-    )
-    if not lo < hi:
-        raise ValueError(f"{_WHO}: need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
+    lo, hi, sigma_data = _noise_range(cfg, 0.002, 80.0, 0.5)
     n = integer(_WHO, "num_train_timesteps", cfg.get("num_train_timesteps", 40), lo=2)
     rho = real(_WHO, "rho", cfg.get("rho", 7.0), lo=0, lo_open=True)
     return lo, hi, sigma_data, n, rho
@@ -426,12 +433,7 @@ def _score_sde_ve_spec(cfg: dict[str, Any]) -> _Spec:
     output: UNet2DModel's Fourier-time NCSN++ divides its output by the ``sigma`` it gets) and its time
     input ``sigma(t)`` itself. ``snr``, ``correct_steps``, ``sampling_eps`` and ``num_train_timesteps``
     are sampling settings."""
-    lo, hi = (
-        real(_WHO, k, v if cfg.get(k) is None else cfg[k], lo=0, lo_open=True)
-        for k, v in (("sigma_min", 0.01), ("sigma_max", 1348.0))
-    )
-    if not lo < hi:
-        raise ValueError(f"{_WHO}: need sigma_min < sigma_max, got sigma_min={lo!r}, sigma_max={hi!r}")
+    lo, hi, _ = _noise_range(cfg, 0.01, 1348.0)
     process = VE(lo, hi)
     net_time = NetTime(
         process.sigma, functools.partial(_ve_sigma_inverse, process), "a ScoreSdeVe config", "sigma > 0"
