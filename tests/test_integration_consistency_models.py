@@ -347,6 +347,12 @@ def test_exact_consistency_function_of_a_mixture_samples_the_mixture():
             lambda: SteerdiffScheduler.from_config(cm_config(), final="none").set_timesteps(39),
             r"^set_timesteps: num_inference_steps must be an integer in \[1, 38\] .*final='none'.*, got 39$",
         ),
+        # img2img's strength: no consistency-model grid takes it, and the lcm schedule (suggested to VP
+        # configs) is for VP nets: the message said "pass schedule='lcm'"
+        (
+            lambda: SteerdiffScheduler.from_config(cm_config()).set_timesteps(4, strength=0.5),
+            r"^set_timesteps: strength=0\.5: options of the lcm schedule only .*; leave them out$",
+        ),
         (lambda: sd.ConsistencyModelDenoiser(lambda x, t: x, t_min=100.0), r"t_min must be a finite number"),
         (lambda: sd.ConsistencyModelDenoiser(lambda x, t: x, sigma_data=0.0), r"sigma_data must be"),
         (lambda: sd.ConsistencyModelDenoiser(lambda x, t: x, sigma_min=-1.0), r"sigma_min must be"),

@@ -1121,10 +1121,15 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if strength is not None and strength != 1:
             given.append(f"strength={strength:g}")
         if given:
+            # the lcm schedule is for VP nets: a consistency model's config has no grid that takes them
+            hint = (
+                ""
+                if cfg["origin"] == _CM_CLASS
+                else "pass schedule='lcm' (the default for LCM and TCD configs), or "
+            )
             raise ValueError(
                 f"set_timesteps: {', '.join(given)}: options of the lcm schedule only (LCMScheduler's and "
-                f"TCDScheduler's grids), not of this run's {schedule!r}; pass schedule='lcm' (the default "
-                "for LCM and TCD configs), or leave them out"
+                f"TCDScheduler's grids), not of this run's {schedule!r}; {hint}leave them out"
             )
         return schedule
 
