@@ -6,7 +6,7 @@
 >>> x0 = sd.sample(den, x_T, steps=10, solver="dpmpp_2m", schedule="karras")
 """
 
-from . import guidance, inverse, mcmc, metrics, noise, processes, schedules, smc, solvers, toy
+from . import discrete, guidance, inverse, mcmc, metrics, noise, processes, schedules, smc, solvers, toy
 from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
 from .inversion import invert
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
@@ -26,6 +26,7 @@ __all__ = [
     "Process",
     "RectifiedFlow",
     "SampleInfo",
+    "discrete",
     "guidance",
     "inverse",
     "invert",

@@ -1,0 +1,53 @@
+r"""The ancestral sampler of masked diffusion (MDLM's / D3PM's reverse step).
+
+On the grid ``t_i = 1 - i / N`` (``i = 0..N``), from ``t = t_i`` to ``s = t_{i+1}`` every masked position
+is unmasked with probability
+
+    (alpha_s - alpha_t) / (1 - alpha_t),
+
+its value drawn from the denoiser's ``p_theta(x_0^i | x_t)``, and stays masked otherwise; unmasked tokens
+stay (Sahoo et al. 2024, "Simple and Effective Masked Diffusion Language Models", eq. 7 with the SUBS
+parameterization; Austin et al. 2021, D3PM's absorbing state). The last step takes ``alpha_s = 1``, so
+every token is unmasked (schedules with ``alpha(0) < 1``, such as ``geometric``, included).
+
+With an exact denoiser each token's value is exact given the tokens unmasked at earlier steps, but the
+tokens unmasked in one step are drawn independently of each other, so the joint law is biased; the bias
+vanishes as ``N`` grows (at most one token per step). One network call per step: NFE = ``N``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .._checks import integer
+from ..noise import Generators, rand
+from .base import Model, Sampler
+from .categorical import draw
+
+__all__ = ["Ancestral"]
+
+
+class Ancestral(Sampler):
+    """MDLM's ancestral sampler on the time-uniform grid of ``steps`` steps (module docstring)."""
+
+    name: ClassVar[str] = "ancestral"
+
+    def num_steps(self, steps: object, masked: Tensor) -> int:
+        return integer("discrete.sample", "steps", steps, lo=1)
+
+    def step(
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        process = model.den.process
+        s = torch.full_like(t, 1 - (i + 1) / steps)
+        alpha_t = process.alpha(t)
+        alpha_s = torch.ones_like(s) if i == steps - 1 else process.alpha(s)
+        log_p = model(x, t, i)
+        u = rand(x.shape, generator, torch.float64, x.device)
+        tokens = draw(log_p, generator).to(x.dtype)
+        chance = ((alpha_s - alpha_t) / (1 - alpha_t))[:, None]
+        unmask = (x == process.mask_id) & (u < chance)
+        return torch.where(unmask, tokens, x), s, log_p

@@ -1,0 +1,56 @@
+"""The sampler contract of masked diffusion: a counted denoiser and one step at a time.
+
+A :class:`Sampler` moves a batch of token sequences ``x`` (the mask id where still masked) and its
+times ``t`` (float64, one per row) by one step in :meth:`Sampler.step`, calling the :class:`Model` once.
+The times are per row because a first-hitting step jumps each row to its own random time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ..noise import Generators
+from ..solvers.base import NonFiniteError
+from .denoiser import MaskedDenoiser
+
+__all__ = ["Model", "Sampler"]
+
+
+class Model:
+    """A :class:`~steerdiff.discrete.MaskedDenoiser` with its ``cond``, counting network calls exactly
+    (:attr:`nfe`) and naming the step at which the network returned NaN / ``+inf``."""
+
+    def __init__(self, den: MaskedDenoiser, cond: dict[str, Any]) -> None:
+        self.den, self.cond, self.nfe = den, cond, 0
+
+    def __call__(self, x: Tensor, t: Tensor, step: int) -> Tensor:
+        """``log p_theta(x_0 | x)`` at times ``t`` (``(batch,)``), float64 ``(batch, length, vocab_size)``."""
+        self.nfe += 1
+        try:
+            return self.den.log_probs(x, t, **self.cond)
+        except NonFiniteError as e:
+            raise NonFiniteError(
+                f"discrete.sample: at step {step} (evaluation {self.nfe}, t in [{float(t.min()):.6g}, "
+                f"{float(t.max()):.6g}]): {e}"
+            ) from e
+
+
+class Sampler(ABC):
+    """One reverse step of a masked diffusion model at a time."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def num_steps(self, steps: object, masked: Tensor) -> int:
+        """The number of steps a run takes, from the ``steps`` asked for (checked; a ``ValueError`` naming
+        it) and the number of masked positions of each row, ``masked`` ``(batch,)``."""
+
+    @abstractmethod
+    def step(
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Step ``i`` of ``steps`` from ``x`` at times ``t``: the new ``x`` (a new tensor), its times, and
+        the log-probabilities of ``x_0`` the model gave."""

@@ -1,0 +1,119 @@
+r"""The denoiser of a masked diffusion model: a network's logits over the clean token, made a distribution.
+
+The network is called as ``net(x_t, t, **cond)`` on a batch of token ids ``x_t`` ``(batch, length)``
+(integers; masked positions hold the mask id) and one time per row, and returns logits ``(batch, length,
+vocab_size)`` for ``x_0`` at every position. :class:`MaskedDenoiser` turns them into the
+distribution ``p_theta(x_0 | x_t)`` with MDLM's SUBS parameterization (Sahoo et al. 2024, sec. 3.2.3):
+
+* zero masking probabilities: the mask id gets probability 0 (its logit ``-inf`` where the logits
+  cover it);
+* carry-over unmasking: an unmasked position keeps its token, ``p_theta(x_0^i | x_t) = [x_0^i = x_t^i]``.
+
+The log-probabilities are float64 (categorical draws from float32 probabilities are biased at large
+vocabularies: Zheng et al. 2024, "Masked Diffusion Models are Secretly Time-Agnostic Masked Models and
+Exploit Inaccurate Categorical Sampling", sec. 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import caller
+from ..solvers.base import NonFiniteError
+from .process import MaskedProcess
+
+__all__ = ["MaskedDenoiser", "check_tokens"]
+
+TimeMap = Callable[[Tensor], Tensor]
+
+
+def _float32(t: Tensor) -> Tensor:
+    return t.to(torch.float32)
+
+
+def check_tokens(process: MaskedProcess, x: object, who: str | None = None, name: str = "x_T") -> Tensor:
+    """``x`` if it is a batched ``(batch, length)`` tensor of integer token ids, each a clean id of
+    ``process`` (``0..vocab_size - 1``) or its ``mask_id``; else a ``ValueError`` naming ``name`` (after
+    ``who:`` where given), the accepted ids and the first offending entry."""
+    p = caller(who) + name
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{p} must be a torch.Tensor of token ids, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        raise ValueError(f"{p} must hold integer token ids (e.g. torch.long), got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{p} must be a batch of sequences, shape (batch, length); got {tuple(x.shape)}")
+    valid = ((x >= 0) & (x < process.vocab_size)) | (x == process.mask_id)
+    if not bool(valid.all()):
+        b, i = (int(j) for j in torch.nonzero(~valid)[0])
+        raise ValueError(
+            f"{p} must hold ids in [0, {process.vocab_size - 1}] or the mask id {process.mask_id}, got "
+            f"{int(x[b, i])} at [{b}, {i}]"
+        )
+    return x
+
+
+class MaskedDenoiser:
+    """A network over token ids and its :class:`~steerdiff.discrete.MaskedProcess`.
+
+    Args:
+        net: ``net(x_t, t_model, **cond) -> logits (batch, length, vocab_size)`` (any floating dtype).
+        process: the masked process it was trained on (its ``vocab_size`` and ``mask_id``).
+        time_map: what the network takes as time, from the float64 times ``t`` ``(batch,)``: default
+            ``t`` as float32; MDLM's networks take ``process.total_noise``. The exact denoiser of a
+            masked model does not depend on ``t`` (Zheng et al. 2024), but a trained network may.
+    """
+
+    def __init__(
+        self, net: Callable[..., Tensor], process: MaskedProcess, time_map: TimeMap | None = None
+    ) -> None:
+        if not callable(net):
+            raise ValueError(f"MaskedDenoiser: net must be callable, got {type(net).__name__}")
+        if not isinstance(process, MaskedProcess):
+            raise ValueError(
+                "MaskedDenoiser: process must be a steerdiff.discrete.MaskedProcess, got "
+                f"{type(process).__name__}"
+            )
+        if time_map is not None and not callable(time_map):
+            raise ValueError(
+                f"MaskedDenoiser: time_map must be None or callable, got {type(time_map).__name__}"
+            )
+        self.net = net
+        self.process = process
+        self.time_map: TimeMap = _float32 if time_map is None else time_map
+
+    def log_probs(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """``log p_theta(x_0 | x_t)``, float64 ``(batch, length, vocab_size)``, from one network call at
+        times ``t`` (a number or ``(batch,)``), with SUBS's two rules (module docstring): the mask id has
+        probability 0, an unmasked position is its own token. A ``ValueError`` for logits of another
+        shape or a non-floating dtype; a :class:`~steerdiff.NonFiniteError` where they hold NaN or
+        ``+inf``, or a masked position's logits leave no clean token a probability."""
+        p = self.process
+        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
+        logits = self.net(x_t, self.time_map(t), **cond)
+        want = (*x_t.shape, p.vocab_size)
+        if not isinstance(logits, Tensor) or not logits.is_floating_point() or tuple(logits.shape) != want:
+            got = (
+                f"{logits.dtype} {tuple(logits.shape)}"
+                if isinstance(logits, Tensor)
+                else type(logits).__name__
+            )
+            raise ValueError(f"MaskedDenoiser: net must return floating logits of shape {want}, got {got}")
+        if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+            raise NonFiniteError("MaskedDenoiser: the network returned NaN or +inf logits")
+        logits = logits.to(torch.float64)
+        if p.mask_id < p.vocab_size:  # out of place: the net's own tensor is left as it is
+            logits = logits.index_fill(-1, torch.tensor([p.mask_id], device=logits.device), -torch.inf)
+        log_p = torch.log_softmax(logits, dim=-1)
+        masked = x_t == p.mask_id
+        if bool(torch.isnan(log_p[masked]).any()):
+            raise NonFiniteError(
+                "MaskedDenoiser: at a masked position the network's logits are -inf for every clean token"
+            )
+        carried = torch.full_like(log_p, -torch.inf).scatter_(
+            -1, x_t.clamp(max=p.vocab_size - 1)[..., None], 0.0
+        )
+        return torch.where(masked[..., None], log_p, carried)

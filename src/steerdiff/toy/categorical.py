@@ -1,0 +1,167 @@
+r"""Mixtures of product-of-categoricals distributions: sequence data whose masked-diffusion denoiser is exact.
+
+``p(x) = sum_k w_k prod_i P_k[i, x^i]`` over sequences ``x`` of length ``L`` with tokens in ``0..V-1``.
+Given a partly masked sequence ``x_t`` (unmasked positions ``U``), the posterior over components is
+
+    r_k(x_t) ∝ w_k prod_{i in U} P_k[i, x_t^i],
+
+and a masked position's clean token has the exact conditional law
+
+    p(x_0^j = v | x_t) = sum_k r_k(x_t) P_k[j, v],
+
+which does not depend on ``t``: the exact denoiser of every absorbing process (its logits are the logs).
+Under the process ``x_t`` has the closed-form law ``sum_k w_k prod_i (alpha P_k[i, x_t^i] if unmasked,
+1 - alpha if masked)``. For small ``V^L`` the whole table of ``p`` gives exact distances to samples.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import integer, tensor
+from ..discrete.categorical import draw
+from ..discrete.denoiser import MaskedDenoiser
+from ..discrete.process import MaskedProcess
+from ..noise import Generators
+
+__all__ = ["CategoricalMixture"]
+
+F64 = torch.float64
+MAX_TABLE = 2**20  # the largest V^L whose table is built
+
+
+class CategoricalMixture:
+    """A mixture of ``K`` product-of-categoricals distributions over sequences of length ``L``, vocabulary
+    ``V`` (tokens ``0..V-1``).
+
+    Args:
+        weights: ``(K,)``, finite and > 0, normalized here.
+        probs: ``(K, L, V)``, finite and >= 0, each ``probs[k, i]`` with a positive sum, normalized here.
+
+    Attributes: ``weights``, ``probs`` (float64, normalized), ``K``, ``L``, ``V``.
+    """
+
+    def __init__(self, weights: Tensor, probs: Tensor) -> None:
+        who = "CategoricalMixture"
+        w = tensor(who, "weights", weights, F64)
+        p = tensor(who, "probs", probs, F64)
+        if w.ndim != 1 or not bool(torch.isfinite(w).all() and (w > 0).all()):
+            raise ValueError(f"{who}: weights must be a 1-d array of finite numbers > 0, got {weights!r:.60}")
+        if p.ndim != 3 or p.shape[0] != len(w) or p.shape[2] < 1:
+            raise ValueError(
+                f"{who}: probs must have shape (K, L, V) with K = len(weights) = {len(w)}, got "
+                f"{tuple(p.shape)}"
+            )
+        if not bool(torch.isfinite(p).all() and (p >= 0).all() and (p.sum(-1) > 0).all()):
+            raise ValueError(
+                f"{who}: probs must be finite and >= 0 with a positive sum over the vocabulary at every "
+                "(k, i)"
+            )
+        self.weights = w / w.sum()
+        self.probs = p / p.sum(-1, keepdim=True)
+        self.K, self.L, self.V = p.shape
+
+    def _tokens(self, x: Tensor, name: str, mask_id: int | None = None) -> Tensor:
+        """``x`` as int64 ``(n, L)``, its ids in ``0..V-1`` (or ``mask_id``), else a ``ValueError``."""
+        if not isinstance(x, Tensor) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(f"CategoricalMixture: {name} must be an integer tensor of tokens (n, {self.L})")
+        if x.ndim != 2 or x.shape[1] != self.L:
+            raise ValueError(
+                f"CategoricalMixture: {name} must have shape (n, {self.L}), got {tuple(x.shape)}"
+            )
+        ok = (x >= 0) & (x < self.V)
+        if mask_id is not None:
+            ok |= x == mask_id
+        if not bool(ok.all()):
+            also = "" if mask_id is None else f" or the mask id {mask_id}"
+            raise ValueError(f"CategoricalMixture: {name} must hold tokens in [0, {self.V - 1}]{also}")
+        return x.long()
+
+    def _log_terms(self, x: Tensor, known: Tensor) -> Tensor:
+        """``log w_k + sum_{i known} log P_k[i, x^i]`` ``(n, K)`` (``x``'s unknown entries ignored)."""
+        log_p = torch.log(self.probs.to(x.device))  # (K, L, V)
+        picked = log_p[:, torch.arange(self.L, device=x.device), x.clamp(0, self.V - 1)]  # (K, n, L)
+        picked = torch.where(known, picked, 0.0)
+        return torch.log(self.weights.to(x.device)) + picked.sum(-1).T
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x)`` of clean sequences ``x`` ``(n, L)``, float64 ``(n,)``."""
+        x = self._tokens(x, "x")
+        return torch.logsumexp(self._log_terms(x, torch.ones_like(x, dtype=torch.bool)), dim=-1)
+
+    def sample(
+        self, n: int, generator: Generators = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """``n`` exact draws, int64 ``(n, L)``: a component from ``weights``, then each token from its row of
+        ``probs`` (a list of generators: one per draw)."""
+        n = integer("CategoricalMixture.sample", "n", n, lo=1)
+        log_w = torch.log(self.weights.to(device)).expand(n, -1)
+        k = draw(log_w, generator)
+        return draw(torch.log(self.probs.to(device))[k], generator)
+
+    def conditional_log_probs(self, x_t: Tensor, mask_id: int) -> Tensor:
+        """``log p(x_0^j = v | x_t)`` float64 ``(n, L, V)``: at every position the law of its clean token
+        given ``x_t``'s unmasked tokens (those not ``mask_id``, an id outside ``0..V-1``). At an unmasked
+        position that is the law ignoring it, not its own token (the denoiser's carry-over sets it)."""
+        if 0 <= mask_id < self.V:
+            raise ValueError(
+                f"CategoricalMixture: mask_id must lie outside the tokens [0, {self.V - 1}], got {mask_id}"
+            )
+        x_t = self._tokens(x_t, "x_t", mask_id)
+        terms = self._log_terms(x_t, x_t != mask_id)
+        r = torch.softmax(terms, dim=-1)  # (n, K)
+        return torch.log(torch.einsum("nk,klv->nlv", r, self.probs.to(x_t.device)))
+
+    def denoiser(self, process: MaskedProcess) -> MaskedDenoiser:
+        """The exact denoiser under ``process``, whose clean ids must be this mixture's tokens: ``mask_id >=
+        V`` with ``vocab_size`` ``V`` (the mask after them) or ``V + 1`` (the mask among the logits, at
+        ``V``). Its logits do not depend on ``t``."""
+        if not isinstance(process, MaskedProcess) or process.mask_id < self.V or process.num_clean != self.V:
+            raise ValueError(
+                "CategoricalMixture.denoiser: process must be a MaskedProcess whose clean ids are the "
+                f"tokens 0..{self.V - 1} (vocab_size {self.V} or {self.V + 1}, mask_id {self.V}), got "
+                f"{process!r}"
+            )
+
+        def net(x_t: Tensor, t: Tensor) -> Tensor:
+            log_p = self.conditional_log_probs(x_t, process.mask_id)
+            pad = process.vocab_size - self.V  # the mask's column, which SUBS sets to -inf
+            return torch.nn.functional.pad(log_p, (0, pad), value=-torch.inf)
+
+        return MaskedDenoiser(net, process)
+
+    def noised_log_prob(self, x_t: Tensor, process: MaskedProcess, t: float) -> Tensor:
+        """``log q_t(x_t)``, float64 ``(n,)``: the law of ``x_t`` under ``process`` at time ``t``,
+        ``sum_k w_k prod_i (alpha P_k[i, x_t^i] if unmasked, 1 - alpha if masked)``."""
+        x_t = self._tokens(x_t, "x_t", process.mask_id)
+        alpha = process.alpha(torch.tensor(t)).to(x_t.device)
+        known = x_t != process.mask_id
+        m = known.sum(-1)
+        # log(alpha^m (1 - alpha)^(L - m)), 0 log 0 = 0 at alpha = 0 or 1
+        noise = torch.xlogy(m, alpha) + torch.xlogy(self.L - m, 1 - alpha)
+        return torch.logsumexp(self._log_terms(x_t, known), dim=-1) + noise
+
+    def table(self) -> Tensor:
+        """``p(x)`` of every sequence, float64 ``(V^L,)``, in the order of :meth:`index` (for ``V^L`` up to
+        2^20)."""
+        if self.V**self.L > MAX_TABLE:
+            raise ValueError(
+                f"CategoricalMixture.table: V^L = {self.V}^{self.L} exceeds {MAX_TABLE} sequences"
+            )
+        codes = torch.arange(self.V**self.L)
+        digits = torch.stack([codes // self.V ** (self.L - 1 - i) % self.V for i in range(self.L)], dim=1)
+        return self.log_prob(digits).exp()
+
+    def index(self, x: Tensor) -> Tensor:
+        """The position of each sequence of ``x`` ``(n, L)`` in :meth:`table`: ``sum_i x^i V^{L - 1 - i}``."""
+        x = self._tokens(x, "x")
+        powers = self.V ** torch.arange(self.L - 1, -1, -1, device=x.device)
+        return (x * powers).sum(-1)
+
+    def total_variation(self, x: Tensor) -> float:
+        """The total variation distance ``(1/2) sum_x |p_hat(x) - p(x)|`` between the empirical law of the
+        samples ``x`` ``(n, L)`` and ``p``."""
+        p = self.table()
+        counts = torch.bincount(self.index(x).cpu(), minlength=len(p)).to(F64)
+        return 0.5 * float((counts / len(x) - p).abs().sum())

@@ -1,0 +1,163 @@
+"""sd.discrete.sample's contract: exact NFE, the callback, per-row reproducibility, the network's time
+and conditioning, NaN naming the step, and bad input refused with messages naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import steerdiff as sd
+
+from .discrete_reference import mixture
+
+MIX = mixture()
+PROC = sd.discrete.MaskedProcess(MIX.V)
+DEN = MIX.denoiser(PROC)
+
+
+class Counting:
+    """The exact net, counting its calls and recording its time inputs and conditioning."""
+
+    def __init__(self, nan_at: int | None = None) -> None:
+        self.calls, self.times, self.cond, self.nan_at = 0, [], [], nan_at
+
+    def __call__(self, x, t, **cond):
+        self.calls += 1
+        self.times.append(t)
+        self.cond.append(cond)
+        logits = DEN.net(x, t).to(torch.float32)
+        return torch.full_like(logits, math.nan) if self.calls == self.nan_at else logits
+
+
+@pytest.mark.parametrize(("sampler", "steps", "nfe"), [("ancestral", 7, 7), ("first_hitting", None, 5)])
+def test_nfe_is_exact_and_the_callback_sees_every_step(sampler, steps, nfe):
+    net = Counting()
+    seen = []
+    x, info = sd.discrete.sample(
+        sd.discrete.MaskedDenoiser(net, PROC), (4, MIX.L), steps, sampler,
+        callback=seen.append, return_info=True, label=3,
+    )  # fmt: skip
+    assert info.nfe == info.steps == net.calls == len(seen) == nfe
+    assert [d["i"] for d in seen] == list(range(nfe)) and [d["nfe"] for d in seen] == list(range(1, nfe + 1))
+    assert all(c == {"label": 3} for c in net.cond)
+    assert bool((x != MIX.V).all()) and x.dtype == torch.long
+    assert seen[-1]["log_probs"].shape == (4, MIX.L, MIX.V) and torch.equal(seen[-1]["x"], x)
+    if sampler == "ancestral":  # the net is called at the step's start t_i = 1 - i / N, float32
+        expected = torch.tensor([1 - i / steps for i in range(steps)], dtype=torch.float32)
+        assert torch.equal(torch.stack(net.times)[:, 0], expected) and net.times[0].shape == (4,)
+
+
+def test_first_hitting_takes_one_step_per_mask_of_the_most_masked_row():
+    x_T = torch.tensor([[0, 3, 3, 1, 3], [3, 3, 2, 2, 2]], dtype=torch.int32)
+    net = Counting()
+    x, info = sd.discrete.sample(
+        sd.discrete.MaskedDenoiser(net, PROC), x_T, sampler="first_hitting", return_info=True
+    )
+    assert info.nfe == net.calls == 3 and x.dtype == torch.int32
+    given = x_T != 3
+    assert torch.equal(x[given], x_T[given]) and bool((x != 3).all())
+    # a fully unmasked batch: nothing to do
+    x, info = sd.discrete.sample(DEN, x, sampler="first_hitting", return_info=True)
+    assert info.nfe == 0
+
+
+def test_the_time_map_gives_the_net_mdlm_total_noise():
+    net = Counting()
+    proc = sd.discrete.MaskedProcess(MIX.V, schedule="loglinear")
+    sd.discrete.sample(sd.discrete.MaskedDenoiser(net, proc, time_map=proc.total_noise), (2, MIX.L), 4)
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    expected = -torch.log1p(-(1 - 1e-3) * t)  # MDLM's log-linear total noise, float64
+    torch.testing.assert_close(torch.stack(net.times)[:, 0], expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
+def test_a_row_is_the_same_whatever_its_batch(sampler):
+    steps = 6 if sampler == "ancestral" else None
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11, 12)]
+    batch = sd.discrete.sample(DEN, (3, MIX.L), steps, sampler, generator=gens)
+    alone = sd.discrete.sample(DEN, (1, MIX.L), steps, sampler, generator=[torch.Generator().manual_seed(11)])
+    assert torch.equal(batch[1:2], alone)
+    again = sd.discrete.sample(DEN, (3, MIX.L), steps, sampler, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(
+        again, sd.discrete.sample(DEN, (3, MIX.L), steps, sampler, generator=torch.Generator().manual_seed(1))
+    )
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ancestral", 5), ("first_hitting", None)])
+def test_nan_logits_name_the_step(sampler, steps):
+    den = sd.discrete.MaskedDenoiser(Counting(nan_at=3), PROC)
+    with pytest.raises(sd.NonFiniteError, match=r"at step 2 \(evaluation 3, t in \[.*\]\).*NaN or \+inf"):
+        sd.discrete.sample(den, (2, MIX.L), steps, sampler)
+
+
+def _net(shape_or_dtype):
+    return sd.discrete.MaskedDenoiser(lambda x, t: torch.zeros(*x.shape, 3, dtype=shape_or_dtype), PROC)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: sd.discrete.sample(DEN, torch.zeros(2, 5), 4), r"x_T must hold integer token ids.*float32"),
+        (lambda: sd.discrete.sample(DEN, torch.zeros(2, 5, dtype=torch.bool), 4), r"integer token ids.*bool"),
+        (
+            lambda: sd.discrete.sample(DEN, torch.full((2, 5), 7), 4),
+            r"ids in \[0, 2\] or the mask id 3, got 7 at \[0, 0\]",
+        ),
+        (lambda: sd.discrete.sample(DEN, torch.full((5,), 3), 4), r"x_T must be a batch of sequences"),
+        (lambda: sd.discrete.sample(DEN, (2, 5, 1), 4), r"x_T must be a shape \(batch, length\)"),
+        (lambda: sd.discrete.sample(DEN, (2, 0), 4), r"x_T\[1\] must be an integer >= 1"),
+        (lambda: sd.discrete.sample(DEN, (2, 5)), r"steps must be an integer >= 1, got None"),
+        (lambda: sd.discrete.sample(DEN, (2, 5), 4, "first_hitting"), r"steps must be None or 5, got 4"),
+        (
+            lambda: sd.discrete.sample(DEN, (2, 5), 4, "bogus"),
+            r"sampler='bogus'; accepted: \['ancestral', 'first_hitting'\]",
+        ),
+        (
+            lambda: sd.discrete.sample(DEN, (2, 5), 4, generator=[torch.Generator()]),
+            r"generator must be .* a list of batch = 2",
+        ),
+        (
+            lambda: sd.discrete.sample(DEN, torch.full((2, 5), 3), 4, device="cpu"),
+            r"device is for a shape x_T",
+        ),
+        (lambda: sd.discrete.sample(DEN, (2, 5), 4, callback=1), r"callback must be None or a callable"),
+        (lambda: sd.discrete.sample(DEN, (2, 5), 4, progress="no"), r"progress must be True or False"),
+        (lambda: sd.discrete.sample(MIX, (2, 5), 4), r"den must be a steerdiff.discrete.MaskedDenoiser"),
+        (
+            lambda: sd.discrete.sample(_net(torch.long), (2, 5), 4),
+            r"floating logits of shape \(2, 5, 3\), got torch.int64",
+        ),
+        (lambda: sd.discrete.MaskedProcess(0), r"vocab_size must be an integer >= 1"),
+        (lambda: sd.discrete.MaskedProcess(3, mask_id=4), r"mask_id must be an integer in \[0, 3\]"),
+        (lambda: sd.discrete.MaskedProcess(1, mask_id=0), r"leaves no clean token"),
+        (lambda: sd.discrete.MaskedProcess(3, schedule="cos"), r"schedule must be one of \['linear'"),
+        (lambda: sd.discrete.MaskedProcess(3, eps=0), r"eps must be a finite number in \(0, 1\)"),
+        (lambda: sd.discrete.MaskedProcess(3, sigma_min=2, sigma_max=1), r"need sigma_min < sigma_max"),
+        (lambda: sd.discrete.MaskedDenoiser(1, PROC), r"net must be callable"),
+        (lambda: MIX.denoiser(sd.discrete.MaskedProcess(4, mask_id=0)), r"clean ids are the tokens 0\.\.2"),
+        (
+            lambda: sd.toy.CategoricalMixture(torch.ones(2), torch.ones(3, 2, 2)),
+            r"probs must have shape \(K, L, V\)",
+        ),
+        (lambda: sd.toy.CategoricalMixture(torch.tensor([1.0, -1]), torch.ones(2, 2, 2)), r"weights must be"),
+        (lambda: MIX.log_prob(torch.full((2, 5), 3)), r"x must hold tokens in \[0, 2\]"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_logits_of_another_shape_are_refused():
+    den = sd.discrete.MaskedDenoiser(lambda x, t: torch.zeros(*x.shape, 4), PROC)
+    with pytest.raises(
+        ValueError,
+        match=r"net must return floating logits of shape \(2, 5, 3\), got torch.float32 \(2, 5, 4\)",
+    ):
+        sd.discrete.sample(den, (2, 5), 4)
+    with pytest.raises(sd.NonFiniteError, match=r"step 0 .* -inf for every clean token"):
+        sd.discrete.sample(
+            sd.discrete.MaskedDenoiser(lambda x, t: torch.full((*x.shape, 3), -math.inf), PROC), (2, 5), 4
+        )
