@@ -10,7 +10,7 @@ import torch
 
 import steerdiff as sd
 
-from .discrete_reference import mixture
+from .discrete_reference import mixture, tv_floor
 
 MIX = mixture()
 PROC = sd.discrete.MaskedProcess(MIX.V)
@@ -161,3 +161,13 @@ def test_logits_of_another_shape_are_refused():
         sd.discrete.sample(
             sd.discrete.MaskedDenoiser(lambda x, t: torch.full((*x.shape, 3), -math.inf), PROC), (2, 5), 4
         )
+
+
+def test_the_readme_example_runs_and_samples_the_law():
+    from .test_readme import _block
+
+    scope: dict[str, object] = {"torch": torch, "sd": sd, "print": lambda *a: None}
+    exec(compile(_block("## Discrete (masked) diffusion"), "README.md", "exec"), scope)
+    mix, x = scope["mix"], scope["x"]
+    mean, sd_ = tv_floor(mix.table(), len(x))
+    assert mix.total_variation(x) < mean + 4 * sd_

@@ -6,9 +6,9 @@ is unmasked with probability
     (alpha_s - alpha_t) / (1 - alpha_t),
 
 its value drawn from the denoiser's ``p_theta(x_0^i | x_t)``, and stays masked otherwise; unmasked tokens
-stay (Sahoo et al. 2024, "Simple and Effective Masked Diffusion Language Models", eq. 7 with the SUBS
-parameterization; Austin et al. 2021, D3PM's absorbing state). The last step takes ``alpha_s = 1``, so
-every token is unmasked (schedules with ``alpha(0) < 1``, such as ``geometric``, included).
+stay (Sahoo et al. 2024, "Simple and Effective Masked Diffusion Language Models", the reverse step with
+the SUBS parameterization; Austin et al. 2021, D3PM's absorbing state). The last step takes ``alpha_s =
+1``, so every token is unmasked (schedules with ``alpha(0) < 1``, such as ``geometric``, included).
 
 With an exact denoiser each token's value is exact given the tokens unmasked at earlier steps, but the
 tokens unmasked in one step are drawn independently of each other, so the joint law is biased; the bias

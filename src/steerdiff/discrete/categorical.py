@@ -4,7 +4,7 @@ r"""Categorical draws in float64, by the Gumbel-max trick.
 uniforms and the arithmetic are float64: with float32 Gumbel noise the largest ``g`` is capped (``u`` has
 24 bits), which truncates the tail of ``p`` and lowers the effective temperature over large
 vocabularies (Zheng et al. 2024, "Masked Diffusion Models are Secretly Time-Agnostic Masked Models and
-Exploit Inaccurate Categorical Sampling", sec. 4).
+Exploit Inaccurate Categorical Sampling").
 """
 
 from __future__ import annotations

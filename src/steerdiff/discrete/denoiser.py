@@ -3,7 +3,7 @@ r"""The denoiser of a masked diffusion model: a network's logits over the clean 
 The network is called as ``net(x_t, t, **cond)`` on a batch of token ids ``x_t`` ``(batch, length)``
 (integers; masked positions hold the mask id) and one time per row, and returns logits ``(batch, length,
 vocab_size)`` for ``x_0`` at every position. :class:`MaskedDenoiser` turns them into the
-distribution ``p_theta(x_0 | x_t)`` with MDLM's SUBS parameterization (Sahoo et al. 2024, sec. 3.2.3):
+distribution ``p_theta(x_0 | x_t)`` with MDLM's SUBS parameterization (Sahoo et al. 2024):
 
 * zero masking probabilities: the mask id gets probability 0 (its logit ``-inf`` where the logits
   cover it);
@@ -11,7 +11,7 @@ distribution ``p_theta(x_0 | x_t)`` with MDLM's SUBS parameterization (Sahoo et 
 
 The log-probabilities are float64 (categorical draws from float32 probabilities are biased at large
 vocabularies: Zheng et al. 2024, "Masked Diffusion Models are Secretly Time-Agnostic Masked Models and
-Exploit Inaccurate Categorical Sampling", sec. 4).
+Exploit Inaccurate Categorical Sampling").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 r"""The first-hitting sampler of masked diffusion: one token per step, at its exact unmasking time.
 
 Zheng et al. 2024, "Masked Diffusion Models are Secretly Time-Agnostic Masked Models and Exploit
-Inaccurate Categorical Sampling", sec. 3 (first-hitting sampler). Under the reverse process each of the
+Inaccurate Categorical Sampling", their first-hitting sampler. Under the reverse process each of the
 ``n`` masked tokens of ``x_t`` is still masked at ``s < t`` with probability ``(1 - alpha_s) / (1 -
 alpha_t)``, independently, so the first of them to unmask does so at the time ``s`` with
 

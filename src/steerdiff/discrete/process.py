@@ -44,11 +44,14 @@ class MaskedProcess:
     Schedules (``alpha(t)`` for ``t`` in ``[0, 1]``):
 
     * ``"linear"``: ``1 - t`` (MDLM, MD4).
-    * ``"cosine"``: ``cos(pi t / 2)``.
+    * ``"cosine"``: ``cos(pi t / 2)``: few tokens masked at first. MaskGIT's cosine (Chang et al. 2022),
+      which masks the fraction ``cos(pi r / 2)`` at decoding progress ``r = 1 - t``, is the reflection
+      ``1 - sin(pi t / 2)``. The schedule sets the ``alpha`` of ``ancestral``'s time-uniform grid; of
+      ``first_hitting`` only the network's times.
     * ``"loglinear"``: ``1 - (1 - eps) t``, MDLM's log-linear noise (total noise ``-log(1 - (1 - eps) t)``,
       after Lou et al. 2024's SEDD); ``alpha(1) = eps`` (default ``1e-3``).
-    * ``"geometric"``: ``exp(-sigma_min^{1 - t} sigma_max^t)``, a total noise geometric in ``t`` (MD4's
-      geometric schedule); ``alpha(0) = exp(-sigma_min)``, ``alpha(1) = exp(-sigma_max)`` (defaults
+    * ``"geometric"``: ``exp(-sigma_min^{1 - t} sigma_max^t)``, a total noise geometric in ``t`` (Lou et al.
+      2024's geometric noise); ``alpha(0) = exp(-sigma_min)``, ``alpha(1) = exp(-sigma_max)`` (defaults
       ``1e-3`` and ``20``).
 
     Args:
