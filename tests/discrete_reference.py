@@ -43,30 +43,39 @@ def states(L: int, V: int) -> Tensor:
     return torch.tensor(list(itertools.product(range(V + 1), repeat=L)))
 
 
-def ancestral_law(mix: sd.toy.CategoricalMixture, process: sd.discrete.MaskedProcess, steps: int) -> Tensor:
+def ancestral_law(
+    mix: sd.toy.CategoricalMixture,
+    process: sd.discrete.MaskedProcess,
+    steps: int,
+    eta: float = 0.0,
+    strategy: str = "cap",
+) -> Tensor:
     """The exact law over clean sequences (in :meth:`~steerdiff.toy.CategoricalMixture.table` order) of
-    the ancestral sampler with ``mix``'s exact denoiser: the state's law over every partly masked
-    sequence propagated through ``steps`` transition matrices. From ``x`` with ``n(x)`` masked positions
-    to ``y`` (which keeps ``x``'s tokens and unmasks ``k = n(x) - n(y)`` of its masks) the step has
-    probability ``c^k (1 - c)^{n(y)} prod_{j unmasked} p(y^j | x)``, with
-    ``c = (alpha_s - alpha_t) / (1 - alpha_t)``."""
+    the ancestral sampler (``eta = 0``) or ReMDM (``eta``, ``strategy``) with ``mix``'s exact denoiser, from
+    the all-masked sequence: the state's law over every partly masked sequence propagated through ``steps``
+    transition matrices. A step moves the positions independently given the state ``x``: an unmasked token
+    is masked with probability ``sigma`` (kept otherwise), a masked one becomes ``v`` with probability
+    ``c p(x_0^j = v | x)``, ``c = (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t)``, and stays masked
+    otherwise; ``sigma = min(eta, sigma_max)`` (cap) or ``eta sigma_max`` (rescale), ``sigma_max = min(1,
+    (1 - alpha_s) / alpha_t)``."""
     L, V = mix.L, mix.V
     x = states(L, V)
     masked = x == V
     cond = mix.conditional_log_probs(x, V).exp()  # (S, L, V)
-    per_pos = torch.cat([cond, torch.ones(len(x), L, 1, dtype=F64)], dim=-1)  # a mask stays: factor 1
-    keep = torch.nn.functional.one_hot(x, V + 1).to(F64)  # an unmasked token stays
-    per_pos = torch.where(masked[..., None], per_pos, keep)
-    g = torch.ones(len(x), len(x), dtype=F64)
-    for j in range(L):
-        g *= per_pos[:, j, x[:, j]]
-    n = masked.sum(-1)
-    k = (n[:, None] - n[None, :]).clamp(min=0).to(F64)
-    law = (masked.all(-1)).to(F64)
+    keep = torch.nn.functional.one_hot(x, V + 1).to(F64)
+    mask_col = torch.nn.functional.one_hot(torch.tensor(V), V + 1).to(F64)
+    law = masked.all(-1).to(F64)
     for i in range(steps):
         a_t = float(process.alpha(torch.tensor(1 - i / steps)))
         a_s = 1.0 if i == steps - 1 else float(process.alpha(torch.tensor(1 - (i + 1) / steps)))
-        c = (a_s - a_t) / (1 - a_t)
-        law = law @ (g * c**k * (1 - c) ** n[None, :].to(F64))
+        sigma_max = min(1.0, (1 - a_s) / a_t) if a_t > 0 else 1.0
+        sigma = min(eta, sigma_max) if strategy == "cap" else eta * sigma_max
+        c = (a_s - (1 - sigma) * a_t) / (1 - a_t)
+        unmasking = torch.cat([c * cond, torch.full((len(x), L, 1), 1 - c, dtype=F64)], dim=-1)
+        per_pos = torch.where(masked[..., None], unmasking, (1 - sigma) * keep + sigma * mask_col)
+        step = torch.ones(len(x), len(x), dtype=F64)
+        for j in range(L):
+            step *= per_pos[:, j, x[:, j]]
+        law = law @ step
     clean = ~masked.any(-1)
     return law[clean]  # base-(V+1) order restricted to digits < V is base-V order

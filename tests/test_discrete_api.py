@@ -31,7 +31,9 @@ class Counting:
         return torch.full_like(logits, math.nan) if self.calls == self.nan_at else logits
 
 
-@pytest.mark.parametrize(("sampler", "steps", "nfe"), [("ancestral", 7, 7), ("first_hitting", None, 5)])
+@pytest.mark.parametrize(
+    ("sampler", "steps", "nfe"), [("ancestral", 7, 7), ("remdm", 7, 7), ("first_hitting", None, 5)]
+)
 def test_nfe_is_exact_and_the_callback_sees_every_step(sampler, steps, nfe):
     net = Counting()
     seen = []
@@ -44,7 +46,7 @@ def test_nfe_is_exact_and_the_callback_sees_every_step(sampler, steps, nfe):
     assert all(c == {"label": 3} for c in net.cond)
     assert bool((x != MIX.V).all()) and x.dtype == torch.long
     assert seen[-1]["log_probs"].shape == (4, MIX.L, MIX.V) and torch.equal(seen[-1]["x"], x)
-    if sampler == "ancestral":  # the net is called at the step's start t_i = 1 - i / N, float32
+    if steps is not None:  # the net is called at the step's start t_i = 1 - i / N, float32
         expected = torch.tensor([1 - i / steps for i in range(steps)], dtype=torch.float32)
         assert torch.equal(torch.stack(net.times)[:, 0], expected) and net.times[0].shape == (4,)
 
@@ -72,9 +74,9 @@ def test_the_time_map_gives_the_net_mdlm_total_noise():
     torch.testing.assert_close(torch.stack(net.times)[:, 0], expected, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting", "remdm"])
 def test_a_row_is_the_same_whatever_its_batch(sampler):
-    steps = 6 if sampler == "ancestral" else None
+    steps = None if sampler == "first_hitting" else 6
     gens = [torch.Generator().manual_seed(s) for s in (10, 11, 12)]
     batch = sd.discrete.sample(DEN, (3, MIX.L), steps, sampler, generator=gens)
     alone = sd.discrete.sample(DEN, (1, MIX.L), steps, sampler, generator=[torch.Generator().manual_seed(11)])
@@ -112,7 +114,7 @@ def _net(shape_or_dtype):
         (lambda: sd.discrete.sample(DEN, (2, 5), 4, "first_hitting"), r"steps must be None or 5, got 4"),
         (
             lambda: sd.discrete.sample(DEN, (2, 5), 4, "bogus"),
-            r"sampler='bogus'; accepted: \['ancestral', 'first_hitting'\]",
+            r"sampler='bogus'; accepted: \['ancestral', 'first_hitting', 'remdm'\]",
         ),
         (
             lambda: sd.discrete.sample(DEN, (2, 5), 4, generator=[torch.Generator()]),
@@ -136,6 +138,8 @@ def _net(shape_or_dtype):
         (lambda: sd.discrete.MaskedProcess(3, eps=0), r"eps must be a finite number in \(0, 1\)"),
         (lambda: sd.discrete.MaskedProcess(3, sigma_min=2, sigma_max=1), r"need sigma_min < sigma_max"),
         (lambda: sd.discrete.MaskedDenoiser(1, PROC), r"net must be callable"),
+        (lambda: sd.discrete.ReMDM(eta=1.5), r"ReMDM: eta must be a finite number in \[0, 1\], got 1.5"),
+        (lambda: sd.discrete.ReMDM(strategy="loop"), r"ReMDM: strategy must be one of \['cap', 'rescale'\]"),
         (lambda: MIX.denoiser(sd.discrete.MaskedProcess(4, mask_id=0)), r"clean ids are the tokens 0\.\.2"),
         (
             lambda: sd.toy.CategoricalMixture(torch.ones(2), torch.ones(3, 2, 2)),

@@ -14,6 +14,7 @@ from .categorical import draw
 from .denoiser import MaskedDenoiser, check_tokens
 from .first_hitting import FirstHitting
 from .process import SCHEDULES, MaskedProcess
+from .remdm import ReMDM
 from .sampling import SampleInfo, available, get, sample
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "MaskedDenoiser",
     "MaskedProcess",
     "Model",
+    "ReMDM",
     "SampleInfo",
     "Sampler",
     "available",

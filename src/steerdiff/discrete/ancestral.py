@@ -39,15 +39,20 @@ class Ancestral(Sampler):
         return integer("discrete.sample", "steps", steps, lo=1)
 
     def step(
-        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        process = model.den.process
-        s = torch.full_like(t, 1 - (i + 1) / steps)
-        alpha_t = process.alpha(t)
-        alpha_s = torch.ones_like(s) if i == steps - 1 else process.alpha(s)
+        s, alpha_t, alpha_s = self.interval(model, t, i, steps)
         log_p = model(x, t, i)
         u = rand(x.shape, generator, torch.float64, x.device)
         tokens = draw(log_p, generator).to(x.dtype)
         chance = ((alpha_s - alpha_t) / (1 - alpha_t))[:, None]
-        unmask = (x == process.mask_id) & (u < chance)
+        unmask = (x == model.den.process.mask_id) & (u < chance)
         return torch.where(unmask, tokens, x), s, log_p
+
+    @staticmethod
+    def interval(model: Model, t: Tensor, i: int, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Step ``i``'s end ``s = 1 - (i + 1) / steps`` and ``(alpha_t, alpha_s)``, ``alpha_s = 1`` at the
+        last step (every token unmasked there)."""
+        process = model.den.process
+        s = torch.full_like(t, 1 - (i + 1) / steps)
+        return s, process.alpha(t), torch.ones_like(s) if i == steps - 1 else process.alpha(s)

@@ -50,7 +50,8 @@ class Sampler(ABC):
 
     @abstractmethod
     def step(
-        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Step ``i`` of ``steps`` from ``x`` at times ``t``: the new ``x`` (a new tensor), its times, and
-        the log-probabilities of ``x_0`` the model gave."""
+        the log-probabilities of ``x_0`` the model gave. ``given`` marks the tokens the run started with
+        (``x_T``'s unmasked positions), which a step must keep."""

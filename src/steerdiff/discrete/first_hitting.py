@@ -45,7 +45,7 @@ class FirstHitting(Sampler):
         return n
 
     def step(
-        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         process = model.den.process
         masked = x == process.mask_id

@@ -16,10 +16,11 @@ from .ancestral import Ancestral
 from .base import Model, Sampler
 from .denoiser import MaskedDenoiser, check_tokens
 from .first_hitting import FirstHitting
+from .remdm import ReMDM
 
 __all__ = ["SampleInfo", "available", "get", "sample"]
 
-_REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Ancestral, FirstHitting)}
+_REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Ancestral, FirstHitting, ReMDM)}
 
 
 def available() -> list[str]:
@@ -101,7 +102,8 @@ def sample(
             (infilling, prompts). Given the all-masked sequence the data is the model's whatever
             ``alpha(1)``, and given a partly masked one its exact conditional (the masking does not depend
             on the tokens), so with an exact denoiser every start is exact at ``t = 1``.
-        steps: ``"ancestral"``: the number of steps ``N`` on the grid ``t_i = 1 - i / N`` (required);
+        steps: ``"ancestral"`` and ``"remdm"``: the number of steps ``N`` on the grid ``t_i = 1 - i / N``
+            (required);
             ``"first_hitting"``: ``None`` or the number of masked tokens of the most masked row (one step
             per token).
         sampler: a name from :func:`available` or a :class:`~steerdiff.discrete.base.Sampler`.
@@ -147,8 +149,9 @@ def sample(
         raise ValueError(f"{who}: callback must be None or a callable(dict), got {type(callback).__name__}")
     model = Model(den, cond)
     t = torch.ones(len(x), dtype=torch.float64, device=x.device)
+    given = x != process.mask_id
     for i in tqdm(range(n), desc=slv.name, leave=False) if progress else range(n):
-        x, t, log_p = slv.step(model, x, t, i, n, rows)
+        x, t, log_p = slv.step(model, x, t, i, n, rows, given)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "log_probs": log_p, "nfe": model.nfe})
     if return_info:
