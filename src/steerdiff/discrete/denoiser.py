@@ -63,8 +63,9 @@ class MaskedDenoiser:
         net: ``net(x_t, t_model, **cond) -> logits (batch, length, vocab_size)`` (any floating dtype).
         process: the masked process it was trained on (its ``vocab_size`` and ``mask_id``).
         time_map: what the network takes as time, from the float64 times ``t`` ``(batch,)``: default
-            ``t`` as float32; MDLM's networks take ``process.total_noise``. The exact denoiser of a
-            masked model does not depend on ``t`` (Zheng et al. 2024), but a trained network may.
+            ``t`` as float32; ``process.total_noise`` for a network conditioned on MDLM's total noise
+            ``-log alpha(t)``. The exact denoiser of a masked model does not depend on ``t`` (Zheng et al.
+            2024), but a trained network may.
     """
 
     def __init__(
