@@ -28,7 +28,7 @@ def test_schedules_fall_from_one_and_invert(schedule, alpha_1):
     torch.testing.assert_close(proc.t_of_alpha(a), t, rtol=0, atol=1e-9)
     expected = {
         "linear": 1 - t,
-        "cosine": torch.cos(math.pi * t / 2),
+        "cosine": 1 - torch.sin(math.pi * t / 2),  # MaskGIT's / MD4's
         "loglinear": torch.exp(torch.log1p(-(1 - 1e-3) * t)),  # MDLM: exp(-total noise)
         "geometric": torch.exp(-(1e-3 ** (1 - t)) * 20**t),
     }[schedule]
@@ -50,9 +50,9 @@ def test_the_law_of_x_t_is_the_closed_form(schedule):
     x_t = proc.noise(mix.sample(n, torch.Generator().manual_seed(0)), t, torch.Generator().manual_seed(1))
     codes = (x_t * (mix.V + 1) ** torch.arange(mix.L - 1, -1, -1)).sum(-1)
     mean, sd_ = tv_floor(q, n)
-    assert (
-        tv(codes, q) < mean + 4 * sd_
-    )  # linear 0.0200 / cosine 0.0193, floors 0.0201 / 0.0212 (sd 0.002); at t = 0.5's law 0.145 / 0.172
+    # measured: linear 0.0200 / cosine 0.0155, floors 0.0201 / 0.0182 (sd 0.002 / 0.003); from t = 0.5's
+    # law 0.145 / 0.161
+    assert tv(codes, q) < mean + 4 * sd_
     masked = (x_t == mix.V).double().mean()
     alpha = float(proc.alpha(torch.tensor(t)))
     assert abs(float(masked) - (1 - alpha)) < 4 * math.sqrt(alpha * (1 - alpha) / (n * mix.L))

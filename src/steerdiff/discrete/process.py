@@ -44,10 +44,10 @@ class MaskedProcess:
     Schedules (``alpha(t)`` for ``t`` in ``[0, 1]``):
 
     * ``"linear"``: ``1 - t`` (MDLM, MD4).
-    * ``"cosine"``: ``cos(pi t / 2)``: few tokens masked at first. MaskGIT's cosine (Chang et al. 2022),
-      which masks the fraction ``cos(pi r / 2)`` at decoding progress ``r = 1 - t``, is the reflection
-      ``1 - sin(pi t / 2)``. The schedule sets the ``alpha`` of ``ancestral``'s time-uniform grid; of
-      ``first_hitting`` only the network's times.
+    * ``"cosine"``: ``1 - sin(pi t / 2)``, MaskGIT's (Chang et al. 2022: the fraction ``cos(pi r / 2)``
+      masked at decoding progress ``r = 1 - t``) and MD4's cosine, which unmasks few tokens in the first
+      steps. The schedule sets the ``alpha`` of ``ancestral``'s time-uniform grid; of ``first_hitting``
+      only the network's times.
     * ``"loglinear"``: ``1 - (1 - eps) t``, MDLM's log-linear noise (total noise ``-log(1 - (1 - eps) t)``,
       after Lou et al. 2024's SEDD); ``alpha(1) = eps`` (default ``1e-3``).
     * ``"geometric"``: ``exp(-sigma_min^{1 - t} sigma_max^t)``, a total noise geometric in ``t`` (Lou et al.
@@ -100,7 +100,7 @@ class MaskedProcess:
         if self.schedule == "linear":
             return 1 - t
         if self.schedule == "cosine":
-            return torch.cos(0.5 * math.pi * t)
+            return 1 - torch.sin(0.5 * math.pi * t)
         if self.schedule == "loglinear":
             return 1 - (1 - self.eps) * t
         return torch.exp(-(self.sigma_min ** (1 - t)) * self.sigma_max**t)
@@ -112,7 +112,7 @@ class MaskedProcess:
         if self.schedule == "linear":
             t = 1 - a
         elif self.schedule == "cosine":
-            t = torch.acos(a.clamp(-1, 1)) * (2 / math.pi)
+            t = torch.asin((1 - a).clamp(-1, 1)) * (2 / math.pi)
         elif self.schedule == "loglinear":
             t = (1 - a) / (1 - self.eps)
         else:
