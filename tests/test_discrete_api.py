@@ -60,9 +60,9 @@ def test_first_hitting_takes_one_step_per_mask_of_the_most_masked_row():
     assert info.nfe == net.calls == 3 and x.dtype == torch.int32
     given = x_T != 3
     assert torch.equal(x[given], x_T[given]) and bool((x != 3).all())
-    # a fully unmasked batch: nothing to do
-    x, info = sd.discrete.sample(DEN, x, sampler="first_hitting", return_info=True)
-    assert info.nfe == 0
+    # a fully unmasked batch: nothing to do, and the result is a copy (it was x_T itself)
+    again, info = sd.discrete.sample(DEN, x, sampler="first_hitting", return_info=True)
+    assert info.nfe == 0 and torch.equal(again, x) and again.data_ptr() != x.data_ptr()
 
 
 def test_the_time_map_gives_the_net_mdlm_total_noise():

@@ -132,7 +132,7 @@ def sample(
             raise ValueError(
                 f"{who}: device is for a shape x_T; a tensor x_T stays on its device ({x_T.device})"
             )
-        x = check_tokens(process, x_T, who)
+        x = check_tokens(process, x_T, who).clone()  # a run with nothing to unmask returns a copy, not x_T
     else:
         shape = sizes(who, "x_T", x_T)
         if len(shape) != 2:
