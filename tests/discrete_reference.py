@@ -5,6 +5,7 @@ propagation over every partly masked sequence (independent of the sampler's code
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import Tensor
@@ -79,3 +80,24 @@ def ancestral_law(
         law = law @ step
     clean = ~masked.any(-1)
     return law[clean]  # base-(V+1) order restricted to digits < V is base-V order
+
+
+def first_hitting_law(den: sd.discrete.MaskedDenoiser, L: int, V: int) -> Tensor:
+    """The exact law over clean sequences (``table`` order) of ``first_hitting`` with one step per token
+    from the all-masked sequence, for a denoiser ``den`` that does not depend on ``t`` (called at ``t =
+    0.5``): the positions are unmasked in a uniformly random order, each token drawn from ``den``'s law
+    given those before, so the law is the average over the ``L!`` orders of the products of ``den``'s
+    conditionals along each sequence. Summed over the orders by recursion over the sets ``S`` of unmasked
+    positions, ``f(S) = sum_{j in S} f(S - j) p(x^j | x^{S - j})``, one call of ``den`` per set
+    (independent of the sampler's code)."""
+    xs = torch.tensor(list(itertools.product(range(V), repeat=L)))
+    rows = torch.arange(len(xs))[:, None]
+    cond = []  # cond[S]: p(x^j | x^S) (n, L), the positions in the bit set S unmasked
+    for s in range(2**L):
+        known = torch.tensor([bool(s >> j & 1) for j in range(L)])
+        x = torch.where(known, xs, den.process.mask_id)
+        cond.append(den.log_probs(x, torch.tensor(0.5)).exp()[rows, torch.arange(L), xs])
+    f = [torch.ones(len(xs), dtype=F64)]
+    for s in range(1, 2**L):
+        f.append(sum(f[s ^ 1 << j] * cond[s ^ 1 << j][:, j] for j in range(L) if s >> j & 1))
+    return f[-1] / math.factorial(L)

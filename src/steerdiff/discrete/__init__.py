@@ -4,6 +4,8 @@
 >>> proc = sd.discrete.MaskedProcess(vocab_size=V, schedule="linear")   # mask id V
 >>> den = sd.discrete.MaskedDenoiser(net, proc)                         # net(x_t, t) -> logits (B, L, V)
 >>> x0 = sd.discrete.sample(den, (batch, L), steps=64, sampler="ancestral", generator=g)
+>>> guided = sd.discrete.CFG(den, den, 3.0, uncond_kwargs={"y": null})  # a denoiser: every sampler
+>>> x0 = sd.discrete.sample(guided, (batch, L), sampler="first_hitting", y=labels)
 
 The exact oracle is :class:`steerdiff.toy.CategoricalMixture`.
 """
@@ -11,16 +13,22 @@ The exact oracle is :class:`steerdiff.toy.CategoricalMixture`.
 from .ancestral import Ancestral
 from .base import Model, Sampler
 from .categorical import draw
+from .cfg import CFG
+from .classifier import ClassifierGuidance
 from .denoiser import MaskedDenoiser, check_tokens
 from .first_hitting import FirstHitting
+from .guided import Guided
 from .process import SCHEDULES, MaskedProcess
 from .remdm import ReMDM
 from .sampling import SampleInfo, available, get, sample
 
 __all__ = [
+    "CFG",
     "SCHEDULES",
     "Ancestral",
+    "ClassifierGuidance",
     "FirstHitting",
+    "Guided",
     "MaskedDenoiser",
     "MaskedProcess",
     "Model",

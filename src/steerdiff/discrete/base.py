@@ -20,22 +20,26 @@ __all__ = ["Model", "Sampler"]
 
 
 class Model:
-    """A :class:`~steerdiff.discrete.MaskedDenoiser` with its ``cond``, counting network calls exactly
-    (:attr:`nfe`) and naming the step at which the network returned NaN / ``+inf``."""
+    """A :class:`~steerdiff.discrete.MaskedDenoiser` with its ``cond``, counting network evaluations exactly
+    (:attr:`nfe`: the denoiser's ``cost``, read after every call, 2 for a guided
+    :class:`~steerdiff.discrete.CFG`) and naming the step at which the network returned NaN / ``+inf``."""
 
     def __init__(self, den: MaskedDenoiser, cond: dict[str, Any]) -> None:
         self.den, self.cond, self.nfe = den, cond, 0
 
     def __call__(self, x: Tensor, t: Tensor, step: int) -> Tensor:
         """``log p_theta(x_0 | x)`` at times ``t`` (``(batch,)``), float64 ``(batch, length, vocab_size)``."""
-        self.nfe += 1
         try:
-            return self.den.log_probs(x, t, **self.cond)
+            log_p = self.den.log_probs(x, t, **self.cond)
         except NonFiniteError as e:
+            first, cost = self.nfe + 1, self.den.cost
+            which = f"evaluation {first}" if cost == 1 else f"evaluations {first}-{first + cost - 1}"
             raise NonFiniteError(
-                f"discrete.sample: at step {step} (evaluation {self.nfe}, t in [{float(t.min()):.6g}, "
+                f"discrete.sample: at step {step} ({which}, t in [{float(t.min()):.6g}, "
                 f"{float(t.max()):.6g}]): {e}"
             ) from e
+        self.nfe += self.den.cost
+        return log_p
 
 
 class Sampler(ABC):

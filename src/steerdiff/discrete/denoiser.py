@@ -66,7 +66,13 @@ class MaskedDenoiser:
             ``t`` as float32; ``process.total_noise`` for a network conditioned on MDLM's total noise
             ``-log alpha(t)``. The exact denoiser of a masked model does not depend on ``t`` (Zheng et al.
             2024), but a trained network may.
+
+    A call of :meth:`log_probs` costs ``cost`` network evaluations (one here; a guided denoiser of
+    :mod:`steerdiff.discrete` that calls several nets, :class:`~steerdiff.discrete.CFG`, says how many),
+    which the samplers add up into :attr:`~steerdiff.discrete.SampleInfo.nfe`.
     """
+
+    cost: int = 1
 
     def __init__(
         self, net: Callable[..., Tensor], process: MaskedProcess, time_map: TimeMap | None = None

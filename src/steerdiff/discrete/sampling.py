@@ -96,7 +96,8 @@ def sample(
     """Sample a masked diffusion model from ``t = 1`` to ``t = 0``.
 
     Args:
-        den: a :class:`~steerdiff.discrete.MaskedDenoiser`.
+        den: a :class:`~steerdiff.discrete.MaskedDenoiser`, or a guided one (:class:`~steerdiff.discrete.CFG`,
+            :class:`~steerdiff.discrete.ClassifierGuidance`).
         x_T: a shape ``(batch, length)``, for the all-masked batch, or a batch of token ids (integers,
             ``(batch, length)``): its masked positions are sampled given its unmasked ones, which stay
             (infilling, prompts). Given the all-masked sequence the data is the model's whatever

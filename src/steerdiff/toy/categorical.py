@@ -10,11 +10,17 @@ and a masked position's clean token has the exact conditional law
     p(x_0^j = v | x_t) = sum_k r_k(x_t) P_k[j, v],
 
 which does not depend on ``t``: the exact denoiser of every absorbing process (its logits are the logs).
+With the component as a label ``y``, ``p(x | y = k) = prod_i P_k[i, x^i]`` (:meth:`component`), its
+denoiser is ``P_k[j, v]`` whatever ``x_t`` (the net of :meth:`denoiser` given ``y=k``), and the exact
+classifier of a partly masked sequence is ``p(y = k | x_t) = r_k(x_t)`` (:meth:`classifier`): the
+oracles of guidance.
 Under the process ``x_t`` has the closed-form law ``sum_k w_k prod_i (alpha P_k[i, x_t^i] if unmasked,
 1 - alpha if masked)``. For small ``V^L`` the whole table of ``p`` gives exact distances to samples.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -100,23 +106,69 @@ class CategoricalMixture:
         k = draw(log_w, generator)
         return draw(torch.log(self.probs.to(device))[k], generator)
 
-    def conditional_log_probs(self, x_t: Tensor, mask_id: int) -> Tensor:
-        """``log p(x_0^j = v | x_t)`` float64 ``(n, L, V)``: at every position the law of its clean token
-        given ``x_t``'s unmasked tokens (those not ``mask_id``, an id outside ``0..V-1``). At an unmasked
-        position that is the law ignoring it, not its own token (the denoiser's carry-over sets it)."""
+    def _label(self, y: object, n: int) -> Tensor:
+        """``y`` as int64 ``(n,)``: a label in ``0..K-1`` for all rows, or an integer tensor of one per row
+        (``(n,)``), ``-1`` for no label; else a ``ValueError``."""
+        if isinstance(y, int) and not isinstance(y, bool) and -1 <= y < self.K:
+            return torch.full((n,), y, dtype=torch.long)
+        if (
+            isinstance(y, Tensor)
+            and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+            and tuple(y.shape) == (n,)
+            and bool(((y >= -1) & (y < self.K)).all())
+        ):
+            return y.long()
+        raise ValueError(
+            f"CategoricalMixture: y must be a component in [0, {self.K - 1}] or -1 (no label), or an integer "
+            f"tensor of shape ({n},) of them, got {y!r:.60}"
+        )
+
+    def _check_mask(self, mask_id: int) -> None:
         if 0 <= mask_id < self.V:
             raise ValueError(
                 f"CategoricalMixture: mask_id must lie outside the tokens [0, {self.V - 1}], got {mask_id}"
             )
+
+    def conditional_log_probs(self, x_t: Tensor, mask_id: int, y: int | Tensor | None = None) -> Tensor:
+        """``log p(x_0^j = v | x_t)`` float64 ``(n, L, V)``: at every position the law of its clean token
+        given ``x_t``'s unmasked tokens (those not ``mask_id``, an id outside ``0..V-1``). At an unmasked
+        position that is the law ignoring it, not its own token (the denoiser's carry-over sets it).
+        ``y``: the component's law ``log P_k`` instead, ``k = y`` (an int for all rows, or one per row,
+        ``-1`` for the mixture's), the law given the label."""
+        self._check_mask(mask_id)
         x_t = self._tokens(x_t, "x_t", mask_id)
-        terms = self._log_terms(x_t, x_t != mask_id)
-        r = torch.softmax(terms, dim=-1)  # (n, K)
+        r = torch.softmax(self._log_terms(x_t, x_t != mask_id), dim=-1)  # (n, K)
+        if y is not None:
+            k = self._label(y, len(x_t)).to(x_t.device)
+            one_hot = torch.nn.functional.one_hot(k.clamp(min=0), self.K).to(F64)
+            r = torch.where((k >= 0)[:, None], one_hot, r)
         return torch.log(torch.einsum("nk,klv->nlv", r, self.probs.to(x_t.device)))
+
+    def component(self, k: int) -> CategoricalMixture:
+        """Component ``k`` alone, the law ``p(x | y = k)`` given the label ``y = k`` (its :meth:`table`,
+        its exact :meth:`denoiser`)."""
+        k = integer("CategoricalMixture.component", "k", k, lo=0, hi=self.K - 1)
+        return CategoricalMixture(torch.ones(1, dtype=F64), self.probs[k : k + 1])
+
+    def classifier(self, y: int, mask_id: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """The exact classifier ``(x, t) -> log p(y | x)`` float64 ``(n,)`` of partly masked sequences
+        ``x`` ``(n, L)`` (``mask_id`` where masked): the log responsibility of component ``y`` given the
+        unmasked tokens, the same at every ``t`` (for :class:`steerdiff.discrete.ClassifierGuidance`)."""
+        y = integer("CategoricalMixture.classifier", "y", y, lo=0, hi=self.K - 1)
+        self._check_mask(mask_id)
+
+        def log_prob_y(x: Tensor, t: Tensor) -> Tensor:
+            x = self._tokens(x, "x", mask_id)
+            return torch.log_softmax(self._log_terms(x, x != mask_id), dim=-1)[:, y]
+
+        return log_prob_y
 
     def denoiser(self, process: MaskedProcess) -> MaskedDenoiser:
         """The exact denoiser under ``process``, whose clean ids must be this mixture's tokens: ``mask_id >=
         V`` with ``vocab_size`` ``V`` (the mask after them) or ``V + 1`` (the mask among the logits, at
-        ``V``). Its logits do not depend on ``t``."""
+        ``V``). Its logits do not depend on ``t``. Its net takes an optional label, ``net(x_t, t, y=None)``
+        (as :meth:`conditional_log_probs`: ``sd.discrete.sample(den, x_T, y=k)`` samples component ``k``,
+        ``y = -1`` is the null label of classifier-free guidance)."""
         if not isinstance(process, MaskedProcess) or process.mask_id < self.V or process.num_clean != self.V:
             raise ValueError(
                 "CategoricalMixture.denoiser: process must be a MaskedProcess whose clean ids are the "
@@ -124,8 +176,8 @@ class CategoricalMixture:
                 f"{process!r}"
             )
 
-        def net(x_t: Tensor, t: Tensor) -> Tensor:
-            log_p = self.conditional_log_probs(x_t, process.mask_id)
+        def net(x_t: Tensor, t: Tensor, y: int | Tensor | None = None) -> Tensor:
+            log_p = self.conditional_log_probs(x_t, process.mask_id, y)
             pad = process.vocab_size - self.V  # the mask's column, which SUBS sets to -inf
             return torch.nn.functional.pad(log_p, (0, pad), value=-torch.inf)
 
