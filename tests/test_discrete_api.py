@@ -172,6 +172,9 @@ def test_the_readme_example_runs_and_samples_the_law():
 
     scope: dict[str, object] = {"torch": torch, "sd": sd, "print": lambda *a: None}
     exec(compile(_block("## Discrete (masked) diffusion"), "README.md", "exec"), scope)
-    mix, x = scope["mix"], scope["x"]
+    mix, x, xc = scope["mix"], scope["x"], scope["xc"]
     mean, sd_ = tv_floor(mix.table(), len(x))
     assert mix.total_variation(x) < mean + 4 * sd_
+    law = mix.component(0)  # classifier guidance with the exact classifier samples p(x | y = 0)
+    mean, sd_ = tv_floor(law.table(), len(xc))
+    assert law.total_variation(xc) < mean + 4 * sd_
