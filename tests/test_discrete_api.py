@@ -65,6 +65,17 @@ def test_first_hitting_takes_one_step_per_mask_of_the_most_masked_row():
     assert info.nfe == 0 and torch.equal(again, x) and again.data_ptr() != x.data_ptr()
 
 
+@pytest.mark.parametrize(("sampler", "steps"), [("ancestral", 4), ("first_hitting", None), ("remdm", 4)])
+def test_narrow_integer_tokens_sample_as_long_ones(sampler, steps):
+    # uint8 ids (V = 3, mask 3): the carry-over's scatter refused a uint8 index (RuntimeError)
+    x_T = torch.tensor([[3, 1, 3, 3, 0], [3, 3, 3, 3, 3]])
+    runs = [
+        sd.discrete.sample(DEN, x_T.to(dtype), steps, sampler, generator=torch.Generator().manual_seed(0))
+        for dtype in (torch.long, torch.uint8)
+    ]
+    assert runs[1].dtype == torch.uint8 and torch.equal(runs[1].long(), runs[0])
+
+
 def test_the_time_map_gives_the_net_mdlm_total_noise():
     net = Counting()
     proc = sd.discrete.MaskedProcess(MIX.V, schedule="loglinear")
@@ -108,6 +119,20 @@ def _net(shape_or_dtype):
             r"ids in \[0, 2\] or the mask id 3, got 7 at \[0, 0\]",
         ),
         (lambda: sd.discrete.sample(DEN, torch.full((5,), 3), 4), r"x_T must be a batch of sequences"),
+        (  # an empty batch: first_hitting raised torch's RuntimeError from max()
+            lambda: sd.discrete.sample(DEN, torch.full((0, 5), 3), None, "first_hitting"),
+            r"x_T must be a batch of sequences, shape \(batch, length\) with both >= 1; got \(0, 5\)",
+        ),
+        (  # int8 cannot hold ids up to 199: torch's RuntimeError from a clamp
+            lambda: sd.discrete.sample(
+                sd.discrete.MaskedDenoiser(
+                    lambda x, t: torch.zeros(*x.shape, 200), sd.discrete.MaskedProcess(200, 0)
+                ),
+                torch.zeros(2, 5, dtype=torch.int8),
+                4,
+            ),
+            r"x_T must have an integer dtype that holds the ids up to 199 .*, got torch.int8",
+        ),
         (lambda: sd.discrete.sample(DEN, (2, 5, 1), 4), r"x_T must be a shape \(batch, length\)"),
         (lambda: sd.discrete.sample(DEN, (2, 0), 4), r"x_T\[1\] must be an integer >= 1"),
         (lambda: sd.discrete.sample(DEN, (2, 5)), r"steps must be an integer >= 1, got None"),

@@ -36,16 +36,24 @@ def _float32(t: Tensor) -> Tensor:
 
 
 def check_tokens(process: MaskedProcess, x: object, who: str | None = None, name: str = "x_T") -> Tensor:
-    """``x`` if it is a batched ``(batch, length)`` tensor of integer token ids, each a clean id of
-    ``process`` (``0..vocab_size - 1``) or its ``mask_id``; else a ``ValueError`` naming ``name`` (after
-    ``who:`` where given), the accepted ids and the first offending entry."""
+    """``x`` if it is a batched ``(batch, length)`` tensor (neither empty) of integer token ids, in a dtype
+    that holds every id of ``process``, each a clean id (``0..vocab_size - 1``) or its ``mask_id``; else a
+    ``ValueError`` naming ``name`` (after ``who:`` where given), the accepted ids and the first offending
+    entry."""
     p = caller(who) + name
     if not isinstance(x, Tensor):
         raise ValueError(f"{p} must be a torch.Tensor of token ids, got {type(x).__name__}")
     if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
         raise ValueError(f"{p} must hold integer token ids (e.g. torch.long), got {x.dtype}")
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise ValueError(f"{p} must be a batch of sequences, shape (batch, length); got {tuple(x.shape)}")
+    if x.ndim != 2 or 0 in x.shape:
+        raise ValueError(
+            f"{p} must be a batch of sequences, shape (batch, length) with both >= 1; got {tuple(x.shape)}"
+        )
+    top = max(process.vocab_size - 1, process.mask_id)
+    if torch.iinfo(x.dtype).max < top:
+        raise ValueError(
+            f"{p} must have an integer dtype that holds the ids up to {top} (e.g. torch.long), got {x.dtype}"
+        )
     valid = ((x >= 0) & (x < process.vocab_size)) | (x == process.mask_id)
     if not bool(valid.all()):
         b, i = (int(j) for j in torch.nonzero(~valid)[0])
@@ -121,6 +129,6 @@ class MaskedDenoiser:
                 "MaskedDenoiser: at a masked position the network's logits are -inf for every clean token"
             )
         carried = torch.full_like(log_p, -torch.inf).scatter_(
-            -1, x_t.clamp(max=p.vocab_size - 1)[..., None], 0.0
+            -1, x_t.clamp(max=p.vocab_size - 1).long()[..., None], 0.0
         )
         return torch.where(masked[..., None], log_p, carried)
