@@ -49,6 +49,8 @@ def test_nfe_is_exact_and_the_callback_sees_every_step(sampler, steps, nfe):
     if steps is not None:  # the net is called at the step's start t_i = 1 - i / N, float32
         expected = torch.tensor([1 - i / steps for i in range(steps)], dtype=torch.float32)
         assert torch.equal(torch.stack(net.times)[:, 0], expected) and net.times[0].shape == (4,)
+    else:  # first_hitting calls the net at the step's new time s (the state is x_t until then)
+        assert torch.equal(torch.stack(net.times), torch.stack([d["t"] for d in seen]).float())
 
 
 def test_first_hitting_takes_one_step_per_mask_of_the_most_masked_row():
@@ -96,6 +98,18 @@ def test_a_row_is_the_same_whatever_its_batch(sampler):
     assert torch.equal(
         again, sd.discrete.sample(DEN, (3, MIX.L), steps, sampler, generator=torch.Generator().manual_seed(1))
     )
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting", "remdm"])
+def test_a_partly_masked_row_is_the_same_whatever_the_masks_of_its_batch(sampler):
+    # first_hitting takes as many steps as the most masked row; a row with fewer masks finishes early
+    steps = None if sampler == "first_hitting" else 6
+    x_T = torch.tensor([[3, 3, 3, 3, 3], [0, 3, 2, 3, 1], [3, 1, 3, 3, 3]])
+    batch = sd.discrete.sample(
+        DEN, x_T, steps, sampler, generator=[torch.Generator().manual_seed(s) for s in (20, 21, 22)]
+    )
+    alone = sd.discrete.sample(DEN, x_T[1:2], steps, sampler, generator=[torch.Generator().manual_seed(21)])
+    assert torch.equal(batch[1:2], alone)
 
 
 @pytest.mark.parametrize(("sampler", "steps"), [("ancestral", 5), ("first_hitting", None)])

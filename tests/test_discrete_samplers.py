@@ -76,6 +76,33 @@ def test_first_hitting_jumps_at_the_order_statistics_of_the_unmasking_times(mix,
     assert bool(((u.mean(1) - mean).abs() < 4 * torch.sqrt(var / n)).all()), (u.mean(1), mean)
 
 
+def test_first_hitting_unmasks_a_uniformly_chosen_masked_position(mix):
+    # the exact denoiser samples the law in any order, so only the positions show the choice
+    x_T = torch.full((N, mix.L), mix.V)
+    x_T[:, 1], x_T[:, 4] = 0, 2
+    first: list[torch.Tensor] = []
+    den = mix.denoiser(sd.discrete.MaskedProcess(mix.V))
+    sd.discrete.sample(
+        den, x_T, sampler="first_hitting", generator=torch.Generator().manual_seed(11),
+        callback=lambda d: first.append(d["x"]) if d["i"] == 0 else None,
+    )  # fmt: skip
+    changed = first[0] != x_T
+    assert bool((changed.sum(1) == 1).all())
+    freq = changed.double().mean(0)  # 1/3 at the masked positions 0, 2, 3
+    expected = torch.tensor([1 / 3, 0, 1 / 3, 1 / 3, 0], dtype=torch.float64)
+    assert bool(((freq - expected).abs() < 4 * (2 / 9 / N) ** 0.5).all()), freq
+
+
+@pytest.mark.parametrize("sampler", [sd.discrete.Ancestral(), sd.discrete.ReMDM(0.5)])
+def test_the_last_step_unmasks_every_token_where_alpha_0_is_below_one(mix, sampler):
+    # geometric: alpha(0) = exp(-1e-3); the last step takes alpha_s = 1, not alpha(0), which would leave a
+    # token masked with probability about 1e-3 (about 10 of these 10,000) and remask some with ReMDM
+    den = mix.denoiser(sd.discrete.MaskedProcess(mix.V, schedule="geometric"))
+    for steps in (1, 2):
+        x = sd.discrete.sample(den, (2000, mix.L), steps, sampler, generator=torch.Generator().manual_seed(0))
+        assert bool((x != mix.V).all())
+
+
 def test_first_hitting_fills_in_the_exact_conditional(mix):
     # positions 0 and 3 given: the rest is sampled from p(x | x^0 = 2, x^3 = 0); they stay
     x_T = torch.full((N, mix.L), mix.V)
