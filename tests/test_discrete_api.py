@@ -177,6 +177,20 @@ def _net(shape_or_dtype):
         (lambda: sd.discrete.MaskedProcess(3, eps=0), r"eps must be a finite number in \(0, 1\)"),
         (lambda: sd.discrete.MaskedProcess(3, sigma_min=2, sigma_max=1), r"need sigma_min < sigma_max"),
         (lambda: sd.discrete.MaskedDenoiser(1, PROC), r"net must be callable"),
+        (  # cosine's alpha(2) = 1 - sin(pi) = 1: every token was kept
+            lambda: sd.discrete.MaskedProcess(3, schedule="cosine").noise(
+                torch.zeros(1, 8, dtype=torch.long), 2.0
+            ),
+            r"MaskedProcess.noise: t must be a time in \[0, 1\] or one per row of x0 \(1 rows\), got 2.0",
+        ),
+        (
+            lambda: PROC.noise(torch.zeros(2, 8, dtype=torch.long), torch.tensor([0.5, 0.5, 0.5])),
+            r"one per row of x0 \(2 rows\), got \[0.5, 0.5, 0.5\]",
+        ),
+        (  # was torch's RuntimeError from expand
+            lambda: DEN.log_probs(torch.full((2, 5), 3), torch.tensor([0.1, 0.2, 0.3])),
+            r"MaskedDenoiser: t must be a number or one time per row of x_t \(2\), got shape \(3,\)",
+        ),
         (lambda: sd.discrete.ReMDM(eta=1.5), r"ReMDM: eta must be a finite number in \[0, 1\], got 1.5"),
         (lambda: sd.discrete.ReMDM(strategy="loop"), r"ReMDM: strategy must be one of \['cap', 'rescale'\]"),
         (lambda: MIX.denoiser(sd.discrete.MaskedProcess(4, mask_id=0)), r"clean ids are the tokens 0\.\.2"),

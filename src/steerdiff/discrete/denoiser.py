@@ -107,7 +107,13 @@ class MaskedDenoiser:
         shape or a non-floating dtype; a :class:`~steerdiff.NonFiniteError` where they hold NaN or
         ``+inf``, or a masked position's logits leave no clean token a probability."""
         p = self.process
-        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
+        t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device)
+        if t.ndim > 1 or (t.ndim == 1 and len(t) != len(x_t)):
+            raise ValueError(
+                f"MaskedDenoiser: t must be a number or one time per row of x_t ({len(x_t)}), got shape "
+                f"{tuple(t.shape)}"
+            )
+        t = t.expand(len(x_t))
         logits = self.net(x_t, self.time_map(t), **cond)
         want = (*x_t.shape, p.vocab_size)
         if not isinstance(logits, Tensor) or not logits.is_floating_point() or tuple(logits.shape) != want:

@@ -125,9 +125,16 @@ class MaskedProcess:
 
     def noise(self, x0: Tensor, t: float | Tensor, generator: Generators = None) -> Tensor:
         """A draw of ``x_t ~ q(x_t | x_0)``: each token of ``x0`` (batched, ``(batch, length)``) replaced
-        by :attr:`mask_id` with probability ``1 - alpha(t)``; ``t`` a number or one time per row. The
-        uniforms are drawn as :func:`steerdiff.noise.rand` draws (one generator per row where a list)."""
-        alpha = self.alpha(torch.as_tensor(t, dtype=torch.float64)).to(x0.device)
+        by :attr:`mask_id` with probability ``1 - alpha(t)``; ``t`` a number or one time per row, in ``[0,
+        1]`` (else a ``ValueError``). The uniforms are drawn as :func:`steerdiff.noise.rand` draws (one
+        generator per row where a list)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if t.ndim > 1 or (t.ndim == 1 and len(t) != len(x0)) or not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError(
+                f"MaskedProcess.noise: t must be a time in [0, 1] or one per row of x0 ({len(x0)} rows), got "
+                f"{t.tolist() if t.numel() < 8 else f'shape {tuple(t.shape)}'}"
+            )
+        alpha = self.alpha(t).to(x0.device)
         u = rand(x0.shape, generator, torch.float64, x0.device)
         keep = u < (alpha.reshape(-1, *[1] * (x0.ndim - 1)) if alpha.ndim else alpha)
         return torch.where(keep, x0, torch.full_like(x0, self.mask_id))
