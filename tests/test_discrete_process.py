@@ -64,6 +64,7 @@ def test_noise_takes_one_time_per_row():
     x_t = proc.noise(x0, torch.tensor([0.0, 0.5, 1.0]), torch.Generator().manual_seed(0))
     assert bool((x_t[0] == 0).all()) and bool((x_t[2] == 5).all())
     assert abs(float((x_t[1] == 5).double().mean()) - 0.5) < 4 * math.sqrt(0.25 / 4000)
+    assert bool((proc.noise(x0, torch.tensor([1.0])) == 5).all())  # one time for every row
 
 
 def test_the_exact_denoiser_is_the_monte_carlo_posterior():
@@ -91,6 +92,7 @@ def test_the_denoiser_carries_tokens_over_and_never_predicts_the_mask(vocab_size
     x_t = torch.tensor([[0, 3, 2, 3, 1], [3, 3, 3, 3, 3]])
     log_p = den.log_probs(x_t, torch.tensor([0.3, 1.0]))
     assert log_p.shape == (2, 5, vocab_size) and log_p.dtype == F64
+    torch.testing.assert_close(den.log_probs(x_t, torch.tensor([0.3])), log_p)  # one time for both rows
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(2, 5, dtype=F64))
     unmasked = x_t != 3
     assert bool(

@@ -108,7 +108,7 @@ class MaskedDenoiser:
         ``+inf``, or a masked position's logits leave no clean token a probability."""
         p = self.process
         t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device)
-        if t.ndim > 1 or (t.ndim == 1 and len(t) != len(x_t)):
+        if t.ndim > 1 or (t.ndim == 1 and len(t) not in (1, len(x_t))):
             raise ValueError(
                 f"MaskedDenoiser: t must be a number or one time per row of x_t ({len(x_t)}), got shape "
                 f"{tuple(t.shape)}"

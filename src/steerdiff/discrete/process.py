@@ -129,7 +129,11 @@ class MaskedProcess:
         1]`` (else a ``ValueError``). The uniforms are drawn as :func:`steerdiff.noise.rand` draws (one
         generator per row where a list)."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        if t.ndim > 1 or (t.ndim == 1 and len(t) != len(x0)) or not bool(((t >= 0) & (t <= 1)).all()):
+        if (
+            t.ndim > 1
+            or (t.ndim == 1 and len(t) not in (1, len(x0)))
+            or not bool(((t >= 0) & (t <= 1)).all())
+        ):
             raise ValueError(
                 f"MaskedProcess.noise: t must be a time in [0, 1] or one per row of x0 ({len(x0)} rows), got "
                 f"{t.tolist() if t.numel() < 8 else f'shape {tuple(t.shape)}'}"
