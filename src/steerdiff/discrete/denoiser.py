@@ -123,17 +123,20 @@ class MaskedDenoiser:
                 else type(logits).__name__
             )
             raise ValueError(f"MaskedDenoiser: net must return floating logits of shape {want}, got {got}")
-        if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
-            raise NonFiniteError("MaskedDenoiser: the network returned NaN or +inf logits")
+        peak = logits.amax(-1)  # NaN where a position's logits hold one (amax propagates it)
         logits = logits.to(torch.float64)
         if p.mask_id < p.vocab_size:  # out of place: the net's own tensor is left as it is
             logits = logits.index_fill(-1, torch.tensor([p.mask_id], device=logits.device), -torch.inf)
-        log_p = torch.log_softmax(logits, dim=-1)
         masked = x_t == p.mask_id
-        if bool(torch.isnan(log_p[masked]).any()):
+        checks = [(peak.isnan() | peak.isposinf()).any(), ((logits.amax(-1) == -torch.inf) & masked).any()]
+        non_finite, nothing_left = torch.stack(checks).tolist()  # one device sync per call
+        if non_finite:
+            raise NonFiniteError("MaskedDenoiser: the network returned NaN or +inf logits")
+        if nothing_left:
             raise NonFiniteError(
                 "MaskedDenoiser: at a masked position the network's logits are -inf for every clean token"
             )
+        log_p = torch.log_softmax(logits, dim=-1)
         carried = torch.full_like(log_p, -torch.inf).scatter_(
             -1, x_t.clamp(max=p.vocab_size - 1).long()[..., None], 0.0
         )
