@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,6 +66,9 @@ def test_first_hitting_takes_one_step_per_mask_of_the_most_masked_row():
     # a fully unmasked batch: nothing to do, and the result is a copy (it was x_T itself)
     again, info = sd.discrete.sample(DEN, x, sampler="first_hitting", return_info=True)
     assert info.nfe == 0 and torch.equal(again, x) and again.data_ptr() != x.data_ptr()
+    # steps as any integer type, as ancestral takes it: np.int64(5) was refused as "must be None or 5, got 5"
+    x, info = sd.discrete.sample(DEN, (2, MIX.L), np.int64(MIX.L), "first_hitting", return_info=True)
+    assert info.nfe == MIX.L and bool((x != 3).all())
 
 
 @pytest.mark.parametrize(("sampler", "steps"), [("ancestral", 4), ("first_hitting", None), ("remdm", 4)])

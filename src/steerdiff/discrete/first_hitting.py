@@ -18,6 +18,7 @@ call per step: NFE = the number of masked tokens (of the row with most; a row wi
 
 from __future__ import annotations
 
+import numbers
 from typing import ClassVar
 
 import torch
@@ -37,7 +38,9 @@ class FirstHitting(Sampler):
 
     def num_steps(self, steps: object, masked: Tensor) -> int:
         n = int(masked.max())
-        if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps == n):
+        if steps is not None and not (
+            isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps == n
+        ):
             raise ValueError(
                 "discrete.sample: first_hitting unmasks one token per step, so it takes as many steps as "
                 f"the most masked row has masked tokens ({n}); steps must be None or {n}, got {steps!r}"
