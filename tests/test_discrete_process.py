@@ -113,6 +113,19 @@ def test_a_net_favouring_the_mask_gets_its_logit_removed():
     assert float(logits[0, 0, 1]) == 50.0  # the net's own tensor is left as it is
 
 
+def test_draw_is_the_gumbel_max_trick_in_float64():
+    # Zheng et al. 2024: float32 Gumbel noise truncates the tail; the draws are float64 uniforms' argmax
+    p = torch.tensor([0.2, 0.5, 0.3, 0.0], dtype=F64)
+    log_p = torch.log(p).expand(20000, 4)
+    got = sd.discrete.draw(log_p, torch.Generator().manual_seed(0))
+    u = torch.rand(log_p.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert torch.equal(got, (log_p - torch.log(-torch.log(u))).argmax(-1))
+    u32 = torch.rand(log_p.shape, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(got, (log_p - torch.log(-torch.log(u32))).argmax(-1))  # float32's are others
+    freq = torch.bincount(got, minlength=4).double() / len(got)
+    assert bool(((freq - p).abs() <= 4 * torch.sqrt(p * (1 - p) / len(got))).all()), freq
+
+
 def test_the_table_and_log_prob_agree_and_sum_to_one():
     mix = mixture(L=4, V=3, K=2)
     p = mix.table()
