@@ -201,6 +201,24 @@ def test_remdm_samples_its_exact_law_and_keeps_the_given_tokens():
     assert remasked > 100  # the other tokens were masked again: 1517 times in 8 steps of 500 rows
 
 
+@pytest.mark.parametrize(
+    "sampler", [sd.discrete.Ancestral(), sd.discrete.ReMDM(0.3, "cap"), sd.discrete.ReMDM(0.8, "rescale")]
+)
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_every_step_keeps_the_process_marginal(mix, sampler, schedule):
+    # a token is unmasked at s with probability alpha(s), remasking or not: ReMDM's masked tokens unmask
+    # more often, (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t), to make up for the remasked ones
+    proc = sd.discrete.MaskedProcess(mix.V, schedule=schedule)
+    n, steps, seen = 2000, 8, []
+    sd.discrete.sample(
+        mix.denoiser(proc), (n, mix.L), steps, sampler, generator=torch.Generator().manual_seed(12),
+        callback=lambda d: seen.append((d["x"] != mix.V).double().mean()),
+    )  # fmt: skip
+    alpha = proc.alpha(torch.tensor([1 - (i + 1) / steps for i in range(steps)], dtype=torch.float64))
+    se = torch.sqrt(alpha * (1 - alpha) / (n * mix.L))
+    assert bool(((torch.stack(seen) - alpha).abs() <= 4 * se).all()), (torch.stack(seen), alpha)
+
+
 def test_remdm_costs_an_exact_denoiser_accuracy():
     # remasking corrects an imperfect denoiser's mistakes; with the exact one it only adds tokens drawn
     # together, so at equal steps it is further from the data than ancestral (0.0192 / 0.0048 at 16 / 64)
