@@ -79,7 +79,7 @@ def test_the_exact_denoiser_is_the_monte_carlo_posterior():
         freq = torch.bincount(kept[:, j], minlength=mix.V).double() / len(kept)
         se = torch.sqrt(exact[j] * (1 - exact[j]) / len(kept))
         assert bool(((freq - exact[j]).abs() < 4 * se).all()), (j, freq, exact[j])
-    # all masked: the marginals sum_k w_k P_k; nothing masked at j: the same formula with j ignored
+    # all masked: the marginals sum_k w_k P_k
     marginal = torch.einsum("k,klv->lv", mix.weights, mix.probs)
     torch.testing.assert_close(mix.conditional_log_probs(torch.full((1, mix.L), m), m).exp()[0], marginal)
 

@@ -132,7 +132,8 @@ class CategoricalMixture:
     def conditional_log_probs(self, x_t: Tensor, mask_id: int, y: int | Tensor | None = None) -> Tensor:
         """``log p(x_0^j = v | x_t)`` float64 ``(n, L, V)``: at every position the law of its clean token
         given ``x_t``'s unmasked tokens (those not ``mask_id``, an id outside ``0..V-1``). At an unmasked
-        position that is the law ignoring it, not its own token (the denoiser's carry-over sets it).
+        position it is the same mixture ``sum_k r_k P_k[j, v]`` (``r`` given its own token too), not a point
+        mass on its token (the denoiser's carry-over sets that).
         ``y``: the component's law ``log P_k`` instead, ``k = y`` (an int for all rows, or one per row,
         ``-1`` for the mixture's), the law given the label."""
         self._check_mask(mask_id)
