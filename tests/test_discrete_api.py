@@ -116,6 +116,25 @@ def test_a_partly_masked_row_is_the_same_whatever_the_masks_of_its_batch(sampler
     assert torch.equal(batch[1:2], alone)
 
 
+@pytest.mark.parametrize("sampler", ["ancestral", "remdm"])
+def test_one_host_read_per_step_and_no_copy(sampler):
+    # on meta (tests/test_device.py's counter): the NaN / no-clean-token checks, read together once per
+    # network call; the mask's logit among the ids is filled without a host-to-device copy (it was one
+    # per step, with three reads: two checks and a boolean gather)
+    from .test_device import _Syncs
+
+    den = sd.discrete.MaskedDenoiser(
+        lambda x, t: torch.zeros(*x.shape, 4, device=x.device), sd.discrete.MaskedProcess(4, mask_id=3)
+    )
+
+    def count(steps):
+        with _Syncs() as mode:
+            assert sd.discrete.sample(den, (2, 5), steps, sampler, device="meta").is_meta
+        return mode.count
+
+    assert count(3) == {"read": 3} and count(6) == {"read": 6}
+
+
 @pytest.mark.parametrize(("sampler", "steps"), [("ancestral", 5), ("first_hitting", None)])
 def test_nan_logits_name_the_step(sampler, steps):
     den = sd.discrete.MaskedDenoiser(Counting(nan_at=3), PROC)

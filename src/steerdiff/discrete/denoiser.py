@@ -124,15 +124,16 @@ class MaskedDenoiser:
             )
             raise ValueError(f"MaskedDenoiser: net must return floating logits of shape {want}, got {got}")
         peak = logits.amax(-1)  # NaN where a position's logits hold one (amax propagates it)
-        logits = logits.to(torch.float64)
-        if p.mask_id < p.vocab_size:  # out of place: the net's own tensor is left as it is
-            logits = logits.index_fill(-1, torch.tensor([p.mask_id], device=logits.device), -torch.inf)
+        fill = p.mask_id < p.vocab_size  # on a copy: the net's own tensor is left as it is
+        logits = logits.to(torch.float64, copy=fill)
+        if fill:
+            logits[..., p.mask_id] = -torch.inf
         masked = x_t == p.mask_id
-        checks = [(peak.isnan() | peak.isposinf()).any(), ((logits.amax(-1) == -torch.inf) & masked).any()]
-        non_finite, nothing_left = torch.stack(checks).tolist()  # one device sync per call
-        if non_finite:
+        checks = [~(peak.isnan() | peak.isposinf()).any(), ~((logits.amax(-1) == -torch.inf) & masked).any()]
+        finite, something_left = torch.stack(checks).tolist()  # one device sync per call
+        if not finite:
             raise NonFiniteError("MaskedDenoiser: the network returned NaN or +inf logits")
-        if nothing_left:
+        if not something_left:
             raise NonFiniteError(
                 "MaskedDenoiser: at a masked position the network's logits are -inf for every clean token"
             )
