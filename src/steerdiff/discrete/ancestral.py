@@ -12,7 +12,10 @@ the SUBS parameterization; Austin et al. 2021, D3PM's absorbing state). The last
 
 With an exact denoiser each token's value is exact given the tokens unmasked at earlier steps, but the
 tokens unmasked in one step are drawn independently of each other, so the joint law is biased; the bias
-vanishes as ``N`` grows (at most one token per step). One network call per step: NFE = ``N``.
+vanishes as ``N`` grows (at most one token per step). One network call per step: NFE = ``N``. Unlike
+MDLM's code, a step whose state did not change still calls the network (a network that depends on ``t``
+gives another law; skipping would make NFE depend on the draws), and the last step samples the tokens
+still masked rather than taking the most likely ones.
 """
 
 from __future__ import annotations

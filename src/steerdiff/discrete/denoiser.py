@@ -72,8 +72,9 @@ class MaskedDenoiser:
         process: the masked process it was trained on (its ``vocab_size`` and ``mask_id``).
         time_map: what the network takes as time, from the float64 times ``t`` ``(batch,)``: default
             ``t`` as float32; ``process.total_noise`` for a network conditioned on MDLM's total noise
-            ``-log alpha(t)``. The exact denoiser of a masked model does not depend on ``t`` (Zheng et al.
-            2024), but a trained network may.
+            ``-log alpha(t)`` (``+inf`` at ``t = 1`` where ``alpha(1) = 0``, ``linear`` and ``cosine``:
+            MDLM's nets use ``loglinear``, whose ``alpha(1) = eps``). The exact denoiser of a masked model
+            does not depend on ``t`` (Zheng et al. 2024), but a trained network may.
 
     A call of :meth:`log_probs` costs ``cost`` network evaluations (one here; a guided denoiser of
     :mod:`steerdiff.discrete` that calls several nets, :class:`~steerdiff.discrete.CFG`, says how many),
