@@ -39,6 +39,7 @@ from .processes import EDM, MeanReverting, Process
 __all__ = [
     "PREDICTIONS",
     "ConsistencyModelDenoiser",
+    "CostOfBase",
     "Denoiser",
     "EDMDenoiser",
     "Prediction",
@@ -180,6 +181,25 @@ def _per_sample(value: Tensor, x: Tensor) -> Tensor | float:
     if value.ndim == 0:
         return float(value)
     return value.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class CostOfBase:
+    """The ``cost`` of a denoiser that wraps another, ``base`` (guidance, continuous or discrete): the network
+    evaluations of its latest call, which the sampler reads after each call -- ``base.cost`` read at that
+    moment (exact where ``base``'s cost varies from call to call) unless the wrapper assigns its own
+    (``self.cost = ...``, e.g. a CFG summing its branches'). Listed before the denoiser class it mixes in."""
+
+    base: Any
+    _cost: int | None = None
+
+    @property
+    def cost(self) -> int:
+        """Network evaluations of the latest call: ``base.cost`` unless the wrapper assigned one."""
+        return int(self.base.cost) if self._cost is None else self._cost
+
+    @cost.setter
+    def cost(self, value: int) -> None:
+        self._cost = value
 
 
 class Denoiser:

@@ -14,6 +14,7 @@ times. Unmasked positions carry over.
 
 from __future__ import annotations
 
+from ..denoiser import CostOfBase
 from .denoiser import MaskedDenoiser
 from .process import MaskedProcess
 
@@ -33,28 +34,18 @@ def check_masked(who: str, name: str, den: object, process: MaskedProcess | None
     return den
 
 
-class Guided(MaskedDenoiser):
+class Guided(CostOfBase, MaskedDenoiser):
     """Base class of guided masked denoisers: a denoiser built on ``base``, sharing its net, process and
     time map. A subclass implements :meth:`log_probs`, calling ``self.base.log_probs``. ``cost``, the
     network evaluations of the latest call (the sampler reads it after each call), is ``base.cost`` unless
     the subclass assigns its own (``self.cost = ...``)."""
 
-    _cost: int | None = None
     base_arg = "base"  # the subclass's name for the wrapped denoiser, for the message
 
     def __init__(self, base: MaskedDenoiser) -> None:
         check_masked(type(self).__name__, self.base_arg, base)
         super().__init__(base.net, base.process, base.time_map)
         self.base = base
-
-    @property
-    def cost(self) -> int:
-        """Network evaluations of the latest call: ``base.cost`` unless the subclass assigned one."""
-        return self.base.cost if self._cost is None else self._cost
-
-    @cost.setter
-    def cost(self, value: int) -> None:
-        self._cost = value
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base!r})"

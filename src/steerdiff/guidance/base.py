@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..denoiser import Denoiser, Prediction, check_call, check_denoiser
+from ..denoiser import CostOfBase, Denoiser, Prediction, check_call, check_denoiser
 from ..noise import Generators
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 
-class Guided(Denoiser):
+class Guided(CostOfBase, Denoiser):
     """Base class of guided denoisers: a denoiser built on ``base``.
 
     It shares ``base``'s net, process, prediction, time map and shape (so the sampler checks
@@ -67,7 +67,6 @@ class Guided(Denoiser):
     default solver that CFG's scale picks).
     """
 
-    _cost: int | None = None
     guided: ClassVar[bool] = True  # sample's default solver is then sampling.guided_solver(steps, ...)
     base_arg: ClassVar[str] = "base"  # the subclass's name for the wrapped denoiser, for the message
 
@@ -77,15 +76,6 @@ class Guided(Denoiser):
             base.net, base.process, base.prediction, base.time_map, base.shape, base.learned_variance
         )
         self.base = base
-
-    @property
-    def cost(self) -> int:
-        """Network evaluations of the latest call: ``base.cost`` unless the subclass assigned one."""
-        return self.base.cost if self._cost is None else self._cost
-
-    @cost.setter
-    def cost(self, value: int) -> None:
-        self._cost = value
 
     @property
     def guidance_scale(self) -> float | None:
