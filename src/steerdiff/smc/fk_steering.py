@@ -58,7 +58,15 @@ from .particles import (
     run_smc,
 )
 
-__all__ = ["POTENTIALS", "FKSteering", "check_arguments", "fk_steering", "potential_nodes"]
+__all__ = [
+    "POTENTIALS",
+    "FKSteering",
+    "check_arguments",
+    "fk_steering",
+    "increment",
+    "initial_state",
+    "potential_nodes",
+]
 
 POTENTIALS = ("difference", "max", "sum", "immediate")
 
@@ -88,10 +96,8 @@ class FKSteering(SMCAlgorithm):
         check_nodes("FKSteering", "nodes", self.nodes, steps)
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
-        """``log_g``: the log of the product of potentials so far; ``prev``/``best``/``total``: the last,
-        largest and summed intermediate rewards (per particle, along its ancestry)."""
-        zeros = torch.zeros(x.shape[:2], dtype=torch.float64, device=x.device)
-        return {"log_g": zeros, "prev": zeros, "best": torch.full_like(zeros, -math.inf), "total": zeros}
+        """:func:`initial_state` of the particles ``x`` ``(batch, particles, ...)``."""
+        return initial_state(x.shape[:2], x.device)
 
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         if ctx.final:
@@ -100,20 +106,34 @@ class FKSteering(SMCAlgorithm):
             return None if self.lam == 0 else self.lam * r - ctx.state["log_g"]
         if self.lam == 0 or ctx.i not in self.nodes:
             return None
-        r, s = ctx.reward(ctx.x0), ctx.state
-        if self.potential == "difference":
-            g = self.lam * (r - s["prev"])
-            s["prev"] = r
-        elif self.potential == "max":
-            s["best"] = torch.maximum(s["best"], r)
-            g = self.lam * s["best"]
-        elif self.potential == "sum":
-            s["total"] = s["total"] + r
-            g = self.lam * s["total"]
-        else:
-            g = self.lam * r
-        s["log_g"] = s["log_g"] + g
-        return g
+        return increment(self.potential, self.lam, ctx.reward(ctx.x0), ctx.state)
+
+
+def initial_state(shape: tuple[int, ...], device: torch.device) -> dict[str, Tensor]:
+    """The potentials' per-particle state, float64 tensors of ``shape`` ``(batch, particles)``: ``log_g``,
+    the log of the product of potentials so far; ``prev``/``best``/``total``, the last, largest and summed
+    intermediate rewards (along the particle's ancestry)."""
+    zeros = torch.zeros(shape, dtype=torch.float64, device=device)
+    return {"log_g": zeros, "prev": zeros, "best": torch.full_like(zeros, -math.inf), "total": zeros}
+
+
+def increment(potential: str, lam: float, r: Tensor, state: dict[str, Tensor]) -> Tensor:
+    """``log G_k`` of ``potential`` (module docstring) from the intermediate rewards ``r`` ``(batch,
+    particles)`` at a potential node, updating ``state`` (:func:`initial_state`) in place; shared with
+    :func:`steerdiff.discrete.fk_steering`."""
+    if potential == "difference":
+        g = lam * (r - state["prev"])
+        state["prev"] = r
+    elif potential == "max":
+        state["best"] = torch.maximum(state["best"], r)
+        g = lam * state["best"]
+    elif potential == "sum":
+        state["total"] = state["total"] + r
+        g = lam * state["total"]
+    else:
+        g = lam * r
+    state["log_g"] = state["log_g"] + g
+    return g
 
 
 def check_arguments(who: str, lam: object, potential: object, nodes: object) -> tuple[float, str, set[int]]:
@@ -129,10 +149,12 @@ def check_arguments(who: str, lam: object, potential: object, nodes: object) -> 
     return lam, potential, {int(v) for v in nodes}
 
 
-def potential_nodes(steps: int, interval: int, window: tuple[int, int] | None) -> set[int]:
+def potential_nodes(
+    steps: int, interval: int, window: tuple[int, int] | None, who: str = "fk_steering"
+) -> set[int]:
     """``{start, start + interval, ...} ∩ [start, stop)`` for ``window = (start, stop)`` (grid nodes,
-    default ``(0, steps)``)."""
-    interval = integer("fk_steering", "interval", interval, lo=1)
+    default ``(0, steps)``); bad arguments a ``ValueError`` naming ``who``."""
+    interval = integer(who, "interval", interval, lo=1)
     if window is None:
         window = (0, steps)
     ok = (
@@ -142,7 +164,7 @@ def potential_nodes(steps: int, interval: int, window: tuple[int, int] | None) -
     )
     if not ok or not 0 <= window[0] < window[1] <= steps:
         raise ValueError(
-            f"fk_steering: window must be (start, stop) grid nodes, 0 <= start < stop <= steps = {steps}; "
+            f"{who}: window must be (start, stop) grid nodes, 0 <= start < stop <= steps = {steps}; "
             f"got {window!r}"
         )
     return set(range(int(window[0]), int(window[1]), interval))
