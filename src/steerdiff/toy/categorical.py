@@ -10,6 +10,11 @@ and a masked position's clean token has the exact conditional law
     p(x_0^j = v | x_t) = sum_k r_k(x_t) P_k[j, v],
 
 which does not depend on ``t``: the exact denoiser of every absorbing process (its logits are the logs).
+For a reward that is a sum of per-position terms, ``r(x) = sum_i f[i, x^i]``, the tilted law
+``p(x) exp(lam r(x)) / Z`` is again such a mixture (:meth:`tilt`): each component's rows become
+``P_k[i, v] exp(lam f[i, v]) / c_{k,i}`` with ``c_{k,i} = sum_v P_k[i, v] exp(lam f[i, v])``, its weight
+``w_k prod_i c_{k,i}``, and ``Z = sum_k w_k prod_i c_{k,i}`` (:meth:`log_normalizer`): the exact target of
+particle steering (:func:`steerdiff.discrete.fk_steering`).
 With the component as a label ``y``, ``p(x | y = k) = prod_i P_k[i, x^i]`` (:meth:`component`), its
 denoiser is ``P_k[j, v]`` whatever ``x_t`` (the net of :meth:`denoiser` given ``y=k``), and the exact
 classifier of a partly masked sequence is ``p(y = k | x_t) = r_k(x_t)`` (:meth:`classifier`): the
@@ -25,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import integer, tensor
+from .._checks import integer, real, tensor
 from ..discrete.categorical import draw
 from ..discrete.denoiser import MaskedDenoiser
 from ..discrete.process import MaskedProcess
@@ -163,6 +168,34 @@ class CategoricalMixture:
             return torch.log_softmax(self._log_terms(x, x != mask_id), dim=-1)[:, y]
 
         return log_prob_y
+
+    def _tilt_terms(self, who: str, f: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+        """``(log w_k + sum_i log c_{k,i}`` ``(K,)``, the tilted rows ``(K, L, V)``) of :meth:`tilt`, the
+        arguments checked (a ``ValueError`` naming ``who`` and the argument)."""
+        lam = real(who, "lam", lam)
+        f = tensor(who, "f", f, F64)
+        if tuple(f.shape) != (self.L, self.V):
+            raise ValueError(
+                f"{who}: f must hold the per-position rewards, shape (L, V) = ({self.L}, {self.V}), got "
+                f"{tuple(f.shape)}"
+            )
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"{who}: f must be finite (NaN or inf in it)")
+        log_tilted = torch.log(self.probs) + lam * f  # (K, L, V); a zero probability stays -inf
+        log_c = torch.logsumexp(log_tilted, dim=-1)  # (K, L)
+        return torch.log(self.weights) + log_c.sum(-1), torch.exp(log_tilted - log_c[..., None])
+
+    def tilt(self, f: Tensor, lam: float) -> CategoricalMixture:
+        """The tilted law ``p(x) exp(lam r(x)) / Z`` of the reward ``r(x) = sum_i f[i, x^i]`` (``f``
+        ``(L, V)``, finite; ``lam`` finite), again a mixture (module docstring): each component's rows
+        tilted and renormalized, its weight times its normalizer ``prod_i c_{k,i}``."""
+        log_w, probs = self._tilt_terms("CategoricalMixture.tilt", f, lam)
+        return CategoricalMixture(torch.exp(log_w - log_w.max()), probs)
+
+    def log_normalizer(self, f: Tensor, lam: float) -> float:
+        """``log Z = log E_p[exp(lam r(x))] = log sum_k w_k prod_i c_{k,i}`` of :meth:`tilt`'s law."""
+        log_w, _ = self._tilt_terms("CategoricalMixture.log_normalizer", f, lam)
+        return float(torch.logsumexp(log_w, dim=0))
 
     def denoiser(self, process: MaskedProcess) -> MaskedDenoiser:
         """The exact denoiser under ``process``, whose clean ids must be this mixture's tokens: ``mask_id >=
