@@ -6,6 +6,7 @@
 >>> x0 = sd.discrete.sample(den, (batch, L), steps=64, sampler="ancestral", generator=g)
 >>> guided = sd.discrete.CFG(den, den, 3.0, uncond_kwargs={"y": null})  # a denoiser: every sampler
 >>> x0 = sd.discrete.sample(guided, (batch, L), sampler="first_hitting", y=labels)
+>>> out = sd.discrete.fk_steering(den, reward, lam, x_T=(batch, L), particles=16, steps=64)  # Particles
 
 The exact oracle is :class:`steerdiff.toy.CategoricalMixture`.
 """
@@ -21,6 +22,7 @@ from .guided import Guided
 from .process import SCHEDULES, MaskedProcess
 from .remdm import ReMDM
 from .sampling import SampleInfo, available, get, sample
+from .steering import best_of_n, fk_steering
 
 __all__ = [
     "CFG",
@@ -36,8 +38,10 @@ __all__ = [
     "SampleInfo",
     "Sampler",
     "available",
+    "best_of_n",
     "check_tokens",
     "draw",
+    "fk_steering",
     "get",
     "sample",
 ]

@@ -1,0 +1,301 @@
+r"""Particle steering of masked diffusion: Feynman-Kac steering and best-of-N over the discrete samplers.
+
+Singhal, Horvitz, Teehan, Ren, Yu, McKeown & Ranganath 2025, "A General Framework for Inference-time
+Scaling and Steering of Diffusion Models", whose text experiments steer MDLM; the discrete counterpart
+of :func:`steerdiff.smc.fk_steering` / :func:`steerdiff.smc.best_of_n`, with the same potentials
+(:func:`steerdiff.smc.fk_steering.increment`), resamplers (:mod:`steerdiff.smc.resample`) and result
+(:class:`steerdiff.smc.Particles`).
+
+Each batch row holds ``N`` particles, which follow the base sampler (``ancestral``, ``first_hitting``,
+``remdm``: :class:`~steerdiff.discrete.Sampler`) unchanged. Step ``i`` (``i = 0..S-1``) calls the network
+once at the particles' state ``x_i``, giving ``log p_theta(x_0 | x_i)``, and moves them to ``x_{i+1}``.
+At a potential node ``i`` (every ``interval`` steps inside ``window``) each particle is scored by the
+intermediate reward ``r_k = r(x0_hat)`` on the denoised estimate
+
+    x0_hat^j = x_{i+1}^j where unmasked,  a draw from p_theta(x_0^j | x_i) where still masked,
+
+weighted by the potential ``G_k`` (``difference``: ``exp(lam (r_k - r_{k-1}))``; ``max``, ``sum``,
+``immediate``: see :mod:`steerdiff.smc.fk_steering`) and resampled per row when its ESS drops below
+``ess_threshold * N`` (the default 1.0 resamples at every node, as the paper's sampler does). After the
+last step the final correction ``exp(lam r(x_S)) / prod_k G_k`` makes every path's product of potentials
+``exp(lam r(x_S))``: the weighted particles target ``p_S(x) exp(lam r(x)) / Z``, ``p_S`` the base
+sampler's output law, and ``log Z`` (the running estimate of the trace) estimates ``log E_{p_S}[exp(lam
+r)]``, unbiased for ``Z``. ``lam = 0`` is the base sampler: no estimates, no weights, the same draws.
+
+The estimate: a draw, not the argmax, as the paper's MDLM code scores draws from ``p_theta(x_0 | x_t)``
+(the copy of ``x_t``'s unmasked tokens kept): a reward sees sequences of the law it is defined on, while
+the argmax of every masked position is one atypical sequence (the mode of each position, jointly
+possibly of low probability) whose reward can be far from ``E[r(x_0) | x_t]``. The draw is taken from the
+step's own network call (no extra NFE) at ``x_i``, which ignores the tokens unmasked in the step; it is
+an extra variable of the particle's path, drawn from a known law that nothing later depends on, so the
+final correction still makes the target exact (only the efficiency depends on the estimate). Scoring
+``x_{i+1}``, not ``x_i``, lets the copies of a resampled particle diverge at the next step's draws (the
+paper's code, too, weights the new states). With a per-row ``generator`` list the particles of row ``b``,
+their estimates and their resampling draw from ``generator[b]`` alone.
+
+Best-of-N draws ``N`` independent samples per row with the base sampler and keeps the one of highest
+reward (a point mass: ``log_w = 0`` there, ``-inf`` elsewhere).
+
+NFE per batch row: ``N`` times the base sampler's (``N * steps``; 2 per step for
+:class:`~steerdiff.discrete.CFG`), as the continuous side counts them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._checks import boolean, device_or_none, integer, real, sizes
+from ..denoiser import take_kwarg_rows
+from ..noise import Generators, check_generators
+from ..smc import resample as _resample
+from ..smc.fk_steering import check_arguments, increment, initial_state, potential_nodes
+from ..smc.particles import Particles, Trace, _Ancestors, _Weights
+from .base import Model, Sampler
+from .categorical import draw
+from .denoiser import MaskedDenoiser, check_tokens
+from .sampling import get
+
+__all__ = ["best_of_n", "fk_steering"]
+
+Reward = Callable[[Tensor], Tensor]
+
+
+class _Run:
+    """A run of ``particles`` per row of a (partly) masked batch: the flat particles ``x`` ``(batch *
+    particles, length)``, their times, the model counting NFE and the per-particle generators; ``count``
+    names ``particles`` in messages."""
+
+    def __init__(
+        self,
+        who: str,
+        den: object,
+        reward: object,
+        x_T: object,
+        particles: object,
+        steps: object,
+        sampler: str | Sampler,
+        generator: object,
+        device: object,
+        progress: object,
+        cond: dict[str, Any],
+        count: str = "particles",
+    ) -> None:
+        if not isinstance(den, MaskedDenoiser):
+            raise ValueError(
+                f"{who}: den must be a steerdiff.discrete.MaskedDenoiser, got {type(den).__name__}"
+            )
+        if not callable(reward):
+            raise ValueError(
+                f"{who}: reward must be a callable, tokens (n, length) -> (n,), got {reward!r:.60}"
+            )
+        self.who, self.reward_fn, process = who, reward, den.process
+        if isinstance(x_T, Tensor):
+            if device is not None:
+                raise ValueError(
+                    f"{who}: device is for a shape x_T; a tensor x_T stays on its device ({x_T.device})"
+                )
+            x = check_tokens(process, x_T, who)
+        else:
+            shape = sizes(who, "x_T", x_T)
+            if len(shape) != 2:
+                raise ValueError(
+                    f"{who}: x_T must be a shape (batch, length) or a tensor of token ids, got {x_T!r}"
+                )
+            where = device_or_none(who, "device", device)
+            x = torch.full(shape, process.mask_id, dtype=torch.long, device=where)
+        self.batch, self.n = len(x), integer(who, count, particles, lo=1)
+        self.sampler = get(sampler, who)
+        self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1))
+        self.generator = check_generators(who, generator, self.batch)
+        self.rows: Generators = (
+            self.generator
+            if not isinstance(self.generator, list)
+            else [g for g in self.generator for _ in range(self.n)]
+        )
+        self.progress = boolean(who, "progress", progress)
+        each = torch.arange(self.batch, device=x.device).repeat_interleave(self.n)
+        self.x = x[each]  # a new tensor: x_T is left as it is
+        self.model = Model(den, take_kwarg_rows(cond, each, self.batch))
+        self.mask_id = process.mask_id
+        self.t = torch.ones(len(self.x), dtype=torch.float64, device=x.device)
+        self.given = self.x != process.mask_id
+
+    def nodes(self) -> Iterable[int]:
+        """The steps ``0..steps - 1``, with a tqdm bar where ``progress``."""
+        steps = range(self.steps)
+        return tqdm(steps, desc=self.who, leave=False) if self.progress else steps
+
+    def step(self, i: int) -> tuple[Tensor, Tensor]:
+        """Step ``i`` of the base sampler on every particle: the step's ``log p_theta(x_0 | x_i)`` and
+        which batch rows it could move (``(batch,)``: a row whose particles were all clean and stayed, as
+        a finished row of ``first_hitting`` does, is done)."""
+        before = self.x
+        self.x, self.t, log_p = self.sampler.step(
+            self.model, before, self.t, i, self.steps, self.rows, self.given
+        )
+        moved = ((before == self.mask_id) | (before != self.x)).any(-1)
+        return log_p, moved.reshape(self.batch, self.n).any(-1)
+
+    def estimate(self, log_p: Tensor) -> Tensor:
+        """``x0_hat``: the particles' tokens, a draw from ``log_p`` at their masked positions."""
+        masked = self.x == self.mask_id
+        return torch.where(masked, draw(log_p, self.rows).to(self.x.dtype), self.x)
+
+    def reward(self, x: Tensor, i: int) -> Tensor:
+        """``r(x)`` of flat particles as float64 ``(batch, particles)``, checked: a ``ValueError`` naming
+        the step ``i`` (``steps``: the final samples) for a wrong shape or a NaN / inf."""
+        r = self.reward_fn(x)
+        at = "the final samples" if i == self.steps else f"step {i}"
+        numeric = isinstance(r, Tensor) and not (r.is_complex() or r.dtype == torch.bool)
+        if not numeric or tuple(r.shape) != (len(x),):
+            got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, Tensor) else type(r).__name__
+            raise ValueError(
+                f"{self.who}: reward must return a real tensor of shape (n,) = ({len(x)},) for the n "
+                f"particles it is given, got {got} at {at}"
+            )
+        r = r.to(device=x.device, dtype=torch.float64)
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError(f"{self.who}: reward returned NaN or inf at {at} (rewards must be finite)")
+        return r.reshape(self.batch, self.n)
+
+    def take(self, flat: Tensor) -> None:
+        """Keep the flat particles at ``flat`` (ancestors within each row): tokens and times (the given
+        tokens and the conditions are the row's, the same for its particles)."""
+        self.x, self.t = self.x[flat], self.t[flat]
+
+    def result(self, log_w: Tensor, trace: Trace | None, reward: Tensor) -> Particles:
+        """The final particles as :class:`~steerdiff.smc.Particles` ``(batch, particles, length)``."""
+        x = self.x.reshape(self.batch, self.n, -1)
+        return Particles(x, log_w, self.model.nfe * self.n, trace, reward)
+
+
+def fk_steering(
+    den: MaskedDenoiser,
+    reward: Reward,
+    lam: float = 10.0,
+    potential: str = "difference",
+    *,
+    x_T: Tensor | Sequence[int],
+    particles: int = 16,
+    steps: int | None = None,
+    sampler: str | Sampler = "ancestral",
+    interval: int = 1,
+    window: tuple[int, int] | None = None,
+    ess_threshold: float = 1.0,
+    resampler: str | _resample.Resampler = "systematic",
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """Feynman-Kac steering of a masked diffusion model towards ``p_S(x) exp(lam r(x)) / Z`` with
+    ``particles`` per batch row (module docstring).
+
+    Args:
+        den: a :class:`~steerdiff.discrete.MaskedDenoiser` (guided ones included).
+        reward: ``r``, mapping clean token ids ``(n, length)`` (int64, or ``x_T``'s dtype) to finite reals
+            ``(n,)``; gradient-free. Called on the estimates at the potential nodes and on the final samples.
+        lam: the tilt ``lambda``, finite (0: the base sampler).
+        potential: ``"difference"`` (default), ``"max"``, ``"sum"`` or ``"immediate"``.
+        x_T: a shape ``(batch, length)`` (all masked) or token ids ``(batch, length)`` whose unmasked
+            tokens stay, as for :func:`~steerdiff.discrete.sample`; each row's particles start from it.
+        particles: ``N >= 1`` per batch row.
+        steps, sampler: the base sampler's, as for :func:`~steerdiff.discrete.sample` (``first_hitting``:
+            ``None``, one step per masked token).
+        interval: weight (and resample) after every ``interval``-th step ...
+        window: ... of the steps ``start..stop - 1`` (default all, ``(0, steps)``).
+        ess_threshold: resample a row when ``ESS < ess_threshold * N``, in ``[0, 1]`` (default 1: at every
+            potential node; 0: never).
+        resampler: ``"systematic"`` (default), ``"multinomial"``, ``"stratified"``, ``"residual"`` or a
+            callable ``(log_w, generator) -> indices`` (:mod:`steerdiff.smc.resample`).
+        generator: ``None``, a ``torch.Generator`` or a list of ``batch`` of them (row ``b``'s particles,
+            estimates and resampling from ``generator[b]`` alone: a row's result is the same in any batch).
+        device: where the all-masked batch of a shape is made (default CPU); only with a shape.
+        progress: show a tqdm bar.
+        **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles.
+
+    Returns:
+        :class:`~steerdiff.smc.Particles`: ``x`` ``(batch, particles, length)``, normalized ``log_w``,
+        ``nfe`` (per batch row: ``particles`` times the network calls), ``reward`` ``r(x)`` of the final
+        particles and the ``trace`` per node ``0..steps`` (node ``i < steps``: after step ``i``; node
+        ``steps``: the final correction) of ESS, resampled rows and ``log Z``: ``out.log_z`` estimates
+        ``log E_{p_S}[exp(lam r)]``.
+
+    Example:
+        >>> out = sd.discrete.fk_steering(den, reward, 2.0, x_T=(4, L), particles=16, steps=32)
+        >>> x = out.sample(generator=g)   # (4, L), one draw per batch row
+    """
+    who = "discrete.fk_steering"
+    run = _Run(who, den, reward, x_T, particles, steps, sampler, generator, device, progress, cond)
+    nodes = potential_nodes(run.steps, interval, window, who) if run.steps else set()  # nothing masked
+    lam, potential, nodes = check_arguments(who, lam, potential, nodes)
+    ess_threshold = real(who, "ess_threshold", ess_threshold, lo=0, hi=1)
+    resample_fn = _resample.get(resampler, who)
+    name = f"{who}: resampler {getattr(resample_fn, '__name__', type(resample_fn).__name__)!r}"
+    batch, n, dev = run.batch, run.n, run.x.device
+    weights, ancestors = _Weights(who, batch, n, dev), _Ancestors(batch, n, dev)
+    state = initial_state((batch, n), dev)
+    arange = torch.arange(n, device=dev).expand(batch, n)
+    offsets = (torch.arange(batch, device=dev) * n)[:, None]
+    no_resample = torch.zeros(batch, dtype=torch.bool, device=dev)
+    for i in run.nodes():
+        log_p, live = run.step(i)
+        inc = None
+        if lam != 0 and i in nodes:
+            old = dict(state)
+            inc = increment(potential, lam, run.reward(run.estimate(log_p), i), state)
+            # a done row gets no potential: its result must not depend on the steps a batch with more
+            # masked tokens takes (first_hitting), where max, sum and immediate would weight it again
+            state = {k: torch.where(live[:, None], v, old[k]) for k, v in state.items()}
+            inc = torch.where(live[:, None], inc, 0.0)
+        ess = weights.reweight(inc)
+        resampled = no_resample
+        if inc is not None and ess_threshold > 0:
+            # below the threshold by more than rounding: uniform weights read ESS = N (1 - 1e-16)
+            resampled = ess < ess_threshold * n * (1 - 1e-9)
+            idx = ancestors(name, resample_fn(weights.log_w, run.generator), i)
+            anc = torch.where(resampled[:, None], idx, arange)
+            run.take((anc + offsets).reshape(-1))
+            state = {k: torch.take_along_dim(v, anc, dim=1) for k, v in state.items()}
+            weights.reset(resampled)
+        weights.record(resampled)
+    r = run.reward(run.x, run.steps)
+    weights.reweight(None if lam == 0 else lam * r - state["log_g"])
+    weights.record(no_resample)
+    return run.result(weights.log_w, weights.trace(), r)
+
+
+def best_of_n(
+    den: MaskedDenoiser,
+    reward: Reward,
+    n: int = 16,
+    *,
+    x_T: Tensor | Sequence[int],
+    steps: int | None = None,
+    sampler: str | Sampler = "ancestral",
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    **cond: Any,
+) -> Particles:
+    """The best of ``n`` independent samples per batch row by ``reward`` (module docstring).
+
+    The arguments are :func:`fk_steering`'s (``n`` its ``particles``); the ``n`` samples of a row are
+    the base sampler's draws for the ``n`` copies of the row (with one generator, those of
+    :func:`~steerdiff.discrete.sample` on the ``batch * n`` rows). Returns
+    :class:`~steerdiff.smc.Particles` with all ``n`` samples, a point mass on each row's best (``sample()``
+    returns it; ties: the first) and their ``reward``; no trace.
+    """
+    who = "discrete.best_of_n"
+    run = _Run(who, den, reward, x_T, n, steps, sampler, generator, device, progress, cond, count="n")
+    for i in run.nodes():
+        run.step(i)
+    r = run.reward(run.x, run.steps)
+    log_w = torch.full_like(r, -math.inf).scatter_(1, r.argmax(-1, keepdim=True), 0.0)
+    return run.result(log_w, None, r)
