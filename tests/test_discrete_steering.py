@@ -254,12 +254,25 @@ def _nan_at(step):
         ({"reward": _nan_at(4), "steps": 4}, r"reward returned NaN or inf at the final samples"),
         ({"reward": "r"}, r"discrete\.fk_steering: reward must be a callable"),
         ({"den": MIX}, r"discrete\.fk_steering: den must be a steerdiff\.discrete\.MaskedDenoiser"),
+        # the base sampler's and the network's errors name the entry point too (they said discrete.sample)
+        ({"steps": 0}, r"^discrete\.fk_steering: steps must be an integer >= 1"),
+        ({"sampler": "first_hitting", "steps": 4}, r"^discrete\.fk_steering: first_hitting unmasks one"),
     ],
 )
 def test_bad_input_is_refused(kwargs, match):
     args = {"den": DEN, "reward": reward, "lam": LAM, "x_T": (2, MIX.L), "particles": 3, "steps": 5, **kwargs}
     with pytest.raises(ValueError, match=match):
         sd.discrete.fk_steering(**args)
+
+
+def test_a_nan_from_the_network_names_the_entry_point_and_the_step():
+    def net(x, t):
+        out = DEN.net(x, t)
+        return out * math.nan if float(t.min()) < 0.5 else out
+
+    den = sd.discrete.MaskedDenoiser(net, PROC)
+    with pytest.raises(sd.NonFiniteError, match=r"^discrete\.fk_steering: at step 3 "):
+        sd.discrete.fk_steering(den, reward, LAM, x_T=(2, MIX.L), particles=3, steps=5)
 
 
 def test_best_of_n_refuses_bad_input():

@@ -38,8 +38,8 @@ class Ancestral(Sampler):
 
     name: ClassVar[str] = "ancestral"
 
-    def num_steps(self, steps: object, masked: Tensor) -> int:
-        return integer("discrete.sample", "steps", steps, lo=1)
+    def num_steps(self, steps: object, masked: Tensor, who: str = "discrete.sample") -> int:
+        return integer(who, "steps", steps, lo=1)
 
     def step(
         self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor

@@ -22,10 +22,11 @@ __all__ = ["Model", "Sampler"]
 class Model:
     """A :class:`~steerdiff.discrete.MaskedDenoiser` with its ``cond``, counting network evaluations exactly
     (:attr:`nfe`: the denoiser's ``cost``, read after every call, 2 for a guided
-    :class:`~steerdiff.discrete.CFG`) and naming the step at which the network returned NaN / ``+inf``."""
+    :class:`~steerdiff.discrete.CFG`) and naming the step at which the network returned NaN / ``+inf``
+    (after ``who``, the entry point of the run)."""
 
-    def __init__(self, den: MaskedDenoiser, cond: dict[str, Any]) -> None:
-        self.den, self.cond, self.nfe = den, cond, 0
+    def __init__(self, den: MaskedDenoiser, cond: dict[str, Any], who: str = "discrete.sample") -> None:
+        self.den, self.cond, self.nfe, self.who = den, cond, 0, who
 
     def __call__(self, x: Tensor, t: Tensor, step: int) -> Tensor:
         """``log p_theta(x_0 | x)`` at times ``t`` (``(batch,)``), float64 ``(batch, length, vocab_size)``."""
@@ -35,7 +36,7 @@ class Model:
             first, cost = self.nfe + 1, self.den.cost
             which = f"evaluation {first}" if cost == 1 else f"evaluations {first}-{first + cost - 1}"
             raise NonFiniteError(
-                f"discrete.sample: at step {step} ({which}, t in [{float(t.min()):.6g}, "
+                f"{self.who}: at step {step} ({which}, t in [{float(t.min()):.6g}, "
                 f"{float(t.max()):.6g}]): {e}"
             ) from e
         self.nfe += self.den.cost
@@ -48,9 +49,10 @@ class Sampler(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def num_steps(self, steps: object, masked: Tensor) -> int:
+    def num_steps(self, steps: object, masked: Tensor, who: str = "discrete.sample") -> int:
         """The number of steps a run takes, from the ``steps`` asked for (checked; a ``ValueError`` naming
-        it) and the number of masked positions of each row, ``masked`` ``(batch,)``."""
+        it after ``who``, the entry point) and the number of masked positions of each row, ``masked``
+        ``(batch,)``."""
 
     @abstractmethod
     def step(

@@ -36,13 +36,13 @@ class FirstHitting(Sampler):
 
     name: ClassVar[str] = "first_hitting"
 
-    def num_steps(self, steps: object, masked: Tensor) -> int:
+    def num_steps(self, steps: object, masked: Tensor, who: str = "discrete.sample") -> int:
         n = int(masked.max())
         if steps is not None and not (
             isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps == n
         ):
             raise ValueError(
-                "discrete.sample: first_hitting unmasks one token per step, so it takes as many steps as "
+                f"{who}: first_hitting unmasks one token per step, so it takes as many steps as "
                 f"the most masked row has masked tokens ({n}); steps must be None or {n}, got {steps!r}"
             )
         return n

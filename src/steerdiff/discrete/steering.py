@@ -111,7 +111,7 @@ class _Run:
             x = torch.full(shape, process.mask_id, dtype=torch.long, device=where)
         self.batch, self.n = len(x), integer(who, count, particles, lo=1)
         self.sampler = get(sampler, who)
-        self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1))
+        self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1), who)
         self.generator = check_generators(who, generator, self.batch)
         self.rows: Generators = (
             self.generator
@@ -121,7 +121,7 @@ class _Run:
         self.progress = boolean(who, "progress", progress)
         each = torch.arange(self.batch, device=x.device).repeat_interleave(self.n)
         self.x = x[each]  # a new tensor: x_T is left as it is
-        self.model = Model(den, take_kwarg_rows(cond, each, self.batch))
+        self.model = Model(den, take_kwarg_rows(cond, each, self.batch), who)
         self.mask_id = process.mask_id
         self.t = torch.ones(len(self.x), dtype=torch.float64, device=x.device)
         self.given = self.x != process.mask_id
