@@ -868,6 +868,7 @@ def test_help(capsys, argv, expected):
         (["bench", "longstep"], ["OUT/longstep.csv", "OUT/longstep.png", "OUT/longstep.txt"]),
         (["bench", "guided"], ["OUT/guided.csv", "OUT/guided.png", "OUT/guided.txt"]),
         (["bench", "guided"], ["OUT/guided_validation.{csv,png,txt}"]),
+        (["bench", "discrete"], ["OUT/discrete.csv", "OUT/discrete.png", "OUT/discrete.txt"]),
         (["demo"], ["OUT/demo.png", "OUT/demo.csv"]),
         (["sample"], ["--model digits", ".png grid", "the demo's, cfg 2, classifier 2"]),
     ],
@@ -1355,3 +1356,78 @@ def test_diffusers_candidates_include_our_default_algorithm_and_sigma_spacings()
                 assert any(type(s) is cls and s.config[flag] for _, s in made), (cls.__name__, flag)
     keys = [(c.method, c.schedule()) for c in configs]
     assert len(set(keys)) == len(keys)
+
+
+def test_bench_discrete_rows_are_the_samplers_against_the_exact_law(tmp_path, capsys):
+    """``bench discrete``: each row is ``sd.discrete.sample`` (noise of ``seed + 1``) on the documented
+    mixture (K = 4, L = 6, V = 4 from ``seed``; linear schedule, exact denoiser), its TV the oracle's to the
+    target's exact table, beside the floor of as many exact samples (8 sets, ``seed + 2`` for the data,
+    ``seed + 3`` for ``p(x | y = 0)``). Remasking needs tokens to remask: at 2 steps ReMDM is the ancestral
+    sampler draw for draw (nothing is unmasked at t = 1, sigma_max = 0 at the last step)."""
+    n, seed = 300, 5
+    argv = ["bench", "discrete", "--quick", "--n", str(n), "--seed", str(seed), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "discrete.csv", newline="") as f:
+        rows = {(r["guidance"], r["sampler"], int(r["steps"])): r for r in csv.DictReader(f)}
+    unguided = [(s, k) for s in ("ancestral", "remdm eta=0.02", "remdm eta=0.1") for k in (2, 8)]
+    guided = [
+        (g, s, k)
+        for g in ("classifier", "cfg w=1", "cfg w=3")
+        for s, k in (("first_hitting", 6), ("ancestral", 4))
+    ]
+    assert set(rows) == {("none", s, k) for s, k in unguided} | {("none", "first_hitting", 6)} | set(guided)
+    out = capsys.readouterr().out
+    assert (tmp_path / "discrete.txt").read_text() in out
+
+    g = torch.Generator().manual_seed(seed)
+    mix = sd.toy.CategoricalMixture(
+        torch.rand(4, generator=g, dtype=F64) + 0.5, torch.rand(4, 6, 4, generator=g, dtype=F64) ** 4 + 0.02
+    )
+    comp = mix.component(0)
+    proc = sd.discrete.MaskedProcess(vocab_size=4, schedule="linear")
+    den = mix.denoiser(proc)
+
+    def tv(law, model, steps, sampler, **cond) -> float:
+        x = sd.discrete.sample(
+            model, (n, 6), steps, sampler, generator=torch.Generator().manual_seed(seed + 1), **cond
+        )
+        return law.total_variation(x)
+
+    def floor(law, s: int) -> tuple[float, float]:
+        gen = torch.Generator().manual_seed(s)
+        d = torch.tensor([law.total_variation(law.sample(n, gen)) for _ in range(8)])
+        return float(d.mean()), float(d.std())
+
+    cfg3 = sd.discrete.CFG(den, den, 3.0, uncond_kwargs={"y": -1})
+    cg = sd.discrete.ClassifierGuidance(den, mix.classifier(0, proc.mask_id))
+    for key, want in [
+        (("none", "ancestral", 8), tv(mix, den, 8, "ancestral")),
+        (("none", "remdm eta=0.1", 8), tv(mix, den, 8, sd.discrete.ReMDM(0.1))),
+        (("none", "first_hitting", 6), tv(mix, den, None, "first_hitting")),
+        (("classifier", "ancestral", 4), tv(comp, cg, 4, "ancestral")),
+        (("cfg w=3", "first_hitting", 6), tv(comp, cfg3, None, "first_hitting", y=0)),
+    ]:
+        assert float(rows[key]["tv"]) == pytest.approx(want, rel=1e-5), key
+    assert rows["none", "remdm eta=0.02", 2]["tv"] == rows["none", "ancestral", 2]["tv"]
+    assert rows["none", "remdm eta=0.1", 8]["tv"] != rows["none", "ancestral", 8]["tv"]
+    for key, target, s in [
+        (("none", "ancestral", 2), mix, seed + 2),
+        (("cfg w=1", "ancestral", 4), comp, seed + 3),
+    ]:
+        mean, std = floor(target, s)
+        assert (float(rows[key]["floor_mean"]), float(rows[key]["floor_std"])) == pytest.approx(
+            (mean, std), rel=1e-5
+        )
+    # NFE: one a step, one a token for first_hitting, two a step for CFG at w = 3 (one at w = 1)
+    assert [
+        int(rows[k]["nfe"])
+        for k in [("none", "first_hitting", 6), ("cfg w=1", "ancestral", 4), ("cfg w=3", "ancestral", 4)]
+    ] == [6, 4, 8]
+    # at floor: TV within 3 std above the floor's mean; CFG at w > 1 has no closed-form target
+    for r in rows.values():
+        excess = (float(r["tv"]) - float(r["floor_mean"])) / float(r["floor_std"])
+        assert r["at_floor"] == ("n/a" if r["guidance"] == "cfg w=3" else "yes" if excess <= 3 else "no")
+    assert rows["none", "ancestral", 2]["at_floor"] == "no"  # two steps: tokens drawn 3 at a time
+    assert rows["classifier", "first_hitting", 6]["at_floor"] == "yes"  # exact with exact parts
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "discrete.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
