@@ -1363,12 +1363,23 @@ def test_bench_discrete_rows_are_the_samplers_against_the_exact_law(tmp_path, ca
     mixture (K = 4, L = 6, V = 4 from ``seed``; linear schedule, exact denoiser), its TV the oracle's to the
     target's exact table, beside the floor of as many exact samples (8 sets, ``seed + 2`` for the data,
     ``seed + 3`` for ``p(x | y = 0)``). Remasking needs tokens to remask: at 2 steps ReMDM is the ancestral
-    sampler draw for draw (nothing is unmasked at t = 1, sigma_max = 0 at the last step)."""
+    sampler draw for draw (nothing is unmasked at t = 1, sigma_max = 0 at the last step).
+
+    Particle rows: ``sd.discrete.fk_steering`` (potential ``difference``) and ``best_of_n`` at 4 and 16
+    particles on the same rows, generator ``seed + 1`` for the run and then ``out.sample``, toward ``p(x)
+    exp(2 r(x)) / Z``, ``r(x) = sum_i f[i, x^i]``, ``f`` uniform ``(6, 4)`` from ``seed + 5``: the TV and
+    ``Z`` from the enumerated table of ``p`` (not ``tilt``), the floor from ``seed + 4``."""
     n, seed = 300, 5
     argv = ["bench", "discrete", "--quick", "--n", str(n), "--seed", str(seed), "--no-progress"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     with open(tmp_path / "discrete.csv", newline="") as f:
-        rows = {(r["guidance"], r["sampler"], int(r["steps"])): r for r in csv.DictReader(f)}
+        table = list(csv.DictReader(f))
+    rows = {(r["guidance"], r["sampler"], int(r["steps"])): r for r in table if not r["particles"]}
+    steered = {
+        (r["guidance"], r["sampler"], int(r["steps"]), int(r["particles"])): r
+        for r in table
+        if r["particles"]
+    }
     unguided = [(s, k) for s in ("ancestral", "remdm eta=0.02", "remdm eta=0.1") for k in (2, 8)]
     guided = [
         (g, s, k)
@@ -1376,6 +1387,13 @@ def test_bench_discrete_rows_are_the_samplers_against_the_exact_law(tmp_path, ca
         for s, k in (("first_hitting", 6), ("ancestral", 4))
     ]
     assert set(rows) == {("none", s, k) for s, k in unguided} | {("none", "first_hitting", 6)} | set(guided)
+    particle_runs = [
+        ("fk lam=2", "first_hitting", 6),
+        ("fk lam=2", "ancestral", 4),
+        ("best_of_n", "first_hitting", 6),
+    ]
+    assert set(steered) == {(*c, m) for c in particle_runs for m in (4, 16)}
+    assert len(table) == len(rows) + len(steered)
     out = capsys.readouterr().out
     assert (tmp_path / "discrete.txt").read_text() in out
 
@@ -1429,5 +1447,61 @@ def test_bench_discrete_rows_are_the_samplers_against_the_exact_law(tmp_path, ca
         assert r["at_floor"] == ("n/a" if r["guidance"] == "cfg w=3" else "yes" if excess <= 3 else "no")
     assert rows["none", "ancestral", 2]["at_floor"] == "no"  # two steps: tokens drawn 3 at a time
     assert rows["classifier", "first_hitting", 6]["at_floor"] == "yes"  # exact with exact parts
+
+    # particle steering toward p exp(2 r) / Z, from the enumerated table of p
+    f = torch.rand(6, 4, generator=torch.Generator().manual_seed(seed + 5), dtype=F64)
+    codes = torch.arange(4**6)
+    seqs = torch.stack([codes // 4 ** (5 - i) % 4 for i in range(6)], dim=1)  # table order
+
+    def reward(x):
+        return f[torch.arange(6), x].sum(-1)
+
+    weighted = mix.table() * torch.exp(2.0 * reward(seqs))
+    log_z = math.log(float(weighted.sum()))
+    tilted = weighted / weighted.sum()
+    assert torch.allclose(mix.tilt(f, 2.0).table(), tilted, rtol=1e-12, atol=0)
+
+    def tv_tilted(x) -> float:
+        counts = torch.bincount(mix.index(x), minlength=4**6).to(F64)
+        return 0.5 * float((counts / len(x) - tilted).abs().sum())
+
+    for key in [("fk lam=2", "first_hitting", 6, 16), ("fk lam=2", "ancestral", 4, 4)]:
+        g = torch.Generator().manual_seed(seed + 1)
+        sampler, steps = key[1], None if key[1] == "first_hitting" else key[2]
+        out = sd.discrete.fk_steering(
+            den,
+            reward,
+            2.0,
+            "difference",
+            x_T=(n, 6),
+            particles=key[3],
+            steps=steps,
+            sampler=sampler,
+            generator=g,
+        )
+        z = torch.exp(out.log_z - log_z)
+        r = steered[key]
+        assert float(r["tv"]) == pytest.approx(tv_tilted(out.sample(g)), rel=1e-5), key
+        assert (float(r["z_ratio"]), float(r["z_se"])) == pytest.approx(
+            (float(z.mean()), float(z.std()) / math.sqrt(n)), rel=1e-5
+        ), key
+    g = torch.Generator().manual_seed(seed + 1)
+    out = sd.discrete.best_of_n(den, reward, 16, x_T=(n, 6), sampler="first_hitting", generator=g)
+    bon = steered["best_of_n", "first_hitting", 6, 16]
+    assert float(bon["tv"]) == pytest.approx(tv_tilted(out.sample(g)), rel=1e-5)
+    assert bon["z_ratio"] == bon["z_se"] == ""  # best-of-N estimates no Z
+    gen = torch.Generator().manual_seed(seed + 4)
+    law = mix.tilt(f, 2.0)
+    d = torch.tensor([law.total_variation(law.sample(n, gen)) for _ in range(8)])
+    assert (float(bon["floor_mean"]), float(bon["floor_std"])) == pytest.approx(
+        (float(d.mean()), float(d.std())), rel=1e-5
+    )
+    # NFE = particles x steps; fk's first_hitting target is the tilted law itself: Z_hat unbiased for Z
+    assert [int(r["nfe"]) for r in steered.values()] == [m * k for _, _, k, m in steered]
+    fh = steered["fk lam=2", "first_hitting", 6, 16]
+    assert abs(float(fh["z_ratio"]) - 1) < 3 * float(fh["z_se"])
+    for (guidance, _, _, _), r in steered.items():
+        excess = (float(r["tv"]) - float(r["floor_mean"])) / float(r["floor_std"])
+        assert r["at_floor"] == ("n/a" if guidance == "best_of_n" else "yes" if excess <= 3 else "no")
     pytest.importorskip("matplotlib")
     assert (tmp_path / "discrete.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -191,7 +191,7 @@ def _bench_arguments(p: argparse.ArgumentParser, quick: str, seed: str, diffuser
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steerdiff`` and its sub-commands."""
-    from .bench.discrete import QUICK_GUIDED_STEPS, QUICK_N, QUICK_STEPS
+    from .bench.discrete import QUICK_GUIDED_STEPS, QUICK_N, QUICK_PARTICLES, QUICK_STEER_N, QUICK_STEPS
     from .bench.guided import PROBLEMS
     from .bench.longstep import PROCESSES
     from .demo import CFG_SCALE, CLASSIFIER_SCALE
@@ -398,19 +398,28 @@ def build_parser() -> argparse.ArgumentParser:
             "Total variation to the exact law (all 4,096 sequences of a 4-component CategoricalMixture, "
             "L = 6, V = 4, exact denoiser, linear schedule) of ancestral and remdm (eta 0.02, 0.1) at 1-64 "
             "steps and first_hitting, and of classifier guidance (exact classifier) and CFG (w = 1, 3) "
-            "toward a component with first_hitting and ancestral at 2, 8 and 32 steps, each beside the "
-            "floor of as many exact samples. Writes OUT/discrete.csv, OUT/discrete.png and "
-            "OUT/discrete.txt."
+            "toward a component with first_hitting and ancestral at 2, 8 and 32 steps, and of FK steering "
+            "(first_hitting; ancestral at 2 and 8 steps) and best-of-N (first_hitting) at 4, 16 and 64 "
+            "particles toward the law tilted by exp(2 r) of a per-position reward (on min(n, 4096) rows, "
+            "with the log Z estimate against the exact one), each beside the floor of as many exact "
+            "samples. Writes OUT/discrete.csv, OUT/discrete.png and OUT/discrete.txt."
         ),
     )
     _bench_arguments(
         bdi,
         f"steps {' and '.join(map(str, QUICK_STEPS))} (guided: {', '.join(map(str, QUICK_GUIDED_STEPS))}) "
-        f"only, n <= {QUICK_N}",
-        "seed of the model; the noise uses seed + 1, the floors seed + 2 and seed + 3",
+        f"only, n <= {QUICK_N}; particles {' and '.join(map(str, QUICK_PARTICLES))} on <= {QUICK_STEER_N} "
+        "rows",
+        "seed of the model; the noise uses seed + 1, the floors seed + 2, seed + 3 and seed + 4, the "
+        "steering reward seed + 5",
         False,
     )
-    bdi.add_argument("--n", type=_positive, default=32768, help="samples per run (default: 32768)")
+    bdi.add_argument(
+        "--n",
+        type=_positive,
+        default=32768,
+        help="samples per run (default: 32768; particle steering: at most 4096 rows)",
+    )
     bdi.set_defaults(func=_bench_discrete)
 
     sp = sub.add_parser(
