@@ -15,7 +15,9 @@ processes, half precision, no device sync per step (CUDA's sync debug mode: at 6
 same count), guidance and the inverse operators, the particle methods, the MCMC correctors and PCG,
 ``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through ``sd.sample``,
 ``BrownianTreeNoise`` against torchsde's trees on the device,
-generators on the device, and the metrics.
+generators on the device, the metrics, and masked diffusion (``sd.discrete``: every sampler, ``CFG``,
+``ClassifierGuidance``, ``fk_steering`` and ``best_of_n`` draw the CPU run's tokens; at most one host read
+per step).
 
 Run with ``make test-cuda`` (``pytest tests/test_cuda.py`` on a machine with a GPU); ``make test``
 skips the module where there is none. ``STEERDIFF_TEST_DEVICE`` names the device under test (default
@@ -797,6 +799,104 @@ def test_gradient_through_sample_equals_the_cpu_gradient(solver: str) -> None:
     for out, ref in zip(grads(DEVICE), grads("cpu"), strict=True):
         assert float(ref.abs().max()) > 1e-6
         _expect(out, ref, F64_TOL)
+
+
+# --- masked (discrete) diffusion -------------------------------------------------------------------------
+# The exact CategoricalMixture oracle computes on its input's device (float64). Every draw (Gumbel-max
+# uniforms, unmasking coins, positions, resampling) comes from one CPU generator per row, drawn on the host
+# and copied, so the device run sees the CPU run's uniforms; the float64 log-probabilities they are
+# compared with differ by an ulp at most, which flips a comparison only at an exact tie: the tokens are
+# the CPU run's, exactly, and the weights and log Z estimates equal to F64_TOL.
+
+CAT = sd.toy.CategoricalMixture(
+    torch.rand(3, generator=_gen(21), dtype=F64) + 0.5,
+    torch.rand(3, 5, 4, generator=_gen(22), dtype=F64) ** 4,
+)
+CAT_DEN = CAT.denoiser(sd.discrete.MaskedProcess(vocab_size=4, schedule="linear"))
+CAT_F = torch.rand(5, 4, generator=_gen(23), dtype=F64)
+CAT_X = torch.tensor([[4, 1, 4, 4, 0], [4, 4, 4, 4, 4], [2, 4, 3, 4, 4]])  # mask id 4: partly masked rows
+CAT_GUIDED = {
+    "cfg": (sd.discrete.CFG(CAT_DEN, CAT_DEN, 3.0, uncond_kwargs={"y": -1}), {"y": 0}),
+    "classifier": (sd.discrete.ClassifierGuidance(CAT_DEN, CAT.classifier(0, 4)), {}),
+}
+
+
+def _steps(sampler: str) -> int | None:
+    return None if sampler == "first_hitting" else 6
+
+
+def _cat_reward(x: Tensor) -> Tensor:
+    """``r(x) = sum_i f[i, x^i]`` on ``x``'s device."""
+    return CAT_F.to(x.device)[torch.arange(5, device=x.device), x].sum(-1)
+
+
+def _expect_tokens(out: Tensor, ref: Tensor) -> None:
+    assert out.device.type == KIND, out.device
+    assert out.dtype == ref.dtype and torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("start", ["shape", "tokens"])
+@pytest.mark.parametrize("sampler", sd.discrete.available())
+def test_discrete_sampler_on_the_device_draws_the_cpu_tokens(sampler: str, start: str) -> None:
+    """From the all-masked batch (``device=``) or partly masked tokens on the device (they stay)."""
+    if start == "shape":
+        ref = sd.discrete.sample(CAT_DEN, (3, 5), _steps(sampler), sampler, generator=_rows(3))
+        out = sd.discrete.sample(CAT_DEN, (3, 5), _steps(sampler), sampler, generator=_rows(3), device=DEVICE)
+    else:
+        ref = sd.discrete.sample(CAT_DEN, CAT_X, _steps(sampler), sampler, generator=_rows(3))
+        out = sd.discrete.sample(CAT_DEN, CAT_X.to(DEVICE), _steps(sampler), sampler, generator=_rows(3))
+        given = CAT_X != 4
+        assert torch.equal(ref[given], CAT_X[given])
+    _expect_tokens(out, ref)
+    assert not bool((ref == 4).any())
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
+@pytest.mark.parametrize("name", CAT_GUIDED)
+def test_discrete_guidance_on_the_device_draws_the_cpu_tokens(name: str, sampler: str) -> None:
+    den, cond = CAT_GUIDED[name]
+    ref = sd.discrete.sample(den, (3, 5), _steps(sampler), sampler, generator=_rows(3), **cond)
+    out = sd.discrete.sample(den, (3, 5), _steps(sampler), sampler, generator=_rows(3), device=DEVICE, **cond)
+    _expect_tokens(out, ref)
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
+@pytest.mark.parametrize("method", ["fk_steering", "best_of_n"])
+def test_discrete_steering_on_the_device_equals_the_cpu_run(method: str, sampler: str) -> None:
+    """Particles, weights, rewards, log Z and resampling events of the CPU run, and the same final draw."""
+    kw: dict[str, Any] = {"x_T": (3, 5), "steps": _steps(sampler), "sampler": sampler}
+    if method == "fk_steering":
+        run = functools.partial(sd.discrete.fk_steering, CAT_DEN, _cat_reward, 2.0, particles=8, **kw)
+    else:
+        run = functools.partial(sd.discrete.best_of_n, CAT_DEN, _cat_reward, 8, **kw)
+    ref, out = run(generator=_rows(3)), run(generator=_rows(3), device=DEVICE)
+    _expect_particles(out, ref)
+    if ref.trace is not None:
+        assert bool(ref.trace.resampled.any())  # the resampling path ran
+    _expect_tokens(out.sample(generator=_gen(9)), ref.sample(generator=_gen(9)))
+
+
+def _embedding_den() -> sd.discrete.MaskedDenoiser:
+    """A small net on the device: logits from an ``Embedding`` of each token (mask id 4 included)."""
+    net = torch.nn.Embedding(5, 4, device=DEVICE).requires_grad_(False)
+    return sd.discrete.MaskedDenoiser(lambda x, t: net(x), sd.discrete.MaskedProcess(vocab_size=4))
+
+
+@cuda_only
+@pytest.mark.parametrize("sampler", sd.discrete.available())
+def test_discrete_sample_reads_the_host_at_most_once_per_step(sampler: str) -> None:
+    """The denoiser's NaN / no-clean-token checks are read together once per network call (as on meta in
+    tests/test_discrete_api.py): 6 more steps, at most 6 more syncs. ``first_hitting`` takes one step per
+    masked token: 6 more tokens."""
+    den = _embedding_den()
+    sd.discrete.sample(den, (4, 6), 6, "ancestral", device=DEVICE)  # first use of each kernel
+
+    def count(k: int) -> int:
+        shape, steps = ((4, k), None) if sampler == "first_hitting" else ((4, 6), k)
+        return _syncs(lambda: sd.discrete.sample(den, shape, steps, sampler, device=DEVICE))
+
+    few, many = count(6), count(12)
+    assert many - few <= 6, (few, many)
 
 
 # --- generators --------------------------------------------------------------------------------------------
