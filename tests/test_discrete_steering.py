@@ -179,6 +179,23 @@ def test_nfe_is_particles_times_the_network_calls_and_per_row_conditions_follow_
     assert best.nfe == 4 * MIX.L
 
 
+def test_a_guided_denoisers_per_row_tensors_follow_the_particles():
+    # CFG's uncond_kwargs of batch rows, as the message of a mismatch asks: each particle gets its batch
+    # row's (refused before: "uncond_kwargs['y'] has 2 rows, but ... (6 in this call)"); lam = 0 is then
+    # discrete.sample on the rows repeated for the particles, draw for draw
+    y, null = torch.tensor([0, 2]), torch.tensor([1, -1])
+    cfg = sd.discrete.CFG(DEN, DEN, 2.0, uncond_kwargs={"y": null})
+    out = sd.discrete.fk_steering(
+        cfg, reward, 0.0, x_T=(2, MIX.L), particles=3, steps=4, generator=seed(10), y=y
+    )
+    flat = sd.discrete.CFG(DEN, DEN, 2.0, uncond_kwargs={"y": null.repeat_interleave(3)})
+    base = sd.discrete.sample(flat, (6, MIX.L), 4, generator=seed(10), y=y.repeat_interleave(3))
+    assert torch.equal(out.x, base.reshape(2, 3, MIX.L))
+    best = sd.discrete.best_of_n(cfg, reward, 3, x_T=(2, MIX.L), steps=4, generator=seed(10), y=y)
+    assert torch.equal(best.x, out.x)
+    assert cfg.uncond_kwargs["y"] is null  # the caller's denoiser is left as it is
+
+
 @pytest.mark.parametrize("potential", ["difference", "immediate"])
 @pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
 def test_a_rows_result_does_not_depend_on_its_batch_with_per_row_generators(sampler, potential):

@@ -26,7 +26,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -35,6 +35,8 @@ from ._checks import boolean, caller, choice, ordered, real, sizes, tensor
 from ._ops import axpby, kept
 from .noise import Generators
 from .processes import EDM, MeanReverting, Process
+
+_W = TypeVar("_W")
 
 __all__ = [
     "PREDICTIONS",
@@ -181,6 +183,29 @@ def _per_sample(value: Tensor, x: Tensor) -> Tensor | float:
     if value.ndim == 0:
         return float(value)
     return value.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def take_wrapped_rows(
+    wrapper: _W, rows: Tensor | slice, n: int, dens: tuple[str, ...] = ("base",), kwargs: tuple[str, ...] = ()
+) -> _W:
+    """``take_rows(rows, n)`` of a denoiser that wraps others (guidance, continuous or discrete): a copy
+    whose denoisers ``dens`` (attribute names) are their ``take_rows`` (one held twice, as a CFG's ``uncond``
+    that is its ``base``, stays one) and whose keyword-argument dicts ``kwargs`` have their tensors of
+    ``n`` rows taken at ``rows``; ``wrapper`` itself where nothing changes."""
+    taken: dict[int, Any] = {}
+    new: dict[str, Any] = {}
+    for name in dens:
+        den = getattr(wrapper, name)
+        if id(den) not in taken:
+            taken[id(den)] = den.take_rows(rows, n)
+        new[name] = taken[id(den)]
+    new.update({name: take_kwarg_rows(getattr(wrapper, name), rows, n) for name in kwargs})
+    if all(value is getattr(wrapper, name) for name, value in new.items()):
+        return wrapper
+    out = copy.copy(wrapper)
+    for name, value in new.items():
+        setattr(out, name, value)
+    return out
 
 
 class CostOfBase:

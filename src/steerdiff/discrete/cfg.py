@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .._checks import real
-from ..denoiser import override_kwargs
+from ..denoiser import override_kwargs, take_wrapped_rows
 from ..solvers.base import NonFiniteError
 from .denoiser import MaskedDenoiser
 from .guided import Guided, check_masked
@@ -121,6 +121,11 @@ class CFG(Guided):
                 "clean token positive probability together"
             )
         return out
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> MaskedDenoiser:
+        """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the
+        branches' ``take_rows``; itself where nothing changes."""
+        return take_wrapped_rows(self, rows, n, ("base", "uncond"), ("uncond_kwargs",))
 
     def __repr__(self) -> str:
         return f"CFG({self.base!r}, {self.uncond!r}, scale={self.scale:g})"

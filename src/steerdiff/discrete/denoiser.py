@@ -143,3 +143,11 @@ class MaskedDenoiser:
             -1, x_t.clamp(max=p.vocab_size - 1).long()[..., None], 0.0
         )
         return torch.where(masked[..., None], log_p, carried)
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> MaskedDenoiser:
+        """This denoiser for calls whose row ``k`` is row ``rows[k]`` of a batch of ``n``: the per-row
+        tensors it holds of its own (:class:`~steerdiff.discrete.CFG`'s ``uncond_kwargs`` of ``n`` rows)
+        taken at ``rows``, in a copy; itself where it holds none (here).
+        :func:`steerdiff.discrete.fk_steering` and :func:`~steerdiff.discrete.best_of_n` call it with each
+        batch row repeated for its particles, as they do with the tensors of ``**cond``."""
+        return self

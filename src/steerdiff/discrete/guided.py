@@ -14,7 +14,9 @@ times. Unmasked positions carry over.
 
 from __future__ import annotations
 
-from ..denoiser import CostOfBase
+from torch import Tensor
+
+from ..denoiser import CostOfBase, take_wrapped_rows
 from .denoiser import MaskedDenoiser
 from .process import MaskedProcess
 
@@ -46,6 +48,10 @@ class Guided(CostOfBase, MaskedDenoiser):
         check_masked(type(self).__name__, self.base_arg, base)
         super().__init__(base.net, base.process, base.time_map)
         self.base = base
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> MaskedDenoiser:
+        """A copy around ``base.take_rows(rows, n)``; itself where that is ``base``."""
+        return take_wrapped_rows(self, rows, n)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base!r})"

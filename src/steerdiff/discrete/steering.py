@@ -121,7 +121,7 @@ class _Run:
         self.progress = boolean(who, "progress", progress)
         each = torch.arange(self.batch, device=x.device).repeat_interleave(self.n)
         self.x = x[each]  # a new tensor: x_T is left as it is
-        self.model = Model(den, take_kwarg_rows(cond, each, self.batch), who)
+        self.model = Model(den.take_rows(each, self.batch), take_kwarg_rows(cond, each, self.batch), who)
         self.mask_id = process.mask_id
         self.t = torch.ones(len(self.x), dtype=torch.float64, device=x.device)
         self.given = self.x != process.mask_id
@@ -218,7 +218,10 @@ def fk_steering(
             estimates and resampling from ``generator[b]`` alone: a row's result is the same in any batch).
         device: where the all-masked batch of a shape is made (default CPU); only with a shape.
         progress: show a tqdm bar.
-        **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles.
+        **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles, as
+            are those the denoiser holds (:meth:`MaskedDenoiser.take_rows
+            <steerdiff.discrete.MaskedDenoiser.take_rows>`: :class:`~steerdiff.discrete.CFG`'s
+            ``uncond_kwargs``).
 
     Returns:
         :class:`~steerdiff.smc.Particles`: ``x`` ``(batch, particles, length)``, normalized ``log_w``,

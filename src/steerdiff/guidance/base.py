@@ -28,7 +28,6 @@ assigns its own.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -36,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..denoiser import CostOfBase, Denoiser, Prediction, check_call, check_denoiser
+from ..denoiser import CostOfBase, Denoiser, Prediction, check_call, check_denoiser, take_wrapped_rows
 from ..noise import Generators
 
 __all__ = [
@@ -106,12 +105,7 @@ class Guided(CostOfBase, Denoiser):
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy around ``base.take_rows(rows, n)``; itself where that is ``base`` (a wrapper holding
         other denoisers or per-sample keyword arguments takes theirs too)."""
-        base = self.base.take_rows(rows, n)
-        if base is self.base:
-            return self
-        out = copy.copy(self)
-        out.base = base
-        return out
+        return take_wrapped_rows(self, rows, n)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base!r})"

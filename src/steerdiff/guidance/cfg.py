@@ -43,7 +43,6 @@ pipeline, whose kept half of the batch is the conditional one.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, held_by, real
-from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
+from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_wrapped_rows
 from ..noise import Generators, check_generators, randn
 from .base import Guided, same_process, with_estimate
 
@@ -334,14 +333,7 @@ class CFG(Guided):
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the
         branches' ``take_rows``; itself where nothing changes."""
-        base = self.base.take_rows(rows, n)
-        uncond = base if self.uncond is self.base else self.uncond.take_rows(rows, n)
-        kwargs = take_kwarg_rows(self.uncond_kwargs, rows, n)
-        if base is self.base and uncond is self.uncond and kwargs is self.uncond_kwargs:
-            return self
-        out = copy.copy(self)
-        out.base, out.uncond, out.uncond_kwargs = base, uncond, kwargs
-        return out
+        return take_wrapped_rows(self, rows, n, ("base", "uncond"), ("uncond_kwargs",))
 
     def __repr__(self) -> str:
         return f"CFG({self.base!r}, scale={self.scale})"
