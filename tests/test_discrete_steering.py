@@ -292,6 +292,24 @@ def test_a_nan_from_the_network_names_the_entry_point_and_the_step():
         sd.discrete.fk_steering(den, reward, LAM, x_T=(2, MIX.L), particles=3, steps=5)
 
 
+def test_the_checks_a_device_run_defers_are_read_at_the_end(monkeypatch):
+    # off the CPU an out-of-range ancestor index is clamped and a non-finite log Z kept, both to be read
+    # once at the end of the run (as sd.smc does): they were never read, the run returned clamped
+    # particles and log_z NaN. Every tensor reads as off the CPU here
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+
+    def bad(log_w, generator):
+        return torch.full(log_w.shape, log_w.shape[1])
+
+    args = {"den": DEN, "x_T": (2, MIX.L), "particles": 3, "steps": 3}
+    with pytest.raises(
+        ValueError, match=r"resampler 'bad' returned an ancestor index outside \[0, particles\)"
+    ):
+        sd.discrete.fk_steering(reward=reward, lam=LAM, resampler=bad, **args)
+    with pytest.raises(ValueError, match=r"^discrete\.fk_steering: .*NaN or \+inf at node 0 \(batch row 0\)"):
+        sd.discrete.fk_steering(reward=lambda x: reward(x) * 1e200, lam=1e200, **args)
+
+
 def test_best_of_n_refuses_bad_input():
     with pytest.raises(ValueError, match=r"discrete\.best_of_n: n must be an integer >= 1"):
         sd.discrete.best_of_n(DEN, reward, 0, x_T=(2, MIX.L), steps=3)

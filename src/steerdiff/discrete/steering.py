@@ -55,7 +55,7 @@ from ..denoiser import take_kwarg_rows
 from ..noise import Generators, check_generators
 from ..smc import resample as _resample
 from ..smc.fk_steering import check_arguments, increment, initial_state, potential_nodes
-from ..smc.particles import Particles, Trace, _Ancestors, _Weights
+from ..smc.particles import Particles, Trace, _Ancestors, _check_weights, _Weights
 from .base import Model, Sampler
 from .categorical import draw
 from .denoiser import MaskedDenoiser, check_tokens
@@ -271,7 +271,10 @@ def fk_steering(
     r = run.reward(run.x, run.steps)
     weights.reweight(None if lam == 0 else lam * r - state["log_g"])
     weights.record(no_resample)
-    return run.result(weights.log_w, weights.trace(), r)
+    trace = weights.trace()
+    _check_weights(who, trace.log_z)  # the checks a run off the CPU defers to its end, one read each
+    ancestors.check()
+    return run.result(weights.log_w, trace, r)
 
 
 def best_of_n(
