@@ -232,6 +232,10 @@ def test_nothing_to_unmask_returns_the_given_tokens():
     assert torch.equal(out.x, x_T[:, None].expand(1, 4, MIX.L)) and out.nfe == 0
     assert bool((out.log_w == -math.log(4)).all())
     assert float(out.log_z[0]) == pytest.approx(LAM * float(reward(x_T)[0]), rel=1e-14)
+    # no steps, so no nodes: interval is still checked (it was accepted, whatever it was)
+    for bad in (0, "2"):
+        with pytest.raises(ValueError, match=r"^discrete\.fk_steering: interval must be an integer >= 1"):
+            sd.discrete.fk_steering(DEN, reward, LAM, x_T=x_T, sampler="first_hitting", interval=bad)
 
 
 def _nan_at(step):

@@ -236,7 +236,8 @@ def fk_steering(
     """
     who = "discrete.fk_steering"
     run = _Run(who, den, reward, x_T, particles, steps, sampler, generator, device, progress, cond)
-    nodes = potential_nodes(run.steps, interval, window, who) if run.steps else set()  # nothing masked
+    interval = integer(who, "interval", interval, lo=1)  # checked where nothing is masked too
+    nodes = potential_nodes(run.steps, interval, window, who) if run.steps else set()  # no steps: no window
     lam, potential, nodes = check_arguments(who, lam, potential, nodes)
     ess_threshold = real(who, "ess_threshold", ess_threshold, lo=0, hi=1)
     resample_fn = _resample.get(resampler, who)
