@@ -102,6 +102,41 @@ def test_fk_steering_targets_the_base_samplers_own_law_tilted():
     assert abs(float(z_hat.mean()) - z) < 4 * float(z_hat.std()) / rows**0.5
 
 
+def test_the_estimates_are_the_papers_and_a_resampled_particle_takes_its_ancestors_time():
+    # node i scores x0_hat: x_{i+1}'s tokens, a draw from p(x_0 | x_i) where still masked. At node 0 of
+    # first_hitting (x_0 all masked) every position of x0_hat is a draw from its marginal, the token
+    # unmasked included (the argmax of p(x_0 | x_0) would put the mode there); at the last node x0_hat
+    # is x_S (scoring x_i would draw its last token again). A resampled particle takes its ancestor's
+    # tokens and time: first_hitting's next time is below it (each particle's own time: no test failed)
+    seen, times = [], []
+
+    def r(x):
+        seen.append(x.reshape(rows, n, MIX.L).clone())
+        return reward(x)
+
+    def net(x, t, y=None):
+        times.append(t.reshape(rows, n).clone())
+        return DEN.net(x, t, y=y)
+
+    def flip(log_w, generator):  # a known ancestry
+        return torch.arange(n - 1, -1, -1).expand(log_w.shape)
+
+    rows, n, L = 500, 8, MIX.L
+    den = sd.discrete.MaskedDenoiser(net, PROC, time_map=lambda t: t)
+    out = sd.discrete.fk_steering(
+        den, r, LAM, x_T=(rows, L), particles=n, sampler="first_hitting", resampler=flip, generator=seed(11)
+    )
+    anc = torch.where(out.trace.resampled[:, :, None], torch.arange(n - 1, -1, -1), torch.arange(n))
+    assert bool(out.trace.resampled[:L].float().mean() > 0.9)
+    marginal = DEN.log_probs(torch.full((1, L), PROC.mask_id), torch.ones(1)).exp()[0, :, : MIX.V]
+    freq = torch.nn.functional.one_hot(seen[0].reshape(-1, L), MIX.V).to(F64).mean(0)
+    se = (marginal * (1 - marginal) / (rows * n)).sqrt()
+    assert bool(((freq - marginal).abs() < 4 * se).all()), (freq, marginal)
+    assert torch.equal(torch.take_along_dim(seen[L - 1], anc[L - 1][..., None], 1), out.x)
+    for k in range(L - 1):
+        assert bool((times[k + 1] <= torch.take_along_dim(times[k], anc[k], 1)).all()), k
+
+
 @pytest.mark.parametrize("potential", sd.smc.POTENTIALS)
 @pytest.mark.parametrize("sampler", ["ancestral", "remdm"])
 def test_the_final_correction_makes_every_paths_weight_exp_lam_r(potential, sampler):
