@@ -18,7 +18,7 @@ from .denoiser import MaskedDenoiser, check_tokens
 from .first_hitting import FirstHitting
 from .remdm import ReMDM
 
-__all__ = ["SampleInfo", "available", "get", "sample"]
+__all__ = ["SampleInfo", "available", "get", "sample", "start"]
 
 _REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Ancestral, FirstHitting, ReMDM)}
 
@@ -37,6 +37,26 @@ def get(sampler: str | Sampler, who: str | None = None) -> Sampler:
         return _REGISTRY[sampler]()
     prefix = f"{who}: " if who else ""
     raise ValueError(f"{prefix}unknown sampler={sampler!r}; accepted: {available()} or a Sampler instance")
+
+
+def start(who: str, den: object, x_T: object, device: object) -> tuple[MaskedDenoiser, Tensor]:
+    """``den``, checked (a :class:`~steerdiff.discrete.MaskedDenoiser`), and the batch its run starts from,
+    a new tensor: a copy of the token ids ``x_T`` (checked) or, for a shape ``(batch, length)``, all masked
+    on ``device`` (only with a shape); bad arguments a ``ValueError`` naming ``who`` and the argument."""
+    if not isinstance(den, MaskedDenoiser):
+        raise ValueError(f"{who}: den must be a steerdiff.discrete.MaskedDenoiser, got {type(den).__name__}")
+    process = den.process
+    if isinstance(x_T, Tensor):
+        if device is not None:
+            raise ValueError(
+                f"{who}: device is for a shape x_T; a tensor x_T stays on its device ({x_T.device})"
+            )
+        return den, check_tokens(process, x_T, who).clone()  # a run with nothing to unmask returns a copy
+    shape = sizes(who, "x_T", x_T)
+    if len(shape) != 2:
+        raise ValueError(f"{who}: x_T must be a shape (batch, length) or a tensor of token ids, got {x_T!r}")
+    where = device_or_none(who, "device", device)
+    return den, torch.full(shape, process.mask_id, dtype=torch.long, device=where)
 
 
 @dataclass
@@ -125,22 +145,8 @@ def sample(
         NonFiniteError: the network returned NaN / ``+inf`` logits (the message names the step).
     """
     who = "discrete.sample"
-    if not isinstance(den, MaskedDenoiser):
-        raise ValueError(f"{who}: den must be a steerdiff.discrete.MaskedDenoiser, got {type(den).__name__}")
+    den, x = start(who, den, x_T, device)
     process = den.process
-    if isinstance(x_T, Tensor):
-        if device is not None:
-            raise ValueError(
-                f"{who}: device is for a shape x_T; a tensor x_T stays on its device ({x_T.device})"
-            )
-        x = check_tokens(process, x_T, who).clone()  # a run with nothing to unmask returns a copy, not x_T
-    else:
-        shape = sizes(who, "x_T", x_T)
-        if len(shape) != 2:
-            raise ValueError(
-                f"{who}: x_T must be a shape (batch, length) or a tensor of token ids, got {x_T!r}"
-            )
-        x = torch.full(shape, process.mask_id, dtype=torch.long, device=device_or_none(who, "device", device))
     slv = get(sampler, who)
     n = slv.num_steps(steps, (x == process.mask_id).sum(dim=1))
     rows = check_generators(who, generator, len(x))

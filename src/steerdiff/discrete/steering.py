@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import boolean, device_or_none, integer, real, sizes
+from .._checks import boolean, integer, real
 from ..denoiser import take_kwarg_rows
 from ..noise import Generators, check_generators
 from ..smc import resample as _resample
@@ -58,8 +58,8 @@ from ..smc.fk_steering import check_arguments, increment, initial_state, potenti
 from ..smc.particles import Particles, Trace, _Ancestors, _check_weights, _Weights
 from .base import Model, Sampler
 from .categorical import draw
-from .denoiser import MaskedDenoiser, check_tokens
-from .sampling import get
+from .denoiser import MaskedDenoiser
+from .sampling import get, start
 
 __all__ = ["best_of_n", "fk_steering"]
 
@@ -86,29 +86,12 @@ class _Run:
         cond: dict[str, Any],
         count: str = "particles",
     ) -> None:
-        if not isinstance(den, MaskedDenoiser):
-            raise ValueError(
-                f"{who}: den must be a steerdiff.discrete.MaskedDenoiser, got {type(den).__name__}"
-            )
+        den, x = start(who, den, x_T, device)
         if not callable(reward):
             raise ValueError(
                 f"{who}: reward must be a callable, tokens (n, length) -> (n,), got {reward!r:.60}"
             )
         self.who, self.reward_fn, process = who, reward, den.process
-        if isinstance(x_T, Tensor):
-            if device is not None:
-                raise ValueError(
-                    f"{who}: device is for a shape x_T; a tensor x_T stays on its device ({x_T.device})"
-                )
-            x = check_tokens(process, x_T, who)
-        else:
-            shape = sizes(who, "x_T", x_T)
-            if len(shape) != 2:
-                raise ValueError(
-                    f"{who}: x_T must be a shape (batch, length) or a tensor of token ids, got {x_T!r}"
-                )
-            where = device_or_none(who, "device", device)
-            x = torch.full(shape, process.mask_id, dtype=torch.long, device=where)
         self.batch, self.n = len(x), integer(who, count, particles, lo=1)
         self.sampler = get(sampler, who)
         self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1), who)
@@ -120,7 +103,7 @@ class _Run:
         )
         self.progress = boolean(who, "progress", progress)
         each = torch.arange(self.batch, device=x.device).repeat_interleave(self.n)
-        self.x = x[each]  # a new tensor: x_T is left as it is
+        self.x = x[each]
         self.model = Model(den.take_rows(each, self.batch), take_kwarg_rows(cond, each, self.batch), who)
         self.mask_id = process.mask_id
         self.t = torch.ones(len(self.x), dtype=torch.float64, device=x.device)
