@@ -55,7 +55,7 @@ from ..denoiser import take_kwarg_rows
 from ..noise import Generators, check_generators
 from ..smc import resample as _resample
 from ..smc.fk_steering import check_arguments, increment, initial_state, potential_nodes
-from ..smc.particles import Particles, Trace, _Ancestors, _check_weights, _Weights
+from ..smc.particles import Ancestors, Particles, Trace, Weights, check_weights
 from .base import Model, Sampler
 from .categorical import draw
 from .denoiser import MaskedDenoiser
@@ -226,7 +226,8 @@ def fk_steering(
     resample_fn = _resample.get(resampler, who)
     name = f"{who}: resampler {getattr(resample_fn, '__name__', type(resample_fn).__name__)!r}"
     batch, n, dev = run.batch, run.n, run.x.device
-    weights, ancestors = _Weights(who, batch, n, dev), _Ancestors(batch, n, dev)
+    source = "lam * reward (the potentials)"
+    weights, ancestors = Weights(who, batch, n, dev, source), Ancestors(batch, n, dev)
     state = initial_state((batch, n), dev)
     arange = torch.arange(n, device=dev).expand(batch, n)
     offsets = (torch.arange(batch, device=dev) * n)[:, None]
@@ -256,7 +257,7 @@ def fk_steering(
     weights.reweight(None if lam == 0 else lam * r - state["log_g"])
     weights.record(no_resample)
     trace = weights.trace()
-    _check_weights(who, trace.log_z)  # the checks a run off the CPU defers to its end, one read each
+    check_weights(who, trace.log_z, source)  # the checks a run off the CPU defers to its end, one read each
     ancestors.check()
     return run.result(weights.log_w, trace, r)
 

@@ -123,12 +123,15 @@ from . import resample as _resample
 __all__ = [
     "DEFAULT_SCHEDULE",
     "DEFAULT_SOLVER",
+    "Ancestors",
     "Particles",
     "RowSlice",
     "SMCAlgorithm",
     "StepContext",
     "Trace",
+    "Weights",
     "check_nodes",
+    "check_weights",
     "run_smc",
     "stochastic_solvers",
     "transition_log_prob",
@@ -826,7 +829,7 @@ def _is_index_tensor(idx: Any) -> bool:
     return not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool)
 
 
-class _Ancestors:
+class Ancestors:
     """Checks ancestor indices from a resampler or a ``resample`` hook: an integer ``(batch, N)``
     tensor (at once), entries in ``[0, N)`` (at once for CPU tensors; otherwise read with the run's
     other deferred checks by :meth:`check`, no device read per step, and until then an entry out of
@@ -870,10 +873,11 @@ class _Ancestors:
         )
 
 
-def _check_weights(who: str, log_z: Tensor) -> None:
+def check_weights(who: str, log_z: Tensor, source: str = "log_weight") -> None:
     """Raise ``ValueError`` naming the first node (row of ``log_z``, ``(nodes, batch)``) whose running
-    ``log Z`` is not finite: ``log_weight`` returned NaN or ``+inf`` there, or ``-inf`` for every
-    particle of a row (a non-finite ``log Z`` stays so: its first node is the culprit). One read."""
+    ``log Z`` is not finite: ``source``, what gave the weights' increments, returned NaN or ``+inf`` there,
+    or ``-inf`` for every particle of a row (a non-finite ``log Z`` stays so: its first node is the
+    culprit). One read."""
     k = first_false(torch.isfinite(log_z).all(-1))
     if k is None:
         return
@@ -881,11 +885,11 @@ def _check_weights(who: str, log_z: Tensor) -> None:
     b = first_false(torch.isfinite(row))
     if row[b] < 0:
         raise ValueError(
-            f"{who}: log_weight gave every particle of batch row {b} weight zero (-inf) at node {k}; "
+            f"{who}: {source} gave every particle of batch row {b} weight zero (-inf) at node {k}; "
             "a row needs a particle of positive weight"
         )
     raise ValueError(
-        f"{who}: log_weight returned NaN or +inf at node {k} (batch row {b}); increments must be finite, "
+        f"{who}: {source} returned NaN or +inf at node {k} (batch row {b}); increments must be finite, "
         "or -inf for a zero weight"
     )
 
@@ -1024,12 +1028,12 @@ def run_smc(
     alg_state = algorithm.init_state(run.rows(x))
 
     wdev = x.device
-    weights = _Weights(algorithm.name, batch, n_part, wdev)
+    weights = Weights(algorithm.name, batch, n_part, wdev)
     arange = torch.arange(n_part, device=wdev).expand(batch, n_part)
     offsets = (torch.arange(batch, device=wdev) * n_part)[:, None]
     no_resample = torch.zeros(batch, dtype=torch.bool, device=wdev)
     every_row = torch.ones(batch, dtype=torch.bool, device=wdev)
-    ancestors = _Ancestors(batch, n_part, wdev)
+    ancestors = Ancestors(batch, n_part, wdev)
     resampler_name = f"resampler {getattr(resample_fn, '__name__', type(resample_fn).__name__)!r}"
     prev: tuple[Tensor, Transition, Transition] | None = None
     # no graph across steps (memory would grow with them; resampling has no gradient): autograd only
@@ -1103,7 +1107,7 @@ def run_smc(
     model.check_finite()
     run.check_reward()
     trace = weights.trace()
-    _check_weights(algorithm.name, trace.log_z)
+    check_weights(algorithm.name, trace.log_z)
     ancestors.check()
     x = to_sample_dtype(algorithm.name, run.rows(x), in_dtype)
     return Particles(x, weights.log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
@@ -1149,12 +1153,15 @@ def _initial_particles(
     return x
 
 
-class _Weights:
+class Weights:
     """A run's normalized log-weights ``(batch, particles)`` and running ``log Z`` per row, with their
-    trace: the ESS after each node's reweighting, the rows resampled there and ``log Z``."""
+    trace: the ESS after each node's reweighting, the rows resampled there and ``log Z``; ``source`` names
+    what gives the increments, for messages (an :class:`SMCAlgorithm`'s ``log_weight``)."""
 
-    def __init__(self, who: str, batch: int, n: int, device: torch.device) -> None:
-        self.who, self.shape, self.uniform = who, (batch, n), -math.log(n)
+    def __init__(
+        self, who: str, batch: int, n: int, device: torch.device, source: str = "log_weight"
+    ) -> None:
+        self.who, self.source, self.shape, self.uniform = who, source, (batch, n), -math.log(n)
         self.log_w = torch.full(self.shape, self.uniform, dtype=torch.float64, device=device)
         self.log_z = torch.zeros(batch, dtype=torch.float64, device=device)
         self.ess_log: list[Tensor] = []
@@ -1169,7 +1176,7 @@ class _Weights:
             if not isinstance(inc, Tensor) or tuple(inc.shape) != self.shape:
                 got = tuple(inc.shape) if isinstance(inc, Tensor) else type(inc).__name__
                 raise ValueError(
-                    f"{self.who}: log_weight must return (batch, particles) = {self.shape}, got {got}"
+                    f"{self.who}: {self.source} must return (batch, particles) = {self.shape}, got {got}"
                 )
             lw = self.log_w + inc.detach().to(torch.float64)
             # relative to each row's largest: a log-weight near 1e16 would lose the particles' differences
@@ -1181,7 +1188,7 @@ class _Weights:
             self.log_z = self.log_z + top[:, 0] + total
             self.log_w = lw - total[:, None]
             if self.log_z.is_cpu and not bool(torch.isfinite(self.log_z).all()):  # else read at the end
-                _check_weights(self.who, torch.stack([*self.z_log, self.log_z]))
+                check_weights(self.who, torch.stack([*self.z_log, self.log_z]), self.source)
         if self._ess_of is not self.log_w:
             self._ess_of, self._ess = self.log_w, _resample.ess(self.log_w)
         self.ess_log.append(self._ess)
