@@ -1473,7 +1473,7 @@ def test_bench_discrete_rows_are_the_samplers_against_the_exact_law(tmp_path, ca
             reward,
             2.0,
             "difference",
-            x_T=(n, 6),
+            shape=(n, 6),
             particles=key[3],
             steps=steps,
             sampler=sampler,
@@ -1486,7 +1486,7 @@ def test_bench_discrete_rows_are_the_samplers_against_the_exact_law(tmp_path, ca
             (float(z.mean()), float(z.std()) / math.sqrt(n)), rel=1e-5
         ), key
     g = torch.Generator().manual_seed(seed + 1)
-    out = sd.discrete.best_of_n(den, reward, 16, x_T=(n, 6), sampler="first_hitting", generator=g)
+    out = sd.discrete.best_of_n(den, reward, shape=(n, 6), particles=16, sampler="first_hitting", generator=g)
     bon = steered["best_of_n", "first_hitting", 6, 16]
     assert float(bon["tv"]) == pytest.approx(tv_tilted(out.sample(g)), rel=1e-5)
     assert bon["z_ratio"] == bon["z_se"] == ""  # best-of-N estimates no Z

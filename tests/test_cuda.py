@@ -864,11 +864,11 @@ def test_discrete_guidance_on_the_device_draws_the_cpu_tokens(name: str, sampler
 @pytest.mark.parametrize("method", ["fk_steering", "best_of_n"])
 def test_discrete_steering_on_the_device_equals_the_cpu_run(method: str, sampler: str) -> None:
     """Particles, weights, rewards, log Z and resampling events of the CPU run, and the same final draw."""
-    kw: dict[str, Any] = {"x_T": (3, 5), "steps": _steps(sampler), "sampler": sampler}
+    kw: dict[str, Any] = {"shape": (3, 5), "steps": _steps(sampler), "sampler": sampler}
     if method == "fk_steering":
         run = functools.partial(sd.discrete.fk_steering, CAT_DEN, _cat_reward, 2.0, particles=8, **kw)
     else:
-        run = functools.partial(sd.discrete.best_of_n, CAT_DEN, _cat_reward, 8, **kw)
+        run = functools.partial(sd.discrete.best_of_n, CAT_DEN, _cat_reward, particles=8, **kw)
     ref, out = run(generator=_rows(3)), run(generator=_rows(3), device=DEVICE)
     _expect_particles(out, ref)
     if ref.trace is not None:

@@ -68,7 +68,7 @@ def test_fk_steering_on_first_hitting_approaches_the_exact_tilted_law_as_particl
     errors, drawn = [], []
     for n in (4, 16, 64):
         out = sd.discrete.fk_steering(
-            DEN, reward, LAM, x_T=(rows, MIX.L), particles=n, sampler="first_hitting", generator=seed(n)
+            DEN, reward, LAM, shape=(rows, MIX.L), particles=n, sampler="first_hitting", generator=seed(n)
         )
         assert out.x.shape == (rows, n, MIX.L) and out.nfe == n * MIX.L
         torch.testing.assert_close(out.reward, reward(out.x.reshape(-1, MIX.L)).reshape(rows, n))
@@ -92,7 +92,7 @@ def test_fk_steering_targets_the_base_samplers_own_law_tilted():
     z, p4 = float(p4.sum()), p4 / p4.sum()
     rows = 4000
     out = sd.discrete.fk_steering(
-        DEN, reward, LAM, x_T=(rows, MIX.L), particles=64, steps=4, generator=seed(1)
+        DEN, reward, LAM, shape=(rows, MIX.L), particles=64, steps=4, generator=seed(1)
     )
     x = out.sample(seed(2))
     floor = tv_floor(p4, rows)
@@ -124,7 +124,7 @@ def test_the_estimates_are_the_papers_and_a_resampled_particle_takes_its_ancesto
     rows, n, L = 500, 8, MIX.L
     den = sd.discrete.MaskedDenoiser(net, PROC, time_map=lambda t: t)
     out = sd.discrete.fk_steering(
-        den, r, LAM, x_T=(rows, L), particles=n, sampler="first_hitting", resampler=flip, generator=seed(11)
+        den, r, LAM, shape=(rows, L), particles=n, sampler="first_hitting", resampler=flip, generator=seed(11)
     )
     anc = torch.where(out.trace.resampled[:, :, None], torch.arange(n - 1, -1, -1), torch.arange(n))
     assert bool(out.trace.resampled[:L].float().mean() > 0.9)
@@ -143,7 +143,7 @@ def test_the_final_correction_makes_every_paths_weight_exp_lam_r(potential, samp
     # without resampling a particle's weight is the product of its potentials: exp(lam r(x_S)) for every
     # potential, whatever the intermediate estimates
     out = sd.discrete.fk_steering(
-        DEN, reward, LAM, potential, x_T=(6, MIX.L), particles=8, steps=5, sampler=sampler,
+        DEN, reward, LAM, potential, shape=(6, MIX.L), particles=8, steps=5, sampler=sampler,
         ess_threshold=0.0, generator=seed(3),
     )  # fmt: skip
     log_r = LAM * reward(out.x.reshape(-1, MIX.L)).reshape(6, 8)
@@ -161,7 +161,7 @@ def test_log_z_is_unbiased_for_every_potential(potential):
     # degenerate further at interval 1, as on the continuous side (final ESS 4.3 and 5.7 of 16)
     rows, z = 2000, math.exp(MIX.log_normalizer(F, LAM))
     out = sd.discrete.fk_steering(
-        DEN, reward, LAM, potential, x_T=(rows, MIX.L), particles=16, sampler="first_hitting", interval=2,
+        DEN, reward, LAM, potential, shape=(rows, MIX.L), particles=16, sampler="first_hitting", interval=2,
         generator=seed(4),
     )  # fmt: skip
     z_hat = out.log_z.exp()
@@ -173,13 +173,14 @@ def test_log_z_is_unbiased_for_every_potential(potential):
 def test_lam_zero_is_the_base_sampler_and_best_of_n_its_best_draw(sampler):
     steps = 6 if sampler == "ancestral" else None
     base = sd.discrete.sample(DEN, (3 * 5, MIX.L), steps, sampler, generator=seed(5)).reshape(3, 5, MIX.L)
-    out = sd.discrete.fk_steering(DEN, reward, 0.0, x_T=(3, MIX.L), particles=5, steps=steps, sampler=sampler,
-                                  generator=seed(5))  # fmt: skip
+    out = sd.discrete.fk_steering(
+        DEN, reward, 0.0, shape=(3, MIX.L), particles=5, steps=steps, sampler=sampler, generator=seed(5)
+    )
     assert torch.equal(out.x, base)
     assert bool((out.log_w == -math.log(5)).all()) and bool((out.log_z == 0).all())
     assert not bool(out.trace.resampled.any())
     best = sd.discrete.best_of_n(
-        DEN, reward, 5, x_T=(3, MIX.L), steps=steps, sampler=sampler, generator=seed(5)
+        DEN, reward, particles=5, shape=(3, MIX.L), steps=steps, sampler=sampler, generator=seed(5)
     )
     assert torch.equal(best.x, base) and best.nfe == out.nfe
     r = reward(base.reshape(-1, MIX.L)).reshape(3, 5)
@@ -204,13 +205,13 @@ def test_nfe_is_particles_times_the_network_calls_and_per_row_conditions_follow_
     net = Counting()
     den = sd.discrete.MaskedDenoiser(net, PROC)
     y = torch.tensor([0, 2])
-    out = sd.discrete.fk_steering(den, reward, LAM, x_T=(2, MIX.L), particles=3, steps=7, y=y)
+    out = sd.discrete.fk_steering(den, reward, LAM, shape=(2, MIX.L), particles=3, steps=7, y=y)
     assert net.calls == 7 and out.nfe == 3 * 7
     assert all(torch.equal(lab, y.repeat_interleave(3)) for lab in net.labels)
     cfg = sd.discrete.CFG(den, den, 2.0, uncond_kwargs={"y": -1})  # 2 calls a step
-    out = sd.discrete.fk_steering(cfg, reward, LAM, x_T=(2, MIX.L), particles=3, steps=7, y=y)
+    out = sd.discrete.fk_steering(cfg, reward, LAM, shape=(2, MIX.L), particles=3, steps=7, y=y)
     assert out.nfe == 2 * 3 * 7 and net.calls == 7 + 14
-    best = sd.discrete.best_of_n(den, reward, 4, x_T=(2, MIX.L), sampler="first_hitting")
+    best = sd.discrete.best_of_n(den, reward, particles=4, shape=(2, MIX.L), sampler="first_hitting")
     assert best.nfe == 4 * MIX.L
 
 
@@ -221,12 +222,12 @@ def test_a_guided_denoisers_per_row_tensors_follow_the_particles():
     y, null = torch.tensor([0, 2]), torch.tensor([1, -1])
     cfg = sd.discrete.CFG(DEN, DEN, 2.0, uncond_kwargs={"y": null})
     out = sd.discrete.fk_steering(
-        cfg, reward, 0.0, x_T=(2, MIX.L), particles=3, steps=4, generator=seed(10), y=y
+        cfg, reward, 0.0, shape=(2, MIX.L), particles=3, steps=4, generator=seed(10), y=y
     )
     flat = sd.discrete.CFG(DEN, DEN, 2.0, uncond_kwargs={"y": null.repeat_interleave(3)})
     base = sd.discrete.sample(flat, (6, MIX.L), 4, generator=seed(10), y=y.repeat_interleave(3))
     assert torch.equal(out.x, base.reshape(2, 3, MIX.L))
-    best = sd.discrete.best_of_n(cfg, reward, 3, x_T=(2, MIX.L), steps=4, generator=seed(10), y=y)
+    best = sd.discrete.best_of_n(cfg, reward, particles=3, shape=(2, MIX.L), steps=4, generator=seed(10), y=y)
     assert torch.equal(best.x, out.x)
     assert cfg.uncond_kwargs["y"] is null  # the caller's denoiser is left as it is
 
@@ -296,6 +297,13 @@ def _nan_at(step):
         ({"resampler": "bogus"}, r"discrete\.fk_steering: unknown resampler='bogus'"),
         ({"sampler": "euler"}, r"discrete\.fk_steering: unknown sampler='euler'"),
         ({"x_T": (2, 3, 5)}, r"discrete\.fk_steering: x_T must be a shape \(batch, length\)"),
+        # shape=, as sd.smc.fk_steering takes it, or x_T=: exactly one
+        (
+            {"x_T": None, "shape": (2, 3, 5)},
+            r"discrete\.fk_steering: shape must be a shape \(batch, length\), got",
+        ),
+        ({"x_T": None}, r"discrete\.fk_steering: pass one of shape=\(batch, length\)"),
+        ({"shape": (2, MIX.L)}, r"discrete\.fk_steering: pass one of shape=\(batch, length\)"),
         ({"generator": [torch.Generator()]}, r"discrete\.fk_steering: generator must be .* batch = 2"),
         (
             {"reward": lambda x: reward(x)[:, None]},
@@ -326,7 +334,7 @@ def test_an_overflowing_tilt_names_the_potentials():
     with pytest.raises(
         ValueError, match=r"^discrete\.fk_steering: lam \* reward \(the potentials\) returned NaN"
     ):
-        sd.discrete.fk_steering(DEN, reward, 1e308, x_T=(2, MIX.L), particles=3, steps=5)
+        sd.discrete.fk_steering(DEN, reward, 1e308, shape=(2, MIX.L), particles=3, steps=5)
 
 
 def test_a_nan_from_the_network_names_the_entry_point_and_the_step():
@@ -336,7 +344,7 @@ def test_a_nan_from_the_network_names_the_entry_point_and_the_step():
 
     den = sd.discrete.MaskedDenoiser(net, PROC)
     with pytest.raises(sd.NonFiniteError, match=r"^discrete\.fk_steering: at step 3 "):
-        sd.discrete.fk_steering(den, reward, LAM, x_T=(2, MIX.L), particles=3, steps=5)
+        sd.discrete.fk_steering(den, reward, LAM, shape=(2, MIX.L), particles=3, steps=5)
 
 
 def test_the_checks_a_device_run_defers_are_read_at_the_end(monkeypatch):
@@ -358,12 +366,12 @@ def test_the_checks_a_device_run_defers_are_read_at_the_end(monkeypatch):
 
 
 def test_best_of_n_refuses_bad_input():
-    with pytest.raises(ValueError, match=r"discrete\.best_of_n: n must be an integer >= 1"):
-        sd.discrete.best_of_n(DEN, reward, 0, x_T=(2, MIX.L), steps=3)
+    with pytest.raises(ValueError, match=r"discrete\.best_of_n: particles must be an integer >= 1"):
+        sd.discrete.best_of_n(DEN, reward, particles=0, shape=(2, MIX.L), steps=3)
     with pytest.raises(
         ValueError, match=r"discrete\.best_of_n: reward returned NaN or inf at the final samples"
     ):
-        sd.discrete.best_of_n(DEN, lambda x: reward(x) * math.nan, 2, x_T=(2, MIX.L), steps=3)
+        sd.discrete.best_of_n(DEN, lambda x: reward(x) * math.nan, particles=2, shape=(2, MIX.L), steps=3)
 
 
 def test_the_readme_example_steers_to_the_tilted_law():

@@ -283,7 +283,7 @@ def _steered(
                 reward,
                 LAM,
                 "difference",
-                x_T=(n, L),
+                shape=(n, L),
                 particles=m,
                 steps=steps,
                 sampler=sampler,
@@ -293,7 +293,7 @@ def _steered(
             z_ratio: float | None = float(z.mean())
             z_se: float | None = float(z.std() / n**0.5)
         else:
-            out = best_of_n(den, reward, m, x_T=(n, L), steps=steps, sampler=sampler, generator=g)
+            out = best_of_n(den, reward, shape=(n, L), particles=m, steps=steps, sampler=sampler, generator=g)
             z_ratio = z_se = None
         tv = law.total_variation(out.sample(g))
         seconds = time.perf_counter() - t0

@@ -6,7 +6,7 @@
 >>> x0 = sd.discrete.sample(den, (batch, L), steps=64, sampler="ancestral", generator=g)
 >>> guided = sd.discrete.CFG(den, den, 3.0, uncond_kwargs={"y": null})  # a denoiser: every sampler
 >>> x0 = sd.discrete.sample(guided, (batch, L), sampler="first_hitting", y=labels)
->>> out = sd.discrete.fk_steering(den, reward, lam, x_T=(batch, L), particles=16, steps=64)  # Particles
+>>> out = sd.discrete.fk_steering(den, reward, lam, shape=(batch, L), particles=16, steps=64)  # Particles
 
 The exact oracle is :class:`steerdiff.toy.CategoricalMixture`.
 """

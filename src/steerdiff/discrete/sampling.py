@@ -39,10 +39,13 @@ def get(sampler: str | Sampler, who: str | None = None) -> Sampler:
     raise ValueError(f"{prefix}unknown sampler={sampler!r}; accepted: {available()} or a Sampler instance")
 
 
-def start(who: str, den: object, x_T: object, device: object) -> tuple[MaskedDenoiser, Tensor]:
+def start(
+    who: str, den: object, x_T: object, device: object, name: str = "x_T"
+) -> tuple[MaskedDenoiser, Tensor]:
     """``den``, checked (a :class:`~steerdiff.discrete.MaskedDenoiser`), and the batch its run starts from,
     a new tensor: a copy of the token ids ``x_T`` (checked) or, for a shape ``(batch, length)``, all masked
-    on ``device`` (only with a shape); bad arguments a ``ValueError`` naming ``who`` and the argument."""
+    on ``device`` (only with a shape); bad arguments a ``ValueError`` naming ``who`` and the argument
+    (``name``: the caller's name for ``x_T``)."""
     if not isinstance(den, MaskedDenoiser):
         raise ValueError(f"{who}: den must be a steerdiff.discrete.MaskedDenoiser, got {type(den).__name__}")
     process = den.process
@@ -52,9 +55,10 @@ def start(who: str, den: object, x_T: object, device: object) -> tuple[MaskedDen
                 f"{who}: device is for a shape x_T; a tensor x_T stays on its device ({x_T.device})"
             )
         return den, check_tokens(process, x_T, who).clone()  # a run with nothing to unmask returns a copy
-    shape = sizes(who, "x_T", x_T)
+    shape = sizes(who, name, x_T)
     if len(shape) != 2:
-        raise ValueError(f"{who}: x_T must be a shape (batch, length) or a tensor of token ids, got {x_T!r}")
+        what = "a shape (batch, length)" + (" or a tensor of token ids" if name == "x_T" else "")
+        raise ValueError(f"{who}: {name} must be {what}, got {x_T!r}")
     where = device_or_none(who, "device", device)
     return den, torch.full(shape, process.mask_id, dtype=torch.long, device=where)
 

@@ -67,15 +67,16 @@ Reward = Callable[[Tensor], Tensor]
 
 
 class _Run:
-    """A run of ``particles`` per row of a (partly) masked batch: the flat particles ``x`` ``(batch *
-    particles, length)``, their times, the model counting NFE and the per-particle generators; ``count``
-    names ``particles`` in messages."""
+    """A run of ``particles`` per row of a (partly) masked batch, from ``shape`` or ``x_T`` (exactly one):
+    the flat particles ``x`` ``(batch * particles, length)``, their times, the model counting NFE and the
+    per-particle generators."""
 
     def __init__(
         self,
         who: str,
         den: object,
         reward: object,
+        shape: object,
         x_T: object,
         particles: object,
         steps: object,
@@ -84,15 +85,19 @@ class _Run:
         device: object,
         progress: object,
         cond: dict[str, Any],
-        count: str = "particles",
     ) -> None:
-        den, x = start(who, den, x_T, device)
+        if (shape is None) == (x_T is None):
+            raise ValueError(
+                f"{who}: pass one of shape=(batch, length), for all-masked rows, or x_T, token ids (batch, "
+                "length) whose unmasked tokens stay"
+            )
+        den, x = start(who, den, x_T, device) if shape is None else start(who, den, shape, device, "shape")
         if not callable(reward):
             raise ValueError(
                 f"{who}: reward must be a callable, tokens (n, length) -> (n,), got {reward!r:.60}"
             )
         self.who, self.reward_fn, process = who, reward, den.process
-        self.batch, self.n = len(x), integer(who, count, particles, lo=1)
+        self.batch, self.n = len(x), integer(who, "particles", particles, lo=1)
         self.sampler = get(sampler, who)
         self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1), who)
         self.generator = check_generators(who, generator, self.batch)
@@ -164,7 +169,8 @@ def fk_steering(
     lam: float = 10.0,
     potential: str = "difference",
     *,
-    x_T: Tensor | Sequence[int],
+    shape: Sequence[int] | None = None,
+    x_T: Tensor | Sequence[int] | None = None,
     particles: int = 16,
     steps: int | None = None,
     sampler: str | Sampler = "ancestral",
@@ -186,8 +192,9 @@ def fk_steering(
             ``(n,)``; gradient-free. Called on the estimates at the potential nodes and on the final samples.
         lam: the tilt ``lambda``, finite (0: the base sampler).
         potential: ``"difference"`` (default), ``"max"``, ``"sum"`` or ``"immediate"``.
-        x_T: a shape ``(batch, length)`` (all masked) or token ids ``(batch, length)`` whose unmasked
-            tokens stay, as for :func:`~steerdiff.discrete.sample`; each row's particles start from it.
+        shape: ``(batch, length)``: all-masked rows, as :func:`steerdiff.smc.fk_steering`'s ``shape``; or
+        x_T: token ids ``(batch, length)`` whose unmasked tokens stay (or a shape, as for
+            :func:`~steerdiff.discrete.sample`); exactly one of the two. Each row's particles start from it.
         particles: ``N >= 1`` per batch row.
         steps, sampler: the base sampler's, as for :func:`~steerdiff.discrete.sample` (``first_hitting``:
             ``None``, one step per masked token).
@@ -214,11 +221,11 @@ def fk_steering(
         ``log E_{p_S}[exp(lam r)]``.
 
     Example:
-        >>> out = sd.discrete.fk_steering(den, reward, 2.0, x_T=(4, L), particles=16, steps=32)
+        >>> out = sd.discrete.fk_steering(den, reward, 2.0, shape=(4, L), particles=16, steps=32)
         >>> x = out.sample(generator=g)   # (4, L), one draw per batch row
     """
     who = "discrete.fk_steering"
-    run = _Run(who, den, reward, x_T, particles, steps, sampler, generator, device, progress, cond)
+    run = _Run(who, den, reward, shape, x_T, particles, steps, sampler, generator, device, progress, cond)
     interval = integer(who, "interval", interval, lo=1)  # checked where nothing is masked too
     nodes = potential_nodes(run.steps, interval, window, who) if run.steps else set()  # no steps: no window
     lam, potential, nodes = check_arguments(who, lam, potential, nodes)
@@ -265,9 +272,10 @@ def fk_steering(
 def best_of_n(
     den: MaskedDenoiser,
     reward: Reward,
-    n: int = 16,
     *,
-    x_T: Tensor | Sequence[int],
+    shape: Sequence[int] | None = None,
+    x_T: Tensor | Sequence[int] | None = None,
+    particles: int = 16,
     steps: int | None = None,
     sampler: str | Sampler = "ancestral",
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -275,16 +283,16 @@ def best_of_n(
     progress: bool = False,
     **cond: Any,
 ) -> Particles:
-    """The best of ``n`` independent samples per batch row by ``reward`` (module docstring).
+    """The best of ``particles`` independent samples per batch row by ``reward`` (module docstring), as
+    :func:`steerdiff.smc.best_of_n`.
 
-    The arguments are :func:`fk_steering`'s (``n`` its ``particles``); the ``n`` samples of a row are
-    the base sampler's draws for the ``n`` copies of the row (with one generator, those of
-    :func:`~steerdiff.discrete.sample` on the ``batch * n`` rows). Returns
-    :class:`~steerdiff.smc.Particles` with all ``n`` samples, a point mass on each row's best (``sample()``
-    returns it; ties: the first) and their ``reward``; no trace.
+    The arguments are :func:`fk_steering`'s; the ``N = particles`` samples of a row are the base sampler's
+    draws for the ``N`` copies of the row (with one generator, those of :func:`~steerdiff.discrete.sample`
+    on the ``batch * N`` rows). Returns :class:`~steerdiff.smc.Particles` with all ``N`` samples, a point
+    mass on each row's best (``sample()`` returns it; ties: the first) and their ``reward``; no trace.
     """
     who = "discrete.best_of_n"
-    run = _Run(who, den, reward, x_T, n, steps, sampler, generator, device, progress, cond, count="n")
+    run = _Run(who, den, reward, shape, x_T, particles, steps, sampler, generator, device, progress, cond)
     for i in run.nodes():
         run.step(i)
     r = run.reward(run.x, run.steps)
