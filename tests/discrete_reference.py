@@ -50,6 +50,8 @@ def ancestral_law(
     steps: int,
     eta: float = 0.0,
     strategy: str = "cap",
+    t_on: float = 0.55,
+    t_off: float = 0.05,
 ) -> Tensor:
     """The exact law over clean sequences (in :meth:`~steerdiff.toy.CategoricalMixture.table` order) of
     the ancestral sampler (``eta = 0``) or ReMDM (``eta``, ``strategy``) with ``mix``'s exact denoiser, from
@@ -58,7 +60,10 @@ def ancestral_law(
     is masked with probability ``sigma`` (kept otherwise), a masked one becomes ``v`` with probability
     ``c p(x_0^j = v | x)``, ``c = (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t)``, and stays masked
     otherwise; ``sigma = min(eta, sigma_max)`` (cap) or ``eta sigma_max`` (rescale), ``sigma_max = min(1,
-    (1 - alpha_s) / alpha_t)``."""
+    (1 - alpha_s) / alpha_t)``. ``"loop"``: the grid time ``u`` is read as the process time ``u`` above
+    ``t_on``, ``t_on`` in ``[t_off, t_on]`` (alpha held), ``u t_on / t_off`` below ``t_off``; a step with
+    both ends in ``[t_off, t_on]`` (not the last) has ``sigma = min(eta, sigma_max)``, every other step
+    ``sigma = 0``."""
     L, V = mix.L, mix.V
     x = states(L, V)
     masked = x == V
@@ -66,11 +71,20 @@ def ancestral_law(
     keep = torch.nn.functional.one_hot(x, V + 1).to(F64)
     mask_col = torch.nn.functional.one_hot(torch.tensor(V), V + 1).to(F64)
     law = masked.all(-1).to(F64)
+
+    def alpha(u: float) -> float:
+        if strategy == "loop":
+            u = u if u > t_on else t_on if u >= t_off else u * t_on / t_off
+        return float(process.alpha(torch.tensor(u, dtype=F64)))
+
     for i in range(steps):
-        a_t = float(process.alpha(torch.tensor(1 - i / steps)))
-        a_s = 1.0 if i == steps - 1 else float(process.alpha(torch.tensor(1 - (i + 1) / steps)))
+        t, s = 1 - i / steps, 1 - (i + 1) / steps
+        a_t, a_s = alpha(t), 1.0 if i == steps - 1 else alpha(s)
         sigma_max = min(1.0, (1 - a_s) / a_t) if a_t > 0 else 1.0
-        sigma = min(eta, sigma_max) if strategy == "cap" else eta * sigma_max
+        if strategy == "loop":
+            sigma = min(eta, sigma_max) if t_off <= s and t <= t_on and i < steps - 1 else 0.0
+        else:
+            sigma = min(eta, sigma_max) if strategy == "cap" else eta * sigma_max
         c = (a_s - (1 - sigma) * a_t) / (1 - a_t)
         unmasking = torch.cat([c * cond, torch.full((len(x), L, 1), 1 - c, dtype=F64)], dim=-1)
         per_pos = torch.where(masked[..., None], unmasking, (1 - sigma) * keep + sigma * mask_col)

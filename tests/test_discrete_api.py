@@ -215,7 +215,19 @@ def _net(shape_or_dtype):
             r"MaskedDenoiser: t must be a number or one time per row of x_t \(2\), got shape \(3,\)",
         ),
         (lambda: sd.discrete.ReMDM(eta=1.5), r"ReMDM: eta must be a finite number in \[0, 1\], got 1.5"),
-        (lambda: sd.discrete.ReMDM(strategy="loop"), r"ReMDM: strategy must be one of \['cap', 'rescale'\]"),
+        (
+            lambda: sd.discrete.ReMDM(strategy="gibbs"),
+            r"ReMDM: strategy must be one of \['cap', 'rescale', 'loop'\]",
+        ),
+        (
+            lambda: sd.discrete.ReMDM(strategy="loop", t_on=0.3, t_off=0.3),
+            r"ReMDM: t_off must be a finite number in \[0, 0.3\), got 0.3",
+        ),
+        (
+            lambda: sd.discrete.ReMDM(strategy="loop", t_on=1.5),
+            r"ReMDM: t_on must be a finite number in \[0, 1\], got 1.5",
+        ),
+        (lambda: sd.discrete.ReMDM(t_on=0.5), r"ReMDM: t_on and t_off are the 'loop' strategy's window"),
         (lambda: MIX.denoiser(sd.discrete.MaskedProcess(4, mask_id=0)), r"clean ids are the tokens 0\.\.2"),
         (
             lambda: sd.toy.CategoricalMixture(torch.ones(2), torch.ones(3, 2, 2)),

@@ -12,14 +12,29 @@ with probability ``sigma_t``, and unmasks masked tokens more often to compensate
 keeps the process's marginals, ``P(x_s^i = x_0^i) = alpha_s``; ``sigma_t = 0`` is the ancestral step
 (:mod:`steerdiff.discrete.ancestral`, whose grid, ``t_i = 1 - i / N`` with ``alpha_s = 1`` at the last
 step, and draws it shares: equal bit for bit).
-Strategies for ``sigma_t``: ``"cap"``, ``min(eta, sigma_max)``; ``"rescale"``, ``eta sigma_max``. Tokens
-given in ``x_T`` are never remasked. One network call per step: NFE = ``N``.
+Strategies for ``sigma_t``: ``"cap"``, ``min(eta, sigma_max)``; ``"rescale"``, ``eta sigma_max``;
+``"loop"`` (the paper's ReMDM-loop, its inference-time scaling), three phases on the same grid: the grid
+time ``u`` runs the process time ``tau(u) = u`` down to ``t_on`` with ancestral steps (``sigma_t = 0``),
+is held at ``tau = t_on`` in the window ``[t_off, t_on]``, where a step (both ends in the window, not the
+last step) keeps ``alpha_s = alpha_t = alpha(t_on)`` and remasks with ``sigma_t = min(eta, sigma_max)``
+(``eta`` unless ``alpha(t_on) > 1 / (1 + eta)``), its masked tokens unmasking with probability
+``sigma_t alpha / (1 - alpha)`` (the fraction unmasked stays ``alpha(t_on)``), and maps ``[0, t_off]``
+onto ``[0, t_on]``, ``tau(u) = u t_on / t_off``, with ancestral steps again (alpha continuous; the paper
+holds alpha in the window and decodes after it, our choice of the map below ``t_off``). The denoiser is
+called at ``tau``, and the times a step returns are ``tau``'s. With ``eta = 0`` the loop steps change
+nothing (they still call the network): the law is the ancestral sampler's on the grid of the other
+steps, read through ``tau``, not the plain ancestral sampler's (the other strategies with ``eta = 0``
+are it, draw for draw). Tokens given in ``x_T`` are never remasked. One network call per step: NFE =
+``N``.
 
 Remasking lets later steps correct tokens an imperfect denoiser got wrong. With an exact denoiser there is
 nothing to correct and the remasked tokens are drawn again together with others, so the law is further
 from the data at equal steps and approaches it more slowly (exact laws, ``tests/test_discrete_samplers.py``:
 ``"cap"`` with ``eta = 0.1`` at 16 / 64 steps 0.0245 / 0.0135 in total variation, ancestral 0.0192 /
-0.0048; at 512 steps 0.0062).
+0.0048; at 512 steps 0.0062). ``"loop"`` too: its loop steps re-draw tokens given the others, and with
+``eta = 0.02`` bring the law 2-4 % closer than ``eta = 0`` on the same grid, but at equal NFE its window
+holds half the steps and the last 5 % of the grid decodes the 55 % of tokens still masked, so it is 2.5-5
+times further from the data than ancestral (linear schedule, 16 / 64 steps: 0.0857 / 0.0258).
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ from .categorical import draw
 
 __all__ = ["STRATEGIES", "ReMDM"]
 
-STRATEGIES = ("cap", "rescale")
+STRATEGIES = ("cap", "rescale", "loop")
 
 
 class ReMDM(Ancestral):
@@ -45,36 +60,69 @@ class ReMDM(Ancestral):
 
     Args:
         eta: the remasking strength, in ``[0, 1]``: ``"cap"``'s largest ``sigma_t``, ``"rescale"``'s
-            fraction of ``sigma_max``; default 0.02 (ours: the paper tunes it per task).
-        strategy: ``"cap"`` (default) or ``"rescale"``.
+            fraction of ``sigma_max``, ``"loop"``'s ``sigma_t`` in its window; default 0.02 (ours: the
+            paper tunes it per task).
+        strategy: ``"cap"`` (default), ``"rescale"`` or ``"loop"``.
+        t_on, t_off: ``"loop"``'s window, ``0 <= t_off < t_on <= 1``; default 0.55 and 0.05 (the paper's
+            ReMDM-loop settings). Only with ``"loop"``.
     """
 
     name: ClassVar[str] = "remdm"
 
-    def __init__(self, eta: float = 0.02, strategy: str = "cap") -> None:
+    def __init__(
+        self, eta: float = 0.02, strategy: str = "cap", t_on: float | None = None, t_off: float | None = None
+    ) -> None:
         self.eta = real("ReMDM", "eta", eta, lo=0, hi=1)
         self.strategy = choice("ReMDM", "strategy", strategy, STRATEGIES)
+        if self.strategy != "loop" and (t_on, t_off) != (None, None):
+            raise ValueError(
+                f"ReMDM: t_on and t_off are the 'loop' strategy's window, got strategy={self.strategy!r}"
+            )
+        self.t_on = real("ReMDM", "t_on", 0.55 if t_on is None else t_on, lo=0, hi=1)
+        t_off = 0.05 if t_off is None else t_off
+        self.t_off = real("ReMDM", "t_off", t_off, lo=0, hi=self.t_on, hi_open=True)
+
+    def time(self, u: float) -> float:
+        """The process time ``tau(u)`` of the grid time ``u`` (``u`` itself but with ``"loop"``)."""
+        if self.strategy != "loop" or u > self.t_on:
+            return u
+        return self.t_on if u >= self.t_off else u * self.t_on / self.t_off
+
+    @staticmethod
+    def sigma_max(alpha_t: Tensor, alpha_s: Tensor) -> Tensor:
+        """``min(1, (1 - alpha_s) / alpha_t)``, the largest ``sigma_t`` of the step (1 where ``alpha_t = 0``:
+        nothing to remask)."""
+        return torch.where(alpha_t > 0, (1 - alpha_s) / alpha_t, torch.inf).clamp(max=1)
 
     def sigma(self, alpha_t: Tensor, alpha_s: Tensor) -> Tensor:
-        """``sigma_t`` of the step from ``alpha_t`` to ``alpha_s`` (``(batch,)`` each)."""
-        room = torch.where(alpha_t > 0, (1 - alpha_s) / alpha_t, torch.inf)  # alpha_t = 0: nothing to remask
-        sigma_max = room.clamp(max=1)
+        """``sigma_t`` of a ``"cap"`` or ``"rescale"`` step from ``alpha_t`` to ``alpha_s`` (``(batch,)``
+        each)."""
+        sigma_max = self.sigma_max(alpha_t, alpha_s)
         return sigma_max.clamp(max=self.eta) if self.strategy == "cap" else self.eta * sigma_max
 
     def step(
         self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mask_id = model.den.process.mask_id
-        s, alpha_t, alpha_s = self.interval(model, t, i, steps)
-        sigma = self.sigma(alpha_t, alpha_s)
+        process = model.den.process
+        grid_t, grid_s = 1 - i / steps, 1 - (i + 1) / steps
+        last = i == steps - 1
+        s = torch.full_like(t, self.time(grid_s))
+        alpha_t, alpha_s = process.alpha(t), torch.ones_like(s) if last else process.alpha(s)
+        if self.strategy != "loop":
+            sigma = self.sigma(alpha_t, alpha_s)
+        elif self.t_off <= grid_s and grid_t <= self.t_on and not last:
+            sigma = self.sigma_max(alpha_t, alpha_s).clamp(max=self.eta)
+        else:
+            sigma = torch.zeros_like(t)
         log_p = model(x, t, i)
         u = rand(x.shape, generator, torch.float64, x.device)
         tokens = draw(log_p, generator).to(x.dtype)
         chance = ((alpha_s - (1 - sigma) * alpha_t) / (1 - alpha_t))[:, None]
-        masked = x == mask_id
+        masked = x == process.mask_id
         new = torch.where(masked & (u < chance), tokens, x)
         remask = ~masked & ~given & (u < sigma[:, None])
-        return torch.where(remask, torch.full_like(x, mask_id), new), s, log_p
+        return torch.where(remask, torch.full_like(x, process.mask_id), new), s, log_p
 
     def __repr__(self) -> str:
-        return f"ReMDM(eta={self.eta:g}, strategy={self.strategy!r})"
+        window = f", t_on={self.t_on:g}, t_off={self.t_off:g}" if self.strategy == "loop" else ""
+        return f"ReMDM(eta={self.eta:g}, strategy={self.strategy!r}{window})"
