@@ -52,6 +52,7 @@ def ancestral_law(
     strategy: str = "cap",
     t_on: float = 0.55,
     t_off: float = 0.05,
+    alpha_on: float = 0.9,
 ) -> Tensor:
     """The exact law over clean sequences (in :meth:`~steerdiff.toy.CategoricalMixture.table` order) of
     the ancestral sampler (``eta = 0``) or ReMDM (``eta``, ``strategy``) with ``mix``'s exact denoiser, from
@@ -60,10 +61,11 @@ def ancestral_law(
     is masked with probability ``sigma`` (kept otherwise), a masked one becomes ``v`` with probability
     ``c p(x_0^j = v | x)``, ``c = (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t)``, and stays masked
     otherwise; ``sigma = min(eta, sigma_max)`` (cap) or ``eta sigma_max`` (rescale), ``sigma_max = min(1,
-    (1 - alpha_s) / alpha_t)``. ``"loop"``: the grid time ``u`` is read as the process time ``u`` above
-    ``t_on``, ``t_on`` in ``[t_off, t_on]`` (alpha held), ``u t_on / t_off`` below ``t_off``; a step with
-    both ends in ``[t_off, t_on]`` (not the last) has ``sigma = min(eta, sigma_max)``, every other step
-    ``sigma = 0``."""
+    (1 - alpha_s) / alpha_t)``. ``"loop"``: with ``T`` the process time of ``alpha_on``, the grid time
+    ``u`` is read as the process time ``T + (u - t_on) (1 - T) / (1 - t_on)`` above ``t_on``, ``T`` in
+    ``[t_off, t_on]`` (alpha held at ``alpha_on``), ``u T / t_off`` below ``t_off``; a step with both ends
+    in ``[t_off, t_on]`` (not the last) has ``sigma = min(eta, sigma_max)``, every other step ``sigma =
+    0``."""
     L, V = mix.L, mix.V
     x = states(L, V)
     masked = x == V
@@ -72,9 +74,17 @@ def ancestral_law(
     mask_col = torch.nn.functional.one_hot(torch.tensor(V), V + 1).to(F64)
     law = masked.all(-1).to(F64)
 
+    hold = float(process.t_of_alpha(torch.tensor(alpha_on, dtype=F64)))
+
     def alpha(u: float) -> float:
         if strategy == "loop":
-            u = u if u > t_on else t_on if u >= t_off else u * t_on / t_off
+            u = (
+                hold + (u - t_on) * (1 - hold) / (1 - t_on)
+                if u > t_on
+                else hold
+                if u >= t_off
+                else u * hold / t_off
+            )
         return float(process.alpha(torch.tensor(u, dtype=F64)))
 
     for i in range(steps):

@@ -227,7 +227,25 @@ def _net(shape_or_dtype):
             lambda: sd.discrete.ReMDM(strategy="loop", t_on=1.5),
             r"ReMDM: t_on must be a finite number in \[0, 1\], got 1.5",
         ),
-        (lambda: sd.discrete.ReMDM(t_on=0.5), r"ReMDM: t_on and t_off are the 'loop' strategy's window"),
+        (lambda: sd.discrete.ReMDM(t_on=0.5), r"ReMDM: t_on, t_off and alpha_on are the 'loop' strategy's"),
+        (
+            lambda: sd.discrete.ReMDM(alpha_on=0.5),
+            r"ReMDM: t_on, t_off and alpha_on are the 'loop' strategy's",
+        ),
+        (
+            lambda: sd.discrete.ReMDM(strategy="loop", alpha_on=1.0),
+            r"ReMDM: alpha_on must be a finite number in \(0, 1\), got 1.0",
+        ),
+        (  # geometric's alpha(0) = exp(-0.001) = 0.9990: no time has alpha 0.9995
+            lambda: sd.discrete.sample(
+                MIX.denoiser(sd.discrete.MaskedProcess(MIX.V, schedule="geometric")),
+                (2, MIX.L),
+                4,
+                sd.discrete.ReMDM(strategy="loop", alpha_on=0.9995),
+            ),
+            r"ReMDM: alpha_on must lie strictly between the schedule's alpha\(1\) = 2.061154e-09 and "
+            r"alpha\(0\) = 0.9990005 \(MaskedProcess\(.*geometric.*\)\), got 0.9995",
+        ),
         (lambda: MIX.denoiser(sd.discrete.MaskedProcess(4, mask_id=0)), r"clean ids are the tokens 0\.\.2"),
         (
             lambda: sd.toy.CategoricalMixture(torch.ones(2), torch.ones(3, 2, 2)),
