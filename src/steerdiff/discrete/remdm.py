@@ -44,8 +44,8 @@ ancestral, if by less: its window takes half the steps, and the best of the sett
 0.0424 / 0.0214 / 0.0106 / 0.0054 against 0.0382 / 0.0192 / 0.0097 / 0.0048). Under the cosine
 schedule it is within 1-5 % of ancestral at 16 to 64 steps and wins at 8 steps only, by 3 %
 (``alpha_on = 0.8``, ``eta = 0.5``: 0.0436 against 0.0448). Holding alpha at ``alpha(t_on) = 0.45``
-instead, with 55 % of the tokens still masked for the last 5 % of the grid, was 2.5-5 times
-(``alpha_on = 0.45``: 0.0857 / 0.0258 at 16 / 64).
+instead, with 55 % of the tokens still masked for the last 5 % of the grid, was 2.5-5 times ancestral's
+distance (``alpha_on = 0.45``: 0.0857 / 0.0258 at 16 / 64).
 """
 
 from __future__ import annotations
