@@ -255,15 +255,17 @@ def _floor(law: CategoricalMixture, n: int, seed: int) -> Floor:
 def _steered(
     mix: CategoricalMixture,
     den: MaskedDenoiser,
+    f: Tensor,
+    law: CategoricalMixture,
     n: int,
     seed: int,
     particles: Sequence[int],
     steer_steps: Sequence[int],
     progress: bool,
 ) -> list[DiscreteRun]:
-    """FK steering and best-of-N toward :data:`TILTED` on ``n`` rows (module docstring), one draw per row."""
-    f = reward_table(seed)
-    reward, law, log_z = _reward(f), mix.tilt(f, LAM), mix.log_normalizer(f, LAM)
+    """FK steering and best-of-N with the reward of ``f`` toward ``law``, :data:`TILTED` (``mix.tilt(f,
+    LAM)``), on ``n`` rows (module docstring), one draw per row."""
+    reward, log_z = _reward(f), mix.log_normalizer(f, LAM)
     fk = f"fk lam={LAM:g}"
     cases: list[tuple[str, str, int | None, int]] = [
         (fk, sampler, k, m)
@@ -325,7 +327,8 @@ def run(n: int = 32768, seed: int = 0, quick: bool = False, progress: bool = Tru
     steer_n = min(n, QUICK_STEER_N if quick else STEER_N)
     mix = mixture(seed)
     den = mix.denoiser(MaskedProcess(vocab_size=V, schedule="linear"))
-    laws = {"p": mix, f"p(x|y={LABEL})": mix.component(LABEL), TILTED: mix.tilt(reward_table(seed), LAM)}
+    f = reward_table(seed)
+    laws = {"p": mix, f"p(x|y={LABEL})": mix.component(LABEL), TILTED: mix.tilt(f, LAM)}
     floors = {
         name: _floor(law, steer_n if name == TILTED else n, seed + 2 + i)
         for i, (name, law) in enumerate(laws.items())
@@ -349,7 +352,7 @@ def run(n: int = 32768, seed: int = 0, quick: bool = False, progress: bool = Tru
             DiscreteRun(c.guidance, c.sampler, info.steps, info.nfe, c.target, tv, seconds, c.closed_form)
         )
     particles, steer_steps = (QUICK_PARTICLES, QUICK_STEER_STEPS) if quick else (PARTICLES, STEER_STEPS)
-    runs += _steered(mix, den, steer_n, seed, particles, steer_steps, progress)
+    runs += _steered(mix, den, f, laws[TILTED], steer_n, seed, particles, steer_steps, progress)
     return DiscreteBench(runs, floors, n, steer_n, seed, time.perf_counter() - start)
 
 
