@@ -6,7 +6,20 @@
 >>> x0 = sd.sample(den, x_T, steps=10, solver="dpmpp_2m", schedule="karras")
 """
 
-from . import discrete, guidance, inverse, mcmc, metrics, noise, processes, schedules, smc, solvers, toy
+from . import (
+    discrete,
+    distributed,
+    guidance,
+    inverse,
+    mcmc,
+    metrics,
+    noise,
+    processes,
+    schedules,
+    smc,
+    solvers,
+    toy,
+)
 from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
 from .inversion import invert
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
@@ -27,6 +40,7 @@ __all__ = [
     "RectifiedFlow",
     "SampleInfo",
     "discrete",
+    "distributed",
     "guidance",
     "inverse",
     "invert",

@@ -1,0 +1,98 @@
+"""The ranks a run is spread over, and the few ``torch.distributed`` collectives steerdiff uses.
+
+A run is spread over processes (one per GPU, as ``torchrun`` starts them) by passing ``group=``: a
+``torch.distributed`` process group (``torch.distributed.group.WORLD`` for every rank, or one made by
+``torch.distributed.new_group``) once ``torch.distributed.init_process_group`` has run. ``None`` runs on
+this process alone. Every rank of the group makes the same call with the same arguments and the same
+generator state: the collectives below are matched by the order in which the ranks reach them.
+
+Work of ``n`` items (samples, particles) is split into contiguous shards, rank ``r`` taking
+``shard(n)``: sizes differ by at most one, the lower ranks taking the larger ones, so the shards in rank
+order are the items in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Ranks", "ranks"]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's ``rank`` among ``size`` ranks of the process group ``group`` (``None``: one process,
+    ``rank = 0``, ``size = 1``, and every collective is the identity)."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def sizes(self, n: int) -> list[int]:
+        """Each rank's share of ``n`` items, in rank order: ``n // size``, plus one for the first
+        ``n % size`` ranks."""
+        q, r = divmod(n, self.size)
+        return [q + (k < r) for k in range(self.size)]
+
+    def shard(self, n: int) -> slice:
+        """This rank's items of ``n``: ``range(n)[shard(n)]``."""
+        sizes = self.sizes(n)
+        start = sum(sizes[: self.rank])
+        return slice(start, start + sizes[self.rank])
+
+    def gather(self, x: Tensor, n: int, dim: int = 0) -> Tensor:
+        """Every rank's shard of ``n`` items along ``dim`` (``x`` is this rank's ``shard(n)``), concatenated
+        in rank order on every rank: the ``n`` items. Shards are padded to the largest for the collective."""
+        if self.group is None:
+            return x
+        sizes = self.sizes(n)
+        if x.shape[dim] != sizes[self.rank]:
+            raise ValueError(
+                f"Ranks.gather: rank {self.rank} holds {x.shape[dim]} of {n} items along dim {dim}, its "
+                f"shard is {sizes[self.rank]}"
+            )
+        top = max(sizes)
+        x = x.movedim(dim, 0).contiguous()
+        if x.shape[0] < top:
+            x = torch.cat([x, x.new_zeros(top - x.shape[0], *x.shape[1:])])
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes, strict=True)]).movedim(0, dim)
+
+    def max(self, x: Tensor) -> Tensor:
+        """The elementwise maximum of ``x`` over the ranks (a new tensor)."""
+        return self._reduce(x, dist.ReduceOp.MAX)
+
+    def sum(self, x: Tensor) -> Tensor:
+        """The elementwise sum of ``x`` over the ranks (a new tensor)."""
+        return self._reduce(x, dist.ReduceOp.SUM)
+
+    def _reduce(self, x: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:
+        x = x.clone()
+        if self.group is not None:
+            dist.all_reduce(x, op=op, group=self.group)
+        return x
+
+
+def ranks(who: str, group: object) -> Ranks:
+    """``group=`` checked: ``None`` (this process alone) or a ``torch.distributed.ProcessGroup`` this process
+    belongs to, after ``torch.distributed.init_process_group``."""
+    if group is None:
+        return Ranks()
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(
+            f"{who}: group must be None (this process alone) or a torch.distributed.ProcessGroup "
+            "(torch.distributed.group.WORLD, or one from torch.distributed.new_group), got "
+            f"{type(group).__name__}"
+        )
+    if not dist.is_initialized():
+        raise ValueError(f"{who}: group needs torch.distributed.init_process_group to have run")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"{who}: group: this process (global rank {dist.get_rank()}) is not one of its ranks"
+        )
+    return Ranks(rank, dist.get_world_size(group), group)

@@ -1,0 +1,40 @@
+"""Run a function on several gloo ranks in fresh processes (CPU; what ``torchrun`` does on GPUs).
+
+``spawn(fn, world, *args)`` starts ``world`` processes, initializes a gloo process group in each and
+calls ``fn(group, *args)`` there with ``group = torch.distributed.group.WORLD``; it returns each rank's
+result in rank order (anything :func:`torch.save` takes). ``fn`` must be a module-level function of an
+importable module (the processes are spawned, not forked). A process costs a Python start and the
+imports (a few seconds): put several checks in one ``fn``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _main(rank: int, world: int, init: str, out: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        result = fn(dist.group.WORLD, *args)
+        torch.save(result, os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """``fn(group, *args)`` on each of ``world`` gloo ranks; the results in rank order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init = "file://" + os.path.join(tmp, "init")
+        mp.start_processes(_main, args=(world, init, tmp, fn, args), nprocs=world, start_method="spawn")
+        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]
