@@ -22,6 +22,7 @@ from . import (
 )
 from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
 from .inversion import invert
+from .paradigms import ParadigmsInfo, paradigms
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
 from .sampling import SampleInfo, sample
 from .solvers.base import NonFiniteError
@@ -35,6 +36,7 @@ __all__ = [
     "EDMDenoiser",
     "MeanReverting",
     "NonFiniteError",
+    "ParadigmsInfo",
     "Prediction",
     "Process",
     "RectifiedFlow",
@@ -47,6 +49,7 @@ __all__ = [
     "mcmc",
     "metrics",
     "noise",
+    "paradigms",
     "processes",
     "sample",
     "schedules",

@@ -1,0 +1,167 @@
+"""sd.paradigms (ParaDiGMS, Shih et al. 2023): the sliding-window Picard iteration against the sequential
+sampler sd.sample on the exact mixture denoiser, its parallel iteration counts, and group= on 2 gloo ranks."""
+
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.solvers.ddim import ancestral_split
+
+from .distributed import spawn
+from .reference import noise, smooth_mixture
+
+
+def _gen(seed: int = 5) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _largest_step_std(grid) -> float:
+    """The largest DDPM posterior standard deviation of the grid's steps: the scale tol is relative to."""
+    return max(ancestral_split(grid, i, 1.0)[1] for i in range(grid.steps))
+
+
+# (solver, steps): the distance to the sequential result at tol = 0.1, window 16, per sample's RMS over
+# tol x the largest step std, measured 0.80 / 0.054 / 0.63 / 0.093 / 0.026
+CASES = [("ddim", 50), ("ddpm", 100), ("euler", 100), ("euler_maruyama", 100), ("tcd", 50)]
+
+
+@pytest.mark.parametrize(("solver", "steps"), CASES)
+def test_converged_result_is_the_sequential_one(gmm, sd_process, x_T, solver, steps):
+    den = gmm.denoiser(sd_process)
+    ref, ref_info = sd.sample(den, x_T, steps, solver=solver, generator=_gen(), return_info=True)
+    x, info = sd.paradigms(
+        den, x_T, steps, solver=solver, window=16, tol=0.1, generator=_gen(), return_info=True
+    )
+    # the accepted nodes moved by at most tol x their step std in their last iteration: the result is that
+    # far from the sequential one (every row; measured 0.03-0.8 of the bound)
+    rms = (x - ref).square().mean(1).sqrt().max().item()
+    assert rms < 0.1 * _largest_step_std(ref_info.grid)
+    assert sum(info.strides) == steps and info.nfe == sum(info.windows)
+    assert info.iterations < steps
+    # tol -> 0: the fixed point, the sequential recursion itself up to rounding (measured <= 1.1e-13)
+    tight = sd.paradigms(den, x_T, steps, solver=solver, window=16, tol=1e-12, generator=_gen())
+    assert ((tight - ref).abs().max() / ref.abs().max()).item() < 1e-10
+
+
+def test_parallel_iterations(gmm, sd_process, x_T):
+    """Sequential batched calls against the steps (tol 0.1, the paper's): DDIM 50 steps in 7 (window 16),
+    DDPM 100 in 17 (window 16), DDPM 1000 in 41 (window 64) at 1.2, 2.6 and 2.5 times the sequential NFE."""
+    den = gmm.denoiser(sd_process)
+    counts = {}
+    for solver, steps, window in (("ddim", 50, 16), ("ddpm", 100, 16), ("ddpm", 1000, 64)):
+        _, info = sd.paradigms(
+            den, x_T, steps, solver=solver, window=window, generator=_gen(), return_info=True
+        )
+        counts[solver, steps] = (info.iterations, info.nfe)
+        assert max(info.windows) == window and sum(info.strides) == steps
+    assert counts == {("ddim", 50): (7, 108), ("ddpm", 100): (17, 256), ("ddpm", 1000): (41, 2538)}
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ddpm", "lcm"])
+def test_window_one_is_the_sequential_sampler(gmm, sd_process, x_T, solver):
+    den = gmm.denoiser(sd_process)
+    ref = sd.sample(den, x_T, 12, solver=solver, generator=_gen())
+    x, info = sd.paradigms(den, x_T, 12, solver=solver, window=1, generator=_gen(), return_info=True)
+    assert torch.equal(x, ref)  # the same calls, the same floats: its node's step is taken as it is
+    assert info.iterations == info.nfe == 12 and info.strides == [1] * 12
+
+
+def test_per_sample_generators_and_conditions(gmm, sd_process):
+    """One generator per row and a per-row condition: each window row gets its sample's, as sd.sample's."""
+    base = gmm.denoiser(sd_process)
+
+    def net(x, t, shift):
+        return base.net(x, t) + 0.3 * shift[:, None]
+
+    den = sd.Denoiser(net, sd_process, prediction="x0")
+    x_T, shift = noise(4, 8), torch.tensor([-1.0, 0.0, 0.5, 2.0], dtype=torch.float64)
+    gens = [_gen(s) for s in range(4)]
+    ref = sd.sample(den, x_T, 40, solver="ddpm", generator=[_gen(s) for s in range(4)], shift=shift)
+    x, info = sd.paradigms(
+        den, x_T, 40, solver="ddpm", window=8, tol=1e-12, generator=gens, return_info=True, shift=shift
+    )
+    assert ((x - ref).abs().max() / ref.abs().max()).item() < 1e-10
+    assert info.iterations < 40
+    # row 2 alone, its generator and condition: the same sample (the window's stride differs, not the result)
+    alone = sd.paradigms(
+        den, x_T[2:3], 40, solver="ddpm", window=8, tol=1e-12, generator=[_gen(2)], shift=shift[2:3]
+    )
+    assert ((alone[0] - x[2]).abs().max()).item() < 1e-12
+
+
+def test_float32(gmm, sd_process, x_T):
+    den = gmm.denoiser(sd_process)
+    x32 = x_T.float()
+    ref = sd.sample(den, x32, 50, solver="ddpm", generator=_gen())
+    x = sd.paradigms(den, x32, 50, solver="ddpm", tol=1e-6, generator=_gen())
+    assert x.dtype == torch.float32
+    assert ((x - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+class _OwnNoise(sd.Denoiser):
+    def own_noise(self):
+        return [("Jitter", None)]
+
+
+def test_bad_input(gmm, sd_process, x_T):
+    den = gmm.denoiser(sd_process)
+    for solver in ("dpmpp_2m", "heun", sd.solvers.UniPC()):
+        with pytest.raises(ValueError, match=r"paradigms: solver=.* accepted: \['ddim', 'ddpm'"):
+            sd.paradigms(den, x_T, 10, solver=solver)
+    with pytest.raises(ValueError, match=r"paradigms: unknown solver='nope'"):
+        sd.paradigms(den, x_T, 10, solver="nope")
+    with pytest.raises(ValueError, match=r"paradigms: window must be an integer >= 1, got 0"):
+        sd.paradigms(den, x_T, 10, window=0)
+    for tol in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"paradigms: tol must be a finite number > 0, got"):
+            sd.paradigms(den, x_T, 10, tol=tol)
+    with pytest.raises(ValueError, match=r"paradigms: steps must be an integer >= 1"):
+        sd.paradigms(den, x_T, 0)
+    with pytest.raises(ValueError, match=r"paradigms: final must be one of"):
+        sd.paradigms(den, x_T, 10, final="last")
+    with pytest.raises(ValueError, match=r"paradigms: generator: 2 generators for a batch of 16 rows"):
+        sd.paradigms(den, x_T, 10, solver="ddpm", generator=[_gen(), _gen()])
+    with pytest.raises(ValueError, match=r"paradigms: group must be None"):
+        sd.paradigms(den, x_T, 10, group=1)
+    with pytest.raises(ValueError, match=r"paradigms: den: Jitter in the denoiser draws noise of its own"):
+        sd.paradigms(_OwnNoise(den.net, sd_process, "x0"), x_T, 10)
+
+
+def test_nonfinite_names_the_step(sd_process, x_T):
+    def net(x, t):
+        return torch.where(t[:, None] < 300, torch.nan, 0.0 * x)
+
+    den = sd.Denoiser(net, sd_process, prediction="x0")
+    with pytest.raises(sd.NonFiniteError, match=r"paradigms: the model returned NaN/inf at step (\d+)") as e:
+        sd.paradigms(den, x_T, 20, schedule="time_uniform", window=4)
+    step = int(e.value.args[0].split("step ")[1].split(" ")[0])
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("time_uniform"), 20)
+    assert grid.t[step] < 300 <= grid.t[step - 1]  # the first node below t = 300
+
+
+def _spread(group, x_T):
+    gmm, proc = smooth_mixture(), sd.VP.scaled_linear()
+    den = gmm.denoiser(proc)
+    out = []
+    for solver, batch, window in (("ddpm", 16, 16), ("ddim", 3, 5), ("ddpm", 1, 1)):  # 1 row: not split
+        x, info = sd.paradigms(
+            den,
+            x_T[:batch],
+            60,
+            solver=solver,
+            window=window,
+            generator=_gen(),
+            group=group,
+            return_info=True,
+        )
+        out.append((x, info.iterations, info.nfe, info.strides))
+    return out
+
+
+def test_group_equals_single_process(x_T):
+    single = _spread(None, x_T)
+    ranks = spawn(_spread, 2, x_T)
+    for rank in ranks:
+        for (x, *counts), (x1, *counts1) in zip(rank, single, strict=True):
+            assert counts == counts1
+            assert torch.allclose(x, x1, rtol=0, atol=1e-12)
