@@ -19,15 +19,20 @@ which was computed from converged nodes only and becomes the window's exact star
 none is); the nodes that enter the window start from the last node computed. ``v_j`` is the variance of
 DDPM's posterior step into node ``j``, ``sigma_j^2 (1 - e^{-2 h})`` (:func:`~steerdiff.solvers.ddim.
 ancestral_split` at ``eta = 1``), whatever the solver: the paper scales the tolerance by the step's noise
-variance, and its code takes DDPM's for DDIM too (diffusers' pipeline pairs node ``j`` with the step
-leaving it rather than the one into it; at the clean end ``v = 0``).
+variance, and diffusers' ParaDiGMS pipeline takes DDPM's for DDIM too (pairing node ``j`` with the step
+leaving it rather than the one into it: DDIM at 50 and 200 steps, window 16, moves as many samples either
+way on ``steerdiff bench parallel``'s mixture; at the clean end ``v = 0``).
 
 The window moves at least one node per iteration, so the run ends after at most ``steps`` *parallel
 iterations* (sequential batched calls), ``steps`` exactly for ``window=1``, which is the sequential
 sampler; the paper's speed-up is ``steps / iterations`` at the price of more network evaluations (every
 window row counts). Converged, the result is the sequential sampler's -- :func:`steerdiff.sample` with the
 same solver, grid and generator, whose draws are reproduced in the order that sampler makes them -- up to
-the tolerance, and up to rounding as ``tol -> 0``.
+the tolerance, and up to rounding as ``tol -> 0``. The tolerance bounds each accepted node's last update,
+not its distance to the sequential trajectory, which an ODE sampler carries to the end: on the 64-d default
+mixture DDIM at 50 steps and ``tol = 0.1`` ends 3-7 of 256 samples in another component than the
+sequential run (none at ``tol = 0.01`` from window 16); DDPM's samples stay within 8e-4 (relative RMSE) of
+its (``steerdiff bench parallel``).
 """
 
 from __future__ import annotations
