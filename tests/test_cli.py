@@ -869,6 +869,7 @@ def test_help(capsys, argv, expected):
         (["bench", "guided"], ["OUT/guided.csv", "OUT/guided.png", "OUT/guided.txt"]),
         (["bench", "guided"], ["OUT/guided_validation.{csv,png,txt}"]),
         (["bench", "discrete"], ["OUT/discrete.csv", "OUT/discrete.png", "OUT/discrete.txt"]),
+        (["bench", "parallel"], ["OUT/parallel.csv", "OUT/parallel.png", "OUT/parallel.txt"]),
         (["demo"], ["OUT/demo.png", "OUT/demo.csv"]),
         (["sample"], ["--model digits", ".png grid", "the demo's, cfg 2, classifier 2"]),
     ],
@@ -1089,6 +1090,38 @@ def test_bench_no_diffusers_runs_without_diffusers(tmp_path, capsys, monkeypatch
     with open(tmp_path / "sde" / "sde.csv") as f:
         assert {r["source"] for r in csv.DictReader(f)} == {"steerdiff"}
     assert "diffusers (columns: NFE)" not in capsys.readouterr().out
+
+
+def test_bench_parallel_rows_are_paradigms_against_sample(tmp_path, capsys):
+    """``bench parallel --quick``: one row per solver, steps, window and tolerance; each is sd.paradigms with
+    those arguments, its iterations fewer than the steps, and its distance to sd.sample's result."""
+    argv = ["bench", "parallel", "--quick", "--n", "8", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    with open(tmp_path / "parallel.csv", newline="") as f:
+        rows = {
+            (r["solver"], int(r["steps"]), int(r["window"]), float(r["tol"])): r for r in csv.DictReader(f)
+        }
+    assert set(rows) == {
+        (s, k, w, t) for s in ("ddim", "ddpm") for k in (50, 200) for w in (4, 16) for t in (0.1, 0.01)
+    }
+    assert (tmp_path / "parallel.txt").read_text() in capsys.readouterr().out
+    gmm, proc = sd.toy.default_benchmark_mixture(), sd.VP.scaled_linear()
+    den, x_T = gmm.denoiser(proc), initial_noise(8, 64, 0)
+    ref = sd.sample(den, x_T, 200, "ddpm", "time_uniform", generator=torch.Generator().manual_seed(1))
+    x, info = sd.paradigms(
+        den,
+        x_T,
+        200,
+        "ddpm",
+        "time_uniform",
+        window=16,
+        generator=torch.Generator().manual_seed(1),
+        return_info=True,
+    )
+    row = rows["ddpm", 200, 16, 0.1]
+    assert (int(row["iterations"]), int(row["nfe"])) == (info.iterations, info.nfe)
+    assert info.iterations < 200
+    assert float(row["to_sequential"]) == pytest.approx(sd.metrics.relative_rmse(x, ref), rel=1e-5)
 
 
 def test_bench_longstep_rows_are_the_solvers_with_and_without_the_rule(tmp_path, capsys):

@@ -13,6 +13,7 @@
     steerdiff bench guided [--out DIR] [--n N] [--draws D] [--seed S] [--quick] [--problem NAME]...
         [--validate]
     steerdiff bench discrete [--out DIR] [--n N] [--seed S] [--quick]
+    steerdiff bench parallel [--out DIR] [--n N] [--seed S] [--quick]
     steerdiff sample --out FILE.{pt,npy,png} [--model {gmm,digits}] [--n N] [--steps K] [--solver NAME]
         [--schedule NAME] [--seed S] [--guidance {none,cfg,classifier}] [--label D] [--scale W]
         [--weights DIR]
@@ -421,6 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per run (default: 32768; particle steering: at most 4096 rows)",
     )
     bdi.set_defaults(func=_bench_discrete)
+    bpa = bench_sub.add_parser(
+        "parallel",
+        help="ParaDiGMS (sd.paradigms): parallel iterations and error against the sequential sampler",
+        description=(
+            "Parallel iterations (sequential batched network calls), NFE, distance to sd.sample's result and "
+            "error against the exact answer (DDIM: the exact ODE solution; DDPM: sliced W2 to exact samples) "
+            "of sd.paradigms with DDIM and DDPM at 50, 200 and 1000 steps, windows 4, 16 and 64, tolerances "
+            "0.1 and 0.01, on the default 64-d Gaussian mixture under SD betas. Writes OUT/parallel.csv, "
+            "OUT/parallel.png and OUT/parallel.txt."
+        ),
+    )
+    _bench_arguments(
+        bpa, "50 and 200 steps, windows 4 and 16 only", "seed of x_T; the noise uses seed + 1", False
+    )
+    bpa.add_argument("--n", type=_at_least_two, default=256, help="samples, >= 2 (default: 256)")
+    bpa.set_defaults(func=_bench_parallel)
 
     sp = sub.add_parser(
         "sample",
@@ -766,6 +783,16 @@ def _bench_guided(args: argparse.Namespace) -> int:
     result = _with_threads(1, lambda: guided.run(**kw))
     csv_path, png_path = guided.write_results(result, args.out)
     return _report(guided.format_report(result), args.out, "guided", csv_path, png_path)
+
+
+def _bench_parallel(args: argparse.Namespace) -> int:
+    from .bench import parallel
+
+    result = _with_threads(
+        1, lambda: parallel.run(n=args.n, seed=args.seed, quick=args.quick, progress=not args.no_progress)
+    )
+    csv_path, png_path = parallel.write_results(result, args.out)
+    return _report(parallel.format_report(result), args.out, "parallel", csv_path, png_path)
 
 
 def _bench_discrete(args: argparse.Namespace) -> int:

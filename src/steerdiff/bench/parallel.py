@@ -1,0 +1,223 @@
+r"""``steerdiff bench parallel``: ParaDiGMS (:func:`steerdiff.paradigms`) against the sequential sampler.
+
+Model: the embedded default (:func:`steerdiff.bench.solvers.default_model`: the 64-d, 10-component
+Gaussian mixture under Stable Diffusion's betas, exact denoiser), ``n`` samples from
+:func:`~steerdiff.bench.solvers.initial_noise` of ``seed``, noise from ``torch.Generator().manual_seed(seed +
+1)``, ``time_uniform`` grids. For DDIM (deterministic) and DDPM (ancestral) at each step count, window and
+tolerance: the *parallel iterations* (sequential batched network calls, the paper's speed measure: the
+sequential sampler makes ``steps``), the total NFE, the relative RMSE to :func:`steerdiff.sample` with the
+same solver, grid and generator, and the error against the exact answer beside the sequential sampler's:
+DDIM's relative RMSE to the exact probability-flow ODE solution from the same ``x_T`` (then the exact
+denoiser at ``t_min``), DDPM's sliced Wasserstein-2 to ``4 n`` exact samples (256 fixed projections), with
+the floor of ``n`` exact samples; and how many samples *moved* (RMS distance to their sequential sample above
+:data:`MOVED`: to another component of the mixture, where a deviation within the tolerance early on puts a
+sample on the other side of a boundary). No timings: on the CPU a batched
+call of ``p`` nodes costs ``p`` calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import metrics
+from ..paradigms import paradigms
+from ..sampling import sample
+from ._figure import panel_figure, write_outputs
+from .solvers import default_model, initial_noise
+
+__all__ = [
+    "QUICK",
+    "SOLVERS",
+    "STEPS",
+    "TOLS",
+    "WINDOWS",
+    "ParallelBench",
+    "ParallelRow",
+    "format_report",
+    "run",
+]
+
+SOLVERS = ("ddim", "ddpm")
+STEPS = (50, 200, 1000)
+WINDOWS = (4, 16, 64)
+TOLS = (0.1, 0.01)
+QUICK = {"steps": (50, 200), "windows": (4, 16)}
+SCHEDULE = "time_uniform"
+PROJECTIONS = 256
+REFERENCE_FACTOR = 4
+MOVED = (
+    0.1  # per-sample RMS distance to the sequential sample: moved (the rest are below 0.03, flips above 1)
+)
+
+
+@dataclass
+class ParallelRow:
+    """One run: ``iterations`` batched calls and ``nfe`` evaluations for ``steps`` steps; ``to_sequential``:
+    the relative RMSE to the sequential sample, ``moved`` the samples farther than :data:`MOVED` from theirs;
+    ``error``, ``sequential_error``: against the exact one."""
+
+    solver: str
+    steps: int
+    window: int
+    tol: float
+    iterations: int
+    nfe: int
+    to_sequential: float
+    moved: int
+    error: float
+    sequential_error: float
+
+
+@dataclass
+class ParallelBench:
+    """Everything ``steerdiff bench parallel`` measured."""
+
+    n: int
+    seed: int
+    floor: float
+    rows: list[ParallelRow]
+
+
+def run(n: int = 256, seed: int = 0, quick: bool = False, progress: bool = False) -> ParallelBench:
+    """Run the benchmark (``quick``: :data:`QUICK`'s steps and windows)."""
+    steps_list, windows = (QUICK["steps"], QUICK["windows"]) if quick else (STEPS, WINDOWS)
+    gmm, proc = default_model()
+    den = gmm.denoiser(proc)
+    x_T = initial_noise(n, gmm.dim, seed)
+    ode = gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)
+    exact = gmm.sample(REFERENCE_FACTOR * n, torch.Generator().manual_seed(seed + 3))
+
+    def sw2(x: torch.Tensor, y: torch.Tensor) -> float:
+        return metrics.sliced_wasserstein(x, y, PROJECTIONS, torch.Generator().manual_seed(seed + 4))
+
+    floor = metrics.floor(
+        gmm.sample, n, sw2, repeats=3, generator=torch.Generator().manual_seed(seed + 5), reference=exact
+    )
+
+    def error(solver: str, x: torch.Tensor) -> float:
+        return metrics.relative_rmse(x, ode) if solver == "ddim" else sw2(x, exact)
+
+    cases = [(s, k) for s in SOLVERS for k in steps_list]
+    rows: list[ParallelRow] = []
+    for solver, steps in tqdm(cases, desc="paradigms", disable=not progress):
+        ref = sample(den, x_T, steps, solver, SCHEDULE, generator=torch.Generator().manual_seed(seed + 1))
+        ref_error = error(solver, ref)
+        for window in windows:
+            for tol in TOLS:
+                x, info = paradigms(
+                    den,
+                    x_T,
+                    steps,
+                    solver,
+                    SCHEDULE,
+                    window=window,
+                    tol=tol,
+                    generator=torch.Generator().manual_seed(seed + 1),
+                    return_info=True,
+                )
+                rows.append(
+                    ParallelRow(
+                        solver,
+                        steps,
+                        window,
+                        tol,
+                        info.iterations,
+                        info.nfe,
+                        metrics.relative_rmse(x, ref),
+                        int(((x - ref).square().mean(1).sqrt() > MOVED).sum()),
+                        error(solver, x),
+                        ref_error,
+                    )
+                )
+    return ParallelBench(n, seed, floor, rows)
+
+
+def format_report(result: ParallelBench) -> str:
+    """One line per run: iterations and speed-up over the steps, NFE and its ratio to the steps, the
+    distance to the sequential sample and both errors against the exact answer."""
+    lines = [
+        f"ParaDiGMS (sd.paradigms) vs the sequential sampler (sd.sample): default 64-d mixture, SD betas, "
+        f"{SCHEDULE}, {result.n} samples, seed {result.seed}. iterations: sequential batched calls (the "
+        "sequential sampler makes one per step); to seq: relative RMSE to sd.sample's result; moved: samples "
+        f"farther than {MOVED} (RMS) from theirs, in another component; error: ddim "
+        "relative RMSE to the exact ODE solution, ddpm sliced W2 to exact samples (floor "
+        f"{result.floor:.4f}), parallel / sequential.",
+        "",
+        f"{'solver':6s} {'steps':>5s} {'window':>6s} {'tol':>5s} {'iterations':>10s} {'speed-up':>8s} "
+        f"{'NFE':>6s} {'NFE/steps':>9s} {'to seq':>9s} {'moved':>5s} {'error':>9s} {'seq error':>9s}",
+    ]
+    lines += [
+        f"{r.solver:6s} {r.steps:5d} {r.window:6d} {r.tol:5g} {r.iterations:10d} "
+        f"{r.steps / r.iterations:7.1f}x {r.nfe:6d} {r.nfe / r.steps:9.2f} {r.to_sequential:9.2e} "
+        f"{r.moved:5d} {r.error:9.4g} {r.sequential_error:9.4g}"
+        for r in result.rows
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: ParallelBench, path: str | Path) -> bool:
+    """Parallel iterations against the window, one panel per solver and step count, a line per tolerance,
+    the steps dotted (log-log). ``False`` (logged) if matplotlib is not installed."""
+    cases = list(dict.fromkeys((r.solver, r.steps) for r in result.rows))
+    windows = sorted({r.window for r in result.rows})
+
+    def draw(ax: Any, title: str, colors: Sequence[Any]) -> None:
+        solver, steps = cases[titles.index(title)]
+        for tol, color in zip(TOLS, colors, strict=False):
+            rs = [r for r in result.rows if (r.solver, r.steps, r.tol) == (solver, steps, tol)]
+            ax.plot(
+                [r.window for r in rs], [r.iterations for r in rs], "o-", color=color, label=f"tol {tol:g}"
+            )
+        ax.axhline(steps, color="grey", ls=":", lw=0.8, label="sequential")
+        ax.set(xscale="log", yscale="log", ylim=(1, 2 * steps))
+
+    titles = [f"{s}, {k} steps" for s, k in cases]
+    return panel_figure(
+        path,
+        titles,
+        draw,
+        cols=math.ceil(len(titles) / len(SOLVERS)),
+        panel_size=(3.4, 3.0),
+        suptitle="ParaDiGMS: sequential batched calls against the window (64-d mixture, SD betas)",
+        ylabel="parallel iterations",
+        xticks=windows,
+        xlabel="window",
+    )
+
+
+def write_results(result: ParallelBench, out: str | Path) -> tuple[Path, Path | None]:
+    """``OUT/parallel.csv`` (one line per run) and ``OUT/parallel.png``."""
+    header = [
+        "solver",
+        "steps",
+        "window",
+        "tol",
+        "iterations",
+        "nfe",
+        "to_sequential",
+        "error",
+        "sequential_error",
+    ]
+    rows = (
+        [
+            r.solver,
+            r.steps,
+            r.window,
+            r.tol,
+            r.iterations,
+            r.nfe,
+            f"{r.to_sequential:.6g}",
+            r.moved,
+            f"{r.error:.6g}",
+            f"{r.sequential_error:.6g}",
+        ]
+        for r in result.rows
+    )
+    return write_outputs(out, "parallel", header, rows, lambda path: plot(result, path))
