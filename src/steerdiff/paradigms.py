@@ -115,6 +115,11 @@ class _CachedNoise:
 
         return draw
 
+    def forget(self, before: int) -> None:
+        """Drop the draws of the steps before ``before``, which no window evaluates again."""
+        for i in [i for i in self.drawn if i < before]:
+            del self.drawn[i]
+
 
 class _Replay(Model):
     """The model a solver's step sees: the prediction made for its node in the window's batched call,
@@ -339,6 +344,7 @@ def paradigms(
         info.windows.append(width)
         info.strides.append(stride)
         start += stride
+        draws.forget(start)
         # the exact node onwards, then the nodes entering the window at the last one computed
         kept = torch.cat([buf[:1], new])[stride:]
         grow = min(window, steps - start) + 1 - len(kept)  # >= 0: the window never shrinks but at the end
