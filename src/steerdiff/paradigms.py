@@ -234,7 +234,7 @@ def paradigms(
     *,
     final: str = "zero",
     window: int = 16,
-    tol: float = 0.1,
+    tol: float = 0.01,
     generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
     group: object = None,
     progress: bool = False,
@@ -253,8 +253,11 @@ def paradigms(
             EulerMaruyama, TCD (LCM); default ``"ddim"``.
         window: ``p``, the nodes evaluated together in one batched call (``p`` times the batch), an
             integer >= 1 (capped at ``steps``; 1 is the sequential sampler); default 16.
-        tol: ``tau > 0``, the tolerance relative to each node's step standard deviation; default 0.1 (the
-            paper's).
+        tol: ``tau > 0``, the tolerance relative to each node's step standard deviation; default 0.01, not
+            the paper's 0.1: at 0.1 an ODE sampler (DDIM, 50 steps, window 16) ends 7 of 256 samples of
+            ``steerdiff bench parallel``'s mixture in another component than the sequential run, 2.5 times
+            its error against the exact ODE solution (0.198 against 0.078); at 0.01 none, for 0.9-1.5 times
+            the parallel iterations (1.2 for DDPM 1000 steps, window 64). SDE samplers keep their law at 0.1.
         generator: as :func:`steerdiff.sample`; each stochastic step's noise is drawn once, in that
             sampler's order, and kept for the step's re-evaluations.
         group: ``None``, or a ``torch.distributed`` process group (:mod:`steerdiff.distributed.group`) over
