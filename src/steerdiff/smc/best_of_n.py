@@ -50,8 +50,9 @@ def _keep_best(ctx: StepContext) -> Tensor:
     node is noisy), store the rewards, and a point mass on each row's best."""
     r = ctx.reward(ctx.x)
     ctx.state["reward"] = r
-    best = r.argmax(-1, keepdim=True)
-    return torch.full_like(r, -math.inf).scatter_(1, best, 0.0)
+    every = ctx.gather(r)  # the row's best among every rank's particles (group=)
+    best = every.argmax(-1, keepdim=True)
+    return torch.full_like(every, -math.inf).scatter_(1, best, 0.0)[:, ctx.shard]
 
 
 class BestOfN(SMCAlgorithm):
@@ -59,6 +60,7 @@ class BestOfN(SMCAlgorithm):
 
     name = "best_of_n"
     stochastic = False
+    shardable = True
 
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         return _keep_best(ctx) if ctx.final else None
@@ -69,6 +71,7 @@ class CoDe(SMCAlgorithm):
     (and of one common ``x_T`` at node 0), the best final sample at the end."""
 
     name = "code"
+    shardable = True
 
     def __init__(self, block: int) -> None:
         self.block = integer("code", "block", block, lo=1)
@@ -81,7 +84,7 @@ class CoDe(SMCAlgorithm):
             return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
         if ctx.i % self.block:
             return None
-        return ctx.reward(ctx.x0).argmax(-1, keepdim=True).expand(log_w.shape)
+        return ctx.gather(ctx.reward(ctx.x0)).argmax(-1, keepdim=True).expand(log_w.shape)
 
 
 def best_of_n(
@@ -100,6 +103,7 @@ def best_of_n(
     device: torch.device | str | None = None,
     generator: Generators = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """Best of ``particles`` independent samples per batch row by ``reward`` (see the module docstring).
@@ -112,7 +116,7 @@ def best_of_n(
     return run_smc(
         den, BestOfN(), shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, x_T=x_T, dtype=dtype,
-        device=device, generator=generator, progress=progress, **cond,
+        device=device, generator=generator, progress=progress, group=group, **cond,
     )  # fmt: skip
 
 
@@ -132,6 +136,7 @@ def code(
     device: torch.device | str | None = None,
     generator: Generators = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """CoDe, blockwise best-of-N: ``particles`` branches per block of ``block`` steps, the best kept.
@@ -145,5 +150,5 @@ def code(
     return run_smc(
         den, CoDe(block), shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, dtype=dtype,
-        device=device, generator=generator, progress=progress, **cond,
+        device=device, generator=generator, progress=progress, group=group, **cond,
     )  # fmt: skip

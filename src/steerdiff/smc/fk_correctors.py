@@ -430,6 +430,7 @@ class FKCorrector(SMCAlgorithm):
     """
 
     name = "fkc"
+    shardable = True
     needs_transition = True
 
     def __init__(self, composition: Composition, correct: bool = True) -> None:
@@ -476,6 +477,7 @@ def fkc(
     device: torch.device | str | None = None,
     generator: Generators = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """Feynman-Kac correctors for ``prod_k q^k(x)^{beta_k}`` (Skreta et al. 2025, Prop. D.5; see the
@@ -498,7 +500,8 @@ def fkc(
             (``None``: :func:`fkc_solver` of ``B`` and ``data_std``, SDE-DPM-Solver++(2M) with the steps
             longer than its :class:`FKCStepLimit` at first order; ``"ddpm"`` is the target-score SDE of
             Eq. 22, first order; a solver given is used as it is); ``schedule``, ``final``, ``resampler``,
-            ``dtype``, ``device``, ``generator``, ``progress``, ``cond``: see :func:`~steerdiff.smc.run_smc`.
+            ``dtype``, ``device``, ``generator``, ``progress``, ``group``, ``cond``: see
+            :func:`~steerdiff.smc.run_smc`.
         data_std: for the default solver: the smallest standard deviation of the components' data along any
             direction, locally (within a mixture component; :class:`FKCStepLimit`), ``>= 0``. 0 (default)
             assumes nothing: every step is held to the low-SNR bound :func:`fkc_max_h` of ``B``; a scale lets
@@ -536,7 +539,7 @@ def fkc(
     return run_smc(
         comp, algorithm, shape, particles=particles, steps=steps, solver=solver, schedule=schedule,
         final=final, ess_threshold=ess_threshold, resampler=resampler, x_T=x_T, dtype=dtype,
-        device=device, generator=generator, progress=progress, **cond,
+        device=device, generator=generator, progress=progress, group=group, **cond,
     )  # fmt: skip
 
 

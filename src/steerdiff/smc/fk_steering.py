@@ -86,6 +86,7 @@ class FKSteering(SMCAlgorithm):
     """
 
     name = "fk_steering"
+    shardable = True
 
     def __init__(self, lam: float, potential: str, nodes: set[int]) -> None:
         self.lam, self.potential, self.nodes = check_arguments("FKSteering", lam, potential, nodes)
@@ -192,6 +193,7 @@ def fk_steering(
     device: torch.device | str | None = None,
     generator: Generators = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """Feynman-Kac steering towards ``p(x) exp(lam r(x))`` with ``particles`` per batch row.
@@ -207,7 +209,7 @@ def fk_steering(
         interval: apply potentials (and resample) every ``interval`` grid nodes ...
         window: ... inside ``(start, stop)`` (grid nodes, default the whole run).
         ess_threshold: resample a row when ``ESS < ess_threshold * N`` (default 1: always).
-        resampler, solver, schedule, final, max_batch, x_T, dtype, device, generator, progress, cond:
+        resampler, solver, schedule, final, max_batch, x_T, dtype, device, generator, progress, group, cond:
             see :func:`~steerdiff.smc.run_smc`; the solver must be stochastic.
 
     Returns:
@@ -226,5 +228,5 @@ def fk_steering(
         den, algorithm, shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=ess_threshold, resampler=resampler,
         max_batch=max_batch, x_T=x_T, dtype=dtype, device=device, generator=generator,
-        progress=progress, **cond,
+        progress=progress, group=group, **cond,
     )  # fmt: skip

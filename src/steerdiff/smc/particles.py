@@ -70,7 +70,9 @@ estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z`
   denoiser slice by slice, each slice's graph made and freed in turn, that prediction the step's own:
   no second evaluation; TDS's),
   ``needs_transition`` (refuse solvers that draw noise inside their step, whose ``x_{i+1}`` has no
-  Gaussian density given ``x_i``).
+  Gaussian density given ``x_i``), ``shardable`` (whether the hooks are right on one rank's share of
+  a row's particles, ``group=`` below: ``True``, ``False``, or ``None``, the default: yes unless the
+  class overrides ``resample``).
 
 **Slices** (``max_batch``): the denoiser, ``ctx.reward``, ``ctx.map_rows`` and ``ctx.value_grad`` (their
 functions and the graphs they differentiate) see at most ``max_batch`` of the flat rows at a time, with
@@ -83,6 +85,35 @@ permuted, nested in dicts, lists, tuples (namedtuples too), ``collections.deque`
 :class:`~steerdiff.solvers.base.History` and :class:`~steerdiff.denoiser.Prediction`; Python numbers
 are schedule constants. Any other object holding a tensor (a user class) is refused with a
 ``ValueError``: its tensors would stay with the old particles.
+
+**Ranks** (``group=``, a ``torch.distributed`` process group; every rank makes the same call): rank
+``r`` holds the particles ``Ranks.shard(N)`` of every batch row (contiguous, the lower ranks one more
+where ``N`` does not divide), so the solver, the denoiser, ``reward``, ``max_batch``'s slices and the hooks'
+``ctx.x``, ``ctx.x0``, ``ctx.state`` are a rank's ``(batch, n_r, ...)``; ``**cond`` and a denoiser's
+per-sample state are taken at its rows. The loop above then runs, on every rank::
+
+    x_0, every step's z:  drawn for all N particles from the generator(s), the rank's shard kept
+    g = all_gather(log_weight(ctx_i))            # (batch, n_r) -> (batch, N), in particle order
+    log W, log Z, ESS, a = resampler(log W, generator):  on (batch, N), identical on every rank
+    if a:  x_i, B_i, solver state, ctx.state <- all_gather(rows)[a[:, shard]]   # one gather each
+    at the end:  x, rewards <- all_gather;  every rank returns the whole system
+
+so the generators advance alike on every rank and the run equals the one-process run with the same
+generators (bitwise on the CPU in float64, where the net's arithmetic does not depend on how many rows
+it is called with; rounding apart where it does, as ``max_batch`` slices of another size). The
+communication: the ``(batch, N)`` increments at each weighted node, and at each resampling event one
+all_gather per per-particle tensor (the particles, their transition, the solver's history, the
+algorithm's state; the prediction and the parents when a hook reads them after it): every rank receives
+the whole system's state, where an exchange of the rows that move would send less. Hooks that act across
+a row's particles read every rank's with :meth:`StepContext.gather` (and their own share of a result with
+:attr:`StepContext.shard`): ``resample`` receives the global ``log_w`` ``(batch, N)`` and returns global
+ancestors; SVDD, best-of-N and CoDe select so. A hook is a collective wherever it gathers or reads
+``ctx.reward`` (every rank must make the same calls in the same order), and an algorithm that overrides
+``resample`` without setting ``shardable = True`` is refused (its selection would see one rank's share).
+Checks of the weights, the ancestors and the rewards are on values every rank shares, so every rank
+raises alike; an error on one rank alone during the run (in a user function) leaves the others waiting at
+their next collective until the process group's timeout, and the net's NaN/inf is read after the final
+gather, by the rank whose net gave it.
 """
 
 from __future__ import annotations
@@ -103,6 +134,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype, sizes
 from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
+from ..distributed.group import Ranks, ranks
 from ..guidance.base import Guided, value_grad
 from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded, check_x_T
@@ -334,8 +366,8 @@ class StepContext:
         """Apply a pending :meth:`take` to the prediction and the parents: on first use, as no built-in
         ``propose`` reads them (gathering them at every resampling cost fk_steering 11-33% of a step)."""
         if self._pending is not None:
-            idx, n, self._pending = self._pending, self._x.shape[0], None
-            self._pred, self._prev = _take(self._pred, idx, n), _take(self._prev, idx, n)
+            idx, self._pending = self._pending, None
+            self._pred, self._prev = self._run.take(self._pred, idx), self._run.take(self._prev, idx)
 
     @property
     def grid(self) -> Grid:
@@ -473,11 +505,24 @@ class StepContext:
     def take(self, idx: Tensor) -> StepContext:
         """The context with particles (and everything per-particle) at flat ancestor rows ``idx``; the
         prediction and the parents follow when first read."""
-        state = {k: self._run.rows(self._run.flat(v).index_select(0, idx)) for k, v in self.state.items()}
-        pending = idx if self._pending is None else self._pending.index_select(0, idx)
-        return StepContext(
-            self._run, self.i, self._x.index_select(0, idx), self._pred, self._prev, state, pending=pending
-        )
+        run = self._run
+        state = {k: run.rows(run.take_rows(run.flat(v), idx)) for k, v in self.state.items()}
+        pending = idx if self._pending is None else run.take_rows(self._pending, idx)
+        x = run.take_rows(self._x, idx)
+        return StepContext(run, self.i, x, self._pred, self._prev, state, pending=pending)
+
+    @property
+    def shard(self) -> slice:
+        """This rank's particles of each batch row, ``range(N)[shard]`` (all of them without ``group``):
+        ``ctx.x`` holds ``(batch, len(shard), *shape)``."""
+        return self._run.ranks.shard(self._run.n_all)
+
+    def gather(self, values: Tensor) -> Tensor:
+        """Per-particle ``values`` ``(batch, len(shard), ...)`` of this rank's particles joined with every
+        other rank's: ``(batch, N, ...)`` in particle order, on every rank (``values`` itself without
+        ``group``). A collective: every rank must call it at the same point (for a selection over a row's
+        particles, such as :func:`~steerdiff.smc.svdd`'s; ``gather(v)[:, ctx.shard]`` is ``v`` again)."""
+        return self._run.ranks.gather(values, self._run.n_all, dim=1)
 
 
 class SMCAlgorithm:
@@ -492,6 +537,7 @@ class SMCAlgorithm:
     grad: ClassVar[bool] = False
     sliced_grad: ClassVar[bool] = False
     needs_transition: ClassVar[bool] = False
+    shardable: ClassVar[bool | None] = None
 
     def check_steps(self, steps: int) -> None:
         """Refuse (a ``ValueError``) options that a run of ``steps`` steps could never use, before it
@@ -558,7 +604,9 @@ class _Evaluator(Guided):
     row, and sliced with the chunks. ``cost`` is that of the latest call's (last) chunk.
     """
 
-    def __init__(self, base: Denoiser, max_batch: int | None, batch: int, particles: int) -> None:
+    def __init__(
+        self, base: Denoiser, max_batch: int | None, batch: int, particles: int, mine: Tensor | None = None
+    ) -> None:
         super().__init__(base)
         self.max_batch = max_batch
         self.watch: tuple[Tensor, float] | None = None
@@ -567,6 +615,8 @@ class _Evaluator(Guided):
         self.through: Callable[[RowSlice, Callable[[Tensor], Prediction]], Prediction] | None = None
         self.made: Prediction | None = None  # made at the step's input before the step, counted then
         self.expanded = base if particles == 1 else base.take_rows(_each_row(batch, particles), batch)
+        if mine is not None:  # a rank's particles (mine: its flat rows of batch * particles)
+            self.expanded = self.expanded.take_rows(mine, batch * particles)
         # per max_batch slice (its first row, of a call on n rows), the expanded denoiser's rows there:
         # made once, so what a copy keeps (DPS's y on the device) lasts across steps
         self._slices: dict[tuple[int, int], Denoiser] = {}
@@ -643,9 +693,17 @@ def _each_row(batch: int, n: int) -> Tensor:
     return torch.arange(batch).repeat_interleave(n)
 
 
-def _repeat_rows(cond: dict[str, Any], batch: int, n: int) -> dict[str, Any]:
-    """``cond`` with every tensor of ``batch`` rows repeated for the ``n`` particles of each row."""
-    return take_kwarg_rows(cond, _each_row(batch, n), batch)
+def _shard_rows(batch: int, n: int, shard: slice) -> Tensor:
+    """The flat rows (of ``batch * n``) of the particles ``range(n)[shard]`` of every batch row."""
+    return (torch.arange(batch)[:, None] * n + torch.arange(n)[shard]).reshape(-1)
+
+
+def _repeat_rows(cond: dict[str, Any], batch: int, n: int, mine: Tensor | None = None) -> dict[str, Any]:
+    """``cond`` with every tensor of ``batch`` rows repeated for the ``n`` particles of each row, then, with
+    a rank's flat rows ``mine``, every tensor of ``batch * n`` rows (those repeated, and those given so)
+    taken there."""
+    cond = take_kwarg_rows(cond, _each_row(batch, n), batch)
+    return cond if mine is None else take_kwarg_rows(cond, mine, batch * n)
 
 
 def _cat_chunks(values: list[float | Tensor | None]) -> Tensor:
@@ -746,9 +804,13 @@ class _Run:
         particles: int,
         shape: tuple[int, ...],
         max_batch: int | None,
+        spread: Ranks,
+        n_all: int,
     ) -> None:
         self.who, self.grid, self.model, self.evaluator, self._reward = who, grid, model, evaluator, reward
         self.batch, self.particles, self.shape, self.max_batch = batch, particles, shape, max_batch
+        # particles: this rank's of each row (spread.shard(n_all)); n_all: the row's over every rank
+        self.ranks, self.n_all = spread, n_all
         self.reward_ok: list[Tensor] = []
         self.reward_at: list[int] = []
         self.sliced_grad = False  # the step runs without a graph; value_grad differentiates in slices
@@ -764,11 +826,33 @@ class _Run:
     def rows(self, x: Tensor) -> Tensor:
         return x.reshape(self.batch, self.particles, *x.shape[1:])
 
+    def everyone(self, v: Tensor) -> Tensor:
+        """This rank's flat rows ``(batch * particles, ...)`` joined with every rank's: the ``batch * n_all``
+        flat rows of the whole system (one all_gather; detached, as a collective has no gradient)."""
+        joined = self.ranks.gather(self.rows(v.detach()), self.n_all, dim=1)
+        return joined.reshape(self.batch * self.n_all, *v.shape[1:])
+
+    def take_rows(self, v: Tensor, idx: Tensor) -> Tensor:
+        """The flat rows ``idx`` of the whole system (``batch * n_all`` of them) from ``v``, this rank's flat
+        rows: the rows themselves without ``group``, else after :meth:`everyone`."""
+        return (v if self.ranks.group is None else self.everyone(v)).index_select(0, idx)
+
+    def take(self, obj: Any, idx: Tensor) -> Any:
+        """``obj`` (a transition, a prediction, solver state) with every tensor of this rank's flat rows
+        taken at the system's flat rows ``idx`` (:meth:`take_rows`); other tensors are kept."""
+        n = self.batch * self.particles
+        if self.ranks.group is None:
+            return _take(obj, idx, n)
+        return _map(obj, lambda v: self.take_rows(v, idx) if v.ndim > 0 and v.shape[0] == n else v)
+
     def reward(self, z: Tensor, i: int) -> Tensor:
         if self._reward is None:
             raise ValueError("ctx.reward: this run has no reward; pass reward= to run_smc")
         r = _map_rows(self.max_batch, partial(_call_reward, self.who, self._reward), self.flat(z), 0.0, {})
-        self.reward_ok.append(torch.isfinite(r).all())
+        ok = torch.isfinite(r).all()
+        if self.ranks.group is not None:  # every rank raises alike (an all_reduce, no host read on a GPU)
+            ok = self.ranks.sum((~ok).to(torch.int32)) == 0
+        self.reward_ok.append(ok)
         self.reward_at.append(i)
         if r.is_cpu and not bool(self.reward_ok[-1]):  # no device read to save; before the weights it spoils
             self.check_reward()
@@ -913,6 +997,7 @@ def run_smc(
     device: torch.device | str | None = None,
     generator: Generators = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """Run ``particles`` weighted copies of a stochastic sampler per batch row (see the module docstring).
@@ -954,6 +1039,10 @@ def run_smc(
             generators; :func:`steerdiff.noise.rand` / ``randn`` draw a list's rows so, and the
             resamplers and ``resample`` hooks receive it as given).
         progress: show a tqdm bar.
+        group: ``None`` (this process), or a ``torch.distributed`` process group to spread each batch
+            row's particles over (see "Ranks" in the module docstring; ``particles`` at least its size):
+            every rank makes the same call, ``x_T`` and ``**cond`` are the whole system's, and every rank
+            returns the whole system's particles, equal to the one-process run with the same generators.
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles. So
             are those the denoiser holds of its own (:meth:`Denoiser.take_rows
             <steerdiff.denoiser.Denoiser.take_rows>`: :class:`~steerdiff.guidance.CFG`'s
@@ -987,7 +1076,8 @@ def run_smc(
     if dtype is not None:
         dtype = sample_dtype(who, "dtype", dtype)
     device = device_or_none(who, "device", device)
-    rows = batch * n_part
+    spread = _check_group(who, algorithm, group, n_part)
+    n_mine = spread.sizes(n_part)[spread.rank]
     max_batch = _check_batching(who, [den], max_batch)
     if reward is not None:
         _check_reward(reward, who)
@@ -1010,20 +1100,26 @@ def run_smc(
             "vanish there)"
         )
     x = _initial_particles(who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
+    # this rank's flat rows of the whole system's batch * n_part (all of them without group)
+    mine = None if spread.group is None else _shard_rows(batch, n_part, spread.shard(n_part))
+    if mine is not None:
+        x = x.index_select(0, mine.to(x.device))
     in_dtype = x.dtype
     x = x.to(work_dtype(in_dtype))
 
-    cond = _repeat_rows(cond, batch, n_part)
+    cond = _repeat_rows(cond, batch, n_part, mine)
     check_seeded(den, generator, who)
-    evaluator = _Evaluator(den, max_batch, batch, n_part)
-    noise = (
+    evaluator = _Evaluator(den, max_batch, batch, n_part, mine)
+    noise: NoiseSource = (
         GeneratorNoise(generator)
         if generator is None or isinstance(generator, torch.Generator)
         else PerSampleNoise([g for g in generator for _ in range(n_part)])
     )
+    if mine is not None:
+        noise = _ShardNoise(noise, batch * n_part, mine)
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)
-    run = _Run(who, grid, model, evaluator, reward, batch, n_part, sample_shape, max_batch)
+    run = _Run(who, grid, model, evaluator, reward, batch, n_mine, sample_shape, max_batch, spread, n_part)
     solver_state = slv.init_state(grid)
     alg_state = algorithm.init_state(run.rows(x))
 
@@ -1073,7 +1169,7 @@ def run_smc(
                 inc = algorithm.log_weight(ctx)
             elif ctx._pred is None:  # log_weight made none: the step's serves resample and propose
                 ctx._pred = evaluator.seen
-            ess = weights.reweight(inc)
+            ess = weights.reweight(_joined(run, algorithm, inc))
             forced = algorithm.resample(ctx, weights.log_w, generator)
             anc, mask = None, no_resample
             if forced is not None:
@@ -1085,10 +1181,12 @@ def run_smc(
                     mask[:, None], ancestors(resampler_name, resample_fn(weights.log_w, generator), i), arange
                 )
             if anc is not None:
-                flat_idx = (anc + offsets).reshape(-1)
+                # this rank's particles' ancestors, as flat rows of the whole system
+                flat_idx = (anc if mine is None else anc[:, spread.shard(n_part)]) + offsets
+                flat_idx = flat_idx.reshape(-1)
                 ctx = ctx.take(flat_idx)
-                base = _take(base, flat_idx, rows)
-                solver_state = _take(solver_state, flat_idx, rows)
+                base = run.take(base, flat_idx)
+                solver_state = run.take(solver_state, flat_idx)
                 weights.reset(mask)
             weights.record(mask)
             prop = _flat_tr(algorithm.propose(ctx, _view(base, run)), run)
@@ -1102,15 +1200,18 @@ def run_smc(
 
     ctx = StepContext(run, steps, x, None, prev, alg_state)
     with grad_ctx():
-        weights.reweight(algorithm.log_weight(ctx))
+        weights.reweight(_joined(run, algorithm, algorithm.log_weight(ctx)))
     weights.record(no_resample)
+    final_reward = ctx.state.get("reward")
+    if mine is not None:  # every rank returns the whole system; gathered before a check that may raise
+        x, final_reward = run.everyone(x), None if final_reward is None else ctx.gather(final_reward)
     model.check_finite()
     run.check_reward()
     trace = weights.trace()
     check_weights(algorithm.name, trace.log_z)
     ancestors.check()
-    x = to_sample_dtype(algorithm.name, run.rows(x), in_dtype)
-    return Particles(x, weights.log_w, model.nfe * n_part, trace, ctx.state.get("reward"))
+    x = to_sample_dtype(algorithm.name, x.reshape(batch, n_part, *sample_shape), in_dtype)
+    return Particles(x, weights.log_w, model.nfe * n_part, trace, final_reward)
 
 
 def _check_batching(who: str, dens: Sequence[Denoiser], max_batch: int | None) -> int | None:
@@ -1126,6 +1227,52 @@ def _check_batching(who: str, dens: Sequence[Denoiser], max_batch: int | None) -
             "it is called with, which slices of max_batch rows would change; pass max_batch=None"
         )
     return max_batch
+
+
+def _check_group(who: str, algorithm: SMCAlgorithm, group: Any, n: int) -> Ranks:
+    """``group=`` checked (:func:`~steerdiff.distributed.ranks`) with what a run spread over it needs:
+    at least one of the ``n`` particles per rank, and an algorithm whose hooks are right on a rank's
+    share (:attr:`SMCAlgorithm.shardable`)."""
+    spread = ranks(who, group)
+    if spread.group is None:
+        return spread
+    if n < spread.size:
+        raise ValueError(
+            f"{who}: group: particles = {n} is fewer than the group's {spread.size} ranks; every rank needs "
+            "at least one particle of each batch row"
+        )
+    shardable = algorithm.shardable
+    if shardable is None:
+        shardable = type(algorithm).resample is SMCAlgorithm.resample
+    if not shardable:
+        name = type(algorithm).__name__
+        if algorithm.shardable is None:
+            raise ValueError(
+                f"{who}: group: {name} overrides resample (a selection across a row's particles, which would "
+                "see one rank's share of them) and does not set shardable; pass group=None, or set the class "
+                "attribute shardable = True once its hooks act across a row's particles through ctx.gather "
+                "and ctx.shard"
+            )
+        raise ValueError(
+            f"{who}: group: {name} sets shardable = False (its hooks need all of a row's "
+            "particles on one process); pass group=None"
+        )
+    return spread
+
+
+def _joined(run: _Run, algorithm: SMCAlgorithm, inc: Tensor | None) -> Tensor | None:
+    """A rank's increments ``(batch, particles on this rank)`` joined into the whole system's ``(batch,
+    N)`` (``inc`` itself without ``group``)."""
+    if inc is None or run.ranks.group is None:
+        return inc
+    mine = (run.batch, run.particles)
+    if not isinstance(inc, Tensor) or tuple(inc.shape) != mine:
+        got = tuple(inc.shape) if isinstance(inc, Tensor) else type(inc).__name__
+        raise ValueError(
+            f"{run.who}: {algorithm.name}'s log_weight must return (batch, particles on this rank) = {mine} "
+            f"with group=, got {got}"
+        )
+    return run.ranks.gather(inc.detach(), run.n_all, dim=1)
 
 
 def _initial_particles(
@@ -1205,6 +1352,20 @@ class Weights:
 
     def trace(self) -> Trace:
         return Trace(torch.stack(self.ess_log), torch.stack(self.res_log), torch.stack(self.z_log))
+
+
+class _ShardNoise:
+    """A rank's share of the whole system's noise: every draw is made for all ``n`` flat rows (so the
+    generators advance as on one process) and this rank's flat rows ``mine`` are kept."""
+
+    def __init__(self, noise: NoiseSource, n: int, mine: Tensor) -> None:
+        self.noise, self.n, self.mine = noise, n, mine
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        whole = like.new_empty(()).expand(self.n, *like.shape[1:])  # the shape, dtype, device; no memory
+        if self.mine.device != like.device:
+            self.mine = self.mine.to(like.device)
+        return self.noise(t_from, t_to, whole).index_select(0, self.mine)
 
 
 class _InnerNoise:

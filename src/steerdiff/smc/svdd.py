@@ -60,6 +60,7 @@ class SVDD(SMCAlgorithm):
     """
 
     name = "svdd"
+    shardable = True
 
     def __init__(self, alpha: float) -> None:
         self.alpha = real("svdd", "alpha", alpha, lo=0, finite=False)  # 0: argmax, inf: the base sampler
@@ -80,12 +81,12 @@ class SVDD(SMCAlgorithm):
             return None
         r = ctx.reward(ctx.x)  # the samples returned (noisy ones with final="none")
         ctx.state["reward"] = r
-        return self._log_select(r)
+        return self._log_select(ctx.gather(r))[:, ctx.shard]  # over every rank's candidates (group=)
 
     def resample(self, ctx: StepContext, log_w: Tensor, generator: Generators) -> Tensor:
         if ctx.i == 0 or log_w.shape[1] == 1:  # one x_T per batch row; one candidate: nothing to draw
             return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
-        r = ctx.reward(ctx.x0)
+        r = ctx.gather(ctx.reward(ctx.x0))  # every rank's candidates (group=)
         if self.alpha == 0:  # no draw: the same run as CoDe with block = 1
             return r.argmax(-1, keepdim=True).expand(log_w.shape)
         logits = self._log_select(r)
@@ -109,6 +110,7 @@ def svdd(
     device: torch.device | str | None = None,
     generator: Generators = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """SVDD-PM: ``particles = M`` candidates per step and batch row, one kept by ``softmax(v / alpha)``.
@@ -120,7 +122,7 @@ def svdd(
         alpha: temperature ``>= 0`` (default 0: greedy argmax, as the paper's main experiments;
             ``math.inf``: the base sampler).
         shape: ``(batch, *sample_shape)``. ``particles``: ``M >= 1`` candidates. ``steps``: solver steps.
-        solver, schedule, final, max_batch, dtype, device, generator, progress, cond: see
+        solver, schedule, final, max_batch, dtype, device, generator, progress, group, cond: see
             :func:`~steerdiff.smc.run_smc`; the solver must be stochastic (candidates must differ).
 
     Returns:
@@ -131,5 +133,5 @@ def svdd(
     return run_smc(
         den, SVDD(alpha), shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, dtype=dtype,
-        device=device, generator=generator, progress=progress, **cond,
+        device=device, generator=generator, progress=progress, group=group, **cond,
     )  # fmt: skip

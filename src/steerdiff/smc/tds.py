@@ -62,6 +62,7 @@ from torch import Tensor
 
 from .._checks import integer, real
 from ..denoiser import Denoiser, check_denoiser
+from ..distributed.group import ranks
 from ..guidance._measurement import MeasurementGuided
 from ..inverse.operators import LinearOperator
 from ..noise import Generators
@@ -76,6 +77,7 @@ from .particles import (
     SMCAlgorithm,
     StepContext,
     _check_shape,
+    _shard_rows,
     run_smc,
     transition_log_prob,
 )
@@ -203,6 +205,7 @@ class TDS(SMCAlgorithm):
     """
 
     name = "tds"
+    shardable = True
     sliced_grad = True
     needs_transition = True
 
@@ -263,6 +266,7 @@ def _linear_twist(
     batch: int,
     particles: int,
     prior_var: Any,
+    group: Any,
 ) -> _LinearGaussian:
     if not isinstance(operator, LinearOperator):
         raise ValueError(
@@ -278,6 +282,10 @@ def _linear_twist(
         if y.shape[0] != batch:
             raise ValueError(f"y holds {y.shape[0]} observations for shape[0] = {batch} batch rows")
         measurement.y = measurement.y.repeat_interleave(particles, dim=0)
+        spread = ranks("tds", group)
+        if spread.group is not None and particles >= spread.size:  # this rank's particles' (run_smc checks)
+            mine = _shard_rows(batch, particles, spread.shard(particles)).to(measurement.y.device)
+            measurement.y = measurement.y.index_select(0, mine)
     return _LinearGaussian(measurement, real("tds", "prior_var", prior_var, lo=0))
 
 
@@ -309,6 +317,7 @@ def tds(
     device: torch.device | str | None = None,
     generator: Generators = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """Twisted diffusion sampler: ``particles`` weighted samples per batch row of ``p_S(x | y)``.
@@ -334,7 +343,7 @@ def tds(
         prior_var: ``v >= 0`` of the linear-Gaussian twist's ``r_i^2`` (1: PiGDM's; 0: the plain
             ``N(y; A x0_hat, s^2 I)``).
         ess_threshold: resample a row when ``ESS < ess_threshold * N`` (default 0.5, the paper's).
-        resampler, solver, schedule, final, max_batch, x_T, dtype, device, generator, progress, cond:
+        resampler, solver, schedule, final, max_batch, x_T, dtype, device, generator, progress, group, cond:
             see :func:`~steerdiff.smc.run_smc`; the solver must return Gaussian transitions
             (``ddpm``, ``er_sde``, ``euler_ancestral``, ``dpmpp_2m_sde``, ``sa_solver``, ...).
             ``max_batch`` bounds the rows of every call of the denoiser, ``log_likelihood``,
@@ -360,7 +369,9 @@ def tds(
     if given[0]:
         if operator is None or y is None:
             raise ValueError(f"tds: a linear-Gaussian observation needs both operator and y ({_POSITIONAL})")
-        twist = _linear_twist(den, operator, y, noise_std, _check_shape(shape, "tds")[0], n_part, prior_var)
+        twist = _linear_twist(
+            den, operator, y, noise_std, _check_shape(shape, "tds")[0], n_part, prior_var, group
+        )
     elif log_likelihood is not None:
         if not callable(log_likelihood):
             raise ValueError(
@@ -379,5 +390,5 @@ def tds(
         den, TDS(twist, twist_scale), shape, particles=n_part, steps=steps, solver=solver,
         schedule=schedule, final=final, ess_threshold=ess_threshold, resampler=resampler,
         max_batch=max_batch, x_T=x_T, dtype=dtype, device=device, generator=generator,
-        progress=progress, **cond,
+        progress=progress, group=group, **cond,
     )  # fmt: skip

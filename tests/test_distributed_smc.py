@@ -1,0 +1,194 @@
+"""Particle methods spread over ranks (``group=``): on 2 and 3 gloo ranks, with a row's 7 particles in
+uneven shards (4/3 and 3/2/2), every rank's result equals the single-process run with the same
+generators bitwise (CPU float64, the exact mixture denoiser): particles, weights, trace (ESS, resampling
+events, log Z), NFE, rewards and ``sample()``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.noise import Generators
+from steerdiff.smc import SMCAlgorithm, StepContext
+
+from .distributed import spawn
+from .reference import smooth_mixture
+
+F64 = torch.float64
+PROC = sd.VP.cosine()
+GMM = smooth_mixture(dim=2, components=3, seed=0)
+DEN = GMM.denoiser(PROC)
+C = torch.tensor([1.0, -0.5], dtype=F64)
+A = torch.tensor([[1.0, 0.5]], dtype=F64)
+N, STEPS = 7, 10
+
+
+def linear(x: torch.Tensor) -> torch.Tensor:
+    return x @ C
+
+
+def gens(per_row: bool, seed: int = 0) -> Generators:
+    """One generator, or one per batch row (of 2)."""
+    if per_row:
+        return [torch.Generator().manual_seed(seed + b) for b in range(2)]
+    return torch.Generator().manual_seed(seed)
+
+
+def _fk_difference(group: Any) -> sd.smc.Particles:
+    # ess_threshold below 1: some nodes resample, some do not; ER-SDE's multistep history follows
+    return sd.smc.fk_steering(
+        DEN, linear, lam=3.0, shape=(2, 2), particles=N, steps=STEPS, solver="er_sde", ess_threshold=0.8,
+        dtype=F64, generator=gens(True), group=group,
+    )  # fmt: skip
+
+
+def _fk_max(group: Any) -> sd.smc.Particles:
+    return sd.smc.fk_steering(
+        DEN, linear, lam=3.0, potential="max", interval=2, shape=(2, 2), particles=N, steps=STEPS,
+        ess_threshold=0.9, resampler="multinomial", max_batch=3, dtype=F64, generator=gens(False),
+        group=group,
+    )  # fmt: skip
+
+
+def _tds(group: Any, max_batch: int | None = None) -> sd.smc.Particles:
+    # one observation per batch row (sharded with the particles)
+    y = torch.tensor([[1.0], [-0.5]], dtype=F64)
+    return sd.smc.tds(
+        DEN, sd.inverse.Matrix(A), y, noise_std=0.3, shape=(2, 2), particles=N, steps=STEPS,
+        ess_threshold=0.9, max_batch=max_batch, dtype=F64, generator=gens(True, 3), group=group,
+    )  # fmt: skip
+
+
+def _tds_sliced(group: Any) -> sd.smc.Particles:
+    # gradients through the denoiser slice by slice: a rank slices its 8 or 6 rows as 5 + 3 and 5 + 1,
+    # one process its 14 as 5 + 5 + 4, and the matrix products round by their row count (one process
+    # with max_batch=4 is 1e-16 off its own unsliced run): equal to ~1e-14, not bitwise
+    return _tds(group, max_batch=5)
+
+
+def _svdd(group: Any) -> sd.smc.Particles:
+    return sd.smc.svdd(
+        DEN, linear, alpha=0.5, shape=(2, 2), particles=N, steps=STEPS, dtype=F64, generator=gens(False, 4),
+        group=group,
+    )  # fmt: skip
+
+
+def _best_of_n(group: Any) -> sd.smc.Particles:
+    return sd.smc.best_of_n(
+        DEN, linear, shape=(2, 2), particles=N, steps=STEPS, dtype=F64, generator=gens(True, 5), group=group
+    )
+
+
+def _code(group: Any) -> sd.smc.Particles:
+    return sd.smc.code(
+        DEN, linear, shape=(2, 2), particles=N, block=3, steps=STEPS, max_batch=4, dtype=F64,
+        generator=gens(False, 6), group=group,
+    )  # fmt: skip
+
+
+def _fkc(group: Any) -> sd.smc.Particles:
+    return sd.smc.fkc_anneal(
+        DEN, 2.0, shape=(2, 2), particles=N, steps=20, ess_threshold=0.9, dtype=F64, generator=gens(True, 7),
+        group=group,
+    )  # fmt: skip
+
+
+RUNS: dict[str, Callable[[Any], sd.smc.Particles]] = {
+    "fk_steering difference": _fk_difference,
+    "fk_steering max": _fk_max,
+    "tds": _tds,
+    "tds max_batch": _tds_sliced,
+    "svdd": _svdd,
+    "best_of_n": _best_of_n,
+    "code": _code,
+    "fkc_anneal": _fkc,
+}
+ROUNDED = {"tds max_batch"}  # equal to 1e-12 (rounding of slices of other sizes); the others bitwise
+
+
+class _Halve(SMCAlgorithm):
+    """A user's selection (overrides resample, declares nothing): refused with group=."""
+
+    def resample(self, ctx: StepContext, log_w: torch.Tensor, generator: Generators) -> torch.Tensor:
+        return torch.zeros(log_w.shape, dtype=torch.long)
+
+
+class _Whole(SMCAlgorithm):
+    """A user's weights of the whole row ``(batch, N)``, where a rank's share ``(batch, n_r)`` is due."""
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor:
+        return torch.zeros(ctx.x.shape[0], N, dtype=F64)
+
+
+def _summary(out: sd.smc.Particles) -> dict[str, Any]:
+    assert out.trace is not None
+    return {
+        "x": out.x,
+        "log_w": out.log_w,
+        "nfe": out.nfe,
+        "reward": out.reward,
+        "ess": out.trace.ess,
+        "resampled": out.trace.resampled,
+        "log_z": out.trace.log_z,
+        "sample": out.sample(generator=gens(True, 9)),
+    }
+
+
+def _errors(group: Any) -> list[str]:
+    said = []
+    for run in (
+        lambda: sd.smc.run_smc(DEN, _Halve(), (1, 2), particles=4, steps=3, group=group),
+        lambda: sd.smc.fk_steering(DEN, linear, shape=(1, 2), particles=1, steps=3, dtype=F64, group=group),
+        lambda: sd.smc.run_smc(DEN, _Whole(), (1, 2), particles=N, steps=3, dtype=F64, group=group),
+    ):
+        with pytest.raises(ValueError) as err:
+            run()
+        said.append(str(err.value))
+    return said
+
+
+def _on_ranks(group: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    return {name: _summary(run(group)) for name, run in RUNS.items()}, _errors(group)
+
+
+@pytest.fixture(scope="module")
+def alone() -> dict[str, dict[str, Any]]:
+    return {name: _summary(run(None)) for name, run in RUNS.items()}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_spread_runs_equal_the_single_process_run(alone, world):
+    for rank, (spread, said) in enumerate(spawn(_on_ranks, world)):
+        for name, want in alone.items():
+            got = spread[name]
+            for key, value in want.items():
+                where = f"{name}: {key} on rank {rank} of {world}"
+                if value is None or isinstance(value, int):  # no reward (tds); the NFE
+                    assert value == got[key], where
+                elif name in ROUNDED:
+                    torch.testing.assert_close(got[key], value, rtol=0, atol=1e-12, msg=where)
+                else:
+                    assert torch.equal(value, got[key]), where
+        assert said[0].startswith("run_smc: group: _Halve overrides resample (a selection across a row's")
+        assert said[1] == (
+            f"fk_steering: group: particles = 1 is fewer than the group's {world} ranks; every rank needs at "
+            "least one particle of each batch row"
+        )
+        mine = len(range(N)[sd.distributed.Ranks(rank, world).shard(N)])
+        assert said[2] == (
+            "run_smc: smc's log_weight must return (batch, particles on this rank) = "
+            f"(1, {mine}) with group=, got (1, {N})"
+        )
+
+
+def test_the_runs_compared_resample_and_select(alone):
+    """What the comparison covers: resampling at some nodes and not at others, a selection every node."""
+    for name in ("fk_steering difference", "fk_steering max", "tds", "fkc_anneal"):
+        events = alone[name]["resampled"][:-1]
+        assert 0 < int(events.sum()) < events.numel(), name
+    assert bool(alone["svdd"]["resampled"][:-1].all())
+    assert torch.isfinite(alone["tds"]["log_z"][-1]).all()
