@@ -97,9 +97,26 @@ def _fkc(group: Any) -> sd.smc.Particles:
     )  # fmt: skip
 
 
+def _shifted(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The mixture's x0 net moved by a per-sample ``shift`` (a condition of the net)."""
+    alpha = float(PROC.alpha(float(t.reshape(-1)[0])))
+    return DEN.net(x - alpha * shift, t) + shift
+
+
+def _fk_cond(group: Any) -> sd.smc.Particles:
+    # a condition of batch rows: repeated for a row's particles, then taken at a rank's
+    den = sd.Denoiser(_shifted, PROC, prediction="x0", shape=(2,))
+    shift = torch.tensor([[0.0, 0.0], [2.0, -1.0]], dtype=F64)
+    return sd.smc.fk_steering(
+        den, linear, lam=3.0, shape=(2, 2), particles=N, steps=STEPS, ess_threshold=0.8, dtype=F64,
+        generator=gens(True, 8), group=group, shift=shift,
+    )  # fmt: skip
+
+
 RUNS: dict[str, Callable[[Any], sd.smc.Particles]] = {
     "fk_steering difference": _fk_difference,
     "fk_steering max": _fk_max,
+    "fk_steering shift=": _fk_cond,
     "tds": _tds,
     "tds max_batch": _tds_sliced,
     "svdd": _svdd,
@@ -187,7 +204,7 @@ def test_spread_runs_equal_the_single_process_run(alone, world):
 
 def test_the_runs_compared_resample_and_select(alone):
     """What the comparison covers: resampling at some nodes and not at others, a selection every node."""
-    for name in ("fk_steering difference", "fk_steering max", "tds", "fkc_anneal"):
+    for name in ("fk_steering difference", "fk_steering max", "fk_steering shift=", "tds", "fkc_anneal"):
         events = alone[name]["resampled"][:-1]
         assert 0 < int(events.sum()) < events.numel(), name
     assert bool(alone["svdd"]["resampled"][:-1].all())
