@@ -5,6 +5,7 @@ events, log Z), NFE, rewards and ``sample()``."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -168,8 +169,25 @@ def _errors(group: Any) -> list[str]:
     return said
 
 
+def _nan_below_half(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The mixture's x0 net, NaN below process time 0.5 on the last rank only (everywhere on one process)."""
+    last = not torch.distributed.is_initialized() or torch.distributed.get_rank() == _world() - 1
+    return DEN.net(x, t) * (math.nan if last and float(t.reshape(-1)[0]) < 0.5 else 1.0)
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size()
+
+
+def _nan_message(group: Any) -> str:
+    den = sd.Denoiser(_nan_below_half, PROC, prediction="x0", shape=(2,))
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.smc.fk_steering(den, linear, shape=(2, 2), particles=N, steps=STEPS, dtype=F64, group=group)
+    return str(err.value)
+
+
 def _on_ranks(group: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    return {name: _summary(run(group)) for name, run in RUNS.items()}, _errors(group)
+    return {name: _summary(run(group)) for name, run in RUNS.items()}, [*_errors(group), _nan_message(group)]
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +218,10 @@ def test_spread_runs_equal_the_single_process_run(alone, world):
             "run_smc: smc's log_weight must return (batch, particles on this rank) = "
             f"(1, {mine}) with group=, got (1, {N})"
         )
+        # a NaN from one rank's net: every rank raises it, naming the step one process names (not the
+        # last rank alone, leaving the others waiting at their next collective)
+        assert said[3] == _nan_message(None)
+        assert said[3].startswith("the model returned NaN/inf at step ")
 
 
 def test_the_runs_compared_resample_and_select(alone):

@@ -110,10 +110,11 @@ a row's particles read every rank's with :meth:`StepContext.gather` (and their o
 ancestors; SVDD, best-of-N and CoDe select so. A hook is a collective wherever it gathers or reads
 ``ctx.reward`` (every rank must make the same calls in the same order), and an algorithm that overrides
 ``resample`` without setting ``shardable = True`` is refused (its selection would see one rank's share).
-Checks of the weights, the ancestors and the rewards are on values every rank shares, so every rank
-raises alike; an error on one rank alone during the run (in a user function) leaves the others waiting at
-their next collective until the process group's timeout, and the net's NaN/inf is read after the final
-gather, by the rank whose net gave it.
+Checks of the weights, the ancestors and the rewards are on values every rank shares, and a NaN/inf from
+any rank's net is reported by every rank (after each step for CPU tensors, at the end otherwise, as on one
+process: one flag per rank gathered), so every rank raises alike; an error on one rank alone during the
+run (in a user function) leaves the others waiting at their next collective until the process group's
+timeout.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ from ..solvers.base import (
     Transition,
     make_grid,
     map_state,
+    nonfinite_error,
     to_sample_dtype,
     work_dtype,
 )
@@ -1119,6 +1121,7 @@ def run_smc(
         noise = _ShardNoise(noise, batch * n_part, mine)
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)
+    model.eager = mine is None  # spread over ranks: checked by every rank together, _check_finite
     run = _Run(who, grid, model, evaluator, reward, batch, n_mine, sample_shape, max_batch, spread, n_part)
     solver_state = slv.init_state(grid)
     alg_state = algorithm.init_state(run.rows(x))
@@ -1157,6 +1160,8 @@ def run_smc(
             inner.calls = 0
             out = slv.step(model, x, i, grid, solver_state)
             evaluator.watch = evaluator.made = None
+            if mine is not None and x.is_cpu:  # no sync to save: every rank stops at the first bad node
+                _check_finite(model, spread, x.device)
             if algorithm.needs_transition and inner.calls:
                 raise ValueError(
                     f"{algorithm.name} needs Gaussian transitions, but solver {slv.name!r} draws noise "
@@ -1205,7 +1210,7 @@ def run_smc(
     final_reward = ctx.state.get("reward")
     if mine is not None:  # every rank returns the whole system; gathered before a check that may raise
         x, final_reward = run.everyone(x), None if final_reward is None else ctx.gather(final_reward)
-    model.check_finite()
+    _check_finite(model, spread, x.device)
     run.check_reward()
     trace = weights.trace()
     check_weights(algorithm.name, trace.log_z)
@@ -1258,6 +1263,21 @@ def _check_group(who: str, algorithm: SMCAlgorithm, group: Any, n: int) -> Ranks
             "particles on one process); pass group=None"
         )
     return spread
+
+
+def _check_finite(model: Model, spread: Ranks, device: torch.device) -> None:
+    """``model.check_finite()`` on every rank alike: the earliest non-finite output of any rank's net,
+    raised by every rank of ``spread`` (one rank raising alone would leave the others waiting at their
+    next collective); ``device``: the particles', where the collective runs."""
+    if spread.group is None:
+        model.check_finite()
+        return
+    bad = model.first_nonfinite()
+    row = [math.inf, 0.0, 0.0] if bad is None else [bad[0], -bad[2], bad[1]]  # by step, then by time
+    every = spread.gather(torch.tensor([row], dtype=torch.float64, device=device), spread.size)
+    step, neg_t, k = min(every.tolist())
+    if step != math.inf:
+        raise nonfinite_error(int(step), int(k), -neg_t)
 
 
 def _joined(run: _Run, algorithm: SMCAlgorithm, inc: Tensor | None) -> Tensor | None:

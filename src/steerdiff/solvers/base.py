@@ -47,6 +47,7 @@ __all__ = [
     "advance",
     "check_long_step",
     "make_grid",
+    "nonfinite_error",
     "step_limit",
     "step_order",
     "to_sample_dtype",
@@ -376,7 +377,8 @@ class Model:
     ``model(x, t, step)`` returns the :class:`Prediction` at process time ``t`` (kept as ``last`` until
     the next call starts: the net does not run with the previous ``x`` and estimates held here);
     ``step`` is the solver step it belongs to, reported if the output is not finite: at once for
-    CPU tensors, by :meth:`check_finite` at the end of the run otherwise (no device sync per call).
+    CPU tensors (unless ``eager`` is set to False, as a run spread over ranks does, whose ranks must
+    raise together), by :meth:`check_finite` at the end of the run otherwise (no device sync per call).
     ``model.noise(t_from, t_to, like)`` is the run's noise source (:mod:`steerdiff.noise`), for
     stochastic sub-steps.
 
@@ -398,6 +400,7 @@ class Model:
         self.noise: NoiseSource = noise if noise is not None else GeneratorNoise()
         self.net_dtype = net_dtype if net_dtype is not None and work_dtype(net_dtype) != net_dtype else None
         self.nfe = 0
+        self.eager = True
         self.last: Prediction | None = None
         self._sums: list[Tensor] = []
         self._where: list[tuple[int, float]] = []
@@ -418,7 +421,7 @@ class Model:
             total = total + pred.var_interp.detach().sum(dtype=total.dtype)
         self._sums.append(total)
         self._where.append((step, t))
-        if given.is_cpu and not math.isfinite(self._sums[-1].item()):
+        if self.eager and given.is_cpu and not math.isfinite(self._sums[-1].item()):
             self.check_finite()  # no sync to save on the CPU: stop at the first bad evaluation
         self.last = pred
         return pred
@@ -434,10 +437,15 @@ class Model:
         model or of ``others`` run beside it (pcg's predictor and corrector): the earliest step wins."""
         bad = [b for m in (self, *others) if (b := m.first_nonfinite()) is not None]
         if bad:  # the earliest: by step, then by time, which falls as sampling goes on (not by index)
-            step, k, t = min(bad, key=lambda b: (b[0], -b[2]))
-            raise NonFiniteError(
-                f"the model returned NaN/inf at step {step} (evaluation {k + 1}, process time t={t:.6g})"
-            )
+            raise nonfinite_error(*min(bad, key=lambda b: (b[0], -b[2])))
+
+
+def nonfinite_error(step: int, evaluation: int, t: float) -> NonFiniteError:
+    """The error for a non-finite network output at solver ``step``, the run's ``evaluation``-th call
+    (from 0), at process time ``t``."""
+    return NonFiniteError(
+        f"the model returned NaN/inf at step {step} (evaluation {evaluation + 1}, process time t={t:.6g})"
+    )
 
 
 @dataclass
