@@ -34,6 +34,7 @@ __all__ = [
     "guided_corrector_max_h",
     "guided_max_h",
     "guided_solver",
+    "plan",
     "run_grid",
     "sample",
 ]
@@ -457,15 +458,11 @@ def sample(
     check_denoiser("sample", "den", den)
     check_x_T(den, x_T, "sample")
     check_seeded(den, generator, "sample")
-    steps = integer("sample", "steps", steps, lo=1)
-    choice("sample", "final", final, FINALS)
+    sched, grid, slv = plan(den, steps, solver, schedule, final, "sample")
     progress = boolean("sample", "progress", progress)
     return_info = boolean("sample", "return_info", return_info)
     if callback is not None and not callable(callback):
         raise ValueError(f"sample: callback must be None or a callable(dict), got {type(callback).__name__}")
-    sched = _schedules.get(schedule, "sample")
-    grid = make_grid(den.process, sched, steps, final)
-    slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver, "sample")
     model = Model(den, cond, make_noise(generator, "sample"), net_dtype=x_T.dtype)
     if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
         check_rows(model.noise.generators, len(x_T), "sample")
@@ -487,6 +484,19 @@ def sample(
     if return_info:
         return x, SampleInfo(model.nfe, grid, slv, sched, chains)
     return x
+
+
+def plan(
+    den: Denoiser, steps: object, solver: str | Solver | None, schedule: ScheduleLike, final: object, who: str
+) -> tuple[Schedule, Grid, Solver]:
+    """The schedule, grid and solver :func:`sample` runs ``den`` with for its arguments ``steps``, ``solver``
+    (``None``: :func:`default_solver` on that grid), ``schedule`` and ``final``, each checked (a
+    ``ValueError`` naming it after ``who``, the entry point)."""
+    steps = integer(who, "steps", steps, lo=1)
+    final = choice(who, "final", final, FINALS)
+    sched = _schedules.get(schedule, who)
+    grid = make_grid(den.process, sched, steps, final)
+    return sched, grid, _solvers.get(default_solver(den, steps, grid) if solver is None else solver, who)
 
 
 def run_grid(

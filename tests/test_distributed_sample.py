@@ -1,0 +1,255 @@
+"""sd.distributed.sample / sample_discrete on 2 and 3 gloo ranks against single-process runs.
+
+Oracle: the single-process sampler (``sd.sample``, ``sd.discrete.sample``, each checked against exact laws
+elsewhere) on the whole batch with the same initial noise and per-sample generators; a sample must not
+depend on the number of ranks, so the gathered batch equals it bitwise (CPU, float64, exact mixture
+denoisers). Batch 7 gives uneven shards (4 + 3, 3 + 2 + 2); batch 2 on 3 ranks leaves one empty.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import steerdiff as sd
+
+from .distributed import spawn
+
+F64 = torch.float64
+NULL = -1
+N, L_TOK = 7, 3
+
+
+def _gmm(shift: float) -> sd.toy.GaussianMixture:
+    means = torch.tensor([[-2.0, 0.5], [1.0, -1.5]], dtype=F64) + shift
+    return sd.toy.GaussianMixture(
+        means, torch.tensor([[0.3, 0.2], [0.25, 0.4]], dtype=F64), torch.ones(2, dtype=F64)
+    )
+
+
+def labelled() -> sd.Denoiser:
+    """An exact x0-net ``net(x, t, y)`` with one label per row: ``y = 0 / 1`` a class (mixture shifted by
+    -2 / +2), ``NULL`` their equal-weight mixture (unconditional)."""
+    process = sd.VP.linear()
+    laws = {0: _gmm(-2.0), 1: _gmm(2.0)}
+    means = torch.cat([laws[0].means, laws[1].means])
+    laws[NULL] = sd.toy.GaussianMixture(means, torch.cat([laws[0].variances] * 2), torch.ones(4, dtype=F64))
+
+    def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, s = float(process.alpha(t[0])), float(process.sigma(t[0]))
+        out = torch.empty_like(x)
+        for label, law in laws.items():
+            rows = y == label
+            if bool(rows.any()):
+                out[rows] = law.denoise(x[rows], a, s)
+        return out
+
+    return sd.Denoiser(net, process, prediction="x0", shape=(2,))
+
+
+def plain() -> sd.Denoiser:
+    return _gmm(0.0).denoiser(sd.VP.linear())
+
+
+def guided(n: int) -> sd.Denoiser:
+    den = labelled()
+    return sd.guidance.CFG(den, den, 3.0, uncond_kwargs={"y": torch.full((n,), NULL)})
+
+
+def labels(n: int) -> torch.Tensor:
+    return torch.arange(n) % 2
+
+
+def gens(n: int, seed: int = 100) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def noise(n: int) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+
+def mixture() -> sd.toy.CategoricalMixture:
+    probs = torch.tensor([[[0.7, 0.2, 0.1]] * L_TOK, [[0.1, 0.3, 0.6]] * L_TOK], dtype=F64)
+    return sd.toy.CategoricalMixture(torch.tensor([0.4, 0.6]), probs)
+
+
+def partly_masked(n: int, mask_id: int) -> torch.Tensor:
+    """Token ids with 0 to 3 masked positions per row (first_hitting's steps: the most masked row's count)."""
+    x = torch.zeros(n, L_TOK, dtype=torch.long)
+    for i in range(n):
+        x[i, : i % (L_TOK + 1)] = mask_id
+    return x
+
+
+def _runs(group, n: int, world: int):
+    """Every mode on this rank's shard of ``n``; with ``world == 3`` also batch 2 (an empty rank)."""
+    ds = sd.distributed
+    out = {
+        "default": ds.sample(plain(), noise(n), 6, group=group),
+        "ddpm": ds.sample(plain(), noise(n), 6, "ddpm", group=group, generator=gens(n)),
+        "seed": ds.sample(plain(), None, 6, "ddpm", group=group, shape=(n, 2), seed=5, dtype=F64),
+        "cfg": ds.sample(guided(n), noise(n), 6, group=group, y=labels(n)),
+        "shard": ds.sample(
+            plain(), noise(n), 6, "ddpm", group=group, generator=gens(n), gather=False, return_info=True
+        ),
+    }
+    proc = sd.discrete.MaskedProcess(3)
+    den = mixture().denoiser(proc)
+    cfg = sd.discrete.CFG(den, den, 2.0, uncond_kwargs={"y": torch.full((n,), NULL)})
+    out["discrete"] = ds.sample_discrete(cfg, (n, L_TOK), 4, group=group, seed=9, y=labels(n))
+    out["first_hitting"] = ds.sample_discrete(
+        den, partly_masked(n, proc.mask_id), sampler="first_hitting", group=group, generator=gens(n)
+    )
+
+    def fail_on_rank_1(state: dict) -> None:
+        if dist.get_rank() == 1:
+            raise ArithmeticError("rank 1's own failure")
+
+    try:
+        ds.sample(plain(), noise(n), 2, group=group, callback=fail_on_rank_1)
+    except Exception as e:  # every rank raises: rank 1 its error, the others naming it
+        out["failure"] = f"{type(e).__name__}: {e}"
+    if world == 3:
+        out["small"] = ds.sample(
+            plain(), None, 6, "ddpm", group=group, shape=(2, 2), seed=5, dtype=F64, return_info=True
+        )
+        out["small_discrete"] = ds.sample_discrete(den, (2, L_TOK), 4, group=group, seed=9)
+    return out
+
+
+def _single(n: int) -> dict[str, torch.Tensor]:
+    """The same runs on this process, on the whole batch."""
+    x_T, g = sd.distributed.seeded((n, 2), 5, dtype=F64)
+    proc = sd.discrete.MaskedProcess(3)
+    den = mixture().denoiser(proc)
+    cfg = sd.discrete.CFG(den, den, 2.0, uncond_kwargs={"y": torch.full((n,), NULL)})
+    return {
+        "default": sd.sample(plain(), noise(n), 6),
+        "ddpm": sd.sample(plain(), noise(n), 6, "ddpm", generator=gens(n)),
+        "seed": sd.sample(plain(), x_T, 6, "ddpm", generator=g),
+        "cfg": sd.sample(guided(n), noise(n), 6, y=labels(n)),
+        "discrete": sd.discrete.sample(cfg, (n, L_TOK), 4, generator=gens(n, 9), y=labels(n)),
+        "first_hitting": sd.discrete.sample(
+            den, partly_masked(n, proc.mask_id), sampler="first_hitting", generator=gens(n)
+        ),
+        "small_discrete": sd.discrete.sample(den, (2, L_TOK), 4, generator=gens(2, 9)),
+    }
+
+
+def close(x: torch.Tensor, want: torch.Tensor) -> None:
+    """Token ids equal; samples to 1e-12: ``sd.sample`` on one process already gives a sample in a batch of 3
+    and of 7 to 5.6e-16 only (seed mode, ddpm; the mixture's products round by batch size)."""
+    if want.is_floating_point():
+        torch.testing.assert_close(x, want, rtol=0, atol=1e-12)
+    else:
+        assert torch.equal(x, want)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_same_samples_as_one_process(world):
+    single = _single(N)
+    shards = sd.distributed.Ranks(0, world).sizes(N)
+    starts = [sum(shards[:k]) for k in range(world)]
+    for rank, out in enumerate(spawn(_runs, world, N, world)):
+        for key, want in single.items():
+            if key.startswith("small") and world != 3:
+                continue
+            assert out[key].dtype == want.dtype
+            close(out[key], want)
+        x, info = out["shard"]
+        close(x, single["ddpm"][starts[rank] : starts[rank] + shards[rank]])
+        assert info.nfe == 6  # each rank's evaluations, on its shard: the single-process count
+        if rank == 1:
+            assert out["failure"] == "ArithmeticError: rank 1's own failure"
+        else:
+            assert out["failure"] == (
+                f"RuntimeError: distributed.sample: rank(s) [1] of the group failed (each raised its error); "
+                f"so stops rank {rank}"
+            )
+        if world == 3:  # batch 2: shards 1, 1, 0
+            x, info = out["small"]
+            close(x, single["seed"][:2])  # sample i's noise is seed + i's, whatever the batch
+            assert info.nfe == (0 if rank == 2 else 6)
+            assert torch.equal(out["small_discrete"], single["small_discrete"])
+
+
+def test_seeded_rows_are_the_batch_rows_and_one_process_is_sd_sample():
+    x_T, g = sd.distributed.seeded((N, 2), 5, dtype=F64)
+    part, _ = sd.distributed.seeded((N, 2), 5, range(3, 5), dtype=F64)
+    assert torch.equal(part, x_T[3:5])  # sample i's noise is its generator's, seed + i
+    assert torch.equal(x_T[1], torch.randn(2, generator=torch.Generator().manual_seed(6), dtype=F64))
+    x, info = sd.distributed.sample(
+        guided(N), None, 6, "ddpm", group=None, shape=(N, 2), seed=5, dtype=F64, return_info=True, y=labels(N)
+    )
+    assert torch.equal(x, sd.sample(guided(N), x_T, 6, "ddpm", generator=g, y=labels(N)))
+    assert info.nfe == 12  # CFG: two evaluations per step
+
+
+def _bad(**kw):
+    args = {"den": plain(), "x_T": noise(N), "steps": 4, "group": None, **kw}
+    return lambda: sd.distributed.sample(**args)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (_bad(group=3), r"distributed.sample: group must be None .* got int"),
+        (_bad(shape=(N, 2), seed=1), r"distributed.sample: x_T, shape: give x_T .* not both"),
+        (_bad(x_T=None), r"x_T, shape: give x_T .* got neither"),
+        (_bad(seed=1), r"distributed.sample: seed goes with shape="),
+        (_bad(device="cpu"), r"distributed.sample: device goes with shape="),
+        (
+            _bad(x_T=None, shape=(N, 2), seed=1.5),
+            r"distributed.sample: seed must be an integer >= 0, got 1.5",
+        ),
+        (_bad(x_T=None, shape=(N, 2)), r"distributed.sample: seed must be an integer >= 0, got None"),
+        (
+            _bad(x_T=None, shape=(N, 3), seed=0),
+            r"distributed.sample: shape has sample shape \(3,\), the denoiser",
+        ),
+        (_bad(x_T=None, shape=(N,), seed=0), r"distributed.sample: shape must be a batch's"),
+        (_bad(x_T=None, shape=(N, 2), seed=0, generator=gens(N)), r"generator goes with x_T"),
+        (
+            _bad(generator=gens(N - 1)),
+            r"generator must be None or a list of one torch.Generator per sample \(7\).*"
+            r"got a list of 6",
+        ),
+        (
+            _bad(generator=torch.Generator()),
+            r"distributed.sample: generator must be None or a list .* got Generator",
+        ),
+        (
+            _bad(solver="ddpm"),
+            r"distributed.sample: generator: the run draws noise \(ddpm\): pass one generator",
+        ),
+        (_bad(x_T=noise(N)[:0]), r"distributed.sample: x_T has no samples"),
+        (_bad(gather="no"), r"distributed.sample: gather must be True or False"),
+        (_bad(corrector="ula", generator=gens(N)), r"distributed.sample: corrector must have a step_size"),
+        (
+            _bad(den=sd.guidance.RePaint(plain(), sd.inverse.Matrix(torch.eye(2, dtype=F64)), noise(N))),
+            r"distributed.sample: den: RePaint draws noise of its own",
+        ),
+        (_bad(steps=0), r"distributed.sample: steps must be an integer >= 1"),
+        (
+            lambda: sd.distributed.seeded((N, 2), 0, range(5, 9)),
+            r"distributed.seeded: rows must be None or a non-empty range\(start, stop\) within range\(7\)",
+        ),
+    ],
+)
+def test_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_bad_discrete_arguments():
+    den = mixture().denoiser(sd.discrete.MaskedProcess(3))
+    for kw, match in [
+        ({}, r"distributed.sample_discrete: seed, generator: every sampler draws noise; .* got neither"),
+        ({"seed": 1, "generator": gens(N)}, r"seed, generator: .* not both"),
+        ({"seed": "1"}, r"distributed.sample_discrete: seed must be an integer >= 0, got '1'"),
+        ({"generator": gens(2)}, r"generator must be None or a list of one torch.Generator per sample \(7\)"),
+        ({"seed": 0, "group": "world"}, r"distributed.sample_discrete: group must be None"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sd.distributed.sample_discrete(den, (N, L_TOK), 4, **{"group": None, **kw})
