@@ -6,7 +6,10 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +175,25 @@ def test_the_particle_snippet_runs_with_what_it_is_given():
     scope["A"], scope["y"] = torch.randn(2, dim, generator=g), torch.randn(batch, 2, generator=g)
     exec(compile(_block("### Particle steering"), "README.md", "exec"), scope)
     assert scope["out"].x.shape == (batch, 16, dim) and scope["x"].shape == (batch, dim)
+
+
+def test_the_many_gpus_example_runs_under_torchrun(tmp_path):
+    # 6 samples instead of 50,000, on 4 CPU ranks (gloo; shards 2, 2, 1, 1): samples.pt is one process's batch
+    code = _block("### Many GPUs")
+    assert code.count("shape=(50_000, 64)") == 1
+    (tmp_path / "samples.py").write_text(code.replace("shape=(50_000, 64)", "shape=(6, 64)"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    run = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "samples.py",
+    ]
+    subprocess.run(run, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    den = sd.toy.default_benchmark_mixture().denoiser(sd.VP.scaled_linear())
+    x_T, g = sd.distributed.seeded((6, 64), 0)
+    want = sd.sample(den, x_T, 20, "ddpm", generator=g)
+    torch.testing.assert_close(torch.load(tmp_path / "samples.pt"), want, rtol=0, atol=1e-6)
