@@ -40,7 +40,7 @@ rank waits at the gather for one that is gone).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -174,6 +174,50 @@ def _spread(
             f"{who}: rank(s) {failed} of the group failed (each raised its error); so stops rank {r.rank}"
         )
     return (r.gather(x, n) if gather else x), info
+
+
+@overload
+def sample(
+    den: Denoiser,
+    x_T: Tensor | None = ...,
+    steps: int = ...,
+    solver: str | Solver | None = ...,
+    schedule: ScheduleLike = ...,
+    *,
+    group: Any,
+    shape: Sequence[int] | None = ...,
+    seed: int | None = ...,
+    generator: Sequence[torch.Generator] | None = ...,
+    dtype: torch.dtype | None = ...,
+    device: torch.device | str | None = ...,
+    final: str = ...,
+    corrector: str | _mcmc.Kernel | None = ...,
+    gather: bool = ...,
+    return_info: Literal[False] = ...,
+    **kwargs: Any,
+) -> Tensor: ...
+
+
+@overload
+def sample(
+    den: Denoiser,
+    x_T: Tensor | None = ...,
+    steps: int = ...,
+    solver: str | Solver | None = ...,
+    schedule: ScheduleLike = ...,
+    *,
+    group: Any,
+    shape: Sequence[int] | None = ...,
+    seed: int | None = ...,
+    generator: Sequence[torch.Generator] | None = ...,
+    dtype: torch.dtype | None = ...,
+    device: torch.device | str | None = ...,
+    final: str = ...,
+    corrector: str | _mcmc.Kernel | None = ...,
+    gather: bool = ...,
+    return_info: Literal[True],
+    **kwargs: Any,
+) -> tuple[Tensor, SampleInfo]: ...
 
 
 def sample(
@@ -315,6 +359,40 @@ def sample(
 
     x, info = _spread(who, r, n, where, run, empty, gather)
     return (x, info) if return_info else x
+
+
+@overload
+def sample_discrete(
+    den: MaskedDenoiser,
+    x_T: Tensor | Sequence[int],
+    steps: int | None = ...,
+    sampler: str | _discrete.Sampler = ...,
+    *,
+    group: Any,
+    seed: int | None = ...,
+    generator: Sequence[torch.Generator] | None = ...,
+    device: torch.device | str | None = ...,
+    gather: bool = ...,
+    return_info: Literal[False] = ...,
+    **kwargs: Any,
+) -> Tensor: ...
+
+
+@overload
+def sample_discrete(
+    den: MaskedDenoiser,
+    x_T: Tensor | Sequence[int],
+    steps: int | None = ...,
+    sampler: str | _discrete.Sampler = ...,
+    *,
+    group: Any,
+    seed: int | None = ...,
+    generator: Sequence[torch.Generator] | None = ...,
+    device: torch.device | str | None = ...,
+    gather: bool = ...,
+    return_info: Literal[True],
+    **kwargs: Any,
+) -> tuple[Tensor, _discrete.SampleInfo]: ...
 
 
 def sample_discrete(
