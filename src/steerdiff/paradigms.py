@@ -23,6 +23,22 @@ variance, and diffusers' ParaDiGMS pipeline takes DDPM's for DDIM too (pairing n
 leaving it rather than the one into it: DDIM at 50 and 200 steps, window 16, moves as many samples either
 way on ``steerdiff bench parallel``'s mixture; at the clean end ``v = 0``).
 
+A multistep solver's step (DPM-Solver++(2M/3M), UniPC, DEIS, iPNDM, LMS, SA-Solver, SDE-DPM-Solver++(2M/3M),
+ER-SDE, MRS; the paper's ParaDPMSolver) is ``F_i(x_i; S_i)``: its state ``S_i`` holds the estimates of
+earlier nodes, which step ``i - 1`` updated. One iteration takes the window's steps in order, exactly as
+the sequential sampler does, from the state at the window's start, each fed its node's prediction from the
+batched call: node ``i``'s step reads the estimates made at the guesses of nodes ``< i`` in the same
+iteration (the sequential run reads the converged ones, so the fixed point is still the sequential
+trajectory), and a window that slides by ``s`` starts from the state after step ``t + s - 1``, made with
+the nodes accepted. Each step is the solver's own, so its warm-up at lower order, its order at the last
+steps and its long-step rule (``max_h``) are the sequential sampler's. A corrector that redoes the last
+step with the estimate at ``x_i`` before predicting (UniPC's UniC, SA-Solver's SA-Corrector) keeps
+``F_i(x_i) - x_i`` a function of the guess ``x_i`` and the state: SA-Corrector adds its change of the
+gradient term to ``x_i``, and UniC moves a guess by its move (:attr:`~steerdiff.solvers.base.Model.guesses`;
+:mod:`steerdiff.solvers.unipc`); ``d_i`` is ``F_i(x_i) - x_i`` at the guess, not at the corrected point.
+Solvers that evaluate the net more than once per step (Heun, the singlestep and staged ones, PNDM's and
+PLMS's warm-up) or update from another node than their own (the singlestep DPM-Solver) are refused.
+
 The window moves at least one node per iteration, so the run ends after at most ``steps`` *parallel
 iterations* (sequential batched calls), ``steps`` exactly for ``window=1``, which is the sequential
 sampler; the paper's speed-up is ``steps / iterations`` at the price of more network evaluations (every
@@ -37,6 +53,7 @@ its (``steerdiff bench parallel``).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,9 +69,25 @@ from ._checks import boolean, choice, integer, real
 from .denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
 from .distributed.group import Ranks, ranks
 from .noise import NoiseSource, PerSampleNoise, check_rows, make_noise
-from .sampling import DEFAULT_SCHEDULE, check_x_T
+from .sampling import DEFAULT_SCHEDULE, check_x_T, default_solver
 from .schedules import Schedule, ScheduleLike
-from .solvers import DDIM, DDPM, TCD, Euler, EulerAncestral, EulerMaruyama
+from .solvers import (
+    DDIM,
+    DDPM,
+    DEIS,
+    ERSDE,
+    LMS,
+    PNDM,
+    TCD,
+    DPMSolverPPMultistep,
+    DPMSolverSDEMultistep,
+    Euler,
+    EulerAncestral,
+    EulerMaruyama,
+    MRSampler,
+    SASolver,
+    UniPC,
+)
 from .solvers.base import (
     FINALS,
     Grid,
@@ -63,6 +96,7 @@ from .solvers.base import (
     Solver,
     advance,
     make_grid,
+    map_state,
     to_sample_dtype,
     work_dtype,
 )
@@ -72,10 +106,33 @@ __all__ = ["ACCEPTED", "ParadigmsInfo", "paradigms"]
 
 log = logging.getLogger(__name__)
 
-# the solvers whose step i is a function of (x_i, i) alone, with one network evaluation and its noise (if
-# any) drawn by the engine from the step's Transition
-SUPPORTED = (DDIM, DDPM, Euler, EulerAncestral, EulerMaruyama, TCD)
-ACCEPTED = ("ddim", "ddpm", "euler", "euler_ancestral", "euler_maruyama", "tcd", "lcm")
+# the solvers whose step i makes one network evaluation, at (x_i, t_i), and moves x_i by their update from it
+# and the estimates of earlier steps (their state), with its noise (if any) drawn by the engine from the
+# step's Transition. Not the flags' to tell: the singlestep DPM-Solver (its update starts from the
+# macro-step's first node) and PNDM / PLMS (an LMS whose warm-up steps evaluate 2-4 times) are not staged
+SUPPORTED = (
+    DDIM,
+    DDPM,
+    Euler,
+    EulerAncestral,
+    EulerMaruyama,
+    TCD,
+    DPMSolverPPMultistep,
+    DPMSolverSDEMultistep,
+    UniPC,
+    DEIS,
+    LMS,
+    SASolver,
+    ERSDE,
+    MRSampler,
+)
+
+
+def _supported(solver: Solver) -> bool:
+    return isinstance(solver, SUPPORTED) and not isinstance(solver, PNDM)
+
+
+ACCEPTED = tuple(name for name in _solvers.available() if _supported(_solvers.get(name)))
 
 
 @dataclass
@@ -127,6 +184,7 @@ class _Replay(Model):
 
     def __init__(self, den: Denoiser, noise: NoiseSource) -> None:
         super().__init__(den, None, noise)
+        self.guesses = True  # x_i: the window's guess of the state the last step returned
         self._next: tuple[Tensor, float, Prediction] | None = None
 
     def expect(self, x: Tensor, t: float, pred: Prediction) -> None:
@@ -142,6 +200,12 @@ class _Replay(Model):
         pred = self._next[2]
         self._next, self.last = None, pred
         return pred
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a solver state that its steps can update without changing ``state``: new containers, the
+    same tensors (a step never writes in place a tensor of its state), other objects deep-copied."""
+    return map_state(state, lambda t: t, copy.deepcopy)
 
 
 Window = tuple[Tensor, bool, Tensor | None, int]
@@ -192,7 +256,7 @@ def paradigms(
     den: Denoiser,
     x_T: Tensor,
     steps: int,
-    solver: str | Solver = ...,
+    solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
     final: str = ...,
@@ -211,7 +275,7 @@ def paradigms(
     den: Denoiser,
     x_T: Tensor,
     steps: int,
-    solver: str | Solver = ...,
+    solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
     final: str = ...,
@@ -229,7 +293,7 @@ def paradigms(
     den: Denoiser,
     x_T: Tensor,
     steps: int,
-    solver: str | Solver = "ddim",
+    solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
     final: str = "zero",
@@ -248,9 +312,12 @@ def paradigms(
     Args:
         den, x_T, steps, schedule, final, progress, **cond: as :func:`steerdiff.sample` (``steps`` >= 1,
             no default: the method pays off on long grids).
-        solver: a one-evaluation solver whose step depends on ``(x_i, i)`` alone: a name of
-            :data:`ACCEPTED` or an instance of DDIM (any ``eta``), DDPM, Euler, EulerAncestral,
-            EulerMaruyama, TCD (LCM); default ``"ddim"``.
+        solver: a solver with one network evaluation per step, at its own node (module docstring): a name
+            of :data:`ACCEPTED` or an instance of DDIM (any ``eta``), DDPM, Euler, EulerAncestral,
+            EulerMaruyama, TCD (LCM), DPMSolverPPMultistep, DPMSolverSDEMultistep, UniPC, DEIS, LMS
+            (iPNDM), SASolver, ERSDE, MRSampler; default (``None``) :func:`steerdiff.sample`'s,
+            :func:`~steerdiff.sampling.default_solver` (UniPC-3; a guided denoiser's UniPC-2 or
+            DPM-Solver++(2M)).
         window: ``p``, the nodes evaluated together in one batched call (``p`` times the batch), an
             integer >= 1 (capped at ``steps``; 1 is the sequential sampler); default 16.
         tol: ``tau > 0``, the tolerance relative to each node's step standard deviation; default 0.01, not
@@ -286,14 +353,15 @@ def paradigms(
             f"{who}: den: {', '.join(dict.fromkeys(own))} in the denoiser draws noise of its own, which "
             "every re-evaluation of a step would draw again: use steerdiff.sample"
         )
-    slv = _solvers.get(solver, who)
-    if not isinstance(slv, SUPPORTED):
-        raise ValueError(
-            f"{who}: solver={solver!r} is not a one-evaluation step of (x_i, i) alone; accepted: "
-            f"{list(ACCEPTED)} or an instance of {', '.join(c.__name__ for c in SUPPORTED)}"
-        )
     sched = _schedules.get(schedule, who)
     grid = make_grid(den.process, sched, steps, final)
+    slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver, who)
+    if not _supported(slv):
+        raise ValueError(
+            f"{who}: solver={solver!r} does not take each step from its own node with one network evaluation "
+            f"there; accepted: {list(ACCEPTED)} or an instance of {', '.join(c.__name__ for c in SUPPORTED)} "
+            "(not PNDM)"
+        )
     noise = make_noise(generator, who)
     if isinstance(noise, PerSampleNoise):
         check_rows(noise.generators, len(x_T), who)
@@ -301,6 +369,9 @@ def paradigms(
     n, dtype = len(x_T), work_dtype(x_T.dtype)
     net_dtype = x_T.dtype if dtype != x_T.dtype else None
     state = slv.init_state(grid)
+    # a multistep solver's state holds estimates of earlier nodes: each iteration starts from the window
+    # start's (a copy made in the iteration before); a one-step solver's (none, or grid tables) is read only
+    multistep = bool(state) and not slv.static_state
     replay, draws = _Replay(den, noise), _CachedNoise(noise)
     # tol^2 v_j of nodes 0..N (node 0 is never compared)
     limits = [0.0] + [tol**2 * ancestral_split(grid, j, 1.0)[1] ** 2 for j in range(steps)]
@@ -322,6 +393,7 @@ def paradigms(
         given = given.unflatten(0, (width, n))
         var = None if var is None else var.unflatten(0, (width, n))
         moves = []  # F_start(x_start), then d_i(x_i) = F_i(x_i) - x_i
+        after = []  # a multistep solver's state after node j's step; the steps update `state` itself
         for j, i in enumerate(nodes):
             x = buf[j]
             alpha, sigma = den.coefficients(grid.t[i], x)[:2]  # the floats of a call at t_i alone
@@ -330,6 +402,8 @@ def paradigms(
             replay.expect(x, grid.t[i], pred)
             out = advance(slv.step(replay, x, i, grid, state), draws.at(i), grid.t[i], grid.t[i + 1])
             moves.append(out if j == 0 else out - x)
+            if multistep:
+                after.append(_copy_state(state))
         new = torch.cumsum(torch.stack(moves), 0)  # x_start + sum d_i, the first term F_start(x_start) exact
         err = (new - buf[1:]).square().flatten(2).mean(2)  # (width, n)
         limit = torch.tensor(limits[start + 1 : start + width + 1], dtype=err.dtype, device=err.device)
@@ -347,6 +421,8 @@ def paradigms(
         info.windows.append(width)
         info.strides.append(stride)
         start += stride
+        if multistep:  # the state the new start's step reads, made in this iteration from the accepted nodes
+            state = after[stride - 1]
         draws.forget(start)
         # the exact node onwards, then the nodes entering the window at the last one computed
         kept = torch.cat([buf[:1], new])[stride:]

@@ -386,6 +386,11 @@ class Model:
     (so :func:`work_dtype` keeps the solver state in float32) only the net's input is cast to it and
     the prediction is in ``x``'s dtype (:meth:`~steerdiff.denoiser.Denoiser.evaluate`); otherwise,
     and for ``None``, the denoiser is called in ``x``'s dtype.
+
+    ``guesses``: the ``x`` handed to a step is a guess of the state the last step returned, off it by an
+    iteration's error (:func:`steerdiff.paradigms`' Picard iteration), not an edit of it (a pipeline's,
+    between steps): a step that corrects the state it returned (UniPC's UniC) moves a guess by the
+    correction's move. False (edits) by default.
     """
 
     def __init__(
@@ -401,6 +406,7 @@ class Model:
         self.net_dtype = net_dtype if net_dtype is not None and work_dtype(net_dtype) != net_dtype else None
         self.nfe = 0
         self.eager = True
+        self.guesses = False
         self.last: Prediction | None = None
         self._sums: list[Tensor] = []
         self._where: list[tuple[int, float]] = []

@@ -71,7 +71,12 @@ observed order to about 3.6 on 10-80 steps.
 
 UniC corrects the prediction it made, entry by entry: where a step is handed another ``x_i`` (a
 pipeline's edits between steps, :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler`) the
-entries moved since are kept as handed (redoing the step from ``x_{i-1}`` would discard the edit).
+entries moved since are kept as handed (redoing the step from ``x_{i-1}`` would discard the edit). Where
+the model marks ``x_i`` as a *guess* of the prediction (:attr:`~steerdiff.solvers.base.Model.guesses`:
+:func:`steerdiff.paradigms`' Picard iteration, whose ``x_i`` is off the prediction by the iteration's
+error) they move by UniC's move, ``x_i + (corrected - predicted)``, which depends on the estimates only:
+kept as handed, an ``x_i`` off the prediction would be UniP's alone, and the Picard iteration would
+accept a node only once its guess equals the prediction to the last bit (tests/test_paradigms.py).
 
 A corrector's move at a node (:meth:`~steerdiff.solvers.base.Solver.moved`; at every node in
 PC sampling) restarts the estimates and skips UniC there: each step is then UniP-1 (DDIM).
@@ -210,7 +215,10 @@ class UniPC(Solver):
             k = state["k"]
             corrected = self._update(grid, state["x"], i - 1, i, hist.values[:k], hist.at[:k], new)
             predicted = state["pred"]
-            x = corrected if x is predicted else torch.where(x == predicted, corrected, x)
+            if x is not predicted:  # entries moved since: kept, or a guess's moved by UniC's move (docstring)
+                off = torch.add(x, corrected - predicted) if model.guesses else x
+                corrected = torch.where(x == predicted, corrected, off)
+            x = corrected
             if noise:  # x_i moved off the point evaluated: (alpha_{i+1} / alpha_i) times the move
                 start.add_(x - pred.x, alpha=grid.alpha[i + 1] / grid.alpha[i])
             else:
