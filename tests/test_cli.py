@@ -1102,26 +1102,35 @@ def test_bench_parallel_rows_are_paradigms_against_sample(tmp_path, capsys):
             (r["solver"], int(r["steps"]), int(r["window"]), float(r["tol"])): r for r in csv.DictReader(f)
         }
     assert set(rows) == {
-        (s, k, w, t) for s in ("ddim", "ddpm") for k in (50, 200) for w in (4, 16) for t in (0.1, 0.01)
+        (s, k, w, t)
+        for s in ("ddim", "unipc", "dpmpp_2m", "ddpm")
+        for k in (50, 200)
+        for w in (4, 16)
+        for t in (0.1, 0.01)
     }
     assert (tmp_path / "parallel.txt").read_text() in capsys.readouterr().out
     gmm, proc = sd.toy.default_benchmark_mixture(), sd.VP.scaled_linear()
     den, x_T = gmm.denoiser(proc), initial_noise(8, 64, 0)
-    ref = sd.sample(den, x_T, 200, "ddpm", "time_uniform", generator=torch.Generator().manual_seed(1))
-    x, info = sd.paradigms(
-        den,
-        x_T,
-        200,
-        "ddpm",
-        "time_uniform",
-        window=16,
-        generator=torch.Generator().manual_seed(1),
-        return_info=True,
-    )
-    row = rows["ddpm", 200, 16, 0.1]
-    assert (int(row["iterations"]), int(row["nfe"])) == (info.iterations, info.nfe)
-    assert info.iterations < 200
-    assert float(row["to_sequential"]) == pytest.approx(sd.metrics.relative_rmse(x, ref), rel=1e-5)
+    for solver, tol in (("ddpm", 0.1), ("unipc", 0.01)):
+        gen = torch.Generator().manual_seed(1)
+        ref = sd.sample(den, x_T, 200, solver, "time_uniform", generator=gen)
+        x, info = sd.paradigms(
+            den,
+            x_T,
+            200,
+            solver,
+            "time_uniform",
+            window=16,
+            tol=tol,
+            generator=torch.Generator().manual_seed(1),
+            return_info=True,
+        )
+        row = rows[solver, 200, 16, tol]
+        assert (int(row["iterations"]), int(row["nfe"])) == (info.iterations, info.nfe)
+        assert info.iterations < 200
+        assert float(row["to_sequential"]) == pytest.approx(sd.metrics.relative_rmse(x, ref), rel=1e-5)
+        moved = int(((x - ref).square().mean(1).sqrt() > 0.1).sum())
+        assert int(row["moved"]) == moved
 
 
 def test_bench_longstep_rows_are_the_solvers_with_and_without_the_rule(tmp_path, capsys):

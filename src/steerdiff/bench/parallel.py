@@ -3,21 +3,21 @@ r"""``steerdiff bench parallel``: ParaDiGMS (:func:`steerdiff.paradigms`) agains
 Model: the embedded default (:func:`steerdiff.bench.solvers.default_model`: the 64-d, 10-component
 Gaussian mixture under Stable Diffusion's betas, exact denoiser), ``n`` samples from
 :func:`~steerdiff.bench.solvers.initial_noise` of ``seed``, noise from ``torch.Generator().manual_seed(seed +
-1)``, ``time_uniform`` grids. For DDIM (deterministic) and DDPM (ancestral) at each step count, window and
+1)``, ``time_uniform`` grids. For DDIM, UniPC-3 (:func:`steerdiff.sample`'s default) and DPM-Solver++(2M)
+(deterministic; the last two multistep) and DDPM (ancestral) at each step count (:data:`STEPS`), window and
 tolerance: the *parallel iterations* (sequential batched network calls, the paper's speed measure: the
 sequential sampler makes ``steps``), the total NFE, the relative RMSE to :func:`steerdiff.sample` with the
 same solver, grid and generator, and the error against the exact answer beside the sequential sampler's:
-DDIM's relative RMSE to the exact probability-flow ODE solution from the same ``x_T`` (then the exact
-denoiser at ``t_min``), DDPM's sliced Wasserstein-2 to ``4 n`` exact samples (256 fixed projections), with
-the floor of ``n`` exact samples; and how many samples *moved* (RMS distance to their sequential sample above
-:data:`MOVED`: to another component of the mixture, where a deviation within the tolerance early on puts a
-sample on the other side of a boundary). No timings: on the CPU a batched
-call of ``p`` nodes costs ``p`` calls.
+an ODE sampler's relative RMSE to the exact probability-flow ODE solution from the same ``x_T`` (then the
+exact denoiser at ``t_min``), DDPM's sliced Wasserstein-2 to ``4 n`` exact samples (256 fixed projections),
+with the floor of ``n`` exact samples; and how many samples *moved* (RMS distance to their sequential sample
+above :data:`MOVED`: to another component of the mixture, where a deviation within the tolerance early on
+puts a sample on the other side of a boundary). No timings: on the CPU a batched call of ``p`` nodes costs
+``p`` calls.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..paradigms import paradigms
 from ..sampling import sample
+from ..solvers import get as get_solver
 from ._figure import panel_figure, write_outputs
 from .solvers import default_model, initial_noise
 
@@ -44,8 +45,9 @@ __all__ = [
     "run",
 ]
 
-SOLVERS = ("ddim", "ddpm")
-STEPS = (50, 200, 1000)
+SOLVERS = ("ddim", "unipc", "dpmpp_2m", "ddpm")
+# the step counts of each solver (the multistep ones at 1000 steps would only repeat DDIM's)
+STEPS = {"ddim": (50, 200, 1000), "unipc": (50, 200), "dpmpp_2m": (50, 200), "ddpm": (50, 200, 1000)}
 WINDOWS = (4, 16, 64)
 TOLS = (0.1, 0.01)
 QUICK = {"steps": (50, 200), "windows": (4, 16)}
@@ -87,7 +89,7 @@ class ParallelBench:
 
 def run(n: int = 256, seed: int = 0, quick: bool = False, progress: bool = False) -> ParallelBench:
     """Run the benchmark (``quick``: :data:`QUICK`'s steps and windows)."""
-    steps_list, windows = (QUICK["steps"], QUICK["windows"]) if quick else (STEPS, WINDOWS)
+    windows = QUICK["windows"] if quick else WINDOWS
     gmm, proc = default_model()
     den = gmm.denoiser(proc)
     x_T = initial_noise(n, gmm.dim, seed)
@@ -102,9 +104,9 @@ def run(n: int = 256, seed: int = 0, quick: bool = False, progress: bool = False
     )
 
     def error(solver: str, x: torch.Tensor) -> float:
-        return metrics.relative_rmse(x, ode) if solver == "ddim" else sw2(x, exact)
+        return sw2(x, exact) if get_solver(solver).stochastic else metrics.relative_rmse(x, ode)
 
-    cases = [(s, k) for s in SOLVERS for k in steps_list]
+    cases = [(s, k) for s in SOLVERS for k in STEPS[s] if not quick or k in QUICK["steps"]]
     rows: list[ParallelRow] = []
     for solver, steps in tqdm(cases, desc="paradigms", disable=not progress):
         ref = sample(den, x_T, steps, solver, SCHEDULE, generator=torch.Generator().manual_seed(seed + 1))
@@ -146,15 +148,15 @@ def format_report(result: ParallelBench) -> str:
         f"ParaDiGMS (sd.paradigms) vs the sequential sampler (sd.sample): default 64-d mixture, SD betas, "
         f"{SCHEDULE}, {result.n} samples, seed {result.seed}. iterations: sequential batched calls (the "
         "sequential sampler makes one per step); to seq: relative RMSE to sd.sample's result; moved: samples "
-        f"farther than {MOVED} (RMS) from theirs, in another component; error: ddim "
-        "relative RMSE to the exact ODE solution, ddpm sliced W2 to exact samples (floor "
+        f"farther than {MOVED} (RMS) from theirs, in another component; error: ddim, "
+        "unipc, dpmpp_2m relative RMSE to the exact ODE solution, ddpm sliced W2 to exact samples (floor "
         f"{result.floor:.4f}), parallel / sequential.",
         "",
-        f"{'solver':6s} {'steps':>5s} {'window':>6s} {'tol':>5s} {'iterations':>10s} {'speed-up':>8s} "
+        f"{'solver':8s} {'steps':>5s} {'window':>6s} {'tol':>5s} {'iterations':>10s} {'speed-up':>8s} "
         f"{'NFE':>6s} {'NFE/steps':>9s} {'to seq':>9s} {'moved':>5s} {'error':>9s} {'seq error':>9s}",
     ]
     lines += [
-        f"{r.solver:6s} {r.steps:5d} {r.window:6d} {r.tol:5g} {r.iterations:10d} "
+        f"{r.solver:8s} {r.steps:5d} {r.window:6d} {r.tol:5g} {r.iterations:10d} "
         f"{r.steps / r.iterations:7.1f}x {r.nfe:6d} {r.nfe / r.steps:9.2f} {r.to_sequential:9.2e} "
         f"{r.moved:5d} {r.error:9.4g} {r.sequential_error:9.4g}"
         for r in result.rows
@@ -183,7 +185,7 @@ def plot(result: ParallelBench, path: str | Path) -> bool:
         path,
         titles,
         draw,
-        cols=math.ceil(len(titles) / len(SOLVERS)),
+        cols=max(len(steps) for steps in STEPS.values()),
         panel_size=(3.4, 3.0),
         suptitle="ParaDiGMS: sequential batched calls against the window (64-d mixture, SD betas)",
         ylabel="parallel iterations",
@@ -202,6 +204,7 @@ def write_results(result: ParallelBench, out: str | Path) -> tuple[Path, Path | 
         "iterations",
         "nfe",
         "to_sequential",
+        "moved",
         "error",
         "sequential_error",
     ]
