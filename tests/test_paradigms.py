@@ -264,7 +264,8 @@ def _spread(group, x_T):
     gmm, proc = smooth_mixture(), sd.VP.scaled_linear()
     den = gmm.denoiser(proc)
     out = []
-    for solver, batch, window in (("ddpm", 16, 16), ("ddim", 3, 5), ("ddpm", 1, 1)):  # 1 row: not split
+    # 1 row: not split; unipc: a multistep state, the same on every rank
+    for solver, batch, window in (("ddpm", 16, 16), ("ddim", 3, 5), ("ddpm", 1, 1), ("unipc", 5, 8)):
         x, info = sd.paradigms(
             den,
             x_T[:batch],
