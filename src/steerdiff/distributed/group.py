@@ -71,7 +71,7 @@ class Ranks:
         return self._reduce(x, dist.ReduceOp.SUM)
 
     def _reduce(self, x: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:
-        x = x.clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # NCCL refuses a non-contiguous tensor
         if self.group is not None:
             dist.all_reduce(x, op=op, group=self.group)
         return x
