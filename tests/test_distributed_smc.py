@@ -5,6 +5,8 @@ events, log Z), NFE, rewards and ``sample()``."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections.abc import Callable
 from typing import Any
@@ -79,9 +81,11 @@ def _svdd(group: Any) -> sd.smc.Particles:
 
 
 def _best_of_n(group: Any) -> sd.smc.Particles:
+    # progress: a bar on rank 0 alone (_on_ranks reads each rank's stderr)
     return sd.smc.best_of_n(
-        DEN, linear, shape=(2, 2), particles=N, steps=STEPS, dtype=F64, generator=gens(True, 5), group=group
-    )
+        DEN, linear, shape=(2, 2), particles=N, steps=STEPS, dtype=F64, generator=gens(True, 5),
+        progress=True, group=group,
+    )  # fmt: skip
 
 
 def _code(group: Any) -> sd.smc.Particles:
@@ -94,6 +98,40 @@ def _code(group: Any) -> sd.smc.Particles:
 def _fkc(group: Any) -> sd.smc.Particles:
     return sd.smc.fkc_anneal(
         DEN, 2.0, shape=(2, 2), particles=N, steps=20, ess_threshold=0.9, dtype=F64, generator=gens(True, 7),
+        group=group,
+    )  # fmt: skip
+
+
+def _fk_global(group: Any) -> sd.smc.Particles:
+    # generator=None: torch's global RNG, seeded alike on every rank (checked by the run)
+    torch.manual_seed(11)
+    return sd.smc.fk_steering(
+        DEN, linear, lam=3.0, shape=(2, 2), particles=N, steps=STEPS, ess_threshold=0.8, dtype=F64,
+        group=group,
+    )  # fmt: skip
+
+
+class _Centred(SMCAlgorithm):
+    """A user's algorithm with gradients taken slice by slice (sliced_grad) whose log_weight gathers: the
+    values of x0_hat's first coordinate, centred on the row's mean over every rank's particles."""
+
+    name = "centred"
+    grad = True
+    sliced_grad = True
+    shardable = True
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        if ctx.final:
+            return None
+        v, _ = ctx.value_grad("centred", "x0", lambda rows: (rows.x0[:, 0], rows.x0[:, 0]))
+        return 2.0 * (v - ctx.gather(v).mean(1, keepdim=True))
+
+
+def _centred(group: Any) -> sd.smc.Particles:
+    # max_batch=7 slices one process's 14 rows and a rank's 8 of 4/3 shards, not its 6: every rank must
+    # still run log_weight before the step (sliced_grad), or the ranks' collectives go out of step
+    return sd.smc.run_smc(
+        DEN, _Centred(), (2, 2), particles=N, steps=STEPS, max_batch=7, dtype=F64, generator=gens(True, 10),
         group=group,
     )  # fmt: skip
 
@@ -124,8 +162,11 @@ RUNS: dict[str, Callable[[Any], sd.smc.Particles]] = {
     "best_of_n": _best_of_n,
     "code": _code,
     "fkc_anneal": _fkc,
+    "fk_steering generator=None": _fk_global,
+    "sliced_grad gather": _centred,
 }
-ROUNDED = {"tds max_batch"}  # equal to 1e-12 (rounding of slices of other sizes); the others bitwise
+# equal to 1e-12 (rounding of slices of other sizes); the others bitwise
+ROUNDED = {"tds max_batch", "sliced_grad gather"}
 
 
 class _Halve(SMCAlgorithm):
@@ -158,10 +199,16 @@ def _summary(out: sd.smc.Particles) -> dict[str, Any]:
 
 def _errors(group: Any) -> list[str]:
     said = []
+    cads = sd.guidance.CFG(DEN, DEN, 3.0, cads=sd.guidance.CADS("emb", 0.5))
     for run in (
         lambda: sd.smc.run_smc(DEN, _Halve(), (1, 2), particles=4, steps=3, group=group),
         lambda: sd.smc.fk_steering(DEN, linear, shape=(1, 2), particles=1, steps=3, dtype=F64, group=group),
         lambda: sd.smc.run_smc(DEN, _Whole(), (1, 2), particles=N, steps=3, dtype=F64, group=group),
+        lambda: sd.smc.fk_steering(cads, linear, shape=(1, 2), particles=N, steps=3, dtype=F64, group=group),
+        lambda: (
+            torch.manual_seed(100 + torch.distributed.get_rank()),  # the global RNG seeded per rank
+            sd.smc.fk_steering(DEN, linear, shape=(1, 2), particles=N, steps=3, dtype=F64, group=group),
+        ),
     ):
         with pytest.raises(ValueError) as err:
             run()
@@ -182,12 +229,17 @@ def _world() -> int:
 def _nan_message(group: Any) -> str:
     den = sd.Denoiser(_nan_below_half, PROC, prediction="x0", shape=(2,))
     with pytest.raises(sd.NonFiniteError) as err:
-        sd.smc.fk_steering(den, linear, shape=(2, 2), particles=N, steps=STEPS, dtype=F64, group=group)
+        sd.smc.fk_steering(
+            den, linear, shape=(2, 2), particles=N, steps=STEPS, dtype=F64, generator=gens(False, 12),
+            group=group,
+        )  # fmt: skip
     return str(err.value)
 
 
-def _on_ranks(group: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    return {name: _summary(run(group)) for name, run in RUNS.items()}, [*_errors(group), _nan_message(group)]
+def _on_ranks(group: Any) -> tuple[dict[str, dict[str, Any]], list[str], str]:
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        runs = {name: _summary(run(group)) for name, run in RUNS.items()}
+    return runs, [*_errors(group), _nan_message(group)], err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +249,9 @@ def alone() -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_spread_runs_equal_the_single_process_run(alone, world):
-    for rank, (spread, said) in enumerate(spawn(_on_ranks, world)):
+    for rank, (spread, said, stderr) in enumerate(spawn(_on_ranks, world)):
+        # one progress bar, rank 0's (not one per rank, each redrawing over the others)
+        assert ("best_of_n" in stderr) == (rank == 0), (rank, stderr[-200:])
         for name, want in alone.items():
             got = spread[name]
             for key, value in want.items():
@@ -218,10 +272,21 @@ def test_spread_runs_equal_the_single_process_run(alone, world):
             "run_smc: smc's log_weight must return (batch, particles on this rank) = "
             f"(1, {mine}) with group=, got (1, {N})"
         )
+        # a denoiser drawing noise of its own would draw a rank's rows only: other noise than one process's
+        assert said[3] == (
+            "fk_steering: group: CADS in the denoiser draws noise for the rows it is called with, which a "
+            "rank's share of the particles would change; pass group=None"
+        )
+        # torch's global RNG seeded per rank: every rank would draw other noise and resample otherwise
+        assert said[4] == (
+            "fk_steering: generator=None draws from torch's global RNG, whose state differs between the "
+            "group's ranks; seed it alike on every rank (torch.manual_seed) or pass a torch.Generator (one, "
+            "or one per batch row) seeded alike"
+        )
         # a NaN from one rank's net: every rank raises it, naming the step one process names (not the
         # last rank alone, leaving the others waiting at their next collective)
-        assert said[3] == _nan_message(None)
-        assert said[3].startswith("the model returned NaN/inf at step ")
+        assert said[5] == _nan_message(None)
+        assert said[5].startswith("the model returned NaN/inf at step ")
 
 
 def test_the_runs_compared_resample_and_select(alone):

@@ -70,6 +70,25 @@ class Ranks:
         """The elementwise sum of ``x`` over the ranks (a new tensor)."""
         return self._reduce(x, dist.ReduceOp.SUM)
 
+    def check_global_rng(self, who: str, device: torch.device) -> None:
+        """Raise ``ValueError`` naming ``who`` on every rank unless torch's global RNG of ``device`` (where
+        ``generator=None`` draws) is in one state on every rank: a run drawing from it equals the one-process
+        run only then (a script that seeds each rank with its rank would otherwise give each rank other noise
+        and other resampling draws, silently). One all_gather of the state and one read."""
+        if self.group is None:
+            return
+        if device.type == "cpu":
+            state = torch.get_rng_state()
+        else:
+            state = torch.get_device_module(device.type).get_rng_state(device)
+        every = self.gather(state.to(device)[None], self.size)
+        if not bool((every == every[:1]).all()):
+            raise ValueError(
+                f"{who}: generator=None draws from torch's global RNG, whose state differs between the "
+                "group's ranks; seed it alike on every rank (torch.manual_seed) or pass a torch.Generator "
+                "(one, or one per batch row) seeded alike"
+            )
+
     def _reduce(self, x: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:
         x = x.clone(memory_format=torch.contiguous_format)  # NCCL refuses a non-contiguous tensor
         if self.group is not None:

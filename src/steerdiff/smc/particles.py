@@ -100,15 +100,22 @@ per-sample state are taken at its rows. The loop above then runs, on every rank:
 
 so the generators advance alike on every rank and the run equals the one-process run with the same
 generators (bitwise on the CPU in float64, where the net's arithmetic does not depend on how many rows
-it is called with; rounding apart where it does, as ``max_batch`` slices of another size). The
-communication: the ``(batch, N)`` increments at each weighted node, and at each resampling event one
-all_gather per per-particle tensor (the particles, their transition, the solver's history, the
-algorithm's state; the prediction and the parents when a hook reads them after it): every rank receives
-the whole system's state, where an exchange of the rows that move would send less. Hooks that act across
-a row's particles read every rank's with :meth:`StepContext.gather` (and their own share of a result with
-:attr:`StepContext.shard`): ``resample`` receives the global ``log_w`` ``(batch, N)`` and returns global
-ancestors; SVDD, best-of-N and CoDe select so. A hook is a collective wherever it gathers or reads
-``ctx.reward`` (every rank must make the same calls in the same order), and an algorithm that overrides
+it is called with; rounding apart where it does, as ``max_batch`` slices of another size).
+``generator=None`` draws from torch's global RNG, whose state is checked to be alike on every rank (one
+gather at the start); a denoiser that draws noise of its own for the rows it is called with (``CADS``,
+``RePaint``) is refused. The communication: the ``(batch, N)`` increments at each weighted node, and at
+each resampling event one all_gather per per-particle tensor (the particles, their transition, the
+solver's history, the algorithm's state; the prediction and the parents when a hook reads them after it):
+every rank receives the whole system's state, where an exchange of the rows that move would send less. A
+solver-state tensor is per-particle where its first dimension is the rank's ``batch * n_r`` rows: keep
+schedule constants Python numbers (as every built-in solver does), for a constant tensor of that length
+would be gathered by the ranks of that shard size alone. Whether ``max_batch`` slices (``sliced_grad``)
+is decided on the whole system's ``batch * N`` rows, alike on every rank; ``progress`` shows rank 0's bar.
+Hooks that act across a row's particles read every rank's with :meth:`StepContext.gather` (and their own
+share of a result with :attr:`StepContext.shard`): ``resample`` receives the global ``log_w`` ``(batch,
+N)`` and returns global ancestors; SVDD, best-of-N and CoDe select so. A hook is a collective wherever it
+gathers or reads ``ctx.reward`` (every rank must make the same calls in the same order, and ``log_weight``
+return ``None`` on every rank or on none: its increments are gathered), and an algorithm that overrides
 ``resample`` without setting ``shardable = True`` is refused (its selection would see one rank's share).
 Checks of the weights, the ancestors and the rewards are on values every rank shares, and a NaN/inf from
 any rank's net is reported by every rank (after each step for CPU tensors, at the end otherwise, as on one
@@ -644,7 +651,9 @@ class _Evaluator(Guided):
                     self.through(RowSlice(sl, n, xs, ts, cs), partial(_net, used, ts, net_dtype, cs))
                 )
         self.cost = used.cost  # read after the call: it may vary (a CFG interval)
-        pred = parts[0] if len(parts) == 1 else _cat_predictions(parts, x)
+        # one piece through value_grad's net is at its own leaf, not x: rebuilt at x, so the step knows it
+        # (a rank of group= whose rows fit in max_batch, where the whole system's do not)
+        pred = parts[0] if len(parts) == 1 and self.through is None else _cat_predictions(parts, x)
         if self.seen is None and self.watch is not None and x is self.watch[0] and _at(t, self.watch[1]):
             self.seen = pred
         return pred
@@ -819,8 +828,10 @@ class _Run:
 
     @property
     def chunked(self) -> bool:
-        """Whether ``max_batch`` slices the ``batch * particles`` rows (more than one piece)."""
-        return self.max_batch is not None and self.batch * self.particles > self.max_batch
+        """Whether ``max_batch`` slices the whole system's ``batch * N`` rows (more than one piece): alike on
+        every rank of ``group=``, whose shards may fall on either side of ``max_batch`` (the order of the
+        hooks' collectives and the step's depends on it, :attr:`SMCAlgorithm.sliced_grad`)."""
+        return self.max_batch is not None and self.batch * self.n_all > self.max_batch
 
     def flat(self, x: Tensor) -> Tensor:
         return x.reshape(self.batch * self.particles, *x.shape[2:])
@@ -1040,11 +1051,13 @@ def run_smc(
             row's result is the same whatever the batch it runs in (as :func:`steerdiff.sample`'s per-sample
             generators; :func:`steerdiff.noise.rand` / ``randn`` draw a list's rows so, and the
             resamplers and ``resample`` hooks receive it as given).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (with ``group``: on rank 0 alone).
         group: ``None`` (this process), or a ``torch.distributed`` process group to spread each batch
             row's particles over (see "Ranks" in the module docstring; ``particles`` at least its size):
             every rank makes the same call, ``x_T`` and ``**cond`` are the whole system's, and every rank
-            returns the whole system's particles, equal to the one-process run with the same generators.
+            returns the whole system's particles, equal to the one-process run with the same generators
+            (``generator=None``: torch's global RNG must be in one state on every rank, a ``ValueError``
+            otherwise; a denoiser that draws noise of its own, such as ``CADS``, is refused).
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles. So
             are those the denoiser holds of its own (:meth:`Denoiser.take_rows
             <steerdiff.denoiser.Denoiser.take_rows>`: :class:`~steerdiff.guidance.CFG`'s
@@ -1081,6 +1094,8 @@ def run_smc(
     spread = _check_group(who, algorithm, group, n_part)
     n_mine = spread.sizes(n_part)[spread.rank]
     max_batch = _check_batching(who, [den], max_batch)
+    if spread.group is not None:
+        _refuse_own_noise(who, [den], "group", "a rank's share of the particles")
     if reward is not None:
         _check_reward(reward, who)
     resample_fn = _resample.get(resampler, who)
@@ -1102,6 +1117,8 @@ def run_smc(
             "vanish there)"
         )
     x = _initial_particles(who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
+    if generator is None:  # after its draw: alike on every rank iff its state was
+        spread.check_global_rng(who, x.device)
     # this rank's flat rows of the whole system's batch * n_part (all of them without group)
     mine = None if spread.group is None else _shard_rows(batch, n_part, spread.shard(n_part))
     if mine is not None:
@@ -1145,7 +1162,8 @@ def run_smc(
     grad_step = algorithm.grad and not early
     grad_ctx = torch.enable_grad if grad_step else torch.no_grad
 
-    indices = tqdm(range(steps), desc=algorithm.name, leave=False) if progress else range(steps)
+    shown = progress and spread.rank == 0  # one bar: rank 0's
+    indices = tqdm(range(steps), desc=algorithm.name, leave=False) if shown else range(steps)
     for i in indices:
         leaf = None
         with grad_ctx():  # the leaf and x from it too: under an outer no_grad x would be cut off
@@ -1225,13 +1243,19 @@ def _check_batching(who: str, dens: Sequence[Denoiser], max_batch: int | None) -
     if max_batch is None:
         return None
     max_batch = integer(who, "max_batch", max_batch, lo=1)
-    drawn = [name for den in dens for name, _ in den.own_noise()]
+    _refuse_own_noise(who, dens, "max_batch", "slices of max_batch rows")
+    return max_batch
+
+
+def _refuse_own_noise(who: str, dens: Sequence[Denoiser], name: str, split: str) -> None:
+    """A ``ValueError`` naming ``who`` and the argument ``name`` if ``dens`` draw noise of their own for the
+    rows they are called with, which the rows' ``split`` would change (other draws than the whole run's)."""
+    drawn = [part for den in dens for part, _ in den.own_noise()]
     if drawn:
         raise ValueError(
-            f"{who}: max_batch: {', '.join(dict.fromkeys(drawn))} in the denoiser draws noise for the rows "
-            "it is called with, which slices of max_batch rows would change; pass max_batch=None"
+            f"{who}: {name}: {', '.join(dict.fromkeys(drawn))} in the denoiser draws noise for the rows it "
+            f"is called with, which {split} would change; pass {name}=None"
         )
-    return max_batch
 
 
 def _check_group(who: str, algorithm: SMCAlgorithm, group: Any, n: int) -> Ranks:
