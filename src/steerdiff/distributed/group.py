@@ -14,12 +14,13 @@ order are the items in order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Ranks", "ranks"]
+__all__ = ["Ranks", "particle_ranks", "ranks"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class Ranks:
         sizes = self.sizes(n)
         start = sum(sizes[: self.rank])
         return slice(start, start + sizes[self.rank])
+
+    def flat_rows(self, batch: int, n: int) -> Tensor:
+        """The flat rows (of ``batch * n``, row ``b``'s items ``b n .. b n + n - 1``) of this rank's items
+        ``range(n)[shard(n)]`` of every one of ``batch`` rows: a particle method's rows on this rank."""
+        return (torch.arange(batch)[:, None] * n + torch.arange(n)[self.shard(n)]).reshape(-1)
 
     def gather(self, x: Tensor, n: int, dim: int = 0) -> Tensor:
         """Every rank's shard of ``n`` items along ``dim`` (``x`` is this rank's ``shard(n)``), concatenated
@@ -89,6 +95,14 @@ class Ranks:
                 "(one, or one per batch row) seeded alike"
             )
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` alone)."""
+        if self.group is None:
+            return [obj]
+        every: list[Any] = [None] * self.size
+        dist.all_gather_object(every, obj, group=self.group)
+        return every
+
     def _reduce(self, x: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:
         x = x.clone(memory_format=torch.contiguous_format)  # NCCL refuses a non-contiguous tensor
         if self.group is not None:
@@ -115,3 +129,15 @@ def ranks(who: str, group: object) -> Ranks:
             f"{who}: group: this process (global rank {dist.get_rank()}) is not one of its ranks"
         )
     return Ranks(rank, dist.get_world_size(group), group)
+
+
+def particle_ranks(who: str, group: object, n: int) -> Ranks:
+    """``group=`` of a particle method with ``n`` particles per batch row, checked (:func:`ranks`): every
+    rank must hold at least one particle of each row."""
+    spread = ranks(who, group)
+    if n < spread.size:
+        raise ValueError(
+            f"{who}: group: particles = {n} is fewer than the group's {spread.size} ranks; every rank needs "
+            "at least one particle of each batch row"
+        )
+    return spread

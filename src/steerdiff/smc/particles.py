@@ -142,7 +142,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype, sizes
 from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
-from ..distributed.group import Ranks, ranks
+from ..distributed.group import Ranks, particle_ranks
 from ..guidance.base import Guided, value_grad
 from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
 from ..sampling import check_seeded, check_x_T
@@ -704,11 +704,6 @@ def _each_row(batch: int, n: int) -> Tensor:
     return torch.arange(batch).repeat_interleave(n)
 
 
-def _shard_rows(batch: int, n: int, shard: slice) -> Tensor:
-    """The flat rows (of ``batch * n``) of the particles ``range(n)[shard]`` of every batch row."""
-    return (torch.arange(batch)[:, None] * n + torch.arange(n)[shard]).reshape(-1)
-
-
 def _repeat_rows(cond: dict[str, Any], batch: int, n: int, mine: Tensor | None = None) -> dict[str, Any]:
     """``cond`` with every tensor of ``batch`` rows repeated for the ``n`` particles of each row, then, with
     a rank's flat rows ``mine``, every tensor of ``batch * n`` rows (those repeated, and those given so)
@@ -1120,7 +1115,7 @@ def run_smc(
     if generator is None:  # after its draw: alike on every rank iff its state was
         spread.check_global_rng(who, x.device)
     # this rank's flat rows of the whole system's batch * n_part (all of them without group)
-    mine = None if spread.group is None else _shard_rows(batch, n_part, spread.shard(n_part))
+    mine = None if spread.group is None else spread.flat_rows(batch, n_part)
     if mine is not None:
         x = x.index_select(0, mine.to(x.device))
     in_dtype = x.dtype
@@ -1262,14 +1257,9 @@ def _check_group(who: str, algorithm: SMCAlgorithm, group: Any, n: int) -> Ranks
     """``group=`` checked (:func:`~steerdiff.distributed.ranks`) with what a run spread over it needs:
     at least one of the ``n`` particles per rank, and an algorithm whose hooks are right on a rank's
     share (:attr:`SMCAlgorithm.shardable`)."""
-    spread = ranks(who, group)
+    spread = particle_ranks(who, group, n)
     if spread.group is None:
         return spread
-    if n < spread.size:
-        raise ValueError(
-            f"{who}: group: particles = {n} is fewer than the group's {spread.size} ranks; every rank needs "
-            "at least one particle of each batch row"
-        )
     shardable = algorithm.shardable
     if shardable is None:
         shardable = type(algorithm).resample is SMCAlgorithm.resample

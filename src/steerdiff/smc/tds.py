@@ -77,7 +77,6 @@ from .particles import (
     SMCAlgorithm,
     StepContext,
     _check_shape,
-    _shard_rows,
     run_smc,
     transition_log_prob,
 )
@@ -284,7 +283,7 @@ def _linear_twist(
         measurement.y = measurement.y.repeat_interleave(particles, dim=0)
         spread = ranks("tds", group)
         if spread.group is not None and particles >= spread.size:  # this rank's particles' (run_smc checks)
-            mine = _shard_rows(batch, particles, spread.shard(particles)).to(measurement.y.device)
+            mine = spread.flat_rows(batch, particles).to(measurement.y.device)
             measurement.y = measurement.y.index_select(0, mine)
     return _LinearGaussian(measurement, real("tds", "prior_var", prior_var, lo=0))
 
