@@ -378,3 +378,21 @@ def test_sample_checks_a_generator_list_whatever_the_solver(solver):
     x_T = torch.zeros(3, 4, dtype=F64)
     with pytest.raises(ValueError, match=r"generator: 2 generators for a batch of 3 rows"):
         sd.sample(gmm.denoiser(proc), x_T, 4, solver, generator=[torch.Generator()] * 2)
+
+
+@pytest.mark.parametrize("fn", [sd.noise.rand, sd.noise.randn])
+def test_a_shard_keeps_its_rows_of_the_whole_batchs_draws(fn):
+    # a rank's rows of 6 (two batch rows of 3 particles): the numbers one process draws there, and the
+    # generators left as that process leaves them
+    rows = torch.tensor([1, 2, 4, 5])
+    for per_row in (False, True):
+        seeds = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        alone = [seeds[0]] if not per_row else [g for g in seeds for _ in range(3)]
+        whole = fn((6, 4), alone if per_row else alone[0], torch.float64, None)
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        source = gens[0] if not per_row else [g for g in gens for _ in range(3)]
+        shard = sd.noise.Shard(source, 6, rows)
+        assert torch.equal(fn((4, 4), shard, torch.float64, None), whole[rows])
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(seeds, gens, strict=True))
+    with pytest.raises(ValueError, match=r"^generator: a shard of 4 rows asked for 3 rows$"):
+        fn((3, 4), sd.noise.Shard(None, 6, rows), torch.float64, None)

@@ -17,6 +17,10 @@ through ``model.noise``.
   same SDE solution. Its increment over ``[t, t]`` is 0: moves at a fixed time (Langevin, MCMC)
   get no noise from it, which :func:`check_fixed_time` refuses.
 
+:func:`rand` and :func:`randn` also draw from a :class:`Shard`: a rank's rows of a batch spread over the
+ranks of a process group, drawn for the whole batch (so every rank's generators advance as one
+process's) and kept at the rank's rows.
+
 Wrappers and kernels that draw noise of their own hold a ``generator`` too (:func:`check_generators`);
 a per-row run needs theirs per row as well (:func:`check_shared`).
 """
@@ -35,10 +39,12 @@ from ._checks import caller, device_or_none, integer, ordered
 
 __all__ = [
     "BrownianTreeNoise",
+    "Draws",
     "GeneratorNoise",
     "Generators",
     "NoiseSource",
     "PerSampleNoise",
+    "Shard",
     "check_fixed_time",
     "check_generators",
     "check_rows",
@@ -67,6 +73,21 @@ def _draw_on(
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
+class Shard:
+    """The draws of the flat ``rows`` (an int64 index) of a batch of ``n`` rows: every draw is made for all
+    ``n`` rows from ``generator`` (one, a list of ``n``, or ``None``, as :func:`randn` takes them) and the
+    rows ``rows`` kept. On every rank of a particle method spread over a process group, with its rank's
+    rows, the generators advance as one process's drawing the whole batch, and each rank's numbers are that
+    process's at its rows (the cost: each rank draws the whole batch's numbers)."""
+
+    def __init__(self, generator: Generators, n: int, rows: Tensor) -> None:
+        self.generator, self.n, self.rows = generator, n, rows
+
+
+Draws = Generators | Shard
+"""Where :func:`rand` / :func:`randn` draw from: :data:`Generators`, or a :class:`Shard` of them."""
+
+
 def check_rows(generators: Sequence[torch.Generator], rows: int, who: str | None = None) -> None:
     """A ``ValueError`` naming ``generator`` (after ``who:`` where given) unless the list holds one
     generator per row of ``rows``."""
@@ -78,14 +99,21 @@ def check_rows(generators: Sequence[torch.Generator], rows: int, who: str | None
 def _draw(
     fn: Callable[..., Tensor],
     shape: Sequence[int],
-    generator: Generators,
+    generator: Draws,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
 ) -> Tensor:
     """``fn(shape)`` on ``generator``'s device, moved to ``device``; a list of generators draws row
     ``b`` (of ``shape[0]``) from ``generator[b]``, consecutive rows of one generator (a particle
     method's rows of one batch row) in one call, the rows joined on the generators' device and moved
-    once."""
+    once; a :class:`Shard` draws ``shape[0] = len(rows)`` rows as its docstring says."""
+    if isinstance(generator, Shard):
+        if shape[0] != len(generator.rows):
+            raise ValueError(f"generator: a shard of {len(generator.rows)} rows asked for {shape[0]} rows")
+        whole = _draw(fn, (generator.n, *shape[1:]), generator.generator, dtype, device)
+        if generator.rows.device != whole.device:
+            generator.rows = generator.rows.to(whole.device)
+        return whole.index_select(0, generator.rows)
     if isinstance(generator, Sequence) and not isinstance(generator, str | bytes):
         check_rows(generator, shape[0])
         rows, start = [], 0
@@ -102,7 +130,7 @@ def _draw(
 
 
 def randn(
-    shape: Sequence[int], generator: Generators, dtype: torch.dtype | None, device: torch.device | str | None
+    shape: Sequence[int], generator: Draws, dtype: torch.dtype | None, device: torch.device | str | None
 ) -> Tensor:
     """``torch.randn(shape)`` drawn on ``generator``'s device, then moved to ``device`` (diffusers'
     ``randn_tensor`` convention): a CPU generator then gives the same numbers whatever the device
@@ -116,7 +144,7 @@ def randn(
 
 
 def rand(
-    shape: Sequence[int], generator: Generators, dtype: torch.dtype | None, device: torch.device | str | None
+    shape: Sequence[int], generator: Draws, dtype: torch.dtype | None, device: torch.device | str | None
 ) -> Tensor:
     """``torch.rand(shape)`` (uniform on [0, 1)) drawn as :func:`randn` draws."""
     if device is not None and not isinstance(device, torch.device):

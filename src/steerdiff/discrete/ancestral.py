@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._checks import integer
-from ..noise import Generators, rand
+from ..noise import Draws, rand
 from .base import Model, Sampler
 from .categorical import draw
 
@@ -42,7 +42,7 @@ class Ancestral(Sampler):
         return integer(who, "steps", steps, lo=1)
 
     def step(
-        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Draws, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         s, alpha_t, alpha_s = self.interval(model, t, i, steps)
         log_p = model(x, t, i)

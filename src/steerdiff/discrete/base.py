@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from ..noise import Generators
+from ..noise import Draws
 from ..solvers.base import NonFiniteError
 from .denoiser import MaskedDenoiser
 
@@ -56,8 +56,11 @@ class Sampler(ABC):
 
     @abstractmethod
     def step(
-        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Draws, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Step ``i`` of ``steps`` from ``x`` at times ``t``: the new ``x`` (a new tensor), its times, and
         the log-probabilities of ``x_0`` the model gave. ``given`` marks the tokens the run started with
-        (``x_T``'s unmasked positions), which a step must keep."""
+        (``x_T``'s unmasked positions), which a step must keep. Its randomness comes from ``generator``
+        through :func:`steerdiff.noise.rand` and :func:`~steerdiff.discrete.categorical.draw` alone, each
+        draw with one row per row of ``x`` first: a particle method spread over ranks passes a
+        :class:`~steerdiff.noise.Shard`, which draws for every rank's rows and keeps this rank's."""

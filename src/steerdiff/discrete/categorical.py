@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..noise import Generators, rand
+from ..noise import Draws, rand
 
 __all__ = ["draw"]
 
 
-def draw(log_p: Tensor, generator: Generators) -> Tensor:
+def draw(log_p: Tensor, generator: Draws) -> Tensor:
     """One draw per row of ``log_p`` ``(batch, ..., V)`` (log-probabilities, ``-inf`` for impossible
     values) from its last axis, as int64 ``(batch, ...)``; the uniforms come from ``generator`` as
     :func:`steerdiff.noise.rand` draws them (row ``b`` from ``generator[b]`` where a list)."""

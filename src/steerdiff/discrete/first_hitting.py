@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..noise import Generators, rand
+from ..noise import Draws, rand
 from .base import Model, Sampler
 from .categorical import draw
 
@@ -48,7 +48,7 @@ class FirstHitting(Sampler):
         return n
 
     def step(
-        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Draws, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         process = model.den.process
         masked = x == process.mask_id

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, real
-from ..noise import Generators, rand
+from ..noise import Draws, rand
 from .ancestral import Ancestral
 from .base import Model
 from .categorical import draw
@@ -138,7 +138,7 @@ class ReMDM(Ancestral):
         return sigma_max.clamp(max=self.eta) if self.strategy == "cap" else self.eta * sigma_max
 
     def step(
-        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Generators, given: Tensor
+        self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Draws, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         process = model.den.process
         grid_t, grid_s = 1 - i / steps, 1 - (i + 1) / steps
