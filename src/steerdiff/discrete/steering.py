@@ -38,6 +38,24 @@ reward (a point mass: ``log_w = 0`` there, ``-inf`` elsewhere).
 
 NFE per batch row: ``N`` times the base sampler's (``N * steps``; 2 per step for
 :class:`~steerdiff.discrete.CFG`), as the continuous side counts them.
+
+Ranks (``group=``, a ``torch.distributed`` process group; every rank makes the same call), as
+:func:`steerdiff.smc.run_smc` spreads particles (its module's "Ranks"): rank ``r`` holds the particles
+:meth:`Ranks.shard(N) <steerdiff.distributed.Ranks.shard>` of every batch row, so the network and
+``reward`` see a rank's ``batch * n_r`` rows (``**cond`` and the denoiser's per-row state taken at them).
+Every draw of the sampler and of the estimates is made for all ``batch * N`` particles and a rank keeps
+its own (:class:`steerdiff.noise.Shard`), so the generators advance alike on every rank; the rewards are
+gathered into ``(batch, N)``, and the weights, ``log Z``, ESS, the resampling draws and best-of-N's
+choice are computed from them identically on every rank; at a resampling event every rank gathers the
+particles' tokens and times and takes its particles' ancestors; at the end every rank gathers and returns
+the whole system. The result equals the one-process run's with the same generators on every rank (tokens
+and float64 weights bit for bit where the network's output does not depend on how many rows it is called
+with, as on the CPU in float64). A NaN / ``+inf`` from any rank's network is raised by every rank (one
+all_reduce of a flag per step), with the message of the first rank that failed: one process's
+where the failing rows share their time, as with ``ancestral`` and ``remdm``; a reward that is NaN / inf
+anywhere is raised by every rank, as the rewards are checked once gathered. Another error on one rank
+alone (in a user's network or reward) leaves the others waiting at their next collective until the process
+group's timeout.
 """
 
 from __future__ import annotations
@@ -52,10 +70,12 @@ from tqdm.auto import tqdm
 
 from .._checks import boolean, integer, real
 from ..denoiser import take_kwarg_rows
-from ..noise import Generators, check_generators
+from ..distributed.group import Ranks, particle_ranks
+from ..noise import Draws, Shard, check_generators
 from ..smc import resample as _resample
 from ..smc.fk_steering import check_arguments, increment, initial_state, potential_nodes
 from ..smc.particles import Ancestors, Particles, Trace, Weights, check_weights
+from ..solvers.base import NonFiniteError
 from .base import Model, Sampler
 from .categorical import draw
 from .denoiser import MaskedDenoiser
@@ -68,8 +88,9 @@ Reward = Callable[[Tensor], Tensor]
 
 class _Run:
     """A run of ``particles`` per row of a (partly) masked batch, from ``shape`` or ``x_T`` (exactly one):
-    the flat particles ``x`` ``(batch * particles, length)``, their times, the model counting NFE and the
-    per-particle generators."""
+    the flat particles ``x`` ``(batch * particles, length)`` (with ``group``: this rank's ``(batch *
+    n_r, length)``, the particles ``shard`` of each row), their times, the model counting NFE and where
+    the particles' draws come from."""
 
     def __init__(
         self,
@@ -84,6 +105,7 @@ class _Run:
         generator: object,
         device: object,
         progress: object,
+        group: object,
         cond: dict[str, Any],
     ) -> None:
         if (shape is None) == (x_T is None):
@@ -98,16 +120,21 @@ class _Run:
             )
         self.who, self.reward_fn, process = who, reward, den.process
         self.batch, self.n = len(x), integer(who, "particles", particles, lo=1)
+        self.ranks: Ranks = particle_ranks(who, group, self.n)
+        self.shard = self.ranks.shard(self.n)
         self.sampler = get(sampler, who)
         self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1), who)
         self.generator = check_generators(who, generator, self.batch)
-        self.rows: Generators = (
+        self.rows: Draws = (
             self.generator
             if not isinstance(self.generator, list)
             else [g for g in self.generator for _ in range(self.n)]
         )
         self.progress = boolean(who, "progress", progress)
         each = torch.arange(self.batch, device=x.device).repeat_interleave(self.n)
+        if self.ranks.group is not None:  # this rank's flat rows of the whole system's batch * n
+            mine = self.ranks.flat_rows(self.batch, self.n).to(x.device)
+            self.rows, each = Shard(self.rows, self.batch * self.n, mine), each[mine]
         self.x = x[each]
         self.model = Model(den.take_rows(each, self.batch), take_kwarg_rows(cond, each, self.batch), who)
         self.mask_id = process.mask_id
@@ -119,16 +146,52 @@ class _Run:
         steps = range(self.steps)
         return tqdm(steps, desc=self.who, leave=False) if self.progress else steps
 
+    @property
+    def n_local(self) -> int:
+        """This rank's particles of each row, ``n_r`` (``N`` without ``group``)."""
+        return len(range(self.n)[self.shard])
+
     def step(self, i: int) -> tuple[Tensor, Tensor]:
         """Step ``i`` of the base sampler on every particle: the step's ``log p_theta(x_0 | x_i)`` and
-        which batch rows it could move (``(batch,)``: a row whose particles were all clean and stayed, as
-        a finished row of ``first_hitting`` does, is done)."""
+        which of this rank's particles it could move (``(batch, n_r)``)."""
         before = self.x
-        self.x, self.t, log_p = self.sampler.step(
-            self.model, before, self.t, i, self.steps, self.rows, self.given
-        )
+        try:
+            self.x, self.t, log_p = self.sampler.step(
+                self.model, before, self.t, i, self.steps, self.rows, self.given
+            )
+        except NonFiniteError as e:
+            if self.ranks.group is None:
+                raise
+            raise NonFiniteError(self.agreed(str(e))) from e  # from here: no frame keeps e (and the group)
+        if self.ranks.group is not None:
+            self.agreed(None)
         moved = ((before == self.mask_id) | (before != self.x)).any(-1)
-        return log_p, moved.reshape(self.batch, self.n).any(-1)
+        return log_p, moved.reshape(self.batch, self.n_local)
+
+    def agreed(self, failure: str | None) -> str:
+        """Whether any rank's step failed (``failure``: this rank's message, ``None`` where its step went
+        through), agreed by the ranks of ``group``: the first failing rank's message, which a rank whose step
+        went through raises as a :class:`~steerdiff.NonFiniteError` (one all_reduce each step, an all_gather
+        of the messages where one failed; ``""`` where none did)."""
+        flag = torch.tensor([failure is not None], dtype=torch.int32, device=self.x.device)
+        if not int(self.ranks.sum(flag)):
+            return ""
+        first = next(m for m in self.ranks.gather_objects(failure) if m is not None)
+        if failure is None:
+            raise NonFiniteError(first)
+        return first
+
+    def live(self, moved: Tensor) -> Tensor:
+        """The batch rows a step could move, ``(batch,)``, from which of this rank's particles it moved
+        (:meth:`step`; a row whose particles were all clean and stayed, as a finished row of
+        ``first_hitting`` does, is done): over every rank's particles with ``group`` (an all_reduce)."""
+        return self.ranks.max(moved.any(-1).int()).bool()
+
+    def everyone(self, v: Tensor) -> Tensor:
+        """This rank's flat particles ``(batch * n_r, ...)`` joined with every rank's: the whole system's
+        ``(batch * N, ...)`` (itself without ``group``; one all_gather)."""
+        joined = self.ranks.gather(v.reshape(self.batch, self.n_local, *v.shape[1:]), self.n, dim=1)
+        return joined.reshape(self.batch * self.n, *v.shape[1:])
 
     def estimate(self, log_p: Tensor) -> Tensor:
         """``x0_hat``: the particles' tokens, a draw from ``log_p`` at their masked positions."""
@@ -136,8 +199,9 @@ class _Run:
         return torch.where(masked, draw(log_p, self.rows).to(self.x.dtype), self.x)
 
     def reward(self, x: Tensor, i: int) -> Tensor:
-        """``r(x)`` of flat particles as float64 ``(batch, particles)``, checked: a ``ValueError`` naming
-        the step ``i`` (``steps``: the final samples) for a wrong shape or a NaN / inf."""
+        """``r(x)`` of this rank's flat particles as float64 ``(batch, particles)``, every rank's joined with
+        ``group``, checked: a ``ValueError`` naming the step ``i`` (``steps``: the final samples) for a wrong
+        shape or a NaN / inf."""
         r = self.reward_fn(x)
         at = "the final samples" if i == self.steps else f"step {i}"
         numeric = isinstance(r, Tensor) and not (r.is_complex() or r.dtype == torch.bool)
@@ -147,19 +211,23 @@ class _Run:
                 f"{self.who}: reward must return a real tensor of shape (n,) = ({len(x)},) for the n "
                 f"particles it is given, got {got} at {at}"
             )
-        r = r.to(device=x.device, dtype=torch.float64)
+        r = self.everyone(r.to(device=x.device, dtype=torch.float64))
         if not bool(torch.isfinite(r).all()):
             raise ValueError(f"{self.who}: reward returned NaN or inf at {at} (rewards must be finite)")
         return r.reshape(self.batch, self.n)
 
-    def take(self, flat: Tensor) -> None:
-        """Keep the flat particles at ``flat`` (ancestors within each row): tokens and times (the given
-        tokens and the conditions are the row's, the same for its particles)."""
-        self.x, self.t = self.x[flat], self.t[flat]
+    def take(self, anc: Tensor) -> None:
+        """Keep the particles' ancestors ``anc`` ``(batch, N)`` (indices within each row; this rank's
+        particles take theirs, ``anc[:, shard]``, from the whole system): tokens and times (the given tokens
+        and the conditions are the row's, the same for its particles)."""
+        offsets = (torch.arange(self.batch, device=anc.device) * self.n)[:, None]
+        flat = (anc[:, self.shard] + offsets).reshape(-1)
+        self.x, self.t = self.everyone(self.x)[flat], self.everyone(self.t)[flat]
 
     def result(self, log_w: Tensor, trace: Trace | None, reward: Tensor) -> Particles:
-        """The final particles as :class:`~steerdiff.smc.Particles` ``(batch, particles, length)``."""
-        x = self.x.reshape(self.batch, self.n, -1)
+        """The final particles, every rank's with ``group``, as :class:`~steerdiff.smc.Particles` ``(batch,
+        particles, length)``."""
+        x = self.everyone(self.x).reshape(self.batch, self.n, -1)
         return Particles(x, log_w, self.model.nfe * self.n, trace, reward)
 
 
@@ -181,6 +249,7 @@ def fk_steering(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """Feynman-Kac steering of a masked diffusion model towards ``p_S(x) exp(lam r(x)) / Z`` with
@@ -208,6 +277,9 @@ def fk_steering(
             estimates and resampling from ``generator[b]`` alone: a row's result is the same in any batch).
         device: where the all-masked batch of a shape is made (default CPU); only with a shape.
         progress: show a tqdm bar.
+        group: ``None`` (this process), or a ``torch.distributed`` process group to spread each batch
+            row's particles over (module docstring, "Ranks"; ``particles`` at least its size): every rank
+            returns the whole system, equal to this process's run with the same generators.
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles, as
             are those the denoiser holds (:meth:`MaskedDenoiser.take_rows
             <steerdiff.discrete.MaskedDenoiser.take_rows>`: :class:`~steerdiff.discrete.CFG`'s
@@ -225,7 +297,9 @@ def fk_steering(
         >>> x = out.sample(generator=g)   # (4, L), one draw per batch row
     """
     who = "discrete.fk_steering"
-    run = _Run(who, den, reward, shape, x_T, particles, steps, sampler, generator, device, progress, cond)
+    run = _Run(
+        who, den, reward, shape, x_T, particles, steps, sampler, generator, device, progress, group, cond
+    )
     interval = integer(who, "interval", interval, lo=1)  # checked where nothing is masked too
     nodes = potential_nodes(run.steps, interval, window, who) if run.steps else set()  # no steps: no window
     lam, potential, nodes = check_arguments(who, lam, potential, nodes)
@@ -237,12 +311,12 @@ def fk_steering(
     weights, ancestors = Weights(who, batch, n, dev, source), Ancestors(batch, n, dev)
     state = initial_state((batch, n), dev)
     arange = torch.arange(n, device=dev).expand(batch, n)
-    offsets = (torch.arange(batch, device=dev) * n)[:, None]
     no_resample = torch.zeros(batch, dtype=torch.bool, device=dev)
     for i in run.nodes():
-        log_p, live = run.step(i)
+        log_p, moved = run.step(i)
         inc = None
         if lam != 0 and i in nodes:
+            live = run.live(moved)
             old = dict(state)
             inc = increment(potential, lam, run.reward(run.estimate(log_p), i), state)
             # a done row gets no potential: its result must not depend on the steps a batch with more
@@ -256,7 +330,7 @@ def fk_steering(
             resampled = ess < ess_threshold * n * (1 - 1e-9)
             idx = ancestors(name, resample_fn(weights.log_w, run.generator), i)
             anc = torch.where(resampled[:, None], idx, arange)
-            run.take((anc + offsets).reshape(-1))
+            run.take(anc)
             state = {k: torch.take_along_dim(v, anc, dim=1) for k, v in state.items()}
             weights.reset(resampled)
         weights.record(resampled)
@@ -281,6 +355,7 @@ def best_of_n(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    group: Any = None,
     **cond: Any,
 ) -> Particles:
     """The best of ``particles`` independent samples per batch row by ``reward`` (module docstring), as
@@ -292,7 +367,9 @@ def best_of_n(
     mass on each row's best (``sample()`` returns it; ties: the first) and their ``reward``; no trace.
     """
     who = "discrete.best_of_n"
-    run = _Run(who, den, reward, shape, x_T, particles, steps, sampler, generator, device, progress, cond)
+    run = _Run(
+        who, den, reward, shape, x_T, particles, steps, sampler, generator, device, progress, group, cond
+    )
     for i in run.nodes():
         run.step(i)
     r = run.reward(run.x, run.steps)

@@ -1,0 +1,193 @@
+"""The discrete particle methods spread over ranks (``group=``): on 2 and 3 gloo ranks, with a row's 7
+particles in uneven shards (4/3 and 3/2/2), every rank's result equals the single-process run with the same
+generators bitwise (CPU, the exact mixture denoiser): tokens, float64 weights, trace (ESS, resampling
+events, log Z), NFE, rewards and ``sample()``. That run is itself checked against exact laws
+(tests/test_discrete_steering.py), so equality with it is the oracle here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.noise import Generators
+
+from .discrete_reference import mixture
+from .distributed import spawn
+
+F64 = torch.float64
+MIX = mixture()
+PROC = sd.discrete.MaskedProcess(MIX.V)
+DEN = MIX.denoiser(PROC)
+F = torch.rand(MIX.L, MIX.V, generator=torch.Generator().manual_seed(0), dtype=F64)  # r(x) = sum_i F[i, x^i]
+N, STEPS = 7, 6
+# rows with 4 and 3 masked tokens: first_hitting's row 1 is done before row 0 (its last step moves nothing)
+X_T = torch.tensor([[3, 3, 1, 3, 3], [0, 3, 3, 3, 2]])
+
+
+def reward(x: torch.Tensor) -> torch.Tensor:
+    return F[torch.arange(MIX.L), x.long()].sum(-1)
+
+
+def gens(per_row: bool, seed: int = 0) -> Generators:
+    """One generator, or one per batch row (of 2)."""
+    if per_row:
+        return [torch.Generator().manual_seed(seed + b) for b in range(2)]
+    return torch.Generator().manual_seed(seed)
+
+
+def _ancestral(group: Any) -> sd.smc.Particles:
+    # ess_threshold below 1: some nodes resample, some do not
+    return sd.discrete.fk_steering(
+        DEN, reward, 3.0, shape=(2, MIX.L), particles=N, steps=STEPS, ess_threshold=0.7, generator=gens(True),
+        group=group,
+    )  # fmt: skip
+
+
+def _first_hitting(group: Any) -> sd.smc.Particles:
+    # every node resamples; immediate weights a row again at each node unless it is done
+    return sd.discrete.fk_steering(
+        DEN, reward, 3.0, "immediate", x_T=X_T, particles=N, sampler="first_hitting",
+        generator=gens(False, 1), group=group,
+    )  # fmt: skip
+
+
+def _remdm(group: Any) -> sd.smc.Particles:
+    return sd.discrete.fk_steering(
+        DEN, reward, 3.0, "max", shape=(2, MIX.L), particles=N, steps=STEPS, sampler=sd.discrete.ReMDM(0.1),
+        interval=2, ess_threshold=0.9, resampler="multinomial", generator=gens(True, 2), group=group,
+    )  # fmt: skip
+
+
+def _labels(group: Any) -> sd.smc.Particles:
+    # a condition of batch rows: repeated for a row's particles, then taken at a rank's
+    return sd.discrete.fk_steering(
+        DEN, reward, 3.0, shape=(2, MIX.L), particles=N, steps=STEPS, ess_threshold=0.6,
+        generator=gens(False, 3), group=group, y=torch.tensor([0, 2]),
+    )  # fmt: skip
+
+
+def _best_of_n(group: Any) -> sd.smc.Particles:
+    return sd.discrete.best_of_n(
+        DEN, reward, shape=(2, MIX.L), particles=N, steps=STEPS, generator=gens(True, 4), group=group
+    )
+
+
+def _best_of_n_first_hitting(group: Any) -> sd.smc.Particles:
+    return sd.discrete.best_of_n(
+        DEN, reward, x_T=X_T, particles=N, sampler="first_hitting", generator=gens(False, 5), group=group
+    )
+
+
+RUNS: dict[str, Callable[[Any], sd.smc.Particles]] = {
+    "fk_steering ancestral": _ancestral,
+    "fk_steering first_hitting": _first_hitting,
+    "fk_steering remdm": _remdm,
+    "fk_steering y=": _labels,
+    "best_of_n": _best_of_n,
+    "best_of_n first_hitting": _best_of_n_first_hitting,
+}
+
+
+def _summary(out: sd.smc.Particles) -> dict[str, Any]:
+    trace = out.trace
+    return {
+        "x": out.x,
+        "log_w": out.log_w,
+        "nfe": out.nfe,
+        "reward": out.reward,
+        "ess": None if trace is None else trace.ess,
+        "resampled": None if trace is None else trace.resampled,
+        "log_z": None if trace is None else trace.log_z,
+        "sample": out.sample(generator=gens(True, 9)),
+    }
+
+
+def _last_rank() -> bool:
+    """Whether this process is the group's last rank (one process: yes)."""
+    dist = torch.distributed
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def _nan_below_half(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The mixture's net, NaN below process time 0.5 on the last rank only (everywhere on one process)."""
+    return DEN.net(x, t) * (math.nan if _last_rank() and float(t.min()) < 0.5 else 1.0)
+
+
+def _nan_reward(x: torch.Tensor) -> torch.Tensor:
+    """``reward``, NaN for the first row on the last rank only."""
+    r = reward(x)
+    return torch.where(torch.arange(len(x)) == 0, math.nan, r) if _last_rank() else r
+
+
+def _errors(group: Any) -> list[str]:
+    """What every rank raises: too few particles, a NaN from one rank's net, a NaN reward on one rank."""
+    den = sd.discrete.MaskedDenoiser(_nan_below_half, PROC)
+    kw = {"shape": (2, MIX.L), "group": group}
+    said = []
+    for error, run in (
+        (ValueError, lambda: sd.discrete.best_of_n(DEN, reward, particles=1, **kw)),
+        (sd.NonFiniteError, lambda: sd.discrete.fk_steering(den, reward, particles=N, steps=16, **kw)),
+        (ValueError, lambda: sd.discrete.best_of_n(DEN, _nan_reward, particles=N, steps=4, **kw)),
+    ):
+        with pytest.raises(error) as err:
+            run()
+        said.append(str(err.value))
+    return said
+
+
+def _on_ranks(group: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    return {name: _summary(run(group)) for name, run in RUNS.items()}, _errors(group)
+
+
+@pytest.fixture(scope="module")
+def alone() -> dict[str, dict[str, Any]]:
+    return {name: _summary(run(None)) for name, run in RUNS.items()}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_spread_runs_equal_the_single_process_run(alone, world):
+    alone_said = _errors(None)[1:]
+    for rank, (spread, said) in enumerate(spawn(_on_ranks, world)):
+        for name, want in alone.items():
+            for key, value in want.items():
+                where = f"{name}: {key} on rank {rank} of {world}"
+                if value is None or isinstance(value, int):  # no trace (best_of_n); the NFE
+                    assert value == spread[name][key], where
+                else:
+                    assert torch.equal(value, spread[name][key]), where
+        assert said[0] == (
+            f"discrete.best_of_n: group: particles = 1 is fewer than the group's {world} ranks; every rank "
+            "needs at least one particle of each batch row"
+        )
+        # a NaN from the last rank's net or reward: every rank raises it, with one process's message (not
+        # the last rank alone, leaving the others waiting at their next collective)
+        assert said[1:] == alone_said
+    assert alone_said[0] == (
+        "discrete.fk_steering: at step 9 (evaluation 10, t in [0.4375, 0.4375]): MaskedDenoiser: the network "
+        "returned NaN or +inf logits"
+    )
+    assert alone_said[1] == (
+        "discrete.best_of_n: reward returned NaN or inf at the final samples (rewards must be finite)"
+    )
+
+
+def test_the_runs_compared_resample_at_some_nodes_or_every_node(alone):
+    for name in ("fk_steering ancestral", "fk_steering remdm", "fk_steering y="):
+        events = alone[name]["resampled"][:-1]
+        assert 0 < int(events.sum()) < events.numel(), name
+    hitting = alone["fk_steering first_hitting"][
+        "resampled"
+    ]  # every node but row 1's last (done) and the end
+    assert bool(hitting[:-2].all()) and hitting[-2].tolist() == [True, False] and not bool(hitting[-1].any())
+
+
+def test_a_group_that_is_no_process_group_is_refused():
+    with pytest.raises(
+        ValueError, match=r"^discrete\.fk_steering: group must be None \(this process alone\)"
+    ):
+        sd.discrete.fk_steering(DEN, reward, shape=(1, MIX.L), particles=2, group="world")
