@@ -125,6 +125,8 @@ class _Run:
         self.sampler = get(sampler, who)
         self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1), who)
         self.generator = check_generators(who, generator, self.batch)
+        if self.generator is None:  # torch's global RNG: alike on every rank, or each draws other noise
+            self.ranks.check_global_rng(who, x.device)
         self.rows: Draws = (
             self.generator
             if not isinstance(self.generator, list)
