@@ -277,6 +277,16 @@ def _spread(group, x_T):
             return_info=True,
         )
         out.append((x, info.iterations, info.nfe, info.strides))
+    # guidance only inside an interval of noise levels: a window's cost (1 or 2 evaluations a row) depends
+    # on its rows' times, so a rank's share may cost less than the whole window; the NFE is the whole's
+    cfg = sd.guidance.CFG(den, den, 2.0, interval=(0.5, 3.0))
+    x, info = sd.paradigms(cfg, x_T[:4], 30, "ddim", window=16, group=group, return_info=True)
+    out.append((x, info.iterations, info.nfe, info.strides))
+    if group is not None:  # torch's global RNG seeded per rank, where a run draws from it: refused
+        torch.manual_seed(100 + torch.distributed.get_rank())
+        with pytest.raises(ValueError, match=r"paradigms: generator=None draws from torch's global RNG"):
+            sd.paradigms(den, x_T[:4], 20, "ddpm", group=group)
+        sd.paradigms(den, x_T[:4], 20, "ddim", group=group)  # a deterministic run draws nothing: accepted
     return out
 
 

@@ -248,6 +248,8 @@ def _evaluate(
     given, x0_given, var, cost = _window_prediction(
         den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond
     )
+    # the window's cost as one process counts it: a guided denoiser's may depend on its rows' times
+    cost = int(group.max(torch.tensor(cost, device=given.device)).item())
     return group.gather(given, total), x0_given, None if var is None else group.gather(var, total), cost
 
 
@@ -365,6 +367,8 @@ def paradigms(
     noise = make_noise(generator, who)
     if isinstance(noise, PerSampleNoise):
         check_rows(noise.generators, len(x_T), who)
+    if generator is None and slv.noisy_on(grid):  # every rank draws the steps' noise: alike, or they part
+        ranked.check_global_rng(who, x_T.device)
 
     n, dtype = len(x_T), work_dtype(x_T.dtype)
     net_dtype = x_T.dtype if dtype != x_T.dtype else None
@@ -377,7 +381,8 @@ def paradigms(
     limits = [0.0] + [tol**2 * ancestral_split(grid, j, 1.0)[1] ** 2 for j in range(steps)]
     info = ParadigmsInfo(0, grid, slv, sched)
     rows_of: dict[int, Tensor] = {}
-    bar = tqdm(total=steps, desc=f"ParaDiGMS {slv.name}", leave=False) if progress else None
+    show = progress and ranked.rank == 0  # one bar for the group
+    bar = tqdm(total=steps, desc=f"ParaDiGMS {slv.name}", leave=False) if show else None
 
     # buf[j]: the guess at node start + j; buf[0] is exact
     start, buf = 0, x_T.to(dtype).expand(window + 1, *x_T.shape).clone()

@@ -146,7 +146,7 @@ class _Run:
     def nodes(self) -> Iterable[int]:
         """The steps ``0..steps - 1``, with a tqdm bar where ``progress``."""
         steps = range(self.steps)
-        return tqdm(steps, desc=self.who, leave=False) if self.progress else steps
+        return tqdm(steps, desc=self.who, leave=False) if self.progress and self.ranks.rank == 0 else steps
 
     @property
     def n_local(self) -> int:
