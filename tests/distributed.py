@@ -1,10 +1,12 @@
-"""Run a function on several gloo ranks in fresh processes (CPU; what ``torchrun`` does on GPUs).
+"""Run a function on several ranks in fresh processes (what ``torchrun`` does): gloo on CPUs, or NCCL.
 
 ``spawn(fn, world, *args)`` starts ``world`` processes, initializes a gloo process group in each and
 calls ``fn(group, *args)`` there with ``group = torch.distributed.group.WORLD``; it returns each rank's
-result in rank order (anything :func:`torch.save` takes). ``fn`` must be a module-level function of an
-importable module (the processes are spawned, not forked). A process costs a Python start and the
-imports (a few seconds): put several checks in one ``fn``.
+result in rank order (anything :func:`torch.save` takes). ``backend="nccl"`` initializes NCCL instead,
+rank ``r`` on CUDA device ``r % torch.cuda.device_count()`` (its current device): one GPU takes a world of
+1, whose collectives already apply NCCL's rules (CUDA tensors only). ``fn`` must be a module-level
+function of an importable module (the processes are spawned, not forked). A process costs a Python start
+and the imports (a few seconds): put several checks in one ``fn``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _main(rank: int, world: int, init: str, out: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _main(
+    rank: int, world: int, init: str, out: str, backend: str, fn: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        backend, init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
     try:
         result = fn(dist.group.WORLD, *args)
@@ -32,9 +38,12 @@ def _main(rank: int, world: int, init: str, out: str, fn: Callable[..., Any], ar
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
-    """``fn(group, *args)`` on each of ``world`` gloo ranks; the results in rank order."""
+def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo") -> list[Any]:
+    """``fn(group, *args)`` on each of ``world`` ranks of ``backend`` (``"gloo"`` or ``"nccl"``); the
+    results in rank order."""
     with tempfile.TemporaryDirectory() as tmp:
         init = "file://" + os.path.join(tmp, "init")
-        mp.start_processes(_main, args=(world, init, tmp, fn, args), nprocs=world, start_method="spawn")
+        mp.start_processes(
+            _main, args=(world, init, tmp, backend, fn, args), nprocs=world, start_method="spawn"
+        )
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]

@@ -17,12 +17,19 @@ same count), guidance and the inverse operators, the particle methods, the MCMC 
 ``BrownianTreeNoise`` against torchsde's trees on the device,
 generators on the device, the metrics, and masked diffusion (``sd.discrete``: every sampler, ``CFG``,
 ``ClassifierGuidance``, ``fk_steering`` and ``best_of_n`` draw the CPU run's tokens; at most one host read
-per step).
+per step), ParaDiGMS (``sd.paradigms``: the CPU run's samples, windows and NFE; one device read per Picard
+iteration), and runs spread over a real NCCL process group (``tests/distributed.py``'s ``spawn`` with
+``backend="nccl"``, one rank per GPU: a world of 1 on one GPU, 2 on two or more; NCCL takes CUDA tensors
+only): ``sd.distributed.sample`` (``shape=``/``seed=`` on the device, ``x_T`` with per-sample CUDA
+generators, a failing rank) and ``sample_discrete``, ``sd.smc.fk_steering`` (resampling at some nodes, the
+global RNG), ``svdd``, ``best_of_n``, ``sd.discrete.fk_steering`` / ``best_of_n`` on device tokens,
+``sd.paradigms``, and a NaN from one rank's net raised alike by every rank, each with ``group=`` equal to
+the same run on the GPU alone.
 
 Run with ``make test-cuda`` (``pytest tests/test_cuda.py`` on a machine with a GPU); ``make test``
 skips the module where there is none. ``STEERDIFF_TEST_DEVICE`` names the device under test (default
 ``cuda``); ``STEERDIFF_TEST_DEVICE=cpu pytest tests/test_cuda.py`` runs every test but the sync-debug
-ones on the CPU as a dry run (the comparisons then hold trivially; the code paths run).
+and NCCL ones on the CPU as a dry run (the comparisons then hold trivially; the code paths run).
 """
 
 from __future__ import annotations
@@ -37,14 +44,17 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 import steerdiff as sd
 from steerdiff.guidance import CFG, DPS, MCG, ClassifierGuidance, DynamicThreshold, PiGDM, RewardGuidance
 from steerdiff.integrations.diffusers_ref import run_scheduler
 from steerdiff.inverse import Blur, Downsample, Inpaint, Matrix
+from steerdiff.paradigms import ParadigmsInfo
 from steerdiff.toy import digits as D
 
+from .distributed import spawn
 from .reference import eps_net, noise, sd_betas_config, smooth_mixture
 
 DEVICE = os.environ.get("STEERDIFF_TEST_DEVICE", "cuda")
@@ -940,6 +950,321 @@ def test_particles_with_a_device_generator_are_reproducible() -> None:
     a, b = run(1), run(1)
     assert a.x.device.type == KIND and torch.equal(a.x, b.x) and torch.equal(a.log_w, b.log_w)
     assert float((a.x - run(2).x).abs().max()) > 1e-3
+
+
+# --- ParaDiGMS -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("solver", "steps"), [("ddpm", 30), ("dpmpp_2m", 20)])
+def test_paradigms_on_the_device_equals_the_cpu_run(solver: str, steps: int) -> None:
+    """The windows' stacked rows, the replayed noise (CPU generators per row) and a multistep state on the
+    device: the CPU run's samples, windows, strides and NFE."""
+
+    def run(x_T: Tensor) -> tuple[Tensor, ParadigmsInfo]:
+        return sd.paradigms(DEN, x_T, steps, solver, window=8, generator=_rows(4), return_info=True)
+
+    ref, ref_info = run(noise(4, 8))
+    out, info = run(noise(4, 8).to(DEVICE))
+    _expect(out, ref, F64_TOL)
+    assert (info.windows, info.strides, info.nfe) == (ref_info.windows, ref_info.strides, ref_info.nfe)
+    assert ref_info.iterations < steps
+
+
+@cuda_only
+def test_paradigms_reads_the_device_once_per_iteration() -> None:
+    """An iteration's convergence and NaN flags come to the host in one read, its only sync; besides, it
+    copies host values to the device where sync debug mode reports such copies: the window rows' times
+    (five tensors, through the denoiser's per-row time and coefficients) and the tolerances, six in all
+    (counted on ``meta``). The iterations differ between the runs (window 2: 6 steps in at most 6, 16 in
+    at least 8)."""
+    den, x_T = _linear_eps_den(), torch.randn(4, 8, device=DEVICE)
+
+    def count(steps: int) -> tuple[int, int]:
+        infos: list[ParadigmsInfo] = []
+        syncs = _syncs(
+            lambda: infos.append(sd.paradigms(den, x_T, steps, "ddim", window=2, return_info=True)[1])
+        )
+        return syncs, infos[0].iterations
+
+    count(6)  # first use of each kernel
+    (few, few_it), (many, many_it) = count(6), count(16)
+    per_iteration = 1 + (6 if _flags_host_to_device_copies() else 0)
+    assert many_it > few_it and many - few == (many_it - few_it) * per_iteration, (few, many, few_it, many_it)
+
+
+# --- runs spread over NCCL ranks ------------------------------------------------------------------------
+# Each run of NCCL_RUNS on every rank of a real NCCL process group (one GPU: a world of 1; two or more: 2),
+# its particles and samples on the rank's GPU, against the same run on that GPU alone (group=None): NCCL
+# takes CUDA tensors only, so a collective fed a CPU tensor (a flag, a time, a state) fails here and
+# nowhere else. Equal as on gloo (tests/test_distributed_*.py): token ids, counts and messages exactly,
+# floats to 1e-12 (the shards' matrix products on the GPU may round by their row count). _on_ranks runs on
+# any backend: spawn(_on_ranks, world) gives the same comparisons on gloo CPU ranks (all pass at 1, 2, 3).
+
+nccl_only = pytest.mark.skipif(
+    KIND != "cuda" or not (dist.is_available() and dist.is_nccl_available()),
+    reason="NCCL runs on CUDA devices, with a torch built with it",
+)
+
+
+def _last_rank(group: Any) -> bool:
+    """Whether this process is the last rank of ``group`` (alone, ``None``: yes)."""
+    return group is None or dist.get_rank(group) == dist.get_world_size(group) - 1
+
+
+def _summary(p: sd.smc.Particles) -> dict[str, Any]:
+    trace = p.trace
+    return {
+        "x": p.x,
+        "log_w": p.log_w,
+        "nfe": p.nfe,
+        "reward": p.reward,
+        "ess": None if trace is None else trace.ess,
+        "resampled": None if trace is None else trace.resampled,
+        "log_z": None if trace is None else trace.log_z,
+        "sample": p.sample(generator=_rows(len(p.x), 9)),
+    }
+
+
+def _device_rows(n: int, device: torch.device, seed: int = 100) -> list[torch.Generator]:
+    """One generator per row on ``device`` (the rank's GPU)."""
+    return [torch.Generator(device).manual_seed(seed + b) for b in range(n)]
+
+
+def _sample_seeded(group: Any, device: torch.device) -> dict[str, Any]:
+    x, info = sd.distributed.sample(
+        DEN, None, 6, "ddpm", group=group, shape=(5, 8), seed=5, dtype=F64, device=device, return_info=True
+    )
+    return {"x": x, "nfe": info.nfe}
+
+
+def _sample_x_T(group: Any, device: torch.device) -> dict[str, Any]:
+    x_T = noise(5, 8).to(device)
+    return {"x": sd.distributed.sample(DEN, x_T, 6, "ddpm", group=group, generator=_device_rows(5, device))}
+
+
+def _sample_failing(group: Any, device: torch.device) -> dict[str, Any]:
+    """The last rank's callback raises (alone: the run's): every rank raises after one all_reduce of flags."""
+
+    def fail(state: dict[str, Any]) -> None:
+        if _last_rank(group):
+            raise ArithmeticError("the last rank's own failure")
+
+    try:
+        sd.distributed.sample(DEN, noise(5, 8).to(device), 2, group=group, callback=fail)
+    except (ArithmeticError, RuntimeError) as e:
+        return {"said": f"{type(e).__name__}: {e}"}
+    return {"said": None}
+
+
+def _sample_discrete(group: Any, device: torch.device) -> dict[str, Any]:
+    return {
+        "shape": sd.distributed.sample_discrete(CAT_DEN, (5, 5), 4, group=group, seed=9, device=device),
+        "tokens": sd.distributed.sample_discrete(
+            CAT_DEN, CAT_X.to(device), 4, group=group, generator=_device_rows(3, device)
+        ),
+    }
+
+
+def _fk_steering(group: Any, device: torch.device) -> dict[str, Any]:
+    # ess_threshold 0.5: 13 of the 16 nodes resample (the test checks some do not)
+    return _summary(
+        sd.smc.fk_steering(
+            DEN, _reward, lam=2.0, shape=(2, 8), particles=7, steps=STEPS, ess_threshold=0.5, dtype=F64,
+            device=device, generator=_rows(2), group=group,
+        )
+    )  # fmt: skip
+
+
+def _fk_global_rng(group: Any, device: torch.device) -> dict[str, Any]:
+    # generator=None: the device's global RNG, its state gathered from every rank and compared
+    torch.manual_seed(11)
+    return _summary(
+        sd.smc.fk_steering(
+            DEN, _reward, lam=2.0, shape=(2, 8), particles=7, steps=STEPS, ess_threshold=0.5, dtype=F64,
+            device=device, group=group,
+        )
+    )  # fmt: skip
+
+
+def _svdd(group: Any, device: torch.device) -> dict[str, Any]:
+    return _summary(
+        sd.smc.svdd(
+            DEN, _reward, 0.5, shape=(2, 8), particles=7, steps=STEPS, dtype=F64, device=device,
+            generator=torch.Generator(device).manual_seed(4), group=group,
+        )
+    )  # fmt: skip
+
+
+def _best_of_n(group: Any, device: torch.device) -> dict[str, Any]:
+    return _summary(
+        sd.smc.best_of_n(
+            DEN, _reward, shape=(2, 8), particles=7, steps=STEPS, dtype=F64, device=device,
+            generator=_rows(2, 5), group=group,
+        )
+    )  # fmt: skip
+
+
+def _fk_nan(group: Any, device: torch.device) -> dict[str, Any]:
+    """The net NaN below t = 500 on the last rank only (alone: everywhere): every rank raises one message."""
+    last = _last_rank(group)
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        return DEN.net(x, t) * (math.nan if last and float(t.reshape(-1)[0]) < 500 else 1.0)
+
+    try:
+        sd.smc.fk_steering(
+            sd.Denoiser(net, PROC, "x0", shape=(8,)), _reward, shape=(2, 8), particles=7, steps=STEPS,
+            dtype=F64, device=device, generator=_rows(2), group=group,
+        )  # fmt: skip
+    except sd.NonFiniteError as e:
+        return {"said": str(e)}
+    return {"said": None}
+
+
+def _discrete_fk_steering(group: Any, device: torch.device) -> dict[str, Any]:
+    # from partly masked tokens on the device; ess_threshold 0.7: 8 of the 18 row-nodes resample
+    return _summary(
+        sd.discrete.fk_steering(
+            CAT_DEN, _cat_reward, 2.0, x_T=CAT_X.to(device), particles=7, steps=6, ess_threshold=0.7,
+            generator=_rows(3), group=group,
+        )
+    )  # fmt: skip
+
+
+def _discrete_best_of_n(group: Any, device: torch.device) -> dict[str, Any]:
+    return _summary(
+        sd.discrete.best_of_n(
+            CAT_DEN, _cat_reward, shape=(3, 5), particles=7, sampler="first_hitting", device=device,
+            generator=_rows(3, 5), group=group,
+        )
+    )  # fmt: skip
+
+
+def _discrete_nan(group: Any, device: torch.device) -> dict[str, Any]:
+    """The net NaN below t = 0.5 on the last rank only (alone: everywhere): one message on every rank."""
+    last = _last_rank(group)
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        return CAT_DEN.net(x, t) * (math.nan if last and float(t.min()) < 0.5 else 1.0)
+
+    try:
+        sd.discrete.fk_steering(
+            sd.discrete.MaskedDenoiser(net, CAT_DEN.process), _cat_reward, shape=(3, 5), particles=7, steps=8,
+            device=device, generator=_rows(3), group=group,
+        )  # fmt: skip
+    except sd.NonFiniteError as e:
+        return {"said": str(e)}
+    return {"said": None}
+
+
+def _paradigms_run(x_T: Tensor, steps: int, solver: str, group: Any, **kw: Any) -> dict[str, Any]:
+    x, info = sd.paradigms(DEN, x_T, steps, solver, window=8, group=group, return_info=True, **kw)
+    return {"x": x, "windows": info.windows, "strides": info.strides, "nfe": info.nfe}
+
+
+def _paradigms(group: Any, device: torch.device) -> dict[str, Any]:
+    # 40 window rows split over the ranks, the window's cost a max over them
+    return _paradigms_run(noise(5, 8).to(device), 30, "ddpm", group, generator=_device_rows(5, device))
+
+
+def _paradigms_global_rng(group: Any, device: torch.device) -> dict[str, Any]:
+    # generator=None: the device's global RNG, its state checked alike on every rank (the one collective of
+    # a world of 1, where the windows are not split)
+    torch.manual_seed(3)
+    return _paradigms_run(noise(5, 8).to(device), 20, "ddpm", group)
+
+
+def _paradigms_multistep(group: Any, device: torch.device) -> dict[str, Any]:
+    return _paradigms_run(noise(5, 8).to(device), 20, "unipc", group)
+
+
+NCCL_RUNS: dict[str, Callable[[Any, torch.device], dict[str, Any]]] = {
+    "distributed.sample shape= seed=": _sample_seeded,
+    "distributed.sample x_T": _sample_x_T,
+    "distributed.sample failing rank": _sample_failing,
+    "distributed.sample_discrete": _sample_discrete,
+    "fk_steering": _fk_steering,
+    "fk_steering generator=None": _fk_global_rng,
+    "svdd": _svdd,
+    "best_of_n": _best_of_n,
+    "fk_steering NaN": _fk_nan,
+    "discrete.fk_steering": _discrete_fk_steering,
+    "discrete.best_of_n": _discrete_best_of_n,
+    "discrete.fk_steering NaN": _discrete_nan,
+    "paradigms": _paradigms,
+    "paradigms generator=None": _paradigms_global_rng,
+    "paradigms unipc": _paradigms_multistep,
+}
+
+
+def _on_ranks(group: Any) -> dict[str, Any]:
+    """Each of NCCL_RUNS over ``group`` and alone, on this rank's device (its GPU under NCCL, else the CPU):
+    both runs' values moved to the CPU and the device types of their tensors; a run that raises gives its
+    message instead, so that one failing run hides no other."""
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    out: dict[str, Any] = {}
+    for name, run in NCCL_RUNS.items():
+        try:
+            runs = [run(group, device), run(None, device)]
+        except Exception as e:  # reported by the test of that run
+            out[name] = f"{type(e).__name__}: {e}"
+            continue
+        devices = {v.device.type for r in runs for v in r.values() if isinstance(v, Tensor)}
+        out[name] = (
+            *({k: v.cpu() if isinstance(v, Tensor) else v for k, v in r.items()} for r in runs),
+            devices,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def nccl_ranks() -> list[dict[str, Any]]:
+    """:func:`_on_ranks` on 2 NCCL ranks where there are two GPUs, else 1."""
+    return spawn(_on_ranks, 2 if torch.cuda.device_count() >= 2 else 1, backend="nccl")
+
+
+def _expect_same(got: dict[str, Any], want: dict[str, Any], where: str) -> None:
+    """Token ids, counts and messages equal; floats to 1e-12."""
+    assert got.keys() == want.keys(), where
+    for key, value in want.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-12, msg=f"{where}: {key}")
+        elif isinstance(value, Tensor):
+            assert torch.equal(got[key], value), f"{where}: {key}"
+        else:
+            assert got[key] == value, f"{where}: {key}"
+
+
+@nccl_only
+@pytest.mark.parametrize("name", NCCL_RUNS)
+def test_run_over_nccl_ranks_equals_the_run_alone(nccl_ranks: list[dict[str, Any]], name: str) -> None:
+    world = len(nccl_ranks)
+    for rank, out in enumerate(nccl_ranks):
+        where = f"{name} on rank {rank} of {world}"
+        assert not isinstance(out[name], str), f"{where}: {out[name]}"
+        spread, alone, devices = out[name]
+        assert devices <= {KIND}, (where, devices)
+        if name == "distributed.sample failing rank" and rank != world - 1:
+            alone = {
+                "said": f"RuntimeError: distributed.sample: rank(s) [{world - 1}] of the group failed (each "
+                f"raised its error); so stops rank {rank}"
+            }
+        _expect_same(spread, alone, where)
+
+
+def test_the_nccl_runs_resample_select_and_fail() -> None:
+    """What the NCCL comparison covers, checked alone on the device: resampling at some nodes and not at
+    others, a selection at every node, the failures raised, the windows sliding by more than one node."""
+    device = torch.device(DEVICE)
+    for name in ("fk_steering", "fk_steering generator=None", "discrete.fk_steering"):
+        events = NCCL_RUNS[name](None, device)["resampled"][:-1]
+        assert 0 < int(events.sum()) < events.numel(), name
+    assert bool(NCCL_RUNS["svdd"](None, device)["resampled"][:-1].all())
+    for name in ("distributed.sample failing rank", "fk_steering NaN", "discrete.fk_steering NaN"):
+        assert NCCL_RUNS[name](None, device)["said"] is not None, name
+    for name in ("paradigms", "paradigms generator=None", "paradigms unipc"):
+        assert max(NCCL_RUNS[name](None, device)["strides"]) > 1, name
 
 
 # --- metrics ----------------------------------------------------------------------------------------------
