@@ -1031,8 +1031,10 @@ def _device_rows(n: int, device: torch.device, seed: int = 100) -> list[torch.Ge
 
 
 def _sample_seeded(group: Any, device: torch.device) -> dict[str, Any]:
+    # no device= with the group: under NCCL the samples and their generators default to the rank's GPU
+    where = device if group is None else None
     x, info = sd.distributed.sample(
-        DEN, None, 6, "ddpm", group=group, shape=(5, 8), seed=5, dtype=F64, device=device, return_info=True
+        DEN, None, 6, "ddpm", group=group, shape=(5, 8), seed=5, dtype=F64, device=where, return_info=True
     )
     return {"x": x, "nfe": info.nfe}
 
@@ -1058,7 +1060,9 @@ def _sample_failing(group: Any, device: torch.device) -> dict[str, Any]:
 
 def _sample_discrete(group: Any, device: torch.device) -> dict[str, Any]:
     return {
-        "shape": sd.distributed.sample_discrete(CAT_DEN, (5, 5), 4, group=group, seed=9, device=device),
+        "shape": sd.distributed.sample_discrete(
+            CAT_DEN, (5, 5), 4, group=group, seed=9, device=device if group is None else None
+        ),
         "tokens": sd.distributed.sample_discrete(
             CAT_DEN, CAT_X.to(device), 4, group=group, generator=_device_rows(3, device)
         ),

@@ -14,6 +14,7 @@ def _collectives(group, n: int):
     items = torch.arange(n * 2, dtype=torch.float64).reshape(n, 2)
     mine = items[r.shard(n)]
     along1 = r.gather(mine.T.contiguous(), n, dim=1)
+    assert r.device() is None  # gloo takes tensors anywhere; NCCL's default is the rank's GPU (test_cuda)
     return (
         r.rank,
         r.size,

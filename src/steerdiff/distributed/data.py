@@ -255,9 +255,9 @@ def sample(
         generator: with ``x_T``: ``None`` (for a run that draws no noise: a deterministic solver) or a list
             of ``n`` ``torch.Generator``, one per sample. One generator, or torch's global RNG, would give
             every rank the same draws, so they are refused; so is a Brownian tree (not split over ranks).
-        dtype, device: of the samples drawn from ``shape`` (default torch's default dtype, CPU; under
-            NCCL the rank's GPU), where their generators live too; only with ``shape`` (``x_T`` keeps
-            its own).
+        dtype, device: of the samples drawn from ``shape`` (default torch's default dtype; the rank's
+            current CUDA device under NCCL, else the CPU), where their generators live too; only with
+            ``shape`` (``x_T`` keeps its own).
         corrector: as :func:`steerdiff.sample`, but a :class:`~steerdiff.mcmc.Kernel` with a ``step_size``
             and no generator of its own (it then draws from the samples' generators): a step chosen by
             ``snr`` from batch means would depend on the shards.
@@ -330,7 +330,7 @@ def sample(
             raise ValueError(
                 f"{who}: generator goes with x_T; with shape= the per-sample generators are made from seed="
             )
-        size, seed_, dtype_, where = _check_seeded(who, shape, seed, dtype, device)
+        size, seed_, dtype_, where = _check_seeded(who, shape, seed, dtype, device or r.device())
         if den.shape is not None and size[1:] != den.shape:
             raise ValueError(f"{who}: shape has sample shape {size[1:]}, the denoiser expects {den.shape}")
         n, blank = size[0], torch.empty((0, *size[1:]), dtype=dtype_, device=where)
@@ -414,7 +414,8 @@ def sample_discrete(
 
     Args:
         den, steps, sampler, device: as :func:`steerdiff.discrete.sample` (``device``: where the all-masked
-            rows of a shape are made, and their generators with ``seed``).
+            rows of a shape are made, and their generators with ``seed``; default the rank's current CUDA
+            device under NCCL, else the CPU).
         x_T: the whole batch: a shape ``(n, length)`` (each rank makes its shard's all-masked rows) or token
             ids ``(n, length)``, the same on every rank.
         group: as :func:`sample`.
@@ -441,7 +442,7 @@ def sample_discrete(
             raise ValueError(
                 f"{who}: x_T must be a shape (batch, length) or a tensor of token ids, got {x_T!r}"
             )
-        den, tokens = _discrete.start(who, den, [1, *size[1:]], device)
+        den, tokens = _discrete.start(who, den, [1, *size[1:]], device or r.device())
         masked = torch.full((size[0],), size[-1])
     n, where = size[0], tokens.device
     slv = _discrete.get(sampler, who)

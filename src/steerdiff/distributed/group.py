@@ -68,6 +68,14 @@ class Ranks:
         dist.all_gather(parts, x, group=self.group)
         return torch.cat([p[:k] for p, k in zip(parts, sizes, strict=True)]).movedim(0, dim)
 
+    def device(self) -> torch.device | None:
+        """Where this group's collectives need their tensors: the current CUDA device under NCCL (which
+        takes no others), ``None`` (any) for gloo and for one process. The default device of what a rank
+        makes for the group where the caller names none."""
+        if self.group is None or dist.get_backend(self.group) != "nccl":
+            return None
+        return torch.device("cuda", torch.cuda.current_device())
+
     def max(self, x: Tensor) -> Tensor:
         """The elementwise maximum of ``x`` over the ranks (a new tensor)."""
         return self._reduce(x, dist.ReduceOp.MAX)
