@@ -1,11 +1,13 @@
 """sd.paradigms (ParaDiGMS, Shih et al. 2023): the sliding-window Picard iteration against the sequential
 sampler sd.sample on the exact mixture denoiser, its parallel iteration counts, and group= on 2 gloo ranks."""
 
+import inspect
+
 import pytest
 import torch
 
 import steerdiff as sd
-from steerdiff.paradigms import ACCEPTED
+from steerdiff.paradigms import ACCEPTED, SAMPLE_ONLY
 from steerdiff.solvers.ddim import ancestral_split
 
 from .distributed import spawn
@@ -246,6 +248,36 @@ def test_bad_input(gmm, sd_process, x_T):
         sd.paradigms(den, x_T, 10, group=1)
     with pytest.raises(ValueError, match=r"paradigms: den: Jitter in the denoiser draws noise of its own"):
         sd.paradigms(_OwnNoise(den.net, sd_process, "x0"), x_T, 10)
+
+
+def test_sample_s_keywords_it_lacks_are_refused(gmm, sd_process, x_T):
+    """sd.sample's callback=, corrector=, corrector_steps=, snr= went on to the net as conditions: a TypeError
+    inside it (``net() got an unexpected keyword argument 'callback'``), or nothing at all for a net that
+    takes **kwargs. They are sample's keyword-only arguments that paradigms lacks, refused by name."""
+    kw_only = inspect.Parameter.KEYWORD_ONLY
+    own = {name for name, p in inspect.signature(sd.paradigms).parameters.items() if p.kind == kw_only}
+    theirs = {name for name, p in inspect.signature(sd.sample).parameters.items() if p.kind == kw_only}
+    assert set(SAMPLE_ONLY) == theirs - own
+    calls = []
+
+    def net(x, t, **cond):
+        calls.append(cond)
+        return gmm.denoiser(sd_process).net(x, t)
+
+    den = sd.Denoiser(net, sd_process, prediction="x0")
+    for name, value in [("callback", print), ("corrector", "ula"), ("corrector_steps", 2), ("snr", 0.1)]:
+        with pytest.raises(
+            ValueError, match=rf"^paradigms: {name} is an argument of sample, not of paradigms, "
+        ):
+            sd.paradigms(den, x_T, 10, "ddpm", generator=_gen(), **{name: value})
+    with pytest.raises(
+        ValueError, match=r"^paradigms: corrector, snr are arguments of sample, not of paradigms"
+    ):
+        sd.paradigms(den, x_T, 10, corrector="ula", snr=0.1)
+    assert calls == []  # refused before any network call
+    # the net's own conditions still reach it
+    sd.paradigms(den, x_T, 3, window=2, label=7)
+    assert calls and all(c == {"label": 7} for c in calls)
 
 
 def test_nonfinite_names_the_step(sd_process, x_T):

@@ -70,7 +70,7 @@ from . import schedules as _schedules
 from . import solvers as _solvers
 from ._checks import boolean, integer
 from .denoiser import Denoiser, check_denoiser
-from .sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T, guided_solver, run_grid
+from .sampling import DEFAULT_SCHEDULE, SampleInfo, check_sample_only, check_x_T, guided_solver, run_grid
 from .schedules import ScheduleLike
 from .solvers.base import Grid, Model, Solver, make_grid, to_sample_dtype, work_dtype
 from .solvers.unipc import UniPC
@@ -212,14 +212,14 @@ def invert(
             f"invert: den: {', '.join(name for name, _ in own)} draws noise, and inversion is deterministic; "
             "pass a denoiser that does not"
         )
-    if given := [name for name in SAMPLE_ONLY if name in cond]:
-        are = "is an argument" if len(given) == 1 else "are arguments"
-        raise ValueError(
-            f"invert: {', '.join(given)} {are} of sample, not of invert, which runs the deterministic "
-            "probability-flow ODE up the grid that sample(..., final='none') runs down, drawing no noise and "
-            "moving no corrector; accepted: den, x_0, steps, solver, schedule, callback, progress, "
-            "return_info and the net's conditions (**cond)"
-        )
+    check_sample_only(
+        "invert",
+        cond,
+        SAMPLE_ONLY,
+        "which runs the deterministic probability-flow ODE up the grid that sample(..., final='none') runs "
+        "down, drawing no noise and moving no corrector; accepted: den, x_0, steps, solver, schedule, "
+        "callback, progress, return_info and the net's conditions (**cond)",
+    )
     steps = integer("invert", "steps", steps, lo=1)
     progress = boolean("invert", "progress", progress)
     return_info = boolean("invert", "return_info", return_info)

@@ -63,13 +63,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import schedules as _schedules
 from . import solvers as _solvers
-from ._checks import boolean, choice, integer, real
+from ._checks import boolean, integer, real
 from .denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
 from .distributed.group import Ranks, ranks
 from .noise import NoiseSource, PerSampleNoise, check_rows, make_noise
-from .sampling import DEFAULT_SCHEDULE, check_x_T, default_solver
+from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan
 from .schedules import Schedule, ScheduleLike
 from .solvers import (
     DDIM,
@@ -89,22 +88,23 @@ from .solvers import (
     UniPC,
 )
 from .solvers.base import (
-    FINALS,
     Grid,
     Model,
     NonFiniteError,
     Solver,
     advance,
-    make_grid,
     map_state,
     to_sample_dtype,
     work_dtype,
 )
 from .solvers.ddim import ancestral_split
 
-__all__ = ["ACCEPTED", "ParadigmsInfo", "paradigms"]
+__all__ = ["ACCEPTED", "SAMPLE_ONLY", "ParadigmsInfo", "paradigms"]
 
 log = logging.getLogger(__name__)
+
+# sample's keyword arguments that paradigms has none of: in **cond they would reach the net
+SAMPLE_ONLY = ("callback", "corrector", "corrector_steps", "snr")
 
 # the solvers whose step i makes one network evaluation, at (x_i, t_i), and moves x_i by their update from it
 # and the estimates of earlier steps (their state), with its noise (if any) drawn by the engine from the
@@ -313,7 +313,9 @@ def paradigms(
 
     Args:
         den, x_T, steps, schedule, final, progress, **cond: as :func:`steerdiff.sample` (``steps`` >= 1,
-            no default: the method pays off on long grids).
+            no default: the method pays off on long grids); ``**cond`` holds none of the keywords of
+            :func:`steerdiff.sample` that this function lacks (:data:`SAMPLE_ONLY`: ``callback``,
+            ``corrector``, ``corrector_steps``, ``snr``), which would reach the net.
         solver: a solver with one network evaluation per step, at its own node (module docstring): a name
             of :data:`ACCEPTED` or an instance of DDIM (any ``eta``), DDPM, Euler, EulerAncestral,
             EulerMaruyama, TCD (LCM), DPMSolverPPMultistep, DPMSolverSDEMultistep, UniPC, DEIS, LMS
@@ -335,17 +337,27 @@ def paradigms(
         return_info: also return a :class:`ParadigmsInfo` (parallel iterations, NFE, windows, strides).
 
     Raises:
-        ValueError: bad arguments (the message names the argument and the accepted values), or a
-            denoiser that draws noise of its own (a re-evaluated step would draw it again).
+        ValueError: bad arguments (the message names the argument and the accepted values), a keyword of
+            :data:`SAMPLE_ONLY`, or a denoiser that draws noise of its own (a re-evaluated step would draw
+            it again).
         NonFiniteError: the network returned NaN/inf (the message names the step and time).
     """
     who = "paradigms"
     check_denoiser(who, "den", den)
     check_x_T(den, x_T, who)
-    steps = integer(who, "steps", steps, lo=1)
+    check_sample_only(
+        who,
+        cond,
+        SAMPLE_ONLY,
+        "whose Picard iteration evaluates every step of a window at once, again at each iteration: it "
+        "calls back between no two steps and moves no corrector; accepted: den, x_T, steps, solver, "
+        "schedule, final, window, tol, generator, group, progress, return_info and the net's conditions "
+        "(**cond)",
+    )
+    sched, grid, slv = plan(den, steps, solver, schedule, final, who)
+    steps = grid.steps
     window = min(integer(who, "window", window, lo=1), steps)
     tol = real(who, "tol", tol, lo=0, lo_open=True)
-    choice(who, "final", final, FINALS)
     progress = boolean(who, "progress", progress)
     return_info = boolean(who, "return_info", return_info)
     ranked = ranks(who, group)
@@ -355,9 +367,6 @@ def paradigms(
             f"{who}: den: {', '.join(dict.fromkeys(own))} in the denoiser draws noise of its own, which "
             "every re-evaluation of a step would draw again: use steerdiff.sample"
         )
-    sched = _schedules.get(schedule, who)
-    grid = make_grid(den.process, sched, steps, final)
-    slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver, who)
     if not _supported(slv):
         raise ValueError(
             f"{who}: solver={solver!r} does not take each step from its own node with one network evaluation "

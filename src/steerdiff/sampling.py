@@ -28,6 +28,7 @@ from .solvers.unipc import UniPC
 
 __all__ = [
     "SampleInfo",
+    "check_sample_only",
     "check_seeded",
     "check_x_T",
     "default_solver",
@@ -257,6 +258,16 @@ def check_seeded(den: Denoiser, generator: object, who: str | None = None) -> No
         "under a particle method one per particle, batch-major) or pass one generator",
         who,
     )
+
+
+def check_sample_only(who: str, cond: dict[str, Any], names: Sequence[str], why: str) -> None:
+    """Raise a ``ValueError`` naming the keyword arguments of :func:`sample` among ``names`` -- those the
+    entry point ``who`` has none of -- that its ``**cond`` holds: they would reach the net as conditions (a
+    ``TypeError`` inside it, or nothing at all for a net that takes ``**kwargs``). ``why`` ends the message
+    (what ``who`` does instead, what it accepts)."""
+    if given := [name for name in names if name in cond]:
+        are = "is an argument" if len(given) == 1 else "are arguments"
+        raise ValueError(f"{who}: {', '.join(given)} {are} of sample, not of {who}, {why}")
 
 
 def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x_T") -> None:
