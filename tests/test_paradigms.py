@@ -292,6 +292,16 @@ def test_nonfinite_names_the_step(sd_process, x_T):
     assert grid.t[step] < 300 <= grid.t[step - 1]  # the first node below t = 300
 
 
+def _eps_net(den: sd.Denoiser) -> sd.Denoiser:
+    """``den``'s law as an eps-prediction net."""
+
+    def net(x, t):
+        alpha, sigma = den.coefficients(t.to(torch.float64), x)[:2]
+        return (x - alpha * den.net(x, t)) / sigma
+
+    return sd.Denoiser(net, den.process, prediction="eps")
+
+
 def _spread(group, x_T):
     gmm, proc = smooth_mixture(), sd.VP.scaled_linear()
     den = gmm.denoiser(proc)
@@ -312,6 +322,14 @@ def _spread(group, x_T):
     # guidance only inside an interval of noise levels: a window's cost (1 or 2 evaluations a row) depends
     # on its rows' times, so a rank's share may cost less than the whole window; the NFE is the whole's
     cfg = sd.guidance.CFG(den, den, 2.0, interval=(0.5, 3.0))
+    x, info = sd.paradigms(cfg, x_T[:4], 30, "ddim", window=16, group=group, return_info=True)
+    out.append((x, info.iterations, info.nfe, info.strides))
+    # CFG-rescale (in x0, the default) of an eps net, guided only at nodes 8-15 of the 30: the first window's
+    # rows on rank 1 of 2 (nodes 8-15) are all inside, CFG's x0; rank 0's (nodes 0-7) outside, the net's eps.
+    # Read with one rank's flag, the gathered rows were half wrong and the ranks parted ways (a gloo abort)
+    eps_den = _eps_net(den)
+    r = [s / a for a, s in zip(info.grid.alpha, info.grid.sigma, strict=True)]
+    cfg = sd.guidance.CFG(eps_den, eps_den, 2.0, rescale=0.7, interval=(1.001 * r[16], 1.001 * r[8]))
     x, info = sd.paradigms(cfg, x_T[:4], 30, "ddim", window=16, group=group, return_info=True)
     out.append((x, info.iterations, info.nfe, info.strides))
     if group is not None:  # torch's global RNG seeded per rank, where a run draws from it: refused

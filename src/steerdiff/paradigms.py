@@ -219,14 +219,13 @@ def _window_prediction(
     n: int,
     net_dtype: torch.dtype | None,
     cond: dict[str, Any],
-) -> Window:
+) -> tuple[Prediction, int]:
     """One batched call on the stacked window ``xs`` (row ``r`` at time ``t_rows[r]``, sample ``rows[r]``
-    of the batch of ``n``): the given estimate, whether it is ``x0``, the learned-variance interpolation
-    and the call's cost in network evaluations."""
+    of the batch of ``n``): the prediction and the call's cost in network evaluations."""
     part = den.take_rows(rows, n)
     kwargs = take_kwarg_rows(cond, rows, n)
     pred = part(xs, t_rows, **kwargs) if net_dtype is None else part.evaluate(xs, t_rows, net_dtype, **kwargs)
-    return pred.given, pred.x0_given, pred.var_interp, part.cost
+    return pred, part.cost
 
 
 def _evaluate(
@@ -240,17 +239,21 @@ def _evaluate(
     group: Ranks,
 ) -> Window:
     """:func:`_window_prediction` with the rows split over ``group``'s ranks and gathered on each (all of
-    them on every rank where there are fewer rows than ranks)."""
+    them on every rank where there are fewer rows than ranks): the given estimate, whether it is ``x0``, the
+    learned-variance interpolation and the call's cost."""
     total = xs.shape[0]
     if group.size == 1 or total < group.size:
-        return _window_prediction(den, xs, t_rows, rows, n, net_dtype, cond)
+        pred, cost = _window_prediction(den, xs, t_rows, rows, n, net_dtype, cond)
+        return pred.given, pred.x0_given, pred.var_interp, cost
     mine = group.shard(total)
-    given, x0_given, var, cost = _window_prediction(
-        den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond
-    )
-    # the window's cost as one process counts it: a guided denoiser's may depend on its rows' times
-    cost = int(group.max(torch.tensor(cost, device=given.device)).item())
-    return group.gather(given, total), x0_given, None if var is None else group.gather(var, total), cost
+    pred, cost = _window_prediction(den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond)
+    # one reduction for the window as one process has it: its cost (a guided denoiser's may depend on its
+    # rows' times), and one estimate on every rank -- a guided denoiser may give another for rows all inside
+    # its interval than for mixed rows (CFG-rescale in x0 of an eps net: x0, where the mixed rows' is eps,
+    # which one process gives for the whole window); read as the other, the gathered rows would be wrong
+    cost, some_eps = group.max(torch.tensor([cost, not pred.x0_given], device=pred.given.device)).tolist()
+    given, var = pred.eps if some_eps else pred.x0, pred.var_interp
+    return group.gather(given, total), not some_eps, None if var is None else group.gather(var, total), cost
 
 
 @overload
