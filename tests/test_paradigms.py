@@ -337,13 +337,32 @@ def _spread(group, x_T):
         with pytest.raises(ValueError, match=r"paradigms: generator=None draws from torch's global RNG"):
             sd.paradigms(den, x_T[:4], 20, "ddpm", group=group)
         sd.paradigms(den, x_T[:4], 20, "ddim", group=group)  # a deterministic run draws nothing: accepted
+
+        def fails_on_rank_1(x, t):
+            if torch.distributed.get_rank() == 1:
+                raise ArithmeticError("rank 1's own failure")
+            return den.net(x, t)
+
+        try:  # every rank raises, none waits at the gather for the one that failed
+            sd.paradigms(
+                sd.Denoiser(fails_on_rank_1, proc, prediction="x0"), x_T[:4], 20, "ddim", group=group
+            )
+        except Exception as e:
+            out.append(f"{type(e).__name__}: {e}")
     return out
 
 
 def test_group_equals_single_process(x_T):
     single = _spread(None, x_T)
     ranks = spawn(_spread, 2, x_T)
-    for rank in ranks:
-        for (x, *counts), (x1, *counts1) in zip(rank, single, strict=True):
+    for rank, out in enumerate(ranks):
+        *runs, failure = out
+        for (x, *counts), (x1, *counts1) in zip(runs, single, strict=True):
             assert counts == counts1
             assert torch.allclose(x, x1, rtol=0, atol=1e-12)
+        assert failure == (
+            "ArithmeticError: rank 1's own failure"
+            if rank == 1
+            else "RuntimeError: paradigms: a rank of the group failed in the network call (it raised its "
+            "error); so stops rank 0"
+        )

@@ -246,12 +246,23 @@ def _evaluate(
         pred, cost = _window_prediction(den, xs, t_rows, rows, n, net_dtype, cond)
         return pred.given, pred.x0_given, pred.var_interp, cost
     mine = group.shard(total)
-    pred, cost = _window_prediction(den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond)
+    try:
+        pred, cost = _window_prediction(den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond)
+    except Exception:  # raised once every rank knows, rather than leave them waiting at the gather
+        group.max(torch.tensor([0, 0, 1], device=xs.device))
+        raise
     # one reduction for the window as one process has it: its cost (a guided denoiser's may depend on its
-    # rows' times), and one estimate on every rank -- a guided denoiser may give another for rows all inside
+    # rows' times), one estimate on every rank -- a guided denoiser may give another for rows all inside
     # its interval than for mixed rows (CFG-rescale in x0 of an eps net: x0, where the mixed rows' is eps,
-    # which one process gives for the whole window); read as the other, the gathered rows would be wrong
-    cost, some_eps = group.max(torch.tensor([cost, not pred.x0_given], device=pred.given.device)).tolist()
+    # which one process gives for the whole window); read as the other, the gathered rows would be wrong --
+    # and whether a rank's call failed
+    flags = torch.tensor([cost, not pred.x0_given, 0], device=xs.device)
+    cost, some_eps, failed = group.max(flags).tolist()
+    if failed:
+        raise RuntimeError(
+            f"paradigms: a rank of the group failed in the network call (it raised its error); so stops rank "
+            f"{group.rank}"
+        )
     given, var = pred.eps if some_eps else pred.x0, pred.var_interp
     return group.gather(given, total), not some_eps, None if var is None else group.gather(var, total), cost
 
@@ -337,7 +348,8 @@ def paradigms(
             sampler's order, and kept for the step's re-evaluations.
         group: ``None``, or a ``torch.distributed`` process group (:mod:`steerdiff.distributed.group`) over
             whose ranks every window's rows are split; every rank makes the same call (same arguments,
-            same generator state) and returns the same result.
+            same generator state) and returns the same result; where one rank's network call raises, that
+            rank raises its error and the others a ``RuntimeError`` saying so (none waits at the gather).
         return_info: also return a :class:`ParadigmsInfo` (parallel iterations, NFE, windows, strides).
 
     Raises:
@@ -345,6 +357,7 @@ def paradigms(
             :data:`SAMPLE_ONLY`, or a denoiser that draws noise of its own (a re-evaluated step would draw
             it again).
         NonFiniteError: the network returned NaN/inf (the message names the step and time).
+        RuntimeError: with ``group``, another rank's network call failed.
     """
     who = "paradigms"
     check_denoiser(who, "den", den)
