@@ -8,6 +8,9 @@ denoisers). Batch 7 gives uneven shards (4 + 3, 3 + 2 + 2); batch 2 on 3 ranks l
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -106,6 +109,12 @@ def _runs(group, n: int, world: int):
         if dist.get_rank() == 1:
             raise ArithmeticError("rank 1's own failure")
 
+    bars = io.StringIO(), io.StringIO()  # one bar for the group: rank 0's
+    with contextlib.redirect_stderr(bars[0]):
+        ds.sample(plain(), noise(n), 2, group=group, progress=True)
+    with contextlib.redirect_stderr(bars[1]):
+        ds.sample_discrete(den, (n, L_TOK), 2, group=group, seed=9, progress=True)
+    out["bars"] = tuple("/2 [" in bar.getvalue() for bar in bars)
     try:
         ds.sample(plain(), noise(n), 2, group=group, callback=fail_on_rank_1)
     except Exception as e:  # every rank raises: rank 1 its error, the others naming it
@@ -157,6 +166,7 @@ def test_same_samples_as_one_process(world):
                 continue
             assert out[key].dtype == want.dtype
             close(out[key], want)
+        assert out["bars"] == ((True, True) if rank == 0 else (False, False))
         x, info = out["shard"]
         close(x, single["ddpm"][starts[rank] : starts[rank] + shards[rank]])
         assert info.nfe == 6  # each rank's evaluations, on its shard: the single-process count

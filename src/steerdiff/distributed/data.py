@@ -192,6 +192,7 @@ def sample(
     device: torch.device | str | None = ...,
     final: str = ...,
     corrector: str | _mcmc.Kernel | None = ...,
+    progress: bool = ...,
     gather: bool = ...,
     return_info: Literal[False] = ...,
     **kwargs: Any,
@@ -214,6 +215,7 @@ def sample(
     device: torch.device | str | None = ...,
     final: str = ...,
     corrector: str | _mcmc.Kernel | None = ...,
+    progress: bool = ...,
     gather: bool = ...,
     return_info: Literal[True],
     **kwargs: Any,
@@ -235,6 +237,7 @@ def sample(
     device: torch.device | str | None = None,
     final: str = "zero",
     corrector: str | _mcmc.Kernel | None = None,
+    progress: bool = False,
     gather: bool = True,
     return_info: bool = False,
     **kwargs: Any,
@@ -261,6 +264,7 @@ def sample(
         corrector: as :func:`steerdiff.sample`, but a :class:`~steerdiff.mcmc.Kernel` with a ``step_size``
             and no generator of its own (it then draws from the samples' generators): a step chosen by
             ``snr`` from batch means would depend on the shards.
+        progress: show a tqdm bar of rank 0's run, on rank 0 alone (one bar for the group).
         gather: ``True``: every rank returns the whole batch, in order; ``False``: its shard, the samples
             ``range(n)[ranks("", group).shard(n)]`` (contiguous, lower ranks one more where ``n`` does not
             divide), possibly empty, with no gather.
@@ -269,8 +273,8 @@ def sample(
             rank with samples (``n >= size`` ranks: all), 0 on a rank without; the group made the sum.
             Its corrector acceptance rates are of this rank's samples.
         **kwargs: the other arguments of :func:`steerdiff.sample` (``callback``, called with this rank's
-            shard; ``corrector_steps``, ``snr``, ``progress``) and the net's conditions, whose tensors of
-            ``n`` rows are per-sample (each rank passes its shard's rows).
+            shard; ``corrector_steps``, ``snr``) and the net's conditions, whose tensors of ``n`` rows are
+            per-sample (each rank passes its shard's rows).
 
     The denoiser is given each rank's rows (:meth:`~steerdiff.denoiser.Denoiser.take_rows`); one that
     draws noise of its own (``RePaint``, ``CADS``) is refused: its draws are not split over the ranks.
@@ -281,6 +285,7 @@ def sample(
     who = "distributed.sample"
     r = ranks(who, group)
     check_denoiser(who, "den", den)
+    progress = boolean(who, "progress", progress)
     gather = boolean(who, "gather", gather)
     return_info = boolean(who, "return_info", return_info)
     if (x_T is None) == (shape is None):
@@ -350,6 +355,7 @@ def sample(
             final=final,
             generator=gens_,
             corrector=corrector,
+            progress=progress and r.rank == 0,
             return_info=True,
             **take_kwarg_rows(kwargs, sl, n),
         )
@@ -372,6 +378,7 @@ def sample_discrete(
     seed: int | None = ...,
     generator: Sequence[torch.Generator] | None = ...,
     device: torch.device | str | None = ...,
+    progress: bool = ...,
     gather: bool = ...,
     return_info: Literal[False] = ...,
     **kwargs: Any,
@@ -389,6 +396,7 @@ def sample_discrete(
     seed: int | None = ...,
     generator: Sequence[torch.Generator] | None = ...,
     device: torch.device | str | None = ...,
+    progress: bool = ...,
     gather: bool = ...,
     return_info: Literal[True],
     **kwargs: Any,
@@ -405,6 +413,7 @@ def sample_discrete(
     seed: int | None = None,
     generator: Sequence[torch.Generator] | None = None,
     device: torch.device | str | None = None,
+    progress: bool = False,
     gather: bool = True,
     return_info: bool = False,
     **kwargs: Any,
@@ -423,14 +432,14 @@ def sample_discrete(
             device for a tensor ``x_T``); or
         generator: a list of ``n`` ``torch.Generator``, one per sample. Every sampler draws, so one of the
             two is required.
-        gather, return_info: as :func:`sample` (the :class:`~steerdiff.discrete.SampleInfo` of this rank;
-            its ``steps`` for ``first_hitting`` are its own rows' most masked count, which ends each row
-            the same).
-        **kwargs: ``callback``, ``progress`` and the net's conditions, whose tensors of ``n`` rows are
-            per-sample.
+        progress, gather, return_info: as :func:`sample` (the :class:`~steerdiff.discrete.SampleInfo` of
+            this rank; its ``steps`` for ``first_hitting`` are its own rows' most masked count, which ends
+            each row the same).
+        **kwargs: ``callback`` and the net's conditions, whose tensors of ``n`` rows are per-sample.
     """
     who = "distributed.sample_discrete"
     r = ranks(who, group)
+    progress = boolean(who, "progress", progress)
     gather = boolean(who, "gather", gather)
     return_info = boolean(who, "return_info", return_info)
     if isinstance(x_T, Tensor):
@@ -464,6 +473,7 @@ def sample_discrete(
             sampler,
             generator=_generators(first, rows, where) if gens is None else gens[sl],
             device=None if isinstance(x_T, Tensor) else where,
+            progress=progress and r.rank == 0,
             return_info=True,
             **take_kwarg_rows(kwargs, sl, n),
         )
