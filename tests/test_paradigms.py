@@ -215,6 +215,31 @@ def test_float32(gmm, sd_process, x_T):
     assert ((x - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(gmm, sd_process, x_T, dtype):
+    """A half-precision x_T: the state in float32, the net in x_T's dtype, the result in it, as sd.sample's
+    (measured equal in both dtypes at tol 1e-6: 24 / 25 iterations of 30 ddpm steps)."""
+    den = gmm.denoiser(sd_process)
+    ref = sd.sample(den, x_T.to(dtype), 30, "ddpm", generator=_gen())
+    x = sd.paradigms(den, x_T.to(dtype), 30, "ddpm", tol=1e-6, generator=_gen())
+    assert x.dtype == dtype
+    torch.testing.assert_close(x, ref)  # the dtype's default tolerance: about one unit in the last place
+
+
+def test_final_none_and_short_grids(gmm, sd_process, x_T):
+    """final="none" (the last node noisy, its tolerance nonzero) and grids shorter than the window (capped at
+    the steps), one sample: sd.sample's results."""
+    den = gmm.denoiser(sd_process)
+    for solver in ("ddpm", "unipc"):
+        ref = sd.sample(den, x_T, 20, solver, final="none", generator=_gen())
+        x = sd.paradigms(den, x_T, 20, solver, final="none", tol=1e-12, generator=_gen())
+        assert ((x - ref).abs().max() / ref.abs().max()).item() < 1e-10
+    ref = sd.sample(den, x_T[:1], 3, "ddpm", generator=_gen())
+    x, info = sd.paradigms(den, x_T[:1], 3, "ddpm", window=16, tol=1e-12, generator=_gen(), return_info=True)
+    assert ((x - ref).abs().max() / ref.abs().max()).item() < 1e-10
+    assert info.windows == [3, 2, 1] and info.strides == [1, 1, 1]  # each node exact one iteration later
+
+
 class _OwnNoise(sd.Denoiser):
     def own_noise(self):
         return [("Jitter", None)]
