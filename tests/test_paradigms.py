@@ -24,8 +24,9 @@ REFUSED = (
     "edm_sde",
     "heun",
     "plms",
+    "pndm",
+    "restart",
 )
-REFUSED += ("pndm", "restart")
 
 
 def _gen(seed: int = 5) -> torch.Generator:
