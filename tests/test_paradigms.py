@@ -354,7 +354,8 @@ def _spread(group, x_T):
     # rows on rank 1 of 2 (nodes 8-15) are all inside, CFG's x0; rank 0's (nodes 0-7) outside, the net's eps.
     # Read with one rank's flag, the gathered rows were half wrong and the ranks parted ways (a gloo abort)
     eps_den = _eps_net(den)
-    r = [s / a for a, s in zip(info.grid.alpha, info.grid.sigma, strict=True)]
+    grid = sd.solvers.make_grid(proc, sd.schedules.get(sd.sampling.DEFAULT_SCHEDULE), 30)
+    r = [s / a for a, s in zip(grid.alpha, grid.sigma, strict=True)]
     cfg = sd.guidance.CFG(eps_den, eps_den, 2.0, rescale=0.7, interval=(1.001 * r[16], 1.001 * r[8]))
     x, info = sd.paradigms(cfg, x_T[:4], 30, "ddim", window=16, group=group, return_info=True)
     out.append((x, info.iterations, info.nfe, info.strides))
