@@ -870,6 +870,7 @@ def test_help(capsys, argv, expected):
         (["bench", "guided"], ["OUT/guided_validation.{csv,png,txt}"]),
         (["bench", "discrete"], ["OUT/discrete.csv", "OUT/discrete.png", "OUT/discrete.txt"]),
         (["bench", "parallel"], ["OUT/parallel.csv", "OUT/parallel.png", "OUT/parallel.txt"]),
+        (["bench", "distributed"], ["OUT/distributed.csv", "OUT/distributed.png", "OUT/distributed.txt"]),
         (["demo"], ["OUT/demo.png", "OUT/demo.csv"]),
         (["sample"], ["--model digits", ".png grid", "the demo's, cfg 2, classifier 2"]),
     ],
@@ -1090,6 +1091,56 @@ def test_bench_no_diffusers_runs_without_diffusers(tmp_path, capsys, monkeypatch
     with open(tmp_path / "sde" / "sde.csv") as f:
         assert {r["source"] for r in csv.DictReader(f)} == {"steerdiff"}
     assert "diffusers (columns: NFE)" not in capsys.readouterr().out
+
+
+def test_bench_distributed_quick_rows_equal_one_rank(tmp_path, capsys):
+    """``bench distributed --quick``: a row per case and world size (1, 2), the 2-rank result equal to the
+    1-rank one (float32 rounding of the net's batch sizes apart), and fk_steering's resampling events and
+    paradigms' iterations those of the same run on one process without a group. No timing is asserted."""
+    from steerdiff.bench.distributed import DIGIT, ESS_THRESHOLD, LAM, QUICK
+
+    argv = ["bench", "distributed", "--quick", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    with open(tmp_path / "distributed.csv", newline="") as f:
+        rows = {(r["case"], int(r["world"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {(c, w) for c in ("sample", "fk_steering", "paradigms") for w in (1, 2)}
+    assert all(float(r["seconds"]) > 0 and float(r["free_seconds"]) > 0 for r in rows.values())
+    assert all(
+        float(rows[c, 1]["max_diff"]) == 0 and float(rows[c, 2]["max_diff"]) < 1e-5
+        for c in ("sample", "fk_steering", "paradigms")
+    )
+    assert rows["sample", 2]["events"] == "-"
+    assert (tmp_path / "distributed.txt").read_text() in capsys.readouterr().out
+    den, clf = sd.toy.digits.load_digits_denoiser(), sd.toy.digits.load_classifier()
+    with torch.no_grad():
+        out = sd.smc.fk_steering(
+            den,
+            lambda x: clf.log_prob(x, DIGIT),
+            LAM,
+            shape=(QUICK.batch, 1, 8, 8),
+            particles=QUICK.particles,
+            steps=QUICK.smc_steps,
+            ess_threshold=ESS_THRESHOLD,
+            generator=torch.Generator().manual_seed(0),
+        )
+        x_T = torch.randn((QUICK.paradigms_samples, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+        _, info = sd.paradigms(
+            den,
+            x_T,
+            QUICK.paradigms_steps,
+            "ddpm",
+            window=QUICK.window,
+            generator=torch.Generator().manual_seed(1),
+            return_info=True,
+        )
+    events = int(out.trace.resampled.sum())
+    assert 0 < events < QUICK.batch * (QUICK.smc_steps + 1)  # resampling at some nodes, not all
+    assert [int(rows["fk_steering", w]["events"]) for w in (1, 2)] == [events, events]
+    assert [int(rows["paradigms", w]["events"]) for w in (1, 2)] == [info.iterations] * 2
+    assert info.iterations < QUICK.paradigms_steps
+    assert rows["fk_steering", 1]["free_events"] == rows["fk_steering", 2]["free_events"]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "distributed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_parallel_rows_are_paradigms_against_sample(tmp_path, capsys):
