@@ -25,7 +25,7 @@ which :mod:`steerdiff.distributed`'s contract makes zero up to the rounding a ba
 net's arithmetic.
 
 What the numbers are not: GPUs and NCCL. On 2 CPU cores (possibly busy with other work) the speed-up is
-bounded by 2, and gloo's collectives through shared memory cost what they cost there; the numbers say what
+bounded by 2, and gloo's collectives over the loopback cost what they cost there; the numbers say what
 the machinery costs relative to this net, not what 8 GPUs give.
 """
 
