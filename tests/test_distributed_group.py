@@ -55,3 +55,50 @@ def test_collectives_on_three_ranks():
         assert mx.tolist() == [2, 0]
         assert total.tolist() == [3.0, 3.0]
         assert objects == ["rank 0", None, "rank 2"]
+
+
+def _whole() -> list[tuple[torch.Tensor, int]]:
+    """Tensors of mixed dtypes, sharded along dim 1 over 7, 5 and 3 items (shards 3/2/2, 2/2/1, 1/1/1)."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(2, 7, 3, generator=g, dtype=torch.float64), 7),
+        (torch.randint(-(2**40), 2**40, (1, 7), generator=g), 7),
+        (torch.rand(3, 5, generator=g) > 0.5, 5),
+        (torch.randn(1, 3, 2, generator=g).to(torch.float16), 3),
+        (torch.randn(2, 7, generator=g, dtype=torch.complex64), 7),
+    ]
+
+
+def _packed(group):
+    r = sd.distributed.ranks("test", group)
+    mine = [x[:, r.shard(n)] for x, n in _whole()]
+    calls = []
+    gather = torch.distributed.all_gather
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return gather(*args, **kwargs)
+
+    torch.distributed.all_gather = counted
+    try:
+        packed = r.gather_many(mine, [n for _, n in _whole()], dim=1)
+        once = len(calls)
+        one_by_one = [r.gather(x, n, dim=1) for x, (_, n) in zip(mine, _whole(), strict=True)]
+    finally:
+        torch.distributed.all_gather = gather
+    with pytest.raises(ValueError) as err:
+        r.gather_many(mine, [7, 7], dim=1)
+    return packed, one_by_one, once, str(err.value)
+
+
+def test_gather_many_packs_mixed_dtypes_and_uneven_shards_into_one_all_gather():
+    for packed, one_by_one, once, said in spawn(_packed, 3):
+        assert once == 1
+        for got, alone, (want, _) in zip(packed, one_by_one, _whole(), strict=True):
+            assert got.dtype == want.dtype
+            assert torch.equal(got, want)
+            assert torch.equal(alone, want)
+        assert said == "Ranks.gather_many: n must be one count or one per tensor (5), got 2"
+    mine = [x for x, _ in _whole()]
+    alone = Ranks().gather_many(mine, 7, dim=1)  # one process: the tensors themselves
+    assert all(a is b for a, b in zip(alone, mine, strict=True))
