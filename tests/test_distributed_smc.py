@@ -296,3 +296,76 @@ def test_the_runs_compared_resample_and_select(alone):
         assert 0 < int(events.sum()) < events.numel(), name
     assert bool(alone["svdd"]["resampled"][:-1].all())
     assert torch.isfinite(alone["tds"]["log_z"][-1]).all()
+
+
+class _NaNAtCall:
+    """``linear``, NaN on the last rank (everywhere on one process) from its ``at``-th call (from 0)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        last = not torch.distributed.is_initialized() or torch.distributed.get_rank() == _world() - 1
+        self.calls += 1
+        return linear(x) * (math.nan if last and self.calls > self.at else 1.0)
+
+
+def _counted(group: Any) -> tuple[dict[str, tuple[int, int]], str]:
+    """The collectives each run makes (every torch.distributed call Ranks makes, counted) and its resampling
+    nodes; and the message of a reward NaN on the last rank alone."""
+    names = ("all_gather", "all_reduce", "all_gather_object", "broadcast")
+    made = []
+    real = {name: getattr(torch.distributed, name) for name in names}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            made.append(name)
+            return real[name](*args, **kwargs)
+
+        return call
+
+    counts = {}
+    for name in names:
+        setattr(torch.distributed, name, counting(name))
+    try:
+        for label, run in (("fk_steering", _fk_half), ("tds", _tds)):
+            made.clear()
+            out = run(group)
+            assert out.trace is not None
+            counts[label] = (len(made), int(out.trace.resampled[:-1].any(1).sum()))
+    finally:
+        for name in names:
+            setattr(torch.distributed, name, real[name])
+    return counts, _reward_nan_message(group)
+
+
+def _fk_half(group: Any) -> sd.smc.Particles:
+    return sd.smc.fk_steering(
+        DEN, linear, lam=3.0, shape=(2, 2), particles=N, steps=STEPS, ess_threshold=0.5, dtype=F64,
+        generator=gens(False, 5), group=group,
+    )  # fmt: skip
+
+
+def _reward_nan_message(group: Any) -> str:
+    with pytest.raises(ValueError) as err:
+        sd.smc.fk_steering(
+            DEN, _NaNAtCall(4), lam=3.0, shape=(2, 2), particles=N, steps=STEPS, dtype=F64,
+            generator=gens(False, 5), group=group,
+        )  # fmt: skip
+    return str(err.value)
+
+
+def test_collectives_per_step_one_gather_each_weighted_node_one_per_resampling():
+    """A spread run's collectives: one all_gather per weighted node (the increments, with the checks of the
+    net's and the reward's finiteness), one per node with a resampling event (every per-particle tensor
+    packed: particles, transition, solver and algorithm state) and one at the end (particles and rewards):
+    17 and 15 for fk_steering and tds here (11 weighted nodes, 5 and 3 events), where a collective per
+    tensor and per check, and a gather at every weighted node with or without an event, made 95 and 63."""
+    alone = _reward_nan_message(None)
+    assert alone == "fk_steering: reward returned NaN or inf at node 4 (rewards must be finite)"
+    for counts, said in spawn(_counted, 2):
+        for name, (made, events) in counts.items():
+            assert 0 < events < STEPS, name  # nodes with and without an event
+            assert made == (STEPS + 1) + events + 1, (name, made, events)
+        # a reward NaN on one rank: every rank raises it, naming the node one process names
+        assert said == alone

@@ -95,7 +95,7 @@ per-sample state are taken at its rows. The loop above then runs, on every rank:
     x_0, every step's z:  drawn for all N particles from the generator(s), the rank's shard kept
     g = all_gather(log_weight(ctx_i))            # (batch, n_r) -> (batch, N), in particle order
     log W, log Z, ESS, a = resampler(log W, generator):  on (batch, N), identical on every rank
-    if a:  x_i, B_i, solver state, ctx.state <- all_gather(rows)[a[:, shard]]   # one gather each
+    if a:  x_i, B_i, solver state, ctx.state <- all_gather(rows)[a[:, shard]]   # one gather for all
     at the end:  x, rewards <- all_gather;  every rank returns the whole system
 
 so the generators advance alike on every rank and the run equals the one-process run with the same
@@ -103,10 +103,14 @@ generators (bitwise on the CPU in float64, where the net's arithmetic does not d
 it is called with; rounding apart where it does, as ``max_batch`` slices of another size).
 ``generator=None`` draws from torch's global RNG, whose state is checked to be alike on every rank (one
 gather at the start); a denoiser that draws noise of its own for the rows it is called with (``CADS``,
-``RePaint``) is refused. The communication: the ``(batch, N)`` increments at each weighted node, and at
-each resampling event one all_gather per per-particle tensor (the particles, their transition, the
-solver's history, the algorithm's state; the prediction and the parents when a hook reads them after it):
-every rank receives the whole system's state, where an exchange of the rows that move would send less. A
+``RePaint``) is refused. The communication, one all_gather each (:meth:`Ranks.gather_many
+<steerdiff.distributed.Ranks.gather_many>` packs every tensor of one into one buffer, as collectives cost a
+latency each): the ``(batch, N)`` increments at each weighted node; at each node where a row resamples
+(on the CPU; elsewhere at every weighted node, as which rows resample is not read off the device) the
+per-particle tensors (the particles, their transition, the solver's history, the algorithm's state), and
+the prediction and the parents when a hook reads them after it; and the particles and rewards at the end.
+fk_steering on the CPU so makes ``steps + 1`` (its weighted nodes) + its nodes with an event + 1. Every
+rank receives the whole system's state, where an exchange of the rows that move would send less. A
 solver-state tensor is per-particle where its first dimension is the rank's ``batch * n_r`` rows: keep
 schedule constants Python numbers (as every built-in solver does), for a constant tensor of that length
 would be gathered by the ranks of that shard size alone. Whether ``max_batch`` slices (``sliced_grad``)
@@ -117,11 +121,14 @@ N)`` and returns global ancestors; SVDD, best-of-N and CoDe select so. A hook is
 gathers or reads ``ctx.reward`` (every rank must make the same calls in the same order, and ``log_weight``
 return ``None`` on every rank or on none: its increments are gathered), and an algorithm that overrides
 ``resample`` without setting ``shardable = True`` is refused (its selection would see one rank's share).
-Checks of the weights, the ancestors and the rewards are on values every rank shares, and a NaN/inf from
-any rank's net is reported by every rank (after each step for CPU tensors, at the end otherwise, as on one
-process: one flag per rank gathered), so every rank raises alike; an error on one rank alone during the
-run (in a user function) leaves the others waiting at their next collective until the process group's
-timeout.
+Checks of the weights and the ancestors are on values every rank shares, and a NaN/inf from any rank's net
+or reward is reported by every rank, so every rank raises alike: each rank's flags ride the run's next
+gather (the increments', a hook's :meth:`StepContext.gather`, a resampling's, the last; a gather of the
+flags alone ends a step that made none on the CPU), read there for CPU tensors, at the end otherwise, and
+raised in one process's order (a net output before the rewards computed after it). A hook thus sees a
+step's non-finite net output before it is raised; an error on one rank alone during the run (in a user
+function, such as one refusing that NaN) leaves the others waiting at their next collective until the
+process group's timeout.
 """
 
 from __future__ import annotations
@@ -376,7 +383,7 @@ class StepContext:
         ``propose`` reads them (gathering them at every resampling cost fk_steering 11-33% of a step)."""
         if self._pending is not None:
             idx, self._pending = self._pending, None
-            self._pred, self._prev = self._run.take(self._pred, idx), self._run.take(self._prev, idx)
+            self._pred, self._prev = self._run.take((self._pred, self._prev), idx)
 
     @property
     def grid(self) -> Grid:
@@ -511,14 +518,16 @@ class StepContext:
                     record(RowSlice(sl, flat.shape[0], x, self.t, cs), x, x if denoised else None)
         return run.rows(torch.cat(values)), run.rows(torch.cat(grads))
 
-    def take(self, idx: Tensor) -> StepContext:
-        """The context with particles (and everything per-particle) at flat ancestor rows ``idx``; the
-        prediction and the parents follow when first read."""
+    def take(self, idx: Tensor, *others: Any) -> tuple[Any, ...]:
+        """The context with particles (and everything per-particle) at flat ancestor rows ``idx``, and
+        ``others`` (the transition, the solver state) taken with it (:meth:`_Run.take`: with ``group``, one
+        all_gather for all of them); the prediction and the parents follow when first read."""
         run = self._run
-        state = {k: run.rows(run.take_rows(run.flat(v), idx)) for k, v in self.state.items()}
-        pending = idx if self._pending is None else run.take_rows(self._pending, idx)
-        x = run.take_rows(self._x, idx)
-        return StepContext(run, self.i, x, self._pred, self._prev, state, pending=pending)
+        state = {k: run.flat(v) for k, v in self.state.items()}
+        x, state, pending, *others = run.take((self._x, state, self._pending, *others), idx)
+        state = {k: run.rows(v) for k, v in state.items()}
+        pending = idx if pending is None else pending
+        return StepContext(run, self.i, x, self._pred, self._prev, state, pending=pending), *others
 
     @property
     def shard(self) -> slice:
@@ -531,7 +540,7 @@ class StepContext:
         other rank's: ``(batch, N, ...)`` in particle order, on every rank (``values`` itself without
         ``group``). A collective: every rank must call it at the same point (for a selection over a row's
         particles, such as :func:`~steerdiff.smc.svdd`'s; ``gather(v)[:, ctx.shard]`` is ``v`` again)."""
-        return self._run.ranks.gather(values, self._run.n_all, dim=1)
+        return self._run.gather([values])[0]
 
 
 class SMCAlgorithm:
@@ -812,13 +821,18 @@ class _Run:
         max_batch: int | None,
         spread: Ranks,
         n_all: int,
+        device: torch.device,
     ) -> None:
         self.who, self.grid, self.model, self.evaluator, self._reward = who, grid, model, evaluator, reward
         self.batch, self.particles, self.shape, self.max_batch = batch, particles, shape, max_batch
         # particles: this rank's of each row (spread.shard(n_all)); n_all: the row's over every rank
-        self.ranks, self.n_all = spread, n_all
+        self.ranks, self.n_all, self.device = spread, n_all, device  # device: the particles'
         self.reward_ok: list[Tensor] = []
         self.reward_at: list[int] = []
+        # group: each reward check's own-rank flag and the net evaluations before it, until agreed (gather);
+        # and the net evaluations already agreed finite
+        self._unagreed: list[tuple[Tensor, int]] = []
+        self._agreed_calls = 0
         self.sliced_grad = False  # the step runs without a graph; value_grad differentiates in slices
 
     @property
@@ -834,35 +848,77 @@ class _Run:
     def rows(self, x: Tensor) -> Tensor:
         return x.reshape(self.batch, self.particles, *x.shape[1:])
 
-    def everyone(self, v: Tensor) -> Tensor:
-        """This rank's flat rows ``(batch * particles, ...)`` joined with every rank's: the ``batch * n_all``
-        flat rows of the whole system (one all_gather; detached, as a collective has no gradient)."""
-        joined = self.ranks.gather(self.rows(v.detach()), self.n_all, dim=1)
-        return joined.reshape(self.batch * self.n_all, *v.shape[1:])
+    def gather(self, values: list[Tensor], final: bool = False) -> list[Tensor]:
+        """This rank's per-particle ``values`` ``(batch, particles, ...)`` joined with every rank's, ``(batch,
+        n_all, ...)`` each, in ONE all_gather (:meth:`~steerdiff.distributed.Ranks.gather_many`; detached),
+        which carries what the ranks must agree on: whether the net's output was finite (on the CPU, where
+        a one-process run raises at once, and at the ``final`` gather) and the reward checks made since the
+        last gather. Every rank then raises alike, in one process's order: a non-finite net output before
+        the reward checks made after it (on the CPU; else first, as :func:`run_smc`'s end does), then the
+        first non-finite reward. ``[]``: the flags alone."""
+        dev = values[0].device if values else self.device
+        read = final or dev.type == "cpu"  # elsewhere no host read before the end
+        bad = self.model.first_nonfinite() if read else None
+        net = [math.inf, 0.0, 0.0] if bad is None else [bad[0], -bad[2], bad[1]]  # by step, then by time
+        pending, self._unagreed = self._unagreed, []
+        self._agreed_calls = self.model.calls
+        flags = torch.tensor(net, dtype=torch.float64, device=dev)
+        if pending:
+            flags = torch.cat([flags, torch.stack([(~ok).to(flags) for ok, _ in pending])])
+        *joined, every = self.ranks.gather_many(
+            [*values, flags[None, None]], [self.n_all] * len(values) + [self.ranks.size], dim=1
+        )
+        every = every[0]
+        rewards_ok = (every[:, 3:] == 0).all(0)
+        self.reward_ok.extend(rewards_ok.unbind())
+        if read:
+            step, neg_t, k = min(every[:, :3].tolist())
+            first = first_false(rewards_ok) if pending else None
+            if step != math.inf and (first is None or dev.type != "cpu" or k < pending[first][1]):
+                raise nonfinite_error(int(step), int(k), -neg_t)
+            if first is not None:
+                self.check_reward()
+        return joined
 
-    def take_rows(self, v: Tensor, idx: Tensor) -> Tensor:
-        """The flat rows ``idx`` of the whole system (``batch * n_all`` of them) from ``v``, this rank's flat
-        rows: the rows themselves without ``group``, else after :meth:`everyone`."""
-        return (v if self.ranks.group is None else self.everyone(v)).index_select(0, idx)
+    def agree(self) -> None:
+        """With ``group`` on the CPU: the checks of the net evaluations and rewards since the last
+        :meth:`gather` agreed by the ranks (a gather of the flags alone), where there are any."""
+        spread, cpu = self.ranks.group is not None, self.device.type == "cpu"
+        if spread and cpu and (self._unagreed or self.model.calls > self._agreed_calls):
+            self.gather([])
 
     def take(self, obj: Any, idx: Tensor) -> Any:
-        """``obj`` (a transition, a prediction, solver state) with every tensor of this rank's flat rows
-        taken at the system's flat rows ``idx`` (:meth:`take_rows`); other tensors are kept."""
+        """``obj`` (a transition, a prediction, solver state, a tuple of those) with every tensor of this
+        rank's flat rows taken at the system's flat rows ``idx`` (the whole system's ``batch * n_all``; with
+        ``group`` every such tensor is gathered, all in one :meth:`gather`); other tensors are kept."""
         n = self.batch * self.particles
         if self.ranks.group is None:
             return _take(obj, idx, n)
-        return _map(obj, lambda v: self.take_rows(v, idx) if v.ndim > 0 and v.shape[0] == n else v)
+        mine: list[Tensor] = []
+
+        def collect(v: Tensor) -> Tensor:
+            if v.ndim > 0 and v.shape[0] == n:
+                mine.append(v)
+            return v
+
+        _map(obj, collect)
+        whole = iter(self.gather([self.rows(v) for v in mine]))
+        return _map(
+            obj,
+            lambda v: next(whole).flatten(0, 1).index_select(0, idx) if v.ndim > 0 and v.shape[0] == n else v,
+        )
 
     def reward(self, z: Tensor, i: int) -> Tensor:
         if self._reward is None:
             raise ValueError("ctx.reward: this run has no reward; pass reward= to run_smc")
         r = _map_rows(self.max_batch, partial(_call_reward, self.who, self._reward), self.flat(z), 0.0, {})
         ok = torch.isfinite(r).all()
-        if self.ranks.group is not None:  # every rank raises alike (an all_reduce, no host read on a GPU)
-            ok = self.ranks.sum((~ok).to(torch.int32)) == 0
-        self.reward_ok.append(ok)
         self.reward_at.append(i)
-        if r.is_cpu and not bool(self.reward_ok[-1]):  # no device read to save; before the weights it spoils
+        if self.ranks.group is not None:  # agreed at the next gather (the increments'), raised there alike
+            self._unagreed.append((ok, self.model.calls))
+            return self.rows(r)
+        self.reward_ok.append(ok)
+        if r.is_cpu and not bool(ok):  # no device read to save; before the weights it spoils
             self.check_reward()
         return self.rows(r)
 
@@ -1133,8 +1189,10 @@ def run_smc(
         noise = _ShardNoise(noise, batch * n_part, mine)
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)
-    model.eager = mine is None  # spread over ranks: checked by every rank together, _check_finite
-    run = _Run(who, grid, model, evaluator, reward, batch, n_mine, sample_shape, max_batch, spread, n_part)
+    model.eager = mine is None  # spread over ranks: checked by every rank together, _Run.gather
+    run = _Run(
+        who, grid, model, evaluator, reward, batch, n_mine, sample_shape, max_batch, spread, n_part, x.device
+    )
     solver_state = slv.init_state(grid)
     alg_state = algorithm.init_state(run.rows(x))
 
@@ -1173,9 +1231,8 @@ def run_smc(
             inner.calls = 0
             out = slv.step(model, x, i, grid, solver_state)
             evaluator.watch = evaluator.made = None
-            if mine is not None and x.is_cpu:  # no sync to save: every rank stops at the first bad node
-                _check_finite(model, spread, x.device)
             if algorithm.needs_transition and inner.calls:
+                run.agree()  # a non-finite net output first, as one process raises it in the step
                 raise ValueError(
                     f"{algorithm.name} needs Gaussian transitions, but solver {slv.name!r} draws noise "
                     "inside its step; use one that returns a Transition (ddpm, euler_ancestral, "
@@ -1198,17 +1255,16 @@ def run_smc(
                 anc = torch.where(
                     mask[:, None], ancestors(resampler_name, resample_fn(weights.log_w, generator), i), arange
                 )
-            if anc is not None:
+            # spread over ranks on the CPU, no row resampled: every particle keeps its own (no gather)
+            if anc is not None and (mine is None or not x.is_cpu or bool(mask.any())):
                 # this rank's particles' ancestors, as flat rows of the whole system
                 flat_idx = (anc if mine is None else anc[:, spread.shard(n_part)]) + offsets
-                flat_idx = flat_idx.reshape(-1)
-                ctx = ctx.take(flat_idx)
-                base = run.take(base, flat_idx)
-                solver_state = run.take(solver_state, flat_idx)
+                ctx, base, solver_state = ctx.take(flat_idx.reshape(-1), base, solver_state)
                 weights.reset(mask)
             weights.record(mask)
             prop = _flat_tr(algorithm.propose(ctx, _view(base, run)), run)
             x, alg_state = ctx._x, ctx.state
+            run.agree()  # the checks no gather carried this step (a step without increments)
         if grad_step:
             x, base, prop = x.detach(), _detach(base), _detach(prop)
             solver_state, alg_state = _detach(solver_state), _detach(alg_state)
@@ -1221,9 +1277,11 @@ def run_smc(
         weights.reweight(_joined(run, algorithm, algorithm.log_weight(ctx)))
     weights.record(no_resample)
     final_reward = ctx.state.get("reward")
-    if mine is not None:  # every rank returns the whole system; gathered before a check that may raise
-        x, final_reward = run.everyone(x), None if final_reward is None else ctx.gather(final_reward)
-    _check_finite(model, spread, x.device)
+    if mine is None:
+        model.check_finite()
+    else:  # every rank returns the whole system; one gather, with the last checks (which may raise)
+        got = run.gather([run.rows(x)] + ([] if final_reward is None else [final_reward]), final=True)
+        x, final_reward = got[0], got[1] if len(got) > 1 else None
     run.check_reward()
     trace = weights.trace()
     check_weights(algorithm.name, trace.log_z)
@@ -1279,21 +1337,6 @@ def _check_group(who: str, algorithm: SMCAlgorithm, group: Any, n: int) -> Ranks
     return spread
 
 
-def _check_finite(model: Model, spread: Ranks, device: torch.device) -> None:
-    """``model.check_finite()`` on every rank alike: the earliest non-finite output of any rank's net,
-    raised by every rank of ``spread`` (one rank raising alone would leave the others waiting at their
-    next collective); ``device``: the particles', where the collective runs."""
-    if spread.group is None:
-        model.check_finite()
-        return
-    bad = model.first_nonfinite()
-    row = [math.inf, 0.0, 0.0] if bad is None else [bad[0], -bad[2], bad[1]]  # by step, then by time
-    every = spread.gather(torch.tensor([row], dtype=torch.float64, device=device), spread.size)
-    step, neg_t, k = min(every.tolist())
-    if step != math.inf:
-        raise nonfinite_error(int(step), int(k), -neg_t)
-
-
 def _joined(run: _Run, algorithm: SMCAlgorithm, inc: Tensor | None) -> Tensor | None:
     """A rank's increments ``(batch, particles on this rank)`` joined into the whole system's ``(batch,
     N)`` (``inc`` itself without ``group``)."""
@@ -1306,7 +1349,7 @@ def _joined(run: _Run, algorithm: SMCAlgorithm, inc: Tensor | None) -> Tensor | 
             f"{run.who}: {algorithm.name}'s log_weight must return (batch, particles on this rank) = {mine} "
             f"with group=, got {got}"
         )
-    return run.ranks.gather(inc.detach(), run.n_all, dim=1)
+    return run.gather([inc.detach()])[0]
 
 
 def _initial_particles(

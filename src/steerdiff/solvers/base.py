@@ -432,6 +432,11 @@ class Model:
         self.last = pred
         return pred
 
+    @property
+    def calls(self) -> int:
+        """The evaluations made so far (those :meth:`first_nonfinite` counts)."""
+        return len(self._sums)
+
     def first_nonfinite(self) -> tuple[int, int, float] | None:
         """``(step, evaluation, t)`` of the first evaluation that was not finite, ``None`` if none was;
         one device sync for the whole run (the flags are stacked and read once)."""
