@@ -202,3 +202,46 @@ def test_a_group_that_is_no_process_group_is_refused():
         ValueError, match=r"^discrete\.fk_steering: group must be None \(this process alone\)"
     ):
         sd.discrete.fk_steering(DEN, reward, shape=(1, MIX.L), particles=2, group="world")
+
+
+def _counted(group: Any) -> list[tuple[int, int, int]]:
+    """Each run's all_reduces and all_gathers (every torch.distributed call counted) and its nodes with a
+    resampling event."""
+    made: list[str] = []
+    real = {name: getattr(torch.distributed, name) for name in ("all_gather", "all_reduce")}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            made.append(name)
+            return real[name](*args, **kwargs)
+
+        return call
+
+    out = []
+    for name in real:
+        setattr(torch.distributed, name, counting(name))
+    try:
+        for run in (_ancestral, _first_hitting):
+            made.clear()
+            trace = run(group).trace
+            assert trace is not None
+            out.append(
+                (made.count("all_reduce"), made.count("all_gather"), int(trace.resampled[:-1].any(1).sum()))
+            )
+    finally:
+        for name, call in real.items():
+            setattr(torch.distributed, name, call)
+    return out
+
+
+def test_collectives_per_step():
+    """One all_reduce per step (a failure flag and the rows it moved, together), one all_gather per potential
+    node (the rewards), per node with a resampling event (tokens and times together) and two at the end (the
+    rewards and the particles): 6 + 12 for ancestral's 6 steps and 4 + 10 for first_hitting's 4 (4 events
+    each), where one collective each for the flag, the moved rows, the tokens and the times, and a take at
+    every potential node, made 12 + 20 and 8 + 14."""
+    for counts in spawn(_counted, 2):
+        (reduces, gathers, events), (reduces_fh, gathers_fh, events_fh) = counts
+        assert 0 < events < STEPS
+        assert (reduces, gathers) == (STEPS, STEPS + events + 2)
+        assert (reduces_fh, gathers_fh) == (4, 4 + events_fh + 2)

@@ -41,21 +41,22 @@ NFE per batch row: ``N`` times the base sampler's (``N * steps``; 2 per step for
 
 Ranks (``group=``, a ``torch.distributed`` process group; every rank makes the same call), as
 :func:`steerdiff.smc.run_smc` spreads particles (its module's "Ranks"): rank ``r`` holds the particles
-:meth:`Ranks.shard(N) <steerdiff.distributed.Ranks.shard>` of every batch row, so the network and
-``reward`` see a rank's ``batch * n_r`` rows (``**cond`` and the denoiser's per-row state taken at them).
-Every draw of the sampler and of the estimates is made for all ``batch * N`` particles and a rank keeps
-its own (:class:`steerdiff.noise.Shard`), so the generators advance alike on every rank; the rewards are
-gathered into ``(batch, N)``, and the weights, ``log Z``, ESS, the resampling draws and best-of-N's
-choice are computed from them identically on every rank; at a resampling event every rank gathers the
-particles' tokens and times and takes its particles' ancestors; at the end every rank gathers and returns
-the whole system. The result equals the one-process run's with the same generators on every rank (tokens
-and float64 weights bit for bit where the network's output does not depend on how many rows it is called
-with, as on the CPU in float64). A NaN / ``+inf`` from any rank's network is raised by every rank (one
-all_reduce of a flag per step), with the message of the first rank that failed: one process's
+:meth:`Ranks.shard(N) <steerdiff.distributed.Ranks.shard>` of every batch row, so the network and ``reward``
+see a rank's ``batch * n_r`` rows (``**cond`` and the denoiser's per-row state taken at them). Every draw of
+the sampler and of the estimates is made for all ``batch * N`` particles and a rank keeps its own
+(:class:`steerdiff.noise.Shard`), so the generators advance alike on every rank; the rewards are gathered into
+``(batch, N)``, and the weights, ``log Z``, ESS, the resampling draws and best-of-N's choice are computed from
+them identically on every rank; at a resampling event (on the CPU, a node where a row resamples) every rank
+gathers the particles' tokens and times (one all_gather, :meth:`~steerdiff.distributed.Ranks.gather_many`) and
+takes its particles' ancestors; at the end every rank gathers and returns the whole system. The result equals
+the one-process run's with the same generators on every rank (tokens and float64 weights bit for bit where the
+network's output does not depend on how many rows it is called with, as on the CPU in float64). A NaN /
+``+inf`` from any rank's network is raised by every rank (one all_reduce per step, of a flag and of the rows
+the step moved, which the potentials read), with the message of the first rank that failed: one process's
 where the failing rows share their time, as with ``ancestral`` and ``remdm``; a reward that is NaN / inf
-anywhere is raised by every rank, as the rewards are checked once gathered. Another error on one rank
-alone (in a user's network or reward) leaves the others waiting at their next collective until the process
-group's timeout.
+anywhere is raised by every rank, as the rewards are checked once gathered. Another error on one rank alone
+(in a user's network or reward) leaves the others waiting at their next collective until the process group's
+timeout.
 """
 
 from __future__ import annotations
@@ -154,8 +155,10 @@ class _Run:
         return len(range(self.n)[self.shard])
 
     def step(self, i: int) -> tuple[Tensor, Tensor]:
-        """Step ``i`` of the base sampler on every particle: the step's ``log p_theta(x_0 | x_i)`` and
-        which of this rank's particles it could move (``(batch, n_r)``)."""
+        """Step ``i`` of the base sampler on every particle: the step's ``log p_theta(x_0 | x_i)`` and the
+        batch rows it could move, ``(batch,)``: those with a particle it moved or that was masked (a row whose
+        particles were all clean and stayed, as a finished row of ``first_hitting`` does, is done), over
+        every rank's particles with ``group`` (:meth:`agreed`)."""
         before = self.x
         try:
             self.x, self.t, log_p = self.sampler.step(
@@ -164,30 +167,28 @@ class _Run:
         except NonFiniteError as e:
             if self.ranks.group is None:
                 raise
-            raise NonFiniteError(self.agreed(str(e))) from e  # from here: no frame keeps e (and the group)
-        if self.ranks.group is not None:
-            self.agreed(None)
+            # from here: no frame keeps e (and the group)
+            raise NonFiniteError(
+                self.agreed(str(e), self.x.new_zeros(self.batch, dtype=torch.bool))[0]
+            ) from e
         moved = ((before == self.mask_id) | (before != self.x)).any(-1)
-        return log_p, moved.reshape(self.batch, self.n_local)
+        live = moved.reshape(self.batch, self.n_local).any(-1)
+        return log_p, live if self.ranks.group is None else self.agreed(None, live)[1]
 
-    def agreed(self, failure: str | None) -> str:
+    def agreed(self, failure: str | None, live: Tensor) -> tuple[str, Tensor]:
         """Whether any rank's step failed (``failure``: this rank's message, ``None`` where its step went
-        through), agreed by the ranks of ``group``: the first failing rank's message, which a rank whose step
-        went through raises as a :class:`~steerdiff.NonFiniteError` (one all_reduce each step, an all_gather
-        of the messages where one failed; ``""`` where none did)."""
-        flag = torch.tensor([failure is not None], dtype=torch.int32, device=self.x.device)
-        if not int(self.ranks.sum(flag)):
-            return ""
+        through) and the batch rows it moved on any rank (``live``: on this one, ``(batch,)``), agreed by the
+        ranks of ``group`` in one all_reduce (each step): the first failing rank's message (``""`` where none
+        failed; an all_gather of the messages where one did), which a rank whose step went through raises as a
+        :class:`~steerdiff.NonFiniteError`, and the rows."""
+        flags = torch.cat([torch.tensor([failure is not None], device=live.device), live]).int()
+        every = self.ranks.max(flags)
+        if not int(every[0]):
+            return "", every[1:].bool()
         first = next(m for m in self.ranks.gather_objects(failure) if m is not None)
         if failure is None:
             raise NonFiniteError(first)
-        return first
-
-    def live(self, moved: Tensor) -> Tensor:
-        """The batch rows a step could move, ``(batch,)``, from which of this rank's particles it moved
-        (:meth:`step`; a row whose particles were all clean and stayed, as a finished row of
-        ``first_hitting`` does, is done): over every rank's particles with ``group`` (an all_reduce)."""
-        return self.ranks.max(moved.any(-1).int()).bool()
+        return first, every[1:].bool()
 
     def everyone(self, v: Tensor) -> Tensor:
         """This rank's flat particles ``(batch * n_r, ...)`` joined with every rank's: the whole system's
@@ -221,10 +222,13 @@ class _Run:
     def take(self, anc: Tensor) -> None:
         """Keep the particles' ancestors ``anc`` ``(batch, N)`` (indices within each row; this rank's
         particles take theirs, ``anc[:, shard]``, from the whole system): tokens and times (the given tokens
-        and the conditions are the row's, the same for its particles)."""
+        and the conditions are the row's, the same for its particles; with ``group`` one all_gather of
+        both, :meth:`~steerdiff.distributed.Ranks.gather_many`)."""
         offsets = (torch.arange(self.batch, device=anc.device) * self.n)[:, None]
         flat = (anc[:, self.shard] + offsets).reshape(-1)
-        self.x, self.t = self.everyone(self.x)[flat], self.everyone(self.t)[flat]
+        mine = [v.reshape(self.batch, self.n_local, *v.shape[1:]) for v in (self.x, self.t)]
+        x, t = self.ranks.gather_many(mine, self.n, dim=1)
+        self.x, self.t = x.flatten(0, 1)[flat], t.flatten(0, 1)[flat]
 
     def result(self, log_w: Tensor, trace: Trace | None, reward: Tensor) -> Particles:
         """The final particles, every rank's with ``group``, as :class:`~steerdiff.smc.Particles` ``(batch,
@@ -315,10 +319,9 @@ def fk_steering(
     arange = torch.arange(n, device=dev).expand(batch, n)
     no_resample = torch.zeros(batch, dtype=torch.bool, device=dev)
     for i in run.nodes():
-        log_p, moved = run.step(i)
+        log_p, live = run.step(i)
         inc = None
         if lam != 0 and i in nodes:
-            live = run.live(moved)
             old = dict(state)
             inc = increment(potential, lam, run.reward(run.estimate(log_p), i), state)
             # a done row gets no potential: its result must not depend on the steps a batch with more
@@ -332,7 +335,8 @@ def fk_steering(
             resampled = ess < ess_threshold * n * (1 - 1e-9)
             idx = ancestors(name, resample_fn(weights.log_w, run.generator), i)
             anc = torch.where(resampled[:, None], idx, arange)
-            run.take(anc)
+            if run.ranks.group is None or not anc.is_cpu or bool(resampled.any()):  # else: each keeps its own
+                run.take(anc)
             state = {k: torch.take_along_dim(v, anc, dim=1) for k, v in state.items()}
             weights.reset(resampled)
         weights.record(resampled)
