@@ -855,7 +855,9 @@ class _Run:
         a one-process run raises at once, and at the ``final`` gather) and the reward checks made since the
         last gather. Every rank then raises alike, in one process's order: a non-finite net output before
         the reward checks made after it (on the CPU; else first, as :func:`run_smc`'s end does), then the
-        first non-finite reward. ``[]``: the flags alone."""
+        first non-finite reward. ``[]``: the flags alone. Without ``group``: ``values`` themselves."""
+        if self.ranks.group is None:
+            return values
         dev = values[0].device if values else self.device
         read = final or dev.type == "cpu"  # elsewhere no host read before the end
         bad = self.model.first_nonfinite() if read else None
