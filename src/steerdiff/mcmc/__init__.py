@@ -4,7 +4,8 @@
 >>> info.acceptance_rate
 >>> sd.sample(den, x_T, steps=10, solver="ddim", corrector="ula", corrector_steps=1, snr=0.16)
 
-:mod:`~steerdiff.mcmc.langevin` (ULA, MALA), :mod:`~steerdiff.mcmc.hmc` (HMC), the shared state
+:mod:`~steerdiff.mcmc.langevin` (ULA, MALA), :mod:`~steerdiff.mcmc.hmc` (HMC),
+:mod:`~steerdiff.mcmc.pcnl` (pCNL, for a Gaussian reference times a likelihood), the shared state
 and loop in :mod:`~steerdiff.mcmc.base`, the predictor-corrector hook of :func:`steerdiff.sample`
 in :mod:`~steerdiff.mcmc.corrector`.
 """
@@ -13,10 +14,12 @@ from .base import ChainInfo, Kernel, Point, Target, chain, snr_step_size
 from .corrector import available, check_corrector, correct, get
 from .hmc import HMC
 from .langevin import MALA, ULA
+from .pcnl import PCNL
 
 __all__ = [
     "HMC",
     "MALA",
+    "PCNL",
     "ULA",
     "ChainInfo",
     "Kernel",

@@ -266,6 +266,9 @@ class Kernel:
 
     name: ClassVar[str] = ""
     needs_log_prob: ClassVar[bool] = False
+    # whether it targets the density it is given (a corrector of steerdiff.sample); PCNL is given a
+    # log-likelihood against a Gaussian reference instead
+    corrector: ClassVar[bool] = True
 
     step_size: float | None = None
     log_prob: Callable[[Tensor, float], Tensor] | None = None

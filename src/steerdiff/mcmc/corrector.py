@@ -65,6 +65,12 @@ def check_corrector(
     kernel without a generator under a Brownian tree (no noise at a fixed time), a kernel whose list
     of generators is not one per row of the batch of ``rows`` (where given), a kernel with one
     generator under the run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`)."""
+    if not kernel.corrector:
+        raise ValueError(
+            f"corrector {type(kernel).__name__} targets N(0, s^2 I) exp(Phi) given a log-likelihood Phi, not "
+            "the noised log-density a corrector is given; accepted: None, "
+            f"{available()} or a Kernel instance of one"
+        )
     integer("sample", "corrector_steps", steps, lo=1)
     real("sample", "snr", snr, lo=0, lo_open=True)
     check_generators(f"corrector {type(kernel).__name__}", kernel.generator, rows)
