@@ -119,6 +119,12 @@ class Target:
         """Whether the target has a log-density (a Metropolis test needs one; ULA only the score)."""
         return self._log_prob is not None
 
+    def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``log_prob(x)`` and its gradient, detached (autograd through the whole batch at once; a subclass
+        may evaluate it otherwise, in slices of rows say, for a ``log_prob`` of each row alone)."""
+        assert self._log_prob is not None, "called for a Target of a log_prob (evaluate)"
+        return _value_and_grad(self._log_prob, x, self.name)
+
     @overload
     def evaluate(self, p: Point, value: Literal[True]) -> Valued: ...
     @overload
@@ -133,7 +139,7 @@ class Target:
             raise ValueError("this corrector needs log p(x): give a `log_prob`, a score alone is not enough")
         self.evaluations += 1
         if self._log_prob is not None:
-            lp, g = _value_and_grad(self._log_prob, p.x, self.name)
+            lp, g = self.value_and_grad(p.x)
             bad = lp.isnan().any() | (lp.isfinite() & ~g.reshape(len(g), -1).isfinite().all(-1)).any()
             self._bad = bad if self._bad is None else self._bad | bad
             return Valued(p.x, lp, g)

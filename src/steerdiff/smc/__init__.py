@@ -9,6 +9,8 @@
 * :func:`best_of_n`, :func:`code` -- best-of-N and blockwise best-of-N (CoDe, Singh et al. 2025).
 * :func:`tds` -- the twisted diffusion sampler (Wu et al. 2023).
 * :func:`svdd` -- soft value-based decoding (Li et al. 2024).
+* :func:`psi_sampler` -- FK steering from pCNL draws of the reward-twisted prior (Ψ-Sampler, Yoon et al.
+  2025); :func:`twisted_prior` draws those initial particles.
 """
 
 from . import resample
@@ -25,6 +27,7 @@ from .particles import (
     stochastic_solvers,
     transition_log_prob,
 )
+from .psi_sampler import PsiSampler, psi_sampler, twisted_prior
 from .resample import ess, multinomial, residual, stratified, systematic
 from .svdd import SVDD, svdd
 from .tds import TDS, Twist, tds
@@ -40,6 +43,7 @@ __all__ = [
     "FKCorrector",
     "FKSteering",
     "Particles",
+    "PsiSampler",
     "RowSlice",
     "SMCAlgorithm",
     "StepContext",
@@ -54,6 +58,7 @@ __all__ = [
     "fkc_cfg",
     "fkc_product",
     "multinomial",
+    "psi_sampler",
     "resample",
     "residual",
     "run_smc",
@@ -63,4 +68,5 @@ __all__ = [
     "systematic",
     "tds",
     "transition_log_prob",
+    "twisted_prior",
 ]
