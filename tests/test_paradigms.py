@@ -2,6 +2,7 @@
 sampler sd.sample on the exact mixture denoiser, its parallel iteration counts, and group= on 2 gloo ranks."""
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -387,6 +388,111 @@ def test_group_equals_single_process(x_T):
         for (x, *counts), (x1, *counts1) in zip(runs, single, strict=True):
             assert counts == counts1
             assert torch.allclose(x, x1, rtol=0, atol=1e-12)
+        assert failure == (
+            "ArithmeticError: rank 1's own failure"
+            if rank == 1
+            else "RuntimeError: paradigms: a rank of the group failed in the network call (it raised its "
+            "error); so stops rank 0"
+        )
+
+
+def _learned_variance(den: sd.Denoiser) -> sd.Denoiser:
+    """``den`` with a learned variance interpolation ``(tanh(x) + 1) / 2`` (DDPM's step reads it)."""
+    return sd.Denoiser(
+        lambda x, t: torch.cat([den.net(x, t), torch.tanh(x)], 1),
+        den.process,
+        prediction="x0",
+        learned_variance=True,
+    )
+
+
+def _collectives(group, x_T):
+    """Runs of sd.paradigms and, with ``group``, the collectives each Picard iteration made (every
+    torch.distributed collective steerdiff calls, counted around each window's call)."""
+    module = sys.modules["steerdiff.paradigms"]
+    made, per_call = [0], []
+    evaluate = module._evaluate
+
+    def counted(*args):
+        before = made[0]
+        try:
+            return evaluate(*args)
+        finally:
+            per_call.append(made[0] - before)
+
+    def counting(f):
+        def call(*args, **kwargs):
+            made[0] += 1
+            return f(*args, **kwargs)
+
+        return call
+
+    if group is not None:
+        for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast"):
+            setattr(torch.distributed, name, counting(getattr(torch.distributed, name)))
+    module._evaluate = counted
+    gmm, proc = smooth_mixture(), sd.VP.scaled_linear()
+    den = gmm.denoiser(proc)
+    grid = sd.solvers.make_grid(proc, sd.schedules.get(sd.sampling.DEFAULT_SCHEDULE), 30)
+    r = [s / a for a, s in zip(grid.alpha, grid.sigma, strict=True)]
+    eps_den = _eps_net(den)
+    out = []
+    # a plain window; a learned variance (its gather rides along); 1 row (not split: no collective);
+    # test_group_equals_single_process's CFG-rescale whose first window's ranks give x0 and eps
+    for model, solver, batch, window, steps in (
+        (den, "ddpm", 4, 8, 40),
+        (_learned_variance(den), "ddpm", 3, 8, 40),
+        (den, "ddpm", 1, 1, 5),
+        (
+            sd.guidance.CFG(eps_den, eps_den, 2.0, rescale=0.7, interval=(1.001 * r[16], 1.001 * r[8])),
+            "ddim",
+            4,
+            16,
+            30,
+        ),
+    ):
+        per_call.clear()
+        x, info = sd.paradigms(
+            model, x_T[:batch], steps, solver, window=window, generator=_gen(), group=group, return_info=True
+        )
+        assert len(per_call) == info.iterations
+        out.append((x, info.strides, list(per_call)))
+    if group is not None:  # a rank whose call raised sends zeros in the others' layout, variance included
+
+        def fails_on_rank_1(x, t):
+            if torch.distributed.get_rank() == 1:
+                raise ArithmeticError("rank 1's own failure")
+            return torch.cat([den.net(x, t), torch.tanh(x)], 1)
+
+        try:
+            sd.paradigms(
+                sd.Denoiser(fails_on_rank_1, proc, prediction="x0", learned_variance=True),
+                x_T[:4],
+                20,
+                "ddpm",
+                generator=_gen(),
+                group=group,
+            )
+        except Exception as e:
+            out.append(f"{type(e).__name__}: {e}")
+    module._evaluate = evaluate
+    return out
+
+
+def test_group_one_collective_per_iteration(x_T):
+    """With group=, each Picard iteration makes one all_gather (the predictions, the variance and the flags
+    packed: it made 2, 3 with a variance), two only where the ranks' estimates are of two kinds (the eps
+    then gathered), none for a window of fewer rows than ranks; the results are the single process's."""
+    single = _collectives(None, x_T)
+    for rank, out in enumerate(spawn(_collectives, 2, x_T)):
+        *runs, failure = out
+        for (x, strides, _), (x1, strides1, _) in zip(runs, single, strict=True):
+            assert strides == strides1
+            assert torch.allclose(x, x1, rtol=0, atol=1e-12)  # the mixture net rounds by batch size: 1.1e-15
+        plain, learned, one_row, mixed = (counts for _, _, counts in runs)
+        assert plain == [1] * len(plain) and learned == [1] * len(learned)
+        assert one_row == [0] * 5
+        assert mixed[0] == 2 and set(mixed[1:]) == {1}
         assert failure == (
             "ArithmeticError: rank 1's own failure"
             if rank == 1

@@ -240,31 +240,49 @@ def _evaluate(
 ) -> Window:
     """:func:`_window_prediction` with the rows split over ``group``'s ranks and gathered on each (all of
     them on every rank where there are fewer rows than ranks): the given estimate, whether it is ``x0``, the
-    learned-variance interpolation and the call's cost."""
+    learned-variance interpolation and the call's cost.
+
+    One all_gather per call (:meth:`~steerdiff.distributed.group.Ranks.gather_many`): each rank's shard of
+    its given estimate (and variance) with a row of flags -- its call's cost, whether its estimate is
+    ``eps``, whether it is ``x0``, whether the call raised -- whose maximum over the ranks is the window's
+    as one process has it: the cost (a guided denoiser's may depend on its rows' times), whether a rank
+    failed, and the kind. A guided denoiser may give another kind for rows all inside its interval than
+    for mixed rows (CFG-rescale in x0 of an eps net: x0, where the mixed rows' is eps, which one process
+    gives for the whole window); where the ranks' kinds differ, a second gather takes every rank's ``eps``
+    (read as the other kind, the gathered rows would be wrong). That case alone pays a second collective
+    (sending both estimates every time would double every gather's bytes and derive the other estimate on
+    every rank, for a case of a few windows of guidance with an interval)."""
     total = xs.shape[0]
     if group.size == 1 or total < group.size:
         pred, cost = _window_prediction(den, xs, t_rows, rows, n, net_dtype, cond)
         return pred.given, pred.x0_given, pred.var_interp, cost
     mine = group.shard(total)
+
+    def gather(given: Tensor, var: Tensor | None, flags: list[int]) -> list[Tensor]:
+        """Every rank's ``given`` (and ``var``) shard and ``flags`` row (one of ``group.size``), in one
+        all_gather, in ``xs``'s dtype (a denoiser's estimates and variance are in its input's already): a
+        layout that a rank whose call raised knows without a prediction (the variance where ``den`` learns
+        one)."""
+        sent = [given.to(xs.dtype), *([] if var is None else [var.to(xs.dtype)])]
+        row = torch.tensor([flags], device=xs.device)
+        return group.gather_many([*sent, row], [total] * len(sent) + [group.size])
+
     try:
         pred, cost = _window_prediction(den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond)
     except Exception:  # raised once every rank knows, rather than leave them waiting at the gather
-        group.max(torch.tensor([0, 0, 1], device=xs.device))
+        zeros = xs.new_zeros(xs[mine].shape)
+        gather(zeros, zeros if den.learned_variance else None, [0, 0, 0, 1])
         raise
-    # one reduction for the window as one process has it: its cost (a guided denoiser's may depend on its
-    # rows' times), one estimate on every rank -- a guided denoiser may give another for rows all inside
-    # its interval than for mixed rows (CFG-rescale in x0 of an eps net: x0, where the mixed rows' is eps,
-    # which one process gives for the whole window); read as the other, the gathered rows would be wrong --
-    # and whether a rank's call failed
-    flags = torch.tensor([cost, not pred.x0_given, 0], device=xs.device)
-    cost, some_eps, failed = group.max(flags).tolist()
+    given, *var, every = gather(pred.given, pred.var_interp, [cost, not pred.x0_given, pred.x0_given, 0])
+    cost, some_eps, some_x0, failed = every.amax(0).tolist()
     if failed:
         raise RuntimeError(
             f"paradigms: a rank of the group failed in the network call (it raised its error); so stops rank "
             f"{group.rank}"
         )
-    given, var = pred.eps if some_eps else pred.x0, pred.var_interp
-    return group.gather(given, total), not some_eps, None if var is None else group.gather(var, total), cost
+    if some_eps and some_x0:
+        given = group.gather(pred.eps, total)
+    return given, not some_eps, var[0] if var else None, cost
 
 
 @overload
