@@ -191,9 +191,24 @@ def test_bad_input():
         with pytest.raises(ValueError, match=rf"psi_sampler: {name}"):
             sd.smc.psi_sampler(DEN, linear, **{**kw, name: value})
     with pytest.raises(
-        ValueError, match=r"psi_sampler: x_T must be a floating-point tensor \(batch, particles"
+        ValueError, match=r"psi_sampler: x_T must be \(batch, particles, \*shape\) = \(2, 4, 2\)"
     ):
         sd.smc.psi_sampler(DEN, linear, x_T=torch.zeros(2, 2, dtype=F64), **kw)
+    # checked as run_smc checks them, before the chains (they were torch's errors from inside the chains, or
+    # none: a NaN x_T was reported as a NaN reward)
+    with pytest.raises(ValueError, match=r"^psi_sampler: x_T contains NaN or inf"):
+        sd.smc.psi_sampler(DEN, linear, x_T=torch.full((2, 4, 2), math.nan, dtype=F64), **kw)
+    with pytest.raises(ValueError, match=r"^psi_sampler: x_T must have a floating dtype"):
+        sd.smc.psi_sampler(DEN, linear, x_T=torch.zeros(2, 4, 2, dtype=torch.int64), **kw)
+    for dtype in (torch.int64, "float32"):
+        with pytest.raises(ValueError, match=r"^psi_sampler: dtype must be float16, bfloat16, float32 or"):
+            sd.smc.psi_sampler(DEN, linear, **{**kw, "dtype": dtype})
+    with pytest.raises(ValueError, match=r"^psi_sampler: device must be a torch.device"):
+        sd.smc.psi_sampler(DEN, linear, device="nope", **kw)
+    with pytest.raises(
+        ValueError, match=r"^psi_sampler: shape has sample shape \(3,\), the denoiser expects"
+    ):
+        sd.smc.psi_sampler(DEN, linear, **{**kw, "shape": (2, 3)})
     with pytest.raises(
         sd.NonFiniteError, match=r"psi_sampler: reward\(x0_hat\(x_T\)\) or its gradient is NaN"
     ):

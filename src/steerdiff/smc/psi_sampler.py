@@ -43,11 +43,11 @@ import torch
 from torch import Tensor
 
 from .. import solvers as _solvers
-from .._checks import choice, integer, real
+from .._checks import choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser
 from ..mcmc.base import ChainInfo, Point, Target, _value_and_grad, chain, finite_run, fixed_time
 from ..mcmc.pcnl import PCNL
-from ..noise import Generators, NoiseSource, check_generators, make_noise, randn
+from ..noise import Generators, NoiseSource, check_generators, make_noise
 from ..sampling import check_seeded
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
@@ -63,6 +63,7 @@ from .particles import (
     _check_reward,
     _check_shape,
     _each_row,
+    _initial_particles,
     _repeat_rows,
     _row_chunks,
     run_smc,
@@ -182,21 +183,16 @@ def twisted_prior(
         max_batch = integer(WHO, "max_batch", max_batch, lo=1)
     check_generators(WHO, generator, batch)
     check_seeded(den, generator, WHO)
+    if dtype is not None:
+        dtype = sample_dtype(WHO, "dtype", dtype)
+    device = device_or_none(WHO, "device", device)
+    if den.shape is not None and tuple(sample) != den.shape:
+        raise ValueError(f"{WHO}: shape has sample shape {tuple(sample)}, the denoiser expects {den.shape}")
     grid = make_grid(den.process, get_schedule(schedule, WHO), steps, final)
     scale = math.hypot(grid.alpha[0], grid.sigma[0])
     full = (batch, n_part, *sample)
-    if x_T is None:
-        x = scale * randn(full, generator, dtype, device)
-    elif not isinstance(x_T, Tensor) or tuple(x_T.shape) != full or not x_T.is_floating_point():
-        got = f"{x_T.dtype} {tuple(x_T.shape)}" if isinstance(x_T, Tensor) else type(x_T).__name__
-        raise ValueError(
-            f"{WHO}: x_T must be a floating-point tensor (batch, particles, *shape) = {full}, got {got}"
-        )
-    else:
-        x = x_T
-    in_dtype = x.dtype
-    rows = batch * n_part
-    flat = x.reshape(rows, *sample).to(work_dtype(in_dtype))
+    flat = _initial_particles(WHO, den, grid, full, x_T, generator, dtype, device)
+    in_dtype = flat.dtype
     per_row = den if n_part == 1 else den.take_rows(_each_row(batch, n_part), batch)
     target = _TwistTarget(
         per_row, reward, lam, grid.t[0], _repeat_rows(cond, batch, n_part), max_batch, in_dtype
@@ -207,7 +203,15 @@ def twisted_prior(
         else [g for g in generator for _ in range(n_part)]
     )
     normal = fixed_time(source, grid.t[0])
-    out, info = chain(PCNL(scale=scale), Point(flat), target, mcmc_steps, step_size, normal, grid.t[0])
+    out, info = chain(
+        PCNL(scale=scale),
+        Point(flat.to(work_dtype(in_dtype))),
+        target,
+        mcmc_steps,
+        step_size,
+        normal,
+        grid.t[0],
+    )
     info.finite = finite_run(out, target)
     if not bool(info.finite):
         raise NonFiniteError(
