@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import steerdiff as sd
+from steerdiff.distributed.group import Ranks
 
 _READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "item", "equal"}
 
@@ -212,5 +213,31 @@ def test_digits_model_no_sync_per_step(label):
     for steps in (6, 12):
         with _Syncs() as mode:
             sd.sample(den, x_T, steps, label=label)
+        counts.append(mode.count)
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("name", ["fk_steering", "svdd"])
+def test_spread_particle_runs_no_sync_per_step(name, monkeypatch):
+    """``group=`` off the CPU (NCCL's case) adds no copy or read per step: one rank stands in for the group
+    (``meta`` has no collectives: its all_gather is a no-op there). ``_Run.gather`` put its net flags
+    ``[inf, 0, 0]`` on the device at every gather: 16 copies at 6 steps, 28 at 12 (now 3 at both)."""
+    sentinel = object()  # the group: only its presence is read off the CPU
+    monkeypatch.setattr(sd.smc.particles, "particle_ranks", lambda who, group, n: Ranks(0, 1, sentinel))
+    monkeypatch.setattr(Ranks, "check_global_rng", lambda self, who, device: None)  # meta has no RNG state
+    monkeypatch.setattr(torch.distributed, "all_gather", lambda parts, x, group=None: None)
+    net = torch.nn.Linear(8, 8, device="meta").requires_grad_(False)
+    den = sd.Denoiser(lambda x, t: net(x) * t[:, None], sd.VP.scaled_linear(), "eps")
+    smc = {"shape": (2, 8), "particles": 4, "device": "meta", "group": sentinel}
+    reward = lambda x: x.sum(-1)  # noqa: E731
+    runs = {
+        "fk_steering": lambda n: sd.smc.fk_steering(den, reward, 2.0, steps=n, ess_threshold=0.5, **smc),
+        "svdd": lambda n: sd.smc.svdd(den, reward, 0.5, steps=n, **smc),
+    }
+    counts = []
+    for steps in (6, 12):
+        # the final gather reads the flags, which meta fakes as 0.5 (a non-finite output at "step 0.5")
+        with _Syncs() as mode, pytest.raises(sd.NonFiniteError, match=r"at step 0 "):
+            runs[name](steps)
         counts.append(mode.count)
     assert counts[0] == counts[1], counts

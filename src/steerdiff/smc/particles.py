@@ -860,11 +860,14 @@ class _Run:
             return values
         dev = values[0].device if values else self.device
         read = final or dev.type == "cpu"  # elsewhere no host read before the end
-        bad = self.model.first_nonfinite() if read else None
-        net = [math.inf, 0.0, 0.0] if bad is None else [bad[0], -bad[2], bad[1]]  # by step, then by time
         pending, self._unagreed = self._unagreed, []
-        self._agreed_calls = self.model.calls
-        flags = torch.tensor(net, dtype=torch.float64, device=dev)
+        if read:
+            bad = self.model.first_nonfinite()
+            net = [math.inf, 0.0, 0.0] if bad is None else [bad[0], -bad[2], bad[1]]  # by step, then by time
+            flags = torch.tensor(net, dtype=torch.float64, device=dev)
+            self._agreed_calls = self.model.calls
+        else:  # not read before the final gather: no host value on the device (a sync on CUDA)
+            flags = torch.zeros(3, dtype=torch.float64, device=dev)
         if pending:
             flags = torch.cat([flags, torch.stack([(~ok).to(flags) for ok, _ in pending])])
         *joined, every = self.ranks.gather_many(
