@@ -194,3 +194,48 @@ def test_bad_input():
     kernel = sd.mcmc.PCNL(step_size=0.1, log_prob=lambda x, t: _quadratic(x))
     with pytest.raises(ValueError, match=r"corrector PCNL targets N\(0, s\^2 I\) exp\(Phi\)"):
         sd.sample(den, torch.zeros(2, 3, dtype=F64), steps=3, solver="ddim", corrector=kernel)
+
+
+def test_kernel_is_reversible_on_a_grid(monkeypatch):
+    """Detailed balance of the whole kernel, not only of its log-ratio's formula: in 1-d, for a non-Gaussian
+    ``Phi(x) = -x^4 / 4 + sin(3x) + x / 2`` (s = 1.3, delta = 0.9), the kernel's density ``q(u, v) alpha(u,
+    v)`` on a grid of 601 points (``alpha`` from the move's own log-ratio, read off ``metropolis``; ``q`` the
+    proposal's Gaussian) makes the flux ``pi(u) q(u, v) alpha(u, v)`` symmetric, and so ``pi K = pi`` by
+    quadrature. Measured: asymmetry 2.8e-15 of the largest flux, ``|pi K - pi|`` 1.1e-16 of max ``pi``; with
+    the ratio's sign flipped 0.99 and 0.93."""
+    s, delta, n = 1.3, 0.9, 601
+    a, b, c = (2 - delta) / (2 + delta), 2 * delta / (2 + delta), math.sqrt(8 * delta) / (2 + delta)
+
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        return -(x[:, 0] ** 4) / 4 + torch.sin(3 * x[:, 0]) + 0.5 * x[:, 0]
+
+    def grad(x: torch.Tensor) -> torch.Tensor:
+        return -(x**3) + 3 * torch.cos(3 * x) + 0.5
+
+    grid = torch.linspace(-4, 4, n, dtype=F64)
+    h = float(grid[1] - grid[0])
+    u, v = (z.reshape(-1, 1) for z in torch.meshgrid(grid, grid, indexing="ij"))
+    seen: list[torch.Tensor] = []
+
+    def spy(log_ratio: torch.Tensor, normal) -> torch.Tensor:
+        seen.append(log_ratio)
+        return torch.ones_like(log_ratio, dtype=torch.bool)
+
+    draws = iter([(v - a * u - b * s**2 * grad(u)) / (c * s)])
+    monkeypatch.setattr(sd.mcmc.pcnl, "metropolis", spy)
+    target = sd.mcmc.Target(log_prob=phi)
+    sd.mcmc.PCNL(scale=s).move(sd.mcmc.Point(u), target, delta, lambda like: next(draws))
+    r = ((v - a * u - b * s**2 * grad(u)) / (c * s)).reshape(n, n)
+    q = torch.exp(-0.5 * r**2) / (math.sqrt(2 * math.pi) * c * s)
+    log_pi = -0.5 * grid**2 / s**2 + phi(grid[:, None])
+    pi = (log_pi - log_pi.max()).exp()
+
+    def errors(log_ratio: torch.Tensor) -> tuple[float, float]:
+        k = q * log_ratio.clamp(max=0).exp().reshape(n, n)  # u -> v, v != u
+        flux = pi[:, None] * k
+        stay = pi * (1 - k.sum(1) * h)
+        moved = (flux.sum(0) * h + stay - pi).abs().max() / pi.max()
+        return float((flux - flux.T).abs().max() / flux.max()), float(moved)
+
+    assert max(errors(seen[0])) < 1e-12, errors(seen[0])
+    assert errors(-seen[0])[1] > 0.1  # the check has power
