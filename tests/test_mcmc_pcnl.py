@@ -239,3 +239,11 @@ def test_kernel_is_reversible_on_a_grid(monkeypatch):
 
     assert max(errors(seen[0])) < 1e-12, errors(seen[0])
     assert errors(-seen[0])[1] > 0.1  # the check has power
+
+
+def test_inner_products_in_float64_before_the_product():
+    """pCNL's log-ratio terms in float64 from the inputs on: a float16 300 x 300 overflows (inf)."""
+    from steerdiff.mcmc.pcnl import _dot
+
+    a = torch.full((2, 4), 300.0, dtype=torch.float16)
+    assert _dot(a, a).tolist() == [360000.0, 360000.0]

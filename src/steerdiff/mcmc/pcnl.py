@@ -54,7 +54,7 @@ __all__ = ["PCNL"]
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product, float64 ``(n,)``."""
-    return (a * b).reshape(a.shape[0], -1).to(torch.float64).sum(-1)
+    return (a.reshape(a.shape[0], -1).to(torch.float64) * b.reshape(b.shape[0], -1).to(torch.float64)).sum(-1)
 
 
 @dataclass
