@@ -163,9 +163,10 @@ class NoiseSource(Protocol):
 
 
 class GeneratorNoise:
-    """``randn`` from one ``torch.Generator`` (``None``: torch's default generator)."""
+    """``randn`` from one ``torch.Generator`` (``None``: torch's default generator), or a :class:`Shard`'s
+    rows of the draws of a whole batch."""
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | Shard | None = None) -> None:
         self.generator = generator
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:

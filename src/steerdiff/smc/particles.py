@@ -151,7 +151,16 @@ from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
 from ..distributed.group import Ranks, particle_ranks
 from ..guidance.base import Guided, value_grad
-from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
+from ..noise import (
+    GeneratorNoise,
+    Generators,
+    NoiseSource,
+    PerSampleNoise,
+    Shard,
+    check_generators,
+    rand,
+    randn,
+)
 from ..sampling import check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..solvers.base import (
@@ -1185,13 +1194,18 @@ def run_smc(
     cond = _repeat_rows(cond, batch, n_part, mine)
     check_seeded(den, generator, who)
     evaluator = _Evaluator(den, max_batch, batch, n_part, mine)
-    noise: NoiseSource = (
-        GeneratorNoise(generator)
+    rows: torch.Generator | list[torch.Generator] | None = (
+        generator
         if generator is None or isinstance(generator, torch.Generator)
-        else PerSampleNoise([g for g in generator for _ in range(n_part)])
+        else [g for g in generator for _ in range(n_part)]
     )
-    if mine is not None:
-        noise = _ShardNoise(noise, batch * n_part, mine)
+    noise: NoiseSource = (
+        GeneratorNoise(Shard(rows, batch * n_part, mine))  # every rank draws all rows' noise, keeps its own
+        if mine is not None
+        else PerSampleNoise(rows)
+        if isinstance(rows, list)
+        else GeneratorNoise(rows)
+    )
     inner = _InnerNoise(noise)
     model = Model(evaluator, cond, inner, net_dtype=in_dtype)
     model.eager = mine is None  # spread over ranks: checked by every rank together, _Run.gather
@@ -1434,20 +1448,6 @@ class Weights:
 
     def trace(self) -> Trace:
         return Trace(torch.stack(self.ess_log), torch.stack(self.res_log), torch.stack(self.z_log))
-
-
-class _ShardNoise:
-    """A rank's share of the whole system's noise: every draw is made for all ``n`` flat rows (so the
-    generators advance as on one process) and this rank's flat rows ``mine`` are kept."""
-
-    def __init__(self, noise: NoiseSource, n: int, mine: Tensor) -> None:
-        self.noise, self.n, self.mine = noise, n, mine
-
-    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        whole = like.new_empty(()).expand(self.n, *like.shape[1:])  # the shape, dtype, device; no memory
-        if self.mine.device != like.device:
-            self.mine = self.mine.to(like.device)
-        return self.noise(t_from, t_to, whole).index_select(0, self.mine)
 
 
 class _InnerNoise:
