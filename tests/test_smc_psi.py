@@ -175,6 +175,21 @@ def test_higher_ess_than_fk_steering_where_the_prior_is_poor():
     assert ess_psi > 90 and ess_fk < 30 and ess_psi > 4 * ess_fk, (ess_psi, ess_fk)
 
 
+def test_lam_zero_is_fk_steerings_base_sampler():
+    """``lam = 0``: ``pi_T`` is the prior, so no chains: fk_steering's run at ``lam = 0``, the same draws
+    (bitwise) and NFE, with a reward that need not be differentiable. Was: 26 chain evaluations per particle
+    first (128 NFE per row against the run's 24 here) and a ValueError for the detached reward."""
+    kw = dict(shape=(2, 2), particles=4, steps=6, solver=SOLVER, dtype=F64)
+
+    def detached(x: torch.Tensor) -> torch.Tensor:
+        return linear(x).detach()
+
+    psi = sd.smc.psi_sampler(DEN, detached, 0.0, generator=gen(0), **kw)
+    fk = sd.smc.fk_steering(DEN, detached, 0.0, generator=gen(0), **kw)
+    assert torch.equal(psi.x, fk.x) and torch.equal(psi.log_w, fk.log_w)
+    assert psi.nfe == fk.nfe == 6 * 4
+
+
 def test_bad_input():
     kw = dict(shape=(2, 2), particles=4, steps=5, solver=SOLVER, dtype=F64)
     with pytest.raises(ValueError, match=r"^psi_sampler: reward\(x0_hat\(x_T\)\) is not differentiable"):
@@ -187,6 +202,15 @@ def test_bad_input():
         sd.smc.psi_sampler(DEN, linear, group=object(), **kw)
     with pytest.raises(ValueError, match=r"^psi_sampler needs a stochastic solver.*'ddpm'"):
         sd.smc.psi_sampler(DEN, linear, **{**kw, "solver": "ddim"})
+    # a stochastic solver that draws no noise on the grid (one step, into the clean end): refused before the
+    # chains (was: after them, 5 x 8 network rows evaluated)
+    rows = []
+    counted = sd.Denoiser(lambda x, t: rows.append(len(x)) or DEN.net(x, t), PROC, prediction="x0")
+    with pytest.raises(
+        ValueError, match=r"^psi_sampler needs a stochastic solver.*'er_sde'.* on this grid of 1 steps"
+    ):
+        sd.smc.psi_sampler(counted, linear, mcmc_steps=4, **{**kw, "steps": 1})
+    assert rows == []
     for name, value in (("mcmc_steps", 0), ("step_size", 0.0), ("lam", math.nan), ("ess_threshold", 2.0)):
         with pytest.raises(ValueError, match=rf"psi_sampler: {name}"):
             sd.smc.psi_sampler(DEN, linear, **{**kw, name: value})

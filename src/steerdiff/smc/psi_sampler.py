@@ -29,7 +29,7 @@ independent, so no thinning is needed, and ``mcmc_steps`` is the burn-in. The de
 NFE per batch row: the SMC run's (``steps * particles`` for DDPM) plus the chains', ``(mcmc_steps + 1) *
 particles`` (a value and gradient of ``r_0`` per move and one at the start, each one network evaluation per
 particle with a backward pass through it, counted as TDS counts its twists' gradients; a guided denoiser's
-``cost`` per call).
+``cost`` per call; none at ``lam = 0``, where ``pi_T`` is the prior).
 """
 
 from __future__ import annotations
@@ -254,7 +254,8 @@ def psi_sampler(
         den: the denoiser, differentiable in ``x``.
         reward: ``r``, mapping a batch ``(n, *shape)`` to ``(n,)``, differentiable (pCNL follows ``grad r``
             through the denoiser); must be finite.
-        lam: tilt ``lambda``.
+        lam: tilt ``lambda``; 0: the base sampler, :func:`~steerdiff.smc.fk_steering`'s at ``lam = 0`` (the
+            same draws; no chains, ``pi_T`` being the prior, so ``r`` need not be differentiable then).
         shape: ``(batch, *sample_shape)``. ``particles``: ``N >= 1`` per batch row. ``steps``: solver steps.
         mcmc_steps: pCNL moves per chain (one chain per particle; its burn-in). ``step_size``: pCNL's
             ``delta > 0``.
@@ -275,24 +276,32 @@ def psi_sampler(
     """
     if group is not None:
         raise ValueError(f"{WHO}: group: the initial chains are not spread over ranks; pass group=None")
-    nodes = potential_nodes(integer(WHO, "steps", steps, lo=1), interval, window, WHO)
-    algorithm = PsiSampler(real(WHO, "lam", lam), nodes)
+    check_denoiser(WHO, "den", den)
+    steps = integer(WHO, "steps", steps, lo=1)
+    algorithm = PsiSampler(real(WHO, "lam", lam), potential_nodes(steps, interval, window, WHO))
     # the run's options that the chains would otherwise be run before refusing
+    integer(WHO, "mcmc_steps", mcmc_steps, lo=1)
+    real(WHO, "step_size", step_size, lo=0, lo_open=True)
     real(WHO, "ess_threshold", ess_threshold, lo=0, hi=1)
     _resample.get(resampler, WHO)
-    if not _solvers.get(solver, WHO).stochastic:
+    grid = make_grid(den.process, get_schedule(schedule, WHO), steps, choice(WHO, "final", final, FINALS))
+    if not _solvers.get(solver, WHO).noisy_on(grid):
         raise ValueError(
-            f"{WHO} needs a stochastic solver (resampled copies must diverge), got {solver!r}; accepted: "
-            f"{stochastic_solvers()} or e.g. DDIM(eta > 0)"
+            f"{WHO} needs a stochastic solver (resampled copies must diverge): solver={solver!r} draws no "
+            f"noise on this grid of {steps} steps (Solver.noisy_on); accepted: {stochastic_solvers()} or "
+            "e.g. DDIM(eta > 0)"
         )
-    x, _, chain_nfe = twisted_prior(
-        den, reward, lam, shape=shape, particles=particles, steps=steps, mcmc_steps=mcmc_steps,
-        step_size=step_size, schedule=schedule, final=final, max_batch=max_batch, x_T=x_T, dtype=dtype,
-        device=device, generator=generator, **cond,
-    )  # fmt: skip
+    x, chain_nfe = x_T, 0  # lam = 0: pi_T is the prior, whose draws the run makes (fk_steering's at lam = 0)
+    if algorithm.lam != 0:
+        x, _, chain_nfe = twisted_prior(
+            den, reward, lam, shape=shape, particles=particles, steps=steps, mcmc_steps=mcmc_steps,
+            step_size=step_size, schedule=schedule, final=final, max_batch=max_batch, x_T=x_T, dtype=dtype,
+            device=device, generator=generator, **cond,
+        )  # fmt: skip
     out = run_smc(
         den, algorithm, shape, particles=particles, steps=steps, reward=reward, solver=solver,
         schedule=schedule, final=final, ess_threshold=ess_threshold, resampler=resampler,
-        max_batch=max_batch, x_T=x, generator=generator, progress=progress, **cond,
+        max_batch=max_batch, x_T=x, dtype=dtype, device=device, generator=generator, progress=progress,
+        **cond,
     )  # fmt: skip
     return dataclasses.replace(out, nfe=out.nfe + chain_nfe)
