@@ -247,3 +247,17 @@ def test_inner_products_in_float64_before_the_product():
 
     a = torch.full((2, 4), 300.0, dtype=torch.float16)
     assert _dot(a, a).tolist() == [360000.0, 360000.0]
+
+
+def test_empty_batch_is_an_empty_chain():
+    """Zero rows (``sd.sample`` takes an empty batch): an empty chain of the input's shape and dtype, the
+    kernel's evaluations counted as for any batch. Was: torch's RuntimeError from ``reshape(0, -1)`` in the
+    finiteness check of the first evaluation (MALA and HMC too)."""
+
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        return -0.5 * x.flatten(1).square().sum(1)
+
+    for kernel in (sd.mcmc.PCNL(step_size=0.5, scale=2.0), sd.mcmc.MALA(step_size=0.1)):
+        x, info = kernel.run(torch.zeros(0, 3, 2, dtype=F64), phi, steps=4, generator=_gen(0))
+        assert x.shape == (0, 3, 2) and x.dtype == F64
+        assert info.acceptance is not None and info.acceptance.shape == (0,) and info.evaluations == 5

@@ -140,7 +140,7 @@ class Target:
         self.evaluations += 1
         if self._log_prob is not None:
             lp, g = self.value_and_grad(p.x)
-            bad = lp.isnan().any() | (lp.isfinite() & ~g.reshape(len(g), -1).isfinite().all(-1)).any()
+            bad = lp.isnan().any() | (lp.isfinite() & ~rows(g).isfinite().all(-1)).any()
             self._bad = bad if self._bad is None else self._bad | bad
             return Valued(p.x, lp, g)
         assert self._score is not None, "a Target holds one of log_prob and score (checked in __init__)"
@@ -235,9 +235,15 @@ def first_nonfinite(chains: Sequence[ChainInfo]) -> int | None:
     return None if j is None else flags[j][0]
 
 
+def rows(v: Tensor) -> Tensor:
+    """``v`` ``(n, ...)`` as ``(n, D)``, one sample a row (``D = 1`` for ``(n,)``; zero rows too, which
+    ``reshape(n, -1)`` refuses)."""
+    return v.reshape(v.shape[0], math.prod(v.shape[1:]))
+
+
 def sq_norm(v: Tensor) -> Tensor:
     """Per-sample squared norm, float64 ``(n,)``."""
-    return v.reshape(v.shape[0], -1).to(torch.float64).pow(2).sum(-1)
+    return rows(v).to(torch.float64).pow(2).sum(-1)
 
 
 def metropolis(log_ratio: Tensor, normal: Normal) -> Tensor:

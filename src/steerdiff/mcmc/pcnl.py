@@ -47,14 +47,14 @@ import torch
 from torch import Tensor
 
 from .._checks import real
-from .base import Kernel, Normal, Point, StepSize, Target, Valued, metropolis, select, sq_norm
+from .base import Kernel, Normal, Point, StepSize, Target, Valued, metropolis, rows, select, sq_norm
 
 __all__ = ["PCNL"]
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner product, float64 ``(n,)``."""
-    return (a.reshape(a.shape[0], -1).to(torch.float64) * b.reshape(b.shape[0], -1).to(torch.float64)).sum(-1)
+    return (rows(a).to(torch.float64) * rows(b).to(torch.float64)).sum(-1)
 
 
 @dataclass
