@@ -58,7 +58,8 @@ def test_collectives_on_three_ranks():
 
 
 def _whole() -> list[tuple[torch.Tensor, int]]:
-    """Tensors of mixed dtypes, sharded along dim 1 over 7, 5 and 3 items (shards 3/2/2, 2/2/1, 1/1/1)."""
+    """Tensors of mixed dtypes and strides, sharded along dim 1 over 7, 5 and 3 items (shards 3/2/2, 2/2/1,
+    1/1/1)."""
     g = torch.Generator().manual_seed(0)
     return [
         (torch.randn(2, 7, 3, generator=g, dtype=torch.float64), 7),
@@ -66,6 +67,8 @@ def _whole() -> list[tuple[torch.Tensor, int]]:
         (torch.rand(3, 5, generator=g) > 0.5, 5),
         (torch.randn(1, 3, 2, generator=g).to(torch.float16), 3),
         (torch.randn(2, 7, generator=g, dtype=torch.complex64), 7),
+        # one element per rank at a stride of 4: contiguous to torch, refused by a view as bytes as it was
+        (torch.randn(1, 3, 4, generator=g, dtype=torch.float64)[..., 0], 3),
     ]
 
 
@@ -98,7 +101,7 @@ def test_gather_many_packs_mixed_dtypes_and_uneven_shards_into_one_all_gather():
             assert got.dtype == want.dtype
             assert torch.equal(got, want)
             assert torch.equal(alone, want)
-        assert said == "Ranks.gather_many: n must be one count or one per tensor (5), got 2"
+        assert said == "Ranks.gather_many: n must be one count or one per tensor (6), got 2"
     mine = [x for x, _ in _whole()]
     alone = Ranks().gather_many(mine, 7, dim=1)  # one process: the tensors themselves
     assert all(a is b for a, b in zip(alone, mine, strict=True))

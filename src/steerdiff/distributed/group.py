@@ -158,9 +158,7 @@ class Ranks:
         lengths = [[s[r] * w for s, w in zip(sizes, widths, strict=True)] for r in range(self.size)]
         top = max(sum(each) for each in lengths)
         buf = torch.zeros(top, dtype=torch.uint8, device=tensors[0].device)
-        torch.cat(
-            [x.contiguous().reshape(-1).view(torch.uint8) for x in moved], out=buf[: sum(lengths[self.rank])]
-        )
+        torch.cat([_bytes(x) for x in moved], out=buf[: sum(lengths[self.rank])])
         parts = [torch.empty_like(buf) for _ in range(self.size)]
         dist.all_gather(parts, buf, group=self.group)
         starts = [0] * self.size
@@ -179,6 +177,16 @@ class Ranks:
         if self.group is not None:
             dist.all_reduce(x, op=op, group=self.group)
         return x
+
+
+def _bytes(x: Tensor) -> Tensor:
+    """``x``'s elements in row-major order as a flat ``uint8`` tensor (a view where ``x`` is contiguous). A
+    tensor of one element is contiguous to torch at any stride (``x0[..., 0]`` of one particle), which a
+    view as bytes refuses: it is viewed at stride 1."""
+    flat = x.contiguous().reshape(-1)
+    if flat.numel() == 1:
+        flat = flat.as_strided((1,), (1,))
+    return flat.view(torch.uint8)
 
 
 def ranks(who: str, group: object) -> Ranks:
