@@ -140,11 +140,13 @@ def _errors(group: Any) -> list[str]:
         with pytest.raises(error) as err:
             run()
         said.append(str(err.value))
-    if group is not None:  # torch's global RNG seeded per rank: every rank would draw other noise
-        torch.manual_seed(100 + torch.distributed.get_rank())
-        with pytest.raises(ValueError) as err:
-            sd.discrete.fk_steering(DEN, reward, particles=N, steps=4, **kw)
-        said.append(str(err.value))
+    if group is not None:  # torch's global RNG, or a generator, seeded per rank: each would draw other noise
+        rank = torch.distributed.get_rank()
+        torch.manual_seed(100 + rank)
+        for generator in (None, gens(False, 100 * rank)):
+            with pytest.raises(ValueError) as err:
+                sd.discrete.fk_steering(DEN, reward, particles=N, steps=4, generator=generator, **kw)
+            said.append(str(err.value))
     return said
 
 
@@ -174,9 +176,14 @@ def test_spread_runs_equal_the_single_process_run(alone, world):
         )
         # a NaN from the last rank's net or reward: every rank raises it, with one process's message (not
         # the last rank alone, leaving the others waiting at their next collective)
-        assert said[1:-1] == alone_said
-        assert said[-1].startswith(
+        assert said[1:-2] == alone_said
+        assert said[-2].startswith(
             "discrete.fk_steering: generator=None draws from torch's global RNG, whose state differs between"
+        )
+        assert said[-1] == (
+            "discrete.fk_steering: generator: its state differs between the group's ranks; every rank must "
+            "pass generators seeded alike (not with the rank): each rank draws the noise and the resampling "
+            "of the whole group from them"
         )
     assert alone_said[0] == (
         "discrete.fk_steering: at step 9 (evaluation 10, t in [0.4375, 0.4375]): MaskedDenoiser: the network "
@@ -235,13 +242,14 @@ def _counted(group: Any) -> list[tuple[int, int, int]]:
 
 
 def test_collectives_per_step():
-    """One all_reduce per step (a failure flag and the rows it moved, together), one all_gather per potential
-    node (the rewards), per node with a resampling event (tokens and times together) and two at the end (the
-    rewards and the particles): 6 + 12 for ancestral's 6 steps and 4 + 10 for first_hitting's 4 (4 events
-    each), where one collective each for the flag, the moved rows, the tokens and the times, and a take at
-    every potential node, made 12 + 20 and 8 + 14."""
+    """One all_reduce per step (a failure flag and the rows it moved, together), one all_gather at the start
+    (the generators' states, checked alike), one per potential node (the rewards), per node with a
+    resampling event (tokens and times together) and two at the end (the rewards and the particles): 6 + 13
+    for ancestral's 6 steps and 4 + 11 for first_hitting's 4 (4 events each), where one collective each for
+    the flag, the moved rows, the tokens and the times, and a take at every potential node, made 12 + 21 and
+    8 + 15."""
     for counts in spawn(_counted, 2):
         (reduces, gathers, events), (reduces_fh, gathers_fh, events_fh) = counts
         assert 0 < events < STEPS
-        assert (reduces, gathers) == (STEPS, STEPS + events + 2)
-        assert (reduces_fh, gathers_fh) == (4, 4 + events_fh + 2)
+        assert (reduces, gathers) == (STEPS, 1 + STEPS + events + 2)
+        assert (reduces_fh, gathers_fh) == (4, 1 + 4 + events_fh + 2)

@@ -209,11 +209,20 @@ def _errors(group: Any) -> list[str]:
             torch.manual_seed(100 + torch.distributed.get_rank()),  # the global RNG seeded per rank
             sd.smc.fk_steering(DEN, linear, shape=(1, 2), particles=N, steps=3, dtype=F64, group=group),
         ),
+        lambda: _seeded_per_rank(group),
     ):
         with pytest.raises(ValueError) as err:
             run()
         said.append(str(err.value))
     return said
+
+
+def _seeded_per_rank(group: Any) -> sd.smc.Particles:
+    # a list of one generator per row, seeded with the rank
+    return sd.smc.tds(
+        DEN, sd.inverse.Matrix(A), torch.ones(1), noise_std=0.3, shape=(2, 2), particles=N, steps=3,
+        dtype=F64, generator=gens(True, 100 * torch.distributed.get_rank()), group=group,
+    )  # fmt: skip
 
 
 def _nan_below_half(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -283,10 +292,17 @@ def test_spread_runs_equal_the_single_process_run(alone, world):
             "group's ranks; seed it alike on every rank (torch.manual_seed) or pass a torch.Generator (one, "
             "or one per batch row) seeded alike"
         )
+        # generators seeded per rank: the run would be no one-process run (each rank's share of the particles
+        # drawn from other noise, its ancestors from other resampling draws), silently
+        assert said[5] == (
+            "tds: generator: its state differs between the group's ranks; every rank must pass generators "
+            "seeded alike (not with the rank): each rank draws the noise and the resampling of the whole "
+            "group from them"
+        )
         # a NaN from one rank's net: every rank raises it, naming the step one process names (not the
         # last rank alone, leaving the others waiting at their next collective)
-        assert said[5] == _nan_message(None)
-        assert said[5].startswith("the model returned NaN/inf at step ")
+        assert said[6] == _nan_message(None)
+        assert said[6].startswith("the model returned NaN/inf at step ")
 
 
 def test_the_runs_compared_resample_and_select(alone):
@@ -356,16 +372,17 @@ def _reward_nan_message(group: Any) -> str:
 
 
 def test_collectives_per_step_one_gather_each_weighted_node_one_per_resampling():
-    """A spread run's collectives: one all_gather per weighted node (the increments, with the checks of the
-    net's and the reward's finiteness), one per node with a resampling event (every per-particle tensor
-    packed: particles, transition, solver and algorithm state) and one at the end (particles and rewards):
-    17 and 15 for fk_steering and tds here (11 weighted nodes, 5 and 3 events), where a collective per
-    tensor and per check, and a gather at every weighted node with or without an event, made 95 and 63."""
+    """A spread run's collectives: one all_gather at the start (the generators' states, checked alike), one
+    per weighted node (the increments, with the checks of the net's and the reward's finiteness), one per
+    node with a resampling event (every per-particle tensor packed: particles, transition, solver and
+    algorithm state) and one at the end (particles and rewards): 18 and 16 for fk_steering and tds here (11
+    weighted nodes, 5 and 3 events), where a collective per tensor and per check, and a gather at every
+    weighted node with or without an event, made 95 and 63 (with the start's)."""
     alone = _reward_nan_message(None)
     assert alone == "fk_steering: reward returned NaN or inf at node 4 (rewards must be finite)"
     for counts, said in spawn(_counted, 2):
         for name, (made, events) in counts.items():
             assert 0 < events < STEPS, name  # nodes with and without an event
-            assert made == (STEPS + 1) + events + 1, (name, made, events)
+            assert made == 1 + (STEPS + 1) + events + 1, (name, made, events)
         # a reward NaN on one rank: every rank raises it, naming the node one process names
         assert said == alone

@@ -44,7 +44,8 @@ Ranks (``group=``, a ``torch.distributed`` process group; every rank makes the s
 :meth:`Ranks.shard(N) <steerdiff.distributed.Ranks.shard>` of every batch row, so the network and ``reward``
 see a rank's ``batch * n_r`` rows (``**cond`` and the denoiser's per-row state taken at them). Every draw of
 the sampler and of the estimates is made for all ``batch * N`` particles and a rank keeps its own
-(:class:`steerdiff.noise.Shard`), so the generators advance alike on every rank; the rewards are gathered into
+(:class:`steerdiff.noise.Shard`), so the generators advance alike on every rank (their states are checked
+alike at the start, one all_gather); the rewards are gathered into
 ``(batch, N)``, and the weights, ``log Z``, ESS, the resampling draws and best-of-N's choice are computed from
 them identically on every rank; at a resampling event (on the CPU, a node where a row resamples) every rank
 gathers the particles' tokens and times (one all_gather, :meth:`~steerdiff.distributed.Ranks.gather_many`) and
@@ -126,8 +127,8 @@ class _Run:
         self.sampler = get(sampler, who)
         self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1), who)
         self.generator = check_generators(who, generator, self.batch)
-        if self.generator is None:  # torch's global RNG: alike on every rank, or each draws other noise
-            self.ranks.check_global_rng(who, x.device)
+        # torch's global RNG or the generators: alike on every rank, or each draws other noise
+        self.ranks.check_generator(who, self.generator, x.device)
         self.rows: Draws = (
             self.generator
             if not isinstance(self.generator, list)
@@ -285,7 +286,8 @@ def fk_steering(
         progress: show a tqdm bar.
         group: ``None`` (this process), or a ``torch.distributed`` process group to spread each batch
             row's particles over (module docstring, "Ranks"; ``particles`` at least its size): every rank
-            returns the whole system, equal to this process's run with the same generators.
+            returns the whole system, equal to this process's run with the same generators (in one state on
+            every rank, torch's global RNG for ``generator=None``; a ``ValueError`` otherwise).
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles, as
             are those the denoiser holds (:meth:`MaskedDenoiser.take_rows
             <steerdiff.discrete.MaskedDenoiser.take_rows>`: :class:`~steerdiff.discrete.CFG`'s

@@ -125,13 +125,38 @@ class Ranks:
             state = torch.get_rng_state()
         else:
             state = torch.get_device_module(device.type).get_rng_state(device)
-        every = self.gather(state.to(device)[None], self.size)
-        if not bool((every == every[:1]).all()):
+        if not self._alike(state, device):
             raise ValueError(
                 f"{who}: generator=None draws from torch's global RNG, whose state differs between the "
                 "group's ranks; seed it alike on every rank (torch.manual_seed) or pass a torch.Generator "
                 "(one, or one per batch row) seeded alike"
             )
+
+    def check_generator(
+        self, who: str, generator: torch.Generator | Sequence[torch.Generator] | None, device: torch.device
+    ) -> None:
+        """:meth:`check_global_rng` for ``generator=None``; else raise ``ValueError`` naming ``who`` on every
+        rank unless ``generator`` (one ``torch.Generator`` or a list) is in one state on every rank, as a
+        run whose every rank draws the whole group's noise and resampling from it needs (one seeded with
+        the rank, as data-parallel scripts seed theirs, would give a run equal to no one-process run,
+        silently). One all_gather of the states (on ``device``) and one read."""
+        if self.group is None:
+            return
+        if generator is None:
+            self.check_global_rng(who, device)
+            return
+        gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        if not self._alike(torch.cat([g.get_state() for g in gens]), device):
+            raise ValueError(
+                f"{who}: generator: its state differs between the group's ranks; every rank must pass "
+                "generators seeded alike (not with the rank): each rank draws the noise and the resampling "
+                "of the whole group from them"
+            )
+
+    def _alike(self, state: Tensor, device: torch.device) -> bool:
+        """Whether the ``uint8`` ``state`` is the same on every rank (gathered on ``device``)."""
+        every = self.gather(state.to(device)[None], self.size)
+        return bool((every == every[:1]).all())
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` alone)."""

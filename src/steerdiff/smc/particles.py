@@ -101,15 +101,17 @@ per-sample state are taken at its rows. The loop above then runs, on every rank:
 so the generators advance alike on every rank and the run equals the one-process run with the same
 generators (bitwise on the CPU in float64, where the net's arithmetic does not depend on how many rows
 it is called with; rounding apart where it does, as ``max_batch`` slices of another size).
-``generator=None`` draws from torch's global RNG, whose state is checked to be alike on every rank (one
-gather at the start); a denoiser that draws noise of its own for the rows it is called with (``CADS``,
+The generators' states (torch's global RNG's for ``generator=None``) are checked to be alike on every rank
+(one gather at the start: a generator seeded with the rank would give a run equal to no one-process run,
+silently); a denoiser that draws noise of its own for the rows it is called with (``CADS``,
 ``RePaint``) is refused. The communication, one all_gather each (:meth:`Ranks.gather_many
 <steerdiff.distributed.Ranks.gather_many>` packs every tensor of one into one buffer, as collectives cost a
-latency each): the ``(batch, N)`` increments at each weighted node; at each node where a row resamples
-(on the CPU; elsewhere at every weighted node, as which rows resample is not read off the device) the
-per-particle tensors (the particles, their transition, the solver's history, the algorithm's state), and
-the prediction and the parents when a hook reads them after it; and the particles and rewards at the end.
-fk_steering on the CPU so makes ``steps + 1`` (its weighted nodes) + its nodes with an event + 1. Every
+latency each): the generators' states at the start; the ``(batch, N)`` increments at each weighted node;
+at each node where a row resamples (on the CPU; elsewhere at every weighted node, as which rows resample is
+not read off the device) the per-particle tensors (the particles, their transition, the solver's history,
+the algorithm's state), and the prediction and the parents when a hook reads them after it; and the
+particles and rewards at the end.
+fk_steering on the CPU so makes 1 + ``steps + 1`` (its weighted nodes) + its nodes with an event + 1. Every
 rank receives the whole system's state, where an exchange of the rows that move would send less. A
 solver-state tensor is per-particle where its first dimension is the rank's ``batch * n_r`` rows: keep
 schedule constants Python numbers (as every built-in solver does), for a constant tensor of that length
@@ -1121,8 +1123,8 @@ def run_smc(
             row's particles over (see "Ranks" in the module docstring; ``particles`` at least its size):
             every rank makes the same call, ``x_T`` and ``**cond`` are the whole system's, and every rank
             returns the whole system's particles, equal to the one-process run with the same generators
-            (``generator=None``: torch's global RNG must be in one state on every rank, a ``ValueError``
-            otherwise; a denoiser that draws noise of its own, such as ``CADS``, is refused).
+            (the generators, torch's global RNG for ``generator=None``, must be in one state on every rank,
+            a ``ValueError`` otherwise; a denoiser that draws noise of its own, such as ``CADS``, is refused).
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles. So
             are those the denoiser holds of its own (:meth:`Denoiser.take_rows
             <steerdiff.denoiser.Denoiser.take_rows>`: :class:`~steerdiff.guidance.CFG`'s
@@ -1182,8 +1184,7 @@ def run_smc(
             "vanish there)"
         )
     x = _initial_particles(who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
-    if generator is None:  # after its draw: alike on every rank iff its state was
-        spread.check_global_rng(who, x.device)
+    spread.check_generator(who, generator, x.device)  # after its draw: alike on every rank iff its state was
     # this rank's flat rows of the whole system's batch * n_part (all of them without group)
     mine = None if spread.group is None else spread.flat_rows(batch, n_part)
     if mine is not None:
