@@ -36,6 +36,14 @@ def test_sizes_and_shards():
     # a particle method's flat rows (row b's particles b n .. b n + n - 1) of rank 1's shard [3, 4] of 7
     assert r.flat_rows(2, 7).tolist() == [3, 4, 10, 11]
     assert Ranks().flat_rows(2, 3).tolist() == list(range(6))
+    # a rank outside the group: was rank -1 of 2 silently the last (slice(3, 5) of 5), rank 3 an IndexError
+    for rank, size, said in ((-1, 2, "rank must be an integer in [0, 1], got -1"),
+                             (2, 2, "rank must be an integer in [0, 1], got 2"),
+                             (0, 0, "size must be an integer >= 1, got 0"),
+                             (1.0, 2, "rank must be an integer in [0, 1], got 1.0")):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            Ranks(rank, size)  # type: ignore[arg-type]
+        assert str(err.value) == f"Ranks: {said}"
 
 
 def test_group_refused_before_init_and_wrong_type():

@@ -22,17 +22,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._checks import integer
+
 __all__ = ["Ranks", "particle_ranks", "ranks"]
 
 
 @dataclass(frozen=True)
 class Ranks:
     """This process's ``rank`` among ``size`` ranks of the process group ``group`` (``None``: one process,
-    ``rank = 0``, ``size = 1``, and every collective is the identity)."""
+    ``rank = 0``, ``size = 1``, and every collective is the identity). A ``ValueError`` unless ``size >= 1``
+    and ``0 <= rank < size`` are integers."""
 
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        size = integer("Ranks", "size", self.size, lo=1)
+        integer("Ranks", "rank", self.rank, lo=0, hi=size - 1)
 
     def sizes(self, n: int) -> list[int]:
         """Each rank's share of ``n`` items, in rank order: ``n // size``, plus one for the first
