@@ -365,6 +365,9 @@ def _spread(group, x_T):
         with pytest.raises(ValueError, match=r"paradigms: generator=None draws from torch's global RNG"):
             sd.paradigms(den, x_T[:4], 20, "ddpm", group=group)
         sd.paradigms(den, x_T[:4], 20, "ddim", group=group)  # a deterministic run draws nothing: accepted
+        seeded_apart = torch.Generator().manual_seed(torch.distributed.get_rank())  # as data-parallel seeds
+        with pytest.raises(ValueError, match=r"paradigms: generator.* differ"):
+            sd.paradigms(den, x_T[:4], 20, "ddpm", generator=seeded_apart, group=group)
 
         def fails_on_rank_1(x, t):
             if torch.distributed.get_rank() == 1:

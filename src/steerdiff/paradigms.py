@@ -411,8 +411,8 @@ def paradigms(
     noise = make_noise(generator, who)
     if isinstance(noise, PerSampleNoise):
         check_rows(noise.generators, len(x_T), who)
-    if generator is None and slv.noisy_on(grid):  # every rank draws the steps' noise: alike, or they part
-        ranked.check_global_rng(who, x_T.device)
+    if slv.noisy_on(grid) and not callable(generator):  # every rank draws the steps' noise: alike, or they
+        ranked.check_generator(who, generator, x_T.device)  # part (a noise source of a path is not checked)
 
     n, dtype = len(x_T), work_dtype(x_T.dtype)
     net_dtype = x_T.dtype if dtype != x_T.dtype else None
