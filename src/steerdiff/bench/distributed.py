@@ -32,6 +32,7 @@ the machinery costs relative to this net, not what 8 GPUs give.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import statistics
 import tempfile
@@ -224,7 +225,10 @@ def _rank(rank: int, world: int, init: str, out: str, work: Work, seed: int) -> 
         if rank == 0:
             torch.save(measured, out)
     finally:
+        gc.collect()  # objects in reference cycles holding the group, freed before it is destroyed
         dist.destroy_process_group()
+    # no interpreter teardown: a gloo group's threads destroyed there may abort the process (SIGABRT)
+    os._exit(0)
 
 
 def _spawn(world: int, work: Work, seed: int) -> dict[str, dict[str, tuple[float, Tensor, int | None]]]:
