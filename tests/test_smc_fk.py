@@ -1708,3 +1708,16 @@ def test_fk_steering_class_names_its_bad_arguments(args, name):
         sd.smc.FKSteering(*args)
     alg = sd.smc.FKSteering(1, "max", range(0, 4, 2))
     assert (alg.lam, alg.potential, alg.nodes) == (1.0, "max", {0, 2})
+
+
+def test_dtype_and_device_with_x_t_must_agree_with_it():
+    """``dtype=`` / ``device=`` are of the default x_T: with an x_T of another they were ignored (a float16
+    x_T with dtype=float64 ran in float16); now refused, naming the argument. Agreeing ones are taken."""
+    den = smooth_mixture(dim=2, components=2).denoiser(sd.VP.cosine())
+    x_T = torch.randn(1, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float16)
+    kw = dict(shape=(1, 2), particles=3, steps=3, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    for bad, said in (({"dtype": torch.float64}, "dtype=torch.float64"), ({"device": "meta"}, "device=meta")):
+        with pytest.raises(ValueError, match=rf"fk_steering: {said} is for the default x_T; x_T is"):
+            sd.smc.fk_steering(den, lambda z: z.sum(-1), **kw, **bad)
+    for fine in ({"dtype": torch.float16}, {"device": "cpu"}, {"device": "cpu:0"}):
+        assert sd.smc.fk_steering(den, lambda z: z.sum(-1), **kw, **fine).x.dtype == torch.float16

@@ -1394,6 +1394,19 @@ def _initial_particles(
         raise ValueError(f"{who}: x_T must be (batch, particles, *shape) = {shape}, got {got}")
     x = x_T.reshape(rows, *sample_shape)
     check_x_T(den, x, who)
+    where = None if device is None else torch.device(device)
+    other_device = where is not None and (
+        where.type != x_T.device.type or (None not in (where.index, x_T.device.index) and where != x_T.device)
+    )
+    for name, value, has, off in (
+        ("dtype", dtype, x_T.dtype, dtype is not None and dtype != x_T.dtype),
+        ("device", device, x_T.device, other_device),
+    ):
+        if off:  # was ignored: a run in another dtype or on another device than asked
+            raise ValueError(
+                f"{who}: {name}={value} is for the default x_T; x_T is {has}: leave {name} out, or give x_T "
+                f"in the {name} wanted"
+            )
     return x
 
 
