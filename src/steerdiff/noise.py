@@ -52,6 +52,7 @@ __all__ = [
     "make_noise",
     "rand",
     "randn",
+    "repeat_rows",
 ]
 
 
@@ -281,6 +282,15 @@ class BrownianTreeNoise:
         sign = 1.0 if t_to >= t_from else -1.0
         w = (sign / math.sqrt(hi - lo)) * self.paths.increment(lo, hi)
         return w.to(dtype=like.dtype, device=like.device)
+
+
+def repeat_rows(generator: Generators, n: int) -> torch.Generator | list[torch.Generator] | None:
+    """``generator`` for a batch whose rows are each repeated ``n`` times in a row (a particle method's
+    ``n`` particles of one batch row): a list's generators each ``n`` times, one generator or ``None`` as
+    it is. Row ``b n + j`` then draws from batch row ``b``'s generator, as :func:`randn` draws a list."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return [g for g in generator for _ in range(n)]
 
 
 def check_generators(who: str, generator: object, rows: int | None = None) -> Generators:

@@ -73,7 +73,7 @@ from tqdm.auto import tqdm
 from .._checks import boolean, integer, real
 from ..denoiser import take_kwarg_rows
 from ..distributed.group import Ranks, particle_ranks
-from ..noise import Draws, Shard, check_generators
+from ..noise import Draws, Shard, check_generators, repeat_rows
 from ..smc import resample as _resample
 from ..smc.fk_steering import check_arguments, increment, initial_state, potential_nodes
 from ..smc.particles import Ancestors, Particles, Trace, Weights, check_weights
@@ -129,11 +129,7 @@ class _Run:
         self.generator = check_generators(who, generator, self.batch)
         # torch's global RNG or the generators: alike on every rank, or each draws other noise
         self.ranks.check_generator(who, self.generator, x.device)
-        self.rows: Draws = (
-            self.generator
-            if not isinstance(self.generator, list)
-            else [g for g in self.generator for _ in range(self.n)]
-        )
+        self.rows: Draws = repeat_rows(self.generator, self.n)
         self.progress = boolean(who, "progress", progress)
         each = torch.arange(self.batch, device=x.device).repeat_interleave(self.n)
         if self.ranks.group is not None:  # this rank's flat rows of the whole system's batch * n

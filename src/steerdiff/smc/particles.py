@@ -162,6 +162,7 @@ from ..noise import (
     check_generators,
     rand,
     randn,
+    repeat_rows,
 )
 from ..sampling import check_seeded, check_x_T
 from ..schedules import ScheduleLike
@@ -1195,11 +1196,7 @@ def run_smc(
     cond = _repeat_rows(cond, batch, n_part, mine)
     check_seeded(den, generator, who)
     evaluator = _Evaluator(den, max_batch, batch, n_part, mine)
-    rows: torch.Generator | list[torch.Generator] | None = (
-        generator
-        if generator is None or isinstance(generator, torch.Generator)
-        else [g for g in generator for _ in range(n_part)]
-    )
+    rows = repeat_rows(generator, n_part)
     noise: NoiseSource = (
         GeneratorNoise(Shard(rows, batch * n_part, mine))  # every rank draws all rows' noise, keeps its own
         if mine is not None

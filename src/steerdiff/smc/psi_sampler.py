@@ -47,7 +47,7 @@ from .._checks import choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser
 from ..mcmc.base import ChainInfo, Point, Target, _value_and_grad, chain, finite_run, fixed_time
 from ..mcmc.pcnl import PCNL
-from ..noise import Generators, NoiseSource, check_generators, make_noise
+from ..noise import Generators, NoiseSource, check_generators, make_noise, repeat_rows
 from ..sampling import check_seeded
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
@@ -197,11 +197,7 @@ def twisted_prior(
     target = _TwistTarget(
         per_row, reward, lam, grid.t[0], _repeat_rows(cond, batch, n_part), max_batch, in_dtype
     )
-    source: NoiseSource = make_noise(
-        generator
-        if generator is None or isinstance(generator, torch.Generator)
-        else [g for g in generator for _ in range(n_part)]
-    )
+    source: NoiseSource = make_noise(repeat_rows(generator, n_part))
     normal = fixed_time(source, grid.t[0])
     out, info = chain(
         PCNL(scale=scale),
