@@ -3,6 +3,7 @@ sampler sd.sample on the exact mixture denoiser, its parallel iteration counts, 
 
 import inspect
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,20 +15,8 @@ from steerdiff.solvers.ddim import ancestral_split
 from .distributed import spawn
 from .reference import noise, smooth_mixture
 
-# two or more evaluations per step (staged, PNDM's and PLMS's warm-up) or updates from another node (the
-# singlestep DPM-Solver)
-REFUSED = (
-    "dpm_2",
-    "dpm_2_ancestral",
-    "dpm_solver",
-    "dpmpp_2s_ancestral",
-    "dpmpp_sde",
-    "edm_sde",
-    "heun",
-    "plms",
-    "pndm",
-    "restart",
-)
+# multistep solvers whose warm-up steps evaluate several times (PNDM's PRK, PLMS's improved Euler)
+REFUSED = ("plms", "pndm")
 
 
 def _gen(seed: int = 5) -> torch.Generator:
@@ -130,6 +119,65 @@ def test_multistep_solvers_converge_to_the_sequential_run(gmm, sd_process, x_T, 
     assert torch.equal(one, ref)
 
 
+def _counted(den: sd.Denoiser) -> tuple[sd.Denoiser, list[int]]:
+    """``den`` with its net's calls and rows counted: ``[calls, rows]``."""
+    made = [0, 0]
+
+    def net(x, t):
+        made[0] += 1
+        made[1] += len(x)
+        return den.net(x, t)
+
+    return sd.Denoiser(net, den.process, prediction="x0"), made
+
+
+# (process, solver, per-sample generators): the sequential NFE (every evaluation one call: the sequential
+# calls), then at tol 1e-12 and at the default tol the Picard iterations, sequential batched calls (one per
+# stage of the window's longest step) and NFE, all measured with window 16; converged, 3.7e-16 to 1.8e-13 from
+# sd.sample. Restart makes 2 + 2 K N evaluations in a row at its restart node (K = 1, N = 9 at 30 steps),
+# which every iteration whose window holds it pays: more sequential calls than sd.sample's 77
+STAGED = [
+    ("vp", "heun", False, 59, (16, 31, 442), (7, 14, 194)),
+    ("edm", "heun", False, 59, (22, 44, 628), (15, 29, 419)),
+    ("vp", "dpm_2", False, 59, (16, 31, 442), (7, 14, 194)),
+    ("vp", sd.solvers.DPMSolver(order=2), False, 30, (20, 20, 288), (11, 11, 119)),
+    ("vp", sd.solvers.DPMSolver(order=3), False, 30, (25, 25, 339), (11, 11, 148)),
+    ("vp", "dpmpp_sde", True, 59, (22, 44, 628), (13, 26, 351)),
+    ("edm", "edm_sde", True, 59, (26, 51, 680), (19, 38, 556)),
+    ("vp", "restart", False, 77, (17, 178, 597), (8, 106, 293)),
+]
+
+
+@pytest.mark.parametrize(("process", "solver", "per_sample", "sequential", "tight", "default"), STAGED)
+def test_staged_solvers_converge_to_the_sequential_run(
+    gmm, x_T, process, solver, per_sample, sequential, tight, default
+):
+    """Staged steps (several evaluations each, a function of their start and noise) take their stages
+    together over the window, one batched call per stage; the singlestep DPM-Solver's intermediate points are
+    grid nodes, a step each. Converged, sd.sample's result (per-sample generators: each row's draws); the
+    iterations, sequential calls and NFE are the net's own counts; window 1 is sd.sample bit for bit."""
+    proc, x = (sd.VP.scaled_linear(), x_T) if process == "vp" else (sd.EDM(), 80.0 * x_T)
+    den, made = _counted(gmm.denoiser(proc))
+
+    def gen():
+        return [_gen(s) for s in range(len(x))] if per_sample else _gen()
+
+    ref, ref_info = sd.sample(den, x, 30, solver=solver, generator=gen(), return_info=True)
+    assert ref_info.nfe == made[0] == sequential  # one call per evaluation
+    for tol, counts in ((1e-12, tight), (0.01, default)):
+        made[:] = [0, 0]
+        out, info = sd.paradigms(den, x, 30, solver=solver, tol=tol, generator=gen(), return_info=True)
+        assert (info.iterations, info.calls, info.nfe) == counts
+        assert (info.calls, info.nfe) == (made[0], made[1] // len(x))
+        assert sum(info.strides) == 30 and info.iterations < 30
+        if solver != "restart":
+            assert info.calls < sequential
+        error = ((out - ref).abs().max() / ref.abs().max()).item()
+        assert error < (1e-10 if tol == 1e-12 else 0.01)
+    one, one_info = sd.paradigms(den, x, 30, solver=solver, window=1, generator=gen(), return_info=True)
+    assert torch.equal(one, ref) and one_info.calls == sequential
+
+
 def test_default_solver_is_sample_s(gmm, sd_process, x_T):
     """No solver: sd.sample's default (UniPC-3) on its default schedule, and a guided denoiser's."""
     den = gmm.denoiser(sd_process)
@@ -203,9 +251,42 @@ def test_brownian_noise(gmm, sd_process, x_T):
     def path():
         return sd.noise.BrownianTreeNoise(x_T, sd_process.t_min, sd_process.t_max, seed=3)
 
-    ref = sd.sample(gmm.denoiser(sd_process), x_T, 30, solver="ddpm", generator=path())
-    x = sd.paradigms(gmm.denoiser(sd_process), x_T, 30, solver="ddpm", tol=1e-12, generator=path())
-    assert ((x - ref).abs().max() / ref.abs().max()).item() < 1e-10
+    for solver in ("ddpm", "dpmpp_sde"):  # dpmpp_sde: two draws in a staged step, made in its first run
+        ref = sd.sample(gmm.denoiser(sd_process), x_T, 30, solver=solver, generator=path())
+        x = sd.paradigms(gmm.denoiser(sd_process), x_T, 30, solver=solver, tol=1e-12, generator=path())
+        assert ((x - ref).abs().max() / ref.abs().max()).item() < 1e-10
+
+
+@dataclass
+class _Fickle(sd.solvers.Heun):
+    """A Heun step that evaluates its second stage at another time, or once more, on every other run: not a
+    function of its start."""
+
+    runs: int = 0
+    extra: bool = False
+
+    def step(self, model, x, i, grid, state):
+        self.runs += 1
+        if self.runs % 2 or grid.is_final_clean(i):
+            return super().step(model, x, i, grid, state)
+        pred = model(x, grid.t[i], i)
+        t = grid.t[i + 1] * (1.0 if self.extra else 1.01)
+        again = model(pred.renoise(grid.alpha[i + 1], grid.sigma[i + 1]), t, i)
+        if self.extra:
+            model(again.x, grid.t[i + 1], i)
+        return again.x
+
+
+def test_staged_steps_are_checked_against_their_first_run(gmm, sd_process, x_T):
+    den = gmm.denoiser(sd_process)
+    with pytest.raises(
+        RuntimeError, match=r"paradigms: the solver's step \d+ evaluated the model at another time"
+    ):
+        sd.paradigms(den, x_T, 10, solver=_Fickle())
+    with pytest.raises(
+        RuntimeError, match=r"paradigms: the solver's step \d+ evaluated the model \d+ times or more, 2 times"
+    ):
+        sd.paradigms(den, x_T, 10, solver=_Fickle(extra=True))
 
 
 def test_float32(gmm, sd_process, x_T):
@@ -254,8 +335,10 @@ def test_bad_input(gmm, sd_process, x_T):
     for solver in (*REFUSED, sd.solvers.PNDM(warmup="improved_euler"), sd.solvers.SelfRecurrence("ddim")):
         with pytest.raises(
             ValueError,
-            match=rf"paradigms: solver=.* does not take each step from its own node with one network "
-            rf"evaluation there; accepted: \[{', '.join(map(repr, accepted))}\] or an instance of DDIM, ",
+            match=rf"paradigms: solver=.* is neither a solver of one network evaluation per step, at its "
+            rf"own node, nor a staged one whose step is a function of its start alone \(PNDM's and PLMS's "
+            rf"warm-up steps evaluate several times and the steps after read their estimates\); accepted: "
+            rf"\[{', '.join(map(repr, accepted))}\] or an instance of DDIM, ",
         ):
             sd.paradigms(den, x_T, 10, solver=solver)
     with pytest.raises(ValueError, match=r"paradigms: unknown solver='nope'"):
@@ -333,8 +416,18 @@ def _spread(group, x_T):
     gmm, proc = smooth_mixture(), sd.VP.scaled_linear()
     den = gmm.denoiser(proc)
     out = []
-    # 1 row: not split; unipc: a multistep state, the same on every rank
-    for solver, batch, window in (("ddpm", 16, 16), ("ddim", 3, 5), ("ddpm", 1, 1), ("unipc", 5, 8)):
+    # 1 row: not split; unipc: a multistep state, the same on every rank; staged solvers, each rank taking its
+    # rows through every stage: heun; dpmpp_sde's draws (3 rows, window 5: a rank holds part of a node's);
+    # edm_sde's, a node on each rank
+    for solver, batch, window in (
+        ("ddpm", 16, 16),
+        ("ddim", 3, 5),
+        ("ddpm", 1, 1),
+        ("unipc", 5, 8),
+        ("heun", 16, 16),
+        ("dpmpp_sde", 3, 5),
+        ("edm_sde", 1, 5),
+    ):
         x, info = sd.paradigms(
             den,
             x_T[:batch],
@@ -374,12 +467,13 @@ def _spread(group, x_T):
                 raise ArithmeticError("rank 1's own failure")
             return den.net(x, t)
 
-        try:  # every rank raises, none waits at the gather for the one that failed
-            sd.paradigms(
-                sd.Denoiser(fails_on_rank_1, proc, prediction="x0"), x_T[:4], 20, "ddim", group=group
-            )
-        except Exception as e:
-            out.append(f"{type(e).__name__}: {e}")
+        for solver in ("ddim", "heun"):
+            try:  # every rank raises, none waits at the gather for the one that failed
+                sd.paradigms(
+                    sd.Denoiser(fails_on_rank_1, proc, prediction="x0"), x_T[:4], 20, solver, group=group
+                )
+            except Exception as e:
+                out.append(f"{type(e).__name__}: {e}")
     return out
 
 
@@ -387,15 +481,19 @@ def test_group_equals_single_process(x_T):
     single = _spread(None, x_T)
     ranks = spawn(_spread, 2, x_T)
     for rank, out in enumerate(ranks):
-        *runs, failure = out
+        *runs, failure, staged_failure = out
         for (x, *counts), (x1, *counts1) in zip(runs, single, strict=True):
             assert counts == counts1
             assert torch.allclose(x, x1, rtol=0, atol=1e-12)
-        assert failure == (
-            "ArithmeticError: rank 1's own failure"
-            if rank == 1
-            else "RuntimeError: paradigms: a rank of the group failed in the network call (it raised its "
-            "error); so stops rank 0"
+        assert (
+            failure
+            == staged_failure
+            == (
+                "ArithmeticError: rank 1's own failure"
+                if rank == 1
+                else "RuntimeError: paradigms: a rank of the group failed in the network call (it raised its "
+                "error); so stops rank 0"
+            )
         )
 
 
@@ -414,14 +512,17 @@ def _collectives(group, x_T):
     torch.distributed collective steerdiff calls, counted around each window's call)."""
     module = sys.modules["steerdiff.paradigms"]
     made, per_call = [0], []
-    evaluate = module._evaluate
+    windows = {name: getattr(module, name) for name in ("_evaluate", "_staged")}  # one call per iteration
 
-    def counted(*args):
-        before = made[0]
-        try:
-            return evaluate(*args)
-        finally:
-            per_call.append(made[0] - before)
+    def counted(window):
+        def call(*args):
+            before = made[0]
+            try:
+                return window(*args)
+            finally:
+                per_call.append(made[0] - before)
+
+        return call
 
     def counting(f):
         def call(*args, **kwargs):
@@ -433,7 +534,8 @@ def _collectives(group, x_T):
     if group is not None:
         for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast"):
             setattr(torch.distributed, name, counting(getattr(torch.distributed, name)))
-    module._evaluate = counted
+    for name, window in windows.items():
+        setattr(module, name, counted(window))
     gmm, proc = smooth_mixture(), sd.VP.scaled_linear()
     den = gmm.denoiser(proc)
     grid = sd.solvers.make_grid(proc, sd.schedules.get(sd.sampling.DEFAULT_SCHEDULE), 30)
@@ -441,7 +543,8 @@ def _collectives(group, x_T):
     eps_den = _eps_net(den)
     out = []
     # a plain window; a learned variance (its gather rides along); 1 row (not split: no collective);
-    # test_group_equals_single_process's CFG-rescale whose first window's ranks give x0 and eps
+    # test_group_equals_single_process's CFG-rescale whose first window's ranks give x0 and eps; a staged
+    # solver (its stages' calls each rank's own, the results gathered)
     for model, solver, batch, window, steps in (
         (den, "ddpm", 4, 8, 40),
         (_learned_variance(den), "ddpm", 3, 8, 40),
@@ -453,6 +556,7 @@ def _collectives(group, x_T):
             16,
             30,
         ),
+        (den, "dpmpp_sde", 3, 8, 30),
     ):
         per_call.clear()
         x, info = sd.paradigms(
@@ -478,7 +582,8 @@ def _collectives(group, x_T):
             )
         except Exception as e:
             out.append(f"{type(e).__name__}: {e}")
-    module._evaluate = evaluate
+    for name, window in windows.items():
+        setattr(module, name, window)
     return out
 
 
@@ -492,8 +597,8 @@ def test_group_one_collective_per_iteration(x_T):
         for (x, strides, _), (x1, strides1, _) in zip(runs, single, strict=True):
             assert strides == strides1
             assert torch.allclose(x, x1, rtol=0, atol=1e-12)  # the mixture net rounds by batch size: 1.1e-15
-        plain, learned, one_row, mixed = (counts for _, _, counts in runs)
-        assert plain == [1] * len(plain) and learned == [1] * len(learned)
+        plain, learned, one_row, mixed, staged = (counts for _, _, counts in runs)
+        assert plain == [1] * len(plain) and learned == [1] * len(learned) and staged == [1] * len(staged)
         assert one_row == [0] * 5
         assert mixed[0] == 2 and set(mixed[1:]) == {1}
         assert failure == (

@@ -36,24 +36,46 @@ step with the estimate at ``x_i`` before predicting (UniPC's UniC, SA-Solver's S
 ``F_i(x_i) - x_i`` a function of the guess ``x_i`` and the state: SA-Corrector adds its change of the
 gradient term to ``x_i``, and UniC moves a guess by its move (:attr:`~steerdiff.solvers.base.Model.guesses`;
 :mod:`steerdiff.solvers.unipc`); ``d_i`` is ``F_i(x_i) - x_i`` at the guess, not at the corrected point.
-Solvers that evaluate the net more than once per step (Heun, the singlestep and staged ones, PNDM's and
-PLMS's warm-up) or update from another node than their own (the singlestep DPM-Solver) are refused.
+The singlestep DPM-Solver is one of these: its intermediate points are grid nodes, each step one evaluation
+at its own, and a step's update starts from its macro-step's first node, held in the state (``F_i`` reads
+``x_i`` through its estimate alone; the sum still telescopes at the fixed point, node ``t + j`` exact after
+``j`` iterations).
+
+A staged solver (Heun, DPM-Solver-2 / DPM-Solver++(2S) and their ancestral forms, the singlestep
+SDE-DPM-Solver++, EDM's stochastic sampler, Restart) evaluates the net several times in a step, each stage at
+a point made from the ones before, and keeps no state but tables of the grid: ``F_i(x_i)`` is a function of
+``x_i`` alone, given the step's noise. An iteration takes the window's steps together, stage by stage: pass
+``k`` takes every step from its start to its ``k``-th stage (handing it the predictions of the stages before)
+and one batched call evaluates those stages, each row at its own time. So an iteration makes ``K``
+sequential batched calls for steps of ``K`` stages (the stages of the window's longest step,
+:attr:`ParadigmsInfo.calls`) and the fixed point is the sequential trajectory as before. A step's noise is
+drawn in a first run of the step alone, with stand-in predictions, as the step enters the window (in node
+order, so in :func:`steerdiff.sample`'s order: a step's draws and stages follow the grid, never the values),
+and replayed in every pass. Restart's step into a restart node makes ``2 + 2 K N`` evaluations in a row,
+which every iteration whose window holds it pays: it converges to the sequential result, but at 30 steps on
+the 8-d test mixture in 106 sequential calls at the default ``tol`` against the sequential sampler's 77.
+PNDM's and PLMS's warm-up steps evaluate several times and the steps after read the estimates they leave: a
+step's stages would wait for the last stage of the step before, and they are refused. With ``group``, each
+rank takes its share of a staged window's rows through every stage with calls of its own, and one all_gather
+per iteration brings every rank the steps' results.
 
 The window moves at least one node per iteration, so the run ends after at most ``steps`` *parallel
-iterations* (sequential batched calls), ``steps`` exactly for ``window=1``, which is the sequential
-sampler; the paper's speed-up is ``steps / iterations`` at the price of more network evaluations (every
-window row counts). Converged, the result is the sequential sampler's -- :func:`steerdiff.sample` with the
-same solver, grid and generator, whose draws are reproduced in the order that sampler makes them -- up to
-the tolerance, and up to rounding as ``tol -> 0``. The tolerance bounds each accepted node's last update,
-not its distance to the sequential trajectory, which an ODE sampler carries to the end: on the 64-d default
-mixture DDIM at 50 steps and ``tol = 0.1`` ends 3-7 of 256 samples in another component than the
-sequential run (none at ``tol = 0.01`` from window 16); DDPM's samples stay within 8e-4 (relative RMSE) of
-its (``steerdiff bench parallel``).
+iterations*, ``steps`` exactly for ``window=1``, which is the sequential sampler; each makes one sequential
+batched call (a staged solver's one per stage); the paper's speed-up is ``steps / iterations`` (sequential
+calls against the sequential sampler's NFE, for a staged solver) at the price of more network evaluations
+(every window row counts). Converged, the result is the sequential sampler's -- :func:`steerdiff.sample` with
+the same solver, grid and generator, whose draws are reproduced in the order that sampler makes them -- up to
+the tolerance, and up to rounding as ``tol -> 0``. The tolerance bounds each accepted node's last update, not
+its distance to the sequential trajectory, which an ODE sampler carries to the end: on the 64-d default
+mixture DDIM at 50 steps and ``tol = 0.1`` ends 3-7 of 256 samples in another component than the sequential
+run (none at ``tol = 0.01`` from window 16); DDPM's samples stay within 8e-4 (relative RMSE) of its
+(``steerdiff bench parallel``).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,12 +100,18 @@ from .solvers import (
     LMS,
     PNDM,
     TCD,
+    DPMSolver,
+    DPMSolver2,
     DPMSolverPPMultistep,
+    DPMSolverSDE,
     DPMSolverSDEMultistep,
+    EDMStochasticHeun,
     Euler,
     EulerAncestral,
     EulerMaruyama,
+    Heun,
     MRSampler,
+    Restart,
     SASolver,
     UniPC,
 )
@@ -108,8 +136,10 @@ SAMPLE_ONLY = ("callback", "corrector", "corrector_steps", "snr")
 
 # the solvers whose step i makes one network evaluation, at (x_i, t_i), and moves x_i by their update from it
 # and the estimates of earlier steps (their state), with its noise (if any) drawn by the engine from the
-# step's Transition. Not the flags' to tell: the singlestep DPM-Solver (its update starts from the
-# macro-step's first node) and PNDM / PLMS (an LMS whose warm-up steps evaluate 2-4 times) are not staged
+# step's Transition: an iteration takes their steps in order after one batched call. The singlestep
+# DPM-Solver is one: its intermediate points are grid nodes, each evaluated at its own step, and a step's
+# update starts from the macro-step's first node, held in its state. Not the flags' to tell: PNDM / PLMS (an
+# LMS whose warm-up steps evaluate 2-4 times) is not staged
 SUPPORTED = (
     DDIM,
     DDPM,
@@ -125,11 +155,17 @@ SUPPORTED = (
     SASolver,
     ERSDE,
     MRSampler,
+    DPMSolver,
 )
+
+# the staged solvers: several network evaluations per step and a state of grid tables or none, so that step i
+# is a function of x_i alone (given its noise): an iteration takes the window's steps together, one batched
+# call per stage (_staged)
+STAGED = (Heun, DPMSolver2, DPMSolverSDE, EDMStochasticHeun, Restart)
 
 
 def _supported(solver: Solver) -> bool:
-    return isinstance(solver, SUPPORTED) and not isinstance(solver, PNDM)
+    return isinstance(solver, SUPPORTED + STAGED) and not isinstance(solver, PNDM)
 
 
 ACCEPTED = tuple(name for name in _solvers.available() if _supported(_solvers.get(name)))
@@ -139,7 +175,8 @@ ACCEPTED = tuple(name for name in _solvers.available() if _supported(_solvers.ge
 class ParadigmsInfo:
     """What a :func:`paradigms` run cost: ``nfe`` network evaluations (every row of every window, a guided
     denoiser's ``cost`` each), the nodes of each iteration's batched call (``windows``) and how far the
-    window slid after it (``strides``, summing to the steps), with the grid, solver and schedule used."""
+    window slid after it (``strides``, summing to the steps), the sequential batched calls (``calls``), with
+    the grid, solver and schedule used."""
 
     nfe: int
     grid: Grid
@@ -147,28 +184,37 @@ class ParadigmsInfo:
     schedule: Schedule
     windows: list[int] = field(default_factory=list)
     strides: list[int] = field(default_factory=list)
+    calls: int = 0
 
     @property
     def iterations(self) -> int:
-        """Parallel iterations: sequential batched network calls (the steps, for the sequential sampler)."""
+        """Parallel (Picard) iterations (the steps, for the sequential sampler). Each makes one sequential
+        batched network call, a staged solver's one per stage of its window's longest step (:attr:`calls`)."""
         return len(self.windows)
 
 
 class _CachedNoise:
-    """``noise``'s draw for each step, drawn on the step's first evaluation and replayed afterwards. A step is
-    first evaluated after every step before it: the draws are made in :func:`steerdiff.sample`'s order."""
+    """``noise``'s draws for each step, drawn on the step's first run and replayed, in the order the step
+    makes them, on every run after. A step first runs after every step before it (a staged one first runs
+    alone, :meth:`_Stages.count`): the draws are made in :func:`steerdiff.sample`'s order."""
 
     def __init__(self, noise: NoiseSource) -> None:
         self.noise = noise
-        self.drawn: dict[int, Tensor] = {}
+        self.drawn: dict[int, list[Tensor]] = {}
 
-    def at(self, i: int) -> NoiseSource:
-        """The source of step ``i``: its draw."""
+    def at(self, i: int, rows: slice | None = None) -> NoiseSource:
+        """The source of one run of step ``i``: its draws, in order; ``rows``: a run on these rows of the
+        batch (a rank's share of a window) after a run that made the draws on the whole batch."""
+        drawn = self.drawn.setdefault(i, [])
+        made = itertools.count()
 
         def draw(t_from: float, t_to: float, like: Tensor) -> Tensor:
-            if i not in self.drawn:
-                self.drawn[i] = self.noise(t_from, t_to, like)
-            return self.drawn[i]
+            k = next(made)
+            if k == len(drawn):
+                if rows is not None:
+                    raise RuntimeError(f"paradigms: step {i} drew more noise than in its first run")
+                drawn.append(self.noise(t_from, t_to, like))
+            return drawn[k] if rows is None else drawn[k][rows]
 
         return draw
 
@@ -200,6 +246,67 @@ class _Replay(Model):
         pred = self._next[2]
         self._next, self.last = None, pred
         return pred
+
+
+class _Ask(Exception):
+    """A staged step's next evaluation, at ``x`` and time ``t``, asked for in a pass of :class:`_Stages`."""
+
+    def __init__(self, x: Tensor, t: float) -> None:
+        super().__init__()
+        self.x, self.t = x, t
+
+
+class _Stages(Model):
+    """The model a staged step sees: the step is taken from its start in every pass of an iteration, handed
+    the predictions of its stages made so far in order, and stopped at the next (:class:`_Ask`), which the
+    pass's batched call makes. The passes take the same stages (a step of a function of its start and its
+    noise, whose stages are chosen by the grid, never by values: control flow on CPU scalars)."""
+
+    def __init__(self, den: Denoiser, noise: NoiseSource) -> None:
+        super().__init__(den, None, noise)
+        self.made: list[tuple[float, Prediction]] | None = []
+        self.asked = 0
+
+    def take(
+        self,
+        slv: Solver,
+        x: Tensor,
+        i: int,
+        grid: Grid,
+        state: dict[str, Any],
+        made: list[tuple[float, Prediction]] | None,
+        noise: NoiseSource,
+    ) -> Tensor | _Ask:
+        """Step ``i`` from ``x`` (``made``: its stages' ``(t, prediction)`` so far; ``noise``: its draws): the
+        state at node ``i + 1``, or the next stage asked for."""
+        self.made, self.asked, self.noise = made, 0, noise
+        try:
+            return advance(slv.step(self, x, i, grid, state), noise, grid.t[i], grid.t[i + 1])
+        except _Ask as ask:
+            return ask
+
+    def count(
+        self, slv: Solver, x: Tensor, i: int, grid: Grid, state: dict[str, Any], noise: NoiseSource
+    ) -> int:
+        """Step ``i``'s evaluations, counted in a run with stand-in predictions (``x0 = x``) on the whole
+        batch, which makes its draws (``noise``)."""
+        self.take(slv, x, i, grid, state, None, noise)
+        return self.asked
+
+    def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
+        made, k = self.made, self.asked
+        self.asked += 1
+        if made is None:  # count's stand-in
+            return Prediction(x, 1.0, 1.0, x0=x)
+        if k == len(made):
+            raise _Ask(x, t)
+        if made[k][0] != t or made[k][1].x.shape != x.shape:
+            raise RuntimeError(
+                f"paradigms: the solver's step {step} evaluated the model at another time than in its pass "
+                "before: its stages are not a function of its start"
+            )
+        self.last = made[k][1]
+        return self.last
 
 
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -276,13 +383,180 @@ def _evaluate(
     given, *var, every = gather(pred.given, pred.var_interp, [cost, not pred.x0_given, pred.x0_given, 0])
     cost, some_eps, some_x0, failed = every.amax(0).tolist()
     if failed:
-        raise RuntimeError(
-            f"paradigms: a rank of the group failed in the network call (it raised its error); so stops rank "
-            f"{group.rank}"
-        )
+        raise _failed_elsewhere(group)
     if some_eps and some_x0:
         given = group.gather(pred.eps, total)
     return given, not some_eps, var[0] if var else None, cost
+
+
+def _sequenced(
+    replay: _Replay,
+    slv: Solver,
+    grid: Grid,
+    state: dict[str, Any],
+    buf: Tensor,
+    start: int,
+    net_dtype: torch.dtype | None,
+    cond: dict[str, Any],
+    draws: _CachedNoise,
+    group: Ranks,
+    multistep: bool,
+) -> tuple[Tensor, Tensor, int, list[dict[str, Any]]]:
+    """A one-evaluation solver's step ``F_i(x_i)`` at every guess ``buf[j]`` of the window from node
+    ``start``: one batched call (:func:`_evaluate`), then the steps in order, each fed its node's prediction.
+    Returns the results ``(width, n, ...)``, whether each node's estimates were finite, the NFE and a
+    multistep solver's state after each step (``state`` itself is updated by the steps)."""
+    den, (width, n) = replay.denoiser, buf.shape[:2]
+    width -= 1
+    rows = torch.arange(n, device=buf.device).repeat(width)
+    t_rows = torch.tensor(grid.t[start : start + width], dtype=torch.float64).repeat_interleave(n)
+    given, x0_given, var, cost = _evaluate(
+        den, buf[:width].flatten(0, 1), t_rows, rows, n, net_dtype, cond, group
+    )
+    given = given.unflatten(0, (width, n))
+    var = None if var is None else var.unflatten(0, (width, n))
+    outs, after = [], []
+    for j in range(width):
+        i, x = start + j, buf[j]
+        pred = _node_prediction(den, x, grid.t[i], given[j], x0_given, None if var is None else var[j])
+        replay.expect(x, grid.t[i], pred)
+        outs.append(advance(slv.step(replay, x, i, grid, state), draws.at(i), grid.t[i], grid.t[i + 1]))
+        if multistep:
+            after.append(_copy_state(state))
+    finite = torch.isfinite(given.flatten(2)).all(2).all(1)
+    if var is not None:
+        finite &= torch.isfinite(var.flatten(2)).all(2).all(1)
+    return torch.stack(outs), finite, width * cost, after
+
+
+def _failed_elsewhere(group: Ranks) -> RuntimeError:
+    return RuntimeError(
+        f"paradigms: a rank of the group failed in the network call (it raised its error); so stops rank "
+        f"{group.rank}"
+    )
+
+
+def _node_prediction(
+    den: Denoiser, x: Tensor, t: float, given: Tensor, x0_given: bool, var: Tensor | None
+) -> Prediction:
+    """The prediction at ``(x, t)`` from its rows of a batched call: the call's estimate ``given`` (``x0`` or
+    not) and variance, with the floats ``alpha``, ``sigma`` of a call at ``t`` alone."""
+    alpha, sigma = den.coefficients(t, x)[:2]
+    pred = Prediction(x, alpha, sigma, **{"x0" if x0_given else "eps": given})
+    pred.var_interp = var
+    return pred
+
+
+def _stage_passes(
+    stages: _Stages,
+    slv: Solver,
+    grid: Grid,
+    state: dict[str, Any],
+    jobs: list[tuple[int, Tensor, slice]],
+    evals: list[int],
+    n: int,
+    net_dtype: torch.dtype | None,
+    cond: dict[str, Any],
+    draws: _CachedNoise,
+) -> tuple[list[Tensor], list[int], list[tuple[int, Tensor]]]:
+    """Staged steps taken together: ``jobs`` holds ``(i, x, rows)``, step ``i`` from ``x``, its rows ``rows``
+    of the batch, which makes ``evals[i]`` evaluations (:meth:`_Stages.count`, which made its draws). Pass
+    ``k`` takes every step from its start to its ``k``-th stage, whose points are evaluated in one batched
+    call. Returns the steps' results, each call's cost and ``(i, finite)`` of each stage's estimates."""
+    made: list[list[tuple[float, Prediction]]] = [[] for _ in jobs]
+    outs: list[Tensor | None] = [None] * len(jobs)
+    costs: list[int] = []
+    checks: list[tuple[int, Tensor]] = []
+    for _ in range(max((evals[i] for i, _, _ in jobs), default=0) + 1):
+        asks = []
+        for a, (i, x, rows) in enumerate(jobs):
+            if outs[a] is None:
+                got = stages.take(slv, x, i, grid, state, made[a], draws.at(i, rows))
+                if isinstance(got, _Ask):
+                    asks.append((a, got))
+                else:
+                    outs[a] = got
+        if not asks:
+            break
+        xs = torch.cat([ask.x for _, ask in asks])
+        t_rows = torch.cat([torch.full((len(ask.x),), ask.t, dtype=torch.float64) for _, ask in asks])
+        samples = torch.cat([torch.arange(n)[jobs[a][2]] for a, _ in asks]).to(xs.device)
+        pred, cost = _window_prediction(stages.denoiser, xs, t_rows, samples, n, net_dtype, cond)
+        costs.append(cost)
+        sizes = [len(ask.x) for _, ask in asks]
+        var = [None] * len(asks) if pred.var_interp is None else pred.var_interp.split(sizes)
+        for (a, ask), given, v in zip(asks, pred.given.split(sizes), var, strict=True):
+            made[a].append((ask.t, _node_prediction(stages.denoiser, ask.x, ask.t, given, pred.x0_given, v)))
+            finite = torch.isfinite(given).all()
+            checks.append((jobs[a][0], finite if v is None else finite & torch.isfinite(v).all()))
+    for (i, _, _), out, m in zip(jobs, outs, made, strict=True):
+        if out is None or len(m) != evals[i]:
+            raise RuntimeError(
+                f"paradigms: the solver's step {i} evaluated the model {len(m)} times or more, {evals[i]} "
+                "times in its first run: its stages are not a function of its start"
+            )
+    return outs, costs, checks  # type: ignore[return-value]  # every out was checked above
+
+
+def _staged(
+    stages: _Stages,
+    slv: Solver,
+    grid: Grid,
+    state: dict[str, Any],
+    buf: Tensor,
+    start: int,
+    evals: list[int],
+    net_dtype: torch.dtype | None,
+    cond: dict[str, Any],
+    draws: _CachedNoise,
+    group: Ranks,
+) -> tuple[Tensor, Tensor, int, int]:
+    """A staged solver's step ``F_i(x_i)`` at every guess ``buf[j]`` of the window from node ``start``, its
+    stages taken together (:func:`_stage_passes`): the results ``(width, n, ...)``, whether each node's
+    estimates were finite, the NFE (the calls' costs times the steps evaluated in each) and the sequential
+    calls (the stages of the window's longest step).
+
+    With ``group``, each rank takes its share of the window's rows (steps on a share of the batch: their
+    draws were made on the whole) through every stage, its calls its own, and one all_gather per iteration
+    brings every rank the results with a row of flags: whether its calls raised, their costs, whose maximum
+    over the ranks is one process's, and its non-finite estimates per node."""
+    width, n = len(buf) - 1, buf.shape[1]
+    total, depth = width * n, max(evals[start : start + width])
+    split = group.size > 1 and total >= group.size
+    mine = group.shard(total) if split else slice(0, total)
+    jobs = []
+    for j in range(width):
+        lo, hi = max(mine.start - j * n, 0), min(mine.stop - j * n, n)
+        if lo < hi:
+            jobs.append((start + j, buf[j][lo:hi], slice(lo, hi)))
+    try:
+        outs, costs, checks = _stage_passes(stages, slv, grid, state, jobs, evals, n, net_dtype, cond, draws)
+    except Exception:  # raised once every rank knows, rather than leave them waiting at the gather
+        if split:
+            group.gather_many(
+                [
+                    buf.new_zeros(mine.stop - mine.start, *buf.shape[2:]),
+                    buf.new_tensor([[1] + [0] * (depth + width)], dtype=torch.int64),
+                ],
+                [total, group.size],
+            )
+        raise
+    bad = torch.zeros(width, dtype=torch.int64, device=buf.device)
+    if checks:
+        nodes = torch.tensor([i - start for i, _ in checks], device=buf.device)
+        bad.index_add_(0, nodes, (~torch.stack([f for _, f in checks])).long())
+    costs += [0] * (depth - len(costs))
+    result = torch.cat(outs)
+    if split:
+        flags = torch.cat([torch.tensor([0, *costs], device=buf.device), bad])[None]
+        result, every = group.gather_many([result, flags], [total, group.size])
+        failed, *costs = every[:, : depth + 1].amax(0).tolist()
+        if failed:
+            raise _failed_elsewhere(group)
+        bad = every[:, depth + 1 :].sum(0)
+    # the steps evaluated at stage k: those of more than k evaluations
+    nfe = sum(cost * sum(e > k for e in evals[start : start + width]) for k, cost in enumerate(costs))
+    return result.unflatten(0, (width, n)), bad == 0, nfe, depth
 
 
 @overload
@@ -348,10 +622,12 @@ def paradigms(
             no default: the method pays off on long grids); ``**cond`` holds none of the keywords of
             :func:`steerdiff.sample` that this function lacks (:data:`SAMPLE_ONLY`: ``callback``,
             ``corrector``, ``corrector_steps``, ``snr``), which would reach the net.
-        solver: a solver with one network evaluation per step, at its own node (module docstring): a name
-            of :data:`ACCEPTED` or an instance of DDIM (any ``eta``), DDPM, Euler, EulerAncestral,
-            EulerMaruyama, TCD (LCM), DPMSolverPPMultistep, DPMSolverSDEMultistep, UniPC, DEIS, LMS
-            (iPNDM), SASolver, ERSDE, MRSampler; default (``None``) :func:`steerdiff.sample`'s,
+        solver: a solver with one network evaluation per step, at its own node, or a staged one whose step
+            is a function of its start alone (module docstring): a name of :data:`ACCEPTED` or an instance
+            of DDIM (any ``eta``), DDPM, Euler, EulerAncestral, EulerMaruyama, TCD (LCM),
+            DPMSolverPPMultistep, DPMSolverSDEMultistep, UniPC, DEIS, LMS (iPNDM), SASolver, ERSDE,
+            MRSampler, DPMSolver (singlestep), Heun, DPMSolver2, DPMSolverSDE, EDMStochasticHeun, Restart;
+            not PNDM / PLMS; default (``None``) :func:`steerdiff.sample`'s,
             :func:`~steerdiff.sampling.default_solver` (UniPC-3; a guided denoiser's UniPC-2 or
             DPM-Solver++(2M)).
         window: ``p``, the nodes evaluated together in one batched call (``p`` times the batch), an
@@ -368,7 +644,8 @@ def paradigms(
             whose ranks every window's rows are split; every rank makes the same call (same arguments,
             same generator state) and returns the same result; where one rank's network call raises, that
             rank raises its error and the others a ``RuntimeError`` saying so (none waits at the gather).
-        return_info: also return a :class:`ParadigmsInfo` (parallel iterations, NFE, windows, strides).
+        return_info: also return a :class:`ParadigmsInfo` (parallel iterations, sequential calls, NFE,
+            windows, strides).
 
     Raises:
         ValueError: bad arguments (the message names the argument and the accepted values), a keyword of
@@ -404,8 +681,10 @@ def paradigms(
         )
     if not _supported(slv):
         raise ValueError(
-            f"{who}: solver={solver!r} does not take each step from its own node with one network evaluation "
-            f"there; accepted: {list(ACCEPTED)} or an instance of {', '.join(c.__name__ for c in SUPPORTED)} "
+            f"{who}: solver={solver!r} is neither a solver of one network evaluation per step, at its own "
+            "node, nor a staged one whose step is a function of its start alone (PNDM's and PLMS's warm-up "
+            "steps evaluate several times and the steps after read their estimates); accepted: "
+            f"{list(ACCEPTED)} or an instance of {', '.join(c.__name__ for c in SUPPORTED + STAGED)} "
             "(not PNDM)"
         )
     noise = make_noise(generator, who)
@@ -414,17 +693,18 @@ def paradigms(
     if slv.noisy_on(grid) and not callable(generator):  # every rank draws the steps' noise: alike, or they
         ranked.check_generator(who, generator, x_T.device)  # part (a noise source of a path is not checked)
 
-    n, dtype = len(x_T), work_dtype(x_T.dtype)
+    dtype = work_dtype(x_T.dtype)
     net_dtype = x_T.dtype if dtype != x_T.dtype else None
     state = slv.init_state(grid)
     # a multistep solver's state holds estimates of earlier nodes: each iteration starts from the window
     # start's (a copy made in the iteration before); a one-step solver's (none, or grid tables) is read only
     multistep = bool(state) and not slv.static_state
-    replay, draws = _Replay(den, noise), _CachedNoise(noise)
+    staged = isinstance(slv, STAGED)
+    replay, stages, draws = _Replay(den, noise), _Stages(den, noise), _CachedNoise(noise)
+    evals: list[int] = []  # a staged solver's evaluations in each step, counted on its first run
     # tol^2 v_j of nodes 0..N (node 0 is never compared)
     limits = [0.0] + [tol**2 * ancestral_split(grid, j, 1.0)[1] ** 2 for j in range(steps)]
     info = ParadigmsInfo(0, grid, slv, sched)
-    rows_of: dict[int, Tensor] = {}
     show = progress and ranked.rank == 0  # one bar for the group
     bar = tqdm(total=steps, desc=f"ParaDiGMS {slv.name}", leave=False) if show else None
 
@@ -432,33 +712,25 @@ def paradigms(
     start, buf = 0, x_T.to(dtype).expand(window + 1, *x_T.shape).clone()
     while start < steps:
         width = len(buf) - 1
-        nodes = range(start, start + width)
-        rows = rows_of.setdefault(width, torch.arange(n, device=x_T.device).repeat(width))
-        t_rows = torch.tensor([grid.t[i] for i in nodes], dtype=torch.float64).repeat_interleave(n)
-        given, x0_given, var, cost = _evaluate(
-            den, buf[:width].flatten(0, 1), t_rows, rows, n, net_dtype, cond, ranked
-        )
-        info.nfe += width * cost
-        given = given.unflatten(0, (width, n))
-        var = None if var is None else var.unflatten(0, (width, n))
-        moves = []  # F_start(x_start), then d_i(x_i) = F_i(x_i) - x_i
-        after = []  # a multistep solver's state after node j's step; the steps update `state` itself
-        for j, i in enumerate(nodes):
-            x = buf[j]
-            alpha, sigma = den.coefficients(grid.t[i], x)[:2]  # the floats of a call at t_i alone
-            pred = Prediction(x, alpha, sigma, **{"x0" if x0_given else "eps": given[j]})
-            pred.var_interp = None if var is None else var[j]
-            replay.expect(x, grid.t[i], pred)
-            out = advance(slv.step(replay, x, i, grid, state), draws.at(i), grid.t[i], grid.t[i + 1])
-            moves.append(out if j == 0 else out - x)
-            if multistep:
-                after.append(_copy_state(state))
-        new = torch.cumsum(torch.stack(moves), 0)  # x_start + sum d_i, the first term F_start(x_start) exact
+        if staged:
+            # the steps entering the window, counted in order: their draws made in sd.sample's order
+            for i in range(len(evals), start + width):
+                evals.append(stages.count(slv, buf[i - start], i, grid, state, draws.at(i)))
+            outs, finite, nfe, calls = _staged(
+                stages, slv, grid, state, buf, start, evals, net_dtype, cond, draws, ranked
+            )
+            after: list[dict[str, Any]] = []
+        else:
+            outs, finite, nfe, after = _sequenced(
+                replay, slv, grid, state, buf, start, net_dtype, cond, draws, ranked, multistep
+            )
+            calls = 1
+        info.nfe += nfe
+        info.calls += calls
+        # x_start + sum d_i with d_i(x_i) = F_i(x_i) - x_i, the first term F_start(x_start) exact
+        new = torch.cumsum(torch.cat([outs[:1], outs[1:] - buf[1:width]]), 0)
         err = (new - buf[1:]).square().flatten(2).mean(2)  # (width, n)
         limit = torch.tensor(limits[start + 1 : start + width + 1], dtype=err.dtype, device=err.device)
-        finite = torch.isfinite(given.flatten(2)).all(2).all(1)
-        if var is not None:
-            finite &= torch.isfinite(var.flatten(2)).all(2).all(1)
         flags = torch.stack([(err > limit[:, None]).any(1), ~finite]).tolist()  # one device read
         if True in flags[1]:
             i = start + flags[1].index(True)
