@@ -392,6 +392,22 @@ _OWN_MAP_AT_X0_ZERO = (
 )
 
 
+def test_an_empty_batch_under_an_snr_step_is_an_empty_sample(pc):
+    """An empty batch samples to an empty tensor with an snr-stepped corrector as without one (and as with a
+    fixed step): no score norm to take the step from, so the step is NaN (reported, not raised), the NFE
+    counted as for any batch. Was: snr_step_size's ValueError for an empty grad, from sd.sample."""
+    _, proc, log_prob, x_T, _ = pc
+    den = pc[0].denoiser(proc)
+    kw = {"steps": 5, "solver": "ddim", "schedule": "time_uniform", "return_info": True}
+    plain = sd.sample(den, x_T[:0], **kw)[0]
+    assert plain.shape == (0, 8) and plain.dtype == x_T.dtype
+    for kernel in ("ula", sd.mcmc.HMC(log_prob=log_prob, leapfrog_steps=2)):
+        x, info = sd.sample(den, x_T[:0], corrector=kernel, corrector_steps=2, generator=_gen(1), **kw)
+        some = sd.sample(den, x_T[:3], corrector=kernel, corrector_steps=2, generator=_gen(1), **kw)[1]
+        assert x.shape == plain.shape and x.dtype == plain.dtype and info.nfe == some.nfe
+        assert len(info.corrector) == 4 and all(math.isnan(c.step_size) for c in info.corrector)
+
+
 @pytest.mark.parametrize("solver", [s for s in sd.solvers.available() if s != "euler_maruyama"])
 @pytest.mark.parametrize("zero", ["x0", "eps"])
 def test_the_next_step_starts_from_the_corrected_state(solver, zero):

@@ -154,7 +154,8 @@ class ChainInfo:
     Attributes:
         t: the process time it ran at (``None`` off a diffusion).
         step_size: the step size used (Langevin ``eps``; HMC's leapfrog step): a float, or a 0-d
-            tensor where :func:`snr_step_size` chose it (read it with ``float``).
+            tensor where :func:`snr_step_size` chose it (read it with ``float``); ``nan`` where it had an
+            empty batch to choose from.
         acceptance: per-sample fraction of accepted moves, ``(n,)`` float64; ``None`` for ULA
             (no Metropolis test).
         evaluations: target evaluations (score or log-density with gradient).

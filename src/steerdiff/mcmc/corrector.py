@@ -18,12 +18,14 @@ The moves are in the sampler's variable ``x_t = alpha_t x_0 + sigma_t eps`` (not
 The step size is the kernel's ``step_size`` or, if ``None``, the Langevin step from ``snr`` at the
 node (:func:`~steerdiff.mcmc.base.snr_step_size`, from the batch's mean score norm at the
 corrector's starting point, so a sample depends on its batch there; HMC's leapfrog step is
-``sqrt(2 eps)``), fixed for the node's moves. That step stays a tensor on the
-samples' device, so no node reads a value on the host; :func:`steerdiff.sample` checks all of them
-once, after the run (:func:`~steerdiff.mcmc.base.check_step_sizes`).
+``sqrt(2 eps)``; ``nan`` for an empty batch, whose moves are empty), fixed for the node's moves. That
+step stays a tensor on the samples' device, so no node reads a value on the host; :func:`steerdiff.sample`
+checks all of them once, after the run (:func:`~steerdiff.mcmc.base.check_step_sizes`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -109,7 +111,8 @@ def correct(
         size = kernel.step_size
     else:
         p = target.evaluate(p, value=kernel.needs_log_prob)
-        size = kernel.step_from_langevin(snr_step_size(p.grad, snr))
+        # an empty batch has no score norm to take a step from, and its moves are empty whatever the step
+        size = kernel.step_from_langevin(snr_step_size(p.grad, snr)) if len(x) else math.nan
     x, info = chain(kernel, p, target, steps, size, normal, t)
     if target.has_log_prob:
         model.nfe += info.evaluations
