@@ -201,6 +201,21 @@ def test_window_one_is_the_sequential_sampler(gmm, sd_process, x_T, solver):
     assert info.iterations == info.nfe == 12 and info.strides == [1] * 12
 
 
+@pytest.mark.parametrize("solver", ["ddpm", None])
+def test_channels_last_x_T_gives_channels_last(gmm, sd_process, x_T, solver):
+    """A channels_last x_T gives a channels_last result, as sd.sample gives with a net that keeps its input's
+    layout (a convolutional net's), and the same values (bit for bit at window 1). Was: contiguous."""
+    exact = gmm.denoiser(sd_process, shape=(2, 2, 2))
+    den = sd.Denoiser(
+        lambda x, t: torch.empty_like(x).copy_(exact.net(x, t)), sd_process, "x0", shape=(2, 2, 2)
+    )
+    images = x_T.reshape(-1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
+    ref = sd.sample(den, images, 12, solver=solver, generator=_gen())
+    x = sd.paradigms(den, images, 12, solver=solver, window=1, generator=_gen())
+    assert ref.is_contiguous(memory_format=torch.channels_last)
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, ref)
+
+
 def test_per_sample_generators_and_conditions(gmm, sd_process):
     """One generator per row and a per-row condition: each window row gets its sample's, as sd.sample's."""
     base = gmm.denoiser(sd_process)

@@ -1,5 +1,5 @@
-"""Tensor helpers for the per-step hot path: fused arithmetic, tensors kept per device, and the one
-host read of a run's deferred checks."""
+"""Tensor helpers for the per-step hot path: fused arithmetic, tensors kept per device, the one host read
+of a run's deferred checks, and a result put back in its input's memory layout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["axpby", "first_false", "kept", "lincomb"]
+__all__ = ["axpby", "first_false", "kept", "laid_out_as", "lincomb"]
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -58,3 +58,11 @@ def first_false(ok: Tensor) -> int | None:
     device once: checks deferred over a run (non-finite outputs, rewards, step sizes) end here."""
     ok = ok.cpu()
     return None if bool(ok.all()) else int((~ok).nonzero()[0])
+
+
+def laid_out_as(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` (``like``'s shape, dtype and device) in ``like``'s memory layout: ``x`` itself where its strides
+    are ``like``'s, else a copy in ``torch.empty_like(like)`` (``like``'s strides where it is dense, such as
+    ``channels_last``; contiguous otherwise). What :func:`steerdiff.sample`'s elementwise steps keep of
+    ``x_T``'s layout, for a result that a stack or a gather of rows made contiguous."""
+    return x if x.stride() == like.stride() else torch.empty_like(like).copy_(x)

@@ -87,6 +87,7 @@ from tqdm.auto import tqdm
 
 from . import solvers as _solvers
 from ._checks import boolean, integer, real
+from ._ops import laid_out_as
 from .denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
 from .distributed.group import Ranks, ranks
 from .noise import NoiseSource, PerSampleNoise, check_rows, make_noise
@@ -756,5 +757,5 @@ def paradigms(
     log.debug(
         "paradigms %s: %d steps in %d parallel iterations, %d NFE", slv.name, steps, info.iterations, info.nfe
     )
-    x = to_sample_dtype(who, buf[0], x_T.dtype)
+    x = laid_out_as(to_sample_dtype(who, buf[0], x_T.dtype), x_T)  # buf's rows are contiguous
     return (x, info) if return_info else x
