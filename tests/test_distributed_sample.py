@@ -3,12 +3,14 @@
 Oracle: the single-process sampler (``sd.sample``, ``sd.discrete.sample``, each checked against exact laws
 elsewhere) on the whole batch with the same initial noise and per-sample generators; a sample must not
 depend on the number of ranks, so the gathered batch equals it bitwise (CPU, float64, exact mixture
-denoisers). Batch 7 gives uneven shards (4 + 3, 3 + 2 + 2); batch 2 on 3 ranks leaves one empty.
+denoisers). Batch 7 gives uneven shards (4 + 3, 3 + 2 + 2); batch 2 on 3 ranks leaves one empty. Noise that
+differs between the ranks is refused on every rank, naming the argument.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 
 import pytest
@@ -22,6 +24,7 @@ from .distributed import spawn
 F64 = torch.float64
 NULL = -1
 N, L_TOK = 7, 3
+CL = torch.channels_last
 
 
 def _gmm(shift: float) -> sd.toy.GaussianMixture:
@@ -58,6 +61,19 @@ def plain() -> sd.Denoiser:
 def guided(n: int) -> sd.Denoiser:
     den = labelled()
     return sd.guidance.CFG(den, den, 3.0, uncond_kwargs={"y": torch.full((n,), NULL)})
+
+
+def images() -> sd.Denoiser:
+    """The exact denoiser of a 4-d mixture seen as ``(2, 1, 2)`` images, whose net returns its input's
+    memory layout (as a convolutional net does)."""
+    exact = sd.toy.default_benchmark_mixture(dim=4, components=3).denoiser(sd.VP.linear(), shape=(2, 1, 2))
+    return sd.Denoiser(
+        lambda x, t: torch.empty_like(x).copy_(exact.net(x, t)), exact.process, "x0", shape=(2, 1, 2)
+    )
+
+
+def image_noise(n: int) -> torch.Tensor:
+    return torch.randn(n, 2, 1, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
 
 
 def labels(n: int) -> torch.Tensor:
@@ -104,6 +120,52 @@ def _runs(group, n: int, world: int):
     out["first_hitting"] = ds.sample_discrete(
         den, partly_masked(n, proc.mask_id), sampler="first_hitting", group=group, generator=gens(n)
     )
+    rank, again = dist.get_rank(), gens(n)
+    ds.sample(plain(), noise(n), 6, "ddpm", group=group, generator=again)
+    # each rank drew from its shard's generators only: the list's states differ between the ranks now
+    out["again"] = ds.sample(plain(), noise(n), 6, "ddpm", group=group, generator=again)
+    x_T = image_noise(n)  # channels_last on rank 0 alone: the same values, so the same noise
+    out["channels_last"] = ds.sample(
+        images(),
+        x_T.contiguous(memory_format=CL) if rank == 0 else x_T,
+        6,
+        "ddpm",
+        group=group,
+        generator=gens(n),
+    )
+    # noise that differs between the ranks: refused on every rank; a short timeout fails a rank left waiting
+    quick = dist.new_group(timeout=datetime.timedelta(seconds=20))
+    differing = {
+        "x_T": lambda: ds.sample(plain(), noise(n) + rank, 6, group=quick),
+        "x_T's rows": lambda: ds.sample(plain(), noise(n).roll(rank, 0), 6, group=quick),
+        "generator": lambda: ds.sample(
+            plain(), noise(n), 6, "ddpm", group=quick, generator=gens(n, 100 * rank)
+        ),
+        "seed": lambda: ds.sample(plain(), None, 6, "ddpm", group=quick, shape=(n, 2), seed=5 + rank),
+        "x_T or shape": lambda: ds.sample(
+            plain(),
+            noise(n) if rank else None,
+            6,
+            "ddpm",
+            group=quick,
+            generator=gens(n) if rank else None,
+            **({} if rank else {"shape": (n, 2), "seed": 100, "dtype": F64}),
+        ),
+        "tokens": lambda: ds.sample_discrete(
+            den, partly_masked(n, proc.mask_id).roll(rank, 0), 4, group=quick, seed=9
+        ),
+        "discrete seed": lambda: ds.sample_discrete(den, (n, L_TOK), 4, group=quick, seed=9 + rank),
+        "discrete generator": lambda: ds.sample_discrete(
+            den, (n, L_TOK), 4, group=quick, generator=gens(n, 9 + 100 * rank)
+        ),
+    }
+    out["differing"] = {}
+    for key, call in differing.items():
+        try:
+            call()
+            out["differing"][key] = "accepted"
+        except ValueError as e:
+            out["differing"][key] = str(e)
 
     def fail_on_rank_1(state: dict) -> None:
         if dist.get_rank() == 1:
@@ -133,7 +195,13 @@ def _single(n: int) -> dict[str, torch.Tensor]:
     proc = sd.discrete.MaskedProcess(3)
     den = mixture().denoiser(proc)
     cfg = sd.discrete.CFG(den, den, 2.0, uncond_kwargs={"y": torch.full((n,), NULL)})
+    again = gens(n)
+    sd.sample(plain(), noise(n), 6, "ddpm", generator=again)
     return {
+        "again": sd.sample(plain(), noise(n), 6, "ddpm", generator=again),
+        "channels_last": sd.sample(
+            images(), image_noise(n).contiguous(memory_format=CL), 6, "ddpm", generator=gens(n)
+        ),
         "default": sd.sample(plain(), noise(n), 6),
         "ddpm": sd.sample(plain(), noise(n), 6, "ddpm", generator=gens(n)),
         "seed": sd.sample(plain(), x_T, 6, "ddpm", generator=g),
@@ -167,6 +235,25 @@ def test_same_samples_as_one_process(world):
             assert out[key].dtype == want.dtype
             close(out[key], want)
         assert out["bars"] == ((True, True) if rank == 0 else (False, False))
+        # sd.sample keeps a channels_last x_T's layout; so does the gathered batch (was: contiguous)
+        assert single["channels_last"].is_contiguous(memory_format=CL)
+        assert out["channels_last"].is_contiguous(memory_format=CL) == (rank == 0)
+        for key, names in {
+            "x_T": "x_T differs",
+            "x_T's rows": "x_T differs",
+            "generator": "generator differs",
+            "seed": "seed differs",
+            "x_T or shape": "x_T, generator, shape, seed, dtype differ",
+            "tokens": "x_T differs",
+            "discrete seed": "seed differs",
+            "discrete generator": "generator differs",
+        }.items():
+            who = "sample_discrete" if key in ("tokens", "discrete seed", "discrete generator") else "sample"
+            assert out["differing"][key] == (
+                f"distributed.{who}: {names} between the group's ranks; every rank must make the same call: "
+                "the same x_T (the whole batch's), generators seeded alike (not with the rank), the same "
+                "shape=, seed= and dtype=: each rank samples its shard of the batch it is given"
+            )
         x, info = out["shard"]
         close(x, single["ddpm"][starts[rank] : starts[rank] + shards[rank]])
         assert info.nfe == 6  # each rank's evaluations, on its shard: the single-process count

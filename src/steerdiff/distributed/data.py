@@ -32,6 +32,12 @@ The generators live on ``device`` (where the samples are), so the draws need no 
 numbers are those of that device type's generator, for any number of ranks: a CPU and a CUDA generator
 seeded alike draw different numbers, so a GPU run is reproduced on GPUs, not on a CPU.
 
+Every rank must pass the same noise: before sampling, the ranks compare a fingerprint of it in one
+all_reduce of 7 or 8 numbers (:func:`_agree`), and where ``x_T``, the generators, ``shape``, ``seed`` or
+``dtype`` differ between them (an ``x_T`` drawn per rank, generators or a seed offset by the rank, as
+data-parallel scripts make theirs), every rank raises a ``ValueError`` naming them: each would otherwise
+sample its shard of another batch, and the gathered batch would be no one-process run's.
+
 If a rank fails (bad arguments of its shard, a NaN its rows reached), every rank raises: the failing rank
 its own error, the others a ``RuntimeError`` naming it, after one all-reduce of a flag per rank (so no
 rank waits at the gather for one that is gone).
@@ -39,6 +45,8 @@ rank waits at the gather for one that is gone).
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
@@ -47,6 +55,7 @@ from torch import Tensor
 
 from .. import mcmc as _mcmc
 from .._checks import boolean, device_or_none, integer, sample_dtype, sizes
+from .._ops import laid_out_as
 from ..denoiser import Denoiser, check_denoiser, take_kwarg_rows
 from ..discrete import sampling as _discrete
 from ..discrete.denoiser import MaskedDenoiser
@@ -56,7 +65,7 @@ from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T, plan
 from ..sampling import sample as _sample
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
-from .group import Ranks, ranks
+from .group import Ranks, as_bytes, ranks
 
 __all__ = ["sample", "sample_discrete", "seeded"]
 
@@ -137,6 +146,72 @@ def _check_list(who: str, generator: object, n: int, fix: str) -> list[torch.Gen
         f"{who}: generator must be None or a list of one torch.Generator per sample ({n}), so that a "
         f"sample's noise is its own whatever the rank that draws it, got {got}; {fix}"
     )
+
+
+def _digest(value: object) -> int:
+    """A digest of ``repr(value)`` in ``[0, 2**62)``, the same in every process (``hash`` of a string is
+    salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 2
+
+
+def _weights(k: int, device: torch.device) -> Tensor:
+    """``k`` fixed pseudo-random ``int64`` weights in ``[1, 2**20)`` (a multiplicative hash of the index)."""
+    return (torch.arange(k, dtype=torch.int64, device=device) * 2654435761 + 97) % 1048573 + 1
+
+
+_CHUNK = 1 << 22  # bytes of x_T summed at once: the int64 sums take 8 times as much
+
+
+def _fingerprint(x: Tensor) -> Tensor:
+    """Four ``int64`` numbers in ``[0, 2**62)`` on ``x``'s device that tell the batch ``x`` from another: a
+    digest of its shape and dtype, and three sums of its bytes in row-major order (of its values, whatever
+    its memory layout) -- of all of them, weighted by a pseudo-random weight per sample, and weighted by one
+    per byte position within a sample. Integer sums are exact, so the same on every device and for any
+    number of threads (a float sum's rounding depends on its order); ``x`` and a batch of other values
+    differ in them but by chance, one with samples or the positions within one permuted too, unless equal
+    bytes are exchanged. Reads ``x`` once, in chunks of samples (no copy of it whole, as ``int64`` or in
+    another layout)."""
+    n = x.shape[0]
+    width = math.prod(x.shape[1:]) * x.element_size()  # the bytes of one sample
+    rows = torch.empty(n, dtype=torch.int64, device=x.device)
+    cols = torch.zeros(width, dtype=torch.int64, device=x.device)
+    step = max(1, _CHUNK // max(width, 1))
+    for i in range(0, n, step):
+        part = x[i : i + step]
+        block = as_bytes(part).reshape(len(part), width)
+        rows[i : i + step] = block.sum(1)
+        cols += block.sum(0)
+    sums = torch.stack(
+        [rows.sum(), (rows * _weights(n, x.device)).sum(), (cols * _weights(width, x.device)).sum()]
+    )
+    head = torch.tensor([_digest((tuple(x.shape), x.dtype))], device=x.device)
+    return torch.cat([head, sums & ((1 << 62) - 1)])
+
+
+def _agree(who: str, r: Ranks, device: torch.device, x_T: Tensor | None, **given: object) -> None:
+    """Raise a ``ValueError`` on every rank naming the arguments that differ between the ranks of ``r``:
+    ``x_T`` (the batch, or ``None``; :func:`_fingerprint`) and ``given`` (a digest of each value's ``repr``;
+    a list of generators is given as their ``initial_seed()``s: a generator's state moves as its own rank
+    draws from it, so a list passed to a second call is legitimately in other states on other ranks). One
+    all_reduce of ``4 + len(given)`` numbers on ``device``; nothing without a group."""
+    if r.group is None:
+        return
+    head = torch.zeros(4, dtype=torch.int64, device=device) if x_T is None else _fingerprint(x_T).to(device)
+    rest = torch.tensor([_digest(v) for v in given.values()], dtype=torch.int64, device=device)
+    names = ["x_T"] * len(head) + list(given)
+    same = r.alike(torch.cat([head, rest]))
+    if differ := list(dict.fromkeys(name for name, ok in zip(names, same, strict=True) if not ok)):
+        raise ValueError(
+            f"{who}: {', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} between the group's "
+            "ranks; every rank must make the same "
+            "call: the same x_T (the whole batch's), generators seeded alike (not with the rank), the same "
+            "shape=, seed= and dtype=: each rank samples its shard of the batch it is given"
+        )
+
+
+def _seeds(gens: list[torch.Generator] | None) -> list[int] | None:
+    """The generators' ``initial_seed()``s (what :func:`_agree` compares of them)."""
+    return None if gens is None else [g.initial_seed() for g in gens]
 
 
 def _failed(r: Ranks, device: torch.device, me: bool) -> list[int]:
@@ -248,7 +323,9 @@ def sample(
     Args:
         den, steps, solver, schedule, final: as :func:`steerdiff.sample`.
         x_T: the whole batch's initial noise ``(n, *sample_shape)``, the same on every rank (each rank
-            samples its shard's rows); or ``None`` with ``shape`` and ``seed``.
+            samples its shard's rows; compared, as ``generator``, ``shape``, ``seed`` and ``dtype`` are:
+            module docstring); or ``None`` with ``shape`` and ``seed``. The gathered batch is in its memory
+            layout (``channels_last`` stays so).
         group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``) or ``None`` (this
             process alone: :func:`steerdiff.sample` itself); :func:`~steerdiff.distributed.group.ranks`.
         shape, seed: instead of ``x_T``: the batch's shape ``(n, *sample_shape)`` and an integer
@@ -327,6 +404,8 @@ def sample(
                 "every rank the same draws"
             )
 
+        _agree(who, r, where, x_T, generator=_seeds(gens), shape=None, seed=None, dtype=None)
+
         def start(rows: range) -> tuple[Tensor, list[torch.Generator] | None]:
             sl = slice(rows.start, rows.stop)
             return x_T[sl], None if gens is None else gens[sl]
@@ -339,6 +418,7 @@ def sample(
         if den.shape is not None and size[1:] != den.shape:
             raise ValueError(f"{who}: shape has sample shape {size[1:]}, the denoiser expects {den.shape}")
         n, blank = size[0], torch.empty((0, *size[1:]), dtype=dtype_, device=where)
+        _agree(who, r, where, None, generator=None, shape=size, seed=seed_, dtype=dtype_)
 
         def start(rows: range) -> tuple[Tensor, list[torch.Generator] | None]:
             return _draw_seeded(size, seed_, rows, dtype_, where)
@@ -364,6 +444,8 @@ def sample(
         return blank, SampleInfo(0, grid, slv, sched)
 
     x, info = _spread(who, r, n, where, run, empty, gather)
+    if x_T is not None and gather:  # the gather's rows are contiguous
+        x = laid_out_as(x, x_T)
     return (x, info) if return_info else x
 
 
@@ -463,6 +545,15 @@ def sample_discrete(
         )
     first = 0 if seed is None else integer(who, "seed", seed, lo=0)
     gens = _check_list(who, generator, n, "or pass seed=")
+    _agree(
+        who,
+        r,
+        where,
+        tokens if isinstance(x_T, Tensor) else None,
+        shape=size,
+        seed=seed,
+        generator=_seeds(gens),
+    )
 
     def run(rows: range) -> tuple[Tensor, _discrete.SampleInfo]:
         sl = slice(rows.start, rows.stop)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .._checks import integer
 
-__all__ = ["Ranks", "particle_ranks", "ranks"]
+__all__ = ["Ranks", "as_bytes", "particle_ranks", "ranks"]
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,15 @@ class Ranks:
         """The elementwise sum of ``x`` over the ranks (a new tensor)."""
         return self._reduce(x, dist.ReduceOp.SUM)
 
+    def alike(self, values: Tensor) -> list[bool]:
+        """Whether each entry of the 1-d ``int64`` ``values`` (each in ``[0, 2**62)``) is the same on every
+        rank (all ``True`` alone): one all_reduce, the maximum of ``values`` and of ``-values`` (the largest
+        and minus the smallest over the ranks), and one read."""
+        if self.group is None:
+            return [True] * len(values)
+        top = self.max(torch.cat([values, -values]))
+        return (top[: len(values)] == -top[len(values) :]).tolist()
+
     def check_global_rng(self, who: str, device: torch.device) -> None:
         """Raise ``ValueError`` naming ``who`` on every rank unless torch's global RNG of ``device`` (where
         ``generator=None`` draws) is in one state on every rank: a run drawing from it equals the one-process
@@ -190,7 +199,7 @@ class Ranks:
         lengths = [[s[r] * w for s, w in zip(sizes, widths, strict=True)] for r in range(self.size)]
         top = max(sum(each) for each in lengths)
         buf = torch.zeros(top, dtype=torch.uint8, device=tensors[0].device)
-        torch.cat([_bytes(x) for x in moved], out=buf[: sum(lengths[self.rank])])
+        torch.cat([as_bytes(x) for x in moved], out=buf[: sum(lengths[self.rank])])
         parts = [torch.empty_like(buf) for _ in range(self.size)]
         dist.all_gather(parts, buf, group=self.group)
         starts = [0] * self.size
@@ -211,7 +220,7 @@ class Ranks:
         return x
 
 
-def _bytes(x: Tensor) -> Tensor:
+def as_bytes(x: Tensor) -> Tensor:
     """``x``'s elements in row-major order as a flat ``uint8`` tensor (a view where ``x`` is contiguous). A
     tensor of one element is contiguous to torch at any stride (``x0[..., 0]`` of one particle), which a
     view as bytes refuses: it is viewed at stride 1."""
