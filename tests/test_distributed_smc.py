@@ -9,6 +9,7 @@ import contextlib
 import io
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -152,6 +153,33 @@ def _fk_cond(group: Any) -> sd.smc.Particles:
     )  # fmt: skip
 
 
+@dataclass
+class _TimeTable(sd.solvers.DDPM):
+    """A user's solver with a tensor table in its state: DDPM, moved by the table's time of the node less the
+    grid's (0 where the table is read as made). The table has the grid's ``steps + 1`` entries: with 7 steps
+    the 8 flat rows of rank 0 of 2 (4 of 7 particles of 2 rows), with 6 the 14 of one process."""
+
+    def init_state(self, grid: Any) -> dict[str, Any]:
+        return {**super().init_state(grid), "t": torch.tensor(grid.t, dtype=F64)}
+
+    def step(self, model: Any, x: torch.Tensor, i: int, grid: Any, state: dict[str, Any]) -> Any:
+        out = super().step(model, x, i, grid, state)
+        shift = float(state["t"][i]) - grid.t[i]
+        return (
+            sd.solvers.Transition(out.mean + shift, out.std)
+            if isinstance(out, sd.solvers.Transition)
+            else out
+        )
+
+
+def _fk_table(group: Any, solver: str | sd.solvers.Solver | None = None, steps: int = 7) -> sd.smc.Particles:
+    # resamples at every node; the table's 8 entries are rank 0's rows on 2 ranks: were gathered by it alone
+    return sd.smc.fk_steering(
+        DEN, linear, lam=3.0, shape=(2, 2), particles=N, steps=steps, solver=solver or _TimeTable(),
+        ess_threshold=1.0, dtype=F64, generator=gens(True, 13), group=group,
+    )  # fmt: skip
+
+
 RUNS: dict[str, Callable[[Any], sd.smc.Particles]] = {
     "fk_steering difference": _fk_difference,
     "fk_steering max": _fk_max,
@@ -164,6 +192,7 @@ RUNS: dict[str, Callable[[Any], sd.smc.Particles]] = {
     "fkc_anneal": _fkc,
     "fk_steering generator=None": _fk_global,
     "sliced_grad gather": _centred,
+    "a solver's tensor table": _fk_table,
 }
 # equal to 1e-12 (rounding of slices of other sizes); the others bitwise
 ROUNDED = {"tds max_batch", "sliced_grad gather"}
@@ -303,6 +332,16 @@ def test_spread_runs_equal_the_single_process_run(alone, world):
         # last rank alone, leaving the others waiting at their next collective)
         assert said[6] == _nan_message(None)
         assert said[6].startswith("the model returned NaN/inf at step ")
+
+
+def test_a_solver_table_of_the_rows_count_stays_a_table():
+    """A tensor the solver's init_state made is a constant, not per-particle, though its first dimension is
+    the flat rows' count (14 = 2 rows x 7 particles, 13 steps): the run is DDPM's. Was: permuted with the
+    particles at each resampling (1.97 from DDPM; on 2 ranks at 7 steps gathered by rank 0 alone)."""
+    for steps in (6, 13):
+        want = _fk_table(None, "ddpm", steps)
+        got = _fk_table(None, steps=steps)
+        assert torch.equal(got.x, want.x) and torch.equal(got.log_w, want.log_w)
 
 
 def test_the_runs_compared_resample_and_select(alone):

@@ -83,7 +83,9 @@ Per-particle solver state (multistep histories, SA-Solver's corrector term) is r
 particles: every tensor in the solver's state dict whose first dimension is ``batch * particles`` is
 permuted, nested in dicts, lists, tuples (namedtuples too), ``collections.deque``, dataclasses,
 :class:`~steerdiff.solvers.base.History` and :class:`~steerdiff.denoiser.Prediction`; Python numbers
-are schedule constants. Any other object holding a tensor (a user class) is refused with a
+are schedule constants, and so are the tensors of ``Solver.init_state(grid)`` (made from the grid before
+any particle exists: a table of the grid's ``steps + 1`` times is not permuted where that is the particles'
+count) as long as the state holds them. Any other object holding a tensor (a user class) is refused with a
 ``ValueError``: its tensors would stay with the old particles.
 
 **Ranks** (``group=``, a ``torch.distributed`` process group; every rank makes the same call): rank
@@ -113,9 +115,10 @@ the algorithm's state), and the prediction and the parents when a hook reads the
 particles and rewards at the end.
 fk_steering on the CPU so makes 1 + ``steps + 1`` (its weighted nodes) + its nodes with an event + 1. Every
 rank receives the whole system's state, where an exchange of the rows that move would send less. A
-solver-state tensor is per-particle where its first dimension is the rank's ``batch * n_r`` rows: keep
-schedule constants Python numbers (as every built-in solver does), for a constant tensor of that length
-would be gathered by the ranks of that shard size alone. Whether ``max_batch`` slices (``sliced_grad``)
+solver-state tensor is per-particle where its first dimension is the rank's ``batch * n_r`` rows, but for
+the constants of ``init_state`` (alike on every rank): keep a constant tensor a step makes a Python number
+(as every built-in solver does), for one of that length would be gathered by the ranks of that shard size
+alone. Whether ``max_batch`` slices (``sliced_grad``)
 is decided on the whole system's ``batch * N`` rows, alike on every rank; ``progress`` shows rank 0's bar.
 Hooks that act across a row's particles read every rank's with :meth:`StepContext.gather` (and their own
 share of a result with :attr:`StepContext.shard`): ``resample`` receives the global ``log_w`` ``(batch,
@@ -808,13 +811,10 @@ def _holds_tensor(obj: Any, seen: set[int]) -> bool:
     return any(_holds_tensor(v, seen) for v in parts)
 
 
-def _take(obj: Any, idx: Tensor, n: int) -> Any:
-    """``obj`` with every tensor whose first dimension is ``n`` indexed by ``idx`` along it."""
-    return _map(obj, lambda v: v.index_select(0, idx) if v.ndim > 0 and v.shape[0] == n else v)
-
-
 def _detach(obj: Any) -> Any:
-    return _map(obj, Tensor.detach)
+    """``obj`` with its tensors detached; those without a graph kept as they are (the same objects: the
+    constants :meth:`_Run.keep` marks stay marked)."""
+    return _map(obj, lambda v: v.detach() if v.requires_grad else v)
 
 
 class _Run:
@@ -846,6 +846,18 @@ class _Run:
         self._unagreed: list[tuple[Tensor, int]] = []
         self._agreed_calls = 0
         self.sliced_grad = False  # the step runs without a graph; value_grad differentiates in slices
+        self._constants: dict[int, Tensor] = {}  # by id, held so that no other tensor takes the id
+
+    def keep(self, state: Any) -> None:
+        """Mark the tensors of ``state`` (the solver's ``init_state(grid)``, made before any particle) as
+        constants: :meth:`take` leaves them, whatever their first dimension. Else a table of the grid's
+        ``steps + 1`` values would be permuted where that is the particles' count, and with ``group`` gathered
+        by the ranks of that shard size alone (the others' packing then out of step with theirs)."""
+        map_state(state, lambda v: self._constants.setdefault(id(v), v), lambda other: other)
+
+    def _per_particle(self, v: Tensor) -> bool:
+        """Whether ``v`` has one row per particle of this rank (``batch * particles``), not a constant."""
+        return v.ndim > 0 and v.shape[0] == self.batch * self.particles and id(v) not in self._constants
 
     @property
     def chunked(self) -> bool:
@@ -906,23 +918,22 @@ class _Run:
 
     def take(self, obj: Any, idx: Tensor) -> Any:
         """``obj`` (a transition, a prediction, solver state, a tuple of those) with every tensor of this
-        rank's flat rows taken at the system's flat rows ``idx`` (the whole system's ``batch * n_all``; with
-        ``group`` every such tensor is gathered, all in one :meth:`gather`); other tensors are kept."""
-        n = self.batch * self.particles
+        rank's flat rows (:meth:`_per_particle`) taken at the system's flat rows ``idx`` (the whole system's
+        ``batch * n_all``; with ``group`` every such tensor is gathered, all in one :meth:`gather`); other
+        tensors are kept."""
         if self.ranks.group is None:
-            return _take(obj, idx, n)
+            return _map(obj, lambda v: v.index_select(0, idx) if self._per_particle(v) else v)
         mine: list[Tensor] = []
 
         def collect(v: Tensor) -> Tensor:
-            if v.ndim > 0 and v.shape[0] == n:
+            if self._per_particle(v):
                 mine.append(v)
             return v
 
         _map(obj, collect)
         whole = iter(self.gather([self.rows(v) for v in mine]))
         return _map(
-            obj,
-            lambda v: next(whole).flatten(0, 1).index_select(0, idx) if v.ndim > 0 and v.shape[0] == n else v,
+            obj, lambda v: next(whole).flatten(0, 1).index_select(0, idx) if self._per_particle(v) else v
         )
 
     def reward(self, z: Tensor, i: int) -> Tensor:
@@ -1211,6 +1222,7 @@ def run_smc(
         who, grid, model, evaluator, reward, batch, n_mine, sample_shape, max_batch, spread, n_part, x.device
     )
     solver_state = slv.init_state(grid)
+    run.keep(solver_state)
     alg_state = algorithm.init_state(run.rows(x))
 
     wdev = x.device
