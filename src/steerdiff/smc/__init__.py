@@ -9,12 +9,15 @@
 * :func:`best_of_n`, :func:`code` -- best-of-N and blockwise best-of-N (CoDe, Singh et al. 2025).
 * :func:`tds` -- the twisted diffusion sampler (Wu et al. 2023).
 * :func:`svdd` -- soft value-based decoding (Li et al. 2024).
+* :func:`dts` -- Diffusion Tree Sampling and, with ``greedy=True``, Diffusion Tree Search (Jain et al. 2025);
+  :class:`TreeSamples` its result.
 * :func:`psi_sampler` -- FK steering from pCNL draws of the reward-twisted prior (Ψ-Sampler, Yoon et al.
   2025); :func:`twisted_prior` draws those initial particles.
 """
 
 from . import resample
 from .best_of_n import BestOfN, CoDe, best_of_n, code
+from .dts import TreeSamples, dts
 from .fk_correctors import Composition, FKCorrector, FKCStepLimit, fkc, fkc_anneal, fkc_cfg, fkc_product
 from .fk_steering import POTENTIALS, FKSteering, fk_steering
 from .particles import (
@@ -48,9 +51,11 @@ __all__ = [
     "SMCAlgorithm",
     "StepContext",
     "Trace",
+    "TreeSamples",
     "Twist",
     "best_of_n",
     "code",
+    "dts",
     "ess",
     "fk_steering",
     "fkc",
