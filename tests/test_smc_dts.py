@@ -198,6 +198,8 @@ def test_per_row_conditions_follow_the_rows_of_each_call():
         ({"widening": (2.0, 1.5)}, r"dts: widening\[1\] must be"),
         ({"widening": 2.0}, r"dts: widening must be \(C, alpha\)"),
         ({"exploration": -1.0}, r"dts: exploration must be"),
+        ({"branch": {4}}, r"dts: branch must be None or a set of grid nodes i, 0 <= i < steps = 4"),
+        ({"branch": 2}, r"dts: branch must be None or a set"),
         ({"solver": "ddim"}, r"dts needs a stochastic solver"),
         ({"solver": "er_sde"}, r"dts: solver 'er_sde' keeps a per-trajectory history"),
         ({"shape": (2, 3)}, r"dts: shape has sample shape \(3,\)"),
@@ -221,7 +223,7 @@ class _Node:
         self.x, self.i, self.children, self.v, self.n = x, i, [], 0.0, 1.0
 
 
-def _reference(lam, rollouts, steps, widening, greedy, g, samples):
+def _reference(lam, rollouts, steps, widening, greedy, g, samples, branch):
     """Alg. 1 then Alg. 2 of the paper as written, a node object per state, drawing from ``g`` in dts's order
     (per rollout: the selection uniforms, then x_T or the step noise); returns the draws, the root's value and
     the best terminal reward."""
@@ -240,7 +242,9 @@ def _reference(lam, rollouts, steps, widening, greedy, g, samples):
     for _ in range(rollouts):
         u = None if greedy else torch.rand(steps + 1, generator=g, dtype=F64)
         path = [root]
-        while path[-1].i < steps and len(path[-1].children) >= c_w * path[-1].n ** alpha:  # selection
+        while path[-1].i < steps and len(path[-1].children) >= (  # selection
+            c_w * path[-1].n ** alpha if path[-1].i < 0 or path[-1].i in branch else 1
+        ):
             path.append(pick(path[-1], None if greedy else u[path[-1].i + 1], 1.0))
         while path[-1].i < steps:  # expansion and rollout
             node = path[-1]
@@ -269,18 +273,25 @@ def _reference(lam, rollouts, steps, widening, greedy, g, samples):
 
 
 @pytest.mark.parametrize(
-    ("greedy", "widening"), [(False, (1.0, 0.5)), (False, (2.0, 0.8)), (True, (1.0, 0.3))]
+    ("greedy", "widening", "branch"),
+    [
+        (False, (1.0, 0.5), None),
+        (False, (2.0, 0.8), None),
+        (True, (1.0, 0.3), None),
+        (False, (1.0, 0.5), {0, 3}),
+    ],
 )
-def test_the_tensor_forest_is_the_papers_tree(greedy, widening):
+def test_the_tensor_forest_is_the_papers_tree(greedy, widening, branch):
     """dts's trees, kept as tensors by depth and grown in lockstep over rows, equal the pointer-based
     reference draw for draw: the draws and the best reward exactly, the root's value to rounding."""
     samples = 1 if greedy else 20
     for seed in range(2):
         out = sd.smc.dts(
             DEN, reward, 1.5, shape=(1, 1), rollouts=40, samples=samples, steps=5, widening=widening,
-            greedy=greedy, dtype=F64, generator=gens(1, seed),
+            branch=branch, greedy=greedy, dtype=F64, generator=gens(1, seed),
         )  # fmt: skip
-        draws, value, best = _reference(1.5, 40, 5, widening, greedy, gens(1, seed)[0], samples)
+        every = range(5) if branch is None else branch
+        draws, value, best = _reference(1.5, 40, 5, widening, greedy, gens(1, seed)[0], samples, every)
         assert out.x[0, :, 0].tolist() == draws
         assert math.isclose(float(out.value[0]), value, rel_tol=1e-12, abs_tol=1e-14)
         assert float(out.best_reward[0]) == best
@@ -301,13 +312,15 @@ def main() -> None:
         )
         p_bon = bon.mean((bon.x[..., 0] > 0).to(F64))
         p_dts, se_dts = plus_weight(LAM, n, (2.0, 0.8), rows)
+        p_deep, se_deep = plus_weight(LAM, n, (1.0, 0.5), rows)
         star = sd.smc.dts(
             DEN, reward, 10.0, shape=(rows, 1), rollouts=n, steps=STEPS, greedy=True, widening=(1.0, 0.3),
             dtype=F64, generator=gens(rows, 100),
         )  # fmt: skip
         best = bon.reward.max(1).values
         print(
-            f"NFE {n * STEPS}: + weight dts {p_dts:.3f} +- {se_dts:.3f}, fk_steering {float(p_fk.mean()):.3f}"
+            f"NFE {n * STEPS}: + weight dts {p_dts:.3f} +- {se_dts:.3f} (widening (1, 0.5): {p_deep:.3f} +- "
+            f"{se_deep:.3f}), fk_steering {float(p_fk.mean()):.3f}"
             f" +- {float(p_fk.std()) / rows**0.5:.3f}, best_of_n {float(p_bon.mean()):.3f}; max reward dts* "
             f"{float(star.best_reward.mean()):.3f} (nfe {float(star.row_nfe.to(F64).mean()):.0f}), "
             f"best_of_n {float(best.mean()):.3f} +- {float(best.std()) / rows**0.5:.3f}"

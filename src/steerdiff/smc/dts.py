@@ -14,7 +14,8 @@ Bellman equation on the tree, in reward units,
 ``V_i(x_i) = (1 / lam) log E[exp(lam r(x_S)) | x_i]`` that is exact as the children grow.
 Each rollout (one tree-building iteration, Alg. 1), per batch row:
 
-    selection:  from the root, while |C(x)| >= C N(x)^alpha (widening) and x is not terminal,
+    selection:  from the root, while |C(x)| >= C N(x)^alpha (widening; 1 off the ``branch`` nodes)
+                and x is not terminal,
                 go to a child: DTS draws it ∝ exp(lam v(c)) (Boltzmann); DTS* takes
                 argmax_c v(c) + exploration sqrt(log N(x) / N(c))    (UCT)
     expansion:  at the first node x_i with fewer children (progressive widening), a new child
@@ -34,7 +35,8 @@ the draws are those samples resampled by ``exp(lam r)`` (exact as they grow). La
 branches whose values came out high and average that luck away, while the branches that scored low are
 rarely revisited and keep theirs: at finite budgets the draws under-weight the high-reward region (a
 two-mode 1-D mixture whose tilted law puts 0.761 on one mode: 0.751 +- 0.005 at 64 rollouts of 10 DDPM
-steps, 0.732 +- 0.004 at 256; FK steering at the same NFE 0.765 +- 0.003). The bias vanishes only as every
+steps, 0.732 +- 0.004 at 256; FK steering at the same NFE 0.765 +- 0.003; widening (1, 0.5), whose
+trees branch deeper, 0.654 +- 0.009 and 0.668 +- 0.005). The bias vanishes only as every
 branch is revisited (Prop. 1 is asymptotic).
 
 Cost. A rollout whose expansion is at grid node ``i`` takes the ``S - i`` solver steps from ``x_i``
@@ -62,6 +64,8 @@ alone): ``ddpm``, ``euler_ancestral``, ``euler_maruyama``, ``DDIM(eta > 0)``, ``
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,6 +301,20 @@ def _check_widening(who: str, widening: object) -> tuple[float, float]:
     )
 
 
+def _check_branch(who: str, branch: object, steps: int) -> list[bool]:
+    """Whether the nodes at each depth ``0..S`` may branch: the root, and the grid nodes of ``branch``."""
+    if branch is None:
+        return [True] * (steps + 1)
+    if isinstance(branch, set | frozenset | list | tuple | range) and all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= int(i) < steps for i in branch
+    ):
+        nodes = {int(i) for i in branch}
+        return [True] + [i in nodes for i in range(steps)]
+    raise ValueError(
+        f"{who}: branch must be None or a set of grid nodes i, 0 <= i < steps = {steps}, got {branch!r:.60}"
+    )
+
+
 def dts(
     den: Denoiser,
     reward: Reward,
@@ -307,6 +325,7 @@ def dts(
     samples: int = 1,
     greedy: bool = False,
     widening: tuple[float, float] = (2.0, 0.8),
+    branch: Iterable[int] | None = None,
     exploration: float = 1.0,
     steps: int = 50,
     solver: str | Solver = DEFAULT_SOLVER,
@@ -332,6 +351,10 @@ def dts(
         widening: ``(C, alpha)`` of progressive widening, a node of ``N`` visits branching while it has
             fewer than ``C N^alpha`` children (``alpha = 0``: at most ``ceil(C)`` children); the paper's
             ``(2, 0.8)`` by default.
+        branch: the grid nodes ``i`` (``0 <= i < steps``) whose states may have several children, the
+            paper's branching schedule (its Sec. F.1 branches 100-step runs every 20 steps,
+            ``branch=range(0, 100, 20)``); the others keep the one child their first rollout gave them.
+            ``None``: every node. The root (the initial noise's parent) always branches.
         exploration: DTS*'s UCT constant ``c_uct >= 0`` (unused by DTS).
         steps, solver, schedule, final: the base sampler's grid and a stochastic solver without history.
         dtype, device: of the states (torch's default dtype, CPU).
@@ -366,6 +389,7 @@ def dts(
     widen_c, widen_alpha = _check_widening(who, widening)
     exploration = real(who, "exploration", exploration, lo=0)
     steps = integer(who, "steps", steps, lo=1)
+    branches = _check_branch(who, branch, steps)
     final = choice(who, "final", final, FINALS)
     progress = boolean(who, "progress", progress)
     in_dtype = torch.get_default_dtype() if dtype is None else sample_dtype(who, "dtype", dtype)
@@ -389,9 +413,8 @@ def dts(
         start = torch.full((batch,), steps + 2, dtype=torch.long, device=x_like.device)
         going = torch.ones(batch, dtype=torch.bool, device=x_like.device)
         for d in range(steps + 1):  # selection (Alg. 1, lines 8-13) from the node at depth d
-            widen = going & (
-                forest.at(forest.children, d) < widen_c * forest.at(forest.visits, d) ** widen_alpha
-            )
+            limit = widen_c * forest.at(forest.visits, d) ** widen_alpha if branches[d] else 1.0
+            widen = going & (forest.at(forest.children, d) < limit)
             start = torch.where(widen, d + 1, start)
             going &= ~widen
             if not bool(going.any()):
