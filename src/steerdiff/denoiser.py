@@ -48,6 +48,7 @@ __all__ = [
     "check_call",
     "consistency_noise",
     "consistency_process",
+    "predict_rows",
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
@@ -412,6 +413,27 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser(prediction={self.prediction!r}, process={self.process!r})"
+
+
+def predict_rows(
+    den: Denoiser,
+    x: Tensor,
+    t_rows: Tensor,
+    rows: Tensor,
+    n: int,
+    net_dtype: torch.dtype | None,
+    cond: dict[str, Any],
+) -> tuple[Prediction, int]:
+    """One batched call of ``den`` on ``x`` whose row ``r`` is at process time ``t_rows[r]`` (float64) and is
+    sample ``rows[r]`` of a batch of ``n`` (its per-sample state and ``cond``'s tensors taken at ``rows``:
+    :meth:`Denoiser.take_rows`, :func:`take_kwarg_rows`), the net in ``net_dtype`` (``None``: ``x``'s;
+    :meth:`Denoiser.evaluate`): the prediction and the call's cost in network evaluations. What
+    :func:`steerdiff.paradigms` (a window of grid nodes) and :func:`steerdiff.solvers.dpm_adaptive` (each
+    sample at its own time) call."""
+    part = den.take_rows(rows, n)
+    kwargs = take_kwarg_rows(cond, rows, n)
+    pred = part(x, t_rows, **kwargs) if net_dtype is None else part.evaluate(x, t_rows, net_dtype, **kwargs)
+    return pred, part.cost
 
 
 def edm_noise(t: Tensor) -> Tensor:

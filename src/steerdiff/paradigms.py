@@ -88,7 +88,7 @@ from tqdm.auto import tqdm
 from . import solvers as _solvers
 from ._checks import boolean, integer, real
 from ._ops import laid_out_as
-from .denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
+from .denoiser import Denoiser, Prediction, check_denoiser, predict_rows
 from .distributed.group import Ranks, ranks
 from .noise import NoiseSource, PerSampleNoise, check_rows, make_noise
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan
@@ -319,23 +319,6 @@ def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
 Window = tuple[Tensor, bool, Tensor | None, int]
 
 
-def _window_prediction(
-    den: Denoiser,
-    xs: Tensor,
-    t_rows: Tensor,
-    rows: Tensor,
-    n: int,
-    net_dtype: torch.dtype | None,
-    cond: dict[str, Any],
-) -> tuple[Prediction, int]:
-    """One batched call on the stacked window ``xs`` (row ``r`` at time ``t_rows[r]``, sample ``rows[r]``
-    of the batch of ``n``): the prediction and the call's cost in network evaluations."""
-    part = den.take_rows(rows, n)
-    kwargs = take_kwarg_rows(cond, rows, n)
-    pred = part(xs, t_rows, **kwargs) if net_dtype is None else part.evaluate(xs, t_rows, net_dtype, **kwargs)
-    return pred, part.cost
-
-
 def _evaluate(
     den: Denoiser,
     xs: Tensor,
@@ -346,9 +329,9 @@ def _evaluate(
     cond: dict[str, Any],
     group: Ranks,
 ) -> Window:
-    """:func:`_window_prediction` with the rows split over ``group``'s ranks and gathered on each (all of
-    them on every rank where there are fewer rows than ranks): the given estimate, whether it is ``x0``, the
-    learned-variance interpolation and the call's cost.
+    """:func:`~steerdiff.denoiser.predict_rows` with the rows split over ``group``'s ranks and gathered on
+    each (all of them on every rank where there are fewer rows than ranks): the given estimate, whether it is
+    ``x0``, the learned-variance interpolation and the call's cost.
 
     One all_gather per call (:meth:`~steerdiff.distributed.group.Ranks.gather_many`): each rank's shard of
     its given estimate (and variance) with a row of flags -- its call's cost, whether its estimate is
@@ -362,7 +345,7 @@ def _evaluate(
     every rank, for a case of a few windows of guidance with an interval)."""
     total = xs.shape[0]
     if group.size == 1 or total < group.size:
-        pred, cost = _window_prediction(den, xs, t_rows, rows, n, net_dtype, cond)
+        pred, cost = predict_rows(den, xs, t_rows, rows, n, net_dtype, cond)
         return pred.given, pred.x0_given, pred.var_interp, cost
     mine = group.shard(total)
 
@@ -376,7 +359,7 @@ def _evaluate(
         return group.gather_many([*sent, row], [total] * len(sent) + [group.size])
 
     try:
-        pred, cost = _window_prediction(den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond)
+        pred, cost = predict_rows(den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond)
     except Exception:  # raised once every rank knows, rather than leave them waiting at the gather
         zeros = xs.new_zeros(xs[mine].shape)
         gather(zeros, zeros if den.learned_variance else None, [0, 0, 0, 1])
@@ -482,7 +465,7 @@ def _stage_passes(
         xs = torch.cat([ask.x for _, ask in asks])
         t_rows = torch.cat([torch.full((len(ask.x),), ask.t, dtype=torch.float64) for _, ask in asks])
         samples = torch.cat([torch.arange(n)[jobs[a][2]] for a, _ in asks]).to(xs.device)
-        pred, cost = _window_prediction(stages.denoiser, xs, t_rows, samples, n, net_dtype, cond)
+        pred, cost = predict_rows(stages.denoiser, xs, t_rows, samples, n, net_dtype, cond)
         costs.append(cost)
         sizes = [len(ask.x) for _, ask in asks]
         var = [None] * len(asks) if pred.var_interp is None else pred.var_interp.split(sizes)

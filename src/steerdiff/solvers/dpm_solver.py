@@ -101,10 +101,37 @@ def weights(algorithm: str) -> Callable[[int, float], float]:
     return hphi if algorithm == "dpmsolver++" else hphi_eps
 
 
+def midpoint_weight(algorithm: str, h: float, h1: float) -> float:
+    """DPM-Solver-2 / DPM-Solver++(2S)'s ``c`` of ``c (f_1 - f_s)`` over ``h`` with the intermediate estimate
+    ``f_1`` at ``lam_s + h1`` (``r_1 = h1 / h``): ``S = W_1(h) [f_s + (f_1 - f_s) / (2 r_1)]``."""
+    return weights(algorithm)(1, h) * h / (2 * h1)
+
+
 def midpoint_correction(algorithm: str, h: float, h1: float, f_s: Tensor, f_1: Tensor) -> Correction:
-    """DPM-Solver-2 / DPM-Solver++(2S)'s term ``c D`` over ``h`` with the intermediate estimate ``f_1`` at
-    ``lam_s + h1`` (``r_1 = h1 / h``): ``S = W_1(h) [f_s + (f_1 - f_s) / (2 r_1)]``."""
-    return weights(algorithm)(1, h) * h / (2 * h1), f_1 - f_s
+    """DPM-Solver-2 / DPM-Solver++(2S)'s term ``c D`` (:func:`midpoint_weight`, ``D = f_1 - f_s``)."""
+    return midpoint_weight(algorithm, h, h1), f_1 - f_s
+
+
+def third_order_weight(algorithm: str, h: float, h_a: float) -> float:
+    """DPM-Solver-3's ``c`` of ``c (f_a - f_s)`` over ``h`` with the estimate ``f_a`` at ``lam_s + h_a``:
+    ``S = W_1(h) f_s + W_2(h) (f_a - f_s) / h_a`` (Alg. 2: ``u_2`` from ``f_1``, the final update from
+    ``f_2``)."""
+    return weights(algorithm)(2, h) / h_a
+
+
+def update_weights(
+    algorithm: str, frm: Coefficients, to: Coefficients, from_x0: bool, c: float | None
+) -> tuple[float, float, float]:
+    """``(a, b, d)`` of the update from the level ``frm`` to ``to``, ``a x_s + b g + d D``: the first-order
+    step from ``g = x0_s`` (``from_x0``: data prediction, or an ``x0`` the net gave) or ``g = eps_s``, plus
+    the higher-order term ``c D`` of ``S`` (``c = None``: none; module docstring)."""
+    (alpha_s, sigma_s, lam_s), (alpha_a, sigma_a, lam_a) = frm, to
+    h = lam_a - lam_s
+    scale = alpha_a if algorithm == "dpmsolver++" else -alpha_a * sigma_s / alpha_s  # -sigma_a e^h
+    d = 0.0 if c is None else scale * c
+    if from_x0:  # DDIM from x0: (sigma_a / sigma_s) x_s + alpha_a hphi(1, h) x0_s
+        return sigma_a / sigma_s, alpha_a * hphi(1, h), d
+    return alpha_a / alpha_s, scale * hphi_eps(1, h), d  # (alpha_a / alpha_s) (x_s - sigma_s hphi_eps eps_s)
 
 
 def update(
@@ -119,18 +146,12 @@ def update(
     """The update from the level ``frm`` (state ``x``, estimate ``f``; ``x0``: the net's there, or ``None``)
     to ``to``: the first-order step plus ``corr = (c, D)``, the term ``c D`` of ``S`` (module docstring).
     """
-    (alpha_s, sigma_s, lam_s), (alpha_a, sigma_a, lam_a) = frm, to
-    h = lam_a - lam_s
     if algorithm == "dpmsolver++":
-        scale, x0 = alpha_a, f
-    else:
-        scale = -alpha_a * sigma_s / alpha_s  # -sigma_a e^h
-    if x0 is not None:  # DDIM from x0: (sigma_a / sigma_s) x_s + alpha_a hphi(1, h) x0_s
-        out = axpby(sigma_a / sigma_s, x, alpha_a * hphi(1, h), x0)
-    else:  # DDIM from eps: (alpha_a / alpha_s) (x_s - sigma_s hphi_eps(1, h) eps_s)
-        out = axpby(alpha_a / alpha_s, x, scale * hphi_eps(1, h), f)
+        x0 = f
+    a, b, d = update_weights(algorithm, frm, to, x0 is not None, None if corr is None else corr[0])
+    out = axpby(a, x, b, f if x0 is None else x0)
     if corr is not None:
-        out.add_(corr[1], alpha=scale * corr[0])
+        out.add_(corr[1], alpha=d)
     return out
 
 
@@ -207,11 +228,10 @@ class DPMSolver(Solver):
         (j, k), fs = state["jk"], state["f"]
         lam = grid.lam
         h = lam[i + 1] - lam[j]
-        w = weights(self.algorithm)
         corr: Correction = None  # S = W_1(h) f_s + corr[0] corr[1]; none at first order (u_1, or k = 1)
         if i == j + 1 and (k == 2 or self.second_stage == "midpoint"):  # 2S, to t or to u_2
             corr = midpoint_correction(self.algorithm, h, lam[j + 1] - lam[j], fs[0], fs[1])
         elif i > j:  # DPM-Solver-3: u_2 (i = j + 1) or the final update from f_2 (i = j + 2)
-            corr = (w(2, h) / (lam[i] - lam[j]), fs[-1] - fs[0])
+            corr = (third_order_weight(self.algorithm, h, lam[i] - lam[j]), fs[-1] - fs[0])
         frm, to = node_coefficients(grid, j), node_coefficients(grid, i + 1)
         return update(self.algorithm, frm, to, state["x"], fs[0], state["x0"], corr)
