@@ -14,6 +14,7 @@ from .ddim import DDIM
 from .ddpm import DDPM
 from .deis import DEIS
 from .dpm_2 import DPMSolver2
+from .dpm_adaptive import AdaptiveInfo, dpm_adaptive
 from .dpm_solver import DPMSolver
 from .dpmpp import DPMSolverPPMultistep
 from .dpmpp_sde import DPMSolverSDE, DPMSolverSDEMultistep
@@ -40,6 +41,7 @@ __all__ = [
     "LMS",
     "PNDM",
     "TCD",
+    "AdaptiveInfo",
     "DPMSolver",
     "DPMSolver2",
     "DPMSolverPPMultistep",
@@ -62,6 +64,7 @@ __all__ = [
     "Transition",
     "UniPC",
     "available",
+    "dpm_adaptive",
     "get",
     "make_grid",
     "step_order",
