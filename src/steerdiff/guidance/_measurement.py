@@ -73,6 +73,14 @@ class MeasurementGuided(Guided):
         self._y: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.noise_std = real(who, "noise_std", s, lo=0)
 
+    def check_pinv(self) -> None:
+        """A ``ValueError`` naming the class unless the operator has a pseudo-inverse (methods that
+        replace or project the measured component need ``A^+``)."""
+        try:
+            self.operator.pinv(self.y.reshape(-1, *self.operator.shape_out)[:1])
+        except NotImplementedError as err:
+            raise ValueError(f"{type(self).__name__}: the operator has no pseudo-inverse ({err})") from err
+
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with a per-sample ``y`` of ``n`` rows taken at ``rows``, around ``base.take_rows(rows,
         n)``; itself where nothing changes. A ``y`` of ``len(rows)`` rows for integer ``rows`` (the

@@ -82,10 +82,7 @@ class RePaint(MeasurementGuided):
     ) -> None:
         super().__init__(base, operator, y)
         generator = check_generators("RePaint", generator)
-        try:
-            operator.pinv(self.y.reshape(-1, *operator.shape_out)[:1])
-        except NotImplementedError as err:
-            raise ValueError(f"RePaint: the operator has no pseudo-inverse ({err})") from err
+        self.check_pinv()
         self.generator = generator
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
