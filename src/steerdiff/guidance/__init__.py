@@ -6,6 +6,7 @@ from .boundary import ConsistencyBoundary
 from .cfg import CADS, CFG
 from .classifier import ClassifierGuidance, RewardGuidance
 from .dps import DPS
+from .lanpaint import LanPaint, lanpaint_nfe
 from .mcg import MCG
 from .pcg import pcg
 from .pigdm import PiGDM
@@ -21,6 +22,7 @@ __all__ = [
     "ConsistencyBoundary",
     "DynamicThreshold",
     "Guided",
+    "LanPaint",
     "PiGDM",
     "RePaint",
     "RewardGuidance",
@@ -28,6 +30,7 @@ __all__ = [
     "add_score",
     "denoise_with_grad",
     "grad_on",
+    "lanpaint_nfe",
     "pcg",
     "repaint_nfe",
     "repaint_sample",

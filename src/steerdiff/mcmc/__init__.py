@@ -5,7 +5,8 @@
 >>> sd.sample(den, x_T, steps=10, solver="ddim", corrector="ula", corrector_steps=1, snr=0.16)
 
 :mod:`~steerdiff.mcmc.langevin` (ULA, MALA), :mod:`~steerdiff.mcmc.hmc` (HMC),
-:mod:`~steerdiff.mcmc.pcnl` (pCNL, for a Gaussian reference times a likelihood), the shared state
+:mod:`~steerdiff.mcmc.pcnl` (pCNL, for a Gaussian reference times a likelihood),
+:mod:`~steerdiff.mcmc.lanpaint` (LanPaint's moves for inpainting), the shared state
 and loop in :mod:`~steerdiff.mcmc.base`, the predictor-corrector hook of :func:`steerdiff.sample`
 in :mod:`~steerdiff.mcmc.corrector`.
 """
@@ -14,6 +15,7 @@ from .base import ChainInfo, Kernel, Point, Target, chain, snr_step_size
 from .corrector import available, check_corrector, correct, get
 from .hmc import HMC
 from .langevin import MALA, ULA
+from .lanpaint import BiGLangevin, Projected
 from .pcnl import PCNL
 
 __all__ = [
@@ -21,9 +23,11 @@ __all__ = [
     "MALA",
     "PCNL",
     "ULA",
+    "BiGLangevin",
     "ChainInfo",
     "Kernel",
     "Point",
+    "Projected",
     "Target",
     "available",
     "chain",

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._checks import integer, real
 from .._ops import first_false
 from ..noise import NoiseSource, check_fixed_time, check_generators, make_noise
-from ..solvers.base import NonFiniteError
+from ..solvers.base import Model, NonFiniteError
 
 __all__ = [
     "ChainInfo",
@@ -293,6 +293,18 @@ class Kernel:
         self.generator = check_generators(type(self).__name__, self.generator)
         if self.log_prob is not None and not callable(self.log_prob):
             raise ValueError(f"{type(self).__name__}: log_prob must be callable (x, t) -> (n,)")
+
+    def target(self, model: Model, t: float, sigma: float, step: int) -> Target:
+        """What the moves at node ``t`` (noise level ``sigma``, after solver ``step``) target in
+        :func:`~steerdiff.mcmc.correct`: the kernel's ``log_prob(x, t)``, else the denoiser's score
+        ``-eps / sigma`` (one counted call of ``model`` per evaluation). A kernel with a target of its own
+        (:class:`~steerdiff.mcmc.BiGLangevin`) overrides it."""
+        if self.log_prob is not None:
+            log_prob = self.log_prob
+            return Target(
+                lambda y: log_prob(y, t), name=f"sample: the corrector {type(self).__name__}'s log_prob(x, t)"
+            )
+        return Target(score=lambda y: model(y, t, step).eps * (-1.0 / sigma))
 
     def step_from_langevin(self, eps: StepSize) -> StepSize:
         """This kernel's step size for the Langevin step ``eps`` (the identity but for HMC)."""

@@ -33,13 +33,14 @@ from torch import Tensor
 from .._checks import caller, integer, real
 from ..noise import NoiseSource, check_fixed_time, check_generators, check_shared, make_noise
 from ..solvers.base import Model, NonFiniteError
-from .base import ChainInfo, Kernel, Point, StepSize, Target, chain, finite_run, fixed_time, snr_step_size
+from .base import ChainInfo, Kernel, Point, StepSize, chain, finite_run, fixed_time, snr_step_size
 from .hmc import HMC
 from .langevin import MALA, ULA
+from .lanpaint import BiGLangevin
 
 __all__ = ["available", "check_corrector", "correct", "get"]
 
-_REGISTRY: dict[str, type[Kernel]] = {"ula": ULA, "mala": MALA, "hmc": HMC}
+_REGISTRY: dict[str, type[Kernel]] = {"ula": ULA, "mala": MALA, "hmc": HMC, "lanpaint": BiGLangevin}
 
 
 def available() -> list[str]:
@@ -96,13 +97,7 @@ def correct(
     kernel: Kernel, model: Model, x: Tensor, t: float, sigma: float, step: int, steps: int, snr: float
 ) -> tuple[Tensor, ChainInfo]:
     """``steps`` moves of ``kernel`` on ``p_t`` from ``x`` (NFE counted on ``model``)."""
-    if kernel.log_prob is not None:
-        log_prob = kernel.log_prob
-        target = Target(
-            lambda y: log_prob(y, t), name=f"sample: the corrector {type(kernel).__name__}'s log_prob(x, t)"
-        )
-    else:
-        target = Target(score=lambda y: model(y, t, step).eps * (-1.0 / sigma))
+    target = kernel.target(model, t, sigma, step)
     source = make_noise(kernel.generator) if kernel.generator is not None else model.noise
     normal = fixed_time(source, t)
     p = Point(x)
