@@ -13,8 +13,9 @@ import torch
 import steerdiff as sd
 from steerdiff.guidance import LanPaint, lanpaint_nfe
 from steerdiff.inverse import Inpaint
-from steerdiff.mcmc import BiGLangevin
+from steerdiff.mcmc import BiGLangevin, Point
 from steerdiff.mcmc.lanpaint import _oscillator
+from steerdiff.solvers.base import Model
 
 F64 = torch.float64
 PROC = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64))
@@ -131,6 +132,25 @@ def test_lanpaint_rows_do_not_depend_on_the_batch() -> None:
         for r in range(4):
             torch.testing.assert_close(run([r])[0], batch[r], rtol=1e-12, atol=1e-12)
         assert not torch.equal(batch, run([0, 1, 2, 3], None if friction else 2.0))  # momentum changes it
+
+
+def test_big_score_is_the_bidirectional_combination_of_exact_scores() -> None:
+    """The moves' score, one counted evaluation: unknown entries ``grad log p_t`` (autograd of the exact
+    noised log-density); known entries ``(1 + lam) grad log q(x_t | y) - lam grad log p_t`` with
+    ``q(x_t | y) = N(alpha y, sigma^2)``."""
+    gmm, op, y, _, _, _ = _case()
+    model = Model(LanPaint(gmm.denoiser(PROC), op, y))
+    t, lam = 300.0, 2.0
+    a, s = float(PROC.alpha(t)), float(PROC.sigma(t))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(4), dtype=F64)
+    got = BiGLangevin(lam=lam).target(model, t, s, 0).evaluate(Point(x)).grad
+    assert model.nfe == 1
+    xr = x.clone().requires_grad_(True)
+    (score,) = torch.autograd.grad(gmm.log_prob(xr, a, s).sum(), xr)
+    known = torch.tensor([True, False, True, False])
+    y_full = torch.tensor([y[0], 0.0, y[1], 0.0], dtype=F64)
+    want = torch.where(known, (1 + lam) * (a * y_full - x) / s**2 - lam * score, score)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_oscillator_step_is_the_exact_flow() -> None:
