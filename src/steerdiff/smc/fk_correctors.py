@@ -123,7 +123,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +162,7 @@ __all__ = [
     "fkc_max_h",
     "fkc_product",
     "fkc_solver",
+    "run_composition",
 ]
 
 DEFAULT_FKC_SOLVER = "dpmpp_2m_sde"
@@ -518,12 +519,49 @@ def fkc(
         particles`` more with ``final="none"``), ``trace`` (``log_z`` as in the module docstring).
     """
     who = "fkc"  # also for the wrappers, whose own arguments they check themselves
+    return run_composition(
+        who, dens, betas, lambda comp: FKCorrector(comp, boolean(who, "correct", correct)), shape=shape,
+        particles=particles, steps=steps, kwargs=kwargs, ess_threshold=ess_threshold, resampler=resampler,
+        solver=solver, data_std=data_std, schedule=schedule, final=final, max_batch=max_batch, x_T=x_T,
+        dtype=dtype, device=device, generator=generator, progress=progress, group=group, **cond,
+    )  # fmt: skip
+
+
+def run_composition(
+    who: str,
+    dens: Sequence[Denoiser],
+    betas: Sequence[float],
+    algorithm: Callable[[Composition], SMCAlgorithm],
+    *,
+    shape: tuple[int, ...],
+    particles: int,
+    steps: int,
+    kwargs: Sequence[dict[str, Any] | None] | None,
+    ess_threshold: float,
+    resampler: str | _resample.Resampler,
+    solver: str | Solver | None,
+    data_std: float,
+    schedule: ScheduleLike,
+    final: str,
+    max_batch: int | None,
+    x_T: Tensor | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    generator: Generators,
+    progress: bool,
+    group: Any,
+    **cond: Any,
+) -> Particles:
+    """:func:`fkc`'s run for any algorithm over the :class:`Composition` of ``dens`` and ``betas``
+    (``algorithm(composition)`` makes it): the arguments checked (messages name ``who``), the default
+    solver :func:`fkc_solver` of ``B`` and ``data_std``, the composed prior as the default ``x_T``, then
+    :func:`~steerdiff.smc.run_smc` with the composition as its denoiser. The arguments are :func:`fkc`'s."""
     shape = _check_shape(shape, who)
     check_generators(who, generator, shape[0])
     n = integer(who, "particles", particles, lo=1)
     final = choice(who, "final", final, FINALS)
     comp = Composition(*_components(who, dens, betas, kwargs, max_batch))
-    algorithm = FKCorrector(comp, boolean(who, "correct", correct))
+    alg = algorithm(comp)
     data_std = real(who, "data_std", data_std, lo=0)
     if solver is None:
         solver = fkc_solver(sum(comp.betas), data_std)
@@ -537,7 +575,7 @@ def fkc(
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
         x_T = scale * randn((shape[0], n, *shape[1:]), generator, dtype, device)
     return run_smc(
-        comp, algorithm, shape, particles=particles, steps=steps, solver=solver, schedule=schedule,
+        comp, alg, shape, particles=particles, steps=steps, solver=solver, schedule=schedule,
         final=final, ess_threshold=ess_threshold, resampler=resampler, x_T=x_T, dtype=dtype,
         device=device, generator=generator, progress=progress, group=group, **cond,
     )  # fmt: skip
