@@ -6,6 +6,8 @@
 * :func:`fk_steering` -- Feynman-Kac steering (Singhal et al. 2025).
 * :func:`fkc_anneal`, :func:`fkc_product`, :func:`fkc_cfg`, :func:`fkc` -- Feynman-Kac correctors
   (Skreta et al. 2025).
+* :func:`driftlite` -- DriftLite's variance- / energy-controlling drift over the correctors (Ren et al.
+  2025).
 * :func:`best_of_n`, :func:`code` -- best-of-N and blockwise best-of-N (CoDe, Singh et al. 2025).
 * :func:`tds` -- the twisted diffusion sampler (Wu et al. 2023).
 * :func:`svdd` -- soft value-based decoding (Li et al. 2024).
@@ -17,6 +19,7 @@
 
 from . import resample
 from .best_of_n import BestOfN, CoDe, best_of_n, code
+from .driftlite import DriftLite, driftlite
 from .dts import TreeSamples, dts
 from .fk_correctors import Composition, FKCorrector, FKCStepLimit, fkc, fkc_anneal, fkc_cfg, fkc_product
 from .fk_steering import POTENTIALS, FKSteering, fk_steering
@@ -42,6 +45,7 @@ __all__ = [
     "BestOfN",
     "CoDe",
     "Composition",
+    "DriftLite",
     "FKCStepLimit",
     "FKCorrector",
     "FKSteering",
@@ -55,6 +59,7 @@ __all__ = [
     "Twist",
     "best_of_n",
     "code",
+    "driftlite",
     "dts",
     "ess",
     "fk_steering",

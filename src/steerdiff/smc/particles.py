@@ -416,6 +416,15 @@ class StepContext:
         return self._run.grid.t[self.i]
 
     @property
+    def log_w(self) -> Tensor:
+        """The particles' normalized log-weights ``(batch, N)`` (float64): in ``log_weight`` those they carry
+        into this node (before its increment; uniform after a resampling), in ``resample`` those after its
+        reweighting, in ``propose`` after its resampling too. With ``group``, the whole system's (this rank's
+        particles are ``[:, shard]``)."""
+        assert self._run.weights is not None, "run_smc makes the weights before the first node"
+        return self._run.weights.log_w
+
+    @property
     def cond(self) -> dict[str, Any]:
         """The ``**cond`` keyword arguments of the run (per flat row where they are tensors)."""
         return self._run.model.cond
@@ -846,6 +855,7 @@ class _Run:
         self._unagreed: list[tuple[Tensor, int]] = []
         self._agreed_calls = 0
         self.sliced_grad = False  # the step runs without a graph; value_grad differentiates in slices
+        self.weights: Weights | None = None  # the run's, once made (StepContext.log_w)
         self._constants: dict[int, Tensor] = {}  # by id, held so that no other tensor takes the id
 
     def keep(self, state: Any) -> None:
@@ -1227,6 +1237,7 @@ def run_smc(
 
     wdev = x.device
     weights = Weights(algorithm.name, batch, n_part, wdev)
+    run.weights = weights
     arange = torch.arange(n_part, device=wdev).expand(batch, n_part)
     offsets = (torch.arange(batch, device=wdev) * n_part)[:, None]
     no_resample = torch.zeros(batch, dtype=torch.bool, device=wdev)
