@@ -12,12 +12,13 @@ The model is the exact Gaussian-mixture oracle (``sd.toy.GaussianMixture``; it c
 float64 and returns on the input's device), small ``torch.nn.Linear`` nets on the device, or the
 embedded digits model moved to the device. Covered: every registered solver and schedule, the
 processes, half precision, no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the
-same count), guidance and the inverse operators, the particle methods, the MCMC correctors and PCG,
+same count), guidance and the inverse operators, the particle methods (DriftLite and the trees of ``sd.smc.dts`` too),
+the adaptive DPM-Solver's per-sample steps, the MCMC correctors and PCG,
 ``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through ``sd.sample``,
 ``BrownianTreeNoise`` against torchsde's trees on the device,
 generators on the device, the metrics, and masked diffusion (``sd.discrete``: every sampler, ``CFG``,
 ``ClassifierGuidance``, ``fk_steering`` and ``best_of_n`` draw the CPU run's tokens; at most one host read
-per step), ParaDiGMS (``sd.paradigms``: the CPU run's samples, windows and NFE; one device read per Picard
+per step), ParaDiGMS (``sd.paradigms``, staged solvers too: the CPU run's samples, windows and NFE; one device read per Picard
 iteration), and runs spread over a real NCCL process group (``tests/distributed.py``'s ``spawn`` with
 ``backend="nccl"``, one rank per GPU: a world of 1 on one GPU, 2 on two or more; NCCL takes CUDA tensors
 only): ``sd.distributed.sample`` (``shape=``/``seed=`` on the device, ``x_T`` with per-sample CUDA
@@ -572,6 +573,8 @@ SMC: dict[str, Callable[..., sd.smc.Particles]] = {
     "fkc_anneal": lambda **kw: sd.smc.fkc_anneal(DEN, 2.0, **kw),
     "fkc_product": lambda **kw: sd.smc.fkc_product(DEN, CLASS_DEN, **kw),
     "fkc_cfg": lambda **kw: sd.smc.fkc_cfg(CLASS_DEN, DEN, 2.0, **kw),
+    "driftlite_vcg": lambda **kw: sd.smc.driftlite([CLASS_DEN, DEN], (2.0, -1.0), **kw),
+    "driftlite_ecg": lambda **kw: sd.smc.driftlite([DEN], (2.0,), variant="ecg", **kw),
 }
 
 
@@ -595,6 +598,20 @@ def test_particle_method_float64_equals_the_cpu_run(name: str) -> None:
     out = SMC[name](generator=_rows(4), device=DEVICE, **kw)
     _expect_particles(out, ref)
     _expect(out.sample(generator=_gen(9)), ref.sample(generator=_gen(9)), F64_TOL)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_dts_float64_equals_the_cpu_run(greedy: bool) -> None:
+    """The trees' tensor tables, Boltzmann / UCT selection and the per-row rollouts on the device."""
+    kw: dict[str, Any] = {"shape": (3, 8), "rollouts": 12, "steps": STEPS, "dtype": F64, "greedy": greedy}
+    if not greedy:
+        kw["samples"] = 4
+    ref = sd.smc.dts(DEN, _reward, 2.0, generator=_rows(3), **kw)
+    out = sd.smc.dts(DEN, _reward, 2.0, generator=_rows(3), device=DEVICE, **kw)
+    _expect(out.x, ref.x, F64_TOL)
+    _expect(out.best, ref.best, F64_TOL)
+    _expect(out.value, ref.value, F64_TOL)
+    assert torch.equal(out.row_nfe.cpu(), ref.row_nfe)
 
 
 @pytest.mark.parametrize("solver", sd.smc.stochastic_solvers())
@@ -952,10 +969,24 @@ def test_particles_with_a_device_generator_are_reproducible() -> None:
     assert float((a.x - run(2).x).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_adaptive_float64_equals_the_cpu_run(order: int) -> None:
+    """Per-sample step control on the device: the CPU run's samples, accepted grids and NFE."""
+
+    def run(x_T: Tensor) -> tuple[Tensor, Any]:
+        return sd.solvers.dpm_adaptive(DEN, x_T, order=order, rtol=0.01, atol=1e-3, return_info=True)
+
+    (out, info), (ref, ref_info) = run(noise(BATCH, 8).to(DEVICE)), run(noise(BATCH, 8))
+    _expect(out, ref, F64_TOL)
+    assert (info.nfe, info.accepted, info.rejected) == (ref_info.nfe, ref_info.accepted, ref_info.rejected)
+
+
 # --- ParaDiGMS -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("solver", "steps"), [("ddpm", 30), ("dpmpp_2m", 20)])
+@pytest.mark.parametrize(
+    ("solver", "steps"), [("ddpm", 30), ("dpmpp_2m", 20), ("heun", 20), ("dpmpp_sde", 20)]
+)
 def test_paradigms_on_the_device_equals_the_cpu_run(solver: str, steps: int) -> None:
     """The windows' stacked rows, the replayed noise (CPU generators per row) and a multistep state on the
     device: the CPU run's samples, windows, strides and NFE."""
