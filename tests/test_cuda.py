@@ -12,14 +12,15 @@ The model is the exact Gaussian-mixture oracle (``sd.toy.GaussianMixture``; it c
 float64 and returns on the input's device), small ``torch.nn.Linear`` nets on the device, or the
 embedded digits model moved to the device. Covered: every registered solver and schedule, the
 processes, half precision, no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the
-same count), guidance and the inverse operators, the particle methods (DriftLite and the trees of ``sd.smc.dts`` too),
-the adaptive DPM-Solver's per-sample steps, the MCMC correctors and PCG,
+same count), guidance and the inverse operators (LanPaint too), the particle methods (DriftLite and the
+trees of ``sd.smc.dts`` too), the adaptive DPM-Solver's per-sample steps, the MCMC correctors and PCG,
 ``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through ``sd.sample``,
 ``BrownianTreeNoise`` against torchsde's trees on the device,
 generators on the device, the metrics, and masked diffusion (``sd.discrete``: every sampler, ``CFG``,
 ``ClassifierGuidance``, ``fk_steering`` and ``best_of_n`` draw the CPU run's tokens; at most one host read
-per step), ParaDiGMS (``sd.paradigms``, staged solvers too: the CPU run's samples, windows and NFE; one device read per Picard
-iteration), and runs spread over a real NCCL process group (``tests/distributed.py``'s ``spawn`` with
+per step), ParaDiGMS (``sd.paradigms``, staged solvers too: the CPU run's samples, windows and NFE; one
+device read per Picard iteration), and runs spread over a real NCCL process group
+(``tests/distributed.py``'s ``spawn`` with
 ``backend="nccl"``, one rank per GPU: a world of 1 on one GPU, 2 on two or more; NCCL takes CUDA tensors
 only): ``sd.distributed.sample`` (``shape=``/``seed=`` on the device, ``x_T`` with per-sample CUDA
 generators, a failing rank) and ``sample_discrete``, ``sd.smc.fk_steering`` (resampling at some nodes, the
@@ -526,6 +527,20 @@ def test_repaint_float64_equals_the_cpu_run() -> None:
         return sd.guidance.repaint_sample(
             IMAGE_DEN, Inpaint(MASK), y, x, STEPS, resample=2, jump=2, generator=_rows(BATCH)
         )
+
+    _expect(run(x_T.to(DEVICE)), run(x_T), F64_TOL)
+
+
+@pytest.mark.parametrize("friction", [None, 1.0])
+def test_lanpaint_float64_equals_the_cpu_run(friction: float | None) -> None:
+    """LanPaint's projected denoiser and its BiG Langevin moves (overdamped and with momentum)."""
+    x_T = noise(BATCH, 8).reshape(BATCH, *IMAGE)
+    y = Inpaint(MASK)(Y_IMAGE)[0]
+    den = sd.guidance.LanPaint(IMAGE_DEN, Inpaint(MASK), y)
+
+    def run(x: Tensor) -> Tensor:
+        kernel = sd.mcmc.BiGLangevin(friction=friction)
+        return sd.sample(den, x, STEPS, "ddim", corrector=kernel, corrector_steps=2, generator=_rows(BATCH))
 
     _expect(run(x_T.to(DEVICE)), run(x_T), F64_TOL)
 
