@@ -215,6 +215,26 @@ def test_bad_input(kwargs, match):
         sd.smc.dts(DEN, args.pop("reward"), args.pop("lam"), **args)
 
 
+@pytest.mark.parametrize(
+    ("steps", "accepted"),
+    [
+        (4, r"Accepted on it: \['ddpm', 'dpm_2_ancestral', 'dpmpp_2s_ancestral', 'dpmpp_sde', 'edm_sde', "),
+        (1, r"Accepted on it: none \(its one step is the jump to the clean end"),
+    ],
+)
+def test_a_deterministic_solver_is_told_which_solvers_fit_the_grid(steps, accepted):
+    """The solvers named as accepted are those dts takes on that grid: not the multistep ones it refuses
+    (dpmpp_2m_sde, dpmpp_3m_sde, er_sde, sa_solver); on one step to the clean end, none."""
+    with pytest.raises(ValueError, match=accepted) as err:
+        sd.smc.dts(DEN, reward, 1.0, shape=(2, 1), rollouts=2, steps=steps, solver="ddim")
+    assert not any(name in str(err.value) for name in ("dpmpp_2m_sde", "dpmpp_3m_sde", "er_sde", "sa_solver"))
+    if steps == 1:  # ddpm draws no noise there either; with final="none" it ends at a noisy level and does
+        with pytest.raises(ValueError, match=accepted):
+            sd.smc.dts(DEN, reward, 1.0, shape=(2, 1), rollouts=2, steps=1)
+        out = sd.smc.dts(DEN, reward, 1.0, shape=(2, 1), rollouts=2, steps=1, final="none", generator=gens(2))
+        assert out.nfe == 2
+
+
 # --- a pointer-based reference of Alg. 1 and 2 (one row, one node object per state) -----------------------
 
 

@@ -279,13 +279,27 @@ class _Rollouts:
         return rows
 
 
+def _keeps_history(slv: Solver, grid: Grid) -> bool:
+    """Whether ``slv``'s state over ``grid`` holds a per-trajectory history (multistep solvers)."""
+    return bool(slv.init_state(grid)) and not slv.static_state
+
+
+def _fits(slv: Solver, grid: Grid) -> bool:
+    """Whether ``slv`` can grow trees over ``grid``: it draws noise there and keeps no history."""
+    return slv.noisy_on(grid) and not _keeps_history(slv, grid)
+
+
 def _check_solver(who: str, slv: Solver, grid: Grid) -> None:
     if not slv.noisy_on(grid):
+        fits = [n for n in stochastic_solvers() if _fits(_solvers.get(n), grid)]
+        accepted = f"{fits} or e.g. DDIM(eta > 0)" if fits else "none"
+        if not fits and grid.steps == 1 and grid.clean_end:
+            accepted += " (its one step is the jump to the clean end: use steps >= 2 or final='none')"
         raise ValueError(
             f"{who} needs a stochastic solver (a node's children must differ); solver {slv.name!r} adds no "
-            f"noise on this grid. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0), without history"
+            f"noise on this grid of {grid.steps} steps. Accepted on it: {accepted}"
         )
-    if slv.init_state(grid) and not slv.static_state:
+    if _keeps_history(slv, grid):
         raise ValueError(
             f"{who}: solver {slv.name!r} keeps a per-trajectory history in its state, which a tree node "
             "does not hold; use a one-step stochastic solver (ddpm, euler_ancestral, euler_maruyama, "
