@@ -97,6 +97,20 @@ def test_draws_approach_the_tilted_mode_weight_as_rollouts_grow():
     assert abs(few - target) > abs(many - target), (few, many, target)
 
 
+@pytest.mark.parametrize("lam", [1e-20, 1e-12])
+def test_the_soft_value_tends_to_the_mean_as_lam_vanishes(lam):
+    """(1/lam) log mean exp(lam v) -> mean v: at a tiny lam the backup is the lam = 0 one to rounding. It gave
+    the largest child's value where exp(lam (v - max v)) rounds to 1 (the root value 2.67 for a mean of 0.34
+    at lam = 1e-17, and DTS* then backed up maxima), and was off by 1e-5 at lam = 1e-12."""
+    kw = dict(shape=(3, 1), rollouts=24, steps=STEPS, widening=(1.0, 0.5), dtype=F64)
+    mean = sd.smc.dts(DEN, reward, 0.0, generator=gens(3), **kw)
+    tiny = sd.smc.dts(DEN, reward, lam, generator=gens(3), **kw)
+    assert torch.allclose(tiny.value, mean.value, rtol=0, atol=10 * lam + 1e-14), (tiny.value, mean.value)
+    star = [sd.smc.dts(DEN, reward, v, greedy=True, generator=gens(3), **kw) for v in (0.0, lam)]
+    assert torch.equal(star[0].x, star[1].x)
+    assert torch.allclose(star[0].value, star[1].value, rtol=0, atol=10 * lam + 1e-14)
+
+
 def test_root_widening_is_sampling_importance_resampling():
     """widening (R, 0): every rollout branches at the root, so a tree is R independent base samples and its
     draws pick one with probability exp(lam r) / sum: the root's value is the log of their mean."""

@@ -174,8 +174,12 @@ class _Forest:
         n = mine.sum(-1)
         if self.lam == 0:
             return torch.where(mine, v, 0.0).sum(-1) / n
-        w, top = _weights(self.lam * v, mine)
-        return ((w.sum(-1) / n).log() + top) / self.lam
+        # top + log(mean exp(a - top)) as log1p(mean expm1(a - top)): exact as lam -> 0, where exp(a - top)
+        # rounds to 1 and the log of the mean would give the largest child's value instead of the mean
+        a = self.lam * v
+        top = torch.where(mine, a, -math.inf).amax(-1)
+        below = torch.where(mine, torch.expm1(a - top[:, None]), 0.0)
+        return (torch.log1p(below.sum(-1) / n) + top) / self.lam
 
     def backup(self) -> None:
         """Alg. 1, lines 25-28: soft values and visits along the path, from depth ``S`` to the root."""
