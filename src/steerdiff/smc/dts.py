@@ -60,7 +60,8 @@ so on a GPU an iteration syncs ``O(S)`` times.
 Memory: the tree is kept as tensors, by grid node: at most one new node per grid node and rollout, so
 ``rollouts * (S + 1)`` states ``(batch, S + 1, rollouts, *shape)`` in the run's dtype, and four
 ``(batch, S + 2, rollouts)`` float64/int64 tables (parent, value, visits, children); allocated in full
-at the start.
+at the start. No autograd graph is kept (the run is under ``torch.no_grad()``; gradient guidance turns
+gradients on inside its own call).
 
 Solvers: any stochastic one without per-trajectory state (a node's children are drawn from its state
 alone): ``ddpm``, ``euler_ancestral``, ``euler_maruyama``, ``DDIM(eta > 0)``, ``dpm_2_ancestral``,
@@ -425,46 +426,49 @@ def dts(
     grid = make_grid(den.process, _schedules.get(schedule, who), steps, final)
     _check_solver(who, slv, grid)
 
-    x_like = torch.zeros((), dtype=work_dtype(in_dtype), device=device)
-    forest = _Forest(batch, steps, rollouts, sample_shape, x_like)
-    forest.lam = lam
-    runner = _Rollouts(who, den, slv, grid, reward, cond, generator, batch, in_dtype)
-    row_nfe = torch.zeros(batch, dtype=torch.long, device=x_like.device)
-    best_reward = torch.full((batch,), -math.inf, dtype=F64, device=x_like.device)
-    best = x_like.new_zeros((batch, *sample_shape))
-    every = torch.arange(batch, device=x_like.device)
-    for _ in tqdm(range(rollouts), desc=who, leave=False) if progress else range(rollouts):
-        u = None if greedy else rand((batch, steps + 1), generator, F64, x_like.device)
-        start = torch.full((batch,), steps + 2, dtype=torch.long, device=x_like.device)
-        going = torch.ones(batch, dtype=torch.bool, device=x_like.device)
-        for d in range(steps + 1):  # selection (Alg. 1, lines 8-13) from the node at depth d
-            limit = widen_c * forest.at(forest.visits, d) ** widen_alpha if branches[d] else 1.0
-            widen = going & (forest.at(forest.children, d) < limit)
-            start = torch.where(widen, d + 1, start)
-            going &= ~widen
-            if not bool(going.any()):
-                break
-            child = _select(forest, d, forest.path[:, d], None if u is None else u[:, d], exploration)
-            forest.path[:, d + 1] = torch.where(going, child, forest.path[:, d + 1])
-        rows = runner.run(forest, start, row_nfe)
-        r = forest.at(forest.value, steps + 1, rows)
-        better = r > best_reward[rows]
-        best_reward[rows] = torch.where(better, r, best_reward[rows])
-        best[rows] = torch.where(
-            better.reshape(-1, *([1] * len(sample_shape))), forest.state(steps + 1, rows), best[rows]
-        )
-        forest.backup()
-    runner.model.check_finite()
+    # no autograd graph: the tree's states are written into one table, so a graph would chain every
+    # rollout's calls to the end (guided denoisers that need gradients turn them on inside their call)
+    with torch.no_grad():
+        x_like = torch.zeros((), dtype=work_dtype(in_dtype), device=device)
+        forest = _Forest(batch, steps, rollouts, sample_shape, x_like)
+        forest.lam = lam
+        runner = _Rollouts(who, den, slv, grid, reward, cond, generator, batch, in_dtype)
+        row_nfe = torch.zeros(batch, dtype=torch.long, device=x_like.device)
+        best_reward = torch.full((batch,), -math.inf, dtype=F64, device=x_like.device)
+        best = x_like.new_zeros((batch, *sample_shape))
+        every = torch.arange(batch, device=x_like.device)
+        for _ in tqdm(range(rollouts), desc=who, leave=False) if progress else range(rollouts):
+            u = None if greedy else rand((batch, steps + 1), generator, F64, x_like.device)
+            start = torch.full((batch,), steps + 2, dtype=torch.long, device=x_like.device)
+            going = torch.ones(batch, dtype=torch.bool, device=x_like.device)
+            for d in range(steps + 1):  # selection (Alg. 1, lines 8-13) from the node at depth d
+                limit = widen_c * forest.at(forest.visits, d) ** widen_alpha if branches[d] else 1.0
+                widen = going & (forest.at(forest.children, d) < limit)
+                start = torch.where(widen, d + 1, start)
+                going &= ~widen
+                if not bool(going.any()):
+                    break
+                child = _select(forest, d, forest.path[:, d], None if u is None else u[:, d], exploration)
+                forest.path[:, d + 1] = torch.where(going, child, forest.path[:, d + 1])
+            rows = runner.run(forest, start, row_nfe)
+            r = forest.at(forest.value, steps + 1, rows)
+            better = r > best_reward[rows]
+            best_reward[rows] = torch.where(better, r, best_reward[rows])
+            best[rows] = torch.where(
+                better.reshape(-1, *([1] * len(sample_shape))), forest.state(steps + 1, rows), best[rows]
+            )
+            forest.backup()
+        runner.model.check_finite()
 
-    # sampling (Alg. 2): descend from the root to a terminal node, `samples` times per row
-    node = torch.zeros(batch, samples, dtype=torch.long, device=x_like.device)
-    u = None if greedy else rand((batch, samples, steps + 1), generator, F64, x_like.device)
-    for d in range(steps + 1):
-        node = _select(forest, d, node, None if u is None else u[..., d], 0.0)
-    x = forest.x[every[:, None], steps, node]
-    out_reward = forest.value[every[:, None], steps + 1, node]
-    log_w = torch.full((batch, samples), -math.log(samples), dtype=F64, device=x.device)
-    return TreeSamples(
-        to_sample_dtype(who, x, in_dtype), log_w, int(row_nfe.max()), None, out_reward, row_nfe,
-        to_sample_dtype(who, best, in_dtype), best_reward, forest.value[:, 0, 0].clone(),
-    )  # fmt: skip
+        # sampling (Alg. 2): descend from the root to a terminal node, `samples` times per row
+        node = torch.zeros(batch, samples, dtype=torch.long, device=x_like.device)
+        u = None if greedy else rand((batch, samples, steps + 1), generator, F64, x_like.device)
+        for d in range(steps + 1):
+            node = _select(forest, d, node, None if u is None else u[..., d], 0.0)
+        x = forest.x[every[:, None], steps, node]
+        out_reward = forest.value[every[:, None], steps + 1, node]
+        log_w = torch.full((batch, samples), -math.log(samples), dtype=F64, device=x.device)
+        return TreeSamples(
+            to_sample_dtype(who, x, in_dtype), log_w, int(row_nfe.max()), None, out_reward, row_nfe,
+            to_sample_dtype(who, best, in_dtype), best_reward, forest.value[:, 0, 0].clone(),
+        )  # fmt: skip
