@@ -2,6 +2,7 @@
 sampler sd.sample on the exact mixture denoiser, its parallel iteration counts, and group= on 2 gloo ranks."""
 
 import inspect
+import re
 import sys
 from dataclasses import dataclass
 
@@ -417,6 +418,36 @@ def test_nonfinite_names_the_step(sd_process, x_T):
     assert grid.t[step] < 300 <= grid.t[step - 1]  # the first node below t = 300
 
 
+def _stage_nan_net(den: sd.Denoiser) -> sd.Denoiser:
+    """``den`` returning NaN at 555 <= t <= 665 (time_uniform 10 steps: step 3 from 666 to 555 evaluates there
+    after its first stage, Heun at 555, DPM-Solver-2 at its midpoint)."""
+
+    def net(x, t):
+        return torch.where(((t >= 555 - 1e-9) & (t <= 665))[:, None], torch.nan, den.net(x, t))
+
+    return sd.Denoiser(net, den.process, prediction="x0")
+
+
+def _step_and_time(message: str) -> tuple[int, float]:
+    found = re.search(r"at step (\d+) \(.*process time t=([-+.e\d]+)", message)
+    assert found is not None, message
+    return int(found[1]), float(found[2])
+
+
+@pytest.mark.parametrize("solver", ["heun", "dpm_2"])
+def test_nonfinite_at_a_stage_names_its_time(gmm, sd_process, x_T, solver):
+    """NaN from the net at a staged step's later stage only: the step and that stage's time, as sd.sample
+    names them (step 3 at t = 555 for Heun, at its midpoint for DPM-Solver-2). Was: the step's node time
+    (t = 666)."""
+    den = _stage_nan_net(gmm.denoiser(sd_process))
+    named = []
+    for run in (sd.sample, sd.paradigms):
+        with pytest.raises(sd.NonFiniteError, match=r"NaN/inf at step 3 ") as e:
+            run(den, x_T, 10, solver=solver, schedule="time_uniform")
+        named.append(_step_and_time(str(e.value)))
+    assert named[1] == named[0] and named[0][1] != 666.0
+
+
 def _eps_net(den: sd.Denoiser) -> sd.Denoiser:
     """``den``'s law as an eps-prediction net."""
 
@@ -468,6 +499,10 @@ def _spread(group, x_T):
     cfg = sd.guidance.CFG(eps_den, eps_den, 2.0, rescale=0.7, interval=(1.001 * r[16], 1.001 * r[8]))
     x, info = sd.paradigms(cfg, x_T[:4], 30, "ddim", window=16, group=group, return_info=True)
     out.append((x, info.iterations, info.nfe, info.strides))
+    # NaN at a staged step's later stage, on rank 1's rows: every rank names its step and time
+    with pytest.raises(sd.NonFiniteError) as e:
+        sd.paradigms(_stage_nan_net(den), x_T[:4], 10, "heun", schedule="time_uniform", window=4, group=group)
+    out.append(_step_and_time(str(e.value)))
     if group is not None:  # torch's global RNG seeded per rank, where a run draws from it: refused
         torch.manual_seed(100 + torch.distributed.get_rank())
         with pytest.raises(ValueError, match=r"paradigms: generator=None draws from torch's global RNG"):
@@ -495,8 +530,11 @@ def _spread(group, x_T):
 def test_group_equals_single_process(x_T):
     single = _spread(None, x_T)
     ranks = spawn(_spread, 2, x_T)
+    *single, single_nan = single
+    assert single_nan == (3, 555.0)
     for rank, out in enumerate(ranks):
-        *runs, failure, staged_failure = out
+        *runs, nan, failure, staged_failure = out
+        assert nan == single_nan
         for (x, *counts), (x1, *counts1) in zip(runs, single, strict=True):
             assert counts == counts1
             assert torch.allclose(x, x1, rtol=0, atol=1e-12)

@@ -267,6 +267,7 @@ class _Stages(Model):
         super().__init__(den, None, noise)
         self.made: list[tuple[float, Prediction]] | None = []
         self.asked = 0
+        self.times: list[float] = []  # the stages' times in count's run
 
     def take(
         self,
@@ -288,16 +289,18 @@ class _Stages(Model):
 
     def count(
         self, slv: Solver, x: Tensor, i: int, grid: Grid, state: dict[str, Any], noise: NoiseSource
-    ) -> int:
-        """Step ``i``'s evaluations, counted in a run with stand-in predictions (``x0 = x``) on the whole
-        batch, which makes its draws (``noise``)."""
+    ) -> list[float]:
+        """Step ``i``'s evaluations, the times of its stages in order, from a run with stand-in predictions
+        (``x0 = x``) on the whole batch, which makes its draws (``noise``)."""
+        self.times = []
         self.take(slv, x, i, grid, state, None, noise)
-        return self.asked
+        return self.times
 
     def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
         made, k = self.made, self.asked
         self.asked += 1
         if made is None:  # count's stand-in
+            self.times.append(t)
             return Prediction(x, 1.0, 1.0, x0=x)
         if k == len(made):
             raise _Ask(x, t)
@@ -437,21 +440,21 @@ def _stage_passes(
     grid: Grid,
     state: dict[str, Any],
     jobs: list[tuple[int, Tensor, slice]],
-    evals: list[int],
+    times: list[list[float]],
     n: int,
     net_dtype: torch.dtype | None,
     cond: dict[str, Any],
     draws: _CachedNoise,
-) -> tuple[list[Tensor], list[int], list[tuple[int, Tensor]]]:
+) -> tuple[list[Tensor], list[int], list[tuple[int, int, Tensor]]]:
     """Staged steps taken together: ``jobs`` holds ``(i, x, rows)``, step ``i`` from ``x``, its rows ``rows``
-    of the batch, which makes ``evals[i]`` evaluations (:meth:`_Stages.count`, which made its draws). Pass
-    ``k`` takes every step from its start to its ``k``-th stage, whose points are evaluated in one batched
-    call. Returns the steps' results, each call's cost and ``(i, finite)`` of each stage's estimates."""
+    of the batch, which evaluates at ``times[i]`` (:meth:`_Stages.count`, which made its draws). Pass ``k``
+    takes every step from its start to its ``k``-th stage, whose points are evaluated in one batched call.
+    Returns the steps' results, each call's cost and ``(i, k, finite)`` of each stage's estimates."""
     made: list[list[tuple[float, Prediction]]] = [[] for _ in jobs]
     outs: list[Tensor | None] = [None] * len(jobs)
     costs: list[int] = []
-    checks: list[tuple[int, Tensor]] = []
-    for _ in range(max((evals[i] for i, _, _ in jobs), default=0) + 1):
+    checks: list[tuple[int, int, Tensor]] = []
+    for _ in range(max((len(times[i]) for i, _, _ in jobs), default=0) + 1):
         asks = []
         for a, (i, x, rows) in enumerate(jobs):
             if outs[a] is None:
@@ -472,12 +475,13 @@ def _stage_passes(
         for (a, ask), given, v in zip(asks, pred.given.split(sizes), var, strict=True):
             made[a].append((ask.t, _node_prediction(stages.denoiser, ask.x, ask.t, given, pred.x0_given, v)))
             finite = torch.isfinite(given).all()
-            checks.append((jobs[a][0], finite if v is None else finite & torch.isfinite(v).all()))
+            finite = finite if v is None else finite & torch.isfinite(v).all()
+            checks.append((jobs[a][0], len(made[a]) - 1, finite))
     for (i, _, _), out, m in zip(jobs, outs, made, strict=True):
-        if out is None or len(m) != evals[i]:
+        if out is None or len(m) != len(times[i]):
             raise RuntimeError(
-                f"paradigms: the solver's step {i} evaluated the model {len(m)} times or more, {evals[i]} "
-                "times in its first run: its stages are not a function of its start"
+                f"paradigms: the solver's step {i} evaluated the model {len(m)} times or more, "
+                f"{len(times[i])} times in its first run: its stages are not a function of its start"
             )
     return outs, costs, checks  # type: ignore[return-value]  # every out was checked above
 
@@ -489,23 +493,25 @@ def _staged(
     state: dict[str, Any],
     buf: Tensor,
     start: int,
-    evals: list[int],
+    times: list[list[float]],
     net_dtype: torch.dtype | None,
     cond: dict[str, Any],
     draws: _CachedNoise,
     group: Ranks,
 ) -> tuple[Tensor, Tensor, int, int]:
     """A staged solver's step ``F_i(x_i)`` at every guess ``buf[j]`` of the window from node ``start``, its
-    stages taken together (:func:`_stage_passes`): the results ``(width, n, ...)``, whether each node's
-    estimates were finite, the NFE (the calls' costs times the steps evaluated in each) and the sequential
-    calls (the stages of the window's longest step).
+    stages taken together (:func:`_stage_passes`; step ``i`` evaluates at ``times[i]``): the results
+    ``(width, n, ...)``, each node's first stage whose estimates were not finite (the sequential calls where
+    all were), the NFE (the calls' costs times the steps evaluated in each) and the sequential calls (the
+    stages of the window's longest step).
 
     With ``group``, each rank takes its share of the window's rows (steps on a share of the batch: their
     draws were made on the whole) through every stage, its calls its own, and one all_gather per iteration
     brings every rank the results with a row of flags: whether its calls raised, their costs, whose maximum
-    over the ranks is one process's, and its non-finite estimates per node."""
+    over the ranks is one process's, and its first non-finite stage per node."""
     width, n = len(buf) - 1, buf.shape[1]
-    total, depth = width * n, max(evals[start : start + width])
+    evals = [len(ts) for ts in times[start : start + width]]
+    total, depth = width * n, max(evals)
     split = group.size > 1 and total >= group.size
     mine = group.shard(total) if split else slice(0, total)
     jobs = []
@@ -514,7 +520,7 @@ def _staged(
         if lo < hi:
             jobs.append((start + j, buf[j][lo:hi], slice(lo, hi)))
     try:
-        outs, costs, checks = _stage_passes(stages, slv, grid, state, jobs, evals, n, net_dtype, cond, draws)
+        outs, costs, checks = _stage_passes(stages, slv, grid, state, jobs, times, n, net_dtype, cond, draws)
     except Exception:  # raised once every rank knows, rather than leave them waiting at the gather
         if split:
             group.gather_many(
@@ -525,22 +531,24 @@ def _staged(
                 [total, group.size],
             )
         raise
-    bad = torch.zeros(width, dtype=torch.int64, device=buf.device)
+    first = torch.full((width,), depth, dtype=torch.int64, device=buf.device)
     if checks:
-        nodes = torch.tensor([i - start for i, _ in checks], device=buf.device)
-        bad.index_add_(0, nodes, (~torch.stack([f for _, f in checks])).long())
+        nodes = torch.tensor([i - start for i, _, _ in checks], device=buf.device)
+        stage = torch.tensor([k for _, k, _ in checks], device=buf.device)
+        finite = torch.stack([f for _, _, f in checks])
+        first.scatter_reduce_(0, nodes, torch.where(finite, depth, stage), "amin")
     costs += [0] * (depth - len(costs))
     result = torch.cat(outs)
     if split:
-        flags = torch.cat([torch.tensor([0, *costs], device=buf.device), bad])[None]
+        flags = torch.cat([torch.tensor([0, *costs], device=buf.device), first])[None]
         result, every = group.gather_many([result, flags], [total, group.size])
         failed, *costs = every[:, : depth + 1].amax(0).tolist()
         if failed:
             raise _failed_elsewhere(group)
-        bad = every[:, depth + 1 :].sum(0)
+        first = every[:, depth + 1 :].amin(0)
     # the steps evaluated at stage k: those of more than k evaluations
-    nfe = sum(cost * sum(e > k for e in evals[start : start + width]) for k, cost in enumerate(costs))
-    return result.unflatten(0, (width, n)), bad == 0, nfe, depth
+    nfe = sum(cost * sum(e > k for e in evals) for k, cost in enumerate(costs))
+    return result.unflatten(0, (width, n)), first, nfe, depth
 
 
 @overload
@@ -685,7 +693,7 @@ def paradigms(
     multistep = bool(state) and not slv.static_state
     staged = isinstance(slv, STAGED)
     replay, stages, draws = _Replay(den, noise), _Stages(den, noise), _CachedNoise(noise)
-    evals: list[int] = []  # a staged solver's evaluations in each step, counted on its first run
+    times: list[list[float]] = []  # a staged solver's evaluation times in each step, from its first run
     # tol^2 v_j of nodes 0..N (node 0 is never compared)
     limits = [0.0] + [tol**2 * ancestral_split(grid, j, 1.0)[1] ** 2 for j in range(steps)]
     info = ParadigmsInfo(0, grid, slv, sched)
@@ -698,11 +706,12 @@ def paradigms(
         width = len(buf) - 1
         if staged:
             # the steps entering the window, counted in order: their draws made in sd.sample's order
-            for i in range(len(evals), start + width):
-                evals.append(stages.count(slv, buf[i - start], i, grid, state, draws.at(i)))
-            outs, finite, nfe, calls = _staged(
-                stages, slv, grid, state, buf, start, evals, net_dtype, cond, draws, ranked
+            for i in range(len(times), start + width):
+                times.append(stages.count(slv, buf[i - start], i, grid, state, draws.at(i)))
+            outs, first, nfe, calls = _staged(
+                stages, slv, grid, state, buf, start, times, net_dtype, cond, draws, ranked
             )
+            finite = first == calls
             after: list[dict[str, Any]] = []
         else:
             outs, finite, nfe, after = _sequenced(
@@ -718,8 +727,9 @@ def paradigms(
         flags = torch.stack([(err > limit[:, None]).any(1), ~finite]).tolist()  # one device read
         if True in flags[1]:
             i = start + flags[1].index(True)
+            t = times[i][int(first[i - start])] if staged else grid.t[i]  # a staged step's stage's time
             raise NonFiniteError(
-                f"{who}: the model returned NaN/inf at step {i} (process time t={grid.t[i]:.6g}, parallel "
+                f"{who}: the model returned NaN/inf at step {i} (process time t={t:.6g}, parallel "
                 f"iteration {info.iterations + 1})"
             )
         stride = flags[0].index(True) + 1 if True in flags[0] else width
