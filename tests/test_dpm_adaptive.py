@@ -244,3 +244,19 @@ def test_half_precision_runs_the_net_in_it(den, x_T, exact):
     x = dpm_adaptive(den, x_T.to(torch.bfloat16))
     assert x.dtype == torch.bfloat16
     assert rel_rmse(x.double(), exact) < 0.02
+
+
+def test_channels_last_x_T_gives_channels_last(gmm, sd_process, x_T):
+    """A channels_last x_T gives a channels_last result, as sd.sample gives with a net that keeps its input's
+    layout, with the values of a contiguous x_T. Was: contiguous."""
+    exact = gmm.denoiser(sd_process, shape=(2, 2, 2))
+    den = sd.Denoiser(
+        lambda x, t: torch.empty_like(x).copy_(exact.net(x, t)), sd_process, "x0", shape=(2, 2, 2)
+    )
+    images = x_T[:4].reshape(-1, 2, 2, 2)
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert sd.sample(den, channels_last, 5).is_contiguous(memory_format=torch.channels_last)
+    for final in ("zero", "none"):
+        x = dpm_adaptive(den, channels_last, final=final)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, dpm_adaptive(den, images, final=final))

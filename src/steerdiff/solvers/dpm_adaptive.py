@@ -57,6 +57,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._checks import boolean, choice, integer, real
+from .._ops import laid_out_as
 from ..denoiser import Denoiser, Prediction, check_denoiser, predict_rows
 from .base import FINALS, nonfinite_error, to_sample_dtype, work_dtype
 from .dpm_solver import Coefficients, levels_at, midpoint_weight, third_order_weight, update_weights
@@ -378,7 +379,7 @@ def dpm_adaptive(
                     "error": torch.zeros(n, dtype=torch.float64),
                 }
             )
-    x = to_sample_dtype(who, x, x_T.dtype)
+    x = laid_out_as(to_sample_dtype(who, x, x_T.dtype), x_T)  # the rows' updates made x contiguous
     if return_info:
         info.nfe = calls.nfe
         return x, info
