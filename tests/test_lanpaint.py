@@ -166,6 +166,22 @@ def test_oscillator_step_is_the_exact_flow() -> None:
             torch.testing.assert_close(e @ e.T + lo @ lo.T, torch.eye(2, dtype=F64), rtol=0, atol=1e-12)
 
 
+def test_oscillator_step_far_over_damped() -> None:
+    """A stiff step (``gamma h`` in the thousands: friction 100 at a known-part step of 20, i.e. step_size
+    10, or friction 1e4) is finite and exact: against mpmath's 50-digit matrix exponential to 1e-15 (was an
+    OverflowError from ``cosh(k h)``, ``k h`` ~ 1000, for (100, 20) and (1e4, 2))."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    for gamma, h in ((100.0, 20.0), (1e4, 2.0), (1e4, 1e-4)):
+        (e11, e12, e21, e22), (l11, l21, l22) = _oscillator(h, gamma)
+        exact = mp.expm(mp.matrix([[0, 1], [-1, -gamma]]) * h)
+        want = torch.tensor([[float(exact[i, j]) for j in range(2)] for i in range(2)], dtype=F64)
+        e = torch.tensor([[e11, e12], [e21, e22]], dtype=F64)
+        torch.testing.assert_close(e, want, rtol=0, atol=1e-15)
+        lo = torch.tensor([[l11, 0.0], [l21, l22]], dtype=F64)
+        torch.testing.assert_close(e @ e.T + lo @ lo.T, torch.eye(2, dtype=F64), rtol=0, atol=1e-12)
+
+
 def test_lanpaint_bad_input() -> None:
     gmm, op, y, _, x_T, _ = _case()
     den = gmm.denoiser(PROC)
@@ -180,5 +196,7 @@ def test_lanpaint_bad_input() -> None:
             BiGLangevin(**kw)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"BiGLangevin: step_size"):
         BiGLangevin(step_size=None)
+    with pytest.raises(ValueError, match=r"BiGLangevin.run: BiGLangevin targets the BiG score"):
+        BiGLangevin().run(x_T[:4], lambda x: -0.5 * (x * x).sum(1))  # was a bare AssertionError
     with pytest.raises(ValueError, match=r"must be sd.guidance.LanPaint\(den, operator, y\)"):
         sd.sample(den, x_T[:4], 4, solver="ddim", corrector="lanpaint", generator=torch.Generator())

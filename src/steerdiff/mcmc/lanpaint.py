@@ -60,18 +60,18 @@ after each step into a noisy node (:func:`steerdiff.sample`'s corrector), so not
 
 from __future__ import annotations
 
-import cmath
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .._checks import real
 from ..denoiser import Prediction
 from ..solvers.base import Model
-from .base import Kernel, Normal, Point, StepSize, Target
+from .base import ChainInfo, Kernel, Normal, Point, StepSize, Target
 
 __all__ = ["BiGLangevin", "Projected"]
 
@@ -140,13 +140,21 @@ def _oscillator(
     h: float, gamma: float
 ) -> tuple[tuple[float, float, float, float], tuple[float, float, float]]:
     """``E = exp(h M)``, ``M = [[0, 1], [-1, -gamma]]``, and the Cholesky factor ``(l11, l21, l22)`` of
-    ``I - E E^T``: ``E = e^{-gamma h / 2} (cosh(k h) I + sinh(k h) / k (M + gamma / 2 I))``,
-    ``k = sqrt(gamma^2 / 4 - 1)`` (imaginary below critical damping, ``gamma < 2``)."""
-    k = cmath.sqrt(gamma * gamma / 4 - 1)
-    c = cmath.cosh(k * h).real
-    s = h if abs(k) < 1e-12 else (cmath.sinh(k * h) / k).real
-    d = math.exp(-gamma * h / 2)
-    e11, e12, e21, e22 = d * (c + gamma / 2 * s), d * s, -d * s, d * (c - gamma / 2 * s)
+    ``I - E E^T``: ``E = c I + s (M + gamma / 2 I)`` with ``c = e^{-gamma h / 2} cosh(k h)``, ``s = e^{-gamma
+    h / 2} sinh(k h) / k``, ``k = sqrt(gamma^2 / 4 - 1)`` (imaginary below critical damping, ``gamma < 2``:
+    ``cos``, ``sin``). Over-damped, ``c`` and ``s`` are taken from the slow mode ``e^{(k - gamma / 2) h}``
+    (``k - gamma / 2 = -1 / (gamma / 2 + k)``, free of cancellation) times ``(1 + e^{-2 k h}) / 2`` and
+    ``(1 - e^{-2 k h}) / (2 k)``, so that no factor overflows however large ``gamma h``."""
+    k2 = gamma * gamma / 4 - 1
+    if k2 < 0:
+        w, d = math.sqrt(-k2), math.exp(-gamma * h / 2)
+        c, s = d * math.cos(w * h), d * math.sin(w * h) / w
+    else:
+        k = math.sqrt(k2)
+        slow = math.exp(-h / (gamma / 2 + k))
+        c = slow * (1 + math.exp(-2 * k * h)) / 2
+        s = slow * (h if k == 0 else -math.expm1(-2 * k * h) / (2 * k))
+    e11, e12, e21, e22 = c + gamma / 2 * s, s, -s, c - gamma / 2 * s
     s11, s12, s22 = 1 - e11 * e11 - e12 * e12, -(e11 * e21 + e12 * e22), 1 - e21 * e21 - e22 * e22
     l11 = math.sqrt(max(s11, 0.0))
     l21 = s12 / l11 if l11 > 0 else 0.0
@@ -194,6 +202,23 @@ class BiGLangevin(Kernel):
         self.beta = real("BiGLangevin", "beta", self.beta, lo=0, lo_open=True)
         if self.friction is not None:
             self.friction = real("BiGLangevin", "friction", self.friction, lo=0, lo_open=True)
+
+    def run(
+        self,
+        x: Tensor,
+        log_prob: Callable[[Tensor], Tensor],
+        steps: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        step_size: float | None = None,
+    ) -> tuple[Tensor, ChainInfo]:
+        """Refused (``ValueError``): the moves target the BiG score of a :class:`Projected` prediction,
+        not a ``log_prob``; they run as :func:`steerdiff.sample`'s corrector on
+        :class:`~steerdiff.guidance.LanPaint`."""
+        raise ValueError(
+            "BiGLangevin.run: BiGLangevin targets the BiG score of sd.guidance.LanPaint's predictions, not a "
+            "log_prob; use sd.sample(sd.guidance.LanPaint(den, operator, y), x_T, steps, "
+            "corrector=BiGLangevin(...)), or ULA / MALA / HMC for a log_prob"
+        )
 
     def target(self, model: Model, t: float, sigma: float, step: int) -> Target:
         """The BiG score at node ``t`` from ``model``'s :class:`Projected` predictions (one call each)."""
