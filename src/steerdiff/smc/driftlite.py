@@ -206,7 +206,9 @@ class DriftLite(SMCAlgorithm):
                 if self.log_probs is not None:
                     scalars.append(sigma**2 * ctx.map_rows(partial(_log_prob, self.log_probs[k])))
         dt = g.h(i)
-        rate = inc / dt  # the node's increment per unit lam of the step it leads: what the control offsets
+        # the node's increment per unit lam of the step it leads: what the control offsets (without its graph:
+        # theta, kept for the run, would hold every node's network graph to the end)
+        rate = inc.detach() / dt
         h = torch.stack(pots, -1)
         if self.variant == "vcg":
             theta = vcg_coefficients(rate, h, ctx.log_w)
