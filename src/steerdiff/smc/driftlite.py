@@ -263,8 +263,9 @@ def _callables(who: str, values: object, n: int) -> list[LogProb]:
 
 
 def _log_prob(fn: LogProb, rows: RowSlice) -> Tensor:
-    """``fn`` at the rows' particles and time, checked: ``(n,)`` finite values, as float64."""
-    x = rows.x
+    """``fn`` at the rows' particles and time, checked: ``(n,)`` finite values, as float64, without a graph
+    (values only: a graph through the particles would be held by the recorded ``theta``)."""
+    x = rows.x.detach()
     out = fn(x, float(rows.t))
     shaped = isinstance(out, Tensor) and tuple(out.shape) == (x.shape[0],)
     if not shaped or not bool(torch.isfinite(out).all()):
@@ -273,7 +274,7 @@ def _log_prob(fn: LogProb, rows: RowSlice) -> Tensor:
             f"driftlite: log_probs must map (n, *shape) to finite log-densities (n,); for n = {x.shape[0]} "
             f"one returned {got} (or non-finite values)"
         )
-    return out.to(torch.float64)
+    return out.detach().to(torch.float64)
 
 
 def driftlite(
