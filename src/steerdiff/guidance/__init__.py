@@ -5,6 +5,7 @@ from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
 from .boundary import ConsistencyBoundary
 from .cfg import CADS, CFG
 from .classifier import ClassifierGuidance, RewardGuidance
+from .density import DensityGuidance, prior_guidance
 from .dps import DPS
 from .lanpaint import LanPaint, lanpaint_nfe
 from .mcg import MCG
@@ -20,6 +21,7 @@ __all__ = [
     "MCG",
     "ClassifierGuidance",
     "ConsistencyBoundary",
+    "DensityGuidance",
     "DynamicThreshold",
     "Guided",
     "LanPaint",
@@ -32,6 +34,7 @@ __all__ = [
     "grad_on",
     "lanpaint_nfe",
     "pcg",
+    "prior_guidance",
     "repaint_nfe",
     "repaint_sample",
     "with_estimate",
