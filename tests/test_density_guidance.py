@@ -95,6 +95,20 @@ def test_quantile_is_the_paper_rule():
         assert torch.allclose(dg(x, 0.4).eps, eta * base.eps, rtol=1e-12, atol=0)
 
 
+def test_per_sample_times_and_no_grad():
+    """A ``(batch,)`` time tensor gives the float time's prediction (to rounding); ``rate=`` takes its
+    divergence also under ``torch.no_grad()`` and returns a detached prediction."""
+    law, proc = _mixture(), sd.VP.cosine()
+    den = law.denoiser(proc)
+    x = torch.randn(6, 8, dtype=F64, generator=_gen(2))
+    zero = DensityGuidance(den, rate=lambda t, x: torch.zeros(x.shape[0], dtype=x.dtype))
+    for dg in (DensityGuidance(den, offset=-1.0), DensityGuidance(den, quantile=0.3), zero):
+        per_sample = dg(x, torch.full((6,), 0.5, dtype=F64)).eps
+        assert torch.allclose(per_sample, dg(x, 0.5).eps, rtol=0, atol=1e-14)
+    with torch.no_grad():
+        assert not zero(x, 0.5).eps.requires_grad
+
+
 @pytest.mark.parametrize("proc", PROCESSES, ids=["vp_cosine", "flow"])
 def test_offset_shifts_a_gaussian_log_density_exactly(proc):
     """Gaussian law: ``log p`` of the guided sample is the plain one's plus ``offset``, up to the solver's
