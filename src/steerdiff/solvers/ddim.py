@@ -27,7 +27,13 @@ from .._checks import real
 from ._exp import sde_std
 from .base import Grid, Model, Solver, Transition
 
-__all__ = ["DDIM", "ancestral_split"]
+__all__ = ["DDIM", "ancestral_split", "noise_split"]
+
+
+def noise_split(sigma_next: float, c: float) -> tuple[float, float]:
+    """``(sqrt(sigma_next^2 - c^2), c)``: the noise level ``sigma_next`` of Eq. 12's step split into the
+    part the estimate ``eps`` carries (0 where ``c = sigma_next``) and the fresh noise ``c <= sigma_next``."""
+    return math.sqrt(max(sigma_next**2 - c**2, 0.0)), c
 
 
 def ancestral_split(grid: Grid, i: int, eta: float) -> tuple[float, float]:
@@ -39,8 +45,7 @@ def ancestral_split(grid: Grid, i: int, eta: float) -> tuple[float, float]:
     ``(sigma_down, sigma_up) * alpha_{i+1}`` of the ancestral step. Both are 0 into a clean end.
     """
     sigma_next = grid.sigma[i + 1]
-    c = min(sigma_next, eta * sde_std(sigma_next, grid.h(i), 1.0))
-    return math.sqrt(max(sigma_next**2 - c**2, 0.0)), c
+    return noise_split(sigma_next, min(sigma_next, eta * sde_std(sigma_next, grid.h(i), 1.0)))
 
 
 @dataclass

@@ -14,6 +14,15 @@ and its reversal is ``dx = [f x - g^2 grad log p_t(x)] dt + g dW-bar`` with the 
 ``VP.discrete``, whose ``lam`` is piecewise linear between the integer timesteps, the slope of the
 segment the step crosses. Weak order 1, one NFE per step; into a clean end the step returns the
 denoised estimate ``x0``.
+
+The same step discretizes every reverse SDE with the process's marginals, ``dx = [f x - (g^2 + s^2) / 2
+grad log p_t(x)] dt + s dW-bar`` for a diffusion ``s(t)`` (``s = 0``: the probability-flow ODE; ``s = g``:
+the SDE above):
+
+    x_{i+1} = (1 + f_i dt) x_i + (g_i^2 + s_i^2) dt / (2 sigma_i) eps_i + s_i sqrt(-dt) z.
+
+:class:`EulerMaruyama` is ``s = g``; :class:`~steerdiff.solvers.flow_sde.FlowSDE` (Flow-GRPO's SDE) sets
+``s_i`` from its noise level (:meth:`EulerMaruyama.diffusion2`).
 """
 
 from __future__ import annotations
@@ -38,8 +47,14 @@ class EulerMaruyama(Solver):
     stochastic: ClassVar[bool] = True
     static_state: ClassVar[bool] = True  # init_state: per-grid tables
 
+    def diffusion2(self, grid: Grid, g2: Tensor) -> Tensor:
+        """``s_i^2``, the reverse SDE's squared diffusion at each step's start, from the forward SDE's
+        ``g_i^2`` (float64, one per step): ``g_i^2`` itself (Anderson's reverse SDE)."""
+        return g2
+
     def init_state(self, grid: Grid) -> dict[str, Any]:
-        """Per step ``(1 + f dt, g^2 dt / sigma, g sqrt(-dt))`` from the process's derivatives."""
+        """Per step ``(1 + f dt, (g^2 + s^2) dt / (2 sigma), s sqrt(-dt))`` from the process's derivatives
+        (``s^2``: :meth:`diffusion2`)."""
         p, n = grid.process, grid.steps
         t, alpha, sigma = (torch.tensor(v[:n], dtype=torch.float64) for v in (grid.t, grid.alpha, grid.sigma))
         t_next = torch.tensor(grid.t[1:], dtype=torch.float64)
@@ -49,9 +64,12 @@ class EulerMaruyama(Solver):
         t_in = torch.nextafter(t, t_next)
         f = p.d_alpha(t_in) / alpha
         g2 = 2 * sigma * (p.d_sigma(t_in) - f * sigma)
-        dt = t_next - t
+        dt, s2 = t_next - t, self.diffusion2(grid, g2)
         coefs = zip(
-            (1 + f * dt).tolist(), (g2 * dt / sigma).tolist(), (g2 * -dt).sqrt().tolist(), strict=True
+            (1 + f * dt).tolist(),
+            ((g2 + s2) / 2 * dt / sigma).tolist(),
+            (s2 * -dt).sqrt().tolist(),
+            strict=True,
         )
         return {"coefs": list(coefs)}
 
@@ -60,4 +78,5 @@ class EulerMaruyama(Solver):
         if grid.sigma[i + 1] == 0:
             return pred.x0
         c_x, c_eps, std = state["coefs"][i]
-        return Transition(axpby(c_x, x, c_eps, pred.eps), std)
+        mean = axpby(c_x, x, c_eps, pred.eps)
+        return Transition(mean, std) if std > 0 else mean
