@@ -269,7 +269,7 @@ def test_bad_input(kwargs, match):
 @pytest.mark.parametrize(
     ("steps", "accepted"),
     [
-        (4, r"Accepted on it: \['ddpm', 'dpm_2_ancestral', 'dpmpp_2s_ancestral', 'dpmpp_sde', 'edm_sde', "),
+        (4, r"Accepted on it: \['cps', 'ddpm', 'dpm_2_ancestral', 'dpmpp_2s_ancestral', 'dpmpp_sde', "),
         (1, r"Accepted on it: none \(its one step is the jump to the clean end"),
     ],
 )

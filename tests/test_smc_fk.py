@@ -1201,6 +1201,8 @@ def test_one_generator_per_batch_row_makes_each_row_batch_independent(method):
         (sd.solvers.ERSDE(noise_scale="ode"), sd.solvers.ERSDE(noise_scale="sde")),
         (sd.solvers.EDMStochasticHeun(s_churn=0.0), sd.solvers.EDMStochasticHeun(s_churn=10.0)),
         (sd.solvers.EDMStochasticHeun(s_noise=0.0), sd.solvers.EDMStochasticHeun(s_noise=0.5)),
+        (sd.solvers.FlowSDE(noise_level=0.0), sd.solvers.FlowSDE(noise_level=0.7)),
+        (sd.solvers.CPS(noise_level=0.0), sd.solvers.CPS(noise_level=0.8)),
     ],
     ids=lambda solver: re.sub(r" at 0x[0-9a-f]+", "", repr(solver)),  # the same ids in every process (xdist)
 )

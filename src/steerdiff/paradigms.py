@@ -94,6 +94,7 @@ from .noise import NoiseSource, PerSampleNoise, check_rows, make_noise
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan
 from .schedules import Schedule, ScheduleLike
 from .solvers import (
+    CPS,
     DDIM,
     DDPM,
     DEIS,
@@ -148,6 +149,7 @@ SUPPORTED = (
     EulerAncestral,
     EulerMaruyama,
     TCD,
+    CPS,
     DPMSolverPPMultistep,
     DPMSolverSDEMultistep,
     UniPC,
@@ -616,8 +618,8 @@ def paradigms(
             ``corrector``, ``corrector_steps``, ``snr``), which would reach the net.
         solver: a solver with one network evaluation per step, at its own node, or a staged one whose step
             is a function of its start alone (module docstring): a name of :data:`ACCEPTED` or an instance
-            of DDIM (any ``eta``), DDPM, Euler, EulerAncestral, EulerMaruyama, TCD (LCM),
-            DPMSolverPPMultistep, DPMSolverSDEMultistep, UniPC, DEIS, LMS (iPNDM), SASolver, ERSDE,
+            of DDIM (any ``eta``), DDPM, Euler, EulerAncestral, EulerMaruyama (FlowSDE), TCD (LCM),
+            CPS, DPMSolverPPMultistep, DPMSolverSDEMultistep, UniPC, DEIS, LMS (iPNDM), SASolver, ERSDE,
             MRSampler, DPMSolver (singlestep), Heun, DPMSolver2, DPMSolverSDE, EDMStochasticHeun, Restart;
             not PNDM / PLMS; default (``None``) :func:`steerdiff.sample`'s,
             :func:`~steerdiff.sampling.default_solver` (UniPC-3; a guided denoiser's UniPC-2 or

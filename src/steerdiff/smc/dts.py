@@ -65,8 +65,9 @@ gradients on inside its own call).
 
 Solvers: any stochastic one without per-trajectory state (a node's children are drawn from its state
 alone): ``ddpm``, ``euler_ancestral``, ``euler_maruyama``, ``DDIM(eta > 0)``, ``dpm_2_ancestral``,
-``dpmpp_2s_ancestral``, ``dpmpp_sde``, ``edm_sde``, ``restart``, ``lcm``, ``tcd``; the multistep ones
-(``dpmpp_2m_sde``, ``er_sde``, ``sa_solver``), whose step reads the trajectory's history, are refused.
+``dpmpp_2s_ancestral``, ``dpmpp_sde``, ``edm_sde``, ``restart``, ``lcm``, ``tcd``, ``flow_sde``, ``cps``; the
+multistep ones (``dpmpp_2m_sde``, ``er_sde``, ``sa_solver``), whose step reads the trajectory's history, are
+refused.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from .._checks import caller
 from .base import Grid, History, Model, NonFiniteError, Solver, Transition, make_grid, step_order
+from .cps import CPS
 from .ddim import DDIM
 from .ddpm import DDPM
 from .deis import DEIS
@@ -22,6 +23,7 @@ from .edm import EDMStochasticHeun
 from .er_sde import ERSDE
 from .euler import Euler, EulerAncestral, Heun
 from .euler_maruyama import EulerMaruyama
+from .flow_sde import FlowSDE
 from .ipndm import IPNDM
 from .lms import LMS
 from .mrs import MRSampler
@@ -33,6 +35,7 @@ from .tcd import TCD
 from .unipc import UniPC
 
 __all__ = [
+    "CPS",
     "DDIM",
     "DDPM",
     "DEIS",
@@ -51,6 +54,7 @@ __all__ = [
     "Euler",
     "EulerAncestral",
     "EulerMaruyama",
+    "FlowSDE",
     "Grid",
     "Heun",
     "History",
@@ -75,6 +79,8 @@ _REGISTRY: dict[str, Callable[[], Solver]] = {
     "ddpm": DDPM,
     "euler_ancestral": EulerAncestral,
     "euler_maruyama": EulerMaruyama,
+    "flow_sde": FlowSDE,
+    "cps": CPS,
     "euler": Euler,
     "heun": Heun,
     "edm_sde": EDMStochasticHeun,
