@@ -7,6 +7,7 @@ from .cfg import CADS, CFG
 from .classifier import ClassifierGuidance, RewardGuidance
 from .density import DensityGuidance, prior_guidance
 from .dps import DPS
+from .epsilon_scaling import EpsilonNorms, EpsilonScaling, epsilon_norms
 from .lanpaint import LanPaint, lanpaint_nfe
 from .mcg import MCG
 from .pcg import pcg
@@ -23,6 +24,8 @@ __all__ = [
     "ConsistencyBoundary",
     "DensityGuidance",
     "DynamicThreshold",
+    "EpsilonNorms",
+    "EpsilonScaling",
     "Guided",
     "LanPaint",
     "PiGDM",
@@ -31,6 +34,7 @@ __all__ = [
     "SelfRecurrence",
     "add_score",
     "denoise_with_grad",
+    "epsilon_norms",
     "grad_on",
     "lanpaint_nfe",
     "pcg",
