@@ -76,7 +76,7 @@ def test_lambda_one_is_the_identity_to_the_bit(prediction):
 
 @pytest.mark.parametrize("name", sd.solvers.available())
 def test_every_solver_takes_it(name):
-    """Each of the 28 solvers: the same bits at lambda = 1, the same NFE, another result at b = 1.05."""
+    """Each registered solver: the same bits at lambda = 1, the same NFE, another result at b = 1.05."""
     den = gmm().denoiser(PROCESS)
     x_T = x_at(2, 16)
 
