@@ -292,7 +292,7 @@ class _Mine(sd.smc.SMCAlgorithm):
     [
         (
             lambda den: sd.sample(den, _X, 5, solver="nope"),
-            r"^sample: unknown solver='nope'; accepted: \['ddim'",
+            r"^sample: unknown solver='nope'; accepted: \['cps', 'ddim'",
         ),
         (
             lambda den: sd.sample(den, _X, 5, schedule="nope"),
@@ -340,7 +340,7 @@ class _Mine(sd.smc.SMCAlgorithm):
         ),
         (
             lambda den: sd.smc.fk_steering(den, _reward, 1.0, solver="nope", **_SMC),
-            r"^fk_steering: unknown solver='nope'; accepted: \['ddim'",
+            r"^fk_steering: unknown solver='nope'; accepted: \['cps', 'ddim'",
         ),
         (
             lambda den: sd.smc.fk_steering(den, _reward, 1.0, schedule="nope", **_SMC),
