@@ -298,12 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     bp.set_defaults(func=_bench_posterior, parser=bp)
     bst = bench_sub.add_parser(
         "steer",
-        help="particle steering (FK, TDS, SVDD, best-of-N, CoDe, FKC) and DPS vs exact targets",
+        help="particle steering (FK, TDS, SVDD, DTS, best-of-N, CoDe, FKC, DriftLite), DPS vs exact targets",
         description=(
             "Sliced W2 to exact reward-tilted, class-conditional and posterior Gaussian-mixture targets, "
             "and the error of E[r], against NFE per returned sample (100/400/1600) for FK steering, TDS, "
-            "SVDD, best-of-N, CoDe, FK correctors and tuned DPS. Writes OUT/steer.csv, OUT/steer.png and "
-            "OUT/steer.txt."
+            "SVDD, Diffusion Tree Sampling, best-of-N, CoDe, FK correctors, DriftLite and tuned DPS. Writes "
+            "OUT/steer.csv, OUT/steer.png and OUT/steer.txt."
         ),
     )
     _bench_arguments(bst, "NFE 400 only, n <= 256", "seed of the problems and the noise", False)

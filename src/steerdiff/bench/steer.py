@@ -16,19 +16,29 @@ itself a Gaussian mixture (:data:`CASES`):
 
 Budget: NFE per returned sample ``B`` in :data:`NFES`. The particle methods run ``steps = 100``
 DDPM steps (``time_uniform``) with ``N = B / 100`` particles per returned sample (FK correctors, two
-networks per step: ``N = B / 200``), and return one sample per batch row (``out.sample()``); DPS runs
-``B`` DDPM steps. Methods (:data:`METHODS`):
+networks per step: ``N = B / 200``; DriftLite, two networks and two divergence backward passes per step:
+``N = B / 400``), and return one sample per batch row (``out.sample()``); DTS grows one tree per returned
+sample with ``B / 100`` rollouts; DPS runs ``B`` DDPM steps. Methods (:data:`METHODS`):
 
 * ``fk_difference``, ``fk_max``: :func:`~steerdiff.smc.fk_steering` with ``lam`` and that potential
   (resampling at every step);
 * ``tds``: :func:`~steerdiff.smc.tds` with the likelihood ``exp(lam r)`` (the linear-Gaussian twist
   on the posterior case, ``log_likelihood = lam r`` elsewhere);
 * ``svdd``: :func:`~steerdiff.smc.svdd` with ``alpha = 1 / lam`` and ``M = N``;
+* ``dts``: :func:`~steerdiff.smc.dts` (Diffusion Tree Sampling) with ``lam``, the paper's widening
+  ``(2, 0.8)`` (not tuned: no method's knobs but DPS's scale are) and ``B / 100`` rollouts, one draw per
+  tree. That widening branches at the root for the first 31 rollouts, each then a full 100-step run
+  (``B`` NFE exactly at ``B <= 3100``): at these budgets DTS resamples ``B / 100`` base samples by
+  ``exp(lam r)``. DTS* (``greedy=True``) is left out: the bench scores samplers of ``pi``, not the best
+  reward found, and at these budgets its argmax descent is best-of-N's choice;
 * ``best_of_n``, ``code`` (block 5): :func:`~steerdiff.smc.best_of_n`, :func:`~steerdiff.smc.code`
   (they maximize ``r``; baselines, not samplers of ``pi``);
 * ``fkc``: Feynman-Kac correctors (:mod:`steerdiff.smc.fk_correctors`) for the product of ``p`` with
   the Gaussian expert ``N(0, Q^{-1})`` -- the quadratic tilt only (other tilts are no product of
   densities);
+* ``driftlite``: :func:`~steerdiff.smc.driftlite` (VCG, one Hutchinson probe) on the same product, the
+  corrector with a fitted control drift: ``N = B / 400`` particles of ``4 * 100 - 2`` NFE each (no control
+  at the step into the clean end), so ``398 N <= B``;
 * ``dps``: gradient guidance through ``x0_hat``: :class:`~steerdiff.guidance.DPS` (normalized) on the
   posterior case, :class:`~steerdiff.guidance.RewardGuidance` with the reward ``lam r`` elsewhere;
   per case and NFE the best scale of :data:`DPS_SCALES` (descending from the previous NFE's best).
@@ -89,7 +99,7 @@ NFES = (100, 400, 1600)
 QUICK_NFES = (400,)
 STEPS = 100
 CASES = ("nine_quadratic", "gmm16_linear", "nine_class", "gmm16_posterior")
-METHODS = ("fk_difference", "fk_max", "tds", "svdd", "best_of_n", "code", "fkc", "dps")
+METHODS = ("fk_difference", "fk_max", "tds", "svdd", "dts", "best_of_n", "code", "fkc", "driftlite", "dps")
 DPS_SCALES = tuple(m * 10.0**e for e in range(-2, 5) for m in (1, 3))[:-1]  # 0.01 .. 1e4
 PROJECTIONS = 256
 REFERENCE_FACTOR = 4
@@ -295,11 +305,24 @@ def _smc_options(t: Target, n: int, particles: int) -> _SmcOptions:
     }
 
 
+def _per_particle(method: str) -> int:
+    """The NFE one particle (one DTS rollout) is given of a returned sample's budget."""
+    return {"fkc": 2 * STEPS, "driftlite": 4 * STEPS}.get(method, STEPS)
+
+
+def _spent(method: str, budget: int) -> int:
+    """The NFE per returned sample ``method`` spends at ``budget``: ``budget``, but DriftLite's last step
+    (into the clean end) has no control, hence no divergence backward passes (two fewer per particle)."""
+    if method == "driftlite":
+        return budget // _per_particle(method) * (4 * STEPS - 2)
+    return budget
+
+
 def _run_method(t: Target, method: str, budget: int, n: int) -> tuple[Tensor, int] | None:
     """``(samples (n, d), NFE per returned sample)`` of ``method`` at ``budget``, or ``None`` where the
     method does not apply or does not fit."""
-    per = 2 * STEPS if method == "fkc" else STEPS
-    if budget % per or (method == "fkc" and t.expert is None):
+    per = _per_particle(method)
+    if budget % per or (method in ("fkc", "driftlite") and t.expert is None):
         return None
     opts = _smc_options(t, n, budget // per)
     if method in ("fk_difference", "fk_max"):
@@ -309,13 +332,22 @@ def _run_method(t: Target, method: str, budget: int, n: int) -> tuple[Tensor, in
         out = smc.tds(t.den, args.pop("operator", None), args.pop("y", None), **args, **opts)
     elif method == "svdd":
         out = smc.svdd(t.den, t.reward, 1 / t.lam, **opts)
+    elif method == "dts":
+        out = smc.dts(
+            t.den, t.reward, t.lam, shape=opts["shape"], rollouts=opts["particles"], steps=STEPS,
+            solver=SOLVER, schedule=SCHEDULE, dtype=F64, generator=opts["generator"],
+        )  # fmt: skip
     elif method == "best_of_n":
         out = smc.best_of_n(t.den, t.reward, **opts)
     elif method == "code":
         out = smc.code(t.den, t.reward, block=5, **opts)
-    elif method == "fkc":
+    elif method in ("fkc", "driftlite"):
         assert t.expert is not None
-        out = smc.fkc_product(t.den, t.expert.denoiser(t.process), **opts)
+        expert = t.expert.denoiser(t.process)
+        if method == "fkc":
+            out = smc.fkc_product(t.den, expert, **opts)
+        else:
+            out = smc.driftlite([t.den, expert], [1.0, 1.0], **opts)
     else:
         raise ValueError(f"unknown method {method!r}; accepted: {METHODS}")
     x = out.sample(generator_for(t.seed, t.name, "returned sample"))
@@ -344,7 +376,8 @@ class SteerBench:
     """Everything ``steerdiff bench steer`` measured. ``rows``: per case (``source``) and method, the
     sliced W2 to the target in units of the floor (``schedule = "sw2/floor"``) and the error of
     ``E[r]`` (``schedule = "E[r] error"``) per NFE per returned sample; DPS also has one row per scale
-    (``"sw2/floor scale=..."``)."""
+    (``"sw2/floor scale=..."``). ``seconds``: wall time per case; ``method_seconds``: per method, over the
+    cases (DPS's tuning included)."""
 
     nfes: tuple[int, ...]
     n: int
@@ -358,6 +391,7 @@ class SteerBench:
     prior: dict[str, float] = field(default_factory=dict)
     dps_scale: dict[tuple[str, int], float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    method_seconds: dict[str, float] = field(default_factory=dict)
 
     def value(self, case: str, method: str, nfe: int, metric: str = "sw2/floor") -> float:
         """A table entry (``nan`` where the method did not run)."""
@@ -420,6 +454,7 @@ def run(
         )
         result.noise[name], result.prior[name] = t.reward_noise, t.prior_distance / fl
         for method in METHODS:
+            t1 = time.perf_counter()
             sw2, err = Row(name, method, "sw2/floor"), Row(name, method, "E[r] error")
             if method == "dps":
                 runs = _tune_dps(t, nfes, n)
@@ -442,11 +477,13 @@ def run(
                     if got is None:
                         continue
                     x, used = got
-                    if used != nfe:
-                        raise RuntimeError(f"{method} spent {used} NFE per sample, not {nfe}")
+                    if used != _spent(method, nfe):
+                        raise RuntimeError(f"{method} spent {used} NFE per sample, not {_spent(method, nfe)}")
                     sw2.errors[nfe], err.errors[nfe] = t.distance(x) / fl, t.reward_error(x)
             if sw2.errors:
                 result.rows += [sw2, err]
+            spent = time.perf_counter() - t1
+            result.method_seconds[method] = result.method_seconds.get(method, 0.0) + spent
         result.seconds[name] = time.perf_counter() - t0
         log.info("%s: %.1f s", name, result.seconds[name])
     return result
@@ -478,8 +515,9 @@ def format_report(result: SteerBench) -> str:
         f"Steering to exact targets pi ∝ p exp(lam r): sliced W2 of {result.n} returned samples to "
         f"{REFERENCE_FACTOR * result.n} exact ones (x floor: {result.n} exact samples) and the error of "
         f"E[r]; DDPM linear betas, {SOLVER} ({SCHEDULE}), particle methods {STEPS} steps x NFE/{STEPS} "
-        f"particles (fkc: NFE/{2 * STEPS}), DPS NFE steps (best scale, chosen in-sample: on "
-        f"the x_T, noise and reference set it is scored on); seed {result.seed}.",
+        f"particles (fkc: NFE/{2 * STEPS}; driftlite: NFE/{4 * STEPS}, {4 * STEPS - 2} NFE each), dts "
+        f"NFE/{STEPS} rollouts of {STEPS} steps (widening (2, 0.8)), DPS NFE steps (best scale, chosen "
+        f"in-sample: on the x_T, noise and reference set it is scored on); seed {result.seed}.",
     ]
     methods = list(dict.fromkeys(r.method for r in result.rows))
     for case in result.cases:
@@ -507,7 +545,11 @@ def format_report(result: SteerBench) -> str:
     head = _headline(result)
     if head:
         lines += ["", head]
-    lines += ["", "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())]
+    lines += [
+        "",
+        "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()),
+        "by method: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.method_seconds.items()),
+    ]
     return "\n".join(lines)
 
 
