@@ -1145,7 +1145,8 @@ def test_bench_distributed_quick_rows_equal_one_rank(tmp_path, capsys):
 
 def test_bench_parallel_rows_are_paradigms_against_sample(tmp_path, capsys):
     """``bench parallel --quick``: one row per solver, steps, window and tolerance; each is sd.paradigms with
-    those arguments, its iterations fewer than the steps, and its distance to sd.sample's result."""
+    those arguments, its iterations fewer than the steps, its sequential calls (a staged solver's, one per
+    stage) fewer than sd.sample's NFE, and its distance to sd.sample's result."""
     argv = ["bench", "parallel", "--quick", "--n", "8", "--no-progress", "--out", str(tmp_path)]
     assert main(argv) == 0
     with open(tmp_path / "parallel.csv", newline="") as f:
@@ -1154,7 +1155,7 @@ def test_bench_parallel_rows_are_paradigms_against_sample(tmp_path, capsys):
         }
     assert set(rows) == {
         (s, k, w, t)
-        for s in ("ddim", "unipc", "dpmpp_2m", "ddpm")
+        for s in ("ddim", "unipc", "dpmpp_2m", "ddpm", "heun", "dpmpp_sde")
         for k in (50, 200)
         for w in (4, 16)
         for t in (0.1, 0.01)
@@ -1162,9 +1163,9 @@ def test_bench_parallel_rows_are_paradigms_against_sample(tmp_path, capsys):
     assert (tmp_path / "parallel.txt").read_text() in capsys.readouterr().out
     gmm, proc = sd.toy.default_benchmark_mixture(), sd.VP.scaled_linear()
     den, x_T = gmm.denoiser(proc), initial_noise(8, 64, 0)
-    for solver, tol in (("ddpm", 0.1), ("unipc", 0.01)):
+    for solver, tol in (("ddpm", 0.1), ("unipc", 0.01), ("heun", 0.01), ("dpmpp_sde", 0.1)):
         gen = torch.Generator().manual_seed(1)
-        ref = sd.sample(den, x_T, 200, solver, "time_uniform", generator=gen)
+        ref, ref_info = sd.sample(den, x_T, 200, solver, "time_uniform", generator=gen, return_info=True)
         x, info = sd.paradigms(
             den,
             x_T,
@@ -1178,7 +1179,10 @@ def test_bench_parallel_rows_are_paradigms_against_sample(tmp_path, capsys):
         )
         row = rows[solver, 200, 16, tol]
         assert (int(row["iterations"]), int(row["nfe"])) == (info.iterations, info.nfe)
+        assert (int(row["calls"]), int(row["sequential_nfe"])) == (info.calls, ref_info.nfe)
         assert info.iterations < 200
+        assert info.calls < ref_info.nfe == (399 if solver in ("heun", "dpmpp_sde") else 200)
+        assert (info.calls > info.iterations) == (solver in ("heun", "dpmpp_sde"))
         assert float(row["to_sequential"]) == pytest.approx(sd.metrics.relative_rmse(x, ref), rel=1e-5)
         moved = int(((x - ref).square().mean(1).sqrt() > 0.1).sum())
         assert int(row["moved"]) == moved

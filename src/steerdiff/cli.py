@@ -428,12 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
         "parallel",
         help="ParaDiGMS (sd.paradigms): parallel iterations and error against the sequential sampler",
         description=(
-            "Parallel iterations (sequential batched network calls), NFE, distance to sd.sample's result and "
-            "error against the exact answer (DDIM, UniPC, DPM-Solver++(2M): the exact ODE solution; DDPM: "
-            "sliced W2 to exact samples) of sd.paradigms with DDIM and DDPM at 50, 200 and 1000 steps, UniPC "
-            "and DPM-Solver++(2M) at 50 and 200, windows 4, 16 and 64, tolerances 0.1 and 0.01, on the "
-            "default 64-d Gaussian mixture under SD betas. Writes OUT/parallel.csv, OUT/parallel.png and "
-            "OUT/parallel.txt."
+            "Parallel iterations, sequential batched network calls (against sd.sample's NFE), NFE, distance "
+            "to sd.sample's result and error against the exact answer (DDIM, UniPC, DPM-Solver++(2M), Heun: "
+            "the exact ODE solution; DDPM, dpmpp_sde: sliced W2 to exact samples) of sd.paradigms with DDIM "
+            "and DDPM at 50, 200 and 1000 steps, UniPC, DPM-Solver++(2M) and the staged Heun and dpmpp_sde "
+            "at 50 and 200, windows 4, 16 and 64, tolerances 0.1 and 0.01, on the default 64-d Gaussian "
+            "mixture under SD betas. Writes OUT/parallel.csv, OUT/parallel.png and OUT/parallel.txt."
         ),
     )
     _bench_arguments(

@@ -4,16 +4,20 @@ Model: the embedded default (:func:`steerdiff.bench.solvers.default_model`: the 
 Gaussian mixture under Stable Diffusion's betas, exact denoiser), ``n`` samples from
 :func:`~steerdiff.bench.solvers.initial_noise` of ``seed``, noise from ``torch.Generator().manual_seed(seed +
 1)``, ``time_uniform`` grids. For DDIM, UniPC-3 (:func:`steerdiff.sample`'s default) and DPM-Solver++(2M)
-(deterministic; the last two multistep) and DDPM (ancestral) at each step count (:data:`STEPS`), window and
-tolerance: the *parallel iterations* (sequential batched network calls, the paper's speed measure: the
-sequential sampler makes ``steps``), the total NFE, the relative RMSE to :func:`steerdiff.sample` with the
-same solver, grid and generator, and the error against the exact answer beside the sequential sampler's:
-an ODE sampler's relative RMSE to the exact probability-flow ODE solution from the same ``x_T`` (then the
-exact denoiser at ``t_min``), DDPM's sliced Wasserstein-2 to ``4 n`` exact samples (256 fixed projections),
-with the floor of ``n`` exact samples; and how many samples *moved* (RMS distance to their sequential sample
-above :data:`MOVED`: to another component of the mixture, where a deviation within the tolerance early on
-puts a sample on the other side of a boundary). No timings: on the CPU a batched call of ``p`` nodes costs
-``p`` calls.
+(deterministic; the last two multistep), DDPM (ancestral) and the staged Heun (deterministic, two
+evaluations per step) and SDE-DPM-Solver++(2S) (``dpmpp_sde``, stochastic, two) at each step count
+(:data:`STEPS`), window and tolerance: the *parallel iterations*, the *sequential calls* (sequential batched
+network calls, the paper's speed measure: one per iteration, a staged solver's one per stage of its window's
+longest step, :attr:`~steerdiff.paradigms.ParadigmsInfo.calls`) against the sequential sampler's NFE (its
+sequential calls: ``steps``, ``2 steps - 1`` for the staged ones, whose last step into ``t = 0`` is one
+evaluation), the total NFE, the relative RMSE to :func:`steerdiff.sample` with the same solver, grid and
+generator, and the error against the exact answer beside the sequential sampler's: an ODE sampler's relative
+RMSE to the exact probability-flow ODE solution from the same ``x_T`` (then the exact denoiser at
+``t_min``), an SDE sampler's sliced Wasserstein-2 to ``4 n`` exact samples (256 fixed projections), with the
+floor of ``n`` exact samples; and how many samples *moved* (RMS distance to their sequential sample above
+:data:`MOVED`: to another component of the mixture, where a deviation within the tolerance early on puts a
+sample on the other side of a boundary). No timings: on the CPU a batched call of ``p`` nodes costs ``p``
+calls.
 """
 
 from __future__ import annotations
@@ -45,9 +49,16 @@ __all__ = [
     "run",
 ]
 
-SOLVERS = ("ddim", "unipc", "dpmpp_2m", "ddpm")
-# the step counts of each solver (the multistep ones at 1000 steps would only repeat DDIM's)
-STEPS = {"ddim": (50, 200, 1000), "unipc": (50, 200), "dpmpp_2m": (50, 200), "ddpm": (50, 200, 1000)}
+SOLVERS = ("ddim", "unipc", "dpmpp_2m", "ddpm", "heun", "dpmpp_sde")
+# the step counts of each solver (the multistep and staged ones at 1000 steps would only repeat DDIM's)
+STEPS = {
+    "ddim": (50, 200, 1000),
+    "unipc": (50, 200),
+    "dpmpp_2m": (50, 200),
+    "ddpm": (50, 200, 1000),
+    "heun": (50, 200),
+    "dpmpp_sde": (50, 200),
+}
 WINDOWS = (4, 16, 64)
 TOLS = (0.1, 0.01)
 QUICK = {"steps": (50, 200), "windows": (4, 16)}
@@ -61,16 +72,20 @@ MOVED = (
 
 @dataclass
 class ParallelRow:
-    """One run: ``iterations`` batched calls and ``nfe`` evaluations for ``steps`` steps; ``to_sequential``:
-    the relative RMSE to the sequential sample, ``moved`` the samples farther than :data:`MOVED` from theirs;
-    ``error``, ``sequential_error``: against the exact one."""
+    """One run: ``iterations`` Picard iterations, ``calls`` sequential batched calls (``iterations`` but for
+    a staged solver) and ``nfe`` evaluations for ``steps`` steps, against the sequential sampler's
+    ``sequential_nfe`` (its sequential calls); ``to_sequential``: the relative RMSE to the sequential
+    sample, ``moved`` the samples farther than :data:`MOVED` from theirs; ``error``, ``sequential_error``:
+    against the exact one."""
 
     solver: str
     steps: int
     window: int
     tol: float
     iterations: int
+    calls: int
     nfe: int
+    sequential_nfe: int
     to_sequential: float
     moved: int
     error: float
@@ -109,7 +124,15 @@ def run(n: int = 256, seed: int = 0, quick: bool = False, progress: bool = False
     cases = [(s, k) for s in SOLVERS for k in STEPS[s] if not quick or k in QUICK["steps"]]
     rows: list[ParallelRow] = []
     for solver, steps in tqdm(cases, desc="paradigms", disable=not progress):
-        ref = sample(den, x_T, steps, solver, SCHEDULE, generator=torch.Generator().manual_seed(seed + 1))
+        ref, ref_info = sample(
+            den,
+            x_T,
+            steps,
+            solver,
+            SCHEDULE,
+            generator=torch.Generator().manual_seed(seed + 1),
+            return_info=True,
+        )
         ref_error = error(solver, ref)
         for window in windows:
             for tol in TOLS:
@@ -131,7 +154,9 @@ def run(n: int = 256, seed: int = 0, quick: bool = False, progress: bool = False
                         window,
                         tol,
                         info.iterations,
+                        info.calls,
                         info.nfe,
+                        ref_info.nfe,
                         metrics.relative_rmse(x, ref),
                         int(((x - ref).square().mean(1).sqrt() > MOVED).sum()),
                         error(solver, x),
@@ -142,31 +167,34 @@ def run(n: int = 256, seed: int = 0, quick: bool = False, progress: bool = False
 
 
 def format_report(result: ParallelBench) -> str:
-    """One line per run: iterations and speed-up over the steps, NFE and its ratio to the steps, the
-    distance to the sequential sample and both errors against the exact answer."""
+    """One line per run: iterations, sequential calls and the speed-up (the sequential sampler's NFE over
+    them), NFE and its ratio to the steps, the distance to the sequential sample and both errors against
+    the exact answer."""
     lines = [
         f"ParaDiGMS (sd.paradigms) vs the sequential sampler (sd.sample): default 64-d mixture, SD betas, "
-        f"{SCHEDULE}, {result.n} samples, seed {result.seed}. iterations: sequential batched calls (the "
-        "sequential sampler makes one per step); to seq: relative RMSE to sd.sample's result; moved: samples "
-        f"farther than {MOVED} (RMS) from theirs, in another component; error: ddim, "
-        "unipc, dpmpp_2m relative RMSE to the exact ODE solution, ddpm sliced W2 to exact samples (floor "
-        f"{result.floor:.4f}), parallel / sequential.",
+        f"{SCHEDULE}, {result.n} samples, seed {result.seed}. iterations: Picard iterations; calls: "
+        "sequential batched calls (one per iteration, a staged solver's one per stage), against the "
+        "sequential sampler's NFE (seq NFE, one call each; speed-up: seq NFE / calls); to seq: relative "
+        f"RMSE to sd.sample's result; moved: samples farther than {MOVED} (RMS) from theirs, in another "
+        "component; error: ddim, unipc, dpmpp_2m, heun relative RMSE to the exact ODE solution, ddpm, "
+        f"dpmpp_sde sliced W2 to exact samples (floor {result.floor:.4f}), parallel / sequential.",
         "",
-        f"{'solver':8s} {'steps':>5s} {'window':>6s} {'tol':>5s} {'iterations':>10s} {'speed-up':>8s} "
-        f"{'NFE':>6s} {'NFE/steps':>9s} {'to seq':>9s} {'moved':>5s} {'error':>9s} {'seq error':>9s}",
+        f"{'solver':9s} {'steps':>5s} {'window':>6s} {'tol':>5s} {'iterations':>10s} {'calls':>5s} "
+        f"{'seq NFE':>7s} {'speed-up':>8s} {'NFE':>6s} {'NFE/steps':>9s} {'to seq':>9s} {'moved':>5s} "
+        f"{'error':>9s} {'seq error':>9s}",
     ]
     lines += [
-        f"{r.solver:8s} {r.steps:5d} {r.window:6d} {r.tol:5g} {r.iterations:10d} "
-        f"{r.steps / r.iterations:7.1f}x {r.nfe:6d} {r.nfe / r.steps:9.2f} {r.to_sequential:9.2e} "
-        f"{r.moved:5d} {r.error:9.4g} {r.sequential_error:9.4g}"
+        f"{r.solver:9s} {r.steps:5d} {r.window:6d} {r.tol:5g} {r.iterations:10d} {r.calls:5d} "
+        f"{r.sequential_nfe:7d} {r.sequential_nfe / r.calls:7.1f}x {r.nfe:6d} {r.nfe / r.steps:9.2f} "
+        f"{r.to_sequential:9.2e} {r.moved:5d} {r.error:9.4g} {r.sequential_error:9.4g}"
         for r in result.rows
     ]
     return "\n".join(lines)
 
 
 def plot(result: ParallelBench, path: str | Path) -> bool:
-    """Parallel iterations against the window, one panel per solver and step count, a line per tolerance,
-    the steps dotted (log-log). ``False`` (logged) if matplotlib is not installed."""
+    """Sequential calls against the window, one panel per solver and step count, a line per tolerance, the
+    sequential sampler's NFE dotted (log-log). ``False`` (logged) if matplotlib is not installed."""
     cases = list(dict.fromkeys((r.solver, r.steps) for r in result.rows))
     windows = sorted({r.window for r in result.rows})
 
@@ -174,11 +202,10 @@ def plot(result: ParallelBench, path: str | Path) -> bool:
         solver, steps = cases[titles.index(title)]
         for tol, color in zip(TOLS, colors, strict=False):
             rs = [r for r in result.rows if (r.solver, r.steps, r.tol) == (solver, steps, tol)]
-            ax.plot(
-                [r.window for r in rs], [r.iterations for r in rs], "o-", color=color, label=f"tol {tol:g}"
-            )
-        ax.axhline(steps, color="grey", ls=":", lw=0.8, label="sequential")
-        ax.set(xscale="log", yscale="log", ylim=(1, 2 * steps))
+            ax.plot([r.window for r in rs], [r.calls for r in rs], "o-", color=color, label=f"tol {tol:g}")
+        sequential = next(r.sequential_nfe for r in result.rows if (r.solver, r.steps) == (solver, steps))
+        ax.axhline(sequential, color="grey", ls=":", lw=0.8, label="sequential")
+        ax.set(xscale="log", yscale="log", ylim=(1, 2 * sequential))
 
     titles = [f"{s}, {k} steps" for s, k in cases]
     return panel_figure(
@@ -188,7 +215,7 @@ def plot(result: ParallelBench, path: str | Path) -> bool:
         cols=max(len(steps) for steps in STEPS.values()),
         panel_size=(3.4, 3.0),
         suptitle="ParaDiGMS: sequential batched calls against the window (64-d mixture, SD betas)",
-        ylabel="parallel iterations",
+        ylabel="sequential calls",
         xticks=windows,
         xlabel="window",
     )
@@ -202,7 +229,9 @@ def write_results(result: ParallelBench, out: str | Path) -> tuple[Path, Path | 
         "window",
         "tol",
         "iterations",
+        "calls",
         "nfe",
+        "sequential_nfe",
         "to_sequential",
         "moved",
         "error",
@@ -215,7 +244,9 @@ def write_results(result: ParallelBench, out: str | Path) -> tuple[Path, Path | 
             r.window,
             r.tol,
             r.iterations,
+            r.calls,
             r.nfe,
+            r.sequential_nfe,
             f"{r.to_sequential:.6g}",
             r.moved,
             f"{r.error:.6g}",
