@@ -191,3 +191,28 @@ def test_vcg_on_the_cfg_target():
     assert float(out.trace.ess.mean()) / 64 > 0.99 > 0.9 > float(plain.trace.ess.mean()) / 64
     bias, se = z_scores(errors(out, exact))
     assert bool((bias.abs() <= 4 * se + 0.03).all()), (bias, se)
+
+
+def test_rows_with_too_few_particles_for_the_fit_take_no_control():
+    """A product of two 2-D mixtures (VCG's 3 fields: ``x`` and two scores) with 4 particles per row: the
+    effective sample size is at most 4, below ``2 (3 + 1)``, so every node's ``theta`` is 0 and the run
+    takes the corrector's steps (its weights ``fkc``'s up to the Hutchinson draws, which shift the generator).
+    Before, the fit interpolated the 4 particles: ``bench steer``'s nine_quadratic at NFE 1600 ended 7.77x
+    the floor, rows out to ``|x| = 47``, where ``fkc`` was at 0.93x. With 16 particles rows are fit."""
+    made: list[sd.smc.DriftLite] = []
+    init = sd.smc.DriftLite.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    dens = [G1.denoiser(PROC), G2.denoiser(PROC)]
+    kw = {"shape": (3, 2), "steps": 10, "dtype": F64, "generator": gen(0)}
+    sd.smc.DriftLite.__init__ = recording
+    try:
+        sd.smc.driftlite(dens, [1.0, 1.0], particles=4, **kw)
+        sd.smc.driftlite(dens, [1.0, 1.0], particles=16, **kw)
+    finally:
+        sd.smc.DriftLite.__init__ = init
+    assert all(bool((t == 0).all()) for t in made[0].theta) and len(made[0].theta) == 9
+    assert any(bool((t != 0).any()) for t in made[1].theta)
