@@ -81,6 +81,22 @@ def test_rate_is_the_prescribed_one_locally(proc):
         assert torch.allclose(_local_rate(law, proc, exact, x, t), b, rtol=1e-4, atol=1e-4)
 
 
+def test_rate_at_integer_nodes_of_a_discrete_process():
+    """``VP.discrete``'s log-SNR is piecewise linear between integer times, where discrete schedules put
+    their nodes: ``rate=`` takes the derivatives of the segment below the node, the one sampling crosses.
+    Measured max |rate - b| (SD's betas, h = 1e-3): 5.2e-5 / 1.1e-4 at t = 100 / 10; with the segment
+    above (floor(t)) it was 5.9e-3 / 0.074."""
+    law, proc = _mixture(), sd.VP.scaled_linear()
+    den = law.denoiser(proc)
+    x0 = law.sample(16, _gen(3))
+    b = 0.7 - torch.arange(16, dtype=F64) / 10
+    exact = DensityGuidance(den, rate=lambda t, x: b)
+    z = torch.randn(16, 8, dtype=F64, generator=_gen(4))
+    for t in (100.0, 10.0):
+        x = float(proc.alpha(t)) * x0 + float(proc.sigma(t)) * z
+        assert torch.allclose(_local_rate(law, proc, exact, x, t, h=1e-3), b, rtol=0, atol=5e-4)
+
+
 def test_quantile_is_the_paper_rule():
     """``quantile=q``: ``eta = 1 + sqrt(2 D) Phi^{-1}(q) / ||eps||^2`` (paper eq. 14), the same as the
     ``offset`` giving that ``k``."""

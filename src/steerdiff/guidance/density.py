@@ -169,10 +169,13 @@ class DensityGuidance(Guided):
             raise ValueError(f"{who}: rate(t, x) must return a tensor of shape ({n},), got {tuple(b.shape)}")
         p = self.base.process
         tt = t.to(torch.float64) if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
-        dlog_a = p.d_alpha(tt) / p.alpha(tt)
+        # the derivatives on the side sampling moves to: VP.discrete's are those of the segment below an
+        # integer node, where the schedules put their nodes (floor(t) alone would take the one above)
+        t_in = torch.nextafter(tt, torch.full_like(tt, -math.inf)).clamp(min=0)
+        dlog_a = p.d_alpha(t_in) / p.alpha(t_in)
         lam_dot, dlog_a, s = (
             v.to(device=x.device, dtype=x.dtype).reshape(-1)
-            for v in (dlog_a - p.d_sigma(tt) / p.sigma(tt), dlog_a, p.sigma(tt))
+            for v in (dlog_a - p.d_sigma(t_in) / p.sigma(t_in), dlog_a, p.sigma(tt))
         )
         div_v = d * dlog_a - s * lam_dot * trace
         given = {"x0": pred.x0.detach()} if pred.x0_given else {"eps": eps.detach()}
