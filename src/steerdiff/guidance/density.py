@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .._checks import integer, real, tensor
 from ..denoiser import Denoiser, Prediction
-from ..noise import Generators, rand
+from ..noise import Generators, check_generators, rand
 from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
 
 __all__ = ["DensityGuidance", "prior_guidance"]
@@ -77,7 +77,9 @@ class DensityGuidance(Guided):
       ``(batch,)`` tensor). This needs ``div v``, from autograd through the base: ``probes=None``
       takes the exact trace of ``d eps / dx`` (``D`` vector-Jacobian products, for small ``D``),
       ``probes=m`` Hutchinson's estimate with ``m`` Rademacher vectors drawn from ``generator``
-      (unbiased; ``log p`` then follows ``b_t`` up to the estimate's noise).
+      (unbiased; ``log p`` then follows ``b_t`` up to the estimate's noise): ``None`` (torch's global
+      RNG), one ``torch.Generator``, or one per row, so that a row does not depend on its batch (needed
+      under a sampler's per-row list of generators; under a particle method one per particle).
 
     Cost per call: ``base.cost`` for ``offset`` / ``quantile``; with ``rate``, ``base.cost`` times
     ``1 + D`` (exact trace) or ``1 + probes``, counting each vector-Jacobian product (a backward pass
@@ -92,7 +94,7 @@ class DensityGuidance(Guided):
         quantile: float | None = None,
         rate: Rate | None = None,
         probes: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> None:
         super().__init__(base)
         who = "DensityGuidance"
@@ -107,17 +109,13 @@ class DensityGuidance(Guided):
             raise ValueError(
                 f"{who}: rate must be a function (t, x) -> (batch,) tensor, got {type(rate).__name__}"
             )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"{who}: generator must be None or a torch.Generator, got {type(generator).__name__}"
-            )
         self.offset = None if offset is None else real(who, "offset", offset)
         self.quantile = (
             None
             if quantile is None
             else real(who, "quantile", quantile, lo=0, hi=1, lo_open=True, hi_open=True)
         )
-        self.rate, self.generator = rate, generator
+        self.rate, self.generator = rate, check_generators(who, generator)
         self.probes = None if probes is None else integer(who, "probes", probes, lo=1)
         self.k = 0.0  # offset's log-density per unit of lam; quantile's depends on D, taken per call
         if self.offset is not None:  # every built-in process has a finite log-SNR range (zero SNR clamped)
