@@ -55,7 +55,7 @@ def test_driftlite_keeps_the_weights_even_at_no_cost_in_distance(case, gs, betas
     Measured (per seed): ``p^2``: ESS fkc 0.702 / 0.704 / 0.722, VCG 0.989 / 0.991 / 0.989, ECG 0.789 /
     0.784 / 0.806; distance (mean of the seeds; floor 0.079) fkc 0.149, VCG 0.088, ECG 0.158 (seeds 0.132 /
     0.236 / 0.106: no better). ``p1 p2``: ESS fkc 0.716 / 0.701 / 0.716, VCG 0.985 / 0.985 / 0.984, ECG
-    0.789 / 0.786 / 0.782; distance (floor 0.064) fkc 0.133, VCG 0.115, ECG 0.102.
+    0.789 / 0.786 / 0.782; distance (floor 0.064) fkc 0.133, VCG 0.116, ECG 0.102.
     """
     target = product(*gs) if len(gs) == 2 else product(gs[0], gs[0])
     ref = target.sample(1024, gen(99))
