@@ -235,6 +235,11 @@ def test_bad_input(den, x_0, y_1):
         rf_invert(den, x_0, y_1[:4])
     with pytest.raises(ValueError, match=r"rf_edit: y_0 must have x_T's shape"):
         rf_edit(den, y_1, x_0[:, :4])
+    # before: AttributeError ('list' object has no attribute 'shape') from the shape check
+    with pytest.raises(ValueError, match=r"rf_invert: x_0 must be a torch\.Tensor, got list"):
+        rf_invert(den, x_0.tolist(), y_1)
+    with pytest.raises(ValueError, match=r"rf_edit: x_T must be a torch\.Tensor, got list"):
+        rf_edit(den, y_1.tolist(), x_0)
     with pytest.raises(ValueError, match=r"ControlledInversion: y_1 must be a tensor of finite"):
         ControlledInversion(den, torch.full((1, 8), float("inf")), 0.5)
     with pytest.raises(

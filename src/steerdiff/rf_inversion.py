@@ -65,7 +65,7 @@ from .denoiser import Denoiser, Prediction, take_kwarg_rows, take_wrapped_rows
 from .guidance.base import Guided, with_estimate
 from .inversion import deterministic_solvers, invert
 from .processes import RectifiedFlow
-from .sampling import DEFAULT_SCHEDULE, SampleInfo, sample
+from .sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T, sample
 from .schedules import ScheduleLike
 from .solvers.base import Solver
 
@@ -181,7 +181,13 @@ class ControlledEditing(_Controlled):
     read at every evaluation of any solver: Euler (``ddim``) steers the steps whose start node ``t_i`` has
     ``start <= 1 - t_i < stop``. diffusers' community ``FluxRFInversionPipeline`` counts steps instead,
     ``int(start N) <= i < int(stop N)``: the same on a grid ``t_i = 1 - i / N`` where ``start N`` and
-    ``stop N`` are whole.
+    ``stop N`` are whole. The drift jumps at the window's end ``tau = stop``, and a solver sees it only at
+    its evaluations: a multistep solver's history (``dpmpp_2m``, ``unipc``) carries controlled predictions
+    past it, a staged one (``heun``, ``dpm_solver``) mixes the two drifts in the step across it (also where
+    ``stop`` is a node: the end-stage evaluation there is uncontrolled), so with a window ending inside the
+    run every solver is first order (on an 8-d, 3-component mixture, ``eta = 0.7``, ``stop = 0.4`` or
+    ``0.5``, ``time_uniform``, 10-160 steps: slopes 0.9-1.2 for ``ddim``, ``heun``, ``dpmpp_2m``,
+    ``dpmpp_3m``, ``unipc``), the higher orders still a constant 1.2-1.5x nearer at 40 steps.
 
     Args:
         den: a denoiser under :class:`~steerdiff.processes.RectifiedFlow`.
@@ -222,9 +228,12 @@ class ControlledEditing(_Controlled):
         return f"ControlledEditing({self.base!r}, eta={self.eta}, start={self.start}, stop={self.stop})"
 
 
-def _check_shape(who: str, name: str, y: Tensor, x_name: str, x: Tensor) -> None:
-    if y.shape != x.shape:
-        raise ValueError(f"{who}: {name} must have {x_name}'s shape {tuple(x.shape)}, got {tuple(y.shape)}")
+def _check_pair(who: str, wrapped: _Controlled, x_name: str, x: Tensor, y_name: str) -> None:
+    check_x_T(wrapped, x, who, name=x_name)
+    if wrapped.target.shape != x.shape:
+        raise ValueError(
+            f"{who}: {y_name} must have {x_name}'s shape {tuple(x.shape)}, got {tuple(wrapped.target.shape)}"
+        )
 
 
 def rf_invert(
@@ -255,8 +264,9 @@ def rf_invert(
         ``invert``'s result: the structured noise at the grid's first node ``t_max`` (and the ``SampleInfo``
         with ``return_info=True``).
     """
-    _check_shape("rf_invert", "y_1", tensor("rf_invert", "y_1", y_1), "x_0", x_0)
-    return invert(ControlledInversion(den, y_1, gamma), x_0, steps, solver, schedule, **kwargs)
+    wrapped = ControlledInversion(den, y_1, gamma)
+    _check_pair("rf_invert", wrapped, "x_0", x_0, "y_1")
+    return invert(wrapped, x_0, steps, solver, schedule, **kwargs)
 
 
 def rf_edit(
@@ -289,11 +299,12 @@ def rf_edit(
     Returns:
         ``sample``'s result.
     """
-    _check_shape("rf_edit", "y_0", tensor("rf_edit", "y_0", y_0), "x_T", x_T)
+    wrapped = ControlledEditing(den, y_0, eta, start, stop)
+    _check_pair("rf_edit", wrapped, "x_T", x_T, "y_0")
     if _solvers.get(solver, "rf_edit").stochastic:
         raise ValueError(
             f"rf_edit: solver={solver!r} is stochastic, and the controlled reverse ODE is deterministic (a "
             "reverse SDE on the controlled prediction has other marginals); accepted: "
             f"{deterministic_solvers()} or a deterministic Solver instance"
         )
-    return sample(ControlledEditing(den, y_0, eta, start, stop), x_T, steps, solver, schedule, **kwargs)
+    return sample(wrapped, x_T, steps, solver, schedule, **kwargs)
