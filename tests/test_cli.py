@@ -871,6 +871,7 @@ def test_help(capsys, argv, expected):
         (["bench", "discrete"], ["OUT/discrete.csv", "OUT/discrete.png", "OUT/discrete.txt"]),
         (["bench", "parallel"], ["OUT/parallel.csv", "OUT/parallel.png", "OUT/parallel.txt"]),
         (["bench", "distributed"], ["OUT/distributed.csv", "OUT/distributed.png", "OUT/distributed.txt"]),
+        (["bench", "epsilon"], ["OUT/epsilon.csv", "OUT/epsilon.png", "OUT/epsilon.txt"]),
         (["demo"], ["OUT/demo.png", "OUT/demo.csv"]),
         (["sample"], ["--model digits", ".png grid", "the demo's, cfg 2, classifier 2"]),
     ],
@@ -1186,6 +1187,52 @@ def test_bench_parallel_rows_are_paradigms_against_sample(tmp_path, capsys):
         assert float(row["to_sequential"]) == pytest.approx(sd.metrics.relative_rmse(x, ref), rel=1e-5)
         moved = int(((x - ref).square().mean(1).sqrt() > 0.1).sum())
         assert int(row["moved"]) == moved
+
+
+def test_bench_epsilon_rows_are_the_fd_of_epsilon_scaling(tmp_path, capsys):
+    """``bench epsilon --quick`` (before: a standalone script without the command, CSV or figure): DDIM at 10
+    steps with no scaling, the calibrated uniform b and line, and b = 1.01, one row per draw; each FD is the
+    digits model's FD of sd.sample of EpsilonScaling with the row's k and b, the calibrated ones those of
+    epsilon_norms on the draw's x_T."""
+    from steerdiff.bench.digits import load_models
+    from steerdiff.guidance import EpsilonScaling, epsilon_norms
+    from steerdiff.toy import digits as D
+
+    argv = ["bench", "epsilon", "--quick", "--n", "48", "--seed", "3", "--draws", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "epsilon.csv", newline="") as f:
+        rows = {(r["setting"], int(r["seed"])): r for r in csv.DictReader(f)}
+    settings = ("b = 1 (none)", "uniform b (calibrated)", "k t + b (calibrated)", "b = 1.01")
+    assert set(rows) == {(s, seed) for s in settings for seed in (3, 4)}
+    assert {(r["solver"], r["steps"], r["schedule"]) for r in rows.values()} == {
+        ("ddim", "10", "karras_capped")
+    }
+    assert (tmp_path / "epsilon.txt").read_text() in capsys.readouterr().out
+    assert (tmp_path / "epsilon.png").exists()
+    m = load_models()
+    x_T = torch.randn(48, *D.DIGITS_SHAPE, generator=torch.Generator().manual_seed(4))
+    pick = torch.randperm(len(m.train[0]), generator=torch.Generator().manual_seed(4))[:48]
+    norms = epsilon_norms(
+        m.den,
+        m.train[0][pick],
+        x_T,
+        10,
+        "ddim",
+        generator=torch.Generator().manual_seed(104),
+        label=D.NULL_LABEL,
+    )
+    k, b = norms.linear()
+    assert float(rows["uniform b (calibrated)", 4]["b"]) == pytest.approx(norms.uniform(), rel=1e-5)
+    assert float(rows["k t + b (calibrated)", 4]["k"]) == pytest.approx(k, rel=1e-5)
+    for setting, (kk, bb) in (
+        ("b = 1 (none)", (0.0, 1.0)),
+        ("b = 1.01", (0.0, 1.01)),
+        ("k t + b (calibrated)", (k, b)),
+    ):
+        with torch.no_grad():
+            x = sd.sample(EpsilonScaling(m.den, k=kk, b=bb), x_T, 10, "ddim", label=D.NULL_LABEL)
+        assert float(rows[setting, 4]["fd"]) == pytest.approx(m.frechet(x), abs=1e-3)
+    assert float(rows["b = 1.01", 4]["fd"]) != float(rows["b = 1 (none)", 4]["fd"])
 
 
 def test_bench_longstep_rows_are_the_solvers_with_and_without_the_rule(tmp_path, capsys):
