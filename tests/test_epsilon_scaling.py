@@ -36,14 +36,15 @@ def x_at(seed: int = 0, n: int = 5) -> torch.Tensor:
     return torch.randn(n, 3, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "score"])
 @pytest.mark.parametrize(("k", "b"), [(0.0, 1.02), (-4e-5, 1.03), (2e-4, 0.95)])
 def test_matches_the_hand_computation(prediction, k, b):
     den = sd.Denoiser(linear_net, PROCESS, prediction=prediction)
     x, t = x_at(), 637.0
     a, s = float(PROCESS.alpha(t)), float(PROCESS.sigma(t))
     out = linear_net(x, torch.full((5,), t, dtype=F64))
-    eps = {"eps": out, "x0": (x - a * out) / s, "v": s * x + a * out}[prediction]  # v = a eps - s x0
+    # v = a eps - s x0; score = -eps / s
+    eps = {"eps": out, "x0": (x - a * out) / s, "v": s * x + a * out, "score": -s * out}[prediction]
     lam = k * t + b
     pred = EpsilonScaling(den, k=k, b=b)(x, t)
     torch.testing.assert_close(pred.eps, eps / lam, rtol=1e-12, atol=1e-12)

@@ -19,7 +19,17 @@ the solver sees is the one of the scaled ``eps``:
 
 computed in that form from the held ``x0``. ``t`` is the process time the solver passes (for
 ``VP.discrete`` the training timestep index ``0 .. N-1``; for other processes their own time, so a
-``k`` fitted on one process does not carry over to another).
+``k`` fitted on one process does not carry over to another). ADM-ES's code indexes its ``lambda`` list
+by the *respaced* step (ADM's ``SpacedDiffusion`` renumbers the ``S`` sampling steps ``0 .. S-1``), not
+the training timestep: the same for its default uniform schedule (``k = 0``), while a slope ``k_S`` per
+respaced step is ``k = k_S (S - 1) / (N - 1)`` per timestep here (on ADM's evenly spaced timesteps).
+
+Where ``alpha`` is 0 (a schedule rescaled to zero terminal SNR) no ``x0`` gives the scaled ``eps``
+(``x = sigma eps`` there), and near it ``x0'`` grows as ``(1 - 1 / lambda) (sigma / alpha) eps``: with a
+``v`` net on ``VP.discrete(..., rescale_zero_snr=True)`` (``alpha(t_max) = 3.2e-5``) ``b = 1.01`` adds
+305 ``eps`` to the first node's ``x0``, and the sample of the exact mixture's ``v`` net lands 6.4 (relative
+RMSE) from the unscaled one after 10 DDIM steps; the line ``k t + b`` with ``lambda(t_max) = 1`` (same
+``b``) moves it by 0.0098.
 
 The paper picks ``lambda`` by matching norms: :func:`epsilon_norms` measures the mean ``||eps_theta||`` on
 a sampler's states and on forward-noised training data at the same times, and :class:`EpsilonNorms`
