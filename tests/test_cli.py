@@ -630,7 +630,11 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
         # before: a traceback from the sliced W2's floor (sde, posterior) or the distance itself (steer)
         *(
             (["bench", bench, "--n", "1"], "argument --n: must be an integer >= 2, got '1'")
-            for bench in ("sde", "posterior", "steer")
+            for bench in ("sde", "posterior", "steer", "epsilon")
+        ),
+        *(
+            (["bench", "epsilon", "--b", b], f"argument --b: must be a finite number > 0, got '{b}'")
+            for b in ("0", "-1", "nan", "inf", "x")
         ),
         (["bench", "solvers", "--model", "digits", "--batch", "1"], "--model digits needs --batch >= 2"),
         # before: ignored (--weights: the gmm benchmark ran; --draws: digits ran one x_T)
