@@ -138,6 +138,30 @@ def test_controlled_editing_converges_to_the_exact_controlled_ode(gmm, den, x_0,
             assert rel_rmse(out, exact) == pytest.approx(m, rel=0.01)
 
 
+def test_the_window_end_holds_every_solver_at_first_order_and_ddim_nearest(gmm, den, x_0, y_1):
+    """Eq. 15 with ``eta = 0.7`` on ``[0, 0.4)`` against the exact piecewise ODE (DOP853 on each piece): the
+    drift jumps at ``tau = 0.4``, where multistep histories and staged evaluations straddle it, so ``ddim``
+    (first order: 0.0603 / 0.0157 at 10 / 40 steps) is nearer than ``dpmpp_2m`` (0.0989 / 0.0399), UniPC's
+    noise form (0.144 / 0.0590) and ``heun`` (0.164 / 0.0622) (measured)."""
+    stop = 0.4
+    mid = _controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, 1 - stop, toward_noise=False)
+    exact = _controlled_ode(gmm, mid, x_0, 0.0, 1 - stop, FLOW.t_min, toward_noise=False)
+    measured = {
+        "ddim": (0.06032, 0.01569),
+        "dpmpp_2m": (0.09887, 0.03987),
+        "unipc": (0.1442, 0.05903),
+        "heun": (0.1635, 0.06223),
+    }
+    solvers = {"ddim": "ddim", "dpmpp_2m": "dpmpp_2m", "unipc": UniPC(prediction="noise"), "heun": "heun"}
+    for name, errors in measured.items():
+        for steps, m in zip((10, 40), errors, strict=True):
+            out = rf_edit(
+                den, y_1, x_0, eta=0.7, stop=stop, steps=steps, solver=solvers[name], schedule=SCHEDULE,
+                final="none",
+            )  # fmt: skip
+            assert rel_rmse(out, exact) == pytest.approx(m, rel=0.01)
+
+
 def test_distance_to_the_target_falls_with_the_control(den, x_0, y_1):
     """Measured (16 samples of the 8-d mixture, ``ddim``, ``time_uniform``): the mean distance from the
     inverted noise to ``y_1`` at 10 steps is 3.63 / 1.58 / 0.61 / 0.17 / 0.0046 at ``gamma`` = 0 / 0.25 /
