@@ -49,7 +49,31 @@ from .particles import (
     run_smc,
 )
 
-__all__ = ["SVDD", "svdd"]
+__all__ = ["SVDD", "select", "selection_logits", "svdd"]
+
+
+def selection_logits(r: Tensor, alpha: float) -> Tensor:
+    """Selection log-probabilities (unnormalized) from the values ``r`` ``(batch, M)`` at temperature
+    ``alpha``: ``(r_j - max_k r_k) / alpha``, the softmax's logits shifted per row so that the best is 0 and
+    none overflows (``r / alpha`` is ``+-inf`` for every candidate once ``alpha`` is tiny); a point mass on
+    the first best for ``alpha = 0``, zeros (uniform) for ``alpha = inf``."""
+    if alpha == 0:
+        best = r.argmax(-1, keepdim=True)
+        return torch.full_like(r, -math.inf).scatter_(1, best, 0.0)
+    if math.isinf(alpha):
+        return torch.zeros_like(r)
+    return (r - r.amax(-1, keepdim=True)) / alpha
+
+
+def select(r: Tensor, alpha: float, generator: Generators) -> Tensor:
+    """SVDD's selection: the index ``k`` ``(batch,)`` of the candidate each row keeps, ``k ~
+    Categorical(softmax_j(r_j / alpha))`` by one uniform per row from ``generator`` (row ``b`` from
+    ``generator[b]`` where a list), ``argmax_j r_j`` (the first best, no draw) for ``alpha = 0``."""
+    if alpha == 0:  # no draw: the same run as CoDe with block = 1
+        return r.argmax(-1)
+    logits = selection_logits(r, alpha)
+    u = rand((logits.shape[0], 1), generator, torch.float64, logits.device)
+    return _resample._inverse_cdf(logits, u)[:, 0]
 
 
 class SVDD(SMCAlgorithm):
@@ -65,33 +89,19 @@ class SVDD(SMCAlgorithm):
     def __init__(self, alpha: float) -> None:
         self.alpha = real("svdd", "alpha", alpha, lo=0, finite=False)  # 0: argmax, inf: the base sampler
 
-    def _log_select(self, r: Tensor) -> Tensor:
-        """Selection log-probabilities (unnormalized) from the values ``r`` ``(batch, M)``:
-        ``(r_j - max_k r_k) / alpha``, the softmax's logits shifted per row so that the best is 0 and
-        none overflows (``r / alpha`` is ``+-inf`` for every candidate once ``alpha`` is tiny)."""
-        if self.alpha == 0:
-            best = r.argmax(-1, keepdim=True)
-            return torch.full_like(r, -math.inf).scatter_(1, best, 0.0)
-        if math.isinf(self.alpha):
-            return torch.zeros_like(r)
-        return (r - r.amax(-1, keepdim=True)) / self.alpha
-
     def log_weight(self, ctx: StepContext) -> Tensor | None:
         if not ctx.final:
             return None
         r = ctx.reward(ctx.x)  # the samples returned (noisy ones with final="none")
         ctx.state["reward"] = r
-        return self._log_select(ctx.gather(r))[:, ctx.shard]  # over every rank's candidates (group=)
+        # over every rank's candidates (group=)
+        return selection_logits(ctx.gather(r), self.alpha)[:, ctx.shard]
 
     def resample(self, ctx: StepContext, log_w: Tensor, generator: Generators) -> Tensor:
         if ctx.i == 0 or log_w.shape[1] == 1:  # one x_T per batch row; one candidate: nothing to draw
             return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
         r = ctx.gather(ctx.reward(ctx.x0))  # every rank's candidates (group=)
-        if self.alpha == 0:  # no draw: the same run as CoDe with block = 1
-            return r.argmax(-1, keepdim=True).expand(log_w.shape)
-        logits = self._log_select(r)
-        u = rand((logits.shape[0], 1), generator, torch.float64, logits.device)
-        return _resample._inverse_cdf(logits, u).expand(log_w.shape)
+        return select(r, self.alpha, generator)[:, None].expand(log_w.shape)
 
 
 def svdd(
