@@ -7,6 +7,7 @@
 >>> guided = sd.discrete.CFG(den, den, 3.0, uncond_kwargs={"y": null})  # a denoiser: every sampler
 >>> x0 = sd.discrete.sample(guided, (batch, L), sampler="first_hitting", y=labels)
 >>> out = sd.discrete.fk_steering(den, reward, lam, shape=(batch, L), particles=16, steps=64)  # Particles
+>>> out = sd.discrete.svdd(den, reward, alpha, shape=(batch, L), particles=8, steps=64)  # Particles
 
 The exact oracle is :class:`steerdiff.toy.CategoricalMixture`.
 """
@@ -23,6 +24,7 @@ from .process import SCHEDULES, MaskedProcess
 from .remdm import ReMDM
 from .sampling import SampleInfo, available, get, sample
 from .steering import best_of_n, fk_steering
+from .svdd import svdd
 
 __all__ = [
     "CFG",
@@ -44,4 +46,5 @@ __all__ = [
     "fk_steering",
     "get",
     "sample",
+    "svdd",
 ]

@@ -193,10 +193,12 @@ class _Run:
         joined = self.ranks.gather(v.reshape(self.batch, self.n_local, *v.shape[1:]), self.n, dim=1)
         return joined.reshape(self.batch * self.n, *v.shape[1:])
 
-    def estimate(self, log_p: Tensor) -> Tensor:
-        """``x0_hat``: the particles' tokens, a draw from ``log_p`` at their masked positions."""
+    def estimate(self, log_p: Tensor, greedy: bool = False) -> Tensor:
+        """``x0_hat``: the particles' tokens, at their masked positions a draw from ``log_p`` (``greedy``: its
+        most likely token, no draw)."""
         masked = self.x == self.mask_id
-        return torch.where(masked, draw(log_p, self.rows).to(self.x.dtype), self.x)
+        tokens = log_p.argmax(-1) if greedy else draw(log_p, self.rows)
+        return torch.where(masked, tokens.to(self.x.dtype), self.x)
 
     def reward(self, x: Tensor, i: int) -> Tensor:
         """``r(x)`` of this rank's flat particles as float64 ``(batch, particles)``, every rank's joined with
