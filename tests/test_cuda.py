@@ -903,12 +903,17 @@ def test_discrete_guidance_on_the_device_draws_the_cpu_tokens(name: str, sampler
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
-@pytest.mark.parametrize("method", ["fk_steering", "best_of_n"])
+@pytest.mark.parametrize("method", ["fk_steering", "best_of_n", "svdd"])
 def test_discrete_steering_on_the_device_equals_the_cpu_run(method: str, sampler: str) -> None:
-    """Particles, weights, rewards, log Z and resampling events of the CPU run, and the same final draw."""
+    """Particles, weights, rewards, log Z and resampling events of the CPU run, and the same final draw
+    (SVDD: its candidates' selection by ``softmax(v / alpha)`` with the ``"draw"`` estimate)."""
     kw: dict[str, Any] = {"shape": (3, 5), "steps": _steps(sampler), "sampler": sampler}
     if method == "fk_steering":
         run = functools.partial(sd.discrete.fk_steering, CAT_DEN, _cat_reward, 2.0, particles=8, **kw)
+    elif method == "svdd":
+        run = functools.partial(
+            sd.discrete.svdd, CAT_DEN, _cat_reward, 0.5, particles=8, estimate="draw", **kw
+        )
     else:
         run = functools.partial(sd.discrete.best_of_n, CAT_DEN, _cat_reward, particles=8, **kw)
     ref, out = run(generator=_rows(3)), run(generator=_rows(3), device=DEVICE)
