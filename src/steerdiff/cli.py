@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Frechet distance to the held-out digits of the digits model sampled unconditionally by DDPM "
             "(50 and 100 leading steps) and DDIM (10 and 20 steps), without Epsilon Scaling, with the "
             "uniform b and the line k t + b calibrated by sd.guidance.epsilon_norms, and with each fixed b; "
-            "about 20 min on 2 cores with the defaults. Writes OUT/epsilon.csv, OUT/epsilon.png and "
+            "about 2 min on 2 idle cores with the defaults. Writes OUT/epsilon.csv, OUT/epsilon.png and "
             "OUT/epsilon.txt."
         ),
     )
