@@ -252,6 +252,7 @@ def test_the_tree_keeps_no_autograd_graph():
         ({"branch": {4}}, r"dts: branch must be None or a set of grid nodes i, 0 <= i < steps = 4"),
         ({"branch": 2}, r"dts: branch must be None or a set"),
         ({"solver": "ddim"}, r"dts needs a stochastic solver"),
+        ({"solver": sd.solvers.CPS(noise_level=0.0)}, r"solver CPS\(order=1, noise_level=0\.0\) adds no"),
         ({"solver": "er_sde"}, r"dts: solver 'er_sde' keeps a per-trajectory history"),
         ({"shape": (2, 3)}, r"dts: shape has sample shape \(3,\)"),
         ({"reward": 3}, r"dts: reward must be a callable"),

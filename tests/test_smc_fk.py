@@ -898,6 +898,11 @@ def test_bad_input():
             sd.smc.fk_steering(DEN, linear, **{**kw, "solver": solver})
     assert "ddpm" in sd.smc.stochastic_solvers() and "ddim" not in sd.smc.stochastic_solvers()
     sd.smc.fk_steering(DEN, linear, **{**kw, "solver": sd.solvers.DDIM(eta=1.0)})  # stochastic DDIM is fine
+    # flow_sde and cps are in the accepted list; at noise_level 0 the message named 'flow_sde' / 'cps' as the
+    # deterministic solver, contradicting that list: the instance given is named
+    for solver in (sd.solvers.FlowSDE(noise_level=0.0), sd.solvers.CPS(noise_level=0.0)):
+        with pytest.raises(ValueError, match=rf"solver {re.escape(repr(solver))} is deterministic"):
+            sd.smc.fk_steering(DEN, linear, **{**kw, "solver": solver})
     with pytest.raises(ValueError, match="potential"):
         sd.smc.fk_steering(DEN, linear, potential="mean", **kw)
     with pytest.raises(ValueError, match="lam"):

@@ -302,14 +302,14 @@ def _fits(slv: Solver, grid: Grid) -> bool:
     return slv.noisy_on(grid) and not _keeps_history(slv, grid)
 
 
-def _check_solver(who: str, slv: Solver, grid: Grid) -> None:
+def _check_solver(who: str, solver: str | Solver, slv: Solver, grid: Grid) -> None:
     if not slv.noisy_on(grid):
         fits = [n for n in stochastic_solvers() if _fits(_solvers.get(n), grid)]
         accepted = f"{fits} or e.g. DDIM(eta > 0)" if fits else "none"
         if not fits and grid.steps == 1 and grid.clean_end:
             accepted += " (its one step is the jump to the clean end: use steps >= 2 or final='none')"
         raise ValueError(
-            f"{who} needs a stochastic solver (a node's children must differ); solver {slv.name!r} adds no "
+            f"{who} needs a stochastic solver (a node's children must differ); solver {solver!r} adds no "
             f"noise on this grid of {grid.steps} steps. Accepted on it: {accepted}"
         )
     if _keeps_history(slv, grid):
@@ -425,7 +425,7 @@ def dts(
     check_seeded(den, generator, who)
     slv = _solvers.get(solver, who)
     grid = make_grid(den.process, _schedules.get(schedule, who), steps, final)
-    _check_solver(who, slv, grid)
+    _check_solver(who, solver, slv, grid)
 
     # no autograd graph: the tree's states are written into one table, so a graph would chain every
     # rollout's calls to the end (guided denoisers that need gradients turn them on inside their call)

@@ -1194,7 +1194,7 @@ def run_smc(
     if algorithm.stochastic and not slv.stochastic:
         raise ValueError(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
-            f"{slv.name!r} is deterministic. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0)"
+            f"{solver!r} is deterministic. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0)"
         )
     grid = make_grid(den.process, _schedules.get(schedule, who), steps, final)
     if algorithm.stochastic and not slv.noisy_on(grid):
