@@ -3,6 +3,7 @@ against the exact ODE, and the heun-weighted DPM-Solver++(2M) of the library to 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import math
@@ -112,6 +113,16 @@ def test_the_particle_section_names_every_particle_method():
     assert {"fk_steering", "tds", "run_smc"} <= set(methods)
     missing = [n for n in methods if f"`{n}`" not in section and f"sd.smc.{n}" not in section]
     assert not missing, missing
+
+
+def test_the_paradigms_section_names_every_solver_it_accepts_and_refuses():
+    # flow_sde and cps (accepted, equal to sd.sample) were missing from the section's list
+    paradigms = importlib.import_module("steerdiff.paradigms")  # sd.paradigms is the function
+    text = README.read_text()
+    section = text[text.index("### Parallel sampling: `sd.paradigms`") : text.index("### Many GPUs")]
+    missing = [n for n in sd.solvers.available() if f"`{n}`" not in section]
+    assert not missing, missing
+    assert set(paradigms.ACCEPTED) == set(sd.solvers.available()) - {"pndm", "plms"}  # the two it refuses
 
 
 def test_the_ten_lines_run_as_printed(capsys):
