@@ -275,7 +275,12 @@ def test_bad_input(den, x_0, y_1):
             ),
             x_0,
         )
-    with pytest.raises(ValueError, match=r"invert: solver='ddpm' is stochastic"):
+    with pytest.raises(ValueError, match=r"^rf_invert: solver='ddpm' is stochastic.*accepted: \["):
         rf_invert(den, x_0, y_1, solver="ddpm")
+    # solver=None: rf_edit refused it, rf_invert ran invert's default (UniPC's noise form), not its ddim
+    with pytest.raises(ValueError, match=r"^rf_invert: unknown solver=None"):
+        rf_invert(den, x_0, y_1, solver=None)
+    with pytest.raises(ValueError, match=r"^rf_edit: unknown solver=None"):
+        rf_edit(den, y_1, x_0, solver=None)
     with pytest.raises(ValueError, match=r"rf_edit: solver='ddpm' is stochastic.*accepted: \["):
         rf_edit(den, y_1, x_0, solver="ddpm")

@@ -238,6 +238,16 @@ def _check_pair(who: str, wrapped: _Controlled, x_name: str, x: Tensor, y_name: 
         )
 
 
+def _check_solver(who: str, solver: str | Solver, ode: str) -> None:
+    """A ``ValueError`` naming ``who`` unless ``solver`` is a deterministic solver (a name or an instance)."""
+    if _solvers.get(solver, who).stochastic:
+        raise ValueError(
+            f"{who}: solver={solver!r} is stochastic, and the {ode} is deterministic (an SDE on the "
+            f"controlled prediction has other marginals); accepted: {deterministic_solvers()} or a "
+            "deterministic Solver instance"
+        )
+
+
 def rf_invert(
     den: Denoiser,
     x_0: Tensor,
@@ -268,6 +278,7 @@ def rf_invert(
     """
     wrapped = ControlledInversion(den, y_1, gamma)
     _check_pair("rf_invert", wrapped, "x_0", x_0, "y_1")
+    _check_solver("rf_invert", solver, "controlled forward ODE")
     return invert(wrapped, x_0, steps, solver, schedule, **kwargs)
 
 
@@ -304,10 +315,5 @@ def rf_edit(
     """
     wrapped = ControlledEditing(den, y_0, eta, start, stop)
     _check_pair("rf_edit", wrapped, "x_T", x_T, "y_0")
-    if _solvers.get(solver, "rf_edit").stochastic:
-        raise ValueError(
-            f"rf_edit: solver={solver!r} is stochastic, and the controlled reverse ODE is deterministic (a "
-            "reverse SDE on the controlled prediction has other marginals); accepted: "
-            f"{deterministic_solvers()} or a deterministic Solver instance"
-        )
+    _check_solver("rf_edit", solver, "controlled reverse ODE")
     return sample(wrapped, x_T, steps, solver, schedule, **kwargs)
