@@ -214,6 +214,9 @@ def test_equal_nfe_comparison_with_fixed_grid_dpm_solver(den, x_T, exact):
         ({"t_start": 100.0, "t_end": 500.0}, r"t_end=500 must be less noisy than t_start=100"),
         ({"callback": 3}, r"callback must be None or a callable"),
         ({"data_form": "yes"}, r"data_form"),
+        # sample's keywords reached the net as conditions (a TypeError there, nothing for a **kwargs net)
+        ({"generator": torch.Generator()}, r"^dpm_adaptive: generator is an argument of sample, not of dpm_"),
+        ({"steps": 10, "corrector": "ula"}, r"^dpm_adaptive: steps, corrector are arguments of sample"),
     ],
 )
 def test_bad_input(den, x_T, kwargs, match):

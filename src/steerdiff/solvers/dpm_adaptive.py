@@ -62,8 +62,10 @@ from ..denoiser import Denoiser, Prediction, check_denoiser, predict_rows
 from .base import FINALS, nonfinite_error, to_sample_dtype, work_dtype
 from .dpm_solver import Coefficients, levels_at, midpoint_weight, third_order_weight, update_weights
 
-__all__ = ["AdaptiveInfo", "dpm_adaptive"]
+__all__ = ["SAMPLE_ONLY", "AdaptiveInfo", "dpm_adaptive"]
 
+# sample's keyword arguments that dpm_adaptive has none of: in **cond they would reach the net
+SAMPLE_ONLY = ("steps", "solver", "schedule", "generator", "corrector", "corrector_steps", "snr")
 THETA = 0.9  # the safety factor of Alg. 4-5 (Hairer et al.'s "fac")
 FRACTIONS = {2: (1 / 2,), 3: (1 / 3, 2 / 3)}  # r_a of the intermediate points: Alg. 4 (DPM-Solver-2), Alg. 5
 
@@ -228,6 +230,9 @@ def dpm_adaptive(
         progress: show a tqdm bar (one tick per attempt).
         return_info: also return an :class:`AdaptiveInfo`.
         **cond: passed to the network on every call; tensors with one row per sample follow their samples.
+            Not the keywords of :func:`~steerdiff.sampling.sample` that this function lacks
+            (:data:`SAMPLE_ONLY`: ``steps``, ``solver``, ``schedule``, ``generator``, ``corrector``,
+            ``corrector_steps``, ``snr``), which would reach the net.
 
     Raises:
         ValueError: bad arguments (the message names the argument and the accepted values).
@@ -236,11 +241,19 @@ def dpm_adaptive(
         FloatingPointError: a sample's step fell to nothing (its levels no longer distinct in float64, or
             ``h`` NaN): the error estimate does not shrink with the step there.
     """
-    from ..sampling import check_x_T  # sampling imports this package: here, once both are loaded
+    from ..sampling import check_sample_only, check_x_T  # sampling imports this package: here, once loaded
 
     who = "dpm_adaptive"
     check_denoiser(who, "den", den)
     check_x_T(den, x_T, who)
+    check_sample_only(
+        who,
+        cond,
+        SAMPLE_ONLY,
+        "which chooses its own steps (rtol, atol) with its own deterministic solver (order) and moves no "
+        "corrector; accepted: den, x_T, order, rtol, atol, h_init, t_start, t_end, final, data_form, "
+        "callback, progress, return_info and the net's conditions (**cond)",
+    )
     order = integer(who, "order", order, lo=2, hi=3)
     rtol = real(who, "rtol", rtol, lo=0, lo_open=True)
     atol = real(who, "atol", atol, lo=0, lo_open=True)
