@@ -877,6 +877,32 @@ def test_memory_1024_particles_64_dim():
 # --- bad input ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["fk_steering", "best_of_n", "fkc", "driftlite", "dts"])
+def test_sample_keywords_are_refused_not_passed_to_the_net(method):
+    """callback / corrector / corrector_steps / snr are sample's: in a particle method's **cond they reached
+    the net, which ignored them where it takes **kwargs (the run went on without the corrector asked for)."""
+    seen: list[str] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, **kw: object) -> torch.Tensor:
+        seen.extend(kw)
+        return DEN.net(x, t)
+
+    den = sd.Denoiser(net, DEN.process, DEN.prediction, shape=DEN.shape)
+    run = {
+        "fk_steering": lambda **kw: sd.smc.fk_steering(den, linear, **kw),
+        "best_of_n": lambda **kw: sd.smc.best_of_n(den, linear, **kw),
+        "fkc": lambda **kw: sd.smc.fkc([den, den], [0.5, 0.5], **kw),
+        "driftlite": lambda **kw: sd.smc.driftlite([den, den], [0.5, 0.5], **kw),
+        "dts": lambda **kw: sd.smc.dts(den, linear, rollouts=2, **kw),
+    }[method]
+    kw = {"shape": (2, 2), "steps": 4, "generator": torch.Generator().manual_seed(0)}
+    if method != "dts":
+        kw["particles"] = 2
+    with pytest.raises(ValueError, match=rf"^{method}: corrector, snr are arguments of sample, not of "):
+        run(corrector="ula", snr=0.1, **kw)
+    assert not seen
+
+
 def test_bad_input():
     kw = dict(shape=(2, 2), particles=4, steps=5, solver=SOLVER, dtype=F64)
     for thr in (-0.1, 1.5, True, float("nan")):

@@ -87,12 +87,14 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser, take_kwarg_rows
 from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
-from ..sampling import check_seeded
+from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
 from ..solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
+    SAMPLE_ONLY,
+    SAMPLE_ONLY_WHY,
     Particles,
     Reward,
     RowSlice,
@@ -400,6 +402,7 @@ def dts(
     """
     who = "dts"
     check_denoiser(who, "den", den)
+    check_sample_only(who, cond, SAMPLE_ONLY, SAMPLE_ONLY_WHY)
     _check_reward(reward, who)
     lam = real(who, "lam", lam, lo=0)
     shape = _check_shape(shape, who)
