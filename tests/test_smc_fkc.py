@@ -438,6 +438,12 @@ def test_bad_inputs():
         sd.smc.fkc_anneal(den, 2.0, solver="ddim", **opts)
     with pytest.raises(ValueError, match="Gaussian transitions"):
         sd.smc.fkc_anneal(den, 2.0, solver="dpmpp_sde", **opts)
+    # consistency-model and CPS steps re-noise to a share of the noise level: no reverse SDE (were accepted)
+    for solver in ("lcm", "tcd", "cps", sd.solvers.TCD(gamma=0.5)):
+        with pytest.raises(ValueError, match=r"re-noises each step .* reverse-SDE solver"):
+            sd.smc.fkc_anneal(den, 2.0, solver=solver, **opts)
+        with pytest.raises(ValueError, match=r"^driftlite: solver=.* re-noises each step"):
+            sd.smc.driftlite([den], [2.0], solver=solver, **opts)
     with pytest.raises(ValueError, match="particles"):
         sd.smc.fkc_anneal(den, 2.0, shape=(1, 2), particles=0, steps=5)
     with pytest.raises(ValueError, match="steps"):

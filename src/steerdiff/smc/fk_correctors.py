@@ -131,13 +131,16 @@ import torch
 from torch import Tensor
 
 from .. import schedules as _schedules
+from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
 from ..solvers.base import FINALS, Grid, Solver, make_grid
+from ..solvers.cps import CPS
 from ..solvers.dpmpp_sde import DPMSolverSDEMultistep
+from ..solvers.tcd import TCD
 from . import resample as _resample
 from .particles import (
     DEFAULT_SCHEDULE,
@@ -164,6 +167,10 @@ __all__ = [
     "fkc_solver",
     "run_composition",
 ]
+
+# stochastic solvers that are not reverse-SDE discretizations: TCD / LCM and CPS re-noise each step to a fixed
+# share of the next noise level (no SDE as the steps shrink), so the corrector's weights do not apply to them
+NOT_REVERSE_SDE = (TCD, CPS)
 
 DEFAULT_FKC_SOLVER = "dpmpp_2m_sde"
 
@@ -497,7 +504,8 @@ def fkc(
         correct: ``False`` runs the uncorrected composed-score SDE (equal weights, no resampling): the
             heuristic that the correctors fix.
         ess_threshold: resample a row when ``ESS < ess_threshold * N`` (default 0.5).
-        solver: a stochastic solver of the reverse-SDE family that returns a Gaussian transition
+        solver: a stochastic solver of the reverse-SDE family that returns a Gaussian transition (not
+            :data:`NOT_REVERSE_SDE`'s ``lcm`` / ``tcd`` / ``cps``)
             (``None``: :func:`fkc_solver` of ``B`` and ``data_std``, SDE-DPM-Solver++(2M) with the steps
             longer than its :class:`FKCStepLimit` at first order; ``"ddpm"`` is the target-score SDE of
             Eq. 22, first order; a solver given is used as it is); ``schedule``, ``final``, ``resampler``,
@@ -567,6 +575,12 @@ def run_composition(
         solver = fkc_solver(sum(comp.betas), data_std)
     elif data_std != 0:
         raise ValueError(f"{who}: data_std sets the default solver's step limit; give it with solver=None")
+    elif isinstance(_solvers.get(solver, who), NOT_REVERSE_SDE):
+        raise ValueError(
+            f"{who}: solver={solver!r} re-noises each step to a fixed share of the noise level rather than "
+            "discretizing the reverse SDE whose marginals the corrector's weights assume; use a reverse-SDE "
+            "solver: ddpm, dpmpp_2m_sde, DDIM(eta > 0), euler_maruyama, flow_sde, ... (None: the default)"
+        )
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
         dtype = None if dtype is None else sample_dtype(who, "dtype", dtype)
         device = device_or_none(who, "device", device)
