@@ -13,6 +13,7 @@ import torch
 import steerdiff as sd
 from steerdiff._checks import boolean, choice, held_by, integer, real
 from steerdiff._ops import first_false
+from steerdiff.paradigms import ACCEPTED as PARADIGMS_ACCEPTED
 
 from .reference import noise
 
@@ -462,3 +463,25 @@ def test_a_device_index_is_a_device():
             assert not str(err.value).endswith("or None, got 0"), err.value
         with pytest.raises(ValueError, match=r"or None, got True$"):
             call(True)
+
+
+def test_unknown_solver_lists_what_the_entry_point_takes():
+    """``invert`` / ``rf_invert`` take deterministic solvers only and ``paradigms`` not PNDM / PLMS; an
+    unknown name's message listed every registered solver, the ones each then refuses included."""
+    ones = torch.ones(1, 2, dtype=torch.float64)
+    gmm = sd.toy.GaussianMixture(0 * ones, ones, torch.ones(1, dtype=torch.float64))
+    den = gmm.denoiser(sd.RectifiedFlow())
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    calls = {
+        "invert": (lambda: sd.invert(den, x, 5, "nope"), sd.inversion.deterministic_solvers()),
+        "rf_invert": (
+            lambda: sd.rf_inversion.rf_invert(den, x, x, 0.5, 5, "nope"),
+            sd.inversion.deterministic_solvers(),
+        ),
+        "paradigms": (lambda: sd.paradigms(den, x, 5, "nope"), list(PARADIGMS_ACCEPTED)),
+    }
+    for who, (call, names) in calls.items():
+        with pytest.raises(ValueError, match=rf"^{who}: unknown solver='nope'") as err:
+            call()
+        assert str(err.value).split("accepted: ")[1].startswith(repr(names)), who
+    assert "ddpm" not in sd.inversion.deterministic_solvers() and "pndm" not in PARADIGMS_ACCEPTED

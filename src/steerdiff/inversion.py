@@ -232,7 +232,10 @@ def invert(
             f"sample(..., final='none') runs down: steps must be len(times) - 1 = {m - 1}, got steps={steps}"
         )
     forward = make_grid(den.process, sched, steps, "none")
-    slv = default_inversion_solver(den, steps, forward) if solver is None else _solvers.get(solver, "invert")
+    if solver is None:
+        slv = default_inversion_solver(den, steps, forward)
+    else:
+        slv = _solvers.get(solver, "invert", deterministic_solvers())
     if slv.stochastic:
         raise ValueError(
             f"invert: solver={solver!r} is stochastic, and inversion needs the "

@@ -660,7 +660,7 @@ def paradigms(
         "schedule, final, window, tol, generator, group, progress, return_info and the net's conditions "
         "(**cond)",
     )
-    sched, grid, slv = plan(den, steps, solver, schedule, final, who)
+    sched, grid, slv = plan(den, steps, solver, schedule, final, who, ACCEPTED)
     steps = grid.steps
     window = min(integer(who, "window", window, lo=1), steps)
     tol = real(who, "tol", tol, lo=0, lo_open=True)

@@ -240,7 +240,7 @@ def _check_pair(who: str, wrapped: _Controlled, x_name: str, x: Tensor, y_name: 
 
 def _check_solver(who: str, solver: str | Solver, ode: str) -> None:
     """A ``ValueError`` naming ``who`` unless ``solver`` is a deterministic solver (a name or an instance)."""
-    if _solvers.get(solver, who).stochastic:
+    if _solvers.get(solver, who, deterministic_solvers()).stochastic:
         raise ValueError(
             f"{who}: solver={solver!r} is stochastic, and the {ode} is deterministic (an SDE on the "
             f"controlled prediction has other marginals); accepted: {deterministic_solvers()} or a "

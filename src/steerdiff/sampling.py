@@ -498,16 +498,24 @@ def sample(
 
 
 def plan(
-    den: Denoiser, steps: object, solver: str | Solver | None, schedule: ScheduleLike, final: object, who: str
+    den: Denoiser,
+    steps: object,
+    solver: str | Solver | None,
+    schedule: ScheduleLike,
+    final: object,
+    who: str,
+    accepted: Sequence[str] | None = None,
 ) -> tuple[Schedule, Grid, Solver]:
     """The schedule, grid and solver :func:`sample` runs ``den`` with for its arguments ``steps``, ``solver``
     (``None``: :func:`default_solver` on that grid), ``schedule`` and ``final``, each checked (a
-    ``ValueError`` naming it after ``who``, the entry point)."""
+    ``ValueError`` naming it after ``who``, the entry point; an unknown solver's lists ``accepted``, the
+    entry point's names, default all)."""
     steps = integer(who, "steps", steps, lo=1)
     final = choice(who, "final", final, FINALS)
     sched = _schedules.get(schedule, who)
     grid = make_grid(den.process, sched, steps, final)
-    return sched, grid, _solvers.get(default_solver(den, steps, grid) if solver is None else solver, who)
+    slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver, who, accepted)
+    return sched, grid, slv
 
 
 def run_grid(

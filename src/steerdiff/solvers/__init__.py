@@ -6,7 +6,7 @@ pass an instance for other options (``solver=sd.solvers.UniPC(order=3, variant="
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .._checks import caller
 from .base import Grid, History, Model, NonFiniteError, Solver, Transition, make_grid, step_order
@@ -113,13 +113,14 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(solver: str | Solver, who: str | None = None) -> Solver:
+def get(solver: str | Solver, who: str | None = None, accepted: Sequence[str] | None = None) -> Solver:
     """Resolve a name (see :func:`available`) or pass a :class:`Solver` instance through; anything else
     is a ``ValueError`` naming ``solver`` and the accepted values (after ``who:``, the caller, where
-    given)."""
+    given): ``accepted``, the names a caller takes (default :func:`available`)."""
     if isinstance(solver, Solver):
         return solver
     if isinstance(solver, str) and solver in _REGISTRY:
         return _REGISTRY[solver]()
     prefix = caller(who)
-    raise ValueError(f"{prefix}unknown solver={solver!r}; accepted: {available()} or a Solver instance")
+    names = available() if accepted is None else list(accepted)
+    raise ValueError(f"{prefix}unknown solver={solver!r}; accepted: {names} or a Solver instance")
