@@ -86,7 +86,7 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser, take_kwarg_rows
-from ..noise import GeneratorNoise, Generators, NoiseSource, PerSampleNoise, check_generators, rand, randn
+from ..noise import Generators, check_generators, make_noise, rand, randn
 from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
 from ..solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
@@ -236,10 +236,6 @@ def _rows(generator: Generators, rows: Tensor) -> Generators:
     return [generator[int(b)] for b in rows]
 
 
-def _noise(generator: Generators) -> NoiseSource:
-    return PerSampleNoise(generator) if isinstance(generator, list) else GeneratorNoise(generator)  # type: ignore[arg-type]
-
-
 class _Rollouts:
     """The base sampler run on chosen rows of the forest (expansion and rollout, Alg. 1 lines 15-22)."""
 
@@ -279,7 +275,7 @@ class _Rollouts:
             gens = _rows(self.generator, rows)
             self.model.denoiser = self.den.take_rows(rows, self.batch)
             self.model.cond = take_kwarg_rows(self.cond, rows, self.batch)
-            self.model.noise = noise = _noise(gens)
+            self.model.noise = noise = make_noise(gens)
             before = self.model.nfe
             out = self.slv.step(self.model, forest.state(i + 1, rows), i, self.grid, self.state)
             row_nfe[rows] += self.model.nfe - before
