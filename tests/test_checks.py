@@ -485,3 +485,48 @@ def test_unknown_solver_lists_what_the_entry_point_takes():
             call()
         assert str(err.value).split("accepted: ")[1].startswith(repr(names)), who
     assert "ddpm" not in sd.inversion.deterministic_solvers() and "pndm" not in PARADIGMS_ACCEPTED
+
+
+# before: these ran sd.sample / sd.invert inside and their messages named those ("sample: steps must be an
+# integer >= 1, got 0" from rf_edit), not the function called
+@pytest.mark.parametrize(
+    ("who", "call", "message"),
+    [
+        ("epsilon_norms", lambda den, x: sd.guidance.epsilon_norms(den, x, x, 0), "steps must be an integer"),
+        (
+            "epsilon_norms",
+            lambda den, x: sd.guidance.epsilon_norms(den, x, x, 3, "ddpm", generator=[torch.Generator()]),
+            "generator: 1 generators for a batch of 2 rows",
+        ),
+        ("rf_edit", lambda den, x: sd.rf_inversion.rf_edit(den, x, x, steps=0), "steps must be an integer"),
+        ("rf_edit", lambda den, x: sd.rf_inversion.rf_edit(den, x, x, final="nope"), "final must be one of"),
+        ("rf_edit", lambda den, x: sd.rf_inversion.rf_edit(den, x, x, snr=0.3), "snr has no effect"),
+        (
+            "rf_edit",
+            lambda den, x: sd.rf_inversion.rf_edit(den, x, x, corrector="ula", corrector_steps=0),
+            "corrector_steps must be an integer >= 1",
+        ),
+        (
+            "rf_invert",
+            lambda den, x: sd.rf_inversion.rf_invert(den, x, x, steps=0),
+            "steps must be an integer",
+        ),
+        (
+            "rf_invert",
+            lambda den, x: sd.rf_inversion.rf_invert(den, x, x, final="zero"),
+            "final is an argument of sample, not of rf_invert",
+        ),
+        (
+            "distributed.sample",
+            lambda den, x: sd.distributed.sample(den, x, 3, group=None, callback=3),
+            "callback must be None or a callable",
+        ),
+    ],
+)
+def test_an_entry_point_running_sample_or_invert_names_itself(who, call, message):
+    ones = torch.ones(1, 2, dtype=torch.float64)
+    den = sd.toy.GaussianMixture(0 * ones, ones, torch.ones(1, dtype=torch.float64)).denoiser(
+        sd.RectifiedFlow()
+    )
+    with pytest.raises(ValueError, match=rf"^{re.escape(who)}: {re.escape(message)}"):
+        call(den, torch.zeros(2, 2, dtype=torch.float64))

@@ -75,7 +75,7 @@ from .schedules import ScheduleLike
 from .solvers.base import Grid, Model, Solver, make_grid, to_sample_dtype, work_dtype
 from .solvers.unipc import UniPC
 
-__all__ = ["SAMPLE_ONLY", "default_inversion_solver", "deterministic_solvers", "invert"]
+__all__ = ["SAMPLE_ONLY", "default_inversion_solver", "deterministic_solvers", "invert", "invert_as"]
 
 log = logging.getLogger(__name__)
 
@@ -204,41 +204,71 @@ def invert(
             be inverted (the message names the argument and what is accepted).
         NonFiniteError: the network returned NaN/inf (the message names the step and time).
     """
-    check_denoiser("invert", "den", den)
-    check_x_T(den, x_0, "invert", "x_0")
+    return invert_as(
+        "invert",
+        den,
+        x_0,
+        steps,
+        solver,
+        schedule,
+        callback=callback,
+        progress=progress,
+        return_info=return_info,
+        **cond,
+    )
+
+
+def invert_as(
+    who: str,
+    /,
+    den: Denoiser,
+    x_0: Tensor,
+    steps: int = 10,
+    solver: str | Solver | None = None,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
+    *,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+    return_info: bool = False,
+    **cond: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]:
+    """:func:`invert` run by the entry point ``who`` (``rf_invert``), whose name its messages carry, as the
+    checks' ``who`` (:mod:`steerdiff._checks`) does."""
+    check_denoiser(who, "den", den)
+    check_x_T(den, x_0, who, "x_0")
     own = den.own_noise()
     if own:
         raise ValueError(
-            f"invert: den: {', '.join(name for name, _ in own)} draws noise, and inversion is deterministic; "
+            f"{who}: den: {', '.join(name for name, _ in own)} draws noise, and inversion is deterministic; "
             "pass a denoiser that does not"
         )
     check_sample_only(
-        "invert",
+        who,
         cond,
         SAMPLE_ONLY,
         "which runs the deterministic probability-flow ODE up the grid that sample(..., final='none') runs "
         "down, drawing no noise and moving no corrector; accepted: den, x_0, steps, solver, schedule, "
         "callback, progress, return_info and the net's conditions (**cond)",
     )
-    steps = integer("invert", "steps", steps, lo=1)
-    progress = boolean("invert", "progress", progress)
-    return_info = boolean("invert", "return_info", return_info)
+    steps = integer(who, "steps", steps, lo=1)
+    progress = boolean(who, "progress", progress)
+    return_info = boolean(who, "return_info", return_info)
     if callback is not None and not callable(callback):
-        raise ValueError(f"invert: callback must be None or a callable(dict), got {type(callback).__name__}")
-    sched = _schedules.get(schedule, "invert")
+        raise ValueError(f"{who}: callback must be None or a callable(dict), got {type(callback).__name__}")
+    sched = _schedules.get(schedule, who)
     if isinstance(sched, _schedules.Custom) and (m := sched.grid.numel()) != steps + 1:
         raise ValueError(
-            f"invert: schedule has {m} times, and invert runs up the steps + 1 nodes that "
+            f"{who}: schedule has {m} times, and inversion runs up the steps + 1 nodes that "
             f"sample(..., final='none') runs down: steps must be len(times) - 1 = {m - 1}, got steps={steps}"
         )
     forward = make_grid(den.process, sched, steps, "none")
     if solver is None:
         slv = default_inversion_solver(den, steps, forward)
     else:
-        slv = _solvers.get(solver, "invert", deterministic_solvers())
+        slv = _solvers.get(solver, who, deterministic_solvers())
     if slv.stochastic:
         raise ValueError(
-            f"invert: solver={solver!r} is stochastic, and inversion needs the "
+            f"{who}: solver={solver!r} is stochastic, and inversion needs the "
             f"deterministic probability-flow ODE; accepted: {deterministic_solvers()} or a deterministic "
             "Solver instance (e.g. DDIM(eta=0))"
         )
@@ -247,7 +277,7 @@ def invert(
     x, _, _ = run_grid(slv, model, grid, x_0.to(work_dtype(x_0.dtype)), callback, progress)
     model.check_finite()
     log.debug("inverted %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
-    x = to_sample_dtype("invert", x, x_0.dtype)
+    x = to_sample_dtype(who, x, x_0.dtype)
     if return_info:
         return x, SampleInfo(model.nfe, grid, slv, sched)
     return x

@@ -64,9 +64,9 @@ from . import solvers as _solvers
 from ._checks import real, tensor
 from .denoiser import Denoiser, Prediction, take_kwarg_rows, take_wrapped_rows
 from .guidance.base import Guided, with_estimate
-from .inversion import deterministic_solvers, invert
+from .inversion import deterministic_solvers, invert_as
 from .processes import RectifiedFlow
-from .sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T, sample
+from .sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T, sample_as
 from .schedules import ScheduleLike
 from .solvers.base import Solver
 
@@ -279,7 +279,7 @@ def rf_invert(
     wrapped = ControlledInversion(den, y_1, gamma)
     _check_pair("rf_invert", wrapped, "x_0", x_0, "y_1")
     _check_solver("rf_invert", solver, "controlled forward ODE")
-    return invert(wrapped, x_0, steps, solver, schedule, **kwargs)
+    return invert_as("rf_invert", wrapped, x_0, steps, solver, schedule, **kwargs)
 
 
 def rf_edit(
@@ -316,4 +316,4 @@ def rf_edit(
     wrapped = ControlledEditing(den, y_0, eta, start, stop)
     _check_pair("rf_edit", wrapped, "x_T", x_T, "y_0")
     _check_solver("rf_edit", solver, "controlled reverse ODE")
-    return sample(wrapped, x_T, steps, solver, schedule, **kwargs)
+    return sample_as("rf_edit", wrapped, x_T, steps, solver, schedule, **kwargs)

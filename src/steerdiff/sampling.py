@@ -38,6 +38,7 @@ __all__ = [
     "plan",
     "run_grid",
     "sample",
+    "sample_as",
 ]
 
 log = logging.getLogger(__name__)
@@ -294,9 +295,12 @@ def _is_default(value: object, default: float) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == default
 
 
-def check_unused_corrector_args(kernel: _mcmc.Kernel | None, corrector_steps: object, snr: object) -> None:
-    """Refuse a ``corrector_steps`` / ``snr`` other than the default where it would be silently ignored:
-    both without a corrector, ``snr`` with a kernel that has its own ``step_size``."""
+def check_unused_corrector_args(
+    who: str, kernel: _mcmc.Kernel | None, corrector_steps: object, snr: object
+) -> None:
+    """Refuse a ``corrector_steps`` / ``snr`` other than the default where it would be silently ignored
+    (a ``ValueError`` naming ``who``): both without a corrector, ``snr`` with a kernel that has its own
+    ``step_size``."""
     if kernel is None:
         for name, value, default in (
             ("corrector_steps", corrector_steps, DEFAULT_CORRECTOR_STEPS),
@@ -304,12 +308,12 @@ def check_unused_corrector_args(kernel: _mcmc.Kernel | None, corrector_steps: ob
         ):
             if not _is_default(value, default):
                 raise ValueError(
-                    f"sample: {name} has no effect without corrector=... (one of {_mcmc.available()} or a "
+                    f"{who}: {name} has no effect without corrector=... (one of {_mcmc.available()} or a "
                     f"steerdiff.mcmc.Kernel), got {name}={value!r}"
                 )
     elif kernel.step_size is not None and not _is_default(snr, DEFAULT_SNR):
         raise ValueError(
-            f"sample: snr has no effect with a corrector that has a step_size "
+            f"{who}: snr has no effect with a corrector that has a step_size "
             f"({type(kernel).__name__}(step_size={kernel.step_size!r})), got snr={snr!r}"
         )
 
@@ -466,21 +470,61 @@ def sample(
         FloatingPointError: a float16 ``x_T`` whose finite result overflows float16
             (:func:`~steerdiff.solvers.base.to_sample_dtype`).
     """
-    check_denoiser("sample", "den", den)
-    check_x_T(den, x_T, "sample")
-    check_seeded(den, generator, "sample")
-    sched, grid, slv = plan(den, steps, solver, schedule, final, "sample")
-    progress = boolean("sample", "progress", progress)
-    return_info = boolean("sample", "return_info", return_info)
+    return sample_as(
+        "sample",
+        den,
+        x_T,
+        steps,
+        solver,
+        schedule,
+        final=final,
+        generator=generator,
+        callback=callback,
+        corrector=corrector,
+        corrector_steps=corrector_steps,
+        snr=snr,
+        progress=progress,
+        return_info=return_info,
+        **cond,
+    )
+
+
+def sample_as(
+    who: str,
+    /,
+    den: Denoiser,
+    x_T: Tensor,
+    steps: int = 10,
+    solver: str | Solver | None = None,
+    schedule: ScheduleLike = DEFAULT_SCHEDULE,
+    *,
+    final: str = "zero",
+    generator: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    corrector: str | _mcmc.Kernel | None = None,
+    corrector_steps: int = DEFAULT_CORRECTOR_STEPS,
+    snr: float = DEFAULT_SNR,
+    progress: bool = False,
+    return_info: bool = False,
+    **cond: Any,
+) -> Tensor | tuple[Tensor, SampleInfo]:
+    """:func:`sample` run by the entry point ``who`` (``rf_edit``, ``epsilon_norms``, ...), whose name its
+    messages carry, as the checks' ``who`` (:mod:`steerdiff._checks`) does."""
+    check_denoiser(who, "den", den)
+    check_x_T(den, x_T, who)
+    check_seeded(den, generator, who)
+    sched, grid, slv = plan(den, steps, solver, schedule, final, who)
+    progress = boolean(who, "progress", progress)
+    return_info = boolean(who, "return_info", return_info)
     if callback is not None and not callable(callback):
-        raise ValueError(f"sample: callback must be None or a callable(dict), got {type(callback).__name__}")
-    model = Model(den, cond, make_noise(generator, "sample"), net_dtype=x_T.dtype)
+        raise ValueError(f"{who}: callback must be None or a callable(dict), got {type(callback).__name__}")
+    model = Model(den, cond, make_noise(generator, who), net_dtype=x_T.dtype)
     if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
-        check_rows(model.noise.generators, len(x_T), "sample")
-    kernel = None if corrector is None else _mcmc.get(corrector, "sample")
-    check_unused_corrector_args(kernel, corrector_steps, snr)
+        check_rows(model.noise.generators, len(x_T), who)
+    kernel = None if corrector is None else _mcmc.get(corrector, who)
+    check_unused_corrector_args(who, kernel, corrector_steps, snr)
     if kernel is not None:
-        _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr, len(x_T))
+        _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr, len(x_T), who)
     x, chains, chain_steps = run_grid(
         slv, model, grid, x_T.to(work_dtype(x_T.dtype)), callback, progress, kernel, corrector_steps, snr
     )
@@ -491,7 +535,7 @@ def sample(
     model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
     check_step_sizes(chains)
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
-    x = to_sample_dtype("sample", x, x_T.dtype)
+    x = to_sample_dtype(who, x, x_T.dtype)
     if return_info:
         return x, SampleInfo(model.nfe, grid, slv, sched, chains)
     return x

@@ -61,8 +61,7 @@ from ..discrete import sampling as _discrete
 from ..discrete.denoiser import MaskedDenoiser
 from ..discrete.first_hitting import FirstHitting
 from ..noise import randn
-from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T, plan
-from ..sampling import sample as _sample
+from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T, plan, sample_as
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from .group import Ranks, as_bytes, ranks
@@ -426,7 +425,8 @@ def sample(
     def run(rows: range) -> tuple[Tensor, SampleInfo]:
         x, gens_ = start(rows)
         sl = slice(rows.start, rows.stop)
-        return _sample(
+        out = sample_as(
+            who,
             den.take_rows(sl, n),
             x,
             steps,
@@ -439,6 +439,8 @@ def sample(
             return_info=True,
             **take_kwarg_rows(kwargs, sl, n),
         )
+        assert isinstance(out, tuple), "return_info=True"
+        return out
 
     def empty() -> tuple[Tensor, SampleInfo]:
         return blank, SampleInfo(0, grid, slv, sched)

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .._checks import real
 from ..denoiser import Denoiser, Prediction
-from ..sampling import DEFAULT_SCHEDULE, check_x_T, sample
+from ..sampling import DEFAULT_SCHEDULE, check_x_T, sample_as
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from .base import Guided, with_estimate
@@ -171,9 +171,20 @@ def epsilon_norms(
             nodes.append((float(info["t"]), info["x"].clone()))
 
     with torch.no_grad():
-        _, run = sample(
-            den, x_T, steps, solver, schedule, generator=generator, callback=record, return_info=True, **cond
+        out = sample_as(
+            "epsilon_norms",
+            den,
+            x_T,
+            steps,
+            solver,
+            schedule,
+            generator=generator,
+            callback=record,
+            return_info=True,
+            **cond,
         )
+        assert isinstance(out, tuple), "return_info=True"
+        run = out[1]
         nodes.insert(0, (float(run.grid.t[0]), x_T))
         g = generator[0] if isinstance(generator, Sequence) else generator
         p, ts, sampling, training = den.process, [], [], []

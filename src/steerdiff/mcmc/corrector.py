@@ -62,20 +62,21 @@ def get(corrector: str | Kernel, who: str | None = None) -> Kernel:
 
 
 def check_corrector(
-    kernel: Kernel, noise: NoiseSource, steps: int, snr: float, rows: int | None = None
+    kernel: Kernel, noise: NoiseSource, steps: int, snr: float, rows: int | None = None, who: str = "sample"
 ) -> None:
     """Reject what cannot run, before sampling starts, or would not be reproducible as asked: a
     kernel without a generator under a Brownian tree (no noise at a fixed time), a kernel whose list
     of generators is not one per row of the batch of ``rows`` (where given), a kernel with one
-    generator under the run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`)."""
+    generator under the run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`). A bad ``steps``
+    or ``snr`` is named after ``who``, the entry point that runs the corrector."""
     if not kernel.corrector:
         raise ValueError(
             f"corrector {type(kernel).__name__} targets N(0, s^2 I) exp(Phi) given a log-likelihood Phi, not "
             "the noised log-density a corrector is given; accepted: None, "
             f"{available()} or a Kernel instance of one"
         )
-    integer("sample", "corrector_steps", steps, lo=1)
-    real("sample", "snr", snr, lo=0, lo_open=True)
+    integer(who, "corrector_steps", steps, lo=1)
+    real(who, "snr", snr, lo=0, lo_open=True)
     check_generators(f"corrector {type(kernel).__name__}", kernel.generator, rows)
     if kernel.needs_log_prob and kernel.log_prob is None:
         raise ValueError(
