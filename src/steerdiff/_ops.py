@@ -63,6 +63,6 @@ def first_false(ok: Tensor) -> int | None:
 def laid_out_as(x: Tensor, like: Tensor) -> Tensor:
     """``x`` (``like``'s shape, dtype and device) in ``like``'s memory layout: ``x`` itself where its strides
     are ``like``'s, else a copy in ``torch.empty_like(like)`` (``like``'s strides where it is dense, such as
-    ``channels_last``; contiguous otherwise). What :func:`steerdiff.sample`'s elementwise steps keep of
-    ``x_T``'s layout, for a result that a stack or a gather of rows made contiguous."""
+    ``channels_last``; contiguous otherwise). The layout :func:`steerdiff.sample` returns, ``x_T``'s,
+    whatever the net's output or a stack or a gather of rows made of it."""
     return x if x.stride() == like.stride() else torch.empty_like(like).copy_(x)

@@ -69,6 +69,7 @@ from torch import Tensor
 from . import schedules as _schedules
 from . import solvers as _solvers
 from ._checks import boolean, integer
+from ._ops import laid_out_as
 from .denoiser import Denoiser, check_denoiser
 from .sampling import DEFAULT_SCHEDULE, SampleInfo, check_sample_only, check_x_T, guided_solver, run_grid
 from .schedules import ScheduleLike
@@ -182,7 +183,7 @@ def invert(
         den: the :class:`~steerdiff.denoiser.Denoiser` (guided denoisers such as
             :class:`~steerdiff.guidance.CFG` included; not one that draws noise itself).
         x_0: the clean samples, shape ``(batch, ...)``, taken as the state at the grid's last node ``t_N``.
-            The result has its dtype (half precision: a float32 state, as in ``sample``).
+            The result has its dtype and memory layout (half precision: a float32 state, as in ``sample``).
         steps: number of steps ``N``; NFE as ``sample``'s with ``final="none"`` (``SampleInfo.nfe``).
         solver: a deterministic solver: a name from :func:`deterministic_solvers` or a Solver instance
             whose ``stochastic`` is false; default (``None``) :func:`default_inversion_solver`: UniPC-3 in its
@@ -277,7 +278,7 @@ def invert_as(
     x, _, _ = run_grid(slv, model, grid, x_0.to(work_dtype(x_0.dtype)), callback, progress)
     model.check_finite()
     log.debug("inverted %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
-    x = to_sample_dtype(who, x, x_0.dtype)
+    x = laid_out_as(to_sample_dtype(who, x, x_0.dtype), x_0)
     if return_info:
         return x, SampleInfo(model.nfe, grid, slv, sched)
     return x

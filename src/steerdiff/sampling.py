@@ -17,6 +17,7 @@ from . import mcmc as _mcmc
 from . import schedules as _schedules
 from . import solvers as _solvers
 from ._checks import SAMPLE_DTYPES, boolean, caller, choice, integer
+from ._ops import laid_out_as
 from .denoiser import Denoiser, check_denoiser
 from .mcmc.base import check_step_sizes, first_nonfinite
 from .noise import NoiseSource, PerSampleNoise, check_rows, check_shared, make_noise
@@ -402,7 +403,8 @@ def sample(
         x_T: initial noise at the schedule's first time, as a diffusers pipeline draws it
             (standard normal for VP and rectified flow; ``sigma_max``-scaled for VE/EDM: the first node
             of every built-in schedule but ``leading`` is ``t_max``), shape ``(batch, ...)``.
-            The result has its dtype. For float16/bfloat16 the solver state and arithmetic are
+            The result has its dtype and memory layout (``channels_last`` stays so, whatever the net
+            returns). For float16/bfloat16 the solver state and arithmetic are
             float32 and only the net runs in ``x_T``'s dtype (as diffusers' schedulers upcast in
             ``step``; see :func:`~steerdiff.solvers.base.work_dtype`).
         steps: number of steps ``N`` (grid intervals). NFE is counted (``SampleInfo.nfe``); for the built-in
@@ -535,7 +537,9 @@ def sample_as(
     model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
     check_step_sizes(chains)
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
-    x = to_sample_dtype(who, x, x_T.dtype)
+    # x_T's layout whatever the net returns: a step mixing the state with a net output of another layout
+    # takes either's, by the order of its operands
+    x = laid_out_as(to_sample_dtype(who, x, x_T.dtype), x_T)
     if return_info:
         return x, SampleInfo(model.nfe, grid, slv, sched, chains)
     return x
