@@ -172,7 +172,8 @@ class DriftLite(SMCAlgorithm):
         generator: where the probes are drawn from (as :func:`~steerdiff.smc.run_smc`'s ``generator``).
 
     ``theta`` (one ``(batch, n)`` tensor per controlled node) and ``backward`` (backward passes per particle)
-    are recorded as the run goes.
+    are recorded as the run goes; the backward passes count in :func:`~steerdiff.smc.run_smc`'s ``nfe`` (one
+    evaluation per particle each, :meth:`~steerdiff.smc.StepContext.count`).
     """
 
     name = "driftlite"
@@ -265,6 +266,7 @@ class DriftLite(SMCAlgorithm):
             (vjp,) = torch.autograd.grad(eps, leaf, grad_outputs=z.reshape(eps.shape), retain_graph=True)
             total = total + (vjp * z).flatten(2).sum(-1, dtype=torch.float64)
         self.backward += len(probes)
+        ctx.count(len(probes))
         return total if self.probes >= size else total / len(probes)
 
     def propose(self, ctx: StepContext, base: Transition) -> Transition:
@@ -363,19 +365,15 @@ def driftlite(
     if group is not None:
         raise ValueError(f"{who}: group: DriftLite fits its drift on all of a row's particles; pass None")
     betas = list(betas) if isinstance(betas, Iterable) else betas
-    made: list[DriftLite] = []
 
     def make(comp: Composition) -> DriftLite:
         lps = None if log_probs is None else _callables(who, log_probs, len(betas))
         kept = None if lps is None else [f for f, b in zip(lps, betas, strict=True) if b != 0]
-        made.append(DriftLite(comp, variant, probes, kept, generator))
-        return made[-1]
+        return DriftLite(comp, variant, probes, kept, generator)
 
-    out = run_composition(
+    return run_composition(
         who, dens, betas, make, shape=shape, particles=particles, steps=steps, kwargs=kwargs,
         ess_threshold=ess_threshold, resampler=resampler, solver=solver, data_std=data_std, schedule=schedule,
         final=final, max_batch=max_batch, x_T=x_T, dtype=dtype, device=device, generator=generator,
         progress=progress, group=group, **cond,
     )  # fmt: skip
-    out.nfe += made[0].backward * out.particles
-    return out

@@ -549,6 +549,12 @@ class StepContext:
                     record(RowSlice(sl, flat.shape[0], x, self.t, cs), x, x if denoised else None)
         return run.rows(torch.cat(values)), run.rows(torch.cat(grads))
 
+    def count(self, calls: int) -> None:
+        """Count ``calls`` more network evaluations of every particle in the run's ``nfe``: work through the
+        network that the model's calls do not count, such as backward passes through the step's evaluation
+        (:class:`~steerdiff.smc.DriftLite`'s divergences)."""
+        self._run.model.nfe += calls
+
     def take(self, idx: Tensor, *others: Any) -> tuple[Any, ...]:
         """The context with particles (and everything per-particle) at flat ancestor rows ``idx``, and
         ``others`` (the transition, the solver state) taken with it (:meth:`_Run.take`: with ``group``, one
