@@ -45,7 +45,8 @@ estimator of ``Z = E_{base path}[prod_i G_i]`` (unbiased for ``Z``, not ``log Z`
   gradients, chunked, through ``x0`` where asked: for ``grad`` algorithms),
   ``ctx.x_prev``, ``ctx.base_prev`` / ``ctx.proposal_prev`` (the transitions that produced
   ``ctx.x`` from ``ctx.x_prev``; :func:`transition_log_prob` gives their exact log-densities, so a
-  twisted proposal adds ``log N(x; base) - log N(x; proposal)``) and read/write ``ctx.state``.
+  twisted proposal adds ``log N(x; base) - log N(x; proposal)``) and read/write ``ctx.state``; work through
+  the network that no call of the denoiser makes (backward passes) it counts with ``ctx.count(calls)``.
   At ``ctx.final`` (``i = S``) it returns the final correction (nothing is resampled after it).
   Increments are finite or ``-inf`` (a zero weight); NaN, ``+inf`` or ``-inf`` for every particle
   of a row is a ``ValueError`` naming the node (at once for CPU tensors, else at the end of the run).
