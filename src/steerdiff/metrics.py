@@ -12,6 +12,9 @@ r"""Distances between a sampler's output and an exact answer.
   of Heusel et al. 2017 on a chosen feature map).
 * :func:`floor` -- what a metric reads between two independent exact sample sets of the same size:
   a sampler's distance is quoted beside it.
+* :func:`minority_score` -- how unusual a clean sample is to a denoiser (Um, Lee & Ye 2024), and
+  :func:`minority_levels`, its quantile levels, the labels of a minority classifier
+  (:class:`~steerdiff.guidance.MinorityGuidance`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,23 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import integer, real
-from .noise import randn
+from ._checks import integer, real, tensor
+from .denoiser import Denoiser, check_denoiser
+from .noise import Generators, check_generators, randn
+from .sampling import check_x_T
 
-__all__ = ["floor", "frechet_distance", "mmd", "relative_rmse", "sliced_wasserstein"]
+__all__ = [
+    "floor",
+    "frechet_distance",
+    "minority_levels",
+    "minority_score",
+    "mmd",
+    "relative_rmse",
+    "sliced_wasserstein",
+]
+
+Distance = str | Callable[[Tensor, Tensor], Tensor]
+DISTANCES = ("l2", "l1")
 
 
 def _tensors(who: str, **values: object) -> None:
@@ -183,3 +199,107 @@ def floor(
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     pairs = ((sample(n, g), sample(n, g) if reference is None else reference) for _ in range(repeats))
     return sum(metric(a, b) for a, b in pairs) / repeats
+
+
+def reconstruction_distance(who: str, distance: object) -> Callable[[Tensor, Tensor], Tensor]:
+    """``d(a, b) -> (n,)`` per sample for ``distance``: ``"l2"``, the Euclidean norm ``||a - b||_2`` over a
+    sample's entries (the authors' choice without LPIPS, ``norm_for_mg=2``), ``"l1"``, ``||a - b||_1``, or
+    a callable ``(a, b) -> (n,)`` such as LPIPS (the papers' choice on images), whose output is checked at
+    each call. Else a ``ValueError`` naming ``who``'s ``distance``."""
+    if distance in DISTANCES:
+        p = 2 if distance == "l2" else 1
+        return lambda a, b: torch.linalg.vector_norm((a - b).reshape(a.shape[0], -1), ord=p, dim=1)
+    if not callable(distance) or isinstance(distance, str):
+        raise ValueError(
+            f"{who}: distance must be one of {list(DISTANCES)} or a callable (a, b) -> (n,), "
+            f"got {distance!r:.60}"
+        )
+
+    def checked(a: Tensor, b: Tensor) -> Tensor:
+        d = distance(a, b)
+        if not isinstance(d, Tensor) or tuple(d.shape) != (a.shape[0],):
+            got = tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__
+            raise ValueError(
+                f"{who}: distance must return a ({a.shape[0]},) tensor (one per sample), got {got}"
+            )
+        return d
+
+    return checked
+
+
+def minority_score(
+    den: Denoiser,
+    x0: Tensor,
+    t: float | None = None,
+    *,
+    samples: int = 5,
+    distance: Distance = "l2",
+    generator: Generators = None,
+    **cond: object,
+) -> Tensor:
+    r"""The minority score of clean samples ``x0`` (Um, Lee & Ye 2024, "Don't Play Favorites: Minority
+    Guidance for Diffusion Models", ICLR, Eq. 7): the expected distance between ``x0`` and Tweedie's
+    reconstruction of it from one noise level ``t``,
+
+        l(x0) = E_{eps ~ N(0, I)} d(x0, x0_hat(alpha_t x0 + sigma_t eps, t)),
+
+    estimated with ``samples`` draws of ``eps``. The posterior mean ``x0_hat`` pulls a noised sample
+    toward where most of the data lie, so samples of low-density regions are reconstructed worst: a
+    large score marks a minority sample.
+
+    Args:
+        den: the denoiser (``x0_hat``).
+        x0: clean samples ``(n, *den.shape)``.
+        t: the process time of the perturbation; default ``t_min + 0.6 (t_max - t_min)``, the
+            authors' choice (``perturb_t = 60`` of a 100-step respacing of a 1000-step model:
+            timestep 605 of 999, ``construct_ms_dataset.py``).
+        samples: draws of ``eps`` per sample (the authors' ``n_iter = 5``); NFE ``samples``
+            evaluations of ``den`` per sample.
+        distance: ``"l2"`` (``||a - b||_2``), ``"l1"``, or ``d(a, b) -> (n,)``: the paper's is LPIPS.
+        generator: draws ``eps``: one ``torch.Generator``, a list with one per row, or ``None``
+            (torch's global RNG).
+        **cond: passed to ``den``.
+
+    Returns the ``(n,)`` scores (the distance's dtype), computed under ``torch.no_grad()``.
+    """
+    who = "minority_score"
+    check_denoiser(who, "den", den)
+    check_x_T(den, x0, who, "x0")
+    p = den.process
+    t = p.t_min + 0.6 * (p.t_max - p.t_min) if t is None else real(who, "t", t, lo=p.t_min, hi=p.t_max)
+    samples = integer(who, "samples", samples, lo=1)
+    d = reconstruction_distance(who, distance)
+    generator = check_generators(who, generator, x0.shape[0])
+    alpha, sigma = den.coefficients(t, x0)[:2]
+    with torch.no_grad():
+        draws = [
+            d(x0, den(alpha * x0 + sigma * randn(x0.shape, generator, x0.dtype, x0.device), t, **cond).x0)
+            for _ in range(samples)
+        ]
+    return torch.stack(draws).mean(0)
+
+
+def minority_levels(scores: Tensor, levels: int, reference: Tensor | None = None) -> Tensor:
+    """Quantile levels of minority scores (Um, Lee & Ye 2024, Sec. 3.3): the labels ``0 ... levels - 1``
+    a minority classifier is trained on. With thresholds ``q_l``, the ``(l + 1) / levels`` quantiles of
+    ``reference`` (default ``scores`` itself), a score ``s`` is at level ``l`` where
+    ``q_{l-1} < s <= q_l`` (level 0 below ``q_0``, the top level ``levels - 1`` the rarest samples; the
+    authors' ``construct_ms_dataset.py``, which uses 100 levels). ``scores``: a finite 1-d tensor;
+    ``reference``: one with at least one entry, to label new scores by the levels of a training set.
+    Returns ``int64`` labels of ``scores``' shape."""
+    who = "minority_levels"
+    levels = integer(who, "levels", levels, lo=2)
+    s = _scores(who, "scores", scores)
+    ref = s if reference is None else _scores(who, "reference", reference)
+    q = torch.linspace(1 / levels, 1, levels, dtype=torch.float64, device=ref.device)[:-1]
+    return torch.bucketize(s, torch.quantile(ref, q).to(s.device))
+
+
+def _scores(who: str, name: str, value: object) -> Tensor:
+    """``value`` as a float64 1-d tensor of at least one finite entry, else a ``ValueError`` naming it."""
+    v = tensor(who, name, value, torch.float64)
+    if v.ndim != 1 or v.numel() == 0 or not bool(torch.isfinite(v).all()):
+        raise ValueError(
+            f"{who}: {name} must be a non-empty 1-d tensor of finite scores, got shape {tuple(v.shape)}"
+        )
+    return v

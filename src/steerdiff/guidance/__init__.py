@@ -10,6 +10,7 @@ from .dps import DPS
 from .epsilon_scaling import EpsilonNorms, EpsilonScaling, epsilon_norms
 from .lanpaint import LanPaint, lanpaint_nfe
 from .mcg import MCG
+from .minority import MinorityGuidance, SelfGuidedMinority
 from .pcg import pcg
 from .pigdm import PiGDM
 from .repaint import RePaint, repaint_nfe, repaint_sample
@@ -28,9 +29,11 @@ __all__ = [
     "EpsilonScaling",
     "Guided",
     "LanPaint",
+    "MinorityGuidance",
     "PiGDM",
     "RePaint",
     "RewardGuidance",
+    "SelfGuidedMinority",
     "SelfRecurrence",
     "add_score",
     "denoise_with_grad",
