@@ -171,6 +171,19 @@ def test_self_guided_minority_scale_zero_and_unguided_times_are_the_base(toy):
         assert info_sg.nfe == info.nfe == STEPS
 
 
+def test_self_guided_minority_per_sample_times(toy):
+    """Rows whose time is one of ``times`` are guided, the others are the base's, bitwise."""
+    _, _, den, _, x_T = toy
+    x, t = x_T[:6], torch.tensor([0.9, 0.5, 0.9, 0.3, 0.5, 0.9], dtype=F64)
+    pred = SelfGuidedMinority(den, 1.5, times=[0.9], generator=_gen(2))(x, t)
+    base = den(x, t)
+    guided = SelfGuidedMinority(den, 1.5, generator=_gen(2))(x, t)
+    on = t == 0.9
+    assert torch.equal(pred.x0[~on], base.x0[~on])
+    assert torch.allclose(pred.x0[on], guided.x0[on], rtol=1e-13, atol=1e-15)
+    assert float((pred.x0[on] - base.x0[on]).abs().min()) > 1e-3
+
+
 def test_self_guided_minority_nfe_and_seeding(toy):
     _, proc, den, _, x_T = toy
     times = _guided_times(proc)

@@ -109,8 +109,10 @@ class SelfGuidedMinority(Guided):
         normalize: divide each sample's gradient by its largest magnitude (the authors' default
             ``use_normed_grad``; a zero gradient stays zero).
         times: the process times at which to guide (matched to ``1e-9`` relative), e.g. every 5th node
-            of the sampling grid, ``sd.solvers.make_grid(den.process, schedule, steps).t[:-1][::5]``,
-            the paper's intermittent guidance; ``None``: every call.
+            of the sampling grid (the paper's intermittent guidance),
+            ``sd.solvers.make_grid(den.process, sd.schedules.get(name), steps).t[:-1][::5]``, or its nodes
+            above some time (guidance in the early steps only); ``None``: every call. Under per-sample
+            times, the rows whose time is listed are guided.
         generator: draws ``eps``: one ``torch.Generator``, a list with one per row (needed under a
             sampler's per-row list), or ``None`` (torch's global RNG; refused by a seeded sampler).
 
