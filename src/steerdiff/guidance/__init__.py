@@ -4,6 +4,7 @@ from ..solvers.self_recurrence import SelfRecurrence
 from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
 from .boundary import ConsistencyBoundary
 from .cfg import CADS, CFG
+from .characteristic import CharacteristicGuidance
 from .classifier import ClassifierGuidance, RewardGuidance
 from .density import DensityGuidance, prior_guidance
 from .dps import DPS
@@ -21,6 +22,7 @@ __all__ = [
     "CFG",
     "DPS",
     "MCG",
+    "CharacteristicGuidance",
     "ClassifierGuidance",
     "ConsistencyBoundary",
     "DensityGuidance",

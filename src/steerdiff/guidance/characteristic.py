@@ -1,0 +1,262 @@
+r"""Characteristic guidance: classifier-free guidance with the branches moved along characteristics.
+
+Zheng & Lan 2024, "Characteristic Guidance: Non-linear Correction for Diffusion Model at Large Guidance
+Scale" (ICML 2024). CFG's ``eps_u + w (eps_c - eps_u)`` is the score of ``p_t(x|c)^w p_t(x)^{1-w}``,
+which for ``w != 0, 1`` is not the noised ``p(x|c)^w p(x)^{1-w}``: the log-density of a diffused law
+obeys a non-linear (viscous Hamilton-Jacobi, from the Fokker-Planck) equation, and a power of two of its
+solutions is not a solution. Characteristic guidance evaluates the branches at shifted points instead
+(``w`` is the CFG scale, the paper's ``1 + w``):
+
+    z_c = x + (w - 1) dx,     z_u = x + w dx,
+    x0' = w x0_c(z_c) - (w - 1) x0_u(z_u),     eps' = w eps_c(z_c) - (w - 1) eps_u(z_u),
+
+(``x = alpha x0' + sigma eps'`` holds for every ``dx``, since ``w z_c - (w - 1) z_u = x``) with the
+shift ``dx`` solving the fixed-point equation (the paper's, with its projection ``P`` the identity)
+
+    dx = F(dx) = sigma (eps_u(z_u) - eps_c(z_c)),
+
+equivalently ``x0_u(z_u) = x0_c(z_c)``: the two branches' characteristics -- the straight lines of the
+inviscid equation from ``z`` to its denoised estimate -- end at one data point, which the guided estimate
+then is. Where the viscous term acts linearly (the paper's harmonic ansatz) this is the exact score of the
+noised ``p(x|c)^w p(x)^{1-w}``. For Gaussian data laws it holds exactly: in ``y = x / alpha`` at noise
+``v = sigma^2 / alpha^2`` a Gaussian ``N(mu, S)`` has the score ``-(S + v)^{-1} (y - mu)``, which is the data
+score ``-S^{-1} (y0 - mu)`` at the end ``y0 = y + v s(y)`` of its characteristic (``E[x0 | x]``), so the
+construction gives, to the tolerance of the solve, the exact noised target whenever its precision
+``w S_c^{-1} - (w - 1) S_u^{-1}`` is positive definite (tested against the closed form,
+``tests/test_characteristic_guidance.py``). Where the covariances are equal it returns CFG's
+estimate (CFG is exact there) with ``dx = sigma^2/alpha S^{-1} (mu_c - mu_u)`` (not 0: both branches move
+by the same amount, which leaves their difference unchanged).
+
+Solve. In data units ``d = dx / alpha`` the residual is ``r(d) = x0_u(z_u) - x0_c(z_c)`` (``d - F/alpha``),
+the disagreement of the two denoised estimates. Starting from ``d = 0`` (CFG's points), each iteration
+evaluates both branches at the current shift (2 net calls), stops a sample once the root mean square of
+its residual over its entries is at most ``tol``, and otherwise takes the damped Anderson step
+(type II, Walker & Ni 2011, as the authors' reference implementation accelerates it), per sample, with the
+last ``memory`` differences ``DD`` of shifts and ``DR`` of residuals:
+
+    gamma = argmin ||r_k - DR gamma||^2   (columns normalized, ridge sqrt(eps) of the dtype),
+    d_{k+1} = d_k - DD gamma - step (r_k - DR gamma),
+
+which with ``memory = 0`` is the damped fixed-point iteration ``d_{k+1} = d_k - step r_k``. Defaults: the
+authors' reference implementation's (``max_iter = 30``, ``tol = 1e-4`` on the same residual in its
+``x / alpha`` variables, ``step = 1``, ``memory = 2``).
+A sample that has not met ``tol`` after ``max_iter`` iterations, or whose residual stopped being finite,
+gets CFG's estimate (as the reference implementation falls back), and the call logs a warning on this
+module's logger; :attr:`CharacteristicGuidance.unconverged` counts those samples of the latest call. The
+reference implementation's regularization and projection onto a few basis directions (for latent image
+models that do not converge otherwise) are not provided.
+
+NFE: ``cost`` is the exact number of network evaluations of the latest call, the sum of the branches'
+costs over its iterations (``2 k`` for ``k`` iterations of two plain nets, ``k`` between 1 and
+``max_iter``; the output is the converged iteration's own evaluation, no extra call), so
+:attr:`~steerdiff.sampling.SampleInfo.nfe` is exact. ``scale = 1`` is the conditional denoiser and
+``scale = 0`` the unconditional one, one branch, no iteration. A learned variance is the conditional
+branch's at ``x`` (its first evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import held_by, integer, real
+from ..denoiser import Denoiser, Prediction, override_kwargs, take_wrapped_rows
+from ..noise import Generators
+from .base import Guided, with_estimate
+from .cfg import check_pair
+
+__all__ = ["CharacteristicGuidance"]
+
+log = logging.getLogger(__name__)
+
+
+def _rms(v: Tensor) -> Tensor:
+    """Per-sample root mean square over all entries, ``(n,)``."""
+    return v.reshape(v.shape[0], -1).square().mean(1).sqrt()
+
+
+class _Anderson:
+    """Damped Anderson mixing (type II, Walker & Ni 2011) of the per-sample iteration ``d <- d - step r(d)``,
+    with the last ``memory`` differences; iterates and residuals flattened to ``(n, D)``."""
+
+    def __init__(self, memory: int, step: float) -> None:
+        self.memory, self.step = memory, step
+        self.dd: list[Tensor] = []
+        self.dr: list[Tensor] = []
+        self.prev: tuple[Tensor, Tensor] | None = None
+
+    def next(self, d: Tensor, r: Tensor) -> Tensor:
+        """The next iterate from the current one ``d`` and its residual ``r``."""
+        if self.prev is not None and self.memory > 0:
+            self.dd.append(d - self.prev[0])
+            self.dr.append(r - self.prev[1])
+            del self.dd[: -self.memory], self.dr[: -self.memory]
+        self.prev = (d, r)
+        if not self.dr:
+            return d - self.step * r
+        dr, dd = torch.stack(self.dr, -1), torch.stack(self.dd, -1)  # (n, D, m)
+        norms = torch.linalg.vector_norm(dr, dim=1, keepdim=True).clamp_min(torch.finfo(dr.dtype).tiny)
+        q = dr / norms
+        gram = (q.mT @ q).double()
+        ridge = torch.finfo(r.dtype).eps ** 0.5
+        gram = gram + ridge * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        coef = torch.linalg.solve(gram, (q.mT @ r[..., None]).double()).to(r.dtype) / norms.mT
+        return d - (dd @ coef)[..., 0] - self.step * (r - (dr @ coef)[..., 0])
+
+
+class CharacteristicGuidance(Guided):
+    """Characteristic guidance (Zheng & Lan 2024): CFG with the branches evaluated at the shifted points
+    ``x + (w - 1) dx`` and ``x + w dx`` of a per-step fixed point (see the module docstring).
+
+    Args:
+        cond: the conditional denoiser, called with the sampler's ``**cond`` keyword arguments.
+        uncond: the unconditional denoiser (same process); may be ``cond`` itself.
+        scale: ``w >= 0``, as :class:`~steerdiff.guidance.CFG`'s: 1 is the conditional denoiser, 0 the
+            unconditional one.
+        uncond_kwargs: keyword arguments that override ``**cond`` for the unconditional call, as
+            :class:`~steerdiff.guidance.CFG`'s.
+        max_iter: iterations (evaluations of both branches) per call at most, ``>= 1``; 1 is CFG.
+        tol: a sample stops once the root mean square of ``x0_u(z_u) - x0_c(z_c)`` is at most ``tol``
+            (data units), ``> 0``.
+        step: the damping (mixing) ``step`` of the Anderson update, in ``(0, 1]``.
+        memory: the Anderson history length ``m >= 0``; 0 is the damped fixed-point iteration.
+
+    After a call: ``cost`` (its network evaluations), ``iterations`` (the iterations it ran),
+    ``unconverged`` (its samples that got CFG's estimate, also logged as a warning), ``residual`` (per
+    sample, the root mean square residual of the estimate returned; CFG's for an unconverged sample) and
+    ``shift`` (the ``dx`` used per sample, zeros for an unconverged one).
+    """
+
+    base_arg = "cond"
+
+    def __init__(
+        self,
+        cond: Denoiser,
+        uncond: Denoiser,
+        scale: float,
+        *,
+        uncond_kwargs: dict[str, Any] | None = None,
+        max_iter: int = 30,
+        tol: float = 1e-4,
+        step: float = 1.0,
+        memory: int = 2,
+    ) -> None:
+        who = "CharacteristicGuidance"
+        super().__init__(cond)
+        self.uncond_kwargs = check_pair(who, cond, uncond, uncond_kwargs)
+        self.uncond = uncond
+        self.scale = real(who, "scale", scale, lo=0)
+        self.max_iter = integer(who, "max_iter", max_iter, lo=1)
+        self.tol = real(who, "tol", tol, lo=0, lo_open=True)
+        self.step = real(who, "step", step, lo=0, hi=1, lo_open=True)
+        self.memory = integer(who, "memory", memory, lo=0)
+        self.cost = (
+            cond.cost if self.scale == 1 else uncond.cost if self.scale == 0 else cond.cost + uncond.cost
+        )
+        self.iterations = 0
+        self.unconverged = 0
+        self.residual: Tensor | None = None
+        self.shift: Tensor | None = None
+
+    @property
+    def guidance_scale(self) -> float:
+        """``scale``: what :func:`steerdiff.sampling.guided_max_h` reads."""
+        return self.scale
+
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        """The guided prediction at ``x``: the branches' nets in ``net_dtype``, the solve and the combination
+        in ``x``'s dtype."""
+        if self.scale in (0.0, 1.0):  # one branch at x itself: no shift to solve for
+            one, kw = (self.base, cond) if self.scale == 1 else (self.uncond, self._ukw(cond, x))
+            pred = one.evaluate(x, t, net_dtype, **kw)
+            self.cost, self.iterations, self.unconverged = one.cost, 0, 0
+            self.residual, self.shift = None, torch.zeros_like(x)
+            return pred
+        w = held_by("CharacteristicGuidance", "scale", self.scale, x.dtype)
+        ukw = self._ukw(cond, x)
+        alpha = self.coefficients(t, x)[0]
+        n, rows = x.shape[0], (-1, *([1] * (x.ndim - 1)))
+        cost = 0
+
+        def branches(dx: Tensor) -> tuple[Prediction, Prediction]:
+            nonlocal cost
+            pc = self.base.evaluate(torch.add(x, dx, alpha=w - 1), t, net_dtype, **cond)
+            cost += self.base.cost
+            pu = self.uncond.evaluate(torch.add(x, dx, alpha=w), t, net_dtype, **ukw)
+            cost += self.uncond.cost
+            return pc, pu
+
+        shift = torch.zeros_like(x)
+        pc, pu = branches(shift)  # CFG's points: its estimate is the fallback
+        ref, x0_held = pc, pc.x0_given
+        est, res = self._combine(pc, pu, w, x0_held), _rms(pu.x0 - pc.x0)
+        least = res  # the smallest residual reached per sample, for the warning
+        d = torch.zeros_like(x)  # the shift in data units, dx / alpha
+        done = torch.zeros(n, dtype=torch.bool, device=x.device)
+        converged = torch.zeros_like(done)
+        solver = _Anderson(self.memory, self.step)
+        for k in range(self.max_iter):
+            if k > 0:
+                pc, pu = branches(d * alpha)
+            r = pu.x0 - pc.x0
+            rms = _rms(r)
+            least = torch.fmin(least, rms)
+            ok = (rms <= self.tol) & ~done
+            if bool(ok.any()):
+                m = ok.reshape(rows)
+                est = torch.where(m, self._combine(pc, pu, w, x0_held), est)
+                res, shift = torch.where(ok, rms, res), torch.where(m, d * alpha, shift)
+                converged |= ok
+            done |= ok | ~torch.isfinite(rms)  # a non-finite residual: given up, CFG's estimate kept
+            if bool(done.all()) or k == self.max_iter - 1:
+                break
+            r = torch.where(done.reshape(rows), 0.0, r)  # finished rows: held, and kept finite
+            step = solver.next(d.reshape(n, -1), r.reshape(n, -1)).reshape(x.shape)
+            d = torch.where(done.reshape(rows), d, step)
+        self.cost, self.iterations = cost, k + 1
+        self.unconverged = int((~converged).sum())
+        self.residual, self.shift = res, shift
+        if self.unconverged:
+            log.warning(
+                "CharacteristicGuidance: %d of %d samples did not converge in %d iterations at t=%s (the "
+                "worst reached a residual of %.3g, tol %.3g); they get CFG's estimate",
+                self.unconverged,
+                n,
+                self.iterations,
+                t if not isinstance(t, Tensor) else t.tolist(),
+                float(least[~converged].nan_to_num(math.inf).max()),
+                self.tol,
+            )
+        if x0_held:
+            return with_estimate(ref, x0=est, x=x)
+        return with_estimate(ref, eps=est, x=x)
+
+    def _ukw(self, cond: dict[str, Any], x: Tensor) -> dict[str, Any]:
+        return override_kwargs(
+            "CharacteristicGuidance", "uncond_kwargs", cond, self.uncond_kwargs, x.shape[0]
+        )
+
+    @staticmethod
+    def _combine(pc: Prediction, pu: Prediction, w: float, x0_held: bool) -> Tensor:
+        """``w c - (w - 1) u`` of the held estimate (``x0`` for an ``x0``-holding conditional branch, else
+        ``eps``)."""
+        if x0_held:
+            return torch.lerp(pu.x0, pc.x0, w)
+        return torch.lerp(pu.eps, pc.eps, w)
+
+    def own_noise(self) -> list[tuple[str, Generators]]:
+        """The branches'."""
+        other = self.uncond.own_noise() if self.uncond is not self.base else []
+        return [*self.base.own_noise(), *other]
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+        """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the
+        branches' ``take_rows``; itself where nothing changes."""
+        return take_wrapped_rows(self, rows, n, ("base", "uncond"), ("uncond_kwargs",))
+
+    def __repr__(self) -> str:
+        return f"CharacteristicGuidance({self.base!r}, scale={self.scale})"
