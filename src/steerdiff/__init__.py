@@ -25,6 +25,7 @@ from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Predictio
 from .inversion import invert
 from .paradigms import ParadigmsInfo, paradigms
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
+from .reprocessed import Reprocessed
 from .sampling import SampleInfo, sample
 from .solvers.base import NonFiniteError
 
@@ -41,6 +42,7 @@ __all__ = [
     "Prediction",
     "Process",
     "RectifiedFlow",
+    "Reprocessed",
     "SampleInfo",
     "discrete",
     "distributed",
