@@ -13,6 +13,8 @@
 * :func:`svdd` -- soft value-based decoding (Li et al. 2024).
 * :func:`dts` -- Diffusion Tree Sampling and, with ``greedy=True``, Diffusion Tree Search (Jain et al. 2025);
   :class:`TreeSamples` its result.
+* :func:`rbf` -- Rollover Budget Forcing, a search under a total NFE budget (Kim et al. 2025);
+  :class:`RolloverSamples` its result.
 * :func:`psi_sampler` -- FK steering from pCNL draws of the reward-twisted prior (Ψ-Sampler, Yoon et al.
   2025); :func:`twisted_prior` draws those initial particles.
 """
@@ -34,6 +36,7 @@ from .particles import (
     transition_log_prob,
 )
 from .psi_sampler import PsiSampler, psi_sampler, twisted_prior
+from .rbf import RolloverSamples, rbf
 from .resample import ess, multinomial, residual, stratified, systematic
 from .svdd import SVDD, svdd
 from .tds import TDS, Twist, tds
@@ -51,6 +54,7 @@ __all__ = [
     "FKSteering",
     "Particles",
     "PsiSampler",
+    "RolloverSamples",
     "RowSlice",
     "SMCAlgorithm",
     "StepContext",
@@ -69,6 +73,7 @@ __all__ = [
     "fkc_product",
     "multinomial",
     "psi_sampler",
+    "rbf",
     "resample",
     "residual",
     "run_smc",
