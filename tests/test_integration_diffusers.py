@@ -115,10 +115,18 @@ def _images(x: Tensor) -> Tensor:
 # --- the pipeline with our scheduler is sd.sample -------------------------------------------------
 
 
+# solvers that move the sample before every evaluation: a pipeline calls the net at its own sample first
+MOVES_FIRST = ("accel_ddpm",)
+
+
 @pytest.mark.parametrize("solver", sd.solvers.available())
 def test_pipeline_is_sd_sample(unet, solver):
     config = diffusers.DDPMScheduler().config
     sched = SteerdiffScheduler.from_config(config, solver=solver, schedule="karras")
+    if solver in MOVES_FIRST:
+        with pytest.raises(ValueError, match="before its first evaluation"):
+            _pipeline(unet, sched, STEPS, seed=5)
+        return
     raw, images, passed = _pipeline(unet, sched, STEPS, seed=5)
     ref, nfe = _reference(denoiser_from_diffusers(unet, config), STEPS, 5, solver=solver, schedule="karras")
     # one net call per entry of timesteps: heun, edm_sde, dpmpp_sde evaluate twice per step but once
@@ -507,6 +515,8 @@ def _tensors(obj: Any) -> list[Tensor]:
 def test_solver_state_tensors_are_shared_not_written(solver):
     # step re-runs a solver step from its checkpoint with a copy of the state's containers whose
     # tensors are the checkpoint's (no copy per step): no solver may write a state tensor in place
+    if solver in MOVES_FIRST:
+        pytest.skip("refused in a pipeline (test_pipeline_is_sd_sample)")
     sched = SteerdiffScheduler(solver=solver, schedule="karras")
     sched.set_timesteps(STEPS)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))

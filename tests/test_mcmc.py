@@ -377,6 +377,7 @@ def _zero_noise(t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
 # Euler-Maruyama 0.7005), checked by hand; with eps = 0 every one but Euler-Maruyama's (and Flow-GRPO's SDE,
 # the same step with another diffusion) is alpha_{i+1} / alpha_i.
 _OWN_MAP_AT_X0_ZERO = (
+    "accel_ddpm",
     "cps",
     "ddpm",
     "dpm_2_ancestral",

@@ -81,6 +81,7 @@ def test_brownian_increments_have_unit_variance():
         "dpmpp_2s_ancestral",
         "sa_solver",
         "er_sde",
+        "accel_ddpm",
         sd.solvers.Restart(restart_info=[(0.1, 2.0, 2, 3), (0.3, 5.0, 1, 3)]),
         "tcd",
         "lcm",

@@ -95,6 +95,7 @@ MULTISTEP = [
     ("dpmpp_3m_sde", 30),
     ("er_sde", 50),
     ("mrs", 30),
+    ("accel_ddim", 40),
 ]
 
 
@@ -146,6 +147,7 @@ STAGED = [
     ("vp", "dpmpp_sde", True, 59, (22, 44, 628), (13, 26, 351)),
     ("edm", "edm_sde", True, 59, (26, 51, 680), (19, 38, 556)),
     ("vp", "restart", False, 77, (17, 178, 597), (8, 106, 293)),
+    ("vp", "accel_ddpm", False, 30, (21, 21, 303), (12, 12, 168)),
 ]
 
 

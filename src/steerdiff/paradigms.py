@@ -102,6 +102,8 @@ from .solvers import (
     LMS,
     PNDM,
     TCD,
+    AcceleratedDDIM,
+    AcceleratedDDPM,
     DPMSolver,
     DPMSolver2,
     DPMSolverPPMultistep,
@@ -144,6 +146,7 @@ SAMPLE_ONLY = ("callback", "corrector", "corrector_steps", "snr")
 # LMS whose warm-up steps evaluate 2-4 times) is not staged
 SUPPORTED = (
     DDIM,
+    AcceleratedDDIM,
     DDPM,
     Euler,
     EulerAncestral,
@@ -161,10 +164,10 @@ SUPPORTED = (
     DPMSolver,
 )
 
-# the staged solvers: several network evaluations per step and a state of grid tables or none, so that step i
-# is a function of x_i alone (given its noise): an iteration takes the window's steps together, one batched
-# call per stage (_staged)
-STAGED = (Heun, DPMSolver2, DPMSolverSDE, EDMStochasticHeun, Restart)
+# the staged solvers: several network evaluations per step (or one at a point the step's own noise moved x_i
+# to: accel_ddpm) and a state of grid tables or none, so that step i is a function of x_i alone (given its
+# noise): an iteration takes the window's steps together, one batched call per stage (_staged)
+STAGED = (Heun, DPMSolver2, DPMSolverSDE, EDMStochasticHeun, Restart, AcceleratedDDPM)
 
 
 def _supported(solver: Solver) -> bool:

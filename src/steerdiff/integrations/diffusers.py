@@ -1221,9 +1221,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             if not run.evals[0][2]:  # the pipeline's first net call is at its sample, the solver's is not
                 raise ValueError(
                     f"{run.solver!r} moves the sample before its first evaluation on this grid (edm_sde's "
-                    "churn where the first node's sigma/alpha is within [s_tmin, s_tmax]), while a pipeline "
-                    "calls the net at its sample first; use a grid that starts at the model's top (t_max) or "
-                    "above s_tmax, a lower s_tmax, or another solver"
+                    "churn where the first node's sigma/alpha is within [s_tmin, s_tmax]; accel_ddpm's "
+                    "noise before every evaluation), while a pipeline calls the net at its sample first; use "
+                    "a grid that starts at the model's top (t_max) or above s_tmax, a lower s_tmax, or "
+                    "another solver"
                 )
             return
         firsts = {i: n for n, (_, i, _) in reversed(list(enumerate(run.evals)))}  # step -> first eval

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .._checks import caller
+from .accelerated import AcceleratedDDIM, AcceleratedDDPM
 from .base import Grid, History, Model, NonFiniteError, Solver, Transition, make_grid, step_order
 from .cps import CPS
 from .ddim import DDIM
@@ -44,6 +45,8 @@ __all__ = [
     "LMS",
     "PNDM",
     "TCD",
+    "AcceleratedDDIM",
+    "AcceleratedDDPM",
     "AdaptiveInfo",
     "DPMSolver",
     "DPMSolver2",
@@ -77,6 +80,8 @@ __all__ = [
 _REGISTRY: dict[str, Callable[[], Solver]] = {
     "ddim": DDIM,
     "ddpm": DDPM,
+    "accel_ddim": AcceleratedDDIM,
+    "accel_ddpm": AcceleratedDDPM,
     "euler_ancestral": EulerAncestral,
     "euler_maruyama": EulerMaruyama,
     "flow_sde": FlowSDE,
