@@ -71,7 +71,9 @@ def test_first_hitting_takes_one_step_per_mask_of_the_most_masked_row():
     assert info.nfe == MIX.L and bool((x != 3).all())
 
 
-@pytest.mark.parametrize(("sampler", "steps"), [("ancestral", 4), ("first_hitting", None), ("remdm", 4)])
+@pytest.mark.parametrize(
+    ("sampler", "steps"), [("ancestral", 4), ("first_hitting", None), ("remdm", 4), ("confidence", 4)]
+)
 def test_narrow_integer_tokens_sample_as_long_ones(sampler, steps):
     # uint8 ids (V = 3, mask 3): the carry-over's scatter refused a uint8 index (RuntimeError)
     x_T = torch.tensor([[3, 1, 3, 3, 0], [3, 3, 3, 3, 3]])
@@ -91,7 +93,7 @@ def test_the_time_map_gives_the_net_mdlm_total_noise():
     torch.testing.assert_close(torch.stack(net.times)[:, 0], expected, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting", "remdm"])
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting", "remdm", "confidence"])
 def test_a_row_is_the_same_whatever_its_batch(sampler):
     steps = None if sampler == "first_hitting" else 6
     gens = [torch.Generator().manual_seed(s) for s in (10, 11, 12)]
@@ -104,7 +106,7 @@ def test_a_row_is_the_same_whatever_its_batch(sampler):
     )
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting", "remdm"])
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting", "remdm", "confidence"])
 def test_a_partly_masked_row_is_the_same_whatever_the_masks_of_its_batch(sampler):
     # first_hitting takes as many steps as the most masked row; a row with fewer masks finishes early
     steps = None if sampler == "first_hitting" else 6
@@ -116,7 +118,7 @@ def test_a_partly_masked_row_is_the_same_whatever_the_masks_of_its_batch(sampler
     assert torch.equal(batch[1:2], alone)
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "remdm"])
+@pytest.mark.parametrize("sampler", ["ancestral", "remdm", "confidence"])
 def test_one_host_read_per_step_and_no_copy(sampler):
     # on meta (tests/test_device.py's counter): the NaN / no-clean-token checks, read together once per
     # network call; the mask's logit among the ids is filled without a host-to-device copy (it was one
@@ -176,7 +178,7 @@ def _net(shape_or_dtype):
         (lambda: sd.discrete.sample(DEN, (2, 5), 4, "first_hitting"), r"steps must be None or 5, got 4"),
         (
             lambda: sd.discrete.sample(DEN, (2, 5), 4, "bogus"),
-            r"sampler='bogus'; accepted: \['ancestral', 'first_hitting', 'remdm'\]",
+            r"sampler='bogus'; accepted: \['ancestral', 'confidence', 'first_hitting', 'remdm'\]",
         ),
         (
             lambda: sd.discrete.sample(DEN, (2, 5), 4, generator=[torch.Generator()]),

@@ -4,6 +4,7 @@
 >>> proc = sd.discrete.MaskedProcess(vocab_size=V, schedule="linear")   # mask id V
 >>> den = sd.discrete.MaskedDenoiser(net, proc)                         # net(x_t, t) -> logits (B, L, V)
 >>> x0 = sd.discrete.sample(den, (batch, L), steps=64, sampler="ancestral", generator=g)
+>>> x0 = sd.discrete.sample(den, (batch, L), 64, sd.discrete.Confidence("margin", 0.0))  # LLaDA-style
 >>> guided = sd.discrete.CFG(den, den, 3.0, uncond_kwargs={"y": null})  # a denoiser: every sampler
 >>> x0 = sd.discrete.sample(guided, (batch, L), sampler="first_hitting", y=labels)
 >>> out = sd.discrete.fk_steering(den, reward, lam, shape=(batch, L), particles=16, steps=64)  # Particles
@@ -17,6 +18,7 @@ from .base import Model, Sampler
 from .categorical import draw
 from .cfg import CFG
 from .classifier import ClassifierGuidance
+from .confidence import SCORES, Confidence
 from .denoiser import MaskedDenoiser, check_tokens
 from .first_hitting import FirstHitting
 from .guided import Guided
@@ -29,8 +31,10 @@ from .svdd import svdd
 __all__ = [
     "CFG",
     "SCHEDULES",
+    "SCORES",
     "Ancestral",
     "ClassifierGuidance",
+    "Confidence",
     "FirstHitting",
     "Guided",
     "MaskedDenoiser",

@@ -14,13 +14,14 @@ from .._checks import boolean, device_or_none, sizes
 from ..noise import check_generators
 from .ancestral import Ancestral
 from .base import Model, Sampler
+from .confidence import Confidence
 from .denoiser import MaskedDenoiser, check_tokens
 from .first_hitting import FirstHitting
 from .remdm import ReMDM
 
 __all__ = ["SampleInfo", "available", "get", "sample", "start"]
 
-_REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Ancestral, FirstHitting, ReMDM)}
+_REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Ancestral, Confidence, FirstHitting, ReMDM)}
 
 
 def available() -> list[str]:
@@ -127,8 +128,8 @@ def sample(
             (infilling, prompts). Given the all-masked sequence the data is the model's whatever
             ``alpha(1)``, and given a partly masked one its exact conditional (the masking does not depend
             on the tokens), so with an exact denoiser every start is exact at ``t = 1``.
-        steps: ``"ancestral"`` and ``"remdm"``: the number of steps ``N`` on the grid ``t_i = 1 - i / N``
-            (required);
+        steps: ``"ancestral"``, ``"remdm"`` and ``"confidence"``: the number of steps ``N`` on the grid
+            ``t_i = 1 - i / N`` (required);
             ``"first_hitting"``: ``None`` or the number of masked tokens of the most masked row (one step
             per token).
         sampler: a name from :func:`available` or a :class:`~steerdiff.discrete.base.Sampler`.
