@@ -175,9 +175,9 @@ def test_random_is_the_random_order_sampler(mix, den):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "loglinear"])
-@pytest.mark.parametrize("steps", [3, 8, 40])
+@pytest.mark.parametrize("steps", [3, 8, 10, 40])
 def test_one_call_a_step_and_the_counts_follow_the_schedule(schedule, steps):
-    L, V = 37, 4
+    L, V = 1000, 4
     proc = sd.discrete.MaskedProcess(V, schedule=schedule)
     calls = []
 
@@ -185,9 +185,10 @@ def test_one_call_a_step_and_the_counts_follow_the_schedule(schedule, steps):
         calls.append(t)
         return torch.randn(*x.shape, V, generator=torch.Generator().manual_seed(len(calls)))
 
+    # 1000 masked: at 10 steps 1000 alpha(0.7) = 300.00000000000006 in float64 (300.00001 in float32)
     x_T = torch.full((3, L), V)
-    x_T[1, ::3] = 1  # 24 masked
-    x_T[2, :30] = 2  # 7 masked
+    x_T[1, ::3] = 1  # 666 masked
+    x_T[2, :990] = 2  # 10 masked
     states = [x_T]
     x, info = sd.discrete.sample(
         sd.discrete.MaskedDenoiser(net, proc), x_T, steps, "confidence", return_info=True,
@@ -200,7 +201,7 @@ def test_one_call_a_step_and_the_counts_follow_the_schedule(schedule, steps):
         "cosine": lambda t: 1 - math.sin(math.pi * t / 2),
         "loglinear": lambda t: 1 - (1 - 1e-3) * t,
     }[schedule]
-    for row, m in enumerate((37, 24, 7)):
+    for row, m in enumerate((1000, 666, 10)):
         done = [int((s[row] != x_T[row]).sum()) for s in states]
         for i in range(steps):
             fraction = 1.0 if i == steps - 1 else (alpha(1 - (i + 1) / steps) - alpha(1)) / (1 - alpha(1))
@@ -208,8 +209,21 @@ def test_one_call_a_step_and_the_counts_follow_the_schedule(schedule, steps):
             if schedule == "linear":  # in integers: ceil(m (i + 1) / N)
                 assert want == _decoded(m, steps, i)
             assert done[i + 1] == want, (row, i)
-    if schedule == "linear" and steps == 8:  # 24 = 3 x 8: LLaDA's counts, 3 a step
-        assert [int((b[1] != a[1]).sum()) for a, b in itertools.pairwise(states)] == [3] * 8
+    if schedule == "linear" and steps in (8, 10, 40):  # N divides M: LLaDA's counts, M / N a step
+        assert [int((b[0] != a[0]).sum()) for a, b in itertools.pairwise(states)] == [1000 // steps] * steps
+
+
+@pytest.mark.parametrize("score", ["confidence", "margin", "entropy"])
+def test_ties_go_to_the_left(score):
+    # equal logits everywhere: every position scores alike, so the decoding runs left to right
+    L = 300
+    den = sd.discrete.MaskedDenoiser(lambda x, t: torch.zeros(*x.shape, 4), sd.discrete.MaskedProcess(4))
+    states = []
+    sd.discrete.sample(
+        den, (2, L), 3, sd.discrete.Confidence(score, 0.0), callback=lambda d: states.append(d["x"] != 4)
+    )
+    for i, decoded in enumerate(states):
+        assert decoded.sum(1).tolist() == [100 * (i + 1)] * 2 and bool(decoded[:, : 100 * (i + 1)].all())
 
 
 def test_confidence_at_temperature_zero_picks_the_argmax_positions(mix, den):

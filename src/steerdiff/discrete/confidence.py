@@ -117,11 +117,12 @@ class Confidence(Sampler):
         """``k_i`` of each row ``(batch,)``: ``n_i`` (module docstring) less the tokens decoded so far, for
         rows whose tokens not ``given`` are all masked at ``t = 1``."""
         m = (~given).sum(1)
-        alpha_1 = float(process.alpha(torch.tensor(1.0)))
-        alpha_s = 1.0 if i == steps - 1 else float(process.alpha(torch.tensor(1 - (i + 1) / steps)))
+        alpha_1 = float(process.alpha(torch.tensor(1.0, dtype=torch.float64)))
+        s = torch.tensor(1 - (i + 1) / steps, dtype=torch.float64)
+        alpha_s = 1.0 if i == steps - 1 else float(process.alpha(s))
         fraction = (alpha_s - alpha_1) / (1 - alpha_1)
         # 1e-9 absorbs alpha's float64 rounding where m * fraction is an integer (m * 1e-16 << 1e-9)
-        decoded = torch.ceil(m * fraction - 1e-9).clamp(min=0).long().minimum(m)
+        decoded = torch.ceil(m.to(torch.float64) * fraction - 1e-9).long().clamp(min=0).minimum(m)
         return decoded - (m - masked.sum(1))
 
     def scores(self, log_p: Tensor, tokens: Tensor, generator: Draws) -> Tensor:
