@@ -34,10 +34,13 @@ M``); it still calls the network. Tokens given in ``x_T`` stay. One network call
 
 ``"random"`` is a random-order sampler: at ``N = M`` (one token a step) its law is the data's with an exact
 denoiser, as :mod:`~steerdiff.discrete.first_hitting`'s; with ``k_i > 1`` the tokens of a step are drawn
-independently given the others, as the ancestral sampler's. The other scores choose positions by the
-network's outputs, and so sample another law than the data's even with an exact denoiser and one token a
-step (``tests/test_discrete_confidence.py`` measures how far): they are heuristics for imperfect
-networks, where decoding the positions the network is most sure of first helps.
+independently given those decoded before, as the ancestral sampler's. ``"margin"`` and ``"entropy"`` choose
+the positions from the state alone, so at one token a step each token is still drawn from its exact
+conditional and the law is the data's too; with several tokens a step they are further from it than
+``"random"``. ``"confidence"`` and ``"pc"`` rank by the drawn token's own probability, which decodes first
+where the draw came out likely: mode-seeking, and biased even at one token a step
+(``tests/test_discrete_confidence.py`` measures how far). With an exact denoiser the orders only cost;
+they are heuristics for networks that are wrong where they are unsure.
 """
 
 from __future__ import annotations
