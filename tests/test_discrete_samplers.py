@@ -352,3 +352,11 @@ def test_remdm_loop_costs_an_exact_denoiser_accuracy_at_equal_nfe():
         torch.tensor([loop, plain]), torch.tensor([0.04364, 0.04483]), rtol=2e-3, atol=0
     )
     assert loop < plain
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "loglinear"])
+def test_remdm_hold_time_is_float64_exact(schedule):
+    # alpha_on = 0.9 went through a float32 tensor (0.89999998): the held time was off by ~3e-8
+    proc = sd.discrete.MaskedProcess(vocab_size=3, schedule=schedule)
+    hold = sd.discrete.ReMDM(strategy="loop", alpha_on=0.9).hold_time(proc)
+    assert abs(float(proc.alpha(torch.tensor(hold, dtype=torch.float64))) - 0.9) < 1e-14

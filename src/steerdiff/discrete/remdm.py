@@ -107,13 +107,13 @@ class ReMDM(Ancestral):
     def hold_time(self, process: MaskedProcess) -> float:
         """The process time ``T`` with ``alpha(T) = alpha_on``, where the loop holds; a ``ValueError`` if the
         schedule's ``alpha`` does not pass ``alpha_on`` strictly between ``alpha(1)`` and ``alpha(0)``."""
-        lo, hi = (float(process.alpha(torch.tensor(t))) for t in (1.0, 0.0))
+        lo, hi = (float(process.alpha(torch.tensor(t, dtype=torch.float64))) for t in (1.0, 0.0))
         if not lo < self.alpha_on < hi:
             raise ValueError(
                 "ReMDM: alpha_on must lie strictly between the schedule's "
                 f"alpha(1) = {lo:.7g} and alpha(0) = {hi:.7g} ({process!r}), got {self.alpha_on:g}"
             )
-        return float(process.t_of_alpha(torch.tensor(self.alpha_on)))
+        return float(process.t_of_alpha(torch.tensor(self.alpha_on, dtype=torch.float64)))
 
     def time(self, u: float, process: MaskedProcess) -> float:
         """The process time ``tau(u)`` of the grid time ``u`` (``u`` itself but with ``"loop"``: module
