@@ -143,6 +143,42 @@ def test_nfe_is_exact_and_within_budget(solver, final):
     assert bool((out.candidates >= 1).all()) and bool(out.candidates[:, 0].eq(2).all())
 
 
+def test_a_cost_that_varies_by_node_stays_within_budget():
+    """A CFG guided only at low noise (sigma / alpha <= 1: nodes 0.4..0.1 here) costs 1 at node 0 and 2 at the
+    nodes inside its interval: the search is planned at 2 per evaluation (CFG's cost before a call), so no
+    row passes the budget (before: planned at the first call's 1, rows spent up to 21 / 41 / 42 / 78 of
+    20 / 40 / 41 / 77)."""
+    den, seen = counting(VP)
+    cfg = sd.guidance.CFG(den, den, 3.0, uncond_kwargs={"y": 1}, interval=(0.0, 1.0))
+    grid = make_grid(VP, GRID, STEPS, "zero")
+    assert grid.sigma[0] / grid.alpha[0] > 1 and grid.sigma[9] / grid.alpha[9] <= 1
+    for budget in (20, 40, 41, 77):
+        seen.clear()
+        out = sd.smc.rbf(cfg, lambda x: x.sum(-1), budget, shape=(6, 2), steps=STEPS, schedule=GRID,
+                         dtype=F64, generator=gens(6))  # fmt: skip
+        assert int(out.row_nfe.sum()) == sum(seen)
+        assert bool((out.row_nfe <= budget).all()) and bool((out.row_nfe >= budget - 1).all())
+
+
+def test_a_cost_that_grows_past_the_budget_is_refused():
+    """A denoiser whose calls cost more than its first, so that a row would pass the budget: a ValueError,
+    not a silent overspend."""
+
+    class Growing(sd.Denoiser):
+        calls = 0
+
+        def __call__(self, x, t, /, **cond):
+            self.calls += 1
+            self.cost = 1 if self.calls == 1 else 3
+            return super().__call__(x, t, **cond)
+
+    den = Growing(DEN.net, VP, "x0")
+    grew = r"rbf: den's cost per evaluation grew to 3 at node \d+, past the 1 the search was planned at"
+    with pytest.raises(ValueError, match=grew):
+        sd.smc.rbf(den, reward, 20, shape=(2, GMM.dim), steps=STEPS, schedule=GRID, dtype=F64,
+                   generator=gens(2))  # fmt: skip
+
+
 def test_a_row_is_its_own_search_whatever_the_batch():
     kw = dict(steps=STEPS, schedule=GRID, dtype=F64, initial=2)
     whole = sd.smc.rbf(DEN, reward, 50, shape=(4, GMM.dim), generator=gens(4, 7), **kw)

@@ -43,10 +43,12 @@ short of it, where this spends it whole.
 
 Cost. Exactly the evaluations drawn: ``row_nfe`` per row, at most ``B`` (each candidate's ``c_k`` is the
 solver's evaluations at node ``k`` times the cost of one network call, :attr:`Denoiser.cost
-<steerdiff.denoiser.Denoiser.cost>` as the run measures it: 1 per evaluation for a plain denoiser); the
-rows' searches end at different nodes at different times and are batched by node: each iteration draws
-one candidate for every row still searching, one call of the step (and of ``reward``) per node in use.
-Each control decision reads the device. No autograd graph is kept.
+<steerdiff.denoiser.Denoiser.cost>`, taken as the larger of ``den.cost`` before the run and the first
+call's: 1 for a plain denoiser, 2 for a CFG even where its interval leaves some calls at 1, which then leave
+part of the budget unspent; a call that costs more, so that a row passes ``B`` -- CharacteristicGuidance,
+whose iterations vary -- is a ``ValueError``); the rows' searches end at different nodes at different times
+and are batched by node: each iteration draws one candidate for every row still searching, one call of the
+step (and of ``reward``) per node in use. Each control decision reads the device. No autograd graph is kept.
 
 Solvers: the one-step stochastic ones that return their Gaussian transition (``ddpm``, ``euler_ancestral``,
 ``euler_maruyama``, ``flow_sde``, ``DDIM(eta > 0)``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``, ``lcm``,
@@ -273,7 +275,7 @@ def rbf(
             )
         return (budget - first) // last if last > 0 else 0
 
-    unit = int(den.cost)
+    unit = int(den.cost)  # before the first call: a CFG's inside its interval, its most
     quota = quota_of(unit)
 
     with torch.no_grad():
@@ -304,12 +306,19 @@ def rbf(
                 z = randn((len(rows), *sample_shape), _rows(generator, rows), wdtype, dev)
                 x = mean[on] + std[on] * z
                 tr, pred, spent = run(x, k, on)
-                if not measured:  # one network call's cost (a CFG's is 2), known after the first call
-                    measured, unit = True, spent // evals(k)
+                if not measured:  # one network call's cost, known after the first call (at least den.cost
+                    # before it: a CFG outside its interval there costs 1 but 2 at the nodes inside it)
+                    measured, unit = True, max(unit, -(-spent // evals(k)))
                     quota = quota_of(unit)
                 r = _score(who, reward, pred.x0, grid.t[k], take_kwarg_rows(cond, on, batch))
                 row_nfe[rows] += spent
                 left[rows] -= spent
+                if bool((left[rows] < 0).any()):
+                    raise ValueError(
+                        f"{who}: den's cost per evaluation grew to {spent / evals(k):g} at node {k}, past "
+                        f"the {unit} the search was planned at, and a row spent more than budget={budget}: "
+                        "give a denoiser whose calls cost at most its first (den.cost before the run)"
+                    )
                 quota_left[rows] -= spent
                 drawn[rows, k] += 1
                 up = r > cand_r[on]
