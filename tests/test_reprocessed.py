@@ -91,3 +91,17 @@ def test_bad_input(gmm):
         sd.Reprocessed(den, "vp")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Reprocessed: base must be a steerdiff Denoiser, got Tensor"):
         sd.Reprocessed(torch.zeros(2), sd.VP.linear())  # type: ignore[arg-type]
+
+
+def test_the_per_time_cache_is_bounded(gmm):
+    """The table of Q's time -> (P's time, alpha ratio) is cleared past Denoiser's cache size, as the base's
+    own per-time caches are (before: 5000 distinct times kept 5000 entries); the values stay exact."""
+    from steerdiff.denoiser import _CACHE_SIZE
+
+    vp = PROCESSES["vp"]
+    den = sd.Reprocessed(gmm.denoiser(PROCESSES["rf"]), vp)
+    x = noise(2, gmm.dim)
+    for s in torch.linspace(0.01, 0.99, _CACHE_SIZE + 904, dtype=F64).tolist():
+        den(x, s)
+    assert len(den._at) <= _CACHE_SIZE + 1
+    assert torch.allclose(den(x, 0.5).x0, gmm.denoiser(vp)(x, 0.5).x0, rtol=0, atol=1e-12)

@@ -37,7 +37,15 @@ import torch
 from torch import Tensor
 
 from ._ops import kept
-from .denoiser import CostOfBase, Denoiser, Prediction, check_call, check_denoiser, take_wrapped_rows
+from .denoiser import (
+    _CACHE_SIZE,
+    CostOfBase,
+    Denoiser,
+    Prediction,
+    check_call,
+    check_denoiser,
+    take_wrapped_rows,
+)
 from .noise import Generators
 from .processes import Process
 
@@ -119,6 +127,8 @@ class Reprocessed(CostOfBase, Denoiser):
             t = self.base_time(float(s))
             return float(t), float(self.base.process.alpha(t) / self.process.alpha(float(s)))
 
+        if len(self._at) > _CACHE_SIZE:  # bounded as Denoiser's own per-time caches
+            self._at.clear()
         return kept(self._at, float(s), make)
 
     def __call__(self, x: Tensor, t: float | Tensor, /, **cond: Any) -> Prediction:
