@@ -105,3 +105,30 @@ def test_the_per_time_cache_is_bounded(gmm):
         den(x, s)
     assert len(den._at) <= _CACHE_SIZE + 1
     assert torch.allclose(den(x, 0.5).x0, gmm.denoiser(vp)(x, 0.5).x0, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "source", "target"), [("v", "vp", "rf"), ("flow", "rf", "vp"), ("eps", "edm", "rf")]
+)
+def test_process_dependent_predictions_convert_at_the_base_process(gmm, prediction, source, target):
+    """A v-prediction VP net and a flow-prediction RF net (outputs that depend on the process's alpha, sigma
+    and their derivatives) reprocessed: their output is turned into x0 at the base's process and time, so
+    the converted denoiser is the target's exact one."""
+    src = PROCESSES[source]
+    exact = gmm.denoiser(src)
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        p, t = exact(x, t.to(F64)), t.to(F64)[:, None]
+        if prediction == "v":
+            return src.alpha(t) * p.eps - src.sigma(t) * p.x0
+        if prediction == "flow":
+            return src.d_alpha(t) * p.x0 + src.d_sigma(t) * p.eps
+        return p.eps
+
+    den = sd.Reprocessed(sd.Denoiser(net, src, prediction), PROCESSES[target])
+    proc, g = den.process, torch.Generator().manual_seed(5)
+    t = torch.linspace(proc.t_min, proc.t_max, 12, dtype=F64)
+    x = proc.alpha(t)[:, None] * gmm.sample(12, g) + proc.sigma(t)[:, None] * torch.randn(
+        12, gmm.dim, generator=g
+    )
+    assert torch.allclose(den(x, t).x0, gmm.denoiser(proc)(x, t).x0, rtol=0, atol=1e-11)
