@@ -102,7 +102,7 @@ def test_the_per_time_cache_is_bounded(gmm):
     den = sd.Reprocessed(gmm.denoiser(PROCESSES["rf"]), vp)
     x = noise(2, gmm.dim)
     for s in torch.linspace(0.01, 0.99, _CACHE_SIZE + 904, dtype=F64).tolist():
-        den(x, s)
+        den._map(s, x)
     assert len(den._at) <= _CACHE_SIZE + 1
     assert torch.allclose(den(x, 0.5).x0, gmm.denoiser(vp)(x, 0.5).x0, rtol=0, atol=1e-12)
 
