@@ -21,6 +21,7 @@ from . import (
     solvers,
     toy,
 )
+from .adjoint import AdjointInfo, adjoint
 from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
 from .inversion import invert
 from .paradigms import ParadigmsInfo, paradigms
@@ -33,6 +34,7 @@ __all__ = [
     "EDM",
     "VE",
     "VP",
+    "AdjointInfo",
     "ConsistencyModelDenoiser",
     "Denoiser",
     "EDMDenoiser",
@@ -44,6 +46,7 @@ __all__ = [
     "RectifiedFlow",
     "Reprocessed",
     "SampleInfo",
+    "adjoint",
     "discrete",
     "distributed",
     "guidance",

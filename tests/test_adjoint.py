@@ -1,0 +1,293 @@
+"""AdjointDEIS (``sd.adjoint``) against the exact gradient of the probability-flow ODE's flow map and against
+autograd through ``sd.sample``; memory, exact NFE / vector-Jacobian-product counts, bad input.
+
+The oracle: a single Gaussian ``N(m, diag(v))`` under Stable Diffusion's betas. Its noised marginals are
+``N(alpha m, alpha^2 v + sigma^2)``, so the flow map from node 0 to node N is affine,
+``x_N = alpha_N m + A (x_T - alpha_0 m)`` with ``A = sqrt((alpha_N^2 v + sigma_N^2) / (alpha_0^2 v +
+sigma_0^2))``: for ``L = |x_N - target|^2 / 2`` the exact ``dL/dx_T = A (x_N - target)`` and, for a mean shift
+``m = mu + delta`` passed to the net as a condition, ``dL/d delta`` = the batch's sum of
+``(alpha_N - alpha_0 A) (x_N - target)``. ``python -m tests.test_adjoint`` prints the README's table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.solvers import make_grid
+from steerdiff.solvers.deis import DEIS
+
+from .reference import smooth_mixture
+
+F64 = torch.float64
+PROC = sd.VP.scaled_linear()
+MU = torch.tensor([0.5, -1.0, 2.0], dtype=F64)
+VAR = torch.tensor([0.3, 1.5, 0.05], dtype=F64)
+X_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+TARGET = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+SCHED = "logsnr_uniform"
+
+
+def gaussian_net(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The exact ``E[x0 | x_t]`` of ``N(MU + shift, diag(VAR))``: differentiable in ``x`` and ``shift``."""
+    m = MU if shift is None else MU + shift
+    a, s = PROC.alpha(t)[:, None], PROC.sigma(t)[:, None]
+    return m + a * VAR / (a**2 * VAR + s**2) * (x - a * m)
+
+
+DEN = sd.Denoiser(gaussian_net, PROC, prediction="x0")
+
+
+def loss(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (x - TARGET).pow(2).sum()
+
+
+def exact(steps: int, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dx_T, dL/d shift)`` of the exact flow map over the grid of ``steps`` steps (``final="none"``)."""
+    grid = make_grid(PROC, sd.schedules.get(SCHED), steps, "none")
+    (a0, s0), (an, sn) = (grid.alpha[0], grid.sigma[0]), (grid.alpha[-1], grid.sigma[-1])
+    m = MU if shift is None else MU + shift
+    amp = ((an**2 * VAR + sn**2) / (a0**2 * VAR + s0**2)).sqrt()
+    resid = an * m + amp * (X_T - a0 * m) - TARGET
+    return amp * resid, ((an - a0 * amp) * resid).sum(0)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def slope(steps: list[int], errors: list[float]) -> float:
+    return -math.log(errors[-1] / errors[0]) / math.log(steps[-1] / steps[0])
+
+
+def autograd_grad(den: sd.Denoiser, steps: int, order: int, final: str, **cond: Any) -> torch.Tensor:
+    x_T = X_T.clone().requires_grad_(True)
+    out = sd.sample(den, x_T, steps, DEIS(order=order), SCHED, final=final, **cond)
+    (g,) = torch.autograd.grad(loss(out), x_T)
+    return g
+
+
+STEPS = [40, 80, 160]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_converges_to_the_exact_gradient_at_its_order(order: int) -> None:
+    errors = []
+    for n in STEPS:
+        _, grads = sd.adjoint(DEN, X_T, loss, n, SCHED, solver_order=order, final="none")
+        errors.append(rel(grads["x_T"], exact(n)[0]))
+    # measured: order 1 3.1e-1 / 1.6e-1 / 8.2e-2 (slope 0.97), order 2 7.1e-2 / 1.6e-2 / 3.9e-3 (2.09)
+    assert abs(slope(STEPS, errors) - order) < 0.35, errors
+    assert errors[-1] < (0.09 if order == 1 else 4e-3), errors
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_matches_autograd_through_sample_as_steps_grow(order: int) -> None:
+    diffs = []
+    for n in STEPS:
+        x0, grads = sd.adjoint(DEN, X_T, loss, n, SCHED, solver_order=order, final="none")
+        assert torch.equal(x0, sd.sample(DEN, X_T, n, DEIS(order=order), SCHED, final="none"))
+        diffs.append(rel(grads["x_T"], autograd_grad(DEN, n, order, "none")))
+    # both converge to the exact gradient at order k; the adjoint's error dominates the difference (order 2:
+    # 7.4e-2 / 1.7e-2 / 4.1e-3; autograd is 3.6e-3 / 9.2e-4 / 2.3e-4 from the exact gradient)
+    assert abs(slope(STEPS, diffs) - order) < 0.35, diffs
+    assert diffs[-1] < (0.09 if order == 1 else 5e-3), diffs
+
+
+def test_conditioning_gradient_converges_to_the_exact_one() -> None:
+    shift = torch.tensor([0.3, -0.2, 0.1], dtype=F64, requires_grad=True)
+    errors = []
+    for n in STEPS:
+        _, grads = sd.adjoint(DEN, X_T, loss, n, SCHED, solver_order=2, final="none", shift=shift)
+        g_x, g_shift = exact(n, shift.detach())
+        assert grads["shift"].shape == shift.shape
+        errors.append(rel(grads["shift"], g_shift))
+        assert rel(grads["x_T"], g_x) < 0.08
+    # measured 3.4e-3 / 7.8e-4 / 1.9e-4
+    assert abs(slope(STEPS, errors) - 2) < 0.35, errors
+    assert errors[-1] < 2e-3, errors
+    assert shift.grad is None  # nothing is accumulated on the caller's tensor
+
+
+def test_mixture_clean_end_matches_autograd() -> None:
+    """A 4-component 8-d mixture (the denoiser is nonlinear), ``final="zero"`` (the clean step's exact VJP):
+    the difference to autograd through ``sample`` falls at second order."""
+    gmm = smooth_mixture()
+    den = gmm.denoiser(PROC)
+    x_T = torch.randn(6, gmm.dim, generator=torch.Generator().manual_seed(2), dtype=F64)
+
+    def mloss(x: torch.Tensor) -> torch.Tensor:
+        return (x.sin() * torch.arange(gmm.dim, dtype=F64)).sum()
+
+    diffs = []
+    for n in STEPS:
+        _, grads = sd.adjoint(den, x_T, mloss, n, SCHED, solver_order=2)
+        xt = x_T.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(mloss(sd.sample(den, xt, n, DEIS(order=2), SCHED)), xt)
+        diffs.append(rel(grads["x_T"], ref))
+    assert abs(slope(STEPS, diffs) - 2) < 0.35, diffs
+    assert diffs[-1] < 5e-3, diffs
+
+
+def test_resolved_state_is_the_inversion() -> None:
+    """The state re-solved alongside the adjoint is ``sd.invert`` with the same DEIS up the same grid."""
+    x0, _, info = sd.adjoint(DEN, X_T, loss, 20, SCHED, solver_order=2, final="none", return_info=True)
+    back = sd.invert(DEN, x0, 20, DEIS(order=2), SCHED)
+    assert torch.allclose(info.x_T_resolved, back, rtol=0, atol=1e-12)
+
+
+class _Saved:
+    """A saved tensor whose life is counted: how many a graph holds at once."""
+
+    live = 0
+    peak = 0
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+        _Saved.live += 1
+        _Saved.peak = max(_Saved.peak, _Saved.live)
+
+    def __del__(self) -> None:
+        _Saved.live -= 1
+
+
+def peak_saved(run: Any) -> int:
+    _Saved.live = _Saved.peak = 0
+    with torch.autograd.graph.saved_tensors_hooks(_Saved, lambda s: s.t):
+        run()
+    return _Saved.peak
+
+
+def test_no_graph_is_kept_across_steps() -> None:
+    """The most tensors autograd holds at once is the same at 10 and 100 steps (through sample: 10x)."""
+    gmm = smooth_mixture()
+    den = gmm.denoiser(PROC)
+    x_T = torch.randn(4, gmm.dim, generator=torch.Generator().manual_seed(3), dtype=F64)
+
+    def mloss(x: torch.Tensor) -> torch.Tensor:
+        return x.pow(2).sum()
+
+    def through_sample(n: int) -> None:
+        xt = x_T.clone().requires_grad_(True)
+        torch.autograd.grad(mloss(sd.sample(den, xt, n, DEIS(order=2), SCHED)), xt)
+
+    peaks = [peak_saved(lambda n=n: sd.adjoint(den, x_T, mloss, n, SCHED)) for n in (10, 100)]
+    assert peaks[0] == peaks[1] > 0  # measured 11 and 11; through sample 111 and 1101
+    dto = [peak_saved(lambda n=n: through_sample(n)) for n in (10, 100)]
+    assert dto[1] > 8 * dto[0] and dto[0] > peaks[0]
+
+
+class _CountBackward(torch.autograd.Function):
+    calls = 0
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        _CountBackward.calls += 1
+        return g
+
+
+@pytest.mark.parametrize(("final", "steps"), [("none", 7), ("zero", 7), ("zero", 1), ("none", 1)])
+@pytest.mark.parametrize("order", [1, 2])
+def test_exact_nfe_and_vjp_counts(final: str, steps: int, order: int) -> None:
+    calls = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        return _CountBackward.apply(gaussian_net(x, t))
+
+    den = sd.Denoiser(net, PROC, prediction="x0")
+    _CountBackward.calls = 0
+    _, _, info = sd.adjoint(den, X_T, loss, steps, SCHED, solver_order=order, final=final, return_info=True)
+    backward = steps if final == "none" else max(steps - 1, 1)
+    assert (info.forward_nfe, info.backward_nfe, info.vjps, info.nfe) == (
+        steps,
+        backward,
+        steps,
+        steps + backward,
+    )
+    assert len(calls) == info.nfe and calls.count(True) == backward  # the forward pass builds no graph
+    assert _CountBackward.calls == steps
+
+
+def test_ddim_is_order_one_and_unused_conditions_get_zero() -> None:
+    shift = torch.zeros(3, dtype=F64, requires_grad=True)
+    a = sd.adjoint(DEN, X_T, loss, 12, SCHED, solver="ddim", final="none")[1]["x_T"]
+    b = sd.adjoint(DEN, X_T, loss, 12, SCHED, solver_order=1, final="none")[1]["x_T"]
+    assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    grads = sd.adjoint(sd.Denoiser(lambda x, t, **_: gaussian_net(x, t), PROC, "x0"), X_T, loss, 5, z=shift)[
+        1
+    ]
+    assert torch.equal(grads["z"], torch.zeros(3, dtype=F64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"solver": "ddpm"},
+            r"solver='ddpm' draws noise; the adjoint here is that of the probability-flow ODE",
+        ),
+        ({"solver": "unipc"}, r"solver='unipc' is not one whose adjoint is implemented.*accepted: \['deis'"),
+        ({"solver": DEIS(variant="tab")}, r"is not one whose adjoint is implemented"),
+        ({"solver": "ddim", "solver_order": 2}, r"solver_order=2 contradicts solver='ddim' \(order 1\)"),
+        ({"solver_order": 4}, r"solver_order must be 1, 2 or 3, got 4"),
+        ({"solver_order": True}, r"solver_order must be 1, 2 or 3, got True"),
+        ({"final": "end"}, r"final"),
+        ({"steps": 0}, r"steps"),
+        ({"generator": torch.Generator()}, r"generator is an argument of sample, not of adjoint"),
+    ],
+)
+def test_bad_input(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        sd.adjoint(DEN, X_T, loss, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "match"),
+    [
+        (
+            lambda x: x.pow(2).sum(1),
+            r"loss must return a scalar tensor \(sum or average a batch\), got \(4,\)",
+        ),
+        (lambda x: 1.0, r"loss must return a scalar tensor .*got float"),
+        ("mse", r"loss must be a callable\(x_0\) -> scalar tensor, got str"),
+    ],
+)
+def test_bad_loss(loss_fn: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        sd.adjoint(DEN, X_T, loss_fn, 5)
+
+
+def test_bad_x_T_and_inference_mode() -> None:
+    with pytest.raises(ValueError, match=r"adjoint: x_T must be batched"):
+        sd.adjoint(DEN, X_T[0], loss, 5)
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"call it outside inference_mode"):
+        sd.adjoint(DEN, X_T, loss, 5)
+
+
+def main() -> None:
+    """The README's table: relative error of dL/dx_T against the exact flow map's gradient, AdjointDEIS and
+    autograd through sample (same DEIS, same grid), and the autograd graph's peak (saved tensors)."""
+    print("steps  order  adjoint   autograd  | peak saved: adjoint  autograd")
+    for k in (1, 2):
+        for n in (10, 20, 40, 80, 160):
+
+            def run(n: int = n, k: int = k) -> torch.Tensor:
+                return sd.adjoint(DEN, X_T, loss, n, SCHED, solver_order=k, final="none")[1]["x_T"]
+
+            ref = exact(n)[0]
+            err, err_dto = rel(run(), ref), rel(autograd_grad(DEN, n, k, "none"), ref)
+            pa, pd = peak_saved(run), peak_saved(lambda n=n, k=k: autograd_grad(DEN, n, k, "none"))
+            print(f"{n:5d}  {k:5d}  {err:.2e}  {err_dto:.2e}  | {pa:8d}  {pd:8d}")
+
+
+if __name__ == "__main__":
+    main()
