@@ -62,8 +62,8 @@ forward run (on the Gaussian oracle of ``tests/test_adjoint.py``, 40 / 80 / 160 
 the integrating factor ``alpha_s / alpha_t`` takes the state's linear part exactly, but the adjoint's
 Jacobian cancels most of it (at high noise ``sigma d eps/dx ~ I`` and ``d log alpha / d lam ~ 1``, so
 ``a_x`` is nearly constant while ``b = alpha a_x`` and ``E_b`` vary like ``e^{lam}`` and ``e^{2 lam}``), and
-the polynomial in ``lam`` is a poor fit there at long steps. The authors now recommend autograd with
-checkpointing where memory allows (project page, 2026 note).
+the polynomial in ``lam`` is a poor fit there at long steps. Where its memory is affordable, autograd
+through ``sample`` (with activation checkpointing for a large net) is the more accurate gradient.
 
 The adjoint of the reverse SDE is an ODE too (the paper's Theorem 3.1); it is not implemented here:
 stochastic solvers are refused.
