@@ -7,6 +7,7 @@
 """
 
 from . import (
+    ddpm_inversion,
     discrete,
     distributed,
     guidance,
@@ -22,6 +23,7 @@ from . import (
     toy,
 )
 from .adjoint import AdjointInfo, adjoint
+from .ddpm_inversion import EditNoise, ddpm_invert
 from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
 from .inversion import invert
 from .paradigms import ParadigmsInfo, paradigms
@@ -38,6 +40,7 @@ __all__ = [
     "ConsistencyModelDenoiser",
     "Denoiser",
     "EDMDenoiser",
+    "EditNoise",
     "MeanReverting",
     "NonFiniteError",
     "ParadigmsInfo",
@@ -47,6 +50,8 @@ __all__ = [
     "Reprocessed",
     "SampleInfo",
     "adjoint",
+    "ddpm_inversion",
+    "ddpm_invert",
     "discrete",
     "distributed",
     "guidance",

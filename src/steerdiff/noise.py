@@ -9,6 +9,9 @@ through ``model.noise``.
 * :class:`GeneratorNoise` -- ``torch.randn`` from one generator (the default).
 * :class:`PerSampleNoise` -- one generator per batch row: sample ``b``'s noise depends only on its
   own generator, so a sample is the same whatever the batch it is drawn in.
+* :class:`ReplayNoise` -- given noise maps, one per step of a given grid, replayed (the edit-friendly
+  noise of :func:`steerdiff.ddpm_inversion.ddpm_invert`), refused by a run of another grid, solver or
+  batch.
 * :class:`BrownianTreeNoise` -- increments of one Brownian path per sample,
   ``(W(t_to) - W(t_from)) / sqrt(|t_to - t_from|)``, queried on a Brownian tree (Li et al. 2020,
   torchsde's ``BrownianInterval``, whose paths it draws for the whole batch at once; k-diffusion's
@@ -29,13 +32,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from ._brownian import BrownianBatch
 from ._checks import caller, device_or_none, integer, ordered
+
+if TYPE_CHECKING:  # solvers.base imports this module
+    from .solvers.base import Grid, Solver
 
 __all__ = [
     "BrownianTreeNoise",
@@ -44,6 +50,7 @@ __all__ = [
     "Generators",
     "NoiseSource",
     "PerSampleNoise",
+    "ReplayNoise",
     "Shard",
     "check_fixed_time",
     "check_generators",
@@ -192,6 +199,78 @@ class PerSampleNoise:
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
         return randn(like.shape, self.generators, like.dtype, like.device)
+
+
+class ReplayNoise:
+    """Given noise maps replayed: the step from ``times[i]`` to ``times[i + 1]`` gets ``z[i]``.
+
+    The maps are those that make ``solver``, a one-step stochastic solver, go through a given chain of
+    states on the grid of ``times`` (:func:`steerdiff.ddpm_inversion.ddpm_invert`); they mean nothing on
+    another grid, under another solver (another transition's mean and std) or for another batch, so each
+    of those is a ``ValueError``: :func:`steerdiff.sample` checks its whole run before the first step
+    (:meth:`check_run`), and every call checks its step and shape (the other entry points that take a
+    noise source). A run may start at a later node of the grid (``times[k:]``: the edit's ``skip``).
+
+    Args:
+        times: the ``N + 1`` process times of the grid's nodes, noisiest first (no clean end).
+        z: the ``N`` maps, ``z[i]`` of the batch's shape, in the state's dtype and on its device.
+        solver: the solver the maps belong to (compared with ``==``: a solver dataclass's type and options).
+    """
+
+    def __init__(self, times: Sequence[float], z: Sequence[Tensor], solver: Solver) -> None:
+        self.times = [float(t) for t in times]
+        self.z = list(z)
+        self.solver = solver
+        if len(self.z) != len(self.times) - 1 or not self.z:
+            raise ValueError(
+                f"ReplayNoise: z must hold one map per step, len(times) - 1 = {len(self.times) - 1}, "
+                f"got {len(self.z)}"
+            )
+        self.index = {t: i for i, t in enumerate(self.times[:-1])}
+        self.shape = tuple(self.z[0].shape)
+
+    def _grid_text(self) -> str:
+        return f"the {len(self.z)}-step grid t = [{self.times[0]:.6g}, ..., {self.times[-1]:.6g}]"
+
+    def check_run(self, who: str, solver: Solver, grid: Grid, x: Tensor) -> None:
+        """A ``ValueError`` (after ``who:``) unless a run of ``solver`` over ``grid`` from ``x`` replays the
+        maps: the same solver, the grid's nodes a tail ``times[k:]`` of the maps' grid (no clean end), and
+        ``x`` of the maps' shape."""
+        fix = "run sample with the arguments of EditNoise.sample_kwargs(skip)"
+        if solver != self.solver:
+            raise ValueError(
+                f"{who}: generator replays noise maps made for solver {self.solver!r}, and this run's solver "
+                f"is {solver!r}: a map is the noise of one solver's transition; {fix}"
+            )
+        k = len(self.times) - len(grid.t)
+        if grid.clean_end or k < 0 or grid.t != self.times[k:]:
+            got = f"{grid.steps} steps t = [{grid.t[0]:.6g}, ..., {grid.t[-1]:.6g}]"
+            raise ValueError(
+                f"{who}: generator replays noise maps made on {self._grid_text()} (final='none'), and this "
+                f"run's grid is {got}" + (" with a clean end" if grid.clean_end else "") + "; a run must "
+                f"take its nodes or a tail of them (schedule=times[skip:], steps=len(times) - 1 - skip, "
+                f"final='none'): {fix}"
+            )
+        if tuple(x.shape) != self.shape:
+            raise ValueError(
+                f"{who}: generator replays noise maps of shape {self.shape} (batch, *sample_shape), and the "
+                f"run's x_T has shape {tuple(x.shape)}: a map is one sample's; start from the inverted batch"
+            )
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        i = self.index.get(t_from)
+        if i is None or self.times[i + 1] != t_to:
+            raise ValueError(
+                f"ReplayNoise: a draw for a step from t_from={t_from:.6g} to t_to={t_to:.6g}, which is no "
+                f"step of {self._grid_text()} the maps were made on (another grid, or a solver that draws "
+                "inside its step)"
+            )
+        if tuple(like.shape) != self.shape:
+            raise ValueError(
+                f"ReplayNoise: a draw of shape {tuple(like.shape)}, and the maps have shape {self.shape} "
+                "(batch, *sample_shape): start from the inverted batch"
+            )
+        return self.z[i].to(dtype=like.dtype, device=like.device)
 
 
 _TREE_DIGITS = 6  # BrownianTreeNoise's time resolution: torchsde's tol = 1e-6 rounds times to 6 decimals

@@ -20,7 +20,7 @@ from ._checks import SAMPLE_DTYPES, boolean, caller, choice, integer
 from ._ops import laid_out_as
 from .denoiser import Denoiser, check_denoiser
 from .mcmc.base import check_step_sizes, first_nonfinite
-from .noise import NoiseSource, PerSampleNoise, check_rows, check_shared, make_noise
+from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
 from .solvers._poly import exp_adams_bashforth
 from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
@@ -434,7 +434,9 @@ def sample(
         generator: the only source of randomness (for stochastic solvers): a
             ``torch.Generator``, a list of them (one per sample: a sample is then the same
             whatever the batch), or a :class:`~steerdiff.noise.NoiseSource` such as
-            :class:`~steerdiff.noise.BrownianTreeNoise`; ``None`` (default): torch's global RNG
+            :class:`~steerdiff.noise.BrownianTreeNoise` or the :class:`~steerdiff.noise.ReplayNoise` of
+            :func:`~steerdiff.ddpm_inversion.ddpm_invert` (checked against the run's grid, solver and
+            batch before the first step); ``None`` (default): torch's global RNG
             (reproducible after ``torch.manual_seed``, not per sample). Wrappers and corrector
             kernels that hold a generator of their own draw from it instead; with a list, theirs
             must be one per row too (a single one is refused, :func:`check_seeded`,
@@ -523,6 +525,8 @@ def sample_as(
     model = Model(den, cond, make_noise(generator, who), net_dtype=x_T.dtype)
     if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
         check_rows(model.noise.generators, len(x_T), who)
+    if isinstance(model.noise, ReplayNoise):  # its grid, solver and batch: before the first step
+        model.noise.check_run(who, slv, grid, x_T)
     kernel = None if corrector is None else _mcmc.get(corrector, who)
     check_unused_corrector_args(who, kernel, corrector_steps, snr)
     if kernel is not None:
