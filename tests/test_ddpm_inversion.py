@@ -68,6 +68,30 @@ def test_replay_reconstructs_x0(gmm, x_0, process, solver):
     assert all(torch.equal(a, b) for a, b in zip(seen, inv.xs[1:], strict=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_replays_with_the_net_in_half(gmm, x_0, dtype):
+    """A half-precision ``x_0``: the states and maps are float32 and the net runs in ``dtype`` in the
+    inversion and in the replay, whose ``x_T`` is handed over in ``dtype`` (drawn representable there): from
+    ``skip = 0`` the replay is ``xs[-1]`` in ``dtype`` bit for bit; from node 5 it starts from that state
+    rounded, and ends 1.4e-3 (float16) / 1.4e-2 (bfloat16) from ``x_0``, twice the rounding of ``x_0``
+    itself."""
+    base = gmm.denoiser(VP)
+    seen = set()
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.add(x.dtype)
+        return base(x.double(), float(t[0])).x0.to(x.dtype)
+
+    den = sd.Denoiser(net, VP, prediction="x0")
+    inv = sd.ddpm_invert(den, x_0.to(dtype), 12, "ddpm", SCHEDULE, generator=gen(0))
+    assert inv.xs[0].dtype == inv.z[0].dtype == torch.float32 and seen == {dtype}
+    out = sd.sample(den, **inv.sample_kwargs())
+    assert out.dtype == dtype and seen == {dtype} and torch.equal(out, inv.xs[-1].to(dtype))
+    later = sd.sample(den, **inv.sample_kwargs(5)).double()
+    rounding = float((x_0.to(dtype).double() - x_0).abs().max())
+    assert (later - x_0).abs().max() < 2.5 * rounding
+
+
 def test_nfe_counts_net_calls(gmm, x_0):
     """``nfe`` is the net's calls: one per step for ``ddpm``, two for a CFG denoiser and for the two-stage
     ``dpmpp_2s_ancestral``."""
@@ -326,8 +350,11 @@ def test_replay_refuses_another_run(gmm, x_0):
         noise(inv.times[0], inv.times[2], inv.x_T)
     with pytest.raises(ValueError, match=r"ReplayNoise: a draw of shape \(4, 8\), and the maps have shape"):
         noise(inv.times[0], inv.times[1], inv.x_T[:4])
-    with pytest.raises(ValueError, match=r"ReplayNoise: z must hold one map per step"):
-        ReplayNoise(inv.times, inv.z[:-1], inv.solver)
+    with pytest.raises(ValueError, match=r"ReplayNoise: z must hold one map per step of grid, 6, got 5"):
+        ReplayNoise(inv.noise.grid, inv.z[:-1], inv.solver)
+    other = gmm.denoiser(sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64)))
+    with pytest.raises(ValueError, match=r"this run's process .* has another alpha or sigma at those times"):
+        sd.sample(other, **run)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,13 @@ class EditNoise:
     ``x_T``; ``xs[N]`` is ``x_0`` up to rounding), the ``N`` noise maps ``z`` and ``noise``, the
     :class:`~steerdiff.noise.ReplayNoise` that replays them as a sampler's ``generator``; ``times`` the
     nodes' process times, ``solver`` the solver they belong to, ``nfe`` the inversion's network
-    evaluations (one per step for ``ddpm``, times the denoiser's cost)."""
+    evaluations (one per step for ``ddpm``, times the denoiser's cost); ``dtype`` that of ``x_0``.
+
+    The states and maps are in the run's work dtype (:func:`~steerdiff.solvers.base.work_dtype`: float32 for
+    a half-precision ``x_0``, whose net runs in half precision as in ``sample``); :meth:`sample_kwargs` hands
+    the start state over in ``dtype``, so the replay's net runs as the extraction's did. In half precision the
+    replay from ``skip = 0`` is exact (``x_T`` is drawn representable in ``dtype``); from a later node it
+    starts from that state rounded to ``dtype``."""
 
     xs: list[Tensor]
     z: list[Tensor]
@@ -90,11 +96,12 @@ class EditNoise:
     times: list[float]
     solver: Solver
     nfe: int
+    dtype: torch.dtype
 
     @property
     def x_T(self) -> Tensor:
-        """The state at the grid's first node, from which sampling with :attr:`noise` starts."""
-        return self.xs[0]
+        """The state at the grid's first node (in ``dtype``), where sampling with :attr:`noise` starts."""
+        return self.xs[0].to(self.dtype)
 
     @property
     def steps(self) -> int:
@@ -109,7 +116,7 @@ class EditNoise:
         ``cond``; with the inversion's own it returns ``xs[N]``."""
         skip = integer("EditNoise.sample_kwargs", "skip", skip, lo=0, hi=self.steps - 1)
         return {
-            "x_T": self.xs[skip],
+            "x_T": self.xs[skip].to(self.dtype),
             "steps": self.steps - skip,
             "solver": self.solver,
             "schedule": _schedules.Custom(self.times[skip:]),
@@ -219,6 +226,7 @@ def ddpm_invert(
     noisy = zip(grid.alpha[:-1], grid.sigma[:-1], strict=True)
     # q(x_t | x_0) at every noisy node, independently (noisiest first), and x_0 at the last
     xs = [alpha * x0 + sigma * randn(x0.shape, generator, x0.dtype, x0.device) for alpha, sigma in noisy]
+    xs[0] = xs[0].to(x_0.dtype).to(x0.dtype)  # sample_kwargs hands x_T over in x_0's dtype
     xs.append(x0)
     model = Model(den, cond, _NoDraw(who, slv), net_dtype=x_0.dtype)
     state = slv.init_state(grid)
@@ -231,4 +239,4 @@ def ddpm_invert(
         xs[i + 1] = advance(out, lambda *_, zi=z[-1]: zi, grid.t[i], grid.t[i + 1])
     model.check_finite()
     log.debug("ddpm_invert %s with %s: %d steps, %d NFE", tuple(x_0.shape), slv.name, steps, model.nfe)
-    return EditNoise(xs, z, ReplayNoise(grid.t, z, slv), list(grid.t), slv, model.nfe)
+    return EditNoise(xs, z, ReplayNoise(grid, z, slv), list(grid.t), slv, model.nfe, x_0.dtype)

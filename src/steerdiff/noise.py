@@ -202,29 +202,29 @@ class PerSampleNoise:
 
 
 class ReplayNoise:
-    """Given noise maps replayed: the step from ``times[i]`` to ``times[i + 1]`` gets ``z[i]``.
+    """Given noise maps replayed: the step from node ``i`` of ``grid`` to node ``i + 1`` gets ``z[i]``.
 
     The maps are those that make ``solver``, a one-step stochastic solver, go through a given chain of
-    states on the grid of ``times`` (:func:`steerdiff.ddpm_inversion.ddpm_invert`); they mean nothing on
-    another grid, under another solver (another transition's mean and std) or for another batch, so each
-    of those is a ``ValueError``: :func:`steerdiff.sample` checks its whole run before the first step
+    states on ``grid`` (:func:`steerdiff.ddpm_inversion.ddpm_invert`); they mean nothing on another grid or
+    process, under another solver (another transition's mean and std) or for another batch, so each of those
+    is a ``ValueError``: :func:`steerdiff.sample` checks its whole run before the first step
     (:meth:`check_run`), and every call checks its step and shape (the other entry points that take a
-    noise source). A run may start at a later node of the grid (``times[k:]``: the edit's ``skip``).
+    noise source). A run may start at a later node of the grid (nodes ``k..N``: the edit's ``skip``).
 
     Args:
-        times: the ``N + 1`` process times of the grid's nodes, noisiest first (no clean end).
+        grid: the grid of ``N`` steps the maps were made on (no clean end).
         z: the ``N`` maps, ``z[i]`` of the batch's shape, in the state's dtype and on its device.
         solver: the solver the maps belong to (compared with ``==``: a solver dataclass's type and options).
     """
 
-    def __init__(self, times: Sequence[float], z: Sequence[Tensor], solver: Solver) -> None:
-        self.times = [float(t) for t in times]
+    def __init__(self, grid: Grid, z: Sequence[Tensor], solver: Solver) -> None:
+        self.grid = grid
+        self.times = list(grid.t)
         self.z = list(z)
         self.solver = solver
-        if len(self.z) != len(self.times) - 1 or not self.z:
+        if len(self.z) != grid.steps or not self.z:
             raise ValueError(
-                f"ReplayNoise: z must hold one map per step, len(times) - 1 = {len(self.times) - 1}, "
-                f"got {len(self.z)}"
+                f"ReplayNoise: z must hold one map per step of grid, {grid.steps}, got {len(self.z)}"
             )
         self.index = {t: i for i, t in enumerate(self.times[:-1])}
         self.shape = tuple(self.z[0].shape)
@@ -250,6 +250,12 @@ class ReplayNoise:
                 f"run's grid is {got}" + (" with a clean end" if grid.clean_end else "") + "; a run must "
                 f"take its nodes or a tail of them (schedule=times[skip:], steps=len(times) - 1 - skip, "
                 f"final='none'): {fix}"
+            )
+        if grid.alpha != self.grid.alpha[k:] or grid.sigma != self.grid.sigma[k:]:
+            raise ValueError(
+                f"{who}: generator replays noise maps made on {self._grid_text()} of {self.grid.process!r}, "
+                f"and this run's process {grid.process!r} has another alpha or sigma at those times; sample "
+                "a denoiser of the inversion's process"
             )
         if tuple(x.shape) != self.shape:
             raise ValueError(
