@@ -36,13 +36,15 @@ Which sampler: any stochastic solver whose step returns its Gaussian transition 
 (``ddpm``, ``DDIM(eta > 0)``, ``euler_ancestral``, ``euler_maruyama``, ``flow_sde``, ``dpm_2_ancestral``,
 ``dpmpp_2s_ancestral``, ``lcm``, ``tcd``, ``cps``); one that draws noise inside its step (``dpmpp_sde``,
 ``edm_sde``, ``restart``) or reads the trajectory's past (``dpmpp_2m_sde``, ``er_sde``, ``sa_solver``) has no
-such map and is refused, as is a deterministic one (``sd.invert`` inverts those). The paper uses DDPM
-(DDIM's ``eta = 1``), 100 steps of Stable Diffusion, classifier-free guidance 3.5 for the source prompt and
-15 for the target (the authors' ``main_run.py`` defaults; ``skip`` there is a list of ``T_skip`` values):
-invert with ``sd.guidance.CFG(den, den, 3.5, uncond_kwargs=...)`` and the source condition, edit with a CFG
-of scale 15 and the target's. Unlike the authors' code, which ends with the deterministic step into
-``sigma = 0`` (its map set to 0, so the reconstruction is ``x_0`` only up to that step's denoising), the
-grid here ends at its last noisy node (``final="none"``) and the reconstruction is exact.
+such map and is refused, as is a deterministic one (``sd.invert`` inverts those) and one with a step that
+draws no noise on the grid (``tcd``'s last step on SD's betas, ``edm_sde`` outside its churn range: the drawn
+state there is out of its reach). The paper uses DDPM (DDIM's ``eta = 1``), 100 steps of Stable Diffusion,
+classifier-free guidance 3.5 for the source prompt and 15 for the target (the authors' ``main_run.py``
+defaults; ``skip`` there is a list of ``T_skip`` values): invert with ``sd.guidance.CFG(den, den, 3.5,
+uncond_kwargs=...)`` and the source condition, edit with a CFG of scale 15 and the target's. Unlike the
+authors' code, which ends with the deterministic step into ``sigma = 0`` (its map set to 0, so the
+reconstruction is ``x_0`` only up to that step's denoising), the grid here ends at its last noisy node
+(``final="none"``) and the reconstruction is exact.
 """
 
 from __future__ import annotations
