@@ -313,6 +313,32 @@ def test_plain_iteration_needs_the_acceleration(sd_process):
     assert plain.unconverged == 8 and accelerated.unconverged == 0 and accelerated.iterations <= 7
 
 
+def test_dps_differentiates_through_the_solve(sd_process):
+    """DPS over characteristic guidance takes its gradient through the iteration: for Gaussian laws the guided
+    x0 is the exact target denoiser's, and so are its Jacobian (to 1e-12) and the DPS run over it (the
+    in-place updates of the iteration's masks made the backward pass raise)."""
+    dc, du = branches(sd_process, FULL_C, FULL_U)
+    mean, cov = target(4.0, FULL_C, FULL_U)
+    exact = law(mean, cov).denoiser(sd_process)
+    ch = CharacteristicGuidance(dc, du, 4.0, **TIGHT)
+    x = points(8).requires_grad_(True)
+    jac = [torch.autograd.grad(d(x, 500.0).x0[:, 0].sum(), x)[0] for d in (ch, exact)]
+    assert (jac[0] - jac[1]).abs().max() < 1e-12 < jac[1].abs().max()
+    A, y = torch.tensor([[1.0, 0.5]], dtype=F64), torch.full((4, 1), 0.5, dtype=F64)
+    x_T = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    runs = [
+        sd.sample(
+            sd.guidance.DPS(d, sd.inverse.Matrix(A), y, noise_std=0.1, scale=1.0),
+            x_T,
+            steps=10,
+            solver="ddpm",
+            generator=torch.Generator().manual_seed(0),
+        )
+        for d in (ch, exact)
+    ]
+    assert rel(*runs) < 1e-10
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

@@ -210,8 +210,9 @@ class CharacteristicGuidance(Guided):
                 m = ok.reshape(rows)
                 est = torch.where(m, self._combine(pc, pu, w, x0_held), est)
                 res, shift = torch.where(ok, rms, res), torch.where(m, d * alpha, shift)
-                converged |= ok
-            done |= ok | ~torch.isfinite(rms)  # a non-finite residual: given up, CFG's estimate kept
+                converged = converged | ok
+            # out of place, as every update here: DPS and TDS differentiate through the iteration
+            done = done | ok | ~torch.isfinite(rms)  # a non-finite residual: given up, CFG's estimate kept
             if bool(done.all()) or k == self.max_iter - 1:
                 break
             r = torch.where(done.reshape(rows), 0.0, r)  # finished rows: held, and kept finite
