@@ -159,6 +159,20 @@ def test_self_guided_minority_step_is_the_normalized_loss_gradient(toy):
     assert not pred.eps.requires_grad
 
 
+def test_self_guided_minority_reports_a_nan_net_output(toy):
+    """A net that returns NaN in the re-noised evaluation only (the one without gradient): the sampler
+    reports it at the step (the gradient's normalization turned it into a zero gradient, an unguided step)."""
+    _, proc, den, _, x_T = toy
+
+    def net(x, t):
+        out = den.net(x, t)
+        return out if torch.is_grad_enabled() else out * math.nan
+
+    sg = SelfGuidedMinority(sd.Denoiser(net, proc, prediction=den.prediction), 1.0, generator=_gen(0))
+    with pytest.raises(sd.NonFiniteError, match=r"NaN/inf at step 0"):
+        _ddpm(sg, x_T[:8])
+
+
 def test_self_guided_minority_scale_zero_and_unguided_times_are_the_base(toy):
     _, proc, den, _, x_T = toy
     plain, info = _ddpm(den, x_T[:64])

@@ -182,7 +182,8 @@ class SelfGuidedMinority(Guided):
             g = value_grad("SelfGuidedMinority", "the distance", torch.stack(draws).mean(0), xr)
         if self.normalize:
             top = g.abs().reshape(g.shape[0], -1).amax(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
-            g = torch.where(top > 0, g / top.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
+            # a zero gradient stays zero; a NaN one (a NaN net output) stays NaN, for the sampler to report
+            g = torch.where(top == 0, 0.0, g / top.clamp_min(torch.finfo(g.dtype).tiny))
         if isinstance(guided, Tensor):  # per-sample times, some not guided
             g = g * guided.to(device=g.device, dtype=g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
         self.cost = cost
