@@ -339,6 +339,29 @@ def test_dps_differentiates_through_the_solve(sd_process):
     assert rel(*runs) < 1e-10
 
 
+def test_fk_steering_nfe_is_exact_in_max_batch_slices(sd_process):
+    """Slices of ``max_batch`` rows converge in different numbers of iterations; the particles' NFE is that
+    of one call on all rows, the slices' largest (it was the last slice's: 426 for 428 here), and the
+    particles are those of one call."""
+    dc, du = branches(sd_process, FULL_C, FULL_U)
+    x_T = 3 * torch.randn(4, 1, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    runs = [
+        sd.smc.fk_steering(
+            CharacteristicGuidance(dc, du, 8.0, tol=1e-10, max_iter=60, memory=0, step=0.5),
+            lambda x: x[:, 0],
+            lam=1.0,
+            shape=(4, 2),
+            particles=1,
+            steps=4,
+            generator=torch.Generator().manual_seed(0),
+            max_batch=max_batch,
+            x_T=x_T,
+        )
+        for max_batch in (None, 2)
+    ]
+    assert runs[1].nfe == runs[0].nfe == 428 and torch.equal(runs[1].x, runs[0].x)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

@@ -657,7 +657,8 @@ class _Evaluator(Guided):
     The per-sample state the base holds of its own (:meth:`Denoiser.take_rows
     <steerdiff.denoiser.Denoiser.take_rows>`: CFG's ``uncond_kwargs``, DPS's ``y``) follows the particles
     as the sampler's ``**cond`` does: that of ``batch`` rows is repeated for the ``particles`` of each
-    row, and sliced with the chunks. ``cost`` is that of the latest call's (last) chunk.
+    row, and sliced with the chunks. ``cost`` is the latest call's largest over its chunks, what one call on
+    all its rows costs (a chunk's may vary: a CFG interval, characteristic guidance's iterations).
     """
 
     def __init__(
@@ -685,7 +686,7 @@ class _Evaluator(Guided):
         if made is not None and made.x is x and self.watch is not None and _at(t, self.watch[1]):
             self.cost, self.seen = 0, made
             return made
-        parts, used, n = [], self.expanded, x.shape[0]
+        parts, used, n, cost = [], self.expanded, x.shape[0], 0
         for sl, xs, ts, cs in _row_chunks(self.max_batch, x, t, cond):
             if sl is None:
                 used = self.expanded
@@ -697,7 +698,8 @@ class _Evaluator(Guided):
                 parts.append(
                     self.through(RowSlice(sl, n, xs, ts, cs), partial(_net, used, ts, net_dtype, cs))
                 )
-        self.cost = used.cost  # read after the call: it may vary (a CFG interval)
+            cost = max(cost, used.cost)  # read after each chunk's call: it may vary
+        self.cost = cost
         # one piece through value_grad's net is at its own leaf, not x: rebuilt at x, so the step knows it
         # (a rank of group= whose rows fit in max_batch, where the whole system's do not)
         pred = parts[0] if len(parts) == 1 and self.through is None else _cat_predictions(parts, x)
