@@ -198,6 +198,27 @@ def test_self_guided_minority_per_sample_times(toy):
     assert float((pred.x0[on] - base.x0[on]).abs().min()) > 1e-3
 
 
+def test_self_guided_minority_under_fk_steering_one_generator_per_particle(toy):
+    """Under a particle method the re-noising's generators are one per particle, batch-major: a batch row's
+    particles are then the same alone as in a batch (max difference 0)."""
+    _, _, den, _, x_T = toy
+
+    def run(rows):
+        sg = SelfGuidedMinority(den, 1.0, generator=[_gen(100 + 4 * r + j) for r in rows for j in range(4)])
+        return sd.smc.fk_steering(
+            sg,
+            lambda x: x[:, 0],
+            lam=1.0,
+            shape=(len(rows), 2),
+            particles=4,
+            steps=5,
+            generator=[_gen(r) for r in rows],
+            x_T=torch.stack([x_T[4 * r : 4 * r + 4] for r in rows]),
+        ).x
+
+    assert torch.equal(run([0, 1])[1], run([1])[0])
+
+
 def test_self_guided_minority_nfe_and_seeding(toy):
     _, proc, den, _, x_T = toy
     times = _guided_times(proc)

@@ -114,7 +114,8 @@ class SelfGuidedMinority(Guided):
             above some time (guidance in the early steps only); ``None``: every call. Under per-sample
             times, the rows whose time is listed are guided.
         generator: draws ``eps``: one ``torch.Generator``, a list with one per row (needed under a
-            sampler's per-row list), or ``None`` (torch's global RNG; refused by a seeded sampler).
+            sampler's per-row list; under a particle method one per particle, batch-major), or ``None``
+            (torch's global RNG; refused by a seeded sampler).
 
     ``cost``: ``(1 + samples)`` times ``den``'s at a guided call (one evaluation with its backward pass,
     ``samples`` without gradient), ``den``'s elsewhere.
