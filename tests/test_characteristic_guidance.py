@@ -277,6 +277,17 @@ def test_unconverged_samples_get_cfg_and_a_warning(sd_process, caplog):
     assert ch.unconverged == 8 and ch.cost == 4 and ch.shift is not None and not bool(ch.shift.any())
 
 
+def test_max_iter_one_is_cfg_without_a_warning(sd_process, caplog):
+    # max_iter=1 (documented as CFG) logged an "unconverged" warning at every call
+    dc, du = branches(sd_process, torch.diag(VAR_C), torch.diag(VAR_U))
+    x = points(8)
+    ch = CharacteristicGuidance(dc, du, 4.0, max_iter=1)
+    with caplog.at_level(logging.WARNING, logger="steerdiff.guidance.characteristic"):
+        got = ch(x, 600.0)
+    assert caplog.text == ""
+    assert torch.equal(got.x0, CFG(dc, du, 4.0)(x, 600.0).x0) and ch.cost == 2
+
+
 def test_a_non_finite_residual_falls_back_to_cfg(sd_process, caplog):
     """A branch that returns NaN away from x (here: in row 0, on every call after the first): that sample is
     given up at once -- CFG's estimate, finite, and a warning -- rather than iterated on or returned as NaN;

@@ -119,7 +119,7 @@ class CharacteristicGuidance(Guided):
             unconditional one.
         uncond_kwargs: keyword arguments that override ``**cond`` for the unconditional call, as
             :class:`~steerdiff.guidance.CFG`'s.
-        max_iter: iterations (evaluations of both branches) per call at most, ``>= 1``; 1 is CFG.
+        max_iter: iterations (evaluations of both branches) per call at most, ``>= 1``; 1 is CFG (no warning).
         tol: a sample stops once the root mean square of ``x0_u(z_u) - x0_c(z_c)`` is at most ``tol``
             (data units), ``> 0``.
         step: the damping (mixing) ``step`` of the Anderson update, in ``(0, 1]``.
@@ -221,7 +221,7 @@ class CharacteristicGuidance(Guided):
         self.cost, self.iterations = cost, k + 1
         self.unconverged = int((~converged).sum())
         self.residual, self.shift = res, shift
-        if self.unconverged:
+        if self.unconverged and self.max_iter > 1:  # max_iter = 1 is CFG by request: nothing to warn of
             log.warning(
                 "CharacteristicGuidance: %d of %d samples did not converge in %d iterations at t=%s (the "
                 "worst reached a residual of %.3g, tol %.3g); they get CFG's estimate",
