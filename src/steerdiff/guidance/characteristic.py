@@ -30,9 +30,10 @@ by the same amount, which leaves their difference unchanged).
 Solve. In data units ``d = dx / alpha`` the residual is ``r(d) = x0_u(z_u) - x0_c(z_c)`` (``d - F/alpha``),
 the disagreement of the two denoised estimates. Starting from ``d = 0`` (CFG's points), each iteration
 evaluates both branches at the current shift (2 net calls), stops a sample once the root mean square of
-its residual over its entries is at most ``tol``, and otherwise takes the damped Anderson step
-(type II, Walker & Ni 2011, as the authors' reference implementation accelerates it), per sample, with the
-last ``memory`` differences ``DD`` of shifts and ``DR`` of residuals:
+its residual over its entries is at most ``tol`` (or ``8 eps(net dtype) sigma / alpha``, the resolution of
+the nets' estimates, where that is coarser: half precision at high noise), and otherwise takes the damped
+Anderson step (type II, Walker & Ni 2011, as the authors' reference implementation accelerates it), per
+sample, with the last ``memory`` differences ``DD`` of shifts and ``DR`` of residuals:
 
     gamma = argmin ||r_k - DR gamma||^2   (columns normalized, ridge sqrt(eps) of the dtype),
     d_{k+1} = d_k - DD gamma - step (r_k - DR gamma),
@@ -121,7 +122,9 @@ class CharacteristicGuidance(Guided):
             :class:`~steerdiff.guidance.CFG`'s.
         max_iter: iterations (evaluations of both branches) per call at most, ``>= 1``; 1 is CFG (no warning).
         tol: a sample stops once the root mean square of ``x0_u(z_u) - x0_c(z_c)`` is at most ``tol``
-            (data units), ``> 0``.
+            (data units), ``> 0``, or at most the resolution of the nets' estimates where that is coarser,
+            ``8 eps(net dtype) sigma / alpha`` (half precision at high noise: a residual the nets cannot
+            resolve would spend ``max_iter`` iterations and fall back to CFG).
         step: the damping (mixing) ``step`` of the Anderson update, in ``(0, 1]``.
         memory: the Anderson history length ``m >= 0``; 0 is the damped fixed-point iteration.
 
@@ -178,8 +181,9 @@ class CharacteristicGuidance(Guided):
             return pred
         w = held_by("CharacteristicGuidance", "scale", self.scale, x.dtype)
         ukw = self._ukw(cond, x)
-        alpha = self.coefficients(t, x)[0]
+        alpha, sigma = self.coefficients(t, x)[:2]
         n, rows = x.shape[0], (-1, *([1] * (x.ndim - 1)))
+        tol = self._tol(sigma / alpha, net_dtype, n)
         cost = 0
 
         def branches(dx: Tensor) -> tuple[Prediction, Prediction]:
@@ -205,7 +209,7 @@ class CharacteristicGuidance(Guided):
             r = pu.x0 - pc.x0
             rms = _rms(r)
             least = torch.fmin(least, rms)
-            ok = (rms <= self.tol) & ~done
+            ok = (rms <= tol) & ~done
             if bool(ok.any()):
                 m = ok.reshape(rows)
                 est = torch.where(m, self._combine(pc, pu, w, x0_held), est)
@@ -235,6 +239,16 @@ class CharacteristicGuidance(Guided):
         if x0_held:
             return with_estimate(ref, x0=est, x=x)
         return with_estimate(ref, eps=est, x=x)
+
+    def _tol(self, ratio: float | Tensor, net_dtype: torch.dtype, n: int) -> float | Tensor:
+        """The stopping tolerance: ``tol``, or the resolution of the nets' estimates where that is coarser,
+        ``8 eps(net_dtype) sigma / alpha`` (an ``eps`` rounded to the net's precision moves ``x0`` by
+        ``sigma / alpha`` times it: float16 at high noise, or float32 at rectified flow's ``t_max``); a
+        float, or ``(n,)`` for per-sample times."""
+        floor = 8 * torch.finfo(net_dtype).eps * ratio
+        if isinstance(floor, Tensor):
+            return floor.reshape(-1).expand(n).clamp_min(self.tol)
+        return max(self.tol, floor)
 
     def _ukw(self, cond: dict[str, Any], x: Tensor) -> dict[str, Any]:
         return override_kwargs(
