@@ -44,6 +44,85 @@ def test_sliced_wasserstein_of_a_shift():
         sd.metrics.sliced_wasserstein(x, x[:, :3])
 
 
+def test_control_variates_where_the_projected_laws_are_their_gaussian_fits():
+    """Nguyen & Ho's control variates where ``W_2^2(theta) = c G(theta)`` exactly.
+
+    A shift ``Y = X + v``: ``W_2^2(theta) = (theta . v)^2``, the lower variate itself (``c = 1``). A scaling
+    about the mean ``Y = m + a (X - m)``: equal means and ``W_2^2(theta) = (a - 1)^2 theta^T S theta``,
+    ``c = (a - 1)^2 / (1 + a^2)`` times the upper variate. With the paper's coefficient (variance of ``G``
+    about its known mean) the estimate of ``SW_2^2`` is then
+    ``c (E G + (mean G - E G)^3 / mean (G - E G)^2)``: off by the cube of the plain average's deviation.
+    Measured at 64 directions, seeds 1-3, relative errors of ``SW_2``: lower 1.2e-4 / 1.4e-4 / 1.2e-3
+    (plain 3.3e-2 / 3.4e-2 / 6.2e-2), upper 3.7e-7 / 4.0e-3 / 3.1e-3 (plain 3.2e-3 / 6.6e-2 / 6.2e-2)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 4, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 2.0, 3.0])
+    v = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    m, a = x.mean(dim=0), 1.8
+    cases = [  # (y, variate, exact SW_2)
+        (x + v, "lower", float(v.norm()) / 2),
+        (m + a * (x - m), "upper", (a - 1) * math.sqrt(float(((x - m) ** 2).mean(dim=0).sum()) / 4)),
+    ]
+    for y, cv, exact in cases:
+        for seed in (1, 2, 3):
+
+            def error(variate, y=y, exact=exact, seed=seed):
+                sw = sd.metrics.sliced_wasserstein(x, y, 64, torch.Generator().manual_seed(seed), variate)
+                return abs(sw / exact - 1)
+
+            assert error(cv) < 5e-3 and error(cv) < error(False) / 10
+    assert sd.metrics.sliced_wasserstein(x, y, 64, control_variates=True) == sd.metrics.sliced_wasserstein(
+        x, y, 64, control_variates="upper"
+    )
+    # one direction: no coefficient to fit, the plain value, on the block path and on POT's (sizes 400, 300)
+    y = torch.randn(300, 4, generator=g, dtype=torch.float64) + v
+    for other in (x[:400] + v, y):
+        plain = sd.metrics.sliced_wasserstein(x[:400], other, 1, torch.Generator().manual_seed(2))
+        for cv in ("lower", "upper"):
+            got = sd.metrics.sliced_wasserstein(x[:400], other, 1, torch.Generator().manual_seed(2), cv)
+            assert got == pytest.approx(plain, rel=1e-12)
+    accepted = r"control_variates must be False, True or one of \['lower', 'upper'\], got 'both'"
+    with pytest.raises(ValueError, match=accepted):
+        sd.metrics.sliced_wasserstein(x, x, control_variates="both")
+
+
+def test_control_variates_cut_the_variance_without_a_measurable_bias():
+    """Two Gaussian sample sets (8-d, 256 each, N(0, diag(0.3..2)) against N(m, diag(1.5..0.5))), 200 seeds of
+    directions at 16 and 64 projections. Reference: the lower-variate SW_2^2 with 32 x 1024 directions
+    (0.36470, standard error 2.6e-4), which the plain one with the same directions matches (0.36414, s.e.
+    2.2e-3). Measured: variance of the returned SW_2 over the seeds against the plain one's, lower / upper
+    0.130 / 0.303 at 16 projections, 0.0186 / 0.155 at 64. The paper's coefficient, fitted on the same
+    directions, biases by O(1/L): mean SW_2^2 -1.3% / -2.2% off at 16 (-2.0 / -2.2 standard errors),
+    +0.38% / -0.17% at 64 (+2.5 / -0.4; the lower variate over 1000 seeds: +0.08%, +0.8)."""
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    f64 = torch.float64
+    x = torch.randn(256, d, generator=g, dtype=f64) * torch.linspace(0.3, 2.0, d, dtype=f64).sqrt()
+    y = torch.linspace(-0.8, 0.8, d, dtype=f64) + torch.randn(256, d, generator=g, dtype=f64) * (
+        torch.linspace(1.5, 0.5, d, dtype=f64).sqrt()
+    )
+
+    def draws(projections, cv, seeds):
+        return torch.tensor(
+            [
+                sd.metrics.sliced_wasserstein(x, y, projections, torch.Generator().manual_seed(s), cv)
+                for s in seeds
+            ],
+            dtype=torch.float64,
+        )
+
+    ref_seeds = range(10_000, 10_032)
+    ref, ref_plain = (draws(1024, cv, ref_seeds) ** 2 for cv in ("lower", False))
+    se_ref = float(ref.std()) / math.sqrt(len(ref))
+    assert abs(float(ref_plain.mean() - ref.mean())) < 3 * float(ref_plain.std()) / math.sqrt(len(ref))
+    for projections, bound in ((16, {"lower": 0.2, "upper": 0.45}), (64, {"lower": 0.03, "upper": 0.25})):
+        plain = draws(projections, False, range(200))
+        for cv in ("lower", "upper"):
+            sw = draws(projections, cv, range(200))
+            assert float(sw.var() / plain.var()) < bound[cv]
+            se = math.hypot(float((sw**2).std()) / math.sqrt(len(sw)), se_ref)
+            assert abs(float((sw**2).mean() - ref.mean())) < 3 * se
+
+
 def _mmd_by_hand(x: list[list[float]], y: list[list[float]], h: float) -> float:
     """The unbiased MMD^2 (Gretton et al. 2012, Lemma 6) pair by pair, k(a, b) = exp(-|a - b|^2 / (2 h^2))."""
 

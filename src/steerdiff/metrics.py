@@ -5,7 +5,9 @@ r"""Distances between a sampler's output and an exact answer.
 * :func:`sliced_wasserstein` -- sliced Wasserstein-2 between two sample sets (Rabin et al. 2011;
   Bonneel et al. 2015): ``SW_2^2 = E_theta W_2^2(theta^T X, theta^T Y)`` over uniform directions
   ``theta``, estimated with seeded projections; the 1-D transport is the sorted matching when one
-  set's size is a multiple of the other's and POT's (``ot.sliced_wasserstein_distance``) otherwise.
+  set's size is a multiple of the other's and POT's (``ot.sliced_wasserstein_distance``) otherwise;
+  ``control_variates="lower"`` / ``"upper"`` corrects the average over directions with the control variates
+  of Nguyen & Ho (ICLR 2024) for less variance at the same number of projections.
 * :func:`mmd` -- maximum mean discrepancy with the RBF kernel, bandwidth by the median heuristic
   (Gretton et al. 2012), unbiased estimate.
 * :func:`frechet_distance` -- Frechet distance between Gaussians fitted to two feature sets (the FID
@@ -92,17 +94,42 @@ def relative_rmse(x: Tensor, ref: Tensor) -> float:
     return float((((x - ref) * scale) ** 2).mean().sqrt() / ((ref * scale) ** 2).mean().sqrt())
 
 
+CONTROL_VARIATES = ("lower", "upper")
+
+
+def _control_variate_kind(value: object) -> str | None:
+    """``None`` for the plain estimate (``False``), else the variate's name (``True``: ``"upper"``)."""
+    if isinstance(value, bool):
+        return "upper" if value else None
+    if isinstance(value, str) and value in CONTROL_VARIATES:
+        return value
+    raise ValueError(
+        f"sliced_wasserstein: control_variates must be False, True or one of {list(CONTROL_VARIATES)}, "
+        f"got {value!r}"
+    )
+
+
 def sliced_wasserstein(
-    x: Tensor, y: Tensor, projections: int = 512, generator: torch.Generator | None = None
+    x: Tensor,
+    y: Tensor,
+    projections: int = 512,
+    generator: torch.Generator | None = None,
+    control_variates: bool | str = False,
 ) -> float:
     """Sliced Wasserstein-2 distance between the empirical laws of ``x`` and ``y`` (``(n, ...)``).
 
     ``projections`` (an integer >= 1) directions uniform on the sphere, drawn from ``generator``
     (default: one seeded 0; the same generator state gives the same directions, so distances of
     several samplers are comparable, and a call without one always gives the same value).
+
+    ``control_variates`` (default ``False``: the plain average ``sqrt(mean_l W_2^2(theta_l))``) takes
+    ``"lower"`` or ``"upper"`` (``True`` is ``"upper"``): the same directions' average corrected by a control
+    variate (:func:`_controlled`, Nguyen & Ho 2024), an estimate of the same ``SW_2`` with less variance
+    over the directions' draw.
     """
     x, y = _pair(x, y, "sliced_wasserstein")
     projections = integer("sliced_wasserstein", "projections", projections, lo=1)
+    kind = _control_variate_kind(control_variates)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     theta = randn((x.shape[1], projections), generator, torch.float64, x.device)  # the same on any device
@@ -118,10 +145,49 @@ def sliced_wasserstein(
             px = px.repeat_interleave(m // n, dim=1)
         elif m < n:
             py = py.repeat_interleave(n // m, dim=1)
-        return float((px - py).pow(2).mean().sqrt())
+        gaps = (px - py).pow(2)
+        if kind is None:
+            return float(gaps.mean().sqrt())
+        return _controlled(x, y, theta, gaps.mean(dim=1), kind)
     import ot
 
-    return float(ot.sliced_wasserstein_distance(x, y, projections=theta, p=2))
+    if kind is None:
+        return float(ot.sliced_wasserstein_distance(x, y, projections=theta, p=2))
+    return _controlled(x, y, theta, ot.wasserstein_1d(x @ theta, y @ theta, p=2), kind)
+
+
+def _controlled(x: Tensor, y: Tensor, theta: Tensor, w2: Tensor, kind: str) -> float:
+    r"""``SW_2`` from the directions ``theta`` (``(d, L)``, unit columns) and their ``W_2^2`` values ``w2``
+    (``(L,)``), with the control variate of Nguyen & Ho (ICLR 2024, "Sliced Wasserstein Estimation with
+    Control Variates", Sec. 3).
+
+    The projected laws are replaced by Gaussians with their means and variances (``theta^T m_x``,
+    ``theta^T S_x theta``; ``S`` the empirical covariance, ``1/n``), whose ``W_2^2`` is
+    ``(theta^T (m_x - m_y))^2 + (sqrt(theta^T S_x theta) - sqrt(theta^T S_y theta))^2``. Its bounds have
+    closed-form means over ``theta`` uniform on the sphere (``E theta theta^T = I / d``):
+
+        lower  G(theta) = (theta^T (m_x - m_y))^2,                               E G = |m_x - m_y|^2 / d,
+        upper  G(theta) = (theta^T (m_x - m_y))^2 + theta^T (S_x + S_y) theta,    E G = (|m_x - m_y|^2
+                                                                                  + tr S_x + tr S_y) / d.
+
+    The estimate of ``SW_2^2`` is ``mean(w2) - gamma (mean(G) - E G)`` with the paper's coefficient
+    ``gamma = mean((w2 - mean(w2)) (G - E G)) / mean((G - E G)^2)`` from the same directions (0 where ``G``
+    is constant: ``d = 1``, or the lower variate of equal means); its square root, 0 where a rare draw makes
+    it negative. ``gamma`` from the same draws makes it biased by ``O(1/L)`` (the paper's estimator).
+    """
+    d = x.shape[1]
+    mx, my = x.mean(dim=0), y.mean(dim=0)
+    dm = mx - my
+    g = (dm @ theta).pow(2)
+    g_mean = dm.pow(2).sum() / d
+    if kind == "upper":
+        cx, cy = x - mx, y - my
+        g = g + (cx @ theta).pow(2).mean(dim=0) + (cy @ theta).pow(2).mean(dim=0)
+        g_mean = g_mean + (cx.pow(2).sum() / len(x) + cy.pow(2).sum() / len(y)) / d
+    dg = g - g_mean
+    var = float(dg.pow(2).mean())
+    gamma = float(((w2 - w2.mean()) * dg).mean()) / var if var > 0 else 0.0
+    return max(float(w2.mean() - gamma * dg.mean()), 0.0) ** 0.5
 
 
 def mmd(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
