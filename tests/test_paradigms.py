@@ -96,6 +96,7 @@ MULTISTEP = [
     ("er_sde", 50),
     ("mrs", 30),
     ("accel_ddim", 40),
+    ("gradient_estimation", 40),
 ]
 
 

@@ -263,6 +263,7 @@ def test_bad_steps(gmm, sd_process, problem, steps, final):
         (lambda: sd.solvers.Euler(order=2), "[1, 1]"),
         (lambda: sd.solvers.AcceleratedDDIM(order=3), "[1, 2]"),
         (lambda: sd.solvers.AcceleratedDDPM(order=2), "[1, 1]"),
+        (lambda: sd.solvers.GradientEstimation(order=2), "[1, 1]"),
     ],
 )
 def test_unsupported_order(make, accepted):
@@ -334,6 +335,7 @@ def test_bad_final(gmm, sd_process, problem):
         ("heun", 5, 2, 3, float("nan")),  # step 2's second evaluation, at t_3
         ("accel_ddim", 4, 4, 4, float("nan")),
         ("accel_ddpm", 3, 3, 3, float("inf")),  # at the pre-noised point, at t_3
+        ("gradient_estimation", 4, 4, 4, float("nan")),
     ],
 )
 def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, bad_call, step, node, value):

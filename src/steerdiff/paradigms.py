@@ -113,6 +113,7 @@ from .solvers import (
     Euler,
     EulerAncestral,
     EulerMaruyama,
+    GradientEstimation,
     Heun,
     MRSampler,
     Restart,
@@ -147,6 +148,7 @@ SAMPLE_ONLY = ("callback", "corrector", "corrector_steps", "snr")
 SUPPORTED = (
     DDIM,
     AcceleratedDDIM,
+    GradientEstimation,
     DDPM,
     Euler,
     EulerAncestral,

@@ -25,6 +25,7 @@ from .er_sde import ERSDE
 from .euler import Euler, EulerAncestral, Heun
 from .euler_maruyama import EulerMaruyama
 from .flow_sde import FlowSDE
+from .gradient_estimation import GradientEstimation
 from .ipndm import IPNDM
 from .lms import LMS
 from .mrs import MRSampler
@@ -58,6 +59,7 @@ __all__ = [
     "EulerAncestral",
     "EulerMaruyama",
     "FlowSDE",
+    "GradientEstimation",
     "Grid",
     "Heun",
     "History",
@@ -82,6 +84,7 @@ _REGISTRY: dict[str, Callable[[], Solver]] = {
     "ddpm": DDPM,
     "accel_ddim": AcceleratedDDIM,
     "accel_ddpm": AcceleratedDDPM,
+    "gradient_estimation": GradientEstimation,
     "euler_ancestral": EulerAncestral,
     "euler_maruyama": EulerMaruyama,
     "flow_sde": FlowSDE,
