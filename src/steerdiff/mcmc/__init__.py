@@ -6,7 +6,8 @@
 
 :mod:`~steerdiff.mcmc.langevin` (ULA, MALA), :mod:`~steerdiff.mcmc.hmc` (HMC),
 :mod:`~steerdiff.mcmc.pcnl` (pCNL, for a Gaussian reference times a likelihood),
-:mod:`~steerdiff.mcmc.lanpaint` (LanPaint's moves for inpainting), the shared state
+:mod:`~steerdiff.mcmc.lanpaint` (LanPaint's moves for inpainting), :mod:`~steerdiff.mcmc.walk_jump`
+(walk-jump sampling with accumulated measurements, a sampler of its own), the shared state
 and loop in :mod:`~steerdiff.mcmc.base`, the predictor-corrector hook of :func:`steerdiff.sample`
 in :mod:`~steerdiff.mcmc.corrector`.
 """
@@ -17,6 +18,7 @@ from .hmc import HMC
 from .langevin import MALA, ULA
 from .lanpaint import BiGLangevin, Projected
 from .pcnl import PCNL
+from .walk_jump import WalkJump, measurement_time, walk_jump, walk_jump_score
 
 __all__ = [
     "HMC",
@@ -29,10 +31,14 @@ __all__ = [
     "Point",
     "Projected",
     "Target",
+    "WalkJump",
     "available",
     "chain",
     "check_corrector",
     "correct",
     "get",
+    "measurement_time",
     "snr_step_size",
+    "walk_jump",
+    "walk_jump_score",
 ]

@@ -1,0 +1,267 @@
+"""Walk-jump sampling with accumulated measurements (Saremi, Park & Bach 2024) against exact mixtures.
+
+The conditional score against autograd of the exact joint density of ``k`` measurements; the law of the
+running mean and of the jump on Gaussian data in closed form; the sliced W2 to exact data as measurements
+accumulate; ``m = 1`` as plain Langevin on ``p_sigma`` and a denoising jump; the mode weights of a
+well-separated two-mode mixture ("tunneling") against plain Langevin on the noised density at equal NFE.
+
+``python -m tests.test_walk_jump`` prints the README's numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.solvers.base import NonFiniteError
+
+from .reference import smooth_mixture
+
+F64 = torch.float64
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _joint_log_prob(gmm: sd.toy.GaussianMixture, sigma: float, ys: torch.Tensor) -> torch.Tensor:
+    """``log p(y_1..y_k)`` of ``y_j = x + sigma n_j``, ``x ~ gmm``, ``ys`` ``(n, k, d)``: per component the
+    ``k d``-dimensional Gaussian with covariance ``1 1^T (x) S_c + sigma^2 I``."""
+    n, k, d = ys.shape
+    terms = []
+    for c in range(len(gmm.weights)):
+        cov = torch.kron(torch.ones(k, k, dtype=F64), gmm.covariance_matrices[c])
+        normal = torch.distributions.MultivariateNormal(
+            gmm.means[c].repeat(k), cov + sigma**2 * torch.eye(k * d, dtype=F64)
+        )
+        terms.append(normal.log_prob(ys.reshape(n, k * d)) + gmm.weights[c].log())
+    return torch.logsumexp(torch.stack(terms, -1), -1)
+
+
+@pytest.mark.parametrize("components", [1, 3])
+@pytest.mark.parametrize("process", [sd.VP.linear(), sd.EDM(), sd.RectifiedFlow()], ids=repr)
+def test_conditional_score_is_the_exact_joints(components, process):
+    """Eq. (1), the denoiser at sigma / sqrt(k) at the running mean, is grad_{y_k} log p(y_1..y_k) of the
+    exact joint (a single Gaussian and a full-covariance mixture), under processes of all three kinds
+    (alpha = 1, VP, flow): the time of a noise level is right. Measured 7e-15 at most."""
+    g = _gen(3)
+    means = 2 * torch.randn(components, 2, generator=g, dtype=F64)
+    roots = torch.randn(components, 2, 2, generator=g, dtype=F64)
+    covs = roots @ roots.mT + 0.2 * torch.eye(2, dtype=F64)
+    gmm = sd.toy.GaussianMixture(means, covs, torch.arange(1, components + 1, dtype=F64))
+    den, sigma = gmm.denoiser(process), 1.3
+    for k in (1, 2, 5):
+        ys = 2 * torch.randn(7, k, 2, generator=g, dtype=F64)
+        yr = ys.clone().requires_grad_(True)
+        (exact,) = torch.autograd.grad(_joint_log_prob(gmm, sigma, yr).sum(), yr)
+        previous = None if k == 1 else ys[:, :-1].mean(1)
+        score = sd.mcmc.walk_jump_score(den, ys[:, -1], previous, k, sigma)
+        assert float((score - exact[:, -1]).abs().max()) < 1e-10, k
+
+
+def _gaussian_running_mean(kernel: str, m: int, n: int = 20000) -> float:
+    """Variance of ``ybar_m`` over the exact one, ``x ~ N(0, I_2)``, ``sigma = 2``, 20 steps per measurement;
+    the jump of Gaussian data is linear in ``ybar_m`` (``ybar / (1 + sigma^2 / m)``), so its law follows."""
+    gmm = sd.toy.GaussianMixture(torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), torch.ones(1))
+    sigma = 2.0
+    out = sd.mcmc.walk_jump(
+        gmm.denoiser(sd.EDM()), (n, 2), sigma, m, 20, kernel=kernel, dtype=F64, generator=_gen()
+    )
+    noise = sigma**2 / m  # ybar_m = x + (sigma / sqrt(m)) n
+    assert float((out.x - out.y_mean / (1 + noise)).abs().max()) < 1e-12
+    return float(out.y_mean.var(0).mean()) / (1 + noise)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_gaussian_data_running_mean_has_its_exact_law(m):
+    """On Gaussian data every conditional is Gaussian and ``ybar_m ~ N(0, (1 + sigma^2 / m) I)``: ULMC at
+    its defaults (h = 0.5, friction 2) holds the variance to 0.2% (measured 1.0017 / 1.0018 at m = 1 / 16;
+    Monte Carlo error 0.7%). ULA at its default h = 0.1 and the same 20 steps reads 1.041 / 1.320: it covers
+    a fifth of ULMC's time, and the warm starts' correlation between measurements is left in ``ybar``
+    (at 50 steps its O(h) bias remains, 1.05 / 1.06)."""
+    ybar = _gaussian_running_mean("ulmc", m)
+    assert abs(ybar - 1) < 0.02, ybar
+    assert _gaussian_running_mean("ula", m) > 1.03
+
+
+def _sliced_w_by_measurements(ms: tuple[int, ...], n: int = 2000) -> list[float]:
+    """Sliced W2 of walk-jump samples to exact data over the floor, the 2-d three-component smooth mixture,
+    ``sigma = 3``, ULMC, 10 steps per measurement."""
+    gmm = smooth_mixture(dim=2, components=3)
+    den = gmm.denoiser(sd.VP.linear())
+    ref = gmm.sample(n, _gen(1))
+    floor = sd.metrics.floor(gmm.sample, n, reference=ref)
+    return [
+        sd.metrics.sliced_wasserstein(
+            sd.mcmc.walk_jump(den, (n, 2), 3.0, m, 10, dtype=F64, generator=_gen()).x, ref
+        )
+        / floor
+        for m in ms
+    ]
+
+
+def test_sliced_w_falls_as_measurements_accumulate():
+    """m = 1 (classic walk-jump) returns E[x | y] at noise 3, far from the data; the jump's noise sigma /
+    sqrt(m) falls with m and so does the distance. Measured 14.2 / 7.0 / 2.6 / 0.84 x the floor at
+    m = 1 / 4 / 16 / 64 (the jump from exact draws of ybar_m reads 14.2 / 7.4 / 3.0 / 2.2 on the same
+    reference)."""
+    ratios = _sliced_w_by_measurements((1, 4, 16, 64))
+    assert all(a > 1.5 * b for a, b in itertools.pairwise(ratios)), ratios
+    assert ratios[0] > 10 and ratios[-1] < 1.5, ratios
+
+
+def test_one_measurement_is_langevin_on_the_smoothed_density_then_the_jump():
+    """m = 1 with ULA is sd.mcmc.ULA on log p_sigma (the exact mixture's, by autograd) from the same start
+    and generator, then the exact denoiser at sigma: to round-off."""
+    gmm = smooth_mixture(dim=2, components=3)
+    sigma, h, steps = 1.5, 0.1, 30
+    y0 = sigma * torch.randn(64, 2, generator=_gen(2), dtype=F64)
+    out = sd.mcmc.walk_jump(
+        gmm.denoiser(sd.VP.linear()),
+        (64, 2),
+        sigma,
+        1,
+        steps,
+        kernel="ula",
+        step_size=h,
+        y_init=y0,
+        generator=_gen(),
+    )
+    y, _ = sd.mcmc.ULA().run(y0, lambda y: gmm.log_prob(y, 1.0, sigma), steps, _gen(), step_size=h * sigma**2)
+    assert float((out.y_mean - y).abs().max()) < 1e-10
+    assert float((out.x - gmm.denoise(y, 1.0, sigma)).abs().max()) < 1e-10
+    assert out.nfe == steps + 1
+
+
+TWO_MODES = sd.toy.GaussianMixture(
+    torch.tensor([[-4.0, 0.0], [4.0, 0.0]], dtype=F64),
+    torch.full((2, 2), 0.25, dtype=F64),
+    torch.tensor([0.8, 0.2]),
+)
+
+
+def _heavy(x: torch.Tensor) -> float:
+    """The fraction of ``x`` in ``TWO_MODES``' heavier mode (responsibility above one half)."""
+    return float((TWO_MODES.log_responsibilities(x)[:, 0] > math.log(0.5)).double().mean())
+
+
+def _mode_weights(n: int = 1000, sigma: float = 4.5, m: int = 32, steps: int = 40) -> dict[str, float]:
+    """Fraction of samples in the heavier mode (exact weight 0.8) of ``TWO_MODES`` (modes 8 apart, std 0.5):
+    walk-jump with ``m`` measurements at ``sigma`` (every conditional log-concave: sigma^2 > 4^2 + 0.25,
+    the largest posterior variance) against plain Langevin -- ULA, ULMC (walk-jump at one measurement),
+    MALA on the exact log-density -- on the density noised at the walk-jump's final noise sigma / sqrt(m),
+    each from the same start ``sigma z`` and jumping with the denoiser there, at equal NFE."""
+    den = TWO_MODES.denoiser(sd.EDM())
+    nfe, s = m * steps + 1, sigma / math.sqrt(m)
+    y0 = sigma * torch.randn(n, 2, generator=_gen(), dtype=F64)
+
+    out = {"walk-jump": sd.mcmc.walk_jump(den, (n, 2), sigma, m, steps, y_init=y0, generator=_gen())}
+    for kernel in ("ula", "ulmc"):
+        out[kernel] = sd.mcmc.walk_jump(
+            den, (n, 2), s, 1, nfe - 1, kernel=kernel, y_init=y0, generator=_gen()
+        )
+    weights = {k: _heavy(v.x) for k, v in out.items()}
+    assert {v.nfe for v in out.values()} == {nfe}
+    # MALA: nfe - 2 moves (one evaluation each and one at the start) and the jump
+    y, _ = sd.mcmc.MALA(step_size=0.3 * s**2).run(
+        y0, lambda y: TWO_MODES.log_prob(y, 1.0, s), nfe - 2, _gen()
+    )
+    weights["mala"] = _heavy(TWO_MODES.denoise(y, 1.0, s))
+    return weights
+
+
+def test_tunneling_recovers_unequal_mode_weights_where_langevin_does_not():
+    """The paper's tunneling: measured 0.812 for walk-jump (1281 NFE) against ULA 0.528, ULMC 0.530, MALA
+    0.529 (n = 2000; 0.797 / 0.532 / 0.541 / 0.532 with another seed): plain Langevin keeps the split of its
+    start, walk-jump the exact 0.8 within Monte Carlo error (0.013 at n = 1000)."""
+    weights = _mode_weights()
+    assert abs(weights["walk-jump"] - 0.8) < 0.05, weights
+    for name in ("ula", "ulmc", "mala"):
+        assert abs(weights[name] - 0.8) > 0.2, weights
+
+
+def test_reproducible_per_seed_and_per_sample_with_exact_nfe():
+    gmm = smooth_mixture(dim=2, components=3)
+    calls = []
+    base = gmm.denoiser(sd.VP.linear())
+
+    def net(x, t):
+        calls.append(1)
+        return base.net(x, t)
+
+    den = sd.Denoiser(net, sd.VP.linear(), prediction="x0")
+    run = lambda gen, n=3: sd.mcmc.walk_jump(den, (n, 2), 2.0, 3, 4, dtype=F64, generator=gen)  # noqa: E731
+    a, b = run(_gen(7)), run(_gen(7))
+    assert torch.equal(a.x, b.x) and torch.equal(a.y_mean, b.y_mean)
+    assert not torch.equal(a.x, run(_gen(8)).x)
+    assert a.nfe == 3 * 4 + 1 and len(calls) == 3 * (3 * 4 + 1)
+    rows = run([_gen(s) for s in (1, 2, 3)])
+    alone = run([_gen(2)], n=1)
+    assert float((rows.x[1] - alone.x[0]).abs().max()) < 1e-12
+
+
+def test_a_non_finite_denoiser_output_is_reported():
+    den = sd.Denoiser(lambda x, t: x * float("nan"), sd.EDM(), prediction="x0")
+    with pytest.raises(NonFiniteError, match=r"step 1 \(evaluation 1"):
+        sd.mcmc.walk_jump(den, (2, 2), 1.0, 2, 3, generator=_gen())
+
+
+def test_bad_input():
+    gmm = smooth_mixture(dim=2, components=3)
+    den = gmm.denoiser(sd.EDM())  # sigma / alpha in [0.002, 80]
+    wj = sd.mcmc.walk_jump
+    cases = [
+        (dict(sigma=0.0), r"sigma must be a finite number > 0, got 0.0"),
+        (dict(sigma=100.0), r"noise sigma / sqrt\(k\) = 100 .* \[0\.002, 80\]"),
+        (dict(sigma=0.01, measurements=100), r"sigma / sqrt\(measurements\) >= 0\.002"),
+        (dict(measurements=0), r"measurements must be an integer >= 1"),
+        (dict(steps_per_measurement=0), r"steps_per_measurement must be an integer >= 1"),
+        (dict(kernel="mala"), r"kernel must be one of \['ulmc', 'ula'\]"),
+        (dict(kernel="ula", friction=1.0), r"friction is a parameter of kernel='ulmc'"),
+        (dict(step_size=-1.0), r"step_size must be a finite number > 0"),
+        (dict(friction=0.0), r"friction must be a finite number > 0"),
+        (dict(shape=(4,)), r"shape must be \(batch, \*sample_shape\)"),
+        (dict(shape=(4, 3)), r"does not hold samples of the denoiser's shape \(2,\)"),
+        (dict(y_init=torch.zeros(3, 2)), r"y_init must be a floating-point tensor of shape \(4, 2\)"),
+        (dict(y_init=torch.zeros(4, 2), dtype=F64), r"dtype and device are y_init's"),
+        (dict(dtype=torch.int64), r"dtype must be float16, bfloat16, float32 or float64"),
+        (dict(generator=[_gen()] * 3), r"generator must be None, one torch.Generator or a list of batch = 4"),
+        (dict(den=gmm), r"den must be a steerdiff Denoiser"),
+    ]
+    for change, message in cases:
+        kwargs = dict(den=den, shape=(4, 2), sigma=1.0, measurements=2, steps_per_measurement=2) | change
+        with pytest.raises(ValueError, match=message):
+            wj(**kwargs)
+    y = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=r"previous_mean must be None for k = 1"):
+        sd.mcmc.walk_jump_score(den, y, y, 1, 1.0)
+    with pytest.raises(ValueError, match=r"previous_mean must have y's shape \(4, 2\)"):
+        sd.mcmc.walk_jump_score(den, y, torch.zeros(4, 3), 2, 1.0)
+    with pytest.raises(ValueError, match=r"k must be an integer >= 1"):
+        sd.mcmc.walk_jump_score(den, y, None, 0, 1.0)
+
+
+def main() -> None:
+    """The README's numbers."""
+    print(
+        "sliced W2 / floor at m = 1, 4, 16, 64:",
+        [round(r, 2) for r in _sliced_w_by_measurements((1, 4, 16, 64))],
+    )
+    for m in (1, 16):
+        ulmc, ula = _gaussian_running_mean("ulmc", m), _gaussian_running_mean("ula", m)
+        print(f"Gaussian data, m = {m}: var ybar / exact: ULMC {ulmc:.4f}, ULA {ula:.4f}")
+    print("heavier-mode weight (exact 0.8), n = 2000:", _mode_weights(n=2000))
+    den = TWO_MODES.denoiser(sd.EDM())
+    for steps in (10, 20, 40):
+        out = sd.mcmc.walk_jump(den, (4000, 2), 4.5, 16, steps, dtype=F64, generator=_gen())
+        print(
+            f"walk-jump, 16 measurements of {steps} steps, n = 4000: heavier-mode weight {_heavy(out.x):.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
