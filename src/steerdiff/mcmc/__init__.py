@@ -7,7 +7,9 @@
 :mod:`~steerdiff.mcmc.langevin` (ULA, MALA), :mod:`~steerdiff.mcmc.hmc` (HMC),
 :mod:`~steerdiff.mcmc.pcnl` (pCNL, for a Gaussian reference times a likelihood),
 :mod:`~steerdiff.mcmc.lanpaint` (LanPaint's moves for inpainting), :mod:`~steerdiff.mcmc.walk_jump`
-(walk-jump sampling with accumulated measurements, a sampler of its own), the shared state
+(walk-jump sampling with accumulated measurements, a sampler of its own),
+:mod:`~steerdiff.mcmc.monte_carlo` (a denoiser of an unnormalized density by Monte Carlo, Reverse
+Diffusion Monte Carlo), the shared state
 and loop in :mod:`~steerdiff.mcmc.base`, the predictor-corrector hook of :func:`steerdiff.sample`
 in :mod:`~steerdiff.mcmc.corrector`.
 """
@@ -17,6 +19,7 @@ from .corrector import available, check_corrector, correct, get
 from .hmc import HMC
 from .langevin import MALA, ULA
 from .lanpaint import BiGLangevin, Projected
+from .monte_carlo import MonteCarloDenoiser
 from .pcnl import PCNL
 from .walk_jump import WalkJump, measurement_time, walk_jump, walk_jump_score
 
@@ -28,6 +31,7 @@ __all__ = [
     "BiGLangevin",
     "ChainInfo",
     "Kernel",
+    "MonteCarloDenoiser",
     "Point",
     "Projected",
     "Target",

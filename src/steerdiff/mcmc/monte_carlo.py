@@ -1,0 +1,237 @@
+r"""A denoiser with no trained model: ``E[x0 | x_t]`` of a target known up to a constant, by Monte Carlo.
+
+Reverse Diffusion Monte Carlo (rdMC; Huang, Dong, Hao, Ma & Zhang, ICLR 2024, "Reverse Diffusion Monte
+Carlo", arXiv:2307.02037) samples an unnormalized density ``p(x0) ∝ exp(log_prob(x0))`` with the reverse
+diffusion, the score of each noised marginal ``p_t`` estimated as a posterior mean instead of learned.
+Under ``x_t = alpha x0 + sigma eps`` the posterior of ``x0`` given ``x_t = x`` is
+
+    q(x0 | x) ∝ p(x0) N(x; alpha x0, sigma^2 I) ∝ p(x0) N(x0; x / alpha, (sigma / alpha)^2 I),
+
+and Tweedie's formula gives the denoiser and the score from its mean (the paper's Lemma: the score as an
+expectation under ``q``; there in the Ornstein-Uhlenbeck time ``T - t``, ``alpha = e^{-(T-t)}``,
+``sigma^2 = 1 - e^{-2(T-t)}``)::
+
+    x0_hat(x) = E_q[x0],    eps_hat = (x - alpha x0_hat) / sigma,
+    grad log p_t(x) = -(x - alpha x0_hat) / sigma^2 = -eps_hat / sigma.
+
+:class:`MonteCarloDenoiser` estimates ``E_q[x0]`` from ``samples`` draws started from the Gaussian factor of
+``q``, ``y_i = x / alpha + (sigma / alpha) z_i``, either way the paper and its public reimplementations do:
+
+* ``method="importance"``: self-normalized importance sampling with that Gaussian as the proposal; the
+  weights are ``w_i ∝ p(y_i)`` (the Gaussian cancels), ``x0_hat = sum_i w_i y_i / sum_i w_i``, and the
+  effective sample size ``(sum w)^2 / sum w^2`` of the latest call is kept in :attr:`~MonteCarloDenoiser.ess`.
+  Needs ``log_prob``'s values only. Exact as ``samples`` grows, with error ``O(1 / sqrt(samples))``; the
+  proposal widens as ``sigma / alpha`` grows, so the ESS falls at high noise, the faster the higher the
+  dimension.
+* ``method="langevin"``: the paper's inner loop, ``inner`` ULA moves (:class:`~steerdiff.mcmc.ULA`) on
+  ``log q`` from each draw, ``grad log q(y) = grad log p(y) + alpha (x - alpha y) / sigma^2``, and the mean of
+  the chains' last states. The step is ``h = 1 / (1 / step_size + alpha^2 / sigma^2)``: ``step_size``
+  where the target's curvature rules, below the Gaussian factor's stability limit ``sigma^2 / alpha^2``
+  where that one does (at low noise). Biased by ``O(h)`` and by the chains' unmixed start; needs gradients.
+
+The cost is counted in target evaluations: each call costs :attr:`~MonteCarloDenoiser.cost` ``= samples``
+(importance: values of ``log_prob``) or ``samples * inner`` (langevin: values with gradients) per row, so a
+sampler's NFE is the number of target evaluations per sample.
+
+Where to start. A solver started at the process's noise end needs ``x_T`` from ``p_T``, which is the
+standard normal only where ``alpha_T`` is 0; rdMC starts its reverse process at a moderate, finite time
+``T`` (early stopping: ``q`` is then still dominated by its Gaussian factor, while at ``alpha -> 0`` it is
+``p`` itself, as hard as the problem), from an ``x_T`` of ``p_T`` itself: the authors' baselines draw
+``N(0, sigma_T^2 I)`` and move it with ULA on ``p_T``, the score estimated as above (SLIPS' rdMC, ZOD-MC's
+RDMC with ``T = 2``: ``alpha_T = e^{-2}``). Here: a process whose noise end is that ``T`` (e.g.
+``VP.cosine(t_max=...)``, or a :class:`~steerdiff.schedules.Custom` grid from it) and
+:meth:`MonteCarloDenoiser.warm_start`.
+
+The paper's body was not retrievable here: the estimator is written from the posterior above, its inner
+loops as the abstract and two public reimplementations describe them (SLIPS, Grenioux et al. 2024, its
+``rdmc.py`` baseline: importance sampling from this Gaussian, then MALA; ZOD-MC, He et al. 2024, its
+``score_estimators.py``: ULA from this Gaussian, the mean of the chains).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import choice, integer, real, sizes
+from ..denoiser import Denoiser, Prediction, check_call
+from ..noise import Generators, check_fixed_time, check_generators, make_noise, randn
+from ..processes import Process
+from .base import Point, Target, chain, fixed_time
+from .langevin import ULA
+
+__all__ = ["MonteCarloDenoiser"]
+
+
+def _per_row(c: float | Tensor) -> float | Tensor:
+    """A coefficient of :meth:`Denoiser.coefficients` (a float, or ``(n, 1, ...)`` per row) for draws shaped
+    ``(n, samples, ...)``: a per-row tensor gets the draws' dimension."""
+    return c.unsqueeze(1) if isinstance(c, Tensor) else c
+
+
+class MonteCarloDenoiser(Denoiser):
+    r"""The denoiser ``E[x0 | x_t]`` of the unnormalized density ``exp(log_prob(x0))``, by Monte Carlo under
+    the posterior ``q(x0 | x_t) ∝ p(x0) N(x_t; alpha x0, sigma^2 I)`` (Reverse Diffusion Monte Carlo,
+    Huang et al., ICLR 2024; the math, the two methods and the cost in the module docstring). A
+    :class:`~steerdiff.denoiser.Denoiser`: every solver, guidance and particle method takes it.
+
+    Args:
+        log_prob: ``log_prob(x0) -> (m,)``, the target's log-density up to a constant at ``m`` points
+            ``(m, *shape)``; differentiable for ``method="langevin"``. ``-inf`` outside the support is
+            accepted (weight 0); a NaN makes the estimate NaN, which the sampler reports.
+        process: the forward process; its ``alpha`` must be positive on the grid used.
+        shape: the shape of one sample.
+        samples: Monte Carlo draws per row and call (an integer >= 1).
+        method: ``"importance"`` (default) or ``"langevin"``.
+        inner: ULA moves per draw (an integer >= 1); only with ``method="langevin"``.
+        step_size: ULA's step on the target, ``h = 1 / (1 / step_size + alpha^2 / sigma^2)`` at each noise
+            level (a number > 0); only with ``method="langevin"``, required there.
+        generator: the draws' source: one ``torch.Generator``, a list with one per row (row ``b``'s draws from
+            ``generator[b]``: a row's estimate is then the same whatever its batch) or ``None`` (torch's
+            global RNG; a seeded sampler refuses it: :func:`~steerdiff.sampling.check_seeded`).
+
+    Attributes:
+        cost: target evaluations per row of a call (``samples``, or ``samples * inner``).
+        ess: ``(n,)`` float64, the effective sample size ``1 / sum_i wbar_i^2`` of the normalized weights of
+            the latest call (``method="importance"``; ``None`` before a call and for ``"langevin"``).
+    """
+
+    METHODS = ("importance", "langevin")
+
+    def __init__(
+        self,
+        log_prob: Callable[[Tensor], Tensor],
+        process: Process,
+        shape: tuple[int, ...],
+        samples: int = 256,
+        method: str = "importance",
+        inner: int | None = None,
+        step_size: float | None = None,
+        generator: Generators = None,
+    ) -> None:
+        who = "MonteCarloDenoiser"
+        if not callable(log_prob):
+            raise ValueError(
+                f"{who}: log_prob must be callable as log_prob(x0) -> (m,), got {log_prob!r:.60}"
+            )
+        if not isinstance(process, Process):
+            raise ValueError(f"{who}: process must be a steerdiff Process, got {type(process).__name__}")
+        self.samples = integer(who, "samples", samples, lo=1)
+        self.method = choice(who, "method", method, self.METHODS)
+        if self.method == "importance":
+            given = [k for k, v in (("inner", inner), ("step_size", step_size)) if v is not None]
+            if given:
+                raise ValueError(
+                    f"{who}: {' and '.join(given)} are for method='langevin' (its ULA moves), not "
+                    "'importance'"
+                )
+            self.inner, self.step_size = None, None
+            cost = self.samples
+        else:
+            if inner is None or step_size is None:
+                raise ValueError(
+                    f"{who}: method='langevin' needs inner (ULA moves per draw, an integer >= 1) and "
+                    "step_size (a number > 0)"
+                )
+            self.inner = integer(who, "inner", inner, lo=1)
+            self.step_size = real(who, "step_size", step_size, lo=0, lo_open=True)
+            cost = self.samples * self.inner
+        self.generator = check_generators(who, generator)
+        super().__init__(log_prob, process, "x0", shape=sizes(who, "shape", shape))
+        self.log_prob = log_prob
+        self.cost = cost
+        self.ess: Tensor | None = None
+
+    def own_noise(self) -> list[tuple[str, Generators]]:
+        """The Monte Carlo draws': ``[("MonteCarloDenoiser", generator)]``."""
+        return [("MonteCarloDenoiser", self.generator)]
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
+        """A copy whose per-row generators (a list of ``n``) are taken at ``rows``; itself otherwise."""
+        g = self.generator
+        if isinstance(g, torch.Generator) or g is None or len(g) != n:
+            return self
+        out = copy.copy(self)
+        out.generator = g[rows] if isinstance(rows, slice) else [g[int(i)] for i in rows.tolist()]
+        return out
+
+    def _evaluate(
+        self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any]
+    ) -> Prediction:
+        who = type(self).__name__
+        if cond:
+            raise ValueError(f"{who}: log_prob takes no conditions, got {sorted(cond)}")
+        if x.shape[1:] != self.shape:
+            raise ValueError(f"{who}: x must be (batch, *{self.shape}), got {tuple(x.shape)}")
+        a, s, _, _ = self.coefficients(t, x)
+        n, m = x.shape[0], self.samples
+        z = randn((n, m, *x.shape[1:]), self.generator, x.dtype, x.device)
+        ar, sr = _per_row(a), _per_row(s)
+        y = (x.unsqueeze(1) + sr * z) / ar  # the Gaussian factor of q: N(x / alpha, (sigma / alpha)^2 I)
+        if self.method == "importance":
+            lp = self.log_prob(y.reshape(n * m, *x.shape[1:]))
+            if not isinstance(lp, Tensor) or tuple(lp.shape) != (n * m,):
+                got = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
+                raise ValueError(f"{who}: log_prob must return a ({n * m},) tensor, got {got}")
+            w = torch.softmax(lp.detach().to(torch.float64).reshape(n, m), dim=1)
+            self.ess = 1 / w.pow(2).sum(1)
+            x0 = torch.einsum("nm,nm...->n...", w, y.to(torch.float64))
+        else:
+            x0 = self._langevin(x, y, ar, sr).mean(1)
+        return Prediction(x, a, s, x0=x0.to(x.dtype))
+
+    def _langevin(self, x: Tensor, y: Tensor, a: float | Tensor, s: float | Tensor) -> Tensor:
+        """``inner`` ULA moves on ``log q(. | x)`` from the draws ``y`` ``(n, samples, ...)``: last states."""
+        assert self.inner is not None and self.step_size is not None, "set for method='langevin'"
+        n, m, shape = x.shape[0], self.samples, x.shape[1:]
+        flat = (n * m, *shape)
+        a2, s2 = a * a, s * s
+        h = 1 / (1 / self.step_size + a2 / s2)
+        xs, log_prob = x.unsqueeze(1), self.log_prob
+
+        def log_q(v: Tensor) -> Tensor:
+            r = (xs - a * v.reshape(n, m, *shape)).reshape(n * m, -1)
+            scale = s2.reshape(n, 1).expand(n, m).reshape(-1) if isinstance(s2, Tensor) else s2
+            return log_prob(v) - r.pow(2).sum(-1) / (2 * scale)
+
+        def normal(like: Tensor) -> Tensor:
+            return randn((n, m, *shape), self.generator, like.dtype, like.device).reshape(like.shape)
+
+        step = (
+            h.expand(n, m, *([1] * len(shape))).reshape(n * m, *([1] * len(shape)))
+            if isinstance(h, Tensor)
+            else h
+        )
+        target = Target(log_prob=log_q, name=f"{type(self).__name__}: log_prob(x0)")
+        out, _ = chain(ULA(), Point(y.reshape(flat)), target, self.inner, step, normal)
+        return out.reshape(n, m, *shape)
+
+    def warm_start(
+        self, x: Tensor, t: float, moves: int, step_size: float, generator: Generators = None
+    ) -> Tensor:
+        """``moves`` ULA moves on ``p_t`` from ``x``, the score ``-eps / sigma`` of this denoiser at ``t``:
+        rdMC's initialization of its early-stopped reverse process (module docstring), e.g. from
+        ``x = sigma(t) * randn`` at the process's ``t_max``. Costs ``moves * cost`` target evaluations a row.
+        ``generator``: the moves' noise (one, or one per row of ``x``; the estimates draw from the denoiser's
+        own)."""
+        who = f"{type(self).__name__}.warm_start"
+        check_call(who, x, t)
+        moves = integer(who, "moves", moves, lo=1)
+        step_size = real(who, "step_size", step_size, lo=0, lo_open=True)
+        check_fixed_time(who, generator, "pass a torch.Generator or a list of them (one per row)")
+        noise = make_noise(check_generators(who, generator, x.shape[0]), who)
+        sigma = float(self.process.sigma(torch.tensor(float(t), dtype=torch.float64)))
+        target = Target(score=lambda v: self(v, t).eps * (-1 / sigma))
+        out, _ = chain(ULA(), Point(x), target, moves, step_size, fixed_time(noise, float(t)))
+        return out
+
+    def __repr__(self) -> str:
+        extra = "" if self.method == "importance" else f", inner={self.inner}, step_size={self.step_size:g}"
+        return (
+            f"MonteCarloDenoiser(samples={self.samples}, method={self.method!r}{extra}, "
+            f"process={self.process!r})"
+        )
