@@ -186,15 +186,15 @@ def langevin_mode_errors(gmm: sd.toy.GaussianMixture, cost: int, chains: int) ->
 
 
 def test_rdmc_beats_langevin_on_separated_modes():
-    """Two modes 18 nats above their saddle, weights 1/4, 3/4: rdMC (sigma / alpha = 3, 20 warm-start moves,
-    10 DDPM steps, 128 draws: 3840 evaluations per sample) gets the weights to 0.070 in total variation; ULA
-    and MALA chains from N(0, I) with the same 3840 evaluations each stay in the mode they fell into first
-    (0.246, 0.254)."""
+    """Two modes 18 nats above their saddle, weights 1/4, 3/4: rdMC (sigma / alpha = 3, 10 warm-start moves,
+    5 DDPM steps, 128 draws: 1920 evaluations per sample) gets the weights to 0.086 in total variation;
+    ULA and MALA chains from N(0, I) with the same 1920 evaluations each stay in the mode they fell into
+    first (0.246, 0.254)."""
     gmm = two_modes()
-    out, cost = rdmc(gmm, 512, 3.0, 10, 128, 20, 0.25)
-    assert cost == 3840
+    out, cost = rdmc(gmm, 512, 3.0, 5, 128, 10, 0.25)
+    assert cost == 1920
     ours = mode_weight_error(gmm, out)
-    assert ours < 0.09
+    assert ours < 0.12
     assert min(langevin_mode_errors(gmm, cost, 256)) > max(0.15, 2 * ours)
 
 
@@ -269,7 +269,7 @@ def main() -> None:
         sw, floor = sd.metrics.sliced_wasserstein(out, ref), sd.metrics.floor(gmm.sample, 512)
         print(f"{name}: sliced W2 {sw:.3f} (floor {floor:.3f}) at {cost} target evaluations per sample")
     gmm = two_modes()
-    out, cost = rdmc(gmm, 512, 3.0, 10, 128, 20, 0.25)
+    out, cost = rdmc(gmm, 512, 3.0, 5, 128, 10, 0.25)
     ula, mala = langevin_mode_errors(gmm, cost, 256)
     ours = mode_weight_error(gmm, out)
     print(f"two modes, {cost} evaluations: mode-weight TV rdMC {ours:.3f}, ULA {ula:.3f}, MALA {mala:.3f}")

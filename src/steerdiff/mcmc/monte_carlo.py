@@ -7,15 +7,15 @@ Under ``x_t = alpha x0 + sigma eps`` the posterior of ``x0`` given ``x_t = x`` i
 
     q(x0 | x) ∝ p(x0) N(x; alpha x0, sigma^2 I) ∝ p(x0) N(x0; x / alpha, (sigma / alpha)^2 I),
 
-and Tweedie's formula gives the denoiser and the score from its mean (the paper's Lemma: the score as an
-expectation under ``q``; there in the Ornstein-Uhlenbeck time ``T - t``, ``alpha = e^{-(T-t)}``,
-``sigma^2 = 1 - e^{-2(T-t)}``)::
+and Tweedie's formula gives the denoiser and the score from its mean (the score as an expectation under
+``q``, the paper's "score matching as mean estimation"; rdMC writes it in the Ornstein-Uhlenbeck time
+``T - t``, ``alpha = e^{-(T-t)}``, ``sigma^2 = 1 - e^{-2(T-t)}``)::
 
     x0_hat(x) = E_q[x0],    eps_hat = (x - alpha x0_hat) / sigma,
     grad log p_t(x) = -(x - alpha x0_hat) / sigma^2 = -eps_hat / sigma.
 
 :class:`MonteCarloDenoiser` estimates ``E_q[x0]`` from ``samples`` draws started from the Gaussian factor of
-``q``, ``y_i = x / alpha + (sigma / alpha) z_i``, either way the paper and its public reimplementations do:
+``q``, ``y_i = x / alpha + (sigma / alpha) z_i``, either way rdMC's public reimplementations do:
 
 * ``method="importance"``: self-normalized importance sampling with that Gaussian as the proposal; the
   weights are ``w_i ∝ p(y_i)`` (the Gaussian cancels), ``x0_hat = sum_i w_i y_i / sum_i w_i``, and the
@@ -23,7 +23,7 @@ expectation under ``q``; there in the Ornstein-Uhlenbeck time ``T - t``, ``alpha
   Needs ``log_prob``'s values only. Exact as ``samples`` grows, with error ``O(1 / sqrt(samples))``; the
   proposal widens as ``sigma / alpha`` grows, so the ESS falls at high noise, the faster the higher the
   dimension.
-* ``method="langevin"``: the paper's inner loop, ``inner`` ULA moves (:class:`~steerdiff.mcmc.ULA`) on
+* ``method="langevin"``: rdMC's inner loop, ``inner`` ULA moves (:class:`~steerdiff.mcmc.ULA`) on
   ``log q`` from each draw, ``grad log q(y) = grad log p(y) + alpha (x - alpha y) / sigma^2``, and the mean of
   the chains' last states. The step is ``h = 1 / (1 / step_size + alpha^2 / sigma^2)``: ``step_size``
   where the target's curvature rules, below the Gaussian factor's stability limit ``sigma^2 / alpha^2``
@@ -33,14 +33,16 @@ The cost is counted in target evaluations: each call costs :attr:`~MonteCarloDen
 (importance: values of ``log_prob``) or ``samples * inner`` (langevin: values with gradients) per row, so a
 sampler's NFE is the number of target evaluations per sample.
 
-Where to start. A solver started at the process's noise end needs ``x_T`` from ``p_T``, which is the
-standard normal only where ``alpha_T`` is 0; rdMC starts its reverse process at a moderate, finite time
-``T`` (early stopping: ``q`` is then still dominated by its Gaussian factor, while at ``alpha -> 0`` it is
-``p`` itself, as hard as the problem), from an ``x_T`` of ``p_T`` itself: the authors' baselines draw
-``N(0, sigma_T^2 I)`` and move it with ULA on ``p_T``, the score estimated as above (SLIPS' rdMC, ZOD-MC's
-RDMC with ``T = 2``: ``alpha_T = e^{-2}``). Here: a process whose noise end is that ``T`` (e.g.
-``VP.cosine(t_max=...)``, or a :class:`~steerdiff.schedules.Custom` grid from it) and
-:meth:`MonteCarloDenoiser.warm_start`.
+Where to start. A solver started at the process's noise end needs ``x_T`` from ``p_T``, which is the standard
+normal only where ``alpha_T`` is 0; rdMC starts its reverse process at a moderate, finite time ``T`` (early
+stopping; why, as measured here: at ``alpha -> 0`` ``q`` is ``p`` itself and the draws of its Gaussian factor
+miss it, the ESS falls to 1), from an ``x_T`` of ``p_T`` itself: its reimplementations draw
+``N(0, sigma_T^2 I)`` and move it with ULA on ``p_T``, the score estimated as above (SLIPS' rdMC; ZOD-MC runs
+its RDMC baseline from ``T = 2``, ``alpha_T = e^{-2}``, ``sigma_T / alpha_T = 7.3``). Here: a process whose
+noise end is that ``T`` (e.g. ``VP.cosine(t_max=...)``, or a :class:`~steerdiff.schedules.Custom` grid from
+it) and :meth:`MonteCarloDenoiser.warm_start`. Its remaining error is the warm start's: on modes still apart
+at ``T`` the ULA moves, with the estimate's noise in their score, leave the mode weights of ``p_T`` off by a
+few percent, which the reverse process keeps.
 
 The paper's body was not retrievable here: the estimator is written from the posterior above, its inner
 loops as the abstract and two public reimplementations describe them (SLIPS, Grenioux et al. 2024, its
