@@ -19,7 +19,7 @@ import steerdiff as sd
 from .reference import noise, smooth_mixture
 
 F64 = torch.float64
-T = 0.3  # VP.linear time: alpha = 0.80, sigma = 0.60
+T = 0.3  # VP.linear time: alpha = 0.630, sigma = 0.777
 
 
 @pytest.fixture(scope="module")
