@@ -1,4 +1,5 @@
-"""Discrete (masked, absorbing-state) diffusion: the process, the denoiser contract and its samplers.
+"""Discrete diffusion, masked (absorbing-state) or uniform-noise: the processes, the denoiser contract and
+the samplers.
 
 >>> import steerdiff as sd
 >>> proc = sd.discrete.MaskedProcess(vocab_size=V, schedule="linear")   # mask id V
@@ -9,6 +10,9 @@
 >>> x0 = sd.discrete.sample(guided, (batch, L), sampler="first_hitting", y=labels)
 >>> out = sd.discrete.fk_steering(den, reward, lam, shape=(batch, L), particles=16, steps=64)  # Particles
 >>> out = sd.discrete.svdd(den, reward, alpha, shape=(batch, L), particles=8, steps=64)  # Particles
+>>> uproc = sd.discrete.UniformProcess(vocab_size=V, schedule="linear")  # uniform noise, no mask
+>>> uden = sd.discrete.UniformDenoiser(net, uproc)                     # net(x_t, t) -> logits of x_0
+>>> x0 = sd.discrete.sample(uden, (batch, L), steps=64, generator=g)  # D3PM / SEDD ancestral steps
 
 The exact oracle is :class:`steerdiff.toy.CategoricalMixture`.
 """
@@ -19,10 +23,10 @@ from .categorical import draw
 from .cfg import CFG
 from .classifier import ClassifierGuidance
 from .confidence import SCORES, Confidence
-from .denoiser import MaskedDenoiser, check_tokens
+from .denoiser import MaskedDenoiser, TokenDenoiser, UniformDenoiser, check_tokens
 from .first_hitting import FirstHitting
 from .guided import Guided
-from .process import SCHEDULES, MaskedProcess
+from .process import SCHEDULES, MaskedProcess, Schedule, UniformProcess
 from .remdm import ReMDM
 from .sampling import SampleInfo, available, get, sample
 from .steering import best_of_n, fk_steering
@@ -43,6 +47,10 @@ __all__ = [
     "ReMDM",
     "SampleInfo",
     "Sampler",
+    "Schedule",
+    "TokenDenoiser",
+    "UniformDenoiser",
+    "UniformProcess",
     "available",
     "best_of_n",
     "check_tokens",

@@ -15,20 +15,33 @@ from torch import Tensor
 
 from ..noise import Draws
 from ..solvers.base import NonFiniteError
-from .denoiser import MaskedDenoiser
+from .denoiser import MaskedDenoiser, UniformDenoiser
+from .process import MaskedProcess
 
 __all__ = ["Model", "Sampler"]
 
 
 class Model:
-    """A :class:`~steerdiff.discrete.MaskedDenoiser` with its ``cond``, counting network evaluations exactly
+    """A :class:`~steerdiff.discrete.MaskedDenoiser` (or :class:`~steerdiff.discrete.UniformDenoiser`) with
+    its ``cond``, counting network evaluations exactly
     (:attr:`nfe`: the denoiser's ``cost``, read after every call, 2 for a guided
     :class:`~steerdiff.discrete.CFG`) and naming the step at which the network returned NaN / ``+inf``
     (after ``who``, the entry point of the run)."""
 
-    def __init__(self, den: MaskedDenoiser, cond: dict[str, Any], who: str = "discrete.sample") -> None:
+    def __init__(
+        self, den: MaskedDenoiser | UniformDenoiser, cond: dict[str, Any], who: str = "discrete.sample"
+    ) -> None:
         self.den, self.cond, self.nfe, self.who = den, cond, 0, who
         self.known: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def masked(self) -> MaskedProcess:
+        """The denoiser's process, for a sampler of masked diffusion (:func:`~steerdiff.discrete.sample`
+        gives those only a :class:`~steerdiff.discrete.MaskedDenoiser`)."""
+        process = self.den.process
+        if not isinstance(process, MaskedProcess):
+            raise TypeError(f"{self.who}: this sampler takes a masked process, got {process!r}")
+        return process
 
     def know(self, x: Tensor, t: Tensor, log_p: Tensor) -> None:
         """Hold ``log_p``, the network's answer at ``(x, t)`` already computed (a particle method that
@@ -55,9 +68,10 @@ class Model:
 
 
 class Sampler(ABC):
-    """One reverse step of a masked diffusion model at a time."""
+    """One reverse step of a discrete diffusion model at a time (of a masked one unless ``uniform``)."""
 
     name: ClassVar[str]
+    uniform: ClassVar[bool] = False  # whether it also steps a UniformDenoiser
 
     @abstractmethod
     def num_steps(self, steps: object, masked: Tensor, who: str = "discrete.sample") -> int:

@@ -50,7 +50,7 @@ class FirstHitting(Sampler):
     def step(
         self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Draws, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        process = model.den.process
+        process = model.masked
         masked = x == process.mask_id
         n = masked.sum(dim=1)
         u = rand(t.shape, generator, torch.float64, t.device)

@@ -82,6 +82,7 @@ class ReMDM(Ancestral):
     """
 
     name: ClassVar[str] = "remdm"
+    uniform: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -140,7 +141,7 @@ class ReMDM(Ancestral):
     def step(
         self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Draws, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        process = model.den.process
+        process = model.masked
         grid_t, grid_s = 1 - i / steps, 1 - (i + 1) / steps
         last = i == steps - 1
         s = torch.full_like(t, self.time(grid_s, process))

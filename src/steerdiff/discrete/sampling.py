@@ -1,4 +1,5 @@
-"""The entry point of masked diffusion: :func:`sample` runs a sampler from a (partly) masked batch."""
+"""The entry point of discrete diffusion: :func:`sample` runs a sampler from a (partly) masked batch, or from
+uniform noise."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from ..noise import check_generators
 from .ancestral import Ancestral
 from .base import Model, Sampler
 from .confidence import Confidence
-from .denoiser import MaskedDenoiser, check_tokens
+from .denoiser import MaskedDenoiser, UniformDenoiser, check_tokens
 from .first_hitting import FirstHitting
+from .process import MaskedProcess, UniformProcess, uniform_tokens
 from .remdm import ReMDM
 
-__all__ = ["SampleInfo", "available", "get", "sample", "start"]
+__all__ = ["SampleInfo", "available", "batch", "get", "sample", "start"]
 
 _REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (Ancestral, Confidence, FirstHitting, ReMDM)}
 
@@ -49,19 +51,32 @@ def start(
     (``name``: the caller's name for ``x_T``)."""
     if not isinstance(den, MaskedDenoiser):
         raise ValueError(f"{who}: den must be a steerdiff.discrete.MaskedDenoiser, got {type(den).__name__}")
-    process = den.process
+    return den, batch(who, den.process, x_T, device, den.process.mask_id, name)
+
+
+def batch(
+    who: str,
+    process: MaskedProcess | UniformProcess,
+    x_T: object,
+    device: object,
+    fill: int,
+    name: str = "x_T",
+) -> Tensor:
+    """A copy of the token ids ``x_T`` of ``process`` (checked), or for a shape ``(batch, length)`` that
+    batch full of ``fill`` on ``device`` (only with a shape); bad arguments a ``ValueError`` naming ``who``
+    and the argument (``name``: the caller's name for ``x_T``)."""
     if isinstance(x_T, Tensor):
         if device is not None:
             raise ValueError(
                 f"{who}: device is for a shape x_T; a tensor x_T stays on its device ({x_T.device})"
             )
-        return den, check_tokens(process, x_T, who).clone()  # a run with nothing to unmask returns a copy
+        return check_tokens(process, x_T, who).clone()  # a run with nothing to unmask returns a copy
     shape = sizes(who, name, x_T)
     if len(shape) != 2:
         what = "a shape (batch, length)" + (" or a tensor of token ids" if name == "x_T" else "")
         raise ValueError(f"{who}: {name} must be {what}, got {x_T!r}")
     where = device_or_none(who, "device", device)
-    return den, torch.full(shape, process.mask_id, dtype=torch.long, device=where)
+    return torch.full(shape, fill, dtype=torch.long, device=where)
 
 
 @dataclass
@@ -75,7 +90,7 @@ class SampleInfo:
 
 @overload
 def sample(
-    den: MaskedDenoiser,
+    den: MaskedDenoiser | UniformDenoiser,
     x_T: Tensor | Sequence[int],
     steps: int | None = ...,
     sampler: str | Sampler = ...,
@@ -91,7 +106,7 @@ def sample(
 
 @overload
 def sample(
-    den: MaskedDenoiser,
+    den: MaskedDenoiser | UniformDenoiser,
     x_T: Tensor | Sequence[int],
     steps: int | None = ...,
     sampler: str | Sampler = ...,
@@ -106,7 +121,7 @@ def sample(
 
 
 def sample(
-    den: MaskedDenoiser,
+    den: MaskedDenoiser | UniformDenoiser,
     x_T: Tensor | Sequence[int],
     steps: int | None = None,
     sampler: str | Sampler = "ancestral",
@@ -118,11 +133,14 @@ def sample(
     return_info: bool = False,
     **cond: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
-    """Sample a masked diffusion model from ``t = 1`` to ``t = 0``.
+    """Sample a discrete diffusion model from ``t = 1`` to ``t = 0``.
 
     Args:
         den: a :class:`~steerdiff.discrete.MaskedDenoiser`, or a guided one (:class:`~steerdiff.discrete.CFG`,
-            :class:`~steerdiff.discrete.ClassifierGuidance`).
+            :class:`~steerdiff.discrete.ClassifierGuidance`); or a
+            :class:`~steerdiff.discrete.UniformDenoiser` (uniform noise), whose run starts from uniform
+            tokens drawn from ``generator`` (a shape) or from the tokens ``x_T``, all taken as noisy at
+            ``t = 1``, and takes ``sampler="ancestral"`` only.
         x_T: a shape ``(batch, length)``, for the all-masked batch, or a batch of token ids (integers,
             ``(batch, length)``): its masked positions are sampled given its unmasked ones, which stay
             (infilling, prompts). Given the all-masked sequence the data is the model's whatever
@@ -150,18 +168,30 @@ def sample(
         NonFiniteError: the network returned NaN / ``+inf`` logits (the message names the step).
     """
     who = "discrete.sample"
-    den, x = start(who, den, x_T, device)
-    process = den.process
+    uniform = isinstance(den, UniformDenoiser)
+    if isinstance(den, UniformDenoiser):
+        x = batch(who, den.process, x_T, device, 0)  # a shape's tokens drawn below, once generator is checked
+        given = torch.zeros_like(x, dtype=torch.bool)  # every token noisy
+    else:
+        den, x = start(who, den, x_T, device)
+        given = x != den.process.mask_id
     slv = get(sampler, who)
-    n = slv.num_steps(steps, (x == process.mask_id).sum(dim=1))
+    if uniform and not slv.uniform:
+        accepted = [name for name, cls in _REGISTRY.items() if cls.uniform]
+        raise ValueError(
+            f"{who}: a UniformDenoiser takes sampler in {accepted} (the others unmask tokens, masked "
+            f"diffusion only), got {sampler!r}"
+        )
+    n = slv.num_steps(steps, (~given).sum(dim=1))
     rows = check_generators(who, generator, len(x))
+    if uniform and not isinstance(x_T, Tensor):
+        x = uniform_tokens(x.shape, den.process.vocab_size, rows, x.device)
     progress = boolean(who, "progress", progress)
     return_info = boolean(who, "return_info", return_info)
     if callback is not None and not callable(callback):
         raise ValueError(f"{who}: callback must be None or a callable(dict), got {type(callback).__name__}")
     model = Model(den, cond)
     t = torch.ones(len(x), dtype=torch.float64, device=x.device)
-    given = x != process.mask_id
     for i in tqdm(range(n), desc=slv.name, leave=False) if progress else range(n):
         x, t, log_p = slv.step(model, x, t, i, n, rows, given)
         if callback is not None:

@@ -21,25 +21,40 @@ classifier of a partly masked sequence is ``p(y = k | x_t) = r_k(x_t)`` (:meth:`
 oracles of guidance.
 Under the process ``x_t`` has the closed-form law ``sum_k w_k prod_i (alpha P_k[i, x_t^i] if unmasked,
 1 - alpha if masked)``. For small ``V^L`` the whole table of ``p`` gives exact distances to samples.
+
+Under uniform noise (:class:`~steerdiff.discrete.UniformProcess`, ``q(u | v) = alpha [u = v] + (1 -
+alpha) / V`` per token) each token's noise is independent given the component, so ``x_t`` is again such
+a mixture, with rows ``m_k[i, u] = alpha P_k[i, u] + (1 - alpha) / V``, and the exact denoiser is
+
+    p(x_0^j = v | x_t) = sum_k r_k(x_t) P_k[j, v] q(x_t^j | v) / m_k[j, x_t^j],
+    r_k(x_t) ∝ w_k prod_i m_k[i, x_t^i],
+
+the responsibilities times each component's per-position posterior; it depends on ``t`` through
+``alpha``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import overload
 
 import torch
 from torch import Tensor
 
 from .._checks import integer, real, tensor
 from ..discrete.categorical import draw
-from ..discrete.denoiser import MaskedDenoiser
-from ..discrete.process import MaskedProcess
+from ..discrete.denoiser import MaskedDenoiser, UniformDenoiser
+from ..discrete.process import MaskedProcess, UniformProcess
 from ..noise import Generators
 
 __all__ = ["CategoricalMixture"]
 
 F64 = torch.float64
 MAX_TABLE = 2**20  # the largest V^L whose table is built
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
 
 
 class CategoricalMixture:
@@ -197,17 +212,33 @@ class CategoricalMixture:
         log_w, _ = self._tilt_terms("CategoricalMixture.log_normalizer", f, lam)
         return float(torch.logsumexp(log_w, dim=0))
 
-    def denoiser(self, process: MaskedProcess) -> MaskedDenoiser:
-        """The exact denoiser under ``process``, whose clean ids must be this mixture's tokens: ``mask_id >=
-        V`` with ``vocab_size`` ``V`` (the mask after them) or ``V + 1`` (the mask among the logits, at
-        ``V``). Its logits do not depend on ``t``. Its net takes an optional label, ``net(x_t, t, y=None)``
-        (as :meth:`conditional_log_probs`: ``sd.discrete.sample(den, x_T, y=k)`` samples component ``k``,
-        ``y = -1`` is the null label of classifier-free guidance)."""
+    @overload
+    def denoiser(self, process: MaskedProcess) -> MaskedDenoiser: ...
+
+    @overload
+    def denoiser(self, process: UniformProcess) -> UniformDenoiser: ...
+
+    def denoiser(self, process: MaskedProcess | UniformProcess) -> MaskedDenoiser | UniformDenoiser:
+        """The exact denoiser under ``process``, whose clean ids must be this mixture's tokens.
+
+        A :class:`~steerdiff.discrete.MaskedProcess`: ``mask_id >= V`` with ``vocab_size`` ``V`` (the mask
+        after them) or ``V + 1`` (the mask among the logits, at ``V``); its logits do not depend on ``t``.
+        A :class:`~steerdiff.discrete.UniformProcess` of ``vocab_size`` ``V``: :meth:`uniform_log_probs` at
+        ``alpha(t)``, the net given the float64 times (``time_map`` the identity).
+        Its net takes an optional label, ``net(x_t, t, y=None)`` (as :meth:`conditional_log_probs`:
+        ``sd.discrete.sample(den, x_T, y=k)`` samples component ``k``, ``y = -1`` is the null label of
+        classifier-free guidance)."""
+        if isinstance(process, UniformProcess) and process.vocab_size == self.V:
+
+            def uniform_net(x_t: Tensor, t: Tensor, y: int | Tensor | None = None) -> Tensor:
+                return self.uniform_log_probs(x_t, process.alpha(t), y)
+
+            return UniformDenoiser(uniform_net, process, time_map=_identity)
         if not isinstance(process, MaskedProcess) or process.mask_id < self.V or process.num_clean != self.V:
             raise ValueError(
                 "CategoricalMixture.denoiser: process must be a MaskedProcess whose clean ids are the "
-                f"tokens 0..{self.V - 1} (vocab_size {self.V} or {self.V + 1}, mask_id {self.V}), got "
-                f"{process!r}"
+                f"tokens 0..{self.V - 1} (vocab_size {self.V} or {self.V + 1}, mask_id {self.V}) or a "
+                f"UniformProcess of vocab_size {self.V}, got {process!r}"
             )
 
         def net(x_t: Tensor, t: Tensor, y: int | Tensor | None = None) -> Tensor:
@@ -217,9 +248,41 @@ class CategoricalMixture:
 
         return MaskedDenoiser(net, process)
 
-    def noised_log_prob(self, x_t: Tensor, process: MaskedProcess, t: float) -> Tensor:
+    def _uniform_terms(self, x_t: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log w_k + sum_i log m_k[i, x_t^i]`` ``(n, K)``, ``log m_k[i, x_t^i]`` ``(n, K, L)``) under
+        uniform noise at ``alpha`` (a number or one per row), module docstring."""
+        a = torch.as_tensor(alpha, dtype=F64, device=x_t.device).reshape(-1, 1, 1)  # (n or 1, 1, 1)
+        probs = self.probs.to(x_t.device)
+        picked = probs[:, torch.arange(self.L, device=x_t.device), x_t].permute(1, 0, 2)  # (n, K, L)
+        log_m = torch.log(a * picked + (1 - a) / self.V)
+        return torch.log(self.weights.to(x_t.device)) + log_m.sum(-1), log_m
+
+    def uniform_log_probs(self, x_t: Tensor, alpha: Tensor, y: int | Tensor | None = None) -> Tensor:
+        """``log p(x_0^j = v | x_t)`` float64 ``(n, L, V)`` under uniform noise at ``alpha`` (a number or
+        one per row, in ``[0, 1]``): the responsibilities ``r_k(x_t)`` times each component's per-position
+        posterior (module docstring). ``y``: component ``y``'s posterior alone (an int for all rows, or one
+        per row, ``-1`` for the mixture's), the law given the label."""
+        x_t = self._tokens(x_t, "x_t")
+        log_r, log_m = self._uniform_terms(x_t, alpha)
+        r = torch.softmax(log_r, dim=-1)
+        if y is not None:
+            k = self._label(y, len(x_t)).to(x_t.device)
+            one_hot = torch.nn.functional.one_hot(k.clamp(min=0), self.K).to(F64)
+            r = torch.where((k >= 0)[:, None], one_hot, r)
+        a = torch.as_tensor(alpha, dtype=F64, device=x_t.device).reshape(-1, 1, 1, 1)
+        same = torch.nn.functional.one_hot(x_t, self.V).to(F64)[:, None]  # (n, 1, L, V)
+        q = a * same + (1 - a) / self.V  # q(x_t^j | v)
+        post = self.probs.to(x_t.device)[None] * q / log_m.exp()[..., None]  # (n, K, L, V)
+        return torch.log(torch.einsum("nk,nklv->nlv", r, post))
+
+    def noised_log_prob(self, x_t: Tensor, process: MaskedProcess | UniformProcess, t: float) -> Tensor:
         """``log q_t(x_t)``, float64 ``(n,)``: the law of ``x_t`` under ``process`` at time ``t``,
-        ``sum_k w_k prod_i (alpha P_k[i, x_t^i] if unmasked, 1 - alpha if masked)``."""
+        ``sum_k w_k prod_i (alpha P_k[i, x_t^i] if unmasked, 1 - alpha if masked)`` (masked) or ``sum_k w_k
+        prod_i m_k[i, x_t^i]`` (uniform, module docstring)."""
+        if isinstance(process, UniformProcess):
+            x_t = self._tokens(x_t, "x_t")
+            alpha = process.alpha(torch.tensor(t, dtype=F64))
+            return torch.logsumexp(self._uniform_terms(x_t, alpha)[0], dim=-1)
         x_t = self._tokens(x_t, "x_t", process.mask_id)
         alpha = process.alpha(torch.tensor(t)).to(x_t.device)
         known = x_t != process.mask_id
