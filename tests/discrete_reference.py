@@ -1,11 +1,13 @@
-"""Exact references for the masked-diffusion tests: a small mixture of product-of-categoricals, the
-total-variation floor of exact samples, and the exact law of the ancestral sampler's output by matrix
-propagation over every partly masked sequence (independent of the sampler's code)."""
+"""Exact references for the discrete-diffusion tests: a small mixture of product-of-categoricals, the
+total-variation floor of exact samples, and the exact laws of the samplers' outputs (ancestral, masked and
+uniform, and SGDD) by matrix propagation over every (partly masked) sequence, independent of the samplers'
+code."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -125,3 +127,99 @@ def first_hitting_law(den: sd.discrete.MaskedDenoiser, L: int, V: int) -> Tensor
     for s in range(1, 2**L):
         f.append(sum(f[s ^ 1 << j] * cond[s ^ 1 << j][:, j] for j in range(L) if s >> j & 1))
     return f[-1] / math.factorial(L)
+
+
+def sequences(L: int, V: int) -> Tensor:
+    """Every sequence of length ``L`` over ``0..V-1``, ``(V^L, L)``, in the order of ``table()``."""
+    return torch.tensor(list(itertools.product(range(V), repeat=L)))
+
+
+def kernel(alpha: float, V: int) -> Tensor:
+    """``Q[u, v] = q(x_t = u | x_0 = v) = alpha [u = v] + (1 - alpha) / V``."""
+    return alpha * torch.eye(V, dtype=F64) + (1 - alpha) / V
+
+
+def brute_posterior(mix: sd.toy.CategoricalMixture, x_t: Tensor, alpha: float) -> Tensor:
+    """``p(x_0^j = v | x_t)`` ``(n, L, V)`` by enumerating every clean sequence: ``p(x_0) prod_i
+    Q[x_t^i, x_0^i]`` normalized, then marginalized per position."""
+    X = sequences(mix.L, mix.V)
+    p0 = mix.table()
+    Q = kernel(alpha, mix.V)
+    w = p0 * Q[x_t[:, None, :], X[None]].prod(-1)  # (n, S)
+    w = w / w.sum(-1, keepdim=True)
+    return torch.einsum("ns,slv->nlv", w, torch.nn.functional.one_hot(X, mix.V).to(F64))
+
+
+def uniform_ancestral_law(
+    mix: sd.toy.CategoricalMixture, process: sd.discrete.UniformProcess, steps: int
+) -> Tensor:
+    """The exact law over clean sequences of ``steps`` ancestral steps with the exact denoiser, from the
+    uniform law at ``t = 1``: the state's law propagated through transition matrices built by Bayes' rule
+    on the kernels, ``q(x_s = k | x_t = j, x_0 = v) = Q_{t|s}[j, k] Q_s[k, v] / Q_t[j, v]``, averaged over
+    the brute-force posterior of every position, the positions independent given the state."""
+    law = torch.full((mix.V**mix.L,), 1.0 / mix.V**mix.L, dtype=F64)
+    for i in range(steps):
+        t, s = 1 - i / steps, 1 - (i + 1) / steps
+        a_s = 1.0 if i == steps - 1 else float(process.alpha(torch.tensor(s, dtype=F64)))
+        law = law @ uniform_step_matrix(mix, float(process.alpha(torch.tensor(t, dtype=F64))), a_s)
+    return law
+
+
+def uniform_step_matrix(mix: sd.toy.CategoricalMixture, a_t: float, a_s: float) -> Tensor:
+    """The transition matrix ``(S from, S to)`` over clean sequences of one uniform-noise ancestral step from
+    ``alpha = a_t`` to ``a_s`` with the exact denoiser: Bayes' rule on the kernels, ``q(x_s = k | x_t = j,
+    x_0 = v) = Q_{t|s}[j, k] Q_s[k, v] / Q_t[j, v]``, averaged over the brute-force posterior of every
+    position, the positions independent given the state."""
+    L, V = mix.L, mix.V
+    X = sequences(L, V)
+    Q_t, Q_s, Q_ts = kernel(a_t, V), kernel(a_s, V), kernel(a_t / a_s, V)
+    post = brute_posterior(mix, X, a_t)  # (S, L, V): over x_0^j
+    # per position: p(x_s^j = k | x_t) = sum_v post[v] Q_ts[j, k] Q_s[k, v] / Q_t[j, v]
+    step = torch.einsum("slv,slk,kv,slv->slk", post, Q_ts[X], Q_s, 1 / Q_t[X])
+    return step[:, torch.arange(L), X].prod(-1)
+
+
+def sgdd_law(
+    mix: sd.toy.CategoricalMixture,
+    process: sd.discrete.UniformProcess,
+    log_likelihood: Callable[[Tensor], Tensor],
+    iterations: int,
+    denoise_steps: int,
+    mh_steps: int,
+    t_min: float,
+) -> Tensor:
+    """The exact law over clean sequences of SGDD's output with ``mix``'s exact denoiser: from the uniform
+    law, at each annealing time ``t_i`` (linear from 1 to ``t_min``) the prior step's ``denoise_steps``
+    ancestral transition matrices from ``t_i``, then the likelihood step's ``mh_steps`` Metropolis-Hastings
+    kernels for ``exp(l(z)) q(z | x)`` (one per ``x``: a position and a value uniformly, accepted with
+    ``min(1, ratio)``) applied from ``z = x``."""
+    L, V = mix.L, mix.V
+    X = sequences(L, V)
+    S = len(X)
+    ll = log_likelihood(X).to(F64)
+    powers = V ** torch.arange(L - 1, -1, -1)
+    # neighbours: nbr[z, j, v] = z with position j set to v
+    nbr = torch.stack(
+        [(X + (v - X[:, j])[:, None] * (torch.arange(L) == j)) @ powers for j in range(L) for v in range(V)],
+        1,
+    )
+    law = torch.full((S,), 1.0 / S, dtype=F64)
+    for t_i in torch.linspace(1.0, t_min, iterations, dtype=F64).tolist():
+        grid = [t_i * (1 - k / denoise_steps) for k in range(denoise_steps + 1)]
+        for k in range(denoise_steps):
+            a_t = float(process.alpha(torch.tensor(grid[k], dtype=F64)))
+            a_s = (
+                1.0 if k == denoise_steps - 1 else float(process.alpha(torch.tensor(grid[k + 1], dtype=F64)))
+            )
+            law = law @ uniform_step_matrix(mix, a_t, a_s)
+        log_q = torch.log(kernel(float(process.alpha(torch.tensor(t_i, dtype=F64))), V))
+        coupling = log_q[X[None, :, :], X[:, None, :]].sum(-1)  # (x, z): log q(z | x)
+        target = ll[None, :] + coupling  # (x, z)
+        ratio = (target[:, nbr] - target[:, :, None]).exp().clamp(max=1.0) / (L * V)  # (x, z, L V)
+        stay = 1 - ratio.sum(-1)  # (x, z): the rejected proposals' mass
+        to = nbr.reshape(1, -1).expand(S, -1)
+        z = torch.eye(S, dtype=F64)  # (x, z): from z = x
+        for _ in range(mh_steps):
+            z = (z * stay).scatter_add_(1, to, (z[:, :, None] * ratio).reshape(S, -1))
+        law = law @ z
+    return law

@@ -13,6 +13,7 @@ the samplers.
 >>> uproc = sd.discrete.UniformProcess(vocab_size=V, schedule="linear")  # uniform noise, no mask
 >>> uden = sd.discrete.UniformDenoiser(net, uproc)                     # net(x_t, t) -> logits of x_0
 >>> x0 = sd.discrete.sample(uden, (batch, L), steps=64, generator=g)  # D3PM / SEDD ancestral steps
+>>> x = sd.discrete.sgdd(uden, log_likelihood, shape=(batch, L), iterations=50)  # posterior p(x) exp(l(x))
 
 The exact oracle is :class:`steerdiff.toy.CategoricalMixture`.
 """
@@ -29,6 +30,7 @@ from .guided import Guided
 from .process import SCHEDULES, MaskedProcess, Schedule, UniformProcess
 from .remdm import ReMDM
 from .sampling import SampleInfo, available, get, sample
+from .sgdd import SGDDInfo, sgdd
 from .steering import best_of_n, fk_steering
 from .svdd import svdd
 
@@ -45,6 +47,7 @@ __all__ = [
     "MaskedProcess",
     "Model",
     "ReMDM",
+    "SGDDInfo",
     "SampleInfo",
     "Sampler",
     "Schedule",
@@ -58,5 +61,6 @@ __all__ = [
     "fk_steering",
     "get",
     "sample",
+    "sgdd",
     "svdd",
 ]
