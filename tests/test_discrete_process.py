@@ -141,3 +141,26 @@ def test_the_table_and_log_prob_agree_and_sum_to_one():
     assert (
         mix.total_variation(mix.sample(n, torch.Generator().manual_seed(0))) < mean + 4 * sd_
     )  # 0.0219, 0.0206
+
+
+def test_the_law_of_x_t_takes_its_time_in_float64():
+    """``noised_log_prob`` at ``t = 0.3`` is the closed form with ``alpha(0.3)`` in float64 (it read ``t`` as
+    a float32 tensor, ``alpha`` off by 1.2e-8: the law off by up to 3e-8 relative)."""
+    mix = mixture(L=3)
+    proc = sd.discrete.MaskedProcess(mix.V)
+    x_t = torch.tensor([[0, 1, 3], [3, 3, 3], [2, 0, 1]])
+    alpha = 1 - 0.3
+    log_terms = torch.log(mix.weights)[None] + torch.stack(
+        [
+            torch.where(
+                x_t[:, i, None] < 3,
+                torch.log(alpha * mix.probs[:, i, x_t[:, i].clamp(max=2)]).T,
+                math.log(1 - alpha),
+            )
+            for i in range(3)
+        ],
+        -1,
+    ).sum(-1)
+    torch.testing.assert_close(
+        mix.noised_log_prob(x_t, proc, 0.3), torch.logsumexp(log_terms, -1), rtol=1e-14, atol=0
+    )

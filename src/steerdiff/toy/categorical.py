@@ -279,12 +279,12 @@ class CategoricalMixture:
         """``log q_t(x_t)``, float64 ``(n,)``: the law of ``x_t`` under ``process`` at time ``t``,
         ``sum_k w_k prod_i (alpha P_k[i, x_t^i] if unmasked, 1 - alpha if masked)`` (masked) or ``sum_k w_k
         prod_i m_k[i, x_t^i]`` (uniform, module docstring)."""
+        alpha = process.alpha(torch.tensor(t, dtype=F64))
         if isinstance(process, UniformProcess):
             x_t = self._tokens(x_t, "x_t")
-            alpha = process.alpha(torch.tensor(t, dtype=F64))
             return torch.logsumexp(self._uniform_terms(x_t, alpha)[0], dim=-1)
         x_t = self._tokens(x_t, "x_t", process.mask_id)
-        alpha = process.alpha(torch.tensor(t)).to(x_t.device)
+        alpha = alpha.to(x_t.device)
         known = x_t != process.mask_id
         m = known.sum(-1)
         # log(alpha^m (1 - alpha)^(L - m)), 0 log 0 = 0 at alpha = 0 or 1
