@@ -357,6 +357,21 @@ def test_replay_refuses_another_run(gmm, x_0):
         sd.sample(other, **run)
 
 
+def test_paradigms_checks_the_replayed_run(gmm, x_0):
+    """``sd.paradigms`` given the maps checks the run as ``sample`` does: with another solver on the maps'
+    grid it used to replay them silently (DDIM(eta=0.5) ran on DDPM's maps); with the inversion's own it
+    returns ``x_0`` up to its tolerance."""
+    den = gmm.denoiser(VP)
+    inv = sd.ddpm_invert(den, x_0, 6, "ddpm", SCHEDULE, generator=gen(0))
+    run = {k: v for k, v in inv.sample_kwargs().items() if k != "x_T"}
+    with pytest.raises(ValueError, match=r"paradigms: generator replays noise maps made for solver DDPM"):
+        sd.paradigms(den, inv.x_T, **{**run, "solver": DDIM(eta=0.5)})
+    with pytest.raises(ValueError, match=r"paradigms: generator replays noise maps of shape \(16, 8\)"):
+        sd.paradigms(den, inv.x_T[:8], **run)
+    out = sd.paradigms(den, inv.x_T, **run, tol=1e-10)
+    assert (out - x_0).abs().max() < 1e-8
+
+
 if __name__ == "__main__":
     for (label, method), (structure, in_1) in edit_table().items():
         print(f"{label:11s} {method:12s} structure {structure:.3f}  in class 1 {in_1:.2f}")

@@ -90,7 +90,7 @@ from ._checks import boolean, integer, real
 from ._ops import laid_out_as
 from .denoiser import Denoiser, Prediction, check_denoiser, predict_rows
 from .distributed.group import Ranks, ranks
-from .noise import NoiseSource, PerSampleNoise, check_rows, make_noise
+from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, make_noise
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan
 from .schedules import Schedule, ScheduleLike
 from .solvers import (
@@ -689,6 +689,8 @@ def paradigms(
     noise = make_noise(generator, who)
     if isinstance(noise, PerSampleNoise):
         check_rows(noise.generators, len(x_T), who)
+    if isinstance(noise, ReplayNoise):  # its solver, grid and batch, as sample checks them
+        noise.check_run(who, slv, grid, x_T)
     if slv.noisy_on(grid) and not callable(generator):  # every rank draws the steps' noise: alike, or they
         ranked.check_generator(who, generator, x_T.device)  # part (a noise source of a path is not checked)
 
