@@ -258,12 +258,45 @@ def test_bad_input(kwargs: dict[str, Any], match: str) -> None:
             r"loss must return a scalar tensor \(sum or average a batch\), got \(4,\)",
         ),
         (lambda x: 1.0, r"loss must return a scalar tensor .*got float"),
+        (lambda x: x.sum() * math.nan, r"loss\(x_0\) is nan; a finite loss is needed"),
+        (lambda x: x.detach().sum(), r"loss\(x_0\) does not depend on x_0 through autograd"),
+        (lambda x: (x - x.detach()).sqrt().sum(), r"the gradient of loss at x_0 is not finite"),
         ("mse", r"loss must be a callable\(x_0\) -> scalar tensor, got str"),
     ],
 )
 def test_bad_loss(loss_fn: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         sd.adjoint(DEN, X_T, loss_fn, 5)
+
+
+class _NanBackward(torch.autograd.Function):
+    """The identity, whose backward pass returns NaN: a net finite forwards and not backwards."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g * math.nan
+
+
+def test_nonfinite_vector_jacobian_product_names_its_step() -> None:
+    """A net whose output is finite and whose backward pass is not above process time 500: the first product
+    that is not finite is named, at the lowest such node ``j`` (the backward pass runs up the grid; its
+    evaluation there is the one of forward step ``j - 1``, which ends at node ``j``). The gradient was
+    returned as NaN before."""
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return gaussian_net(_NanBackward.apply(x) if float(t[0]) > 500 else x, t)
+
+    grid = make_grid(PROC, sd.schedules.get(SCHED), 10, "none")
+    j = max(i for i, t in enumerate(grid.t) if t > 500)
+    with pytest.raises(
+        sd.NonFiniteError,
+        match=rf"model was NaN/inf at step {j - 1} .*t={grid.t[j]:.6g}\); the model's output there was",
+    ):
+        sd.adjoint(sd.Denoiser(net, PROC, "x0"), X_T, loss, 10, SCHED, final="none")
 
 
 def test_bad_x_T_and_inference_mode() -> None:

@@ -82,11 +82,12 @@ from torch import Tensor
 
 from . import solvers as _solvers
 from ._checks import boolean
+from ._ops import first_false
 from .denoiser import Denoiser, check_denoiser
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan, sample_as
 from .schedules import ScheduleLike
 from .solvers._poly import exp_adams_bashforth
-from .solvers.base import Grid, MaxH, Model, Solver, step_order, work_dtype
+from .solvers.base import Grid, MaxH, Model, NonFiniteError, Solver, step_order, work_dtype
 from .solvers.ddim import DDIM
 from .solvers.deis import DEIS
 
@@ -183,6 +184,29 @@ def _vjp(out: Tensor, x: Tensor, leaves: dict[str, Tensor], v: Tensor, retain: b
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads, strict=True)]
 
 
+class _Products:
+    """The backward pass's vector-Jacobian products, one sum per product (a NaN/inf anywhere makes it
+    non-finite), tested together at the end: a :class:`NonFiniteError` naming the first step whose product
+    through the net was not finite (its forward evaluation was, which :class:`Model` checks)."""
+
+    def __init__(self) -> None:
+        self.sums: list[Tensor] = []
+        self.where: list[tuple[int, float]] = []
+
+    def add(self, grads: list[Tensor], step: int, t: float) -> None:
+        self.sums.append(torch.stack([v.detach().sum(dtype=torch.float64) for v in grads]).sum())
+        self.where.append((step, t))
+
+    def check(self) -> None:
+        k = first_false(torch.isfinite(torch.stack(self.sums))) if self.sums else None
+        if k is not None:
+            step, t = self.where[k]
+            raise NonFiniteError(
+                f"adjoint: the vector-Jacobian product through the model was NaN/inf at step {step} "
+                f"(backward product {k + 1}, process time t={t:.6g}); the model's output there was finite"
+            )
+
+
 @overload
 def adjoint(
     den: Denoiser,
@@ -254,8 +278,10 @@ def adjoint(
 
     Raises:
         ValueError: bad arguments (the message names the argument and the accepted values), a stochastic
-            solver, or a ``loss`` that does not return a scalar tensor.
-        NonFiniteError: the network returned NaN/inf.
+            solver, or a ``loss`` that does not return a finite scalar tensor differentiable in ``x_0``
+            (with a finite gradient).
+        NonFiniteError: the network returned NaN/inf, or a vector-Jacobian product through it was (the step
+            named).
     """
     who = "adjoint"
     check_denoiser(who, "den", den)
@@ -296,8 +322,18 @@ def adjoint(
         if not isinstance(value, Tensor) or value.numel() != 1:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"{who}: loss must return a scalar tensor (sum or average a batch), got {got}")
+        if not value.requires_grad:
+            raise ValueError(
+                f"{who}: loss(x_0) does not depend on x_0 through autograd (detached or constant)"
+            )
+        if not math.isfinite(loss_value := float(value.detach())):
+            raise ValueError(f"{who}: loss(x_0) is {loss_value}; a finite loss is needed for its gradient")
         (g,) = torch.autograd.grad(value.reshape(()), out, allow_unused=True)
     g = torch.zeros(x_0.shape, dtype=work, device=x_0.device) if g is None else g.to(work)
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(
+            f"{who}: the gradient of loss at x_0 is not finite (NaN/inf); a finite one is needed"
+        )
 
     model = Model(den, {**detached, **leaves}, net_dtype=x_T.dtype)
     rgrid = _noisy(grid).reversed()
@@ -305,11 +341,13 @@ def adjoint(
     x = last[0].detach()
     pending = None  # an evaluation at x whose graph is still alive
     a_z = [torch.zeros_like(v) for v in leaves.values()]
+    products = _Products()
     if grid.clean_end:  # the exact vector-Jacobian product of x0(x_{N-1}); its evaluation serves step 0 too
         with torch.enable_grad():
             x.requires_grad_(True)
             pending = model(x, rgrid.t[0], grid.steps - 1)
             a_x, *a_z = _vjp(pending.x0, x, leaves, g, retain=rgrid.steps > 0)
+        products.add([a_x, *a_z], grid.steps - 1, rgrid.t[0])
         g = a_x
     b = rgrid.alpha[0] * g  # the adjoint of y = x / alpha
     hist: deque[tuple[float, Tensor, Tensor, list[Tensor]]] = deque(maxlen=order)  # newest first
@@ -319,6 +357,7 @@ def adjoint(
                 x.requires_grad_(True)
                 pending = model(x, rgrid.t[k], rgrid.steps - 1 - k)
             vx, *vz = _vjp(pending.eps, x, leaves, b, retain=False)
+        products.add([vx, *vz], rgrid.steps - 1 - k, rgrid.t[k])
         hist.appendleft((rgrid.lam[k], pending.eps.detach(), -rgrid.alpha[k] * vx, [-v for v in vz]))
         pending = None
         q = step_order(k, rgrid, order, len(hist), lower_final, max_h, max_h_ratio)
@@ -331,6 +370,7 @@ def adjoint(
             b = b.sub(hist[j][2], alpha=c_q * w[j])
             a_z = [z.sub(e, alpha=c_q * w[j]) for z, e in zip(a_z, hist[j][3], strict=True)]
     model.check_finite()
+    products.check()
     grads = {"x_T": (b / rgrid.alpha[-1]).to(x_T.dtype)}
     grads.update({name: z.to(cond[name].dtype) for name, z in zip(leaves, a_z, strict=True)})
     if return_info:
