@@ -90,7 +90,11 @@ class EditNoise:
     a half-precision ``x_0``, whose net runs in half precision as in ``sample``); :meth:`sample_kwargs` hands
     the start state over in ``dtype``, so the replay's net runs as the extraction's did. In half precision the
     replay from ``skip = 0`` is exact (``x_T`` is drawn representable in ``dtype``); from a later node it
-    starts from that state rounded to ``dtype``."""
+    starts from that state rounded to ``dtype``.
+
+    Memory: ``2 N + 1`` copies of the batch in the work dtype, on ``x_0``'s device (``noise`` holds the
+    tensors of ``z``, not copies): 201 at the paper's 100 steps. The replay moves each map to the run's
+    device and dtype as it is drawn."""
 
     xs: list[Tensor]
     z: list[Tensor]

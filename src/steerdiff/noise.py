@@ -207,13 +207,15 @@ class ReplayNoise:
     The maps are those that make ``solver``, a one-step stochastic solver, go through a given chain of
     states on ``grid`` (:func:`steerdiff.ddpm_inversion.ddpm_invert`); they mean nothing on another grid or
     process, under another solver (another transition's mean and std) or for another batch, so each of those
-    is a ``ValueError``: :func:`steerdiff.sample` checks its whole run before the first step
-    (:meth:`check_run`), and every call checks its step and shape (the other entry points that take a
-    noise source). A run may start at a later node of the grid (nodes ``k..N``: the edit's ``skip``).
+    is a ``ValueError``: :func:`steerdiff.sample` and :func:`steerdiff.paradigms` check the whole run before
+    the first step (:meth:`check_run`), and every call checks its step and shape (the other entry points
+    that take a noise source). A run may start at a later node of the grid (nodes ``k..N``: the edit's
+    ``skip``).
 
     Args:
         grid: the grid of ``N`` steps the maps were made on (no clean end).
-        z: the ``N`` maps, ``z[i]`` of the batch's shape, in the state's dtype and on its device.
+        z: the ``N`` maps, ``z[i]`` of the batch's shape (each draw is moved to the dtype and device of
+            the state it is added to).
         solver: the solver the maps belong to (compared with ``==``: a solver dataclass's type and options).
     """
 
