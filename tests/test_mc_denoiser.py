@@ -224,6 +224,36 @@ def test_reproducible_per_seed_and_per_row():
     assert torch.equal(run([0, 1, 2, 3])[2:3], run([2]))
 
 
+def test_log_prob_nan_inf_and_an_empty_support_are_errors_and_minus_inf_is_weight_0():
+    """-inf at some draws is weight 0 (the estimate is the mean over the rest); NaN, +inf, or -inf at every
+    draw of a row is a ValueError naming log_prob, from a call, from sd.sample and from warm_start (before:
+    a NaN estimate, a generic non-finite report from the sampler and a silent NaN from warm_start)."""
+    x, t = torch.zeros(3, 2, dtype=F64), 0.5
+
+    def right_half(v: torch.Tensor) -> torch.Tensor:
+        return torch.where(v[:, 0] > 0, 0.0, -math.inf)
+
+    half = sd.mcmc.MonteCarloDenoiser(right_half, PROC, (2,), samples=4096, generator=torch.Generator())
+    a, s = coef(t)
+    # the draws N(0, (s/a)^2 I) restricted to v_0 > 0: mean s/a sqrt(2/pi) along v_0, 0 along v_1
+    x0, se = half(x, t).x0, 3 * (s / a) / math.sqrt(2048)
+    assert (x0[:, 0] - s / a * math.sqrt(2 / math.pi)).abs().max() < se and x0[:, 1].abs().max() < 2 * se
+    bad = [
+        lambda v: torch.where(v[:, 0] > 0, math.nan, 0.0),
+        lambda v: torch.where(v[:, 0] > 0, math.inf, 0.0),
+        lambda v: torch.full(v.shape[:1], -math.inf, dtype=v.dtype),
+    ]
+    for log_prob in bad:
+        den = sd.mcmc.MonteCarloDenoiser(log_prob, PROC, (2,), samples=16, generator=torch.Generator())
+        match = r"log_prob must return finite numbers or -inf .* got NaN"
+        with pytest.raises(ValueError, match=match):
+            den(x, t)
+        with pytest.raises(ValueError, match=match):
+            sd.sample(den, x, steps=2, solver="ddim")
+        with pytest.raises(ValueError, match=match):
+            den.warm_start(x, t, 2, 0.1, generator=torch.Generator())
+
+
 def test_bad_input():
     gmm = four_modes()
     make = sd.mcmc.MonteCarloDenoiser

@@ -84,7 +84,8 @@ class MonteCarloDenoiser(Denoiser):
     Args:
         log_prob: ``log_prob(x0) -> (m,)``, the target's log-density up to a constant at ``m`` points
             ``(m, *shape)``; differentiable for ``method="langevin"``. ``-inf`` outside the support is
-            accepted (weight 0); a NaN makes the estimate NaN, which the sampler reports.
+            accepted (weight 0); with ``"importance"`` a NaN or ``+inf``, or ``-inf`` at every draw of a
+            row, is a ``ValueError`` at that call.
         process: the forward process; its ``alpha`` must be positive on the grid used.
         shape: the shape of one sample.
         samples: Monte Carlo draws per row and call (an integer >= 1).
@@ -179,7 +180,15 @@ class MonteCarloDenoiser(Denoiser):
             if not isinstance(lp, Tensor) or tuple(lp.shape) != (n * m,):
                 got = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
                 raise ValueError(f"{who}: log_prob must return a ({n * m},) tensor, got {got}")
-            w = torch.softmax(lp.detach().to(torch.float64).reshape(n, m), dim=1)
+            lp = lp.detach().to(torch.float64).reshape(n, m)
+            # NaN, +inf, or no draw of a row in the support: the weights are 0 / 0, NaN (one sync per call)
+            if bool((lp.isnan() | (lp == torch.inf)).any() | (lp == -torch.inf).all(1).any()):
+                raise ValueError(
+                    f"{who}: log_prob must return finite numbers or -inf (outside the support), with a "
+                    f"finite one among each row's {m} draws; got NaN or +inf, or -inf at every draw of a row "
+                    f"(take more samples), at t={float(torch.as_tensor(t).flatten()[0]):g}"
+                )
+            w = torch.softmax(lp, dim=1)
             self.ess = 1 / w.pow(2).sum(1)
             x0 = torch.einsum("nm,nm...->n...", w, y.to(torch.float64))
         else:
