@@ -224,6 +224,30 @@ def test_reproducible_per_seed_and_per_row():
     assert torch.equal(run([0, 1, 2, 3])[2:3], run([2]))
 
 
+def test_derivative_in_x_is_tweedies_for_guidance():
+    """Under DPS-like guidance (sd.guidance.denoise_with_grad) d x0_hat / d x of the importance estimate is
+    (alpha / sigma^2) Cov_q[x0], on a Gaussian target in closed form: measured 0.166 +- 0.022 (32 rows,
+    8192 draws; cross term 0.004 +- 0.012) against 0.1436; before, with the weights detached, 1 / alpha =
+    3.556 exactly. 'langevin', whose chains are not differentiated (also 1 / alpha), refuses."""
+    c, t, rows = 0.7, 0.5, 32
+    a, s = coef(t)
+
+    def gaussian(v: torch.Tensor) -> torch.Tensor:
+        return -0.5 * ((v - 0.5) / c).pow(2).sum(-1)
+
+    g = torch.Generator().manual_seed(0)
+    den = sd.mcmc.MonteCarloDenoiser(gaussian, PROC, (2,), samples=8192, generator=g)
+    with sd.guidance.grad_on("test", torch.zeros(rows, 2, dtype=F64)):
+        xr, pred = sd.guidance.denoise_with_grad("test", den, torch.zeros(rows, 2, dtype=F64), t)
+        (jac,) = torch.autograd.grad(pred.x0[:, 0].sum(), xr)
+    exact = a / s**2 / (1 / c**2 + a**2 / s**2)
+    for j, value in enumerate((exact, 0.0)):  # d x0_0 / d x_0, and no cross term
+        assert abs(float(jac[:, j].mean()) - value) < 4 * float(jac[:, j].std()) / math.sqrt(rows)
+    ula = sd.mcmc.MonteCarloDenoiser(gaussian, PROC, (2,), 8, "langevin", inner=2, step_size=0.1, generator=g)
+    with pytest.raises(ValueError, match=r"method='langevin' has no derivative of its estimate in x"):
+        sd.guidance.denoise_with_grad("test", ula, torch.zeros(rows, 2, dtype=F64), t)
+
+
 def test_log_prob_nan_inf_and_an_empty_support_are_errors_and_minus_inf_is_weight_0():
     """-inf at some draws is weight 0 (the estimate is the mean over the rest); NaN, +inf, or -inf at every
     draw of a row is a ValueError naming log_prob, from a call, from sd.sample and from warm_start (before:

@@ -83,7 +83,10 @@ class MonteCarloDenoiser(Denoiser):
 
     Args:
         log_prob: ``log_prob(x0) -> (m,)``, the target's log-density up to a constant at ``m`` points
-            ``(m, *shape)``; differentiable for ``method="langevin"``. ``-inf`` outside the support is
+            ``(m, *shape)``; differentiable for ``method="langevin"``, and for ``"importance"`` where the
+            estimate is differentiated in ``x`` (DPS-like guidance: the weights' derivative gives
+            ``d x0_hat / d x``, a consistent estimate of ``(alpha / sigma^2) Cov_q[x0]``; ``"langevin"``
+            refuses it). ``-inf`` outside the support is
             accepted (weight 0); with ``"importance"`` a NaN or ``+inf``, or ``-inf`` at every draw of a
             row, is a ``ValueError`` at that call.
         process: the forward process; its ``alpha`` must be positive on the grid used.
@@ -180,7 +183,7 @@ class MonteCarloDenoiser(Denoiser):
             if not isinstance(lp, Tensor) or tuple(lp.shape) != (n * m,):
                 got = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
                 raise ValueError(f"{who}: log_prob must return a ({n * m},) tensor, got {got}")
-            lp = lp.detach().to(torch.float64).reshape(n, m)
+            lp = lp.to(torch.float64).reshape(n, m)  # not detached: the weights carry d x0 / d x (below)
             # NaN, +inf, or no draw of a row in the support: the weights are 0 / 0, NaN (one sync per call)
             if bool((lp.isnan() | (lp == torch.inf)).any() | (lp == -torch.inf).all(1).any()):
                 raise ValueError(
@@ -189,9 +192,15 @@ class MonteCarloDenoiser(Denoiser):
                     f"(take more samples), at t={float(torch.as_tensor(t).flatten()[0]):g}"
                 )
             w = torch.softmax(lp, dim=1)
-            self.ess = 1 / w.pow(2).sum(1)
+            self.ess = 1 / w.detach().pow(2).sum(1)
             x0 = torch.einsum("nm,nm...->n...", w, y.to(torch.float64))
         else:
+            if x.requires_grad and torch.is_grad_enabled():
+                raise ValueError(
+                    f"{who}: method='langevin' has no derivative of its estimate in x (its chains are not "
+                    "differentiated); use method='importance' (differentiable log_prob) for guidance that "
+                    "differentiates the denoiser (DPS, ...) or a backward pass through the sampler"
+                )
             x0 = self._langevin(x, y, ar, sr).mean(1)
         return Prediction(x, a, s, x0=x0.to(x.dtype))
 
