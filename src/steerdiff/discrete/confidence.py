@@ -156,7 +156,7 @@ class Confidence(Sampler):
     def step(
         self, model: Model, x: Tensor, t: Tensor, i: int, steps: int, generator: Draws, given: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        process = model.den.process
+        process = model.masked
         log_p = model(x, t, i)
         tokens = log_p.argmax(-1) if self.temperature == 0 else draw(log_p / self.temperature, generator)
         score = self.scores(log_p, tokens, generator)
