@@ -219,6 +219,24 @@ def test_self_guided_minority_under_fk_steering_one_generator_per_particle(toy):
     assert torch.equal(run([0, 1])[1], run([1])[0])
 
 
+def test_self_guided_minority_under_rbf_one_generator_per_row(toy):
+    """rbf evaluates some rows at a time (``take_rows``): the re-noising's per-row generators are taken at
+    those rows, so a row's search is the same alone as in a batch (max difference 0). Was: the list of the
+    whole batch reached a call on one row ('generator: 3 generators for a batch of 1 rows')."""
+    _, _, den, _, _ = toy
+
+    def run(rows):
+        sg = SelfGuidedMinority(den, 1.0, generator=[_gen(100 + r) for r in rows])
+        out = sd.smc.rbf(
+            sg, lambda x: x[:, 0], 30, shape=(len(rows), 2), steps=6, generator=[_gen(r) for r in rows]
+        )
+        return out.x[:, 0], out.row_nfe
+
+    x, nfe = run([0, 1, 2])
+    alone, alone_nfe = run([1])
+    assert torch.equal(x[1], alone[0]) and int(nfe[1]) == int(alone_nfe[0])
+
+
 def test_self_guided_minority_nfe_and_seeding(toy):
     _, proc, den, _, x_T = toy
     times = _guided_times(proc)

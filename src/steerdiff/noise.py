@@ -60,6 +60,7 @@ __all__ = [
     "rand",
     "randn",
     "repeat_rows",
+    "take_generator_rows",
 ]
 
 
@@ -378,6 +379,16 @@ def repeat_rows(generator: Generators, n: int) -> torch.Generator | list[torch.G
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     return [g for g in generator for _ in range(n)]
+
+
+def take_generator_rows(generator: Generators, rows: Tensor | slice, n: int) -> Generators:
+    """``generator`` for the rows ``rows`` of a batch of ``n``: a list of ``n`` (one per row) taken at
+    ``rows``, anything else as it is (one generator or ``None`` serves any rows; a list of another length,
+    e.g. one per particle, is checked where it draws). What a denoiser that draws noise of its own per row
+    returns from ``take_rows``."""
+    if generator is None or isinstance(generator, torch.Generator) or len(generator) != n:
+        return generator
+    return list(generator[rows]) if isinstance(rows, slice) else [generator[int(i)] for i in rows.tolist()]
 
 
 def check_generators(who: str, generator: object, rows: int | None = None) -> Generators:

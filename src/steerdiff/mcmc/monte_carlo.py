@@ -61,7 +61,7 @@ from torch import Tensor
 
 from .._checks import choice, integer, real, sizes
 from ..denoiser import Denoiser, Prediction, check_call
-from ..noise import Generators, check_fixed_time, check_generators, make_noise, randn
+from ..noise import Generators, check_fixed_time, check_generators, make_noise, randn, take_generator_rows
 from ..processes import Process
 from .base import Point, Target, chain, fixed_time
 from .langevin import ULA
@@ -158,11 +158,11 @@ class MonteCarloDenoiser(Denoiser):
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy whose per-row generators (a list of ``n``) are taken at ``rows``; itself otherwise."""
-        g = self.generator
-        if isinstance(g, torch.Generator) or g is None or len(g) != n:
+        g = take_generator_rows(self.generator, rows, n)
+        if g is self.generator:
             return self
         out = copy.copy(self)
-        out.generator = g[rows] if isinstance(rows, slice) else [g[int(i)] for i in rows.tolist()]
+        out.generator = g
         return out
 
     def _evaluate(
