@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -275,6 +276,23 @@ def test_unconverged_samples_get_cfg_and_a_warning(sd_process, caplog):
     assert "8 of 8 samples did not converge in 2 iterations" in caplog.text
     assert torch.equal(got.x0, CFG(dc, du, 4.0)(x, 600.0).x0)
     assert ch.unconverged == 8 and ch.cost == 4 and ch.shift is not None and not bool(ch.shift.any())
+
+
+def test_unconverged_warning_under_autograd_raises_no_torch_warning(sd_process, caplog):
+    """The logged residual is read off the graph: under DPS / TDS (x requiring grad) the warning's
+    ``float(...)`` of a tensor that requires grad made torch warn 'Converting a tensor with
+    requires_grad=True to a scalar' at every unconverged call, logging on or off."""
+    dc, du = branches(sd_process, torch.diag(VAR_C), torch.diag(VAR_U))
+    x = points(8).requires_grad_(True)
+    ch = CharacteristicGuidance(dc, du, 4.0, tol=1e-14, max_iter=2)
+    with (
+        warnings.catch_warnings(),
+        caplog.at_level(logging.WARNING, logger="steerdiff.guidance.characteristic"),
+    ):
+        warnings.simplefilter("error")
+        got = ch(x, 600.0)
+    assert "8 of 8 samples did not converge in 2 iterations" in caplog.text
+    assert got.x0.requires_grad and torch.equal(got.x0, CFG(dc, du, 4.0)(x, 600.0).x0)
 
 
 def test_max_iter_one_is_cfg_without_a_warning(sd_process, caplog):

@@ -233,7 +233,7 @@ class CharacteristicGuidance(Guided):
                 n,
                 self.iterations,
                 t if not isinstance(t, Tensor) else t.tolist(),
-                float(least[~converged].nan_to_num(math.inf).max()),
+                float(least[~converged].detach().nan_to_num(math.inf).max()),
                 self.tol,
             )
         if x0_held:
