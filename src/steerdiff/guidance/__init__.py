@@ -16,6 +16,7 @@ from .pcg import pcg
 from .pigdm import PiGDM
 from .repaint import RePaint, repaint_nfe, repaint_sample
 from .threshold import DynamicThreshold
+from .time_shift import TimeShift
 
 __all__ = [
     "CADS",
@@ -37,6 +38,7 @@ __all__ = [
     "RewardGuidance",
     "SelfGuidedMinority",
     "SelfRecurrence",
+    "TimeShift",
     "add_score",
     "denoise_with_grad",
     "epsilon_norms",
