@@ -3,6 +3,7 @@
 from ..solvers.self_recurrence import SelfRecurrence
 from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
 from .boundary import ConsistencyBoundary
+from .calibration import Calibrated, calibrate
 from .cfg import CADS, CFG
 from .characteristic import CharacteristicGuidance
 from .classifier import ClassifierGuidance, RewardGuidance
@@ -23,6 +24,7 @@ __all__ = [
     "CFG",
     "DPS",
     "MCG",
+    "Calibrated",
     "CharacteristicGuidance",
     "ClassifierGuidance",
     "ConsistencyBoundary",
@@ -40,6 +42,7 @@ __all__ = [
     "SelfRecurrence",
     "TimeShift",
     "add_score",
+    "calibrate",
     "denoise_with_grad",
     "epsilon_norms",
     "grad_on",
