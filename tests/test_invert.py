@@ -545,7 +545,8 @@ def test_callback_reports_each_step_up(gmm, sd_process, x_0):
 )
 def test_stochastic_solvers_are_refused(gmm, sd_process, x_0, solver):
     shown = r"'\w+'" if isinstance(solver, str) else r"DDIM\(order=1, eta=0\.5\)"
-    with pytest.raises(ValueError, match=rf"invert: solver={shown} is stochastic.*accepted: \['ddim', 'de"):
+    accepted = r"accepted: \['accel_ddim', 'ddim', 'de"
+    with pytest.raises(ValueError, match=rf"invert: solver={shown} is stochastic.*{accepted}"):
         sd.invert(gmm.denoiser(sd_process), x_0, 5, solver)
 
 

@@ -76,8 +76,8 @@ from torch import Tensor
 
 from .._ops import axpby
 from ._exp import sde_std
-from .base import Grid, History, Model, Solver, step_order
-from .ddim import ancestral_split
+from .base import Grid, Model, Solver
+from .ddim import EpsDifference, ancestral_split
 
 __all__ = ["AcceleratedDDIM", "AcceleratedDDPM", "eps_line_weight"]
 
@@ -94,7 +94,7 @@ def eps_line_weight(s_prev: float, s: float, s_next: float) -> float:
 
 
 @dataclass
-class AcceleratedDDIM(Solver):
+class AcceleratedDDIM(EpsDifference):
     """The accelerated deterministic sampler (``accel_ddim``): DDIM plus the integral of ``eps`` linear in
     ``abar`` through the last two estimates; second order, one NFE per step. ``order=1`` is DDIM."""
 
@@ -102,21 +102,11 @@ class AcceleratedDDIM(Solver):
     max_order: ClassVar[int] = 2
     order: int = 2
 
-    def init_state(self, grid: Grid) -> dict[str, Any]:
-        return {"eps": History(2)}
+    def weight(self, s_prev: float, s: float, s_next: float) -> float:
+        return eps_line_weight(s_prev, s, s_next)
 
-    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        hist = state["eps"]
-        pred = model(x, grid.t[i], i)
-        a_next, sigma_next = grid.alpha[i + 1], grid.sigma[i + 1]
-        out = pred.renoise(a_next, sigma_next)  # before eps is derived: an x0 net's DDIM step from its x0
-        hist.push(pred.eps, grid.sigma[i] / grid.alpha[i])
-        if step_order(i, grid, self.order, len(hist.values), False) == 2:
-            (eps, eps_prev), (s, s_prev) = hist.values, hist.at
-            weight = eps_line_weight(s_prev, s, sigma_next / a_next)
-            out = axpby(1.0, out, a_next * weight, eps_prev - eps)
-        hist.trim()
-        return out
+    def history_order(self) -> int:
+        return self.order
 
 
 @dataclass

@@ -24,10 +24,11 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .._checks import real
+from .._ops import axpby
 from ._exp import sde_std
-from .base import Grid, Model, Solver, Transition
+from .base import Grid, History, Model, Solver, Transition, step_order
 
-__all__ = ["DDIM", "ancestral_split", "noise_split"]
+__all__ = ["DDIM", "EpsDifference", "ancestral_split", "noise_split"]
 
 
 def noise_split(sigma_next: float, c: float) -> tuple[float, float]:
@@ -70,3 +71,42 @@ class DDIM(Solver):
             return pred.renoise(grid.alpha[i + 1], grid.sigma[i + 1])
         sigma_det, c = ancestral_split(grid, i, self.eta)
         return Transition(pred.renoise(grid.alpha[i + 1], sigma_det), c)
+
+
+@dataclass
+class EpsDifference(Solver):
+    """DDIM plus a multiple of the last two noise estimates' difference, the shared step of the two-step
+    DDIM refinements (:class:`~steerdiff.solvers.accelerated.AcceleratedDDIM`,
+    :class:`~steerdiff.solvers.gradient_estimation.GradientEstimation`): with ``s = sigma / alpha`` at the
+    nodes,
+
+        x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i + alpha_{i+1} w_i (eps_{i-1} - eps_i),
+        w_i = w(s_{i-1}, s_i, s_{i+1}),
+
+    ``w`` the subclass's :meth:`weight`. One NFE per step; the first step (no earlier estimate), a step
+    :func:`~steerdiff.solvers.base.step_order` takes at first order and the step into a clean end are
+    DDIM's."""
+
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        return {"eps": History(2)}
+
+    def weight(self, s_prev: float, s: float, s_next: float) -> float:
+        """``w``: the coefficient of ``alpha_{i+1} (eps_{i-1} - eps_i)``."""
+        raise NotImplementedError
+
+    def history_order(self) -> int:
+        """The order asked of :func:`~steerdiff.solvers.base.step_order`: 2 (the difference) unless the
+        subclass lets its ``order`` turn it off."""
+        return 2
+
+    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
+        hist = state["eps"]
+        pred = model(x, grid.t[i], i)
+        a_next, sigma_next = grid.alpha[i + 1], grid.sigma[i + 1]
+        out = pred.renoise(a_next, sigma_next)  # before eps is derived: an x0 net's DDIM step from its x0
+        hist.push(pred.eps, grid.sigma[i] / grid.alpha[i])
+        if step_order(i, grid, self.history_order(), len(hist.values), False) == 2:
+            (eps, eps_prev), (s, s_prev) = hist.values, hist.at
+            out = axpby(1.0, out, a_next * self.weight(s_prev, s, sigma_next / a_next), eps_prev - eps)
+        hist.trim()
+        return out

@@ -30,19 +30,16 @@ ahead of ``dpmpp_2m`` only at 5 steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-from torch import Tensor
+from typing import ClassVar
 
 from .._checks import real
-from .._ops import axpby
-from .base import Grid, History, Model, Solver, step_order
+from .ddim import EpsDifference
 
 __all__ = ["GradientEstimation"]
 
 
 @dataclass
-class GradientEstimation(Solver):
+class GradientEstimation(EpsDifference):
     """The gradient-estimation sampler (``gradient_estimation``): DDIM with ``eps`` replaced by ``gamma
     eps_i + (1 - gamma) eps_{i-1}`` (``gamma``, a finite number, default 2; 1 is DDIM); one NFE per step."""
 
@@ -54,18 +51,5 @@ class GradientEstimation(Solver):
         super().__post_init__()
         self.gamma = real("GradientEstimation", "gamma", self.gamma)
 
-    def init_state(self, grid: Grid) -> dict[str, Any]:
-        return {"eps": History(2)}
-
-    def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
-        hist = state["eps"]
-        pred = model(x, grid.t[i], i)
-        a_next, sigma_next = grid.alpha[i + 1], grid.sigma[i + 1]
-        out = pred.renoise(a_next, sigma_next)  # before eps is derived: an x0 net's DDIM step from its x0
-        hist.push(pred.eps, grid.lam[i])
-        if step_order(i, grid, 2, len(hist.values), False) == 2:
-            eps, eps_prev = hist.values
-            ds = sigma_next / a_next - grid.sigma[i] / grid.alpha[i]
-            out = axpby(1.0, out, a_next * ds * (1.0 - self.gamma), eps_prev - eps)
-        hist.trim()
-        return out
+    def weight(self, s_prev: float, s: float, s_next: float) -> float:
+        return (s_next - s) * (1.0 - self.gamma)
