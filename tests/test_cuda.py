@@ -1,32 +1,36 @@
 """What steerdiff promises of an accelerator, checked on a real one (``tests/test_device.py`` checks
 the sync counts on the ``meta`` device instead, on any machine).
 
-Every run here is made twice, on the device under test and on the CPU, from the same ``x_T`` and the
-same noise, and the device run must be the CPU run: float64 to ``F64_TOL`` relative (CUDA's float64
-transcendentals may differ from the CPU's in the last ulp, so not bitwise), float32 on the device
-against float64 on the CPU to float32 accuracy, float16 / bfloat16 loosely (finite, in ``x_T``'s
-dtype, near the float32 run). The same noise on both sides comes from one CPU generator per row
-(diffusers' convention: a CPU generator gives the same numbers whatever the sample's device), or from
-float64 draws on the CPU cast to the run's dtype (``_Noise64``) where the two runs' dtypes differ.
-The model is the exact Gaussian-mixture oracle (``sd.toy.GaussianMixture``; it computes on the CPU in
-float64 and returns on the input's device), small ``torch.nn.Linear`` nets on the device, or the
-embedded digits model moved to the device. Covered: every registered solver and schedule, the
-processes, half precision, no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the
-same count), guidance and the inverse operators (LanPaint too), the particle methods (DriftLite and the
-trees of ``sd.smc.dts`` too), the adaptive DPM-Solver's per-sample steps, the MCMC correctors and PCG,
-``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through ``sd.sample``,
-``BrownianTreeNoise`` against torchsde's trees on the device,
-generators on the device, the metrics, and masked diffusion (``sd.discrete``: every sampler, ``CFG``,
-``ClassifierGuidance``, ``fk_steering`` and ``best_of_n`` draw the CPU run's tokens; at most one host read
-per step), ParaDiGMS (``sd.paradigms``, staged solvers too: the CPU run's samples, windows and NFE; one
-device read per Picard iteration), and runs spread over a real NCCL process group
-(``tests/distributed.py``'s ``spawn`` with
-``backend="nccl"``, one rank per GPU: a world of 1 on one GPU, 2 on two or more; NCCL takes CUDA tensors
-only): ``sd.distributed.sample`` (``shape=``/``seed=`` on the device, ``x_T`` with per-sample CUDA
-generators, a failing rank) and ``sample_discrete``, ``sd.smc.fk_steering`` (resampling at some nodes, the
-global RNG), ``svdd``, ``best_of_n``, ``sd.discrete.fk_steering`` / ``best_of_n`` on device tokens,
-``sd.paradigms``, and a NaN from one rank's net raised alike by every rank, each with ``group=`` equal to
-the same run on the GPU alone.
+Every run here is made twice, on the device under test and on the CPU, from the same ``x_T`` and the same
+noise, and the device run must be the CPU run: float64 to ``F64_TOL`` relative (CUDA's float64 transcendentals
+may differ from the CPU's in the last ulp, so not bitwise), float32 on the device against float64 on the CPU
+to float32 accuracy, float16 / bfloat16 loosely (finite, in ``x_T``'s dtype, near the float32 run). The same
+noise on both sides comes from one CPU generator per row (diffusers' convention: a CPU generator gives the
+same numbers whatever the sample's device), or from float64 draws on the CPU cast to the run's dtype
+(``_Noise64``) where the two runs' dtypes differ. The model is the exact Gaussian-mixture oracle
+(``sd.toy.GaussianMixture``; it computes on the CPU in float64 and returns on the input's device), small
+``torch.nn.Linear`` nets on the device, or the embedded digits model moved to the device. Covered: every
+registered solver and schedule, the processes and interpolant conversion (``sd.Reprocessed``), half precision,
+no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the same count), guidance and the
+inverse operators (LanPaint, ``CharacteristicGuidance``, ``MinorityGuidance`` and ``SelfGuidedMinority`` with
+per-row CPU generators too), the particle methods (DriftLite, the trees of ``sd.smc.dts`` and ``sd.smc.rbf``'s
+search, its candidates and NFE per row, too), the adaptive DPM-Solver's per-sample steps, the MCMC correctors
+and PCG, walk-jump sampling (``sd.mcmc.walk_jump``) and the Monte Carlo denoiser (``MonteCarloDenoiser``, its
+warm start too), ``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through
+``sd.sample`` and AdjointDEIS (``sd.adjoint``: the CPU run's gradients in ``x_T`` and a condition), the
+edit-friendly DDPM inversion (``sd.ddpm_invert``: exact reconstruction on the device, maps extracted on the
+CPU replayed there), ``BrownianTreeNoise`` against torchsde's trees on the device, generators on the device,
+the metrics, and discrete diffusion (``sd.discrete``: every sampler and ``Confidence``'s scores, ``CFG``,
+``ClassifierGuidance``, ``fk_steering`` and ``best_of_n`` draw the CPU run's tokens, as do the uniform
+process's ancestral sampler and ``sgdd``; at most one host read per network call, ``sgdd`` one more per
+iteration), ParaDiGMS (``sd.paradigms``, staged solvers too: the CPU run's samples, windows and NFE; one
+device read per Picard iteration), and runs spread over a real NCCL process group (``tests/distributed.py``'s
+``spawn`` with ``backend="nccl"``, one rank per GPU: a world of 1 on one GPU, 2 on two or more; NCCL takes
+CUDA tensors only): ``sd.distributed.sample`` (``shape=``/``seed=`` on the device, ``x_T`` with per-sample
+CUDA generators, a failing rank) and ``sample_discrete``, ``sd.smc.fk_steering`` (resampling at some nodes,
+the global RNG), ``svdd``, ``best_of_n``, ``sd.discrete.fk_steering`` / ``best_of_n`` on device tokens,
+``sd.paradigms``, and a NaN from one rank's net raised alike by every rank, each with ``group=`` equal to the
+same run on the GPU alone.
 
 Run with ``make test-cuda`` (``pytest tests/test_cuda.py`` on a machine with a GPU); ``make test``
 skips the module where there is none. ``STEERDIFF_TEST_DEVICE`` names the device under test (default
@@ -50,7 +54,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 import steerdiff as sd
-from steerdiff.guidance import CFG, DPS, MCG, ClassifierGuidance, DynamicThreshold, PiGDM, RewardGuidance
+from steerdiff.guidance import (
+    CFG,
+    DPS,
+    MCG,
+    CharacteristicGuidance,
+    ClassifierGuidance,
+    DynamicThreshold,
+    MinorityGuidance,
+    PiGDM,
+    RewardGuidance,
+    SelfGuidedMinority,
+)
 from steerdiff.integrations.diffusers_ref import run_scheduler
 from steerdiff.inverse import Blur, Downsample, Inpaint, Matrix
 from steerdiff.paradigms import ParadigmsInfo
@@ -108,6 +123,7 @@ MASK = (torch.rand(IMAGE, generator=_G) < 0.5).to(F64)
 Y_IMAGE = GMM.sample(1, _G).reshape(1, *IMAGE)
 KERNEL = torch.tensor([[0.1, 0.2, 0.1], [0.15, 0.3, 0.15]], dtype=F64)
 B = torch.randn(8, generator=_G, dtype=F64)
+LEVELS = torch.randn(3, 8, generator=_G, dtype=F64)  # a linear classifier of 3 minority-score levels
 
 
 def _solver(name: str) -> str | sd.solvers.Solver:
@@ -158,6 +174,11 @@ def _log_p(law: sd.toy.GaussianMixture, x: Tensor, t: float | Tensor) -> Tensor:
 def _log_p_class(x: Tensor, t: float | Tensor) -> Tensor:
     """The exact noisy classifier ``log p(c | x_t) = log p(c) + log p_t(x | c) - log p_t(x)``."""
     return LOG_P_CLASS + _log_p(CLASS, x, t) - _log_p(GMM, x, t)
+
+
+def _level_logits(x: Tensor, t: float | Tensor) -> Tensor:
+    """Logits of 3 levels, linear in ``x`` (a noise-conditional classifier's shape), on ``x``'s device."""
+    return x @ LEVELS.to(x).T
 
 
 def _reward(x: Tensor) -> Tensor:
@@ -213,12 +234,25 @@ PROCESSES: dict[str, Callable[[], tuple[sd.Process, sd.Denoiser, str]]] = {
         GMM.mean_reverting_denoiser(p, torch.linspace(-1.0, 1.0, 8, dtype=F64)),
         "unipc",
     ),
+    # interpolant conversion (sd.Reprocessed): a rectified-flow model on a VP path and a VP model on rectified
+    # flow's (its range narrowed to the shared log-SNR: den.process)
+    "reprocessed_flow_on_vp": lambda: (
+        p := sd.VP.linear(),
+        sd.Reprocessed(GMM.denoiser(sd.RectifiedFlow()), p),
+        "ddpm",
+    ),
+    "reprocessed_vp_on_flow": lambda: (
+        (den := sd.Reprocessed(GMM.denoiser(PROC), sd.RectifiedFlow())).process,
+        den,
+        "flow_sde",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", PROCESSES)
 def test_process_float64_equals_the_cpu_run(name: str) -> None:
-    """Each process's time tables and coefficients on the device, with a solver suited to it."""
+    """Each process's time tables and coefficients on the device, with a solver suited to it; a converted
+    denoiser's time and state maps too."""
     proc, den, solver = PROCESSES[name]()
     scale = float((proc.alpha(proc.t_max) ** 2 + proc.sigma(proc.t_max) ** 2).sqrt())
     x_T = scale * noise(BATCH, 8)
@@ -350,6 +384,16 @@ def _device_classifier(x: Tensor, t: float | Tensor) -> Tensor:
     return x @ _b_on_device()
 
 
+@functools.cache
+def _levels_on_device() -> Tensor:
+    """``LEVELS`` in float32 on the device, copied once."""
+    return LEVELS.to(DEVICE, torch.float32)
+
+
+def _device_level_logits(x: Tensor, t: float | Tensor) -> Tensor:
+    return x @ _levels_on_device().T
+
+
 def _device_log_prob(x: Tensor, t: float | Tensor) -> Tensor:
     return -0.5 * x.square().sum(-1)
 
@@ -365,6 +409,9 @@ STEERED: dict[str, Callable[[sd.Denoiser, Tensor, int], object]] = {
     "pigdm": lambda den, x, n: sd.sample(PiGDM(den, Matrix(A), Y, noise_std=0.1), x, n, "ddpm"),
     "mcg": lambda den, x, n: sd.sample(MCG(den, Matrix(A), Y, noise_std=0.1), x, n, "ddpm"),
     "threshold": lambda den, x, n: sd.sample(DynamicThreshold(den, 0.9), x, n, "dpmpp_2m"),
+    "minority": lambda den, x, n: sd.sample(MinorityGuidance(den, _device_level_logits), x, n, "ddpm"),
+    "self_guided_minority": lambda den, x, n: sd.sample(SelfGuidedMinority(den, 1.0), x, n, "ddpm"),
+    "reprocessed": lambda den, x, n: sd.sample(sd.Reprocessed(den, sd.RectifiedFlow()), x, n, "flow_sde"),
     "repaint": lambda den, x, n: sd.guidance.repaint_sample(
         den, Inpaint(_FLAT_MASK), Y_IMAGE.reshape(8)[_FLAT_MASK == 1], x, n, resample=2, jump=2
     ),
@@ -438,6 +485,10 @@ NAN_RUNS: dict[str, Callable[[sd.Denoiser, Tensor], object]] = {
         den, lambda v: v.sum(-1), lam=2.0, steps=8, shape=(2, 8), particles=2, device=x.device
     ),
     "pcg": lambda den, x: sd.guidance.pcg(den, den, x, 8, 2.0),
+    "characteristic": lambda den, x: sd.sample(CharacteristicGuidance(den, den, 2.0), x, 8),
+    "rbf": lambda den, x: sd.smc.rbf(den, lambda v: v.sum(-1), 16, shape=(2, 8), steps=8, device=x.device),
+    "adjoint": lambda den, x: sd.adjoint(den, x, lambda v: v.square().sum(), 8),
+    "walk_jump": lambda den, x: sd.mcmc.walk_jump(den, (4, 8), 2.0, 3, 4, device=x.device),
 }
 
 
@@ -502,6 +553,16 @@ GUIDED: dict[str, Callable[[], sd.Denoiser]] = {
     ),
     "mcg": lambda: MCG(DEN, Matrix(A), Y, noise_std=0.1, scale=0.5),
     "threshold": lambda: DynamicThreshold(DEN, 0.9, max_value=1.2),
+    "characteristic": lambda: CharacteristicGuidance(CLASS_DEN, DEN, 3.0),  # its Anderson solve per sample
+    "minority": lambda: MinorityGuidance(DEN, _level_logits, level=-1, scale=2.0),
+    # its re-noising drawn from one CPU generator per row; guided at every node, or at every other one
+    "self_guided_minority": lambda: SelfGuidedMinority(DEN, 1.0, generator=_rows(BATCH, 40)),
+    "self_guided_minority_times": lambda: SelfGuidedMinority(
+        DEN,
+        1.0,
+        times=sd.solvers.make_grid(PROC, sd.schedules.get("karras_capped"), STEPS).t[:-1][::2],
+        generator=_rows(BATCH, 40),
+    ),
 }
 
 
@@ -590,11 +651,14 @@ SMC: dict[str, Callable[..., sd.smc.Particles]] = {
     "fkc_cfg": lambda **kw: sd.smc.fkc_cfg(CLASS_DEN, DEN, 2.0, **kw),
     "driftlite_vcg": lambda **kw: sd.smc.driftlite([CLASS_DEN, DEN], (2.0, -1.0), **kw),
     "driftlite_ecg": lambda **kw: sd.smc.driftlite([DEN], (2.0,), variant="ecg", **kw),
+    # rollover budget forcing: best-of-n's budget (particles x steps evaluations a row), searched node by node
+    "rbf": lambda particles, **kw: sd.smc.rbf(DEN, _reward, particles * kw["steps"], initial=2, **kw),
 }
 
 
 def _expect_particles(out: sd.smc.Particles, ref: sd.smc.Particles) -> None:
-    """Same samples, log-weights, log Z estimates and resampling events, NFE and rewards."""
+    """Same samples, log-weights, log Z estimates and resampling events, NFE and rewards (``rbf``: the same
+    search, each row's candidates and evaluations)."""
     _expect(out.x, ref.x, F64_TOL)
     _expect(out.log_w, ref.log_w, F64_TOL)
     assert out.nfe == ref.nfe
@@ -604,6 +668,10 @@ def _expect_particles(out: sd.smc.Particles, ref: sd.smc.Particles) -> None:
         assert torch.equal(out.trace.resampled.cpu(), ref.trace.resampled)
     if ref.reward is not None:
         _expect(out.reward, ref.reward, F64_TOL)
+    if isinstance(ref, sd.smc.RolloverSamples):
+        assert isinstance(out, sd.smc.RolloverSamples)
+        for got, want in ((out.row_nfe, ref.row_nfe), (out.candidates, ref.candidates)):
+            assert got is not None and want is not None and torch.equal(got.cpu(), want)
 
 
 @pytest.mark.parametrize("name", SMC)
@@ -710,6 +778,57 @@ def test_pcg_float64_equals_the_cpu_run() -> None:
         return sd.guidance.pcg(CLASS_DEN, DEN, x, STEPS, 2.0, langevin_steps=2, generator=_rows(BATCH))
 
     _expect(run(x_T.to(DEVICE)), run(x_T), F64_TOL)
+
+
+@pytest.mark.parametrize("kernel", ["ulmc", "ula"])
+def test_walk_jump_float64_equals_the_cpu_run(kernel: str) -> None:
+    """Walk-jump sampling with accumulated measurements (``sd.mcmc.walk_jump``) at per-row CPU generators:
+    the CPU run's jumps, measurement means and NFE."""
+
+    def run(device: str) -> sd.mcmc.WalkJump:
+        return sd.mcmc.walk_jump(
+            DEN, (BATCH, 8), 2.0, 4, 5, kernel=kernel, dtype=F64, device=device, generator=_rows(BATCH)
+        )
+
+    out, ref = run(DEVICE), run("cpu")
+    _expect(out.x, ref.x, F64_TOL)
+    _expect(out.y_mean, ref.y_mean, F64_TOL)
+    assert out.nfe == ref.nfe == 4 * 5 + 1
+
+
+MONTE_CARLO: dict[str, Callable[[], sd.mcmc.MonteCarloDenoiser]] = {
+    "importance": lambda: sd.mcmc.MonteCarloDenoiser(
+        GMM.log_prob, PROC, (8,), 32, generator=_rows(BATCH, 60)
+    ),
+    "langevin": lambda: sd.mcmc.MonteCarloDenoiser(
+        GMM.log_prob, PROC, (8,), 8, "langevin", inner=2, step_size=0.01, generator=_rows(BATCH, 60)
+    ),
+}
+
+
+@pytest.mark.parametrize("method", MONTE_CARLO)
+def test_monte_carlo_denoiser_float64_equals_the_cpu_run(method: str) -> None:
+    """The Monte Carlo denoiser of the mixture's density (its draws from CPU generators per row, the density
+    on the device): rdMC's warm start at an early-stopped time, then DDPM from there, the CPU run's samples
+    and NFE."""
+    t = float(PROC.t_of_sigma_ratio(3.0))
+    x_T = float(PROC.sigma(t)) * noise(BATCH, 8)
+    grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_capped"), STEPS)
+    nodes = [float(v) for v in grid.t[:-1] if v < t]
+
+    def run(x: Tensor) -> tuple[Tensor, Tensor, sd.SampleInfo]:
+        den = MONTE_CARLO[method]()
+        start = den.warm_start(x, t, 3, 0.05, generator=_rows(BATCH, 80))
+        out, info = sd.sample(
+            den, start, len(nodes) + 1, "ddpm", sd.schedules.Custom([t, *nodes]), generator=_rows(BATCH),
+            return_info=True,
+        )  # fmt: skip
+        return start, out, info
+
+    (start, out, info), (ref_start, ref, ref_info) = run(x_T.to(DEVICE)), run(x_T)
+    _expect(start, ref_start, F64_TOL)
+    _expect(out, ref, F64_TOL)
+    assert info.nfe == ref_info.nfe
 
 
 # --- SteerdiffScheduler in a diffusers-style loop -------------------------------------------------------
@@ -847,6 +966,67 @@ def test_gradient_through_sample_equals_the_cpu_gradient(solver: str) -> None:
         _expect(out, ref, F64_TOL)
 
 
+@pytest.mark.parametrize("final", ["zero", "none"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_adjoint_gradients_equal_the_cpu_gradients(order: int, final: str) -> None:
+    """AdjointDEIS (``sd.adjoint``) on the device: the forward run, ``dL/dx_T`` and ``dL/d shift`` (a
+    conditioning tensor given on the device) of the CPU run, the same evaluations and vector-Jacobian
+    products, and the same re-solved ``x_T``."""
+    x_T, target = noise(4, 8, seed=2), noise(4, 8, seed=3)
+    den = sd.Denoiser(lambda x, t, shift: DEN.net(x, t) + shift, PROC, "x0", shape=(8,))
+
+    def run(device: str) -> tuple[Tensor, Tensor, Tensor, Any]:
+        shift = torch.full((8,), 0.1, dtype=F64, device=device, requires_grad=True)
+        goal = target.to(device)
+        x0, grads, info = sd.adjoint(
+            den, x_T.to(device), lambda x: (x - goal).square().sum(), STEPS, solver_order=order, final=final,
+            return_info=True, shift=shift,
+        )  # fmt: skip
+        return x0, grads["x_T"], grads["shift"], info
+
+    *out, info = run(DEVICE)
+    *ref, ref_info = run("cpu")
+    for o, r in zip(out, ref, strict=True):
+        assert float(r.abs().max()) > 1e-6
+        _expect(o, r, F64_TOL)
+    _expect(info.x_T_resolved, ref_info.x_T_resolved, F64_TOL)
+    assert (info.forward_nfe, info.backward_nfe, info.vjps) == (
+        ref_info.forward_nfe,
+        ref_info.backward_nfe,
+        ref_info.vjps,
+    )
+
+
+# --- edit-friendly DDPM inversion ------------------------------------------------------------------------
+
+INVERTED: dict[str, tuple[sd.Denoiser, str]] = {
+    "ddpm": (DEN, "ddpm"),
+    "ddim_eta1": (DEN, sd.solvers.DDIM(eta=1.0)),
+    "flow_sde": (GMM.denoiser(sd.RectifiedFlow()), "flow_sde"),
+}
+
+
+@pytest.mark.parametrize("name", INVERTED)
+def test_ddpm_inversion_on_the_device_reconstructs_and_replays_cpu_maps(name: str) -> None:
+    """``sd.ddpm_invert`` of exact samples on the device (its ``q(x_t | x_0)`` draws from CPU generators per
+    row): the CPU run's states and noise maps, and the replay through ``sample`` returns ``x_0`` (its last
+    state bit for bit). Maps extracted on the CPU, replayed from ``x_T`` on the device (each draw moved
+    there): the CPU replay, ``x_0`` again."""
+    den, solver = INVERTED[name]
+    x_0 = GMM.sample(BATCH, _gen(6))
+    ref = sd.ddpm_invert(den, x_0, STEPS, solver, generator=_rows(BATCH))
+    inv = sd.ddpm_invert(den, x_0.to(DEVICE), STEPS, solver, generator=_rows(BATCH))
+    assert inv.nfe == ref.nfe == STEPS
+    for out, want in zip([*inv.xs, *inv.z], [*ref.xs, *ref.z], strict=True):
+        _expect(out, want, F64_TOL)
+    out = sd.sample(den, **inv.sample_kwargs())
+    assert torch.equal(out, inv.xs[-1])
+    _expect(out, x_0, 1e-12)
+    replay = sd.sample(den, **{**ref.sample_kwargs(), "x_T": ref.x_T.to(DEVICE)})
+    _expect(replay, sd.sample(den, **ref.sample_kwargs()), F64_TOL)
+    _expect(replay, x_0, 1e-12)
+
+
 # --- masked (discrete) diffusion -------------------------------------------------------------------------
 # The exact CategoricalMixture oracle computes on its input's device (float64). Every draw (Gumbel-max
 # uniforms, unmasking coins, positions, resampling) comes from one CPU generator per row, drawn on the host
@@ -865,15 +1045,39 @@ CAT_GUIDED = {
     "cfg": (sd.discrete.CFG(CAT_DEN, CAT_DEN, 3.0, uncond_kwargs={"y": -1}), {"y": 0}),
     "classifier": (sd.discrete.ClassifierGuidance(CAT_DEN, CAT.classifier(0, 4)), {}),
 }
+# every registered sampler, and confidence-ordered decoding's other scores (greedy, random, PC-Sampler's)
+CAT_SAMPLERS: dict[str, str | sd.discrete.Sampler] = {
+    **{s: s for s in sd.discrete.available()},
+    "confidence_margin_greedy": sd.discrete.Confidence("margin", temperature=0.0),
+    "confidence_entropy": sd.discrete.Confidence("entropy"),
+    "confidence_random": sd.discrete.Confidence("random"),
+    "confidence_pc": sd.discrete.Confidence("pc", frequencies=[0.4, 0.3, 0.2, 0.1]),
+}
+# uniform-noise discrete diffusion: ancestral sampling, and SGDD's split Gibbs posterior sampling (a log-
+# likelihood on the device); run(den, n, **kw) with n steps / iterations
+CAT_UNIFORM_DEN = CAT.denoiser(sd.discrete.UniformProcess(4))
+UNIFORM_RUNS: dict[str, Callable[..., Tensor]] = {
+    "ancestral": lambda den, n, **kw: sd.discrete.sample(den, (3, 5), n, "ancestral", **kw),
+    "sgdd": lambda den, n, **kw: sd.discrete.sgdd(
+        den, _cat_reward, shape=(3, 5), iterations=n, denoise_steps=2, mh_steps=8, **kw
+    ),
+}
 
 
-def _steps(sampler: str) -> int | None:
+def _steps(sampler: str | sd.discrete.Sampler) -> int | None:
     return None if sampler == "first_hitting" else 6
+
+
+@functools.cache
+def _cat_f_on(device: torch.device) -> Tensor:
+    """``CAT_F`` on ``device``, copied once (SGDD calls its log-likelihood at every Metropolis-Hastings step:
+    a copy per call would be a sync per step)."""
+    return CAT_F.to(device)
 
 
 def _cat_reward(x: Tensor) -> Tensor:
     """``r(x) = sum_i f[i, x^i]`` on ``x``'s device."""
-    return CAT_F.to(x.device)[torch.arange(5, device=x.device), x].sum(-1)
+    return _cat_f_on(x.device)[torch.arange(5, device=x.device), x].sum(-1)
 
 
 def _expect_tokens(out: Tensor, ref: Tensor) -> None:
@@ -882,9 +1086,10 @@ def _expect_tokens(out: Tensor, ref: Tensor) -> None:
 
 
 @pytest.mark.parametrize("start", ["shape", "tokens"])
-@pytest.mark.parametrize("sampler", sd.discrete.available())
-def test_discrete_sampler_on_the_device_draws_the_cpu_tokens(sampler: str, start: str) -> None:
+@pytest.mark.parametrize("name", CAT_SAMPLERS)
+def test_discrete_sampler_on_the_device_draws_the_cpu_tokens(name: str, start: str) -> None:
     """From the all-masked batch (``device=``) or partly masked tokens on the device (they stay)."""
+    sampler = CAT_SAMPLERS[name]
     if start == "shape":
         ref = sd.discrete.sample(CAT_DEN, (3, 5), _steps(sampler), sampler, generator=_rows(3))
         out = sd.discrete.sample(CAT_DEN, (3, 5), _steps(sampler), sampler, generator=_rows(3), device=DEVICE)
@@ -927,6 +1132,15 @@ def test_discrete_steering_on_the_device_equals_the_cpu_run(method: str, sampler
     _expect_tokens(out.sample(generator=_gen(9)), ref.sample(generator=_gen(9)))
 
 
+@pytest.mark.parametrize("name", UNIFORM_RUNS)
+def test_uniform_discrete_on_the_device_draws_the_cpu_tokens(name: str) -> None:
+    """From uniform tokens drawn per row (SGDD: its Metropolis-Hastings proposals and coins too)."""
+    n = 6 if name == "ancestral" else 3
+    ref = UNIFORM_RUNS[name](CAT_UNIFORM_DEN, n, generator=_rows(3))
+    _expect_tokens(UNIFORM_RUNS[name](CAT_UNIFORM_DEN, n, generator=_rows(3), device=DEVICE), ref)
+    assert int(ref.min()) >= 0 and int(ref.max()) <= 3
+
+
 def _embedding_den() -> sd.discrete.MaskedDenoiser:
     """A small net on the device: logits from an ``Embedding`` of each token (mask id 4 included)."""
     net = torch.nn.Embedding(5, 4, device=DEVICE).requires_grad_(False)
@@ -934,12 +1148,12 @@ def _embedding_den() -> sd.discrete.MaskedDenoiser:
 
 
 @cuda_only
-@pytest.mark.parametrize("sampler", sd.discrete.available())
-def test_discrete_sample_reads_the_host_at_most_once_per_step(sampler: str) -> None:
+@pytest.mark.parametrize("name", CAT_SAMPLERS)
+def test_discrete_sample_reads_the_host_at_most_once_per_step(name: str) -> None:
     """The denoiser's NaN / no-clean-token checks are read together once per network call (as on meta in
     tests/test_discrete_api.py): 6 more steps, at most 6 more syncs. ``first_hitting`` takes one step per
     masked token: 6 more tokens."""
-    den = _embedding_den()
+    sampler, den = CAT_SAMPLERS[name], _embedding_den()
     sd.discrete.sample(den, (4, 6), 6, "ancestral", device=DEVICE)  # first use of each kernel
 
     def count(k: int) -> int:
@@ -948,6 +1162,20 @@ def test_discrete_sample_reads_the_host_at_most_once_per_step(sampler: str) -> N
 
     few, many = count(6), count(12)
     assert many - few <= 6, (few, many)
+
+
+@cuda_only
+@pytest.mark.parametrize("name", UNIFORM_RUNS)
+def test_uniform_discrete_reads_the_host_at_most_once_per_call(name: str) -> None:
+    """A uniform-noise ``Embedding`` net on the device: one read per network call (ancestral: 6 more steps,
+    at most 6 more syncs), and SGDD one more per iteration, its log-likelihood's NaN check (2 calls an
+    iteration: 6 more iterations, at most 18 more)."""
+    net = torch.nn.Embedding(4, 4, device=DEVICE).requires_grad_(False)
+    den = sd.discrete.UniformDenoiser(lambda x, t: net(x), sd.discrete.UniformProcess(4))
+    run = UNIFORM_RUNS[name]
+    run(den, 2, device=DEVICE)  # first use of each kernel
+    few, many = (_syncs(lambda n=n: run(den, n, device=DEVICE)) for n in (6, 12))
+    assert many - few <= 6 * (1 if name == "ancestral" else 3), (few, many)
 
 
 # --- generators --------------------------------------------------------------------------------------------
