@@ -293,7 +293,7 @@ class _Mine(sd.smc.SMCAlgorithm):
     [
         (
             lambda den: sd.sample(den, _X, 5, solver="nope"),
-            r"^sample: unknown solver='nope'; accepted: \['cps', 'ddim'",
+            r"^sample: unknown solver='nope'; accepted: \['accel_ddim', 'accel_ddpm', 'cps', 'ddim'",
         ),
         (
             lambda den: sd.sample(den, _X, 5, schedule="nope"),
@@ -341,7 +341,7 @@ class _Mine(sd.smc.SMCAlgorithm):
         ),
         (
             lambda den: sd.smc.fk_steering(den, _reward, 1.0, solver="nope", **_SMC),
-            r"^fk_steering: unknown solver='nope'; accepted: \['cps', 'ddim'",
+            r"^fk_steering: unknown solver='nope'; accepted: \['accel_ddim', 'accel_ddpm', 'cps', 'ddim'",
         ),
         (
             lambda den: sd.smc.fk_steering(den, _reward, 1.0, schedule="nope", **_SMC),

@@ -270,7 +270,7 @@ def test_bad_input(kwargs, match):
 @pytest.mark.parametrize(
     ("steps", "accepted"),
     [
-        (4, r"Accepted on it: \['cps', 'ddpm', 'dpm_2_ancestral', 'dpmpp_2s_ancestral', 'dpmpp_sde', "),
+        (4, r"Accepted on it: \['accel_ddpm', 'cps', 'ddpm', 'dpm_2_ancestral', 'dpmpp_2s_ancestral', "),
         (1, r"Accepted on it: none \(its one step is the jump to the clean end"),
     ],
 )
