@@ -1141,6 +1141,18 @@ def test_uniform_discrete_on_the_device_draws_the_cpu_tokens(name: str) -> None:
     assert int(ref.min()) >= 0 and int(ref.max()) <= 3
 
 
+def test_sgdd_takes_a_log_likelihood_computed_on_the_cpu() -> None:
+    """Chains on the device, ``log_likelihood`` returning CPU values (a CPU scorer): moved to the chains'
+    device, as ``fk_steering``'s rewards are (it raised: ``Expected all tensors to be on the same device``),
+    the run is the CPU one."""
+    kw = {"shape": (3, 5), "iterations": 3, "denoise_steps": 2, "mh_steps": 8}
+    ref = sd.discrete.sgdd(CAT_UNIFORM_DEN, _cat_reward, generator=_rows(3), **kw)
+    out = sd.discrete.sgdd(
+        CAT_UNIFORM_DEN, lambda x: _cat_reward(x.cpu()), generator=_rows(3), device=DEVICE, **kw
+    )
+    _expect_tokens(out, ref)
+
+
 def _embedding_den() -> sd.discrete.MaskedDenoiser:
     """A small net on the device: logits from an ``Embedding`` of each token (mask id 4 included)."""
     net = torch.nn.Embedding(5, 4, device=DEVICE).requires_grad_(False)

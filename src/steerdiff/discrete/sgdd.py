@@ -82,12 +82,14 @@ class SGDDInfo:
 
 
 def _log_likelihood(who: str, fn: LogLikelihood, z: Tensor) -> Tensor:
-    """``fn(z)`` as float64 ``(batch,)``; a ``ValueError`` for another shape or a non-real dtype."""
+    """``fn(z)`` as float64 ``(batch,)`` on ``z``'s device, detached (the chain keeps the accepted values:
+    their graphs, through ``torch.where``, would pile up over the Metropolis-Hastings steps); a
+    ``ValueError`` for another shape or a non-real dtype."""
     out = fn(z)
     if not isinstance(out, Tensor) or out.is_complex() or tuple(out.shape) != (len(z),):
         got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{who}: log_likelihood must return a real tensor of shape ({len(z)},), got {got}")
-    return out.to(torch.float64)
+    return out.detach().to(device=z.device, dtype=torch.float64)
 
 
 @overload
@@ -144,7 +146,8 @@ def sgdd(
     Args:
         den: a :class:`~steerdiff.discrete.UniformDenoiser`, the prior.
         log_likelihood: ``(n, length)`` token ids ``->`` ``(n,)`` real values (``log p(y | x)``, or a reward
-            times its weight); ``-inf`` marks an impossible sequence, NaN and ``+inf`` are refused.
+            times its weight) on any device (moved to the chains'), no gradient taken; ``-inf`` marks an
+            impossible sequence, NaN and ``+inf`` are refused.
         shape: ``(batch, length)``: one chain per row.
         iterations: ``N >= 1``, the annealing iterations (the authors' default 50; 1: one iteration at ``t =
             1``, a prior draw and then Metropolis-Hastings for ``exp(l(z))`` alone, the prior forgotten).
