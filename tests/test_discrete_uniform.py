@@ -73,6 +73,19 @@ def test_the_exact_denoiser_is_the_enumerated_posterior(y):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
 
 
+def test_the_exact_denoiser_at_t_0_of_a_mixture_with_impossible_tokens_is_x_t():
+    """At ``t = 0`` (``alpha = 1``) ``x_0 = x_t``, also where a component gives a token of ``x_t``
+    probability 0 (it was NaN there: ``0 / 0`` in that component's posterior, whose responsibility is 0), and
+    the enumerated posterior at ``t = 0.5``."""
+    probs = torch.tensor([[[1.0, 0, 0], [0.5, 0.5, 0]], [[0, 1.0, 0], [0.2, 0.3, 0.5]]], dtype=F64)
+    mix = sd.toy.CategoricalMixture(torch.tensor([0.4, 0.6], dtype=F64), probs)
+    den = mix.denoiser(sd.discrete.UniformProcess(3))
+    x_t = torch.tensor([[0, 1], [1, 2], [0, 0]])
+    got = den.log_probs(x_t, torch.tensor([0.0, 0.0, 0.5], dtype=F64)).exp()
+    torch.testing.assert_close(got[:2], torch.nn.functional.one_hot(x_t[:2], 3).to(F64), rtol=0, atol=0)
+    torch.testing.assert_close(got[2], brute_posterior(mix, x_t[2:], 0.5)[0], rtol=0, atol=1e-14)
+
+
 def test_the_reverse_step_is_bayes_rule_on_the_kernels():
     proc = sd.discrete.UniformProcess(4, schedule="cosine")
     g = torch.Generator().manual_seed(0)

@@ -272,7 +272,8 @@ class CategoricalMixture:
         a = torch.as_tensor(alpha, dtype=F64, device=x_t.device).reshape(-1, 1, 1, 1)
         same = torch.nn.functional.one_hot(x_t, self.V).to(F64)[:, None]  # (n, 1, L, V)
         q = a * same + (1 - a) / self.V  # q(x_t^j | v)
-        post = self.probs.to(x_t.device)[None] * q / log_m.exp()[..., None]  # (n, K, L, V)
+        m = log_m.exp()[..., None]  # 0 only at alpha = 1 where P_k[j, x_t^j] = 0: then r_k = 0 and P_k q = 0
+        post = torch.where(m > 0, self.probs.to(x_t.device)[None] * q / m, 0.0)  # (n, K, L, V)
         return torch.log(torch.einsum("nk,nklv->nlv", r, post))
 
     def noised_log_prob(self, x_t: Tensor, process: MaskedProcess | UniformProcess, t: float) -> Tensor:
