@@ -161,6 +161,10 @@ def test_bad_input_is_refused():
             r"must return a real tensor of shape \(2,\), got ",
         ),
         (
+            {"log_likelihood": lambda x: x.sum(-1) > 3},
+            r"must return a real tensor of shape \(2,\), got torch.bool \(2,\)",
+        ),
+        (
             {"log_likelihood": lambda x: torch.full((len(x),), math.nan)},
             r"returned NaN or \+inf at iteration 0",
         ),

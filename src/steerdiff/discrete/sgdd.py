@@ -84,9 +84,11 @@ class SGDDInfo:
 def _log_likelihood(who: str, fn: LogLikelihood, z: Tensor) -> Tensor:
     """``fn(z)`` as float64 ``(batch,)`` on ``z``'s device, detached (the chain keeps the accepted values:
     their graphs, through ``torch.where``, would pile up over the Metropolis-Hastings steps); a
-    ``ValueError`` for another shape or a non-real dtype."""
+    ``ValueError`` for another shape or a non-real dtype (complex or bool: a feasibility test is ``0`` or
+    ``-inf``, as ``fk_steering`` refuses a bool reward)."""
     out = fn(z)
-    if not isinstance(out, Tensor) or out.is_complex() or tuple(out.shape) != (len(z),):
+    real_valued = isinstance(out, Tensor) and not (out.is_complex() or out.dtype == torch.bool)
+    if not real_valued or tuple(out.shape) != (len(z),):
         got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{who}: log_likelihood must return a real tensor of shape ({len(z)},), got {got}")
     return out.detach().to(device=z.device, dtype=torch.float64)
