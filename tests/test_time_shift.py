@@ -155,6 +155,11 @@ def test_bad_arguments():
         TimeShift(den, spacing=0.0)
     with pytest.raises(ValueError, match=r"TimeShift: data_var must be a finite number >= 0"):
         TimeShift(den, data_var=-0.1)
+    one = gmm(1).denoiser(PROCESS)  # a single element per sample has no variance: once a silent t - w / 2
+    x = torch.randn(4, 1, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"TimeShift: .* x has 1 element per sample; it needs at least 2"):
+        TimeShift(one)(x, 500.0)
+    torch.testing.assert_close(TimeShift(one, window=0)(x, 500.0).eps, one(x, 500.0).eps, rtol=0, atol=0)
     assert TimeShift(den).cutoff == pytest.approx(299.7) and TimeShift(den).spacing == 1.0
     rf = gmm().denoiser(sd.RectifiedFlow())
     assert TimeShift(rf).spacing == pytest.approx((rf.process.t_max - rf.process.t_min) / 1000)

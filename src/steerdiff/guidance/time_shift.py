@@ -103,8 +103,14 @@ class TimeShift(Guided):
     def shifted_times(self, x: Tensor, t: float | Tensor) -> Tensor:
         """The time ``t_s`` each sample of ``x`` is evaluated at (float64 ``(n,)`` on ``x``'s device): ``t``
         itself where ``t <= cutoff`` or ``t = t_max``, else the candidate of the window minimizing
-        ``|Var(x) - (alpha^2 data_var + sigma^2)|`` (the earliest on a tie)."""
+        ``|Var(x) - (alpha^2 data_var + sigma^2)|`` (the earliest on a tie). A ``ValueError`` where a sample
+        has a single element (no variance) and ``window > 0``."""
         p, n = self.process, len(x)
+        if self.window > 0 and x[0].numel() < 2:
+            raise ValueError(
+                "TimeShift: the rule compares each sample's variance over its elements with the noise level, "
+                f"and x has {x[0].numel()} element per sample; it needs at least 2 (or window=0)"
+            )
         scalar = not isinstance(t, Tensor) or t.ndim == 0
         ts = torch.full((1,), float(t), dtype=F64) if scalar else torch.as_tensor(t).to("cpu", F64).reshape(n)
         cand = (ts[:, None] + self._offsets).clamp(p.t_min, p.t_max)  # schedule arithmetic on the CPU
@@ -117,7 +123,8 @@ class TimeShift(Guided):
         return torch.where((ts <= self.cutoff) | (ts >= p.t_max), ts, best)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
-        if (not isinstance(t, Tensor) or t.ndim == 0) and not self.cutoff < float(t) < self.process.t_max:
+        scalar = not isinstance(t, Tensor) or t.ndim == 0
+        if self.window == 0 or (scalar and not self.cutoff < float(t) < self.process.t_max):
             return self.base.evaluate(x, t, net_dtype, **cond)  # no shift: the base's call as it is
         return self.base.evaluate(x, self.shifted_times(x, t), net_dtype, **cond)
 
