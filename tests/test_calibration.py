@@ -187,6 +187,18 @@ def test_bad_arguments():
     data = gmm().sample(10)
     with pytest.raises(ValueError, match=r"calibrate: samples must be an integer >= 3"):
         calibrate(den, data, TIMES, samples=2)
+    calls = []
+    counting = sd.Denoiser(lambda x, t: calls.append(1) or x, PROCESS)  # refused before any network call
+    bad_times = (
+        ([5.0, 1000.0], r"must lie in den's time range \[0, 999\]"),
+        ([5.0, 5.0], r"must be a non-empty 1-D strictly increasing"),
+        ([], r"must be a non-empty"),
+        ([float("nan")], r"must be a non-empty"),
+    )
+    for times, why in bad_times:
+        with pytest.raises(ValueError, match=r"calibrate: times " + why):
+            calibrate(counting, data, times)
+    assert not calls
     with pytest.raises(ValueError, match=r"calibrate: batch_size must be an integer >= 1"):
         calibrate(den, data, TIMES, batch_size=0)
 

@@ -63,16 +63,8 @@ class Calibrated(Guided):
 
     def __init__(self, den: Denoiser, times: Tensor, mean_eps: Tensor, stderr: Tensor | None = None) -> None:
         super().__init__(den)
-        who, p = "Calibrated", den.process
-        times = torch.as_tensor(times).to("cpu", F64)
-        if times.ndim != 1 or len(times) < 1 or not bool((times[1:] > times[:-1]).all()):
-            raise ValueError(
-                f"{who}: times must be a non-empty 1-D strictly increasing sequence, got {times.tolist()}"
-            )
-        if times[0] < p.t_min or times[-1] > p.t_max:
-            raise ValueError(
-                f"{who}: times must lie in den's time range [{p.t_min:g}, {p.t_max:g}], got {times.tolist()}"
-            )
+        who = "Calibrated"
+        times = table_times(who, den, torch.as_tensor(times).to("cpu", F64))
         shape = (len(times), *den.shape) if den.shape is not None else None
         if mean_eps.shape[:1] != times.shape or (shape is not None and tuple(mean_eps.shape) != shape):
             want = shape if shape is not None else f"({len(times)}, *sample_shape)"
@@ -107,6 +99,21 @@ class Calibrated(Guided):
         return f"Calibrated({self.base!r}, times={len(self.times)})"
 
 
+def table_times(who: str, den: Denoiser, times: Tensor) -> Tensor:
+    """``times`` (float64, CPU) if it is a non-empty 1-D strictly increasing sequence of finite times in
+    ``den``'s time range, else a ``ValueError`` naming ``who``."""
+    p = den.process
+    if times.ndim != 1 or len(times) < 1 or not bool((times[1:] > times[:-1]).all() & times.isfinite().all()):
+        raise ValueError(
+            f"{who}: times must be a non-empty 1-D strictly increasing sequence, got {times.tolist()}"
+        )
+    if times[0] < p.t_min or times[-1] > p.t_max:
+        raise ValueError(
+            f"{who}: times must lie in den's time range [{p.t_min:g}, {p.t_max:g}], got {times.tolist()}"
+        )
+    return times
+
+
 def calibrate(
     den: Denoiser,
     data: Tensor,
@@ -122,7 +129,8 @@ def calibrate(
     ``stderr`` holds the Monte Carlo standard errors (the regression's residual standard deviation over
     ``sqrt(draws)``, with ``draws - 2`` degrees of freedom).
 
-    ``data``: clean data of den's sample shape. ``samples``: draws per time, ``x0`` picked uniformly from
+    ``data``: clean data of den's sample shape. ``times``: distinct finite times in den's time range, in any
+    order (checked before any network call). ``samples``: draws per time, ``x0`` picked uniformly from
     ``data`` with replacement; ``None`` (default): every row of ``data`` once. ``z`` is fresh per draw and
     time. Randomness from ``generator``, drawn batch by batch (the same seed and ``batch_size`` give the same
     table); ``batch_size`` rows per network call; ``cond`` goes to every call
@@ -135,7 +143,7 @@ def calibrate(
     if n < 3:
         raise ValueError(f"{who}: data must have at least 3 rows (for a standard error), got {len(data)}")
     batch_size = integer(who, "batch_size", batch_size, lo=1)
-    ts = torch.as_tensor(times, dtype=F64).reshape(-1).sort().values
+    ts = table_times(who, den, torch.as_tensor(times, dtype=F64).cpu().reshape(-1).sort().values)
     p, means, errs = den.process, [], []
     with torch.no_grad():
         for t in ts.tolist():
