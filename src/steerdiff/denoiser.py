@@ -251,6 +251,8 @@ class Denoiser:
 
     cost: int = 1
     guided: ClassVar[bool] = False  # True for the guided wrappers (steerdiff.guidance.Guided)
+    # True where the time the net is evaluated at depends on the state (TimeShift): invert refuses it
+    state_time: ClassVar[bool] = False
 
     @property
     def guidance_scale(self) -> float | None:

@@ -41,6 +41,11 @@ sigma(t_s) eps`` holds): a solver that reads ``x0`` (DPM-Solver++, DDPM's poster
 shifted-time ``x0``, one that reads ``eps`` (DPM-Solver) the net's ``eps`` at ``t_s``, and DDIM's renoising
 both, the authors' step above. No extra network evaluation: ``cost`` is the base's.
 
+:func:`~steerdiff.invert` refuses it (also wrapped, through the ``base`` chain): ``t_s`` jumps by up to a
+window with the state's variance, and the steps up the grid, evaluated at other states, do not undo the
+steps down (``sample(invert(x_0))`` on the 16-d mixture, DDIM: relative error 0.37 / 0.53 at 20 / 100 steps
+with ``window = 20``, against 0.096 / 0.021 without).
+
 Differences from the reference code: the shift is not applied at ``t = t_max`` (the authors skip their first
 step, where the state is the prior's noise), and candidates are clipped to the process's time range.
 """
@@ -79,6 +84,7 @@ class TimeShift(Guided):
     """
 
     base_arg = "den"
+    state_time = True  # refused by invert: t_s jumps with Var(x), the steps up the grid do not undo it
 
     def __init__(
         self,
