@@ -14,7 +14,8 @@ the window ``W(t)`` of ``w // 2 * 2 + 1`` candidate times (``d`` one training ti
 ``window``), and the step then proceeds with the net's estimate at ``t_s``: ``x0`` and ``eps`` are converted
 at the shifted time, ``x0 = (x_t - sigma(t_s) eps_theta(x_t, t_s)) / alpha(t_s)``, as the authors'
 ``_predict_xstart_from_eps(x, next_t, ...)`` does, while the solver keeps its own grid. DDIM's step is
-then exactly theirs (their ``ddim_sample`` with ``do_time_shift``):
+then (as read from their ``ddim_sample`` with ``do_time_shift``; a second reading of the ADM variant,
+``tingyu215/TS-DPM-ADM``, had the net at the grid's ``t`` and only ``abar_{t-1}`` shifted: not settled):
 
     x_{t-1} = alpha_{t-1} x0_theta(x_t, t_s) + sigma_{t-1} eps_theta(x_t, t_s).
 
