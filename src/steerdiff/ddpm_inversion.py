@@ -61,10 +61,10 @@ from . import schedules as _schedules
 from . import solvers as _solvers
 from ._checks import boolean, integer
 from .denoiser import Denoiser, check_denoiser
-from .noise import Generators, ReplayNoise, check_generators, randn
+from .noise import Generators, RefusedNoise, ReplayNoise, check_generators, randn
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T
 from .schedules import ScheduleLike
-from .solvers.base import Grid, Model, Solver, Transition, advance, make_grid, work_dtype
+from .solvers.base import Grid, Model, Solver, Transition, advance, keeps_history, make_grid, work_dtype
 
 __all__ = ["EditNoise", "ddpm_invert"]
 
@@ -131,27 +131,13 @@ class EditNoise:
         }
 
 
-class _NoDraw:
-    """The noise source of an extraction step: a ``ValueError`` if the solver draws inside its step (its
-    output would not be a draw of the transition it returned)."""
-
-    def __init__(self, who: str, solver: Solver) -> None:
-        self.who, self.solver = who, solver
-
-    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        raise ValueError(
-            f"{self.who}: solver {self.solver.name!r} draws noise inside its step, which has no single noise "
-            f"map to extract; use {FITTING}"
-        )
-
-
 def _check_solver(who: str, solver: str | Solver, slv: Solver, grid: Grid) -> None:
     if not slv.noisy_on(grid):
         raise ValueError(
             f"{who}: solver={solver!r} is deterministic (draws no noise on this grid): it has no noise maps "
             f"to extract (sd.invert inverts its ODE); use {FITTING}"
         )
-    if slv.init_state(grid) and not slv.static_state:
+    if keeps_history(slv, grid):
         raise ValueError(
             f"{who}: solver {slv.name!r} keeps a history of the trajectory in its state, so its transition "
             f"is not one of the state alone; use {FITTING}"
@@ -234,7 +220,11 @@ def ddpm_invert(
     xs = [alpha * x0 + sigma * randn(x0.shape, generator, x0.dtype, x0.device) for alpha, sigma in noisy]
     xs[0] = xs[0].to(x_0.dtype).to(x0.dtype)  # sample_kwargs hands x_T over in x_0's dtype
     xs.append(x0)
-    model = Model(den, cond, _NoDraw(who, slv), net_dtype=x_0.dtype)
+    no_draw = RefusedNoise(
+        f"{who}: solver {slv.name!r} draws noise inside its step, which has no single noise map to extract; "
+        f"use {FITTING}"
+    )
+    model = Model(den, cond, no_draw, net_dtype=x_0.dtype)
     state = slv.init_state(grid)
     z: list[Tensor] = []
     indices = tqdm(range(steps), desc=who, leave=False) if progress else range(steps)

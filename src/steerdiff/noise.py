@@ -50,6 +50,7 @@ __all__ = [
     "Generators",
     "NoiseSource",
     "PerSampleNoise",
+    "RefusedNoise",
     "ReplayNoise",
     "Shard",
     "check_fixed_time",
@@ -200,6 +201,19 @@ class PerSampleNoise:
 
     def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
         return randn(like.shape, self.generators, like.dtype, like.device)
+
+
+class RefusedNoise:
+    """A noise source that refuses every draw with a ``ValueError`` carrying ``message``: the source of a
+    step whose own noise must not be drawn, where the caller supplies the step's randomness itself (a
+    search drawing candidates from the step's Gaussian transition, an extraction of the noise that led to a
+    given state), so a solver that draws inside its step is refused at its first draw."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        raise ValueError(self.message)
 
 
 class ReplayNoise:

@@ -86,10 +86,20 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser, take_kwarg_rows
-from ..noise import Generators, check_generators, make_noise, rand, randn
+from ..noise import Generators, check_generators, make_noise, rand, randn, take_generator_rows
 from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
-from ..solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
+from ..solvers.base import (
+    FINALS,
+    Grid,
+    Model,
+    Solver,
+    advance,
+    keeps_history,
+    make_grid,
+    to_sample_dtype,
+    work_dtype,
+)
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
@@ -229,13 +239,6 @@ def _weights(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(mask, torch.exp(logits - top[..., None]), 0.0), top
 
 
-def _rows(generator: Generators, rows: Tensor) -> Generators:
-    """The generators of ``rows``: a list's entries, or the one generator (``None``) itself."""
-    if isinstance(generator, torch.Generator) or generator is None:
-        return generator
-    return [generator[int(b)] for b in rows]
-
-
 class _Rollouts:
     """The base sampler run on chosen rows of the forest (expansion and rollout, Alg. 1 lines 15-22)."""
 
@@ -265,14 +268,17 @@ class _Rollouts:
         if bool(first.any()):
             rows = first.nonzero().flatten()
             x = randn(
-                (len(rows), *forest.x.shape[3:]), _rows(self.generator, rows), forest.x.dtype, forest.x.device
+                (len(rows), *forest.x.shape[3:]),
+                take_generator_rows(self.generator, rows, self.batch),
+                forest.x.dtype,
+                forest.x.device,
             )
             forest.add(rows, 1, x if math.isclose(self.scale, 1.0, rel_tol=1e-9) else x * self.scale)
         for i in range(steps):  # from grid node i (depth i + 1) to i + 1
             rows = (start <= i + 2).nonzero().flatten()
             if len(rows) == 0:
                 continue
-            gens = _rows(self.generator, rows)
+            gens = take_generator_rows(self.generator, rows, self.batch)
             self.model.denoiser = self.den.take_rows(rows, self.batch)
             self.model.cond = take_kwarg_rows(self.cond, rows, self.batch)
             self.model.noise = noise = make_noise(gens)
@@ -290,14 +296,9 @@ class _Rollouts:
         return rows
 
 
-def _keeps_history(slv: Solver, grid: Grid) -> bool:
-    """Whether ``slv``'s state over ``grid`` holds a per-trajectory history (multistep solvers)."""
-    return bool(slv.init_state(grid)) and not slv.static_state
-
-
 def _fits(slv: Solver, grid: Grid) -> bool:
     """Whether ``slv`` can grow trees over ``grid``: it draws noise there and keeps no history."""
-    return slv.noisy_on(grid) and not _keeps_history(slv, grid)
+    return slv.noisy_on(grid) and not keeps_history(slv, grid)
 
 
 def _check_solver(who: str, solver: str | Solver, slv: Solver, grid: Grid) -> None:
@@ -310,7 +311,7 @@ def _check_solver(who: str, solver: str | Solver, slv: Solver, grid: Grid) -> No
             f"{who} needs a stochastic solver (a node's children must differ); solver {solver!r} adds no "
             f"noise on this grid of {grid.steps} steps. Accepted on it: {accepted}"
         )
-    if _keeps_history(slv, grid):
+    if keeps_history(slv, grid):
         raise ValueError(
             f"{who}: solver {slv.name!r} keeps a per-trajectory history in its state, which a tree node "
             "does not hold; use a one-step stochastic solver (ddpm, euler_ancestral, euler_maruyama, "

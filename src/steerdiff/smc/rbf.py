@@ -71,11 +71,20 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, sample_dtype
 from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
-from ..noise import Generators, check_generators, randn
+from ..noise import Generators, RefusedNoise, check_generators, randn, take_generator_rows
 from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
-from ..solvers.base import FINALS, Grid, Model, Solver, Transition, make_grid, to_sample_dtype, work_dtype
-from .dts import _keeps_history, _rows
+from ..solvers.base import (
+    FINALS,
+    Grid,
+    Model,
+    Solver,
+    Transition,
+    keeps_history,
+    make_grid,
+    to_sample_dtype,
+    work_dtype,
+)
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
@@ -134,7 +143,10 @@ class _Steps:
         model = self.model
         model.denoiser = self.den.take_rows(rows, self.batch)
         model.cond = take_kwarg_rows(self.cond, rows, self.batch)
-        model.noise = _Refused(self.who, self.slv.name)
+        model.noise = RefusedNoise(
+            f"{self.who} draws candidates from the step's Gaussian transition, but solver {self.slv.name!r} "
+            f"draws noise inside its step; {FITTING}"
+        )
         model.first, before = None, model.nfe
         out = self.slv.step(model, x, k, self.grid, self.state)
         assert model.first is not None, "every step evaluates the denoiser"
@@ -155,29 +167,15 @@ class _FirstCall(Model):
         return pred
 
 
-class _Refused:
-    """The noise source of a step: a ``ValueError`` if the step draws noise itself (its candidates would
-    not be draws of a Gaussian transition of the state)."""
-
-    def __init__(self, who: str, solver: str) -> None:
-        self.who, self.solver = who, solver
-
-    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
-        raise ValueError(
-            f"{self.who} draws candidates from the step's Gaussian transition, but solver {self.solver!r} "
-            f"draws noise inside its step; {FITTING}"
-        )
-
-
 def _check_solver(who: str, solver: str | Solver, slv: Solver, grid: Grid) -> None:
     """A ``ValueError`` unless ``slv`` draws noise on ``grid`` and keeps no per-trajectory history (the
-    in-step noise of the others is refused at their first step, :class:`_Refused`)."""
+    in-step noise of the others is refused at their first step, :class:`~steerdiff.noise.RefusedNoise`)."""
     if not slv.noisy_on(grid):
         raise ValueError(
             f"{who} needs a stochastic solver (a node's candidates must differ); solver {solver!r} adds no "
             f"noise on this grid of {grid.steps} steps: {FITTING}"
         )
-    if _keeps_history(slv, grid):
+    if keeps_history(slv, grid):
         raise ValueError(
             f"{who}: solver {slv.name!r} keeps a per-trajectory history in its state, which a candidate does "
             f"not carry; {FITTING}"
@@ -303,7 +301,9 @@ def rbf(
             for k in sorted(set(node[~done].tolist())):
                 rows = (~done & (node == k)).nonzero().flatten()
                 on = rows.to(dev)
-                z = randn((len(rows), *sample_shape), _rows(generator, rows), wdtype, dev)
+                z = randn(
+                    (len(rows), *sample_shape), take_generator_rows(generator, rows, batch), wdtype, dev
+                )
                 x = mean[on] + std[on] * z
                 tr, pred, spent = run(x, k, on)
                 if not measured:  # one network call's cost, known after the first call (at least den.cost

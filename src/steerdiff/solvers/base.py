@@ -46,6 +46,7 @@ __all__ = [
     "Transition",
     "advance",
     "check_long_step",
+    "keeps_history",
     "make_grid",
     "nonfinite_error",
     "step_limit",
@@ -104,6 +105,13 @@ class Grid:
 
 
 FINALS = ("zero", "none")
+
+
+def keeps_history(slv: Solver, grid: Grid) -> bool:
+    """Whether ``slv``'s state over ``grid`` holds a per-trajectory history (multistep solvers): its step is
+    then not a transition of the state alone, as tree search, budgeted search and noise-map extraction
+    need."""
+    return bool(slv.init_state(grid)) and not slv.static_state
 
 
 def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "zero") -> Grid:
