@@ -1,42 +1,57 @@
 r"""Gradients through the sampler in memory independent of the number of steps: AdjointDEIS (Blasingame & Liu
 2024, "AdjointDEIS: Efficient Gradients for Diffusion Models", NeurIPS 2024), the continuous adjoint equations
-of the probability-flow ODE solved backwards with exponential integrators.
+of the probability-flow ODE solved backwards alongside the state, with an integrating factor of the adjoint
+(below) that keeps few steps accurate where the paper's form gave no gradient.
 
 Given a scalar loss ``L(x_0)`` of the result of :func:`~steerdiff.sampling.sample` run from ``x_T``,
 :func:`adjoint` returns ``dL/dx_T`` and ``dL/dz`` for the conditioning tensors ``z`` passed to the net
 without keeping any step's autograd graph: autograd through ``sample`` (DRaFT-style) holds every step's graph
 until the backward pass, ``O(N)`` in the steps ``N``; here one step's graph lives at a time.
 
-**The adjoint ODE.** In the log-SNR ``lam = log(alpha / sigma)`` and ``y = x / alpha`` the probability-flow
-ODE in noise prediction is ``dy/dlam = -e^{-lam} eps(x, z, lam)`` (Lu et al. 2022, Eq. 3.4). Its adjoint
-states ``b = dL/dy = alpha dL/dx`` and ``a_z = dL/dz`` (the continuous adjoint method, Chen et al. 2018,
-Eq. 4 and 51, written as the paper does for ``alpha a_x``) solve, backwards from ``b = alpha dL/dx_0``,
-``a_z = 0``:
+**The adjoint ODE.** In the log-SNR ``lam = log(alpha / sigma)`` the probability-flow ODE in data
+prediction is ``dx/dlam = (dlog sigma / dlam) x + alpha x0(x, z, lam)`` (Lu et al. 2022b; the noise form
+``(dlog alpha / dlam) x - sigma eps`` is the same, as ``eps = (x - alpha x0) / sigma`` and ``dlog alpha / dlam
+- dlog sigma / dlam = 1``). Its adjoint states ``a_x = dL/dx`` and ``a_z = dL/dz`` (the continuous adjoint
+method, Chen et al. 2018, Eq. 4 and 51) solve, backwards from ``a_x = dL/dx_0``, ``a_z = 0`` at the last node,
 
-    db/dlam   = e^{-lam} alpha (d eps / dx)^T b,
-    da_z/dlam = e^{-lam} (d eps / dz)^T b,
+    da_x/dlam = -(dlog sigma / dlam) a_x - alpha J^T a_x,      da_z/dlam = -alpha J_z^T a_x,
 
-and ``dL/dx_T = b / alpha`` at the first node. Each has the form of the state's own ODE,
-``dQ/dlam = -e^{-lam} E_Q`` with ``E_y = eps``, ``E_b = -alpha (d eps/dx)^T b``, ``E_z = -(d eps/dz)^T b``:
-the linear part ``d alpha / alpha`` of ``x`` is taken exactly by ``y = x / alpha``, and the integral of
-``e^{-lam}`` against each ``E_Q`` is what an exponential integrator approximates.
+with ``J = d x0 / dx``, ``J_z = d x0 / dz``; ``dL/dx_T`` and ``dL/dz`` are their values at the first node.
 
-**The discretization** (AdjointDEIS-k). The paper's scheme: the state ``y`` is re-solved down the noise
-levels alongside the adjoint (a reversed grid, ``h = lam_{i+1} - lam_i < 0``), all three from
-the same evaluation at the node they leave, with the weights of DEIS's exponential Adams-Bashforth in
-``lam`` (:class:`~steerdiff.solvers.deis.DEIS`, ``variant="log_rho"``; Zhang & Chen 2023): with the last
-``k`` estimates ``E_{i-j}`` at ``lam_{i-j}`` and ``w_j`` =
-:func:`~steerdiff.solvers._poly.exp_adams_bashforth` of the nodes ``theta_j = (lam_{i-j} - lam_i) / h``,
+**The integrating factor.** For any scalar ``phi(lam) > 0``, ``d = phi a_x`` solves
+``dd/dlam = -(alpha J - rho I)^T d`` with ``rho = dlog phi / dlam - dlog sigma / dlam``: the scalar part
+``rho`` is taken exactly and only the remainder ``alpha J - rho I`` is left to approximate. The paper's
+choice, ``phi = alpha`` (its ``alpha a_x``; ``rho = 1``, remainder ``-sigma d eps / dx``, integrated against
+``e^{-lam}`` with DEIS's weights), leaves ``-I`` at high noise, where ``x0`` tends to the data's mean and
+``J`` to 0: there ``a_x`` is nearly constant (VP, flow) while ``alpha a_x`` and its integrand vary like
+``e^{lam}`` and ``e^{2 lam}``, which a polynomial in ``lam`` fits badly over long steps (the OLD column
+below); ``phi = sigma`` (the data form, ``rho = 0``) leaves ``I`` at low noise, where ``alpha J -> I``.
+Here ``phi = sqrt(alpha^2 + sigma^2)``, whose ``rho`` (by ``dalpha/dlam = alpha (1 + dlog sigma / dlam)``)
+
+    rho = alpha^2 / (alpha^2 + sigma^2)
+
+is ``alpha J`` of unit-variance Gaussian data (``x0 = m + alpha (x - alpha m) / (alpha^2 + sigma^2)``), and
+for any data the remainder vanishes at both ends (``alpha J -> 0`` at high noise, ``-> I`` at low). So
+
+    dd/dlam = -E_d,   E_d = (alpha J - rho I)^T d,       da_z/dlam = -E_z,   E_z = (alpha / phi) J_z^T d,
+
+with no exponential left, and ``dL/dx_T = d / phi`` at the first node. For data ``N(m, I)`` ``E_d = 0``: the
+gradient ``(phi_N / phi_0) dL/dx_N`` is the flow map's exact one at any number of steps.
+
+**The discretization.** The state is re-solved up the noise levels alongside the adjoints (a reversed grid,
+``h = lam_{i+1} - lam_i < 0``) by DEIS's exponential Adams-Bashforth in ``lam``
+(:class:`~steerdiff.solvers.deis.DEIS`, ``variant="log_rho"``; Zhang & Chen 2023), and the adjoints by
+Adams-Bashforth in ``lam``, all three from the same evaluation at the node they leave: with the last ``k``
+evaluations at ``lam_{i-j}``, ``theta_j = (lam_{i-j} - lam_i) / h``, and the weights of the ``theta_j``
+``w_j`` = :func:`~steerdiff.solvers._poly.exp_adams_bashforth` and
+``v_j`` = :func:`~steerdiff.solvers._poly.adams_bashforth`,
 
     x_{i+1} = (alpha_{i+1} / alpha_i) x_i - sigma_{i+1} h sum_j w_j eps_{i-j},
-    Q_{i+1} = Q_i - (sigma_{i+1} / alpha_{i+1}) h sum_j w_j E_{Q, i-j}       (Q = b, a_z),
+    Q_{i+1} = Q_i - h sum_j v_j E_{Q, i-j}       (Q = d, a_z),
 
-exact for ``E_Q`` polynomial of degree ``k - 1`` in ``lam``: order ``k`` (``k = 1``: AdjointDEIS-1,
-``a_x(t) = (alpha_s / alpha_t) (a_x(s) + sigma_s (1 - e^{lam_s - lam_t}) (d eps/dx)^T a_x(s))`` from
-``s`` to the noisier ``t``, as in the authors' code, ``zblasingame/AdjointDEIS``, ``ode_single_step``;
-``k = 2``: a two-step method like the paper's AdjointDEIS-2M, whose weights could not be checked here: the
-paper's body was out of reach and the authors' code has only the first-order step; these are DEIS's exact
-ones). The orders a step takes are DEIS's up the same grid (:func:`steerdiff.invert`: warm-up
+exact for ``E_Q`` polynomial of degree ``k - 1`` in ``lam``: order ``k``. The paper's AdjointDEIS-``k``
+(``zblasingame/AdjointDEIS``, ``ode_single_step``) is this scheme with ``phi = alpha`` and DEIS's weights
+for the adjoint too. The orders a step takes are DEIS's up the same grid (:func:`steerdiff.invert`: warm-up
 at the first steps, ``lower_order_final`` below 15 steps, long steps up the grid at first order), so the
 re-solved state is ``invert(den, x, solver=DEIS(order=k))`` exactly. The forward pass is ``sample`` with
 ``DEIS(order=k)`` (``"ddim"`` for ``k = 1``) on the same grid; both passes converge to the exact gradient of
@@ -50,25 +65,50 @@ whatever the number of steps. The re-solved state drifts from the forward trajec
 (``AdjointInfo.x_T_resolved`` is where it lands; the authors' released code caches the forward nodes
 instead, their Appendix F.1).
 
-**Cost.** Forward: ``sample``'s NFE (``N``). Backward: one evaluation and one vector-Jacobian product per
-node it leaves, ``N`` each with ``final="none"``; with ``final="zero"`` the evaluation at ``x_{N-1}`` serves
-both the clean step's product and the first backward step's, so ``max(N - 1, 1)`` evaluations and ``N``
-products (times ``den.cost`` for guided denoisers). A product costs about two evaluations (one backward pass
-through the net).
+**Cost.** Forward: ``sample``'s NFE (``N``). Backward: one evaluation and one vector-Jacobian product (of
+``x0``, for ``x`` and ``z`` together) per node it leaves, ``N`` each with ``final="none"``; with
+``final="zero"`` the evaluation at ``x_{N-1}`` serves both the clean step's product and the first backward
+step's, so ``max(N - 1, 1)`` evaluations and ``N`` products (times ``den.cost`` for guided denoisers). A
+product costs about two evaluations (one backward pass through the net).
 
-**Accuracy.** At equal steps the adjoint is further from the exact gradient than autograd through the same
-forward run (on the Gaussian oracle of ``tests/test_adjoint.py``, 40 / 80 / 160 steps at order 2: 7.1e-2 /
-1.6e-2 / 3.9e-3 against 3.6e-3 / 9.2e-4 / 2.3e-4), and at few steps far more (0.55 against 0.051 at 10):
-the integrating factor ``alpha_s / alpha_t`` takes the state's linear part exactly, but the adjoint's
-Jacobian cancels most of it (at high noise ``sigma d eps/dx ~ I`` and ``d log alpha / d lam ~ 1``, so
-``a_x`` is nearly constant while ``b = alpha a_x`` and ``E_b`` vary like ``e^{lam}`` and ``e^{2 lam}``), and
-the polynomial in ``lam`` is a poor fit there at long steps. Under rectified flow and EDM few steps give no
-gradient at all at orders 2 and 3 (the 8-d mixture, ``final="zero"``, against autograd through the same run at
-20 / 80 / 320 ``logsnr_uniform`` steps: rectified flow order 1 1.0 / 0.55 / 0.15, order 2 4.6e3 / 0.41 /
-2.0e-2, order 3 6.8e5 / 7.7e-2 / 8.1e-4; EDM order 2 4.8 / 0.13 / 7.5e-3, order 3 2.2e2 / 8.0e-3 / 1.2e-4;
-VP order 2 0.27 / 1.8e-2 / 1.2e-3), though every case converges at its order. Where its memory is
-affordable, autograd through ``sample`` (with activation checkpointing for a large net) is the more accurate
-gradient.
+**Accuracy.** Relative error of ``dL/dx_T`` at 20 / 80 / 320 ``logsnr_uniform`` steps, OLD (``phi = alpha``
+with DEIS's weights, this module until this change) against NEW (the above). 8-d mixture of the tests,
+``final="zero"``, against autograd through the same run (``ag``: autograd's own distance to the exact
+gradient, taken as autograd through 1,500 steps of DEIS-3):
+
+    process k | OLD                      | NEW                      | ag
+    VP      1 | 0.36 / 9.5e-2 / 2.4e-2   | 5.2e-2 / 9.6e-3 / 2.5e-3 | 0.13 / 1.4e-2 / 6.3e-3
+    VP      2 | 0.27 / 1.8e-2 / 1.2e-3   | 3.5e-2 / 3.6e-3 / 2.5e-4 | 3.7e-2 / 1.9e-3 / 1.3e-4
+    VP      3 | 0.25 / 2.5e-3 / 3.8e-5   | 2.7e-2 / 8.5e-4 / 1.6e-5 | 1.4e-2 / 3.1e-4 / 3.6e-5
+    flow    1 | 1.0 / 0.55 / 0.15        | 0.21 / 4.1e-2 / 8.1e-3   | 0.42 / 4.8e-2 / 6.1e-3
+    flow    2 | 4.6e3 / 0.41 / 2.0e-2    | 0.14 / 1.8e-2 / 1.5e-3   | 0.14 / 2.6e-2 / 2.3e-3
+    flow    3 | 6.8e5 / 7.7e-2 / 8.1e-4  | 0.12 / 9.2e-3 / 1.9e-4   | 2.1e-2 / 1.1e-2 / 2.1e-4
+    EDM     1 | 0.93 / 0.17 / 3.7e-2     | 0.16 / 3.6e-2 / 8.1e-3   | 0.51 / 0.14 / 3.2e-2
+    EDM     2 | 4.8 / 0.13 / 7.5e-3      | 0.12 / 1.6e-2 / 1.2e-3   | 0.24 / 5.8e-3 / 1.6e-4
+    EDM     3 | 2.2e2 / 8.0e-3 / 1.2e-4  | 0.12 / 5.9e-3 / 1.1e-4   | 9.2e-2 / 9.1e-4 / 1.4e-5
+
+Against the exact gradient NEW is as close as OLD or closer in every cell (at 20 steps flow order 2 3.0e-2
+against 4.0e3, EDM order 2 0.15 against 3.4). On the Gaussian oracle of the tests (``N(m, diag(0.3, 1.5,
+0.05))``, ``final="none"``), against the exact flow map's gradient:
+
+    process k | autograd                 | OLD                      | NEW
+    VP      1 | 0.11 / 2.8e-2 / 7.1e-3   | 0.59 / 0.16 / 4.1e-2     | 5.8e-2 / 1.5e-2 / 3.7e-3
+    VP      2 | 1.4e-2 / 9.2e-4 / 5.8e-5 | 0.34 / 1.6e-2 / 9.6e-4   | 7.0e-3 / 4.7e-4 / 3.0e-5
+    VP      3 | 1.2e-3 / 3.4e-5 / 1.8e-6 | 0.16 / 1.7e-3 / 2.4e-5   | 2.0e-3 / 4.5e-5 / 2.0e-6
+    flow    1 | 0.22 / 6.2e-2 / 1.6e-2   | 1.0 / 0.73 / 0.25        | 0.13 / 3.2e-2 / 8.0e-3
+    flow    2 | 6.0e-2 / 4.4e-3 / 2.9e-4 | 9.5e2 / 0.39 / 1.9e-2    | 3.0e-2 / 2.2e-3 / 1.4e-4
+    flow    3 | 1.0e-2 / 6.2e-5 / 2.6e-7 | 6.2e5 / 0.11 / 1.4e-3    | 1.5e-2 / 1.6e-4 / 2.0e-6
+    EDM     1 | 0.18 / 4.8e-2 / 1.2e-2   | 0.99 / 0.43 / 0.12       | 9.7e-2 / 2.5e-2 / 6.2e-3
+    EDM     2 | 3.7e-2 / 2.6e-3 / 1.7e-4 | 3.8 / 0.11 / 5.9e-3      | 1.9e-2 / 1.3e-3 / 8.5e-5
+    EDM     3 | 4.3e-3 / 2.5e-5 / 2.7e-7 | 1.0e2 / 2.4e-2 / 3.1e-4  | 6.9e-3 / 7.0e-5 / 9.0e-7
+
+So at orders 1 and 2 the adjoint is about as close to the exact gradient as autograd through the same run
+(closer on the Gaussian), at order 3 within a few times it: the gradient of the flow map, not of the
+discrete sampler (the two differ by the sampler's error, the ``ag`` column). ``phi`` assumes data of about
+unit variance (the usual scaling); data of another variance leaves a larger remainder in mid-noise, still 0
+at both ends: on the mixture, ``phi = sqrt(alpha^2 v + sigma^2)`` with ``v = 0.3`` or ``3`` stayed below OLD
+against autograd in every cell at 20 / 80 steps but one (EDM order 3 at 80, ``v = 3``: 8.4e-3 against 8.0e-3;
+flow order 2 at 20: 6.1e-2 and 0.31).
 
 The adjoint of the reverse SDE is an ODE too (the paper's Theorem 3.1); it is not implemented here:
 stochastic solvers are refused.
@@ -91,7 +131,7 @@ from ._ops import first_false
 from .denoiser import Denoiser, check_denoiser
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan, sample_as
 from .schedules import ScheduleLike
-from .solvers._poly import exp_adams_bashforth
+from .solvers._poly import adams_bashforth, exp_adams_bashforth
 from .solvers.base import Grid, MaxH, Model, NonFiniteError, Solver, step_order, work_dtype
 from .solvers.ddim import DDIM
 from .solvers.deis import DEIS
@@ -258,7 +298,7 @@ def adjoint(
     **cond: Any,
 ) -> tuple[Tensor, dict[str, Tensor]] | tuple[Tensor, dict[str, Tensor], AdjointInfo]:
     """Sample ``den`` from ``x_T`` and return the sample with the gradients of ``loss`` of it, by AdjointDEIS
-    (module docstring: the adjoint ODE, its order-``k`` discretization, memory and cost).
+    (module docstring: the adjoint ODE, its integrating factor, the order-``k`` discretization, memory, cost).
 
     Args:
         den: the :class:`~steerdiff.denoiser.Denoiser` (guided ones too; not one that draws noise itself).
@@ -267,7 +307,7 @@ def adjoint(
         steps: number of steps ``N``.
         schedule: as ``sample``'s.
         solver_order: ``k`` = 1, 2 or 3 (default 2): the forward pass is ``sample`` with ``DEIS(order=k)``,
-            the backward pass AdjointDEIS-``k``.
+            the backward pass the adjoint of order ``k``.
         solver: instead of ``solver_order``, the forward solver itself: ``"deis"`` or ``"ddim"``, or an
             instance of :class:`~steerdiff.solvers.deis.DEIS` (``variant="log_rho"``) or ``DDIM(eta=0)``.
             Stochastic solvers are refused (``ValueError``).
@@ -354,29 +394,33 @@ def adjoint(
             a_x, *a_z = _vjp(pending.x0, x, leaves, g, retain=rgrid.steps > 0)
         products.add([a_x, *a_z], grid.steps - 1, rgrid.t[0])
         g = a_x
-    b = rgrid.alpha[0] * g  # the adjoint of y = x / alpha
+    phi = [math.hypot(a, s) for a, s in zip(rgrid.alpha, rgrid.sigma, strict=True)]
+    d = phi[0] * g  # phi a_x: the adjoint of x / phi
     hist: deque[tuple[float, Tensor, Tensor, list[Tensor]]] = deque(maxlen=order)  # newest first
     for k in range(rgrid.steps):
+        a, rho = rgrid.alpha[k], (rgrid.alpha[k] / phi[k]) ** 2
         with torch.enable_grad():
             if pending is None:
                 x.requires_grad_(True)
                 pending = model(x, rgrid.t[k], rgrid.steps - 1 - k)
-            vx, *vz = _vjp(pending.eps, x, leaves, b, retain=False)
+            vx, *vz = _vjp(pending.x0, x, leaves, a * d, retain=False)  # alpha (d x0 / d(x, z))^T d
         products.add([vx, *vz], rgrid.steps - 1 - k, rgrid.t[k])
-        hist.appendleft((rgrid.lam[k], pending.eps.detach(), -rgrid.alpha[k] * vx, [-v for v in vz]))
+        e_z = [v / phi[k] for v in vz]
+        hist.appendleft((rgrid.lam[k], pending.eps.detach(), vx.sub_(d, alpha=rho), e_z))
         pending = None
         q = step_order(k, rgrid, order, len(hist), lower_final, max_h, max_h_ratio)
         h = rgrid.h(k)
-        w = exp_adams_bashforth([(hist[j][0] - rgrid.lam[k]) / h for j in range(q)], h)
-        c_x, c_q = rgrid.sigma[k + 1] * h, rgrid.sigma[k + 1] / rgrid.alpha[k + 1] * h
+        nodes = [(hist[j][0] - rgrid.lam[k]) / h for j in range(q)]
+        w, ab = exp_adams_bashforth(nodes, h), adams_bashforth(nodes)
+        c_x = rgrid.sigma[k + 1] * h
         x = x.detach() * (rgrid.alpha[k + 1] / rgrid.alpha[k])
         for j in range(q):
             x = x.sub_(hist[j][1], alpha=c_x * w[j])
-            b = b.sub(hist[j][2], alpha=c_q * w[j])
-            a_z = [z.sub(e, alpha=c_q * w[j]) for z, e in zip(a_z, hist[j][3], strict=True)]
+            d = d.sub(hist[j][2], alpha=h * ab[j])
+            a_z = [z.sub(e, alpha=h * ab[j]) for z, e in zip(a_z, hist[j][3], strict=True)]
     model.check_finite()
     products.check()
-    grads = {"x_T": (b / rgrid.alpha[-1]).to(x_T.dtype)}
+    grads = {"x_T": (d / phi[-1]).to(x_T.dtype)}
     grads.update({name: z.to(cond[name].dtype) for name, z in zip(leaves, a_z, strict=True)})
     if return_info:
         vjps = grid.steps if grid.clean_end else rgrid.steps
