@@ -102,12 +102,14 @@ against 4.0e3, EDM order 2 0.15 against 3.4). On the Gaussian oracle of the test
     EDM     2 | 3.7e-2 / 2.6e-3 / 1.7e-4 | 3.8 / 0.11 / 5.9e-3      | 1.9e-2 / 1.3e-3 / 8.5e-5
     EDM     3 | 4.3e-3 / 2.5e-5 / 2.7e-7 | 1.0e2 / 2.4e-2 / 3.1e-4  | 6.9e-3 / 7.0e-5 / 9.0e-7
 
-So at orders 1 and 2 the adjoint is about as close to the exact gradient as autograd through the same run
-(closer on the Gaussian), at order 3 within a few times it: the gradient of the flow map, not of the
-discrete sampler (the two differ by the sampler's error, the ``ag`` column). ``phi`` assumes data of about
-unit variance (the usual scaling); data of another variance leaves a larger remainder in mid-noise, still 0
-at both ends: on the mixture, ``phi = sqrt(alpha^2 v + sigma^2)`` with ``v = 0.3`` or ``3`` stayed below OLD
-against autograd in every cell at 20 / 80 steps but one (EDM order 3 at 80, ``v = 3``: 8.4e-3 against 8.0e-3;
+So the adjoint, the gradient of the flow map rather than of the discrete sampler (the two differ by the
+sampler's error, the ``ag`` column), is about as close to the exact gradient as autograd through the same run
+at orders 1 and 2 (closer on the Gaussian and at few steps), and up to ~10x further at order 3 and under EDM
+at order 2 from 80 steps (EDM order 2 on the mixture: 0.15 / 1.0e-2 / 1.1e-3 from the exact gradient, autograd
+0.24 / 5.8e-3 / 1.6e-4). ``phi`` assumes data of about unit variance (the usual scaling); data of another
+variance leaves a larger remainder in mid-noise, still 0 at both ends: on the mixture,
+``phi = sqrt(alpha^2 v + sigma^2)`` with ``v = 0.3`` or ``3`` stayed below OLD against autograd in every cell
+at 20 / 80 steps but one (EDM order 3 at 80, ``v = 3``: 8.4e-3 against 8.0e-3;
 flow order 2 at 20: 6.1e-2 and 0.31).
 
 The adjoint of the reverse SDE is an ODE too (the paper's Theorem 3.1); it is not implemented here:
