@@ -510,10 +510,12 @@ def sample_as(
     snr: float = DEFAULT_SNR,
     progress: bool = False,
     return_info: bool = False,
+    project: Callable[[Tensor], Tensor] | None = None,
     **cond: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """:func:`sample` run by the entry point ``who`` (``rf_edit``, ``epsilon_norms``, ...), whose name its
-    messages carry, as the checks' ``who`` (:mod:`steerdiff._checks`) does."""
+    messages carry, as the checks' ``who`` (:mod:`steerdiff._checks`) does. ``project``: a map of the state
+    applied after every step (:func:`run_grid`; :func:`~steerdiff.guidance.pcd_sample`)."""
     check_denoiser(who, "den", den)
     check_x_T(den, x_T, who)
     check_seeded(den, generator, who)
@@ -522,6 +524,8 @@ def sample_as(
     return_info = boolean(who, "return_info", return_info)
     if callback is not None and not callable(callback):
         raise ValueError(f"{who}: callback must be None or a callable(dict), got {type(callback).__name__}")
+    if project is not None and not callable(project):
+        raise ValueError(f"{who}: project must be a callable(x) -> x, got {type(project).__name__}")
     model = Model(den, cond, make_noise(generator, who), net_dtype=x_T.dtype)
     if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
         check_rows(model.noise.generators, len(x_T), who)
@@ -532,7 +536,16 @@ def sample_as(
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr, len(x_T), who)
     x, chains, chain_steps = run_grid(
-        slv, model, grid, x_T.to(work_dtype(x_T.dtype)), callback, progress, kernel, corrector_steps, snr
+        slv,
+        model,
+        grid,
+        x_T.to(work_dtype(x_T.dtype)),
+        callback,
+        progress,
+        kernel,
+        corrector_steps,
+        snr,
+        project,
     )
     bad = first_nonfinite(chains)
     if bad is not None and ((m := model.first_nonfinite()) is None or chain_steps[bad] < m[0]):
@@ -580,13 +593,15 @@ def run_grid(
     kernel: _mcmc.Kernel | None = None,
     corrector_steps: int = DEFAULT_CORRECTOR_STEPS,
     snr: float = DEFAULT_SNR,
+    project: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, list[_mcmc.ChainInfo], list[int]]:
     """``slv`` over every step of ``grid`` from ``x`` (in :func:`~steerdiff.solvers.base.work_dtype`): the
     loop of :func:`sample` (a sampling grid) and of :func:`~steerdiff.inversion.invert` (a
     :meth:`~steerdiff.solvers.base.Grid.reversed` one). After each step into a noisy node the ``kernel``'s
-    corrector moves, if any, then ``callback`` (:func:`sample`'s ``callback``). Returns the state, the
-    corrector chains and the step after which each ran; the caller checks them and ``model`` for non-finite
-    values."""
+    corrector moves, if any; then ``x <- project(x)`` after every step, the clean one included (a move like
+    a corrector's: the solver restarts its history, :meth:`~steerdiff.solvers.base.Solver.moved`); then
+    ``callback`` (:func:`sample`'s ``callback``). Returns the state, the corrector chains and the step after
+    which each ran; the caller checks them and ``model`` for non-finite values."""
     chains: list[_mcmc.ChainInfo] = []
     chain_steps: list[int] = []  # the step after which each corrector ran
     state = slv.init_state(grid)
@@ -600,6 +615,9 @@ def run_grid(
             chains.append(chain)
             chain_steps.append(i)
             slv.moved(state)  # the next step starts from the moved x: estimates made before it are stale
+        if project is not None:
+            x = projected(project, x)
+            slv.moved(state)
         if callback is not None:
             callback(
                 {
@@ -612,3 +630,20 @@ def run_grid(
                 }
             )
     return x, chains, chain_steps
+
+
+def projected(project: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``project(x)``, checked: a tensor of ``x``'s shape, dtype and device, else a ``ValueError`` naming
+    ``project``."""
+    out = project(x)
+    if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        got = (
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            if isinstance(out, Tensor)
+            else type(out).__name__
+        )
+        raise ValueError(
+            "project must return a tensor of the state's shape, dtype and device "
+            f"({x.dtype} {tuple(x.shape)} on {x.device}), got {got}"
+        )
+    return out

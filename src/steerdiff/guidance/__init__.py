@@ -7,6 +7,7 @@ from .calibration import Calibrated, calibrate
 from .cfg import CADS, CFG
 from .characteristic import CharacteristicGuidance
 from .classifier import ClassifierGuidance, RewardGuidance
+from .coupled import Coupled, pcd_sample
 from .density import DensityGuidance, prior_guidance
 from .dps import DPS
 from .epsilon_scaling import EpsilonNorms, EpsilonScaling, epsilon_norms
@@ -28,6 +29,7 @@ __all__ = [
     "CharacteristicGuidance",
     "ClassifierGuidance",
     "ConsistencyBoundary",
+    "Coupled",
     "DensityGuidance",
     "DynamicThreshold",
     "EpsilonNorms",
@@ -47,6 +49,7 @@ __all__ = [
     "epsilon_norms",
     "grad_on",
     "lanpaint_nfe",
+    "pcd_sample",
     "pcg",
     "prior_guidance",
     "repaint_nfe",

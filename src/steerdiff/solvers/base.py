@@ -521,7 +521,8 @@ class Solver:
 
     def moved(self, state: dict[str, Any]) -> None:
         """The state the last step returned (or drew) was moved before the next step: a corrector's
-        Langevin/MALA/HMC moves in :func:`steerdiff.sample` (called only there, only after a move).
+        Langevin/MALA/HMC moves in :func:`steerdiff.sample`, or the projection of
+        :func:`~steerdiff.guidance.pcd_sample` (called only there, only after a move).
 
         The next step starts from the moved state, so estimates made before the move belong to another
         trajectory: at the move the estimate jumps (``eps`` by ``move / sigma``, ``x0`` by about

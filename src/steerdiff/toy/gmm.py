@@ -12,7 +12,8 @@ is diagonal in the basis ``U_k``: ``alpha^2 S_k + sigma^2 I = U_k diag(alpha^2 l
 
 Closed-form operations that stay in the family (Bishop, *Pattern Recognition and Machine
 Learning*, 2006, sec. 2.3.3): :meth:`GaussianMixture.posterior` conditions on a linear-Gaussian
-observation ``y = A x0 + s n``, :meth:`GaussianMixture.tilt` multiplies by ``exp(b^T x - x^T Q x / 2)``.
+observation ``y = A x0 + s n``, :meth:`GaussianMixture.tilt` multiplies by ``exp(b^T x - x^T Q x / 2)``,
+:meth:`GaussianMixture.product` joins two independent mixtures.
 
 The reference solution of the probability-flow ODE is integrated with scipy's DOP853 in
 k-diffusion's variables ``y = x/alpha``, ``s = sigma/alpha``, where ``dy/ds = eps(y, s)`` is
@@ -348,6 +349,26 @@ class GaussianMixture:
         """The law of ``x0 + shift`` (``shift``: ``(d,)``): means moved, covariances and weights kept."""
         shift = self._point(shift, f"{type(self).__name__}.shifted", "shift")
         return GaussianMixture(self.means + shift, self.covariances, self.weights, allow_singular=True)
+
+    def product(self, other: GaussianMixture) -> GaussianMixture:
+        """The law of ``(x, y)``, ``x ~ self`` and ``y ~ other`` independent, on the concatenated ``d + d'``
+        coordinates: components ``(i, j)`` (row-major) with means ``(mu_i, nu_j)``, block-diagonal covariances
+        and weights ``w_i v_j``; diagonal where both are. With :meth:`tilt` it gives coupled laws, e.g.
+        ``p(x) q(y) exp(-gamma ||x - y||^2 / 2)`` with ``Q = gamma [[I, -I], [-I, I]]``."""
+        if not isinstance(other, GaussianMixture):
+            raise ValueError(
+                f"{type(self).__name__}.product: other must be a GaussianMixture, got {type(other).__name__}"
+            )
+        k, j, d = len(self.weights), len(other.weights), self.dim
+        means = torch.cat([self.means.repeat_interleave(j, 0), other.means.repeat(k, 1)], dim=1)
+        weights = (self.weights[:, None] * other.weights[None, :]).reshape(-1)
+        if not (self.full or other.full):
+            cov = torch.cat([self.variances.repeat_interleave(j, 0), other.variances.repeat(k, 1)], dim=1)
+        else:
+            cov = torch.zeros(k * j, d + other.dim, d + other.dim, dtype=F64)
+            cov[:, :d, :d] = self.covariance_matrices.repeat_interleave(j, 0)
+            cov[:, d:, d:] = other.covariance_matrices.repeat(k, 1, 1)
+        return GaussianMixture(means, cov, weights, allow_singular=self._singular or other._singular)
 
     def mean_reverting_marginal(self, process: MeanReverting, mu: Tensor, t: float) -> GaussianMixture:
         """Exact ``p(x_t | mu)`` of mean-reverting diffusion (IR-SDE) from ``x0`` of this law: the
