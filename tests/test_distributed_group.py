@@ -1,5 +1,7 @@
 """sd.distributed.group: shards and collectives, on 3 gloo ranks against the single-process answer."""
 
+import datetime
+
 import pytest
 import torch
 
@@ -113,3 +115,54 @@ def test_gather_many_packs_mixed_dtypes_and_uneven_shards_into_one_all_gather():
     mine = [x for x, _ in _whole()]
     alone = Ranks().gather_many(mine, 7, dim=1)  # one process: the tensors themselves
     assert all(a is b for a, b in zip(alone, mine, strict=True))
+
+
+def _fail_together(group):
+    """Ranks.fail_together on 3 ranks whose ``work`` returns ``10 * rank`` or raises ``ValueError`` (on the
+    ranks ``failing``), ``share`` one gather of the values with the flags riding along; after each call
+    every rank's outcome is gathered, a later collective that a rank left waiting in ``share`` would
+    mismatch. The group's collectives time out after 20 s: a hang fails the test."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=20))
+    r = sd.distributed.ranks("test", quick)
+    calls = []
+
+    def share(done: int | None) -> tuple[list[int], list[int]]:
+        calls.append(done)
+        every = r.gather(torch.tensor([[done is None, 0 if done is None else done]]), r.size)
+        return every[:, 1].tolist(), every[:, 0].tolist()
+
+    out = []
+    for failing in ((), (1,), (0, 2)):
+
+        def work(failing=failing) -> int:
+            if r.rank in failing:
+                raise ValueError(f"rank {r.rank}'s own failure")
+            return 10 * r.rank
+
+        try:
+            said: object = r.fail_together("test", work, share)
+        except (ValueError, RuntimeError) as e:
+            said = f"{type(e).__name__}: {e}"
+        out.append(r.gather_objects(said))
+    return out, calls
+
+
+def test_fail_together_raises_on_every_rank_when_one_fails():
+    """Each rank gets the same outcomes, every rank's, gathered after each call (none was left waiting): no
+    failure, the work's results and the gathered values; else the failing ranks their own ValueError and
+    the others a RuntimeError naming them. Without fail_together a failing rank would raise before the
+    gather and the others would wait there (the gathered outcomes below then misread, or time out)."""
+    ok = [(0, [0, 10, 20]), (10, [0, 10, 20]), (20, [0, 10, 20])]
+
+    def told(failing, k):
+        if k in failing:
+            return f"ValueError: rank {k}'s own failure"
+        failed = f"rank(s) {list(failing)} of the group failed"
+        return f"RuntimeError: test: {failed} (each raised its error); so stops rank {k}"
+
+    for rank, (out, calls) in enumerate(spawn(_fail_together, 3)):
+        assert out == [ok, [told((1,), k) for k in range(3)], [told((0, 2), k) for k in range(3)]]
+        # share made on every rank in each call, given None where this rank's work raised
+        assert calls == [10 * rank, None if rank == 1 else 10 * rank, None if rank in (0, 2) else 10 * rank]
+    alone = Ranks().fail_together("test", lambda: 3, lambda done: (done, [False]))
+    assert alone == (3, 3)

@@ -9,14 +9,18 @@ generator state: the collectives below are matched by the order in which the ran
 Work of ``n`` items (samples, particles) is split into contiguous shards, rank ``r`` taking
 ``shard(n)``: sizes differ by at most one, the lower ranks taking the larger ones, so the shards in rank
 order are the items in order.
+
+If one rank raises, the others must not be left waiting for it at a collective (until the group's timeout):
+:meth:`Ranks.fail_together` runs a rank's work and then the one collective that follows it on every rank,
+so every rank raises or none does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +29,9 @@ from torch import Tensor
 from .._checks import integer
 
 __all__ = ["Ranks", "as_bytes", "particle_ranks", "ranks"]
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,34 @@ class Ranks:
         """Whether the ``uint8`` ``state`` is the same on every rank (gathered on ``device``)."""
         every = self.gather(state.to(device)[None], self.size)
         return bool((every == every[:1]).all())
+
+    def fail_together(
+        self, who: str, work: Callable[[], _T], share: Callable[[_T | None], tuple[_U, Sequence[object]]]
+    ) -> tuple[_T, _U]:
+        """``work()`` on this rank, then ``share``, the collective that follows it, on every rank; both
+        results. If any rank's ``work`` raised, every rank raises: that rank its own error, the others a
+        ``RuntimeError`` naming ``who`` and the failing ranks.
+
+        ``share`` (a flag's own collective, or the gather of the work's results with a flag riding along) is
+        given ``work()``'s result (never ``None``), or ``None`` on a rank whose work raised, which sends the
+        others' layout (zeros); it returns its own result and every rank's flag in rank order, read on the
+        host (true: that rank's work raised). A rank whose work raised makes the collective before it
+        raises, so the collective is made on every rank, in the order it has without a failure, and every
+        rank raises or none does: no rank waits at a later collective for one that is gone (until the
+        group's timeout). It costs nothing beyond ``share``, which the caller makes in any case. The others
+        learn that a rank failed, not why: each rank's error is its own."""
+        try:
+            done = work()
+        except Exception:  # raised once every rank knows; no reference kept (a traceback holds the group)
+            share(None)
+            raise
+        out, flags = share(done)
+        if failed := [k for k, flag in enumerate(flags) if flag]:
+            raise RuntimeError(
+                f"{who}: rank(s) {failed} of the group failed (each raised its error); so stops rank "
+                f"{self.rank}"
+            )
+        return done, out
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` alone)."""
