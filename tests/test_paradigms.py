@@ -547,8 +547,8 @@ def test_group_equals_single_process(x_T):
             == (
                 "ArithmeticError: rank 1's own failure"
                 if rank == 1
-                else "RuntimeError: paradigms: a rank of the group failed in the network call (it raised its "
-                "error); so stops rank 0"
+                else "RuntimeError: paradigms: rank(s) [1] of the group failed (each raised its error); so "
+                "stops rank 0"
             )
         )
 
@@ -660,6 +660,6 @@ def test_group_one_collective_per_iteration(x_T):
         assert failure == (
             "ArithmeticError: rank 1's own failure"
             if rank == 1
-            else "RuntimeError: paradigms: a rank of the group failed in the network call (it raised its "
-            "error); so stops rank 0"
+            else "RuntimeError: paradigms: rank(s) [1] of the group failed (each raised its error); so stops "
+            "rank 0"
         )

@@ -344,40 +344,45 @@ def _evaluate(
     ``x0``, the learned-variance interpolation and the call's cost.
 
     One all_gather per call (:meth:`~steerdiff.distributed.group.Ranks.gather_many`): each rank's shard of
-    its given estimate (and variance) with a row of flags -- its call's cost, whether its estimate is
-    ``eps``, whether it is ``x0``, whether the call raised -- whose maximum over the ranks is the window's
-    as one process has it: the cost (a guided denoiser's may depend on its rows' times), whether a rank
-    failed, and the kind. A guided denoiser may give another kind for rows all inside its interval than
-    for mixed rows (CFG-rescale in x0 of an eps net: x0, where the mixed rows' is eps, which one process
-    gives for the whole window); where the ranks' kinds differ, a second gather takes every rank's ``eps``
-    (read as the other kind, the gathered rows would be wrong). That case alone pays a second collective
-    (sending both estimates every time would double every gather's bytes and derive the other estimate on
-    every rank, for a case of a few windows of guidance with an interval)."""
+    its given estimate (and variance) with a row of flags -- whether the call raised (every rank then raises:
+    :meth:`~steerdiff.distributed.group.Ranks.fail_together`), its cost, whether its estimate is ``eps``,
+    whether it is ``x0`` -- whose maximum over the ranks is the window's as one process has it: the cost (a
+    guided denoiser's may depend on its rows' times) and the kind. A guided denoiser may give another kind
+    for rows all inside its interval than for mixed rows (CFG-rescale in x0 of an eps net: x0, where the
+    mixed rows' is eps, which one process gives for the whole window); where the ranks' kinds differ, a
+    second gather takes every rank's ``eps`` (read as the other kind, the gathered rows would be wrong).
+    That case alone pays a second collective (sending both estimates every time would double every
+    gather's bytes and derive the other estimate on every rank, for a case of a few windows of guidance
+    with an interval)."""
     total = xs.shape[0]
     if group.size == 1 or total < group.size:
         pred, cost = predict_rows(den, xs, t_rows, rows, n, net_dtype, cond)
         return pred.given, pred.x0_given, pred.var_interp, cost
     mine = group.shard(total)
 
-    def gather(given: Tensor, var: Tensor | None, flags: list[int]) -> list[Tensor]:
-        """Every rank's ``given`` (and ``var``) shard and ``flags`` row (one of ``group.size``), in one
-        all_gather, in ``xs``'s dtype (a denoiser's estimates and variance are in its input's already): a
-        layout that a rank whose call raised knows without a prediction (the variance where ``den`` learns
-        one)."""
+    def share(done: tuple[Prediction, int] | None) -> tuple[tuple[list[Tensor], list[list[int]]], list[int]]:
+        """Every rank's ``given`` (and variance) shard and flags row (whether its call raised, its cost,
+        whether its estimate is ``eps``, whether it is ``x0``), in one all_gather, in ``xs``'s dtype (a
+        denoiser's estimates and variance are in its input's already); a rank whose call raised sends zeros
+        in the others' layout (the variance where ``den`` learns one). The flags read once."""
+        if done is None:
+            zeros = xs.new_zeros(xs[mine].shape)
+            given, var, flags = zeros, zeros if den.learned_variance else None, [1, 0, 0, 0]
+        else:
+            pred, cost = done
+            given, var, flags = pred.given, pred.var_interp, [0, cost, not pred.x0_given, pred.x0_given]
         sent = [given.to(xs.dtype), *([] if var is None else [var.to(xs.dtype)])]
-        row = torch.tensor([flags], device=xs.device)
-        return group.gather_many([*sent, row], [total] * len(sent) + [group.size])
+        *whole, every = group.gather_many(
+            [*sent, torch.tensor([flags], device=xs.device)], [total] * len(sent) + [group.size]
+        )
+        table = every.tolist()
+        return (whole, table), [row[0] for row in table]
 
-    try:
-        pred, cost = predict_rows(den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond)
-    except Exception:  # raised once every rank knows, rather than leave them waiting at the gather
-        zeros = xs.new_zeros(xs[mine].shape)
-        gather(zeros, zeros if den.learned_variance else None, [0, 0, 0, 1])
-        raise
-    given, *var, every = gather(pred.given, pred.var_interp, [cost, not pred.x0_given, pred.x0_given, 0])
-    cost, some_eps, some_x0, failed = every.amax(0).tolist()
-    if failed:
-        raise _failed_elsewhere(group)
+    def call() -> tuple[Prediction, int]:
+        return predict_rows(den, xs[mine], t_rows[mine], rows[mine], n, net_dtype, cond)
+
+    (pred, _), ((given, *var), every) = group.fail_together("paradigms", call, share)
+    cost, some_eps, some_x0 = map(max, list(zip(*every, strict=True))[1:])
     if some_eps and some_x0:
         given = group.gather(pred.eps, total)
     return given, not some_eps, var[0] if var else None, cost
@@ -421,13 +426,6 @@ def _sequenced(
     if var is not None:
         finite &= torch.isfinite(var.flatten(2)).all(2).all(1)
     return torch.stack(outs), finite, width * cost, after
-
-
-def _failed_elsewhere(group: Ranks) -> RuntimeError:
-    return RuntimeError(
-        f"paradigms: a rank of the group failed in the network call (it raised its error); so stops rank "
-        f"{group.rank}"
-    )
 
 
 def _node_prediction(
@@ -514,8 +512,9 @@ def _staged(
 
     With ``group``, each rank takes its share of the window's rows (steps on a share of the batch: their
     draws were made on the whole) through every stage, its calls its own, and one all_gather per iteration
-    brings every rank the results with a row of flags: whether its calls raised, their costs, whose maximum
-    over the ranks is one process's, and its first non-finite stage per node."""
+    brings every rank the results with a row of flags: whether its calls raised (every rank then raises:
+    :meth:`~steerdiff.distributed.group.Ranks.fail_together`), their costs, whose maximum over the ranks is
+    one process's, and its first non-finite stage per node."""
     width, n = len(buf) - 1, buf.shape[1]
     evals = [len(ts) for ts in times[start : start + width]]
     total, depth = width * n, max(evals)
@@ -526,33 +525,39 @@ def _staged(
         lo, hi = max(mine.start - j * n, 0), min(mine.stop - j * n, n)
         if lo < hi:
             jobs.append((start + j, buf[j][lo:hi], slice(lo, hi)))
-    try:
+
+    def passes() -> tuple[Tensor, list[int], Tensor]:
+        """This rank's steps through every stage: their results, each call's cost (0 past the calls made)
+        and each node's first non-finite stage."""
         outs, costs, checks = _stage_passes(stages, slv, grid, state, jobs, times, n, net_dtype, cond, draws)
-    except Exception:  # raised once every rank knows, rather than leave them waiting at the gather
-        if split:
-            group.gather_many(
-                [
-                    buf.new_zeros(mine.stop - mine.start, *buf.shape[2:]),
-                    buf.new_tensor([[1] + [0] * (depth + width)], dtype=torch.int64),
-                ],
-                [total, group.size],
-            )
-        raise
-    first = torch.full((width,), depth, dtype=torch.int64, device=buf.device)
-    if checks:
-        nodes = torch.tensor([i - start for i, _, _ in checks], device=buf.device)
-        stage = torch.tensor([k for _, k, _ in checks], device=buf.device)
-        finite = torch.stack([f for _, _, f in checks])
-        first.scatter_reduce_(0, nodes, torch.where(finite, depth, stage), "amin")
-    costs += [0] * (depth - len(costs))
-    result = torch.cat(outs)
+        first = torch.full((width,), depth, dtype=torch.int64, device=buf.device)
+        if checks:
+            nodes = torch.tensor([i - start for i, _, _ in checks], device=buf.device)
+            stage = torch.tensor([k for _, k, _ in checks], device=buf.device)
+            finite = torch.stack([f for _, _, f in checks])
+            first.scatter_reduce_(0, nodes, torch.where(finite, depth, stage), "amin")
+        return torch.cat(outs), costs + [0] * (depth - len(costs)), first
+
+    def share(
+        done: tuple[Tensor, list[int], Tensor] | None,
+    ) -> tuple[tuple[Tensor, list[list[int]], Tensor], list[int]]:
+        """Every rank's results and flags row (whether its calls raised, their costs, its first non-finite
+        stage per node) in one all_gather; a rank whose calls raised sends zeros. The flags read once."""
+        if done is None:
+            mine_out = buf.new_zeros(mine.stop - mine.start, *buf.shape[2:])
+            flags = buf.new_tensor([[1] + [0] * (depth + width)], dtype=torch.int64)
+        else:
+            mine_out, costs, first = done
+            flags = torch.cat([torch.tensor([0, *costs], device=buf.device), first])[None]
+        result, every = group.gather_many([mine_out, flags], [total, group.size])
+        table = every[:, : depth + 1].tolist()
+        return (result, table, every[:, depth + 1 :].amin(0)), [row[0] for row in table]
+
     if split:
-        flags = torch.cat([torch.tensor([0, *costs], device=buf.device), first])[None]
-        result, every = group.gather_many([result, flags], [total, group.size])
-        failed, *costs = every[:, : depth + 1].amax(0).tolist()
-        if failed:
-            raise _failed_elsewhere(group)
-        first = every[:, depth + 1 :].amin(0)
+        _, (result, table, first) = group.fail_together("paradigms", passes, share)
+        costs = list(map(max, list(zip(*table, strict=True))[1:]))
+    else:
+        result, costs, first = passes()
     # the steps evaluated at stage k: those of more than k evaluations
     nfe = sum(cost * sum(e > k for e in evals) for k, cost in enumerate(costs))
     return result.unflatten(0, (width, n)), first, nfe, depth

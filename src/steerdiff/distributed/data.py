@@ -213,13 +213,6 @@ def _seeds(gens: list[torch.Generator] | None) -> list[int] | None:
     return None if gens is None else [g.initial_seed() for g in gens]
 
 
-def _failed(r: Ranks, device: torch.device, me: bool) -> list[int]:
-    """The ranks that failed, told by each (``me``: whether this one did) in a sum of flags on ``device``."""
-    flags = torch.zeros(r.size, dtype=torch.int64, device=device)
-    flags[r.rank] = me
-    return r.sum(flags).nonzero().flatten().tolist()
-
-
 def _spread(
     who: str,
     r: Ranks,
@@ -230,23 +223,22 @@ def _spread(
     gather: bool,
 ) -> tuple[Tensor, _I]:
     """``run(rows)`` on this rank's shard of ``n`` samples (``empty()`` for a rank with none, which calls
-    no sampler), every rank told whether any failed (a flag per rank, summed on ``device``; the failing
-    rank raises its own error, the others a ``RuntimeError`` naming it), then, with ``gather``, the ranks'
-    samples in order on every rank."""
+    no sampler), every rank told whether any failed (:meth:`~steerdiff.distributed.group.Ranks.fail_together`:
+    a flag per rank, summed on ``device``), then, with ``gather``, the ranks' samples in order on every
+    rank."""
     sl = r.shard(n)
     rows = range(sl.start, sl.stop)
     if r.group is None:
         x, info = run(rows)
         return x, info
-    try:
-        x, info = run(rows) if rows else empty()
-    except Exception:  # raised once every rank knows; no reference kept (a traceback holds the group)
-        _failed(r, device, True)
-        raise
-    if failed := _failed(r, device, False):
-        raise RuntimeError(
-            f"{who}: rank(s) {failed} of the group failed (each raised its error); so stops rank {r.rank}"
-        )
+
+    def flags(done: tuple[Tensor, _I] | None) -> tuple[None, list[int]]:
+        """Every rank's flag (set where its run raised): one-hot rows summed on ``device``, one all_reduce."""
+        mine = torch.zeros(r.size, dtype=torch.int64, device=device)
+        mine[r.rank] = done is None
+        return None, r.sum(mine).tolist()
+
+    (x, info), _ = r.fail_together(who, lambda: run(rows) if rows else empty(), flags)
     return (r.gather(x, n) if gather else x), info
 
 
