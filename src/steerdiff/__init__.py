@@ -10,6 +10,7 @@ from . import (
     ddpm_inversion,
     discrete,
     distributed,
+    eta_inversion,
     guidance,
     inverse,
     mcmc,
@@ -25,6 +26,7 @@ from . import (
 from .adjoint import AdjointInfo, adjoint
 from .ddpm_inversion import EditNoise, ddpm_invert
 from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
+from .eta_inversion import EtaNoise, eta_invert
 from .inversion import invert
 from .paradigms import ParadigmsInfo, paradigms
 from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
@@ -41,6 +43,7 @@ __all__ = [
     "Denoiser",
     "EDMDenoiser",
     "EditNoise",
+    "EtaNoise",
     "MeanReverting",
     "NonFiniteError",
     "ParadigmsInfo",
@@ -54,6 +57,8 @@ __all__ = [
     "ddpm_invert",
     "discrete",
     "distributed",
+    "eta_inversion",
+    "eta_invert",
     "guidance",
     "inverse",
     "invert",
