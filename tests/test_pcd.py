@@ -289,10 +289,28 @@ def test_bad_input():
         Coupled([den, den], lambda v: quadratic(v.detach()))(x, 100.0)
     with pytest.raises(ValueError, match=r"pcd_sample: project must be a callable"):
         pcd_sample(coupled, x, None, 5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"project must return a tensor of the state's shape"):
+    with pytest.raises(ValueError, match=r"pcd_sample: project must return a tensor of the state's shape"):
         pcd_sample(coupled, x, lambda v: v[:, 0], 5)
-    with pytest.raises(ValueError, match=r"project must return a tensor of the state's shape, dtype"):
+    with pytest.raises(ValueError, match=r"pcd_sample: project must return .* state's shape, dtype"):
         pcd_sample(coupled, x, lambda v: v.float(), 5)
+
+
+def test_project_is_refused_by_the_other_entry_points():
+    """``project`` is ``pcd_sample``'s: through the keywords of ``sample``, ``rf_edit`` or ``adjoint`` (whose
+    gradient would ignore it) it is refused, naming the entry point, not applied unannounced."""
+    den = Coupled(dens(), quadratic)
+    x = torch.randn(4, 2, D, dtype=F64, generator=torch.Generator().manual_seed(5))
+    box = lambda v: v.clamp(-0.1, 0.1)  # noqa: E731
+    flow = sd.toy.GaussianMixture(G1.means, G1.variances, G1.weights).denoiser(sd.RectifiedFlow())
+    y = torch.randn(4, D, dtype=F64, generator=torch.Generator().manual_seed(6))
+    calls = {
+        "sample": lambda: sd.sample(den, x, 5, "ddim", project=box),
+        "rf_edit": lambda: sd.rf_inversion.rf_edit(flow, y, y, project=box),
+        "adjoint": lambda: sd.adjoint(den, x, lambda v: v.sum(), 5, project=box),
+    }
+    for who, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{who}: project is an argument of .*pcd_sample"):
+            call()
 
 
 def test_the_readme_snippet_runs_with_what_it_is_given():

@@ -515,7 +515,14 @@ def sample_as(
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """:func:`sample` run by the entry point ``who`` (``rf_edit``, ``epsilon_norms``, ...), whose name its
     messages carry, as the checks' ``who`` (:mod:`steerdiff._checks`) does. ``project``: a map of the state
-    applied after every step (:func:`run_grid`; :func:`~steerdiff.guidance.pcd_sample`)."""
+    applied after every step (:func:`run_grid`), :func:`~steerdiff.guidance.pcd_sample`'s alone: from any
+    other entry point it came in the caller's keywords, and is refused (the others would sample unprojected
+    steps or, as :func:`~steerdiff.adjoint.adjoint`, differentiate them)."""
+    if project is not None and who != "pcd_sample":
+        raise ValueError(
+            f"{who}: project is an argument of steerdiff.guidance.pcd_sample (the state projected after "
+            f"every step), not of {who}"
+        )
     check_denoiser(who, "den", den)
     check_x_T(den, x_T, who)
     check_seeded(den, generator, who)
@@ -545,7 +552,7 @@ def sample_as(
         kernel,
         corrector_steps,
         snr,
-        project,
+        None if project is None else functools.partial(projected, who, project),
     )
     bad = first_nonfinite(chains)
     if bad is not None and ((m := model.first_nonfinite()) is None or chain_steps[bad] < m[0]):
@@ -616,7 +623,7 @@ def run_grid(
             chain_steps.append(i)
             slv.moved(state)  # the next step starts from the moved x: estimates made before it are stale
         if project is not None:
-            x = projected(project, x)
+            x = project(x)
             slv.moved(state)
         if callback is not None:
             callback(
@@ -632,9 +639,9 @@ def run_grid(
     return x, chains, chain_steps
 
 
-def projected(project: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+def projected(who: str, project: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """``project(x)``, checked: a tensor of ``x``'s shape, dtype and device, else a ``ValueError`` naming
-    ``project``."""
+    ``project`` after ``who``, the entry point."""
     out = project(x)
     if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
         got = (
@@ -643,7 +650,7 @@ def projected(project: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
             else type(out).__name__
         )
         raise ValueError(
-            "project must return a tensor of the state's shape, dtype and device "
+            f"{who}: project must return a tensor of the state's shape, dtype and device "
             f"({x.dtype} {tuple(x.shape)} on {x.device}), got {got}"
         )
     return out
