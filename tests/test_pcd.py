@@ -313,6 +313,20 @@ def test_project_is_refused_by_the_other_entry_points():
             call()
 
 
+def test_invert_refuses_a_state_time_model_in_any_slot():
+    """``invert`` refuses a model that evaluates its net at a time chosen from the state (``TimeShift``) in
+    every slot of a :class:`Coupled`, not only in the first (its ``base``); without one it inverts (uncoupled:
+    each model's inversion, stacked)."""
+    plain, shifted = G1.denoiser(PROC), sd.guidance.TimeShift(G2.denoiser(PROC))
+    x = torch.randn(4, 2, D, dtype=F64, generator=torch.Generator().manual_seed(7))
+    for models in ([shifted, plain], [plain, shifted]):
+        with pytest.raises(ValueError, match=r"invert: den: TimeShift evaluates the net at a time chosen"):
+            sd.invert(Coupled(models, quadratic), x, 5)
+    got = sd.invert(Coupled(dens()), x, 10, "dpmpp_2m")
+    want = torch.stack([sd.invert(d, x[:, k].contiguous(), 10, "dpmpp_2m") for k, d in enumerate(dens())], 1)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_the_readme_snippet_runs_with_what_it_is_given():
     # "given two denoisers of one process, a sample shape, a batch size n and a generator g"
     den_a, den_b = dens()

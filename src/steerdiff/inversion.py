@@ -243,14 +243,16 @@ def invert_as(
             f"{who}: den: {', '.join(name for name, _ in own)} draws noise, and inversion is deterministic; "
             "pass a denoiser that does not"
         )
-    inner: Denoiser | None = den
-    while inner is not None:
+    wrapped: list[Denoiser] = [den]  # den and every denoiser inside it: a wrapper's base, a Coupled's models
+    while wrapped:
+        inner = wrapped.pop()
         if inner.state_time:
             raise ValueError(
                 f"{who}: den: {type(inner).__name__} evaluates the net at a time chosen from the state, and "
                 "inversion cannot undo that (the steps up the grid see other states); invert its base instead"
             )
-        inner = base if isinstance(base := getattr(inner, "base", None), Denoiser) else None
+        inside = (getattr(inner, "base", None), *getattr(inner, "denoisers", ()))
+        wrapped += [d for d in inside if isinstance(d, Denoiser)]
     check_sample_only(
         who,
         cond,
