@@ -201,13 +201,15 @@ def pcd_sample(
         steps: grid steps; with ``final="zero"`` (default) the last one returns the denoised estimate, then
             projected.
         solver: default ``"ddpm"``, the paper's; any solver runs, a multistep one at first order (its
-            history restarts after each projection).
+            history restarts after each projection); ``pndm`` / ``plms`` redo their warm-up on every step
+            (4 / 2 evaluations a step: 154 / 78 NFE against 58 / 42 unprojected, 20 steps, ``K = 2``).
         schedule: default ``"time_uniform"``, as DDPM.
         **kwargs: ``sample``'s other keywords (``final``, ``generator``, ``callback``, ``return_info``, ...)
             and the net's conditions.
 
     Returns:
-        ``sample``'s result; NFE ``K`` per step for ``K`` plain models (``den.cost`` per call).
+        ``sample``'s result; NFE ``den.cost`` per evaluation (``K`` for ``K`` plain models), so ``K`` per
+            step under DDPM.
     """
     if not callable(project):
         raise ValueError(
