@@ -164,6 +164,26 @@ def test_region_mask_injects_noise_only_inside():
     assert (full[:, 3:] - ddim[:, 3:]).abs().max() > 0.1
 
 
+def test_mask_is_read_on_the_host_once(gmm):
+    """Whether a masked ``EtaDDIM`` draws noise is read from its mask at construction, not at every step (a
+    device sync per step for a CUDA mask)."""
+    den = gmm.denoiser(VP)
+    mask = (torch.arange(8) < 3).to(F64)
+    slv = EtaDDIM(mask=mask)
+    reads = []
+
+    class Reads(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if args and args[0] is mask and func in (torch.Tensor.gt, torch.Tensor.any):
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        sd.sample(den, torch.randn(4, 8, dtype=F64, generator=gen(0)), 10, slv, SCHEDULE, generator=gen(1))
+    assert slv.stochastic and not reads
+    assert not EtaDDIM(mask=torch.zeros(8, dtype=F64)).stochastic and not EtaDDIM(eta=(0.0, 0.0)).stochastic
+
+
 # --- editing ----------------------------------------------------------------------------------------------
 
 
@@ -243,6 +263,14 @@ def test_refuses_bad_arguments(gmm, x_0):
             sd.eta_invert(den, x_0, **kwargs)
     with pytest.raises(ValueError, match=r"eta_invert: x_0 must be batched"):
         sd.eta_invert(den, x_0[0])
+    # x_0 is checked before the mask's shape and the generators' count are read from it
+    with pytest.raises(ValueError, match=r"eta_invert: x_0 must be a torch.Tensor, got list"):
+        sd.eta_invert(den, x_0.tolist(), mask=torch.ones(8, dtype=F64))
+    with pytest.raises(ValueError, match=r"eta_invert: x_0 must be batched"):
+        sd.eta_invert(den, x_0[0, 0])
+    narrow = EtaDDIM(mask=torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match=r"EtaDDIM: mask of shape \(3,\) must broadcast to the batch"):
+        sd.sample(den, torch.randn(4, 8, dtype=F64, generator=gen(0)), 4, narrow)
     with pytest.raises(ValueError, match=r"EtaDDIM: eta\[0\] must be a finite number >= 0"):
         EtaDDIM(eta=(-1.0, 0.0))
     inv = sd.eta_invert(den, x_0, 6, SCHEDULE)

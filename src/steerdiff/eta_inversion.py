@@ -63,7 +63,7 @@ from .ddpm_inversion import EditNoise
 from .denoiser import Denoiser, check_denoiser
 from .inversion import invert_as
 from .noise import Generators, ReplayNoise, check_generators, randn
-from .sampling import DEFAULT_SCHEDULE, check_sample_only
+from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T
 from .schedules import ScheduleLike
 from .solvers._exp import sde_std
 from .solvers.base import Grid, Model, Solver, Transition, make_grid, work_dtype
@@ -126,10 +126,12 @@ class EtaDDIM(Solver):
         super().__post_init__()
         self.eta = _eta_pair("EtaDDIM", self.eta)
         self.mask = _mask("EtaDDIM", self.mask)
+        # read on the host once here, not at every step (a device sync per step for a CUDA mask)
+        self._any_noise = max(self.eta) > 0 and (self.mask is None or bool(self.mask.gt(0).any()))
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
-        return max(self.eta) > 0 and (self.mask is None or bool(self.mask.gt(0).any()))
+        return self._any_noise
 
     def eta_at(self, grid: Grid, t: float) -> float:
         """``eta(t)`` on ``grid``'s process, before the mask (``t`` clamped to ``[t_min, t_max]``)."""
@@ -147,6 +149,11 @@ class EtaDDIM(Solver):
         if self.mask is None:
             sigma_det, c = noise_split(sigma_next, c)
             return Transition(pred.renoise(a_next, sigma_det), c)
+        if not _broadcasts(self.mask, x):
+            raise ValueError(
+                f"EtaDDIM: mask of shape {tuple(self.mask.shape)} must broadcast to the batch's shape "
+                f"{tuple(x.shape)}"
+            )
         cm = (c * self.mask.to(x.device, x.dtype)).expand_as(x)
         return Transition(a_next * pred.x0 + (sigma_next**2 - cm**2).clamp_min(0).sqrt() * pred.eps, cm)
 
@@ -206,6 +213,7 @@ def eta_invert(
     """
     who = "eta_invert"
     check_denoiser(who, "den", den)
+    check_x_T(den, x_0, who, "x_0")
     src = den if source is None else source
     if source is not None:
         check_denoiser(who, "source", source)
