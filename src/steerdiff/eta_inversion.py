@@ -13,7 +13,11 @@ start ``t_i`` and of the element,
 
 linear from ``eta_0`` at the clean end to ``eta_1`` at the noise end (the authors' default ``(0, 0.4)``:
 their ``np.linspace(0.0, 0.4, 1000)[t]`` at Stable Diffusion's timestep ``t``, which is this formula on a
-1000-step discrete process, ``t_min = 0``, ``t_max = 999``). ``M`` in ``[0, 1]``, of the sample's shape or
+1000-step discrete process, ``t_min = 0``, ``t_max = 999``). On another process ``u`` is its own normalized
+time, as CADS's (:class:`~steerdiff.guidance.cfg.CADS`): near SD's ``t / 999`` on ``VP.linear``, ``VP.cosine``
+and ``RectifiedFlow``, but on ``EDM``, whose time is ``sigma``, linear in ``sigma``: at the default 0.005 at
+``sigma = 1``, where SD's table gives 0.14 (``t = 354``), so an EDM edit is near DDIM below the top few
+steps unless ``eta`` is raised. ``M`` in ``[0, 1]``, of the sample's shape or
 broadcastable to it, is the region: 1 where the edit may inject noise, 0 where the step is DDIM's
 deterministic one. The authors threshold the source word's cross-attention map (averaged over the
 inversion's steps) at 0.2; here ``M`` is given (``mask``), and ``None`` is 1 everywhere.
