@@ -274,6 +274,9 @@ def test_refuses_bad_arguments(gmm, x_0):
     with pytest.raises(ValueError, match=r"EtaDDIM: eta\[0\] must be a finite number >= 0"):
         EtaDDIM(eta=(-1.0, 0.0))
     inv = sd.eta_invert(den, x_0, 6, SCHEDULE)
+    # karras's 6 steps on this process also run from 999 to 0: the message names the first node that differs
+    with pytest.raises(ValueError, match=r"0\] \(its node 1 at t = 868\.4\d+, the maps. at 832\.5\)"):
+        sd.sample(den, **{**inv.sample_kwargs(), "schedule": "karras"})
     with pytest.raises(ValueError, match=r"sample: generator replays noise maps made for solver EtaDDIM"):
         sd.sample(den, **{**inv.sample_kwargs(), "solver": EtaDDIM(eta=(0.0, 0.2))})
 

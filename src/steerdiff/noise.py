@@ -262,6 +262,9 @@ class ReplayNoise:
         k = len(self.times) - len(grid.t)
         if grid.clean_end or k < 0 or grid.t != self.times[k:]:
             got = f"{grid.steps} steps t = [{grid.t[0]:.6g}, ..., {grid.t[-1]:.6g}]"
+            if k >= 0 and not grid.clean_end:  # as many nodes as a tail, at other times: name the first
+                j = next(j for j, (a, b) in enumerate(zip(grid.t, self.times[k:], strict=True)) if a != b)
+                got += f" (its node {j} at t = {grid.t[j]!r}, the maps' at {self.times[k + j]!r})"
             raise ValueError(
                 f"{who}: generator replays noise maps made on {self._grid_text()} (final='none'), and this "
                 f"run's grid is {got}" + (" with a clean end" if grid.clean_end else "") + "; a run must "
