@@ -69,9 +69,8 @@ from .inversion import invert_as
 from .noise import Generators, ReplayNoise, check_generators, randn
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T
 from .schedules import ScheduleLike
-from .solvers._exp import sde_std
 from .solvers.base import Grid, Model, Solver, Transition, make_grid, work_dtype
-from .solvers.ddim import noise_split
+from .solvers.ddim import ancestral_split
 
 __all__ = ["EtaDDIM", "EtaNoise", "eta_invert"]
 
@@ -149,9 +148,8 @@ class EtaDDIM(Solver):
         eta = self.eta_at(grid, grid.t[i])
         if eta == 0 or sigma_next == 0 or not self.stochastic:
             return pred.renoise(a_next, sigma_next)
-        c = min(sigma_next, eta * sde_std(sigma_next, grid.h(i), 1.0))
+        sigma_det, c = ancestral_split(grid, i, eta)
         if self.mask is None:
-            sigma_det, c = noise_split(sigma_next, c)
             return Transition(pred.renoise(a_next, sigma_det), c)
         if not _broadcasts(self.mask, x):
             raise ValueError(
@@ -269,9 +267,7 @@ def eta_invert(
             z.append(torch.zeros_like(xs[i]))
             continue
         best = (xs[i + 1] - out.mean) / out.std
-        draws = torch.stack(
-            [randn(best.shape, generator, best.dtype, best.device) for _ in range(candidates)]
-        )
+        draws = torch.stack([randn(best.shape, generator, best.dtype, best.device) for _ in range(K)])
         dist = (draws - best).pow(2).flatten(2).mean(2)  # (candidates, batch)
         pick = dist.argmin(0)
         z.append(draws[pick, torch.arange(len(best), device=best.device)])
