@@ -6,7 +6,9 @@ events, log Z), NFE, rewards and ``sample()``. That run is itself checked agains
 
 from __future__ import annotations
 
+import datetime
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -148,6 +150,85 @@ def _errors(group: Any) -> list[str]:
                 sd.discrete.fk_steering(DEN, reward, particles=N, steps=4, generator=generator, **kw)
             said.append(str(err.value))
     return said
+
+
+def _refuse_on_last_rank(x: torch.Tensor) -> torch.Tensor:
+    """``reward``, raising ``ValueError`` on the last rank only."""
+    if _last_rank():
+        raise ValueError("the reward refused this rank's particles")
+    return reward(x)
+
+
+def _wrong_shape_on_last_rank(x: torch.Tensor) -> torch.Tensor:
+    """``reward``, of one value too many on the last rank only."""
+    r = reward(x)
+    return torch.cat([r, r[:1]]) if _last_rank() else r
+
+
+def _net_refuses_below_half(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The mixture's net, below process time 0.5 raising ``KeyError`` on the last rank and NaN on the
+    others."""
+    if float(t.min()) < 0.5:
+        if _last_rank():
+            raise KeyError("the net refused this rank's rows")
+        return DEN.net(x, t) * math.nan
+    return DEN.net(x, t)
+
+
+def _one_rank_raises(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+    """Runs in which the last rank alone raises an error other than a NaN: its reward raising ``ValueError``
+    at the first potential node (fk_steering) or returning the wrong shape at the final samples (best_of_n),
+    its net raising ``KeyError`` at the step where every other rank's net returns NaN. The group's
+    collectives time out after 10 s: a rank left waiting for the failed one fails the test (a gloo timeout
+    or a mismatched collective instead of the outcomes below). After each run every rank's outcome is
+    gathered (a later collective, which a rank left waiting would mismatch) and its seconds; last a run
+    that goes through on the same group."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=10))
+    kw = {"shape": (2, MIX.L), "particles": N, "steps": STEPS, "group": quick}
+    runs = (
+        lambda: sd.discrete.fk_steering(DEN, _refuse_on_last_rank, 3.0, generator=gens(True), **kw),
+        lambda: sd.discrete.best_of_n(DEN, _wrong_shape_on_last_rank, generator=gens(True), **kw),
+        lambda: sd.discrete.fk_steering(
+            sd.discrete.MaskedDenoiser(_net_refuses_below_half, PROC), reward, 3.0, generator=gens(True), **kw
+        ),
+    )
+    said, seconds = [], []
+    for run in runs:
+        start = time.monotonic()
+        try:
+            run()
+            outcome = "went through"
+        except (ValueError, KeyError, RuntimeError, sd.NonFiniteError) as e:
+            outcome = f"{type(e).__name__}: {e}"
+        seconds.append(time.monotonic() - start)
+        said.append(sd.distributed.ranks("test", quick).gather_objects(outcome))
+    return said, seconds, _ancestral(quick)
+
+
+def test_an_error_on_one_rank_is_raised_by_every_rank_at_once(alone):
+    """The failing rank raises its own error and the other a RuntimeError naming it, within a second
+    (before: the other rank waited at its next collective, the rewards' all_gather or the step's all_reduce,
+    until the group's timeout); the group goes on working (the run after them equals the one-process run)."""
+    shape_said = (
+        "ValueError: discrete.best_of_n: reward must return a real tensor of shape (n,) = (6,) for the n "
+        "particles it is given, got torch.float64 (7,) at the final samples"
+    )
+
+    def others(who: str) -> str:
+        return (
+            f"RuntimeError: {who}: rank(s) [1] of the group failed (each raised its error); so stops rank 0"
+        )
+
+    for said, seconds, after in spawn(_one_rank_raises, 2):
+        assert said == [
+            [others("discrete.fk_steering"), "ValueError: the reward refused this rank's particles"],
+            [others("discrete.best_of_n"), shape_said],
+            [others("discrete.fk_steering"), 'KeyError: "the net refused this rank\'s rows"'],
+        ]
+        assert max(seconds) < 5, seconds
+        summary = _summary(after)
+        for key, value in alone["fk_steering ancestral"].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
 
 
 def _on_ranks(group: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:

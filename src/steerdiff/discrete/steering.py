@@ -52,12 +52,16 @@ gathers the particles' tokens and times (one all_gather, :meth:`~steerdiff.distr
 takes its particles' ancestors; at the end every rank gathers and returns the whole system. The result equals
 the one-process run's with the same generators on every rank (tokens and float64 weights bit for bit where the
 network's output does not depend on how many rows it is called with, as on the CPU in float64). A NaN /
-``+inf`` from any rank's network is raised by every rank (one all_reduce per step, of a flag and of the rows
-the step moved, which the potentials read), with the message of the first rank that failed: one process's
-where the failing rows share their time, as with ``ancestral`` and ``remdm``; a reward that is NaN / inf
-anywhere is raised by every rank, as the rewards are checked once gathered. Another error on one rank alone
-(in a user's network or reward) leaves the others waiting at their next collective until the process group's
-timeout.
+``+inf`` from any rank's network is raised by every rank (one all_reduce per step, of the flags and of the
+rows the step moved, which the potentials read), with the message of the first rank that failed: one
+process's where the failing rows share their time, as with ``ancestral`` and ``remdm``; a reward that is NaN
+/ inf anywhere is raised by every rank, as the rewards are checked once gathered. Any other error on some
+ranks, in a step (a user's network) or in a reward (a user's reward, a reward of the wrong shape), is raised
+by those ranks, each its own, and every other rank raises a ``RuntimeError`` naming them
+(:meth:`Ranks.fail_together <steerdiff.distributed.Ranks.fail_together>`: a flag per rank riding the step's
+all_reduce or the rewards' all_gather, no further collective), so no rank waits at a collective for one that
+is gone; where such an error and a NaN fall in the same step on different ranks, the other error is what is
+raised.
 """
 
 from __future__ import annotations
@@ -155,43 +159,68 @@ class _Run:
         """Step ``i`` of the base sampler on every particle: the step's ``log p_theta(x_0 | x_i)`` and the
         batch rows it could move, ``(batch,)``: those with a particle it moved or that was masked (a row whose
         particles were all clean and stayed, as a finished row of ``first_hitting`` does, is done), over
-        every rank's particles with ``group`` (:meth:`agreed`)."""
+        every rank's particles with ``group``, agreed with whether any rank's step failed (:meth:`agreed`):
+        a :class:`~steerdiff.NonFiniteError` is raised by every rank with the first failing rank's message,
+        any other error by its rank, every other rank raising a ``RuntimeError`` naming it
+        (:meth:`~steerdiff.distributed.Ranks.fail_together`)."""
         before = self.x
-        try:
+        if self.ranks.group is None:
             self.x, self.t, log_p = self.sampler.step(
                 self.model, before, self.t, i, self.steps, self.rows, self.given
             )
-        except NonFiniteError as e:
-            if self.ranks.group is None:
-                raise
-            # from here: no frame keeps e (and the group)
-            raise NonFiniteError(
-                self.agreed(str(e), self.x.new_zeros(self.batch, dtype=torch.bool))[0]
-            ) from e
-        moved = ((before == self.mask_id) | (before != self.x)).any(-1)
-        live = moved.reshape(self.batch, self.n_local).any(-1)
-        return log_p, live if self.ranks.group is None else self.agreed(None, live)[1]
+            return log_p, self.moved(before, self.x)
 
-    def agreed(self, failure: str | None, live: Tensor) -> tuple[str, Tensor]:
-        """Whether any rank's step failed (``failure``: this rank's message, ``None`` where its step went
-        through) and the batch rows it moved on any rank (``live``: on this one, ``(batch,)``), agreed by the
-        ranks of ``group`` in one all_reduce (each step): the first failing rank's message (``""`` where none
-        failed; an all_gather of the messages where one did), which a rank whose step went through raises as a
-        :class:`~steerdiff.NonFiniteError`, and the rows."""
-        flags = torch.cat([torch.tensor([failure is not None], device=live.device), live]).int()
-        every = self.ranks.max(flags)
-        if not int(every[0]):
-            return "", every[1:].bool()
-        first = next(m for m in self.ranks.gather_objects(failure) if m is not None)
-        if failure is None:
-            raise NonFiniteError(first)
-        return first, every[1:].bool()
+        def work() -> tuple[tuple[Tensor, Tensor, Tensor] | None, NonFiniteError | None]:
+            try:
+                return self.sampler.step(
+                    self.model, before, self.t, i, self.steps, self.rows, self.given
+                ), None
+            except NonFiniteError as e:
+                return None, e
 
-    def everyone(self, v: Tensor) -> Tensor:
-        """This rank's flat particles ``(batch * n_r, ...)`` joined with every rank's: the whole system's
-        ``(batch * N, ...)`` (itself without ``group``; one all_gather)."""
-        joined = self.ranks.gather(v.reshape(self.batch, self.n_local, *v.shape[1:]), self.n, dim=1)
-        return joined.reshape(self.batch * self.n, *v.shape[1:])
+        (stepped, error), (live, nonfinite) = self.ranks.fail_together(
+            self.who, work, lambda done: self.agreed(before, done)
+        )
+        if nonfinite:  # every rank raises the first failing rank's message, as one process would
+            first = next(
+                m for m in self.ranks.gather_objects(None if error is None else str(error)) if m is not None
+            )
+            raise NonFiniteError(first) from error
+        assert stepped is not None  # no rank's step failed
+        self.x, self.t, log_p = stepped
+        return log_p, live
+
+    def moved(self, before: Tensor, after: Tensor) -> Tensor:
+        """The batch rows ``(batch,)`` with a particle of this rank that was masked at ``before`` or that
+        changed."""
+        moved = ((before == self.mask_id) | (before != after)).any(-1)
+        return moved.reshape(self.batch, self.n_local).any(-1)
+
+    def agreed(
+        self,
+        before: Tensor,
+        done: tuple[tuple[Tensor, Tensor, Tensor] | None, NonFiniteError | None] | None,
+    ) -> tuple[tuple[Tensor, bool], list[int]]:
+        """What the ranks of ``group`` learn of this step (``done``: the step's tokens, times and ``log_p``,
+        or the :class:`~steerdiff.NonFiniteError` it raised; ``None`` where it raised another error), in ONE
+        all_reduce (each step, the maximum of one-hot rows): the batch rows it moved on any rank
+        (:meth:`moved`), whether any rank's step was not finite, and which ranks' steps raised another error
+        (in rank order, the flags :meth:`~steerdiff.distributed.Ranks.fail_together` reads), the flags read
+        once. A rank whose step failed sends no moved rows."""
+        size = self.ranks.size
+        stepped = None if done is None else done[0]
+        dev = before.device
+        raised = torch.zeros(size, dtype=torch.int64, device=dev)
+        raised[self.ranks.rank] = done is None
+        nonfinite = torch.tensor([done is not None and stepped is None], device=dev)
+        live = (
+            before.new_zeros(self.batch, dtype=torch.bool)
+            if stepped is None
+            else self.moved(before, stepped[0])
+        )
+        every = self.ranks.max(torch.cat([raised, nonfinite, live]).long())
+        flags = every[: size + 1].tolist()
+        return (every[size + 1 :].bool(), bool(flags[size])), flags[:size]
 
     def estimate(self, log_p: Tensor, greedy: bool = False) -> Tensor:
         """``x0_hat``: the particles' tokens, at their masked positions a draw from ``log_p`` (``greedy``: its
@@ -203,20 +232,36 @@ class _Run:
     def reward(self, x: Tensor, i: int) -> Tensor:
         """``r(x)`` of this rank's flat particles as float64 ``(batch, particles)``, every rank's joined with
         ``group``, checked: a ``ValueError`` naming the step ``i`` (``steps``: the final samples) for a wrong
-        shape or a NaN / inf."""
-        r = self.reward_fn(x)
+        shape or a NaN / inf. Where the reward raised on some rank (the wrong shape included), every rank
+        raises (:meth:`~steerdiff.distributed.Ranks.fail_together`, a flag riding the rewards' all_gather)."""
         at = "the final samples" if i == self.steps else f"step {i}"
-        numeric = isinstance(r, Tensor) and not (r.is_complex() or r.dtype == torch.bool)
-        if not numeric or tuple(r.shape) != (len(x),):
-            got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, Tensor) else type(r).__name__
-            raise ValueError(
-                f"{self.who}: reward must return a real tensor of shape (n,) = ({len(x)},) for the n "
-                f"particles it is given, got {got} at {at}"
+
+        def work() -> Tensor:
+            r = self.reward_fn(x)
+            numeric = isinstance(r, Tensor) and not (r.is_complex() or r.dtype == torch.bool)
+            if not numeric or tuple(r.shape) != (len(x),):
+                got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, Tensor) else type(r).__name__
+                raise ValueError(
+                    f"{self.who}: reward must return a real tensor of shape (n,) = ({len(x)},) for the n "
+                    f"particles it is given, got {got} at {at}"
+                )
+            return r.to(device=x.device, dtype=torch.float64)
+
+        def share(r: Tensor | None) -> tuple[tuple[Tensor, bool], list[bool]]:
+            """Every rank's rewards (zeros from a rank whose reward raised) and whether they are finite, and
+            every rank's flag (its reward raised), in one all_gather and one read."""
+            mine = torch.zeros(len(x), dtype=torch.float64, device=x.device) if r is None else r
+            raised = torch.tensor([[r is None]], device=x.device)
+            joined, every = self.ranks.gather_many(
+                [mine.reshape(self.batch, self.n_local), raised], [self.n, self.ranks.size], dim=1
             )
-        r = self.everyone(r.to(device=x.device, dtype=torch.float64))
-        if not bool(torch.isfinite(r).all()):
+            flags = torch.cat([every[0], torch.isfinite(joined).all()[None]]).tolist()
+            return (joined, flags[-1]), flags[:-1]
+
+        _, (r, finite) = self.ranks.fail_together(self.who, work, share)
+        if not finite:
             raise ValueError(f"{self.who}: reward returned NaN or inf at {at} (rewards must be finite)")
-        return r.reshape(self.batch, self.n)
+        return r
 
     def take(self, anc: Tensor) -> None:
         """Keep the particles' ancestors ``anc`` ``(batch, N)`` (indices within each row; this rank's
@@ -232,7 +277,7 @@ class _Run:
     def result(self, log_w: Tensor, trace: Trace | None, reward: Tensor) -> Particles:
         """The final particles, every rank's with ``group``, as :class:`~steerdiff.smc.Particles` ``(batch,
         particles, length)``."""
-        x = self.everyone(self.x).reshape(self.batch, self.n, -1)
+        x = self.ranks.gather(self.x.reshape(self.batch, self.n_local, -1), self.n, dim=1)
         return Particles(x, log_w, self.model.nfe * self.n, trace, reward)
 
 
