@@ -8,6 +8,8 @@
 :mod:`~steerdiff.mcmc.pcnl` (pCNL, for a Gaussian reference times a likelihood),
 :mod:`~steerdiff.mcmc.lanpaint` (LanPaint's moves for inpainting), :mod:`~steerdiff.mcmc.walk_jump`
 (walk-jump sampling with accumulated measurements, a sampler of its own),
+:mod:`~steerdiff.mcmc.denoising` (Denoising MCMC: a Gibbs chain over data and noise level, each state
+denoised from its level),
 :mod:`~steerdiff.mcmc.monte_carlo` (a denoiser of an unnormalized density by Monte Carlo, Reverse
 Diffusion Monte Carlo), the shared state
 and loop in :mod:`~steerdiff.mcmc.base`, the predictor-corrector hook of :func:`steerdiff.sample`
@@ -16,6 +18,7 @@ in :mod:`~steerdiff.mcmc.corrector`.
 
 from .base import ChainInfo, Kernel, Point, Target, chain, snr_step_size
 from .corrector import available, check_corrector, correct, get
+from .denoising import DenoisingMCMC, denoising_mcmc
 from .hmc import HMC
 from .langevin import MALA, ULA
 from .lanpaint import BiGLangevin, Projected
@@ -30,6 +33,7 @@ __all__ = [
     "ULA",
     "BiGLangevin",
     "ChainInfo",
+    "DenoisingMCMC",
     "Kernel",
     "MonteCarloDenoiser",
     "Point",
@@ -40,6 +44,7 @@ __all__ = [
     "chain",
     "check_corrector",
     "correct",
+    "denoising_mcmc",
     "get",
     "measurement_time",
     "snr_step_size",

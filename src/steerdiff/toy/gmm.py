@@ -31,7 +31,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from .._checks import Bounds, boolean, integer, real, sizes, tensor
+from .._checks import Bounds, boolean, integer, real, real_array, sizes, tensor
 from ..denoiser import Denoiser
 from ..processes import MeanReverting, Process
 
@@ -172,6 +172,25 @@ class GaussianMixture:
         default); float64 on ``x``'s device."""
         who = f"{type(self).__name__}.log_prob"
         return torch.logsumexp(self._log_joint(self._flat(x, who), alpha, sigma, who), dim=-1).to(_device(x))
+
+    def noise_level_logits(self, y: Tensor, sigmas: Tensor, log_prior: Tensor | None = None) -> Tensor:
+        """The exact noise-level posterior's logits ``log pi_k + log q_k(y)``, ``(n, K)`` float64 on ``y``'s
+        device: ``q_k`` the mixture noised in variance-exploding coordinates, ``y = x0 + s_k n`` (the
+        ``log_prob`` at ``alpha = 1``, ``sigma = s_k``), for ``sigmas`` ``(K,)``, all ``> 0``, and a prior
+        ``pi`` over them (``log_prior`` ``(K,)``, normalized here; default uniform). Its softmax is
+        ``p(k | y)``, what a noise-level classifier learns (:func:`steerdiff.mcmc.denoising_mcmc`)."""
+        who = f"{type(self).__name__}.noise_level_logits"
+        levels = real_array(who, "sigmas", sigmas)
+        if not bool((levels > 0).all()) or not bool(torch.isfinite(levels).all()):
+            raise ValueError(f"{who}: sigmas must be finite and > 0, got {levels.tolist()}")
+        if log_prior is None:
+            prior = torch.full_like(levels, -math.log(levels.numel()))
+        else:
+            prior = self._vector(log_prior, levels.numel(), who, "log_prior")
+            prior = prior - torch.logsumexp(prior, 0)
+        flat = self._flat(y, who, "y")
+        ll = [torch.logsumexp(self._log_joint(flat, 1.0, float(s), who), -1) for s in levels]
+        return (torch.stack(ll, -1) + prior).to(_device(y))
 
     def log_responsibilities(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0) -> Tensor:
         """``log p(k | x_t = x)`` ``(n, k)``, float64 on ``x``'s device: the posterior over components of
