@@ -15,9 +15,10 @@ no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the same c
 inverse operators (LanPaint, ``CharacteristicGuidance``, ``MinorityGuidance`` and ``SelfGuidedMinority`` with
 per-row CPU generators too), the particle methods (DriftLite, the trees of ``sd.smc.dts`` and ``sd.smc.rbf``'s
 search, its candidates and NFE per row, too), the adaptive DPM-Solver's per-sample steps, the MCMC correctors
-and PCG, walk-jump sampling (``sd.mcmc.walk_jump``) and the Monte Carlo denoiser (``MonteCarloDenoiser``, its
-warm start too), ``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through
-``sd.sample`` and AdjointDEIS (``sd.adjoint``: the CPU run's gradients in ``x_T`` and a condition), the
+and PCG, walk-jump sampling (``sd.mcmc.walk_jump``), Denoising MCMC (``sd.mcmc.denoising_mcmc``) and the Monte
+Carlo denoiser (``MonteCarloDenoiser``, its warm start too), ``SteerdiffScheduler`` in a diffusers-style
+loop, the digits model, autograd through ``sd.sample`` and AdjointDEIS (``sd.adjoint``: the CPU run's
+gradients in ``x_T`` and a condition), the
 edit-friendly DDPM inversion (``sd.ddpm_invert``: exact reconstruction on the device, maps extracted on the
 CPU replayed there), ``BrownianTreeNoise`` against torchsde's trees on the device, generators on the device,
 the metrics, and discrete diffusion (``sd.discrete``: every sampler and ``Confidence``'s scores, ``CFG``,
@@ -489,6 +490,9 @@ NAN_RUNS: dict[str, Callable[[sd.Denoiser, Tensor], object]] = {
     "rbf": lambda den, x: sd.smc.rbf(den, lambda v: v.sum(-1), 16, shape=(2, 8), steps=8, device=x.device),
     "adjoint": lambda den, x: sd.adjoint(den, x, lambda v: v.square().sum(), 8),
     "walk_jump": lambda den, x: sd.mcmc.walk_jump(den, (4, 8), 2.0, 3, 4, device=x.device),
+    "denoising_mcmc": lambda den, x: sd.mcmc.denoising_mcmc(
+        den, (4, 8), [0.5, 1.0], lambda y: torch.zeros(len(y), 2, device=y.device), 1, device=x.device
+    ),
 }
 
 
@@ -794,6 +798,26 @@ def test_walk_jump_float64_equals_the_cpu_run(kernel: str) -> None:
     _expect(out.x, ref.x, F64_TOL)
     _expect(out.y_mean, ref.y_mean, F64_TOL)
     assert out.nfe == ref.nfe == 4 * 5 + 1
+
+
+@pytest.mark.parametrize("level_update", ["sample", "argmax"])
+def test_denoising_mcmc_float64_equals_the_cpu_run(level_update: str) -> None:
+    """Denoising MCMC (``sd.mcmc.denoising_mcmc``) at per-row CPU generators, the exact level posterior, a
+    stochastic denoising solver: the CPU run's levels, chain states, samples and NFE."""
+    sigmas = torch.tensor([0.3, 0.8, 2.0], dtype=F64)
+
+    def run(device: str) -> sd.mcmc.DenoisingMCMC:
+        return sd.mcmc.denoising_mcmc(
+            DEN, (BATCH, 8), sigmas, lambda y: GMM.noise_level_logits(y, sigmas), 2, thin=3, burn_in=4,
+            level_update=level_update, denoise_steps=4, solver="dpmpp_2m_sde", dtype=F64, device=device,
+            generator=_rows(BATCH),
+        )  # fmt: skip
+
+    out, ref = run(DEVICE), run("cpu")
+    assert torch.equal(out.level.cpu(), ref.level) and out.x.device.type == KIND
+    _expect(out.y, ref.y, F64_TOL)
+    _expect(out.x, ref.x, F64_TOL)
+    assert out.nfe == ref.nfe == (4 + 2 * 3) + 2 * 4
 
 
 MONTE_CARLO: dict[str, Callable[[], sd.mcmc.MonteCarloDenoiser]] = {

@@ -240,9 +240,22 @@ def test_reproducible_per_seed_and_per_chain_with_exact_nfe():
 
 
 def test_a_non_finite_denoiser_output_is_reported():
-    den = sd.Denoiser(lambda x, t: x * float("nan"), sd.EDM(), prediction="x0")
-    with pytest.raises(NonFiniteError, match=r"chain sweep 1 \(evaluation 1\)"):
-        sd.mcmc.denoising_mcmc(den, (2, 2), [0.5, 1.0], lambda y: torch.zeros(2, 2), 1, burn_in=2)
+    """NaN from the net at its 3rd call: reported at that chain step after the chain, not as the NaN logits
+    the NaN states then give the exact level posterior."""
+    gmm = smooth_mixture(dim=2, components=3)
+    base = gmm.denoiser(sd.EDM())
+    calls = []
+
+    def net(x, t):
+        calls.append(1)
+        return base.net(x, t) * (math.nan if len(calls) == 3 else 1.0)
+
+    den = sd.Denoiser(net, sd.EDM(), prediction="x0")
+    sig = [0.5, 1.0]
+    with pytest.raises(NonFiniteError, match=r"at step 3 of the chain \(sweep 2\)"):
+        sd.mcmc.denoising_mcmc(
+            den, (2, 2), sig, lambda y: gmm.noise_level_logits(y, sig), 1, moves=2, burn_in=2
+        )
 
 
 def test_bad_input():
@@ -260,7 +273,7 @@ def test_bad_input():
         (dict(sigmas=[0.5, 0.002]), r"sigmas must exceed the process's smallest sigma / alpha, 0\.002"),
         (dict(level_logits=3), r"level_logits must be callable"),
         (dict(level_logits=lambda y: torch.zeros(len(y), 3)), r"level_logits\(y\) must return a \(4, 2\)"),
-        (dict(level_logits=lambda y: torch.full((len(y), 2), math.nan)), r"level_logits\(y\) returned NaN"),
+        (dict(level_logits=lambda y: torch.full((len(y), 2), math.nan)), r"returned NaN, .* at sweep 1"),
         (dict(samples_per_chain=0), r"samples_per_chain must be an integer >= 1"),
         (dict(thin=0), r"thin must be an integer >= 1"),
         (dict(burn_in=-1), r"burn_in must be an integer >= 0"),

@@ -115,20 +115,20 @@ class DenoisingMCMC:
     classifier_calls: int
 
 
-def _new_level(logits: Tensor, update: str, generator: Any, n: int, k: int) -> Tensor:
+def _new_level(logits: Tensor, update: str, generator: Any, n: int, k: int) -> tuple[Tensor, Tensor]:
     """The next levels, ``(n,)`` int64, from ``level_logits``' output: its argmax, or a draw by the inverse
-    CDF of its softmax at a uniform per row (from ``generator``, one per row where it is a list)."""
+    CDF of its softmax at a uniform per row (from ``generator``, one per row where it is a list); and a 0-d
+    bool tensor, whether no logit is NaN and every row has a finite one (read once, after the chain)."""
     if not isinstance(logits, Tensor) or tuple(logits.shape) != (n, k) or not logits.is_floating_point():
         got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"denoising_mcmc: level_logits(y) must return a ({n}, {k}) float tensor, got {got}")
     logits = logits.detach().to(torch.float64)
-    if not bool(torch.isfinite(logits.amax(-1)).all()) or bool(logits.isnan().any()):
-        raise ValueError("denoising_mcmc: level_logits(y) returned NaN, or no finite logit in a row")
+    sound = torch.isfinite(logits.amax(-1)).all() & ~logits.isnan().any()
     if update == "argmax":
-        return logits.argmax(-1)
+        return logits.argmax(-1), sound
     cdf = torch.softmax(logits, -1).cumsum(-1)
     u = rand((n, 1), generator, torch.float64, logits.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_max(k - 1)
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(0, k - 1), sound
 
 
 def denoising_mcmc(
@@ -258,6 +258,7 @@ def denoising_mcmc(
     else:
         level = level_init.to(on)
     sums: list[Tensor] = []  # one finiteness sum per denoiser call, read once at the end
+    sound: list[Tensor] = []  # level_logits' outputs: no NaN, a finite logit per row; read once too
 
     def sweep() -> None:
         nonlocal y, level
@@ -267,7 +268,9 @@ def denoising_mcmc(
             x0 = den(a.reshape(per_row).to(y.dtype) * y, t, **cond).x0
             sums.append(x0.detach().sum())
             y = y + h * (x0 - y) + scale * randn(shape, generator, y.dtype, on)
-        level = _new_level(level_logits(y), level_update, generator, n, k_count).to(on)
+        level, ok = _new_level(level_logits(y), level_update, generator, n, k_count)
+        level = level.to(on)
+        sound.append(ok)
 
     for _ in range(burn_in):
         sweep()
@@ -282,9 +285,13 @@ def denoising_mcmc(
                 best = torch.where(lower, level, best)
         states.append(y if select == "last" else best_y)
         picked.append(level if select == "last" else best)
-    if sums and (bad := first_false(torch.isfinite(torch.stack(sums)))) is not None:
+    if (bad := first_false(torch.isfinite(torch.stack(sums)))) is not None:  # first: a NaN y makes NaN logits
         raise NonFiniteError(
-            f"{who}: the model returned NaN/inf in chain sweep {bad // moves + 1} (evaluation {bad + 1})"
+            f"{who}: the model returned NaN/inf at step {bad + 1} of the chain (sweep {bad // moves + 1})"
+        )
+    if (bad := first_false(torch.stack(sound))) is not None:
+        raise ValueError(
+            f"{who}: level_logits(y) returned NaN, or no finite logit in a row, at sweep {bad + 1}"
         )
     chain_nfe = (burn_in + m * thin) * moves * den.cost
     ys = torch.stack(states, 1).reshape(n * m, *shape[1:])
