@@ -439,6 +439,14 @@ def test_bad_x_T_and_inference_mode() -> None:
         sd.adjoint(DEN, X_T, loss, 5)
 
 
+def test_gradient_guidance_is_refused() -> None:
+    """The adjoint of DPS would need the derivative of DPS's own gradient, which is not built: refused at the
+    first backward evaluation, not a silently wrong gradient."""
+    dps = sd.guidance.DPS(DEN, sd.inverse.Matrix(torch.ones(1, 3, dtype=F64)), X_T[:, :1], noise_std=0.1)
+    with pytest.raises(RuntimeError, match=r"differentiating through DPS's own gradient is not supported"):
+        sd.adjoint(dps, X_T, loss, 5)
+
+
 def main() -> None:
     """The README's table: relative error of dL/dx_T against the exact flow map's gradient, AdjointDEIS and
     autograd through sample (same DEIS, same grid), and the autograd graph's peak (saved tensors)."""
