@@ -4,6 +4,8 @@
 * :mod:`~steerdiff.smc.particles` -- :class:`Particles`, :class:`Trace` and the engine
   :func:`run_smc` with its hooks (:class:`SMCAlgorithm`, :class:`StepContext`).
 * :func:`fk_steering` -- Feynman-Kac steering (Singhal et al. 2025).
+* :func:`afdps` -- the approximation-free diffusion posterior sampler for ``y = A x + s n``: the posterior's
+  PDE along the diffusion, simulated with weighted particles (Chen et al. 2025).
 * :func:`fkc_anneal`, :func:`fkc_product`, :func:`fkc_cfg`, :func:`fkc` -- Feynman-Kac correctors
   (Skreta et al. 2025).
 * :func:`driftlite` -- DriftLite's variance- / energy-controlling drift over the correctors (Ren et al.
@@ -20,6 +22,7 @@
 """
 
 from . import resample
+from .afdps import AFDPS, afdps
 from .best_of_n import BestOfN, CoDe, best_of_n, code
 from .driftlite import DriftLite, driftlite
 from .dts import TreeSamples, dts
@@ -42,6 +45,7 @@ from .svdd import SVDD, svdd
 from .tds import TDS, Twist, tds
 
 __all__ = [
+    "AFDPS",
     "POTENTIALS",
     "SVDD",
     "TDS",
@@ -61,6 +65,7 @@ __all__ = [
     "Trace",
     "TreeSamples",
     "Twist",
+    "afdps",
     "best_of_n",
     "code",
     "driftlite",
