@@ -215,3 +215,32 @@ def test_bad_input():
     # a sharp observation on a coarse grid: refused at the first step, before the weights go wrong
     with pytest.raises(ValueError, match=r"step from node 0 .* std\^2 \|A\|\^2 / s\^2 = .* >= 1"):
         run(noise_std=0.1, steps=20)
+
+
+class _EntrywiseStd(sd.solvers.ERSDE):
+    """ER-SDE whose Gaussian steps give ``std`` as a tensor of the particles' shape (the same values)."""
+
+    def step(self, model, x, i, grid, state):
+        out = super().step(model, x, i, grid, state)
+        if isinstance(out, sd.solvers.Transition) and isinstance(out.std, float) and out.std > 0:
+            return sd.solvers.Transition(out.mean, torch.full_like(out.mean, out.std))
+        return out
+
+
+def test_afdps_entrywise_std_is_the_scalar_case():
+    """A step's ``std`` given per entry weights by ``sum_j std_j^2 (g_j^2 - (A^T A)_jj / s^2) / 2``: with
+    every entry equal, the run of the scalar ``std`` to round-off (the diagonal sums to the trace)."""
+    den = GAUSS.denoiser(PROC)
+    A = torch.tensor([[1.0, 0.5, 0.0], [0.3, -0.2, 0.8]], dtype=F64)
+    y = torch.tensor([1.0, 0.2], dtype=F64)
+
+    def run(solver: sd.solvers.Solver) -> sd.smc.Particles:
+        return sd.smc.afdps(
+            den, sd.inverse.Matrix(A), y, noise_std=S1, shape=(2, 3), particles=16, steps=20, solver=solver,
+            generator=gen(3), dtype=F64,
+        )  # fmt: skip
+
+    scalar, entrywise = run(sd.solvers.ERSDE()), run(_EntrywiseStd())
+    assert torch.allclose(scalar.x, entrywise.x, atol=1e-10)
+    assert torch.allclose(scalar.log_w, entrywise.log_w, atol=1e-10)
+    assert torch.allclose(scalar.log_z, entrywise.log_z, atol=1e-10)
