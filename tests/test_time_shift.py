@@ -150,12 +150,15 @@ def test_forward_states_of_the_exact_model():
 def test_invert_refuses():
     """The net's time jumps with the state's variance, so the steps up the grid do not undo the steps down:
     sample(invert(x_0)) on the 16-d mixture (DDIM, window 20) misses x_0 by 0.37 / 0.53 at 20 / 100 steps
-    (0.096 / 0.021 without). invert refuses it, also under another wrapper, and inverts its base."""
+    (0.096 / 0.021 without). invert refuses it, also under another wrapper and in any slot of a wrapper of
+    several denoisers (Denoiser.inner_denoisers: a Composition's second component and a CFG's unconditional
+    branch passed before), and inverts its base."""
     den = gmm(16).denoiser(PROCESS)
     x_0 = gmm(16).sample(4, torch.Generator().manual_seed(0))
     zero = torch.zeros(1, 16, dtype=F64)
     wrapped = sd.guidance.Calibrated(TimeShift(den), torch.tensor([0.0], dtype=F64), zero)
-    for d in (TimeShift(den), wrapped):
+    composed = sd.smc.Composition([den, TimeShift(den)], [0.5, 0.5])
+    for d in (TimeShift(den), wrapped, composed, sd.guidance.CFG(den, TimeShift(den), 2.0)):
         with pytest.raises(ValueError, match=r"invert: den: TimeShift evaluates the net at a time chosen"):
             sd.invert(d, x_0, 10, "ddim")
     assert torch.isfinite(sd.invert(den, x_0, 10, "ddim")).all()

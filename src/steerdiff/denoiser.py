@@ -335,13 +335,23 @@ class Denoiser:
         check_call(type(self).__name__, x, t)
         return self._evaluate(x, t, x.dtype, cond)
 
+    def inner_denoisers(self) -> tuple[Denoiser, ...]:
+        """The denoisers this one calls: ``()`` here; a wrapper's ``base``
+        (:class:`~steerdiff.guidance.Guided`), both branches of a :class:`~steerdiff.guidance.CFG`, every
+        model of a :class:`~steerdiff.guidance.Coupled` or component of a :class:`~steerdiff.smc.Composition`.
+        The one way to reach inside a wrapper: :meth:`own_noise` collects through it,
+        :func:`~steerdiff.invert` walks it for a denoiser it refuses (:attr:`state_time`)."""
+        return ()
+
     def own_noise(self) -> list[tuple[str, Generators]]:
         """The parts of this denoiser that draw noise themselves (guided wrappers such as ``RePaint``
         and ``CADS``), each with its generator: ``None`` (torch's global RNG, out of reach of a
         sampler's ``generator``), one ``torch.Generator`` (the whole batch drawn from it) or a list
         (one per row). Samplers check them against their own ``generator``
-        (:func:`~steerdiff.sampling.check_seeded`); ``[]`` here."""
-        return []
+        (:func:`~steerdiff.sampling.check_seeded`). Here: those of :meth:`inner_denoisers`, each
+        distinct one once (``[]`` for a plain denoiser); a wrapper that draws noise adds itself."""
+        distinct = {id(d): d for d in self.inner_denoisers()}.values()
+        return [src for d in distinct for src in d.own_noise()]
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """This denoiser for calls whose sample ``k`` is sample ``rows[k]`` of a batch of ``n``: the

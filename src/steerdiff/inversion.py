@@ -243,16 +243,15 @@ def invert_as(
             f"{who}: den: {', '.join(name for name, _ in own)} draws noise, and inversion is deterministic; "
             "pass a denoiser that does not"
         )
-    wrapped: list[Denoiser] = [den]  # den and every denoiser inside it: a wrapper's base, a Coupled's models
+    wrapped: list[Denoiser] = [den]  # den and every denoiser inside it (Denoiser.inner_denoisers)
     while wrapped:
-        inner = wrapped.pop()
-        if inner.state_time:
+        part = wrapped.pop()
+        if part.state_time:
             raise ValueError(
-                f"{who}: den: {type(inner).__name__} evaluates the net at a time chosen from the state, and "
+                f"{who}: den: {type(part).__name__} evaluates the net at a time chosen from the state, and "
                 "inversion cannot undo that (the steps up the grid see other states); invert its base instead"
             )
-        inside = (getattr(inner, "base", None), *getattr(inner, "denoisers", ()))
-        wrapped += [d for d in inside if isinstance(d, Denoiser)]
+        wrapped += part.inner_denoisers()
     check_sample_only(
         who,
         cond,

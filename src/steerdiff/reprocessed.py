@@ -46,7 +46,6 @@ from .denoiser import (
     check_denoiser,
     take_wrapped_rows,
 )
-from .noise import Generators
 from .processes import Process
 
 __all__ = ["Reprocessed"]
@@ -155,9 +154,9 @@ class Reprocessed(CostOfBase, Denoiser):
         """``base``'s: a reprocessed guided denoiser keeps the guided default solver."""
         return self.base.guided
 
-    def own_noise(self) -> list[tuple[str, Generators]]:
-        """``base``'s."""
-        return self.base.own_noise()
+    def inner_denoisers(self) -> tuple[Denoiser, ...]:
+        """``(base,)``."""
+        return (self.base,)
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy around ``base.take_rows(rows, n)``; itself where that is ``base``."""

@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from ..denoiser import CostOfBase, Denoiser, Prediction, check_call, check_denoiser, take_wrapped_rows
-from ..noise import Generators
 
 __all__ = [
     "Guided",
@@ -98,9 +97,9 @@ class Guided(CostOfBase, Denoiser):
             f"{type(self).__name__} must implement evaluate(x, t, net_dtype, /, **cond) (or __call__)"
         )
 
-    def own_noise(self) -> list[tuple[str, Generators]]:
-        """``base``'s (a wrapper that draws noise adds itself)."""
-        return self.base.own_noise()
+    def inner_denoisers(self) -> tuple[Denoiser, ...]:
+        """``(base,)``; a wrapper that calls other denoisers too lists them all."""
+        return (self.base,)
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy around ``base.take_rows(rows, n)``; itself where that is ``base`` (a wrapper holding

@@ -324,11 +324,14 @@ class CFG(Guided):
             return with_estimate(pc, eps=torch.where(m, out.eps, pc.eps))
         return out
 
+    def inner_denoisers(self) -> tuple[Denoiser, ...]:
+        """The two branches, ``(cond, uncond)``."""
+        return (self.base, self.uncond)
+
     def own_noise(self) -> list[tuple[str, Generators]]:
         """The branches' and ``CADS``'s."""
-        other = self.uncond.own_noise() if self.uncond is not self.base else []
         own = [("CADS", self.cads.generator)] if self.cads is not None else []
-        return [*self.base.own_noise(), *other, *own]
+        return [*super().own_noise(), *own]
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the

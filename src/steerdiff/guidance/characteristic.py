@@ -76,7 +76,6 @@ from torch import Tensor
 
 from .._checks import held_by, integer, real
 from ..denoiser import Denoiser, Prediction, override_kwargs, take_wrapped_rows
-from ..noise import Generators
 from .base import Guided, with_estimate
 from .cfg import check_pair
 
@@ -273,10 +272,9 @@ class CharacteristicGuidance(Guided):
             return torch.lerp(pu.x0, pc.x0, w)
         return torch.lerp(pu.eps, pc.eps, w)
 
-    def own_noise(self) -> list[tuple[str, Generators]]:
-        """The branches'."""
-        other = self.uncond.own_noise() if self.uncond is not self.base else []
-        return [*self.base.own_noise(), *other]
+    def inner_denoisers(self) -> tuple[Denoiser, ...]:
+        """The two branches, ``(cond, uncond)``."""
+        return (self.base, self.uncond)
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the

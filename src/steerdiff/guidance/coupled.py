@@ -58,7 +58,6 @@ from torch import Tensor
 
 from .._checks import held_by, real
 from ..denoiser import Denoiser, Prediction, check_denoiser
-from ..noise import Generators
 from ..sampling import SampleInfo, sample_as
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
@@ -164,9 +163,9 @@ class Coupled(Guided):
             g = value_grad("Coupled", "cost", value, xr)
         return add_score(pred, -scale * g)
 
-    def own_noise(self) -> list[tuple[str, Generators]]:
-        """The models' own noise sources."""
-        return [src for d in self.denoisers for src in d.own_noise()]
+    def inner_denoisers(self) -> tuple[Denoiser, ...]:
+        """The ``K`` models."""
+        return self.denoisers
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy whose models are their ``take_rows(rows, n)``; itself where none changes."""

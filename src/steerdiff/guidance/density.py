@@ -125,7 +125,7 @@ class DensityGuidance(Guided):
     def own_noise(self) -> list[tuple[str, Generators]]:
         """``base``'s, and Hutchinson's probes' where ``rate`` and ``probes`` are given."""
         own = [("DensityGuidance", self.generator)] if self.probes is not None else []
-        return [*self.base.own_noise(), *own]
+        return [*super().own_noise(), *own]
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The base prediction with ``eps`` scaled by ``eta_t(x)`` (class docstring)."""

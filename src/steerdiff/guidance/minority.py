@@ -206,7 +206,7 @@ class SelfGuidedMinority(Guided):
     def own_noise(self) -> list[tuple[str, Generators]]:
         """``base``'s and its re-noising's (none at scale 0)."""
         own = [("SelfGuidedMinority", self.generator)] if self.scale != 0 else []
-        return [*self.base.own_noise(), *own]
+        return [*super().own_noise(), *own]
 
     def __repr__(self) -> str:
         return f"SelfGuidedMinority({self.base!r}, scale={self.scale})"

@@ -98,7 +98,7 @@ class RePaint(MeasurementGuided):
 
     def own_noise(self) -> list[tuple[str, Generators]]:
         """``base``'s and its replacement noise's."""
-        return [*self.base.own_noise(), ("RePaint", self.generator)]
+        return [*super().own_noise(), ("RePaint", self.generator)]
 
     def __repr__(self) -> str:
         return f"RePaint({self.base!r})"

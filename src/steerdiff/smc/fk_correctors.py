@@ -409,9 +409,9 @@ class Composition(Guided):
             rate = rate - beta * torch.linalg.vecdot(d, d)
         return rate
 
-    def own_noise(self) -> list[tuple[str, Generators]]:
-        """Its components'."""
-        return [part for den in self.dens for part in den.own_noise()]
+    def inner_denoisers(self) -> tuple[Denoiser, ...]:
+        """Its components (those with ``beta_k != 0``)."""
+        return self.dens
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with its components' ``take_rows`` and the tensors of ``n`` rows in ``kwargs`` taken at
