@@ -121,6 +121,7 @@ class EtaDDIM(Solver):
     """
 
     name: ClassVar[str] = "eta_ddim"
+    picard: ClassVar[str | None] = "step"
 
     eta: tuple[float, float] = (0.0, 0.4)
     mask: Tensor | None = field(default=None, compare=False, repr=False)

@@ -93,33 +93,6 @@ from .distributed.group import Ranks, ranks
 from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, make_noise
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan
 from .schedules import Schedule, ScheduleLike
-from .solvers import (
-    CPS,
-    DDIM,
-    DDPM,
-    DEIS,
-    ERSDE,
-    LMS,
-    PNDM,
-    TCD,
-    AcceleratedDDIM,
-    AcceleratedDDPM,
-    DPMSolver,
-    DPMSolver2,
-    DPMSolverPPMultistep,
-    DPMSolverSDE,
-    DPMSolverSDEMultistep,
-    EDMStochasticHeun,
-    Euler,
-    EulerAncestral,
-    EulerMaruyama,
-    GradientEstimation,
-    Heun,
-    MRSampler,
-    Restart,
-    SASolver,
-    UniPC,
-)
 from .solvers.base import (
     Grid,
     Model,
@@ -139,41 +112,12 @@ log = logging.getLogger(__name__)
 # sample's keyword arguments that paradigms has none of: in **cond they would reach the net
 SAMPLE_ONLY = ("callback", "corrector", "corrector_steps", "snr")
 
-# the solvers whose step i makes one network evaluation, at (x_i, t_i), and moves x_i by their update from it
-# and the estimates of earlier steps (their state), with its noise (if any) drawn by the engine from the
-# step's Transition: an iteration takes their steps in order after one batched call. The singlestep
-# DPM-Solver is one: its intermediate points are grid nodes, each evaluated at its own step, and a step's
-# update starts from the macro-step's first node, held in its state. Not the flags' to tell: PNDM / PLMS (an
-# LMS whose warm-up steps evaluate 2-4 times) is not staged
-SUPPORTED = (
-    DDIM,
-    AcceleratedDDIM,
-    GradientEstimation,
-    DDPM,
-    Euler,
-    EulerAncestral,
-    EulerMaruyama,
-    TCD,
-    CPS,
-    DPMSolverPPMultistep,
-    DPMSolverSDEMultistep,
-    UniPC,
-    DEIS,
-    LMS,
-    SASolver,
-    ERSDE,
-    MRSampler,
-    DPMSolver,
-)
-
-# the staged solvers: several network evaluations per step (or one at a point the step's own noise moved x_i
-# to: accel_ddpm) and a state of grid tables or none, so that step i is a function of x_i alone (given its
-# noise): an iteration takes the window's steps together, one batched call per stage (_staged)
-STAGED = (Heun, DPMSolver2, DPMSolverSDE, EDMStochasticHeun, Restart, AcceleratedDDPM)
-
 
 def _supported(solver: Solver) -> bool:
-    return isinstance(solver, SUPPORTED + STAGED) and not isinstance(solver, PNDM)
+    """Whether the Picard iteration takes ``solver``'s steps (:attr:`~steerdiff.solvers.base.Solver.picard`:
+    ``"step"``, one evaluation per step at its own node, the steps in order after one batched call;
+    ``"stages"``, a step of its start alone given its noise, one batched call per stage, :func:`_staged`)."""
+    return solver.picard in ("step", "stages")
 
 
 ACCEPTED = tuple(name for name in _solvers.available() if _supported(_solvers.get(name)))
@@ -627,11 +571,11 @@ def paradigms(
             :func:`steerdiff.sample` that this function lacks (:data:`SAMPLE_ONLY`: ``callback``,
             ``corrector``, ``corrector_steps``, ``snr``), which would reach the net.
         solver: a solver with one network evaluation per step, at its own node, or a staged one whose step
-            is a function of its start alone (module docstring): a name of :data:`ACCEPTED` or an instance
-            of DDIM (any ``eta``), DDPM, Euler, EulerAncestral, EulerMaruyama (FlowSDE), TCD (LCM),
-            CPS, DPMSolverPPMultistep, DPMSolverSDEMultistep, UniPC, DEIS, LMS (iPNDM), SASolver, ERSDE,
-            MRSampler, DPMSolver (singlestep), Heun, DPMSolver2, DPMSolverSDE, EDMStochasticHeun, Restart;
-            not PNDM / PLMS; default (``None``) :func:`steerdiff.sample`'s,
+            is a function of its start alone (module docstring): a name of :data:`ACCEPTED` (every
+            registered solver but ``pndm`` / ``plms``) or an instance whose class says so
+            (:attr:`~steerdiff.solvers.base.Solver.picard`: ``"step"`` or ``"stages"``; e.g. DDIM at any
+            ``eta``, :class:`~steerdiff.eta_inversion.EtaDDIM` with the maps of
+            :func:`~steerdiff.eta_invert`, Heun); default (``None``) :func:`steerdiff.sample`'s,
             :func:`~steerdiff.sampling.default_solver` (UniPC-3; a guided denoiser's UniPC-2 or
             DPM-Solver++(2M)).
         window: ``p``, the nodes evaluated together in one batched call (``p`` times the batch), an
@@ -688,8 +632,8 @@ def paradigms(
             f"{who}: solver={solver!r} is neither a solver of one network evaluation per step, at its own "
             "node, nor a staged one whose step is a function of its start alone (PNDM's and PLMS's warm-up "
             "steps evaluate several times and the steps after read their estimates); accepted: "
-            f"{list(ACCEPTED)} or an instance of {', '.join(c.__name__ for c in SUPPORTED + STAGED)} "
-            "(not PNDM)"
+            f"{list(ACCEPTED)} or a Solver instance whose picard is 'step' or 'stages' (its class says how "
+            f"its steps run; {type(slv).__name__}'s is {slv.picard!r})"
         )
     noise = make_noise(generator, who)
     if isinstance(noise, PerSampleNoise):
@@ -705,7 +649,7 @@ def paradigms(
     # a multistep solver's state holds estimates of earlier nodes: each iteration starts from the window
     # start's (a copy made in the iteration before); a one-step solver's (none, or grid tables) is read only
     multistep = bool(state) and not slv.static_state
-    staged = isinstance(slv, STAGED)
+    staged = slv.picard == "stages"
     replay, stages, draws = _Replay(den, noise), _Stages(den, noise), _CachedNoise(noise)
     times: list[list[float]] = []  # a staged solver's evaluation times in each step, from its first run
     # tol^2 v_j of nodes 0..N (node 0 is never compared)

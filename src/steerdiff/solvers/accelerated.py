@@ -116,6 +116,7 @@ class AcceleratedDDPM(Solver):
     drawn inside the step (module docstring)."""
 
     name: ClassVar[str] = "accel_ddpm"
+    picard: ClassVar[str | None] = "stages"  # one evaluation, at a point the step's own noise moved x_i to
     stochastic: ClassVar[bool] = True
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:

@@ -479,20 +479,25 @@ class Solver:
     Runge-Kutta stages as Heun, EDM, Restart, singlestep SDE-DPM-Solver++, the step into a clean
     end once; otherwise once per step; :meth:`nfe` predicts from it, the sampler counts the
     evaluations actually made); ``static_state`` (:meth:`init_state` only tabulates the grid's
-    coefficients, which no step changes: a one-step method, as wrappers that repeat a step need).
-    Implement :meth:`step`, and :meth:`init_state` where steps keep a
-    history (:class:`History`) in the ``state`` dict. Per-particle tensors in ``state`` (first
-    dimension the batch) must sit in dicts, lists, tuples (namedtuples too), ``collections.deque``,
-    dataclasses or :class:`History`, nested freely, so that particle methods can resample them with
-    the particles; the particle engine refuses any other object that holds a tensor. A step never
-    writes in place a tensor that was in ``state`` when it began (``SteerdiffScheduler`` shares
-    them between its checkpoints; replace entries instead).
+    coefficients, which no step changes: a one-step method, as wrappers that repeat a step need);
+    ``picard`` (how :func:`steerdiff.paradigms` takes a window of steps: ``"step"``, one network
+    evaluation per step, at ``(x_i, t_i)``, moving ``x_i`` by an update from it and the state the steps
+    before left, so the steps run in order after one batched call; ``"stages"``, a step that is a function
+    of ``x_i`` alone given its noise, evaluated stage by stage; ``None``, refused there: PNDM's warm-up
+    steps evaluate several times and the steps after read their estimates). Implement :meth:`step`,
+    and :meth:`init_state` where steps keep a history (:class:`History`) in the ``state`` dict.
+    Per-particle tensors in ``state`` (first dimension the batch) must sit in dicts, lists, tuples
+    (namedtuples too), ``collections.deque``, dataclasses or :class:`History`, nested freely, so that
+    particle methods can resample them with the particles; the particle engine refuses any other
+    object that holds a tensor. A step never writes in place a tensor that was in ``state`` when it
+    began (``SteerdiffScheduler`` shares them between its checkpoints; replace entries instead).
     """
 
     name: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
     staged: ClassVar[bool] = False
     static_state: ClassVar[bool] = False
+    picard: ClassVar[str | None] = None
     max_order: ClassVar[int] = 1
 
     order: int = field(default=1)

@@ -58,6 +58,7 @@ class CPS(Solver):
     First order, 1 NFE per step."""
 
     name: ClassVar[str] = "cps"
+    picard: ClassVar[str | None] = "step"
 
     noise_level: float = 0.8
 

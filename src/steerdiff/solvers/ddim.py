@@ -54,6 +54,7 @@ class DDIM(Solver):
     """DDIM with ``eta >= 0`` (default 0: deterministic); first order, one network evaluation per step."""
 
     name: ClassVar[str] = "ddim"
+    picard: ClassVar[str | None] = "step"
 
     eta: float = 0.0
 
@@ -86,6 +87,8 @@ class EpsDifference(Solver):
     ``w`` the subclass's :meth:`weight`. One NFE per step; the first step (no earlier estimate), a step
     :func:`~steerdiff.solvers.base.step_order` takes at first order and the step into a clean end are
     DDIM's."""
+
+    picard: ClassVar[str | None] = "step"
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         return {"eps": History(2)}

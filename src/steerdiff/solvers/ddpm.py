@@ -41,6 +41,7 @@ class DDPM(Solver):
     default) or ``"fixed_large"`` (``beta``); a learned variance is used when the denoiser has one."""
 
     name: ClassVar[str] = "ddpm"
+    picard: ClassVar[str | None] = "step"
     stochastic: ClassVar[bool] = True
 
     variance: str = "fixed_small"

@@ -161,6 +161,7 @@ class DEIS(Solver):
     """
 
     name: ClassVar[str] = "deis"
+    picard: ClassVar[str | None] = "step"
     max_order: ClassVar[int] = 3
     order: int = 3
     variant: str = "log_rho"

@@ -81,6 +81,8 @@ class DPMSolver2(Solver):
             ``dpmpp_2s_ancestral``).
     """
 
+    picard: ClassVar[str | None] = "stages"
+
     staged: ClassVar[bool] = True
     static_state: ClassVar[bool] = True  # init_state: per-grid tables
     max_order: ClassVar[int] = 2

@@ -178,6 +178,7 @@ class DPMSolver(Solver):
     """
 
     name: ClassVar[str] = "dpm_solver"
+    picard: ClassVar[str | None] = "step"  # its intermediate points are grid nodes, each one step's
     max_order: ClassVar[int] = 3
     order: int = 3
     algorithm: str = "dpmsolver++"

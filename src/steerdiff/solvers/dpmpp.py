@@ -100,6 +100,8 @@ def multistep_weights(
 class DPMSolverPPMultistep(Solver):
     """DPM-Solver++ multistep of order 1-3 (``dpmpp_2m``: order 2, ``dpmpp_3m``: order 3)."""
 
+    picard: ClassVar[str | None] = "step"
+
     max_order: ClassVar[int] = 3
     order: int = 2
     lower_order_final: bool = True

@@ -105,6 +105,8 @@ class DPMSolverSDEMultistep(Solver):
             :class:`~steerdiff.smc.FKCStepLimit`, by the step's noise level).
     """
 
+    picard: ClassVar[str | None] = "step"
+
     max_order: ClassVar[int] = 3
     order: int = 2
     eta: float = 1.0
@@ -162,6 +164,7 @@ class DPMSolverSDE(Solver):
     """
 
     name: ClassVar[str] = "dpmpp_sde"
+    picard: ClassVar[str | None] = "stages"
     staged: ClassVar[bool] = True
     static_state: ClassVar[bool] = True  # init_state: per-grid tables
     max_order: ClassVar[int] = 2

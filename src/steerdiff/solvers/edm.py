@@ -127,6 +127,7 @@ class EDMStochasticHeun(Solver):
     """
 
     name: ClassVar[str] = "edm_sde"
+    picard: ClassVar[str | None] = "stages"
     staged: ClassVar[bool] = True
     static_state: ClassVar[bool] = True  # init_state: per-grid tables
     max_order: ClassVar[int] = 2

@@ -126,6 +126,7 @@ class ERSDE(Solver):
     """
 
     name: ClassVar[str] = "er_sde"
+    picard: ClassVar[str | None] = "step"
     max_order: ClassVar[int] = 3
     order: int = 3
     noise_scale: str | Callable[[float], float] = "default"

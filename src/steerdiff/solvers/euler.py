@@ -46,6 +46,7 @@ class Euler(Solver):
     """Euler's method in ``(x/alpha, sigma/alpha)``; first order, 1 NFE per step."""
 
     name: ClassVar[str] = "euler"
+    picard: ClassVar[str | None] = "step"
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         return model(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
@@ -56,6 +57,7 @@ class Heun(Solver):
     """Heun's second-order method (EDM Alg. 1, deterministic); 2 NFE per step."""
 
     name: ClassVar[str] = "heun"
+    picard: ClassVar[str | None] = "stages"
     staged: ClassVar[bool] = True
     max_order: ClassVar[int] = 2
     order: int = 2
@@ -70,6 +72,7 @@ class EulerAncestral(Solver):
     """Euler ancestral with ``eta`` (default 1); first order, 1 NFE per step."""
 
     name: ClassVar[str] = "euler_ancestral"
+    picard: ClassVar[str | None] = "step"
 
     eta: float = 1.0
 

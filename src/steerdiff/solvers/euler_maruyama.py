@@ -44,6 +44,7 @@ class EulerMaruyama(Solver):
     """Euler-Maruyama on the reverse SDE in process time; first order, 1 NFE per step."""
 
     name: ClassVar[str] = "euler_maruyama"
+    picard: ClassVar[str | None] = "step"
     stochastic: ClassVar[bool] = True
     static_state: ClassVar[bool] = True  # init_state: per-grid tables
 

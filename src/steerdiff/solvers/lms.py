@@ -78,6 +78,7 @@ class LMS(Solver):
     """Variable-step Adams-Bashforth in ``(x/alpha, sigma/alpha)`` of order 1-4; 1 NFE per step."""
 
     name: ClassVar[str] = "lms"
+    picard: ClassVar[str | None] = "step"
     max_order: ClassVar[int] = 4
     # whether the weights follow the step ratios, and steps up the noise levels take order_up's rule
     ratio_rule: ClassVar[bool] = True

@@ -102,6 +102,7 @@ class MRSampler(Solver):
     """
 
     name: ClassVar[str] = "mrs"
+    picard: ClassVar[str | None] = "step"
     max_order: ClassVar[int] = 2
     order: int = 2
     prediction: str = "data"

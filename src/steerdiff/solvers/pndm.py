@@ -61,7 +61,7 @@ Euler and Adams-Bashforth-2 steps have ``O(d^3)`` local errors: third order at `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -92,6 +92,8 @@ _PRK_WEIGHTS = (1 / 3, 1 / 3, 1 / 6)  # of e2, e3, e4 in e' (e1's 1/6 is implied
 class PNDM(IPNDM):
     """PNDM (``warmup="prk"``, ``pndm``) or PLMS (``warmup="improved_euler"``, ``plms``): a pseudo
     Runge-Kutta or improved Euler warm-up, then fixed-weight Adams-Bashforth of order 1-4 (default 4)."""
+
+    picard: ClassVar[str | None] = None  # the warm-up steps evaluate 2-4 times: neither kind (not staged)
 
     warmup: str = "prk"
 

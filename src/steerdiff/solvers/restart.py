@@ -94,6 +94,7 @@ class Restart(Solver):
     """
 
     name: ClassVar[str] = "restart"
+    picard: ClassVar[str | None] = "stages"
     stochastic: ClassVar[bool] = True
     staged: ClassVar[bool] = True
     static_state: ClassVar[bool] = True  # init_state: per-grid tables

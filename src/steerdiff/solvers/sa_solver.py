@@ -88,6 +88,7 @@ class SASolver(Solver):
     """
 
     name: ClassVar[str] = "sa_solver"
+    picard: ClassVar[str | None] = "step"
     max_order: ClassVar[int] = 4
     order: int = 2
     corrector_order: int = 2

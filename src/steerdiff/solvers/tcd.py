@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -51,6 +51,8 @@ class TCD(Solver):
     """TCD's strategic stochastic sampling with ``gamma`` in ``[0, 1]`` (default 0.3, TCD's); ``gamma = 1``
     is LCM's multistep consistency sampling (the registry's ``lcm``). ``floor_s``: the intermediate time
     at TCDScheduler's integer timestep ``floor((1 - gamma) t_{i+1})``, on the process at ``gamma = 1`` too."""
+
+    picard: ClassVar[str | None] = "step"
 
     gamma: float = 0.3
     floor_s: bool = False

@@ -143,6 +143,7 @@ class UniPC(Solver):
     """
 
     name: ClassVar[str] = "unipc"
+    picard: ClassVar[str | None] = "step"
     max_order: ClassVar[int] = 3
     order: int = 3
     variant: str = "bh2"
