@@ -6,6 +6,7 @@ one uncoupled model."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -279,8 +280,18 @@ def test_bad_input():
     x = torch.randn(4, 2, D, dtype=F64)
     with pytest.raises(ValueError, match=r"Coupled: x must be the stacked state \(batch, 2, \*shape\)"):
         coupled(torch.randn(4, 3, D, dtype=F64), 100.0)
-    with pytest.raises(ValueError, match=r"x_T"):
-        sd.sample(coupled, torch.randn(4, D, dtype=F64), 5, "ddpm")
+    # a wrong sample shape names the stacked layout and K, wherever a sample shape is checked
+    layout = (
+        r"the denoiser expects \(2, 2\): Coupled's stacked state is \(batch, K, \*shape\), K = 2 models of "
+        r"sample shape \(2,\)$"
+    )
+    for bad in ((4, D), (4, 3, D)):
+        with pytest.raises(
+            ValueError, match=rf"^sample: x_T has sample shape {re.escape(str(bad[1:]))}, {layout}"
+        ):
+            sd.sample(coupled, torch.randn(*bad, dtype=F64), 5, "ddpm")
+    with pytest.raises(ValueError, match=rf"^fk_steering: shape has sample shape \(3, 2\), {layout}"):
+        sd.smc.fk_steering(coupled, lambda v: -quadratic(v), lam=1.0, shape=(4, 3, D), particles=2, steps=5)
     with pytest.raises(
         ValueError, match=r"Coupled: cost must return one value per sample, \(4,\), got \(4, 2\)"
     ):

@@ -335,6 +335,12 @@ class Denoiser:
         check_call(type(self).__name__, x, t)
         return self._evaluate(x, t, x.dtype, cond)
 
+    def describe_shape(self) -> str:
+        """The sample shape this denoiser expects (:attr:`shape`, known), as a message about a wrong one
+        names it: the tuple here; a denoiser of a stacked state adds its layout
+        (:class:`~steerdiff.guidance.Coupled`)."""
+        return str(self.shape)
+
     def inner_denoisers(self) -> tuple[Denoiser, ...]:
         """The denoisers this one calls: ``()`` here; a wrapper's ``base``
         (:class:`~steerdiff.guidance.Guided`), both branches of a :class:`~steerdiff.guidance.CFG`, every

@@ -288,7 +288,9 @@ def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x
     if not bool(torch.isfinite(x_T).all()):
         raise ValueError(f"{p} contains NaN or inf")
     if den.shape is not None and tuple(x_T.shape[1:]) != den.shape:
-        raise ValueError(f"{p} has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.shape}")
+        raise ValueError(
+            f"{p} has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.describe_shape()}"
+        )
 
 
 def _is_default(value: object, default: float) -> bool:

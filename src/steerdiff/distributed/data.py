@@ -407,7 +407,9 @@ def sample(
             )
         size, seed_, dtype_, where = _check_seeded(who, shape, seed, dtype, device or r.device())
         if den.shape is not None and size[1:] != den.shape:
-            raise ValueError(f"{who}: shape has sample shape {size[1:]}, the denoiser expects {den.shape}")
+            raise ValueError(
+                f"{who}: shape has sample shape {size[1:]}, the denoiser expects {den.describe_shape()}"
+            )
         n, blank = size[0], torch.empty((0, *size[1:]), dtype=dtype_, device=where)
         _agree(who, r, where, None, generator=None, shape=size, seed=seed_, dtype=dtype_)
 

@@ -163,6 +163,14 @@ class Coupled(Guided):
             g = value_grad("Coupled", "cost", value, xr)
         return add_score(pred, -scale * g)
 
+    def describe_shape(self) -> str:
+        """``shape``, ``(K, *shape)``, with the stacked layout named: ``K`` and the models' sample shape."""
+        k, inner = len(self.denoisers), None if self.shape is None else self.shape[1:]
+        return (
+            f"{self.shape}: Coupled's stacked state is (batch, K, *shape), K = {k} models of sample shape "
+            f"{inner}"
+        )
+
     def inner_denoisers(self) -> tuple[Denoiser, ...]:
         """The ``K`` models."""
         return self.denoisers

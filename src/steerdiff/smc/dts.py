@@ -405,7 +405,9 @@ def dts(
     shape = _check_shape(shape, who)
     batch, sample_shape = shape[0], shape[1:]
     if den.shape is not None and sample_shape != den.shape:
-        raise ValueError(f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
+        raise ValueError(
+            f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.describe_shape()}"
+        )
     rollouts = integer(who, "rollouts", rollouts, lo=1)
     greedy = boolean(who, "greedy", greedy)
     samples = integer(who, "samples", samples, lo=1)

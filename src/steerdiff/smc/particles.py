@@ -1188,7 +1188,9 @@ def run_smc(
     batch, sample_shape = shape[0], shape[1:]
     check_generators(who, generator, batch)
     if den.shape is not None and sample_shape != den.shape:
-        raise ValueError(f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
+        raise ValueError(
+            f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.describe_shape()}"
+        )
     n_part = integer(who, "particles", particles, lo=1)
     steps = integer(who, "steps", steps, lo=1)
     algorithm.check_steps(steps)

@@ -187,7 +187,9 @@ def twisted_prior(
         dtype = sample_dtype(WHO, "dtype", dtype)
     device = device_or_none(WHO, "device", device)
     if den.shape is not None and tuple(sample) != den.shape:
-        raise ValueError(f"{WHO}: shape has sample shape {tuple(sample)}, the denoiser expects {den.shape}")
+        raise ValueError(
+            f"{WHO}: shape has sample shape {tuple(sample)}, the denoiser expects {den.describe_shape()}"
+        )
     grid = make_grid(den.process, get_schedule(schedule, WHO), steps, final)
     scale = math.hypot(grid.alpha[0], grid.sigma[0])
     full = (batch, n_part, *sample)

@@ -243,7 +243,9 @@ def rbf(
     shape = _check_shape(shape, who)
     batch, sample_shape = shape[0], shape[1:]
     if den.shape is not None and sample_shape != den.shape:
-        raise ValueError(f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.shape}")
+        raise ValueError(
+            f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.describe_shape()}"
+        )
     initial = integer(who, "initial", initial, lo=1)
     steps = integer(who, "steps", steps, lo=1)
     final = choice(who, "final", final, FINALS)
