@@ -239,6 +239,56 @@ def test_reproducible_per_seed_and_per_chain_with_exact_nfe():
     assert float((together.x[2:4] - alone.x).abs().max()) < 1e-12
 
 
+def test_per_chain_conditions_follow_their_chains_into_the_denoising():
+    """A condition with one row per chain (an x0 offset per chain): the chain's calls and its samples'
+    denoising see that chain's row, so with one generator per chain each chain equals its run alone. The
+    old code passed the chains' rows unchanged to each level's denoising run (a subset of the samples): a
+    RuntimeError from the net (a level's 2 states against the condition's 4 rows)."""
+    gmm = smooth_mixture(dim=2, components=3)
+    base = gmm.denoiser(sd.VP.linear())
+    den = sd.Denoiser(lambda x, t, shift: base.net(x, t) + shift[:, None], sd.VP.linear(), prediction="x0")
+    sig = SIGMAS[::3]
+
+    def run(seeds, shift):
+        return sd.mcmc.denoising_mcmc(
+            den, (len(seeds), 2), sig, lambda y: gmm.noise_level_logits(y, sig), 3, thin=2, burn_in=2,
+            denoise_steps=3, solver="dpmpp_2m_sde", dtype=F64, generator=[_gen(s) for s in seeds],
+            shift=shift,
+        )  # fmt: skip
+
+    shift = torch.tensor([0.0, 0.3, -0.3, 0.6], dtype=F64)
+    together = run(range(4), shift)
+    assert len(torch.unique(together.level)) > 1
+    for c in range(4):
+        alone = run([c], shift[c : c + 1])
+        assert torch.equal(together.level[3 * c : 3 * c + 3], alone.level)
+        assert float((together.x[3 * c : 3 * c + 3] - alone.x).abs().max()) < 1e-12
+
+
+def test_nfe_of_a_guided_denoiser_whose_cost_varies_with_the_level():
+    """CFG with a guidance interval costs 2 inside it and 1 outside: NFE counted by the rows the net sees,
+    chains x nfe. The old code read den.cost once for the whole chain and raised an AssertionError where
+    the levels' denoising runs cost differently."""
+    gmm = smooth_mixture(dim=2, components=3)
+    base = gmm.denoiser(sd.VP.linear())
+    rows = []
+
+    def net(x, t):
+        rows.append(len(x))
+        return base.net(x, t)
+
+    den = sd.Denoiser(net, sd.VP.linear(), prediction="x0")
+    cfg = sd.guidance.CFG(den, den, 2.0, interval=(0.3, 1.0))
+    sig = SIGMAS[::2]
+    out = sd.mcmc.denoising_mcmc(
+        cfg, (4, 2), sig, lambda y: gmm.noise_level_logits(y, sig), 3, thin=2, burn_in=2, denoise_steps=3,
+        dtype=F64, generator=_gen(),
+    )  # fmt: skip
+    assert sum(rows) == 4 * out.nfe
+    assert out.nfe == out.chain_nfe + 3 * out.denoise_nfe and out.denoise_nfe != round(out.denoise_nfe)
+    assert 8 < out.chain_nfe < 16  # 8 calls, some at 1, some at 2
+
+
 def test_a_non_finite_denoiser_output_is_reported():
     """NaN from the net at its 3rd call: reported at that chain step after the chain, not as the NaN logits
     the NaN states then give the exact level posterior."""

@@ -54,12 +54,14 @@ the paper's integrators: Karras et al.'s Algorithms 1-2 from ``s`` to 0.01, then
 ``k`` is exactly ``q_k`` and the solver exact, the result is exactly ``p_data``, whatever the law of ``k``:
 only the conditional law matters.
 
-**Cost** (NFE: calls of the denoiser, ``den.cost`` network evaluations each): each chain makes ``moves`` per
-sweep, ``chain_nfe = (burn_in + samples_per_chain * thin) * moves``; each sample ``denoise_nfe =
-solver.nfe(denoise_steps)``; a chain's row is evaluated ``nfe = chain_nfe + samples_per_chain * denoise_nfe``
-times (the NFE of :func:`steerdiff.sample`, whose batch is evaluated as one), ``nfe_per_sample = nfe /
-samples_per_chain`` per sample. ``level_logits`` calls are not NFE (the paper's classifier is a small CNN);
-``classifier_calls`` counts them (one per sweep).
+**Cost** (NFE: calls of the denoiser, ``den.cost`` network evaluations each, read after every call): each
+chain makes ``moves`` per sweep, ``chain_nfe = (burn_in + samples_per_chain * thin) * moves``; each sample
+``denoise_nfe = solver.nfe(denoise_steps)``; a chain's row is evaluated ``nfe = chain_nfe + samples_per_chain
+* denoise_nfe`` times (the NFE of :func:`steerdiff.sample`, whose batch is evaluated as one),
+``nfe_per_sample = nfe / samples_per_chain`` per sample. Where ``den``'s cost varies with the noise level (a
+:class:`~steerdiff.guidance.CFG` with an ``interval``), ``chain_nfe`` sums the chain's calls' costs and
+``denoise_nfe`` is the mean over the samples of their denoising's. ``level_logits`` calls are not NFE (the
+paper's classifier is a small CNN); ``classifier_calls`` counts them (one per sweep).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ from torch import Tensor
 from .. import solvers
 from .._checks import choice, device_or_none, integer, real, real_array, sample_dtype, sizes
 from .._ops import first_false
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, take_kwarg_rows
 from ..noise import check_generators, rand, randn, repeat_rows, take_generator_rows
 from ..schedules import Karras
 from ..solvers.base import NonFiniteError, Solver
@@ -99,7 +101,8 @@ class DenoisingMCMC:
         t: each state's process time ``t_k`` (float64, ``(n,)``), where its denoising started.
         nfe: evaluations of a chain's row, ``chain_nfe + samples_per_chain * denoise_nfe`` (``den.cost``
             network evaluations per denoiser call; the batch is evaluated as one).
-        chain_nfe: the chain's (burn-in included); ``denoise_nfe``: each sample's denoising.
+        chain_nfe: the chain's (burn-in included); ``denoise_nfe``: each sample's denoising (the mean over the
+            samples where ``den``'s cost varies with the noise level).
         nfe_per_sample: ``nfe / samples_per_chain``.
         classifier_calls: calls of ``level_logits`` (one per sweep, on all chains).
     """
@@ -108,9 +111,9 @@ class DenoisingMCMC:
     y: Tensor
     level: Tensor
     t: Tensor
-    nfe: int
+    nfe: float
     chain_nfe: int
-    denoise_nfe: int
+    denoise_nfe: float
     nfe_per_sample: float
     classifier_calls: int
 
@@ -258,14 +261,16 @@ def denoising_mcmc(
     else:
         level = level_init.to(on)
     sums: list[Tensor] = []  # one finiteness sum per denoiser call, read once at the end
+    chain_nfe = 0  # den.cost read after each call (a guided den's varies: CFG's interval)
     sound: list[Tensor] = []  # level_logits' outputs: no NaN, a finite logit per row; read once too
 
     def sweep() -> None:
-        nonlocal y, level
+        nonlocal y, level, chain_nfe
         s, t, a = s_dev[level], t_dev[level], a_dev[level]
         scale = (s.reshape(per_row) * math.sqrt(2 * h)).to(y.dtype)
         for _ in range(moves):
             x0 = den(a.reshape(per_row).to(y.dtype) * y, t, **cond).x0
+            chain_nfe += den.cost
             sums.append(x0.detach().sum())
             y = y + h * (x0 - y) + scale * randn(shape, generator, y.dtype, on)
         level, ok = _new_level(level_logits(y), level_update, generator, n, k_count)
@@ -293,7 +298,6 @@ def denoising_mcmc(
         raise ValueError(
             f"{who}: level_logits(y) returned NaN, or no finite logit in a row, at sweep {bad + 1}"
         )
-    chain_nfe = (burn_in + m * thin) * moves * den.cost
     ys = torch.stack(states, 1).reshape(n * m, *shape[1:])
     levels_out = torch.stack(picked, 1).reshape(n * m)
     x, denoise_nfe = _denoise(
@@ -325,30 +329,34 @@ def _denoise(
     generator: Any,
     per_chain: int,
     cond: dict[str, Any],
-) -> tuple[Tensor, int]:
+) -> tuple[Tensor, float]:
     """Each state ``ys[r]`` denoised from its level's time by :func:`steerdiff.sample` (one run per level
-    present, Karras' ramp from ``sigmas[k]``); the samples and the calls each one cost. ``generator``: the
-    chains' (one per chain: each sample's rows draw from its chain's)."""
+    present, Karras' ramp from ``sigmas[k]``); the samples and the calls each one cost, on average over the
+    samples (the same for all unless ``den``'s cost varies with the noise level, as a CFG's with an
+    ``interval``). Row ``r`` is chain ``r // per_chain``'s: it draws from that chain's generator where there
+    is one per chain, and takes that chain's rows of ``cond``'s per-chain tensors and of ``den``'s
+    (:func:`~steerdiff.denoiser.take_kwarg_rows`)."""
     from ..sampling import sample_as  # sampling imports this package
 
     n = ys.shape[0]
+    chains = n // per_chain
     rows_generator = repeat_rows(generator, per_chain)
     out = torch.empty_like(ys)
-    costs = set()
+    total = 0
     for k in torch.unique(level).tolist():
         rows = (level == k).nonzero().squeeze(-1)
+        owners = rows // per_chain
         x, info = sample_as(
             "denoising_mcmc",
-            den,
+            den.take_rows(owners, chains),
             float(alphas[k]) * ys[rows],
             steps,
             solver,
             Karras(sigma_max=float(sigmas[k])),
             generator=take_generator_rows(rows_generator, rows, n),
             return_info=True,
-            **cond,
+            **take_kwarg_rows(cond, owners, chains),
         )
         out[rows] = x
-        costs.add(info.nfe)
-    assert len(costs) == 1, "every run has the same solver and steps"
-    return out, costs.pop()
+        total += info.nfe * rows.numel()
+    return out, total / n
