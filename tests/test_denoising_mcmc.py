@@ -239,6 +239,36 @@ def test_reproducible_per_seed_and_per_chain_with_exact_nfe():
     assert float((together.x[2:4] - alone.x).abs().max()) < 1e-12
 
 
+def test_select_lowest_takes_the_first_lowest_of_the_windows_own_states():
+    """select="lowest" with the argmax update (each level a function of the state level_logits sees): each
+    sample is the first state of lowest level among its window's ``thin`` sweeps' states, so thin=1 is
+    select="last". The old code also let the state before the window (the previous window's last) compete,
+    which gave the same state twice: 33% of consecutive samples at thin=1, 4% at thin=10 (500 chains x 4,
+    the 12 levels)."""
+    gmm = smooth_mixture(dim=2, components=3)
+    seen = []
+
+    def logits(y):
+        seen.append(y.clone())
+        return gmm.noise_level_logits(y, SIGMAS)
+
+    def run(thin, select, level_logits=lambda y: gmm.noise_level_logits(y, SIGMAS)):
+        return sd.mcmc.denoising_mcmc(
+            gmm.denoiser(sd.VP.linear()), (50, 2), SIGMAS, level_logits, 3, thin=thin, burn_in=2,
+            level_update="argmax", select=select, denoise_steps=1, dtype=F64, generator=_gen(),
+        )  # fmt: skip
+
+    out = run(4, "lowest", logits)
+    states = torch.stack(seen[2:])  # (3 windows x 4 sweeps, 50, 2)
+    levels = torch.stack([gmm.noise_level_logits(y, SIGMAS).argmax(-1) for y in states]).reshape(3, 4, 50)
+    first = levels.argmin(1)  # the first of the minima
+    expected = states.reshape(3, 4, 50, 2).gather(1, first[:, None, :, None].expand(3, 1, 50, 2))[:, 0]
+    assert torch.equal(out.y.reshape(50, 3, 2), expected.transpose(0, 1))
+    assert torch.equal(out.level.reshape(50, 3), levels.amin(1).T)
+    last, lowest = (run(1, s) for s in ("last", "lowest"))
+    assert torch.equal(last.y, lowest.y) and torch.equal(last.level, lowest.level)
+
+
 def test_per_chain_conditions_follow_their_chains_into_the_denoising():
     """A condition with one row per chain (an x0 offset per chain): the chain's calls and its samples'
     denoising see that chain's row, so with one generator per chain each chain equals its run alone. The

@@ -44,9 +44,10 @@ variation) after 300 sweeps of burn-in, where the 2-d mixture's are 0.02-0.03 af
 
 **Samples.** After ``burn_in`` sweeps each chain gives ``samples_per_chain`` states, one every ``thin``
 sweeps: with ``select="last"`` the state at the end of each window (draws of ``p(y, k)`` where the chain
-mixed); with ``select="lowest"`` the window's state of lowest noise level (the earliest among equals, the
-window's first state included), the released code's choice ("choose MCMC samples of smallest noise
-levels"), which starts the denoising lower but conditions the state on its level's being a minimum. Each
+mixed); with ``select="lowest"`` the window's state of lowest noise level (the earliest among equals; of the
+``thin`` states the window's sweeps give, so no state is given twice), the released code's choice ("choose
+MCMC samples of smallest noise levels"), which starts the denoising lower but conditions the state on its
+level's being a minimum. Each
 state ``(y, k)`` is then denoised from ``t_k``: :func:`steerdiff.sample` on ``alpha_k y`` with ``solver`` in
 ``denoise_steps`` steps of Karras et al.'s ramp (``rho = 7``) from ``s_k`` down to the process's smallest
 noise, then the step to the clean state (``final="zero"``; one step is Tweedie's ``xhat(alpha_k y; t_k)``;
@@ -281,8 +282,9 @@ def denoising_mcmc(
         sweep()
     states, picked = [], []
     for _ in range(m):
-        best_y, best = y, level
-        for _ in range(thin):
+        sweep()
+        best_y, best = y, level  # the window's own thin states: the previous window's last is not one
+        for _ in range(thin - 1):
             sweep()
             if select == "lowest":
                 lower = s_dev[level] < s_dev[best]
