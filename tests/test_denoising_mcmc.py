@@ -353,6 +353,10 @@ def test_bad_input():
         (dict(sigmas=[0.5, 0.002]), r"sigmas must exceed the process's smallest sigma / alpha, 0\.002"),
         (dict(level_logits=3), r"level_logits must be callable"),
         (dict(level_logits=lambda y: torch.zeros(len(y), 3)), r"level_logits\(y\) must return a \(4, 2\)"),
+        (
+            dict(level_logits=lambda y: torch.zeros(len(y), 2, dtype=torch.int64)),
+            r"must return a \(4, 2\) float tensor, got shape \(4, 2\), torch.int64",
+        ),
         (dict(level_logits=lambda y: torch.full((len(y), 2), math.nan)), r"returned NaN, .* at sweep 1"),
         (dict(samples_per_chain=0), r"samples_per_chain must be an integer >= 1"),
         (dict(thin=0), r"thin must be an integer >= 1"),

@@ -26,6 +26,11 @@ itself (each ``q_k`` is normalized). A Gibbs sweep alternates
    (``s = get_sigma(net(x).argmax(dim=1))``), which is not a Gibbs step and leaves the joint no longer
    invariant (the levels' law is then not the prior).
 
+Step 2 leaves ``p(y, k)`` exactly invariant; step 1 leaves ``q_k`` invariant only up to ULA's bias (no
+Metropolis correction), so the sweep keeps the joint up to that bias, ``O(h)``: the states at level ``k``
+follow ULA's stationary law, ``O(h)`` off ``q_k``, and through ``p(k | y)`` the levels' law moves off the
+prior by the same order.
+
 The paper learns ``p(k | y)`` with a noise-level classifier (a CNN with 1000 classes, trained by
 cross-entropy on ``x_0 + s_i n`` with ``i`` uniform over 1000 levels log-uniform in ``s`` between 0.01 and
 ``sigma_max``: so ``pi`` is that uniform prior). **steerdiff has no such estimator, and a denoiser alone does
@@ -124,7 +129,11 @@ def _new_level(logits: Tensor, update: str, generator: Any, n: int, k: int) -> t
     CDF of its softmax at a uniform per row (from ``generator``, one per row where it is a list); and a 0-d
     bool tensor, whether no logit is NaN and every row has a finite one (read once, after the chain)."""
     if not isinstance(logits, Tensor) or tuple(logits.shape) != (n, k) or not logits.is_floating_point():
-        got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+        got = (
+            f"shape {tuple(logits.shape)}, {logits.dtype}"
+            if isinstance(logits, Tensor)
+            else type(logits).__name__
+        )
         raise ValueError(f"denoising_mcmc: level_logits(y) must return a ({n}, {k}) float tensor, got {got}")
     logits = logits.detach().to(torch.float64)
     sound = torch.isfinite(logits.amax(-1)).all() & ~logits.isnan().any()
