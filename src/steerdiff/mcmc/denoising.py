@@ -81,13 +81,13 @@ import torch
 from torch import Tensor
 
 from .. import solvers
-from .._checks import choice, device_or_none, integer, real, real_array, sample_dtype, sizes
+from .._checks import choice, integer, real, real_array, sizes
 from .._ops import first_false
 from ..denoiser import Denoiser, take_kwarg_rows
 from ..noise import check_generators, rand, randn, repeat_rows, take_generator_rows
 from ..schedules import Karras
 from ..solvers.base import NonFiniteError, Solver
-from .walk_jump import measurement_time
+from .walk_jump import initial_state, measurement_time
 
 __all__ = ["LEVEL_UPDATES", "SELECTS", "DenoisingMCMC", "denoising_mcmc"]
 
@@ -241,18 +241,7 @@ def denoising_mcmc(
     times = torch.tensor([measurement_time(process, float(s), 1, who) for s in levels], dtype=torch.float64)
     alphas = process.alpha(times).to(torch.float64)
     top = int(levels.argmax())
-    if y_init is None:
-        kind = torch.float32 if dtype is None else sample_dtype(who, "dtype", dtype)
-        y = float(levels[top]) * randn(shape, generator, kind, device_or_none(who, "device", device))
-    else:
-        if dtype is not None or device is not None:
-            raise ValueError(
-                f"{who}: dtype and device are y_init's where it is given; pass neither beside it"
-            )
-        if not isinstance(y_init, Tensor) or not y_init.is_floating_point() or tuple(y_init.shape) != shape:
-            got = f"shape {tuple(y_init.shape)}" if isinstance(y_init, Tensor) else type(y_init).__name__
-            raise ValueError(f"{who}: y_init must be a floating-point tensor of shape {shape}, got {got}")
-        y = y_init
+    y = initial_state(who, shape, float(levels[top]), y_init, dtype, device, generator)
     n, k_count, on = shape[0], levels.numel(), y.device
     per_row = (n, *([1] * (len(shape) - 1)))
     s_dev, t_dev, a_dev = (v.to(on) for v in (levels, times, alphas))

@@ -81,7 +81,7 @@ from torch import Tensor
 
 from .._checks import choice, device_or_none, integer, real, sample_dtype, sizes
 from ..denoiser import Denoiser
-from ..noise import check_generators, make_noise, randn
+from ..noise import Generators, check_generators, make_noise, randn
 from ..processes import Process
 from ..solvers.base import Model
 from .base import Normal, Point, Target, chain, fixed_time
@@ -124,6 +124,30 @@ def measurement_time(process: Process, sigma: float, k: int, who: str = "walk_ju
             f"{process.t_max:g}]: take sigma <= {hi:.6g} and sigma / sqrt(measurements) >= {lo:.6g}"
         )
     return min(max(float(process.t_of_sigma_ratio(s)), process.t_min), process.t_max)
+
+
+def initial_state(
+    who: str,
+    shape: tuple[int, ...],
+    scale: float,
+    y_init: Tensor | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    generator: Generators,
+) -> Tensor:
+    """A chain's start in variance-exploding coordinates: ``y_init`` (a floating-point tensor of ``shape``,
+    whose dtype and device are the run's; ``dtype`` and ``device`` refused beside it), or ``scale z``, ``z ~
+    N(0, I)`` from ``generator`` in ``dtype`` (default float32) on ``device``; a ``ValueError`` naming
+    ``who`` otherwise."""
+    if y_init is None:
+        kind = torch.float32 if dtype is None else sample_dtype(who, "dtype", dtype)
+        return scale * randn(shape, generator, kind, device_or_none(who, "device", device))
+    if dtype is not None or device is not None:
+        raise ValueError(f"{who}: dtype and device are y_init's where it is given; pass neither beside it")
+    if not isinstance(y_init, Tensor) or not y_init.is_floating_point() or tuple(y_init.shape) != shape:
+        got = f"shape {tuple(y_init.shape)}" if isinstance(y_init, Tensor) else type(y_init).__name__
+        raise ValueError(f"{who}: y_init must be a floating-point tensor of shape {shape}, got {got}")
+    return y_init
 
 
 def _score(model: Model, y: Tensor, previous: Tensor, k: int, sigma: float, t: float, alpha: float) -> Tensor:
@@ -243,18 +267,7 @@ def walk_jump(
     generator = check_generators(who, generator, shape[0])
     times = [measurement_time(den.process, sigma, k, who) for k in range(1, m + 1)]
     alphas = [float(den.process.alpha(t)) for t in times]
-    if y_init is None:
-        kind = torch.float32 if dtype is None else sample_dtype(who, "dtype", dtype)
-        y = sigma * randn(shape, generator, kind, device_or_none(who, "device", device))
-    else:
-        if dtype is not None or device is not None:
-            raise ValueError(
-                f"{who}: dtype and device are y_init's where it is given; pass neither beside it"
-            )
-        if not isinstance(y_init, Tensor) or not y_init.is_floating_point() or tuple(y_init.shape) != shape:
-            got = f"shape {tuple(y_init.shape)}" if isinstance(y_init, Tensor) else type(y_init).__name__
-            raise ValueError(f"{who}: y_init must be a floating-point tensor of shape {shape}, got {got}")
-        y = y_init
+    y = initial_state(who, shape, sigma, y_init, dtype, device, generator)
     source = make_noise(generator)
     model = Model(den, cond)
     total = torch.zeros_like(y)  # y_1 + ... + y_{k-1}
