@@ -108,6 +108,8 @@ def test_integer_returns_a_plain_int(value):
         (5, {"hi": 4}, "W: n must be an integer <= 4, got 5"),
         (5, {"lo": 0, "hi": 4}, "W: n must be an integer in [0, 4], got 5"),
         (-1, {"lo": 0, "hi": 4}, "W: n must be an integer in [0, 4], got -1"),
+        (3, {"lo": 1, "hi": 1}, "W: n must be 1, got 3"),
+        (1.0, {"lo": 1, "hi": 1}, "W: n must be 1, got 1.0"),
         (10**8, {"hi": 10**7}, "W: n must be an integer <= 10000000, got 100000000"),
     ],
 )

@@ -61,7 +61,7 @@ def test_registry_and_defaults():
         (lambda: CPS(noise_level=1.5), r"CPS: noise_level must be a finite number in \[0, 1\], got 1.5"),
         (lambda: CPS(noise_level=-1), r"CPS: noise_level must be a finite number in \[0, 1\]"),
         (lambda: CPS(noise_level="0.5"), r"CPS: noise_level must be a finite number in \[0, 1\]"),
-        (lambda: CPS(order=2), r"CPS: order must be an integer in \[1, 1\]"),
+        (lambda: CPS(order=2), r"^CPS: order must be 1, got 2$"),
     ],
 )
 def test_bad_input(solver, match):

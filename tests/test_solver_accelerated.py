@@ -268,3 +268,21 @@ def test_particle_methods(gmm, sd_process):
             noise_std=0.1,
             **kw,
         )
+
+
+@pytest.mark.parametrize("name", sd.solvers.available())
+def test_order_error_names_the_accepted_orders(name):
+    """Every registered solver's bad ``order`` names the orders it takes: a one-order solver said
+    ``order must be an integer in [1, 1]`` (``AcceleratedDDPM(order=3)``), now ``order must be 1``."""
+    solver = sd.solvers.get(name)
+    if not hasattr(solver, "max_order"):
+        pytest.skip(f"{name} has no order field")
+    cls, top = type(solver), solver.max_order
+    accepted = "1" if top == 1 else rf"an integer in \[1, {top}\]"
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: order must be {accepted}, got {top + 1}$"):
+        cls(order=top + 1)
+
+
+def test_accel_ddpm_order_error():
+    with pytest.raises(ValueError, match=r"^AcceleratedDDPM: order must be 1, got 3$"):
+        AcceleratedDDPM(order=3)

@@ -103,11 +103,13 @@ def real(
 def integer(who: str, name: str, value: object, *, lo: int | None = None, hi: int | None = None) -> int:
     """``value`` as an ``int`` if it is an integer (not a ``bool``) with ``lo <= value <= hi``
     (``None``: no bound), else a ``ValueError`` ``"{who}: {name} must be an integer >= lo, got
-    {value!r}"``."""
+    {value!r}"`` (``"... must be 1, got 3"`` where ``lo == hi``: one value is accepted)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         v = int(value)
         if (lo is None or v >= lo) and (hi is None or v <= hi):
             return v
+    if lo is not None and lo == hi:
+        raise ValueError(f"{who}: {name} must be {lo}, got {value!r}")
     bounds = _range(-math.inf if lo is None else lo, math.inf if hi is None else hi, False, False)
     raise ValueError(f"{who}: {name} must be an integer{bounds}, got {value!r}")
 
