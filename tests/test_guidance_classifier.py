@@ -289,7 +289,7 @@ def test_bad_classifier_and_reward(oracle):
 
 def test_guidance_needs_autograd(oracle):
     """Under an outer ``no_grad`` (pipelines sample under it) the gradient is taken all the same, the
-    same samples; ``inference_mode`` and a backward pass through the guidance's gradient are refused."""
+    same samples; ``inference_mode`` is refused."""
     _, _, den, log_prob_y = oracle
     x = torch.randn(3, 2, dtype=F64)
     for guided in (ClassifierGuidance(den, log_prob_y), RewardGuidance(den, _linear)):
@@ -298,11 +298,25 @@ def test_guidance_needs_autograd(oracle):
         torch.testing.assert_close(quiet, sd.sample(guided, x, 4, "ddim"), rtol=0, atol=0)
         with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
             sd.sample(guided, x, 4, "ddim")
-        with pytest.raises(RuntimeError, match="not supported"):
-            sd.sample(guided, x.clone().requires_grad_(True), 4, "ddim")
     detached = sd.Denoiser(lambda x, t: den.net(x, t).detach(), den.process, prediction="x0")
     with pytest.raises(ValueError, match="detached"):
         RewardGuidance(detached, _linear)(x, 500.0)
+
+
+def test_a_backward_pass_through_guided_sampling_is_exact(sd_process, oracle):
+    """Gradients through ``sd.sample`` with gradient guidance inside go through the guidance's own gradient
+    (a second-order graph): with the exact classifier the guided sampler is class 1's, so is its gradient
+    with respect to ``x_T``. Before, the guidance refused an ``x`` that requires grad ('x requires grad,
+    and differentiating through ClassifierGuidance's own gradient is not supported')."""
+    c1, _, den, log_prob_y = oracle
+    x_T = torch.randn(8, 2, dtype=F64, generator=_gen(3))
+    weights = torch.randn(8, 2, dtype=F64, generator=_gen(4))
+    grads = []
+    for model in (ClassifierGuidance(den, log_prob_y), c1.denoiser(sd_process)):
+        xr = x_T.clone().requires_grad_(True)
+        out = sd.sample(model, xr, 6, "dpmpp_2m")
+        grads.append(torch.autograd.grad((out * weights).sum(), xr)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-11)
 
 
 # --- non-finite values, device syncs, learned variance ---------------------------------------------

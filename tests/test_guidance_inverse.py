@@ -14,12 +14,12 @@ import torch
 
 import steerdiff as sd
 from steerdiff.bench.posterior import make_case
-from steerdiff.guidance import DPS, MCG, PiGDM, RePaint, repaint_nfe, repaint_sample
+from steerdiff.guidance import DPS, MCG, ClassifierGuidance, PiGDM, RePaint, repaint_nfe, repaint_sample
 from steerdiff.guidance._measurement import MeasurementGuided
 from steerdiff.inverse import Blur, Inpaint, Matrix
 
 from .reference import half_net, smooth_v_net
-from .test_guidance_cfg import learned_variance
+from .test_guidance_cfg import learned_variance, two_class
 
 F64 = torch.float64
 PROC = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64))
@@ -167,6 +167,37 @@ def test_mcg_projects_the_dps_estimate() -> None:
     x_T = torch.randn(64, 4, generator=g, dtype=F64)
     out = sd.sample(MCG(den, Matrix(A), y, scale=0.0), x_T, steps=20, solver="ddpm", generator=g)
     torch.testing.assert_close(out @ A.T, y.expand(64, 2), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", [DPS, PiGDM, MCG])
+def test_inverse_guidance_over_exact_classifier_guidance_is_over_the_class(method) -> None:
+    """Classifier guidance with the exact noisy classifier of class 1 is class 1's exact denoiser (its
+    x0 holds ``sigma^2 / alpha`` times the classifier's gradient), so DPS / PiGDM / MCG over it are DPS /
+    PiGDM / MCG over class 1's denoiser: their gradient goes through the classifier's Hessian (a
+    second-order graph). Before, the inner guidance refused an ``x`` that requires grad
+    ('ClassifierGuidance: x requires grad, and differentiating through ... is not supported')."""
+    _, c1, full = two_class()
+
+    def log_prob_y(x: torch.Tensor, t: float) -> torch.Tensor:
+        a, s = float(PROC.alpha(t)), float(PROC.sigma(t))
+        return math.log(0.5) + c1.log_prob(x, a, s) - full.log_prob(x, a, s)
+
+    g = torch.Generator().manual_seed(9)
+    A = torch.randn(1, 2, generator=g, dtype=F64)
+    y = torch.tensor([1.0], dtype=F64)
+    x = 2 * torch.randn(6, 2, generator=g, dtype=F64)
+    nested = method(ClassifierGuidance(full.denoiser(PROC), log_prob_y), Matrix(A), y, noise_std=0.2)
+    direct = method(c1.denoiser(PROC), Matrix(A), y, noise_std=0.2)
+    for t in (800.0, 300.0, 50.0):
+        got, want = nested(x, t), direct(x, t)
+        torch.testing.assert_close(got.eps, want.eps, rtol=1e-9, atol=1e-11)
+        assert not got.eps.requires_grad
+    x_T = torch.randn(16, 2, generator=g, dtype=F64)
+    run = [
+        sd.sample(den, x_T, 10, "ddpm", generator=torch.Generator().manual_seed(1))
+        for den in (nested, direct)
+    ]
+    torch.testing.assert_close(run[0], run[1], rtol=1e-9, atol=1e-11)
 
 
 def test_dps_on_the_16d_case_lands_near_the_floor() -> None:
@@ -651,11 +682,9 @@ def test_bad_input() -> None:
         RePaint(sd.Denoiser(den.net, PROC, "x0"), blur, torch.zeros(2, 2, dtype=F64))
     with pytest.raises(ValueError, match="resample"):
         repaint_sample(den, Inpaint(torch.tensor([1.0, 0, 1, 0])), y, x, 5, resample=0)
-    # guidance that needs gradients: under inference_mode, differentiated through, or a net that detaches
+    # guidance that needs gradients: under inference_mode, or a net that detaches
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         sd.sample(DPS(den, Matrix(A), y), x, steps=3, solver="ddpm")
-    with pytest.raises(RuntimeError, match="not supported"):
-        PiGDM(den, Matrix(A), y, noise_std=0.1)(x.clone().requires_grad_(True), 100.0)
     detached = sd.Denoiser(lambda v, t: den.net(v, t).detach(), PROC, "x0", shape=(4,))
     with pytest.raises(ValueError, match="detached"):
         MCG(detached, Matrix(A), y)(x, 100.0)

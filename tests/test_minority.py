@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 
 import steerdiff as sd
 from steerdiff.guidance import ClassifierGuidance, MinorityGuidance, SelfGuidedMinority
+from steerdiff.inverse import Matrix
 
 F64 = torch.float64
 STEPS = 50  # DDPM steps of the sampling tests
@@ -157,6 +158,34 @@ def test_self_guided_minority_step_is_the_normalized_loss_gradient(toy):
     base = den(x, t)
     assert torch.allclose(pred.eps, base.eps - base.sigma * w * g, rtol=1e-10, atol=1e-12)
     assert not pred.eps.requires_grad
+
+
+def test_dps_over_self_guided_minority_differentiates_its_guidance(toy):
+    """DPS over SelfGuidedMinority: the DPS gradient is ``J'^T A^T r / s^2`` with ``J'`` the Jacobian of
+    SelfGuidedMinority's guided ``x0`` -- the derivative of its normalized minority gradient included, and
+    of its re-noised reconstruction (the paper's ``sg`` stops the gradient in ``L``, not the dependence of
+    ``g`` on ``x``) -- against central differences of that ``x0`` (the same ``eps`` at every call). Before,
+    SelfGuidedMinority refused DPS's ``x``, which requires grad ('x requires grad, and differentiating
+    through SelfGuidedMinority's own gradient is not supported')."""
+    _, _, den, _, _ = toy
+    A, y, s_y = torch.tensor([[1.0, 0.5]], dtype=F64), torch.tensor([1.0], dtype=F64), 0.3
+    x = torch.randn(3, 2, dtype=F64, generator=_gen(4)) * 1.5
+    t = 0.6
+
+    def guided() -> SelfGuidedMinority:
+        return SelfGuidedMinority(den, 0.5, renoise=0.4, samples=2, generator=_gen(7))
+
+    pred, g = sd.guidance.DPS(guided(), Matrix(A), y, noise_std=s_y, variant="squared").likelihood_score(x, t)
+    x0 = guided()(x, t).x0
+    torch.testing.assert_close(pred.x0, x0, rtol=1e-12, atol=1e-14)
+    h, eye = 1e-5, torch.eye(2, dtype=F64)
+    cols = [(guided()(x + h * e, t).x0 - guided()(x - h * e, t).x0) / (2 * h) for e in eye]  # d x0 / d x_j
+    v = ((y - x0 @ A.T) / s_y**2) @ A  # A^T r / s^2
+    expected = torch.stack([(c * v).sum(1) for c in cols], dim=1)
+    torch.testing.assert_close(g, expected, rtol=1e-7, atol=1e-9)
+    # the minority gradient's own derivative is not small here: DPS over den alone is far off
+    alone = sd.guidance.DPS(den, Matrix(A), y, noise_std=s_y, variant="squared").likelihood_score(x, t)[1]
+    assert float((alone - expected).abs().max()) > 0.1 * float(expected.abs().max())
 
 
 def test_self_guided_minority_reports_a_nan_net_output(toy):

@@ -1,7 +1,7 @@
 """Guidance: denoisers that wrap a denoiser and steer it (every solver works with every guidance)."""
 
 from ..solvers.self_recurrence import SelfRecurrence
-from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
+from .base import Guided, add_score, denoise_with_grad, grad_leaf, grad_on, hold, with_estimate
 from .boundary import ConsistencyBoundary
 from .calibration import Calibrated, calibrate
 from .cfg import CADS, CFG
@@ -47,7 +47,9 @@ __all__ = [
     "calibrate",
     "denoise_with_grad",
     "epsilon_norms",
+    "grad_leaf",
     "grad_on",
+    "hold",
     "lanpaint_nfe",
     "pcd_sample",
     "pcg",

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._checks import real
 from ..denoiser import Denoiser, Prediction, take_tensor_rows
 from ..inverse.operators import LinearOperator
-from .base import Guided, denoise_with_grad, grad_on, with_estimate
+from .base import Guided, denoise_with_grad, grad_on, hold
 
 __all__ = ["MeasurementGuided"]
 
@@ -167,14 +167,16 @@ class MeasurementGuided(Guided):
         /,
         **cond: Any,
     ) -> tuple[Prediction, Tensor]:
-        """``(pred, g)``: the base prediction at ``x`` (detached; its net in ``net_dtype``, default
-        ``x``'s) and ``g = J^T A^T w``, with ``J = d x0_hat / d x_t`` and ``w = weight(r, pred)`` (held
-        fixed) for ``r = y - A x0_hat``, in ``x``'s dtype."""
+        """``(pred, g)``: the base prediction at ``x`` (detached, holding ``x0``; its net in
+        ``net_dtype``, default ``x``'s) and ``g = J^T A^T w``, with ``J = d x0_hat / d x_t`` and
+        ``w = weight(r, pred)`` (held fixed) for ``r = y - A x0_hat``, in ``x``'s dtype. Where ``x`` is
+        itself differentiated (:func:`~steerdiff.guidance.grad_on`'s ``nested``: this guidance inside
+        another's gradient) both are functions of ``x``, ``g`` through ``J`` and ``w`` alike."""
         y = self.observation(x)
         who = type(self).__name__
-        with grad_on(who, x):
+        with grad_on(who, x) as nested:
             xr, pred = denoise_with_grad(who, self.base, x, t, net_dtype, **cond)
             ax0 = self.operator.forward(pred.x0)
-            w = weight(y - ax0.detach(), pred).detach()
-            (g,) = torch.autograd.grad((ax0 * w).sum(), xr)
-        return with_estimate(pred, x=x, x0=pred.x0.detach(), detach=True), g
+            w = weight(y - ax0, pred)
+            (g,) = torch.autograd.grad(ax0, xr, w if nested else w.detach(), create_graph=nested)
+        return hold(pred, True, nested), g

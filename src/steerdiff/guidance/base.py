@@ -13,8 +13,14 @@ Most methods steer through the score. With ``x_t = alpha x0 + sigma eps`` and Tw
 
 which :func:`add_score` applies. Gradients through the network come from :func:`denoise_with_grad`,
 taken under :func:`grad_on`: autograd is switched on for them also under an outer ``torch.no_grad()``
-(pipelines sample under it), and refused clearly under ``torch.inference_mode()`` and where ``x``
-itself is being differentiated through (the guidance gradient would need a second-order graph).
+(pipelines sample under it), and refused clearly under ``torch.inference_mode()``.
+
+Where ``x`` itself is being differentiated through -- the wrapper inside another gradient
+(``DPS(SelfGuidedMinority(den), ...)``, TDS's twist of a guided denoiser) or a backward pass through the
+sampler -- the guided prediction is a function of ``x`` whose derivative holds the guidance gradient's
+own: :func:`grad_on` reports it (``nested``), the gradient is then taken at ``x`` itself with
+``create_graph=True`` (:func:`grad_leaf`, :func:`value_grad`) and the prediction returned attached
+(:func:`hold`), so the outer gradient is exact (a second-order graph, as much memory again as the first).
 
 A wrapper implements :meth:`Guided.evaluate`: its base's nets run in ``net_dtype`` (half precision
 under a float32 solver state), its own arithmetic in ``x``'s dtype.
@@ -41,7 +47,9 @@ __all__ = [
     "Guided",
     "add_score",
     "denoise_with_grad",
+    "grad_leaf",
     "grad_on",
+    "hold",
     "same_process",
     "value_grad",
     "with_estimate",
@@ -111,39 +119,42 @@ class Guided(CostOfBase, Denoiser):
 
 
 @contextmanager
-def grad_on(who: str, x: Tensor) -> Iterator[None]:
-    """Autograd on for a guidance gradient at ``x``, also under an outer ``torch.no_grad()``.
+def grad_on(who: str, x: Tensor) -> Iterator[bool]:
+    """Autograd on for a guidance gradient at ``x``, also under an outer ``torch.no_grad()``; yields
+    ``nested``: whether ``x`` is itself being differentiated through (grad mode on and ``x`` requiring
+    grad). Then the guidance gradient is a term of the guided output whose derivative the caller needs:
+    take it with ``create_graph=nested`` at :func:`grad_leaf` ``(x)`` and return the prediction with
+    :func:`hold` (module docstring).
 
     Refused with a clear error under ``torch.inference_mode()`` (no tensor made there can be
-    differentiated) and when ``x`` is itself being differentiated through (grad mode on and ``x``
-    requiring grad: the gradient of the guided output would need the guidance gradient's own graph,
-    which is not built, and would silently be wrong)."""
+    differentiated)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             f"{who} needs gradients with respect to x, but the sampler runs under torch.inference_mode(); "
             "call steerdiff.sample outside it (torch.no_grad() is fine)"
         )
-    if torch.is_grad_enabled() and x.requires_grad:
-        raise RuntimeError(
-            f"{who}: x requires grad, and differentiating through {who}'s own gradient is not supported: "
-            "for a backward pass through the sampler, sample from a detached x_T or under torch.no_grad(); "
-            "a method that differentiates the denoised estimate itself (TDS) cannot take gradient "
-            "guidance inside"
-        )
+    nested = torch.is_grad_enabled() and x.requires_grad
     with torch.enable_grad():
-        yield
+        yield nested
 
 
-def value_grad(who: str, what: str, value: Tensor, x: Tensor) -> Tensor:
-    """``grad_x value.sum()`` for per-sample values computed from ``x``; a ``ValueError`` naming
-    ``who`` and ``what`` (the argument that computed it) when ``value`` does not depend on ``x``
-    differentiably."""
+def grad_leaf(x: Tensor) -> Tensor:
+    """Where to differentiate at ``x`` under :func:`grad_on`: ``x`` itself if it requires grad (so a
+    gradient taken with ``create_graph=True`` stays a function of the ``x`` an outer computation
+    differentiates), else a detached copy that requires grad."""
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def value_grad(who: str, what: str, value: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
+    """``grad_x value.sum()`` for per-sample values computed from ``x`` (``create_graph``: itself
+    differentiable, for :func:`grad_on`'s ``nested``); a ``ValueError`` naming ``who`` and ``what`` (the
+    argument that computed it) when ``value`` does not depend on ``x`` differentiably."""
     if not value.requires_grad:
         raise ValueError(
             f"{who}: {what} does not depend differentiably on x (computed under torch.no_grad(), "
             f"detached, or a denoiser whose output is detached); {who} needs its gradient"
         )
-    (g,) = torch.autograd.grad(value.sum(), x)
+    (g,) = torch.autograd.grad(value.sum(), x, create_graph=create_graph)
     return g
 
 
@@ -156,14 +167,15 @@ def denoise_with_grad(
     /,
     **cond: Any,
 ) -> tuple[Tensor, Prediction]:
-    """``(x_leaf, pred)``: the prediction at a differentiable copy ``x_leaf`` of ``x``, the net run in
-    ``net_dtype`` (default ``x``'s). Call it under :func:`grad_on`.
+    """``(x_leaf, pred)``: the prediction at ``x_leaf = grad_leaf(x)`` (a differentiable copy of ``x``, or
+    ``x`` itself where it requires grad), the net run in ``net_dtype`` (default ``x``'s). Call it under
+    :func:`grad_on`.
 
     ``pred.x0`` and ``pred.eps`` carry the graph back to ``x_leaf``; differentiate a function of them
     with ``torch.autograd.grad(..., x_leaf)``. A ``ValueError`` if the net's output does not depend
     on ``x`` differentiably.
     """
-    xr = x.detach().requires_grad_(True)
+    xr = grad_leaf(x)
     pred = den.evaluate(xr, t, x.dtype if net_dtype is None else net_dtype, **cond)
     if not pred.given.requires_grad:
         raise ValueError(
@@ -190,6 +202,21 @@ def with_estimate(
     v = pred.var_interp
     out.var_interp = v.detach() if detach and v is not None else v
     return out
+
+
+def hold(pred: Prediction, x0_held: bool, nested: bool = False) -> Prediction:
+    """``pred`` as a gradient guidance returns it before :func:`add_score`: holding ``x0`` if ``x0_held``
+    (read before anything derived it: an ``x0``/``v`` net's, or one the guidance derived), else ``eps``,
+    so that neither is taken through ``x`` and back (which cancels where ``alpha``, for ``x0``, or
+    ``sigma``, for ``eps``, is tiny); detached from the graph unless ``nested`` (:func:`grad_on`), where
+    the outer gradient must go through it."""
+
+    def kept(v: Tensor) -> Tensor:
+        return v if nested else v.detach()
+
+    if x0_held:
+        return with_estimate(pred, x=kept(pred.x), x0=kept(pred.x0), detach=not nested)
+    return with_estimate(pred, x=kept(pred.x), eps=kept(pred.eps), detach=not nested)
 
 
 def add_score(pred: Prediction, grad: Tensor) -> Prediction:

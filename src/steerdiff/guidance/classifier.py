@@ -34,23 +34,14 @@ from torch import Tensor
 
 from .._checks import held_by, real
 from ..denoiser import Denoiser, Prediction
-from .base import Guided, add_score, denoise_with_grad, grad_on, value_grad, with_estimate
+from .base import Guided, add_score, denoise_with_grad, grad_leaf, grad_on, hold, value_grad
 
 __all__ = ["ClassifierGuidance", "RewardGuidance"]
 
 
-def _detached(pred: Prediction, x0_held: bool) -> Prediction:
-    """``pred`` detached from the graph, holding ``x0`` if ``x0_held`` (read before anything derived it:
-    an ``x0``/``v`` net's), else ``eps``; :func:`add_score` then steers that one, so neither is taken
-    through ``x`` and back (which cancels where ``alpha``, for ``x0``, or ``sigma``, for ``eps``, is tiny)."""
-    x = pred.x.detach()
-    if x0_held:
-        return with_estimate(pred, x=x, x0=pred.x0.detach(), detach=True)
-    return with_estimate(pred, x=x, eps=pred.eps.detach(), detach=True)
-
-
-def _gradient(who: str, name: str, value: Tensor, x: Tensor) -> Tensor:
-    """``grad_x value.sum()``, after checking that ``value`` is a differentiable ``(n,)`` tensor.
+def _gradient(who: str, name: str, value: Tensor, x: Tensor, nested: bool) -> Tensor:
+    """``grad_x value.sum()`` (a function of ``x`` if ``nested``, :func:`~steerdiff.guidance.grad_on`), after
+    checking that ``value`` is a differentiable ``(n,)`` tensor.
 
     Values are not inspected (that would sync the device at every call): a NaN/inf value or gradient
     flows into ``eps`` and the sampler reports it once per run, with the step and time
@@ -59,7 +50,7 @@ def _gradient(who: str, name: str, value: Tensor, x: Tensor) -> Tensor:
     if not isinstance(value, Tensor) or tuple(value.shape) != (n,):
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"{who}: {name} must return a ({n},) tensor (one value per sample), got {shape}")
-    return value_grad(who, f"{name}'s output", value, x)
+    return value_grad(who, f"{name}'s output", value, x, create_graph=nested)
 
 
 class ClassifierGuidance(Guided):
@@ -92,11 +83,11 @@ class ClassifierGuidance(Guided):
         pred = self.base.evaluate(x, t, net_dtype, **cond)
         if scale == 0:
             return pred
-        with grad_on("ClassifierGuidance", x):
-            xr = x.detach().requires_grad_(True)
+        with grad_on("ClassifierGuidance", x) as nested:
+            xr = grad_leaf(x)
             value = self.log_prob_y(xr.to(net_dtype), t, **cond)
-            g = _gradient("ClassifierGuidance", "log_prob_y", value, xr)
-        return add_score(_detached(pred, pred.x0_given), scale * g)
+            g = _gradient("ClassifierGuidance", "log_prob_y", value, xr, nested)
+        return add_score(hold(pred, pred.x0_given, nested), scale * g)
 
     def __repr__(self) -> str:
         return f"ClassifierGuidance({self.base!r}, scale={self.scale})"
@@ -128,11 +119,11 @@ class RewardGuidance(Guided):
         scale = held_by("RewardGuidance", "scale", self.scale, x.dtype)
         if scale == 0:
             return self.base.evaluate(x, t, net_dtype, **cond)
-        with grad_on("RewardGuidance", x):
+        with grad_on("RewardGuidance", x) as nested:
             xr, pred = denoise_with_grad("RewardGuidance", self.base, x, t, net_dtype, **cond)
             x0_held = pred.x0_given  # before the reward reads x0 (which derives it for an eps net)
-            g = _gradient("RewardGuidance", "reward", self.reward(pred.x0.to(net_dtype)), xr)
-        return add_score(_detached(pred, x0_held), scale * g)
+            g = _gradient("RewardGuidance", "reward", self.reward(pred.x0.to(net_dtype)), xr, nested)
+        return add_score(hold(pred, x0_held, nested), scale * g)
 
     def __repr__(self) -> str:
         return f"RewardGuidance({self.base!r}, scale={self.scale})"

@@ -54,7 +54,7 @@ from torch import Tensor
 from .._checks import integer, real, tensor
 from ..denoiser import Denoiser, Prediction
 from ..noise import Generators, check_generators, rand
-from .base import Guided, add_score, denoise_with_grad, grad_on, with_estimate
+from .base import Guided, add_score, denoise_with_grad, grad_on, hold
 
 __all__ = ["DensityGuidance", "prior_guidance"]
 
@@ -148,7 +148,7 @@ class DensityGuidance(Guided):
         who = "DensityGuidance"
         n, d = x.shape[0], x[0].numel()
         m = d if self.probes is None else self.probes
-        with grad_on(who, x):
+        with grad_on(who, x) as nested:
             xr, pred = denoise_with_grad(who, self.base, x, t, net_dtype, **cond)
             base_cost = int(self.base.cost)
             eps = pred.eps
@@ -162,7 +162,7 @@ class DensityGuidance(Guided):
                     z = torch.where(rand(x.shape, self.generator, x.dtype, x.device) < 0.5, -1.0, 1.0).to(
                         x.dtype
                     )
-                (g,) = torch.autograd.grad(eps, xr, z, retain_graph=j + 1 < m)
+                (g,) = torch.autograd.grad(eps, xr, z, retain_graph=nested or j + 1 < m, create_graph=nested)
                 trace = trace + (g * z).flatten(1).sum(1)
             trace = trace / (1 if self.probes is None else m)
         self.cost = base_cost * (1 + m)
@@ -181,8 +181,7 @@ class DensityGuidance(Guided):
             for v in (dlog_a - p.d_sigma(t_in) / p.sigma(t_in), dlog_a, p.sigma(tt))
         )
         div_v = d * dlog_a - s * lam_dot * trace
-        given = {"x0": pred.x0.detach()} if pred.x0_given else {"eps": eps.detach()}
-        held = with_estimate(pred, x=x, detach=True, **given)
+        held = hold(pred, pred.x0_given, nested)
         extra = (b.to(x.dtype) + div_v) / (lam_dot * _sq_norm(held.eps))
         return held, extra
 

@@ -69,7 +69,7 @@ class MCG(DPS):
             pred = self.base.evaluate(x, t, net_dtype, **cond)
         else:
             pred = super().evaluate(x, t, net_dtype, **cond)
-        return with_estimate(pred, x0=self.project(pred.x0.detach()))
+        return with_estimate(pred, x0=self.project(pred.x0))
 
     def __repr__(self) -> str:
         return f"MCG({self.base!r}, scale={self.scale}, variant={self.variant!r})"

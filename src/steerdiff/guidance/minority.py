@@ -44,8 +44,8 @@ from .._checks import boolean, held_by, integer, real
 from ..denoiser import Denoiser, Prediction, take_wrapped_rows
 from ..metrics import Distance, reconstruction_distance
 from ..noise import Generators, check_generators, randn, take_generator_rows
-from .base import Guided, add_score, denoise_with_grad, grad_on, value_grad
-from .classifier import ClassifierGuidance, _detached
+from .base import Guided, add_score, denoise_with_grad, grad_on, hold, value_grad
+from .classifier import ClassifierGuidance
 
 __all__ = ["MinorityGuidance", "SelfGuidedMinority"]
 
@@ -169,19 +169,25 @@ class SelfGuidedMinority(Guided):
             self.cost = self.base.cost
             return pred
         alpha, sigma = self.coefficients(self.renoise, x)[:2]
-        with grad_on("SelfGuidedMinority", x):
+        with grad_on("SelfGuidedMinority", x) as nested:
             xr, pred = denoise_with_grad("SelfGuidedMinority", self.base, x, t, net_dtype, **cond)
             cost = self.base.cost
             x0_held = pred.x0_given  # before x0 is read (which derives it for an eps net)
             x0 = pred.x0.to(x.dtype)
+            # g = J^T u, u = d_1 d(x0, sg[again]): the distance differentiated in its first argument alone,
+            # through a zero shift of it; the reconstructions are a function of x only where x is itself
+            # differentiated (nested), whose derivative of g then holds their dependence on x too
+            shift = torch.zeros_like(x0, requires_grad=True)
             draws = []
             for _ in range(self.samples):
-                with torch.no_grad():
-                    xs = alpha * x0.detach() + sigma * randn(x.shape, self.generator, x.dtype, x.device)
+                with torch.set_grad_enabled(nested):
+                    xs = alpha * x0 + sigma * randn(x.shape, self.generator, x.dtype, x.device)
                     again = self.base.evaluate(xs, self.renoise, net_dtype, **cond).x0.to(x.dtype)
                     cost += self.base.cost
-                draws.append(self.distance(x0, again))
-            g = value_grad("SelfGuidedMinority", "the distance", torch.stack(draws).mean(0), xr)
+                draws.append(self.distance(x0 + shift, again))
+            loss = torch.stack(draws).mean(0)
+            u = value_grad("SelfGuidedMinority", "the distance", loss, shift, create_graph=nested)
+            (g,) = torch.autograd.grad(x0, xr, u, create_graph=nested)
         if self.normalize:
             top = g.abs().reshape(g.shape[0], -1).amax(dim=1).reshape(-1, *([1] * (g.ndim - 1)))
             # a zero gradient stays zero; a NaN one (a NaN net output) stays NaN, for the sampler to report
@@ -189,7 +195,7 @@ class SelfGuidedMinority(Guided):
         if isinstance(guided, Tensor):  # per-sample times, some not guided
             g = g * guided.to(device=g.device, dtype=g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
         self.cost = cost
-        return add_score(_detached(pred, x0_held), scale * g)
+        return add_score(hold(pred, x0_held, nested), scale * g)
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy around ``base.take_rows(rows, n)`` whose per-row generators (a list of ``n``) are taken at
