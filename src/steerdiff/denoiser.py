@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._checks import boolean, caller, choice, ordered, real, sizes, tensor
 from ._ops import axpby, kept
-from .noise import Generators
+from .noise import Generators, take_generator_rows
 from .processes import EDM, MeanReverting, Process
 
 _W = TypeVar("_W")
@@ -187,20 +187,33 @@ def _per_sample(value: Tensor, x: Tensor) -> Tensor | float:
 
 
 def take_wrapped_rows(
-    wrapper: _W, rows: Tensor | slice, n: int, dens: tuple[str, ...] = ("base",), kwargs: tuple[str, ...] = ()
+    wrapper: _W,
+    rows: Tensor | slice,
+    n: int,
+    parts: tuple[str, ...] = ("base",),
+    kwargs: tuple[str, ...] = (),
 ) -> _W:
-    """``take_rows(rows, n)`` of a denoiser that wraps others (guidance, continuous or discrete): a copy
-    whose denoisers ``dens`` (attribute names) are their ``take_rows`` (one held twice, as a CFG's ``uncond``
-    that is its ``base``, stays one) and whose keyword-argument dicts ``kwargs`` have their tensors of
-    ``n`` rows taken at ``rows``; ``wrapper`` itself where nothing changes."""
+    """``take_rows(rows, n)`` of a denoiser that wraps others (guidance, continuous or discrete), or that
+    draws noise of its own: a copy whose ``parts`` (attribute names: denoisers, or other objects with a
+    ``take_rows(rows, n)`` such as CFG's :class:`~steerdiff.guidance.CADS`; ``None`` skipped) are their
+    ``take_rows`` (one held twice, as a CFG's ``uncond`` that is its ``base``, stays one), whose
+    keyword-argument dicts ``kwargs`` have their tensors of ``n`` rows taken at ``rows``, and whose
+    generators (the attributes :attr:`Denoiser.noise_generators` names) have a list of ``n``, one per row,
+    taken at ``rows`` (:func:`~steerdiff.noise.take_generator_rows`: row ``rows[k]``'s generator draws
+    row ``k``, the noise the row gets in a whole batch); ``wrapper`` itself where nothing changes."""
     taken: dict[int, Any] = {}
     new: dict[str, Any] = {}
-    for name in dens:
-        den = getattr(wrapper, name)
-        if id(den) not in taken:
-            taken[id(den)] = den.take_rows(rows, n)
-        new[name] = taken[id(den)]
+    for name in parts:
+        part = getattr(wrapper, name)
+        if part is None:
+            continue
+        if id(part) not in taken:
+            taken[id(part)] = part.take_rows(rows, n)
+        new[name] = taken[id(part)]
     new.update({name: take_kwarg_rows(getattr(wrapper, name), rows, n) for name in kwargs})
+    # a discrete wrapper (no Denoiser) draws no noise of its own
+    for name in getattr(wrapper, "noise_generators", ()):
+        new[name] = take_generator_rows(getattr(wrapper, name), rows, n)
     if all(value is getattr(wrapper, name) for name, value in new.items()):
         return wrapper
     out = copy.copy(wrapper)
@@ -253,6 +266,9 @@ class Denoiser:
     guided: ClassVar[bool] = False  # True for the guided wrappers (steerdiff.guidance.Guided)
     # True where the time the net is evaluated at depends on the state (TimeShift): invert refuses it
     state_time: ClassVar[bool] = False
+    # the attributes holding the generators of the noise it draws itself (each None, one torch.Generator or
+    # a list, one per row): take_wrapped_rows takes a per-row list at the rows of a call on part of the batch
+    noise_generators: ClassVar[tuple[str, ...]] = ()
 
     @property
     def guidance_scale(self) -> float | None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._checks import real
-from ..denoiser import Denoiser, Prediction, take_tensor_rows
+from ..denoiser import Denoiser, Prediction, take_tensor_rows, take_wrapped_rows
 from ..inverse.operators import LinearOperator
 from .base import Guided, denoise_with_grad, grad_on, hold
 
@@ -82,11 +82,12 @@ class MeasurementGuided(Guided):
             raise ValueError(f"{type(self).__name__}: the operator has no pseudo-inverse ({err})") from err
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
-        """A copy with a per-sample ``y`` of ``n`` rows taken at ``rows``, around ``base.take_rows(rows,
-        n)``; itself where nothing changes. A ``y`` of ``len(rows)`` rows for integer ``rows`` (the
-        particle methods' ``batch x particles`` rows, each batch row's repeated for its particles) is
-        kept as it is; any other row count is a ValueError naming ``y``."""
-        base, y = self.base.take_rows(rows, n), self.y
+        """A copy with a per-sample ``y`` of ``n`` rows taken at ``rows``, around
+        :func:`~steerdiff.denoiser.take_wrapped_rows` (``base``'s rows, a subclass's per-row generators);
+        itself where nothing changes. A ``y`` of ``len(rows)`` rows for integer ``rows`` (the particle
+        methods' ``batch x particles`` rows, each batch row's repeated for its particles) is kept as it is;
+        any other row count is a ValueError naming ``y``."""
+        out, y = take_wrapped_rows(self, rows, n), self.y
         per_sample = y.ndim > len(self.operator.shape_out)
         if per_sample and len(y) != n:
             k = len(rows) if isinstance(rows, Tensor) else len(range(n)[rows])
@@ -98,16 +99,12 @@ class MeasurementGuided(Guided):
                     f"particles): give one for all ({tuple(self.operator.shape_out)}) or {ok}"
                 )
             per_sample = False
-        if not per_sample and base is self.base:
-            return self
-        out = copy.copy(self)
-        out.base = base
-        if per_sample:
-            out.y = take_tensor_rows(y, rows)
-            # its own cache, of the taken rows of the original's (no new device copy per max_batch slice)
-            out._y = {
-                key: (out.y, take_tensor_rows(v, rows)) for key, (src, v) in self._y.items() if src is y
-            }
+        if not per_sample:
+            return out
+        out = copy.copy(out) if out is self else out
+        out.y = take_tensor_rows(y, rows)
+        # its own cache, of the taken rows of the original's (no new device copy per max_batch slice)
+        out._y = {key: (out.y, take_tensor_rows(v, rows)) for key, (src, v) in self._y.items() if src is y}
         return out
 
     def observation(self, x: Tensor) -> Tensor:

@@ -43,6 +43,7 @@ pipeline, whose kept half of the batch is the conditional one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from torch import Tensor
 
 from .._checks import choice, held_by, real
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_wrapped_rows
-from ..noise import Generators, check_generators, randn
+from ..noise import Generators, check_generators, randn, take_generator_rows
 from .base import Guided, same_process, with_estimate
 
 __all__ = ["CADS", "CFG"]
@@ -118,6 +119,12 @@ class CADS:
         if not self.tau1 < self.tau2:
             raise ValueError(f"CADS: need tau1 < tau2, got tau1={self.tau1}, tau2={self.tau2}")
         self.psi = real("CADS", "psi", self.psi, lo=0, hi=1)
+
+    def take_rows(self, rows: Tensor | slice, n: int) -> CADS:
+        """This CADS for a call on the rows ``rows`` of a batch of ``n``: a per-row list of ``n`` generators
+        taken at ``rows`` (:func:`~steerdiff.noise.take_generator_rows`), in a copy; itself otherwise."""
+        g = take_generator_rows(self.generator, rows, n)
+        return self if g is self.generator else dataclasses.replace(self, generator=g)
 
     def gamma(self, u: float | Tensor) -> float | Tensor:
         """The annealing schedule at normalized time ``u`` (a float, or a tensor of them)."""
@@ -336,7 +343,7 @@ class CFG(Guided):
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the
         branches' ``take_rows``; itself where nothing changes."""
-        return take_wrapped_rows(self, rows, n, ("base", "uncond"), ("uncond_kwargs",))
+        return take_wrapped_rows(self, rows, n, ("base", "uncond", "cads"), ("uncond_kwargs",))
 
     def __repr__(self) -> str:
         return f"CFG({self.base!r}, scale={self.scale})"

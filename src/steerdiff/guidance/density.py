@@ -86,6 +86,8 @@ class DensityGuidance(Guided):
     through the net) as one network evaluation.
     """
 
+    noise_generators = ("generator",)
+
     def __init__(
         self,
         base: Denoiser,

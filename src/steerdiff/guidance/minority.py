@@ -33,7 +33,6 @@ low-density regions are reconstructed worst.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,9 +40,9 @@ import torch
 from torch import Tensor
 
 from .._checks import boolean, held_by, integer, real
-from ..denoiser import Denoiser, Prediction, take_wrapped_rows
+from ..denoiser import Denoiser, Prediction
 from ..metrics import Distance, reconstruction_distance
-from ..noise import Generators, check_generators, randn, take_generator_rows
+from ..noise import Generators, check_generators, randn
 from .base import Guided, add_score, denoise_with_grad, grad_on, hold, value_grad
 from .classifier import ClassifierGuidance
 
@@ -123,6 +122,7 @@ class SelfGuidedMinority(Guided):
     """
 
     base_arg = "den"
+    noise_generators = ("generator",)
 
     def __init__(
         self,
@@ -196,18 +196,6 @@ class SelfGuidedMinority(Guided):
             g = g * guided.to(device=g.device, dtype=g.dtype).reshape(-1, *([1] * (g.ndim - 1)))
         self.cost = cost
         return add_score(hold(pred, x0_held, nested), scale * g)
-
-    def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
-        """A copy around ``base.take_rows(rows, n)`` whose per-row generators (a list of ``n``) are taken at
-        ``rows`` (a search that evaluates some rows at a time, :func:`steerdiff.smc.rbf`); itself where
-        nothing changes."""
-        out = take_wrapped_rows(self, rows, n)
-        g = take_generator_rows(self.generator, rows, n)
-        if g is self.generator:
-            return out
-        out = copy.copy(out) if out is self else out
-        out.generator = g
-        return out
 
     def own_noise(self) -> list[tuple[str, Generators]]:
         """``base``'s and its re-noising's (none at scale 0)."""

@@ -77,6 +77,8 @@ class RePaint(MeasurementGuided):
             global RNG (refused by a seeded sampler).
     """
 
+    noise_generators = ("generator",)
+
     def __init__(
         self, base: Denoiser, operator: LinearOperator, y: Tensor, generator: Generators = None
     ) -> None:

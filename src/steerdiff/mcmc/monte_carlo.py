@@ -52,7 +52,6 @@ loops as the abstract and two public reimplementations describe them (SLIPS, Gre
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -60,8 +59,8 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, integer, real, sizes
-from ..denoiser import Denoiser, Prediction, check_call
-from ..noise import Generators, check_fixed_time, check_generators, make_noise, randn, take_generator_rows
+from ..denoiser import Denoiser, Prediction, check_call, take_wrapped_rows
+from ..noise import Generators, check_fixed_time, check_generators, make_noise, randn
 from ..processes import Process
 from .base import Point, Target, chain, fixed_time
 from .langevin import ULA
@@ -107,6 +106,7 @@ class MonteCarloDenoiser(Denoiser):
     """
 
     METHODS = ("importance", "langevin")
+    noise_generators = ("generator",)
 
     def __init__(
         self,
@@ -158,12 +158,7 @@ class MonteCarloDenoiser(Denoiser):
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy whose per-row generators (a list of ``n``) are taken at ``rows``; itself otherwise."""
-        g = take_generator_rows(self.generator, rows, n)
-        if g is self.generator:
-            return self
-        out = copy.copy(self)
-        out.generator = g
-        return out
+        return take_wrapped_rows(self, rows, n, ())
 
     def _evaluate(
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, cond: dict[str, Any]
