@@ -90,7 +90,8 @@ def test_the_process_table_names_every_process():
 # the base class and helpers for writing guidance ("Your own solver, schedule or guidance"), not methods;
 # CADS is CFG's `cads=`
 GUIDANCE_HELPERS = {
-    "Guided", "add_score", "denoise_with_grad", "grad_on", "with_estimate", "repaint_nfe", "CADS"
+    "Guided", "add_score", "denoise_with_grad", "grad_leaf", "grad_on", "hold", "with_estimate",
+    "repaint_nfe", "CADS",
 }  # fmt: skip
 
 
