@@ -303,9 +303,9 @@ def adjoint(
     (module docstring: the adjoint ODE, its integrating factor, the order-``k`` discretization, memory, cost).
 
     Args:
-        den: the :class:`~steerdiff.denoiser.Denoiser` (guided ones too, e.g. classifier-free; not one that
-            draws noise itself, nor gradient guidance such as DPS or classifier guidance, whose adjoint would
-            differentiate its own gradient: it raises its ``RuntimeError`` at the first backward evaluation).
+        den: the :class:`~steerdiff.denoiser.Denoiser` (guided ones too, not one that draws noise itself;
+            gradient guidance such as DPS differentiates its own gradient in the backward evaluations, a
+            second-order graph: :func:`~steerdiff.guidance.grad_on`).
         x_T: initial noise, as for :func:`~steerdiff.sampling.sample`.
         loss: ``loss(x_0) -> scalar tensor``, differentiable (a batch of losses: sum or average them).
         steps: number of steps ``N``.
@@ -331,7 +331,6 @@ def adjoint(
             (with a finite gradient).
         NonFiniteError: the network returned NaN/inf, or a vector-Jacobian product through it was (the step
             named).
-        RuntimeError: ``den`` takes a gradient of its net itself (gradient guidance), after the forward pass.
     """
     who = "adjoint"
     check_denoiser(who, "den", den)
