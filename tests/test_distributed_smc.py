@@ -6,8 +6,10 @@ events, log Z), NFE, rewards and ``sample()``."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -353,6 +355,93 @@ def test_the_runs_compared_resample_and_select(alone):
     assert torch.isfinite(alone["tds"]["log_z"][-1]).all()
 
 
+def _last_rank() -> bool:
+    """Whether this process is the group's last rank (one process: yes)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == _world() - 1
+
+
+def _refuse_on_last_rank(x: torch.Tensor) -> torch.Tensor:
+    """``linear``, raising ``ValueError`` on the last rank only."""
+    if _last_rank():
+        raise ValueError("the reward refused this rank's particles")
+    return linear(x)
+
+
+def _net_refuses_below_half(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The mixture's x0 net, below process time 0.5 raising ``KeyError`` on the last rank and NaN on the
+    others."""
+    if float(t.reshape(-1)[0]) < 0.5:
+        if _last_rank():
+            raise KeyError("the net refused this rank's rows")
+        return DEN.net(x, t) * math.nan
+    return DEN.net(x, t)
+
+
+class _WholeOnLast(SMCAlgorithm):
+    """A user's weights of the whole row ``(batch, N)`` on the last rank, a rank's share elsewhere."""
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor:
+        return torch.zeros(ctx.x.shape[0], N if _last_rank() else ctx.x.shape[1], dtype=F64)
+
+
+def _one_rank_raises(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+    """Runs in which the last rank alone raises an error other than a NaN: fk_steering's reward raising
+    ``ValueError`` (at the first node's increments), its net raising ``KeyError`` at the step where every
+    other rank's net returns NaN, a user's log_weight of the wrong shape, svdd's reward raising (in its
+    resample hook, from node 1 on). The group's collectives time out after 6 s: a rank left waiting for the
+    failed one fails the test (a gloo timeout or a mismatched collective instead of the outcomes below).
+    After each run every rank's outcome is gathered (a later collective: the failed rank stays, which a
+    rank left waiting would mismatch) with its seconds; last a run that goes through on the same group."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=6))
+    kw = {"shape": (2, 2), "particles": N, "steps": STEPS, "dtype": F64, "group": quick}
+    net_refuses = sd.Denoiser(_net_refuses_below_half, PROC, prediction="x0", shape=(2,))
+    runs = (
+        lambda: sd.smc.fk_steering(DEN, _refuse_on_last_rank, lam=3.0, generator=gens(True), **kw),
+        lambda: sd.smc.fk_steering(net_refuses, linear, lam=3.0, generator=gens(True), **kw),
+        lambda: sd.smc.run_smc(DEN, _WholeOnLast(), generator=gens(False), **kw),
+        lambda: sd.smc.svdd(DEN, _refuse_on_last_rank, generator=gens(False, 4), **kw),
+    )
+    said, seconds = [], []
+    for run in runs:
+        start = time.monotonic()
+        try:
+            run()
+            outcome = "went through"
+        except (ValueError, KeyError, RuntimeError, sd.NonFiniteError) as e:
+            outcome = f"{type(e).__name__}: {e}"
+        seconds.append(time.monotonic() - start)
+        said.append(sd.distributed.ranks("test", quick).gather_objects(outcome))
+    return said, seconds, _fk_difference(quick)
+
+
+def test_an_error_on_one_rank_is_raised_by_every_rank_at_once(alone):
+    """The failing rank raises its own error and the other a RuntimeError naming it, at once (before: the
+    other rank waited at its next collective, the increments' gather, until the group's timeout: 6 s); the
+    group goes on working (the run after them equals the one-process run)."""
+    refused = "ValueError: the reward refused this rank's particles"
+    wrong = (
+        "ValueError: run_smc: smc's log_weight must return (batch, particles on this rank) = (2, 3) with "
+        "group=, got (2, 7)"
+    )
+
+    def others(who: str) -> str:
+        return (
+            f"RuntimeError: {who}: rank(s) [1] of the group failed (each raised its error); so stops rank 0"
+        )
+
+    for said, seconds, after in spawn(_one_rank_raises, 2):
+        assert said == [
+            [others("fk_steering"), refused],
+            [others("fk_steering"), 'KeyError: "the net refused this rank\'s rows"'],
+            [others("run_smc"), wrong],
+            [others("svdd"), refused],
+        ]
+        assert max(seconds) < 3, seconds
+        summary = _summary(after)
+        for key, value in alone["fk_steering difference"].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
+
+
 class _NaNAtCall:
     """``linear``, NaN on the last rank (everywhere on one process) from its ``at``-th call (from 0)."""
 
@@ -365,9 +454,15 @@ class _NaNAtCall:
         return linear(x) * (math.nan if last and self.calls > self.at else 1.0)
 
 
-def _counted(group: Any) -> tuple[dict[str, tuple[int, int]], str]:
-    """The collectives each run makes (every torch.distributed call Ranks makes, counted) and its resampling
-    nodes; and the message of a reward NaN on the last rank alone."""
+def _events_of(out: sd.smc.Particles) -> int:
+    """The nodes before the last at which some row resampled."""
+    assert out.trace is not None
+    return int(out.trace.resampled[:-1].any(1).sum())
+
+
+def _counted(group: Any) -> tuple[dict[str, tuple[int, int, int, int]], str]:
+    """The collectives each run makes (every torch.distributed call Ranks makes, counted: all_gathers,
+    all_reduces, others) and its resampling nodes; and the message of a reward NaN on the last rank alone."""
     names = ("all_gather", "all_reduce", "all_gather_object", "broadcast")
     made = []
     real = {name: getattr(torch.distributed, name) for name in names}
@@ -386,8 +481,8 @@ def _counted(group: Any) -> tuple[dict[str, tuple[int, int]], str]:
         for label, run in (("fk_steering", _fk_half), ("tds", _tds)):
             made.clear()
             out = run(group)
-            assert out.trace is not None
-            counts[label] = (len(made), int(out.trace.resampled[:-1].any(1).sum()))
+            others = len(made) - made.count("all_gather") - made.count("all_reduce")
+            counts[label] = (made.count("all_gather"), made.count("all_reduce"), others, _events_of(out))
     finally:
         for name in names:
             setattr(torch.distributed, name, real[name])
@@ -416,12 +511,15 @@ def test_collectives_per_step_one_gather_each_weighted_node_one_per_resampling()
     node with a resampling event (every per-particle tensor packed: particles, transition, solver and
     algorithm state) and one at the end (particles and rewards): 18 and 16 for fk_steering and tds here (11
     weighted nodes, 5 and 3 events), where a collective per tensor and per check, and a gather at every
-    weighted node with or without an event, made 95 and 63 (with the start's)."""
+    weighted node with or without an event, made 95 and 63 (with the start's). And one all_reduce per node
+    (11), before its first gather: whether any rank's node raised (an error on one rank raised by every
+    rank at once)."""
     alone = _reward_nan_message(None)
     assert alone == "fk_steering: reward returned NaN or inf at node 4 (rewards must be finite)"
     for counts, said in spawn(_counted, 2):
-        for name, (made, events) in counts.items():
+        for name, (gathers, reduces, others, events) in counts.items():
             assert 0 < events < STEPS, name  # nodes with and without an event
-            assert made == 1 + (STEPS + 1) + events + 1, (name, made, events)
+            assert gathers == 1 + (STEPS + 1) + events + 1, (name, gathers, events)
+            assert (reduces, others) == (STEPS + 1, 0), name
         # a reward NaN on one rank: every rank raises it, naming the node one process names
         assert said == alone

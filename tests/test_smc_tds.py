@@ -318,7 +318,7 @@ def test_tds_frees_each_steps_graph():
     """TDS differentiates every step; with a net holding parameters, a step's graph (the tensors saved for
     its backward) must be freed by the next (the run's deferred NaN check kept a sum on it: 5 more saved
     tensors alive per step here, memory growing by a state per step: 1.1 GiB at 100 steps for 4 x 1024
-    particles of a 64-256-64 MLP, 135 MiB now)."""
+    particles of a 64-256-64 MLP, 135 MiB now), and none of it alive during the next step."""
     holders: list[weakref.ref[object]] = []
 
     class Saved:
@@ -329,16 +329,23 @@ def test_tds_frees_each_steps_graph():
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
     alive: list[int] = []
+    before: list[int] = []
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         gc.collect()
-        alive.append(sum(r() is not None for r in holders))
-        return mlp(x)
+        before.append(sum(r() is not None for r in holders))  # those earlier steps left
+        out = mlp(x)
+        gc.collect()
+        alive.append(sum(r() is not None for r in holders))  # and this call's
+        return out
 
     den = sd.Denoiser(eps, sd.VP.scaled_linear(), "eps")
     with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
         sd.smc.tds(den, log_likelihood=lambda x0: -0.5 * x0[:, 0] ** 2, shape=(1, 4), particles=3, steps=12)
     assert alive[-1] == alive[3] > 0, alive
+    # none of the previous step's at the next step's call: its graph went with the step's frame (were 5,
+    # the step's locals in run_smc's loop, alive until the next step replaced them)
+    assert before == [0] * 12, before
 
 
 def test_svdd_alpha_zero_is_code_with_block_one():

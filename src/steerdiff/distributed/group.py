@@ -191,11 +191,13 @@ class Ranks:
         ``share`` (a flag's own collective, or the gather of the work's results with a flag riding along) is
         given ``work()``'s result (never ``None``), or ``None`` on a rank whose work raised, which sends the
         others' layout (zeros); it returns its own result and every rank's flag in rank order, read on the
-        host (true: that rank's work raised). A rank whose work raised makes the collective before it
-        raises, so the collective is made on every rank, in the order it has without a failure, and every
-        rank raises or none does: no rank waits at a later collective for one that is gone (until the
-        group's timeout). It costs nothing beyond ``share``, which the caller makes in any case. The others
-        learn that a rank failed, not why: each rank's error is its own."""
+        host (true: that rank's work raised), or no flags (``[]``) where ``work`` made that exchange itself,
+        by a nested call before a collective of its own (a run's step that gathers midway). A rank whose
+        work raised makes the collective before it raises, so the collective is made on every rank, in the
+        order it has without a failure, and every rank raises or none does: no rank waits at a later
+        collective for one that is gone (until the group's timeout). It costs nothing beyond ``share``, which
+        the caller makes in any case where the flag rides a collective it has. The others learn that a rank
+        failed, not why: each rank's error is its own."""
         try:
             done = work()
         except Exception:  # raised once every rank knows; no reference kept (a traceback holds the group)

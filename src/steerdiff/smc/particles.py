@@ -113,8 +113,9 @@ latency each): the generators' states at the start; the ``(batch, N)`` increment
 at each node where a row resamples (on the CPU; elsewhere at every weighted node, as which rows resample is
 not read off the device) the per-particle tensors (the particles, their transition, the solver's history,
 the algorithm's state), and the prediction and the parents when a hook reads them after it; and the
-particles and rewards at the end.
-fk_steering on the CPU so makes 1 + ``steps + 1`` (its weighted nodes) + its nodes with an event + 1. Every
+particles and rewards at the end; on the CPU also one all_reduce per node, of the failure flags (below).
+fk_steering on the CPU so makes 1 + ``steps + 1`` (its weighted nodes) + its nodes with an event + 1
+all_gathers and ``steps + 1`` all_reduces. Every
 rank receives the whole system's state, where an exchange of the rows that move would send less. A
 solver-state tensor is per-particle where its first dimension is the rank's ``batch * n_r`` rows, but for
 the constants of ``init_state`` (alike on every rank): keep a constant tensor a step makes a Python number
@@ -132,9 +133,20 @@ or reward is reported by every rank, so every rank raises alike: each rank's fla
 gather (the increments', a hook's :meth:`StepContext.gather`, a resampling's, the last; a gather of the
 flags alone ends a step that made none on the CPU), read there for CPU tensors, at the end otherwise, and
 raised in one process's order (a net output before the rewards computed after it). A hook thus sees a
-step's non-finite net output before it is raised; an error on one rank alone during the run (in a user
-function, such as one refusing that NaN) leaves the others waiting at their next collective until the
-process group's timeout.
+step's non-finite net output before it is raised. Any other error on some ranks (a user's net or reward
+raising, a ``log_weight`` of the wrong shape) is raised by those ranks, each its own, and every other rank
+raises a ``RuntimeError`` naming them, at once (:meth:`Ranks.fail_together
+<steerdiff.distributed.Ranks.fail_together>`), where it falls in a node's work before the node's first
+gather: in the step, in ``log_weight`` (before a gather of its own), and at a node without increments in
+what follows up to a gather (SVDD's and CoDe's rewards in ``resample``). Which gather comes next depends
+on what the failing rank did not compute (whether the node has increments, the reward checks riding
+along), so the flags are a collective of their own: one all_reduce of a one-hot row per rank per node,
+read at once, before that first gather (or after the node's work where it made none). On the CPU alone:
+off it the run reads nothing from the device before its end, and the flags would be a read (a sync) per
+node, so there an error on one rank, and on the CPU one after its node's first gather (a ``resample`` or
+``propose`` hook after the increments' gather or a gather of its own, the draw of the next particles),
+leaves the others waiting at their next collective until the process group's timeout. Where such an error
+and a NaN fall in the same node on different ranks, the other error is what is raised.
 """
 
 from __future__ import annotations
@@ -144,7 +156,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -211,6 +223,7 @@ SAMPLE_ONLY_WHY = (
     "the other keyword arguments are the net's conditions (**cond)"
 )
 Reward = Callable[[Tensor], Tensor]
+_T = TypeVar("_T")
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -870,6 +883,7 @@ class _Run:
         # and the net evaluations already agreed finite
         self._unagreed: list[tuple[Tensor, int]] = []
         self._agreed_calls = 0
+        self._armed = False  # group on the CPU: the node's failure flags not yet exchanged (together)
         self.sliced_grad = False  # the step runs without a graph; value_grad differentiates in slices
         self.weights: Weights | None = None  # the run's, once made (StepContext.log_w)
         self._constants: dict[int, Tensor] = {}  # by id, held so that no other tensor takes the id
@@ -908,6 +922,8 @@ class _Run:
         first non-finite reward. ``[]``: the flags alone. Without ``group``: ``values`` themselves."""
         if self.ranks.group is None:
             return values
+        if self._armed:  # this node's work so far went through on this rank: its flags first (together)
+            self.ranks.fail_together(self.who, lambda: True, self._flags)
         dev = values[0].device if values else self.device
         read = final or dev.type == "cpu"  # elsewhere no host read before the end
         pending, self._unagreed = self._unagreed, []
@@ -934,6 +950,36 @@ class _Run:
             if first is not None:
                 self.check_reward()
         return joined
+
+    def together(self, work: Callable[[], _T]) -> _T:
+        """``work()``: a node of the run on this rank (the solver's step, the weights, the resampling, the
+        proposal), where the user's net, reward and hooks run. With ``group`` on the CPU every rank raises
+        if one's ``work`` raised (:meth:`Ranks.fail_together <steerdiff.distributed.Ranks.fail_together>`):
+        that rank its own error, the others a ``RuntimeError`` naming it, at once, not at their next
+        collective's timeout. The flags take one all_reduce of their own per node (:meth:`_flags`), made
+        before the node's first gather (:meth:`gather`) or after ``work`` where it made none, and read
+        there: what the others gather next after an error (whether the node has increments, which reward
+        checks ride along) depends on what the failing rank did not compute, so the flags cannot ride it.
+        An error after that first gather (a ``resample`` or ``propose`` hook after the increments' gather
+        or a hook's own) is not covered. Off the CPU ``work()`` alone: the run reads nothing from the device
+        before its end, and the flags would be a read (a sync) per node; without ``group`` no
+        collective."""
+        if self.ranks.group is None or self.device.type != "cpu":
+            return work()
+        self._armed = True
+        done, _ = self.ranks.fail_together(self.who, work, self._flags)
+        return done
+
+    def _flags(self, done: object | None) -> tuple[None, list[int]]:
+        """:meth:`together`'s share: every rank's flag (its node's work raised: ``done`` is ``None``), in
+        ONE all_reduce of a one-hot row per rank and one read, where the node's have not been exchanged
+        yet (else none, and no collective)."""
+        if not self._armed:
+            return None, []
+        self._armed = False
+        raised = torch.zeros(self.ranks.size, dtype=torch.int64, device=self.device)
+        raised[self.ranks.rank] = done is None
+        return None, self.ranks.max(raised).tolist()
 
     def agree(self) -> None:
         """With ``group`` on the CPU: the checks of the net evaluations and rewards since the last
@@ -1163,6 +1209,9 @@ def run_smc(
             returns the whole system's particles, equal to the one-process run with the same generators
             (the generators, torch's global RNG for ``generator=None``, must be in one state on every rank,
             a ``ValueError`` otherwise; a denoiser that draws noise of its own, such as ``CADS``, is refused).
+            An error on one rank (a user's net or reward raising) is raised there, and every other rank
+            raises a ``RuntimeError`` naming it, at once (on the CPU; "Ranks" in the module docstring says
+            where not).
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles. So
             are those the denoiser holds of its own (:meth:`Denoiser.take_rows
             <steerdiff.denoiser.Denoiser.take_rows>`: :class:`~steerdiff.guidance.CFG`'s
@@ -1274,9 +1323,16 @@ def run_smc(
     grad_step = algorithm.grad and not early
     grad_ctx = torch.enable_grad if grad_step else torch.no_grad
 
-    shown = progress and spread.rank == 0  # one bar: rank 0's
-    indices = tqdm(range(steps), desc=algorithm.name, leave=False) if shown else range(steps)
-    for i in indices:
+    def node(
+        i: int,
+        x: Tensor,
+        prev: tuple[Tensor, Transition, Transition] | None,
+        alg_state: dict[str, Tensor],
+        solver_state: Any,
+    ) -> tuple[Tensor, dict[str, Tensor], Any, Transition, Transition]:
+        """Node ``i`` on this rank, from the particles ``x``: the solver's step, the weights, the resampling
+        and the proposal; the particles, the algorithm's and the solver's state, the base transition and the
+        proposal after it."""
         leaf = None
         with grad_ctx():  # the leaf and x from it too: under an outer no_grad x would be cut off
             if grad_step:
@@ -1324,6 +1380,16 @@ def run_smc(
             prop = _flat_tr(algorithm.propose(ctx, _view(base, run)), run)
             x, alg_state = ctx._x, ctx.state
             run.agree()  # the checks no gather carried this step (a step without increments)
+        return x, alg_state, solver_state, base, prop
+
+    shown = progress and spread.rank == 0  # one bar: rank 0's
+    indices = tqdm(range(steps), desc=algorithm.name, leave=False) if shown else range(steps)
+    for i in indices:
+        # the user's net, reward and hooks run here: with group, an error on one rank is raised by every
+        # rank at once (_Run.together), not left for the others to wait at their next collective
+        x, alg_state, solver_state, base, prop = run.together(
+            partial(node, i, x, prev, alg_state, solver_state)
+        )
         if grad_step:
             x, base, prop = x.detach(), _detach(base), _detach(prop)
             solver_state, alg_state = _detach(solver_state), _detach(alg_state)
@@ -1332,8 +1398,13 @@ def run_smc(
         x = x_next
 
     ctx = StepContext(run, steps, x, None, prev, alg_state)
-    with grad_ctx():
-        weights.reweight(_joined(run, algorithm, algorithm.log_weight(ctx)))
+
+    def last() -> Tensor:
+        """The final node's weights on this rank: the algorithm's final correction."""
+        with grad_ctx():
+            return weights.reweight(_joined(run, algorithm, algorithm.log_weight(ctx)))
+
+    run.together(last)
     weights.record(no_resample)
     final_reward = ctx.state.get("reward")
     if mine is None:
