@@ -292,6 +292,10 @@ def test_bad_input():
             sd.sample(coupled, torch.randn(*bad, dtype=F64), 5, "ddpm")
     with pytest.raises(ValueError, match=rf"^fk_steering: shape has sample shape \(3, 2\), {layout}"):
         sd.smc.fk_steering(coupled, lambda v: -quadratic(v), lam=1.0, shape=(4, 3, D), particles=2, steps=5)
+    # and so does a wrapper of it (Guided, Reprocessed: describe_shape is its base's)
+    for wrapper in (sd.guidance.EpsilonScaling(coupled, 0.1), sd.Reprocessed(coupled, sd.VP.cosine())):
+        with pytest.raises(ValueError, match=rf"^sample: x_T has sample shape \(2,\), {layout}"):
+            sd.sample(wrapper, torch.randn(4, D, dtype=F64), 5, "ddpm")
     with pytest.raises(
         ValueError, match=r"Coupled: cost must return one value per sample, \(4,\), got \(4, 2\)"
     ):

@@ -354,7 +354,7 @@ class Denoiser:
     def describe_shape(self) -> str:
         """The sample shape this denoiser expects (:attr:`shape`, known), as a message about a wrong one
         names it: the tuple here; a denoiser of a stacked state adds its layout
-        (:class:`~steerdiff.guidance.Coupled`)."""
+        (:class:`~steerdiff.guidance.Coupled`), a wrapper gives its base's."""
         return str(self.shape)
 
     def inner_denoisers(self) -> tuple[Denoiser, ...]:

@@ -154,6 +154,10 @@ class Reprocessed(CostOfBase, Denoiser):
         """``base``'s: a reprocessed guided denoiser keeps the guided default solver."""
         return self.base.guided
 
+    def describe_shape(self) -> str:
+        """``base``'s (whose shape it has)."""
+        return self.base.describe_shape()
+
     def inner_denoisers(self) -> tuple[Denoiser, ...]:
         """``(base,)``."""
         return (self.base,)

@@ -105,6 +105,11 @@ class Guided(CostOfBase, Denoiser):
             f"{type(self).__name__} must implement evaluate(x, t, net_dtype, /, **cond) (or __call__)"
         )
 
+    def describe_shape(self) -> str:
+        """``base``'s (whose shape it has): a wrapper of a :class:`~steerdiff.guidance.Coupled` names its
+        stacked layout too."""
+        return self.base.describe_shape()
+
     def inner_denoisers(self) -> tuple[Denoiser, ...]:
         """``(base,)``; a wrapper that calls other denoisers too lists them all."""
         return (self.base,)
