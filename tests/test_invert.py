@@ -612,3 +612,21 @@ def test_nan_from_the_net_is_named_with_its_step(gmm, sd_process, x_0, bad_step)
     broken = sd.Denoiser(net, sd_process, prediction="x0")
     with pytest.raises(sd.NonFiniteError, match=rf"NaN/inf at step {bad_step} \(evaluation {bad_step + 1},"):
         sd.invert(broken, x_0, 5, "dpmpp_2m")
+
+
+@pytest.mark.parametrize(
+    ("who", "run"),
+    [
+        ("invert", lambda den, x: sd.invert(den, x, 3)),
+        ("ddpm_invert", lambda den, x: sd.ddpm_invert(den, x, 3)),
+        ("adjoint", lambda den, x: sd.adjoint(den, x, lambda v: v.sum(), 3)),
+    ],
+)
+def test_noise_drawing_parts_named_once(gmm, sd_process, x_0, who, run):
+    """A denoiser holding two parts that draw noise of the same kind (a CFG of two RePaints: own_noise lists
+    each) is refused naming the kind once, as sample's and paradigms' messages do (was 'RePaint, RePaint')."""
+    den = gmm.denoiser(sd_process)
+    op, y = sd.inverse.Matrix(torch.eye(x_0.shape[1], dtype=x_0.dtype)[:1]), x_0[:, :1]
+    guided = CFG(sd.guidance.RePaint(den, op, y), sd.guidance.RePaint(den, op, y), 2.0)
+    with pytest.raises(ValueError, match=rf"^{who}: den: RePaint draws noise"):
+        run(guided, x_0)

@@ -340,8 +340,8 @@ def adjoint(
     own = den.own_noise()
     if own:
         raise ValueError(
-            f"{who}: den: {', '.join(name for name, _ in own)} draws noise, and the adjoint is that of the "
-            "deterministic probability-flow ODE; pass a denoiser that does not"
+            f"{who}: den: {', '.join(dict.fromkeys(name for name, _ in own))} draws noise, and the "
+            "adjoint is that of the deterministic probability-flow ODE; pass a denoiser that does not"
         )
     check_sample_only(who, cond, SAMPLE_ONLY, "which samples the probability-flow ODE deterministically")
     if torch.is_inference_mode_enabled():

@@ -198,8 +198,8 @@ def ddpm_invert(
     check_x_T(den, x_0, who, "x_0")
     if own := den.own_noise():
         raise ValueError(
-            f"{who}: den: {', '.join(name for name, _ in own)} draws noise of its own, which a replay of the "
-            "maps would not repeat; pass a denoiser that does not"
+            f"{who}: den: {', '.join(dict.fromkeys(name for name, _ in own))} draws noise of its own, "
+            "which a replay of the maps would not repeat; pass a denoiser that does not"
         )
     check_sample_only(
         who,

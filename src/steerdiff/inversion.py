@@ -240,8 +240,8 @@ def invert_as(
     own = den.own_noise()
     if own:
         raise ValueError(
-            f"{who}: den: {', '.join(name for name, _ in own)} draws noise, and inversion is deterministic; "
-            "pass a denoiser that does not"
+            f"{who}: den: {', '.join(dict.fromkeys(name for name, _ in own))} draws noise, and inversion "
+            "is deterministic; pass a denoiser that does not"
         )
     wrapped: list[Denoiser] = [den]  # den and every denoiser inside it (Denoiser.inner_denoisers)
     while wrapped:
