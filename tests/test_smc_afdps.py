@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -213,8 +214,29 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"afdps needs a stochastic solver"):
         run(solver="ddim")
     # a sharp observation on a coarse grid: refused at the first step, before the weights go wrong
-    with pytest.raises(ValueError, match=r"step from node 0 .* std\^2 \|A\|\^2 / s\^2 = .* >= 1"):
+    with pytest.raises(
+        ValueError, match=r"steps=20: the step from node 0 .* std\^2 \|A\|\^2 / s\^2 = .* >= 1"
+    ):
         run(noise_std=0.1, steps=20)
+
+
+def test_afdps_refusal_names_a_step_count_that_passes():
+    """The refusal of ``std^2 |A|^2 / s^2 >= 1`` names the argument to change and a step count: a run with it
+    (s = 0.1, DDPM: 2164 steps from a refusal at 20, where the first step's ratio is 54.1; at 1353 steps node
+    50's is 1.0) is accepted."""
+    den = GAUSS.denoiser(PROC)
+
+    def run(steps: int) -> sd.smc.Particles:
+        return sd.smc.afdps(
+            den, sd.inverse.Matrix(A1), Y1, noise_std=0.1, shape=(1, 3), particles=2, steps=steps,
+            solver="ddpm", generator=gen(0), dtype=F64,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"pass steps >= (\d+)") as info:
+        run(20)
+    steps = int(re.search(r"pass steps >= (\d+)", str(info.value)).group(1))
+    assert 2000 < steps < 2500, steps
+    assert run(steps).nfe == 2 * steps
 
 
 class _EntrywiseStd(sd.solvers.ERSDE):

@@ -168,14 +168,18 @@ class AFDPS(SMCAlgorithm):
         if isinstance(std, float | int) and std == 0:  # a deterministic step: nothing to move
             return base
         top = float(std.amax()) if isinstance(std, Tensor) else std
-        if top * top * self.obs.curvature >= 1:
+        ratio = top * top * self.obs.curvature
+        if ratio >= 1:
+            steps = ctx.grid.steps
             raise ValueError(
-                f"afdps: the step from node {ctx.i} (t = {ctx.t:.4g}) has std^2 |A|^2 / s^2 = "
-                f"{top * top * self.obs.curvature:.3g} >= 1: along A's top singular direction its weight "
+                f"afdps: steps={steps}: the step from node {ctx.i} (t = {ctx.t:.4g}) has std^2 |A|^2 / "
+                f"s^2 = {ratio:.3g} >= 1: along A's top singular direction its weight "
                 "exp(std^2 |grad mu_y|^2 / 2 - ...) has no finite mean under the likelihood (at >= 2 the "
-                "explicit drift -std^2 grad mu_y also overshoots and the particles diverge); use more steps, "
-                "or a schedule or solver with less noise per step at high noise (accurate weights need it "
-                "well below 1)"
+                "explicit drift -std^2 grad mu_y also overshoots and the particles diverge). A step's std^2 "
+                "falls about as 1 / steps, and the largest ratio may come at a later node: pass steps >= "
+                f"{math.ceil(2 * steps * ratio)} (accurate weights need several times that: their error per "
+                "step is second order in this ratio), or a schedule or solver with less noise per step at "
+                "high noise"
             )
         return Transition(base.mean - std**2 * ctx.state["grad"].to(base.mean.dtype), std)
 
