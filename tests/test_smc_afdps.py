@@ -124,6 +124,37 @@ def test_afdps_gaussian_posterior_mean_covariance_and_evidence():
     assert float((out.log_z - log_z).std()) < 0.6
 
 
+def test_afdps_two_component_evidence_and_posterior_mean():
+    """A 2-d mixture of two unequal components at (-1.5, 0.5) and (1.5, -0.5) (weights 0.3 / 0.7), one
+    observation ``x_1 + x_2 / 2 = -1`` at ``s = 1`` (posterior weights 0.75 / 0.25: the prior's minor
+    component leads): ``log Z`` against the exact ``log p(y) = -2.005`` and the weighted mean against the
+    posterior's, z-tests over 16 rows of 512 particles, 100 ER-SDE steps.
+
+    Measured: log Z error -0.071 (standard error 0.038), mean error (-0.007, -0.029) (standard errors 0.026,
+    0.017). At s = 0.5 the weights are rougher (``|A|^2 / s^2 = 5``): log Z is +0.81 +- 0.27 off at 100 steps
+    and -0.68 / -1.02 at 200 / 800 (DDPM +8.6 at 100 steps, -2.5 at 800 with 512 particles, -4.4 with 64, -1.7
+    +- 0.7 with 4096): the Euler weights' bias falls with the steps, leaving the downward bias of ``log Z`` of
+    their heavy-tailed product at a fixed N, which falls slowly with N."""
+    gmm = sd.toy.GaussianMixture(
+        torch.tensor([[-1.5, 0.5], [1.5, -0.5]], dtype=F64),
+        torch.tensor([[0.3, 0.2], [0.2, 0.3]], dtype=F64),
+        torch.tensor([0.3, 0.7], dtype=F64),
+    )
+    A, y = torch.tensor([[1.0, 0.5]], dtype=F64), torch.tensor([-1.0], dtype=F64)
+    post = gmm.posterior(A, y, S1)
+    out = sd.smc.afdps(
+        gmm.denoiser(PROC), sd.inverse.Matrix(A), y, noise_std=S1, shape=(16, 2), particles=512, steps=100,
+        solver=SOLVER, generator=gen(0), dtype=F64,
+    )  # fmt: skip
+    assert abs(float(post.weights[0]) - 0.75) < 0.01
+    for err, tol in (
+        (out.mean() - post.weights @ post.means, 0.03),
+        ((out.log_z - evidence(gmm, A, y, S1))[:, None], 0.05),
+    ):
+        se = err.std(0) / 4
+        assert bool((err.mean(0).abs() < 4 * se + tol).all()), (err.mean(0), se)
+
+
 def test_evidence_helper_is_the_closed_form():
     """``evidence`` (the tilt) equals ``log N(y; A m, A S A^T + s^2 I)`` for one component."""
     c = A1 @ GAUSS.covariance_matrices[0] @ A1.T + S1**2 * torch.eye(1, dtype=F64)
