@@ -13,15 +13,15 @@ same numbers whatever the sample's device), or from float64 draws on the CPU cas
 registered solver and schedule, the processes and interpolant conversion (``sd.Reprocessed``), half precision,
 no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the same count), guidance and the
 inverse operators (LanPaint, ``CharacteristicGuidance``, ``MinorityGuidance`` and ``SelfGuidedMinority`` with
-per-row CPU generators too), the particle methods (DriftLite, the trees of ``sd.smc.dts`` and ``sd.smc.rbf``'s
-search, its candidates and NFE per row, too), the adaptive DPM-Solver's per-sample steps, the MCMC correctors
-and PCG, walk-jump sampling (``sd.mcmc.walk_jump``), Denoising MCMC (``sd.mcmc.denoising_mcmc``) and the Monte
-Carlo denoiser (``MonteCarloDenoiser``, its warm start too), ``SteerdiffScheduler`` in a diffusers-style
-loop, the digits model, autograd through ``sd.sample`` and AdjointDEIS (``sd.adjoint``: the CPU run's
-gradients in ``x_T`` and a condition), the
-edit-friendly DDPM inversion (``sd.ddpm_invert``: exact reconstruction on the device, maps extracted on the
-CPU replayed there), ``BrownianTreeNoise`` against torchsde's trees on the device, generators on the device,
-the metrics, and discrete diffusion (``sd.discrete``: every sampler and ``Confidence``'s scores, ``CFG``,
+per-row CPU generators too), the particle methods (AFDPS with ``y`` on the device, DriftLite, the trees of
+``sd.smc.dts`` and ``sd.smc.rbf``'s search, its candidates and NFE per row, too), the adaptive DPM-Solver's
+per-sample steps, the MCMC correctors and PCG, walk-jump sampling (``sd.mcmc.walk_jump``), Denoising MCMC
+(``sd.mcmc.denoising_mcmc``) and the Monte Carlo denoiser (``MonteCarloDenoiser``, its warm start too),
+``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through ``sd.sample`` and
+AdjointDEIS (``sd.adjoint``: the CPU run's gradients in ``x_T`` and a condition), the edit-friendly DDPM
+inversion (``sd.ddpm_invert``: exact reconstruction on the device, maps extracted on the CPU replayed there),
+``BrownianTreeNoise`` against torchsde's trees on the device, generators on the device, the metrics, and
+discrete diffusion (``sd.discrete``: every sampler and ``Confidence``'s scores, ``CFG``,
 ``ClassifierGuidance``, ``fk_steering`` and ``best_of_n`` draw the CPU run's tokens, as do the uniform
 process's ancestral sampler and ``sgdd``; at most one host read per network call, ``sgdd`` one more per
 iteration), ParaDiGMS (``sd.paradigms``, staged solvers too: the CPU run's samples, windows and NFE; one
@@ -647,6 +647,9 @@ SMC: dict[str, Callable[..., sd.smc.Particles]] = {
     ),
     "tds": lambda **kw: sd.smc.tds(DEN, Matrix(A), Y, noise_std=0.3, **kw),
     "tds_classifier": lambda **kw: sd.smc.tds(DEN, classifier=_log_p_class, **kw),
+    # y on the device under test, the CPU run's too (device=None: the run is where its draws are); a weak A
+    # (std^2 |A|^2 / s^2 < 1 at 8 steps)
+    "afdps": lambda **kw: sd.smc.afdps(DEN, Matrix(0.1 * A), Y.to(DEVICE), noise_std=1.0, **kw),
     "best_of_n": lambda **kw: sd.smc.best_of_n(DEN, _reward, **kw),
     "code": lambda **kw: sd.smc.code(DEN, _reward, block=3, **kw),
     "svdd": lambda **kw: sd.smc.svdd(DEN, _reward, 0.5, **kw),

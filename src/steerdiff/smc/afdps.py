@@ -273,9 +273,9 @@ def afdps(
     final = choice("afdps", "final", final, FINALS)
     grid = make_grid(den.process, _schedules.get(schedule, "afdps"), steps, final)
     v0 = grid.alpha[0] ** 2 + grid.sigma[0] ** 2
-    obs = _Observation(operator, y if device is None else y.to(device), s)
     z = randn((batch, n_part, *sample_shape), generator, dtype, device)
     n = randn((batch, n_part, *operator.shape_out), generator, dtype, device)
+    obs = _Observation(operator, y.to(z.device), s)  # the run's device: device=, else where z is drawn
     x_T = obs.start(z, n, v0)
     return run_smc(
         den, AFDPS(obs, obs.log_mass(v0)), (batch, *sample_shape), particles=n_part, steps=steps,
