@@ -345,7 +345,7 @@ def test_bad_input():
     cases = [
         (dict(den=gmm), r"den must be a steerdiff Denoiser"),
         (dict(shape=(4,)), r"shape must be \(chains, \*sample_shape\)"),
-        (dict(shape=(4, 3)), r"does not hold samples of the denoiser's shape \(2,\)"),
+        (dict(shape=(4, 3)), r"shape has sample shape \(3,\), the denoiser expects \(2,\)"),
         (dict(sigmas=[]), r"sigmas must be a non-empty 1-d array"),
         (dict(sigmas=[0.5, -1.0]), r"sigmas must be finite and > 0"),
         (dict(sigmas=[0.5, 0.5]), r"sigmas must be distinct"),

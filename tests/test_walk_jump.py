@@ -225,7 +225,7 @@ def test_bad_input():
         (dict(step_size=-1.0), r"step_size must be a finite number > 0"),
         (dict(friction=0.0), r"friction must be a finite number > 0"),
         (dict(shape=(4,)), r"shape must be \(batch, \*sample_shape\)"),
-        (dict(shape=(4, 3)), r"does not hold samples of the denoiser's shape \(2,\)"),
+        (dict(shape=(4, 3)), r"shape has sample shape \(3,\), the denoiser expects \(2,\)"),
         (dict(y_init=torch.zeros(3, 2)), r"y_init must be a floating-point tensor of shape \(4, 2\)"),
         (dict(y_init=torch.zeros(4, 2), dtype=F64), r"dtype and device are y_init's"),
         (dict(dtype=torch.int64), r"dtype must be float16, bfloat16, float32 or float64"),

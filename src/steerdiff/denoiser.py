@@ -647,6 +647,16 @@ def check_denoiser(who: str | None, name: str, value: object) -> Denoiser:
     return value
 
 
+def check_sample_shape(what: str, den: Denoiser, sample_shape: tuple[int, ...]) -> None:
+    """A ``ValueError`` where ``den`` declares a sample shape other than ``sample_shape``, naming ``what``
+    (the argument after its entry point, ``"sample: x_T"``, ``"dts: shape"``) and the shape ``den`` expects
+    (:meth:`Denoiser.describe_shape`)."""
+    if den.shape is not None and tuple(sample_shape) != den.shape:
+        raise ValueError(
+            f"{what} has sample shape {tuple(sample_shape)}, the denoiser expects {den.describe_shape()}"
+        )
+
+
 class MeanRevertingDenoiser(Denoiser):
     """The denoiser of ``y = x - mu`` for a net trained on ``x`` under a
     :class:`~steerdiff.processes.MeanReverting` process: made and documented by

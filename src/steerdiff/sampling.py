@@ -18,7 +18,7 @@ from . import schedules as _schedules
 from . import solvers as _solvers
 from ._checks import SAMPLE_DTYPES, boolean, caller, choice, integer
 from ._ops import laid_out_as
-from .denoiser import Denoiser, check_denoiser
+from .denoiser import Denoiser, check_denoiser, check_sample_shape
 from .mcmc.base import check_step_sizes, first_nonfinite
 from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
@@ -287,10 +287,7 @@ def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x
         raise ValueError(f"{p} must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
     if not bool(torch.isfinite(x_T).all()):
         raise ValueError(f"{p} contains NaN or inf")
-    if den.shape is not None and tuple(x_T.shape[1:]) != den.shape:
-        raise ValueError(
-            f"{p} has sample shape {tuple(x_T.shape[1:])}, the denoiser expects {den.describe_shape()}"
-        )
+    check_sample_shape(p, den, tuple(x_T.shape[1:]))
 
 
 def _is_default(value: object, default: float) -> bool:

@@ -56,7 +56,7 @@ from torch import Tensor
 from .. import mcmc as _mcmc
 from .._checks import boolean, device_or_none, integer, sample_dtype, sizes
 from .._ops import laid_out_as
-from ..denoiser import Denoiser, check_denoiser, take_kwarg_rows
+from ..denoiser import Denoiser, check_denoiser, check_sample_shape, take_kwarg_rows
 from ..discrete import sampling as _discrete
 from ..discrete.denoiser import MaskedDenoiser
 from ..discrete.first_hitting import FirstHitting
@@ -406,10 +406,7 @@ def sample(
                 f"{who}: generator goes with x_T; with shape= the per-sample generators are made from seed="
             )
         size, seed_, dtype_, where = _check_seeded(who, shape, seed, dtype, device or r.device())
-        if den.shape is not None and size[1:] != den.shape:
-            raise ValueError(
-                f"{who}: shape has sample shape {size[1:]}, the denoiser expects {den.describe_shape()}"
-            )
+        check_sample_shape(f"{who}: shape", den, size[1:])
         n, blank = size[0], torch.empty((0, *size[1:]), dtype=dtype_, device=where)
         _agree(who, r, where, None, generator=None, shape=size, seed=seed_, dtype=dtype_)
 

@@ -83,7 +83,7 @@ from torch import Tensor
 from .. import solvers
 from .._checks import choice, integer, real, real_array, sizes
 from .._ops import first_false
-from ..denoiser import Denoiser, take_kwarg_rows
+from ..denoiser import Denoiser, check_denoiser, check_sample_shape, take_kwarg_rows
 from ..noise import check_generators, rand, randn, repeat_rows, take_generator_rows
 from ..schedules import Karras
 from ..solvers.base import NonFiniteError, Solver
@@ -207,13 +207,11 @@ def denoising_mcmc(
     >>> out = sd.mcmc.denoising_mcmc(den, (500, 2), sig, logits, samples_per_chain=4, generator=g)
     """
     who = "denoising_mcmc"
-    if not isinstance(den, Denoiser):
-        raise ValueError(f"{who}: den must be a steerdiff Denoiser, got {type(den).__name__}")
+    check_denoiser(who, "den", den)
     shape = sizes(who, "shape", shape)
     if len(shape) < 2:
         raise ValueError(f"{who}: shape must be (chains, *sample_shape), at least 2 entries, got {shape}")
-    if den.shape is not None and shape[1:] != den.shape:
-        raise ValueError(f"{who}: shape {shape} does not hold samples of the denoiser's shape {den.shape}")
+    check_sample_shape(f"{who}: shape", den, shape[1:])
     levels = real_array(who, "sigmas", sigmas)
     if not bool((levels > 0).all()) or not bool(torch.isfinite(levels).all()):
         raise ValueError(f"{who}: sigmas must be finite and > 0, got {levels.tolist()}")

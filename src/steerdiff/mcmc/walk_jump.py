@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, device_or_none, integer, real, sample_dtype, sizes
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, check_denoiser, check_sample_shape
 from ..noise import Generators, check_generators, make_noise, randn
 from ..processes import Process
 from ..solvers.base import Model
@@ -249,13 +249,11 @@ def walk_jump(
     >>> out = sd.mcmc.walk_jump(den, (1000, 2), 4.5, measurements=32, steps_per_measurement=40, generator=g)
     """
     who = "walk_jump"
-    if not isinstance(den, Denoiser):
-        raise ValueError(f"{who}: den must be a steerdiff Denoiser, got {type(den).__name__}")
+    check_denoiser(who, "den", den)
     shape = sizes(who, "shape", shape)
     if len(shape) < 2:
         raise ValueError(f"{who}: shape must be (batch, *sample_shape), at least 2 entries, got {shape}")
-    if den.shape is not None and shape[1:] != den.shape:
-        raise ValueError(f"{who}: shape {shape} does not hold samples of the denoiser's shape {den.shape}")
+    check_sample_shape(f"{who}: shape", den, shape[1:])
     sigma = real(who, "sigma", sigma, lo=0, lo_open=True)
     m = integer(who, "measurements", measurements, lo=1)
     steps = integer(who, "steps_per_measurement", steps_per_measurement, lo=1)

@@ -85,7 +85,7 @@ from tqdm.auto import tqdm
 from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
-from ..denoiser import Denoiser, check_denoiser, take_kwarg_rows
+from ..denoiser import Denoiser, check_denoiser, check_sample_shape, take_kwarg_rows
 from ..noise import Generators, check_generators, make_noise, rand, randn, take_generator_rows
 from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
@@ -404,10 +404,7 @@ def dts(
     lam = real(who, "lam", lam, lo=0)
     shape = _check_shape(shape, who)
     batch, sample_shape = shape[0], shape[1:]
-    if den.shape is not None and sample_shape != den.shape:
-        raise ValueError(
-            f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.describe_shape()}"
-        )
+    check_sample_shape(f"{who}: shape", den, sample_shape)
     rollouts = integer(who, "rollouts", rollouts, lo=1)
     greedy = boolean(who, "greedy", greedy)
     samples = integer(who, "samples", samples, lo=1)

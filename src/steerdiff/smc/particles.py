@@ -166,7 +166,7 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype, sizes
 from .._ops import first_false, kept
-from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
+from ..denoiser import Denoiser, Prediction, check_denoiser, check_sample_shape, take_kwarg_rows
 from ..distributed.group import Ranks, particle_ranks
 from ..guidance.base import Guided, value_grad
 from ..noise import (
@@ -1236,10 +1236,7 @@ def run_smc(
     shape = _check_shape(shape, who)
     batch, sample_shape = shape[0], shape[1:]
     check_generators(who, generator, batch)
-    if den.shape is not None and sample_shape != den.shape:
-        raise ValueError(
-            f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.describe_shape()}"
-        )
+    check_sample_shape(f"{who}: shape", den, sample_shape)
     n_part = integer(who, "particles", particles, lo=1)
     steps = integer(who, "steps", steps, lo=1)
     algorithm.check_steps(steps)

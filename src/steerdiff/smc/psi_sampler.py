@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .. import solvers as _solvers
 from .._checks import choice, device_or_none, integer, real, sample_dtype
-from ..denoiser import Denoiser, check_denoiser
+from ..denoiser import Denoiser, check_denoiser, check_sample_shape
 from ..mcmc.base import ChainInfo, Point, Target, _value_and_grad, chain, finite_run, fixed_time
 from ..mcmc.pcnl import PCNL
 from ..noise import Generators, NoiseSource, check_generators, make_noise, repeat_rows
@@ -186,10 +186,7 @@ def twisted_prior(
     if dtype is not None:
         dtype = sample_dtype(WHO, "dtype", dtype)
     device = device_or_none(WHO, "device", device)
-    if den.shape is not None and tuple(sample) != den.shape:
-        raise ValueError(
-            f"{WHO}: shape has sample shape {tuple(sample)}, the denoiser expects {den.describe_shape()}"
-        )
+    check_sample_shape(f"{WHO}: shape", den, tuple(sample))
     grid = make_grid(den.process, get_schedule(schedule, WHO), steps, final)
     scale = math.hypot(grid.alpha[0], grid.sigma[0])
     full = (batch, n_part, *sample)

@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, sample_dtype
-from ..denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows
+from ..denoiser import Denoiser, Prediction, check_denoiser, check_sample_shape, take_kwarg_rows
 from ..noise import Generators, RefusedNoise, check_generators, randn, take_generator_rows
 from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
@@ -242,10 +242,7 @@ def rbf(
     budget = integer(who, "budget", budget, lo=1)
     shape = _check_shape(shape, who)
     batch, sample_shape = shape[0], shape[1:]
-    if den.shape is not None and sample_shape != den.shape:
-        raise ValueError(
-            f"{who}: shape has sample shape {sample_shape}, the denoiser expects {den.describe_shape()}"
-        )
+    check_sample_shape(f"{who}: shape", den, sample_shape)
     initial = integer(who, "initial", initial, lo=1)
     steps = integer(who, "steps", steps, lo=1)
     final = choice(who, "final", final, FINALS)
