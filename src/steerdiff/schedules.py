@@ -30,6 +30,9 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
   Hyper-SD), ``n`` of them evenly spaced by index, as diffusers' LCM/TCD schedulers take them, for
   ``VP.discrete``.
 * :class:`Custom` -- an explicit grid.
+
+A schedule fitted to a model is an object only, made with the model: :class:`GITS` (Chen et al. 2024,
+:mod:`steerdiff.gits`), a grid picked by dynamic programming along a teacher trajectory.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .processes import MeanRevertingDiscrete, Process, VPDiscrete
 
 __all__ = [
     "AYS",
+    "GITS",
     "LCM",
     "Custom",
     "Karras",
@@ -646,7 +650,8 @@ _REGISTRY: dict[str, type[Schedule]] = {
 
 
 def available() -> list[str]:
-    """Names accepted by ``schedule=``."""
+    """Names accepted by ``schedule=``: the schedules that need no model (one fitted to a model, such as
+    :class:`GITS`, is passed as the object)."""
     return sorted(_REGISTRY)
 
 
@@ -678,3 +683,7 @@ def get(schedule: ScheduleLike, who: str | None = None) -> Schedule:
         f"{prefix}unknown schedule={schedule!r}; accepted: {available()}, a Schedule object or a list of "
         "process times"
     )
+
+
+# last: GITS is a Schedule (defined above), fitted by running a solver, whose modules import this one
+from .gits import GITS  # noqa: E402

@@ -1,0 +1,228 @@
+r"""Geometry-Inspired Time Scheduling (GITS; Chen, Zhou, Wang, Shen & Lyu, "On the Trajectory Regularity of
+ODE-based Diffusion Sampling", ICML 2024, arXiv:2405.11326, Sec. 5; the authors' ``gits-main/gits_utils.py``
+in ``zju-pi/diff-sampler``): a time grid fitted to a model by dynamic programming over a teacher trajectory.
+
+Sampling trajectories of the probability-flow ODE share one regular shape whatever sample they end at, so
+a schedule fitted on a few of them serves all. GITS
+
+1. runs a *teacher*: ``M`` fine steps of a solver (the authors: iPNDM over 61 polynomial, i.e. Karras
+   ``rho = 7``, timestamps) from a small batch of ``x_T`` (the authors: 256), keeping the state ``x_i`` at
+   every node ``t_i`` and the network's estimate there (``x0_i``, ``eps_i``);
+2. prices every coarse step ``i -> j`` of the fine grid (``i < j``) by how far one DDIM step -- the Euler
+   step of the ODE in ``y = x / alpha``, ``s = sigma / alpha`` -- from the teacher's state at ``t_i``,
+   with the teacher's estimate there, lands from the teacher's state at ``t_j``::
+
+       c_ij = mean over the batch of || y_i + (s_j - s_i) eps_i - y_j ||_2 = || x0_i + s_j eps_i - y_j ||_2
+
+   (the authors' ``metric="l2"``; their default ``"dev"``, the change of the trajectory's deviation from the
+   straight line ``x_T -> x_0``, is not implemented). With ``final="zero"`` the fine grid ends in the clean
+   state (``s = 0``, the teacher's sample), where the step lands at ``x0_i``;
+3. picks the ``K``-step path ``0 = p_0 < p_1 < ... < p_K = E`` (``E`` the fine grid's end) through the fine
+   nodes minimising ``sum_m coeff^m c_{p_m p_{m+1}}`` by dynamic programming (:func:`optimal_path`):
+   ``V_1(j) = c_jE``, ``V_k(j) = min_{j < i < E} c_ji + coeff V_{k-1}(i)``. ``coeff = 1`` (the default
+   here) is the plain sum of local errors; the authors' default ``coeff = 1.15`` (later steps weigh more),
+   tuned with their ``"dev"`` metric, did worse with this one on the benchmark below.
+
+The one-time cost is the teacher's NFE, ``M`` (:attr:`GITS.nfe`); the grid for each step count is then a
+dynamic program over the cost matrix, cached. The student solver is any: the cost is the DDIM step's
+whatever solver then runs the grid (as in the authors' code, whose students are Euler, iPNDM, DPM-Solver++,
+UniPC, ...).
+
+Measured on the solver benchmark (:mod:`steerdiff.bench.solvers`'s mixture and SD betas, exact denoiser;
+``python bench/gits.py``): see :class:`GITS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import choice, integer, real, sizes
+from .denoiser import Denoiser
+from .processes import Process
+from .schedules import Schedule, ScheduleLike
+from .schedules import get as get_schedule
+
+__all__ = ["GITS", "TEACHERS", "cost_matrix", "optimal_path"]
+
+F64 = torch.float64
+
+# Teachers whose one network evaluation per step is at the node's own state, so that the callback's denoised
+# estimate after step i is the estimate at node i (a staged solver's or a corrector's is not)
+TEACHERS = ("ddim", "deis", "dpmpp_2m", "euler", "ipndm", "lms")
+
+
+def cost_matrix(y: Tensor, x0: Tensor, s: Sequence[float]) -> Tensor:
+    r"""GITS's cost of the DDIM step ``i -> j`` from the teacher's state ``i`` to the teacher's state ``j``.
+
+    ``y``: ``(E + 1, batch, ...)`` the teacher's states in ``x / alpha`` at its nodes ``0..E``; ``x0``:
+    ``(E, batch, ...)`` its denoised estimates at the nodes ``0..E-1``; ``s``: ``sigma / alpha`` at the
+    ``E + 1`` nodes (``0`` at a clean end). Returns the ``(E + 1, E + 1)`` float64 matrix
+    ``c_ij = mean_b || x0_i + s_j eps_i - y_j ||_2`` for ``i < j``, ``eps_i = (y_i - x0_i) / s_i``, and
+    ``inf`` elsewhere (no step)."""
+    e = y.shape[0] - 1
+    out = torch.full((e + 1, e + 1), torch.inf, dtype=F64)
+    st = torch.tensor(list(s), dtype=F64)
+    yf, x0f = y.reshape(e + 1, y.shape[1], -1).to(F64), x0.reshape(e, y.shape[1], -1).to(F64)
+    for i in range(e):
+        eps = (yf[i] - x0f[i]) / st[i]
+        pred = x0f[i] + st[i + 1 :, None, None] * eps  # (E - i, batch, d): the landing points
+        out[i, i + 1 :] = torch.linalg.vector_norm(pred - yf[i + 1 :], dim=-1).mean(-1)
+    return out
+
+
+def optimal_path(cost: Tensor, steps: int, coeff: float = 1.0) -> list[int]:
+    r"""The ``steps``-step path ``0 = p_0 < ... < p_steps = E`` through the nodes of ``cost`` (an
+    ``(E + 1, E + 1)`` matrix, ``cost[i, j]`` the price of the step ``i -> j``) minimising
+    ``sum_m coeff^m cost[p_m, p_{m+1}]``: the dynamic program of GITS (see the module docstring).
+    ``steps`` must be in ``1..E``."""
+    e = cost.shape[0] - 1
+    steps = integer("optimal_path", "steps", steps, lo=1, hi=max(e, 1))
+    c = cost.to(F64)
+    # value[k][j]: the least cost from node j to E in exactly k steps; pick[k][j]: its next node
+    value = [torch.full((e + 1,), torch.inf, dtype=F64), c[:, e].clone()]
+    pick = [torch.zeros(e + 1, dtype=torch.long), torch.full((e + 1,), e, dtype=torch.long)]
+    for _ in range(2, steps + 1):
+        # the next node i is an intermediate one (i < E); inf outside i > j from the cost matrix
+        total = c[:, :e] + coeff * value[-1][None, :e]
+        best, arg = total.min(dim=1)
+        value.append(best)
+        pick.append(arg)
+    path = [0]
+    for k in range(steps, 0, -1):
+        path.append(int(pick[k][path[-1]]))
+    if path[-1] != e or not bool(torch.isfinite(value[steps][0])):
+        raise ValueError(f"optimal_path: no {steps}-step path from node 0 to node {e} has a finite cost")
+    return path
+
+
+class GITS(Schedule):
+    r"""Geometry-Inspired Time Scheduling (Chen et al. 2024; see :mod:`steerdiff.gits`), as
+    ``sd.schedules.GITS``: the grid that a dynamic program picks from a teacher's fine grid, fitted once to
+    ``den`` on ``samples`` draws of ``x_T``.
+
+    Args:
+        den: the denoiser to fit the schedule to; the schedule serves its process only.
+        shape: the shape of one sample (default ``den.shape``).
+        samples: draws of ``x_T ~ N(0, I)`` the teacher runs from (an integer >= 1; the authors: 256).
+        generator: the ``torch.Generator`` they are drawn with (``None``: torch's global RNG).
+        teacher: the teacher's solver, one of :data:`TEACHERS` (default ``"ipndm"``, the authors').
+        teacher_steps: its steps ``M`` (an integer >= 2; the authors: 60, from 61 timestamps).
+        teacher_schedule: its schedule (default ``"karras"``, ``rho = 7``, the authors' "polynomial"): the
+            candidate nodes.
+        coeff: the weight ``coeff^m`` of the ``m``-th step's cost (a finite number > 0; default 1, the plain
+            sum of local errors; the authors' 1.15 did worse on the benchmark, see below).
+        final: ``"zero"`` (default) to fit grids for :func:`steerdiff.sample`'s ``final="zero"`` (``steps``
+            nodes, then the clean state, which the teacher also ends in), ``"none"`` for ``final="none"``
+            (``steps + 1`` nodes, the last the teacher's last node).
+        dtype, device: of the teacher's ``x_T`` (default float32, CPU).
+        **cond: passed to the network on every teacher call.
+
+    The teacher runs here, once: :attr:`nfe` network calls per sample (``M``). Each step count's grid is
+    then the dynamic program's (cached in :attr:`grids`): ``n`` nodes, the first ``t_max``, a subset of the
+    teacher's nodes. Not a name for ``schedule=``: it needs a model, as guidance wrappers need theirs.
+
+    Measured on the solver benchmark (``python bench/gits.py``; the table in README.md's schedule section),
+    fitted on 256 draws of ``x_T`` and scored on 1024 others, relative RMSE vs the exact ODE at NFE 5 / 6 /
+    8 / 10: ``ipndm`` 0.184 / 0.161 / 0.088 / 0.056 against 0.227 / 0.190 / 0.119 / 0.073 on its best named
+    schedule, ``ddim`` 0.225 / 0.205 / 0.171 / 0.160 against 0.253 / 0.232 / 0.209 / 0.188. The grids end in
+    long steps after short ones, which third-order multistep solvers extrapolate badly (``unipc`` 0.731 at
+    NFE 8 against 0.068 on ``karras_capped``; ``UniPC(order=2)`` 0.089).
+    """
+
+    name = "gits"
+
+    def __init__(
+        self,
+        den: Denoiser,
+        shape: Sequence[int] | None = None,
+        samples: int = 256,
+        generator: torch.Generator | None = None,
+        teacher: str = "ipndm",
+        teacher_steps: int = 60,
+        teacher_schedule: ScheduleLike = "karras",
+        coeff: float = 1.0,
+        final: str = "zero",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        **cond: Any,
+    ) -> None:
+        # here, not at the top: steerdiff.schedules exports GITS, and solvers and sampling import schedules
+        from .sampling import sample
+        from .solvers.base import FINALS, make_grid
+
+        if not isinstance(den, Denoiser):
+            raise ValueError(f"GITS: den must be a steerdiff Denoiser, got {type(den).__name__}")
+        if shape is None:
+            if den.shape is None:
+                raise ValueError("GITS: shape (of one sample) is needed where den.shape is not set")
+            shape = den.shape
+        shape = sizes("GITS", "shape", shape)
+        samples = integer("GITS", "samples", samples, lo=1)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"GITS: generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
+        self.teacher = choice("GITS", "teacher", teacher, TEACHERS)
+        self.teacher_steps = integer("GITS", "teacher_steps", teacher_steps, lo=2)
+        self.teacher_schedule = get_schedule(teacher_schedule, "GITS")
+        self.coeff = real("GITS", "coeff", coeff, lo=0, lo_open=True)
+        self.final = choice("GITS", "final", final, FINALS)
+        self.process: Process = den.process
+
+        x_T = torch.randn(samples, *shape, generator=generator, dtype=dtype, device=device)
+        states, x0 = [x_T], []
+
+        def record(d: dict[str, Any]) -> None:
+            states.append(d["x"].clone())
+            x0.append(d["denoised"].clone())
+
+        grid = make_grid(self.process, self.teacher_schedule, self.teacher_steps, self.final)
+        _, info = sample(
+            den,
+            x_T,
+            steps=self.teacher_steps,
+            solver=self.teacher,
+            schedule=self.teacher_schedule,
+            final=self.final,
+            callback=record,
+            return_info=True,
+            **cond,
+        )
+        alpha = torch.tensor(grid.alpha, dtype=F64).reshape(-1, *[1] * (x_T.ndim))
+        y = torch.stack([x.to(F64) for x in states]) / alpha
+        s = [sg / a for sg, a in zip(grid.sigma, grid.alpha, strict=True)]
+        self.teacher_times: list[float] = grid.t[: len(grid.t) - grid.clean_end]
+        """The candidate nodes: the teacher's grid (without its clean end)."""
+        self.cost = cost_matrix(y, torch.stack(x0[: grid.steps]), s)
+        """The ``(E + 1, E + 1)`` cost matrix (:func:`cost_matrix`; node ``E`` the clean state with
+        ``final="zero"``)."""
+        self.nfe: int = info.nfe
+        """Network calls per sample the fit made (the teacher's)."""
+        self.grids: dict[int, Tensor] = {}
+        """The grids made so far, by node count."""
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        if process is not self.process:
+            raise ValueError(f"{self!r} was fitted to {self.process!r}, not to {process!r}")
+        if n not in self.grids:
+            e = self.cost.shape[0] - 1
+            steps = n if self.final == "zero" else n - 1
+            if not 1 <= steps <= e:
+                lo, hi = (1, e) if self.final == "zero" else (2, e + 1)
+                raise ValueError(
+                    f"{self!r}: {n} nodes asked; fitted with final={self.final!r} it gives {lo} to {hi} "
+                    f"nodes (teacher_steps={self.teacher_steps}); raise teacher_steps for more"
+                )
+            path = optimal_path(self.cost, steps, self.coeff)
+            self.grids[n] = torch.tensor([self.teacher_times[p] for p in path[:n]], dtype=F64)
+        return self.grids[n].clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"GITS(teacher={self.teacher!r}, teacher_steps={self.teacher_steps}, coeff={self.coeff:g}, "
+            f"final={self.final!r})"
+        )

@@ -1,0 +1,204 @@
+"""GITS (Chen et al. 2024): the dynamic program against brute force, the cost against the library's DDIM
+step, the grid's contract and cache, and held-out accuracy on an exact mixture."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.gits import cost_matrix, optimal_path
+from steerdiff.schedules import GITS
+
+from .reference import exact_sample, noise, smooth_mixture
+
+F64 = torch.float64
+
+
+def _weighted(cost: torch.Tensor, path: list[int], coeff: float) -> float:
+    return sum(coeff**m * float(cost[a, b]) for m, (a, b) in enumerate(itertools.pairwise(path)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("coeff", [1.0, 1.15, 0.5, 3.0])
+def test_optimal_path_is_the_brute_force_minimum(coeff, seed):
+    # log-normal costs (spread over two decades), every step count over 9 nodes
+    g = torch.Generator().manual_seed(seed)
+    e = 8
+    cost = torch.randn(e + 1, e + 1, generator=g, dtype=F64).mul(2).exp()
+    cost[torch.ones(e + 1, e + 1).tril().bool()] = torch.inf
+    for steps in range(1, e + 1):
+        path = optimal_path(cost, steps, coeff)
+        assert path[0] == 0 and path[-1] == e and len(path) == steps + 1
+        assert all(a < b for a, b in itertools.pairwise(path))
+        best = min(
+            _weighted(cost, [0, *mid, e], coeff) for mid in itertools.combinations(range(1, e), steps - 1)
+        )
+        assert _weighted(cost, path, coeff) == pytest.approx(best, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    gmm = smooth_mixture()
+    proc = sd.VP.scaled_linear()
+    return gmm, proc, gmm.denoiser(proc)
+
+
+def _fit(den, seed=2, **kw):
+    kw.setdefault("samples", 32)
+    kw.setdefault("teacher_steps", 30)
+    return GITS(den, generator=torch.Generator().manual_seed(seed), dtype=F64, **kw)
+
+
+@pytest.mark.parametrize("final", ["zero", "none"])
+def test_cost_is_the_ddim_step_from_the_teachers_state(setup, final):
+    # teacher="ddim": its states are DDIM runs over the teacher's first nodes; c_ij is the mean distance
+    # (in x / alpha) from one DDIM step i -> j of the library to the teacher's state at j
+    _, proc, den = setup
+    fit = _fit(den, teacher="ddim", final=final, teacher_steps=12)
+    x_T = torch.randn(32, 8, generator=torch.Generator().manual_seed(2), dtype=F64)
+    t = fit.teacher_times
+    e = fit.cost.shape[0] - 1
+
+    def teacher_state(i: int) -> torch.Tensor:
+        if i == 0:
+            return x_T
+        if final == "zero" and i == e:
+            return sd.sample(den, x_T, steps=e, solver="ddim", schedule=t)
+        return sd.sample(den, x_T, steps=i, solver="ddim", schedule=t[: i + 1], final="none")
+
+    for i, j in [(0, 1), (0, 5), (3, 4), (3, 9), (7, e), (e - 1, e)]:
+        x_i, x_j = teacher_state(i), teacher_state(j)
+        if final == "zero" and j == e:
+            step, alpha = sd.sample(den, x_i, steps=1, solver="ddim", schedule=[t[i]]), 1.0
+        else:
+            step = sd.sample(den, x_i, steps=1, solver="ddim", schedule=[t[i], t[j]], final="none")
+            alpha = float(proc.alpha(t[j]))
+        want = ((step - x_j) / alpha).norm(dim=-1).mean()
+        assert float(fit.cost[i, j]) == pytest.approx(float(want), rel=1e-9, abs=1e-12)
+        if j == i + 1:
+            assert float(fit.cost[i, j]) < 1e-12  # the teacher's own step
+    assert bool(torch.isinf(fit.cost[torch.ones_like(fit.cost).tril().bool()]).all())  # no step i -> j <= i
+
+
+def test_cost_matrix_formula():
+    # two nodes and a clean end, one sample in 1-d: c_01 = |x0_0 + s_1 eps_0 - y_1|, c_02 = |x0_0 - y_2|
+    y = torch.tensor([[[2.0]], [[1.0]], [[0.25]]], dtype=F64)
+    x0 = torch.tensor([[[0.5]], [[0.3]]], dtype=F64)
+    c = cost_matrix(y, x0, [4.0, 1.0, 0.0])
+    eps0 = (2.0 - 0.5) / 4.0
+    assert float(c[0, 1]) == pytest.approx(abs(0.5 + eps0 - 1.0))
+    assert float(c[0, 2]) == pytest.approx(abs(0.5 - 0.25))
+    assert float(c[1, 2]) == pytest.approx(abs(0.3 - 0.25))
+
+
+@pytest.mark.parametrize("final", ["zero", "none"])
+def test_grid_contract_and_cache(setup, final):
+    _, proc, den = setup
+    calls = []
+
+    def net(x, t):
+        calls.append(1)
+        return den.net(x, t)
+
+    counted = sd.Denoiser(net, proc, prediction="x0", shape=(8,))
+    fit = _fit(counted, final=final)
+    assert fit.nfe == 30 and len(calls) == 30
+    teacher = set(fit.teacher_times)
+    for n in (2, 3, 5, 8):
+        t = fit(proc, n)
+        assert t.numel() == n and float(t[0]) == proc.t_max
+        assert bool((t[1:] < t[:-1]).all()) and set(t.tolist()) <= teacher
+        if final == "none":
+            assert float(t[-1]) == pytest.approx(proc.t_min)
+        assert n in fit.grids
+        assert torch.equal(fit(proc, n), t)
+    assert len(calls) == 30  # the teacher ran once
+    steps = 5 if final == "zero" else 4
+    x = sd.sample(counted, noise(4, 8), steps=steps, solver="ddim", schedule=fit, final=final)
+    assert x.shape == (4, 8)
+
+
+def test_reproducible_per_generator(setup):
+    _, proc, den = setup
+    a, b, c = _fit(den, seed=5), _fit(den, seed=5), _fit(den, seed=6)
+    assert torch.equal(a.cost, b.cost) and torch.equal(a(proc, 6), b(proc, 6))
+    assert not torch.equal(a.cost, c.cost)
+
+
+def test_held_out_error_below_time_uniform_for_ddim(setup):
+    # fitted on 32 draws (seed 2), scored on 256 others: relative RMSE vs the exact ODE
+    gmm, proc, den = setup
+    fit = _fit(den, teacher_steps=60)
+    x_T = noise(256, 8)
+    ref = exact_sample(gmm, proc, x_T)
+
+    def err(schedule, n):
+        x = sd.sample(den, x_T, steps=n, solver="ddim", schedule=schedule)
+        return float((x - ref).norm() / ref.norm())
+
+    for n in (5, 6, 8):  # 0.180 / 0.225, 0.154 / 0.184, 0.119 / 0.137 (karras_capped 0.220, 0.187, 0.144)
+        assert err(fit, n) < 0.95 * min(err("time_uniform", n), err("karras_capped", n))
+
+
+def test_not_a_name(setup):
+    assert "gits" not in sd.schedules.available()
+    with pytest.raises(ValueError, match=r"unknown schedule='gits'"):
+        sd.schedules.get("gits")
+
+
+def test_bad_input(setup):
+    gmm, proc, den = setup
+    with pytest.raises(ValueError, match=r"GITS: den must be a steerdiff Denoiser"):
+        GITS(gmm)
+    with pytest.raises(ValueError, match=r"GITS: shape"):
+        GITS(sd.Denoiser(den.net, proc, prediction="x0"))
+    for kw, msg in [
+        ({"samples": 0}, r"GITS: samples"),
+        ({"teacher": "heun"}, r"GITS: .*teacher"),
+        ({"teacher_steps": 1}, r"GITS: teacher_steps"),
+        ({"coeff": 0.0}, r"GITS: coeff"),
+        ({"final": "clean"}, r"GITS: .*final"),
+        ({"generator": 3}, r"GITS: generator must be a torch.Generator"),
+        ({"teacher_schedule": "nope"}, r"GITS: unknown schedule='nope'"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            GITS(den, **kw)
+    fit = _fit(den, teacher_steps=6)
+    with pytest.raises(ValueError, match=r"7 nodes asked; fitted with final='zero' it gives 1 to 6 nodes"):
+        fit(proc, 7)
+    with pytest.raises(ValueError, match=r"was fitted to"):
+        fit(sd.VP.cosine(), 3)
+    with pytest.raises(ValueError, match=r"steps must be an integer|steps"):
+        optimal_path(fit.cost, 0)
+
+
+@pytest.mark.parametrize("teacher", sd.gits.TEACHERS)
+def test_teachers_evaluate_once_at_each_node(setup, teacher):
+    # the cost reads the denoised estimate of step i as the one at node i: each teacher calls the net once
+    # per step, at the node's own state and time
+    _, proc, den = setup
+    calls = []
+
+    def net(x, t):
+        calls.append((x.clone(), float(t[0])))
+        return den.net(x, t)
+
+    counted = sd.Denoiser(net, proc, prediction="x0", shape=(8,))
+    fit = _fit(counted, teacher=teacher, teacher_steps=10, final="none")
+    x_T = torch.randn(32, 8, generator=torch.Generator().manual_seed(2), dtype=F64)
+    states = [x_T]
+    sd.sample(
+        den,
+        x_T,
+        steps=10,
+        solver=teacher,
+        schedule=fit.teacher_times,
+        final="none",
+        callback=lambda d: states.append(d["x"].clone()),
+    )
+    assert len(calls) == 10
+    for i, (x, t) in enumerate(calls):
+        assert t == pytest.approx(fit.teacher_times[i]) and torch.equal(x, states[i])
