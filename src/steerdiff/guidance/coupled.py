@@ -61,7 +61,7 @@ from ..denoiser import Denoiser, Prediction, check_denoiser
 from ..sampling import SampleInfo, sample_as
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
-from .base import Guided, add_score, grad_on, same_process, value_grad
+from .base import Guided, add_score, grad_leaf, grad_on, same_process, value_grad
 
 __all__ = ["Coupled", "pcd_sample"]
 
@@ -152,15 +152,15 @@ class Coupled(Guided):
         if self.coupling is None or self.scale == 0:
             return pred
         scale = held_by("Coupled", "scale", self.scale, x.dtype)
-        with grad_on("Coupled", x):
-            xr = x.detach().requires_grad_(True)
+        with grad_on("Coupled", x) as nested:
+            xr = grad_leaf(x)
             value = self.coupling(xr)
             if not isinstance(value, Tensor) or value.shape != (x.shape[0],):
                 got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(
                     f"Coupled: cost must return one value per sample, ({x.shape[0]},), got {got}"
                 )
-            g = value_grad("Coupled", "cost", value, xr)
+            g = value_grad("Coupled", "cost", value, xr, create_graph=nested)
         return add_score(pred, -scale * g)
 
     def describe_shape(self) -> str:
