@@ -67,12 +67,18 @@ class Valued(Scored):
     log_prob: Tensor
 
 
-def _value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor, name: str) -> tuple[Tensor, Tensor]:
-    """``log_prob(x)`` and its gradient; ``name`` is the function as messages call it (:class:`Target`)."""
+def _value_and_grad(
+    log_prob: Callable[[Tensor], Tensor], x: Tensor, name: str, nested: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``log_prob(x)`` and its gradient, detached; ``name`` is the function as messages call it
+    (:class:`Target`). ``nested``: ``x`` is itself being differentiated through (a backward pass through
+    the sampler), so both are taken at ``x`` with ``create_graph=True`` and returned attached: the outer
+    gradient then holds the gradient's own derivative (as gradient guidance's,
+    :func:`steerdiff.guidance.grad_on`)."""
     if torch.is_inference_mode_enabled():
         raise ValueError(f"{name}: its gradient is needed, which torch.inference_mode() forbids")
     with torch.enable_grad():
-        xr = x.detach().clone().requires_grad_(True)
+        xr = x if nested else x.detach().clone().requires_grad_(True)
         lp = log_prob(xr)
         if not isinstance(lp, Tensor) or tuple(lp.shape) != (x.shape[0],):
             shape = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
@@ -82,8 +88,8 @@ def _value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor, name: str) 
                 f"{name} is not differentiable in x (computed under torch.no_grad() or detached?); "
                 "the corrector needs its gradient"
             )
-        (g,) = torch.autograd.grad(lp.sum(), xr)
-    return lp.detach(), g.detach()
+        (g,) = torch.autograd.grad(lp.sum(), xr, create_graph=nested)
+    return (lp, g) if nested else (lp.detach(), g.detach())
 
 
 class Target:
@@ -120,10 +126,13 @@ class Target:
         return self._log_prob is not None
 
     def value_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``log_prob(x)`` and its gradient, detached (autograd through the whole batch at once; a subclass
-        may evaluate it otherwise, in slices of rows say, for a ``log_prob`` of each row alone)."""
+        """``log_prob(x)`` and its gradient (autograd through the whole batch at once; a subclass may evaluate
+        it otherwise, in slices of rows say, for a ``log_prob`` of each row alone): detached, but attached
+        with the gradient's own graph where ``x`` is being differentiated through (grad mode on and ``x``
+        requiring grad: a backward pass through ``sample`` with a corrector), so that gradient is exact."""
         assert self._log_prob is not None, "called for a Target of a log_prob (evaluate)"
-        return _value_and_grad(self._log_prob, x, self.name)
+        nested = torch.is_grad_enabled() and x.requires_grad
+        return _value_and_grad(self._log_prob, x, self.name, nested)
 
     @overload
     def evaluate(self, p: Point, value: Literal[True]) -> Valued: ...
