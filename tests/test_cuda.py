@@ -213,6 +213,16 @@ def test_schedule_float64_equals_the_cpu_run(schedule: str) -> None:
     _expect(sd.sample(DEN, x_T.to(DEVICE), STEPS, "dpmpp_2m", schedule), ref, F64_TOL)
 
 
+def test_gits_fitted_on_the_device_is_the_cpu_fit() -> None:
+    # x_T drawn from a CPU generator on any device; the teacher's states kept on the CPU for the cost
+    fits = [
+        sd.schedules.GITS(DEN, samples=32, generator=_gen(3), teacher_steps=20, dtype=F64, device=device)
+        for device in ("cpu", DEVICE)
+    ]
+    torch.testing.assert_close(fits[1].cost, fits[0].cost, rtol=F64_TOL, atol=0)
+    assert torch.equal(fits[1](PROC, 6), fits[0](PROC, 6))
+
+
 PROCESSES: dict[str, Callable[[], tuple[sd.Process, sd.Denoiser, str]]] = {
     "vp_scaled_linear": lambda: (PROC, DEN, "unipc"),
     "vp_zero_snr": lambda: (

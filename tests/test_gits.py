@@ -3,7 +3,9 @@ step, the grid's contract and cache, and held-out accuracy on an exact mixture."
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -143,6 +145,22 @@ def test_held_out_error_below_time_uniform_for_ddim(setup):
         assert err(fit, n) < 0.95 * min(err("time_uniform", n), err("karras_capped", n))
 
 
+def test_serves_its_process_by_value(setup):
+    # a copy, an unpickled fit, and a fresh VP.scaled_linear() are the process it was fitted to (the same
+    # grid); VP.discrete with other betas (the same repr) and another kind are refused
+    _, proc, den = setup
+    fit = _fit(den, teacher_steps=12)
+    want = fit(proc, 5)
+    for other in (copy.deepcopy(fit), pickle.loads(pickle.dumps(fit))):
+        assert torch.equal(other(proc, 5), want) and torch.equal(other(copy.deepcopy(proc), 5), want)
+    assert torch.equal(fit(sd.VP.scaled_linear(), 5), want)
+    msg = r"process VP.discrete\(N=1000\) is not the one it was fitted to, VP.discrete\(N=1000\)"
+    with pytest.raises(ValueError, match=msg):
+        fit(sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64)), 5)
+    with pytest.raises(ValueError, match=r"process EDM\(.*\) is not the one it was fitted to"):
+        sd.sample(sd.Denoiser(den.net, sd.EDM(), prediction="x0"), noise(4, 8), steps=5, schedule=fit)
+
+
 def test_not_a_name(setup):
     assert "gits" not in sd.schedules.available()
     with pytest.raises(ValueError, match=r"unknown schedule='gits'"):
@@ -163,13 +181,14 @@ def test_bad_input(setup):
         ({"final": "clean"}, r"GITS: .*final"),
         ({"generator": 3}, r"GITS: generator must be a torch.Generator"),
         ({"teacher_schedule": "nope"}, r"GITS: unknown schedule='nope'"),
+        ({"device": "nope"}, r"GITS: device must be a torch.device"),
     ]:
         with pytest.raises(ValueError, match=msg):
             GITS(den, **kw)
     fit = _fit(den, teacher_steps=6)
     with pytest.raises(ValueError, match=r"7 nodes asked; fitted with final='zero' it gives 1 to 6 nodes"):
         fit(proc, 7)
-    with pytest.raises(ValueError, match=r"was fitted to"):
+    with pytest.raises(ValueError, match=r"process VP.cosine\(s=0.008\) is not the one it was fitted to"):
         fit(sd.VP.cosine(), 3)
     with pytest.raises(ValueError, match=r"steps must be an integer|steps"):
         optimal_path(fit.cost, 0)

@@ -40,9 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import choice, integer, real, sizes
+from ._checks import choice, device_or_none, integer, real, sizes
 from .denoiser import Denoiser
-from .processes import Process
+from .noise import randn
+from .processes import Process, equivalent
 from .schedules import Schedule, ScheduleLike
 from .schedules import get as get_schedule
 
@@ -108,7 +109,9 @@ class GITS(Schedule):
         den: the denoiser to fit the schedule to; the schedule serves its process only.
         shape: the shape of one sample (default ``den.shape``).
         samples: draws of ``x_T ~ N(0, I)`` the teacher runs from (an integer >= 1; the authors: 256).
-        generator: the ``torch.Generator`` they are drawn with (``None``: torch's global RNG).
+        generator: the ``torch.Generator`` they are drawn with, on its own device and then moved to
+            ``device`` (:func:`steerdiff.noise.randn`: a CPU generator draws the same ``x_T`` for any device;
+            ``None``: torch's global RNG).
         teacher: the teacher's solver, one of :data:`TEACHERS` (default ``"ipndm"``, the authors').
         teacher_steps: its steps ``M`` (an integer >= 2; the authors: 60, from 61 timestamps).
         teacher_schedule: its schedule (default ``"karras"``, ``rho = 7``, the authors' "polynomial"): the
@@ -118,7 +121,8 @@ class GITS(Schedule):
         final: ``"zero"`` (default) to fit grids for :func:`steerdiff.sample`'s ``final="zero"`` (``steps``
             nodes, then the clean state, which the teacher also ends in), ``"none"`` for ``final="none"``
             (``steps + 1`` nodes, the last the teacher's last node).
-        dtype, device: of the teacher's ``x_T`` (default float32, CPU).
+        dtype, device: of the teacher's ``x_T`` (default float32, CPU); its states and estimates are kept on
+            the CPU in float64 for the cost.
         **cond: passed to the network on every teacher call.
 
     The teacher runs here, once: :attr:`nfe` network calls per sample (``M``). Each step count's grid is
@@ -173,12 +177,13 @@ class GITS(Schedule):
         self.final = choice("GITS", "final", final, FINALS)
         self.process: Process = den.process
 
-        x_T = torch.randn(samples, *shape, generator=generator, dtype=dtype, device=device)
+        x_T = randn((samples, *shape), generator, dtype, device_or_none("GITS", "device", device))
         states, x0 = [x_T], []
 
         def record(d: dict[str, Any]) -> None:
-            states.append(d["x"].clone())
-            x0.append(d["denoised"].clone())
+            # on the CPU, as the cost matrix and the grid's alpha are (and off the accelerator's memory)
+            states.append(d["x"].to("cpu", F64, copy=True))
+            x0.append(d["denoised"].to("cpu", F64, copy=True))
 
         grid = make_grid(self.process, self.teacher_schedule, self.teacher_steps, self.final)
         _, info = sample(
@@ -193,7 +198,7 @@ class GITS(Schedule):
             **cond,
         )
         alpha = torch.tensor(grid.alpha, dtype=F64).reshape(-1, *[1] * (x_T.ndim))
-        y = torch.stack([x.to(F64) for x in states]) / alpha
+        y = torch.stack([states[0].to("cpu", F64), *states[1:]]) / alpha
         s = [sg / a for sg, a in zip(grid.sigma, grid.alpha, strict=True)]
         self.teacher_times: list[float] = grid.t[: len(grid.t) - grid.clean_end]
         """The candidate nodes: the teacher's grid (without its clean end)."""
@@ -206,8 +211,11 @@ class GITS(Schedule):
         """The grids made so far, by node count."""
 
     def nodes(self, process: Process, n: int) -> Tensor:
-        if process is not self.process:
-            raise ValueError(f"{self!r} was fitted to {self.process!r}, not to {process!r}")
+        if not equivalent(process, self.process):
+            raise ValueError(
+                f"{self!r}: process {process!r} is not the one it was fitted to, {self.process!r} (another "
+                "kind, or other alpha / sigma): fit a GITS with a denoiser of this process"
+            )
         if n not in self.grids:
             e = self.cost.shape[0] - 1
             steps = n if self.final == "zero" else n - 1

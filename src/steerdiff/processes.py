@@ -50,6 +50,7 @@ __all__ = [
     "MeanRevertingDiscrete",
     "Process",
     "RectifiedFlow",
+    "equivalent",
     "rescale_zero_terminal_snr",
 ]
 
@@ -247,6 +248,21 @@ class VP(Process):
         n = integer(who, "num_train_timesteps", num_train_timesteps, lo=2)
         betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=F64) ** 2
         return VPDiscrete(betas=betas)
+
+
+def equivalent(p: Process, q: Process) -> bool:
+    """Whether ``p`` and ``q`` are one noise process: the same object, or the same kind with equal ``alpha``
+    and ``sigma`` (to 1e-12) at 257 evenly spaced times from ``p.t_min`` to ``p.t_max`` (two tables of
+    ``VP.discrete`` or ``MeanReverting.discrete`` that differ at one step differ from there on: their
+    ``alpha`` is a cumulative product), as a copy or an unpickled one is."""
+    if p is q:
+        return True
+    if type(p) is not type(q):
+        return False
+    ts = torch.linspace(p.t_min, p.t_max, 257, dtype=F64)
+    return all(
+        torch.allclose(f(ts), g(ts), rtol=1e-12, atol=0) for f, g in ((p.alpha, q.alpha), (p.sigma, q.sigma))
+    )
 
 
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import CostOfBase, Denoiser, Prediction, check_call, check_denoiser, take_wrapped_rows
+from ..processes import equivalent
 
 __all__ = [
     "Guided",
@@ -242,15 +243,6 @@ def add_score(pred: Prediction, grad: Tensor) -> Prediction:
 
 
 def same_process(a: Denoiser, b: Denoiser) -> bool:
-    """Whether two denoisers share a noise process: the same object, or the same kind with equal
-    ``alpha`` and ``sigma`` (to 1e-12) at 257 evenly spaced times from ``t_min`` to ``t_max`` (two tables of
-    ``VP.discrete`` or ``MeanReverting.discrete`` that differ at one step differ from there on: their
-    ``alpha`` is a cumulative product). Methods that combine several denoisers' estimates at one ``x_t``
-    (CFG, Feynman-Kac correctors) need it."""
-    if a.process is b.process:
-        return True
-    p, q = a.process, b.process
-    ts = torch.linspace(p.t_min, p.t_max, 257, dtype=torch.float64)
-    return type(p) is type(q) and all(
-        torch.allclose(f(ts), g(ts), rtol=1e-12, atol=0) for f, g in ((p.alpha, q.alpha), (p.sigma, q.sigma))
-    )
+    """Whether two denoisers share a noise process (:func:`steerdiff.processes.equivalent`). Methods that
+    combine several denoisers' estimates at one ``x_t`` (CFG, Feynman-Kac correctors) need it."""
+    return equivalent(a.process, b.process)
