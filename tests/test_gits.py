@@ -161,6 +161,26 @@ def test_serves_its_process_by_value(setup):
         sd.sample(sd.Denoiser(den.net, sd.EDM(), prediction="x0"), noise(4, 8), steps=5, schedule=fit)
 
 
+def test_diffusers_scheduler_takes_the_grid_not_the_fit(setup):
+    # the scheduler's config must rebuild the schedule: the fit is refused with the way to pass its grid,
+    # which then gives the scheduler the fit's nodes
+    from steerdiff.integrations.diffusers import SteerdiffScheduler
+
+    gmm = setup[0]
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    proc = SteerdiffScheduler(**config).denoiser.process  # its own object, of the config
+    fit = _fit(gmm.denoiser(proc), teacher_steps=12)
+    with pytest.raises(
+        ValueError, match=r"is fitted to a model .* schedule=gits\(process, steps\).tolist\(\)"
+    ):
+        SteerdiffScheduler(**config, schedule=fit)
+    scheduler = SteerdiffScheduler(**config, schedule=fit(proc, 5).tolist())
+    scheduler.set_timesteps(5)
+    torch.testing.assert_close(
+        scheduler.timesteps.to(F64), fit(scheduler.denoiser.process, 5), rtol=0, atol=1e-4
+    )
+
+
 def test_not_a_name(setup):
     assert "gits" not in sd.schedules.available()
     with pytest.raises(ValueError, match=r"unknown schedule='gits'"):

@@ -615,6 +615,12 @@ def _describe(kind: _Kind, value: Any, obj: Solver | Schedule) -> str | list[flo
         return value
     if isinstance(obj, _schedules.Custom):
         return obj.grid.tolist()
+    if isinstance(obj, _schedules.GITS):  # its grids come from a fit to a model, which no config holds
+        raise ValueError(
+            f"SteerdiffScheduler: schedule={obj!r} is fitted to a model and cannot be kept in the scheduler "
+            "config; pass the grid of the steps you will run, schedule=gits(process, steps).tolist() (with "
+            "process = the denoiser's, e.g. scheduler.denoiser.process)"
+        )
     try:
         stored = _stored_form(kind, obj)
         again = _resolve(kind, stored)
