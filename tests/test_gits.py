@@ -147,8 +147,8 @@ def test_held_out_error_below_time_uniform_for_ddim(setup):
 
 def test_serves_its_process_by_value(setup):
     # a copy, an unpickled fit, and a fresh VP.scaled_linear() are the process it was fitted to (the same
-    # grid); VP.discrete with other betas (the same repr) and another kind are refused
-    _, proc, den = setup
+    # grid); VP.discrete with other betas (the same repr), another kind and another range are refused
+    gmm, proc, den = setup
     fit = _fit(den, teacher_steps=12)
     want = fit(proc, 5)
     for other in (copy.deepcopy(fit), pickle.loads(pickle.dumps(fit))):
@@ -159,6 +159,13 @@ def test_serves_its_process_by_value(setup):
         fit(sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64)), 5)
     with pytest.raises(ValueError, match=r"process EDM\(.*\) is not the one it was fitted to"):
         sd.sample(sd.Denoiser(den.net, sd.EDM(), prediction="x0"), noise(4, 8), steps=5, schedule=fit)
+    # the same alpha and sigma over another range: the grid would start at the fitted t_max
+    edm = _fit(gmm.denoiser(sd.EDM()), teacher_steps=12)
+    assert torch.equal(edm(sd.EDM(), 5), edm(edm.process, 5)) and float(edm(sd.EDM(), 5)[0]) == 80
+    with pytest.raises(
+        ValueError, match=r"process EDM\(t_min=0.002, t_max=160\) is not the one it was fitted"
+    ):
+        edm(sd.EDM(sigma_max=160.0), 5)
 
 
 def test_diffusers_scheduler_takes_the_grid_not_the_fit(setup):

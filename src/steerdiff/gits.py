@@ -211,10 +211,15 @@ class GITS(Schedule):
         """The grids made so far, by node count."""
 
     def nodes(self, process: Process, n: int) -> Tensor:
-        if not equivalent(process, self.process):
+        # the range too: the grid's first node is the fitted process's t_max (EDM(sigma_max=80) and
+        # EDM(sigma_max=160) have the same alpha and sigma)
+        fitted = self.process
+        if not (
+            equivalent(process, fitted) and (process.t_min, process.t_max) == (fitted.t_min, fitted.t_max)
+        ):
             raise ValueError(
-                f"{self!r}: process {process!r} is not the one it was fitted to, {self.process!r} (another "
-                "kind, or other alpha / sigma): fit a GITS with a denoiser of this process"
+                f"{self!r}: process {process!r} is not the one it was fitted to, {fitted!r} (another kind, "
+                "other alpha / sigma or another time range): fit a GITS with a denoiser of this process"
             )
         if n not in self.grids:
             e = self.cost.shape[0] - 1
