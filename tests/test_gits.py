@@ -217,8 +217,23 @@ def test_bad_input(setup):
         fit(proc, 7)
     with pytest.raises(ValueError, match=r"process VP.cosine\(s=0.008\) is not the one it was fitted to"):
         fit(sd.VP.cosine(), 3)
-    with pytest.raises(ValueError, match=r"steps must be an integer|steps"):
+    with pytest.raises(ValueError, match=r"optimal_path: steps"):
         optimal_path(fit.cost, 0)
+    for cost, coeff, msg in [
+        (
+            fit.cost[:, :-1],
+            1.0,
+            r"optimal_path: cost must be a square \(E \+ 1, E \+ 1\) tensor .* got \(7, 6\)",
+        ),
+        (fit.cost, -1.0, r"optimal_path: coeff"),
+        (fit.cost, float("nan"), r"optimal_path: coeff"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            optimal_path(cost, 2, coeff)
+    y, x0 = torch.ones(4, 2, 3), torch.ones(3, 2, 3)
+    for args in [(y, x0, [3.0, 2.0, 1.0]), (y, y, [3.0, 2.0, 1.0, 0.0]), (y[:1], x0[:0], [1.0])]:
+        with pytest.raises(ValueError, match=r"cost_matrix: y must be \(E \+ 1, batch, ...\)"):
+            cost_matrix(*args)
 
 
 @pytest.mark.parametrize("teacher", sd.gits.TEACHERS)

@@ -64,9 +64,14 @@ def cost_matrix(y: Tensor, x0: Tensor, s: Sequence[float]) -> Tensor:
     ``E + 1`` nodes (``0`` at a clean end). Returns the ``(E + 1, E + 1)`` float64 matrix
     ``c_ij = mean_b || x0_i + s_j eps_i - y_j ||_2`` for ``i < j``, ``eps_i = (y_i - x0_i) / s_i``, and
     ``inf`` elsewhere (no step)."""
+    st = torch.tensor(list(s), dtype=F64)
+    if y.ndim < 2 or y.shape[0] < 2 or x0.shape != (y.shape[0] - 1, *y.shape[1:]) or st.shape != y.shape[:1]:
+        raise ValueError(
+            f"cost_matrix: y must be (E + 1, batch, ...) with E >= 1, x0 (E, batch, ...) and s "
+            f"E + 1 numbers, got y {tuple(y.shape)}, x0 {tuple(x0.shape)}, s of {st.numel()}"
+        )
     e = y.shape[0] - 1
     out = torch.full((e + 1, e + 1), torch.inf, dtype=F64)
-    st = torch.tensor(list(s), dtype=F64)
     yf, x0f = y.reshape(e + 1, y.shape[1], -1).to(F64), x0.reshape(e, y.shape[1], -1).to(F64)
     for i in range(e):
         eps = (yf[i] - x0f[i]) / st[i]
@@ -80,8 +85,12 @@ def optimal_path(cost: Tensor, steps: int, coeff: float = 1.0) -> list[int]:
     ``(E + 1, E + 1)`` matrix, ``cost[i, j]`` the price of the step ``i -> j``) minimising
     ``sum_m coeff^m cost[p_m, p_{m+1}]``: the dynamic program of GITS (see the module docstring).
     ``steps`` must be in ``1..E``."""
+    if not isinstance(cost, Tensor) or cost.ndim != 2 or cost.shape[0] != cost.shape[1] or cost.shape[0] < 2:
+        got = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
+        raise ValueError(f"optimal_path: cost must be a square (E + 1, E + 1) tensor with E >= 1, got {got}")
     e = cost.shape[0] - 1
-    steps = integer("optimal_path", "steps", steps, lo=1, hi=max(e, 1))
+    steps = integer("optimal_path", "steps", steps, lo=1, hi=e)
+    coeff = real("optimal_path", "coeff", coeff, lo=0, lo_open=True)
     c = cost.to(F64)
     # value[k][j]: the least cost from node j to E in exactly k steps; pick[k][j]: its next node
     value = [torch.full((e + 1,), torch.inf, dtype=F64), c[:, e].clone()]
