@@ -209,6 +209,8 @@ def test_bad_input(setup):
         ({"generator": 3}, r"GITS: generator must be a torch.Generator"),
         ({"teacher_schedule": "nope"}, r"GITS: unknown schedule='nope'"),
         ({"device": "nope"}, r"GITS: device must be a torch.device"),
+        ({"dtype": "float32"}, r"GITS: dtype must be float16, bfloat16, float32 or float64, got 'float32'"),
+        ({"dtype": torch.int64}, r"GITS: dtype must be float16"),
     ]:
         with pytest.raises(ValueError, match=msg):
             GITS(den, **kw)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import choice, device_or_none, integer, real, sizes
+from ._checks import choice, device_or_none, integer, real, sample_dtype, sizes
 from .denoiser import Denoiser
 from .noise import randn
 from .processes import Process, equivalent
@@ -186,6 +186,7 @@ class GITS(Schedule):
         self.final = choice("GITS", "final", final, FINALS)
         self.process: Process = den.process
 
+        dtype = sample_dtype("GITS", "dtype", dtype)
         x_T = randn((samples, *shape), generator, dtype, device_or_none("GITS", "device", device))
         states, x0 = [x_T], []
 
