@@ -271,7 +271,14 @@ def _schedule_aliases(process: Process, names: Sequence[str], steps: Iterable[in
     return alias
 
 
-def _ours(den: Denoiser, problem: Problem, solver: str, schedule: str, steps: int, nfe: int) -> float:
+def _ours(
+    den: Denoiser,
+    problem: Problem,
+    solver: str | Solver,
+    schedule: schedules.ScheduleLike,
+    steps: int,
+    nfe: int,
+) -> float:
     try:
         x, info = sampling.sample(
             den, problem.x_T, steps=steps, solver=solver, schedule=schedule, return_info=True
