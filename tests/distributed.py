@@ -15,6 +15,7 @@ import datetime
 import gc
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,3 +53,22 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo")
             _main, args=(world, init, tmp, backend, fn, args), nprocs=world, start_method="spawn"
         )
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def outcomes(group: Any, runs: tuple[Callable[[], Any], ...]) -> tuple[list[list[str]], list[float]]:
+    """Each of ``runs`` on this rank, then every rank's outcome of it (``"went through"`` or the error's
+    type and message), gathered on ``group`` (a later collective, which a rank left waiting at the run's
+    own would mismatch: the failed rank stays in the group), and this rank's seconds for each."""
+    import steerdiff as sd  # the harness itself runs without it
+
+    said, seconds = [], []
+    for run in runs:
+        start = time.monotonic()
+        try:
+            run()
+            outcome = "went through"
+        except (ValueError, KeyError, RuntimeError, sd.NonFiniteError) as e:
+            outcome = f"{type(e).__name__}: {e}"
+        seconds.append(time.monotonic() - start)
+        said.append(sd.distributed.ranks("test", group).gather_objects(outcome))
+    return said, seconds

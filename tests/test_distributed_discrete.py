@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ import steerdiff as sd
 from steerdiff.noise import Generators
 
 from .discrete_reference import mixture
-from .distributed import spawn
+from .distributed import outcomes, spawn
 
 F64 = torch.float64
 MIX = mixture()
@@ -192,16 +191,7 @@ def _one_rank_raises(group: Any) -> tuple[list[list[str]], list[float], sd.smc.P
             sd.discrete.MaskedDenoiser(_net_refuses_below_half, PROC), reward, 3.0, generator=gens(True), **kw
         ),
     )
-    said, seconds = [], []
-    for run in runs:
-        start = time.monotonic()
-        try:
-            run()
-            outcome = "went through"
-        except (ValueError, KeyError, RuntimeError, sd.NonFiniteError) as e:
-            outcome = f"{type(e).__name__}: {e}"
-        seconds.append(time.monotonic() - start)
-        said.append(sd.distributed.ranks("test", quick).gather_objects(outcome))
+    said, seconds = outcomes(quick, runs)
     return said, seconds, _ancestral(quick)
 
 

@@ -9,7 +9,6 @@ import contextlib
 import datetime
 import io
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ import steerdiff as sd
 from steerdiff.noise import Generators
 from steerdiff.smc import SMCAlgorithm, StepContext
 
-from .distributed import spawn
+from .distributed import outcomes, spawn
 from .reference import smooth_mixture
 
 F64 = torch.float64
@@ -401,16 +400,7 @@ def _one_rank_raises(group: Any) -> tuple[list[list[str]], list[float], sd.smc.P
         lambda: sd.smc.run_smc(DEN, _WholeOnLast(), generator=gens(False), **kw),
         lambda: sd.smc.svdd(DEN, _refuse_on_last_rank, generator=gens(False, 4), **kw),
     )
-    said, seconds = [], []
-    for run in runs:
-        start = time.monotonic()
-        try:
-            run()
-            outcome = "went through"
-        except (ValueError, KeyError, RuntimeError, sd.NonFiniteError) as e:
-            outcome = f"{type(e).__name__}: {e}"
-        seconds.append(time.monotonic() - start)
-        said.append(sd.distributed.ranks("test", quick).gather_objects(outcome))
+    said, seconds = outcomes(quick, runs)
     return said, seconds, _fk_difference(quick)
 
 
