@@ -118,11 +118,15 @@ def test_a_partly_masked_row_is_the_same_whatever_the_masks_of_its_batch(sampler
     assert torch.equal(batch[1:2], alone)
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "remdm", "confidence"])
+PC = sd.discrete.Confidence("pc", frequencies=[0.4, 0.3, 0.2, 0.1])
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "remdm", "confidence", PC])
 def test_one_host_read_per_step_and_no_copy(sampler):
     # on meta (tests/test_device.py's counter): the NaN / no-clean-token checks, read together once per
     # network call; the mask's logit among the ids is filled without a host-to-device copy (it was one
-    # per step, with three reads: two checks and a boolean gather)
+    # per step, with three reads: two checks and a boolean gather), and "pc"'s frequencies are copied to
+    # the device once, not at every step (found on an H200)
     from .test_device import _Syncs
 
     den = sd.discrete.MaskedDenoiser(
@@ -134,6 +138,8 @@ def test_one_host_read_per_step_and_no_copy(sampler):
             assert sd.discrete.sample(den, (2, 5), steps, sampler, device="meta").is_meta
         return mode.count
 
+    first = count(1)  # "pc" copies its frequencies to a device at its first run there
+    assert first == ({"read": 1, "copy": 1} if isinstance(sampler, sd.discrete.Confidence) else {"read": 1})
     assert count(3) == {"read": 3} and count(6) == {"read": 6}
 
 

@@ -190,22 +190,26 @@ def test_the_particle_snippet_runs_with_what_it_is_given():
 
 
 def test_the_many_gpus_example_runs_under_torchrun(tmp_path):
-    # 6 samples instead of 50,000, on 4 CPU ranks (gloo; shards 2, 2, 1, 1): samples.pt is one process's batch
+    # 6 samples instead of 50,000: one rank per GPU under NCCL where there are GPUs (each sample's noise from
+    # a CUDA generator, so the reference is drawn there too), else 4 CPU ranks (gloo; shards 2, 2, 1, 1).
+    # samples.pt is one process's batch. (4 ranks on an H200's one GPU failed: the example takes one per GPU)
     code = _block("### Many GPUs")
     assert code.count("shape=(50_000, 64)") == 1
     (tmp_path / "samples.py").write_text(code.replace("shape=(50_000, 64)", "shape=(6, 64)"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    gpus = torch.cuda.device_count()
     run = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node",
-        "4",
+        str(gpus or 4),
         "samples.py",
     ]
-    subprocess.run(run, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+    done = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
     den = sd.toy.default_benchmark_mixture().denoiser(sd.VP.scaled_linear())
-    x_T, g = sd.distributed.seeded((6, 64), 0)
-    want = sd.sample(den, x_T, 20, "ddpm", generator=g)
-    torch.testing.assert_close(torch.load(tmp_path / "samples.pt"), want, rtol=0, atol=1e-6)
+    x_T, g = sd.distributed.seeded((6, 64), 0, device="cuda" if gpus else None)
+    want = sd.sample(den, x_T, 20, "ddpm", generator=g).cpu()
+    torch.testing.assert_close(torch.load(tmp_path / "samples.pt"), want, rtol=0, atol=1e-5 if gpus else 1e-6)

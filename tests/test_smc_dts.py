@@ -401,3 +401,27 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_a_nan_from_the_net_is_the_nets_on_an_accelerator_too(monkeypatch):
+    """The net's NaN at its 5th call names that evaluation's step on the CPU at once; on an accelerator
+    (faked: tensors that are not CPU ones) the net's check is deferred, the rollout's reward sees the NaN
+    first, and that raised "reward returned NaN" instead (rbf's twin, found on an H200)."""
+    calls = 0
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return 0.1 * x * (math.nan if calls == 5 else 1.0)
+
+    def run() -> None:
+        nonlocal calls
+        calls = 0
+        sd.smc.dts(sd.Denoiser(net, PROC, "eps"), reward, 1.0, shape=(2, 1), rollouts=4, steps=6, dtype=F64)
+
+    with pytest.raises(sd.NonFiniteError) as cpu:
+        run()
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    with pytest.raises(sd.NonFiniteError) as accelerator:
+        run()
+    assert str(accelerator.value) == str(cpu.value) and "step" in str(cpu.value)

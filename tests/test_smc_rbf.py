@@ -279,3 +279,28 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _nan_at_call(k: int) -> sd.Denoiser:
+    """A linear eps net whose ``k``-th call returns NaN."""
+    calls = 0
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return 0.1 * x * (math.nan if calls == k else 1.0)
+
+    return sd.Denoiser(net, VP, "eps")
+
+
+def test_a_nan_from_the_net_is_the_nets_on_an_accelerator_too(monkeypatch):
+    """The net's NaN at its 4th call names that evaluation's step on the CPU at once; on an accelerator
+    (faked: tensors that are not CPU ones) the net's check is deferred, the reward sees the NaN first, and
+    that raised "reward returned NaN" instead (found on an H200)."""
+    run = lambda: sd.smc.rbf(_nan_at_call(4), reward, 16, shape=(2, 8), steps=8, dtype=F64)  # noqa: E731
+    with pytest.raises(sd.NonFiniteError) as cpu:
+        run()
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    with pytest.raises(sd.NonFiniteError) as accelerator:
+        run()
+    assert str(accelerator.value) == str(cpu.value) and "step" in str(cpu.value)

@@ -99,6 +99,7 @@ class Confidence(Sampler):
         self.lam = real(who, "lam", 0.25 if lam is None else lam, lo=0)
         self.clip = real(who, "clip", 10.0 if clip is None else clip, lo=0, lo_open=True, finite=False)
         self.frequencies: Tensor | None = None
+        self._log_frequencies: dict[torch.device, Tensor] = {}
         if self.score == "pc":
             if frequencies is None:
                 raise ValueError(f"{who}: score='pc' needs the reference token frequencies, frequencies=")
@@ -148,8 +149,10 @@ class Confidence(Sampler):
                 f"Confidence: frequencies must hold one frequency per token id of the denoiser's vocabulary "
                 f"(vocab_size = {log_p.shape[-1]}), got {len(self.frequencies)}"
             )
-        f = self.frequencies.to(log_p.device)[tokens]
-        calibrated = (-chosen * torch.log(f)).clamp(max=self.clip)
+        log_f = self._log_frequencies.get(log_p.device)
+        if log_f is None:  # one copy to each device, not one a step (a host-to-device copy syncs)
+            log_f = self._log_frequencies[log_p.device] = torch.log(self.frequencies).to(log_p.device)
+        calibrated = (-chosen * log_f[tokens]).clamp(max=self.clip)
         position = torch.arange(tokens.shape[-1], dtype=torch.float64, device=tokens.device)
         return torch.log(calibrated) - self.lam * position
 

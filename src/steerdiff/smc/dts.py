@@ -291,6 +291,7 @@ class _Rollouts:
             x = forest.state(steps + 1, rows)
             r = _call_reward(self.who, self.reward, RowSlice(None, len(x), x, 0.0, {}))
             if not bool(torch.isfinite(r).all()):
+                self.model.check_finite()  # the net's deferred NaN/inf (a device's), which the reward saw
                 raise ValueError(f"{self.who}: reward returned NaN or inf (rewards must be finite)")
             forest.value[rows, steps + 1, forest.path[rows, steps + 1]] = r
         return rows
