@@ -497,7 +497,11 @@ NAN_RUNS: dict[str, Callable[[sd.Denoiser, Tensor], object]] = {
     ),
     "pcg": lambda den, x: sd.guidance.pcg(den, den, x, 8, 2.0),
     "characteristic": lambda den, x: sd.sample(CharacteristicGuidance(den, den, 2.0), x, 8),
-    "rbf": lambda den, x: sd.smc.rbf(den, lambda v: v.sum(-1), 16, shape=(2, 8), steps=8, device=x.device),
+    # which node an evaluation is at follows the rewards of rbf's draws: per-row CPU generators, the same
+    # draws on both devices (the global RNG's differ: step 2 on the CPU, 3 on an H200)
+    "rbf": lambda den, x: sd.smc.rbf(
+        den, lambda v: v.sum(-1), 16, shape=(2, 8), steps=8, device=x.device, generator=_rows(2)
+    ),
     "adjoint": lambda den, x: sd.adjoint(den, x, lambda v: v.square().sum(), 8),
     "walk_jump": lambda den, x: sd.mcmc.walk_jump(den, (4, 8), 2.0, 3, 4, device=x.device),
     "denoising_mcmc": lambda den, x: sd.mcmc.denoising_mcmc(
