@@ -18,6 +18,7 @@ from .deis import DEIS
 from .dpm_2 import DPMSolver2
 from .dpm_adaptive import AdaptiveInfo, dpm_adaptive
 from .dpm_solver import DPMSolver
+from .dpm_solver_v3 import EMS, DPMSolverV3, fit_ems
 from .dpmpp import DPMSolverPPMultistep
 from .dpmpp_sde import DPMSolverSDE, DPMSolverSDEMultistep
 from .edm import EDMStochasticHeun
@@ -41,6 +42,7 @@ __all__ = [
     "DDIM",
     "DDPM",
     "DEIS",
+    "EMS",
     "ERSDE",
     "IPNDM",
     "LMS",
@@ -54,6 +56,7 @@ __all__ = [
     "DPMSolverPPMultistep",
     "DPMSolverSDE",
     "DPMSolverSDEMultistep",
+    "DPMSolverV3",
     "EDMStochasticHeun",
     "Euler",
     "EulerAncestral",
@@ -74,6 +77,7 @@ __all__ = [
     "UniPC",
     "available",
     "dpm_adaptive",
+    "fit_ems",
     "get",
     "make_grid",
     "step_order",
