@@ -359,13 +359,20 @@ def fit_ems(
     for j, lam in enumerate(lams.tolist()):
         x = states[j].detach()
         y, est, xdot, jx = diag(lam, x)
-        hi, lo = min(lam + delta, lam_hi), max(lam - delta, lam_lo)  # one-sided at the range's ends
-        _, est_hi, _, _ = diag(hi, x + (hi - lam) * xdot)
-        _, est_lo, _, _ = diag(lo, x + (lo - lam) * xdot)
-        with torch.no_grad():
-            dy = (sig_eps(hi, x) - sig_eps(lo, x)) / (hi - lo)
+        # d/dlam by the central difference, or the second-order one-sided one at the range's ends
+        if lam - delta < lam_lo:
+            offsets, weights, w0 = (delta, 2 * delta), (2.0, -0.5), -1.5
+        elif lam + delta > lam_hi:
+            offsets, weights, w0 = (-delta, -2 * delta), (-2.0, 0.5), 1.5
+        else:
+            offsets, weights, w0 = (delta, -delta), (0.5, -0.5), 0.0
+        dy, dl = w0 * y, w0 * est
+        for off, wt in zip(offsets, weights, strict=True):
+            dl = dl + wt * diag(lam + off, x + off * xdot)[1]  # the estimate of l along the flow
+            with torch.no_grad():
+                dy = dy + wt * sig_eps(lam + off, x)  # sigma eps at fixed x
+        dy, dl = dy / delta, (dl / delta).mean(0).to("cpu", F64)
         ls.append(est.mean(0).to("cpu", F64))
-        dl = ((est_hi - est_lo) / (hi - lo)).mean(0).to("cpu", F64)
         xs.append(x.to("cpu", F64))
         xdots.append(xdot.to("cpu", F64))
         n_list.append(y.to("cpu", F64))
