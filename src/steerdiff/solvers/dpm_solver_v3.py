@@ -101,7 +101,7 @@ class EMS:
     b: Tensor
     nfe: int = 0
     seconds: float = 0.0
-    _cum: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _cum: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.process, Process):
