@@ -206,6 +206,26 @@ def test_solver_float32_on_the_device_is_the_float64_run_to_float32_accuracy(sol
     _expect(out, ref, F32_TOL, dtype=torch.float32)
 
 
+# solvers fitted to the model (classes, not names), fitted once on the CPU to the oracle of PROC: their
+# tables serve any denoiser of PROC on 8-d samples
+FITTED: dict[str, Callable[[], sd.solvers.Solver]] = {
+    "dpm_solver_v3": functools.cache(
+        lambda: sd.solvers.DPMSolverV3(
+            sd.solvers.fit_ems(DEN, shape=(8,), samples=32, nodes=12, generator=_gen(5))
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_fitted_solver_float64_equals_the_cpu_run(name: str) -> None:
+    x_T = noise(BATCH, 8)
+    ref = sd.sample(DEN, x_T, STEPS, FITTED[name]())
+    _expect(sd.sample(DEN, x_T.to(DEVICE), STEPS, FITTED[name]()), ref, F64_TOL)
+    ref = sd.sample(DEN, x_T, STEPS, FITTED[name]())  # float32 on the device, its tables copied anew
+    _expect(sd.sample(DEN, x_T.float().to(DEVICE), STEPS, FITTED[name]()), ref, F32_TOL, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("schedule", sd.schedules.available())
 def test_schedule_float64_equals_the_cpu_run(schedule: str) -> None:
     x_T = noise(BATCH, 8)
@@ -335,6 +355,21 @@ def test_no_sync_per_step(solver: str) -> None:
 
     def count(steps: int) -> int:
         return _syncs(lambda: sd.sample(den, x_T, steps, _solver(solver)))
+
+    few, many = count(6), count(12)
+    assert few == many and few <= 4, (few, many)
+
+
+@cuda_only
+@pytest.mark.parametrize("name", FITTED)
+def test_fitted_solver_no_sync_per_step(name: str) -> None:
+    """As ``test_no_sync_per_step``: a fitted solver's per-step tables are copied to the device without a
+    sync (from pinned memory), once per grid, device and dtype."""
+    den, x_T = _linear_eps_den(), torch.randn(4, 8, device=DEVICE)
+    sd.sample(den, x_T, 3, FITTED[name]())  # first use of each kernel
+
+    def count(steps: int) -> int:
+        return _syncs(lambda: sd.sample(den, x_T, steps, FITTED[name]()))
 
     few, many = count(6), count(12)
     assert few == many and few <= 4, (few, many)

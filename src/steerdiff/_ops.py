@@ -53,6 +53,16 @@ def kept(cache: dict[K, T], key: K, make: Callable[[], T]) -> T:
     return value
 
 
+def host_to(t: Tensor, like: Tensor) -> Tensor:
+    """The CPU tensor ``t`` in ``like``'s dtype on ``like``'s device. To a CUDA device the copy is made from
+    pinned memory without blocking: no device sync (a copy from pageable memory waits for the device), and
+    the caching host allocator keeps the pinned source until the copy is done."""
+    t = t.to(like.dtype)
+    if like.device.type == "cuda":
+        return t.pin_memory().to(like.device, non_blocking=True)
+    return t.to(like.device)
+
+
 def first_false(ok: Tensor) -> int | None:
     """The index of the first ``False`` in the 1-d flags ``ok`` (``None`` if all hold), read from the
     device once: checks deferred over a run (non-finite outputs, rewards, step sizes) end here."""

@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from .._checks import boolean, device_or_none, integer, real, sample_dtype, sizes
+from .._ops import host_to, kept
 from ..denoiser import Denoiser
 from ..noise import randn
 from ..processes import Process, equivalent
@@ -467,45 +468,54 @@ class DPMSolverV3(Solver):
         super().moved(state)
         state["x"] = None
 
-    def _coefficients(self, a: float, c: float, lams: Sequence[float], pseudo: bool) -> Any:
-        """Cached per step: ``x_t = A x_s - C (sum_j w_j g_j + W_b)`` and, per point ``j``,
-        ``g_j = e^{S_s - S_j} f_j - F_s(lam_j)``."""
-        key = (a, c, tuple(lams), pseudo)
-        if key not in self._cache:
+    def _coefficients(self, a: float, c: float, lams: Sequence[float], pseudo: bool, like: Tensor) -> Any:
+        """Kept per step, device and dtype (:func:`~steerdiff._ops.kept`; copied with
+        :func:`~steerdiff._ops.host_to`, no device sync): ``x_t = A x_s - C (sum_j w_j g_j + W_b)`` and,
+        per point ``j``, ``g_j = e^{S_s - S_j} f_j - F_s(lam_j)``."""
+
+        def make() -> tuple[Tensor, list[Tensor], Tensor, list[Tensor], list[Tensor]]:
             ems, k = self.ems, len(lams)
             decay, W, wb = ems.step_integrals(a, c, k)
-            r = [u - a for u in lams]
+            r, zero = [u - a for u in lams], torch.zeros_like(W[0])
             fact = [math.factorial(n) * W[n] for n in range(k)]  # n! W_n: the weight of g^(n) / n!
             if pseudo:  # g^(n) / n! ~ g[u_0..u_n]
                 per = [newton_weights(r, [0.0] * n + [1.0]) for n in range(k)]
-                w = [sum(per[n][j] * fact[n] for n in range(j, k)) for j in range(k)]
+                w = [sum((per[n][j] * fact[n] for n in range(j, k)), zero) for j in range(k)]
             else:  # the interpolating polynomial's Taylor coefficients
                 basis = lagrange_basis(r)
-                w = [sum(basis[j][n] * fact[n] for n in range(k)) for j in range(k)]
+                w = [sum((basis[j][n] * fact[n] for n in range(k)), zero) for j in range(k)]
             S = ems.at(torch.tensor([a, *lams], dtype=F64))["S"]
             shift = [torch.exp(S[0] - S[j + 1]) for j in range(k)]
             drift = [ems.drift_integral(a, u) for u in lams]
-            self._cache[key] = (decay, w, wb, shift, drift)
-        return self._cache[key]
+            on = host_to(torch.stack([decay, wb, *w, *shift, *drift]), like).unbind(0)  # one copy
+            return on[0], list(on[2 : 2 + k]), on[1], list(on[2 + k : 2 + 2 * k]), list(on[2 + 2 * k :])
+
+        return kept(self._cache, (a, c, tuple(lams), pseudo, like.device, like.dtype), make)
+
+    def _l(self, lam: float, like: Tensor) -> Tensor:
+        """``l`` at ``lam`` on ``like``'s device and dtype, kept (as :meth:`_coefficients`)."""
+        return kept(
+            self._cache,
+            ("l", lam, like.device, like.dtype),
+            lambda: host_to(self.ems.at(torch.tensor(lam, dtype=F64))["l"], like),
+        )
 
     def _update(
         self, grid: Grid, x: Tensor, src: int, dst: int, f: list[Tensor], lams: list[float], pseudo: bool
     ) -> Tensor:
         """The predictor (``dst = src + 1``, points ``src, src-1, ...``) or corrector (points ``src, dst,
         src-1, ...``) update of ``x`` at node ``src``, from the estimates ``f`` at ``lams``."""
-        decay, w, wb, shift, drift = self._coefficients(grid.lam[src], grid.lam[dst], lams, pseudo)
-        like = x
-        total = wb.to(like)
+        decay, w, wb, shift, drift = self._coefficients(grid.lam[src], grid.lam[dst], lams, pseudo, x)
+        total = wb
         for wj, sj, dj, fj in zip(w, shift, drift, f, strict=True):
-            total = total + wj.to(like) * (sj.to(like) * fj - dj.to(like))
+            total = total + wj * (sj * fj - dj)
         a = grid.alpha[dst]
-        return (a / grid.alpha[src]) * decay.to(like) * x - a * decay.to(like) * total
+        return (a / grid.alpha[src]) * decay * x - a * decay * total
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         pred = model(x, grid.t[i], i)
-        ems = self.ems
         lam_i, alpha = grid.lam[i], grid.alpha[i]
-        l_i = ems.at(torch.tensor(lam_i, dtype=F64))["l"].to(x)
+        l_i = self._l(lam_i, x)
         n_i = (1 - l_i) * pred.x - alpha * pred.x0  # N = sigma eps - l x at the evaluated point
         f_i = n_i / alpha
         hist = state["f"]
@@ -517,9 +527,8 @@ class DPMSolverV3(Solver):
                 lams = [hist.at[0], lam_i, *hist.at[1 : k - 1]]
                 corrected = self._update(grid, state["x"], i - 1, i, f_pts, lams, self.corrector_pseudo)
                 predicted = state["pred"]
-                if (
-                    x is not predicted
-                ):  # entries moved since: kept, or a guess's moved by the correction's move
+                # entries moved since the prediction: kept, or a guess's moved by the correction's move
+                if x is not predicted:
                     off = torch.add(x, corrected - predicted) if model.guesses else x
                     corrected = torch.where(x == predicted, corrected, off)
                 x = corrected
