@@ -53,14 +53,14 @@ def kept(cache: dict[K, T], key: K, make: Callable[[], T]) -> T:
     return value
 
 
-def host_to(t: Tensor, like: Tensor) -> Tensor:
-    """The CPU tensor ``t`` in ``like``'s dtype on ``like``'s device. To a CUDA device the copy is made from
-    pinned memory without blocking: no device sync (a copy from pageable memory waits for the device), and
-    the caching host allocator keeps the pinned source until the copy is done."""
-    t = t.to(like.dtype)
-    if like.device.type == "cuda":
-        return t.pin_memory().to(like.device, non_blocking=True)
-    return t.to(like.device)
+def host_to(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """The CPU tensor ``t`` on ``device`` (in ``dtype``, default its own). To a CUDA device the copy is made
+    from pinned memory without blocking: no device sync (a copy from pageable memory waits for the device),
+    and the caching host allocator keeps the pinned source until the copy is done."""
+    t = t if dtype is None else t.to(dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def first_false(ok: Tensor) -> int | None:

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, integer, real, real_array
+from .._ops import host_to, kept
 from ..noise import Draws, rand
 from .base import Model, Sampler
 from .categorical import draw
@@ -149,9 +150,9 @@ class Confidence(Sampler):
                 f"Confidence: frequencies must hold one frequency per token id of the denoiser's vocabulary "
                 f"(vocab_size = {log_p.shape[-1]}), got {len(self.frequencies)}"
             )
-        log_f = self._log_frequencies.get(log_p.device)
-        if log_f is None:  # one copy to each device, not one a step (a host-to-device copy syncs)
-            log_f = self._log_frequencies[log_p.device] = torch.log(self.frequencies).to(log_p.device)
+        log_f_cpu, dev = torch.log(self.frequencies), log_p.device
+        # one copy to each device, not one a step, and without a sync (a copy from pageable memory syncs)
+        log_f = kept(self._log_frequencies, dev, lambda: host_to(log_f_cpu, dev))
         calibrated = (-chosen * log_f[tokens]).clamp(max=self.clip)
         position = torch.arange(tokens.shape[-1], dtype=torch.float64, device=tokens.device)
         return torch.log(calibrated) - self.lam * position

@@ -487,7 +487,8 @@ class DPMSolverV3(Solver):
             S = ems.at(torch.tensor([a, *lams], dtype=F64))["S"]
             shift = [torch.exp(S[0] - S[j + 1]) for j in range(k)]
             drift = [ems.drift_integral(a, u) for u in lams]
-            on = host_to(torch.stack([decay, wb, *w, *shift, *drift]), like).unbind(0)  # one copy
+            table = torch.stack([decay, wb, *w, *shift, *drift])
+            on = host_to(table, like.device, like.dtype).unbind(0)  # one copy
             return on[0], list(on[2 : 2 + k]), on[1], list(on[2 + k : 2 + 2 * k]), list(on[2 + 2 * k :])
 
         return kept(self._cache, (a, c, tuple(lams), pseudo, like.device, like.dtype), make)
@@ -497,7 +498,7 @@ class DPMSolverV3(Solver):
         return kept(
             self._cache,
             ("l", lam, like.device, like.dtype),
-            lambda: host_to(self.ems.at(torch.tensor(lam, dtype=F64))["l"], like),
+            lambda: host_to(self.ems.at(torch.tensor(lam, dtype=F64))["l"], like.device, like.dtype),
         )
 
     def _update(
