@@ -44,14 +44,26 @@ def _main(
     os._exit(0)
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo") -> list[Any]:
+def spawn(
+    fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo", timeout: float | None = None
+) -> list[Any]:
     """``fn(group, *args)`` on each of ``world`` ranks of ``backend`` (``"gloo"`` or ``"nccl"``); the
-    results in rank order."""
+    results in rank order. ``timeout``: seconds after which the ranks still running are killed and a
+    ``TimeoutError`` raised (a rank left waiting at a collective fails the test then, rather than at the
+    group's timeout or never); ``None``: no limit."""
     with tempfile.TemporaryDirectory() as tmp:
         init = "file://" + os.path.join(tmp, "init")
-        mp.start_processes(
-            _main, args=(world, init, tmp, backend, fn, args), nprocs=world, start_method="spawn"
+        ranks = mp.start_processes(
+            _main, args=(world, init, tmp, backend, fn, args), nprocs=world, start_method="spawn", join=False
         )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ranks.join(None if deadline is None else max(deadline - time.monotonic(), 0.0)):
+            if deadline is not None and time.monotonic() >= deadline:
+                for process in ranks.processes:  # the ranks this call started, by their process
+                    if process.is_alive():
+                        process.kill()
+                    process.join()
+                raise TimeoutError(f"spawn: the {world} ranks of {fn.__name__} ran past {timeout} s")
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]
 
 

@@ -174,25 +174,58 @@ def _net_refuses_below_half(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return DEN.net(x, t)
 
 
-def _one_rank_raises(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+def _on_last(value: Any, other: Any) -> Any:
+    """``value`` on the last rank, ``other`` on the others: an argument that differs between the ranks."""
+    return value if _last_rank() else other
+
+
+def _one_rank_runs(group: Any) -> tuple[Callable[[], Any], ...]:
     """Runs in which the last rank alone raises an error other than a NaN: its reward raising ``ValueError``
     at the first potential node (fk_steering) or returning the wrong shape at the final samples (best_of_n),
-    its net raising ``KeyError`` at the step where every other rank's net returns NaN. The group's
-    collectives time out after 10 s: a rank left waiting for the failed one fails the test (a gloo timeout
-    or a mismatched collective instead of the outcomes below). After each run every rank's outcome is
-    gathered (a later collective, which a rank left waiting would mismatch) and its seconds; last a run
-    that goes through on the same group."""
-    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=10))
-    kw = {"shape": (2, MIX.L), "particles": N, "steps": STEPS, "group": quick}
+    its net raising ``KeyError`` at the step where every other rank's net returns NaN; and in the set-up, an
+    argument of its own refused before the run's first collective (``particles``; an ``x_T`` of one row for
+    two generators) or after the generators' check that was the first (``interval``, ``lam``: the other
+    waited at the first step's all_reduce)."""
+    kw = {"shape": (2, MIX.L), "particles": N, "steps": STEPS, "group": group}
     runs = (
         lambda: sd.discrete.fk_steering(DEN, _refuse_on_last_rank, 3.0, generator=gens(True), **kw),
         lambda: sd.discrete.best_of_n(DEN, _wrong_shape_on_last_rank, generator=gens(True), **kw),
         lambda: sd.discrete.fk_steering(
             sd.discrete.MaskedDenoiser(_net_refuses_below_half, PROC), reward, 3.0, generator=gens(True), **kw
         ),
+        lambda: sd.discrete.fk_steering(
+            DEN, reward, 3.0, interval=_on_last(0, 1), generator=gens(True), **kw
+        ),
+        lambda: sd.discrete.fk_steering(DEN, reward, _on_last(math.nan, 3.0), generator=gens(True), **kw),
+        lambda: sd.discrete.best_of_n(
+            DEN, reward, generator=gens(True), **{**kw, "particles": _on_last(1, N)}
+        ),
+        lambda: sd.discrete.fk_steering(
+            DEN, reward, x_T=_on_last(X_T[:1], X_T), generator=gens(True), **{**kw, "shape": None}
+        ),
     )
-    said, seconds = outcomes(quick, runs)
+    return runs
+
+
+def _one_rank_raises(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+    """:func:`_one_rank_runs` on a group whose collectives time out after 10 s: a rank left waiting for the
+    failed one fails the test (a gloo timeout or a mismatched collective instead of the outcomes below).
+    After each run every rank's outcome is gathered (a later collective, which a rank left waiting would
+    mismatch) and its seconds; last a run that goes through on the same group."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=10))
+    said, seconds = outcomes(quick, _one_rank_runs(quick))
     return said, seconds, _ancestral(quick)
+
+
+SET_UP_SAID = [
+    ("discrete.fk_steering", "ValueError: discrete.fk_steering: interval must be an integer >= 1, got 0"),
+    ("discrete.fk_steering", "ValueError: discrete.fk_steering: lam must be"),
+    (
+        "discrete.best_of_n",
+        "ValueError: discrete.best_of_n: group: particles = 1 is fewer than the group's 2 ranks",
+    ),
+    ("discrete.fk_steering", "ValueError: discrete.fk_steering: generator must be None, one torch.Generator"),
+]
 
 
 def test_an_error_on_one_rank_is_raised_by_every_rank_at_once(alone):
@@ -209,12 +242,15 @@ def test_an_error_on_one_rank_is_raised_by_every_rank_at_once(alone):
             f"RuntimeError: {who}: rank(s) [1] of the group failed (each raised its error); so stops rank 0"
         )
 
-    for said, seconds, after in spawn(_one_rank_raises, 2):
-        assert said == [
+    for said, seconds, after in spawn(_one_rank_raises, 2, timeout=150):
+        assert said[:3] == [
             [others("discrete.fk_steering"), "ValueError: the reward refused this rank's particles"],
             [others("discrete.best_of_n"), shape_said],
             [others("discrete.fk_steering"), 'KeyError: "the net refused this rank\'s rows"'],
         ]
+        # an argument of the last rank's own refused in the set-up: every rank raises at its end
+        for (other, last), (who, mine) in zip(said[3:], SET_UP_SAID, strict=True):
+            assert (other, last[: len(mine)]) == (others(who), mine), (other, last)
         assert max(seconds) < 5, seconds
         summary = _summary(after)
         for key, value in alone["fk_steering ancestral"].items():
@@ -313,14 +349,14 @@ def _counted(group: Any) -> list[tuple[int, int, int]]:
 
 
 def test_collectives_per_step():
-    """One all_reduce per step (a failure flag and the rows it moved, together), one all_gather at the start
-    (the generators' states, checked alike), one per potential node (the rewards), per node with a
-    resampling event (tokens and times together) and two at the end (the rewards and the particles): 6 + 13
-    for ancestral's 6 steps and 4 + 11 for first_hitting's 4 (4 events each), where one collective each for
-    the flag, the moved rows, the tokens and the times, and a take at every potential node, made 12 + 21 and
-    8 + 15."""
+    """One all_reduce at the start (the set-up's failure flags and the generators' digest, checked alike: was
+    an all_gather of their states) and one per step (a failure flag and the rows it moved, together), one
+    all_gather per potential node (the rewards), per node with a resampling event (tokens and times
+    together) and two at the end (the rewards and the particles): 7 + 12 for ancestral's 6 steps and 5 + 10
+    for first_hitting's 4 (4 events each), where one collective each for the flag, the moved rows, the tokens
+    and the times, and a take at every potential node, made 12 + 21 and 8 + 15."""
     for counts in spawn(_counted, 2):
         (reduces, gathers, events), (reduces_fh, gathers_fh, events_fh) = counts
         assert 0 < events < STEPS
-        assert (reduces, gathers) == (STEPS, 1 + STEPS + events + 2)
-        assert (reduces_fh, gathers_fh) == (4, 1 + 4 + events_fh + 2)
+        assert (reduces, gathers) == (1 + STEPS, STEPS + events + 2)
+        assert (reduces_fh, gathers_fh) == (1 + 4, 4 + events_fh + 2)

@@ -468,7 +468,13 @@ def _counted(group: Any) -> tuple[dict[str, tuple[int, int, int, int]], str]:
     for name in names:
         setattr(torch.distributed, name, counting(name))
     try:
-        for label, run in (("fk_steering", _fk_half), ("tds", _tds)):
+        for label, run in (
+            ("fk_steering", _fk_half),
+            ("tds", _tds),
+            ("svdd", _svdd),
+            ("code", _code),
+            ("fkc", _fkc),
+        ):
             made.clear()
             out = run(group)
             others = len(made) - made.count("all_gather") - made.count("all_reduce")
@@ -496,20 +502,167 @@ def _reward_nan_message(group: Any) -> str:
 
 
 def test_collectives_per_step_one_gather_each_weighted_node_one_per_resampling():
-    """A spread run's collectives: one all_gather at the start (the generators' states, checked alike), one
-    per weighted node (the increments, with the checks of the net's and the reward's finiteness), one per
-    node with a resampling event (every per-particle tensor packed: particles, transition, solver and
-    algorithm state) and one at the end (particles and rewards): 18 and 16 for fk_steering and tds here (11
-    weighted nodes, 5 and 3 events), where a collective per tensor and per check, and a gather at every
-    weighted node with or without an event, made 95 and 63 (with the start's). And one all_reduce per node
-    (11), before its first gather: whether any rank's node raised (an error on one rank raised by every
-    rank at once)."""
+    """A spread run's collectives: one all_gather per weighted node (the increments, with the checks of the
+    net's and the reward's finiteness), one per node with a resampling event (every per-particle tensor
+    packed: particles, transition, solver and algorithm state) and one at the end (particles and rewards):
+    17 and 15 for fk_steering and tds here (11 weighted nodes, 5 and 3 events), where a collective per tensor
+    and per check, and a gather at every weighted node with or without an event, made 94 and 62. And one
+    all_reduce at the start (the set-up's failure flags and the generators' digest, checked alike: was an
+    all_gather of their states) and one per node (11), before its first gather: whether any rank's node
+    raised (an error on one rank raised by every rank at once); tds's propose hook, after that gather, adds
+    none (its flags ride the next node's)."""
     alone = _reward_nan_message(None)
     assert alone == "fk_steering: reward returned NaN or inf at node 4 (rewards must be finite)"
     for counts, said in spawn(_counted, 2):
+        # svdd and code: a selection across the row at every node / every third, on the gathered rewards
+        # (their hooks' gathers say so, StepContext.gather's last: no all_reduce before the resampling's);
+        # fkc_anneal's weights as fk_steering's: one all_reduce per node too
+        for name, steps in (("svdd", STEPS), ("code", STEPS), ("fkc", 20)):
+            assert counts.pop(name)[1:3] == (1 + steps + 1, 0), name
         for name, (gathers, reduces, others, events) in counts.items():
             assert 0 < events < STEPS, name  # nodes with and without an event
-            assert gathers == 1 + (STEPS + 1) + events + 1, (name, gathers, events)
-            assert (reduces, others) == (STEPS + 1, 0), name
+            assert gathers == (STEPS + 1) + events + 1, (name, gathers, events)
+            assert (reduces, others) == (1 + STEPS + 1, 0), name
         # a reward NaN on one rank: every rank raises it, naming the node one process names
         assert said == alone
+
+
+class _FailsAt:
+    """A user's algorithm on a rank's share of a row's particles: zero increments at every node (gathered);
+    the last rank raising ``KeyError`` in the part ``where`` at node 3: its ``resample`` or ``propose`` hook
+    (after the node's increments were gathered), its ``log_weight`` after a gather of its own, or its
+    ``init_state`` (the set-up, before the run's first collective)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __call__(self, part: str, i: int = 3) -> None:
+        if part == self.where and i == 3 and _last_rank():
+            raise KeyError(f"{part} refused this rank's particles")
+
+
+class _Shares(SMCAlgorithm):
+    shardable = True  # its hooks are right on a rank's share (resample returns None)
+
+    def __init__(self, where: str) -> None:
+        self.fail = _FailsAt(where)
+
+    def init_state(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.fail("init_state")
+        return {}
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor:
+        v = ctx.gather(ctx.x0[..., 0])
+        self.fail("log_weight", ctx.i)
+        return 0.0 * v[:, ctx.shard]
+
+    def resample(self, ctx: StepContext, log_w: torch.Tensor, generator: Generators) -> None:
+        self.fail("resample", ctx.i)
+
+    def propose(self, ctx: StepContext, base: sd.solvers.Transition) -> sd.solvers.Transition:
+        self.fail("propose", ctx.i)
+        return base
+
+
+class _GatherThenReward(SMCAlgorithm):
+    """A user's algorithm whose log_weight gathers, then reads the reward: ``lam (r - mean r)``."""
+
+    shardable = True
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor:
+        mean = ctx.gather(ctx.x0[..., 0]).mean(1, keepdim=True)
+        return 3.0 * (ctx.reward(ctx.x0) - mean)
+
+
+class _RefusesAtCall:
+    """``linear``, raising ``ValueError`` on the last rank from its ``at``-th call (from 0) on."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if _last_rank() and self.calls > self.at:
+            raise ValueError("the reward refused this rank's particles at a later node")
+        return linear(x)
+
+
+@dataclass
+class _InitRaises(sd.solvers.DDPM):
+    """DDPM whose ``init_state`` raises on the last rank."""
+
+    def init_state(self, grid: Any) -> dict[str, Any]:
+        if _last_rank():
+            raise KeyError("the solver's init_state refused this rank")
+        return super().init_state(grid)
+
+
+def _on_last(value: Any, other: Any) -> Any:
+    """``value`` on the last rank, ``other`` on the others: an argument that differs between the ranks."""
+    return value if _last_rank() else other
+
+
+def _later_runs(group: Any) -> tuple[Callable[[], Any], ...]:
+    """Runs in which the last rank alone raises where the others made a collective it would not join: after
+    a node's first gather (a resample or propose hook after the increments' gather, a log_weight after a
+    gather of its own, a reward at node 3 read after such a gather), in the set-up (a solver's or an
+    algorithm's init_state) and in an argument's check before the first collective (run_smc's, and a
+    wrapper's own before run_smc: fk_steering's lam, tds's noise_std, fkc_anneal's beta). Was: the last rank
+    raised alone, and the other waited at its next collective until the group's 6 s timeout (then was out
+    of step with the outcomes' gather: spawn's limit)."""
+    kw = {"shape": (2, 2), "particles": N, "steps": STEPS, "dtype": F64, "group": group}
+    y = torch.tensor([[1.0], [-0.5]], dtype=F64)
+    runs = (
+        lambda: sd.smc.run_smc(DEN, _Shares("resample"), generator=gens(False), **kw),
+        lambda: sd.smc.run_smc(DEN, _Shares("propose"), generator=gens(False), **kw),
+        lambda: sd.smc.run_smc(DEN, _Shares("log_weight"), generator=gens(False), **kw),
+        lambda: sd.smc.run_smc(
+            DEN, _GatherThenReward(), reward=_RefusesAtCall(3), generator=gens(True), **kw
+        ),
+        lambda: sd.smc.run_smc(DEN, _Shares("init_state"), generator=gens(False), **kw),
+        lambda: sd.smc.fk_steering(DEN, linear, solver=_InitRaises(), generator=gens(True), **kw),
+        lambda: sd.smc.fk_steering(DEN, linear, ess_threshold=_on_last(2.0, 0.5), generator=gens(True), **kw),
+        lambda: sd.smc.fk_steering(DEN, linear, lam=_on_last(math.nan, 3.0), generator=gens(True), **kw),
+        lambda: sd.smc.tds(
+            DEN, sd.inverse.Matrix(A), y, noise_std=_on_last(-1.0, 0.3), generator=gens(True), **kw
+        ),
+        lambda: sd.smc.fkc_anneal(DEN, _on_last(-1.0, 2.0), generator=gens(True), **kw),
+    )
+    return runs
+
+
+def _later_failures(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+    """:func:`_later_runs` on a group whose collectives time out after 6 s, every rank's outcomes gathered
+    after each (:func:`outcomes`); then a run that goes through on the same group."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=6))
+    said, seconds = outcomes(quick, _later_runs(quick))
+    return said, seconds, _fk_difference(quick)
+
+
+def test_an_error_after_a_gather_or_in_the_set_up_on_one_rank_is_raised_by_every_rank(alone):
+    """The last rank raises its own error and the other a RuntimeError naming it, within 3 s of each other
+    (spawn's limit of 150 s fails a rank left waiting); the group goes on working (the run after them equals
+    the one-process run)."""
+    own = [
+        'KeyError: "resample refused this rank\'s particles"',
+        'KeyError: "propose refused this rank\'s particles"',
+        'KeyError: "log_weight refused this rank\'s particles"',
+        "ValueError: the reward refused this rank's particles at a later node",
+        'KeyError: "init_state refused this rank\'s particles"',
+        'KeyError: "the solver\'s init_state refused this rank"',
+        "ValueError: fk_steering: ess_threshold must be a finite number in [0, 1], got 2.0",
+        "ValueError: fk_steering: lam must be",
+        "ValueError: tds: noise_std must be",
+        "ValueError: fkc_anneal: beta must be",
+    ]
+    who = ["run_smc"] * 5 + ["fk_steering"] * 3 + ["tds", "fkc"]
+    for said, seconds, after in spawn(_later_failures, 2, timeout=150):
+        assert len(said) == len(own)
+        for (other, last), mine, name in zip(said, own, who, strict=True):
+            assert last.startswith(mine), (last, mine)
+            failed = "rank(s) [1] of the group failed (each raised its error); so stops rank 0"
+            assert other == f"RuntimeError: {name}: {failed}", (other, mine)
+        assert max(seconds) < 3, seconds
+        summary = _summary(after)
+        for key, value in alone["fk_steering difference"].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key

@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 
 from .._checks import boolean, integer, real
 from ..denoiser import take_kwarg_rows
-from ..distributed.group import Ranks, particle_ranks
+from ..distributed.group import Ranks, particle_ranks, spread_run
 from ..noise import Draws, Shard, check_generators, repeat_rows
 from ..smc import resample as _resample
 from ..smc.fk_steering import check_arguments, increment, initial_state, potential_nodes
@@ -131,8 +131,6 @@ class _Run:
         self.sampler = get(sampler, who)
         self.steps = self.sampler.num_steps(steps, (x == process.mask_id).sum(dim=1), who)
         self.generator = check_generators(who, generator, self.batch)
-        # torch's global RNG or the generators: alike on every rank, or each draws other noise
-        self.ranks.check_generator(who, self.generator, x.device)
         self.rows: Draws = repeat_rows(self.generator, self.n)
         self.progress = boolean(who, "progress", progress)
         each = torch.arange(self.batch, device=x.device).repeat_interleave(self.n)
@@ -144,6 +142,12 @@ class _Run:
         self.mask_id = process.mask_id
         self.t = torch.ones(len(self.x), dtype=torch.float64, device=x.device)
         self.given = self.x != process.mask_id
+
+    def start(self) -> None:
+        """The set-up's end, after every argument's check (:meth:`Ranks.start
+        <steerdiff.distributed.Ranks.start>`): whether any rank's set-up raised, and torch's global RNG or the
+        generators alike on every rank (else each draws other noise), in one all_reduce."""
+        self.ranks.start(self.who, self.generator, self.x.device)
 
     def nodes(self) -> Iterable[int]:
         """The steps ``0..steps - 1``, with a tqdm bar where ``progress``."""
@@ -281,6 +285,7 @@ class _Run:
         return Particles(x, log_w, self.model.nfe * self.n, trace, reward)
 
 
+@spread_run
 def fk_steering(
     den: MaskedDenoiser,
     reward: Reward,
@@ -356,6 +361,7 @@ def fk_steering(
     lam, potential, nodes = check_arguments(who, lam, potential, nodes)
     ess_threshold = real(who, "ess_threshold", ess_threshold, lo=0, hi=1)
     resample_fn = _resample.get(resampler, who)
+    run.start()
     name = f"{who}: resampler {getattr(resample_fn, '__name__', type(resample_fn).__name__)!r}"
     batch, n, dev = run.batch, run.n, run.x.device
     source = "lam * reward (the potentials)"
@@ -394,6 +400,7 @@ def fk_steering(
     return run.result(weights.log_w, trace, r)
 
 
+@spread_run
 def best_of_n(
     den: MaskedDenoiser,
     reward: Reward,
@@ -421,6 +428,7 @@ def best_of_n(
     run = _Run(
         who, den, reward, shape, x_T, particles, steps, sampler, generator, device, progress, group, cond
     )
+    run.start()
     for i in run.nodes():
         run.step(i)
     r = run.reward(run.x, run.steps)

@@ -12,15 +12,20 @@ order are the items in order.
 
 If one rank raises, the others must not be left waiting for it at a collective (until the group's timeout):
 :meth:`Ranks.fail_together` runs a rank's work and then the one collective that follows it on every rank,
-so every rank raises or none does.
+so every rank raises or none does. A run's set-up (its argument checks, first draws and initial states, any
+of which may fail on one rank alone: an argument that differs between the ranks) ends in one such collective
+of a layout no argument changes, :meth:`Ranks.start`, which a rank whose set-up raised can always make.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,10 +33,13 @@ from torch import Tensor
 
 from .._checks import integer
 
-__all__ = ["Ranks", "as_bytes", "particle_ranks", "ranks"]
+__all__ = ["Ranks", "as_bytes", "particle_ranks", "ranks", "rng_digest", "spread_run"]
 
 _T = TypeVar("_T")
 _U = TypeVar("_U")
+_P = ParamSpec("_P")
+# the run being set up (Ranks.started) in this context: whether this rank has made its Ranks.start
+_STARTING: ContextVar[list[bool] | None] = ContextVar("steerdiff_starting", default=None)
 
 
 @dataclass(frozen=True)
@@ -141,45 +149,74 @@ class Ranks:
         """Raise ``ValueError`` naming ``who`` on every rank unless torch's global RNG of ``device`` (where
         ``generator=None`` draws) is in one state on every rank: a run drawing from it equals the one-process
         run only then (a script that seeds each rank with its rank would otherwise give each rank other noise
-        and other resampling draws, silently). One all_gather of the state and one read."""
-        if self.group is None:
-            return
-        if device.type == "cpu":
-            state = torch.get_rng_state()
-        else:
-            state = torch.get_device_module(device.type).get_rng_state(device)
-        if not self._alike(state, device):
-            raise ValueError(
-                f"{who}: generator=None draws from torch's global RNG, whose state differs between the "
-                "group's ranks; seed it alike on every rank (torch.manual_seed) or pass a torch.Generator "
-                "(one, or one per batch row) seeded alike"
-            )
+        and other resampling draws, silently). One all_reduce of the state's digest (:func:`rng_digest`)."""
+        self.check_generator(who, None, device)
 
     def check_generator(
         self, who: str, generator: torch.Generator | Sequence[torch.Generator] | None, device: torch.device
     ) -> None:
-        """:meth:`check_global_rng` for ``generator=None``; else raise ``ValueError`` naming ``who`` on every
-        rank unless ``generator`` (one ``torch.Generator`` or a list) is in one state on every rank, as a
-        run whose every rank draws the whole group's noise and resampling from it needs (one seeded with
-        the rank, as data-parallel scripts seed theirs, would give a run equal to no one-process run,
-        silently). One all_gather of the states (on ``device``) and one read."""
+        """Raise ``ValueError`` naming ``who`` on every rank unless ``generator`` (one ``torch.Generator``, a
+        list, or ``None``: torch's global RNG of ``device``) is in one state on every rank, as a run whose
+        every rank draws the whole group's noise and resampling from it needs (one seeded with the rank, as
+        data-parallel scripts seed theirs, would give a run equal to no one-process run, silently). One
+        all_reduce of the states' digest (:func:`rng_digest`) and one read."""
         if self.group is None:
             return
-        if generator is None:
-            self.check_global_rng(who, device)
-            return
-        gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
-        if not self._alike(torch.cat([g.get_state() for g in gens]), device):
-            raise ValueError(
-                f"{who}: generator: its state differs between the group's ranks; every rank must pass "
-                "generators seeded alike (not with the rank): each rank draws the noise and the resampling "
-                "of the whole group from them"
-            )
+        digest = rng_digest(generator, device)
+        if not self.alike(torch.tensor([digest], device=self.device()))[0]:
+            raise ValueError(_rng_differs(who, generator))
 
-    def _alike(self, state: Tensor, device: torch.device) -> bool:
-        """Whether the ``uint8`` ``state`` is the same on every rank (gathered on ``device``)."""
-        every = self.gather(state.to(device)[None], self.size)
-        return bool((every == every[:1]).all())
+    def start(
+        self,
+        who: str,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+        device: torch.device,
+    ) -> None:
+        """The end of a run's set-up on this rank, its first collective: ONE all_reduce of a row of ``size +
+        2`` numbers, every rank's flag (:meth:`fail_together`'s: whether its set-up raised, :meth:`started`'s
+        share) and :meth:`check_generator`'s digest of ``generator``'s states, read once. A ``RuntimeError``
+        naming ``who`` and the failed ranks where some rank's set-up raised, else :meth:`check_generator`'s
+        ``ValueError`` where the generators differ between the ranks. Nothing without ``group``.
+
+        Its layout depends on the group alone, so a rank whose set-up raised before it, wherever (an argument
+        of its own refused, a solver's or an algorithm's ``init_state`` raising, a wrapper's checks), makes it
+        too (:meth:`started`), and every rank raises at once rather than the others waiting at the run's next
+        collective."""
+        if self.group is None:
+            return
+        made = _STARTING.get()
+        if made is not None:  # the run started: a rank's error from here on is the run's business
+            made[0] = True
+        _, alike = self.fail_together(who, lambda: rng_digest(generator, device), self._start_share)
+        if not alike:
+            raise ValueError(_rng_differs(who, generator))
+
+    def started(self, who: str, work: Callable[[], _T]) -> _T:
+        """``work()``, a run whose set-up ends in :meth:`start`, so that a rank whose ``work`` raised before
+        it made :meth:`start` makes it as well, its flag set (:meth:`fail_together`'s share), and every rank
+        raises; an error after it is the run's own business (no further collective here). Nested calls
+        (a wrapper's run calling the engine's) make one :meth:`start` between them. ``work()`` itself
+        without ``group``; :func:`spread_run` makes a function that takes ``group=`` one."""
+        if self.group is None or _STARTING.get() is not None:
+            return work()
+        made = [False]
+        token = _STARTING.set(made)
+        try:
+            return self.fail_together(
+                who, work, lambda done: (True, []) if made[0] else self._start_share(None)
+            )[0]
+        finally:
+            _STARTING.reset(token)
+
+    def _start_share(self, digest: int | None) -> tuple[bool, list[int]]:
+        """:meth:`start`'s all_reduce: whether the digests are alike, and every rank's flag (``digest`` is
+        ``None`` where this rank's set-up raised: it sends its flag and no digest)."""
+        row = torch.zeros(self.size + 2, dtype=torch.int64, device=self.device())
+        row[self.rank] = digest is None
+        if digest is not None:
+            row[self.size :] = torch.tensor([digest, -digest])
+        every = self.max(row).tolist()
+        return every[self.size] == -every[self.size + 1], every[: self.size]
 
     def fail_together(
         self, who: str, work: Callable[[], _T], share: Callable[[_T | None], tuple[_U, Sequence[object]]]
@@ -267,6 +304,39 @@ def as_bytes(x: Tensor) -> Tensor:
     return flat.view(torch.uint8)
 
 
+def rng_digest(generator: torch.Generator | Sequence[torch.Generator] | None, device: torch.device) -> int:
+    """A 62-bit digest (blake2b) of ``generator``'s states, one ``torch.Generator`` or a list, or of torch's
+    global RNG of ``device`` for ``None``: what :meth:`Ranks.check_generator` compares between the ranks (two
+    states alike give one digest; two that differ, another but with probability ``2**-62``)."""
+    if generator is None:
+        if device.type == "cpu":
+            states = [torch.get_rng_state()]
+        else:
+            states = [torch.get_device_module(device.type).get_rng_state(device)]
+    else:
+        gens = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        states = [g.get_state() for g in gens]
+    h = hashlib.blake2b(digest_size=8)
+    for state in states:
+        h.update(state.contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _rng_differs(who: str, generator: object) -> str:
+    """:meth:`Ranks.check_generator`'s message."""
+    if generator is None:
+        return (
+            f"{who}: generator=None draws from torch's global RNG, whose state differs between the group's "
+            "ranks; seed it alike on every rank (torch.manual_seed) or pass a torch.Generator (one, or one "
+            "per batch row) seeded alike"
+        )
+    return (
+        f"{who}: generator: its state differs between the group's ranks; every rank must pass generators "
+        "seeded alike (not with the rank): each rank draws the noise and the resampling of the whole group "
+        "from them"
+    )
+
+
 def ranks(who: str, group: object) -> Ranks:
     """``group=`` checked: ``None`` (this process alone) or a ``torch.distributed.ProcessGroup`` this process
     belongs to, after ``torch.distributed.init_process_group``."""
@@ -286,6 +356,26 @@ def ranks(who: str, group: object) -> Ranks:
             f"{who}: group: this process (global rank {dist.get_rank()}) is not one of its ranks"
         )
     return Ranks(rank, dist.get_world_size(group), group)
+
+
+def spread_run(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """``fn``, a run that takes ``group=`` as a keyword and whose set-up ends in :meth:`Ranks.start`, run
+    under :meth:`Ranks.started`: where its argument checks or set-up raise on some ranks before that, they
+    make :meth:`Ranks.start` too, and every rank raises at once. A ``group`` that is no process group of this
+    process is left to ``fn`` to refuse (on every rank alike)."""
+
+    @wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        group = kwargs.get("group")
+        if group is None or _STARTING.get() is not None:
+            return fn(*args, **kwargs)
+        try:
+            spread = ranks(fn.__name__, group)
+        except ValueError:
+            return fn(*args, **kwargs)
+        return spread.started(fn.__name__, lambda: fn(*args, **kwargs))
+
+    return run
 
 
 def particle_ranks(who: str, group: object, n: int) -> Ranks:

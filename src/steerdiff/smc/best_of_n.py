@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .._checks import integer
 from ..denoiser import Denoiser
+from ..distributed.group import spread_run
 from ..noise import Generators
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
@@ -50,7 +51,7 @@ def _keep_best(ctx: StepContext) -> Tensor:
     node is noisy), store the rewards, and a point mass on each row's best."""
     r = ctx.reward(ctx.x)
     ctx.state["reward"] = r
-    every = ctx.gather(r)  # the row's best among every rank's particles (group=)
+    every = ctx.gather(r, last=True)  # the row's best among every rank's particles (group=)
     best = every.argmax(-1, keepdim=True)
     return torch.full_like(every, -math.inf).scatter_(1, best, 0.0)[:, ctx.shard]
 
@@ -84,9 +85,10 @@ class CoDe(SMCAlgorithm):
             return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
         if ctx.i % self.block:
             return None
-        return ctx.gather(ctx.reward(ctx.x0)).argmax(-1, keepdim=True).expand(log_w.shape)
+        return ctx.gather(ctx.reward(ctx.x0), last=True).argmax(-1, keepdim=True).expand(log_w.shape)
 
 
+@spread_run
 def best_of_n(
     den: Denoiser,
     reward: Reward,
@@ -120,6 +122,7 @@ def best_of_n(
     )  # fmt: skip
 
 
+@spread_run
 def code(
     den: Denoiser,
     reward: Reward,

@@ -134,6 +134,7 @@ from .. import schedules as _schedules
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
+from ..distributed.group import spread_run
 from ..guidance.base import Guided, same_process
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
@@ -464,6 +465,7 @@ class FKCorrector(SMCAlgorithm):
         return log_g
 
 
+@spread_run
 def fkc(
     dens: Sequence[Denoiser],
     betas: Sequence[float],
@@ -595,6 +597,7 @@ def run_composition(
     )  # fmt: skip
 
 
+@spread_run
 def fkc_anneal(den: Denoiser, beta: float, **options: Any) -> Particles:
     """Annealing: sample ``p(x)^beta / Z`` (Skreta et al. 2025, Prop. 3.2 with the target-score drift
     ``beta s`` of Eq. 22; weight rate ``(beta - 1) (<nabla, f> + g^2/2 beta |s|^2)``). ``beta > 0``;
@@ -612,6 +615,7 @@ def fkc_anneal(den: Denoiser, beta: float, **options: Any) -> Particles:
     return fkc([den], [real("fkc_anneal", "beta", beta, lo=0, lo_open=True)], **options)
 
 
+@spread_run
 def fkc_product(
     den1: Denoiser,
     den2: Denoiser,
@@ -631,6 +635,7 @@ def fkc_product(
     return fkc([den1, den2], [1.0, 1.0], kwargs=[kwargs1, kwargs2], **options)
 
 
+@spread_run
 def fkc_cfg(
     cond: Denoiser,
     uncond: Denoiser,

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .._checks import choice, integer, real
 from ..denoiser import Denoiser
+from ..distributed.group import spread_run
 from ..noise import Generators
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
@@ -171,6 +172,7 @@ def potential_nodes(
     return set(range(int(window[0]), int(window[1]), interval))
 
 
+@spread_run
 def fk_steering(
     den: Denoiser,
     reward: Reward,

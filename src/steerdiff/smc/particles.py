@@ -105,17 +105,18 @@ so the generators advance alike on every rank and the run equals the one-process
 generators (bitwise on the CPU in float64, where the net's arithmetic does not depend on how many rows
 it is called with; rounding apart where it does, as ``max_batch`` slices of another size).
 The generators' states (torch's global RNG's for ``generator=None``) are checked to be alike on every rank
-(one gather at the start: a generator seeded with the rank would give a run equal to no one-process run,
-silently); a denoiser that draws noise of its own for the rows it is called with (``CADS``,
-``RePaint``) is refused. The communication, one all_gather each (:meth:`Ranks.gather_many
+(a digest of them in the set-up's all_reduce, below: a generator seeded with the rank would give a run
+equal to no one-process run, silently); a denoiser that draws noise of its own for the rows it is called
+with (``CADS``, ``RePaint``) is refused. The communication, one all_gather each (:meth:`Ranks.gather_many
 <steerdiff.distributed.Ranks.gather_many>` packs every tensor of one into one buffer, as collectives cost a
-latency each): the generators' states at the start; the ``(batch, N)`` increments at each weighted node;
+latency each): the ``(batch, N)`` increments at each weighted node;
 at each node where a row resamples (on the CPU; elsewhere at every weighted node, as which rows resample is
 not read off the device) the per-particle tensors (the particles, their transition, the solver's history,
 the algorithm's state), and the prediction and the parents when a hook reads them after it; and the
-particles and rewards at the end; on the CPU also one all_reduce per node, of the failure flags (below).
-fk_steering on the CPU so makes 1 + ``steps + 1`` (its weighted nodes) + its nodes with an event + 1
-all_gathers and ``steps + 1`` all_reduces. Every
+particles and rewards at the end; one all_reduce at the start, of the set-up's failure flags and the
+generators' digest, and on the CPU one per node, of the failure flags (below). fk_steering on the CPU so
+makes ``steps + 1`` (its weighted nodes) + its nodes with an event + 1 all_gathers and 1 + ``steps + 1``
+all_reduces. Every
 rank receives the whole system's state, where an exchange of the rows that move would send less. A
 solver-state tensor is per-particle where its first dimension is the rank's ``batch * n_r`` rows, but for
 the constants of ``init_state`` (alike on every rank): keep a constant tensor a step makes a Python number
@@ -133,20 +134,35 @@ or reward is reported by every rank, so every rank raises alike: each rank's fla
 gather (the increments', a hook's :meth:`StepContext.gather`, a resampling's, the last; a gather of the
 flags alone ends a step that made none on the CPU), read there for CPU tensors, at the end otherwise, and
 raised in one process's order (a net output before the rewards computed after it). A hook thus sees a
-step's non-finite net output before it is raised. Any other error on some ranks (a user's net or reward
-raising, a ``log_weight`` of the wrong shape) is raised by those ranks, each its own, and every other rank
-raises a ``RuntimeError`` naming them, at once (:meth:`Ranks.fail_together
-<steerdiff.distributed.Ranks.fail_together>`), where it falls in a node's work before the node's first
-gather: in the step, in ``log_weight`` (before a gather of its own), and at a node without increments in
-what follows up to a gather (SVDD's and CoDe's rewards in ``resample``). Which gather comes next depends
-on what the failing rank did not compute (whether the node has increments, the reward checks riding
-along), so the flags are a collective of their own: one all_reduce of a one-hot row per rank per node,
-read at once, before that first gather (or after the node's work where it made none). On the CPU alone:
-off it the run reads nothing from the device before its end, and the flags would be a read (a sync) per
-node, so there an error on one rank, and on the CPU one after its node's first gather (a ``resample`` or
-``propose`` hook after the increments' gather or a gather of its own, the draw of the next particles),
-leaves the others waiting at their next collective until the process group's timeout. Where such an error
-and a NaN fall in the same node on different ranks, the other error is what is raised.
+step's non-finite net output before it is raised. Any other error on some ranks (a user's net, reward
+or hook raising, a ``log_weight`` of the wrong shape, an argument that differs between the ranks) is
+raised by those ranks, each its own, and every other rank raises a ``RuntimeError`` naming them
+(:meth:`Ranks.fail_together <steerdiff.distributed.Ranks.fail_together>`), never waiting at a collective
+for a rank that is gone:
+
+* in the set-up (the argument checks, a wrapper's included (fk_steering's, tds's, ...), the first draws, the
+  solver's and the algorithm's ``init_state``), at its end: the run's first collective, one all_reduce of
+  the ranks' flags and the generators' digest (:meth:`Ranks.start <steerdiff.distributed.Ranks.start>`),
+  whose layout no argument changes, so a rank that failed anywhere before it makes it too; on any device;
+* in a node, on the CPU: the flags are an all_reduce of a one-hot row per rank of their own, made where code
+  that can fail on one rank alone ran since their last exchange (the step, the reward, the algorithm's own
+  hooks; not the engine's work on the values every rank shares, nor a resampler, a function of them) and
+  before the ranks' next collective (which depends on what the failing rank did not compute: whether the
+  node has increments, which reward checks ride along, so the flags cannot ride it), read at once: before
+  the node's first gather, or at its end where it made none (one per node); before a later gather of the
+  node where a hook ran since (a ``resample`` hook's selection, a ``propose`` hook reading the resampled
+  parents), and before the next gather after a hook's own :meth:`StepContext.gather` (the hook's code after
+  it can fail on one rank alone; ``last=True`` says it cannot, as SVDD's, best-of-N's and CoDe's selections
+  on the gathered rewards: none then). The tail of a node that made its exchange (a ``resample`` or
+  ``propose`` hook after the increments' gather, as TDS's proposal) is carried into the next exchange,
+  one node's step later, at no collective of its own: fk_steering, TDS, SVDD, best-of-N and CoDe make one
+  per node, as they did when such errors were not covered. A rank whose node raised makes the exchange
+  due, its flag set, then raises.
+
+Off the CPU a node makes none (the run reads nothing from the device before its end, and the flags would
+be a read, a sync, per node): there an error on one rank in a node leaves the others waiting at their next
+collective until the process group's timeout. Where such an error and a NaN fall in the same node on
+different ranks, the other error is what is raised.
 """
 
 from __future__ import annotations
@@ -167,7 +183,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype, sizes
 from .._ops import first_false, kept
 from ..denoiser import Denoiser, Prediction, check_denoiser, check_sample_shape, take_kwarg_rows
-from ..distributed.group import Ranks, particle_ranks
+from ..distributed.group import Ranks, particle_ranks, spread_run
 from ..guidance.base import Guided, value_grad
 from ..noise import (
     GeneratorNoise,
@@ -586,12 +602,18 @@ class StepContext:
         ``ctx.x`` holds ``(batch, len(shard), *shape)``."""
         return self._run.ranks.shard(self._run.n_all)
 
-    def gather(self, values: Tensor) -> Tensor:
+    def gather(self, values: Tensor, last: bool = False) -> Tensor:
         """Per-particle ``values`` ``(batch, len(shard), ...)`` of this rank's particles joined with every
         other rank's: ``(batch, N, ...)`` in particle order, on every rank (``values`` itself without
         ``group``). A collective: every rank must call it at the same point (for a selection over a row's
-        particles, such as :func:`~steerdiff.smc.svdd`'s; ``gather(v)[:, ctx.shard]`` is ``v`` again)."""
-        return self._run.gather([values])[0]
+        particles, such as :func:`~steerdiff.smc.svdd`'s; ``gather(v)[:, ctx.shard]`` is ``v`` again).
+
+        ``last``: the hook's work after it, and what it returns, reads the gathered values (alike on every
+        rank) and nothing of this rank's own, so it cannot fail on one rank alone: on the CPU the failure
+        flags' exchange before the run's next collective (an all_reduce) is then saved. Without it, an error
+        the hook raises after the gather on one rank is raised by every rank as any other (see "Ranks" in
+        the module docstring); with it wrongly, the others wait for that rank at their next collective."""
+        return self._run.gather([values], last=last)[0]
 
 
 class SMCAlgorithm:
@@ -883,7 +905,12 @@ class _Run:
         # and the net evaluations already agreed finite
         self._unagreed: list[tuple[Tensor, int]] = []
         self._agreed_calls = 0
-        self._armed = False  # group on the CPU: the node's failure flags not yet exchanged (together)
+        # group on the CPU (flagged): whether this rank may have run code that can fail on it alone (the
+        # user's net, reward, hooks) since the ranks last exchanged their failure flags; whether this node's
+        # were exchanged; how deep in the algorithm's hooks the run is (a collective there re-arms)
+        self.flagged = spread.group is not None and device.type == "cpu"
+        self._armed = self._exchanged = False
+        self._hooks = 0
         self.sliced_grad = False  # the step runs without a graph; value_grad differentiates in slices
         self.weights: Weights | None = None  # the run's, once made (StepContext.log_w)
         self._constants: dict[int, Tensor] = {}  # by id, held so that no other tensor takes the id
@@ -912,18 +939,22 @@ class _Run:
     def rows(self, x: Tensor) -> Tensor:
         return x.reshape(self.batch, self.particles, *x.shape[1:])
 
-    def gather(self, values: list[Tensor], final: bool = False) -> list[Tensor]:
+    def gather(self, values: list[Tensor], final: bool = False, last: bool = False) -> list[Tensor]:
         """This rank's per-particle ``values`` ``(batch, particles, ...)`` joined with every rank's, ``(batch,
         n_all, ...)`` each, in ONE all_gather (:meth:`~steerdiff.distributed.Ranks.gather_many`; detached),
         which carries what the ranks must agree on: whether the net's output was finite (on the CPU, where
         a one-process run raises at once, and at the ``final`` gather) and the reward checks made since the
         last gather. Every rank then raises alike, in one process's order: a non-finite net output before
         the reward checks made after it (on the CPU; else first, as :func:`run_smc`'s end does), then the
-        first non-finite reward. ``[]``: the flags alone. Without ``group``: ``values`` themselves."""
+        first non-finite reward. ``[]``: the flags alone. Without ``group``: ``values`` themselves.
+
+        On the CPU the failure flags are exchanged first (:meth:`together`) where code that can fail on this
+        rank alone ran since their last exchange; made from a hook, the hook's code after it is such code
+        again, unless ``last`` (:meth:`StepContext.gather`)."""
         if self.ranks.group is None:
             return values
-        if self._armed:  # this node's work so far went through on this rank: its flags first (together)
-            self.ranks.fail_together(self.who, lambda: True, self._flags)
+        if self._armed:  # the work since the last exchange went through on this rank: the flags first
+            self.ranks.fail_together(self.who, lambda: True, lambda done: (None, self._exchange(False)))
         dev = values[0].device if values else self.device
         read = final or dev.type == "cpu"  # elsewhere no host read before the end
         pending, self._unagreed = self._unagreed, []
@@ -949,6 +980,7 @@ class _Run:
                 raise nonfinite_error(int(step), int(k), -neg_t)
             if first is not None:
                 self.check_reward()
+        self._armed = self.flagged and self._hooks > 0 and not last  # the hook goes on
         return joined
 
     def together(self, work: Callable[[], _T]) -> _T:
@@ -956,30 +988,50 @@ class _Run:
         proposal), where the user's net, reward and hooks run. With ``group`` on the CPU every rank raises
         if one's ``work`` raised (:meth:`Ranks.fail_together <steerdiff.distributed.Ranks.fail_together>`):
         that rank its own error, the others a ``RuntimeError`` naming it, at once, not at their next
-        collective's timeout. The flags take one all_reduce of their own per node (:meth:`_flags`), made
-        before the node's first gather (:meth:`gather`) or after ``work`` where it made none, and read
-        there: what the others gather next after an error (whether the node has increments, which reward
-        checks ride along) depends on what the failing rank did not compute, so the flags cannot ride it.
-        An error after that first gather (a ``resample`` or ``propose`` hook after the increments' gather
-        or a hook's own) is not covered. Off the CPU ``work()`` alone: the run reads nothing from the device
-        before its end, and the flags would be a read (a sync) per node; without ``group`` no
-        collective."""
-        if self.ranks.group is None or self.device.type != "cpu":
+        collective's timeout. The flags take an all_reduce of their own (:meth:`_exchange`), made where code
+        that can fail on one rank alone (armed: the step, the reward, the hooks; not the engine's work on
+        values every rank shares, nor a resampler, a function of those) ran since their last exchange, and
+        the ranks' next collective comes: before a gather (:meth:`gather`), or at the node's end where it
+        made none; a rank whose work raised armed makes it in their place, its flag set. What the others
+        gather next after an error depends on what the failing rank did not compute, so the flags cannot
+        ride it. The tail of a node that made its exchange (a ``resample`` or ``propose`` hook after the
+        increments' gather) is armed into the next node's exchange, which so comes one node's step later,
+        at no extra collective; a hook's code after a collective of its own is armed again (unless the hook
+        says it reads shared values alone there, :meth:`StepContext.gather`'s ``last``). Off the CPU
+        ``work()`` alone: the run reads nothing from the device before its end, and the flags would be a
+        read (a sync) per node; without ``group`` no collective."""
+        if not self.flagged:
             return work()
-        self._armed = True
+        self._armed, self._exchanged = True, False
         done, _ = self.ranks.fail_together(self.who, work, self._flags)
         return done
 
     def _flags(self, done: object | None) -> tuple[None, list[int]]:
-        """:meth:`together`'s share: every rank's flag (its node's work raised: ``done`` is ``None``), in
-        ONE all_reduce of a one-hot row per rank and one read, where the node's have not been exchanged
-        yet (else none, and no collective)."""
-        if not self._armed:
+        """:meth:`together`'s share: this rank's flag (its node's work raised: ``done`` is ``None``) in an
+        exchange (:meth:`_exchange`) where armed, unless the node went through and made its exchange (a
+        tail's arming carried to the next one); else none, and no collective."""
+        if not self._armed or (done is not None and self._exchanged):
             return None, []
-        self._armed = False
+        return None, self._exchange(done is None)
+
+    def _exchange(self, failed: bool) -> list[int]:
+        """Every rank's failure flag, in rank order: ONE all_reduce of a one-hot row per rank and one
+        read."""
+        self._armed, self._exchanged = False, True
         raised = torch.zeros(self.ranks.size, dtype=torch.int64, device=self.device)
-        raised[self.ranks.rank] = done is None
-        return None, self.ranks.max(raised).tolist()
+        raised[self.ranks.rank] = failed
+        return self.ranks.max(raised).tolist()
+
+    def hook(self, own: bool, fn: Callable[..., _T], *args: Any) -> _T:
+        """The algorithm's hook ``fn(*args)``; ``own``: the algorithm's own (overridden), code that can fail
+        on one rank alone (:meth:`together`: armed), not the base class's. A collective inside re-arms."""
+        if own and self.flagged:
+            self._armed = True
+        self._hooks += 1
+        try:
+            return fn(*args)
+        finally:
+            self._hooks -= 1
 
     def agree(self) -> None:
         """With ``group`` on the CPU: the checks of the net evaluations and rewards since the last
@@ -1142,6 +1194,10 @@ def check_weights(who: str, log_z: Tensor, source: str = "log_weight") -> None:
     )
 
 
+_HOOKS = ("log_weight", "resample", "propose")
+
+
+@spread_run
 def run_smc(
     den: Denoiser,
     algorithm: SMCAlgorithm,
@@ -1209,9 +1265,9 @@ def run_smc(
             returns the whole system's particles, equal to the one-process run with the same generators
             (the generators, torch's global RNG for ``generator=None``, must be in one state on every rank,
             a ``ValueError`` otherwise; a denoiser that draws noise of its own, such as ``CADS``, is refused).
-            An error on one rank (a user's net or reward raising) is raised there, and every other rank
-            raises a ``RuntimeError`` naming it, at once (on the CPU; "Ranks" in the module docstring says
-            where not).
+            An error on one rank (an argument of its own refused, a user's net, reward or hook raising) is
+            raised there, and every other rank raises a ``RuntimeError`` naming it, at once (in a node on
+            the CPU only; "Ranks" in the module docstring).
         **cond: passed to the network; tensors with ``batch`` rows are repeated for the particles. So
             are those the denoiser holds of its own (:meth:`Denoiser.take_rows
             <steerdiff.denoiser.Denoiser.take_rows>`: :class:`~steerdiff.guidance.CFG`'s
@@ -1271,7 +1327,6 @@ def run_smc(
             "vanish there)"
         )
     x = _initial_particles(who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
-    spread.check_generator(who, generator, x.device)  # after its draw: alike on every rank iff its state was
     # this rank's flat rows of the whole system's batch * n_part (all of them without group)
     mine = None if spread.group is None else spread.flat_rows(batch, n_part)
     if mine is not None:
@@ -1299,6 +1354,10 @@ def run_smc(
     solver_state = slv.init_state(grid)
     run.keep(solver_state)
     alg_state = algorithm.init_state(run.rows(x))
+    # the set-up's end (its checks, draws and initial states, which may fail on one rank alone): every rank's
+    # failure flag and the generators' digest, after the draw of x (alike on every rank iff it was before)
+    spread.start(who, generator, x.device)
+    own = {h: getattr(type(algorithm), h) is not getattr(SMCAlgorithm, h) for h in _HOOKS}
 
     wdev = x.device
     weights = Weights(algorithm.name, batch, n_part, wdev)
@@ -1337,7 +1396,7 @@ def run_smc(
                 x = run.flat(leaf)
             if early:  # log_weight first: a prediction it made at x (and counted) serves the step
                 ctx = StepContext(run, i, x, None, prev, alg_state)
-                inc = algorithm.log_weight(ctx)
+                inc = run.hook(own["log_weight"], algorithm.log_weight, ctx)
                 evaluator.made = ctx._pred
             evaluator.watch, evaluator.seen = (x, grid.t[i]), None
             inner.calls = 0
@@ -1353,11 +1412,11 @@ def run_smc(
             base = out if isinstance(out, Transition) else Transition(out, 0.0)
             if not early:
                 ctx = StepContext(run, i, x, evaluator.seen, prev, alg_state, leaf)
-                inc = algorithm.log_weight(ctx)
+                inc = run.hook(own["log_weight"], algorithm.log_weight, ctx)
             elif ctx._pred is None:  # log_weight made none: the step's serves resample and propose
                 ctx._pred = evaluator.seen
             ess = weights.reweight(_joined(run, algorithm, inc))
-            forced = algorithm.resample(ctx, weights.log_w, generator)
+            forced = run.hook(own["resample"], algorithm.resample, ctx, weights.log_w, generator)
             anc, mask = None, no_resample
             if forced is not None:
                 anc, mask = ancestors(f"{algorithm.name}: resample", forced, i), every_row
@@ -1374,7 +1433,7 @@ def run_smc(
                 ctx, base, solver_state = ctx.take(flat_idx.reshape(-1), base, solver_state)
                 weights.reset(mask)
             weights.record(mask)
-            prop = _flat_tr(algorithm.propose(ctx, _view(base, run)), run)
+            prop = _flat_tr(run.hook(own["propose"], algorithm.propose, ctx, _view(base, run)), run)
             x, alg_state = ctx._x, ctx.state
             run.agree()  # the checks no gather carried this step (a step without increments)
         return x, alg_state, solver_state, base, prop
@@ -1399,7 +1458,8 @@ def run_smc(
     def last() -> Tensor:
         """The final node's weights on this rank: the algorithm's final correction."""
         with grad_ctx():
-            return weights.reweight(_joined(run, algorithm, algorithm.log_weight(ctx)))
+            inc = run.hook(own["log_weight"], algorithm.log_weight, ctx)
+            return weights.reweight(_joined(run, algorithm, inc))
 
     run.together(last)
     weights.record(no_resample)

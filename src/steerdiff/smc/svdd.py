@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._checks import real
 from ..denoiser import Denoiser
+from ..distributed.group import spread_run
 from ..noise import Generators, rand
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
@@ -95,15 +96,16 @@ class SVDD(SMCAlgorithm):
         r = ctx.reward(ctx.x)  # the samples returned (noisy ones with final="none")
         ctx.state["reward"] = r
         # over every rank's candidates (group=)
-        return selection_logits(ctx.gather(r), self.alpha)[:, ctx.shard]
+        return selection_logits(ctx.gather(r, last=True), self.alpha)[:, ctx.shard]
 
     def resample(self, ctx: StepContext, log_w: Tensor, generator: Generators) -> Tensor:
         if ctx.i == 0 or log_w.shape[1] == 1:  # one x_T per batch row; one candidate: nothing to draw
             return torch.zeros(log_w.shape, dtype=torch.long, device=log_w.device)
-        r = ctx.gather(ctx.reward(ctx.x0))  # every rank's candidates (group=)
+        r = ctx.gather(ctx.reward(ctx.x0), last=True)  # every rank's candidates (group=)
         return select(r, self.alpha, generator)[:, None].expand(log_w.shape)
 
 
+@spread_run
 def svdd(
     den: Denoiser,
     reward: Reward,

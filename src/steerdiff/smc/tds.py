@@ -62,7 +62,7 @@ from torch import Tensor
 
 from .._checks import integer, real
 from ..denoiser import Denoiser, check_denoiser
-from ..distributed.group import ranks
+from ..distributed.group import ranks, spread_run
 from ..guidance._measurement import MeasurementGuided
 from ..inverse.operators import LinearOperator
 from ..noise import Generators
@@ -291,6 +291,7 @@ def _linear_twist(
 _POSITIONAL = "positional: tds(den, operator, y, ...); a keyword operator= or y= is a condition for the net"
 
 
+@spread_run
 def tds(
     den: Denoiser,
     operator: LinearOperator | None = None,
