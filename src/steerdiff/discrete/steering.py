@@ -45,7 +45,7 @@ Ranks (``group=``, a ``torch.distributed`` process group; every rank makes the s
 see a rank's ``batch * n_r`` rows (``**cond`` and the denoiser's per-row state taken at them). Every draw of
 the sampler and of the estimates is made for all ``batch * N`` particles and a rank keeps its own
 (:class:`steerdiff.noise.Shard`), so the generators advance alike on every rank (their states are checked
-alike at the start, one all_gather); the rewards are gathered into
+alike at the start: a digest of them in the set-up's all_reduce, below); the rewards are gathered into
 ``(batch, N)``, and the weights, ``log Z``, ESS, the resampling draws and best-of-N's choice are computed from
 them identically on every rank; at a resampling event (on the CPU, a node where a row resamples) every rank
 gathers the particles' tokens and times (one all_gather, :meth:`~steerdiff.distributed.Ranks.gather_many`) and
@@ -61,7 +61,10 @@ by those ranks, each its own, and every other rank raises a ``RuntimeError`` nam
 (:meth:`Ranks.fail_together <steerdiff.distributed.Ranks.fail_together>`: a flag per rank riding the step's
 all_reduce or the rewards' all_gather, no further collective), so no rank waits at a collective for one that
 is gone; where such an error and a NaN fall in the same step on different ranks, the other error is what is
-raised.
+raised. So is an error in the set-up (an argument refused on some ranks alone, as an ``interval`` or an
+``x_T`` that differs between them): the set-up ends in the run's first collective, one all_reduce of every
+rank's failure flag and the generators' digest (:meth:`Ranks.start <steerdiff.distributed.Ranks.start>`),
+which a rank that failed before it makes too (:func:`~steerdiff.distributed.group.spread_run`).
 """
 
 from __future__ import annotations
