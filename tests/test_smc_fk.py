@@ -640,7 +640,7 @@ def test_svdd_tiny_alpha_is_the_argmax_limit(alpha):
     fell on the last candidate, and the run's final node raised "weight zero")."""
     svdd = sd.smc.SVDD(alpha)
     values = torch.tensor([[-3.0, -1.0, -2.0], [5.0, 7.0, 6.0], [0.25, 0.0, 0.0]], dtype=F64)
-    ctx = types.SimpleNamespace(i=1, x0=values, reward=lambda z: z, gather=lambda v: v)
+    ctx = types.SimpleNamespace(i=1, x0=values, reward=lambda z: z, gather=lambda v, last=False: v)
     for seed in range(8):
         idx = svdd.resample(ctx, torch.zeros_like(values), gen(seed))
         assert idx.tolist() == [[1] * 3, [1] * 3, [0] * 3]
