@@ -224,7 +224,7 @@ def test_spread_particle_runs_no_sync_per_step(name, monkeypatch):
     ``[inf, 0, 0]`` on the device at every gather: 16 copies at 6 steps, 28 at 12 (now 3 at both)."""
     sentinel = object()  # the group: only its presence is read off the CPU
     monkeypatch.setattr(sd.smc.particles, "particle_ranks", lambda who, group, n: Ranks(0, 1, sentinel))
-    # the set-up's all_reduce (the flags and the generators' digest; meta has no RNG state): once, not per step
+    # the set-up's all_reduce (the flags, the generators' digest; meta has no RNG state): once, not per step
     monkeypatch.setattr(Ranks, "start", lambda self, who, generator, device: None)
     monkeypatch.setattr(torch.distributed, "all_gather", lambda parts, x, group=None: None)
     net = torch.nn.Linear(8, 8, device="meta").requires_grad_(False)
