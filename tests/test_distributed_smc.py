@@ -473,6 +473,7 @@ def _counted(group: Any) -> tuple[dict[str, tuple[int, int, int, int]], str]:
             ("tds", _tds),
             ("svdd", _svdd),
             ("code", _code),
+            ("best_of_n", _best_of_n),
             ("fkc", _fkc),
         ):
             made.clear()
@@ -514,10 +515,10 @@ def test_collectives_per_step_one_gather_each_weighted_node_one_per_resampling()
     alone = _reward_nan_message(None)
     assert alone == "fk_steering: reward returned NaN or inf at node 4 (rewards must be finite)"
     for counts, said in spawn(_counted, 2):
-        # svdd and code: a selection across the row at every node / every third, on the gathered rewards
-        # (their hooks' gathers say so, StepContext.gather's last: no all_reduce before the resampling's);
-        # fkc_anneal's weights as fk_steering's: one all_reduce per node too
-        for name, steps in (("svdd", STEPS), ("code", STEPS), ("fkc", 20)):
+        # svdd, code, best_of_n: a selection across the row at every node / every third / the last, on the
+        # gathered rewards (their hooks' gathers say so, StepContext.gather's last: no all_reduce before the
+        # resampling's or the increments'); fkc_anneal's weights as fk_steering's: one per node too
+        for name, steps in (("svdd", STEPS), ("code", STEPS), ("best_of_n", STEPS), ("fkc", 20)):
             assert counts.pop(name)[1:3] == (1 + steps + 1, 0), name
         for name, (gathers, reduces, others, events) in counts.items():
             assert 0 < events < STEPS, name  # nodes with and without an event
