@@ -166,3 +166,24 @@ def test_fail_together_raises_on_every_rank_when_one_fails():
         assert calls == [10 * rank, None if rank == 1 else 10 * rank, None if rank in (0, 2) else 10 * rank]
     alone = Ranks().fail_together("test", lambda: 3, lambda done: (done, [False]))
     assert alone == (3, 3)
+
+
+def test_rng_digest_tells_states_apart():
+    """Ranks.check_generator's and Ranks.start's digest: one per state (a generator's, a list's in order, the
+    global RNG's), another after a draw, for another seed or order; 62 bits (its negation fits in int64)."""
+    cpu = torch.device("cpu")
+    digest = sd.distributed.group.rng_digest
+    seeded = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    first = digest(seeded[0], cpu)
+    assert 0 <= first < 2**62
+    assert digest(torch.Generator().manual_seed(0), cpu) == first
+    assert digest(seeded[1], cpu) != first
+    assert digest(seeded, cpu) != digest(seeded[::-1], cpu)
+    torch.randn(1, generator=seeded[0])
+    assert digest(seeded[0], cpu) != first
+    torch.manual_seed(3)
+    again = digest(None, cpu)
+    torch.manual_seed(3)
+    assert digest(None, cpu) == again
+    torch.rand(1)
+    assert digest(None, cpu) != again
