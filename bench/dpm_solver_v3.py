@@ -1,5 +1,5 @@
 """DPM-Solver-v3 on the solver benchmark, held out:
-``python bench/dpm_solver_v3.py [--samples 1024] [--nodes 100]``.
+``python bench/dpm_solver_v3.py [--samples 1024] [--nodes 100] [--against-diffusers [--draws 16]]``.
 
 The EMS are fitted (:func:`steerdiff.solvers.fit_ems`) on ``--samples`` draws of ``x_T`` from the benchmark's
 draw of seed 1 (:func:`steerdiff.bench.solvers.generator_for`, as ``bench/gits.py``) and the solvers are
@@ -11,6 +11,13 @@ scored on its draw of seed 0 (batch 1024): relative RMSE against the exact ODE
 at every step (``v3``) and with the authors' switches for CIFAR-10 (``v3 (authors)``: the pseudo-order
 predictor at <= 5 steps, the corrector at <= 6), ``unipc``, ``dpmpp_2m``, ``dpmpp_3m``. Prints the table and
 the fit's one-time cost, writes ``docs/bench/dpm_solver_v3.{txt,png}``.
+
+``--against-diffusers``: the solver benchmark's (b) comparison (as ``bench/gits.py --against-diffusers``).
+The EMS are fitted once on the draw of seed 100 (outside the pooled draws); DPM-Solver-v3 (order 3, corrector
+at every step) on the schedules of :data:`PAIRED_SCHEDULES` and ``unipc`` on ``karras_capped`` (the named
+(b) entry) run at NFE 5 / 10 / 20 on the draws of seeds ``0 .. draws - 1``, beside diffusers' best
+configuration at each NFE (:func:`steerdiff.bench.solvers.paired_against_diffusers`): the ratio on seed 0
+and the pooled ratio over the draws. Writes ``docs/bench/dpm_solver_v3_vs_diffusers.txt``.
 """
 
 from __future__ import annotations
@@ -24,13 +31,15 @@ import torch
 
 import steerdiff as sd
 from steerdiff.bench._figure import pyplot
-from steerdiff.bench.solvers import generator_for, make_problem, makes_grid
+from steerdiff.bench.solvers import DRAWS, generator_for, make_problem, makes_grid, paired_against_diffusers
 from steerdiff.metrics import relative_rmse
 from steerdiff.solvers import DPMSolverV3, fit_ems
 
 NFES = (5, 10, 15, 20)
 PAPER_SCHEDULES = ("logsnr_uniform", "time_uniform")
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench"
+PAIRED_SCHEDULES = ("karras_jump", "karras_capped", "karras", "logsnr_uniform")
+PAIRED_FIT_SEED = 100
 
 
 def solvers(ems: sd.solvers.EMS, steps: int) -> dict[str, str | sd.solvers.Solver]:
@@ -48,11 +57,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--against-diffusers", action="store_true")
+    parser.add_argument("--draws", type=int, default=DRAWS)
     args = parser.parse_args()
     torch.set_num_threads(1)  # small tensors on a shared box: the thread pool only adds overhead
     problem = make_problem(1024, seed=0)
     den = problem.gmm.denoiser(problem.process)
-    ems = fit_ems(den, samples=args.samples, generator=generator_for(1, "x_T"), nodes=args.nodes)
+    fit_seed = PAIRED_FIT_SEED if args.against_diffusers else 1
+    ems = fit_ems(den, samples=args.samples, generator=generator_for(fit_seed, "x_T"), nodes=args.nodes)
+    if args.against_diffusers:
+        entries: dict[str, tuple[str | sd.solvers.Solver, str]] = {
+            f"v3 ({s})": (DPMSolverV3(ems, 3), s) for s in PAIRED_SCHEDULES
+        }
+        entries["unipc (karras_capped)"] = ("unipc", "karras_capped")
+        lines = [
+            f"DPM-Solver-v3 (order 3, corrector at every step), EMS fitted once on {args.samples} draws of "
+            f"x_T (seed {fit_seed}), {args.nodes} nodes, {ems.seconds:.1f} s; scored on the draws of seeds "
+            f"0..{args.draws - 1} (batch 1024): relative RMSE on seed 0 and its ratio to diffusers' best (b) "
+            "configuration, pooled ratio over the draws",
+            *paired_against_diffusers(problem, entries, args.draws),
+        ]
+        print("\n".join(lines))
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "dpm_solver_v3_vs_diffusers.txt").write_text("\n".join(lines) + "\n")
+        return
 
     def error(solver: str | sd.solvers.Solver, schedule: str, n: int) -> float:
         try:

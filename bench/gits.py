@@ -10,104 +10,34 @@ solver on the GITS grid and on its best named schedule at each NFE (every schedu
 ``--against-diffusers``: the solver benchmark's (b) comparison with GITS grids. The grid is fitted once on
 the draw of seed 100 (outside the pooled draws), each solver of :data:`PAIRED` runs it at NFE 5 / 10 / 20
 on the draws of seeds ``0 .. draws - 1`` (as :data:`steerdiff.bench.solvers.DRAWS`), and so does diffusers'
-best configuration at that NFE in ``docs/bench/solvers.txt``'s (b) block (:data:`DIFFUSERS_BEST`, run by
-the bench's own runner): the ratio of relative RMSEs on the benchmark's draw (seed 0) and the pooled ratio
+best configuration at that NFE in ``docs/bench/solvers.txt``'s (b) block
+(:data:`steerdiff.bench.solvers.DIFFUSERS_BEST`, :func:`~steerdiff.bench.solvers.paired_against_diffusers`):
+the ratio of relative RMSEs on the benchmark's draw (seed 0) and the pooled ratio
 ``sqrt(sum ||x - ref||^2 / sum ||y - ref||^2)`` over all draws (:class:`steerdiff.bench.solvers.Draws`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 
 import torch
 
 import steerdiff as sd
-from steerdiff.bench.solvers import (
-    DRAWS,
-    Draws,
-    Problem,
-    _ours,
-    _squared,
-    _theirs,
-    diffusers_configs,
-    diffusers_nfe,
-    generator_for,
-    make_problem,
-    makes_grid,
-    steps_for_nfe,
-)
-from steerdiff.integrations.diffusers_ref import quiet_diffusers
+from steerdiff.bench.solvers import DRAWS, generator_for, make_problem, makes_grid, paired_against_diffusers
 from steerdiff.metrics import relative_rmse
 from steerdiff.schedules import GITS
 from steerdiff.solvers.base import Solver
 
 SOLVERS = ("ddim", "ipndm", "dpmpp_2m", "unipc")
 NFES = (5, 6, 8, 10)
-# --against-diffusers: the solvers on the GITS grid, the NFEs of the solver benchmark's (b), diffusers' best
-# configuration (method, schedule) there as docs/bench/solvers.txt's (b) block names it, the fit's draw
+# --against-diffusers: the solvers on the GITS grid and the fit's draw
 PAIRED: dict[str, str | Solver] = {
     "UniPC(order=2)": sd.solvers.UniPC(order=2),
     **{name: name for name in ("unipc", "dpmpp_2m", "ipndm", "accel_ddim")},
 }
-PAIRED_NFES = (5, 10, 20)
-DIFFUSERS_BEST = {
-    5: ("UniPCMultistep(bh1, final sigma_min)", "linspace"),
-    10: ("UniPCMultistep(bh2, order=3)", "karras"),
-    20: ("UniPCMultistep(bh2, order=3)", "karras"),
-}
 PAIRED_FIT_SEED = 100
-
-
-def against_diffusers(problem: Problem, fit: GITS, samples: int, draws: int) -> None:
-    """Print each solver of :data:`PAIRED` on ``fit``'s grid against :data:`DIFFUSERS_BEST` at each NFE of
-    :data:`PAIRED_NFES`: the error on ``problem`` (seed 0) and the ratios over the draws of seeds
-    ``0 .. draws - 1``."""
-    with quiet_diffusers():
-        configs = {(c.method, c.schedule()): c for c in diffusers_configs()}
-        theirs = {n: configs[DIFFUSERS_BEST[n]] for n in PAIRED_NFES}
-        steps_theirs = {n: steps_for_nfe(diffusers_nfe(c), n) for n, c in theirs.items()}
-    solvers = [sd.solvers.get(s) for s in PAIRED.values()]
-    # squared errors summed over each draw: per (solver, NFE) ours, per NFE diffusers'
-    ours: dict[tuple[int, int], list[float]] = {(k, n): [] for k in range(len(solvers)) for n in PAIRED_NFES}
-    base: dict[int, list[float]] = {n: [] for n in PAIRED_NFES}
-    seed0: dict[tuple[int, int], float] = {}
-    for seed in range(draws):
-        # the fit's process object: a GITS grid serves the process it was fitted to
-        d = problem if seed == 0 else dataclasses.replace(make_problem(1024, seed), process=problem.process)
-        den = d.gmm.denoiser(d.process)
-        for n in PAIRED_NFES:
-            steps = steps_theirs[n]
-            assert steps is not None, n
-            with quiet_diffusers():
-                e = _theirs(theirs[n], d, steps, n)
-            base[n].append(_squared(d, e))
-            seed0.setdefault((-1, n), e)
-            for k, solver in enumerate(solvers):
-                steps = steps_for_nfe(solver.nfe, n)
-                assert steps is not None, (solver, n)
-                e = _ours(den, d, solver, fit, steps, n)
-                ours[k, n].append(_squared(d, e))
-                seed0.setdefault((k, n), e)
-        print(f"  draw {seed} done", flush=True)
-    print(
-        f"GITS (teacher {fit.teacher}, {fit.teacher_steps} steps, coeff {fit.coeff:g}) fitted once on "
-        f"{samples} draws of x_T (seed {PAIRED_FIT_SEED}), scored on the draws of seeds 0..{draws - 1} "
-        "(batch 1024): relative RMSE on seed 0 and its ratio to diffusers' best (b) configuration, pooled "
-        "ratio over the draws"
-    )
-    print(f"{'NFE':>3} {'solver':<14} {'GITS':>9} {'diffusers':>9}  ratio  pooled  per draw")
-    for n in PAIRED_NFES:
-        name, sched = DIFFUSERS_BEST[n]
-        for k, label in enumerate(PAIRED):
-            r = Draws(tuple(zip(ours[k, n], base[n], strict=True)))
-            print(
-                f"{n:>3} {label:<14} {seed0[k, n]:9.3e} {seed0[-1, n]:9.3e}  {r.ratios[0]:.3f}  "
-                f"{r.pooled:.3f}  {min(r.ratios):.3g} to {max(r.ratios):.3g}"
-            )
-        print(f"    diffusers: {name} ({sched})")
 
 
 def main() -> None:
@@ -132,7 +62,14 @@ def main() -> None:
     fit_s = time.perf_counter() - t0
     if args.against_diffusers:
         print(f"fit {fit_s:.1f} s")
-        against_diffusers(problem, fit, args.samples, args.draws)
+        lines = paired_against_diffusers(problem, {k: (v, fit) for k, v in PAIRED.items()}, args.draws)
+        print(
+            f"GITS (teacher {fit.teacher}, {fit.teacher_steps} steps, coeff {fit.coeff:g}) fitted once on "
+            f"{args.samples} draws of x_T (seed {PAIRED_FIT_SEED}), scored on the draws of seeds "
+            f"0..{args.draws - 1} (batch 1024): relative RMSE on seed 0 and its ratio to diffusers' best (b) "
+            "configuration, pooled ratio over the draws"
+        )
+        print("\n".join(lines))
         return
 
     def error(solver: str, schedule: str | sd.schedules.Schedule, n: int) -> float:

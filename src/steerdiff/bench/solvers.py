@@ -30,7 +30,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +57,7 @@ from ._figure import pyplot
 from .overhead import Overhead, format_overhead, sampler_overhead
 
 __all__ = [
+    "DIFFUSERS_BEST",
     "NFES",
     "QUICK_NFES",
     "BestVsBest",
@@ -100,6 +101,7 @@ __all__ = [
     "initial_noise",
     "make_problem",
     "makes_grid",
+    "paired_against_diffusers",
     "pipeline_sampler",
     "plot",
     "run",
@@ -614,6 +616,66 @@ class Draws:
 def _squared(problem: Problem, rel: float) -> float:
     """``||x - ref||^2`` summed over ``problem``'s batch, from the relative RMSE ``rel``."""
     return rel**2 * float((problem.ref**2).sum())
+
+
+# paired_against_diffusers: diffusers' best configuration (method, schedule) at each NFE of the (b) block of
+# docs/bench/solvers.txt, against which a grid or solver fitted to the model is scored
+DIFFUSERS_BEST = {
+    5: ("UniPCMultistep(bh1, final sigma_min)", "linspace"),
+    10: ("UniPCMultistep(bh2, order=3)", "karras"),
+    20: ("UniPCMultistep(bh2, order=3)", "karras"),
+}
+
+
+def paired_against_diffusers(
+    problem: Problem,
+    entries: dict[str, tuple[str | Solver, schedules.ScheduleLike]],
+    draws: int = DRAWS,
+    progress: bool = True,
+) -> list[str]:
+    """Each ``(solver, schedule)`` of ``entries`` against :data:`DIFFUSERS_BEST` at each of its NFEs, on
+    ``problem`` (the draw of seed 0) and on the draws of seeds ``1 .. draws - 1`` (:func:`make_problem`, with
+    ``problem``'s process object: a grid or solver fitted to a process serves that process): lines of a table
+    with the relative RMSE on seed 0, its ratio to diffusers' and the pooled ratio over all draws
+    (:class:`Draws`) with the per-draw spread. For what is fitted to the model (``bench/gits.py``,
+    ``bench/dpm_solver_v3.py``), fitted on draws outside these."""
+    nfes = tuple(DIFFUSERS_BEST)
+    with quiet_diffusers():
+        configs = {(c.method, c.schedule()): c for c in diffusers_configs()}
+        theirs = {n: configs[DIFFUSERS_BEST[n]] for n in nfes}
+        steps_theirs = {n: steps_for_nfe(diffusers_nfe(c), n) for n, c in theirs.items()}
+    made = {label: (solvers.get(solver), schedule) for label, (solver, schedule) in entries.items()}
+    ours: dict[tuple[str, int], list[float]] = {(k, n): [] for k in made for n in nfes}
+    base: dict[int, list[float]] = {n: [] for n in nfes}
+    seed0: dict[tuple[str, int], float] = {}
+    for seed in tqdm(range(draws), desc="draws", disable=not progress):
+        d = problem if seed == 0 else replace(make_problem(len(problem.x_T), seed), process=problem.process)
+        den = d.gmm.denoiser(d.process)
+        for n in nfes:
+            steps = steps_theirs[n]
+            assert steps is not None, n
+            with quiet_diffusers():
+                e = _theirs(theirs[n], d, steps, n)
+            base[n].append(_squared(d, e))
+            seed0.setdefault(("diffusers", n), e)
+            for label, (solver, schedule) in made.items():
+                steps = steps_for_nfe(solver.nfe, n)
+                assert steps is not None, (label, n)
+                e = _ours(den, d, solver, schedule, steps, n)
+                ours[label, n].append(_squared(d, e))
+                seed0.setdefault((label, n), e)
+    width = max(len(k) for k in made)
+    lines = [f"{'NFE':>3} {'ours':<{width}} {'seed 0':>9} {'diffusers':>9}  ratio  pooled  per draw"]
+    for n in nfes:
+        for label in made:
+            r = Draws(tuple(zip(ours[label, n], base[n], strict=True)))
+            lines.append(
+                f"{n:>3} {label:<{width}} {seed0[label, n]:9.3e} {seed0['diffusers', n]:9.3e}  "
+                f"{r.ratios[0]:.3f}  {r.pooled:.3f}  {min(r.ratios):.3g} to {max(r.ratios):.3g}"
+            )
+        name, sched = DIFFUSERS_BEST[n]
+        lines.append(f"    diffusers: {name} ({sched})")
+    return lines
 
 
 @dataclass(frozen=True)
