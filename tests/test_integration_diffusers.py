@@ -1863,6 +1863,19 @@ BAD: list[tuple[Callable[[], Any], str]] = [
     (lambda: {"beta_schedule": "linear", "snr_shift_scale": -1.0}, "snr_shift_scale must be"),
     (lambda: {"beta_schedule": "linear", "timestep_type": "Continuous"}, "timestep_type must be one of"),
     (lambda: {"beta_schedule": "linear", "prediction_type": ["epsilon"]}, "prediction_type="),
+    # trained_betas of another length than num_train_timesteps were taken as they were (a 100-step process
+    # under a config of 1000, where diffusers fails at its first step), a 2-d array flattened, and values
+    # out of (0, 1) refused with a message about alphas_cumprod, which the config does not hold
+    *(
+        (lambda v=v: {"trained_betas": v, "num_train_timesteps": 4}, r"^scheduler config: trained_betas must")
+        for v in (
+            [0.1] * 3,
+            [[0.1, 0.2], [0.3, 0.4]],
+            [0.1, 1.5, 0.2, 0.3],
+            [0.1, math.nan, 0.2, 0.3],
+            [0.0] * 4,
+        )
+    ),
 ]
 
 

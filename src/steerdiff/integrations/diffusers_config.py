@@ -197,7 +197,14 @@ def _betas(cfg: dict[str, Any]) -> Tensor:
     """The float32 betas of a VP config, as diffusers computes them for training."""
     n = _train_steps(cfg)
     if cfg.get("trained_betas") is not None:
-        return torch.tensor(cfg["trained_betas"], dtype=torch.float32).flatten()
+        betas = real_array(_WHO, "trained_betas", cfg["trained_betas"])
+        if len(betas) != n or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError(
+                f"{_WHO}: trained_betas must hold num_train_timesteps = {n} betas in (0, 1), one per "
+                f"training timestep; got {len(betas)} values in "
+                f"[{float(betas.min()):g}, {float(betas.max()):g}]"
+            )
+        return betas.to(torch.float32)
     kind = cfg.get("beta_schedule", "linear")
     b0, b1 = (real(_WHO, k, cfg.get(k, v), lo=0, hi=1) for k, v in (("beta_start", 1e-4), ("beta_end", 0.02)))
     if kind == "linear":
