@@ -1954,6 +1954,49 @@ def test_step_add_noise_and_set_begin_index_name_a_bad_argument():
     assert isinstance(out, tuple) and out[0].shape == x.shape
 
 
+def test_a_model_output_of_another_shape_or_an_integer_dtype_is_named():
+    """A model_output of another shape than sample was refused as 'Denoiser: net returned shape ...' (the
+    scheduler's inner net, not the argument) after the run had begun (step_index 0 after the refusal); an
+    integer model_output or sample was taken as numbers. Now a ValueError naming step's argument, with the
+    run as it was; learned variance takes twice sample's channels."""
+    sched = SteerdiffScheduler.from_config(sd_betas_config(), solver="ddim")
+    sched.set_timesteps(3)
+    x, t = torch.randn(2, 3, 4, 4), sched.timesteps[0]
+    cases = [
+        (
+            torch.zeros(3, 3, 4, 4),
+            x,
+            r"^step: model_output has shape \(3, 3, 4, 4\), expected \(2, 3, 4, 4\)",
+        ),
+        (
+            torch.zeros(2, 6, 4, 4),
+            x,
+            r"^step: model_output has shape \(2, 6, 4, 4\), expected \(2, 3, 4, 4\)",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4, dtype=torch.int64),
+            x,
+            r"^step: model_output must be a floating-point tensor",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4),
+            x.long(),
+            r"^step: sample must be a floating-point tensor, got torch.int64",
+        ),
+    ]
+    for out, sample, match in cases:
+        with pytest.raises(ValueError, match=match):
+            sched.step(out, t, sample)
+        assert sched.step_index is None  # the run as it was
+    learned = SteerdiffScheduler.from_config(sd_betas_config(variance_type="learned_range"), solver="ddpm")
+    learned.set_timesteps(3)
+    with pytest.raises(
+        ValueError, match=r"^step: model_output has shape \(2, 3, 4, 4\), expected \(2, 6, 4, 4\)"
+    ):
+        learned.step(torch.zeros_like(x), t, x)
+    assert learned.step(torch.zeros(2, 6, 4, 4), t, x).prev_sample.shape == x.shape
+
+
 @pytest.mark.parametrize("solver", ["ddim", "ddpm"])
 def test_a_bad_batch_of_timesteps_generators_or_begin_index_is_named(solver):
     """Before: a list of generators of another length than the batch was accepted by a deterministic

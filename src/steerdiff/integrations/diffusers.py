@@ -1323,6 +1323,16 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         for name, value in (("model_output", model_output), ("sample", sample)):
             if not isinstance(value, Tensor):
                 raise ValueError(f"step: {name} must be a tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise ValueError(f"step: {name} must be a floating-point tensor, got {value.dtype}")
+        shape = tuple(sample.shape)  # the net's output at sample (learned variance: twice its channels)
+        if _plain(self._den).learned_variance and sample.ndim > 1:
+            shape = (shape[0], 2 * shape[1], *shape[2:])
+        if tuple(model_output.shape) != shape:
+            raise ValueError(
+                f"step: model_output has shape {tuple(model_output.shape)}, expected {shape} (the net's "
+                f"output at sample, of shape {tuple(sample.shape)})"
+            )
         return_dict = boolean("step", "return_dict", return_dict)
         # checked before the run changes: a refused call leaves it as it was
         source = make_noise(self._noise if self._noise is not None else generator, "step")
