@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -1952,6 +1953,36 @@ def test_step_add_noise_and_set_begin_index_name_a_bad_argument():
         assert str(e.value).startswith(message), str(e.value)
     out = sched.step(torch.zeros_like(x), t, x, return_dict=False)  # the checks leave a run as it was
     assert isinstance(out, tuple) and out[0].shape == x.shape
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "hint"),
+    [
+        ("timestep_spacing", "trailing", "schedule='leading', 'trailing' or 'linspace'"),
+        ("use_karras_sigmas", True, "schedule='karras'"),
+        ("use_exponential_sigmas", True, "schedule='exponential'"),
+        ("use_beta_sigmas", True, "schedule="),
+        ("use_lu_lambdas", True, "schedule='logsnr_uniform'"),
+        ("solver_order", 3, "solver="),
+        ("algorithm_type", "sde-dpmsolver++", "solver="),
+    ],
+)
+def test_a_grid_or_solver_setting_passed_to_from_config_is_refused_not_ignored(key, value, hint):
+    """``from_config(config, timestep_spacing="trailing")`` (or ``use_karras_sigmas=True``,
+    ``solver_order=3``, ...) was kept in the config and ignored: the run took the default grid and
+    solver, with no word. Passed explicitly they are a ValueError naming the option and what to pass
+    instead; in the config itself (every diffusers config has timestep_spacing) they are kept and
+    ignored, as before."""
+    theirs = diffusers.DPMSolverMultistepScheduler.from_config(sd_betas_config())
+    with pytest.raises(
+        ValueError, match=rf"^from_config: {re.escape(f'{key}={value!r}')} .*; pass {re.escape(hint)}"
+    ):
+        SteerdiffScheduler.from_config(theirs.config, **{key: value})
+    ours = SteerdiffScheduler.from_config({**theirs.config, key: value})
+    ours.set_timesteps(10)
+    plain = SteerdiffScheduler.from_config(theirs.config)
+    plain.set_timesteps(10)
+    assert torch.equal(ours.timesteps, plain.timesteps)
 
 
 def test_a_model_output_of_another_shape_or_an_integer_dtype_is_named():

@@ -533,6 +533,18 @@ def _node_time(xp: Tensor, fp: Tensor, t: Tensor) -> Tensor:
     return torch.lerp(fp[j - 1], fp[j], (flat - xp[j - 1]) / (xp[j] - xp[j - 1])).reshape(t.shape)
 
 
+# options of diffusers' schedulers that choose their grid or solver, which a SteerdiffScheduler takes as
+# schedule= and solver=: passed to from_config they would be kept in the config and ignored
+_DIFFUSERS_SAMPLING_OPTIONS = {
+    "timestep_spacing": "schedule='leading', 'trailing' or 'linspace'",
+    "use_karras_sigmas": "schedule='karras' (the default, karras_capped, is Karras' ramp with capped steps)",
+    "use_exponential_sigmas": "schedule='exponential'",
+    "use_beta_sigmas": "schedule=, a name of steerdiff.schedules.available() or a Schedule",
+    "use_lu_lambdas": "schedule='logsnr_uniform'",
+    "solver_order": "solver=, e.g. 'dpmpp_3m' or steerdiff.solvers.UniPC(order=3)",
+    "algorithm_type": "solver=, e.g. 'dpmpp_2m', 'dpmpp_2m_sde' or 'dpm_solver'",
+}
+
 _Kind = Literal["solver", "schedule"]
 
 
@@ -815,11 +827,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     ) -> Any:
         """Build from any diffusers scheduler config; ``kwargs`` (``solver``, ``schedule``,
         ``final``, ``noise``, ...) override it. Keys other schedulers use are kept in the config
-        and ignored, but for an EDM config's ``final_sigmas_type="sigma_min"`` (EDMEuler, EDMDPMSolver and
-        CosineDPMSolver), whose runs end with the sample at ``sigma_min``, not the denoised estimate: it
-        gives ``final="none"`` where ``final`` is not passed. (Their ramps end at ``sigma_min`` already,
-        and their last step, from there to ``sigma_min`` again, costs a net call and changes nothing: their
-        ``N`` steps are our ``N - 1``.) A VP config's schedulers (DPMSolver, UniPC, Euler) end such a run
+        and ignored (passed as ``kwargs``, those that choose diffusers' grid or solver --
+        ``timestep_spacing``, ``use_karras_sigmas``, ``solver_order``, ... -- are a ``ValueError``
+        that says which ``schedule`` or ``solver`` to pass), but for an EDM config's
+        ``final_sigmas_type="sigma_min"`` (EDMEuler, EDMDPMSolver and CosineDPMSolver), whose runs
+        end with the sample at ``sigma_min``, not the denoised estimate: it gives ``final="none"``
+        where ``final`` is not passed. (Their ramps end at ``sigma_min`` already, and their last
+        step, from there to ``sigma_min`` again, costs a net call and changes nothing: their ``N``
+        steps are our ``N - 1``.) A VP config's schedulers (DPMSolver, UniPC, Euler) end such a run
         with a step to ``sigma`` of timestep 0, in general not a node of their timesteps, which
         ``final="none"`` would drop: there the key is ignored (``final="zero"`` takes that step, into the
         clean end). The config's defaults are its class's (``_use_default_values`` is resolved)."""
@@ -827,6 +842,13 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"from_config: config must be a scheduler config dict, got {type(config).__name__}"
             )
+        for key, instead in _DIFFUSERS_SAMPLING_OPTIONS.items():
+            if key in kwargs:
+                raise ValueError(
+                    f"from_config: {key}={kwargs[key]!r} is an option of diffusers' schedulers, which "
+                    "SteerdiffScheduler does not read (its grid is schedule's, its steps solver's); pass "
+                    f"{instead}"
+                )
         cfg = {k: v for k, v in config.items() if k != "_use_default_values"}
         # a clear error for an unsupported model before diffusers drops keys; a clip_sample or thresholding
         # the config's class ignores (CogVideoX's, UniPC's without predict_x0) is not carried over
