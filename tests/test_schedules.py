@@ -363,9 +363,20 @@ def test_lcm_names_what_it_cannot_take(gmm):
     with pytest.raises(
         ValueError,
         match=r"strength=0\.01, .*: 1 nodes asked, .* = 0 distillation timesteps they are taken from; "
-        r"it keeps none: raise original_steps or strength \(to 1 / original_steps = 0\.02 or above\)$",
+        r"it keeps none: raise original_steps \(to 100 or above, at most num_train_timesteps = 1000\), or "
+        r"raise strength \(to 1 / original_steps = 0\.02 or above\)$",
     ):
         LCM(strength=0.01)(p, 1)
+    # each way out only where it is one: strength is at most 1 and original_steps at most num_train_timesteps
+    # (before, 1000 nodes were told to raise strength "to 1000 / original_steps = 20 or above")
+    with pytest.raises(
+        ValueError,
+        match=r": 1000 nodes asked, .* = 50 distillation timesteps they are taken from; ask for at most 50 "
+        r"\(steps\), or raise original_steps \(to 1000 or above, at most num_train_timesteps = 1000\)$",
+    ):
+        LCM()(p, 1000)
+    with pytest.raises(ValueError, match=r": 1001 nodes asked, .*; ask for at most 50 \(steps\)$"):
+        LCM()(p, 1001)
     with pytest.raises(
         ValueError, match=r"original_steps must be at most the process's num_train_timesteps = 1000"
     ):

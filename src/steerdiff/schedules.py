@@ -37,6 +37,7 @@ A schedule fitted to a model is an object only, made with the model: :class:`GIT
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -571,11 +572,20 @@ class LCM(Schedule):
         """``n`` of the distillation timesteps, evenly spaced by index from the noisy end."""
         kept = int(self.original_steps * self.strength)  # as diffusers rounds it (50 * 0.3 = 15.000...02)
         if n > kept:
-            fewer = f"ask for at most {kept} (steps), or " if kept else "it keeps none: "
+            fixes = [f"ask for at most {kept} (steps)"] if kept else []
+            least = max(1, math.floor(n / self.strength))  # the original_steps that keep n, rounded as kept
+            while int(least * self.strength) < n:
+                least += 1
+            if least <= m:
+                fixes.append(f"raise original_steps (to {least} or above, at most num_train_timesteps = {m})")
+            if n <= self.original_steps:  # strength is at most 1
+                fixes.append(
+                    f"raise strength (to {n} / original_steps = {n / self.original_steps:.4g} or above)"
+                )
             raise ValueError(
                 f"{self!r}: {n} nodes asked, more than the int(original_steps * strength) = {kept} "
-                f"distillation timesteps they are taken from; {fewer}raise original_steps or strength (to "
-                f"{n} / original_steps = {n / self.original_steps:.4g} or above)"
+                f"distillation timesteps they are taken from; {'' if kept else 'it keeps none: '}"
+                + (", or ".join(fixes) or f"no lcm grid of a process of {m} timesteps has {n} nodes")
             )
         k = m // self.original_steps
         index = np.floor(np.linspace(0, kept, num=n, endpoint=False)).astype(np.int64)
