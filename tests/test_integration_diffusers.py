@@ -1985,6 +1985,31 @@ def test_a_grid_or_solver_setting_passed_to_from_config_is_refused_not_ignored(k
     assert torch.equal(ours.timesteps, plain.timesteps)
 
 
+def test_a_step_refused_for_its_timestep_leaves_the_run_as_it_was():
+    """The timestep was checked after the run had taken the call's sample: after set_begin_index(2), a
+    first step with timesteps[0] was refused with the run begun at step 2 from that call's sample, and a
+    retry with the due timestep and the pipeline's sample ran from the refused one (silently another
+    result); mid-run, a refused call's edits to the sample were kept. Now the run is as it was."""
+    sched = SteerdiffScheduler.from_config(sd_betas_config(), solver="ddim")
+    g = torch.Generator().manual_seed(0)
+    x, y, out, edited = (torch.randn(2, 4, generator=g) for _ in range(4))
+    sched.set_timesteps(5)
+    sched.set_begin_index(2)
+    first = sched.step(out, sched.timesteps[2], y).prev_sample
+    ref = sched.step(out, sched.timesteps[3], first).prev_sample
+    sched.set_timesteps(5)
+    sched.set_begin_index(2)
+    with pytest.raises(ValueError, match=r"^step: timestep=999 where scheduler.timesteps\[2\]"):
+        sched.step(out, sched.timesteps[0], x)
+    assert sched.step_index is None
+    prev = sched.step(out, sched.timesteps[2], y).prev_sample
+    assert torch.equal(prev, first)
+    with pytest.raises(ValueError, match=r"^step: timestep=999 where scheduler.timesteps\[3\]"):
+        sched.step(out, sched.timesteps[0], edited)
+    assert sched.step_index == 3
+    assert torch.equal(sched.step(out, sched.timesteps[3], prev).prev_sample, ref)
+
+
 def test_a_model_output_of_another_shape_or_an_integer_dtype_is_named():
     """A model_output of another shape than sample was refused as 'Denoiser: net returned shape ...' (the
     scheduler's inner net, not the argument) after the run had begun (step_index 0 after the refusal); an

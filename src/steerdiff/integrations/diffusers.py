@@ -1278,15 +1278,15 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         run.grid, run.evals, run.state = tail, evals, run.solver.init_state(tail)
         run.tape.times = [t for t, _, _ in evals]
 
-    def _check_timestep(self, run: _Run, timestep: Any) -> None:
-        """``timestep`` must be ``timesteps[step_index]``: checked now for a number or a CPU tensor,
-        at the end of the run for a tensor on another device (no device read per step)."""
-        k = self.step_index
-        assert k is not None  # the run has started
+    def _check_timestep(self, timestep: Any, k: int) -> bool:
+        """``timestep`` must be ``timesteps[k]``, ``k`` the call's step index: checked now for a number or a
+        CPU tensor (else a ``ValueError``); ``True`` for a tensor on another device, to be checked at the end
+        of the run (:meth:`_check_passed`: no device read per step)."""
         if isinstance(timestep, Tensor) and not timestep.is_cpu and timestep.numel() == 1:
-            run.passed.append((k, timestep))
-        elif _timestep_value(timestep) != self._net_times[k]:
+            return True
+        if _timestep_value(timestep) != self._net_times[k]:
             self._refuse_timestep(k, timestep)
+        return False
 
     def _check_passed(self, run: _Run) -> None:
         """The deferred checks of :meth:`_check_timestep`, read from the device at once."""
@@ -1372,13 +1372,19 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 f"step: sample has shape {tuple(sample.shape)}, the run's is {tuple(run.x.shape)} (the first "
                 "step's sample); call set_timesteps to start a run of another shape"
             )
-        if not run.started:
-            self._start(run, self._begin(run, timestep))
+        k = self.step_index
+        first = k is None
+        if k is None:
+            k = self._begin(run, timestep)
+        deferred = self._check_timestep(timestep, k)  # before the run takes the call's sample
+        if first:
+            self._start(run, k)
             run.x, run.started = sample.to(work, copy=True), True
         elif run.at_input and not _unchanged(run, sample):  # the entries the pipeline changed (inpainting)
             assert run.x is not None and run.sent is not None, "an earlier step set them"
             run.x = torch.where(sample == run.sent, run.x, sample.to(work))
-        self._check_timestep(run, timestep)
+        if deferred:
+            run.passed.append((k, timestep))
         run.tape.noise.source = source
         run.tape.pending = model_output.to(work)
         x = self._advance(run)
