@@ -1335,9 +1335,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
         ``model_output`` is the net's output at ``sample`` and ``timestep``, which must be
         ``timesteps[step_index]`` (else a ``ValueError``; checked at the end of the run for a timestep
-        on a GPU); the first call's ``timestep`` sets the begin index if none was set. The pipeline's
-        guidance is applied. After the last call ``prev_sample`` is the result. ``generator`` feeds
-        stochastic solvers unless the scheduler has its own ``noise``.
+        on a GPU); the first call's ``timestep`` sets the begin index if none was set. Both are
+        floating-point tensors of one shape (learned variance: ``model_output`` has twice the channels);
+        a refused call leaves the run as it was. The pipeline's guidance is applied. After the last
+        call ``prev_sample`` is the result. ``generator`` feeds stochastic solvers unless the scheduler
+        has its own ``noise``.
         """
         run = self._run
         if run is None:
