@@ -12,6 +12,7 @@ from .._checks import caller
 from .accelerated import AcceleratedDDIM, AcceleratedDDPM
 from .base import Grid, History, Model, NonFiniteError, Solver, Transition, make_grid, step_order
 from .cps import CPS
+from .dc_solver import CPR, DCSearch, DCSolver, ExactReference, SolverReference, search_ratios
 from .ddim import DDIM
 from .ddpm import DDPM
 from .deis import DEIS
@@ -38,6 +39,7 @@ from .tcd import TCD
 from .unipc import UniPC
 
 __all__ = [
+    "CPR",
     "CPS",
     "DDIM",
     "DDPM",
@@ -51,6 +53,8 @@ __all__ = [
     "AcceleratedDDIM",
     "AcceleratedDDPM",
     "AdaptiveInfo",
+    "DCSearch",
+    "DCSolver",
     "DPMSolver",
     "DPMSolver2",
     "DPMSolverPPMultistep",
@@ -61,6 +65,7 @@ __all__ = [
     "Euler",
     "EulerAncestral",
     "EulerMaruyama",
+    "ExactReference",
     "FlowSDE",
     "GradientEstimation",
     "Grid",
@@ -73,6 +78,7 @@ __all__ = [
     "SASolver",
     "SelfRecurrence",
     "Solver",
+    "SolverReference",
     "Transition",
     "UniPC",
     "available",
@@ -80,6 +86,7 @@ __all__ = [
     "fit_ems",
     "get",
     "make_grid",
+    "search_ratios",
     "step_order",
 ]
 

@@ -197,10 +197,19 @@ class UniPC(Solver):
         d = grid.sigma[dst] * g  # the weights sum to phi_1(h): x plus sum_{j>=1} w_j (m_j - m_0)
         return lincomb([d * wj for wj in w[1:]], (v - values[0] for v in values[1:]), start=x.clone())
 
+    def _clean(self, x0: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
+        """The result of the step into a clean end: the denoised estimate ``x0`` of the last evaluation
+        (:class:`~steerdiff.solvers.dc_solver.DCSolver` compensates it)."""
+        return x0
+
+    def _compensate(self, start: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> None:
+        """Between the estimate at node ``i`` entering the history and the prediction from ``start``: nothing
+        here (:class:`~steerdiff.solvers.dc_solver.DCSolver` replaces that estimate)."""
+
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         pred = model(x, grid.t[i], i)
         if grid.is_final_clean(i):
-            return pred.x0
+            return self._clean(pred.x0, i, grid, state)
         noise = self.prediction == "noise"
         # after a long step down the grid the eps estimates restart; up it the noise form's weight sits at the
         # step's end, and they need not (module docstring)
@@ -225,6 +234,7 @@ class UniPC(Solver):
             else:
                 start = x
         hist.push(new, grid.lam[i])
+        self._compensate(start, i, grid, state)
         m, lam = hist.values, hist.at
         k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
         state["x"], state["k"] = start, k
