@@ -169,7 +169,8 @@ class ExactReference:
     """The exact probability-flow ODE trajectory of ``gmm`` under ``process`` from ``x_T`` at ``t_start``
     (default ``process.t_max``), at the nodes of any grid that starts there: chained
     :meth:`~steerdiff.toy.GaussianMixture.reference_ode` solves (DOP853, ``rtol = 1e-10``), each from the
-    nearest state already solved above the node (kept: grids of several step counts share them). A clean
+    nearest state already solved above the node (kept: grids of several step counts share them, so a state
+    depends, to the solver's tolerance, on the nodes asked for before it). A clean
     end's state is the exact denoiser at ``t_min`` of the state there (the answer :func:`steerdiff.sample`
     approximates)."""
 
