@@ -234,7 +234,7 @@ class SolverReference:
         times[-1] = ends[-1]
         states: dict[int, Tensor] = {}
         final = "zero" if grid.clean_end else "none"
-        out = sample(
+        out, info = sample(
             self.den,
             self.x_T,
             steps=len(times) if grid.clean_end else len(times) - 1,
@@ -242,9 +242,10 @@ class SolverReference:
             schedule=Custom(times),
             final=final,
             callback=lambda d: states.__setitem__(d["i"], d["x"]),
+            return_info=True,
             **self.cond,
         )
-        self.nfe += len(times) if grid.clean_end else len(times) - 1
+        self.nfe += info.nfe
         noisy = [states[k] for k in marks[: grid.steps - grid.clean_end]]
         return [*noisy, out] if grid.clean_end else noisy
 
