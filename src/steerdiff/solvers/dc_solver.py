@@ -32,9 +32,12 @@ the gradient through the network. The fitted ratio is then applied and the searc
 
 **Cascade polynomial regression** (:class:`CPR`; the authors' ``cascade_polynomial_regression``): the
 ratios of one model change smoothly with the step count, so a table of searched ones predicts those of an
-unseen NFE ``N``: ``rho(s; N) = sum_{a=0..2} c_a(N) (s / N)^a`` for the 1-based step ``s``, each ``c_a`` a
-quadratic in ``N / 50``, fitted by least squares. The authors cascade a third level, the coefficients of
-``c_a`` quadratics in the guidance scale ``w / 12``; that level is not implemented here.
+unseen NFE ``N``: ``rho(s; N) = sum_{a=0..p} c_a(N) (s / N)^a`` for the 1-based step ``s``, each ``c_a`` a
+quadratic in ``N / 50``, fitted by least squares (linear in the coefficients; the authors use scipy's
+``curve_fit``). ``p = 4``: the paper's ``p_3`` (as a summary of the paper quotes it; the authors' code takes
+it from the size of its coefficient file). The authors cascade one more level, between the two: the
+coefficients of ``c_a`` quadratics in the guidance scale ``w / 12``, theirs quadratics in ``N / 50``; that
+level is not implemented here.
 
 Measured on the solver benchmark (``python bench/dc_solver.py``; README.md): see :class:`DCSolver`.
 """
@@ -389,21 +392,23 @@ def search_ratios(
 @dataclass(frozen=True)
 class CPR:
     """Cascade polynomial regression of compensation ratios over the step count (module docstring):
-    ``rho(s; N) = sum_{a,b=0..2} coef[a][b] (s / N)^a (N / 50)^b`` for the 1-based step ``s > dc_order``,
-    1 before. Fit it with :meth:`fit`; ``cpr(nfe)`` gives the ratios of a run of ``nfe`` steps."""
+    ``rho(s; N) = sum_{a=0..p} sum_{b=0..2} coef[a][b] (s / N)^a (N / 50)^b`` for the 1-based step
+    ``s > dc_order``, 1 before; ``p = len(coef) - 1`` (the paper's ``p_3 = 4``). Fit it with :meth:`fit`;
+    ``cpr(nfe)`` gives the ratios of a run of ``nfe`` steps."""
 
     coef: tuple[tuple[float, ...], ...]
     dc_order: int = 2
 
     @staticmethod
-    def _features(s: int, n: int) -> list[float]:
-        return [(s / n) ** a * (n / 50) ** b for a in range(3) for b in range(3)]
+    def _features(s: int, n: int, degree: int) -> list[float]:
+        return [(s / n) ** a * (n / 50) ** b for a in range(degree + 1) for b in range(3)]
 
     @classmethod
-    def fit(cls, table: Mapping[int, Sequence[float]], dc_order: int = 2) -> CPR:
+    def fit(cls, table: Mapping[int, Sequence[float]], dc_order: int = 2, degree: int = 4) -> CPR:
         """Least squares over ``table``: searched ratios by step count (each ``N`` entries), from at least
-        three step counts (the quadratic in ``N``)."""
+        three step counts (the quadratic in ``N``); ``degree``: ``p``, in ``s / N`` (1-6, the paper's 4)."""
         dc_order = integer("CPR.fit", "dc_order", dc_order, lo=1, hi=3)
+        degree = integer("CPR.fit", "degree", degree, lo=1, hi=6)
         if not isinstance(table, Mapping) or len(table) < 3:
             raise ValueError(
                 f"CPR.fit: table must map at least 3 step counts to their ratios, got {table!r:.80}"
@@ -414,20 +419,21 @@ class CPR:
             if len(ratios) != n:
                 raise ValueError(f"CPR.fit: table[{n}] must hold {n} ratios, got {len(ratios)}")
             for s in range(dc_order + 1, n + 1):
-                rows.append(cls._features(s, n))
+                rows.append(cls._features(s, n, degree))
                 values.append(real("CPR.fit", f"table[{n}]", ratios[s - 1]))
         sol = torch.linalg.lstsq(
             torch.tensor(rows, dtype=F64), torch.tensor(values, dtype=F64)[:, None]
         ).solution
         c = sol[:, 0].tolist()
-        return cls(tuple(tuple(c[3 * a : 3 * a + 3]) for a in range(3)), dc_order)
+        return cls(tuple(tuple(c[3 * a : 3 * a + 3]) for a in range(degree + 1)), dc_order)
 
     def __call__(self, nfe: int) -> list[float]:
         nfe = integer("CPR", "nfe", nfe, lo=1)
         flat = [c for row in self.coef for c in row]
+        degree = len(self.coef) - 1
         return [
             1.0
             if s <= self.dc_order
-            else math.fsum(c * f for c, f in zip(flat, self._features(s, nfe), strict=True))
+            else math.fsum(c * f for c, f in zip(flat, self._features(s, nfe, degree), strict=True))
             for s in range(1, nfe + 1)
         ]
