@@ -24,11 +24,11 @@ last step is a first-order prediction to ``t_min ~ 0`` from it).
 ``find_optim_ratio``): greedily, step by step on a few draws of ``x_T`` (the paper: 10), ``rho_i`` minimises
 ``|| x_{i+1}(rho_i) - x^gt_{i+1} ||^2`` (mean over the batch and entries), where ``x_{i+1}(rho_i)`` is the
 state after the step from node ``i`` -- predicted, and corrected with one more network call where a
-correction follows -- and ``x^gt`` the ground-truth trajectory at the node (the authors': a 200-step DDIM run;
-here the exact ODE of a :class:`~steerdiff.toy.GaussianMixture`, :class:`ExactReference`, or a fine run of
-UniPC-3, :class:`SolverReference`), by ``iters`` steps of AdamW (``lr = 0.1``, torch's default weight decay,
-from ``rho = 1``; the authors: 40 iterations in their Stable-Diffusion code, 20 in the diffusers one), with
-the gradient through the network. The fitted ratio is then applied and the search moves to the next step.
+correction follows -- and ``x^gt`` the ground-truth trajectory at the node (the authors' code: a 200-step
+DDIM run; here the exact ODE of a :class:`~steerdiff.toy.GaussianMixture`, :class:`ExactReference`, or a fine
+run of UniPC-3, :class:`SolverReference`), by ``iters`` steps of AdamW (``lr = 0.1``, torch's default weight
+decay 0.01, from ``rho = 1``; the authors: 40 iterations in their Stable-Diffusion code, 20 in the diffusers
+one), with the gradient through the network. The fitted ratio is then applied and the search moves on.
 
 **Cascade polynomial regression** (:class:`CPR`; the authors' ``cascade_polynomial_regression``): the
 ratios of one model change smoothly with the step count, so a table of searched ones predicts those of an
@@ -38,6 +38,14 @@ quadratic in ``N / 50``, fitted by least squares (linear in the coefficients; th
 it from the size of its coefficient file). The authors cascade one more level, between the two: the
 coefficients of ``c_a`` quadratics in the guidance scale ``w / 12``, theirs quadratics in ``N / 50``; that
 level is not implemented here.
+
+The paper's text was not at hand here, so no equation numbers are cited: the rules above are read from the
+authors' code (the files named above, ``search_dc``, ``find_optim_ratio``, ``cascade_polynomial_regression``)
+and agree with a summary of the paper (``t' = rho t_i + (1 - rho) t_{i-1}``, ``K = 2``, ``rho_0 = rho_1 = 1``,
+40 AdamW iterations on 10 draws, ``p_1 = p_2 = 2``, ``p_3 = 4``). Where the run differs from the authors':
+a clean end, where UniPC here returns the denoised estimate of the last (uncorrected) prediction, so the
+search's loss at the step into the last noisy node compares that prediction, and the last ratio compensates
+the returned estimate.
 
 Measured on the solver benchmark (``python bench/dc_solver.py``; README.md): see :class:`DCSolver`.
 """
