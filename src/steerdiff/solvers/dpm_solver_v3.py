@@ -254,7 +254,8 @@ def fit_ems(
     r"""The EMS ``l, s, b`` of ``den`` at ``nodes`` points uniform in ``lam`` over its process's range.
 
     A teacher (DPM-Solver++(3M), ``substeps`` steps per EMS interval, logSNR-uniform) carries the draws
-    ``x_T`` (or ``samples`` draws of ``randn(shape)`` from ``generator``) through the nodes. At each node,
+    ``x_T`` (or ``samples`` draws of the prior, ``sqrt(alpha^2 + sigma^2)`` at ``t_max`` times
+    ``randn(shape)`` from ``generator``: about ``sigma_max`` for VE / EDM) through the nodes. At each node,
     with ``y = sigma eps(x, lam)`` and its Jacobian ``J`` in ``x`` (autograd, double backward):
 
     * ``l = mean_batch mean_v v (J v)`` (``probes`` Rademacher ``v`` per draw, the same at every node);
@@ -267,8 +268,8 @@ def fit_ems(
 
     Args:
         den: the denoiser (its process is the one the EMS serve).
-        x_T: the teacher's initial noise, a batch; or None to draw ``samples`` of ``shape`` (default
-            ``den.shape``) from ``generator``.
+        x_T: the teacher's initial noise, a batch (at the prior's scale); or None to draw ``samples`` of
+            ``shape`` (default ``den.shape``) from ``generator``.
         nodes: EMS nodes (an integer >= 2); the authors use 1200 on images.
         substeps: teacher steps per EMS interval (>= 1).
         probes: Rademacher probes per draw for the diagonal of ``J`` (>= 1).
@@ -309,6 +310,12 @@ def fit_ems(
             sample_dtype(who, "dtype", dtype),
             device_or_none(who, "device", device),
         )
+        # the prior at t_max: sqrt(alpha^2 + sigma^2) times standard normal (about sigma_max for VE / EDM)
+        prior = math.hypot(
+            float(den.process.alpha(den.process.t_max)), float(den.process.sigma(den.process.t_max))
+        )
+        if not math.isclose(prior, 1.0, rel_tol=1e-9):
+            x_T = x_T * prior
     elif not isinstance(x_T, Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
         raise ValueError(f"{who}: x_T must be a floating (batch, *shape) tensor, got {x_T!r:.60}")
     t0 = time.perf_counter()
