@@ -258,3 +258,14 @@ def test_fit_draws_at_the_prior_scale():
     by_hand = fit_ems(den, x_T, nodes=6)
     for name in ("l", "s", "b"):
         assert torch.equal(getattr(drawn, name), getattr(by_hand, name)), name
+
+
+def test_paradigms_converge_to_the_sequential_run(gmm, sd_process, x_T, ems):
+    """One evaluation per step at its own node: the Picard iteration takes it, and converged it is the
+    sequential run (the corrector moving a guess by its move); window 1 is that run bit for bit."""
+    den, slv = gmm.denoiser(sd_process), DPMSolverV3(ems, 3)
+    ref = sd.sample(den, x_T, 20, solver=slv)
+    tight, info = sd.paradigms(den, x_T, 20, solver=slv, tol=1e-12, return_info=True)
+    assert float((tight - ref).abs().max() / ref.abs().max()) < 1e-10
+    assert info.iterations < 20
+    assert torch.equal(sd.paradigms(den, x_T, 20, solver=slv, window=1), ref)

@@ -405,7 +405,8 @@ def fit_ems(
 
 class DPMSolverV3(Solver):
     """DPM-Solver-v3: the multistep predictor of order 1-3 and its corrector over fitted EMS (module
-    docstring). One NFE per step.
+    docstring). One NFE per step, at its own node: :func:`steerdiff.paradigms` takes it (a guess of ``x_i``
+    moved by the corrector's move).
 
     Args:
         ems: the :class:`EMS` of the model (:func:`fit_ems`), fitted to the process it samples.
@@ -421,6 +422,7 @@ class DPMSolverV3(Solver):
 
     name: ClassVar[str] = "dpm_solver_v3"
     max_order: ClassVar[int] = 3
+    picard: ClassVar[str | None] = "step"
 
     def __init__(
         self,
