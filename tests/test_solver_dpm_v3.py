@@ -269,3 +269,13 @@ def test_paradigms_converge_to_the_sequential_run(gmm, sd_process, x_T, ems):
     assert float((tight - ref).abs().max() / ref.abs().max()) < 1e-10
     assert info.iterations < 20
     assert torch.equal(sd.paradigms(den, x_T, 20, solver=slv, window=1), ref)
+
+
+def test_fit_needs_autograd(sd_process):
+    """Jacobian-vector products: under inference_mode a ValueError saying so (no_grad is fine)."""
+    den = gaussian(0.4).denoiser(sd_process)
+    with torch.no_grad():
+        fit = fit_ems(den, samples=2, nodes=3)
+    assert float((fit.l - closed_forms(fit.lam, 0.4)[0]).abs().max()) < 1e-12
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        fit_ems(den, samples=2, nodes=3)

@@ -278,6 +278,9 @@ def fit_ems(
         dtype, device: of the drawn ``x_T`` (float64 by default; the statistics are float64 on the CPU).
         **cond: passed to the network on every call.
 
+    It differentiates the network: not under ``torch.inference_mode()`` (a ``ValueError``); under
+    ``torch.no_grad()`` it turns gradients on where it needs them.
+
     Costs per draw ``(nodes - 1) substeps`` teacher evaluations and 5 per node (the node itself and the two
     displaced states with their Jacobian-vector products, and two at fixed ``x``): :attr:`EMS.nfe`.
     """
@@ -293,6 +296,11 @@ def fit_ems(
     probes = integer(who, "probes", probes, lo=1)
     delta = real(who, "delta", delta, lo=0, lo_open=True)
     ridge = real(who, "ridge", ridge, lo=0)
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{who}: needs autograd for its Jacobian-vector products; call it outside torch.inference_mode() "
+            "(torch.no_grad() is fine)"
+        )
     if x_T is None:
         if shape is None:
             if den.shape is None:
