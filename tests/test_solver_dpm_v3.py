@@ -279,3 +279,10 @@ def test_fit_needs_autograd(sd_process):
     assert float((fit.l - closed_forms(fit.lam, 0.4)[0]).abs().max()) < 1e-12
     with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
         fit_ems(den, samples=2, nodes=3)
+
+
+def test_fit_nfe_counts_a_guided_denoisers_evaluations(gmm, sd_process):
+    """EMS.nfe: the network evaluations the fit made, a CFG's two per call (its ``cost``)."""
+    cfg = sd.guidance.CFG(gmm.denoiser(sd_process), gmm.denoiser(sd_process), 2.0)
+    fit = fit_ems(cfg, samples=2, nodes=4)
+    assert fit.nfe == 2 * (3 * 2 + 5 * 4)

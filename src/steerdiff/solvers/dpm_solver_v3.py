@@ -282,7 +282,8 @@ def fit_ems(
     ``torch.no_grad()`` it turns gradients on where it needs them.
 
     Costs per draw ``(nodes - 1) substeps`` teacher evaluations and 5 per node (the node itself and the two
-    displaced states with their Jacobian-vector products, and two at fixed ``x``): :attr:`EMS.nfe`.
+    displaced states with their Jacobian-vector products, and two at fixed ``x``), a guided denoiser's
+    ``cost`` each: :attr:`EMS.nfe`.
     """
     from ..sampling import sample
     from ..schedules import Custom
@@ -340,7 +341,7 @@ def fit_ems(
             states.append(d["x"])
 
     teacher = DPMSolverPPMultistep(order=3, max_h=math.inf)
-    sample(
+    _, info = sample(
         den,
         x_T,
         steps=len(times) - 1,
@@ -348,14 +349,18 @@ def fit_ems(
         schedule=Custom(times),
         final="none",
         callback=record,
+        return_info=True,
         **cond,
     )
+    nfe = [info.nfe]  # network evaluations, a guided denoiser's cost per call
     gen = torch.Generator().manual_seed(0)
     v = [(torch.randint(0, 2, x_T.shape, generator=gen, dtype=F64) * 2 - 1).to(x_T) for _ in range(probes)]
 
     def sig_eps(lam: float, x: Tensor) -> Tensor:
         t = float(proc.t_of_lam(torch.tensor(lam, dtype=F64)))
-        return x - float(proc.alpha(t)) * den(x, t, **cond).x0  # sigma eps = x - alpha x0
+        x0 = den(x, t, **cond).x0
+        nfe[0] += den.cost
+        return x - float(proc.alpha(t)) * x0  # sigma eps = x - alpha x0
 
     def dlog_alpha(lam: float) -> float:
         t = proc.t_of_lam(torch.tensor(lam, dtype=F64))
@@ -407,8 +412,7 @@ def fit_ems(
         s_rows.append(s_j)
         b_rows.append(mdf - s_j * mf)
     seconds = time.perf_counter() - t0
-    nfe = (nodes - 1) * substeps + 5 * nodes
-    return EMS(proc, lams, l, torch.stack(s_rows), torch.stack(b_rows), nfe=nfe, seconds=seconds)
+    return EMS(proc, lams, l, torch.stack(s_rows), torch.stack(b_rows), nfe=nfe[0], seconds=seconds)
 
 
 class DPMSolverV3(Solver):
