@@ -286,3 +286,24 @@ def test_fit_nfe_counts_a_guided_denoisers_evaluations(gmm, sd_process):
     cfg = sd.guidance.CFG(gmm.denoiser(sd_process), gmm.denoiser(sd_process), 2.0)
     fit = fit_ems(cfg, samples=2, nodes=4)
     assert fit.nfe == 2 * (3 * 2 + 5 * 4)
+
+
+def test_fit_keeps_no_trajectory(sd_process):
+    """The statistics of a node are taken when the teacher reaches it: the fit holds a few states at a
+    time, not every node's (with their autograd graphs, for a net with parameters), whatever ``nodes``."""
+    import weakref
+
+    base = gaussian(0.4).denoiser(sd_process)
+    weight = torch.nn.Parameter(torch.ones((), dtype=F64))
+    seen: list[weakref.ref[Tensor]] = []
+    alive = [0]
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        seen.append(weakref.ref(x))
+        alive[0] = max(alive[0], sum(r() is not None for r in seen))
+        return weight * base.net(x, t)
+
+    den = sd.Denoiser(net, sd_process, prediction=base.prediction)
+    fit = fit_ems(den, shape=(4,), samples=2, nodes=40)
+    assert float((fit.l - closed_forms(fit.lam, 0.4)[0]).abs().max()) < 1e-12
+    assert alive[0] < 15, alive[0]

@@ -334,25 +334,7 @@ def fit_ems(
     fine = torch.linspace(lam_lo, lam_hi, (nodes - 1) * substeps + 1, dtype=F64)
     times = proc.t_of_lam(fine)
     times[0], times[-1] = proc.t_max, proc.t_min
-    states = [x_T]
-
-    def record(d: dict[str, Any]) -> None:
-        if (d["i"] + 1) % substeps == 0:
-            states.append(d["x"])
-
-    teacher = DPMSolverPPMultistep(order=3, max_h=math.inf)
-    _, info = sample(
-        den,
-        x_T,
-        steps=len(times) - 1,
-        solver=teacher,
-        schedule=Custom(times),
-        final="none",
-        callback=record,
-        return_info=True,
-        **cond,
-    )
-    nfe = [info.nfe]  # network evaluations, a guided denoiser's cost per call
+    nfe = [0]  # network evaluations, a guided denoiser's cost per call
     gen = torch.Generator().manual_seed(0)
     v = [(torch.randint(0, 2, x_T.shape, generator=gen, dtype=F64) * 2 - 1).to(x_T) for _ in range(probes)]
 
@@ -374,11 +356,12 @@ def fit_ems(
             est = torch.stack([vi * _jvp(g, u, vi) for vi in v]).mean(0)
             xdot = dlog_alpha(lam) * x - y
             jx = _jvp(g, u, xdot)
-        return y, est.detach(), xdot, jx.detach()
+        return y.detach(), est.detach(), xdot.detach(), jx.detach()
 
-    ls, n_list, dn_list, xs, xdots = [], [], [], [], []
-    for j, lam in enumerate(lams.tolist()):
-        x = states[j].detach()
+    rows: dict[str, list[Tensor]] = {"l": [], "s": [], "b": []}
+
+    def take(lam: float, x: Tensor) -> None:
+        """``l, s, b`` at the node ``lam`` from the teacher's states ``x`` there (kept: the rows only)."""
         y, est, xdot, jx = diag(lam, x)
         # d/dlam by the central difference, or the second-order one-sided one at the range's ends
         if lam - delta < lam_lo:
@@ -393,26 +376,44 @@ def fit_ems(
             with torch.no_grad():
                 dy = dy + wt * sig_eps(lam + off, x)  # sigma eps at fixed x
         dy, dl = dy / delta, (dl / delta).mean(0).to("cpu", F64)
-        ls.append(est.mean(0).to("cpu", F64))
-        xs.append(x.to("cpu", F64))
-        xdots.append(xdot.to("cpu", F64))
-        n_list.append(y.to("cpu", F64))
-        dn_list.append((jx + dy).to("cpu", F64) - dl * xs[-1])
-    l = torch.stack(ls)  # noqa: E741
-    s_rows, b_rows = [], []
-    for j, lam in enumerate(lams.tolist()):
-        t = proc.t_of_lam(torch.tensor(lam, dtype=F64))
-        alpha, da = float(proc.alpha(t)), dlog_alpha(lam)
-        f = (n_list[j] - l[j] * xs[j]) / alpha
-        df = (dn_list[j] - l[j] * xdots[j]) / alpha - da * f
+        l_j = est.mean(0).to("cpu", F64)
+        x64, xdot64 = x.to("cpu", F64), xdot.to("cpu", F64)
+        dn = (jx + dy).to("cpu", F64) - dl * x64
+        alpha = float(proc.alpha(proc.t_of_lam(torch.tensor(lam, dtype=F64))))
+        f = (y.to("cpu", F64) - l_j * x64) / alpha
+        df = (dn - l_j * xdot64) / alpha - dlog_alpha(lam) * f
         mf, mdf = f.mean(0), df.mean(0)
         var = (f * f).mean(0) - mf * mf
         cov = (f * df).mean(0) - mf * mdf
         s_j = cov / (var + ridge * ((f * f).mean(0) + torch.finfo(F64).tiny))
-        s_rows.append(s_j)
-        b_rows.append(mdf - s_j * mf)
+        rows["l"].append(l_j)
+        rows["s"].append(s_j)
+        rows["b"].append(mdf - s_j * mf)
+
+    node_lams = lams.tolist()
+    take(node_lams[0], x_T.detach())
+
+    def record(d: dict[str, Any]) -> None:
+        if (d["i"] + 1) % substeps == 0:
+            take(node_lams[(d["i"] + 1) // substeps], d["x"].detach())
+
+    teacher = DPMSolverPPMultistep(order=3, max_h=math.inf)
+    with torch.no_grad():  # the teacher's states carry no graph
+        _, info = sample(
+            den,
+            x_T,
+            steps=len(times) - 1,
+            solver=teacher,
+            schedule=Custom(times),
+            final="none",
+            callback=record,
+            return_info=True,
+            **cond,
+        )
+    nfe[0] += info.nfe
     seconds = time.perf_counter() - t0
-    return EMS(proc, lams, l, torch.stack(s_rows), torch.stack(b_rows), nfe=nfe[0], seconds=seconds)
+    l, s, b = (torch.stack(rows[name]) for name in ("l", "s", "b"))  # noqa: E741
+    return EMS(proc, lams, l, s, b, nfe=nfe[0], seconds=seconds)
 
 
 class DPMSolverV3(Solver):
