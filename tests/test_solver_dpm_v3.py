@@ -307,3 +307,15 @@ def test_fit_keeps_no_trajectory(sd_process):
     fit = fit_ems(den, shape=(4,), samples=2, nodes=40)
     assert float((fit.l - closed_forms(fit.lam, 0.4)[0]).abs().max()) < 1e-12
     assert alive[0] < 15, alive[0]
+
+
+def test_coefficients_kept_for_the_latest_grid_only(gmm, sd_process, x_T, ems):
+    """The per-step tables (``3k + 2`` sample-shaped tensors a step) are kept for the grid of the latest
+    run: one solver reused over many grids holds one grid's, not every grid's (was 72 after 4 grids)."""
+    den, slv = gmm.denoiser(sd_process), DPMSolverV3(ems, 3)
+    sizes = []
+    for steps in (6, 7, 8, 9, 6):
+        x = sd.sample(den, x_T, steps=steps, solver=slv)
+        sizes.append(len(slv._cache))
+    assert rel_rmse(x, sd.sample(den, x_T, steps=6, solver=DPMSolverV3(ems, 3))) == 0.0
+    assert max(sizes) <= 3 * 9, sizes

@@ -463,6 +463,7 @@ class DPMSolverV3(Solver):
         check_long_step(self, max_h, max_h_ratio)
         super().__post_init__()
         self._cache: dict[tuple[Any, ...], Any] = {}
+        self._grid: tuple[float, ...] = ()  # the log-SNR nodes of the grid the kept tables are for
 
     def __repr__(self) -> str:
         return (
@@ -482,6 +483,11 @@ class DPMSolverV3(Solver):
                 f"{who}: the grid's log-SNR nodes must lie in the EMS range [{lo:.6g}, {hi:.6g}], got "
                 f"{[round(v, 6) for v in noisy]}"
             )
+        # the tables kept are those of the latest grid: a solver reused over many grids holds one grid's
+        nodes = tuple(grid.lam)
+        if nodes != self._grid:
+            self._cache.clear()
+            self._grid = nodes
         # f: N / alpha of the evaluations, newest first; x/k/pred: start, order, result of the last prediction
         return {"f": History(self.order), "x": None, "k": 0, "pred": None}
 
@@ -491,7 +497,7 @@ class DPMSolverV3(Solver):
         state["x"] = None
 
     def _coefficients(self, a: float, c: float, lams: Sequence[float], pseudo: bool, like: Tensor) -> Any:
-        """Kept per step, device and dtype (:func:`~steerdiff._ops.kept`; copied with
+        """Kept per step, device and dtype, for the latest grid (:func:`~steerdiff._ops.kept`; copied with
         :func:`~steerdiff._ops.host_to`, no device sync): ``x_t = A x_s - C (sum_j w_j g_j + W_b)`` and,
         per point ``j``, ``g_j = e^{S_s - S_j} f_j - F_s(lam_j)``."""
 
