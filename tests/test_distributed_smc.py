@@ -667,3 +667,41 @@ def test_an_error_after_a_gather_or_in_the_set_up_on_one_rank_is_raised_by_every
         summary = _summary(after)
         for key, value in alone["fk_steering difference"].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
+
+
+def _afdps(group: Any, noise_std: float = 1.0) -> sd.smc.Particles:
+    # group= reaches run_smc through afdps's **cond
+    y = torch.tensor([[1.0], [-0.5]], dtype=F64)
+    return sd.smc.afdps(
+        DEN, sd.inverse.Matrix(A), y, noise_std=noise_std, shape=(2, 2), particles=N, steps=STEPS, dtype=F64,
+        generator=gens(True, 8), group=group,
+    )  # fmt: skip
+
+
+def _afdps_failures(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+    """afdps with a noise_std refused on the last rank alone (afdps's own check, before run_smc), on a group
+    whose collectives time out after 6 s; then a run on the same group."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=6))
+    said, seconds = outcomes(quick, (lambda: _afdps(quick, _on_last(-1.0, 1.0)),))
+    return said, seconds, _afdps(quick)
+
+
+def test_afdps_set_up_error_on_one_rank_is_raised_by_every_rank():
+    """afdps takes group= through **cond (to run_smc): its own argument checks and draws before run_smc are
+    the run's set-up too. Was: the last rank raised alone and the other waited at run_smc's first collective
+    until the group's 6 s timeout. The run after it equals the one-process run bitwise."""
+    alone = _summary(_afdps(None))
+    assert alone.pop("reward") is None
+    for said, seconds, after in spawn(_afdps_failures, 2, timeout=150):
+        failed = "rank(s) [1] of the group failed (each raised its error); so stops rank 0"
+        assert said == [
+            [
+                f"RuntimeError: afdps: {failed}",
+                "ValueError: afdps: noise_std must be a finite number > 0, got -1.0",
+            ]
+        ]
+        assert max(seconds) < 3, seconds
+        summary = _summary(after)
+        assert summary.pop("reward") is None  # afdps has no reward
+        for key, value in alone.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key

@@ -60,6 +60,7 @@ from torch import Tensor
 from .. import schedules as _schedules
 from .._checks import choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser
+from ..distributed.group import spread_run
 from ..inverse.operators import LinearOperator
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
@@ -210,6 +211,7 @@ def _observations(operator: Any, y: Any, sample_shape: tuple[int, ...], batch: i
     return y.detach().to(F64)
 
 
+@spread_run
 def afdps(
     den: Denoiser,
     operator: LinearOperator,
@@ -250,7 +252,9 @@ def afdps(
             ``V``: less likelihood drift, more reweighting).
         resampler, schedule, final, max_batch, dtype, device, generator, progress, cond: see
             :func:`~steerdiff.smc.run_smc` (``max_batch`` bounds the denoiser's calls; ``A`` sees all rows at
-            once). The start is drawn from ``generator`` first (``z``, then ``n``), then the run.
+            once). The start is drawn from ``generator`` first (``z``, then ``n``), then the run. ``group=``
+            (in ``cond``) spreads the particles over ranks as run_smc's does; an argument refused on some
+            ranks alone is raised by every rank (:meth:`~steerdiff.distributed.Ranks.start`).
 
     Returns:
         :class:`~steerdiff.smc.Particles` with normalized ``log_w``, ``nfe = steps * particles`` and the
