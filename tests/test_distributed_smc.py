@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import steerdiff as sd
+from steerdiff.distributed.group import spread_run
 from steerdiff.noise import Generators
 from steerdiff.smc import SMCAlgorithm, StepContext
 
@@ -704,4 +705,57 @@ def test_afdps_set_up_error_on_one_rank_is_raised_by_every_rank():
         summary = _summary(after)
         assert summary.pop("reward") is None  # afdps has no reward
         for key, value in alone.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
+
+
+@spread_run
+def _two_runs(*, group: Any = None) -> sd.smc.Particles:
+    """A user's run of two spread runs (spread_run, as the particle methods): the second's lam refused on the
+    last rank alone."""
+    kw = {"shape": (2, 2), "particles": N, "steps": 2, "dtype": F64, "generator": gens(True), "group": group}
+    sd.smc.fk_steering(DEN, linear, lam=3.0, **kw)
+    return sd.smc.fk_steering(DEN, linear, lam=_on_last(math.nan, 3.0), **kw)
+
+
+@dataclass
+class _RunInReward:
+    """``linear``, after a spread run of its own whose lam is refused on the last rank alone."""
+
+    group: Any
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sd.smc.fk_steering(
+            DEN, linear, lam=_on_last(math.nan, 3.0), shape=(2, 2), particles=N, steps=2, dtype=F64,
+            generator=gens(True), group=self.group,
+        )  # fmt: skip
+        return linear(x)
+
+
+def _nested_failures(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+    """A spread run started inside another's (a wrapper's second run, a reward's run) whose set-up fails on
+    the last rank alone, on a group whose collectives time out after 6 s; then a run on the same group."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=6))
+    kw = {"shape": (2, 2), "particles": N, "steps": STEPS, "dtype": F64, "group": quick}
+    runs = (
+        lambda: _two_runs(group=quick),
+        lambda: sd.smc.fk_steering(DEN, _RunInReward(quick), lam=3.0, generator=gens(True), **kw),
+    )
+    said, seconds = outcomes(quick, runs)
+    return said, seconds, _fk_difference(quick)
+
+
+def test_a_run_inside_a_started_run_has_a_set_up_of_its_own(alone):
+    """A spread run made after another's start (a wrapper's second run, a run in a reward) is a run of its
+    own: its set-up's failure on one rank is raised by every rank at its own start. Was: the outer run's
+    start counted for it, so the last rank raised alone and the other waited at the inner run's first
+    collective (the group's 6 s timeout; in the reward, a mismatch with the outer node's flags)."""
+    lam = "ValueError: fk_steering: lam must be a finite number, got nan"
+    failed = (
+        "RuntimeError: fk_steering: rank(s) [1] of the group failed (each raised its error); so stops rank 0"
+    )
+    for said, seconds, after in spawn(_nested_failures, 2, timeout=150):
+        assert said == [[failed, lam], [failed, lam]]
+        assert max(seconds) < 3, seconds
+        summary = _summary(after)
+        for key, value in alone["fk_steering difference"].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key

@@ -187,6 +187,9 @@ class Ranks:
         made = _STARTING.get()
         if made is not None:  # the run started: a rank's error from here on is the run's business
             made[0] = True
+            # and a spread run from here on (a wrapper's next run, one in a reward) is one of its own, with
+            # its own set-up and start (Ranks.started restores the variable at the run's end)
+            _STARTING.set(None)
         _, alike = self.fail_together(who, lambda: rng_digest(generator, device), self._start_share)
         if not alike:
             raise ValueError(_rng_differs(who, generator))
@@ -195,8 +198,10 @@ class Ranks:
         """``work()``, a run whose set-up ends in :meth:`start`, so that a rank whose ``work`` raised before
         it made :meth:`start` makes it as well, its flag set (:meth:`fail_together`'s share), and every rank
         raises; an error after it is the run's own business (no further collective here). Nested calls
-        (a wrapper's run calling the engine's) make one :meth:`start` between them. ``work()`` itself
-        without ``group``; :func:`spread_run` makes a function that takes ``group=`` one."""
+        before the start (a wrapper's run calling the engine's) make one :meth:`start` between them; a call
+        after it (a wrapper's second run, a run inside a reward) is a run of its own, with its own
+        :meth:`start`. ``work()`` itself without ``group``; :func:`spread_run` makes a function that takes
+        ``group=`` one."""
         if self.group is None or _STARTING.get() is not None:
             return work()
         made = [False]
