@@ -79,7 +79,7 @@ def outcomes(group: Any, runs: tuple[Callable[[], Any], ...]) -> tuple[list[list
         try:
             run()
             outcome = "went through"
-        except (ValueError, KeyError, RuntimeError, sd.NonFiniteError) as e:
+        except (ValueError, KeyError, RuntimeError, sd.NonFiniteError, KeyboardInterrupt) as e:
             outcome = f"{type(e).__name__}: {e}"
         seconds.append(time.monotonic() - start)
         said.append(sd.distributed.ranks("test", group).gather_objects(outcome))

@@ -759,3 +759,54 @@ def test_a_run_inside_a_started_run_has_a_set_up_of_its_own(alone):
         summary = _summary(after)
         for key, value in alone["fk_steering difference"].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
+
+
+def _interrupted(x: torch.Tensor) -> torch.Tensor:
+    """``linear``, a KeyboardInterrupt on the last rank (a Ctrl-C reaching that process alone)."""
+    if _last_rank():
+        raise KeyboardInterrupt
+    return linear(x)
+
+
+def _interrupts(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+    """fk_steering whose reward raises KeyboardInterrupt (no Exception) on the last rank, in the set-up of a
+    run (a wrapper's check) and in a node, on a group whose collectives time out after 6 s; then a run."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=6))
+    kw = {"shape": (2, 2), "particles": N, "steps": STEPS, "dtype": F64, "group": quick}
+    runs = (
+        lambda: sd.smc.fk_steering(DEN, _interrupted, lam=3.0, generator=gens(True), **kw),
+        lambda: _two_runs_interrupted(quick),
+    )
+    said, seconds = outcomes(quick, runs)
+    return said, seconds, _fk_difference(quick)
+
+
+def _two_runs_interrupted(group: Any) -> sd.smc.Particles:
+    # an interrupt in the set-up: the solver's init_state
+    return sd.smc.fk_steering(
+        DEN, linear, solver=_InterruptedInit(), shape=(2, 2), particles=N, steps=2, dtype=F64,
+        generator=gens(True), group=group,
+    )  # fmt: skip
+
+
+@dataclass
+class _InterruptedInit(sd.solvers.DDPM):
+    """DDPM whose ``init_state`` raises KeyboardInterrupt on the last rank."""
+
+    def init_state(self, grid: Any) -> dict[str, Any]:
+        if _last_rank():
+            raise KeyboardInterrupt
+        return super().init_state(grid)
+
+
+def test_a_keyboard_interrupt_on_one_rank_is_raised_by_every_rank(alone):
+    """An exception that is no Exception (KeyboardInterrupt) on one rank, in a node and in the set-up: that
+    rank raises it, the others a RuntimeError naming it, at once. Was: the interrupted rank left, the others
+    waited at their next collective until the group's 6 s timeout."""
+    failed = "rank(s) [1] of the group failed (each raised its error); so stops rank 0"
+    for said, seconds, after in spawn(_interrupts, 2, timeout=150):
+        assert said == [[f"RuntimeError: fk_steering: {failed}", "KeyboardInterrupt: "]] * 2
+        assert max(seconds) < 3, seconds
+        summary = _summary(after)
+        for key, value in alone["fk_steering difference"].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key

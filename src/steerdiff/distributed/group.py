@@ -227,8 +227,9 @@ class Ranks:
         self, who: str, work: Callable[[], _T], share: Callable[[_T | None], tuple[_U, Sequence[object]]]
     ) -> tuple[_T, _U]:
         """``work()`` on this rank, then ``share``, the collective that follows it, on every rank; both
-        results. If any rank's ``work`` raised, every rank raises: that rank its own error, the others a
-        ``RuntimeError`` naming ``who`` and the failing ranks.
+        results. If any rank's ``work`` raised (any exception, a ``KeyboardInterrupt`` included), every rank
+        raises: that rank its own error, the others a ``RuntimeError`` naming ``who`` and the failing
+        ranks.
 
         ``share`` (a flag's own collective, or the gather of the work's results with a flag riding along) is
         given ``work()``'s result (never ``None``), or ``None`` on a rank whose work raised, which sends the
@@ -242,7 +243,9 @@ class Ranks:
         failed, not why: each rank's error is its own."""
         try:
             done = work()
-        except Exception:  # raised once every rank knows; no reference kept (a traceback holds the group)
+        # raised once every rank knows; no reference kept (a traceback holds the group). Any exception: a
+        # KeyboardInterrupt on one rank leaves the others waiting as well
+        except BaseException:
             share(None)
             raise
         out, flags = share(done)
