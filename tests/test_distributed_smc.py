@@ -775,13 +775,13 @@ def _interrupts(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Partic
     kw = {"shape": (2, 2), "particles": N, "steps": STEPS, "dtype": F64, "group": quick}
     runs = (
         lambda: sd.smc.fk_steering(DEN, _interrupted, lam=3.0, generator=gens(True), **kw),
-        lambda: _two_runs_interrupted(quick),
+        lambda: _set_up_interrupted(quick),
     )
     said, seconds = outcomes(quick, runs)
     return said, seconds, _fk_difference(quick)
 
 
-def _two_runs_interrupted(group: Any) -> sd.smc.Particles:
+def _set_up_interrupted(group: Any) -> sd.smc.Particles:
     # an interrupt in the set-up: the solver's init_state
     return sd.smc.fk_steering(
         DEN, linear, solver=_InterruptedInit(), shape=(2, 2), particles=N, steps=2, dtype=F64,
