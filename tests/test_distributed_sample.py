@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import steerdiff as sd
 
-from .distributed import spawn
+from .distributed import outcomes, spawn
 
 F64 = torch.float64
 NULL = -1
@@ -350,3 +350,45 @@ def test_bad_discrete_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             sd.distributed.sample_discrete(den, (N, L_TOK), 4, **{"group": None, **kw})
+
+
+def _refused_on_last(group) -> tuple[list[list[str]], list[float], torch.Tensor]:
+    """sample and sample_discrete with an argument refused on the last rank alone (steps, seed, the shape),
+    in each mode (x_T; shape= and seed=; a shape of tokens), on a group whose collectives time out after 6 s;
+    every rank's outcome gathered after each (:func:`~tests.distributed.outcomes`); then a run that goes
+    through on the same group."""
+    ds = sd.distributed
+    quick = dist.new_group(timeout=datetime.timedelta(seconds=6))
+    last = dist.get_rank() == dist.get_world_size() - 1
+    den = mixture().denoiser(sd.discrete.MaskedProcess(3))
+    runs = (
+        lambda: ds.sample(plain(), noise(N), -1 if last else 6, "ddpm", group=quick, generator=gens(N)),
+        lambda: ds.sample(plain(), None, 6, "ddpm", group=quick, shape=(N, 2), seed=-1 if last else 5),
+        lambda: ds.sample_discrete(den, (N,) if last else (N, L_TOK), 4, group=quick, seed=9),
+    )
+    said, seconds = outcomes(quick, runs)
+    return said, seconds, ds.sample(plain(), noise(N), 6, "ddpm", group=quick, generator=gens(N))
+
+
+def test_an_argument_refused_on_one_rank_is_raised_by_every_rank():
+    """The last rank raises its own ValueError and the other a RuntimeError naming it, at once (the set-up
+    ends in the all_reduce of the arguments' agreement, which carries every rank's failure flag). Was: the
+    last rank raised alone, the other waited at that all_reduce until the group's 6 s timeout. The run after
+    them equals the one-process run bitwise."""
+    own = [
+        "ValueError: distributed.sample: steps must be an integer >= 1, got -1",
+        "ValueError: distributed.sample: seed must be an integer >= 0, got -1",
+        "ValueError: distributed.sample_discrete: x_T must be a shape (batch, length)",
+    ]
+    alone = sd.sample(plain(), noise(N), 6, "ddpm", generator=gens(N))
+    for said, seconds, after in spawn(_refused_on_last, 2, timeout=150):
+        for (other, last), mine in zip(said, own, strict=True):
+            assert last.startswith(mine), (last, mine)
+            who = mine.split(":")[1].strip()
+            assert (
+                other
+                == f"RuntimeError: {who}: rank(s) [1] of the group failed (each raised its error); "
+                + ("so stops rank 0")
+            ), other
+        assert max(seconds) < 3, seconds
+        assert torch.equal(after, alone)

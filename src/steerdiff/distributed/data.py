@@ -33,14 +33,17 @@ numbers are those of that device type's generator, for any number of ranks: a CP
 seeded alike draw different numbers, so a GPU run is reproduced on GPUs, not on a CPU.
 
 Every rank must pass the same noise: before sampling, the ranks compare a fingerprint of it in one
-all_reduce of 7 or 8 numbers (:func:`_agree`), and where ``x_T``, the generators, ``shape``, ``seed`` or
+all_reduce of 7 or 8 numbers (:func:`_agreed`), and where ``x_T``, the generators, ``shape``, ``seed`` or
 ``dtype`` differ between them (an ``x_T`` drawn per rank, generators or a seed offset by the rank, as
 data-parallel scripts make theirs), every rank raises a ``ValueError`` naming them: each would otherwise
 sample its shard of another batch, and the gathered batch would be no one-process run's.
 
 If a rank fails (bad arguments of its shard, a NaN its rows reached), every rank raises: the failing rank
 its own error, the others a ``RuntimeError`` naming it, after one all-reduce of a flag per rank (so no
-rank waits at the gather for one that is gone).
+rank waits at the gather for one that is gone). So does a rank whose checks and set-up raised (an argument
+refused on it alone): the set-up ends in the all_reduce of the arguments every rank must share, which
+carries every rank's flag too (a layout no argument changes) and which a rank that failed before it makes
+as well.
 """
 
 from __future__ import annotations
@@ -62,13 +65,26 @@ from ..discrete.denoiser import MaskedDenoiser
 from ..discrete.first_hitting import FirstHitting
 from ..noise import randn
 from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_x_T, plan, sample_as
-from ..schedules import ScheduleLike
-from ..solvers.base import Solver
+from ..schedules import Schedule, ScheduleLike
+from ..solvers.base import Grid, Solver
 from .group import Ranks, as_bytes, ranks
 
 __all__ = ["sample", "sample_discrete", "seeded"]
 
 _I = TypeVar("_I")
+_S = TypeVar("_S")
+# sample's set-up: progress, gather, return_info, the schedule, grid and solver, the batch's n, the device, an
+# empty batch, and the initial noise and generators of a rank's rows
+_SetUp = tuple[
+    bool, bool, bool, Schedule, Grid, Solver, int, torch.device, Tensor,
+    Callable[[range], tuple[Tensor, list[torch.Generator] | None]],
+]  # fmt: skip
+# sample_discrete's: progress, gather, return_info, the denoiser, the token ids (a row of them for a shape),
+# the batch's shape, the sampler, its steps, the first seed, the generators
+_DiscreteSetUp = tuple[
+    bool, bool, bool, MaskedDenoiser, Tensor, tuple[int, ...], _discrete.Sampler, int, int,
+    list[torch.Generator] | None,
+]  # fmt: skip
 
 
 def _generators(seed: int, rows: range, device: torch.device) -> list[torch.Generator]:
@@ -187,18 +203,41 @@ def _fingerprint(x: Tensor) -> Tensor:
     return torch.cat([head, sums & ((1 << 62) - 1)])
 
 
-def _agree(who: str, r: Ranks, device: torch.device, x_T: Tensor | None, **given: object) -> None:
-    """Raise a ``ValueError`` on every rank naming the arguments that differ between the ranks of ``r``:
-    ``x_T`` (the batch, or ``None``; :func:`_fingerprint`) and ``given`` (a digest of each value's ``repr``;
-    a list of generators is given as their ``initial_seed()``s: a generator's state moves as its own rank
-    draws from it, so a list passed to a second call is legitimately in other states on other ranks). One
-    all_reduce of ``4 + len(given)`` numbers on ``device``; nothing without a group."""
+def _values(x_T: Tensor | None, **given: object) -> Tensor:
+    """What :func:`_agreed` compares between the ranks: ``x_T``'s :func:`_fingerprint` (zeros for ``None``)
+    and a digest of each of ``given``'s ``repr`` (a list of generators is given as their ``initial_seed()``s:
+    a generator's state moves as its own rank draws from it, so a list passed to a second call is
+    legitimately in other states on other ranks), on ``x_T``'s device (the CPU for ``None``)."""
+    head = torch.zeros(4, dtype=torch.int64) if x_T is None else _fingerprint(x_T)
+    rest = torch.tensor([_digest(v) for v in given.values()], dtype=torch.int64, device=head.device)
+    return torch.cat([head, rest])
+
+
+def _agreed(
+    who: str, r: Ranks, names: Sequence[str], set_up: Callable[[], tuple[_S, Callable[[], Tensor]]]
+) -> _S:
+    """``set_up()``'s result on every rank of ``r``: the call's checks and set-up, which return it and the
+    values every rank must share (:func:`_values`, one per entry of ``names``, the arguments they come
+    from). Its end is ONE all_reduce of a layout no argument changes (every rank's failure flag, the values'
+    largest and minus their smallest over the ranks) and one read, which a rank whose set-up raised makes
+    too (:meth:`~steerdiff.distributed.group.Ranks.fail_together`): that rank raises its error, the others a
+    ``RuntimeError`` naming it, at once (not at the run's next collective, the group's timeout). Else a
+    ``ValueError`` on every rank naming the arguments that differ between the ranks. ``set_up()`` alone
+    without a group."""
     if r.group is None:
-        return
-    head = torch.zeros(4, dtype=torch.int64, device=device) if x_T is None else _fingerprint(x_T).to(device)
-    rest = torch.tensor([_digest(v) for v in given.values()], dtype=torch.int64, device=device)
-    names = ["x_T"] * len(head) + list(given)
-    same = r.alike(torch.cat([head, rest]))
+        return set_up()[0]
+    k = len(names)
+
+    def share(done: tuple[_S, Callable[[], Tensor]] | None) -> tuple[list[bool], list[int]]:
+        row = torch.zeros(r.size + 2 * k, dtype=torch.int64, device=r.device())
+        row[r.rank] = done is None
+        if done is not None:
+            values = done[1]().to(row.device)
+            row[r.size :] = torch.cat([values, -values])
+        top = r.max(row).tolist()
+        return [top[r.size + j] == -top[r.size + k + j] for j in range(k)], top[: r.size]
+
+    (out, _), same = r.fail_together(who, set_up, share)
     if differ := list(dict.fromkeys(name for name, ok in zip(names, same, strict=True) if not ok)):
         raise ValueError(
             f"{who}: {', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'} between the group's "
@@ -206,10 +245,11 @@ def _agree(who: str, r: Ranks, device: torch.device, x_T: Tensor | None, **given
             "call: the same x_T (the whole batch's), generators seeded alike (not with the rank), the same "
             "shape=, seed= and dtype=: each rank samples its shard of the batch it is given"
         )
+    return out
 
 
 def _seeds(gens: list[torch.Generator] | None) -> list[int] | None:
-    """The generators' ``initial_seed()``s (what :func:`_agree` compares of them)."""
+    """The generators' ``initial_seed()``s (what :func:`_agreed` compares of them)."""
     return None if gens is None else [g.initial_seed() for g in gens]
 
 
@@ -352,66 +392,80 @@ def sample(
     """
     who = "distributed.sample"
     r = ranks(who, group)
-    check_denoiser(who, "den", den)
-    progress = boolean(who, "progress", progress)
-    gather = boolean(who, "gather", gather)
-    return_info = boolean(who, "return_info", return_info)
-    if (x_T is None) == (shape is None):
-        raise ValueError(
-            f"{who}: x_T, shape: give x_T (the whole batch's initial noise, the same on every rank) or "
-            "shape= with seed= (each rank draws its samples' noise), "
-            + ("not both" if x_T is not None else "got neither")
-        )
-    sched, grid, slv = plan(den, steps, solver, schedule, final, who)
-    kernel = None if corrector is None else _mcmc.get(corrector, who)
-    if kernel is not None and (kernel.generator is not None or kernel.step_size is None):
-        raise ValueError(
-            f"{who}: corrector must have a step_size and no generator of its own (it then draws from the "
-            "samples' generators), e.g. sd.mcmc.ULA(step_size=1e-3): a step chosen by snr from batch means, "
-            f"or one generator's draws, would depend on how the batch is split; got {kernel!r}"
-        )
-    if own := den.own_noise():
-        raise ValueError(
-            f"{who}: den: {', '.join(dict.fromkeys(name for name, _ in own))} draws noise of its own, which "
-            "is not split over the ranks (each would draw its first rows' noise); sample it on one process"
-        )
-    if x_T is not None:
-        for name, value in (("seed", seed), ("dtype", dtype), ("device", device)):
-            if value is not None:
+
+    def set_up() -> tuple[_SetUp, Callable[[], Tensor]]:
+        """The checks and what the run needs, ending in the values every rank must share (:func:`_agreed`)."""
+        check_denoiser(who, "den", den)
+        shown = boolean(who, "progress", progress)
+        whole = boolean(who, "gather", gather)
+        with_info = boolean(who, "return_info", return_info)
+        if (x_T is None) == (shape is None):
+            raise ValueError(
+                f"{who}: x_T, shape: give x_T (the whole batch's initial noise, the same on every rank) or "
+                "shape= with seed= (each rank draws its samples' noise), "
+                + ("not both" if x_T is not None else "got neither")
+            )
+        sched, grid, slv = plan(den, steps, solver, schedule, final, who)
+        kernel = None if corrector is None else _mcmc.get(corrector, who)
+        if kernel is not None and (kernel.generator is not None or kernel.step_size is None):
+            raise ValueError(
+                f"{who}: corrector must have a step_size and no generator of its own (it then draws from "
+                "the samples' generators), e.g. sd.mcmc.ULA(step_size=1e-3): a step chosen by snr from batch "
+                f"means, or one generator's draws, would depend on how the batch is split; got {kernel!r}"
+            )
+        if own := den.own_noise():
+            raise ValueError(
+                f"{who}: den: {', '.join(dict.fromkeys(name for name, _ in own))} draws noise of its own, "
+                "which is not split over the ranks (each would draw its first rows' noise); sample it on one "
+                "process"
+            )
+        if x_T is not None:
+            for name, value in (("seed", seed), ("dtype", dtype), ("device", device)):
+                if value is not None:
+                    raise ValueError(
+                        f"{who}: {name} goes with shape= (the initial noise is drawn from the seeds); with "
+                        "x_T, pass its per-sample generators as generator=[...], one per sample"
+                    )
+            check_x_T(den, x_T, who)
+            n, where, blank = len(x_T), x_T.device, x_T[:0]
+            if n == 0:
+                raise ValueError(f"{who}: x_T has no samples, shape {tuple(x_T.shape)}")
+            gens = _check_list(who, generator, n, "or pass shape= with seed=")
+            if gens is None and (slv.noisy_on(grid) or kernel is not None):
                 raise ValueError(
-                    f"{who}: {name} goes with shape= (the initial noise is drawn from the seeds); with x_T, "
-                    "pass its per-sample generators as generator=[...], one per sample"
+                    f"{who}: generator: the run draws noise ({slv.name}"
+                    + (f", corrector {type(kernel).__name__}" if kernel is not None else "")
+                    + "): pass one generator per sample, or shape= with seed=; torch's global RNG would give "
+                    "every rank the same draws"
                 )
-        check_x_T(den, x_T, who)
-        n, where, blank = len(x_T), x_T.device, x_T[:0]
-        if n == 0:
-            raise ValueError(f"{who}: x_T has no samples, shape {tuple(x_T.shape)}")
-        gens = _check_list(who, generator, n, "or pass shape= with seed=")
-        if gens is None and (slv.noisy_on(grid) or kernel is not None):
-            raise ValueError(
-                f"{who}: generator: the run draws noise ({slv.name}"
-                + (f", corrector {type(kernel).__name__}" if kernel is not None else "")
-                + "): pass one generator per sample, or shape= with seed=; torch's global RNG would give "
-                "every rank the same draws"
-            )
 
-        _agree(who, r, where, x_T, generator=_seeds(gens), shape=None, seed=None, dtype=None)
+            def agree() -> Tensor:
+                return _values(x_T, generator=_seeds(gens), shape=None, seed=None, dtype=None)
 
-        def start(rows: range) -> tuple[Tensor, list[torch.Generator] | None]:
-            sl = slice(rows.start, rows.stop)
-            return x_T[sl], None if gens is None else gens[sl]
-    else:
-        if generator is not None:
-            raise ValueError(
-                f"{who}: generator goes with x_T; with shape= the per-sample generators are made from seed="
-            )
-        size, seed_, dtype_, where = _check_seeded(who, shape, seed, dtype, device or r.device())
-        check_sample_shape(f"{who}: shape", den, size[1:])
-        n, blank = size[0], torch.empty((0, *size[1:]), dtype=dtype_, device=where)
-        _agree(who, r, where, None, generator=None, shape=size, seed=seed_, dtype=dtype_)
+            def start(rows: range) -> tuple[Tensor, list[torch.Generator] | None]:
+                sl = slice(rows.start, rows.stop)
+                return x_T[sl], None if gens is None else gens[sl]
+        else:
+            if generator is not None:
+                raise ValueError(
+                    f"{who}: generator goes with x_T; with shape= the per-sample generators are made from "
+                    "seed="
+                )
+            size, seed_, dtype_, where = _check_seeded(who, shape, seed, dtype, device or r.device())
+            check_sample_shape(f"{who}: shape", den, size[1:])
+            n, blank = size[0], torch.empty((0, *size[1:]), dtype=dtype_, device=where)
 
-        def start(rows: range) -> tuple[Tensor, list[torch.Generator] | None]:
-            return _draw_seeded(size, seed_, rows, dtype_, where)
+            def agree() -> Tensor:
+                return _values(None, generator=None, shape=size, seed=seed_, dtype=dtype_)
+
+            def start(rows: range) -> tuple[Tensor, list[torch.Generator] | None]:
+                return _draw_seeded(size, seed_, rows, dtype_, where)
+
+        return (shown, whole, with_info, sched, grid, slv, n, where, blank, start), agree
+
+    progress, gather, return_info, sched, grid, slv, n, where, blank, start = _agreed(
+        who, r, ["x_T"] * 4 + ["generator", "shape", "seed", "dtype"], set_up
+    )
 
     def run(rows: range) -> tuple[Tensor, SampleInfo]:
         x, gens_ = start(rows)
@@ -514,39 +568,45 @@ def sample_discrete(
     """
     who = "distributed.sample_discrete"
     r = ranks(who, group)
-    progress = boolean(who, "progress", progress)
-    gather = boolean(who, "gather", gather)
-    return_info = boolean(who, "return_info", return_info)
-    if isinstance(x_T, Tensor):
-        den, tokens = _discrete.start(who, den, x_T, device)
-        size, masked = tuple(tokens.shape), (tokens == den.process.mask_id).sum(dim=1)
-    else:  # checks den and the shape on one row; each rank makes its own rows
-        size = sizes(who, "x_T", x_T)
-        if len(size) != 2:
+
+    def set_up() -> tuple[_DiscreteSetUp, Callable[[], Tensor]]:
+        """The checks and what the run needs, ending in the values every rank must share (:func:`_agreed`)."""
+        shown = boolean(who, "progress", progress)
+        whole = boolean(who, "gather", gather)
+        with_info = boolean(who, "return_info", return_info)
+        if isinstance(x_T, Tensor):
+            masked_den, tokens = _discrete.start(who, den, x_T, device)
+            size, masked = tuple(tokens.shape), (tokens == masked_den.process.mask_id).sum(dim=1)
+        else:  # checks den and the shape on one row; each rank makes its own rows
+            size = sizes(who, "x_T", x_T)
+            if len(size) != 2:
+                raise ValueError(
+                    f"{who}: x_T must be a shape (batch, length) or a tensor of token ids, got {x_T!r}"
+                )
+            masked_den, tokens = _discrete.start(who, den, [1, *size[1:]], device or r.device())
+            masked = torch.full((size[0],), size[-1])
+        slv = _discrete.get(sampler, who)
+        total = slv.num_steps(steps, masked, who)
+        if (seed is None) == (generator is None):
             raise ValueError(
-                f"{who}: x_T must be a shape (batch, length) or a tensor of token ids, got {x_T!r}"
+                f"{who}: seed, generator: every sampler draws noise; give seed= (sample i's generator seeded "
+                "seed + i) or generator=[one per sample], "
+                + ("not both" if seed is not None else "got neither")
             )
-        den, tokens = _discrete.start(who, den, [1, *size[1:]], device or r.device())
-        masked = torch.full((size[0],), size[-1])
-    n, where = size[0], tokens.device
-    slv = _discrete.get(sampler, who)
-    total = slv.num_steps(steps, masked, who)
-    if (seed is None) == (generator is None):
-        raise ValueError(
-            f"{who}: seed, generator: every sampler draws noise; give seed= (sample i's generator seeded "
-            "seed + i) or generator=[one per sample], " + ("not both" if seed is not None else "got neither")
-        )
-    first = 0 if seed is None else integer(who, "seed", seed, lo=0)
-    gens = _check_list(who, generator, n, "or pass seed=")
-    _agree(
-        who,
-        r,
-        where,
-        tokens if isinstance(x_T, Tensor) else None,
-        shape=size,
-        seed=seed,
-        generator=_seeds(gens),
+        first = 0 if seed is None else integer(who, "seed", seed, lo=0)
+        gens = _check_list(who, generator, size[0], "or pass seed=")
+
+        def agree() -> Tensor:
+            return _values(
+                tokens if isinstance(x_T, Tensor) else None, shape=size, seed=seed, generator=_seeds(gens)
+            )
+
+        return (shown, whole, with_info, masked_den, tokens, size, slv, total, first, gens), agree
+
+    progress, gather, return_info, den, tokens, size, slv, total, first, gens = _agreed(
+        who, r, ["x_T"] * 4 + ["shape", "seed", "generator"], set_up
     )
+    n, where = size[0], tokens.device
 
     def run(rows: range) -> tuple[Tensor, _discrete.SampleInfo]:
         sl = slice(rows.start, rows.stop)
