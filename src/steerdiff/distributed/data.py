@@ -33,10 +33,11 @@ numbers are those of that device type's generator, for any number of ranks: a CP
 seeded alike draw different numbers, so a GPU run is reproduced on GPUs, not on a CPU.
 
 Every rank must pass the same noise: before sampling, the ranks compare a fingerprint of it in one
-all_reduce of 7 or 8 numbers (:func:`_agreed`), and where ``x_T``, the generators, ``shape``, ``seed`` or
-``dtype`` differ between them (an ``x_T`` drawn per rank, generators or a seed offset by the rank, as
-data-parallel scripts make theirs), every rank raises a ``ValueError`` naming them: each would otherwise
-sample its shard of another batch, and the gathered batch would be no one-process run's.
+all_reduce of 7 or 8 numbers and a flag per rank (:func:`_agreed`), and where ``x_T``, the generators,
+``shape``, ``seed`` or ``dtype`` differ between them (an ``x_T`` drawn per rank, generators or a seed
+offset by the rank, as data-parallel scripts make theirs), every rank raises a ``ValueError`` naming them:
+each would otherwise sample its shard of another batch, and the gathered batch would be no one-process
+run's.
 
 If a rank fails (bad arguments of its shard, a NaN its rows reached), every rank raises: the failing rank
 its own error, the others a ``RuntimeError`` naming it, after one all-reduce of a flag per rank (so no
