@@ -265,3 +265,43 @@ def test_teachers_evaluate_once_at_each_node(setup, teacher):
     assert len(calls) == 10
     for i, (x, t) in enumerate(calls):
         assert t == pytest.approx(fit.teacher_times[i]) and torch.equal(x, states[i])
+
+
+@pytest.mark.parametrize(("fitted", "run"), [("zero", "none"), ("none", "zero")])
+def test_a_fit_serves_runs_of_its_final_only(setup, fitted, run):
+    # a final="zero" fit's n nodes lead into the clean state: a final="none" run of n - 1 steps would end at
+    # the node before it, a path cut short; a final="none" fit's end at t_min, after which final="zero" would
+    # add a step. Refused naming both, in sample and in invert (a final="none" grid) alike
+    den = setup[2]
+    fit = _fit(den, final=fitted, teacher_steps=12)
+    msg = (
+        rf"schedule GITS\(.*final='{fitted}'\) was fitted for final='{fitted}' \(its grids .*\), not for "
+        rf"this run's final='{run}': fit it with final='{run}', or run with final='{fitted}'"
+    )
+    with pytest.raises(ValueError, match=msg):
+        sd.sample(den, noise(4, 8), steps=5, solver="ddim", schedule=fit, final=run)
+    if fitted == "zero":
+        with pytest.raises(ValueError, match=msg):
+            sd.invert(den, noise(4, 8), steps=5, schedule=fit)
+    x = sd.sample(den, noise(4, 8), steps=5, solver="ddim", schedule=fit, final=fitted)
+    assert x.shape == (4, 8)
+
+
+def test_serves_the_float32_table_of_its_schedule(setup):
+    # SD's betas as diffusers forms them (float32 betas and cumulative product; 6.1e-7 of the scale off the
+    # float64 process it was fitted to, sigma near t = 0 1.3e-5 relative): the same grid, where the old 1e-12
+    # rule refused it. beta_end 0.0121 instead of 0.012 (2.1e-3 off) is refused, saying so
+    _, proc, den = setup
+    fit = _fit(den, teacher_steps=12)
+
+    def table32(b1: float) -> sd.VPDiscrete:
+        b = torch.linspace(0.00085**0.5, b1**0.5, 1000, dtype=torch.float32) ** 2
+        return sd.VP.discrete(alphas_cumprod=torch.cumprod(1 - b, dim=0))
+
+    assert torch.equal(fit(table32(0.012), 5), fit(proc, 5))
+    with pytest.raises(
+        ValueError,
+        match=r"is not the one it was fitted to, VP.discrete\(N=1000\): alpha differs by up to 0.0021\d of "
+        r"sqrt\(alpha\^2 \+ sigma\^2\), above rtol=0.0001 \(at t = .*\); fit a GITS with a denoiser",
+    ):
+        fit(table32(0.0121), 5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -594,3 +595,127 @@ def test_t_of_lam_at_infinite_lam_is_the_limit(proc, at_inf, at_minus_inf):
     assert float(proc.t_of_sigma_ratio(math.inf)) == at_minus_inf
     near = proc.t_of_lam(torch.tensor([10.0, 30.0, -10.0, -30.0], dtype=F64)).tolist()
     assert at_inf <= near[1] <= near[0] and near[2] <= near[3] <= at_minus_inf  # monotone towards the limits
+
+
+# -- equivalent: one process to float32's rounding --------------------------------------------------------
+
+
+def _float32_table(betas64: np.ndarray) -> sd.VPDiscrete:
+    """``VP.discrete`` of ``alphas_cumprod`` formed as diffusers does: ``cumprod(1 - betas)`` in float32."""
+    b32 = torch.from_numpy(betas64).to(torch.float32)
+    return sd.VP.discrete(alphas_cumprod=torch.cumprod(1.0 - b32, dim=0))
+
+
+def _float32_scaled_linear(b0: float = 0.00085, b1: float = 0.012) -> sd.VPDiscrete:
+    """SD's ``scaled_linear`` table as diffusers forms it: betas ``linspace(...)^2`` and their cumulative
+    product, all in float32."""
+    b32 = torch.linspace(b0**0.5, b1**0.5, N, dtype=torch.float32) ** 2
+    return sd.VP.discrete(alphas_cumprod=torch.cumprod(1.0 - b32, dim=0))
+
+
+@pytest.mark.parametrize(
+    ("name", "table32", "process64"),
+    [
+        ("scaled_linear", _float32_scaled_linear, sd.VP.scaled_linear),
+        (
+            "linear",
+            lambda: _float32_table(np.linspace(1e-4, 0.02, N)),
+            lambda: sd.VP.discrete(betas=np.linspace(1e-4, 0.02, N)),
+        ),
+        (
+            "squaredcos_cap_v2",
+            lambda: _float32_table(_cosine_betas()),
+            lambda: sd.VP.discrete(betas=_cosine_betas()),
+        ),
+    ],
+)
+def test_equivalent_takes_a_float32_table_for_its_float64_schedule(name, table32, process64):
+    """A table formed in float32 is the float64 schedule to float32's rounding: 6.1e-7, 8.3e-7 and 2.3e-6 of
+    ``sqrt(alpha^2 + sigma^2)`` (scaled_linear, linear, squaredcos_cap_v2), where its ``sigma`` near ``t = 0``
+    is off by 1.3e-5, 8.3e-5 and 2.6e-4 relative: the old rule (alpha and sigma to 1e-12 relative) refused
+    all three. Equal floats (``rtol=0``) still differ, and say where."""
+    p32, p64 = table32(), process64()
+    ts = torch.linspace(0, N - 1, 257, dtype=F64)
+    scale = torch.hypot(p64.alpha(ts), p64.sigma(ts))
+    off = max(
+        float(((f(ts) - g(ts)).abs() / scale).max())
+        for f, g in ((p32.alpha, p64.alpha), (p32.sigma, p64.sigma))
+    )
+    rel_sigma = float(((p32.sigma(ts) - p64.sigma(ts)) / p64.sigma(ts)).abs().max())
+    assert 1e-7 < off < 3e-6 and rel_sigma > 1e-5, (off, rel_sigma)  # the premise: off by float32, sigma more
+    assert sd.processes.equivalent(p32, p64) and sd.processes.equivalent(p64, p32)
+    assert sd.processes.difference(p32, p64) is None
+    assert not sd.processes.equivalent(p32, p64, rtol=0)
+    assert re.fullmatch(
+        r"(alpha|sigma) differs by up to \S+ of sqrt\(alpha\^2 \+ sigma\^2\), above rtol=0 \(at t = \S+: \S+ "
+        r"against \S+\)",
+        sd.processes.difference(p32, p64, rtol=0),
+    )
+    assert sd.processes.equivalent(p64, sd.VP.discrete(alphas_cumprod=p64.alphas_cumprod), rtol=0)
+
+
+def test_equivalent_refuses_other_schedules_both_ways_and_says_by_how_much():
+    """Other schedules, from float32 or float64 tables, either way round: SD's betas with ``beta_end`` 0.0121
+    instead of 0.012 (2.1e-3 of the scale), DDPM's linear betas against SD's (0.25), another kind; the
+    message names what differs, by how much and where."""
+    sd64, sd32 = sd.VP.scaled_linear(), _float32_scaled_linear()
+    near64, near32 = sd.VP.scaled_linear(beta_end=0.0121), _float32_scaled_linear(b1=0.0121)
+    ddpm = sd.VP.discrete(betas=np.linspace(1e-4, 0.02, N))
+    for p, q, size in [
+        (near64, sd64, 2.1e-3),
+        (sd64, near64, 2.1e-3),
+        (near32, sd64, 2.1e-3),
+        (sd64, near32, 2.1e-3),
+        (near32, sd32, 2.1e-3),
+        (ddpm, sd64, 0.25),
+        (sd32, ddpm, 0.25),
+    ]:
+        assert not sd.processes.equivalent(p, q)
+        msg = sd.processes.difference(p, q)
+        m = re.fullmatch(
+            r"(alpha|sigma) differs by up to (\S+) of sqrt\(alpha\^2 \+ sigma\^2\), above rtol=0.0001 "
+            r"\(at t = (\S+): (\S+) against (\S+)\)",
+            msg,
+        )
+        assert m is not None, msg
+        assert float(m[2]) == pytest.approx(size, rel=0.1)
+        t = float(m[3])
+        got = getattr(p, m[1])(t), getattr(q, m[1])(t)
+        assert float(m[4]) == pytest.approx(float(got[0]), rel=1e-4)  # t is printed to 6 digits
+        assert float(m[5]) == pytest.approx(float(got[1]), rel=1e-4)
+    assert sd.processes.difference(sd.EDM(), sd64) == "another kind (EDM against VPDiscrete)"
+    assert not sd.processes.equivalent(sd64, sd.VP.cosine())
+    for bad in (-1e-4, float("nan"), "1e-4"):
+        with pytest.raises(ValueError, match=r"equivalent: rtol"):
+            sd.processes.equivalent(sd64, sd32, rtol=bad)
+
+
+def test_equivalent_takes_diffusers_float32_config_for_the_float64_schedule():
+    """The process of a diffusers config (its float32 ``alphas_cumprod``) is the float64 one: CFG pairs a
+    denoiser of each; one of another ``beta_end`` is refused with what differs."""
+    pytest.importorskip("diffusers")
+    from steerdiff.integrations.diffusers import process_from_config
+
+    config = {
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "num_train_timesteps": N,
+    }
+    p32 = process_from_config(config)
+    assert sd.processes.equivalent(p32, sd.VP.scaled_linear()) and not sd.processes.equivalent(
+        p32, sd.VP.scaled_linear(), rtol=0
+    )
+    net = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    sd.guidance.CFG(
+        sd.Denoiser(net, p32, prediction="eps"),
+        sd.Denoiser(net, sd.VP.scaled_linear(), prediction="eps"),
+        2.0,
+    )
+    other = process_from_config({**config, "beta_end": 0.0121})
+    with pytest.raises(ValueError, match=r"share a process, .*: alpha differs by up to 0.0021\d of sqrt"):
+        sd.guidance.CFG(
+            sd.Denoiser(net, other, prediction="eps"),
+            sd.Denoiser(net, sd.VP.scaled_linear(), prediction="eps"),
+            2.0,
+        )

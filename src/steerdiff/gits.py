@@ -43,7 +43,7 @@ from torch import Tensor
 from ._checks import choice, device_or_none, integer, real, sample_dtype, sizes
 from .denoiser import Denoiser
 from .noise import randn
-from .processes import Process, equivalent
+from .processes import Process, difference
 from .schedules import Schedule, ScheduleLike
 from .schedules import get as get_schedule
 
@@ -115,7 +115,10 @@ class GITS(Schedule):
     ``den`` on ``samples`` draws of ``x_T``.
 
     Args:
-        den: the denoiser to fit the schedule to; the schedule serves its process only.
+        den: the denoiser to fit the schedule to; the schedule serves its process only: one of that kind
+            and time range whose ``alpha`` and ``sigma`` agree to :data:`~steerdiff.processes.EQUIVALENT_RTOL`
+            of the scale (:func:`~steerdiff.processes.equivalent`; the same betas as diffusers forms them
+            in float32 do), else a ``ValueError`` saying what differs and by how much.
         shape: the shape of one sample (default ``den.shape``).
         samples: draws of ``x_T ~ N(0, I)`` the teacher runs from (an integer >= 1; the authors: 256).
         generator: the ``torch.Generator`` they are drawn with, on its own device and then moved to
@@ -129,7 +132,10 @@ class GITS(Schedule):
             sum of local errors; the authors' 1.15 did worse on the benchmark, see below).
         final: ``"zero"`` (default) to fit grids for :func:`steerdiff.sample`'s ``final="zero"`` (``steps``
             nodes, then the clean state, which the teacher also ends in), ``"none"`` for ``final="none"``
-            (``steps + 1`` nodes, the last the teacher's last node).
+            (``steps + 1`` nodes, the last the teacher's last node). A run with the other ``final`` is refused
+            (:func:`~steerdiff.solvers.base.make_grid`, :attr:`~steerdiff.schedules.Schedule.final`): asked
+            for its ``steps + 1`` nodes a ``"zero"`` fit would give the first ``steps + 1`` of a path into the
+            clean state, and ``"zero"`` runs would add a step after a ``"none"`` fit's last node.
         dtype, device: of the teacher's ``x_T`` (default float32, CPU); its states and estimates are kept on
             the CPU in float64 for the cost.
         **cond: passed to the network on every teacher call.
@@ -224,12 +230,16 @@ class GITS(Schedule):
         # the range too: the grid's first node is the fitted process's t_max (EDM(sigma_max=80) and
         # EDM(sigma_max=160) have the same alpha and sigma)
         fitted = self.process
-        if not (
-            equivalent(process, fitted) and (process.t_min, process.t_max) == (fitted.t_min, fitted.t_max)
-        ):
+        off = difference(process, fitted)
+        if off is None and (process.t_min, process.t_max) != (fitted.t_min, fitted.t_max):
+            off = (
+                f"another time range ([{process.t_min:g}, {process.t_max:g}] against "
+                f"[{fitted.t_min:g}, {fitted.t_max:g}])"
+            )
+        if off is not None:
             raise ValueError(
-                f"{self!r}: process {process!r} is not the one it was fitted to, {fitted!r} (another kind, "
-                "other alpha / sigma or another time range): fit a GITS with a denoiser of this process"
+                f"{self!r}: process {process!r} is not the one it was fitted to, {fitted!r}: {off}; fit a "
+                "GITS with a denoiser of this process"
             )
         if n not in self.grids:
             e = self.cost.shape[0] - 1

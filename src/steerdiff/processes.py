@@ -44,12 +44,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EDM",
+    "EQUIVALENT_RTOL",
     "VE",
     "VP",
     "MeanReverting",
     "MeanRevertingDiscrete",
     "Process",
     "RectifiedFlow",
+    "difference",
     "equivalent",
     "rescale_zero_terminal_snr",
 ]
@@ -250,19 +252,52 @@ class VP(Process):
         return VPDiscrete(betas=betas)
 
 
-def equivalent(p: Process, q: Process) -> bool:
-    """Whether ``p`` and ``q`` are one noise process: the same object, or the same kind with equal ``alpha``
-    and ``sigma`` (to 1e-12) at 257 evenly spaced times from ``p.t_min`` to ``p.t_max`` (two tables of
-    ``VP.discrete`` or ``MeanReverting.discrete`` that differ at one step differ from there on: their
-    ``alpha`` is a cumulative product), as a copy or an unpickled one is."""
+# equivalent's default tolerance on alpha and sigma, relative to the state's scale sqrt(alpha^2 + sigma^2). A
+# table formed in float32 (diffusers' alphas_cumprod, a cumulative product of float32 1 - betas) departs from
+# the same schedule in float64 by 6.1e-7 (SD's scaled_linear betas), 8.3e-7 (DDPM's linear) and 2.3e-6
+# (squaredcos_cap_v2) of it, and by up to N eps32 / 2 = 6e-5 in alpha^2 over N = 1000 steps in the worst case,
+# while its sigma near t = 0 differs by 1.3e-5, 8.3e-5 and 2.6e-4 relative (1 - alphas_cumprod there is
+# beta_0, a few float32 ulps of 1), and lam as much: a tolerance on the scale, not on sigma or lam alone.
+# SD's betas with beta_end 0.0121 instead of 0.012 differ by 2.1e-3 of it, DDPM's from SD's by 0.25.
+EQUIVALENT_RTOL = 1e-4
+
+
+def difference(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> str | None:
+    """How ``p`` differs from ``q`` as a noise process, in words with the size of the difference, or
+    ``None`` where they are one (:func:`equivalent`): another kind, or ``alpha`` or ``sigma`` off by more
+    than ``rtol`` (a finite number >= 0) times ``sqrt(alpha^2 + sigma^2)`` of ``q`` at one of 257 evenly
+    spaced times from ``p.t_min`` to ``p.t_max`` (the time of the largest difference named)."""
+    rtol = real("equivalent", "rtol", rtol, lo=0)
     if p is q:
-        return True
+        return None
     if type(p) is not type(q):
-        return False
+        return f"another kind ({type(p).__name__} against {type(q).__name__})"
     ts = torch.linspace(p.t_min, p.t_max, 257, dtype=F64)
-    return all(
-        torch.allclose(f(ts), g(ts), rtol=1e-12, atol=0) for f, g in ((p.alpha, q.alpha), (p.sigma, q.sigma))
-    )
+    a, b = (p.alpha(ts), p.sigma(ts)), (q.alpha(ts), q.sigma(ts))
+    scale = torch.hypot(b[0], b[1])
+    for name, u, v in zip(("alpha", "sigma"), a, b, strict=True):
+        off = ((u - v).abs() / scale).nan_to_num(nan=math.inf)
+        k = int(off.argmax())
+        if not off[k] <= rtol:
+            return (
+                f"{name} differs by up to {float(off[k]):.3g} of sqrt(alpha^2 + sigma^2), above "
+                f"rtol={rtol:g} (at t = {float(ts[k]):.6g}: {float(u[k]):.9g} against {float(v[k]):.9g})"
+            )
+    return None
+
+
+def equivalent(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> bool:
+    """Whether ``p`` and ``q`` are one noise process: the same object, or the same kind whose ``alpha`` and
+    ``sigma`` agree to ``rtol`` (default :data:`EQUIVALENT_RTOL`, 1e-4) of ``sqrt(alpha^2 + sigma^2)`` at 257
+    evenly spaced times from ``p.t_min`` to ``p.t_max`` (:func:`difference` says where and by how much they
+    do not). A copy or an unpickled one is; so is a table formed in float32 (diffusers' ``alphas_cumprod``,
+    :func:`steerdiff.integrations.diffusers.process_from_config`) beside the same schedule in float64, off by
+    float32's rounding (6e-7 to 2.3e-6 of the scale measured, 6e-5 at worst; its ``sigma`` near ``t_min``
+    1e-5 to 3e-4 relative, as its ``lam``: hence a tolerance on the scale, not on ``sigma`` or ``lam``
+    alone); SD's betas with ``beta_end`` 0.0121 instead of 0.012 are not (2.1e-3). Two tables of
+    ``VP.discrete`` or ``MeanReverting.discrete`` that differ at one step differ from there on (their
+    ``alpha`` is a cumulative product). ``rtol=0`` asks for equal floats."""
+    return difference(p, q, rtol) is None
 
 
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:

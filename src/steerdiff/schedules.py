@@ -75,9 +75,15 @@ def _s(process: Process, t: float) -> float:
 
 
 class Schedule:
-    """Base class. Subclasses implement :meth:`nodes`; ``__call__`` validates the result."""
+    """Base class. Subclasses implement :meth:`nodes`; ``__call__`` validates the result.
+
+    :attr:`final` is the ``final=`` of the runs whose grids the schedule makes: ``None`` (a rule of spacing)
+    for either; a fitted schedule (:class:`GITS`) fits its nodes to one end, ``"zero"`` (``n`` nodes, then
+    the clean state) or ``"none"`` (``n`` nodes, the last the end), and
+    :func:`~steerdiff.solvers.base.make_grid` refuses it for a run with the other."""
 
     name: str = ""
+    final: str | None = None
 
     def nodes(self, process: Process, n: int) -> Tensor:
         """``n`` process times, decreasing from the noisy end, within ``process``'s range (a tensor or

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..denoiser import CostOfBase, Denoiser, Prediction, check_call, check_denoiser, take_wrapped_rows
-from ..processes import equivalent
+from ..processes import difference
 
 __all__ = [
     "Guided",
@@ -51,7 +51,7 @@ __all__ = [
     "grad_leaf",
     "grad_on",
     "hold",
-    "same_process",
+    "process_difference",
     "value_grad",
     "with_estimate",
 ]
@@ -242,7 +242,8 @@ def add_score(pred: Prediction, grad: Tensor) -> Prediction:
     return with_estimate(pred, eps=pred.eps - s * grad)
 
 
-def same_process(a: Denoiser, b: Denoiser) -> bool:
-    """Whether two denoisers share a noise process (:func:`steerdiff.processes.equivalent`). Methods that
-    combine several denoisers' estimates at one ``x_t`` (CFG, Feynman-Kac correctors) need it."""
-    return equivalent(a.process, b.process)
+def process_difference(a: Denoiser, b: Denoiser) -> str | None:
+    """``None`` where two denoisers share a noise process (:func:`steerdiff.processes.equivalent`), else how
+    ``a``'s differs from ``b``'s (:func:`steerdiff.processes.difference`), for the error. Methods that
+    combine several denoisers' estimates at one ``x_t`` (CFG, Feynman-Kac correctors) need one process."""
+    return difference(a.process, b.process)

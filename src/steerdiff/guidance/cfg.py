@@ -55,7 +55,7 @@ from torch import Tensor
 from .._checks import choice, held_by, real
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_wrapped_rows
 from ..noise import Generators, check_generators, randn, take_generator_rows
-from .base import Guided, same_process, with_estimate
+from .base import Guided, process_difference, with_estimate
 
 __all__ = ["CADS", "CFG"]
 
@@ -168,8 +168,11 @@ def check_pair(who: str, cond: object, uncond: object, uncond_kwargs: object) ->
     process and ``uncond_kwargs`` is a dict or None, else a ``ValueError`` naming ``who``: :class:`CFG`, or
     :func:`~steerdiff.guidance.pcg`, whose arguments these are when it builds its CFG."""
     c, u = check_denoiser(who, "cond", cond), check_denoiser(who, "uncond", uncond)
-    if not same_process(c, u):
-        raise ValueError(f"{who}: cond and uncond must share a process, got {c.process} and {u.process}")
+    off = process_difference(c, u)
+    if off is not None:
+        raise ValueError(
+            f"{who}: cond and uncond must share a process, got {c.process} and {u.process}: {off}"
+        )
     if uncond_kwargs is not None and not isinstance(uncond_kwargs, dict):
         raise ValueError(f"{who}: uncond_kwargs must be a dict, got {type(uncond_kwargs).__name__}")
     return dict(uncond_kwargs or {})

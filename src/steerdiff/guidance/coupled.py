@@ -61,7 +61,7 @@ from ..denoiser import Denoiser, Prediction, check_denoiser
 from ..sampling import SampleInfo, sample_as
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
-from .base import Guided, add_score, grad_leaf, grad_on, same_process, value_grad
+from .base import Guided, add_score, grad_leaf, grad_on, process_difference, value_grad
 
 __all__ = ["Coupled", "pcd_sample"]
 
@@ -98,10 +98,11 @@ class Coupled(Guided):
         first = dens[0]
         super().__init__(first)
         for k, d in enumerate(dens[1:], 1):
-            if not same_process(first, d):
+            off = process_difference(d, first)
+            if off is not None:
                 raise ValueError(
                     f"{who}: denoisers must share a process (one grid steps them all), denoisers[{k}] has "
-                    f"{d.process!r}, denoisers[0] {first.process!r}"
+                    f"{d.process!r}, denoisers[0] {first.process!r}: {off}"
                 )
             if d.shape is not None and first.shape is not None and d.shape != first.shape:
                 raise ValueError(

@@ -135,7 +135,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
 from ..distributed.group import spread_run
-from ..guidance.base import Guided, same_process
+from ..guidance.base import Guided, process_difference
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
 from ..solvers.base import FINALS, Grid, Solver, make_grid
@@ -317,9 +317,10 @@ def _components(
         )
     for k, (d, kw) in enumerate(zip(dens, kwargs, strict=True)):
         check_denoiser(who, f"dens[{k}]", d)
-        if not same_process(dens[0], d):
+        off = process_difference(dens[0], d)
+        if off is not None:
             raise ValueError(
-                f"{who}: all denoisers must share a process, got {dens[0].process} and {d.process}"
+                f"{who}: all denoisers must share a process, got {dens[0].process} and {d.process}: {off}"
             )
         _dict_or_none(who, f"kwargs[{k}]", kw)
     if not sum(betas) > 0:

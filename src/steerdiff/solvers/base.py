@@ -123,7 +123,11 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
 
     Raises a ``ValueError`` naming the schedule and ``steps`` where ``lam`` is infinite at a node
     or does not strictly increase between consecutive nodes (a process whose ``lam(t)`` is not
-    decreasing in ``t``): every step needs ``h = lam_{i+1} - lam_i > 0``.
+    decreasing in ``t``): every step needs ``h = lam_{i+1} - lam_i > 0``; and naming ``final`` where the
+    schedule was fitted for the other end (:attr:`Schedule.final`: a GITS fit's ``n`` nodes for
+    ``final="zero"`` lead into the clean state, and asked for ``steps + 1`` of them it would give a path into
+    it cut short; for ``final="none"`` they end at the teacher's last node, from which ``final="zero"``
+    would add a step).
     """
     choice("make_grid", "final", final, FINALS)
     # before ``steps + 1``: final="none" would accept steps=0 or 1.0
@@ -131,6 +135,12 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
     if not isinstance(schedule, Schedule):
         raise ValueError(
             f"make_grid: schedule must be a steerdiff Schedule (schedules.get(name)), got {schedule!r}"
+        )
+    if schedule.final not in (None, final):
+        made = "lead into the clean state" if schedule.final == "zero" else "end at its last node"
+        raise ValueError(
+            f"schedule {schedule!r} was fitted for final={schedule.final!r} (its grids {made}), not for this "
+            f"run's final={final!r}: fit it with final={final!r}, or run with final={schedule.final!r}"
         )
     clean = final == "zero"
     t = schedule(process, steps if clean else steps + 1)
