@@ -21,7 +21,12 @@ a schedule fitted on a few of them serves all. GITS
    nodes minimising ``sum_m coeff^m c_{p_m p_{m+1}}`` by dynamic programming (:func:`optimal_path`):
    ``V_1(j) = c_jE``, ``V_k(j) = min_{j < i < E} c_ji + coeff V_{k-1}(i)``. ``coeff = 1`` (the default
    here) is the plain sum of local errors; the authors' default ``coeff = 1.15`` (later steps weigh more),
-   tuned with their ``"dev"`` metric, did worse with this one on the benchmark below.
+   tuned with their ``"dev"`` metric, did worse with this one on the benchmark below. Not the authors': by
+   default (``max_ratio=2``, :data:`MAX_RATIO`) no step but the last into a noisy node is longer in ``lam``
+   than twice the one before (the program then runs over pairs of nodes, :func:`optimal_path`): the plain
+   program prices DDIM steps, which extrapolate nothing, and its grids cross the band where the denoised
+   estimate settles in one step 3.6-5.6 times the one before, over which third-order multistep solvers
+   extrapolate their quadratic (``max_ratio=None``: the authors' program).
 
 The one-time cost is the teacher's NFE, ``M`` (:attr:`GITS.nfe`); the grid for each step count is then a
 dynamic program over the cost matrix, cached. The student solver is any: the cost is the DDIM step's
@@ -47,13 +52,23 @@ from .processes import Process, difference
 from .schedules import Schedule, ScheduleLike
 from .schedules import get as get_schedule
 
-__all__ = ["GITS", "TEACHERS", "cost_matrix", "optimal_path"]
+__all__ = ["GITS", "MAX_RATIO", "TEACHERS", "cost_matrix", "optimal_path"]
 
 F64 = torch.float64
 
 # Teachers whose one network evaluation per step is at the node's own state, so that the callback's denoised
 # estimate after step i is the estimate at node i (a staged solver's or a corrector's is not)
 TEACHERS = ("ddim", "deis", "dpmpp_2m", "euler", "ipndm", "lms")
+
+# GITS's default step-ratio rule: no step (but the last into a noisy node) longer in lam than twice the one
+# before (the ratio of the multistep solvers' long-step rule, steerdiff.solvers.base.ODE_MAX_H_RATIO). The
+# plain DP prices DDIM steps, which extrapolate nothing, and on the solver benchmark crosses the band where
+# the denoised estimate settles (lam -0.7 -> 0.8) in one step 3.6-5.6 times the one before: third-order
+# multistep solvers extrapolate their quadratic across it (error there 0.016 -> 0.78 for dpmpp_3m at 8
+# steps, first order 0.095), and the solvers' rule, which needs the step longer than 2 as well, does not
+# fire. Lowering that limit instead changes 60 of the longstep bench's 1,944 cases, 34 for the worse.
+# Numbers: GITS.
+MAX_RATIO = 2.0
 
 
 def cost_matrix(y: Tensor, x0: Tensor, s: Sequence[float]) -> Tensor:
@@ -80,11 +95,24 @@ def cost_matrix(y: Tensor, x0: Tensor, s: Sequence[float]) -> Tensor:
     return out
 
 
-def optimal_path(cost: Tensor, steps: int, coeff: float = 1.0) -> list[int]:
+def optimal_path(
+    cost: Tensor,
+    steps: int,
+    coeff: float = 1.0,
+    lam: Sequence[float] | None = None,
+    max_ratio: float | None = None,
+    free_last: int = 1,
+) -> list[int]:
     r"""The ``steps``-step path ``0 = p_0 < ... < p_steps = E`` through the nodes of ``cost`` (an
     ``(E + 1, E + 1)`` matrix, ``cost[i, j]`` the price of the step ``i -> j``) minimising
     ``sum_m coeff^m cost[p_m, p_{m+1}]``: the dynamic program of GITS (see the module docstring).
-    ``steps`` must be in ``1..E``."""
+    ``steps`` must be in ``1..E``.
+
+    With ``max_ratio`` (a number >= 1; ``lam``, the ``E + 1`` nodes' log-SNR, increasing, then needed) every
+    step but the last ``free_last`` is at most ``max_ratio`` times the step before it in ``lam``:
+    ``lam_{p_{m+1}} - lam_{p_m} <= max_ratio (lam_{p_m} - lam_{p_{m-1}})``. The program then runs over the
+    pairs (previous node, node): ``V_1(i, j) = c_jE``, ``V_k(i, j) = min c_jl + coeff V_{k-1}(j, l)`` over the
+    ``l`` the rule allows after ``i -> j``."""
     if not isinstance(cost, Tensor) or cost.ndim != 2 or cost.shape[0] != cost.shape[1] or cost.shape[0] < 2:
         got = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
         raise ValueError(f"optimal_path: cost must be a square (E + 1, E + 1) tensor with E >= 1, got {got}")
@@ -92,6 +120,26 @@ def optimal_path(cost: Tensor, steps: int, coeff: float = 1.0) -> list[int]:
     steps = integer("optimal_path", "steps", steps, lo=1, hi=e)
     coeff = real("optimal_path", "coeff", coeff, lo=0, lo_open=True)
     c = cost.to(F64)
+    if max_ratio is not None:
+        max_ratio = real("optimal_path", "max_ratio", max_ratio, lo=1)
+        free_last = integer("optimal_path", "free_last", free_last, lo=1)
+        lt = torch.tensor(list(lam), dtype=F64) if lam is not None else None
+        if lt is None or lt.shape != (e + 1,) or not bool((lt[1:] > lt[:-1]).all()):
+            raise ValueError(
+                f"optimal_path: lam must be {e + 1} increasing numbers (the nodes' log-SNR) with max_ratio, "
+                f"got {None if lt is None else lt.tolist()}"
+            )
+        path = _ratio_path(c, steps, coeff, lt, max_ratio, free_last)
+    else:
+        path = _plain_path(c, steps, coeff)
+    if path is None:
+        raise ValueError(f"optimal_path: no {steps}-step path from node 0 to node {e} has a finite cost")
+    return path
+
+
+def _plain_path(c: Tensor, steps: int, coeff: float) -> list[int] | None:
+    """:func:`optimal_path` without a step-ratio rule (``None`` where no path has a finite cost)."""
+    e = c.shape[0] - 1
     # value[k][j]: the least cost from node j to E in exactly k steps; pick[k][j]: its next node
     value = [torch.full((e + 1,), torch.inf, dtype=F64), c[:, e].clone()]
     pick = [torch.zeros(e + 1, dtype=torch.long), torch.full((e + 1,), e, dtype=torch.long)]
@@ -104,9 +152,35 @@ def optimal_path(cost: Tensor, steps: int, coeff: float = 1.0) -> list[int]:
     path = [0]
     for k in range(steps, 0, -1):
         path.append(int(pick[k][path[-1]]))
-    if path[-1] != e or not bool(torch.isfinite(value[steps][0])):
-        raise ValueError(f"optimal_path: no {steps}-step path from node 0 to node {e} has a finite cost")
-    return path
+    return path if path[-1] == e and bool(torch.isfinite(value[steps][0])) else None
+
+
+def _ratio_path(
+    c: Tensor, steps: int, coeff: float, lam: Tensor, max_ratio: float, free_last: int
+) -> list[int] | None:
+    """:func:`optimal_path` with its step-ratio rule, over (previous node, node) pairs; the previous node
+    ``E + 1`` stands for none (the first step, free)."""
+    e = c.shape[0] - 1
+    h = lam[None, :] - lam[:, None]  # h[a, b] = lam_b - lam_a
+    prev = torch.cat([h, torch.full((1, e + 1), torch.inf, dtype=F64)])  # (E + 2, E + 1): i -> j, none
+    # allowed[i, j, l]: the step j -> l after i -> j keeps the ratio (l < E: an intermediate node)
+    allowed = h[None, :, :e] <= max_ratio * prev[:, :, None]
+    # value[i, j]: the least cost from node j to E in k steps, having come from i; pick: the next node
+    value = c[:, e][None, :].expand(e + 2, e + 1).clone()
+    picks = [torch.full((e + 2, e + 1), e, dtype=torch.long)]
+    for k in range(2, steps + 1):  # k steps left
+        total = (c[None, :, :e] + coeff * value[None, : e + 1, :e]).expand(e + 2, e + 1, e)
+        if k > free_last:
+            total = total.masked_fill(~allowed, torch.inf)
+        value, arg = total.min(dim=2)
+        picks.append(arg)
+    if not bool(torch.isfinite(value[e + 1, 0])):
+        return None
+    path, before = [0], e + 1
+    for k in range(steps, 0, -1):
+        before, nxt = path[-1], int(picks[k - 1][before, path[-1]])
+        path.append(nxt)
+    return path if path[-1] == e else None
 
 
 class GITS(Schedule):
@@ -130,6 +204,8 @@ class GITS(Schedule):
             candidate nodes.
         coeff: the weight ``coeff^m`` of the ``m``-th step's cost (a finite number > 0; default 1, the plain
             sum of local errors; the authors' 1.15 did worse on the benchmark, see below).
+        max_ratio: no step but the last into a noisy node longer in ``lam`` than ``max_ratio`` times the one
+            before (a finite number >= 1; default 2, :data:`MAX_RATIO`); ``None``: the authors' program.
         final: ``"zero"`` (default) to fit grids for :func:`steerdiff.sample`'s ``final="zero"`` (``steps``
             nodes, then the clean state, which the teacher also ends in), ``"none"`` for ``final="none"``
             (``steps + 1`` nodes, the last the teacher's last node). A run with the other ``final`` is refused
@@ -144,12 +220,14 @@ class GITS(Schedule):
     then the dynamic program's (cached in :attr:`grids`): ``n`` nodes, the first ``t_max``, a subset of the
     teacher's nodes. Not a name for ``schedule=``: it needs a model, as guidance wrappers need theirs.
 
-    Measured on the solver benchmark (``python bench/gits.py``; the table in README.md's schedule section),
+    Measured on the solver benchmark (``python bench/gits.py``; the tables in README.md's schedule section),
     fitted on 256 draws of ``x_T`` and scored on 1024 others, relative RMSE vs the exact ODE at NFE 5 / 6 /
-    8 / 10: ``ipndm`` 0.184 / 0.161 / 0.088 / 0.056 against 0.227 / 0.190 / 0.119 / 0.073 on its best named
-    schedule, ``ddim`` 0.225 / 0.205 / 0.171 / 0.160 against 0.253 / 0.232 / 0.209 / 0.188. The grids end in
-    long steps after short ones, which third-order multistep solvers extrapolate badly (``unipc`` 0.731 at
-    NFE 8 against 0.068 on ``karras_capped``; ``UniPC(order=2)`` 0.089).
+    8 / 10: ``ipndm`` 0.184 / 0.161 / 0.109 / 0.058 against 0.227 / 0.190 / 0.119 / 0.073 on its best named
+    schedule, ``ddim`` 0.225 / 0.205 / 0.180 / 0.160 against 0.253 / 0.232 / 0.209 / 0.188. The step-ratio
+    rule (``max_ratio``): with the authors' program (``None``) ``unipc`` (order 3) is 0.640 / 0.731 / 0.758 /
+    0.281 at NFE 7 / 8 / 9 / 10 and ``dpmpp_3m`` 0.613 / 0.763 / 0.802 / 0.308, with the default (2) 0.121 /
+    0.074 / 0.078 / 0.131 and 0.140 / 0.115 / 0.122 / 0.119 (``UniPC(order=2)`` 0.133 / 0.059 / 0.034 /
+    0.029; ``ddim`` 0.194 / 0.171 / 0.163 / 0.160 without, 0.184 / 0.180 / 0.171 / 0.160 with).
     """
 
     name = "gits"
@@ -164,6 +242,7 @@ class GITS(Schedule):
         teacher_steps: int = 60,
         teacher_schedule: ScheduleLike = "karras",
         coeff: float = 1.0,
+        max_ratio: float | None = MAX_RATIO,
         final: str = "zero",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -189,6 +268,7 @@ class GITS(Schedule):
         self.teacher_steps = integer("GITS", "teacher_steps", teacher_steps, lo=2)
         self.teacher_schedule = get_schedule(teacher_schedule, "GITS")
         self.coeff = real("GITS", "coeff", coeff, lo=0, lo_open=True)
+        self.max_ratio = None if max_ratio is None else real("GITS", "max_ratio", max_ratio, lo=1)
         self.final = choice("GITS", "final", final, FINALS)
         self.process: Process = den.process
 
@@ -218,6 +298,8 @@ class GITS(Schedule):
         s = [sg / a for sg, a in zip(grid.sigma, grid.alpha, strict=True)]
         self.teacher_times: list[float] = grid.t[: len(grid.t) - grid.clean_end]
         """The candidate nodes: the teacher's grid (without its clean end)."""
+        self.teacher_lam: list[float] = list(grid.lam)
+        """Their log-SNR ``lam`` (then ``inf``, the clean end, with ``final="zero"``), for the ratio rule."""
         self.cost = cost_matrix(y, torch.stack(x0[: grid.steps]), s)
         """The ``(E + 1, E + 1)`` cost matrix (:func:`cost_matrix`; node ``E`` the clean state with
         ``final="zero"``)."""
@@ -250,12 +332,15 @@ class GITS(Schedule):
                     f"{self!r}: {n} nodes asked; fitted with final={self.final!r} it gives {lo} to {hi} "
                     f"nodes (teacher_steps={self.teacher_steps}); raise teacher_steps for more"
                 )
-            path = optimal_path(self.cost, steps, self.coeff)
+            # the last step into a noisy node is free: lower_order_final takes it at order <= 2
+            free = 2 if self.final == "zero" else 1
+            path = optimal_path(self.cost, steps, self.coeff, self.teacher_lam, self.max_ratio, free)
             self.grids[n] = torch.tensor([self.teacher_times[p] for p in path[:n]], dtype=F64)
         return self.grids[n].clone()
 
     def __repr__(self) -> str:
         return (
             f"GITS(teacher={self.teacher!r}, teacher_steps={self.teacher_steps}, coeff={self.coeff:g}, "
+            f"max_ratio={self.max_ratio if self.max_ratio is None else format(self.max_ratio, 'g')}, "
             f"final={self.final!r})"
         )
