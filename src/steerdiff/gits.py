@@ -112,7 +112,7 @@ def optimal_path(
     step but the last ``free_last`` is at most ``max_ratio`` times the step before it in ``lam``:
     ``lam_{p_{m+1}} - lam_{p_m} <= max_ratio (lam_{p_m} - lam_{p_{m-1}})``. The program then runs over the
     pairs (previous node, node): ``V_1(i, j) = c_jE``, ``V_k(i, j) = min c_jl + coeff V_{k-1}(j, l)`` over the
-    ``l`` the rule allows after ``i -> j``."""
+    ``l`` the rule allows after ``i -> j`` (a run of nodes: a prefix minimum, ``O(E^2)`` per step count)."""
     if not isinstance(cost, Tensor) or cost.ndim != 2 or cost.shape[0] != cost.shape[1] or cost.shape[0] < 2:
         got = tuple(cost.shape) if isinstance(cost, Tensor) else type(cost).__name__
         raise ValueError(f"optimal_path: cost must be a square (E + 1, E + 1) tensor with E >= 1, got {got}")
@@ -159,21 +159,22 @@ def _ratio_path(
     c: Tensor, steps: int, coeff: float, lam: Tensor, max_ratio: float, free_last: int
 ) -> list[int] | None:
     """:func:`optimal_path` with its step-ratio rule, over (previous node, node) pairs; the previous node
-    ``E + 1`` stands for none (the first step, free)."""
+    ``E + 1`` stands for none (the first step, free). After ``i -> j`` the rule allows the next nodes ``l``
+    with ``lam_l <= lam_j + max_ratio (lam_j - lam_i)``, a run ``j < l <= L(i, j)`` (``lam`` increases): the
+    best of them is a prefix minimum over ``l``, so a step count costs ``O(E^2)``, not ``O(E^3)``."""
     e = c.shape[0] - 1
-    h = lam[None, :] - lam[:, None]  # h[a, b] = lam_b - lam_a
-    prev = torch.cat([h, torch.full((1, e + 1), torch.inf, dtype=F64)])  # (E + 2, E + 1): i -> j, none
-    # allowed[i, j, l]: the step j -> l after i -> j keeps the ratio (l < E: an intermediate node)
-    allowed = h[None, :, :e] <= max_ratio * prev[:, :, None]
-    # value[i, j]: the least cost from node j to E in k steps, having come from i; pick: the next node
+    reach = lam[None, :] + max_ratio * (lam[None, :] - lam[:, None])  # (E + 1, E + 1): after i -> j
+    reach = torch.cat([reach, torch.full((1, e + 1), torch.inf, dtype=F64)])  # i = E + 1: none
+    last = (torch.searchsorted(lam[:e].contiguous(), reach.contiguous(), right=True) - 1).clamp(min=0)
+    cols = torch.arange(e + 1)[None, :].expand(e + 2, e + 1)
+    # value[i, j]: the least cost from node j to E in k steps, having come from i; picks: the next node
     value = c[:, e][None, :].expand(e + 2, e + 1).clone()
     picks = [torch.full((e + 2, e + 1), e, dtype=torch.long)]
-    for k in range(2, steps + 1):  # k steps left
-        total = (c[None, :, :e] + coeff * value[None, : e + 1, :e]).expand(e + 2, e + 1, e)
-        if k > free_last:
-            total = total.masked_fill(~allowed, torch.inf)
-        value, arg = total.min(dim=2)
-        picks.append(arg)
+    for k in range(2, steps + 1):  # k steps left; the next node l < E
+        best, arg = torch.cummin(c[:, :e] + coeff * value[: e + 1, :e], dim=1)  # (E + 1, E): over l' <= l
+        upto = last if k > free_last else torch.full_like(last, e - 1)
+        value, pick = best[cols, upto], arg[cols, upto]
+        picks.append(pick)
     if not bool(torch.isfinite(value[e + 1, 0])):
         return None
     path, before = [0], e + 1
