@@ -691,3 +691,36 @@ def test_group_one_collective_per_iteration(x_T):
             else "RuntimeError: paradigms: rank(s) [1] of the group failed (each raised its error); so stops "
             "rank 0"
         )
+
+
+def _refused_on_the_last_rank(group, x_T):
+    """paradigms with tol refused on the last rank alone (ddim: no generator check, whose collective was the
+    set-up's first only for noisy solvers), on a group whose collectives time out after 6 s; then a run."""
+    import datetime
+
+    from .distributed import outcomes
+
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=6))
+    last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+    den = smooth_mixture().denoiser(sd.VP.scaled_linear())
+    said, seconds = outcomes(
+        quick, (lambda: sd.paradigms(den, x_T, 8, "ddim", tol=-1.0 if last else 1e-6, group=quick),)
+    )
+    return said, seconds, sd.paradigms(den, x_T, 8, "ddim", tol=1e-6, group=quick)
+
+
+def test_an_argument_refused_on_one_rank_is_raised_by_every_rank(x_T):
+    """Was: the last rank raised alone and the other waited at the first Picard iteration's gather (SIGABRT or
+    the group's timeout). The set-up ends in one exchange of a fixed layout (Ranks.start), which the failed
+    rank makes too; the run after it is the single process's."""
+    alone = sd.paradigms(smooth_mixture().denoiser(sd.VP.scaled_linear()), x_T, 8, "ddim", tol=1e-6)
+    for said, seconds, after in spawn(_refused_on_the_last_rank, 2, x_T, timeout=150):
+        assert said == [
+            [
+                "RuntimeError: paradigms: rank(s) [1] of the group failed (each raised its error); so stops "
+                "rank 0",
+                "ValueError: paradigms: tol must be a finite number > 0, got -1.0",
+            ]
+        ]
+        assert max(seconds) < 3, seconds
+        assert torch.allclose(after, alone, rtol=0, atol=1e-12)

@@ -89,7 +89,7 @@ from . import solvers as _solvers
 from ._checks import boolean, integer, real
 from ._ops import laid_out_as
 from .denoiser import Denoiser, Prediction, check_denoiser, predict_rows
-from .distributed.group import Ranks, ranks
+from .distributed.group import Ranks, ranks, spread_run
 from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, make_noise
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan
 from .schedules import Schedule, ScheduleLike
@@ -545,6 +545,7 @@ def paradigms(
 ) -> tuple[Tensor, ParadigmsInfo]: ...
 
 
+@spread_run
 def paradigms(
     den: Denoiser,
     x_T: Tensor,
@@ -640,12 +641,14 @@ def paradigms(
         check_rows(noise.generators, len(x_T), who)
     if isinstance(noise, ReplayNoise):  # its solver, grid and batch, as sample checks them
         noise.check_run(who, slv, grid, x_T)
-    if slv.noisy_on(grid) and not callable(generator):  # every rank draws the steps' noise: alike, or they
-        ranked.check_generator(who, generator, x_T.device)  # part (a noise source of a path is not checked)
-
     dtype = work_dtype(x_T.dtype)
     net_dtype = x_T.dtype if dtype != x_T.dtype else None
     state = slv.init_state(grid)
+    # the set-up's end on every rank (spread_run: a rank whose set-up raised makes it too): every rank draws
+    # the steps' noise, so the generators must be alike where the solver draws any (a noise source of a path
+    # is not checked; an empty list checks nothing)
+    checked = generator if slv.noisy_on(grid) and not callable(generator) else []
+    ranked.start(who, checked, x_T.device)
     # a multistep solver's state holds estimates of earlier nodes: each iteration starts from the window
     # start's (a copy made in the iteration before); a one-step solver's (none, or grid tables) is read only
     multistep = bool(state) and not slv.static_state
