@@ -69,7 +69,7 @@ from ..processes import Process
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ._poly import lagrange_basis
-from .base import FINALS, Grid, History, Model, make_grid, step_order
+from .base import FINALS, Grid, History, Model, make_grid, step_order, work_dtype
 from .unipc import UniPC
 
 if TYPE_CHECKING:
@@ -284,8 +284,8 @@ class _Search(DCSolver):
         opt = torch.optim.AdamW([rho], lr=self.lr)
         with torch.enable_grad():
             for _ in range(self.iters):
-                opt.zero_grad()
-                loss(rho).backward()
+                # by rho alone: a net's parameters that require grad are left as they are
+                (rho.grad,) = torch.autograd.grad(loss(rho), rho)
                 opt.step()
         return float(rho.detach())
 
@@ -377,6 +377,11 @@ def search_ratios(
         )
     iters = integer(who, "iters", iters, lo=1)
     lr = real(who, "lr", lr, lo=0, lo_open=True)
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{who}: needs autograd (the loss's gradient in the ratio, through the network); call it outside "
+            "torch.inference_mode() (torch.no_grad() is fine)"
+        )
     if final not in FINALS:
         raise ValueError(f"{who}: final must be one of {FINALS}, got {final!r}")
     grid = make_grid(
@@ -386,13 +391,15 @@ def search_ratios(
     if len(refs) != grid.steps or any(r.shape != x_T.shape for r in refs):
         raise ValueError(f"{who}: reference must give {grid.steps} states of x_T's shape {tuple(x_T.shape)}")
     options = {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver) if f.name != "ratios"}
-    model = Model(den, cond)
-    search = _Search(
-        **options, ratios=[1.0] * grid.steps, model=model, refs=[r.to(x_T) for r in refs], iters=iters, lr=lr
-    )
-    state, x = search.init_state(grid), x_T
-    for i in range(grid.steps):
-        x = search.step(model, x, i, grid, state)
+    # as sd.sample: a half-precision x_T is the net's dtype, the state and the ratio are in float32
+    dtype = work_dtype(x_T.dtype)
+    model = Model(den, cond, net_dtype=x_T.dtype)
+    refs = [r.to(device=x_T.device, dtype=dtype) for r in refs]
+    search = _Search(**options, ratios=[1.0] * grid.steps, model=model, refs=refs, iters=iters, lr=lr)
+    state, x = search.init_state(grid), x_T.to(dtype)
+    with torch.no_grad():  # the run carries no graph: each fit differentiates its own loss (_fit)
+        for i in range(grid.steps):
+            x = search.step(model, x, i, grid, state)
     model.check_finite()
     return DCSearch(dataclasses.replace(solver, ratios=list(search.ratios or ())), model.nfe)
 
