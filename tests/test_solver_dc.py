@@ -150,6 +150,11 @@ def test_cpr_recovers_its_polynomial_and_predicts_unseen_nfe(den, x_fit, x_test,
         ({"dc_order": 0}, "DCSolver: dc_order must be"),
         ({"dc_order": 4}, "DCSolver: dc_order must be"),
         ({"prediction": "noise"}, "DCSolver: prediction must be 'data'"),
+        ({"grid_t": [999.0, 0.0]}, "DCSolver: grid_t must be None or, with ratios"),
+        (
+            {"ratios": [1.0] * 3, "grid_t": [999.0, 0.0]},
+            r"DCSolver: grid_t must hold one time per node, len\(ratios\)",
+        ),
     ],
 )
 def test_bad_options(kwargs, message):
@@ -223,3 +228,15 @@ def test_the_search_in_half_precision(den, x_fit, exact_fit):
 def test_the_search_needs_autograd(den, x_fit, exact_fit):
     with torch.inference_mode(), pytest.raises(ValueError, match="search_ratios: needs autograd"):
         search_ratios(den, x_fit, 6, reference=exact_fit)
+
+
+def test_a_fitted_solver_refuses_another_grid(den, x_fit, x_test, exact_fit):
+    # the ratios of a search belong to its grid: another schedule or final of the same step count is refused
+    fit = search_ratios(den, x_fit, 6, reference=exact_fit, iters=2).solver
+    sd.sample(den, x_test, 6, fit)  # its own grid
+    for schedule, final in [("time_uniform", "zero"), ("karras_capped", "none")]:
+        with pytest.raises(ValueError, match="DCSolver: the ratios were searched on the grid t = "):
+            sd.sample(den, x_test, 6, fit, schedule, final=final)
+    sd.sample(den, x_test, 6, DCSolver(ratios=fit.ratios), "time_uniform")  # ratios given alone: any grid
+    refit = search_ratios(den, x_fit, 6, "time_uniform", solver=fit, reference=exact_fit, iters=2).solver
+    sd.sample(den, x_test, 6, refit, "time_uniform")  # the options of a fitted solver, searched anew

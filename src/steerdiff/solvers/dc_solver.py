@@ -79,6 +79,12 @@ __all__ = ["CPR", "DCSearch", "DCSolver", "ExactReference", "SolverReference", "
 
 F64 = torch.float64
 
+
+def fmt(times: Sequence[float]) -> str:
+    """A grid's times for a message: ``[t_0, t_1, ..., t_N]`` to 4 significant digits."""
+    return "[" + ", ".join(f"{t:.4g}" for t in times) + "]"
+
+
 Reference = Callable[[Grid], list[Tensor]]
 """A ground-truth trajectory: the states at a grid's nodes ``1..N`` (at a clean end, the clean sample)."""
 
@@ -112,6 +118,9 @@ class DCSolver(UniPC):
     Args:
         ratios: one compensation ratio per step (the run's step count; the first ``dc_order`` must be 1),
             from :func:`search_ratios` or :class:`CPR`; ``None``: all 1, which is UniPC.
+        grid_t: the process times of the grid ``ratios`` were searched on (:func:`search_ratios` sets them):
+            a run on another grid (another schedule, final or process) is refused; ``None``: any grid of
+            ``len(ratios)`` steps (ratios given alone, or from :class:`CPR`).
         dc_order: ``K``, the degree of the Lagrange polynomial through the ``K + 1`` newest estimates
             (1-3; the authors' 2).
         order, variant, corrector, lower_order_final, max_h, max_h_ratio: UniPC's (:class:`UniPC`);
@@ -125,6 +134,7 @@ class DCSolver(UniPC):
 
     name: ClassVar[str] = "dc_solver"
     ratios: Sequence[float] | None = None
+    grid_t: Sequence[float] | None = None
     dc_order: int = 2
 
     def __post_init__(self) -> None:
@@ -147,12 +157,35 @@ class DCSolver(UniPC):
                     f"have too few estimates to compensate), got {ratios[: self.dc_order]}"
                 )
             self.ratios = ratios
+        if self.grid_t is not None:
+            if (
+                self.ratios is None
+                or isinstance(self.grid_t, str | bytes)
+                or not isinstance(self.grid_t, Sequence)
+            ):
+                raise ValueError(
+                    f"{who}: grid_t must be None or, with ratios, a sequence of numbers, got "
+                    f"{self.grid_t!r:.60}"
+                )
+            self.grid_t = [real(who, "grid_t", t) for t in self.grid_t]
+            if len(self.grid_t) != len(self.ratios) + 1:
+                raise ValueError(
+                    f"{who}: grid_t must hold one time per node, len(ratios) + 1 = {len(self.ratios) + 1}, "
+                    f"got {len(self.grid_t)}"
+                )
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
         if self.ratios is not None and len(self.ratios) != grid.steps:
             raise ValueError(
                 f"{type(self).__name__}: ratios has {len(self.ratios)} entries, one per step is needed: the "
                 f"run has {grid.steps} steps"
+            )
+        if self.grid_t is not None and not all(
+            math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(self.grid_t, grid.t, strict=True)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: the ratios were searched on the grid t = {fmt(self.grid_t)}, the "
+                f"run's is t = {fmt(grid.t)} (another schedule, final or process): search them on this one"
             )
         state = super().init_state(grid)
         state["m"] = History(max(self.order, self.dc_order + 1))  # diffusers' DC buffer: max(p, K + 1)
@@ -390,7 +423,8 @@ def search_ratios(
     refs = (SolverReference(den, x_T, **cond) if reference is None else reference)(grid)
     if len(refs) != grid.steps or any(r.shape != x_T.shape for r in refs):
         raise ValueError(f"{who}: reference must give {grid.steps} states of x_T's shape {tuple(x_T.shape)}")
-    options = {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver) if f.name != "ratios"}
+    fitted = ("ratios", "grid_t")  # the search's own, not options
+    options = {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver) if f.name not in fitted}
     # as sd.sample: a half-precision x_T is the net's dtype, the state and the ratio are in float32
     dtype = work_dtype(x_T.dtype)
     model = Model(den, cond, net_dtype=x_T.dtype)
@@ -401,7 +435,7 @@ def search_ratios(
         for i in range(grid.steps):
             x = search.step(model, x, i, grid, state)
     model.check_finite()
-    return DCSearch(dataclasses.replace(solver, ratios=list(search.ratios or ())), model.nfe)
+    return DCSearch(dataclasses.replace(solver, ratios=list(search.ratios or ()), grid_t=grid.t), model.nfe)
 
 
 @dataclass(frozen=True)
