@@ -240,3 +240,12 @@ def test_a_fitted_solver_refuses_another_grid(den, x_fit, x_test, exact_fit):
     sd.sample(den, x_test, 6, DCSolver(ratios=fit.ratios), "time_uniform")  # ratios given alone: any grid
     refit = search_ratios(den, x_fit, 6, "time_uniform", solver=fit, reference=exact_fit, iters=2).solver
     sd.sample(den, x_test, 6, refit, "time_uniform")  # the options of a fitted solver, searched anew
+
+
+def test_cpr_refuses_a_table_that_does_not_determine_it():
+    # degree 4 in s/N: 5 coefficients per step count, of which NFE 5's 3 steps past dc_order leave 2 free; the
+    # fit took the least-norm solution and missed its own polynomial by 1.3e-2 at NFE 30
+    truth = CPR(((0.9, 0.3, -0.2), (0.4, -1.0, 0.5), (-0.3, 0.6, 0.1), (0.2, -0.1, 0.3), (-0.5, 0.2, 0.1)))
+    with pytest.raises(ValueError, match=r"CPR\.fit: the table determines 13 of the 15 coefficients"):
+        CPR.fit({n: truth(n) for n in (5, 8, 12)})
+    assert CPR.fit({n: truth(n) for n in (8, 12, 20)})(30) == pytest.approx(truth(30), abs=1e-10)

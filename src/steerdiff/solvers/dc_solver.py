@@ -455,7 +455,9 @@ class CPR:
     @classmethod
     def fit(cls, table: Mapping[int, Sequence[float]], dc_order: int = 2, degree: int = 4) -> CPR:
         """Least squares over ``table``: searched ratios by step count (each ``N`` entries), from at least
-        three step counts (the quadratic in ``N``); ``degree``: ``p``, in ``s / N`` (1-6, the paper's 4)."""
+        three step counts (the quadratic in ``N``) of at least ``degree + 1`` steps past ``dc_order`` each
+        (a table that leaves a coefficient free is refused); ``degree``: ``p``, in ``s / N`` (1-6, the
+        paper's 4)."""
         dc_order = integer("CPR.fit", "dc_order", dc_order, lo=1, hi=3)
         degree = integer("CPR.fit", "degree", degree, lo=1, hi=6)
         if not isinstance(table, Mapping) or len(table) < 3:
@@ -470,9 +472,14 @@ class CPR:
             for s in range(dc_order + 1, n + 1):
                 rows.append(cls._features(s, n, degree))
                 values.append(real("CPR.fit", f"table[{n}]", ratios[s - 1]))
-        sol = torch.linalg.lstsq(
-            torch.tensor(rows, dtype=F64), torch.tensor(values, dtype=F64)[:, None]
-        ).solution
+        design = torch.tensor(rows, dtype=F64)
+        if (rank := int(torch.linalg.matrix_rank(design))) < design.shape[1]:
+            raise ValueError(
+                f"CPR.fit: the table determines {rank} of the {design.shape[1]} coefficients: it needs 3 "
+                f"step counts with at least degree + 1 = {degree + 1} steps past dc_order={dc_order} each "
+                f"(or a lower degree), got {sorted(table)}"
+            )
+        sol = torch.linalg.lstsq(design, torch.tensor(values, dtype=F64)[:, None]).solution
         c = sol[:, 0].tolist()
         return cls(tuple(tuple(c[3 * a : 3 * a + 3]) for a in range(degree + 1)), dc_order)
 
