@@ -249,3 +249,18 @@ def test_cpr_refuses_a_table_that_does_not_determine_it():
     with pytest.raises(ValueError, match=r"CPR\.fit: the table determines 13 of the 15 coefficients"):
         CPR.fit({n: truth(n) for n in (5, 8, 12)})
     assert CPR.fit({n: truth(n) for n in (8, 12, 20)})(30) == pytest.approx(truth(30), abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("coef", "dc_order", "message"),
+    [
+        (((1.0, 2.0),), 2, r"CPR: coef must be"),
+        ((), 2, r"CPR: coef must be"),
+        (((1.0, 0.0, float("nan")),), 2, r"CPR: coef must be"),
+        (((1.0, 0.0, 0.0),), 7, r"CPR: dc_order must be"),
+    ],
+)
+def test_cpr_bad_coefficients(coef, dc_order, message):
+    # were: zip's 'argument 2 is longer', all-zero ratios, NaN ratios, and dc_order=7 taken
+    with pytest.raises(ValueError, match=message):
+        CPR(coef, dc_order)

@@ -448,6 +448,21 @@ class CPR:
     coef: tuple[tuple[float, ...], ...]
     dc_order: int = 2
 
+    def __post_init__(self) -> None:
+        coef = self.coef
+        if (
+            isinstance(coef, str | bytes)
+            or not isinstance(coef, Sequence)
+            or not coef
+            or any(isinstance(r, str | bytes) or not isinstance(r, Sequence) or len(r) != 3 for r in coef)
+        ):
+            raise ValueError(
+                f"CPR: coef must be p + 1 >= 1 rows of 3 numbers (the quadratic in N / 50 of each power of "
+                f"s / N), got {coef!r:.80}"
+            )
+        object.__setattr__(self, "coef", tuple(tuple(real("CPR", "coef", c) for c in r) for r in coef))
+        object.__setattr__(self, "dc_order", integer("CPR", "dc_order", self.dc_order, lo=1, hi=3))
+
     @staticmethod
     def _features(s: int, n: int, degree: int) -> list[float]:
         return [(s / n) ** a * (n / 50) ** b for a in range(degree + 1) for b in range(3)]
