@@ -78,6 +78,8 @@ if TYPE_CHECKING:
 __all__ = ["CPR", "DCSearch", "DCSolver", "ExactReference", "SolverReference", "dc_weights", "search_ratios"]
 
 F64 = torch.float64
+GRID_RTOL = 1e-4
+"""How far, relative to its span in ``t``, a run's grid may be from the one the ratios were searched on."""
 
 
 def fmt(times: Sequence[float]) -> str:
@@ -119,8 +121,9 @@ class DCSolver(UniPC):
         ratios: one compensation ratio per step (the run's step count; the first ``dc_order`` must be 1),
             from :func:`search_ratios` or :class:`CPR`; ``None``: all 1, which is UniPC.
         grid_t: the process times of the grid ``ratios`` were searched on (:func:`search_ratios` sets them):
-            a run on another grid (another schedule, final or process) is refused; ``None``: any grid of
-            ``len(ratios)`` steps (ratios given alone, or from :class:`CPR`).
+            a run on another grid (another schedule, final or process; off by more than :data:`GRID_RTOL` of
+            its span, which an equivalent process's, a float32 table, is not) is refused; ``None``: any grid
+            of ``len(ratios)`` steps (ratios given alone, or from :class:`CPR`).
         dc_order: ``K``, the degree of the Lagrange polynomial through the ``K + 1`` newest estimates
             (1-3; the authors' 2).
         order, variant, corrector, lower_order_final, max_h, max_h_ratio: UniPC's (:class:`UniPC`);
@@ -180,13 +183,15 @@ class DCSolver(UniPC):
                 f"{type(self).__name__}: ratios has {len(self.ratios)} entries, one per step is needed: the "
                 f"run has {grid.steps} steps"
             )
-        if self.grid_t is not None and not all(
-            math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(self.grid_t, grid.t, strict=True)
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: the ratios were searched on the grid t = {fmt(self.grid_t)}, the "
-                f"run's is t = {fmt(grid.t)} (another schedule, final or process): search them on this one"
-            )
+        if self.grid_t is not None:
+            # to 1e-4 of the span: an equivalent process's grid (a float32 table) is off by 3.5e-6 .. 3e-5
+            off = max(abs(a - b) for a, b in zip(self.grid_t, grid.t, strict=True))
+            if off > GRID_RTOL * abs(grid.t[0] - grid.t[-1]):
+                raise ValueError(
+                    f"{type(self).__name__}: the ratios were searched on the grid t = {fmt(self.grid_t)}, "
+                    f"the run's is t = {fmt(grid.t)}, off by up to {off:.3g} (another schedule, final or "
+                    "process): search them on this one"
+                )
         state = super().init_state(grid)
         state["m"] = History(max(self.order, self.dc_order + 1))  # diffusers' DC buffer: max(p, K + 1)
         return state
