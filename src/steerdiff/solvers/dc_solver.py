@@ -393,8 +393,11 @@ def search_ratios(
         iters, lr: AdamW iterations per step and learning rate (an integer >= 1, a number > 0).
         **cond: passed to the network on every call.
 
-    Deterministic for given inputs. The search calls the network ``iters`` times per compensated step whose
-    state a correction follows, plus ``steps`` times for the run itself (:attr:`DCSearch.nfe`).
+    Deterministic for given inputs. The search evaluates the denoiser ``iters`` times per compensated step
+    whose state a correction follows, plus ``steps`` times for the run itself (:attr:`DCSearch.nfe` counts
+    network calls: ``den.cost`` each, 2 for classifier-free guidance). Needs autograd (not under
+    ``torch.inference_mode()``); a half-precision ``x_T`` runs the network in it and the rest in float32, as
+    :func:`steerdiff.sample`. The fitted solver runs on this grid only (:attr:`DCSolver.grid_t`).
     """
     from ..sampling import DEFAULT_SCHEDULE  # here: sampling imports the solvers
 
