@@ -82,7 +82,7 @@ GRID_RTOL = 1e-4
 """How far, relative to its span in ``t``, a run's grid may be from the one the ratios were searched on."""
 
 
-def fmt(times: Sequence[float]) -> str:
+def _fmt(times: Sequence[float]) -> str:
     """A grid's times for a message: ``[t_0, t_1, ..., t_N]`` to 4 significant digits."""
     return "[" + ", ".join(f"{t:.4g}" for t in times) + "]"
 
@@ -188,8 +188,8 @@ class DCSolver(UniPC):
             off = max(abs(a - b) for a, b in zip(self.grid_t, grid.t, strict=True))
             if off > GRID_RTOL * abs(grid.t[0] - grid.t[-1]):
                 raise ValueError(
-                    f"{type(self).__name__}: the ratios were searched on the grid t = {fmt(self.grid_t)}, "
-                    f"the run's is t = {fmt(grid.t)}, off by up to {off:.3g} (another schedule, final or "
+                    f"{type(self).__name__}: the ratios were searched on the grid t = {_fmt(self.grid_t)}, "
+                    f"the run's is t = {_fmt(grid.t)}, off by up to {off:.3g} (another schedule, final or "
                     "process): search them on this one"
                 )
         state = super().init_state(grid)
