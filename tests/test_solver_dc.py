@@ -183,6 +183,9 @@ def test_bad_input(den, x_fit, x_test, exact_fit, gmm, sd_process):
         search_ratios(den, [1.0], 5)
     with pytest.raises(ValueError, match="ExactReference: gmm must be"):
         ExactReference(den, sd_process, x_fit)
+    for t in (1500.0, -1.0, float("nan")):  # were: min()'s 'arg is an empty sequence'
+        with pytest.raises(ValueError, match=r"ExactReference\.at: t must be"):
+            exact_fit.at(t)
     with pytest.raises(ValueError, match="ExactReference: the grid starts at"):
         ExactReference(gmm, sd_process, x_fit, t_start=500.0)(
             sd.solvers.make_grid(sd_process, sd.schedules.get("karras"), 5)

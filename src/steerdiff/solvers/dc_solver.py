@@ -237,7 +237,8 @@ class ExactReference:
         self.states: dict[float, Tensor] = {self.t_start: x_T.to(F64)}
 
     def at(self, t: float) -> Tensor:
-        """The exact state at process time ``t <= t_start``."""
+        """The exact state at process time ``t`` from ``process.t_min`` to ``t_start``."""
+        t = real("ExactReference.at", "t", t, lo=self.process.t_min, hi=self.t_start)
         if t not in self.states:
             above = min(s for s in self.states if s >= t)
             self.states[t] = self.gmm.reference_ode(self.states[above], self.process, above, t)
