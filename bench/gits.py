@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--against-diffusers", action="store_true")
     parser.add_argument("--draws", type=int, default=DRAWS)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # (batch, 64) tensors: a thread pool only adds overhead on a shared machine
     problem = make_problem(1024, seed=0)
     den = problem.gmm.denoiser(problem.process)
     t0 = time.perf_counter()
