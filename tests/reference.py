@@ -10,7 +10,9 @@ same grid. Those two, ``eps_net`` and ``sd_betas_config`` live in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -231,3 +233,17 @@ def importance_posterior_mean(
     est = (w[:, None] * x0).sum(0) / w.sum()
     se = ((w[:, None] ** 2 * (x0 - est) ** 2).sum(0)).sqrt() / w.sum()
     return est, se, float(w.sum() ** 2 / (w**2).sum())
+
+
+def assert_nan_named_alike_on_an_accelerator(
+    run: Callable[[], object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run()`` (a net that returns NaN at some call) raises one :class:`steerdiff.NonFiniteError`, naming a
+    step, on the CPU (at that call) and on an accelerator (faked: tensors that are not CPU ones; the net's
+    check deferred to the end of the run)."""
+    with pytest.raises(sd.NonFiniteError) as cpu:
+        run()
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    with pytest.raises(sd.NonFiniteError) as accelerator:
+        run()
+    assert str(accelerator.value) == str(cpu.value) and "step" in str(cpu.value)
