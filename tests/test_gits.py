@@ -382,3 +382,18 @@ def test_third_order_multistep_solvers_on_the_grid_of_the_ratio_rule():
             assert plain > 0.5 and plain > 3 * err("dpmpp_2m", n, None), (solver, n, plain)  # the defect
             assert ruled < 0.15 and ruled < 1.05 * second, (solver, n, ruled, second)
         assert err("ddim", n, 2.0) < 1.05 * err("ddim", n, None)
+
+
+@pytest.mark.parametrize("final", ["zero", "none"])
+def test_a_fit_pickled_before_the_ratio_rule_still_serves(setup, final):
+    # a fit pickled before max_ratio (its state lacks max_ratio and teacher_lam) was an AttributeError at its
+    # first grid and its repr; it is the authors' program it was made with: the grids of max_ratio=None
+    _, proc, den = setup
+    fit = _fit(den, teacher_steps=12, max_ratio=None, final=final)
+    old = copy.copy(fit)
+    del old.max_ratio, old.teacher_lam
+    again = pickle.loads(pickle.dumps(old))
+    assert again.max_ratio is None and again.teacher_lam == fit.teacher_lam
+    assert repr(again) == repr(fit)
+    for n in range(2, 8):
+        assert torch.equal(again(proc, n), fit(proc, n))

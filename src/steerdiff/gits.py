@@ -39,6 +39,7 @@ Measured on the solver benchmark (:mod:`steerdiff.bench.solvers`'s mixture and S
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -338,6 +339,18 @@ class GITS(Schedule):
             path = optimal_path(self.cost, steps, self.coeff, self.teacher_lam, self.max_ratio, free)
             self.grids[n] = torch.tensor([self.teacher_times[p] for p in path[:n]], dtype=F64)
         return self.grids[n].clone()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a fit pickled before the step-ratio rule (no max_ratio, teacher_lam): the authors' program, which
+        # made the grids it has cached; lam of its nodes (then the clean end's inf), which it does not read
+        if "max_ratio" not in state:
+            state = {**state, "max_ratio": None}
+            state.setdefault(
+                "teacher_lam",
+                state["process"].lam(state["teacher_times"]).tolist()
+                + [math.inf] * (state["final"] == "zero"),
+            )
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (
