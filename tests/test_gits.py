@@ -397,3 +397,23 @@ def test_a_fit_pickled_before_the_ratio_rule_still_serves(setup, final):
     assert repr(again) == repr(fit)
     for n in range(2, 8):
         assert torch.equal(again(proc, n), fit(proc, n))
+
+
+def test_a_step_count_the_ratio_rule_leaves_no_grid_says_so(setup):
+    # EDM (lam = -log sigma), a teacher grid whose steps in lam grow by over 2 (0.105, 0.306, 1.026, then
+    # 9.16 to the end): after the free first step every ruled step is too long, so 4 and 5 nodes (1 and 2
+    # ruled steps) have no grid, 2 and 3 have. Was optimal_path's "has a finite cost"
+    # (every step has), naming neither GITS nor the rule nor a way out
+    den = setup[0].denoiser(sd.EDM())
+    kw = dict(teacher_steps=4, teacher_schedule=[80.0, 72.0, 53.0, 19.0, 0.002], final="none")
+    fit, plain = _fit(den, **kw), _fit(den, max_ratio=None, **kw)
+    assert fit(den.process, 2).tolist() == [80.0, 0.002] and fit(den.process, 3).shape == (3,)
+    assert plain(den.process, 4).shape == (4,)
+    for n in (4, 5):
+        with pytest.raises(
+            ValueError,
+            match=rf"GITS\(.*max_ratio=2.*\): no grid of {n} nodes through the teacher's nodes keeps "
+            rf"max_ratio=2 \(optimal_path: no {n - 1}-step path from node 0 to node 4 has a finite cost and "
+            r"keeps max_ratio=2 .*\); fit it with max_ratio=None \(the authors' program\) or a larger one",
+        ):
+            sd.sample(den, noise(4, 8), steps=n - 1, solver="ddim", schedule=fit, final="none")

@@ -134,7 +134,15 @@ def optimal_path(
     else:
         path = _plain_path(c, steps, coeff)
     if path is None:
-        raise ValueError(f"optimal_path: no {steps}-step path from node 0 to node {e} has a finite cost")
+        rule = (
+            ""
+            if max_ratio is None
+            else f" and keeps max_ratio={max_ratio:g} (no step but the last {free_last} longer in lam than "
+            f"{max_ratio:g} times the one before)"
+        )
+        raise ValueError(
+            f"optimal_path: no {steps}-step path from node 0 to node {e} has a finite cost{rule}"
+        )
     return path
 
 
@@ -207,7 +215,10 @@ class GITS(Schedule):
         coeff: the weight ``coeff^m`` of the ``m``-th step's cost (a finite number > 0; default 1, the plain
             sum of local errors; the authors' 1.15 did worse on the benchmark, see below).
         max_ratio: no step but the last into a noisy node longer in ``lam`` than ``max_ratio`` times the one
-            before (a finite number >= 1; default 2, :data:`MAX_RATIO`); ``None``: the authors' program.
+            before (a finite number >= 1; default 2, :data:`MAX_RATIO`); ``None``: the authors' program. A
+            node count no path through the teacher's nodes keeps it for (a teacher grid whose steps in ``lam``
+            grow by more, e.g. ``[80, 72, 53, 19, 0.002]`` of ``EDM`` for 4 and 5 nodes) is a ``ValueError``
+            saying so.
         final: ``"zero"`` (default) to fit grids for :func:`steerdiff.sample`'s ``final="zero"`` (``steps``
             nodes, then the clean state, which the teacher also ends in), ``"none"`` for ``final="none"``
             (``steps + 1`` nodes, the last the teacher's last node). A run with the other ``final`` is refused
@@ -336,7 +347,19 @@ class GITS(Schedule):
                 )
             # the last step into a noisy node is free: lower_order_final takes it at order <= 2
             free = 2 if self.final == "zero" else 1
-            path = optimal_path(self.cost, steps, self.coeff, self.teacher_lam, self.max_ratio, free)
+            try:
+                path = optimal_path(self.cost, steps, self.coeff, self.teacher_lam, self.max_ratio, free)
+            except ValueError as err:
+                if self.max_ratio is None:
+                    raise
+                # the rule leaves no path where the teacher's grid has a gap in lam over max_ratio times the
+                # steps before it that a path of this length must cross at a ruled step
+                raise ValueError(
+                    f"{self!r}: no grid of {n} nodes through the teacher's nodes keeps max_ratio="
+                    f"{self.max_ratio:g} ({err}); fit it with max_ratio=None (the authors' program) or a "
+                    "larger one, or with a teacher grid of more even steps in lam, or ask for another number "
+                    "of nodes"
+                ) from None
             self.grids[n] = torch.tensor([self.teacher_times[p] for p in path[:n]], dtype=F64)
         return self.grids[n].clone()
 
