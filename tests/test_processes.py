@@ -690,6 +690,40 @@ def test_equivalent_refuses_other_schedules_both_ways_and_says_by_how_much():
             sd.processes.equivalent(sd64, sd32, rtol=bad)
 
 
+def test_equivalent_is_symmetric_over_both_ranges():
+    """A table cut short (the first 999 of SD's 1000 ``alphas_cumprod``: ``alpha`` at 999 is its own at 998,
+    4.1e-4 of the scale off) was one process with the full table when given first (times over its own range
+    only) and not the other way round: ``Coupled([full, short])``, whose grid runs over the first's range to
+    999, was accepted. Now refused either way round, at t = 999; formulas that agree beyond a range (EDM to
+    80 and to 160) are still one process."""
+    full = sd.VP.scaled_linear()
+    short = sd.VP.discrete(alphas_cumprod=full.alphas_cumprod[:999])
+    for p, q in ((short, full), (full, short)):
+        assert not sd.processes.equivalent(p, q)
+        m = re.fullmatch(
+            r"alpha differs by up to (\S+) of sqrt\(alpha\^2 \+ sigma\^2\), above rtol=0.0001 "
+            r"\(at t = 999: .*\)",
+            sd.processes.difference(p, q),
+        )
+        assert m is not None and float(m[1]) == pytest.approx(4.13e-4, rel=0.01)
+    net = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    dens = [sd.Denoiser(net, p, prediction="eps") for p in (full, short)]
+    for pair in (dens, dens[::-1]):
+        with pytest.raises(ValueError, match=r"Coupled: denoisers must share a process.*\(at t = 999"):
+            sd.guidance.Coupled(pair)
+        with pytest.raises(ValueError, match=r"CFG: cond and uncond must share a process.*\(at t = 999"):
+            sd.guidance.CFG(*pair, 2.0)
+    assert sd.processes.equivalent(sd.EDM(), sd.EDM(sigma_max=160.0))
+    assert sd.processes.equivalent(sd.EDM(sigma_max=160.0), sd.EDM())
+    # the scale is the larger of the two's: the same size either way round (q's alone: 24.3 against 0.961)
+    lo, hi = sd.MeanReverting.cosine(100, stationary_std=10 / 255), sd.MeanReverting.cosine(100)
+    assert (
+        sd.processes.difference(lo, hi)[:31]
+        == sd.processes.difference(hi, lo)[:31]
+        == ("sigma differs by up to 0.961 of")
+    )
+
+
 def test_equivalent_takes_diffusers_float32_config_for_the_float64_schedule():
     """The process of a diffusers config (its float32 ``alphas_cumprod``) is the float64 one: CFG pairs a
     denoiser of each; one of another ``beta_end`` is refused with what differs."""

@@ -265,16 +265,42 @@ EQUIVALENT_RTOL = 1e-4
 def difference(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> str | None:
     """How ``p`` differs from ``q`` as a noise process, in words with the size of the difference, or
     ``None`` where they are one (:func:`equivalent`): another kind, or ``alpha`` or ``sigma`` off by more
-    than ``rtol`` (a finite number >= 0) times ``sqrt(alpha^2 + sigma^2)`` of ``q`` at one of 257 evenly
-    spaced times from ``p.t_min`` to ``p.t_max`` (the time of the largest difference named)."""
-    rtol = real("equivalent", "rtol", rtol, lo=0)
+    than ``rtol`` (a finite number >= 0) times the larger ``sqrt(alpha^2 + sigma^2)`` of the two at one of 257
+    evenly spaced times over each one's range (the time of the largest difference named): the same either way
+    round."""
+    return _difference("equivalent", p, q, rtol)
+
+
+def equivalent(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> bool:
+    """Whether ``p`` and ``q`` are one noise process: the same object, or the same kind whose ``alpha`` and
+    ``sigma`` agree to ``rtol`` (default :data:`EQUIVALENT_RTOL`, 1e-4) of ``sqrt(alpha^2 + sigma^2)`` (the
+    larger of the two's) at 257 evenly spaced times over ``p``'s range and as many over ``q``'s: symmetric,
+    so that a table cut short (``VP.discrete`` of the first 999 of 1000 ``alphas_cumprod``, whose ``alpha``
+    at 999 is its last, at 998) is refused whichever is given first, as a grid over the longer one's range
+    would meet it there (:func:`difference` says where and by how much they do not agree). A copy or an
+    unpickled one is; so is a table formed in float32 (diffusers' ``alphas_cumprod``,
+    :func:`steerdiff.integrations.diffusers.process_from_config`) beside the same schedule in float64, off by
+    float32's rounding (6e-7 to 2.3e-6 of the scale measured, 6e-5 at worst; its ``sigma`` near ``t_min``
+    1e-5 to 3e-4 relative, as its ``lam``: hence a tolerance on the scale, not on ``sigma`` or ``lam``
+    alone); SD's betas with ``beta_end`` 0.0121 instead of 0.012 are not (2.1e-3). Two tables of
+    ``VP.discrete`` or ``MeanReverting.discrete`` that differ at one step differ from there on (their
+    ``alpha`` is a cumulative product). ``rtol=0`` asks for equal floats. The time ranges themselves may
+    differ where the formulas agree over both (``EDM(sigma_max=80)`` and ``EDM(sigma_max=160)``): a fitted
+    grid, which starts at its process's ``t_max``, checks them too."""
+    return _difference("equivalent", p, q, rtol) is None
+
+
+def _difference(who: str, p: Process, q: Process, rtol: float) -> str | None:
+    """:func:`difference`, its ``rtol`` checked as ``who``'s."""
+    rtol = real(who, "rtol", rtol, lo=0)
     if p is q:
         return None
     if type(p) is not type(q):
         return f"another kind ({type(p).__name__} against {type(q).__name__})"
-    ts = torch.linspace(p.t_min, p.t_max, 257, dtype=F64)
+    ranges = sorted({(p.t_min, p.t_max), (q.t_min, q.t_max)})
+    ts = torch.cat([torch.linspace(lo, hi, 257, dtype=F64) for lo, hi in ranges])
     a, b = (p.alpha(ts), p.sigma(ts)), (q.alpha(ts), q.sigma(ts))
-    scale = torch.hypot(b[0], b[1])
+    scale = torch.maximum(torch.hypot(*a), torch.hypot(*b))
     for name, u, v in zip(("alpha", "sigma"), a, b, strict=True):
         off = ((u - v).abs() / scale).nan_to_num(nan=math.inf)
         k = int(off.argmax())
@@ -284,20 +310,6 @@ def difference(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> str | N
                 f"rtol={rtol:g} (at t = {float(ts[k]):.6g}: {float(u[k]):.9g} against {float(v[k]):.9g})"
             )
     return None
-
-
-def equivalent(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> bool:
-    """Whether ``p`` and ``q`` are one noise process: the same object, or the same kind whose ``alpha`` and
-    ``sigma`` agree to ``rtol`` (default :data:`EQUIVALENT_RTOL`, 1e-4) of ``sqrt(alpha^2 + sigma^2)`` at 257
-    evenly spaced times from ``p.t_min`` to ``p.t_max`` (:func:`difference` says where and by how much they
-    do not). A copy or an unpickled one is; so is a table formed in float32 (diffusers' ``alphas_cumprod``,
-    :func:`steerdiff.integrations.diffusers.process_from_config`) beside the same schedule in float64, off by
-    float32's rounding (6e-7 to 2.3e-6 of the scale measured, 6e-5 at worst; its ``sigma`` near ``t_min``
-    1e-5 to 3e-4 relative, as its ``lam``: hence a tolerance on the scale, not on ``sigma`` or ``lam``
-    alone); SD's betas with ``beta_end`` 0.0121 instead of 0.012 are not (2.1e-3). Two tables of
-    ``VP.discrete`` or ``MeanReverting.discrete`` that differ at one step differ from there on (their
-    ``alpha`` is a cumulative product). ``rtol=0`` asks for equal floats."""
-    return difference(p, q, rtol) is None
 
 
 def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
