@@ -688,6 +688,8 @@ def test_equivalent_refuses_other_schedules_both_ways_and_says_by_how_much():
     for bad in (-1e-4, float("nan"), "1e-4"):
         with pytest.raises(ValueError, match=r"equivalent: rtol"):
             sd.processes.equivalent(sd64, sd32, rtol=bad)
+        with pytest.raises(ValueError, match=r"^difference: rtol must be"):  # was named equivalent's
+            sd.processes.difference(sd64, sd32, rtol=bad)
 
 
 def test_equivalent_is_symmetric_over_both_ranges():

@@ -268,7 +268,7 @@ def difference(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> str | N
     than ``rtol`` (a finite number >= 0) times the larger ``sqrt(alpha^2 + sigma^2)`` of the two at one of 257
     evenly spaced times over each one's range (the time of the largest difference named): the same either way
     round."""
-    return _difference("equivalent", p, q, rtol)
+    return _difference("difference", p, q, rtol)
 
 
 def equivalent(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> bool:
