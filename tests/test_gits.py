@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
+import re
 
 import pytest
 import torch
@@ -325,9 +326,17 @@ def test_a_fit_serves_runs_of_its_final_only(setup, fitted, run):
     )
     with pytest.raises(ValueError, match=msg):
         sd.sample(den, noise(4, 8), steps=5, solver="ddim", schedule=fit, final=run)
-    if fitted == "zero":
-        with pytest.raises(ValueError, match=msg):
-            sd.invert(den, noise(4, 8), steps=5, schedule=fit)
+    if fitted == "zero":  # the inversions take final="none" only: named, and no other final offered
+        for invert in (sd.invert, sd.ddpm_invert, sd.eta_invert):
+            name = invert.__name__
+            with pytest.raises(ValueError) as err:
+                invert(den, noise(4, 8), steps=5, schedule=fit)
+            assert re.fullmatch(
+                rf"{name}: schedule GITS\(.*final='zero'\) was fitted for final='zero' \(its grids lead "
+                r"into the clean state\), not for this run's final='none': fit it with final='none' "
+                rf"\({name} runs the grid of final='none' only\)",
+                str(err.value),
+            ), str(err.value)
     x = sd.sample(den, noise(4, 8), steps=5, solver="ddim", schedule=fit, final=fitted)
     assert x.shape == (4, 8)
 

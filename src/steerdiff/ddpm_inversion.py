@@ -211,7 +211,7 @@ def ddpm_invert(
     steps = integer(who, "steps", steps, lo=1)
     progress = boolean(who, "progress", progress)
     generator = check_generators(who, generator, len(x_0))
-    grid = make_grid(den.process, _schedules.get(schedule, who), steps, "none")
+    grid = make_grid(den.process, _schedules.get(schedule, who), steps, "none", only=who)
     slv = _solvers.get(solver, who)
     _check_solver(who, solver, slv, grid)
     x0 = x_0.to(work_dtype(x_0.dtype))

@@ -257,7 +257,7 @@ def eta_invert(
     )
     xs = ups[::-1]
     xs[0] = xs[0].to(x_0.dtype).to(xs[0].dtype)  # sample_kwargs hands x_T over in x_0's dtype
-    grid = make_grid(den.process, _schedules.get(schedule, who), steps, "none")
+    grid = make_grid(den.process, _schedules.get(schedule, who), steps, "none", only=who)
     unmasked = replace(slv, mask=None)
     model = Model(src, cond, net_dtype=x_0.dtype)
     z: list[Tensor] = []

@@ -271,7 +271,7 @@ def invert_as(
             f"{who}: schedule has {m} times, and inversion runs up the steps + 1 nodes that "
             f"sample(..., final='none') runs down: steps must be len(times) - 1 = {m - 1}, got steps={steps}"
         )
-    forward = make_grid(den.process, sched, steps, "none")
+    forward = make_grid(den.process, sched, steps, "none", only=who)
     if solver is None:
         slv = default_inversion_solver(den, steps, forward)
     else:

@@ -114,7 +114,9 @@ def keeps_history(slv: Solver, grid: Grid) -> bool:
     return bool(slv.init_state(grid)) and not slv.static_state
 
 
-def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "zero") -> Grid:
+def make_grid(
+    process: Process, schedule: Schedule, steps: int, final: str = "zero", *, only: str | None = None
+) -> Grid:
     """The grid of ``steps`` steps.
 
     ``final="zero"``: ``steps`` schedule nodes, then the clean state (``sigma = 0``, ``alpha = 1``,
@@ -127,7 +129,8 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
     schedule was fitted for the other end (:attr:`Schedule.final`: a GITS fit's ``n`` nodes for
     ``final="zero"`` lead into the clean state, and asked for ``steps + 1`` of them it would give a path into
     it cut short; for ``final="none"`` they end at the teacher's last node, from which ``final="zero"``
-    would add a step).
+    would add a step). ``only``: the name of a caller whose runs take this ``final`` alone (an inversion,
+    ``final="none"``), which that error names instead of offering the other ``final``.
     """
     choice("make_grid", "final", final, FINALS)
     # before ``steps + 1``: final="none" would accept steps=0 or 1.0
@@ -138,9 +141,15 @@ def make_grid(process: Process, schedule: Schedule, steps: int, final: str = "ze
         )
     if schedule.final not in (None, final):
         made = "lead into the clean state" if schedule.final == "zero" else "end at its last node"
+        way = (
+            f", or run with final={schedule.final!r}"
+            if only is None
+            else f" ({only} runs the grid of final={final!r} only)"
+        )
         raise ValueError(
-            f"schedule {schedule!r} was fitted for final={schedule.final!r} (its grids {made}), not for this "
-            f"run's final={final!r}: fit it with final={final!r}, or run with final={schedule.final!r}"
+            f"{'' if only is None else only + ': '}schedule {schedule!r} was fitted for "
+            f"final={schedule.final!r} (its grids {made}), not for this run's final={final!r}: fit it with "
+            f"final={final!r}{way}"
         )
     clean = final == "zero"
     t = schedule(process, steps if clean else steps + 1)
