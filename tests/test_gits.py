@@ -222,6 +222,24 @@ def test_diffusers_scheduler_takes_the_grid_not_the_fit(setup):
     torch.testing.assert_close(
         scheduler.timesteps.to(F64), fit(scheduler.denoiser.process, 5), rtol=0, atol=1e-4
     )
+    # a final="none" fit serves the final="none" (or inverse) scheduler with steps + 1 of its nodes: the
+    # message said steps (a list of 5 nodes for 4 steps, whatever final the scheduler had), and gave no final
+    none = _fit(gmm.denoiser(proc), teacher_steps=12, final="none")
+    with pytest.raises(
+        ValueError,
+        match=r"schedule=gits\(process, steps \+ 1\).tolist\(\) .* for a scheduler of final='none' or "
+        r"inverse=True only",
+    ):
+        SteerdiffScheduler(**config, schedule=none)
+    with pytest.raises(
+        ValueError, match=r"gits\(process, steps\).tolist\(\) .* of final='zero' \(not inverse\)"
+    ):
+        SteerdiffScheduler(**config, schedule=fit)
+    scheduler = SteerdiffScheduler(**config, schedule=none(proc, 6).tolist(), final="none")
+    scheduler.set_timesteps(5)
+    torch.testing.assert_close(
+        scheduler.timesteps.to(F64), none(scheduler.denoiser.process, 6)[:-1], rtol=0, atol=1e-4
+    )
 
 
 def test_not_a_name(setup):

@@ -628,10 +628,17 @@ def _describe(kind: _Kind, value: Any, obj: Solver | Schedule) -> str | list[flo
     if isinstance(obj, _schedules.Custom):
         return obj.grid.tolist()
     if isinstance(obj, _schedules.GITS):  # its grids come from a fit to a model, which no config holds
+        # a list has no final to check: say which runs this fit's grid serves, and how many of its nodes
+        runs, nodes = (
+            ("final='zero' (not inverse)", "steps")
+            if obj.final == "zero"
+            else ("final='none' or inverse=True", "steps + 1")
+        )
         raise ValueError(
             f"SteerdiffScheduler: schedule={obj!r} is fitted to a model and cannot be kept in the scheduler "
-            "config; pass the grid of the steps you will run, schedule=gits(process, steps).tolist() (with "
-            "process = the denoiser's, e.g. scheduler.denoiser.process)"
+            f"config; pass the grid of the steps you will run, schedule=gits(process, {nodes}).tolist() "
+            "(with process = the denoiser's, e.g. scheduler.denoiser.process), for a scheduler of "
+            f"{runs} only, the runs of its final"
         )
     try:
         stored = _stored_form(kind, obj)
