@@ -726,6 +726,61 @@ def test_equivalent_is_symmetric_over_both_ranges():
     )
 
 
+def test_equivalent_holds_alpha_to_itself_near_zero_terminal_snr():
+    """SD's betas rescaled to zero terminal SNR with the last ``alphas_cumprod`` ``2^-26`` and ``2^-28``:
+    ``alpha`` at t_max 1.2e-4 against 6.1e-5, 6.1e-5 of the scale apart (within rtol=1e-4), ``lam`` -9.01
+    against -9.70. An eps net of the one sampled as the other's is 2.7% off, CFG of an eps net and a v net of
+    the two 1.3% (of the same process: 1e-13): they were one process. Now refused, ``alpha`` off by 0.5 of
+    itself; the same table formed in float32 (rescaled in float32) is still one with the float64 one."""
+    b64 = torch.linspace(0.00085**0.5, 0.012**0.5, N, dtype=F64) ** 2
+    zero = sd.VP.discrete(betas=b64, rescale_zero_snr=True)
+
+    def last(v: float) -> sd.VPDiscrete:
+        ac = zero.alphas_cumprod.clone()
+        ac[-1] = v
+        return sd.VP.discrete(alphas_cumprod=ac)
+
+    p, q = last(2.0**-26), last(2.0**-28)
+    from .reference import smooth_mixture
+
+    gmm = smooth_mixture()
+    x0_net = gmm.denoiser(p).net
+
+    def net(pred: str):  # p's exact eps / v at p's times
+        def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x0, a, s = x0_net(x, t), p.alpha(t).reshape(-1, 1), p.sigma(t).reshape(-1, 1)
+            eps = (x - a * x0) / s
+            return eps if pred == "eps" else a * eps - s * x0
+
+        return f
+
+    x_T = float(p.sigma(p.t_max)) * torch.randn(
+        256, gmm.dim, generator=torch.Generator().manual_seed(0), dtype=F64
+    )
+    run = lambda d: sd.sample(d, x_T, steps=10, solver="ddim", schedule="trailing")  # noqa: E731
+    ref = run(sd.Denoiser(net("eps"), p, prediction="eps"))
+    wrong = run(sd.Denoiser(net("eps"), q, prediction="eps"))
+    assert float((wrong - ref).norm() / ref.norm()) > 0.02  # the premise: the other process is 2.7% off
+    ts = torch.linspace(0, N - 1, 257, dtype=F64)
+    assert float((p.alpha(ts) - q.alpha(ts)).abs().max()) == pytest.approx(6.1e-5, rel=1e-3)  # < 1e-4
+    assert torch.equal(p.sigma(ts[:-1]), q.sigma(ts[:-1])) and float(p.lam(999) - q.lam(999)) > 0.69
+    for a, b in ((p, q), (q, p)):
+        assert re.fullmatch(
+            r"alpha differs by up to 0.5 of itself, above 0.01 \(at t = 999: \S+ against \S+\)",
+            sd.processes.difference(a, b),
+        ), sd.processes.difference(a, b)
+    with pytest.raises(ValueError, match=r"share a process.*alpha differs by up to 0.5 of itself"):
+        sd.guidance.CFG(
+            sd.Denoiser(net("eps"), p, prediction="eps"), sd.Denoiser(net("v"), q, prediction="v"), 2.0
+        )
+    # float32: SD's betas rescaled in float32 (alpha 1.5e-6 of itself off), and the float32 tables above
+    b32 = b64.to(torch.float32)
+    ac32 = sd.processes.rescale_zero_terminal_snr(torch.cumprod(1 - b32, 0))
+    ac32[-1] = 2.0**-24
+    assert sd.processes.equivalent(sd.VP.discrete(alphas_cumprod=ac32.to(F64)), zero)
+    assert sd.processes.equivalent(_float32_table(_cosine_betas()), sd.VP.discrete(betas=_cosine_betas()))
+
+
 def test_equivalent_takes_diffusers_float32_config_for_the_float64_schedule():
     """The process of a diffusers config (its float32 ``alphas_cumprod``) is the float64 one: CFG pairs a
     denoiser of each; one of another ``beta_end`` is refused with what differs."""

@@ -260,12 +260,21 @@ class VP(Process):
 # beta_0, a few float32 ulps of 1), and lam as much: a tolerance on the scale, not on sigma or lam alone.
 # SD's betas with beta_end 0.0121 instead of 0.012 differ by 2.1e-3 of it, DDPM's from SD's by 0.25.
 EQUIVALENT_RTOL = 1e-4
+# and alpha to 1e-2 of itself (or rtol, where larger): near alpha = 0 (zero terminal SNR) the scale's
+# tolerance is loose for it (alphas_cumprod[-1] 2^-26 against 2^-28, alpha 1.2e-4 against 6.1e-5, is 6.1e-5
+# of the scale; lam at t_max -9.01 against -9.70) while an eps net's x0 = (x - sigma eps) / alpha takes it
+# relative: an eps net of the one sampled as the other's is 2.7% off at 10 steps, CFG of an eps and a v net
+# 1.3%. Float32 tables are off by 6.6e-6 of alpha at most (SD's, DDPM's and squaredcos_cap_v2 betas, also
+# rescaled to zero terminal SNR). Not sigma: float32 puts it 2.6e-4 of itself off near t = 0 (1.9e-3 for
+# squaredcos_cap_v2 rescaled), where it multiplies eps in x0 = (x - sigma eps) / alpha.
+_ALPHA_RTOL = 1e-2
 
 
 def difference(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> str | None:
     """How ``p`` differs from ``q`` as a noise process, in words with the size of the difference, or
     ``None`` where they are one (:func:`equivalent`): another kind, or ``alpha`` or ``sigma`` off by more
-    than ``rtol`` (a finite number >= 0) times the larger ``sqrt(alpha^2 + sigma^2)`` of the two at one of 257
+    than ``rtol`` (a finite number >= 0) times the larger ``sqrt(alpha^2 + sigma^2)`` of the two (``alpha``
+    also by more than 1e-2 of itself, see :func:`equivalent`) at one of 257
     evenly spaced times over each one's range (the time of the largest difference named): the same either way
     round."""
     return _difference("difference", p, q, rtol)
@@ -284,7 +293,11 @@ def equivalent(p: Process, q: Process, rtol: float = EQUIVALENT_RTOL) -> bool:
     1e-5 to 3e-4 relative, as its ``lam``: hence a tolerance on the scale, not on ``sigma`` or ``lam``
     alone); SD's betas with ``beta_end`` 0.0121 instead of 0.012 are not (2.1e-3). Two tables of
     ``VP.discrete`` or ``MeanReverting.discrete`` that differ at one step differ from there on (their
-    ``alpha`` is a cumulative product). ``rtol=0`` asks for equal floats. The time ranges themselves may
+    ``alpha`` is a cumulative product). ``alpha`` must also agree to 1e-2 of itself (or ``rtol``, where
+    larger): near ``alpha = 0`` (zero terminal SNR) ``x0 = (x - sigma eps) / alpha`` takes its error relative,
+    and two tables whose last ``alphas_cumprod`` is ``2^-26`` and ``2^-28`` (6.1e-5 of the scale apart) are
+    not one process (an eps net of one sampled as the other's: 2.7% off). ``rtol=0`` asks for equal floats.
+    The time ranges themselves may
     differ where the formulas agree over both (``EDM(sigma_max=80)`` and ``EDM(sigma_max=160)``): a fitted
     grid, which starts at its process's ``t_max``, checks them too."""
     return _difference("equivalent", p, q, rtol) is None
@@ -301,13 +314,21 @@ def _difference(who: str, p: Process, q: Process, rtol: float) -> str | None:
     ts = torch.cat([torch.linspace(lo, hi, 257, dtype=F64) for lo, hi in ranges])
     a, b = (p.alpha(ts), p.sigma(ts)), (q.alpha(ts), q.sigma(ts))
     scale = torch.maximum(torch.hypot(*a), torch.hypot(*b))
-    for name, u, v in zip(("alpha", "sigma"), a, b, strict=True):
-        off = ((u - v).abs() / scale).nan_to_num(nan=math.inf)
+    checks = [
+        ("alpha", "sqrt(alpha^2 + sigma^2)", f"rtol={rtol:g}", rtol, a[0], b[0], scale),
+        ("sigma", "sqrt(alpha^2 + sigma^2)", f"rtol={rtol:g}", rtol, a[1], b[1], scale),
+        # near alpha = 0 (zero terminal SNR), where the scale's tolerance is loose for it: _ALPHA_RTOL
+        ("alpha", "itself", f"{max(rtol, _ALPHA_RTOL):g}", max(rtol, _ALPHA_RTOL), a[0], b[0], None),
+    ]
+    for name, of, limit, tol, u, v, by in checks:
+        diff = (u - v).abs()
+        off = (diff / (torch.maximum(u.abs(), v.abs()) if by is None else by)).nan_to_num(nan=math.inf)
+        off = torch.where(diff == 0, 0.0, off)
         k = int(off.argmax())
-        if not off[k] <= rtol:
+        if not off[k] <= tol:
             return (
-                f"{name} differs by up to {float(off[k]):.3g} of sqrt(alpha^2 + sigma^2), above "
-                f"rtol={rtol:g} (at t = {float(ts[k]):.6g}: {float(u[k]):.9g} against {float(v[k]):.9g})"
+                f"{name} differs by up to {float(off[k]):.3g} of {of}, above {limit} (at t = "
+                f"{float(ts[k]):.6g}: {float(u[k]):.9g} against {float(v[k]):.9g})"
             )
     return None
 
