@@ -198,6 +198,7 @@ def test_fifth_at_walks_the_ladder_to_the_first_nfe_with_a_fifth_of_the_error(pr
     assert [n for n, _ in fifth_at(draws, base * 1e-6, 10, (12, 15))] == [12, 15]
 
 
+@pytest.mark.slow  # 10-17 s: in make test-slow, out of make test's default run
 def test_bench_solvers_against_diffusers(tmp_path, capsys, problem):
     diffusers = pytest.importorskip("diffusers")
     gmm, proc, x_T, ref = problem
@@ -1375,6 +1376,7 @@ def test_bench_guided_rows_are_the_candidates_against_the_guided_ode(tmp_path, c
     assert rows[7.5, 15]["default"] != rows[7.5, 15]["unipc_2"]
 
 
+@pytest.mark.slow  # 10-17 s: in make test-slow, out of make test's default run
 def test_bench_guided_validate_is_the_default_against_the_old_one(tmp_path, capsys):
     """``bench guided --validate``: per set, ``sd.sample``'s guided default and the old default (2M with
     ``guided_max_h(scale)`` below 15 steps, UniPC-2 without a limit from there) against the guided ODE (800

@@ -105,6 +105,7 @@ def test_every_draw_of_a_run_is_on_its_own_range_of_time(gmm, final, solver):
     assert not overlaps, overlaps[:3]
 
 
+@pytest.mark.slow  # 10-17 s: in make test-slow, out of make test's default run
 def test_brownian_tree_couples_step_counts(gmm, sd_process):
     # Euler-Maruyama converges strongly on one Brownian path: 400 and 1600 steps agree closely;
     # with independent noise they are unrelated draws. Measured: 2.7e-3 vs 1.3.

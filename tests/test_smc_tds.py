@@ -314,6 +314,7 @@ def linear(x: torch.Tensor) -> torch.Tensor:
     return x @ C
 
 
+@pytest.mark.slow  # 10-17 s: in make test-slow, out of make test's default run
 def test_tds_frees_each_steps_graph():
     """TDS differentiates every step; with a net holding parameters, a step's graph (the tensors saved for
     its backward) must be freed by the next (the run's deferred NaN check kept a sum on it: 5 more saved
