@@ -205,19 +205,25 @@ def test_plain_dpm_solver_beats_it_at_equal_nfe():
     assert plain * 1.2 < dmcmc, (plain, dmcmc)
 
 
+def _counted_mixture() -> tuple[sd.toy.GaussianMixture, sd.Denoiser, list[int]]:
+    """A 2-d, 3-component mixture and its exact denoiser under ``VP.linear``, with the rows of every net call
+    recorded."""
+    gmm = smooth_mixture(dim=2, components=3)
+    base = gmm.denoiser(sd.VP.linear())
+    rows: list[int] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rows.append(len(x))
+        return base.net(x, t)
+
+    return gmm, sd.Denoiser(net, sd.VP.linear(), prediction="x0"), rows
+
+
 def test_reproducible_per_seed_and_per_chain_with_exact_nfe():
     """The same seed gives the same samples, another seed others; with one generator per chain a chain's
     samples do not depend on the other chains (a stochastic denoising solver included); NFE counted by the
     rows the net sees: chains x (chain_nfe + per_chain x denoise_nfe)."""
-    gmm = smooth_mixture(dim=2, components=3)
-    base = gmm.denoiser(sd.VP.linear())
-    rows = []
-
-    def net(x, t):
-        rows.append(len(x))
-        return base.net(x, t)
-
-    den = sd.Denoiser(net, sd.VP.linear(), prediction="x0")
+    gmm, den, rows = _counted_mixture()
     sig = SIGMAS[::3]
 
     def run(gen, chains=3):
@@ -299,15 +305,7 @@ def test_nfe_of_a_guided_denoiser_whose_cost_varies_with_the_level():
     """CFG with a guidance interval costs 2 inside it and 1 outside: NFE counted by the rows the net sees,
     chains x nfe. The old code read den.cost once for the whole chain and raised an AssertionError where
     the levels' denoising runs cost differently."""
-    gmm = smooth_mixture(dim=2, components=3)
-    base = gmm.denoiser(sd.VP.linear())
-    rows = []
-
-    def net(x, t):
-        rows.append(len(x))
-        return base.net(x, t)
-
-    den = sd.Denoiser(net, sd.VP.linear(), prediction="x0")
+    gmm, den, rows = _counted_mixture()
     cfg = sd.guidance.CFG(den, den, 2.0, interval=(0.3, 1.0))
     sig = SIGMAS[::2]
     out = sd.mcmc.denoising_mcmc(
