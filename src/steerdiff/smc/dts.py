@@ -108,9 +108,9 @@ from .particles import (
     Particles,
     Reward,
     RowSlice,
-    _call_reward,
     _check_reward,
     _check_shape,
+    _finite_reward,
     stochastic_solvers,
 )
 
@@ -289,10 +289,7 @@ class _Rollouts:
         rows = (start <= steps + 1).nonzero().flatten()
         if len(rows):
             x = forest.state(steps + 1, rows)
-            r = _call_reward(self.who, self.reward, RowSlice(None, len(x), x, 0.0, {}))
-            if not bool(torch.isfinite(r).all()):
-                self.model.check_finite()  # the net's deferred NaN/inf (a device's), which the reward saw
-                raise ValueError(f"{self.who}: reward returned NaN or inf (rewards must be finite)")
+            r = _finite_reward(self.who, self.reward, RowSlice(None, len(x), x, 0.0, {}), self.model)
             forest.value[rows, steps + 1, forest.path[rows, steps + 1]] = r
         return rows
 

@@ -1098,6 +1098,17 @@ def _call_reward(who: str, reward: Reward, rows: RowSlice) -> Tensor:
     return r.to(torch.float64)
 
 
+def _finite_reward(who: str, reward: Reward, rows: RowSlice, model: Model) -> Tensor:
+    """:func:`_call_reward`, read from the device at once and required finite: a non-finite reward names the
+    net's first NaN/inf where ``model``'s net made one (on a device the net's check is deferred, so the
+    reward sees its NaN first), else a ``ValueError``. For methods that compare rewards on the host."""
+    r = _call_reward(who, reward, rows)
+    if not bool(torch.isfinite(r).all()):
+        model.check_finite()
+        raise ValueError(f"{who}: reward returned NaN or inf (rewards must be finite)")
+    return r
+
+
 def _check_reward(reward: Any, who: str) -> Reward:
     if not callable(reward):
         raise ValueError(f"{who}: reward must be a callable (n, *shape) -> (n,), got {type(reward).__name__}")

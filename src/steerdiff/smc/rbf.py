@@ -93,9 +93,9 @@ from .particles import (
     Particles,
     Reward,
     RowSlice,
-    _call_reward,
     _check_reward,
     _check_shape,
+    _finite_reward,
 )
 
 __all__ = ["RolloverSamples", "rbf"]
@@ -180,16 +180,6 @@ def _check_solver(who: str, solver: str | Solver, slv: Solver, grid: Grid) -> No
             f"{who}: solver {slv.name!r} keeps a per-trajectory history in its state, which a candidate does "
             f"not carry; {FITTING}"
         )
-
-
-def _score(who: str, reward: Reward, x0: Tensor, t: float, cond: dict[str, Any], model: Model) -> Tensor:
-    """``reward`` at ``x0``, checked finite; a non-finite one names the net's first NaN/inf where the net made
-    one (on a device its check is deferred, so the reward sees it first)."""
-    r = _call_reward(who, reward, RowSlice(None, len(x0), x0, t, cond))
-    if not bool(torch.isfinite(r).all()):
-        model.check_finite()
-        raise ValueError(f"{who}: reward returned NaN or inf (rewards must be finite)")
-    return r
 
 
 def rbf(
@@ -312,7 +302,12 @@ def rbf(
                     # before it: a CFG outside its interval there costs 1 but 2 at the nodes inside it)
                     measured, unit = True, max(unit, -(-spent // evals(k)))
                     quota = quota_of(unit)
-                r = _score(who, reward, pred.x0, grid.t[k], take_kwarg_rows(cond, on, batch), run.model)
+                r = _finite_reward(
+                    who,
+                    reward,
+                    RowSlice(None, len(pred.x0), pred.x0, grid.t[k], take_kwarg_rows(cond, on, batch)),
+                    run.model,
+                )
                 row_nfe[rows] += spent
                 left[rows] -= spent
                 if bool((left[rows] < 0).any()):
@@ -351,7 +346,7 @@ def rbf(
         run.model.check_finite()
         # the last step from the kept x_L: its denoised estimate (final="zero") or a draw of its transition
         x = cand_x0 if grid.clean_end else cand_mean + cand_std * randn(shape, generator, wdtype, dev)
-        out_r = _score(who, reward, x, grid.t[-1], cond, run.model)
+        out_r = _finite_reward(who, reward, RowSlice(None, len(x), x, grid.t[-1], cond), run.model)
         return RolloverSamples(
             to_sample_dtype(who, x, in_dtype)[:, None], torch.zeros(batch, 1, dtype=F64, device=dev),
             int(row_nfe.max()), None, out_r[:, None], row_nfe.to(dev), drawn.to(dev),
