@@ -31,7 +31,14 @@ import torch
 
 import steerdiff as sd
 from steerdiff.bench._figure import pyplot
-from steerdiff.bench.solvers import DRAWS, generator_for, make_problem, makes_grid, paired_against_diffusers
+from steerdiff.bench.solvers import (
+    DRAWS,
+    PAIRED_FIT_SEED,
+    generator_for,
+    make_problem,
+    makes_grid,
+    paired_against_diffusers,
+)
 from steerdiff.metrics import relative_rmse
 from steerdiff.solvers import DPMSolverV3, fit_ems
 
@@ -39,7 +46,6 @@ NFES = (5, 10, 15, 20)
 PAPER_SCHEDULES = ("logsnr_uniform", "time_uniform")
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench"
 PAIRED_SCHEDULES = ("karras_jump", "karras_capped", "karras", "logsnr_uniform")
-PAIRED_FIT_SEED = 100
 
 
 def solvers(ems: sd.solvers.EMS, steps: int) -> dict[str, str | sd.solvers.Solver]:

@@ -28,7 +28,14 @@ import time
 import torch
 
 import steerdiff as sd
-from steerdiff.bench.solvers import DRAWS, generator_for, make_problem, makes_grid, paired_against_diffusers
+from steerdiff.bench.solvers import (
+    DRAWS,
+    PAIRED_FIT_SEED,
+    generator_for,
+    make_problem,
+    makes_grid,
+    paired_against_diffusers,
+)
 from steerdiff.gits import MAX_RATIO
 from steerdiff.metrics import relative_rmse
 from steerdiff.schedules import GITS
@@ -52,7 +59,6 @@ PAIRED: dict[str, str | Solver] = {
     "UniPC(order=2)": sd.solvers.UniPC(order=2),
     **{name: name for name in ("unipc", "dpmpp_2m", "ipndm", "accel_ddim")},
 }
-PAIRED_FIT_SEED = 100
 
 
 def main() -> None:

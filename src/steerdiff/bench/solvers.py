@@ -59,6 +59,7 @@ from .overhead import Overhead, format_overhead, sampler_overhead
 __all__ = [
     "DIFFUSERS_BEST",
     "NFES",
+    "PAIRED_FIT_SEED",
     "QUICK_NFES",
     "BestVsBest",
     "Decisions",
@@ -620,6 +621,9 @@ def _squared(problem: Problem, rel: float) -> float:
 
 # paired_against_diffusers: diffusers' best configuration (method, schedule) at each NFE of the (b) block of
 # docs/bench/solvers.txt, against which a grid or solver fitted to the model is scored
+# the draw of x_T (generator_for's seed) a grid or solver is fitted on for paired_against_diffusers: outside
+# the scored draws 0 .. DRAWS - 1
+PAIRED_FIT_SEED = 100
 DIFFUSERS_BEST = {
     5: ("UniPCMultistep(bh1, final sigma_min)", "linspace"),
     10: ("UniPCMultistep(bh2, order=3)", "karras"),

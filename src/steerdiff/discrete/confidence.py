@@ -150,9 +150,9 @@ class Confidence(Sampler):
                 f"Confidence: frequencies must hold one frequency per token id of the denoiser's vocabulary "
                 f"(vocab_size = {log_p.shape[-1]}), got {len(self.frequencies)}"
             )
-        log_f_cpu, dev = torch.log(self.frequencies), log_p.device
+        frequencies, dev = self.frequencies, log_p.device
         # one copy to each device, not one a step, and without a sync (a copy from pageable memory syncs)
-        log_f = kept(self._log_frequencies, dev, lambda: host_to(log_f_cpu, dev))
+        log_f = kept(self._log_frequencies, dev, lambda: host_to(torch.log(frequencies), dev))
         calibrated = (-chosen * log_f[tokens]).clamp(max=self.clip)
         position = torch.arange(tokens.shape[-1], dtype=torch.float64, device=tokens.device)
         return torch.log(calibrated) - self.lam * position
