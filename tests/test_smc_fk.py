@@ -1412,7 +1412,7 @@ class _BoxedERSDE(sd.solvers.ERSDE):
 @pytest.mark.parametrize("box", ["deque", "namedtuple", "frozen dataclass"])
 def test_solver_state_in_a_container_is_resampled(box):
     """The same run as er_sde's own (list/dict) state, bit for bit. Before: a deque or a dataclass kept
-    the old particles' history (E[x0_0] 1.31 against the exact 1.19, /tmp/rev_extend/t2e), a
+    the old particles' history (E[x0_0] 1.31 against the exact 1.19), a
     namedtuple raised TypeError."""
     kw = dict(lam=2.0, shape=(2, 2), particles=16, steps=12, dtype=F64)
     ref = sd.smc.fk_steering(DEN, linear, solver=SOLVER, generator=gen(4), **kw)
@@ -1508,7 +1508,7 @@ class _RowProbe(SMCAlgorithm):
 
 @pytest.mark.parametrize("accelerator", [False, True])
 def test_an_out_of_range_index_never_crosses_batch_rows(accelerator, monkeypatch):
-    """An index == N in row 0 took row 1's first particle, silently (/tmp/rev_extend/t6d). CPU tensors
+    """An index == N in row 0 took row 1's first particle, silently. CPU tensors
     are refused at once; on an accelerator (tensors that are not CPU ones, faked) the index is clamped
     into the row and the run ends with the error (no device read per step)."""
     if accelerator:
@@ -1585,7 +1585,7 @@ class _SetWeight(SMCAlgorithm):
     ],
 )
 def test_nonfinite_weights_are_reported(alg, message, accelerator, monkeypatch):
-    """Before: accepted, ending in NaN weights and log Z (/tmp/rev_extend/t5b). CPU tensors at once, an
+    """Before: accepted, ending in NaN weights and log Z. CPU tensors at once, an
     accelerator's (faked) at the end of the run; the built-in resampler then sees NaN weights and must
     stay in range (residual returned N)."""
     if accelerator:
@@ -1690,7 +1690,7 @@ class _UnguardedShift(SMCAlgorithm):
 def test_a_twisted_proposal_runs_through_the_clean_step():
     """final="zero": the clean step is the point mass Transition(x0, 0.0), the proposal keeps it, and the
     correction there is 0: the guarded run's particles, weights equal to rounding. Before: ValueError
-    (no density at std = 0, /tmp/rev_extend/t5 ShiftProposal)."""
+    (no density at std = 0, ShiftProposal)."""
     delta = torch.tensor([0.2, -0.15], dtype=F64)
     kw = dict(shape=(2, 2), particles=64, steps=STEPS, solver=SOLVER, ess_threshold=0.5, dtype=F64)
     out = sd.smc.run_smc(DEN, _UnguardedShift(delta), generator=gen(0), **kw)
