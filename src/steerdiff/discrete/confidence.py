@@ -27,20 +27,26 @@ The counts ``k_i`` follow the process: from a row's ``M`` masked tokens at ``t =
 start, whatever ``alpha(1)``), the number decoded after step ``i`` is the fewest that keeps at least the
 schedule's fraction, ``n_i = ceil(M (alpha_s - alpha(1)) / (1 - alpha(1)))`` at ``s = t_{i+1}`` (``alpha_s =
 1`` at the last step: ``n_{N-1} = M``), and ``k_i = n_i - n_{i-1}``: the ancestral sampler's expected
-counts (:mod:`steerdiff.discrete.ancestral`), made exact. Under the linear schedule this is ``M / N``
-tokens a step where ``N`` divides ``M``, LLaDA's counts; otherwise the ``M mod N`` extra tokens fall on
-other steps than LLaDA's first ones (its ``get_num_transfer_tokens``). A step may decode no token (``N >
-M``); it still calls the network. Tokens given in ``x_T`` stay. One network call per step: NFE = ``N``.
+counts (:mod:`steerdiff.discrete.ancestral`), made exact. Where the row has a token a step (``N <= M``)
+MaskGIT's rule applies (its ``mask_len = max(1, min(unknown - 1, ...))``, which leaves one masked token
+for the next step; here one for each later step): every step decodes at least one token, the counts
+``n'_i = min(M - (N - 1 - i), max(n_i, n'_{i-1} + 1))`` for ``i < N - 1``. It changes nothing under
+``linear`` and ``loglinear``, whose counts already do both; under ``cosine`` and ``geometric`` the
+schedule's counts alone left steps that decode nothing (53 of 256 at ``N = M = 256``, cosine) and others
+that decode two tokens together. Under the linear schedule this is ``M / N`` tokens a step where ``N``
+divides ``M``, LLaDA's counts; otherwise the ``M mod N`` extra tokens fall on other steps than LLaDA's
+first ones (its ``get_num_transfer_tokens``). A step may decode no token only where ``N > M``; it still
+calls the network. Tokens given in ``x_T`` stay. One network call per step: NFE = ``N``.
 
-``"random"`` is a random-order sampler: at ``N = M`` (one token a step) its law is the data's with an exact
-denoiser, as :mod:`~steerdiff.discrete.first_hitting`'s; with ``k_i > 1`` the tokens of a step are drawn
-independently given those decoded before, as the ancestral sampler's. ``"margin"`` and ``"entropy"`` choose
-the positions from the state alone, so at one token a step each token is still drawn from its exact
+``"random"`` is a random-order sampler: at ``N = M`` (one token a step, every schedule) its law is the data's
+with an exact denoiser, as :mod:`~steerdiff.discrete.first_hitting`'s; with ``k_i > 1`` the tokens of a step
+are drawn independently given those decoded before, as the ancestral sampler's. ``"margin"`` and ``"entropy"``
+choose the positions from the state alone, so at one token a step each token is still drawn from its exact
 conditional and the law is the data's too; with several tokens a step they are further from it than
 ``"random"``. ``"confidence"`` and ``"pc"`` rank by the drawn token's own probability, which decodes first
 where the draw came out likely: mode-seeking, and biased even at one token a step
-(``tests/test_discrete_confidence.py`` measures how far). With an exact denoiser the orders only cost;
-they are heuristics for networks that are wrong where they are unsure.
+(``tests/test_discrete_confidence.py`` measures how far). With an exact denoiser the orders only cost; they
+are heuristics for networks that are wrong where they are unsure.
 """
 
 from __future__ import annotations
@@ -119,8 +125,8 @@ class Confidence(Sampler):
 
     @staticmethod
     def counts(process: MaskedProcess, given: Tensor, masked: Tensor, i: int, steps: int) -> Tensor:
-        """``k_i`` of each row ``(batch,)``: ``n_i`` (module docstring) less the tokens decoded so far, for
-        rows whose tokens not ``given`` are all masked at ``t = 1``."""
+        """``k_i`` of each row ``(batch,)``: ``n_i`` (module docstring, MaskGIT's rule included) less the
+        tokens decoded so far, for rows whose tokens not ``given`` are all masked at ``t = 1``."""
         m = (~given).sum(1)
         alpha_1 = float(process.alpha(torch.tensor(1.0, dtype=torch.float64)))
         s = torch.tensor(1 - (i + 1) / steps, dtype=torch.float64)
@@ -128,7 +134,11 @@ class Confidence(Sampler):
         fraction = (alpha_s - alpha_1) / (1 - alpha_1)
         # 1e-9 absorbs alpha's float64 rounding where m * fraction is an integer (m * 1e-16 << 1e-9)
         decoded = torch.ceil(m.to(torch.float64) * fraction - 1e-9).long().clamp(min=0).minimum(m)
-        return decoded - (m - masked.sum(1))
+        before = m - masked.sum(1)
+        if i < steps - 1:  # MaskGIT's rule where a row has a token a step: one at least, one left a step
+            paced = torch.maximum(decoded, before + 1).minimum(m - (steps - 1 - i))
+            decoded = torch.where(m >= steps, paced, decoded)
+        return decoded - before
 
     def scores(self, log_p: Tensor, tokens: Tensor, generator: Draws) -> Tensor:
         """The score of every position ``(batch, length)`` (module docstring), from the step's
