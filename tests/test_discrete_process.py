@@ -164,3 +164,47 @@ def test_the_law_of_x_t_takes_its_time_in_float64():
     torch.testing.assert_close(
         mix.noised_log_prob(x_t, proc, 0.3), torch.logsumexp(log_terms, -1), rtol=1e-14, atol=0
     )
+
+
+@pytest.mark.parametrize(
+    ("process", "x0", "message"),
+    [
+        (
+            sd.discrete.MaskedProcess(3),
+            torch.zeros(2, 4),
+            r"MaskedProcess.noise: x0 must hold integer token ids",
+        ),
+        (
+            sd.discrete.MaskedProcess(3),
+            torch.full((2, 4), 3),
+            r"x0 must hold clean ids in \[0, 2\], got 3 at",
+        ),
+        (sd.discrete.MaskedProcess(4, mask_id=1), torch.full((2, 4), 1), r"clean ids in \[0, 3\] other than"),
+        (
+            sd.discrete.MaskedProcess(3),
+            torch.full((2, 4), 9),
+            r"x0 must hold clean ids in \[0, 2\], got 9 at",
+        ),
+        (sd.discrete.MaskedProcess(3), torch.zeros(4, dtype=torch.long), r"x0 must be a batch of sequences"),
+        (
+            sd.discrete.UniformProcess(3),
+            torch.full((2, 4), -1),
+            r"UniformProcess.noise: x0 must hold clean ids",
+        ),
+        (
+            sd.discrete.UniformProcess(3),
+            torch.zeros(2, 4, dtype=torch.bool),
+            r"x0 must hold integer token ids",
+        ),
+        (
+            sd.discrete.MaskedProcess(256),
+            torch.zeros(2, 4, dtype=torch.uint8),
+            r"dtype that holds the ids up to 256",
+        ),
+    ],
+)
+def test_noise_refuses_x0_that_is_no_batch_of_clean_tokens(process, x0, message):
+    # a float x0 came back as float "tokens", a mask or an id past the vocabulary as a token of x_t, and a
+    # uint8 x0 under a mask id of 256 raised torch's RuntimeError from full_like
+    with pytest.raises(ValueError, match=message):
+        process.noise(x0, 0.5)

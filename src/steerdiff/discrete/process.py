@@ -120,10 +120,37 @@ class Schedule:
         (float64)."""
         return -torch.log(self.alpha(t))
 
+    vocab_size: int  # the processes' token ids, 0..vocab_size - 1
+
     def _noise_args(self, x0: Tensor, t: float | Tensor, generator: Generators) -> tuple[Tensor, Tensor]:
         """``(alpha, u)`` of a draw of ``x_t`` from ``x0`` ``(batch, length)``: ``alpha(t)`` shaped to
-        broadcast over ``x0`` (``t`` a number or one per row, in ``[0, 1]``, else a ``ValueError``) and
-        uniforms like ``x0`` drawn as :func:`steerdiff.noise.rand` draws."""
+        broadcast over ``x0`` (``t`` a number or one per row, in ``[0, 1]``) and uniforms like ``x0`` drawn
+        as :func:`steerdiff.noise.rand` draws. A ``ValueError`` for ``x0`` not a batch of integer clean ids
+        (``0..vocab_size - 1``, a masked process's ``mask_id`` not among them) or a bad ``t``."""
+        who = f"{type(self).__name__}.noise"
+        if not isinstance(x0, Tensor) or x0.dtype == torch.bool or x0.is_floating_point() or x0.is_complex():
+            got = x0.dtype if isinstance(x0, Tensor) else type(x0).__name__
+            raise ValueError(f"{who}: x0 must hold integer token ids (e.g. torch.long), got {got}")
+        if x0.ndim != 2 or 0 in x0.shape:
+            raise ValueError(
+                f"{who}: x0 must be a batch of sequences, shape (batch, length) with both >= 1; got "
+                f"{tuple(x0.shape)}"
+            )
+        mask_id = getattr(self, "mask_id", self.vocab_size)
+        top = max(mask_id, self.vocab_size - 1) if hasattr(self, "mask_id") else self.vocab_size - 1
+        if torch.iinfo(x0.dtype).max < top:
+            raise ValueError(
+                f"{who}: x0 must have an integer dtype that holds the ids up to {top} (e.g. torch.long), got "
+                f"{x0.dtype}"
+            )
+        clean = (x0 >= 0) & (x0 < self.vocab_size) & (x0 != mask_id)
+        if not bool(clean.all()):
+            b, i = (int(j) for j in torch.nonzero(~clean)[0])
+            other = f" other than the mask id {mask_id}" if mask_id < self.vocab_size else ""
+            raise ValueError(
+                f"{who}: x0 must hold clean ids in [0, {self.vocab_size - 1}]{other}, got {int(x0[b, i])} at "
+                f"[{b}, {i}]"
+            )
         t = torch.as_tensor(t, dtype=torch.float64)
         if (
             t.ndim > 1
@@ -131,7 +158,7 @@ class Schedule:
             or not bool(((t >= 0) & (t <= 1)).all())
         ):
             raise ValueError(
-                f"{type(self).__name__}.noise: t must be a time in [0, 1] or one per row of x0 ({len(x0)} "
+                f"{who}: t must be a time in [0, 1] or one per row of x0 ({len(x0)} "
                 f"rows), got {t.tolist() if t.numel() < 8 else f'shape {tuple(t.shape)}'}"
             )
         alpha = self.alpha(t).to(x0.device)
@@ -186,7 +213,8 @@ class MaskedProcess(Schedule):
     def noise(self, x0: Tensor, t: float | Tensor, generator: Generators = None) -> Tensor:
         """A draw of ``x_t ~ q(x_t | x_0)``: each token of ``x0`` (batched, ``(batch, length)``) replaced
         by :attr:`mask_id` with probability ``1 - alpha(t)``; ``t`` a number or one time per row, in ``[0,
-        1]`` (else a ``ValueError``). The uniforms are drawn as :func:`steerdiff.noise.rand` draws (one
+        1]``; a ``ValueError`` for another ``t``, or an ``x0`` that is no batch of integer clean ids (in a
+        dtype that holds ``mask_id``). The uniforms are drawn as :func:`steerdiff.noise.rand` draws (one
         generator per row where a list)."""
         alpha, u = self._noise_args(x0, t, generator)
         return torch.where(u < alpha, x0, torch.full_like(x0, self.mask_id))
@@ -230,7 +258,8 @@ class UniformProcess(Schedule):
     def noise(self, x0: Tensor, t: float | Tensor, generator: Generators = None) -> Tensor:
         """A draw of ``x_t ~ q(x_t | x_0)``: each token of ``x0`` (``(batch, length)``, ids in ``0..V -
         1``) kept with probability ``alpha(t)`` and replaced by a uniform token otherwise; ``t`` a number
-        or one time per row, in ``[0, 1]`` (else a ``ValueError``). Two uniforms per token, drawn as
+        or one time per row, in ``[0, 1]``; a ``ValueError`` for another ``t``, or an ``x0`` that is no
+        batch of integer ids in ``0..V - 1``. Two uniforms per token, drawn as
         :func:`steerdiff.noise.rand` draws (one generator per row where a list)."""
         alpha, u = self._noise_args(x0, t, generator)
         fresh = uniform_tokens(x0.shape, self.vocab_size, generator, x0.device).to(x0.dtype)
