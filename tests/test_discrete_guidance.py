@@ -160,6 +160,28 @@ class Flaky:
         return torch.full_like(out, math.nan) if self.calls == self.nan_at else out
 
 
+def test_the_classifier_sees_each_candidate_at_its_rows_time():
+    # log_prob_y(x, t) is called on the candidates x_t^{i <- v} of every masked position, each with the time
+    # of its row (a time-dependent classifier p(y | x_t, t)); the exact classifier ignores t, so a
+    # ClassifierGuidance that passed any other time sampled the same law
+    seen = []
+
+    def log_prob_y(x, t):
+        seen.append((x.clone(), t.clone()))
+        return torch.zeros(len(x), dtype=torch.float64)
+
+    x_t = torch.full((3, MIX.L), MIX.V)
+    x_t[1, :3] = torch.tensor([0, 2, 1])  # masked: 5, 2 and 5 positions
+    t = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
+    sd.discrete.ClassifierGuidance(DEN, log_prob_y, batch_size=7).log_probs(x_t, t)
+    x, when = (torch.cat(v) for v in zip(*seen, strict=True))
+    rows, pos = torch.nonzero(x_t == MIX.V, as_tuple=True)
+    assert torch.equal(when, t[rows].repeat_interleave(MIX.V))
+    want = x_t[rows].repeat_interleave(MIX.V, dim=0)
+    want[torch.arange(len(want)), pos.repeat_interleave(MIX.V)] = torch.arange(MIX.V).repeat(len(rows))
+    assert torch.equal(x, want)
+
+
 def test_nan_from_the_classifier_or_a_branch_names_the_step():
     cg = sd.discrete.ClassifierGuidance(DEN, Flaky(MIX.classifier(Y, MIX.V), 3))
     with pytest.raises(
