@@ -322,6 +322,26 @@ def test_pc_with_a_large_lam_decodes_left_to_right(mix, den):
     assert bool((states[1][:, 3] == mix.V).all())
 
 
+def test_pc_clips_the_calibrated_confidence():
+    # token 0 has p = 0.6 .. 0.95 from left to right and frequency 1e-8: -p log f = 11.1 .. 17.5, all above
+    # clip = 10, so every position scores 10 and the ties decode left to right; unclipped (clip = inf) the
+    # largest -p log f, the rightmost, goes first (the frequencies of the other tests never reach the clip)
+    L, V = 6, 3
+    p0 = torch.linspace(0.6, 0.95, L, dtype=F64)
+    probs = torch.stack([p0, (1 - p0) / 2, (1 - p0) / 2], -1)
+    den = sd.discrete.MaskedDenoiser(
+        lambda x, t: torch.log(probs).expand(*x.shape, V), sd.discrete.MaskedProcess(V)
+    )
+    f = torch.tensor([1e-8, 0.5, 0.5 - 1e-8], dtype=F64)
+    for clip, order in ((10.0, range(L)), (math.inf, range(L - 1, -1, -1))):
+        states = []
+        sampler = sd.discrete.Confidence("pc", 0.0, lam=0.0, frequencies=f, clip=clip)
+        x = sd.discrete.sample(den, (1, L), L, sampler, callback=lambda d, s=states: s.append(d["x"][0] != V))
+        assert torch.equal(x, torch.zeros(1, L, dtype=torch.long))
+        first = [int(torch.nonzero(b & ~a)[0]) for a, b in itertools.pairwise([states[0] & False, *states])]
+        assert first == list(order), clip
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 0.5])
 def test_pc_without_position_weight_and_uniform_frequencies_is_confidence(den, mix, temperature):
     # lam = 0, f = 1/V: the score is min(p(xhat) log V, clip) = p(xhat) log V, ranked as p(xhat)
