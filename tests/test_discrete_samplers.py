@@ -6,6 +6,7 @@ and the sampled distances are compared with those of exact samples of the same s
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -270,6 +271,30 @@ def test_remdm_loop_samples_its_exact_law(schedule):
     mean, sd_ = tv_floor(law, 4 * N)
     assert _tv(small, x, law) < mean + 4 * sd_  # measured 0.0026 / 0.0052 against 0.0059 +- 0.0012
     assert _tv(small, x, ancestral_law(small, proc, 8, strategy="loop", alpha_on=0.5)) > 0.02  # 0.042 / 0.041
+
+
+@pytest.mark.parametrize(("eta", "sigma"), [(0.3, 0.3), (0.9, 2 / 3)])
+def test_remdm_loop_remasks_min_eta_sigma_max_in_its_window(mix, eta, sigma):
+    # alpha_on = 0.6: sigma_max = (1 - 0.6) / 0.6 = 2/3, so a loop step remasks a decoded token with
+    # probability min(eta, 2/3) and unmasks a masked one with sigma 0.6 / 0.4; 8 steps, the paper's window
+    # [0.05, 0.55]: steps 4-6 are the loop's, step 3 (from 0.625) is not. The exact-law tests take eta = 1
+    # (sigma = sigma_max) or 0, and the marginal test holds for any sigma: a loop step of eta * sigma_max
+    # (0.2 / 0.6 here) passed them all
+    n, states = 4000, []
+    sd.discrete.sample(
+        mix.denoiser(sd.discrete.MaskedProcess(mix.V)), (n, mix.L), 8,
+        sd.discrete.ReMDM(eta, "loop", alpha_on=0.6), generator=torch.Generator().manual_seed(13),
+        callback=lambda d: states.append(d["x"]),
+    )  # fmt: skip
+    for i in (3, 4, 5, 6):
+        before, after = states[i - 1] != mix.V, states[i] != mix.V
+        remasked = float((before & ~after).sum() / before.sum())
+        unmasked = float((~before & after).sum() / (~before).sum())
+        want = (sigma, sigma * 0.6 / 0.4) if i > 3 else (0.0, None)
+        assert abs(remasked - want[0]) < 4 * math.sqrt(want[0] * (1 - want[0]) / float(before.sum())) + 1e-12
+        if want[1] is not None:
+            se = math.sqrt(want[1] * (1 - want[1]) / float((~before).sum()))
+            assert abs(unmasked - want[1]) < 4 * se, (i, unmasked, want)
 
 
 @pytest.mark.parametrize(("schedule", "alpha_on"), [("linear", 2 / 3), ("cosine", 0.5)])
