@@ -24,7 +24,9 @@ probability ``sigma_t alpha_on / (1 - alpha_on)`` (the fraction unmasked stays `
 re-draw of a fraction of the tokens given the others); on ``[0, t_off]`` ``tau(u) = u T / t_off``,
 ancestral steps again from ``alpha_on`` to 1 through the schedule's shape on ``[0, T]``. Alpha is
 continuous; the affine maps of ``u`` onto process time are our choice (the paper fixes alpha's values at
-``t_on`` and ``t_off``, not the path to them). The denoiser is called at ``tau``, the process time of the
+``t_on`` and ``t_off``, not the path to them; under the linear schedule both phases' alpha is linear in
+``u``, as in the authors' code, whose window takes ``sigma_t = eta`` uncapped: a negative probability of
+staying masked where ``eta > sigma_max``). The denoiser is called at ``tau``, the process time of the
 current alpha, and the times a step returns are ``tau``'s. With ``eta = 0`` the loop steps change nothing
 (they still call the network): the law is the ancestral sampler's on the other steps' process times (on
 the uniform grid of ``N - k`` steps, ``k`` loop steps, where phases 1 and 3 have equal process-time
