@@ -10,9 +10,11 @@ on the same timesteps.
 
 from __future__ import annotations
 
+import importlib
 import math
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -912,6 +914,46 @@ def test_pipeline_with_solver_and_schedule_instances_saves_and_loads(unet, tmp_p
         SteerdiffScheduler(solver=Local())
     with pytest.raises(ValueError, match="does not describe a solver"):
         SteerdiffScheduler(solver={"name": "unipc", "rank": 3})
+
+
+# a module whose import is seen: it counts its executions in sys (a module every run has)
+_TRAP = """
+import sys
+from dataclasses import dataclass
+import steerdiff as sd
+sys.steerdiff_trap_runs = getattr(sys, "steerdiff_trap_runs", 0) + 1
+
+@dataclass
+class Trap(sd.solvers.Heun):
+    pass
+"""
+
+
+def test_a_config_imports_steerdiffs_modules_and_only_modules_already_imported(tmp_path, monkeypatch):
+    # a (downloaded) config's {"class": "module:Name"} imported any installed module, which runs its code
+    # (before: the trap module below was imported and run by the config); now only steerdiff's modules, or
+    # a module imported already (whoever defined the class has imported it)
+    (tmp_path / "steerdiff_trap_mod.py").write_text(_TRAP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "steerdiff_trap_runs", 0, raising=False)
+    stored = {"class": "steerdiff_trap_mod:Trap", "order": 2}
+    try:
+        for kind, value in (("solver", stored), ("schedule", {"class": "steerdiff_trap_mod:Trap"})):
+            match = f"{kind} class 'steerdiff_trap_mod:Trap'.*not imported.*first"
+            with pytest.raises(ValueError, match=match):
+                SteerdiffScheduler(**{kind: value})
+        assert "steerdiff_trap_mod" not in sys.modules and sys.steerdiff_trap_runs == 0
+        # the user's own import (the trusting step) lets the config use the class, not importing it again
+        trap = importlib.import_module("steerdiff_trap_mod")
+        assert SteerdiffScheduler(solver=stored)._solver == trap.Trap(order=2)
+        assert sys.steerdiff_trap_runs == 1
+    finally:
+        sys.modules.pop("steerdiff_trap_mod", None)
+    # steerdiff's own modules are imported freely, by path
+    heun = SteerdiffScheduler(solver={"class": "steerdiff.solvers.euler:Heun", "order": 2})._solver
+    assert type(heun) is sd.solvers.Heun
+    with pytest.raises(ValueError, match="cannot be imported"):
+        SteerdiffScheduler(solver={"class": "steerdiff.no_such_module:Heun"})
 
 
 # --- custom grids (timesteps= / sigmas=) and unguided pipelines ----------------------------------

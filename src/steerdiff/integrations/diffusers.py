@@ -58,6 +58,7 @@ import importlib
 import inspect
 import json
 import math
+import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -582,8 +583,17 @@ def _stored_form(kind: _Kind, obj: Solver | Schedule) -> dict[str, Any]:
 
 
 def _import_class(kind: _Kind, path: str) -> type:
-    """The Solver or Schedule subclass at ``"module:QualName"``."""
+    """The Solver or Schedule subclass at ``"module:QualName"``. A config may come from anywhere (a hub
+    download) and importing a module runs its code: steerdiff's own modules are imported as needed, any
+    other only if it is imported already (``sys.modules``; whoever defined the class has imported its
+    module), else a ``ValueError`` that says to import it first."""
     module, _, qualname = path.partition(":")
+    if module != "steerdiff" and not module.startswith("steerdiff.") and module not in sys.modules:
+        raise ValueError(
+            f"{kind} class {path!r}: its module {module!r} is not imported, and a scheduler config does not "
+            "import modules other than steerdiff's (importing one runs its code, and a config may come from "
+            f"anywhere); import {module!r} yourself first if you trust it, then load the config"
+        )
     try:
         cls = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
     except (ImportError, AttributeError, ValueError) as err:
@@ -744,12 +754,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     Solver and schedule instances are kept in the config as their registry name (a class of one's own:
     its import path) and options, so that ``save_pretrained`` / ``from_pretrained`` rebuild them; one
-    that cannot be (a class defined in a function) is refused here. The scheduler follows its config as
-    it is when a run is planned (:meth:`set_timesteps`), as diffusers' schedulers read theirs when they
-    run: pipelines patch it after construction (``clip_sample=False``, ``steps_offset=1`` on old Stable
-    Diffusion configs). ``step`` follows its own counter
-    and checks the pipeline's ``timestep`` against it; the first ``timestep`` places the run where no
-    begin index was set. Where a pipeline changes the sample between calls (inpainting; in place or
+    that cannot be (a class defined in a function) is refused here. A config's class is imported only from
+    steerdiff's modules, elsewhere only if its module is imported already (importing a module runs its code,
+    and a config may be a download): import your own module before loading the config. The scheduler
+    follows its config as it is when a run is planned (:meth:`set_timesteps`), as diffusers' schedulers
+    read theirs when they run: pipelines patch it after construction (``clip_sample=False``,
+    ``steps_offset=1`` on old Stable Diffusion configs). ``step`` follows its own counter and checks
+    the pipeline's ``timestep`` against it; the first ``timestep`` places the run where no begin index was
+    set. Where a pipeline changes the sample between calls (inpainting; in place or
     not), the changed entries are taken where the solver evaluates at a step's input (the first
     evaluation of every usual solver step), and ignored at intermediate stages (Heun's second).
     """
