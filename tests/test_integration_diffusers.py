@@ -2052,6 +2052,71 @@ def test_a_step_refused_for_its_timestep_leaves_the_run_as_it_was():
     assert torch.equal(sched.step(out, sched.timesteps[3], prev).prev_sample, ref)
 
 
+def _unmovable_device() -> str | None:
+    """A device torch takes by name and cannot put a tensor on here (``None``: it can on each tried)."""
+    for device in ("mps", "xpu", "cuda:64"):
+        try:
+            torch.zeros(1, device=device)
+        except (RuntimeError, AssertionError):  # not built with it / no such device
+            return device
+    return None
+
+
+def test_a_failed_set_timesteps_leaves_the_scheduler_as_it_was():
+    """set_timesteps changed the scheduler and then raised: a schedule refusing the step count left the
+    run's denoiser replaced (a timesteps-with-sigmas run's net-time map lost), a device the tensors could
+    not move to left the new run with the old timesteps (the next steps refused, or another run), a config
+    patched to a solver it could not build was marked as read (the next call ran the old solver under it).
+    Now every attribute is the object it was, and the run set up before steps as if no call had failed
+    (ddpm's noise from the pipeline's generator included), before its first step and mid-run."""
+    config = diffusers.DDPMScheduler(**sd_betas_config(clip_sample=False)).config
+    net = _mixture_net(config)
+    x_T = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    grid = {"timesteps": [999, 700, 400, 200, 50], "sigmas": [14.6, 3.0, 1.0, 0.4, 0.1]}
+
+    def run(sched: SteerdiffScheduler, fail: Callable[[], None]) -> Tensor:
+        sched.set_timesteps(**grid)
+        fail()
+        x, g = x_T, torch.Generator().manual_seed(1)
+        for k, t in enumerate(sched.timesteps):
+            x = sched.step(net(x, t), t, x, generator=g).prev_sample
+            if k == 1:
+                fail()
+        return x
+
+    def failures(sched: SteerdiffScheduler) -> Callable[[], None]:
+        calls: list[tuple[dict[str, Any], str]] = [
+            ({"num_inference_steps": 2000}, "non-decreasing times for 2000 nodes"),  # leading refuses it
+            ({"num_inference_steps": 4, "strength": 1.5}, "strength"),
+            ({"num_inference_steps": 4, "original_inference_steps": 10}, "options of the lcm schedule"),
+            ({"timesteps": [999, 500], "sigmas": [1.0, 0.5, 0.2]}, "same length"),
+        ]
+        device = _unmovable_device()
+        if device is not None:
+            calls.append(({"num_inference_steps": 4, "device": device}, ""))
+
+        def fail() -> None:
+            before = dict(vars(sched))
+            for kw, match in calls:
+                with pytest.raises((ValueError, RuntimeError, AssertionError), match=match or None):
+                    sched.set_timesteps(**kw)
+                assert vars(sched).keys() == before.keys()
+                assert all(vars(sched)[k] is v for k, v in before.items()), kw
+            config = sched._internal_dict
+            sched._internal_dict = FrozenDict({**config, "solver": "no_such_solver"})
+            for _ in range(2):  # refused at every call, not once
+                with pytest.raises(ValueError, match="no_such_solver"):
+                    sched.set_timesteps(4)
+            sched._internal_dict = config
+            assert all(vars(sched)[k] is v for k, v in before.items())
+
+        return fail
+
+    ref = run(SteerdiffScheduler.from_config(config, solver="ddpm", schedule="leading"), lambda: None)
+    sched = SteerdiffScheduler.from_config(config, solver="ddpm", schedule="leading")
+    assert torch.equal(run(sched, failures(sched)), ref)
+
+
 def test_a_model_output_of_another_shape_or_an_integer_dtype_is_named():
     """A model_output of another shape than sample was refused as 'Denoiser: net returned shape ...' (the
     scheduler's inner net, not the argument) after the run had begun (step_index 0 after the refusal); an

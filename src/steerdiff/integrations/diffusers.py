@@ -926,13 +926,15 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             return
         model = _spec(dict(config))  # the model the config describes
         _check_sampler(config, model)
-        seen, self._seen = self._seen, config
+        seen, solver, schedule = self._seen, self._solver, self._schedule
         if seen is not None and config["solver"] != seen["solver"]:
-            self._solver = None if config["solver"] is None else _resolve("solver", config["solver"])
+            solver = None if config["solver"] is None else _resolve("solver", config["solver"])
         if seen is not None and config["schedule"] != seen["schedule"]:
-            self._schedule = None if config["schedule"] is None else _resolve("schedule", config["schedule"])
-        self._model = model
-        self._model_den = _denoiser(_Recorded(), self._model)  # shared by the runs of that model
+            schedule = None if config["schedule"] is None else _resolve("schedule", config["schedule"])
+        den = _denoiser(_Recorded(), model)  # shared by the runs of that model
+        # read in full before any is kept: a config that fails is read again (and refused) at the next call
+        self._seen, self._solver, self._schedule = config, solver, schedule
+        self._model, self._model_den = model, den
 
     @property
     def init_noise_sigma(self) -> float:
@@ -1040,7 +1042,31 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         With ``inverse=True`` the grid, custom or not, is the one of ``final="none"`` (custom nodes as for
         sampling: decreasing, ``num_nodes - 1`` steps), reversed: ``timesteps`` and ``sigmas`` rise, the
         latter ending at the first node's noise level.
+
+        A call that fails (a bad argument or combination, a grid the schedule or solver refuses, a ``device``
+        the tensors cannot move to) leaves the scheduler as it was: the run set up before goes on.
         """
+        saved = dict(vars(self))  # the attributes a failed call puts back (the call only rebinds them)
+        try:
+            self._set_timesteps(
+                num_inference_steps, device, mu, timesteps, sigmas, original_inference_steps, strength
+            )
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
+
+    def _set_timesteps(
+        self,
+        num_inference_steps: int | None,
+        device: str | torch.device | None,
+        mu: float | None,
+        timesteps: Sequence[float] | None,
+        sigmas: Sequence[float] | None,
+        original_inference_steps: int | None,
+        strength: float | None,
+    ) -> None:
+        """:meth:`set_timesteps`, which puts the attributes back where this raises."""
         device = device_or_none("set_timesteps", "device", device)
         given = [
             k
