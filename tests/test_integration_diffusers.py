@@ -29,7 +29,7 @@ from steerdiff.bench.solvers import make_problem
 from steerdiff.integrations.diffusers_ref import run_scheduler
 from steerdiff.solvers.base import History
 
-from .reference import F64, Replay, eps_net, nodes_of, rel_rmse, sd_betas_config
+from .reference import F64, PARITY_BOUND, Replay, eps_net, nodes_of, rel_rmse, sd_betas_config
 from .test_device import _Syncs
 
 diffusers = pytest.importorskip("diffusers")
@@ -209,6 +209,61 @@ def test_ddpm_learned_variance_matches_ddpm_scheduler(unet_lv):
     den = denoiser_from_diffusers(unet_lv, theirs.config)
     x, _ = _reference(den, 10, 11, solver="ddpm", schedule="leading")
     assert torch.equal(raw, x)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_small_log", "fixed_large"])
+def test_ddpm_by_name_takes_the_configs_variance_type(variance):
+    # DDPMScheduler's variance_type="fixed_large" steps with the forward step's beta, not the posterior's
+    # beta~; the name "ddpm" ignored it (before: fixed_large's run 0.42 relative RMSE from DDPMScheduler's,
+    # as far as its fixed_small run). fixed_small_log is fixed_small's std through its log. Exact 16-d mixture
+    # net, 10 leading steps, 256 samples, the same generator: measured 2.2e-7 / 2.1e-7 / 1.9e-7.
+    config = diffusers.DDPMScheduler(**sd_betas_config(variance_type=variance, clip_sample=False)).config
+    net, x_T = _mixture_net(config), torch.randn(256, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref, _ = run_scheduler(
+        diffusers.DDPMScheduler.from_config(config), net, x_T, 10, torch.Generator().manual_seed(3)
+    )
+    ours = SteerdiffScheduler.from_config(config, solver="ddpm", schedule="leading")
+    raw, _ = run_scheduler(ours, net, x_T, 10, torch.Generator().manual_seed(3))
+    large = variance == "fixed_large"
+    assert ours._run.solver == sd.solvers.DDPM(variance="fixed_large" if large else "fixed_small")
+    assert rel_rmse(raw, ref) < PARITY_BOUND["DDPMScheduler"]
+    # the variance matters: the other one's run, from the same draws, is far
+    other = diffusers.DDPMScheduler.from_config(
+        config, variance_type="fixed_small" if large else "fixed_large"
+    )
+    assert rel_rmse(run_scheduler(other, net, x_T, 10, torch.Generator().manual_seed(3))[0], ref) > 0.1
+    # an instance keeps its own variance (as Leading() its own offset)
+    own = SteerdiffScheduler.from_config(config, solver=sd.solvers.DDPM(), schedule="leading")
+    own.set_timesteps(10)
+    assert own._run.solver == sd.solvers.DDPM()
+
+
+def test_ddpm_refuses_the_variance_types_it_cannot_take():
+    # fixed_large_log: DDPMScheduler takes the square root of the log variance, NaN at every noisy step (its
+    # intended variance is fixed_large's): refused for "ddpm", unused by other solvers; "learned" and names
+    # DDPMScheduler does not know are refused for every solver
+    config = diffusers.DDPMScheduler(
+        **sd_betas_config(variance_type="fixed_large_log", clip_sample=False)
+    ).config
+    net, x_T = _mixture_net(config), torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    theirs, _ = run_scheduler(diffusers.DDPMScheduler.from_config(config), net, x_T, 3, torch.Generator())
+    assert bool(theirs.isnan().all())
+    with pytest.raises(
+        ValueError, match=r"variance_type='fixed_large_log' with solver='ddpm' .*'fixed_large'"
+    ):
+        SteerdiffScheduler.from_config(config, solver="ddpm")
+    sched = SteerdiffScheduler.from_config(config, solver="ddim")
+    # a config patched to name ddpm: refused where the run is planned
+    sched._internal_dict = FrozenDict({**sched.config, "solver": "ddpm"})
+    with pytest.raises(ValueError, match="variance_type='fixed_large_log'"):
+        sched.set_timesteps(3)
+    assert SteerdiffScheduler.from_config(config, solver=sd.solvers.DDPM(variance="fixed_large"))
+    for bad, match in (
+        ("fixed_medium", "variance_type must be one of"),
+        ("learned", "variance_type='learned'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SteerdiffScheduler.from_config({**config, "variance_type": bad}, solver="dpmpp_2m")
 
 
 def test_leading_by_name_takes_the_configs_steps_offset(unet):

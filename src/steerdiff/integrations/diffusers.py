@@ -61,7 +61,7 @@ import math
 import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar, Literal, overload
 
 import torch
@@ -711,7 +711,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             :func:`steerdiff.sampling.guided_solver`): pipelines apply
             classifier-free guidance outside the scheduler. With ``guidance_scale <= 1`` (the
             pipeline does not guide) it is the unguided default (UniPC-3,
-            :func:`steerdiff.sampling.default_solver`).
+            :func:`steerdiff.sampling.default_solver`). The name ``"ddpm"`` takes the config's
+            ``variance_type`` as DDPMScheduler does (``fixed_large``: the forward step's ``beta``;
+            ``fixed_small``, ``fixed_small_log``: the posterior's; ``fixed_large_log``, which DDPMScheduler
+            turns into NaN, is refused); ``DDPM()`` its own ``variance``.
         guidance_scale: the pipeline's classifier-free guidance scale, which the scheduler does not
             see otherwise: the guided default's long-step limits grow as it falls
             (:func:`steerdiff.sampling.guided_max_h` and ``guided_corrector_max_h``: 2.04 and 1.49 at
@@ -828,6 +831,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._model: _Spec
         self._model_den: Denoiser
         self._follow_config()
+        self._configured_solver()  # a config option the named solver cannot take is refused here already
         if inverse and self._solver is not None:
             _check_invertible(self._solver, solver)
         self._den = self._model_den
@@ -1116,7 +1120,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             self._model_den if node_map is None else _denoiser(_Recorded(), self._model, time_map=node_map)
         )
         grid = make_grid(self._den.process, schedule, steps, final)
-        solver = self._solver or self._default_solver(grid)
+        solver = self._configured_solver() or self._default_solver(grid)
         if inverse:  # sd.invert's run: the same solver loop up the reversed grid
             _check_invertible(solver, self.config["solver"])
             grid = grid.reversed()
@@ -1135,6 +1139,29 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         """The run's end: the config's ``final``; ``"none"`` for an inverse run, whose grid is the one of
         ``final="none"`` reversed."""
         return "none" if self.config["inverse"] else str(self.config["final"])
+
+    def _configured_solver(self) -> Solver | None:
+        """The ``solver`` the scheduler was given (``None``: the default, chosen per grid); the name
+        ``"ddpm"`` with the variance of the config's ``variance_type``, as DDPMScheduler takes it:
+        ``fixed_small`` (``None``: DDPMScheduler's default) and ``fixed_small_log`` (the same std,
+        ``exp(log(beta~) / 2)``) the posterior's ``beta~``, ``fixed_large`` the forward step's ``beta``;
+        ``learned_range`` is the net's (:class:`~steerdiff.solvers.DDPM` draws with it whatever its
+        ``variance``). ``fixed_large_log`` is refused: DDPMScheduler takes the square root of that log
+        variance, NaN at every noisy step. A :class:`~steerdiff.solvers.DDPM` instance keeps its own
+        ``variance`` (as ``Leading()`` its own offset)."""
+        solver, variance = self._solver, self.config["variance_type"]
+        if self.config["solver"] != "ddpm" or variance not in ("fixed_large", "fixed_large_log"):
+            return solver
+        if variance == "fixed_large_log":
+            raise ValueError(
+                "SteerdiffScheduler: variance_type='fixed_large_log' with solver='ddpm' is not supported: "
+                "diffusers' DDPMScheduler takes the square root of this log variance (NaN at every noisy "
+                "step); the variance it names, beta, is variance_type='fixed_large'; accepted with 'ddpm': "
+                "'fixed_small', 'fixed_small_log', 'fixed_large', 'learned_range' (a DDPM instance, e.g. "
+                "DDPM(variance='fixed_large'), keeps its own variance)"
+            )
+        assert isinstance(solver, _solvers.DDPM), "the name 'ddpm' resolves to DDPM"
+        return replace(solver, variance="fixed_large")
 
     def _default_solver(self, grid: Grid) -> Solver:
         """The solver of a run on (the sampling) ``grid`` without a ``solver``: for LCM, TCD and

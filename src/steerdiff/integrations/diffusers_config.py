@@ -9,10 +9,12 @@ schedule of Nichol & Dhariwal 2021, Eq. 17 -- or ``sigmoid``) or ``trained_betas
 ``num_train_timesteps``, optionally rescaled to zero terminal SNR (``rescale_betas_zero_snr``,
 Lin et al. 2024) or SNR-shifted (``snr_shift_scale``: ``SNR / s``); ``prediction_type``
 ``epsilon``/``sample``/``v_prediction``; ``variance_type="learned_range"`` (Improved DDPM: the net
-returns twice the channels). The betas and ``alphas_cumprod`` are computed in float32 as diffusers
-computes them for training, then held in float64. Flow-matching configs (``FlowMatch*`` schedulers,
-``use_flow_sigmas`` / ``prediction_type="flow_prediction"``) give the rectified flow
-``x = (1 - t) x0 + t eps`` with the velocity ``eps - x0`` as output and the net time ``1000 t``
+returns twice the channels; the fixed types, DDPMScheduler's sampling variance, are no part of the model:
+:class:`~steerdiff.integrations.diffusers.SteerdiffScheduler`'s ``solver="ddpm"`` reads them; ``learned``
+and names DDPMScheduler does not know are refused). The betas and ``alphas_cumprod`` are computed in
+float32 as diffusers computes them for training, then held in float64. Flow-matching configs
+(``FlowMatch*`` schedulers, ``use_flow_sigmas`` / ``prediction_type="flow_prediction"``) give the
+rectified flow ``x = (1 - t) x0 + t eps`` with the velocity ``eps - x0`` as output and the net time ``1000 t``
 (``num_train_timesteps * t``); with ``use_flow_sigmas`` the output is what ``prediction_type`` says
 (``flow_prediction``, ``epsilon`` or ``sample``, as DPMSolver/UniPC/DEIS/SA-Solver convert it).
 EDM configs (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``: Playground v2.5, CosXL) give
@@ -82,6 +84,9 @@ __all__ = ["consistency_schedule", "cosine_noise", "denoiser_from_diffusers", "p
 F64 = torch.float64
 
 _WHO = "scheduler config"  # the name the config checks give
+# DDPMScheduler's variance types but "learned" (refused): the fixed ones choose the ddpm sampler's variance
+# (SteerdiffScheduler's solver="ddpm"), "learned_range" is the model's (twice the channels)
+_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
@@ -569,6 +574,8 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
             "step's variance itself, where Improved DDPM's code takes a learned output as its log) is not "
             "supported; accepted: 'learned_range' or a fixed variance type"
         )
+    if variance is not None:
+        choice(_WHO, "variance_type", variance, _VARIANCE_TYPES)
     ac = torch.cumprod(1 - _betas(cfg), 0)
     shift = real(_WHO, "snr_shift_scale", cfg.get("snr_shift_scale") or 1.0, lo=0, lo_open=True)
     if shift != 1.0:  # CogVideoX: SNR / s
@@ -669,7 +676,7 @@ def denoiser_from_diffusers(model: Callable[..., Any], scheduler_or_config: Any,
 
     Raises:
         ValueError: an unknown ``beta_schedule``/``prediction_type`` (``v_prediction`` with
-            ``use_flow_sigmas``), ``variance_type="learned"``,
+            ``use_flow_sigmas``), ``variance_type="learned"`` or one DDPMScheduler does not take,
             a threshold setting out of range (naming the key), a config of an unsupported
             scheduler (sCM and flow-map consistency models, Karras' VE, discrete-token models), or one with no
             ``beta_schedule`` or ``trained_betas`` that is no flow-matching config and has a key no VP
