@@ -41,8 +41,12 @@ multistep schedulers do), and every one must be ``timesteps[step_index]``.
 Noise for stochastic solvers is drawn, in :func:`steerdiff.sample`'s order, from the scheduler's
 ``noise`` (a ``torch.Generator``, a list of them, or a :mod:`steerdiff.noise` source) if one was
 given, else from the ``generator`` the pipeline passes to ``step``, else from torch's global RNG;
-draws inside a step are recorded and replayed. Half-precision pipelines: the solver runs in
-float32 and ``prev_sample`` is cast back, as diffusers' schedulers do. ``step`` returns copies,
+draws inside a step are recorded and replayed. ``step`` takes the pipeline's ``eta`` (``pipe(eta=...)``;
+pipelines pass it where the signature has it) as DDIMScheduler does: a ``ddim`` run steps as
+``DDIM(eta)``, a ``tcd`` / ``lcm`` run takes it as its ``gamma`` (TCDScheduler's ``eta``), other solvers
+and inverse runs refuse ``eta > 0``; ``eta=0``, the pipelines' default, leaves the solver as configured.
+Half-precision pipelines: the solver runs in float32 and ``prev_sample`` is cast back, as diffusers'
+schedulers do. ``step`` returns copies,
 never the solver's state, and takes the entries of ``sample`` that differ from the ``prev_sample``
 it returned (the pipeline's edits, in place or not); the others keep their float32 values. The
 comparison is skipped where ``sample`` is the returned tensor itself and its version counter says
@@ -1374,16 +1378,40 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             f"{self._net_times[k]:g} was due (step_index {k}); pass the entries of timesteps in order"
         )
 
-    def _advance(self, run: _Run) -> Tensor:
-        """Re-run the solver from the checkpoint until it asks for an evaluation not made yet (return
-        that point) or the run ends (return the result); completed steps move the checkpoint."""
+    def _eta_solver(self, solver: Solver, eta: Any) -> Solver:
+        """The solver of :meth:`step` given ``eta`` (see there): ``solver``, the run's, at ``eta = 0``; else
+        its DDIM with that ``eta``, its TCD with that ``gamma``, or a ``ValueError``. These take the net at
+        the times the run planned whatever their noise (one evaluation per step, at its input)."""
+        eta = real("step", "eta", eta, lo=0)
+        if eta == 0:
+            return solver
+        if self.config["inverse"]:
+            raise ValueError(
+                f"step: eta={eta:g} in an inverse run (inverse=True), which runs the deterministic "
+                "probability-flow ODE (as sd.invert; DDIMInverseScheduler takes no eta); accepted: eta=0"
+            )
+        if isinstance(solver, _solvers.DDIM):
+            return replace(solver, eta=eta)
+        if isinstance(solver, _solvers.TCD) and eta <= 1:
+            return replace(solver, gamma=eta)
+        raise ValueError(
+            f"step: eta={eta:g} (DDIMScheduler's stochastic DDIM update, TCDScheduler's gamma) is no option "
+            f"of this run's solver {solver!r}; accepted: eta=0 (the pipelines' default) with any solver, "
+            "eta >= 0 with solver='ddim' (DDIM(eta), as DDIMScheduler), eta in [0, 1] with 'tcd' or 'lcm' "
+            "(their gamma, as TCDScheduler)"
+        )
+
+    def _advance(self, run: _Run, solver: Solver) -> Tensor:
+        """Re-run ``solver`` (the run's, or with :meth:`step`'s ``eta``) from the checkpoint until it asks for
+        an evaluation not made yet (return that point) or the run ends (return the result); completed steps
+        move the checkpoint."""
         tape, noise = run.tape, run.tape.noise
         assert run.x is not None, "step() sets x where the run starts"
         while run.i < run.grid.steps:
             state = _fork(run.state)
             tape.used = noise.used = 0
             try:
-                out = run.solver.step(tape, run.x, run.i, run.grid, state)
+                out = solver.step(tape, run.x, run.i, run.grid, state)
             except _Halt as halt:
                 run.at_input = halt.x is run.x
                 return halt.x
@@ -1402,6 +1430,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         sample: Tensor,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         return_dict: bool = True,
+        eta: float = 0.0,
     ) -> SteerdiffSchedulerOutput | tuple[Tensor, Tensor]:
         """Take the net's output at the current evaluation and return where it is needed next.
 
@@ -1412,6 +1441,15 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         a refused call leaves the run as it was. The pipeline's guidance is applied. After the last
         call ``prev_sample`` is the result. ``generator`` feeds stochastic solvers unless the scheduler
         has its own ``noise``.
+
+        ``eta`` (pipelines pass theirs, ``pipe(eta=...)``, where ``step`` takes it; default 0) is
+        DDIMScheduler's: above 0 a :class:`~steerdiff.solvers.DDIM` run (``solver="ddim"``) steps as
+        ``DDIM(eta)``, DDIMScheduler's stochastic update, and a :class:`~steerdiff.solvers.TCD` one
+        (``"tcd"``, ``"lcm"``) takes it as its ``gamma``, in ``[0, 1]``, as TCDScheduler does; other solvers
+        have no such option and refuse it (a ``ValueError``), as an inverse run (``inverse=True``, the
+        deterministic ODE) does. ``eta=0``, the pipelines' default, leaves the solver as configured
+        (``DDIM(eta=0.5)`` keeps its 0.5; a TCD solver its ``gamma``, where TCDScheduler in a pipeline at
+        the default runs ``gamma = 0``: give ``solver=TCD(gamma=0)`` for that).
         """
         run = self._run
         if run is None:
@@ -1430,6 +1468,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 f"output at sample, of shape {tuple(sample.shape)})"
             )
         return_dict = boolean("step", "return_dict", return_dict)
+        solver = self._eta_solver(run.solver, eta)
         # checked before the run changes: a refused call leaves it as it was
         source = make_noise(self._noise if self._noise is not None else generator, "step")
         if isinstance(source, PerSampleNoise):  # checked whatever the solver, as sd.sample does
@@ -1461,7 +1500,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             run.passed.append((k, timestep))
         run.tape.noise.source = source
         run.tape.pending = model_output.to(work)
-        x = self._advance(run)
+        x = self._advance(run, solver)
         if run.done:
             self._check_passed(run)
         run.sent, last = x.to(sample.dtype), run.tape.last
