@@ -78,13 +78,16 @@ def unet_lv() -> Any:
 def _pipeline(
     unet: Any, scheduler: Any, steps: int, seed: int | list[int]
 ) -> tuple[Tensor, Tensor, list[Any]]:
-    """Run ``DDPMPipeline``; return (last prev_sample, the pipeline's images, the timesteps passed)."""
+    """Run ``DDPMPipeline``; return (last prev_sample, the pipeline's images, the timesteps passed). Our
+    scheduler's ``step`` also gets ``eta=0.0``, which DDPMPipeline does not pass and most pipelines do."""
     outs: list[Tensor] = []
     passed: list[Any] = []
     step = scheduler.step
 
     def spy(model_output: Tensor, t: Any, sample: Tensor, **kw: Any) -> Any:
         passed.append(t)
+        if isinstance(scheduler, SteerdiffScheduler):  # as the pipelines that take eta pass their default
+            kw.setdefault("eta", 0.0)
         out = step(model_output, t, sample, **kw)
         outs.append(out.prev_sample)
         return out
