@@ -6,7 +6,8 @@ The oracle: a single Gaussian ``N(m, diag(v))`` under Stable Diffusion's betas. 
 ``x_N = alpha_N m + A (x_T - alpha_0 m)`` with ``A = sqrt((alpha_N^2 v + sigma_N^2) / (alpha_0^2 v +
 sigma_0^2))``: for ``L = |x_N - target|^2 / 2`` the exact ``dL/dx_T = A (x_N - target)`` and, for a mean shift
 ``m = mu + delta`` passed to the net as a condition, ``dL/d delta`` = the batch's sum of
-``(alpha_N - alpha_0 A) (x_N - target)``. ``python -m tests.test_adjoint`` prints the README's table.
+``(alpha_N - alpha_0 A) (x_N - target)``. ``python -m tests.test_adjoint`` prints the README's table and the
+order-3 numbers of ``sd.adjoint``'s docstring.
 """
 
 from __future__ import annotations
@@ -110,6 +111,28 @@ def test_converges_to_the_exact_gradient_at_its_order(order: int) -> None:
     # paper's form (phi = alpha) was 3.1e-1 / 1.6e-1 / 8.2e-2 and 7.1e-2 / 1.6e-2 / 3.9e-3
     assert abs(slope(STEPS, errors) - order) < 0.35, errors
     assert errors[-1] < (1e-2 if order == 1 else 2e-4), errors
+
+
+def test_order_three_backward_pass_is_third_order_under_sd_betas() -> None:
+    """The backward pass at order 3 against the exact flow map's gradient at the sample it was given,
+    ``A (x_0 - target)`` (the forward pass's error left out): third order under SD's betas, where the first
+    step up from the clean end, at first order, held it to second (2.5e-4 / 4.1e-5 / 8.3e-6 at 40 / 80 / 160
+    steps, slope 2.5 falling to 2.2 at 320) before it was re-taken by the trapezoid. Against the exact
+    gradient itself the forward pass's own warm-up (DEIS-3's first step, at first order at the noise end)
+    holds autograd through the same run to second order, and the adjoint is now the closer of the two (it
+    was the further: 2.6e-4 / 4.5e-5 / 9.1e-6)."""
+    backward, adj, auto = [], [], []
+    for n in STEPS:
+        x0, grads = sd.adjoint(DEN, X_T, loss, n, SCHED, solver_order=3, final="none")
+        backward.append(rel(grads["x_T"], flow_map(n, PROC, VAR)[2] * (x0 - TARGET)))
+        adj.append(rel(grads["x_T"], exact(n)[0]))
+        auto.append(rel(autograd_grad(DEN, n, 3, "none"), exact(n)[0]))
+    # measured 1.3e-4 / 1.4e-5 / 1.6e-6 (slope 3.17); against the exact gradient the adjoint 1.5e-4 / 2.1e-5 /
+    # 3.9e-6, autograd 1.7e-4 / 3.4e-5 / 7.6e-6 (slope 2.25)
+    assert abs(slope(STEPS, backward) - 3) < 0.35, backward
+    assert backward[-1] < 3e-6, backward
+    assert abs(slope(STEPS, auto) - 2) < 0.35, auto
+    assert all(a < b for a, b in zip(adj, auto, strict=True)) and adj[-1] < 0.6 * auto[-1], (adj, auto)
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -469,6 +492,44 @@ def main() -> None:
             err, err_dto = rel(run(), ref), rel(autograd_grad(DEN, n, k, "none"), ref)
             pa, pd = peak_saved(run), peak_saved(lambda n=n, k=k: autograd_grad(DEN, n, k, "none"))
             print(f"{n:5d}  {k:5d}  {err:.2e}  {err_dto:.2e}  | {pa:8d}  {pd:8d}")
+    order_three()
+
+
+def order_three() -> None:
+    """The docstring's order-3 numbers. The Gaussian (``final="none"``): the backward pass against the exact
+    flow map's gradient at the sample it was given (``backward``), the adjoint and autograd through the same
+    run against the exact gradient. The 8-d mixture (``final="zero"``): the adjoint against autograd through
+    the same run, and both against autograd through 1,500 steps of DEIS-3."""
+    procs = {"VP": (PROC, 1.0), "VP.linear": (sd.VP.linear(), 1.0), "flow": FLOW_EDM[0], "EDM": FLOW_EDM[1]}
+    print("\norder 3, Gaussian   steps  backward  adjoint   autograd")
+    for name, (process, scale) in procs.items():
+        den, x_T = gaussian_den(process), scale * X_T
+        for n in (20, 40, 80, 160, 320):
+            x0, grads = sd.adjoint(den, x_T, loss, n, SCHED, solver_order=3, final="none")
+            back = rel(grads["x_T"], flow_map(n, process, VAR)[2] * (x0 - TARGET))
+            ref = exact(n, process=process, x_T=x_T)[0]
+            err, err_dto = rel(grads["x_T"], ref), rel(autograd_grad(den, n, 3, "none", x_T), ref)
+            print(f"{name:>18s}  {n:5d}  {back:.2e}  {err:.2e}  {err_dto:.2e}")
+    gmm = smooth_mixture()
+
+    def mloss(x: torch.Tensor) -> torch.Tensor:
+        return (x.sin() * torch.arange(gmm.dim, dtype=F64)).sum()
+
+    print("\norder 3, mixture    steps  adj-ag    adjoint   autograd")
+    for name in ("VP", "flow", "EDM"):
+        process, scale = procs[name]
+        den = gmm.denoiser(process)
+        x_T = scale * torch.randn(6, gmm.dim, generator=torch.Generator().manual_seed(2), dtype=F64)
+
+        def through_sample(n: int, den: sd.Denoiser = den, x_T: torch.Tensor = x_T) -> torch.Tensor:
+            xt = x_T.clone().requires_grad_(True)
+            return torch.autograd.grad(mloss(sd.sample(den, xt, n, DEIS(order=3), SCHED)), xt)[0]
+
+        ref = through_sample(1500)
+        for n in (20, 80, 320):
+            g = sd.adjoint(den, x_T, mloss, n, SCHED, solver_order=3)[1]["x_T"]
+            ag = through_sample(n)
+            print(f"{name:>18s}  {n:5d}  {rel(g, ag):.2e}  {rel(g, ref):.2e}  {rel(ag, ref):.2e}")
 
 
 if __name__ == "__main__":

@@ -52,10 +52,25 @@ evaluations at ``lam_{i-j}``, ``theta_j = (lam_{i-j} - lam_i) / h``, and the wei
 exact for ``E_Q`` polynomial of degree ``k - 1`` in ``lam``: order ``k``. The paper's AdjointDEIS-``k``
 (``zblasingame/AdjointDEIS``, ``ode_single_step``) is this scheme with ``phi = alpha`` and DEIS's weights
 for the adjoint too. The orders a step takes are DEIS's up the same grid (:func:`steerdiff.invert`: warm-up
-at the first steps, ``lower_order_final`` below 15 steps, long steps up the grid at first order), so the
-re-solved state is ``invert(den, x, solver=DEIS(order=k))`` exactly. The forward pass is ``sample`` with
-``DEIS(order=k)`` (``"ddim"`` for ``k = 1``) on the same grid; both passes converge to the exact gradient of
-the ODE's flow map at order ``k`` (``tests/test_adjoint.py``). With ``final="zero"`` the last step returns
+at the first steps, ``lower_order_final`` below 15 steps, long steps up the grid at first order), so for
+``k <= 2`` the re-solved state is ``invert(den, x, solver=DEIS(order=k))`` exactly.
+
+**The start.** One step at first order (local error ``O(h^2)``) holds a method to second order, and at
+``k = 3`` the warm-up's first step up, from the clean end, is one: under SD's betas, where the adjoint still
+varies there, the backward pass was second order (slope 2.2 at 160-320 steps). So at ``k = 3`` step 0 is
+taken twice: by the rule above, and again, once node 1 has been evaluated at the state it gave (the
+evaluation and product step 1 needs anyway), from ``lam_0`` with the nodes ``theta = 1, 0`` (the
+trapezoid, exponential for the state), ``Q_1 = Q_0 - (h / 2) (E_{Q,0} + E_{Q,1})``. Node 1's values, taken at
+the first-order state, are ``O(h^2)`` off, which costs ``O(h^3)`` once: third order, at no extra evaluation
+or product (the re-solved state is then ``invert``'s up to ``O(h^3)``).
+
+The forward pass is ``sample`` with ``DEIS(order=k)`` (``"ddim"`` for ``k = 1``) on the same grid. The
+backward pass converges at order ``k`` to the exact flow map's gradient at the sample the forward pass gave
+(``A (x_0 - target)`` on the tests' Gaussian, order 3: slopes 3.1-3.2 at 40-320 steps under SD's betas,
+``VP.linear``, flow and EDM); the forward pass's error reaches the gradient through ``dL/dx_0``, and DEIS-3's
+own warm-up (its first step, at the noise end) holds sampling, autograd through it and so the adjoint to
+second order under SD's betas, whose noise end (``lam = -2.7``) is not far enough out for it to vanish
+(``tests/test_adjoint.py``). With ``final="zero"`` the last step returns
 the denoised estimate ``x0(x_{N-1})``; its adjoint is the exact vector-Jacobian product of that estimate,
 taken on the stored state ``x_{N-1}`` (the one state kept from the forward pass besides the result).
 
@@ -79,7 +94,7 @@ gradient, taken as autograd through 1,500 steps of DEIS-3):
     process k | OLD                      | NEW                      | ag
     VP      1 | 0.36 / 9.5e-2 / 2.4e-2   | 5.2e-2 / 9.6e-3 / 2.5e-3 | 0.13 / 1.4e-2 / 6.3e-3
     VP      2 | 0.27 / 1.8e-2 / 1.2e-3   | 3.5e-2 / 3.6e-3 / 2.5e-4 | 3.7e-2 / 1.9e-3 / 1.3e-4
-    VP      3 | 0.25 / 2.5e-3 / 3.8e-5   | 2.7e-2 / 8.5e-4 / 1.6e-5 | 1.4e-2 / 3.1e-4 / 3.6e-5
+    VP      3 | 0.25 / 2.5e-3 / 3.8e-5   | 2.7e-2 / 8.8e-4 / 1.8e-5 | 1.4e-2 / 3.1e-4 / 3.6e-5
     flow    1 | 1.0 / 0.55 / 0.15        | 0.21 / 4.1e-2 / 8.1e-3   | 0.42 / 4.8e-2 / 6.1e-3
     flow    2 | 4.6e3 / 0.41 / 2.0e-2    | 0.14 / 1.8e-2 / 1.5e-3   | 0.14 / 2.6e-2 / 2.3e-3
     flow    3 | 6.8e5 / 7.7e-2 / 8.1e-4  | 0.12 / 9.2e-3 / 1.9e-4   | 2.1e-2 / 1.1e-2 / 2.1e-4
@@ -94,20 +109,28 @@ against 4.0e3, EDM order 2 0.15 against 3.4). On the Gaussian oracle of the test
     process k | autograd                 | OLD                      | NEW
     VP      1 | 0.11 / 2.8e-2 / 7.1e-3   | 0.59 / 0.16 / 4.1e-2     | 5.8e-2 / 1.5e-2 / 3.7e-3
     VP      2 | 1.4e-2 / 9.2e-4 / 5.8e-5 | 0.34 / 1.6e-2 / 9.6e-4   | 7.0e-3 / 4.7e-4 / 3.0e-5
-    VP      3 | 1.2e-3 / 3.4e-5 / 1.8e-6 | 0.16 / 1.7e-3 / 2.4e-5   | 2.0e-3 / 4.5e-5 / 2.0e-6
+    VP      3 | 1.2e-3 / 3.4e-5 / 1.8e-6 | 0.16 / 1.7e-3 / 2.4e-5   | 1.4e-3 / 2.1e-5 / 8.7e-7
     flow    1 | 0.22 / 6.2e-2 / 1.6e-2   | 1.0 / 0.73 / 0.25        | 0.13 / 3.2e-2 / 8.0e-3
     flow    2 | 6.0e-2 / 4.4e-3 / 2.9e-4 | 9.5e2 / 0.39 / 1.9e-2    | 3.0e-2 / 2.2e-3 / 1.4e-4
     flow    3 | 1.0e-2 / 6.2e-5 / 2.6e-7 | 6.2e5 / 0.11 / 1.4e-3    | 1.5e-2 / 1.6e-4 / 2.0e-6
     EDM     1 | 0.18 / 4.8e-2 / 1.2e-2   | 0.99 / 0.43 / 0.12       | 9.7e-2 / 2.5e-2 / 6.2e-3
     EDM     2 | 3.7e-2 / 2.6e-3 / 1.7e-4 | 3.8 / 0.11 / 5.9e-3      | 1.9e-2 / 1.3e-3 / 8.5e-5
-    EDM     3 | 4.3e-3 / 2.5e-5 / 2.7e-7 | 1.0e2 / 2.4e-2 / 3.1e-4  | 6.9e-3 / 7.0e-5 / 9.0e-7
+    EDM     3 | 4.3e-3 / 2.5e-5 / 2.7e-7 | 1.0e2 / 2.4e-2 / 3.1e-4  | 6.9e-3 / 6.9e-5 / 8.8e-7
 
-So the adjoint, the gradient of the flow map rather than of the discrete sampler (the two differ by the
-sampler's error, the ``ag`` column), is about as close to the exact gradient as autograd through the same run
-at orders 1 and 2 (closer on the Gaussian and at few steps), and up to ~10x further at order 3 and under EDM
-at order 2 from 80 steps (EDM order 2 on the mixture: 0.15 / 1.0e-2 / 1.1e-3 from the exact gradient, autograd
-0.24 / 5.8e-3 / 1.6e-4). ``phi`` assumes data of about unit variance (the usual scaling); data of another
-variance leaves a larger remainder in mid-noise, still 0 at both ends: on the mixture,
+(NEW at order 3 includes the start above; without it VP 3 was 2.7e-2 / 8.5e-4 / 1.6e-5 from autograd on the
+mixture and 2.0e-3 / 4.5e-5 / 2.0e-6 on the Gaussian.) So the adjoint, the gradient of the flow map rather
+than of the discrete sampler (the two differ by the sampler's error, the ``ag`` column), is about as close to
+the exact gradient as autograd through the same run at orders 1 and 2 (closer on the Gaussian and at few
+steps), and further under EDM at order 2 from 80 steps (on the mixture 0.15 / 1.0e-2 / 1.1e-3 from the exact
+gradient, autograd 0.24 / 5.8e-3 / 1.6e-4) and at order 3 from 80 steps under flow and EDM, up to 10x, where
+autograd through DEIS-3 converges faster than third order and the adjoint at it (the Gaussian under flow at
+80 / 160 / 320 steps: autograd 6.2e-5 / 4.0e-6 / 2.6e-7, slope 3.9, the adjoint 1.6e-4 / 1.7e-5 / 2.0e-6,
+slope 3.2; the mixture under EDM at 320 steps: 1.3e-4 against 1.4e-5). Under SD's betas the forward pass's
+error holds both to second order: on the Gaussian the adjoint is the closer (3.9e-6 / 8.7e-7 at 160 / 320
+steps, autograd 7.6e-6 / 1.8e-6), on the mixture up to 4x further (1.2e-3 / 5.4e-5 at 80 / 320, autograd
+3.1e-4 / 3.6e-5). ``python -m tests.test_adjoint`` prints the order-3 numbers. ``phi`` assumes data of about
+unit variance (the usual scaling); data of another variance leaves a larger remainder in mid-noise, still 0 at
+both ends: on the mixture,
 ``phi = sqrt(alpha^2 v + sigma^2)`` with ``v = 0.3`` or ``3`` stayed below OLD against autograd in every cell
 at 20 / 80 steps but one (EDM order 3 at 80, ``v = 3``: 8.4e-3 against 8.0e-3;
 flow order 2 at 20: 6.1e-2 and 0.31).
@@ -252,6 +275,25 @@ class _Products:
                 f"adjoint: the vector-Jacobian product through the model was NaN/inf at step {step} "
                 f"(backward product {k + 1}, process time t={t:.6g}); the model's output there was finite"
             )
+
+
+Entry = tuple[float, Tensor, Tensor, list[Tensor]]  # (lam, eps, E_d, E_z) at a node the backward pass left
+
+
+def _advance(
+    rgrid: Grid, k: int, nodes: list[float], entries: list[Entry], x: Tensor, d: Tensor, a_z: list[Tensor]
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Step ``k`` of the backward pass from ``(x, d, a_z)`` at ``lam_k``: the state by DEIS's exponential
+    weights, the adjoints by Adams' weights, both of the ``entries`` at ``nodes`` (in units of ``h``)."""
+    h = rgrid.h(k)
+    w, ab = exp_adams_bashforth(nodes, h), adams_bashforth(nodes)
+    c_x = rgrid.sigma[k + 1] * h
+    x = x * (rgrid.alpha[k + 1] / rgrid.alpha[k])
+    for j, (_, eps, e_d, e_z) in enumerate(entries):
+        x = x.sub(eps, alpha=c_x * w[j])
+        d = d.sub(e_d, alpha=h * ab[j])
+        a_z = [z.sub(e, alpha=h * ab[j]) for z, e in zip(a_z, e_z, strict=True)]
+    return x, d, a_z
 
 
 @overload
@@ -400,7 +442,10 @@ def adjoint(
         g = a_x
     phi = [math.hypot(a, s) for a, s in zip(rgrid.alpha, rgrid.sigma, strict=True)]
     d = phi[0] * g  # phi a_x: the adjoint of x / phi
-    hist: deque[tuple[float, Tensor, Tensor, list[Tensor]]] = deque(maxlen=order)  # newest first
+    hist: deque[Entry] = deque(maxlen=order)  # newest first
+    # order 3: step 0, taken first by Euler, is taken again by the trapezoid once node 1 is evaluated
+    # (module docstring: the start)
+    start: tuple[Tensor, Tensor, list[Tensor]] | None = None
     for k in range(rgrid.steps):
         a, rho = rgrid.alpha[k], (rgrid.alpha[k] / phi[k]) ** 2
         with torch.enable_grad():
@@ -412,16 +457,14 @@ def adjoint(
         e_z = [v / phi[k] for v in vz]
         hist.appendleft((rgrid.lam[k], pending.eps.detach(), vx.sub_(d, alpha=rho), e_z))
         pending = None
+        if start is not None:  # the trapezoid over step 0: nodes lam_1 (at the predicted state) and lam_0
+            x, d, a_z = _advance(rgrid, 0, [1.0, 0.0], [hist[0], hist[1]], *start)
+            start = None
         q = step_order(k, rgrid, order, len(hist), lower_final, max_h, max_h_ratio)
-        h = rgrid.h(k)
-        nodes = [(hist[j][0] - rgrid.lam[k]) / h for j in range(q)]
-        w, ab = exp_adams_bashforth(nodes, h), adams_bashforth(nodes)
-        c_x = rgrid.sigma[k + 1] * h
-        x = x.detach() * (rgrid.alpha[k + 1] / rgrid.alpha[k])
-        for j in range(q):
-            x = x.sub_(hist[j][1], alpha=c_x * w[j])
-            d = d.sub(hist[j][2], alpha=h * ab[j])
-            a_z = [z.sub(e, alpha=h * ab[j]) for z, e in zip(a_z, hist[j][3], strict=True)]
+        if k == 0 and order == 3 and rgrid.steps > 1:
+            start = (x.detach(), d, a_z)
+        nodes = [(hist[j][0] - rgrid.lam[k]) / rgrid.h(k) for j in range(q)]
+        x, d, a_z = _advance(rgrid, k, nodes, [hist[j] for j in range(q)], x.detach(), d, a_z)
     model.check_finite()
     products.check()
     grads = {"x_T": (d / phi[-1]).to(x_T.dtype)}
