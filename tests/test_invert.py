@@ -570,6 +570,12 @@ def test_bad_input_is_named(gmm, sd_process, x_0):
             sd.invert(den, x_0, steps, schedule=sd.schedules.Custom([900.0, 500.0, 100.0]))
     with pytest.raises(ValueError, match=r"invert: callback must be None or a callable"):
         sd.invert(den, x_0, callback=3)
+    # a list of times that is no grid names the argument and the caller (it read "Custom: times ..." alone)
+    for who, run in (("invert", sd.invert), ("sample", sd.sample)):
+        with pytest.raises(ValueError, match=rf"^{who}: schedule: Custom: times must be strictly decreasing"):
+            run(den, x_0, 2, schedule=[100.0, 500.0, 900.0])
+        with pytest.raises(ValueError, match=rf"^{who}: schedule: Custom: times must be finite"):
+            run(den, x_0, 2, schedule=[900.0, math.nan, 100.0])
 
 
 def test_keywords_of_sample_that_invert_lacks_are_refused(gmm, sd_process, x_0):

@@ -693,7 +693,10 @@ def get(schedule: ScheduleLike, who: str | None = None) -> Schedule:
         if schedule in _REGISTRY:
             return _REGISTRY[schedule]()
     elif _times_like(schedule):
-        return Custom(schedule)
+        try:
+            return Custom(schedule)
+        except ValueError as err:  # Custom names its argument times; here it is the caller's schedule
+            raise ValueError(f"{caller(who)}schedule: {err}") from None
     prefix = caller(who)
     raise ValueError(
         f"{prefix}unknown schedule={schedule!r}; accepted: {available()}, a Schedule object or a list of "
