@@ -311,6 +311,14 @@ def test_refuses_bad_arguments(gmm, x_0):
         sd.ddpm_invert(den, x_0, generator=[gen(0)] * 3)
     with pytest.raises(ValueError, match=r"ddpm_invert: final is an argument of sample, not of ddpm_invert"):
         sd.ddpm_invert(den, x_0, final="zero")
+    # explicit times: steps + 1 of them, in the words of ddpm_invert, which has no final (the message was
+    # sample's, "Custom: steps must equal len(times) = 3 with final='zero' (the default), ...")
+    with pytest.raises(
+        ValueError,
+        match=r"^ddpm_invert: schedule has 3 times, .* final='none'\) runs down: steps must be len\(times\) "
+        r"- 1 = 2, got steps=5$",
+    ):
+        sd.ddpm_invert(den, x_0, 5, schedule=[900.0, 500.0, 100.0])
 
     class Noisy(sd.Denoiser):
         def own_noise(self):

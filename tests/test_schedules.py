@@ -545,8 +545,10 @@ def test_custom_says_which_steps_its_grid_takes():
         with pytest.raises(ValueError) as err:
             sd.sample(den, x_T, steps=steps, schedule=custom, final=final)
         msg = str(err.value)
+        assert msg.startswith("sample: schedule has 4 times: "), msg  # the entry point named
         assert "steps must equal len(times) = 4 with final='zero'" in msg, msg
         assert "len(times) - 1 = 3 with final='none'" in msg, msg
+        assert f"got steps={steps} with final={final!r}" in msg, msg
     # the counts it names run
     assert sd.sample(den, x_T, steps=4, schedule=custom).shape == (2, 2)
     assert sd.sample(den, x_T, steps=3, schedule=custom, final="none").shape == (2, 2)

@@ -266,11 +266,6 @@ def invert_as(
     if callback is not None and not callable(callback):
         raise ValueError(f"{who}: callback must be None or a callable(dict), got {type(callback).__name__}")
     sched = _schedules.get(schedule, who)
-    if isinstance(sched, _schedules.Custom) and (m := sched.grid.numel()) != steps + 1:
-        raise ValueError(
-            f"{who}: schedule has {m} times, and inversion runs up the steps + 1 nodes that "
-            f"sample(..., final='none') runs down: steps must be len(times) - 1 = {m - 1}, got steps={steps}"
-        )
     forward = make_grid(den.process, sched, steps, "none", only=who)
     if solver is None:
         slv = default_inversion_solver(den, steps, forward)

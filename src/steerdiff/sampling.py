@@ -584,7 +584,7 @@ def plan(
     steps = integer(who, "steps", steps, lo=1)
     final = choice(who, "final", final, FINALS)
     sched = _schedules.get(schedule, who)
-    grid = make_grid(den.process, sched, steps, final)
+    grid = make_grid(den.process, sched, steps, final, who=who)
     slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver, who, accepted)
     return sched, grid, slv
 

@@ -29,12 +29,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._checks import choice, integer, real
+from .._checks import caller, choice, integer, real
 from .._ops import first_false
 from ..denoiser import Denoiser, Prediction
 from ..noise import GeneratorNoise, NoiseSource
 from ..processes import Process
-from ..schedules import Schedule
+from ..schedules import Custom, Schedule
 
 __all__ = [
     "Grid",
@@ -115,7 +115,13 @@ def keeps_history(slv: Solver, grid: Grid) -> bool:
 
 
 def make_grid(
-    process: Process, schedule: Schedule, steps: int, final: str = "zero", *, only: str | None = None
+    process: Process,
+    schedule: Schedule,
+    steps: int,
+    final: str = "zero",
+    *,
+    only: str | None = None,
+    who: str | None = None,
 ) -> Grid:
     """The grid of ``steps`` steps.
 
@@ -130,7 +136,9 @@ def make_grid(
     ``final="zero"`` lead into the clean state, and asked for ``steps + 1`` of them it would give a path into
     it cut short; for ``final="none"`` they end at the teacher's last node, from which ``final="zero"``
     would add a step). ``only``: the name of a caller whose runs take this ``final`` alone (an inversion,
-    ``final="none"``), which that error names instead of offering the other ``final``.
+    ``final="none"``), which that error names instead of offering the other ``final``, as it does where a
+    :class:`~steerdiff.schedules.Custom` grid's times do not number the nodes asked; ``who``: the caller's
+    name there otherwise.
     """
     choice("make_grid", "final", final, FINALS)
     # before ``steps + 1``: final="none" would accept steps=0 or 1.0
@@ -152,6 +160,17 @@ def make_grid(
             f"final={final!r}{way}"
         )
     clean = final == "zero"
+    if isinstance(schedule, Custom) and (m := schedule.grid.numel()) != (steps if clean else steps + 1):
+        if only is not None:
+            raise ValueError(
+                f"{only}: schedule has {m} times, and {only} takes the steps + 1 nodes that "
+                f"sample(..., final={final!r}) runs down: steps must be len(times) - 1 = {m - 1}, got "
+                f"steps={steps}"
+            )
+        raise ValueError(
+            f"{caller(who)}schedule has {m} times: steps must equal len(times) = {m} with final='zero' (the "
+            f"default), or len(times) - 1 = {m - 1} with final='none'; got steps={steps} with final={final!r}"
+        )
     t = schedule(process, steps if clean else steps + 1)
     alpha, sigma, lam = (c.tolist() for c in process.coefficients(t))
     if not all(math.isfinite(v) for v in lam):
