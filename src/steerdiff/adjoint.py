@@ -75,10 +75,10 @@ the denoised estimate ``x0(x_{N-1})``; its adjoint is the exact vector-Jacobian 
 taken on the stored state ``x_{N-1}`` (the one state kept from the forward pass besides the result).
 
 **Memory.** The nodes are recomputed, not stored: the backward pass holds the state, the adjoints and the
-last ``k`` estimates of each, and one evaluation's graph at a time (freed by its vector-Jacobian product),
-whatever the number of steps. The re-solved state drifts from the forward trajectory by the solver's error
-(``AdjointInfo.x_T_resolved`` is where it lands; the authors' released code caches the forward nodes
-instead, their Appendix F.1).
+last ``k`` estimates of each (at ``k = 3`` also step 0's start, until step 1), and one evaluation's graph at a
+time (freed by its vector-Jacobian product), whatever the number of steps. The re-solved state drifts from
+the forward trajectory by the solver's error (``AdjointInfo.x_T_resolved`` is where it lands; the authors'
+released code caches the forward nodes instead, their Appendix F.1).
 
 **Cost.** Forward: ``sample``'s NFE (``N``). Backward: one evaluation and one vector-Jacobian product (of
 ``x0``, for ``x`` and ``z`` together) per node it leaves, ``N`` each with ``final="none"``; with
