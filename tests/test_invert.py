@@ -240,6 +240,39 @@ def test_convergence_order(gmm, sd_process, solver, steps, lo, hi):
     assert lo < slope(steps, errors) < hi, errors
 
 
+def test_third_order_multistep_predictors_are_second_order_up_the_grid():
+    """The warm-up's first-order first step is at the clean end up the grid: on a Gaussian with a variance of
+    0.05 (``tests/test_adjoint.py``'s, exact inversion in closed form) under SD's betas, DEIS-3 and
+    DPM-Solver++(3M) converge at second order (measured 1.8e-4 / 4.4e-5 / 1.1e-5 and 2.1e-4 / 4.5e-5 /
+    1.1e-5 at 40 / 80 / 160 steps), UniPC-3's noise form (corrected first step) and singlestep DPM-Solver-3
+    at third or more (1.9e-5 / 1.5e-6 / 1.1e-7, 1.6e-4 / 2.0e-5 / 2.1e-6): the module docstring's numbers."""
+    from .test_adjoint import DEN, MU, PROC, SCHED, VAR, X_T, flow_map
+
+    x_0 = sd.sample(DEN, X_T, 500, DEIS(order=3), SCHED, final="none")
+    steps = [40, 80, 160]
+
+    def errors(solver):
+        out = []
+        for n in steps:
+            (a_0, _), (a_n, _), amp = flow_map(n, PROC, VAR)
+            exact = a_0 * MU + (x_0 - a_n * MU) / amp
+            out.append(float((sd.invert(DEN, x_0, n, solver, SCHED) - exact).norm() / exact.norm()))
+        return out
+
+    for solver in (
+        DEIS(order=3, lower_order_final=False),
+        DPMSolverPPMultistep(order=3, lower_order_final=False),
+    ):
+        e = errors(solver)
+        assert abs(slope(steps, e) - 2) < 0.3 and 8e-6 < e[-1] < 1.4e-5, (solver, e)
+    for solver, hi in (
+        (UniPC(order=3, prediction="noise", lower_order_final=False), 1.4e-7),
+        (DPMSolver(order=3), 2.7e-6),
+    ):
+        e = errors(solver)
+        assert slope(steps, e) > 2.8 and e[-1] < hi, (solver, e)
+
+
 # --- lms: the step-ratio rule up the grid ----------------------------------------------------------------
 
 

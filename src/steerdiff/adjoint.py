@@ -62,7 +62,10 @@ taken twice: by the rule above, and again, once node 1 has been evaluated at the
 evaluation and product step 1 needs anyway), from ``lam_0`` with the nodes ``theta = 1, 0`` (the
 trapezoid, exponential for the state), ``Q_1 = Q_0 - (h / 2) (E_{Q,0} + E_{Q,1})``. Node 1's values, taken at
 the first-order state, are ``O(h^2)`` off, which costs ``O(h^3)`` once: third order, at no extra evaluation
-or product (the re-solved state is then ``invert``'s up to ``O(h^3)``).
+or product. The re-solved state is then no longer ``invert``'s, which keeps the first-order step and is
+second order there (:mod:`steerdiff.inversion`): on the tests' Gaussian at 20 / 80 / 320 steps it lands
+5.0e-4 / 2.3e-6 / 2.2e-8 from the exact inversion of the sample, ``invert`` with DEIS-3 7.3e-4 / 4.4e-5 /
+2.6e-6.
 
 The forward pass is ``sample`` with ``DEIS(order=k)`` (``"ddim"`` for ``k = 1``) on the same grid. The
 backward pass converges at order ``k`` to the exact flow map's gradient at the sample the forward pass gave
