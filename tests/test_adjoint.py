@@ -416,6 +416,11 @@ def test_bad_input(kwargs: dict[str, Any], match: str) -> None:
         (lambda x: 1.0, r"loss must return a scalar tensor .*got float"),
         (lambda x: x.sum() * math.nan, r"loss\(x_0\) is nan; a finite loss is needed"),
         (lambda x: x.detach().sum(), r"loss\(x_0\) does not depend on x_0 through autograd"),
+        # through a parameter only (a reward net's, x_0 detached inside it): the gradient was zeros, silently
+        (
+            lambda x: (torch.ones(3, dtype=F64, requires_grad=True) * x.detach()).sum(),
+            r"loss\(x_0\) does not depend on x_0 through autograd, only through other tensors",
+        ),
         (lambda x: (x - x.detach()).sqrt().sum(), r"the gradient of loss at x_0 is not finite"),
         ("mse", r"loss must be a callable\(x_0\) -> scalar tensor, got str"),
     ],

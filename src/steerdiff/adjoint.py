@@ -416,14 +416,15 @@ def adjoint(
         if not isinstance(value, Tensor) or value.numel() != 1:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"{who}: loss must return a scalar tensor (sum or average a batch), got {got}")
+        unused = f"{who}: loss(x_0) does not depend on x_0 through autograd"
         if not value.requires_grad:
-            raise ValueError(
-                f"{who}: loss(x_0) does not depend on x_0 through autograd (detached or constant)"
-            )
+            raise ValueError(f"{unused} (detached or constant)")
         if not math.isfinite(loss_value := float(value.detach())):
             raise ValueError(f"{who}: loss(x_0) is {loss_value}; a finite loss is needed for its gradient")
         (g,) = torch.autograd.grad(value.reshape(()), out, allow_unused=True)
-    g = torch.zeros(x_0.shape, dtype=work, device=x_0.device) if g is None else g.to(work)
+    if g is None:  # it requires grad through other tensors only (a reward net's parameters)
+        raise ValueError(f"{unused}, only through other tensors (x_0 detached inside it?)")
+    g = g.to(work)
     if not bool(torch.isfinite(g).all()):
         raise ValueError(
             f"{who}: the gradient of loss at x_0 is not finite (NaN/inf); a finite one is needed"
