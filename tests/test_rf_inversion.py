@@ -247,14 +247,26 @@ def test_take_rows_takes_the_per_sample_target(den, x_0, y_1):
 
 
 def test_bad_input(den, x_0, y_1):
+    # named after the entry point (they read "ControlledInversion: gamma ...", the class it builds)
     for gamma in (-0.1, 1.5, float("nan"), True):
-        with pytest.raises(ValueError, match=r"ControlledInversion: gamma"):
+        with pytest.raises(ValueError, match=r"^rf_invert: gamma must be a finite number in \[0, 1\]"):
             rf_invert(den, x_0, y_1, gamma=gamma)
+        with pytest.raises(ValueError, match=r"^ControlledInversion: gamma"):
+            ControlledInversion(den, y_1, gamma)
     for kw, what in (({"eta": 1.2}, "eta"), ({"start": -0.1}, "start"), ({"stop": 1.5}, "stop")):
-        with pytest.raises(ValueError, match=rf"ControlledEditing: {what}"):
+        with pytest.raises(ValueError, match=rf"^rf_edit: {what}"):
             rf_edit(den, y_1, x_0, **kw)
-    with pytest.raises(ValueError, match=r"start <= stop.*start=0\.5, stop=0\.25"):
+        with pytest.raises(ValueError, match=rf"^ControlledEditing: {what}"):
+            ControlledEditing(den, x_0, **kw)
+    with pytest.raises(ValueError, match=r"^rf_edit: the window needs start <= stop.*start=0\.5, stop=0\.25"):
         rf_edit(den, y_1, x_0, start=0.5, stop=0.25)
+    with pytest.raises(ValueError, match=r"^rf_invert: y_1 must be a tensor of finite"):
+        rf_invert(den, x_0, torch.full_like(y_1, float("nan")))
+    edm = sd.toy.GaussianMixture(torch.zeros(1, 8), torch.ones(1, 8), torch.ones(1)).denoiser(sd.EDM())
+    with pytest.raises(ValueError, match=r"^rf_edit: den must be a denoiser under sd\.RectifiedFlow"):
+        rf_edit(edm, y_1, x_0)
+    with pytest.raises(ValueError, match=r"^rf_invert: den must be a steerdiff Denoiser"):
+        rf_invert("net", x_0, y_1)
     with pytest.raises(ValueError, match=r"rf_invert: y_1 must have x_0's shape \(16, 8\), got \(4, 8\)"):
         rf_invert(den, x_0, y_1[:4])
     with pytest.raises(ValueError, match=r"rf_edit: y_0 must have x_T's shape"):

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from . import solvers as _solvers
 from ._checks import real, tensor
-from .denoiser import Denoiser, Prediction, take_kwarg_rows, take_wrapped_rows
+from .denoiser import Denoiser, Prediction, check_denoiser, take_kwarg_rows, take_wrapped_rows
 from .guidance.base import Guided, with_estimate
 from .inversion import deterministic_solvers, invert_as
 from .processes import RectifiedFlow
@@ -86,6 +86,19 @@ def _target(who: str, name: str, value: object) -> Tensor:
     if not y.is_floating_point() or not bool(torch.isfinite(y).all()):
         raise ValueError(f"{who}: {name} must be a tensor of finite floating-point values, got {value!r:.60}")
     return y
+
+
+def _window(who: str, eta: float, start: float, stop: float) -> tuple[float, float, float]:
+    """``(eta, start, stop)`` of :class:`ControlledEditing`: each in [0, 1], start <= stop."""
+    eta, start, stop = (
+        real(who, k, v, lo=0, hi=1) for k, v in (("eta", eta), ("start", start), ("stop", stop))
+    )
+    if stop < start:
+        raise ValueError(
+            f"{who}: the window needs start <= stop (times tau = 1 - t in [0, 1]), got start={start}, "
+            f"stop={stop}"
+        )
+    return eta, start, stop
 
 
 def _weight(w: float | Tensor, x: Tensor) -> float | Tensor:
@@ -206,14 +219,7 @@ class ControlledEditing(_Controlled):
         self, den: Denoiser, y_0: Tensor, eta: float = 1.0, start: float = 0.0, stop: float = 0.25
     ) -> None:
         super().__init__(den, _target("ControlledEditing", "y_0", y_0))
-        self.eta = real("ControlledEditing", "eta", eta, lo=0, hi=1)
-        self.start = real("ControlledEditing", "start", start, lo=0, hi=1)
-        self.stop = real("ControlledEditing", "stop", stop, lo=0, hi=1)
-        if self.stop < self.start:
-            raise ValueError(
-                f"ControlledEditing: the window needs start <= stop (times tau = 1 - t in [0, 1]), got "
-                f"start={self.start}, stop={self.stop}"
-            )
+        self.eta, self.start, self.stop = _window("ControlledEditing", eta, start, stop)
 
     def weight(self, t: float | Tensor) -> float | Tensor:
         if isinstance(t, Tensor):
@@ -276,7 +282,11 @@ def rf_invert(
         ``invert``'s result: the structured noise at the grid's first node ``t_max`` (and the ``SampleInfo``
         with ``return_info=True``).
     """
-    wrapped = ControlledInversion(den, y_1, gamma)
+    check_denoiser("rf_invert", "den", den)  # the arguments named after rf_invert, not the class it builds
+    _check_flow("rf_invert", den)
+    wrapped = ControlledInversion(
+        den, _target("rf_invert", "y_1", y_1), real("rf_invert", "gamma", gamma, lo=0, hi=1)
+    )
     _check_pair("rf_invert", wrapped, "x_0", x_0, "y_1")
     _check_solver("rf_invert", solver, "controlled forward ODE")
     return invert_as("rf_invert", wrapped, x_0, steps, solver, schedule, **kwargs)
@@ -313,7 +323,9 @@ def rf_edit(
     Returns:
         ``sample``'s result.
     """
-    wrapped = ControlledEditing(den, y_0, eta, start, stop)
+    check_denoiser("rf_edit", "den", den)  # the arguments named after rf_edit, not the class it builds
+    _check_flow("rf_edit", den)
+    wrapped = ControlledEditing(den, _target("rf_edit", "y_0", y_0), *_window("rf_edit", eta, start, stop))
     _check_pair("rf_edit", wrapped, "x_T", x_T, "y_0")
     _check_solver("rf_edit", solver, "controlled reverse ODE")
     return sample_as("rf_edit", wrapped, x_T, steps, solver, schedule, **kwargs)
