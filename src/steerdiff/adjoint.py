@@ -69,7 +69,7 @@ second order there (:mod:`steerdiff.inversion`): on the tests' Gaussian at 20 / 
 
 The forward pass is ``sample`` with ``DEIS(order=k)`` (``"ddim"`` for ``k = 1``) on the same grid. The
 backward pass converges at order ``k`` to the exact flow map's gradient at the sample the forward pass gave
-(``A (x_0 - target)`` on the tests' Gaussian, order 3: slopes 3.1-3.2 at 40-320 steps under SD's betas,
+(``A (x_0 - target)`` on the tests' Gaussian, order 3: slopes 3.1-3.3 at 40-320 steps under SD's betas,
 ``VP.linear``, flow and EDM); the forward pass's error reaches the gradient through ``dL/dx_0``, and DEIS-3's
 own warm-up (its first step, at the noise end) holds sampling, autograd through it and so the adjoint to
 second order under SD's betas, whose noise end (``lam = -2.7``) is not far enough out for it to vanish
