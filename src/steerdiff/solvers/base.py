@@ -323,20 +323,19 @@ def step_order(
     :meth:`Grid.reversed` grid (``h < 0``) a step longer than the one before extrapolates the estimates
     as far as on a sampling grid.
 
-    ``max_ratio`` (the step-ratio rule, :data:`MAX_STEP_RATIO`): a step, but the one into the last noisy node,
-    longer than ``max_ratio`` times the step
-    before (``|h|``), whatever its length, is at most second order. Over nodes ``0, -1/w, -2/w`` (in units
-    of the step, ``w`` its ratio to the steps before) the quadratic's Adams weights are
-    ``(1 + 3w/4 + w^2/6, -(w + w^2/3), w/4 + w^2/6)``, the line's ``(1 + w/2, -w/2)``: order 3 multiplies
-    its estimates' errors by ``sum |w_j| = 1 + 2w + 2w^2/3`` (3.7 at ``w = 1``, 13 at 3, 28 at 5), order 2
-    by ``1 + w`` (:func:`~steerdiff.solvers._poly.adams_bashforth`).
+    The step-ratio rule (``max_ratio``, :data:`MAX_STEP_RATIO`): a step down the noise levels (``h > 0``), but
+    the one into the last noisy node, longer than ``max_ratio`` times the step before, whatever its length,
+    is at most second order. Over nodes ``0, -1/w, -2/w`` (in units of the step, ``w`` its ratio to the steps
+    before) the quadratic's Adams weights are ``(1 + 3w/4 + w^2/6, -(w + w^2/3), w/4 + w^2/6)``, the line's
+    ``(1 + w/2, -w/2)`` (:func:`~steerdiff.solvers._poly.adams_bashforth`): order 3 multiplies its estimates'
+    errors by ``sum |w_j| = 1 + 2w + 2w^2/3`` (3.7 at ``w = 1``, 13 at 3, 28 at 5), order 2 by ``1 + w``.
     """
     n = grid.steps
     k = min(order, history)
     if lower_order_final and n < 15:
         k = min(k, n - i)
     h = abs(grid.h(i))
-    if 0 < i < n - 1 - grid.clean_end and h > max_ratio * abs(grid.h(i - 1)):
+    if 0 < i < n - 1 - grid.clean_end and grid.h(i) > max_ratio * abs(grid.h(i - 1)):  # down the grid only
         k = min(k, 2)
     if grid.is_final_clean(i) or (
         i > 0 and h > max_h_ratio * abs(grid.h(i - 1)) and h > step_limit(max_h, grid, i)
@@ -384,18 +383,21 @@ SDE_MAX_H, SDE_MAX_H_RATIO = 0.5, 2.0
 # 459 cases changed, better in 84, worse in 7 by at most 1.42x: EDM + time_uniform at 3-10 steps, karras
 # at 3). DEIS and MRSampler's noise form, which
 # extrapolate eps rather than the denoised estimate, have no such rule (DEIS has the step-ratio rule,
-# MAX_STEP_RATIO).
+# MAX_STEP_RATIO, as DPMSolverPPMultistep and UniPC do).
 ODE_MAX_H, ODE_MAX_H_RATIO = 2.0, 2.0
 
-# The step-ratio rule (step_order's max_ratio; DEIS's default): a step, but the last into a noisy node, longer
-# than 3 times the step before is at most second order. bench/longstep_rule.py (docs/bench/longstep_rule.txt;
-# the numbers in steerdiff.solvers.deis): on karras grids with one mid-grid step 3.3-5.3 times the one before,
-# it lowers DEIS-3's error by a geometric mean 0.64x (largest 0.691 -> 0.423, DEIS-2's); at 2.2-2.5 times the
-# one before it gains little (0.97x, 0.60-1.45x; 512 draws), and a limit of 2 would reach lcm's grids at 30-40
-# steps (1.002x worse). The last noisy step is left: the named grids' only steps over 3 times the one before
-# are those (time_uniform, linspace, leading: up to 14 times), where order 3 is up to 1.16x better than 2
-# (deis, 50 steps of time_uniform).
-MAX_STEP_RATIO = 3.0
+# The step-ratio rule (step_order's max_ratio; the default of DEIS, DPMSolverPPMultistep and UniPC): a step
+# down the grid, but the last into a noisy node, longer than 2.5 times the step before is at most second
+# order. bench/longstep_rule.py (docs/bench/longstep_rule.txt; the numbers in steerdiff.solvers.deis, dpmpp,
+# unipc): on karras grids with one mid-grid step 2.2-5.3 times the one before, order 3's errors by a geometric
+# mean of 0.64x (deis), 0.42x (dpmpp_3m), 0.44x (unipc) where it changes them; GITS grids of the authors'
+# program: unipc 0.731 -> 0.093 at NFE 8. 2.5 is above the named grids' largest mid-grid ratio (lcm at 40
+# steps, 2.34-2.40: with 2 the rule reaches lcm's grids at 30-40 steps, up to 1.0024x worse for deis), so none
+# of their results changes; their last noisy step, 2.7-14 times the one before on time_uniform, linspace and
+# leading, is left: order 3 is up to 1.16x better than 2 there for deis (50 steps of time_uniform). At 2.2-2.5
+# times the one before order 3 still loses to order 2 (dpmpp_3m up to 0.741 against dpmpp_2m's 0.299):
+# max_ratio=2 for such grids.
+MAX_STEP_RATIO = 2.5
 
 
 def check_long_step(solver: Solver, max_h: MaxH, max_h_ratio: float) -> None:

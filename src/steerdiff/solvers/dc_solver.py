@@ -69,7 +69,7 @@ from ..processes import Process
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ._poly import lagrange_basis
-from .base import FINALS, Grid, History, Model, make_grid, step_order, work_dtype
+from .base import FINALS, Grid, History, Model, make_grid, work_dtype
 from .unipc import UniPC
 
 if TYPE_CHECKING:
@@ -333,9 +333,7 @@ class _Search(DCSolver):
         if len(hist.values) > self.dc_order:
             assert isinstance(self.ratios, list) and self.model is not None
             model, values, lam = self.model, list(hist.values), list(hist.at)
-            k = step_order(
-                i, grid, self.order, len(values), self.lower_order_final, self.max_h, self.max_h_ratio
-            )
+            k = self._order(i, grid, len(values))
             corrects = self.corrector and i + 1 < grid.steps and not grid.is_final_clean(i + 1)
             times, target = self._times(i, grid), self.refs[i]
 

@@ -58,26 +58,27 @@ betas rescaled to zero terminal SNR 0.11 / 6.3e-2 against 2.1e-3 / 1.6e-3; ``tim
 affected.
 
 Down the noise levels the step-ratio rule (``max_ratio``, default
-:data:`~steerdiff.solvers.base.MAX_STEP_RATIO`, 3; :func:`~steerdiff.solvers.base.step_order`): a step longer
-than ``max_ratio`` times the step before, but the one into the last noisy node, is at most second order.
-Extrapolated over a step ``w`` times the steps between its nodes, the quadratic through ``eps_i, eps_{i-1},
-eps_{i-2}`` weights them by ``sum |w_j| = 1 + 2w + 2w^2/3``, the line by ``1 + w``: a step across the band
-where the denoised estimate settles, after short ones, carries their differences' errors ``w^2``-fold. Adams
-methods are zero-stable for any step ratios (no extraneous roots: Hairer, Norsett & Wanner, *Solving ODEs I*,
-Sec. III.5; Arevalo & Soderlind, BIT 2018; BDF2 needs ``w < 1 + sqrt 2``, Grigorieff 1983), so the bound is on
-this amplification, not on stability; diffusers' ``DEISMultistepScheduler`` has none. ``python
-bench/longstep_rule.py`` (the solver benchmark's 64-d mixture under SD's betas, 1024 draws, against the exact
-ODE; ``karras`` grids of 6-12 steps with 2-4 intervals merged into one mid-grid step 2.2-5.3 times the one
-before): order 3 without the rule ends up to 0.691 from the exact answer (DEIS-2 at most 0.423 there); the
-rule changes 70 of the 126 grids, better in 46 (all 34 whose long step ends past ``lam = 1.2``: to 0.21x),
-worse in 24 (long steps ending at ``lam <= 1.14``, by at most 1.60x), geometric mean 0.64x, largest error
-0.423 (DEIS-2's), below DEIS-2 in 68 of the 70. On GITS's grids of the authors' program (``max_ratio=None``;
-steps 3.7-4.0 times the one before) at NFE 7 / 8 / 9: 0.166 / 0.138 / 0.163 without, 0.147 / 0.110 / 0.074
-with it. The last step into a noisy node is left: on ``time_uniform``, ``linspace`` and ``leading`` it is
-4.1-4.9 times the one before (SD betas), and from 15 steps on (fewer: second order already,
-``lower_order_final``) order 3 is up to 1.16x nearer the exact answer there (50 steps). No step of the named
-schedules' grids (3-50 steps, six processes, ``tests/test_deis_ipndm_lms.py``) is affected.
-``max_ratio=math.inf``: no rule (the paper's, diffusers').
+:data:`~steerdiff.solvers.base.MAX_STEP_RATIO`, 2.5; :func:`~steerdiff.solvers.base.step_order`, shared with
+DPM-Solver++ and UniPC): a step longer than ``max_ratio`` times the step before, but the one into the last
+noisy node, is at most second order. Extrapolated over a step ``w`` times the steps between its nodes, the
+quadratic through ``eps_i, eps_{i-1}, eps_{i-2}`` weights them by ``sum |w_j| = 1 + 2w + 2w^2/3``, the line by
+``1 + w``: a step across the band where the denoised estimate settles, after short ones, carries their
+differences' errors ``w^2``-fold. Adams methods are zero-stable for any step ratios (no extraneous roots:
+Hairer, Norsett & Wanner, *Solving ODEs I*, Sec. III.5; Arevalo & Soderlind, BIT 2018; BDF2 needs ``w < 1 +
+sqrt 2``, Grigorieff 1983), so the bound is on this amplification, not on stability; diffusers'
+``DEISMultistepScheduler`` has none. ``python bench/longstep_rule.py`` (the solver benchmark's 64-d mixture
+under SD's betas, 1024 draws, against the exact ODE; ``karras`` grids of 6-12 steps with 2-4 intervals merged
+into one mid-grid step 2.2-5.3 times the one before): order 3 without the rule ends up to 0.691 from the exact
+answer (DEIS-2 at most 0.423 there); the rule changes 71 of the 126 grids, better in 47 (all 35 whose long
+step ends past ``lam = 1.2``: to 0.21x), worse in 24 (long steps ending at ``lam <= 1.14``, by at most 1.60x),
+geometric mean 0.64x, largest error of the 71 0.691 -> 0.303 (of all 126: 0.423, DEIS-2's largest), below
+DEIS-2 in 69 of the 71 (28 without). On GITS's grids of the authors' program (``max_ratio=None``; steps
+3.7-4.0 times the one before) at NFE 7 / 8 / 9: 0.166 / 0.138 / 0.163 without, 0.147 / 0.110 / 0.074 with it.
+The last step into a noisy node is left: on ``time_uniform``, ``linspace`` and ``leading`` it is 4.1-4.9 times
+the one before (SD betas), and from 15 steps on (fewer: second order already, ``lower_order_final``) order 3
+is up to 1.16x nearer the exact answer there (50 steps). No step of the named schedules' grids (3-50 steps,
+six processes, ``tests/test_deis_ipndm_lms.py``) is affected. ``max_ratio=math.inf``: no rule (the paper's,
+diffusers').
 
 Default ``"log_rho"``, by measurement (order 3, NFE 5-50, karras_jump / karras / logsnr_uniform /
 time_uniform on ``VP.scaled_linear``): its error is 1.1-4.8x below tAB's on a smooth mixture in 15
@@ -182,7 +183,7 @@ class DEIS(Solver):
             ``(grid, i) -> limit`` is accepted, :data:`~steerdiff.solvers.base.MaxH`); default 2 and 2,
             ``max_h=math.inf``: none. Sampling steps (``h > 0``) have no such rule.
         max_ratio: down the noise levels, a step (but the last into a noisy node) longer than ``max_ratio``
-            times the step before is at most second order (module docstring; a number >= 1, default 3,
+            times the step before is at most second order (module docstring; a number >= 1, default 2.5,
             :data:`~steerdiff.solvers.base.MAX_STEP_RATIO`; ``math.inf``: none, the paper's and diffusers').
     """
 
@@ -206,17 +207,17 @@ class DEIS(Solver):
 
     def _order(self, i: int, grid: Grid) -> int:
         # one evaluation is pushed per step, so min(i + 1, order) are available at step i; the long-step
-        # rule only up the noise levels, the step-ratio rule only down them (module docstring)
-        up = grid.h(i) < 0
+        # rule only up the noise levels (module docstring), the step-ratio rule only down them (step_order)
+        max_h = self.max_h if grid.h(i) < 0 else math.inf
         return step_order(
             i,
             grid,
             self.order,
             min(i + 1, self.order),
             self.lower_order_final,
-            self.max_h if up else math.inf,
+            max_h,
             self.max_h_ratio,
-            math.inf if up else self.max_ratio,
+            self.max_ratio,
         )
 
     def init_state(self, grid: Grid) -> dict[str, Any]:
