@@ -48,6 +48,17 @@ def cutoff(rcond: float | None, dtype: torch.dtype, size: int) -> float:
     return torch.finfo(dtype).eps * size if rcond is None else rcond
 
 
+def _savable(value: Any) -> Any:
+    """``value`` (a tensor, or a tuple of tensors and flags) with each inference tensor copied outside
+    inference mode, so that autograd can save it for a backward pass (a guidance gradient through ``A``)."""
+    if isinstance(value, tuple):
+        return tuple(_savable(v) for v in value)
+    if isinstance(value, Tensor) and value.is_inference():
+        with torch.inference_mode(False):
+            return value.clone()
+    return value
+
+
 def _rcond(who: str, rcond: float | None) -> float | None:
     """``rcond``: ``None`` (the dtype's default, :func:`cutoff`) or a number in ``[0, 1)``."""
     return None if rcond is None else real(who, "rcond", rcond, lo=0, hi=1, hi_open=True)
@@ -76,8 +87,12 @@ class LinearOperator:
 
     def _on(self, key: str, like: Tensor, make: Callable[[torch.device, torch.dtype], Any]) -> Any:
         """``make(like.device, like.dtype)``, built once per ``(key, device, dtype)`` and kept
-        (:func:`~steerdiff._ops.kept`)."""
-        return kept(self._cache, (key, like.device, like.dtype), lambda: make(like.device, like.dtype))
+        (:func:`~steerdiff._ops.kept`), its tensors ones autograd can save: an operator's own tensor made
+        under ``torch.inference_mode()`` (a mask or matrix an inference script built), which ``make`` returns
+        as it is where no conversion is needed, is copied."""
+        return kept(
+            self._cache, (key, like.device, like.dtype), lambda: _savable(make(like.device, like.dtype))
+        )
 
     def _check(self, t: Tensor, shape: tuple[int, ...], arg: str) -> None:
         if not isinstance(t, Tensor) or t.ndim < 1 or tuple(t.shape[1:]) != shape:
