@@ -153,6 +153,85 @@ def test_big_score_is_the_bidirectional_combination_of_exact_scores() -> None:
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("friction", [None, 0.7], ids=["overdamped", "underdamped"])
+def test_moves_are_the_module_equations_written_out(friction: float | None) -> None:
+    """Three moves at one node against the module's equations, written out here with the exact noised
+    denoiser, torch's matrix exponential and Cholesky factor, and the same normal draws: the known part
+    relaxes over ``h = beta eta (1 + lam)`` towards ``m`` with variance ``sigma^2 / (1 + lam)``, the unknown
+    part over ``h = eta`` with variance ``sigma^2``; the first move is the full flow from the start's mean,
+    each later one half a flow, the kick ``h (m_new - m)`` (on the position, or on the velocity, which
+    starts from ``N(0, v)``), half a flow. ``lam = 2``, ``beta = 0.5``: each factor of the known part
+    differs from the unknown part's (a known part stepped by ``beta eta``, kicked by ``eta``, or with the
+    unknown part's velocity law passed the posterior tests)."""
+    gmm, op, y, _, _, _ = _case()
+    lam, beta, eta, t = 2.0, 0.5, 0.4, 300.0
+    a, s = float(PROC.alpha(t)), float(PROC.sigma(t))
+    gen = torch.Generator().manual_seed(11)
+    x = a * torch.randn(5, 4, generator=gen, dtype=F64)
+    draws = [torch.randn(5, 4, generator=gen, dtype=F64) for _ in range(11)]
+    kernel = BiGLangevin(step_size=eta, lam=lam, beta=beta, friction=friction)
+    model = Model(LanPaint(gmm.denoiser(PROC), op, y))
+    target, normal, p = kernel.target(model, t, s, 0), iter(draws), Point(x)
+    for _ in range(3):
+        p, _ = kernel.move(p, target, eta, lambda like: next(normal))
+    assert model.nfe == 3
+
+    known = torch.tensor([True, False, True, False])
+    y_full = torch.tensor([y[0], 0.0, y[1], 0.0], dtype=F64)
+    h, var = (
+        torch.tensor([k, u, k, u], dtype=F64) for k, u in ((beta * eta * (1 + lam), eta), (s * s / 3, s * s))
+    )
+    z = iter(draws)
+
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        x0 = gmm.denoise(v, a, s)
+        return a * torch.where(known, y_full, x0) + torch.where(known, lam / (1 + lam) * (v - a * x0), 0.0)
+
+    if friction is None:
+
+        def flow(v: torch.Tensor, m: torch.Tensor, part: float) -> torch.Tensor:
+            e = torch.exp(-part * h)
+            return m + e * (v - m) + (var * (1 - e * e)).sqrt() * next(z)
+
+        m = mean(x)
+        v = flow(x, m, 1.0)
+        for _ in range(2):
+            v = flow(v, m, 0.5)
+            new = mean(v)
+            v = flow(v + h * (new - m), m, 0.5)
+            m = new
+    else:
+        gen_matrix = torch.tensor([[0.0, 1.0], [-1.0, -friction]], dtype=F64)
+
+        def flow2(v: torch.Tensor, w: torch.Tensor, m: torch.Tensor, part: float):  # type: ignore[no-untyped-def]
+            z1, z2 = next(z), next(z)
+            ends = []
+            for hh in (eta, beta * eta * (1 + lam)):
+                E = torch.linalg.matrix_exp(part * hh * gen_matrix)
+                L = torch.linalg.cholesky(torch.eye(2, dtype=F64) - E @ E.T)
+                u = v - m
+                sd_ = var.sqrt()
+                ends.append(
+                    (
+                        m + E[0, 0] * u + E[0, 1] * w + sd_ * L[0, 0] * z1,
+                        E[1, 0] * u + E[1, 1] * w + sd_ * (L[1, 0] * z1 + L[1, 1] * z2),
+                    )
+                )
+            (xu, wu), (xk, wk) = ends
+            return torch.where(known, xk, xu), torch.where(known, wk, wu)
+
+        w = var.sqrt() * next(z)
+        m = mean(x)
+        v, w = flow2(x, w, m, 1.0)
+        for _ in range(2):
+            v, w = flow2(v, w, m, 0.5)
+            new = mean(v)
+            v, w = flow2(v, w + h * (new - m), m, 0.5)
+            m = new
+    assert len(list(z)) == len(list(normal)) == (6 if friction is None else 0)  # the same draws, as many
+    torch.testing.assert_close(p.x, v, rtol=1e-12, atol=1e-12)
+
+
 def test_oscillator_step_is_the_exact_flow() -> None:
     """The underdamped step's ``E = exp(h [[0, 1], [-1, -gamma]])`` against torch's matrix exponential
     (under-, critically and over-damped) and its noise keeps ``N(0, I)``: ``E E^T + L L^T = I``."""
