@@ -608,8 +608,31 @@ def test_repaint_takes_one_generator_per_row() -> None:
             RePaint(den, op, y, generator=bad)
 
 
+@pytest.mark.parametrize("method", [DPS, PiGDM, MCG])
+def test_a_per_sample_observation_follows_its_batch_row_under_particles(method) -> None:
+    """``y`` with one observation per batch row under FK steering (3 particles a row, whole or in slices of
+    ``max_batch``): row ``b``'s particles are guided by ``y[b]``, so each row is its run alone with its
+    observation, to the bit, and a row differs from the run under another row's observation."""
+    gmm = _diag_mixture()
+    g = torch.Generator().manual_seed(13)
+    A, ys = torch.randn(2, 4, generator=g, dtype=F64), 2 * torch.randn(3, 2, generator=g, dtype=F64)
+
+    def run(rows: list[int], obs: list[int] | None = None, max_batch: int | None = None) -> torch.Tensor:
+        guided = method(gmm.denoiser(PROC), Matrix(A), ys[rows if obs is None else obs], noise_std=0.3)
+        return sd.smc.fk_steering(
+            guided, lambda x: -x[:, 0] ** 2, lam=1.0, shape=(len(rows), 4), particles=3, steps=6,
+            generator=_gens(rows), dtype=F64, max_batch=max_batch,
+        ).x  # fmt: skip
+
+    batch = run([0, 1, 2])
+    assert torch.equal(run([0, 1, 2], max_batch=4), batch)
+    for r in range(3):
+        assert torch.equal(run([r])[0], batch[r])
+    assert float((run([1], obs=[0])[0] - batch[1]).abs().max()) > 0.1
+
+
 def test_inverse_guidance_keeps_the_learned_variance() -> None:
-    """DPS, PiGDM, MCG and RePaint carry the base net's ``var_interp`` (at the input the net saw;
+    """DPS, PiGDM, MCG, LanPaint and RePaint carry the base net's ``var_interp`` (at the input the net saw;
     detached where a gradient was taken), so DDPM keeps a learned variance: DPS at scale 0 is the
     unguided DDPM run (with fixed_small instead of the learned variance it is 1.0 away)."""
     seen: list[torch.Tensor] = []
@@ -623,6 +646,7 @@ def test_inverse_guidance_keeps_the_learned_variance() -> None:
         PiGDM(lv, op, y, noise_std=0.2),
         MCG(lv, op, y, scale=0.5),
         MCG(lv, op, y, scale=0.0),
+        sd.guidance.LanPaint(lv, op, y),
         RePaint(lv, op, y, generator=torch.Generator().manual_seed(7)),
     ]
     for t in (800.0, 200.0, torch.tensor([900.0, 600.0, 400.0, 100.0, 5.0], dtype=F64)):
