@@ -376,6 +376,9 @@ def test_repaint_sample_nfe_and_single_pass_equals_sample() -> None:
         ref = _alg1_with_resampling(gmm, y, x_T, steps, resample, jump, seed=5)
         torch.testing.assert_close(x, ref, rtol=0, atol=1e-10)
     assert repaint_nfe(20, 3, 1) == 19 * 3 + 1
+    cfg = sd.guidance.CFG(den, sd.Denoiser(den.net, PROC, "x0", shape=(4,)), 2.0)  # 2 evaluations a call
+    info = repaint_sample(cfg, op, y, x_T, 23, resample=4, jump=5, generator=gen, return_info=True)[1]
+    assert info.nfe == 2 * repaint_nfe(23, 4, 5)
     a = repaint_sample(den, op, y, x_T, 15, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     b = sd.sample(

@@ -85,6 +85,17 @@ def test_lanpaint_approaches_the_exact_posterior_as_the_moves_grow() -> None:
     assert alone > 0.45
     assert all(b < 0.75 * a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 1.6 * floor, (errors, floor)
+    cfg = sd.guidance.CFG(gmm.denoiser(PROC), gmm.denoiser(PROC), 2.0)  # 2 evaluations a call
+    info = sd.sample(
+        LanPaint(cfg, op, y),
+        x_T[:4],
+        STEPS,
+        "ddim",
+        corrector="lanpaint",
+        corrector_steps=3,
+        return_info=True,
+    )[1]
+    assert info.nfe == 2 * lanpaint_nfe(STEPS, 3)
     x, info = _lanpaint(20, friction=1.0)
     assert info.nfe == lanpaint_nfe(STEPS, 20) and torch.equal(x[:, [0, 2]], y.expand(N, 2))
     assert _sw(x) < 1.4 * floor and _sw(x) < 0.95 * errors[-1], (_sw(x), errors[-1], floor)

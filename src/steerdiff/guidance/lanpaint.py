@@ -68,9 +68,10 @@ class LanPaint(MeasurementGuided):
 
 
 def lanpaint_nfe(steps: int, moves: int) -> int:
-    """Network evaluations of ``sd.sample(LanPaint(...), x_T, steps, corrector="lanpaint",
+    """Denoiser calls of ``sd.sample(LanPaint(...), x_T, steps, corrector="lanpaint",
     corrector_steps=moves)`` (``final="zero"``, a one-evaluation-per-step solver): ``steps + (steps - 1)
-    moves`` -- the moves run at every node but ``x_T`` and the clean end."""
+    moves`` -- the moves run at every node but ``x_T`` and the clean end. The NFE is this times the
+    base denoiser's ``cost`` (2 for a :class:`~steerdiff.guidance.CFG` that guides)."""
     steps = integer("lanpaint_nfe", "steps", steps, lo=1)
     moves = integer("lanpaint_nfe", "moves", moves, lo=0)
     return steps + (steps - 1) * moves

@@ -107,9 +107,10 @@ class RePaint(MeasurementGuided):
 
 
 def repaint_nfe(steps: int, resample: int = 1, jump: int = 1) -> int:
-    """Network evaluations of :func:`repaint_sample`:
+    """Denoiser calls of :func:`repaint_sample`:
     ``steps + (resample - 1) jump floor((steps - 1) / jump)``, ``floor((steps - 1) / jump)`` jump nodes
-    (``jump = 1``: ``(steps - 1) resample + 1``, Alg. 1's ``U`` evaluations per step but the last)."""
+    (``jump = 1``: ``(steps - 1) resample + 1``, Alg. 1's ``U`` evaluations per step but the last). The
+    NFE is this times the denoiser's ``cost`` (2 for a :class:`~steerdiff.guidance.CFG` that guides)."""
     steps = integer("repaint_nfe", "steps", steps, lo=1)
     resample = integer("repaint_nfe", "resample", resample, lo=1)
     jump = integer("repaint_nfe", "jump", jump, lo=1)
@@ -205,7 +206,8 @@ def repaint_sample(
         generator: all randomness (DDPM noise, forward jumps, replacement samples): one
             ``torch.Generator``, or a list with one per row of ``x_T`` (row ``b`` from ``generator[b]``
             alone: a row is the same run alone or in any batch).
-        return_info: also return a :class:`~steerdiff.SampleInfo` (NFE = :func:`repaint_nfe`).
+        return_info: also return a :class:`~steerdiff.SampleInfo` (NFE = :func:`repaint_nfe` times
+            ``den.cost``: 2 for a :class:`~steerdiff.guidance.CFG` that guides).
     """
     steps = integer("repaint_sample", "steps", steps, lo=1)
     resample = integer("repaint_sample", "resample", resample, lo=1)
