@@ -118,6 +118,24 @@ def test_pigdm_is_exact_for_a_unit_gaussian(noise_std: float) -> None:
         torch.testing.assert_close(out[i], m + gain @ (y[i] - A @ m), rtol=1e-8, atol=1e-10)
 
 
+def test_dps_normalized_step_is_zero_where_the_residual_is() -> None:
+    """``r / ||r||`` at ``r = 0`` is taken as 0: DPS over a denoiser whose ``x0`` satisfies ``A x0 = y``
+    exactly (an inpainting net that returns the known entries) is that denoiser, in a sampling run too (it
+    was 0 / 0 = NaN without the guard)."""
+    gmm, op, y = _gaussian_inpainting()
+    known = torch.tensor([True, False, True, False])
+    y_full = torch.tensor([y[0], 0.0, y[1], 0.0], dtype=F64)
+    net = gmm.denoiser(PROC).net
+    # the known entries y + 0 x: exactly y, and a function of x for autograd
+    den = sd.Denoiser(lambda v, t: torch.where(known, y_full + 0 * v, net(v, t)), PROC, "x0", shape=(4,))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    for t in (700.0, 50.0):
+        assert torch.equal(op(den(x, t).x0), y.expand(5, 2))
+        torch.testing.assert_close(DPS(den, op, y, scale=5.0)(x, t).x0, den(x, t).x0, rtol=0, atol=0)
+    runs = [sd.sample(d, x, 8, "dpmpp_2m") for d in (DPS(den, op, y, scale=5.0), den)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
 def test_add_score_steers_the_estimate_the_prediction_holds() -> None:
     # x0' = x0 + (sigma^2 / alpha) g where x0 is held, eps' = eps - sigma g where eps is: one prediction
     g = torch.Generator().manual_seed(8)
@@ -632,6 +650,10 @@ def test_a_per_sample_observation_follows_its_batch_row_under_particles(method) 
     for r in range(3):
         assert torch.equal(run([r])[0], batch[r])
     assert float((run([1], obs=[0])[0] - batch[1]).abs().max()) > 0.1
+    with pytest.raises(
+        ValueError, match=rf"{method.__name__}: y holds 2 observations for calls on 9 samples"
+    ):
+        run([0, 1, 2], obs=[0, 1])
 
 
 def test_inverse_guidance_keeps_the_learned_variance() -> None:
