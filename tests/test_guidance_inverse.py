@@ -518,6 +518,34 @@ def test_gradient_guidance_in_half_precision_runs_only_the_net_in_half(method, d
     assert torch.equal(runs[0], runs[1].to(dtype))
 
 
+@pytest.mark.parametrize("method", [PiGDM, MCG, RePaint, sd.guidance.LanPaint])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_half_precision_observation_is_taken_as_float32(method, dtype) -> None:
+    """``y`` in half precision (a measurement taken in a float16 pipeline) with a circular Blur, whose FFT
+    solves need float32: the run is that of ``y`` in float32 (the guidance computes in float32 and casts
+    ``y`` there). It was refused when the guidance was made, by the check that the operator has a
+    pseudo-inverse / a solve, run in ``y``'s dtype: 'Blur.pinv: y must be float32 or float64 (an FFT)'."""
+    g = torch.Generator().manual_seed(14)
+    gmm = _diag_mixture(d=16)
+    den = gmm.denoiser(PROC, shape=(1, 4, 4))
+    op = Blur(torch.rand(3, 3, generator=g, dtype=F64), (1, 4, 4))
+    y = op(torch.randn(1, 1, 4, 4, generator=g, dtype=F64))[0].to(dtype)
+    x_T = torch.randn(3, 1, 4, 4, generator=g)
+
+    def run(obs: torch.Tensor) -> torch.Tensor:
+        if method in (PiGDM, MCG):
+            guided = method(den, op, obs, noise_std=0.1)
+        else:
+            guided = (
+                method(den, op, obs, generator=torch.Generator().manual_seed(1))
+                if method is RePaint
+                else method(den, op, obs)
+            )
+        return sd.sample(guided, x_T, 4, solver="ddim")
+
+    assert torch.equal(run(y), run(y.float()))
+
+
 @pytest.mark.parametrize("method", [DPS, PiGDM, MCG])
 def test_gradient_guidance_under_no_grad_is_the_same_run(method) -> None:
     """Pipelines sample under ``torch.no_grad()``: the guidance switches autograd on for its gradient

@@ -25,6 +25,7 @@ from torch import Tensor
 from .._checks import real
 from ..denoiser import Denoiser, Prediction, take_tensor_rows, take_wrapped_rows
 from ..inverse.operators import LinearOperator
+from ..solvers.base import work_dtype
 from .base import Guided, denoise_with_grad, grad_on, hold
 
 __all__ = ["MeasurementGuided"]
@@ -73,11 +74,18 @@ class MeasurementGuided(Guided):
         self._y: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self.noise_std = real(who, "noise_std", s, lo=0)
 
+    def probe(self) -> Tensor:
+        """One observation ``(1, *shape_out)`` in the dtype the guidance computes in (float32 for a
+        half-precision ``y``, as :meth:`observation` casts it to the state's), to check at construction
+        what the operator can solve (a circular :class:`~steerdiff.inverse.Blur` refuses half precision)."""
+        y = self.y.reshape(-1, *self.operator.shape_out)[:1]
+        return y.to(work_dtype(y.dtype))
+
     def check_pinv(self) -> None:
         """A ``ValueError`` naming the class unless the operator has a pseudo-inverse (methods that
         replace or project the measured component need ``A^+``)."""
         try:
-            self.operator.pinv(self.y.reshape(-1, *self.operator.shape_out)[:1])
+            self.operator.pinv(self.probe())
         except NotImplementedError as err:
             raise ValueError(f"{type(self).__name__}: the operator has no pseudo-inverse ({err})") from err
 

@@ -59,10 +59,7 @@ class MCG(DPS):
         variant: str = "normalized",
     ) -> None:
         super().__init__(base, operator, y, noise_std, scale, variant)
-        try:
-            operator.pinv(self.y.reshape(-1, *operator.shape_out)[:1])
-        except NotImplementedError as err:
-            raise ValueError(f"MCG: the operator has no pseudo-inverse ({err})") from err
+        self.check_pinv()
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         if self.scale == 0:

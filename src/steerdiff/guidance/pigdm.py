@@ -57,7 +57,7 @@ class PiGDM(MeasurementGuided):
     ) -> None:
         super().__init__(base, operator, y, noise_std)
         self.scale = real("PiGDM", "scale", scale, lo=0)
-        probe = self.y.reshape(-1, *operator.shape_out)[:1]
+        probe = self.probe()
         try:
             operator.aat_solve(probe, self.noise_std**2 + 1.0)
         except NotImplementedError as err:
