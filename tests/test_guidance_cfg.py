@@ -211,6 +211,27 @@ def test_interval_guides_inside_only(sd_process, den):
     assert info.nfe == sum(2 if lo < r <= hi else 1 for r in ratios) and 20 < info.nfe < 40
 
 
+def test_interval_is_open_below_and_closed_above():
+    """Kynkaanniemi et al. guide where ``lo < sigma / alpha <= hi``: at ``sigma = hi`` exactly (EDM, where
+    ``sigma / alpha`` is the time itself) the step is guided, at ``sigma = lo`` it is the conditional one;
+    per-sample times row by row likewise (a half-open boundary the other way passed every other test)."""
+    _, c1, full = two_class()
+    proc = sd.EDM()
+    cond, uncond = c1.denoiser(proc), full.denoiser(proc)
+    lo, hi = 0.5, 2.0
+    guided = CFG(cond, uncond, 3.0, interval=(lo, hi))
+    plain = CFG(cond, uncond, 3.0)
+    x = 2 * torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(7))
+    for t, inside in ((lo, False), (hi, True), (1.0, True), (4.0, False)):
+        ref = plain(x, t) if inside else cond(x, t)
+        assert torch.equal(guided(x, t).x0, ref.x0) and guided.cost == (2 if inside else 1)
+    ts = torch.tensor([lo, hi, 1.0, 4.0], dtype=F64)
+    out = guided(x, ts)
+    for k, inside in enumerate((False, True, True, False)):
+        ref = (plain if inside else cond)(x[k : k + 1], float(ts[k]))
+        torch.testing.assert_close(out.x0[k : k + 1], ref.x0, rtol=1e-12, atol=1e-14)
+
+
 def test_interval_rows_outside_keep_the_conditional_x0_at_zero_snr():
     """Per-sample times, some outside the interval: those rows are the conditional prediction itself, the
     x0 a v-net holds, also in float32 where alpha is tiny (zero terminal SNR). Before, every row was

@@ -56,6 +56,19 @@ def test_classifier_guidance_is_the_conditional_score(sd_process, oracle):
     assert info.nfe == 30
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.5, 3.0])
+def test_classifier_scale_is_the_powered_score(sd_process, oracle, scale):
+    """At scale ``s`` the guided score is ``grad log p_t(x) + s grad log p_t(y | x)``, that of
+    ``p_t(x|y)^s p_t(x)^(1 - s)``: with the exact classifier, CFG's at the same scale (Dhariwal & Nichol
+    2021, Sec. 4; Ho & Salimans 2022, Sec. 3.2), to rounding (scale 1 is the test above)."""
+    c1, _, den, log_prob_y = oracle
+    cfg = sd.guidance.CFG(c1.denoiser(sd_process), den, scale)
+    x = 2 * torch.randn(16, 2, dtype=F64, generator=_gen(2))
+    for t in (900.0, 300.0, 30.0):
+        pred, ref = ClassifierGuidance(den, log_prob_y, scale)(x, t), cfg(x, t)
+        torch.testing.assert_close(pred.eps, ref.eps, rtol=1e-9, atol=1e-11)
+
+
 def test_classifier_guided_ddpm_reaches_the_class(oracle):
     """DDPM, 200 steps, from the unconditional denoiser: sliced W2 to exact class-1 samples within 1.5x
     the floor of two exact sets; the unguided sampler is ~40x the floor away."""
