@@ -33,6 +33,17 @@ plain rate along the guided path (for a Gaussian law, where ``div v`` does not d
 ``k`` per unit of ``lam`` more than the plain ODE from the same ``x_T``). The *Prior Guidance* baseline
 the paper analyses rescales the initial noise instead (:func:`prior_guidance`).
 
+Where ``offset`` is met (``tests/test_density_guidance.py::test_offset_under_the_samplers_defaults``: a
+4-d Gaussian, ``offset=-2``, 256 samples, 40 steps of the default solver, mean gain over the plain run from
+the same ``x_T``, VP cosine / rectified flow): at the last node of a log-SNR-uniform grid (``final="none"``)
+-2.006 / -2.016. Two departures: (i) the clean end (``final="zero"``, the default) is a step into
+``lam = inf`` that takes the guided estimate at ``t_min`` once more, an extra the rate does not define:
+-2.216 / -2.165 at ``t = 0`` (the base's estimate at ``t_min``, ``den(x, t_min).x0``, gives -2.005 / -2.016);
+(ii) the default schedule's long first steps in log-SNR (``karras_capped``) do not resolve
+``k / ||eps||^2`` at high noise, where a small ``||x_T||`` makes ``eta`` far from 1 (negative for
+``||eps||^2 < -k``): -2.159 / -5.93 (flow: up to 44 nats on one sample; -2.32 at 80 steps). Sample with
+``schedule="logsnr_uniform"`` and ``final="none"`` (then denoise with the base) to get the offset.
+
 The stochastic extension (noise projected orthogonally to the score plus a Laplacian drift correction)
 is not a denoiser: it needs its own SDE step and is not provided. Under a stochastic solver the scaled
 score also enters the reverse SDE's added drift, which then no longer matches the SDE's noise, so ``log p``
