@@ -47,9 +47,18 @@ module's logger; :attr:`CharacteristicGuidance.unconverged` counts those samples
 reference implementation's regularization and projection onto a few basis directions (for latent image
 models that do not converge otherwise) are not provided.
 
-Beyond Gaussian laws the fixed point need not be unique, and the solve from ``d = 0`` converges to
-whichever root is nearest in its iteration: the guided field is then piecewise smooth, with jumps between
-neighbouring points. Measured (a 3-component 2-d mixture under SD's betas against another as the
+Beyond Gaussian laws the fixed point need not be unique. Every call here starts from ``d = 0`` (CFG's
+points) and returns the root its Anderson iteration reaches from there (the basin of ``d = 0``; no root is
+preferred otherwise), so the guided field is a function of ``(x, t)`` alone, piecewise smooth, with jumps
+between neighbouring points. The authors' reference implementation (``CharacteristicGuidanceWebUI``,
+``scripts/CharaIte.py``, ``chara_ite_inner_loop``) warm-starts instead: from the previous sampling step's
+converged shift, rescaled by ``v_t / v_prev`` (``v = sigma^2 / alpha^2``) and a decay factor
+``chara_decay`` (0 for a sample that did not converge there), so its root follows the trajectory's
+history; the paper states the fixed point, not which root. A stateful warm start does not fit a denoiser
+that solvers call at intermediate and repeated points (Heun, multistep correctors, per-row adaptive
+calls) and is not provided; its effect on the root taken is not measured here.
+
+The jumps, measured (a 3-component 2-d mixture under SD's betas against another as the
 unconditional law, ``w = 2``, ``t = 500``): along a line of points 0.011 apart, two neighbours converge (to
 ``tol``) to shifts ``(-2.70, -0.13)`` and ``(3.56, -0.64)`` and guided ``x0`` 4.8 apart (CFG's largest jump
 there 0.028). ODE solvers, :func:`~steerdiff.invert` and :func:`~steerdiff.paradigms` assume a smooth field:
