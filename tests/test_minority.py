@@ -139,13 +139,15 @@ def test_self_guided_minority_samples_the_rare_component(toy):
     assert rare > 0.13 and low > 0.11 and off < 0.015  # measured 0.164, 0.132, 0.006
 
 
-def test_self_guided_minority_step_is_the_normalized_loss_gradient(toy):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_self_guided_minority_step_is_the_normalized_loss_gradient(toy, normalize):
     """One guided call against autograd on the paper's loss, written out: eps' = eps - sigma w g / |g|_inf,
-    g = grad_x ||x0_hat(x) - sg[x0_hat(alpha_s x0_hat(x) + sigma_s eps, s)]||."""
+    g = grad_x ||x0_hat(x) - sg[x0_hat(alpha_s x0_hat(x) + sigma_s eps, s)]|| averaged over the draws
+    (``normalize=False``: g itself, where the average's 1 / samples shows; a sum passed before)."""
     _, proc, den, _, _ = toy
     x = torch.randn(16, 2, dtype=F64, generator=_gen(4)) * 1.5
     t, s, w = 0.8, 0.5, 1.7
-    pred = SelfGuidedMinority(den, w, renoise=s, samples=2, generator=_gen(5))(x, t)
+    pred = SelfGuidedMinority(den, w, renoise=s, samples=2, normalize=normalize, generator=_gen(5))(x, t)
     g_eps, a_s, s_s = _gen(5), float(proc.alpha(s)), float(proc.sigma(s))
     xr = x.clone().requires_grad_(True)
     x0 = den(xr, t).x0
@@ -154,7 +156,8 @@ def test_self_guided_minority_step_is_the_normalized_loss_gradient(toy):
         again = den(a_s * x0.detach() + s_s * torch.randn(16, 2, dtype=F64, generator=g_eps), s).x0
         loss = loss + (x0 - again).norm(dim=1) / 2
     (g,) = torch.autograd.grad(loss.sum(), xr)
-    g = g / g.abs().amax(1, keepdim=True)
+    if normalize:
+        g = g / g.abs().amax(1, keepdim=True)
     base = den(x, t)
     assert torch.allclose(pred.eps, base.eps - base.sigma * w * g, rtol=1e-10, atol=1e-12)
     assert not pred.eps.requires_grad
