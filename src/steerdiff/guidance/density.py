@@ -94,7 +94,10 @@ class DensityGuidance(Guided):
 
     Cost per call: ``base.cost`` for ``offset`` / ``quantile``; with ``rate``, ``base.cost`` times
     ``1 + D`` (exact trace) or ``1 + probes``, counting each vector-Jacobian product (a backward pass
-    through the net) as one network evaluation.
+    through the net) as one network evaluation -- unlike the one backward pass per call of
+    :class:`~steerdiff.guidance.DPS`, :class:`~steerdiff.guidance.RewardGuidance` and
+    :class:`~steerdiff.guidance.SelfGuidedMinority`, which their costs do not count: compare NFE across
+    them with that in mind.
     """
 
     noise_generators = ("generator",)
