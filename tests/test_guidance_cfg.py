@@ -163,6 +163,22 @@ def test_rescale_matches_the_conditional_std(den, space):
         assert torch.allclose(get(mixed(x, t, y=1)), get(pg) * (0.7 * ratio + 0.3), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_rescale_matches_diffusers_on_the_raw_output(sd_process, prediction):
+    """diffusers' ``guidance_rescale`` (``rescale_noise_cfg``, applied to the net's raw eps or v output) is
+    ``rescale_space=prediction``: equal to rounding on fixed eps / v nets of image-shaped samples."""
+    guider_utils = pytest.importorskip("diffusers.guiders.guider_utils")
+    g = torch.Generator().manual_seed(4)
+    out_c, out_u = (torch.randn(4, 3, 4, 4, dtype=F64, generator=g) for _ in range(2))
+    cond = sd.Denoiser(lambda x, t: out_c, sd_process, prediction=prediction)
+    uncond = sd.Denoiser(lambda x, t: out_u, sd_process, prediction=prediction)
+    x = torch.randn(4, 3, 4, 4, dtype=F64, generator=g)
+    pred = CFG(cond, uncond, 5.0, rescale=0.7, rescale_space=prediction)(x, 400.0)
+    theirs = guider_utils.rescale_noise_cfg(out_u + 5.0 * (out_c - out_u), out_c, guidance_rescale=0.7)
+    ours = pred.eps if prediction == "eps" else pred.alpha * pred.eps - pred.sigma * pred.x0
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 def test_rescale_one_entry_and_zero_spread(sd_process):
     """Lin et al.'s std is over all entries (population std): with one entry per sample both stds are 0,
     and a sample whose guided prediction has no spread is left unrescaled -- finite, not 0/0."""
