@@ -306,6 +306,34 @@ def test_max_iter_one_is_cfg_without_a_warning(sd_process, caplog):
     assert torch.equal(got.x0, CFG(dc, du, 4.0)(x, 600.0).x0) and ch.cost == 2
 
 
+def test_memory_must_span_the_slow_directions_at_extreme_noise(caplog):
+    """Where sigma/alpha is extreme (rectified flow's t_max: 999) the fixed-point map's Jacobian is the
+    identity to ~1e-6 in every direction: Anderson's default memory 2 spans two of them and, in 8-d, gives
+    up (CFG's estimate, 1.6 off the exact target's x0), while memory D + 1 solves the (linear) Gaussian
+    problem exactly (18 iterations to tol 1e-10; measured 1.5e-10 off). At t = 0.8 the default converges."""
+    d, w, proc = 8, 2.0, sd.RectifiedFlow()
+    g = torch.Generator().manual_seed(0)
+    mu_c, mu_u = torch.randn(d, dtype=F64, generator=g), torch.randn(d, dtype=F64, generator=g)
+    v_c = 0.2 + 0.5 * torch.rand(d, dtype=F64, generator=g)
+    v_u = 0.8 + 0.5 * torch.rand(d, dtype=F64, generator=g)
+    v_t = 1 / (w / v_c - (w - 1) / v_u)  # the powered target, a Gaussian (positive precision here)
+    m_t = v_t * (w * mu_c / v_c - (w - 1) * mu_u / v_u)
+    dc, du = law(mu_c, torch.diag(v_c)).denoiser(proc), law(mu_u, torch.diag(v_u)).denoiser(proc)
+    exact = law(m_t, torch.diag(v_t)).denoiser(proc)
+    x = torch.randn(32, d, dtype=F64, generator=g)
+    with caplog.at_level(logging.WARNING, logger="steerdiff.guidance.characteristic"):
+        default = CharacteristicGuidance(dc, du, w)
+        pred = default(x, proc.t_max)
+    assert default.unconverged >= 24 and "did not converge" in caplog.text  # measured 31 of 32
+    assert float((pred.x0 - exact(x, proc.t_max).x0).abs().max()) > 0.5
+    wide = CharacteristicGuidance(dc, du, w, memory=d + 1, tol=1e-10, max_iter=60)
+    for t in (proc.t_max, 0.8):
+        torch.testing.assert_close(wide(x, t).x0, exact(x, t).x0, rtol=0, atol=1e-8)
+        assert wide.unconverged == 0
+    default(x, 0.8)
+    assert default.unconverged == 0
+
+
 @pytest.mark.parametrize("process", [sd.VP.scaled_linear(), sd.RectifiedFlow()], ids=["sd", "flow"])
 def test_half_precision_stops_at_the_nets_resolution(caplog, process):
     # float16 nets cannot resolve x0 below ~eps(fp16) sigma/alpha: at the default tol the noisy steps ran
