@@ -173,6 +173,34 @@ def _sw(x, ref) -> float:
     return sd.metrics.sliced_wasserstein(x, ref, generator=_gen(5))
 
 
+def test_hmc_corrector_takes_the_langevin_step_as_sqrt_2_eps_and_a_given_step_as_it_is(pc):
+    """Under ``snr`` the HMC corrector's leapfrog step is ``h = sqrt(2 eps)`` of the Langevin step ``eps``
+    (:meth:`~steerdiff.mcmc.HMC.step_from_langevin`), so with one leapfrog step it is the MALA corrector at
+    ``eps`` in ``sd.sample``, draw for draw; a given ``step_size`` is ``h`` itself. Nothing tested either
+    before: ``h = sqrt(eps)``, or a given step mapped as a Langevin one, passed the suite."""
+    gmm, proc, log_prob, x_T, _ = pc
+    den = gmm.denoiser(proc)
+    kw = {"steps": 5, "solver": "ddim", "schedule": "time_uniform", "corrector_steps": 2, "return_info": True}
+    runs = {
+        "snr": (sd.mcmc.MALA(log_prob=log_prob), sd.mcmc.HMC(log_prob=log_prob, leapfrog_steps=1)),
+        "given": (
+            sd.mcmc.MALA(log_prob=log_prob, step_size=0.02),
+            sd.mcmc.HMC(log_prob=log_prob, leapfrog_steps=1, step_size=0.2),
+        ),
+    }
+    for name, (mala, hmc) in runs.items():
+        xm, im = sd.sample(den, x_T[:200], corrector=mala, generator=_gen(4), **kw)
+        xh, ih = sd.sample(den, x_T[:200], corrector=hmc, generator=_gen(4), **kw)
+        torch.testing.assert_close(xh, xm, rtol=0, atol=1e-12, msg=name)
+        for cm, ch in zip(im.corrector, ih.corrector, strict=True):
+            assert float(ch.step_size) == pytest.approx(math.sqrt(2 * float(cm.step_size)), rel=1e-12)
+            assert torch.equal(cm.acceptance, ch.acceptance)
+        # the moves were tested, some rejected: measured 0.963-0.995 (snr), 0.990-0.998 (given)
+        assert all(0.5 < c.acceptance_rate < 1 for c in im.corrector), name
+        plain = sd.sample(den, x_T[:200], steps=5, solver="ddim", schedule="time_uniform")
+        assert float((xm - plain).abs().max()) > 0.1, name  # the corrector moved the samples
+
+
 def test_predictor_corrector_improves_on_the_predictor(pc):
     gmm, proc, log_prob, x_T, ref = pc
     den = gmm.denoiser(proc)
