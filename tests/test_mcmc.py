@@ -351,6 +351,32 @@ def test_a_kernel_generator_must_be_generators_one_per_row(pc):
     assert calls[0] == 0  # refused before the first network call
 
 
+def test_a_corrector_without_a_generator_is_refused_under_replayed_noise(pc):
+    """Replayed noise maps (``sd.ddpm_invert(...).sample_kwargs()``) hold one draw per solver step and none
+    for moves at a fixed time. Before: a corrector without a generator of its own ran the first predictor
+    step (one network call), then failed inside the replay ("ReplayNoise: a draw for a step from
+    t_from=0.738 to t_to=0.738, which is no step of the 6-step grid ... (another grid, or a solver that
+    draws inside its step)"), naming neither the corrector nor the fix. Now refused before any call; with a
+    generator of its own the corrector runs and the replay is kept."""
+    gmm, proc, _, _, _ = pc
+    den = gmm.denoiser(proc)
+    calls = [0]
+
+    def net(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return gmm.denoise(y, float(proc.alpha(float(t[0]))), float(proc.sigma(float(t[0]))))
+
+    counted = sd.Denoiser(net, proc, prediction="x0")
+    kw = sd.ddpm_invert(den, gmm.sample(4, _gen(0)), 6, "ddpm", generator=_gen(1)).sample_kwargs()
+    with pytest.raises(
+        ValueError, match=r"^corrector: generator replays noise maps, .*; give the kernel a generator$"
+    ):
+        sd.sample(counted, **kw, corrector="ula")
+    assert calls[0] == 0
+    x = sd.sample(counted, **kw, corrector=sd.mcmc.ULA(step_size=1e-3, generator=_gen(3)))
+    assert x.shape == (4, 8) and calls[0] == 6 + 6  # 6 steps (final='none'), a score call after each
+
+
 def test_bad_corrector_input(pc):
     gmm, proc, log_prob, x_T, _ = pc
     den = gmm.denoiser(proc)

@@ -454,13 +454,20 @@ def check_shared(noise: object, shared: Sequence[str], fix: str, who: str | None
 
 
 def check_fixed_time(who: str, noise: object, fix: str) -> None:
-    """A ``ValueError`` naming ``who`` when ``noise`` is a :class:`BrownianTreeNoise`, for moves at a
-    fixed time ``t`` (Langevin, MCMC), which draw ``noise(t, t, like)``: a Brownian increment over
-    ``[t, t]`` is 0, so the moves would silently have no noise. ``fix`` ends the message."""
+    """A ``ValueError`` naming ``who`` when ``noise`` is a :class:`BrownianTreeNoise` or a
+    :class:`ReplayNoise`, for moves at a fixed time ``t`` (Langevin, MCMC), which draw ``noise(t, t,
+    like)``: a Brownian increment over ``[t, t]`` is 0, so the moves would silently have no noise; replayed
+    maps hold one draw per solver step and none there (the replay would refuse the first move's draw, after
+    the run's first step). ``fix`` ends the message."""
     if isinstance(noise, BrownianTreeNoise):
         raise ValueError(
             f"{who}: generator is a Brownian tree, which has no noise at a fixed time (its increment "
             f"over [t, t] is 0, so the Langevin moves would have none); {fix}"
+        )
+    if isinstance(noise, ReplayNoise):
+        raise ValueError(
+            f"{who}: generator replays noise maps, one per solver step, which hold no noise for moves at a "
+            f"fixed time; {fix}"
         )
 
 
