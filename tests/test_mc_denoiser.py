@@ -125,6 +125,27 @@ def test_langevin_inner_loop():
     assert 0.02 < float(bias.pow(2).mean().sqrt()) < 0.12
 
 
+def test_langevin_estimate_is_the_mean_of_ula_chains_on_q_at_the_stated_step():
+    """``method="langevin"`` written out with the same draws: ``y_i = (x + sigma z_i) / alpha``, then
+    ``inner`` moves ``y <- y + h grad log q(y) + sqrt(2 h) z``, ``grad log q(y) = grad log p(y) + alpha (x -
+    alpha y) / sigma^2``, ``h = 1 / (1 / step_size + alpha^2 / sigma^2)``, and the chains' mean: to
+    round-off. Before, the step rule was untested (``alpha^2 / (2 sigma^2)`` there passed)."""
+    gmm, t, step, n, m, inner = four_modes(), 0.05, 0.05, 4, 8, 5
+    a, s = coef(t)
+    x = noised(gmm, t, n)
+    est = mc(gmm, m, seed=5, method="langevin", inner=inner, step_size=step)(x, t).x0
+    g = torch.Generator().manual_seed(5)
+    y = (x.unsqueeze(1) + s * torch.randn(n, m, 2, generator=g, dtype=F64)) / a
+    h = 1 / (1 / step + a**2 / s**2)
+    for _ in range(inner):
+        yr = y.reshape(n * m, 2).clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(gmm.log_prob(yr).sum(), yr)
+        drift = grad.reshape(n, m, 2) + a * (x.unsqueeze(1) - a * y) / s**2
+        y = y + h * drift + math.sqrt(2 * h) * torch.randn(n, m, 2, generator=g, dtype=F64)
+    torch.testing.assert_close(est, y.mean(1), rtol=0, atol=1e-12)
+    assert h < 0.5 * step  # the Gaussian factor's limit rules at this noise (h = 0.019)
+
+
 def early_stopped(ratio: float) -> tuple[float, float]:
     """rdMC's start: the VP.linear time where sigma / alpha = ratio, and its sigma."""
     t = float(PROC.t_of_lam(torch.tensor(-math.log(ratio), dtype=F64)))
@@ -183,6 +204,23 @@ def langevin_mode_errors(gmm: sd.toy.GaussianMixture, cost: int, chains: int) ->
         assert info.evaluations == cost
         errors.append(mode_weight_error(gmm, x))
     return errors
+
+
+def test_warm_start_is_ula_on_the_estimated_score():
+    """``warm_start`` is ``y <- y + eps s(y) + sqrt(2 eps) z`` with ``s = -eps_hat / sigma_t`` of the
+    estimate at ``t``, the moves' noise from ``generator`` and the estimates' from the denoiser's own:
+    written out here with the same streams, to round-off. Nothing tested it before (the score taken with
+    ``sigma^0.9`` passed)."""
+    gmm, t, step = four_modes(), 0.3, 0.1
+    sigma = coef(t)[1]
+    x = sigma * torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    out = mc(gmm, 64, seed=100).warm_start(x, t, 3, step, torch.Generator().manual_seed(7))
+    den, g, y = mc(gmm, 64, seed=100), torch.Generator().manual_seed(7), x
+    for _ in range(3):
+        z = torch.randn(16, 2, generator=g, dtype=F64)
+        y = y - step * den(y, t).eps / sigma + math.sqrt(2 * step) * z
+    torch.testing.assert_close(out, y, rtol=0, atol=1e-12)
+    assert float((out - x).abs().mean()) > 0.3  # the moves moved (0.59 measured)
 
 
 def test_rdmc_beats_langevin_on_separated_modes():
