@@ -137,6 +137,36 @@ def test_one_measurement_is_langevin_on_the_smoothed_density_then_the_jump():
     assert out.nfe == steps + 1
 
 
+def test_ulmc_walk_is_the_sachs_scheme_with_the_velocity_carried_across_measurements():
+    """The ULMC walk written out from the module docstring (Saremi & Srivastava 2022, Alg. 1): per step ``y +=
+    h v / 2``; ``v = eta (v + u h psi / 2) + u h psi / 2 + sqrt(u (1 - eta^2)) z``; ``y += h v / 2``, ``u =
+    sigma^2``, ``eta = exp(-gamma h)``, ``psi`` the score (1) of the measurement's conditional, ``v = 0`` at
+    the start and carried from one measurement's chain to the next; then the jump at ``sigma / sqrt(m)``: to
+    round-off, with the same draws. Before, nothing tested the carry (``v`` reset per measurement passed)."""
+    gmm = smooth_mixture(dim=2, components=3)
+    den, sigma, m, steps, h, gamma = gmm.denoiser(sd.VP.linear()), 2.0, 3, 4, 0.4, 1.5
+    out = sd.mcmc.walk_jump(
+        den, (8, 2), sigma, m, steps, step_size=h, friction=gamma, dtype=F64, generator=_gen(4)
+    )
+    g, u, eta = _gen(4), sigma**2, math.exp(-gamma * h)
+    y = sigma * torch.randn(8, 2, generator=g, dtype=F64)
+    v, total = torch.zeros_like(y), torch.zeros_like(y)
+    for k in range(1, m + 1):
+        previous = None if k == 1 else total / (k - 1)
+        for _ in range(steps):
+            y = y + h * v / 2
+            psi = sd.mcmc.walk_jump_score(den, y, previous, k, sigma)
+            z = torch.randn(8, 2, generator=g, dtype=F64)
+            v = eta * (v + u * h * psi / 2) + u * h * psi / 2 + math.sqrt(u * (1 - eta**2)) * z
+            y = y + h * v / 2
+        total = total + y
+    t = sd.mcmc.measurement_time(den.process, sigma, m)
+    jump = den(float(den.process.alpha(t)) * total / m, t).x0
+    torch.testing.assert_close(out.y_mean, total / m, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.x, jump, rtol=0, atol=1e-12)
+    assert out.nfe == m * steps + 1
+
+
 TWO_MODES = sd.toy.GaussianMixture(
     torch.tensor([[-4.0, 0.0], [4.0, 0.0]], dtype=F64),
     torch.full((2, 2), 0.25, dtype=F64),
