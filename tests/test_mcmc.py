@@ -377,6 +377,34 @@ def test_a_corrector_without_a_generator_is_refused_under_replayed_noise(pc):
     assert x.shape == (4, 8) and calls[0] == 6 + 6  # 6 steps (final='none'), a score call after each
 
 
+def test_a_log_prob_corrector_under_inference_mode_is_refused_before_any_call(pc):
+    """A kernel's ``log_prob`` needs its gradient, which ``torch.inference_mode()`` forbids: before, the
+    refusal came at the first corrected node, after the first predictor step's network calls (2 for Heun);
+    now before any. The denoiser's score (``"ula"``) needs no gradient and still runs there."""
+    gmm, proc, log_prob, x_T, _ = pc
+    base = gmm.denoiser(proc)
+    calls = [0]
+
+    def net(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return base.net(y, t)
+
+    den = sd.Denoiser(net, proc, prediction=base.prediction)
+    kw = {"steps": 3, "solver": "heun", "schedule": "time_uniform", "generator": _gen(0)}
+    for kernel in (sd.mcmc.MALA(log_prob=log_prob), sd.mcmc.ULA(log_prob=log_prob, step_size=0.01)):
+        name = type(kernel).__name__
+        with torch.inference_mode(), pytest.raises(ValueError) as e:
+            sd.sample(den, x_T[:4], corrector=kernel, **kw)
+        assert str(e.value) == (
+            f"sample: the corrector {name}'s log_prob(x, t): its gradient is needed, which "
+            "torch.inference_mode() forbids"
+        )
+        assert calls[0] == 0, name
+    with torch.inference_mode():
+        x, info = sd.sample(den, x_T[:4], corrector="ula", return_info=True, **kw)
+    assert torch.isfinite(x).all() and info.nfe == 2 * 3 - 1 + 2 == calls[0]
+
+
 def test_bad_corrector_input(pc):
     gmm, proc, log_prob, x_T, _ = pc
     den = gmm.denoiser(proc)

@@ -65,7 +65,8 @@ def check_corrector(
     kernel: Kernel, noise: NoiseSource, steps: int, snr: float, rows: int | None = None, who: str = "sample"
 ) -> None:
     """Reject what cannot run, before sampling starts, or would not be reproducible as asked: a
-    kernel without a generator under a Brownian tree (no noise at a fixed time), a kernel whose list
+    kernel without a generator under a Brownian tree or replayed noise maps (no noise at a fixed time),
+    a kernel whose ``log_prob`` needs a gradient under ``torch.inference_mode()``, a kernel whose list
     of generators is not one per row of the batch of ``rows`` (where given), a kernel with one
     generator under the run's per-row ``noise`` (:func:`~steerdiff.noise.check_shared`). A bad ``steps``
     or ``snr`` is named after ``who``, the entry point that runs the corrector."""
@@ -83,6 +84,11 @@ def check_corrector(
             f"corrector {kernel.name!r} needs the noised log-density: pass "
             f"sd.mcmc.{type(kernel).__name__}(log_prob=lambda x, t: ...); a denoiser gives only the score "
             "(use 'ula')"
+        )
+    if kernel.log_prob is not None and torch.is_inference_mode_enabled():  # as Target's, before any call
+        raise ValueError(
+            f"{who}: the corrector {type(kernel).__name__}'s log_prob(x, t): its gradient is needed, which "
+            "torch.inference_mode() forbids"
         )
     if kernel.generator is None:
         check_fixed_time("corrector", noise, "give the kernel a generator")
