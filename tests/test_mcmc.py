@@ -237,7 +237,7 @@ def test_ula_on_the_denoiser_score_is_ula_on_the_log_density(pc):
     assert i1.nfe == i2.nfe == 4 + 3 * 2 and len(calls) == i1.nfe + 4  # the score calls count as NFE
 
 
-@pytest.mark.parametrize("kernel", ["ula", "mala"])
+@pytest.mark.parametrize("kernel", ["ula", "mala", "hmc"])
 def test_a_backward_pass_through_a_log_prob_corrector_is_exact(pc, kernel):
     """Differentiating ``sample`` through a corrector given a ``log_prob``: its gradient is taken with its own
     graph where the state requires grad, so autograd matches central differences (it was taken detached:
@@ -245,7 +245,7 @@ def test_a_backward_pass_through_a_log_prob_corrector_is_exact(pc, kernel):
     gmm, proc, log_prob, x_T, _ = pc
     den = gmm.denoiser(proc)
     w = torch.randn(3, 8, dtype=F64, generator=_gen(2))
-    make = {"ula": sd.mcmc.ULA, "mala": sd.mcmc.MALA}[kernel]
+    make = {"ula": sd.mcmc.ULA, "mala": sd.mcmc.MALA, "hmc": sd.mcmc.HMC}[kernel]
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         kw = {
