@@ -504,3 +504,34 @@ def test_gaussian_mixture_takes_array_like_samples(mix):
     assert torch.equal(mix.denoise(x, 0.8, 0.6), mix.denoise(torch.tensor(x), 0.8, 0.6))
     ode = mix.reference_ode(x, sd.EDM(), 80.0, 1.0)
     assert torch.equal(ode, mix.reference_ode(torch.tensor(x), sd.EDM(), 80.0, 1.0))
+
+
+@pytest.mark.parametrize(("offset", "std"), [(1.0, 1e-8), (10.0, 1e-5), (1e3, 1e-3)])
+def test_narrow_component_far_from_the_origin(offset, std):
+    """Near a component whose mean is many standard deviations from the origin, the diagonal path's
+    quadratic form, expanded as ``x^2 / v - 2 x mu / v + mu^2 / v``, cancelled to the round-off of
+    ``|mu|^2 / v``: log_prob was off by 4.3 at ``|mu| / std = 1e8`` (4e-4 at 1e6), the responsibilities
+    of two such components by as much. The direct sum of ``(x - mu)^2 / v`` (as the full path's) is
+    exact to 1e-14 here."""
+    d = 4
+    means = offset * torch.tensor([[1.0] * d, [1.0] * d], dtype=F64)
+    means[1, 0] += 2 * std  # a second component two standard deviations away in one coordinate
+    var = torch.full((2, d), std**2, dtype=F64)
+    weights = torch.tensor([0.4, 0.6], dtype=F64)
+    diag = sd.toy.GaussianMixture(means, var, weights)
+    x = means[:1] + std * torch.randn(5, d, generator=torch.Generator().manual_seed(0), dtype=F64)
+    comp = [
+        math.log(float(w))
+        - 0.5 * float(d * math.log(2 * math.pi * std**2))
+        - 0.5 * (((x - m) / std) ** 2).sum(-1).numpy()
+        for w, m in zip(weights, means, strict=True)
+    ]
+    ref = logsumexp(np.stack(comp), axis=0)
+    assert np.abs(diag.log_prob(x).numpy() - ref).max() < 1e-9
+    resp = np.stack(comp, 1) - ref[:, None]
+    assert np.abs(diag.log_responsibilities(x).numpy() - resp).max() < 1e-9
+    # the same at a small noise level, the denoiser included (the full path as the reference; the
+    # denoisers agree to the float64 spacing of x, 2e-16 |x| = 2e-8 std at |mu| / std = 1e8)
+    full = sd.toy.GaussianMixture(means, torch.diag_embed(var), weights)
+    assert float((diag.log_prob(x, 1.0, std) - full.log_prob(x, 1.0, std)).abs().max()) < 1e-9
+    assert float(((diag.denoise(x, 1.0, std) - full.denoise(x, 1.0, std)) / std).abs().max()) < 1e-6

@@ -156,7 +156,13 @@ class GaussianMixture:
     def _log_resp(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """Diagonal path: ``log w_k + log N(x; mean_k, var_k)``, shape ``(n, k)``."""
         prec = 1 / var  # (k, d); the quadratic form expanded into matrix products
-        quad = (x * x) @ prec.T - 2 * x @ (mean * prec).T + (mean * mean * prec).sum(-1)
+        big = (x * x) @ prec.T + (mean * mean * prec).sum(-1)
+        quad = big - 2 * x @ (mean * prec).T
+        # the expansion cancels to the round-off of ``big`` where x lies near a mean far from the origin in
+        # its standard deviations (|mu| / std = 1e8: log-density off by 4); those pairs are summed directly
+        i, j = (big > 1e4 * (quad.abs() + 1)).nonzero(as_tuple=True)
+        if len(i):
+            quad = quad.index_put((i, j), ((x[i] - mean[j]) ** 2 * prec[j]).sum(-1))
         ll = -0.5 * (quad + var.log().sum(-1) + self.dim * math.log(2 * math.pi))
         return ll + self.weights.log()
 
