@@ -535,3 +535,13 @@ def test_narrow_component_far_from_the_origin(offset, std):
     full = sd.toy.GaussianMixture(means, torch.diag_embed(var), weights)
     assert float((diag.log_prob(x, 1.0, std) - full.log_prob(x, 1.0, std)).abs().max()) < 1e-9
     assert float(((diag.denoise(x, 1.0, std) - full.denoise(x, 1.0, std)) / std).abs().max()) < 1e-6
+
+
+def test_reference_ode_of_an_x_T_that_requires_grad(mix):
+    """The reference is a constant: an ``x_T`` that requires grad (a leaf being optimized, the output of a
+    differentiable pipeline) gives the value of its detached copy; it raised torch's RuntimeError ("Can't
+    call numpy() on Tensor that requires grad")."""
+    x = torch.tensor([[0.3, -1.0], [1.2, 0.4]], dtype=F64)
+    ode = mix.reference_ode(x.clone().requires_grad_(), sd.EDM(), 80.0, 1.0, denoise=True)
+    assert not ode.requires_grad
+    assert torch.equal(ode, mix.reference_ode(x, sd.EDM(), 80.0, 1.0, denoise=True))

@@ -446,7 +446,8 @@ class GaussianMixture:
         ``denoise=True`` the exact denoiser is applied at ``t_end``:
         ``reference_ode(x_T, p, p.t_max, p.t_min, denoise=True)`` is the exact answer
         :func:`steerdiff.sample` approximates by default (solve to ``t_min``, return the denoised
-        estimate there). DOP853 at ``rtol=1e-10`` on the CPU; float64, ``x_T``'s shape and device.
+        estimate there). DOP853 at ``rtol=1e-10`` on the CPU; float64, ``x_T``'s shape and device; not
+        differentiable (an ``x_T`` that requires grad is detached).
         """
         who = f"{type(self).__name__}.reference_ode"
         span: Bounds = {"lo": process.t_min, "hi": process.t_max}
@@ -464,7 +465,7 @@ class GaussianMixture:
             a1, s1 = 1.0, 0.0
         else:
             a1, s1 = float(process.alpha(t_end)), float(process.sigma(t_end))
-        x_T = tensor(who, "x_T", x_T)  # its shape and device are the result's
+        x_T = tensor(who, "x_T", x_T).detach()  # its shape and device are the result's; a constant
         shape = x_T.shape
         y0 = (self._flat(x_T, who, "x_T").reshape(-1) / a0).numpy()
         n = shape[0]
