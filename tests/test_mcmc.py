@@ -626,6 +626,33 @@ def test_a_nan_log_prob_under_metropolis_is_reported_not_rejected(pc):
         sd.sample(gmm.denoiser(proc), x_T[:64], final="none", **kw)
 
 
+def test_a_score_corrector_move_that_overflows_is_reported_as_the_correctors(pc):
+    """ULA on the model's score with a step that overflows the state: the corrector's move made it NaN/inf,
+    the model's next evaluation only took it as input. Before, "the model returned NaN/inf at step 0
+    (evaluation 4)" (a move within the chain) and "... at step 1" (the chain's last move, evaluated by the
+    next predictor step). Deferred as the model's check is off the CPU (``eager`` False): nothing is read
+    during the run, :meth:`Model.check_finite` names the corrector after it."""
+    gmm, proc, _, x_T, _ = pc
+    den = gmm.denoiser(proc)
+    x = x_T[:3].float()
+    for size, moves in ((1e30, 5), (1e39, 1)):  # float32: 1e30 * score, then inf; inf at the first move
+        kernel = sd.mcmc.ULA(step_size=size)
+        with pytest.raises(sd.NonFiniteError, match=r"^the corrector ULA made the state NaN/inf at step 0 "):
+            sd.sample(den, x, 4, "ddim", corrector=kernel, corrector_steps=moves, generator=_gen(0))
+        _, grid, slv = sd.sampling.plan(den, 4, "ddim", "logsnr_uniform", "zero", "test")
+        model = sd.solvers.base.Model(den)
+        model.eager = False
+        sd.sampling.run_grid(slv, model, grid, x, kernel=kernel, corrector_steps=moves)  # no read: no raise
+        assert model.first_nonfinite() is not None  # the model's outputs on the NaN state are NaN too
+        t = f"{grid.t[1]:.6g}"
+        with pytest.raises(
+            sd.NonFiniteError, match=rf"^the corrector ULA .* at step 0 \(process time t={t}\)"
+        ):
+            model.check_finite()
+    fine = sd.sample(den, x, 4, "ddim", corrector=sd.mcmc.ULA(step_size=1e-3), generator=_gen(0))
+    assert bool(torch.isfinite(fine).all())
+
+
 # --- exact one-move laws on a correlated Gaussian N(m, S) --------------------------------------
 
 _M = torch.tensor([0.5, -1.0, 2.0], dtype=F64)

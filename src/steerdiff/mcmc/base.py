@@ -389,12 +389,16 @@ def chain(
     step_size: StepSize,
     normal: Normal,
     t: float | None = None,
+    moved: Callable[[Tensor], None] | None = None,
 ) -> tuple[Tensor, ChainInfo]:
-    """``steps`` moves of ``kernel`` from ``p``; the final state and a :class:`ChainInfo`."""
+    """``steps`` moves of ``kernel`` from ``p``; the final state and a :class:`ChainInfo`. ``moved``, where
+    given, sees the state after each move (:meth:`~steerdiff.solvers.base.Model.note_move`)."""
     steps = integer("chain", "steps", steps, lo=1)
     flags: list[Tensor] = []
     for _ in range(steps):
         p, accepted = kernel.move(p, target, step_size, normal)
+        if moved is not None:
+            moved(p.x)
         if accepted is not None:
             flags.append(accepted)
     acceptance = torch.stack(flags).to(torch.float64).mean(0) if flags else None

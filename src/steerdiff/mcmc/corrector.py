@@ -115,7 +115,16 @@ def correct(
         p = target.evaluate(p, value=kernel.needs_log_prob)
         # an empty batch has no score norm to take a step from, and its moves are empty whatever the step
         size = kernel.step_from_langevin(snr_step_size(p.grad, snr)) if len(x) else math.nan
-    x, info = chain(kernel, p, target, steps, size, normal, t)
+    # a move on the model's score: its state is checked with the model's outputs (no sync per node), so a
+    # NaN/inf the move made is not reported as the model's output on it; one with a non-finite snr step is
+    # check_step_sizes's to report (a zero score norm), after the run
+    who = f"the corrector {type(kernel).__name__}"
+    excused = False if isinstance(size, float) else ~torch.isfinite(size)
+
+    def moved(y: Tensor) -> None:
+        model.note_move(torch.isfinite(y).all() | excused, step, t, who)
+
+    x, info = chain(kernel, p, target, steps, size, normal, t, None if target.has_log_prob else moved)
     if target.has_log_prob:
         model.nfe += info.evaluations
         info.finite = finite_run(x, target)  # off the CPU read once, after the run (no sync per node)
