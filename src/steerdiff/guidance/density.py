@@ -30,27 +30,46 @@ The paper's practical rule adds to the plain rate one proportional to ``lam'``, 
 
 at no cost beyond the base denoiser's; ``log p`` gains ``k (lam_end - lam_start)`` over and above the
 plain rate along the guided path (for a Gaussian law, where ``div v`` does not depend on ``x``, exactly
-``k`` per unit of ``lam`` more than the plain ODE from the same ``x_T``). The *Prior Guidance* baseline
-the paper analyses rescales the initial noise instead (:func:`prior_guidance`).
+``k`` per unit of ``lam`` more than the plain ODE from the same ``x_T``): ``quantile=``. The *Prior Guidance*
+baseline the paper analyses rescales the initial noise instead (:func:`prior_guidance`).
 
-Where ``offset`` is met (``tests/test_density_guidance.py::test_offset_under_the_samplers_defaults``: a
-4-d Gaussian, ``offset=-2``, 256 samples, 40 steps of the default solver, mean gain over the plain run from
-the same ``x_T``, VP cosine / rectified flow): at the last node of a log-SNR-uniform grid (``final="none"``)
--2.006 / -2.016. Two departures: (i) the clean end (``final="zero"``, the default) is a step into
-``lam = inf`` that takes the guided estimate at ``t_min`` once more, an extra the rate does not define:
--2.216 / -2.165 at ``t = 0`` (the base's estimate at ``t_min``, ``den(x, t_min).x0``, gives -2.005 / -2.016);
-(ii) the default schedule's long first steps in log-SNR (``karras_capped``) do not resolve
-``k / ||eps||^2`` at high noise, where a small ``||x_T||`` makes ``eta`` far from 1 (negative for
-``||eps||^2 < -k``): -2.159 / -5.93 (flow: up to 44 nats on one sample; -2.32 at 80 steps). Sample with
-``schedule="logsnr_uniform"`` and ``final="none"`` (then denoise with the base) to get the offset.
+``offset=`` spreads a total over the path with another rate of the same family (eq. 11 allows any
+``b_t``; this one is ours, not the paper's): ``b_t = -div v + k (ds/dlam) lam'`` with the signal fraction
+``s = alpha^2 / (alpha^2 + sigma^2) = sigmoid(2 lam)``, ``ds/dlam = 2 s (1 - s) = sech(lam)^2 / 2``, and
+``k = offset / (s(t_min) - s(t_max))``, so ``eta = 1 + k sech(lam)^2 / (2 ||eps||^2)`` and the gain up to a
+node is the offset times the fraction of ``s`` covered. Why not the paper's uniform rate: a solver takes
+the denoised estimate, or its polynomial in ``lam``, as slowly varying over a step, and in ``x / sigma``
+
+    d(x / sigma)/dlam = e^lam x0_hat,   x0_hat = x0_base - e^{-lam} r(lam) eps / ||eps||^2,
+
+where ``r`` is the gain per unit of ``lam``: the guidance's part of ``x0_hat`` varies as ``e^{-lam} r``.
+With ``r = k`` constant a first-order step of length ``h`` (``eps / ||eps||^2`` frozen) applies it
+``(e^h - 1) / h`` times the exact ``h``: the default schedule's first step (``karras_capped``, ``h`` = 1.50
+on VP cosine, 3.64 on rectified flow) 2.3 / 10.2 times, at ``t_max`` where a small ``||x_T||`` makes
+``eta`` far from 1; and the clean end (``final="zero"``) is the step ``h = inf`` onto ``x0_hat``, whose extra
+``-(sigma/alpha) k eps/||eps||^2`` moves ``log p`` by ``k`` more -- one more unit of ``lam`` past ``t_min``,
+where the rate is not defined. With ``r = k sech(lam)^2 / 2`` the guided part of ``x0_hat``,
+``-2 k e^lam / (1 + e^{2 lam})^2 eps / ||eps||^2``, is bounded and vanishes at both ends (as ``e^lam`` at
+high noise, ``e^{-3 lam}`` at low noise): long steps there carry none of it, and the clean step adds
+``r(lam(t_min))`` ~ ``2 k e^{-2 lam(t_min)}`` (1.6e-4 nats on VP cosine at ``offset=-2``, 4e-6 on flow).
+
+Measured (``tests/test_density_guidance.py::test_offset_under_the_samplers_defaults``: a 4-d Gaussian,
+``offset=-2``, 256 samples, 40 steps, mean gain over the plain run from the same ``x_T``, VP cosine /
+rectified flow): ``sd.sample``'s defaults -2.009 / -2.013 (max error 0.044 / 0.060), log-SNR-uniform grid
+to the last node -2.005 / -2.013. The paper's uniform rate with the same total (``quantile``; it was
+``offset``'s): -2.370 / -6.102 under the defaults (flow: 44.7 nats off on one sample), -2.216 / -2.165 on a
+log-SNR-uniform grid with the clean end, -2.006 / -2.016 at its last node: use ``quantile`` with
+``schedule="logsnr_uniform"`` and ``final="none"`` (then denoise with the base). Per sample, on
+log-SNR-uniform grids the uniform rate is the more exact one where it works (max error 8.8e-4 / 2.4e-3 at
+40 steps against 0.029 / 0.078: ``offset``'s rate peaks at ``lam = 0``, 5 / 7 times the uniform ``k``).
 
 The stochastic extension (noise projected orthogonally to the score plus a Laplacian drift correction)
 is not a denoiser: it needs its own SDE step and is not provided. Under a stochastic solver the scaled
 score also enters the reverse SDE's added drift, which then no longer matches the SDE's noise, so ``log p``
 is not held to the rate: use an ODE solver. (8-d mixture, VP cosine, ``offset=-2``, 512 samples, the same
-noise with and without guidance, 40 / 200 log-SNR-uniform steps: mean gain -1.63 / -1.88 ``ddpm``,
--1.71 / -1.93 ``euler_maruyama``, -1.90 / -1.97 ``dpmpp_2m_sde``, -1.51 / -1.64 ``flow_sde``; UniPC's ODE
--1.96 / -1.96, its spread 0.58 / 0.56 the path's own ``-div v``.)
+noise with and without guidance, 40 / 200 log-SNR-uniform steps: mean gain -1.64 / -1.67 ``ddpm``,
+-1.57 / -1.64 ``euler_maruyama``, -1.74 / -1.67 ``dpmpp_2m_sde``, -1.90 / -1.91 ``flow_sde``; UniPC's ODE
+-2.05 / -2.05, its spread 0.39 / 0.39 the path's own ``-div v``.)
 """
 
 from __future__ import annotations
@@ -77,10 +96,12 @@ class DensityGuidance(Guided):
     changing at a prescribed rate, as a guided denoiser whose ``eps`` is the base's times ``eta_t(x)``
     (module docstring). Give exactly one of:
 
-    - ``offset`` (the paper's ``b^q`` rule with a chosen total): ``eta = 1 + k / ||eps||^2`` with
-      ``k = offset / (lam(t_min) - lam(t_max))``, so that a path over the process's whole range
-      ``[t_min, t_max]`` gains ``offset`` nats of ``log p`` beyond the plain rate (a grid from ``t_a``
-      down to ``t_b`` gains ``k (lam(t_b) - lam(t_a))``). ``offset = 0`` is the base, bit for bit.
+    - ``offset``, a total: ``eta = 1 + k sech(lam)^2 / (2 ||eps||^2)`` with ``k = offset / (s(t_min) -
+      s(t_max))``, ``s = alpha^2 / (alpha^2 + sigma^2)`` (module docstring: the paper's ``b^q`` rule with
+      its rate per unit of ``lam`` reweighted by ``ds/dlam``, so that long steps at either end and the
+      clean step carry none of it), so that a path over the process's whole range ``[t_min, t_max]``
+      gains ``offset`` nats of ``log p`` beyond the plain rate (a grid from ``t_a`` down to ``t_b`` gains
+      ``k (s(t_b) - s(t_a))``). ``offset = 0`` is the base, bit for bit.
     - ``quantile`` ``q`` in (0, 1) (the paper's parameterization): ``k = sqrt(2 D) Phi^{-1}(q)``, ``D``
       the sample's size; ``q > 0.5`` raises ``log p_0``, ``q < 0.5`` lowers it.
     - ``rate``: the paper's ``b_t``, a function ``rate(t, x) -> (batch,)`` giving the prescribed
@@ -133,10 +154,11 @@ class DensityGuidance(Guided):
         )
         self.rate, self.generator = rate, check_generators(who, generator)
         self.probes = None if probes is None else integer(who, "probes", probes, lo=1)
-        self.k = 0.0  # offset's log-density per unit of lam; quantile's depends on D, taken per call
+        self.k = 0.0  # offset's log-density per unit of the signal fraction; quantile's is per call
         if self.offset is not None:  # every built-in process has a finite log-SNR range (zero SNR clamped)
             p = base.process
-            self.k = self.offset / float(p.lam(p.t_min) - p.lam(p.t_max))
+            frac = torch.sigmoid(2 * p.lam(torch.tensor([p.t_min, p.t_max], dtype=torch.float64)))
+            self.k = self.offset / float(frac[0] - frac[1])
 
     def own_noise(self) -> list[tuple[str, Generators]]:
         """``base``'s, and Hutchinson's probes' where ``rate`` and ``probes`` are given."""
@@ -148,11 +170,17 @@ class DensityGuidance(Guided):
         self._cost = None  # base.cost, unless rate= counts its vector-Jacobian products below
         if self.rate is None:
             pred = self.base.evaluate(x, t, net_dtype, **cond)
-            d = x[0].numel()
-            k = self.k if self.quantile is None else math.sqrt(2 * d) * _ndtri(self.quantile)
-            if k == 0:
+            if self.quantile is None and self.k == 0:
                 return pred
-            extra = k / _sq_norm(pred.eps)  # eta - 1
+            per_lam: float | Tensor  # d log p / d lam over the plain rate
+            if self.quantile is None:  # k ds/dlam, s = sigmoid(2 lam): 2 s (1 - s) = sech(lam)^2 / 2
+                lam = self.base.process.lam(t.to(torch.float64) if isinstance(t, Tensor) else float(t))
+                per_lam = (
+                    (self.k * 0.5 * torch.cosh(lam).pow(-2)).to(device=x.device, dtype=x.dtype).reshape(-1)
+                )
+            else:
+                per_lam = math.sqrt(2 * x[0].numel()) * _ndtri(self.quantile)
+            extra = per_lam / _sq_norm(pred.eps)  # eta - 1
         else:
             pred, extra = self._rate_step(x, t, net_dtype, **cond)
         return add_score(pred, _rows(-extra, x) * pred.eps / pred.sigma)
