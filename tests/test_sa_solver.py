@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import steerdiff as sd
+from steerdiff.solvers.base import SDE_MAX_H, SDE_MAX_H_RATIO
 
 from .reference import (
     F64,
@@ -89,6 +90,25 @@ def test_tau_zero_is_unipc_bh1(gmm, sd_process, p, schedule):
         x = sd.sample(den, x_T, steps=steps, solver=sa, schedule=schedule)
         y = sd.sample(den, x_T, steps=steps, solver=uni, schedule=schedule)
         assert torch.allclose(x, y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_tau_zero_is_unipc_bh1_with_the_sde_long_step_rules(gmm, sd_process, p):
+    # 30 time_uniform steps end with a long step: SA-Solver's default long-step rule (SDE_MAX_H) and UniPC's
+    # (ODE_MAX_H and the step-ratio rule) differ there, so tau = 0 is UniPC-bh1 with SA-Solver's rules only
+    x_T, den = noise(4, 8), gmm.denoiser(sd_process)
+    sa = sd.solvers.SASolver(order=p, corrector_order=p + 1, tau=0.0, second_order="sasolver")
+    x = sd.sample(den, x_T, steps=30, solver=sa, schedule="time_uniform")
+    rules = {"max_h": SDE_MAX_H, "max_h_ratio": SDE_MAX_H_RATIO, "max_ratio": math.inf}
+    y = sd.sample(
+        den, x_T, steps=30, solver=sd.solvers.UniPC(order=p, variant="bh1", **rules), schedule="time_uniform"
+    )
+    assert torch.allclose(x, y, rtol=0, atol=1e-12)
+    # with its own defaults UniPC is another solver there (measured 0.10 / 0.056 apart)
+    z = sd.sample(
+        den, x_T, steps=30, solver=sd.solvers.UniPC(order=p, variant="bh1"), schedule="time_uniform"
+    )
+    assert rel_rmse(x, z) > 0.02
 
 
 @pytest.mark.parametrize("second_order", ["exact", "sasolver"])

@@ -25,7 +25,11 @@ previous steps, ``d_1``, ``d_2`` the Newton divided differences in ``lam``), the
 weights ``d_2`` by ``W_3 - h^2`` (``"diffusers"``): the ``- 0.5`` in its ``D2`` coefficient has the
 sign of the ODE branch's, so its third-order step carries an ``O(h^2)`` local error.
 At ``eta = 0`` the multistep solver is :class:`~steerdiff.solvers.dpmpp.DPMSolverPPMultistep`
-(midpoint 2M; 3M with the same ``third_order``).
+(midpoint 2M; 3M with the same ``third_order``) with the same long-step rules: the SDE solver's
+``max_h``, ``max_h_ratio`` (default :data:`~steerdiff.solvers.base.SDE_MAX_H`, ``SDE_MAX_H_RATIO``) and no
+step-ratio rule (``max_ratio=inf``). With each one's defaults they differ on grids with long steps (SD betas,
+30 ``time_uniform`` steps, the tests' 8-d mixture: 0.047 apart, relative, at order 2, 0.057 at order
+3).
 
 Singlestep (k-diffusion's ``sample_dpmpp_sde``, diffusers' ``DPMSolverSDEScheduler``): an SDE step
 of the first order to ``lam_m = lam_s + r h`` (``r = 1/2``) with its own noise
