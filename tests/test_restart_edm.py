@@ -79,8 +79,10 @@ def test_edm_without_churn_is_heun(gmm, sd_process, schedule, final):
 
 
 def test_edm_matches_karras_algorithm_2(gmm):
-    """k-diffusion's ``sample_heun`` with churn (EDM Alg. 2) on the EDM process, same draws."""
-    steps, churn, tmin, tmax = 10, 30.0, 0.3, 20.0
+    """k-diffusion's ``sample_heun`` with churn (EDM Alg. 2) on the EDM process, same draws. ``S_churn / N``
+    below its cap ``sqrt(2) - 1`` (0.2 here), so that the step count ``N`` it is divided by counts (at 30 / 10
+    the cap set ``gamma`` whatever ``N``)."""
+    steps, churn, tmin, tmax = 10, 2.0, 0.3, 20.0
     rec = Record(4)
     solver = sd.solvers.EDMStochasticHeun(s_churn=churn, s_tmin=tmin, s_tmax=tmax)
     x_T = noise(6, 8) * 80.0
