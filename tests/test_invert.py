@@ -370,20 +370,28 @@ def test_lms_rule_is_never_consulted_when_sampling(gmm, monkeypatch):
 # --- round trip ---------------------------------------------------------------------------------------
 
 
+def _round_trips(gmm, process, x_0, solver, factor: float) -> list[float]:
+    """``sample(invert(x_0), final="none")``'s error at 10 and 20 steps, each asserted below ``factor`` times
+    the sum of the inversion's error carried back by the exact flow and the sampler's own from the exact
+    ``x_T``."""
+    den = gmm.denoiser(process)
+    trips = []
+    for steps in (10, 20):
+        x_T, info = sd.invert(den, x_0, steps, solver, return_info=True)
+        g = info.grid
+        carried = rel_rmse(gmm.reference_ode(x_T, process, t_start=g.t[-1], t_end=g.t[0]), x_0)
+        own = rel_rmse(sd.sample(den, _exact(gmm, process, x_0, g), steps, solver, final="none"), x_0)
+        trips.append(rel_rmse(sd.sample(den, x_T, steps, solver, final="none"), x_0))
+        assert trips[-1] < factor * (carried + own), (steps, trips[-1], carried, own)
+    return trips
+
+
 @pytest.mark.parametrize("solver", [None, "unipc", "dpmpp_2m", "heun", "deis", "dpm_solver", "ddim"], ids=str)
 def test_round_trip_returns_x_0_within_the_solver_error(gmm, sd_process, x_0, solver):
     """``sample(invert(x_0), final="none")`` is ``x_0`` up to both runs' error: the inversion's carried back
     by the exact flow (which may expand it: dpm_solver's 6.8e-3 at 20 steps becomes 0.12) plus the sampler's
     own from the exact ``x_T``; within 1.5x of that sum, and converging."""
-    den = gmm.denoiser(sd_process)
-    trips = []
-    for steps in (10, 20):
-        x_T, info = sd.invert(den, x_0, steps, solver, return_info=True)
-        g = info.grid
-        carried = rel_rmse(gmm.reference_ode(x_T, sd_process, t_start=g.t[-1], t_end=g.t[0]), x_0)
-        own = rel_rmse(sd.sample(den, _exact(gmm, sd_process, x_0, g), steps, solver, final="none"), x_0)
-        trips.append(rel_rmse(sd.sample(den, x_T, steps, solver, final="none"), x_0))
-        assert trips[-1] < 1.5 * (carried + own), (steps, trips[-1], carried, own)
+    trips = _round_trips(gmm, sd_process, x_0, solver, 1.5)
     assert trips[1] < trips[0] / 1.5, trips
 
 
@@ -402,15 +410,7 @@ def test_round_trip_on_every_process_kind(gmm, x_0, process, solver):
     """The round trip beyond SD's betas, the multistep solvers included: within the sum of the inversion's
     error carried back and the sampler's own (measured 0.71-0.97 of it at 10 and 20 steps on these twelve
     cases; 3.4e-2 / 1.1e-2 for the defaults under EDM, 4.4e-2 / 1.3e-2 for ``dpmpp_3m``) and falling."""
-    den = gmm.denoiser(process)
-    trips = []
-    for steps in (10, 20):
-        x_T, info = sd.invert(den, x_0, steps, solver, return_info=True)
-        g = info.grid
-        carried = rel_rmse(gmm.reference_ode(x_T, process, t_start=g.t[-1], t_end=g.t[0]), x_0)
-        own = rel_rmse(sd.sample(den, _exact(gmm, process, x_0, g), steps, solver, final="none"), x_0)
-        trips.append(rel_rmse(sd.sample(den, x_T, steps, solver, final="none"), x_0))
-        assert trips[-1] < 1.2 * (carried + own), (steps, trips[-1], carried, own)
+    trips = _round_trips(gmm, process, x_0, solver, 1.2)
     assert 5e-3 < trips[1] < trips[0] / 2 and trips[0] < 0.1, trips
 
 
