@@ -223,7 +223,8 @@ def close(x: torch.Tensor, want: torch.Tensor) -> None:
         assert torch.equal(x, want)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+# three ranks: in make test-slow, out of make test's default run (two ranks stay in it)
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_same_samples_as_one_process(world):
     single = _single(N)
     shards = sd.distributed.Ranks(0, world).sizes(N)

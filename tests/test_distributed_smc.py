@@ -287,7 +287,8 @@ def alone() -> dict[str, dict[str, Any]]:
     return {name: _summary(run(None)) for name, run in RUNS.items()}
 
 
-@pytest.mark.parametrize("world", [2, 3])
+# three ranks: in make test-slow, out of make test's default run (two ranks stay in it)
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_spread_runs_equal_the_single_process_run(alone, world):
     for rank, (spread, said, stderr) in enumerate(spawn(_on_ranks, world)):
         # one progress bar, rank 0's (not one per rank, each redrawing over the others)
