@@ -290,7 +290,7 @@ def invert_as(
         )
     grid = forward.reversed()
     model = Model(den, cond, net_dtype=x_0.dtype)
-    x, _, _ = run_grid(slv, model, grid, x_0.to(work_dtype(x_0.dtype)), callback, progress)
+    x, _ = run_grid(slv, model, grid, x_0.to(work_dtype(x_0.dtype)), callback, progress)
     model.check_finite()
     log.debug("inverted %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
     x = laid_out_as(to_sample_dtype(who, x, x_0.dtype), x_0)

@@ -19,7 +19,7 @@ from . import solvers as _solvers
 from ._checks import SAMPLE_DTYPES, boolean, caller, choice, integer
 from ._ops import laid_out_as
 from .denoiser import Denoiser, check_denoiser, check_sample_shape
-from .mcmc.base import check_step_sizes, first_nonfinite
+from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
 from .solvers._poly import exp_adams_bashforth
@@ -541,7 +541,7 @@ def sample_as(
     check_unused_corrector_args(who, kernel, corrector_steps, snr)
     if kernel is not None:
         _mcmc.check_corrector(kernel, model.noise, corrector_steps, snr, len(x_T), who)
-    x, chains, chain_steps = run_grid(
+    x, chains = run_grid(
         slv,
         model,
         grid,
@@ -553,10 +553,6 @@ def sample_as(
         snr,
         None if project is None else functools.partial(projected, who, project),
     )
-    bad = first_nonfinite(chains)
-    if bad is not None and ((m := model.first_nonfinite()) is None or chain_steps[bad] < m[0]):
-        # before the model's check: a NaN the corrector made reaches the next evaluation
-        raise _mcmc.corrector.nonfinite_error(chain_steps[bad], grid.t[chain_steps[bad] + 1])
     model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
     check_step_sizes(chains)
     log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
@@ -600,16 +596,15 @@ def run_grid(
     corrector_steps: int = DEFAULT_CORRECTOR_STEPS,
     snr: float = DEFAULT_SNR,
     project: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, list[_mcmc.ChainInfo], list[int]]:
+) -> tuple[Tensor, list[_mcmc.ChainInfo]]:
     """``slv`` over every step of ``grid`` from ``x`` (in :func:`~steerdiff.solvers.base.work_dtype`): the
     loop of :func:`sample` (a sampling grid) and of :func:`~steerdiff.inversion.invert` (a
     :meth:`~steerdiff.solvers.base.Grid.reversed` one). After each step into a noisy node the ``kernel``'s
     corrector moves, if any; then ``x <- project(x)`` after every step, the clean one included (a move like
     a corrector's: the solver restarts its history, :meth:`~steerdiff.solvers.base.Solver.moved`); then
-    ``callback`` (:func:`sample`'s ``callback``). Returns the state, the corrector chains and the step after
-    which each ran; the caller checks them and ``model`` for non-finite values."""
+    ``callback`` (:func:`sample`'s ``callback``). Returns the state and the corrector chains; the caller
+    checks ``model`` for non-finite values (the correctors' moved states included: ``Model.note_move``)."""
     chains: list[_mcmc.ChainInfo] = []
-    chain_steps: list[int] = []  # the step after which each corrector ran
     state = slv.init_state(grid)
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
     for i in indices:
@@ -619,7 +614,6 @@ def run_grid(
                 kernel, model, x, grid.t[i + 1], grid.sigma[i + 1], i, corrector_steps, snr
             )
             chains.append(chain)
-            chain_steps.append(i)
             slv.moved(state)  # the next step starts from the moved x: estimates made before it are stale
         if project is not None:
             x = project(x)
@@ -635,7 +629,7 @@ def run_grid(
                     "nfe": model.nfe,
                 }
             )
-    return x, chains, chain_steps
+    return x, chains
 
 
 def projected(who: str, project: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

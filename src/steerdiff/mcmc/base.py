@@ -237,14 +237,6 @@ def check_step_sizes(chains: Sequence[ChainInfo]) -> None:
     )
 
 
-def first_nonfinite(chains: Sequence[ChainInfo]) -> int | None:
-    """The index of the first run whose final state was found not finite (``ChainInfo.finite``),
-    ``None`` if none was; one host read for all of them."""
-    flags = [(k, c.finite) for k, c in enumerate(chains) if c.finite is not None]
-    j = first_false(torch.stack([f for _, f in flags])) if flags else None
-    return None if j is None else flags[j][0]
-
-
 def rows(v: Tensor) -> Tensor:
     """``v`` ``(n, ...)`` as ``(n, D)``, one sample a row (``D = 1`` for ``(n,)``; zero rows too, which
     ``reshape(n, -1)`` refuses)."""

@@ -25,6 +25,7 @@ checks all of them once, after the run (:func:`~steerdiff.mcmc.base.check_step_s
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from .._checks import caller, integer, real
 from ..noise import NoiseSource, check_fixed_time, check_generators, check_shared, make_noise
-from ..solvers.base import Model, NonFiniteError
+from ..solvers.base import Model, NonFiniteError, moved_error
 from .base import ChainInfo, Kernel, Point, StepSize, chain, finite_run, fixed_time, snr_step_size
 from .hmc import HMC
 from .langevin import MALA, ULA
@@ -115,22 +116,23 @@ def correct(
         p = target.evaluate(p, value=kernel.needs_log_prob)
         # an empty batch has no score norm to take a step from, and its moves are empty whatever the step
         size = kernel.step_from_langevin(snr_step_size(p.grad, snr)) if len(x) else math.nan
-    # a move on the model's score: its state is checked with the model's outputs (no sync per node), so a
-    # NaN/inf the move made is not reported as the model's output on it; one with a non-finite snr step is
-    # check_step_sizes's to report (a zero score norm), after the run
-    who = f"the corrector {type(kernel).__name__}"
+    # the moved state is checked with the model's outputs (Model.note_move: no sync per node, read at once
+    # on the CPU), so a NaN/inf the corrector made is not reported as the model's output on it. With a
+    # log_prob: once, after the chain; on the model's score: after each move, one with a non-finite snr
+    # step excused (check_step_sizes reports a zero score norm, after the run)
+    if target.has_log_prob:
+        x, info = chain(kernel, p, target, steps, size, normal, t)
+        model.nfe += info.evaluations
+        info.finite = finite_run(x, target)
+        model.note_move(info.finite, step, t, nonfinite_error)
+        return x, info
     excused = False if isinstance(size, float) else ~torch.isfinite(size)
+    error = functools.partial(moved_error, who=f"the corrector {type(kernel).__name__}")
 
     def moved(y: Tensor) -> None:
-        model.note_move(torch.isfinite(y).all() | excused, step, t, who)
+        model.note_move(torch.isfinite(y).all() | excused, step, t, error)
 
-    x, info = chain(kernel, p, target, steps, size, normal, t, None if target.has_log_prob else moved)
-    if target.has_log_prob:
-        model.nfe += info.evaluations
-        info.finite = finite_run(x, target)  # off the CPU read once, after the run (no sync per node)
-        if x.is_cpu and not bool(info.finite):  # as the model's outputs: stop at the first bad node
-            raise nonfinite_error(step, t)
-    return x, info
+    return chain(kernel, p, target, steps, size, normal, t, moved)
 
 
 def nonfinite_error(step: int, t: float) -> NonFiniteError:

@@ -483,7 +483,7 @@ class Model:
         self._sums: list[Tensor] = []
         self._where: list[tuple[int, float]] = []
         self._moves: list[Tensor] = []  # note_move's flags, read with the sums
-        self._move_where: list[tuple[int, int, float, str]] = []
+        self._move_where: list[tuple[int, int, float, Callable[[int, float], NonFiniteError]]] = []
 
     def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
         self.last = None
@@ -517,18 +517,20 @@ class Model:
         k = first_false(torch.isfinite(torch.stack(self._sums))) if self._sums else None
         return None if k is None else (self._where[k][0], k, self._where[k][1])
 
-    def note_move(self, finite: Tensor, step: int, t: float, who: str) -> None:
-        """Record ``finite``, a 0-d bool tensor: whether the state that ``who`` (a corrector) moved the sample
-        to after solver ``step`` at process time ``t`` is finite (no host read; :meth:`check_finite` then
-        names ``who`` where its move, not the model's output on the state, made the first NaN/inf); read at
-        once on the CPU, as the evaluations' sums are (unless ``eager`` is False)."""
+    def note_move(
+        self, finite: Tensor, step: int, t: float, error: Callable[[int, float], NonFiniteError]
+    ) -> None:
+        """Record ``finite``, a 0-d bool tensor: whether the state a move (a corrector's) took the sample to
+        after solver ``step`` at process time ``t`` is finite (no host read; where the move, not the model's
+        output on the state, made the first NaN/inf, :meth:`check_finite` raises ``error(step, t)``); read
+        at once on the CPU, as the evaluations' sums are (unless ``eager`` is False)."""
         self._moves.append(finite)
-        self._move_where.append((self.calls, step, t, who))
+        self._move_where.append((self.calls, step, t, error))
         if self.eager and finite.is_cpu and not bool(finite):
             self.check_finite()
 
-    def first_bad_move(self) -> tuple[int, int, float, str] | None:
-        """``(evaluation, step, t, who)`` of the first state :meth:`note_move` found not finite (made before
+    def first_bad_move(self) -> tuple[int, int, float, Callable[[int, float], NonFiniteError]] | None:
+        """``(evaluation, step, t, error)`` of the first state :meth:`note_move` found not finite (made before
         the model's ``evaluation``-th call, from 0), ``None`` if none was; one device sync."""
         k = first_false(torch.stack(self._moves)) if self._moves else None
         return None if k is None else self._move_where[k]
@@ -537,19 +539,19 @@ class Model:
         """Raise :class:`NonFiniteError` naming the first step whose evaluation was not finite, of this
         model or of ``others`` run beside it (pcg's predictor and corrector): the earliest step wins. Where
         a move recorded by :meth:`note_move` made a non-finite state before the first non-finite evaluation
-        (which then took it as input), the error names the mover instead of the model."""
+        (which then took it as input), the error is the move's (:meth:`note_move`), not the model's."""
         bad: list[tuple[tuple[int, float], NonFiniteError]] = []
         for m in (self, *others):
             net, move = m.first_nonfinite(), m.first_bad_move()
             if move is not None and (net is None or move[0] <= net[1]):
-                bad.append(((move[1], -move[2]), moved_error(*move[1:])))
+                bad.append(((move[1], -move[2]), move[3](move[1], move[2])))
             elif net is not None:
                 bad.append(((net[0], -net[2]), nonfinite_error(*net)))
         if bad:  # the earliest: by step, then by time, which falls as sampling goes on (not by index)
             raise min(bad, key=lambda b: b[0])[1]
 
 
-def moved_error(step: int, t: float, who: str) -> NonFiniteError:
+def moved_error(step: int, t: float, *, who: str) -> NonFiniteError:
     """The error for a state that ``who`` (a corrector) moved to NaN/inf after solver ``step``, at process
     time ``t``, from a finite state and finite model outputs."""
     return NonFiniteError(
