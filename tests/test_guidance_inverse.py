@@ -821,6 +821,7 @@ def test_bench_posterior_and_steer_reports_say_the_tuning_is_in_sample() -> None
     )
 
 
+@pytest.mark.slow  # 7-18 s: in make test-slow, out of make test's default run
 def test_bench_posterior_and_steer_give_each_draw_its_own_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every seed that ``bench posterior`` (its 39 cases, each method once) and ``bench steer`` (every
     case and method) give a generator, at seeds 0 and 1, is given at one line of their code (one

@@ -558,6 +558,9 @@ def _spread(group, x_T):
     return out
 
 
+# 11-17 s: in make test-slow, out of make test's default run (test_group_one_collective_per_iteration checks
+# the group's results against the single process's too)
+@pytest.mark.slow
 def test_group_equals_single_process(x_T):
     single = _spread(None, x_T)
     ranks = spawn(_spread, 2, x_T)
