@@ -26,15 +26,15 @@ from steerdiff.metrics import relative_rmse
 F64 = torch.float64
 rel_rmse = relative_rmse
 
-# Parity with a reference implementation (diffusers; k-diffusion for edm_sde), as relative RMSE.
-# PARITY is the contract (README: "to better than 1e-4"); each parity test asserts its scheduler's
-# PARITY_BOUND, close to the largest value its parametrizations measure, so that a tenfold regression
-# fails. Where diffusers steps in float32 (its sigma / alphas_cumprod tables; our side is float64) the
-# gap is float32 rounding amplified by the steps and may differ on other CPU/BLAS builds (the order-3
-# SDE case measures 1.1e-5 with AVX2/AVX512 kernels, 6.0e-6 with ATEN_CPU_CAPABILITY=default): those
+# Parity with a reference implementation (diffusers; k-diffusion for edm_sde), as relative RMSE. PARITY is
+# the contract (README, docs/correctness.md: "to better than 1e-4"); each parity test asserts its
+# scheduler's PARITY_BOUND, close to the largest value its parametrizations measure, so that a tenfold
+# regression fails. Where diffusers steps in float32 (its sigma / alphas_cumprod tables; our side is
+# float64) the gap is float32 rounding amplified by the steps and may differ on other CPU/BLAS builds (the
+# order-3 SDE case measures 1.1e-5 with AVX2/AVX512 kernels, 6.0e-6 with ATEN_CPU_CAPABILITY=default): those
 # bounds are the smallest 1-2-5 value at least 4x the measured maximum (4-10x headroom); float64-only
-# comparisons get the smallest at least 2x (2-5x). Measured: torch 2.13 CPU, diffusers 0.42.1,
-# max over every parametrization and over ATEN_CPU_CAPABILITY=avx512/avx2/default; README quotes AVX512.
+# comparisons get the smallest at least 2x (2-5x). Measured: torch 2.13 CPU, diffusers 0.42.1, max over
+# every parametrization and over ATEN_CPU_CAPABILITY=avx512/avx2/default; docs/solvers.md quotes AVX512.
 PARITY = 1e-4
 PARITY_BOUND: dict[str, float] = {
     # deterministic (tests/test_solvers_basic.py, test_dpm_solver.py, test_unipc.py, test_deis_ipndm_lms.py)

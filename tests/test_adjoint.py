@@ -6,8 +6,8 @@ The oracle: a single Gaussian ``N(m, diag(v))`` under Stable Diffusion's betas. 
 ``x_N = alpha_N m + A (x_T - alpha_0 m)`` with ``A = sqrt((alpha_N^2 v + sigma_N^2) / (alpha_0^2 v +
 sigma_0^2))``: for ``L = |x_N - target|^2 / 2`` the exact ``dL/dx_T = A (x_N - target)`` and, for a mean shift
 ``m = mu + delta`` passed to the net as a condition, ``dL/d delta`` = the batch's sum of
-``(alpha_N - alpha_0 A) (x_N - target)``. ``python -m tests.test_adjoint`` prints the README's table and the
-order-3 numbers of ``sd.adjoint``'s docstring.
+``(alpha_N - alpha_0 A) (x_N - target)``. ``python -m tests.test_adjoint`` prints docs/adjoint.md's table and
+the order-3 numbers of ``sd.adjoint``'s docstring.
 """
 
 from __future__ import annotations
@@ -484,8 +484,8 @@ def test_gradient_guidance_matches_autograd() -> None:
 
 
 def main() -> None:
-    """The README's table: relative error of dL/dx_T against the exact flow map's gradient, AdjointDEIS and
-    autograd through sample (same DEIS, same grid), and the autograd graph's peak (saved tensors)."""
+    """docs/adjoint.md's table: relative error of dL/dx_T against the exact flow map's gradient, AdjointDEIS
+    and autograd through sample (same DEIS, same grid), and the autograd graph's peak (saved tensors)."""
     print("steps  order  adjoint   autograd  | peak saved: adjoint  autograd")
     for k in (1, 2):
         for n in (10, 20, 40, 80, 160):

@@ -7,7 +7,7 @@ estimate is the score of ``p_t(x|c)^w p_t(x)^{1-w}``, which is not the noised ta
 differ; characteristic guidance's is, to the tolerance of its solve (a Gaussian's score is constant along
 its characteristics).
 
-The README's table: ``PYTHONPATH=src python -m tests.test_characteristic_guidance``.
+docs/guidance.md's table: ``PYTHONPATH=src python -m tests.test_characteristic_guidance``.
 """
 
 from __future__ import annotations
@@ -471,7 +471,7 @@ def test_branches_must_share_a_process(sd_process):
 
 
 def main() -> None:
-    """The README's table: ``PYTHONPATH=src python -m tests.test_characteristic_guidance``."""
+    """docs/guidance.md's table: ``PYTHONPATH=src python -m tests.test_characteristic_guidance``."""
     torch.set_num_threads(1)
     process = sd.VP.scaled_linear()
     print("| w | sampler | NFE CFG / char. | endpoint CFG / char. | mean CFG / char. (floor) | cov (floor) |")

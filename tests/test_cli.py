@@ -106,7 +106,7 @@ def test_bench_solvers_table_is_sd_sample(tmp_path, capsys, problem):
         *(f"{float(best[k]):.2e}" for k in ("nfe_5", "nfe_10")),
     ]
     assert "(a)" not in out
-    # the printed report is kept beside the CSV (the numbers the README quotes)
+    # the printed report is kept beside the CSV (the numbers docs/benchmarks.md quotes)
     report = (tmp_path / "solvers.txt").read_text()
     assert report.startswith("Relative RMSE vs the exact sample") and report in out
     pytest.importorskip("matplotlib")

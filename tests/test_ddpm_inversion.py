@@ -7,7 +7,7 @@ independent draws), which the maps match; on the mixture oracle the maps are mea
 formulas of the module docstring. Editing a conditional two-Gaussian model is measured against DDIM inversion
 and fresh noise.
 
-``python -m tests.test_ddpm_inversion`` prints the editing table quoted in the README.
+``python -m tests.test_ddpm_inversion`` prints the editing table quoted in docs/inversion.md.
 """
 
 from __future__ import annotations

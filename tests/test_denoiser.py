@@ -404,7 +404,7 @@ def test_a_mixins_evaluate_is_the_subclass_own():
 
 
 def test_a_users_evaluate_takes_x_and_t_by_keyword():
-    """A user's ``evaluate(self, x, t, net_dtype, **cond)`` (as the README writes it, no ``/``) is called
+    """A user's ``evaluate(self, x, t, net_dtype, **cond)`` (as docs/custom.md writes it, no ``/``) is called
     with keywords as its signature allows, and what reaches the base denoiser is checked (a guard: the
     reverted input check around subclasses' ``evaluate`` took ``x`` and ``t`` by position only)."""
     gmm, proc = sd.toy.default_benchmark_mixture(dim=4), sd.VP.scaled_linear()

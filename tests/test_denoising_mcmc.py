@@ -5,7 +5,7 @@ are the mixture noised to it (sliced W2 to exact draws over the floor); the deno
 data; against plain ``sd.sample`` at the same NFE per sample; one sweep at one level as ``sd.mcmc.ULA`` on
 the exact noised density; reproducibility per seed and per chain, exact NFE; bad input.
 
-``python -m tests.test_denoising_mcmc`` prints the README's numbers.
+``python -m tests.test_denoising_mcmc`` prints docs/mcmc.md's numbers.
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ def _equal_nfe_table() -> None:
 
 
 def main() -> None:
-    """The README's numbers."""
+    """docs/mcmc.md's numbers."""
     _equal_nfe_table()
     gmm = _mixture(2)
     ref = gmm.sample(2000, _gen(1))

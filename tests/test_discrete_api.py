@@ -282,10 +282,10 @@ def test_logits_of_another_shape_are_refused():
 
 
 def test_the_readme_example_runs_and_samples_the_law():
-    from .test_readme import _block
+    from ._docs import block
 
     scope: dict[str, object] = {"torch": torch, "sd": sd, "print": lambda *a: None}
-    exec(compile(_block("## Discrete (masked) diffusion"), "README.md", "exec"), scope)
+    exec(compile(block("# Discrete (masked) diffusion"), "docs/discrete.md", "exec"), scope)
     mix, x, xc = scope["mix"], scope["x"], scope["xc"]
     mean, sd_ = tv_floor(mix.table(), len(x))
     assert mix.total_variation(x) < mean + 4 * sd_

@@ -62,8 +62,8 @@ def test_samples_follow_the_exact_law_of_the_algorithm(log_likelihood):
 
 def test_the_exact_law_approaches_the_posterior_as_iterations_grow():
     """Exact laws (2 denoising steps, 20 Metropolis-Hastings steps an iteration): 0.337 / 0.201 / 0.0862 in
-    TV from the posterior at 1 / 4 / 16 iterations (README: 0.047 at 50, 0.029 at 200), against 0.420 for
-    the prior and 0.341 for the likelihood alone."""
+    TV from the posterior at 1 / 4 / 16 iterations (docs/discrete.md: 0.047 at 50, 0.029 at 200), against
+    0.420 for the prior and 0.341 for the likelihood alone."""
     target = posterior(tilt)
     prior, alone = distance(MIX.table(), target), distance(torch.softmax(tilt(X), 0), target)
     exact = {n: distance(sgdd_law(MIX, PROC, tilt, n, 2, 20, 2e-5), target) for n in (1, 4, 16)}

@@ -375,10 +375,10 @@ def test_best_of_n_refuses_bad_input():
 
 
 def test_the_readme_example_steers_to_the_tilted_law():
-    from .test_readme import _block
+    from ._docs import block
 
     scope: dict[str, object] = {"torch": torch, "sd": sd, "print": lambda *a: None}
-    exec(compile(_block("## Discrete (masked) diffusion"), "README.md", "exec"), scope)
+    exec(compile(block("# Discrete (masked) diffusion"), "docs/discrete.md", "exec"), scope)
     mix, f, xs, out = scope["mix"], scope["f"], scope["xs"], scope["out"]
     law = mix.tilt(f, 2.0).table()
     mean, sd_ = tv_floor(law, len(xs))

@@ -203,13 +203,13 @@ def test_bad_input_is_refused(mix4):
 
 
 def test_the_readme_snippet_runs_and_samples_the_data_and_the_posterior():
-    from .test_readme import _block
+    from ._docs import block
 
     mix = mixture(L=5, V=3, K=3)
     scope = {"sd": sd, "torch": torch, "mix": mix, "V": 3, "L": 5, "print": lambda *a: None}
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the snippet's g
-        exec(compile(_block("### Uniform-noise discrete diffusion"), "README.md", "exec"), scope)
+        exec(compile(block("## Uniform-noise discrete diffusion"), "docs/discrete.md", "exec"), scope)
     floor, sd_floor = tv_floor(mix.table(), 4000)
     assert mix.total_variation(scope["xu"]) < floor + 4 * sd_floor
     # SGDD at NFE 200 on 243 sequences: 0.082 from the posterior (floor 0.070 ± 0.004), the prior 0.367

@@ -8,7 +8,7 @@ candidate nearest to the source branch's optimal noise, recomputed by hand. Edit
 two-Gaussian model of ``tests/test_ddpm_inversion.py`` is measured against DDIM inversion, edit-friendly DDPM
 inversion and fresh noise.
 
-``python -m tests.test_eta_inversion`` prints the editing table quoted in the README.
+``python -m tests.test_eta_inversion`` prints the editing table quoted in docs/inversion.md.
 """
 
 from __future__ import annotations

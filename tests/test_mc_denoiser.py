@@ -8,7 +8,7 @@ VP from :meth:`~steerdiff.mcmc.MonteCarloDenoiser.warm_start`, DDPM) are compare
 W2 beside the floor of two exact sets) and, on a well-separated two-mode mixture, with ULA and MALA at the
 same number of target evaluations (mode-weight error).
 
-``python -m tests.test_mc_denoiser`` prints the numbers of the README section.
+``python -m tests.test_mc_denoiser`` prints the numbers of docs/mcmc.md.
 """
 
 from __future__ import annotations
@@ -183,8 +183,8 @@ RUNS = [
 @pytest.mark.parametrize(("name", "gmm", "ratio", "samples", "warm", "c", "bound"), RUNS, ids=["2d", "8d"])
 def test_rdmc_sampling_reaches_the_floor(name, gmm, ratio, samples, warm, c, bound):
     """512 samples, 20 DDPM steps from the early-stopped sigma / alpha: sliced W2 to 512 exact draws within
-    `bound` x the floor (README table; 2-d over generator seeds 0-3: 0.18-0.39 against the floor 0.27, the
-    rest of the error the warm start's mode weights)."""
+    `bound` x the floor (docs/mcmc.md's table; 2-d over generator seeds 0-3: 0.18-0.39 against the floor 0.27,
+    the rest of the error the warm start's mode weights)."""
     gmm = gmm()
     out, cost = rdmc(gmm, 512, ratio, 20, samples, warm, c)
     ref = gmm.sample(512, torch.Generator().manual_seed(7))
@@ -380,7 +380,7 @@ def test_bad_input():
 
 
 def main() -> None:
-    """The README table: whole rdMC runs beside the floor, and the mode weights against ULA / MALA."""
+    """docs/mcmc.md's table: whole rdMC runs beside the floor, and the mode weights against ULA / MALA."""
     for name, gmm, ratio, samples, warm, c, _ in RUNS:
         gmm = gmm()
         out, cost = rdmc(gmm, 512, ratio, 20, samples, warm, c)

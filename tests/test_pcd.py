@@ -16,8 +16,8 @@ from steerdiff.guidance import Coupled, pcd_sample
 from steerdiff.inverse import Matrix
 from steerdiff.metrics import sliced_wasserstein
 
+from ._docs import block
 from .test_guidance_cfg import learned_variance
-from .test_readme import _block
 
 F64 = torch.float64
 PROC = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64))
@@ -370,6 +370,6 @@ def test_the_readme_snippet_runs_with_what_it_is_given():
     den_a, den_b = dens()
     scope = {"sd": sd, "torch": torch, "den_a": den_a, "den_b": den_b, "shape": (D,), "n": 8}
     scope["g"] = torch.Generator().manual_seed(0)
-    exec(compile(_block("**Projected Coupled Diffusion**"), "README.md", "exec"), scope)
+    exec(compile(block("**Projected Coupled Diffusion**"), "docs/guidance.md", "exec"), scope)
     x = scope["x"]
     assert x.shape == (8, 2, D) and float(x.abs().max()) <= 1.0

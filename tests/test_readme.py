@@ -1,11 +1,11 @@
-"""The README's worked example of a new solver runs as printed and is what it says: second order
-against the exact ODE, and the heun-weighted DPM-Solver++(2M) of the library to round-off."""
+"""The README and the docs/ pages it links to say what the code does: their examples run as printed (the
+worked example of a new solver is second order against the exact ODE and the heun-weighted DPM-Solver++(2M) of
+the library to round-off), their tables are the registries, their commands parse and their links resolve."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import itertools
 import math
 import os
 import re
@@ -14,25 +14,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 import steerdiff as sd
 
+from ._docs import PAGES, README, ROOT, anchors, block, first_cells, name, page_of
 from .reference import slope
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _block(heading: str) -> str:
-    text = README.read_text()
-    match = re.search(r"```python\n(.*?)```", text[text.index(heading) :], re.S)
-    assert match is not None, heading
-    return match.group(1)
+DOCS = ROOT / "docs"
 
 
 def test_the_custom_solver_example_runs_and_is_second_order():
     scope: dict[str, object] = {}
-    exec(compile(_block("### Your own solver"), "README.md", "exec"), scope)
+    heading = "# Your own solver, schedule or guidance"
+    exec(compile(block(heading), name(page_of(heading)), "exec"), scope)
     solver, gmm, proc, x_T, exact = (scope[k] for k in ("ExpAB2", "gmm", "proc", "x_T", "exact"))
     den = gmm.denoiser(proc)
     steps = [10, 20, 40]
@@ -46,19 +42,6 @@ def test_the_custom_solver_example_runs_and_is_second_order():
     )
 
 
-def _first_cells(header: str) -> list[str]:
-    """The backquoted names in the first column of every README table whose header starts ``header``."""
-    names: list[str] = []
-    lines = README.read_text().splitlines()
-    for start in (i for i, line in enumerate(lines) if line.startswith(header)):
-        for line in itertools.takewhile(lambda ln: ln.startswith("|"), lines[start + 2 :]):
-            cell = re.match(r"\| (.*?) (?<!\\)\|", line)
-            assert cell is not None, line
-            names += re.findall(r"`([^`]+)`", cell.group(1))
-    assert names, header
-    return names
-
-
 def _resolve(root: object, dotted: str) -> object:
     """``sd.solvers.DDIM(eta=…)`` or ``VP.discrete(betas=…)``: the object the name before ``(`` is."""
     obj = root
@@ -68,23 +51,26 @@ def _resolve(root: object, dotted: str) -> object:
 
 
 def test_the_solver_and_schedule_tables_are_the_registries():
-    for header, registry, module in [
-        ("| solver (`solver=`)", sd.solvers.available(), sd.solvers),
-        ("| schedule (`schedule=`)", sd.schedules.available(), sd.schedules),
+    # the README's compact tables and the docs pages' full ones: each lists every registered name
+    for header, registry, module, pages in [
+        ("| solver (`solver=`)", sd.solvers.available(), sd.solvers, (README, DOCS / "solvers.md")),
+        ("| schedule (`schedule=`)", sd.schedules.available(), sd.schedules, (README, DOCS / "schedules.md")),
     ]:
-        names = _first_cells(header)
-        registered = [n for n in names if re.fullmatch(r"[a-z0-9_]+", n)]
-        assert set(registered) <= set(registry), set(registered) - set(registry)
-        assert set(registry) <= set(registered), set(registry) - set(registered)
-        for name in set(names) - set(registered):  # sd.solvers.DDIM(eta=…), sd.schedules.Custom(times)
-            assert _resolve(sd, name) is not None
-            assert name.startswith(f"sd.{module.__name__.split('.')[-1]}."), name
+        for page in pages:
+            names = first_cells(page, header)
+            registered = [n for n in names if re.fullmatch(r"[a-z0-9_]+", n)]
+            assert set(registered) <= set(registry), (name(page), set(registered) - set(registry))
+            assert set(registry) <= set(registered), (name(page), set(registry) - set(registered))
+            for other in set(names) - set(registered):  # sd.solvers.DDIM(eta=…), sd.schedules.Custom(times)
+                assert _resolve(sd, other) is not None
+                assert other.startswith(f"sd.{module.__name__.split('.')[-1]}."), other
 
 
-def test_the_process_table_names_every_process():
-    names = _first_cells("| process | α(t)")  # VP.discrete(...), VP.linear, VE, ...: each resolves
+def test_the_process_tables_name_every_process():
     classes = {sd.VP, sd.VE, sd.EDM, sd.RectifiedFlow, sd.MeanReverting}
-    assert {_resolve(sd, n.split(".")[0]) for n in names} == classes
+    for page in (README, DOCS / "processes.md"):
+        names = first_cells(page, "| process | α(t)")  # VP.discrete(...), VP.linear, VE, ...: each resolves
+        assert {_resolve(sd, n.split(".")[0]) for n in names} == classes, name(page)
 
 
 # the base class and helpers for writing guidance ("Your own solver, schedule or guidance"), not methods;
@@ -95,32 +81,50 @@ GUIDANCE_HELPERS = {
 }  # fmt: skip
 
 
-def test_the_guidance_table_is_the_guidance_module():
-    names = [n.split("(")[0] for n in _first_cells("| guidance (`sd.guidance.`)")]
-    assert set(names) <= set(sd.guidance.__all__), set(names) - set(sd.guidance.__all__)
-    assert set(sd.guidance.__all__) - GUIDANCE_HELPERS <= set(names)
-    assert "cads=" in " ".join(_first_cells("| guidance (`sd.guidance.`)"))
+def test_the_guidance_tables_are_the_guidance_module():
+    for page in (README, DOCS / "guidance.md"):
+        cells = first_cells(page, "| guidance (`sd.guidance.`)")
+        names = [n.split("(")[0] for n in cells]
+        assert set(names) <= set(sd.guidance.__all__), (name(page), set(names) - set(sd.guidance.__all__))
+        assert set(sd.guidance.__all__) - GUIDANCE_HELPERS <= set(names), (
+            name(page),
+            set(sd.guidance.__all__) - GUIDANCE_HELPERS - set(names),
+        )
+        assert "cads=" in " ".join(cells), name(page)
 
 
-def test_the_particle_section_names_every_particle_method():
-    text = README.read_text()
-    section = text[text.index("### Particle steering") :]
-    methods = [
+def _particle_methods() -> set[str]:
+    """The functions of ``sd.smc`` that run a particle system or a search: they return its samples."""
+    returns = {"Particles", "TreeSamples", "RolloverSamples"}
+    return {
         n
         for n in sd.smc.__all__
         if inspect.isfunction(getattr(sd.smc, n))
-        and inspect.signature(getattr(sd.smc, n)).return_annotation in ("Particles", sd.smc.Particles)
-    ]
-    assert {"fk_steering", "tds", "run_smc"} <= set(methods)
-    missing = [n for n in methods if f"`{n}`" not in section and f"sd.smc.{n}" not in section]
+        and str(inspect.signature(getattr(sd.smc, n)).return_annotation).rsplit(".", 1)[-1].strip("'>")
+        in returns
+    }
+
+
+def test_the_particle_table_and_page_name_every_particle_method():
+    methods = _particle_methods()
+    assert {"fk_steering", "tds", "run_smc", "dts", "rbf"} <= methods
+    assert set(first_cells(README, "| particle method (`sd.smc.`)")) == methods
+    page = page_of("# Particle steering and tree search: `sd.smc`").read_text()
+    missing = [n for n in methods if f"`{n}`" not in page and f"sd.smc.{n}" not in page]
     assert not missing, missing
 
 
-def test_the_paradigms_section_names_every_solver_it_accepts_and_refuses():
+def test_the_mcmc_and_discrete_tables_name_every_kernel_and_sampler():
+    names = [n.split(" ")[0] for n in first_cells(README, "| MCMC (`sd.mcmc.`)")]
+    assert all(n in sd.mcmc.__all__ for n in names), set(names) - set(sd.mcmc.__all__)
+    assert {type(sd.mcmc.get(k)).__name__ for k in sd.mcmc.available()} <= set(names)  # ula, ..., lanpaint
+    assert set(first_cells(README, "| discrete sampler (`sampler=`)")) == set(sd.discrete.available())
+
+
+def test_the_paradigms_page_names_every_solver_it_accepts_and_refuses():
     # flow_sde and cps (accepted, equal to sd.sample) were missing from the section's list
     paradigms = importlib.import_module("steerdiff.paradigms")  # sd.paradigms is the function
-    text = README.read_text()
-    section = text[text.index("### Parallel sampling: `sd.paradigms`") : text.index("### Many GPUs")]
+    section = page_of("# Parallel sampling: `sd.paradigms`").read_text()
     missing = [n for n in sd.solvers.available() if f"`{n}`" not in section]
     assert not missing, missing
     assert set(paradigms.ACCEPTED) == set(sd.solvers.available()) - {"pndm", "plms"}  # the two it refuses
@@ -128,7 +132,7 @@ def test_the_paradigms_section_names_every_solver_it_accepts_and_refuses():
 
 def test_the_ten_lines_run_as_printed(capsys):
     # 16 samples instead of 256: the exact ODE solution (scipy's DOP853 per sample) takes 45 s for 256
-    code = _block("## Ten lines")
+    code = block("## Ten lines")
     assert code.count("torch.randn(256, 64,") == 1
     torch.manual_seed(0)  # the block's x_T
     exec(compile(code.replace("torch.randn(256, 64,", "torch.randn(16, 64,"), "README.md", "exec"), {})
@@ -136,21 +140,60 @@ def test_the_ten_lines_run_as_printed(capsys):
     assert 0 < error < 0.05, error
 
 
-def test_every_command_the_readme_and_makefile_show_parses(tmp_path, monkeypatch):
+def test_every_command_the_readme_docs_and_makefile_show_parses(tmp_path, monkeypatch):
     from steerdiff.cli import build_parser
 
-    text = README.read_text() + (README.parent / "Makefile").read_text()
+    text = "".join(page.read_text() for page in PAGES) + (ROOT / "Makefile").read_text()
     commands = set(re.findall(r"`steerdiff ([^`]+)`", text))
     commands |= set(re.findall(r"/bin/steerdiff ([^\n]+)", text))
     commands -= {"bench"}  # the noun: "every `steerdiff bench` command"
     commands = {c for c in commands if not re.search(r"\b[A-Z]{3,}\b|\.\.\.", c)}  # DEV, ...: placeholders
     assert {"demo --out out", "bench solvers --out out", "sample --model digits --guidance cfg --label 7 "
-            "--out out/sevens.png"} <= commands  # fmt: skip
+            "--out out/sevens.png", "bench discrete --out out"} <= commands  # fmt: skip
     monkeypatch.chdir(tmp_path)  # --out out is checked where it is parsed
     parser = build_parser()
     for command in sorted(commands):
         args = parser.parse_args(command.split())
         assert callable(args.func), command
+
+
+def _links(page: Path) -> list[str]:
+    """The targets of the page's Markdown links and images, outside code blocks and code spans."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def _broken_links(page: Path) -> list[str]:
+    broken = []
+    for target in _links(page):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, fragment = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.is_file() or (fragment and file.suffix == ".md" and fragment not in anchors(file)):
+            broken.append(target)
+    return broken
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves():
+    assert len(PAGES) > 10 and all(_links(page) for page in PAGES)  # each page links back at least
+    broken = {name(page): b for page in PAGES if (b := _broken_links(page))}
+    assert not broken, broken
+
+
+@pytest.mark.parametrize(
+    "link", ["docs/nope.md", "docs/guidance.md#no-such-heading", "#guidance", "docs/bench/nope.png"]
+)
+def test_a_broken_link_is_found(tmp_path, link):
+    page = tmp_path / "README.md"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "guidance.md").write_text("# Guidance\n\n## The `CFG(…)` table, 2 ways\n")
+    good = "[a](docs/guidance.md) [b](docs/guidance.md#the-cfg-table-2-ways) [c](#readme) `[d](nope.md)`"
+    page.write_text(f"# README\n\n{good}\n")
+    assert _broken_links(page) == []
+    page.write_text(f"# README\n\n{good} [e]({link})\n")
+    assert _broken_links(page) == [link]
 
 
 def test_the_guidance_snippet_runs_with_what_it_is_given():
@@ -163,7 +206,7 @@ def test_the_guidance_snippet_runs_with_what_it_is_given():
     y = sd.inverse.Inpaint(mask).forward(torch.zeros(4, 1, 8, 8))
     scope: dict[str, Any] = {"sd": sd, "den": load_models(None).den, "mask": mask, "y": y, "x_T": x_T}
     scope["g"] = torch.Generator().manual_seed(1)
-    exec(compile(_block("### Guidance\n"), "README.md", "exec"), scope)
+    exec(compile(block("# Guidance"), "docs/guidance.md", "exec"), scope)
     assert scope["x0"].shape == x_T.shape and scope["x0"].isfinite().all()
     assert (
         sd.sample(scope["cfg"], x_T, 4, label=torch.full((4,), 3)).isfinite().all()
@@ -185,7 +228,8 @@ def test_the_particle_snippet_runs_with_what_it_is_given():
     }
     scope["reward"] = lambda x: -x.pow(2).sum(-1)
     scope["A"], scope["y"] = torch.randn(2, dim, generator=g), torch.randn(batch, 2, generator=g)
-    exec(compile(_block("### Particle steering"), "README.md", "exec"), scope)
+    heading = "# Particle steering and tree search: `sd.smc`"
+    exec(compile(block(heading), name(page_of(heading)), "exec"), scope)
     assert scope["out"].x.shape == (batch, 16, dim) and scope["x"].shape == (batch, dim)
 
 
@@ -193,7 +237,7 @@ def test_the_many_gpus_example_runs_under_torchrun(tmp_path):
     # 6 samples instead of 50,000: one rank per GPU under NCCL where there are GPUs (each sample's noise from
     # a CUDA generator, so the reference is drawn there too), else 4 CPU ranks (gloo; shards 2, 2, 1, 1).
     # samples.pt is one process's batch. (4 ranks on an H200's one GPU failed: the example takes one per GPU)
-    code = _block("### Many GPUs")
+    code = block("# Many GPUs")
     assert code.count("shape=(50_000, 64)") == 1
     (tmp_path / "samples.py").write_text(code.replace("shape=(50_000, 64)", "shape=(6, 64)"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}

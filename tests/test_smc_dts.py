@@ -89,7 +89,7 @@ def test_lam0_draws_the_base_law_from_a_deep_tree():
 def test_draws_approach_the_tilted_mode_weight_as_rollouts_grow():
     """With the paper's widening (C, alpha) = (2, 0.8) the first 31 rollouts branch at the root (2 N^0.8 >=
     N), so a tree of 24 is 24 base samples resampled by exp(lam r): measured + weight 0.674 +- 0.026 at 4
-    rollouts, 0.749 +- 0.008 at 24, against 0.761 (the tilted base law). Beyond, see the README: the
+    rollouts, 0.749 +- 0.008 at 24, against 0.761 (the tilted base law). Beyond, see docs/particles.md: the
     paper's revisits bias it (0.732 +- 0.004 at 256)."""
     target = base_tilted_plus_weight(LAM)
     few, _ = plus_weight(LAM, 4, (2.0, 0.8))
@@ -113,13 +113,13 @@ def test_the_soft_value_tends_to_the_mean_as_lam_vanishes(lam):
 
 
 def test_the_bias_is_the_outcome_dependent_branching():
-    """Why the draws drift from the target past ~32 rollouts (README): a node's children are revisited and
-    multiplied in proportion to how well its first ones scored, so a node's log-mean-exp value averages an
-    outcome-dependent number of children (optional stopping: a branch that scored low keeps its one low
-    estimate, one that scored high regresses). Capped widening (8, 0), branching at the root and grid node 0
-    only, shows it: while the trees fill (24 rollouts) the + weight is 0.681 +- 0.010 for 0.761; once every
-    node has its 8 children (160 rollouts, 91 of 100 trees full), fixed in advance, the draws are nested
-    importance resampling and unbiased: 0.761 +- 0.006 (here 60 rows)."""
+    """Why the draws drift from the target past ~32 rollouts (docs/particles.md): a node's children are
+    revisited and multiplied in proportion to how well its first ones scored, so a node's log-mean-exp value
+    averages an outcome-dependent number of children (optional stopping: a branch that scored low keeps its
+    one low estimate, one that scored high regresses). Capped widening (8, 0), branching at the root and
+    grid node 0 only, shows it: while the trees fill (24 rollouts) the + weight is 0.681 +- 0.010 for 0.761;
+    once every node has its 8 children (160 rollouts, 91 of 100 trees full), fixed in advance, the draws are
+    nested importance resampling and unbiased: 0.761 +- 0.006 (here 60 rows)."""
     rows, target = 60, base_tilted_plus_weight(LAM)
     p = {}
     for n in (24, 160):
@@ -371,7 +371,8 @@ def test_the_tensor_forest_is_the_papers_tree(greedy, widening, branch):
 
 
 def main() -> None:
-    """The README's comparison at matched NFE per row: ``PYTHONPATH=src python -m tests.test_smc_dts``."""
+    """docs/particles.md's comparison at matched NFE per row:
+    ``PYTHONPATH=src python -m tests.test_smc_dts``."""
     torch.set_num_threads(1)
     rows, target = 100, base_tilted_plus_weight(LAM)
     print(f"+ weight of the tilted 10-step DDPM law: {target:.3f} (exact mixture: 0.800); {rows} rows")

@@ -245,7 +245,7 @@ def test_bad_input(kwargs, match):
 
 
 def main() -> None:
-    """The README's numbers: ``PYTHONPATH=src python -m tests.test_smc_rbf`` (128 rows, 10 steps on the
+    """docs/particles.md's numbers: ``PYTHONPATH=src python -m tests.test_smc_rbf`` (128 rows, 10 steps on the
     authors' grid; a rectified-flow oracle searched with ``flow_sde`` on its own grid, from t_max = 0.999,
     and through its VP interpolant with ``ddpm`` at the same log-SNR nodes)."""
     torch.set_num_threads(1)

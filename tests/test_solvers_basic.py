@@ -198,7 +198,7 @@ def test_dpmpp_3m_default_integrates_the_quadratic(diffusers, gmm, sd_process, o
 
 
 def test_dpmpp_3m_diffusers_weight_loses_the_third_order(order_problem):
-    """The README's footnote: with diffusers' h^3 phi_3 weight the 3M's slope over 10..40 steps on the
+    """docs/solvers.md's footnote: with diffusers' h^3 phi_3 weight the 3M's slope over 10..40 steps on the
     log-SNR-uniform grid falls from third order (measured 3.22) to 2.69."""
     den, x_T, exact = order_problem
     slopes = []

@@ -5,7 +5,7 @@ running mean and of the jump on Gaussian data in closed form; the sliced W2 to e
 accumulate; ``m = 1`` as plain Langevin on ``p_sigma`` and a denoising jump; the mode weights of a
 well-separated two-mode mixture ("tunneling") against plain Langevin on the noised density at equal NFE.
 
-``python -m tests.test_walk_jump`` prints the README's numbers.
+``python -m tests.test_walk_jump`` prints docs/mcmc.md's numbers.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def test_bad_input():
 
 
 def main() -> None:
-    """The README's numbers."""
+    """docs/mcmc.md's numbers."""
     print(
         "sliced W2 / floor at m = 1, 4, 16, 64:",
         [round(r, 2) for r in _sliced_w_by_measurements((1, 4, 16, 64))],

@@ -635,7 +635,8 @@ def _with_threads(n: int, run: Callable[[], T]) -> T:
 
 
 def _report(report: str, out: Path, stem: str, csv_path: Path, png_path: Path | None) -> int:
-    """Print ``report``, keep it as ``OUT/stem.txt`` (the numbers the README quotes) and list the files."""
+    """Print ``report``, keep it as ``OUT/stem.txt`` (the numbers docs/benchmarks.md quotes) and list the
+    files."""
     txt = out / f"{stem}.txt"
     txt.write_text(report + "\n")
     echo(report)

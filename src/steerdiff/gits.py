@@ -233,7 +233,7 @@ class GITS(Schedule):
     then the dynamic program's (cached in :attr:`grids`): ``n`` nodes, the first ``t_max``, a subset of the
     teacher's nodes. Not a name for ``schedule=``: it needs a model, as guidance wrappers need theirs.
 
-    Measured on the solver benchmark (``python bench/gits.py``; the tables in README.md's schedule section),
+    Measured on the solver benchmark (``python bench/gits.py``; the tables in docs/schedules.md),
     fitted on 256 draws of ``x_T`` and scored on 1024 others, relative RMSE vs the exact ODE at NFE 5 / 6 /
     8 / 10: ``ipndm`` 0.184 / 0.161 / 0.109 / 0.058 against 0.227 / 0.190 / 0.119 / 0.073 on its best named
     schedule, ``ddim`` 0.225 / 0.205 / 0.180 / 0.160 against 0.253 / 0.232 / 0.209 / 0.188. The step-ratio

@@ -496,9 +496,9 @@ def format_report(result: PosteriorBench) -> str:
 
 
 def markdown_table(result: PosteriorBench) -> str:
-    """The README tables, in units of the floor: per method the median over cases of its best sliced W2
-    at each NFE (and in how many cases it beats ``dps`` at the largest), then every case at the largest
-    NFE."""
+    """The tables of docs/benchmarks.md, in units of the floor: per method the median over cases of its
+    best sliced W2 at each NFE (and in how many cases it beats ``dps`` at the largest), then every case at
+    the largest NFE."""
     names = [m.name for m in METHODS]
     top = result.nfes[-1]
     cases = result.cases

@@ -554,8 +554,8 @@ def format_report(result: SteerBench) -> str:
 
 
 def markdown_table(result: SteerBench) -> str:
-    """The README table: per case and method, sliced W2 (x floor) at each NFE and the error of ``E[r]``
-    at the largest."""
+    """The table of docs/benchmarks.md: per case and method, sliced W2 (x floor) at each NFE and the error
+    of ``E[r]`` at the largest."""
     top = result.nfes[-1]
     methods = list(dict.fromkeys(r.method for r in result.rows))
     head = (

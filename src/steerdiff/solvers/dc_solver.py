@@ -47,7 +47,7 @@ a clean end, where UniPC here returns the denoised estimate of the last (uncorre
 search's loss at the step into the last noisy node compares that prediction, and the last ratio compensates
 the returned estimate.
 
-Measured on the solver benchmark (``python bench/dc_solver.py``; README.md): see :class:`DCSolver`.
+Measured on the solver benchmark (``python bench/dc_solver.py``; docs/solvers.md): see :class:`DCSolver`.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class DCSolver(UniPC):
 
     Not a name for ``solver=``: its ratios are fitted to a model and a step count.
 
-    Measured on the solver benchmark (``python bench/dc_solver.py``; the numbers in README.md).
+    Measured on the solver benchmark (``python bench/dc_solver.py``; the numbers in docs/solvers.md).
     """
 
     name: ClassVar[str] = "dc_solver"
