@@ -434,6 +434,38 @@ def test_an_error_on_one_rank_is_raised_by_every_rank_at_once(alone):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
 
 
+@dataclass
+class _CorrectedDDPM(sd.solvers.DDPM):
+    """A user's predictor-corrector solver: DDPM whose step 3 starts with a ULA corrector move on the model's
+    score, of step size 1e308 on the last rank (everywhere on one process), 1e-3 on the others. At step 3 a
+    particle of each row on the last rank (of 4/3 shards) has a score coordinate over 1.8 in size: its move
+    overflows from a finite state and score, and the model's next output on it is NaN."""
+
+    def step(self, model: Any, x: torch.Tensor, i: int, grid: Any, state: dict[str, Any]) -> Any:
+        if i == 3:
+            ula = sd.mcmc.ULA(step_size=_on_last(1e308, 1e-3), generator=torch.Generator().manual_seed(0))
+            x, _ = sd.mcmc.correct(ula, model, x, grid.t[i], grid.sigma[i], i, 1, 0.16)
+        return super().step(model, x, i, grid, state)
+
+
+def _corrector_overflow_message(group: Any) -> str:
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.smc.fk_steering(
+            DEN, linear, lam=3.0, shape=(2, 2), particles=N, steps=STEPS, solver=_CorrectedDDPM(), dtype=F64,
+            generator=gens(False, 12), group=group,
+        )  # fmt: skip
+    return str(err.value)
+
+
+def test_a_corrector_overflow_on_one_rank_is_raised_by_every_rank_as_one_process_names_it():
+    """A corrector's non-finite move on the last rank alone (Model.note_move): every rank raises the error one
+    process raises, the corrector's at its step (Model.check_finite's decision on the ranks' joined flags).
+    Was: the ranks exchanged the net's flags alone and named the model's NaN output on the moved state."""
+    alone = _corrector_overflow_message(None)
+    assert alone.startswith("the corrector ULA made the state NaN/inf at step 3 (process time t=0.967494)")
+    assert spawn(_corrector_overflow_message, 2) == [alone, alone]
+
+
 class _NaNAtCall:
     """``linear``, NaN on the last rank (everywhere on one process) from its ``at``-th call (from 0)."""
 

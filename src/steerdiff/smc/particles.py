@@ -200,13 +200,13 @@ from ..sampling import check_sample_only, check_seeded, check_x_T
 from ..schedules import ScheduleLike
 from ..solvers.base import (
     FINALS,
+    Failure,
     Grid,
     Model,
     Solver,
     Transition,
     make_grid,
     map_state,
-    nonfinite_error,
     to_sample_dtype,
     work_dtype,
 )
@@ -901,10 +901,10 @@ class _Run:
         self.ranks, self.n_all, self.device = spread, n_all, device  # device: the particles'
         self.reward_ok: list[Tensor] = []
         self.reward_at: list[int] = []
-        # group: each reward check's own-rank flag and the net evaluations before it, until agreed (gather);
-        # and the net evaluations already agreed finite
-        self._unagreed: list[tuple[Tensor, int]] = []
-        self._agreed_calls = 0
+        # group: each reward check's own-rank flag and the net evaluations and moved states (Model.note_move)
+        # before it, until agreed (gather); and the evaluations and moved states already agreed finite
+        self._unagreed: list[tuple[Tensor, int, int]] = []
+        self._agreed_calls = self._agreed_moves = 0
         # group on the CPU (flagged): whether this rank may have run code that can fail on it alone (the
         # user's net, reward, hooks) since the ranks last exchanged their failure flags; whether this node's
         # were exchanged; how deep in the algorithm's hooks the run is (a collective there re-arms)
@@ -942,11 +942,14 @@ class _Run:
     def gather(self, values: list[Tensor], final: bool = False, last: bool = False) -> list[Tensor]:
         """This rank's per-particle ``values`` ``(batch, particles, ...)`` joined with every rank's, ``(batch,
         n_all, ...)`` each, in ONE all_gather (:meth:`~steerdiff.distributed.Ranks.gather_many`; detached),
-        which carries what the ranks must agree on: whether the net's output was finite (on the CPU, where
+        which carries what the ranks must agree on: whether the net's outputs and the moved states
+        (:meth:`Model.note_move <steerdiff.solvers.base.Model.note_move>`) were finite (on the CPU, where
         a one-process run raises at once, and at the ``final`` gather) and the reward checks made since the
-        last gather. Every rank then raises alike, in one process's order: a non-finite net output before
-        the reward checks made after it (on the CPU; else first, as :func:`run_smc`'s end does), then the
-        first non-finite reward. ``[]``: the flags alone. Without ``group``: ``values`` themselves.
+        last gather. Every rank then raises alike, in one process's order: the non-finite net output or
+        moved state that :meth:`Model.check_finite <steerdiff.solvers.base.Model.check_finite>` names
+        (:meth:`~steerdiff.solvers.base.Model.first_error` on the ranks' joined flags) before the reward
+        checks made after it (on the CPU; else first, as :func:`run_smc`'s end does), then the first
+        non-finite reward. ``[]``: the flags alone. Without ``group``: ``values`` themselves.
 
         On the CPU the failure flags are exchanged first (:meth:`together`) where code that can fail on this
         rank alone ran since their last exchange; made from a hook, the hook's code after it is such code
@@ -958,26 +961,34 @@ class _Run:
         dev = values[0].device if values else self.device
         read = final or dev.type == "cpu"  # elsewhere no host read before the end
         pending, self._unagreed = self._unagreed, []
-        if read:
-            bad = self.model.first_nonfinite()
+        if read:  # the model's first non-finite evaluation and moved state (Model.first_error's input)
+            bad, moved = self.model.first_nonfinite(), self.model.first_bad_move()
             net = [math.inf, 0.0, 0.0] if bad is None else [bad[0], -bad[2], bad[1]]  # by step, then by time
-            flags = torch.tensor(net, dtype=torch.float64, device=dev)
-            self._agreed_calls = self.model.calls
+            flags = torch.tensor(
+                [*net, math.inf if moved is None else moved], dtype=torch.float64, device=dev
+            )
+            self._agreed_calls, self._agreed_moves = self.model.calls, self.model.moves
         else:  # not read before the final gather: no host value on the device (a sync on CUDA)
-            flags = torch.zeros(3, dtype=torch.float64, device=dev)
+            flags = torch.zeros(4, dtype=torch.float64, device=dev)
         if pending:
-            flags = torch.cat([flags, torch.stack([(~ok).to(flags) for ok, _ in pending])])
+            flags = torch.cat([flags, torch.stack([(~ok).to(flags) for ok, *_ in pending])])
         *joined, every = self.ranks.gather_many(
             [*values, flags[None, None]], [self.n_all] * len(values) + [self.ranks.size], dim=1
         )
         every = every[0]
-        rewards_ok = (every[:, 3:] == 0).all(0)
+        rewards_ok = (every[:, 4:] == 0).all(0)
         self.reward_ok.extend(rewards_ok.unbind())
-        if read:
+        if read:  # the error one process raises: Model.check_finite's, on every rank's first of each
             step, neg_t, k = min(every[:, :3].tolist())
+            m = float(every[:, 3].min())
+            failure = self.model.first_error(
+                None if step == math.inf else (int(step), int(k), -neg_t), None if m == math.inf else int(m)
+            )
             first = first_false(rewards_ok) if pending else None
-            if step != math.inf and (first is None or dev.type != "cpu" or k < pending[first][1]):
-                raise nonfinite_error(int(step), int(k), -neg_t)
+            if failure is not None and (
+                first is None or dev.type != "cpu" or _before(failure, pending[first])
+            ):
+                raise failure.error
             if first is not None:
                 self.check_reward()
         self._armed = self.flagged and self._hooks > 0 and not last  # the hook goes on
@@ -1037,7 +1048,8 @@ class _Run:
         """With ``group`` on the CPU: the checks of the net evaluations and rewards since the last
         :meth:`gather` agreed by the ranks (a gather of the flags alone), where there are any."""
         spread, cpu = self.ranks.group is not None, self.device.type == "cpu"
-        if spread and cpu and (self._unagreed or self.model.calls > self._agreed_calls):
+        news = self.model.calls > self._agreed_calls or self.model.moves > self._agreed_moves
+        if spread and cpu and (self._unagreed or news):
             self.gather([])
 
     def take(self, obj: Any, idx: Tensor) -> Any:
@@ -1067,7 +1079,7 @@ class _Run:
         ok = torch.isfinite(r).all()
         self.reward_at.append(i)
         if self.ranks.group is not None:  # agreed at the next gather (the increments'), raised there alike
-            self._unagreed.append((ok, self.model.calls))
+            self._unagreed.append((ok, self.model.calls, self.model.moves))
             return self.rows(r)
         self.reward_ok.append(ok)
         if r.is_cpu and not bool(ok):  # no device read to save; before the weights it spoils
@@ -1081,6 +1093,12 @@ class _Run:
             raise ValueError(
                 f"{self.who}: reward returned NaN or inf at node {self.reward_at[k]} (rewards must be finite)"
             )
+
+
+def _before(failure: Failure, check: tuple[Tensor, int, int]) -> bool:
+    """Whether ``failure`` (the net's non-finite evaluation, or a non-finite moved state) came before the
+    reward ``check`` (its flag, and the evaluations and moved states made before it)."""
+    return failure.at < (check[2] if failure.moved else check[1])
 
 
 def _call_reward(who: str, reward: Reward, rows: RowSlice) -> Tensor:

@@ -24,7 +24,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ from ..schedules import Custom, Schedule
 
 __all__ = [
     "MAX_STEP_RATIO",
+    "Failure",
     "Grid",
     "History",
     "MaxH",
@@ -529,26 +530,49 @@ class Model:
         if self.eager and finite.is_cpu and not bool(finite):
             self.check_finite()
 
-    def first_bad_move(self) -> tuple[int, int, float, Callable[[int, float], NonFiniteError]] | None:
-        """``(evaluation, step, t, error)`` of the first state :meth:`note_move` found not finite (made before
-        the model's ``evaluation``-th call, from 0), ``None`` if none was; one device sync."""
-        k = first_false(torch.stack(self._moves)) if self._moves else None
-        return None if k is None else self._move_where[k]
+    @property
+    def moves(self) -> int:
+        """The moved states :meth:`note_move` recorded so far (those :meth:`first_bad_move` indexes)."""
+        return len(self._moves)
+
+    def first_bad_move(self) -> int | None:
+        """The index (from 0, in the order recorded) of the first state :meth:`note_move` found not finite,
+        ``None`` if none was; one device sync."""
+        return first_false(torch.stack(self._moves)) if self._moves else None
+
+    def first_error(self, net: tuple[int, int, float] | None, move: int | None) -> Failure | None:
+        """What :meth:`check_finite` raises for this model, given its first non-finite evaluation ``net``
+        (:meth:`first_nonfinite`'s) and its first non-finite moved state ``move`` (:meth:`first_bad_move`'s):
+        the move's error (:meth:`note_move`) where the move was made before that evaluation (which then took
+        the moved state as input), else the model's; ``None`` if neither. The flags may be joined over the
+        ranks that share a run (each rank's first of either, the earliest taken), the moves recorded alike
+        on every rank."""
+        if move is not None:
+            calls, step, t, error = self._move_where[move]
+            if net is None or calls <= net[1]:
+                return Failure((step, -t), error(step, t), True, move)
+        return None if net is None else Failure((net[0], -net[2]), nonfinite_error(*net), False, net[1])
 
     def check_finite(self, *others: Model) -> None:
         """Raise :class:`NonFiniteError` naming the first step whose evaluation was not finite, of this
         model or of ``others`` run beside it (pcg's predictor and corrector): the earliest step wins. Where
         a move recorded by :meth:`note_move` made a non-finite state before the first non-finite evaluation
-        (which then took it as input), the error is the move's (:meth:`note_move`), not the model's."""
-        bad: list[tuple[tuple[int, float], NonFiniteError]] = []
-        for m in (self, *others):
-            net, move = m.first_nonfinite(), m.first_bad_move()
-            if move is not None and (net is None or move[0] <= net[1]):
-                bad.append(((move[1], -move[2]), move[3](move[1], move[2])))
-            elif net is not None:
-                bad.append(((net[0], -net[2]), nonfinite_error(*net)))
+        (which then took it as input), the error is the move's (:meth:`note_move`), not the model's
+        (:meth:`first_error`)."""
+        bad = [f for m in (self, *others) if (f := m.first_error(m.first_nonfinite(), m.first_bad_move()))]
         if bad:  # the earliest: by step, then by time, which falls as sampling goes on (not by index)
-            raise min(bad, key=lambda b: b[0])[1]
+            raise min(bad, key=lambda f: f.key).error
+
+
+class Failure(NamedTuple):
+    """A run's first non-finite value (:meth:`Model.first_error`): ``key``, ``(step, -t)``, orders it against
+    another model's; ``error``, the one to raise; ``moved``: a moved state (:meth:`Model.note_move`) was not
+    finite, the ``at``-th of them (from 0), else the model's ``at``-th evaluation (from 0) was not."""
+
+    key: tuple[int, float]
+    error: NonFiniteError
+    moved: bool
+    at: int
 
 
 def moved_error(step: int, t: float, *, who: str) -> NonFiniteError:
