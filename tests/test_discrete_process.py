@@ -208,3 +208,59 @@ def test_noise_refuses_x0_that_is_no_batch_of_clean_tokens(process, x0, message)
     # uint8 x0 under a mask id of 256 raised torch's RuntimeError from full_like
     with pytest.raises(ValueError, match=message):
         process.noise(x0, 0.5)
+
+
+# weights (0.4, 0.6); token 2 is impossible at position 0, and at position 1 under component 0; component 0
+# has token 0 alone at position 0, component 1 token 1 alone there
+SPARSE = sd.toy.CategoricalMixture(
+    torch.tensor([0.4, 0.6], dtype=F64),
+    torch.tensor([[[1.0, 0, 0], [0.5, 0.5, 0]], [[0, 1.0, 0], [0.2, 0.3, 0.5]]], dtype=F64),
+)
+M = 3  # the mask id
+
+
+def test_a_state_of_probability_zero_has_log_probability_minus_inf():
+    x = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]])
+    want = torch.tensor([math.log(0.4 * 0.5), math.log(0.6 * 0.5), -math.inf, -math.inf], dtype=F64)
+    torch.testing.assert_close(SPARSE.log_prob(x), want, rtol=1e-15, atol=0)
+    proc = sd.discrete.MaskedProcess(3)  # alpha = 1 - t
+    x_t = torch.tensor([[M, 2], [2, M], [0, M]])
+    want_t = [math.log(0.6 * 0.5 * 0.5 * 0.5), -math.inf, math.log(0.4 * 0.5 * 0.5)]
+    torch.testing.assert_close(SPARSE.noised_log_prob(x_t, proc, 0.5), torch.tensor(want_t, dtype=F64))
+
+
+def test_the_conditional_law_is_exact_where_the_unmasked_tokens_are_possible_and_refused_where_not():
+    """Responsibilities (0, 1) given token 2 at position 1, (1, 0) given token 0 at position 0, the weights
+    with all masked: each position's law by hand. Unmasked tokens of probability 0 under every component
+    have no conditional law: a ValueError naming x_t (was: NaN), also through the denoiser; with a label
+    ``y = k`` the law is component k's (module docstring), whatever x_t."""
+    x_t = torch.tensor([[M, 2], [0, M], [M, M]])
+    want = torch.tensor(
+        [
+            [[0, 1.0, 0], [0.2, 0.3, 0.5]],
+            [[1.0, 0, 0], [0.5, 0.5, 0]],
+            [[0.4, 0.6, 0], [0.4 * 0.5 + 0.6 * 0.2, 0.4 * 0.5 + 0.6 * 0.3, 0.6 * 0.5]],
+        ],
+        dtype=F64,
+    )
+    torch.testing.assert_close(SPARSE.conditional_log_probs(x_t, M).exp(), want, rtol=1e-15, atol=0)
+    den = SPARSE.denoiser(sd.discrete.MaskedProcess(3))
+    impossible = torch.tensor([[0, M], [2, M]])
+    message = r"conditional_log_probs: x_t row 1 has probability zero: its unmasked tokens are impossible"
+    with pytest.raises(ValueError, match=message):
+        SPARSE.conditional_log_probs(impossible, M)
+    with pytest.raises(ValueError, match=message):
+        den.log_probs(impossible, torch.full((2,), 0.5, dtype=F64))
+    with pytest.raises(ValueError, match=message):
+        SPARSE.conditional_log_probs(impossible, M, y=torch.tensor([0, -1]))  # row 1: the mixture's law
+    given = SPARSE.conditional_log_probs(impossible, M, y=torch.tensor([-1, 1])).exp()
+    torch.testing.assert_close(given, torch.stack([want[1], SPARSE.probs[1]]), rtol=1e-15, atol=0)
+
+
+def test_the_classifier_is_exact_where_the_sequence_is_possible_and_refused_where_not():
+    clf = SPARSE.classifier(1, M)
+    t = torch.zeros(3, dtype=F64)
+    got = clf(torch.tensor([[M, 2], [0, M], [M, M]]), t)
+    torch.testing.assert_close(got, torch.tensor([0.0, -math.inf, math.log(0.6)], dtype=F64))
+    with pytest.raises(ValueError, match=r"classifier: x row 2 has probability zero: its unmasked tokens"):
+        clf(torch.tensor([[M, 2], [0, M], [2, M]]), t)

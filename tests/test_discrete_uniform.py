@@ -86,6 +86,24 @@ def test_the_exact_denoiser_at_t_0_of_a_mixture_with_impossible_tokens_is_x_t():
     torch.testing.assert_close(got[2], brute_posterior(mix, x_t[2:], 0.5)[0], rtol=0, atol=1e-14)
 
 
+def test_the_exact_denoiser_at_t_0_refuses_a_state_of_probability_zero():
+    """At ``t = 0`` a state impossible under every component (token 2 at position 0), or under the label's
+    component, has no posterior: a ValueError naming x_t (was: NaN, and logits all -inf at a position given
+    the label); at ``t = 0.5`` the same state is possible and its posterior the enumerated one."""
+    probs = torch.tensor([[[1.0, 0, 0], [0.5, 0.5, 0]], [[0, 1.0, 0], [0.2, 0.3, 0.5]]], dtype=F64)
+    mix = sd.toy.CategoricalMixture(torch.tensor([0.4, 0.6], dtype=F64), probs)
+    den = mix.denoiser(sd.discrete.UniformProcess(3))
+    x_t = torch.tensor([[1, 2], [2, 0]])
+    message = r"uniform_log_probs: x_t row {} has probability zero: at alpha = 1 \(t = 0\) its tokens are"
+    with pytest.raises(ValueError, match=message.format(1)):
+        den.log_probs(x_t, torch.zeros(2, dtype=F64))
+    with pytest.raises(ValueError, match=message.format(0)):  # impossible under component 0
+        den.log_probs(x_t, torch.tensor([0.0, 0.5], dtype=F64), y=torch.tensor([0, -1]))
+    got = den.log_probs(x_t, torch.tensor([0.0, 0.5], dtype=F64), y=torch.tensor([1, -1])).exp()
+    torch.testing.assert_close(got[0], torch.nn.functional.one_hot(x_t[0], 3).to(F64), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], brute_posterior(mix, x_t[1:], 0.5)[0], rtol=0, atol=1e-14)
+
+
 def test_the_reverse_step_is_bayes_rule_on_the_kernels():
     proc = sd.discrete.UniformProcess(4, schedule="cosine")
     g = torch.Generator().manual_seed(0)

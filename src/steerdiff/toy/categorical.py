@@ -111,8 +111,18 @@ class CategoricalMixture:
         picked = torch.where(known, picked, 0.0)
         return torch.log(self.weights.to(x.device)) + picked.sum(-1).T
 
+    def _possible(self, who: str, name: str, impossible: Tensor, tokens: str = "its unmasked tokens") -> None:
+        """A ``ValueError`` naming the first row of ``name`` (``who``'s argument) flagged ``impossible``
+        ``(n,)``: a state of probability zero, whose conditional law is undefined (one host read)."""
+        if bool(impossible.any()):
+            n = int(torch.nonzero(impossible)[0])
+            raise ValueError(
+                f"CategoricalMixture.{who}: {name} row {n} has probability zero: {tokens} are impossible "
+                "under every component (the label's, where given), so the law given them is undefined"
+            )
+
     def log_prob(self, x: Tensor) -> Tensor:
-        """``log p(x)`` of clean sequences ``x`` ``(n, L)``, float64 ``(n,)``."""
+        """``log p(x)`` of clean ``x`` ``(n, L)``, float64 ``(n,)`` (``-inf`` where ``p(x) = 0``)."""
         x = self._tokens(x, "x")
         return torch.logsumexp(self._log_terms(x, torch.ones_like(x, dtype=torch.bool)), dim=-1)
 
@@ -155,14 +165,20 @@ class CategoricalMixture:
         position it is the same mixture ``sum_k r_k P_k[j, v]`` (``r`` given its own token too), not a point
         mass on its token (the denoiser's carry-over sets that).
         ``y``: the component's law ``log P_k`` instead, ``k = y`` (an int for all rows, or one per row,
-        ``-1`` for the mixture's), the law given the label."""
+        ``-1`` for the mixture's), the law given the label (whatever ``x_t``: its positions are independent
+        given the component). Unmasked tokens of probability zero (``r`` is ``0 / 0``) in a row given no
+        label: a ``ValueError`` naming ``x_t``."""
         self._check_mask(mask_id)
         x_t = self._tokens(x_t, "x_t", mask_id)
-        r = torch.softmax(self._log_terms(x_t, x_t != mask_id), dim=-1)  # (n, K)
+        log_terms = self._log_terms(x_t, x_t != mask_id)  # (n, K)
+        mixed = torch.ones(len(x_t), dtype=torch.bool, device=x_t.device)  # rows given the mixture's law
+        r = torch.softmax(log_terms, dim=-1)
         if y is not None:
             k = self._label(y, len(x_t)).to(x_t.device)
             one_hot = torch.nn.functional.one_hot(k.clamp(min=0), self.K).to(F64)
-            r = torch.where((k >= 0)[:, None], one_hot, r)
+            mixed = k < 0
+            r = torch.where(mixed[:, None], r, one_hot)
+        self._possible("conditional_log_probs", "x_t", mixed & torch.isneginf(log_terms).all(-1))
         return torch.log(torch.einsum("nk,klv->nlv", r, self.probs.to(x_t.device)))
 
     def component(self, k: int) -> CategoricalMixture:
@@ -174,13 +190,16 @@ class CategoricalMixture:
     def classifier(self, y: int, mask_id: int) -> Callable[[Tensor, Tensor], Tensor]:
         """The exact classifier ``(x, t) -> log p(y | x)`` float64 ``(n,)`` of partly masked sequences
         ``x`` ``(n, L)`` (``mask_id`` where masked): the log responsibility of component ``y`` given the
-        unmasked tokens, the same at every ``t`` (for :class:`steerdiff.discrete.ClassifierGuidance`)."""
+        unmasked tokens, the same at every ``t`` (for :class:`steerdiff.discrete.ClassifierGuidance`). A
+        sequence of probability zero has none: a ``ValueError`` naming ``x``."""
         y = integer("CategoricalMixture.classifier", "y", y, lo=0, hi=self.K - 1)
         self._check_mask(mask_id)
 
         def log_prob_y(x: Tensor, t: Tensor) -> Tensor:
             x = self._tokens(x, "x", mask_id)
-            return torch.log_softmax(self._log_terms(x, x != mask_id), dim=-1)[:, y]
+            log_terms = self._log_terms(x, x != mask_id)
+            self._possible("classifier", "x", torch.isneginf(log_terms).all(-1))
+            return torch.log_softmax(log_terms, dim=-1)[:, y]
 
         return log_prob_y
 
@@ -261,14 +280,20 @@ class CategoricalMixture:
         """``log p(x_0^j = v | x_t)`` float64 ``(n, L, V)`` under uniform noise at ``alpha`` (a number or
         one per row, in ``[0, 1]``): the responsibilities ``r_k(x_t)`` times each component's per-position
         posterior (module docstring). ``y``: component ``y``'s posterior alone (an int for all rows, or one
-        per row, ``-1`` for the mixture's), the law given the label."""
+        per row, ``-1`` for the mixture's), the law given the label. A row of probability zero (at ``alpha =
+        1``, where ``x_0 = x_t``: a token impossible under every component, or under the label's) has no
+        posterior: a ``ValueError`` naming ``x_t``."""
         x_t = self._tokens(x_t, "x_t")
         log_r, log_m = self._uniform_terms(x_t, alpha)
+        impossible = torch.isneginf(log_r)  # (n, K): only at alpha = 1
+        bad = impossible.all(-1)
         r = torch.softmax(log_r, dim=-1)
         if y is not None:
             k = self._label(y, len(x_t)).to(x_t.device)
             one_hot = torch.nn.functional.one_hot(k.clamp(min=0), self.K).to(F64)
             r = torch.where((k >= 0)[:, None], one_hot, r)
+            bad = torch.where(k >= 0, impossible.gather(1, k.clamp(min=0)[:, None])[:, 0], bad)
+        self._possible("uniform_log_probs", "x_t", bad, "at alpha = 1 (t = 0) its tokens")
         a = torch.as_tensor(alpha, dtype=F64, device=x_t.device).reshape(-1, 1, 1, 1)
         same = torch.nn.functional.one_hot(x_t, self.V).to(F64)[:, None]  # (n, 1, L, V)
         q = a * same + (1 - a) / self.V  # q(x_t^j | v)
