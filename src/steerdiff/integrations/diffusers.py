@@ -666,7 +666,18 @@ def _describe(kind: _Kind, value: Any, obj: Solver | Schedule) -> str | list[flo
             f"{kind} from its registry name or importable class and its options (define the class at "
             "module level, with its options as its constructor's arguments)"
         )
+    if _takes_variance_type(value):  # kept without: the config's variance_type gives it, when loaded too
+        del stored["variance"]
     return stored
+
+
+def _takes_variance_type(solver: Any) -> bool:
+    """Whether the ``solver`` a scheduler is given (or its config stores) is DDPM by its name without a
+    variance of its own, ``"ddpm"`` or ``{"name": "ddpm", ...}`` without ``"variance"``: the config's
+    ``variance_type`` chooses it (:meth:`SteerdiffScheduler._configured_solver`)."""
+    if isinstance(solver, Mapping):
+        return solver.get("name") == "ddpm" and "variance" not in solver
+    return isinstance(solver, str) and solver == "ddpm"
 
 
 class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
@@ -715,10 +726,11 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             :func:`steerdiff.sampling.guided_solver`): pipelines apply
             classifier-free guidance outside the scheduler. With ``guidance_scale <= 1`` (the
             pipeline does not guide) it is the unguided default (UniPC-3,
-            :func:`steerdiff.sampling.default_solver`). The name ``"ddpm"`` takes the config's
-            ``variance_type`` as DDPMScheduler does (``fixed_large``: the forward step's ``beta``;
-            ``fixed_small``, ``fixed_small_log``: the posterior's; ``fixed_large_log``, which DDPMScheduler
-            turns into NaN, is refused); ``DDPM()`` its own ``variance``.
+            :func:`steerdiff.sampling.default_solver`). The name ``"ddpm"`` (as ``{"name": "ddpm"}``
+            too, without a ``"variance"``) takes the config's ``variance_type`` as DDPMScheduler does
+            (``fixed_large``: the forward step's ``beta``; ``fixed_small``, ``fixed_small_log``: the
+            posterior's; ``fixed_large_log``, which DDPMScheduler turns into NaN, is refused); ``DDPM()``
+            its own ``variance``.
         guidance_scale: the pipeline's classifier-free guidance scale, which the scheduler does not
             see otherwise: the guided default's long-step limits grow as it falls
             (:func:`steerdiff.sampling.guided_max_h` and ``guided_corrector_max_h``: 2.04 and 1.49 at
@@ -1146,7 +1158,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     def _configured_solver(self) -> Solver | None:
         """The ``solver`` the scheduler was given (``None``: the default, chosen per grid); the name
-        ``"ddpm"`` with the variance of the config's ``variance_type``, as DDPMScheduler takes it:
+        ``"ddpm"`` (or ``{"name": "ddpm"}`` without a ``"variance"``, the config's form of it) with the
+        variance of the config's ``variance_type``, as DDPMScheduler takes it:
         ``fixed_small`` (``None``: DDPMScheduler's default) and ``fixed_small_log`` (the same std,
         ``exp(log(beta~) / 2)``) the posterior's ``beta~``, ``fixed_large`` the forward step's ``beta``;
         ``learned_range`` is the net's (:class:`~steerdiff.solvers.DDPM` draws with it whatever its
@@ -1154,7 +1167,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         variance, NaN at every noisy step. A :class:`~steerdiff.solvers.DDPM` instance keeps its own
         ``variance`` (as ``Leading()`` its own offset)."""
         solver, variance = self._solver, self.config["variance_type"]
-        if self.config["solver"] != "ddpm" or variance not in ("fixed_large", "fixed_large_log"):
+        if not _takes_variance_type(self.config["solver"]) or variance not in (
+            "fixed_large",
+            "fixed_large_log",
+        ):
             return solver
         if variance == "fixed_large_log":
             raise ValueError(
