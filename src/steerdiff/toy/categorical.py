@@ -111,7 +111,9 @@ class CategoricalMixture:
         picked = torch.where(known, picked, 0.0)
         return torch.log(self.weights.to(x.device)) + picked.sum(-1).T
 
-    def _possible(self, who: str, name: str, impossible: Tensor, tokens: str = "its unmasked tokens") -> None:
+    def _check_possible(
+        self, who: str, name: str, impossible: Tensor, tokens: str = "its unmasked tokens"
+    ) -> None:
         """A ``ValueError`` naming the first row of ``name`` (``who``'s argument) flagged ``impossible``
         ``(n,)``: a state of probability zero, whose conditional law is undefined (one host read)."""
         if bool(impossible.any()):
@@ -178,7 +180,7 @@ class CategoricalMixture:
             one_hot = torch.nn.functional.one_hot(k.clamp(min=0), self.K).to(F64)
             mixed = k < 0
             r = torch.where(mixed[:, None], r, one_hot)
-        self._possible("conditional_log_probs", "x_t", mixed & torch.isneginf(log_terms).all(-1))
+        self._check_possible("conditional_log_probs", "x_t", mixed & torch.isneginf(log_terms).all(-1))
         return torch.log(torch.einsum("nk,klv->nlv", r, self.probs.to(x_t.device)))
 
     def component(self, k: int) -> CategoricalMixture:
@@ -198,7 +200,7 @@ class CategoricalMixture:
         def log_prob_y(x: Tensor, t: Tensor) -> Tensor:
             x = self._tokens(x, "x", mask_id)
             log_terms = self._log_terms(x, x != mask_id)
-            self._possible("classifier", "x", torch.isneginf(log_terms).all(-1))
+            self._check_possible("classifier", "x", torch.isneginf(log_terms).all(-1))
             return torch.log_softmax(log_terms, dim=-1)[:, y]
 
         return log_prob_y
@@ -293,7 +295,7 @@ class CategoricalMixture:
             one_hot = torch.nn.functional.one_hot(k.clamp(min=0), self.K).to(F64)
             r = torch.where((k >= 0)[:, None], one_hot, r)
             bad = torch.where(k >= 0, impossible.gather(1, k.clamp(min=0)[:, None])[:, 0], bad)
-        self._possible("uniform_log_probs", "x_t", bad, "at alpha = 1 (t = 0) its tokens")
+        self._check_possible("uniform_log_probs", "x_t", bad, "at alpha = 1 (t = 0) its tokens")
         a = torch.as_tensor(alpha, dtype=F64, device=x_t.device).reshape(-1, 1, 1, 1)
         same = torch.nn.functional.one_hot(x_t, self.V).to(F64)[:, None]  # (n, 1, L, V)
         q = a * same + (1 - a) / self.V  # q(x_t^j | v)
