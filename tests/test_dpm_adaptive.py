@@ -345,3 +345,69 @@ def test_a_row_drawing_its_own_noise_is_the_same_in_any_batch(name):
             **{k: v[r : r + 1] for k, v in cond.items()},
         )
         torch.testing.assert_close(one, whole[r : r + 1], rtol=1e-12, atol=1e-12)
+
+
+def _alg45(den, process, x, order, rtol, atol, h_init=0.05):
+    """Alg. 4 (order 2) / Alg. 5 (order 3) of Lu et al. 2022 for ONE sample, transcribed in float64 from the
+    paper in the noise form its Alg. 1-2 write (``expm1`` as the authors' code): the accepted grid in
+    ``lam``, the rejections and the state at ``t_min``."""
+
+    def at(lam):
+        t = process.t_of_lam(torch.tensor(lam, dtype=F64))
+        return t, float(process.alpha(t)), float(process.sigma(t))
+
+    def eps(x, t):
+        return den(x, t.reshape(1)).eps
+
+    lam, lam_end = float(process.lam(process.t_max)), float(process.lam(process.t_min))
+    t_s, a_s = torch.tensor(process.t_max, dtype=F64), at(lam)[1]
+    h, x_prev, grid, rejected = h_init, x, [lam], 0
+    while True:
+        last = h >= lam_end - lam
+        h = min(h, lam_end - lam)
+        _, a_t, s_t = (torch.tensor(process.t_min, dtype=F64), *at(lam_end)[1:]) if last else at(lam + h)
+        e_s = eps(x, t_s)
+        r1 = 1 / 2 if order == 2 else 1 / 3
+        t1, a_1, s_1 = at(lam + r1 * h)
+        u1 = (a_1 / a_s) * x - s_1 * math.expm1(r1 * h) * e_s
+        e_1 = eps(u1, t1)
+        first = (a_t / a_s) * x - s_t * math.expm1(h) * e_s  # DPM-Solver-1
+        second = first - s_t / (2 * r1) * math.expm1(h) * (e_1 - e_s)  # DPM-Solver-2 (Alg. 1)
+        if order == 2:
+            x_low, x_high = first, second
+        else:  # DPM-Solver-3 (Alg. 2, r1 = 1/3, r2 = 2/3)
+            r2 = 2 / 3
+            t2, a_2, s_2 = at(lam + r2 * h)
+            phi_22 = math.expm1(r2 * h) / (r2 * h) - 1
+            u2 = (a_2 / a_s) * x - s_2 * math.expm1(r2 * h) * e_s - (r2 / r1) * s_2 * phi_22 * (e_1 - e_s)
+            e_2 = eps(u2, t2)
+            x_low = second
+            x_high = first - s_t / r2 * (math.expm1(h) / h - 1) * (e_2 - e_s)
+        delta = torch.maximum(x_low.abs(), x_prev.abs()) * rtol
+        delta = torch.maximum(delta, torch.full_like(delta, atol))
+        err = float(((x_high - x_low) / delta).square().mean().sqrt())
+        if err <= 1:
+            x, x_prev, lam = x_high, x_low, lam_end if last else lam + h
+            t_s, a_s = (torch.tensor(process.t_min, dtype=F64), a_t) if last else at(lam)[:2]
+            grid.append(lam)
+            if last:
+                return grid, rejected, x
+        else:
+            rejected += 1
+        h = 0.9 * h * err ** (-1 / order)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_step_control_is_alg_4_5_of_the_paper(den, sd_process, x_T, order):
+    """Each sample's accepted grid, rejections and result are those of Alg. 4-5 transcribed independently
+    (``_alg45``: ``delta = max(atol, rtol max(|x_low|, |x_prev|))`` with ``x_prev`` the last accepted LOWER
+    solution, RMS error, ``h <- 0.9 h E^(-1/order)``). Measured: grids equal to 1.2e-9 (the rounding of the
+    two forms through ``E^(-1/3)``), states to 1.1e-12. A
+    run with ``x_prev`` the higher solution, ``theta = 1`` or the exponent ``-1/(order - 1)`` fails it."""
+    rtol, atol = 0.01, 1e-3
+    x, info = dpm_adaptive(den, x_T[:3], order, rtol, atol, final="none", return_info=True)
+    for i in range(3):
+        grid, rejected, ref = _alg45(den, sd_process, x_T[i : i + 1], order, rtol, atol)
+        assert info.lam[i] == pytest.approx(grid, rel=0, abs=1e-8)
+        assert info.rejected[i] == rejected
+        torch.testing.assert_close(x[i : i + 1], ref, rtol=0, atol=1e-10)
