@@ -210,9 +210,11 @@ def dpm_adaptive(
         den: the :class:`~steerdiff.denoiser.Denoiser` (guided ones included; called at per-row times).
             One that draws noise at every call (``den.own_noise()``: ``SelfGuidedMinority``,
             ``DensityGuidance(probes=)``, RePaint; CADS while it anneals) is a random field, whose error
-            estimate does not shrink with the step: it runs, at many more attempts (8-d mixture, VP cosine,
-            16 samples, defaults: 18 attempts / 55 NFE plain; ``SelfGuidedMinority`` ``w = 1`` 352 / 2114,
-            ``w = 0.1`` 52 / 314; ``DensityGuidance(rate=0)`` 20 attempts exact, 52 with 2 Hutchinson probes).
+            estimate does not shrink with the step: it runs, at many more attempts (the tests' 8-d
+            ``smooth_mixture()``, VP cosine, 16 samples, defaults, attempts of the slowest sample / network
+            evaluations of the run: plain 15 / 46; ``SelfGuidedMinority`` ``w = 1`` 698 / 4190, ``w = 0.1``
+            74 / 446; ``DensityGuidance(rate=0)`` 15 with the exact divergence, 48 with 2 Hutchinson probes;
+            tests/test_dpm_adaptive.py).
             ``SelfGuidedMinority(times=)`` guides at listed times only, which adaptive steps rarely hit
             (every 5th node of a 50-step grid: guided at ``t_max`` alone).
         x_T: the noise at ``t_start``, shape ``(batch, ...)``, as for :func:`steerdiff.sample` (its dtype is
