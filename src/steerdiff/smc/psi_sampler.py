@@ -17,6 +17,14 @@ initial law, so the node-0 weight is 1 (no reweighting, no resampling there). Ev
 exp(lam r(x_S))``: with exact draws of ``pi_T`` the weighted particles target ``p_S exp(lam r) / Z`` exactly.
 The chains' finite length is a bias the weights do not correct (the paper's, too).
 
+Against the authors' code (KAIST-Visual-AI-Group/Psi-Sampler, ``src/runner.py``, ``src/mcmc.py``): its SMC
+moves the particles with the reward-gradient-shifted proposal (mean ``+ sigma^2 lam grad r``, weighted by the
+base-over-proposal ratio, as TDS), where this one keeps the base sampler's transitions (FK steering's); its
+``init_weight_method="reward"`` (the default) weights node 0 by ``exp(lam r_0)`` again on top of the chains'
+draws, double counting the factor ``pi_T`` holds (its ``"original"`` gives 1, as here); its pCNL step
+``delta'`` (``rho = (1 - delta'/4) / (1 + delta'/4)``, MALA's convention) is ``2 step_size`` here (Cotter et
+al.'s ``delta``, :class:`~steerdiff.mcmc.PCNL`): its ``step_size: 0.5`` is ``step_size=0.25``.
+
 ``log_z`` of the result estimates ``log E_{p_S}[exp(lam r)] - log E_{N(0, s^2 I)}[exp(lam r_0)]`` (the SMC
 estimate of the normalizer relative to ``pi_T``'s, which the chains do not give): not ``log Z`` itself.
 
