@@ -162,7 +162,10 @@ def test_final_zero_denoises_the_state_at_t_end(gmm, den, sd_process, x_T):
     assert all(t[-1] == sd_process.t_min for t in info_none.t)
 
 
-def test_callback_sees_every_attempt(den, x_T):
+def test_callback_sees_every_attempt(den, sd_process, x_T):
+    """Every attempt's dict: ``accepted`` where ``error <= 1`` (NaN for the samples already done), ``sigma``
+    the process's at ``t``, ``denoised`` the estimate at the attempt's start (the first: at ``x_T``). The
+    last three went unchecked: eps for ``denoised``, ``E^2`` for ``error``, ``alpha`` for ``sigma`` passed."""
     seen = []
     _, info = dpm_adaptive(den, x_T[:4], callback=seen.append, return_info=True)
     attempts = max(a + r for a, r in zip(info.accepted, info.rejected, strict=True))
@@ -171,6 +174,24 @@ def test_callback_sees_every_attempt(den, x_T):
     taken = torch.stack([d["accepted"] for d in seen[:-1]]).sum(0).tolist()
     assert taken == info.accepted
     assert all(d["t"].shape == (4,) and d["x"].shape == x_T[:4].shape for d in seen)
+    for d in seen[:-1]:
+        done = d["error"].isnan()
+        assert torch.equal(d["accepted"], ~done & (d["error"] <= 1))
+        torch.testing.assert_close(d["sigma"], sd_process.sigma(d["t"]), rtol=1e-12, atol=0)
+    assert bool((~seen[0]["error"].isnan()).all()) and sum(int(d["error"].isnan().any()) for d in seen) > 1
+    # ``error`` is the E that set the next step: two accepted attempts in a row, h' = 0.9 h E^(-1/3)
+    lam = [sd_process.lam(torch.full((4,), sd_process.t_max)), *(sd_process.lam(d["t"]) for d in seen[:-1])]
+    lam_end, pairs = float(sd_process.lam(sd_process.t_min)), 0
+    for i in range(1, len(seen) - 1):
+        for r in range(4):
+            a, b = seen[i - 1], seen[i]
+            if a["accepted"][r] and b["accepted"][r] and float(lam[i + 1][r]) < lam_end:
+                h, h_next = float(lam[i][r] - lam[i - 1][r]), float(lam[i + 1][r] - lam[i][r])
+                assert h_next == pytest.approx(0.9 * h * float(a["error"][r]) ** (-1 / 3), rel=1e-9)
+                pairs += 1
+    assert pairs >= 8, pairs  # 10
+    t_max = torch.full((4,), sd_process.t_max, dtype=F64)
+    torch.testing.assert_close(seen[0]["denoised"], den(x_T[:4], t_max).x0, rtol=0, atol=1e-14)
 
 
 def test_nonfinite_model_output_names_the_step_and_time(gmm, sd_process, x_T):
