@@ -240,6 +240,34 @@ def test_a_non_finite_denoiser_output_is_reported():
         sd.mcmc.walk_jump(den, (2, 2), 1.0, 2, 3, generator=_gen())
 
 
+def test_a_seeded_walk_refuses_a_denoiser_whose_own_noise_the_seed_does_not_reach():
+    """As every seeded sampler (``sd.sample``, the particle methods): a ``MonteCarloDenoiser`` without a
+    generator of its own draws from torch's global RNG, and one with a single generator draws the whole batch
+    from it while ``generator=`` is one per row. Was: both ran, two runs of the first with the same seed
+    0.35 apart. With one generator per row on both, a row is the same alone (bitwise)."""
+    gmm = smooth_mixture(dim=2, components=3)
+
+    def mc(generator=None):
+        return sd.mcmc.MonteCarloDenoiser(
+            lambda x0: gmm.log_prob(x0), sd.EDM(), (2,), samples=16, generator=generator
+        )
+
+    def run(den, generator, n=2):
+        return sd.mcmc.walk_jump(den, (n, 2), 1.0, 2, 3, dtype=F64, generator=generator)
+
+    with pytest.raises(
+        ValueError, match=r"^walk_jump: generator: MonteCarloDenoiser in the denoiser draws noise "
+    ):
+        run(mc(), _gen())
+    with pytest.raises(
+        ValueError, match=r"^walk_jump: generator: one generator per row .* MonteCarloDenoiser"
+    ):
+        run(mc(_gen(5)), [_gen(1), _gen(2)])
+    both = run(mc([_gen(5), _gen(6)]), [_gen(1), _gen(2)])
+    alone = run(mc([_gen(6)]), [_gen(2)], n=1)
+    assert torch.equal(both.x[1], alone.x[0])
+
+
 def test_bad_input():
     gmm = smooth_mixture(dim=2, components=3)
     den = gmm.denoiser(sd.EDM())  # sigma / alpha in [0.002, 80]

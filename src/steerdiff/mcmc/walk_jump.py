@@ -240,7 +240,9 @@ def walk_jump(
         dtype, device: of the samples where ``y_init`` is not given (default float32, the generator's device);
             refused beside ``y_init``.
         generator: one ``torch.Generator``, or a list with one per sample (a sample is then the same
-            whatever its batch), for every draw.
+            whatever its batch), for every draw. Given, a part of ``den`` that draws noise of its own
+            (``den.own_noise()``: a ``MonteCarloDenoiser``, guidance wrappers) must have a generator too, one
+            per row where this is (:func:`~steerdiff.sampling.check_seeded`; a ``ValueError`` otherwise).
         **cond: passed to the net at every call.
 
     Returns:
@@ -248,6 +250,8 @@ def walk_jump(
 
     >>> out = sd.mcmc.walk_jump(den, (1000, 2), 4.5, measurements=32, steps_per_measurement=40, generator=g)
     """
+    from ..sampling import check_seeded  # sampling imports this package: here, once loaded
+
     who = "walk_jump"
     check_denoiser(who, "den", den)
     shape = sizes(who, "shape", shape)
@@ -263,6 +267,7 @@ def walk_jump(
         raise ValueError(f"{who}: friction is a parameter of kernel='ulmc', not of kernel='ula'")
     gamma = _DEFAULT_FRICTION if friction is None else real(who, "friction", friction, lo=0, lo_open=True)
     generator = check_generators(who, generator, shape[0])
+    check_seeded(den, generator, who)  # a part of den drawing noise the seed does not reach, or not per row
     times = [measurement_time(den.process, sigma, k, who) for k in range(1, m + 1)]
     alphas = [float(den.process.alpha(t)) for t in times]
     y = initial_state(who, shape, sigma, y_init, dtype, device, generator)
