@@ -286,6 +286,12 @@ def test_bad_input():
         (dict(shape=(4, 3)), r"shape has sample shape \(3,\), the denoiser expects \(2,\)"),
         (dict(y_init=torch.zeros(3, 2)), r"y_init must be a floating-point tensor of shape \(4, 2\)"),
         (dict(y_init=torch.zeros(4, 2), dtype=F64), r"dtype and device are y_init's"),
+        # was: 'the model returned NaN/inf at step 1 (evaluation 1, ...)', the net blamed for the input's
+        (
+            dict(y_init=torch.zeros(4, 2).index_fill(1, torch.tensor([1]), math.nan)),
+            r"y_init contains NaN or",
+        ),
+        (dict(y_init=torch.full((4, 2), math.inf)), r"^walk_jump: y_init contains NaN or inf"),
         (dict(dtype=torch.int64), r"dtype must be float16, bfloat16, float32 or float64"),
         (dict(generator=[_gen()] * 3), r"generator must be None, one torch.Generator or a list of batch = 4"),
         (dict(den=gmm), r"den must be a steerdiff Denoiser"),

@@ -136,8 +136,8 @@ def initial_state(
     generator: Generators,
 ) -> Tensor:
     """A chain's start in variance-exploding coordinates: ``y_init`` (a floating-point tensor of ``shape``,
-    whose dtype and device are the run's; ``dtype`` and ``device`` refused beside it), or ``scale z``, ``z ~
-    N(0, I)`` from ``generator`` in ``dtype`` (default float32) on ``device``; a ``ValueError`` naming
+    whose dtype and device are the run's; finite; ``dtype`` and ``device`` refused beside it), or ``scale z``,
+    ``z ~ N(0, I)`` from ``generator`` in ``dtype`` (default float32) on ``device``; a ``ValueError`` naming
     ``who`` otherwise."""
     if y_init is None:
         kind = torch.float32 if dtype is None else sample_dtype(who, "dtype", dtype)
@@ -147,6 +147,8 @@ def initial_state(
     if not isinstance(y_init, Tensor) or not y_init.is_floating_point() or tuple(y_init.shape) != shape:
         got = f"shape {tuple(y_init.shape)}" if isinstance(y_init, Tensor) else type(y_init).__name__
         raise ValueError(f"{who}: y_init must be a floating-point tensor of shape {shape}, got {got}")
+    if not bool(torch.isfinite(y_init).all()):  # else reported as the model's NaN at its first evaluation
+        raise ValueError(f"{who}: y_init contains NaN or inf")
     return y_init
 
 
