@@ -307,6 +307,14 @@ def test_bad_input():
         sd.mcmc.walk_jump_score(den, y, torch.zeros(4, 3), 2, 1.0)
     with pytest.raises(ValueError, match=r"k must be an integer >= 1"):
         sd.mcmc.walk_jump_score(den, y, None, 0, 1.0)
+    # were an AttributeError ('GaussianMixture' object has no attribute 'process') and a RuntimeError from
+    # inside the net ("shape '[4, 2]' is invalid for input of size 12")
+    with pytest.raises(ValueError, match=r"^walk_jump_score: den must be a steerdiff Denoiser"):
+        sd.mcmc.walk_jump_score(gmm, y, None, 1, 1.0)
+    with pytest.raises(
+        ValueError, match=r"^walk_jump_score: y has sample shape \(3,\), the denoiser expects"
+    ):
+        sd.mcmc.walk_jump_score(den, torch.zeros(4, 3), None, 1, 1.0)
 
 
 def main() -> None:

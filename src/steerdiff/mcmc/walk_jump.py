@@ -167,10 +167,12 @@ def walk_jump_score(
     (``None`` for ``k = 1``, where it is the score of ``p_sigma``). One call of ``den`` (``**cond`` passed to
     its net)."""
     who = "walk_jump_score"
+    check_denoiser(who, "den", den)
     k = integer(who, "k", k, lo=1)
     sigma = real(who, "sigma", sigma, lo=0, lo_open=True)
     if not isinstance(y, Tensor) or y.ndim == 0 or not y.is_floating_point():
         raise ValueError(f"{who}: y must be a floating-point tensor of shape (batch, ...), got {y!r:.60}")
+    check_sample_shape(f"{who}: y", den, tuple(y.shape[1:]))
     if (previous_mean is None) != (k == 1):
         raise ValueError(f"{who}: previous_mean must be None for k = 1 and a tensor of y's shape for k > 1")
     if previous_mean is not None and (
