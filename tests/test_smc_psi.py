@@ -233,6 +233,20 @@ def test_bad_input():
     ):
         sd.smc.psi_sampler(counted, linear, mcmc_steps=4, **{**kw, "steps": 1})
     assert rows == []
+    # sample's keywords and a bad progress, refused before the chains as fk_steering refuses them before its
+    # run: were a TypeError from inside the net (corrector= passed to it as a condition) and a ValueError
+    # after the chains (5 x 8 network rows each)
+    with pytest.raises(ValueError, match=r"^psi_sampler: corrector is an argument of sample, not of psi_"):
+        sd.smc.psi_sampler(counted, linear, mcmc_steps=4, corrector="ula", **kw)
+    chain_kw = {k: v for k, v in kw.items() if k != "solver"}
+    for name, value in (("callback", print), ("solver", SOLVER)):  # psi_sampler's solver= too
+        with pytest.raises(
+            ValueError, match=rf"^twisted_prior: {name} is an argument of sample, not of twist"
+        ):
+            sd.smc.twisted_prior(counted, linear, 1.0, mcmc_steps=4, **{name: value}, **chain_kw)
+    with pytest.raises(ValueError, match=r"^psi_sampler: progress must be True or False"):
+        sd.smc.psi_sampler(counted, linear, mcmc_steps=4, progress="yes", **kw)
+    assert rows == []
     for name, value in (("mcmc_steps", 0), ("step_size", 0.0), ("lam", math.nan), ("ess_threshold", 2.0)):
         with pytest.raises(ValueError, match=rf"psi_sampler: {name}"):
             sd.smc.psi_sampler(DEN, linear, **{**kw, name: value})

@@ -51,12 +51,12 @@ import torch
 from torch import Tensor
 
 from .. import solvers as _solvers
-from .._checks import choice, device_or_none, integer, real, sample_dtype
+from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser, check_sample_shape
 from ..mcmc.base import ChainInfo, Point, Target, _value_and_grad, chain, finite_run, fixed_time
 from ..mcmc.pcnl import PCNL
 from ..noise import Generators, NoiseSource, check_generators, make_noise, repeat_rows
-from ..sampling import check_seeded
+from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ..solvers.base import FINALS, NonFiniteError, Solver, make_grid, work_dtype
@@ -65,6 +65,8 @@ from .fk_steering import FKSteering, potential_nodes
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
+    SAMPLE_ONLY,
+    SAMPLE_ONLY_WHY,
     Particles,
     Reward,
     StepContext,
@@ -81,6 +83,12 @@ from .particles import (
 __all__ = ["PsiSampler", "psi_sampler", "twisted_prior"]
 
 WHO = "psi_sampler"
+# twisted_prior's keyword arguments that would reach the net as conditions: sample's, and psi_sampler's solver
+CHAIN_ONLY = (*SAMPLE_ONLY, "solver")
+CHAIN_ONLY_WHY = (
+    "which draws the initial particles by pCNL chains at the first node alone (no solver steps, no callback, "
+    "no corrector); the other keyword arguments are the net's conditions (**cond)"
+)
 
 
 class PsiSampler(FKSteering):
@@ -179,6 +187,7 @@ def twisted_prior(
         and the network evaluations per batch row.
     """
     check_denoiser(WHO, "den", den)
+    check_sample_only("twisted_prior", cond, CHAIN_ONLY, CHAIN_ONLY_WHY)
     _check_reward(reward, WHO)
     lam = real(WHO, "lam", lam)
     batch, *sample = _check_shape(shape, WHO)
@@ -283,6 +292,8 @@ def psi_sampler(
     steps = integer(WHO, "steps", steps, lo=1)
     algorithm = PsiSampler(real(WHO, "lam", lam), potential_nodes(steps, interval, window, WHO))
     # the run's options that the chains would otherwise be run before refusing
+    check_sample_only(WHO, cond, SAMPLE_ONLY, SAMPLE_ONLY_WHY)
+    boolean(WHO, "progress", progress)
     integer(WHO, "mcmc_steps", mcmc_steps, lo=1)
     real(WHO, "step_size", step_size, lo=0, lo_open=True)
     real(WHO, "ess_threshold", ess_threshold, lo=0, hi=1)
