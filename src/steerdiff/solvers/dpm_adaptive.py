@@ -29,14 +29,19 @@ lower-order solution's local error, ``O(h^{k+1})``, so ``E^{-1/(k+1)}`` is the s
 (``E^{-1/order}``) and k-diffusion's controller; ``E^{-1/k}`` would double the correction at order 2. Defaults
 as the paper's
 (``h_init = 0.05``, ``rtol = 0.05``, ``atol = 0.0078``: about 1/255 of an image's ``[-1, 1]`` range -- for
-other data, scale ``atol`` to it). k-diffusion's version adds a PID controller (Söderlind) and an
-``eta`` noise; neither is here.
+other data, scale ``atol`` to it).
+
+k-diffusion's ``sample_dpm_adaptive`` has the same pair, ``delta`` and ``x_prev`` but another controller (at
+its defaults, ``pcoeff = dcoeff = 0``): ``h <- h f``, ``f = 1 + atan(E^{-1/order} - 1)`` (no ``theta``; ``f <
+1 + pi/2``), the step accepted where ``f >= 0.81``, i.e. ``E <= 1.53`` at order 2 and ``E <= 1.90`` at order
+3, not ``E <= 1``; and one ``E`` for the batch, the RMS over all its entries. The same ``rtol`` / ``atol``
+accept larger errors there. Its PID terms (Söderlind) and ``eta`` noise are not here.
 
 Step control is per sample: each row keeps its own ``h``, level and ``x_prev``, and is accepted or rejected
 on its own ``E``, so a sample is the same whatever batch it is drawn in (DESIGN's reproducibility; the
 denoiser is called at per-row times, one batched call per stage on the rows not yet at the end). The
-authors' code (and k-diffusion) take one ``h`` for the batch from the largest ``E``: a batch of ``B``
-samples then pays for its worst sample at every step and a sample depends on its batch.
+authors' code takes one ``h`` for the batch from the largest ``E`` (k-diffusion from the batch's RMS): a
+batch of ``B`` samples then pays for its worst sample at every step and a sample depends on its batch.
 
 NFE: ``order`` per step attempt of the rows still running (rejected attempts included), plus one into a
 clean end (``final="zero"``: the denoised estimate at ``t_end``, as :func:`steerdiff.sample` returns).
