@@ -371,6 +371,11 @@ def test_bad_input():
         (dict(level_init=torch.full((4,), 2)), r"level_init must be .* indices into sigmas, 0 to 1"),
         (dict(dtype=torch.int64), r"dtype must be float16, bfloat16, float32 or float64"),
         (dict(generator=[_gen()] * 3), r"generator must be None, one torch.Generator or a list of batch = 4"),
+        # sample's arguments went to the net as conditions: a TypeError from inside it
+        (
+            dict(schedule="karras", progress=True),
+            r"^denoising_mcmc: schedule, progress are arguments of sample",
+        ),
     ]
     for change, message in cases:
         kwargs = dict(den=den, shape=(4, 2), sigmas=[0.5, 1.0], level_logits=logits, samples_per_chain=1)

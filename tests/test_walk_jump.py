@@ -295,6 +295,12 @@ def test_bad_input():
         (dict(dtype=torch.int64), r"dtype must be float16, bfloat16, float32 or float64"),
         (dict(generator=[_gen()] * 3), r"generator must be None, one torch.Generator or a list of batch = 4"),
         (dict(den=gmm), r"den must be a steerdiff Denoiser"),
+        # sample's arguments went to the net as conditions: a TypeError from inside it
+        (
+            dict(steps=10),
+            r"^walk_jump: steps is an argument of sample, not of walk_jump, which runs Langevin",
+        ),
+        (dict(solver="ddim", corrector="ula"), r"corrector, solver are arguments of sample"),
     ]
     for change, message in cases:
         kwargs = dict(den=den, shape=(4, 2), sigma=1.0, measurements=2, steps_per_measurement=2) | change

@@ -92,6 +92,23 @@ __all__ = ["KERNELS", "WalkJump", "measurement_time", "walk_jump", "walk_jump_sc
 KERNELS = ("ulmc", "ula")
 _DEFAULT_STEP = {"ulmc": 0.5, "ula": 0.1}
 _DEFAULT_FRICTION = 2.0
+# sample's keyword arguments that the chains (walk-jump's, Denoising MCMC's) have no use for: in **cond they
+# would reach the net as conditions; refused by name (denoising_mcmc takes a solver of its own)
+SAMPLE_ONLY = (
+    "steps",
+    "schedule",
+    "final",
+    "callback",
+    "corrector",
+    "corrector_steps",
+    "snr",
+    "progress",
+    "return_info",
+)
+SAMPLE_ONLY_WHY = (
+    "which runs Langevin chains, not sample's steps; "
+    "the other keyword arguments are the net's conditions (**cond)"
+)
 
 
 @dataclass
@@ -254,10 +271,11 @@ def walk_jump(
 
     >>> out = sd.mcmc.walk_jump(den, (1000, 2), 4.5, measurements=32, steps_per_measurement=40, generator=g)
     """
-    from ..sampling import check_seeded  # sampling imports this package: here, once loaded
+    from ..sampling import check_sample_only, check_seeded  # sampling imports this package: here, once loaded
 
     who = "walk_jump"
     check_denoiser(who, "den", den)
+    check_sample_only(who, cond, (*SAMPLE_ONLY, "solver"), SAMPLE_ONLY_WHY)
     shape = sizes(who, "shape", shape)
     if len(shape) < 2:
         raise ValueError(f"{who}: shape must be (batch, *sample_shape), at least 2 entries, got {shape}")
