@@ -149,6 +149,8 @@ class AFDPS(SMCAlgorithm):
 
     def __init__(self, observation: _Observation, log_mass: Tensor) -> None:
         self.obs, self.log_mass = observation, log_mass
+        # (node, t, max std) of the steps whose std is a tensor: read on the host once, at the last node
+        self._tops: list[tuple[int, float, Tensor]] = []
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
         """``grad``: ``grad mu_y`` at the particle's node (the proposal's shift and the next weight)."""
@@ -171,18 +173,18 @@ class AFDPS(SMCAlgorithm):
                 inc = inc + 0.5 * std * std * (sq - self.obs.hess_trace)
         if not ctx.final:
             s["grad"] = self.obs.grad(x)
+        elif self._tops:
+            tops = torch.stack([top for _, _, top in self._tops]).tolist()
+            for (i, t, _), top in zip(self._tops, tops, strict=True):
+                self._check(ctx.grid.steps, i, t, top)
         return inc
 
-    def propose(self, ctx: StepContext, base: Transition) -> Transition:
-        std = base.std
-        if isinstance(std, float | int) and std == 0:  # a deterministic step: nothing to move
-            return base
-        top = float(std.amax()) if isinstance(std, Tensor) else std
+    def _check(self, steps: int, i: int, t: float, top: float) -> None:
+        """Refuse the step from node ``i`` if its largest ``std`` has ``std^2 |A|^2 / s^2 >= 1``."""
         ratio = top * top * self.obs.curvature
         if ratio >= 1:
-            steps = ctx.grid.steps
             raise ValueError(
-                f"afdps: steps={steps}: the step from node {ctx.i} (t = {ctx.t:.4g}) has std^2 |A|^2 / "
+                f"afdps: steps={steps}: the step from node {i} (t = {t:.4g}) has std^2 |A|^2 / "
                 f"s^2 = {ratio:.3g} >= 1: along A's top singular direction its weight "
                 "exp(std^2 |grad mu_y|^2 / 2 - ...) has no finite mean under the likelihood (at >= 2 the "
                 "explicit drift -std^2 grad mu_y also overshoots and the particles diverge). A step's std^2 "
@@ -191,6 +193,15 @@ class AFDPS(SMCAlgorithm):
                 "step is second order in this ratio), or a schedule or solver with less noise per step at "
                 "high noise"
             )
+
+    def propose(self, ctx: StepContext, base: Transition) -> Transition:
+        std = base.std
+        if isinstance(std, float | int) and std == 0:  # a deterministic step: nothing to move
+            return base
+        if isinstance(std, Tensor):  # per entry: its maximum read at the last node (no device sync per step)
+            self._tops.append((ctx.i, ctx.t, std.detach().amax()))
+        else:
+            self._check(ctx.grid.steps, ctx.i, ctx.t, std)
         return Transition(base.mean - std**2 * ctx.state["grad"].to(base.mean.dtype), std)
 
 
@@ -258,7 +269,9 @@ def afdps(
         ess_threshold: resample a row when ``ESS < ess_threshold * N``.
         solver: a stochastic solver with Gaussian steps (``ddpm``, the default, is the reverse SDE, ``V = G``;
             one adding less noise, such as ``er_sde`` or ``DDIM(eta < 1)``, is the same PDE with a smaller
-            ``V``: less likelihood drift, more reweighting).
+            ``V``: less likelihood drift, more reweighting). A step with ``std^2 |A|^2 / s^2 >= 1`` is refused
+            (``ValueError``): at once for a scalar ``std``; for one given per entry (DDPM's learned variance),
+            whose maximum lives on the device, after the run, its maxima read once at the last node.
         resampler, schedule, final, max_batch, dtype, device, generator, progress, cond: see
             :func:`~steerdiff.smc.run_smc` (``max_batch`` bounds the denoiser's calls; ``A`` sees all rows at
             once). The start is drawn from ``generator`` first (``z``, then ``n``), then the run. ``group=``
