@@ -184,6 +184,28 @@ def test_mask_is_read_on_the_host_once(gmm):
     assert not EtaDDIM(mask=torch.zeros(8, dtype=F64)).stochastic and not EtaDDIM(eta=(0.0, 0.0)).stochastic
 
 
+def test_mask_is_moved_to_the_batch_once(gmm):
+    """The mask is converted to the batch's device and dtype once per run's ``(device, dtype)``, not at every
+    step (was a copy per masked step: for a CPU mask on a GPU batch, a host-to-device copy from pageable
+    memory, which waits for the device, at every step)."""
+    den = gmm.denoiser(VP)
+    mask = (torch.arange(8) < 3).to(F64)
+    slv = EtaDDIM(mask=mask)
+    moves = []
+
+    class Moves(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if args and args[0] is mask and func is torch.Tensor.to:
+                moves.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x_T = torch.randn(4, 8, dtype=torch.float32, generator=gen(0))
+    with Moves():
+        xs = [sd.sample(den, x_T, 10, slv, SCHEDULE, generator=gen(1)) for _ in range(2)]
+    assert len(moves) == 1, len(moves)
+    assert xs[0].dtype == torch.float32 and torch.equal(xs[0], xs[1])
+
+
 # --- editing ----------------------------------------------------------------------------------------------
 
 

@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 
 from . import schedules as _schedules
 from ._checks import boolean, integer, real
+from ._ops import host_to, kept
 from .ddpm_inversion import EditNoise
 from .denoiser import Denoiser, check_denoiser
 from .inversion import invert_as
@@ -132,6 +133,7 @@ class EtaDDIM(Solver):
         self.mask = _mask("EtaDDIM", self.mask)
         # read on the host once here, not at every step (a device sync per step for a CUDA mask)
         self._any_noise = max(self.eta) > 0 and (self.mask is None or bool(self.mask.gt(0).any()))
+        self._mask_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # the mask on a batch's device
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
@@ -157,7 +159,13 @@ class EtaDDIM(Solver):
                 f"EtaDDIM: mask of shape {tuple(self.mask.shape)} must broadcast to the batch's shape "
                 f"{tuple(x.shape)}"
             )
-        cm = (c * self.mask.to(x.device, x.dtype)).expand_as(x)
+        mask = self.mask
+        on = kept(
+            self._mask_on,
+            (x.device, x.dtype),
+            lambda: host_to(mask, x.device, x.dtype) if mask.is_cpu else mask.to(x.device, x.dtype),
+        )
+        cm = (c * on).expand_as(x)
         return Transition(a_next * pred.x0 + (sigma_next**2 - cm**2).clamp_min(0).sqrt() * pred.eps, cm)
 
 
