@@ -290,3 +290,16 @@ def test_lanpaint_bad_input() -> None:
         BiGLangevin().run(x_T[:4], lambda x: -0.5 * (x * x).sum(1))  # was a bare AssertionError
     with pytest.raises(ValueError, match=r"must be sd.guidance.LanPaint\(den, operator, y\)"):
         sd.sample(den, x_T[:4], 4, solver="ddim", corrector="lanpaint", generator=torch.Generator())
+
+
+def test_lanpaint_nfe_counts_the_solvers_evaluations_plus_one_per_move() -> None:
+    """``lanpaint_nfe`` is a one-evaluation solver's count; Heun's ``2 N - 1`` evaluations (final="zero") plus
+    the same ``(N - 1) K`` moves, one evaluation each (the docs state the NFE for a one-evaluation solver)."""
+    gmm, op, y, _, x_T, _ = _case()
+    for solver, steps, evals in (("ddim", 4, 4), ("heun", 4, 7), ("dpmpp_2m", 5, 5)):
+        info = sd.sample(
+            LanPaint(gmm.denoiser(PROC), op, y), x_T[:4], steps, solver, corrector="lanpaint",
+            corrector_steps=3, generator=torch.Generator().manual_seed(0), return_info=True,
+        )[1]  # fmt: skip
+        assert info.nfe == evals + (steps - 1) * 3, (solver, info.nfe)
+    assert lanpaint_nfe(4, 3) == 4 + 3 * 3
