@@ -303,3 +303,19 @@ def test_lanpaint_nfe_counts_the_solvers_evaluations_plus_one_per_move() -> None
         )[1]  # fmt: skip
         assert info.nfe == evals + (steps - 1) * 3, (solver, info.nfe)
     assert lanpaint_nfe(4, 3) == 4 + 3 * 3
+
+
+if __name__ == "__main__":  # the step-size and lambda sweep quoted in BiGLangevin's docstring
+    gmm_, op_, y_, _, x_T_, floor_ = _case()
+    print(f"floor {floor_:.3f}")
+    for k in (5, 10, 20):
+        for name, values in (("step_size", (0.2, 0.5, 1.0, 2.0, 4.0)), ("lam", (0.0, 1.0, 4.0))):
+            row = []
+            for v in values:
+                x = sd.sample(
+                    LanPaint(gmm_.denoiser(PROC), op_, y_), x_T_, STEPS, solver="ddim",
+                    corrector=BiGLangevin(**{"step_size": 1.0, "lam": 1.0, name: v}), corrector_steps=k,
+                    generator=torch.Generator().manual_seed(2),
+                )  # fmt: skip
+                row.append(f"{v:g}: {_sw(x):.3f}")
+            print(f"K = {k:2d}  {name:9s} " + "  ".join(row))

@@ -174,8 +174,8 @@ class BiGLangevin(Kernel):
         step_size: ``eta``, the Langevin time per move in units of ``sigma^2`` (their ``StepSize``, 0.15
             there). On the test mixture (DDIM, 10 steps; sliced W to exact posterior draws, floor 0.037)
             1 is the best of 0.2 / 0.5 / 1 / 2 / 4 at 10 and 20 moves (0.087, 0.054), 2 at 5 moves (0.133
-            against 0.142): larger steps stall above the floor (the frozen-mean step is biased), smaller
-            ones need more moves.
+            against 0.142; ``python -m tests.test_lanpaint``): larger steps stall above the floor (the
+            frozen-mean step is biased), smaller ones need more moves.
         lam: ``lambda >= 0`` of the BiG score (0: the known region relaxes to the forward process of
             ``y`` alone; 1 and 4 are level there, ahead of 0: 0.087 / 0.087 / 0.106 at 10 moves).
         beta: ``beta > 0``, the known region's time step relative to the unknown one's (their ``Beta``).
