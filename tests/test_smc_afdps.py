@@ -332,3 +332,14 @@ def test_afdps_entrywise_std_is_read_on_the_host_once():
             run(0.1, solver)
         messages.append(str(e.value))
     assert messages[0] == messages[1]
+
+
+def test_afdps_nfe_is_steps_times_particles_times_the_cost():
+    """One evaluation per particle and step, of the denoiser's cost (2 for a CFG that guides)."""
+    den = GAUSS.denoiser(PROC)
+    for d, cost in ((den, 1), (sd.guidance.CFG(den, den, 2.0), 2)):
+        out = sd.smc.afdps(
+            d, sd.inverse.Matrix(A1), Y1, noise_std=S1, shape=(2, 3), particles=4, steps=10, solver=SOLVER,
+            generator=gen(0), dtype=F64,
+        )  # fmt: skip
+        assert out.nfe == cost * 10 * 4

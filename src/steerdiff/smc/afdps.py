@@ -54,8 +54,9 @@ log p(y)`` -0.109 / -0.023 / +0.069 +- 0.03-0.04, rising past 0 at 1024 (an unbi
 Gaussian algebra come from the SVD of its dense ``(m, d)`` matrix, formed once (``d`` applications of ``A``:
 an operator of moderate size).
 
-NFE per batch row: ``steps * particles`` (the solver's one evaluation per particle and step; the likelihood's
-gradient is ``A^T (A x - y) / s^2``, no network and no backward pass).
+NFE per batch row: ``steps * particles`` times the denoiser's ``cost`` (2 for a guiding CFG): the solver's one
+evaluation per particle and step; the likelihood's gradient is ``A^T (A x - y) / s^2``, no network and no
+backward pass.
 """
 
 from __future__ import annotations
@@ -279,8 +280,9 @@ def afdps(
             ranks alone is raised by every rank (:meth:`~steerdiff.distributed.Ranks.start`).
 
     Returns:
-        :class:`~steerdiff.smc.Particles` with normalized ``log_w``, ``nfe = steps * particles`` and the
-        ``trace``, whose final ``log_z`` estimates the evidence ``log p(y)`` (of the prior the sampler draws).
+        :class:`~steerdiff.smc.Particles` with normalized ``log_w``, ``nfe = steps * particles`` (times
+        ``den.cost``) and the ``trace``, whose final ``log_z`` estimates the evidence ``log p(y)`` (of the
+        prior the sampler draws).
 
     Example:
         >>> out = sd.smc.afdps(den, sd.inverse.Matrix(A), y, noise_std=0.1, shape=(4, 16), generator=g)
