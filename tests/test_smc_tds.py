@@ -829,3 +829,13 @@ def test_a_net_condition_may_be_named_y_or_operator():
         ValueError, match=r"^tds: a linear-Gaussian observation needs both .*keyword operator= or y="
     ):
         sd.smc.tds(baked, sd.inverse.Matrix(A), y=Y, generator=gen(4), **kw)
+
+
+def test_tds_nfe_is_steps_times_particles_times_the_cost():
+    """One evaluation per particle and step, of the denoiser's cost (2 for a CFG that guides)."""
+    for den, cost in ((DEN, 1), (sd.guidance.CFG(DEN, DEN, 2.0), 2)):
+        out = tds(
+            den, sd.inverse.Matrix(A), Y, noise_std=S, shape=(2, 2), particles=4, steps=10, solver=SOLVER,
+            generator=gen(0), dtype=F64,
+        )  # fmt: skip
+        assert out.nfe == cost * 10 * 4

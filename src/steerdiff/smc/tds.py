@@ -42,9 +42,10 @@ step's score coefficient, the proposal under-uses the twist and the weights do m
 (16-d posterior of ``bench steer``, 4 particles, 100 steps: 3.6x the floor with ``ddpm``, 7.2x with
 ``er_sde``).
 
-NFE per batch row: ``steps * particles`` (one evaluation per particle and step, with a backward pass through
-it for the twists of the denoised estimate, which need a denoiser differentiable in ``x``; the classifier
-twist differentiates the classifier alone, and the network runs without a graph). With ``max_batch`` below
+NFE per batch row: ``steps * particles`` times the denoiser's ``cost`` (2 for a guiding CFG): one evaluation
+per particle and step, with a backward pass through it for the twists of the denoised estimate, which need a
+denoiser differentiable in ``x``; the classifier twist differentiates the classifier alone, and the network
+runs without a graph. With ``max_batch`` below
 ``batch * particles`` the twist, its gradient and the graph through the denoiser are taken on slices of
 ``max_batch`` rows (:meth:`StepContext.value_grad <steerdiff.smc.StepContext.value_grad>`; the NFE is the
 same).
@@ -350,8 +351,8 @@ def tds(
             ``classifier`` and ``operator`` and of every graph differentiated.
 
     Returns:
-        :class:`~steerdiff.smc.Particles` with normalized ``log_w``, ``nfe = steps * particles`` and the
-        ``trace``, whose final ``log_z`` estimates the evidence ``log p_S(y)``.
+        :class:`~steerdiff.smc.Particles` with normalized ``log_w``, ``nfe = steps * particles`` (times
+        ``den.cost``) and the ``trace``, whose final ``log_z`` estimates the evidence ``log p_S(y)``.
 
     Example:
         >>> out = sd.smc.tds(den, sd.inverse.Matrix(A), y, noise_std=0.1, shape=(4, 16), generator=g)
