@@ -216,8 +216,8 @@ def fk_steering(
 
     Returns:
         :class:`~steerdiff.smc.Particles`: ``x`` ``(batch, particles, *shape)``, normalized ``log_w``,
-        ``nfe`` (``steps * particles`` for DDPM), ``reward`` of the final particles, the ``trace``
-        with ``log_z`` estimating ``log E[exp(lam r(x))]`` under the base sampler.
+        ``nfe`` (``steps * particles`` for DDPM, times ``den.cost``), ``reward`` of the final particles, the
+        ``trace`` with ``log_z`` estimating ``log E[exp(lam r(x))]`` under the base sampler.
 
     Example:
         >>> out = sd.smc.fk_steering(den, reward, lam=10.0, shape=(4, 2), particles=16, steps=100)
