@@ -1055,12 +1055,13 @@ def test_bench_invert_says_when_diffusers_returns_non_finite_samples(caplog):
 
 def test_bench_overhead_times_the_same_samples_on_both_sides():
     """The timed pairs compute the same thing: ours equals diffusers' loop on its own timesteps (Euler
-    to 2e-3: between integer timesteps diffusers interpolates sigma linearly, steerdiff log(sigma /
-    alpha)), and a first run (new denoiser) equals a warm one bit for bit."""
+    to 2e-3: with its default ``linspace`` spacing diffusers' Euler starts from ``x_T sigma_max``, not
+    ``x_T sqrt(sigma_max^2 + 1)``; see the next test), and a first run (new denoiser) equals a warm one bit
+    for bit."""
     from steerdiff.bench.overhead import OVERHEAD_PAIRS, pairs
 
     runs = pairs(steps=6, shape=(8, 2, 2))
-    assert [(p.solver, p.scheduler) for p in runs] == [(s, c) for s, c, _ in OVERHEAD_PAIRS]
+    assert [(p.solver, p.scheduler) for p in runs] == [(s, c) for s, _, c, _ in OVERHEAD_PAIRS]
     for p in runs:
         ours, theirs = p.ours(False), p.theirs()
         assert ours.shape == (8, 2, 2) and ours.dtype == torch.float32
@@ -1068,19 +1069,72 @@ def test_bench_overhead_times_the_same_samples_on_both_sides():
         assert torch.equal(p.ours(True), ours)
 
 
+def _moving_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A net whose output depends on ``x`` and ``t``: unlike the benchmark's free net (a fixed eps, for
+    which every consistent solver lands on the same exact answer), solvers of different orders or on
+    different grids give different samples."""
+    return 0.5 * torch.tanh(x) + 3e-4 * float(t.reshape(-1)[0]) * x
+
+
+@pytest.mark.parametrize("steps", [6, 20])
+def test_bench_overhead_pairs_run_the_same_algorithm(steps):
+    """Each timed pair is one algorithm on both sides: with a net that moves the samples (the free net
+    cannot tell a first-order solver from a third-order one) ours equals diffusers' loop within 1e-6, Euler
+    once diffusers' start ``x_T sigma_max`` is taken to ``x_T sqrt(sigma_max^2 + 1)`` (before: ``unipc``,
+    UniPC-3, against diffusers' default UniPC-2, 7.7e-3 apart at 6 steps)."""
+    import diffusers
+
+    from steerdiff.bench.overhead import pairs
+    from steerdiff.integrations.diffusers_ref import run_scheduler, sd_betas_config
+
+    for p in pairs(steps=steps, shape=(8, 2, 2), net=_moving_net):
+        ours, theirs = p.ours(False).double(), p.theirs().double()
+        if p.solver == "euler":
+            assert 1e-3 < rel_rmse(ours, theirs) < 1e-2
+            sched = diffusers.EulerDiscreteScheduler(**sd_betas_config())
+            sched.set_timesteps(steps)
+            s_max = float(sched.sigmas.max())
+            start = torch.randn(8, 2, 2, generator=torch.Generator().manual_seed(0))  # the pairs' x_T
+            theirs = run_scheduler(sched, _moving_net, start * math.sqrt(1 + s_max**2) / s_max, steps)[0]
+        assert rel_rmse(ours, theirs.double()) < 1e-6, p.solver
+
+
+def test_bench_overhead_builds_ours_grid_in_the_timed_call(monkeypatch):
+    """diffusers' side sets its timesteps inside the timed loop (``set_timesteps``); ours makes (and checks)
+    its grid there too, as a call with these times does (before: the ``Custom`` schedule was made once,
+    outside the timed call)."""
+    from steerdiff import schedules
+    from steerdiff.bench.overhead import pairs
+
+    made: list[int] = []
+    init = schedules.Custom.__init__
+
+    def counted(self, times):
+        made.append(1)
+        init(self, times)
+
+    runs = pairs(steps=3, shape=(2, 2))
+    monkeypatch.setattr(schedules.Custom, "__init__", counted)
+    for p in runs:
+        made.clear()
+        p.ours(False)
+        assert made == [1], p.solver
+
+
 def test_bench_overhead_writes_its_table(tmp_path, capsys):
     argv = ["bench", "overhead", "--shape", "8x4", "--shape", "2x3x4", "--steps", "3", "--repeats", "1"]
     assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "overhead.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    solvers = ("dpmpp_2m", "unipc(order=2)", "ddim", "euler")
     assert [(r["shape"], r["solver"]) for r in rows] == [
-        (shape, solver) for shape in ("8x4", "2x3x4") for solver in ("dpmpp_2m", "unipc", "ddim", "euler")
+        (shape, solver) for shape in ("8x4", "2x3x4") for solver in solvers
     ]
     for r in rows:
         assert float(r["ratio"]) == pytest.approx(float(r["ours_s"]) / float(r["diffusers_s"]), rel=1e-4)
     out = capsys.readouterr().out
     assert (tmp_path / "overhead.txt").read_text() in out
-    assert "| 2x3x4 | unipc | UniPCMultistepScheduler |" in out
+    assert "| 2x3x4 | unipc(order=2) | UniPCMultistepScheduler |" in out
     pytest.importorskip("matplotlib")
     assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

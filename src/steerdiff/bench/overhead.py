@@ -3,10 +3,13 @@ r"""``steerdiff bench overhead``: time per step outside the network, ours and di
 A free network (it returns a precomputed float32 tensor of the sample's shape) isolates what a
 sampler costs: :func:`steerdiff.sample` with each solver of :data:`OVERHEAD_PAIRS`, on the timesteps
 of its diffusers counterpart (``nodes_of``), against a pipeline's loop around that scheduler
-(``set_timesteps(steps, device=...)``, ``scale_model_input``, ``step``). Both include the grid set-up;
-they are timed in alternation ``repeats`` times after two warm-up runs and the median per step is
-reported. Ours is also timed on a new denoiser each run (``cold``: its per-time coefficient caches
-empty, as on a first run). On an accelerator the clock is read after a synchronize, so a run's time
+(``set_timesteps(steps, device=...)``, ``scale_model_input``, ``step``). Each pair is one algorithm on
+both sides (diffusers' default UniPC is UniPC-2, so ours is ``UniPC(order=2)`` there): with a net that
+depends on ``x`` and ``t`` the two give the same samples (tests/test_cli.py). Both include the grid
+set-up (ours makes its :class:`~steerdiff.schedules.Custom` grid from the times in the call); they are
+timed in alternation ``repeats`` times after two warm-up runs and the median per step is reported.
+Ours is also timed on a new denoiser each run (``cold``: its per-time coefficient caches empty, as on a
+first run). On an accelerator the clock is read after a synchronize, so a run's time
 includes the kernels it queued; at small sizes a step's cost there is its kernel launches.
 
 Issue 2 (c) sets the goal at batch 256x64 on the CPU: at most half of diffusers' time per step.
@@ -27,10 +30,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import sampling, schedules
+from .. import sampling
 from ..denoiser import Denoiser
 from ..integrations.diffusers_ref import nodes_of, quiet_diffusers, run_scheduler, sd_betas_config
 from ..processes import VP
+from ..solvers import Solver, UniPC
 from ._figure import pyplot, write_outputs
 
 __all__ = [
@@ -48,13 +52,14 @@ __all__ = [
     "write_results",
 ]
 
-# (steerdiff solver, diffusers scheduler class, its config beside SD's betas) timed with a free
-# network; DDIM without its default x0 clipping, which steerdiff's ddim does not do
-OVERHEAD_PAIRS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("dpmpp_2m", "DPMSolverMultistepScheduler", {}),
-    ("unipc", "UniPCMultistepScheduler", {}),
-    ("ddim", "DDIMScheduler", {"clip_sample": False}),
-    ("euler", "EulerDiscreteScheduler", {}),
+# (label, steerdiff solver, diffusers scheduler class, its config beside SD's betas) timed with a free
+# network, the same algorithm on both sides: diffusers' UniPC is UniPC-2 by default (``unipc`` is UniPC-3),
+# DDIM without its default x0 clipping, which steerdiff's ddim does not do
+OVERHEAD_PAIRS: tuple[tuple[str, str | Solver, str, dict[str, Any]], ...] = (
+    ("dpmpp_2m", "dpmpp_2m", "DPMSolverMultistepScheduler", {}),
+    ("unipc(order=2)", UniPC(order=2), "UniPCMultistepScheduler", {}),
+    ("ddim", "ddim", "DDIMScheduler", {"clip_sample": False}),
+    ("euler", "euler", "EulerDiscreteScheduler", {}),
 )
 # the issue's 256x64 batch, and Stable Diffusion's 64x64 latents at batch 4
 SHAPES: tuple[tuple[int, ...], ...] = ((256, 64), (4, 4, 64, 64))
@@ -108,9 +113,16 @@ class Pair:
     theirs: Callable[[], Tensor]
 
 
-def pairs(steps: int, shape: Sequence[int], device: str | torch.device = "cpu") -> list[Pair]:
+def pairs(
+    steps: int,
+    shape: Sequence[int],
+    device: str | torch.device = "cpu",
+    net: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> list[Pair]:
     """The :data:`OVERHEAD_PAIRS` with a free network on float32 samples of ``shape`` on ``device``:
-    the net returns a fixed tensor, the two sides run on the same timesteps."""
+    the net returns a fixed tensor, the two sides run on the same timesteps. ``net``: another eps net
+    in its place (a fixed eps takes every consistent solver to the same sample; one that depends on
+    ``x`` and ``t`` tells whether the two sides run the same algorithm)."""
     import diffusers
 
     device = torch.device(device)
@@ -118,24 +130,27 @@ def pairs(steps: int, shape: Sequence[int], device: str | torch.device = "cpu") 
     x_T = torch.randn(*shape, generator=g).to(device)
     eps = torch.randn(*shape, generator=g).to(device)
 
-    def net(x: Tensor, t: Tensor) -> Tensor:
+    def free(x: Tensor, t: Tensor) -> Tensor:
         return eps
+
+    net = free if net is None else net
 
     den = Denoiser(net, VP.scaled_linear(), prediction="eps")
     out = []
-    for solver, cls, config in OVERHEAD_PAIRS:
+    for label, solver, cls, config in OVERHEAD_PAIRS:
         sched = getattr(diffusers, cls)(**sd_betas_config(**config))
         sched.set_timesteps(steps)
-        grid = nodes_of(sched)
+        times = nodes_of(sched).grid.tolist()
 
-        def ours(fresh: bool, solver: str = solver, grid: schedules.Schedule = grid) -> Tensor:
+        # the grid made (and checked) in the call, as diffusers' loop sets its timesteps in its own
+        def ours(fresh: bool, solver: str | Solver = solver, times: list[float] = times) -> Tensor:
             d = Denoiser(net, den.process, prediction="eps") if fresh else den
-            return sampling.sample(d, x_T, steps=steps, solver=solver, schedule=grid)
+            return sampling.sample(d, x_T, steps=steps, solver=solver, schedule=times)
 
         def theirs(sched: Any = sched) -> Tensor:
             return run_scheduler(sched, net, x_T, steps, device=device)[0]
 
-        out.append(Pair(solver, cls, ours, theirs))
+        out.append(Pair(label, cls, ours, theirs))
     return out
 
 
