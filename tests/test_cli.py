@@ -1121,6 +1121,19 @@ def test_bench_overhead_builds_ours_grid_in_the_timed_call(monkeypatch):
         assert made == [1], p.solver
 
 
+def test_bench_overhead_synchronizes_the_device_it_times(monkeypatch):
+    """On ``cuda:1`` the clock waits for cuda:1's queue (before: ``torch.cuda.synchronize()``, the current
+    device's, cuda:0's: a run's queued kernels on cuda:1 went untimed)."""
+    from steerdiff.bench.overhead import _timer
+
+    synced: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    _timer(torch.device("cuda", 1))(lambda: None)
+    assert [torch.device(d) if d is not None else torch.device("cuda", 0) for d in synced] == [
+        torch.device("cuda", 1)
+    ] * 2
+
+
 def test_bench_overhead_writes_its_table(tmp_path, capsys):
     argv = ["bench", "overhead", "--shape", "8x4", "--shape", "2x3x4", "--steps", "3", "--repeats", "1"]
     assert main([*argv, "--no-progress", "--out", str(tmp_path)]) == 0

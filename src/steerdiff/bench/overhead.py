@@ -89,8 +89,8 @@ class Overhead:
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Seconds of ``fn()``, the device's queue drained before and after (a no-op on the CPU)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """Seconds of ``fn()``, ``device``'s queue drained before and after (a no-op on the CPU)."""
+    sync = partial(torch.cuda.synchronize, device) if device.type == "cuda" else (lambda: None)
 
     def seconds(fn: Callable[[], object]) -> float:
         sync()
