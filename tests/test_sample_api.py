@@ -7,6 +7,7 @@ solution of the smooth mixture (``exact_sample``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -624,3 +625,108 @@ def test_the_result_is_in_x_T_s_layout_whatever_the_net_returns(gmm, sd_process,
             assert torch.equal(x, ref)
     if not sd.solvers.get(name).stochastic:
         assert sd.invert(changes, images, 6, name).is_contiguous()
+
+
+# --- breaks: where the field jumps, the history restarts -------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Recording(sd.solvers.UniPC):
+    """UniPC-3 recording the steps after which ``run_grid`` restarts its history; ``strict``: refuse."""
+
+    strict: bool = False
+    made: int = 0
+    calls: list[int] = dataclasses.field(default_factory=list)
+
+    def step(self, model, x, i, grid, state):
+        self.made = i
+        return super().step(model, x, i, grid, state)
+
+    def moved(self, state):
+        assert not self.strict, f"moved after step {self.made}"
+        self.calls.append(self.made)
+        super().moved(state)
+
+
+def test_breaks_are_the_jumps_of_each_wrapper_and_of_those_it_wraps(gmm, sd_process):
+    """``Denoiser.breaks()``: CFG's interval ends at ``sigma/alpha = lo, hi`` (only those inside the process's
+    range; none where nothing jumps), RF-Inversion's window ends at ``t = 1 - stop, 1 - start``; a wrapper
+    adds its own to those of the denoisers it wraps, mapped by equal log-SNR onto another process
+    (``Reprocessed``)."""
+    from steerdiff.guidance import CFG
+    from steerdiff.rf_inversion import ControlledEditing
+
+    den = gmm.denoiser(sd_process)
+    assert den.breaks() == ()
+    cfg = CFG(den, den, 3.0, interval=(0.28, 2.9))
+    ratio = [float(sd_process.sigma(t) / sd_process.alpha(t)) for t in cfg.breaks()]
+    assert ratio == pytest.approx([0.28, 2.9], rel=1e-9)
+    assert CFG(den, den, 3.0).breaks() == CFG(den, den, 1.0, interval=(0.28, 2.9)).breaks() == ()
+    assert CFG(den, den, 3.0, interval=(0.0, math.inf)).breaks() == ()
+    assert CFG(den, den, 3.0, interval=(1e-4, 2.9)).breaks() == cfg.breaks()[1:]  # 1e-4: below SD's range
+    nested = CFG(CFG(den, den, 2.0, interval=(0.5, 1.0)), den, 3.0, interval=(0.28, 2.9))
+    ratio = [float(sd_process.sigma(t) / sd_process.alpha(t)) for t in nested.breaks()]
+    assert ratio == pytest.approx([0.28, 0.5, 1.0, 2.9], rel=1e-9)
+    assert sd.guidance.DynamicThreshold(nested).breaks() == nested.breaks()
+    flow = sd.RectifiedFlow()
+    moved = sd.Reprocessed(cfg, flow)
+    assert [float(flow.sigma(t) / flow.alpha(t)) for t in moved.breaks()] == pytest.approx(
+        [0.28, 2.9], rel=1e-9
+    )
+    on_flow = gmm.denoiser(flow)
+    edit = ControlledEditing(
+        CFG(on_flow, on_flow, 3.0, interval=(0.28, 2.9)), torch.zeros(1, 8), 0.7, 0.1, 0.5
+    )
+    assert edit.breaks() == pytest.approx(sorted([0.5, 0.9, 0.28 / 1.28, 2.9 / 3.9]), rel=1e-12)
+    # the window from the run's start (tau = 0: t = 1) or to its end (t = 0) has no break there; eta = 0 none
+    assert ControlledEditing(on_flow, torch.zeros(1, 8), 0.7).breaks() == (0.75,)
+    assert ControlledEditing(on_flow, torch.zeros(1, 8), 0.7, 0.0, 1.0).breaks() == ()
+    assert ControlledEditing(on_flow, torch.zeros(1, 8), 0.0, 0.2, 0.6).breaks() == ()
+
+
+def test_a_step_across_a_break_restarts_the_history(gmm):
+    """``crossings``: the steps whose nodes lie on two pieces (a node on a break is on the less noisy side,
+    where the field is evaluated there), down a sampling grid and up an inversion's; ``run_grid`` restarts
+    the solver's history after them and after no other."""
+    from steerdiff.rf_inversion import ControlledEditing
+    from steerdiff.sampling import crossings
+    from steerdiff.solvers.base import make_grid
+
+    flow = sd.RectifiedFlow()
+    edit = ControlledEditing(gmm.denoiser(flow), torch.zeros(1, 8), 0.7, stop=0.25)  # jumps at t = 0.75
+    nodes = [0.999, 0.9, 0.75, 0.6, 0.3, 0.001]
+    grid = make_grid(flow, sd.schedules.Custom(nodes), 5, "none")
+    assert crossings(edit, grid) == {1}  # into the node on the break, evaluated uncontrolled
+    assert crossings(edit, grid.reversed()) == {3}  # out of it, up the grid
+    assert [edit.weight(t) > 0 for t in nodes] == [True, True, False, False, False, False]
+    x_T = noise(4, 8)
+    for steps, after in ((10, [2]), (20, [4]), (3, [0])):  # time_uniform: t = 0.999 - 0.998 i / steps
+        solver = _Recording()
+        sd.sample(edit, x_T, steps, solver, "time_uniform", final="none")
+        assert solver.calls == after
+    # a break in the last step (t = 0.05 between 0.1008 and 0.001): no step left to restart for
+    solver = _Recording()
+    window = ControlledEditing(gmm.denoiser(flow), torch.zeros(1, 8), 0.7, stop=0.95)
+    sd.sample(window, x_T, 10, solver, "time_uniform", final="none")
+    assert crossings(window, make_grid(flow, sd.schedules.get("time_uniform"), 10, "none")) == set()
+    assert solver.calls == []
+
+
+def test_without_breaks_the_history_is_never_restarted(gmm, sd_process):
+    """Denoisers whose field does not jump take the run they took before the breaks: no ``moved`` at all
+    (the plain denoiser, CFG without an interval or at scale 1, a window over the whole run or at ``eta =
+    0``), sampling and inverting."""
+    from steerdiff.guidance import CFG
+    from steerdiff.rf_inversion import ControlledEditing
+
+    den, flow_den = gmm.denoiser(sd_process), gmm.denoiser(sd.RectifiedFlow())
+    x_T = noise(4, 8)
+    for d in (
+        den,
+        CFG(den, den, 3.0),
+        CFG(den, den, 1.0, interval=(0.28, 2.9)),
+        ControlledEditing(flow_den, torch.zeros(1, 8), 0.7, 0.0, 1.0),
+        ControlledEditing(flow_den, torch.zeros(1, 8), 0.0, 0.2, 0.6),
+    ):
+        sd.sample(d, x_T, 10, _Recording(strict=True), "time_uniform")
+        sd.invert(d, x_T, 10, _Recording(strict=True), "time_uniform")

@@ -375,6 +375,30 @@ class Denoiser:
         distinct = {id(d): d for d in self.inner_denoisers()}.values()
         return [src for d in distinct for src in d.own_noise()]
 
+    def breaks(self) -> tuple[float, ...]:
+        """The process times at which this denoiser's prediction may jump, increasing, each once: its
+        :meth:`own_breaks` and those of its :meth:`inner_denoisers` (an inner denoiser's on another process,
+        as :class:`~steerdiff.Reprocessed`'s base, mapped to this one's time of equal log-SNR,
+        ``t_of_lam(lam_inner(b))``); ``()`` for a plain denoiser.
+
+        Between consecutive breaks ``b_k < b_{k+1}`` the prediction is smooth in ``t`` on ``(b_k, b_{k+1}]``:
+        at a break it takes the value of the less noisy side, as :class:`~steerdiff.guidance.CFG`'s interval
+        ``lo < sigma/alpha <= hi`` and RF-Inversion's window ``start <= 1 - t < stop`` do. After a step whose
+        nodes lie on two pieces, :func:`~steerdiff.sampling.run_grid` restarts the solver's history
+        (:meth:`~steerdiff.solvers.base.Solver.moved`), so that no multistep extrapolation mixes
+        estimates from both sides of a jump."""
+        out = set(self.own_breaks())
+        for d in {id(d): d for d in self.inner_denoisers()}.values():
+            for b in d.breaks():
+                out.add(b if d.process is self.process else float(self.process.t_of_lam(d.process.lam(b))))
+        return tuple(sorted(b for b in out if math.isfinite(b)))
+
+    def own_breaks(self) -> tuple[float, ...]:
+        """The times at which this denoiser itself switches its prediction, on top of its inner denoisers'
+        (:meth:`breaks`): ``()`` here; a wrapper that switches (CFG's guidance interval, RF-Inversion's
+        editing window) overrides it."""
+        return ()
+
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """This denoiser for calls whose sample ``k`` is sample ``rows[k]`` of a batch of ``n``: the
         per-sample state it holds of its own (tensors of ``n`` rows, as :class:`~steerdiff.guidance.CFG`'s

@@ -244,6 +244,15 @@ class ControlledEditing(_Controlled):
             return torch.where((tau >= self.start) & (tau < self.stop), self.eta, 0.0)
         return self.eta if self.start <= 1 - t < self.stop else 0.0
 
+    def own_breaks(self) -> tuple[float, ...]:
+        """The window's ends ``t = 1 - stop`` and ``1 - start`` inside the process's time range, where the
+        control switches on or off (none at ``eta = 0`` or for an empty window;
+        :meth:`~steerdiff.Denoiser.breaks`)."""
+        if self.eta == 0 or self.start == self.stop:
+            return ()
+        p = self.process
+        return tuple(t for t in (1 - self.stop, 1 - self.start) if p.t_min < t < p.t_max)
+
     def known(self, pred: Prediction, y: Tensor) -> tuple[Tensor | None, Tensor | None]:
         if pred.x0_given:
             return y, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import math
@@ -32,6 +33,7 @@ __all__ = [
     "check_sample_only",
     "check_seeded",
     "check_x_T",
+    "crossings",
     "default_solver",
     "guided_corrector_max_h",
     "guided_max_h",
@@ -415,6 +417,11 @@ def sample(
             ``den`` :func:`guided_solver`: DPM-Solver++(2M) below 15 steps (its long steps at first
             order, by ``den.guidance_scale``) or UniPC-2 where every step is short enough, UniPC-2 from
             15 on.
+            Any solver that keeps a history (multistep) restarts it, warming up again at lower order, after a
+            corrector's moves and after a step across a time where ``den``'s field jumps
+            (:meth:`~steerdiff.denoiser.Denoiser.breaks`: CFG's ``interval``, RF-Inversion's editing window;
+            :func:`crossings`), so that it never extrapolates estimates from one side of the jump into the
+            other.
         schedule: a name from :func:`steerdiff.schedules.available`, a Schedule instance or the
             nodes' process times (a list, array or tensor: :class:`~steerdiff.schedules.Custom`);
             default ``"karras_capped"`` (Karras nodes from at most ``sigma/alpha = 30``, entered
@@ -602,10 +609,13 @@ def run_grid(
     :meth:`~steerdiff.solvers.base.Grid.reversed` one). After each step into a noisy node the ``kernel``'s
     corrector moves, if any; then ``x <- project(x)`` after every step, the clean one included (a move like
     a corrector's: the solver restarts its history, :meth:`~steerdiff.solvers.base.Solver.moved`); then
-    ``callback`` (:func:`sample`'s ``callback``). Returns the state and the corrector chains; the caller
-    checks ``model`` for non-finite values (the correctors' moved states included: ``Model.note_move``)."""
+    ``callback`` (:func:`sample`'s ``callback``). After a step across a break of the denoiser's field
+    (:func:`crossings`) the solver restarts its history too, as after a move. Returns the state and the
+    corrector chains; the caller checks ``model`` for non-finite values (the correctors' moved states
+    included: ``Model.note_move``)."""
     chains: list[_mcmc.ChainInfo] = []
     state = slv.init_state(grid)
+    jumps = crossings(model.denoiser, grid)
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
     for i in indices:
         x = advance(slv.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
@@ -617,6 +627,8 @@ def run_grid(
             slv.moved(state)  # the next step starts from the moved x: estimates made before it are stale
         if project is not None:
             x = project(x)
+            slv.moved(state)
+        elif i in jumps:  # the next evaluation is across a jump of the field from the history's (crossings)
             slv.moved(state)
         if callback is not None:
             callback(
@@ -630,6 +642,26 @@ def run_grid(
                 }
             )
     return x, chains
+
+
+def crossings(den: Denoiser, grid: Grid) -> frozenset[int]:
+    """The steps ``i`` of ``grid`` (the last excepted) after which :func:`run_grid` restarts the solver's
+    history because ``den``'s field jumps between the evaluations at ``t_i`` and ``t_{i+1}``: a break ``b``
+    of :meth:`~steerdiff.denoiser.Denoiser.breaks` with ``min(t_i, t_{i+1}) <= b < max(t_i, t_{i+1})``
+    (at a break the field is its less noisy side's), down a sampling grid or up an inversion's. Where a
+    node sits on a break the field there is the pieces' below it, so the restart comes after the step into
+    it (down the grid) or out of it (up).
+
+    The next step then warms up as at the first node (:meth:`~steerdiff.solvers.base.Solver.moved`): a
+    multistep solver (UniPC, DPM-Solver++ 2M/3M, DEIS, iPNDM, ...) would otherwise extrapolate the
+    estimates of one side of the jump into the other (CFG's guidance interval, Kynkaenniemi et al. 2024;
+    RF-Inversion's editing window, :class:`~steerdiff.rf_inversion.ControlledEditing`). The step across the
+    jump itself is first order in any solver; a staged one (Heun) still mixes both sides inside it."""
+    breaks = den.breaks()
+    if not breaks:
+        return frozenset()
+    piece = [bisect.bisect_left(breaks, t) for t in grid.t]  # the k with b_{k-1} < t <= b_k
+    return frozenset(i for i in range(grid.steps - 1) if piece[i] != piece[i + 1])
 
 
 def projected(who: str, project: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -334,6 +334,17 @@ class CFG(Guided):
             return with_estimate(pc, eps=torch.where(m, out.eps, pc.eps))
         return out
 
+    def own_breaks(self) -> tuple[float, ...]:
+        """The guidance interval's ends inside the process's time range: the times ``t_of_lam(-log r)`` of
+        ``sigma/alpha = r`` for ``r`` = ``lo`` and ``hi``, where the prediction jumps between the guided and
+        the conditional one (none at ``scale = 1``, where they agree; :meth:`~steerdiff.Denoiser.breaks`)."""
+        if self.interval is None or self.scale == 1:
+            return ()
+        p = self.process
+        lam_lo, lam_hi = float(p.lam(p.t_max)), float(p.lam(p.t_min))
+        ends = (-math.log(r) for r in self.interval if 0 < r < math.inf)
+        return tuple(float(p.t_of_lam(lam)) for lam in ends if lam_lo < lam < lam_hi)
+
     def inner_denoisers(self) -> tuple[Denoiser, ...]:
         """The two branches, ``(cond, uncond)``."""
         return (self.base, self.uncond)

@@ -652,14 +652,17 @@ class Solver:
     def moved(self, state: dict[str, Any]) -> None:
         """The state the last step returned (or drew) was moved before the next step: a corrector's
         Langevin/MALA/HMC moves in :func:`steerdiff.sample`, or the projection of
-        :func:`~steerdiff.guidance.pcd_sample` (called only there, only after a move).
+        :func:`~steerdiff.guidance.pcd_sample`; or the field jumped between the last evaluation and the next
+        (a step across a break of the denoiser, :meth:`~steerdiff.denoiser.Denoiser.breaks`: CFG's guidance
+        interval, RF-Inversion's editing window). Called only there, by
+        :func:`~steerdiff.sampling.run_grid` (:func:`~steerdiff.sampling.crossings`).
 
-        The next step starts from the moved state, so estimates made before the move belong to another
-        trajectory: at the move the estimate jumps (``eps`` by ``move / sigma``, ``x0`` by about
-        ``move / alpha``) and a multistep extrapolation through the jump amplifies it (iPNDM's weights
-        sum to 6.7 in absolute value). The default restarts every :class:`History` held directly in
-        ``state`` (the next steps warm up as at the first one); a solver that keeps other cross-step
-        state (a singlestep macro-step's start, a corrector's prediction) overrides it. One-step
+        The next step starts from the moved state (or evaluates another field), so estimates made before the
+        move belong to another trajectory: at the move the estimate jumps (``eps`` by ``move / sigma``,
+        ``x0`` by about ``move / alpha``) and a multistep extrapolation through the jump amplifies it
+        (iPNDM's weights sum to 6.7 in absolute value). The default restarts every :class:`History` held
+        directly in ``state`` (the next steps warm up as at the first one); a solver that keeps other
+        cross-step state (a singlestep macro-step's start, a corrector's prediction) overrides it. One-step
         solvers (empty state) keep nothing to restart.
         """
         for value in state.values():
