@@ -32,7 +32,8 @@ the prediction interpolated between the model's and the conditional one's, with 
 (:class:`~steerdiff.guidance.Guided`) returning that prediction, and every deterministic solver integrates the
 controlled ODE -- ``ddim`` (the default here) is the paper's Euler step ``x + (t' - t) u``; higher-order
 solvers (``unipc``, ``dpmpp_2m``, ...) run it too, at their order where the drift is smooth (below), and
-below ``ddim``'s accuracy across the jump at the end of an editing window (:class:`ControlledEditing`). The
+restart their history after the step across the jump at an editing window's end (:class:`ControlledEditing`,
+:meth:`~steerdiff.denoiser.Denoiser.breaks`). The
 interpolation acts on the estimate the model gave (``x0`` or ``eps``), so ``gamma = 0`` / ``eta = 0`` returns
 the model's prediction bit for bit. At ``gamma = 1`` (``eta = 1``) the predictions are constant along the
 ODE's straight-line solution and the DDIM step is exact.
@@ -56,8 +57,10 @@ field, one net evaluation per step as in the paper (Alg. 1, lines 6-8: the uncon
 conditional one, their combination). ``python bench/rf_default.py`` (16-d default mixture, 64 samples,
 relative RMSE against the exact controlled ODE; ``time_uniform`` and ``karras_capped`` at 5-40 steps):
 unguided / guided default 0.86 in geometric mean over 24 inversions (``gamma`` 0.25 / 0.5 / 0.75; range
-0.24-1.04) and 0.75 over 32 edits (four windows; 0.087-1.87, the worst at 5 steps across a window's end
-inside the run, where ``ddim`` is nearest).
+0.24-1.04) and 0.97 over 32 edits (four windows; 0.53-1.55, the worst at 40 steps on ``[0, 0.25)``, 3.5e-3
+against 2.2e-3, both restarted at the window's end and far below ``ddim``'s 1.5e-2; 0.75 before that
+restart, partly from a jump inside a long step that UniPC-3's history happened to average: ``eta = 0.7`` on
+``[0, 0.25)`` at 10 steps, 0.031 then, 0.30 now, as ``ddim``).
 
 :func:`rf_invert` runs the first up :func:`~steerdiff.inversion.invert`'s grid ``t_N < ... < t_0 = t_max``
 (``t_max < 1``: at ``gamma = 1`` it ends at the line's point ``y_1 - (1 - t_0) (y_1 - x_0) / (1 - t_N)``),
@@ -212,14 +215,18 @@ class ControlledEditing(_Controlled):
     read at every evaluation of any solver: Euler (``ddim``) steers the steps whose start node ``t_i`` has
     ``start <= 1 - t_i < stop``. diffusers' community ``FluxRFInversionPipeline`` counts steps instead,
     ``int(start N) <= i < int(stop N)``: the same on a grid ``t_i = 1 - i / N`` where ``start N`` and
-    ``stop N`` are whole. The drift jumps at the window's end ``tau = stop``, and a solver sees the jump
-    only at its evaluations: a multistep solver's history (``dpmpp_2m``, ``unipc``) carries controlled
-    predictions past it into its extrapolation, a staged one (``heun``, ``dpm_solver``) mixes the two drifts
-    in the step across it (also where ``stop`` is a node: the end stage there is uncontrolled). With a window
-    ending inside the run every solver is first order at best, and ``ddim`` is the nearest: on the tests'
-    8-d mixture (``eta = 0.7``, ``stop = 0.4``, ``time_uniform``, relative RMSE against the exact
-    piecewise ODE at 10 / 40 steps) ``ddim`` 0.060 / 0.016, ``dpmpp_2m`` 0.099 / 0.040, UniPC 0.14 /
-    0.058, ``heun`` 0.16 / 0.062.
+    ``stop N`` are whole. The drift jumps at the window's ends, ``t = 1 - stop`` and ``1 - start``
+    (:meth:`own_breaks`), and a solver sees the jump only at its evaluations: the step across it is first
+    order in any solver, and a staged one (``heun``, ``dpm_solver``) mixes the two drifts inside it (also
+    where ``stop`` is a node: the end stage there is uncontrolled). A multistep solver's history
+    (``dpmpp_2m``, ``unipc``) would carry controlled predictions past the jump into its extrapolation;
+    :func:`~steerdiff.sampling.sample` restarts it after the step across
+    (:func:`~steerdiff.sampling.crossings`). On the tests' 8-d mixture (``eta = 0.7``, ``stop = 0.4``,
+    ``time_uniform``, relative RMSE against the exact piecewise ODE at 10 / 20 / 40 steps) the default
+    UniPC-3 is then at 0.018 / 0.0057 / 0.0016 (0.14 / 0.10 / 0.058 without the restart), ``dpmpp_2m``
+    0.013 / 0.0045 / 0.0016, ``ddim`` 0.060 / 0.031 / 0.016, ``heun`` 0.16 / 0.11 / 0.062. Where the jump
+    falls inside a long step the restart costs what the old history's averaging across it had gained
+    (the default window ``[0, 0.25)`` at 10 steps: 0.13 against 0.021; ``python bench/breaks.py``).
 
     Args:
         den: a denoiser under :class:`~steerdiff.processes.RectifiedFlow`.
@@ -342,8 +349,9 @@ def rf_edit(
             (:class:`ControlledEditing`).
         steps, schedule: as ``sample``'s.
         solver: a deterministic solver (:func:`~steerdiff.inversion.deterministic_solvers`); default
-            ``"ddim"``, under rectified flow the paper's Euler step, and the nearest to the exact controlled
-            ODE where the window ends inside the run (:class:`ControlledEditing`).
+            ``"ddim"``, under rectified flow the paper's Euler step (a multistep solver is nearer the exact
+            controlled ODE from 20 steps on, its history restarted at the window's ends:
+            :class:`ControlledEditing`).
         **kwargs: ``sample``'s other keywords (``final``, ``return_info``, ...) and the net's conditions.
 
     Returns:
