@@ -704,6 +704,12 @@ def test_a_step_across_a_break_restarts_the_history(gmm):
         solver = _Recording()
         sd.sample(edit, x_T, steps, solver, "time_uniform", final="none")
         assert solver.calls == after
+    # up an inversion's grid: after the steps across CFG's interval ends
+    cfg = sd.guidance.CFG(gmm.denoiser(flow), gmm.denoiser(flow), 2.0, interval=(0.28, 2.9))
+    solver = _Recording()
+    _, info = sd.invert(cfg, x_T, 10, solver, "time_uniform", return_info=True)
+    assert info.grid.t[0] < info.grid.t[-1] and solver.calls == sorted(crossings(cfg, info.grid))
+    assert len(solver.calls) == 2
     # a break in the last step (t = 0.05 between 0.1008 and 0.001): no step left to restart for
     solver = _Recording()
     window = ControlledEditing(gmm.denoiser(flow), torch.zeros(1, 8), 0.7, stop=0.95)
