@@ -14,7 +14,9 @@ there ``ddim`` does not converge over 10-40 steps on these windows, 0.21 / 0.20 
 * CFG with a guidance interval (Kynkaenniemi et al. 2024; EDM2-S's ``(0.28, 2.9]`` in ``sigma/alpha``): the
   first two components of the mixture against the whole (as ``steerdiff bench guided``), scales 2 and 4, from
   ``n`` draws of ``initial_noise`` (seed 0) under Stable Diffusion's betas (``VP.scaled_linear``) and
-  rectified flow, on ``karras_capped`` (``sd.sample``'s default) and ``time_uniform``.
+  rectified flow, on ``karras_capped`` (``sd.sample``'s default) and ``time_uniform``. CFG declares no break
+  (what ``sd.sample`` runs is ``before``): ``after`` is what the restart at the interval's ends would give
+  (:func:`cfg_restarts`, the ends as :meth:`~steerdiff.Denoiser.own_breaks` for the run), measured to decide.
 
 Solvers ``default`` (``solver=None``: UniPC-3 for the editing, the guided default around CFG), ``unipc``,
 ``dpmpp_2m``, ``dpmpp_3m``, ``deis``, ``ipndm``, ``ddim`` at 10 / 20 / 40 steps, ``final="none"``; each run
@@ -75,6 +77,27 @@ def without_restart() -> Iterator[None]:
         yield
     finally:
         sampling.crossings = kept
+
+
+def interval_breaks(cfg: CFG) -> tuple[float, ...]:
+    """The process times of CFG's interval ends inside the process's range, ``t_of_lam(-log r)`` for ``r`` =
+    ``lo``, ``hi`` (none at ``scale = 1`` or without an interval)."""
+    if cfg.interval is None or cfg.scale == 1:
+        return ()
+    p = cfg.process
+    lam_lo, lam_hi = float(p.lam(p.t_max)), float(p.lam(p.t_min))
+    ends = (-math.log(r) for r in cfg.interval if 0 < r < math.inf)
+    return tuple(float(p.t_of_lam(lam)) for lam in ends if lam_lo < lam < lam_hi)
+
+
+@contextmanager
+def cfg_restarts() -> Iterator[None]:
+    """CFG with its interval's ends as breaks (it declares none): the restart there, to measure it."""
+    CFG.own_breaks = interval_breaks  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del CFG.own_breaks
 
 
 def exact_piecewise(
@@ -145,27 +168,28 @@ def main() -> None:
 
     part = GaussianMixture(gmm.means[:2], gmm.variances[:2], gmm.weights[:2])
     x_T = initial_noise(args.n, DIM, 0)
-    for process_name, process in (("sd_betas", sd.VP.scaled_linear()), ("flow", flow)):
-        cond, uncond = part.denoiser(process), gmm.denoiser(process)
-        for scale in SCALES:
-            cfg = CFG(cond, uncond, scale, interval=INTERVAL)
-            guided = CFG(cond, uncond, scale)
+    with cfg_restarts():  # CFG declares no break: the restart at its interval's ends, measured
+        for process_name, process in (("sd_betas", sd.VP.scaled_linear()), ("flow", flow)):
+            cond, uncond = part.denoiser(process), gmm.denoiser(process)
+            for scale in SCALES:
+                cfg = CFG(cond, uncond, scale, interval=INTERVAL)
+                guided = CFG(cond, uncond, scale)
 
-            def pieces_cfg(
-                t: float, cfg: CFG = cfg, guided: CFG = guided, p: sd.Process = process
-            ) -> sd.Denoiser:
-                lo, hi = INTERVAL
-                return guided if lo < float(p.sigma(t) / p.alpha(t)) <= hi else cfg.base
+                def pieces_cfg(
+                    t: float, cfg: CFG = cfg, guided: CFG = guided, p: sd.Process = process
+                ) -> sd.Denoiser:
+                    lo, hi = INTERVAL
+                    return guided if lo < float(p.sigma(t) / p.alpha(t)) <= hi else cfg.base
 
-            for schedule in CFG_SCHEDULES:
-                for steps in STEPS:
-                    ref_of = lambda grid, c=cfg, pc=pieces_cfg: exact_piecewise(  # noqa: E731
-                        c, pc, x_T, grid.t[0], grid.t[-1]
-                    )
-                    for name, before, after in errors(cfg, x_T, steps, schedule, ref_of):
-                        rows.append(
-                            (f"cfg scale={scale:g}", process_name, schedule, steps, name, before, after)
+                for schedule in CFG_SCHEDULES:
+                    for steps in STEPS:
+                        ref_of = lambda grid, c=cfg, pc=pieces_cfg: exact_piecewise(  # noqa: E731
+                            c, pc, x_T, grid.t[0], grid.t[-1]
                         )
+                        for name, before, after in errors(cfg, x_T, steps, schedule, ref_of):
+                            rows.append(
+                                (f"cfg scale={scale:g}", process_name, schedule, steps, name, before, after)
+                            )
 
     print(
         f"{'case':26s} {'process':9s} {'schedule':13s} {'steps':>5s} {'solver':9s} "

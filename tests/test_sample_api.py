@@ -649,35 +649,29 @@ class _Recording(sd.solvers.UniPC):
 
 
 def test_breaks_are_the_jumps_of_each_wrapper_and_of_those_it_wraps(gmm, sd_process):
-    """``Denoiser.breaks()``: CFG's interval ends at ``sigma/alpha = lo, hi`` (only those inside the process's
-    range; none where nothing jumps), RF-Inversion's window ends at ``t = 1 - stop, 1 - start``; a wrapper
-    adds its own to those of the denoisers it wraps, mapped by equal log-SNR onto another process
-    (``Reprocessed``)."""
+    """``Denoiser.breaks()``: RF-Inversion's window ends at ``t = 1 - stop, 1 - start`` (only those inside the
+    process's range; none where nothing jumps); a wrapper adds its own to those of the denoisers it wraps
+    (CFG's two branches, ``DynamicThreshold``), mapped by equal log-SNR onto another process
+    (``Reprocessed``). CFG's guidance interval declares none (measured: see ``CFG``)."""
     from steerdiff.guidance import CFG
     from steerdiff.rf_inversion import ControlledEditing
 
     den = gmm.denoiser(sd_process)
     assert den.breaks() == ()
-    cfg = CFG(den, den, 3.0, interval=(0.28, 2.9))
-    ratio = [float(sd_process.sigma(t) / sd_process.alpha(t)) for t in cfg.breaks()]
-    assert ratio == pytest.approx([0.28, 2.9], rel=1e-9)
-    assert CFG(den, den, 3.0).breaks() == CFG(den, den, 1.0, interval=(0.28, 2.9)).breaks() == ()
-    assert CFG(den, den, 3.0, interval=(0.0, math.inf)).breaks() == ()
-    assert CFG(den, den, 3.0, interval=(1e-4, 2.9)).breaks() == cfg.breaks()[1:]  # 1e-4: below SD's range
-    nested = CFG(CFG(den, den, 2.0, interval=(0.5, 1.0)), den, 3.0, interval=(0.28, 2.9))
-    ratio = [float(sd_process.sigma(t) / sd_process.alpha(t)) for t in nested.breaks()]
-    assert ratio == pytest.approx([0.28, 0.5, 1.0, 2.9], rel=1e-9)
-    assert sd.guidance.DynamicThreshold(nested).breaks() == nested.breaks()
+    assert CFG(den, den, 3.0, interval=(0.28, 2.9)).breaks() == ()
     flow = sd.RectifiedFlow()
-    moved = sd.Reprocessed(cfg, flow)
-    assert [float(flow.sigma(t) / flow.alpha(t)) for t in moved.breaks()] == pytest.approx(
-        [0.28, 2.9], rel=1e-9
-    )
     on_flow = gmm.denoiser(flow)
-    edit = ControlledEditing(
-        CFG(on_flow, on_flow, 3.0, interval=(0.28, 2.9)), torch.zeros(1, 8), 0.7, 0.1, 0.5
+    inner = ControlledEditing(on_flow, torch.zeros(1, 8), 0.7, 0.1, 0.5)
+    assert inner.breaks() == pytest.approx([0.5, 0.9], rel=1e-12)
+    nested = ControlledEditing(
+        CFG(inner, on_flow, 3.0, interval=(0.28, 2.9)), torch.zeros(1, 8), 0.5, 0.0, 0.3
     )
-    assert edit.breaks() == pytest.approx(sorted([0.5, 0.9, 0.28 / 1.28, 2.9 / 3.9]), rel=1e-12)
+    assert nested.breaks() == pytest.approx([0.5, 0.7, 0.9], rel=1e-12)  # its own 0.7, the inner's two
+    assert sd.guidance.DynamicThreshold(nested).breaks() == nested.breaks()
+    moved = sd.Reprocessed(inner, sd_process)  # at the times of SD's process with inner's sigma/alpha there
+    assert [float(sd_process.sigma(t) / sd_process.alpha(t)) for t in moved.breaks()] == pytest.approx(
+        [0.5 / 0.5, 0.9 / 0.1], rel=1e-9
+    )
     # the window from the run's start (tau = 0: t = 1) or to its end (t = 0) has no break there; eta = 0 none
     assert ControlledEditing(on_flow, torch.zeros(1, 8), 0.7).breaks() == (0.75,)
     assert ControlledEditing(on_flow, torch.zeros(1, 8), 0.7, 0.0, 1.0).breaks() == ()
@@ -704,11 +698,11 @@ def test_a_step_across_a_break_restarts_the_history(gmm):
         solver = _Recording()
         sd.sample(edit, x_T, steps, solver, "time_uniform", final="none")
         assert solver.calls == after
-    # up an inversion's grid: after the steps across CFG's interval ends
-    cfg = sd.guidance.CFG(gmm.denoiser(flow), gmm.denoiser(flow), 2.0, interval=(0.28, 2.9))
+    # up an inversion's grid: after the steps across the window's ends (t = 0.75 and 0.35)
+    window = ControlledEditing(gmm.denoiser(flow), torch.zeros(1, 8), 0.7, 0.25, 0.65)
     solver = _Recording()
-    _, info = sd.invert(cfg, x_T, 10, solver, "time_uniform", return_info=True)
-    assert info.grid.t[0] < info.grid.t[-1] and solver.calls == sorted(crossings(cfg, info.grid))
+    _, info = sd.invert(window, x_T, 10, solver, "time_uniform", return_info=True)
+    assert info.grid.t[0] < info.grid.t[-1] and solver.calls == sorted(crossings(window, info.grid))
     assert len(solver.calls) == 2
     # a break in the last step (t = 0.05 between 0.1008 and 0.001): no step left to restart for
     solver = _Recording()
@@ -719,9 +713,9 @@ def test_a_step_across_a_break_restarts_the_history(gmm):
 
 
 def test_without_breaks_the_history_is_never_restarted(gmm, sd_process):
-    """Denoisers whose field does not jump take the run they took before the breaks: no ``moved`` at all
-    (the plain denoiser, CFG without an interval or at scale 1, a window over the whole run or at ``eta =
-    0``), sampling and inverting."""
+    """Denoisers whose field does not jump, or CFG's whose does at its interval's ends, take the run they
+    took before the breaks: no ``moved`` at all (the plain denoiser, CFG with and without an interval, a
+    window over the whole run or at ``eta = 0``), sampling and inverting."""
     from steerdiff.guidance import CFG
     from steerdiff.rf_inversion import ControlledEditing
 
@@ -730,7 +724,7 @@ def test_without_breaks_the_history_is_never_restarted(gmm, sd_process):
     for d in (
         den,
         CFG(den, den, 3.0),
-        CFG(den, den, 1.0, interval=(0.28, 2.9)),
+        CFG(den, den, 3.0, interval=(0.28, 2.9)),
         ControlledEditing(flow_den, torch.zeros(1, 8), 0.7, 0.0, 1.0),
         ControlledEditing(flow_den, torch.zeros(1, 8), 0.0, 0.2, 0.6),
     ):

@@ -382,8 +382,9 @@ class Denoiser:
         ``t_of_lam(lam_inner(b))``); ``()`` for a plain denoiser.
 
         Between consecutive breaks ``b_k < b_{k+1}`` the prediction is smooth in ``t`` on ``(b_k, b_{k+1}]``:
-        at a break it takes the value of the less noisy side, as :class:`~steerdiff.guidance.CFG`'s interval
-        ``lo < sigma/alpha <= hi`` and RF-Inversion's window ``start <= 1 - t < stop`` do. After a step whose
+        at a break it takes the value of the less noisy side, as RF-Inversion's window ``start <= 1 - t <
+        stop`` does (:class:`~steerdiff.rf_inversion.ControlledEditing`; CFG's guidance interval declares
+        none, measured: see :class:`~steerdiff.guidance.CFG`). After a step whose
         nodes lie on two pieces, :func:`~steerdiff.sampling.run_grid` restarts the solver's history
         (:meth:`~steerdiff.solvers.base.Solver.moved`), so that no multistep extrapolation mixes
         estimates from both sides of a jump."""
@@ -395,8 +396,8 @@ class Denoiser:
 
     def own_breaks(self) -> tuple[float, ...]:
         """The times at which this denoiser itself switches its prediction, on top of its inner denoisers'
-        (:meth:`breaks`): ``()`` here; a wrapper that switches (CFG's guidance interval, RF-Inversion's
-        editing window) overrides it."""
+        (:meth:`breaks`): ``()`` here; a wrapper that switches (RF-Inversion's editing window) overrides
+        it."""
         return ()
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:

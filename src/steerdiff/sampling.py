@@ -419,9 +419,9 @@ def sample(
             15 on.
             Any solver that keeps a history (multistep) restarts it, warming up again at lower order, after a
             corrector's moves and after a step across a time where ``den``'s field jumps
-            (:meth:`~steerdiff.denoiser.Denoiser.breaks`: CFG's ``interval``, RF-Inversion's editing window;
-            :func:`crossings`), so that it never extrapolates estimates from one side of the jump into the
-            other.
+            (:meth:`~steerdiff.denoiser.Denoiser.breaks`: RF-Inversion's editing window, not CFG's
+            ``interval``; :func:`crossings`), so that it never extrapolates estimates from one side of the
+            jump into the other.
         schedule: a name from :func:`steerdiff.schedules.available`, a Schedule instance or the
             nodes' process times (a list, array or tensor: :class:`~steerdiff.schedules.Custom`);
             default ``"karras_capped"`` (Karras nodes from at most ``sigma/alpha = 30``, entered
@@ -654,15 +654,15 @@ def crossings(den: Denoiser, grid: Grid) -> frozenset[int]:
 
     The next step then warms up as at the first node (:meth:`~steerdiff.solvers.base.Solver.moved`): a
     multistep solver (UniPC, DPM-Solver++ 2M/3M, DEIS, iPNDM, ...) would otherwise extrapolate the
-    estimates of one side of the jump into the other (CFG's guidance interval, Kynkaenniemi et al. 2024;
-    RF-Inversion's editing window, :class:`~steerdiff.rf_inversion.ControlledEditing`). The step across the
-    jump itself is first order in any solver; a staged one (Heun) still mixes both sides inside it.
-    ``python bench/breaks.py`` (docs/bench/breaks.txt; exact piecewise ODEs of an 8-d mixture, 10-40 steps):
-    on RF-Inversion's editing windows the multistep errors now fall with the steps in every series, to
-    0.12-0.16x of their error without the restart at 40 steps (geometric mean per solver), but 1.2-2.2x at
-    10, where the jump falls inside a long step; under CFG's interval UniPC-3 gains (0.6-0.9x) and the
-    guided default (2M, UniPC-2) loses 1.7x, its one-step history through the jump having averaged the two
-    fields across it."""
+    estimates of one side of the jump into the other (RF-Inversion's editing window,
+    :class:`~steerdiff.rf_inversion.ControlledEditing`). The step across the jump itself is first order in
+    any solver; a staged one (Heun) still mixes both sides inside it. ``python bench/breaks.py``
+    (docs/bench/breaks.txt; exact piecewise ODEs of an 8-d mixture, 10-40 steps): on RF-Inversion's editing
+    windows the multistep errors now fall with the steps in every series, to 0.12-0.16x of their error
+    without the restart at 40 steps (geometric mean per solver), but 1.2-2.2x at 10, where the jump falls
+    inside a long step. Under CFG's guidance interval (Kynkaenniemi et al. 2024) the restart would gain
+    UniPC-3 0.74x but cost the guided default (2M, UniPC-2) 1.7x, its one-step history through the jump
+    having averaged the two fields across it: CFG declares no break."""
     breaks = den.breaks()
     if not breaks:
         return frozenset()

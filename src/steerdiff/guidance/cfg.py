@@ -200,7 +200,11 @@ class CFG(Guided):
         rescale_space: ``"x0"`` (default), ``"eps"`` or ``"v"``: where the standard deviations are
             matched (see the module docstring).
         interval: ``(lo, hi)``: guidance only where ``lo < sigma/alpha <= hi`` (Kynkäänniemi et al.
-            2024); the conditional prediction elsewhere. ``None``: everywhere.
+            2024); the conditional prediction elsewhere. ``None``: everywhere. The prediction jumps at the
+            ends, yet CFG declares no break (:meth:`~steerdiff.Denoiser.breaks`): restarting a multistep
+            solver's history there would cost the guided default (DPM-Solver++(2M) / UniPC-2) 1.7x in
+            geometric mean over 24 cases, whose one-step history averages the two fields across the step
+            over an end, though UniPC-3 would gain (0.74x) (``python bench/breaks.py``).
         cads: a :class:`CADS` annealing the conditional call's ``cond[cads.key]``.
 
     ``cost`` is the sum of the called branches' costs: 2, or 1 for a call that evaluates one net
@@ -333,17 +337,6 @@ class CFG(Guided):
                 return with_estimate(pc, x0=torch.where(m, out.x0, pc.x0))
             return with_estimate(pc, eps=torch.where(m, out.eps, pc.eps))
         return out
-
-    def own_breaks(self) -> tuple[float, ...]:
-        """The guidance interval's ends inside the process's time range: the times ``t_of_lam(-log r)`` of
-        ``sigma/alpha = r`` for ``r`` = ``lo`` and ``hi``, where the prediction jumps between the guided and
-        the conditional one (none at ``scale = 1``, where they agree; :meth:`~steerdiff.Denoiser.breaks`)."""
-        if self.interval is None or self.scale == 1:
-            return ()
-        p = self.process
-        lam_lo, lam_hi = float(p.lam(p.t_max)), float(p.lam(p.t_min))
-        ends = (-math.log(r) for r in self.interval if 0 < r < math.inf)
-        return tuple(float(p.t_of_lam(lam)) for lam in ends if lam_lo < lam < lam_hi)
 
     def inner_denoisers(self) -> tuple[Denoiser, ...]:
         """The two branches, ``(cond, uncond)``."""
