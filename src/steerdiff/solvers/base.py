@@ -653,8 +653,8 @@ class Solver:
         """The state the last step returned (or drew) was moved before the next step: a corrector's
         Langevin/MALA/HMC moves in :func:`steerdiff.sample`, or the projection of
         :func:`~steerdiff.guidance.pcd_sample`; or the field jumped between the last evaluation and the next
-        (a step across a break of the denoiser, :meth:`~steerdiff.denoiser.Denoiser.breaks`: CFG's guidance
-        interval, RF-Inversion's editing window). Called only there, by
+        (a step across a break of the denoiser, :meth:`~steerdiff.denoiser.Denoiser.breaks`: RF-Inversion's
+        editing window). Called only there, by
         :func:`~steerdiff.sampling.run_grid` (:func:`~steerdiff.sampling.crossings`).
 
         The next step starts from the moved state (or evaluates another field), so estimates made before the
