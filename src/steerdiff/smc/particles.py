@@ -980,10 +980,9 @@ class _Run:
         self.reward_ok.extend(rewards_ok.unbind())
         if read:  # the error one process raises: Model.check_finite's, on every rank's first of each
             step, neg_t, k = min(every[:, :3].tolist())
-            m = float(every[:, 3].min())
-            failure = self.model.first_error(
-                None if step == math.inf else (int(step), int(k), -neg_t), None if m == math.inf else int(m)
-            )
+            m = float(every[:, 3].min())  # the first bad move's index; every rank records the same moves
+            moved = None if m == math.inf or not self.model.moves else int(m)
+            failure = self.model.first_error(None if step == math.inf else (int(step), int(k), -neg_t), moved)
             first = first_false(rewards_ok) if pending else None
             if failure is not None and (
                 first is None or dev.type != "cpu" or _before(failure, pending[first])
