@@ -41,7 +41,9 @@ def gens(n: int, seed: int = 0) -> list[torch.Generator]:
 
 def transcription(den, budget, initial, steps, schedule, final, seed):
     """One row of RBF, written out from the rule with scalar control (the module docstring): the sample, the
-    network evaluations, the candidates per node and how many nodes ended on their quota."""
+    network evaluations, the candidates per node, how many nodes ended on their quota and how many candidates
+    beat the kept state's score but not the path's best (where a best lowered to the kept state's would have
+    moved on)."""
     grid = make_grid(den.process, sd.schedules.get(schedule), steps, final)
     slv, g = sd.solvers.get("ddpm"), torch.Generator().manual_seed(seed)
     model = Model(den, {}, sd.noise.GeneratorNoise(g))
@@ -61,7 +63,7 @@ def transcription(den, budget, initial, steps, schedule, final, seed):
     mean, std = torch.zeros(1, GMM.dim, dtype=F64), math.hypot(grid.alpha[0], grid.sigma[0])
     kept = max((candidate(mean, std, 0) for _ in range(initial)), key=lambda c: c[0])
     best, quota = kept[0], (budget - initial) // last
-    carry = spent_out = 0
+    carry = spent_out = held = 0
     for k in range(1, last):
         left, node_best = quota + carry, (-math.inf, None, None)
         carry = 0
@@ -69,6 +71,7 @@ def transcription(den, budget, initial, steps, schedule, final, seed):
             c = candidate(kept[1].mean, kept[1].std, k)
             left -= 1
             node_best = max(node_best, c, key=lambda c: c[0])
+            held += kept[0] < c[0] <= best
             if c[0] > best:
                 carry = left
                 break
@@ -78,20 +81,24 @@ def transcription(den, budget, initial, steps, schedule, final, seed):
     node_best = (-math.inf, None, None)
     while nfe < budget:
         node_best = max(node_best, candidate(kept[1].mean, kept[1].std, last), key=lambda c: c[0])
-    return node_best[2][0], nfe, drawn, spent_out
+    return node_best[2][0], nfe, drawn, spent_out, held
 
 
 def test_the_rows_are_the_transcribed_rule():
-    """Batched over rows at different nodes, each row is the scalar transcription's run, draw for draw."""
-    out = sd.smc.rbf(DEN, reward, 22, shape=(4, GMM.dim), initial=3, steps=STEPS, schedule=GRID, dtype=F64,
-                     generator=gens(4, 10))  # fmt: skip
-    ended = 0
-    for b in range(4):
-        x, nfe, drawn, spent_out = transcription(DEN, 22, 3, STEPS, GRID, "zero", 10 + b)
+    """Batched over rows at different nodes, each row is the scalar transcription's run, draw for draw. 16
+    rows: with 4, the running best lowered to the kept state's score where a node ends on its quota (the rule
+    says never) passed; here it changes 5 rows."""
+    rows = 16
+    out = sd.smc.rbf(DEN, reward, 22, shape=(rows, GMM.dim), initial=3, steps=STEPS, schedule=GRID, dtype=F64,
+                     generator=gens(rows, 10))  # fmt: skip
+    ended = held = 0
+    for b in range(rows):
+        x, nfe, drawn, spent_out, between = transcription(DEN, 22, 3, STEPS, GRID, "zero", 10 + b)
         assert torch.allclose(out.x[b, 0], x, rtol=0, atol=1e-12)
         assert int(out.row_nfe[b]) == nfe == 22 and out.candidates[b].tolist() == drawn
-        ended += spent_out
+        ended, held = ended + spent_out, held + between
     assert ended > 0 and bool((out.candidates[:, 1:-1] > 2).any())  # both ends of a node (quota 2) were met
+    assert held > 0  # candidates between the kept state's score and the path's best were met
 
 
 def test_the_smallest_budget_is_the_base_sampler_draw_for_draw():
