@@ -295,3 +295,29 @@ def test_ecg_score_fields_on_a_centered_gaussian_are_the_x_field(dim):
     torch.testing.assert_close(fields.log_w, alone.log_w, rtol=0, atol=1e-11)
     torch.testing.assert_close(fields.log_z, alone.log_z, rtol=0, atol=1e-11)
     assert float((fields.x - plain.x).abs().max()) > 0.1  # the control moved the particles
+
+
+def test_a_guided_components_backward_passes_count_its_cost():
+    """A backward pass through a component's evaluation goes through every network call it made: for a CFG
+    component (cost 2) each probe's vector-Jacobian product is two network backward passes, as its forward
+    is two evaluations. 5 steps, 4 particles, 1 probe: a plain component (5 + 4) * 4 = 36; CFG (2 * 5 + 2 *
+    4) * 4 = 72 (was 56: the backward passes counted 1 each) and ``DriftLite.backward`` 8 (was 4)."""
+    made: list[sd.smc.DriftLite] = []
+    init = sd.smc.DriftLite.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    cfg = sd.guidance.CFG(G1.denoiser(PROC), G2.denoiser(PROC), 1.5)
+    kw = {"shape": (1, 2), "particles": 4, "steps": 5, "dtype": F64, "probes": 1}
+    sd.smc.DriftLite.__init__ = recording
+    try:
+        plain = sd.smc.driftlite([G1.denoiser(PROC)], [2.0], generator=gen(0), **kw)
+        guided = sd.smc.driftlite([cfg], [2.0], generator=gen(0), **kw)
+        both = sd.smc.driftlite([G1.denoiser(PROC), cfg], [1.0, 1.0], generator=gen(0), **kw)
+    finally:
+        sd.smc.DriftLite.__init__ = init
+    assert plain.nfe == (5 + 4) * 4 and made[0].backward == 4
+    assert guided.nfe == (2 * 5 + 2 * 4) * 4 and made[1].backward == 8
+    assert both.nfe == (3 * 5 + 3 * 4) * 4 and made[2].backward == 12

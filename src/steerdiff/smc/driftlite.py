@@ -67,9 +67,10 @@ carries no control, as it carries no weight.
 Divergences: ``nabla . eps_k`` has no closed form for a network. It is Hutchinson's estimate (Hutchinson
 1989, as the paper suggests) ``mean_p z_p^T (d eps_k / dx) z_p`` over ``probes`` Rademacher vectors ``z_p``
 drawn from ``generator``, each a vector-Jacobian product through the step's own evaluation (one backward
-pass of component ``k``; counted in ``nfe`` as one evaluation per particle, though a backward pass costs about
-twice a forward one in time); with ``probes`` at least ``D`` the trace is exact, over the ``D`` unit vectors
-(``D`` backward passes). ``nabla . x = D``. An unbiased noisy ``h`` keeps the scheme consistent (its noise
+pass of component ``k``, through each network call it made: counted in ``nfe`` as its ``cost`` evaluations
+per particle, 1 for a plain denoiser and 2 for a CFG, though a backward pass costs about twice a forward one
+in time); with ``probes`` at least ``D`` the trace is exact, over the ``D`` unit vectors (``D`` backward
+passes). ``nabla . x = D``. An unbiased noisy ``h`` keeps the scheme consistent (its noise
 adds a variance of order ``h_i^2`` per step to the log-weights). ECG without ``log_probs`` needs none.
 """
 
@@ -173,9 +174,10 @@ class DriftLite(SMCAlgorithm):
             field ``x`` alone.
         generator: where the probes are drawn from (as :func:`~steerdiff.smc.run_smc`'s ``generator``).
 
-    ``theta`` (one ``(batch, n)`` tensor per controlled node) and ``backward`` (backward passes per particle)
-    are recorded as the run goes; the backward passes count in :func:`~steerdiff.smc.run_smc`'s ``nfe`` (one
-    evaluation per particle each, :meth:`~steerdiff.smc.StepContext.count`).
+    ``theta`` (one ``(batch, n)`` tensor per controlled node) and ``backward`` (network backward passes per
+    particle: a component's ``cost`` per probe) are recorded as the run goes; they count in
+    :func:`~steerdiff.smc.run_smc`'s ``nfe`` (one evaluation per particle each,
+    :meth:`~steerdiff.smc.StepContext.count`).
     """
 
     name = "driftlite"
@@ -224,7 +226,7 @@ class DriftLite(SMCAlgorithm):
             for k, eps in enumerate(pred.parts):
                 e = eps.detach().reshape(batch, n, -1).to(torch.float64)
                 fields.append(-sigma * e)
-                pots.append(torch.linalg.vecdot(eps_s, e) - sigma * self._divergence(ctx, eps))
+                pots.append(torch.linalg.vecdot(eps_s, e) - sigma * self._divergence(ctx, eps, pred.costs[k]))
                 if self.log_probs is not None:
                     scalars.append(sigma**2 * ctx.map_rows(partial(_log_prob, self.log_probs[k])))
         dt = g.h(i)
@@ -247,10 +249,10 @@ class DriftLite(SMCAlgorithm):
         ctx.state["drift"] = drift.reshape(x.shape).to(x.dtype)
         return inc + dt * torch.einsum("bj,bpj->bp", theta, h)
 
-    def _divergence(self, ctx: StepContext, eps: Tensor) -> Tensor:
+    def _divergence(self, ctx: StepContext, eps: Tensor, cost: int) -> Tensor:
         """``nabla . eps`` per particle ``(batch, N)`` float64: Hutchinson's estimate over ``probes``
         Rademacher vectors, or the exact trace over the unit vectors where ``probes >= D``; one backward
-        pass each."""
+        pass each, through the ``cost`` network calls that made ``eps`` (counted as as many evaluations)."""
         leaf = ctx.x
         size = math.prod(leaf.shape[2:])
         if self.probes >= size:
@@ -267,8 +269,8 @@ class DriftLite(SMCAlgorithm):
         for z in probes:
             (vjp,) = torch.autograd.grad(eps, leaf, grad_outputs=z.reshape(eps.shape), retain_graph=True)
             total = total + (vjp * z).flatten(2).sum(-1, dtype=torch.float64)
-        self.backward += len(probes)
-        ctx.count(len(probes))
+        self.backward += len(probes) * cost
+        ctx.count(len(probes) * cost)
         return total if self.probes >= size else total / len(probes)
 
     def propose(self, ctx: StepContext, base: Transition) -> Transition:
@@ -355,9 +357,10 @@ def driftlite(
 
     Returns:
         :class:`~steerdiff.smc.Particles`, as :func:`~steerdiff.smc.fkc`'s; ``nfe`` counts, per batch row,
-        ``K * steps * particles`` network evaluations (``K`` components with ``beta_k != 0``) plus one per
-        backward pass of the divergences (``K * min(probes, D)`` per particle at every controlled node, the
-        ``steps - 1`` nodes before the last step with ``final="zero"``; none for ECG without ``log_probs``).
+        ``C * steps * particles`` network evaluations (``C`` the components' summed ``cost``: ``K`` for
+        ``K`` plain denoisers with ``beta_k != 0``, a CFG counting 2) plus one per network backward pass of
+        the divergences (``C * min(probes, D)`` per particle at every controlled node, the ``steps - 1``
+        nodes before the last step with ``final="zero"``; none for ECG without ``log_probs``).
     """
     who = "driftlite"
     variant = choice(who, "variant", variant, VARIANTS)

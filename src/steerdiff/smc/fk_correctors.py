@@ -279,13 +279,23 @@ def fkc_solver(total: float, data_std: float = 0.0) -> str | Solver:
 
 class ComposedPrediction(Prediction):
     """A :class:`~steerdiff.denoiser.Prediction` of the composed score that also carries its
-    components' noise estimates ``parts`` (one tensor per component, ``x``'s shape)."""
+    components' noise estimates ``parts`` (one tensor per component, ``x``'s shape) and what each cost in
+    the call, ``costs`` (network evaluations per sample: a backward pass through ``parts[k]`` goes through
+    ``costs[k]`` network calls)."""
 
-    __slots__ = ("parts",)
+    __slots__ = ("costs", "parts")
 
-    def __init__(self, x: Tensor, alpha: Any, sigma: Any, eps: Tensor, parts: tuple[Tensor, ...]) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        alpha: Any,
+        sigma: Any,
+        eps: Tensor,
+        parts: tuple[Tensor, ...],
+        costs: tuple[int, ...],
+    ) -> None:
         super().__init__(x, alpha, sigma, eps=eps)
-        self.parts = parts
+        self.parts, self.costs = parts, costs
 
 
 def _dict_or_none(who: str, name: str, value: object) -> None:
@@ -385,17 +395,17 @@ class Composition(Guided):
         self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any
     ) -> ComposedPrediction:
         """The components' nets in ``net_dtype``, their combination in ``x``'s dtype."""
-        parts, cost = [], 0
+        parts, costs = [], []
         for k in range(len(self.dens)):
             eps, c = self._eps(k, x, t, net_dtype, cond)
             parts.append(eps)
-            cost += c
-        self.cost = cost
+            costs.append(c)
+        self.cost = sum(costs)
         eps = self.betas[0] * parts[0]
         for beta, e in zip(self.betas[1:], parts[1:], strict=True):
             eps = eps + beta * e
         alpha, sigma = self.coefficients(t, x)[:2]
-        return ComposedPrediction(x, alpha, sigma, eps, tuple(parts))
+        return ComposedPrediction(x, alpha, sigma, eps, tuple(parts), tuple(costs))
 
     def rate(self, pred: ComposedPrediction) -> Tensor:
         """``E = B (B - 1) |eps_bar|^2 - sum_k beta_k |eps_k - eps_bar|^2`` per sample, ``(n,)`` float64:

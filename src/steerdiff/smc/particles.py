@@ -814,9 +814,10 @@ def _cat_predictions(parts: list[Prediction], x: Tensor) -> Prediction:
         alpha = _cat_chunks([p.alpha for p in parts])
         sigma = _cat_chunks([p.sigma for p in parts])
     if isinstance(p0, ComposedPrediction):
-        comps = [p.parts for p in parts if isinstance(p, ComposedPrediction)]  # every chunk's
-        joined = tuple(torch.cat(e) for e in zip(*comps, strict=True))
-        return ComposedPrediction(x, alpha, sigma, torch.cat([p.eps for p in parts]), joined)
+        chunks = [p for p in parts if isinstance(p, ComposedPrediction)]  # every chunk
+        joined = tuple(torch.cat(e) for e in zip(*(p.parts for p in chunks), strict=True))
+        costs = tuple(max(c) for c in zip(*(p.costs for p in chunks), strict=True))
+        return ComposedPrediction(x, alpha, sigma, torch.cat([p.eps for p in parts]), joined, costs)
     if p0._x0 is not None:
         pred = Prediction(x, alpha, sigma, x0=torch.cat([p.x0 for p in parts]))
     else:
