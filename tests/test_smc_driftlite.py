@@ -169,6 +169,23 @@ def test_bad_inputs(options, message):
         sd.smc.driftlite([G1.denoiser(PROC)], **kw)
 
 
+def test_ecg_log_probs_are_one_per_component_of_dens():
+    """``log_probs`` holds one callable per component of ``dens``, a zero-``beta`` one's never called (the
+    docstring said one per component with ``beta_k != 0``, which the check refused): the run is the one
+    without the zero component."""
+
+    def never(x: torch.Tensor, t: float) -> torch.Tensor:
+        raise AssertionError("a zero-beta component's log_prob was called")
+
+    dens = [G1.denoiser(PROC), G2.denoiser(PROC)]
+    kw = {"shape": (2, 2), "particles": 8, "steps": 4, "dtype": F64, "variant": "ecg"}
+    out = sd.smc.driftlite(dens, [2.0, 0.0], log_probs=[log_prob(G1), never], generator=gen(0), **kw)
+    ref = sd.smc.driftlite(dens[:1], [2.0], log_probs=[log_prob(G1)], generator=gen(0), **kw)
+    assert torch.equal(out.x, ref.x) and torch.equal(out.log_w, ref.log_w)
+    with pytest.raises(ValueError, match=r"log_probs must hold one callable .* per component \(2\)"):
+        sd.smc.driftlite(dens, [2.0, 0.0], log_probs=[log_prob(G1)], generator=gen(0), **kw)
+
+
 def test_ecg_log_probs_are_checked():
     with pytest.raises(ValueError, match=r"log_probs must map \(n, \*shape\) to finite log-densities \(n,\)"):
         sd.smc.driftlite([G1.denoiser(PROC)], [2.0], shape=(2, 2), particles=4, steps=3, dtype=F64,

@@ -350,9 +350,10 @@ def driftlite(
             fields only with ``log_probs``).
         probes: Hutchinson probes per divergence of a score field, ``>= 1`` (``>= D``, the sample's size:
             the exact trace).
-        log_probs: for ``"ecg"``: one callable per component with ``beta_k != 0``, ``(x, t) -> log q^k_t(x)``
-            ``(n,)`` (up to a constant in ``x``; e.g. a :class:`~steerdiff.toy.GaussianMixture`'s ``log_prob``
-            at the process's ``alpha(t), sigma(t)``).
+        log_probs: for ``"ecg"``: one callable per component of ``dens`` (in its order; those of the
+            components with ``beta_k = 0`` are not called), ``(x, t) -> log q^k_t(x)`` ``(n,)`` (up to a
+            constant in ``x``; e.g. a :class:`~steerdiff.toy.GaussianMixture`'s ``log_prob`` at the process's
+            ``alpha(t), sigma(t)``).
         group: not supported (the fit needs all of a row's particles on one process): ``None``.
 
     Returns:
