@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import steerdiff as sd
 from steerdiff.smc.driftlite import ecg_coefficients, vcg_coefficients
@@ -338,3 +339,35 @@ def test_a_guided_components_backward_passes_count_its_cost():
     assert plain.nfe == (5 + 4) * 4 and made[0].backward == 4
     assert guided.nfe == (2 * 5 + 2 * 4) * 4 and made[1].backward == 8
     assert both.nfe == (3 * 5 + 3 * 4) * 4 and made[2].backward == 12
+
+
+class _Linalg(TorchFunctionMode):
+    """Records the ``torch.linalg`` functions called that synchronize a CUDA device with the CPU (PyTorch's
+    documentation: the SVD and eigen-decompositions, and the factorizations that check their errors)."""
+
+    SYNCING = ("pinv", "svd", "svdvals", "eigh", "eigvalsh", "lstsq", "solve", "inv", "cholesky", "det")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = getattr(func, "__name__", "")
+        if (
+            getattr(func, "__module__", "") == "torch._C._linalg"
+            and name.removeprefix("linalg_") in self.SYNCING
+        ):
+            self.called.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["vcg", "ecg"])
+def test_the_fit_reads_nothing_from_the_device(variant):
+    """The per-node fit solves its small systems by a Cholesky factorization without its error check
+    (``torch.linalg.cholesky_ex``), which reads nothing from a CUDA device; ``torch.linalg.pinv`` (an
+    SVD) synchronized it at every controlled node, a sync per step. Its solutions are the pseudo-inverse's
+    where the system is well posed (``test_coefficients_solve_their_linear_problems``, to 1e-10)."""
+    kw = {"shape": (2, 2), "particles": 16, "steps": 4, "dtype": F64, "variant": variant}
+    with _Linalg() as mode:
+        sd.smc.driftlite([G1.denoiser(PROC), G2.denoiser(PROC)], [1.0, 1.0], generator=gen(0), **kw)
+    assert not mode.called, mode.called

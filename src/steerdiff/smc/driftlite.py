@@ -95,6 +95,7 @@ from .particles import DEFAULT_SCHEDULE, Particles, RowSlice, SMCAlgorithm, Step
 
 __all__ = [
     "MIN_ESS_PER_UNKNOWN",
+    "RIDGE",
     "VARIANTS",
     "DriftLite",
     "driftlite",
@@ -108,6 +109,8 @@ VARIANTS = ("vcg", "ecg")
 # particles it interpolates them with a near-singular system (`steerdiff bench steer`, nine_quadratic, 4
 # particles and 3 fields: 7.77x the floor, rows out to |x| = 47, against fkc's 0.93x)
 MIN_ESS_PER_UNKNOWN = 2.0
+# the fits' ridge, on their normal equations scaled to a unit diagonal
+RIDGE = 1e-12
 LogProb = Callable[[Tensor, float], Tensor]
 
 
@@ -117,11 +120,25 @@ def _moments(values: Tensor, w: Tensor) -> Tensor:
     return values - (wv * values).sum(1, keepdim=True)
 
 
+def _solve(m: Tensor, c: Tensor) -> Tensor:
+    """``theta`` ``(batch, n)`` solving ``m theta = c`` for the symmetric positive semi-definite ``m``
+    ``(batch, n, n)``, scaled to a unit diagonal ``s m s`` (``s = diag(m)^{-1/2}``: the fields' scales differ
+    by orders where ``sigma`` is small) with a ridge of :data:`RIDGE`: ``theta = s (s m s + RIDGE I)^{-1} s
+    c``, by Cholesky without its error check (``torch.linalg.cholesky_ex``) and two triangular solves, which
+    read nothing from a CUDA device, where ``torch.linalg.pinv``'s SVD synchronizes it (a sync per node)."""
+    s = torch.diagonal(m, dim1=-2, dim2=-1).sqrt().clamp_min(torch.finfo(m.dtype).tiny).reciprocal()
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    chol, _ = torch.linalg.cholesky_ex(s[..., :, None] * m * s[..., None, :] + RIDGE * eye)
+    half = torch.linalg.solve_triangular(chol, (s * c)[..., None], upper=False)
+    return s * torch.linalg.solve_triangular(chol.mT, half, upper=True)[..., 0]
+
+
 def vcg_coefficients(g: Tensor, h: Tensor, log_w: Tensor) -> Tensor:
     """VCG's coefficients (Ren et al. 2025, Eq. 3.3): per batch row, ``theta = argmin_theta Var_W[g + h
     theta]`` over the particles weighted by ``W = exp(log_w)``, i.e. the least-squares solution of
-    ``sqrt(W) (h - E_W h) theta = -sqrt(W) (g - E_W g)`` (the minimum-norm one where ``h``'s centered columns
-    are dependent: pseudo-inverse).
+    ``sqrt(W) (h - E_W h) theta = -sqrt(W) (g - E_W g)``, by its normal equations scaled to a unit diagonal
+    with a ridge of :data:`RIDGE` (the pseudo-inverse's solution where the system is well posed; where
+    ``h``'s centered columns are dependent, the damped one, near the minimum-norm one).
 
     Args:
         g: the potential rate per particle, ``(batch, N)``.
@@ -135,13 +152,14 @@ def vcg_coefficients(g: Tensor, h: Tensor, log_w: Tensor) -> Tensor:
     root = w.sqrt()[..., None]
     a = root * _moments(h.to(torch.float64), w)
     y = -root * _moments(g.to(torch.float64)[..., None], w)
-    return (torch.linalg.pinv(a) @ y)[..., 0]
+    return _solve(a.mT @ a, (a.mT @ y)[..., 0])
 
 
 def ecg_coefficients(g: Tensor, a: Tensor, v: Tensor, log_w: Tensor) -> Tensor:
     """ECG's coefficients (Ren et al. 2025, Eq. 3.4 with Ansatz 3.4): per batch row, the Ritz minimizer of
     ``E_W[|sum_j theta_j v_j|^2 / 2 - g sum_j theta_j a_j]`` with ``v_j = nabla a_j``, i.e. ``M theta = c``,
-    ``M_ij = E_W[<v_i, v_j>]``, ``c_i = E_W[(g - E_W g) a_i]`` (pseudo-inverse where ``M`` is singular).
+    ``M_ij = E_W[<v_i, v_j>]``, ``c_i = E_W[(g - E_W g) a_i]`` (scaled and with a ridge, as
+    :func:`vcg_coefficients`).
 
     Args:
         g: the potential rate per particle, ``(batch, N)``.
@@ -156,7 +174,7 @@ def ecg_coefficients(g: Tensor, a: Tensor, v: Tensor, log_w: Tensor) -> Tensor:
     v = v.to(torch.float64)
     m = torch.einsum("bp,bpid,bpjd->bij", w, v, v)
     c = torch.einsum("bp,bp,bpi->bi", w, _moments(g.to(torch.float64), w), a.to(torch.float64))
-    return (torch.linalg.pinv(m) @ c[..., None])[..., 0]
+    return _solve(m, c)
 
 
 class DriftLite(SMCAlgorithm):
