@@ -114,6 +114,19 @@ def test_the_smallest_budget_is_the_base_sampler_draw_for_draw():
     assert torch.allclose(out.reward[:, 0], reward(base), rtol=0, atol=1e-13)
 
 
+def test_the_initial_candidates_are_the_noise_of_the_process():
+    """Node 0's candidates are ``N(0, (alpha_0^2 + sigma_0^2) I)``, the initial noise of the process (EDM:
+    ``sqrt(80^2 + 1)``): one candidate per node is the base sampler (``euler_ancestral``, Karras) from that
+    noise. Only VP runs were tested, where the scale is 1 (a standard normal passed)."""
+    den, steps = GMM.denoiser(sd.EDM()), 8
+    kw = dict(steps=steps, schedule="karras", solver="euler_ancestral", dtype=F64)
+    out = sd.smc.rbf(den, reward, steps, shape=(3, GMM.dim), generator=gens(3), **kw)
+    g = gens(3)
+    x_T = math.hypot(1.0, 80.0) * torch.stack([torch.randn(GMM.dim, generator=gi, dtype=F64) for gi in g])
+    base = sd.sample(den, x_T, steps, "euler_ancestral", "karras", generator=g)
+    assert torch.allclose(out.x[:, 0], base, rtol=0, atol=1e-12)
+
+
 def test_reward_at_matched_nfe_against_best_of_n_and_svdd():
     """NFE 160 per row (16 candidates or particles per step), 128 rows. Measured: rbf 1.933 +- 0.040,
     best-of-N 1.316 +- 0.046, SVDD (greedy, alpha = 0) 2.996 +- 0.024. RBF's intermediate nodes each end
