@@ -81,6 +81,9 @@ def transcription(den, budget, initial, steps, schedule, final, seed):
     node_best = (-math.inf, None, None)
     while nfe < budget:
         node_best = max(node_best, candidate(kept[1].mean, kept[1].std, last), key=lambda c: c[0])
+    if final == "none":  # the last step from the kept x_L: a draw of its transition
+        tr = node_best[1]
+        return tr.mean[0] + tr.std * torch.randn(GMM.dim, generator=g, dtype=F64), nfe, drawn, spent_out, held
     return node_best[2][0], nfe, drawn, spent_out, held
 
 
@@ -99,6 +102,20 @@ def test_the_rows_are_the_transcribed_rule():
         ended, held = ended + spent_out, held + between
     assert ended > 0 and bool((out.candidates[:, 1:-1] > 2).any())  # both ends of a node (quota 2) were met
     assert held > 0  # candidates between the kept state's score and the path's best were met
+
+
+def test_final_none_returns_a_draw_of_the_kept_states_transition():
+    """``final="none"``: the sample is a draw of the last node's kept state's transition, not its mean, and
+    ``reward`` is that draw's (neither was tested: the mean returned, or the search's score reported as the
+    reward, passed)."""
+    rows = 4
+    out = sd.smc.rbf(DEN, reward, 30, shape=(rows, GMM.dim), initial=3, steps=STEPS - 1, schedule=GRID,
+                     final="none", dtype=F64, generator=gens(rows, 10))  # fmt: skip
+    for b in range(rows):
+        x, nfe, drawn, _, _ = transcription(DEN, 30, 3, STEPS - 1, GRID, "none", 10 + b)
+        assert torch.allclose(out.x[b, 0], x, rtol=0, atol=1e-12)
+        assert int(out.row_nfe[b]) == nfe and out.candidates[b].tolist() == drawn
+    torch.testing.assert_close(out.reward[:, 0], reward(out.x[:, 0]), rtol=0, atol=1e-12)
 
 
 def test_the_smallest_budget_is_the_base_sampler_draw_for_draw():
