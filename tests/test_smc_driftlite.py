@@ -193,6 +193,20 @@ def test_ecg_log_probs_are_checked():
                          variant="ecg", log_probs=[lambda x, t: x])  # fmt: skip
 
 
+def test_the_class_checks_its_generator():
+    """``DriftLite(comp, generator=...)``: a ValueError naming ``DriftLite``'s ``generator`` at construction,
+    and a list of the wrong length at the first probes (before: 'generator must be None, ...' from inside the
+    run, naming no one, and 'generator: 5 generators for a batch of 2 rows')."""
+    comp = sd.smc.Composition([G1.denoiser(PROC)], [2.0])
+    with pytest.raises(
+        ValueError, match=r"DriftLite: generator must be None, a torch.Generator or a non-empty"
+    ):
+        sd.smc.DriftLite(comp, generator=3)
+    alg = sd.smc.DriftLite(comp, generator=[gen(k) for k in range(5)])
+    with pytest.raises(ValueError, match=r"DriftLite: generator must be .* a list of batch = 2 of them"):
+        sd.smc.run_smc(comp, alg, (2, 2), particles=4, steps=3, dtype=F64, generator=gen(1))
+
+
 def test_run_smc_refuses_group_for_the_algorithm():
     comp = sd.smc.Composition([G1.denoiser(PROC)], [2.0])
     assert sd.smc.DriftLite(comp).shardable is False

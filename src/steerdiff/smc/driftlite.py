@@ -86,7 +86,7 @@ from torch import Tensor
 
 from .._checks import choice, integer
 from ..denoiser import Denoiser
-from ..noise import Generators, rand
+from ..noise import Generators, check_generators, rand
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver, Transition
 from . import resample as _resample
@@ -221,7 +221,7 @@ class DriftLite(SMCAlgorithm):
             log_probs = _callables(who, log_probs, len(composition.dens))
         self.log_probs = log_probs
         self.scores = self.variant == "vcg" or log_probs is not None
-        self.generator = generator
+        self.generator = check_generators(who, generator)
         self.theta: list[Tensor] = []
         self.backward = 0
 
@@ -277,6 +277,7 @@ class DriftLite(SMCAlgorithm):
             eye = torch.eye(size, dtype=leaf.dtype, device=leaf.device)
             probes = [eye[j].expand((*leaf.shape[:2], size)).reshape(leaf.shape) for j in range(size)]
         else:
+            check_generators("DriftLite", self.generator, leaf.shape[0])  # a list: one per batch row
             probes = [
                 torch.where(rand(leaf.shape, self.generator, leaf.dtype, leaf.device) < 0.5, -1.0, 1.0).to(
                     leaf.dtype
