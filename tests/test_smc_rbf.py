@@ -264,6 +264,10 @@ def test_the_vp_converted_flow_oracle_searches_as_the_vp_oracle():
         ({"initial": 0}, r"rbf: initial must be an integer >= 1"),
         ({"solver": "ddim"}, r"rbf needs a stochastic solver"),
         (
+            {"steps": 1},
+            r"rbf: steps=1 with final='zero' is the jump into the clean end alone, .* take steps >= 2",
+        ),
+        (
             {"solver": "er_sde"},
             r"rbf: solver 'er_sde' keeps a per-trajectory history in its state, which a candidate",
         ),

@@ -171,6 +171,11 @@ def _check_solver(who: str, solver: str | Solver, slv: Solver, grid: Grid) -> No
     """A ``ValueError`` unless ``slv`` draws noise on ``grid`` and keeps no per-trajectory history (the
     in-step noise of the others is refused at their first step, :class:`~steerdiff.noise.RefusedNoise`)."""
     if not slv.noisy_on(grid):
+        if grid.steps == 1 and grid.clean_end:  # the one step: the jump into the clean end, no solver's noise
+            raise ValueError(
+                f"{who}: steps=1 with final='zero' is the jump into the clean end alone, which adds no "
+                "noise (a node's candidates must differ): take steps >= 2, or final='none'"
+            )
         raise ValueError(
             f"{who} needs a stochastic solver (a node's candidates must differ); solver {solver!r} adds no "
             f"noise on this grid of {grid.steps} steps: {FITTING}"
