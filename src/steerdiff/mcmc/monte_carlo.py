@@ -269,7 +269,7 @@ class MonteCarloDenoiser(Denoiser):
         rdMC's initialization of its early-stopped reverse process (module docstring), e.g. from
         ``x = sigma(t) * randn`` at the process's ``t_max``. Costs ``moves * cost`` target evaluations a row.
         ``generator``: the moves' noise (one, or one per row of ``x``; the estimates draw from the denoiser's
-        own)."""
+        own). An end state that is not finite is a ``ValueError`` (one device read per warm start)."""
         who = f"{type(self).__name__}.warm_start"
         check_call(who, x, t)
         moves = integer(who, "moves", moves, lo=1)
