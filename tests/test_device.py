@@ -166,6 +166,7 @@ def _steered_runs() -> dict[str, Callable[[sd.Denoiser, torch.Tensor, int], obje
     mask = (torch.arange(8) % 2).double()
     reward = lambda x: x.sum(-1)  # noqa: E731
     classifier = lambda x, t: x.sum(-1)  # noqa: E731
+    gaussian = lambda x: -0.5 * x.pow(2).sum(-1)  # noqa: E731  (MonteCarloDenoiser's target)
     smc = {"shape": (2, 8), "particles": 4, "device": "meta"}
     g = sd.guidance
     return {
@@ -183,6 +184,15 @@ def _steered_runs() -> dict[str, Callable[[sd.Denoiser, torch.Tensor, int], obje
         "tds_classifier": lambda den, x, n: sd.smc.tds(den, classifier=classifier, steps=n, **smc),
         "svdd": lambda den, x, n: sd.smc.svdd(den, reward, 0.5, steps=n, **smc),
         "fkc_cfg": lambda den, x, n: sd.smc.fkc_cfg(den, den, 2.0, steps=n, **smc),
+        "monte_carlo": lambda den, x, n: sd.sample(
+            sd.mcmc.MonteCarloDenoiser(gaussian, den.process, (8,), samples=4), x, n, "ddpm"
+        ),
+        "monte_carlo_langevin": lambda den, x, n: sd.sample(
+            sd.mcmc.MonteCarloDenoiser(gaussian, den.process, (8,), 4, "langevin", inner=2, step_size=0.1),
+            x,
+            n,
+            "ddpm",
+        ),
     }
 
 
@@ -190,7 +200,7 @@ def _steered_runs() -> dict[str, Callable[[sd.Denoiser, torch.Tensor, int], obje
 def test_steered_runs_no_sync_per_step(name):
     """Guidance, correctors and particle methods: the same copies and reads at 6 and 12 steps (TDS put a
     host value on the device twice per step, ``torch.tensor(std, device=...)``: found on an H100 by
-    ``tests/test_cuda.py``)."""
+    ``tests/test_cuda.py``; MonteCarloDenoiser read its log_prob's NaN check at every call)."""
     net = torch.nn.Linear(8, 8, device="meta").requires_grad_(False)
     den = sd.Denoiser(lambda x, t: net(x) * t[:, None], sd.VP.scaled_linear(), "eps")
     run, x_T = _steered_runs()[name], torch.randn(4, 8, device="meta")

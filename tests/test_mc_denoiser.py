@@ -343,6 +343,54 @@ def test_log_prob_nan_inf_and_an_empty_support_are_errors_and_minus_inf_is_weigh
             den.warm_start(x, t, 2, 0.1, generator=torch.Generator())
 
 
+def test_langevin_nan_or_a_non_finite_gradient_is_an_error():
+    """method='langevin': a log_prob NaN (ULA reads only its gradient), or whose gradient is not finite where
+    it is, at a point a chain visited is a ValueError naming log_prob and t from a call, from sd.sample and
+    from warm_start, as for 'importance' (before: a call and warm_start returned NaN or a finite estimate
+    silently, sd.sample said only 'the model returned NaN/inf at step 0')."""
+    x, t = torch.zeros(3, 2, dtype=F64), 0.5
+    bad = [
+        lambda v: -v[:, 0].sqrt() - 0.5 * v.pow(2).sum(-1),  # NaN, with a NaN gradient, at v_0 < 0
+        lambda v: torch.where(v[:, 0] > 0, math.nan, 0.0) - 0.5 * v.pow(2).sum(-1),  # NaN, finite gradient
+    ]
+    for log_prob in bad:
+        den = sd.mcmc.MonteCarloDenoiser(
+            log_prob, PROC, (2,), 16, "langevin", inner=3, step_size=0.1, generator=torch.Generator()
+        )
+        match = r"log_prob must return finite numbers or -inf .* got NaN or a non-finite gradient .* t=0.5"
+        with pytest.raises(ValueError, match=match):
+            den(x, t)
+        with pytest.raises(ValueError, match=match.replace("t=0.5", "t=1")):
+            sd.sample(den, x, steps=2, solver="ddim")
+        with pytest.raises(ValueError, match=match):
+            den.warm_start(x, t, 2, 0.1, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("method", ["importance", "langevin"])
+def test_nan_checks_read_nothing_per_call_on_an_accelerator(method, monkeypatch):
+    """Off the CPU (faked: tensors that are not CPU ones) a call reads nothing from the device (its NaN check
+    read it at every call, a sync per step: ``tests/test_device.py``); the NaN estimate is the sampler's to
+    report at the end of the run, naming the step (NonFiniteError), and warm_start checks its end state once
+    (a ValueError naming log_prob)."""
+    x, t = torch.zeros(3, 2, dtype=F64), 0.5
+    options = {} if method == "importance" else {"inner": 3, "step_size": 0.1}
+
+    def log_prob(v: torch.Tensor) -> torch.Tensor:
+        return -v[:, 0].sqrt() - 0.5 * v.pow(2).sum(-1)
+
+    def make() -> sd.mcmc.MonteCarloDenoiser:
+        return sd.mcmc.MonteCarloDenoiser(
+            log_prob, PROC, (2,), 16, method, generator=torch.Generator().manual_seed(0), **options
+        )
+
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    assert bool(make()(x, t).x0.isnan().any())  # no error at the call
+    with pytest.raises(sd.NonFiniteError, match=r"the model returned NaN/inf at step 0"):
+        sd.sample(make(), x, steps=2, solver="ddim")
+    with pytest.raises(ValueError, match=r"warm_start: the moves reached NaN/inf: log_prob returned NaN"):
+        make().warm_start(x, t, 2, 0.1, generator=torch.Generator())
+
+
 def test_bad_input():
     gmm = four_modes()
     make = sd.mcmc.MonteCarloDenoiser

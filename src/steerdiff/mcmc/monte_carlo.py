@@ -80,10 +80,15 @@ from .._checks import choice, integer, real, sizes
 from ..denoiser import Denoiser, Prediction, check_call, take_wrapped_rows
 from ..noise import Generators, check_fixed_time, check_generators, make_noise, randn
 from ..processes import Process
-from .base import Point, Target, _value_and_grad, chain, fixed_time
+from .base import Point, Target, _value_and_grad, chain, finite_run, fixed_time
 from .langevin import ULA
 
 __all__ = ["MonteCarloDenoiser"]
+
+
+def _first(t: float | Tensor) -> float:
+    """The (first) time of a call, for messages."""
+    return float(torch.as_tensor(t).flatten()[0])
 
 
 def _per_row(c: float | Tensor) -> float | Tensor:
@@ -104,8 +109,12 @@ class MonteCarloDenoiser(Denoiser):
             estimate is differentiated in ``x`` (DPS-like guidance: the weights' derivative gives
             ``d x0_hat / d x``, a consistent estimate of ``(alpha / sigma^2) Cov_q[x0]``; ``"langevin"``
             estimates it over its chains, module docstring). ``-inf`` outside the support is
-            accepted (weight 0); with ``"importance"`` a NaN or ``+inf``, or ``-inf`` at every draw of a
-            row, is a ``ValueError`` at that call.
+            accepted (weight 0); a NaN or ``+inf``, or ``-inf`` at every draw of a row (``"importance"``),
+            or NaN or a non-finite gradient where it is finite at a point a chain visited
+            (``"langevin"``), is a ``ValueError`` at that call on the CPU; on an accelerator, where a
+            call reads nothing from the device, it makes the estimate NaN, which the sampler reports at
+            the end of its run (:class:`~steerdiff.NonFiniteError` naming the step) and
+            :meth:`warm_start` at its end.
         process: the forward process; its ``alpha`` must be positive on the grid used.
         shape: the shape of one sample.
         samples: Monte Carlo draws per row and call (an integer >= 1).
@@ -198,20 +207,32 @@ class MonteCarloDenoiser(Denoiser):
                 got = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
                 raise ValueError(f"{who}: log_prob must return a ({n * m},) tensor, got {got}")
             lp = lp.to(torch.float64).reshape(n, m)  # not detached: the weights carry d x0 / d x (below)
-            # NaN, +inf, or no draw of a row in the support: the weights are 0 / 0, NaN (one sync per call)
-            if bool((lp.isnan() | (lp == torch.inf)).any() | (lp == -torch.inf).all(1).any()):
+            # NaN, +inf, or no draw of a row in the support: the weights are 0 / 0 and the row's estimate NaN.
+            # Read at once on the CPU; on an accelerator that NaN estimate is the sampler's to report, at the
+            # end of its run (solvers.base.Model: no device read per call)
+            if lp.is_cpu and bool((lp.isnan() | (lp == torch.inf)).any() | (lp == -torch.inf).all(1).any()):
                 raise ValueError(
                     f"{who}: log_prob must return finite numbers or -inf (outside the support), with a "
                     f"finite one among each row's {m} draws; got NaN or +inf, or -inf at every draw of a row "
-                    f"(take more samples), at t={float(torch.as_tensor(t).flatten()[0]):g}"
+                    f"(take more samples), at t={_first(t):g}"
                 )
             w = torch.softmax(lp, dim=1)
             self.ess = 1 / w.detach().pow(2).sum(1)
             x0 = torch.einsum("nm,nm...->n...", w, y.to(torch.float64))
         else:
             assert self.inner is not None, "set for method='langevin'"
-            chains = self._langevin(x.detach(), y.detach(), ar, sr)
-            x0 = chains.mean(1)
+            chains, sound = self._langevin(x.detach(), y.detach(), ar, sr)
+            # a NaN log_prob, or a non-finite gradient where it is finite, at a point a chain visited (ULA
+            # reads the gradient alone: a NaN value would pass silently): read at once on the CPU; on an
+            # accelerator the estimate is made NaN, for the sampler to report at the end of its run
+            if sound.is_cpu and not bool(sound):
+                raise ValueError(
+                    f"{who}: log_prob must return finite numbers or -inf (outside the support), with a "
+                    "finite gradient where it is finite; got NaN or a non-finite gradient at a point a chain "
+                    f"visited (or the chains left the finite numbers: take a smaller step_size), at "
+                    f"t={_first(t):g}"
+                )
+            x0 = torch.where(sound, chains.mean(1), torch.nan)
             differentiated = x.requires_grad and torch.is_grad_enabled()
             if differentiated:
                 x0 = x0 + self._stein_jvp(chains, x0, x - x.detach(), a)
@@ -236,8 +257,10 @@ class MonteCarloDenoiser(Denoiser):
         proj = torch.einsum("nmd,nd->nm", score.reshape(n, m, -1), dx.flatten(1).to(c.dtype))
         return (dx + (torch.einsum("nm,nmd->nd", proj, c) / (m - 1)).reshape(mean.shape)) / a
 
-    def _langevin(self, x: Tensor, y: Tensor, a: float | Tensor, s: float | Tensor) -> Tensor:
-        """``inner`` ULA moves on ``log q(. | x)`` from the draws ``y`` ``(n, samples, ...)``: last states."""
+    def _langevin(self, x: Tensor, y: Tensor, a: float | Tensor, s: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``inner`` ULA moves on ``log q(. | x)`` from the draws ``y`` ``(n, samples, ...)``: last states,
+        and a 0-d bool tensor, whether they are finite and no ``log_prob`` evaluation was NaN or had a
+        non-finite gradient where finite (:func:`~steerdiff.mcmc.base.finite_run`; no device read)."""
         assert self.inner is not None and self.step_size is not None, "set for method='langevin'"
         n, m, shape = x.shape[0], self.samples, x.shape[1:]
         flat = (n * m, *shape)
@@ -260,7 +283,7 @@ class MonteCarloDenoiser(Denoiser):
         )
         target = Target(log_prob=log_q, name=f"{type(self).__name__}: log_prob(x0)")
         out, _ = chain(ULA(), Point(y.reshape(flat)), target, self.inner, step, normal)
-        return out.reshape(n, m, *shape)
+        return out.reshape(n, m, *shape), finite_run(out, target)
 
     def warm_start(
         self, x: Tensor, t: float, moves: int, step_size: float, generator: Generators = None
@@ -279,6 +302,13 @@ class MonteCarloDenoiser(Denoiser):
         sigma = float(self.process.sigma(torch.tensor(float(t), dtype=torch.float64)))
         target = Target(score=lambda v: self(v, t).eps * (-1 / sigma))
         out, _ = chain(ULA(), Point(x), target, moves, step_size, fixed_time(noise, float(t)))
+        # one read per warm start (on the CPU a call raised at once): the estimates' NaN on an accelerator
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"{who}: the moves reached NaN/inf: log_prob returned NaN or +inf, or -inf at every draw "
+                "of a row, or a non-finite gradient (method='langevin'), or the moves diverged (take a "
+                f"smaller step_size than {step_size:g})"
+            )
         return out
 
     def __repr__(self) -> str:
