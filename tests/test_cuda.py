@@ -472,6 +472,15 @@ STEERED: dict[str, Callable[[sd.Denoiser, Tensor, int], object]] = {
     "best_of_n": lambda den, x, n: sd.smc.best_of_n(den, _device_reward, steps=n, **_SMC_SMALL),
     "svdd": lambda den, x, n: sd.smc.svdd(den, _device_reward, 0.5, steps=n, **_SMC_SMALL),
     "fkc_cfg": lambda den, x, n: sd.smc.fkc_cfg(den, den, 2.0, steps=n, **_SMC_SMALL),
+    # the per-node fit by a Cholesky solve without its error check (torch.linalg.pinv, an SVD, synced)
+    "driftlite": lambda den, x, n: sd.smc.driftlite([den], [2.0], steps=n, **_SMC_SMALL),
+    "driftlite_ecg": lambda den, x, n: sd.smc.driftlite([den], [2.0], variant="ecg", steps=n, **_SMC_SMALL),
+    "monte_carlo": lambda den, x, n: sd.sample(
+        sd.mcmc.MonteCarloDenoiser(lambda y: -0.5 * y.square().sum(-1), den.process, (8,), samples=4),
+        x,
+        n,
+        "ddpm",
+    ),
 }
 
 
