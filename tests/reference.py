@@ -247,3 +247,18 @@ def assert_nan_named_alike_on_an_accelerator(
     with pytest.raises(sd.NonFiniteError) as accelerator:
         run()
     assert str(accelerator.value) == str(cpu.value) and "step" in str(cpu.value)
+
+
+def overlap_log_z(
+    g1: sd.toy.GaussianMixture, g2: sd.toy.GaussianMixture, alpha: float, sigma: float
+) -> float:
+    """``log int q1_t q2_t dx`` of two diagonal mixtures noised to ``alpha, sigma``: a double sum of Gaussian
+    overlaps (``g1 = g2``: ``log int q_t^2``)."""
+    s = alpha**2 * (g1.variances[:, None] + g2.variances[None]) + 2 * sigma**2
+    d = alpha * (g1.means[:, None] - g2.means[None])
+    log_w = (
+        g1.weights.log()[:, None]
+        + g2.weights.log()[None]
+        - 0.5 * (d * d / s + torch.log(2 * math.pi * s)).sum(-1)
+    )
+    return float(torch.logsumexp(log_w.reshape(-1), 0))

@@ -10,8 +10,6 @@ and the score span the exact flattening drift, VCG's weights stay even to roundi
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -19,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 import steerdiff as sd
 from steerdiff.smc.driftlite import ecg_coefficients, vcg_coefficients
 from steerdiff.solvers.base import make_grid
+from tests.reference import overlap_log_z
 from tests.test_smc_fkc import F64, PROC, errors, gen, mixture, moments_1d, product, z_scores
 
 G1 = mixture([[-1.0, 0.5], [2.0, 0.0]], [[0.5, 0.7], [0.4, 0.5]])
@@ -268,21 +267,6 @@ def test_run_smc_with_the_class_counts_the_backward_passes():
     direct = sd.smc.run_smc(comp, alg, (2, 1), x_T=x_T, generator=gen(1), **opts)
     assert out.nfe == direct.nfe == (2 * 10 + 9 * 2) * 8 and alg.backward == 9 * 2
     assert torch.equal(direct.x, out.x) and torch.equal(direct.log_w, out.log_w)
-
-
-def overlap_log_z(
-    g1: sd.toy.GaussianMixture, g2: sd.toy.GaussianMixture, alpha: float, sigma: float
-) -> float:
-    """``log int q1_t q2_t dx`` of two diagonal mixtures noised to ``alpha, sigma``: a double sum of Gaussian
-    overlaps (``g1 = g2``: ``log int q_t^2``)."""
-    s = alpha**2 * (g1.variances[:, None] + g2.variances[None]) + 2 * sigma**2
-    d = alpha * (g1.means[:, None] - g2.means[None])
-    log_w = (
-        g1.weights.log()[:, None]
-        + g2.weights.log()[None]
-        - 0.5 * (d * d / s + torch.log(2 * math.pi * s)).sum(-1)
-    )
-    return float(torch.logsumexp(log_w.reshape(-1), 0))
 
 
 @pytest.mark.parametrize("gs, betas", [([G1], [2.0]), ([G1, G2], [1.0, 1.0])], ids=["anneal", "product"])

@@ -33,6 +33,8 @@ import torch
 import steerdiff as sd
 from steerdiff.solvers.base import make_grid
 
+from .reference import overlap_log_z
+
 F64 = torch.float64
 PROC = sd.VP.cosine()
 ROWS = 32
@@ -172,17 +174,7 @@ def test_product_of_mixtures():
         min_z=10, particles=1024, steps=100,
     )  # fmt: skip
 
-    def log_z(alpha: float, sigma: float) -> float:  # int q1_t q2_t dx, a double sum of Gaussian overlaps
-        s = alpha**2 * (g1.variances[:, None] + g2.variances[None]) + 2 * sigma**2
-        d = alpha * (g1.means[:, None] - g2.means[None])
-        log_w = (
-            g1.weights.log()[:, None]
-            + g2.weights.log()[None]
-            - 0.5 * (d * d / s + torch.log(2 * math.pi * s)).sum(-1)
-        )
-        return float(torch.logsumexp(log_w.reshape(-1), 0))
-
-    check_log_z(out, log_z, 100, 0.15)
+    check_log_z(out, lambda alpha, sigma: overlap_log_z(g1, g2, alpha, sigma), 100, 0.15)
 
 
 def test_cfg_two_classes():
