@@ -252,3 +252,24 @@ def test_spread_particle_runs_no_sync_per_step(name, monkeypatch):
             runs[name](steps)
         counts.append(mode.count)
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_adaptive_one_read_and_one_copy_per_attempt(order):
+    """The adaptive DPM-Solver reads the rows' errors once per attempt, its decision (the calls' finiteness
+    flags in the same read), and copies over once the attempt's rows, times and update weights, made on the
+    host from that decision (while the device has no work queued). ``meta`` reads zeros: every ``E = 0``, so
+    ``h_init`` past the end takes 1 attempt, ``h_init = 0.05`` 2 (then ``h = inf``). Was 2 reads and 14
+    (order 2) / 20 (order 3) copies per attempt."""
+    net = torch.nn.Linear(8, 8, device="meta")
+    counts = []
+    for h_init in (100.0, 0.05):
+        den = sd.Denoiser(lambda x, t: net(x) * t[:, None], sd.VP.scaled_linear(), "eps")  # no times cached
+        with _Syncs() as mode:
+            out, info = sd.solvers.dpm_adaptive(
+                den, torch.randn(4, 8, device="meta"), order=order, h_init=h_init, return_info=True
+            )
+        assert out.is_meta and info.accepted == [1 if h_init > 1 else 2] * 4 and info.rejected == [0] * 4
+        counts.append(mode.count)
+    one, two = counts
+    assert (two["read"] - one["read"], two["copy"] - one["copy"]) == (1, 1), counts

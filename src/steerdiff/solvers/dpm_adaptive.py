@@ -47,6 +47,10 @@ NFE: ``order`` per step attempt of the rows still running (rejected attempts inc
 clean end (``final="zero"``: the denoised estimate at ``t_end``, as :func:`steerdiff.sample` returns).
 :class:`AdaptiveInfo` gives the run's network evaluations (each batched call's cost summed, a guided
 denoiser's included) and each sample's own count, accepted and rejected steps, and accepted grid.
+
+On an accelerator an attempt syncs twice: one host read (the rows' ``E`` and the calls' finiteness flags,
+which the accept / reject decision needs) and one host-to-device copy (the attempt's rows, times and update
+weights, computed on the host in float64 from the last decision, when the device has no work queued).
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ class AdaptiveInfo:
 
 class _Calls:
     """The denoiser called on a subset of the batch at per-row times: evaluations counted (in all and per
-    sample) and each call's per-row finiteness recorded, read by :meth:`check` once per step."""
+    sample) and each call's per-row finiteness kept on the device (:meth:`flags`), read with the step's
+    errors and checked by :meth:`check`: one host read per step."""
 
     def __init__(self, den: Denoiser, cond: dict[str, Any], n: int, net_dtype: torch.dtype | None) -> None:
         self.den, self.cond, self.n, self.net_dtype = den, cond, n, net_dtype
@@ -105,8 +110,11 @@ class _Calls:
         self._pending: list[tuple[Tensor, int, list[float]]] = []
         self._calls = 0
 
-    def __call__(self, x: Tensor, times: list[float], rows: list[int], index: Tensor) -> Prediction:
-        t_rows = torch.tensor(times, dtype=torch.float64)
+    def __call__(
+        self, x: Tensor, t_rows: Tensor, times: list[float], rows: list[int], index: Tensor
+    ) -> Prediction:
+        """``den`` on the rows ``index`` (sample numbers ``rows``) at the times ``t_rows`` (float64, on
+        ``x``'s device; ``times`` on the host, for a message)."""
         pred, cost = predict_rows(self.den, x, t_rows, index, self.n, self.net_dtype, self.cond)
         self.nfe += cost
         for r in rows:
@@ -115,38 +123,42 @@ class _Calls:
         self._calls += 1
         return pred
 
-    def check(self, step: int) -> None:
+    def flags(self) -> Tensor:
+        """Each row's flag in the calls since the last check, 1 where its estimate was not finite (float64, on
+        the device: read at once with the step's errors; zeros pass)."""
+        return torch.cat([flags for flags, _, _ in self._pending]).logical_not().double()
+
+    def check(self, step: int, bad: list[float]) -> None:
         """:class:`~steerdiff.solvers.base.NonFiniteError` naming ``step`` (the step attempt), the call
-        and the time of the first row whose estimate was not finite, in the calls made since the last
-        check."""
+        and the time of the first row flagged in ``bad`` (:meth:`flags`, read), in the calls made since the
+        last check."""
         pending, self._pending = self._pending, []
-        ok = torch.cat([flags for flags, _, _ in pending]).cpu()
-        if bool(ok.all()):
+        if not any(bad):
             return
-        for flags, call, times in pending:
-            bad = (~flags.cpu()).nonzero()
-            if len(bad):
-                raise nonfinite_error(step, call, times[int(bad[0])])
+        at = 0
+        for _, call, times in pending:
+            for j, time in enumerate(times):
+                if bad[at + j]:
+                    raise nonfinite_error(step, call, time)
+            at += len(times)
 
 
-def _update(
-    algorithm: str,
-    frm: list[Coefficients],
-    to: list[Coefficients],
-    x: Tensor,
-    f: Tensor,
-    x0: Tensor | None,
-    c: list[float] | None = None,
-    d: Tensor | None = None,
-) -> Tensor:
-    """:func:`~steerdiff.solvers.dpm_solver.update` with a level pair per row: from ``frm[r]`` to ``to[r]``,
-    the first-order step from the estimate ``f`` (``x0``: the net's where it gave one, noise prediction)
-    plus ``c[r] d`` (``d`` a difference of estimates), with the weights of
-    :func:`~steerdiff.solvers.dpm_solver.update_weights`."""
-    from_x0 = algorithm == "dpmsolver++" or x0 is not None
+def _weights(
+    algorithm: str, frm: list[Coefficients], to: list[Coefficients], c: list[float] | None, from_x0: bool
+) -> list[float]:
+    """The weights ``a``, ``b``, ``d`` (each for every row, in that order) of the update of
+    :func:`~steerdiff.solvers.dpm_solver.update_weights` with a level pair per row, from ``frm[r]`` to
+    ``to[r]``, with ``c[r]`` (``None``: no higher-order term)."""
     cs: list[float | None] = [None] * len(frm) if c is None else list(c)
     w = [update_weights(algorithm, a, b, from_x0, cr) for a, b, cr in zip(frm, to, cs, strict=True)]
-    a, b, dw = torch.tensor(w, dtype=x.dtype, device=x.device).T.reshape(3, -1, *[1] * (x.ndim - 1))
+    return [v for column in zip(*w, strict=True) for v in column]
+
+
+def _update(w: Tensor, x: Tensor, f: Tensor, x0: Tensor | None, d: Tensor | None = None) -> Tensor:
+    """:func:`~steerdiff.solvers.dpm_solver.update` with per-row weights ``w = (a, b, d)`` (:func:`_weights`,
+    on the device): the first-order step from the estimate ``f`` (``x0``: the net's where it gave one, noise
+    prediction) plus ``d D`` (``D`` a difference of estimates)."""
+    a, b, dw = w
     out = a * x + b * (f if x0 is None else x0)
     return out if d is None else out + dw * d
 
@@ -296,6 +308,7 @@ def dpm_adaptive(
         return pred.x0 if data_form else pred.eps
 
     n, fractions = len(x_T), FRACTIONS[order]
+    forms = (True,) if data_form else (False, True)  # from_x0 of the updates (update_weights)
     x = x_T.to(work_dtype(x_T.dtype))
     calls = _Calls(den, cond, n, x_T.dtype if x.dtype != x_T.dtype else None)
     level: list[Coefficients] = [start] * n  # each sample's current level, time, step and x_prev
@@ -308,15 +321,14 @@ def dpm_adaptive(
     active, step = list(range(n)), 0
     bar = tqdm(desc=who, leave=False) if progress else None
     while active:
-        index = torch.tensor(active, device=x.device)
-        xs, frm = x.index_select(0, index), [level[r] for r in active]
+        m, frm = len(active), [level[r] for r in active]
         hs = [min(h[r], end[2] - lv[2]) for r, lv in zip(active, frm, strict=True)]
         last = [h[r] >= end[2] - lv[2] for r, lv in zip(active, frm, strict=True)]
         k = len(fractions) + 1  # the intermediate levels and the step's end, per row
         levels = levels_at(
             p, [lv[2] + c * hh for lv, hh in zip(frm, hs, strict=True) for c in (*fractions, 1.0)]
         )
-        inner = [[levels[j * k + a] for j in range(len(active))] for a in range(k - 1)]
+        inner = [[levels[j * k + a] for j in range(m)] for a in range(k - 1)]
         to_t = [t1 if z else levels[j * k + k - 1][0] for j, z in enumerate(last)]
         to = [end if z else levels[j * k + k - 1][1] for j, z in enumerate(last)]
         for j, r in enumerate(active):  # every level of the step distinct (h has not underflowed, nor is NaN)
@@ -326,38 +338,55 @@ def dpm_adaptive(
                     f"{who}: the step of sample {r} fell to h = {hs[j]:.3g} at t = {t_now[r]:.6g} (attempt "
                     f"{step}; E = {error[r]:.3g} at the one before): the error does not shrink with the step"
                 )
+        # the updates' levels and higher-order weights: DPM-Solver-1 / -2 (r_1 = 1/2) at order 2, DPM-Solver-2
+        # (r_1 = 1/3) / -3 (r_1, r_2 = 1/3, 2/3; u_2 as in Alg. 2) at order 3
+        mid = [[lv for _, lv in lvls] for lvls in inner]
+        h_of = [[b[2] - a[2] for a, b in zip(frm, lvls, strict=True)] for lvls in (*mid, to)]
+        c_mid = [midpoint_weight(algorithm, hh, h1) for h1, hh in zip(h_of[0], h_of[-1], strict=True)]
+        updates: list[tuple[list[Coefficients], list[float] | None]]
+        if order == 2:  # u_1, x_low, x_high
+            updates = [(mid[0], None), (to, None), (to, c_mid)]
+        else:  # u_1, x_low, u_2, x_high
+            c_u2 = [third_order_weight(algorithm, h2, h1) for h2, h1 in zip(h_of[1], h_of[0], strict=True)]
+            c_3 = [third_order_weight(algorithm, hh, h2) for hh, h2 in zip(h_of[2], h_of[1], strict=True)]
+            updates = [(mid[0], None), (to, c_mid), (mid[1], c_u2), (to, c_3)]
+        # one copy per attempt: the rows, each call's times and the updates' weights (both forms of the noise
+        # prediction's: from eps, or from the x0 a net gives, known at its first call)
+        times = [[t_now[r] for r in active], *([t for t, _ in lvls] for lvls in inner)]
+        host = [float(r) for r in active] + [t for ts in times for t in ts]
+        host += [v for to_, c in updates for form in forms for v in _weights(algorithm, frm, to_, c, form)]
+        packed = torch.tensor(host, dtype=torch.float64, device=x.device)
+        index, t_dev = packed[:m].long(), packed[m : m * (1 + order)].view(order, m)
+        w = packed[m * (1 + order) :].view(len(updates), len(forms), 3, m, *[1] * (x.ndim - 1)).to(x.dtype)
 
-        pred = calls(xs, [t_now[r] for r in active], active, index)
+        xs = x.index_select(0, index)
+        pred = calls(xs, t_dev[0], times[0], active, index)
         if denoised is not None:
             denoised = denoised.index_copy(0, index, pred.x0)
         x0_s = pred.x0 if not data_form and pred.x0_given else None  # an x0 net's: dpm_solver.update
+        wt = w[:, forms.index(data_form or x0_s is not None)]
         f_s = estimate(pred)
-        mid1 = [lv for _, lv in inner[0]]
-        u_1 = _update(algorithm, frm, mid1, xs, f_s, x0_s)
-        d_1 = estimate(calls(u_1, [t for t, _ in inner[0]], active, index)) - f_s
-        h_of = [[b[2] - a[2] for a, b in zip(frm, lvls, strict=True)] for lvls in (mid1, to)]
-        c_mid = [midpoint_weight(algorithm, hh, h1) for h1, hh in zip(*h_of, strict=True)]
-        if order == 2:  # DPM-Solver-1 against DPM-Solver-2 (r_1 = 1/2)
-            x_low = _update(algorithm, frm, to, xs, f_s, x0_s)
-            x_high = _update(algorithm, frm, to, xs, f_s, x0_s, c_mid, d_1)
-        else:  # DPM-Solver-2 (r_1 = 1/3) against DPM-Solver-3 (r_1, r_2 = 1/3, 2/3; u_2 as in Alg. 2)
-            mid2 = [lv for _, lv in inner[1]]
-            h_2 = [b[2] - a[2] for a, b in zip(frm, mid2, strict=True)]
-            x_low = _update(algorithm, frm, to, xs, f_s, x0_s, c_mid, d_1)
-            c_u2 = [third_order_weight(algorithm, h2, h1) for h2, h1 in zip(h_2, h_of[0], strict=True)]
-            u_2 = _update(algorithm, frm, mid2, xs, f_s, x0_s, c_u2, d_1)
-            d_2 = estimate(calls(u_2, [t for t, _ in inner[1]], active, index)) - f_s
-            c_3 = [third_order_weight(algorithm, hh, h2) for hh, h2 in zip(h_of[1], h_2, strict=True)]
-            x_high = _update(algorithm, frm, to, xs, f_s, x0_s, c_3, d_2)
-        calls.check(step)
-        delta = torch.maximum(x_low.abs(), x_prev.index_select(0, index).abs()).mul_(rtol).clamp_min_(atol)
-        errors = ((x_high - x_low) / delta).flatten(1).double().square().mean(1).sqrt().tolist()
+        u_1 = _update(wt[0], xs, f_s, x0_s)
+        d_1 = estimate(calls(u_1, t_dev[1], times[1], active, index)) - f_s
+        if order == 2:  # DPM-Solver-1 against DPM-Solver-2
+            x_low = _update(wt[1], xs, f_s, x0_s)
+            x_high = _update(wt[2], xs, f_s, x0_s, d_1)
+        else:  # DPM-Solver-2 against DPM-Solver-3
+            x_low = _update(wt[1], xs, f_s, x0_s, d_1)
+            u_2 = _update(wt[2], xs, f_s, x0_s, d_1)
+            d_2 = estimate(calls(u_2, t_dev[2], times[2], active, index)) - f_s
+            x_high = _update(wt[3], xs, f_s, x0_s, d_2)
+        prev = x_prev.index_select(0, index)
+        delta = torch.maximum(x_low.abs(), prev.abs()).mul_(rtol).clamp_min_(atol)
+        e_dev = ((x_high - x_low) / delta).flatten(1).double().square().mean(1).sqrt()
+        read = torch.cat([e_dev, calls.flags()]).tolist()  # the attempt's one read: E and the NaN flags
+        calls.check(step, read[m:])
+        errors = read[:m]
         ok = [e <= 1.0 for e in errors]
-        took = [j for j, a in enumerate(ok) if a]
-        if took:
-            rows = index[took]
-            x = x.index_copy(0, rows, x_high[took])
-            x_prev = x_prev.index_copy(0, rows, x_low[took])
+        if any(ok):  # the accepted rows (E <= 1, decided alike on the device) go on from x_high
+            took = (e_dev <= 1.0).view(-1, *[1] * (x.ndim - 1))
+            x = x.index_copy(0, index, torch.where(took, x_high, xs))
+            x_prev = x_prev.index_copy(0, index, torch.where(took, x_low, prev))
         for j, r in enumerate(active):
             if ok[j]:
                 level[r], t_now[r] = to[j], to_t[j]
@@ -390,9 +419,10 @@ def dpm_adaptive(
     if bar is not None:
         bar.close()
     if final == "zero":
-        everyone = list(range(n))
-        x = calls(x, [t1] * n, everyone, torch.arange(n, device=x.device)).x0
-        calls.check(step)
+        everyone = torch.arange(n, device=x.device)
+        t_end_rows = torch.full((n,), t1, dtype=torch.float64, device=x.device)
+        x = calls(x, t_end_rows, [t1] * n, list(range(n)), everyone).x0
+        calls.check(step, calls.flags().tolist())
         if callback is not None:
             callback(
                 {
