@@ -30,19 +30,17 @@ range); writes ``OUT/breaks.csv`` and ``OUT/breaks.png``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
-from scipy.integrate import solve_ivp
 from torch import Tensor
 
 import steerdiff as sd
 import steerdiff.sampling as sampling
 from steerdiff.bench._figure import diagonal_scatter, write_outputs
+from steerdiff.bench._ode import piecewise_ode
 from steerdiff.bench.solvers import generator_for, initial_noise
 from steerdiff.guidance import CFG
 from steerdiff.metrics import relative_rmse
@@ -100,32 +98,6 @@ def cfg_restarts() -> Iterator[None]:
         del CFG.own_breaks
 
 
-def exact_piecewise(
-    den: sd.Denoiser, pieces: Callable[[float], sd.Denoiser], x: Tensor, t_from: float, t_to: float
-) -> Tensor:
-    """The probability-flow ODE of ``den`` from ``x`` at ``t_from`` to ``t_to`` by DOP853, in the DDIM
-    variables ``xbar = x / alpha``, ``s = sigma / alpha`` (``dxbar/ds = eps``), piece by piece between
-    ``den.breaks()``: on each the field of ``pieces(t_mid)``, a denoiser without the jump that agrees with
-    ``den`` inside the piece."""
-    p = den.process
-    cuts = [b for b in den.breaks() if min(t_from, t_to) < b < max(t_from, t_to)]
-    nodes = [t_from, *sorted(cuts, reverse=t_from > t_to), t_to]
-    z = x / float(p.alpha(t_from))
-    for a, b in itertools.pairwise(nodes):
-        field = pieces(0.5 * (a + b))
-
-        def f(s: float, zz: np.ndarray, field: sd.Denoiser = field) -> np.ndarray:
-            t = float(p.t_of_lam(-math.log(s)))
-            alpha = float(p.alpha(t))
-            xs = torch.from_numpy(zz).reshape(x.shape) * alpha
-            return field(xs, t).eps.reshape(-1).numpy()
-
-        ratio = [float(p.sigma(v) / p.alpha(v)) for v in (a, b)]
-        sol = solve_ivp(f, ratio, z.reshape(-1).numpy(), method="DOP853", rtol=1e-11, atol=1e-11)
-        z = torch.from_numpy(sol.y[:, -1]).reshape(x.shape)
-    return z * float(p.alpha(t_to))
-
-
 def errors(
     den: sd.Denoiser, x_T: Tensor, steps: int, schedule: str, ref_of: Callable[[Grid], Tensor]
 ) -> list:
@@ -161,7 +133,9 @@ def main() -> None:
             return ControlledEditing(den, x_0, eta if start <= 1 - t < stop else 0.0, 0.0, 1.0)
 
         for steps in STEPS:
-            ref_of = lambda grid, e=edit, pc=pieces: exact_piecewise(e, pc, y_1, grid.t[0], grid.t[-1])  # noqa: E731
+            ref_of = lambda grid, e=edit, pc=pieces: piecewise_ode(  # noqa: E731
+                pc, e.process, y_1, grid.t[0], grid.t[-1], e.breaks()
+            )
             for name, before, after in errors(edit, y_1, steps, "time_uniform", ref_of):
                 case = f"edit eta={eta:g} [{start:g},{stop:g})"
                 rows.append((case, "flow", "time_uniform", steps, name, before, after))
@@ -183,8 +157,8 @@ def main() -> None:
 
                 for schedule in CFG_SCHEDULES:
                     for steps in STEPS:
-                        ref_of = lambda grid, c=cfg, pc=pieces_cfg: exact_piecewise(  # noqa: E731
-                            c, pc, x_T, grid.t[0], grid.t[-1]
+                        ref_of = lambda grid, c=cfg, pc=pieces_cfg: piecewise_ode(  # noqa: E731
+                            pc, c.process, x_T, grid.t[0], grid.t[-1], c.breaks()
                         )
                         for name, before, after in errors(cfg, x_T, steps, schedule, ref_of):
                             rows.append(

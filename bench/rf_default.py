@@ -23,42 +23,23 @@ from __future__ import annotations
 import argparse
 import math
 
-import numpy as np
 import torch
-from scipy.integrate import solve_ivp
-from torch import Tensor
 
 import steerdiff as sd
 from steerdiff.bench._figure import diagonal_scatter, write_outputs
+from steerdiff.bench._ode import controlled_ode
 from steerdiff.bench.solvers import generator_for, initial_noise
 from steerdiff.inversion import default_inversion_solver
 from steerdiff.metrics import relative_rmse
 from steerdiff.rf_inversion import ControlledEditing, ControlledInversion
 from steerdiff.sampling import default_solver, guided_solver
-from steerdiff.toy.gmm import GaussianMixture, default_benchmark_mixture
+from steerdiff.toy.gmm import default_benchmark_mixture
 
 FLOW = sd.RectifiedFlow()
 SCHEDULES = ("time_uniform", "karras_capped")
 STEPS = (5, 10, 20, 40)
 GAMMAS = (0.25, 0.5, 0.75)
 EDITS = ((1.0, 0.25), (0.7, 0.25), (0.7, 0.4), (0.7, 1.0))  # (eta, stop), start 0
-
-
-def exact(
-    gmm: GaussianMixture, x: Tensor, y: Tensor, w: float, t_from: float, t_to: float, up: bool
-) -> Tensor:
-    """The controlled ODE from ``x`` at ``t_from`` to ``t_to`` by DOP853 with the oracle's velocity
-    ``u = eps - x0 = (x - x0) / t``: ``dx/dt = u + w ((y - x) / (1 - t) - u)`` up (Eq. 8),
-    ``u + w ((x - y) / t - u)`` down (Eq. 15), ``w`` constant over the interval."""
-
-    def f(t: float, z: np.ndarray) -> np.ndarray:
-        xs = torch.from_numpy(z).reshape(x.shape)
-        u = (xs - gmm.denoise(xs, 1 - t, t)) / t
-        pull = (y - xs) / (1 - t) if up else (xs - y) / t
-        return (u + w * (pull - u)).reshape(-1).numpy()
-
-    sol = solve_ivp(f, (t_from, t_to), x.reshape(-1).numpy(), method="DOP853", rtol=1e-11, atol=1e-11)
-    return torch.from_numpy(sol.y[:, -1]).reshape(x.shape)
 
 
 def main() -> None:
@@ -78,7 +59,7 @@ def main() -> None:
             for gamma in GAMMAS:
                 wrapped = ControlledInversion(den, y_1, gamma)
                 _, info = sd.invert(wrapped, x_0, steps, "ddim", schedule, return_info=True)
-                ref = exact(gmm, x_0, y_1, gamma, info.grid.t[0], info.grid.t[-1], up=True)
+                ref = controlled_ode(gmm, x_0, y_1, gamma, info.grid.t[0], info.grid.t[-1], toward_noise=True)
                 solvers = {
                     "unguided": default_inversion_solver(den, steps, info.grid.reversed()),
                     "guided": guided_solver(steps, None, info.grid.reversed()),
@@ -93,9 +74,9 @@ def main() -> None:
                 _, info = sd.sample(wrapped_e, y_1, steps, "ddim", schedule, final="none", return_info=True)
                 t_hi, t_lo = info.grid.t[0], info.grid.t[-1]
                 edge = min(max(1 - stop, t_lo), t_hi)  # the window [0, stop) of tau = 1 - t: t > 1 - stop
-                ref = exact(gmm, y_1, x_0, eta, t_hi, edge, up=False)
+                ref = controlled_ode(gmm, y_1, x_0, eta, t_hi, edge, toward_noise=False)
                 if edge > t_lo:
-                    ref = exact(gmm, ref, x_0, 0.0, edge, t_lo, up=False)
+                    ref = controlled_ode(gmm, ref, x_0, 0.0, edge, t_lo, toward_noise=False)
                 solvers = {
                     "unguided": default_solver(den, steps, info.grid),
                     "guided": guided_solver(steps, None, info.grid),

@@ -7,7 +7,6 @@ guided score must be that of ``p_t(x|c)^w p_t(x)^{1-w}`` at every noise level.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import steerdiff as sd
+from steerdiff.bench._ode import piecewise_ode
 from steerdiff.bench.solvers import initial_noise
 from steerdiff.guidance import CADS, CFG, DynamicThreshold, pcg
 
@@ -298,27 +298,6 @@ def test_interval_rows_outside_keep_an_eps_nets_eps_under_rescale():
 # --- CADS -----------------------------------------------------------------------------------------
 
 
-def _guided_ode(pieces, process, x_T, t_from, t_to, breaks):
-    """The probability-flow ODE from ``x_T`` at ``t_from`` to ``t_to`` by DOP853 (rtol 1e-11), in the DDIM
-    variables ``xbar = x / alpha``, ``s = sigma / alpha`` (``dxbar/ds = eps``), cut at ``breaks``: on each
-    piece the field of ``pieces(t_mid)``, which does not jump inside it."""
-    nodes = [t_from, *sorted((b for b in breaks if t_to < b < t_from), reverse=True), t_to]
-    z = x_T / float(process.alpha(t_from))
-    for a, b in itertools.pairwise(nodes):
-        field = pieces(0.5 * (a + b))
-
-        def f(s, zz, field=field):
-            t = float(process.t_of_lam(-math.log(s)))
-            return field(torch.from_numpy(zz).reshape(x_T.shape) * float(process.alpha(t)), t).eps.reshape(-1)
-
-        ends = [float(process.sigma(v) / process.alpha(v)) for v in (a, b)]
-        z = torch.from_numpy(
-            solve_ivp(f, ends, z.reshape(-1).numpy(), "DOP853", rtol=1e-11, atol=1e-11).y[:, -1]
-        )
-        z = z.reshape(x_T.shape)
-    return z * float(process.alpha(t_to))
-
-
 def test_the_interval_ends_are_no_breaks_the_guided_default_is_better_without(gmm, sd_process, monkeypatch):
     """CFG at scale 4 toward two of the tests' mixture's four components within EDM2-S's interval ``(0.28,
     2.9]`` (Kynkaenniemi et al. 2024), SD betas, ``time_uniform``, against the exact guided ODE (DOP853
@@ -340,7 +319,7 @@ def test_the_interval_ends_are_no_breaks_the_guided_default_is_better_without(gm
     def pieces(t):
         return guided if 0.28 < float(p.sigma(t) / p.alpha(t)) <= 2.9 else cond
 
-    exact = _guided_ode(pieces, p, x_T, p.t_max, p.t_min, ends)
+    exact = piecewise_ode(pieces, p, x_T, p.t_max, p.t_min, ends)
 
     def errors(solver):
         return [

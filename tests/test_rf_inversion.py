@@ -14,9 +14,9 @@ import math
 
 import pytest
 import torch
-from scipy.integrate import solve_ivp
 
 import steerdiff as sd
+from steerdiff.bench._ode import controlled_ode
 from steerdiff.rf_inversion import ControlledEditing, ControlledInversion, rf_edit, rf_invert
 from steerdiff.sampling import guided_solver
 from steerdiff.solvers import UniPC
@@ -47,23 +47,6 @@ def x_0(gmm):
 @pytest.fixture(scope="module")
 def y_1():
     return noise(16, 8, seed=3)
-
-
-def _controlled_ode(gmm, x, y, w, t_start, t_end, toward_noise):
-    """The controlled ODE by DOP853 (rtol 1e-11) with the oracle's exact velocity ``u = eps - x0``:
-    ``dx/dt = u + w ((y - x) / (1 - t) - u)`` towards the noise ``y`` (Eq. 8), ``u + w ((x - y) / t - u)``
-    towards the image ``y`` (Eq. 15 in steerdiff's time, ``w`` on all of it)."""
-    shape = x.shape
-
-    def f(t, z):
-        xs = torch.from_numpy(z).reshape(shape)
-        x0 = gmm.denoise(xs, 1 - t, t)
-        u = (xs - x0) / t  # eps - x0 with eps = (x - (1 - t) x0) / t
-        pull = (y - xs) / (1 - t) if toward_noise else (xs - y) / t
-        return (u + w * (pull - u)).reshape(-1).numpy()
-
-    sol = solve_ivp(f, (t_start, t_end), x.reshape(-1).numpy(), method="DOP853", rtol=1e-11, atol=1e-11)
-    return torch.from_numpy(sol.y[:, -1]).reshape(shape)
 
 
 # --- the end points: plain ODE and straight line ------------------------------------------------------------
@@ -117,21 +100,21 @@ def test_round_trip_with_full_eta_returns_y_0(den, x_0, y_1):
 # --- in between: the exact controlled ODE, monotone in the control ------------------------------------------
 
 
-def test_controlled_inversion_converges_to_the_exact_controlled_ode(gmm, den, eps_den, x_0, y_1):
+def test_controlled_inversion_converges_to_the_exactcontrolled_ode(gmm, den, eps_den, x_0, y_1):
     """``gamma = 0.5``, ``ddim`` (the paper's Euler step) against DOP853 on Eq. 8: relative RMSE 0.201 /
     0.084 at 10 / 40 steps (measured; the drift's ``(1 - t)^gamma`` singularity at ``t = 1`` holds every
     solver below first order, module docstring); the eps-given denoiser integrates the same ODE (to 1e-12)."""
-    exact = _controlled_ode(gmm, x_0, y_1, 0.5, FLOW.t_min, FLOW.t_max, toward_noise=True)
+    exact = controlled_ode(gmm, x_0, y_1, 0.5, FLOW.t_min, FLOW.t_max, toward_noise=True)
     for steps, measured in ((10, 0.2007), (40, 0.08377)):
         x_T = rf_invert(den, x_0, y_1, gamma=0.5, steps=steps, schedule=SCHEDULE)
         assert rel_rmse(x_T, exact) == pytest.approx(measured, rel=0.01)
         assert rel_rmse(rf_invert(eps_den, x_0, y_1, gamma=0.5, steps=steps, schedule=SCHEDULE), x_T) < 1e-12
 
 
-def test_controlled_editing_converges_to_the_exact_controlled_ode(gmm, den, x_0, y_1):
+def test_controlled_editing_converges_to_the_exactcontrolled_ode(gmm, den, x_0, y_1):
     """Eq. 15 with ``eta = 0.7`` on the whole run (``final="none"``) against DOP853: ``ddim`` 0.0534 /
     0.0170 at 10 / 40 steps, ``unipc`` 0.0465 / 0.0146 (measured)."""
-    exact = _controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, FLOW.t_min, toward_noise=False)
+    exact = controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, FLOW.t_min, toward_noise=False)
     for solver, measured in (("ddim", (0.05343, 0.01696)), ("unipc", (0.04650, 0.01457))):
         for steps, m in zip((10, 40), measured, strict=True):
             out = rf_edit(
@@ -149,8 +132,8 @@ def test_multistep_solvers_restart_at_the_window_end_and_converge_past_ddim(gmm,
     without the restart 0.138 / 0.104 / 0.0578 and 0.0989 / 0.0759 / 0.0399, behind ``ddim``). ``heun``'s
     step across mixes both drifts in its stages and stays at 0.164 / 0.110 / 0.0622."""
     stop = 0.4
-    mid = _controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, 1 - stop, toward_noise=False)
-    exact = _controlled_ode(gmm, mid, x_0, 0.0, 1 - stop, FLOW.t_min, toward_noise=False)
+    mid = controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, 1 - stop, toward_noise=False)
+    exact = controlled_ode(gmm, mid, x_0, 0.0, 1 - stop, FLOW.t_min, toward_noise=False)
     measured = {
         None: (0.01826, 0.005679, 0.001568),
         "ddim": (0.06032, 0.03082, 0.01569),
@@ -188,10 +171,10 @@ def test_the_controlled_odes_take_the_unguided_default_and_it_is_no_further_from
     0.1254 / 0.003386 / 0.001206: there the guided default is ahead from 20 steps, 1.4-1.6x; both were
     0.02-0.05 at 20-40 steps without the restart)."""
     inverse = ControlledInversion(den, y_1, 0.5)
-    to_noise = _controlled_ode(gmm, x_0, y_1, 0.5, FLOW.t_min, FLOW.t_max, toward_noise=True)
-    whole = _controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, FLOW.t_min, toward_noise=False)
-    mid = _controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, 0.75, toward_noise=False)
-    window = _controlled_ode(gmm, mid, x_0, 0.0, 0.75, FLOW.t_min, toward_noise=False)
+    to_noise = controlled_ode(gmm, x_0, y_1, 0.5, FLOW.t_min, FLOW.t_max, toward_noise=True)
+    whole = controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, FLOW.t_min, toward_noise=False)
+    mid = controlled_ode(gmm, y_1, x_0, 0.7, FLOW.t_max, 0.75, toward_noise=False)
+    window = controlled_ode(gmm, mid, x_0, 0.0, 0.75, FLOW.t_min, toward_noise=False)
     measured = {
         "inversion": ((0.2913, 0.1833, 0.1124, 0.07007), (0.2915, 0.1979, 0.1164, 0.06932)),
         "whole": ((0.08715, 0.04650, 0.02621, 0.01457), (0.09236, 0.05085, 0.02591, 0.01418)),
