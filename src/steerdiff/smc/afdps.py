@@ -174,9 +174,10 @@ class AFDPS(SMCAlgorithm):
                 inc = inc + 0.5 * std * std * (sq - self.obs.hess_trace)
         if not ctx.final:
             s["grad"] = self.obs.grad(x)
-        elif self._tops:
-            tops = torch.stack([top for _, _, top in self._tops]).tolist()
-            for (i, t, _), top in zip(self._tops, tops, strict=True):
+        elif self._tops:  # the run's per-entry maxima, read once and cleared (the instance may run again)
+            kept, self._tops = self._tops, []
+            tops = torch.stack([top for _, _, top in kept]).tolist()
+            for (i, t, _), top in zip(kept, tops, strict=True):
                 self._check(ctx.grid.steps, i, t, top)
         return inc
 
