@@ -292,6 +292,18 @@ def test_take_rows_takes_the_per_sample_target(den, x_0, y_1):
     assert shared.take_rows(rows, 16) is shared
 
 
+def test_per_row_times_give_the_float_time_s_prediction(den, x_0):
+    """A tensor of per-row times (``sd.paradigms``' window, ``dpm_adaptive``'s rows) weighs the control in
+    float64, as a float time does: the same prediction to rounding (before: ``eta`` in torch's default
+    float32, 0.699999988, an ``x0`` off by 2.1e-8)."""
+    edit = ControlledEditing(den, torch.zeros(1, 8, dtype=F64), 0.7, 0.0, 1.0)
+    t = torch.tensor([0.8, 0.3, 0.8, 0.3], dtype=F64)
+    assert edit.weight(t).tolist() == [0.7] * 4
+    rows = edit(x_0[:4], t)
+    for k in range(4):
+        assert torch.allclose(rows.x0[k], edit(x_0[k : k + 1], float(t[k])).x0[0], rtol=0, atol=1e-15)
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 

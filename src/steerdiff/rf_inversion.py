@@ -247,8 +247,9 @@ class ControlledEditing(_Controlled):
 
     def weight(self, t: float | Tensor) -> float | Tensor:
         if isinstance(t, Tensor):
+            # in float64: torch.where of two Python floats would give torch's default dtype (float32)
             tau = 1 - t.to(torch.float64)
-            return torch.where((tau >= self.start) & (tau < self.stop), self.eta, 0.0)
+            return self.eta * ((tau >= self.start) & (tau < self.stop)).to(torch.float64)
         return self.eta if self.start <= 1 - t < self.stop else 0.0
 
     def own_breaks(self) -> tuple[float, ...]:
