@@ -21,6 +21,7 @@ solver's grid nodes ``i = 0..S`` (``S = steps``), per batch row::
         if a: x_i, B_i, solver state, ctx.state <- their rows a;  log W = -log N
         P_i = algorithm.propose(ctx_i, B_i)                  # hook (a); default P_i = B_i
         x_{i+1} = P_i.mean + P_i.std z,  z ~ N(0, I)
+        if step i crosses a break of den: solver.moved(state)  # history restarted, as in sd.sample
     g = algorithm.log_weight(ctx_S); log Z += ...; log W = ...    # the final node; no resampling
 
 ``B_i`` is a deterministic function of ``x_i`` and the solver state, so it is computed once (the
@@ -196,7 +197,7 @@ from ..noise import (
     randn,
     repeat_rows,
 )
-from ..sampling import check_sample_only, check_seeded, check_x_T
+from ..sampling import check_sample_only, check_seeded, check_x_T, crossings
 from ..schedules import ScheduleLike
 from ..solvers.base import (
     FINALS,
@@ -1382,6 +1383,7 @@ def run_smc(
     )
     solver_state = slv.init_state(grid)
     run.keep(solver_state)
+    jumps = crossings(den, grid)
     alg_state = algorithm.init_state(run.rows(x))
     # the set-up's end (its checks, draws and initial states, which may fail on one rank alone): every rank's
     # failure flag and the generators' digest, after the draw of x (alike on every rank iff it was before)
@@ -1481,6 +1483,8 @@ def run_smc(
         x_next = prop.draw(noise, grid.t[i], grid.t[i + 1])
         prev = (x, base, prop)
         x = x_next
+        if i in jumps:  # the next evaluation is across a jump of the field from the history's, as in run_grid
+            slv.moved(solver_state)
 
     ctx = StepContext(run, steps, x, None, prev, alg_state)
 
