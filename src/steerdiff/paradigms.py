@@ -91,7 +91,7 @@ from ._ops import laid_out_as
 from .denoiser import Denoiser, Prediction, check_denoiser, predict_rows
 from .distributed.group import Ranks, ranks, spread_run
 from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, make_noise
-from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, plan
+from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, crossings, plan
 from .schedules import Schedule, ScheduleLike
 from .solvers.base import (
     Grid,
@@ -344,9 +344,12 @@ def _sequenced(
     draws: _CachedNoise,
     group: Ranks,
     multistep: bool,
+    jumps: frozenset[int],
 ) -> tuple[Tensor, Tensor, int, list[dict[str, Any]]]:
     """A one-evaluation solver's step ``F_i(x_i)`` at every guess ``buf[j]`` of the window from node
-    ``start``: one batched call (:func:`_evaluate`), then the steps in order, each fed its node's prediction.
+    ``start``: one batched call (:func:`_evaluate`), then the steps in order, each fed its node's prediction,
+    the solver's history restarted after a step across a break of the field (``jumps``, :func:`crossings`),
+    as :func:`~steerdiff.sampling.run_grid` restarts it.
     Returns the results ``(width, n, ...)``, whether each node's estimates were finite, the NFE and a
     multistep solver's state after each step (``state`` itself is updated by the steps)."""
     den, (width, n) = replay.denoiser, buf.shape[:2]
@@ -364,6 +367,8 @@ def _sequenced(
         pred = _node_prediction(den, x, grid.t[i], given[j], x0_given, None if var is None else var[j])
         replay.expect(x, grid.t[i], pred)
         outs.append(advance(slv.step(replay, x, i, grid, state), draws.at(i), grid.t[i], grid.t[i + 1]))
+        if i in jumps:
+            slv.moved(state)
         if multistep:
             after.append(_copy_state(state))
     finite = torch.isfinite(given.flatten(2)).all(2).all(1)
@@ -652,6 +657,7 @@ def paradigms(
     # a multistep solver's state holds estimates of earlier nodes: each iteration starts from the window
     # start's (a copy made in the iteration before); a one-step solver's (none, or grid tables) is read only
     multistep = bool(state) and not slv.static_state
+    jumps = crossings(den, grid)
     staged = slv.picard == "stages"
     replay, stages, draws = _Replay(den, noise), _Stages(den, noise), _CachedNoise(noise)
     times: list[list[float]] = []  # a staged solver's evaluation times in each step, from its first run
@@ -676,7 +682,7 @@ def paradigms(
             after: list[dict[str, Any]] = []
         else:
             outs, finite, nfe, after = _sequenced(
-                replay, slv, grid, state, buf, start, net_dtype, cond, draws, ranked, multistep
+                replay, slv, grid, state, buf, start, net_dtype, cond, draws, ranked, multistep, jumps
             )
             calls = 1
         info.nfe += nfe
