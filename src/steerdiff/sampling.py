@@ -644,13 +644,22 @@ def run_grid(
     return x, chains
 
 
-def crossings(den: Denoiser, grid: Grid) -> frozenset[int]:
+def crossings(den: Denoiser | Sequence[float], grid: Grid) -> frozenset[int]:
     """The steps ``i`` of ``grid`` (the last excepted) after which :func:`run_grid` restarts the solver's
     history because ``den``'s field jumps between the evaluations at ``t_i`` and ``t_{i+1}``: a break ``b``
-    of :meth:`~steerdiff.denoiser.Denoiser.breaks` with ``min(t_i, t_{i+1}) <= b < max(t_i, t_{i+1})``
+    of :meth:`~steerdiff.denoiser.Denoiser.breaks` (or of ``den``, a sequence of process times where a field
+    jumps: a diffusers pipeline's, :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler`'s
+    ``breaks``) with ``min(t_i, t_{i+1}) <= b < max(t_i, t_{i+1})``
     (at a break the field is its less noisy side's), down a sampling grid or up an inversion's. Where a
     node sits on a break the field there is the piece's below it, so the restart comes after the step into
     it (down the grid) or out of it (up).
+
+    Every loop that carries a solver's history over a grid restarts it there: :func:`run_grid`
+    (:func:`sample`, :func:`~steerdiff.inversion.invert`), the particle engine
+    (:func:`~steerdiff.smc.run_smc`), :func:`~steerdiff.paradigms`' Picard iterations and
+    :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler` (its ``breaks``: the pipeline's field);
+    :func:`~steerdiff.guidance.repaint_sample` (DDPM) and :func:`~steerdiff.ddpm_inversion.ddpm_invert`
+    (refusing solvers that keep a history) carry none.
 
     The next step then warms up as at the first node (:meth:`~steerdiff.solvers.base.Solver.moved`): a
     multistep solver (UniPC, DPM-Solver++ 2M/3M, DEIS, iPNDM, ...) would otherwise extrapolate the
@@ -663,7 +672,7 @@ def crossings(den: Denoiser, grid: Grid) -> frozenset[int]:
     inside a long step. Under CFG's guidance interval (Kynkaenniemi et al. 2024) the restart would gain
     UniPC-3 0.74x but cost the guided default (2M, UniPC-2) 1.7x, its one-step history through the jump
     having averaged the two fields across it: CFG declares no break."""
-    breaks = den.breaks()
+    breaks = den.breaks() if isinstance(den, Denoiser) else sorted(den)
     if not breaks:
         return frozenset()
     piece = [bisect.bisect_left(breaks, t) for t in grid.t]  # the k with b_{k-1} < t <= b_k

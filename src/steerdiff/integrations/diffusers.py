@@ -83,7 +83,7 @@ from ..guidance import ConsistencyBoundary, DynamicThreshold
 from ..inversion import default_inversion_solver, deterministic_solvers
 from ..noise import NoiseSource, PerSampleNoise, check_rows, make_noise
 from ..processes import VE, Process, RectifiedFlow
-from ..sampling import DEFAULT_SCHEDULE, default_solver, guided_solver
+from ..sampling import DEFAULT_SCHEDULE, crossings, default_solver, guided_solver
 from ..schedules import Schedule, ScheduleLike
 from ..solvers.base import (
     FINALS,
@@ -239,16 +239,19 @@ def _plain(den: Denoiser) -> Denoiser:
     return den.base if isinstance(den, DynamicThreshold) else den
 
 
-def _plan(den: Denoiser, solver: Solver, grid: Grid) -> list[tuple[float, int, bool]]:
+def _plan(den: Denoiser, solver: Solver, grid: Grid, jumps: frozenset[int]) -> list[tuple[float, int, bool]]:
     """Where ``solver`` evaluates the net on ``grid``, in call order: a dry run of the run's denoiser
     ``den`` (unthresholded) on a zero net output, without calling the net (:class:`_Probe`), so that the
-    run finds ``den``'s per-time caches filled."""
+    run finds ``den``'s per-time caches filled; the history restarted after the steps ``jumps``, as the run
+    restarts it."""
     probe = _Probe(_plain(den))
     x, state = torch.zeros(1, 1, dtype=F64), solver.init_state(grid)
     for i in range(grid.steps):
         probe.x_in = x
         out = solver.step(probe, x, i, grid, state)
         x = out.mean if isinstance(out, Transition) else out
+        if i in jumps:
+            solver.moved(state)
     return probe.evals
 
 
@@ -283,14 +286,16 @@ class _AlphasCumprod:
 
 @dataclass
 class _Run:
-    """One pipeline run: its solver, the grid (from the begin index on), the plan, the tape and the
-    checkpoint (``x`` and the solver state at the start of step ``i``)."""
+    """One pipeline run: its solver, the grid (from the begin index on), the plan, the tape, the
+    checkpoint (``x`` and the solver state at the start of step ``i``) and the steps across a break of the
+    pipeline's field (:attr:`SteerdiffScheduler.breaks`), after which the solver's history restarts."""
 
     solver: Solver
     grid: Grid
     evals: list[tuple[float, int, bool]]
     tape: _Tape
     state: dict[str, Any]
+    jumps: frozenset[int]
     x: Tensor | None = None
     i: int = 0
     started: bool = False
@@ -770,6 +775,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         noise: where stochastic solvers draw from, ahead of the pipeline's ``generator``: a
             ``torch.Generator``, a list of them (one per sample) or a noise source; not saved in
             the config.
+        breaks: the process times where the pipeline's field jumps (:attr:`breaks`: the solver's history
+            restarts after the step across one); not saved in the config.
 
     Solver and schedule instances are kept in the config as their registry name (a class of one's own:
     its import path) and options, so that ``save_pretrained`` / ``from_pretrained`` rebuild them; one
@@ -787,7 +794,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
 
     order = 1
     # diffusers' ConfigMixin declares it as a plain attribute, though it is only read from the class
-    ignore_for_config: ClassVar[list[str]] = ["noise"]  # type: ignore[misc]
+    ignore_for_config: ClassVar[list[str]] = ["noise", "breaks"]  # type: ignore[misc]
     # diffusers drops these schedulers' config keys silently (they are kept as hidden config)
     _compatibles: ClassVar[list[str]] = [
         *(e.name for e in KarrasDiffusionSchedulers),
@@ -831,6 +838,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         guidance_scale: float | None = None,
         inverse: bool = False,
         noise: torch.Generator | Sequence[torch.Generator] | NoiseSource | None = None,
+        breaks: Sequence[float] = (),
     ) -> None:
         choice("SteerdiffScheduler", "final", final, FINALS)
         boolean("SteerdiffScheduler", "inverse", inverse)
@@ -852,6 +860,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             _check_invertible(self._solver, solver)
         self._den = self._model_den
         self.noise = noise
+        self.breaks = breaks
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
@@ -912,9 +921,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             and "final" not in kwargs
         ):
             cfg["final"] = "none"
-        noise = kwargs.pop("noise", None)
+        noise, breaks = kwargs.pop("noise", None), kwargs.pop("breaks", ())
         out = super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
-        (out[0] if return_unused_kwargs else out).noise = noise
+        made = out[0] if return_unused_kwargs else out
+        made.noise, made.breaks = noise, breaks
         return out
 
     @property
@@ -933,6 +943,24 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 f"got {type(value).__name__}"
             )
         self._noise = value
+
+    @property
+    def breaks(self) -> tuple[float, ...]:
+        """The process times (of :attr:`denoiser`'s process) where the pipeline's field jumps, sorted: a
+        pipeline that switches its guidance at a time, as RF-Inversion's editing window does
+        (:meth:`~steerdiff.denoiser.Denoiser.breaks`; ``ControlledEditing(...).breaks()`` on
+        ``scheduler.denoiser.process``). :meth:`set_timesteps` reads them: after the step across one
+        (:func:`~steerdiff.sampling.crossings`) the solver restarts its history, as :func:`steerdiff.sample`
+        restarts it for a denoiser with those breaks. Default ``()``; not saved in the config."""
+        return self._breaks
+
+    @breaks.setter
+    def breaks(self, value: Sequence[float]) -> None:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(
+                f"breaks must be a list or tuple of process times (numbers), got {type(value).__name__}"
+            )
+        self._breaks = tuple(sorted({real("SteerdiffScheduler", "breaks", b) for b in value}))
 
     def _follow_config(self) -> None:
         """Read the model (and the solver and schedule, where their entries changed) from the config if
@@ -1140,9 +1168,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if inverse:  # sd.invert's run: the same solver loop up the reversed grid
             _check_invertible(solver, self.config["solver"])
             grid = grid.reversed()
-        evals = _plan(self._den, solver, grid)
+        jumps = crossings(self._breaks, grid)
+        evals = _plan(self._den, solver, grid, jumps)
         self._times = [t for t, _, _ in evals]
-        self._run = _Run(solver, grid, evals, _Tape(self._den, self._times), solver.init_state(grid))
+        self._run = _Run(solver, grid, evals, _Tape(self._den, self._times), solver.init_state(grid), jumps)
         self._begin_index = None
         self.num_inference_steps = grid.steps
         self.order = sum(1 for _, i, _ in evals if i == 0)
@@ -1355,8 +1384,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 f"timestep): it is not where a step of {run.solver!r} starts (at its input sample); begin "
                 "at a step start"
             )
-        tail = _tail(run.grid, j)
-        evals = _plan(self._den, run.solver, tail)
+        tail, jumps = _tail(run.grid, j), frozenset(i - j for i in run.jumps if i >= j)
+        evals = _plan(self._den, run.solver, tail, jumps)
         if [t for t, _, _ in evals] != self._times[k:]:
             # a warm-up that evaluates more (pndm's Runge-Kutta, plms's improved Euler) starts again there
             raise ValueError(
@@ -1367,7 +1396,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 "solver whose evaluations per step do not change with the warm-up (e.g. ipndm for pndm, "
                 "plms)"
             )
-        run.grid, run.evals, run.state = tail, evals, run.solver.init_state(tail)
+        run.grid, run.evals, run.state, run.jumps = tail, evals, run.solver.init_state(tail), jumps
         run.tape.times = [t for t, _, _ in evals]
 
     def _check_timestep(self, timestep: Any, k: int) -> bool:
@@ -1432,6 +1461,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                 run.at_input = halt.x is run.x
                 return halt.x
             x = advance(out, noise, run.grid.t[run.i], run.grid.t[run.i + 1])  # as steerdiff.sample does
+            if run.i in run.jumps:  # the next evaluation is across a jump of the field (run_grid's restart)
+                solver.moved(state)
             run.x, run.state, run.i = x, state, run.i + 1
             tape.preds.clear()
             noise.draws.clear()
