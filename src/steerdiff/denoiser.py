@@ -387,7 +387,8 @@ class Denoiser:
         none, measured: see :class:`~steerdiff.guidance.CFG`). After a step whose
         nodes lie on two pieces, :func:`~steerdiff.sampling.run_grid` restarts the solver's history
         (:meth:`~steerdiff.solvers.base.Solver.moved`), so that no multistep extrapolation mixes
-        estimates from both sides of a jump."""
+        estimates from both sides of a jump; so do the particle engine (:func:`~steerdiff.smc.run_smc`) and
+        :func:`~steerdiff.paradigms` (:func:`~steerdiff.sampling.crossings`)."""
         out = set(self.own_breaks())
         for d in {id(d): d for d in self.inner_denoisers()}.values():
             for b in d.breaks():

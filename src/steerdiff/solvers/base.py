@@ -654,8 +654,10 @@ class Solver:
         Langevin/MALA/HMC moves in :func:`steerdiff.sample`, or the projection of
         :func:`~steerdiff.guidance.pcd_sample`; or the field jumped between the last evaluation and the next
         (a step across a break of the denoiser, :meth:`~steerdiff.denoiser.Denoiser.breaks`: RF-Inversion's
-        editing window). Called only there, by
-        :func:`~steerdiff.sampling.run_grid` (:func:`~steerdiff.sampling.crossings`).
+        editing window). Called only there, by :func:`~steerdiff.sampling.run_grid`; after a step across a
+        break (:func:`~steerdiff.sampling.crossings`) also by the particle engine
+        (:func:`~steerdiff.smc.run_smc`), :func:`~steerdiff.paradigms` and
+        :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler`.
 
         The next step starts from the moved state (or evaluates another field), so estimates made before the
         move belong to another trajectory: at the move the estimate jumps (``eps`` by ``move / sigma``,
