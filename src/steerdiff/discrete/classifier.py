@@ -19,10 +19,12 @@ value's law is the one above; at ``gamma = 1`` with an exact classifier the chan
 process's too (the normalizer is ``p(y | x_t)``), for ``gamma != 1`` theirs changes it. Here the
 guidance acts on ``x_0``'s law only, so every sampler takes it as a denoiser.
 
-Cost: the classifier is evaluated on every candidate ``x_t^{i <- v}``: ``C`` sequences (``C`` clean
-tokens) per masked position, up to ``batch x length x C`` per sampler step, called in batches of
-``batch_size`` sequences (all in one call by default). These are not network evaluations of the diffusion
-model: ``cost`` (and so ``SampleInfo.nfe``) is the denoiser's. Only differences of ``log p(y | .)``
+Cost: the classifier is evaluated on every candidate ``x_t^{i <- v}`` whose token ``v`` has a positive
+probability under the denoiser (the others are never drawn, and may be sequences of probability zero, on
+which a classifier is undefined): up to ``C`` sequences (``C`` clean tokens) per masked position, up to
+``batch x length x C`` per sampler step, called in batches of ``batch_size`` sequences (all in one call
+by default). These are not network evaluations of the diffusion model: ``cost`` (and so
+``SampleInfo.nfe``) is the denoiser's. Only differences of ``log p(y | .)``
 between a position's candidates matter, so ``log_prob_y`` may be any log-potential (a reward: the
 guided law is then the denoiser's tilted by ``exp(gamma r)`` one token at a time).
 """
@@ -53,6 +55,7 @@ class ClassifierGuidance(Guided):
             (float64 ``(n,)``, those of the rows they come from); the label ``y`` is bound in it (e.g.
             :meth:`steerdiff.toy.CategoricalMixture.classifier`). A floating tensor of shape ``(n,)``;
             ``-inf`` rules a candidate out, NaN / ``+inf`` raise :class:`~steerdiff.NonFiniteError`.
+            Called only on the candidates whose token has a positive probability under ``den``.
         scale: ``gamma >= 0``; 1 is Bayes' rule (exact with exact parts), 0 the denoiser alone.
         batch_size: the most candidate sequences per ``log_prob_y`` call, an integer >= 1; ``None``: all
             of a step's in one call.
@@ -111,13 +114,15 @@ class ClassifierGuidance(Guided):
             return log_p
         t = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
         clean = torch.tensor([v for v in range(p.vocab_size) if v != p.mask_id], device=x_t.device)
-        m, c = len(rows), len(clean)
-        candidates = x_t[rows].repeat_interleave(c, dim=0)  # (m c, length): candidate j of position k
-        candidates[torch.arange(m * c, device=x_t.device), pos.repeat_interleave(c)] = clean.repeat(m).to(
-            x_t.dtype
-        )
-        score = self._classify(candidates, t[rows].repeat_interleave(c)).reshape(m, c)
-        guided = torch.log_softmax(log_p[rows, pos][:, clean] + self.scale * score, dim=-1)
+        prior = log_p[rows, pos][:, clean]  # (m, c)
+        # candidate (a, b): position a with clean[b], where the denoiser gives it a positive probability:
+        # the others are never drawn (and may be sequences of probability zero, without a p(y | x))
+        a, b = torch.nonzero(prior > -torch.inf, as_tuple=True)
+        candidates = x_t[rows[a]]
+        candidates[torch.arange(len(a), device=x_t.device), pos[a]] = clean[b].to(x_t.dtype)
+        score = torch.full_like(prior, -torch.inf)
+        score[a, b] = self._classify(candidates, t[rows[a]])
+        guided = torch.log_softmax(prior + self.scale * score, dim=-1)
         if bool(torch.isnan(guided).any()):
             k = int(torch.nonzero(torch.isnan(guided).any(-1))[0])
             raise NonFiniteError(
