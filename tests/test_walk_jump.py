@@ -240,6 +240,58 @@ def test_a_non_finite_denoiser_output_is_reported():
         sd.mcmc.walk_jump(den, (2, 2), 1.0, 2, 3, generator=_gen())
 
 
+def _recorded(gmm: sd.toy.GaussianMixture, process: sd.Process) -> tuple[sd.Denoiser, list]:
+    """``gmm``'s exact denoiser, each call's ``(input, x0)`` recorded."""
+    base, seen = gmm.denoiser(process), []
+
+    def net(x, t):
+        out = base.net(x, t)
+        seen.append((x, out))
+        return out
+
+    return sd.Denoiser(net, process, prediction=base.prediction), seen
+
+
+@pytest.mark.parametrize("kernel", ["ulmc", "ula"])
+def test_a_diverging_walk_is_reported_at_the_first_absurd_score_step_not_as_the_models_nan(kernel):
+    """Too large a step: the state grows geometrically until the exact denoiser returns NaN (float64: at
+    |y| ~ 1e154, before the state overflows; reported as the model's before). The error names the first
+    chain step whose score step |xhat - y| exceeds 1e8 sigma (found here from the recorded calls: EDM, one
+    measurement, so the net's input is the state) and the step size."""
+    gmm, sigma, h = smooth_mixture(dim=2, components=3), 2.0, {"ulmc": 5.0, "ula": 3.0}[kernel]
+    den, seen = _recorded(gmm, sd.EDM())
+    with pytest.raises(NonFiniteError) as err:
+        sd.mcmc.walk_jump(den, (4, 2), sigma, 1, 400, kernel=kernel, step_size=h, dtype=F64, generator=_gen())
+    first = next(i for i, (x, x0) in enumerate(seen, 1) if float((x0 - x).abs().max()) > 1e8 * sigma)
+    assert len(seen) == first  # raised at once on the CPU
+    assert str(err.value) == (
+        f"walk_jump: the Langevin chain of measurement 1 diverged at its step {first} (process time t=2, "
+        "sigma=2; the model's outputs finite until then): the score's step |xhat - y| exceeded 1e+08 sigma "
+        "or was not finite (the state is far outside the data smoothed at sigma); "
+        f"step_size={h:g} is too large for kernel='{kernel}' here: take a smaller step_size"
+    )
+    # a chain started 3e7 sigma away with a stable step comes back (its first score step is 3e7 sigma)
+    far = torch.full((4, 2), 3e7 * sigma, dtype=F64)
+    out = sd.mcmc.walk_jump(gmm.denoiser(sd.EDM()), (4, 2), sigma, 2, 200, kernel=kernel, y_init=far)
+    assert float(out.x.abs().max()) < 5
+
+
+@pytest.mark.parametrize(("steps", "at"), [(3, "at its step 2"), (1, "after its last step")])
+def test_a_state_overflowing_in_one_step_is_reported_as_the_chains(steps, at):
+    """A float32 ULA step of eps = 1e38 sigma^2 overflows the state from a finite score: the next
+    evaluation, or the jump, would see inf (the model's NaN before)."""
+    den, seen = _recorded(smooth_mixture(dim=2, components=3), sd.EDM())
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"measurement 1 diverged {at} \(.*\): the state became NaN/inf; step_size=1e\+38 is too large "
+        r"for kernel='ula' here: take a smaller step_size",
+    ):
+        sd.mcmc.walk_jump(den, (4, 2), 2.0, 1, steps, kernel="ula", step_size=1e38, generator=_gen())
+    assert (
+        all(bool(torch.isfinite(x).all() and torch.isfinite(x0).all()) for x, x0 in seen) and len(seen) == 1
+    )
+
+
 def test_a_seeded_walk_refuses_a_denoiser_whose_own_noise_the_seed_does_not_reach():
     """As every seeded sampler (``sd.sample``, the particle methods): a ``MonteCarloDenoiser`` without a
     generator of its own draws from torch's global RNG, and one with a single generator draws the whole batch

@@ -83,7 +83,7 @@ from .._checks import choice, device_or_none, integer, real, sample_dtype, sizes
 from ..denoiser import Denoiser, check_denoiser, check_sample_shape
 from ..noise import Generators, check_generators, make_noise, randn
 from ..processes import Process
-from ..solvers.base import Model
+from ..solvers.base import Model, NonFiniteError
 from .base import Normal, Point, Target, chain, fixed_time
 from .langevin import ULA
 
@@ -109,6 +109,15 @@ SAMPLE_ONLY_WHY = (
     "which runs Langevin chains, not sample's steps; "
     "the other keyword arguments are the net's conditions (**cond)"
 )
+
+
+# A score step |xhat - y| (per entry) beyond DIVERGED * sigma is a diverged chain: at a sampled state the
+# residual is of the order of sigma (a few sigma per entry: y is x plus sigma-noise), and a chain started
+# 3e7 sigma away from the data comes back with a stable step (tests/test_walk_jump.py); an unstable one
+# grows it geometrically until the denoiser, or the state, overflows (the exact mixture's denoiser returns
+# NaN at |y| ~ 1e154 in float64, one step before the state overflows; then reported as the model's NaN,
+# or, with ULA, a state of 1e89 returned as a sample).
+DIVERGED = 1e8
 
 
 @dataclass
@@ -204,6 +213,47 @@ def walk_jump_score(
     return _score(Model(den, cond), y, previous, k, sigma, t, float(den.process.alpha(t)))
 
 
+def _diverged(
+    step: int, t: float, *, chain_step: int | None, what: str, kernel: str, h: float, sigma: float
+) -> NonFiniteError:
+    """The error for a walk that diverged in measurement ``step``'s chain at its step ``chain_step``
+    (``None``: after its last), at process time ``t``, where ``what`` happened."""
+    at = "after its last step" if chain_step is None else f"at its step {chain_step}"
+    return NonFiniteError(
+        f"walk_jump: the Langevin chain of measurement {step} diverged {at} (process time t={t:.6g}, "
+        f"sigma={sigma:g}; the model's outputs finite until then): {what}; step_size={h:g} is too large for "
+        f"kernel={kernel!r} here: take a smaller step_size"
+    )
+
+
+def _watched(
+    model: Model, score: Callable[[Tensor], Tensor], k: int, t: float, sigma: float, error: Callable[..., Any]
+) -> Callable[[Tensor], Tensor]:
+    """``score`` of measurement ``k``'s chain, the state and the score checked at each call (the chain's
+    steps, from 1) with the model's outputs (:meth:`~steerdiff.solvers.base.Model.note_move`: read at once
+    on the CPU, at the end of the run elsewhere): a state that is not finite (recorded before the call, so
+    that it, not the model's NaN on it, is reported), a score ``psi`` whose step ``sigma^2 |psi| = |xhat -
+    y|`` exceeds ``DIVERGED * sigma`` in an entry or is not finite (after it: the model's own NaN is the
+    model's) raise ``error`` (:func:`_diverged` with the run's arguments)."""
+    calls = 0
+    state = "the state became NaN/inf"
+    far = (
+        f"the score's step |xhat - y| exceeded {DIVERGED:g} sigma or was not finite (the state is far "
+        "outside the data smoothed at sigma)"
+    )
+
+    def watched(y: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        model.note_move(torch.isfinite(y).all(), k, t, functools.partial(error, chain_step=calls, what=state))
+        psi = score(y)
+        big = psi.detach().abs().amax().to(torch.float32) <= DIVERGED / sigma  # False for NaN
+        model.note_move(big, k, t, functools.partial(error, chain_step=calls, what=far))
+        return psi
+
+    return watched
+
+
 def _underdamped(
     y: Tensor,
     v: Tensor,
@@ -269,6 +319,12 @@ def walk_jump(
     Returns:
         :class:`WalkJump`: ``x`` (the samples), ``y_mean``, ``nfe = m * steps_per_measurement + 1`` calls.
 
+    Raises:
+        NonFiniteError: the model returned NaN/inf (naming the measurement and evaluation), or a chain
+            diverged (too large a ``step_size``: naming the measurement, the chain step and the step size):
+            a state not finite, or a score step ``|xhat - y|`` beyond ``1e8 sigma`` in an entry (read with
+            the model's flags: at once on the CPU, at the end of the run elsewhere).
+
     >>> out = sd.mcmc.walk_jump(den, (1000, 2), 4.5, measurements=32, steps_per_measurement=40, generator=g)
     """
     from ..sampling import check_sample_only, check_seeded  # sampling imports this package: here, once loaded
@@ -297,15 +353,19 @@ def walk_jump(
     model = Model(den, cond)
     total = torch.zeros_like(y)  # y_1 + ... + y_{k-1}
     v = torch.zeros_like(y)
+    error = functools.partial(_diverged, kernel=kernel, h=h, sigma=sigma)
     for k, (t, alpha) in enumerate(zip(times, alphas, strict=True), start=1):
         previous = total / max(k - 1, 1)
-        score = functools.partial(_score, model, previous=previous, k=k, sigma=sigma, t=t, alpha=alpha)
+        exact = functools.partial(_score, model, previous=previous, k=k, sigma=sigma, t=t, alpha=alpha)
+        score = _watched(model, exact, k, t, sigma, error)
         normal = fixed_time(source, t)
         if kernel == "ulmc":
             y, v = _underdamped(y, v, score, steps, h, gamma, sigma**2, normal)
         else:
             y, _ = chain(ULA(), Point(y), Target(score=score), steps, h * sigma**2, normal)
         total = total + y
+    last = functools.partial(error, chain_step=None, what="the state became NaN/inf")  # ybar_m's input
+    model.note_move(torch.isfinite(y).all(), m, times[-1], last)
     y_mean = total / m
     x = model(alphas[-1] * y_mean, times[-1], m).x0
     model.check_finite()
