@@ -87,7 +87,7 @@ from ..denoiser import Denoiser, check_denoiser, check_sample_shape, take_kwarg_
 from ..noise import check_generators, rand, randn, repeat_rows, take_generator_rows
 from ..schedules import Karras
 from ..solvers.base import NonFiniteError, Solver
-from .walk_jump import SAMPLE_ONLY, SAMPLE_ONLY_WHY, initial_state, measurement_time
+from .walk_jump import CHAIN_SAMPLE_ONLY, CHAIN_SAMPLE_ONLY_WHY, initial_state, measurement_time
 
 __all__ = ["LEVEL_UPDATES", "SELECTS", "DenoisingMCMC", "denoising_mcmc"]
 
@@ -210,7 +210,7 @@ def denoising_mcmc(
 
     who = "denoising_mcmc"
     check_denoiser(who, "den", den)
-    check_sample_only(who, cond, SAMPLE_ONLY, SAMPLE_ONLY_WHY)
+    check_sample_only(who, cond, CHAIN_SAMPLE_ONLY, CHAIN_SAMPLE_ONLY_WHY)
     shape = sizes(who, "shape", shape)
     if len(shape) < 2:
         raise ValueError(f"{who}: shape must be (chains, *sample_shape), at least 2 entries, got {shape}")

@@ -94,7 +94,7 @@ _DEFAULT_STEP = {"ulmc": 0.5, "ula": 0.1}
 _DEFAULT_FRICTION = 2.0
 # sample's keyword arguments that the chains (walk-jump's, Denoising MCMC's) have no use for: in **cond they
 # would reach the net as conditions; refused by name (denoising_mcmc takes a solver of its own)
-SAMPLE_ONLY = (
+CHAIN_SAMPLE_ONLY = (
     "steps",
     "schedule",
     "final",
@@ -105,7 +105,7 @@ SAMPLE_ONLY = (
     "progress",
     "return_info",
 )
-SAMPLE_ONLY_WHY = (
+CHAIN_SAMPLE_ONLY_WHY = (
     "which runs Langevin chains, not sample's steps; "
     "the other keyword arguments are the net's conditions (**cond)"
 )
@@ -331,7 +331,7 @@ def walk_jump(
 
     who = "walk_jump"
     check_denoiser(who, "den", den)
-    check_sample_only(who, cond, (*SAMPLE_ONLY, "solver"), SAMPLE_ONLY_WHY)
+    check_sample_only(who, cond, (*CHAIN_SAMPLE_ONLY, "solver"), CHAIN_SAMPLE_ONLY_WHY)
     shape = sizes(who, "shape", shape)
     if len(shape) < 2:
         raise ValueError(f"{who}: shape must be (batch, *sample_shape), at least 2 entries, got {shape}")

@@ -103,8 +103,8 @@ from ..solvers.base import (
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
-    SAMPLE_ONLY,
-    SAMPLE_ONLY_WHY,
+    PARTICLE_SAMPLE_ONLY,
+    PARTICLE_SAMPLE_ONLY_WHY,
     Particles,
     Reward,
     RowSlice,
@@ -397,7 +397,7 @@ def dts(
     """
     who = "dts"
     check_denoiser(who, "den", den)
-    check_sample_only(who, cond, SAMPLE_ONLY, SAMPLE_ONLY_WHY)
+    check_sample_only(who, cond, PARTICLE_SAMPLE_ONLY, PARTICLE_SAMPLE_ONLY_WHY)
     _check_reward(reward, who)
     lam = real(who, "lam", lam, lo=0)
     shape = _check_shape(shape, who)

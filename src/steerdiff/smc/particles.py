@@ -216,7 +216,7 @@ from . import resample as _resample
 __all__ = [
     "DEFAULT_SCHEDULE",
     "DEFAULT_SOLVER",
-    "SAMPLE_ONLY",
+    "PARTICLE_SAMPLE_ONLY",
     "Ancestors",
     "Particles",
     "RowSlice",
@@ -234,8 +234,8 @@ __all__ = [
 DEFAULT_SOLVER = "ddpm"
 DEFAULT_SCHEDULE = "karras_jump"  # not sd.sample's karras_capped: FK weights fail over its long top step
 # sample's keyword arguments that the particle methods have none of: in **cond they would reach the net
-SAMPLE_ONLY = ("callback", "corrector", "corrector_steps", "snr")
-SAMPLE_ONLY_WHY = (
+PARTICLE_SAMPLE_ONLY = ("callback", "corrector", "corrector_steps", "snr")
+PARTICLE_SAMPLE_ONLY_WHY = (
     "whose particles take the solver's steps alone, with no callback between them and no corrector moves; "
     "the other keyword arguments are the net's conditions (**cond)"
 )
@@ -1317,7 +1317,7 @@ def run_smc(
     # the user's that keeps the base class's name
     who = "run_smc" if algorithm.name == SMCAlgorithm.name else algorithm.name
     check_denoiser(who, "den", den)
-    check_sample_only(who, cond, SAMPLE_ONLY, SAMPLE_ONLY_WHY)
+    check_sample_only(who, cond, PARTICLE_SAMPLE_ONLY, PARTICLE_SAMPLE_ONLY_WHY)
     progress = boolean(who, "progress", progress)
     shape = _check_shape(shape, who)
     batch, sample_shape = shape[0], shape[1:]

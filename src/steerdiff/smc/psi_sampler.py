@@ -65,8 +65,8 @@ from .fk_steering import FKSteering, potential_nodes
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
-    SAMPLE_ONLY,
-    SAMPLE_ONLY_WHY,
+    PARTICLE_SAMPLE_ONLY,
+    PARTICLE_SAMPLE_ONLY_WHY,
     Particles,
     Reward,
     StepContext,
@@ -84,8 +84,8 @@ __all__ = ["PsiSampler", "psi_sampler", "twisted_prior"]
 
 WHO = "psi_sampler"
 # twisted_prior's keyword arguments that would reach the net as conditions: sample's, and psi_sampler's solver
-CHAIN_ONLY = (*SAMPLE_ONLY, "solver")
-CHAIN_ONLY_WHY = (
+TWISTED_PRIOR_SAMPLE_ONLY = (*PARTICLE_SAMPLE_ONLY, "solver")
+TWISTED_PRIOR_SAMPLE_ONLY_WHY = (
     "which draws the initial particles by pCNL chains at the first node alone (no solver steps, no callback, "
     "no corrector); the other keyword arguments are the net's conditions (**cond)"
 )
@@ -187,7 +187,7 @@ def twisted_prior(
         and the network evaluations per batch row.
     """
     check_denoiser(WHO, "den", den)
-    check_sample_only("twisted_prior", cond, CHAIN_ONLY, CHAIN_ONLY_WHY)
+    check_sample_only("twisted_prior", cond, TWISTED_PRIOR_SAMPLE_ONLY, TWISTED_PRIOR_SAMPLE_ONLY_WHY)
     _check_reward(reward, WHO)
     lam = real(WHO, "lam", lam)
     batch, *sample = _check_shape(shape, WHO)
@@ -292,7 +292,7 @@ def psi_sampler(
     steps = integer(WHO, "steps", steps, lo=1)
     algorithm = PsiSampler(real(WHO, "lam", lam), potential_nodes(steps, interval, window, WHO))
     # the run's options that the chains would otherwise be run before refusing
-    check_sample_only(WHO, cond, SAMPLE_ONLY, SAMPLE_ONLY_WHY)
+    check_sample_only(WHO, cond, PARTICLE_SAMPLE_ONLY, PARTICLE_SAMPLE_ONLY_WHY)
     boolean(WHO, "progress", progress)
     integer(WHO, "mcmc_steps", mcmc_steps, lo=1)
     real(WHO, "step_size", step_size, lo=0, lo_open=True)

@@ -88,8 +88,8 @@ from ..solvers.base import (
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
-    SAMPLE_ONLY,
-    SAMPLE_ONLY_WHY,
+    PARTICLE_SAMPLE_ONLY,
+    PARTICLE_SAMPLE_ONLY_WHY,
     Particles,
     Reward,
     RowSlice,
@@ -235,7 +235,7 @@ def rbf(
     """
     who = "rbf"
     check_denoiser(who, "den", den)
-    check_sample_only(who, cond, SAMPLE_ONLY, SAMPLE_ONLY_WHY)
+    check_sample_only(who, cond, PARTICLE_SAMPLE_ONLY, PARTICLE_SAMPLE_ONLY_WHY)
     _check_reward(reward, who)
     budget = integer(who, "budget", budget, lo=1)
     shape = _check_shape(shape, who)
