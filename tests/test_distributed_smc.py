@@ -703,12 +703,14 @@ def test_an_error_after_a_gather_or_in_the_set_up_on_one_rank_is_raised_by_every
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
 
 
-def _afdps(group: Any, noise_std: float = 1.0) -> sd.smc.Particles:
+def _afdps(
+    group: Any, noise_std: float = 1.0, solver: str | sd.solvers.Solver = "ddpm", ess_threshold: float = 0.5
+) -> sd.smc.Particles:
     # group= reaches run_smc through afdps's **cond
     y = torch.tensor([[1.0], [-0.5]], dtype=F64)
     return sd.smc.afdps(
         DEN, sd.inverse.Matrix(A), y, noise_std=noise_std, shape=(2, 2), particles=N, steps=STEPS, dtype=F64,
-        generator=gens(True, 8), group=group,
+        solver=solver, ess_threshold=ess_threshold, generator=gens(True, 8), group=group,
     )  # fmt: skip
 
 
@@ -737,6 +739,50 @@ def test_afdps_set_up_error_on_one_rank_is_raised_by_every_rank():
         assert max(seconds) < 3, seconds
         summary = _summary(after)
         assert summary.pop("reward") is None  # afdps has no reward
+        for key, value in alone.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
+
+
+@dataclass
+class _EntrywiseStd(sd.solvers.ERSDE):
+    """ER-SDE whose Gaussian steps give ``std`` per entry (a tensor, as DDPM's learned variance), ``scale``
+    times ER-SDE's: a std that depends on the particles a rank holds."""
+
+    scale: float = 1.0
+
+    def step(self, model, x, i, grid, state):
+        out = super().step(model, x, i, grid, state)
+        if isinstance(out, sd.solvers.Transition) and isinstance(out.std, float) and out.std > 0:
+            return sd.solvers.Transition(out.mean, torch.full_like(out.mean, self.scale * out.std))
+        return out
+
+
+def _afdps_noisy_on_one_rank(group: Any) -> tuple[list[list[str]], list[float], sd.smc.Particles]:
+    """afdps whose per-entry std is 6 times larger on the last rank's particles alone (never resampled: the
+    other rank's particles never descend from them), on a group whose collectives time out after 6 s; then
+    a run on the same group."""
+    quick = torch.distributed.new_group(timeout=datetime.timedelta(seconds=6))
+    noisy = _EntrywiseStd(scale=_on_last(6.0, 1.0))
+    said, seconds = outcomes(quick, (lambda: _afdps(quick, solver=noisy, ess_threshold=0.0),))
+    return said, seconds, _afdps(quick, solver=_EntrywiseStd())
+
+
+def test_afdps_entrywise_std_refused_on_one_ranks_particles_is_refused_by_every_rank():
+    """A step's std per entry (DDPM's learned variance) is refused where std^2 |A|^2 / s^2 >= 1 at the last
+    node, where its maxima are read: one rank's particles too noisy, every rank raises the one-process run's
+    ValueError (the maxima gathered over the ranks), at once. Was: the rank holding them raised alone, the
+    other a RuntimeError naming it (on the CPU; on an accelerator, where the engine exchanges no failure
+    flags per node, it waited at the final gather). The run after it equals the one-process run bitwise."""
+    with pytest.raises(ValueError) as refused:
+        _afdps(None, solver=_EntrywiseStd(scale=6.0), ess_threshold=0.0)
+    assert "afdps: steps=10: the step from node 0" in str(refused.value)
+    alone = _summary(_afdps(None, solver=_EntrywiseStd()))
+    assert alone.pop("reward") is None  # afdps has no reward
+    for said, seconds, after in spawn(_afdps_noisy_on_one_rank, 2, timeout=150):
+        assert said == [[f"ValueError: {refused.value}"] * 2]
+        assert max(seconds) < 3, seconds
+        summary = _summary(after)
+        assert summary.pop("reward") is None
         for key, value in alone.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(summary[key])), key
 

@@ -150,7 +150,8 @@ class AFDPS(SMCAlgorithm):
 
     def __init__(self, observation: _Observation, log_mass: Tensor) -> None:
         self.obs, self.log_mass = observation, log_mass
-        # (node, t, max std) of the steps whose std is a tensor: read on the host once, at the last node
+        # (node, t, each particle's max std (batch, particles)) of the steps whose std is a tensor: gathered
+        # over the ranks and read on the host once, at the last node
         self._tops: list[tuple[int, float, Tensor]] = []
 
     def init_state(self, x: Tensor) -> dict[str, Tensor]:
@@ -176,7 +177,10 @@ class AFDPS(SMCAlgorithm):
             s["grad"] = self.obs.grad(x)
         elif self._tops:  # the run's per-entry maxima, read once and cleared (the instance may run again)
             kept, self._tops = self._tops, []
-            tops = torch.stack([top for _, _, top in kept]).tolist()
+            # every rank's particles' (a collective: each rank has kept the same steps), so that every rank
+            # refuses a step that one rank's particles make too noisy, as one process does, together
+            mine = torch.stack([top for _, _, top in kept], dim=-1)  # (batch, particles, steps kept)
+            tops = ctx.gather(mine, last=True).amax((0, 1)).tolist()
             for (i, t, _), top in zip(kept, tops, strict=True):
                 self._check(ctx.grid.steps, i, t, top)
         return inc
@@ -200,8 +204,9 @@ class AFDPS(SMCAlgorithm):
         std = base.std
         if isinstance(std, float | int) and std == 0:  # a deterministic step: nothing to move
             return base
-        if isinstance(std, Tensor):  # per entry: its maximum read at the last node (no device sync per step)
-            self._tops.append((ctx.i, ctx.t, std.detach().amax()))
+        if isinstance(std, Tensor):  # per entry: its maxima read at the last node (no device sync per step)
+            top = torch.broadcast_to(std.detach(), base.mean.shape).flatten(2).amax(-1)  # (batch, particles)
+            self._tops.append((ctx.i, ctx.t, top))
         else:
             self._check(ctx.grid.steps, ctx.i, ctx.t, std)
         return Transition(base.mean - std**2 * ctx.state["grad"].to(base.mean.dtype), std)
@@ -273,7 +278,9 @@ def afdps(
             one adding less noise, such as ``er_sde`` or ``DDIM(eta < 1)``, is the same PDE with a smaller
             ``V``: less likelihood drift, more reweighting). A step with ``std^2 |A|^2 / s^2 >= 1`` is refused
             (``ValueError``): at once for a scalar ``std``; for one given per entry (DDPM's learned variance),
-            whose maximum lives on the device, after the run, its maxima read once at the last node.
+            whose maximum lives on the device, after the run, its maxima read once at the last node (with
+            ``group=``, over every rank's particles, gathered there: every rank refuses the step that one
+            rank's particles make too noisy, with one process's message).
         resampler, schedule, final, max_batch, dtype, device, generator, progress, cond: see
             :func:`~steerdiff.smc.run_smc` (``max_batch`` bounds the denoiser's calls; ``A`` sees all rows at
             once). The start is drawn from ``generator`` first (``z``, then ``n``), then the run. ``group=``
