@@ -179,6 +179,7 @@ def _steered_runs() -> dict[str, Callable[[sd.Denoiser, torch.Tensor, int], obje
         "repaint": lambda den, x, n: g.repaint_sample(den, sd.inverse.Inpaint(mask), y[:1].repeat(4), x, n),
         "pcg": lambda den, x, n: g.pcg(den, den, x, n, 2.0),
         "ula": lambda den, x, n: sd.sample(den, x, n, "ddpm", corrector="ula"),
+        "time_shift": lambda den, x, n: sd.sample(g.TimeShift(den, window=10), x, n, "dpmpp_2m"),
         "fk_steering": lambda den, x, n: sd.smc.fk_steering(den, reward, lam=2.0, steps=n, **smc),
         "tds": lambda den, x, n: sd.smc.tds(den, sd.inverse.Matrix(A), y, noise_std=0.3, steps=n, **smc),
         "tds_classifier": lambda den, x, n: sd.smc.tds(den, classifier=classifier, steps=n, **smc),
@@ -200,10 +201,14 @@ def _steered_runs() -> dict[str, Callable[[sd.Denoiser, torch.Tensor, int], obje
 def test_steered_runs_no_sync_per_step(name):
     """Guidance, correctors and particle methods: the same copies and reads at 6 and 12 steps (TDS put a
     host value on the device twice per step, ``torch.tensor(std, device=...)``: found on an H100 by
-    ``tests/test_cuda.py``; MonteCarloDenoiser read its log_prob's NaN check at every call)."""
+    ``tests/test_cuda.py``; MonteCarloDenoiser read its log_prob's NaN check at every call; TimeShift made its
+    window's times and noise levels on the host and copied them over at every shifted call: 9 copies at 6
+    steps, 18 at 12)."""
     net = torch.nn.Linear(8, 8, device="meta").requires_grad_(False)
     den = sd.Denoiser(lambda x, t: net(x) * t[:, None], sd.VP.scaled_linear(), "eps")
     run, x_T = _steered_runs()[name], torch.randn(4, 8, device="meta")
+    with _Syncs():  # the copies made once per device (VP.discrete's table for per-row times: TimeShift's)
+        run(den, x_T, 3)
     counts = []
     for steps in (6, 12):
         with _Syncs() as mode:
@@ -270,6 +275,28 @@ def test_dpm_adaptive_one_read_and_one_copy_per_attempt(order):
                 den, torch.randn(4, 8, device="meta"), order=order, h_init=h_init, return_info=True
             )
         assert out.is_meta and info.accepted == [1 if h_init > 1 else 2] * 4 and info.rejected == [0] * 4
+        counts.append(mode.count)
+    one, two = counts
+    assert (two["read"] - one["read"], two["copy"] - one["copy"]) == (1, 1), counts
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_time_shift_under_dpm_adaptive_adds_no_sync_per_call(order):
+    """``TimeShift`` at the adaptive DPM-Solver's per-row times (a float64 tensor on the device): its
+    window's times and noise levels made there, so an attempt costs what it costs without it, one read and
+    one copy (as in the test above). It read the times back to the host and copied the candidates, their
+    noise levels and the times over at every call: 3 reads and 7 copies per attempt at order 2, 4 and 10
+    at order 3."""
+    net = torch.nn.Linear(8, 8, device="meta")
+    counts = []
+    for h_init in (100.0, 0.05):
+        base = sd.Denoiser(lambda x, t: net(x) * t[:, None], sd.VP.scaled_linear(), "eps")
+        den = sd.guidance.TimeShift(base, window=10)
+        with _Syncs() as mode:
+            out, info = sd.solvers.dpm_adaptive(
+                den, torch.randn(4, 8, device="meta"), order=order, h_init=h_init, return_info=True
+            )
+        assert out.is_meta and info.accepted == [1 if h_init > 1 else 2] * 4
         counts.append(mode.count)
     one, two = counts
     assert (two["read"] - one["read"], two["copy"] - one["copy"]) == (1, 1), counts

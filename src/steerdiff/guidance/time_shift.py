@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from .._checks import integer, real
+from .._ops import kept
 from ..denoiser import Denoiser, Prediction
 from .base import Guided
 
@@ -104,8 +105,7 @@ class TimeShift(Guided):
         default = 1.0 if discrete else span / 1000
         self.spacing = default if spacing is None else real(who, "spacing", spacing, lo=0, lo_open=True)
         self.data_var = real(who, "data_var", data_var, lo=0)
-        half = self.window // 2
-        self._offsets = self.spacing * torch.arange(-half, half + 1, dtype=F64)
+        self._offsets: dict[torch.device, Tensor] = {}  # j d, j = -w // 2 .. w // 2, made on each device
 
     def shifted_times(self, x: Tensor, t: float | Tensor) -> Tensor:
         """The time ``t_s`` each sample of ``x`` is evaluated at (float64 ``(n,)`` on ``x``'s device): ``t``
@@ -118,15 +118,21 @@ class TimeShift(Guided):
                 "TimeShift: the rule compares each sample's variance over its elements with the noise level, "
                 f"and x has {x[0].numel()} element per sample; it needs at least 2 (or window=0)"
             )
-        scalar = not isinstance(t, Tensor) or t.ndim == 0
-        ts = torch.full((1,), float(t), dtype=F64) if scalar else torch.as_tensor(t).to("cpu", F64).reshape(n)
-        cand = (ts[:, None] + self._offsets).clamp(p.t_min, p.t_max)  # schedule arithmetic on the CPU
+        # on x's device, a scalar t filled there: no host read nor copy per call (dpm_adaptive's row times)
+        dev, half = x.device, self.window // 2
+        if isinstance(t, Tensor) and t.ndim > 0:
+            ts = t.to(dev, F64).reshape(n)
+        else:
+            ts = torch.full((1,), float(t), dtype=F64, device=dev)
+        offsets = kept(
+            self._offsets, dev, lambda: self.spacing * torch.arange(-half, half + 1, dtype=F64, device=dev)
+        )
+        cand = (ts[:, None] + offsets).clamp(p.t_min, p.t_max)
         target = p.alpha(cand) ** 2 * self.data_var + p.sigma(cand) ** 2
-        cand, target = cand.to(x.device), target.to(x.device)
         var = x.detach().reshape(n, -1).to(F64).var(dim=1)
         j = (var[:, None] - target).abs().argmin(dim=1, keepdim=True)
         best = cand.expand(n, -1).gather(1, j)[:, 0]
-        ts = ts.to(x.device).expand(n)
+        ts = ts.expand(n)
         return torch.where((ts <= self.cutoff) | (ts >= p.t_max), ts, best)
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
