@@ -37,12 +37,14 @@ class _HostValues(TorchFunctionMode):
 
 class _Syncs(TorchDispatchMode):
     """Counts copies from the host to ``meta`` and reads of ``meta`` tensors on the host (faked: a
-    read returns a value that passes every check, a copy to the host zeros / ones)."""
+    read returns a value that passes every check, a copy to the host zeros, or ``flags`` for booleans:
+    default ones)."""
 
-    def __init__(self) -> None:
+    def __init__(self, flags: bool = True) -> None:
         super().__init__()
         self.count: collections.Counter[str] = collections.Counter()
         self._host = _HostValues(self.count)
+        self.flags = flags
 
     def __enter__(self) -> _Syncs:
         self._host.__enter__()
@@ -68,7 +70,8 @@ class _Syncs(TorchDispatchMode):
             if on_meta and torch.device(device).type == "cpu":
                 self.count["read"] += 1
                 dtype = kwargs.get("dtype") or tensors[0].dtype
-                return (torch.ones if dtype == torch.bool else torch.zeros)(tensors[0].shape, dtype=dtype)
+                ones = dtype == torch.bool and self.flags
+                return (torch.ones if ones else torch.zeros)(tensors[0].shape, dtype=dtype)
             if not on_meta and torch.device(device).type == "meta":
                 self.count["copy"] += 1
         return func(*args, **kwargs)
@@ -300,3 +303,28 @@ def test_time_shift_under_dpm_adaptive_adds_no_sync_per_call(order):
         counts.append(mode.count)
     one, two = counts
     assert (two["read"] - one["read"], two["copy"] - one["copy"]) == (1, 1), counts
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "heun"])
+def test_paradigms_one_read_per_iteration(solver):
+    """ParaDiGMS's steady state: one read per Picard iteration (its convergence and NaN flags, which
+    ``meta`` reads as all ``False``: every window converged, each iteration slides by the window) and no
+    copy; the grid's times and tolerances go over once per run. Its rows' times were made on the host at
+    every iteration (5 copies through the denoiser's net time and coefficients, 1 for the tolerances: 6
+    per iteration; Heun's 2 calls and its first non-finite stage's indices, 15)."""
+    net = torch.nn.Linear(8, 8, device="meta")
+    counts, iterations = [], []
+    for steps in (6, 12):
+        den = sd.Denoiser(lambda x, t: net(x) * t[:, None], sd.VP.scaled_linear(), "eps")
+        with _Syncs(flags=False) as mode:
+            out, info = sd.paradigms(
+                den, torch.randn(4, 8, device="meta"), steps, solver, window=2, return_info=True
+            )
+        assert out.is_meta and info.strides == [2] * (steps // 2)
+        counts.append(mode.count)
+        iterations.append(info.iterations)
+    one, two = counts
+    assert (two["read"] - one["read"], two["copy"] - one["copy"]) == (iterations[1] - iterations[0], 0), (
+        counts
+    )
+    assert one["copy"] <= 2, one

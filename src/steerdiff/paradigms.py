@@ -87,7 +87,7 @@ from tqdm.auto import tqdm
 
 from . import solvers as _solvers
 from ._checks import boolean, integer, real
-from ._ops import laid_out_as
+from ._ops import host_to, laid_out_as
 from .denoiser import Denoiser, Prediction, check_denoiser, predict_rows
 from .distributed.group import Ranks, ranks, spread_run
 from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, make_noise
@@ -339,6 +339,7 @@ def _sequenced(
     state: dict[str, Any],
     buf: Tensor,
     start: int,
+    t_nodes: Tensor,
     net_dtype: torch.dtype | None,
     cond: dict[str, Any],
     draws: _CachedNoise,
@@ -347,15 +348,16 @@ def _sequenced(
     jumps: frozenset[int],
 ) -> tuple[Tensor, Tensor, int, list[dict[str, Any]]]:
     """A one-evaluation solver's step ``F_i(x_i)`` at every guess ``buf[j]`` of the window from node
-    ``start``: one batched call (:func:`_evaluate`), then the steps in order, each fed its node's prediction,
-    the solver's history restarted after a step across a break of the field (``jumps``, :func:`crossings`),
-    as :func:`~steerdiff.sampling.run_grid` restarts it.
-    Returns the results ``(width, n, ...)``, whether each node's estimates were finite, the NFE and a
-    multistep solver's state after each step (``state`` itself is updated by the steps)."""
+    ``start``: one batched call (:func:`_evaluate`; ``t_nodes``: the grid's times ``t_0 .. t_{N-1}`` in
+    float64 on ``buf``'s device, whose rows the call's times are taken from there), then the steps in order,
+    each fed its node's prediction, the solver's history restarted after a step across a break of the field
+    (``jumps``, :func:`crossings`), as :func:`~steerdiff.sampling.run_grid` restarts it. Returns the results
+    ``(width, n, ...)``, whether each node's estimates were finite, the NFE and a multistep solver's state
+    after each step (``state`` itself is updated by the steps)."""
     den, (width, n) = replay.denoiser, buf.shape[:2]
     width -= 1
     rows = torch.arange(n, device=buf.device).repeat(width)
-    t_rows = torch.tensor(grid.t[start : start + width], dtype=torch.float64).repeat_interleave(n)
+    t_rows = t_nodes[start : start + width].repeat_interleave(n)
     given, x0_given, var, cost = _evaluate(
         den, buf[:width].flatten(0, 1), t_rows, rows, n, net_dtype, cond, group
     )
@@ -420,8 +422,11 @@ def _stage_passes(
         if not asks:
             break
         xs = torch.cat([ask.x for _, ask in asks])
-        t_rows = torch.cat([torch.full((len(ask.x),), ask.t, dtype=torch.float64) for _, ask in asks])
-        samples = torch.cat([torch.arange(n)[jobs[a][2]] for a, _ in asks]).to(xs.device)
+        # the rows' times and samples filled on the device: no host-to-device copy per call
+        t_rows = torch.cat(
+            [torch.full((len(ask.x),), ask.t, dtype=torch.float64, device=xs.device) for _, ask in asks]
+        )
+        samples = torch.cat([torch.arange(n, device=xs.device)[jobs[a][2]] for a, _ in asks])
         pred, cost = predict_rows(stages.denoiser, xs, t_rows, samples, n, net_dtype, cond)
         costs.append(cost)
         sizes = [len(ask.x) for _, ask in asks]
@@ -479,12 +484,11 @@ def _staged(
         """This rank's steps through every stage: their results, each call's cost (0 past the calls made)
         and each node's first non-finite stage."""
         outs, costs, checks = _stage_passes(stages, slv, grid, state, jobs, times, n, net_dtype, cond, draws)
-        first = torch.full((width,), depth, dtype=torch.int64, device=buf.device)
-        if checks:
-            nodes = torch.tensor([i - start for i, _, _ in checks], device=buf.device)
-            stage = torch.tensor([k for _, k, _ in checks], device=buf.device)
-            finite = torch.stack([f for _, _, f in checks])
-            first.scatter_reduce_(0, nodes, torch.where(finite, depth, stage), "amin")
+        # ok[j, k]: node j's stage k finite (or not evaluated here), set on the device: no index copied over
+        ok = torch.ones((width, depth), dtype=torch.bool, device=buf.device)
+        for i, k, finite in checks:
+            ok[i - start, k] = finite
+        first = torch.where(ok, depth, torch.arange(depth, device=buf.device)).amin(1)
         return torch.cat(outs), costs + [0] * (depth - len(costs)), first
 
     def share(
@@ -661,8 +665,13 @@ def paradigms(
     staged = slv.picard == "stages"
     replay, stages, draws = _Replay(den, noise), _Stages(den, noise), _CachedNoise(noise)
     times: list[list[float]] = []  # a staged solver's evaluation times in each step, from its first run
-    # tol^2 v_j of nodes 0..N (node 0 is never compared)
-    limits = [0.0] + [tol**2 * ancestral_split(grid, j, 1.0)[1] ** 2 for j in range(steps)]
+    # the grid's times t_0 .. t_{N-1} of the steps' rows and the tolerances tol^2 v_{j+1} of the nodes they
+    # reach, on the device once per run (a copy per iteration would be a sync), float64
+    table = torch.tensor(
+        [grid.t[:steps], [tol**2 * ancestral_split(grid, j, 1.0)[1] ** 2 for j in range(steps)]],
+        dtype=torch.float64,
+    )
+    t_nodes, limits = host_to(table, x_T.device).unbind()
     info = ParadigmsInfo(0, grid, slv, sched)
     show = progress and ranked.rank == 0  # one bar for the group
     bar = tqdm(total=steps, desc=f"ParaDiGMS {slv.name}", leave=False) if show else None
@@ -682,7 +691,19 @@ def paradigms(
             after: list[dict[str, Any]] = []
         else:
             outs, finite, nfe, after = _sequenced(
-                replay, slv, grid, state, buf, start, net_dtype, cond, draws, ranked, multistep, jumps
+                replay,
+                slv,
+                grid,
+                state,
+                buf,
+                start,
+                t_nodes,
+                net_dtype,
+                cond,
+                draws,
+                ranked,
+                multistep,
+                jumps,
             )
             calls = 1
         info.nfe += nfe
@@ -690,7 +711,7 @@ def paradigms(
         # x_start + sum d_i with d_i(x_i) = F_i(x_i) - x_i, the first term F_start(x_start) exact
         new = torch.cumsum(torch.cat([outs[:1], outs[1:] - buf[1:width]]), 0)
         err = (new - buf[1:]).square().flatten(2).mean(2)  # (width, n)
-        limit = torch.tensor(limits[start + 1 : start + width + 1], dtype=err.dtype, device=err.device)
+        limit = limits[start : start + width].to(err.dtype)
         flags = torch.stack([(err > limit[:, None]).any(1), ~finite]).tolist()  # one device read
         if True in flags[1]:
             i = start + flags[1].index(True)
