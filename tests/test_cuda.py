@@ -13,10 +13,11 @@ same numbers whatever the sample's device), or from float64 draws on the CPU cas
 registered solver and schedule, the processes and interpolant conversion (``sd.Reprocessed``), half precision,
 no device sync per step (CUDA's sync debug mode: at 6 and at 12 steps the same count), guidance and the
 inverse operators (LanPaint, ``CharacteristicGuidance``, ``MinorityGuidance`` and ``SelfGuidedMinority`` with
-per-row CPU generators too), the particle methods (AFDPS with ``y`` on the device, DriftLite, the trees of
-``sd.smc.dts`` and ``sd.smc.rbf``'s search, its candidates and NFE per row, too), the adaptive DPM-Solver's
-per-sample steps, the MCMC correctors and PCG, walk-jump sampling (``sd.mcmc.walk_jump``), Denoising MCMC
-(``sd.mcmc.denoising_mcmc``) and the Monte Carlo denoiser (``MonteCarloDenoiser``, its warm start too),
+per-row CPU generators too; ``TimeShift``), the particle methods (AFDPS with ``y`` on the device,
+DriftLite, the trees of ``sd.smc.dts`` and ``sd.smc.rbf``'s search, its candidates and NFE per row, too),
+the adaptive DPM-Solver's per-sample steps (``TimeShift`` at their per-row times too), the MCMC correctors
+and PCG, walk-jump sampling (``sd.mcmc.walk_jump``), Denoising MCMC (``sd.mcmc.denoising_mcmc``) and the
+Monte Carlo denoiser (``MonteCarloDenoiser``, its warm start too),
 ``SteerdiffScheduler`` in a diffusers-style loop, the digits model, autograd through ``sd.sample`` and
 AdjointDEIS (``sd.adjoint``: the CPU run's gradients in ``x_T`` and a condition), the edit-friendly DDPM
 inversion (``sd.ddpm_invert``: exact reconstruction on the device, maps extracted on the CPU replayed there),
@@ -66,6 +67,7 @@ from steerdiff.guidance import (
     PiGDM,
     RewardGuidance,
     SelfGuidedMinority,
+    TimeShift,
 )
 from steerdiff.integrations.diffusers_ref import run_scheduler
 from steerdiff.inverse import Blur, Downsample, Inpaint, Matrix
@@ -463,6 +465,7 @@ STEERED: dict[str, Callable[[sd.Denoiser, Tensor, int], object]] = {
     ),
     "pcg": lambda den, x, n: sd.guidance.pcg(den, den, x, n, 2.0),
     "ula": lambda den, x, n: sd.sample(den, x, n, "ddpm", corrector="ula"),
+    "time_shift": lambda den, x, n: sd.sample(TimeShift(den, window=10), x, n, "dpmpp_2m"),
     "mala": lambda den, x, n: sd.sample(
         den, x, n, "ddpm", corrector=sd.mcmc.MALA(log_prob=_device_log_prob, step_size=0.01)
     ),
@@ -625,6 +628,9 @@ GUIDED: dict[str, Callable[[], sd.Denoiser]] = {
         times=sd.solvers.make_grid(PROC, sd.schedules.get("karras_capped"), STEPS).t[:-1][::2],
         generator=_rows(BATCH, 40),
     ),
+    # the window's times and noise levels made on the device (float64 transcendentals: the argmin's ties
+    # apart, the CPU's choice)
+    "time_shift": lambda: TimeShift(DEN, window=20),
 }
 
 
@@ -1318,12 +1324,15 @@ def test_particles_with_a_device_generator_are_reproducible() -> None:
     assert float((a.x - run(2).x).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("order", [2, 3])
-def test_dpm_adaptive_float64_equals_the_cpu_run(order: int) -> None:
-    """Per-sample step control on the device: the CPU run's samples, accepted grids and NFE."""
+def test_dpm_adaptive_float64_equals_the_cpu_run(order: int, shift: bool) -> None:
+    """Per-sample step control on the device: the CPU run's samples, accepted grids and NFE; with
+    ``TimeShift`` too, its shifted times made from the per-row times on the device."""
+    den = TimeShift(DEN, window=20) if shift else DEN
 
     def run(x_T: Tensor) -> tuple[Tensor, Any]:
-        return sd.solvers.dpm_adaptive(DEN, x_T, order=order, rtol=0.01, atol=1e-3, return_info=True)
+        return sd.solvers.dpm_adaptive(den, x_T, order=order, rtol=0.01, atol=1e-3, return_info=True)
 
     (out, info), (ref, ref_info) = run(noise(BATCH, 8).to(DEVICE)), run(noise(BATCH, 8))
     _expect(out, ref, F64_TOL)
