@@ -147,6 +147,40 @@ def test_forward_states_of_the_exact_model():
         assert torch.equal((shift > 0)[ends], ((x.var(1) - up).abs() < (x.var(1) - down).abs())[ends])
 
 
+class _Switch(sd.Denoiser):
+    """A base whose prediction jumps at t = 500, declared: eps = 0.3 x above, 0.1 x at and below."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda x, t: x * torch.where(t > 500, 0.3, 0.1)[:, None].to(x.dtype), PROCESS)
+
+    def own_breaks(self) -> tuple[float, ...]:
+        return (500.0,)
+
+
+def test_breaks_where_the_shifted_time_meets_the_bases():
+    """The base's break b = 500 is met where a sample's t_s = t + j equals it: at t = 500 - j for the j it
+    takes (here -5 and +5, variances far below and above the window's noise levels), so the breaks are
+    495 .. 505, and ``crossings`` restarts the history after both steps in which the two samples meet it
+    (the base's 500 alone: after the first only). Below the cutoff the base's own; across it, the cutoff
+    too; ``window=0`` the base's."""
+    from steerdiff.sampling import crossings
+    from steerdiff.solvers.base import make_grid
+
+    ts = TimeShift(_Switch(), window=10, cutoff=300.0)
+    assert ts.breaks() == tuple(float(b) for b in range(495, 506))
+    x = with_variance(2, 50, torch.tensor([1e-3, 5.0], dtype=F64), seed=6)
+    nodes = [999.0, 700.0, 497.0, 493.0, 300.0]
+    t_s = torch.stack([ts.shifted_times(x, t) for t in nodes[1:4]])
+    assert t_s.tolist() == [[695.0, 705.0], [492.0, 502.0], [488.0, 498.0]]
+    scale = torch.stack([ts(x, t).eps[:, 0] / x[:, 0] for t in nodes[1:4]])
+    torch.testing.assert_close(scale, torch.tensor([[0.3, 0.3], [0.1, 0.3], [0.1, 0.1]], dtype=F64))
+    grid = make_grid(PROCESS, sd.schedules.Custom(nodes), 5)
+    assert crossings(ts, grid) == {1, 2} and crossings(ts.base, grid) == {1}
+    assert TimeShift(_Switch(), window=10, cutoff=600.0).breaks() == (500.0,)
+    assert TimeShift(_Switch(), window=10, cutoff=502.0).breaks() == (500.0, 502.0, 503.0, 504.0, 505.0)
+    assert TimeShift(_Switch(), window=0, cutoff=300.0).breaks() == (500.0,)
+
+
 def test_invert_refuses():
     """The net's time jumps with the state's variance, so the steps up the grid do not undo the steps down:
     sample(invert(x_0)) on the 16-d mixture (DDIM, window 20) misses x_0 by 0.37 / 0.53 at 20 / 100 steps

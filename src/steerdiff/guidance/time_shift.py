@@ -47,6 +47,11 @@ window with the state's variance, and the steps up the grid, evaluated at other 
 steps down (``sample(invert(x_0))`` on the 16-d mixture, DDIM: relative error 0.37 / 0.53 at 20 / 100 steps
 with ``window = 20``, against 0.096 / 0.021 without).
 
+A jump of the base at time ``b`` (:meth:`~steerdiff.Denoiser.breaks`: RF-Inversion's editing window) is met
+where a sample's shifted time reaches it, ``t_s = b`` at ``t = b - j d`` for whichever ``j`` the sample takes
+there: :meth:`TimeShift.breaks` declares the window's ``w // 2 * 2 + 1`` of them, so that a multistep solver
+restarts its history after every step in which a sample may cross the jump.
+
 Differences from the reference code: the shift is not applied at ``t = t_max`` (the authors skip their first
 step, where the state is the prior's noise), and candidates are clipped to the process's time range.
 """
@@ -134,6 +139,29 @@ class TimeShift(Guided):
         best = cand.expand(n, -1).gather(1, j)[:, 0]
         ts = ts.expand(n)
         return torch.where((ts <= self.cutoff) | (ts >= p.t_max), ts, best)
+
+    def breaks(self) -> tuple[float, ...]:
+        """The times at which the prediction may jump: where the shifted time meets a break ``b`` of the base
+        (:meth:`~steerdiff.Denoiser.breaks`), the sample's ``t_s = t + j spacing`` equal to ``b``, at
+        ``t = b - j spacing`` for each ``j`` of the window (whichever ``j`` a sample takes there) above the
+        cutoff, at ``b`` itself at or below it, and at the cutoff where the shift turning on moves ``t_s``
+        across ``b`` (a ``b - j spacing`` on the other side of the cutoff than ``b``); the base's own where
+        the shift is off (``window = 0``). Not breaks: ``t_s`` moving to another candidate, or the shift
+        turning on at the cutoff, over no break of the base: a change of the base's smooth prediction over a
+        few ``spacing``."""
+        inner = super().breaks()
+        if self.window == 0:
+            return inner
+        c, top, half = self.cutoff, self.process.t_max, self.window // 2
+        out: set[float] = set()
+        for b in inner:
+            hit = [b - j * self.spacing for j in range(-half, half + 1)]
+            out.update(s for s in hit if c < s < top)
+            if b <= c:
+                out.add(b)
+            if any((s < c) != (b < c) for s in hit):
+                out.add(c)
+        return tuple(sorted(out))
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         scalar = not isinstance(t, Tensor) or t.ndim == 0
