@@ -1,5 +1,5 @@
 r"""Fixed-budget step placement from UniPC's free error estimate, on the solver benchmark:
-``python bench/budget_steps.py [--draws 16] [--tune]``.
+``python bench/budget_steps.py [--draws 16] [--row-draws 4] [--tune] [--no-plot]``.
 
 The idea (issue 2, goal (a)): UniC's move ``x_i^c - x_i^p`` (corrected minus predicted state after each
 step, :class:`steerdiff.solvers.UniPC`) estimates the predictor's local error at no cost in network calls.
@@ -34,7 +34,8 @@ seed 0, and ``sqrt(sum ||x - ref||^2 / sum ||y - ref||^2)`` pooled over the draw
 default config (``y``; :data:`steerdiff.bench.solvers.DIFFUSERS_DEFAULT`) and against today's default;
 beside each, the samples sent to another mixture component (:func:`steerdiff.bench.solvers.switched`) and
 the pooled relative RMSE of the others. The controllers' constants (``clip`` 2 or 1.5, ``K = 4``) were
-tried on the draws of seeds 100..107 (``--tune``), outside the scored ones; every variant tried is shown.
+tried on the draws of seeds 100..107 (``--tune --row-draws 2``: docs/bench/budget_steps_tune.txt), outside
+the scored ones; every variant tried is shown.
 The per-sample variant runs each row alone (a batch of one), on the first ``--row-draws`` draws (it costs
 ~50-100 s a draw and NFE here). The plot: the estimate ``e_i`` against the exact local error of the same
 predictor step (exact ODE from ``x_{i-1}`` to ``t_i``), and each controller's nodes on the draw of seed 0.
@@ -298,6 +299,8 @@ def main() -> None:
         for m in rows:
             s = scores[m, n]
             k = len(s.sq)
+            if k == 0:  # a per-sample variant with --row-draws 0
+                continue
             vs_diffusers = Draws(tuple(zip(s.sq, scores["diffusers", n].sq[:k], strict=True))).pooled
             b = base[m, n] if m in methods else scores["today's default (unipc)", n]
             vs_default = Draws(tuple(zip(s.sq, b.sq[:k], strict=True))).pooled
