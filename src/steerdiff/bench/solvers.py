@@ -2,7 +2,8 @@ r"""``steerdiff bench solvers``: solver accuracy at fixed NFE on an exact model,
 
 Model: :func:`steerdiff.toy.default_benchmark_mixture` (64 dimensions, 10 components) under Stable
 Diffusion's betas (:meth:`steerdiff.VP.scaled_linear`), used through its exact denoiser. Initial
-noise ``x_T = randn(batch, 64)`` in float64 from ``torch.Generator().manual_seed(seed)``.
+noise ``x_T = randn(batch, 64)`` in float64 from :func:`generator_for` ``(seed, "x_T")``
+(:func:`initial_noise`).
 Reference: the exact sample that :func:`steerdiff.sample` approximates,
 ``gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)`` (the probability-flow ODE
 to ``t_min`` by DOP853 at ``rtol = 1e-10``, then the exact denoiser there). Error: the relative
