@@ -272,3 +272,42 @@ def test_cpr_bad_coefficients(coef, dc_order, message):
     # were: zip's 'argument 2 is longer', all-zero ratios, NaN ratios, and dc_order=7 taken
     with pytest.raises(ValueError, match=message):
         CPR(coef, dc_order)
+
+
+def test_the_search_restarts_the_history_at_a_break_as_sd_sample(gmm):
+    """RF-Inversion's controlled field jumps at ``t = 1 - stop`` (``Denoiser.breaks``): the search restarts
+    its run's history after the step across it (``sampling.crossings``), as ``sd.sample`` restarts the fitted
+    solver's, and fits no correction there (the run makes none). So the fitted solver under ``sd.sample``
+    evaluates the net at the very states the search's run did (measured: bit for bit). Before, the search's
+    run carried controlled estimates past the jump: its states drifted off the sampled ones by up to 0.17
+    (relative), and the ratios after the break were fitted to a run ``sd.sample`` never makes."""
+    from steerdiff.rf_inversion import ControlledEditing
+    from steerdiff.sampling import crossings
+
+    flow = sd.RectifiedFlow()
+    inner = gmm.denoiser(flow)
+    calls: list[tuple[bool, torch.Tensor]] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append((torch.is_grad_enabled(), x.detach().clone()))
+        return inner.net(x, t)
+
+    y_0 = torch.zeros(1, 8)
+    edit = ControlledEditing(sd.Denoiser(net, flow, prediction="x0"), y_0, 0.7, stop=0.4)
+    teacher = SolverReference(ControlledEditing(inner, y_0, 0.7, stop=0.4), noise(8, 8, seed=11))
+    x_T = noise(8, 8, seed=11)
+    steps = 10
+    grid = sd.solvers.make_grid(flow, sd.schedules.get("time_uniform"), steps)
+    jumps = crossings(edit, grid)
+    assert jumps == {3}  # the jump at t = 0.6 past the history's warm-up: steps after it are compensated
+    fit = search_ratios(edit, x_T, steps, "time_uniform", reference=teacher, iters=5)
+    searched = [x for grad, x in calls if not grad]  # the run's evaluations, not the fits' (under autograd)
+    calls.clear()
+    sd.sample(edit, x_T, steps, fit.solver, "time_uniform")
+    sampled = [x for _, x in calls]
+    assert len(searched) == len(sampled) == steps
+    assert max(rel_rmse(a, b) for a, b in zip(searched, sampled, strict=True)) < 1e-12
+    # the fits: 5 network calls per compensated step that a correction follows: steps 2, 6, 7 (3 is followed
+    # by the restart, 8 by the clean end; the restart's warm-up leaves 4, 5 uncompensated)
+    assert fit.nfe == steps + 5 * 3
+    assert fit.solver.ratios[4:6] == [1.0, 1.0] and all(r != 1.0 for r in fit.solver.ratios[6:])

@@ -656,7 +656,8 @@ def crossings(den: Denoiser | Sequence[float], grid: Grid) -> frozenset[int]:
 
     Every loop that carries a solver's history over a grid restarts it there: :func:`run_grid`
     (:func:`sample`, :func:`~steerdiff.inversion.invert`), the particle engine
-    (:func:`~steerdiff.smc.run_smc`), :func:`~steerdiff.paradigms`' Picard iterations and
+    (:func:`~steerdiff.smc.run_smc`), :func:`~steerdiff.paradigms`' Picard iterations, DC-Solver's ratio
+    search (:func:`~steerdiff.solvers.dc_solver.search_ratios`) and
     :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler` (its ``breaks``: the pipeline's field);
     :func:`~steerdiff.guidance.repaint_sample` (DDPM) and :func:`~steerdiff.ddpm_inversion.ddpm_invert`
     (refusing solvers that keep a history) carry none.

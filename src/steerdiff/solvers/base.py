@@ -656,7 +656,8 @@ class Solver:
         (a step across a break of the denoiser, :meth:`~steerdiff.denoiser.Denoiser.breaks`: RF-Inversion's
         editing window). Called only there, by :func:`~steerdiff.sampling.run_grid`; after a step across a
         break (:func:`~steerdiff.sampling.crossings`) also by the particle engine
-        (:func:`~steerdiff.smc.run_smc`), :func:`~steerdiff.paradigms` and
+        (:func:`~steerdiff.smc.run_smc`), :func:`~steerdiff.paradigms`,
+        :func:`~steerdiff.solvers.dc_solver.search_ratios` and
         :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler`.
 
         The next step starts from the moved state (or evaluates another field), so estimates made before the

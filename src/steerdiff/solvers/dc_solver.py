@@ -315,6 +315,7 @@ class _Search(DCSolver):
 
     model: Model | None = None
     refs: list[Tensor] = field(default_factory=list)
+    jumps: frozenset[int] = frozenset()
     iters: int = 40
     lr: float = 0.1
 
@@ -334,7 +335,9 @@ class _Search(DCSolver):
             assert isinstance(self.ratios, list) and self.model is not None
             model, values, lam = self.model, list(hist.values), list(hist.at)
             k = self._order(i, grid, len(values))
-            corrects = self.corrector and i + 1 < grid.steps and not grid.is_final_clean(i + 1)
+            # a correction follows unless the clean end or a restart at a break (jumps) does
+            last = i + 1 == grid.steps or grid.is_final_clean(i + 1)
+            corrects = self.corrector and not last and i not in self.jumps
             times, target = self._times(i, grid), self.refs[i]
 
             def loss(rho: Tensor) -> Tensor:
@@ -396,9 +399,13 @@ def search_ratios(
     whose state a correction follows, plus ``steps`` times for the run itself (:attr:`DCSearch.nfe` counts
     network calls: ``den.cost`` each, 2 for classifier-free guidance). Needs autograd (not under
     ``torch.inference_mode()``); a half-precision ``x_T`` runs the network in it and the rest in float32, as
-    :func:`steerdiff.sample`. The fitted solver runs on this grid only (:attr:`DCSolver.grid_t`).
+    :func:`steerdiff.sample`. The fitted solver runs on this grid only (:attr:`DCSolver.grid_t`). Where
+    ``den``'s field jumps (:meth:`~steerdiff.denoiser.Denoiser.breaks`: RF-Inversion's editing window) the
+    search's run restarts its history after the step across the jump, as :func:`steerdiff.sample` restarts
+    the fitted solver's (:func:`~steerdiff.sampling.crossings`), and fits that step's ratio to the prediction
+    alone (no correction follows it there); the steps of the warm-up after it keep ratio 1.
     """
-    from ..sampling import DEFAULT_SCHEDULE  # here: sampling imports the solvers
+    from ..sampling import DEFAULT_SCHEDULE, crossings  # here: sampling imports the solvers
 
     who = "search_ratios"
     if not isinstance(den, Denoiser):
@@ -436,11 +443,16 @@ def search_ratios(
     dtype = work_dtype(x_T.dtype)
     model = Model(den, cond, net_dtype=x_T.dtype)
     refs = [r.to(device=x_T.device, dtype=dtype) for r in refs]
-    search = _Search(**options, ratios=[1.0] * grid.steps, model=model, refs=refs, iters=iters, lr=lr)
+    jumps = crossings(den, grid)
+    search = _Search(
+        **options, ratios=[1.0] * grid.steps, model=model, refs=refs, jumps=jumps, iters=iters, lr=lr
+    )
     state, x = search.init_state(grid), x_T.to(dtype)
     with torch.no_grad():  # the run carries no graph: each fit differentiates its own loss (_fit)
         for i in range(grid.steps):
             x = search.step(model, x, i, grid, state)
+            if i in jumps:  # the field jumps before the next evaluation: sd.sample restarts the history
+                search.moved(state)
     model.check_finite()
     return DCSearch(dataclasses.replace(solver, ratios=list(search.ratios or ()), grid_t=grid.t), model.nfe)
 
