@@ -27,8 +27,10 @@ for every continuous process here but :class:`~steerdiff.processes.VE` (``sigma_
 :meth:`VP.discrete <steerdiff.processes.VP.discrete>` the time is the timestep index and ``s`` falls
 between two (``lam`` is interpolated). diffusers' ``TCDScheduler`` takes the integer timestep
 ``floor((1 - gamma) t_{i+1})`` and evaluates it even at ``gamma = 1`` (timestep 0, where
-``alphas_cumprod[0] < 1``: not LCM's step); ``floor_s=True`` does the same. One network evaluation
-per step; into a clean end the step returns ``x0``.
+``alphas_cumprod[0] < 1``: not LCM's step); ``floor_s=True`` does the same. So on these two processes
+``gamma -> 1`` is not ``gamma = 1``: ``s`` tends to ``t = 0``, at ``sigma_s / alpha_s`` 0.01 (``VE()``) or
+0.029 (SD's betas), and only ``gamma = 1`` itself takes LCM's clean end. One network evaluation per step;
+into a clean end the step returns ``x0``.
 """
 
 from __future__ import annotations
