@@ -59,6 +59,8 @@ def test_transition_is_the_papers_two_stages(gmm, process, solver):
     ``gamma = 1``), then the forward process from ``s`` up to ``t_{i+1}``, written out here from the
     process's ``alpha``, ``sigma``."""
     p = PROCESSES[process]
+    if solver.floor_s and process != "sd":
+        pytest.skip("floor_s needs timestep indices (test_floor_s_is_refused_off_timestep_indices)")
     den, x_T, replay, xs = gmm.denoiser(p), noise(3, 8), Record(4), []
     _, info = sd.sample(
         den,
@@ -554,3 +556,19 @@ def test_bad_gamma(kw):
 def test_bad_floor_s():
     with pytest.raises(ValueError, match=r"TCD: floor_s must be True or False"):
         TCD(floor_s=1)
+
+
+@pytest.mark.parametrize("process", ["edm", "vp_linear", "flow"])
+def test_floor_s_is_refused_off_timestep_indices(gmm, process):
+    """``floor_s`` floors ``s`` to TCDScheduler's integer timestep: on a process timed over a continuous
+    range it would floor every intermediate time to its start (on ``[0, 1]``: ``s = 0`` whatever ``gamma``,
+    a silent LCM step), so it is refused, naming it; ``VP.discrete`` takes it."""
+    p = {"edm": sd.EDM(), "vp_linear": sd.VP.linear(), "flow": sd.RectifiedFlow()}[process]
+    with pytest.raises(ValueError, match=r"floor_s=True .*\(VP\.discrete\).*use floor_s=False"):
+        sd.sample(
+            gmm.denoiser(p), noise(2, 8), steps=4, solver=TCD(gamma=0.3, floor_s=True), generator=Record(0)
+        )
+    x = sd.sample(
+        gmm.denoiser(PROCESSES["sd"]), noise(2, 8), steps=4, solver=TCD(floor_s=True), generator=Record(0)
+    )
+    assert torch.isfinite(x).all()

@@ -75,6 +75,19 @@ class TCD(Solver):
         fractional node even at ``gamma = 0``."""
         return self.gamma > 0 or self.floor_s
 
+    def init_state(self, grid: Grid) -> dict[str, Any]:
+        """Nothing to keep; ``floor_s`` is refused on a process whose time is not a timestep index (on
+        ``[0, 1]`` it would floor every intermediate time to 0, whatever ``gamma``; on EDM's sigmas it means
+        nothing)."""
+        if self.floor_s and getattr(grid.process, "num_train_timesteps", None) is None:
+            raise ValueError(
+                "TCD: floor_s=True floors the intermediate time to TCDScheduler's integer timestep, "
+                "which needs a process timed by timestep indices (VP.discrete); got "
+                f"{type(grid.process).__name__}, whose times are not (on [0, 1] every s would floor to 0, "
+                "whatever gamma): use floor_s=False"
+            )
+        return {}
+
     def intermediate(self, grid: Grid, i: int) -> tuple[float, float]:
         """``(alpha_s, sigma_s)`` at the intermediate time ``s`` of step ``i`` (``s = t_{i+1}`` at
         ``gamma = 0``, the clean end at ``gamma = 1`` unless ``floor_s``)."""
