@@ -28,7 +28,8 @@ estimate (CFG is exact there) with ``dx = sigma^2/alpha S^{-1} (mu_c - mu_u)`` (
 by the same amount, which leaves their difference unchanged).
 
 Solve. In data units ``d = dx / alpha`` the residual is ``r(d) = x0_u(z_u) - x0_c(z_c)`` (``d - F/alpha``),
-the disagreement of the two denoised estimates. Starting from ``d = 0`` (CFG's points), each iteration
+the disagreement of the two denoised estimates. Starting from ``d = 0`` (CFG's points; see the warm start
+below), each iteration
 evaluates both branches at the current shift (2 net calls), stops a sample once the root mean square of
 its residual over its entries is at most ``tol`` (or ``8 eps(net dtype) sigma / alpha``, the resolution of
 the nets' estimates, where that is coarser: half precision at high noise), and otherwise takes the damped
@@ -59,21 +60,47 @@ module's logger; :attr:`CharacteristicGuidance.unconverged` counts those samples
 reference implementation's regularization and projection onto a few basis directions (for latent image
 models that do not converge otherwise) are not provided.
 
-Beyond Gaussian laws the fixed point need not be unique. Every call here starts from ``d = 0`` (CFG's
-points) and returns the root its Anderson iteration reaches from there (the basin of ``d = 0``; no root is
-preferred otherwise), so the guided field is a function of ``(x, t)`` alone, piecewise smooth, with jumps
-between neighbouring points. The authors' reference implementation (``CharacteristicGuidanceWebUI``,
-``scripts/CharaIte.py``, ``chara_ite_inner_loop``) warm-starts instead: from the previous sampling step's
-converged shift, rescaled by ``v_t / v_prev`` (``v = sigma^2 / alpha^2``) and a decay factor
-``chara_decay`` (0 for a sample that did not converge there), so its root follows the trajectory's
-history; the paper states the fixed point, not which root. A stateful warm start does not fit a denoiser
-that solvers call at intermediate and repeated points (Heun, multistep correctors, per-row adaptive
-calls) and is not provided. Its effect, measured with an ad hoc copy of this class that starts each DDIM
-step from the previous one's shift times ``v_t / v_prev`` (no decay; a 3-component 2-d mixture against a
-2-component one, SD's betas, ``w = 1.5``, 64 samples, 25-400 steps): 13-15 NFE per step against 17-18;
-at 400 steps the samples agree to 6e-6 (median) but one of 64 ends 3.3 away (another root); the change
-from half the steps 0.068 / 0.049 / 0.034 / 0.023 against 0.152 / 0.049 / 0.034 / 0.026 (50..400 steps),
-so it changes the cost and, for some samples, the root, not the size of the step-halving changes.
+Beyond Gaussian laws the fixed point need not be unique. By default every call starts from ``d = 0``
+(CFG's points) and returns the root its Anderson iteration reaches from there (the basin of ``d = 0``; no
+root is preferred otherwise), so the guided field is a function of ``(x, t)`` alone, piecewise smooth, with
+jumps between neighbouring points; the paper states the fixed point, not which root.
+
+Warm start (``warm_start = c > 0``; the authors' reference implementation, ``CharacteristicGuidanceWebUI``,
+``scripts/CharaIte.py``, ``chara_ite_inner_loop``, with ``c`` its ``chara_decay``, 1 by default there): a
+call's iteration starts, per sample, from the converged shift ``d'`` of an earlier call at the noise level
+``v' = sigma'^2 / alpha'^2``, rescaled to this one's ``v`` (the authors' factor
+``(abar' - abar abar') / (abar - abar abar') = v / v'``),
+
+    d_0 = c (v / v') d',      d' = 0 for a sample that did not converge there,
+
+and from ``d_0 = 0`` where no earlier call qualifies. The authors keep one buffer per generation (reset when
+it starts). Here the instance remembers its latest 4 calls (3 copies of ``x`` each), and a sample starts
+from the most recent that had the same batch (shape, dtype, device), was at a higher noise level for it
+(``v' > v``: a staged solver's second call at one time starts from the call before both), and left the
+sample where this call finds it:
+``y = x / alpha`` within ``2 sqrt(v' - v)`` (root mean square) of that call's probability-flow (DDIM) step
+``x0' + sqrt(v / v') (y' - x0')`` (a step's fresh noise is at most ``sqrt(v' - v)`` in these units). A call at
+or above every remembered noise level -- a run's first -- forgets them, so a run does not depend on the one
+before (``sd.sample`` twice gives the same samples, bit for bit); :meth:`take_rows` gives a copy with no
+memory (a particle method's slices each keep their own; :func:`~steerdiff.paradigms` and per-row
+adaptive calls, which take rows at every call, start cold). The check cannot tell a resampled or permuted
+batch from the same one where the step is long against the noise level (``2 sqrt(v' - v)`` is then
+about the samples' spread): such a sample starts from another's shift, and converges, to the same root or
+another. A warm-started sample that does not converge gets CFG's estimate at one more evaluation of both
+branches at ``x``.
+
+Measured (``python bench/characteristic_warm.py``: UniPC 10 / 20 / 100 steps, SD's betas, ``w = 2 / 4 / 8``,
+256 samples; NFE cold -> warm): the 2-d Gaussians of the tests 82-84 -> 82-84, 156-160 -> 148-150, 792-796
+-> 682-714 (Anderson's memory 2 spans the plane: it solves the linear problem in about 4 iterations from
+anywhere), endpoint errors against the exact flow equal at 10 and 20 steps, 4e-6 - 2e-5 -> 9e-6 - 5e-5 at
+100 (each solve stops nearer ``tol``); 8-d Gaussians 146-194 -> 104-150, 280-362 -> 180-236, 1408-1804 ->
+682-928, endpoint errors equal but at 100 steps (1e-5 - 4e-5 -> 1.5e-5 - 5e-5). On an 8-d mixture
+(``memory = 9``) 344-420 -> 276-316, 596-790 -> 466-504, 2962-3158 -> 1560-2140, with fewer samples
+falling back to CFG; where both solves converge at a call the warm one is at the cold one's root in all but
+16 of 2487 calls x samples (``w = 8``, 10 steps; 1 of 5020 at 20 steps, none at ``w = 2, 4`` or 100
+steps); the endpoints of up to 13 of 256 samples end more than 0.1 apart (calls where one of the solves
+falls back to CFG, and the other roots). It changes the cost, and for some samples the root; not the
+default.
 
 The jumps, measured (a 3-component 2-d mixture under SD's betas against another as the
 unconditional law, ``w = 2``, ``t = 500``): along a line of points 0.011 apart, two neighbours converge (to
@@ -85,16 +112,18 @@ the steps by 0.46 / 0.12 / 0.24 / 0.16 (no convergence), and ``sample(invert(x_0
 
 NFE: ``cost`` is the exact number of network evaluations of the latest call, the sum of the branches'
 costs over its iterations (``2 k`` for ``k`` iterations of two plain nets, ``k`` between 1 and
-``max_iter``; the output is the converged iteration's own evaluation, no extra call), so
-:attr:`~steerdiff.sampling.SampleInfo.nfe` is exact. ``scale = 1`` is the conditional denoiser and
-``scale = 0`` the unconditional one, one branch, no iteration. A learned variance is the conditional
-branch's at ``x`` (its first evaluation).
+``max_iter``; the output is the converged iteration's own evaluation, no extra call, but for a warm start's
+fallback to CFG, 2 more), so :attr:`~steerdiff.sampling.SampleInfo.nfe` is exact. ``scale = 1`` is the
+conditional denoiser and ``scale = 0`` the unconditional one, one branch, no iteration. A learned variance
+is the conditional branch's at its first evaluation (at ``x``; under a warm start at ``x + (w - 1) dx_0``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -144,6 +173,23 @@ class _Anderson:
         return d - (dd @ coef)[..., 0] - self.step * (r - (dr @ coef)[..., 0])
 
 
+_MEMO = (
+    4  # the calls a warm start may start from: a staged solver's stages, or max_batch slices of one object
+)
+
+
+@dataclass(frozen=True)
+class _Memo:
+    """What a call leaves for a warm start (detached), per sample: its noise level ``v = sigma^2 / alpha^2``
+    ``(n,)``, its point ``y = x / alpha`` and guided ``x0``, and its converged shift ``d = dx / alpha`` (zero
+    where it did not converge)."""
+
+    v: Tensor
+    y: Tensor
+    x0: Tensor
+    d: Tensor
+
+
 class CharacteristicGuidance(Guided):
     """Characteristic guidance (Zheng & Lan 2024): CFG with the branches evaluated at the shifted points
     ``x + (w - 1) dx`` and ``x + w dx`` of a per-step fixed point (see the module docstring).
@@ -162,11 +208,15 @@ class CharacteristicGuidance(Guided):
             resolve would spend ``max_iter`` iterations and fall back to CFG).
         step: the damping (mixing) ``step`` of the Anderson update, in ``(0, 1]``.
         memory: the Anderson history length ``m >= 0``; 0 is the damped fixed-point iteration.
+        warm_start: ``c`` in ``[0, 1]``: 0 starts every call from ``d = 0``; otherwise a sample starts from
+            ``c (v / v')`` times its converged shift at one of the latest calls where it qualifies (the
+            authors' ``chara_decay``; see the module docstring). Not with ``max_iter = 1`` (CFG).
 
     After a call: ``cost`` (its network evaluations), ``iterations`` (the iterations it ran),
     ``unconverged`` (its samples that got CFG's estimate, also logged as a warning), ``residual`` (per
-    sample, the root mean square residual of the estimate returned; CFG's for an unconverged sample) and
-    ``shift`` (the ``dx`` used per sample, zeros for an unconverged one).
+    sample, the root mean square residual of the estimate returned; CFG's for an unconverged sample),
+    ``shift`` (the ``dx`` used per sample, zeros for an unconverged one) and ``warmed`` (its samples that
+    started warm).
     """
 
     base_arg = "cond"
@@ -182,6 +232,7 @@ class CharacteristicGuidance(Guided):
         tol: float = 1e-4,
         step: float = 1.0,
         memory: int = 2,
+        warm_start: float = 0.0,
     ) -> None:
         who = "CharacteristicGuidance"
         super().__init__(cond)
@@ -192,6 +243,9 @@ class CharacteristicGuidance(Guided):
         self.tol = real(who, "tol", tol, lo=0, lo_open=True)
         self.step = real(who, "step", step, lo=0, hi=1, lo_open=True)
         self.memory = integer(who, "memory", memory, lo=0)
+        self.warm_start = real(who, "warm_start", warm_start, lo=0, hi=1)
+        self._memo: list[_Memo] = []  # the latest calls, most recent last (warm_start > 0)
+        self.warmed = 0
         self.cost = (
             cond.cost if self.scale == 1 else uncond.cost if self.scale == 0 else cond.cost + uncond.cost
         )
@@ -229,12 +283,13 @@ class CharacteristicGuidance(Guided):
             cost += self.uncond.cost
             return pc, pu
 
+        v = torch.as_tensor(sigma / alpha, dtype=x.dtype, device=x.device).square().reshape(-1).expand(n)
+        d, warm = self._start(x, alpha, v)  # the shift in data units, dx / alpha
         shift = torch.zeros_like(x)
-        pc, pu = branches(shift)  # CFG's points: its estimate is the fallback
+        pc, pu = branches(d * alpha)  # without a warm start CFG's points: its estimate is the fallback
         ref, x0_held = pc, pc.x0_given
         est, res = self._combine(pc, pu, w, x0_held), _rms(pu.x0 - pc.x0)
         least = res  # the smallest residual reached per sample, for the warning
-        d = torch.zeros_like(x)  # the shift in data units, dx / alpha
         done = torch.zeros(n, dtype=torch.bool, device=x.device)
         converged = torch.zeros_like(done)
         solver = _Anderson(self.memory, self.step)
@@ -257,7 +312,13 @@ class CharacteristicGuidance(Guided):
             r = torch.where(done.reshape(rows), 0.0, r)  # finished rows: held, and kept finite
             step = solver.next(d.reshape(n, -1), r.reshape(n, -1)).reshape(x.shape)
             d = torch.where(done.reshape(rows), d, step)
-        self.cost, self.iterations = cost, k + 1
+        self.iterations = k + 1
+        if warm is not None and bool((warm & ~converged).any()):  # warm-started, given up: CFG's estimate
+            pc, pu = branches(torch.zeros_like(x))
+            m = (warm & ~converged).reshape(rows)
+            est = torch.where(m, self._combine(pc, pu, w, x0_held), est)
+            res = torch.where(warm & ~converged, _rms(pu.x0 - pc.x0), res)
+        self.cost = cost
         self.unconverged = int((~converged).sum())
         self.residual, self.shift = res, shift
         if self.unconverged and self.max_iter > 1:  # max_iter = 1 is CFG by request: nothing to warn of
@@ -271,9 +332,41 @@ class CharacteristicGuidance(Guided):
                 float(least[~converged].detach().nan_to_num(math.inf).max()),
                 self.tol,
             )
-        if x0_held:
-            return with_estimate(ref, x0=est, x=x)
-        return with_estimate(ref, eps=est, x=x)
+        out = with_estimate(ref, x0=est, x=x) if x0_held else with_estimate(ref, eps=est, x=x)
+        if self.warm_start > 0 and self.max_iter > 1:
+            memo = _Memo(v, (x / alpha).detach(), out.x0.detach(), (shift / alpha).detach())
+            self._memo = [*self._memo[1 - _MEMO :], memo]
+        return out
+
+    def _start(self, x: Tensor, alpha: float | Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The first iterate ``d`` of a call at ``x`` (noise levels ``v`` per sample) and which samples start
+        warm (``None``: none). A sample starts from the converged shift ``d'`` of one of the latest calls
+        (the most recent that qualifies), ``warm_start * (v / v') d'``, where that call had the same batch
+        (shape, dtype, device), was at a higher noise level ``v' > v`` for that sample, and left it where
+        this one is: ``x / alpha`` within ``2 sqrt(v' - v)`` (root mean square) of its probability-flow
+        (DDIM) step to ``v``, ``x0' + sqrt(v / v') (y' - x0')`` (a step's fresh noise is at most
+        ``sqrt(v' - v)`` in these units); otherwise from 0. A call at a noise level at or above every
+        remembered one's (a run's first) forgets them."""
+        d, self.warmed = torch.zeros_like(x), 0
+        if self.warm_start == 0 or self.max_iter == 1:
+            return d, None
+        same = [
+            m for m in self._memo if m.y.shape == x.shape and m.y.dtype == x.dtype and m.y.device == x.device
+        ]
+        if not same or bool((v >= torch.stack([m.v for m in same]).amax(0)).all()):
+            self._memo = []
+            return d, None
+        rows = (-1, *([1] * (x.ndim - 1)))
+        y = (x / alpha).detach()
+        warm = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for m in reversed(same):
+            ratio = v / m.v
+            step = m.x0 + ratio.sqrt().reshape(rows) * (m.y - m.x0)
+            ok = (v < m.v) & ~warm & (_rms(y - step) <= 2 * (m.v - v).clamp_min(0).sqrt())
+            d = torch.where(ok.reshape(rows), (self.warm_start * ratio).reshape(rows) * m.d, d)
+            warm = warm | ok
+        self.warmed = int(warm.sum())
+        return d, warm if self.warmed else None
 
     def _tol(self, ratio: float | Tensor, net_dtype: torch.dtype, n: int) -> float | Tensor:
         """The stopping tolerance: ``tol``, or the resolution of the nets' estimates where that is coarser,
@@ -304,8 +397,13 @@ class CharacteristicGuidance(Guided):
 
     def take_rows(self, rows: Tensor | slice, n: int) -> Denoiser:
         """A copy with the tensors of ``n`` rows in ``uncond_kwargs`` taken at ``rows``, around the
-        branches' ``take_rows``; itself where nothing changes."""
-        return take_wrapped_rows(self, rows, n, ("base", "uncond"), ("uncond_kwargs",))
+        branches' ``take_rows``; itself where nothing changes, unless it warm-starts: then always a copy,
+        with no memory of the calls before (its rows' first call starts cold)."""
+        out = take_wrapped_rows(self, rows, n, ("base", "uncond"), ("uncond_kwargs",))
+        if self.warm_start > 0 and self.max_iter > 1:
+            out = copy.copy(out) if out is self else out
+            out._memo = []
+        return out
 
     def __repr__(self) -> str:
         return f"CharacteristicGuidance({self.base!r}, scale={self.scale})"
