@@ -283,8 +283,7 @@ class CharacteristicGuidance(Guided):
             cost += self.uncond.cost
             return pc, pu
 
-        v = torch.as_tensor(sigma / alpha, dtype=x.dtype, device=x.device).square().reshape(-1).expand(n)
-        d, warm = self._start(x, alpha, v)  # the shift in data units, dx / alpha
+        d, warm, v = self._start(x, alpha, sigma)  # the shift in data units, dx / alpha
         shift = torch.zeros_like(x)
         pc, pu = branches(d * alpha)  # without a warm start CFG's points: its estimate is the fallback
         ref, x0_held = pc, pc.x0_given
@@ -333,29 +332,36 @@ class CharacteristicGuidance(Guided):
                 self.tol,
             )
         out = with_estimate(ref, x0=est, x=x) if x0_held else with_estimate(ref, eps=est, x=x)
-        if self.warm_start > 0 and self.max_iter > 1:
+        if v is not None:
             memo = _Memo(v, (x / alpha).detach(), out.x0.detach(), (shift / alpha).detach())
             self._memo = [*self._memo[1 - _MEMO :], memo]
         return out
 
-    def _start(self, x: Tensor, alpha: float | Tensor, v: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The first iterate ``d`` of a call at ``x`` (noise levels ``v`` per sample) and which samples start
-        warm (``None``: none). A sample starts from the converged shift ``d'`` of one of the latest calls
-        (the most recent that qualifies), ``warm_start * (v / v') d'``, where that call had the same batch
-        (shape, dtype, device), was at a higher noise level ``v' > v`` for that sample, and left it where
-        this one is: ``x / alpha`` within ``2 sqrt(v' - v)`` (root mean square) of its probability-flow
-        (DDIM) step to ``v``, ``x0' + sqrt(v / v') (y' - x0')`` (a step's fresh noise is at most
-        ``sqrt(v' - v)`` in these units); otherwise from 0. A call at a noise level at or above every
-        remembered one's (a run's first) forgets them."""
-        d, self.warmed = torch.zeros_like(x), 0
+    def _start(
+        self, x: Tensor, alpha: float | Tensor, sigma: float | Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The first iterate ``d`` of a call at ``x``, which samples start warm (``None``: none) and the
+        samples' noise levels ``v = sigma^2 / alpha^2`` ``(n,)`` (``None`` without a warm start). A sample
+        starts from the converged shift ``d'`` of one of the latest calls (the most recent that qualifies),
+        ``warm_start * (v / v') d'``, where that call had the same batch (shape, dtype, device), was at a
+        higher noise level ``v' > v`` for that sample, and left it where this one is: ``x / alpha`` within
+        ``2 sqrt(v' - v)`` (root mean square) of its probability-flow (DDIM) step to ``v``,
+        ``x0' + sqrt(v / v') (y' - x0')`` (a step's fresh noise is at most ``sqrt(v' - v)`` in these units);
+        otherwise from 0. A call at a noise level at or above every remembered one's (a run's first) forgets
+        them."""
+        d, self.warmed, n = torch.zeros_like(x), 0, x.shape[0]
         if self.warm_start == 0 or self.max_iter == 1:
-            return d, None
+            return d, None, None
+        if isinstance(sigma, Tensor):  # per-sample times
+            v = (sigma / alpha).square().reshape(-1).to(x.dtype).expand(n)
+        else:  # a fill on the device: no host-to-device copy
+            v = torch.full((n,), (sigma / float(alpha)) ** 2, dtype=x.dtype, device=x.device)
         same = [
             m for m in self._memo if m.y.shape == x.shape and m.y.dtype == x.dtype and m.y.device == x.device
         ]
         if not same or bool((v >= torch.stack([m.v for m in same]).amax(0)).all()):
             self._memo = []
-            return d, None
+            return d, None, v
         rows = (-1, *([1] * (x.ndim - 1)))
         y = (x / alpha).detach()
         warm = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -366,7 +372,7 @@ class CharacteristicGuidance(Guided):
             d = torch.where(ok.reshape(rows), (self.warm_start * ratio).reshape(rows) * m.d, d)
             warm = warm | ok
         self.warmed = int(warm.sum())
-        return d, warm if self.warmed else None
+        return d, warm if self.warmed else None, v
 
     def _tol(self, ratio: float | Tensor, net_dtype: torch.dtype, n: int) -> float | Tensor:
         """The stopping tolerance: ``tol``, or the resolution of the nets' estimates where that is coarser,
