@@ -173,9 +173,8 @@ class _Anderson:
         return d - (dd @ coef)[..., 0] - self.step * (r - (dr @ coef)[..., 0])
 
 
-_MEMO = (
-    4  # the calls a warm start may start from: a staged solver's stages, or max_batch slices of one object
-)
+# the calls a warm start may start from: a staged solver's stages, or max_batch slices of one object
+_MEMO = 4
 
 
 @dataclass(frozen=True)
