@@ -29,7 +29,7 @@ import torch
 
 import steerdiff as sd
 from steerdiff.bench._figure import diagonal_scatter, write_outputs
-from steerdiff.bench.solvers import NFES, generator_for, make_problem, makes_grid
+from steerdiff.bench.solvers import NFES, generator_for, make_problem, makes_grid, merged_nodes
 from steerdiff.metrics import relative_rmse
 from steerdiff.solvers.base import MAX_STEP_RATIO, Solver, make_grid
 
@@ -69,7 +69,6 @@ def main() -> None:
     torch.set_num_threads(1)
     problem = make_problem(args.batch, seed=0)
     den = problem.gmm.denoiser(problem.process)
-    karras = sd.schedules.get("karras")
 
     def error(solver: str | Solver, schedule: sd.schedules.ScheduleLike, n: int) -> float:
         return relative_rmse(sd.sample(den, problem.x_T, n, solver, schedule), problem.ref)
@@ -84,9 +83,8 @@ def main() -> None:
     rows = []
     for n in STEPS:
         for m in MERGED:
-            fine = make_grid(problem.process, karras, n + m - 1, "zero").t[:-1]
             for p in range(2, n - 1):
-                nodes = fine[:p] + fine[p + m - 1 :]
+                nodes = merged_nodes(problem.process, "karras", n, m, p)
                 grid = make_grid(problem.process, sd.schedules.Custom(nodes), n, "zero")
                 ratio = grid.h(p - 1) / grid.h(p - 2)
                 ruled = [(error(s, nodes, n), error(without(s), nodes, n)) for s in RULED.values()]

@@ -39,7 +39,18 @@ import torch
 from scipy import integrate
 
 import steerdiff as sd
-from steerdiff.solvers import DEIS, IPNDM, LMS, DPMSolverPPMultistep, Model, UniPC, make_grid
+from steerdiff.bench.solvers import merged_nodes
+from steerdiff.solvers import (
+    DEIS,
+    IPNDM,
+    LMS,
+    DPMSolverPPMultistep,
+    DPMSolverSDEMultistep,
+    Model,
+    SASolver,
+    UniPC,
+    make_grid,
+)
 from steerdiff.solvers._poly import adams_bashforth, exp_adams_bashforth
 from steerdiff.solvers.deis import tab_weights
 
@@ -411,13 +422,9 @@ def bench_problem():
     return make_problem(64, seed=0)
 
 
-def _merged(process: sd.Process, steps: int, m: int, p: int) -> list[float]:
-    """The nodes of ``karras`` at ``steps + m - 1`` steps with the ``m`` intervals from node ``p`` merged."""
-    fine = make_grid(process, sd.schedules.get("karras"), steps + m - 1, "zero").t[:-1]
-    return fine[:p] + fine[p + m - 1 :]
-
-
 RULED = [DEIS(), DEIS(variant="tab"), DPMSolverPPMultistep(order=3), UniPC(order=3)]
+# the SDE multistep solvers at order 3, which have the rule too (MAX_STEP_RATIO by default)
+SDE_RULED = [DPMSolverSDEMultistep(order=3), SASolver(order=3, corrector_order=3)]
 
 
 @pytest.mark.parametrize("solver", RULED, ids=["deis", "deis-tab", "dpmpp_3m", "unipc"])
@@ -431,7 +438,7 @@ def test_step_ratio_rule_mends_a_long_mid_grid_step(bench_problem, solver, m, p)
     and 0.059 / 0.292 / 0.065, dpmpp_3m 0.113 / 1.107 / 0.141 and 0.068 / 0.772 / 0.098, unipc 0.062 / 0.683
     / 0.074 and 0.036 / 0.609 / 0.043."""
     prob = bench_problem
-    den, nodes = prob.gmm.denoiser(prob.process), _merged(prob.process, 12, m, p)
+    den, nodes = prob.gmm.denoiser(prob.process), merged_nodes(prob.process, "karras", 12, m, p)
     grid = make_grid(prob.process, sd.schedules.Custom(nodes), 12, "zero")
     assert grid.h(p - 1) > 3 * grid.h(p - 2)
     bare = dataclasses.replace(solver, max_ratio=math.inf)
@@ -483,25 +490,42 @@ def test_step_ratio_rule_never_fires_on_the_named_schedules(process):
     assert fired == [] and grids > 150
 
 
+def test_step_ratio_rule_never_fires_on_the_sde_benchmark_grids():
+    """The SDE benchmark's grids (:mod:`steerdiff.bench.sde`: time_uniform and karras under SD betas at 10-200
+    steps, docs/bench/sde.txt): the rule changes no step's order there (with ``max_ratio=1`` it would), so
+    the SDE multistep solvers' numbers there are those without it."""
+    from steerdiff.bench.sde import NFES, SCHEDULES
+
+    process = sd.VP.scaled_linear()
+    for schedule, n in itertools.product(SCHEDULES, NFES):
+        grid = make_grid(process, sd.schedules.get(schedule), n, "zero")
+        orders = {
+            rule: [sd.solvers.step_order(i, grid, 3, 3, True, max_ratio=rule) for i in range(n)]
+            for rule in (sd.solvers.base.MAX_STEP_RATIO, math.inf, 1.0)
+        }
+        assert orders[sd.solvers.base.MAX_STEP_RATIO] == orders[math.inf] != orders[1.0]
+
+
 def test_step_ratio_rule_leaves_the_last_noisy_step_and_samples_as_before(gmm, sd_process, x_T):
     """time_uniform's last step into a noisy node is ~4.8 times the one before (SD betas): the rule leaves it
     (deis: order 3 there is up to 16% nearer the exact answer than order 2 on the benchmark, at 50 steps),
     with ``final="zero"`` (the step before the clean end's) and ``final="none"`` (the grid's last step), and
-    the solvers with the rule sample as without it."""
+    the solvers with the rule sample as without it, the SDE multistep solvers too (same noise)."""
     den = gmm.denoiser(sd_process)
     for schedule in ("time_uniform", "linspace", "leading"):
         grid = make_grid(sd_process, sd.schedules.get(schedule), 20, "zero")
         assert grid.h(18) > 4 * grid.h(17)
         assert DEIS()._order(18, grid) == 3
-        for solver in RULED:
-            ours = sd.sample(den, x_T, 20, solver, schedule)
+        for solver in [*RULED, *SDE_RULED]:
+            ours = sd.sample(den, x_T, 20, solver, schedule, generator=torch.Generator().manual_seed(0))
             bare = dataclasses.replace(solver, max_ratio=math.inf)
-            assert torch.equal(ours, sd.sample(den, x_T, 20, bare, schedule))
+            again = sd.sample(den, x_T, 20, bare, schedule, generator=torch.Generator().manual_seed(0))
+            assert torch.equal(ours, again)
         assert DEIS()._order(18, make_grid(sd_process, sd.schedules.Custom(grid.t[:-1]), 19, "none")) == 3
 
 
 @pytest.mark.parametrize("bad", [0.5, math.nan, "3", True])
-@pytest.mark.parametrize("cls", [DEIS, DPMSolverPPMultistep, UniPC])
+@pytest.mark.parametrize("cls", [DEIS, DPMSolverPPMultistep, UniPC, DPMSolverSDEMultistep, SASolver])
 def test_step_ratio_rule_bad_max_ratio_raises(cls, bad):
     with pytest.raises(ValueError, match=rf"{cls.__name__}: max_ratio must be a number >= 1 or inf, got"):
         cls(max_ratio=bad)

@@ -10,6 +10,7 @@ second draw made of the first and a fresh one as the tree's increments are.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 import steerdiff as sd
+from steerdiff.bench.solvers import merged_nodes
 from steerdiff.solvers import DPMSolverPPMultistep, DPMSolverSDE, DPMSolverSDEMultistep
 from steerdiff.solvers.base import SDE_MAX_H, SDE_MAX_H_RATIO
 
@@ -136,14 +138,34 @@ def test_eta_zero_is_dpmpp(gmm, sd_process, x_T, sde, ode, steps):
 @pytest.mark.parametrize("order", [2, 3])
 def test_eta_zero_is_dpmpp_with_the_sde_long_step_rules(gmm, sd_process, order):
     # 30 time_uniform steps end with a long step (h 2.07 after 0.43 at 20 steps): the two solvers' default
-    # long-step rules differ there, so eta = 0 is DPMSolverPPMultistep with the SDE solver's rules only
+    # long-step rules (max_h, max_h_ratio) differ there, so eta = 0 is DPMSolverPPMultistep with the SDE
+    # solver's rules only
     x_T, den = noise(4, 8), gmm.denoiser(sd_process)
     x = sd.sample(den, x_T, 30, DPMSolverSDEMultistep(order=order, eta=0.0), "time_uniform")
-    rules = {"max_h": SDE_MAX_H, "max_h_ratio": SDE_MAX_H_RATIO, "max_ratio": math.inf}
+    rules = {"max_h": SDE_MAX_H, "max_h_ratio": SDE_MAX_H_RATIO}
     y = sd.sample(den, x_T, 30, DPMSolverPPMultistep(order=order, **rules), "time_uniform")
     assert rel_rmse(x, y) < 1e-12
     # with its own defaults DPMSolverPPMultistep is another solver there (measured 0.047 / 0.057 apart)
     assert rel_rmse(x, sd.sample(den, x_T, 30, DPMSolverPPMultistep(order=order), "time_uniform")) > 0.02
+
+
+@pytest.mark.parametrize("third_order", ["exact", "dpmsolver"])
+def test_eta_zero_is_dpmpp_3m_with_defaults_over_a_long_mid_grid_step(gmm, sd_process, third_order):
+    """40 logsnr_uniform steps with 3 intervals merged at node 19: a step 3 times the one before, 0.46 in lam,
+    under both solvers' max_h (0.5 and 2), so only the step-ratio rule (max_ratio, default 2.5 in both) makes
+    it second order. eta = 0 is then DPM-Solver++(3M) with each one's defaults; without the rule in the SDE
+    solver (max_ratio=inf, its default before) it takes order 3 there (measured 7.4e-3 / 4.7e-3 apart,
+    relative)."""
+    x_T, den = noise(4, 8), gmm.denoiser(sd_process)
+    nodes = merged_nodes(sd_process, "logsnr_uniform", 40, 3, 19)
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.Custom(nodes), 40, "zero")
+    assert 2.9 < grid.h(18) / grid.h(17) < 3.1 and grid.h(18) < SDE_MAX_H
+    sde = DPMSolverSDEMultistep(order=3, eta=0.0, third_order=third_order)
+    x = sd.sample(den, x_T, 40, sde, nodes, generator=torch.Generator().manual_seed(0))
+    y = sd.sample(den, x_T, 40, DPMSolverPPMultistep(order=3, third_order=third_order), nodes)
+    assert rel_rmse(x, y) < 1e-12
+    z = sd.sample(den, x_T, 40, dataclasses.replace(sde, max_ratio=math.inf), nodes)
+    assert rel_rmse(z, y) > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ exact transitions, and distribution on the Gaussian-mixture oracle."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 import steerdiff as sd
+from steerdiff.bench.solvers import merged_nodes
 from steerdiff.solvers import DDIM, ERSDE, DPMSolverSDEMultistep
 
 from .reference import Replay, assert_keeps_point_marginal, drive, exact_sample, noise, rel_rmse, slope
@@ -145,6 +147,38 @@ def test_sharp_mixture_bias_is_the_priors(sd_process):
     assert ode > 2.0 and 0.7 * ode < ratio["prior"] < 0.95 * ode, (ode, ratio)  # 2.44; 2.09
 
 
+# --- the step-ratio rule, opt-in ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("noise_scale", ["default", "sde"])
+def test_step_ratio_rule_is_opt_in(gmm, sd_process, noise_scale):
+    """Off by default (``max_ratio=inf``: ER-SDE's polynomial is in ``rho``, where the mid-grid steps the rule
+    takes in log-SNR are 0.6-2.1 times the one before; bench/longstep_rule_sde.py). With ``max_ratio=2.5`` the
+    long step of 12 karras steps with 4 merged at node 8 (4.7 times the one before in lam) is ER-SDE-2's step
+    from the same state and estimates, and every other step is as without the rule."""
+    den, x_T, steps = gmm.denoiser(sd_process), noise(6, 8), 12
+    grid = sd.solvers.make_grid(
+        sd_process, sd.schedules.Custom(merged_nodes(sd_process, "karras", 12, 4, 8)), 12
+    )
+    assert grid.h(7) > 4 * grid.h(6)
+    g = _gen(5)
+    draws = [torch.randn(x_T.shape, generator=g, dtype=F64) for _ in range(steps)]
+    bare, rule = ERSDE(noise_scale=noise_scale), ERSDE(noise_scale=noise_scale, max_ratio=2.5)
+    assert ERSDE().max_ratio == math.inf
+    _, outs = drive(bare, den, x_T, grid, draws)
+    _, ruled = drive(rule, den, x_T, grid, draws)
+    for i, (a, b) in enumerate(zip(outs[:7], ruled[:7], strict=True)):
+        assert torch.equal(a.mean, b.mean), i
+    # step 7 from the state both reached: the rule's is order 2's, the default's order 3
+    model, state, x = sd.solvers.Model(den, noise=Replay(draws)), bare.init_state(grid), x_T
+    for i in range(7):
+        out = bare.step(model, x, i, grid, state)
+        x = out.mean + out.std * model.noise(grid.t[i], grid.t[i + 1], out.mean)
+    second = ERSDE(order=2, noise_scale=noise_scale).step(model, x, 7, grid, copy.deepcopy(state)).mean
+    assert torch.equal(rule.step(model, x, 7, grid, copy.deepcopy(state)).mean, second)
+    assert rel_rmse(bare.step(model, x, 7, grid, copy.deepcopy(state)).mean, second) > 1e-3
+
+
 # --- bad options ----------------------------------------------------------------------------------
 
 
@@ -155,6 +189,7 @@ def test_sharp_mixture_bias_is_the_priors(sd_process):
         (lambda: ERSDE(noise_scale="vp"), "noise_scale"),
         (lambda: ERSDE(third_order="taylor"), "third_order"),
         (lambda: ERSDE(quadrature=7), "quadrature"),
+        (lambda: ERSDE(max_ratio=0.5), "max_ratio must be a number >= 1 or inf"),
     ],
 )
 def test_bad_options(make, arg):

@@ -3,12 +3,14 @@ UniPC-bh1 and DDIM, the exposed transition, and the sampled law at >= 100 NFE.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import steerdiff as sd
+from steerdiff.bench.solvers import merged_nodes
 from steerdiff.solvers.base import SDE_MAX_H, SDE_MAX_H_RATIO
 
 from .reference import (
@@ -95,11 +97,11 @@ def test_tau_zero_is_unipc_bh1(gmm, sd_process, p, schedule):
 @pytest.mark.parametrize("p", [2, 3])
 def test_tau_zero_is_unipc_bh1_with_the_sde_long_step_rules(gmm, sd_process, p):
     # 30 time_uniform steps end with a long step: SA-Solver's default long-step rule (SDE_MAX_H) and UniPC's
-    # (ODE_MAX_H and the step-ratio rule) differ there, so tau = 0 is UniPC-bh1 with SA-Solver's rules only
+    # (ODE_MAX_H) differ there, so tau = 0 is UniPC-bh1 with SA-Solver's rules only
     x_T, den = noise(4, 8), gmm.denoiser(sd_process)
     sa = sd.solvers.SASolver(order=p, corrector_order=p + 1, tau=0.0, second_order="sasolver")
     x = sd.sample(den, x_T, steps=30, solver=sa, schedule="time_uniform")
-    rules = {"max_h": SDE_MAX_H, "max_h_ratio": SDE_MAX_H_RATIO, "max_ratio": math.inf}
+    rules = {"max_h": SDE_MAX_H, "max_h_ratio": SDE_MAX_H_RATIO}
     y = sd.sample(
         den, x_T, steps=30, solver=sd.solvers.UniPC(order=p, variant="bh1", **rules), schedule="time_uniform"
     )
@@ -109,6 +111,25 @@ def test_tau_zero_is_unipc_bh1_with_the_sde_long_step_rules(gmm, sd_process, p):
         den, x_T, steps=30, solver=sd.solvers.UniPC(order=p, variant="bh1"), schedule="time_uniform"
     )
     assert rel_rmse(x, z) > 0.02
+
+
+@pytest.mark.parametrize("corrector", [True, False])
+def test_tau_zero_is_unipc_bh1_with_defaults_over_a_long_mid_grid_step(gmm, sd_process, corrector):
+    """40 logsnr_uniform steps with 3 intervals merged at node 19: a step 3 times the one before, 0.46 in lam,
+    under both solvers' max_h (0.5 and 2), so only the step-ratio rule (max_ratio, default 2.5 in both) makes
+    its prediction second order (and the corrector of its end third). tau = 0 with order 3 is then UniPC-bh1
+    with each one's defaults; without the rule in SA-Solver (max_ratio=inf, its default before) it is not
+    (measured 1.7e-3 with the corrector, 1.1e-2 without, apart, relative)."""
+    x_T, den = noise(4, 8), gmm.denoiser(sd_process)
+    nodes = merged_nodes(sd_process, "logsnr_uniform", 40, 3, 19)
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.Custom(nodes), 40, "zero")
+    assert 2.9 < grid.h(18) / grid.h(17) < 3.1 and grid.h(18) < SDE_MAX_H
+    sa = sd.solvers.SASolver(order=3, corrector_order=4 if corrector else 0, tau=0.0, second_order="sasolver")
+    x = sd.sample(den, x_T, steps=40, solver=sa, schedule=nodes)
+    y = sd.sample(den, x_T, 40, sd.solvers.UniPC(order=3, variant="bh1", corrector=corrector), nodes)
+    assert torch.allclose(x, y, rtol=0, atol=1e-12)
+    z = sd.sample(den, x_T, 40, dataclasses.replace(sa, max_ratio=math.inf), nodes)
+    assert rel_rmse(z, y) > 5e-4
 
 
 @pytest.mark.parametrize("second_order", ["exact", "sasolver"])

@@ -103,6 +103,7 @@ __all__ = [
     "initial_noise",
     "make_problem",
     "makes_grid",
+    "merged_nodes",
     "paired_against_diffusers",
     "pipeline_sampler",
     "plot",
@@ -180,6 +181,14 @@ def make_problem(batch: int = 1024, seed: int = 0) -> Problem:
     ref = gmm.reference_ode(x_T, proc, proc.t_max, proc.t_min, denoise=True)
     log.info("reference ODE for batch %d: %.1f s", batch, time.perf_counter() - t0)
     return Problem(gmm, proc, x_T, ref)
+
+
+def merged_nodes(process: Process, schedule: str, steps: int, m: int, p: int) -> list[float]:
+    """The noisy nodes of ``schedule`` at ``steps + m - 1`` steps (``final="zero"``) with the ``m`` intervals
+    from node ``p`` merged into one: with ``final="zero"`` a grid of ``steps`` steps whose step ``p - 1``
+    is long (the step-ratio rule's grids, ``bench/longstep_rule.py``)."""
+    fine = make_grid(process, schedules.get(schedule), steps + m - 1, "zero").t[:-1]
+    return fine[:p] + fine[p + m - 1 :]
 
 
 @dataclass

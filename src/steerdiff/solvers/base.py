@@ -388,17 +388,18 @@ SDE_MAX_H, SDE_MAX_H_RATIO = 0.5, 2.0
 # MAX_STEP_RATIO, as DPMSolverPPMultistep and UniPC do).
 ODE_MAX_H, ODE_MAX_H_RATIO = 2.0, 2.0
 
-# The step-ratio rule (step_order's max_ratio; the default of DEIS, DPMSolverPPMultistep and UniPC): a step
-# down the grid, but the last into a noisy node, longer than 2.5 times the step before is at most second
-# order. bench/longstep_rule.py (docs/bench/longstep_rule.txt; the numbers in steerdiff.solvers.deis, dpmpp,
-# unipc): on karras grids with one mid-grid step 2.2-5.3 times the one before, order 3's errors by a geometric
-# mean of 0.64x (deis), 0.42x (dpmpp_3m), 0.44x (unipc) where it changes them; GITS grids of the authors'
-# program: unipc 0.731 -> 0.093 at NFE 8. 2.5 is above the named grids' largest mid-grid ratio (lcm at 40
-# steps, 2.34-2.40: with 2 the rule reaches lcm's grids at 30-40 steps, up to 1.0024x worse for deis), so none
-# of their results changes; their last noisy step, 2.7-14 times the one before on time_uniform, linspace and
-# leading, is left: order 3 is up to 1.16x better than 2 there for deis (50 steps of time_uniform). At 2.2-2.5
-# times the one before order 3 still loses to order 2 (dpmpp_3m up to 0.741 against dpmpp_2m's 0.299):
-# max_ratio=2 for such grids.
+# The step-ratio rule (step_order's max_ratio; the default of DEIS, DPMSolverPPMultistep and UniPC, and of
+# DPMSolverSDEMultistep and SASolver, so that their noise-free limits equal DPMSolverPPMultistep and UniPC-bh1
+# with each one's defaults wherever SDE_MAX_H and ODE_MAX_H agree): a step down the grid, but the last into a
+# noisy node, longer than 2.5 times the step before is at most second order. bench/longstep_rule.py
+# (docs/bench/longstep_rule.txt; the numbers in steerdiff.solvers.deis, dpmpp, unipc): on karras grids with
+# one mid-grid step 2.2-5.3 times the one before, order 3's errors by a geometric mean of 0.64x (deis), 0.42x
+# (dpmpp_3m), 0.44x (unipc) where it changes them; GITS grids of the authors' program: unipc 0.731 -> 0.093 at
+# NFE 8. 2.5 is above the named grids' largest mid-grid ratio (lcm at 40 steps, 2.34-2.40: with 2 the rule
+# reaches lcm's grids at 30-40 steps, up to 1.0024x worse for deis), so none of their results changes; their
+# last noisy step, 2.7-14 times the one before on time_uniform, linspace and leading, is left: order 3 is up
+# to 1.16x better than 2 there for deis (50 steps of time_uniform). At 2.2-2.5 times the one before order 3
+# still loses to order 2 (dpmpp_3m up to 0.741 against dpmpp_2m's 0.299): max_ratio=2 for such grids.
 MAX_STEP_RATIO = 2.5
 
 

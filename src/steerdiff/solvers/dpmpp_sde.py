@@ -26,10 +26,22 @@ weights ``d_2`` by ``W_3 - h^2`` (``"diffusers"``): the ``- 0.5`` in its ``D2`` 
 sign of the ODE branch's, so its third-order step carries an ``O(h^2)`` local error.
 At ``eta = 0`` the multistep solver is :class:`~steerdiff.solvers.dpmpp.DPMSolverPPMultistep`
 (midpoint 2M; 3M with the same ``third_order``) with the same long-step rules: the SDE solver's
-``max_h``, ``max_h_ratio`` (default :data:`~steerdiff.solvers.base.SDE_MAX_H`, ``SDE_MAX_H_RATIO``) and no
-step-ratio rule (``max_ratio=inf``). With each one's defaults they differ on grids with long steps (SD betas,
-30 ``time_uniform`` steps, the tests' 8-d mixture: 0.047 apart, relative, at order 2, 0.057 at order
-3).
+``max_h``, ``max_h_ratio`` (default :data:`~steerdiff.solvers.base.SDE_MAX_H`, ``SDE_MAX_H_RATIO``: first
+order over a step longer than 0.5 in log-SNR and twice the one before; the ODE solver's 2 and 2) and the same
+step-ratio rule (``max_ratio``, default :data:`~steerdiff.solvers.base.MAX_STEP_RATIO` in both). With each
+one's defaults they differ only where a step is 0.5-2 in log-SNR and over twice the one before (SD betas, 30
+``time_uniform`` steps, whose last noisy step is such, the tests' 8-d mixture: 0.047 apart, relative, at
+order 2, 0.057 at order 3), not over a long mid-grid step under 0.5 (40 ``logsnr_uniform`` steps with 3
+merged into one, 3 times the one before: equal to 1e-12; 7.4e-3 apart without the step-ratio rule).
+
+``max_ratio``: the step-ratio rule of :class:`~steerdiff.solvers.dpmpp.DPMSolverPPMultistep`
+(:func:`~steerdiff.solvers.base.step_order`): a step down the grid, but the last into a noisy node, longer
+than ``max_ratio`` times the step before is at most second order (``dpmpp_3m_sde``'s). A step that long is
+first order by ``SDE_MAX_H`` already where it is over 0.5 in log-SNR, so the rule reaches only shorter ones:
+on the ``karras`` grids of 6-12 steps with one merged mid-grid step 2.2-5.3 times the one before (the ODE
+solvers' ``bench/longstep_rule.py`` grids) it changes nothing (``bench/longstep_rule_sde.py``). No step of
+the named schedules is affected (the SDE benchmark's grids included: its numbers are unchanged).
+``max_ratio=math.inf``: none (the paper's, k-diffusion's and diffusers').
 
 Singlestep (k-diffusion's ``sample_dpmpp_sde``, diffusers' ``DPMSolverSDEScheduler``): an SDE step
 of the first order to ``lam_m = lam_s + r h`` (``r = 1/2``) with its own noise
@@ -67,6 +79,7 @@ from .._checks import boolean, choice, real
 from .._ops import axpby, lincomb
 from ._exp import hphi_scaled, sde_decay, sde_std
 from .base import (
+    MAX_STEP_RATIO,
     SDE_MAX_H,
     SDE_MAX_H_RATIO,
     Grid,
@@ -107,6 +120,9 @@ class DPMSolverSDEMultistep(Solver):
             :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none). ``max_h`` may be a rule
             ``(grid, i) -> limit`` of the step (:data:`~steerdiff.solvers.base.MaxH`; e.g.
             :class:`~steerdiff.smc.FKCStepLimit`, by the step's noise level).
+        max_ratio: down the noise levels, a step (but the last into a noisy node) longer than ``max_ratio``
+            times the step before is at most second order (module docstring; a number >= 1, default 2.5,
+            :data:`~steerdiff.solvers.base.MAX_STEP_RATIO`; ``math.inf``: none, the paper's and diffusers').
     """
 
     picard: ClassVar[str | None] = "step"
@@ -119,11 +135,13 @@ class DPMSolverSDEMultistep(Solver):
     lower_order_final: bool = True
     max_h: MaxH = SDE_MAX_H
     max_h_ratio: float = SDE_MAX_H_RATIO
+    max_ratio: float = MAX_STEP_RATIO
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_long_step(self, self.max_h, self.max_h_ratio)
         who = type(self).__name__
+        self.max_ratio = real(who, "max_ratio", self.max_ratio, lo=1, finite=False)
         self.eta = real(who, "eta", self.eta, lo=0)
         self.solver_type = choice(who, "solver_type", self.solver_type, SECOND_ORDERS)
         self.third_order = choice(who, "third_order", self.third_order, THIRD_ORDERS)
@@ -148,7 +166,9 @@ class DPMSolverSDEMultistep(Solver):
         m, lams = hist.values, hist.at
         if grid.is_final_clean(i):
             return m[0]
-        k = step_order(i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio)
+        k = step_order(
+            i, grid, self.order, len(m), self.lower_order_final, self.max_h, self.max_h_ratio, self.max_ratio
+        )
         w = multistep_weights(lams, k, grid.h(i), 1.0 + self.eta, self.solver_type, self.third_order)
         out = _sde_step(grid, i, x, w, m[:k], self.eta)
         hist.trim()

@@ -79,7 +79,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .._checks import boolean, choice, integer
+from .._checks import boolean, choice, integer, real
 from .._ops import lincomb
 from ._poly import newton_weights
 from .base import Grid, History, Model, Solver, Transition, step_order
@@ -123,6 +123,9 @@ class ERSDE(Solver):
         third_order: ``"exact"`` or ``"paper"`` (see the module docstring).
         lower_order_final: diffusers' lower orders at the last steps below 15 steps.
         quadrature: Simpson intervals for the weight integrals (even, >= 2).
+        max_ratio: the other multistep solvers' step-ratio rule (:func:`~steerdiff.solvers.base.step_order`: a
+            step down the grid, but the last into a noisy node, longer in log-SNR than ``max_ratio`` times the
+            one before is at most second order); a number >= 1, default ``math.inf``: off (module docstring).
     """
 
     name: ClassVar[str] = "er_sde"
@@ -133,10 +136,12 @@ class ERSDE(Solver):
     third_order: str = "exact"
     lower_order_final: bool = True
     quadrature: int = 64
+    max_ratio: float = math.inf
 
     def __post_init__(self) -> None:
         super().__post_init__()
         who = type(self).__name__
+        self.max_ratio = real(who, "max_ratio", self.max_ratio, lo=1, finite=False)
         if not callable(self.noise_scale):  # else a function of rho
             self.noise_scale = choice(who, "noise_scale", self.noise_scale, list(NOISE_SCALES))
         self.third_order = choice(who, "third_order", self.third_order, _THIRD_ORDER)
@@ -165,7 +170,7 @@ class ERSDE(Solver):
         m, rhos = hist.values, hist.at
         if grid.is_final_clean(i):
             return m[0]
-        k = step_order(i, grid, self.order, len(m), self.lower_order_final)
+        k = step_order(i, grid, self.order, len(m), self.lower_order_final, max_ratio=self.max_ratio)
         phi = self.phi
         rho_t = grid.sigma[i + 1] / grid.alpha[i + 1]
         phi_s, phi_t = phi(rho), phi(rho_t)

@@ -22,15 +22,26 @@ in units of the step, ``theta = u / h``) is exact: ``alpha_t H sum_j w_j m_j``, 
   The evaluation is re-used by the next prediction (the corrected state is never evaluated), so
   the corrector is free: **NFE = steps**, as in UniPC.
 
-``second_order="sasolver"`` reproduces the authors' code (and diffusers' ``SASolverScheduler``):
-with two nodes, the moment ``int_0^1 e^{-H (1 - theta)} theta dtheta = phi_2(-H)`` is replaced by
-its ``H -> 0`` limit 1/2 (an ``O(h^3)`` change, like UniPC's ``B(h) = h``); then ``tau = 0`` with
-``corrector_order = order + 1`` is exactly :class:`~steerdiff.solvers.unipc.UniPC` with
-``variant="bh1"`` (:func:`~steerdiff.solvers._poly.unipc_moments`) and the same long-step rules (SA-Solver's
-``max_h``, ``max_h_ratio``, default :data:`~steerdiff.solvers.base.SDE_MAX_H`, ``SDE_MAX_H_RATIO``; no
-step-ratio rule, UniPC's ``max_ratio=inf``); with each one's defaults they differ on grids with long steps
-(SD betas, 30 ``time_uniform`` steps, the tests' 8-d mixture: 0.10 apart, relative, at order 2, 0.056 at
-3). ``"exact"`` (default) keeps the exact weight.
+``second_order="sasolver"`` reproduces the authors' code (and diffusers' ``SASolverScheduler``): with two
+nodes, the moment ``int_0^1 e^{-H (1 - theta)} theta dtheta = phi_2(-H)`` is replaced by its ``H -> 0`` limit
+1/2 (an ``O(h^3)`` change, like UniPC's ``B(h) = h``); then ``tau = 0`` with ``corrector_order = order + 1``
+is exactly :class:`~steerdiff.solvers.unipc.UniPC` with ``variant="bh1"``
+(:func:`~steerdiff.solvers._poly.unipc_moments`) and the same long-step rules (SA-Solver's ``max_h``,
+``max_h_ratio``, default :data:`~steerdiff.solvers.base.SDE_MAX_H`, ``SDE_MAX_H_RATIO``: first order over a
+step longer than 0.5 in log-SNR and twice the one before, UniPC's 2 and 2; the same step-ratio rule,
+``max_ratio``, default :data:`~steerdiff.solvers.base.MAX_STEP_RATIO` in both). With each one's defaults they
+differ only where a step is 0.5-2 in log-SNR and over twice the one before (SD betas, 30 ``time_uniform``
+steps, whose last noisy step is such, the tests' 8-d mixture: 0.10 apart, relative, at order 2, 0.056 at 3),
+not over a long mid-grid step under 0.5 (40 ``logsnr_uniform`` steps with 3 merged into one, 3 times the one
+before, order 3: equal to 1e-12; 1.7e-3 apart without the step-ratio rule). ``"exact"`` (default) keeps the
+exact weight.
+
+``max_ratio``: the step-ratio rule of :class:`~steerdiff.solvers.unipc.UniPC`
+(:func:`~steerdiff.solvers.base.step_order`): a prediction down the grid, but into the last noisy node, over a
+step longer than ``max_ratio`` times the step before is at most second order (the corrector of its end at most
+third). It reaches only predictor or corrector orders above 2 (not the default (2, 2)), and only steps under
+0.5 in log-SNR, since ``SDE_MAX_H`` makes longer ones first order already (the numbers in
+:mod:`~steerdiff.solvers.dpmpp_sde`). ``max_ratio=math.inf``: none (the paper's and diffusers').
 
 The predictor's transition is exposed: ``mean = e^{-tau^2 h} (sigma_t / sigma_s) x_s + alpha_t H sum
 w^P m``, ``std = sigma_t sqrt(1 - e^{-2 tau^2 h})`` (a Tensor is returned where ``std = 0``: ``tau =
@@ -55,6 +66,7 @@ from .._ops import axpby, lincomb
 from ._exp import sde_decay, sde_std
 from ._poly import exp_adams_bashforth, lagrange_weights, unipc_moments
 from .base import (
+    MAX_STEP_RATIO,
     SDE_MAX_H,
     SDE_MAX_H_RATIO,
     Grid,
@@ -88,6 +100,9 @@ class SASolver(Solver):
             step before is first order, predictor and corrector (:func:`~steerdiff.solvers.base.step_order`;
             the default :data:`~steerdiff.solvers.base.SDE_MAX_H` rule; ``inf``, 0 for none); ``max_h`` may be
             a rule ``(grid, i) -> limit`` of the step (:data:`~steerdiff.solvers.base.MaxH`).
+        max_ratio: down the noise levels, a step (but the last into a noisy node) longer than ``max_ratio``
+            times the step before is at most second order, predictor and corrector (module docstring; a number
+            >= 1, default 2.5, :data:`~steerdiff.solvers.base.MAX_STEP_RATIO`; ``math.inf``: none).
     """
 
     name: ClassVar[str] = "sa_solver"
@@ -100,11 +115,13 @@ class SASolver(Solver):
     lower_order_final: bool = True
     max_h: MaxH = SDE_MAX_H
     max_h_ratio: float = SDE_MAX_H_RATIO
+    max_ratio: float = MAX_STEP_RATIO
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_long_step(self, self.max_h, self.max_h_ratio)
         who = type(self).__name__
+        self.max_ratio = real(who, "max_ratio", self.max_ratio, lo=1, finite=False)
         self.corrector_order = integer(who, "corrector_order", self.corrector_order, lo=0, hi=4)
         self.second_order = choice(who, "second_order", self.second_order, SECOND_ORDER)
         self.lower_order_final = boolean(who, "lower_order_final", self.lower_order_final)
@@ -158,7 +175,7 @@ class SASolver(Solver):
             x = lincomb(self._weights(grid, i - 1, tau, lam[:q]), m[:q], start=torch.sub(x, pred))
         if grid.is_final_clean(i):
             return x0
-        long_step = (self.lower_order_final, self.max_h, self.max_h_ratio)
+        long_step = (self.lower_order_final, self.max_h, self.max_h_ratio, self.max_ratio)
         k = step_order(i, grid, self.order, len(m), *long_step)
         tau = self._tau(grid.t[i])
         h = grid.h(i)
