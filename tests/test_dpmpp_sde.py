@@ -89,8 +89,9 @@ def test_singlestep_matches_diffusers(diffusers, gmm, sd_process, x_T, steps):
 
     def recording_sampler(sigma: Tensor, sigma_to: Tensor) -> Tensor:
         # called to the midpoint (z_1), then from the same sigma to the next node, where its Brownian
-        # tree's increment continues the midpoint's: sqrt(p) z_1 + sqrt(1 - p) z_2 with p the midpoint's
-        # share of the step in process time, which steerdiff draws as z_1, then z_2
+        # tree's increment continues the midpoint's: sqrt(p) z_1 + sqrt(1 - p) z_2, steerdiff's draws z_1,
+        # then z_2, with steerdiff's p (the midpoint's share of the step in process time; diffusers' own tree
+        # takes it in sigma / alpha, which this recording sampler does not reproduce: the update is compared)
         draws.append(torch.randn(x_T.shape, generator=g, dtype=F64))
         t, t_to = (float(sd_process.t_of_sigma_ratio(float(s))) for s in (sigma, sigma_to))
         if len(draws) % 2:

@@ -280,7 +280,9 @@ class Transition:
     std: float | Tensor
 
     def draw(self, noise: NoiseSource, t_from: float, t_to: float) -> Tensor:
-        """``mean + std z`` with ``z = noise(t_from, t_to, mean)``; no draw when ``std`` is exactly 0."""
+        """``mean + std z`` with ``z = noise(t_from, t_to, mean)``; no draw when ``std`` is exactly 0. A
+        number ``std`` goes through ``torch.add(mean, z, alpha=std)``, one kernel that may round once where
+        ``mean + std * z`` rounds twice: the two differ in the last bit of some entries."""
         if not isinstance(self.std, float):  # per-sample stds
             return self.mean + self.std * noise(t_from, t_to, self.mean)
         if self.std == 0.0:

@@ -47,19 +47,21 @@ Singlestep (k-diffusion's ``sample_dpmpp_sde``, diffusers' ``DPMSolverSDESchedul
 of the first order to ``lam_m = lam_s + r h`` (``r = 1/2``) with its own noise
 ``sigma_m sqrt(1 - e^{-2 eta r h}) z_1``, a second estimate ``m'`` there, then the step from ``x_i``
 with ``S = W_1 [(1 - 1/(2r)) m_0 + 1/(2r) m']`` and noise ``sigma_{i+1} sqrt(1 - e^{-2 eta h}) z``.
-Two NFE per step. ``z`` continues ``z_1`` along one Brownian path in process time, as k-diffusion and
-diffusers draw both from one Brownian tree: with ``p = (t_i - t_m) / (t_i - t_{i+1})``,
+Two NFE per step. ``z`` continues ``z_1`` along one Brownian path in process time: with
+``p = (t_i - t_m) / (t_i - t_{i+1})``,
 
     z = sqrt(p) z_1 + sqrt(1 - p) z_2,
 
 ``z_1`` and ``z_2`` drawn with ``model.noise`` over ``[t_i, t_m]`` and ``[t_m, t_{i+1}]`` (independent draws
-from a generator; independent increments of a :class:`~steerdiff.noise.BrownianTreeNoise`, whose ``z``
-is then its increment over the step). Drawn independently of ``z_1``, ``z`` would leave the
-intermediate estimate's noise uncorrelated with the step's and the method first order. Both draws
-are made inside the step, which returns the state (a Tensor; a
-:class:`~steerdiff.solvers.base.Transition` for ``eta = 0`` and ``order=1``), as ``edm_sde`` and
-``restart`` do: the step is not Gaussian given ``x_i``. For ``0 < eta < 1`` k-diffusion splits the
-noise as an ancestral step instead (``sigma_up = eta s_t sqrt(1 - s_t^2 / s_s^2)`` with
+from a generator; independent increments of a :class:`~steerdiff.noise.BrownianTreeNoise`, whose ``z`` is then
+its increment over the step). Drawn independently of ``z_1``, ``z`` would leave the intermediate estimate's
+noise uncorrelated with the step's and the method first order. k-diffusion and diffusers draw both from one
+Brownian tree too, but one indexed by ``rho = sigma / alpha``: their ``p`` is
+``(rho_i - rho_m) / (rho_i - rho_{i+1})``. Both are ``r + O(h)``, so the order is the same; on the parity
+test's replayed draws steerdiff's ``p`` stands in for the tree's. Both draws are made inside the step, which
+returns the state (a Tensor; a :class:`~steerdiff.solvers.base.Transition` for ``eta = 0`` and ``order=1``),
+as ``edm_sde`` and ``restart`` do: the step is not Gaussian given ``x_i``. For ``0 < eta < 1`` k-diffusion
+splits the noise as an ancestral step instead (``sigma_up = eta s_t sqrt(1 - s_t^2 / s_s^2)`` with
 ``s = sigma / alpha``); both agree at ``eta = 0`` and ``eta = 1``.
 
 Every multistep step (and ``order=1`` singlestep) returns its Gaussian draw as a
