@@ -65,6 +65,18 @@ step (``third_order="paper"``, their reference code's ``dd_x0``) overshoots too;
 the default 0.062 against 0.036 at 10 steps. The cause is that of the SDE multistep solvers' long steps (the
 note on ``SDE_MAX_H`` in :mod:`~steerdiff.solvers.base`).
 
+The other multistep solvers' step-ratio rule (``max_ratio``, :func:`~steerdiff.solvers.base.step_order`: a
+step down the grid, but the last into a noisy node, longer in log-SNR than ``max_ratio`` times the one before
+is at most second order) is an option here, off by default (``max_ratio=math.inf``). Its premise, a
+polynomial extrapolated over a step ``w`` times those between its nodes, holds in ``rho``, the variable of
+ER-SDE's polynomial, where the steps it takes are not long: on the ``karras`` grids of
+``bench/longstep_rule.py`` (6-12 steps, one merged step 3.4-5.3 times the one before in log-SNR) they are
+0.6-2.1 times the one before in ``rho``. ``python bench/longstep_rule_sde.py`` (those grids and 48 of 20-50
+steps; the SDE benchmark's 64-d mixture, 4096 exact draws of ``x_T``, sliced W2, floor 0.029), with / without
+it where it changes a result: the default noise scale better in 33, worse in 38 of 71 (geometric mean 0.95x,
+0.52-1.42x), 7 / 41 of 48 at 20-50 steps (1.03x); ``"sde"`` 47 / 24 (0.83x, 0.43-1.21x) and 26 / 22 (0.92x),
+so ``ERSDE(noise_scale="sde", max_ratio=2.5)`` on such grids.
+
 One NFE per step, warm-up at the first steps and lower order at the last
 (:func:`~steerdiff.solvers.base.step_order`); the step into a clean end returns ``m_0``. Each step
 returns its Gaussian draw as a :class:`~steerdiff.solvers.base.Transition`.
