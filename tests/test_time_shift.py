@@ -181,6 +181,25 @@ def test_breaks_where_the_shifted_time_meets_the_bases():
     assert TimeShift(_Switch(), window=0, cutoff=300.0).breaks() == (500.0,)
 
 
+def test_the_cutoff_is_a_break_where_the_lowest_shifted_meeting_is_at_it():
+    """b = 500 = cutoff + 5 (window 10): the lowest ``t = b - j`` is the cutoff itself. A sample shifted by
+    j = +5 just above the cutoff is evaluated above b (t_s = 500.5 at t = 495.5), at the cutoff unshifted
+    below it (t_s = 495): the field jumps in any step from (495, 496) to at or below 495, so the cutoff is a
+    break. It was left out (no window time strictly below the cutoff), and ``crossings`` missed that step."""
+    from steerdiff.sampling import crossings
+    from steerdiff.solvers.base import make_grid
+
+    ts = TimeShift(_Switch(), window=10, cutoff=495.0)
+    assert ts.breaks() == tuple(float(b) for b in range(495, 506))
+    x = with_variance(2, 50, torch.tensor([1e-3, 5.0], dtype=F64), seed=6)
+    nodes = [999.0, 495.5, 300.0]
+    assert ts.shifted_times(x, 495.5).tolist() == [490.5, 500.5]
+    scale = torch.stack([ts(x, t).eps[:, 0] / x[:, 0] for t in nodes[1:]])
+    torch.testing.assert_close(scale, torch.tensor([[0.1, 0.3], [0.1, 0.1]], dtype=F64))
+    grid = make_grid(PROCESS, sd.schedules.Custom(nodes), 3)
+    assert crossings(ts, grid) == {0, 1}  # the old declaration: {0}
+
+
 def test_invert_refuses():
     """The net's time jumps with the state's variance, so the steps up the grid do not undo the steps down:
     sample(invert(x_0)) on the 16-d mixture (DDIM, window 20) misses x_0 by 0.37 / 0.53 at 20 / 100 steps

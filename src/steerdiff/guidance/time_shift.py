@@ -145,7 +145,8 @@ class TimeShift(Guided):
         (:meth:`~steerdiff.Denoiser.breaks`), the sample's ``t_s = t + j spacing`` equal to ``b``, at
         ``t = b - j spacing`` for each ``j`` of the window (whichever ``j`` a sample takes there) above the
         cutoff, at ``b`` itself at or below it, and at the cutoff where the shift turning on moves ``t_s``
-        across ``b`` (a ``b - j spacing`` on the other side of the cutoff than ``b``); the base's own where
+        across ``b`` (a ``b - j spacing`` at or below the cutoff where ``b`` is above it, or above it where
+        ``b`` is below); the base's own where
         the shift is off (``window = 0``). Not breaks: ``t_s`` moving to another candidate, or the shift
         turning on at the cutoff, over no break of the base: a change of the base's smooth prediction over a
         few ``spacing``."""
@@ -159,7 +160,8 @@ class TimeShift(Guided):
             out.update(s for s in hit if c < s < top)
             if b <= c:
                 out.add(b)
-            if any((s < c) != (b < c) for s in hit):
+            # just above the cutoff t_s = t + j d is at or below b iff t <= s (so iff c < s), at it t_s = c
+            if any((s <= c) != (b < c) for s in hit):
                 out.add(c)
         return tuple(sorted(out))
 
