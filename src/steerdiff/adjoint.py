@@ -53,7 +53,12 @@ exact for ``E_Q`` polynomial of degree ``k - 1`` in ``lam``: order ``k``. The pa
 (``zblasingame/AdjointDEIS``, ``ode_single_step``) is this scheme with ``phi = alpha`` and DEIS's weights
 for the adjoint too. The orders a step takes are DEIS's up the same grid (:func:`steerdiff.invert`: warm-up
 at the first steps, ``lower_order_final`` below 15 steps, long steps up the grid at first order), so for
-``k <= 2`` the re-solved state is ``invert(den, x, solver=DEIS(order=k))`` exactly.
+``k <= 2`` the re-solved state is ``invert(den, x, solver=DEIS(order=k))`` exactly, for a field without
+jumps. Where ``den``'s field jumps (:meth:`~steerdiff.denoiser.Denoiser.breaks`: RF-Inversion's editing
+window) ``invert`` (and the forward pass) restart DEIS's history after the step across the jump
+(:func:`~steerdiff.sampling.crossings`); the backward pass keeps its Adams history there, so its state is
+not ``invert``'s (a restart there was tried and did not make the gradient more accurate: the step across
+the jump is first order either way and dominates the error).
 
 **The start.** One step at first order (local error ``O(h^2)``) holds a method to second order, and at
 ``k = 3`` the warm-up's first step up, from the clean end, is one: under SD's betas, where the adjoint still

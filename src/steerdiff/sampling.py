@@ -660,7 +660,9 @@ def crossings(den: Denoiser | Sequence[float], grid: Grid) -> frozenset[int]:
     search (:func:`~steerdiff.solvers.dc_solver.search_ratios`) and
     :class:`~steerdiff.integrations.diffusers.SteerdiffScheduler` (its ``breaks``: the pipeline's field);
     :func:`~steerdiff.guidance.repaint_sample` (DDPM) and :func:`~steerdiff.ddpm_inversion.ddpm_invert`
-    (refusing solvers that keep a history) carry none.
+    (refusing solvers that keep a history) carry none. One exception: the backward pass of
+    :func:`~steerdiff.adjoint.adjoint` keeps its Adams history across a jump (its forward pass is
+    :func:`sample`'s; see there).
 
     The next step then warms up as at the first node (:meth:`~steerdiff.solvers.base.Solver.moved`): a
     multistep solver (UniPC, DPM-Solver++ 2M/3M, DEIS, iPNDM, ...) would otherwise extrapolate the
