@@ -597,6 +597,7 @@ def test_warm_start_runs_are_reproducible(sd_process):
         ({"uncond_kwargs": [1]}, r"uncond_kwargs must be a dict"),
         ({"warm_start": 1.5}, r"warm_start must be a finite number in \[0, 1\], got 1.5"),
         ({"warm_start": -0.1}, r"warm_start must be"),
+        ({"warm_start": 0.5, "max_iter": 1}, r"warm_start=0\.5 needs an iteration .*max_iter=1 is CFG"),
     ],
 )
 def test_bad_input(sd_process, kwargs, match):

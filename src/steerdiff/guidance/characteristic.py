@@ -209,7 +209,7 @@ class CharacteristicGuidance(Guided):
         memory: the Anderson history length ``m >= 0``; 0 is the damped fixed-point iteration.
         warm_start: ``c`` in ``[0, 1]``: 0 starts every call from ``d = 0``; otherwise a sample starts from
             ``c (v / v')`` times its converged shift at one of the latest calls where it qualifies (the
-            authors' ``chara_decay``; see the module docstring). Not with ``max_iter = 1`` (CFG).
+            authors' ``chara_decay``; see the module docstring). Refused with ``max_iter = 1`` (CFG).
 
     After a call: ``cost`` (its network evaluations), ``iterations`` (the iterations it ran),
     ``unconverged`` (its samples that got CFG's estimate, also logged as a warning), ``residual`` (per
@@ -243,6 +243,11 @@ class CharacteristicGuidance(Guided):
         self.step = real(who, "step", step, lo=0, hi=1, lo_open=True)
         self.memory = integer(who, "memory", memory, lo=0)
         self.warm_start = real(who, "warm_start", warm_start, lo=0, hi=1)
+        if self.warm_start > 0 and self.max_iter == 1:
+            raise ValueError(
+                f"{who}: warm_start={self.warm_start:g} needs an iteration to start (max_iter >= 2); "
+                "max_iter=1 is CFG, which solves nothing: use warm_start=0 with it"
+            )
         self._memo: list[_Memo] = []  # the latest calls, most recent last (warm_start > 0)
         self.warmed = 0
         self.cost = (
@@ -264,7 +269,7 @@ class CharacteristicGuidance(Guided):
         if self.scale in (0.0, 1.0):  # one branch at x itself: no shift to solve for
             one, kw = (self.base, cond) if self.scale == 1 else (self.uncond, self._ukw(cond, x))
             pred = one.evaluate(x, t, net_dtype, **kw)
-            self.cost, self.iterations, self.unconverged = one.cost, 0, 0
+            self.cost, self.iterations, self.unconverged, self.warmed = one.cost, 0, 0, 0
             self.residual, self.shift = None, torch.zeros_like(x)
             return pred
         w = held_by("CharacteristicGuidance", "scale", self.scale, x.dtype)
