@@ -276,7 +276,7 @@ def test_a_diverging_walk_is_reported_at_the_first_absurd_score_step_not_as_the_
     assert float(out.x.abs().max()) < 5
 
 
-@pytest.mark.parametrize(("steps", "at"), [(3, "at its step 2"), (1, "after its last step")])
+@pytest.mark.parametrize(("steps", "at"), [(3, "before its step 2"), (1, "after its last step")])
 def test_a_state_overflowing_in_one_step_is_reported_as_the_chains(steps, at):
     """A float32 ULA step of eps = 1e38 sigma^2 overflows the state from a finite score: the next
     evaluation, or the jump, would see inf (the model's NaN before)."""

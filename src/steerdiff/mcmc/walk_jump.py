@@ -214,11 +214,24 @@ def walk_jump_score(
 
 
 def _diverged(
-    step: int, t: float, *, chain_step: int | None, what: str, kernel: str, h: float, sigma: float
+    step: int,
+    t: float,
+    *,
+    chain_step: int | None,
+    what: str,
+    kernel: str,
+    h: float,
+    sigma: float,
+    before: bool = False,
 ) -> NonFiniteError:
-    """The error for a walk that diverged in measurement ``step``'s chain at its step ``chain_step``
-    (``None``: after its last), at process time ``t``, where ``what`` happened."""
-    at = "after its last step" if chain_step is None else f"at its step {chain_step}"
+    """The error for a walk that diverged in measurement ``step``'s chain at its step ``chain_step`` (or,
+    ``before``, in a step before it, found as that step's input; ``None``: after its last), at process time
+    ``t``, where ``what`` happened."""
+    at = (
+        "after its last step"
+        if chain_step is None
+        else f"{'before' if before else 'at'} its step {chain_step}"
+    )
     return NonFiniteError(
         f"walk_jump: the Langevin chain of measurement {step} diverged {at} (process time t={t:.6g}, "
         f"sigma={sigma:g}; the model's outputs finite until then): {what}; step_size={h:g} is too large for "
@@ -245,7 +258,9 @@ def _watched(
     def watched(y: Tensor) -> Tensor:
         nonlocal calls
         calls += 1
-        model.note_move(torch.isfinite(y).all(), k, t, functools.partial(error, chain_step=calls, what=state))
+        model.note_move(
+            torch.isfinite(y).all(), k, t, functools.partial(error, chain_step=calls, what=state, before=True)
+        )
         psi = score(y)
         big = psi.detach().abs().amax().to(torch.float32) <= DIVERGED / sigma  # False for NaN
         model.note_move(big, k, t, functools.partial(error, chain_step=calls, what=far))
