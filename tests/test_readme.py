@@ -199,18 +199,25 @@ def test_a_broken_link_is_found(tmp_path, link):
 def test_the_guidance_snippet_runs_with_what_it_is_given():
     from steerdiff.bench.digits import load_models
 
-    # "given a net taking a class label (label=None: unconditional), a 0/1 mask, observed y and a generator g"
+    # "given a net taking a class label (label=None: unconditional), labels, a 0/1 mask, observed y and a
+    # generator g"
+    models = load_models(None)
     mask = torch.zeros(1, 8, 8)
     mask[:, :4] = 1
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = sd.inverse.Inpaint(mask).forward(torch.zeros(4, 1, 8, 8))
-    scope: dict[str, Any] = {"sd": sd, "den": load_models(None).den, "mask": mask, "y": y, "x_T": x_T}
+    labels = torch.full((4,), 3)
+    scope: dict[str, Any] = {"sd": sd, "den": models.den, "mask": mask, "y": y, "x_T": x_T, "labels": labels}
     scope["g"] = torch.Generator().manual_seed(1)
-    exec(compile(block("# Guidance"), "docs/guidance.md", "exec"), scope)
+    code = block("# Guidance")
+    exec(compile(code, "docs/guidance.md", "exec"), scope)
     assert scope["x0"].shape == x_T.shape and scope["x0"].isfinite().all()
-    assert (
-        sd.sample(scope["cfg"], x_T, 4, label=torch.full((4,), 3)).isfinite().all()
-    )  # "then sd.sample(...)"
+    # the comment's "then sd.sample(cfg, ...)" with the names the snippet is given: it said label=y, the
+    # observed image, which the digits net refuses as a label
+    then = re.search(r"# then (sd\.sample\(cfg, .*\))", code)
+    assert then is not None, code
+    x = eval(then.group(1), scope)
+    assert models.classifier(x).argmax(1).tolist() == [3, 3, 3, 3]  # CFG at scale 4 toward 3
 
 
 def test_the_particle_snippet_runs_with_what_it_is_given():
