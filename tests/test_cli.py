@@ -665,6 +665,17 @@ def test_bad_arguments_exit_2_and_say_why(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_version_is_the_packages(capsys):
+    # `steerdiff --version` was refused ("the following arguments are required: COMMAND")
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M)
+    assert version is not None
+    assert capsys.readouterr().out == f"steerdiff {version.group(1)}\n" == f"steerdiff {sd.__version__}\n"
+
+
 IS_A_FILE = "argument --out: '{file}' is a file, not a folder"
 WEIGHTS_FILE = "argument --weights: '{file}' is a file, not a folder of digits_*.safetensors"
 

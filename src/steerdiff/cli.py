@@ -44,7 +44,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import torch
 
-from . import sampling, schedules, solvers
+from . import __version__, sampling, schedules, solvers
 from .solvers.base import ODE_MAX_H, ODE_MAX_H_RATIO
 
 __all__ = ["build_parser", "main"]
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast, steerable sampling of diffusion and flow models, checked against exact answers.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages (INFO)")
+    parser.add_argument("--version", action="version", version=f"steerdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     bench = sub.add_parser("bench", help="benchmarks against exact answers", description="Benchmarks.")
