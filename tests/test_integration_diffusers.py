@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
 import pytest
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from steerdiff.bench.solvers import make_problem
 from steerdiff.integrations.diffusers_ref import run_scheduler
 from steerdiff.solvers.base import History
 
+from ._docs import block
 from .reference import F64, PARITY_BOUND, Replay, eps_net, nodes_of, rel_rmse, sd_betas_config
 from .test_device import _Syncs
 
@@ -143,6 +145,26 @@ def test_pipeline_is_sd_sample(unet, solver):
     assert sched.order == sd.solvers.get(solver).nfe(1, clean_end=False)  # the first step's evaluations
     assert torch.equal(raw, ref)  # measured: bit-identical on CPU for every solver
     assert torch.equal(images, _images(ref))
+
+
+def test_the_diffusers_page_example_runs_with_what_it_is_given(unet):
+    # "given a diffusers pipeline pipe and noise x_T of its net's sample shape": its block used sd without
+    # importing it (a NameError pasted into a script). Its last pipeline run (UniPC-3 on karras, 10 steps,
+    # the global RNG's x_T) is sd.sample's on the same net and noise, and its x0 sd.sample's defaults
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    scope: dict[str, Any] = {"pipe": pipe, "x_T": x_T}
+    torch.manual_seed(2)  # the pipeline's own x_T, from the global RNG as it draws it without a generator
+    with torch.no_grad():
+        exec(compile(block("# Inside diffusers"), "docs/diffusers.md", "exec"), scope)
+        den = denoiser_from_diffusers(unet, pipe.scheduler.config)
+        ref = sd.sample(den, torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(2)), 10,
+                        solver="unipc", schedule="karras")  # fmt: skip
+        assert torch.equal(scope["x0"], sd.sample(den, x_T, 10))
+    pixels = (_images(ref).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")[0]
+    assert (scope["images"][0].size, scope["images"][0].mode) == ((8, 8), "RGB")
+    assert (numpy.asarray(scope["images"][0]) == pixels).all()
 
 
 def test_pipeline_per_sample_generators(unet):
