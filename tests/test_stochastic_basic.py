@@ -367,6 +367,19 @@ def test_learned_variance_net_with_wrong_channels(gmm, sd_process):
     with pytest.raises(ValueError, match=r"net returned shape \(2, 8\), expected \(2, 16\)"):
         sd.sample(den, noise(2, 8), steps=4, solver="ddpm")
 
+    # the other way round, a 2C net without learned_variance=True: the message names the option (it said
+    # only "net returned shape (2, 16), expected (2, 8)"), and the 2C net with it is sd.sample's C one
+    def twice(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net(x, t), torch.zeros_like(x)], 1)
+
+    with pytest.raises(ValueError, match=r"expected \(2, 8\) \(twice the channels: .*learned_variance=True"):
+        sd.sample(sd.Denoiser(twice, sd_process), noise(2, 8), steps=4)
+    right = sd.Denoiser(twice, sd_process, learned_variance=True)
+    plain = sd.Denoiser(net, sd_process)
+    assert torch.equal(sd.sample(right, noise(2, 8), 4), sd.sample(plain, noise(2, 8), 4))
+    with pytest.raises(ValueError, match=r"expected \(2, 8\)$"):  # other shapes: no hint
+        sd.sample(sd.Denoiser(lambda x, t: net(x, t)[:, :4], sd_process), noise(2, 8), steps=4)
+
 
 def test_euler_maruyama_takes_the_slope_of_the_segment_it_crosses():
     """On ``VP.discrete`` ``lam`` is piecewise linear between integer timesteps, so ``d alpha / dt`` jumps

@@ -442,8 +442,16 @@ class Denoiser:
                 "scheduler.config) unwraps it, as does net=lambda x, t, **c: model(x, t, **c).sample)"
             )
         expected = (x.shape[0], 2 * x.shape[1], *x.shape[2:]) if self.learned_variance else x.shape
-        if f.shape != expected:
-            raise ValueError(f"Denoiser: net returned shape {tuple(f.shape)}, expected {tuple(expected)}")
+        if f.shape != expected:  # the hint's doubled shape only here: this runs at every evaluation
+            doubled = (x.shape[0], 2 * x.shape[1], *x.shape[2:])
+            hint = (
+                " (twice the channels: a net that also predicts its variance, as DiT's, IF's and improved "
+                "DDPM's do, is sd.Denoiser(..., learned_variance=True))"
+                if f.shape == doubled and not self.learned_variance
+                else ""
+            )
+            got = tuple(f.shape)
+            raise ValueError(f"Denoiser: net returned shape {got}, expected {tuple(expected)}{hint}")
         f = f.to(x.dtype)
         if not self.learned_variance:
             return self.convert(f, x, t)
