@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -178,6 +179,19 @@ def test_bad_denoiser_options_are_named(kwargs, name):
     call."""
     with pytest.raises(ValueError, match=f"Denoiser: {name}|Denoiser: `{name}`"):
         sd.Denoiser(lambda x, t: x, sd.EDM(), "eps", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, ours", [("epsilon", "eps"), ("sample", "x0"), ("v_prediction", "v"), ("flow_prediction", "flow")]
+)
+def test_a_diffusers_prediction_type_is_told_its_name(name, ours):
+    # a diffusers user writes prediction="v_prediction"; the message listed the accepted names only
+    hint = re.escape(f"(diffusers' prediction_type '{name}' is prediction='{ours}')")
+    with pytest.raises(ValueError, match=f"unknown prediction='{name}'; accepted: .* {hint}$"):
+        sd.Denoiser(lambda x, t: x, sd.EDM(), name)
+    assert sd.Denoiser(lambda x, t: x, sd.EDM(), ours).prediction == ours
+    with pytest.raises(ValueError, match=r"accepted: \('eps', 'x0', 'v', 'score', 'flow'\)$"):  # no hint
+        sd.Denoiser(lambda x, t: x, sd.EDM(), "noise")
 
 
 def test_denoiser_shape_accepts_a_list_and_torch_size():

@@ -39,6 +39,7 @@ from .processes import EDM, MeanReverting, Process
 _W = TypeVar("_W")
 
 __all__ = [
+    "DIFFUSERS_PREDICTIONS",
     "PREDICTIONS",
     "ConsistencyModelDenoiser",
     "CostOfBase",
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+# diffusers' prediction_type of each (a scheduler config's name; DIFFUSERS_PREDICTIONS[name] is ours)
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 _CACHE_SIZE = 4096
 
 
@@ -287,7 +290,9 @@ class Denoiser:
         learned_variance: bool = False,
     ) -> None:
         if prediction not in PREDICTIONS:
-            raise ValueError(f"Denoiser: unknown prediction={prediction!r}; accepted: {PREDICTIONS}")
+            ours = DIFFUSERS_PREDICTIONS.get(prediction) if isinstance(prediction, str) else None
+            hint = f" (diffusers' prediction_type {prediction!r} is prediction={ours!r})" if ours else ""
+            raise ValueError(f"Denoiser: unknown prediction={prediction!r}; accepted: {PREDICTIONS}{hint}")
         if not isinstance(process, Process):
             raise ValueError(f"Denoiser: `process` must be a steerdiff Process, got {type(process)}")
         if not callable(net):

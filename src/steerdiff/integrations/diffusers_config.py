@@ -68,6 +68,7 @@ from torch import Tensor
 
 from .._checks import choice, integer, ordered, real, real_array
 from ..denoiser import (
+    DIFFUSERS_PREDICTIONS,
     ConsistencyModelDenoiser,
     Denoiser,
     EDMDenoiser,
@@ -87,7 +88,6 @@ _WHO = "scheduler config"  # the name the config checks give
 # DDPMScheduler's variance types but "learned" (refused): the fixed ones choose the ddpm sampler's variance
 # (SteerdiffScheduler's solver="ddpm"), "learned_range" is the model's (twice the channels)
 _VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
-_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 _FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 _COSINE_CLASS = "CosineDPMSolverMultistepScheduler"  # EDM preconditioning, cosine_noise as the net time
@@ -565,8 +565,10 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
                 f"trained_betas, is no flow-matching config and has the key {key!r}: it describes a model "
                 f"that is not supported{hint}; supported: {_SUPPORTED}"
             )
-    if not isinstance(pred_type, str) or pred_type not in _PREDICTIONS:
-        raise ValueError(f"prediction_type={pred_type!r} is not supported; accepted: {sorted(_PREDICTIONS)}")
+    if not isinstance(pred_type, str) or pred_type not in DIFFUSERS_PREDICTIONS:
+        raise ValueError(
+            f"prediction_type={pred_type!r} is not supported; accepted: {sorted(DIFFUSERS_PREDICTIONS)}"
+        )
     variance = cfg.get("variance_type")
     if variance == "learned":
         raise ValueError(
@@ -591,7 +593,9 @@ def _spec(cfg: dict[str, Any]) -> _Spec:
             "log(sigma / alpha) / 4",
         )
     learned = variance == "learned_range"
-    return _Spec(process, _PREDICTIONS[pred_type], learned, time_map, threshold, timestep_scaling=scaling)
+    return _Spec(
+        process, DIFFUSERS_PREDICTIONS[pred_type], learned, time_map, threshold, timestep_scaling=scaling
+    )
 
 
 def _timestep_scaling(cfg: dict[str, Any], origin: str) -> float | None:
