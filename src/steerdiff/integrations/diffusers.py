@@ -1478,6 +1478,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         return_dict: bool = True,
         eta: float = 0.0,
+        use_clipped_model_output: bool | None = None,
     ) -> SteerdiffSchedulerOutput | tuple[Tensor, Tensor]:
         """Take the net's output at the current evaluation and return where it is needed next.
 
@@ -1497,7 +1498,14 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         deterministic ODE) does. ``eta=0``, the pipelines' default, leaves the solver as configured
         (``DDIM(eta=0.5)`` keeps its 0.5; a TCD solver its ``gamma``, where TCDScheduler in a pipeline at
         the default runs ``gamma = 0``: give ``solver=TCD(gamma=0)`` for that).
+
+        ``use_clipped_model_output`` (``DDIMPipeline`` passes it, ``None`` by default) is accepted and
+        changes nothing: the config's ``clip_sample`` / ``thresholding`` always step with the eps of the
+        clipped x0, as DDIMScheduler does with ``use_clipped_model_output=True`` (with ``None`` or ``False``
+        it pairs the clipped x0 with the net's own eps); without clipping the two are one.
         """
+        if use_clipped_model_output is not None:
+            boolean("step", "use_clipped_model_output", use_clipped_model_output)
         run = self._run
         if run is None:
             raise ValueError("step: call set_timesteps first")
