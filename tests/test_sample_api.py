@@ -308,6 +308,20 @@ def test_bad_flags_and_callback(gmm, sd_process, problem, option, words):
     _raises(words, sd.sample, gmm.denoiser(sd_process), problem[0], 3, **option)
 
 
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        ({"num_inference_steps": 10}, ["sample: num_inference_steps is not an argument here", "use steps="]),
+        ({"sigmas": [14.6, 1.0, 0.0]}, ["sample: sigmas is not an argument here", "schedule=sigmas[:-1]"]),
+    ],
+)
+def test_diffusers_and_k_diffusion_names_are_refused_naming_ours(gmm, sd_process, problem, option, words):
+    """diffusers' ``num_inference_steps`` and k-diffusion's ``sigmas`` in ``**cond`` reached the net as
+    conditions: a TypeError inside it, or, for a net taking ``**kwargs``, the default 10 steps on the default
+    grid without a word (here, before: the oracle's net's TypeError)."""
+    _raises(words, sd.sample, gmm.denoiser(sd_process), problem[0], **option)
+
+
 def test_den_must_be_a_denoiser(gmm, sd_process, problem):
     net = gmm.denoiser(sd_process).net
     _raises(["den", "Denoiser", "function"], sd.sample, net, problem[0])

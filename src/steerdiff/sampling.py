@@ -30,6 +30,7 @@ from .solvers.unipc import UniPC
 
 __all__ = [
     "SampleInfo",
+    "check_foreign",
     "check_sample_only",
     "check_seeded",
     "check_x_T",
@@ -272,6 +273,28 @@ def check_sample_only(who: str, cond: dict[str, Any], names: Sequence[str], why:
     if given := [name for name in names if name in cond]:
         are = "is an argument" if len(given) == 1 else "are arguments"
         raise ValueError(f"{who}: {', '.join(given)} {are} of sample, not of {who}, {why}")
+
+
+# diffusers' and k-diffusion's names for sample's arguments: in **cond they would reach the net as conditions
+# (a TypeError deep inside it, or a silently ignored keyword and the default steps / grid)
+FOREIGN = {
+    "num_inference_steps": "steps= (the number of steps)",
+    "sigmas": (
+        "steps= and schedule= (a list of process times is a grid: under sd.EDM, whose times are its sigmas, "
+        "k-diffusion's sigmas ending in 0 are sample(den, x_T, len(sigmas) - 1, schedule=sigmas[:-1]))"
+    ),
+}
+
+
+def check_foreign(who: str, cond: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` for a keyword of diffusers' or k-diffusion's samplers (:data:`FOREIGN`) in
+    ``**cond``, naming the argument of :func:`sample` that takes its place."""
+    for name, ours in FOREIGN.items():
+        if name in cond:
+            raise ValueError(
+                f"{who}: {name} is not an argument here (in **cond it would reach the net as a condition); "
+                f"use {ours}"
+            )
 
 
 def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x_T") -> None:
@@ -530,6 +553,7 @@ def sample_as(
             f"every step), not of {who}"
         )
     check_denoiser(who, "den", den)
+    check_foreign(who, cond)
     check_x_T(den, x_T, who)
     check_seeded(den, generator, who)
     sched, grid, slv = plan(den, steps, solver, schedule, final, who)
