@@ -140,6 +140,29 @@ def test_half_precision_input_gets_float32_time():
     assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == [2.5, 2.5]
 
 
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (F64, F64),
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+)
+def test_per_sample_times_reach_the_net_in_the_states_dtype(dtype, expected):
+    """A ``(batch,)`` tensor of times is handed to the net in ``x``'s dtype (float32 for half precision),
+    not rounded further: float16 would give 123.4 -> 123.375, 999.7 -> 999.5."""
+    t = torch.tensor([999.7, 123.4, 0.3], dtype=F64)
+    seen = {}
+
+    def net(x, tt):
+        seen["t"] = tt
+        return torch.zeros_like(x)
+
+    sd.Denoiser(net, sd.VP.scaled_linear(), prediction="eps")(torch.zeros(3, 2, dtype=dtype), t)
+    assert seen["t"].dtype == expected and torch.equal(seen["t"], t.to(expected))
+
+
 def test_unknown_prediction_lists_accepted():
     with pytest.raises(ValueError) as err:
         sd.Denoiser(lambda x, t: x, sd.EDM(), prediction="epsilon")

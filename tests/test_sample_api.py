@@ -545,6 +545,38 @@ def test_grid_rejects_a_non_increasing_log_snr(final, where):
     )
 
 
+def test_grid_rejects_nodes_that_coincide_after_the_clamp_to_the_range():
+    """Times within float32's slack above ``t_max`` are clamped to it (a float32 grid): two distinct given
+    times that both land on ``t_max`` would make a step with ``h = 0``, refused by name."""
+    p = sd.RectifiedFlow()
+    den = sd.Denoiser(lambda x, t: torch.zeros_like(x), p, prediction="x0")
+    kw = {"steps": 2, "solver": "ddim", "schedule": [0.9990001, 0.999, 0.5], "final": "none"}
+    _raises(
+        ["lam", "does not increase", "node 0 to node 1", "t = 0.999 -> 0.999"],
+        sd.sample,
+        den,
+        noise(2, 8),
+        **kw,
+    )
+
+
+def test_grid_rejects_an_infinite_log_snr():
+    """A user's process whose ``t_max`` has ``alpha = 0`` (rectified flow up to ``t = 1``: ``lam = -inf``)
+    is refused before any step, naming the log-SNR, not run into a division by ``alpha = 0``."""
+    p = sd.RectifiedFlow()
+    p.t_max = 1.0
+    den = sd.Denoiser(lambda x, t: torch.zeros_like(x), p, prediction="x0")
+    _raises(
+        ["infinite log-SNR", "-inf"],
+        sd.sample,
+        den,
+        noise(2, 8),
+        steps=3,
+        solver="ddim",
+        schedule="time_uniform",
+    )
+
+
 def test_the_default_takes_a_long_step_after_short_ones_at_first_order():
     """``sd.sample`` without ``solver``: UniPC-3 (the named ``"unipc"``), predicting at first order on
     a step longer than 2 in log-SNR and than twice the step before. On the default schedule that

@@ -159,6 +159,17 @@ def test_ays_other_processes_use_sigma_list():
     assert sd.metrics.relative_rmse(sd.sample(gmm.denoiser(p), x_T, 20, "dpmpp_2m", "ays"), exact) < 0.03
 
 
+@pytest.mark.parametrize("n", [13, 20])
+def test_ays_on_other_processes_interpolates_the_moved_list(n):
+    """Past 10 nodes the interpolation runs over the list whose first node was moved up to t_max: the
+    nodes between it and the published second one are log-linear from ``s(t_max)`` (EDM: 80), not from
+    the list's own 14.615 (numpy's interp of log sigma over a uniform index, the paper's rule)."""
+    p = sd.EDM()
+    sigmas = [p.t_max, *AYS_SIGMAS_SD15[1:]]  # EDM: s = sigma/alpha = t
+    ref = np.exp(np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, 11), np.log(sigmas)))[:-1]
+    assert np.allclose(AYS("sd15")(p, n).numpy(), ref, rtol=1e-12, atol=0)
+
+
 def _diffusers_timesteps(cls, spacing: str, offset: int, n: int) -> np.ndarray:
     sched = cls(**SD_CONFIG, timestep_spacing=spacing, steps_offset=offset)
     sched.set_timesteps(n)
