@@ -98,6 +98,19 @@ def test_callback_once_per_step(gmm, sd_process, name):
         assert torch.equal(seen[-1]["denoised"], x)
 
 
+def test_the_clean_step_is_reported_at_t_min(gmm):
+    """With ``final="zero"`` the node after the last step is the clean state at the process's ``t_min``
+    (``sigma = 0``): on EDM, ``t_min = 0.002``, not the ``t = 0`` of ``sigma = t`` (on Stable Diffusion's
+    betas both are 0)."""
+    p = sd.EDM()
+    seen: list[dict] = []
+    _, info = sd.sample(
+        gmm.denoiser(p), 80 * noise(2, 8), 4, "ddim", "karras", callback=seen.append, return_info=True
+    )
+    assert (seen[-1]["t"], seen[-1]["sigma"]) == (p.t_min, 0.0)
+    assert info.grid.t == [*sd.schedules.Karras()(p, 4).tolist(), p.t_min]
+
+
 @pytest.mark.parametrize("final", ["zero", "none"])
 @pytest.mark.parametrize("prediction", ["x0", "eps"])
 @pytest.mark.parametrize("name", ALL)

@@ -476,7 +476,8 @@ def sample(
         callback: called after every step with ``{"i", "t", "sigma", "x", "denoised", "nfe"}``
             (``x``: the solver state, float32 for a half-precision ``x_T``; ``denoised``: the x0
             estimate of the latest evaluation, as k-diffusion's callback has it, ``None`` while a
-            custom solver has made none; ``sigma``:
+            custom solver has made none; ``t``: the process time of the node reached, ``t_min`` after
+            the clean step of ``final="zero"``; ``sigma``:
             the process's ``sigma(t)`` at the node reached, 0 after the clean step of
             ``final="zero"``; k-diffusion's ``sigma / alpha`` is ``exp(-lam(t))``). Read-only: the
             tensors are the run's own, and what an in-place edit of ``x`` does depends on the solver
