@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -784,6 +785,10 @@ def test_corrector_arguments_without_a_corrector_are_refused(pc):
             sd.sample(den, x, corrector="ula", corrector_steps=steps, **kw)
     ref = sd.sample(den, x, **kw)
     torch.testing.assert_close(sd.sample(den, x, corrector_steps=1, snr=0.16, **kw), ref, rtol=0, atol=0)
+    # the defaults as numpy scalars (read from a config) are the defaults: np.int64(1) was refused
+    torch.testing.assert_close(
+        sd.sample(den, x, corrector_steps=np.int64(1), snr=np.float64(0.16), **kw), ref, rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("kernel", [sd.mcmc.ULA, sd.mcmc.MALA, sd.mcmc.HMC])

@@ -6,6 +6,7 @@ import bisect
 import functools
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -316,8 +317,8 @@ def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x
 
 
 def _is_default(value: object, default: float) -> bool:
-    """Whether ``value`` is the number ``default`` (a tensor or a string never is)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == default
+    """Whether ``value`` is the number ``default``, a Python or numpy scalar (never a tensor or string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == default
 
 
 def check_unused_corrector_args(
