@@ -736,6 +736,12 @@ def test_breaks_are_the_jumps_of_each_wrapper_and_of_those_it_wraps(gmm, sd_proc
     assert ControlledEditing(on_flow, torch.zeros(1, 8), 0.7, 0.0, 1.0).breaks() == ()
     assert ControlledEditing(on_flow, torch.zeros(1, 8), 0.0, 0.2, 0.6).breaks() == ()
 
+    class Switch(sd.Denoiser):  # a user's wrapper declaring a break "never" (inf) beside a real one
+        def own_breaks(self):
+            return (math.inf, 0.5, -math.inf, math.nan)
+
+    assert Switch(on_flow.net, flow, "x0").breaks() == (0.5,)  # the finite ones only
+
 
 def test_a_step_across_a_break_restarts_the_history(gmm):
     """``crossings``: the steps whose nodes lie on two pieces (a node on a break is on the less noisy side,
