@@ -757,6 +757,8 @@ def test_a_step_across_a_break_restarts_the_history(gmm):
     grid = make_grid(flow, sd.schedules.Custom(nodes), 5, "none")
     assert crossings(edit, grid) == {1}  # into the node on the break, evaluated uncontrolled
     assert crossings(edit, grid.reversed()) == {3}  # out of it, up the grid
+    # a pipeline's breaks as a sequence of times, in any order: t = 0.65 in step 2, 0.75 ends step 1
+    assert crossings([0.65, 0.75], grid) == crossings([0.75, 0.65], grid) == {1, 2}
     assert [edit.weight(t) > 0 for t in nodes] == [True, True, False, False, False, False]
     x_T = noise(4, 8)
     for steps, after in ((10, [2]), (20, [4]), (3, [0])):  # time_uniform: t = 0.999 - 0.998 i / steps
