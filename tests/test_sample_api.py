@@ -98,6 +98,22 @@ def test_callback_once_per_step(gmm, sd_process, name):
         assert torch.equal(seen[-1]["denoised"], x)
 
 
+@pytest.mark.parametrize(("scale", "h"), [(2.0, 1.49), (4.0, 0.79), (7.5, 0.51), (None, 0.51)])
+def test_the_guided_corrector_limit_solves_its_equation(scale, h):
+    """``guided_corrector_max_h``: the step at which UniPC-2's stable stiffness on the linear test equals
+    2M's at ``guided_max_h``, ``(1 + e^{-h_2}) / (2 (1 - e^{-h_2}))`` -- solved, not approximately (the
+    docstring's 1.49 / 0.79 / 0.51); none from scale 1 down."""
+    from steerdiff.sampling import _unipc2_stiffness_limit, guided_corrector_max_h, guided_max_h
+
+    h2 = guided_max_h(scale)
+    got = guided_corrector_max_h(scale)
+    assert _unipc2_stiffness_limit(got) == pytest.approx(
+        (1 + math.exp(-h2)) / (2 * -math.expm1(-h2)), rel=1e-9
+    )
+    assert got == pytest.approx(h, abs=5e-3) and got < h2
+    assert guided_corrector_max_h(1.0) == math.inf
+
+
 def test_the_clean_step_is_reported_at_t_min(gmm):
     """With ``final="zero"`` the node after the last step is the clean state at the process's ``t_min``
     (``sigma = 0``): on EDM, ``t_min = 0.002``, not the ``t = 0`` of ``sigma = t`` (on Stable Diffusion's
