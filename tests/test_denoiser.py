@@ -338,6 +338,35 @@ def test_prediction_to_keeps_the_given_estimate_at_the_new_point(given):
     assert sd.Prediction(x, 0.6, 0.8, eps=est).to(torch.float32).x.dtype == torch.float32
 
 
+@pytest.mark.parametrize("given", ["x0", "eps"])
+def test_prediction_to_after_the_other_estimate_was_derived(given):
+    """Once the other estimate is derived both are held, and :meth:`Prediction.to` carries ``x0`` as ``x0``
+    (``given`` is the held ``x0``): a ``given`` that returned the held ``eps`` made it the new ``x0``."""
+    g = torch.Generator().manual_seed(5)
+    x, est = (torch.randn(3, 4, generator=g, dtype=F64) for _ in range(2))
+    pred = sd.Prediction(x, 0.6, 0.8, **{given: est})
+    x0, eps = pred.x0, pred.eps  # the other one derived, both held now
+    out = pred.to(torch.float32)
+    torch.testing.assert_close(out.x0, x0.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.eps, eps.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_net_time_follows_the_states_dtype_call_by_call():
+    """The time tensor handed to the net is cached per time, device, dtype and batch: a float64 call after
+    a float32 one at the same time gets float64 (123.4, not float32's 123.40000153)."""
+    seen = []
+
+    def net(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    den = sd.Denoiser(net, sd.VP.scaled_linear(), prediction="eps")
+    for dtype in (torch.float32, F64, torch.float32):
+        den(torch.zeros(2, 3, dtype=dtype), 123.4)
+    assert [t.dtype for t in seen] == [torch.float32, F64, torch.float32]
+    assert seen[1].tolist() == [123.4, 123.4]
+
+
 def test_per_sample_times_of_another_shape_are_named():
     """t of shape (B, 1) or of another length: a ValueError naming t's shape (was torch's expand error)."""
     den = sd.toy.GaussianMixture(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1)).denoiser(
