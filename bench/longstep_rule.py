@@ -24,6 +24,7 @@ import argparse
 import itertools
 import math
 from dataclasses import replace
+from statistics import geometric_mean
 
 import torch
 
@@ -55,10 +56,6 @@ STEPS = range(6, 13)
 def without(solver: Solver) -> Solver:
     """``solver`` with ``max_ratio=inf``: no step-ratio rule (the papers' and diffusers')."""
     return replace(solver, max_ratio=math.inf)
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def main() -> None:
@@ -112,7 +109,7 @@ def main() -> None:
             changed = [(float(r[col]), float(r[col + 1])) for r in sel if r[col] != r[col + 1]]
             q = [a / b for a, b in changed]
             stats = (
-                f"{geomean(q):.3f}, {min(q):.3f}-{max(q):.3f}, better {sum(v < 1 for v in q)} / worse "
+                f"{geometric_mean(q):.3f}, {min(q):.3f}-{max(q):.3f}, better {sum(v < 1 for v in q)} / worse "
                 f"{sum(v > 1 for v in q)} of {len(q)} changed"
                 if q
                 else "none changed"

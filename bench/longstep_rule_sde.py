@@ -31,6 +31,7 @@ import argparse
 import itertools
 import math
 from dataclasses import replace
+from statistics import geometric_mean
 
 import torch
 
@@ -61,10 +62,6 @@ FINE = [
 def ruled(solver: Solver, max_ratio: float) -> Solver:
     """``solver`` with the step-ratio rule ``max_ratio`` (``math.inf``: none)."""
     return replace(solver, max_ratio=max_ratio)
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def main() -> None:
@@ -130,7 +127,7 @@ def main() -> None:
             sel = [r for r in rows if r[0] == which]
             q = [r[8 + 2 * j] / r[9 + 2 * j] for r in sel if not math.isnan(r[9 + 2 * j])]
             stats = (
-                f"{geomean(q):.3f}, {min(q):.3f}-{max(q):.3f}, better {sum(v < 1 for v in q)} / worse "
+                f"{geometric_mean(q):.3f}, {min(q):.3f}-{max(q):.3f}, better {sum(v < 1 for v in q)} / worse "
                 f"{sum(v > 1 for v in q)} of {len(q)} changed"
                 if q
                 else "none changed"
