@@ -1099,7 +1099,7 @@ def test_config_round_trip(tmp_path):
     )
     mild.save_pretrained(tmp_path / "mild")
     assert SteerdiffScheduler.from_pretrained(tmp_path / "mild").config.guidance_scale == 2.0
-    for bad in ("7.5", math.inf, True):
+    for bad in ("7.5", math.inf, True, -1, -0.5):  # a negative scale, as CFG refuses it
         with pytest.raises(ValueError, match="guidance_scale"):
             SteerdiffScheduler.from_config(config, guidance_scale=bad)
     sched.set_timesteps(7)

@@ -741,7 +741,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             (:func:`steerdiff.sampling.guided_max_h` and ``guided_corrector_max_h``: 2.04 and 1.49 at
             scale 2), and from 1 down the default is the unguided one; ``None`` (default): unknown,
             guided, with the limit of scale 7.5 (0.8 in log-SNR). Pass 1 for unguided pipelines
-            (``DDPMPipeline``).
+            (``DDPMPipeline``). A finite number ``>= 0``, as :class:`~steerdiff.guidance.CFG` takes its
+            ``scale`` (else a ``ValueError`` naming it).
         schedule: a name of :func:`steerdiff.schedules.available`, a Schedule instance (or as the
             config stores it), or a custom grid (process times; kept as that list); default (``None``):
             for LCM and TCD configs the timesteps their net was distilled at, as their schedulers take
@@ -843,7 +844,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         choice("SteerdiffScheduler", "final", final, FINALS)
         boolean("SteerdiffScheduler", "inverse", inverse)
         if guidance_scale is not None:  # saved as a plain float
-            guidance_scale = real("SteerdiffScheduler", "guidance_scale", guidance_scale)
+            guidance_scale = real("SteerdiffScheduler", "guidance_scale", guidance_scale, lo=0)  # as CFG's
             self.register_to_config(guidance_scale=guidance_scale)
         self._solver = None if solver is None else _resolve("solver", solver)  # None: per step count
         self._schedule = None if schedule is None else _resolve("schedule", schedule)  # None: the config's
