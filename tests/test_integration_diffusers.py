@@ -10,6 +10,7 @@ on the same timesteps.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import inspect
@@ -90,6 +91,9 @@ def _pipeline(
         passed.append(t)
         if isinstance(scheduler, SteerdiffScheduler):  # as the pipelines that take eta pass their default
             kw.setdefault("eta", 0.0)
+            # DDIM from a clipping config steps as sd.sample's thresholding denoiser with the eps of the
+            # clipped x0 (DDIMScheduler's option; by default it pairs the clipped x0 with the net's eps)
+            kw.setdefault("use_clipped_model_output", True)
         out = step(model_output, t, sample, **kw)
         outs.append(out.prev_sample)
         return out
@@ -354,30 +358,41 @@ def test_clip_sample_matches_ddpm_scheduler(unet):
 
 def test_clip_sample_under_ddim_is_ddims_use_clipped_model_output(unet):
     # DDIMScheduler clips x0 by default (clip_sample=True) and then, unless step gets
-    # use_clipped_model_output=True, steps with the net's own eps beside the clipped x0; a clipping
-    # denoiser gives the consistent eps' = (x - alpha x0') / sigma, which is the option's run
-    # (diffusers_config's docstring). Measured on the random net, 8 trailing steps: 3.7e-7 with the
-    # option, 1.87 without it.
+    # use_clipped_model_output=True, steps with the net's own eps beside the clipped x0; with True, with the
+    # consistent eps' = (x - alpha x0') / sigma (a clipping denoiser's, sd.sample's). Ours takes the option
+    # alike for solver="ddim" (before: always True's run, 1.87 from DDIMScheduler's default). 8 trailing
+    # steps from timestep 999 on the random net: the raw-eps run amplifies float32 rounding (DDIMScheduler's
+    # own float32 run is 3.5e-5 from its float64 one), so both float32 runs are held to DDIMScheduler's
+    # float64 run: measured ours 2.6e-7 / 4.1e-5 (True / False and not passed), DDIMScheduler's 1.4e-7 /
+    # 3.5e-5; the flag's two runs are 1.87 apart.
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    runs = []
-    for clipped in (True, False):
+    net64 = copy.deepcopy(unet).double()
+
+    def theirs_run(clipped: bool, dtype: torch.dtype) -> Tensor:
         theirs = diffusers.DDIMScheduler(timestep_spacing="trailing")
         assert theirs.config.clip_sample
         theirs.set_timesteps(8)
-        x = x_T
+        x, net = x_T.to(dtype), (unet if dtype == torch.float32 else net64)
         with torch.no_grad():
             for t in theirs.timesteps:
-                x = theirs.step(unet(x, t).sample, t, x, use_clipped_model_output=clipped).prev_sample
-        runs.append(x)
-    ours = SteerdiffScheduler.from_config(theirs.config, solver="ddim", schedule="trailing")
-    ours.set_timesteps(8)
-    assert ours.timesteps.tolist() == theirs.timesteps.float().tolist()
-    x = x_T
-    with torch.no_grad():
-        for t in ours.timesteps:
-            x = ours.step(unet(x, t).sample, t, x).prev_sample
-    assert rel_rmse(x, runs[0]) < PARITY
-    assert rel_rmse(x, runs[1]) > 1
+                x = theirs.step(net(x, t).sample, t, x, use_clipped_model_output=clipped).prev_sample
+        return x.double()
+
+    ours = SteerdiffScheduler.from_config(
+        diffusers.DDIMScheduler().config, solver="ddim", schedule="trailing"
+    )
+    refs = {flag: theirs_run(flag, torch.float64) for flag in (True, False)}
+    for clipped in (True, False, None):
+        ref = refs[bool(clipped)]
+        floor = rel_rmse(theirs_run(bool(clipped), torch.float32), ref)  # DDIMScheduler's own float32 error
+        ours.set_timesteps(8)
+        x = x_T
+        kw = {} if clipped is None else {"use_clipped_model_output": clipped}
+        with torch.no_grad():
+            for t in ours.timesteps:
+                x = ours.step(unet(x, t).sample, t, x, **kw).prev_sample
+        assert rel_rmse(x.double(), ref) < 2 * floor + PARITY_BOUND["DDIMScheduler"]
+    assert rel_rmse(refs[True], refs[False]) > 1
 
 
 def _ldm_pipeline(unet: Any, scheduler: Any, eta: float) -> Tensor:
@@ -432,19 +447,21 @@ def _ddim_pipeline(unet: Any, scheduler: Any, eta: float, clipped: bool | None) 
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
-@pytest.mark.parametrize("clip", [False, True])
-def test_ddim_pipeline_runs_and_is_ddim_schedulers(unet, eta, clip):
-    # DDIMPipeline passes use_clipped_model_output to step, which ours did not take: a TypeError at its first
-    # step. Measured 6.1e-8 / 9.7e-8 (no clipping, eta 0 / 0.5), 1.5e-7 / 2.3e-7 (clip_sample with
-    # use_clipped_model_output=True, the one DDIMScheduler run that clipping in steerdiff is)
+@pytest.mark.parametrize(("clip", "clipped"), [(False, None), (True, None), (True, False), (True, True)])
+def test_ddim_pipeline_runs_and_is_ddim_schedulers(unet, eta, clip, clipped):
+    # DDIMPipeline passes use_clipped_model_output to step (a TypeError at its first step before ours took
+    # it). With clip_sample its None / False pair the clipped x0 with the net's eps, True with the eps of the
+    # clipped x0: ours was True's run whatever the flag (0.94 / 0.73 from DDIMScheduler's default at eta 0 /
+    # 0.5). Measured 6.1e-8 / 9.7e-8 without clipping; clipped, None and False 2.0e-6 / 6.9e-7 (the raw-eps
+    # run amplifies float32 rounding: test_clip_sample_under_ddim_is_ddims_use_clipped_model_output), True
+    # 1.5e-7 / 2.3e-7; the flag's two runs are 0.78 / 0.63 apart (relative to the None run).
     theirs = diffusers.DDIMScheduler(clip_sample=clip)
     ours = SteerdiffScheduler.from_config(theirs.config, solver="ddim", schedule="leading")
-    clipped = True if clip else None
     images = _ddim_pipeline(unet, ours, eta, clipped)
-    assert rel_rmse(images, _ddim_pipeline(unet, theirs, eta, clipped)) < PARITY_BOUND["DDIMScheduler(eta)"]
-    if clip:  # the pipeline's default None pairs the clipped x0 with the net's eps: another run (0.94 / 0.73)
-        assert torch.equal(_ddim_pipeline(unet, ours, eta, None), images)
-        assert rel_rmse(images, _ddim_pipeline(unet, theirs, eta, None)) > 0.1
+    ref = _ddim_pipeline(unet, theirs, eta, clipped)
+    assert rel_rmse(images, ref) < PARITY_BOUND["DDIMScheduler(eta)"]
+    if clip:  # the flag matters
+        assert rel_rmse(ref, _ddim_pipeline(unet, theirs, eta, not clipped)) > 0.5
 
 
 def _eta_loop(sched: Any, net: Any, x_T: Tensor, eta: float, generator: Any, **grid: Any) -> Tensor:
@@ -527,6 +544,130 @@ def test_an_eta_the_solver_cannot_take_is_refused_not_ignored():
         ref, _ = run_scheduler(plain, net, x_T, 4, torch.Generator().manual_seed(3))
         assert torch.equal(x, ref)
     assert "eta" in inspect.signature(SteerdiffScheduler.step).parameters  # what pipelines look for
+
+
+def _given_noise_loop(
+    sched: Any, net: Any, x_T: Tensor, zs: list[Tensor], eta: float | None, **grid: Any
+) -> Tensor:
+    """A loop passing ``variance_noise=zs[k]`` to step ``k`` (LEDITS++'s, CycleDiffusion's), ``eta`` where
+    not ``None``; the global RNG seeded apart, so that a draw from it would differ."""
+    sched.set_timesteps(**grid)
+    torch.manual_seed(123)
+    x = x_T
+    kw = {} if eta is None else {"eta": eta}
+    for k, t in enumerate(sched.timesteps):
+        x = sched.step(net(x, t), t, x, variance_noise=zs[k], **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("case", ["ddim", "dpmpp_2m_sde"])
+def test_variance_noise_is_the_steps_draw(case):
+    # step(variance_noise=z) was a TypeError (LEDITS++, CycleDiffusion pass it). It is the call's one draw:
+    # DDIMScheduler(eta=0.5) and DPMSolverMultistepScheduler(sde-dpmsolver++, order 2) given the same z per
+    # step, the exact 16-d mixture net, 10 steps: measured 2.0e-7 / 2.3e-7; the run is sd.sample's with the
+    # z's as its noise, to the bit, and the z's matter (a run of the global RNG's draws: 0.76 / 1.13 away).
+    ddim = case == "ddim"
+    extra = {"clip_sample": False, "timestep_spacing": "leading", "set_alpha_to_one": True} if ddim else {}
+    cls = diffusers.DDIMScheduler if ddim else diffusers.DPMSolverMultistepScheduler
+    options = (
+        {} if ddim else {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}
+    )
+    config = cls(**sd_betas_config(**extra), **options).config
+    net, x_T = _mixture_net(config), torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(3)
+    zs = [torch.randn(x_T.shape, generator=g) for _ in range(10)]
+    eta = 0.5 if ddim else None
+    theirs = _given_noise_loop(cls.from_config(config), net, x_T, zs, eta, num_inference_steps=10)
+    ref = cls.from_config(config)
+    ref.set_timesteps(10)
+    solver = sd.solvers.DDIM(eta=0.5) if ddim else sd.solvers.DPMSolverSDEMultistep(order=2)
+    schedule = "leading" if ddim else nodes_of(ref)
+    ours = SteerdiffScheduler.from_config(config, solver="ddim" if ddim else solver, schedule=schedule)
+    x = _given_noise_loop(ours, net, x_T, zs, eta, num_inference_steps=10)
+    bound = PARITY_BOUND["DDIMScheduler(eta)" if ddim else "DPMSolverMultistepScheduler(sde-dpmsolver++)"]
+    assert rel_rmse(x, theirs) < bound
+    replay = Replay(zs)
+    assert torch.equal(
+        x, sd.sample(denoiser_from_diffusers(net, config), x_T, 10, solver, schedule, generator=replay)
+    )
+    assert (
+        replay.calls == 9
+    )  # no draw into the clean end: the last z is ignored, as diffusers' 0 std ignores it
+    torch.manual_seed(123)
+    drawn = _eta_loop(ours, net, x_T, 0.0 if eta is None else eta, None, num_inference_steps=10)
+    assert rel_rmse(drawn, x) > 0.1
+
+
+def test_variance_noise_is_ignored_by_a_deterministic_step_and_checked():
+    # a call that draws nothing ignores variance_noise, as DDIMScheduler at eta 0 and DPMSolverMultistep's
+    # ODE algorithms do; one of another shape or not a tensor is refused naming it, the run left as it was
+    config = sd_betas_config()
+    net, x_T = _mixture_net(config), torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    zs = [torch.randn(x_T.shape, generator=torch.Generator().manual_seed(k)) for k in range(6)]
+    for solver in ("ddim", "dpmpp_2m"):
+        sched = SteerdiffScheduler.from_config(config, solver=solver)
+        x = _given_noise_loop(sched, net, x_T, zs, 0.0, num_inference_steps=6)
+        ref, _ = run_scheduler(SteerdiffScheduler.from_config(config, solver=solver), net, x_T, 6, None)
+        assert torch.equal(x, ref)
+    sched = SteerdiffScheduler.from_config(config, solver="ddim")
+    sched.set_timesteps(4)
+    t = sched.timesteps[0]
+    for bad, match in [
+        (zs[0][:1], r"variance_noise has shape \(1, 1, 4, 4\), expected sample's"),
+        (3, "variance_noise must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sched.step(net(x_T, t), t, x_T, eta=0.5, variance_noise=bad)
+        assert sched.step_index is None
+    assert "variance_noise" in inspect.signature(SteerdiffScheduler.step).parameters
+
+
+def test_prev_timestep_is_checked_against_the_next_timestep():
+    # UnCLIPScheduler's prev_timestep (Kandinsky prior, unCLIP) was a TypeError: the next entry of timesteps
+    # (None at the last call) runs as without it; another is refused naming it, the run left as it was
+    config = sd_betas_config()
+    net, x_T = _mixture_net(config), torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    sched = SteerdiffScheduler.from_config(config, solver="dpmpp_2m")
+    sched.set_timesteps(5)
+    ts, x = sched.timesteps, x_T
+    for k, t in enumerate(ts):
+        if k == 2:
+            for wrong in (ts[k], ts[k + 1] + 1, 0):
+                with pytest.raises(
+                    ValueError, match=rf"^step: prev_timestep={float(wrong):g}, .*timesteps\[3\]"
+                ):
+                    sched.step(net(x, t), t, x, prev_timestep=wrong)
+                assert sched.step_index == 2
+        prev = ts[k + 1] if k + 1 < len(ts) else None
+        x = sched.step(net(x, t), t, x, prev_timestep=prev).prev_sample
+    ref, _ = run_scheduler(SteerdiffScheduler.from_config(config, solver="dpmpp_2m"), net, x_T, 5, None)
+    assert torch.equal(x, ref)
+    sched.set_timesteps(5)
+    t = sched.timesteps
+    x = sched.step(net(x_T, t[0]), t[0], x_T, prev_timestep=t[1]).prev_sample
+    for k in range(1, 4):
+        x = sched.step(net(x, t[k]), t[k], x).prev_sample
+    with pytest.raises(ValueError, match=r"prev_timestep=0, .*none \(the run's last evaluation\)"):
+        sched.step(net(x, t[4]), t[4], x, prev_timestep=0)
+
+
+@pytest.mark.parametrize(
+    ("key", "match"),
+    [
+        ("per_token_timesteps", "per_token_timesteps .*LTXConditionPipeline"),
+        ("pred_original_sample", "pred_original_sample .*Cosmos"),
+    ],
+)
+def test_step_keywords_of_other_schedulers_are_refused_by_name(key, match):
+    # LTX's per-token timesteps and Cosmos' pred_original_sample were TypeErrors; now a ValueError naming them
+    config = sd_betas_config()
+    net, x_T = _mixture_net(config), torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    sched = SteerdiffScheduler.from_config(config, solver="ddim")
+    sched.set_timesteps(4)
+    t = sched.timesteps[0]
+    with pytest.raises(ValueError, match=rf"^step: {match}"):
+        sched.step(net(x_T, t), t, x_T, **{key: torch.zeros(x_T.shape)})
+    assert sched.step_index is None
 
 
 def _patch_as_stable_diffusion_pipeline(scheduler: Any) -> None:

@@ -79,7 +79,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, real_array, tensor
 from .._ops import first_false
 from ..denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Prediction
-from ..guidance import ConsistencyBoundary, DynamicThreshold
+from ..guidance import ConsistencyBoundary, DynamicThreshold, with_estimate
 from ..inversion import default_inversion_solver, deterministic_solvers
 from ..noise import NoiseSource, PerSampleNoise, check_rows, make_noise
 from ..processes import VE, Process, RectifiedFlow
@@ -177,6 +177,38 @@ class _StepNoise:
             self.draws.append(self.source(t_from, t_to, like))
         self.used += 1
         return self.draws[self.used - 1]
+
+
+class _GivenDraw:
+    """The noise of one :meth:`SteerdiffScheduler.step` call given by the caller (its ``variance_noise``,
+    as DDIMScheduler and DPMSolverMultistepScheduler take it): the call's one new draw, moved to the
+    draw's dtype and device; a second draw in the same call is a ``ValueError``."""
+
+    def __init__(self, noise: Tensor, solver: Solver) -> None:
+        self.noise, self.solver, self.used = noise, solver, False
+
+    def __call__(self, t_from: float, t_to: float, like: Tensor) -> Tensor:
+        if self.used:
+            raise ValueError(
+                f"step: variance_noise is the noise of one draw, and {self.solver!r} draws more than once "
+                "between two net evaluations here; leave variance_noise out (the run cannot go on: call "
+                "set_timesteps to start again)"
+            )
+        self.used = True
+        return self.noise.to(device=like.device, dtype=like.dtype, copy=True)
+
+
+class _RawEps(DynamicThreshold):
+    """DDIMScheduler's step with ``use_clipped_model_output`` ``False`` / ``None``: the thresholded (clipped)
+    ``x0'`` beside the net's own ``eps``, which are one prediction at ``x + alpha (x0' - x0)``, not at ``x``:
+    returned there, so that the DDIM step ``alpha' x0' + sigma' eps`` (:meth:`Prediction.renoise
+    <steerdiff.denoiser.Prediction.renoise>`) is diffusers'. Only the ``ddim`` solver is given it (a solver
+    that reads ``x`` beside the prediction would take a wrong pair)."""
+
+    def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
+        pred = self.base.evaluate(x, t, net_dtype, **cond)
+        x0 = self.threshold(pred.x0)
+        return with_estimate(pred, x0=x0, x=pred.alpha * x0 + pred.sigma * pred.eps)
 
 
 class _Tape(Model):
@@ -346,15 +378,15 @@ def _sigmas(den: Denoiser, times: list[float], grid: Grid) -> Tensor:
     return s
 
 
-def _timestep_value(timestep: Any, who: str = "step") -> float:
+def _timestep_value(timestep: Any, who: str = "step", name: str = "timestep") -> float:
     """A pipeline's ``timestep`` (a number or a one-element tensor) as the float32 value it holds; else a
-    ``ValueError`` naming ``who``, the call it was given to."""
+    ``ValueError`` naming ``who``, the call it was given to, and ``name``, the argument."""
     try:
         value = torch.as_tensor(timestep)
     except (TypeError, ValueError, RuntimeError):
         value = None
     if value is None or value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
-        raise ValueError(f"{who}: timestep must be a number or a one-element tensor, got {timestep!r:.60}")
+        raise ValueError(f"{who}: {name} must be a number or a one-element tensor, got {timestep!r:.60}")
     return float(value.reshape(()).to(torch.float32))
 
 
@@ -869,6 +901,7 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         self._net_times: list[float] = []  # ``timesteps`` on the CPU
         self._run: _Run | None = None
         self._begin_index: int | None = None
+        self._raw: tuple[DynamicThreshold, _RawEps] | None = None  # _raw_eps's
 
     @classmethod
     def from_config(
@@ -1418,6 +1451,24 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
             if j is not None:
                 self._refuse_timestep(*run.passed[j])
 
+    def _raw_eps(self, den: DynamicThreshold) -> _RawEps:
+        """The :class:`_RawEps` of the run's thresholding denoiser ``den`` (made once per denoiser)."""
+        if self._raw is None or self._raw[0] is not den:
+            self._raw = (den, _RawEps(den.base, den.percentile, den.max_value))
+        return self._raw[1]
+
+    def _check_prev_timestep(self, prev_timestep: Any, k: int) -> None:
+        """``prev_timestep`` (UnCLIPScheduler's) must be ``timesteps[k + 1]``, the next evaluation's, ``k``
+        the call's step index; else a ``ValueError`` (a read from the device for a tensor on a GPU)."""
+        value = _timestep_value(prev_timestep, "step", "prev_timestep")
+        due = self._net_times[k + 1] if k + 1 < len(self._net_times) else None
+        if value != due:
+            where = f"timesteps[{k + 1}] = {due:g}" if due is not None else "none (the run's last evaluation)"
+            raise ValueError(
+                f"step: prev_timestep={value:g}, where the run's next evaluation is at {where} (step_index "
+                f"{k}); SteerdiffScheduler steps to the next entry of its timesteps: pass that, or None"
+            )
+
     def _refuse_timestep(self, k: int, timestep: Any) -> None:
         raise ValueError(
             f"step: timestep={_timestep_value(timestep):g} where scheduler.timesteps[{k}] = "
@@ -1480,6 +1531,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
         eta: float = 0.0,
         use_clipped_model_output: bool | None = None,
+        variance_noise: Tensor | None = None,
+        prev_timestep: Any = None,
+        per_token_timesteps: Any = None,
+        pred_original_sample: Tensor | None = None,
     ) -> SteerdiffSchedulerOutput | tuple[Tensor, Tensor]:
         """Take the net's output at the current evaluation and return where it is needed next.
 
@@ -1500,13 +1555,42 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         (``DDIM(eta=0.5)`` keeps its 0.5; a TCD solver its ``gamma``, where TCDScheduler in a pipeline at
         the default runs ``gamma = 0``: give ``solver=TCD(gamma=0)`` for that).
 
-        ``use_clipped_model_output`` (``DDIMPipeline`` passes it, ``None`` by default) is accepted and
-        changes nothing: the config's ``clip_sample`` / ``thresholding`` always step with the eps of the
-        clipped x0, as DDIMScheduler does with ``use_clipped_model_output=True`` (with ``None`` or ``False``
-        it pairs the clipped x0 with the net's own eps); without clipping the two are one.
+        ``use_clipped_model_output`` (``DDIMPipeline`` passes it, ``None`` by default) is DDIMScheduler's for
+        a :class:`~steerdiff.solvers.DDIM` run of a config that clips or thresholds x0 (``clip_sample``,
+        ``thresholding``): ``None`` or ``False`` steps with the clipped ``x0'`` beside the net's own ``eps``,
+        ``alpha' x0' + sqrt(sigma'^2 - c^2) eps (+ c z)`` (the prediction at ``x + alpha (x0' - x0)``, whose
+        DDIM step that is), ``True`` with the eps of the clipped x0, ``(x - alpha x0') / sigma``, as
+        :func:`steerdiff.sample` steps with a thresholding denoiser (``denoiser_from_diffusers``). Other
+        solvers step with the consistent pair whatever it says; without clipping the two are one.
+
+        ``variance_noise`` (LEDITS++, CycleDiffusion; DDIMScheduler's and DPMSolverMultistepScheduler's): the
+        standard normal noise of the call's stochastic step, of ``sample``'s shape, used as the one draw the
+        solver makes before the next evaluation (ahead of the scheduler's ``noise`` and of ``generator``); a
+        call that draws none (a deterministic solver, ``eta=0`` DDIM, the step into the clean end) ignores it,
+        as those schedulers do; a solver that draws twice in one call refuses it (a ``ValueError``).
+
+        ``prev_timestep`` (UnCLIPScheduler's; the Kandinsky prior and unCLIP pipelines pass it): the timestep
+        the step goes to, which must be the next entry of ``timesteps`` (``None``: the next, or the end;
+        else a ``ValueError``). ``per_token_timesteps`` (LTX's conditioning: a timestep per token, the
+        conditioning tokens' at their own noise level) and ``pred_original_sample`` (Cosmos', with a rewind of
+        the scheduler's private step index) are refused unless ``None``: the run steps the whole sample at one
+        noise level from the net's output.
         """
         if use_clipped_model_output is not None:
             boolean("step", "use_clipped_model_output", use_clipped_model_output)
+        if per_token_timesteps is not None:
+            raise ValueError(
+                "step: per_token_timesteps (a timestep per token, LTXConditionPipeline's conditioning tokens "
+                "at their own noise level) is not supported: SteerdiffScheduler's solvers step the whole "
+                "sample at one process time (a per-token time would need a per-token grid in every solver); "
+                "use the pipeline's own FlowMatchEulerDiscreteScheduler, or pass per_token_timesteps=None"
+            )
+        if pred_original_sample is not None:
+            raise ValueError(
+                "step: pred_original_sample (Cosmos' pipelines hand EDMEulerScheduler a denoised estimate of "
+                "their own, and rewind its _step_index) is not supported: SteerdiffScheduler derives the "
+                "estimate from model_output and follows its own step counter; pass pred_original_sample=None"
+            )
         run = self._run
         if run is None:
             raise ValueError("step: call set_timesteps first")
@@ -1530,6 +1614,18 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if isinstance(source, PerSampleNoise):  # checked whatever the solver, as sd.sample does
             who = "step" if self._noise is None else "step (scheduler.noise)"
             check_rows(source.generators, len(sample), who)
+        if variance_noise is not None:
+            if not isinstance(variance_noise, Tensor) or not variance_noise.is_floating_point():
+                raise ValueError(
+                    "step: variance_noise must be a floating-point tensor of sample's shape (the step's "
+                    f"standard normal noise), got {type(variance_noise).__name__}"
+                )
+            if variance_noise.shape != sample.shape:
+                raise ValueError(
+                    f"step: variance_noise has shape {tuple(variance_noise.shape)}, expected sample's "
+                    f"{tuple(sample.shape)}"
+                )
+            source = _GivenDraw(variance_noise, solver)
         if run.done:
             raise ValueError(
                 f"step: called more than the {len(self._times)} times of scheduler.timesteps; "
@@ -1546,6 +1642,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if k is None:
             k = self._begin(run, timestep)
         deferred = self._check_timestep(timestep, k)  # before the run takes the call's sample
+        if prev_timestep is not None:
+            self._check_prev_timestep(prev_timestep, k)
         if first:
             self._start(run, k)
             run.x, run.started = sample.to(work, copy=True), True
@@ -1555,6 +1653,10 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
         if deferred:
             run.passed.append((k, timestep))
         run.tape.noise.source = source
+        run.tape.denoiser = self._den
+        clipped = use_clipped_model_output  # DDIMScheduler's option, for its solver
+        if not clipped and isinstance(solver, _solvers.DDIM) and isinstance(self._den, DynamicThreshold):
+            run.tape.denoiser = self._raw_eps(self._den)
         run.tape.pending = model_output.to(work)
         x = self._advance(run, solver)
         if run.done:
