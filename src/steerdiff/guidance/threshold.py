@@ -13,7 +13,8 @@ so the solver sees a consistent ``(x0', eps')`` pair. With ``s = 1`` (every entr
 ``clip_sample=True, clip_sample_range=m`` is ``DynamicThreshold(den, None, m)``. Under
 ``DDIMScheduler`` that holds with ``step(..., use_clipped_model_output=True)`` only: by default it steps
 with the net's own ``eps`` beside the clipped ``x0`` (``tests/test_integration_diffusers.py``: 3.7e-7 with
-the option, 1.87 without, 8 steps of a random net); DDPM's and DPM-Solver++'s steps read ``x0`` alone.
+the option, 1.87 without, 8 steps of a random net; ``SteerdiffScheduler`` takes the option for its ``ddim``
+runs); DDPM's and DPM-Solver++'s steps read ``x0`` alone.
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ draws inside a step are recorded and replayed. ``step`` takes the pipeline's ``e
 pipelines pass it where the signature has it) as DDIMScheduler does: a ``ddim`` run steps as
 ``DDIM(eta)``, a ``tcd`` / ``lcm`` run takes it as its ``gamma`` (TCDScheduler's ``eta``), other solvers
 and inverse runs refuse ``eta > 0``; ``eta=0``, the pipelines' default, leaves the solver as configured.
+``step`` also takes DDIMScheduler's ``use_clipped_model_output`` (for ``ddim`` runs), the ``variance_noise``
+of DDIMScheduler and DPMSolverMultistepScheduler (the call's one draw) and UnCLIPScheduler's ``prev_timestep``
+(checked), and refuses LTX's ``per_token_timesteps`` and Cosmos' ``pred_original_sample`` by name.
 Half-precision pipelines: the solver runs in float32 and ``prev_sample`` is cast back, as diffusers'
 schedulers do. ``step`` returns copies,
 never the solver's state, and takes the entries of ``sample`` that differ from the ``prev_sample``

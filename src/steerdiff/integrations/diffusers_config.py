@@ -51,8 +51,10 @@ the denoised estimate as DDPM/DDIM/DPMSolver/UniPC apply them: the denoiser is t
 ``eps' = (x - alpha x0') / sigma``). Every solver then steps with that consistent pair, as
 DDPM/DPMSolver++/UniPC do (they step from ``x0'`` and ``x``); diffusers' DDIM does so only with
 ``step(..., use_clipped_model_output=True)``: by default it pairs ``x0'`` with the net's own eps,
-which a denoiser does not express (steerdiff's ``ddim`` on such a config is DDIM's
-``use_clipped_model_output=True``).
+which a denoiser at ``x`` does not express (steerdiff's ``ddim`` on such a config is DDIM's
+``use_clipped_model_output=True``; the ``step`` of
+:class:`~steerdiff.integrations.diffusers.SteerdiffScheduler` takes the option as DDIMScheduler does, with
+the prediction at ``x + alpha (x0' - x0)``, where the pair is consistent, for its ``ddim`` runs).
 """
 
 from __future__ import annotations
