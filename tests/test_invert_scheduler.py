@@ -64,6 +64,9 @@ def _loop(sched: Any, net: Any, x_0: Tensor, steps: int | None, **grid: Any) -> 
 def test_inverse_loop_is_sd_invert(unet, x_0, solver):
     config = diffusers.DDPMScheduler().config  # clip_sample=True: thresholded estimates, on both sides
     sched = SteerdiffScheduler.from_config(config, inverse=True, solver=solver, schedule="karras")
+    if solver == "ddim":  # by default (None) DDIMInverseScheduler's pair, the clipped x0 with the net's eps
+        step = sched.step
+        sched.step = lambda *a, **kw: step(*a, use_clipped_model_output=True, **kw)  # sd.invert's pair
     x, _ = _loop(sched, _net(unet), x_0, STEPS)
     with torch.no_grad():
         ref, info = sd.invert(
