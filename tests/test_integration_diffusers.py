@@ -598,6 +598,17 @@ def test_variance_noise_is_the_steps_draw(case):
     assert rel_rmse(drawn, x) > 0.1
 
 
+@dataclass
+class TwoDraws(sd.solvers.DDIM):
+    """DDIM that draws two noises per step (and adds neither): one ``variance_noise`` cannot serve it."""
+
+    def step(self, model: Any, x: Tensor, i: int, grid: Any, state: dict[str, Any]) -> Any:
+        out = super().step(model, x, i, grid, state)
+        for _ in range(2):
+            out = out + 0 * model.noise(grid.t[i], grid.t[i + 1], x)
+        return out
+
+
 def test_variance_noise_is_ignored_by_a_deterministic_step_and_checked():
     # a call that draws nothing ignores variance_noise, as DDIMScheduler at eta 0 and DPMSolverMultistep's
     # ODE algorithms do; one of another shape or not a tensor is refused naming it, the run left as it was
@@ -620,6 +631,11 @@ def test_variance_noise_is_ignored_by_a_deterministic_step_and_checked():
             sched.step(net(x_T, t), t, x_T, eta=0.5, variance_noise=bad)
         assert sched.step_index is None
     assert "variance_noise" in inspect.signature(SteerdiffScheduler.step).parameters
+    # every stochastic solver of the registry draws at most once per call; one that draws twice is refused
+    sched = SteerdiffScheduler.from_config(config, solver=TwoDraws())
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match=r"^step: variance_noise is the noise of one draw, and TwoDraws"):
+        sched.step(net(x_T, t), t, x_T, variance_noise=zs[0])
 
 
 def test_prev_timestep_is_checked_against_the_next_timestep():
