@@ -631,7 +631,8 @@ def test_variance_noise_is_ignored_by_a_deterministic_step_and_checked():
             sched.step(net(x_T, t), t, x_T, eta=0.5, variance_noise=bad)
         assert sched.step_index is None
     assert "variance_noise" in inspect.signature(SteerdiffScheduler.step).parameters
-    # every stochastic solver of the registry draws at most once per call; one that draws twice is refused
+    # a solver that draws twice in one call is refused (the registry's stochastic solvers drew at most once
+    # per call in a 6-step karras run on these betas)
     sched = SteerdiffScheduler.from_config(config, solver=TwoDraws())
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match=r"^step: variance_noise is the noise of one draw, and TwoDraws"):
