@@ -729,7 +729,9 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
     ``steps``. With the same net, initial noise and noise generator the pipeline returns what
     ``sd.sample(denoiser_from_diffusers(net, config), x_T, steps, solver, schedule, final=final,
     generator=g)`` returns (the module docstring explains how; with ``solver=None``, ``solver`` is
-    ``steerdiff.sampling.guided_solver(steps, guidance_scale, grid)``, unguided from scale 1 down).
+    ``steerdiff.sampling.guided_solver(steps, guidance_scale, grid)``, unguided from scale 1 down; a ``ddim``
+    run of a config that clips x0 does so with ``step(..., use_clipped_model_output=True)``, as its default
+    is DDIMScheduler's pairing of the clipped x0 with the net's eps).
 
     Args:
         num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
