@@ -271,3 +271,39 @@ def test_noise_regularization_reads_alphas_cumprod(schedule):
         sched.alphas_cumprod[1.5]
     with pytest.raises(ValueError, match=r"none yet, call set_timesteps first"):
         SteerdiffScheduler.from_config(config, inverse=True).alphas_cumprod[999]
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_inverse_of_a_clipping_config_is_ddim_inverse_schedulers(unet, x_0, clip):
+    # DDIMInverseScheduler clips x0 where clip_sample=True and steps with the net's own eps beside it (it
+    # has no use_clipped_model_output); the inverse ddim run's default (None) is that pair. On its nodes
+    # with a net whose eps does not depend on t (DDIMInverseScheduler evaluates at the target's timestep,
+    # test_invert.py) and set_alpha_to_one=False (its first step the identity, for a clean sample in
+    # [-0.8, 0.8]): measured 7.8e-7 unclipped, 1.5e-6 clipped; use_clipped_model_output=True (sd.invert's
+    # pair) is another run there, 0.39 away.
+    options = sd_betas_config(set_alpha_to_one=False, clip_sample=clip)
+    config = diffusers.DDIMInverseScheduler(**options).config
+    theirs = diffusers.DDIMInverseScheduler.from_config(config)
+    theirs.set_timesteps(8)
+    ts = [float(t) for t in theirs.timesteps.tolist()]
+
+    def frozen(x: Tensor, t: Any) -> Tensor:
+        return unet(x, 500).sample
+
+    clean = x_0.clamp(-0.8, 0.8)  # its first step, to timestep 0, clips nothing: the identity
+    with torch.no_grad():
+        ref = clean
+        for t in theirs.timesteps:
+            ref = theirs.step(frozen(ref, t), t, ref).prev_sample
+        runs = []
+        for clipped in (None, True):
+            ours = SteerdiffScheduler.from_config(config, inverse=True, solver="ddim")
+            ours.set_timesteps(timesteps=ts[::-1])
+            assert ours.timesteps.tolist() == ts[:-1]  # evaluated at the start of each step
+            x = clean
+            for t in ours.timesteps:
+                x = ours.step(frozen(x, t), t, x, use_clipped_model_output=clipped).prev_sample
+            runs.append(x)
+    assert rel_rmse(runs[0], ref) < PARITY_BOUND["DDIMInverseScheduler(t-independent eps)"]
+    if clip:
+        assert rel_rmse(runs[1], ref) > 0.1
