@@ -363,7 +363,8 @@ class _Mine(sd.smc.SMCAlgorithm):
         ),
         (
             lambda den: sd.smc.fk_steering(den, _reward, 1.0, x_T=_X, **_SMC),
-            r"^fk_steering: x_T must be \(batch, particles, \*shape\) = \(1, 2, 2\), got \(2, 2\)",
+            r"^fk_steering: x_T must be \(batch, particles, \*shape\) = \(1, 2, 2\) for shape=\(1, 2\) and "
+            r"particles=2, got \(2, 2\)",
         ),
         (
             lambda den: sd.smc.fk_steering(den, _reward, 1.0, x_T=torch.full((1, 2, 2), math.nan), **_SMC),

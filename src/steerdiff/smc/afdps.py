@@ -83,6 +83,7 @@ from .particles import (
     SMCAlgorithm,
     StepContext,
     _check_shape,
+    refuse_x_T,
     run_smc,
 )
 
@@ -297,6 +298,7 @@ def afdps(
         >>> x = out.sample(generator=g)   # (4, 16), one posterior draw per batch row
     """
     check_denoiser("afdps", "den", den)
+    refuse_x_T("afdps", cond, "exact draws of N(0, v0 I) exp(-mu_y), the start its weights assume")
     batch, *rest = _check_shape(shape, "afdps")
     sample_shape = tuple(rest)
     n_part = integer("afdps", "particles", particles, lo=1)

@@ -93,7 +93,7 @@ def best_of_n(
     den: Denoiser,
     reward: Reward,
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     particles: int = 16,
     steps: int = 100,
     solver: str | Solver = DEFAULT_SOLVER,
@@ -111,7 +111,8 @@ def best_of_n(
     """Best of ``particles`` independent samples per batch row by ``reward`` (see the module docstring).
 
     ``reward`` maps ``(n, *shape)`` to ``(n,)`` (gradient-free); the other arguments are those of
-    :func:`~steerdiff.smc.run_smc` (any solver, deterministic ones included). Returns
+    :func:`~steerdiff.smc.run_smc` (any solver, deterministic ones included; ``shape`` may be left out where
+    ``x_T`` is given). Returns
     :class:`~steerdiff.smc.Particles` with a point mass on each row's best sample.
     """
     _check_reward(reward, "best_of_n")
@@ -127,7 +128,7 @@ def code(
     den: Denoiser,
     reward: Reward,
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     particles: int = 16,
     block: int = 5,
     steps: int = 100,
@@ -135,6 +136,7 @@ def code(
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
+    x_T: Tensor | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     generator: Generators = None,
@@ -146,12 +148,14 @@ def code(
 
     ``reward`` maps ``(n, *shape)`` to ``(n,)`` (gradient-free); it scores the denoised estimate at
     each block's end and the final sample. The solver must be stochastic (branches must differ);
-    the other arguments are those of :func:`~steerdiff.smc.run_smc`. Returns
+    the other arguments are those of :func:`~steerdiff.smc.run_smc` (``shape`` may be left out where ``x_T``
+    is given; of ``x_T`` ``(batch, particles, *sample_shape)`` each row's first particle is the one start
+    of its branches). Returns
     :class:`~steerdiff.smc.Particles` with a point mass on each row's best final sample.
     """
     _check_reward(reward, "code")
     return run_smc(
         den, CoDe(block), shape, particles=particles, steps=steps, reward=reward, solver=solver,
-        schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, dtype=dtype,
+        schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, x_T=x_T, dtype=dtype,
         device=device, generator=generator, progress=progress, group=group, **cond,
     )  # fmt: skip

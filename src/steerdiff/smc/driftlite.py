@@ -329,7 +329,7 @@ def driftlite(
     dens: Sequence[Denoiser],
     betas: Sequence[float],
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     variant: str = "vcg",
     particles: int = 16,
     steps: int = 100,
@@ -364,7 +364,8 @@ def driftlite(
     Args:
         dens, betas, shape, particles, steps, kwargs, ess_threshold, resampler, solver, data_std, schedule,
             final, max_batch, x_T, dtype, device, generator, progress, cond: as for :func:`~steerdiff.smc.fkc`
-            (``generator`` also draws the Hutchinson probes).
+            (``generator`` also draws the Hutchinson probes; ``shape`` may be left out where ``x_T`` is
+            given).
         variant: ``"vcg"`` (default; the fields ``x`` and the components' scores) or ``"ecg"`` (the scores'
             fields only with ``log_probs``).
         probes: Hutchinson probes per divergence of a score field, ``>= 1`` (``>= D``, the sample's size:

@@ -111,6 +111,7 @@ from .particles import (
     _check_reward,
     _check_shape,
     _finite_reward,
+    refuse_x_T,
     stochastic_solvers,
 )
 
@@ -398,6 +399,7 @@ def dts(
     who = "dts"
     check_denoiser(who, "den", den)
     check_sample_only(who, cond, PARTICLE_SAMPLE_ONLY, PARTICLE_SAMPLE_ONLY_WHY)
+    refuse_x_T(who, cond, "each rollout draws its node 0, the initial noise, from the generator")
     _check_reward(reward, who)
     lam = real(who, "lam", lam, lo=0)
     shape = _check_shape(shape, who)

@@ -149,8 +149,8 @@ from .particles import (
     SMCAlgorithm,
     StepContext,
     _check_batching,
-    _check_shape,
     _row_chunks,
+    particle_shape,
     run_smc,
 )
 
@@ -481,7 +481,7 @@ def fkc(
     dens: Sequence[Denoiser],
     betas: Sequence[float],
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     particles: int = 16,
     steps: int = 100,
     kwargs: Sequence[dict[str, Any] | None] | None = None,
@@ -507,7 +507,8 @@ def fkc(
     Args:
         dens: the component denoisers (same process).
         betas: the exponents ``beta_k`` (finite, ``sum > 0``).
-        shape: ``(batch, *sample_shape)``.
+        shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` is given (read off it; a shape given
+            with it must agree).
         particles: ``N >= 1`` per batch row. ``steps``: solver steps (fine steps matter for ``B != 1``:
             high-noise steps longer than ``log(B / (B - 1))`` in log-SNR (0.69 at ``B = 2``) are unstable
             even at first order, so at ``B = 2`` 10 ``karras_jump`` steps fail and 15 do not, at ``B = 3`` 15
@@ -554,7 +555,7 @@ def run_composition(
     betas: Sequence[float],
     algorithm: Callable[[Composition], SMCAlgorithm],
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None,
     particles: int,
     steps: int,
     kwargs: Sequence[dict[str, Any] | None] | None,
@@ -577,8 +578,8 @@ def run_composition(
     (``algorithm(composition)`` makes it): the arguments checked (messages name ``who``), the default
     solver :func:`fkc_solver` of ``B`` and ``data_std``, the composed prior as the default ``x_T``, then
     :func:`~steerdiff.smc.run_smc` with the composition as its denoiser. The arguments are :func:`fkc`'s."""
-    shape = _check_shape(shape, who)
-    check_generators(who, generator, shape[0])
+    batch, *sample_shape = particle_shape(who, shape, x_T)
+    check_generators(who, generator, batch)
     n = integer(who, "particles", particles, lo=1)
     final = choice(who, "final", final, FINALS)
     comp = Composition(*_components(who, dens, betas, kwargs, max_batch))
@@ -600,7 +601,7 @@ def run_composition(
         sched = _schedules.get(schedule, who)
         grid = make_grid(comp.process, sched, integer(who, "steps", steps, lo=1), final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
-        x_T = scale * randn((shape[0], n, *shape[1:]), generator, dtype, device)
+        x_T = scale * randn((batch, n, *sample_shape), generator, dtype, device)
     return run_smc(
         comp, alg, shape, particles=particles, steps=steps, solver=solver, schedule=schedule,
         final=final, ess_threshold=ess_threshold, resampler=resampler, x_T=x_T, dtype=dtype,
@@ -612,10 +613,10 @@ def run_composition(
 def fkc_anneal(den: Denoiser, beta: float, **options: Any) -> Particles:
     """Annealing: sample ``p(x)^beta / Z`` (Skreta et al. 2025, Prop. 3.2 with the target-score drift
     ``beta s`` of Eq. 22; weight rate ``(beta - 1) (<nabla, f> + g^2/2 beta |s|^2)``). ``beta > 0``;
-    ``**options`` as for :func:`fkc` (``shape`` is required); ``solver=DDIM(eta=beta ** -0.5)`` is the
-    tempered-noise SDE of Eq. 23 (same weights; first order, so it needs more steps; for ``beta > 2`` its
-    ``zeta^2 = 1 / beta`` is below the stable ``(beta - 1) / beta`` of the module docstring and it stalls
-    short of the target; use the default there).
+    ``**options`` as for :func:`fkc` (``shape`` or ``x_T`` is required); ``solver=DDIM(eta=beta ** -0.5)``
+    is the tempered-noise SDE of Eq. 23 (same weights; first order, so it needs more steps; for ``beta > 2``
+    its ``zeta^2 = 1 / beta`` is below the stable ``(beta - 1) / beta`` of the module docstring and it
+    stalls short of the target; use the default there).
 
     Example:
         >>> out = sd.smc.fkc_anneal(den, 2.0, shape=(4, 2), particles=256, steps=100, generator=g)

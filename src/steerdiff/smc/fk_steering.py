@@ -179,7 +179,7 @@ def fk_steering(
     lam: float = 10.0,
     potential: str = "difference",
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     particles: int = 16,
     steps: int = 100,
     interval: int = 1,
@@ -206,7 +206,8 @@ def fk_steering(
             differentiable); must be finite.
         lam: tilt ``lambda`` (0: the base sampler).
         potential: ``"difference"`` (default), ``"max"``, ``"sum"`` or ``"immediate"``.
-        shape: ``(batch, *sample_shape)``.
+        shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` ``(batch, particles,
+            *sample_shape)`` is given (read off it; a shape given with it must agree).
         particles: ``N >= 1`` per batch row. ``steps``: solver steps.
         interval: apply potentials (and resample) every ``interval`` grid nodes ...
         window: ... inside ``(start, stop)`` (grid nodes, default the whole run).

@@ -226,6 +226,8 @@ __all__ = [
     "Weights",
     "check_nodes",
     "check_weights",
+    "particle_shape",
+    "refuse_x_T",
     "run_smc",
     "stochastic_solvers",
     "transition_log_prob",
@@ -1142,6 +1144,41 @@ def _check_shape(shape: Any, who: str) -> tuple[int, ...]:
     return sizes(who, "shape", shape)
 
 
+def particle_shape(who: str, shape: Any, x_T: Any) -> tuple[int, ...]:
+    """``shape`` = ``(batch, *sample_shape)`` of a particle method, checked (:func:`_check_shape`), or, left
+    ``None`` where ``x_T`` is given, read off ``x_T`` ``(batch, particles, *sample_shape)``; else a
+    ``ValueError`` naming ``who``. A shape given with ``x_T`` must agree with it (a ``ValueError`` naming
+    both; the particles, and an ``x_T`` of fewer dimensions, :func:`_initial_particles` checks)."""
+    if shape is not None:
+        shape = _check_shape(shape, who)
+        if isinstance(x_T, Tensor) and x_T.ndim >= 3 and shape != (x_T.shape[0], *x_T.shape[2:]):
+            raise ValueError(
+                f"{who}: shape={shape} disagrees with x_T of shape {tuple(x_T.shape)} = (batch, particles, "
+                f"*sample_shape), whose (batch, *sample_shape) is {(x_T.shape[0], *x_T.shape[2:])}; with x_T "
+                "shape may be left out"
+            )
+        return shape
+    if x_T is None:
+        raise ValueError(
+            f"{who}: pass shape=(batch, *sample_shape), or x_T (batch, particles, *sample_shape) to start "
+            "from"
+        )
+    if not isinstance(x_T, Tensor) or x_T.ndim < 3:
+        got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
+        raise ValueError(f"{who}: x_T must be a tensor (batch, particles, *sample_shape), got {got}")
+    return (x_T.shape[0], *x_T.shape[2:])
+
+
+def refuse_x_T(who: str, cond: dict[str, Any], start: str) -> None:
+    """A ``ValueError`` for ``x_T=`` in the ``**cond`` of a particle method ``who`` that draws its own start
+    (``start`` says how), where it would reach the net as a condition."""
+    if "x_T" in cond:
+        raise ValueError(
+            f"{who}: x_T is not an argument of {who}, which draws its own start ({start}); give shape="
+            "(batch, *sample_shape) and generator=; the other keyword arguments are the net's conditions"
+        )
+
+
 def _view(tr: Transition, run: _Run) -> Transition:
     std = run.rows(tr.std) if isinstance(tr.std, Tensor) and tr.std.ndim > 0 else tr.std
     return Transition(run.rows(tr.mean), std)
@@ -1231,7 +1268,7 @@ _HOOKS = ("log_weight", "resample", "propose")
 def run_smc(
     den: Denoiser,
     algorithm: SMCAlgorithm,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     *,
     particles: int,
     steps: int,
@@ -1255,7 +1292,8 @@ def run_smc(
     Args:
         den: the :class:`~steerdiff.denoiser.Denoiser` (guided denoisers included).
         algorithm: the :class:`SMCAlgorithm` whose hooks weight, select and propose.
-        shape: ``(batch, *sample_shape)``; particles are ``(batch, particles, *sample_shape)``.
+        shape: ``(batch, *sample_shape)``; particles are ``(batch, particles, *sample_shape)``. May be left
+            out where ``x_T`` is given (it is read off ``x_T``); a shape given with ``x_T`` must agree.
         particles: ``N >= 1`` per batch row.
         steps: solver steps ``S`` (grid nodes ``0..S``).
         reward: ``reward(z)`` maps ``(n, *sample_shape)`` to ``(n,)``, for ``ctx.reward``.
@@ -1319,10 +1357,11 @@ def run_smc(
     check_denoiser(who, "den", den)
     check_sample_only(who, cond, PARTICLE_SAMPLE_ONLY, PARTICLE_SAMPLE_ONLY_WHY)
     progress = boolean(who, "progress", progress)
-    shape = _check_shape(shape, who)
+    given = shape is not None
+    shape = particle_shape(who, shape, x_T)
     batch, sample_shape = shape[0], shape[1:]
     check_generators(who, generator, batch)
-    check_sample_shape(f"{who}: shape", den, sample_shape)
+    check_sample_shape(f"{who}: {'shape' if given else 'x_T'}", den, sample_shape)
     n_part = integer(who, "particles", particles, lo=1)
     steps = integer(who, "steps", steps, lo=1)
     algorithm.check_steps(steps)
@@ -1591,7 +1630,10 @@ def _initial_particles(
         return x if math.isclose(scale, 1.0, rel_tol=1e-9) else x * scale
     if not isinstance(x_T, Tensor) or tuple(x_T.shape) != shape:
         got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
-        raise ValueError(f"{who}: x_T must be (batch, particles, *shape) = {shape}, got {got}")
+        raise ValueError(
+            f"{who}: x_T must be (batch, particles, *shape) = {shape} for shape={(shape[0], *shape[2:])} and "
+            f"particles={shape[1]}, got {got}"
+        )
     x = x_T.reshape(rows, *sample_shape)
     check_x_T(den, x, who)
     where = None if device is None else torch.device(device)

@@ -71,11 +71,11 @@ from .particles import (
     Reward,
     StepContext,
     _check_reward,
-    _check_shape,
     _each_row,
     _initial_particles,
     _repeat_rows,
     _row_chunks,
+    particle_shape,
     run_smc,
     stochastic_solvers,
 )
@@ -163,7 +163,7 @@ def twisted_prior(
     reward: Reward,
     lam: float,
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     particles: int,
     steps: int,
     mcmc_steps: int = 25,
@@ -190,7 +190,7 @@ def twisted_prior(
     check_sample_only("twisted_prior", cond, TWISTED_PRIOR_SAMPLE_ONLY, TWISTED_PRIOR_SAMPLE_ONLY_WHY)
     _check_reward(reward, WHO)
     lam = real(WHO, "lam", lam)
-    batch, *sample = _check_shape(shape, WHO)
+    batch, *sample = particle_shape(WHO, shape, x_T)
     n_part = integer(WHO, "particles", particles, lo=1)
     steps = integer(WHO, "steps", steps, lo=1)
     mcmc_steps = integer(WHO, "mcmc_steps", mcmc_steps, lo=1)
@@ -203,7 +203,7 @@ def twisted_prior(
     if dtype is not None:
         dtype = sample_dtype(WHO, "dtype", dtype)
     device = device_or_none(WHO, "device", device)
-    check_sample_shape(f"{WHO}: shape", den, tuple(sample))
+    check_sample_shape(f"{WHO}: {'x_T' if shape is None else 'shape'}", den, tuple(sample))
     grid = make_grid(den.process, get_schedule(schedule, WHO), steps, final)
     scale = math.hypot(grid.alpha[0], grid.sigma[0])
     full = (batch, n_part, *sample)
@@ -238,7 +238,7 @@ def psi_sampler(
     reward: Reward,
     lam: float = 10.0,
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     particles: int = 16,
     steps: int = 100,
     mcmc_steps: int = 25,
@@ -268,7 +268,8 @@ def psi_sampler(
             through the denoiser); must be finite.
         lam: tilt ``lambda``; 0: the base sampler, :func:`~steerdiff.smc.fk_steering`'s at ``lam = 0`` (the
             same draws; no chains, ``pi_T`` being the prior, so ``r`` need not be differentiable then).
-        shape: ``(batch, *sample_shape)``. ``particles``: ``N >= 1`` per batch row. ``steps``: solver steps.
+        shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` is given (read off it; a shape given
+            with it must agree). ``particles``: ``N >= 1`` per batch row. ``steps``: solver steps.
         mcmc_steps: pCNL moves per chain (one chain per particle; its burn-in). ``step_size``: pCNL's
             ``delta > 0``.
         x_T: the chains' starting points ``(batch, particles, *shape)`` (default: prior draws).

@@ -96,6 +96,7 @@ from .particles import (
     _check_reward,
     _check_shape,
     _finite_reward,
+    refuse_x_T,
 )
 
 __all__ = ["RolloverSamples", "rbf"]
@@ -236,6 +237,7 @@ def rbf(
     who = "rbf"
     check_denoiser(who, "den", den)
     check_sample_only(who, cond, PARTICLE_SAMPLE_ONLY, PARTICLE_SAMPLE_ONLY_WHY)
+    refuse_x_T(who, cond, "its node 0 draws ``initial`` candidates of the initial noise and keeps the best")
     _check_reward(reward, who)
     budget = integer(who, "budget", budget, lo=1)
     shape = _check_shape(shape, who)

@@ -111,13 +111,14 @@ def svdd(
     reward: Reward,
     alpha: float = 0.0,
     *,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     particles: int = 16,
     steps: int = 100,
     solver: str | Solver = DEFAULT_SOLVER,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
     max_batch: int | None = None,
+    x_T: Tensor | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     generator: Generators = None,
@@ -133,7 +134,10 @@ def svdd(
             candidate and the final samples themselves.
         alpha: temperature ``>= 0`` (default 0: greedy argmax, as the paper's main experiments;
             ``math.inf``: the base sampler).
-        shape: ``(batch, *sample_shape)``. ``particles``: ``M >= 1`` candidates. ``steps``: solver steps.
+        shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` is given. ``particles``: ``M >= 1``
+            candidates. ``steps``: solver steps.
+        x_T: ``(batch, particles, *sample_shape)``, as for :func:`~steerdiff.smc.run_smc`; each row's first
+            particle is the one start of its candidates (default: a standard normal draw, scaled).
         solver, schedule, final, max_batch, dtype, device, generator, progress, group, cond: see
             :func:`~steerdiff.smc.run_smc`; the solver must be stochastic (candidates must differ).
 
@@ -144,6 +148,6 @@ def svdd(
     _check_reward(reward, "svdd")
     return run_smc(
         den, SVDD(alpha), shape, particles=particles, steps=steps, reward=reward, solver=solver,
-        schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, dtype=dtype,
+        schedule=schedule, final=final, ess_threshold=0.0, max_batch=max_batch, x_T=x_T, dtype=dtype,
         device=device, generator=generator, progress=progress, group=group, **cond,
     )  # fmt: skip

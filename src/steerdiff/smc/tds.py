@@ -77,7 +77,7 @@ from .particles import (
     RowSlice,
     SMCAlgorithm,
     StepContext,
-    _check_shape,
+    particle_shape,
     run_smc,
     transition_log_prob,
 )
@@ -302,7 +302,7 @@ def tds(
     noise_std: float | None = None,
     log_likelihood: Callable[..., Tensor] | None = None,
     classifier: Callable[..., Tensor] | None = None,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     particles: int = 16,
     steps: int = 100,
     twist_scale: float = 1.0,
@@ -339,7 +339,8 @@ def tds(
 
     Args:
         den: the prior's denoiser, differentiable in ``x``.
-        shape: ``(batch, *sample_shape)``. ``particles``: ``N >= 1`` per row. ``steps``: solver steps.
+        shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` is given (read off it; a shape given
+            with it must agree). ``particles``: ``N >= 1`` per row. ``steps``: solver steps.
         twist_scale: ``gamma >= 0``, the twists' exponent (the target does not depend on it).
         prior_var: ``v >= 0`` of the linear-Gaussian twist's ``r_i^2`` (1: PiGDM's; 0: the plain
             ``N(y; A x0_hat, s^2 I)``).
@@ -371,7 +372,7 @@ def tds(
         if operator is None or y is None:
             raise ValueError(f"tds: a linear-Gaussian observation needs both operator and y ({_POSITIONAL})")
         twist = _linear_twist(
-            den, operator, y, noise_std, _check_shape(shape, "tds")[0], n_part, prior_var, group
+            den, operator, y, noise_std, particle_shape("tds", shape, x_T)[0], n_part, prior_var, group
         )
     elif log_likelihood is not None:
         if not callable(log_likelihood):
