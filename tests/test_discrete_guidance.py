@@ -7,6 +7,7 @@ masked sequences, the exact output law of ``first_hitting`` is computed over the
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -53,6 +54,28 @@ def test_cfg_is_the_per_position_geometric_mixture():
         guided = sd.discrete.CFG(COMP.denoiser(PROC), DEN, w)
         torch.testing.assert_close(_probs(guided)[MASKED], branch[MASKED], rtol=0, atol=1e-15)
         assert guided.cost == 1
+
+
+def test_cfg_of_one_call_twice_warns_once(caplog):
+    """As :class:`steerdiff.guidance.CFG`: ``CFG(den, den, w)`` without ``uncond_kwargs`` is the conditional
+    model at twice the NFE (measured here); one warning per instance, none where the branches differ or one
+    is called."""
+    with caplog.at_level(logging.WARNING, logger="steerdiff.discrete.cfg"):
+        same = sd.discrete.CFG(DEN, DEN, 3.0)
+        for _ in range(2):
+            got = same.log_probs(X, T, y=Y)
+            assert same.cost == 2
+            assert float((got - DEN.log_probs(X, T, y=Y)).abs().nan_to_num().max()) < 1e-12
+        (record,) = [r for r in caplog.records if r.name == "steerdiff.discrete.cfg"]
+        assert record.levelno == logging.WARNING
+        assert record.getMessage().startswith("CFG: uncond is cond and no uncond_kwargs tell")
+        assert 'uncond_kwargs={"label": null}' in record.getMessage()
+        caplog.clear()
+        for w in (0.0, 1.0):
+            sd.discrete.CFG(DEN, DEN, w)
+        sd.discrete.CFG(DEN, DEN, 3.0, uncond_kwargs={"y": -1})
+        sd.discrete.CFG(COMP.denoiser(PROC), DEN, 3.0)
+        assert not caplog.records
 
 
 def test_cfg_of_exact_models_is_classifier_guidance_with_the_exact_classifier():

@@ -7,6 +7,7 @@ guided score must be that of ``p_t(x|c)^w p_t(x)^{1-w}`` at every noise level.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -782,6 +783,41 @@ def counting(process: sd.Process) -> tuple[sd.Denoiser, list[int]]:
         return torch.tanh(0.8 * x + 0.3 * y)
 
     return sd.Denoiser(net, process, "eps", shape=(2,)), rows
+
+
+def test_cfg_of_one_call_twice_warns_once(sd_process, caplog):
+    """``CFG(den, den, w)`` with nothing that tells its branches apart returns the conditional prediction at
+    two net calls per call (measured here): one warning per instance says so and how to give the
+    unconditional branch. A CFG whose branches differ (``uncond_kwargs``, another denoiser, ``cads``) or that
+    calls one branch (``w`` = 1, ``w`` = 0) logs none."""
+    den, rows = counting(sd_process)
+    other, _ = counting(sd_process)
+    x = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="steerdiff.guidance.cfg"):
+        same = CFG(den, den, 4.0)
+        rows.clear()
+        preds = [same(x, t, y=1) for t in (900.0, 500.0, 50.0)]
+        assert len(rows) == 6 and same.cost == 2  # two net calls per guided call
+        for t, p in zip((900.0, 500.0, 50.0), preds, strict=True):
+            assert torch.equal(p.eps, den(x, t, y=1).eps)  # the conditional prediction
+        (record,) = [r for r in caplog.records if r.name == "steerdiff.guidance.cfg"]
+        assert record.levelno == logging.WARNING
+        message = record.getMessage()
+        assert message.startswith(
+            "CFG: uncond is cond and no uncond_kwargs tell the unconditional call apart"
+        )
+        assert "twice the NFE" in message and 'uncond_kwargs={"label": null}' in message
+        assert "another denoiser as uncond" in message
+        caplog.clear()
+        CFG(den, den, 4.0, cads=CADS("y", 0.0))
+        for quiet in (
+            CFG(den, den, 4.0, uncond_kwargs={"y": NULL}),
+            CFG(den, other, 4.0),
+            CFG(den, den, 1.0),
+            CFG(den, den, 0.0),
+        ):
+            quiet(x, 500.0, y=1)
+        assert not caplog.records
 
 
 def test_nested_wrappers_report_the_net_calls(sd_process):

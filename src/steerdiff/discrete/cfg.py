@@ -35,6 +35,7 @@ guided call, 1 at ``w = 1`` (the conditional branch only) and ``w = 0`` (the unc
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -42,11 +43,14 @@ from torch import Tensor
 
 from .._checks import real
 from ..denoiser import override_kwargs, take_wrapped_rows
+from ..guidance.cfg import same_branch
 from ..solvers.base import NonFiniteError
 from .denoiser import MaskedDenoiser
 from .guided import Guided, check_masked
 
 __all__ = ["CFG"]
+
+log = logging.getLogger(__name__)
 
 
 def _branch(name: str, den: MaskedDenoiser, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
@@ -70,7 +74,9 @@ class CFG(Guided):
             uncond_kwargs={"y": null})``, sampled as ``sd.discrete.sample(guided, x_T, y=labels)``. A
             tensor that overrides a per-sample condition must have one row per sample, or one for all.
 
-    ``cost``: 2 per guided call, 1 at ``w`` = 0 or 1 (module docstring).
+    ``cost``: 2 per guided call, 1 at ``w`` = 0 or 1 (module docstring). ``CFG(den, den, w)`` without
+    ``uncond_kwargs`` evaluates one call twice (the conditional prediction at twice the NFE): for ``w`` not
+    0 or 1 it logs a warning (module :mod:`logging`, once, when made).
     """
 
     base_arg = "cond"
@@ -95,6 +101,8 @@ class CFG(Guided):
             self.cost = uncond.cost
         else:
             self.cost = cond.cost + uncond.cost
+            if message := same_branch("CFG", cond, uncond, self.uncond_kwargs):
+                log.warning(message)
 
     def log_probs(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """The guided ``log p_w(x_0 | x_t, y)``, float64 ``(batch, length, vocab_size)``."""

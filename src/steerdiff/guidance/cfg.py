@@ -44,6 +44,7 @@ pipeline, whose kept half of the batch is the conditional one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ from ..noise import Generators, check_generators, randn, take_generator_rows
 from .base import Guided, process_difference, with_estimate
 
 __all__ = ["CADS", "CFG"]
+
+log = logging.getLogger(__name__)
 
 RESCALE_SPACES = ("x0", "eps", "v")
 
@@ -178,6 +181,20 @@ def check_pair(who: str, cond: object, uncond: object, uncond_kwargs: object) ->
     return dict(uncond_kwargs or {})
 
 
+def same_branch(who: str, cond: object, uncond: object, uncond_kwargs: dict[str, Any]) -> str | None:
+    """The warning for a guidance whose two branches are one call (``uncond`` is ``cond`` and no
+    ``uncond_kwargs`` override the condition): the guided prediction is the conditional one at twice the
+    NFE; ``None`` where the branches differ."""
+    if uncond is not cond or uncond_kwargs:
+        return None
+    return (
+        f"{who}: uncond is cond and no uncond_kwargs tell the unconditional call apart: both branches "
+        "evaluate the conditional prediction, which the guidance returns at twice the NFE. Give the "
+        'unconditional branch: uncond_kwargs={"label": null} (the net\'s keyword and its null condition, '
+        "as a net trained with condition dropout takes it), or another denoiser as uncond"
+    )
+
+
 class CFG(Guided):
     """Classifier-free guidance ``eps_u + scale (eps_c - eps_u)`` (Ho & Salimans 2022, Eq. 6).
 
@@ -206,6 +223,10 @@ class CFG(Guided):
             geometric mean over 24 cases, whose one-step history averages the two fields across the step
             over an end, though UniPC-3 would gain (0.74x) (``python bench/breaks.py``).
         cads: a :class:`CADS` annealing the conditional call's ``cond[cads.key]``.
+
+    ``CFG(den, den, w)`` without ``uncond_kwargs`` or ``cads`` evaluates one call twice: the conditional
+    prediction at twice the NFE; it logs a warning (module :mod:`logging`, once, when made) where a call
+    evaluates both branches (``w`` not 1, nor 0 without rescale).
 
     ``cost`` is the sum of the called branches' costs: 2, or 1 for a call that evaluates one net
     only (see the module docstring). A half-precision run (:meth:`evaluate`) runs only the branches'
@@ -250,6 +271,8 @@ class CFG(Guided):
             self.cost = uncond.cost
         else:
             self.cost = cond.cost + uncond.cost
+            if cads is None and (message := same_branch("CFG", cond, uncond, self.uncond_kwargs)):
+                log.warning(message)
 
     def _inside(self, t: float | Tensor, x: Tensor) -> bool | Tensor:
         """Whether ``t`` is in the guidance interval: a bool, or per sample for a tensor ``t``."""
