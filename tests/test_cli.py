@@ -488,6 +488,24 @@ def test_sample_writes_what_sd_sample_gives(tmp_path, capsys, suffix):
 
 
 @pytest.mark.parametrize(
+    ("model", "n", "steps", "wrote", "took"),
+    [
+        ("gmm", 1, 1, "wrote 1 sample of shape (64,)", ", 1 step, NFE 1)"),
+        ("gmm", 2, 2, "wrote 2 samples of shape (64,)", ", 2 steps, NFE 2)"),
+        ("digits", 1, 1, "wrote 1 digit to", ", 1 step, NFE 1)"),
+    ],
+)
+def test_sample_says_one_step_and_one_sample_in_the_singular(tmp_path, capsys, model, n, steps, wrote, took):
+    """Before: "wrote 1 samples ... 1 steps"."""
+    path = tmp_path / "x.npy"
+    argv = ["sample", "--model", model, "--out", str(path), "--n", str(n), "--steps", str(steps)]
+    assert main([*argv, "--solver", "ddim", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert wrote in out and took in out
+    assert np.load(path).shape[0] == n
+
+
+@pytest.mark.parametrize(
     ("argv", "stochastic"),
     [
         ([], False),  # the default solver, UniPC

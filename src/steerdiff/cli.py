@@ -58,6 +58,11 @@ def echo(text: str) -> None:
     sys.stdout.flush()
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun`` in its number: ``1 step``, ``2 steps`` (a plural in ``s``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _integer(lo: int, hi: int | None = None) -> Callable[[str], int]:
     """The argparse type of an integer option ``>= lo`` (and ``<= hi``): its message says so for ``1.5`` or
     ``x`` too."""
@@ -959,7 +964,7 @@ def _sample_digits(args: argparse.Namespace) -> int:
         x, info = _draw(args, den, x_T, label=label)
     x = x.detach()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    what = f"{info.solver.name}, {args.schedule}, {args.steps} steps, NFE {info.nfe}"
+    what = f"{info.solver.name}, {args.schedule}, {_count(args.steps, 'step')}, NFE {info.nfe}"
     if args.guidance != "none":
         what += f", {args.guidance} scale {scale:g} toward {args.label}"
     elif args.label is not None:
@@ -974,7 +979,7 @@ def _sample_digits(args: argparse.Namespace) -> int:
         torch.save(x, args.out)
     else:
         np.save(args.out, x.numpy())
-    echo(f"wrote {args.n} digits to {args.out} ({what})")
+    echo(f"wrote {_count(args.n, 'digit')} to {args.out} ({what})")
     return 0
 
 
@@ -1000,8 +1005,8 @@ def _sample(args: argparse.Namespace) -> int:
     else:
         np.save(args.out, x.numpy())
     echo(
-        f"wrote {args.n} samples of shape {tuple(x.shape[1:])} to {args.out} "
-        f"({info.solver.name}, {args.schedule}, {args.steps} steps, NFE {info.nfe})"
+        f"wrote {_count(args.n, 'sample')} of shape {tuple(x.shape[1:])} to {args.out} "
+        f"({info.solver.name}, {args.schedule}, {_count(args.steps, 'step')}, NFE {info.nfe})"
     )
     return 0
 
