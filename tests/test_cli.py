@@ -622,7 +622,9 @@ def test_sample_i_is_the_same_whatever_n(tmp_path, model, solver):
         # before: a traceback from the schedule's check
         (
             ["sample", "--out", "x.pt", "--steps", "1001", "--schedule", "linspace"],
-            "too many steps for this spacing?): t[499] = 500, t[500] = 500 "
+            "schedule Linspace(steps_offset=0) takes at most steps=1000 with final='zero' on "
+            "VP.discrete(N=1000) (1000 distinct trained steps are the most nodes this spacing gives it); "
+            "got steps=1001 "
             "(--solver: the default solver, --schedule: linspace, --steps: 1001)",
         ),
         # before: "got 12", unquoted where the other options' messages quote the value

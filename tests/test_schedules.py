@@ -650,3 +650,49 @@ def test_refusals_show_the_offending_nodes():
         ValueError, match=r"got 80 \.\. 0; a k-diffusion sigmas list ends in 0: pass sigmas\[:-1\]"
     ):
         Custom([80.0, 1.0, 0.0])(sd.EDM(), 3)
+
+
+def _accepted(schedule: sd.schedules.Schedule, process: sd.Process) -> int:
+    """The largest node count the schedule's own checks accept, tried one by one from 60 down."""
+    for n in range(60, 0, -1):
+        try:
+            schedule(process, n)
+        except ValueError:
+            continue
+        return n
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "offset"),
+    [
+        (Linspace(), 0),
+        (Trailing(), 0),
+        (Leading(), 0),
+        (Leading(steps_offset=1), 1),
+        (Leading(steps_offset=3), 3),
+    ],
+)
+@pytest.mark.parametrize("kind", ["vp", "mean_reverting"])
+def test_a_spacing_given_too_many_steps_names_the_most_it_takes(schedule, offset, kind):
+    """Before: "gave non-decreasing times for 51 nodes (too many steps for this spacing?)", or for leading's
+    steps_offset a time outside the range, without the most steps accepted. That count runs, one more is
+    refused naming it, for either final; called directly the schedule names its most nodes."""
+    betas = torch.linspace(1e-4, 0.2, 50, dtype=F64)
+    process = sd.VP.discrete(betas=betas) if kind == "vp" else sd.MeanReverting.cosine(50)
+    most = _accepted(schedule, process)
+    assert most == 50 - offset  # every trained step, less those the offset moves past the last one
+    assert schedule.most_nodes(process) == most
+    for final, steps in (("zero", most), ("none", most - 1)):
+        grid = sd.solvers.base.make_grid(process, schedule, steps, final)
+        assert len(grid.t) == steps + 1
+        with pytest.raises(ValueError) as err:
+            sd.solvers.base.make_grid(process, schedule, steps + 1, final, who="sample")
+        msg = str(err.value)
+        assert msg.startswith(
+            f"sample: schedule {schedule!r} takes at most steps={steps} with final={final!r}"
+        )
+        assert msg.endswith(f"got steps={steps + 1}"), msg
+    if offset == 0:  # more nodes than trained steps repeat one
+        with pytest.raises(ValueError, match=rf"at most {most} distinct nodes\): t\["):
+            schedule(process, most + 1)

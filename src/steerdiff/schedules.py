@@ -90,6 +90,10 @@ class Schedule:
         a sequence of numbers)."""
         raise NotImplementedError
 
+    def most_nodes(self, process: Process) -> int | None:
+        """The largest number of nodes this schedule gives ``process`` (``None``: no limit of its own)."""
+        return None
+
     def __call__(self, process: Process, n: int) -> Tensor:
         n = integer(type(self).__name__, "steps", n, lo=1)
         if not isinstance(process, Process):
@@ -101,9 +105,13 @@ class Schedule:
             raise ValueError(f"schedule {self!r} returned {t.numel()} nodes, {n} were asked")
         if not bool((t[1:] < t[:-1]).all()):
             k = int((t[1:] >= t[:-1]).nonzero()[0])
+            most = self.most_nodes(process)
+            why = "too many steps for this spacing?"
+            if most is not None:
+                why = f"too many: this spacing gives {process!r} at most {most} distinct nodes"
             raise ValueError(
-                f"schedule {self!r} gave non-decreasing times for {n} nodes (too many steps for this "
-                f"spacing?): t[{k}] = {float(t[k]):.6g}, t[{k + 1}] = {float(t[k + 1]):.6g}"
+                f"schedule {self!r} gave non-decreasing times for {n} nodes ({why}): t[{k}] = "
+                f"{float(t[k]):.6g}, t[{k + 1}] = {float(t[k + 1]):.6g}"
             )
         lo, hi = process.t_min, process.t_max
         slack = 1e-6 * max(1.0, hi - lo)  # float32 times: RectifiedFlow's 0.999 is 0.99900001
@@ -477,6 +485,16 @@ class _Discrete(Schedule):
     def nodes(self, process: Process, n: int) -> Tensor:
         first, m = self._trained_steps(process)
         return first + self._spacing(m, n)
+
+    def most_nodes(self, process: Process) -> int:
+        """The largest ``n`` whose ``n`` timesteps are distinct trained steps (``N_train``, less
+        ``steps_offset`` for ``leading``; 0 where none is): more nodes than trained steps repeat one."""
+        _, m = self._trained_steps(process)
+        for n in range(m, 0, -1):
+            t = self._spacing(m, n)
+            if bool((t[1:] < t[:-1]).all()) and float(t[-1]) >= 0 and float(t[0]) <= m - 1:
+                return n
+        return 0
 
     def _spacing(self, m: int, n: int) -> Tensor:
         """diffusers' ``n`` timesteps for ``m`` training steps (in ``0, ..., m - 1``), decreasing."""

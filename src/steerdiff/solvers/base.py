@@ -174,6 +174,14 @@ def make_grid(
             f"{caller(who)}schedule has {m} times: steps must equal len(times) = {m} with final='zero' (the "
             f"default), or len(times) - 1 = {m - 1} with final='none'; got steps={steps} with final={final!r}"
         )
+    most = schedule.most_nodes(process) if isinstance(process, Process) else None  # else: the schedule says
+    if most is not None and (steps if clean else steps + 1) > most:
+        most_steps = most if clean else most - 1
+        raise ValueError(
+            f"{only + ': ' if only is not None else caller(who)}schedule {schedule!r} takes at most "
+            f"steps={most_steps} with final={final!r} on {process!r} ({most} distinct trained steps are the "
+            f"most nodes this spacing gives it); got steps={steps}"
+        )
     t = schedule(process, steps if clean else steps + 1)
     alpha, sigma, lam = (c.tolist() for c in process.coefficients(t))
     if not all(math.isfinite(v) for v in lam):
