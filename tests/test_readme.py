@@ -264,3 +264,22 @@ def test_the_many_gpus_example_runs_under_torchrun(tmp_path):
     x_T, g = sd.distributed.seeded((6, 64), 0, device="cuda" if gpus else None)
     want = sd.sample(den, x_T, 20, "ddpm", generator=g).cpu()
     torch.testing.assert_close(torch.load(tmp_path / "samples.pt"), want, rtol=0, atol=1e-5 if gpus else 1e-6)
+
+
+def test_the_sampling_page_says_what_the_callbacks_sigma_is():
+    """The callback's ``sigma`` is the process's sigma(t) (sample's docstring), not k-diffusion's sigma /
+    alpha = exp(-lam(t)): the page says so (it said nothing), and it is so on VP, where the two differ."""
+    text = " ".join((DOCS / "sampling.md").read_text().split())
+    assert "`sigma`: the process's σ(t) there" in text
+    assert "not k-diffusion's σ/α = exp(−λ(t))" in text and "`proc.sigma(t) / proc.alpha(t)`" in text
+    proc = sd.VP.cosine()
+    one = torch.ones(1, 2, dtype=torch.float64)
+    gmm = sd.toy.GaussianMixture(torch.zeros(1, 2, dtype=torch.float64), one, one[0, :1])
+    seen: list[dict[str, Any]] = []
+    x_T = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sd.sample(gmm.denoiser(proc), x_T, 4, "ddim", callback=seen.append)
+    for d in seen[:-1]:
+        t = torch.tensor(d["t"], dtype=torch.float64)
+        assert d["sigma"] == pytest.approx(float(proc.sigma(t)), rel=1e-12)
+        assert float(torch.exp(-proc.lam(t))) > 1.05 * d["sigma"]  # k-diffusion's would be this
+    assert seen[-1]["sigma"] == 0.0
