@@ -27,7 +27,7 @@ DOCS = ROOT / "docs"
 
 def test_the_custom_solver_example_runs_and_is_second_order():
     scope: dict[str, object] = {}
-    heading = "# Your own solver, schedule or guidance"
+    heading = "# Your own solver, schedule, process or guidance"
     exec(compile(block(heading), name(page_of(heading)), "exec"), scope)
     solver, gmm, proc, x_T, exact = (scope[k] for k in ("ExpAB2", "gmm", "proc", "x_T", "exact"))
     den = gmm.denoiser(proc)
@@ -40,6 +40,32 @@ def test_the_custom_solver_example_runs_and_is_second_order():
     torch.testing.assert_close(
         sd.sample(den, x_T, 20, solver()), sd.sample(den, x_T, 20, library), rtol=0, atol=1e-12
     )
+
+
+def test_the_custom_process_example_is_vp_linear_to_round_off():
+    scope: dict[str, Any] = {}
+    heading = "## Your own process"
+    exec(compile(block(heading), name(page_of(heading)), "exec"), scope)
+    mine, lib, gmm, x_T = (scope[k] for k in ("mine", "lib", "gmm", "x_T"))
+    assert isinstance(mine, sd.processes.Process) and type(mine) is not type(lib)
+    t = torch.linspace(lib.t_min, lib.t_max, 1001, dtype=torch.float64)
+    for f in ("alpha", "sigma", "lam", "coefficients", "sigma_ratio", "d_alpha", "d_sigma"):
+        torch.testing.assert_close(getattr(mine, f)(t), getattr(lib, f)(t), rtol=1e-10, atol=0, msg=f)
+    for lam in (lib.lam(t), torch.linspace(-12.0, 12.0, 97, dtype=torch.float64)):
+        torch.testing.assert_close(mine.t_of_lam(lam), lib.t_of_lam(lam), rtol=1e-10, atol=0)
+    # samples by a first- and a second-order ODE step, Heun in time and an SDE (its noise drawn alike)
+    for solver, schedule in [
+        ("ddim", "time_uniform"),
+        ("dpmpp_2m", "karras"),
+        ("heun", "logsnr_uniform"),
+        ("ddpm", "time_uniform"),
+    ]:
+        a, b = (
+            sd.sample(gmm.denoiser(p), x_T, 10, solver, schedule, generator=torch.Generator().manual_seed(1))
+            for p in (mine, lib)
+        )
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=solver)
+    assert sd.processes.difference(mine, lib) == "another kind (LinearVP against VPLinear)"
 
 
 def _resolve(root: object, dotted: str) -> object:
@@ -73,8 +99,8 @@ def test_the_process_tables_name_every_process():
         assert {_resolve(sd, n.split(".")[0]) for n in names} == classes, name(page)
 
 
-# the base class and helpers for writing guidance ("Your own solver, schedule or guidance"), not methods;
-# CADS is CFG's `cads=`
+# the base class and helpers for writing guidance ("Your own solver, schedule, process or guidance"), not
+# methods; CADS is CFG's `cads=`
 GUIDANCE_HELPERS = {
     "Guided", "add_score", "denoise_with_grad", "grad_leaf", "grad_on", "hold", "with_estimate",
     "repaint_nfe", "CADS",
