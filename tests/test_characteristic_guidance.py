@@ -634,3 +634,19 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_one_denoiser_as_both_branches_warns(sd_process, caplog):
+    """``CharacteristicGuidance(den, den, w)`` without ``uncond_kwargs`` evaluates one call as both branches
+    (as CFG's same-branch warning says); logged once when made, not with ``uncond_kwargs`` or at scale 1."""
+    dc, du = branches(sd_process, torch.diag(VAR_C), torch.diag(VAR_U))
+    name = "steerdiff.guidance.characteristic"
+    with caplog.at_level(logging.WARNING, logger=name):
+        CharacteristicGuidance(dc, dc, 3.0)
+        (record,) = [r for r in caplog.records if r.name == name]
+        assert "CharacteristicGuidance: uncond is cond and no uncond_kwargs" in record.getMessage()
+        caplog.clear()
+        CharacteristicGuidance(dc, du, 3.0)
+        CharacteristicGuidance(dc, dc, 1.0)
+        CharacteristicGuidance(dc, dc, 3.0, uncond_kwargs={"label": 0})
+        assert not [r for r in caplog.records if r.name == name]

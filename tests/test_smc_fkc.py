@@ -24,6 +24,7 @@ from the paper's closed-form rates on the trajectory the nets were evaluated at 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -663,3 +664,22 @@ def test_default_solver_is_stable_at_15_steps_for_b_2():
     x = torch.gather(out.x, 1, idx[..., None].expand(-1, -1, 2)).reshape(-1, 2)
     ref = product(g2, g2).sample(x.shape[0], gen(2))
     assert sd.metrics.sliced_wasserstein(x, ref) < 0.8
+
+
+def test_fkc_cfg_of_one_denoiser_as_both_branches_warns(caplog):
+    """``fkc_cfg(den, den, w)`` without ``uncond_kwargs``: both branches are the conditional call (weights
+    ``1 - w`` and ``w`` of one score, no reweighting), logged once; not with ``uncond_kwargs``, another
+    denoiser or ``w = 1``."""
+    var, one = torch.ones(1, 2, dtype=F64), torch.ones(1, dtype=F64)
+    den = sd.toy.GaussianMixture(0 * var, var, one).denoiser(PROC)
+    other = sd.toy.GaussianMixture(var, var, one).denoiser(PROC)
+    opts = {"shape": (1, 2), "particles": 2, "steps": 2, "dtype": F64, "generator": gen(0)}
+    name = "steerdiff.smc.fk_correctors"
+    with caplog.at_level(logging.WARNING, logger=name):
+        sd.smc.fkc_cfg(den, den, 2.0, **opts)
+        (record,) = [r for r in caplog.records if r.name == name]
+        assert "fkc_cfg: uncond is cond and no uncond_kwargs" in record.getMessage()
+        caplog.clear()
+        sd.smc.fkc_cfg(den, other, 2.0, **{**opts, "generator": gen(0)})
+        sd.smc.fkc_cfg(den, den, 1.0, **{**opts, "generator": gen(0)})
+        assert not [r for r in caplog.records if r.name == name]

@@ -132,7 +132,7 @@ from torch import Tensor
 from .._checks import held_by, integer, real
 from ..denoiser import Denoiser, Prediction, override_kwargs, take_wrapped_rows
 from .base import Guided, with_estimate
-from .cfg import check_pair
+from .cfg import check_pair, same_branch
 
 __all__ = ["CharacteristicGuidance"]
 
@@ -253,6 +253,8 @@ class CharacteristicGuidance(Guided):
         self.cost = (
             cond.cost if self.scale == 1 else uncond.cost if self.scale == 0 else cond.cost + uncond.cost
         )
+        if self.scale not in (0.0, 1.0) and (message := same_branch(who, cond, uncond, self.uncond_kwargs)):
+            log.warning(message)
         self.iterations = 0
         self.unconverged = 0
         self.residual: Tensor | None = None

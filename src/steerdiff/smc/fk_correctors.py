@@ -122,6 +122,7 @@ The engine's ``log Z`` estimates ``log(Z_end / Z_start)`` with
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ from .._checks import boolean, choice, device_or_none, integer, real, sample_dty
 from ..denoiser import Denoiser, Prediction, check_denoiser, override_kwargs, take_kwarg_rows
 from ..distributed.group import spread_run
 from ..guidance.base import Guided, process_difference
+from ..guidance.cfg import same_branch
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
 from ..solvers.base import FINALS, Grid, Solver, make_grid
@@ -153,6 +155,8 @@ from .particles import (
     particle_shape,
     run_smc,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_FKC_SOLVER",
@@ -668,4 +672,6 @@ def fkc_cfg(
         check_denoiser("fkc_cfg", name, d)
     _dict_or_none("fkc_cfg", "uncond_kwargs", uncond_kwargs)
     w = real("fkc_cfg", "scale", scale)
+    if w not in (0.0, 1.0) and (message := same_branch("fkc_cfg", cond, uncond, uncond_kwargs or {})):
+        log.warning(message)
     return fkc([uncond, cond], [1.0 - w, w], kwargs=[uncond_kwargs, None], **options)
