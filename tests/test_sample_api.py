@@ -391,7 +391,40 @@ def test_non_finite_output_names_step_and_time(gmm, sd_process, problem, name, b
     assert len(calls) == bad_call + 1  # on the CPU the run stops at the bad evaluation
     assert calls[bad_call] == pytest.approx(t)
     assert re.search(rf"\bstep {step}\b", msg), msg  # steps count from 0, as the callback's "i"
+    assert f"(evaluation {bad_call + 1}," in msg, msg  # evaluations count from 1
     assert f"t={t:.6g}" in msg, msg
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_model_names_a_move_before_the_evaluation_that_took_it(sd_process, eager):
+    """Model.first_error: a non-finite moved state recorded (note_move) after ``c`` evaluations and the first
+    non-finite evaluation the ``c``-th (from 0, the one that took the moved state as input): the move's error;
+    a non-finite evaluation before the move is the model's (with the step and the evaluation's number)."""
+    den = sd.Denoiser(lambda x, t: x, sd_process, "x0")
+    x, bad = torch.zeros(2, 3), torch.full((2, 3), float("nan"))
+
+    def moved(step: int, t: float) -> sd.NonFiniteError:
+        return sd.NonFiniteError(f"moved at {step}, {t}")
+
+    model = sd.solvers.Model(den)
+    model.eager = eager
+    model(x, 0.9, 0)
+    model(x, 0.8, 1)
+    with pytest.raises(sd.NonFiniteError, match=r"^moved at 1, 0\.8$") as err:
+        model.note_move(torch.tensor(False), 1, 0.8, moved)
+        model(bad, 0.7, 2)
+        model.check_finite()
+    assert model.first_nonfinite() == (None if eager else (2, 2, 0.7))
+    assert model.first_bad_move() == 0
+    model = sd.solvers.Model(den)
+    model.eager = False
+    model(x, 0.9, 0)
+    model(bad, 0.8, 1)
+    model.note_move(torch.tensor(False), 1, 0.8, moved)
+    with pytest.raises(sd.NonFiniteError, match=r"at step 1 \(evaluation 2, process time t=0\.8\)") as err:
+        model.check_finite()
+    assert model.first_error(model.first_nonfinite(), model.first_bad_move()).key == (1, -0.8)
+    assert model.nfe == model.calls == 2 and "moved" not in str(err.value)
 
 
 @pytest.mark.parametrize("final", ["zero", "none"])

@@ -154,6 +154,16 @@ def test_dpmpp_matches_diffusers(diffusers, gmm, sd_process, x_T, steps, order):
     assert rel_rmse(x, ref) < PARITY_BOUND["DPMSolverMultistepScheduler"]
 
 
+@pytest.mark.parametrize("steps", [14, 15])
+def test_dpmpp_3m_lower_order_final_boundary_matches_diffusers(diffusers, gmm, sd_process, x_T, steps):
+    # diffusers lowers the order of the last steps below 15 steps only (len(timesteps) < 15): at 14 the
+    # second-to-last step is second order, at 15 third (a rule counting down from 16 steps: 3.0e-3 off)
+    sched = diffusers.DPMSolverMultistepScheduler(**sd_betas_config(solver_order=3))
+    ref, _ = diffusers_sample(sched, gmm, sd_process, x_T, steps)
+    x, _ = _ours(gmm, sd_process, x_T, steps, _dpmpp(3), nodes_of(sched))
+    assert rel_rmse(x, ref) < PARITY_BOUND["DPMSolverMultistepScheduler"]
+
+
 @pytest.mark.parametrize("steps", STEPS)
 def test_dpmpp_2m_karras_matches_diffusers(diffusers, gmm, sd_process, x_T, steps):
     # With karras sigmas DPMSolverMultistepScheduler steps with the karras sigmas but rounds the
@@ -424,3 +434,26 @@ def test_sde_decay_and_std_keep_the_marginal():
         assert decay * a_s + a_t * hphi_scaled(1, h, 1 + eta) == pytest.approx(a_t, rel=1e-14)
         assert (decay * s_s) ** 2 + std**2 == pytest.approx(s_t**2, rel=1e-14)
     assert sde_std(s_t, h, 0.0) == 0.0
+
+
+def test_history_keeps_the_newest_size_entries():
+    # push keeps the newest `size` (newest first), trim the newest size - 1: a multistep step frees the oldest
+    # estimate before the next network call (a held estimate is a batch-sized tensor of device memory)
+    from steerdiff.solvers.base import History
+
+    hist = History(3)
+    for j in range(5):
+        hist.push(torch.full((1,), float(j)), 0.5 * j)
+    assert [float(v) for v in hist.values] == [4.0, 3.0, 2.0] and hist.at == [2.0, 1.5, 1.0]
+    hist.trim()
+    assert [float(v) for v in hist.values] == [4.0, 3.0] and hist.at == [2.0, 1.5]
+    hist.push(torch.full((1,), 5.0), 2.5)
+    assert hist.at == [2.5, 2.0, 1.5]
+    slv = sd.solvers.get("dpmpp_3m")
+    grid = sd.solvers.make_grid(sd.VP.cosine(), sd.schedules.get("logsnr_uniform"), 6)
+    state = slv.init_state(grid)
+    model = sd.solvers.Model(sd.Denoiser(lambda x, t: 0.5 * x, grid.process, "x0"))
+    x = torch.ones(2, 3)
+    for i in range(4):
+        x = slv.step(model, x, i, grid, state)
+        assert len(state["x0"].values) == min(i + 1, 2)  # trimmed at the end of each step
