@@ -846,3 +846,13 @@ def test_without_breaks_the_history_is_never_restarted(gmm, sd_process):
     ):
         sd.sample(d, x_T, 10, _Recording(strict=True), "time_uniform")
         sd.invert(d, x_T, 10, _Recording(strict=True), "time_uniform")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_finite_check_of_half_outputs_does_not_overflow(sd_process, dtype):
+    # the check sums each output: in float32 for half precision, whose sum of 8192 entries of 100 (8.2e5) is
+    # past float16's 65504 though every entry is finite
+    den = sd.Denoiser(lambda x, t: x, sd_process, "x0")
+    model = sd.solvers.Model(den)
+    pred = model(torch.full((2, 4096), 100.0, dtype=dtype), 0.5, 0)
+    assert pred.x0.dtype == dtype and model.first_nonfinite() is None

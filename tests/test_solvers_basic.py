@@ -457,3 +457,58 @@ def test_history_keeps_the_newest_size_entries():
     for i in range(4):
         x = slv.step(model, x, i, grid, state)
         assert len(state["x0"].values) == min(i + 1, 2)  # trimmed at the end of each step
+
+
+def test_step_order_rules_on_hand_made_grids():
+    # step_order's rules on log-SNR nodes chosen so that every comparison is exact in floats
+    from steerdiff.solvers.base import Grid, step_order
+
+    def grid(lam: list[float], clean: bool = False) -> Grid:
+        n = len(lam)
+        return Grid(sd.VP.cosine(), [1.0 - j / n for j in range(n)], [0.5] * n, [0.5] * n, lam, clean)
+
+    def orders(g: Grid, **kw) -> list[int]:
+        kw.setdefault("max_ratio", 2.5)  # the solvers' default (MAX_STEP_RATIO); step_order's is none
+        return [step_order(i, g, 3, min(i + 1, 3), False, **kw) for i in range(g.steps)]
+
+    ratio = [
+        0.0,
+        0.5,
+        1.0,
+        2.25,
+        2.5,
+        2.75,
+        5.0,
+        5.25,
+    ]  # h: 0.5, 0.5, 1.25 (2.5x), 0.25, 0.25, 2.25 (9x), 0.25
+    assert orders(grid(ratio)) == [1, 2, 3, 3, 3, 2, 3]  # longer than 2.5x the step before: at most 2
+    assert orders(grid(ratio), max_ratio=2.4) == [1, 2, 2, 3, 3, 2, 3]
+    assert orders(grid(ratio), max_ratio=math.inf) == [1, 2, 3, 3, 3, 3, 3]
+    last = [0.0, 0.25, 0.5, 0.75, 3.0]  # the step into the last noisy node is left
+    assert orders(grid(last)) == [1, 2, 3, 3]
+    assert orders(grid([*last, math.inf], clean=True)) == [1, 2, 3, 3, 1]  # the clean end: first order
+    assert orders(grid(ratio[::-1])) == [1, 2, 3, 3, 3, 3, 3]  # up the grid (h < 0): no ratio rule
+    # the long-step rule: longer than max_h and than max_h_ratio times the step before, in |h|, either way
+    assert orders(grid(ratio), max_h=2.0, max_h_ratio=2.0) == [1, 2, 3, 3, 3, 1, 3]
+    assert orders(grid(ratio), max_h=2.25, max_h_ratio=2.0) == [1, 2, 3, 3, 3, 2, 3]
+    assert orders(grid(ratio), max_h=1.0, max_h_ratio=9.0) == [1, 2, 3, 3, 3, 2, 3]
+    assert orders(grid(ratio[::-1]), max_h=2.0, max_h_ratio=2.0) == [1, 1, 3, 3, 3, 3, 3]
+    # lower_order_final under 15 steps: order <= steps - i
+    assert [step_order(i, grid(last), 3, 3, True, max_ratio=math.inf) for i in range(4)] == [3, 3, 2, 1]
+
+
+def test_transition_draws_no_noise_at_zero_std():
+    # std exactly 0 (an eta = 0 step, the step into a clean end): the mean, and the noise source is not asked
+    # (a draw would move every later draw of a run's generator); a number std: mean + std z
+    from steerdiff.solvers.base import Transition
+
+    asked: list[tuple[float, float]] = []
+
+    def noise(t_from: float, t_to: float, like: torch.Tensor) -> torch.Tensor:
+        asked.append((t_from, t_to))
+        return torch.full_like(like, 2.0)
+
+    mean = torch.arange(3.0)
+    assert Transition(mean, 0.0).draw(noise, 0.5, 0.4) is mean and asked == []
+    assert torch.equal(Transition(mean, 0.25).draw(noise, 0.5, 0.4), mean + 0.5) and asked == [(0.5, 0.4)]
+    assert torch.equal(Transition(mean, torch.ones(3)).draw(noise, 0.4, 0.3), mean + 2.0)
