@@ -529,3 +529,23 @@ def test_step_ratio_rule_leaves_the_last_noisy_step_and_samples_as_before(gmm, s
 def test_step_ratio_rule_bad_max_ratio_raises(cls, bad):
     with pytest.raises(ValueError, match=rf"{cls.__name__}: max_ratio must be a number >= 1 or inf, got"):
         cls(max_ratio=bad)
+
+
+@pytest.mark.parametrize("variant", ["log_rho", "tab"])
+def test_deis_restart_warms_up_with_the_estimates_it_holds(gmm, sd_process, variant):
+    # after a corrector's move (Solver.moved) DEIS-3 holds one, then two estimates: its steps are those of
+    # a fresh DEIS-2 run from the same state (two-node weights), not the three-node weights of its grid
+    grid = sd.solvers.make_grid(sd_process, sd.schedules.get("logsnr_uniform"), 10)
+    den = gmm.denoiser(sd_process)
+    x = torch.randn(4, gmm.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    deis3 = sd.solvers.DEIS(order=3, variant=variant)
+    state = deis3.init_state(grid)
+    for i in range(3):
+        x = deis3.step(sd.solvers.Model(den), x, i, grid, state)
+    deis3.moved(state)
+    deis2 = sd.solvers.DEIS(order=2, variant=variant)
+    fresh, y = deis2.init_state(grid), x
+    for i in (3, 4):
+        x = deis3.step(sd.solvers.Model(den), x, i, grid, state)
+        y = deis2.step(sd.solvers.Model(den), y, i, grid, fresh)
+        assert torch.allclose(x, y, rtol=1e-12, atol=1e-12), i
