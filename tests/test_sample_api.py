@@ -856,3 +856,19 @@ def test_model_finite_check_of_half_outputs_does_not_overflow(sd_process, dtype)
     model = sd.solvers.Model(den)
     pred = model(torch.full((2, 4096), 100.0, dtype=dtype), 0.5, 0)
     assert pred.x0.dtype == dtype and model.first_nonfinite() is None
+
+
+def test_model_drops_the_last_prediction_before_the_next_call(sd_process):
+    # Model.last is the latest prediction, released when the next call starts: the net does not run with the
+    # previous estimates held (a batch of x0 and eps of device memory)
+    seen: list[object] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(model.last)
+        return 0.5 * x
+
+    model = sd.solvers.Model(sd.Denoiser(net, sd_process, "x0"))
+    first = model(torch.ones(2, 3), 0.5, 0)
+    assert model.last is first and torch.equal(first.x0, torch.full((2, 3), 0.5))
+    second = model(torch.ones(2, 3), 0.4, 1)
+    assert seen == [None, None] and model.last is second

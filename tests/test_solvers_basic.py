@@ -512,3 +512,12 @@ def test_transition_draws_no_noise_at_zero_std():
     assert Transition(mean, 0.0).draw(noise, 0.5, 0.4) is mean and asked == []
     assert torch.equal(Transition(mean, 0.25).draw(noise, 0.5, 0.4), mean + 0.5) and asked == [(0.5, 0.4)]
     assert torch.equal(Transition(mean, torch.ones(3)).draw(noise, 0.4, 0.3), mean + 2.0)
+
+
+def test_dpmpp_third_order_choices():
+    # "diffusers" is the SDE branch's weight (DPMSolverSDEMultistep), not an ODE solver's: refused by name
+    for bad in ("diffusers", "exactly"):
+        with pytest.raises(
+            ValueError, match=r"^DPMSolverPPMultistep: third_order must be one of \['exact', "
+        ):
+            sd.solvers.DPMSolverPPMultistep(order=3, third_order=bad)
