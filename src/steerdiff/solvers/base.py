@@ -174,15 +174,17 @@ def make_grid(
             f"{caller(who)}schedule has {m} times: steps must equal len(times) = {m} with final='zero' (the "
             f"default), or len(times) - 1 = {m - 1} with final='none'; got steps={steps} with final={final!r}"
         )
-    most = schedule.most_nodes(process) if isinstance(process, Process) else None  # else: the schedule says
-    if most is not None and (steps if clean else steps + 1) > most:
-        most_steps = most if clean else most - 1
+    try:
+        t = schedule(process, steps if clean else steps + 1)
+    except ValueError as refused:  # too many steps for a spacing: said in steps (the schedule counts nodes)
+        most = schedule.most_nodes(process) if isinstance(process, Process) else None
+        if most is None or (steps if clean else steps + 1) <= most:
+            raise
         raise ValueError(
             f"{only + ': ' if only is not None else caller(who)}schedule {schedule!r} takes at most "
-            f"steps={most_steps} with final={final!r} on {process!r} ({most} distinct trained steps are the "
-            f"most nodes this spacing gives it); got steps={steps}"
-        )
-    t = schedule(process, steps if clean else steps + 1)
+            f"steps={most if clean else most - 1} with final={final!r} on {process!r} ({most} distinct "
+            f"trained steps are the most nodes this spacing gives it); got steps={steps}"
+        ) from refused
     alpha, sigma, lam = (c.tolist() for c in process.coefficients(t))
     if not all(math.isfinite(v) for v in lam):
         raise ValueError(f"schedule {schedule!r} reaches an infinite log-SNR; lam = {lam}")
