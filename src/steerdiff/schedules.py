@@ -42,16 +42,19 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.special import betaincinv
 from torch import Tensor
 
-from ._checks import boolean, caller, integer, real, real_array
-from .processes import MeanRevertingDiscrete, Process, VPDiscrete
+from ._checks import boolean, caller, choice, integer, ordered, real, real_array
+from .processes import MeanRevertingDiscrete, Process, RectifiedFlow, VPDiscrete
 
 __all__ = [
     "AYS",
     "GITS",
     "LCM",
+    "Beta",
     "Custom",
+    "FlowShift",
     "Karras",
     "KarrasCapped",
     "KarrasJump",
@@ -63,6 +66,8 @@ __all__ = [
     "TimeUniform",
     "Trailing",
     "available",
+    "calculate_shift",
+    "flow_time",
     "get",
 ]
 
@@ -665,6 +670,239 @@ class Exponential(LogSNRUniform):
     name = "exponential"
 
 
+def flow_time(process: Process, t: float) -> float:
+    """Flow time ``s = sigma / (alpha + sigma) = r / (1 + r)``, ``r = sigma/alpha``, of ``process`` at ``t``:
+    the process time of the rectified flow with the same ``sigma/alpha`` (``t`` itself on
+    :class:`~steerdiff.processes.RectifiedFlow`; diffusers' flow ``sigma``)."""
+    if isinstance(process, RectifiedFlow):
+        return float(t)
+    a, s = float(process.alpha(t)), float(process.sigma(t))
+    return s / (a + s)
+
+
+def _t_of_flow(process: Process, s: Tensor) -> Tensor:
+    """The process times at flow times ``s`` (in ``(0, 1)``): the inverse of :func:`flow_time`."""
+    if isinstance(process, RectifiedFlow):
+        return s.clone()
+    return process.t_of_sigma_ratio(s / (1 - s))
+
+
+def calculate_shift(
+    image_seq_len: float,
+    base_seq_len: float = 256,
+    max_seq_len: float = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Flux's ``mu`` for an image of ``image_seq_len`` latent tokens: linear in the token count through
+    ``(base_seq_len, base_shift)`` and ``(max_seq_len, max_shift)``: ``mu = m image_seq_len + base_shift -
+    m base_seq_len`` with ``m = (max_shift - base_shift) / (max_seq_len - base_seq_len)``
+    (black-forest-labs/flux ``get_lin_function``; diffusers' ``calculate_shift``, which the Flux, SD3,
+    LTX-Video and Lumina 2 pipelines call with their scheduler config's ``base_image_seq_len``,
+    ``max_image_seq_len``, ``base_shift``, ``max_shift``; Flux: a 1024 x 1024 image is
+    ``(1024 / 16)^2 = 4096`` tokens, ``mu = 1.15``). For :class:`FlowShift`'s ``mu``."""
+    who = "calculate_shift"
+    n = real(who, "image_seq_len", image_seq_len)
+    lo, hi = ordered(who, "base_seq_len", base_seq_len, "max_seq_len", max_seq_len)
+    y0, y1 = real(who, "base_shift", base_shift), real(who, "max_shift", max_shift)
+    m = (y1 - y0) / (hi - lo)
+    return n * m + (y0 - m * lo)
+
+
+FLOW_SPACINGS = ("flowmatch", "flux", "unipc")
+TIME_SHIFT_TYPES = ("exponential", "linear")
+MU_BOUND = 700.0  # e^mu finite in float64
+
+
+class FlowShift(Schedule):
+    r"""The timestep shift of flow-matching models (SD3, Flux, Wan, LTX-Video, HunyuanVideo): ``n`` points
+    uniform in flow time, moved toward the noise end; on any process.
+
+    Flow time is ``s = r / (1 + r)`` with ``r = sigma/alpha`` (:func:`flow_time`; ``s = t`` on
+    :class:`~steerdiff.processes.RectifiedFlow`, diffusers' flow ``sigma``). The shift multiplies ``r``
+    by ``m``::
+
+        s' = m s / (1 + (m - 1) s)
+
+    (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis", ICML,
+    arXiv:2403.03206, Sec. 5.3.2: ``m = sqrt(pixels / base pixels)`` keeps the SNR a larger image sees;
+    SD3 samples with ``m = 3``). ``m = shift``; with ``mu`` (diffusers' ``use_dynamic_shifting``, Flux's
+    ``time_shift(mu, 1, s) = e^mu / (e^mu + 1/s - 1)``, ``mu`` from the image size by
+    :func:`calculate_shift`) ``m = e^mu`` (``time_shift_type="exponential"``) or ``m = mu`` (``"linear"``:
+    ``mu / (mu + 1/s - 1)``, CogView4). ``shift_terminal`` (LTX-Video, HaCohen et al. 2024,
+    arXiv:2501.00103; diffusers' ``stretch_shift_to_terminal``) then stretches ``1 - s'`` so that the last
+    node is at ``shift_terminal``: ``s'' = 1 - (1 - s') (1 - shift_terminal) / (1 - s'_{n-1})``.
+
+    The unshifted points ``u_k``, ``k = 0..n-1`` (``spacing``), are diffusers' for ``n`` steps (``n``
+    network calls; :func:`steerdiff.sample` appends the clean end, FlowMatchEuler's trailing sigma 0):
+
+    * ``"flowmatch"`` -- ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)`` (SD3, SD3.5):
+      ``linspace(1, b, n)``, ``b`` that scheduler's ``sigma_min``: the process's smallest flow time
+      ``s_lo`` (``1/1000`` on the default ``RectifiedFlow``), shifted once already with ``shift``
+      (diffusers takes it from its shifted training sigmas, so the last node is shifted twice),
+      unshifted with ``mu``.
+    * ``"flux"`` -- ``linspace(1, 0, n + 1)[:n]``: Flux's own sampler (black-forest-labs/flux,
+      ``get_schedule``) and the diffusers pipelines that pass these sigmas (Flux, LTX-Video, Lumina 2,
+      HunyuanVideo); the last point, 0, is the clean end.
+    * ``"unipc"`` -- ``linspace(1, s_lo, n + 1)[:n]``: ``UniPCMultistepScheduler`` with
+      ``use_flow_sigmas`` (Wan: ``flow_shift`` 3 or 5; SkyReels).
+
+    A node above the process's largest flow time (``s = 1`` is pure noise, which no process time has) is
+    ``t_max``, one below its smallest ``t_min``; where two would be (a large shift, many steps) a
+    ``ValueError`` says so. ``shift_terminal`` must lie in the process's range of flow times (to a relative
+    ``RANGE_RTOL``). One node is ``t_max``. On ``RectifiedFlow`` the nodes are diffusers' sigmas with the
+    first, 1, at ``t_max = 0.999``: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``'s to their float32
+    rounding (diffusers shifts in float64), the Flux pipeline's to one float32 ulp (it shifts in float32).
+
+    An object, not a name: the shift is the model's (3 for SD3, 5 for Wan 720p, ``mu`` per resolution for
+    Flux), which a name cannot carry, and unshifted (``shift=1``, FlowMatchEuler's default) it is on rectified
+    flow ``time_uniform`` but for the first node (1 against 0.999, taken to 0.999).
+
+    Accepted: ``shift`` finite > 0; ``mu`` ``None`` or finite, ``|mu| <= 700`` (> 0 with ``"linear"``),
+    not with a ``shift`` other than 1; ``time_shift_type`` ``"exponential"`` or ``"linear"``, the latter
+    with ``mu``; ``shift_terminal`` ``None`` or in ``(0, 1)``; ``spacing`` one of ``"flowmatch"``,
+    ``"flux"``, ``"unipc"``.
+    """
+
+    name = "flow_shift"
+
+    def __init__(
+        self,
+        shift: float = 1.0,
+        mu: float | None = None,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        spacing: str = "flowmatch",
+    ) -> None:
+        who = "FlowShift"
+        self.shift = real(who, "shift", shift, lo=0, lo_open=True)
+        self.mu = None if mu is None else real(who, "mu", mu, lo=-MU_BOUND, hi=MU_BOUND)
+        self.time_shift_type = choice(who, "time_shift_type", time_shift_type, TIME_SHIFT_TYPES)
+        self.shift_terminal = (
+            None
+            if shift_terminal is None
+            else real(who, "shift_terminal", shift_terminal, lo=0, hi=1, lo_open=True, hi_open=True)
+        )
+        self.spacing = choice(who, "spacing", spacing, FLOW_SPACINGS)
+        if self.mu is None and self.time_shift_type != "exponential":
+            raise ValueError(
+                f"{who}: time_shift_type={time_shift_type!r} shifts by mu, and mu is None: pass mu (e.g. "
+                "calculate_shift(image_seq_len, ...)), or a fixed shift without time_shift_type"
+            )
+        if self.mu is not None and self.shift != 1.0:
+            raise ValueError(
+                f"{who}: pass shift (a fixed shift) or mu (dynamic shifting), not both; got shift={shift!r}, "
+                f"mu={mu!r}"
+            )
+        if self.mu is not None and self.time_shift_type == "linear" and not self.mu > 0:
+            raise ValueError(
+                f"{who}: mu must be > 0 with time_shift_type='linear' (the factor of sigma/alpha), got {mu!r}"
+            )
+
+    @property
+    def factor(self) -> float:
+        """``m``, the factor of ``sigma/alpha``: ``shift``, ``e^mu`` or ``mu``."""
+        if self.mu is None:
+            return self.shift
+        return math.exp(self.mu) if self.time_shift_type == "exponential" else self.mu
+
+    def shifted(self, u: Tensor) -> Tensor:
+        """The shifted flow times of the decreasing unshifted ones ``u`` (in ``[0, 1]``), stretched to
+        ``shift_terminal`` where given (a grid whose last point is 1 is not stretched): the nodes of
+        diffusers' ``set_timesteps(sigmas=u, mu=mu)``."""
+        m = self.factor
+        s = m * u / (1 + (m - 1) * u)
+        if self.shift_terminal is not None and float(s[-1]) < 1:
+            s = 1 - (1 - s) * (1 - self.shift_terminal) / (1 - s[-1])
+        return s
+
+    def unshifted(self, process: Process, n: int) -> Tensor:
+        """``spacing``'s ``n`` points ``u_k`` in flow time, before the shift."""
+        lo = flow_time(process, process.t_min)
+        if self.spacing == "flowmatch":
+            end = lo if self.mu is not None else self.shift * lo / (1 + (self.shift - 1) * lo)
+            u = np.linspace(1.0, end, n)
+        else:
+            u = np.linspace(1.0, 0.0 if self.spacing == "flux" else lo, n + 1)[:n]
+        return torch.from_numpy(u)
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        lo, hi = flow_time(process, process.t_min), flow_time(process, process.t_max)
+        if self.shift_terminal is not None and not lo * (1 - RANGE_RTOL) <= self.shift_terminal <= hi:
+            raise ValueError(
+                f"{self!r}: shift_terminal={self.shift_terminal:g} is outside the flow times of {process!r}, "
+                f"[{lo:.6g}, {hi:.6g}] (flow time sigma / (alpha + sigma)); give one inside it or None"
+            )
+        if n == 1:
+            return torch.full((1,), process.t_max, dtype=F64)
+        s = self.shifted(self.unshifted(process, n))
+        above, below = s >= hi, s <= lo
+        for out, side, end, fix in (
+            (above, "above the largest", "t_max", "a smaller shift or mu, fewer steps, or a process "
+             "that reaches closer to pure noise (e.g. RectifiedFlow(t_max=0.9999))"),
+            (below, "below the smallest", "t_min", "a larger shift or shift_terminal, fewer steps, or "
+             "spacing='flowmatch' or 'unipc' (whose unshifted points end at the smallest)"),
+        ):  # fmt: skip
+            if int(out.sum()) > 1:
+                raise ValueError(
+                    f"{self!r}: {int(out.sum())} of the {n} nodes are at or {side} flow time of {process!r} "
+                    f"(its range: [{lo:.6g}, {hi:.6g}]); one is taken to {end}, the next would repeat it: "
+                    f"ask for {fix}"
+                )
+        t = _t_of_flow(process, s.clamp(lo, hi))
+        t[above], t[below] = process.t_max, process.t_min
+        return t
+
+    def __repr__(self) -> str:
+        how = (
+            f"shift={self.shift:g}"
+            if self.mu is None
+            else f"mu={self.mu:g}, time_shift_type={self.time_shift_type!r}"
+        )
+        end = "" if self.shift_terminal is None else f", shift_terminal={self.shift_terminal:g}"
+        return f"FlowShift({how}{end}, spacing={self.spacing!r})"
+
+
+class Beta(Schedule):
+    r"""Beta sampling (Lee et al. 2024, "Beta Sampling is All You Need: Efficient Image Generation Strategy
+    for Diffusion Models using Stepwise Spectral Analysis", arXiv:2407.12173) as diffusers places it
+    (``use_beta_sigmas``, ``_convert_to_beta``): nodes at quantiles of a ``Beta(alpha, beta)`` distribution
+    between the ends of diffusers' sigma,
+
+        sigma_i = sigma_min + F^{-1}(1 - i / (n - 1); alpha, beta) (sigma_max - sigma_min),   i = 0..n-1,
+
+    ``F^{-1}`` the Beta quantile function (``scipy.special.betaincinv``), ``alpha = beta = 0.6`` by default
+    (the paper's and diffusers'): with ``alpha, beta < 1`` the nodes crowd at both ends, where the paper's
+    spectral analysis finds the image changing most (low frequencies early, high late). diffusers' sigma is
+    the flow time ``sigma / (alpha + sigma)`` on :class:`~steerdiff.processes.RectifiedFlow`
+    (FlowMatchEuler's), ``sigma/alpha`` on every other process (Euler's, DPM-Solver's, UniPC's);
+    ``sigma_max`` / ``sigma_min`` are the process's range. (The paper, and ComfyUI's beta scheduler, place
+    the quantiles in timestep, not in sigma.) The first node is ``t_max``, the last ``t_min``.
+
+    Accepted: ``alpha`` and ``beta`` finite > 0.
+    """
+
+    name = "beta"
+
+    def __init__(self, alpha: float = 0.6, beta: float = 0.6) -> None:
+        self.alpha = real("Beta", "alpha", alpha, lo=0, lo_open=True)
+        self.beta = real("Beta", "beta", beta, lo=0, lo_open=True)
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        flow = isinstance(process, RectifiedFlow)
+        lo, hi = (flow_time(process, t) if flow else _s(process, t) for t in (process.t_min, process.t_max))
+        q = betaincinv(self.alpha, self.beta, 1 - np.linspace(0, 1, n))
+        s = torch.from_numpy(lo + q * (hi - lo))
+        t = _t_of_flow(process, s) if flow else process.t_of_sigma_ratio(s)
+        t[0] = process.t_max
+        if n > 1:
+            t[-1] = process.t_min
+        return t
+
+    def __repr__(self) -> str:
+        return f"Beta(alpha={self.alpha:g}, beta={self.beta:g})"
+
+
 _REGISTRY: dict[str, type[Schedule]] = {
     cls.name: cls
     for cls in (
@@ -679,6 +917,7 @@ _REGISTRY: dict[str, type[Schedule]] = {
         Leading,
         Trailing,
         LCM,
+        Beta,
     )
 }
 

@@ -64,7 +64,6 @@ import functools
 import importlib
 import inspect
 import json
-import math
 import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -431,30 +430,25 @@ def _tail(grid: Grid, j: int) -> Grid:
 
 
 def _flow_shift(cfg: dict[str, Any], s: Tensor, mu: float | None) -> Tensor:
-    """FlowMatchEulerDiscreteScheduler's shift of flow times ``s``: ``shift s / (1 + (shift - 1) s)``,
-    or with ``use_dynamic_shifting`` ``e^mu / (e^mu + 1/s - 1)`` (``time_shift_type="linear"``:
-    ``mu / (mu + 1/s - 1)``); then ``shift_terminal`` stretches ``1 - s`` to end at it. UniPC's flow
-    configs (``use_flow_sigmas``: Wan, SkyReels) name the shift ``flow_shift`` and shift alike."""
+    """FlowMatchEulerDiscreteScheduler's shift of custom flow times ``s``, as
+    :meth:`steerdiff.schedules.FlowShift.shifted` of the config's shift: ``shift``, or with
+    ``use_dynamic_shifting`` ``mu`` (``time_shift_type``), then ``shift_terminal``. UniPC's flow configs
+    (``use_flow_sigmas``: Wan, SkyReels) name the shift ``flow_shift`` and shift alike."""
     respaced = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)]
     if respaced:
         raise ValueError(
             f"set_timesteps: custom sigmas with {respaced[0]}=True are not supported (pass the final "
             "sigmas, or num_inference_steps and a steerdiff schedule)"
         )
+    terminal = cfg.get("shift_terminal") or None  # diffusers stretches where it is truthy
     if cfg.get("use_dynamic_shifting"):
         if mu is None:
             raise ValueError("set_timesteps: mu is required with use_dynamic_shifting=True (as in diffusers)")
         mu = real("set_timesteps", "mu", mu)
-        m = math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
-        s = m / (m + (1 / s - 1))
-    else:
-        shift = float(cfg.get("shift", cfg.get("flow_shift", 1.0)))
-        s = shift * s / (1 + (shift - 1) * s)
-    terminal = cfg.get("shift_terminal")
-    if terminal:
-        one_minus = 1 - s
-        s = 1 - one_minus * (1 - terminal) / one_minus[-1]
-    return s
+        kind = cfg.get("time_shift_type", "exponential")
+        return _schedules.FlowShift(mu=mu, time_shift_type=kind, shift_terminal=terminal).shifted(s)
+    shift = cfg.get("shift", cfg.get("flow_shift", 1.0))
+    return _schedules.FlowShift(shift=shift, shift_terminal=terminal).shifted(s)
 
 
 def _custom_times(
