@@ -322,7 +322,7 @@ def test_beta_is_euler_use_beta_sigmas(n):
     theirs = diffusers.EulerDiscreteScheduler(**sd_betas_config(), use_beta_sigmas=True)
     theirs.set_timesteps(n)
     p = process_from_config(sd_betas_config())  # its betas as diffusers forms them
-    ours = p.sigma_ratio(sd.schedules.get("beta")(p, n))
+    ours = p.sigma_ratio(Beta()(p, n))
     assert torch.allclose(ours, theirs.sigmas[:-1].double(), rtol=2e-7, atol=0)  # measured 5.5e-8
 
 
@@ -335,3 +335,20 @@ def test_beta_1_1_is_time_uniform_on_rectified_flow_and_refuses_bad_shapes():
     for kwargs, name in [({"alpha": 0}, "alpha"), ({"beta": -1.0}, "beta"), ({"alpha": math.nan}, "alpha")]:
         with pytest.raises(ValueError, match=f"Beta: {name} must be a finite number > 0"):
             Beta(**kwargs)
+
+
+def test_steerdiff_scheduler_with_flowshift_runs_sd3s_grid():
+    """``SteerdiffScheduler.from_config(sd3_config, schedule=FlowShift(shift=3.0))``: the nodes (and net times
+    ``1000 s``) of FlowMatchEuler(shift=3) but the first, and the schedule kept in the config (by class and
+    options) rebuilds it."""
+    from steerdiff.integrations.diffusers import SteerdiffScheduler
+
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(**SD3)
+    ours = SteerdiffScheduler.from_config(theirs.config, solver="euler", schedule=FlowShift(shift=3.0))
+    again = SteerdiffScheduler.from_config(ours.config)
+    assert ours.config["schedule"]["class"] == "steerdiff.schedules:FlowShift"
+    for sched in (theirs, ours, again):
+        sched.set_timesteps(28)
+    assert float(ours.sigmas[0]) == pytest.approx(RF.t_max) and float(theirs.sigmas[0]) == 1.0
+    assert torch.allclose(ours.sigmas[1:], theirs.sigmas[1:], rtol=0, atol=1e-7)  # measured 0
+    assert torch.equal(again.sigmas, ours.sigmas)
