@@ -32,7 +32,14 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
 * :class:`Custom` -- an explicit grid.
 
 A schedule fitted to a model is an object only, made with the model: :class:`GITS` (Chen et al. 2024,
-:mod:`steerdiff.gits`), a grid picked by dynamic programming along a teacher trajectory.
+:mod:`steerdiff.gits`), a grid picked by dynamic programming along a teacher trajectory. So are two rules
+kept out of the registry-wide sweeps:
+
+* :class:`FlowShift` -- the timestep shift of flow-matching models (SD3's ``shift=3``, Flux's ``mu`` from
+  :func:`calculate_shift`, Wan's ``flow_shift``, LTX-Video's ``shift_terminal``) on a grid uniform in flow
+  time ``sigma / (alpha + sigma)`` (:func:`flow_time`), as diffusers' flow schedulers and pipelines space it.
+* :class:`Beta` -- nodes at Beta(0.6, 0.6) quantiles in diffusers' sigma (``use_beta_sigmas``; Lee et al.
+  2024).
 """
 
 from __future__ import annotations
@@ -879,6 +886,11 @@ class Beta(Schedule):
     ``sigma_max`` / ``sigma_min`` are the process's range. (The paper, and ComfyUI's beta scheduler, place
     the quantiles in timestep, not in sigma.) The first node is ``t_max``, the last ``t_min``.
 
+    An object, not a name, as :class:`FlowShift`: a name would join every registry-wide sweep (the solver
+    benchmark, ``bench longstep``, the solvers' step-ratio invariant, which it breaks: uniform in
+    ``sigma/alpha`` near the top, its first steps are short in log-SNR, and at 3-5 steps the second is more
+    than 2.5 times the first under Stable Diffusion's betas or EDM, where the rule lowers its order).
+
     Accepted: ``alpha`` and ``beta`` finite > 0.
     """
 
@@ -917,7 +929,6 @@ _REGISTRY: dict[str, type[Schedule]] = {
         Leading,
         Trailing,
         LCM,
-        Beta,
     )
 }
 
