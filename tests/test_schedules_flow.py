@@ -352,3 +352,26 @@ def test_steerdiff_scheduler_with_flowshift_runs_sd3s_grid():
     assert float(ours.sigmas[0]) == pytest.approx(RF.t_max) and float(theirs.sigmas[0]) == 1.0
     assert torch.allclose(ours.sigmas[1:], theirs.sigmas[1:], rtol=0, atol=1e-7)  # measured 0
     assert torch.equal(again.sigmas, ours.sigmas)
+
+
+def test_the_docs_example_runs():
+    """docs/schedules.md's example, with the exact velocity of a mixture as the transformer."""
+    from types import SimpleNamespace
+
+    from steerdiff.integrations.diffusers import SteerdiffScheduler
+
+    from ._docs import block
+
+    exact = sd.toy.default_benchmark_mixture(dim=4).denoiser(RF)
+
+    def transformer(x, t):
+        p = exact(x, t)
+        return p.eps - p.x0
+
+    pipe = SimpleNamespace(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SD3))
+    scope = {"transformer": transformer, "x_T": torch.randn(8, 4, dtype=F64), "pipe": pipe}
+    code = block("## Shifted flow-matching grids: `sd.schedules.FlowShift`")
+    exec(compile(code, "docs/schedules.md", "exec"), scope)
+    assert scope["x0"].shape == (8, 4) and bool(scope["x0"].isfinite().all())
+    assert isinstance(pipe.scheduler, SteerdiffScheduler)
+    assert pipe.scheduler.config["schedule"]["shift"] == 3.0
