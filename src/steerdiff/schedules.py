@@ -758,12 +758,14 @@ class FlowShift(Schedule):
     ``t_max``, one below its smallest ``t_min``; where two would be (a large shift, many steps) a
     ``ValueError`` says so. ``shift_terminal`` must lie in the process's range of flow times (to a relative
     ``RANGE_RTOL``). One node is ``t_max``. On ``RectifiedFlow`` the nodes are diffusers' sigmas with the
-    first, 1, at ``t_max = 0.999``: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``'s to their float32
-    rounding (diffusers shifts in float64), the Flux pipeline's to one float32 ulp (it shifts in float32).
+    first, 1, at ``t_max = 0.999``: ``FlowMatchEulerDiscreteScheduler(shift=3.0)``'s and Wan's UniPC's to
+    their float32 rounding (diffusers shifts in float64), the Flux and LTX-Video pipelines' to 1.4 and 4.8
+    float32 ulps (diffusers shifts and stretches their float32 sigmas).
 
     An object, not a name: the shift is the model's (3 for SD3, 5 for Wan 720p, ``mu`` per resolution for
     Flux), which a name cannot carry, and unshifted (``shift=1``, FlowMatchEuler's default) it is on rectified
-    flow ``time_uniform`` but for the first node (1 against 0.999, taken to 0.999).
+    flow ``time_uniform`` to within ``1e-3`` (a linspace from 1, its first node taken to 0.999, against one
+    from 0.999).
 
     Accepted: ``shift`` finite > 0; ``mu`` ``None`` or finite, ``|mu| <= 700`` (> 0 with ``"linear"``),
     not with a ``shift`` other than 1; ``time_shift_type`` ``"exponential"`` or ``"linear"``, the latter
