@@ -2471,7 +2471,7 @@ def test_step_add_noise_and_set_begin_index_name_a_bad_argument():
         ("timestep_spacing", "trailing", "schedule='leading', 'trailing' or 'linspace'"),
         ("use_karras_sigmas", True, "schedule='karras'"),
         ("use_exponential_sigmas", True, "schedule='exponential'"),
-        ("use_beta_sigmas", True, "schedule="),
+        ("use_beta_sigmas", True, "schedule=steerdiff.schedules.Beta()"),
         ("use_lu_lambdas", True, "schedule='logsnr_uniform'"),
         ("solver_order", 3, "solver="),
         ("algorithm_type", "sde-dpmsolver++", "solver="),

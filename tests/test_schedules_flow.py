@@ -324,6 +324,13 @@ def test_beta_is_euler_use_beta_sigmas(n):
     p = process_from_config(sd_betas_config())  # its betas as diffusers forms them
     ours = p.sigma_ratio(Beta()(p, n))
     assert torch.allclose(ours, theirs.sigmas[:-1].double(), rtol=2e-7, atol=0)  # measured 5.5e-8
+    # the adapter's hint for use_beta_sigmas: that scheduler's sigmas and timesteps
+    from steerdiff.integrations.diffusers import SteerdiffScheduler
+
+    adapter = SteerdiffScheduler.from_config(sd_betas_config(), solver="euler", schedule=Beta())
+    adapter.set_timesteps(n)
+    assert torch.allclose(adapter.sigmas, theirs.sigmas, rtol=5e-7, atol=0)  # measured 1.2e-7
+    assert torch.allclose(adapter.timesteps, theirs.timesteps, rtol=0, atol=1e-3)
 
 
 def test_beta_1_1_is_time_uniform_on_rectified_flow_and_refuses_bad_shapes():

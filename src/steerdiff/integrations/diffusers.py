@@ -578,7 +578,7 @@ _DIFFUSERS_SAMPLING_OPTIONS = {
     "timestep_spacing": "schedule='leading', 'trailing' or 'linspace'",
     "use_karras_sigmas": "schedule='karras' (the default, karras_capped, is Karras' ramp with capped steps)",
     "use_exponential_sigmas": "schedule='exponential'",
-    "use_beta_sigmas": "schedule=, a name of steerdiff.schedules.available() or a Schedule",
+    "use_beta_sigmas": "schedule=steerdiff.schedules.Beta() (alpha = beta = 0.6, diffusers' beta sigmas)",
     "use_lu_lambdas": "schedule='logsnr_uniform'",
     "solver_order": "solver=, e.g. 'dpmpp_3m' or steerdiff.solvers.UniPC(order=3)",
     "algorithm_type": "solver=, e.g. 'dpmpp_2m', 'dpmpp_2m_sde' or 'dpm_solver'",
