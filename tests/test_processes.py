@@ -43,6 +43,8 @@ PROCESSES = {
     "ve": lambda: sd.VE(),
     "edm": lambda: sd.EDM(),
     "rectified_flow": lambda: sd.RectifiedFlow(),
+    "subvp": lambda: sd.SubVP(),
+    "subvp_wide": lambda: sd.SubVP(beta_min=0.05, beta_max=30.0, t_min=1e-5),
     "mr_linear": lambda: sd.MeanReverting(theta_min=0.3, theta_max=8.0, stationary_std=0.5),
     "mr_cosine": lambda: sd.MeanReverting.cosine(100, 0.005, stationary_std=10 / 255),
 }
@@ -122,6 +124,11 @@ def _irsde_cosine_theta_bar(T: int = 100, eps: float = 0.005, s: float = 0.008) 
 
 
 # lam(t) from each kind's own definition, in numpy (integer t for the discrete kinds)
+def _subvp_lam(b: np.ndarray) -> np.ndarray:
+    """``log(alpha / sigma)`` of the sub-VP kernel from ``B = int_0^t beta``."""
+    return -b / 2 - np.log(-np.expm1(-b))
+
+
 LAM_CLOSED_FORMS = {
     "discrete_betas": lambda t: _half_log_snr(np.cumprod(1 - np.linspace(1e-4, 0.02, N)))[t.astype(int)],
     "discrete_alphas_cumprod": lambda t: _half_log_snr(np.cumprod(1 - _scaled_linear_betas()))[t.astype(int)],
@@ -134,6 +141,9 @@ LAM_CLOSED_FORMS = {
     "ve": lambda t: -np.log(0.01 * (50.0 / 0.01) ** t),  # sigma = sigma_min (sigma_max / sigma_min)^t
     "edm": lambda t: -np.log(t),  # alpha = 1, sigma = t
     "rectified_flow": lambda t: np.log((1 - t) / t),  # alpha = 1 - t, sigma = t
+    # Song et al. 2021 (sub-VP, App. B): alpha = e^{-B/2}, sigma = 1 - e^{-B}, B = int_0^t beta
+    "subvp": lambda t: _subvp_lam(0.1 * t + 19.9 * t**2 / 2),
+    "subvp_wide": lambda t: _subvp_lam(0.05 * t + 29.95 * t**2 / 2),
     # Luo et al. 2023: alpha = e^{-thetabar}, sigma = lambda sqrt(1 - e^{-2 thetabar})
     "mr_linear": lambda t: _mr_lam(0.3 * t + 0.5 * (8.0 - 0.3) * t**2, 0.5),
     "mr_cosine": lambda t: _mr_lam(_irsde_cosine_theta_bar()[t.astype(int)], 10 / 255),
@@ -196,6 +206,10 @@ def test_closed_forms():
     # Song et al. 2021: log alpha = -(b1 - b0) t^2 / 4 - b0 t / 2
     lin = sd.VP.linear(0.1, 20.0)
     assert torch.allclose(lin.alpha(t).log(), -(19.9) * t**2 / 4 - 0.1 * t / 2, rtol=1e-13, atol=0)
+    # Song et al. 2021, App. B: sub-VP's kernel N(x0 e^{-B/2}, (1 - e^{-B})^2), B = int_0^t beta
+    sub, b = sd.SubVP(0.1, 20.0), 0.1 * t + 19.9 * t**2 / 2
+    assert torch.allclose(sub.alpha(t), torch.exp(-b / 2), rtol=1e-14, atol=0)
+    assert torch.allclose(sub.sigma(t), 1 - torch.exp(-b), rtol=1e-13, atol=0)
     # Nichol & Dhariwal 2021: alpha^2 = f(t) / f(0), f(t) = cos((t + s) / (1 + s) pi / 2)^2
     cos = sd.VP.cosine()
     tc = torch.linspace(cos.t_min, cos.t_max, 99, dtype=F64)
@@ -466,6 +480,11 @@ def test_discrete_rejects_alphas_cumprod_that_underflow():
         (lambda: sd.RectifiedFlow(t_min=None), ["RectifiedFlow", "t_min", "(0, 1)", "None"]),
         (lambda: sd.RectifiedFlow(t_max=1.0), ["RectifiedFlow", "t_max", "(0, 1)"]),
         (lambda: sd.RectifiedFlow(t_min=0.5, t_max=0.4), ["RectifiedFlow", "t_min < t_max"]),
+        (lambda: sd.SubVP(beta_min=0.0), ["SubVP", "beta_min", "> 0"]),
+        (lambda: sd.SubVP(beta_max=math.inf), ["SubVP", "beta_max", "finite"]),
+        (lambda: sd.SubVP(beta_min=20.0, beta_max=0.1), ["SubVP", "beta_min < beta_max"]),
+        (lambda: sd.SubVP(t_min=1.0), ["SubVP", "t_min", "(0, 1)"]),
+        (lambda: sd.SubVP(t_min="0.001"), ["SubVP", "t_min", "(0, 1)", "'0.001'"]),
         (lambda: sd.MeanReverting(theta_max="10"), ["MeanReverting", "theta_max", "> 0"]),
         (lambda: sd.MeanReverting(theta_min=3.0, theta_max=2.0), ["theta_min <= theta_max"]),
         (lambda: sd.MeanReverting(stationary_std=math.inf), ["stationary_std", "finite"]),
@@ -516,6 +535,7 @@ _ALL_PROCESSES = [
     sd.VE(),
     sd.EDM(),
     sd.RectifiedFlow(),
+    sd.SubVP(),
     sd.MeanReverting(),
     sd.MeanReverting.cosine(),
 ]
@@ -577,6 +597,7 @@ def test_process_time_checks_keep_the_values(proc):
         (sd.VE(), -math.inf, math.inf),  # sigma = sigma_min ratio^t
         (sd.EDM(), 0.0, math.inf),  # sigma = t
         (sd.RectifiedFlow(), 0.0, 1.0),  # alpha(1) = 0
+        (sd.SubVP(), 0.0, math.inf),  # alpha = exp(-B(t) / 2) > 0 for every t
         (sd.MeanReverting(), 0.0, math.inf),  # thetabar(t) grows without bound
         (sd.MeanReverting(theta_min=0.0), 0.0, math.inf),
         (sd.MeanReverting(theta_min=2.0, theta_max=2.0), 0.0, math.inf),

@@ -29,7 +29,7 @@ from .denoiser import ConsistencyModelDenoiser, Denoiser, EDMDenoiser, Predictio
 from .eta_inversion import EtaNoise, eta_invert
 from .inversion import invert
 from .paradigms import ParadigmsInfo, paradigms
-from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow
+from .processes import EDM, VE, VP, MeanReverting, Process, RectifiedFlow, SubVP
 from .reprocessed import Reprocessed
 from .sampling import SampleInfo, sample
 from .solvers.base import NonFiniteError
@@ -52,6 +52,7 @@ __all__ = [
     "RectifiedFlow",
     "Reprocessed",
     "SampleInfo",
+    "SubVP",
     "adjoint",
     "ddpm_inversion",
     "ddpm_invert",

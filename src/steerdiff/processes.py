@@ -17,6 +17,7 @@ Kinds:
   a fractional timestep.
 * :meth:`VP.linear` -- continuous linear-beta VP SDE (Song et al. 2021), ``t in (0, 1]``.
 * :meth:`VP.cosine` -- the cosine schedule of Improved DDPM (Nichol & Dhariwal 2021).
+* :class:`SubVP` -- the sub-VP SDE (Song et al. 2021): :meth:`VP.linear`'s ``alpha``, ``sigma = 1 - alpha^2``.
 * :class:`VE` -- ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` (Song et al. 2021).
 * :class:`EDM` -- ``alpha = 1``, ``sigma = t`` (Karras et al. 2022).
 * :class:`RectifiedFlow` -- ``alpha = 1 - t``, ``sigma = t`` (Liu et al. 2022; Lipman et al. 2022).
@@ -51,6 +52,7 @@ __all__ = [
     "MeanRevertingDiscrete",
     "Process",
     "RectifiedFlow",
+    "SubVP",
     "difference",
     "equivalent",
     "rescale_zero_terminal_snr",
@@ -547,6 +549,81 @@ class VPCosine(VP):
 
     def __repr__(self) -> str:
         return f"VP.cosine(s={self.s:g})"
+
+
+class SubVP(Process):
+    r"""The sub-VP SDE (Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential
+    Equations", ICLR, Sec. 3.4, Eq. 12; Eq. 11 is the VP SDE), on ``t in [t_min, 1]``:
+
+        dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - e^{-2 B(t)})) dW,
+
+    ``beta(t) = beta_min + (beta_max - beta_min) t``, ``B(t) = int_0^t beta = beta_min t + (beta_max -
+    beta_min) t^2 / 2``. Its perturbation kernel (App. B) has :meth:`VP.linear`'s mean and a smaller standard
+    deviation:
+
+        alpha(t) = e^{-B/2},   sigma(t) = 1 - e^{-B} = 1 - alpha^2   (sigma^2 <= 1 - alpha^2).
+
+    Hence ``sigma / alpha = 2 sinh(B / 2)``: ``lam = -log(2 sinh(B / 2))`` and, inverted in closed form,
+    ``B = 2 asinh(e^{-lam} / 2)``, ``t = 2 B / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) B))``.
+    ``sigma`` is formed as ``-expm1(-B)`` (full precision near ``t = 0``). The net's time input is ``t``
+    itself (the released score_sde models take ``999 t``: ``Denoiser(..., time_map=lambda t: 999 * t)``).
+
+    Accepted: finite ``0 < beta_min < beta_max``, ``0 < t_min < 1``.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> None:
+        who = "SubVP"
+        self.beta_min, self.beta_max = ordered(who, "beta_min", beta_min, "beta_max", beta_max, **_POSITIVE)
+        self.t_min, self.t_max = real(who, "t_min", t_min, **_UNIT), 1.0
+
+    def beta(self, t: TimeLike) -> Tensor:
+        """The SDE's ``beta(t) = beta_min + (beta_max - beta_min) t``."""
+        return self.beta_min + (self.beta_max - self.beta_min) * _t64(self, "beta", t)
+
+    def _integral(self, t: Tensor) -> Tensor:
+        """``B(t) = int_0^t beta``."""
+        return t * (self.beta_min + 0.5 * (self.beta_max - self.beta_min) * t)
+
+    def alpha(self, t: TimeLike) -> Tensor:
+        return torch.exp(-0.5 * self._integral(_t64(self, "alpha", t)))
+
+    def sigma(self, t: TimeLike) -> Tensor:
+        return -torch.expm1(-self._integral(_t64(self, "sigma", t)))
+
+    def lam(self, t: TimeLike) -> Tensor:
+        # log alpha - log sigma = -B/2 - log(1 - e^{-B}) = -log(2 sinh(B/2))
+        b = self._integral(_t64(self, "lam", t))
+        return -0.5 * b - torch.log(-torch.expm1(-b))
+
+    def coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor, Tensor]:
+        b = self._integral(_t64(self, "coefficients", t))
+        return torch.exp(-0.5 * b), -torch.expm1(-b), -0.5 * b - torch.log(-torch.expm1(-b))
+
+    def t_of_lam(self, lam: TimeLike) -> Tensor:
+        # B / 2 = asinh(e^u / 2), u = -lam; for u > 0 as u + log((1 + sqrt(1 + 4 e^{-2u})) / 2), which keeps
+        # e^u from overflowing (lam -> -inf: B -> inf, the limit t = inf)
+        u = -_t64(self, "t_of_lam", lam, "lam")
+        big = u.clamp(min=0)
+        half = torch.where(
+            u > 0,
+            big + torch.log1p(torch.sqrt(1 + 4 * torch.exp(-2 * big))) - math.log(2),
+            torch.asinh(torch.exp(u.clamp(max=0)) / 2),
+        )
+        b, d = 2 * half, self.beta_max - self.beta_min
+        t = 2 * b / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * b))
+        return torch.where(b.isinf(), math.inf, t)
+
+    def d_alpha(self, t: TimeLike) -> Tensor:
+        t = _t64(self, "d_alpha", t)
+        return -0.5 * self.beta(t) * self.alpha(t)
+
+    def d_sigma(self, t: TimeLike) -> Tensor:
+        # d/dt (1 - e^{-B}) = beta e^{-B} = beta alpha^2
+        t = _t64(self, "d_sigma", t)
+        return self.beta(t) * torch.exp(-self._integral(t))
+
+    def __repr__(self) -> str:
+        return f"SubVP(beta_min={self.beta_min:g}, beta_max={self.beta_max:g})"
 
 
 class VE(Process):

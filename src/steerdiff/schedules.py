@@ -4,10 +4,11 @@ A schedule is an object, ``schedule(process, n) -> Tensor`` of ``n`` float64 pro
 the process's noise end ``t_max`` to its clean end ``t_min``, both included except where a spacing
 by definition does not: ``leading`` starts below ``t_max`` (at ``(n - 1) (T // n) + steps_offset``),
 ``trailing`` (below ``2/3`` of the training steps: ``round(N_train / n) - 1 > 0``), ``ays`` and, below
-15 nodes, ``karras_jump`` and ``karras_capped`` end above ``t_min``. :func:`steerdiff.sample` with
-``steps=N`` asks for ``N`` nodes and appends the clean state ``sigma = 0``: the last step returns
-the denoised estimate at ``t_min``, as k-diffusion (``sigmas`` ending in 0) and diffusers'
-Euler/DDIM schedulers do. ``N`` steps of a first-order solver cost ``N`` network calls.
+15 nodes, ``karras_jump`` and ``karras_capped`` end above ``t_min``, and ``vp`` and ``laplace``, whose
+noise levels are their own, start below ``t_max`` or end above ``t_min`` where those lie inside the range.
+:func:`steerdiff.sample` with ``steps=N`` asks for ``N`` nodes and appends the clean state ``sigma = 0``:
+the last step returns the denoised estimate at ``t_min``, as k-diffusion (``sigmas`` ending in 0) and
+diffusers' Euler/DDIM schedulers do. ``N`` steps of a first-order solver cost ``N`` network calls.
 
 Every schedule is also reachable by name (``schedule="karras"``); :func:`available` lists them.
 
@@ -16,6 +17,11 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
   ``exponential`` is the same grid under k-diffusion's name (uniform in ``log(sigma/alpha)``).
 * ``karras`` -- ``s_i = (s_max^(1/rho) + i/N (s_min^(1/rho) - s_max^(1/rho)))^rho`` in
   ``s = sigma/alpha`` (Karras et al. 2022, Eq. 5).
+* ``polyexponential`` -- k-diffusion's ramp in ``log s`` raised to ``rho`` (``rho = 1``: ``exponential``).
+* ``vp`` -- k-diffusion's ``get_sigmas_vp``: the linear-beta VP SDE's ``s`` at uniform times (on
+  ``VP.linear`` of the same betas, ``time_uniform``).
+* ``laplace`` -- Hang et al. 2024: Laplace quantiles in ``log s``, clamped to the range (k-diffusion's).
+* ``kl_optimal`` -- uniform in ``arctan s`` (Sabour et al. 2024's optimum for Gaussian data; ComfyUI's).
 * ``karras_jump`` -- below 15 nodes, the first ``n`` points of the ``n + 1``-point Karras grid:
   the jump to the clean state replaces the node at ``s_min`` (as in the AYS lists).
 * ``ays`` -- Align Your Steps (Sabour et al. 2024): the published 10-step lists, log-linearly
@@ -62,16 +68,21 @@ __all__ = [
     "Beta",
     "Custom",
     "FlowShift",
+    "KLOptimal",
     "Karras",
     "KarrasCapped",
     "KarrasJump",
+    "Laplace",
     "Leading",
     "Linspace",
     "LogSNRUniform",
+    "PolyExponential",
     "Schedule",
     "ScheduleLike",
+    "SigmaRange",
     "TimeUniform",
     "Trailing",
+    "VPUniform",
     "available",
     "calculate_shift",
     "flow_time",
@@ -183,24 +194,21 @@ def _positive(who: str, name: str, value: float | None) -> float | None:
 RANGE_RTOL = 1e-3
 
 
-class Karras(Schedule):
-    """Karras et al. 2022 (EDM), Eq. 5, in ``s = sigma/alpha``; ``rho = 7`` by default.
+class SigmaRange(Schedule):
+    """Base of the schedules spaced in ``s = sigma/alpha`` (k-diffusion's sigma) between ``sigma_max`` and
+    ``sigma_min``, each the process's own end where ``None``, the nodes mapped to process time by the
+    process's inverse (:meth:`~steerdiff.processes.Process.t_of_sigma_ratio`).
 
-    ``sigma_min``/``sigma_max`` default to the process's range (in ``sigma/alpha`` units). Accepted:
-    ``rho`` finite > 0, ``sigma_min`` and ``sigma_max`` finite > 0 or ``None``, with
-    ``sigma_max > sigma_min`` (checked against the process's range where one is ``None``), each given
-    one inside the process's range ``[s_min, s_max]`` (to a relative ``RANGE_RTOL = 1e-3``, within which
-    the times are clamped to the range; beyond it the clamped times would repeat nodes).
-    ``sigma_min = 0``, Eq. 5's ramp to 0, is refused: a node at ``s = 0`` has an infinite log-SNR,
-    which no process time has (the step to the clean state ``s = 0`` is
+    Accepted: ``sigma_min`` and ``sigma_max`` finite > 0 or ``None``, with ``sigma_max > sigma_min``
+    (checked against the process's range where one is ``None``), each given one inside the process's range
+    ``[s_min, s_max]`` (to a relative ``RANGE_RTOL = 1e-3``, within which the times are clamped to the
+    range; beyond it the clamped times would repeat nodes). ``sigma_min = 0`` is refused: a node at
+    ``s = 0`` has an infinite log-SNR, which no process time has (the step to the clean state ``s = 0`` is
     :func:`steerdiff.sample`'s ``final="zero"``).
     """
 
-    name = "karras"
-
-    def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None):
+    def __init__(self, sigma_min: float | None = None, sigma_max: float | None = None) -> None:
         who = type(self).__name__
-        self.rho = real(who, "rho", rho, lo=0, lo_open=True)
         self.sigma_min = _positive(who, "sigma_min", sigma_min)
         self.sigma_max = _positive(who, "sigma_max", sigma_max)
         if self.sigma_min is not None and self.sigma_max is not None and not self.sigma_max > self.sigma_min:
@@ -216,11 +224,9 @@ class Karras(Schedule):
         """Where the ramp ends: ``sigma_min``, or the process's ``s_min`` when that is ``None``."""
         return _s(process, process.t_min) if self.sigma_min is None else self.sigma_min
 
-    def nodes(self, process: Process, n: int) -> Tensor:
-        return self.ramp(process, n, self.ramp_bottom(process))
-
-    def ramp(self, process: Process, n: int, smin: float) -> Tensor:
-        """Eq. 5's ``n`` points from :meth:`ramp_top` down to ``smin``."""
+    def span(self, process: Process, smin: float) -> float:
+        """:meth:`ramp_top` for a ramp down to ``smin``, both checked: above ``smin``, and the given
+        ``sigma_min`` / ``sigma_max`` inside the process's range (a ``ValueError`` naming them)."""
         smax = self.ramp_top(process, smin)
         if not smax > smin:
             raise ValueError(
@@ -228,15 +234,7 @@ class Karras(Schedule):
                 f"sigma_max={smax:.6g} (a None is the range of {process!r} in sigma/alpha)"
             )
         self._check_range(process)
-        ramp = torch.linspace(0, 1, n, dtype=F64)
-        a, b = smax ** (1 / self.rho), smin ** (1 / self.rho)
-        t = process.t_of_sigma_ratio((a + ramp * (b - a)) ** self.rho)
-        t = t.clamp(process.t_min, process.t_max)
-        if self.sigma_max is None:
-            t[0] = process.t_max
-        if self.sigma_min is None and n > 1 and smin == _s(process, process.t_min):
-            t[-1] = process.t_min
-        return t
+        return smax
 
     def _check_range(self, process: Process) -> None:
         """``ValueError`` naming ``sigma_min`` / ``sigma_max`` where a given one lies outside the
@@ -249,16 +247,57 @@ class Karras(Schedule):
                     f"sigma/alpha, [{lo:.6g}, {hi:.6g}]; give one inside it or None (the range's end)"
                 )
 
-    def __repr__(self) -> str:
-        return f"Karras(rho={self.rho:g}{self._given()})"
-
     def _given(self) -> str:
-        """``, sigma_min=..., sigma_max=...`` for those given (the repr's options beside ``rho``)."""
+        """``, sigma_min=..., sigma_max=...`` for those given (the repr's options)."""
         return "".join(
             f", {k}={v:g}"
             for k, v in (("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max))
             if v is not None
         )
+
+
+def _times(process: Process, s: Tensor) -> Tensor:
+    """The process times of the nodes ``s`` (in ``sigma/alpha``), clamped to the process's range; a node at
+    the range's end in ``s`` (to a relative 1e-12: ``tan(atan(s))``, ``exp(log(s))``) is that end exactly."""
+    lo, hi = _s(process, process.t_min), _s(process, process.t_max)
+    t = process.t_of_sigma_ratio(s).clamp(process.t_min, process.t_max)
+    t = torch.where((s - hi).abs() <= 1e-12 * hi, process.t_max, t)
+    return torch.where((s - lo).abs() <= 1e-12 * lo, process.t_min, t)
+
+
+class Karras(SigmaRange):
+    """Karras et al. 2022 (EDM), Eq. 5, in ``s = sigma/alpha``; ``rho = 7`` by default.
+
+    ``sigma_min``/``sigma_max`` default to the process's range (in ``sigma/alpha`` units), as
+    :class:`SigmaRange` accepts them; ``rho`` finite > 0. ``sigma_min = 0``, Eq. 5's ramp to 0, is refused:
+    a node at ``s = 0`` has an infinite log-SNR, which no process time has (the step to the clean state
+    ``s = 0`` is :func:`steerdiff.sample`'s ``final="zero"``).
+    """
+
+    name = "karras"
+
+    def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None):
+        self.rho = real(type(self).__name__, "rho", rho, lo=0, lo_open=True)
+        super().__init__(sigma_min, sigma_max)
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        return self.ramp(process, n, self.ramp_bottom(process))
+
+    def ramp(self, process: Process, n: int, smin: float) -> Tensor:
+        """Eq. 5's ``n`` points from :meth:`ramp_top` down to ``smin``."""
+        smax = self.span(process, smin)
+        ramp = torch.linspace(0, 1, n, dtype=F64)
+        a, b = smax ** (1 / self.rho), smin ** (1 / self.rho)
+        t = process.t_of_sigma_ratio((a + ramp * (b - a)) ** self.rho)
+        t = t.clamp(process.t_min, process.t_max)
+        if self.sigma_max is None:
+            t[0] = process.t_max
+        if self.sigma_min is None and n > 1 and smin == _s(process, process.t_min):
+            t[-1] = process.t_min
+        return t
+
+    def __repr__(self) -> str:
+        return f"Karras(rho={self.rho:g}{self._given()})"
 
 
 TOP_EVERY = 50  # KarrasJump with sigma_top: one more step into the ramp per this many steps
@@ -917,12 +956,156 @@ class Beta(Schedule):
         return f"Beta(alpha={self.alpha:g}, beta={self.beta:g})"
 
 
+class PolyExponential(SigmaRange):
+    """k-diffusion's ``get_sigmas_polyexponential``: a ramp in ``log s`` raised to ``rho``,
+
+        s_i = exp(r_i^rho (log s_max - log s_min) + log s_min),   r_i = 1 - i / (n - 1),
+
+    in ``s = sigma/alpha``; ``rho = 1`` is :class:`Exponential` (uniform in ``log s``), ``rho > 1`` puts
+    more nodes at low noise. ``rho`` finite > 0; ``sigma_min`` / ``sigma_max`` as :class:`SigmaRange`."""
+
+    name = "polyexponential"
+
+    def __init__(self, rho: float = 1.0, sigma_min: float | None = None, sigma_max: float | None = None):
+        self.rho = real(type(self).__name__, "rho", rho, lo=0, lo_open=True)
+        super().__init__(sigma_min, sigma_max)
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        smin = self.ramp_bottom(process)
+        smax = self.span(process, smin)
+        ramp = torch.linspace(1, 0, n, dtype=F64) ** self.rho
+        return _times(process, torch.exp(ramp * (math.log(smax) - math.log(smin)) + math.log(smin)))
+
+    def __repr__(self) -> str:
+        return f"PolyExponential(rho={self.rho:g}{self._given()})"
+
+
+class VPUniform(Schedule):
+    """k-diffusion's ``get_sigmas_vp``: the ``sigma/alpha`` of the continuous linear-beta VP SDE (Song et
+    al. 2021) at ``n`` uniform times ``u_i`` from 1 down to ``eps_s``,
+
+        s_i = sqrt(exp(beta_d u_i^2 / 2 + beta_min u_i) - 1),
+
+    mapped to the process's time. On ``VP.linear(beta_min, beta_min + beta_d, t_min=eps_s)`` it is
+    :class:`TimeUniform`; on another process the nodes are that SDE's noise levels, which the process's
+    range must cover (to ``RANGE_RTOL``; ``s`` from 0.0105 to 152 at the defaults): a ``ValueError`` says
+    where it does not (EDM's default ``[0.002, 80]``, Stable Diffusion's ``[0.029, 14.6]``). The first
+    node is ``t_max`` only where the process's ``s_max`` is the SDE's (rectified flow's 999: 152).
+
+    Accepted: finite ``beta_d > 0``, ``beta_min >= 0``, ``0 < eps_s < 1``."""
+
+    name = "vp"
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> None:
+        who = type(self).__name__
+        self.beta_d = real(who, "beta_d", beta_d, lo=0, lo_open=True)
+        self.beta_min = real(who, "beta_min", beta_min, lo=0)
+        self.eps_s = real(who, "eps_s", eps_s, lo=0, hi=1, lo_open=True, hi_open=True)
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        u = torch.linspace(1, self.eps_s, n, dtype=F64)
+        s = torch.expm1(self.beta_d * u**2 / 2 + self.beta_min * u).sqrt()
+        lo, hi = _s(process, process.t_min), _s(process, process.t_max)
+        top, bottom = float(s[0]), float(s[-1])
+        if not (lo * (1 - RANGE_RTOL) <= bottom and top <= hi * (1 + RANGE_RTOL)):
+            raise ValueError(
+                f"{self!r}: its sigma/alpha span [{bottom:.6g}, {top:.6g}], outside the range of "
+                f"{process!r}, [{lo:.6g}, {hi:.6g}]; choose beta_d, beta_min and eps_s inside it, or a "
+                "schedule spaced over the process's own range (karras, polyexponential, kl_optimal, "
+                "time_uniform)"
+            )
+        return _times(process, s.clamp(lo, hi))
+
+    def __repr__(self) -> str:
+        return f"VPUniform(beta_d={self.beta_d:g}, beta_min={self.beta_min:g}, eps_s={self.eps_s:g})"
+
+
+LAPLACE_EPS = 1e-5  # k-diffusion's epsilon inside the Laplace quantile's log ("avoid log(0)")
+
+
+class Laplace(SigmaRange):
+    """Hang et al. 2024, "Improved Noise Schedule for Diffusion Training" (arXiv 2407.03297): nodes at the
+    quantiles of a Laplace distribution of ``log s`` with location ``mu`` and scale ``beta``, as
+    ``get_sigmas_laplace`` of ComfyUI's k-diffusion computes them: for ``x_i = i / (n - 1)``,
+
+        log s_i = mu - beta sgn(1/2 - x_i) log(1 - 2 |1/2 - x_i| + eps),   eps = 1e-5,
+
+    the Laplace quantile at ``1 - x_i`` (its inverse CDF, ``mu - beta sgn(p - 1/2) log(1 - 2|p - 1/2|)``,
+    with ``eps`` keeping the ends finite: ``log s = mu +- 11.5 beta`` there), then clamped to
+    ``[s_min, s_max]``: ``sigma_min`` / ``sigma_max``, the process's range where ``None``
+    (:class:`SigmaRange`). The nodes crowd around ``s = e^mu``. The first node is ``t_max`` where the clamp
+    reaches it (``e^{mu + 11.5 beta} >= s_max``, 317 at the defaults), the last ``t_min`` likewise (0.0032);
+    a clamp that would repeat a node (too many steps for ``beta``: more than one quantile beyond an end) is
+    a ``ValueError`` saying so.
+
+    Accepted: finite ``mu``, finite ``beta > 0``."""
+
+    name = "laplace"
+
+    def __init__(
+        self,
+        mu: float = 0.0,
+        beta: float = 0.5,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+    ) -> None:
+        who = type(self).__name__
+        self.mu = real(who, "mu", mu)
+        self.beta = real(who, "beta", beta, lo=0, lo_open=True)
+        super().__init__(sigma_min, sigma_max)
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        smin = self.ramp_bottom(process)
+        smax = self.span(process, smin)
+        x = torch.linspace(0, 1, n, dtype=F64)
+        d = 0.5 - x
+        log_s = self.mu - self.beta * torch.sign(d) * torch.log(1 - 2 * d.abs() + LAPLACE_EPS)
+        s = log_s.exp()
+        for name, beyond, end in (("sigma_max", s >= smax, smax), ("sigma_min", s <= smin, smin)):
+            if int(beyond.sum()) > 1:
+                raise ValueError(
+                    f"{self!r}: {int(beyond.sum())} of {n} nodes lie beyond {name} = {end:.6g} (the range "
+                    f"of {process!r} where None) and would repeat once clamped; take fewer steps, a smaller "
+                    "beta or a wider range"
+                )
+        return _times(process, s.clamp(smin, smax))
+
+    def __repr__(self) -> str:
+        return f"Laplace(mu={self.mu:g}, beta={self.beta:g}{self._given()})"
+
+
+class KLOptimal(SigmaRange):
+    """ComfyUI's ``kl_optimal``: uniform in ``arctan s``,
+
+        s_i = tan(u_i arctan(s_min) + (1 - u_i) arctan(s_max)),   u_i = i / (n - 1),
+
+    in ``s = sigma/alpha``. Sabour, Fidler & Kreis 2024, "Align Your Steps" (ICML; arXiv 2404.14507), Sec. 3:
+    for isotropic Gaussian data ``N(0, c^2 I)`` the schedule that minimizes their KL-divergence upper bound
+    for the stochastic DDIM sampler is uniform in ``arctan(s / c)``; ``kl_optimal`` takes ``c = 1``.
+    ``sigma_min`` / ``sigma_max`` as :class:`SigmaRange`."""
+
+    name = "kl_optimal"
+
+    def nodes(self, process: Process, n: int) -> Tensor:
+        smin = self.ramp_bottom(process)
+        smax = self.span(process, smin)
+        u = torch.linspace(0, 1, n, dtype=F64)
+        return _times(process, torch.tan(u * math.atan(smin) + (1 - u) * math.atan(smax)))
+
+    def __repr__(self) -> str:
+        return f"KLOptimal({self._given().removeprefix(', ')})"
+
+
 _REGISTRY: dict[str, type[Schedule]] = {
     cls.name: cls
     for cls in (
         TimeUniform,
         LogSNRUniform,
         Exponential,
+        PolyExponential,
+        VPUniform,
+        Laplace,
+        KLOptimal,
         Karras,
         KarrasJump,
         KarrasCapped,
