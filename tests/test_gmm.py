@@ -157,6 +157,7 @@ def _single_gaussian_flow(mu, v, x_T, p, t0, t1):
         (sd.EDM(), 80.0, 0.002),
         (sd.RectifiedFlow(), 0.999, 0.2),
         (sd.VP.linear(), 1.0, None),
+        (sd.SubVP(), 1.0, 0.001),
         (sd.VP.cosine(), 0.9946, 0.001),
         (sd.VE(), 1.0, 0.0),
         # zero terminal SNR: alpha(999) = 2**-12, so y = x / alpha starts at ~4e3
