@@ -93,7 +93,7 @@ def test_the_solver_and_schedule_tables_are_the_registries():
 
 
 def test_the_process_tables_name_every_process():
-    classes = {sd.VP, sd.VE, sd.EDM, sd.RectifiedFlow, sd.MeanReverting}
+    classes = {sd.VP, sd.VE, sd.EDM, sd.RectifiedFlow, sd.SubVP, sd.MeanReverting}
     for page in (README, DOCS / "processes.md"):
         names = first_cells(page, "| process | α(t)")  # VP.discrete(...), VP.linear, VE, ...: each resolves
         assert {_resolve(sd, n.split(".")[0]) for n in names} == classes, name(page)

@@ -566,7 +566,8 @@ class SubVP(Process):
     Hence ``sigma / alpha = 2 sinh(B / 2)``: ``lam = -log(2 sinh(B / 2))`` and, inverted in closed form,
     ``B = 2 asinh(e^{-lam} / 2)``, ``t = 2 B / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) B))``.
     ``sigma`` is formed as ``-expm1(-B)`` (full precision near ``t = 0``). The net's time input is ``t``
-    itself (the released score_sde models take ``999 t``: ``Denoiser(..., time_map=lambda t: 999 * t)``).
+    itself (the released score_sde models take ``999 t`` and predict ``eps``: ``Denoiser(net, SubVP(), "eps",
+    time_map=lambda t: 999 * t)``).
 
     Accepted: finite ``0 < beta_min < beta_max``, ``0 < t_min < 1``.
     """
