@@ -1075,14 +1075,14 @@ class Laplace(SigmaRange):
 
 
 class KLOptimal(SigmaRange):
-    """ComfyUI's ``kl_optimal``: uniform in ``arctan s``,
+    """ComfyUI's ``kl_optimal`` (AUTOMATIC1111's "KL Optimal", PR #15608): uniform in ``arctan s``,
 
         s_i = tan(u_i arctan(s_min) + (1 - u_i) arctan(s_max)),   u_i = i / (n - 1),
 
-    in ``s = sigma/alpha``. Sabour, Fidler & Kreis 2024, "Align Your Steps" (ICML; arXiv 2404.14507), Sec. 3:
-    for isotropic Gaussian data ``N(0, c^2 I)`` the schedule that minimizes their KL-divergence upper bound
-    for the stochastic DDIM sampler is uniform in ``arctan(s / c)``; ``kl_optimal`` takes ``c = 1``.
-    ``sigma_min`` / ``sigma_max`` as :class:`SigmaRange`."""
+    in ``s = sigma/alpha``. Its authors attribute it to Sabour, Fidler & Kreis 2024, "Align Your Steps" (ICML;
+    arXiv 2404.14507), Sec. 3: the schedule minimizing their KL-divergence upper bound for the stochastic DDIM
+    sampler on isotropic Gaussian data ``N(0, c^2 I)``, uniform in ``arctan(s / c)``; ``kl_optimal`` takes
+    ``c = 1``. ``sigma_min`` / ``sigma_max`` as :class:`SigmaRange`; one node is ``t_max``."""
 
     name = "kl_optimal"
 
