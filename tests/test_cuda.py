@@ -228,7 +228,8 @@ def test_fitted_solver_float64_equals_the_cpu_run(name: str) -> None:
     _expect(sd.sample(DEN, x_T.float().to(DEVICE), STEPS, FITTED[name]()), ref, F32_TOL, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("schedule", sd.schedules.available())
+# vp's sigma/alpha (0.0105 to 152) lie beyond SD's betas (0.029 to 14.6): it refuses PROC, on either device
+@pytest.mark.parametrize("schedule", [s for s in sd.schedules.available() if s != "vp"])
 def test_schedule_float64_equals_the_cpu_run(schedule: str) -> None:
     x_T = noise(BATCH, 8)
     ref = sd.sample(DEN, x_T, STEPS, "dpmpp_2m", schedule)

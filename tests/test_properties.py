@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -70,6 +71,7 @@ KINDS = (
     "ve",
     "edm",
     "rf",
+    "subvp",
     "mr",
 )
 
@@ -105,6 +107,9 @@ def processes(draw, kinds=KINDS):
         return sd.EDM(smin, smin * draw(st.floats(10.0, 1e5)))
     if kind == "rf":
         return sd.RectifiedFlow(draw(st.floats(1e-4, 1e-2)), draw(st.floats(0.99, 0.9999)))
+    if kind == "subvp":
+        b0 = draw(st.floats(0.01, 1.0))
+        return sd.SubVP(b0, b0 + draw(st.floats(1.0, 30.0)), draw(st.floats(1e-4, 1e-2)))
     th0 = draw(st.floats(0.0, 1.0))
     return sd.MeanReverting(
         th0, th0 + draw(st.floats(0.0, 15.0)) + 0.05, draw(st.floats(0.1, 3.0)), draw(st.floats(1e-4, 1e-2))
@@ -138,6 +143,8 @@ def test_process_identities(p, us):
             assert bool((s == t).all())
     elif isinstance(p, sd.RectifiedFlow):
         torch.testing.assert_close(a + s, torch.ones_like(t), rtol=0, atol=1e-15)
+    elif isinstance(p, sd.SubVP):
+        torch.testing.assert_close(a**2 + s, torch.ones_like(t), rtol=0, atol=1e-15)  # sigma = 1 - alpha^2
     else:
         assert isinstance(p, sd.MeanReverting)
         torch.testing.assert_close(a**2 + (s / p.stationary_std) ** 2, torch.ones_like(t), rtol=0, atol=1e-14)
@@ -280,6 +287,14 @@ def test_mean_reverting_denoiser_round_trip(p, prediction, u, seed):
 # schedules
 
 DISCRETE_SPACINGS = {"linspace", "leading", "trailing"}
+# vp's sigma/alpha at u = 1 and u = eps_s = 1e-3 (k-diffusion's get_sigmas_vp: beta_d = 19.9, beta_min = 0.1)
+VP_LEVELS = tuple(math.sqrt(math.expm1(19.9 * u**2 / 2 + 0.1 * u)) for u in (1.0, 1e-3))
+
+
+def _laplace_levels(n: int) -> np.ndarray:
+    """``laplace``'s sigma/alpha before the clamp (mu = 0, beta = 0.5: k-diffusion's expression)."""
+    x = np.linspace(0, 1, n)
+    return np.exp(-0.5 * np.sign(0.5 - x) * np.log(1 - 2 * np.abs(0.5 - x) + 1e-5))
 
 
 def _ays_fits(p: sd.Process) -> bool:
@@ -303,6 +318,15 @@ def test_named_schedules_shape(p, name, n):
         valid = discrete and n <= 50 <= p.num_train_timesteps
     if name == "ays":
         valid = _ays_fits(p)
+    s_lo, s_hi = float(p.sigma_ratio(p.t_min)), float(p.sigma_ratio(p.t_max))
+    own = None  # vp / laplace: their own first and last levels
+    if name == "vp":  # its levels must lie in the range (to RANGE_RTOL)
+        own = VP_LEVELS
+        valid = s_lo * (1 - 1e-3) <= own[1] and own[0] <= s_hi * (1 + 1e-3)
+    if name == "laplace":  # clamped to the range, where no two nodes clamp to one end
+        levels = _laplace_levels(n)
+        own = float(levels[0]), float(levels[-1])
+        valid = (levels >= s_hi).sum() <= 1 and (levels <= s_lo).sum() <= 1
     if not valid:  # documented refusals: a discrete spacing off VP.discrete / finer than it, AYS off range
         with pytest.raises(ValueError):
             sched(p, n)
@@ -319,9 +343,13 @@ def test_named_schedules_shape(p, name, n):
     elif name == "lcm":  # the skipping step k = N // 50; every node is k j - 1
         k = p.num_train_timesteps // 50
         assert float(t[0]) == 50 * k - 1 and bool(((t + 1) % k == 0).all())
+    elif own is not None:  # t_max where the own top level reaches s_max (within rounding), else below
+        assert (float(t[0]) == p.t_max) == (own[0] >= s_hi * (1 - 1e-9)), (own, s_hi, float(t[0]))
     else:
         assert float(t[0]) == p.t_max
-    if n >= 2:
+    if n >= 2 and own is not None:
+        assert (float(t[-1]) == p.t_min) == (own[1] <= s_lo * (1 + 1e-9)), (own, s_lo, float(t[-1]))
+    elif n >= 2:
         # last node: t_min, except where the documented spacing ends above it
         above = name == "ays" or (name.startswith("karras_") and n < 15)
         if name == "trailing":  # round(N - (n - 1) N / n) - 1
@@ -367,6 +395,16 @@ def test_schedule_spacings(p, n, rho):
     jump = sd.schedules.KarrasJump(rho=rho)(p, n)
     expect = karras(p, n + 1)[:n] if n < 15 else k
     torch.testing.assert_close(jump, expect, rtol=1e-12, atol=1e-12 * max(1.0, p.t_max))
+    # polyexponential: log s on a ramp to the power rho, rho = 1 exponential; kl_optimal: arctan s uniform
+    s_min, s_max = float(p.sigma_ratio(p.t_min)), float(p.sigma_ratio(p.t_max))
+    if (1 / (n - 1)) ** rho * math.log(s_max / s_min) > 1e-9:  # else the last nodes coincide in float64
+        log_s = p.sigma_ratio(sd.schedules.PolyExponential(rho=rho)(p, n)).log()
+        want = torch.linspace(1, 0, n, dtype=F64) ** rho * math.log(s_max / s_min) + math.log(s_min)
+        assert bool(((log_s - want).abs() <= 1e-10 * (1 + want.abs())).all()), (log_s.tolist(), want.tolist())
+    torch.testing.assert_close(
+        sd.schedules.get("polyexponential")(p, n), lsnr, rtol=1e-12, atol=1e-12 * max(1.0, p.t_max)
+    )
+    _uniform(torch.atan(p.sigma_ratio(sd.schedules.get("kl_optimal")(p, n))), 1e-9)
 
 
 @props(40)
