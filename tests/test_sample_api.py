@@ -270,7 +270,8 @@ def test_unknown_schedule_lists_the_names(gmm, sd_process, problem):
 
 
 @pytest.mark.parametrize("final", ["zero", "none"])
-@pytest.mark.parametrize("steps", [0, -3, 2.5, 10.0, "10", True, None, np.int64(4) + 0.5])
+# None is the default (10, or an explicit grid's count: tests/test_steps_count.py)
+@pytest.mark.parametrize("steps", [0, -3, 2.5, 10.0, "10", True, np.int64(4) + 0.5])
 def test_bad_steps(gmm, sd_process, problem, steps, final):
     _raises(
         ["sample: steps", ">= 1", repr(steps)],

@@ -309,7 +309,7 @@ def adjoint(
     den: Denoiser,
     x_T: Tensor,
     loss: Loss,
-    steps: int = ...,
+    steps: int | None = ...,
     schedule: ScheduleLike = ...,
     *,
     solver_order: int | None = ...,
@@ -325,7 +325,7 @@ def adjoint(
     den: Denoiser,
     x_T: Tensor,
     loss: Loss,
-    steps: int = ...,
+    steps: int | None = ...,
     schedule: ScheduleLike = ...,
     *,
     solver_order: int | None = ...,
@@ -340,7 +340,7 @@ def adjoint(
     den: Denoiser,
     x_T: Tensor,
     loss: Loss,
-    steps: int = 10,
+    steps: int | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
     solver_order: int | None = None,
@@ -358,7 +358,7 @@ def adjoint(
             second-order graph: :func:`~steerdiff.guidance.grad_on`).
         x_T: initial noise, as for :func:`~steerdiff.sampling.sample`.
         loss: ``loss(x_0) -> scalar tensor``, differentiable (a batch of losses: sum or average them).
-        steps: number of steps ``N``.
+        steps: number of steps ``N``; default (``None``) 10, or the explicit grid's count (as ``sample``'s).
         schedule: as ``sample``'s.
         solver_order: ``k`` = 1, 2 or 3 (default 2): the forward pass is ``sample`` with ``DEIS(order=k)``,
             the backward pass the adjoint of order ``k``.

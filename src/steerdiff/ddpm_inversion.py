@@ -64,7 +64,17 @@ from .denoiser import Denoiser, check_denoiser
 from .noise import Generators, RefusedNoise, ReplayNoise, check_generators, randn
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T
 from .schedules import ScheduleLike
-from .solvers.base import Grid, Model, Solver, Transition, advance, keeps_history, make_grid, work_dtype
+from .solvers.base import (
+    Grid,
+    Model,
+    Solver,
+    Transition,
+    advance,
+    count_steps,
+    keeps_history,
+    make_grid,
+    work_dtype,
+)
 
 __all__ = ["EditNoise", "ddpm_invert"]
 
@@ -157,7 +167,7 @@ def _noise_map(who: str, slv: Solver, out: Tensor | Transition, x_next: Tensor, 
 def ddpm_invert(
     den: Denoiser,
     x_0: Tensor,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver = "ddpm",
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -178,12 +188,13 @@ def ddpm_invert(
         den: the :class:`~steerdiff.denoiser.Denoiser` under the source condition (guided ones included; not
             one that draws noise itself, whose draws a replay would not repeat).
         x_0: the clean samples, shape ``(batch, ...)``, taken as the state at the grid's last node.
-        steps: number of steps ``N``; the inversion evaluates the step once per step (``EditNoise.nfe``:
+        steps: number of steps ``N``, default (``None``) 10 or ``len(times) - 1`` for explicit times; the
+            inversion evaluates the step once per step (``EditNoise.nfe``:
             ``N`` for ``ddpm``, times ``den.cost``).
         solver: a one-step stochastic solver that returns its Gaussian transition: a name or an instance
             (default ``"ddpm"``); deterministic, multistep and in-step-noise solvers are refused.
-        schedule: as :func:`~steerdiff.sample`'s; its ``steps + 1`` nodes (explicit times: ``steps`` must be
-            ``len(times) - 1``).
+        schedule: as :func:`~steerdiff.sample`'s; its ``steps + 1`` nodes (explicit times: ``steps``, if
+            given, must be ``len(times) - 1``).
         generator: where the states ``x_{t_i}`` are drawn from: ``None``, a ``torch.Generator`` or one per
             batch row (a list: row ``b``'s states and maps then depend only on ``generator[b]``).
         progress: show a tqdm bar.
@@ -208,10 +219,11 @@ def ddpm_invert(
         "which extracts noise maps on the grid of sample(..., final='none'); accepted: den, x_0, steps, "
         "solver, schedule, generator, progress and the net's conditions (**cond)",
     )
-    steps = integer(who, "steps", steps, lo=1)
+    sched = _schedules.get(schedule, who)
+    steps = count_steps(who, steps, sched, "none", only=who, process=den.process)
     progress = boolean(who, "progress", progress)
     generator = check_generators(who, generator, len(x_0))
-    grid = make_grid(den.process, _schedules.get(schedule, who), steps, "none", only=who)
+    grid = make_grid(den.process, sched, steps, "none", only=who)
     slv = _solvers.get(solver, who)
     _check_solver(who, solver, slv, grid)
     x0 = x_0.to(work_dtype(x_0.dtype))

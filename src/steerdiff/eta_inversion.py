@@ -70,7 +70,7 @@ from .inversion import invert_as
 from .noise import Generators, ReplayNoise, check_generators, randn
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T
 from .schedules import ScheduleLike
-from .solvers.base import Grid, Model, Solver, Transition, make_grid, work_dtype
+from .solvers.base import Grid, Model, Solver, Transition, count_steps, make_grid, work_dtype
 from .solvers.ddim import ancestral_split
 
 __all__ = ["EtaDDIM", "EtaNoise", "eta_invert"]
@@ -182,7 +182,7 @@ class EtaNoise(EditNoise):
 def eta_invert(
     den: Denoiser,
     x_0: Tensor,
-    steps: int = 50,
+    steps: int | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
     eta: tuple[float, float] = (0.0, 0.4),
@@ -205,7 +205,8 @@ def eta_invert(
         den: the :class:`~steerdiff.denoiser.Denoiser` to invert with (the authors: classifier-free guidance
             at scale 1, the source prompt); not one that draws noise itself.
         x_0: the clean samples, shape ``(batch, ...)``, taken as the state at the grid's last node.
-        steps: number of steps ``N`` (the paper's 50).
+        steps: number of steps ``N``; default (``None``) the paper's 50, or ``len(times) - 1`` for explicit
+            times (a ``steps`` that disagrees with them is refused).
         schedule: as :func:`~steerdiff.sample`'s; its ``steps + 1`` nodes.
         eta: ``(eta at the clean end, eta at the noise end)`` of :class:`EtaDDIM` (default the paper's
             ``(0, 0.4)``).
@@ -241,7 +242,8 @@ def eta_invert(
         "final='none'); accepted: den, x_0, steps, schedule, eta, mask, candidates, source, generator, "
         "progress and the net's conditions (**cond)",
     )
-    steps = integer(who, "steps", steps, lo=1)
+    sched = _schedules.get(schedule, who)
+    steps = count_steps(who, steps, sched, "none", 50, only=who, process=den.process)
     K = integer(who, "candidates", candidates, lo=1)
     progress = boolean(who, "progress", progress)
     slv = EtaDDIM(eta=_eta_pair(who, eta), mask=_mask(who, mask))
@@ -265,7 +267,7 @@ def eta_invert(
     )
     xs = ups[::-1]
     xs[0] = xs[0].to(x_0.dtype).to(xs[0].dtype)  # sample_kwargs hands x_T over in x_0's dtype
-    grid = make_grid(den.process, _schedules.get(schedule, who), steps, "none", only=who)
+    grid = make_grid(den.process, sched, steps, "none", only=who)
     unmasked = replace(slv, mask=None)
     model = Model(src, cond, net_dtype=x_0.dtype)
     z: list[Tensor] = []

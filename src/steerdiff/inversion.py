@@ -79,12 +79,12 @@ from torch import Tensor
 
 from . import schedules as _schedules
 from . import solvers as _solvers
-from ._checks import boolean, integer
+from ._checks import boolean
 from ._ops import laid_out_as
 from .denoiser import Denoiser, check_denoiser
 from .sampling import DEFAULT_SCHEDULE, SampleInfo, check_sample_only, check_x_T, guided_solver, run_grid
 from .schedules import ScheduleLike
-from .solvers.base import Grid, Model, Solver, make_grid, to_sample_dtype, work_dtype
+from .solvers.base import Grid, Model, Solver, count_steps, make_grid, to_sample_dtype, work_dtype
 from .solvers.unipc import UniPC
 
 __all__ = ["SAMPLE_ONLY", "default_inversion_solver", "deterministic_solvers", "invert", "invert_as"]
@@ -133,7 +133,7 @@ def deterministic_solvers() -> list[str]:
 def invert(
     den: Denoiser,
     x_0: Tensor,
-    steps: int = ...,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -148,7 +148,7 @@ def invert(
 def invert(
     den: Denoiser,
     x_0: Tensor,
-    steps: int = ...,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -163,7 +163,7 @@ def invert(
 def invert(
     den: Denoiser,
     x_0: Tensor,
-    steps: int = ...,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -177,7 +177,7 @@ def invert(
 def invert(
     den: Denoiser,
     x_0: Tensor,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -195,13 +195,14 @@ def invert(
             :class:`~steerdiff.guidance.CFG` included; not one that draws noise itself).
         x_0: the clean samples, shape ``(batch, ...)``, taken as the state at the grid's last node ``t_N``.
             The result has its dtype and memory layout (half precision: a float32 state, as in ``sample``).
-        steps: number of steps ``N``; NFE as ``sample``'s with ``final="none"`` (``SampleInfo.nfe``).
+        steps: number of steps ``N``; default (``None``) 10, or ``len(times) - 1`` for explicit times; NFE
+            as ``sample``'s with ``final="none"`` (``SampleInfo.nfe``).
         solver: a deterministic solver: a name from :func:`deterministic_solvers` or a Solver instance
             whose ``stochastic`` is false; default (``None``) :func:`default_inversion_solver`: UniPC-3 in its
             noise form (for a guided ``den``, the guided default of ``sample``). Pass the same ``solver`` to
             ``sample`` to come back: each run's error is its solver's.
         schedule: as ``sample``'s; its ``steps + 1`` nodes must have a finite, strictly monotone log-SNR
-            (explicit times: ``steps`` must be ``len(times) - 1``).
+            (explicit times: ``steps``, if given, must be ``len(times) - 1``).
         callback: called after every step as in ``sample`` (``i``, ``t``, ``sigma`` of the node reached:
             the noise level rises).
         progress: show a tqdm bar.
@@ -235,7 +236,7 @@ def invert_as(
     /,
     den: Denoiser,
     x_0: Tensor,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -271,12 +272,12 @@ def invert_as(
         "down, drawing no noise and moving no corrector; accepted: den, x_0, steps, solver, schedule, "
         "callback, progress, return_info and the net's conditions (**cond)",
     )
-    steps = integer(who, "steps", steps, lo=1)
+    sched = _schedules.get(schedule, who)
+    steps = count_steps(who, steps, sched, "none", only=who, process=den.process)
     progress = boolean(who, "progress", progress)
     return_info = boolean(who, "return_info", return_info)
     if callback is not None and not callable(callback):
         raise ValueError(f"{who}: callback must be None or a callable(dict), got {type(callback).__name__}")
-    sched = _schedules.get(schedule, who)
     forward = make_grid(den.process, sched, steps, "none", only=who)
     if solver is None:
         slv = default_inversion_solver(den, steps, forward)

@@ -520,7 +520,7 @@ def _staged(
 def paradigms(
     den: Denoiser,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -539,7 +539,7 @@ def paradigms(
 def paradigms(
     den: Denoiser,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -558,7 +558,7 @@ def paradigms(
 def paradigms(
     den: Denoiser,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -577,9 +577,10 @@ def paradigms(
 
     Args:
         den, x_T, steps, schedule, final, progress, **cond: as :func:`steerdiff.sample` (``steps`` >= 1,
-            no default: the method pays off on long grids); ``**cond`` holds none of the keywords of
-            :func:`steerdiff.sample` that this function lacks (:data:`SAMPLE_ONLY`: ``callback``,
-            ``corrector``, ``corrector_steps``, ``snr``), which would reach the net.
+            no default: the method pays off on long grids; ``None`` with an explicit grid only, its count);
+            ``**cond`` holds none of the keywords of :func:`steerdiff.sample` that this function lacks
+            (:data:`SAMPLE_ONLY`: ``callback``, ``corrector``, ``corrector_steps``, ``snr``), which would
+            reach the net.
         solver: a solver with one network evaluation per step, at its own node, or a staged one whose step
             is a function of its start alone (module docstring): a name of :data:`ACCEPTED` (every
             registered solver but ``pndm`` / ``plms``) or an instance whose class says so
@@ -624,7 +625,7 @@ def paradigms(
         "schedule, final, window, tol, generator, group, progress, return_info and the net's conditions "
         "(**cond)",
     )
-    sched, grid, slv = plan(den, steps, solver, schedule, final, who, ACCEPTED)
+    sched, grid, slv = plan(den, steps, solver, schedule, final, who, ACCEPTED, default_steps=None)
     steps = grid.steps
     window = min(integer(who, "window", window, lo=1), steps)
     tol = real(who, "tol", tol, lo=0, lo_open=True)

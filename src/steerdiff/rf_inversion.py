@@ -293,7 +293,7 @@ def rf_invert(
     x_0: Tensor,
     y_1: Tensor,
     gamma: float = 0.5,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver = "ddim",
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     **kwargs: Any,
@@ -307,7 +307,7 @@ def rf_invert(
         x_0: the images, shape ``(batch, ...)``, taken as the state at the grid's last node.
         y_1: the noise to pull towards, ``x_0``'s shape (``torch.randn_like(x_0)``, as the paper draws it).
         gamma: the controller guidance in ``[0, 1]`` (0: ``sd.invert``; 1: the line to ``y_1``).
-        steps, schedule: as ``invert``'s.
+        steps, schedule: as ``invert``'s (``steps`` default ``None``: 10, or ``len(times) - 1``).
         solver: a deterministic solver (:func:`~steerdiff.inversion.deterministic_solvers`); default
             ``"ddim"``, under rectified flow the paper's Euler step.
         **kwargs: ``invert``'s other keywords and the net's conditions.
@@ -333,7 +333,7 @@ def rf_edit(
     eta: float = 1.0,
     start: float = 0.0,
     stop: float = 0.25,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver = "ddim",
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     **kwargs: Any,
@@ -348,7 +348,7 @@ def rf_edit(
         y_0: the reference images, ``x_T``'s shape.
         eta, start, stop: the controller guidance in ``[0, 1]`` and its window of paper time ``tau = 1 - t``
             (:class:`ControlledEditing`).
-        steps, schedule: as ``sample``'s.
+        steps, schedule: as ``sample``'s (``steps`` default ``None``: 10, or the explicit grid's count).
         solver: a deterministic solver (:func:`~steerdiff.inversion.deterministic_solvers`); default
             ``"ddim"``, under rectified flow the paper's Euler step (a multistep solver is nearer the exact
             controlled ODE from 20 steps on, its history restarted at the window's ends:

@@ -25,7 +25,18 @@ from .mcmc.base import check_step_sizes
 from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, check_shared, make_noise
 from .schedules import Schedule, ScheduleLike
 from .solvers._poly import exp_adams_bashforth
-from .solvers.base import FINALS, Grid, Model, Solver, advance, make_grid, to_sample_dtype, work_dtype
+from .solvers.base import (
+    DEFAULT_STEPS,
+    FINALS,
+    Grid,
+    Model,
+    Solver,
+    advance,
+    count_steps,
+    make_grid,
+    to_sample_dtype,
+    work_dtype,
+)
 from .solvers.dpmpp import DPMSolverPPMultistep
 from .solvers.unipc import UniPC
 
@@ -281,8 +292,8 @@ def check_sample_only(who: str, cond: dict[str, Any], names: Sequence[str], why:
 FOREIGN = {
     "num_inference_steps": "steps= (the number of steps)",
     "sigmas": (
-        "steps= and schedule= (a list of process times is a grid: under sd.EDM, whose times are its sigmas, "
-        "k-diffusion's sigmas ending in 0 are sample(den, x_T, len(sigmas) - 1, schedule=sigmas[:-1]))"
+        "schedule= (a list of process times is a grid, whose count is the steps: under sd.EDM, whose times "
+        "are its sigmas, k-diffusion's sigmas ending in 0 are sample(den, x_T, schedule=sigmas[:-1]))"
     ),
 }
 
@@ -348,7 +359,7 @@ def check_unused_corrector_args(
 def sample(
     den: Denoiser,
     x_T: Tensor,
-    steps: int = ...,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -368,7 +379,7 @@ def sample(
 def sample(
     den: Denoiser,
     x_T: Tensor,
-    steps: int = ...,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -388,7 +399,7 @@ def sample(
 def sample(
     den: Denoiser,
     x_T: Tensor,
-    steps: int = ...,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -407,7 +418,7 @@ def sample(
 def sample(
     den: Denoiser,
     x_T: Tensor,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -432,9 +443,13 @@ def sample(
             returns). For float16/bfloat16 the solver state and arithmetic are
             float32 and only the net runs in ``x_T``'s dtype (as diffusers' schedulers upcast in
             ``step``; see :func:`~steerdiff.solvers.base.work_dtype`).
-        steps: number of steps ``N`` (grid intervals). NFE is counted (``SampleInfo.nfe``); for the built-in
-            solvers without a corrector or guidance it is ``solver.nfe(N, clean_end=final == "zero")``
-            (a staged solver such as Heun spends one evaluation more with ``final="none"``).
+        steps: number of steps ``N`` (grid intervals); default (``None``) 10, or for an explicit grid
+            (``schedule`` a list of ``m`` times) its count, ``m`` with ``final="zero"`` (its nodes, then the
+            clean state), ``m - 1`` with ``final="none"``; a ``steps`` that disagrees with it is refused
+            (:func:`~steerdiff.solvers.base.count_steps`). NFE is counted (``SampleInfo.nfe``); for the
+            built-in solvers without a corrector or guidance it is
+            ``solver.nfe(N, clean_end=final == "zero")`` (a staged solver such as Heun spends one
+            evaluation more with ``final="none"``).
         solver: a name from :func:`steerdiff.solvers.available` or a Solver instance; default
             (``None``) :func:`default_solver`: UniPC-3 (bh2, with corrector), the most accurate on
             the exact benchmark, at first order on a long step after short ones; or for a guided
@@ -529,7 +544,7 @@ def sample_as(
     /,
     den: Denoiser,
     x_T: Tensor,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -542,23 +557,28 @@ def sample_as(
     progress: bool = False,
     return_info: bool = False,
     project: Callable[[Tensor], Tensor] | None = None,
+    default_steps: int = DEFAULT_STEPS,
     **cond: Any,
 ) -> Tensor | tuple[Tensor, SampleInfo]:
     """:func:`sample` run by the entry point ``who`` (``rf_edit``, ``epsilon_norms``, ...), whose name its
     messages carry, as the checks' ``who`` (:mod:`steerdiff._checks`) does. ``project``: a map of the state
     applied after every step (:func:`run_grid`), :func:`~steerdiff.guidance.pcd_sample`'s alone: from any
     other entry point it came in the caller's keywords, and is refused (the others would sample unprojected
-    steps or, as :func:`~steerdiff.adjoint.adjoint`, differentiate them)."""
+    steps or, as :func:`~steerdiff.adjoint.adjoint`, differentiate them). ``default_steps``: the steps of
+    ``steps=None`` without an explicit grid (:func:`~steerdiff.solvers.base.count_steps`), other than 10 for
+    ``pcd_sample`` alone (refused as ``project`` is from the others)."""
     if project is not None and who != "pcd_sample":
         raise ValueError(
             f"{who}: project is an argument of steerdiff.guidance.pcd_sample (the state projected after "
             f"every step), not of {who}"
         )
+    if default_steps != DEFAULT_STEPS and who != "pcd_sample":
+        raise ValueError(f"{who}: default_steps is not an argument of {who} (its steps=None are 10)")
     check_denoiser(who, "den", den)
     check_foreign(who, cond)
     check_x_T(den, x_T, who)
     check_seeded(den, generator, who)
-    sched, grid, slv = plan(den, steps, solver, schedule, final, who)
+    sched, grid, slv = plan(den, steps, solver, schedule, final, who, default_steps=default_steps)
     progress = boolean(who, "progress", progress)
     return_info = boolean(who, "return_info", return_info)
     if callback is not None and not callable(callback):
@@ -588,7 +608,9 @@ def sample_as(
     )
     model.check_finite()  # first: a NaN from the model also makes the snr step sizes NaN
     check_step_sizes(chains)
-    log.debug("sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)
+    log.debug(
+        "sampled %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, grid.steps, model.nfe
+    )
     # x_T's layout whatever the net returns: a step mixing the state with a net output of another layout
     # takes either's, by the order of its operands
     x = laid_out_as(to_sample_dtype(who, x, x_T.dtype), x_T)
@@ -605,14 +627,18 @@ def plan(
     final: object,
     who: str,
     accepted: Sequence[str] | None = None,
+    *,
+    default_steps: int | None = DEFAULT_STEPS,
 ) -> tuple[Schedule, Grid, Solver]:
-    """The schedule, grid and solver :func:`sample` runs ``den`` with for its arguments ``steps``, ``solver``
+    """The schedule, grid and solver :func:`sample` runs ``den`` with for its arguments ``steps`` (``None``:
+    :func:`~steerdiff.solvers.base.count_steps`, an explicit grid's count or ``default_steps``, refused where
+    that is ``None``), ``solver``
     (``None``: :func:`default_solver` on that grid), ``schedule`` and ``final``, each checked (a
     ``ValueError`` naming it after ``who``, the entry point; an unknown solver's lists ``accepted``, the
     entry point's names, default all)."""
-    steps = integer(who, "steps", steps, lo=1)
     final = choice(who, "final", final, FINALS)
     sched = _schedules.get(schedule, who)
+    steps = count_steps(who, steps, sched, final, default_steps, process=den.process)
     grid = make_grid(den.process, sched, steps, final, who=who)
     slv = _solvers.get(default_solver(den, steps, grid) if solver is None else solver, who, accepted)
     return sched, grid, slv

@@ -682,9 +682,10 @@ class Custom(Schedule):
     """An explicit grid: ``times``, a non-empty 1-d sequence of finite, strictly decreasing process
     times, checked here; that they lie in the process's range is checked when it is used.
 
-    It fixes the step count: with :func:`steerdiff.sample`'s ``final="zero"`` (the default) ``steps``
-    must be ``len(times)`` (the nodes, then the clean state), with ``final="none"`` ``len(times) - 1``
-    (the steps between the nodes).
+    It fixes the step count, which :func:`steerdiff.sample`'s ``steps=None`` (the default) takes: with
+    ``final="zero"`` (the default) ``len(times)`` (the nodes, then the clean state), with ``final="none"``
+    ``len(times) - 1`` (the steps between the nodes); a ``steps`` given must equal it
+    (:func:`~steerdiff.solvers.base.count_steps`).
     """
 
     name = "custom"
@@ -1133,7 +1134,7 @@ def available() -> list[str]:
 
 ScheduleLike = str | Schedule | Sequence[float] | Tensor | np.ndarray
 """What ``schedule=`` takes: a name, a :class:`Schedule`, or the process times of the nodes (a
-:class:`Custom` grid; with ``final="zero"`` ``steps`` is their number)."""
+:class:`Custom` grid; with ``final="zero"`` ``steps`` is their number, and ``steps=None`` takes it)."""
 
 
 def _times_like(value: object) -> bool:

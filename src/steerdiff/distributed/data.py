@@ -287,7 +287,7 @@ def _spread(
 def sample(
     den: Denoiser,
     x_T: Tensor | None = ...,
-    steps: int = ...,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -310,7 +310,7 @@ def sample(
 def sample(
     den: Denoiser,
     x_T: Tensor | None = ...,
-    steps: int = ...,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -332,7 +332,7 @@ def sample(
 def sample(
     den: Denoiser,
     x_T: Tensor | None = None,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -353,7 +353,8 @@ def sample(
     makes the same call.
 
     Args:
-        den, steps, solver, schedule, final: as :func:`steerdiff.sample`.
+        den, steps, solver, schedule, final: as :func:`steerdiff.sample` (``steps`` default ``None``: 10, or
+            the explicit grid's count).
         x_T: the whole batch's initial noise ``(n, *sample_shape)``, the same on every rank (each rank
             samples its shard's rows; compared, as ``generator``, ``shape``, ``seed`` and ``dtype`` are:
             module docstring); or ``None`` with ``shape`` and ``seed``. The gathered batch is in its memory

@@ -193,7 +193,7 @@ def pcd_sample(
     den: Denoiser,
     x_T: Tensor,
     project: Callable[[Tensor], Tensor],
-    steps: int = 100,
+    steps: int | None = None,
     solver: str | Solver = "ddpm",
     schedule: ScheduleLike = "time_uniform",
     **kwargs: Any,
@@ -206,8 +206,8 @@ def pcd_sample(
         x_T: initial noise, ``(batch, K, *shape)`` for a :class:`Coupled` of ``K`` models.
         project: ``P``, a map of the state ``(batch, K, *shape)`` onto the constraint set, returning a tensor
             of its shape, dtype and device (the solver state's: float32 for a half-precision ``x_T``).
-        steps: grid steps; with ``final="zero"`` (default) the last one returns the denoised estimate, then
-            projected.
+        steps: grid steps, default (``None``) 100 or the explicit grid's count (as ``sample``'s); with
+            ``final="zero"`` (default) the last one returns the denoised estimate, then projected.
         solver: default ``"ddpm"``, the paper's; any solver runs, a multistep one at first order (its
             history restarts after each projection); ``pndm`` / ``plms`` redo their warm-up on every step
             (4 / 2 evaluations a step: 154 / 78 NFE against 58 / 42 unprojected, 20 steps, ``K = 2``).
@@ -225,4 +225,6 @@ def pcd_sample(
             f"{type(project).__name__} (without a projection, sample the Coupled denoiser with "
             "steerdiff.sample)"
         )
-    return sample_as("pcd_sample", den, x_T, steps, solver, schedule, project=project, **kwargs)
+    return sample_as(
+        "pcd_sample", den, x_T, steps, solver, schedule, project=project, default_steps=100, **kwargs
+    )

@@ -144,7 +144,7 @@ def epsilon_norms(
     den: Denoiser,
     data: Tensor,
     x_T: Tensor,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -154,9 +154,10 @@ def epsilon_norms(
     """Measure the exposure bias of ``den`` under a sampler: at every node ``t`` of the grid where the
     state is noisy (``x_T``'s included, the clean end excluded), the mean ``||eps_theta(x_hat_t, t)||``
     over the sampler's states ``x_hat_t`` (:func:`~steerdiff.sampling.sample` from ``x_T`` with ``steps``,
-    ``solver``, ``schedule``, ``generator``) and the mean ``||eps_theta(x_t, t)||`` over
-    ``x_t = alpha(t) data + sigma(t) z`` (fresh ``z`` per node, drawn from ``generator``, or from its first
-    generator where it is a list). Their ratio is the paper's ``lambda_t`` (Ning et al. 2024, Sec. 5).
+    ``solver``, ``schedule``, ``generator``; ``steps`` default ``None``: 10, or an explicit grid's count)
+    and the mean ``||eps_theta(x_t, t)||`` over ``x_t = alpha(t) data + sigma(t) z`` (fresh ``z`` per node,
+    drawn from ``generator``, or from its first generator where it is a list). Their ratio is the paper's
+    ``lambda_t`` (Ning et al. 2024, Sec. 5).
 
     ``data`` is clean training data of den's sample shape, any count; ``cond`` is passed to every call, so
     per-sample conditions must match both batches (an int label does). Costs one sampling run plus two

@@ -40,7 +40,7 @@ def pcg(
     uncond: Denoiser,
     /,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     gamma: float,
     *,
     langevin_steps: int = ...,
@@ -60,7 +60,7 @@ def pcg(
     uncond: Denoiser,
     /,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     gamma: float,
     *,
     langevin_steps: int = ...,
@@ -80,7 +80,7 @@ def pcg(
     uncond: Denoiser,
     /,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     gamma: float,
     *,
     langevin_steps: int = ...,
@@ -99,7 +99,7 @@ def pcg(
     uncond: Denoiser,
     /,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     gamma: float,
     *,
     langevin_steps: int = 1,
@@ -132,7 +132,9 @@ def pcg(
     ``cond=`` for the net, say (latent diffusion's ``apply_model(x, t, cond)``), as ``pcg(den, den, x_T,
     steps, gamma, cond=c, uncond_kwargs={"cond": c_null})``.
 
-    ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and ``**kwargs`` (the condition) are as
+    ``steps``: the number of steps, or ``None`` with an explicit grid (``schedule`` a list of times: their
+    count, as for :func:`steerdiff.sample`). ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and
+    ``**kwargs`` (the condition) are as
     for :class:`CFG` and :func:`steerdiff.sample` (the same wrappers refused, :func:`check_seeded`),
     but for a Brownian tree, refused: the moves are at fixed times, where it has no noise
     (:func:`~steerdiff.noise.check_fixed_time`). As there, a float16/bfloat16 ``x_T`` runs only the
@@ -141,7 +143,6 @@ def pcg(
     ``CFG.cost`` (2; 1 for ``gamma`` 0 or 1) per Langevin move; ``SampleInfo.corrector`` has one
     :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
     """
-    steps = integer("pcg", "steps", steps, lo=1)
     gamma = real("pcg", "gamma", gamma, lo=0)
     return_info = boolean("pcg", "return_info", return_info)
     langevin_steps = integer("pcg", "langevin_steps", langevin_steps, lo=1)
@@ -157,7 +158,7 @@ def pcg(
     check_fixed_time("pcg", generator, "pass a torch.Generator or a list of them (one per sample)")
     check_seeded(sharpened, generator, "pcg")
     sched = get_schedule(schedule, "pcg")
-    grid = make_grid(cond.process, sched, steps, final)
+    grid = make_grid(cond.process, sched, steps, final, who="pcg")
     source = make_noise(generator, "pcg")
     predictor, corrector = Model(cond, kwargs, source, x_T.dtype), Model(sharpened, kwargs, source, x_T.dtype)
     chains = []

@@ -124,7 +124,7 @@ def repaint_sample(
     y: Tensor,
     /,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     *,
     resample: int = ...,
     jump: int = ...,
@@ -142,7 +142,7 @@ def repaint_sample(
     y: Tensor,
     /,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     *,
     resample: int = ...,
     jump: int = ...,
@@ -160,7 +160,7 @@ def repaint_sample(
     y: Tensor,
     /,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     *,
     resample: int = ...,
     jump: int = ...,
@@ -177,7 +177,7 @@ def repaint_sample(
     y: Tensor,
     /,
     x_T: Tensor,
-    steps: int,
+    steps: int | None,
     *,
     resample: int = 1,
     jump: int = 1,
@@ -197,7 +197,8 @@ def repaint_sample(
         x_T: initial noise, ``(batch, *operator.shape_in)``. The result has its dtype; for
             float16/bfloat16 the state, the DDPM steps and the replacement are float32 and only the
             net runs in ``x_T``'s dtype, as in :func:`steerdiff.sample`.
-        steps: grid nodes (``final="zero"``: the last step returns the denoised estimate).
+        steps: grid nodes (``final="zero"``: the last step returns the denoised estimate); ``None`` with an
+            explicit grid (``schedule`` a list of times): their count, as for :func:`steerdiff.sample`.
         resample: ``U``, the passes over each jump interval (1: no resampling).
         jump: ``j``, the jump length in grid steps, from the nodes ``steps - 1 - m j >= j`` (see the
             module); from ``j >= steps`` on there is none, so nothing is resampled (the NFE,
@@ -209,7 +210,6 @@ def repaint_sample(
         return_info: also return a :class:`~steerdiff.SampleInfo` (NFE = :func:`repaint_nfe` times
             ``den.cost``: 2 for a :class:`~steerdiff.guidance.CFG` that guides).
     """
-    steps = integer("repaint_sample", "steps", steps, lo=1)
     resample = integer("repaint_sample", "resample", resample, lo=1)
     jump = integer("repaint_sample", "jump", jump, lo=1)
     return_info = boolean("repaint_sample", "return_info", return_info)
@@ -218,7 +218,7 @@ def repaint_sample(
     guided = RePaint(den, operator, y, generator)
     check_seeded(guided, generator, "repaint_sample")
     sched = _schedules.get(schedule, "repaint_sample")
-    grid = make_grid(den.process, sched, steps)
+    grid = make_grid(den.process, sched, steps, who="repaint_sample")
     solver = DDPM()
     model = Model(guided, cond, make_noise(generator, "repaint_sample"), net_dtype=x_T.dtype)
     state = solver.init_state(grid)

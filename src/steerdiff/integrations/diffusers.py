@@ -94,6 +94,7 @@ from ..solvers.base import (
     Solver,
     Transition,
     advance,
+    count_steps,
     make_grid,
     map_state,
     work_dtype,
@@ -1190,7 +1191,8 @@ class SteerdiffScheduler(SchedulerMixin, ConfigMixin):
                     f"the {len(nodes)} custom nodes, too few for a run with final={final!r}; raise strength"
                 )
             nodes = nodes[len(nodes) - kept :]
-            schedule, steps = _schedules.Custom(nodes), len(nodes) - (final == "none")
+            schedule = _schedules.Custom(nodes)
+            steps = count_steps("set_timesteps", None, schedule, final, None)  # the nodes' count
         # the config's model with the run's net times: the runs with the config's own share one denoiser
         # (its per-time caches stay filled), a custom time map gets its own
         self._den = (

@@ -249,7 +249,7 @@ def afdps(
     noise_std: float | None = None,
     shape: tuple[int, ...],
     particles: int = 16,
-    steps: int = 100,
+    steps: int | None = None,
     ess_threshold: float = 0.5,
     resampler: str | _resample.Resampler = "systematic",
     solver: str | Solver = DEFAULT_SOLVER,
@@ -273,7 +273,8 @@ def afdps(
         operator: a :class:`~steerdiff.inverse.LinearOperator` on the sample shape (its dense matrix is formed
             once). ``y``: one observation (``operator.shape_out``, shared by all rows) or one per batch row
             (``(batch, *shape_out)``). ``noise_std``: ``s > 0`` (``None``: ``operator.noise_std``).
-        shape: ``(batch, *sample_shape)``. ``particles``: ``N >= 1`` per row. ``steps``: solver steps.
+        shape: ``(batch, *sample_shape)``. ``particles``: ``N >= 1`` per row. ``steps``: solver steps
+            (``None``: 100, or an explicit grid's count: :func:`~steerdiff.smc.run_smc`).
         ess_threshold: resample a row when ``ESS < ess_threshold * N``.
         solver: a stochastic solver with Gaussian steps (``ddpm``, the default, is the reverse SDE, ``V = G``;
             one adding less noise, such as ``er_sde`` or ``DDIM(eta < 1)``, is the same PDE with a smaller
@@ -302,21 +303,20 @@ def afdps(
     batch, *rest = _check_shape(shape, "afdps")
     sample_shape = tuple(rest)
     n_part = integer("afdps", "particles", particles, lo=1)
-    steps = integer("afdps", "steps", steps, lo=1)
     check_generators("afdps", generator, batch)
     y = _observations(operator, y, sample_shape, batch)
     s = real("afdps", "noise_std", operator.noise_std if noise_std is None else noise_std, lo=0, lo_open=True)
     dtype = None if dtype is None else sample_dtype("afdps", "dtype", dtype)
     device = device_or_none("afdps", "device", device)
     final = choice("afdps", "final", final, FINALS)
-    grid = make_grid(den.process, _schedules.get(schedule, "afdps"), steps, final)
+    grid = make_grid(den.process, _schedules.get(schedule, "afdps"), steps, final, who="afdps", default=100)
     v0 = grid.alpha[0] ** 2 + grid.sigma[0] ** 2
     z = randn((batch, n_part, *sample_shape), generator, dtype, device)
     n = randn((batch, n_part, *operator.shape_out), generator, dtype, device)
     obs = _Observation(operator, y.to(z.device), s)  # the run's device: device=, else where z is drawn
     x_T = obs.start(z, n, v0)
     return run_smc(
-        den, AFDPS(obs, obs.log_mass(v0)), (batch, *sample_shape), particles=n_part, steps=steps,
+        den, AFDPS(obs, obs.log_mass(v0)), (batch, *sample_shape), particles=n_part, steps=grid.steps,
         solver=solver, schedule=schedule, final=final, ess_threshold=ess_threshold, resampler=resampler,
         max_batch=max_batch, x_T=x_T, generator=generator, progress=progress, **cond,
     )  # fmt: skip

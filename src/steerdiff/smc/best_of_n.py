@@ -95,7 +95,7 @@ def best_of_n(
     *,
     shape: tuple[int, ...] | None = None,
     particles: int = 16,
-    steps: int = 100,
+    steps: int | None = None,
     solver: str | Solver = DEFAULT_SOLVER,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
@@ -111,8 +111,8 @@ def best_of_n(
     """Best of ``particles`` independent samples per batch row by ``reward`` (see the module docstring).
 
     ``reward`` maps ``(n, *shape)`` to ``(n,)`` (gradient-free); the other arguments are those of
-    :func:`~steerdiff.smc.run_smc` (any solver, deterministic ones included; ``shape`` may be left out where
-    ``x_T`` is given). Returns
+    :func:`~steerdiff.smc.run_smc` (``steps=None``: 100, or an explicit grid's count; any solver,
+    deterministic ones included; ``shape`` may be left out where ``x_T`` is given). Returns
     :class:`~steerdiff.smc.Particles` with a point mass on each row's best sample.
     """
     _check_reward(reward, "best_of_n")
@@ -131,7 +131,7 @@ def code(
     shape: tuple[int, ...] | None = None,
     particles: int = 16,
     block: int = 5,
-    steps: int = 100,
+    steps: int | None = None,
     solver: str | Solver = DEFAULT_SOLVER,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",

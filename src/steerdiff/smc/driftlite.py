@@ -332,7 +332,7 @@ def driftlite(
     shape: tuple[int, ...] | None = None,
     variant: str = "vcg",
     particles: int = 16,
-    steps: int = 100,
+    steps: int | None = None,
     kwargs: Sequence[dict[str, Any] | None] | None = None,
     probes: int = 1,
     log_probs: Sequence[LogProb] | None = None,

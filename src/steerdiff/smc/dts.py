@@ -95,6 +95,7 @@ from ..solvers.base import (
     Model,
     Solver,
     advance,
+    count_steps,
     keeps_history,
     make_grid,
     to_sample_dtype,
@@ -352,7 +353,7 @@ def dts(
     widening: tuple[float, float] = (2.0, 0.8),
     branch: Iterable[int] | None = None,
     exploration: float = 1.0,
-    steps: int = 50,
+    steps: int | None = None,
     solver: str | Solver = DEFAULT_SOLVER,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
@@ -381,7 +382,8 @@ def dts(
             ``branch=range(0, 100, 20)``); the others keep the one child their first rollout gave them.
             ``None``: every node. The root (the initial noise's parent) always branches.
         exploration: DTS*'s UCT constant ``c_uct >= 0`` (unused by DTS).
-        steps, solver, schedule, final: the base sampler's grid and a stochastic solver without history.
+        steps, solver, schedule, final: the base sampler's grid and a stochastic solver without history
+            (``steps=None``: 50, or an explicit grid's count, as :func:`steerdiff.sample`'s).
         dtype, device: of the states (torch's default dtype, CPU).
         generator: ``None``, one ``torch.Generator``, or a list of one per batch row: row ``b``'s tree then
             draws from ``generator[b]`` alone (the same tree alone or in any batch).
@@ -414,16 +416,17 @@ def dts(
         )
     widen_c, widen_alpha = _check_widening(who, widening)
     exploration = real(who, "exploration", exploration, lo=0)
-    steps = integer(who, "steps", steps, lo=1)
-    branches = _check_branch(who, branch, steps)
     final = choice(who, "final", final, FINALS)
+    sched = _schedules.get(schedule, who)
+    steps = count_steps(who, steps, sched, final, 50, process=den.process)
+    branches = _check_branch(who, branch, steps)
     progress = boolean(who, "progress", progress)
     in_dtype = torch.get_default_dtype() if dtype is None else sample_dtype(who, "dtype", dtype)
     device = device_or_none(who, "device", device)
     generator = check_generators(who, generator, batch)
     check_seeded(den, generator, who)
     slv = _solvers.get(solver, who)
-    grid = make_grid(den.process, _schedules.get(schedule, who), steps, final)
+    grid = make_grid(den.process, sched, steps, final)
     _check_solver(who, solver, slv, grid)
 
     # no autograd graph: the tree's states are written into one table, so a graph would chain every

@@ -140,13 +140,14 @@ from ..guidance.base import Guided, process_difference
 from ..guidance.cfg import same_branch
 from ..noise import Generators, check_generators, randn
 from ..schedules import ScheduleLike
-from ..solvers.base import FINALS, Grid, Solver, make_grid
+from ..solvers.base import FINALS, Grid, Solver, count_steps, make_grid
 from ..solvers.cps import CPS
 from ..solvers.dpmpp_sde import DPMSolverSDEMultistep
 from ..solvers.tcd import TCD
 from . import resample as _resample
 from .particles import (
     DEFAULT_SCHEDULE,
+    DEFAULT_STEPS,
     Particles,
     SMCAlgorithm,
     StepContext,
@@ -487,7 +488,7 @@ def fkc(
     *,
     shape: tuple[int, ...] | None = None,
     particles: int = 16,
-    steps: int = 100,
+    steps: int | None = None,
     kwargs: Sequence[dict[str, Any] | None] | None = None,
     correct: bool = True,
     ess_threshold: float = 0.5,
@@ -516,7 +517,8 @@ def fkc(
         particles: ``N >= 1`` per batch row. ``steps``: solver steps (fine steps matter for ``B != 1``:
             high-noise steps longer than ``log(B / (B - 1))`` in log-SNR (0.69 at ``B = 2``) are unstable
             even at first order, so at ``B = 2`` 10 ``karras_jump`` steps fail and 15 do not, at ``B = 3`` 15
-            fail and 20 do not; see the module docstring).
+            fail and 20 do not; see the module docstring); ``None``: 100, or an explicit grid's count
+            (:func:`~steerdiff.smc.run_smc`).
         kwargs: per component, overrides of ``**cond`` for its call (see :class:`Composition`); tensors
             with ``batch`` rows are repeated for the particles, as those in ``**cond`` are.
         correct: ``False`` runs the uncorrected composed-score SDE (equal weights, no resampling): the
@@ -561,7 +563,7 @@ def run_composition(
     *,
     shape: tuple[int, ...] | None,
     particles: int,
-    steps: int,
+    steps: int | None,
     kwargs: Sequence[dict[str, Any] | None] | None,
     ess_threshold: float,
     resampler: str | _resample.Resampler,
@@ -586,6 +588,8 @@ def run_composition(
     check_generators(who, generator, batch)
     n = integer(who, "particles", particles, lo=1)
     final = choice(who, "final", final, FINALS)
+    sched = _schedules.get(schedule, who)
+    steps = count_steps(who, steps, sched, final, DEFAULT_STEPS)
     comp = Composition(*_components(who, dens, betas, kwargs, max_batch))
     alg = algorithm(comp)
     data_std = real(who, "data_std", data_std, lo=0)
@@ -602,8 +606,7 @@ def run_composition(
     if x_T is None:  # the composed prior, drawn from the generator as run_smc draws its own
         dtype = None if dtype is None else sample_dtype(who, "dtype", dtype)
         device = device_or_none(who, "device", device)
-        sched = _schedules.get(schedule, who)
-        grid = make_grid(comp.process, sched, integer(who, "steps", steps, lo=1), final)
+        grid = make_grid(comp.process, sched, steps, final)
         scale = math.sqrt((grid.alpha[0] ** 2 + grid.sigma[0] ** 2) / sum(comp.betas))
         x_T = scale * randn((batch, n, *sample_shape), generator, dtype, device)
     return run_smc(

@@ -40,16 +40,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import schedules as _schedules
 from .._checks import choice, integer, real
 from ..denoiser import Denoiser
 from ..distributed.group import spread_run
 from ..noise import Generators
 from ..schedules import ScheduleLike
-from ..solvers.base import Solver
+from ..solvers.base import Solver, count_steps
 from . import resample as _resample
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
+    DEFAULT_STEPS,
     Particles,
     Reward,
     SMCAlgorithm,
@@ -181,7 +183,7 @@ def fk_steering(
     *,
     shape: tuple[int, ...] | None = None,
     particles: int = 16,
-    steps: int = 100,
+    steps: int | None = None,
     interval: int = 1,
     window: tuple[int, int] | None = None,
     ess_threshold: float = 1.0,
@@ -208,7 +210,8 @@ def fk_steering(
         potential: ``"difference"`` (default), ``"max"``, ``"sum"`` or ``"immediate"``.
         shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` ``(batch, particles,
             *sample_shape)`` is given (read off it; a shape given with it must agree).
-        particles: ``N >= 1`` per batch row. ``steps``: solver steps.
+        particles: ``N >= 1`` per batch row. ``steps``: solver steps (``None``: 100, or an explicit grid's
+            count: :func:`~steerdiff.smc.run_smc`).
         interval: apply potentials (and resample) every ``interval`` grid nodes ...
         window: ... inside ``(start, stop)`` (grid nodes, default the whole run).
         ess_threshold: resample a row when ``ESS < ess_threshold * N`` (default 1: always).
@@ -225,7 +228,8 @@ def fk_steering(
         >>> x = out.sample(generator=g)   # (4, 2), one draw per batch row
     """
     _check_reward(reward, "fk_steering")
-    nodes = potential_nodes(integer("fk_steering", "steps", steps, lo=1), interval, window)
+    steps = count_steps("fk_steering", steps, _schedules.get(schedule, "fk_steering"), final, DEFAULT_STEPS)
+    nodes = potential_nodes(steps, interval, window)
     algorithm = FKSteering(*check_arguments("fk_steering", lam, potential, nodes))
     return run_smc(
         den, algorithm, shape, particles=particles, steps=steps, reward=reward, solver=solver,

@@ -206,6 +206,7 @@ from ..solvers.base import (
     Model,
     Solver,
     Transition,
+    count_steps,
     make_grid,
     map_state,
     to_sample_dtype,
@@ -234,6 +235,7 @@ __all__ = [
 ]
 
 DEFAULT_SOLVER = "ddpm"
+DEFAULT_STEPS = 100  # the particle methods' steps=None without an explicit grid (count_steps)
 DEFAULT_SCHEDULE = "karras_jump"  # not sd.sample's karras_capped: FK weights fail over its long top step
 # sample's keyword arguments that the particle methods have none of: in **cond they would reach the net
 PARTICLE_SAMPLE_ONLY = ("callback", "corrector", "corrector_steps", "snr")
@@ -1271,7 +1273,7 @@ def run_smc(
     shape: tuple[int, ...] | None = None,
     *,
     particles: int,
-    steps: int,
+    steps: int | None = None,
     reward: Reward | None = None,
     solver: str | Solver = DEFAULT_SOLVER,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
@@ -1295,7 +1297,9 @@ def run_smc(
         shape: ``(batch, *sample_shape)``; particles are ``(batch, particles, *sample_shape)``. May be left
             out where ``x_T`` is given (it is read off ``x_T``); a shape given with ``x_T`` must agree.
         particles: ``N >= 1`` per batch row.
-        steps: solver steps ``S`` (grid nodes ``0..S``).
+        steps: solver steps ``S`` (grid nodes ``0..S``); default (``None``) 100 (``DEFAULT_STEPS``, as
+            the particle methods'), or an explicit grid's count (as :func:`steerdiff.sample`'s: ``len(times)``
+            with ``final="zero"``, ``len(times) - 1`` with ``"none"``; a ``steps`` that disagrees is refused).
         reward: ``reward(z)`` maps ``(n, *sample_shape)`` to ``(n,)``, for ``ctx.reward``.
         solver, schedule, final: as in :func:`steerdiff.sample`; the solver must be stochastic when
             ``algorithm.stochastic`` (:func:`stochastic_solvers`) and add noise on the grid
@@ -1363,9 +1367,10 @@ def run_smc(
     check_generators(who, generator, batch)
     check_sample_shape(f"{who}: {'shape' if given else 'x_T'}", den, sample_shape)
     n_part = integer(who, "particles", particles, lo=1)
-    steps = integer(who, "steps", steps, lo=1)
-    algorithm.check_steps(steps)
     final = choice(who, "final", final, FINALS)
+    sched = _schedules.get(schedule, who)
+    steps = count_steps(who, steps, sched, final, DEFAULT_STEPS, process=den.process)
+    algorithm.check_steps(steps)
     ess_threshold = real(who, "ess_threshold", ess_threshold, lo=0, hi=1)
     if dtype is not None:
         dtype = sample_dtype(who, "dtype", dtype)
@@ -1386,7 +1391,7 @@ def run_smc(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "
             f"{solver!r} is deterministic. Accepted: {stochastic_solvers()} or e.g. DDIM(eta > 0)"
         )
-    grid = make_grid(den.process, _schedules.get(schedule, who), steps, final)
+    grid = make_grid(den.process, sched, steps, final)
     if algorithm.stochastic and not slv.noisy_on(grid):
         raise ValueError(
             f"{algorithm.name} needs a stochastic solver (resampled copies must diverge); solver "

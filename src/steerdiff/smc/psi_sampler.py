@@ -59,12 +59,13 @@ from ..noise import Generators, NoiseSource, check_generators, make_noise, repea
 from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
-from ..solvers.base import FINALS, NonFiniteError, Solver, make_grid, work_dtype
+from ..solvers.base import FINALS, NonFiniteError, Solver, count_steps, make_grid, work_dtype
 from . import resample as _resample
 from .fk_steering import FKSteering, potential_nodes
 from .particles import (
     DEFAULT_SCHEDULE,
     DEFAULT_SOLVER,
+    DEFAULT_STEPS,
     PARTICLE_SAMPLE_ONLY,
     PARTICLE_SAMPLE_ONLY_WHY,
     Particles,
@@ -165,7 +166,7 @@ def twisted_prior(
     *,
     shape: tuple[int, ...] | None = None,
     particles: int,
-    steps: int,
+    steps: int | None = None,
     mcmc_steps: int = 25,
     step_size: float = 0.2,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
@@ -192,10 +193,11 @@ def twisted_prior(
     lam = real(WHO, "lam", lam)
     batch, *sample = particle_shape(WHO, shape, x_T)
     n_part = integer(WHO, "particles", particles, lo=1)
-    steps = integer(WHO, "steps", steps, lo=1)
+    final = choice(WHO, "final", final, FINALS)
+    sched = get_schedule(schedule, WHO)
+    steps = count_steps(WHO, steps, sched, final, DEFAULT_STEPS, process=den.process)
     mcmc_steps = integer(WHO, "mcmc_steps", mcmc_steps, lo=1)
     step_size = real(WHO, "step_size", step_size, lo=0, lo_open=True)
-    final = choice(WHO, "final", final, FINALS)
     if max_batch is not None:
         max_batch = integer(WHO, "max_batch", max_batch, lo=1)
     check_generators(WHO, generator, batch)
@@ -204,7 +206,7 @@ def twisted_prior(
         dtype = sample_dtype(WHO, "dtype", dtype)
     device = device_or_none(WHO, "device", device)
     check_sample_shape(f"{WHO}: {'x_T' if shape is None else 'shape'}", den, tuple(sample))
-    grid = make_grid(den.process, get_schedule(schedule, WHO), steps, final)
+    grid = make_grid(den.process, sched, steps, final)
     scale = math.hypot(grid.alpha[0], grid.sigma[0])
     full = (batch, n_part, *sample)
     flat = _initial_particles(WHO, den, grid, full, x_T, generator, dtype, device)
@@ -240,7 +242,7 @@ def psi_sampler(
     *,
     shape: tuple[int, ...] | None = None,
     particles: int = 16,
-    steps: int = 100,
+    steps: int | None = None,
     mcmc_steps: int = 25,
     step_size: float = 0.2,
     interval: int = 1,
@@ -269,7 +271,8 @@ def psi_sampler(
         lam: tilt ``lambda``; 0: the base sampler, :func:`~steerdiff.smc.fk_steering`'s at ``lam = 0`` (the
             same draws; no chains, ``pi_T`` being the prior, so ``r`` need not be differentiable then).
         shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` is given (read off it; a shape given
-            with it must agree). ``particles``: ``N >= 1`` per batch row. ``steps``: solver steps.
+            with it must agree). ``particles``: ``N >= 1`` per batch row. ``steps``: solver steps (``None``:
+            100, or an explicit grid's count: :func:`~steerdiff.smc.run_smc`).
         mcmc_steps: pCNL moves per chain (one chain per particle; its burn-in). ``step_size``: pCNL's
             ``delta > 0``.
         x_T: the chains' starting points ``(batch, particles, *shape)`` (default: prior draws).
@@ -290,7 +293,9 @@ def psi_sampler(
     if group is not None:
         raise ValueError(f"{WHO}: group: the initial chains are not spread over ranks; pass group=None")
     check_denoiser(WHO, "den", den)
-    steps = integer(WHO, "steps", steps, lo=1)
+    final = choice(WHO, "final", final, FINALS)
+    sched = get_schedule(schedule, WHO)
+    steps = count_steps(WHO, steps, sched, final, DEFAULT_STEPS, process=den.process)
     algorithm = PsiSampler(real(WHO, "lam", lam), potential_nodes(steps, interval, window, WHO))
     # the run's options that the chains would otherwise be run before refusing
     check_sample_only(WHO, cond, PARTICLE_SAMPLE_ONLY, PARTICLE_SAMPLE_ONLY_WHY)
@@ -299,7 +304,7 @@ def psi_sampler(
     real(WHO, "step_size", step_size, lo=0, lo_open=True)
     real(WHO, "ess_threshold", ess_threshold, lo=0, hi=1)
     _resample.get(resampler, WHO)
-    grid = make_grid(den.process, get_schedule(schedule, WHO), steps, choice(WHO, "final", final, FINALS))
+    grid = make_grid(den.process, sched, steps, final)
     if not _solvers.get(solver, WHO).noisy_on(grid):
         raise ValueError(
             f"{WHO} needs a stochastic solver (resampled copies must diverge): solver={solver!r} draws no "

@@ -80,6 +80,7 @@ from ..solvers.base import (
     Model,
     Solver,
     Transition,
+    count_steps,
     keeps_history,
     make_grid,
     to_sample_dtype,
@@ -195,7 +196,7 @@ def rbf(
     *,
     shape: tuple[int, ...],
     initial: int = 1,
-    steps: int = 10,
+    steps: int | None = None,
     solver: str | Solver = DEFAULT_SOLVER,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
@@ -219,7 +220,8 @@ def rbf(
         initial: candidates for the initial noise, the best kept (the authors' ``init_n_particles``, 25 in
             their configuration; default 1).
         steps, solver, schedule, final: the base sampler's grid and a one-step stochastic solver that
-            returns its transition.
+            returns its transition (``steps=None``: 10, or an explicit grid's count, as
+            :func:`steerdiff.sample`'s).
         dtype, device: of the states (torch's default dtype, CPU).
         generator: ``None``, one ``torch.Generator``, or a list of one per batch row: row ``b``'s search
             then draws from ``generator[b]`` alone (the same search alone or in any batch).
@@ -244,15 +246,16 @@ def rbf(
     batch, sample_shape = shape[0], shape[1:]
     check_sample_shape(f"{who}: shape", den, sample_shape)
     initial = integer(who, "initial", initial, lo=1)
-    steps = integer(who, "steps", steps, lo=1)
     final = choice(who, "final", final, FINALS)
+    sched = _schedules.get(schedule, who)
+    steps = count_steps(who, steps, sched, final, 10, process=den.process)
     progress = boolean(who, "progress", progress)
     in_dtype = torch.get_default_dtype() if dtype is None else sample_dtype(who, "dtype", dtype)
     device = device_or_none(who, "device", device)
     generator = check_generators(who, generator, batch)
     check_seeded(den, generator, who)
     slv = _solvers.get(solver, who)
-    grid = make_grid(den.process, _schedules.get(schedule, who), steps, final)
+    grid = make_grid(den.process, sched, steps, final)
     _check_solver(who, solver, slv, grid)
     last = steps - 1  # L: the last node searched
 

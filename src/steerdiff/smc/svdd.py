@@ -113,7 +113,7 @@ def svdd(
     *,
     shape: tuple[int, ...] | None = None,
     particles: int = 16,
-    steps: int = 100,
+    steps: int | None = None,
     solver: str | Solver = DEFAULT_SOLVER,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     final: str = "zero",
@@ -135,7 +135,8 @@ def svdd(
         alpha: temperature ``>= 0`` (default 0: greedy argmax, as the paper's main experiments;
             ``math.inf``: the base sampler).
         shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` is given. ``particles``: ``M >= 1``
-            candidates. ``steps``: solver steps.
+            candidates. ``steps``: solver steps (``None``: 100, or an explicit grid's count:
+            :func:`~steerdiff.smc.run_smc`).
         x_T: ``(batch, particles, *sample_shape)``, as for :func:`~steerdiff.smc.run_smc`; each row's first
             particle is the one start of its candidates (default: a standard normal draw, scaled).
         solver, schedule, final, max_batch, dtype, device, generator, progress, group, cond: see

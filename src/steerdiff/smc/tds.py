@@ -304,7 +304,7 @@ def tds(
     classifier: Callable[..., Tensor] | None = None,
     shape: tuple[int, ...] | None = None,
     particles: int = 16,
-    steps: int = 100,
+    steps: int | None = None,
     twist_scale: float = 1.0,
     prior_var: float = 1.0,
     ess_threshold: float = 0.5,
@@ -340,7 +340,8 @@ def tds(
     Args:
         den: the prior's denoiser, differentiable in ``x``.
         shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` is given (read off it; a shape given
-            with it must agree). ``particles``: ``N >= 1`` per row. ``steps``: solver steps.
+            with it must agree). ``particles``: ``N >= 1`` per row. ``steps``: solver steps (``None``: 100,
+            or an explicit grid's count: :func:`~steerdiff.smc.run_smc`).
         twist_scale: ``gamma >= 0``, the twists' exponent (the target does not depend on it).
         prior_var: ``v >= 0`` of the linear-Gaussian twist's ``r_i^2`` (1: PiGDM's; 0: the plain
             ``N(y; A x0_hat, s^2 I)``).

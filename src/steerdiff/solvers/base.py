@@ -48,6 +48,7 @@ __all__ = [
     "Transition",
     "advance",
     "check_long_step",
+    "count_steps",
     "keeps_history",
     "make_grid",
     "moved_error",
@@ -117,16 +118,83 @@ def keeps_history(slv: Solver, grid: Grid) -> bool:
     return bool(slv.init_state(grid)) and not slv.static_state
 
 
+DEFAULT_STEPS = 10
+"""The step count of :func:`steerdiff.sample` and its kin where neither ``steps`` nor an explicit grid gives
+one (:func:`count_steps`)."""
+
+
+def count_steps(
+    who: str,
+    steps: object,
+    schedule: Schedule,
+    final: str = "zero",
+    default: int | None = DEFAULT_STEPS,
+    *,
+    only: str | None = None,
+    process: Process | None = None,
+) -> int:
+    """The number of steps ``N`` of a run on ``schedule``: ``steps``, an integer >= 1, or ``None``: the
+    explicit grid's (a :class:`~steerdiff.schedules.Custom` of ``m`` times: ``N = m`` with ``final="zero"``,
+    its ``m`` nodes then the clean state appended; ``N = m - 1`` with ``final="none"``, the steps between
+    its nodes), else ``default`` (``None``: refused, the caller has no default). As k-diffusion's
+    ``sigmas`` and diffusers' ``set_timesteps(timesteps=...)`` take a list as the grid, the list sets the
+    count; a ``steps`` that disagrees with it is a ``ValueError`` naming both (after ``who``, the entry
+    point; ``only``: the name of one that runs ``final="none"`` alone, an inversion, whose message offers
+    no other ``final``; where the times end in 0 below ``process``'s ``t_min``, it adds that the list
+    ends at the clean state, as k-diffusion's ``sigmas`` do). The one place every entry point taking
+    ``steps`` and ``schedule`` counts its steps (:func:`make_grid` included)."""
+    final = choice(who, "final", final, FINALS)
+    if not isinstance(schedule, Custom):
+        if steps is None and default is not None:
+            return default
+        if steps is None:
+            raise ValueError(
+                f"{who}: steps must be an integer >= 1, got None (None counts the times of an explicit grid, "
+                f"a list; schedule {schedule!r} is none)"
+            )
+        return integer(who, "steps", steps, lo=1)
+    m = schedule.grid.numel()
+    n = m if final == "zero" else m - 1
+    if steps is not None:
+        steps = integer(who, "steps", steps, lo=1)  # before the comparison: steps=4.0 is refused as such
+        if steps == n:
+            return n
+    elif n >= 1:
+        return n
+    # a k-diffusion sigmas list ends in 0, the clean state (not a node, not a time of the process's range)
+    end = float(schedule.grid[-1])
+    clean = end == 0.0 and process is not None and process.t_min > 0
+    hint = (
+        " (the times end in 0, the clean state, as k-diffusion's sigmas do: pass sigmas[:-1])"
+        if clean
+        else ""
+    )
+    got = "steps=None: a grid of one node has no step between nodes" if steps is None else f"steps={steps}"
+    if only is not None:
+        raise ValueError(
+            f"{only}: schedule has {m} times, and {only} takes the steps + 1 nodes that "
+            f"sample(..., final={final!r}) runs down: steps must be len(times) - 1 = {m - 1}, "
+            f"got {got}{hint}"
+        )
+    raise ValueError(
+        f"{who}: schedule has {m} times: steps must equal len(times) = {m} with final='zero' (the "
+        f"default), or len(times) - 1 = {m - 1} with final='none' (or None: the count of the times); got "
+        f"{got} with final={final!r}{hint}"
+    )
+
+
 def make_grid(
     process: Process,
     schedule: Schedule,
-    steps: int,
+    steps: int | None,
     final: str = "zero",
     *,
     only: str | None = None,
     who: str | None = None,
+    default: int | None = None,
 ) -> Grid:
-    """The grid of ``steps`` steps.
+    """The grid of ``steps`` steps (:func:`count_steps`: ``None`` is an explicit grid's count, else
+    ``default``).
 
     ``final="zero"``: ``steps`` schedule nodes, then the clean state (``sigma = 0``, ``alpha = 1``,
     ``lam = inf``) into which the last step returns the denoised estimate. ``final="none"``:
@@ -144,12 +212,11 @@ def make_grid(
     name there otherwise.
     """
     choice("make_grid", "final", final, FINALS)
-    # before ``steps + 1``: final="none" would accept steps=0 or 1.0
-    steps = integer("make_grid", "steps", steps, lo=1)
     if not isinstance(schedule, Schedule):
         raise ValueError(
             f"make_grid: schedule must be a steerdiff Schedule (schedules.get(name)), got {schedule!r}"
         )
+    steps = count_steps(who or "make_grid", steps, schedule, final, default, only=only, process=process)
     if schedule.final not in (None, final):
         made = "lead into the clean state" if schedule.final == "zero" else "end at its last node"
         way = (
@@ -163,17 +230,6 @@ def make_grid(
             f"final={final!r}{way}"
         )
     clean = final == "zero"
-    if isinstance(schedule, Custom) and (m := schedule.grid.numel()) != (steps if clean else steps + 1):
-        if only is not None:
-            raise ValueError(
-                f"{only}: schedule has {m} times, and {only} takes the steps + 1 nodes that "
-                f"sample(..., final={final!r}) runs down: steps must be len(times) - 1 = {m - 1}, got "
-                f"steps={steps}"
-            )
-        raise ValueError(
-            f"{caller(who)}schedule has {m} times: steps must equal len(times) = {m} with final='zero' (the "
-            f"default), or len(times) - 1 = {m - 1} with final='none'; got steps={steps} with final={final!r}"
-        )
     try:
         t = schedule(process, steps if clean else steps + 1)
     except ValueError as refused:  # too many steps for a spacing: said in steps (the schedule counts nodes)

@@ -69,7 +69,7 @@ from ..processes import Process
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ._poly import lagrange_basis
-from .base import FINALS, Grid, History, Model, make_grid, work_dtype
+from .base import DEFAULT_STEPS, FINALS, Grid, History, Model, make_grid, work_dtype
 from .unipc import UniPC
 
 if TYPE_CHECKING:
@@ -370,7 +370,7 @@ class _Search(DCSolver):
 def search_ratios(
     den: Denoiser,
     x_T: Tensor,
-    steps: int,
+    steps: int | None = None,
     schedule: ScheduleLike | None = None,
     *,
     solver: DCSolver | None = None,
@@ -386,8 +386,8 @@ def search_ratios(
     Args:
         den: the denoiser (its process sets the grid).
         x_T: the draws of the initial noise the search runs from (the paper: 10).
-        steps, schedule, final: the run the ratios are for, as :func:`steerdiff.sample`'s (default schedule
-            ``sd.sample``'s).
+        steps, schedule, final: the run the ratios are for, as :func:`steerdiff.sample`'s (defaults
+            ``sd.sample``'s: ``steps=None`` is 10, or an explicit grid's count).
         solver: a :class:`DCSolver` whose options (order, variant, dc_order, ...) the fitted one keeps; its
             ratios are ignored (default ``DCSolver()``: UniPC-3, bh2, ``K = 2``).
         reference: the ground truth at the grid's nodes (:data:`Reference`): :class:`ExactReference` for a
@@ -431,9 +431,8 @@ def search_ratios(
         )
     if final not in FINALS:
         raise ValueError(f"{who}: final must be one of {FINALS}, got {final!r}")
-    grid = make_grid(
-        den.process, get_schedule(DEFAULT_SCHEDULE if schedule is None else schedule, who), steps, final
-    )
+    sched = get_schedule(DEFAULT_SCHEDULE if schedule is None else schedule, who)
+    grid = make_grid(den.process, sched, steps, final, who=who, default=DEFAULT_STEPS)
     refs = (SolverReference(den, x_T, **cond) if reference is None else reference)(grid)
     if len(refs) != grid.steps or any(r.shape != x_T.shape for r in refs):
         raise ValueError(f"{who}: reference must give {grid.steps} states of x_T's shape {tuple(x_T.shape)}")
