@@ -331,15 +331,27 @@ def test_committed_weights_are_small():
 # ---------------------------------------------------------------- training
 
 
-def test_train_quick_needs_out(capsys):
-    # before: the smoke-test nets replaced the committed weights (the loaders' folder is the default out)
+@pytest.mark.parametrize("argv", [["train", "digits"], ["train", "digits", "--quick"]])
+def test_train_needs_out(capsys, monkeypatch, argv):
+    # before: without --out the run (6 minutes; --quick was refused) replaced the package's committed
+    # weights, the loaders' default folder; now argparse refuses it before any training
     stamp = {p: p.stat().st_mtime_ns for p in D.WEIGHTS_DIR.glob("*.safetensors")}
+    monkeypatch.setattr(train_digits, "train", lambda *a, **k: pytest.fail("trained without --out"))
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert "the following arguments are required: --out" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train", "digits", "--quick"])
-    assert "--quick needs --out DIR" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="quick=True needs an out folder"):
-        train_digits.train(quick=True, models=("denoiser",))
+        main(["train", "digits", "--help"])
+    assert "--out OUT " in capsys.readouterr().out  # no longer [--out OUT]
     assert stamp and {p: p.stat().st_mtime_ns for p in D.WEIGHTS_DIR.glob("*.safetensors")} == stamp
+
+
+def test_train_function_needs_out():
+    with pytest.raises(TypeError, match="out"):
+        train_digits.train(quick=True, models=("denoiser",))  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match=r"train: out must be a folder .* got None; the package's committed"):
+        train_digits.train(None, quick=True, models=("denoiser",))  # type: ignore[arg-type]
 
 
 def test_train_cli_quick_is_deterministic(tmp_path, capsys):

@@ -19,7 +19,7 @@
     steerdiff sample --out FILE.{pt,npy,png} [--model {gmm,digits}] [--n N] [--steps K] [--solver NAME]
         [--schedule NAME] [--seed S] [--guidance {none,cfg,classifier}] [--label D] [--scale W]
         [--weights DIR]
-    steerdiff train digits [--out DIR] [--seed S] [--quick] [--threads T]
+    steerdiff train digits --out DIR [--seed S] [--quick] [--threads T]
 
 Every command but ``train`` takes ``--no-progress``; ``python -m steerdiff`` is the same command line.
 ``bench solvers`` runs :mod:`steerdiff.bench.solvers` and writes ``solvers.csv``, ``solvers.txt`` and
@@ -613,10 +613,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     td.add_argument(
-        "--out", type=_out_dir, default=None, help="output folder (default: the package's weights)"
+        "--out",
+        type=_out_dir,
+        required=True,
+        help="output folder (required: the package's committed weights, which the loaders read by default, "
+        "are replaced only where it names their folder, steerdiff/toy/weights; load others with --weights)",
     )
     td.add_argument("--seed", type=_seed, default=0, help="training seed (default: 0)")
-    td.add_argument("--quick", action="store_true", help="a few steps per net (smoke test; needs --out)")
+    td.add_argument("--quick", action="store_true", help="a few steps per net (smoke test)")
     td.add_argument(
         "--threads",
         type=_threads,
@@ -1014,8 +1018,6 @@ def _sample(args: argparse.Namespace) -> int:
 def _train_digits(args: argparse.Namespace) -> int:
     from .toy import train_digits
 
-    if args.quick and args.out is None:
-        args.parser.error("--quick needs --out DIR: its smoke-test nets would replace the committed weights")
     result = _with_threads(args.threads, lambda: train_digits.train(args.out, args.seed, args.quick))
     echo(train_digits.format_report(result))
     return 0

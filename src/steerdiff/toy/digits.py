@@ -11,7 +11,7 @@ Process (:func:`digits_process`): DDPM's linear betas, ``beta_i`` from ``1e-4`` 
 diffusers, so the denoiser also runs in its pipelines. Network time is the timestep index.
 
 Three trained networks, weights in ``toy/weights/digits_*.safetensors`` (written by
-``steerdiff train digits``, :mod:`steerdiff.toy.train_digits`):
+``steerdiff train digits --out src/steerdiff/toy/weights``, :mod:`steerdiff.toy.train_digits`):
 
 * :func:`load_digits_denoiser` -- a class-conditional v-prediction denoiser
   ``v(x_t, t, label) = alpha eps - sigma x0`` (Salimans & Ho 2022; well-posed at every noise
@@ -73,7 +73,10 @@ HELDOUT_FRACTION = 0.2
 SPLITS = ("train", "heldout", "all")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODELS = ("denoiser", "noisy_classifier", "classifier")
-TRAIN_HINT = "run `steerdiff train digits` to create it"
+TRAIN_HINT = (
+    "run `steerdiff train digits --out DIR` to create it in DIR, then load it from there (path=, --weights "
+    f"DIR); the package's own are in {WEIGHTS_DIR}"
+)
 
 
 def digits_data(split: str = "train", seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -370,7 +373,7 @@ def load_digits_denoiser(path: str | Path | None = None, device: str | torch.dev
     unconditional), e.g. ``sd.sample(den, torch.randn(16, 1, 8, 8), steps=10, label=3)``.
 
     Raises:
-        FileNotFoundError: no weights file (run ``steerdiff train digits``).
+        FileNotFoundError: no weights file (run ``steerdiff train digits --out DIR``).
         ValueError: ``path`` is a folder, or a file that is not a safetensors file of the digits denoiser
             (the other loaders alike).
     """

@@ -14,11 +14,11 @@ an exponential moving average of the weights (the EMA weights are saved):
 
 Deterministic given ``seed``, the number of torch threads and the machine's float kernels: all
 randomness comes from generators seeded from it, and the caller's global RNG is left as it was. The
-committed weights are ``steerdiff train digits`` (seed 0, one thread): 7 minutes wall clock (6.3
-minutes of CPU) on a 2-core machine shared with other jobs. Rerun on another 2-core machine (the
-code of the weights' commit and today's alike: the same bits there), the weights come out 1e-6 to 1e-5
-relative from the committed ones (float summation order), and ``steerdiff demo --weights DIR`` with
-them gives the committed table's accuracies exactly and its Frechet distances within 6e-4 relative
+committed weights are ``steerdiff train digits --out src/steerdiff/toy/weights`` (seed 0, one thread): 7
+minutes wall clock (6.3 minutes of CPU) on a 2-core machine shared with other jobs. Rerun on another
+2-core machine (the code of the weights' commit and today's alike: the same bits there), the weights come
+out 1e-6 to 1e-5 relative from the committed ones (float summation order), and ``steerdiff demo --weights
+DIR`` with them gives the committed table's accuracies exactly and its Frechet distances within 6e-4 relative
 (DPS inpainting 180.71 against 180.61).
 """
 
@@ -130,18 +130,19 @@ def _noised(x0: Tensor, ac: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor,
 
 
 def train(
-    out: str | Path | None = None, seed: int = 0, quick: bool = False, models: tuple[str, ...] = _d.MODELS
+    out: str | Path, seed: int = 0, quick: bool = False, models: tuple[str, ...] = _d.MODELS
 ) -> TrainResult:
-    """Train the digits ``models`` and write ``out/digits_{model}.safetensors`` (``out`` defaults to
-    the package's :data:`~steerdiff.toy.digits.WEIGHTS_DIR`, where the loaders look).
+    """Train the digits ``models`` and write ``out/digits_{model}.safetensors``; load them with the
+    loaders' ``path=`` (``steerdiff demo --weights out``). ``out`` has no default: the package's folder
+    :data:`~steerdiff.toy.digits.WEIGHTS_DIR`, where the loaders look by default, holds the committed
+    weights, which a run replaces only where ``out`` names it.
 
-    ``quick`` trains :data:`QUICK_STEPS` steps per net (a smoke test; the nets are then useless), so it
-    needs an ``out`` of its own: into the package's folder it would replace the trained weights.
+    ``quick`` trains :data:`QUICK_STEPS` steps per net (a smoke test; the nets are then useless).
     """
-    if quick and out is None:
+    if not isinstance(out, (str, Path)):
         raise ValueError(
-            f"train: quick=True needs an out folder; without it the smoke-test nets would replace the "
-            f"trained weights in {_d.WEIGHTS_DIR}"
+            f"train: out must be a folder (a str or Path), got {out!r}; the package's committed weights are "
+            f"in {_d.WEIGHTS_DIR}, replaced only where out names that folder"
         )
     for m in models:
         if m not in _d.MODELS:
