@@ -688,6 +688,32 @@ def test_svdd_selects_by_softmax_of_the_denoised_values():
     assert out.nfe == steps * n
 
 
+@pytest.mark.parametrize("method", ["svdd", "code"])
+def test_one_start_methods_refuse_an_x_T_whose_rows_differ(method):
+    """SVDD (Li et al. 2024, Alg. 1) and CoDe (Singh et al. 2025, Alg. 1) branch every candidate of a row
+    from one ``x_T``: the engine keeps each row's first particle at node 0. Before: an ``x_T`` of ``(batch,
+    particles, ...)`` distinct draws ran, its particles 1.. discarded unread (the same result as an ``x_T``
+    whose rows repeat their first particle). Now refused naming the row; a repeated start runs, as the
+    default's first particle (``x_T=None``, same generator) does."""
+    run = getattr(sd.smc, method)
+    kw = {"particles": 4, "steps": 6, "solver": "ddpm", "dtype": F64}
+    x_T = torch.randn(3, 4, 2, generator=gen(1), dtype=F64)
+    repeated = x_T[:, :1].expand_as(x_T).clone()
+    repeated[2, 3] += 1e-9  # row 2's last particle differs, slightly
+    with pytest.raises(
+        ValueError, match=rf"^{method}: x_T: the particles of batch row 2 differ, .*first particle"
+    ):
+        run(DEN, wavy, x_T=repeated, generator=gen(2), **kw)
+    with pytest.raises(ValueError, match=rf"^{method}: x_T: the particles of batch row 0 differ"):
+        run(DEN, wavy, x_T=x_T, generator=gen(2), **kw)
+    # one start per row, repeated: the run the default makes from its first particle, draw for draw
+    default = run(DEN, wavy, shape=(3, 2), generator=gen(2), **kw)
+    g = gen(2)
+    first = torch.randn(3, 4, 2, generator=g, dtype=F64)[:, :1].expand(3, 4, 2)
+    given = run(DEN, wavy, x_T=first, generator=g, **kw)  # g after the default's draw of x_T
+    assert torch.equal(given.x, default.x) and torch.equal(given.log_w, default.log_w)
+
+
 @pytest.mark.parametrize("alpha", [1e-320, 1e-300])
 def test_svdd_tiny_alpha_is_the_argmax_limit(alpha):
     """``softmax_j(v_j / alpha)`` tends to the argmax as ``alpha -> 0``: the logits are taken as

@@ -73,6 +73,7 @@ class CoDe(SMCAlgorithm):
 
     name = "code"
     shardable = True
+    one_start = "branches"
 
     def __init__(self, block: int) -> None:
         self.block = integer("code", "block", block, lo=1)
@@ -149,8 +150,10 @@ def code(
     ``reward`` maps ``(n, *shape)`` to ``(n,)`` (gradient-free); it scores the denoised estimate at
     each block's end and the final sample. The solver must be stochastic (branches must differ);
     the other arguments are those of :func:`~steerdiff.smc.run_smc` (``shape`` may be left out where ``x_T``
-    is given; of ``x_T`` ``(batch, particles, *sample_shape)`` each row's first particle is the one start
-    of its branches). Returns
+    is given; ``x_T`` ``(batch, particles, *sample_shape)`` must hold one start per row repeated over its
+    particles, as all branches start from one ``x_T`` (Alg. 1): a row whose particles differ is refused,
+    ``ValueError``, rather than read for its first alone; ``x_T=None`` draws ``particles`` per row and keeps
+    each row's first). Returns
     :class:`~steerdiff.smc.Particles` with a point mass on each row's best final sample.
     """
     _check_reward(reward, "code")

@@ -634,6 +634,10 @@ class SMCAlgorithm:
     sliced_grad: ClassVar[bool] = False
     needs_transition: ClassVar[bool] = False
     shardable: ClassVar[bool | None] = None
+    # what a row's particles are where every one starts from the row's first particle (its resample at node
+    # 0 selects it: SVDD's candidates, CoDe's branches); None: each from its own. run_smc then refuses an
+    # x_T whose rows hold distinct particles, which would be discarded unread (check_one_start)
+    one_start: ClassVar[str | None] = None
 
     def check_steps(self, steps: int) -> None:
         """Refuse (a ``ValueError``) options that a run of ``steps`` steps could never use, before it
@@ -1181,6 +1185,20 @@ def refuse_x_T(who: str, cond: dict[str, Any], start: str) -> None:
         )
 
 
+def check_one_start(who: str, x_T: Tensor, branches: str) -> None:
+    """A ``ValueError`` naming ``x_T`` ``(batch, particles, ...)``, checked, of a method that starts all of a
+    batch row's particles from one state, its first particle (``branches`` says what they are:
+    :attr:`SMCAlgorithm.one_start`), where a row's particles differ: the others would be discarded unread."""
+    differ = (x_T != x_T[:, :1]).flatten(1).any(1)
+    if bool(differ.any()):
+        b = int(differ.nonzero()[0])
+        raise ValueError(
+            f"{who}: x_T: the particles of batch row {b} differ, and {who} starts all {branches} of a row "
+            f"from one state, its first particle (the rest would be discarded); pass one start per row "
+            f"repeated over the particles, x_T[:, :1].expand_as(x_T), or x_T=None"
+        )
+
+
 def _view(tr: Transition, run: _Run) -> Transition:
     std = run.rows(tr.std) if isinstance(tr.std, Tensor) and tr.std.ndim > 0 else tr.std
     return Transition(run.rows(tr.mean), std)
@@ -1401,6 +1419,8 @@ def run_smc(
             "vanish there)"
         )
     x = _initial_particles(who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
+    if x_T is not None and algorithm.one_start is not None:
+        check_one_start(who, x_T, algorithm.one_start)
     # this rank's flat rows of the whole system's batch * n_part (all of them without group)
     mine = None if spread.group is None else spread.flat_rows(batch, n_part)
     if mine is not None:

@@ -86,6 +86,7 @@ class SVDD(SMCAlgorithm):
 
     name = "svdd"
     shardable = True
+    one_start = "M candidates"
 
     def __init__(self, alpha: float) -> None:
         self.alpha = real("svdd", "alpha", alpha, lo=0, finite=False)  # 0: argmax, inf: the base sampler
@@ -137,8 +138,11 @@ def svdd(
         shape: ``(batch, *sample_shape)``; may be left out where ``x_T`` is given. ``particles``: ``M >= 1``
             candidates. ``steps``: solver steps (``None``: 100, or an explicit grid's count:
             :func:`~steerdiff.smc.run_smc`).
-        x_T: ``(batch, particles, *sample_shape)``, as for :func:`~steerdiff.smc.run_smc`; each row's first
-            particle is the one start of its candidates (default: a standard normal draw, scaled).
+        x_T: ``(batch, particles, *sample_shape)``, as for :func:`~steerdiff.smc.run_smc`, with a row's
+            particles all equal (``x[:, None].expand(-1, M, ...)`` of one start ``x`` per row): every
+            candidate of a row branches from its one ``x_T`` (Alg. 1), and a row whose particles differ is
+            refused (``ValueError``) rather than read for its first alone. Default: a standard normal draw,
+            scaled, of which each row keeps its first particle.
         solver, schedule, final, max_batch, dtype, device, generator, progress, group, cond: see
             :func:`~steerdiff.smc.run_smc`; the solver must be stochastic (candidates must differ).
 
