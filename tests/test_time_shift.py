@@ -200,6 +200,70 @@ def test_the_cutoff_is_a_break_where_the_lowest_shifted_meeting_is_at_it():
     assert crossings(ts, grid) == {0, 1}  # the old declaration: {0}
 
 
+class _ExactSwitch(sd.Denoiser):
+    """Two exact mixture denoisers, one above t = 500, the other at and below, the jump declared."""
+
+    def __init__(self) -> None:
+        above = gmm().denoiser(PROCESS)
+        below = sd.toy.GaussianMixture(
+            torch.ones(1, 3, dtype=F64), torch.full((1, 3), 0.5, dtype=F64), torch.ones(1)
+        ).denoiser(PROCESS)
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return torch.where((t > 500)[:, None], above.net(x, t), below.net(x, t))
+
+        super().__init__(net, PROCESS, prediction="x0")
+
+    def own_breaks(self) -> tuple[float, ...]:
+        return (500.0,)
+
+
+class _Declared(sd.guidance.Guided):
+    """``base`` unchanged, with a break of its own at ``at``: the history restarts after a step across it."""
+
+    def __init__(self, base: sd.Denoiser, at: float) -> None:
+        super().__init__(base)
+        self.at = at
+
+    def evaluate(self, x, t, net_dtype, /, **cond):  # type: ignore[no-untyped-def]
+        return self.base.evaluate(x, t, net_dtype, **cond)
+
+    def own_breaks(self) -> tuple[float, ...]:
+        return (self.at,)
+
+
+def test_a_step_shorter_than_spacing_between_declared_breaks_restarts():
+    """The base's jump at b = 500 (two exact mixture denoisers) is met at no fixed t when a sample's t_s moves
+    to another candidate: a state whose variance matches the noise level at 500.05 is evaluated at t_s =
+    499.6 (below b) at t = 497.6 and at 500.2 (above) at t = 497.2, a step of 0.4 < spacing = 1 between the
+    declared breaks 497 and 498. ``crossings`` missed it (TimeShift.breaks alone); now every step whose
+    windows reach both sides of b restarts the history, and the run equals the one with a break declared
+    inside that step (DPM-Solver++(2M) on the exact oracle; before: 2M extrapolated across the jump)."""
+    from steerdiff.sampling import crossings
+    from steerdiff.solvers.base import make_grid
+
+    ts = TimeShift(_ExactSwitch(), window=10, cutoff=300.0)
+    x = with_variance(1, 3, PROCESS.sigma(torch.tensor([500.05], dtype=F64)) ** 2)
+    assert [float(ts.shifted_times(x, t)) for t in (497.6, 497.2)] == pytest.approx([499.6, 500.2], abs=1e-9)
+    assert not any(497.2 <= b < 497.6 for b in ts.breaks())  # between two declared times
+    base = ts.base
+    torch.testing.assert_close(ts(x, 497.6).x0, base(x, 499.6).x0, rtol=0, atol=0)
+    torch.testing.assert_close(ts(x, 497.2).x0, base(x, 500.2).x0, rtol=0, atol=0)
+    assert not torch.allclose(base(x, 499.6).x0, base(x, 500.4).x0, atol=0.1)  # the field jumps at 500
+    nodes = [999.0, 700.0, 497.6, 497.2, 300.0, 100.0]
+    grid = make_grid(PROCESS, sd.schedules.Custom(nodes), 6)
+    assert 2 in crossings(ts, grid)  # before: {1, 3} only
+    assert crossings(ts, grid) == crossings(_Declared(ts, 497.4), grid) == {1, 2, 3}
+    x_T = torch.randn(64, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    ours = sd.sample(ts, x_T, solver="dpmpp_2m", schedule=nodes)
+    declared = sd.sample(_Declared(ts, 497.4), x_T, solver="dpmpp_2m", schedule=nodes)
+    assert torch.equal(ours, declared)
+    # the window's reach, b -+ 5: any step that meets (495, 505] restarts, however short; none outside it
+    assert ts.crosses(504.9, 504.8) and ts.crosses(495.1, 495.05) and ts.crosses(700.0, 400.0)
+    assert not ts.crosses(700.0, 505.2) and not ts.crosses(494.9, 400.0)
+    assert not TimeShift(_ExactSwitch(), window=0).crosses(497.6, 497.2)
+
+
 def test_invert_refuses():
     """The net's time jumps with the state's variance, so the steps up the grid do not undo the steps down:
     sample(invert(x_0)) on the 16-d mixture (DDIM, window 20) misses x_0 by 0.37 / 0.53 at 20 / 100 steps

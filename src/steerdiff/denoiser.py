@@ -400,6 +400,26 @@ class Denoiser:
                 out.add(b if d.process is self.process else float(self.process.t_of_lam(d.process.lam(b))))
         return tuple(sorted(b for b in out if math.isfinite(b)))
 
+    def crosses(self, t_a: float, t_b: float) -> bool:
+        """Whether this denoiser's predictions at the times ``t_a`` and ``t_b`` (any order) may lie on two
+        pieces of its field (:meth:`breaks`): a break ``b`` of :meth:`own_breaks` with ``min <= b < max``,
+        or a crossing of an inner denoiser between its times of equal log-SNR. What
+        :func:`~steerdiff.sampling.crossings` restarts a solver's history on, after each step. A wrapper
+        that evaluates its inner denoisers at other times than its own (:class:`~steerdiff.guidance.
+        TimeShift`: a time chosen per sample from a window) overrides it: its jumps then need not happen
+        at fixed times."""
+        lo, hi = min(t_a, t_b), max(t_a, t_b)
+        if any(lo <= b < hi for b in self.own_breaks()):
+            return True
+        for d in {id(d): d for d in self.inner_denoisers()}.values():
+            if d.process is self.process:
+                a, b = t_a, t_b
+            else:
+                a, b = (float(d.process.t_of_lam(self.process.lam(t))) for t in (t_a, t_b))
+            if d.crosses(a, b):
+                return True
+        return False
+
     def own_breaks(self) -> tuple[float, ...]:
         """The times at which this denoiser itself switches its prediction, on top of its inner denoisers'
         (:meth:`breaks`): ``()`` here; a wrapper that switches (RF-Inversion's editing window) overrides

@@ -704,7 +704,9 @@ def crossings(den: Denoiser | Sequence[float], grid: Grid) -> frozenset[int]:
     ``breaks``) with ``min(t_i, t_{i+1}) <= b < max(t_i, t_{i+1})``
     (at a break the field is its less noisy side's), down a sampling grid or up an inversion's. Where a
     node sits on a break the field there is the piece's below it, so the restart comes after the step into
-    it (down the grid) or out of it (up).
+    it (down the grid) or out of it (up). A denoiser says so per step,
+    :meth:`~steerdiff.denoiser.Denoiser.crosses` (that rule over its breaks, or its own where it evaluates
+    its inner denoisers at other times: :class:`~steerdiff.guidance.TimeShift`'s window).
 
     Every loop that carries a solver's history over a grid restarts it there: :func:`run_grid`
     (:func:`sample`, :func:`~steerdiff.inversion.invert`), the particle engine
@@ -727,9 +729,11 @@ def crossings(den: Denoiser | Sequence[float], grid: Grid) -> frozenset[int]:
     inside a long step. Under CFG's guidance interval (Kynkaenniemi et al. 2024) the restart would gain
     UniPC-3 0.74x but cost the guided default (2M, UniPC-2) 1.7x, its one-step history through the jump
     having averaged the two fields across it: CFG declares no break."""
-    breaks = den.breaks() if isinstance(den, Denoiser) else sorted(den)
-    if not breaks:
-        return frozenset()
+    if isinstance(den, Denoiser):
+        if not den.breaks():
+            return frozenset()
+        return frozenset(i for i in range(grid.steps - 1) if den.crosses(grid.t[i], grid.t[i + 1]))
+    breaks = sorted(den)
     piece = [bisect.bisect_left(breaks, t) for t in grid.t]  # the k with b_{k-1} < t <= b_k
     return frozenset(i for i in range(grid.steps - 1) if piece[i] != piece[i + 1])
 

@@ -49,8 +49,11 @@ with ``window = 20``, against 0.096 / 0.021 without).
 
 A jump of the base at time ``b`` (:meth:`~steerdiff.Denoiser.breaks`: RF-Inversion's editing window) is met
 where a sample's shifted time reaches it, ``t_s = b`` at ``t = b - j d`` for whichever ``j`` the sample takes
-there: :meth:`TimeShift.breaks` declares the window's ``w // 2 * 2 + 1`` of them, so that a multistep solver
-restarts its history after every step in which a sample may cross the jump.
+there: :meth:`TimeShift.breaks` declares the window's ``w // 2 * 2 + 1`` of them. A sample's ``t_s`` also
+jumps across ``b`` at no fixed ``t``, moving to another candidate (from ``t + w/2 d`` at one node to ``t' -
+w/2 d`` at the next, the rule's usual ends), so that a step shorter than ``d`` between two of those times
+may cross too: :meth:`TimeShift.crosses` says so for every step whose windows reach both sides of ``b``, and
+a multistep solver restarts its history after each of them (:func:`~steerdiff.sampling.crossings`).
 
 Differences from the reference code: the shift is not applied at ``t = t_max`` (the authors skip their first
 step, where the state is the prior's noise), and candidates are clipped to the process's time range.
@@ -149,7 +152,8 @@ class TimeShift(Guided):
         ``b`` is below); the base's own where
         the shift is off (``window = 0``). Not breaks: ``t_s`` moving to another candidate, or the shift
         turning on at the cutoff, over no break of the base: a change of the base's smooth prediction over a
-        few ``spacing``."""
+        few ``spacing``; across one, that is a jump at no fixed time, which :meth:`crosses` covers (a step
+        shorter than ``spacing`` between two of these times)."""
         inner = super().breaks()
         if self.window == 0:
             return inner
@@ -164,6 +168,26 @@ class TimeShift(Guided):
             if any((s <= c) != (b < c) for s in hit):
                 out.add(c)
         return tuple(sorted(out))
+
+    def reach(self, t: float) -> tuple[float, float]:
+        """The lowest and highest time a sample's shifted time ``t_s`` may take at ``t``: ``(t, t)`` where
+        the shift is off (``window = 0``, ``t <= cutoff``, ``t >= t_max``), else the window's ends
+        ``t -+ (w // 2) spacing``, clipped to the process's range."""
+        p, d = self.process, self.window // 2 * self.spacing
+        if self.window == 0 or not self.cutoff < t < p.t_max:
+            return t, t
+        return max(t - d, p.t_min), min(t + d, p.t_max)
+
+    def crosses(self, t_a: float, t_b: float) -> bool:
+        """Whether the evaluations at ``t_a`` and ``t_b`` may lie on two pieces of the base's field: a break
+        ``b`` of the base within the times they may take, ``min(reach) <= b < max(reach)`` over both
+        :meth:`reach` ranges (one evaluation below or at ``b``, the other above). Unlike :meth:`breaks`,
+        this holds for a step shorter than ``spacing`` between two of them, in which a sample's ``t_s`` may
+        jump across ``b`` by moving to another candidate (``t + w/2 d`` at one node, ``t - w/2 d`` at the
+        next): :func:`~steerdiff.sampling.crossings` restarts the solver's history after every step of
+        the window ``b -+ (w // 2) spacing``."""
+        (lo_a, hi_a), (lo_b, hi_b) = self.reach(t_a), self.reach(t_b)
+        return self.base.crosses(min(lo_a, lo_b), max(hi_a, hi_b))
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         scalar = not isinstance(t, Tensor) or t.ndim == 0
