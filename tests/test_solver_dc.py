@@ -311,3 +311,31 @@ def test_the_search_restarts_the_history_at_a_break_as_sd_sample(gmm):
     # by the restart, 8 by the clean end; the restart's warm-up leaves 4, 5 uncompensated)
     assert fit.nfe == steps + 5 * 3
     assert fit.solver.ratios[4:6] == [1.0, 1.0] and all(r != 1.0 for r in fit.solver.ratios[6:])
+
+
+def test_ratios_in_the_warm_up_after_a_break_are_refused_not_ignored(gmm):
+    """After the step across RF-Inversion's jump (``crossings``: step 3) the history restarts, so steps 4
+    and 5 hold 1 and 2 estimates, too few for ``dc_order = 2``, as the run's steps 0 and 1. Before: their
+    ratios were ignored (the run equal, bit for bit, to the one with 1 there: a CPR prediction or a hand-set
+    ratio silently dropped). Now refused, naming the step; with 1 there the others compensate as before."""
+    from steerdiff.rf_inversion import ControlledEditing
+    from steerdiff.sampling import crossings
+
+    flow = sd.RectifiedFlow()
+    edit = ControlledEditing(gmm.denoiser(flow), torch.zeros(1, 8), 0.7, stop=0.4)
+    x_T = noise(8, 8, seed=11)
+    grid = sd.solvers.make_grid(flow, sd.schedules.get("time_uniform"), 10)
+    assert crossings(edit, grid) == {3}
+    smooth = [1.0, 1.0, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99]  # as a CPR curve: != 1 from step 2 on
+    with pytest.raises(ValueError, match=r"^DCSolver: ratios\[4\] = 0\.94, but step 4 holds 1 estimate\(s\)"):
+        sd.sample(edit, x_T, 10, DCSolver(ratios=smooth), "time_uniform")
+    warm = [*smooth[:4], 1.0, 1.0, *smooth[6:]]
+    ours = sd.sample(edit, x_T, 10, DCSolver(ratios=warm), "time_uniform")
+    unipc = sd.sample(edit, x_T, 10, DCSolver(), "time_uniform")
+    assert rel_rmse(ours, unipc) > 1e-3  # steps 2, 3 and 6 on compensated
+    only_5 = [*warm[:5], 0.9, *warm[6:]]  # the second warm-up step: 2 estimates, refused too
+    with pytest.raises(ValueError, match=r"ratios\[5\] = 0\.9, but step 5 holds 2 estimate\(s\)"):
+        sd.sample(edit, x_T, 10, DCSolver(ratios=only_5), "time_uniform")
+    # a corrector's move restarts the history at every node: no step can be compensated
+    with pytest.raises(ValueError, match=r"ratios\[2\] = 0\.9, but step 2 holds 1 estimate\(s\)"):
+        sd.sample(gmm.denoiser(flow), x_T, 10, DCSolver(ratios=smooth), "time_uniform", corrector="ula")

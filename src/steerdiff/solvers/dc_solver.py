@@ -119,7 +119,12 @@ class DCSolver(UniPC):
 
     Args:
         ratios: one compensation ratio per step (the run's step count; the first ``dc_order`` must be 1),
-            from :func:`search_ratios` or :class:`CPR`; ``None``: all 1, which is UniPC.
+            from :func:`search_ratios` or :class:`CPR`; ``None``: all 1, which is UniPC. After a restart of
+            the history (a step across a break of the denoiser, :meth:`~steerdiff.denoiser.Denoiser.breaks`;
+            a corrector's move) the next ``dc_order`` steps hold too few estimates to compensate, as the first
+            ones: a ratio other than 1 there is refused when the run reaches it (``ValueError``), not
+            ignored (:func:`search_ratios` leaves them 1; a :class:`CPR` prediction for such a run needs
+            those steps set to 1).
         grid_t: the process times of the grid ``ratios`` were searched on (:func:`search_ratios` sets them):
             a run on another grid (another schedule, final or process; off by more than :data:`GRID_RTOL` of
             its span, which an equivalent process's, a float32 table, is not) is refused; ``None``: any grid
@@ -202,14 +207,31 @@ class DCSolver(UniPC):
     def _ratio(self, i: int) -> float:
         return 1.0 if self.ratios is None else self.ratios[i]
 
+    def _held_ratio(self, i: int, held: int) -> float:
+        """``ratios[i]``, the step holding ``held`` estimates; a ``ValueError`` where it is not 1 but fewer
+        than ``dc_order + 1`` are held: after a restart of the history (a step across a break of the
+        denoiser, :func:`~steerdiff.sampling.crossings`; a corrector's move; a projection), whose ``dc_order``
+        steps cannot be compensated, as the run's first ones cannot (``ratios[:dc_order]`` must be 1)."""
+        rho = self._ratio(i)
+        if held <= self.dc_order and rho != 1.0:
+            raise ValueError(
+                f"{type(self).__name__}: ratios[{i}] = {rho:g}, but step {i} holds {held} estimate(s) of "
+                f"the field, fewer than dc_order + 1 = {self.dc_order + 1}: the history restarted before it "
+                "(after a step across a break of the denoiser, Denoiser.breaks, a corrector's move or a "
+                f"projection), and the dc_order = {self.dc_order} steps after a restart, as the first ones, "
+                "cannot be compensated: their ratios must be 1 (search_ratios on this denoiser leaves them "
+                "so)"
+            )
+        return rho
+
     def _compensate(self, start: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> None:
         hist = state["m"]
-        if len(hist.values) > self.dc_order and (rho := self._ratio(i)) != 1.0:
+        if (rho := self._held_ratio(i, len(hist.values))) != 1.0:
             hist.values[0] = lincomb(dc_weights(self._times(i, grid), rho), hist.values[: self.dc_order + 1])
 
     def _clean(self, x0: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         values = [x0, *state["m"].values]
-        if len(values) <= self.dc_order or (rho := self._ratio(i)) == 1.0:
+        if (rho := self._held_ratio(i, len(values))) == 1.0:
             return x0
         return lincomb(dc_weights(self._times(i, grid), rho), values[: self.dc_order + 1])
 
