@@ -501,6 +501,18 @@ def test_unknown_solver_lists_what_the_entry_point_takes():
             lambda den, x: sd.guidance.epsilon_norms(den, x, x, 3, "ddpm", generator=[torch.Generator()]),
             "generator: 1 generators for a batch of 2 rows",
         ),
+        # before: final= ran the sampler and reached the net too (a TypeError there); callback= collided
+        # with its own (TypeError: multiple values)
+        (
+            "epsilon_norms",
+            lambda den, x: sd.guidance.epsilon_norms(den, x, x, 3, final="none"),
+            "final is an argument of sample, not of epsilon_norms",
+        ),
+        (
+            "epsilon_norms",
+            lambda den, x: sd.guidance.epsilon_norms(den, x, x, 3, callback=print, return_info=True),
+            "callback, return_info are arguments of sample, not of epsilon_norms",
+        ),
         ("rf_edit", lambda den, x: sd.rf_inversion.rf_edit(den, x, x, steps=0), "steps must be an integer"),
         ("rf_edit", lambda den, x: sd.rf_inversion.rf_edit(den, x, x, final="nope"), "final must be one of"),
         ("rf_edit", lambda den, x: sd.rf_inversion.rf_edit(den, x, x, snr=0.3), "snr has no effect"),

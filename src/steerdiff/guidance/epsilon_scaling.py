@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .._checks import real
 from ..denoiser import Denoiser, Prediction
-from ..sampling import DEFAULT_SCHEDULE, check_x_T, sample_as
+from ..sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, sample_as
 from ..schedules import ScheduleLike
 from ..solvers.base import Solver
 from .base import Guided, with_estimate
@@ -140,6 +140,24 @@ def _mean_norm(eps: Tensor) -> float:
     return float(torch.linalg.vector_norm(eps.reshape(len(eps), -1).to(F64), dim=1).mean())
 
 
+SAMPLE_ONLY = (
+    "final",
+    "callback",
+    "corrector",
+    "corrector_steps",
+    "snr",
+    "progress",
+    "return_info",
+    "project",
+    "default_steps",
+)
+SAMPLE_ONLY_WHY = (
+    "which measures the states of sample(den, x_T, steps, solver, schedule, generator=generator) at its "
+    "noisy nodes; accepted: den, data, x_T, steps, solver, schedule, generator and the net's conditions "
+    "(**cond)"
+)
+
+
 def epsilon_norms(
     den: Denoiser,
     data: Tensor,
@@ -161,8 +179,10 @@ def epsilon_norms(
 
     ``data`` is clean training data of den's sample shape, any count; ``cond`` is passed to every call, so
     per-sample conditions must match both batches (an int label does). Costs one sampling run plus two
-    network evaluations per node, without gradients.
+    network evaluations per node, without gradients. The other keyword arguments of :func:`sample`
+    (``final``, ``callback``, a corrector, ...) are refused: the run measured is the plain one.
     """
+    check_sample_only("epsilon_norms", cond, SAMPLE_ONLY, SAMPLE_ONLY_WHY)
     check_x_T(den, x_T, "epsilon_norms")
     check_x_T(den, data, "epsilon_norms", name="data")
     nodes: list[tuple[float, Tensor]] = []
