@@ -452,3 +452,22 @@ def test_a_step_count_the_ratio_rule_leaves_no_grid_says_so(setup):
             r"keeps max_ratio=2 .*\); fit it with max_ratio=None \(the authors' program\) or a larger one",
         ):
             sd.sample(den, noise(4, 8), steps=n - 1, solver="ddim", schedule=fit, final="none")
+
+
+def test_a_list_teacher_schedule_sets_the_teacher_steps(setup):
+    # teacher_steps=None counts a list teacher_schedule (as sd.sample's steps=None does): the fit equals the
+    # one given the count; before, the default 60 was refused against the list's 12 times
+    _, proc, den = setup
+    times = sd.schedules.get("karras")(proc, 12).tolist()
+    kw = {
+        "samples": 16,
+        "generator": torch.Generator().manual_seed(3),
+        "dtype": F64,
+        "teacher_schedule": times,
+    }
+    fit = GITS(den, teacher_steps=None, **kw)
+    assert fit.teacher_steps == 12
+    kw["generator"] = torch.Generator().manual_seed(3)
+    given = GITS(den, teacher_steps=12, **kw)
+    assert torch.equal(fit(proc, 5), given(proc, 5))
+    assert GITS(den, samples=4, teacher_steps=None, dtype=F64).teacher_steps == 60

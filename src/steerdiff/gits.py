@@ -193,6 +193,9 @@ def _ratio_path(
     return path if path[-1] == e else None
 
 
+TEACHER_STEPS = 60  # the authors' teacher: 60 steps, from 61 timestamps
+
+
 class GITS(Schedule):
     r"""Geometry-Inspired Time Scheduling (Chen et al. 2024; see :mod:`steerdiff.gits`), as
     ``sd.schedules.GITS``: the grid that a dynamic program picks from a teacher's fine grid, fitted once to
@@ -209,7 +212,9 @@ class GITS(Schedule):
             ``device`` (:func:`steerdiff.noise.randn`: a CPU generator draws the same ``x_T`` for any device;
             ``None``: torch's global RNG).
         teacher: the teacher's solver, one of :data:`TEACHERS` (default ``"ipndm"``, the authors').
-        teacher_steps: its steps ``M`` (an integer >= 2; the authors: 60, from 61 timestamps).
+        teacher_steps: its steps ``M`` (an integer >= 2; default ``None``: 60, the authors', from 61
+            timestamps, or the count of a list ``teacher_schedule``,
+            :func:`~steerdiff.solvers.base.count_steps`).
         teacher_schedule: its schedule (default ``"karras"``, ``rho = 7``, the authors' "polynomial"): the
             candidate nodes.
         coeff: the weight ``coeff^m`` of the ``m``-th step's cost (a finite number > 0; default 1, the plain
@@ -252,7 +257,7 @@ class GITS(Schedule):
         samples: int = 256,
         generator: torch.Generator | None = None,
         teacher: str = "ipndm",
-        teacher_steps: int = 60,
+        teacher_steps: int | None = None,
         teacher_schedule: ScheduleLike = "karras",
         coeff: float = 1.0,
         max_ratio: float | None = MAX_RATIO,
@@ -263,7 +268,7 @@ class GITS(Schedule):
     ) -> None:
         # here, not at the top: steerdiff.schedules exports GITS, and solvers and sampling import schedules
         from .sampling import sample
-        from .solvers.base import FINALS, make_grid
+        from .solvers.base import FINALS, count_steps, make_grid
 
         if not isinstance(den, Denoiser):
             raise ValueError(f"GITS: den must be a steerdiff Denoiser, got {type(den).__name__}")
@@ -278,11 +283,13 @@ class GITS(Schedule):
                 f"GITS: generator must be a torch.Generator or None, got {type(generator).__name__}"
             )
         self.teacher = choice("GITS", "teacher", teacher, TEACHERS)
-        self.teacher_steps = integer("GITS", "teacher_steps", teacher_steps, lo=2)
         self.teacher_schedule = get_schedule(teacher_schedule, "GITS")
         self.coeff = real("GITS", "coeff", coeff, lo=0, lo_open=True)
         self.max_ratio = None if max_ratio is None else real("GITS", "max_ratio", max_ratio, lo=1)
         self.final = choice("GITS", "final", final, FINALS)
+        if teacher_steps is None:  # 60, or a list teacher_schedule's count
+            teacher_steps = count_steps("GITS", None, self.teacher_schedule, self.final, TEACHER_STEPS)
+        self.teacher_steps = integer("GITS", "teacher_steps", teacher_steps, lo=2)
         self.process: Process = den.process
 
         dtype = sample_dtype("GITS", "dtype", dtype)
