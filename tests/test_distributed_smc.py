@@ -462,7 +462,7 @@ def test_a_corrector_overflow_on_one_rank_is_raised_by_every_rank_as_one_process
     process raises, the corrector's at its step (Model.check_finite's decision on the ranks' joined flags).
     Was: the ranks exchanged the net's flags alone and named the model's NaN output on the moved state."""
     alone = _corrector_overflow_message(None)
-    assert alone.startswith("the corrector ULA made the state NaN/inf at step 3 (process time t=0.967494)")
+    assert alone.startswith("the corrector ULA made the state diverge at step 3 (process time t=0.967494)")
     assert spawn(_corrector_overflow_message, 2) == [alone, alone]
 
 

@@ -248,7 +248,7 @@ def invert_as(
     """:func:`invert` run by the entry point ``who`` (``rf_invert``), whose name its messages carry, as the
     checks' ``who`` (:mod:`steerdiff._checks`) does."""
     check_denoiser(who, "den", den)
-    check_x_T(den, x_0, who, "x_0")
+    size = check_x_T(den, x_0, who, "x_0")
     own = den.own_noise()
     if own:
         raise ValueError(
@@ -290,7 +290,7 @@ def invert_as(
             "Solver instance (e.g. DDIM(eta=0))"
         )
     grid = forward.reversed()
-    model = Model(den, cond, net_dtype=x_0.dtype)
+    model = Model(den, cond, net_dtype=x_0.dtype, scale=size)
     x, _ = run_grid(slv, model, grid, x_0.to(work_dtype(x_0.dtype)), callback, progress)
     model.check_finite()
     log.debug("inverted %s with %s/%s: %d steps, %d NFE", tuple(x.shape), slv.name, sched, steps, model.nfe)

@@ -33,6 +33,7 @@ from .solvers.base import (
     Solver,
     advance,
     count_steps,
+    diverged_error,
     make_grid,
     to_sample_dtype,
     work_dtype,
@@ -309,10 +310,12 @@ def check_foreign(who: str, cond: dict[str, Any]) -> None:
             )
 
 
-def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x_T") -> None:
+def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x_T") -> float:
     """Raise a ``ValueError`` naming ``x_T`` (``name``: another argument, such as ``x_0`` of
     :func:`~steerdiff.inversion.invert`; after ``who:``, the caller, where given) unless it is a finite,
-    batched float tensor of den's shape."""
+    batched float tensor of den's shape. Returns its largest ``|entry|`` (0 for an empty batch), read in the
+    same host read as the finiteness: the run's scale for the divergence guard
+    (:meth:`~steerdiff.solvers.base.Model.note_state`)."""
     p = caller(who) + name
     if not isinstance(x_T, Tensor):
         raise ValueError(f"{p} must be a torch.Tensor, got {type(x_T).__name__}")
@@ -322,9 +325,11 @@ def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x
         )
     if x_T.ndim < 2:
         raise ValueError(f"{p} must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
-    if not bool(torch.isfinite(x_T).all()):
+    size = float(torch.linalg.vector_norm(x_T.detach(), math.inf)) if x_T.numel() else 0.0  # NaN where one is
+    if not math.isfinite(size):
         raise ValueError(f"{p} contains NaN or inf")
     check_sample_shape(p, den, tuple(x_T.shape[1:]))
+    return size
 
 
 def _is_default(value: object, default: float) -> bool:
@@ -576,7 +581,7 @@ def sample_as(
         raise ValueError(f"{who}: default_steps is not an argument of {who} (its steps=None are 10)")
     check_denoiser(who, "den", den)
     check_foreign(who, cond)
-    check_x_T(den, x_T, who)
+    size = check_x_T(den, x_T, who)
     check_seeded(den, generator, who)
     sched, grid, slv = plan(den, steps, solver, schedule, final, who, default_steps=default_steps)
     progress = boolean(who, "progress", progress)
@@ -585,7 +590,7 @@ def sample_as(
         raise ValueError(f"{who}: callback must be None or a callable(dict), got {type(callback).__name__}")
     if project is not None and not callable(project):
         raise ValueError(f"{who}: project must be a callable(x) -> x, got {type(project).__name__}")
-    model = Model(den, cond, make_noise(generator, who), net_dtype=x_T.dtype)
+    model = Model(den, cond, make_noise(generator, who), net_dtype=x_T.dtype, scale=size)
     if isinstance(model.noise, PerSampleNoise):  # checked whatever the solver, not only where it draws
         check_rows(model.noise.generators, len(x_T), who)
     if isinstance(model.noise, ReplayNoise):  # its grid, solver and batch: before the first step
@@ -644,6 +649,14 @@ def plan(
     return sched, grid, slv
 
 
+def _solver_fix(slv: Solver, model: Model) -> str:
+    """What a diverged solver step's error suggests: the arguments most likely at fault."""
+    what = ["its noise (eta, s_noise, ...)" if slv.stochastic else "", "its order on long steps"]
+    if model.denoiser.guided:
+        what.append("the guidance scale")
+    return f"{' or '.join(w for w in what if w)} may be too large for this grid: try less, or more steps"
+
+
 def run_grid(
     slv: Solver,
     model: Model,
@@ -664,16 +677,21 @@ def run_grid(
     ``callback`` (:func:`sample`'s ``callback``). After a step across a break of the denoiser's field
     (:func:`crossings`) the solver restarts its history too, as after a move. Returns the state and the
     corrector chains; the caller checks ``model`` for non-finite values (the correctors' moved states
-    included: ``Model.note_move``)."""
+    included: ``Model.note_move``), and for states that diverged: the state after each step, as each
+    corrector move's, is bounded by :meth:`~steerdiff.solvers.base.Model.note_state` (the divergence guard,
+    :func:`~steerdiff.solvers.base.state_bound`; no host read per step off the CPU)."""
+
     chains: list[_mcmc.ChainInfo] = []
     state = slv.init_state(grid)
     jumps = crossings(model.denoiser, grid)
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
+    diverged = functools.partial(diverged_error, who=f"the solver {slv.name!r}", fix=_solver_fix(slv, model))
     for i in indices:
         x = advance(slv.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
+        model.note_state(x, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)
         if kernel is not None and not grid.is_final_clean(i):
             x, chain = _mcmc.correct(
-                kernel, model, x, grid.t[i + 1], grid.sigma[i + 1], i, corrector_steps, snr
+                kernel, model, x, grid.t[i + 1], grid.sigma[i + 1], i, corrector_steps, snr, grid.alpha[i + 1]
             )
             chains.append(chain)
             slv.moved(state)  # the next step starts from the moved x: estimates made before it are stale

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._checks import integer, real
 from .._ops import first_false
 from ..noise import NoiseSource, check_fixed_time, check_generators, make_noise
-from ..solvers.base import Model, NonFiniteError
+from ..solvers.base import DIVERGED, Model, NonFiniteError, largest, within
 
 __all__ = [
     "ChainInfo",
@@ -349,15 +349,45 @@ class Kernel:
         check_fixed_time(who, generator, "pass a torch.Generator or a list of them (one per row)")
         normal = fixed_time(make_noise(check_generators(who, generator, x.shape[0])), 0.0)
         target = Target(log_prob=log_prob, name=f"{who}: log_prob(x)")
-        out, info = chain(self, Point(x), target, steps, eps, normal)
-        info.finite = finite_run(out, target)  # one host read per run, none per move
-        if not bool(info.finite):
+        # the divergence guard: every state within DIVERGED max(1, max |x|) (a device scalar: no host read),
+        # and whether the log_prob was sound up to each move (which came first: a NaN gradient makes ULA's
+        # state NaN, a diverged state may make the log_prob NaN)
+        bound, sure = _chain_bound(x), torch.ones((), dtype=torch.bool, device=x.device)
+        bounded: list[Tensor] = []
+        sound: list[Tensor] = []
+
+        def moved(y: Tensor) -> None:
+            bounded.append(within(y, bound))
+            sound.append(sure if target.sound is None else target.sound)
+
+        out, info = chain(self, Point(x), target, steps, eps, normal, moved=moved)
+        info.finite = finite_run(out, target)  # implied by the last move's flags
+        ok = torch.stack([torch.stack(bounded), torch.stack(sound)]).cpu()  # one host read per run
+        first = first_false(ok.all(0))
+        if first is not None and bool(ok[1, first]):
+            raise NonFiniteError(
+                f"{who}: the chain diverged at its move {first + 1} of {steps} (an entry NaN/inf or beyond "
+                f"{DIVERGED:g} max(1, max |x|) of the start x; the log_prob sound until then): "
+                f"step_size={eps:g} is too large for this log_prob: take a smaller step_size"
+            )
+        if first is not None:
             raise NonFiniteError(
                 f"{who}: log_prob returned NaN, or a non-finite gradient where its value is finite, at a "
                 f"point the chain visited or proposed (or the chain left the finite numbers); {steps} moves, "
                 f"step_size {eps:g}"
             )
         return out, info
+
+
+def _chain_bound(x: Tensor) -> Tensor:
+    """The divergence guard's bound on a standalone chain from ``x`` (:meth:`Kernel.run`), with no process to
+    scale it: ``DIVERGED max(1, max |x|)`` (:data:`~steerdiff.solvers.base.DIVERGED`), a 0-d tensor on
+    ``x``'s device (float32 for half precision; capped at its dtype's largest number), never read on the
+    host."""
+    if x.numel() == 0:
+        return torch.ones((), device=x.device)
+    size = largest(x)
+    return (size.clamp_min(1.0) * DIVERGED).clamp_max(torch.finfo(size.dtype).max)
 
 
 def finite_run(x: Tensor, target: Target) -> Tensor:

@@ -102,9 +102,19 @@ def check_corrector(
 
 
 def correct(
-    kernel: Kernel, model: Model, x: Tensor, t: float, sigma: float, step: int, steps: int, snr: float
+    kernel: Kernel,
+    model: Model,
+    x: Tensor,
+    t: float,
+    sigma: float,
+    step: int,
+    steps: int,
+    snr: float,
+    alpha: float | None = None,
 ) -> tuple[Tensor, ChainInfo]:
-    """``steps`` moves of ``kernel`` on ``p_t`` from ``x`` (NFE counted on ``model``)."""
+    """``steps`` moves of ``kernel`` on ``p_t`` from ``x`` (NFE counted on ``model``); ``alpha``: ``alpha(t)``
+    (default: from the denoiser's process), for the divergence guard on the moved states
+    (:meth:`~steerdiff.solvers.base.Model.note_state`)."""
     target = kernel.target(model, t, sigma, step)
     source = make_noise(kernel.generator) if kernel.generator is not None else model.noise
     normal = fixed_time(source, t)
@@ -120,17 +130,19 @@ def correct(
     # on the CPU), so a NaN/inf the corrector made is not reported as the model's output on it. With a
     # log_prob: once, after the chain; on the model's score: after each move, one with a non-finite snr
     # step excused (check_step_sizes reports a zero score norm, after the run)
+    a = float(model.denoiser.process.alpha(t)) if alpha is None else alpha
+    error = functools.partial(moved_error, who=f"the corrector {type(kernel).__name__}")
     if target.has_log_prob:
         x, info = chain(kernel, p, target, steps, size, normal, t)
         model.nfe += info.evaluations
         info.finite = finite_run(x, target)
         model.note_move(info.finite, step, t, nonfinite_error)
+        model.note_state(x, step, t, a, sigma, error)  # a finite state that diverged (MALA/HMC accept none)
         return x, info
-    excused = False if isinstance(size, float) else ~torch.isfinite(size)
-    error = functools.partial(moved_error, who=f"the corrector {type(kernel).__name__}")
+    excused = None if isinstance(size, float) else ~torch.isfinite(size)
 
     def moved(y: Tensor) -> None:
-        model.note_move(torch.isfinite(y).all() | excused, step, t, error)
+        model.note_state(y, step, t, a, sigma, error, excused)
 
     return chain(kernel, p, target, steps, size, normal, t, moved)
 

@@ -83,7 +83,7 @@ from .._checks import choice, device_or_none, integer, real, sample_dtype, sizes
 from ..denoiser import Denoiser, check_denoiser, check_sample_shape
 from ..noise import Generators, check_generators, make_noise, randn
 from ..processes import Process
-from ..solvers.base import Model, NonFiniteError
+from ..solvers.base import DIVERGED, Model, NonFiniteError
 from .base import Normal, Point, Target, chain, fixed_time
 from .langevin import ULA
 
@@ -111,13 +111,12 @@ CHAIN_SAMPLE_ONLY_WHY = (
 )
 
 
-# A score step |xhat - y| (per entry) beyond DIVERGED * sigma is a diverged chain: at a sampled state the
-# residual is of the order of sigma (a few sigma per entry: y is x plus sigma-noise), and a chain started
-# 3e7 sigma away from the data comes back with a stable step (tests/test_walk_jump.py); an unstable one
-# grows it geometrically until the denoiser, or the state, overflows (the exact mixture's denoiser returns
-# NaN at |y| ~ 1e154 in float64, one step before the state overflows; then reported as the model's NaN,
-# or, with ULA, a state of 1e89 returned as a sample).
-DIVERGED = 1e8
+# A score step |xhat - y| (per entry) beyond DIVERGED * sigma is a diverged chain (DIVERGED: the library's
+# divergence guard, steerdiff.solvers.base): at a sampled state the residual is of the order of sigma (a few
+# sigma per entry: y is x plus sigma-noise), and a chain started 3e7 sigma away from the data comes back with
+# a stable step (tests/test_walk_jump.py); an unstable one grows it geometrically until the denoiser, or the
+# state, overflows (the exact mixture's denoiser returns NaN at |y| ~ 1e154 in float64, one step before the
+# state overflows; then reported as the model's NaN, or, with ULA, a state of 1e89 returned as a sample).
 
 
 @dataclass

@@ -207,6 +207,7 @@ from ..solvers.base import (
     Solver,
     Transition,
     count_steps,
+    diverged_error,
     make_grid,
     map_state,
     to_sample_dtype,
@@ -1418,7 +1419,9 @@ def run_smc(
             "steps on, give restart_info; edm_sde churns only within [s_tmin, s_tmax]; sa_solver's tau may "
             "vanish there)"
         )
-    x = _initial_particles(who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device)
+    x, size = _initial_particles(
+        who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device
+    )
     if x_T is not None and algorithm.one_start is not None:
         check_one_start(who, x_T, algorithm.one_start)
     # this rank's flat rows of the whole system's batch * n_part (all of them without group)
@@ -1440,7 +1443,7 @@ def run_smc(
         else GeneratorNoise(rows)
     )
     inner = _InnerNoise(noise)
-    model = Model(evaluator, cond, inner, net_dtype=in_dtype)
+    model = Model(evaluator, cond, inner, net_dtype=in_dtype, scale=size)
     model.eager = mine is None  # spread over ranks: checked by every rank together, _Run.gather
     run = _Run(
         who, grid, model, evaluator, reward, batch, n_mine, sample_shape, max_batch, spread, n_part, x.device
@@ -1533,6 +1536,12 @@ def run_smc(
             run.agree()  # the checks no gather carried this step (a step without increments)
         return x, alg_state, solver_state, base, prop
 
+    diverged = partial(
+        diverged_error,
+        who=f"{algorithm.name}'s proposal (solver {slv.name!r})",
+        fix="its drift (a guidance scale, lam, a twist) or the solver's noise (eta, s_noise) may be too "
+        "large for this grid: try less, or more steps",
+    )
     shown = progress and spread.rank == 0  # one bar: rank 0's
     indices = tqdm(range(steps), desc=algorithm.name, leave=False) if shown else range(steps)
     for i in indices:
@@ -1545,6 +1554,8 @@ def run_smc(
             x, base, prop = x.detach(), _detach(base), _detach(prop)
             solver_state, alg_state = _detach(solver_state), _detach(alg_state)
         x_next = prop.draw(noise, grid.t[i], grid.t[i + 1])
+        # the divergence guard, read with the net's flags (every rank records it: their flags are joined)
+        model.note_state(x_next, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)
         prev = (x, base, prop)
         x = x_next
         if i in jumps:  # the next evaluation is across a jump of the field from the history's, as in run_grid
@@ -1645,14 +1656,16 @@ def _initial_particles(
     generator: Generators,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
-) -> Tensor:
+) -> tuple[Tensor, float]:
     """The particles at node 0 as flat rows ``(batch * particles, *sample_shape)``: ``x_T`` checked, or
-    ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal draws of ``shape = (batch, particles, ...)``."""
+    ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal draws of ``shape = (batch, particles, ...)``; and
+    the scale of the divergence guard (:class:`~steerdiff.solvers.base.Model`'s ``scale``): ``x_T``'s largest
+    ``|entry|`` (:func:`~steerdiff.sampling.check_x_T`), or the draws' standard deviation (no host read)."""
     rows, sample_shape = shape[0] * shape[1], shape[2:]
     if x_T is None:
         scale = math.hypot(grid.alpha[0], grid.sigma[0])
         x = randn(shape, generator, dtype, device).reshape(rows, *sample_shape)
-        return x if math.isclose(scale, 1.0, rel_tol=1e-9) else x * scale
+        return (x if math.isclose(scale, 1.0, rel_tol=1e-9) else x * scale), scale
     if not isinstance(x_T, Tensor) or tuple(x_T.shape) != shape:
         got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__
         raise ValueError(
@@ -1660,7 +1673,7 @@ def _initial_particles(
             f"particles={shape[1]}, got {got}"
         )
     x = x_T.reshape(rows, *sample_shape)
-    check_x_T(den, x, who)
+    size = check_x_T(den, x, who)
     where = None if device is None else torch.device(device)
     other_device = where is not None and (
         where.type != x_T.device.type or (None not in (where.index, x_T.device.index) and where != x_T.device)
@@ -1674,7 +1687,7 @@ def _initial_particles(
                 f"{who}: {name}={value} is for the default x_T; x_T is {has}: leave {name} out, or give x_T "
                 f"in the {name} wanted"
             )
-    return x
+    return x, size
 
 
 class Weights:

@@ -209,7 +209,7 @@ def twisted_prior(
     grid = make_grid(den.process, sched, steps, final)
     scale = math.hypot(grid.alpha[0], grid.sigma[0])
     full = (batch, n_part, *sample)
-    flat = _initial_particles(WHO, den, grid, full, x_T, generator, dtype, device)
+    flat, _ = _initial_particles(WHO, den, grid, full, x_T, generator, dtype, device)
     in_dtype = flat.dtype
     per_row = den if n_part == 1 else den.take_rows(_each_row(batch, n_part), batch)
     target = _TwistTarget(

@@ -20,6 +20,7 @@ levels with the same solvers: the exponential integrators and the Adams-Bashfort
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from ..processes import Process
 from ..schedules import Custom, Schedule
 
 __all__ = [
+    "DIVERGED",
     "MAX_STEP_RATIO",
     "Failure",
     "Grid",
@@ -49,13 +51,18 @@ __all__ = [
     "advance",
     "check_long_step",
     "count_steps",
+    "data_scale",
+    "diverged_error",
     "keeps_history",
+    "largest",
     "make_grid",
     "moved_error",
     "nonfinite_error",
+    "state_bound",
     "step_limit",
     "step_order",
     "to_sample_dtype",
+    "within",
     "work_dtype",
 ]
 
@@ -64,7 +71,52 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 class NonFiniteError(FloatingPointError):
-    """The network returned NaN or inf."""
+    """The network returned NaN or inf, or a run's state became NaN/inf or diverged (:func:`state_bound`)."""
+
+
+# The divergence guard (Model.note_state). At process time t a sample is x_t = alpha_t x_0 + sigma_t eps, so
+# each entry is within alpha_t |x_0|_max + sigma_t |eps|_max, and |eps|_max < 7 for up to 1e11 standard
+# normals. A state beyond DIVERGED (alpha_t D + sigma_t) is a run that diverged (a corrector's step_size or
+# snr, an SDE's noise, a guidance scale, a solver unstable on its grid). D, the run's data scale (data_scale),
+# is at least 1 and at least the largest |entry| of the state the run starts from: the noise x_T (about 5
+# sigma_max: 5 under VP and flow, 400 under VE / EDM's sigma_max = 80) or the data x_0 of an inversion. So the
+# bound never binds on data within 1e8 max(1, |x_start|_max): pixels in [-1, 1] or [0, 255], latents scaled by
+# 0.18215 or not, a mean-reverting process's residual x - mu, guidance that overshoots the data a
+# thousandfold. An unstable run grows geometrically and crosses it a few steps after it starts to grow, long
+# before float32 (3e38) or float64 (1e308) overflows (ULA with step_size=10 after DDIM steps on the 8-d
+# mixture of the tests under VE, 20 steps: |x|_max 11 at step 7, then x1.5-x20 a step, 1.3e9 at step 16, past
+# the bound 1.85e10 at step 17; tests/test_diverged.py). A half-precision run keeps its state in float32
+# (work_dtype); a bound beyond the state dtype's largest number is capped there (the test is then isfinite).
+DIVERGED = 1e8
+
+
+def data_scale(size: float) -> float:
+    """The data scale ``D`` of the divergence guard for a run that starts from a state whose largest
+    ``|entry|`` is ``size`` (the one host read of :func:`~steerdiff.sampling.check_x_T`): ``max(1, size)``."""
+    return max(1.0, size) if math.isfinite(size) else 1.0
+
+
+def state_bound(scale: float, alpha: float, sigma: float) -> float:
+    """The largest ``|entry|`` of a sane state at a time of ``alpha(t), sigma(t)`` in a run of data scale
+    ``scale`` (:func:`data_scale`): ``DIVERGED (alpha scale + sigma)`` (:data:`DIVERGED`)."""
+    return DIVERGED * (alpha * scale + sigma)
+
+
+def within(x: Tensor, bound: float | Tensor) -> Tensor:
+    """A 0-d bool tensor on ``x``'s device: every entry of ``x`` is finite and at most ``bound`` in absolute
+    value (a number ``bound`` capped at the largest number of the dtype the norm is taken in: there the test
+    is ``isfinite``; a 0-d tensor one finite, on ``x``'s device). One reduction (``max |x|``, NaN where an
+    entry is; in float32 for half precision), no host read; True for an empty ``x``."""
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    size = largest(x)
+    return size <= (bound if isinstance(bound, Tensor) else min(bound, torch.finfo(size.dtype).max))
+
+
+def largest(x: Tensor) -> Tensor:
+    """``max |x|`` of a non-empty ``x`` as a 0-d tensor on its device, detached (NaN where an entry is NaN;
+    float32 for half precision): one reduction, no host read."""
+    return torch.linalg.vector_norm(x.detach(), math.inf, dtype=torch.float32 if x.dtype in _HALF else None)
 
 
 @dataclass(frozen=True)
@@ -536,6 +588,9 @@ class Model:
     iteration's error (:func:`steerdiff.paradigms`' Picard iteration), not an edit of it (a pipeline's,
     between steps): a step that corrects the state it returned (UniPC's UniC) moves a guess by the
     correction's move. False (edits) by default.
+
+    ``scale``: the largest ``|entry|`` of the state the run starts from (:func:`data_scale` makes the run's
+    data scale of it), which :meth:`note_state` bounds the states with.
     """
 
     def __init__(
@@ -544,11 +599,13 @@ class Model:
         cond: dict[str, Any] | None = None,
         noise: NoiseSource | None = None,
         net_dtype: torch.dtype | None = None,
+        scale: float = 1.0,
     ) -> None:
         self.denoiser = denoiser
         self.cond = cond or {}
         self.noise: NoiseSource = noise if noise is not None else GeneratorNoise()
         self.net_dtype = net_dtype if net_dtype is not None and work_dtype(net_dtype) != net_dtype else None
+        self.scale = data_scale(scale)
         self.nfe = 0
         self.eager = True
         self.guesses = False
@@ -557,6 +614,7 @@ class Model:
         self._where: list[tuple[int, float]] = []
         self._moves: list[Tensor] = []  # note_move's flags, read with the sums
         self._move_where: list[tuple[int, int, float, Callable[[int, float], NonFiniteError]]] = []
+        self._excused: Tensor | None = None  # note_state's excuses so far
 
     def __call__(self, x: Tensor, t: float, step: int) -> Prediction:
         self.last = None
@@ -601,6 +659,29 @@ class Model:
         self._move_where.append((self.calls, step, t, error))
         if self.eager and finite.is_cpu and not bool(finite):
             self.check_finite()
+
+    def note_state(
+        self,
+        x: Tensor,
+        step: int,
+        t: float,
+        alpha: float,
+        sigma: float,
+        error: Callable[..., NonFiniteError],
+        excused: Tensor | None = None,
+    ) -> None:
+        """The divergence guard: record, as :meth:`note_move` does (no host read off the CPU), whether the
+        state ``x`` a loop reached after ``step``, at process time ``t`` (``alpha(t), sigma(t)``), is finite
+        and within :func:`state_bound` of the run's :attr:`scale`; where it is not, :meth:`check_finite`
+        raises ``error(step, t, bound=...)`` (:func:`diverged_error`). ``excused``: a 0-d bool tensor, True
+        where another check reports the cause after the run (a non-finite snr step size,
+        :func:`~steerdiff.mcmc.base.check_step_sizes`): this state and every later one are then not
+        flagged."""
+        bound = state_bound(self.scale, alpha, sigma)
+        if excused is not None:
+            self._excused = excused if self._excused is None else self._excused | excused
+        ok = within(x, bound) if self._excused is None else within(x, bound) | self._excused
+        self.note_move(ok, step, t, functools.partial(error, bound=bound))
 
     @property
     def moves(self) -> int:
@@ -647,12 +728,26 @@ class Failure(NamedTuple):
     at: int
 
 
-def moved_error(step: int, t: float, *, who: str) -> NonFiniteError:
+def moved_error(step: int, t: float, *, who: str, bound: float | None = None) -> NonFiniteError:
     """The error for a state that ``who`` (a corrector) moved to NaN/inf after solver ``step``, at process
-    time ``t``, from a finite state and finite model outputs."""
+    time ``t``, from a finite state and finite model outputs; or, with ``bound``, beyond the divergence
+    guard's :func:`state_bound` (:func:`diverged_error`)."""
+    if bound is not None:
+        return diverged_error(step, t, who=who, bound=bound, fix="try a smaller step_size or snr")
     return NonFiniteError(
         f"{who} made the state NaN/inf at step {step} (process time t={t:.6g}), not the model: its move "
         "from a finite state and score overflowed (try a smaller step_size or snr)"
+    )
+
+
+def diverged_error(step: int, t: float, *, who: str, bound: float, fix: str) -> NonFiniteError:
+    """The error for a state that ``who`` (a solver's step, a corrector's move, a particle method's proposal)
+    took beyond the divergence guard's ``bound`` (:func:`state_bound`) or to NaN/inf at ``step``, process time
+    ``t``, the model's outputs finite until then; ``fix`` names the argument most likely at fault."""
+    return NonFiniteError(
+        f"{who} made the state diverge at step {step} (process time t={t:.6g}): an entry is NaN/inf or "
+        f"beyond {bound:.3g} = {DIVERGED:g} (alpha(t) D + sigma(t)), D the run's data scale, the model's "
+        f"outputs finite until then; {fix}"
     )
 
 
