@@ -651,10 +651,14 @@ def plan(
 
 def _solver_fix(slv: Solver, model: Model) -> str:
     """What a diverged solver step's error suggests: the arguments most likely at fault."""
-    what = ["its noise (eta, s_noise, ...)" if slv.stochastic else "", "its order on long steps"]
+    what = ["its noise (eta, s_noise, ...)"] if slv.stochastic else []
+    if slv.order > 1:
+        what.append(f"its order ({slv.order})")
     if model.denoiser.guided:
         what.append("the guidance scale")
-    return f"{' or '.join(w for w in what if w)} may be too large for this grid: try less, or more steps"
+    if not what:
+        return "the steps are too long for the model's field: try more steps"
+    return f"{' or '.join(what)} may be too large for this grid: try less, or more steps"
 
 
 def run_grid(

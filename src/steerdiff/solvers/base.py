@@ -693,6 +693,18 @@ class Model:
         ``None`` if none was; one device sync."""
         return first_false(torch.stack(self._moves)) if self._moves else None
 
+    def first_failures(self) -> tuple[tuple[int, int, float] | None, int | None]:
+        """:meth:`first_nonfinite` and :meth:`first_bad_move` together, in one device read (the evaluations'
+        and the moves' flags joined): :meth:`check_finite`'s input."""
+        if not self._moves:
+            return self.first_nonfinite(), None
+        if not self._sums:
+            return None, self.first_bad_move()
+        flags = torch.cat([torch.isfinite(torch.stack(self._sums)), torch.stack(self._moves)]).cpu()
+        calls, moves = flags[: len(self._sums)], flags[len(self._sums) :]
+        k, m = first_false(calls), first_false(moves)  # on the host: no more reads
+        return (None if k is None else (self._where[k][0], k, self._where[k][1])), m
+
     def first_error(self, net: tuple[int, int, float] | None, move: int | None) -> Failure | None:
         """What :meth:`check_finite` raises for this model, given its first non-finite evaluation ``net``
         (:meth:`first_nonfinite`'s) and its first non-finite moved state ``move`` (:meth:`first_bad_move`'s):
@@ -712,7 +724,7 @@ class Model:
         a move recorded by :meth:`note_move` made a non-finite state before the first non-finite evaluation
         (which then took it as input), the error is the move's (:meth:`note_move`), not the model's
         (:meth:`first_error`)."""
-        bad = [f for m in (self, *others) if (f := m.first_error(m.first_nonfinite(), m.first_bad_move()))]
+        bad = [f for m in (self, *others) if (f := m.first_error(*m.first_failures()))]
         if bad:  # the earliest: by step, then by time, which falls as sampling goes on (not by index)
             raise min(bad, key=lambda f: f.key).error
 

@@ -1,0 +1,204 @@
+"""The divergence guard (``Model.note_state``, ``steerdiff.solvers.base.DIVERGED``): a run whose state leaves
+``1e8 (alpha(t) D + sigma(t))`` -- D the data scale, ``max(1, max |x_start|)`` -- or the finite numbers while
+the net's outputs stay finite raises ``sd.NonFiniteError`` naming the step, the time, what moved it and the
+argument at fault. Before, every case below returned its huge finite state as a sample, silently."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import steerdiff as sd
+from steerdiff.solvers.base import DIVERGED, Model, data_scale, state_bound
+
+from .reference import assert_nan_named_alike_on_an_accelerator, noise, smooth_mixture
+
+F64 = torch.float64
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def gmm() -> sd.toy.GaussianMixture:
+    return smooth_mixture()
+
+
+def _ve_x_T() -> torch.Tensor:
+    return noise(16, 8) * float(sd.VE().sigma(sd.VE().t_max))
+
+
+def _largest(run: list[torch.Tensor]) -> list[float]:
+    return [float(x.abs().max()) for x in run]
+
+
+def test_bound_is_the_process_scale_times_diverged():
+    """``DIVERGED (alpha D + sigma)``, ``D = max(1, size)``: a start of noise under VE (|x_T| ~ 290) makes it
+    wider than the unit floor, a start inside the unit ball does not lower it."""
+    assert DIVERGED == 1e8
+    assert data_scale(0.3) == 1.0 and data_scale(290.0) == 290.0 and data_scale(float("nan")) == 1.0
+    assert state_bound(290.0, 1.0, 80.0) == pytest.approx(1e8 * 370.0, rel=1e-15)
+    assert state_bound(1.0, 1.0, 0.0) == 1e8
+
+
+def test_a_corrector_that_diverges_is_named_at_the_step_it_crosses_the_bound(gmm, monkeypatch):
+    """ULA with step_size=10 after DDIM steps under VE (20 steps): its moves are stable at high noise and grow
+    the state x1.5-x20 a step from step 8 on (the callback's |x|_max); the run raises at step 17, the first
+    state past the bound ``1e8 (D + sigma_17)``, D = max |x_T|, and on the CPU stops there (17 steps of one
+    predictor and one corrector call). The same error on an accelerator, read after the run. Before: a
+    sample of |x| ~ 1e12 returned."""
+    den = gmm.denoiser(sd.VE())
+    x_T = _ve_x_T()
+    seen: list[torch.Tensor] = []
+    kernel = sd.mcmc.ULA(step_size=10.0)
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.sample(
+            den, x_T, 20, "ddim", corrector=kernel, generator=_gen(), callback=lambda d: seen.append(d["x"])
+        )
+    sizes = _largest(seen)
+    grid = sd.sampling.plan(den, 20, "ddim", sd.sampling.DEFAULT_SCHEDULE, "zero", "test")[1]
+    bound = 1e8 * (float(x_T.abs().max()) * grid.alpha[18] + grid.sigma[18])
+    assert len(seen) == 17 and sizes[7] < 20 and 1e9 < sizes[16] < bound, sizes  # step 17 raised in the moves
+    assert str(err.value).startswith(
+        f"the corrector ULA made the state diverge at step 17 (process time t={grid.t[18]:.6g}): an entry is "
+        f"NaN/inf or beyond {bound:.3g} = 1e+08 (alpha(t) D + sigma(t))"
+    ), str(err.value)
+    assert "try a smaller step_size or snr" in str(err.value)
+    assert_nan_named_alike_on_an_accelerator(
+        lambda: sd.sample(den, x_T, 20, "ddim", corrector=kernel, generator=_gen()), monkeypatch
+    )
+    # a stable step runs the same grid through: |x| of the data's order
+    fine = sd.sample(den, x_T, 20, "ddim", corrector=sd.mcmc.ULA(step_size=0.01), generator=_gen())
+    assert float(fine.abs().max()) < 10
+
+
+def test_an_sde_with_absurd_noise_is_named_at_its_first_churned_step(gmm):
+    """EDM's churn with ``s_noise = 1e12``: the first churned step (sigma/alpha within [S_tmin, S_tmax] = 50
+    on VP) adds noise 1e12 sigma, past the bound at once; the solver and the noise arguments are named."""
+    proc = sd.VP.linear()
+    den = gmm.denoiser(proc)
+    slv = sd.solvers.EDMStochasticHeun(s_noise=1e12)
+    grid = sd.sampling.plan(den, 10, slv, sd.sampling.DEFAULT_SCHEDULE, "zero", "test")[1]
+    first = next(i for i, level in enumerate(slv.init_state(grid)["churn"]) if level is not None)
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.sample(den, noise(8, 8), 10, slv, generator=_gen())
+    msg = str(err.value)
+    assert msg.startswith(f"the solver 'edm_sde' made the state diverge at step {first} "), msg
+    assert f"t={grid.t[first + 1]:.6g}" in msg and "its noise (eta, s_noise, ...)" in msg
+    assert sd.sample(den, noise(8, 8), 10, sd.solvers.EDMStochasticHeun(), generator=_gen()).abs().max() < 10
+
+
+def test_a_guidance_scale_that_diverges_names_the_guidance(gmm):
+    """CFG at scale 1e12 between the mixture and a shifted copy: the first DDIM step moves the state by 1e12
+    times the difference of the two denoised estimates: step 0, the guidance scale named."""
+    proc = sd.VP.linear()
+    cond, uncond = gmm.denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+    guided = sd.guidance.CFG(cond, uncond, 1e12)
+    with pytest.raises(
+        sd.NonFiniteError, match=r"^the solver 'ddim' made the state diverge at step 0 "
+    ) as err:
+        sd.sample(guided, noise(8, 8), 10, "ddim")
+    assert "the guidance scale" in str(err.value)
+    assert sd.sample(sd.guidance.CFG(cond, uncond, 3.0), noise(8, 8), 10, "ddim").abs().max() < 100
+
+
+def test_an_inversion_that_diverges_is_named():
+    """DDIM up the grid with a field that amplifies the state (eps = 1e4 x: |x|_max 3 -> 3.3e3 -> 7.0e6, about
+    x2e3 a step) raises at step 2, the first past ``1e8 (alpha D + sigma)``, D = max |x_0| = 3; the advice is
+    more steps (DDIM has no noise, order or guidance to blame)."""
+    proc = sd.VP.linear()
+    den = sd.Denoiser(lambda x, t: 1e4 * x, proc, "eps")
+    x_0 = 3.0 * torch.ones(2, 4, dtype=F64)
+    seen: list[torch.Tensor] = []
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.invert(den, x_0, 10, "ddim", callback=lambda d: seen.append(d["x"]))
+    step = len(seen)  # the callback runs after the step's check: the step that raised is the next
+    assert str(err.value).startswith(f"the solver 'ddim' made the state diverge at step {step} "), str(
+        err.value
+    )
+    assert step == 2 and _largest(seen)[-1] < 1e8 * (3 + 1)
+    assert str(err.value).endswith("the steps are too long for the model's field: try more steps")
+    tame = sd.Denoiser(lambda x, t: 0.1 * x, proc, "eps")
+    assert bool(torch.isfinite(sd.invert(tame, x_0, 10, "ddim")).all())
+
+
+def test_a_particle_proposal_that_diverges_is_named(gmm):
+    """FK steering over DDPM on a CFG denoiser at scale 1e12: the proposal (the DDPM transition) diverges at
+    step 0; the algorithm, the solver and the drift named. At scale 2 the same run returns its particles."""
+    proc = sd.VP.linear()
+    cond, uncond = gmm.denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+
+    def run(scale: float) -> sd.smc.Particles:
+        return sd.smc.fk_steering(
+            sd.guidance.CFG(cond, uncond, scale), lambda x: -x.pow(2).sum(-1), lam=1.0, shape=(2, 8),
+            particles=4, steps=8, solver="ddpm", dtype=F64, generator=_gen(),
+        )  # fmt: skip
+
+    with pytest.raises(sd.NonFiniteError) as err:
+        run(1e12)
+    msg = str(err.value)
+    assert re.match(r"^fk_steering's proposal \(solver 'ddpm'\) made the state diverge at step 0 ", msg), msg
+    assert "a guidance scale" in msg
+    assert float(run(2.0).x.abs().max()) < 100
+
+
+@pytest.mark.parametrize("kernel", [sd.mcmc.ULA, sd.mcmc.HMC])
+def test_a_standalone_chain_that_diverges_names_its_move(kernel):
+    """ULA on N(0, 0.01 I) with step_size 1 multiplies the state by -99 a move (HMC's leapfrog with step 1 by
+    about -100 a step, its Metropolis test accepts nothing): ULA crosses ``1e8 max(1, |x_0|)`` at move 5 --
+    |x_0|_max = 2.2, 2.2 * 99^4 = 2e8 < 2.2e8, 2.2 * 99^5 > 2.2e8 -- and would run on to NaN. HMC's state
+    never moves: no error. A step of 1e-3 runs through."""
+    x = torch.randn(4, 3, dtype=F64, generator=_gen())
+
+    def log_prob(y: torch.Tensor) -> torch.Tensor:
+        return -(y**2).sum(-1) / (2 * 0.01)
+
+    if kernel is sd.mcmc.ULA:
+        with pytest.raises(
+            sd.NonFiniteError, match=r"^ULA\.run: the chain diverged at its move (\d+) of 200 "
+        ) as err:
+            kernel(step_size=1.0).run(x, log_prob, steps=200, generator=_gen(1))
+        moves = int(re.search(r"its move (\d+)", str(err.value)).group(1))  # type: ignore[union-attr]
+        size = float(x.abs().max())
+        out, _ = kernel(step_size=1.0).run(x, log_prob, steps=moves - 1, generator=_gen(1))
+        assert float(out.abs().max()) <= 1e8 * size  # the move before passes
+        assert "step_size=1 is too large" in str(err.value)
+    else:
+        out, info = kernel(step_size=1.0).run(x, log_prob, steps=20, generator=_gen(1))
+        assert torch.equal(out, x) and info.acceptance_rate == 0.0
+    out, _ = kernel(step_size=1e-3).run(x, log_prob, steps=50, generator=_gen(1))
+    assert float(out.abs().max()) < 5
+
+
+def test_the_guard_reads_nothing_on_the_host_during_a_run():
+    """On ``meta`` (no values: any host read raises) a run of DDPM with a ULA corrector goes through
+    ``run_grid`` with the guard recording every state; the flags are read by ``check_finite`` alone."""
+    proc = sd.VP.linear()
+    A = torch.eye(8, device="meta")
+    den = sd.Denoiser(lambda x, t: x @ A, proc, "eps", shape=(8,))
+    x = torch.randn(4, 8, device="meta")
+    _, grid, slv = sd.sampling.plan(den, 4, "ddpm", "logsnr_uniform", "zero", "test")
+    model = Model(den, {}, sd.noise.make_noise(torch.Generator()), scale=5.0)
+    y, _ = sd.sampling.run_grid(slv, model, grid, x, kernel=sd.mcmc.ULA(step_size=0.1), corrector_steps=2)
+    assert y.device.type == "meta" and model.moves == 4 + 3 * 2  # one per step, one per corrector move
+
+
+def test_legitimate_runs_far_from_unit_scale_pass(gmm):
+    """Data 1e6 times the mixture's scale sampled under VP from unit noise (D = max |x_T| ~ 3): the states
+    are within 1e8 (alpha D + sigma) and the sample is the exact ODE's to the solver's accuracy; VE from its
+    noise (D ~ 290) and a float16 x_T (state in float32) pass too; an inversion of data of size 1e9 (D =
+    1e9) goes up to the noise."""
+    big = sd.toy.GaussianMixture(gmm.means * 1e6, gmm.variances * 1e12, gmm.weights)
+    proc = sd.VP.linear()
+    x = sd.sample(big.denoiser(proc), noise(16, 8), 20)
+    exact = big.reference_ode(noise(16, 8), proc, proc.t_max, proc.t_min, denoise=True)
+    assert sd.metrics.relative_rmse(x, exact) < 1e-2
+    assert sd.sample(gmm.denoiser(sd.VE()), _ve_x_T(), 10, "dpmpp_2m_sde", generator=_gen()).abs().max() < 10
+    half = sd.sample(gmm.denoiser(proc), noise(16, 8).half(), 10)
+    assert half.dtype == torch.float16 and bool(torch.isfinite(half).all())
+    huge = sd.toy.GaussianMixture(gmm.means * 1e9, gmm.variances * 1e18, gmm.weights)
+    x_0 = huge.sample(8, generator=_gen())
+    assert bool(torch.isfinite(sd.invert(huge.denoiser(proc), x_0, 10, "ddim")).all())
