@@ -202,3 +202,30 @@ def test_legitimate_runs_far_from_unit_scale_pass(gmm):
     huge = sd.toy.GaussianMixture(gmm.means * 1e9, gmm.variances * 1e18, gmm.weights)
     x_0 = huge.sample(8, generator=_gen())
     assert bool(torch.isfinite(sd.invert(huge.denoiser(proc), x_0, 10, "ddim")).all())
+
+
+def test_pcg_names_its_corrector_and_repaint_its_step(gmm):
+    """pcg with step_scale=30 (3 Langevin moves a node, 20 steps): its corrector's moves diverge at step 2
+    (before: a sample of |x| ~ 9e25 returned); at step_scale=1 it returns the data's scale. RePaint (DDPM)
+    on a field that amplifies the state (eps = 1e4 x) at step 1 (before: |x| ~ 1e39)."""
+    proc = sd.VP.linear()
+    cond, uncond = gmm.denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+
+    def pcg(step_scale: float) -> torch.Tensor:
+        return sd.guidance.pcg(
+            cond, uncond, noise(8, 8), 20, 2.0, step_scale=step_scale, langevin_steps=3, generator=_gen()
+        )
+
+    with pytest.raises(
+        sd.NonFiniteError, match=r"^pcg's corrector \(ULA\) made the state diverge at step 2 "
+    ):
+        pcg(30.0)
+    assert float(pcg(1.0).abs().max()) < 10
+    A = sd.inverse.Matrix(torch.eye(8, dtype=F64)[:4])
+    wild = sd.Denoiser(lambda x, t: 1e4 * x, proc, "eps")
+    with pytest.raises(sd.NonFiniteError, match=r"^the solver 'ddpm' made the state diverge at step 1 "):
+        sd.guidance.repaint_sample(wild, A, torch.zeros(8, 4, dtype=F64), noise(8, 8), 10, generator=_gen())
+    tame = sd.guidance.repaint_sample(
+        cond, A, torch.zeros(8, 4, dtype=F64), noise(8, 8), 10, generator=_gen()
+    )
+    assert float(tame.abs().max()) < 10

@@ -30,6 +30,7 @@ from .solvers.base import (
     FINALS,
     Grid,
     Model,
+    NonFiniteError,
     Solver,
     advance,
     count_steps,
@@ -49,6 +50,7 @@ __all__ = [
     "check_x_T",
     "crossings",
     "default_solver",
+    "diverged_step",
     "guided_corrector_max_h",
     "guided_max_h",
     "guided_solver",
@@ -649,6 +651,16 @@ def plan(
     return sched, grid, slv
 
 
+def diverged_step(slv: Solver, model: Model, who: str | None = None) -> Callable[..., NonFiniteError]:
+    """The divergence guard's error (:func:`~steerdiff.solvers.base.diverged_error`) for a state that a step
+    of ``slv`` on ``model`` took out of bounds, for :meth:`~steerdiff.solvers.base.Model.note_state`: naming
+    ``who`` (default the solver) and what ``slv`` and ``model``'s denoiser have to blame (its noise, its order
+    above 1, the guidance scale; else the steps' length)."""
+    return functools.partial(
+        diverged_error, who=who or f"the solver {slv.name!r}", fix=_solver_fix(slv, model)
+    )
+
+
 def _solver_fix(slv: Solver, model: Model) -> str:
     """What a diverged solver step's error suggests: the arguments most likely at fault."""
     what = ["its noise (eta, s_noise, ...)"] if slv.stochastic else []
@@ -689,7 +701,7 @@ def run_grid(
     state = slv.init_state(grid)
     jumps = crossings(model.denoiser, grid)
     indices = tqdm(range(grid.steps), desc=type(slv).__name__, leave=False) if progress else range(grid.steps)
-    diverged = functools.partial(diverged_error, who=f"the solver {slv.name!r}", fix=_solver_fix(slv, model))
+    diverged = diverged_step(slv, model)
     for i in indices:
         x = advance(slv.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
         model.note_state(x, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)

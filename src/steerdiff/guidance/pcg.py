@@ -7,6 +7,7 @@ r"""Predictor-corrector guidance: the predictor-corrector reading of classifier-
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
@@ -18,11 +19,11 @@ from ..denoiser import Denoiser, override_kwargs
 from ..mcmc.base import Point, Target, chain, fixed_time
 from ..mcmc.langevin import ULA
 from ..noise import NoiseSource, check_fixed_time, make_noise
-from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_seeded, check_x_T
+from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_seeded, check_x_T, diverged_step
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ..solvers._exp import sde_std
-from ..solvers.base import FINALS, Model, make_grid, to_sample_dtype, work_dtype
+from ..solvers.base import FINALS, Model, make_grid, moved_error, to_sample_dtype, work_dtype
 from ..solvers.ddim import DDIM
 from .cfg import CFG, check_pair
 
@@ -150,7 +151,7 @@ def pcg(
     # CFG's and make_grid's checks of these arguments, named as pcg's (they read "CFG: scale", some only
     # at the first move)
     uncond_kwargs = check_pair("pcg", cond, uncond, uncond_kwargs)
-    check_x_T(cond, x_T, "pcg")
+    size = check_x_T(cond, x_T, "pcg")
     held_by("pcg", "gamma", gamma, work_dtype(x_T.dtype))
     override_kwargs("pcg", "uncond_kwargs", kwargs, uncond_kwargs, x_T.shape[0])
     choice("pcg", "final", final, FINALS)
@@ -160,17 +161,28 @@ def pcg(
     sched = get_schedule(schedule, "pcg")
     grid = make_grid(cond.process, sched, steps, final, who="pcg")
     source = make_noise(generator, "pcg")
-    predictor, corrector = Model(cond, kwargs, source, x_T.dtype), Model(sharpened, kwargs, source, x_T.dtype)
+    predictor = Model(cond, kwargs, source, x_T.dtype, scale=size)
+    corrector = Model(sharpened, kwargs, source, x_T.dtype, scale=size)
     chains = []
+    # the divergence guard (Model.note_state) on the predictor's states and the corrector's moves
+    stepped = diverged_step(DDIM(), predictor, "pcg's predictor (DDIM)")
+    moved = functools.partial(
+        moved_error, who="pcg's corrector (ULA)", fix="try a smaller step_scale or gamma, or more steps"
+    )
     x = x_T.to(work_dtype(x_T.dtype))
     for i in range(grid.steps):
         x = predictor(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
+        t, alpha, sigma = grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1]
+        predictor.note_state(x, i, t, alpha, sigma, stepped)
         if grid.is_final_clean(i):
             break
-        t, sigma = grid.t[i + 1], grid.sigma[i + 1]
         eta = step_scale * 0.5 * sde_std(sigma, grid.h(i), 1.0) ** 2
         target = Target(score=_corrector_score(corrector, t, sigma, i))
-        x, info = chain(ULA(), Point(x), target, langevin_steps, eta, fixed_time(source, t), t)
+
+        def note(y: Tensor, i: int = i, t: float = t, alpha: float = alpha, sigma: float = sigma) -> None:
+            corrector.note_state(y, i, t, alpha, sigma, moved)
+
+        x, info = chain(ULA(), Point(x), target, langevin_steps, eta, fixed_time(source, t), t, note)
         chains.append(info)
     predictor.check_finite(corrector)
     x = to_sample_dtype("pcg", x, x_T.dtype)

@@ -50,7 +50,7 @@ from .._checks import boolean, integer
 from ..denoiser import Denoiser, Prediction, check_denoiser
 from ..inverse.operators import LinearOperator
 from ..noise import Generators, check_generators, make_noise, randn
-from ..sampling import SampleInfo, check_seeded, check_x_T
+from ..sampling import SampleInfo, check_seeded, check_x_T, diverged_step
 from ..schedules import ScheduleLike
 from ..solvers._exp import noising
 from ..solvers.base import Model, advance, make_grid, to_sample_dtype, work_dtype
@@ -214,18 +214,20 @@ def repaint_sample(
     jump = integer("repaint_sample", "jump", jump, lo=1)
     return_info = boolean("repaint_sample", "return_info", return_info)
     check_denoiser("repaint_sample", "den", den)
-    check_x_T(den, x_T, "repaint_sample")
+    size = check_x_T(den, x_T, "repaint_sample")
     guided = RePaint(den, operator, y, generator)
     check_seeded(guided, generator, "repaint_sample")
     sched = _schedules.get(schedule, "repaint_sample")
     grid = make_grid(den.process, sched, steps, who="repaint_sample")
     solver = DDPM()
-    model = Model(guided, cond, make_noise(generator, "repaint_sample"), net_dtype=x_T.dtype)
+    model = Model(guided, cond, make_noise(generator, "repaint_sample"), net_dtype=x_T.dtype, scale=size)
+    diverged = diverged_step(solver, model)
     state = solver.init_state(grid)
     passes = [0] * (grid.steps + 1)
     x, i = x_T.to(work_dtype(x_T.dtype)), 0
     while i < grid.steps:
         x = advance(solver.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
+        model.note_state(x, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)
         i += 1
         if jump <= i < grid.steps and (grid.steps - 1 - i) % jump == 0 and passes[i] < resample - 1:
             passes[i] += 1

@@ -740,12 +740,14 @@ class Failure(NamedTuple):
     at: int
 
 
-def moved_error(step: int, t: float, *, who: str, bound: float | None = None) -> NonFiniteError:
+def moved_error(
+    step: int, t: float, *, who: str, bound: float | None = None, fix: str = "try a smaller step_size or snr"
+) -> NonFiniteError:
     """The error for a state that ``who`` (a corrector) moved to NaN/inf after solver ``step``, at process
     time ``t``, from a finite state and finite model outputs; or, with ``bound``, beyond the divergence
-    guard's :func:`state_bound` (:func:`diverged_error`)."""
+    guard's :func:`state_bound` (:func:`diverged_error`, ``fix`` the advice)."""
     if bound is not None:
-        return diverged_error(step, t, who=who, bound=bound, fix="try a smaller step_size or snr")
+        return diverged_error(step, t, who=who, bound=bound, fix=fix)
     return NonFiniteError(
         f"{who} made the state NaN/inf at step {step} (process time t={t:.6g}), not the model: its move "
         "from a finite state and score overflowed (try a smaller step_size or snr)"
