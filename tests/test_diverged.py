@@ -229,3 +229,19 @@ def test_pcg_names_its_corrector_and_repaint_its_step(gmm):
         cond, A, torch.zeros(8, 4, dtype=F64), noise(8, 8), 10, generator=_gen()
     )
     assert float(tame.abs().max()) < 10
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_paradigms_names_the_step_whose_accepted_node_diverged(gmm, window):
+    """ParaDiGMS' Picard iterations over DDIM with CFG at scale 1e12: the node step 0 reaches is out of bounds
+    when accepted, in the same device read as the tolerance's flags (before: |x| ~ 5e99 returned). At scale
+    3 the run is the sequential sampler's."""
+    proc = sd.VP.linear()
+    cond, uncond = gmm.denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+    with pytest.raises(
+        sd.NonFiniteError, match=r"^paradigms: the solver 'ddim' made the state diverge at step 0 "
+    ):
+        sd.paradigms(sd.guidance.CFG(cond, uncond, 1e12), noise(8, 8), 10, "ddim", window=window)
+    guided = sd.guidance.CFG(cond, uncond, 3.0)
+    x = sd.paradigms(guided, noise(8, 8), 10, "ddim", window=window, tol=1e-9)
+    assert sd.metrics.relative_rmse(x, sd.sample(guided, noise(8, 8), 10, "ddim")) < 1e-6

@@ -77,6 +77,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -91,7 +92,7 @@ from ._ops import host_to, laid_out_as
 from .denoiser import Denoiser, Prediction, check_denoiser, predict_rows
 from .distributed.group import Ranks, ranks, spread_run
 from .noise import NoiseSource, PerSampleNoise, ReplayNoise, check_rows, make_noise
-from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, crossings, plan
+from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T, crossings, diverged_step, plan
 from .schedules import Schedule, ScheduleLike
 from .solvers.base import (
     Grid,
@@ -99,7 +100,9 @@ from .solvers.base import (
     NonFiniteError,
     Solver,
     advance,
+    data_scale,
     map_state,
+    state_bound,
     to_sample_dtype,
     work_dtype,
 )
@@ -615,7 +618,7 @@ def paradigms(
     """
     who = "paradigms"
     check_denoiser(who, "den", den)
-    check_x_T(den, x_T, who)
+    size = check_x_T(den, x_T, who)
     check_sample_only(
         who,
         cond,
@@ -666,13 +669,17 @@ def paradigms(
     staged = slv.picard == "stages"
     replay, stages, draws = _Replay(den, noise), _Stages(den, noise), _CachedNoise(noise)
     times: list[list[float]] = []  # a staged solver's evaluation times in each step, from its first run
-    # the grid's times t_0 .. t_{N-1} of the steps' rows and the tolerances tol^2 v_{j+1} of the nodes they
-    # reach, on the device once per run (a copy per iteration would be a sync), float64
+    # the grid's times t_0 .. t_{N-1} of the steps' rows, the tolerances tol^2 v_{j+1} of the nodes they
+    # reach and the divergence guard's bounds there (state_bound), on the device once per run (a copy per
+    # iteration would be a sync), float64
+    scale = data_scale(size)
+    bounds = [state_bound(scale, grid.alpha[j + 1], grid.sigma[j + 1]) for j in range(steps)]
     table = torch.tensor(
-        [grid.t[:steps], [tol**2 * ancestral_split(grid, j, 1.0)[1] ** 2 for j in range(steps)]],
+        [grid.t[:steps], [tol**2 * ancestral_split(grid, j, 1.0)[1] ** 2 for j in range(steps)], bounds],
         dtype=torch.float64,
     )
-    t_nodes, limits = host_to(table, x_T.device).unbind()
+    t_nodes, limits, far_from = host_to(table, x_T.device).unbind()
+    diverged = diverged_step(slv, replay, f"{who}: the solver {slv.name!r}")
     info = ParadigmsInfo(0, grid, slv, sched)
     show = progress and ranked.rank == 0  # one bar for the group
     bar = tqdm(total=steps, desc=f"ParaDiGMS {slv.name}", leave=False) if show else None
@@ -713,7 +720,14 @@ def paradigms(
         new = torch.cumsum(torch.cat([outs[:1], outs[1:] - buf[1:width]]), 0)
         err = (new - buf[1:]).square().flatten(2).mean(2)  # (width, n)
         limit = limits[start : start + width].to(err.dtype)
-        flags = torch.stack([(err > limit[:, None]).any(1), ~finite]).tolist()  # one device read
+        # the divergence guard on each new node: its largest |entry| past state_bound, or NaN
+        far = ~(torch.linalg.vector_norm(new.flatten(1), math.inf, dim=1) <= far_from[start : start + width])
+        flags = torch.stack([(err > limit[:, None]).any(1), ~finite, far]).tolist()  # one device read
+        stride = flags[0].index(True) + 1 if True in flags[0] else width
+        # a node accepted (converged) out of bounds, before any non-finite evaluation (which then took it)
+        if True in flags[2][:stride] and flags[2].index(True) < (flags[1] + [True]).index(True):
+            i = start + flags[2].index(True)  # the step that reached the node
+            raise diverged(i, grid.t[i + 1], bound=bounds[i])
         if True in flags[1]:
             i = start + flags[1].index(True)
             t = times[i][int(first[i - start])] if staged else grid.t[i]  # a staged step's stage's time
@@ -721,7 +735,6 @@ def paradigms(
                 f"{who}: the model returned NaN/inf at step {i} (process time t={t:.6g}, parallel "
                 f"iteration {info.iterations + 1})"
             )
-        stride = flags[0].index(True) + 1 if True in flags[0] else width
         info.windows.append(width)
         info.strides.append(stride)
         start += stride
