@@ -35,6 +35,7 @@ from .solvers.base import (
     advance,
     count_steps,
     diverged_error,
+    largest,
     make_grid,
     to_sample_dtype,
     work_dtype,
@@ -327,7 +328,7 @@ def check_x_T(den: Denoiser, x_T: Tensor, who: str | None = None, name: str = "x
         )
     if x_T.ndim < 2:
         raise ValueError(f"{p} must be batched, shape (batch, *sample_shape); got {tuple(x_T.shape)}")
-    size = float(torch.linalg.vector_norm(x_T.detach(), math.inf)) if x_T.numel() else 0.0  # NaN where one is
+    size = float(largest(x_T)) if x_T.numel() else 0.0  # NaN where an entry is
     if not math.isfinite(size):
         raise ValueError(f"{p} contains NaN or inf")
     check_sample_shape(p, den, tuple(x_T.shape[1:]))

@@ -382,12 +382,10 @@ class Kernel:
 def _chain_bound(x: Tensor) -> Tensor:
     """The divergence guard's bound on a standalone chain from ``x`` (:meth:`Kernel.run`), with no process to
     scale it: ``DIVERGED max(1, max |x|)`` (:data:`~steerdiff.solvers.base.DIVERGED`), a 0-d tensor on
-    ``x``'s device (float32 for half precision; capped at its dtype's largest number), never read on the
-    host."""
+    ``x``'s device in its dtype (capped at the dtype's largest number), never read on the host."""
     if x.numel() == 0:
-        return torch.ones((), device=x.device)
-    size = largest(x)
-    return (size.clamp_min(1.0) * DIVERGED).clamp_max(torch.finfo(size.dtype).max)
+        return torch.ones((), dtype=x.dtype, device=x.device)
+    return (largest(x).clamp_min(1.0) * DIVERGED).clamp_max(torch.finfo(x.dtype).max)
 
 
 def finite_run(x: Tensor, target: Target) -> Tensor:

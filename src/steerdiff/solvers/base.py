@@ -3,8 +3,10 @@
 A solver moves ``x`` from grid node ``i`` to node ``i + 1`` in :meth:`Solver.step`, calling the
 model as often as its algorithm needs. The model is a :class:`Model`: it counts network calls
 exactly and records non-finite outputs so that :func:`steerdiff.sample` can name the step at
-which a net returned NaN/inf. Node data (``t``, ``alpha``, ``sigma``, ``lam``) lives in a
-:class:`Grid` as CPU floats, so no step syncs with the device.
+which a net returned NaN/inf, and the loops record their states with it (:meth:`Model.note_state`, the
+divergence guard: a state beyond :data:`DIVERGED` times the process's scale is a run that diverged).
+Node data (``t``, ``alpha``, ``sigma``, ``lam``) lives in a :class:`Grid` as CPU floats, so no step
+syncs with the device.
 
 A grid whose last node is *clean* (``sigma = 0``, ``lam = +inf``) ends with a step that returns
 the denoised estimate of the last evaluation: an exponential integrator's higher-order terms
@@ -104,19 +106,32 @@ def state_bound(scale: float, alpha: float, sigma: float) -> float:
 
 def within(x: Tensor, bound: float | Tensor) -> Tensor:
     """A 0-d bool tensor on ``x``'s device: every entry of ``x`` is finite and at most ``bound`` in absolute
-    value (a number ``bound`` capped at the largest number of the dtype the norm is taken in: there the test
-    is ``isfinite``; a 0-d tensor one finite, on ``x``'s device). One reduction (``max |x|``, NaN where an
-    entry is; in float32 for half precision), no host read; True for an empty ``x``."""
+    value (a number ``bound`` capped at the largest number of ``x``'s dtype: there the test is ``isfinite``;
+    a 0-d tensor one finite, on ``x``'s device). :func:`largest` and a compare, no host read; on the CPU,
+    where a read costs nothing, ``x``'s extremes compared on the host (4.4 against 9.3 us at 256x64); True
+    for an empty ``x``."""
     if x.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=x.device)
+    if x.is_cpu and not isinstance(bound, Tensor):
+        low, high = torch.aminmax(x.detach())
+        return _FLAGS[low.item() >= -bound and high.item() <= bound]  # False for NaN; inf > any bound
     size = largest(x)
     return size <= (bound if isinstance(bound, Tensor) else min(bound, torch.finfo(size.dtype).max))
 
 
+_FLAGS = (torch.tensor(False), torch.tensor(True))  # within's results on the CPU: read, never written
+
+
 def largest(x: Tensor) -> Tensor:
-    """``max |x|`` of a non-empty ``x`` as a 0-d tensor on its device, detached (NaN where an entry is NaN;
-    float32 for half precision): one reduction, no host read."""
-    return torch.linalg.vector_norm(x.detach(), math.inf, dtype=torch.float32 if x.dtype in _HALF else None)
+    """``max |x|`` of a non-empty ``x`` as a 0-d tensor on its device, in its dtype, detached (NaN where an
+    entry is NaN), no host read: ``max(max x, -min x)`` from one fused ``aminmax`` on the CPU (8 / 13 us on
+    256x64 / 4x4x64x64 float32, one thread, against 47 / 172 us for ``vector_norm(x, inf)`` and 35 / 160 us
+    for ``isfinite(x).all()``: bench/guard_overhead.py), ``vector_norm(x, inf)`` elsewhere (one kernel)."""
+    x = x.detach()
+    if not x.is_cpu:
+        return torch.linalg.vector_norm(x, math.inf)
+    low, high = torch.aminmax(x)
+    return torch.maximum(high, low.neg())
 
 
 @dataclass(frozen=True)
@@ -700,7 +715,8 @@ class Model:
             return self.first_nonfinite(), None
         if not self._sums:
             return None, self.first_bad_move()
-        flags = torch.cat([torch.isfinite(torch.stack(self._sums)), torch.stack(self._moves)]).cpu()
+        calls = torch.isfinite(torch.stack(self._sums))
+        flags = torch.cat([calls, torch.stack(self._moves).to(calls.device)]).cpu()
         calls, moves = flags[: len(self._sums)], flags[len(self._sums) :]
         k, m = first_false(calls), first_false(moves)  # on the host: no more reads
         return (None if k is None else (self._where[k][0], k, self._where[k][1])), m
