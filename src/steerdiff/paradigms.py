@@ -77,7 +77,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -721,7 +720,10 @@ def paradigms(
         err = (new - buf[1:]).square().flatten(2).mean(2)  # (width, n)
         limit = limits[start : start + width].to(err.dtype)
         # the divergence guard on each new node: its largest |entry| past state_bound, or NaN
-        far = ~(torch.linalg.vector_norm(new.flatten(1), math.inf, dim=1) <= far_from[start : start + width])
+        low, high = torch.aminmax(
+            new.flatten(1), dim=1
+        )  # one reduction (vector_norm(inf) is slow on the CPU)
+        far = ~(torch.maximum(high, low.neg()) <= far_from[start : start + width])
         flags = torch.stack([(err > limit[:, None]).any(1), ~finite, far]).tolist()  # one device read
         stride = flags[0].index(True) + 1 if True in flags[0] else width
         # a node accepted (converged) out of bounds, before any non-finite evaluation (which then took it)
