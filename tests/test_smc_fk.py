@@ -1836,3 +1836,69 @@ def test_dtype_and_device_with_x_t_must_agree_with_it():
             sd.smc.fk_steering(den, lambda z: z.sum(-1), **kw, **bad)
     for fine in ({"dtype": torch.float16}, {"device": "cpu"}, {"device": "cpu:0"}):
         assert sd.smc.fk_steering(den, lambda z: z.sum(-1), **kw, **fine).x.dtype == torch.float16
+
+
+def test_particles_sample_draws_from_the_weights():
+    """``Particles.sample`` is one draw per batch row from ``W``: over 20000 rows of the same weights (a zero
+    weight, a dominant one) the frequency of each particle is ``W_i`` within 4.5 binomial standard errors
+    ``sqrt(W_i (1 - W_i) / rows)``, and a zero weight is never drawn. With one generator per row, row ``b``'s
+    draw is that of ``generator[b]`` alone (the same row run by itself)."""
+    w = torch.tensor([0.31, 0.0, 0.05, 0.12, 0.2, 0.07, 0.1, 0.15], dtype=F64)
+    rows, n = 20_000, w.shape[0]
+    x = torch.arange(n, dtype=F64).expand(rows, n)[..., None]  # particle i's value is i
+    p = sd.smc.Particles(x, w.log().expand(rows, n))
+    drawn = p.sample(generator=gen(0))
+    assert drawn.shape == (rows, 1)
+    freq = torch.bincount(drawn[:, 0].long(), minlength=n).to(F64) / rows
+    se = (w * (1 - w) / rows).sqrt()
+    assert float(freq[1]) == 0.0
+    z = ((freq - w) / se)[w > 0]
+    assert float(z.abs().max()) < 4.5, (freq, w)
+    few = sd.smc.Particles(x[:3], p.log_w[:3])
+    got = few.sample(generator=[gen(5), gen(6), gen(7)])
+    for b, seed in enumerate((5, 6, 7)):
+        alone = sd.smc.Particles(x[b : b + 1], p.log_w[b : b + 1]).sample(generator=gen(seed))
+        assert torch.equal(got[b], alone[0])
+
+
+class _FirstNode(SMCAlgorithm):
+    """Keeps the particles and the grid the hooks see at node 0; no weights."""
+
+    name = "first_node"
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        if ctx.i == 0:
+            self.x, self.grid = ctx.x.clone(), ctx.grid
+        return None
+
+
+@pytest.mark.parametrize("process", [sd.VE(sigma_max=50.0), sd.EDM(), sd.RectifiedFlow(), PROC])
+def test_initial_particles_have_the_processs_prior_scale(process):
+    """The default start is ``x_0 = sqrt(alpha_0^2 + sigma_0^2) z``, ``z ~ N(0, I)`` (as ``sd.sample``'s
+    ``x_T``): 50 for ``VE(sigma_max=50)``, 80 for EDM, not the standard normal a VP starts from (the draw is
+    the generator's ``randn``, exactly)."""
+    alg = _FirstNode()
+    sd.smc.run_smc(GMM.denoiser(process), alg, (2, 2), particles=3, steps=4, generator=gen(2), dtype=F64)
+    scale = math.hypot(alg.grid.alpha[0], alg.grid.sigma[0])
+    assert scale > 40 or process is PROC or isinstance(process, sd.RectifiedFlow), scale
+    z = torch.randn(2, 3, 2, generator=gen(2), dtype=F64)
+    torch.testing.assert_close(alg.x, scale * z, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("potential", sd.smc.POTENTIALS)
+def test_threshold_zero_is_importance_sampling_on_the_base_paths(potential):
+    """``ess_threshold = 0`` never resamples: the weights never move a particle nor draw from the generator,
+    so the particles are the base sampler's (``lam = 0``, the same generator and ``x_T``) bitwise, and the
+    weights are the exact importance weights ``W ∝ exp(lam r(x_S))`` (every potential's product telescopes
+    to it), with ``log Z = log mean_j exp(lam r(x_S^j))``."""
+    lam, batch, n = 0.8, 3, 5
+    x_T = torch.randn(batch, n, 2, generator=gen(1), dtype=F64)
+    kw = dict(particles=n, steps=8, solver=SOLVER, x_T=x_T, interval=2)
+    base = sd.smc.fk_steering(DEN, wavy, lam=0.0, generator=gen(2), **kw)
+    out = sd.smc.fk_steering(
+        DEN, wavy, lam=lam, potential=potential, ess_threshold=0.0, generator=gen(2), **kw
+    )
+    assert torch.equal(out.x, base.x) and not bool(out.trace.resampled.any())
+    r = wavy(out.x.reshape(-1, 2)).reshape(batch, n)
+    torch.testing.assert_close(out.log_w, torch.log_softmax(lam * r, -1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.log_z, torch.logsumexp(lam * r, -1) - math.log(n), rtol=0, atol=1e-12)

@@ -236,3 +236,48 @@ def test_systematic_exact_expected_counts(monkeypatch):
     assert float((o.mean(0) - N * W).abs().max()) < 8 / k
     nw = N * W
     assert bool(((o >= nw.floor()) & (o <= nw.ceil())).all())
+
+
+@pytest.mark.parametrize("name", sorted(rs.RESAMPLERS))
+def test_smallest_uniform_never_selects_a_leading_zero_weight(name, monkeypatch):
+    """``torch.rand`` may return 0.0 (systematic's first point is then ``u_1 = 0``): ``a = min{i : W_1 + ... +
+    W_i > u}`` is the first particle of positive weight, never a zero weight before it (which a search for
+    ``>=`` would give: ``W_1 = 0 >= 0``)."""
+    monkeypatch.setattr(
+        rs,
+        "_uniform",
+        lambda log_w, g, cols=None: torch.zeros(log_w.shape[0], cols or log_w.shape[1], dtype=F64),
+    )
+    log_w = torch.tensor([[-math.inf, 0.0, 0.0], [-math.inf, -math.inf, 0.0], [0.0, 1.0, 2.0]], dtype=F64)
+    idx = rs.RESAMPLERS[name](log_w, None)
+    assert int(idx[0].min()) == 1 and torch.equal(idx[1], torch.full((3,), 2)), idx
+    assert int(idx[2].min()) == 0  # a positive first weight is still reached
+
+
+@pytest.mark.parametrize("name", sorted(rs.RESAMPLERS))
+def test_any_normalization_of_the_log_weights(name):
+    """The contract takes log-weights of any normalization: shifted by a constant far past ``exp``'s range
+    (``exp(800) = inf``, ``exp(-800) = 0`` in float64; ``exp(96)`` overflows float32), the same generator
+    gives the same ancestors (the values are multiples of 1/16, exact in float32 and after the shifts)."""
+    k = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(3))
+    log_w = k.to(F64) / 16 - 2
+    want = rs.RESAMPLERS[name](log_w, torch.Generator().manual_seed(9))
+    for shifted in (log_w + 800, log_w - 800, (log_w + 96).float()):
+        got = rs.RESAMPLERS[name](shifted, torch.Generator().manual_seed(9))
+        assert torch.equal(got, want), (name, shifted.dtype)
+
+
+def test_residual_near_integer_counts_and_its_exact_remainder():
+    """``N W_1`` within ``FLOOR_TOL`` below an integer (``2 - 4e-11``) keeps that integer's copies, and its
+    residual weight, ``-4e-11`` by round-off, is zero, not a negative weight whose log is NaN (which spoils
+    the whole row's draw of the remainder): with ``N W = (2 - 4e-11, 1.2, 0.8, 0)`` the one particle left
+    goes to particle 1 w.p. 0.2 and to particle 2 w.p. 0.8, exactly (the fractional parts), so the offspring
+    counts are ``(2, 2, 0, 0)`` or ``(2, 1, 1, 0)``, the first with frequency 0.2 within 4.5 standard
+    errors."""
+    w = torch.tensor([0.5 - 1e-11, 0.3, 0.2 + 1e-11, 0.0], dtype=F64)
+    o = rs.offspring(rs.residual(w.log().expand(REPS, 4).contiguous(), torch.Generator().manual_seed(0)))
+    a, b = torch.tensor([2, 2, 0, 0]), torch.tensor([2, 1, 1, 0])
+    first, second = (o == a).all(-1), (o == b).all(-1)
+    assert bool((first | second).all()), o[~(first | second)][:4]
+    p, se = 0.2, math.sqrt(0.2 * 0.8 / REPS)
+    assert abs(float(first.double().mean()) - p) < 4.5 * se
