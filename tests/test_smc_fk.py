@@ -1902,3 +1902,113 @@ def test_threshold_zero_is_importance_sampling_on_the_base_paths(potential):
     r = wavy(out.x.reshape(-1, 2)).reshape(batch, n)
     torch.testing.assert_close(out.log_w, torch.log_softmax(lam * r, -1), rtol=0, atol=1e-12)
     torch.testing.assert_close(out.log_z, torch.logsumexp(lam * r, -1) - math.log(n), rtol=0, atol=1e-12)
+
+
+class _ReadsAfterSelection(SMCAlgorithm):
+    """A forced selection (``flip``: particle ``j`` takes ancestor ``N - 1 - j``) at node ``at``; records
+    what ``log_weight`` sees there before it and what ``propose`` sees after it."""
+
+    name = "reads_after_selection"
+
+    def __init__(self, at: int) -> None:
+        self.at, self.seen = at, {}
+
+    def _read(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {
+            "x": ctx.x.clone(), "x0": ctx.x0.clone(), "x_prev": ctx.x_prev.clone(),
+            "base_prev": ctx.base_prev.mean.clone(), "proposal_prev": ctx.proposal_prev.mean.clone(),
+        }  # fmt: skip
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        if ctx.i == self.at:
+            self.seen["before"] = self._read(ctx)
+        return None
+
+    def resample(self, ctx: StepContext, log_w: torch.Tensor, generator: Generators) -> torch.Tensor | None:
+        return torch.arange(log_w.shape[1]).flip(0).expand(log_w.shape) if ctx.i == self.at else None
+
+    def propose(self, ctx: StepContext, base: Transition) -> Transition:
+        if ctx.i == self.at:
+            self.seen["after"], self.t = self._read(ctx), ctx.t
+        return base
+
+
+def test_propose_sees_the_selected_particles_prediction_and_parents():
+    """After a selection, ``propose``'s context is the ancestors': ``x``, ``x0`` and the parents' ``x_prev``,
+    ``base_prev``, ``proposal_prev`` are those ``log_weight`` saw at the ancestor indices, and ``x0`` is the
+    oracle's exact ``E[x_0 | x_i]`` at the selected particles."""
+    alg = _ReadsAfterSelection(at=3)
+    sd.smc.run_smc(DEN, alg, (2, 2), particles=4, steps=6, solver="ddpm", generator=gen(0), dtype=F64)
+    before, after = alg.seen["before"], alg.seen["after"]
+    for name, value in before.items():
+        assert torch.equal(after[name], value.flip(1)), name
+    exact = DEN(after["x"].reshape(-1, 2), alg.t).x0.reshape(after["x"].shape)
+    torch.testing.assert_close(after["x0"], exact, rtol=0, atol=1e-12)
+
+
+def learned_variance_den() -> sd.Denoiser:
+    """``DEN`` on ``(1, 2)`` samples with a learned variance (Improved DDPM's ``r = tanh(x)``, per entry):
+    DDPM's transitions then have a per-entry std tensor."""
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = DEN.net(x.reshape(-1, 2), t).reshape(x.shape)
+        return torch.cat([x0, torch.tanh(x)], dim=1)
+
+    return sd.Denoiser(net, PROC, prediction="x0", shape=(1, 2), learned_variance=True)
+
+
+class ShiftedPerEntry(ShiftedProposal):
+    """:class:`ShiftedProposal` for a std that may be a tensor (a point mass is a float 0)."""
+
+    def log_weight(self, ctx: StepContext) -> torch.Tensor | None:
+        base, prop = ctx.base_prev, ctx.proposal_prev
+        if not self.correct or base is None or not isinstance(base.std, torch.Tensor):
+            return None
+        return transition_log_prob(ctx.x, base) - transition_log_prob(ctx.x, prop)
+
+    def propose(self, ctx: StepContext, base: Transition) -> Transition:
+        if not isinstance(base.std, torch.Tensor):
+            return base
+        assert base.std.shape == base.mean.shape  # (batch, particles, 1, 2), as the particles
+        return Transition(base.mean + self.delta * base.std, base.std)
+
+
+def test_twisted_proposal_with_a_per_entry_std_is_exact():
+    """With a learned variance the base transition's std is a tensor of the particles' shape, and the hooks
+    see it so: the shifted proposal, corrected by the exact log-density ratio, targets the base sampler
+    (weighted mean against 4 x 2048 base samples within 4 standard errors of the difference; ``Z_hat`` of
+    the base law, 1, within 4 standard errors over the rows), where uncorrected it is far off.
+
+    Measured (seed 0): the difference is 0.6 and -1.6 standard errors (0.035, 0.019), uncorrected 31 and -23;
+    mean ``log Z_hat`` -0.019."""
+    den, delta = learned_variance_den(), torch.tensor([0.2, -0.15], dtype=F64)
+    kw = dict(particles=512, steps=STEPS, solver="ddpm", dtype=F64)
+    base = sd.smc.run_smc(den, SMCAlgorithm(), (4, 1, 2), generator=gen(1), **{**kw, "particles": 2048})
+    ref = base.x.reshape(-1, 2)
+    rows = 16
+    out = sd.smc.run_smc(den, ShiftedPerEntry(delta), (rows, 1, 2), ess_threshold=0.5, generator=gen(0), **kw)
+    assert bool(out.trace.resampled.any())
+    est = out.mean().reshape(rows, 2)
+    se = (est.var(0) / rows + ref.var(0) / len(ref)).sqrt()
+    assert bool(((est.mean(0) - ref.mean(0)).abs() < 4 * se).all()), (est.mean(0), ref.mean(0), se)
+    z = out.log_z.exp()  # unbiased for Z = 1 (log Z_hat is not: Jensen)
+    assert abs(float(z.mean()) - 1) < 4 * float(z.std()) / math.sqrt(rows), z
+    wrong = sd.smc.run_smc(
+        den, ShiftedPerEntry(delta, correct=False), (rows, 1, 2), generator=gen(0), **kw
+    ).mean()
+    assert float(((wrong.reshape(rows, 2).mean(0) - ref.mean(0)) / se).abs().max()) > 10
+
+
+def test_a_float32_reward_is_weighted_in_float64():
+    """The reward's values are taken as float64 before any arithmetic: with float32 particles and a float32
+    reward, ``out.reward`` is float64 and the final log-weights are ``log_softmax(lam r)`` with ``lam r``
+    formed in float64 (to 1e-12; in float32 it is 4e-8 off at ``lam = 0.7``)."""
+    lam = 0.7
+    out = sd.smc.fk_steering(
+        DEN, wavy, lam=lam, potential="immediate", shape=(3, 2), particles=6, steps=6, ess_threshold=0.0,
+        generator=gen(0),
+    )  # fmt: skip
+    assert out.x.dtype == torch.float32 and out.reward.dtype == F64
+    r = wavy(out.x.reshape(-1, 2)).reshape(3, 6)
+    assert r.dtype == torch.float32 and torch.equal(out.reward, r.to(F64))
+    torch.testing.assert_close(out.log_w, torch.log_softmax(lam * r.to(F64), -1), rtol=0, atol=1e-12)

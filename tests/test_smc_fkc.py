@@ -683,3 +683,22 @@ def test_fkc_cfg_of_one_denoiser_as_both_branches_warns(caplog):
         sd.smc.fkc_cfg(den, other, 2.0, **{**opts, "generator": gen(0)})
         sd.smc.fkc_cfg(den, den, 1.0, **{**opts, "generator": gen(0)})
         assert not [r for r in caplog.records if r.name == name]
+
+
+@pytest.mark.parametrize("beta", [2.0, 0.5])
+def test_anneal_weights_count_every_entry_of_a_multi_dimensional_sample(beta):
+    """The divergence term ``D (B - 1) log(alpha_i / alpha_{i+1})`` counts the ``D`` values of a sample, all
+    its entries: a mixture seen as ``(2, 1)`` or ``(1, 2)`` samples (the oracle lives on the flattened
+    sample) is annealed exactly as the same mixture on ``(2,)`` samples, particles, weights and ``log Z``
+    (same generator), where ``D`` read off the last dimension alone (1 for ``(2, 1)``) would change them."""
+    gmm = mixture([[-1.0, 0.5], [1.5, -0.5]], [[0.3, 0.5], [0.4, 0.2]])
+    kw = dict(particles=8, steps=10, ess_threshold=0.0, dtype=F64)
+    flat = sd.smc.fkc_anneal(gmm.denoiser(PROC), beta, shape=(3, 2), generator=gen(1), **kw)
+    assert float(flat.ess().max()) < 7.9  # the weights are not uniform: D matters
+    for shape in ((2, 1), (1, 2)):
+        out = sd.smc.fkc_anneal(
+            gmm.denoiser(PROC, shape=shape), beta, shape=(3, *shape), generator=gen(1), **kw
+        )
+        torch.testing.assert_close(out.x.reshape(flat.x.shape), flat.x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out.log_w, flat.log_w, rtol=0, atol=1e-10)
+        torch.testing.assert_close(out.log_z, flat.log_z, rtol=0, atol=1e-10)
