@@ -394,6 +394,35 @@ def test_cads_in_cfg(sd_process):
             assert not torch.equal(e, emb) and torch.allclose(_std(e), _std(emb))
 
 
+def test_cads_normalizes_the_time_over_the_process_range():
+    """CADS's ``u`` is ``(t - t_min) / (t_max - t_min)``: on a process whose range starts far from 0
+    (VP.linear on ``[0.5, 1]``) ``t = 0.875`` is ``u = 0.75``, ``gamma = 0.5``, and the conditional net sees
+    ``sqrt(0.5) y + s sqrt(0.5) n`` (``psi = 0``), also per sample (``t = 0.98``: ``u = 0.96``,
+    ``gamma = 0``). Dividing by ``t_max`` alone (``u = 0.375``, ``gamma = 1``) passed every other test,
+    whose processes start at 0."""
+    proc = sd.VP.linear(t_min=0.5)
+    seen: list[torch.Tensor] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        seen.append(emb)
+        return torch.zeros_like(x) + emb[:, :2]
+
+    den = sd.Denoiser(net, proc, prediction="x0")
+    emb = torch.randn(3, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    null = {"emb": torch.zeros_like(emb)}
+    for t, gamma in ((0.875, torch.full((3, 1), 0.5, dtype=F64)),
+                     (torch.tensor([0.875, 0.98, 0.6], dtype=F64),
+                      torch.tensor([[0.5], [0.0], [1.0]], dtype=F64))):  # fmt: skip
+        cads = CADS("emb", 0.25, psi=0.0, generator=torch.Generator().manual_seed(9))
+        seen.clear()
+        CFG(den, den, 3.0, uncond_kwargs=null, cads=cads)(x, t, emb=emb)
+        n = torch.randn(emb.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
+        want = gamma.sqrt() * emb + 0.25 * (1 - gamma).sqrt() * n
+        torch.testing.assert_close(seen[0], want, rtol=1e-14, atol=1e-14)
+        assert torch.equal(seen[1], null["emb"])  # the unconditional call is not annealed
+
+
 def _gens(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
