@@ -447,6 +447,21 @@ def test_blur_pinv_cutoff_follows_the_dtype(dtype: torch.dtype) -> None:
             op.aat_solve(y.to(dtype), 0.0)
 
 
+@pytest.mark.parametrize("name", ["matrix_wide", "matrix_lowrank_shaped", "blur_circ_odd", "blur_box_circ"])
+@pytest.mark.parametrize("c", [1e-20, 1e20])
+def test_pinv_cutoff_is_relative_to_the_largest_singular_value(name: str, c: float) -> None:
+    """``(c A)^+ = A^+ / c``: the cutoff is ``r s_max``, so scaling ``A`` scales what it keeps. An absolute
+    cutoff ``r`` passed every other test (their operators have ``s_max`` near 1); with it, ``1e-20 A`` has a
+    zero pseudo-inverse and ``1e20 A`` of low rank inverts its round-off (1e4 instead of 0)."""
+    op = OPERATORS[name]
+    scaled = (
+        Matrix(c * op.A, shape_in=op.shape_in) if isinstance(op, Matrix) else Blur(c * op.kernel, op.shape_in)
+    )
+    y = torch.randn(3, *op.shape_out, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    want = op.pinv(y) / c
+    torch.testing.assert_close(scaled.pinv(y), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
 def test_rcond_is_checked() -> None:
     for bad in (-1e-3, 1.0, float("nan"), "small"):
         with pytest.raises(ValueError) as e:
