@@ -170,6 +170,32 @@ def test_dps_keeps_float32_accuracy_near_zero_snr() -> None:
     assert float((out - ref).abs().max() / ref.abs().max()) < 1.5e-6
 
 
+@pytest.mark.parametrize("method", [DPS, PiGDM])
+def test_inverse_guidance_keeps_an_eps_nets_eps_near_the_clean_end(method) -> None:
+    """An eps net's eps is steered where it is held, although the guidance reads ``x0`` (which derives it)
+    for the residual: float32 against float64 at t = 0, 5 and 50 of DDPM betas, as
+    ClassifierGuidance / RewardGuidance do. Measured <= 2.4e-7 relative, as the unguided net (2.2e-7);
+    when the derived x0 was steered and eps derived back through x: DPS 2.9e-4, 9.7e-5, 1.2e-5; PiGDM
+    5.2e-6 at t = 0."""
+    proc = sd.VP.discrete(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, generator=g, dtype=F64) / 4
+    A, y = torch.randn(4, 16, generator=g, dtype=F64) / 4, torch.randn(4, generator=g, dtype=F64)
+    x = 3 * torch.randn(256, 16, generator=g, dtype=F64)
+
+    def net(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a smooth eps, in float64
+        return (0.5 * torch.tanh(v.double() @ w) + 1e-5 * t.double()[:, None]).to(v.dtype)
+
+    den = sd.Denoiser(net, proc, "eps")
+    kwargs = {"scale": 2.0} if method is DPS else {}
+    guided = method(den, Matrix(A, noise_std=0.05), y, **kwargs)
+    for t in (0.0, 5.0, 50.0):
+        ref, out = (guided(x.to(dtype), t) for dtype in (F64, torch.float32))
+        for get in (lambda p: p.eps, lambda p: p.x0):
+            want, got = get(ref), get(out).double()
+            assert float((got - want).abs().max() / want.abs().max()) < 5e-7, t
+
+
 def test_mcg_projects_the_dps_estimate() -> None:
     gmm = _diag_mixture()
     g = torch.Generator().manual_seed(4)

@@ -172,7 +172,9 @@ class MeasurementGuided(Guided):
         /,
         **cond: Any,
     ) -> tuple[Prediction, Tensor]:
-        """``(pred, g)``: the base prediction at ``x`` (detached, holding ``x0``; its net in
+        """``(pred, g)``: the base prediction at ``x`` (detached, holding the estimate the net gives --
+        ``x0`` for an ``x0``/``v`` net, ``eps`` for an ``eps`` net, read before the residual derives ``x0``
+        -- so that :func:`~steerdiff.guidance.add_score` steers it without a trip through ``x``; its net in
         ``net_dtype``, default ``x``'s) and ``g = J^T A^T w``, with ``J = d x0_hat / d x_t`` and
         ``w = weight(r, pred)`` (held fixed) for ``r = y - A x0_hat``, in ``x``'s dtype. Where ``x`` is
         itself differentiated (:func:`~steerdiff.guidance.grad_on`'s ``nested``: this guidance inside
@@ -181,7 +183,8 @@ class MeasurementGuided(Guided):
         who = type(self).__name__
         with grad_on(who, x) as nested:
             xr, pred = denoise_with_grad(who, self.base, x, t, net_dtype, **cond)
+            x0_held = pred.x0_given  # before the residual reads x0 (which derives it for an eps net)
             ax0 = self.operator.forward(pred.x0)
             w = weight(y - ax0, pred)
             (g,) = torch.autograd.grad(ax0, xr, w if nested else w.detach(), create_graph=nested)
-        return hold(pred, True, nested), g
+        return hold(pred, x0_held, nested), g

@@ -228,8 +228,8 @@ def hold(pred: Prediction, x0_held: bool, nested: bool = False) -> Prediction:
 def add_score(pred: Prediction, grad: Tensor) -> Prediction:
     """The prediction whose score is ``pred``'s plus ``grad``: ``x0' = x0 + (sigma^2 / alpha) grad``
     where ``pred`` holds ``x0`` (:attr:`~steerdiff.denoiser.Prediction.x0_given`: an ``x0``/``v`` net's
-    estimate, or one derived already, as :class:`~steerdiff.guidance.DPS` and
-    :class:`~steerdiff.guidance.PiGDM` do), else ``eps' = eps - sigma grad``; the other estimate is
+    estimate, or one a wrapper derived, as :class:`~steerdiff.guidance.MCG`'s projection), else
+    ``eps' = eps - sigma grad``; the other estimate is
     derived from it on access. Steering ``eps`` of a held ``x0`` would take it through ``x`` twice
     (``x0 -> eps -> x0``), which cancels where ``alpha`` is tiny (zero terminal SNR)."""
     a, s = pred.alpha, pred.sigma
