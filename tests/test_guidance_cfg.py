@@ -165,6 +165,21 @@ def test_rescale_matches_the_conditional_std(den, space):
         assert torch.allclose(get(mixed(x, t, y=1)), get(pg) * (0.7 * ratio + 0.3), rtol=1e-12, atol=1e-13)
 
 
+def test_scale_zero_with_rescale_is_the_unconditional_prediction_rescaled(den):
+    """``w = 0`` with CFG-rescale is the unconditional prediction at the conditional one's std (Lin et al.
+    Eq. 15-16 at ``w = 0``): both branches, cost 2 before and after a call. Returning the unconditional
+    prediction as it is, and a cost of 1 before the first call, passed every other test."""
+    x = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    guided = CFG(den, den, 0.0, uncond_kwargs={"y": NULL}, rescale=0.7)
+    assert guided.cost == 2
+    for t in (900.0, 400.0, 50.0):
+        pc, pu = den(x, t, y=1), den(x, t, y=NULL)
+        ratio = (_std(pc.x0) / _std(pu.x0))[:, None]
+        assert float((ratio - 1).abs().max()) > 0.1  # the rescale moves the samples the classes disagree on
+        torch.testing.assert_close(guided(x, t, y=1).x0, pu.x0 * (0.7 * ratio + 0.3), rtol=1e-12, atol=1e-13)
+        assert guided.cost == 2
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_rescale_matches_diffusers_on_the_raw_output(sd_process, prediction):
     """diffusers' ``guidance_rescale`` (``rescale_noise_cfg``, applied to the net's raw eps or v output) is
