@@ -213,6 +213,23 @@ def test_mcg_projects_the_dps_estimate() -> None:
     torch.testing.assert_close(out @ A.T, y.expand(64, 2), rtol=0, atol=1e-10)
 
 
+def test_mcg_at_scale_zero_is_the_projection_without_a_backward_pass() -> None:
+    """``scale = 0`` leaves the projection alone and takes no gradient (the module docstring): under
+    ``torch.inference_mode()`` and over a net whose output is detached it is ``x0 + A^+ (y - A x0)`` of the
+    base's ``x0``. Taking the zero-scaled DPS gradient anyway passed every other test (and refuses both)."""
+    gmm = _diag_mixture()
+    g = torch.Generator().manual_seed(4)
+    A, y = torch.randn(2, 4, generator=g, dtype=F64), torch.randn(2, generator=g, dtype=F64)
+    x = torch.randn(5, 4, generator=g, dtype=F64)
+    net = gmm.denoiser(PROC).net
+    den = sd.Denoiser(lambda v, t: net(v, t).detach(), PROC, "x0", shape=(4,))
+    x0 = den(x, 250.0).x0
+    want = x0 + (A.T @ torch.linalg.solve(A @ A.T, (y - x0 @ A.T).T)).T
+    with torch.inference_mode():
+        got = MCG(den, Matrix(A), y, scale=0.0)(x, 250.0).x0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", [DPS, PiGDM, MCG])
 def test_inverse_guidance_over_exact_classifier_guidance_is_over_the_class(method) -> None:
     """Classifier guidance with the exact noisy classifier of class 1 is class 1's exact denoiser (its
