@@ -196,8 +196,10 @@ def test_hmc_corrector_takes_the_langevin_step_as_sqrt_2_eps_and_a_given_step_as
         for cm, ch in zip(im.corrector, ih.corrector, strict=True):
             assert float(ch.step_size) == pytest.approx(math.sqrt(2 * float(cm.step_size)), rel=1e-12)
             assert torch.equal(cm.acceptance, ch.acceptance)
-        # the moves were tested, some rejected: measured 0.963-0.995 (snr), 0.990-0.998 (given)
-        assert all(0.5 < c.acceptance_rate < 1 for c in im.corrector), name
+        # the moves were tested, some rejected: measured 0.963-0.995 (snr), 0.990-0.998 (given); at 0.99 a
+        # node's 400 moves are all accepted once in ~55 draws, so "some rejected" is asked of the run
+        rates = [c.acceptance_rate for c in im.corrector]
+        assert all(0.5 < r <= 1 for r in rates) and min(rates) < 1, name
         plain = sd.sample(den, x_T[:200], steps=5, solver="ddim", schedule="time_uniform")
         assert float((xm - plain).abs().max()) > 0.1, name  # the corrector moved the samples
 
@@ -852,8 +854,8 @@ def test_ula_stationary_law_on_a_gaussian_is_its_known_bias():
     """ULA ``x' = x + h grad log p(x) + sqrt(2h) z`` on ``N(m, S)`` is the linear recursion
     ``x' - m = (I - h P)(x - m) + sqrt(2h) z`` (``P = S^{-1}``), whose stationary covariance ``C`` solves
     ``C = (I - h P) C (I - h P) + 2h I``: per eigenvalue ``l`` of ``S``, ``c = 2h / (1 - (1 - h/l)^2) =
-    l / (1 - h / (2l))``, i.e. ``C = S (I - (h/2) P)^{-1}`` (stable for ``h < 2 l_min``; Roberts & Tweedie
-    1996, Bernoulli 2(4), Sec. 1.4.1 for the 1-d case). 300 moves from exact draws of ``N(m, S)``
+    l / (1 - h / (2l))``, i.e. ``C = S (I - (h/2) P)^{-1}`` (stable for ``h < 2 l_min``; derived here, ULA
+    as in Roberts & Tweedie 1996, Bernoulli 2(4)). 300 moves from exact draws of ``N(m, S)``
     (contraction ``max |1 - h/l| = 0.94`` a move): the chain's covariance is ``C`` within its standard
     errors (measured max |z| 2.5), and far from ``S`` (measured 15.9)."""
     n, h = 20_000, 0.1
@@ -909,11 +911,13 @@ def test_mala_per_sample_acceptance_is_the_closed_form_probability():
 
 def test_hmc_log_ratio_on_a_gaussian_is_the_shadow_hamiltonians_remainder(monkeypatch):
     """On ``N(m, S)`` leapfrog of step ``h`` conserves the shadow Hamiltonian ``H~(x, m) = |m|^2 / 2 +
-    r^T (P - (h^2/4) P^2) r / 2`` (``r = x - m``, ``P = S^{-1}``) exactly, for any number of steps
-    (Leimkuhler & Reich 2004, "Simulating Hamiltonian Dynamics", Sec. 5.1, the harmonic oscillator per
-    eigen-direction). With ``H = H~ + (h^2/8) |grad log p(x)|^2`` the Metropolis log-ratio ``H(x, m) -
-    H(x', m')`` is ``(h^2/8)(|grad(x)|^2 - |grad(x')|^2)``: a function of the two positions alone, with no
-    momentum read from the kernel. Measured max difference 4e-15 (log-ratios up to 1.6)."""
+    r^T (P - (h^2/4) P^2) r / 2`` (``r = x - m``, ``P = S^{-1}``) exactly, for any number of steps: per
+    eigen-direction ``w^2`` of ``P`` it is ``p^2/2 + w^2 x^2 (1 - h^2 w^2 / 4) / 2``, the modified energy of
+    Stormer-Verlet for the harmonic oscillator (Leimkuhler & Reich 2004, "Simulating Hamiltonian Dynamics"),
+    which one kick-drift-kick step maps to itself. With ``H = H~ + (h^2/8) |grad log p(x)|^2`` the
+    Metropolis log-ratio ``H(x, m) - H(x', m')`` is ``(h^2/8)(|grad(x)|^2 - |grad(x')|^2)``: a function of
+    the two positions alone, no momentum read from the kernel. Measured max difference 2.4e-15 (log-ratios
+    up to 1.15)."""
     seen = _spy(sd.mcmc.hmc, monkeypatch, accept=True)
     h = 0.45
     x = _M + torch.randn(32, 3, generator=_gen(10), dtype=F64) @ _L.T
