@@ -758,7 +758,13 @@ def test_a_run_that_turns_nan_exits_with_the_step(tmp_path):
     argv = ["sample", "--model", "digits", "--guidance", "cfg", "--label", "1", "--scale", "1e30", "--n", "2"]
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--out", str(tmp_path / "x.pt"), "--no-progress"])
-    assert str(exc.value.code).startswith("steerdiff sample: the model returned NaN/inf at step 1")
+    # the divergence guard names the guided step that took the state out of bounds (before it: the model's
+    # NaN on that state, at step 1)
+    message = str(exc.value.code)
+    assert message.startswith("steerdiff sample: the solver 'dpmpp_2m' made the state diverge at step 0"), (
+        message
+    )
+    assert "the guidance scale" in message
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -1554,8 +1554,9 @@ def run_smc(
             x, base, prop = x.detach(), _detach(base), _detach(prop)
             solver_state, alg_state = _detach(solver_state), _detach(alg_state)
         x_next = prop.draw(noise, grid.t[i], grid.t[i + 1])
-        # the divergence guard, read with the net's flags (every rank records it: their flags are joined)
-        model.note_state(x_next, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)
+        # the divergence guard, read with the net's flags (every rank records it: their flags are joined),
+        # deferred to the run's checks: an algorithm's refusal of a step, read after the run, names the cause
+        model.note_state(x_next, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged, defer=True)
         prev = (x, base, prop)
         x = x_next
         if i in jumps:  # the next evaluation is across a jump of the field from the history's, as in run_grid

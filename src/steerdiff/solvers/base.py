@@ -684,6 +684,7 @@ class Model:
         sigma: float,
         error: Callable[..., NonFiniteError],
         excused: Tensor | None = None,
+        defer: bool = False,
     ) -> None:
         """The divergence guard: record, as :meth:`note_move` does (no host read off the CPU), whether the
         state ``x`` a loop reached after ``step``, at process time ``t`` (``alpha(t), sigma(t)``), is finite
@@ -691,13 +692,15 @@ class Model:
         raises ``error(step, t, bound=...)`` (:func:`diverged_error`). ``excused``: a 0-d bool tensor, True
         where another check reports the cause after the run (a non-finite snr step size,
         :func:`~steerdiff.mcmc.base.check_step_sizes`): this state and every later one are then not
-        flagged."""
+        flagged. ``defer``: not raised at once on the CPU either, but at the next :meth:`check_finite` (a loop
+        whose own checks, read later, name the cause better: the particle engine's, where an algorithm refuses
+        a step after the run, as :func:`~steerdiff.smc.afdps` does)."""
         bound = state_bound(self.scale, alpha, sigma)
         if excused is not None:
             self._excused = excused if self._excused is None else self._excused | excused
         ok = within(x, bound) if self._excused is None else within(x, bound) | self._excused
         error = functools.partial(error, bound=bound)  # another rank's failure here is named by this one's
-        if ok is _FLAGS[1]:  # read on the CPU and within: recorded as passed, without note_move's read
+        if ok is _FLAGS[1] or defer:  # read on the CPU and within, or deferred: without note_move's read
             self._moves.append(ok)
             self._move_where.append((self.calls, step, t, error))
             return
