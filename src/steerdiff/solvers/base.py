@@ -507,20 +507,21 @@ def step_order(
 SDE_MAX_H, SDE_MAX_H_RATIO = 0.5, 2.0
 
 # The deterministic multistep solvers' default long-step rule (DPMSolverPPMultistep, UniPC): over a step
-# much longer than the steps its estimates came from, the polynomial through them extrapolates their
-# errors. Grids that end with such a step: time_uniform (the last noisy step 3.5-5.1 times the one before
-# in log-SNR on VP processes, 4.5-5.9 under flow, 9.7-13 on EDM), linspace and leading on discrete VP
-# schedules (3.4-5.0); karras at 3-4 steps. `steerdiff bench longstep` (docs/bench/longstep.txt: 16-d
-# mixture, six processes, every schedule, 3-50 steps): the rule changes 273 of 1,377 cases of dpmpp_2m /
-# dpmpp_3m / unipc, better in 235 (without it dpmpp_3m and unipc end 5.3-11.8, relative, from the exact
-# answer on EDM + time_uniform at 15-50 steps; with it 0.36-0.75), worse in 38 by at most 1.43x (EDM +
-# time_uniform at 3-15 steps; karras at 3-4 steps 1.01-1.23x; dpmpp_2m on SD and zero-terminal-SNR betas'
-# leading, linspace and time_uniform at 15-20 steps 1.03-1.22x). No step of karras_capped or logsnr_uniform
-# grids is affected, nor of karras from 5 steps. MRSampler's data form has it too (mrs in the bench: 91 of
-# 459 cases changed, better in 84, worse in 7 by at most 1.42x: EDM + time_uniform at 3-10 steps, karras
-# at 3). DEIS and MRSampler's noise form, which
-# extrapolate eps rather than the denoised estimate, have no such rule (DEIS has the step-ratio rule,
-# MAX_STEP_RATIO, as DPMSolverPPMultistep and UniPC do).
+# much longer than the steps its estimates came from, the polynomial through them extrapolates their errors.
+# Grids that end with such a step: time_uniform (the last noisy step 3.5-5.1 times the one before in log-SNR
+# on VP processes, 4.5-5.9 under flow, 9.7-13 on EDM), linspace and leading on discrete VP schedules
+# (3.4-5.0); karras at 3-4 steps; laplace, kl_optimal and vp have one too. `steerdiff bench longstep`
+# (docs/bench/longstep.txt: 16-d mixture, six processes, every schedule, 3-50 steps): the rule changes 564
+# of 1,998 cases of dpmpp_2m / dpmpp_3m / unipc, better in 506 (without it dpmpp_3m and unipc end 5.3-11.8,
+# relative, from the exact answer on EDM + time_uniform at 15-50 steps; with it 0.36-0.75), worse in 58 by
+# at most 1.43x (EDM + time_uniform at 3-15 steps; karras at 3-4 steps 1.01-1.23x; dpmpp_2m on SD and
+# zero-terminal-SNR betas' leading, linspace and time_uniform at 15-20 steps 1.03-1.22x; laplace and
+# kl_optimal at 8-50 steps 1.002-1.08x). No step of karras_capped, logsnr_uniform or polyexponential grids
+# is affected, nor of karras from 5 steps. MRSampler's data form has it too (mrs in the bench: 188 of 666
+# cases changed, better in 177, worse in 11 by at most 1.42x: EDM + time_uniform at 3-10 steps, karras at 3,
+# laplace at 20-30). DEIS and MRSampler's noise form, which extrapolate eps rather than the denoised
+# estimate, have no such rule (DEIS has the step-ratio rule, MAX_STEP_RATIO, as DPMSolverPPMultistep and
+# UniPC do).
 ODE_MAX_H, ODE_MAX_H_RATIO = 2.0, 2.0
 
 # The step-ratio rule (step_order's max_ratio; the default of DEIS, DPMSolverPPMultistep and UniPC, and of

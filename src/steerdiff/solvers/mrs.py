@@ -48,9 +48,10 @@ mean-reverting test process with ``time_uniform`` at 10 steps (last noisy step 2
 before) the ODE ends 0.0169 (relative) from the exact answer with it, 0.174 without; the SDE's sample
 variance under SD betas at 20 steps is 0.99 of the true one with it, 1.72 without
 (``tests/test_mean_reverting.py``). ``steerdiff bench longstep`` (docs/bench/longstep.csv, 16-d mixture,
-six processes, every schedule, 3-50 steps): the rule changes 91 of 459 cases of the ODE, better in 84
-(EDM + ``time_uniform`` at 50 steps 0.372 against 2.61), worse in 7 by at most 1.42x (EDM +
-``time_uniform`` at 3-10 steps; ``karras`` at 3 steps on flow and zero-terminal-SNR betas), as for
+six processes, every schedule, 3-50 steps): the rule changes 188 of 666 cases of the ODE, better in 177
+(EDM + ``time_uniform`` at 50 steps 0.372 against 2.61), worse in 11 by at most 1.42x (EDM +
+``time_uniform`` at 3-10 steps; ``karras`` at 3 steps on flow and zero-terminal-SNR betas; ``laplace`` at
+20-30 steps on SD and zero-terminal-SNR betas, 1.02x), as for
 ``dpmpp_2m``. The noise form extrapolates ``eps`` (as DEIS, which has no rule either) and has none by
 default (``max_h=inf``): on the test case above the ODE rule takes it from 0.0251 to 0.0427. ``max_h=inf``
 is the paper's and diffusers' rule.
