@@ -1072,6 +1072,24 @@ def test_sweep_deterministic_leaves_out_step_counts_a_schedule_does_not_make():
         assert makes_grid(proc, "lcm", 50, clean_end) is (50 in reached)
 
 
+def test_sweep_deterministic_takes_polyexponential_for_exponential():
+    """polyexponential at its default rho = 1 makes exponential's nodes to rounding, not bit for bit (SD
+    betas: 6.8e-16 relative apart at 10 steps); the sweep gave it rows of its own, 1e-11 from exponential's,
+    which won bench invert's best-of lines by that much and renamed them. Grids equal to ALIAS_RTOL are one
+    grid (same_as the first), and distinct ones stay apart."""
+    from steerdiff.bench.solvers import ALIAS_RTOL, sweep_deterministic
+
+    proc = sd.VP.scaled_linear()
+    expo, poly = (sd.schedules.get(s)(proc, 10) for s in ("exponential", "polyexponential"))
+    assert not torch.equal(expo, poly) and torch.allclose(expo, poly, ALIAS_RTOL, 0)
+    rows = sweep_deterministic(lambda _, sched, n, nfe: float(len(sched) + nfe), proc, (5, 10))
+    table = {(r.method, r.schedule): r for r in rows}
+    poly_row, expo_row = table["ddim", "polyexponential"], table["ddim", "exponential"]
+    assert poly_row.same_as == "exponential" and expo_row.same_as is None
+    assert poly_row.errors == expo_row.errors == {5: 16.0, 10: 21.0}
+    assert {table["ddim", s].same_as for s in ("karras", "karras_capped", "laplace", "kl_optimal")} == {None}
+
+
 def test_bench_invert_says_when_diffusers_returns_non_finite_samples(caplog):
     """DPMSolverMultistepInverseScheduler of order 3 on trailing timesteps from 15 steps on ends with a step
     of h = 0 (its last sigma repeated) and divides 0 by 0: nan samples, whose nan error the table shows;

@@ -266,21 +266,40 @@ def diffusers_wanted(with_diffusers: bool, running: str) -> bool:
     return True
 
 
-def _schedule_aliases(process: Process, names: Sequence[str], steps: Iterable[int]) -> dict[str, str]:
-    """Map each schedule name to the first name whose nodes are identical at every step count."""
+# schedules whose nodes agree to this (relative) at every step count are one grid in the sweeps
+ALIAS_RTOL = 1e-12
 
-    def nodes(name: str, n: int) -> tuple[float, ...] | None:
+
+def _schedule_aliases(process: Process, names: Sequence[str], steps: Iterable[int]) -> dict[str, str]:
+    """Map each schedule name to the first name whose nodes are the same at every step count, to
+    ``ALIAS_RTOL`` (``polyexponential`` at its default ``rho = 1`` is ``exponential``'s nodes to rounding)."""
+
+    def nodes(name: str, n: int) -> Tensor | None:
         try:
-            return tuple(schedules.get(name)(process, n).tolist())
+            return schedules.get(name)(process, n)
         except ValueError:
             return None
 
+    def same(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> bool:
+        return all(
+            (x is None and y is None)
+            or (
+                x is not None and y is not None and x.shape == y.shape and torch.allclose(x, y, ALIAS_RTOL, 0)
+            )
+            for x, y in zip(a, b, strict=True)
+        )
+
     steps = list(steps)
-    first: dict[tuple[tuple[float, ...] | None, ...], str] = {}
+    first: list[tuple[list[Tensor | None], str]] = []
     alias: dict[str, str] = {}
     for name in names:
-        key = tuple(nodes(name, n) for n in steps)
-        alias[name] = first.setdefault(key, name) if any(k is not None for k in key) else name
+        key = [nodes(name, n) for n in steps]
+        if all(k is None for k in key):
+            alias[name] = name
+            continue
+        alias[name] = next((other for grid, other in first if same(grid, key)), name)
+        if alias[name] == name:
+            first.append((key, name))
     return alias
 
 
