@@ -66,6 +66,10 @@ class DDIM(Solver):
     def stochastic(self) -> bool:  # type: ignore[override]
         return self.eta > 0
 
+    @property
+    def bounded(self) -> bool:  # type: ignore[override]
+        return self.eta == 0
+
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor | Transition:
         pred = model(x, grid.t[i], i)
         if self.eta == 0 or grid.sigma[i + 1] == 0:

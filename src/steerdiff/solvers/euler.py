@@ -47,6 +47,7 @@ class Euler(Solver):
 
     name: ClassVar[str] = "euler"
     picard: ClassVar[str | None] = "step"
+    bounded: ClassVar[bool] = True
 
     def step(self, model: Model, x: Tensor, i: int, grid: Grid, state: dict[str, Any]) -> Tensor:
         return model(x, grid.t[i], i).renoise(grid.alpha[i + 1], grid.sigma[i + 1])
