@@ -21,7 +21,8 @@ Every schedule is also reachable by name (``schedule="karras"``); :func:`availab
 * ``vp`` -- k-diffusion's ``get_sigmas_vp``: the linear-beta VP SDE's ``s`` at uniform times (on
   ``VP.linear`` of the same betas, ``time_uniform``).
 * ``laplace`` -- Hang et al. 2024: Laplace quantiles in ``log s``, clamped to the range (k-diffusion's).
-* ``kl_optimal`` -- uniform in ``arctan s`` (Sabour et al. 2024's optimum for Gaussian data; ComfyUI's).
+* ``kl_optimal`` -- uniform in ``arctan s`` (ComfyUI's; attributed to Sabour et al. 2024's
+  Gaussian-data analysis).
 * ``karras_jump`` -- below 15 nodes, the first ``n`` points of the ``n + 1``-point Karras grid:
   the jump to the clean state replaces the node at ``s_min`` (as in the AYS lists).
 * ``ays`` -- Align Your Steps (Sabour et al. 2024): the published 10-step lists, log-linearly
