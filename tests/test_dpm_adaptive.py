@@ -469,3 +469,24 @@ def test_a_denoiser_drawing_noise_at_every_call_takes_many_more_attempts():
     assert plain == attempts(sd.guidance.DensityGuidance(den, rate=rate))
     assert attempts(sd.guidance.SelfGuidedMinority(den, 0.1, generator=gens())) > 3 * plain
     assert attempts(sd.guidance.DensityGuidance(den, rate=rate, probes=2, generator=gens())) > 2.5 * plain
+
+
+def test_max_nfe_stops_a_sample_whose_field_is_too_stiff_for_the_tolerance():
+    """CFG at scale 1e3 makes the guided field stiff: at the default tolerances a sample kept shrinking its
+    steps (over 25,000 evaluations a sample after a minute, still running). ``max_nfe`` caps one sample's
+    evaluations: the run stops with an error naming the sample, its time and the way out; a run within it is
+    the uncapped run bit for bit (the cap only refuses attempts)."""
+    proc = sd.VP.linear()
+    cond, uncond = smooth_mixture().denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+    with pytest.raises(RuntimeError, match=r"dpm_adaptive: sample \d+ has made \d+ network evaluations .* "
+                       r"too stiff for rtol=0\.05, atol=0\.0078 .*raise max_nfe"):  # fmt: skip
+        dpm_adaptive(sd.guidance.CFG(cond, uncond, 1e3), noise(4, 8), max_nfe=600)
+    den = sd.guidance.CFG(cond, uncond, 2.0)
+    free, info = dpm_adaptive(den, noise(4, 8), max_nfe=None, return_info=True)
+    assert max(info.nfe_per_sample) < 600
+    attempts = max(info.nfe_per_sample) - 2  # final="zero"'s clean step (cost 2) comes after the cap
+    assert torch.equal(dpm_adaptive(den, noise(4, 8), max_nfe=attempts), free)
+    with pytest.raises(RuntimeError, match=r"sample \d+ has made"):
+        dpm_adaptive(den, noise(4, 8), max_nfe=attempts - 1)
+    with pytest.raises(ValueError, match=r"dpm_adaptive: max_nfe must be an integer >= 1"):
+        dpm_adaptive(den, noise(4, 8), max_nfe=0)
