@@ -665,15 +665,21 @@ class Model:
         return None if k is None else (self._where[k][0], k, self._where[k][1])
 
     def note_move(
-        self, finite: Tensor, step: int, t: float, error: Callable[[int, float], NonFiniteError]
+        self,
+        finite: Tensor,
+        step: int,
+        t: float,
+        error: Callable[[int, float], NonFiniteError],
+        read: bool = True,
     ) -> None:
         """Record ``finite``, a 0-d bool tensor: whether the state a move (a corrector's) took the sample to
         after solver ``step`` at process time ``t`` is finite (no host read; where the move, not the model's
         output on the state, made the first NaN/inf, :meth:`check_finite` raises ``error(step, t)``); read
-        at once on the CPU, as the evaluations' sums are (unless ``eager`` is False)."""
+        at once on the CPU, as the evaluations' sums are (unless ``eager`` or ``read`` is False: a flag the
+        caller knows to be True, or one left for the next :meth:`check_finite`)."""
         self._moves.append(finite)
         self._move_where.append((self.calls, step, t, error))
-        if self.eager and finite.is_cpu and not bool(finite):
+        if read and self.eager and finite.is_cpu and not bool(finite):
             self.check_finite()
 
     def note_state(
@@ -700,12 +706,10 @@ class Model:
         if excused is not None:
             self._excused = excused if self._excused is None else self._excused | excused
         ok = within(x, bound) if self._excused is None else within(x, bound) | self._excused
-        error = functools.partial(error, bound=bound)  # another rank's failure here is named by this one's
-        if ok is _FLAGS[1] or defer:  # read on the CPU and within, or deferred: without note_move's read
-            self._moves.append(ok)
-            self._move_where.append((self.calls, step, t, error))
-            return
-        self.note_move(ok, step, t, error)
+        # bound even where within: another rank's failure at this index is named by this rank's error;
+        # no read where within read it on the CPU already, or where deferred
+        error = functools.partial(error, bound=bound)
+        self.note_move(ok, step, t, error, read=not (defer or ok is _FLAGS[1]))
 
     @property
     def moves(self) -> int:
