@@ -5,13 +5,15 @@ argument at fault. Before, every case below returned its huge finite state as a 
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 
 import pytest
 import torch
 
 import steerdiff as sd
-from steerdiff.solvers.base import DIVERGED, Model, data_scale, state_bound
+from steerdiff.solvers.base import DIVERGED, Model, data_scale, diverged_error, moved_error, state_bound
 
 from .reference import assert_nan_named_alike_on_an_accelerator, noise, smooth_mixture
 
@@ -260,16 +262,42 @@ class _Huge(torch.nn.Module):
 
 
 @pytest.mark.parametrize(("solver", "named"), [("euler", 9), ("ddim", 9), ("dpmpp_2m", 3), ("unipc", 3)])
-def test_a_bounded_step_is_guarded_at_the_last_state(solver, named):
+def test_a_bounded_step_is_guarded_at_the_last_state(solver, named, monkeypatch):
     """Solver.bounded (DDIM with eta = 0, Euler): down the grid a step's x/alpha is a convex combination of
     the last x/alpha and the net's x0, so the guard reads the run's last state alone (one reduction per run,
     not per step: it was a tenth of Euler's overhead at 256x64): a net whose x0 turns 1e12 at step 3 is
     named at the last step (9) there, at step 3 by a multistep solver (its extrapolation is guarded at every
-    step). Nothing huge is returned either way."""
+    step). Nothing huge is returned either way. On an accelerator (the states' sizes recorded, compared with
+    their bounds at the read after the run) the same step is named."""
     assert (
         sd.solvers.get("euler").bounded and sd.solvers.DDIM().bounded and not sd.solvers.DDIM(eta=0.5).bounded
     )
     assert not sd.solvers.get("dpmpp_2m").bounded
-    den = sd.Denoiser(_Huge(3), sd.VP.linear(), prediction="x0")
+
+    def run() -> object:
+        return sd.sample(sd.Denoiser(_Huge(3), sd.VP.linear(), prediction="x0"), noise(4, 8), 10, solver)
+
     with pytest.raises(sd.NonFiniteError, match=rf"made the state diverge at step {named} "):
-        sd.sample(den, noise(4, 8), 10, solver)
+        run()
+    assert_nan_named_alike_on_an_accelerator(run, monkeypatch)
+
+
+def test_off_the_cpu_the_first_bad_move_is_the_earliest_of_flags_and_sizes(gmm, monkeypatch):
+    """Off the CPU the guard records each state's size, compared with its bound at the read (one compare a
+    run), beside the correctors' finiteness flags: the first bad move is the earliest recorded of either
+    kind, a state at its bound passes and the next float past it fails, and the error is the state's."""
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    model = Model(gmm.denoiser(sd.VP.linear()), scale=1.0)
+    bound = state_bound(1.0, 1.0, 0.0)
+    past = torch.nextafter(torch.tensor(bound, dtype=F64), torch.tensor(math.inf, dtype=F64))
+    error = functools.partial(diverged_error, who="the solver 'x'", fix="none")
+    moved = functools.partial(moved_error, who="ULA")
+    model.note_move(torch.tensor(True), 0, 0.9, moved)
+    model.note_state(torch.full((2, 3), bound, dtype=F64), 1, 0.8, 1.0, 0.0, error)  # at the bound: within
+    assert model.first_bad_move() is None
+    model.note_state(past.expand(2, 3), 2, 0.7, 1.0, 0.0, error)
+    model.note_move(torch.tensor(False), 3, 0.6, moved)
+    model.note_state(torch.full((2, 3), math.nan, dtype=F64), 4, 0.5, 1.0, 0.0, error)
+    assert model.moves == 5 and model.first_bad_move() == 2
+    with pytest.raises(sd.NonFiniteError, match=r"^the solver 'x' made the state diverge at step 2 "):
+        model.check_finite()

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .._checks import caller, choice, integer, real
-from .._ops import first_false
+from .._ops import first_false, host_to
 from ..denoiser import Denoiser, Prediction
 from ..noise import GeneratorNoise, NoiseSource
 from ..processes import Process
@@ -628,7 +628,10 @@ class Model:
         self.last: Prediction | None = None
         self._sums: list[Tensor] = []
         self._where: list[tuple[int, float]] = []
-        self._moves: list[Tensor] = []  # note_move's flags, read with the sums
+        # note_move's 0-d flags and note_state's sizes off the CPU (max |x|, compared with their limits when
+        # read: one compare a run, not one a step), read with the sums
+        self._moves: list[Tensor] = []
+        self._limits: list[float | None] = []  # a size's bound, None for a flag
         self._move_where: list[tuple[int, int, float, Callable[[int, float], NonFiniteError]]] = []
         self._excused: Tensor | None = None  # note_state's excuses so far
 
@@ -677,10 +680,22 @@ class Model:
         output on the state, made the first NaN/inf, :meth:`check_finite` raises ``error(step, t)``); read
         at once on the CPU, as the evaluations' sums are (unless ``eager`` or ``read`` is False: a flag the
         caller knows to be True, or one left for the next :meth:`check_finite`)."""
-        self._moves.append(finite)
-        self._move_where.append((self.calls, step, t, error))
+        self._record(finite, None, step, t, error)
         if read and self.eager and finite.is_cpu and not bool(finite):
             self.check_finite()
+
+    def _record(
+        self,
+        value: Tensor,
+        limit: float | None,
+        step: int,
+        t: float,
+        error: Callable[[int, float], NonFiniteError],
+    ) -> None:
+        """A move's 0-d ``value`` (a flag, or with ``limit`` a size), where it was made and its error."""
+        self._moves.append(value)
+        self._limits.append(limit)
+        self._move_where.append((self.calls, step, t, error))
 
     def note_state(
         self,
@@ -703,12 +718,16 @@ class Model:
         whose own checks, read later, name the cause better: the particle engine's, where an algorithm refuses
         a step after the run, as :func:`~steerdiff.smc.afdps` does)."""
         bound = state_bound(self.scale, alpha, sigma)
+        # bound even where within: another rank's failure at this index is named by this rank's error
+        error = functools.partial(error, bound=bound)
         if excused is not None:
             self._excused = excused if self._excused is None else self._excused | excused
+        if self._excused is None and not x.is_cpu:  # within's test, its compare made when read
+            size = largest(x)
+            self._record(size, min(bound, torch.finfo(size.dtype).max), step, t, error)
+            return
         ok = within(x, bound) if self._excused is None else within(x, bound) | self._excused
-        # bound even where within: another rank's failure at this index is named by this rank's error;
         # no read where within read it on the CPU already, or where deferred
-        error = functools.partial(error, bound=bound)
         self.note_move(ok, step, t, error, read=not (defer or ok is _FLAGS[1]))
 
     @property
@@ -719,7 +738,26 @@ class Model:
     def first_bad_move(self) -> int | None:
         """The index (from 0, in the order recorded) of the first state :meth:`note_move` found not finite,
         ``None`` if none was; one device sync."""
-        return first_false(torch.stack(self._moves)) if self._moves else None
+        return self._first_bad(self._move_flags().cpu()) if self._moves else None
+
+    def _move_flags(self) -> Tensor:
+        """The moves' flags as one 1-d bool tensor on their device: the recorded flags, then the recorded
+        sizes compared with their limits (all at once: one copy of the limits, one compare)."""
+        flags = [m for m, limit in zip(self._moves, self._limits, strict=True) if limit is None]
+        sizes = [m for m, limit in zip(self._moves, self._limits, strict=True) if limit is not None]
+        parts = [torch.stack(flags)] if flags else []
+        if sizes:
+            size = torch.stack(sizes)
+            limits = torch.tensor([limit for limit in self._limits if limit is not None], dtype=torch.float64)
+            parts.append(size <= host_to(limits, size.device, size.dtype))
+        return torch.cat([part.to(parts[-1].device) for part in parts])
+
+    def _first_bad(self, flags: Tensor) -> int | None:
+        """The index (in the order recorded) of the first move whose flag in ``flags``, :meth:`_move_flags`
+        read on the host, is False; ``None`` if none is."""
+        order = [k for k, limit in enumerate(self._limits) if limit is None]
+        order += [k for k, limit in enumerate(self._limits) if limit is not None]
+        return min((k for k, ok in zip(order, flags.tolist(), strict=True) if not ok), default=None)
 
     def first_failures(self) -> tuple[tuple[int, int, float] | None, int | None]:
         """:meth:`first_nonfinite` and :meth:`first_bad_move` together, in one device read (the evaluations'
@@ -729,9 +767,9 @@ class Model:
         if not self._sums:
             return None, self.first_bad_move()
         calls = torch.isfinite(torch.stack(self._sums))
-        flags = torch.cat([calls, torch.stack(self._moves).to(calls.device)]).cpu()
+        flags = torch.cat([calls, self._move_flags().to(calls.device)]).cpu()
         calls, moves = flags[: len(self._sums)], flags[len(self._sums) :]
-        k, m = first_false(calls), first_false(moves)  # on the host: no more reads
+        k, m = first_false(calls), self._first_bad(moves)  # on the host: no more reads
         return (None if k is None else (self._where[k][0], k, self._where[k][1])), m
 
     def first_error(self, net: tuple[int, int, float] | None, move: int | None) -> Failure | None:
