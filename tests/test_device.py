@@ -188,6 +188,9 @@ def _steered_runs() -> dict[str, Callable[[sd.Denoiser, torch.Tensor, int], obje
         "tds_classifier": lambda den, x, n: sd.smc.tds(den, classifier=classifier, steps=n, **smc),
         "svdd": lambda den, x, n: sd.smc.svdd(den, reward, 0.5, steps=n, **smc),
         "fkc_cfg": lambda den, x, n: sd.smc.fkc_cfg(den, den, 2.0, steps=n, **smc),
+        "psi_sampler": lambda den, x, n: sd.smc.psi_sampler(den, reward, 2.0, steps=n, mcmc_steps=2, **smc),
+        "ddpm_invert": lambda den, x, n: sd.ddpm_invert(den, x, n),
+        "eta_invert": lambda den, x, n: sd.eta_invert(den, x, n, eta=(0.2, 0.4)),
         "monte_carlo": lambda den, x, n: sd.sample(
             sd.mcmc.MonteCarloDenoiser(gaussian, den.process, (8,), samples=4), x, n, "ddpm"
         ),

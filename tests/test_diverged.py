@@ -301,3 +301,141 @@ def test_off_the_cpu_the_first_bad_move_is_the_earliest_of_flags_and_sizes(gmm, 
     assert model.moves == 5 and model.first_bad_move() == 2
     with pytest.raises(sd.NonFiniteError, match=r"^the solver 'x' made the state diverge at step 2 "):
         model.check_finite()
+
+
+def test_dpm_adaptive_names_its_first_accepted_state_that_diverged(monkeypatch):
+    """The adaptive DPM-Solver follows the ODE to its tolerance, so a field whose ODE blows up (eps = -20 x
+    under VP: x/alpha grows like exp(20 int sigma dlam)) is followed up to the bound: the first accepted
+    state past ``1e8 (alpha D + sigma)`` at its row's level is named with its attempt (22 of the attempts;
+    before: a sample of |x| 6.9e51 returned after 154 attempts). A rejected attempt is not a state of the run:
+    from ``h_init=100`` the first attempt's ``x_high`` is past its bound (a guard on every attempt names
+    attempt 0) but rejected, and the run is named later, at an accepted state. The flag rides in the
+    attempt's one read (``tests/test_device.py`` counts it): the same error on a faked accelerator. The
+    field ``eps = x`` runs through to the data's scale."""
+    proc = sd.VP.linear()
+    wild = sd.Denoiser(lambda x, t: -20.0 * x, proc, "eps")
+    for h_init, named in ((0.05, 22), (100.0, 25)):
+        seen: list[dict] = []
+        with pytest.raises(sd.NonFiniteError) as err:
+            sd.solvers.dpm_adaptive(wild, noise(4, 8), h_init=h_init, final="none", callback=seen.append)
+        msg = str(err.value)
+        assert len(seen) == named and msg.startswith(
+            f"dpm_adaptive: sample 2's accepted step made the state diverge at step {named} "
+        ), msg
+        assert "the model's field itself diverges there" in msg
+        last = seen[-1]  # the attempt before: within the bound at every row's level
+        bound = 1e8 * (float(noise(4, 8).abs().max()) * proc.alpha(last["t"]) + proc.sigma(last["t"]))
+        assert bool((last["x"].abs().amax(1) <= bound).all()) and float(last["x"].abs().max()) > 1e7
+    assert not any(seen[0]["accepted"].tolist())  # h_init=100: attempt 0 rejected
+    assert_nan_named_alike_on_an_accelerator(
+        lambda: sd.solvers.dpm_adaptive(wild, noise(4, 8), final="none"), monkeypatch
+    )
+    tame = sd.solvers.dpm_adaptive(sd.Denoiser(lambda x, t: x, proc, "eps"), noise(4, 8), final="none")
+    assert float(tame.abs().max()) < 10
+
+
+def test_dpm_adaptive_names_the_guidance_scale_of_a_run_that_diverged(gmm):
+    """CFG at 1e5 under a loose tolerance (rtol = atol = 5): the accepted states grow past the bound at
+    attempt 8, named with the guidance scale (before: the run went on until the state overflowed and the
+    mixture's denoiser returned NaN, "the model returned NaN/inf at step 65", blaming the model). At 1e12 with
+    the default tolerance the steps shrink (h ~ 5e-9, |x| 3e4 at 2,000 evaluations) and the evaluation cap
+    (``max_nfe``) stops the run first; at scale 3 it returns a sample of the data's scale."""
+    proc = sd.VP.linear()
+    cond, uncond = gmm.denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.solvers.dpm_adaptive(sd.guidance.CFG(cond, uncond, 1e5), noise(4, 8), rtol=5.0, atol=5.0)
+    msg = str(err.value)
+    assert msg.startswith("dpm_adaptive: sample 2's accepted step made the state diverge at step 8 "), msg
+    assert msg.endswith("the guidance scale may be too large: try less")
+    with pytest.raises(RuntimeError, match=r"^dpm_adaptive: sample 0 has made \d+ network evaluations"):
+        sd.solvers.dpm_adaptive(sd.guidance.CFG(cond, uncond, 1e12), noise(4, 8), max_nfe=300)
+    assert float(sd.solvers.dpm_adaptive(sd.guidance.CFG(cond, uncond, 3.0), noise(4, 8)).abs().max()) < 10
+
+
+def test_ddpm_invert_names_the_step_whose_mean_diverged(gmm, monkeypatch):
+    """Edit-friendly DDPM inversion under CFG at 1e12: the states are drawn from q(x_t | x_0), and each noise
+    map cancels its step's mean (x_{i+1} = mu_i + s_i z_i is the drawn state whatever mu_i), so the guard
+    bounds the mean at the node it reaches: |mu_0| 5.9e10, past ``1e8 (alpha_1 D + sigma_1)`` at step 0, the
+    guidance scale named (before: maps of |z| up to 3.2e12 returned, the states sane, so an edit replaying
+    them diverged). The same on a faked accelerator; at scale 3 the maps are of the normal's size and replay
+    ``x_0``."""
+    proc = sd.VP.linear()
+    cond, uncond = gmm.denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+    x_0 = gmm.sample(4, generator=_gen())
+
+    def run(scale: float) -> sd.EditNoise:
+        return sd.ddpm_invert(sd.guidance.CFG(cond, uncond, scale), x_0, 10, generator=_gen())
+
+    grid = sd.sampling.plan(cond, 10, "ddpm", sd.sampling.DEFAULT_SCHEDULE, "none", "test")[1]
+    with pytest.raises(sd.NonFiniteError) as err:
+        run(1e12)
+    bound = 1e8 * (float(x_0.abs().max()) * grid.alpha[1] + grid.sigma[1])
+    assert str(err.value) == (
+        "ddpm_invert: the solver 'ddpm' (its step's mean) made the state diverge at step 0 (process time "
+        f"t={grid.t[1]:.6g}): an entry is NaN/inf or beyond {bound:.3g} = 1e+08 (alpha(t) D + sigma(t)), D "
+        "the run's data scale, the model's outputs finite until then; the guidance scale may be too large: "
+        "try less"
+    )
+    assert_nan_named_alike_on_an_accelerator(lambda: run(1e12), monkeypatch)
+    monkeypatch.undo()
+    tame = run(3.0)
+    assert max(float(z.abs().max()) for z in tame.z) < 10
+    replay = sd.sample(sd.guidance.CFG(cond, uncond, 3.0), **tame.sample_kwargs())
+    assert float((replay - x_0).abs().max()) < 1e-12
+
+
+def test_eta_invert_names_the_source_branch_that_diverged(gmm, monkeypatch):
+    """Eta Inversion with a source branch under CFG at 1e12: its step from the inversion's state x_{t_0} has a
+    mean of |x| ~ 5e10, past ``1e8 (alpha_1 D + sigma_1)``: named at step 0, ``source``'s guidance scale
+    blamed (before: maps of normal size, |z| <= 2.9, returned, each chosen against a branch at 4e10-7e11).
+    The inversion itself is DDIM's (``sd.invert``, guarded in ``run_grid``). The same on a faked
+    accelerator; with the source at scale 3 the maps are the normal's."""
+    proc = sd.VP.linear()
+    cond, uncond = gmm.denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+    x_0 = gmm.sample(4, generator=_gen())
+
+    def run(scale: float) -> sd.EditNoise:
+        return sd.eta_invert(cond, x_0, 10, source=sd.guidance.CFG(cond, uncond, scale), generator=_gen())
+
+    grid = sd.sampling.plan(cond, 10, "ddim", sd.sampling.DEFAULT_SCHEDULE, "none", "test")[1]
+    with pytest.raises(sd.NonFiniteError) as err:
+        run(1e12)
+    msg = str(err.value)
+    assert msg.startswith(
+        "eta_invert: the source branch's step (EtaDDIM, source) made the state diverge at step 0 (process "
+        f"time t={grid.t[1]:.6g})"
+    ), msg
+    assert msg.endswith("source's guidance scale may be too large: try less")
+    assert_nan_named_alike_on_an_accelerator(lambda: run(1e12), monkeypatch)
+    monkeypatch.undo()
+    assert max(float(z.abs().max()) for z in run(3.0).z) < 5
+
+
+def test_psi_sampler_names_its_initial_chains_when_they_diverge(monkeypatch):
+    """Ψ-Sampler's pCNL chains at node 0 on a unit Gaussian (x0_hat = alpha x under VP) with a linear reward
+    and lam = 1e12: pi_T is N(lam alpha_0 s^2 w, s^2), which pCNL samples exactly (its first move goes 1.2e9
+    out), past ``1e8 (alpha_0 D + sigma_0)``, D of the chains' start: named at move 1, lam blamed. Before:
+    the particle run took the chains' states as its x_T, their size as its data scale, and returned |x| ~
+    3.5e7. The same on a faked accelerator; at lam = 1 the samples are of the data's scale."""
+    proc = sd.VP.linear()
+    unit = sd.toy.GaussianMixture(
+        torch.zeros(1, 8, dtype=F64), torch.ones(1, 8, dtype=F64), torch.ones(1, dtype=F64)
+    )
+
+    def run(lam: float) -> sd.smc.Particles:
+        return sd.smc.psi_sampler(
+            unit.denoiser(proc), lambda x: x.sum(-1), lam, shape=(2, 8), particles=4, steps=8, mcmc_steps=10,
+            dtype=F64, generator=_gen(),
+        )  # fmt: skip
+
+    with pytest.raises(sd.NonFiniteError) as err:
+        run(1e12)
+    msg = str(err.value)
+    assert msg.startswith(
+        "psi_sampler's initial chains (pCNL, at their move 1 of 10) made the state diverge at step 0 "
+        f"(process time t={proc.t_max:.6g})"
+    ), msg
+    assert msg.endswith("lam may be too large for this reward: try less")
+    assert_nan_named_alike_on_an_accelerator(lambda: run(1e12), monkeypatch)
+    monkeypatch.undo()
+    assert float(run(1.0).x.abs().max()) < 10

@@ -49,6 +49,7 @@ reconstruction is ``x_0`` only up to that step's denoising), the grid here ends 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,7 @@ from .solvers.base import (
     Transition,
     advance,
     count_steps,
+    diverged_error,
     keeps_history,
     make_grid,
     work_dtype,
@@ -202,11 +204,13 @@ def ddpm_invert(
 
     Raises:
         ValueError: bad arguments (the message names the argument and what is accepted).
-        NonFiniteError: the network returned NaN/inf.
+        NonFiniteError: the network returned NaN/inf, or a step's mean ``mu_i`` diverged: an entry beyond
+            :func:`~steerdiff.solvers.base.state_bound` at the node it reaches (``D`` of ``x_0``; the state
+            ``mu_i + s_i z_i`` is the drawn one whatever ``mu_i``, so the maps would carry the divergence).
     """
     who = "ddpm_invert"
     check_denoiser(who, "den", den)
-    check_x_T(den, x_0, who, "x_0")
+    size = check_x_T(den, x_0, who, "x_0")
     if own := den.own_noise():
         raise ValueError(
             f"{who}: den: {', '.join(dict.fromkeys(name for name, _ in own))} draws noise of its own, "
@@ -236,13 +240,25 @@ def ddpm_invert(
         f"{who}: solver {slv.name!r} draws noise inside its step, which has no single noise map to extract; "
         f"use {FITTING}"
     )
-    model = Model(den, cond, no_draw, net_dtype=x_0.dtype)
+    model = Model(den, cond, no_draw, net_dtype=x_0.dtype, scale=size)
+    # the divergence guard on the step's mean mu_i, at the node it reaches: the state mu_i + s_i z_i is the
+    # drawn one whatever mu_i (z_i cancels it), so a step that diverges shows in mu_i (and in z_i, which an
+    # edit replays under another field)
+    diverged = functools.partial(
+        diverged_error,
+        who=f"{who}: the solver {slv.name!r} (its step's mean)",
+        fix="the guidance scale may be too large: try less"
+        if den.guided
+        else "the steps are too long for the model's field: try more steps",
+    )
     state = slv.init_state(grid)
     z: list[Tensor] = []
     indices = tqdm(range(steps), desc=who, leave=False) if progress else range(steps)
     for i in indices:
         out = slv.step(model, xs[i], i, grid, state)
         z.append(_noise_map(who, slv, out, xs[i + 1], i))
+        assert isinstance(out, Transition)  # _noise_map refused any other step
+        model.note_state(out.mean, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)
         # the state as the sampler computes it from z_i: the replay then goes through these very states
         xs[i + 1] = advance(out, lambda *_, zi=z[-1]: zi, grid.t[i], grid.t[i + 1])
     model.check_finite()

@@ -53,6 +53,7 @@ denoisers' cost), and the edit's ``N``: the authors' per-step batch of source an
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -70,7 +71,16 @@ from .inversion import invert_as
 from .noise import Generators, ReplayNoise, check_generators, randn
 from .sampling import DEFAULT_SCHEDULE, check_sample_only, check_x_T
 from .schedules import ScheduleLike
-from .solvers.base import Grid, Model, Solver, Transition, count_steps, make_grid, work_dtype
+from .solvers.base import (
+    Grid,
+    Model,
+    Solver,
+    Transition,
+    count_steps,
+    diverged_error,
+    make_grid,
+    work_dtype,
+)
 from .solvers.ddim import ancestral_split
 
 __all__ = ["EtaDDIM", "EtaNoise", "eta_invert"]
@@ -221,11 +231,13 @@ def eta_invert(
 
     Raises:
         ValueError: bad arguments (the message names the argument and what is accepted).
-        NonFiniteError: the network returned NaN/inf.
+        NonFiniteError: the network returned NaN/inf, the DDIM inversion diverged (:func:`steerdiff.invert`'s
+            guard), or the source branch's step from the inversion's state did: its mean beyond
+            :func:`~steerdiff.solvers.base.state_bound` at the node it reaches (``D`` of ``x_0``).
     """
     who = "eta_invert"
     check_denoiser(who, "den", den)
-    check_x_T(den, x_0, who, "x_0")
+    size = check_x_T(den, x_0, who, "x_0")
     src = den if source is None else source
     if source is not None:
         check_denoiser(who, "source", source)
@@ -269,11 +281,23 @@ def eta_invert(
     xs[0] = xs[0].to(x_0.dtype).to(xs[0].dtype)  # sample_kwargs hands x_T over in x_0's dtype
     grid = make_grid(den.process, sched, steps, "none", only=who)
     unmasked = replace(slv, mask=None)
-    model = Model(src, cond, net_dtype=x_0.dtype)
+    model = Model(src, cond, net_dtype=x_0.dtype, scale=size)
+    # the divergence guard on the source branch's step from the inversion's state, at the node it reaches: its
+    # mean (the chosen draw z_i, a standard normal, adds at most c_i <= sigma_{i+1} times it)
+    name = "den" if source is None else "source"
+    diverged = functools.partial(
+        diverged_error,
+        who=f"{who}: the source branch's step (EtaDDIM, {name})",
+        fix=f"{name}'s guidance scale may be too large: try less"
+        if src.guided
+        else f"the steps are too long for {name}'s field: try more steps",
+    )
     z: list[Tensor] = []
     indices = tqdm(range(steps), desc=who, leave=False) if progress else range(steps)
     for i in indices:
         out = unmasked.step(model, xs[i], i, grid, {})
+        mean = out.mean if isinstance(out, Transition) else out
+        model.note_state(mean, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)
         if not isinstance(out, Transition):  # eta(t_i) = 0: no noise at this step
             z.append(torch.zeros_like(xs[i]))
             continue

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
+from .._ops import first_false
 from ..denoiser import Denoiser, check_denoiser, check_sample_shape
 from ..mcmc.base import ChainInfo, Point, Target, _value_and_grad, chain, finite_run, fixed_time
 from ..mcmc.pcnl import PCNL
@@ -59,7 +60,18 @@ from ..noise import Generators, NoiseSource, check_generators, make_noise, repea
 from ..sampling import check_sample_only, check_seeded
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
-from ..solvers.base import FINALS, NonFiniteError, Solver, count_steps, make_grid, work_dtype
+from ..solvers.base import (
+    FINALS,
+    NonFiniteError,
+    Solver,
+    count_steps,
+    data_scale,
+    diverged_error,
+    make_grid,
+    state_bound,
+    within,
+    work_dtype,
+)
 from . import resample as _resample
 from .fk_steering import FKSteering, potential_nodes
 from .particles import (
@@ -182,6 +194,13 @@ def twisted_prior(
     ``steps`` steps (``schedule``, ``final``): ``particles`` independent pCNL chains per batch row (see the
     module docstring; the arguments as :func:`psi_sampler`'s, ``x_T`` the chains' starts).
 
+    The divergence guard: every chain state is bounded by :func:`~steerdiff.solvers.base.state_bound` at node
+    0, ``D`` of the chains' start (``x_T``'s largest entry, or ``s`` for prior draws), read once after the
+    chains; a state beyond it (a ``lam`` whose ``pi_T`` lies 1e8 times the noise's scale out: pCNL samples a
+    linear reward's exactly) is a :class:`~steerdiff.NonFiniteError` naming the move. :func:`psi_sampler`'s
+    particle run takes the chains' states as its ``x_T``, and with them its own data scale, so it could not
+    see this.
+
     Returns:
         ``(x, info, nfe)``: the chains' last states ``(batch, particles, *shape)`` in ``x_T``'s dtype (or
         ``dtype``), their :class:`~steerdiff.mcmc.ChainInfo` (acceptance per chain, ``(batch * particles,)``),
@@ -209,7 +228,7 @@ def twisted_prior(
     grid = make_grid(den.process, sched, steps, final)
     scale = math.hypot(grid.alpha[0], grid.sigma[0])
     full = (batch, n_part, *sample)
-    flat, _ = _initial_particles(WHO, den, grid, full, x_T, generator, dtype, device)
+    flat, size = _initial_particles(WHO, den, grid, full, x_T, generator, dtype, device)
     in_dtype = flat.dtype
     per_row = den if n_part == 1 else den.take_rows(_each_row(batch, n_part), batch)
     target = _TwistTarget(
@@ -217,6 +236,17 @@ def twisted_prior(
     )
     source: NoiseSource = make_noise(repeat_rows(generator, n_part))
     normal = fixed_time(source, grid.t[0])
+    # the divergence guard on the chains' states, at node 0 (D of the chains' start: state_bound), and whether
+    # the reward was sound up to each move (which came first: a NaN gradient makes a proposal NaN); one read
+    bound = state_bound(data_scale(size), grid.alpha[0], grid.sigma[0])
+    bounded: list[Tensor] = []
+    sound: list[Tensor] = []
+    sure = torch.ones((), dtype=torch.bool, device=flat.device)
+
+    def moved(y: Tensor) -> None:
+        bounded.append(within(y, bound))
+        sound.append(sure if target.sound is None else target.sound)
+
     out, info = chain(
         PCNL(scale=scale),
         Point(flat.to(work_dtype(in_dtype))),
@@ -225,9 +255,20 @@ def twisted_prior(
         step_size,
         normal,
         grid.t[0],
+        moved,
     )
-    info.finite = finite_run(out, target)
-    if not bool(info.finite):
+    info.finite = finite_run(out, target)  # implied by the last move's flags
+    ok = torch.stack([torch.stack(bounded), torch.stack(sound)]).cpu()
+    first = first_false(ok.all(0))
+    if first is not None and bool(ok[1, first]):
+        raise diverged_error(
+            0,
+            grid.t[0],
+            who=f"{WHO}'s initial chains (pCNL, at their move {first + 1} of {mcmc_steps})",
+            bound=bound,
+            fix="lam may be too large for this reward: try less",
+        )
+    if first is not None:
         raise NonFiniteError(
             f"{WHO}: reward(x0_hat(x_T)) or its gradient is NaN or inf at a point the initial chains visited "
             f"or proposed ({mcmc_steps} moves, step_size {step_size:g}); try a smaller step_size"

@@ -48,13 +48,21 @@ clean end (``final="zero"``: the denoised estimate at ``t_end``, as :func:`steer
 :class:`AdaptiveInfo` gives the run's network evaluations (each batched call's cost summed, a guided
 denoiser's included) and each sample's own count, accepted and rejected steps, and accepted grid.
 
-On an accelerator an attempt syncs twice: one host read (the rows' ``E`` and the calls' finiteness flags,
-which the accept / reject decision needs) and one host-to-device copy (the attempt's rows, times and update
-weights, computed on the host in float64 from the last decision, when the device has no work queued).
+On an accelerator an attempt syncs twice: one host read (the rows' ``E``, the calls' finiteness flags and the
+divergence guard's, which the accept / reject decision needs) and one host-to-device copy (the attempt's rows,
+times, bounds and update weights, computed on the host in float64 from the last decision, when the device has
+no work queued).
+
+The divergence guard (:func:`~steerdiff.solvers.base.state_bound`): an accepted ``x_high`` with an entry
+NaN/inf or beyond ``1e8 (alpha D + sigma)`` at its row's new level (``D`` of ``x_T``) is a
+:class:`~steerdiff.solvers.base.NonFiniteError` naming the attempt and the sample; a rejected attempt is not
+a state of the run. The steps follow the ODE to the tolerance, so what diverges there is the field itself (a
+guidance scale, a net that amplifies the state).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -68,7 +76,15 @@ from tqdm.auto import tqdm
 from .._checks import boolean, choice, integer, real
 from .._ops import laid_out_as
 from ..denoiser import Denoiser, Prediction, check_denoiser, predict_rows
-from .base import FINALS, nonfinite_error, to_sample_dtype, work_dtype
+from .base import (
+    FINALS,
+    data_scale,
+    diverged_error,
+    nonfinite_error,
+    state_bound,
+    to_sample_dtype,
+    work_dtype,
+)
 from .dpm_solver import Coefficients, levels_at, midpoint_weight, third_order_weight, update_weights
 
 __all__ = ["MAX_NFE", "SAMPLE_ONLY", "AdaptiveInfo", "dpm_adaptive"]
@@ -273,7 +289,7 @@ def dpm_adaptive(
     Raises:
         ValueError: bad arguments (the message names the argument and the accepted values).
         NonFiniteError: the network returned NaN/inf (the message names the step attempt, the evaluation
-            and the time).
+            and the time), or an accepted state diverged (the divergence guard, module docstring).
         FloatingPointError: a sample's step fell to nothing (its levels no longer distinct in float64, or
             ``h`` NaN): the error estimate does not shrink with the step there.
     """
@@ -281,7 +297,7 @@ def dpm_adaptive(
 
     who = "dpm_adaptive"
     check_denoiser(who, "den", den)
-    check_x_T(den, x_T, who)
+    scale = data_scale(check_x_T(den, x_T, who))  # the divergence guard's D
     check_sample_only(
         who,
         cond,
@@ -331,6 +347,12 @@ def dpm_adaptive(
     denoised = torch.zeros_like(x) if callback is not None else None
     active, step = list(range(n)), 0
     attempt = order * den.cost  # one attempt's evaluations of a sample
+    diverged = functools.partial(
+        diverged_error,
+        fix="the guidance scale may be too large: try less"
+        if den.guided
+        else "the steps follow the ODE to rtol, atol: the model's field itself diverges there",
+    )
     bar = tqdm(desc=who, leave=False) if progress else None
     while active:
         if max_nfe is not None and (late := [r for r in active if calls.per_sample[r] + attempt > max_nfe]):
@@ -370,14 +392,17 @@ def dpm_adaptive(
             c_u2 = [third_order_weight(algorithm, h2, h1) for h2, h1 in zip(h_of[1], h_of[0], strict=True)]
             c_3 = [third_order_weight(algorithm, hh, h2) for hh, h2 in zip(h_of[2], h_of[1], strict=True)]
             updates = [(mid[0], None), (to, c_mid), (mid[1], c_u2), (to, c_3)]
-        # one copy per attempt: the rows, each call's times and the updates' weights (both forms of the noise
-        # prediction's: from eps, or from the x0 a net gives, known at its first call)
+        # one copy per attempt: the rows, each call's times, the bounds of the divergence guard at the step's
+        # end (state_bound) and the updates' weights (both forms of the noise prediction's: from eps, or from
+        # the x0 a net gives, known at its first call)
         times = [[t_now[r] for r in active], *([t for t, _ in lvls] for lvls in inner)]
-        host = [float(r) for r in active] + [t for ts in times for t in ts]
+        bounds = [state_bound(scale, lv[0], lv[1]) for lv in to]
+        host = [float(r) for r in active] + [t for ts in times for t in ts] + bounds
         host += [v for to_, c in updates for form in forms for v in _weights(algorithm, frm, to_, c, form)]
         packed = torch.tensor(host, dtype=torch.float64, device=x.device)
         index, t_dev = packed[:m].long(), packed[m : m * (1 + order)].view(order, m)
-        w = packed[m * (1 + order) :].view(len(updates), len(forms), 3, m, *[1] * (x.ndim - 1)).to(x.dtype)
+        limits = packed[m * (1 + order) : m * (2 + order)]
+        w = packed[m * (2 + order) :].view(len(updates), len(forms), 3, m, *[1] * (x.ndim - 1)).to(x.dtype)
 
         xs = x.index_select(0, index)
         pred = calls(xs, t_dev[0], times[0], active, index)
@@ -399,10 +424,15 @@ def dpm_adaptive(
         prev = x_prev.index_select(0, index)
         delta = torch.maximum(x_low.abs(), prev.abs()).mul_(rtol).clamp_min_(atol)
         e_dev = ((x_high - x_low) / delta).flatten(1).double().square().mean(1).sqrt()
-        read = torch.cat([e_dev, calls.flags()]).tolist()  # the attempt's one read: E and the NaN flags
-        calls.check(step, read[m:])
+        # the divergence guard: 1 where x_high is NaN/inf or beyond its bound (read, acted on where accepted)
+        beyond = (x_high.detach().flatten(1).abs().amax(1).double() <= limits).logical_not().double()
+        read = torch.cat([e_dev, beyond, calls.flags()]).tolist()  # the attempt's one read: E and the flags
+        calls.check(step, read[2 * m :])
         errors = read[:m]
         ok = [e <= 1.0 for e in errors]
+        for j, r in enumerate(active):  # a rejected attempt is not a state of the run
+            if ok[j] and read[m + j]:
+                raise diverged(step, to_t[j], who=f"{who}: sample {r}'s accepted step", bound=bounds[j])
         if any(ok):  # the accepted rows (E <= 1, decided alike on the device) go on from x_high
             took = (e_dev <= 1.0).view(-1, *[1] * (x.ndim - 1))
             x = x.index_copy(0, index, torch.where(took, x_high, xs))
