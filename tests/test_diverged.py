@@ -334,6 +334,29 @@ def test_dpm_adaptive_names_its_first_accepted_state_that_diverged(monkeypatch):
     assert float(tame.abs().max()) < 10
 
 
+def test_dpm_adaptive_bounds_its_clean_step(monkeypatch):
+    """With ``final="zero"`` the run returns the net's denoised estimate at ``t_end``, bounded as ``sample``'s
+    clean step is (``1e8 D``), in that step's read: an x0 net that is 0 above ``t_min`` and 1e12 there (the
+    clean step's time alone) is named there (before: 1e12 returned). The same on a faked accelerator."""
+    proc = sd.VP.linear()
+    at_end = float(proc.model_time(proc.t_min))
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t[:, None] <= at_end, 1e12, 0.0).to(x.dtype).expand_as(x)
+
+    wild = sd.Denoiser(net, proc, "x0")
+    seen: list[dict] = []
+    with pytest.raises(sd.NonFiniteError) as err:
+        sd.solvers.dpm_adaptive(wild, noise(4, 8), callback=seen.append)
+    bound = 1e8 * float(noise(4, 8).abs().max())
+    assert str(err.value).startswith(
+        f"dpm_adaptive: sample 0's clean step (its denoised estimate) made the state diverge at step "
+        f"{len(seen)} (process time t={proc.t_min:.6g}): an entry is NaN/inf or beyond {bound:.3g} "
+    ), str(err.value)
+    assert float(seen[-1]["x"].abs().max()) < 10  # the last attempt's state: sane
+    assert_nan_named_alike_on_an_accelerator(lambda: sd.solvers.dpm_adaptive(wild, noise(4, 8)), monkeypatch)
+
+
 def test_dpm_adaptive_names_the_guidance_scale_of_a_run_that_diverged(gmm):
     """CFG at 1e5 under a loose tolerance (rtol = atol = 5): the accepted states grow past the bound at
     attempt 8, named with the guidance scale (before: the run went on until the state overflowed and the

@@ -54,10 +54,11 @@ times, bounds and update weights, computed on the host in float64 from the last 
 no work queued).
 
 The divergence guard (:func:`~steerdiff.solvers.base.state_bound`): an accepted ``x_high`` with an entry
-NaN/inf or beyond ``1e8 (alpha D + sigma)`` at its row's new level (``D`` of ``x_T``) is a
-:class:`~steerdiff.solvers.base.NonFiniteError` naming the attempt and the sample; a rejected attempt is not
-a state of the run. The steps follow the ODE to the tolerance, so what diverges there is the field itself (a
-guidance scale, a net that amplifies the state).
+NaN/inf or beyond ``1e8 (alpha D + sigma)`` at its row's new level (``D`` of ``x_T``), or a denoised estimate
+of the clean step beyond ``1e8 D``, is a :class:`~steerdiff.solvers.base.NonFiniteError` naming the attempt
+and the sample, in the read the step makes anyway; a rejected attempt is not a state of the run. The steps
+follow the ODE to the tolerance, so what diverges there is the field itself (a guidance scale, a net that
+amplifies the state).
 """
 
 from __future__ import annotations
@@ -472,7 +473,14 @@ def dpm_adaptive(
         everyone = torch.arange(n, device=x.device)
         t_end_rows = torch.full((n,), t1, dtype=torch.float64, device=x.device)
         x = calls(x, t_end_rows, [t1] * n, list(range(n)), everyone).x0
-        calls.check(step, calls.flags().tolist())
+        clean = state_bound(scale, 1.0, 0.0)  # the guard on the denoised estimate, as sample's clean step
+        beyond = (x.detach().flatten(1).abs().amax(1).double() <= clean).logical_not().double()
+        read = torch.cat([beyond, calls.flags()]).tolist()
+        calls.check(step, read[n:])
+        if (row := next((j for j in range(n) if read[j]), None)) is not None:
+            raise diverged(
+                step, t1, who=f"{who}: sample {row}'s clean step (its denoised estimate)", bound=clean
+            )
         if callback is not None:
             callback(
                 {
