@@ -462,3 +462,33 @@ def test_psi_sampler_names_its_initial_chains_when_they_diverge(monkeypatch):
     assert_nan_named_alike_on_an_accelerator(lambda: run(1e12), monkeypatch)
     monkeypatch.undo()
     assert float(run(1.0).x.abs().max()) < 10
+
+
+@pytest.mark.parametrize("method", ["dts", "rbf"])
+def test_a_tree_search_that_diverges_names_its_rollout_or_candidate(gmm, method, monkeypatch):
+    """The tree searches' own loops over DDPM on a CFG denoiser at scale 1e12: the first state a solver step
+    makes (dts: rollout 1's step 0; rbf: a candidate of node 1, drawn from step 0's transition) is past the
+    bound ``1e8 (alpha D + sigma)``, D the initial noise's std (1 under VP). Before: both returned a sample of
+    max |x| 1.7e77 (dts, 4 rollouts; its ``best`` too) / 2.0e77 (rbf, budget 64). The same error on an
+    accelerator (read after the run, or at a reward's check); at scale 2 the data's scale."""
+    proc = sd.VP.linear()
+    cond, uncond = gmm.denoiser(proc), smooth_mixture(seed=3).denoiser(proc)
+
+    def run(scale: float) -> sd.smc.Particles:
+        den, kw = sd.guidance.CFG(cond, uncond, scale), {"shape": (2, 8), "steps": 8, "solver": "ddpm"}
+        gens = [_gen(b) for b in range(2)]
+        if method == "dts":
+            return sd.smc.dts(
+                den, lambda x: -x.pow(2).sum(-1), 1.0, rollouts=4, dtype=F64, generator=gens, **kw
+            )
+        return sd.smc.rbf(den, lambda x: -x.pow(2).sum(-1), 64, dtype=F64, generator=gens, **kw)
+
+    who = "dts's rollout 1" if method == "dts" else "rbf's candidate"
+    with pytest.raises(sd.NonFiniteError) as err:
+        run(1e12)
+    msg = str(err.value)
+    assert msg.startswith(f"{who} (solver 'ddpm') made the state diverge at step 0 "), msg
+    assert "the guidance scale" in msg
+    assert_nan_named_alike_on_an_accelerator(lambda: run(1e12), monkeypatch)
+    monkeypatch.undo()
+    assert float(run(2.0).x.abs().max()) < 100

@@ -87,7 +87,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser, check_sample_shape, take_kwarg_rows
 from ..noise import Generators, check_generators, make_noise, rand, randn, take_generator_rows
-from ..sampling import check_sample_only, check_seeded
+from ..sampling import check_sample_only, check_seeded, diverged_step
 from ..schedules import ScheduleLike
 from ..solvers.base import (
     FINALS,
@@ -259,13 +259,20 @@ class _Rollouts:
         self.who, self.den, self.slv, self.grid, self.reward = who, den, slv, grid, reward
         self.cond, self.generator, self.batch = cond, generator, batch
         self.state = slv.init_state(grid)  # grid tables only (checked by dts)
-        self.model = Model(den, cond, None, net_dtype=in_dtype)
         self.scale = math.hypot(grid.alpha[0], grid.sigma[0])
+        # the divergence guard's data scale D: the initial noise's std (each rollout draws its own: no read)
+        self.model = Model(den, cond, None, net_dtype=in_dtype, scale=self.scale)
 
-    def run(self, forest: _Forest, start: Tensor, row_nfe: Tensor) -> Tensor:
+    def run(self, forest: _Forest, start: Tensor, row_nfe: Tensor, rollout: int) -> Tensor:
         """Expand the rows whose new node is at depth ``start[b]`` (``> S + 1``: none) and roll them out to
-        the terminal depth; their terminal rewards are stored. Returns the rows expanded."""
+        the terminal depth; their terminal rewards are stored. Returns the rows expanded. Each new node's
+        state is bounded by the divergence guard (:meth:`~steerdiff.solvers.base.Model.note_state`), which
+        names the ``rollout``-th rollout (from 1) and the step."""
         steps = self.grid.steps
+        grid = self.grid
+        diverged = diverged_step(
+            self.slv, self.model, f"{self.who}'s rollout {rollout} (solver {self.slv.name!r})"
+        )
         first = start == 1
         if bool(first.any()):
             rows = first.nonzero().flatten()
@@ -287,7 +294,9 @@ class _Rollouts:
             before = self.model.nfe
             out = self.slv.step(self.model, forest.state(i + 1, rows), i, self.grid, self.state)
             row_nfe[rows] += self.model.nfe - before
-            forest.add(rows, i + 2, advance(out, noise, self.grid.t[i], self.grid.t[i + 1]))
+            x = advance(out, noise, grid.t[i], grid.t[i + 1])
+            self.model.note_state(x, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)
+            forest.add(rows, i + 2, x)
         rows = (start <= steps + 1).nonzero().flatten()
         if len(rows):
             x = forest.state(steps + 1, rows)
@@ -440,7 +449,7 @@ def dts(
         best_reward = torch.full((batch,), -math.inf, dtype=F64, device=x_like.device)
         best = x_like.new_zeros((batch, *sample_shape))
         every = torch.arange(batch, device=x_like.device)
-        for _ in tqdm(range(rollouts), desc=who, leave=False) if progress else range(rollouts):
+        for rollout in tqdm(range(rollouts), desc=who, leave=False) if progress else range(rollouts):
             u = None if greedy else rand((batch, steps + 1), generator, F64, x_like.device)
             start = torch.full((batch,), steps + 2, dtype=torch.long, device=x_like.device)
             going = torch.ones(batch, dtype=torch.bool, device=x_like.device)
@@ -453,7 +462,7 @@ def dts(
                     break
                 child = _select(forest, d, forest.path[:, d], None if u is None else u[:, d], exploration)
                 forest.path[:, d + 1] = torch.where(going, child, forest.path[:, d + 1])
-            rows = runner.run(forest, start, row_nfe)
+            rows = runner.run(forest, start, row_nfe, rollout + 1)
             r = forest.at(forest.value, steps + 1, rows)
             better = r > best_reward[rows]
             best_reward[rows] = torch.where(better, r, best_reward[rows])

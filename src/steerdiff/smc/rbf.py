@@ -72,7 +72,7 @@ from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, sample_dtype
 from ..denoiser import Denoiser, Prediction, check_denoiser, check_sample_shape, take_kwarg_rows
 from ..noise import Generators, RefusedNoise, check_generators, randn, take_generator_rows
-from ..sampling import check_sample_only, check_seeded
+from ..sampling import check_sample_only, check_seeded, diverged_step
 from ..schedules import ScheduleLike
 from ..solvers.base import (
     FINALS,
@@ -137,7 +137,17 @@ class _Steps:
     ) -> None:
         self.who, self.den, self.slv, self.grid, self.cond, self.batch = who, den, slv, grid, cond, batch
         self.state = slv.init_state(grid)  # grid tables only (no history: checked)
-        self.model = _FirstCall(den, cond, None, net_dtype=dtype)
+        # the divergence guard's data scale D: the initial noise's std (drawn per candidate: no read)
+        self.model = _FirstCall(
+            den, cond, None, net_dtype=dtype, scale=math.hypot(grid.alpha[0], grid.sigma[0])
+        )
+        self.diverged = diverged_step(slv, self.model, f"{who}'s candidate (solver {slv.name!r})")
+
+    def bound(self, x: Tensor, k: int) -> None:
+        """The divergence guard (:meth:`~steerdiff.solvers.base.Model.note_state`) on ``x``, states at grid
+        node ``k >= 1`` drawn from the transition of step ``k - 1``."""
+        grid = self.grid
+        self.model.note_state(x, k - 1, grid.t[k], grid.alpha[k], grid.sigma[k], self.diverged)
 
     def __call__(self, x: Tensor, k: int, rows: Tensor) -> tuple[Transition, Prediction, int]:
         """Step ``k`` from the candidates ``x`` of ``rows``: their transition (std broadcast to ``x``), their
@@ -307,6 +317,8 @@ def rbf(
                     (len(rows), *sample_shape), take_generator_rows(generator, rows, batch), wdtype, dev
                 )
                 x = mean[on] + std[on] * z
+                if k > 0:  # a candidate of the kept state's transition (node 0's: the initial noise)
+                    run.bound(x, k)
                 tr, pred, spent = run(x, k, on)
                 if not measured:  # one network call's cost, known after the first call (at least den.cost
                     # before it: a CFG outside its interval there costs 1 but 2 at the nodes inside it)
@@ -353,9 +365,10 @@ def rbf(
                 bar.update(int(row_nfe.min()) - bar.n)
         if bar is not None:
             bar.close()
-        run.model.check_finite()
         # the last step from the kept x_L: its denoised estimate (final="zero") or a draw of its transition
         x = cand_x0 if grid.clean_end else cand_mean + cand_std * randn(shape, generator, wdtype, dev)
+        run.bound(x, steps)
+        run.model.check_finite()
         out_r = _finite_reward(who, reward, RowSlice(None, len(x), x, grid.t[-1], cond), run.model)
         return RolloverSamples(
             to_sample_dtype(who, x, in_dtype)[:, None], torch.zeros(batch, 1, dtype=F64, device=dev),
