@@ -492,3 +492,34 @@ def test_a_tree_search_that_diverges_names_its_rollout_or_candidate(gmm, method,
     assert_nan_named_alike_on_an_accelerator(lambda: run(1e12), monkeypatch)
     monkeypatch.undo()
     assert float(run(2.0).x.abs().max()) < 100
+
+
+def test_denoising_mcmc_names_the_chain_move_that_diverged(gmm, monkeypatch):
+    """Denoising MCMC's Langevin moves ``y <- y + h (xhat - y) + ...`` (h = step_size = 0.5) on a field that
+    amplifies the state (eps = -3 x: xhat = (1 + 3 s) y, ``y`` grows by ``1 + 3 h s`` a move) cross
+    ``1e8 max(1, max |y_0|)`` at move 31 of 34. Before: a sample of max |x| 5.6e10 returned (its chain state
+    1.1e10; the denoising's own guard, D = that state, let it through). The same error on an accelerator (one
+    read after the chain); on the mixture's exact denoiser the same run returns the data's scale."""
+    proc, sig = sd.VP.linear(), torch.logspace(-1, 0.5, 6, dtype=F64)
+    wild = sd.Denoiser(lambda x, t: -3.0 * x, proc, "eps")
+
+    def run(den: sd.Denoiser, logits) -> sd.mcmc.DenoisingMCMC:  # type: ignore[no-untyped-def]
+        gens = [_gen(b) for b in range(8)]
+        return sd.mcmc.denoising_mcmc(
+            den, (8, 8), sig, logits, 2, thin=2, burn_in=30, step_size=0.5, dtype=F64, generator=gens
+        )
+
+    def flat(y: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(y), 6, dtype=y.dtype)
+
+    with pytest.raises(sd.NonFiniteError) as err:
+        run(wild, flat)
+    assert str(err.value).startswith(
+        "denoising_mcmc: the chain diverged at its move 31 of 34 (sweep 31; an entry NaN/inf or beyond 1e+08 "
+        "max(1, max |y|) of the start y"
+    ), str(err.value)
+    assert "step_size=0.5 is too large" in str(err.value)
+    assert_nan_named_alike_on_an_accelerator(lambda: run(wild, flat), monkeypatch)
+    monkeypatch.undo()
+    out = run(gmm.denoiser(proc), lambda y: gmm.noise_level_logits(y, sig))
+    assert float(out.x.abs().max()) < 10

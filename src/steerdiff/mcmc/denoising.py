@@ -86,7 +86,8 @@ from .._ops import first_false
 from ..denoiser import Denoiser, check_denoiser, check_sample_shape, take_kwarg_rows
 from ..noise import check_generators, rand, randn, repeat_rows, take_generator_rows
 from ..schedules import Karras
-from ..solvers.base import NonFiniteError, Solver
+from ..solvers.base import DIVERGED, NonFiniteError, Solver, within
+from .base import _chain_bound
 from .walk_jump import CHAIN_SAMPLE_ONLY, CHAIN_SAMPLE_ONLY_WHY, initial_state, measurement_time
 
 __all__ = ["LEVEL_UPDATES", "SELECTS", "DenoisingMCMC", "denoising_mcmc"]
@@ -261,6 +262,8 @@ def denoising_mcmc(
     else:
         level = level_init.to(on)
     sums: list[Tensor] = []  # one finiteness sum per denoiser call, read once at the end
+    # the divergence guard: each move's state within DIVERGED max(1, max |y|) of the start, read with the sums
+    bound, bounded = _chain_bound(y), []
     chain_nfe = 0  # den.cost read after each call (a guided den's varies: CFG's interval)
     sound: list[Tensor] = []  # level_logits' outputs: no NaN, a finite logit per row; read once too
 
@@ -273,6 +276,7 @@ def denoising_mcmc(
             chain_nfe += den.cost
             sums.append(x0.detach().sum())
             y = y + h * (x0 - y) + scale * randn(shape, generator, y.dtype, on)
+            bounded.append(within(y, bound))
         level, ok = _new_level(level_logits(y), level_update, generator, n, k_count)
         level = level.to(on)
         sound.append(ok)
@@ -291,7 +295,19 @@ def denoising_mcmc(
                 best = torch.where(lower, level, best)
         states.append(y if select == "last" else best_y)
         picked.append(level if select == "last" else best)
-    if (bad := first_false(torch.isfinite(torch.stack(sums)))) is not None:  # first: a NaN y makes NaN logits
+    # first: a NaN y makes NaN logits. Move j takes evaluation j's x0, its state evaluation j + 1's input: a
+    # move out of bounds before the first non-finite evaluation is the move's fault, else the model's
+    calls = len(sums)
+    ok = torch.cat([torch.isfinite(torch.stack(sums)), torch.stack(bounded)]).cpu()  # one read for both
+    bad, move = first_false(ok[:calls]), first_false(ok[calls:])
+    if move is not None and (bad is None or move < bad):
+        raise NonFiniteError(
+            f"{who}: the chain diverged at its move {move + 1} of {calls} (sweep {move // moves + 1}; an "
+            f"entry NaN/inf or beyond {DIVERGED:g} max(1, max |y|) of the start y, the model's outputs "
+            f"finite until then): step_size={h:g} is too large for this denoiser's field: take a smaller "
+            "step_size"
+        )
+    if bad is not None:
         raise NonFiniteError(
             f"{who}: the model returned NaN/inf at step {bad + 1} of the chain (sweep {bad // moves + 1})"
         )
