@@ -523,3 +523,63 @@ def test_denoising_mcmc_names_the_chain_move_that_diverged(gmm, monkeypatch):
     monkeypatch.undo()
     out = run(gmm.denoiser(proc), lambda y: gmm.noise_level_logits(y, sig))
     assert float(out.x.abs().max()) < 10
+
+
+def _rdmc(inner: int, step_size: float) -> sd.mcmc.MonteCarloDenoiser:
+    """rdMC's Langevin estimator of N(0, 0.01 I) in 4-d (precision 100) under VP.cosine stopped at 0.8."""
+    return sd.mcmc.MonteCarloDenoiser(
+        lambda y: -(y**2).sum(-1) / (2 * 0.01), sd.VP.cosine(t_max=0.8), (4,), samples=8, method="langevin",
+        inner=inner, step_size=step_size, generator=_gen(0),
+    )  # fmt: skip
+
+
+def test_rdmc_inner_chains_that_diverge_name_their_move(monkeypatch):
+    """The Monte Carlo denoiser's inner ULA chains on ``q(x0 | x_t)`` with step_size 1 (h ~ 1 at t = 0.8 on a
+    target of precision 100: x(-99) a move) cross ``1e8 max(1, max |y|)`` of their start draws at move 5 of 5,
+    at the sampler's first call. Before: the estimate 1e9 times the data's scale made the sampler's step
+    diverge, and the error blamed "the solver 'ddpm' ... its noise" (step 0). On an accelerator (no read per
+    call) the estimate is made NaN and the sampler names the step and time of that call as the model's NaN.
+    At step_size 1e-3 the run returns the data's scale."""
+    x_T = torch.randn(2, 4, dtype=F64, generator=_gen(1))
+
+    def run(step_size: float) -> torch.Tensor:
+        return sd.sample(_rdmc(5, step_size), x_T, 5, "ddpm", generator=_gen(2))
+
+    with pytest.raises(sd.NonFiniteError) as err:
+        run(1.0)
+    assert str(err.value).startswith(
+        "MonteCarloDenoiser: an inner chain diverged at its move 5 of 5 (an entry NaN/inf or beyond 1e+08 "
+        "max(1, max |y|) of the draws it started from, the log_prob sound until then): step_size=1 is too "
+        "large for this log_prob: take a smaller step_size (at t=0.8)"
+    ), str(err.value)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+        with pytest.raises(
+            sd.NonFiniteError,
+            match=r"^the model returned NaN/inf at step 0 \(evaluation 1, process time t=0.8\)",
+        ):
+            run(1.0)
+    assert float(run(1e-3).abs().max()) < 5
+
+
+def test_rdmc_warm_start_that_diverges_names_its_move(monkeypatch):
+    """rdMC's warm start, ULA on ``p_t`` at t = 0.8 with the estimator's score (20 inner moves of 1e-3: the
+    estimate keeps 0.12 of the chains' start, the score about -0.88 x / sigma^2), step_size 10: x(-8.7) a
+    move, past ``1e8 max(1, max |x|)`` at move 9 of 20. Before: returned max |x| 2.0e19 (the end state was
+    only checked finite). The same error on an accelerator (one read per warm start); step_size 0.1 returns
+    the data's scale."""
+    x = 0.95 * torch.randn(8, 4, dtype=F64, generator=_gen(1))
+
+    def run(step_size: float) -> torch.Tensor:
+        return _rdmc(20, 1e-3).warm_start(x, 0.8, 20, step_size, generator=_gen(3))
+
+    with pytest.raises(
+        sd.NonFiniteError,
+        match=r"^MonteCarloDenoiser\.warm_start: the chain diverged at its move 9 of 20 \(an entry NaN/inf "
+        r"or beyond 1e\+08 max\(1, max \|x\|\) of the start x, the score estimates finite until then\): "
+        r"step_size=10 is too large",
+    ):
+        run(10.0)
+    assert_nan_named_alike_on_an_accelerator(lambda: run(10.0), monkeypatch)
+    monkeypatch.undo()
+    assert float(run(0.1).abs().max()) < 5

@@ -68,6 +68,11 @@ chain makes ``moves`` per sweep, ``chain_nfe = (burn_in + samples_per_chain * th
 :class:`~steerdiff.guidance.CFG` with an ``interval``), ``chain_nfe`` sums the chain's calls' costs and
 ``denoise_nfe`` is the mean over the samples of their denoising's. ``level_logits`` calls are not NFE (the
 paper's classifier is a small CNN); ``classifier_calls`` counts them (one per sweep).
+
+**Divergence.** Each Langevin move's state is bounded by the divergence guard, ``1e8 max(1, max |y|)`` of the
+chains' start (:data:`~steerdiff.solvers.base.DIVERGED`, as :meth:`~steerdiff.mcmc.Kernel.run`'s), read with
+the denoiser's finiteness after the chain (one read): a move out of bounds before the first non-finite
+output is a :class:`~steerdiff.NonFiniteError` naming the move, its sweep and ``step_size``.
 """
 
 from __future__ import annotations

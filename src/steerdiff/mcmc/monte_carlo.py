@@ -28,6 +28,10 @@ and Tweedie's formula gives the denoiser and the score from its mean (the score 
   the chains' last states. The step is ``h = 1 / (1 / step_size + alpha^2 / sigma^2)``: ``step_size``
   where the target's curvature rules, below the Gaussian factor's stability limit ``sigma^2 / alpha^2``
   where that one does (at low noise). Biased by ``O(h)`` and by the chains' unmixed start; needs gradients.
+  The chains are bounded by the divergence guard (a state NaN/inf or beyond ``1e8 max(1, max |y|)`` of the
+  draws they started from, :data:`~steerdiff.solvers.base.DIVERGED`): on the CPU a
+  :class:`~steerdiff.NonFiniteError` at that call names the move and ``step_size``; on an accelerator the
+  estimate is made NaN, which the sampler names as the model's at that step (no read per call).
 
 Both estimates are differentiable in ``x`` (guidance that differentiates the denoiser, such as DPS; a
 backward pass through the sampler). ``"importance"``: through the weights (``log_prob`` differentiable);
@@ -77,10 +81,12 @@ import torch
 from torch import Tensor
 
 from .._checks import choice, integer, real, sizes
+from .._ops import first_false
 from ..denoiser import Denoiser, Prediction, check_call, take_wrapped_rows
 from ..noise import Generators, check_fixed_time, check_generators, make_noise, randn
 from ..processes import Process
-from .base import Point, Target, _value_and_grad, chain, finite_run, fixed_time
+from ..solvers.base import DIVERGED, NonFiniteError, within
+from .base import Point, Target, _chain_bound, _value_and_grad, chain, fixed_time
 from .langevin import ULA
 
 __all__ = ["MonteCarloDenoiser"]
@@ -221,11 +227,22 @@ class MonteCarloDenoiser(Denoiser):
             x0 = torch.einsum("nm,nm...->n...", w, y.to(torch.float64))
         else:
             assert self.inner is not None, "set for method='langevin'"
-            chains, sound = self._langevin(x.detach(), y.detach(), ar, sr)
-            # a NaN log_prob, or a non-finite gradient where it is finite, at a point a chain visited (ULA
-            # reads the gradient alone: a NaN value would pass silently): read at once on the CPU; on an
-            # accelerator the estimate is made NaN, for the sampler to report at the end of its run
-            if sound.is_cpu and not bool(sound):
+            chains, ok = self._langevin(x.detach(), y.detach(), ar, sr)
+            # a chain that diverged (the divergence guard: a move's state NaN/inf or beyond DIVERGED max(1,
+            # max |y|) of the draws it started from, the log_prob sound until then), or a NaN log_prob, or a
+            # non-finite gradient where it is finite, at a point a chain visited (ULA reads the gradient
+            # alone: a NaN value would pass silently): read at once on the CPU; on an accelerator the
+            # estimate is made NaN, for the sampler to report at the end of its run (naming the step)
+            sound = ok.all()
+            first = first_false(ok.all(0)) if ok.is_cpu else None
+            if first is not None and bool(ok[1, first]):
+                raise NonFiniteError(
+                    f"{who}: an inner chain diverged at its move {first + 1} of {self.inner} (an entry "
+                    f"NaN/inf or beyond {DIVERGED:g} max(1, max |y|) of the draws it started from, the "
+                    f"log_prob sound until then): step_size={self.step_size:g} is too large for this "
+                    f"log_prob: take a smaller step_size (at t={_first(t):g})"
+                )
+            if first is not None:
                 raise ValueError(
                     f"{who}: log_prob must return finite numbers or -inf (outside the support), with a "
                     "finite gradient where it is finite; got NaN or a non-finite gradient at a point a chain "
@@ -259,8 +276,10 @@ class MonteCarloDenoiser(Denoiser):
 
     def _langevin(self, x: Tensor, y: Tensor, a: float | Tensor, s: float | Tensor) -> tuple[Tensor, Tensor]:
         """``inner`` ULA moves on ``log q(. | x)`` from the draws ``y`` ``(n, samples, ...)``: last states,
-        and a 0-d bool tensor, whether they are finite and no ``log_prob`` evaluation was NaN or had a
-        non-finite gradient where finite (:func:`~steerdiff.mcmc.base.finite_run`; no device read)."""
+        and ``(2, inner)`` bool flags (no device read): after each move, whether every state is within the
+        divergence guard's ``DIVERGED max(1, max |y|)`` (:func:`~steerdiff.mcmc.base._chain_bound`; so
+        finite), and whether no ``log_prob`` evaluation so far was NaN or had a non-finite gradient where
+        finite (:attr:`~steerdiff.mcmc.base.Target.sound`)."""
         assert self.inner is not None and self.step_size is not None, "set for method='langevin'"
         n, m, shape = x.shape[0], self.samples, x.shape[1:]
         flat = (n * m, *shape)
@@ -282,8 +301,14 @@ class MonteCarloDenoiser(Denoiser):
             else h
         )
         target = Target(log_prob=log_q, name=f"{type(self).__name__}: log_prob(x0)")
-        out, _ = chain(ULA(), Point(y.reshape(flat)), target, self.inner, step, normal)
-        return out.reshape(n, m, *shape), finite_run(out, target)
+        bound, sure = _chain_bound(y), torch.ones((), dtype=torch.bool, device=y.device)
+        flags: list[Tensor] = []
+
+        def moved(v: Tensor) -> None:
+            flags.append(torch.stack([within(v, bound), sure if target.sound is None else target.sound]))
+
+        out, _ = chain(ULA(), Point(y.reshape(flat)), target, self.inner, step, normal, moved=moved)
+        return out.reshape(n, m, *shape), torch.stack(flags, 1)
 
     def warm_start(
         self, x: Tensor, t: float, moves: int, step_size: float, generator: Generators = None
@@ -292,7 +317,10 @@ class MonteCarloDenoiser(Denoiser):
         rdMC's initialization of its early-stopped reverse process (module docstring), e.g. from
         ``x = sigma(t) * randn`` at the process's ``t_max``. Costs ``moves * cost`` target evaluations a row.
         ``generator``: the moves' noise (one, or one per row of ``x``; the estimates draw from the denoiser's
-        own). An end state that is not finite is a ``ValueError`` (one device read per warm start)."""
+        own). A move whose state is NaN/inf or beyond ``1e8 max(1, max |x|)`` (the divergence guard, as
+        :meth:`~steerdiff.mcmc.Kernel.run`'s) is a :class:`~steerdiff.NonFiniteError` naming the move and
+        ``step_size`` where the score estimates were finite until then, else a ``ValueError`` (one device
+        read per warm start)."""
         who = f"{type(self).__name__}.warm_start"
         check_call(who, x, t)
         moves = integer(who, "moves", moves, lo=1)
@@ -300,10 +328,30 @@ class MonteCarloDenoiser(Denoiser):
         check_fixed_time(who, generator, "pass a torch.Generator or a list of them (one per row)")
         noise = make_noise(check_generators(who, generator, x.shape[0]), who)
         sigma = float(self.process.sigma(torch.tensor(float(t), dtype=torch.float64)))
-        target = Target(score=lambda v: self(v, t).eps * (-1 / sigma))
-        out, _ = chain(ULA(), Point(x), target, moves, step_size, fixed_time(noise, float(t)))
+        finite: list[Tensor] = []  # whether each score estimate is finite (NaN from a call on an accelerator)
+
+        def score(v: Tensor) -> Tensor:
+            eps = self(v, t).eps
+            finite.append(torch.isfinite(eps).all() if not finite else finite[-1] & torch.isfinite(eps).all())
+            return eps * (-1 / sigma)
+
+        # the divergence guard on each move (as Kernel.run's): its state within DIVERGED max(1, max |x|)
+        bound, flags = _chain_bound(x), []
+        out, _ = chain(
+            ULA(), Point(x), Target(score=score), moves, step_size, fixed_time(noise, float(t)),
+            moved=lambda v: flags.append(torch.stack([within(v, bound), finite[-1]])),
+        )  # fmt: skip
         # one read per warm start (on the CPU a call raised at once): the estimates' NaN on an accelerator
-        if not bool(torch.isfinite(out).all()):
+        ok = torch.stack(flags, 1).cpu()
+        first = first_false(ok.all(0))
+        if first is not None and bool(ok[1, first]):
+            raise NonFiniteError(
+                f"{who}: the chain diverged at its move {first + 1} of {moves} (an entry NaN/inf or beyond "
+                f"{DIVERGED:g} max(1, max |x|) of the start x, the score estimates finite until then): "
+                f"step_size={step_size:g} is too large for this target at t={float(t):g}: take a smaller "
+                "step_size"
+            )
+        if first is not None:
             raise ValueError(
                 f"{who}: the moves reached NaN/inf: log_prob returned NaN or +inf, or -inf at every draw "
                 "of a row, or a non-finite gradient (method='langevin'), or the moves diverged (take a "

@@ -55,7 +55,10 @@ network once (per solver stage) on the rows whose rollout covers it, so an itera
 ``S - min_b i_b`` batched calls and one call of ``reward`` on the rows that expanded. Selection and
 backup cost ``O(S R)`` tensor operations per row and iteration (each scans the nodes at one grid node),
 ``O(S R^2)`` over a run of ``R = rollouts``. Each control decision reads the device (which rows expand),
-so on a GPU an iteration syncs ``O(S)`` times.
+so on a GPU an iteration syncs ``O(S)`` times. Every new node's state is bounded by the divergence guard
+(:meth:`~steerdiff.solvers.base.Model.note_state`: ``1e8 (alpha D + sigma)``, ``D`` the initial noise's
+std): one reduction per step, no read (off the CPU compared at the run's end, or at a reward's check),
+the error naming the rollout and the step.
 
 Memory: the tree is kept as tensors, by grid node: at most one new node per grid node and rollout, so
 ``rollouts * (S + 1)`` states ``(batch, S + 1, rollouts, *shape)`` in the run's dtype, and four

@@ -49,6 +49,9 @@ part of the budget unspent; a call that costs more, so that a row passes ``B`` -
 whose iterations vary -- is a ``ValueError``); the rows' searches end at different nodes at different times
 and are batched by node: each iteration draws one candidate for every row still searching, one call of the
 step (and of ``reward``) per node in use. Each control decision reads the device. No autograd graph is kept.
+Every candidate drawn from a kept state's transition, and the returned sample, is bounded by the divergence
+guard (:meth:`~steerdiff.solvers.base.Model.note_state`: ``1e8 (alpha D + sigma)``, ``D`` the initial noise's
+std; no read, off the CPU compared at the run's end or at a reward's check), the error naming the step.
 
 Solvers: the one-step stochastic ones that return their Gaussian transition (``ddpm``, ``euler_ancestral``,
 ``euler_maruyama``, ``flow_sde``, ``DDIM(eta > 0)``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``, ``lcm``,
