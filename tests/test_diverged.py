@@ -583,3 +583,28 @@ def test_rdmc_warm_start_that_diverges_names_its_move(monkeypatch):
     assert_nan_named_alike_on_an_accelerator(lambda: run(10.0), monkeypatch)
     monkeypatch.undo()
     assert float(run(0.1).abs().max()) < 5
+
+
+def test_rbf_bounds_its_returned_sample():
+    """rbf's returned sample is the last step's point from the kept state (``final="zero"``: its denoised
+    estimate): an x0 net that returns 1e12 at the last searched node's time alone makes every candidate
+    there finite and the sample 1e12, past ``1e8 (alpha_N D + sigma_N)`` = 1e8 at the last step (3 of 4).
+    Before: returned max |x| 1.0e12."""
+    proc, gens = sd.VP.linear(), lambda: [_gen(b) for b in range(2)]
+    times: list[float] = []
+
+    def seen(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        times.append(float(t.min()))
+        return torch.zeros_like(x)
+
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        return -x.pow(2).sum(-1)
+
+    kw = {"shape": (2, 8), "steps": 4, "solver": "ddpm", "dtype": F64}
+    tame = sd.smc.rbf(sd.Denoiser(seen, proc, "x0"), reward, 16, generator=gens(), **kw)
+    assert float(tame.x.abs().max()) == 0.0
+    late = sd.Denoiser(lambda x, t: torch.where(t[:, None] <= min(times), 1e12, 0.0).expand_as(x), proc, "x0")
+    with pytest.raises(
+        sd.NonFiniteError, match=r"^rbf's last step \(solver 'ddpm'\) made the state diverge at step 3 "
+    ):
+        sd.smc.rbf(late, reward, 16, generator=gens(), **kw)

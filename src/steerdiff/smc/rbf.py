@@ -144,13 +144,13 @@ class _Steps:
         self.model = _FirstCall(
             den, cond, None, net_dtype=dtype, scale=math.hypot(grid.alpha[0], grid.sigma[0])
         )
-        self.diverged = diverged_step(slv, self.model, f"{who}'s candidate (solver {slv.name!r})")
 
-    def bound(self, x: Tensor, k: int) -> None:
+    def bound(self, x: Tensor, k: int, what: str = "candidate") -> None:
         """The divergence guard (:meth:`~steerdiff.solvers.base.Model.note_state`) on ``x``, states at grid
-        node ``k >= 1`` drawn from the transition of step ``k - 1``."""
-        grid = self.grid
-        self.model.note_state(x, k - 1, grid.t[k], grid.alpha[k], grid.sigma[k], self.diverged)
+        node ``k >= 1`` made by step ``k - 1`` (``what`` they are: a candidate, or the last step's sample)."""
+        grid, slv = self.grid, self.slv
+        diverged = diverged_step(slv, self.model, f"{self.who}'s {what} (solver {slv.name!r})")
+        self.model.note_state(x, k - 1, grid.t[k], grid.alpha[k], grid.sigma[k], diverged)
 
     def __call__(self, x: Tensor, k: int, rows: Tensor) -> tuple[Transition, Prediction, int]:
         """Step ``k`` from the candidates ``x`` of ``rows``: their transition (std broadcast to ``x``), their
@@ -370,7 +370,7 @@ def rbf(
             bar.close()
         # the last step from the kept x_L: its denoised estimate (final="zero") or a draw of its transition
         x = cand_x0 if grid.clean_end else cand_mean + cand_std * randn(shape, generator, wdtype, dev)
-        run.bound(x, steps)
+        run.bound(x, steps, "last step")
         run.model.check_finite()
         out_r = _finite_reward(who, reward, RowSlice(None, len(x), x, grid.t[-1], cond), run.model)
         return RolloverSamples(
