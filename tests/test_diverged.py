@@ -1,7 +1,8 @@
 """The divergence guard (``Model.note_state``, ``steerdiff.solvers.base.DIVERGED``): a run whose state leaves
 ``1e8 (alpha(t) D + sigma(t))`` -- D the data scale, ``max(1, max |x_start|)`` -- or the finite numbers while
 the net's outputs stay finite raises ``sd.NonFiniteError`` naming the step, the time, what moved it and the
-argument at fault. Before, every case below returned its huge finite state as a sample, silently."""
+argument at fault. Before, every case below returned its huge finite state as a sample, silently (or, rdMC's
+inner chains, blamed the sampler's solver for the huge estimate they made)."""
 
 from __future__ import annotations
 
