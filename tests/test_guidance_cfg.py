@@ -634,7 +634,7 @@ def test_pcg_passes_a_net_condition_named_cond(den):
     assert torch.equal(out, pcg(baked(1), baked(NULL), x_T, 6, 3.0, generator=_gens([0, 1, 2, 3])))
 
 
-@pytest.mark.parametrize("steps", [0, 2.5, "10", None])
+@pytest.mark.parametrize("steps", [0, 2.5, "10"])  # None: the default 10 (test_steps_count)
 def test_pcg_names_a_bad_steps(den, steps):
     """It was named ``make_grid: steps``, the internal function's."""
     x_T = torch.zeros(2, 2, dtype=F64)

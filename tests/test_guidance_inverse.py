@@ -1007,7 +1007,7 @@ def test_repaint_sample_names_a_den_that_is_no_denoiser(bad):
         repaint_sample(bad, Inpaint(mask), torch.zeros(2, 1, dtype=F64), torch.zeros(2, 2, dtype=F64), 3)
 
 
-@pytest.mark.parametrize("steps", [0, 2.5, "10", None])
+@pytest.mark.parametrize("steps", [0, 2.5, "10"])  # None: the default 10 (test_steps_count)
 def test_repaint_sample_names_a_bad_steps(steps):
     """It was named ``make_grid: steps``, the internal function's."""
     den = _diag_mixture().denoiser(PROC)

@@ -70,7 +70,7 @@ RUNS: dict[str, tuple[Callable[..., Any], int, str | None]] = {
         10,
         None,
     ),
-    "paradigms": (lambda n, s, f: sd.paradigms(DEN, X, n, "ddim", s, final=f), -1, None),
+    "paradigms": (lambda n, s, f: sd.paradigms(DEN, X, n, "ddim", s, final=f), 10, None),
     "pcd_sample": (
         lambda n, s, f: sd.guidance.pcd_sample(DEN, X, lambda x: x.clamp(-1, 1), n, "ddim", s, final=f),
         100,
@@ -83,12 +83,12 @@ RUNS: dict[str, tuple[Callable[..., Any], int, str | None]] = {
     ),
     "pcg": (
         lambda n, s, f: sd.guidance.pcg(DEN, DEN, X, n, 1.5, schedule=s, final=f, generator=_g()),
-        -1,
+        10,
         None,
     ),
     "repaint_sample": (
         lambda n, s, f: sd.guidance.repaint_sample(DEN, Matrix(A), Y, X, n, schedule=s, generator=_g()),
-        -1,
+        10,
         "zero",
     ),
     "search_ratios": (
@@ -239,17 +239,33 @@ def test_a_list_ending_at_t_min_and_one_ending_at_the_clean_state() -> None:
     assert "sigmas" not in str(err.value), err.value
 
 
-@pytest.mark.parametrize(
-    "run",
-    [
-        lambda: sd.paradigms(DEN, X, None, "ddim"),
-        lambda: sd.guidance.pcg(DEN, DEN, X, None, 1.5),
-        lambda: sd.guidance.repaint_sample(DEN, Matrix(A), Y, X, None),
-    ],
-)
-def test_a_required_steps_is_none_only_with_an_explicit_grid(run: Callable[[], Any]) -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"steps must be an integer >= 1, got None \(None counts the times of an explicit grid",
-    ):
-        run()
+# each without steps (positional order unchanged: pcg's gamma after it, by keyword), and with sd.sample's 10
+OMITTED = {
+    "paradigms": (
+        lambda: sd.paradigms(DEN, X, return_info=True),
+        lambda: sd.paradigms(DEN, X, 10, return_info=True),
+    ),
+    "pcg": (
+        lambda: sd.guidance.pcg(DEN, DEN, X, gamma=1.5, generator=_g(), return_info=True),
+        lambda: sd.guidance.pcg(DEN, DEN, X, 10, 1.5, generator=_g(), return_info=True),
+    ),
+    "repaint_sample": (
+        lambda: sd.guidance.repaint_sample(DEN, Matrix(A), Y, X, generator=_g(), return_info=True),
+        lambda: sd.guidance.repaint_sample(DEN, Matrix(A), Y, X, 10, generator=_g(), return_info=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", OMITTED)
+def test_steps_omitted_is_the_sample_default(name: str) -> None:
+    """``paradigms``, ``pcg``, ``repaint_sample`` had no default ``steps``: now ``sd.sample``'s, bitwise."""
+    omitted, given = OMITTED[name]
+    (x, info), (ref, ref_info) = omitted(), given()
+    assert torch.equal(x, ref) and info.grid.steps == 10 and info.nfe == ref_info.nfe > 0
+
+
+def test_pcg_gamma_stays_required() -> None:
+    """``pcg``'s ``gamma`` follows ``steps``: its default ``None`` exists only for the signature, refused."""
+    for run in (lambda: sd.guidance.pcg(DEN, DEN, X), lambda: sd.guidance.pcg(DEN, DEN, X, 4)):
+        with pytest.raises(ValueError, match=r"^pcg: gamma is required, a real number >= 0"):
+            run()

@@ -522,7 +522,7 @@ def _staged(
 def paradigms(
     den: Denoiser,
     x_T: Tensor,
-    steps: int | None,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -541,7 +541,7 @@ def paradigms(
 def paradigms(
     den: Denoiser,
     x_T: Tensor,
-    steps: int | None,
+    steps: int | None = ...,
     solver: str | Solver | None = ...,
     schedule: ScheduleLike = ...,
     *,
@@ -560,7 +560,7 @@ def paradigms(
 def paradigms(
     den: Denoiser,
     x_T: Tensor,
-    steps: int | None,
+    steps: int | None = None,
     solver: str | Solver | None = None,
     schedule: ScheduleLike = DEFAULT_SCHEDULE,
     *,
@@ -578,8 +578,8 @@ def paradigms(
     ``schedule``, ``final`` and ``generator``, up to ``tol``, in fewer sequential (batched) network calls.
 
     Args:
-        den, x_T, steps, schedule, final, progress, **cond: as :func:`steerdiff.sample` (``steps`` >= 1,
-            no default: the method pays off on long grids; ``None`` with an explicit grid only, its count);
+        den, x_T, steps, schedule, final, progress, **cond: as :func:`steerdiff.sample` (``steps=None``:
+            an explicit grid's count, else its 10; the method pays off on long grids, as the module says);
             ``**cond`` holds none of the keywords of :func:`steerdiff.sample` that this function lacks
             (:data:`SAMPLE_ONLY`: ``callback``, ``corrector``, ``corrector_steps``, ``snr``), which would
             reach the net.
@@ -627,7 +627,7 @@ def paradigms(
         "schedule, final, window, tol, generator, group, progress, return_info and the net's conditions "
         "(**cond)",
     )
-    sched, grid, slv = plan(den, steps, solver, schedule, final, who, ACCEPTED, default_steps=None)
+    sched, grid, slv = plan(den, steps, solver, schedule, final, who, ACCEPTED)
     steps = grid.steps
     window = min(integer(who, "window", window, lo=1), steps)
     tol = real(who, "tol", tol, lo=0, lo_open=True)

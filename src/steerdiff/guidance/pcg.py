@@ -23,7 +23,7 @@ from ..sampling import DEFAULT_SCHEDULE, SampleInfo, check_seeded, check_x_T, di
 from ..schedules import ScheduleLike
 from ..schedules import get as get_schedule
 from ..solvers._exp import sde_std
-from ..solvers.base import FINALS, Model, make_grid, moved_error, to_sample_dtype, work_dtype
+from ..solvers.base import DEFAULT_STEPS, FINALS, Model, make_grid, moved_error, to_sample_dtype, work_dtype
 from ..solvers.ddim import DDIM
 from .cfg import CFG, check_pair
 
@@ -41,8 +41,8 @@ def pcg(
     uncond: Denoiser,
     /,
     x_T: Tensor,
-    steps: int | None,
-    gamma: float,
+    steps: int | None = ...,
+    gamma: float | None = ...,
     *,
     langevin_steps: int = ...,
     step_scale: float = ...,
@@ -61,8 +61,8 @@ def pcg(
     uncond: Denoiser,
     /,
     x_T: Tensor,
-    steps: int | None,
-    gamma: float,
+    steps: int | None = ...,
+    gamma: float | None = ...,
     *,
     langevin_steps: int = ...,
     step_scale: float = ...,
@@ -81,8 +81,8 @@ def pcg(
     uncond: Denoiser,
     /,
     x_T: Tensor,
-    steps: int | None,
-    gamma: float,
+    steps: int | None = ...,
+    gamma: float | None = ...,
     *,
     langevin_steps: int = ...,
     step_scale: float = ...,
@@ -100,8 +100,8 @@ def pcg(
     uncond: Denoiser,
     /,
     x_T: Tensor,
-    steps: int | None,
-    gamma: float,
+    steps: int | None = None,
+    gamma: float | None = None,
     *,
     langevin_steps: int = 1,
     step_scale: float = 1.0,
@@ -133,9 +133,10 @@ def pcg(
     ``cond=`` for the net, say (latent diffusion's ``apply_model(x, t, cond)``), as ``pcg(den, den, x_T,
     steps, gamma, cond=c, uncond_kwargs={"cond": c_null})``.
 
-    ``steps``: the number of steps, or ``None`` with an explicit grid (``schedule`` a list of times: their
-    count, as for :func:`steerdiff.sample`). ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and
-    ``**kwargs`` (the condition) are as
+    ``steps``: the number of steps; ``None`` (the default): an explicit grid's count (``schedule`` a list
+    of times), else 10, as for :func:`steerdiff.sample`. ``gamma`` is required: its default ``None`` is
+    refused, and only lets ``steps`` before it default (``pcg(cond, uncond, x_T, gamma=3.0)``).
+    ``uncond_kwargs``, ``schedule``, ``final``, ``generator`` and ``**kwargs`` (the condition) are as
     for :class:`CFG` and :func:`steerdiff.sample` (the same wrappers refused, :func:`check_seeded`),
     but for a Brownian tree, refused: the moves are at fixed times, where it has no noise
     (:func:`~steerdiff.noise.check_fixed_time`). As there, a float16/bfloat16 ``x_T`` runs only the
@@ -144,6 +145,8 @@ def pcg(
     ``CFG.cost`` (2; 1 for ``gamma`` 0 or 1) per Langevin move; ``SampleInfo.corrector`` has one
     :class:`~steerdiff.mcmc.ChainInfo` per corrected node.
     """
+    if gamma is None:
+        raise ValueError("pcg: gamma is required, a real number >= 0 (e.g. pcg(cond, uncond, x_T, gamma=3))")
     gamma = real("pcg", "gamma", gamma, lo=0)
     return_info = boolean("pcg", "return_info", return_info)
     langevin_steps = integer("pcg", "langevin_steps", langevin_steps, lo=1)
@@ -159,7 +162,7 @@ def pcg(
     check_fixed_time("pcg", generator, "pass a torch.Generator or a list of them (one per sample)")
     check_seeded(sharpened, generator, "pcg")
     sched = get_schedule(schedule, "pcg")
-    grid = make_grid(cond.process, sched, steps, final, who="pcg")
+    grid = make_grid(cond.process, sched, steps, final, who="pcg", default=DEFAULT_STEPS)
     source = make_noise(generator, "pcg")
     predictor = Model(cond, kwargs, source, x_T.dtype, scale=size)
     corrector = Model(sharpened, kwargs, source, x_T.dtype, scale=size)

@@ -53,7 +53,7 @@ from ..noise import Generators, check_generators, make_noise, randn
 from ..sampling import SampleInfo, check_seeded, check_x_T, diverged_step
 from ..schedules import ScheduleLike
 from ..solvers._exp import noising
-from ..solvers.base import Model, advance, make_grid, to_sample_dtype, work_dtype
+from ..solvers.base import DEFAULT_STEPS, Model, advance, make_grid, to_sample_dtype, work_dtype
 from ..solvers.ddpm import DDPM
 from ._measurement import MeasurementGuided
 from .base import with_estimate
@@ -124,7 +124,7 @@ def repaint_sample(
     y: Tensor,
     /,
     x_T: Tensor,
-    steps: int | None,
+    steps: int | None = ...,
     *,
     resample: int = ...,
     jump: int = ...,
@@ -142,7 +142,7 @@ def repaint_sample(
     y: Tensor,
     /,
     x_T: Tensor,
-    steps: int | None,
+    steps: int | None = ...,
     *,
     resample: int = ...,
     jump: int = ...,
@@ -160,7 +160,7 @@ def repaint_sample(
     y: Tensor,
     /,
     x_T: Tensor,
-    steps: int | None,
+    steps: int | None = ...,
     *,
     resample: int = ...,
     jump: int = ...,
@@ -177,7 +177,7 @@ def repaint_sample(
     y: Tensor,
     /,
     x_T: Tensor,
-    steps: int | None,
+    steps: int | None = None,
     *,
     resample: int = 1,
     jump: int = 1,
@@ -197,8 +197,9 @@ def repaint_sample(
         x_T: initial noise, ``(batch, *operator.shape_in)``. The result has its dtype; for
             float16/bfloat16 the state, the DDPM steps and the replacement are float32 and only the
             net runs in ``x_T``'s dtype, as in :func:`steerdiff.sample`.
-        steps: grid nodes (``final="zero"``: the last step returns the denoised estimate); ``None`` with an
-            explicit grid (``schedule`` a list of times): their count, as for :func:`steerdiff.sample`.
+        steps: grid nodes (``final="zero"``: the last step returns the denoised estimate); ``None`` (the
+            default): an explicit grid's count (``schedule`` a list of times), else 10, as for
+            :func:`steerdiff.sample`.
         resample: ``U``, the passes over each jump interval (1: no resampling).
         jump: ``j``, the jump length in grid steps, from the nodes ``steps - 1 - m j >= j`` (see the
             module); from ``j >= steps`` on there is none, so nothing is resampled (the NFE,
@@ -218,7 +219,7 @@ def repaint_sample(
     guided = RePaint(den, operator, y, generator)
     check_seeded(guided, generator, "repaint_sample")
     sched = _schedules.get(schedule, "repaint_sample")
-    grid = make_grid(den.process, sched, steps, who="repaint_sample")
+    grid = make_grid(den.process, sched, steps, who="repaint_sample", default=DEFAULT_STEPS)
     solver = DDPM()
     model = Model(guided, cond, make_noise(generator, "repaint_sample"), net_dtype=x_T.dtype, scale=size)
     diverged = diverged_step(solver, model)
