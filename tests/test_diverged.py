@@ -14,7 +14,17 @@ import pytest
 import torch
 
 import steerdiff as sd
-from steerdiff.solvers.base import DIVERGED, Model, data_scale, diverged_error, moved_error, state_bound
+from steerdiff.mcmc.base import _chain_bound
+from steerdiff.solvers.base import (
+    DIVERGED,
+    Model,
+    data_scale,
+    diverged_error,
+    guard_scale,
+    largest,
+    moved_error,
+    state_bound,
+)
 
 from .reference import assert_nan_named_alike_on_an_accelerator, noise, smooth_mixture
 
@@ -45,6 +55,33 @@ def test_bound_is_the_process_scale_times_diverged():
     assert data_scale(0.3) == 1.0 and data_scale(290.0) == 290.0 and data_scale(float("nan")) == 1.0
     assert state_bound(290.0, 1.0, 80.0) == pytest.approx(1e8 * 370.0, rel=1e-15)
     assert state_bound(1.0, 1.0, 0.0) == 1e8
+
+
+SIZES = [0.0, 0.3, 1.0, 1.0 + 2**-40, 290.0, 3.5e30, 1e300, math.inf, -math.inf, math.nan]
+
+
+def test_the_bound_rule_lives_once_and_changes_no_number():
+    """``D = max(1, size)`` (1 where not finite) is :func:`guard_scale` on a tensor; the host path
+    (:func:`data_scale`, each step's :func:`state_bound`) and a standalone chain's device bound
+    (``DIVERGED max(1, max |x|)``, ``Kernel.run``) both go through it. The numbers are the two formulas'
+    before, bit for bit: ``max(1, size)`` on floats, ``max |x|`` clamped at 1 times 1e8 in ``x``'s dtype,
+    capped at its largest number. (Where the two differed, a start holding inf: the chain's bound was the
+    dtype's largest number, now ``1e8``, the host rule's; the start's inf fails either at the first move.)"""
+    for size in SIZES:
+        before = max(1.0, size) if math.isfinite(size) else 1.0
+        assert data_scale(size) == before, size
+        for alpha, sigma in ((1.0, 0.0), (0.3, 0.7), (0.05, 80.0)):
+            assert state_bound(data_scale(size), alpha, sigma) == DIVERGED * (alpha * before + sigma)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, F64):
+        for size in SIZES[:-3]:
+            x = torch.tensor([[size, -0.5 * size], [0.25, -size]]).to(dtype)
+            if not bool(largest(x).isfinite()):  # 3.5e30 and 1e300 overflow half precision: below
+                continue
+            before = (largest(x).clamp_min(1.0) * DIVERGED).clamp_max(torch.finfo(dtype).max)
+            got = _chain_bound(x)
+            assert got.dtype == dtype and torch.equal(got, before), (dtype, size)
+            assert torch.equal(guard_scale(largest(x)), largest(x).clamp_min(1.0)), (dtype, size)
+        assert float(guard_scale(torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype)).sum()) == 3.0
 
 
 def test_a_corrector_that_diverges_is_named_at_the_step_it_crosses_the_bound(gmm, monkeypatch):

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._checks import integer, real
 from .._ops import first_false
 from ..noise import NoiseSource, check_fixed_time, check_generators, make_noise
-from ..solvers.base import DIVERGED, Model, NonFiniteError, largest, within
+from ..solvers.base import DIVERGED, Model, NonFiniteError, guard_scale, largest, state_bound, within
 
 __all__ = [
     "ChainInfo",
@@ -381,11 +381,13 @@ class Kernel:
 
 def _chain_bound(x: Tensor) -> Tensor:
     """The divergence guard's bound on a standalone chain from ``x`` (:meth:`Kernel.run`), with no process to
-    scale it: ``DIVERGED max(1, max |x|)`` (:data:`~steerdiff.solvers.base.DIVERGED`), a 0-d tensor on
-    ``x``'s device in its dtype (capped at the dtype's largest number), never read on the host."""
+    scale it: ``DIVERGED max(1, max |x|)``, :func:`~steerdiff.solvers.base.state_bound` of
+    :func:`~steerdiff.solvers.base.guard_scale` at ``alpha = 1, sigma = 0`` (the rule of a process's runs),
+    a 0-d tensor on ``x``'s device in its dtype (capped at the dtype's largest number), never read on the
+    host."""
     if x.numel() == 0:
         return torch.ones((), dtype=x.dtype, device=x.device)
-    return (largest(x).clamp_min(1.0) * DIVERGED).clamp_max(torch.finfo(x.dtype).max)
+    return state_bound(guard_scale(largest(x)), 1.0, 0.0).clamp_max(torch.finfo(x.dtype).max)
 
 
 def finite_run(x: Tensor, target: Target) -> Tensor:

@@ -27,7 +27,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -55,6 +55,7 @@ __all__ = [
     "count_steps",
     "data_scale",
     "diverged_error",
+    "guard_scale",
     "keeps_history",
     "largest",
     "make_grid",
@@ -92,15 +93,28 @@ class NonFiniteError(FloatingPointError):
 DIVERGED = 1e8
 
 
-def data_scale(size: float) -> float:
+def guard_scale(size: Tensor) -> Tensor:
     """The data scale ``D`` of the divergence guard for a run that starts from a state whose largest
-    ``|entry|`` is ``size`` (the one host read of :func:`~steerdiff.sampling.check_x_T`): ``max(1, size)``."""
-    return max(1.0, size) if math.isfinite(size) else 1.0
+    ``|entry|`` is ``size``, a 0-d tensor: ``max(1, size)``, 1 where ``size`` is NaN or inf; in ``size``'s
+    dtype and on its device, no host read. The rule's one place: :func:`data_scale` is it on a host number,
+    a chain's bound (:meth:`steerdiff.mcmc.Kernel.run`) on a device scalar."""
+    return size.clamp_min(1.0).nan_to_num(1.0, 1.0)
 
 
-def state_bound(scale: float, alpha: float, sigma: float) -> float:
+def data_scale(size: float) -> float:
+    """:func:`guard_scale` of a host number ``size`` (the one host read of
+    :func:`~steerdiff.sampling.check_x_T`, or a start's known scale), through a float64 CPU scalar: no
+    device read (6 us, once per :class:`Model`)."""
+    return float(guard_scale(torch.tensor(size, dtype=torch.float64)))
+
+
+ScaleT = TypeVar("ScaleT", float, Tensor)
+
+
+def state_bound(scale: ScaleT, alpha: float, sigma: float) -> ScaleT:
     """The largest ``|entry|`` of a sane state at a time of ``alpha(t), sigma(t)`` in a run of data scale
-    ``scale`` (:func:`data_scale`): ``DIVERGED (alpha scale + sigma)`` (:data:`DIVERGED`)."""
+    ``scale`` (:func:`data_scale` on the host, where each step's bound is a number; :func:`guard_scale` on
+    a device scalar): ``DIVERGED (alpha scale + sigma)`` (:data:`DIVERGED`), of ``scale``'s kind."""
     return DIVERGED * (alpha * scale + sigma)
 
 
