@@ -28,7 +28,9 @@ import steerdiff as sd
 from steerdiff.guidance import CFG, DynamicThreshold
 from steerdiff.noise import Generators
 from steerdiff.smc import RowSlice, SMCAlgorithm, StepContext, transition_log_prob
+from steerdiff.smc.best_of_n import CoDe
 from steerdiff.smc.fk_steering import potential_nodes
+from steerdiff.smc.svdd import SVDD
 from steerdiff.solvers import Transition
 
 from .reference import half_net, slope, smooth_mixture
@@ -533,7 +535,7 @@ def test_final_none_scores_the_samples_returned(method):
     }
     out = run[method]()
     assert torch.allclose(out.reward, linear(out.x.flatten(0, 1)).reshape(8, 4), rtol=0, atol=1e-12)
-    assert out.nfe == 10 * 4
+    assert out.nfe == (9 * 4 + 1 if method == "code" else 10 * 4)  # code's node 0: the one start per row
 
 
 def test_code_one_branch_is_the_base_sampler():
@@ -580,7 +582,7 @@ def test_code_steers_towards_reward():
             dtype=F64,
         )
         means[n] = float(linear(out.sample()).mean())
-        assert out.nfe == STEPS * n
+        assert out.nfe == (STEPS - 1) * n + 1  # node 0 evaluates the common x_T once
         assert bool(out.trace.resampled[0].all()) and bool(out.trace.resampled[5].all())
         assert not bool(out.trace.resampled[1].any())
     assert base + 0.3 < means[2] < means[8], (base, means)
@@ -622,10 +624,12 @@ def test_code_selects_the_best_denoised_branch():
     )  # fmt: skip
     grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), steps)
     g = gen(5)
-    x = torch.randn(batch, n, 2, generator=g, dtype=F64)
+    x = torch.randn(batch, 1, 2, generator=g, dtype=F64).expand(batch, n, 2)  # one x_T per row
     picks = []
     for i in range(steps):
-        assert torch.allclose(xs[i].reshape(batch, n, 2), x, rtol=0, atol=1e-12), i
+        # node 0 evaluates each row's x_T once (its copies are discarded by the selection)
+        seen_x = xs[i].reshape(batch, 1 if i == 0 else n, 2)
+        assert torch.allclose(seen_x, x[:, : seen_x.shape[1]], rtol=0, atol=1e-12), i
         x0 = DEN(x.reshape(-1, 2), grid.t[i]).x0.reshape(batch, n, 2)
         if i % block == 0:  # select: the common x_T at node 0, else each row's best denoised branch
             best = torch.zeros(batch, dtype=torch.long)
@@ -668,7 +672,7 @@ def test_svdd_selects_by_softmax_of_the_denoised_values():
     )
     grid = sd.solvers.make_grid(PROC, sd.schedules.get("karras_jump"), steps)
     g, rows = gen(5), torch.arange(batch)
-    x = torch.randn(batch, n, 2, generator=g, dtype=F64)
+    x = torch.randn(batch, 1, 2, generator=g, dtype=F64).expand(batch, n, 2)  # one x_T per row
     not_argmax = 0
     for i in range(steps):
         x0 = DEN(x.reshape(-1, 2), grid.t[i]).x0.reshape(batch, n, 2)
@@ -685,7 +689,7 @@ def test_svdd_selects_by_softmax_of_the_denoised_values():
         x = _ddpm_step(grid, i, x, x0, g)
     assert torch.allclose(out.x, x, rtol=0, atol=1e-10)
     assert not_argmax > 0
-    assert out.nfe == steps * n
+    assert out.nfe == (steps - 1) * n + 1
 
 
 @pytest.mark.parametrize("method", ["svdd", "code"])
@@ -694,7 +698,7 @@ def test_one_start_methods_refuse_an_x_T_whose_rows_differ(method):
     from one ``x_T``: the engine keeps each row's first particle at node 0. Before: an ``x_T`` of ``(batch,
     particles, ...)`` distinct draws ran, its particles 1.. discarded unread (the same result as an ``x_T``
     whose rows repeat their first particle). Now refused naming the row; a repeated start runs, as the
-    default's first particle (``x_T=None``, same generator) does."""
+    default's one start per row (``x_T=None``, same generator) does."""
     run = getattr(sd.smc, method)
     kw = {"particles": 4, "steps": 6, "solver": "ddpm", "dtype": F64}
     x_T = torch.randn(3, 4, 2, generator=gen(1), dtype=F64)
@@ -706,12 +710,41 @@ def test_one_start_methods_refuse_an_x_T_whose_rows_differ(method):
         run(DEN, wavy, x_T=repeated, generator=gen(2), **kw)
     with pytest.raises(ValueError, match=rf"^{method}: x_T: the particles of batch row 0 differ"):
         run(DEN, wavy, x_T=x_T, generator=gen(2), **kw)
-    # one start per row, repeated: the run the default makes from its first particle, draw for draw
+    # one start per row, repeated: the run the default makes from the one start it draws, draw for draw
     default = run(DEN, wavy, shape=(3, 2), generator=gen(2), **kw)
     g = gen(2)
-    first = torch.randn(3, 4, 2, generator=g, dtype=F64)[:, :1].expand(3, 4, 2)
+    first = torch.randn(3, 1, 2, generator=g, dtype=F64).expand(3, 4, 2)
     given = run(DEN, wavy, x_T=first, generator=g, **kw)  # g after the default's draw of x_T
     assert torch.equal(given.x, default.x) and torch.equal(given.log_w, default.log_w)
+
+
+@pytest.mark.parametrize("method", ["svdd", "code"])
+def test_one_start_node_0_evaluates_each_row_once(method, monkeypatch):
+    """Node 0 of SVDD / CoDe takes its step on each row's first particle alone: the others are its copies,
+    and the selection there keeps the first. The same run as one evaluating every copy (the engine without
+    ``one_start``, from the same repeated ``x_T``) to rounding, with ``M - 1`` fewer evaluations per row
+    and per call of that step, the rows the net saw: here a staged solver (2 calls a step), ``max_batch``
+    slices and a per-row condition of the net (repeated for the particles, sliced with the rows)."""
+    seen: list[int] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return DEN.net(x, t) + shift
+
+    den = sd.Denoiser(net, PROC, prediction="x0", shape=(2,))
+    shift = torch.tensor([[0.1, -0.2], [0.0, 0.3], [-0.4, 0.2]], dtype=F64)
+    x_T = torch.randn(3, 1, 2, generator=gen(4), dtype=F64).expand(3, 4, 2)
+    kw = dict(particles=4, steps=6, solver="dpm_2_ancestral", x_T=x_T, max_batch=5, shift=shift)
+    alg, args = (SVDD, (0.5,)) if method == "svdd" else (CoDe, ())
+    run = getattr(sd.smc, method)
+    once = run(den, wavy, *args, generator=gen(5), **kw)
+    rows_once, seen[:] = sum(seen), []
+    monkeypatch.setattr(alg, "one_start", None)
+    every = run(den, wavy, *args, generator=gen(5), **kw)
+    assert torch.allclose(once.x, every.x, rtol=0, atol=1e-12)
+    assert torch.allclose(once.log_w, every.log_w, rtol=0, atol=1e-9)
+    assert every.nfe - once.nfe == 2 * 3 and sum(seen) - rows_once == 2 * 3 * 3
+    assert once.nfe == 2 + 4 * 2 * 4 + 4 and every.nfe == 6 * 2 * 4 - 4  # 2 calls a step, 1 to the clean end
 
 
 @pytest.mark.parametrize("alpha", [1e-320, 1e-300])

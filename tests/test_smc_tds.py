@@ -443,13 +443,15 @@ def test_svdd_greedy_raises_the_reward():
             dtype=F64,
         )  # fmt: skip
         got[m] = float(linear(out.sample()).mean())
-        assert out.nfe == STEPS * m
+        assert out.nfe == (STEPS - 1) * m + 1
     assert abs(got[1] - base) < 0.5
     assert base + 4.0 < got[4] < got[16] and got[16] > base + 6.0, got
 
 
 def test_svdd_weights_and_nfe_accounting():
-    """Every candidate is one network evaluation per step; the final log-weights are softmax(r / alpha)
+    """Every candidate is one network evaluation per step, but at node 0, where the one ``x_T`` of a row is
+    evaluated once: ``(steps - 1) M + 1`` per row, the rows the net saw (before: ``steps M``, its ``M`` draws
+    of ``x_T`` evaluated and all but the first discarded). The final log-weights are softmax(r / alpha)
     of the candidates' rewards (with ``final="none"`` the last candidates differ and are scored as
     they are returned, ``r(x_S)``, with no further evaluation)."""
     seen: list[int] = []
@@ -462,10 +464,10 @@ def test_svdd_weights_and_nfe_accounting():
     alpha, m, steps = 0.5, 6, 10
     kw = dict(shape=(3, 2), particles=m, steps=steps, solver=SOLVER, generator=gen(0), dtype=F64)
     out = sd.smc.svdd(den, linear, alpha, **kw)
-    assert out.nfe == steps * m and sum(seen) == steps * m * 3
+    assert out.nfe == 55 == (steps - 1) * m + 1 and sum(seen) == 55 * 3 and seen[0] == 3  # before: 60
     seen.clear()
     out = sd.smc.svdd(den, linear, alpha, final="none", **kw)
-    assert out.nfe == steps * m and sum(seen) == steps * m * 3
+    assert out.nfe == 55 and sum(seen) == 55 * 3
     assert torch.allclose(out.reward, linear(out.x.flatten(0, 1)).reshape(3, m), rtol=0, atol=1e-12)
     assert torch.allclose(out.log_w, torch.log_softmax(out.reward / alpha, dim=-1))
     assert out.x[0].unique(dim=0).shape[0] == m

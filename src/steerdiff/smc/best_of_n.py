@@ -15,7 +15,8 @@ the final sample and is scored by ``r(x_S)``. ``B >= steps`` is best-of-N over s
 
 Both return all ``N`` final particles with a point mass on the best (``log_w = 0`` there, ``-inf``
 elsewhere), so ``out.sample()`` returns it; ``out.reward`` holds the final rewards. NFE per batch
-row is ``N`` times the solver's (``steps * N`` for DDPM).
+row is ``N`` times the solver's (``steps * N`` for DDPM), but at CoDe's node 0, whose step is taken on
+the one ``x_T`` alone (``(steps - 1) N + 1`` for DDPM).
 """
 
 from __future__ import annotations
@@ -152,8 +153,9 @@ def code(
     the other arguments are those of :func:`~steerdiff.smc.run_smc` (``shape`` may be left out where ``x_T``
     is given; ``x_T`` ``(batch, particles, *sample_shape)`` must hold one start per row repeated over its
     particles, as all branches start from one ``x_T`` (Alg. 1): a row whose particles differ is refused,
-    ``ValueError``, rather than read for its first alone; ``x_T=None`` draws ``particles`` per row and keeps
-    each row's first). Returns
+    ``ValueError``, rather than read for its first alone; ``x_T=None`` draws one per row). Node 0's step
+    is taken on that one start per row, its branches drawn from its transition: NFE ``(steps - 1) N + 1``
+    per row for DDPM (``N`` times the solver's at every other node). Returns
     :class:`~steerdiff.smc.Particles` with a point mass on each row's best final sample.
     """
     _check_reward(reward, "code")

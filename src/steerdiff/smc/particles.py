@@ -273,7 +273,8 @@ class Particles:
     ``log_w`` ``(batch, particles)`` (``logsumexp = 0`` per row, float64).
 
     ``nfe``: network evaluations spent per batch row (every particle's evaluations counted: ``steps *
-    particles`` for a one-evaluation-per-step solver); ``trace``: the run's :class:`Trace`;
+    particles`` for a one-evaluation-per-step solver, ``(steps - 1) * particles + 1`` where node 0's step
+    is the first particle's alone, :attr:`SMCAlgorithm.one_start`); ``trace``: the run's :class:`Trace`;
     ``reward``: the particles' rewards ``(batch, particles)`` where the algorithm computed them.
     """
 
@@ -637,7 +638,8 @@ class SMCAlgorithm:
     shardable: ClassVar[bool | None] = None
     # what a row's particles are where every one starts from the row's first particle (its resample at node
     # 0 selects it: SVDD's candidates, CoDe's branches); None: each from its own. run_smc then refuses an
-    # x_T whose rows hold distinct particles, which would be discarded unread (check_one_start)
+    # x_T whose rows hold distinct particles, which would be discarded unread (check_one_start), draws one
+    # x_T per row, and takes node 0's step on the first particle alone (the others' would be discarded)
     one_start: ClassVar[str | None] = None
 
     def check_steps(self, steps: int) -> None:
@@ -704,13 +706,17 @@ class _Evaluator(Guided):
     as the sampler's ``**cond`` does: that of ``batch`` rows is repeated for the ``particles`` of each
     row, and sliced with the chunks. ``cost`` is the latest call's largest over its chunks, what one call on
     all its rows costs (a chunk's may vary: a CFG interval, characteristic guidance's iterations).
+
+    ``first``: the calls evaluate each batch row's first particle alone and repeat its prediction over the
+    row's particles (node 0's step of a :attr:`SMCAlgorithm.one_start` run, whose particles there are
+    copies of the first and whose resample there selects it: the others' results are discarded).
     """
 
     def __init__(
         self, base: Denoiser, max_batch: int | None, batch: int, particles: int, mine: Tensor | None = None
     ) -> None:
         super().__init__(base)
-        self.max_batch = max_batch
+        self.max_batch, self.batch, self.first = max_batch, batch, False
         self.watch: tuple[Tensor, float] | None = None
         self.seen: Prediction | None = None
         # StepContext.value_grad's: each slice's prediction made (with its gradient) by it
@@ -719,9 +725,10 @@ class _Evaluator(Guided):
         self.expanded = base if particles == 1 else base.take_rows(_each_row(batch, particles), batch)
         if mine is not None:  # a rank's particles (mine: its flat rows of batch * particles)
             self.expanded = self.expanded.take_rows(mine, batch * particles)
-        # per max_batch slice (its first row, of a call on n rows), the expanded denoiser's rows there:
-        # made once, so what a copy keeps (DPS's y on the device) lasts across steps
-        self._slices: dict[tuple[int, int], Denoiser] = {}
+        # the expanded denoiser's rows per max_batch slice (its first row, of a call on n rows; "first": of
+        # the first particles' rows, "first rows": those rows of n): made once, so what a copy keeps (DPS's y
+        # on the device) lasts across steps
+        self._slices: dict[tuple[str, int, int], Denoiser] = {}
 
     def evaluate(self, x: Tensor, t: float | Tensor, net_dtype: torch.dtype, /, **cond: Any) -> Prediction:
         """The base's :meth:`~steerdiff.denoiser.Denoiser.evaluate` per chunk: the net in ``net_dtype``,
@@ -731,12 +738,37 @@ class _Evaluator(Guided):
         if made is not None and made.x is x and self.watch is not None and _at(t, self.watch[1]):
             self.cost, self.seen = 0, made
             return made
-        parts, used, n, cost = [], self.expanded, x.shape[0], 0
+        n = x.shape[0]
+        k = n // self.batch  # this rank's particles per batch row
+        if self.first and k > 1 and self.through is None:
+            rows = slice(None, None, k)
+            first = kept(self._slices, ("first rows", 0, n), partial(self.expanded.take_rows, rows, n))
+            ts = t[rows] if isinstance(t, Tensor) and t.ndim > 0 else t
+            one = self._chunks(first, "first", x[rows], ts, net_dtype, take_kwarg_rows(cond, rows, n))
+            pred = _join_predictions([one], x, lambda v: v[0].repeat_interleave(k, 0))
+        else:
+            pred = self._chunks(self.expanded, "all", x, t, net_dtype, cond)
+        if self.seen is None and self.watch is not None and x is self.watch[0] and _at(t, self.watch[1]):
+            self.seen = pred
+        return pred
+
+    def _chunks(
+        self,
+        den: Denoiser,
+        key: str,
+        x: Tensor,
+        t: float | Tensor,
+        net_dtype: torch.dtype,
+        cond: dict[str, Any],
+    ) -> Prediction:
+        """``den`` (the expanded denoiser's rows of ``x``; ``key`` names them) on ``x`` in chunks of at most
+        ``max_batch`` rows, through :attr:`through` where set; sets :attr:`cost`."""
+        parts, used, n, cost = [], den, x.shape[0], 0
         for sl, xs, ts, cs in _row_chunks(self.max_batch, x, t, cond):
             if sl is None:
-                used = self.expanded
+                used = den
             else:
-                used = kept(self._slices, (sl.start, n), partial(self.expanded.take_rows, sl, n))
+                used = kept(self._slices, (key, sl.start, n), partial(den.take_rows, sl, n))
             if self.through is None:
                 parts.append(used.evaluate(xs, ts, net_dtype, **cs))
             else:
@@ -747,10 +779,7 @@ class _Evaluator(Guided):
         self.cost = cost
         # one piece through value_grad's net is at its own leaf, not x: rebuilt at x, so the step knows it
         # (a rank of group= whose rows fit in max_batch, where the whole system's do not)
-        pred = parts[0] if len(parts) == 1 and self.through is None else _cat_predictions(parts, x)
-        if self.seen is None and self.watch is not None and x is self.watch[0] and _at(t, self.watch[1]):
-            self.seen = pred
-        return pred
+        return parts[0] if len(parts) == 1 and self.through is None else _join_predictions(parts, x)
 
 
 def _at(t: float | Tensor, node: float) -> bool:
@@ -806,34 +835,38 @@ def _repeat_rows(cond: dict[str, Any], batch: int, n: int, mine: Tensor | None =
     return cond if mine is None else take_kwarg_rows(cond, mine, batch * n)
 
 
-def _cat_chunks(values: list[float | Tensor | None]) -> Tensor:
-    """The chunks' tensors concatenated, where the first chunk holds one (and so every chunk does)."""
+def _join_chunks(values: list[float | Tensor | None], join: Callable[[list[Tensor]], Tensor]) -> Tensor:
+    """The chunks' tensors joined, where the first chunk holds one (and so every chunk does)."""
     tensors = [v for v in values if isinstance(v, Tensor)]
     assert len(tensors) == len(values), "the chunks of one evaluation (one t, one denoiser) are alike"
-    return torch.cat(tensors)
+    return join(tensors)
 
 
-def _cat_predictions(parts: list[Prediction], x: Tensor) -> Prediction:
-    """One prediction from per-chunk predictions (same ``t``), keeping the estimate that was given (and a
-    :class:`~steerdiff.smc.fk_correctors.ComposedPrediction`'s components, which its weights read)."""
+def _join_predictions(
+    parts: list[Prediction], x: Tensor, join: Callable[[list[Tensor]], Tensor] = torch.cat
+) -> Prediction:
+    """One prediction at ``x`` from per-chunk predictions (same ``t``), each tensor the parts' ``join``ed
+    (concatenated; or one part's rows repeated, :attr:`_Evaluator.first`), keeping the estimate that was
+    given (and a :class:`~steerdiff.smc.fk_correctors.ComposedPrediction`'s components, which its weights
+    read)."""
     from .fk_correctors import ComposedPrediction  # which imports this module
 
     p0 = parts[0]
     alpha, sigma = p0.alpha, p0.sigma
     if isinstance(alpha, Tensor) and alpha.ndim > 0:  # per-sample coefficients
-        alpha = _cat_chunks([p.alpha for p in parts])
-        sigma = _cat_chunks([p.sigma for p in parts])
+        alpha = _join_chunks([p.alpha for p in parts], join)
+        sigma = _join_chunks([p.sigma for p in parts], join)
     if isinstance(p0, ComposedPrediction):
         chunks = [p for p in parts if isinstance(p, ComposedPrediction)]  # every chunk
-        joined = tuple(torch.cat(e) for e in zip(*(p.parts for p in chunks), strict=True))
+        joined = tuple(join(list(e)) for e in zip(*(p.parts for p in chunks), strict=True))
         costs = tuple(max(c) for c in zip(*(p.costs for p in chunks), strict=True))
-        return ComposedPrediction(x, alpha, sigma, torch.cat([p.eps for p in parts]), joined, costs)
+        return ComposedPrediction(x, alpha, sigma, join([p.eps for p in parts]), joined, costs)
     if p0._x0 is not None:
-        pred = Prediction(x, alpha, sigma, x0=torch.cat([p.x0 for p in parts]))
+        pred = Prediction(x, alpha, sigma, x0=join([p.x0 for p in parts]))
     else:
-        pred = Prediction(x, alpha, sigma, eps=torch.cat([p.eps for p in parts]))
+        pred = Prediction(x, alpha, sigma, eps=join([p.eps for p in parts]))
     if p0.var_interp is not None:
-        pred.var_interp = _cat_chunks([p.var_interp for p in parts])
+        pred.var_interp = _join_chunks([p.var_interp for p in parts], join)
     return pred
 
 
@@ -1419,9 +1452,14 @@ def run_smc(
             "steps on, give restart_info; edm_sde churns only within [s_tmin, s_tmax]; sa_solver's tau may "
             "vanish there)"
         )
+    # a one_start algorithm's particles at node 0 are copies of each row's first: drawn once per row, and
+    # node 0's step taken on the first alone (_Evaluator.first; not for a denoiser that draws noise of its
+    # own per row called), its NFE counted once per row
+    first = algorithm.one_start is not None and n_part > 1
     x, size = _initial_particles(
-        who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device
+        who, den, grid, (batch, n_part, *sample_shape), x_T, generator, dtype, device, one=first
     )
+    first = first and not den.own_noise()
     if x_T is not None and algorithm.one_start is not None:
         check_one_start(who, x_T, algorithm.one_start)
     # this rank's flat rows of the whole system's batch * n_part (all of them without group)
@@ -1473,6 +1511,7 @@ def run_smc(
     # (sliced_grad): a step's graph would hold every row at once. There log_weight runs before the step
     # (it sees nothing of it), and value_grad differentiates slice by slice a prediction at x that is the
     # step's own: no second evaluation
+    spared = 0  # the network evaluations per batch row that node 0's step on the first particle spared
     run.sliced_grad = early = algorithm.grad and algorithm.sliced_grad and run.chunked
     grad_step = algorithm.grad and not early
     grad_ctx = torch.enable_grad if grad_step else torch.no_grad
@@ -1487,6 +1526,7 @@ def run_smc(
         """Node ``i`` on this rank, from the particles ``x``: the solver's step, the weights, the resampling
         and the proposal; the particles, the algorithm's and the solver's state, the base transition and the
         proposal after it."""
+        nonlocal spared
         leaf = None
         with grad_ctx():  # the leaf and x from it too: under an outer no_grad x would be cut off
             if grad_step:
@@ -1497,9 +1537,13 @@ def run_smc(
                 inc = run.hook(own["log_weight"], algorithm.log_weight, ctx)
                 evaluator.made = ctx._pred
             evaluator.watch, evaluator.seen = (x, grid.t[i]), None
-            inner.calls = 0
+            evaluator.first = first and i == 0
+            inner.calls, calls = 0, model.nfe
             out = slv.step(model, x, i, grid, solver_state)
+            if evaluator.first:  # the first particle's calls alone, the whole system's count (every rank's)
+                spared = (model.nfe - calls) * (n_part - 1)
             evaluator.watch = evaluator.made = None
+            evaluator.first = False
             if algorithm.needs_transition and inner.calls:
                 run.agree()  # a non-finite net output first, as one process raises it in the step
                 raise ValueError(
@@ -1583,7 +1627,7 @@ def run_smc(
     check_weights(algorithm.name, trace.log_z)
     ancestors.check()
     x = to_sample_dtype(algorithm.name, x.reshape(batch, n_part, *sample_shape), in_dtype)
-    return Particles(x, weights.log_w, model.nfe * n_part, trace, final_reward)
+    return Particles(x, weights.log_w, model.nfe * n_part - spared, trace, final_reward)
 
 
 def _check_batching(who: str, dens: Sequence[Denoiser], max_batch: int | None) -> int | None:
@@ -1657,15 +1701,18 @@ def _initial_particles(
     generator: Generators,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
+    one: bool = False,
 ) -> tuple[Tensor, float]:
     """The particles at node 0 as flat rows ``(batch * particles, *sample_shape)``: ``x_T`` checked, or
-    ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal draws of ``shape = (batch, particles, ...)``; and
-    the scale of the divergence guard (:class:`~steerdiff.solvers.base.Model`'s ``scale``): ``x_T``'s largest
-    ``|entry|`` (:func:`~steerdiff.sampling.check_x_T`), or the draws' standard deviation (no host read)."""
+    ``sqrt(alpha_0^2 + sigma_0^2)`` times standard normal draws of ``shape = (batch, particles, ...)`` (with
+    ``one``, of ``(batch, 1, ...)``, each row's draw repeated over its particles); and the scale of the
+    divergence guard (:class:`~steerdiff.solvers.base.Model`'s ``scale``): ``x_T``'s largest ``|entry|``
+    (:func:`~steerdiff.sampling.check_x_T`), or the draws' standard deviation (no host read)."""
     rows, sample_shape = shape[0] * shape[1], shape[2:]
     if x_T is None:
         scale = math.hypot(grid.alpha[0], grid.sigma[0])
-        x = randn(shape, generator, dtype, device).reshape(rows, *sample_shape)
+        drawn = randn((shape[0], 1, *sample_shape) if one else shape, generator, dtype, device)
+        x = drawn.expand(shape).reshape(rows, *sample_shape)
         return (x if math.isclose(scale, 1.0, rel_tol=1e-9) else x * scale), scale
     if not isinstance(x_T, Tensor) or tuple(x_T.shape) != shape:
         got = tuple(x_T.shape) if isinstance(x_T, Tensor) else type(x_T).__name__

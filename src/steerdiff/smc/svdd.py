@@ -20,8 +20,9 @@ the last node the weights are ``r(x_S) / alpha`` (a point mass on the best for `
 ``out.sample()`` makes the last selection (with ``final="zero"`` the ``M`` candidates of the
 deterministic last step coincide).
 
-NFE per batch row: ``steps * M`` (the ``M`` value evaluations of each step; at node 0 they are spent
-on the ``M`` draws of ``x_T`` before one is kept). ``alpha = 0`` is CoDe with ``block = 1``.
+NFE per batch row: ``(steps - 1) M + 1`` (the ``M`` value evaluations of each step, but at node 0,
+where the one ``x_T`` is evaluated once and the ``M`` candidates are drawn from its transition; a
+staged solver's step costs its calls times that). ``alpha = 0`` is CoDe with ``block = 1``.
 """
 
 from __future__ import annotations
@@ -141,14 +142,14 @@ def svdd(
         x_T: ``(batch, particles, *sample_shape)``, as for :func:`~steerdiff.smc.run_smc`, with a row's
             particles all equal (``x[:, None].expand(-1, M, ...)`` of one start ``x`` per row): every
             candidate of a row branches from its one ``x_T`` (Alg. 1), and a row whose particles differ is
-            refused (``ValueError``) rather than read for its first alone. Default: a standard normal draw,
-            scaled, of which each row keeps its first particle.
+            refused (``ValueError``) rather than read for its first alone. Default: one standard normal
+            draw per row, scaled.
         solver, schedule, final, max_batch, dtype, device, generator, progress, group, cond: see
             :func:`~steerdiff.smc.run_smc`; the solver must be stochastic (candidates must differ).
 
     Returns:
         :class:`~steerdiff.smc.Particles`: the final candidates with log-weights ``r / alpha``
-        (``out.sample()`` draws the returned sample), ``reward`` their values, ``nfe = steps * M``.
+        (``out.sample()`` draws the returned sample), ``reward`` their values, ``nfe = (steps - 1) M + 1``.
     """
     _check_reward(reward, "svdd")
     return run_smc(
