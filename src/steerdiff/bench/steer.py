@@ -24,7 +24,8 @@ sample with ``B / 100`` rollouts; DPS runs ``B`` DDPM steps. Methods (:data:`MET
   (resampling at every step);
 * ``tds``: :func:`~steerdiff.smc.tds` with the likelihood ``exp(lam r)`` (the linear-Gaussian twist
   on the posterior case, ``log_likelihood = lam r`` elsewhere);
-* ``svdd``: :func:`~steerdiff.smc.svdd` with ``alpha = 1 / lam`` and ``M = N``;
+* ``svdd``: :func:`~steerdiff.smc.svdd` with ``alpha = 1 / lam`` and ``M = N`` (``B - N + 1`` NFE: its
+  node 0 evaluates the one ``x_T`` of a row once, as CoDe's);
 * ``dts``: :func:`~steerdiff.smc.dts` (Diffusion Tree Sampling) with ``lam``, the paper's widening
   ``(2, 0.8)`` (not tuned: no method's knobs but DPS's scale are) and ``B / 100`` rollouts, one draw per
   tree. That widening branches at the root for the first 31 rollouts, each then a full 100-step run
@@ -312,9 +313,12 @@ def _per_particle(method: str) -> int:
 
 def _spent(method: str, budget: int) -> int:
     """The NFE per returned sample ``method`` spends at ``budget``: ``budget``, but DriftLite's last step
-    (into the clean end) has no control, hence no divergence backward passes (two fewer per particle)."""
+    (into the clean end) has no control, hence no divergence backward passes (two fewer per particle), and
+    SVDD's and CoDe's node 0 evaluates the one ``x_T`` of a row once (``N - 1`` fewer)."""
     if method == "driftlite":
         return budget // _per_particle(method) * (4 * STEPS - 2)
+    if method in ("svdd", "code"):
+        return budget - (budget // _per_particle(method) - 1)
     return budget
 
 
