@@ -67,8 +67,8 @@ TEACHERS = ("ddim", "deis", "dpmpp_2m", "euler", "ipndm", "lms")
 # the denoised estimate settles (lam -0.7 -> 0.8) in one step 3.6-5.6 times the one before: third-order
 # multistep solvers extrapolate their quadratic across it (error there 0.016 -> 0.78 for dpmpp_3m at 8
 # steps, first order 0.095), and the solvers' rule, which needs the step longer than 2 as well, does not
-# fire. Lowering that limit instead changes 60 of the longstep bench's 1,944 cases, 34 for the worse (before
-# polyexponential, vp, laplace and kl_optimal, which that run has not).
+# fire. Lowering that limit instead changes 112 of the longstep bench's 2,664 cases, 63 for the worse
+# (bench/longstep_limit.py --max-h 1).
 # Numbers: GITS.
 MAX_RATIO = 2.0
 
