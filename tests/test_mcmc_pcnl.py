@@ -13,6 +13,9 @@ import steerdiff as sd
 
 F64 = torch.float64
 Z_MAX = 4.0
+# The sliced-W2 statistic's bound (see _gaussian_check): above the 1 - 2.4e-4 quantile of its spread across
+# seeds for an exact sampler, below every wrong sampler measured.
+SW_MAX = 1.8
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -35,7 +38,18 @@ def _gaussian_check(
     phi, mean: torch.Tensor, cov: torch.Tensor, scale: float, delta: float, steps: int, seed: int = 0
 ):
     """``steps`` pCNL moves of 4000 chains from the reference ``N(0, s^2 I)``: max |z| of the moments, the
-    sliced W2 to exact draws of ``N(mean, cov)`` over the floor of two exact sets, and the ChainInfo."""
+    sliced W2 to exact draws of ``N(mean, cov)`` over the floor of two exact sets, and the ChainInfo.
+
+    The sliced-W2 ratio's spread across seeds (``PYTHONPATH=src python -m tests.pcnl_spread``: the three
+    Gaussian tests below at 30 seeds each, 16 min on 2 heavily shared cores): mean 1.019 / 1.008 / 1.008,
+    std 0.173 / 0.175 / 0.196, largest 1.527 / 1.391 / 1.531 (``Phi`` zero / linear / quadratic; the zero
+    case's pCNL is an exact sampler, the others converged chains read the same spread). Its log over all 90:
+    mean -0.0028, std 0.169, so a log-normal puts ``SW_MAX = 1.8`` at the ``1 - 2.4e-4`` quantile (a false
+    failure of the three tests together below 1e-3; the 1e-3 quantile is 1.68, where the old 1.5 was the
+    ``1 - 0.8%`` quantile). Wrong samplers at the tests' seeds: the Metropolis correction off 10.5x, the
+    Metropolis ratio of half the proposal's step 2.96x on the quadratic target (both fail,
+    :func:`test_quadratic_check_has_power`); on ``Phi`` zero and linear every move is accepted and both
+    wrong samplers are the exact one (0.75 / 1.04x, 1.01 / 1.06x), which no statistic can tell apart."""
     n, d = 4000, mean.shape[0]
     chol = torch.linalg.cholesky(cov)
 
@@ -60,7 +74,7 @@ def test_phi_zero_accepts_every_move_and_keeps_the_reference():
     )
     assert bool((info.acceptance == 1).all())
     assert info.evaluations == 21
-    assert z < Z_MAX and sw_ratio < 1.5, (z, sw_ratio)
+    assert z < Z_MAX and sw_ratio < SW_MAX, (z, sw_ratio)
 
 
 def test_linear_phi_targets_the_shifted_reference():
@@ -70,7 +84,7 @@ def test_linear_phi_targets_the_shifted_reference():
     s, c = 1.3, torch.tensor([1.0, -2.0, 0.5], dtype=F64)
     z, sw_ratio, info = _gaussian_check(lambda x: x @ c, s**2 * c, s**2 * torch.eye(3, dtype=F64), s, 0.5, 40)
     assert info.acceptance_rate > 1 - 1e-12
-    assert z < Z_MAX and sw_ratio < 1.5, (z, sw_ratio)
+    assert z < Z_MAX and sw_ratio < SW_MAX, (z, sw_ratio)
 
 
 _Q = torch.tensor([[2.0, 0.6, 0.0], [0.6, 1.0, -0.4], [0.0, -0.4, 0.5]], dtype=F64)
@@ -94,17 +108,24 @@ def test_quadratic_phi_targets_the_closed_form_gaussian():
     mean, cov = _quadratic_target(s)
     z, sw_ratio, info = _gaussian_check(_quadratic, mean, cov, s, 0.3, 60)
     assert 0.5 < info.acceptance_rate < 0.7, info.acceptance_rate
-    assert z < Z_MAX and sw_ratio < 1.5, (z, sw_ratio)
+    assert z < Z_MAX and sw_ratio < SW_MAX, (z, sw_ratio)
 
 
-def test_quadratic_check_has_power(monkeypatch):
-    """The same run with the Metropolis log-ratio's sign flipped fails it (measured max |z| 103, sliced W2
-    69x the floor)."""
-    real = sd.mcmc.pcnl.metropolis
-    monkeypatch.setattr(sd.mcmc.pcnl, "metropolis", lambda log_ratio, normal: real(-log_ratio, normal))
+@pytest.mark.parametrize("wrong", ["sign flipped", "off", "half the step"])
+def test_quadratic_check_has_power(monkeypatch, wrong):
+    """The same run with a wrong Metropolis correction fails both checks: the log-ratio's sign flipped
+    (measured max |z| 103, sliced W2 69x the floor), the correction off (every move accepted: 21.8, 10.5x),
+    the log-ratio of a proposal of half the step taken (a step size 2x off between the two: 7.3, 2.96x)."""
+    real, real_rho = sd.mcmc.pcnl.metropolis, sd.mcmc.PCNL._rho
+    if wrong == "sign flipped":
+        monkeypatch.setattr(sd.mcmc.pcnl, "metropolis", lambda log_ratio, normal: real(-log_ratio, normal))
+    elif wrong == "off":
+        monkeypatch.setattr(sd.mcmc.pcnl, "metropolis", lambda log_ratio, normal: log_ratio == log_ratio)
+    else:
+        monkeypatch.setattr(sd.mcmc.PCNL, "_rho", lambda self, u, v, delta: real_rho(self, u, v, delta / 2))
     mean, cov = _quadratic_target(1.5)
     z, sw_ratio, _ = _gaussian_check(_quadratic, mean, cov, 1.5, 0.3, 60)
-    assert z > 8 and sw_ratio > 1.5, (z, sw_ratio)
+    assert z > Z_MAX and sw_ratio > SW_MAX, (z, sw_ratio)
 
 
 def test_log_ratio_is_the_metropolis_hastings_ratio_of_the_proposal(monkeypatch):
