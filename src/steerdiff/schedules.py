@@ -260,8 +260,10 @@ class SigmaRange(Schedule):
 def _times(process: Process, s: Tensor) -> Tensor:
     """The process times of the decreasing nodes ``s`` (in ``sigma/alpha``), clamped to the process's range;
     a first or last node at the range's end in ``s`` (to a relative 1e-12: ``tan(atan(s))``,
-    ``exp(log(s))``) is that end exactly. (Interior nodes are not moved: ``polyexponential`` with a large
-    ``rho`` puts them within 1e-12 of ``s_min``.)"""
+    ``exp(log(s))``) is that end exactly, whatever produced it (a given ``sigma_min`` / ``sigma_max`` equal to
+    the end too). (Interior nodes are not moved: ``polyexponential`` with a large ``rho`` puts them within
+    1e-12 of ``s_min``.) :meth:`Karras.ramp` sets its ends by construction instead, a rule this one cannot
+    replace without moving nodes (docs/schedules.md, "Where a node is exactly t_max or t_min")."""
     lo, hi = _s(process, process.t_min), _s(process, process.t_max)
     t = process.t_of_sigma_ratio(s).clamp(process.t_min, process.t_max)
     if abs(float(s[0]) - hi) <= 1e-12 * hi:
@@ -290,7 +292,15 @@ class Karras(SigmaRange):
         return self.ramp(process, n, self.ramp_bottom(process))
 
     def ramp(self, process: Process, n: int, smin: float) -> Tensor:
-        """Eq. 5's ``n`` points from :meth:`ramp_top` down to ``smin``."""
+        """Eq. 5's ``n`` points from :meth:`ramp_top` down to ``smin``, in process time.
+
+        The ends by construction, not by proximity as :func:`_times`: the first node is ``t_max`` wherever
+        ``sigma_max`` is not given (:class:`KarrasJump`'s ``sigma_top`` included: the ramp's first point
+        gives way to ``t_max``), the last ``t_min`` wherever ``sigma_min`` is not given and ``smin`` is the
+        process's ``s_min``; a given one maps by the process's inverse even where it equals the end
+        (``EDM()``'s 80: 79.99999999999997). Proximity here would move nodes: Eq. 5 at ``rho = 1`` on a wide
+        range (DDPM's betas at zero terminal SNR, ``s`` to 3.1e4) ends 2.7e-10 above ``t_min``, beyond its
+        1e-12 (docs/schedules.md, "Where a node is exactly t_max or t_min")."""
         smax = self.span(process, smin)
         ramp = torch.linspace(0, 1, n, dtype=F64)
         a, b = smax ** (1 / self.rho), smin ** (1 / self.rho)
