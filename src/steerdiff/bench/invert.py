@@ -13,7 +13,7 @@ The exact answer depends on both end nodes, and the grids do not share them: ``i
 the state at the sampling grid's last node ``t_N``, which is ``t_min`` for most schedules but not for
 ``ays``, ``karras_capped``, ``karras_jump`` and ``trailing`` (``t_N`` 4.7 for ``karras_capped`` at 10
 steps, 90 for ``trailing``), and ``leading`` starts below ``t_max``. So :class:`ExactInversions` solves the
-ODE once per distinct start node and reaches that start's end nodes one after the other (92 distinct
+ODE once per distinct start node and reaches that start's end nodes one after the other (100 distinct
 starts over the default run's grids, both sides). A grid ending at a larger ``t_N`` poses the easier
 problem -- the data smoothed by noise -- and ``trailing`` (``t_N`` 166 / 90 / 19 at 5 / 10 / 50 steps)
 wins at few steps on both sides for that reason; so the best of each side is compared both over all runs
