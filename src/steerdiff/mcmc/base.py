@@ -352,31 +352,56 @@ class Kernel:
         # the divergence guard: every state within DIVERGED max(1, max |x|) (a device scalar: no host read),
         # and whether the log_prob was sound up to each move (which came first: a NaN gradient makes ULA's
         # state NaN, a diverged state may make the log_prob NaN)
-        bound, sure = _chain_bound(x), torch.ones((), dtype=torch.bool, device=x.device)
-        bounded: list[Tensor] = []
-        sound: list[Tensor] = []
-
-        def moved(y: Tensor) -> None:
-            bounded.append(within(y, bound))
-            sound.append(sure if target.sound is None else target.sound)
-
-        out, info = chain(self, Point(x), target, steps, eps, normal, moved=moved)
+        guard = MoveGuard(_chain_bound(x), lambda: target.sound)
+        out, info = chain(self, Point(x), target, steps, eps, normal, moved=guard)
         info.finite = finite_run(out, target)  # implied by the last move's flags
-        ok = torch.stack([torch.stack(bounded), torch.stack(sound)]).cpu()  # one host read per run
-        first = first_false(ok.all(0))
-        if first is not None and bool(ok[1, first]):
+        bad = guard.first_bad()  # one host read per run
+        if bad is not None and bad[1]:
             raise NonFiniteError(
-                f"{who}: the chain diverged at its move {first + 1} of {steps} (an entry NaN/inf or beyond "
+                f"{who}: the chain diverged at its move {bad[0] + 1} of {steps} (an entry NaN/inf or beyond "
                 f"{DIVERGED:g} max(1, max |x|) of the start x; the log_prob sound until then): "
                 f"step_size={eps:g} is too large for this log_prob: take a smaller step_size"
             )
-        if first is not None:
+        if bad is not None:
             raise NonFiniteError(
                 f"{who}: log_prob returned NaN, or a non-finite gradient where its value is finite, at a "
                 f"point the chain visited or proposed (or the chain left the finite numbers); {steps} moves, "
                 f"step_size {eps:g}"
             )
         return out, info
+
+
+class MoveGuard:
+    """The divergence guard on a chain's moves, as :func:`chain`'s ``moved``: after each move, whether its
+    state is within ``bound`` (:func:`~steerdiff.solvers.base.within`: finite, and the guard's bound, a number
+    or a 0-d tensor on the state's device) and whether ``sound()`` held until then (a 0-d bool tensor, or
+    ``None`` for True: a target's :attr:`Target.sound`, whether every evaluation so far was finite). No host
+    read: :meth:`flags` stacks them, :meth:`first_bad` reads them once."""
+
+    def __init__(self, bound: float | Tensor, sound: Callable[[], Tensor | None]) -> None:
+        self.bound, self.sound = bound, sound
+        self._flags: list[Tensor] = []
+        self._sure: Tensor | None = None  # True on the states' device, made at the first move
+
+    def __call__(self, y: Tensor) -> None:
+        ok = self.sound()
+        if ok is None:
+            if self._sure is None:
+                self._sure = torch.ones((), dtype=torch.bool, device=y.device)
+            ok = self._sure
+        self._flags.append(torch.stack([within(y, self.bound), ok]))
+
+    def flags(self) -> Tensor:
+        """``(2, moves)`` bool, on the states' device: within the bound, and sound until then."""
+        return torch.stack(self._flags, 1)
+
+    def first_bad(self) -> tuple[int, bool] | None:
+        """The first move (from 0) whose flags do not both hold, and whether its state left the bound while
+        the target was still sound (the chain diverged, not the target); ``None`` if every move's hold. One
+        host read."""
+        ok = self.flags().cpu()
+        first = first_false(ok.all(0))
+        return None if first is None else (first, bool(ok[1, first]))
 
 
 def _chain_bound(x: Tensor) -> Tensor:

@@ -85,8 +85,8 @@ from .._ops import first_false
 from ..denoiser import Denoiser, Prediction, check_call, take_wrapped_rows
 from ..noise import Generators, check_fixed_time, check_generators, make_noise, randn
 from ..processes import Process
-from ..solvers.base import DIVERGED, NonFiniteError, within
-from .base import Point, Target, _chain_bound, _value_and_grad, chain, fixed_time
+from ..solvers.base import DIVERGED, NonFiniteError
+from .base import MoveGuard, Point, Target, _chain_bound, _value_and_grad, chain, fixed_time
 from .langevin import ULA
 
 __all__ = ["MonteCarloDenoiser"]
@@ -301,14 +301,9 @@ class MonteCarloDenoiser(Denoiser):
             else h
         )
         target = Target(log_prob=log_q, name=f"{type(self).__name__}: log_prob(x0)")
-        bound, sure = _chain_bound(y), torch.ones((), dtype=torch.bool, device=y.device)
-        flags: list[Tensor] = []
-
-        def moved(v: Tensor) -> None:
-            flags.append(torch.stack([within(v, bound), sure if target.sound is None else target.sound]))
-
-        out, _ = chain(ULA(), Point(y.reshape(flat)), target, self.inner, step, normal, moved=moved)
-        return out.reshape(n, m, *shape), torch.stack(flags, 1)
+        guard = MoveGuard(_chain_bound(y), lambda: target.sound)
+        out, _ = chain(ULA(), Point(y.reshape(flat)), target, self.inner, step, normal, moved=guard)
+        return out.reshape(n, m, *shape), guard.flags()
 
     def warm_start(
         self, x: Tensor, t: float, moves: int, step_size: float, generator: Generators = None
@@ -336,22 +331,20 @@ class MonteCarloDenoiser(Denoiser):
             return eps * (-1 / sigma)
 
         # the divergence guard on each move (as Kernel.run's): its state within DIVERGED max(1, max |x|)
-        bound, flags = _chain_bound(x), []
+        guard = MoveGuard(_chain_bound(x), lambda: finite[-1])
         out, _ = chain(
-            ULA(), Point(x), Target(score=score), moves, step_size, fixed_time(noise, float(t)),
-            moved=lambda v: flags.append(torch.stack([within(v, bound), finite[-1]])),
-        )  # fmt: skip
+            ULA(), Point(x), Target(score=score), moves, step_size, fixed_time(noise, float(t)), moved=guard
+        )
         # one read per warm start (on the CPU a call raised at once): the estimates' NaN on an accelerator
-        ok = torch.stack(flags, 1).cpu()
-        first = first_false(ok.all(0))
-        if first is not None and bool(ok[1, first]):
+        bad = guard.first_bad()
+        if bad is not None and bad[1]:
             raise NonFiniteError(
-                f"{who}: the chain diverged at its move {first + 1} of {moves} (an entry NaN/inf or beyond "
+                f"{who}: the chain diverged at its move {bad[0] + 1} of {moves} (an entry NaN/inf or beyond "
                 f"{DIVERGED:g} max(1, max |x|) of the start x, the score estimates finite until then): "
                 f"step_size={step_size:g} is too large for this target at t={float(t):g}: take a smaller "
                 "step_size"
             )
-        if first is not None:
+        if bad is not None:
             raise ValueError(
                 f"{who}: the moves reached NaN/inf: log_prob returned NaN or +inf, or -inf at every draw "
                 "of a row, or a non-finite gradient (method='langevin'), or the moves diverged (take a "

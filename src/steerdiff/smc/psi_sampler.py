@@ -52,9 +52,8 @@ from torch import Tensor
 
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
-from .._ops import first_false
 from ..denoiser import Denoiser, check_denoiser, check_sample_shape
-from ..mcmc.base import ChainInfo, Point, Target, _value_and_grad, chain, finite_run, fixed_time
+from ..mcmc.base import ChainInfo, MoveGuard, Point, Target, _value_and_grad, chain, finite_run, fixed_time
 from ..mcmc.pcnl import PCNL
 from ..noise import Generators, NoiseSource, check_generators, make_noise, repeat_rows
 from ..sampling import check_sample_only, check_seeded
@@ -69,7 +68,6 @@ from ..solvers.base import (
     diverged_error,
     make_grid,
     state_bound,
-    within,
     work_dtype,
 )
 from . import resample as _resample
@@ -239,14 +237,7 @@ def twisted_prior(
     # the divergence guard on the chains' states, at node 0 (D of the chains' start: state_bound), and whether
     # the reward was sound up to each move (which came first: a NaN gradient makes a proposal NaN); one read
     bound = state_bound(data_scale(size), grid.alpha[0], grid.sigma[0])
-    bounded: list[Tensor] = []
-    sound: list[Tensor] = []
-    sure = torch.ones((), dtype=torch.bool, device=flat.device)
-
-    def moved(y: Tensor) -> None:
-        bounded.append(within(y, bound))
-        sound.append(sure if target.sound is None else target.sound)
-
+    guard = MoveGuard(bound, lambda: target.sound)
     out, info = chain(
         PCNL(scale=scale),
         Point(flat.to(work_dtype(in_dtype))),
@@ -255,20 +246,19 @@ def twisted_prior(
         step_size,
         normal,
         grid.t[0],
-        moved,
+        guard,
     )
     info.finite = finite_run(out, target)  # implied by the last move's flags
-    ok = torch.stack([torch.stack(bounded), torch.stack(sound)]).cpu()
-    first = first_false(ok.all(0))
-    if first is not None and bool(ok[1, first]):
+    bad = guard.first_bad()
+    if bad is not None and bad[1]:
         raise diverged_error(
             0,
             grid.t[0],
-            who=f"{WHO}'s initial chains (pCNL, at their move {first + 1} of {mcmc_steps})",
+            who=f"{WHO}'s initial chains (pCNL, at their move {bad[0] + 1} of {mcmc_steps})",
             bound=bound,
             fix="lam may be too large for this reward: try less",
         )
-    if first is not None:
+    if bad is not None:
         raise NonFiniteError(
             f"{WHO}: reward(x0_hat(x_T)) or its gradient is NaN or inf at a point the initial chains visited "
             f"or proposed ({mcmc_steps} moves, step_size {step_size:g}); try a smaller step_size"
