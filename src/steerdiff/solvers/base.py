@@ -659,13 +659,17 @@ class Model:
         # one reduction per call: a NaN/inf anywhere makes the sum non-finite (the other estimate
         # follows from this one and x; a learned variance is an output of its own, DDPM draws with it);
         # the sums are tested together at the end
-        given = pred.given.detach()  # a sum on the graph would keep every step's graph alive until the end
-        total = given.sum(dtype=torch.float32 if given.dtype in _HALF else None)
+        # the graph detached only where there is one (a sum on it would keep every step's graph alive until
+        # the end); detach, and sum's dtype=None, cost 0.4 and 0.15 us a step where they change nothing
+        given = pred.given
+        if given.requires_grad:
+            given = given.detach()
+        total = given.sum(dtype=torch.float32) if given.dtype in _HALF else given.sum()
         if pred.var_interp is not None:
             total = total + pred.var_interp.detach().sum(dtype=total.dtype)
         self._sums.append(total)
         self._where.append((step, t))
-        if self.eager and given.is_cpu and not math.isfinite(self._sums[-1].item()):
+        if self.eager and given.is_cpu and not math.isfinite(total.item()):
             self.check_finite()  # no sync to save on the CPU: stop at the first bad evaluation
         self.last = pred
         return pred
