@@ -354,7 +354,7 @@ class Kernel:
         # state NaN, a diverged state may make the log_prob NaN)
         guard = MoveGuard(_chain_bound(x), lambda: target.sound)
         out, info = chain(self, Point(x), target, steps, eps, normal, moved=guard)
-        info.finite = finite_run(out, target)  # implied by the last move's flags
+        info.finite = guard.last()
         bad = guard.first_bad()  # one host read per run
         if bad is not None and bad[1]:
             raise NonFiniteError(
@@ -394,6 +394,12 @@ class MoveGuard:
     def flags(self) -> Tensor:
         """``(2, moves)`` bool, on the states' device: within the bound, and sound until then."""
         return torch.stack(self._flags, 1)
+
+    def last(self) -> Tensor:
+        """Whether the last move's flags both hold, a 0-d bool tensor (no read): its state finite and within
+        the bound, the target sound; a checked chain's :attr:`ChainInfo.finite` (what :func:`finite_run`
+        computes again from the final state)."""
+        return self._flags[-1].all()
 
     def first_bad(self) -> tuple[int, bool] | None:
         """The first move (from 0) whose flags do not both hold, and whether its state left the bound while

@@ -53,7 +53,7 @@ from torch import Tensor
 from .. import solvers as _solvers
 from .._checks import boolean, choice, device_or_none, integer, real, sample_dtype
 from ..denoiser import Denoiser, check_denoiser, check_sample_shape
-from ..mcmc.base import ChainInfo, MoveGuard, Point, Target, _value_and_grad, chain, finite_run, fixed_time
+from ..mcmc.base import ChainInfo, MoveGuard, Point, Target, _value_and_grad, chain, fixed_time
 from ..mcmc.pcnl import PCNL
 from ..noise import Generators, NoiseSource, check_generators, make_noise, repeat_rows
 from ..sampling import check_sample_only, check_seeded
@@ -248,7 +248,7 @@ def twisted_prior(
         grid.t[0],
         guard,
     )
-    info.finite = finite_run(out, target)  # implied by the last move's flags
+    info.finite = guard.last()
     bad = guard.first_bad()
     if bad is not None and bad[1]:
         raise diverged_error(
